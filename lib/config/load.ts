@@ -1,0 +1,178 @@
+import { readFileSync } from 'node:fs'
+import { Ajv, type ErrorObject } from 'ajv'
+import { parseDocument, parse as parseYamlScalar } from 'yaml'
+import ipaddr from 'ipaddr.js'
+import { configSchema, ADDRESS_CLASSES, type Config } from './schema.js'
+
+export interface ConfigProblem {
+  /** JSON-pointer-like dotted path, e.g. `policy.rules[2].hosts[0]`. */
+  path: string
+  message: string
+}
+
+export class ConfigError extends Error {
+  readonly code = 'LK_CONFIG_INVALID'
+  constructor(
+    readonly source: string,
+    readonly problems: ConfigProblem[],
+  ) {
+    super(`${source}: invalid configuration:\n` + problems.map((p) => `  ${p.path || '(root)'}: ${p.message}`).join('\n'))
+  }
+}
+
+const ajv = new Ajv({ allErrors: true, useDefaults: true, strict: true, allowUnionTypes: true })
+const validate = ajv.compile(configSchema)
+
+/** Environment overrides: LATCHKEY__SIDECAR__LISTEN__PORT=16001 sets sidecar.listen.port. */
+export const ENV_PREFIX = 'LATCHKEY__'
+
+export function loadConfigFile(file: string, env: NodeJS.ProcessEnv = process.env): Config {
+  let text: string
+  try {
+    text = readFileSync(file, 'utf8')
+  } catch (err) {
+    throw new ConfigError(file, [{ path: '', message: `cannot read file: ${(err as NodeJS.ErrnoException).code ?? String(err)}` }])
+  }
+  return parseConfig(text, file, env)
+}
+
+export function parseConfig(text: string, source = '<config>', env: NodeJS.ProcessEnv = {}): Config {
+  const doc = parseDocument(text, { uniqueKeys: true, prettyErrors: true })
+  if (doc.errors.length > 0) {
+    throw new ConfigError(
+      source,
+      doc.errors.map((e) => ({ path: e.linePos ? `line ${e.linePos[0].line}` : '', message: e.message.split('\n')[0] ?? e.message })),
+    )
+  }
+  const raw: unknown = doc.toJS({ maxAliasCount: 100 }) ?? {}
+  applyEnvOverrides(raw, env, source)
+  return validateConfig(raw, source)
+}
+
+export function validateConfig(raw: unknown, source = '<config>'): Config {
+  if (!validate(raw)) throw new ConfigError(source, (validate.errors ?? []).map(describeAjvError))
+  const config = raw as unknown as Config
+  const problems = semanticProblems(config)
+  if (problems.length > 0) throw new ConfigError(source, problems)
+  return config
+}
+
+function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv, source: string): void {
+  if (typeof raw !== 'object' || raw === null) return
+  for (const [name, value] of Object.entries(env)) {
+    if (!name.startsWith(ENV_PREFIX) || value === undefined) continue
+    const keys = name.slice(ENV_PREFIX.length).toLowerCase().split('__')
+    if (keys.some((k) => k === '' || k === '__proto__' || k === 'constructor' || k === 'prototype')) {
+      throw new ConfigError(source, [{ path: name, message: 'malformed environment override name' }])
+    }
+    let node = raw as Record<string, unknown>
+    for (const key of keys.slice(0, -1)) {
+      const next = node[key]
+      if (next === undefined) node[key] = {}
+      else if (typeof next !== 'object' || next === null) {
+        throw new ConfigError(source, [{ path: name, message: `cannot override inside non-object ${key}` }])
+      }
+      node = node[key] as Record<string, unknown>
+    }
+    node[keys[keys.length - 1]!] = parseYamlScalar(value)
+  }
+}
+
+function describeAjvError(e: ErrorObject): ConfigProblem {
+  const path = pointerToPath(e.instancePath)
+  switch (e.keyword) {
+    case 'additionalProperties': {
+      const key = (e.params as { additionalProperty: string }).additionalProperty
+      return { path: path ? `${path}.${key}` : key, message: 'unknown key' }
+    }
+    case 'required':
+      return { path, message: `missing required key "${(e.params as { missingProperty: string }).missingProperty}"` }
+    case 'enum':
+      return { path, message: `must be one of ${(e.params as { allowedValues: unknown[] }).allowedValues.map((v) => JSON.stringify(v)).join(', ')}` }
+    case 'const':
+      return { path, message: `must be ${JSON.stringify((e.params as { allowedValue: unknown }).allowedValue)}` }
+    default:
+      return { path, message: e.message ?? e.keyword }
+  }
+}
+
+function pointerToPath(pointer: string): string {
+  return pointer
+    .split('/')
+    .slice(1)
+    .map((seg) => seg.replace(/~1/g, '/').replace(/~0/g, '~'))
+    .reduce((acc, seg) => (/^\d+$/.test(seg) ? `${acc}[${seg}]` : acc ? `${acc}.${seg}` : seg), '')
+}
+
+const LOOPBACK_NAMES = new Set(['localhost', '127.0.0.1', '::1'])
+
+function semanticProblems(c: Config): ConfigProblem[] {
+  const problems: ConfigProblem[] = []
+  const checkCidr = (path: string, value: string) => {
+    try {
+      ipaddr.parseCIDR(value)
+    } catch {
+      problems.push({ path, message: `not a CIDR range: ${JSON.stringify(value)}` })
+    }
+  }
+  const checkOrigin = (path: string, value: string): URL | undefined => {
+    let url: URL
+    try {
+      url = new URL(value)
+    } catch {
+      problems.push({ path, message: `not a URL: ${JSON.stringify(value)}` })
+      return undefined
+    }
+    if (url.username || url.password) problems.push({ path, message: 'must not carry userinfo' })
+    if ((url.pathname !== '/' && url.pathname !== '') || url.search || url.hash) {
+      problems.push({ path, message: 'must be an origin (scheme://host[:port]) with no path, query or fragment' })
+    }
+    return url
+  }
+
+  for (const host of [c.sidecar.listen.host]) {
+    if (!c.sidecar.allow_remote_clients && !LOOPBACK_NAMES.has(host) && !host.startsWith('127.')) {
+      problems.push({ path: 'sidecar.listen.host', message: 'must be a loopback address (set sidecar.allow_remote_clients to override)' })
+    }
+  }
+
+  const ruleIds = new Set<string>()
+  c.policy.rules.forEach((r, i) => {
+    if (ruleIds.has(r.id)) problems.push({ path: `policy.rules[${i}].id`, message: `duplicate rule id "${r.id}"` })
+    ruleIds.add(r.id)
+    r.cidrs?.forEach((cidr, j) => checkCidr(`policy.rules[${i}].cidrs[${j}]`, cidr))
+    r.hosts?.forEach((h, j) => {
+      if (h.includes('*') && !/^\*\.[^*]+$/.test(h)) {
+        problems.push({ path: `policy.rules[${i}].hosts[${j}]`, message: 'wildcards are only allowed as a leading "*." label' })
+      }
+      if (/[/:@?#\s]/.test(h.replace(/^\[.*\]$/, ''))) {
+        problems.push({ path: `policy.rules[${i}].hosts[${j}]`, message: 'must be a host name or address, without scheme, port or path' })
+      }
+    })
+  })
+
+  c.network.deny.forEach((entry, i) => {
+    if (!(ADDRESS_CLASSES as readonly string[]).includes(entry)) {
+      if (entry.includes('/')) checkCidr(`network.deny[${i}]`, entry)
+      else problems.push({ path: `network.deny[${i}]`, message: `neither an address class (${ADDRESS_CLASSES.join(', ')}) nor a CIDR` })
+    }
+  })
+  c.network.allow.forEach((a, i) => checkCidr(`network.allow[${i}].cidr`, a.cidr))
+
+  for (const [name, upstream] of Object.entries(c.routes)) checkOrigin(`routes.${name}`, upstream)
+
+  const bindingIds = new Set<string>()
+  const audiences = new Map<string, string>()
+  c.credentials.forEach((b, i) => {
+    if (bindingIds.has(b.id)) problems.push({ path: `credentials[${i}].id`, message: `duplicate credential id "${b.id}"` })
+    bindingIds.add(b.id)
+    const url = checkOrigin(`credentials[${i}].audience`, b.audience)
+    if (url) {
+      if (audiences.has(url.origin)) {
+        problems.push({ path: `credentials[${i}].audience`, message: `audience ${url.origin} already bound by credential "${audiences.get(url.origin)}"` })
+      }
+      audiences.set(url.origin, b.id)
+    }
+  })
+  return problems
+}

@@ -1,0 +1,136 @@
+// The one object that flows through every pipeline stage for a call, and the narrow interfaces
+// the stages implement. See ARCHITECTURE.md for the lifecycle drawing.
+import type { AddressClass } from '../lib/config/schema.js'
+
+/** How the request reached the sidecar. */
+export type Via = 'absolute' | 'connect' | 'reverse' | 'upgrade'
+
+export interface Target {
+  scheme: 'http' | 'https'
+  /** Normalised: lower-case, no trailing dot, IDN as punycode, IPv6 without brackets, IPv4 canonical dotted. */
+  host: string
+  port: number
+  /** Path with dot segments resolved, as forwarded; always begins with '/'. Empty for CONNECT. */
+  path: string
+  /** Query string including '?', or ''. */
+  search: string
+  /** True when `host` is an IP literal. */
+  hostIsIp: boolean
+}
+
+export interface Identity {
+  agentId: string
+  /** Task handle presented in Proxy-Authorization, if any. */
+  taskId: string | null
+  /** Delegating user's subject, when a task runs for a user. */
+  userSub: string | null
+}
+
+export interface Decision {
+  action: 'allow' | 'deny'
+  /** Rule ID, `default`, or `network:<class>` for resolve-stage denials. */
+  rule: string
+  reason: string
+  /** False when a deny rule is in report mode: logged as a would-be denial, not enforced. */
+  enforced: boolean
+}
+
+export interface ResolvedAddress {
+  address: string
+  family: 4 | 6
+  cls: AddressClass
+}
+
+export interface Credential {
+  /** The secret itself. Never logged, audited or echoed. */
+  value: string
+  /** A safe identifier for audit: a jti, or source:name for static secrets. */
+  id: string
+  expiresAt: number | null
+  scopes: string[]
+}
+
+export interface CredentialBinding {
+  id: string
+  /** Exact origin key `scheme://host:port` the credential may be sent to. */
+  audience: string
+  secret: string
+  /** Lower-case header names removed from the agent's request before injection. */
+  strip: readonly string[]
+  /** Query parameter names removed before injection. */
+  stripQuery: readonly string[]
+  inject(headers: Record<string, string | string[] | undefined>, target: Target, credential: Credential): void
+}
+
+export interface CallContext {
+  id: string
+  via: Via
+  startedAt: number
+  /** performance.now() at start, for durations. */
+  t0: number
+  method: string
+  target: Target | null
+  identity: Identity
+  decision: Decision | null
+  resolved: ResolvedAddress | null
+  binding: CredentialBinding | null
+  credential: Credential | null
+  status: number
+  bytesIn: number
+  bytesOut: number
+  /** ms from start to upstream response headers. */
+  upstreamMs: number | null
+  errorCode: string | null
+  errorReason: string | null
+}
+
+export interface Identifier {
+  /** Consumes Proxy-Authorization; returns the identity or throws a LatchkeyError (407). */
+  identify(proxyAuthorization: string | undefined): Identity
+}
+
+export interface Decider {
+  decide(method: string, target: Target): Decision
+}
+
+export interface Resolver {
+  /** Resolves and classifies; returns the address to dial, or a denial. Never dials. */
+  resolve(target: Target): Promise<{ address: ResolvedAddress } | { denied: Decision }>
+}
+
+export interface CredentialSource {
+  get(binding: CredentialBinding, identity: Identity): Promise<Credential> | Credential
+}
+
+export interface AuditEvent {
+  id: string
+  ts: string
+  agent: string
+  task: string | null
+  user: string | null
+  via: Via
+  method: string
+  scheme: string | null
+  host: string | null
+  port: number | null
+  path: string | null
+  address: string | null
+  status: number
+  bytes_in: number
+  bytes_out: number
+  duration_ms: number
+  upstream_ms: number | null
+  decision: 'allow' | 'deny' | 'report' | null
+  rule: string | null
+  reason: string | null
+  credential: { binding: string; id: string; audience: string; scopes: string[] } | null
+  error: string | null
+}
+
+export interface AuditSink {
+  /** Must not block or throw: the request path calls it. */
+  write(event: AuditEvent): void
+  /** Persist everything written so far. */
+  flush(): Promise<void>
+  close(): Promise<void>
+}

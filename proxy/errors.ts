@@ -1,0 +1,81 @@
+// The catalogue of coded errors the sidecar answers with. Every refusal an agent can see has a
+// stable code, an HTTP status and a JSON body of one shape, whichever way the request arrived.
+
+export const ERRORS = {
+  LK_POLICY_DENIED: { status: 403, error: 'denied', retryable: false },
+  LK_NETWORK_DENIED: { status: 403, error: 'denied', retryable: false },
+  LK_BAD_REQUEST: { status: 400, error: 'bad_request', retryable: false },
+  LK_NO_ROUTE: { status: 404, error: 'no_route', retryable: false },
+  LK_PROXY_AUTH: { status: 407, error: 'proxy_auth_required', retryable: false },
+  LK_CREDENTIAL_UNAVAILABLE: { status: 503, error: 'credential_unavailable', retryable: true },
+  LK_DNS_FAILED: { status: 502, error: 'upstream_unresolvable', retryable: true },
+  LK_UPSTREAM_UNREACHABLE: { status: 502, error: 'upstream_unreachable', retryable: true },
+  LK_UPSTREAM_TLS: { status: 502, error: 'upstream_tls', retryable: false },
+  LK_UPSTREAM_TIMEOUT: { status: 504, error: 'upstream_timeout', retryable: true },
+  LK_UPSTREAM_PROTOCOL: { status: 502, error: 'upstream_protocol', retryable: false },
+  LK_DRAINING: { status: 503, error: 'draining', retryable: true },
+} as const
+
+export type ErrorCode = keyof typeof ERRORS
+
+export class LatchkeyError extends Error {
+  override readonly name = 'LatchkeyError'
+  readonly status: number
+  constructor(
+    readonly code: ErrorCode,
+    /** Safe to show the agent: never contains a credential or a header value. */
+    readonly reason: string,
+    readonly rule: string | null = null,
+  ) {
+    super(reason)
+    this.status = ERRORS[code].status
+  }
+}
+
+export const RULE_HEADER = 'x-latchkey-rule'
+export const ERROR_HEADER = 'x-latchkey-error'
+
+export interface ErrorBody {
+  error: string
+  code: ErrorCode
+  rule: string | null
+  reason: string
+  retryable: boolean
+}
+
+export function errorBody(code: ErrorCode, reason: string, rule: string | null): ErrorBody {
+  const e = ERRORS[code]
+  return { error: e.error, code, rule, reason, retryable: e.retryable }
+}
+
+/** Headers and body of a refusal, ready to write to an http.ServerResponse or a raw socket. */
+export function renderError(err: LatchkeyError): { status: number; headers: Record<string, string>; body: string } {
+  const body = JSON.stringify(errorBody(err.code, err.reason, err.rule)) + '\n'
+  const headers: Record<string, string> = {
+    'content-type': 'application/json',
+    'content-length': String(Buffer.byteLength(body)),
+    'cache-control': 'no-store',
+    [ERROR_HEADER]: err.code,
+  }
+  if (err.rule) headers[RULE_HEADER] = err.rule
+  if (err.status === 407) headers['proxy-authenticate'] = 'Basic realm="latchkey"'
+  return { status: err.status, headers, body }
+}
+
+const STATUS_TEXT: Record<number, string> = {
+  400: 'Bad Request',
+  403: 'Forbidden',
+  404: 'Not Found',
+  407: 'Proxy Authentication Required',
+  502: 'Bad Gateway',
+  503: 'Service Unavailable',
+  504: 'Gateway Timeout',
+}
+
+/** The same refusal as raw HTTP/1.1 bytes, for CONNECT, upgrades and parser errors on a bare socket. */
+export function renderErrorRaw(err: LatchkeyError): string {
+  const { status, headers, body } = renderError(err)
+  let head = `HTTP/1.1 ${status} ${STATUS_TEXT[status] ?? 'Error'}\r\n`
+  for (const [k, v] of Object.entries(headers)) head += `${k}: ${v}\r\n`
+  return head + 'connection: close\r\n\r\n' + body
+}

@@ -1,0 +1,102 @@
+// Turns what the agent sent (absolute URI, CONNECT authority, or a reverse route) into one
+// normalised Target. The WHATWG URL parser does the host work: numeric spellings (2130706433,
+// 0177.1, 0x7f.1) become dotted IPv4, IDN becomes punycode, case is folded, dot segments and
+// their percent-encoded forms are resolved. Anything it cannot parse is refused, never guessed.
+import { isIP } from 'node:net'
+import { LatchkeyError } from '../errors.js'
+import type { Target } from '../context.js'
+
+const DEFAULT_PORT = { http: 80, https: 443 } as const
+
+function fromUrl(url: URL): Target {
+  const scheme = url.protocol === 'https:' ? 'https' : 'http'
+  let host = url.hostname
+  if (host.startsWith('[')) host = host.slice(1, -1)
+  if (host.endsWith('.')) host = host.slice(0, -1)
+  if (host === '') throw new LatchkeyError('LK_BAD_REQUEST', 'request target has an empty host')
+  const port = url.port === '' ? DEFAULT_PORT[scheme] : Number(url.port)
+  return { scheme, host, port, path: url.pathname || '/', search: url.search, hostIsIp: isIP(host) !== 0 }
+}
+
+/** Absolute-form request target, as sent to an HTTP_PROXY. */
+export function parseAbsoluteTarget(raw: string): Target {
+  const lower = raw.slice(0, 8).toLowerCase()
+  if (!lower.startsWith('http://') && !lower.startsWith('https://')) {
+    throw new LatchkeyError('LK_BAD_REQUEST', 'absolute request target must use http:// or https://')
+  }
+  const authorityEnd = raw.indexOf('/', lower.startsWith('https') ? 8 : 7)
+  const authority = raw.slice(lower.startsWith('https') ? 8 : 7, authorityEnd === -1 ? undefined : authorityEnd)
+  // The URL parser would silently drop userinfo; a proxy that ignores it could be tricked into
+  // judging one host and reaching another (http://allowed.com@evil.com/), so refuse it outright.
+  if (authority.includes('@')) throw new LatchkeyError('LK_BAD_REQUEST', 'request target must not contain userinfo')
+  if (/[\\\s]/.test(authority)) throw new LatchkeyError('LK_BAD_REQUEST', 'request target authority contains an invalid character')
+  let url: URL
+  try {
+    url = new URL(raw)
+  } catch {
+    throw new LatchkeyError('LK_BAD_REQUEST', 'request target is not a valid URL')
+  }
+  if (url.hash) throw new LatchkeyError('LK_BAD_REQUEST', 'request target must not contain a fragment')
+  return fromUrl(url)
+}
+
+/** CONNECT authority-form: host:port, nothing else. */
+export function parseConnectTarget(raw: string): Target {
+  if (raw.includes('/') || raw.includes('@') || raw.includes('?') || raw.includes('#') || /[\\\s]/.test(raw)) {
+    throw new LatchkeyError('LK_BAD_REQUEST', 'CONNECT target must be host:port with no path, userinfo or query')
+  }
+  const m = /^(\[[^\]]+\]|[^:[\]]+):(\d{1,5})$/.exec(raw)
+  if (!m) throw new LatchkeyError('LK_BAD_REQUEST', 'CONNECT target must be host:port with an explicit port')
+  const port = Number(m[2])
+  if (port < 1 || port > 65535) throw new LatchkeyError('LK_BAD_REQUEST', 'CONNECT port out of range')
+  let url: URL
+  try {
+    url = new URL(`https://${m[1]}/`)
+  } catch {
+    throw new LatchkeyError('LK_BAD_REQUEST', 'CONNECT target host is not valid')
+  }
+  const t = fromUrl(url)
+  t.port = port
+  t.path = ''
+  t.search = ''
+  return t
+}
+
+export interface ReverseRoutes {
+  /** Route name → upstream origin, parsed once at start-up. */
+  get(name: string): URL | undefined
+}
+
+/** Origin-form `/<route>/<rest>` mapped onto the route's upstream origin. */
+export function parseReverseTarget(rawPath: string, routes: ReverseRoutes): { target: Target; route: string } {
+  if (!rawPath.startsWith('/')) throw new LatchkeyError('LK_BAD_REQUEST', 'request target must be origin-form or absolute-form')
+  let url: URL
+  try {
+    // Resolve dot segments (including %2e forms) before picking the route, so /a/../b is route b.
+    url = new URL(rawPath, 'http://reverse.invalid')
+  } catch {
+    throw new LatchkeyError('LK_BAD_REQUEST', 'request path is not valid')
+  }
+  if (url.host !== 'reverse.invalid') throw new LatchkeyError('LK_BAD_REQUEST', 'request path is not valid')
+  const path = url.pathname
+  const slash = path.indexOf('/', 1)
+  const name = path.slice(1, slash === -1 ? undefined : slash)
+  const upstream = name ? routes.get(name) : undefined
+  if (!upstream) throw new LatchkeyError('LK_NO_ROUTE', name ? `no route named "${name}"` : 'origin-form requests must start with a route name')
+  const rest = slash === -1 ? '/' : path.slice(slash)
+  const base = upstream.pathname.endsWith('/') ? upstream.pathname.slice(0, -1) : upstream.pathname
+  const target = fromUrl(upstream)
+  target.path = base + rest
+  target.search = url.search
+  return { target, route: name }
+}
+
+/** Host header value for a target: host[:port], port omitted when it is the scheme's default. */
+export function hostHeader(t: Target): string {
+  const host = t.host.includes(':') ? `[${t.host}]` : t.host
+  return t.port === DEFAULT_PORT[t.scheme] ? host : `${host}:${t.port}`
+}
+
+export function originKey(scheme: string, host: string, port: number): string {
+  return `${scheme}://${host.includes(':') ? `[${host}]` : host}:${port}`
+}

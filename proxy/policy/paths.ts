@@ -1,0 +1,56 @@
+// Path globs and the readings of a request path an upstream might act on.
+//
+// The sidecar forwards the path as the URL parser normalised it, but servers disagree about
+// %2F, backslashes, `;params` and doubled slashes. So policy judges a path under every reading
+// a server plausibly uses: a deny rule matches if ANY reading matches (case-insensitively), an
+// allow rule only if EVERY reading matches. Ambiguity therefore always falls towards deny.
+
+const UNRESERVED = /^[A-Za-z0-9\-._~]$/
+
+/** Decodes %XX only where it stands for an unreserved character; upper-cases the rest. */
+function decodeUnreserved(path: string): string {
+  if (!path.includes('%')) return path
+  return path.replace(/%([0-9A-Fa-f]{2})/g, (m, hex: string) => {
+    const ch = String.fromCharCode(parseInt(hex, 16))
+    return UNRESERVED.test(ch) ? ch : m.toUpperCase()
+  })
+}
+
+/** The distinct readings of a (URL-normalised) path. The first is the canonical one. */
+export function pathReadings(path: string): string[] {
+  const canonical = decodeUnreserved(path)
+  const readings = [canonical]
+  const add = (p: string) => {
+    if (!readings.includes(p)) readings.push(p)
+  }
+  // Encoded separators decoded, as some servers and frameworks do before routing.
+  const separators = canonical.replace(/%2F|%5C/g, '/').replace(/\\/g, '/')
+  add(separators)
+  // Doubled slashes collapsed, as most servers do.
+  for (const p of [...readings]) add(p.replace(/\/{2,}/g, '/'))
+  // Path parameters (`/admin;jsessionid=x`) dropped, as servlet containers do.
+  for (const p of [...readings]) if (p.includes(';')) add(p.replace(/;[^/]*/g, ''))
+  // Dot segments that only appear once separators are decoded (`/a%2F..%2Fadmin`), resolved.
+  for (const p of [...readings]) if (/(^|\/)\.\.?(\/|$)/.test(p)) add(new URL(p, 'http://x').pathname)
+  return readings
+}
+
+/** Compiles a glob: `*` one segment's worth, `?` one character, `**` any depth; `/x/**` also matches `/x`. */
+export function compileGlob(glob: string, caseInsensitive: boolean): RegExp {
+  let src = ''
+  for (let i = 0; i < glob.length; i++) {
+    const c = glob[i]!
+    if (c === '*' && glob[i + 1] === '*') {
+      const atEndAfterSlash = glob[i - 1] === '/' && i + 2 === glob.length
+      if (atEndAfterSlash) {
+        src = src.slice(0, -1) + '(?:/.*)?'
+      } else {
+        src += '.*'
+      }
+      i++
+    } else if (c === '*') src += '[^/]*'
+    else if (c === '?') src += '[^/]'
+    else src += c.replace(/[.+^${}()|[\]\\]/g, '\\$&')
+  }
+  return new RegExp(`^${src}$`, caseInsensitive ? 'i' : '')
+}

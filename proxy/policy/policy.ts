@@ -1,0 +1,126 @@
+// The compiled policy: rules in order, first match wins, else the default. Compiled once at
+// start-up (and on reload) so a decision is a few set lookups and regex tests, with no I/O.
+import { domainToASCII } from 'node:url'
+import { isIP } from 'node:net'
+import ipaddr from 'ipaddr.js'
+import type { Config, RuleConfig, Mode } from '../../lib/config/schema.js'
+import type { Decider, Decision, Target } from '../context.js'
+import { compileGlob, pathReadings } from './paths.js'
+
+interface CompiledRule {
+  id: string
+  deny: boolean
+  exactHosts: Set<string> | null
+  wildcardSuffixes: string[] | null
+  cidrs: [ipaddr.IPv4 | ipaddr.IPv6, number][] | null
+  ports: Set<number> | null
+  methods: Set<string> | null
+  paths: RegExp[] | null
+  schemes: Set<string> | null
+  decision: Decision
+}
+
+/** Normalises a host the way targets are normalised, so rules and requests compare equal. */
+export function normaliseHost(host: string): string {
+  let h = host.trim().toLowerCase()
+  if (h.startsWith('[') && h.endsWith(']')) h = h.slice(1, -1)
+  if (h.endsWith('.')) h = h.slice(0, -1)
+  if (isIP(h) === 6) return ipaddr.parse(h).toString()
+  if (isIP(h) === 4) return h
+  try {
+    // Gives numeric spellings their dotted meaning and IDN its punycode, as for targets.
+    const parsed = new URL(`http://${h}/`).hostname
+    return parsed.startsWith('[') ? parsed.slice(1, -1) : parsed
+  } catch {
+    return domainToASCII(h) || h
+  }
+}
+
+function compileRule(rule: RuleConfig, mode: Mode): CompiledRule {
+  const deny = rule.action === 'deny'
+  const enforced = (rule.mode ?? mode) === 'enforce'
+  let exactHosts: Set<string> | null = null
+  let wildcardSuffixes: string[] | null = null
+  for (const h of rule.hosts ?? []) {
+    if (h.startsWith('*.')) (wildcardSuffixes ??= []).push('.' + normaliseHost(h.slice(2)))
+    else (exactHosts ??= new Set()).add(normaliseHost(h))
+  }
+  return {
+    id: rule.id,
+    deny,
+    exactHosts,
+    wildcardSuffixes,
+    cidrs: rule.cidrs ? rule.cidrs.map((c) => ipaddr.parseCIDR(c)) : null,
+    ports: rule.ports ? new Set(rule.ports) : null,
+    methods: rule.methods ? new Set(rule.methods.map((m) => m.toUpperCase())) : null,
+    // Deny globs ignore case: some upstreams do, and a deny must not be dodged by /ADMIN.
+    paths: rule.paths ? rule.paths.map((p) => compileGlob(p, deny)) : null,
+    schemes: rule.schemes ? new Set(rule.schemes) : null,
+    decision: {
+      action: rule.action,
+      rule: rule.id,
+      reason: deny ? `denied by rule ${rule.id}` : `allowed by rule ${rule.id}`,
+      enforced: deny ? enforced : true,
+    },
+  }
+}
+
+function hostMatches(r: CompiledRule, t: Target): boolean {
+  if (!r.exactHosts && !r.wildcardSuffixes && !r.cidrs) return true
+  if (r.exactHosts?.has(t.host)) return true
+  if (r.wildcardSuffixes) for (const s of r.wildcardSuffixes) if (t.host.endsWith(s)) return true
+  if (r.cidrs && t.hostIsIp) {
+    let addr: ipaddr.IPv4 | ipaddr.IPv6 = ipaddr.parse(t.host)
+    if (addr.kind() === 'ipv6' && (addr as ipaddr.IPv6).isIPv4MappedAddress()) addr = (addr as ipaddr.IPv6).toIPv4Address()
+    for (const [range, bits] of r.cidrs) if (range.kind() === addr.kind() && addr.match(range, bits)) return true
+  }
+  return false
+}
+
+export class Policy implements Decider {
+  private readonly rules: CompiledRule[]
+  private readonly needsPaths: boolean
+  private readonly defaultDecision: Decision
+
+  constructor(policy: Config['policy']) {
+    this.rules = policy.rules.map((r) => compileRule(r, policy.mode))
+    this.needsPaths = this.rules.some((r) => r.paths)
+    const deny = policy.default === 'deny'
+    this.defaultDecision = {
+      action: policy.default,
+      rule: 'default',
+      reason: deny ? 'no rule allows this request and the default is deny' : 'no rule matched; the default is allow',
+      enforced: deny ? policy.mode === 'enforce' : true,
+    }
+  }
+
+  decide(method: string, target: Target): Decision {
+    const tunnel = method === 'CONNECT'
+    const readings = this.needsPaths && !tunnel ? pathReadings(target.path) : null
+    const scheme = tunnel ? 'https' : target.scheme
+    for (const r of this.rules) {
+      if (r.ports && !r.ports.has(target.port)) continue
+      if (r.schemes && !r.schemes.has(scheme)) continue
+      if (!hostMatches(r, target)) continue
+      if (tunnel && (r.methods || r.paths)) {
+        // A tunnel's requests cannot be seen: an allow that depends on method or path cannot be
+        // proven, and a deny that depends on them might apply, so the deny wins.
+        if (!r.deny) continue
+        return {
+          action: 'deny',
+          rule: r.id,
+          reason: `rule ${r.id} restricts methods or paths on this host, which a CONNECT tunnel cannot show`,
+          enforced: r.decision.enforced,
+        }
+      }
+      if (r.methods && !r.methods.has(method)) continue
+      if (r.paths && readings) {
+        const matches = (re: RegExp) => readings.some((p) => re.test(p))
+        const all = (re: RegExp) => readings.every((p) => re.test(p))
+        if (r.deny ? !r.paths.some(matches) : !r.paths.some(all)) continue
+      }
+      return r.decision
+    }
+    return this.defaultDecision
+  }
+}

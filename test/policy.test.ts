@@ -1,0 +1,129 @@
+import t from 'tap'
+import { Policy } from '../proxy/policy/policy.js'
+import { pathReadings, compileGlob } from '../proxy/policy/paths.js'
+import { parseAbsoluteTarget, parseConnectTarget } from '../proxy/listen/target.js'
+import type { RuleConfig } from '../lib/config/schema.js'
+
+const policy = (rules: RuleConfig[], extra: Partial<{ mode: 'enforce' | 'report'; default: 'allow' | 'deny' }> = {}) =>
+  new Policy({ mode: extra.mode ?? 'enforce', default: extra.default ?? 'deny', rules })
+const decide = (p: Policy, method: string, url: string) => p.decide(method, parseAbsoluteTarget(url))
+
+t.test('hosts: exact and wildcard, case, trailing dot and IDN insensitive', async (t) => {
+  const p = policy([
+    { id: 'gh', action: 'allow', hosts: ['API.github.com.'] },
+    { id: 'corp', action: 'allow', hosts: ['*.Corp.Example'] },
+    { id: 'idn', action: 'allow', hosts: ['bücher.example'] },
+  ])
+  const table: [string, string][] = [
+    ['https://api.github.com/x', 'gh'],
+    ['https://API.GITHUB.COM./x', 'gh'],
+    ['https://github.com/x', 'default'],
+    ['https://api.github.com.evil.com/x', 'default'],
+    ['https://evilapi.github.com/x', 'default'],
+    ['https://a.corp.example/', 'corp'],
+    ['https://a.b.corp.example/', 'corp'],
+    ['https://corp.example/', 'default'],
+    ['https://xcorp.example/', 'default'],
+    ['https://xn--bcher-kva.example/', 'idn'],
+    ['https://BÜCHER.example/', 'idn'],
+  ]
+  for (const [url, rule] of table) t.equal(decide(p, 'GET', url).rule, rule, url)
+})
+
+t.test('ports, methods and schemes narrow a rule', async (t) => {
+  const p = policy([{ id: 'r', action: 'allow', hosts: ['x.com'], ports: [443], methods: ['get', 'HEAD'], schemes: ['https'] }])
+  t.equal(decide(p, 'GET', 'https://x.com/').action, 'allow')
+  t.equal(decide(p, 'HEAD', 'https://x.com/').action, 'allow')
+  t.equal(decide(p, 'POST', 'https://x.com/').action, 'deny')
+  t.equal(decide(p, 'GET', 'https://x.com:8443/').action, 'deny')
+  t.equal(decide(p, 'GET', 'http://x.com:443/').action, 'deny', 'scheme checked even on the right port')
+})
+
+t.test('first matching rule wins; the default decides the rest', async (t) => {
+  const p = policy([
+    { id: 'no-admin', action: 'deny', hosts: ['x.com'], paths: ['/admin/**'] },
+    { id: 'x', action: 'allow', hosts: ['x.com'] },
+  ])
+  t.same(decide(p, 'GET', 'https://x.com/admin/users'), { action: 'deny', rule: 'no-admin', reason: 'denied by rule no-admin', enforced: true })
+  t.equal(decide(p, 'GET', 'https://x.com/admin').rule, 'no-admin', '/admin/** covers /admin itself')
+  t.equal(decide(p, 'GET', 'https://x.com/administrator').rule, 'x')
+  t.equal(decide(p, 'GET', 'https://x.com/api').rule, 'x')
+  t.same(decide(p, 'GET', 'https://y.com/'), { action: 'deny', rule: 'default', reason: 'no rule allows this request and the default is deny', enforced: true })
+  t.equal(policy([], { default: 'allow' }).decide('GET', parseAbsoluteTarget('https://y.com/')).action, 'allow')
+})
+
+t.test('a deny on a path is not dodged by any spelling of that path', async (t) => {
+  const p = policy([
+    { id: 'no-admin', action: 'deny', hosts: ['x.com'], paths: ['/admin/**'] },
+    { id: 'x', action: 'allow', hosts: ['x.com'] },
+  ])
+  for (const spelling of [
+    '/admin/x',
+    '/ADMIN/x',
+    '/Admin',
+    '/%61dmin/x',
+    '/%41DMIN/x',
+    '//admin/x',
+    '/./admin/x',
+    '/a/../admin/x',
+    '/a/%2e%2e/admin/x',
+    '/admin;jsessionid=1/x',
+    '/admin%2Fx',
+    '/api%2F..%2Fadmin/x',
+    '/api%5C..%5Cadmin',
+    '/admin/',
+  ]) {
+    t.equal(decide(p, 'GET', `https://x.com${spelling}`).rule, 'no-admin', spelling)
+  }
+})
+
+t.test('an allow on a path needs every reading to match', async (t) => {
+  const p = policy([{ id: 'repos', action: 'allow', hosts: ['x.com'], paths: ['/repos/*'] }])
+  t.equal(decide(p, 'GET', 'https://x.com/repos/a').rule, 'repos')
+  t.equal(decide(p, 'GET', 'https://x.com/repos/a/b').rule, 'default', '* stays within one segment')
+  t.equal(decide(p, 'GET', 'https://x.com/repos/a%2Fb').rule, 'default', 'an encoded slash may be a second segment upstream')
+  t.equal(decide(p, 'GET', 'https://x.com/REPOS/a').rule, 'default', 'allow globs are case-sensitive')
+})
+
+t.test('globs', async (t) => {
+  t.ok(compileGlob('/a/*/c', false).test('/a/b/c'))
+  t.notOk(compileGlob('/a/*/c', false).test('/a/b/x/c'))
+  t.ok(compileGlob('/a/**/c', false).test('/a/b/x/c'))
+  t.ok(compileGlob('/f?o', false).test('/foo'))
+  t.notOk(compileGlob('/f?o', false).test('/f/o'))
+  t.ok(compileGlob('/v1.0/x', false).test('/v1.0/x'))
+  t.notOk(compileGlob('/v1.0/x', false).test('/v1X0/x'), 'dots are literal')
+  t.same(pathReadings('/a'), ['/a'])
+  t.ok(pathReadings('/a%2Fb').includes('/a/b'))
+})
+
+t.test('CIDR rules match IP-literal hosts, including IPv4-mapped IPv6', async (t) => {
+  const p = policy([{ id: 'internal', action: 'allow', cidrs: ['10.1.0.0/16', 'fd00::/8'] }])
+  t.equal(decide(p, 'GET', 'http://10.1.2.3/').rule, 'internal')
+  t.equal(decide(p, 'GET', 'http://[::ffff:10.1.2.3]/').rule, 'internal')
+  t.equal(decide(p, 'GET', 'http://167837955/').rule, 'internal', 'decimal spelling of 10.1.2.3')
+  t.equal(decide(p, 'GET', 'http://[fd00::1]/').rule, 'internal')
+  t.equal(decide(p, 'GET', 'http://10.2.0.1/').rule, 'default')
+  t.equal(decide(p, 'GET', 'http://internal.example/').rule, 'default', 'names are not matched by CIDR rules')
+})
+
+t.test('report mode logs a denial without enforcing it', async (t) => {
+  const p = policy([{ id: 'd', action: 'deny', hosts: ['x.com'], mode: 'report' }, { id: 'e', action: 'deny', hosts: ['y.com'] }], { mode: 'enforce' })
+  t.same(decide(p, 'GET', 'https://x.com/'), { action: 'deny', rule: 'd', reason: 'denied by rule d', enforced: false })
+  t.equal(decide(p, 'GET', 'https://y.com/').enforced, true)
+  t.equal(policy([], { mode: 'report' }).decide('GET', parseAbsoluteTarget('https://z.com/')).enforced, false, 'default deny in report mode')
+})
+
+t.test('CONNECT is decided by host and port; method or path rules fail closed', async (t) => {
+  const p = policy([
+    { id: 'ro', action: 'allow', hosts: ['ro.com'], methods: ['GET'] },
+    { id: 'no-admin', action: 'deny', hosts: ['x.com'], paths: ['/admin/**'] },
+    { id: 'x', action: 'allow', hosts: ['x.com', 'ro.com'], ports: [443] },
+  ])
+  t.equal(p.decide('CONNECT', parseConnectTarget('ro.com:443')).rule, 'x', 'a method-limited allow cannot cover a tunnel')
+  const d = p.decide('CONNECT', parseConnectTarget('x.com:443'))
+  t.equal(d.action, 'deny')
+  t.equal(d.rule, 'no-admin')
+  t.match(d.reason, /CONNECT tunnel cannot show/)
+  t.equal(p.decide('CONNECT', parseConnectTarget('ro.com:8443')).rule, 'default')
+})

@@ -1,0 +1,59 @@
+import t from 'tap'
+import { parseAbsoluteTarget, parseConnectTarget, parseReverseTarget, hostHeader } from '../proxy/listen/target.js'
+
+const routes = new Map([
+  ['gh', new URL('https://api.github.com')],
+  ['svc', new URL('http://127.0.0.1:8080')],
+])
+
+t.test('numeric spellings of a host are judged by the address they mean', async (t) => {
+  for (const spelling of ['2130706433', '0x7f000001', '0177.0.0.1', '0x7f.1', '127.1', '127.0.1', '0177.0.0.01', '%31%32%37.0.0.1', '127.000.000.001']) {
+    const target = parseAbsoluteTarget(`http://${spelling}/x`)
+    t.equal(target.host, '127.0.0.1', spelling)
+    t.ok(target.hostIsIp, `${spelling} is an IP literal`)
+  }
+  t.equal(parseAbsoluteTarget('http://[::ffff:127.0.0.1]/').host, '::ffff:7f00:1')
+  t.equal(parseAbsoluteTarget('http://[0:0:0:0:0:0:0:1]/').host, '::1')
+})
+
+t.test('host names are folded: case, trailing dot, IDN', async (t) => {
+  t.equal(parseAbsoluteTarget('http://API.Example.COM./a').host, 'api.example.com')
+  t.equal(parseAbsoluteTarget('http://bücher.example/').host, 'xn--bcher-kva.example')
+  t.equal(parseAbsoluteTarget('HTTPS://x.com/').scheme, 'https')
+  t.equal(parseAbsoluteTarget('https://x.com/').port, 443)
+  t.equal(parseAbsoluteTarget('http://x.com:8080/').port, 8080)
+})
+
+t.test('dot segments are resolved before anything looks at the path', async (t) => {
+  t.equal(parseAbsoluteTarget('http://x.com/a/../admin').path, '/admin')
+  t.equal(parseAbsoluteTarget('http://x.com/a/%2e%2e/admin').path, '/admin')
+  t.equal(parseAbsoluteTarget('http://x.com/a?b=1').search, '?b=1')
+})
+
+t.test('absolute targets that could mislead are refused', async (t) => {
+  for (const bad of ['http://user:pw@x.com/', 'http://x.com@127.0.0.1/', 'ftp://x.com/', 'http://x.com/#frag', 'http://a b.com/', '/relative', 'http://[::1/']) {
+    t.throws(() => parseAbsoluteTarget(bad), { code: 'LK_BAD_REQUEST' }, bad)
+  }
+})
+
+t.test('CONNECT needs host:port and nothing more', async (t) => {
+  const c = parseConnectTarget('Example.com:443')
+  t.same([c.host, c.port, c.path], ['example.com', 443, ''])
+  t.equal(parseConnectTarget('[::1]:8443').host, '::1')
+  t.equal(parseConnectTarget('0x7f.1:443').host, '127.0.0.1')
+  for (const bad of ['example.com', 'example.com:', 'example.com:443/path', 'user@example.com:443', 'example.com:99999', 'example.com:0', ':443', 'a b:443']) {
+    t.throws(() => parseConnectTarget(bad), { code: 'LK_BAD_REQUEST' }, bad)
+  }
+})
+
+t.test('reverse routes map onto their upstream origin', async (t) => {
+  const { target, route } = parseReverseTarget('/gh/repos/x?per_page=1', routes)
+  t.same([route, target.scheme, target.host, target.port, target.path, target.search], ['gh', 'https', 'api.github.com', 443, '/repos/x', '?per_page=1'])
+  t.equal(parseReverseTarget('/gh', routes).target.path, '/')
+  t.equal(parseReverseTarget('/x/../svc/a', routes).route, 'svc', 'dot segments resolved before the route is picked')
+  t.equal(parseReverseTarget('/gh/a/../../svc/b', routes).route, 'svc')
+  t.throws(() => parseReverseTarget('/nope/x', routes), { code: 'LK_NO_ROUTE' })
+  t.throws(() => parseReverseTarget('//evil.com/x', routes), { code: 'LK_BAD_REQUEST' })
+  t.equal(hostHeader(parseReverseTarget('/svc/a', routes).target), '127.0.0.1:8080')
+  t.equal(hostHeader(parseReverseTarget('/gh/a', routes).target), 'api.github.com')
+})

@@ -1,0 +1,68 @@
+// The network floor, compiled once: which resolved addresses may be dialled. `deny` names
+// address classes or CIDRs; `allow` entries are exceptions (optionally per port). An IPv6 form
+// carrying an IPv4 address is matched by that IPv4 too, so ::ffff:10.0.0.1 is 10.0.0.1 here.
+import ipaddr from 'ipaddr.js'
+import { ADDRESS_CLASSES, type AddressClass, type Config } from '../../lib/config/schema.js'
+import { classifyParsed, embeddedIPv4 } from './classify.js'
+
+export type NetworkVerdict = { allowed: true; cls: AddressClass } | { allowed: false; cls: AddressClass; rule: string; reason: string }
+
+type Cidr = [ipaddr.IPv4 | ipaddr.IPv6, number]
+
+const ARTICLE: Partial<Record<AddressClass, string>> = { unspecified: 'an', 'unique-local': 'a' }
+const DESCRIBE: Record<AddressClass, string> = {
+  unspecified: 'unspecified address',
+  loopback: 'loopback address',
+  private: 'private address',
+  'link-local': 'link-local address',
+  metadata: 'cloud metadata address',
+  cgnat: 'carrier-grade NAT address',
+  multicast: 'multicast address',
+  broadcast: 'broadcast address',
+  reserved: 'reserved address',
+  documentation: 'documentation address',
+  benchmarking: 'benchmarking address',
+  'unique-local': 'unique-local address',
+  'site-local': 'site-local address',
+  public: 'public address',
+}
+
+function forms(addr: ipaddr.IPv4 | ipaddr.IPv6): (ipaddr.IPv4 | ipaddr.IPv6)[] {
+  return addr.kind() === 'ipv6' ? [addr, ...embeddedIPv4(addr as ipaddr.IPv6)] : [addr]
+}
+
+function inCidr(addr: ipaddr.IPv4 | ipaddr.IPv6, [base, bits]: Cidr): boolean {
+  return addr.kind() === base.kind() && addr.match(base, bits)
+}
+
+export class NetworkPolicy {
+  private readonly deniedClasses: Set<AddressClass>
+  private readonly deniedCidrs: [Cidr, string][]
+  private readonly allowed: { cidr: Cidr; ports: Set<number> | null }[]
+
+  constructor(network: Config['network']) {
+    this.deniedClasses = new Set(network.deny.filter((d): d is AddressClass => (ADDRESS_CLASSES as readonly string[]).includes(d)))
+    this.deniedCidrs = network.deny.filter((d) => d.includes('/')).map((d) => [ipaddr.parseCIDR(d), d])
+    this.allowed = network.allow.map((a) => ({ cidr: ipaddr.parseCIDR(a.cidr), ports: a.ports ? new Set(a.ports) : null }))
+  }
+
+  check(address: string, port: number): NetworkVerdict {
+    const addr = ipaddr.parse(address)
+    const cls = classifyParsed(addr)
+    const all = forms(addr)
+    for (const a of this.allowed) {
+      if ((a.ports === null || a.ports.has(port)) && all.some((f) => inCidr(f, a.cidr))) return { allowed: true, cls }
+    }
+    if (this.deniedClasses.has(cls)) {
+      return { allowed: false, cls, rule: `network:${cls}`, reason: `${address} is ${ARTICLE[cls] ?? 'a'} ${DESCRIBE[cls]}` }
+    }
+    for (const [cidr, text] of this.deniedCidrs) {
+      if (all.some((f) => inCidr(f, cidr))) return { allowed: false, cls, rule: `network:${text}`, reason: `${address} is in the denied range ${text}` }
+    }
+    return { allowed: true, cls }
+  }
+}
+
+export function compileNetworkPolicy(network: Config['network']): NetworkPolicy {
+  return new NetworkPolicy(network)
+}

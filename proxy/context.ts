@@ -2,8 +2,11 @@
 // the stages implement. See ARCHITECTURE.md for the lifecycle drawing.
 import type { AddressClass } from '../lib/config/schema.js'
 
-/** How the request reached the sidecar. */
-export type Via = 'absolute' | 'connect' | 'reverse' | 'upgrade'
+/**
+ * How the request reached the sidecar. `tunnelled`: plain HTTP sent inside a CONNECT tunnel
+ * (what undici's ProxyAgent does by default for http:// targets).
+ */
+export type Via = 'absolute' | 'connect' | 'reverse' | 'upgrade' | 'tunnelled'
 
 export interface Target {
   scheme: 'http' | 'https'

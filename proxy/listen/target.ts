@@ -100,3 +100,26 @@ export function hostHeader(t: Target): string {
 export function originKey(scheme: string, host: string, port: number): string {
   return `${scheme}://${host.includes(':') ? `[${host}]` : host}:${port}`
 }
+
+/**
+ * A request that arrived inside a plaintext CONNECT tunnel. The tunnel's authority is what was
+ * decided, so it wins: origin-form paths are placed on it, and an absolute URI naming any other
+ * origin is refused rather than followed.
+ */
+export function parseTunnelledTarget(raw: string, tunnel: Target): Target {
+  if (raw.startsWith('/')) {
+    let url: URL
+    try {
+      url = new URL(raw, 'http://tunnel.invalid')
+    } catch {
+      throw new LatchkeyError('LK_BAD_REQUEST', 'request path is not valid')
+    }
+    if (url.host !== 'tunnel.invalid') throw new LatchkeyError('LK_BAD_REQUEST', 'request path is not valid')
+    return { ...tunnel, scheme: 'http', path: url.pathname, search: url.search }
+  }
+  const t = parseAbsoluteTarget(raw)
+  if (t.host !== tunnel.host || t.port !== tunnel.port || t.scheme !== 'http') {
+    throw new LatchkeyError('LK_BAD_REQUEST', 'a request inside a CONNECT tunnel must be for the tunnel\'s own origin')
+  }
+  return t
+}

@@ -1,0 +1,104 @@
+// Credential bindings: which credential goes to which exact origin, and how it is written into
+// the request. Compiled once; looked up per request by the exact `scheme://host:port` key, so a
+// look-alike host, another port or the other scheme never matches.
+import type { Config, CredentialBindingConfig, InjectConfig } from '../../lib/config/schema.js'
+import type { Credential, CredentialBinding, Target } from '../context.js'
+import { normaliseHost } from '../policy/policy.js'
+import { originKey } from '../listen/target.js'
+
+type Headers = Record<string, string | string[] | undefined>
+
+/** Agent-sent credentials replaced on every injected audience, whatever the injector writes. */
+const ALWAYS_STRIP = ['authorization', 'cookie', 'x-api-key', 'api-key', 'x-auth-token', 'proxy-authorization']
+
+function injector(cfg: InjectConfig): {
+  headers: string[]
+  query: string[]
+  inject: (h: Headers, t: Target, c: Credential) => void
+} {
+  switch (cfg.type) {
+    case 'bearer':
+      return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = `Bearer ${c.value}`) }
+    case 'basic': {
+      const user = cfg.username
+      return {
+        headers: ['authorization'],
+        query: [],
+        inject: (h, _t, c) => void (h.authorization = `Basic ${Buffer.from(`${user}:${c.value}`).toString('base64')}`),
+      }
+    }
+    case 'header': {
+      const name = cfg.name.toLowerCase()
+      const [before, after] = (cfg.format ?? '{token}').split('{token}') as [string, string]
+      return { headers: [name], query: [], inject: (h, _t, c) => void (h[name] = before + c.value + after) }
+    }
+    case 'query': {
+      const param = cfg.name
+      return {
+        headers: [],
+        query: [param],
+        inject: (_h, t, c) => {
+          const sep = t.search.length > 1 ? '&' : '?'
+          t.search = (t.search.length > 1 ? t.search : '') + sep + encodeURIComponent(param) + '=' + encodeURIComponent(c.value)
+        },
+      }
+    }
+  }
+}
+
+export function compileBinding(cfg: CredentialBindingConfig): CredentialBinding {
+  const url = new URL(cfg.audience)
+  const scheme = url.protocol === 'https:' ? 'https' : 'http'
+  const port = url.port ? Number(url.port) : scheme === 'https' ? 443 : 80
+  const inj = injector(cfg.inject)
+  const strip = [...new Set([...ALWAYS_STRIP, ...inj.headers, ...(cfg.strip ?? []).map((s) => s.toLowerCase())])]
+  return {
+    id: cfg.id,
+    audience: originKey(scheme, normaliseHost(url.hostname), port),
+    secret: cfg.secret,
+    strip,
+    stripQuery: inj.query,
+    inject: inj.inject,
+  }
+}
+
+export class CredentialBindings {
+  private readonly byAudience = new Map<string, CredentialBinding>()
+
+  constructor(configs: Config['credentials']) {
+    for (const cfg of configs) {
+      const b = compileBinding(cfg)
+      this.byAudience.set(b.audience, b)
+    }
+  }
+
+  /** The binding for exactly this origin, or null. */
+  match(t: Target): CredentialBinding | null {
+    if (this.byAudience.size === 0) return null
+    return this.byAudience.get(originKey(t.scheme, t.host, t.port)) ?? null
+  }
+
+  all(): CredentialBinding[] {
+    return [...this.byAudience.values()]
+  }
+}
+
+/** Removes the named query parameters (any spelling of their encoding) from a search string. */
+export function stripQueryParams(search: string, names: readonly string[]): string {
+  if (names.length === 0 || search.length < 2) return search
+  const kept = search
+    .slice(1)
+    .split('&')
+    .filter((pair) => {
+      const rawName = pair.split('=', 1)[0] ?? ''
+      let name: string
+      try {
+        name = decodeURIComponent(rawName.replace(/\+/g, ' '))
+      } catch {
+        // Undecodable name: it might be our parameter in disguise; drop it (fail closed).
+        return false
+      }
+      return !names.includes(name)
+    })
+  return kept.length ? '?' + kept.join('&') : ''
+}

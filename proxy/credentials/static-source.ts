@@ -1,0 +1,43 @@
+// The first CredentialSource: secrets read once at start-up from a YAML/JSON file of
+// name → value, or from environment variables `<env_prefix><NAME>`. They live in memory only.
+import { readFileSync } from 'node:fs'
+import { parse } from 'yaml'
+import type { Config } from '../../lib/config/schema.js'
+import type { Credential, CredentialBinding, CredentialSource } from '../context.js'
+import { LatchkeyError } from '../errors.js'
+
+export class StaticSecretSource implements CredentialSource {
+  private readonly credentials = new Map<string, Credential>()
+
+  constructor(secrets: Config['secrets'], names: Iterable<string>, env: NodeJS.ProcessEnv = process.env) {
+    let fromFile: Record<string, unknown> = {}
+    if (secrets.file) {
+      let parsed: unknown
+      try {
+        parsed = parse(readFileSync(secrets.file, 'utf8'))
+      } catch (err) {
+        // Never echo the file's content: it is full of secrets.
+        throw new Error(`secrets.file ${secrets.file}: cannot read or parse (${(err as NodeJS.ErrnoException).code ?? 'invalid YAML'})`)
+      }
+      if (typeof parsed !== 'object' || parsed === null) throw new Error(`secrets.file ${secrets.file}: must be a mapping of name to secret`)
+      fromFile = parsed as Record<string, unknown>
+    }
+    for (const name of names) {
+      const value = env[secrets.env_prefix + name] ?? fromFile[name]
+      if (typeof value === 'string' && value.length > 0) {
+        this.credentials.set(name, { value, id: `static:${name}`, expiresAt: null, scopes: [] })
+      }
+    }
+  }
+
+  has(name: string): boolean {
+    return this.credentials.has(name)
+  }
+
+  get(binding: CredentialBinding): Credential {
+    const c = this.credentials.get(binding.secret)
+    // Fail closed: an audience with a binding but no secret gets no request at all.
+    if (!c) throw new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `no secret "${binding.secret}" is configured for credential ${binding.id}`)
+    return c
+  }
+}

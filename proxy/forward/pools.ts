@@ -1,0 +1,73 @@
+// One undici Pool per (origin, checked address). The pool's connector is pinned to the address
+// the resolve stage classified, so nothing between the check and the dial can re-resolve the
+// name (no DNS rebinding window). Pools are bounded; an evicted pool finishes its in-flight
+// requests and closes.
+import { Pool } from 'undici'
+import { LRUCache } from 'lru-cache'
+import type { LookupFunction } from 'node:net'
+import type { ResolvedAddress, Target } from '../context.js'
+import { originKey } from '../listen/target.js'
+
+export interface PoolTimeouts {
+  connect_ms: number
+  headers_ms: number
+  body_ms: number
+}
+
+function pinnedLookup(address: string, family: 4 | 6): LookupFunction {
+  return ((_host: string, options: { all?: boolean }, callback: (...args: unknown[]) => void) => {
+    if (options?.all) callback(null, [{ address, family }])
+    else callback(null, address, family)
+  }) as unknown as LookupFunction
+}
+
+export class PinnedPools {
+  private readonly pools: LRUCache<string, Pool>
+  private closing = false
+
+  constructor(
+    private readonly timeouts: PoolTimeouts,
+    max: number,
+    /** Trusted roots for upstream TLS; undefined means Node's defaults. */
+    readonly ca?: string[],
+  ) {
+    this.pools = new LRUCache<string, Pool>({
+      max,
+      dispose: (pool) => {
+        if (!this.closing) void pool.close().catch(() => pool.destroy())
+      },
+    })
+  }
+
+  get(target: Target, resolved: ResolvedAddress): Pool {
+    const origin = originKey(target.scheme, target.host, target.port)
+    const key = origin + '|' + resolved.address
+    let pool = this.pools.get(key)
+    if (!pool) {
+      pool = new Pool(origin, {
+        connect: {
+          lookup: pinnedLookup(resolved.address, resolved.family),
+          timeout: this.timeouts.connect_ms,
+          // The upstream leg always verifies real certificates.
+          rejectUnauthorized: true,
+          ...(this.ca ? { ca: this.ca } : {}),
+          // Keep TLS SNI on the name, never the address we pinned.
+          ...(target.hostIsIp ? {} : { servername: target.host }),
+        },
+        headersTimeout: this.timeouts.headers_ms,
+        bodyTimeout: this.timeouts.body_ms,
+        keepAliveTimeout: 4_000,
+        // Redirects are returned to the agent, never followed: no interceptor is composed here.
+      })
+      this.pools.set(key, pool)
+    }
+    return pool
+  }
+
+  async close(): Promise<void> {
+    this.closing = true
+    const pools = [...this.pools.values()]
+    this.pools.clear()
+    await Promise.all(pools.map((p) => p.close().catch(() => p.destroy())))
+  }
+}

@@ -1,0 +1,42 @@
+// Framing checks on top of Node's strict parser (insecureHTTPParser stays off). Each refuses
+// with a 400 and forwards nothing: an ambiguous message is one the sidecar and the upstream
+// might read differently, which is how requests are smuggled.
+import type { IncomingMessage } from 'node:http'
+import { LatchkeyError } from '../errors.js'
+
+export function checkFraming(req: IncomingMessage): void {
+  if (req.httpVersionMajor !== 1) {
+    throw new LatchkeyError('LK_BAD_REQUEST', `HTTP/${req.httpVersion} is not accepted on this listener; use HTTP/1.1`)
+  }
+  const raw = req.rawHeaders
+  let hosts = 0
+  let contentLengths = 0
+  let te: string | null = null
+  let teCount = 0
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i]!
+    switch (name.length) {
+      case 4:
+        if (name.toLowerCase() === 'host') hosts++
+        break
+      case 14:
+        if (name.toLowerCase() === 'content-length') contentLengths++
+        break
+      case 17:
+        if (name.toLowerCase() === 'transfer-encoding') {
+          teCount++
+          te = raw[i + 1]!
+        }
+        break
+    }
+  }
+  if (hosts > 1) throw new LatchkeyError('LK_BAD_REQUEST', 'duplicate Host header')
+  if (contentLengths > 1) throw new LatchkeyError('LK_BAD_REQUEST', 'duplicate Content-Length header')
+  if (teCount > 0) {
+    if (req.httpVersionMinor === 0) throw new LatchkeyError('LK_BAD_REQUEST', 'Transfer-Encoding is not allowed on HTTP/1.0')
+    if (teCount > 1 || te!.trim().toLowerCase() !== 'chunked') {
+      throw new LatchkeyError('LK_BAD_REQUEST', 'Transfer-Encoding must be exactly "chunked"')
+    }
+    if (contentLengths > 0) throw new LatchkeyError('LK_BAD_REQUEST', 'Content-Length and Transfer-Encoding together')
+  }
+}

@@ -1,0 +1,89 @@
+// The listener: one node:http server, three entry paths. Absolute-form and origin-form requests
+// go to the pipeline; CONNECT to the tunnel; Upgrade to the WebSocket relay. Parser errors get
+// the same coded 400 as everything else, and are audited.
+import { createServer, type Server, type ServerResponse } from 'node:http'
+import type { Socket } from 'node:net'
+import type { Pipeline, TunnelOrigin } from '../pipeline.js'
+import { LatchkeyError, renderErrorRaw } from '../errors.js'
+import { handleConnect } from './tunnel.js'
+import { handleUpgrade } from './upgrade.js'
+
+export interface ListenerOptions {
+  allowRemoteClients: boolean
+  clientHeadersTimeoutMs: number
+  connectTimeoutMs: number
+}
+
+function isLoopback(address: string | undefined): boolean {
+  return !!address && (address.startsWith('127.') || address === '::1' || address.startsWith('::ffff:127.'))
+}
+
+export function createListener(pipeline: Pipeline, opts: ListenerOptions): { server: Server; openStreams: Set<Socket> } {
+  const openStreams = new Set<Socket>()
+  const serverOptions = {
+    // Explicit, so a process-wide --insecure-http-parser cannot loosen the sidecar's parser.
+    insecureHTTPParser: false,
+    requireHostHeader: true,
+    headersTimeout: opts.clientHeadersTimeoutMs,
+    requestTimeout: 0,
+    keepAliveTimeout: 5_000,
+    noDelay: true,
+  }
+  const server = createServer(serverOptions)
+  server.on('connection', (socket: Socket) => {
+    if (!opts.allowRemoteClients && !isLoopback(socket.remoteAddress)) socket.destroy()
+  })
+  server.on('request', (req, res) => pipeline.handleRequest(req, res, false))
+  server.on('checkContinue', (req, res) => pipeline.handleRequest(req, res, true))
+  // Plain HTTP found inside a CONNECT tunnel is parsed by a second, never-listening server with
+  // the same strict options; each socket remembers the origin its tunnel was opened for.
+  const tunnels = new WeakMap<Socket, TunnelOrigin>()
+  const inner = createServer(serverOptions)
+  inner.on('request', (req, res) => pipeline.handleRequest(req, res, false, tunnels.get(req.socket) ?? null))
+  inner.on('checkContinue', (req, res) => pipeline.handleRequest(req, res, true, tunnels.get(req.socket) ?? null))
+  inner.on('upgrade', (_req, socket: Socket) => {
+    socket.end(renderErrorRaw(new LatchkeyError('LK_BAD_REQUEST', 'upgrades inside a CONNECT tunnel are not supported; send them in absolute-form')))
+  })
+  inner.on('clientError', onClientError)
+  const tunnelOptions = {
+    connectTimeoutMs: opts.connectTimeoutMs,
+    open: openStreams,
+    adoptPlaintext: (socket: Socket, origin: TunnelOrigin) => {
+      tunnels.set(socket, origin)
+      inner.emit('connection', socket)
+      socket.resume()
+    },
+  }
+  server.on('connect', (req, socket: Socket, head: Buffer) => handleConnect(pipeline, req, socket, head, tunnelOptions))
+  server.on('upgrade', (req, socket: Socket, head: Buffer) => handleUpgrade(pipeline, req, socket, head, opts.connectTimeoutMs, openStreams))
+  server.on('clientError', onClientError)
+  return { server, openStreams }
+
+  function onClientError(err: NodeJS.ErrnoException, socket: Socket): void {
+    if (err.code === 'ECONNRESET' || !socket.writable) {
+      socket.destroy()
+      return
+    }
+    // The parser can fail on a body after it already handed us the request's head (e.g.
+    // `Transfer-Encoding: identity`). That request's own refusal is under way and audited; just
+    // make sure the connection dies with it. (`_httpMessage` is node:http's in-flight response.)
+    const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
+    if (inFlight && !inFlight.writableEnded) {
+      inFlight.once('finish', () => socket.destroy())
+      setTimeout(() => socket.destroy(), 1_000).unref()
+      return
+    }
+    const ctx = pipeline.newContext('absolute', 'UNKNOWN')
+    const e =
+      err.code === 'HPE_HEADER_OVERFLOW'
+        ? new LatchkeyError('LK_BAD_REQUEST', 'request headers too large')
+        : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+          ? new LatchkeyError('LK_BAD_REQUEST', 'request headers not received in time')
+          : new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (${err.code ?? 'parse error'})`)
+    ctx.status = e.status
+    ctx.errorCode = e.code
+    ctx.errorReason = e.reason
+    socket.end(renderErrorRaw(e))
+    pipeline.finish(ctx)
+  }
+}

@@ -1,0 +1,89 @@
+// CONNECT (HTTPS_PROXY): decided by host and port, dialled to exactly the checked address.
+// The first bytes the agent sends decide what the tunnel is:
+//   - a TLS ClientHello (0x16): relayed untouched; no credential can be injected into it;
+//   - anything else is plain HTTP (undici's ProxyAgent tunnels http:// targets by default):
+//     the socket is handed to the sidecar's own HTTP parser and every request inside re-enters
+//     the pipeline, decided, credentialed and audited one by one, pinned to the tunnel's origin.
+import { connect as netConnect, type Socket } from 'node:net'
+import type { IncomingMessage } from 'node:http'
+import type { Pipeline, TunnelOrigin } from '../pipeline.js'
+import { LatchkeyError, renderErrorRaw } from '../errors.js'
+import { parseConnectTarget } from './target.js'
+import { upstreamError } from '../forward/upstream-errors.js'
+import { watchClose } from './relay.js'
+
+const TLS_HANDSHAKE = 0x16
+
+export interface TunnelOptions {
+  connectTimeoutMs: number
+  open: Set<Socket>
+  /** Takes over a plaintext tunnel's socket and parses the HTTP inside it. */
+  adoptPlaintext(socket: Socket, origin: TunnelOrigin): void
+}
+
+export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: Socket, head: Buffer, opts: TunnelOptions): void {
+  const ctx = pipeline.newContext('connect', 'CONNECT')
+  let finished = false
+  const finish = () => {
+    if (finished) return
+    finished = true
+    pipeline.finish(ctx)
+  }
+  const refuse = (err: unknown) => {
+    const e = pipeline.asLatchkeyError(err)
+    ctx.status = e.status
+    ctx.errorCode = e.code
+    ctx.errorReason = e.reason
+    if (client.writable) client.end(renderErrorRaw(e))
+    else client.destroy()
+    finish()
+  }
+  client.on('error', () => {})
+  const run = async () => {
+    if (req.httpVersionMajor !== 1) throw new LatchkeyError('LK_BAD_REQUEST', 'CONNECT must be HTTP/1.x')
+    ctx.target = parseConnectTarget(req.url ?? '')
+    await pipeline.admit(ctx, req.headers['proxy-authorization'], false)
+    const target = ctx.target
+    const upstream = netConnect({ host: ctx.resolved!.address, port: target.port, noDelay: true })
+    upstream.setTimeout(opts.connectTimeoutMs, () => upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'UND_ERR_CONNECT_TIMEOUT' })))
+    upstream.once('error', (err) => {
+      if (ctx.status === 0) refuse(upstreamError(err))
+      else client.destroy()
+    })
+    upstream.once('connect', () => {
+      upstream.setTimeout(0)
+      ctx.status = 200
+      ctx.upstreamMs = performance.now() - ctx.t0
+      client.write('HTTP/1.1 200 Connection Established\r\n\r\n')
+      opts.open.add(client)
+      pipeline.stages.metrics.openTunnels.inc()
+      const stopWatching = watchClose(client, upstream, () => {
+        opts.open.delete(client)
+        pipeline.stages.metrics.openTunnels.dec()
+        ctx.bytesIn = upstream.bytesWritten
+        ctx.bytesOut = upstream.bytesRead
+        finish()
+      })
+      const passThrough = (first: Buffer) => {
+        upstream.write(first)
+        upstream.pipe(client)
+        client.pipe(upstream)
+      }
+      const adopt = (first: Buffer) => {
+        stopWatching()
+        upstream.destroy()
+        pipeline.stages.metrics.openTunnels.dec()
+        client.once('close', () => opts.open.delete(client))
+        // The tunnel itself is not a call: each request inside it is audited on its own.
+        finished = true
+        client.pause()
+        client.unshift(first)
+        opts.adoptPlaintext(client, { target, proxyAuthorization: req.headers['proxy-authorization'] })
+      }
+      const sniff = (first: Buffer) => (first[0] === TLS_HANDSHAKE ? passThrough(first) : adopt(first))
+      if (head.length > 0) sniff(head)
+      else client.once('data', sniff)
+    })
+  }
+  run().catch(refuse)
+}

@@ -1,0 +1,98 @@
+// WebSocket upgrades on allowed routes (absolute-form or reverse). The same admit stages run;
+// the handshake is written to exactly the checked address with the credential injected, then
+// bytes are relayed. h2c upgrades, and any other protocol, are refused.
+import { connect as netConnect, type Socket } from 'node:net'
+import { connect as tlsConnect } from 'node:tls'
+import type { IncomingMessage } from 'node:http'
+import type { Pipeline } from '../pipeline.js'
+import { LatchkeyError, renderErrorRaw } from '../errors.js'
+import { hostHeader, parseAbsoluteTarget, parseReverseTarget } from './target.js'
+import { checkFraming } from './framing.js'
+import { outboundRequestHeaders } from '../forward/headers.js'
+import { stripQueryParams } from '../credentials/bindings.js'
+import { upstreamError } from '../forward/upstream-errors.js'
+import { relay, watchClose } from './relay.js'
+
+const KEEP_FOR_WEBSOCKET = ['upgrade', 'connection'] as const
+
+export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: Socket, head: Buffer, connectTimeoutMs: number, open: Set<Socket>): void {
+  const url = req.url ?? ''
+  const ctx = pipeline.newContext('upgrade', req.method ?? 'GET')
+  const refuse = (err: unknown) => {
+    const e = pipeline.asLatchkeyError(err)
+    ctx.status = e.status
+    ctx.errorCode = e.code
+    ctx.errorReason = e.reason
+    if (client.writable) client.end(renderErrorRaw(e))
+    else client.destroy()
+    pipeline.finish(ctx)
+  }
+  client.on('error', () => {})
+  const run = async () => {
+    checkFraming(req)
+    const protocol = String(req.headers.upgrade ?? '').trim().toLowerCase()
+    if (protocol.includes('h2c')) throw new LatchkeyError('LK_BAD_REQUEST', 'h2c upgrades are refused; speak HTTP/1.1 to the sidecar')
+    if (protocol !== 'websocket') throw new LatchkeyError('LK_BAD_REQUEST', `upgrade to "${protocol.slice(0, 32)}" is not supported; only websocket`)
+    ctx.target = url.startsWith('/') ? parseReverseTarget(url, pipeline.stages.routes).target : parseAbsoluteTarget(url)
+    await pipeline.admit(ctx, req.headers['proxy-authorization'], true)
+    const target = ctx.target
+    const headers = outboundRequestHeaders(req.headers, ctx.binding?.strip ?? null, KEEP_FOR_WEBSOCKET)
+    headers.connection = 'Upgrade'
+    headers.upgrade = 'websocket'
+    headers.host = hostHeader(target)
+    if (ctx.binding && ctx.credential) {
+      target.search = stripQueryParams(target.search, ctx.binding.stripQuery)
+      ctx.binding.inject(headers, target, ctx.credential)
+    }
+    let requestHead = `${req.method} ${target.path}${target.search} HTTP/1.1\r\n`
+    for (const [name, value] of Object.entries(headers)) {
+      if (value === undefined) continue
+      for (const v of Array.isArray(value) ? value : [value]) requestHead += `${name}: ${v}\r\n`
+    }
+    requestHead += '\r\n'
+    const { address } = ctx.resolved!
+    const upstream: Socket =
+      target.scheme === 'https'
+        ? tlsConnect({
+            host: address,
+            port: target.port,
+            servername: target.hostIsIp ? undefined : target.host,
+            rejectUnauthorized: true,
+            ALPNProtocols: ['http/1.1'],
+            ...(pipeline.stages.pools.ca ? { ca: pipeline.stages.pools.ca } : {}),
+          })
+        : netConnect({ host: address, port: target.port })
+    upstream.setTimeout(connectTimeoutMs, () => upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'UND_ERR_CONNECT_TIMEOUT' })))
+    upstream.once('error', (err) => {
+      if (ctx.status === 0) refuse(upstreamError(err))
+      else client.destroy()
+    })
+    upstream.once(target.scheme === 'https' ? 'secureConnect' : 'connect', () => {
+      upstream.setTimeout(0)
+      upstream.write(requestHead)
+      if (head.length) upstream.write(head)
+      open.add(client)
+      pipeline.stages.metrics.openTunnels.inc()
+      // Until the upstream answers, either side closing ends the attempt; then the relay owns it.
+      const stopEarly = watchClose(client, upstream, onClosed)
+      upstream.once('data', (first: Buffer) => {
+        stopEarly()
+        // The status line is recorded for audit; the bytes themselves go through untouched.
+        const m = /^HTTP\/1\.[01] (\d{3})/.exec(first.subarray(0, 16).toString('latin1'))
+        ctx.status = m ? Number(m[1]) : 502
+        ctx.upstreamMs = performance.now() - ctx.t0
+        client.write(first)
+        relay(client, upstream, onClosed)
+      })
+      function onClosed() {
+        open.delete(client)
+        pipeline.stages.metrics.openTunnels.dec()
+        if (ctx.status === 0) ctx.status = 502
+        ctx.bytesIn = Math.max(0, upstream.bytesWritten - Buffer.byteLength(requestHead))
+        ctx.bytesOut = upstream.bytesRead
+        pipeline.finish(ctx)
+      }
+    })
+  }
+  run().catch(refuse)
+}

@@ -1,0 +1,34 @@
+// Prometheus metrics for the sidecar, on its own registry so several sidecars (in tests, or in
+// `latchkey up`) never collide. Labels are low-cardinality by construction: no hosts, no paths.
+import { Registry, Counter, Histogram, Gauge, collectDefaultMetrics } from 'prom-client'
+
+export class SidecarMetrics {
+  readonly registry = new Registry()
+  readonly calls = new Counter({
+    name: 'latchkey_calls_total',
+    help: 'Calls handled, by how they arrived, the decision and the outcome code',
+    labelNames: ['via', 'decision', 'outcome'] as const,
+    registers: [this.registry],
+  })
+  readonly duration = new Histogram({
+    name: 'latchkey_call_duration_seconds',
+    help: 'Time from request to the end of the response, as the agent sees it',
+    labelNames: ['via'] as const,
+    buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+    registers: [this.registry],
+  })
+  readonly auditFailures = new Gauge({
+    name: 'latchkey_audit_write_failures',
+    help: 'Audit events that could not be written to the local sink',
+    registers: [this.registry],
+  })
+  readonly openTunnels = new Gauge({
+    name: 'latchkey_open_tunnels',
+    help: 'CONNECT tunnels and WebSocket connections currently open',
+    registers: [this.registry],
+  })
+
+  constructor() {
+    collectDefaultMetrics({ register: this.registry, prefix: 'latchkey_' })
+  }
+}

@@ -1,0 +1,137 @@
+// Assembles the sidecar from a validated config: every stage is built once here, at start-up,
+// so the request path only uses what is ready. Also owns the orderly shutdown.
+import { once } from 'node:events'
+import { readFileSync } from 'node:fs'
+import { rootCertificates } from 'node:tls'
+import type { AddressInfo } from 'node:net'
+import type { DestinationStream } from 'pino'
+import type { Config } from '../lib/config/schema.js'
+import { createLogger, type Logger } from '../lib/log.js'
+import { Pipeline } from './pipeline.js'
+import { Policy } from './policy/policy.js'
+import { CredentialBindings } from './credentials/bindings.js'
+import { StaticSecretSource } from './credentials/static-source.js'
+import { SidecarAgentIdentifier } from './identify/proxy-authorization.js'
+import { PinnedPools } from './forward/pools.js'
+import { JsonlAuditSink } from './audit/jsonl-sink.js'
+import { SidecarMetrics } from './metrics.js'
+import { createListener } from './listen/server.js'
+import { createAdminServer } from './admin.js'
+import { compileNetworkPolicy } from './resolve/network-policy.js'
+import { DnsResolver } from './resolve/resolver.js'
+import type { AuditSink, Resolver } from './context.js'
+
+export interface SidecarOptions {
+  env?: NodeJS.ProcessEnv
+  logDestination?: DestinationStream
+  /** Replaces the JSON-lines sink (later: the gRPC stream to the collector). */
+  audit?: AuditSink
+  resolver?: Resolver
+}
+
+export interface RunningSidecar {
+  proxyUrl: string
+  adminUrl: string
+  port: number
+  adminPort: number
+  log: Logger
+  metrics: SidecarMetrics
+  audit: AuditSink
+  /** Stop accepting, let in-flight calls finish (up to drain_ms), flush the audit, close. */
+  close(): Promise<void>
+}
+
+export class StartupError extends Error {
+  readonly code = 'LK_STARTUP'
+}
+
+export async function startSidecar(config: Config, opts: SidecarOptions = {}): Promise<RunningSidecar> {
+  const sc = config.sidecar
+  const log = createLogger(config.log.level, 'latchkey-sidecar', opts.logDestination)
+  const metrics = new SidecarMetrics()
+
+  const bindings = new CredentialBindings(config.credentials)
+  const secrets = new StaticSecretSource(config.secrets, config.credentials.map((c) => c.secret), opts.env ?? process.env)
+  const missing = config.credentials.filter((c) => !secrets.has(c.secret))
+  if (missing.length > 0) {
+    throw new StartupError(
+      missing
+        .map((c) => `credential "${c.id}": secret ${c.secret} is neither in env ${config.secrets.env_prefix}${c.secret} nor in secrets.file`)
+        .join('\n'),
+    )
+  }
+
+  const audit =
+    opts.audit ??
+    new JsonlAuditSink(config.audit.jsonl.path, config.audit.jsonl.flush_ms, (err) => {
+      metrics.auditFailures.inc()
+      log.error({ code: err.code }, 'audit sink write failed')
+    })
+
+  const upstreamCa = sc.upstream_ca_file ? [...rootCertificates, readFileSync(sc.upstream_ca_file, 'utf8')] : undefined
+  const routes = new Map(Object.entries(config.routes).map(([name, origin]) => [name, new URL(origin)]))
+  const pipeline = new Pipeline({
+    identifier: new SidecarAgentIdentifier(sc.agent_id),
+    decider: new Policy(config.policy),
+    resolver: opts.resolver ?? new DnsResolver(compileNetworkPolicy(config.network), { cacheMs: config.network.dns_cache_ms }),
+    bindings,
+    credentials: secrets,
+    pools: new PinnedPools(sc.timeouts, sc.max_pools, upstreamCa),
+    routes,
+    audit,
+    log,
+    metrics,
+  })
+
+  const { server, openStreams } = createListener(pipeline, {
+    allowRemoteClients: sc.allow_remote_clients,
+    clientHeadersTimeoutMs: sc.timeouts.client_headers_ms,
+    connectTimeoutMs: sc.timeouts.connect_ms,
+  })
+  let draining = false
+  const admin = createAdminServer(metrics, {
+    ready: () => {
+      const reasons: string[] = []
+      if (draining) reasons.push('draining')
+      if (!server.listening) reasons.push('proxy listener not open')
+      return { ok: reasons.length === 0, reasons }
+    },
+  })
+
+  server.listen(sc.listen.port, sc.listen.host)
+  admin.listen(sc.admin.port, sc.admin.host)
+  await Promise.all([once(server, 'listening'), once(admin, 'listening')])
+  const port = (server.address() as AddressInfo).port
+  const adminPort = (admin.address() as AddressInfo).port
+  const host = sc.listen.host.includes(':') ? `[${sc.listen.host}]` : sc.listen.host
+  log.info({ port, adminPort, agent: sc.agent_id, rules: config.policy.rules.length, credentials: bindings.all().length }, 'sidecar listening')
+
+  let closing: Promise<void> | null = null
+  const close = () =>
+    (closing ??= (async () => {
+      draining = true
+      log.info({ drainMs: sc.timeouts.drain_ms }, 'draining')
+      const closed = new Promise<void>((resolve) => server.close(() => resolve()))
+      server.closeIdleConnections()
+      const deadline = new Promise<void>((resolve) => setTimeout(resolve, sc.timeouts.drain_ms).unref())
+      await Promise.race([closed, deadline])
+      server.closeAllConnections()
+      for (const s of openStreams) s.destroy()
+      await pipeline.stages.pools.close()
+      await audit.close()
+      await new Promise<void>((resolve) => admin.close(() => resolve()))
+      admin.closeAllConnections()
+      log.info('sidecar stopped')
+    })())
+
+  return {
+    proxyUrl: `http://${host}:${port}`,
+    adminUrl: `http://${sc.admin.host.includes(':') ? `[${sc.admin.host}]` : sc.admin.host}:${adminPort}`,
+    port,
+    adminPort,
+    log,
+    metrics,
+    audit,
+    close,
+  }
+}

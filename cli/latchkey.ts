@@ -1,0 +1,77 @@
+#!/usr/bin/env node
+// The one CLI: `latchkey sidecar|up|check-config`. Each command validates its config before
+// doing anything and exits non-zero with the problem named.
+import { Command } from 'commander'
+import { loadConfigFile, ConfigError } from '../lib/config/load.js'
+import { startSidecar, StartupError } from '../proxy/sidecar.js'
+import { runUp } from './up.js'
+
+const program = new Command()
+program.name('latchkey').description('Short-lived, task-scoped credentials for AI agents, injected by a localhost sidecar.')
+
+function fail(err: unknown): never {
+  if (err instanceof ConfigError || err instanceof StartupError) console.error(err.message)
+  else console.error(err instanceof Error ? (err.stack ?? err.message) : String(err))
+  process.exit(1)
+}
+
+/** SIGTERM/SIGINT: stop accepting, drain, flush, exit. A second signal exits at once. */
+export function onShutdown(close: () => Promise<void>): void {
+  let stopping = false
+  const handler = (signal: string) => {
+    if (stopping) process.exit(1)
+    stopping = true
+    close().then(
+      () => process.exit(0),
+      (err) => {
+        console.error(`shutdown after ${signal} failed:`, err)
+        process.exit(1)
+      },
+    )
+  }
+  process.on('SIGTERM', () => handler('SIGTERM'))
+  process.on('SIGINT', () => handler('SIGINT'))
+}
+
+program
+  .command('sidecar')
+  .description('run the egress sidecar for one agent instance')
+  .requiredOption('-c, --config <file>', 'config file (YAML, version: 1)')
+  .action(async (opts: { config: string }) => {
+    try {
+      const config = loadConfigFile(opts.config)
+      const sidecar = await startSidecar(config)
+      onShutdown(sidecar.close)
+    } catch (err) {
+      fail(err)
+    }
+  })
+
+program
+  .command('check-config')
+  .description('validate a config file and exit: 0 when valid, 1 with each problem named')
+  .argument('<file>', 'config file')
+  .action((file: string) => {
+    try {
+      const config = loadConfigFile(file)
+      console.log(`${file}: valid (version ${config.version}, ${config.policy.rules.length} rules, ${config.credentials.length} credentials, ${Object.keys(config.routes).length} routes)`)
+    } catch (err) {
+      fail(err)
+    }
+  })
+
+program
+  .command('up')
+  .description('start the local system: sidecar with the example policy and a demo upstream')
+  .option('-c, --config <file>', 'config file', '')
+  .option('--upstream-port <port>', 'port of the demo upstream', '15080')
+  .action(async (opts: { config: string; upstreamPort: string }) => {
+    try {
+      const running = await runUp(opts)
+      onShutdown(running.close)
+    } catch (err) {
+      fail(err)
+    }
+  })
+
+await program.parseAsync(process.argv)

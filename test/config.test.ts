@@ -1,0 +1,69 @@
+import t from 'tap'
+import { execFileSync, spawnSync } from 'node:child_process'
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { parseConfig, ConfigError, loadConfigFile } from '../lib/config/load.js'
+
+const problems = (text: string, env: NodeJS.ProcessEnv = {}) => {
+  try {
+    parseConfig(text, 'test.yaml', env)
+  } catch (err) {
+    if (err instanceof ConfigError) return err.problems.map((p) => `${p.path}: ${p.message}`)
+    throw err
+  }
+  return []
+}
+
+t.test('defaults fill a minimal file', async (t) => {
+  const c = parseConfig('version: 1\n')
+  t.equal(c.sidecar.listen.port, 15001)
+  t.equal(c.sidecar.listen.host, '127.0.0.1')
+  t.equal(c.policy.default, 'deny', 'the default policy is deny')
+  t.ok(c.network.deny.includes('metadata') && c.network.deny.includes('loopback'), 'safe network defaults')
+})
+
+t.test('errors name the path and the problem', async (t) => {
+  t.same(problems('version: 2\n'), ['version: must be 1'])
+  t.same(problems('version: 1\nsidecar: { listen: { prot: 1 } }\n'), ['sidecar.listen.prot: unknown key'])
+  t.same(problems('version: 1\npolicy: { rules: [ { id: a, action: allow, ports: [70000] } ] }\n'), ['policy.rules[0].ports[0]: must be <= 65535'])
+  t.same(problems('version: 1\npolicy: { rules: [ { id: a, action: maybe } ] }\n'), ['policy.rules[0].action: must be one of "allow", "deny"'])
+  t.same(problems('version: 1\npolicy: { rules: [ { id: a, action: allow }, { id: a, action: deny } ] }\n'), ['policy.rules[1].id: duplicate rule id "a"'])
+  t.same(problems('version: 1\npolicy: { rules: [ { id: a, action: allow, cidrs: [10.0.0.0/33] } ] }\n'), ['policy.rules[0].cidrs[0]: not a CIDR range: "10.0.0.0/33"'])
+  t.same(problems('version: 1\npolicy: { rules: [ { id: a, action: allow, hosts: ["a.*.com"] } ] }\n'), ['policy.rules[0].hosts[0]: wildcards are only allowed as a leading "*." label'])
+  t.same(problems('version: 1\nnetwork: { deny: [bogus] }\n').length, 1)
+  t.same(problems('version: 1\nroutes: { gh: "https://api.github.com/repos" }\n'), ['routes.gh: must be an origin (scheme://host[:port]) with no path, query or fragment'])
+  t.same(problems('version: 1\nsidecar: { listen: { host: 0.0.0.0 } }\n'), ['sidecar.listen.host: must be a loopback address (set sidecar.allow_remote_clients to override)'])
+  t.same(
+    problems('version: 1\ncredentials: [ { id: a, audience: "https://x.com", source: static, secret: S, inject: { type: bearer } }, { id: b, audience: "https://X.com:443", source: static, secret: S, inject: { type: bearer } } ]\n'),
+    ['credentials[1].audience: audience https://x.com already bound by credential "a"'],
+  )
+  t.ok(problems('version: 1\nversion: 1\n')[0]?.includes('nique'), 'duplicate YAML keys are refused')
+  t.ok(problems('version: 1\ncredentials: [ { id: a, audience: "https://x.com", source: static, secret: S, inject: { type: header } } ]\n').length > 0, 'header injector needs a name')
+})
+
+t.test('environment overrides apply before validation', async (t) => {
+  const c = parseConfig('version: 1\n', 'x', { LATCHKEY__SIDECAR__LISTEN__PORT: '16001', LATCHKEY__POLICY__DEFAULT: 'allow' })
+  t.equal(c.sidecar.listen.port, 16001)
+  t.equal(c.policy.default, 'allow')
+  t.same(problems('version: 1\n', { LATCHKEY__SIDECAR__LISTEN__PORT: 'abc' }), ['sidecar.listen.port: must be integer'])
+  t.same(problems('version: 1\n', { LATCHKEY__SIDECAR__NOPE: '1' }), ['sidecar.nope: unknown key'])
+  t.throws(() => parseConfig('version: 1\n', 'x', { LATCHKEY____PROTO____X: '1' }), { code: 'LK_CONFIG_INVALID' })
+})
+
+t.test('the shipped configs are valid', async (t) => {
+  for (const f of ['deploy/examples/up.yaml', 'deploy/latchkey.reference.yaml']) {
+    t.doesNotThrow(() => loadConfigFile(f), f)
+  }
+})
+
+t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-cfg-'))
+  const bad = join(dir, 'bad.yaml')
+  writeFileSync(bad, 'version: 1\npolicy: { default: sometimes }\n')
+  const ok = execFileSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', 'deploy/examples/up.yaml'], { encoding: 'utf8' })
+  t.match(ok, /valid/)
+  const r = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', bad], { encoding: 'utf8' })
+  t.equal(r.status, 1)
+  t.match(r.stderr, /policy\.default: must be one of "allow", "deny"/)
+})

@@ -1,0 +1,177 @@
+// Real servers for tests: a recording upstream (HTTP or HTTPS), the sidecar itself started
+// in-process on port 0 with its logs captured, and raw-socket requests for framing tricks.
+import { createServer as createHttpServer, type IncomingHttpHeaders, type Server, type RequestListener } from 'node:http'
+import { createServer as createHttpsServer } from 'node:https'
+import { connect, type AddressInfo } from 'node:net'
+import { once } from 'node:events'
+import { mkdtempSync, readFileSync, existsSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { Writable } from 'node:stream'
+import { randomBytes } from 'node:crypto'
+import { validateConfig } from '../../lib/config/load.js'
+import type { Config } from '../../lib/config/schema.js'
+import { startSidecar, type RunningSidecar } from '../../proxy/sidecar.js'
+import { testPki } from './tls.js'
+
+/** A secret no output may ever contain. Tests grep logs, audit lines and bodies for it. */
+export const CANARY = 'LKCANARY' + randomBytes(12).toString('hex')
+
+export interface RecordedRequest {
+  method: string
+  url: string
+  headers: IncomingHttpHeaders
+  rawHeaders: string[]
+  body: string
+}
+
+export interface Upstream {
+  server: Server
+  port: number
+  origin: string
+  requests: RecordedRequest[]
+  close(): Promise<void>
+}
+
+/** An upstream that records what it received and answers 200 "ok" unless `handler` says else. */
+export async function startUpstream(
+  opts: { tls?: boolean; handler?: (req: RecordedRequest, res: Parameters<RequestListener>[1]) => boolean | void } = {},
+): Promise<Upstream> {
+  const requests: RecordedRequest[] = []
+  const listener: RequestListener = (req, res) => {
+    const chunks: Buffer[] = []
+    req.on('data', (c: Buffer) => chunks.push(c))
+    req.on('end', () => {
+      const rec = { method: req.method ?? '', url: req.url ?? '', headers: req.headers, rawHeaders: req.rawHeaders, body: Buffer.concat(chunks).toString() }
+      requests.push(rec)
+      if (opts.handler?.(rec, res)) return
+      res.writeHead(200, { 'content-type': 'text/plain' }).end('ok')
+    })
+  }
+  const pki = opts.tls ? testPki() : null
+  const server = pki ? createHttpsServer({ key: pki.key, cert: pki.cert }, listener) : createHttpServer(listener)
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  const port = (server.address() as AddressInfo).port
+  return {
+    server,
+    port,
+    origin: `${pki ? 'https' : 'http'}://127.0.0.1:${port}`,
+    requests,
+    close: () => new Promise<void>((resolve) => {
+      server.closeAllConnections()
+      server.close(() => resolve())
+    }),
+  }
+}
+
+export interface TestSidecar {
+  sidecar: RunningSidecar
+  config: Config
+  logs: string[]
+  auditPath: string
+  proxy: string
+  /** Audit events written so far (flushes first). */
+  audit(): Promise<Record<string, unknown>[]>
+  close(): Promise<void>
+}
+
+/** Starts a sidecar from a config fragment (version, ports and audit path filled in). */
+export async function startTestSidecar(fragment: Record<string, unknown>, env: NodeJS.ProcessEnv = {}): Promise<TestSidecar> {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-sidecar-'))
+  const auditPath = join(dir, 'audit.jsonl')
+  const sidecarFragment = (fragment.sidecar ?? {}) as Record<string, unknown>
+  const config = validateConfig({
+    version: 1,
+    ...fragment,
+    sidecar: { listen: { port: 0 }, admin: { port: 0 }, ...sidecarFragment, timeouts: { drain_ms: 2000, ...(sidecarFragment.timeouts as object) } },
+    audit: { jsonl: { path: auditPath, flush_ms: 5 } },
+    log: { level: 'info' },
+  })
+  const logs: string[] = []
+  const destination = new Writable({
+    write(chunk, _enc, cb) {
+      logs.push(chunk.toString())
+      cb()
+    },
+  })
+  const sidecar = await startSidecar(config, { env: { LATCHKEY_SECRET_CANARY: CANARY, ...env }, logDestination: destination })
+  return {
+    sidecar,
+    config,
+    logs,
+    auditPath,
+    proxy: sidecar.proxyUrl,
+    audit: async () => {
+      await sidecar.audit.flush()
+      if (!existsSync(auditPath)) return []
+      return readFileSync(auditPath, 'utf8')
+        .split('\n')
+        .filter(Boolean)
+        .map((l) => JSON.parse(l) as Record<string, unknown>)
+    },
+    close: () => sidecar.close(),
+  }
+}
+
+export interface RawResponse {
+  raw: string
+  status: number
+  headers: Record<string, string>
+  body: string
+}
+
+export function parseRawResponse(raw: string): RawResponse {
+  const end = raw.indexOf('\r\n\r\n')
+  const head = end === -1 ? raw : raw.slice(0, end)
+  const [statusLine, ...lines] = head.split('\r\n')
+  const headers: Record<string, string> = {}
+  for (const l of lines) {
+    const i = l.indexOf(':')
+    if (i > 0) headers[l.slice(0, i).trim().toLowerCase()] = l.slice(i + 1).trim()
+  }
+  return { raw, status: Number(/^HTTP\/1\.[01] (\d{3})/.exec(statusLine ?? '')?.[1] ?? 0), headers, body: end === -1 ? '' : raw.slice(end + 4) }
+}
+
+/** Writes bytes to the sidecar and collects everything until it closes or goes quiet. */
+export async function rawRequest(port: number, data: string | Buffer, quietMs = 300): Promise<RawResponse> {
+  const socket = connect(port, '127.0.0.1')
+  await once(socket, 'connect')
+  socket.write(data)
+  const chunks: Buffer[] = []
+  await new Promise<void>((resolve) => {
+    let timer = setTimeout(done, quietMs * 5)
+    function done() {
+      socket.destroy()
+      resolve()
+    }
+    socket.on('data', (c: Buffer) => {
+      chunks.push(c)
+      clearTimeout(timer)
+      timer = setTimeout(done, quietMs)
+    })
+    socket.on('close', () => {
+      clearTimeout(timer)
+      resolve()
+    })
+    socket.on('error', () => {})
+  })
+  return parseRawResponse(Buffer.concat(chunks).toString('latin1'))
+}
+
+/** Everything a test run could have shown anyone: logs, audit file and given bodies. */
+export function assertNoCanary(t: { notOk: (v: unknown, m?: string) => void }, s: TestSidecar, ...bodies: string[]): void {
+  t.notOk(s.logs.some((l) => l.includes(CANARY)), 'no log line contains the credential')
+  const audit = existsSync(s.auditPath) ? readFileSync(s.auditPath, 'utf8') : ''
+  t.notOk(audit.includes(CANARY), 'no audit event contains the credential')
+  t.notOk(bodies.some((b) => b.includes(CANARY)), 'no response the agent saw contains the credential')
+}
+
+/** The policy most tests use: allow the given upstream ports on loopback, with network allow. */
+export function loopbackPolicy(ports: number[], extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return {
+    policy: { default: 'deny', rules: [{ id: 'allow-upstream', action: 'allow', hosts: ['127.0.0.1', 'localhost'], ports }] },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports }] },
+    ...extra,
+  }
+}

@@ -1,0 +1,109 @@
+// Framing tricks on a raw socket: each is refused with a coded 400 and an audit event, and the
+// upstream receives nothing; or, where the issue says to normalise, it is normalised.
+import t from 'tap'
+import { startUpstream, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
+
+t.test('refused framings', async (t) => {
+  const upstream = await startUpstream()
+  const s = await startTestSidecar({
+    ...loopbackPolicy([upstream.port]),
+    credentials: [{ id: 'plain', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const port = s.sidecar.port
+  const target = `http://127.0.0.1:${upstream.port}/x`
+  const host = `127.0.0.1:${upstream.port}`
+  const table: [string, string, RegExp][] = [
+    ['duplicate Host', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nHost: evil.example\r\n\r\n`, /duplicate Host/],
+    ['absolute URI with userinfo', `GET http://user:pw@127.0.0.1:${upstream.port}/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /userinfo/],
+    ['userinfo hiding the real host', `GET http://127.0.0.1:${upstream.port}@169.254.169.254/ HTTP/1.1\r\nHost: x\r\n\r\n`, /userinfo/],
+    ['TE gzip, chunked', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n`, /exactly "chunked"|malformed/],
+    ['TE twice', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`, /exactly "chunked"|malformed/],
+    ['TE identity', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: identity\r\n\r\n`, /exactly "chunked"|malformed/],
+    ['TE on HTTP/1.0', `POST ${target} HTTP/1.0\r\nHost: ${host}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`, /HTTP\/1\.0|malformed/],
+    ['CL and TE together', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`, /Content-Length|malformed/],
+    ['two different Content-Lengths', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab`, /Content-Length|malformed/],
+    ['request line claiming HTTP/2', `GET ${target} HTTP/2.0\r\nHost: ${host}\r\n\r\n`, /HTTP\/2|malformed/],
+    ['HTTP/2 preface', `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, /HTTP\/2|malformed/],
+    ['CONNECT without a port', `CONNECT 127.0.0.1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, /explicit port/],
+    ['CONNECT with a path', `CONNECT 127.0.0.1:${upstream.port}/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, /no path/],
+    ['control character in a header', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A: a\x01b\r\n\r\n`, /malformed/],
+    ['space before the colon', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A : b\r\n\r\n`, /malformed/],
+    ['bare LF line endings', `GET ${target} HTTP/1.1\nHost: ${host}\nX: y\n\n`, /malformed/],
+    ['obsolete line folding', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A: a\r\n b\r\n\r\n`, /malformed/],
+    ['non-http scheme', `GET ftp://127.0.0.1/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /http:\/\/ or https:\/\//],
+    ['asterisk form', `OPTIONS * HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /asterisk-form/],
+    ['h2c upgrade', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n`, /h2c/],
+  ]
+  for (const [name, request, reason] of table) {
+    const res = await rawRequest(port, request)
+    t.equal(res.status, 400, `${name}: 400`)
+    t.equal(res.headers['x-latchkey-error'], 'LK_BAD_REQUEST', `${name}: coded`)
+    const body = JSON.parse(res.body || '{}') as { error?: string; reason?: string; retryable?: boolean }
+    t.equal(body.error, 'bad_request', `${name}: JSON body`)
+    t.equal(body.retryable, false)
+    t.match(body.reason, reason, `${name}: says what was wrong`)
+  }
+  t.equal(upstream.requests.length, 0, 'nothing was forwarded')
+  const audit = await s.audit()
+  t.equal(audit.filter((e) => e.error === 'LK_BAD_REQUEST' && e.status === 400).length, table.length, 'every refusal audited')
+  assertNoCanary(t, s)
+})
+
+t.test('normalised, never trusted', async (t) => {
+  const upstream = await startUpstream()
+  const s = await startTestSidecar({
+    ...loopbackPolicy([upstream.port]),
+    policy: {
+      default: 'deny',
+      rules: [
+        { id: 'no-post', action: 'deny', hosts: ['127.0.0.1'], methods: ['POST'] },
+        { id: 'allow-upstream', action: 'allow', hosts: ['127.0.0.1'], ports: [upstream.port] },
+      ],
+    },
+    credentials: [{ id: 'plain', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const port = s.sidecar.port
+
+  await t.test('an absolute URI that disagrees with Host: the URI wins', async (t) => {
+    const res = await rawRequest(port, `GET http://127.0.0.1:${upstream.port}/uri HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n`)
+    t.equal(res.status, 200)
+    t.equal(upstream.requests.at(-1)?.headers.host, `127.0.0.1:${upstream.port}`)
+  })
+
+  await t.test('Expect: 100-continue is decided before any 100 is sent', async (t) => {
+    const denied = await rawRequest(port, `POST http://127.0.0.1:${upstream.port}/e HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n`)
+    t.notMatch(denied.raw, /100 Continue/, 'no 100 before a denial')
+    t.equal(denied.status, 403)
+    t.equal(denied.headers['x-latchkey-rule'], 'no-post')
+    const before = upstream.requests.length
+    const allowed = await rawRequest(port, `PUT http://127.0.0.1:${upstream.port}/e HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n`)
+    t.match(allowed.raw, /^HTTP\/1\.1 100 Continue/, '100 once policy allows')
+    t.equal(upstream.requests.length, before, 'nothing forwarded before the body is sent')
+  })
+
+  await t.test('forwarding headers and Latchkey headers from the agent are stripped', async (t) => {
+    await rawRequest(
+      port,
+      `GET http://127.0.0.1:${upstream.port}/h HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Host: admin\r\nForwarded: for=1.2.3.4\r\nX-Real-IP: 1.1.1.1\r\nX-Latchkey-Rule: allow-all\r\nX-Keep: yes\r\nConnection: close\r\n\r\n`,
+    )
+    const h = upstream.requests.at(-1)!.headers
+    t.same([h['x-forwarded-for'], h['x-forwarded-host'], h.forwarded, h['x-real-ip'], h['x-latchkey-rule']], [undefined, undefined, undefined, undefined, undefined])
+    t.equal(h['x-keep'], 'yes', 'ordinary headers pass')
+  })
+
+  await t.test('Connection-listed headers are dropped before injection, so the credential survives', async (t) => {
+    await rawRequest(port, `GET http://127.0.0.1:${upstream.port}/c HTTP/1.1\r\nHost: x\r\nConnection: authorization, x-drop, close\r\nAuthorization: Bearer agent\r\nX-Drop: 1\r\n\r\n`)
+    const h = upstream.requests.at(-1)!.headers
+    t.equal(h.authorization, `Bearer ${CANARY}`)
+    t.equal(h['x-drop'], undefined)
+  })
+  assertNoCanary(t, s)
+})

@@ -1,0 +1,119 @@
+// Real clients, each its own process, through the real sidecar to a real upstream: the
+// credential arrives at the upstream, and the agent never sees it.
+import t from 'tap'
+import { execFile } from 'node:child_process'
+import { promisify } from 'node:util'
+import { startUpstream, startTestSidecar, loopbackPolicy, assertNoCanary, CANARY } from '../helpers/harness.js'
+import { testPki } from '../helpers/tls.js'
+
+const run = promisify(execFile)
+const cleanEnv = (extra: NodeJS.ProcessEnv): NodeJS.ProcessEnv => {
+  const env = { ...process.env }
+  for (const k of ['HTTP_PROXY', 'HTTPS_PROXY', 'http_proxy', 'https_proxy', 'NO_PROXY', 'no_proxy', 'ALL_PROXY', 'all_proxy']) delete env[k]
+  return { ...env, ...extra }
+}
+
+t.test('curl, Node fetch and Python reach the upstream with the credential injected', async (t) => {
+  const upstream = await startUpstream()
+  const tlsUpstream = await startUpstream({ tls: true })
+  const s = await startTestSidecar({
+    ...loopbackPolicy([upstream.port, tlsUpstream.port]),
+    sidecar: { upstream_ca_file: testPki().caFile },
+    routes: { secure: `https://localhost:${tlsUpstream.port}` },
+    credentials: [
+      { id: 'plain', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } },
+      { id: 'secure', audience: `https://localhost:${tlsUpstream.port}`, source: 'static', secret: 'CANARY', inject: { type: 'header', name: 'X-Api-Key', format: 'Key {token}' } },
+    ],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+    await tlsUpstream.close()
+  })
+
+  const bodies: string[] = []
+  const curl = await run('curl', ['-sS', '-i', '-x', s.proxy, '-H', 'Authorization: Bearer agents-own-key', `${upstream.origin}/curl?x=1`])
+  bodies.push(curl.stdout)
+  t.match(curl.stdout, /^HTTP\/1\.1 200/)
+
+  const fetchScript = `
+    const { EnvHttpProxyAgent, fetch } = await import('undici')
+    const res = await fetch(process.argv[1], { dispatcher: new EnvHttpProxyAgent() })
+    console.log(res.status, await res.text())`
+  const fetched = await run(process.execPath, ['--input-type=module', '-e', fetchScript, `${upstream.origin}/fetch`], {
+    env: cleanEnv({ HTTP_PROXY: s.proxy }),
+  })
+  bodies.push(fetched.stdout)
+  t.equal(fetched.stdout.trim(), '200 ok')
+
+  const py = await run('python3', ['-c', 'import sys, urllib.request; r = urllib.request.urlopen(sys.argv[1]); print(r.status, r.read().decode())', `${upstream.origin}/python`], {
+    env: cleanEnv({ HTTP_PROXY: s.proxy, http_proxy: s.proxy }),
+  })
+  bodies.push(py.stdout)
+  t.equal(py.stdout.trim(), '200 ok')
+
+  const viaRoute = await run('curl', ['-sS', '-i', `${s.proxy}/secure/route?y=2`])
+  bodies.push(viaRoute.stdout)
+  t.match(viaRoute.stdout, /^HTTP\/1\.1 200/, 'reverse route to an https upstream, verified against its CA')
+
+  t.same(
+    upstream.requests.map((r) => [r.url, r.headers.authorization]),
+    [
+      ['/curl?x=1', `Bearer ${CANARY}`],
+      ['/fetch', `Bearer ${CANARY}`],
+      ['/python', `Bearer ${CANARY}`],
+    ],
+    'each client arrived with the injected bearer, the agent-sent one replaced',
+  )
+  t.equal(upstream.requests[0]!.rawHeaders.filter((h) => h.toLowerCase() === 'authorization').length, 1, 'exactly one Authorization header')
+  t.ok(upstream.requests.every((r) => r.headers['proxy-authorization'] === undefined), 'Proxy-Authorization never forwarded')
+  t.equal(tlsUpstream.requests[0]?.headers['x-api-key'], `Key ${CANARY}`)
+  t.equal(tlsUpstream.requests[0]?.url, '/route?y=2')
+  t.equal(tlsUpstream.requests[0]?.headers.host, `localhost:${tlsUpstream.port}`)
+
+  const audit = await s.audit()
+  t.equal(audit.length, 4, 'one audit event per call')
+  t.same(
+    audit.map((e) => [e.via, e.status, e.decision, e.rule, (e.credential as { binding: string } | null)?.binding]),
+    [
+      ['absolute', 200, 'allow', 'allow-upstream', 'plain'],
+      // undici's ProxyAgent tunnels http:// through CONNECT; the plain HTTP inside is still one call.
+      ['tunnelled', 200, 'allow', 'allow-upstream', 'plain'],
+      ['absolute', 200, 'allow', 'allow-upstream', 'plain'],
+      ['reverse', 200, 'allow', 'allow-upstream', 'secure'],
+    ],
+  )
+  t.equal(s.logs.filter((l) => l.includes('"msg":"call"')).length, 4, 'one canonical log line per call')
+  assertNoCanary(t, s, ...bodies)
+})
+
+t.test('HTTPS_PROXY: curl and Node fetch tunnel through CONNECT, untouched', async (t) => {
+  const tlsUpstream = await startUpstream({ tls: true })
+  const s = await startTestSidecar({
+    ...loopbackPolicy([tlsUpstream.port]),
+    credentials: [{ id: 'secure', audience: `https://localhost:${tlsUpstream.port}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await tlsUpstream.close()
+  })
+  const url = `https://localhost:${tlsUpstream.port}/tunnel`
+  const curl = await run('curl', ['-sS', '-i', '--cacert', testPki().caFile, '-x', s.proxy, url])
+  t.match(curl.stdout, /200 ok|^HTTP\/1\.1 200/m)
+  const fetchScript = `
+    const { EnvHttpProxyAgent, fetch } = await import('undici')
+    const res = await fetch(process.argv[1], { dispatcher: new EnvHttpProxyAgent() })
+    console.log(res.status, await res.text())`
+  const fetched = await run(process.execPath, ['--input-type=module', '-e', fetchScript, url], {
+    env: cleanEnv({ HTTPS_PROXY: s.proxy, NODE_EXTRA_CA_CERTS: testPki().caFile }),
+  })
+  t.equal(fetched.stdout.trim(), '200 ok')
+  t.equal(tlsUpstream.requests.length, 2)
+  t.ok(tlsUpstream.requests.every((r) => r.headers.authorization === undefined), 'a tunnel is never given a credential')
+  const audit = await s.audit()
+  t.same(audit.map((e) => [e.via, e.method, e.status, e.host, e.port, e.scheme]), [
+    ['connect', 'CONNECT', 200, 'localhost', tlsUpstream.port, 'tunnel'],
+    ['connect', 'CONNECT', 200, 'localhost', tlsUpstream.port, 'tunnel'],
+  ])
+  t.ok(audit.every((e) => (e.bytes_in as number) > 0 && (e.bytes_out as number) > 0), 'tunnel bytes counted')
+})

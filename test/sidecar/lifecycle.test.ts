@@ -1,0 +1,114 @@
+// The sidecar as an operator runs it: the CLI process, its admin port, and SIGTERM.
+import t from 'tap'
+import { spawn, type ChildProcess } from 'node:child_process'
+import { mkdtempSync, writeFileSync, readFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { once } from 'node:events'
+import { request } from 'undici'
+import { startUpstream, rawRequest, CANARY } from '../helpers/harness.js'
+
+interface Proc {
+  child: ChildProcess
+  port: number
+  adminPort: number
+  stdout: string[]
+  auditPath: string
+}
+
+async function spawnSidecar(upstreamPort: number, nodeArgs: string[] = []): Promise<Proc> {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-life-'))
+  const auditPath = join(dir, 'audit.jsonl')
+  const configPath = join(dir, 'config.yaml')
+  writeFileSync(
+    configPath,
+    `version: 1
+sidecar: { listen: { port: 0 }, admin: { port: 0 }, timeouts: { drain_ms: 5000 } }
+policy: { default: deny, rules: [ { id: up, action: allow, hosts: ["127.0.0.1"], ports: [${upstreamPort}] } ] }
+network: { allow: [ { cidr: 127.0.0.1/32, ports: [${upstreamPort}] } ] }
+credentials: [ { id: up, audience: "http://127.0.0.1:${upstreamPort}", source: static, secret: TOKEN, inject: { type: bearer } } ]
+audit: { jsonl: { path: ${auditPath} } }
+`,
+  )
+  const child = spawn(process.execPath, [...nodeArgs, 'dist/cli/latchkey.js', 'sidecar', '--config', configPath], {
+    env: { ...process.env, LATCHKEY_SECRET_TOKEN: CANARY },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  })
+  const stdout: string[] = []
+  const ports = await new Promise<{ port: number; adminPort: number }>((resolve, reject) => {
+    child.stdout!.on('data', (c: Buffer) => {
+      for (const line of c.toString().split('\n').filter(Boolean)) {
+        stdout.push(line)
+        const m = JSON.parse(line) as { msg: string; port: number; adminPort: number }
+        if (m.msg === 'sidecar listening') resolve(m)
+      }
+    })
+    child.once('exit', (code) => reject(new Error(`sidecar exited ${code}`)))
+  })
+  return { child, stdout, auditPath, ...ports }
+}
+
+t.test('admin endpoints, strict parser under --insecure-http-parser, graceful SIGTERM', async (t) => {
+  const upstream = await startUpstream({
+    handler: (req, res) => {
+      if (req.url === '/slow') {
+        setTimeout(() => res.writeHead(200).end('slow done'), 600)
+        return true
+      }
+      return false
+    },
+  })
+  t.teardown(() => upstream.close())
+  const p = await spawnSidecar(upstream.port, ['--insecure-http-parser'])
+  t.teardown(() => void p.child.kill('SIGKILL'))
+  const admin = `http://127.0.0.1:${p.adminPort}`
+
+  t.equal((await request(`${admin}/healthz`)).statusCode, 200)
+  const ready = await request(`${admin}/readyz`)
+  t.equal(ready.statusCode, 200)
+  t.same(await ready.body.json(), { ok: true, reasons: [] })
+
+  const bad = await rawRequest(p.port, `GET http://127.0.0.1:${upstream.port}/ HTTP/1.1\r\nHost: x\r\nX: a\x01b\r\n\r\n`)
+  t.equal(bad.status, 400, 'the process-wide insecure flag does not loosen the sidecar')
+
+  const ok = await rawRequest(p.port, `GET http://127.0.0.1:${upstream.port}/fast HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  t.equal(ok.status, 200)
+  const metrics = await (await request(`${admin}/metrics`)).body.text()
+  t.match(metrics, /latchkey_calls_total\{via="absolute",decision="allow",outcome="ok"\} 1/)
+  t.match(metrics, /latchkey_calls_total\{via="absolute",decision="none",outcome="LK_BAD_REQUEST"\} 1/)
+  t.notOk(metrics.includes(CANARY))
+
+  // A slow call is in flight when SIGTERM arrives: it must complete, and the audit must hold it.
+  const slow = rawRequest(p.port, `GET http://127.0.0.1:${upstream.port}/slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`, 1000)
+  await new Promise((r) => setTimeout(r, 150))
+  p.child.kill('SIGTERM')
+  await new Promise((r) => setTimeout(r, 100))
+  const readyWhileDraining = await request(`${admin}/readyz`).then(
+    (r) => r.statusCode,
+    () => 'closed',
+  )
+  t.ok(readyWhileDraining === 503 || readyWhileDraining === 'closed', `not ready while draining (${readyWhileDraining})`)
+  const refused = await rawRequest(p.port, `GET http://127.0.0.1:${upstream.port}/late HTTP/1.1\r\nHost: x\r\n\r\n`, 200).catch(() => null)
+  t.equal(refused?.status ?? 0, 0, 'no new connection is served while draining')
+  const slowRes = await slow
+  t.equal(slowRes.status, 200)
+  t.match(slowRes.body, /slow done/, 'the in-flight call finished')
+  const [code] = (await once(p.child, 'exit')) as [number]
+  t.equal(code, 0, 'clean exit')
+  const audit = readFileSync(p.auditPath, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { path: string | null; status: number })
+  t.ok(audit.some((e) => e.path === '/slow' && e.status === 200), 'the drained call was audited before exit')
+  t.equal(upstream.requests.filter((r) => r.url === '/late').length, 0)
+  t.notOk(p.stdout.some((l) => l.includes(CANARY)), 'no log line holds the credential')
+})
+
+t.test('a binding whose secret is missing stops start-up with the reason', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-life-'))
+  const configPath = join(dir, 'c.yaml')
+  writeFileSync(configPath, `version: 1\ncredentials: [ { id: gh, audience: "https://api.github.com", source: static, secret: NOPE, inject: { type: bearer } } ]\n`)
+  const child = spawn(process.execPath, ['dist/cli/latchkey.js', 'sidecar', '--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] })
+  let stderr = ''
+  child.stderr!.on('data', (c: Buffer) => (stderr += c.toString()))
+  const [code] = (await once(child, 'exit')) as [number]
+  t.equal(code, 1)
+  t.match(stderr, /credential "gh": secret NOPE is neither in env LATCHKEY_SECRET_NOPE nor in secrets.file/)
+})

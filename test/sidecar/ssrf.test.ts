@@ -1,0 +1,90 @@
+// Every spelling of an internal address, through the real sidecar, with a policy that allows
+// everything: the network floor alone must refuse them, and nothing reaches the listening upstream.
+import t from 'tap'
+import { startUpstream, startTestSidecar, rawRequest } from '../helpers/harness.js'
+
+t.test('internal addresses are refused whatever their spelling', async (t) => {
+  const upstream = await startUpstream()
+  const s = await startTestSidecar({ policy: { default: 'allow' }, routes: { loop: upstream.origin } })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const p = upstream.port
+  const absolute = [
+    `127.0.0.1:${p}`,
+    `2130706433:${p}`,
+    `0x7f000001:${p}`,
+    `0x7f.1:${p}`,
+    `0177.0.0.1:${p}`,
+    `0177.1:${p}`,
+    `127.1:${p}`,
+    `127.0.1:${p}`,
+    `%31%32%37.0.0.1:${p}`,
+    `localhost:${p}`,
+    `LOCALHOST.:${p}`,
+    `anything.localhost:${p}`,
+    `[::1]:${p}`,
+    `[0:0:0:0:0:0:0:1]:${p}`,
+    `[::ffff:127.0.0.1]:${p}`,
+    `[::ffff:7f00:1]:${p}`,
+    `[::127.0.0.1]:${p}`,
+    `[64:ff9b::127.0.0.1]:${p}`,
+    `[2002:7f00:1::]:${p}`,
+    '169.254.169.254',
+    '2852039166',
+    '0xa9.0xfe.0xa9.0xfe',
+    '[::ffff:169.254.169.254]',
+    '[fd00:ec2::254]',
+    '169.254.170.2',
+    '100.100.100.200',
+    '10.0.0.1',
+    '012.0.0.1',
+    '172.16.0.1',
+    '192.168.1.1',
+    '100.64.0.1',
+    '0.0.0.0',
+    '0',
+    '[::]',
+    '224.0.0.1',
+    '255.255.255.255',
+    '[fe80::1]',
+    '[fc00::1]',
+    '240.0.0.1',
+  ]
+  for (const authority of absolute) {
+    const res = await rawRequest(s.sidecar.port, `GET http://${authority}/latest/meta-data/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+    t.equal(res.status, 403, `${authority}: 403`)
+    t.match(res.headers['x-latchkey-rule'], /^network:/, `${authority}: refused by the network floor`)
+    const body = JSON.parse(res.body || '{}') as { error?: string; retryable?: boolean; rule?: string }
+    t.same([body.error, body.retryable, body.rule], ['denied', false, res.headers['x-latchkey-rule']], `${authority}: structured denial`)
+  }
+  for (const authority of [`127.0.0.1:${p}`, `localhost:${p}`, `2130706433:${p}`, `[::1]:${p}`, '169.254.169.254:80', `0x7f.1:${p}`]) {
+    const res = await rawRequest(s.sidecar.port, `CONNECT ${authority} HTTP/1.1\r\nHost: ${authority}\r\n\r\n`)
+    t.equal(res.status, 403, `CONNECT ${authority}: 403`)
+    t.match(res.headers['x-latchkey-rule'], /^network:/)
+  }
+  const viaRoute = await rawRequest(s.sidecar.port, `GET /loop/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`)
+  t.equal(viaRoute.status, 403, 'a reverse route to a denied address is refused too')
+  t.equal(upstream.requests.length, 0, 'the listening loopback upstream never saw a request')
+  const audit = await s.audit()
+  t.ok(audit.length >= absolute.length + 7 && audit.every((e) => e.decision === 'deny' || (e.rule as string).startsWith('network:')), 'each refusal audited')
+})
+
+t.test('an allow exception opens exactly its range and ports', async (t) => {
+  const upstream = await startUpstream()
+  const other = await startUpstream()
+  const s = await startTestSidecar({ policy: { default: 'allow' }, network: { allow: [{ cidr: '127.0.0.1/32', ports: [upstream.port] }] } })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+    await other.close()
+  })
+  const ok = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${upstream.port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  t.equal(ok.status, 200)
+  const okMapped = await rawRequest(s.sidecar.port, `GET http://2130706433:${upstream.port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  t.equal(okMapped.status, 200, 'the same address spelled differently is the same address')
+  const wrongPort = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${other.port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  t.equal(wrongPort.status, 403)
+  t.equal(other.requests.length, 0)
+})

@@ -1,0 +1,29 @@
+# The one Latchkey image: `latchkey sidecar|broker|collector|up|check-config`.
+# Build stage compiles TypeScript and native addons; the runtime stage carries only what runs.
+FROM node:24-bookworm-slim AS build
+WORKDIR /src
+RUN apt-get update && apt-get install -y --no-install-recommends python3 make g++ \
+ && rm -rf /var/lib/apt/lists/*
+COPY package.json package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY tsconfig.json ./
+COPY lib ./lib
+COPY proxy ./proxy
+COPY cli ./cli
+COPY deploy ./deploy
+RUN npm run build && npm prune --omit=dev
+
+FROM node:24-bookworm-slim
+ENV NODE_ENV=production
+WORKDIR /app
+COPY --from=build /src/package.json ./
+COPY --from=build /src/node_modules ./node_modules
+COPY --from=build /src/dist ./dist
+COPY --from=build /src/deploy ./deploy
+# The audit spool and local state live here; mount a volume in production.
+RUN mkdir -p /var/lib/latchkey && chown node:node /var/lib/latchkey
+USER node
+WORKDIR /var/lib/latchkey
+EXPOSE 15001 15002
+ENTRYPOINT ["node", "/app/dist/cli/latchkey.js"]
+CMD ["sidecar", "--config", "/etc/latchkey/latchkey.yaml"]

@@ -5,7 +5,9 @@ import ipaddr from 'ipaddr.js'
 import { ADDRESS_CLASSES, type AddressClass, type Config } from '../../lib/config/schema.js'
 import { classifyParsed, embeddedIPv4 } from './classify.js'
 
-export type NetworkVerdict = { allowed: true; cls: AddressClass } | { allowed: false; cls: AddressClass; rule: string; reason: string }
+export type NetworkVerdict =
+  | { allowed: true; cls: AddressClass }
+  | { allowed: false; cls: AddressClass; rule: string; reason: string; /** e.g. "a private address" */ what: string }
 
 type Cidr = [ipaddr.IPv4 | ipaddr.IPv6, number]
 
@@ -54,10 +56,14 @@ export class NetworkPolicy {
       if ((a.ports === null || a.ports.has(port)) && all.some((f) => inCidr(f, a.cidr))) return { allowed: true, cls }
     }
     if (this.deniedClasses.has(cls)) {
-      return { allowed: false, cls, rule: `network:${cls}`, reason: `${address} is ${ARTICLE[cls] ?? 'a'} ${DESCRIBE[cls]}` }
+      const what = `${ARTICLE[cls] ?? 'a'} ${DESCRIBE[cls]}`
+      return { allowed: false, cls, rule: `network:${cls}`, reason: `${address} is ${what}`, what }
     }
     for (const [cidr, text] of this.deniedCidrs) {
-      if (all.some((f) => inCidr(f, cidr))) return { allowed: false, cls, rule: `network:${text}`, reason: `${address} is in the denied range ${text}` }
+      if (all.some((f) => inCidr(f, cidr))) {
+        const what = `in the denied range ${text}`
+        return { allowed: false, cls, rule: `network:${text}`, reason: `${address} is ${what}`, what }
+      }
     }
     return { allowed: true, cls }
   }

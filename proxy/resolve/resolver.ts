@@ -44,7 +44,7 @@ export class DnsResolver implements Resolver {
     for (const a of answer) {
       const verdict = this.network.check(a.address, target.port)
       if (!verdict.allowed) {
-        const reason = target.hostIsIp ? verdict.reason : `${target.host} resolves to ${verdict.reason}`
+        const reason = target.hostIsIp ? verdict.reason : `${target.host} resolves to ${a.address}, ${verdict.what}`
         return { denied: { action: 'deny', rule: verdict.rule, reason, enforced: true } }
       }
       first ??= { address: a.address, family: a.family, cls: verdict.cls }

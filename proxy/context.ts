@@ -96,9 +96,15 @@ export interface Decider {
   decide(method: string, target: Target): Decision
 }
 
+export type Resolution = { address: ResolvedAddress } | { denied: Decision }
+
 export interface Resolver {
-  /** Resolves and classifies; returns the address to dial, or a denial. Never dials. */
-  resolve(target: Target): Promise<{ address: ResolvedAddress } | { denied: Decision }>
+  /**
+   * Resolves and classifies; returns the address to dial, or a denial. Never dials. Answers
+   * synchronously when nothing needs asking (an IP literal, a cached name), so the common path
+   * allocates no promise.
+   */
+  resolve(target: Target): Resolution | Promise<Resolution>
 }
 
 export interface CredentialSource {

@@ -4,19 +4,34 @@ import { Registry, Counter, Histogram, Gauge, collectDefaultMetrics } from 'prom
 
 export class SidecarMetrics {
   readonly registry = new Registry()
+  /** Per-call counts kept in a plain Map; prom-client reads them only when scraped. */
+  private readonly callCounts = new Map<string, number>()
   readonly calls = new Counter({
     name: 'latchkey_calls_total',
     help: 'Calls handled, by how they arrived, the decision and the outcome code',
     labelNames: ['via', 'decision', 'outcome'] as const,
     registers: [this.registry],
+    collect: () => {
+      this.calls.reset()
+      for (const [key, n] of this.callCounts) {
+        const [via, decision, outcome] = key.split('|') as [string, string, string]
+        this.calls.inc({ via, decision, outcome }, n)
+      }
+    },
   })
   readonly duration = new Histogram({
     name: 'latchkey_call_duration_seconds',
     help: 'Time from request to the end of the response, as the agent sees it',
-    labelNames: ['via'] as const,
     buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
     registers: [this.registry],
   })
+
+  countCall(via: string, decision: string, outcome: string, seconds: number): void {
+    const key = via + '|' + decision + '|' + outcome
+    this.callCounts.set(key, (this.callCounts.get(key) ?? 0) + 1)
+    this.duration.observe(seconds)
+  }
+
   readonly auditFailures = new Gauge({
     name: 'latchkey_audit_write_failures',
     help: 'Audit events that could not be written to the local sink',

@@ -4,8 +4,9 @@
 // draws this file.
 import { randomUUID } from 'node:crypto'
 import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { Socket } from 'node:net'
 import type { Logger } from '../lib/log.js'
-import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Identifier, Resolver, Target, Via } from './context.js'
+import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Identifier, Resolution, Resolver, Target, Via } from './context.js'
 import { LatchkeyError, renderError } from './errors.js'
 import type { CredentialBindings } from './credentials/bindings.js'
 import { stripQueryParams } from './credentials/bindings.js'
@@ -36,6 +37,9 @@ export interface TunnelOrigin {
 }
 
 export class Pipeline {
+  /** Sockets already answered with a refusal and `Connection: close`: nothing more is read from them. */
+  readonly closingSockets = new WeakSet<Socket>()
+
   constructor(readonly stages: Stages) {}
 
   newContext(via: Via, method: string): CallContext {
@@ -60,15 +64,22 @@ export class Pipeline {
     }
   }
 
-  /** identify → decide → resolve → credential. Throws a LatchkeyError to refuse. */
-  async admit(ctx: CallContext, proxyAuthorization: string | undefined, withCredential: boolean): Promise<void> {
+  /**
+   * identify → decide → resolve → credential. Refuses by throwing a LatchkeyError (or rejecting).
+   * Synchronous unless a stage must wait on I/O (DNS, a token exchange): then a promise.
+   */
+  admit(ctx: CallContext, proxyAuthorization: string | undefined, withCredential: boolean): void | Promise<void> {
     const s = this.stages
     const target = ctx.target!
     ctx.identity = s.identifier.identify(proxyAuthorization)
     const decision = s.decider.decide(ctx.method, target)
     ctx.decision = decision
     if (decision.action === 'deny' && decision.enforced) throw new LatchkeyError('LK_POLICY_DENIED', decision.reason, decision.rule)
-    const resolved = await s.resolver.resolve(target)
+    const resolved = s.resolver.resolve(target)
+    return resolved instanceof Promise ? resolved.then((r) => this.admitResolved(ctx, r, withCredential)) : this.admitResolved(ctx, resolved, withCredential)
+  }
+
+  private admitResolved(ctx: CallContext, resolved: Resolution, withCredential: boolean): void | Promise<void> {
     if ('denied' in resolved) {
       // Address-range denials are never report-only: they are the SSRF floor under every policy.
       ctx.decision = resolved.denied
@@ -76,32 +87,44 @@ export class Pipeline {
     }
     ctx.resolved = resolved.address
     if (!withCredential) return
-    const binding = s.bindings.match(target)
-    if (binding) {
-      ctx.binding = binding
-      ctx.credential = await s.credentials.get(binding, ctx.identity)
+    const binding = this.stages.bindings.match(ctx.target!)
+    if (!binding) return
+    ctx.binding = binding
+    const credential = this.stages.credentials.get(binding, ctx.identity)
+    if (credential instanceof Promise) {
+      return credential.then((c) => {
+        ctx.credential = c
+      })
     }
+    ctx.credential = credential
   }
 
   /** `tunnel` is set for requests that arrived inside a plaintext CONNECT tunnel. */
   handleRequest(req: IncomingMessage, res: ServerResponse, expectContinue: boolean, tunnel: TunnelOrigin | null = null): void {
     const url = req.url ?? ''
     const ctx = this.newContext(tunnel ? 'tunnelled' : url.startsWith('/') ? 'reverse' : 'absolute', req.method ?? 'GET')
-    this.runRequest(ctx, req, res, expectContinue, tunnel).catch((err: unknown) => this.refuse(ctx, res, err))
+    try {
+      checkFraming(req)
+      if (url === '*') throw new LatchkeyError('LK_BAD_REQUEST', 'asterisk-form requests (OPTIONS *) are not proxied')
+      ctx.target = tunnel
+        ? parseTunnelledTarget(url, tunnel.target)
+        : ctx.via === 'reverse'
+          ? parseReverseTarget(url, this.stages.routes).target
+          : parseAbsoluteTarget(url)
+      // Inside a tunnel the agent's proxy credential came with the CONNECT, not with each request.
+      const admitted = this.admit(ctx, tunnel ? tunnel.proxyAuthorization : req.headers['proxy-authorization'], true)
+      if (admitted) {
+        admitted.then(() => this.dispatch(ctx, req, res, expectContinue)).catch((err: unknown) => this.refuse(ctx, res, err))
+        return
+      }
+      this.dispatch(ctx, req, res, expectContinue)
+    } catch (err) {
+      this.refuse(ctx, res, err)
+    }
   }
 
-  private async runRequest(ctx: CallContext, req: IncomingMessage, res: ServerResponse, expectContinue: boolean, tunnel: TunnelOrigin | null): Promise<void> {
-    checkFraming(req)
-    const url = req.url ?? ''
-    if (url === '*') throw new LatchkeyError('LK_BAD_REQUEST', 'asterisk-form requests (OPTIONS *) are not proxied')
-    ctx.target = tunnel
-      ? parseTunnelledTarget(url, tunnel.target)
-      : ctx.via === 'reverse'
-        ? parseReverseTarget(url, this.stages.routes).target
-        : parseAbsoluteTarget(url)
-    // Inside a tunnel the agent's proxy credential came with the CONNECT, not with each request.
-    await this.admit(ctx, tunnel ? tunnel.proxyAuthorization : req.headers['proxy-authorization'], true)
-    const target = ctx.target
+  private dispatch(ctx: CallContext, req: IncomingMessage, res: ServerResponse, expectContinue: boolean): void {
+    const target = ctx.target!
     const headers = outboundRequestHeaders(req.headers, ctx.binding?.strip ?? null)
     // The URI wins over whatever Host the agent sent.
     headers.host = hostHeader(target)
@@ -128,7 +151,10 @@ export class Pipeline {
       const { status, headers, body } = renderError(e)
       // After a framing error, or with a request body left unread, the connection's remaining
       // bytes cannot be trusted as the next request: close it.
-      if (e.status === 400 || !res.req.readableEnded) headers.connection = 'close'
+      if (e.status === 400 || !res.req.readableEnded) {
+        headers.connection = 'close'
+        this.closingSockets.add(res.socket!)
+      }
       res.writeHead(status, headers)
       res.end(body)
     } else if (!res.writableEnded) {
@@ -179,8 +205,7 @@ export class Pipeline {
     const s = this.stages
     s.audit.write(event)
     s.log.info(event, 'call')
-    s.metrics.calls.inc({ via: ctx.via, decision: event.decision ?? 'none', outcome: ctx.errorCode ?? 'ok' })
-    s.metrics.duration.observe({ via: ctx.via }, event.duration_ms / 1000)
+    s.metrics.countCall(ctx.via, event.decision ?? 'none', ctx.errorCode ?? 'ok', event.duration_ms / 1000)
   }
 }
 

@@ -2,6 +2,7 @@
 // string onto an array; a timer batches them into one append, so the hot path does no I/O.
 import { openSync, write, fsyncSync, closeSync } from 'node:fs'
 import type { AuditEvent, AuditSink } from '../context.js'
+import { serializeAuditEvent } from './serialize.js'
 
 export class JsonlAuditSink implements AuditSink {
   private readonly fd: number
@@ -22,7 +23,7 @@ export class JsonlAuditSink implements AuditSink {
 
   write(event: AuditEvent): void {
     if (this.closed) return
-    this.pending.push(JSON.stringify(event))
+    this.pending.push(serializeAuditEvent(event))
     if (!this.timer) this.timer = setTimeout(() => void this.flush(), this.flushMs)
   }
 

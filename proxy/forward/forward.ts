@@ -33,6 +33,10 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     this.ctx.status = statusCode
     this.ctx.upstreamMs = performance.now() - this.ctx.t0
     const clean = inboundResponseHeaders(headers)
+    // undici usually delivers head, body and end in one tick: corked until the next, a small
+    // response leaves in one write instead of three. Later chunks of a stream flow uncorked.
+    this.res.cork()
+    process.nextTick(uncork, this.res)
     if (statusMessage) this.res.writeHead(statusCode, statusMessage, clean as Record<string, string | string[]>)
     else this.res.writeHead(statusCode, clean as Record<string, string | string[]>)
   }
@@ -65,6 +69,10 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
       this.done(mapped)
     }
   }
+}
+
+function uncork(res: ServerResponse): void {
+  res.uncork()
 }
 
 async function* counted(body: IncomingMessage, ctx: CallContext): AsyncIterable<Buffer> {

@@ -65,11 +65,12 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
       return
     }
     // The parser can fail on a body after it already handed us the request's head (e.g.
-    // `Transfer-Encoding: identity`). That request's own refusal is under way and audited; just
-    // make sure the connection dies with it. (`_httpMessage` is node:http's in-flight response.)
+    // `Transfer-Encoding: identity`). That request's refusal is written or under way, and
+    // audited: just make sure the connection dies with it. (`_httpMessage`: node:http's in-flight response.)
     const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
-    if (inFlight && !inFlight.writableEnded) {
-      inFlight.once('finish', () => socket.destroy())
+    if (pipeline.closingSockets.has(socket) || inFlight) {
+      if (!inFlight || inFlight.writableFinished) socket.destroySoon()
+      else inFlight.once('finish', () => socket.destroy())
       setTimeout(() => socket.destroy(), 1_000).unref()
       return
     }

@@ -48,7 +48,21 @@ export class NetworkPolicy {
     this.allowed = network.allow.map((a) => ({ cidr: ipaddr.parseCIDR(a.cidr), ports: a.ports ? new Set(a.ports) : null }))
   }
 
+  /** Verdicts are pure functions of (address, port): remembered, bounded, cleared when full. */
+  private readonly verdicts = new Map<string, NetworkVerdict>()
+
   check(address: string, port: number): NetworkVerdict {
+    const key = address + ' ' + port
+    let verdict = this.verdicts.get(key)
+    if (verdict === undefined) {
+      if (this.verdicts.size >= 4096) this.verdicts.clear()
+      verdict = this.judge(address, port)
+      this.verdicts.set(key, verdict)
+    }
+    return verdict
+  }
+
+  private judge(address: string, port: number): NetworkVerdict {
     const addr = ipaddr.parse(address)
     const cls = classifyParsed(addr)
     const all = forms(addr)

@@ -4,7 +4,7 @@
 import { lookup as dnsLookup } from 'node:dns/promises'
 import { isIP } from 'node:net'
 import { LRUCache } from 'lru-cache'
-import type { Decision, Resolver, ResolvedAddress, Target } from '../context.js'
+import type { Resolution, Resolver, ResolvedAddress, Target } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import type { NetworkPolicy } from './network-policy.js'
 
@@ -38,8 +38,13 @@ export class DnsResolver implements Resolver {
     this.now = opts.now ?? Date.now
   }
 
-  async resolve(target: Target): Promise<{ address: ResolvedAddress } | { denied: Decision }> {
-    const answer = target.hostIsIp ? [{ address: target.host, family: (isIP(target.host) === 6 ? 6 : 4) as 4 | 6 }] : await this.answer(target.host)
+  resolve(target: Target): Resolution | Promise<Resolution> {
+    if (target.hostIsIp) return this.judge(target, [{ address: target.host, family: isIP(target.host) === 6 ? 6 : 4 }])
+    const answer = this.answer(target.host)
+    return answer instanceof Promise ? answer.then((a) => this.judge(target, a)) : this.judge(target, answer)
+  }
+
+  private judge(target: Target, answer: Answer): Resolution {
     let first: ResolvedAddress | null = null
     for (const a of answer) {
       const verdict = this.network.check(a.address, target.port)

@@ -32,7 +32,9 @@ const cleanup = () => {
     } catch {
       try {
         c.kill('SIGKILL')
-      } catch {}
+      } catch {
+        // already gone
+      }
     }
   }
 }
@@ -141,7 +143,9 @@ function tree(pid) {
   let kids = []
   try {
     kids = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number)
-  } catch {}
+  } catch {
+    // the process ended between listing and reading: no children to count
+  }
   return [pid, ...kids.flatMap(tree)]
 }
 function cpuTicks(pid) {

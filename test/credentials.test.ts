@@ -1,0 +1,72 @@
+import t from 'tap'
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { compileBinding, CredentialBindings, stripQueryParams } from '../proxy/credentials/bindings.js'
+import { StaticSecretSource } from '../proxy/credentials/static-source.js'
+import { parseAbsoluteTarget } from '../proxy/listen/target.js'
+import type { Credential } from '../proxy/context.js'
+
+const cred: Credential = { value: 's3cr:et', id: 'static:X', expiresAt: null, scopes: [] }
+const base = { id: 'b', audience: 'https://api.example.com', source: 'static' as const, secret: 'X' }
+
+t.test('injectors write exactly their header or parameter', async (t) => {
+  const target = parseAbsoluteTarget('https://api.example.com/x?a=1')
+  const cases: [Parameters<typeof compileBinding>[0]['inject'], Record<string, string>, string][] = [
+    [{ type: 'bearer' }, { authorization: 'Bearer s3cr:et' }, '?a=1'],
+    [{ type: 'header', name: 'X-Api-Key' }, { 'x-api-key': 's3cr:et' }, '?a=1'],
+    [{ type: 'header', name: 'X-Api-Key', format: 'Token {token}!' }, { 'x-api-key': 'Token s3cr:et!' }, '?a=1'],
+    [{ type: 'basic', username: 'svc' }, { authorization: `Basic ${Buffer.from('svc:s3cr:et').toString('base64')}` }, '?a=1'],
+    [{ type: 'query', name: 'api key' }, {}, '?a=1&api%20key=s3cr%3Aet'],
+  ]
+  for (const [inject, headers, search] of cases) {
+    const b = compileBinding({ ...base, inject })
+    const h: Record<string, string> = {}
+    const tgt = { ...target }
+    b.inject(h, tgt, cred)
+    t.same(h, headers, inject.type)
+    t.equal(tgt.search, search, `${inject.type}: query`)
+  }
+  const header = compileBinding({ ...base, inject: { type: 'header', name: 'X-Api-Key' }, strip: ['X-Session'] })
+  t.ok(['authorization', 'cookie', 'x-api-key', 'x-session', 'proxy-authorization'].every((h) => header.strip.includes(h)), 'agent credentials and the strip list are removed')
+})
+
+t.test('bindings match the exact origin only', async (t) => {
+  const b = new CredentialBindings([
+    { ...base, audience: 'https://API.example.com:443', inject: { type: 'bearer' } },
+    { ...base, id: 'c', audience: 'http://[::1]:8080', inject: { type: 'bearer' } },
+  ])
+  t.equal(b.match(parseAbsoluteTarget('https://api.example.com/x'))?.id, 'b')
+  t.equal(b.match(parseAbsoluteTarget('https://api.example.com.:443/x'))?.id, 'b', 'trailing dot is the same host')
+  t.equal(b.match(parseAbsoluteTarget('http://api.example.com/x')), null, 'other scheme')
+  t.equal(b.match(parseAbsoluteTarget('https://api.example.com:8443/x')), null, 'other port')
+  t.equal(b.match(parseAbsoluteTarget('https://api.example.com.evil.com/x')), null)
+  t.equal(b.match(parseAbsoluteTarget('https://xapi.example.com/x')), null)
+  t.equal(b.match(parseAbsoluteTarget('http://[0:0::1]:8080/x'))?.id, 'c', 'IPv6 spelled another way')
+})
+
+t.test('stripQueryParams removes every spelling of the name', async (t) => {
+  t.equal(stripQueryParams('?key=a&b=1&%6Bey=c&key&k%65y=d', ['key']), '?b=1')
+  t.equal(stripQueryParams('?key=a', ['key']), '')
+  t.equal(stripQueryParams('?a=%ZZ&%ZZ=1&b=2', ['key']), '?a=%ZZ&b=2', 'an undecodable name might be ours: dropped')
+  t.equal(stripQueryParams('', ['key']), '')
+})
+
+t.test('static secrets come from the environment first, then the file', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-secrets-'))
+  const file = join(dir, 'secrets.yaml')
+  writeFileSync(file, 'A: from-file\nB: also-file\n')
+  const src = new StaticSecretSource({ file, env_prefix: 'LK_T_' }, ['A', 'B', 'C'], { LK_T_A: 'from-env' })
+  const binding = (secret: string) => compileBinding({ ...base, secret, inject: { type: 'bearer' } })
+  t.equal(src.get(binding('A')).value, 'from-env')
+  t.equal(src.get(binding('B')).value, 'also-file')
+  t.equal(src.get(binding('B')).id, 'static:B', 'the audit id names the secret, never its value')
+  t.throws(() => src.get(binding('C')), { code: 'LK_CREDENTIAL_UNAVAILABLE' })
+  writeFileSync(file, 'A: [unclosed\n')
+  t.throws(() => new StaticSecretSource({ file, env_prefix: 'LK_T_' }, ['A'], {}), /cannot read or parse/)
+  try {
+    new StaticSecretSource({ file, env_prefix: 'LK_T_' }, ['A'], {})
+  } catch (err) {
+    t.notMatch((err as Error).message, /unclosed/, 'a parse error never echoes the file')
+  }
+})

@@ -171,7 +171,7 @@ const median = (xs) => {
 async function main() {
   ensureTools()
   if (!existsSync(join(root, 'dist/cli/latchkey.js'))) throw new Error('run `npm run build` first (npm run bench does)')
-  const ports = { upstream: 18080, latchkey: 18001, latchkeyAdmin: 18002, undici: 18003, httpProxy: 18004, nginx: 18005 }
+  const ports = { upstream: 18080, latchkey: 18001, latchkeyAdmin: 18002, undici: 18003, httpProxy: 18004, nginx: 18005, nodeFloor: 18006 }
 
   // Upstream: nginx returning a small body; /verify answers whether the injected token arrived.
   const upDir = join(work, 'upstream')
@@ -211,6 +211,8 @@ log: { level: warn }
     { name: 'undici-bare', absolute: true, port: ports.undici, proc: start('undici-bare', process.execPath, [join(here, 'baselines/undici-forwarder.mjs'), String(ports.undici)], { BENCH_TOKEN: TOKEN }) },
     { name: 'http-proxy', absolute: true, port: ports.httpProxy, proc: start('http-proxy', process.execPath, [join(here, 'baselines/http-proxy-forwarder.mjs'), String(ports.httpProxy)], { BENCH_TOKEN: TOKEN }) },
   ]
+  // Not a proxy: Node answering by itself, the floor every Node contender stands on.
+  contenders.push({ name: 'node-floor', absolute: false, reference: true, port: ports.nodeFloor, proc: start('node-floor', process.execPath, [join(here, 'baselines/node-floor.mjs'), String(ports.nodeFloor)]) })
   const ngDir = join(work, 'nginx-proxy')
   contenders.push({
     name: 'nginx',
@@ -230,7 +232,7 @@ log: { level: warn }
   })
   for (const c of contenders.slice(1)) {
     await waitFor(`http://127.0.0.1:${c.port}/`).catch(() => {})
-    await verify(c.name, c.port, c.absolute, ports.upstream)
+    if (!c.reference) await verify(c.name, c.port, c.absolute, ports.upstream)
   }
 
   // wrk scripts: absolute-form through forward proxies; a paced one for the steady-rate run.
@@ -296,7 +298,7 @@ log: { level: warn }
     return { name: c.name, rps16: m('rps16'), p50: m('p50'), p99: m('p99'), cpuUsPerReq: m('cpuUsPerReq'), rssLoaded: m('rssLoaded'), pacedRate: m('pacedRate'), pacedCores: m('pacedCores'), pacedRss: m('pacedRss') }
   })
   const direct = results.find((r) => r.name === 'direct')
-  for (const r of results) r.addedP50 = r.name === 'direct' ? 0 : r.p50 - direct.p50
+  for (const r of results) r.addedP50 = r.name === 'direct' || r.name === 'node-floor' ? null : r.p50 - direct.p50
   const get = (n) => results.find((r) => r.name === n)
   const lk = get('latchkey')
   const targets = [
@@ -314,11 +316,13 @@ log: { level: warn }
     ``,
     `| contender | req/s @16 conn | p50 @1 conn (µs) | added p50 (µs) | p99 @1 conn (µs) | CPU µs/req | RSS loaded (MB) | at ~${PACED_RATE} req/s: cores | RSS (MB) |`,
     `|---|---:|---:|---:|---:|---:|---:|---:|---:|`,
-    ...results.map((r) => `| ${r.name} | ${fmt(r.rps16)} | ${fmt(r.p50)} | ${r.name === 'direct' ? '–' : fmt(r.addedP50)} | ${fmt(r.p99)} | ${fmt(r.cpuUsPerReq, 1)} | ${fmt(r.rssLoaded, 1)} | ${fmt(r.pacedCores, 3)} (${fmt(r.pacedRate)} req/s) | ${fmt(r.pacedRss, 1)} |`),
+    ...results.map((r) => `| ${r.name} | ${fmt(r.rps16)} | ${fmt(r.p50)} | ${fmt(r.addedP50)} | ${fmt(r.p99)} | ${fmt(r.cpuUsPerReq, 1)} | ${fmt(r.rssLoaded, 1)} | ${fmt(r.pacedCores, 3)} (${fmt(r.pacedRate)} req/s) | ${fmt(r.pacedRss, 1)} |`),
     ``,
     `| target | measured | met |`,
     `|---|---:|:---:|`,
     ...targets.map(([what, got, ok]) => `| ${what} | ${got} | ${ok ? 'yes' : 'NO'} |`),
+    ``,
+    `node-floor is not a proxy: a node:http server answering by itself, i.e. what any Node process pays per request here.`,
     ``,
   ].join('\n')
   const outDir = join(here, 'results')

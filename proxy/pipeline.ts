@@ -106,6 +106,10 @@ export class Pipeline {
     try {
       checkFraming(req)
       if (url === '*') throw new LatchkeyError('LK_BAD_REQUEST', 'asterisk-form requests (OPTIONS *) are not proxied')
+      // TRACE (and IIS's TRACK) make the server echo the request back, injected credential and all.
+      if (ctx.method === 'TRACE' || ctx.method === 'TRACK') {
+        throw new LatchkeyError('LK_BAD_REQUEST', `${ctx.method} is not proxied: the upstream would echo the request, credentials included`)
+      }
       ctx.target = tunnel
         ? parseTunnelledTarget(url, tunnel.target)
         : ctx.via === 'reverse'

@@ -33,6 +33,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     this.ctx.status = statusCode
     this.ctx.upstreamMs = performance.now() - this.ctx.t0
     const clean = inboundResponseHeaders(headers)
+    if (this.ctx.credential) scrubCredential(clean, this.ctx.credential.value)
     // undici usually delivers head, body and end in one tick: corked until the next, a small
     // response leaves in one write instead of three. Later chunks of a stream flow uncorked.
     this.res.cork()
@@ -67,6 +68,22 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
       this.done(null)
     } else {
       this.done(mapped)
+    }
+  }
+}
+
+/**
+ * An upstream that reflects the request into a response header (a redirect carrying the query
+ * key, a debug header) would hand the agent the credential it must never hold.
+ */
+function scrubCredential(headers: IncomingHttpHeaders, secret: string): void {
+  const encoded = encodeURIComponent(secret)
+  for (const name in headers) {
+    const v = headers[name]
+    if (v === undefined) continue
+    const values = Array.isArray(v) ? v : [v]
+    if (values.some((x) => x.includes(secret) || x.includes(encoded))) {
+      headers[name] = '[removed by latchkey: it contained the injected credential]'
     }
   }
 }

@@ -2,33 +2,39 @@
 // node http-proxy and nginx, in one run, on loopback. Medians over interleaved rounds.
 // Not a test: it measures and reports. See bench/README.md for the layout and how to read it.
 import { spawn, execFileSync } from 'node:child_process'
-import { mkdtempSync, writeFileSync, readFileSync, mkdirSync, existsSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { createServer } from 'node:http'
+import { createServer as createNetServer, connect } from 'node:net'
+import { mkdtempSync, writeFileSync, readFileSync, mkdirSync, existsSync, rmSync } from 'node:fs'
+import { tmpdir, cpus, release } from 'node:os'
 import { join, dirname } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { request } from 'undici'
+import { Client } from 'undici'
 import { renderChart } from './chart.mjs'
 
 const here = dirname(fileURLToPath(import.meta.url))
 const root = join(here, '..')
 const QUICK = process.env.BENCH_QUICK === '1'
-const SECONDS = Number(process.env.BENCH_SECONDS ?? (QUICK ? 2 : 5))
+const SECONDS = Number(process.env.BENCH_SECONDS ?? (QUICK ? 2 : 10))
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? (QUICK ? 1 : 3))
-const PACED_RATE = 1000
-const TOKEN = 'bench-' + 'x'.repeat(794) // an 800-byte bearer, as in BENCH-NOTES
-// CPU layout on a 2-core machine: every proxy on CPU 0; the load generator and the upstream on
-// CPU 1 for throughput and the steady rate. Latency at 1 connection is measured with all three
-// on CPU 0: with nothing to overlap, a cross-core hop only adds wake-up time (BENCH-NOTES).
+const PACED_RATE = Number(process.env.BENCH_PACED_RATE ?? 1000)
+const TOKEN = 'bench-' + 'x'.repeat(794) // an 800-byte bearer secret, as in BENCH-NOTES
+// CPU layout on a 2-core machine (see README): the proxy under test alone on CPU 0; the load
+// generator (wrk or the paced generator), the nginx upstream and this orchestrator on CPU 1.
+// Latency at 1 connection is measured twice: in that split layout (the headline, every hop
+// crosses cores) and with wrk, proxy and upstream all on CPU 0 ("same core").
 const CPU_PROXY = '0'
 const CPU_LOAD = '1'
-const CLK_TCK = 100
+const CLK_TCK = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100
 
 const work = mkdtempSync(join(tmpdir(), 'lk-bench-'))
-const children = []
-const cleanup = () => {
+const children = new Set()
+let exiting = false
+
+function cleanup() {
+  exiting = true
   for (const c of children) {
     try {
-      process.kill(-c.pid, 'SIGKILL')
+      process.kill(-c.pid, 'SIGKILL') // each child leads its own process group (nginx workers included)
     } catch {
       try {
         c.kill('SIGKILL')
@@ -37,57 +43,85 @@ const cleanup = () => {
       }
     }
   }
+  children.clear()
+  try {
+    rmSync(work, { recursive: true, force: true })
+  } catch {
+    // best effort: a temp dir left behind is harmless
+  }
 }
 process.on('exit', cleanup)
-for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => process.exit(130))
-
-function ensureTools() {
-  const missing = ['wrk', 'nginx', 'taskset'].filter((t) => {
-    try {
-      execFileSync('sh', ['-c', `command -v ${t}`], { stdio: 'ignore' })
-      return false
-    } catch {
-      return true
-    }
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+  process.on(sig, () => {
+    console.error(`\nbench: ${sig}, stopping every child`)
+    process.exit(130)
   })
-  if (missing.includes('wrk') || missing.includes('nginx')) {
-    console.error(`installing ${missing.join(', ')} from Debian…`)
-    execFileSync('sh', ['-c', 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nginx-light'], { stdio: 'inherit' })
+}
+
+const sh = (cmd) => {
+  try {
+    execFileSync('sh', ['-c', cmd], { stdio: 'ignore' })
+    return true
+  } catch {
+    return false
   }
 }
 
-function start(name, cmd, args, env = {}) {
-  const child = spawn('taskset', ['-c', name === 'upstream' ? CPU_LOAD : CPU_PROXY, cmd, ...args], {
-    env: { ...process.env, ...env },
-    stdio: ['ignore', 'pipe', 'pipe'],
-    detached: true,
+function ensureTools() {
+  if (!sh('command -v taskset')) throw new Error('taskset (util-linux) is required')
+  const need = []
+  if (!sh('command -v wrk')) need.push('wrk')
+  if (!sh('command -v nginx')) need.push('nginx')
+  if (need.length === 0) return
+  console.error(`bench: installing ${need.join(', ')} from Debian…`)
+  const apt = (pkgs) => sh(`apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ${pkgs}`)
+  const pkgs = need.map((n) => (n === 'nginx' ? 'nginx-light' : n)).join(' ')
+  if (!apt(pkgs) && !(need.includes('nginx') && apt(pkgs.replace('nginx-light', 'nginx')))) throw new Error(`could not install ${need.join(', ')} with apt-get`)
+  for (const n of need) if (!sh(`command -v ${n}`)) throw new Error(`${n} still missing after apt-get`)
+}
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = createNetServer()
+    s.once('error', reject)
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address()
+      s.close(() => resolve(port))
+    })
   })
-  let stderr = ''
-  child.stderr.on('data', (c) => (stderr += c))
+}
+
+/** Starts a long-lived child pinned to `cpu`, in its own process group; it must not die. */
+function start(name, cpu, cmd, args, env = {}) {
+  const child = spawn('taskset', ['-c', cpu, cmd, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'], detached: true })
+  child.label = name
+  child.stderrText = ''
+  child.stderr.on('data', (c) => (child.stderrText = (child.stderrText + c).slice(-20000)))
   child.stdout.on('data', () => {})
-  children.push(child)
-  child.on('exit', (code) => {
-    if (code !== 0 && code !== null && !exiting) {
-      console.error(`${name} exited ${code}:\n${stderr}`)
-      process.exit(1)
-    }
+  children.add(child)
+  child.on('exit', (code, signal) => {
+    children.delete(child)
+    if (exiting) return
+    console.error(`bench: FAILED, ${name} exited (code ${code}, signal ${signal}) during the run. Its stderr:\n${child.stderrText}`)
+    process.exit(1)
   })
   return child
 }
-let exiting = false
 
-async function waitFor(url, headers = {}) {
-  for (let i = 0; i < 100; i++) {
-    try {
-      const r = await request(url, { headers })
-      await r.body.text()
-      return
-    } catch {
-      await new Promise((r) => setTimeout(r, 100))
-    }
+async function waitForPort(port, child, seconds = 15) {
+  const until = Date.now() + seconds * 1000
+  while (Date.now() < until) {
+    const ok = await new Promise((resolve) => {
+      const s = connect(port, '127.0.0.1')
+      s.once('connect', () => (s.destroy(), resolve(true)))
+      s.once('error', () => resolve(false))
+    })
+    if (ok) return
+    await sleep(100)
   }
-  throw new Error(`nothing answered at ${url}`)
+  throw new Error(`${child.label} did not listen on 127.0.0.1:${port} within ${seconds}s. Its stderr:\n${child.stderrText}`)
 }
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
 
 function nginxConf(dir, body) {
   mkdirSync(join(dir, 'logs'), { recursive: true })
@@ -98,47 +132,21 @@ function nginxConf(dir, body) {
 daemon off;
 error_log ${dir}/logs/error.log warn;
 pid ${dir}/nginx.pid;
-events { worker_connections 1024; }
+events { worker_connections 4096; }
 http {
   access_log off;
   client_body_temp_path ${dir}; proxy_temp_path ${dir}; fastcgi_temp_path ${dir}; uwsgi_temp_path ${dir}; scgi_temp_path ${dir};
-  keepalive_requests 1000000;
+  keepalive_requests 10000000;
   ${body}
 }
 `,
   )
-  return conf
+  return ['-e', join(dir, 'logs/error.log'), '-p', dir, '-c', conf]
 }
 
-/** The bench's own check that a proxy forwards and injects: the upstream says whether it saw the token. */
-async function verify(name, proxyPort, absolute, upstreamPort) {
-  const { Client } = await import('undici')
-  const client = new Client(`http://127.0.0.1:${proxyPort}`)
-  const path = absolute ? `http://127.0.0.1:${upstreamPort}/verify` : '/verify'
-  const r = await client.request({ path, method: 'GET' })
-  const body = await r.body.text()
-  await client.close()
-  if (r.statusCode !== 200 || body !== 'token-ok') throw new Error(`${name} did not forward with the injected token: ${r.statusCode} ${body.slice(0, 200)}`)
-}
+// ---- process accounting from /proc -------------------------------------------------------------
 
-function pin(pid, cpu) {
-  for (const p of tree(pid)) execFileSync('taskset', ['-a', '-p', '-c', cpu, String(p)], { stdio: 'ignore' })
-}
-
-function wrk(args, script, cpu = CPU_LOAD) {
-  const out = execFileSync('taskset', ['-c', cpu, 'wrk', ...(script ? ['-s', script] : []), ...args], { encoding: 'utf8' })
-  const rps = Number(/Requests\/sec:\s+([\d.]+)/.exec(out)?.[1])
-  const requests = Number(/(\d+) requests in/.exec(out)?.[1])
-  const errors = /Non-2xx or 3xx responses: (\d+)/.exec(out)?.[1] ?? /Socket errors: (.*)/.exec(out)?.[1]
-  const lat = (p) => {
-    const m = new RegExp(`^\\s+${p}%\\s+([\\d.]+)(us|ms|s)`, 'm').exec(out)
-    if (!m) return null
-    return Number(m[1]) * { us: 1, ms: 1000, s: 1e6 }[m[2]]
-  }
-  return { rps, requests, errors: errors ?? null, p50: lat(50), p99: lat(99) }
-}
-
-/** The process and its children (nginx's worker is a child of its master). */
+/** The process and its descendants (nginx's worker is a child of its master). */
 function tree(pid) {
   let kids = []
   try {
@@ -148,201 +156,478 @@ function tree(pid) {
   }
   return [pid, ...kids.flatMap(tree)]
 }
-function cpuTicks(pid) {
-  let sum = 0
+/** utime + stime of the process tree, in seconds. */
+function cpuSeconds(pid) {
+  let ticks = 0
   for (const p of tree(pid)) {
     const f = readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1].split(' ')
-    sum += Number(f[11]) + Number(f[12])
+    ticks += Number(f[11]) + Number(f[12]) // fields 14 and 15: utime, stime
   }
-  return sum
+  return ticks / CLK_TCK
 }
 function rssMb(pid) {
   let kb = 0
   for (const p of tree(pid)) kb += Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${p}/status`, 'utf8'))?.[1] ?? 0)
   return kb / 1024
 }
+function pin(pid, cpu) {
+  for (const p of tree(pid)) execFileSync('taskset', ['-a', '-p', '-c', cpu, String(p)], { stdio: 'ignore' })
+}
+/** Busy share of each CPU over `ms`, from /proc/stat: how loaded the machine is without us. */
+async function machineBusy(ms = 1000) {
+  const read = () =>
+    readFileSync('/proc/stat', 'utf8')
+      .split('\n')
+      .filter((l) => /^cpu\d/.test(l))
+      .map((l) => {
+        const v = l.split(/\s+/).slice(1).map(Number)
+        const idle = v[3] + v[4]
+        return { idle, total: v.reduce((a, b) => a + b, 0) }
+      })
+  const a = read()
+  await sleep(ms)
+  const b = read()
+  return b.map((x, i) => 1 - (x.idle - a[i].idle) / Math.max(1, x.total - a[i].total))
+}
+/** Busy seconds per CPU so far (from /proc/stat): what ran there, whoever it was. */
+function cpuBusySeconds() {
+  return readFileSync('/proc/stat', 'utf8')
+    .split('\n')
+    .filter((l) => /^cpu\d/.test(l))
+    .map((l) => {
+      const v = l.split(/\s+/).slice(1).map(Number)
+      return (v.reduce((a, b) => a + b, 0) - v[3] - v[4]) / CLK_TCK
+    })
+}
+/** Share of a core on the proxy's CPU used by anything but the proxy over a run: noise. */
+const foreignShare = (b0, b1, proxyCpu, wall) => Math.max(0, (b1[Number(CPU_PROXY)] - b0[Number(CPU_PROXY)] - (proxyCpu ?? 0)) / wall)
+function topOthers() {
+  try {
+    return execFileSync('ps', ['-eo', 'pid,pcpu,comm', '--sort=-pcpu'], { encoding: 'utf8' }).split('\n').slice(1, 6).join('; ')
+  } catch {
+    return ''
+  }
+}
+
+// ---- load generators ---------------------------------------------------------------------------
+
+/** Runs a child to completion (tracked for cleanup), resolving with its stdout. */
+function runToEnd(cmd, args) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], detached: true })
+    children.add(child)
+    let out = ''
+    let err = ''
+    child.stdout.on('data', (c) => (out += c))
+    child.stderr.on('data', (c) => (err += c))
+    child.on('exit', (code) => {
+      children.delete(child)
+      if (code === 0) resolve(out)
+      else reject(new Error(`${cmd} ${args.join(' ')} exited ${code}:\n${err}${out}`))
+    })
+  })
+}
+
+async function wrk(name, args, script, cpu) {
+  const out = await runToEnd('taskset', ['-c', cpu, 'wrk', ...(script ? ['-s', script] : []), ...args])
+  const rps = Number(/Requests\/sec:\s+([\d.]+)/.exec(out)?.[1])
+  const requests = Number(/(\d+) requests in/.exec(out)?.[1])
+  const non2xx = /Non-2xx or 3xx responses: (\d+)/.exec(out)?.[1]
+  const sockErr = /Socket errors: (.*)/.exec(out)?.[1]
+  if (non2xx || sockErr || !requests) throw new Error(`${name}: wrk ${args.join(' ')} saw failures (non-2xx: ${non2xx ?? 0}; socket errors: ${sockErr ?? 'none'}):\n${out}`)
+  const lat = (p) => {
+    const m = new RegExp(`^\\s+${p}%\\s+([\\d.]+)(us|ms|s)\\b`, 'm').exec(out)
+    return m ? Number(m[1]) * { us: 1, ms: 1000, s: 1e6 }[m[2]] : null
+  }
+  return { rps, requests, p50: lat(50), p99: lat(99) }
+}
+
+/** The paced generator; CPU of `pid` is read exactly over its measured window. */
+function paced(name, proxyPort, path, pid, seconds) {
+  return new Promise((resolve, reject) => {
+    const child = spawn('taskset', ['-c', CPU_LOAD, process.execPath, join(here, 'paced.mjs'), `http://127.0.0.1:${proxyPort}`, path, String(PACED_RATE), String(seconds), '1'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      detached: true,
+    })
+    children.add(child)
+    let buf = ''
+    let err = ''
+    let cpu0 = null
+    let cpuUsed = null
+    let t0 = 0
+    let windowS = null
+    let busy0 = null
+    let foreign = null
+    child.stderr.on('data', (c) => (err += c))
+    child.stdout.on('data', (c) => {
+      buf += c
+      let i
+      while ((i = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, i)
+        buf = buf.slice(i + 1)
+        if (line === 'START') {
+          t0 = performance.now()
+          busy0 = cpuBusySeconds()
+          if (pid) cpu0 = cpuSeconds(pid)
+        } else if (line === 'STOP') {
+          windowS = (performance.now() - t0) / 1000
+          if (pid) cpuUsed = cpuSeconds(pid) - cpu0
+          foreign = foreignShare(busy0, cpuBusySeconds(), cpuUsed, windowS)
+        } else if (line.startsWith('RESULT ')) {
+          const r = JSON.parse(line.slice(7))
+          if (r.errors || r.non2xx || r.lost) return reject(new Error(`${name}: paced run saw failures: ${line}`))
+          resolve({ ...r, cores: pid ? cpuUsed / windowS : null, rss: pid ? rssMb(pid) : null, foreignCpu0: foreign })
+        }
+      }
+    })
+    child.on('exit', (code) => {
+      children.delete(child)
+      if (code !== 0) reject(new Error(`${name}: paced generator exited ${code}:\n${err}`))
+    })
+  })
+}
+
+// ---- the verification upstream and check ------------------------------------------------------
+
+/** The upstream's /verify is proxied here: it reports every Authorization header it was sent. */
+function startEcho() {
+  return new Promise((resolve) => {
+    const srv = createServer((req, res) => {
+      const auth = []
+      for (let i = 0; i < req.rawHeaders.length; i += 2) if (req.rawHeaders[i].toLowerCase() === 'authorization') auth.push(req.rawHeaders[i + 1])
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ auth, proxyAuth: 'proxy-authorization' in req.headers }))
+    })
+    srv.listen(0, '127.0.0.1', () => resolve({ srv, port: srv.address().port }))
+  })
+}
+
+/** One request through the contender: 200 from the upstream, which saw the injected header exactly once. */
+async function verify(c, upstreamPort) {
+  const client = new Client(`http://127.0.0.1:${c.port}`)
+  try {
+    const get = async (path) => {
+      const r = await client.request({ path, method: 'GET' })
+      return { status: r.statusCode, body: await r.body.text() }
+    }
+    const base = c.absolute ? `http://127.0.0.1:${upstreamPort}` : ''
+    const plain = await get(`${base}/`)
+    if (c.reference && plain.status === 200) return
+    if (plain.status !== 200 || plain.body !== 'ok') throw new Error(`GET / answered ${plain.status} ${plain.body.slice(0, 300)}`)
+    const v = await get(`${base}/verify`)
+    if (v.status !== 200) throw new Error(`GET /verify answered ${v.status} ${v.body.slice(0, 300)}`)
+    const seen = JSON.parse(v.body)
+    if (c.reference) return // node-floor answers by itself: no upstream behind it
+    const want = c.name === 'direct' ? [] : [`Bearer ${TOKEN}`]
+    if (JSON.stringify(seen.auth) !== JSON.stringify(want))
+      throw new Error(`the upstream saw ${seen.auth.length} Authorization header(s) (${seen.auth.map((a) => a.slice(0, 20) + '…').join(', ')}), expected ${want.length === 0 ? 'none' : 'exactly the injected bearer, once'}`)
+  } catch (err) {
+    throw new Error(`${c.name} does not forward correctly, refusing to measure it: ${err.message}${c.proc ? `\n${c.name} stderr:\n${c.proc.stderrText}` : ''}`)
+  } finally {
+    await client.close()
+  }
+}
+
+/** Latchkey only: its policy is really on (an unlisted port is refused) and audit events land. */
+async function verifyLatchkeyPolicy(c, deniedPort, auditPath) {
+  const client = new Client(`http://127.0.0.1:${c.port}`)
+  try {
+    const r = await client.request({ path: `http://127.0.0.1:${deniedPort}/`, method: 'GET' })
+    const body = await r.body.text()
+    if (r.statusCode !== 403) throw new Error(`latchkey answered ${r.statusCode} for a port no rule allows (expected 403): ${body.slice(0, 300)}`)
+  } finally {
+    await client.close()
+  }
+  for (let i = 0; i < 50 && auditLines(auditPath) === 0; i++) await sleep(100)
+  if (auditLines(auditPath) === 0) throw new Error(`latchkey wrote no audit event to ${auditPath}`)
+}
+function auditLines(path) {
+  if (!existsSync(path)) return 0
+  const buf = readFileSync(path)
+  let n = 0
+  for (const b of buf) if (b === 10) n++
+  return n
+}
 
 const median = (xs) => {
-  const v = xs.filter((x) => x !== null && !Number.isNaN(x)).sort((a, b) => a - b)
+  const v = xs.filter((x) => x !== null && x !== undefined && !Number.isNaN(x)).sort((a, b) => a - b)
   if (v.length === 0) return null
   return v.length % 2 ? v[(v.length - 1) / 2] : (v[v.length / 2 - 1] + v[v.length / 2]) / 2
 }
+const version = (cmd) => {
+  try {
+    return execFileSync('sh', ['-c', cmd], { encoding: 'utf8' }).trim().split('\n')[0]
+  } catch {
+    return 'unknown'
+  }
+}
+
+// ---- main --------------------------------------------------------------------------------------
 
 async function main() {
   ensureTools()
-  if (!existsSync(join(root, 'dist/cli/latchkey.js'))) throw new Error('run `npm run build` first (npm run bench does)')
-  const ports = { upstream: 18080, latchkey: 18001, latchkeyAdmin: 18002, undici: 18003, httpProxy: 18004, nginx: 18005, nodeFloor: 18006 }
+  const cli = join(root, 'dist/cli/latchkey.js')
+  if (!existsSync(cli)) throw new Error(`${cli} is missing: the sidecar is not built (npm run bench runs the build first; did it fail?)`)
+  pin(process.pid, CPU_LOAD) // this orchestrator stays off the proxy's CPU
 
-  // Upstream: nginx returning a small body; /verify answers whether the injected token arrived.
+  const before = await machineBusy(1000)
+  const idleNote = `CPU busy before the bench (nothing of ours running): ${before.map((b, i) => `cpu${i} ${(b * 100).toFixed(0)}%`).join(', ')}`
+  console.error(`bench: ${idleNote}`)
+  if (before.some((b) => b > 0.1)) console.error(`bench: WARNING, the machine is not idle; figures will be noisy. Top processes: ${topOthers()}`)
+
+  const ports = {}
+  for (const k of ['upstream', 'denied', 'latchkey', 'latchkeyAdmin', 'undici', 'httpProxy', 'nginx', 'floor']) ports[k] = await freePort()
+  const echo = await startEcho()
+
+  // Upstream: nginx, 1 worker, answering a fixed 2-byte body; /verify goes on to the echo above.
   const upDir = join(work, 'upstream')
-  const upstream = start('upstream', 'nginx', [
-    '-p',
-    upDir,
-    '-c',
+  const upstream = start(
+    'upstream nginx',
+    CPU_LOAD,
+    'nginx',
     nginxConf(
       upDir,
-      `server { listen 127.0.0.1:${ports.upstream}; 
-        location = /verify { if ($http_authorization = "Bearer ${TOKEN}") { return 200 "token-ok"; } return 200 "token-missing"; }
+      `server { listen 127.0.0.1:${ports.upstream};
+        location = /verify { proxy_pass http://127.0.0.1:${echo.port}; }
         location / { return 200 "ok"; } }`,
     ),
-  ])
-  await waitFor(`http://127.0.0.1:${ports.upstream}/`)
+  )
+  await waitForPort(ports.upstream, upstream)
 
+  const auditPath = join(work, 'audit.jsonl')
   const cfg = join(work, 'latchkey.yaml')
   writeFileSync(
     cfg,
     `version: 1
-sidecar: { listen: { host: 127.0.0.1, port: ${ports.latchkey} }, admin: { host: 127.0.0.1, port: ${ports.latchkeyAdmin} } }
+sidecar:
+  listen: { host: 127.0.0.1, port: ${ports.latchkey} }
+  admin: { host: 127.0.0.1, port: ${ports.latchkeyAdmin} }
 policy:
   default: deny
   rules:
-    - { id: no-admin, action: deny, hosts: ["127.0.0.1"], paths: ["/admin/**"] }
-    - { id: bench-upstream, action: allow, hosts: ["127.0.0.1"], ports: [${ports.upstream}], methods: [GET, POST] }
-network: { allow: [ { cidr: 127.0.0.1/32, ports: [${ports.upstream}] } ] }
+    - { id: bench-upstream, action: allow, hosts: ["127.0.0.1"], ports: [${ports.upstream}] }
+network:
+  allow: [{ cidr: 127.0.0.1/32, ports: [${ports.upstream}] }]
 credentials:
-  - { id: bench, audience: "http://127.0.0.1:${ports.upstream}", source: static, secret: BENCH_TOKEN, inject: { type: bearer } }
-audit: { jsonl: { path: ${join(work, 'audit.jsonl')} } }
+  - id: bench
+    audience: http://127.0.0.1:${ports.upstream}
+    source: static
+    secret: BENCH_TOKEN
+    inject: { type: bearer }
+audit:
+  jsonl: { path: ${auditPath} }
 log: { level: warn }
 `,
   )
-  const contenders = [
-    { name: 'direct', absolute: false, port: ports.upstream, proc: null },
-    { name: 'latchkey', absolute: true, port: ports.latchkey, proc: start('latchkey', process.execPath, [join(root, 'dist/cli/latchkey.js'), 'sidecar', '--config', cfg], { LATCHKEY_SECRET_BENCH_TOKEN: TOKEN }) },
-    { name: 'undici-bare', absolute: true, port: ports.undici, proc: start('undici-bare', process.execPath, [join(here, 'baselines/undici-forwarder.mjs'), String(ports.undici)], { BENCH_TOKEN: TOKEN }) },
-    { name: 'http-proxy', absolute: true, port: ports.httpProxy, proc: start('http-proxy', process.execPath, [join(here, 'baselines/http-proxy-forwarder.mjs'), String(ports.httpProxy)], { BENCH_TOKEN: TOKEN }) },
-  ]
-  // Not a proxy: Node answering by itself, the floor every Node contender stands on.
-  contenders.push({ name: 'node-floor', absolute: false, reference: true, port: ports.nodeFloor, proc: start('node-floor', process.execPath, [join(here, 'baselines/node-floor.mjs'), String(ports.nodeFloor)]) })
-  const ngDir = join(work, 'nginx-proxy')
-  contenders.push({
-    name: 'nginx',
-    absolute: false,
-    port: ports.nginx,
-    proc: start('nginx', 'nginx', [
-      '-p',
-      ngDir,
-      '-c',
-      nginxConf(
-        ngDir,
-        `upstream up { server 127.0.0.1:${ports.upstream}; keepalive 64; }
-        server { listen 127.0.0.1:${ports.nginx};
-          location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Authorization "Bearer ${TOKEN}"; } }`,
-      ),
-    ]),
-  })
-  for (const c of contenders.slice(1)) {
-    await waitFor(`http://127.0.0.1:${c.port}/`).catch(() => {})
-    if (!c.reference) await verify(c.name, c.port, c.absolute, ports.upstream)
-  }
 
-  // wrk scripts: absolute-form through forward proxies; a paced one for the steady-rate run.
+  const contenders = [{ name: 'direct', absolute: false, port: ports.upstream, proc: null }]
+  const lk = start('latchkey', CPU_PROXY, process.execPath, [cli, 'sidecar', '--config', cfg], { LATCHKEY_SECRET_BENCH_TOKEN: TOKEN })
+  contenders.push({ name: 'latchkey', absolute: true, port: ports.latchkey, proc: lk })
+  contenders.push({ name: 'undici-bare', absolute: true, port: ports.undici, proc: start('undici-bare', CPU_PROXY, process.execPath, [join(here, 'baselines/undici-forwarder.mjs'), String(ports.undici)], { BENCH_TOKEN: TOKEN }) })
+  contenders.push({ name: 'http-proxy', absolute: true, port: ports.httpProxy, proc: start('http-proxy', CPU_PROXY, process.execPath, [join(here, 'baselines/http-proxy-forwarder.mjs'), String(ports.httpProxy)], { BENCH_TOKEN: TOKEN }) })
+  const ngDir = join(work, 'nginx-proxy')
+  const ngArgs = nginxConf(
+    ngDir,
+    `upstream up { server 127.0.0.1:${ports.upstream}; keepalive 64; }
+    server { listen 127.0.0.1:${ports.nginx};
+      location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Authorization "Bearer ${TOKEN}"; } }`,
+  )
+  contenders.push({ name: 'nginx', absolute: false, port: ports.nginx, proc: start('nginx', CPU_PROXY, 'nginx', ngArgs) })
+  // Reference, not a proxy: a node:http server answering by itself on the proxies' CPU: what any
+  // Node process pays per request here. BENCH_FLOOR=0 leaves it out.
+  if (process.env.BENCH_FLOOR !== '0')
+    contenders.push({ name: 'node-floor', reference: true, absolute: false, port: ports.floor, proc: start('node-floor', CPU_PROXY, process.execPath, [join(here, 'baselines/node-floor.mjs'), String(ports.floor)]) })
+
+  for (const c of contenders) if (c.proc) await waitForPort(c.port, c.proc)
+  for (const c of contenders) await verify(c, ports.upstream)
+  await verifyLatchkeyPolicy(contenders[1], ports.denied, auditPath)
+  console.error('bench: every contender forwards, with the bearer injected exactly once; latchkey refuses an unlisted port and audits')
+
+  // wrk sends absolute-form when wrk.path is an absolute URL: that is how it drives a forward proxy.
   const absScript = join(work, 'absolute.lua')
   writeFileSync(absScript, `wrk.path = "http://127.0.0.1:${ports.upstream}/"\n`)
-  const pacedConnections = 10
-  const pacedDelayMs = Math.round((pacedConnections * 1000) / PACED_RATE)
-  const pacedAbs = join(work, 'paced-absolute.lua')
-  writeFileSync(pacedAbs, `wrk.path = "http://127.0.0.1:${ports.upstream}/"\nfunction delay() return ${pacedDelayMs} end\n`)
-  const pacedOrigin = join(work, 'paced.lua')
-  writeFileSync(pacedOrigin, `function delay() return ${pacedDelayMs} end\n`)
+  const scriptFor = (c) => (c.absolute ? absScript : null)
+  const pathFor = (c) => (c.absolute ? `http://127.0.0.1:${ports.upstream}/` : '/')
+  const urlFor = (c) => `http://127.0.0.1:${c.port}/`
+  const lkRequests = { count: 2 } // the two verify requests
 
   const samples = Object.fromEntries(contenders.map((c) => [c.name, []]))
-  const d = `${SECONDS}s`
-  console.error(`bench: ${ROUNDS} round(s) of ${SECONDS}s runs; proxies on CPU ${CPU_PROXY}, wrk and upstream on CPU ${CPU_LOAD}`)
-  // Phase 1, the agent's real pattern: a steady ~${PACED_RATE} req/s on processes that have seen
-  // nothing heavier, so their CPU share and RSS are what a sidecar costs at that rate.
-  const paced = Object.fromEntries(contenders.map((c) => [c.name, []]))
-  for (const c of contenders) {
-    if (c.proc) wrk(['-t1', `-c${pacedConnections}`, '-d2s', `http://127.0.0.1:${c.port}/`], c.absolute ? pacedAbs : pacedOrigin) // warm up
-  }
+  const pacedSamples = Object.fromEntries(contenders.map((c) => [c.name, []]))
+  const busy = []
+  const total = ROUNDS * contenders.length * SECONDS * 4
+  console.error(`bench: ${ROUNDS} round(s) × ${contenders.length} contenders × 4 runs of ${SECONDS}s (~${Math.ceil(total / 60)} min); proxy on CPU ${CPU_PROXY}, load generator + upstream on CPU ${CPU_LOAD}`)
+
+  // Phase 1, an agent's steady pattern: a fixed ${PACED_RATE} req/s, open-loop, on processes that
+  // have seen nothing heavier, so CPU share and RSS are what the proxy costs at that rate.
   for (let round = 1; round <= ROUNDS; round++) {
     for (const c of contenders) {
-      if (!c.proc) continue
-      const url = `http://127.0.0.1:${c.port}/`
-      const c0 = cpuTicks(c.proc.pid)
-      const p = wrk(['-t1', `-c${pacedConnections}`, '-d' + d, url], c.absolute ? pacedAbs : pacedOrigin)
-      const c1 = cpuTicks(c.proc.pid)
-      if (p.errors) throw new Error(`${c.name}: errors during the paced run (${p.errors})`)
-      paced[c.name].push({ pacedRate: p.rps, pacedCores: (c1 - c0) / CLK_TCK / SECONDS, pacedRss: rssMb(c.proc.pid) })
-    }
-  }
-  // Phase 2: throughput at 16 connections and latency at 1, interleaved per round.
-  for (const c of contenders) wrk(['-t1', '-c4', '-d1s', `http://127.0.0.1:${c.port}/`], c.absolute ? absScript : null) // warm up
-  for (let round = 1; round <= ROUNDS; round++) {
-    for (const c of contenders) {
-      const url = `http://127.0.0.1:${c.port}/`
-      const script = c.absolute ? absScript : null
-      const pid = c.proc?.pid
-      const cpu0 = pid ? cpuTicks(pid) : 0
-      const t16 = wrk(['-t2', '-c16', '-d' + d, url], script)
-      const cpu1 = pid ? cpuTicks(pid) : 0
-      const rssLoaded = pid ? rssMb(pid) : null
-      pin(upstream.pid, CPU_PROXY)
-      const t1 = wrk(['-t1', '-c1', '-d' + d, '--latency', url], script, CPU_PROXY)
-      pin(upstream.pid, CPU_LOAD)
-      if (t16.errors || t1.errors) throw new Error(`${c.name}: errors during the run (${t16.errors ?? t1.errors})`)
-      samples[c.name].push({
-        rps16: t16.rps,
-        p50: t1.p50,
-        p99: t1.p99,
-        cpuUsPerReq: pid ? (((cpu1 - cpu0) / CLK_TCK) * 1e6) / t16.requests : null,
-        rssLoaded,
-        ...(paced[c.name][round - 1] ?? {}),
-      })
-      console.error(`round ${round} ${c.name}: ${Math.round(t16.rps)} req/s @16, p50 ${t1.p50}µs p99 ${t1.p99}µs`)
+      await verify(c, ports.upstream)
+      if (c.name === 'latchkey') lkRequests.count += 2
+      const p = await paced(c.name, c.port, pathFor(c), c.proc?.pid, SECONDS)
+      if (c.name === 'latchkey') lkRequests.count += p.completed + Math.round(PACED_RATE) // + the warm-up second
+      pacedSamples[c.name].push(p)
+      console.error(`round ${round} paced ${c.name}: ${p.achievedRate.toFixed(0)} req/s, ${c.proc ? `${p.cores.toFixed(3)} core, ${p.rss.toFixed(1)} MB, ` : ''}p50 ${p.p50.toFixed(0)} µs`)
     }
   }
 
+  // Phase 2: throughput at 16 connections, then latency at 1 connection (split and same-core).
+  for (const c of contenders) {
+    const w = await wrk(c.name, ['-t2', '-c16', '-d2s', urlFor(c)], scriptFor(c), CPU_LOAD) // warm-up
+    if (c.name === 'latchkey') lkRequests.count += w.requests
+  }
+  for (let round = 1; round <= ROUNDS; round++) {
+    busy.push(await machineBusy(500))
+    for (const c of contenders) {
+      await verify(c, ports.upstream)
+      const pid = c.proc?.pid
+      const cpu0 = pid ? cpuSeconds(pid) : 0
+      const busy0 = cpuBusySeconds()
+      const t0 = performance.now()
+      const t16 = await wrk(c.name, ['-t2', '-c16', `-d${SECONDS}s`, urlFor(c)], scriptFor(c), CPU_LOAD)
+      const wall = (performance.now() - t0) / 1000
+      const cpuUsed = pid ? cpuSeconds(pid) - cpu0 : null
+      const foreignCpu0 = foreignShare(busy0, cpuBusySeconds(), cpuUsed, wall)
+      const rssLoaded = pid ? rssMb(pid) : null
+      const t1 = await wrk(c.name, ['-t1', '-c1', `-d${SECONDS}s`, '--latency', urlFor(c)], scriptFor(c), CPU_LOAD)
+      pin(upstream.pid, CPU_PROXY)
+      let t1same
+      try {
+        t1same = await wrk(c.name, ['-t1', '-c1', `-d${SECONDS}s`, '--latency', urlFor(c)], scriptFor(c), CPU_PROXY)
+      } finally {
+        pin(upstream.pid, CPU_LOAD)
+      }
+      if (c.name === 'latchkey') lkRequests.count += 2 + t16.requests + t1.requests + t1same.requests
+      samples[c.name].push({
+        rps16: t16.rps,
+        proxyCores16: pid ? cpuUsed / wall : null,
+        cpuUsPerReq: pid ? (cpuUsed * 1e6) / t16.requests : null,
+        rssLoaded,
+        p50: t1.p50,
+        p99: t1.p99,
+        p50same: t1same.p50,
+        p99same: t1same.p99,
+        foreignCpu0,
+      })
+      console.error(`round ${round} ${c.name}: ${Math.round(t16.rps)} req/s @16 conn; p50/p99 @1 conn ${t1.p50}/${t1.p99} µs split, ${t1same.p50}/${t1same.p99} µs same core`)
+    }
+  }
+  const after = await machineBusy(1000)
+  await sleep(500) // let the sidecar's audit batch land
+  const audited = auditLines(auditPath)
+
+  // ---- report ----
   const results = contenders.map((c) => {
     const s = samples[c.name]
+    const ps = pacedSamples[c.name]
     const m = (k) => median(s.map((x) => x[k]))
-    return { name: c.name, rps16: m('rps16'), p50: m('p50'), p99: m('p99'), cpuUsPerReq: m('cpuUsPerReq'), rssLoaded: m('rssLoaded'), pacedRate: m('pacedRate'), pacedCores: m('pacedCores'), pacedRss: m('pacedRss') }
+    const pm = (k) => median(ps.map((x) => x[k]))
+    return {
+      name: c.name,
+      rps16: m('rps16'),
+      proxyCores16: m('proxyCores16'),
+      cpuUsPerReq: m('cpuUsPerReq'),
+      rssLoaded: m('rssLoaded'),
+      p50: m('p50'),
+      p99: m('p99'),
+      p50same: m('p50same'),
+      p99same: m('p99same'),
+      pacedRate: pm('achievedRate'),
+      pacedCores: pm('cores'),
+      pacedRss: pm('rss'),
+      pacedP50: pm('p50'),
+      pacedP99: pm('p99'),
+    }
   })
-  const direct = results.find((r) => r.name === 'direct')
-  for (const r of results) r.addedP50 = r.name === 'direct' || r.name === 'node-floor' ? null : r.p50 - direct.p50
   const get = (n) => results.find((r) => r.name === n)
-  const lk = get('latchkey')
+  const direct = get('direct')
+  for (const r of results) {
+    r.addedP50 = r.p50 - direct.p50
+    r.addedP50same = r.p50same - direct.p50same
+    r.pacedAddedP50 = r.pacedP50 - direct.pacedP50
+  }
+  const L = get('latchkey')
   const targets = [
-    ['added p50 at 1 connection ≤ 100 µs', `${lk.addedP50.toFixed(0)} µs`, lk.addedP50 <= 100],
-    ['req/s at 16 connections ≥ 1.5× http-proxy', `${(lk.rps16 / get('http-proxy').rps16).toFixed(2)}×`, lk.rps16 >= 1.5 * get('http-proxy').rps16],
-    ['req/s at 16 connections within 15% of undici-bare', `${(lk.rps16 / get('undici-bare').rps16).toFixed(2)}×`, lk.rps16 >= 0.85 * get('undici-bare').rps16],
-    [`CPU at a steady ${PACED_RATE} req/s ≤ 0.05 core`, `${lk.pacedCores?.toFixed(3)} core at ${Math.round(lk.pacedRate)} req/s`, lk.pacedCores <= 0.05],
-    [`RSS at a steady ${PACED_RATE} req/s ≤ 80 MB`, `${lk.pacedRss?.toFixed(1)} MB`, lk.pacedRss <= 80],
+    { target: 'added p50 at 1 connection ≤ 100 µs (split layout)', measured: `${L.addedP50.toFixed(0)} µs (same core: ${L.addedP50same.toFixed(0)} µs)`, met: L.addedP50 <= 100 },
+    { target: 'req/s at 16 connections ≥ 1.5× http-proxy', measured: `${(L.rps16 / get('http-proxy').rps16).toFixed(2)}×`, met: L.rps16 >= 1.5 * get('http-proxy').rps16 },
+    { target: 'req/s at 16 connections ≥ 0.85× undici-bare', measured: `${(L.rps16 / get('undici-bare').rps16).toFixed(2)}×`, met: L.rps16 >= 0.85 * get('undici-bare').rps16 },
+    { target: `CPU at a steady ${PACED_RATE} req/s ≤ 0.05 core`, measured: `${L.pacedCores.toFixed(3)} core at ${L.pacedRate.toFixed(0)} req/s`, met: L.pacedCores <= 0.05 },
+    { target: `RSS at a steady ${PACED_RATE} req/s ≤ 80 MB`, measured: `${L.pacedRss.toFixed(1)} MB`, met: L.pacedRss <= 80 },
   ]
-  const fmt = (v, digits = 0) => (v === null || v === undefined ? '–' : Number(v).toFixed(digits))
+  const f = (v, d = 0) => (v === null || v === undefined || Number.isNaN(v) ? '–' : Number(v).toLocaleString('en', { minimumFractionDigits: d, maximumFractionDigits: d }))
+  const sign = (v) => (v === null || Number.isNaN(v) ? '–' : `${v >= 0 ? '+' : ''}${f(v)}`)
+  const env = {
+    node: process.version,
+    kernel: release(),
+    cpu: `${cpus().length} × ${cpus()[0]?.model ?? '?'}`,
+    wrk: version('wrk -v 2>&1 | head -1').split(' ').slice(0, 2).join(' '),
+    nginx: version('nginx -v 2>&1'),
+    undici: JSON.parse(readFileSync(join(root, 'node_modules/undici/package.json'), 'utf8')).version,
+    httpProxy: JSON.parse(readFileSync(join(root, 'node_modules/http-proxy/package.json'), 'utf8')).version,
+  }
+  const layout = `proxy under test alone on CPU ${CPU_PROXY}; load generator (wrk / paced generator), nginx upstream and the orchestrator on CPU ${CPU_LOAD}. "same core": wrk, proxy and upstream all on CPU ${CPU_PROXY} (1-connection latency only)`
+  const foreignAll = [...Object.values(samples).flat(), ...Object.values(pacedSamples).flat()].map((x) => x.foreignCpu0).filter((x) => x !== null && x !== undefined)
+  const foreignMax = Math.max(0, ...foreignAll)
+  const noise = `CPU ${CPU_PROXY} time not spent by the proxy under test during the measured runs (softirq not charged to it, or other processes): median ${(median(foreignAll) * 100).toFixed(1)}%, max ${(foreignMax * 100).toFixed(1)}% of a core${foreignMax > 0.15 ? ' (**something else ran on the proxy CPU: treat this run as noisy**)' : ''}. ${idleNote}; at each round start: ${busy.map((b) => b.map((x) => `${(x * 100).toFixed(0)}%`).join('/')).join(', ')}; after: ${after.map((b) => `${(b * 100).toFixed(0)}%`).join('/')}`
+  if (foreignMax > 0.15) console.error(`bench: WARNING, up to ${(foreignMax * 100).toFixed(0)}% of CPU ${CPU_PROXY} went to something other than the proxy during a run; see results for which`)
   const md = [
     `# Latchkey sidecar benchmark`,
     ``,
-    `${new Date().toISOString()} · node ${process.version} · ${ROUNDS} round(s) × ${SECONDS}s per run, medians · throughput and steady rate: proxies on CPU ${CPU_PROXY}, wrk and the nginx upstream on CPU ${CPU_LOAD}; latency at 1 connection: all on CPU ${CPU_PROXY} · 800-byte bearer injected`,
+    `${new Date().toISOString()} · node ${env.node} · ${env.nginx} · ${env.wrk} · undici ${env.undici} · http-proxy ${env.httpProxy} · ${env.cpu}`,
     ``,
-    `| contender | req/s @16 conn | p50 @1 conn (µs) | added p50 (µs) | p99 @1 conn (µs) | CPU µs/req | RSS loaded (MB) | at ~${PACED_RATE} req/s: cores | RSS (MB) |`,
-    `|---|---:|---:|---:|---:|---:|---:|---:|---:|`,
-    ...results.map((r) => `| ${r.name} | ${fmt(r.rps16)} | ${fmt(r.p50)} | ${fmt(r.addedP50)} | ${fmt(r.p99)} | ${fmt(r.cpuUsPerReq, 1)} | ${fmt(r.rssLoaded, 1)} | ${fmt(r.pacedCores, 3)} (${fmt(r.pacedRate)} req/s) | ${fmt(r.pacedRss, 1)} |`),
+    `${ROUNDS} round(s), ${SECONDS} s per run, contenders interleaved within each round; medians. Upstream: nginx, 1 worker, \`return 200 "ok"\`. Every proxy injects an 800-byte bearer (\`Authorization: Bearer <800 chars>\`), checked at the upstream before every measurement.`,
+    ``,
+    `CPU layout: ${layout}.`,
+    ``,
+    `## Throughput and latency`,
+    ``,
+    `| contender | req/s @16 conn | proxy cores @16 | proxy CPU µs/req | RSS after load (MB) | p50 @1 conn (µs) | added p50 | p99 @1 conn | p50 same core | added p50 same core | p99 same core |`,
+    `|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|`,
+    ...results.map(
+      (r) =>
+        `| ${r.name} | ${f(r.rps16)} | ${f(r.proxyCores16, 2)} | ${f(r.cpuUsPerReq, 1)} | ${f(r.rssLoaded, 1)} | ${f(r.p50)} | ${r.name === 'direct' ? '–' : sign(r.addedP50)} | ${f(r.p99)} | ${f(r.p50same)} | ${r.name === 'direct' ? '–' : sign(r.addedP50same)} | ${f(r.p99same)} |`,
+    ),
+    ``,
+    `## At a steady ${PACED_RATE} req/s (open-loop paced generator, fresh processes)`,
+    ``,
+    `| contender | achieved req/s | proxy cores | proxy RSS (MB) | p50 (µs, client-side) | added p50 | p99 (µs) |`,
+    `|---|---:|---:|---:|---:|---:|---:|`,
+    ...results.map((r) => `| ${r.name} | ${f(r.pacedRate)} | ${f(r.pacedCores, 3)} | ${f(r.pacedRss, 1)} | ${f(r.pacedP50)} | ${r.name === 'direct' ? '–' : sign(r.pacedAddedP50)} | ${f(r.pacedP99)} |`),
+    ``,
+    ...(get('node-floor') ? [`node-floor is not a proxy: a node:http server answering by itself on the proxies' CPU, i.e. what any Node process pays per request here (its "added" figures are relative to direct).`, ``] : []),
+    `## Targets (latchkey)`,
     ``,
     `| target | measured | met |`,
     `|---|---:|:---:|`,
-    ...targets.map(([what, got, ok]) => `| ${what} | ${got} | ${ok ? 'yes' : 'NO'} |`),
+    ...targets.map((t) => `| ${t.target} | ${t.measured} | ${t.met ? 'yes' : '**NO**'} |`),
     ``,
-    `node-floor is not a proxy: a node:http server answering by itself, i.e. what any Node process pays per request here.`,
+    `Audit: ${audited.toLocaleString('en')} events written for ≈${lkRequests.count.toLocaleString('en')} requests latchkey answered${audited < lkRequests.count * 0.99 ? ' (**fewer events than requests**)' : ''}.`,
+    ``,
+    `Machine noise: ${noise}.`,
     ``,
   ].join('\n')
+
   const outDir = join(here, 'results')
   mkdirSync(outDir, { recursive: true })
   const stamp = new Date().toISOString().replace(/[:.]/g, '-')
-  const json = JSON.stringify({ at: new Date().toISOString(), node: process.version, seconds: SECONDS, rounds: ROUNDS, layout: { proxy: CPU_PROXY, load: CPU_LOAD }, results, samples, targets }, null, 2)
+  const json = JSON.stringify(
+    { at: new Date().toISOString(), quick: QUICK, seconds: SECONDS, rounds: ROUNDS, pacedRate: PACED_RATE, env, layout, noise, results, targets, audit: { events: audited, requests: lkRequests.count }, samples, pacedSamples },
+    null,
+    2,
+  )
+  const svg = renderChart(results, `${stamp} · ${ROUNDS}×${SECONDS}s · proxy on CPU ${CPU_PROXY}, load + upstream on CPU ${CPU_LOAD}`)
   for (const name of [stamp, 'latest']) {
     writeFileSync(join(outDir, `${name}.json`), json)
     writeFileSync(join(outDir, `${name}.md`), md)
-    writeFileSync(join(outDir, `${name}.svg`), renderChart(results))
+    writeFileSync(join(outDir, `${name}.svg`), svg)
   }
   console.log(md)
-  console.log(`results: bench/results/latest.{md,json,svg}`)
-  exiting = true
+  console.log(targets.map((t) => `target ${t.met ? 'MET    ' : 'NOT MET'}  ${t.target}: ${t.measured}`).join('\n'))
+  console.log(`\nresults: bench/results/${stamp}.{md,json,svg} and bench/results/latest.{md,json,svg}`)
 }
 
 main().then(
   () => process.exit(0),
   (err) => {
-    console.error(err)
+    console.error(`bench: FAILED: ${err?.stack ?? err}`)
     process.exit(1)
   },
 )

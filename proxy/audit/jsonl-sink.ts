@@ -1,17 +1,26 @@
-// The first AuditSink: JSON lines appended to a local file. The request path only pushes a
-// string onto an array; a timer batches them into one append, so the hot path does no I/O.
+// The first AuditSink: JSON lines appended to a local file, with no I/O on the request path.
+//   write():   pushes the event (the request path stops here);
+//   encode():  once per event-loop turn, serializes the turn's events in one tight loop into an
+//              off-heap buffer (cache-friendly, and nothing lingers on the V8 heap to be promoted);
+//   flush():   every flush_ms, one append of everything encoded, in order.
 import { openSync, write, fsyncSync, closeSync } from 'node:fs'
 import type { AuditEvent, AuditSink } from '../context.js'
 import { serializeAuditEvent } from './serialize.js'
 
+const CHUNK = 1 << 20
+
 export class JsonlAuditSink implements AuditSink {
   private readonly fd: number
-  private pending: string[] = []
+  private events: AuditEvent[] = []
+  private encodeScheduled = false
+  private buffer = Buffer.allocUnsafe(CHUNK)
+  private used = 0
   private timer: NodeJS.Timeout | null = null
   private inFlight: Promise<void> = Promise.resolve()
   private closed = false
   /** Count of events that could not be written; exposed as a metric. */
   failures = 0
+  private lines = 0
 
   constructor(
     readonly path: string,
@@ -23,8 +32,36 @@ export class JsonlAuditSink implements AuditSink {
 
   write(event: AuditEvent): void {
     if (this.closed) return
-    this.pending.push(serializeAuditEvent(event))
+    this.events.push(event)
+    if (!this.encodeScheduled) {
+      this.encodeScheduled = true
+      setImmediate(() => this.encode())
+    }
+  }
+
+  private encode(): void {
+    this.encodeScheduled = false
+    const events = this.events
+    if (events.length === 0) return
+    this.events = []
+    for (const e of events) {
+      const line = serializeAuditEvent(e) + '\n'
+      const need = Buffer.byteLength(line)
+      if (this.used + need > this.buffer.length) this.grow(need)
+      this.used += this.buffer.write(line, this.used)
+    }
+    this.lines += events.length
     if (!this.timer) this.timer = setTimeout(() => void this.flush(), this.flushMs)
+  }
+
+  /** Hands the filled buffer to the writer and starts a fresh one big enough for `need`. */
+  private grow(need: number): void {
+    const full = this.buffer.subarray(0, this.used)
+    const lines = this.lines
+    this.lines = 0
+    this.buffer = Buffer.allocUnsafe(Math.max(CHUNK, need))
+    this.used = 0
+    this.append(full, lines)
   }
 
   flush(): Promise<void> {
@@ -32,18 +69,28 @@ export class JsonlAuditSink implements AuditSink {
       clearTimeout(this.timer)
       this.timer = null
     }
-    if (this.pending.length === 0) return this.inFlight
-    const lines = this.pending
-    this.pending = []
-    const data = Buffer.from(lines.join('\n') + '\n')
-    // Appends are chained so batches land in order.
+    this.encode()
+    if (this.used > 0) {
+      const data = this.buffer.subarray(0, this.used)
+      const lines = this.lines
+      this.lines = 0
+      // The written slice keeps its memory; later events go to a new buffer.
+      this.buffer = Buffer.allocUnsafe(CHUNK)
+      this.used = 0
+      this.append(data, lines)
+    }
+    return this.inFlight
+  }
+
+  /** Appends are chained so batches land in order. */
+  private append(data: Buffer, lines: number): void {
     this.inFlight = this.inFlight.then(
       () =>
         new Promise<void>((resolve) => {
           const writeFrom = (offset: number) =>
             write(this.fd, data, offset, data.length - offset, null, (err, n) => {
               if (err) {
-                this.failures += lines.length
+                this.failures += lines
                 this.onError(err)
                 return resolve()
               }
@@ -53,7 +100,6 @@ export class JsonlAuditSink implements AuditSink {
           writeFrom(0)
         }),
     )
-    return this.inFlight
   }
 
   async close(): Promise<void> {

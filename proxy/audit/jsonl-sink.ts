@@ -7,13 +7,16 @@ import { openSync, write, fsyncSync, closeSync } from 'node:fs'
 import type { AuditEvent, AuditSink } from '../context.js'
 import { serializeAuditEvent } from './serialize.js'
 
-const CHUNK = 1 << 20
+// 20 ms of a busy sidecar's events fit several times over; buffers are reused, never churned.
+const CHUNK = 256 * 1024
 
 export class JsonlAuditSink implements AuditSink {
   private readonly fd: number
   private events: AuditEvent[] = []
   private encodeScheduled = false
-  private buffer = Buffer.allocUnsafe(CHUNK)
+  private buffer: Buffer = Buffer.allocUnsafe(CHUNK)
+  /** Buffers whose append has completed, ready for reuse. */
+  private readonly spare: Buffer[] = []
   private used = 0
   private timer: NodeJS.Timeout | null = null
   private inFlight: Promise<void> = Promise.resolve()
@@ -56,12 +59,13 @@ export class JsonlAuditSink implements AuditSink {
 
   /** Hands the filled buffer to the writer and starts a fresh one big enough for `need`. */
   private grow(need: number): void {
-    const full = this.buffer.subarray(0, this.used)
+    const full = this.buffer
+    const used = this.used
     const lines = this.lines
     this.lines = 0
-    this.buffer = Buffer.allocUnsafe(Math.max(CHUNK, need))
+    this.buffer = need <= CHUNK ? this.nextBuffer() : Buffer.allocUnsafe(need)
     this.used = 0
-    this.append(full, lines)
+    this.append(full, used, lines)
   }
 
   flush(): Promise<void> {
@@ -71,19 +75,28 @@ export class JsonlAuditSink implements AuditSink {
     }
     this.encode()
     if (this.used > 0) {
-      const data = this.buffer.subarray(0, this.used)
+      const data = this.buffer
+      const used = this.used
       const lines = this.lines
       this.lines = 0
-      // The written slice keeps its memory; later events go to a new buffer.
-      this.buffer = Buffer.allocUnsafe(CHUNK)
+      // The buffer being written is not touched again until its append completes.
+      this.buffer = this.nextBuffer()
       this.used = 0
-      this.append(data, lines)
+      this.append(data, used, lines)
     }
     return this.inFlight
   }
 
-  /** Appends are chained so batches land in order. */
-  private append(data: Buffer, lines: number): void {
+  private nextBuffer(): Buffer {
+    return this.spare.pop() ?? Buffer.allocUnsafe(CHUNK)
+  }
+
+  /** Appends are chained so batches land in order; a standard-size buffer is reused afterwards. */
+  private append(buffer: Buffer, used: number, lines: number): void {
+    const data = buffer.subarray(0, used)
+    const recycle = () => {
+      if (buffer.length === CHUNK && this.spare.length < 2) this.spare.push(buffer)
+    }
     this.inFlight = this.inFlight.then(
       () =>
         new Promise<void>((resolve) => {
@@ -92,9 +105,11 @@ export class JsonlAuditSink implements AuditSink {
               if (err) {
                 this.failures += lines
                 this.onError(err)
+                recycle()
                 return resolve()
               }
               if (offset + n < data.length) return writeFrom(offset + n)
+              recycle()
               resolve()
             })
           writeFrom(0)

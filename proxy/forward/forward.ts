@@ -53,6 +53,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
   onResponseEnd(): void {
     this.finished = true
     this.res.end()
+    // Send the response now; the bookkeeping in `done` must not hold it back until the next tick.
+    this.res.uncork()
     this.done(null)
   }
 

@@ -7,7 +7,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Logger } from '../lib/log.js'
 import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Identifier, Resolution, Resolver, Target, Via } from './context.js'
-import { LatchkeyError, renderError } from './errors.js'
+import { LatchkeyError, renderError, renderErrorRaw } from './errors.js'
 import type { CredentialBindings } from './credentials/bindings.js'
 import { stripQueryParams } from './credentials/bindings.js'
 import { hostHeader, parseAbsoluteTarget, parseReverseTarget, parseTunnelledTarget, type ReverseRoutes } from './listen/target.js'
@@ -145,12 +145,26 @@ export class Pipeline {
     })
   }
 
-  /** Answers with a coded refusal (if nothing was sent yet) and records the call. */
-  refuse(ctx: CallContext, res: ServerResponse, err: unknown): void {
+  /** Records a refusal on the call's context; returns it as a LatchkeyError. */
+  private recordRefusal(ctx: CallContext, err: unknown): LatchkeyError {
     const e = this.asLatchkeyError(err)
     ctx.status = e.status
     ctx.errorCode = e.code
     ctx.errorReason = e.reason
+    return e
+  }
+
+  /** The same refusal on a bare socket (CONNECT, upgrades, parser errors), then the call is recorded. */
+  refuseSocket(ctx: CallContext, socket: Socket, err: unknown): void {
+    const e = this.recordRefusal(ctx, err)
+    if (socket.writable) socket.end(renderErrorRaw(e))
+    else socket.destroy()
+    this.finish(ctx)
+  }
+
+  /** Answers with a coded refusal (if nothing was sent yet) and records the call. */
+  refuse(ctx: CallContext, res: ServerResponse, err: unknown): void {
+    const e = this.recordRefusal(ctx, err)
     if (!res.headersSent && !res.destroyed) {
       const { status, headers, body } = renderError(e)
       // After a framing error, or with a request body left unread, the connection's remaining

@@ -81,10 +81,6 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
         : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
           ? new LatchkeyError('LK_BAD_REQUEST', 'request headers not received in time')
           : new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (${err.code ?? 'parse error'})`)
-    ctx.status = e.status
-    ctx.errorCode = e.code
-    ctx.errorReason = e.reason
-    socket.end(renderErrorRaw(e))
-    pipeline.finish(ctx)
+    pipeline.refuseSocket(ctx, socket, e)
   }
 }

@@ -7,7 +7,7 @@
 import { connect as netConnect, type Socket } from 'node:net'
 import type { IncomingMessage } from 'node:http'
 import type { Pipeline, TunnelOrigin } from '../pipeline.js'
-import { LatchkeyError, renderErrorRaw } from '../errors.js'
+import { LatchkeyError } from '../errors.js'
 import { parseConnectTarget } from './target.js'
 import { upstreamError } from '../forward/upstream-errors.js'
 import { watchClose } from './relay.js'
@@ -30,13 +30,12 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
     pipeline.finish(ctx)
   }
   const refuse = (err: unknown) => {
-    const e = pipeline.asLatchkeyError(err)
-    ctx.status = e.status
-    ctx.errorCode = e.code
-    ctx.errorReason = e.reason
-    if (client.writable) client.end(renderErrorRaw(e))
-    else client.destroy()
-    finish()
+    if (finished) {
+      client.destroy()
+      return
+    }
+    finished = true
+    pipeline.refuseSocket(ctx, client, err)
   }
   client.on('error', () => {})
   const run = async () => {

@@ -5,7 +5,7 @@ import { connect as netConnect, type Socket } from 'node:net'
 import { connect as tlsConnect } from 'node:tls'
 import type { IncomingMessage } from 'node:http'
 import type { Pipeline } from '../pipeline.js'
-import { LatchkeyError, renderErrorRaw } from '../errors.js'
+import { LatchkeyError } from '../errors.js'
 import { hostHeader, parseAbsoluteTarget, parseReverseTarget } from './target.js'
 import { checkFraming } from './framing.js'
 import { outboundRequestHeaders } from '../forward/headers.js'
@@ -18,15 +18,7 @@ const KEEP_FOR_WEBSOCKET = ['upgrade', 'connection'] as const
 export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: Socket, head: Buffer, connectTimeoutMs: number, open: Set<Socket>): void {
   const url = req.url ?? ''
   const ctx = pipeline.newContext('upgrade', req.method ?? 'GET')
-  const refuse = (err: unknown) => {
-    const e = pipeline.asLatchkeyError(err)
-    ctx.status = e.status
-    ctx.errorCode = e.code
-    ctx.errorReason = e.reason
-    if (client.writable) client.end(renderErrorRaw(e))
-    else client.destroy()
-    pipeline.finish(ctx)
-  }
+  const refuse = (err: unknown) => pipeline.refuseSocket(ctx, client, err)
   client.on('error', () => {})
   const run = async () => {
     checkFraming(req)

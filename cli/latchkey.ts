@@ -5,6 +5,7 @@ import { Command } from 'commander'
 import { loadConfigFile, ConfigError } from '../lib/config/load.js'
 import { startSidecar, StartupError } from '../proxy/sidecar.js'
 import { runUp } from './up.js'
+import { registerCollectorCommands } from '../collector/cli.js'
 
 const program = new Command()
 program.name('latchkey').description('Short-lived, task-scoped credentials for AI agents, injected by a localhost sidecar.')
@@ -73,5 +74,7 @@ program
       fail(err)
     }
   })
+
+registerCollectorCommands(program, onShutdown)
 
 await program.parseAsync(process.argv)

@@ -12,6 +12,7 @@ import { createQueryServer } from './http.js'
 import type { AuditStore, StoredEvent } from './store/types.js'
 import { SqliteAuditStore } from './store/sqlite.js'
 import { PostgresAuditStore } from './store/postgres.js'
+import { JetStreamFanOut } from './fanout.js'
 
 export function openStore(c: StoreConfig): AuditStore {
   return c.kind === 'sqlite' ? new SqliteAuditStore(c.path) : new PostgresAuditStore({ url: c.url, schema: c.schema, poolSize: c.pool_size })
@@ -42,8 +43,8 @@ export interface RunningCollector {
 export async function startCollector(config: CollectorConfig, opts: CollectorOptions = {}): Promise<RunningCollector> {
   const c = config.collector
   const log = createLogger(config.log.level, 'latchkey-collector', opts.logDestination)
+  const fanOut = opts.fanOut ?? (c.nats ? await JetStreamFanOut.open(c.nats, log) : null)
   const store = opts.store ?? openStore(c.store)
-  const fanOut = opts.fanOut ?? null
   const ingest = new IngestService(store, c.sidecars, log, fanOut ? (events) => fanOut.publish(events) : undefined)
 
   const grpc = new Server({ 'grpc.max_receive_message_length': c.grpc.max_batch_bytes })

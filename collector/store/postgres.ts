@@ -39,6 +39,8 @@ export class PostgresAuditStore implements AuditStore {
     this.pool = new pg.Pool({ connectionString: opts.url, max: opts.poolSize ?? 4 })
     // An idle client's connection error must not crash the collector; the next query reports it.
     this.pool.on('error', () => {})
+    // Nor may a checked-out client's (the query in flight rejects with it instead).
+    this.pool.on('connect', (client) => client.on('error', () => {}))
     this.ready = this.init(s)
     this.ready.catch(() => {})
   }
@@ -144,6 +146,7 @@ export class PostgresAuditStore implements AuditStore {
         )
       }
       await c.query('COMMIT')
+      c.release()
       return {
         stored: rows.length,
         duplicates: events.length - rows.length,
@@ -151,11 +154,12 @@ export class PostgresAuditStore implements AuditStore {
         events: rows.map((r) => toStored(sidecar, r)),
       }
     } catch (err) {
-      await c.query('ROLLBACK').catch(() => {})
+      let broken = false
+      await c.query('ROLLBACK').catch(() => (broken = true))
+      // A connection that failed is destroyed rather than handed to the next append.
+      c.release(broken ? true : undefined)
       if (err instanceof StoreError) throw err
       throw new StoreError('LK_STORE_UNAVAILABLE', `postgres append failed: ${(err as Error).message}`)
-    } finally {
-      c.release()
     }
   }
 

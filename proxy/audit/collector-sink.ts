@@ -1,7 +1,10 @@
 // The AuditSink that gets every call to the collector, losing none:
-//   write():  pushes the event to memory (the request path stops here) and queues a microtask;
-//   persist:  the microtask encodes the task's events and appends them to the spool in one
-//             write(2), before the event loop runs anything else (so before any other I/O);
+//   write():  encodes the event and appends it to the spool with one write(2), synchronously;
+//             with recordBeforeResponse the pipeline calls it before the response's last bytes
+//             are written, so when the agent has the response the event is in the kernel and a
+//             SIGKILL of the sidecar cannot lose it (a power loss can: sync() is on flush/close).
+//             Tried first and rejected: appending from a microtask after the response was sent;
+//             one run of the SIGKILL test (test/collector/faults-sidecar.test.ts) lost a completed call.
 //   sender:   one gRPC Ingest stream to the collector, reading the spool in order, a few
 //             batches in flight; each ack deletes the segments it fully covers. On any stream
 //             error it reconnects with exponential backoff and replays from the oldest
@@ -87,7 +90,6 @@ export class CollectorAuditSink implements AuditSink {
   readonly spool: Spool
   readonly stats: CollectorSinkStats = { spooled: 0, acked: 0, dropped: 0, overLimit: 0, batches: 0, reconnects: 0 }
   private pending: AuditEvent[] = []
-  private scheduled = false
   private closed = false
   private full = false
   private readonly client: InstanceType<typeof RawIngestClient>
@@ -116,13 +118,12 @@ export class CollectorAuditSink implements AuditSink {
     this.o.onLog?.(level, fields, msg)
   }
 
+  readonly recordBeforeResponse = true
+
   write(event: AuditEvent): void {
     if (this.closed) return
     this.pending.push(event)
-    if (!this.scheduled) {
-      this.scheduled = true
-      queueMicrotask(() => this.persist())
-    }
+    this.persist()
   }
 
   /** False while the spool is full and the configured choice is to refuse new egress. */
@@ -140,7 +141,6 @@ export class CollectorAuditSink implements AuditSink {
   }
 
   private persist(): void {
-    this.scheduled = false
     let events = this.pending
     if (events.length === 0) return
     this.pending = []

@@ -5,7 +5,7 @@
 // sidecar's chain stays linear whichever replica its stream lands on.
 import pg from 'pg'
 import { Action, type SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
-import { GENESIS, chainRows, newEvents, toStored } from './chain.js'
+import { GENESIS, chainRows, newEvents, rowToStored, toStored } from './chain.js'
 import { verifyRows, type DbRow } from './sqlite.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
 import { StoreError } from './types.js'
@@ -151,7 +151,7 @@ export class PostgresAuditStore implements AuditStore {
         stored: rows.length,
         duplicates: events.length - rows.length,
         highest: seqs.reduce((a, b) => Math.max(a, b), 0),
-        events: rows.map((r) => toStored(sidecar, r)),
+        events: rows.map((r) => rowToStored(sidecar, r)),
       }
     } catch (err) {
       let broken = false

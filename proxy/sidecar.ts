@@ -15,6 +15,7 @@ import { SidecarAgentIdentifier } from './identify/proxy-authorization.js'
 import { PinnedPools } from './forward/pools.js'
 import { JsonlAuditSink } from './audit/jsonl-sink.js'
 import { CollectorAuditSink } from './audit/collector-sink.js'
+import { registerCollectorSinkMetrics } from './audit/collector-metrics.js'
 import { SidecarMetrics } from './metrics.js'
 import { createListener } from './listen/server.js'
 import { createAdminServer } from './admin.js'
@@ -96,6 +97,8 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       metrics.auditFailures.inc()
       log.error({ code: err.code }, 'audit sink write failed')
     })
+
+  if (audit instanceof CollectorAuditSink) registerCollectorSinkMetrics(metrics.registry, audit)
 
   const upstreamCa = sc.upstream_ca_file ? [...rootCertificates, readFileSync(sc.upstream_ca_file, 'utf8')] : undefined
   const routes = new Map(Object.entries(config.routes).map(([name, origin]) => [name, new URL(origin)]))

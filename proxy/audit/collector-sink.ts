@@ -126,6 +126,10 @@ export class CollectorAuditSink implements AuditSink {
     this.persist()
   }
 
+  get isFull(): boolean {
+    return this.full
+  }
+
   /** False while the spool is full and the configured choice is to refuse new egress. */
   accepting(): boolean {
     return !(this.full && this.o.onFull === 'refuse')

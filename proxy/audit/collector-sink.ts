@@ -45,6 +45,7 @@ export interface CollectorSinkStats {
 }
 
 const WINDOW = 4
+const LINGER_MS = 20
 const BATCH_BYTES = 1024 * 1024
 
 /** The request message written by hand from spooled bytes: no decode/re-encode per event. */
@@ -98,10 +99,14 @@ export class CollectorAuditSink implements AuditSink {
   private inflight = 0
   private attempt = 0
   private retryTimer: NodeJS.Timeout | null = null
+  private pumpTimer: NodeJS.Timeout | null = null
   private readonly ackWaiters: Array<{ seq: number; resolve: () => void }> = []
   private readonly sidecarField: Uint8Array
 
   constructor(private readonly o: CollectorSinkOptions) {
+    if (o.maxBytes < 2 * o.segmentBytes) {
+      throw new Error(`spool_max_bytes (${o.maxBytes}) must be at least twice segment_bytes (${o.segmentBytes}): acked segments are deleted only once a newer one exists`)
+    }
     this.spool = new Spool(o.spoolDir, o.sidecarId, o.segmentBytes)
     const r = this.spool.recovery
     if (r.records > 0 || r.tornBytes > 0 || r.corruptBytes > 0) {
@@ -166,7 +171,16 @@ export class CollectorAuditSink implements AuditSink {
     }
     events = []
     this.updateFull()
-    this.pump()
+    this.schedulePump()
+  }
+
+  /** Sending is off the request path: at most one pump per linger window, batching what arrived. */
+  private schedulePump(): void {
+    if (this.pumpTimer || !this.call) return
+    this.pumpTimer = setTimeout(() => {
+      this.pumpTimer = null
+      this.pump()
+    }, LINGER_MS)
   }
 
   private connect(): void {
@@ -273,6 +287,7 @@ export class CollectorAuditSink implements AuditSink {
     if (!delivered) this.log('warn', { unacked: last - this.stats.acked, dir: this.o.spoolDir }, 'audit events left in the spool for the next start')
     this.closed = true
     if (this.retryTimer) clearTimeout(this.retryTimer)
+    if (this.pumpTimer) clearTimeout(this.pumpTimer)
     this.call?.end()
     this.call?.cancel()
     this.call = null

@@ -11,7 +11,7 @@ import { join, dirname } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { createHash } from 'node:crypto'
 import { createServer } from 'node:http'
-import { Pool } from 'undici'
+import { Pool, request } from 'undici'
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const cli = join(root, 'dist/cli/latchkey.js')
@@ -159,7 +159,7 @@ log: { level: warn }
   }
   // Every request the collector-backed sidecar answered must be at the collector (warm-up included).
   await sleep(2000)
-  const inv = await (await fetch(`http://127.0.0.1:${httpPort}/v1/inventory`)).json()
+  const inv = await (await request(`http://127.0.0.1:${httpPort}/v1/inventory`)).body.json()
   const atCollector = inv.sidecars.find((s) => s.sidecar === 'bench-sidecar')?.events ?? 0
   const fmt = (n) => Math.round(n).toLocaleString('en-US')
   console.log(`sidecar audit sinks: ${ROUNDS} rounds × ${SECONDS} s, medians; ${cpus().length} × ${cpus()[0]?.model ?? '?'}, Node ${process.version}`)

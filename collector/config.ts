@@ -132,6 +132,13 @@ export function validateCollectorConfig(raw: unknown, source = '<collector confi
     throw new ConfigError(source, problems)
   }
   const c = raw as unknown as CollectorConfig
+  // ajv does not apply defaults inside oneOf branches: the store's are filled here.
+  const st = c.collector.store as { kind: string; path?: string; schema?: string; pool_size?: number }
+  if (st.kind === 'sqlite') st.path ??= 'latchkey-audit.db'
+  else {
+    st.schema ??= 'latchkey'
+    st.pool_size ??= 4
+  }
   const ids = new Set<string>()
   const problems: ConfigProblem[] = []
   c.collector.sidecars.forEach((s, i) => {

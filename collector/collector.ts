@@ -16,7 +16,7 @@ import { PostgresAuditStore } from './store/postgres.js'
 import { JetStreamFanOut } from './fanout.js'
 
 export function openStore(c: StoreConfig): AuditStore {
-  return c.kind === 'sqlite' ? new SqliteAuditStore(c.path) : new PostgresAuditStore({ url: c.url, schema: c.schema, poolSize: c.pool_size })
+  return c.kind === 'sqlite' ? new SqliteAuditStore(c.path) : new PostgresAuditStore({ url: c.url, schema: c.schema, poolSize: c.pool_size, writerRole: c.writer_role, migrate: c.migrate })
 }
 
 export interface FanOut {

@@ -16,6 +16,13 @@ export interface PostgresStoreOptions {
   /** Schema holding the tables; created if missing. */
   schema?: string
   poolSize?: number
+  /**
+   * A role to grant exactly SELECT and INSERT on the events table (and nothing else): run the
+   * collector as that role and even a compromised collector cannot alter, delete or un-trigger.
+   */
+  writerRole?: string
+  /** Create or update the schema on start (default). False for a role that may only write. */
+  migrate?: boolean
 }
 
 const DENIED = `(${Action.ACTION_DENY}, ${Action.ACTION_REPORT})`
@@ -41,11 +48,21 @@ export class PostgresAuditStore implements AuditStore {
     this.pool.on('error', () => {})
     // Nor may a checked-out client's (the query in flight rejects with it instead).
     this.pool.on('connect', (client) => client.on('error', () => {}))
+    this.writerRole = opts.writerRole ?? null
+    this.migrate = opts.migrate ?? true
     this.ready = this.init(s)
     this.ready.catch(() => {})
   }
 
+  private readonly writerRole: string | null
+  private readonly migrate: boolean
+
   private async init(s: string): Promise<void> {
+    if (!this.migrate) {
+      // Only check the table is there and readable; the schema is someone else's to create.
+      await this.pool.query(`SELECT 1 FROM ${this.t} LIMIT 1`)
+      return
+    }
     const c = await this.pool.connect()
     try {
       await c.query('BEGIN')
@@ -80,6 +97,12 @@ export class PostgresAuditStore implements AuditStore {
       await c.query(`CREATE OR REPLACE TRIGGER audit_events_no_change BEFORE UPDATE OR DELETE ON ${this.t} FOR EACH ROW EXECUTE FUNCTION ${s}.audit_events_refuse()`)
       await c.query(`CREATE OR REPLACE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON ${this.t} FOR EACH STATEMENT EXECUTE FUNCTION ${s}.audit_events_refuse()`)
       await c.query(`REVOKE UPDATE, DELETE, TRUNCATE ON ${this.t} FROM PUBLIC`)
+      if (this.writerRole) {
+        const w = ident(this.writerRole)
+        await c.query(`GRANT USAGE ON SCHEMA ${s} TO ${w}`)
+        await c.query(`REVOKE ALL ON ${this.t} FROM ${w}`)
+        await c.query(`GRANT SELECT, INSERT ON ${this.t} TO ${w}`)
+      }
       await c.query('COMMIT')
     } catch (err) {
       await c.query('ROLLBACK').catch(() => {})

@@ -10,7 +10,7 @@ t.test('the example config is valid and gets its defaults', async (t) => {
   t.same(c.collector.grpc, { host: '127.0.0.1', port: 15100, max_batch_bytes: 8 * 1024 * 1024 })
   t.equal(c.collector.nats, null)
   const pg = validateCollectorConfig({ version: 1, collector: { store: { kind: 'postgres', url: 'postgres://x@h/db' }, sidecars: [] } })
-  t.same(pg.collector.store, { kind: 'postgres', url: 'postgres://x@h/db', schema: 'latchkey', pool_size: 4 })
+  t.same(pg.collector.store, { kind: 'postgres', url: 'postgres://x@h/db', schema: 'latchkey', pool_size: 4, migrate: true })
   t.same(pg.collector.http, { host: '127.0.0.1', port: 15101 })
   t.same(validateCollectorConfig({ version: 1, collector: { sidecars: [] } }).collector.store, { kind: 'sqlite', path: 'latchkey-audit.db' })
 })

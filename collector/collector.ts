@@ -1,6 +1,7 @@
 // Assembles a collector from its config: the store, the gRPC ingest server, the HTTP query API,
 // and (when configured) the JetStream fan-out.
 import { once } from 'node:events'
+import { readFileSync } from 'node:fs'
 import type { AddressInfo } from 'node:net'
 import { Server, ServerCredentials } from '@grpc/grpc-js'
 import type { DestinationStream } from 'pino'
@@ -46,13 +47,17 @@ export async function startCollector(config: CollectorConfig, opts: CollectorOpt
   const log = createLogger(config.log.level, 'latchkey-collector', opts.logDestination)
   const fanOut = opts.fanOut ?? (c.nats ? await JetStreamFanOut.open(c.nats, log) : null)
   const store = opts.store ?? openStore(c.store)
-  const ingest = new IngestService(store, c.sidecars, log, fanOut ? (events) => fanOut.publish(events) : undefined)
+  const tls = c.grpc.tls
+  const ingest = new IngestService(store, c.sidecars, log, fanOut ? (events) => fanOut.publish(events) : undefined, !!tls)
+  const serverCreds = tls
+    ? ServerCredentials.createSsl(readFileSync(tls.client_ca_file), [{ cert_chain: readFileSync(tls.cert_file), private_key: readFileSync(tls.key_file) }], true)
+    : ServerCredentials.createInsecure()
 
   const grpc = new Server({ 'grpc.max_receive_message_length': c.grpc.max_batch_bytes })
   // Requests decoded by collector/wire.ts: each event's bytes are stored as received.
   grpc.addService({ ingest: { ...AuditIngestServiceService.ingest, requestDeserialize: decodeIngestRequest } }, ingest.implementation())
   const grpcPort = await new Promise<number>((resolve, reject) =>
-    grpc.bindAsync(`${c.grpc.host.includes(':') ? `[${c.grpc.host}]` : c.grpc.host}:${c.grpc.port}`, ServerCredentials.createInsecure(), (err, port) =>
+    grpc.bindAsync(`${c.grpc.host.includes(':') ? `[${c.grpc.host}]` : c.grpc.host}:${c.grpc.port}`, serverCreds, (err, port) =>
       err ? reject(new Error(`collector gRPC listen on ${c.grpc.host}:${c.grpc.port} failed: ${err.message}`)) : resolve(port),
     ),
   )

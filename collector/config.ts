@@ -6,9 +6,17 @@ import { parse } from 'yaml'
 import { ConfigError, type ConfigProblem } from '../lib/config/load.js'
 
 export interface SidecarCredential {
+  /** With mTLS, the CN of the sidecar's client certificate. */
   id: string
-  /** hex SHA-256 of the sidecar's shared token: the collector never holds the token itself. */
-  token_sha256: string
+  /** hex SHA-256 of the sidecar's shared token: the collector never holds the token itself. Required without mTLS. */
+  token_sha256?: string
+}
+
+export interface GrpcTls {
+  cert_file: string
+  key_file: string
+  /** CA that signs sidecars' client certificates: with it, every stream must present one. */
+  client_ca_file: string
 }
 
 export type StoreConfig =
@@ -25,7 +33,7 @@ export interface NatsConfig {
 export interface CollectorConfig {
   version: 1
   collector: {
-    grpc: { host: string; port: number; max_batch_bytes: number }
+    grpc: { host: string; port: number; max_batch_bytes: number; tls: GrpcTls | null }
     http: { host: string; port: number } | null
     store: StoreConfig
     sidecars: SidecarCredential[]
@@ -54,7 +62,17 @@ const schema = {
       properties: {
         grpc: {
           ...hostPort(15100),
-          properties: { ...hostPort(15100).properties, max_batch_bytes: { type: 'integer', minimum: 1024, default: 8 * 1024 * 1024 } },
+          properties: {
+            ...hostPort(15100).properties,
+            max_batch_bytes: { type: 'integer', minimum: 1024, default: 8 * 1024 * 1024 },
+            tls: {
+              type: ['object', 'null'],
+              default: null,
+              additionalProperties: false,
+              required: ['cert_file', 'key_file', 'client_ca_file'],
+              properties: { cert_file: { type: 'string', minLength: 1 }, key_file: { type: 'string', minLength: 1 }, client_ca_file: { type: 'string', minLength: 1 } },
+            },
+          },
         },
         http: { ...hostPort(15101), type: ['object', 'null'] },
         store: {
@@ -85,7 +103,7 @@ const schema = {
           items: {
             type: 'object',
             additionalProperties: false,
-            required: ['id', 'token_sha256'],
+            required: ['id'],
             properties: { id: { type: 'string', minLength: 1 }, token_sha256: { type: 'string', pattern: '^[0-9a-f]{64}$' } },
           },
         },
@@ -148,6 +166,9 @@ export function validateCollectorConfig(raw: unknown, source = '<collector confi
   const problems: ConfigProblem[] = []
   c.collector.sidecars.forEach((s, i) => {
     if (ids.has(s.id)) problems.push({ path: `collector.sidecars[${i}].id`, message: `duplicate sidecar id "${s.id}"` })
+    if (!s.token_sha256 && !c.collector.grpc.tls) {
+      problems.push({ path: `collector.sidecars[${i}].token_sha256`, message: 'required unless collector.grpc.tls authenticates sidecars by client certificate' })
+    }
     ids.add(s.id)
   })
   if (problems.length) throw new ConfigError(source, problems)

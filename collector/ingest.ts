@@ -25,7 +25,7 @@ function grpcError(code: status, details: string): Partial<ServiceError> {
 }
 
 export class IngestService {
-  private readonly tokens: Map<string, Buffer>
+  private readonly tokens: Map<string, Buffer | null>
   readonly stats: IngestStats = { batches: 0, stored: 0, duplicates: 0, refused: 0 }
   private readonly streams = new Set<ServerDuplexStream<IngestRequest, IngestResponse>>()
 
@@ -35,16 +35,28 @@ export class IngestService {
     private readonly log: Logger,
     /** Called with each batch's newly stored events, after the commit (fan-out). */
     private readonly onStored: (events: StoredEvent[]) => void = () => {},
+    /** Streams arrive over mTLS: the sidecar is the client certificate's CN. */
+    private readonly mtls = false,
   ) {
-    this.tokens = new Map(sidecars.map((s) => [s.id, Buffer.from(s.token_sha256, 'hex')]))
+    this.tokens = new Map(sidecars.map((s) => [s.id, s.token_sha256 ? Buffer.from(s.token_sha256, 'hex') : null]))
   }
 
   /** Returns the authenticated sidecar id, or the reason it is refused (never quoting the token). */
-  authenticate(md: Metadata): { id: string } | { refused: string } {
-    const id = md.get(SIDECAR_ID_HEADER)[0]
-    if (typeof id !== 'string' || !id) return { refused: `missing ${SIDECAR_ID_HEADER} metadata` }
+  authenticate(md: Metadata, certCn?: string): { id: string } | { refused: string } {
+    const claimed = md.get(SIDECAR_ID_HEADER)[0]
+    let id: string
+    if (this.mtls) {
+      // The TLS layer already refused certificates the client CA did not sign.
+      if (!certCn) return { refused: 'client certificate has no CN' }
+      if (typeof claimed === 'string' && claimed && claimed !== certCn) return { refused: `metadata names sidecar "${claimed}" but the client certificate is "${certCn}"` }
+      id = certCn
+    } else {
+      if (typeof claimed !== 'string' || !claimed) return { refused: `missing ${SIDECAR_ID_HEADER} metadata` }
+      id = claimed
+    }
+    if (!this.tokens.has(id)) return { refused: `sidecar "${id}" is not known to this collector` }
     const want = this.tokens.get(id)
-    if (!want) return { refused: `sidecar "${id}" is not known to this collector` }
+    if (!want) return { id } // mTLS only: no token configured for it
     const auth = md.get('authorization')[0]
     const m = typeof auth === 'string' ? /^Bearer (\S+)$/.exec(auth) : null
     if (!m) return { refused: `sidecar "${id}": missing bearer token` }
@@ -63,7 +75,8 @@ export class IngestService {
   }
 
   private async handle(call: ServerDuplexStream<IngestRequest, IngestResponse>): Promise<void> {
-    const auth = this.authenticate(call.metadata)
+    const cn = call.getAuthContext()?.sslPeerCertificate?.subject?.CN
+    const auth = this.authenticate(call.metadata, Array.isArray(cn) ? undefined : cn)
     if ('refused' in auth) {
       this.stats.refused++
       this.log.warn({ peer: call.getPeer(), reason: auth.refused }, 'ingest stream refused')

@@ -64,9 +64,17 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   }
 
   const cc = config.audit.collector
-  const collectorToken = cc ? new StaticSecretSource(config.secrets, [cc.token_secret], opts.env ?? process.env) : null
-  if (cc && !collectorToken!.has(cc.token_secret)) {
+  if (cc && !cc.token_secret && !cc.tls) throw new StartupError('audit.collector: needs token_secret, tls, or both, to authenticate to the collector')
+  const collectorToken = cc?.token_secret ? new StaticSecretSource(config.secrets, [cc.token_secret], opts.env ?? process.env) : null
+  if (cc?.token_secret && !collectorToken!.has(cc.token_secret)) {
     throw new StartupError(`audit.collector: secret ${cc.token_secret} is neither in env ${config.secrets.env_prefix}${cc.token_secret} nor in secrets.file`)
+  }
+  const readTls = (t: { ca_file: string; cert_file: string; key_file: string }) => {
+    try {
+      return { ca: readFileSync(t.ca_file), cert: readFileSync(t.cert_file), key: readFileSync(t.key_file) }
+    } catch (err) {
+      throw new StartupError(`audit.collector.tls: cannot read ${(err as NodeJS.ErrnoException).path ?? 'a file'} (${(err as NodeJS.ErrnoException).code})`)
+    }
   }
   const openCollectorSink = (o: ConstructorParameters<typeof CollectorAuditSink>[0]) => {
     try {
@@ -81,7 +89,8 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       ? openCollectorSink({
           address: cc.address,
           sidecarId: cc.sidecar_id,
-          token: collectorToken!.get({ secret: cc.token_secret, id: 'audit.collector' } as CredentialBinding).value,
+          token: cc.token_secret ? collectorToken!.get({ secret: cc.token_secret, id: 'audit.collector' } as CredentialBinding).value : null,
+          tls: cc.tls ? readTls(cc.tls) : null,
           spoolDir: cc.spool_dir,
           segmentBytes: cc.segment_bytes,
           maxBytes: cc.spool_max_bytes,

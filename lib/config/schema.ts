@@ -81,8 +81,10 @@ export interface AuditCollectorConfig {
   address: string
   /** This sidecar's instance ID at the collector (its events are deduplicated per ID). */
   sidecar_id: string
-  /** Name of the secret (secrets.file or env <env_prefix><NAME>) holding this sidecar's collector token. */
-  token_secret: string
+  /** Name of the secret (secrets.file or env <env_prefix><NAME>) holding this sidecar's collector token. Required without tls. */
+  token_secret?: string
+  /** mTLS to the collector: its CA, and this sidecar's client certificate (CN = sidecar_id). */
+  tls: { ca_file: string; cert_file: string; key_file: string } | null
   spool_dir: string
   spool_max_bytes: number
   segment_bytes: number
@@ -283,11 +285,18 @@ export const configSchema = {
           type: ['object', 'null'],
           additionalProperties: false,
           default: null,
-          required: ['address', 'sidecar_id', 'token_secret'],
+          required: ['address', 'sidecar_id'],
           properties: {
             address: { type: 'string', pattern: '^[^\\s/]+:[0-9]{1,5}$' },
             sidecar_id: nonEmpty,
             token_secret: nonEmpty,
+            tls: {
+              type: ['object', 'null'],
+              additionalProperties: false,
+              default: null,
+              required: ['ca_file', 'cert_file', 'key_file'],
+              properties: { ca_file: nonEmpty, cert_file: nonEmpty, key_file: nonEmpty },
+            },
             spool_dir: { ...nonEmpty, default: 'latchkey-spool' },
             spool_max_bytes: { type: 'integer', minimum: 65536, default: 256 * 1024 * 1024 },
             segment_bytes: { type: 'integer', minimum: 4096, default: 4 * 1024 * 1024 },

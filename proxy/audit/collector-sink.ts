@@ -22,7 +22,10 @@ export interface CollectorSinkOptions {
   /** host:port of the collector's gRPC ingest. */
   address: string
   sidecarId: string
-  token: string
+  /** Shared token, sent as a bearer; null when mTLS alone authenticates. */
+  token: string | null
+  /** mTLS: the collector's CA, and this sidecar's certificate and key (CN = sidecarId). */
+  tls: { ca: Buffer; cert: Buffer; key: Buffer } | null
   spoolDir: string
   segmentBytes: number
   maxBytes: number
@@ -54,7 +57,7 @@ const RawIngestClient = makeGenericClientConstructor(
   'latchkey.v1.AuditIngestService',
 ) as unknown as new (
   address: string,
-  creds: ReturnType<typeof credentials.createInsecure>,
+  creds: ReturnType<typeof credentials.createSsl>,
   options: Record<string, unknown>,
 ) => { ingest(md: Metadata): ClientDuplexStream<Buffer, IngestResponse>; close(): void }
 
@@ -113,7 +116,8 @@ export class CollectorAuditSink implements AuditSink {
       this.log(r.corruptBytes > 0 ? 'error' : 'info', { ...r, dir: o.spoolDir }, r.corruptBytes > 0 ? 'audit spool damaged: skipped unreadable bytes' : 'audit spool recovered')
     }
     this.cursor = this.spool.start()
-    this.client = new RawIngestClient(o.address, credentials.createInsecure(), { 'grpc.max_send_message_length': 2 * BATCH_BYTES })
+    const creds = o.tls ? credentials.createSsl(o.tls.ca, o.tls.key, o.tls.cert) : credentials.createInsecure()
+    this.client = new RawIngestClient(o.address, creds, { 'grpc.max_send_message_length': 2 * BATCH_BYTES })
     this.sidecarField = new BinaryWriter().uint32(10).string(o.sidecarId).finish()
     this.updateFull()
     this.connect()
@@ -187,7 +191,7 @@ export class CollectorAuditSink implements AuditSink {
     if (this.closed || this.call) return
     const md = new Metadata()
     md.set('x-latchkey-sidecar', this.o.sidecarId)
-    md.set('authorization', `Bearer ${this.o.token}`)
+    if (this.o.token) md.set('authorization', `Bearer ${this.o.token}`)
     const call = this.client.ingest(md)
     this.call = call
     this.cursor = this.spool.start()

@@ -2,7 +2,8 @@
 //   write():  encodes the event and appends it to the spool with one write(2), synchronously;
 //             with recordBeforeResponse the pipeline calls it before the response's last bytes
 //             are written, so when the agent has the response the event is in the kernel and a
-//             SIGKILL of the sidecar cannot lose it (a power loss can: sync() is on flush/close).
+//             SIGKILL of the sidecar cannot lose it (a power loss can lose the last second: the
+//             spool is fsynced every second, and on flush/close).
 //             Tried first and rejected: appending from a microtask after the response was sent;
 //             one run of the SIGKILL test (test/collector/faults-sidecar.test.ts) lost a completed call.
 //   sender:   one gRPC Ingest stream to the collector, reading the spool in order, a few
@@ -49,6 +50,7 @@ export interface CollectorSinkStats {
 
 const WINDOW = 4
 const LINGER_MS = 20
+const SYNC_MS = 1000
 const BATCH_BYTES = 1024 * 1024
 
 /** The request message written by hand from spooled bytes: no decode/re-encode per event. */
@@ -103,6 +105,9 @@ export class CollectorAuditSink implements AuditSink {
   private attempt = 0
   private retryTimer: NodeJS.Timeout | null = null
   private pumpTimer: NodeJS.Timeout | null = null
+  /** Power-loss window: what was appended is fsynced at least this often. */
+  private readonly syncTimer: NodeJS.Timeout
+  private dirty = false
   private readonly ackWaiters: Array<{ seq: number; resolve: () => void }> = []
   private readonly sidecarField: Uint8Array
 
@@ -120,6 +125,16 @@ export class CollectorAuditSink implements AuditSink {
     this.client = new RawIngestClient(o.address, creds, { 'grpc.max_send_message_length': 2 * BATCH_BYTES })
     this.sidecarField = new BinaryWriter().uint32(10).string(o.sidecarId).finish()
     this.updateFull()
+    this.syncTimer = setInterval(() => {
+      if (!this.dirty) return
+      this.dirty = false
+      try {
+        this.spool.sync()
+      } catch (err) {
+        this.log('error', { code: (err as NodeJS.ErrnoException).code }, 'audit spool fsync failed')
+      }
+    }, SYNC_MS)
+    this.syncTimer.unref()
     this.connect()
   }
 
@@ -162,13 +177,21 @@ export class CollectorAuditSink implements AuditSink {
         this.stats.dropped += events.length
         return
       }
-      // refuse: calls already made (and the refusals themselves) are still recorded.
+      // refuse: calls already under way are still recorded, and so are the refusals, up to an
+      // eighth over the limit; past that, refusals (calls that never left) are only counted.
+      if (this.spool.bytes >= this.o.maxBytes + this.o.maxBytes / 8) {
+        const kept = events.filter((e) => e.error !== 'LK_AUDIT_UNAVAILABLE')
+        this.stats.dropped += events.length - kept.length
+        events = kept
+        if (events.length === 0) return
+      }
       this.stats.overLimit += events.length
     }
     try {
       let i = 0
       this.spool.append(events.length, (seq) => SequencedEvent.encode({ sequence: seq, event: toProtoEvent(events[i++]!) }).finish())
       this.stats.spooled += events.length
+      this.dirty = true
     } catch (err) {
       this.stats.dropped += events.length
       this.log('error', { code: (err as NodeJS.ErrnoException).code, events: events.length }, 'audit spool append failed')
@@ -292,6 +315,7 @@ export class CollectorAuditSink implements AuditSink {
     this.closed = true
     if (this.retryTimer) clearTimeout(this.retryTimer)
     if (this.pumpTimer) clearTimeout(this.pumpTimer)
+    clearInterval(this.syncTimer)
     this.call?.end()
     this.call?.cancel()
     this.call = null

@@ -95,6 +95,13 @@ t.test('full spool, on_full refuse: new egress refused (503) until the collector
   t.equal(res.code, 'LK_AUDIT_UNAVAILABLE')
   t.equal(upstream.requests.length, forwarded, 'the refused call never reached the upstream')
   t.match(s.logs.join(''), /audit spool full: refusing new egress/)
+  // A flood of refused calls: recorded up to an eighth over the limit, then only counted.
+  let refused = 0
+  for (let i = 0; i < 600; i++) if ((await call(agent, `${upstream.origin}/flood/${i}`)) === 503) refused++
+  t.equal(refused, 600)
+  t.ok(s.sink.spool.bytes < 65536 * 1.125 + 1024, `the spool stopped growing (${s.sink.spool.bytes} bytes)`)
+  t.ok(s.sink.stats.dropped > 0, `refusals past the hard limit counted, not kept (${s.sink.stats.dropped})`)
+  t.equal(upstream.requests.length, forwarded, 'none of them reached the upstream')
   const c = await startTestCollector([id], { grpcPort: port })
   t.teardown(() => c.close())
   t.ok(await s.sink.waitForAck(s.sink.spool.lastSeq, 10_000))
@@ -104,7 +111,8 @@ t.test('full spool, on_full refuse: new egress refused (503) until the collector
   const at = new Set(await pathsAt(c.store))
   t.same(ok.filter((p) => !at.has(p)), [], 'every call that went out is at the store')
   t.ok(at.has('/after-catch-up'))
-  t.equal(s.sink.stats.dropped, 0)
+  const droppedPaths = upstream.requests.map((r) => r.url).filter((p) => !at.has(p))
+  t.same(droppedPaths, [], 'every call that reached the upstream is at the store; only refusals were dropped')
   await s.close()
 })
 

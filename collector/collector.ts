@@ -22,6 +22,8 @@ export function openStore(c: StoreConfig): AuditStore {
 
 export interface FanOut {
   publish(events: StoredEvent[]): void
+  /** Publishes what was stored but not yet published (before ingest starts). */
+  catchUp?(store: AuditStore): Promise<number>
   close(): Promise<void>
 }
 
@@ -45,8 +47,15 @@ export interface RunningCollector {
 export async function startCollector(config: CollectorConfig, opts: CollectorOptions = {}): Promise<RunningCollector> {
   const c = config.collector
   const log = createLogger(config.log.level, 'latchkey-collector', opts.logDestination)
-  const fanOut = opts.fanOut ?? (c.nats ? await JetStreamFanOut.open(c.nats, log) : null)
   const store = opts.store ?? openStore(c.store)
+  let fanOut: FanOut | null
+  try {
+    fanOut = opts.fanOut ?? (c.nats ? await JetStreamFanOut.open(c.nats, log) : null)
+    await fanOut?.catchUp?.(store)
+  } catch (err) {
+    if (!opts.store) await store.close()
+    throw err
+  }
   const tls = c.grpc.tls
   const ingest = new IngestService(store, c.sidecars, log, fanOut ? (events) => fanOut.publish(events) : undefined, !!tls)
   const serverCreds = tls

@@ -1,13 +1,15 @@
 // Fan-out of every stored event to NATS JetStream (SIEMs, the kill switch): one durable stream,
 // subject `<subject_prefix>.<agent type>`, body the event as JSON (the query API's shape), and
 // JetStream's own dedupe keyed by `<sidecar>:<sequence>` so a retried publish is stored once.
-// Published after the store commit, in order, retried with backoff while NATS is away. The queue
-// is in memory: events stored while the collector is down are not re-published after a restart
-// (the store remains the record; see ARCHITECTURE.md).
+// Published after the store commit, in order, retried with backoff while NATS is away. Progress
+// is kept in the store as a cursor per sidecar (saved every second and on close); on start,
+// catchUp() publishes every stored event past the cursors before the collector takes ingest,
+// so events committed but not yet published when a collector died still go out (at least once:
+// a republish inside JetStream's duplicate window is dropped by the msgID).
 import { connect, RetentionPolicy, StorageType, type JetStreamClient, type NatsConnection } from 'nats'
 import type { Logger } from '../lib/log.js'
 import { agentType } from './store/chain.js'
-import type { StoredEvent } from './store/types.js'
+import type { AuditStore, StoredEvent } from './store/types.js'
 import type { FanOut } from './collector.js'
 import type { NatsConfig } from './config.js'
 import { eventToJson } from './query.js'
@@ -19,6 +21,8 @@ export interface FanOutStats {
 }
 
 const MAX_QUEUE = 100_000
+const CURSOR = 'nats'
+const SAVE_MS = 1000
 
 export function subjectFor(prefix: string, agent: string): string {
   return `${prefix}.${agentType(agent).replace(/[^A-Za-z0-9_-]/g, '_')}`
@@ -30,6 +34,10 @@ export class JetStreamFanOut implements FanOut {
   private running = false
   private closed = false
   private idle: Array<() => void> = []
+  /** Positions published since the last save. */
+  private progress = new Map<string, number>()
+  private store: AuditStore | null = null
+  private saveTimer: NodeJS.Timeout | null = null
 
   private constructor(
     private readonly nc: NatsConnection,
@@ -37,6 +45,45 @@ export class JetStreamFanOut implements FanOut {
     private readonly config: NatsConfig,
     private readonly log: Logger,
   ) {}
+
+  /**
+   * Publishes every stored event past the saved cursors, then keeps the cursors up to date.
+   * Call before the collector accepts ingest, so catch-up and live events stay in chain order.
+   */
+  async catchUp(store: AuditStore): Promise<number> {
+    this.store = store
+    const cursors = await store.cursors(CURSOR)
+    let published = 0
+    for (const [sidecar, head] of await store.heads()) {
+      let at = cursors.get(sidecar) ?? 0
+      while (at < head) {
+        const page = await store.after(sidecar, at, 1000)
+        if (page.length === 0) break
+        this.publish(page)
+        await this.settled()
+        at = page[page.length - 1]!.position
+        published += page.length
+      }
+    }
+    await this.saveProgress()
+    if (published > 0) this.log.info({ published }, 'nats fan-out caught up with events stored but not yet published')
+    this.saveTimer = setInterval(() => void this.saveProgress(), SAVE_MS)
+    this.saveTimer.unref()
+    return published
+  }
+
+  private async saveProgress(): Promise<void> {
+    if (!this.store || this.progress.size === 0) return
+    const p = this.progress
+    this.progress = new Map()
+    try {
+      await this.store.saveCursors(CURSOR, p)
+    } catch (err) {
+      // Not saved: merge back; a later save (or a republish, deduplicated) covers it.
+      for (const [k, v] of p) this.progress.set(k, Math.max(v, this.progress.get(k) ?? 0))
+      this.log.warn({ err: (err as Error).message }, 'nats fan-out cursor not saved')
+    }
+  }
 
   /** Connects and makes sure the durable stream exists (created or its subjects updated). */
   static async open(config: NatsConfig, log: Logger): Promise<JetStreamFanOut> {
@@ -80,6 +127,7 @@ export class JetStreamFanOut implements FanOut {
         })
         this.queue.shift()
         this.stats.published++
+        this.progress.set(e.sidecar, e.position)
         delay = 50
       } catch (err) {
         this.stats.retries++
@@ -101,6 +149,8 @@ export class JetStreamFanOut implements FanOut {
   async close(): Promise<void> {
     await Promise.race([this.settled(), new Promise((r) => setTimeout(r, 2000))])
     this.closed = true
+    if (this.saveTimer) clearInterval(this.saveTimer)
+    await this.saveProgress()
     await this.nc.drain()
   }
 }

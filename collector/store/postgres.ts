@@ -37,12 +37,14 @@ export class PostgresAuditStore implements AuditStore {
   readonly pool: pg.Pool
   readonly schema: string
   private readonly t: string
+  private readonly cursorsTable: string
   private ready: Promise<void>
 
   constructor(opts: PostgresStoreOptions) {
     this.schema = opts.schema ?? 'latchkey'
     const s = ident(this.schema)
     this.t = `${s}.audit_events`
+    this.cursorsTable = `${s}.audit_cursors`
     this.pool = new pg.Pool({ connectionString: opts.url, max: opts.poolSize ?? 4 })
     // An idle client's connection error must not crash the collector; the next query reports it.
     this.pool.on('error', () => {})
@@ -89,6 +91,7 @@ export class PostgresAuditStore implements AuditStore {
           UNIQUE (sidecar, pos)
         )`)
       await c.query(`CREATE INDEX IF NOT EXISTS audit_events_agent_ts ON ${this.t} (agent, ts)`)
+      await c.query(`CREATE TABLE IF NOT EXISTS ${this.cursorsTable} (name text NOT NULL, sidecar text NOT NULL, pos bigint NOT NULL, PRIMARY KEY (name, sidecar))`)
       await c.query(`
         CREATE OR REPLACE FUNCTION ${s}.audit_events_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
@@ -102,6 +105,7 @@ export class PostgresAuditStore implements AuditStore {
         await c.query(`GRANT USAGE ON SCHEMA ${s} TO ${w}`)
         await c.query(`REVOKE ALL ON ${this.t} FROM ${w}`)
         await c.query(`GRANT SELECT, INSERT ON ${this.t} TO ${w}`)
+        await c.query(`GRANT SELECT, INSERT, UPDATE ON ${this.cursorsTable} TO ${w}`)
       }
       await c.query('COMMIT')
     } catch (err) {
@@ -245,6 +249,37 @@ export class PostgresAuditStore implements AuditStore {
       if (!v.ok) total.ok = false
     }
     return total
+  }
+
+  async after(sidecar: string, position: number, limit: number): Promise<StoredEvent[]> {
+    await this.ensureReady()
+    const r = await this.pool.query<{ seq: string; pos: string; payload: Buffer; hash: Buffer }>(
+      `SELECT seq, pos, payload, hash FROM ${this.t} WHERE sidecar = $1 AND pos > $2 ORDER BY pos LIMIT $3`,
+      [sidecar, position, limit],
+    )
+    return r.rows.map((x) => toStored(sidecar, { sequence: Number(x.seq), position: Number(x.pos), payload: x.payload, hash: x.hash }))
+  }
+
+  async heads(): Promise<Map<string, number>> {
+    await this.ensureReady()
+    const r = await this.pool.query<{ sidecar: string; pos: string }>(`SELECT sidecar, max(pos) AS pos FROM ${this.t} GROUP BY sidecar`)
+    return new Map(r.rows.map((x) => [x.sidecar, Number(x.pos)]))
+  }
+
+  async cursors(name: string): Promise<Map<string, number>> {
+    await this.ensureReady()
+    const r = await this.pool.query<{ sidecar: string; pos: string }>(`SELECT sidecar, pos FROM ${this.cursorsTable} WHERE name = $1`, [name])
+    return new Map(r.rows.map((x) => [x.sidecar, Number(x.pos)]))
+  }
+
+  async saveCursors(name: string, positions: Map<string, number>): Promise<void> {
+    if (positions.size === 0) return
+    await this.ensureReady()
+    await this.pool.query(
+      `INSERT INTO ${this.cursorsTable} (name, sidecar, pos) SELECT $1, s, p FROM unnest($2::text[], $3::bigint[]) AS u(s, p)
+       ON CONFLICT (name, sidecar) DO UPDATE SET pos = greatest(${this.cursorsTable}.pos, excluded.pos)`,
+      [name, [...positions.keys()], [...positions.values()]],
+    )
   }
 
   /** Drops the schema (tests only: the trigger does not stop DROP, which needs ownership). */

@@ -29,6 +29,12 @@ CREATE TABLE IF NOT EXISTS audit_events (
   UNIQUE (sidecar, pos)
 );
 CREATE INDEX IF NOT EXISTS audit_events_agent_ts ON audit_events (agent, ts);
+CREATE TABLE IF NOT EXISTS audit_cursors (
+  name    TEXT    NOT NULL,
+  sidecar TEXT    NOT NULL,
+  pos     INTEGER NOT NULL,
+  PRIMARY KEY (name, sidecar)
+);
 CREATE TRIGGER IF NOT EXISTS audit_events_no_update BEFORE UPDATE ON audit_events
 BEGIN SELECT RAISE(ABORT, 'audit_events is append-only: UPDATE refused'); END;
 CREATE TRIGGER IF NOT EXISTS audit_events_no_delete BEFORE DELETE ON audit_events
@@ -160,6 +166,33 @@ export class SqliteAuditStore implements AuditStore {
       )
       .iterate(...(sidecar ? [sidecar] : []))
     return Promise.resolve(verifyRows(rows))
+  }
+
+  after(sidecar: string, position: number, limit: number): Promise<StoredEvent[]> {
+    const rows = this.db
+      .prepare<[string, number, number], { seq: number; pos: number; payload: Buffer; hash: Buffer }>(
+        'SELECT seq, pos, payload, hash FROM audit_events WHERE sidecar = ? AND pos > ? ORDER BY pos LIMIT ?',
+      )
+      .all(sidecar, position, limit)
+    return Promise.resolve(rows.map((r) => toStored(sidecar, { sequence: r.seq, position: r.pos, payload: r.payload, hash: r.hash })))
+  }
+
+  heads(): Promise<Map<string, number>> {
+    const rows = this.db.prepare<[], { sidecar: string; pos: number }>('SELECT sidecar, max(pos) AS pos FROM audit_events GROUP BY sidecar').all()
+    return Promise.resolve(new Map(rows.map((r) => [r.sidecar, r.pos])))
+  }
+
+  cursors(name: string): Promise<Map<string, number>> {
+    const rows = this.db.prepare<[string], { sidecar: string; pos: number }>('SELECT sidecar, pos FROM audit_cursors WHERE name = ?').all(name)
+    return Promise.resolve(new Map(rows.map((r) => [r.sidecar, r.pos])))
+  }
+
+  saveCursors(name: string, positions: Map<string, number>): Promise<void> {
+    const up = this.db.prepare('INSERT INTO audit_cursors (name, sidecar, pos) VALUES (?, ?, ?) ON CONFLICT (name, sidecar) DO UPDATE SET pos = max(pos, excluded.pos)')
+    this.db.transaction(() => {
+      for (const [sidecar, pos] of positions) up.run(name, sidecar, pos)
+    })()
+    return Promise.resolve()
   }
 
   close(): Promise<void> {

@@ -84,6 +84,14 @@ export interface AuditStore {
   inventory(): Promise<Inventory>
   /** Recomputes every chain (or one sidecar's) from the stored payloads. */
   verify(sidecar?: string): Promise<VerifyResult>
+  /** One sidecar's events after a chain position, in chain order (fan-out catch-up). */
+  after(sidecar: string, position: number, limit: number): Promise<StoredEvent[]>
+  /** Every chain's head: sidecar → highest position. */
+  heads(): Promise<Map<string, number>>
+  /** A named consumer's progress, sidecar → last position it handled. Not evidence: mutable. */
+  cursors(name: string): Promise<Map<string, number>>
+  /** Moves cursors forward (never back). */
+  saveCursors(name: string, positions: Map<string, number>): Promise<void>
   close(): Promise<void>
 }
 

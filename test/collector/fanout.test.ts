@@ -66,3 +66,43 @@ t.test('an unreachable NATS fails collector start-up, naming the server', async 
     message: /nats nats:\/\/127\.0\.0\.1:1: cannot connect/,
   })
 })
+
+t.test('events stored but never published (a collector died in between) go out on the next start, once', async (t) => {
+  const tag = randomBytes(4).toString('hex')
+  const stream = `LK_TEST_${tag}`
+  const prefix = `lktest.${tag}`
+  const nc = await connect({ servers: NATS })
+  const jsm = await nc.jetstreamManager()
+  t.teardown(async () => {
+    await jsm.streams.delete(stream).catch(() => {})
+    await nc.close()
+  })
+  const { mkdtempSync } = await import('node:fs')
+  const { tmpdir } = await import('node:os')
+  const { join } = await import('node:path')
+  const { SqliteAuditStore } = await import('../../collector/store/sqlite.js')
+  const dbPath = join(mkdtempSync(join(tmpdir(), 'lk-fan-')), 'audit.db')
+  const nats = { nats: { servers: [NATS], stream, subject_prefix: prefix } }
+  const id = sidecarIdentity()
+  const c1 = await startTestCollector([id], { dbPath, raw: nats })
+  const client = ingestClient(c1.grpcAddress)
+  const call = client.ingest(authMetadata(id))
+  call.on('data', () => {}) // acks must be read for the stream to end
+  call.write({ sidecarId: id.id, events: [1, 2, 3].map((sequence) => ({ sequence, event: makeEvent({ path: `/live/${sequence}` }) })) })
+  call.end()
+  await once(call, 'status')
+  client.close()
+  await c1.close()
+  t.equal((await jsm.streams.info(stream)).state.messages, 3)
+  // Committed with no collector publishing: what a crash between commit and publish leaves.
+  const direct = new SqliteAuditStore(dbPath)
+  await direct.append(id.id, [4, 5, 6, 7].map((sequence) => ({ sequence, event: makeEvent({ path: `/unpublished/${sequence}` }) })))
+  await direct.close()
+  const c2 = await startTestCollector([id], { dbPath, raw: nats })
+  t.teardown(() => c2.close())
+  const info = await jsm.streams.info(stream)
+  t.equal(info.state.messages, 7, 'the four unpublished events, and nothing twice')
+  const last = (await jsm.streams.getMessage(stream, { last_by_subj: `${prefix}.summarizer` })).json<{ sequence: number; event: { call: { path: string } } }>()
+  t.same([last.sequence, last.event.call.path], [7, '/unpublished/7'])
+  t.match(c2.logs.join(''), /"published":4.*nats fan-out caught up/)
+})

@@ -167,6 +167,21 @@ export function conformance(t: Test, backend: Backend): void {
     t.equal(Buffer.from(e!.event.credential!.tokenSha256).length, 32)
   })
 
+  withStore('after, heads and cursors: what a consumer needs to catch up', async (t, { store }) => {
+    await store.append(A, seqEvents(1, 7))
+    await store.append(B, seqEvents(1, 2))
+    t.same([...(await store.heads())].sort(), [[A, 7], [B, 2]])
+    const page = await store.after(A, 3, 2)
+    t.same(page.map((e) => [e.sidecar, e.position, e.sequence]), [[A, 4, 4], [A, 5, 5]])
+    t.same((await store.after(A, 7, 10)).length, 0)
+    t.same(await store.cursors('nats'), new Map())
+    await store.saveCursors('nats', new Map([[A, 5], [B, 2]]))
+    await store.saveCursors('nats', new Map([[A, 3]])) // never backwards
+    await store.saveCursors('other', new Map([[A, 1]]))
+    t.same([...(await store.cursors('nats'))].sort(), [[A, 5], [B, 2]])
+    t.same([...(await store.cursors('other'))], [[A, 1]])
+  })
+
   withStore('two replicas appending to one sidecar concurrently keep one linear chain', async (t, b) => {
     const r2 = b.replica()
     t.teardown(() => r2.close())

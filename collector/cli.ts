@@ -20,14 +20,19 @@ function fail(err: unknown): never {
   process.exit(1)
 }
 
+/** The query API's reader token, if the collector requires one: from the environment, never argv. */
+const TOKEN_ENV = 'LATCHKEY_COLLECTOR_READER_TOKEN'
+
 async function getJson<T>(base: string, path: string): Promise<{ status: number; body: T }> {
   let res
+  const token = process.env[TOKEN_ENV]
   try {
-    res = await request(new URL(path, base))
+    res = await request(new URL(path, base), token ? { headers: { authorization: `Bearer ${token}` } } : {})
   } catch (err) {
     throw new CliError(`collector at ${base} unreachable: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
   }
   const body = (await res.body.json()) as T
+  if (res.statusCode === 401) throw new CliError(`collector at ${base}: ${token ? `the token in ${TOKEN_ENV} was refused` : `requires a reader token: set ${TOKEN_ENV}`}`)
   if (res.statusCode >= 400 && res.statusCode !== 409) throw new CliError(`collector at ${base}: ${(body as { error?: string }).error ?? `HTTP ${res.statusCode}`}`)
   return { status: res.statusCode, body }
 }

@@ -72,7 +72,7 @@ export async function startCollector(config: CollectorConfig, opts: CollectorOpt
   )
 
   let httpUrl: string | null = null
-  const http = c.http ? createQueryServer(store, log) : null
+  const http = c.http ? createQueryServer(store, log, c.http.reader_tokens_sha256) : null
   if (http && c.http) {
     http.listen(c.http.port, c.http.host)
     await once(http, 'listening')

@@ -34,7 +34,8 @@ export interface CollectorConfig {
   version: 1
   collector: {
     grpc: { host: string; port: number; max_batch_bytes: number; tls: GrpcTls | null }
-    http: { host: string; port: number } | null
+    /** The query API. With reader_tokens_sha256, every request needs one of those tokens as a bearer. */
+    http: { host: string; port: number; reader_tokens_sha256?: string[] } | null
     store: StoreConfig
     sidecars: SidecarCredential[]
     nats: NatsConfig | null
@@ -74,7 +75,11 @@ const schema = {
             },
           },
         },
-        http: { ...hostPort(15101), type: ['object', 'null'] },
+        http: {
+          ...hostPort(15101),
+          type: ['object', 'null'],
+          properties: { ...hostPort(15101).properties, reader_tokens_sha256: { type: 'array', items: { type: 'string', pattern: '^[0-9a-f]{64}$' } } },
+        },
         store: {
           type: 'object',
           default: { kind: 'sqlite' },
@@ -139,7 +144,7 @@ function problem(e: ErrorObject): ConfigProblem {
     return { path: path ? `${path}.${key}` : key, message: 'unknown key' }
   }
   if (e.keyword === 'required') return { path, message: `missing required key "${(e.params as { missingProperty: string }).missingProperty}"` }
-  if (e.keyword === 'pattern' && path.endsWith('token_sha256')) return { path, message: 'must be the hex SHA-256 of the token (64 lowercase hex digits), never the token' }
+  if (e.keyword === 'pattern' && /token_sha256|tokens_sha256\[\d+\]$/.test(path)) return { path, message: 'must be the hex SHA-256 of the token (64 lowercase hex digits), never the token' }
   return { path, message: e.message ?? e.keyword }
 }
 

@@ -3,6 +3,7 @@
 //   GET /v1/inventory
 //   GET /v1/verify[?sidecar=<id>]
 //   GET /healthz
+import { createHash, timingSafeEqual } from 'node:crypto'
 import { createServer, type Server, type ServerResponse } from 'node:http'
 import type { AuditStore } from './store/types.js'
 import type { Logger } from '../lib/log.js'
@@ -16,9 +17,23 @@ function send(res: ServerResponse, status: number, body: unknown): void {
 
 class BadRequest extends Error {}
 
-export function createQueryServer(store: AuditStore, log: Logger): Server {
+export function createQueryServer(store: AuditStore, log: Logger, readerTokensSha256: string[] = []): Server {
+  const readers = readerTokensSha256.map((h) => Buffer.from(h, 'hex'))
+  const authorized = (header: string | undefined): boolean => {
+    if (readers.length === 0) return true
+    const m = header ? /^Bearer (\S+)$/.exec(header) : null
+    if (!m) return false
+    const got = createHash('sha256').update(m[1]!).digest()
+    let ok = false
+    for (const r of readers) ok = timingSafeEqual(got, r) || ok
+    return ok
+  }
   return createServer((req, res) => {
     const url = new URL(req.url ?? '/', 'http://collector')
+    if (url.pathname !== '/healthz' && !authorized(req.headers.authorization)) {
+      res.setHeader('www-authenticate', 'Bearer realm="latchkey-collector"')
+      return send(res, 401, { error: 'a reader token is required (Authorization: Bearer <token>)' })
+    }
     if (req.method !== 'GET') return send(res, 405, { error: `method ${req.method} not allowed: the query API is read-only` })
     const handle = async () => {
       switch (url.pathname) {

@@ -86,3 +86,30 @@ t.test('`audit verify -c` reads the store directly and names the first break', a
   const rows = await cli(['audit', '--agent', X, '-c', cfg, '--json'])
   t.equal(rows.stdout.trim().split('\n').length, 5, 'queries work straight from the store too')
 })
+
+t.test('with reader tokens, the query API and the CLI need one', async (t) => {
+  const id = sidecarIdentity()
+  const reader = 'LKCANARY' + 'reader'.repeat(4)
+  const { sha256hex } = await import('./collector-helpers.js')
+  const c = await startTestCollector([id], { raw: { http: { host: '127.0.0.1', port: 0, reader_tokens_sha256: [sha256hex(reader)] } } })
+  t.teardown(() => c.close())
+  await c.store.append(id.id, [{ sequence: 1, event: makeEvent({ agent: X }) }])
+  const none = await request(`${c.httpUrl}/v1/inventory`)
+  t.equal(none.statusCode, 401)
+  t.same(await none.body.json(), { error: 'a reader token is required (Authorization: Bearer <token>)' })
+  const wrong = await request(`${c.httpUrl}/v1/inventory`, { headers: { authorization: 'Bearer nope' } })
+  t.equal(wrong.statusCode, 401)
+  await wrong.body.dump()
+  const ok = await request(`${c.httpUrl}/v1/events?agent=${encodeURIComponent(X)}`, { headers: { authorization: `Bearer ${reader}` } })
+  t.equal(ok.statusCode, 200)
+  t.equal(((await ok.body.json()) as { count: number }).count, 1)
+  t.equal((await request(`${c.httpUrl}/healthz`)).statusCode, 200, 'health stays open')
+  const denied = await cli(['audit', '--agent', X, '--url', c.httpUrl!])
+  t.same([denied.code, denied.stderr.trim()], [1, `collector at ${c.httpUrl}: requires a reader token: set LATCHKEY_COLLECTOR_READER_TOKEN`])
+  const allowed = await run(process.execPath, ['--import', 'tsx', 'cli/latchkey.ts', 'audit', '--agent', X, '--json', '--url', c.httpUrl!], {
+    encoding: 'utf8',
+    env: { ...process.env, LATCHKEY_COLLECTOR_READER_TOKEN: reader },
+  })
+  t.equal(allowed.stdout.trim().split('\n').length, 1)
+  t.notMatch(c.logs.join(''), reader, 'the reader token is never logged')
+})

@@ -4,8 +4,9 @@
 // Run: npm run build && node bench/collector-ingest.mjs   (BENCH_EVENTS=200000 by default)
 // Targets (issue 5): SQLite >= 50,000 events/s, Postgres >= 20,000 events/s.
 import { mkdtempSync, rmSync } from 'node:fs'
-import { tmpdir, cpus } from 'node:os'
-import { join } from 'node:path'
+import { tmpdir, cpus, loadavg } from 'node:os'
+import { join, dirname } from 'node:path'
+import { fileURLToPath } from 'node:url'
 import { createHash, randomUUID } from 'node:crypto'
 import { credentials, Metadata, makeGenericClientConstructor } from '@grpc/grpc-js'
 import { BinaryWriter } from '@bufbuild/protobuf/wire'
@@ -108,8 +109,13 @@ async function storeRun(store) {
   return { stored: EVENTS, secs, rate: Math.round(EVENTS / secs) }
 }
 
+const lines = []
+const say = (line) => {
+  console.log(line)
+  lines.push(line)
+}
 const fmt = (r) => `${r.rate.toLocaleString('en-US').padStart(8)} events/s  (${r.stored} events in ${r.secs.toFixed(2)} s)`
-console.log(`collector ingest: ${EVENTS} events, ${cpus().length} CPUs (${cpus()[0]?.model ?? '?'}), Node ${process.version}`)
+say(`collector ingest: ${EVENTS} events, ${cpus().length} CPUs (${cpus()[0]?.model ?? '?'}), Node ${process.version}, load average before ${loadavg()[0].toFixed(2)}`)
 
 const dir = mkdtempSync(join(tmpdir(), 'lk-bench-collector-'))
 try {
@@ -118,9 +124,9 @@ try {
   const sg = await grpcRun({ kind: 'sqlite', path: sqlitePath }, sqliteStore)
   const sv = await sqliteStore.verify()
   await sqliteStore.close()
-  console.log(`sqlite   gRPC ingest  ${fmt(sg)}  target >= 50,000  ${sg.rate >= 50_000 ? 'MET' : 'NOT MET'}  chain ${sv.ok ? 'verified' : 'BROKEN'}`)
+  say(`sqlite   gRPC ingest  ${fmt(sg)}  target >= 50,000  ${sg.rate >= 50_000 ? 'MET' : 'NOT MET'}  chain ${sv.ok ? 'verified' : 'BROKEN'}`)
   const direct = new SqliteAuditStore(join(dir, 'direct.db'))
-  console.log(`sqlite   store only   ${fmt(await storeRun(direct))}`)
+  say(`sqlite   store only   ${fmt(await storeRun(direct))}`)
   await direct.close()
 
   const schema = `lk_bench_${process.pid}`
@@ -129,12 +135,18 @@ try {
   try {
     const pgRes = await grpcRun({ kind: 'postgres', url: PG_URL, schema }, pgStore)
     const pv = await pgStore.verify()
-    console.log(`postgres gRPC ingest  ${fmt(pgRes)}  target >= 20,000  ${pgRes.rate >= 20_000 ? 'MET' : 'NOT MET'}  chain ${pv.ok ? 'verified' : 'BROKEN'}`)
-    console.log(`postgres store only   ${fmt(await storeRun(pgStore))}`)
+    say(`postgres gRPC ingest  ${fmt(pgRes)}  target >= 20,000  ${pgRes.rate >= 20_000 ? 'MET' : 'NOT MET'}  chain ${pv.ok ? 'verified' : 'BROKEN'}`)
+    say(`postgres store only   ${fmt(await storeRun(pgStore))}`)
   } finally {
     await pgStore.dropSchema()
     await pgStore.close()
   }
+  const { writeFileSync, mkdirSync } = await import('node:fs')
+  mkdirSync(join(dirname(fileURLToPath(import.meta.url)), 'results'), { recursive: true })
+  writeFileSync(
+    join(dirname(fileURLToPath(import.meta.url)), 'results', 'collector-ingest.md'),
+    `# Collector ingest\n\n${new Date().toISOString()} · \`node bench/collector-ingest.mjs\`\n\n\`\`\`\n${lines.join('\n')}\n\`\`\`\n`,
+  )
 } finally {
   rmSync(dir, { recursive: true, force: true })
 }

@@ -6,7 +6,7 @@
 // Run: npm run build && node bench/sidecar-spool.mjs   (BENCH_SECONDS=5, BENCH_ROUNDS=3)
 import { spawn, execFileSync } from 'node:child_process'
 import { mkdtempSync, writeFileSync, readFileSync, rmSync } from 'node:fs'
-import { tmpdir, cpus } from 'node:os'
+import { tmpdir, cpus, loadavg } from 'node:os'
 import { join, dirname } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { createHash } from 'node:crypto'
@@ -162,7 +162,9 @@ log: { level: warn }
   const inv = await (await request(`http://127.0.0.1:${httpPort}/v1/inventory`)).body.json()
   const atCollector = inv.sidecars.find((s) => s.sidecar === 'bench-sidecar')?.events ?? 0
   const fmt = (n) => Math.round(n).toLocaleString('en-US')
-  console.log(`sidecar audit sinks: ${ROUNDS} rounds × ${SECONDS} s, medians; ${cpus().length} × ${cpus()[0]?.model ?? '?'}, Node ${process.version}`)
+  const lines = []
+  const console = { log: (l) => (globalThis.console.log(l), lines.push(l)) }
+  console.log(`sidecar audit sinks: ${ROUNDS} rounds × ${SECONDS} s, medians; ${cpus().length} × ${cpus()[0]?.model ?? '?'}, Node ${process.version}, load average at the end ${loadavg()[0].toFixed(2)}`)
   console.log('| audit sink | req/s @16 conn | sidecar CPU µs/req | p50 @1 conn (µs, client-side) | p99 @1 conn |')
   console.log('|---|---:|---:|---:|---:|')
   for (const name of Object.keys(results)) {
@@ -170,6 +172,7 @@ log: { level: warn }
     console.log(`| ${name === 'jsonl' ? 'JSON lines (batched, after the response)' : 'collector: spool + gRPC (before the response ends)'} | ${fmt(median(r.rps))} | ${median(r.cpu).toFixed(1)} | ${fmt(median(r.p50))} | ${fmt(median(r.p99))} |`)
   }
   console.log(`collector-backed sidecar: ${fmt(atCollector)} events at the collector for ${fmt(collectorAnswered)} measured requests (+ 1 s warm-up)`)
+  writeFileSync(join(root, 'bench', 'results', 'sidecar-spool.md'), `# Sidecar: JSON lines vs collector sink\n\n${new Date().toISOString()} · \`node bench/sidecar-spool.mjs\`\n\n${lines.join('\n')}\n`)
   upstream.close()
 }
 

@@ -284,6 +284,8 @@ export class PostgresAuditStore implements AuditStore {
 
   /** Drops the schema (tests only: the trigger does not stop DROP, which needs ownership). */
   async dropSchema(): Promise<void> {
+    // Let the constructor's schema setup finish first, or it could re-create what was dropped.
+    await this.ready.catch(() => {})
     await this.pool.query(`DROP SCHEMA IF EXISTS ${ident(this.schema)} CASCADE`)
   }
 

@@ -1,7 +1,8 @@
 // The embedded store: one SQLite file (WAL, synchronous=FULL so a commit is on disk before the
 // collector acks it). Append-only by construction: the only write path is append(), and triggers
-// refuse UPDATE and DELETE on the events table.
-import Database from 'better-sqlite3'
+// refuse UPDATE and DELETE on the events table. Through lib/sqlite.ts: statements prepared once
+// and kept, no iterate(), so Node 24's garbage collector never destroys a better-sqlite3 object.
+import { openDatabase, pragma, statement, type Database } from '../../lib/sqlite.js'
 import type { SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
 import { ChainVerifier, GENESIS, chainRows, isDenied, newEvents, rowToStored, toStored } from './chain.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
@@ -59,14 +60,15 @@ export class SqliteAuditStore implements AuditStore {
   private readonly appendTx: (sidecar: string, events: SequencedEvent[]) => AppendResult
 
   constructor(readonly path: string) {
-    this.db = new Database(path)
-    this.db.pragma('journal_mode = WAL')
-    this.db.pragma('synchronous = FULL')
-    this.db.pragma('busy_timeout = 5000')
+    this.db = openDatabase(path)
+    pragma(this.db, 'journal_mode = WAL')
+    pragma(this.db, 'synchronous = FULL')
+    pragma(this.db, 'busy_timeout = 5000')
     this.db.exec(SCHEMA)
-    const head = this.db.prepare<[string], { pos: number; hash: Buffer }>('SELECT pos, hash FROM audit_events WHERE sidecar = ? ORDER BY pos DESC LIMIT 1')
-    const existing = this.db.prepare<[string, number, number], { seq: number }>('SELECT seq FROM audit_events WHERE sidecar = ? AND seq BETWEEN ? AND ?')
-    const insert = this.db.prepare(
+    const head = statement<[string], { pos: number; hash: Buffer }>(this.db, 'SELECT pos, hash FROM audit_events WHERE sidecar = ? ORDER BY pos DESC LIMIT 1')
+    const existing = statement<[string, number, number], { seq: number }>(this.db, 'SELECT seq FROM audit_events WHERE sidecar = ? AND seq BETWEEN ? AND ?')
+    const insert = statement(
+      this.db,
       `INSERT INTO audit_events (sidecar, seq, pos, id, ts, agent, agent_type, host, port, action, audience, received, payload, prev, hash)
        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
     )
@@ -78,7 +80,7 @@ export class SqliteAuditStore implements AuditStore {
         if (e.sequence > hi) hi = e.sequence
       }
       const stored = new Set<number>()
-      if (events.length > 0 && Number.isSafeInteger(lo)) for (const r of existing.iterate(sidecar, lo, hi)) stored.add(r.seq)
+      if (events.length > 0 && Number.isSafeInteger(lo)) for (const r of existing.all(sidecar, lo, hi)) stored.add(r.seq)
       const fresh = newEvents(sidecar, events, stored)
       const h = head.get(sidecar)
       const rows = chainRows(sidecar, fresh, h?.pos ?? 0, h?.hash ?? GENESIS)
@@ -106,37 +108,34 @@ export class SqliteAuditStore implements AuditStore {
   eventsByAgent(q: EventQuery): Promise<StoredEvent[]> {
     const until = q.until?.getTime() ?? Number.MAX_SAFE_INTEGER
     const denied = q.deniedOnly ? `AND action IN (${Action.ACTION_DENY}, ${Action.ACTION_REPORT})` : ''
-    const rows = this.db
-      .prepare<[string, number, number, number], { sidecar: string; seq: number; pos: number; payload: Buffer; hash: Buffer }>(
-        `SELECT sidecar, seq, pos, payload, hash FROM audit_events WHERE agent = ? AND ts >= ? AND ts < ? ${denied}
-         ORDER BY ts, sidecar, pos LIMIT ?`,
-      )
-      .all(q.agent, q.since.getTime(), until, q.limit ?? 10_000)
+    const rows = statement<[string, number, number, number], { sidecar: string; seq: number; pos: number; payload: Buffer; hash: Buffer }>(
+      this.db,
+      `SELECT sidecar, seq, pos, payload, hash FROM audit_events WHERE agent = ? AND ts >= ? AND ts < ? ${denied}
+       ORDER BY ts, sidecar, pos LIMIT ?`,
+    ).all(q.agent, q.since.getTime(), until, q.limit ?? 10_000)
     return Promise.resolve(rows.map((r) => toStored(r.sidecar, { sequence: r.seq, position: r.pos, payload: r.payload, hash: r.hash })))
   }
 
   inventory(): Promise<Inventory> {
-    const agents = this.db
-      .prepare<[], { agent: string; sidecars: string; first: number; last: number; calls: number; denied: number }>(
-        `SELECT agent, group_concat(DISTINCT sidecar) AS sidecars, min(ts) AS first, max(ts) AS last, count(*) AS calls,
-                sum(CASE WHEN action IN (${Action.ACTION_DENY}, ${Action.ACTION_REPORT}) THEN 1 ELSE 0 END) AS denied
-         FROM audit_events GROUP BY agent ORDER BY agent`,
-      )
-      .all()
-    const hosts = this.db
-      .prepare<[], { agent: string; hp: string }>(
-        `SELECT DISTINCT agent, host || ':' || port AS hp FROM audit_events WHERE host <> '' AND action <> ${Action.ACTION_DENY} ORDER BY agent, hp`,
-      )
-      .all()
-    const auds = this.db
-      .prepare<[], { agent: string; audience: string }>(`SELECT DISTINCT agent, audience FROM audit_events WHERE audience <> '' ORDER BY agent, audience`)
-      .all()
-    const sidecars = this.db
-      .prepare<[], { sidecar: string; agents: string; last: number; events: number; seq: number }>(
-        `SELECT sidecar, group_concat(DISTINCT agent) AS agents, max(received) AS last, count(*) AS events, max(seq) AS seq
-         FROM audit_events GROUP BY sidecar ORDER BY sidecar`,
-      )
-      .all()
+    const agents = statement<[], { agent: string; sidecars: string; first: number; last: number; calls: number; denied: number }>(
+      this.db,
+      `SELECT agent, group_concat(DISTINCT sidecar) AS sidecars, min(ts) AS first, max(ts) AS last, count(*) AS calls,
+              sum(CASE WHEN action IN (${Action.ACTION_DENY}, ${Action.ACTION_REPORT}) THEN 1 ELSE 0 END) AS denied
+       FROM audit_events GROUP BY agent ORDER BY agent`,
+    ).all()
+    const hosts = statement<[], { agent: string; hp: string }>(
+      this.db,
+      `SELECT DISTINCT agent, host || ':' || port AS hp FROM audit_events WHERE host <> '' AND action <> ${Action.ACTION_DENY} ORDER BY agent, hp`,
+    ).all()
+    const auds = statement<[], { agent: string; audience: string }>(
+      this.db,
+      `SELECT DISTINCT agent, audience FROM audit_events WHERE audience <> '' ORDER BY agent, audience`,
+    ).all()
+    const sidecars = statement<[], { sidecar: string; agents: string; last: number; events: number; seq: number }>(
+      this.db,
+      `SELECT sidecar, group_concat(DISTINCT agent) AS agents, max(received) AS last, count(*) AS events, max(seq) AS seq
+       FROM audit_events GROUP BY sidecar ORDER BY sidecar`,
+    ).all()
     const byAgent = <T extends { agent: string }>(rows: T[], pick: (r: T) => string) => {
       const m = new Map<string, string[]>()
       for (const r of rows) m.set(r.agent, [...(m.get(r.agent) ?? []), pick(r)])
@@ -160,35 +159,50 @@ export class SqliteAuditStore implements AuditStore {
   }
 
   verify(sidecar?: string): Promise<VerifyResult> {
-    const rows = this.db
-      .prepare<unknown[], DbRow>(
-        `SELECT sidecar, seq, pos, ts, agent, action, payload, prev, hash FROM audit_events ${sidecar ? 'WHERE sidecar = ?' : ''} ORDER BY sidecar, pos`,
-      )
-      .iterate(...(sidecar ? [sidecar] : []))
-    return Promise.resolve(verifyRows(rows))
+    const ids = sidecar
+      ? [sidecar]
+      : statement<[], { sidecar: string }>(this.db, 'SELECT DISTINCT sidecar FROM audit_events ORDER BY sidecar')
+          .all()
+          .map((r) => r.sidecar)
+    const page = statement<[string, number], DbRow>(
+      this.db,
+      'SELECT sidecar, seq, pos, ts, agent, action, payload, prev, hash FROM audit_events WHERE sidecar = ? AND pos > ? ORDER BY pos LIMIT 10000',
+    )
+    // Paged per sidecar: memory stays bounded by one page whatever the store holds.
+    function* rows(): Generator<DbRow> {
+      for (const id of ids) {
+        let at = 0
+        for (;;) {
+          const p = page.all(id, at)
+          if (p.length === 0) break
+          yield* p
+          at = p[p.length - 1]!.pos
+        }
+      }
+    }
+    return Promise.resolve(verifyRows(rows()))
   }
 
   after(sidecar: string, position: number, limit: number): Promise<StoredEvent[]> {
-    const rows = this.db
-      .prepare<[string, number, number], { seq: number; pos: number; payload: Buffer; hash: Buffer }>(
-        'SELECT seq, pos, payload, hash FROM audit_events WHERE sidecar = ? AND pos > ? ORDER BY pos LIMIT ?',
-      )
-      .all(sidecar, position, limit)
+    const rows = statement<[string, number, number], { seq: number; pos: number; payload: Buffer; hash: Buffer }>(
+      this.db,
+      'SELECT seq, pos, payload, hash FROM audit_events WHERE sidecar = ? AND pos > ? ORDER BY pos LIMIT ?',
+    ).all(sidecar, position, limit)
     return Promise.resolve(rows.map((r) => toStored(sidecar, { sequence: r.seq, position: r.pos, payload: r.payload, hash: r.hash })))
   }
 
   heads(): Promise<Map<string, number>> {
-    const rows = this.db.prepare<[], { sidecar: string; pos: number }>('SELECT sidecar, max(pos) AS pos FROM audit_events GROUP BY sidecar').all()
+    const rows = statement<[], { sidecar: string; pos: number }>(this.db, 'SELECT sidecar, max(pos) AS pos FROM audit_events GROUP BY sidecar').all()
     return Promise.resolve(new Map(rows.map((r) => [r.sidecar, r.pos])))
   }
 
   cursors(name: string): Promise<Map<string, number>> {
-    const rows = this.db.prepare<[string], { sidecar: string; pos: number }>('SELECT sidecar, pos FROM audit_cursors WHERE name = ?').all(name)
+    const rows = statement<[string], { sidecar: string; pos: number }>(this.db, 'SELECT sidecar, pos FROM audit_cursors WHERE name = ?').all(name)
     return Promise.resolve(new Map(rows.map((r) => [r.sidecar, r.pos])))
   }
 
   saveCursors(name: string, positions: Map<string, number>): Promise<void> {
-    const up = this.db.prepare('INSERT INTO audit_cursors (name, sidecar, pos) VALUES (?, ?, ?) ON CONFLICT (name, sidecar) DO UPDATE SET pos = max(pos, excluded.pos)')
+    const up = statement(this.db, 'INSERT INTO audit_cursors (name, sidecar, pos) VALUES (?, ?, ?) ON CONFLICT (name, sidecar) DO UPDATE SET pos = max(pos, excluded.pos)')
     this.db.transaction(() => {
       for (const [sidecar, pos] of positions) up.run(name, sidecar, pos)
     })()

@@ -4,7 +4,7 @@ import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import Database from 'better-sqlite3'
+import { openDatabase } from '../../lib/sqlite.js'
 import { request } from 'undici'
 import { Action } from '../../protos/gen/latchkey/v1/audit.js'
 import { makeEvent } from './events.js'
@@ -77,7 +77,7 @@ t.test('`audit verify -c` reads the store directly and names the first break', a
   writeFileSync(cfg, `version: 1\ncollector:\n  store: { kind: sqlite, path: ${dbPath} }\n  sidecars: []\n`)
   const ok = await cli(['audit', 'verify', '-c', cfg])
   t.same([ok.code, ok.stdout.trim()], [0, 'chain verified: 5 events across 1 sidecars'])
-  const db = new Database(dbPath)
+  const db = openDatabase(dbPath)
   db.exec(`DROP TRIGGER audit_events_no_update; UPDATE audit_events SET payload = (SELECT payload FROM audit_events WHERE seq = 1) WHERE seq = 4`)
   db.close()
   const bad = await cli(['audit', 'verify', '-c', cfg])

@@ -174,5 +174,21 @@ function semanticProblems(c: Config): ConfigProblem[] {
       audiences.set(url.origin, b.id)
     }
   })
+  if (c.broker) {
+    const b = c.broker
+    const sources: [string, { jwks_file?: string | undefined; jwks_url?: string | undefined } | undefined][] = [
+      ['broker.users', b.users],
+      ['broker.attestors.kubernetes', b.attestors.kubernetes],
+      ['broker.attestors.spiffe', b.attestors.spiffe],
+    ]
+    for (const [path, src] of sources) {
+      if (src && (src.jwks_file === undefined) === (src.jwks_url === undefined)) problems.push({ path, message: 'needs exactly one of jwks_file or jwks_url' })
+    }
+    if (!b.attestors.kubernetes && !b.attestors.spiffe && !b.attestors.local) {
+      problems.push({ path: 'broker.attestors', message: 'configure at least one attestor (kubernetes, spiffe or local): without one no workload can be attested' })
+    }
+    const url = checkOrigin('broker.issuer', b.issuer)
+    if (url && b.issuer.endsWith('/')) problems.push({ path: 'broker.issuer', message: 'must not end with "/"' })
+  }
   return problems
 }

@@ -73,6 +73,35 @@ export interface Config {
   secrets: { file?: string; env_prefix: string }
   audit: { jsonl: { path: string; flush_ms: number } }
   log: { level: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent' }
+  /** Present only where this file configures a broker (`latchkey broker`, `latchkey up`). */
+  broker?: BrokerConfig
+}
+
+export type JwksSourceConfig = { jwks_file: string; jwks_url?: undefined } | { jwks_url: string; jwks_file?: undefined }
+
+export interface BrokerConfig {
+  /** `iss` of every token the broker signs, and its public base URL. */
+  issuer: string
+  /** The `aud` every workload attestation must carry: this broker. Defaults to the issuer. */
+  audience?: string
+  listen: { host: string; port: number }
+  keys: { dir: string; alg: 'ES256' | 'EdDSA'; rotate_after_s: number }
+  registry_file: string
+  tokens: { floor_s: number; default_duration_s: number; max_body_bytes: number }
+  /** The user IdP whose tokens arrive as `subject_token`. Absent: no user tokens are accepted. */
+  users?: JwksSourceConfig & { issuer: string; audience: string; scope_claim: string }
+  attestors: {
+    kubernetes?: JwksSourceConfig & { issuer: string; audience?: string }
+    spiffe?: JwksSourceConfig & { trust_domain: string; audience?: string }
+    local?: { keys_file: string }
+  }
+  /** Revocation store; neither given: SQLite at `.latchkey/broker.db`. */
+  store: { sqlite?: { path: string }; postgres?: { url: string; schema: string } }
+  /** Environment variable holding the bearer token of the admin API (revocations). */
+  admin_token_env: string
+  /** Resource servers allowed to call introspection: id → environment variable holding its secret. */
+  introspection_clients: Record<string, string>
+  events: { jsonl?: { path: string } }
 }
 
 /** Every address class the resolver knows; `network.deny` may name any of them. */
@@ -141,6 +170,108 @@ const inject = {
       properties: { type: { const: 'basic' }, username: { type: 'string', pattern: '^[^:]*$' } },
     },
   ],
+}
+
+const httpUrl = { type: 'string', pattern: '^https?://[^\\s]+$' }
+const jwksSource = {
+  jwks_file: nonEmpty,
+  jwks_url: httpUrl,
+}
+
+const broker = {
+  type: 'object',
+  additionalProperties: false,
+  required: ['issuer', 'registry_file'],
+  properties: {
+    issuer: httpUrl,
+    audience: nonEmpty,
+    listen: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: { host: { ...nonEmpty, default: '127.0.0.1' }, port: { ...port, minimum: 0, default: 15003 } },
+    },
+    keys: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: {
+        dir: { ...nonEmpty, default: '.latchkey/broker-keys' },
+        alg: { enum: ['ES256', 'EdDSA'], default: 'ES256' },
+        rotate_after_s: { type: 'integer', minimum: 60, maximum: 31_536_000, default: 86_400 },
+      },
+    },
+    registry_file: nonEmpty,
+    tokens: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: {
+        floor_s: { type: 'integer', minimum: 1, maximum: 86_400, default: 60 },
+        default_duration_s: { type: 'integer', minimum: 1, maximum: 86_400, default: 300 },
+        max_body_bytes: { type: 'integer', minimum: 1024, maximum: 1_048_576, default: 65_536 },
+      },
+    },
+    users: {
+      type: 'object',
+      additionalProperties: false,
+      required: ['issuer', 'audience'],
+      properties: { issuer: nonEmpty, audience: nonEmpty, scope_claim: { ...nonEmpty, default: 'scope' }, ...jwksSource },
+    },
+    attestors: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: {
+        kubernetes: {
+          type: 'object',
+          additionalProperties: false,
+          required: ['issuer'],
+          properties: { issuer: nonEmpty, audience: nonEmpty, ...jwksSource },
+        },
+        spiffe: {
+          type: 'object',
+          additionalProperties: false,
+          required: ['trust_domain'],
+          properties: { trust_domain: { type: 'string', pattern: '^[a-z0-9._-]+$' }, audience: nonEmpty, ...jwksSource },
+        },
+        local: {
+          type: 'object',
+          additionalProperties: false,
+          required: ['keys_file'],
+          properties: { keys_file: nonEmpty },
+        },
+      },
+    },
+    store: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      maxProperties: 1,
+      properties: {
+        sqlite: { type: 'object', additionalProperties: false, required: ['path'], properties: { path: nonEmpty } },
+        postgres: {
+          type: 'object',
+          additionalProperties: false,
+          required: ['url'],
+          properties: { url: { type: 'string', pattern: '^postgres(ql)?://' }, schema: { type: 'string', pattern: '^[a-z_][a-z0-9_]{0,62}$', default: 'latchkey' } },
+        },
+      },
+    },
+    admin_token_env: { type: 'string', pattern: '^[A-Z_][A-Z0-9_]*$', default: 'LATCHKEY_BROKER_ADMIN_TOKEN' },
+    introspection_clients: {
+      type: 'object',
+      default: {},
+      propertyNames: { pattern: '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' },
+      additionalProperties: { type: 'string', pattern: '^[A-Z_][A-Z0-9_]*$' },
+    },
+    events: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: { jsonl: { type: 'object', additionalProperties: false, required: ['path'], properties: { path: nonEmpty } } },
+    },
+  },
 }
 
 export const configSchema = {
@@ -270,5 +401,6 @@ export const configSchema = {
         level: { enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info' },
       },
     },
+    broker,
   },
 } as const

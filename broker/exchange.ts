@@ -257,7 +257,7 @@ export class TokenExchange {
     if (!this.d.users) throw new OAuthError('invalid_request', 'subject_token: this broker accepts no user tokens (broker.users is not configured)')
     if (payload.iss !== this.d.users.issuer) throw new OAuthError('invalid_request', 'subject_token: issuer is not the configured user identity provider')
     try {
-      const user = await this.d.users.verify(token)
+      const user = await this.d.users.verify(token, this.d.now())
       return { sub: user.sub, scopes: user.scopes, exp: user.exp, delegators: [], isUser: true }
     } catch (err) {
       throw new OAuthError('invalid_request', `subject_token: ${describeJwtError(err)}`)

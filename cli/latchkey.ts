@@ -5,6 +5,9 @@ import { Command } from 'commander'
 import { loadConfigFile, ConfigError } from '../lib/config/load.js'
 import { startSidecar, StartupError } from '../proxy/sidecar.js'
 import { runUp } from './up.js'
+import { startBroker } from '../broker/broker.js'
+import { createLogger } from '../lib/log.js'
+import { revokeCommand } from './revoke.js'
 
 const program = new Command()
 program.name('latchkey').description('Short-lived, task-scoped credentials for AI agents, injected by a localhost sidecar.')
@@ -46,6 +49,36 @@ program
       fail(err)
     }
   })
+
+program
+  .command('broker')
+  .description('run the broker: workload attestation, RFC 8693 token exchange, JWKS, revocations')
+  .requiredOption('-c, --config <file>', 'config file (YAML, version: 1) with a broker section')
+  .action(async (opts: { config: string }) => {
+    try {
+      const config = loadConfigFile(opts.config)
+      if (!config.broker) throw new ConfigError(opts.config, [{ path: 'broker', message: 'required by `latchkey broker`' }])
+      const broker = await startBroker(config.broker, { logger: createLogger(config.log.level, 'latchkey-broker') })
+      onShutdown(broker.close)
+    } catch (err) {
+      fail(err)
+    }
+  })
+
+for (const [name, op] of [['revoke', 'revoke'], ['unrevoke', 'unrevoke']] as const) {
+  program
+    .command(name)
+    .description(op === 'revoke' ? 'revoke an agent instance, a task or a token (jti) at the broker' : 'lift a revocation')
+    .argument('[agent]', 'agent instance ID, agent:<type>:<env>:<instance>')
+    .option('--task <id>', 'a task ID instead of an agent')
+    .option('--jti <id>', 'a token ID instead of an agent')
+    .option('--reason <text>', 'why (recorded in the audit trail)')
+    .option('--broker <url>', 'broker base URL', process.env.LATCHKEY_BROKER_URL ?? 'http://127.0.0.1:15003')
+    .option('--token-env <name>', 'environment variable holding the admin token', 'LATCHKEY_BROKER_ADMIN_TOKEN')
+    .action(async (agent: string | undefined, opts: { task?: string; jti?: string; reason?: string; broker: string; tokenEnv: string }) => {
+      process.exitCode = await revokeCommand(op, agent, opts)
+    })
+}
 
 program
   .command('check-config')

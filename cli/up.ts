@@ -5,11 +5,25 @@ import { fileURLToPath } from 'node:url'
 import { loadConfigFile } from '../lib/config/load.js'
 import { startSidecar } from '../proxy/sidecar.js'
 import { startDemoUpstream } from './demo-upstream.js'
+import { dirname, isAbsolute, resolve } from 'node:path'
+import { startBroker, type RunningBroker } from '../broker/broker.js'
+import { ensureLocalAttestorKey } from '../broker/attest/local-keys.js'
+import { createLogger } from '../lib/log.js'
 
 export const EXAMPLE_CONFIG = fileURLToPath(new URL('../../deploy/examples/up.yaml', import.meta.url))
 
 export async function runUp(opts: { config: string; upstreamPort: string }): Promise<{ close(): Promise<void> }> {
-  const config = loadConfigFile(opts.config || EXAMPLE_CONFIG)
+  const configFile = opts.config || EXAMPLE_CONFIG
+  const config = loadConfigFile(configFile)
+  let broker: RunningBroker | undefined
+  if (config.broker) {
+    // The local default: one attestor key per installation, trusted by the broker.
+    const local = await ensureLocalAttestorKey('.latchkey/local-attestor')
+    const b = config.broker
+    if (!isAbsolute(b.registry_file)) b.registry_file = resolve(dirname(configFile), b.registry_file)
+    if (b.attestors.local) b.attestors.local.keys_file = local.jwksFile
+    broker = await startBroker(b, { logger: createLogger(config.log.level, 'latchkey-broker') })
+  }
   // A fresh demo secret per run, held in memory only: the sidecar injects it, the upstream checks it.
   const demoSecret = 'lk-demo-' + randomBytes(24).toString('base64url')
   const upstreamPort = Number(opts.upstreamPort)
@@ -20,7 +34,7 @@ export async function runUp(opts: { config: string; upstreamPort: string }): Pro
 Latchkey is up.
   sidecar (HTTP_PROXY)  ${proxy}
   admin                 ${sidecar.adminUrl}/metrics  /healthz  /readyz
-  demo upstream         http://127.0.0.1:${upstreamPort}
+  demo upstream         http://127.0.0.1:${upstreamPort}${broker ? `\n  broker                ${broker.url}  (RFC 8693 ${broker.url}/oauth2/token, JWKS ${broker.url}/.well-known/jwks.json)` : ''}
   audit trail           ${config.audit.jsonl.path}
 
 Try:
@@ -31,6 +45,7 @@ Try:
   return {
     close: async () => {
       await sidecar.close()
+      await broker?.close()
       await new Promise<void>((resolve) => upstream.close(() => resolve()))
     },
   }

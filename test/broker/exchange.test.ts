@@ -170,3 +170,16 @@ t.test('every exchange is an event, granted or refused, and names no token', asy
     t.notOk(everything.includes(secret.split('.')[2]!), 'no token signature in events or logs')
   }
 })
+
+t.test('a verified user token is reused only while it is valid', async (t) => {
+  let clock = Date.now()
+  const b = await startTestBroker({ now: () => clock })
+  t.teardown(b.close)
+  const user = await b.userToken('gina', 'read', { exp: Math.floor(clock / 1000) + 120 })
+  const first = await b.exchange(delegatedRequest(user, await b.attest('agent:summarizer:prod:c1')))
+  t.equal(first.status, 200, why(first))
+  clock += 200_000 // past exp + 30 s skew: the cached verification must not outlive the token
+  const later = await b.exchange(delegatedRequest(user, await b.attest('agent:summarizer:prod:c1')))
+  t.equal(later.status, 400)
+  t.equal(later.body.error_description, 'subject_token: expired')
+})

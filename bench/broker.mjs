@@ -21,10 +21,16 @@ const SECONDS = Number(process.env.BENCH_SECONDS ?? 5)
 const CONCURRENCY = Number(process.env.BENCH_CONCURRENCY ?? 32)
 const work = mkdtempSync(join(tmpdir(), 'lk-bench-broker-'))
 const children = new Set()
-process.on('exit', () => { for (const c of children) try { c.kill('SIGKILL') } catch {} })
+process.on('exit', () => {
+  for (const c of children) c.kill('SIGKILL')
+})
 process.on('SIGINT', () => process.exit(130))
 
-try { execFileSync('taskset', ['-cp', '1', String(process.pid)], { stdio: 'ignore' }) } catch {}
+try {
+  execFileSync('taskset', ['-cp', '1', String(process.pid)], { stdio: 'ignore' })
+} catch {
+  console.error('taskset unavailable: cores are not pinned, figures are not comparable')
+}
 
 async function freePort() {
   const s = createServer()
@@ -36,7 +42,7 @@ async function freePort() {
 
 async function waitFor(url) {
   for (let i = 0; i < 200; i++) {
-    try { if ((await fetch(url)).ok) return } catch {}
+    if (await fetch(url).then((r) => r.ok, () => false)) return
     await new Promise((r) => setTimeout(r, 50))
   }
   throw new Error(`${url} did not come up`)

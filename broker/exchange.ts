@@ -18,7 +18,8 @@ import type { RevocationList } from './revocations/list.js'
 import type { UserTokenVerifier } from './users.js'
 import type { BrokerEvents, ExchangeEvent } from './events.js'
 
-export const GRANT_TYPE = 'urn:ietf:params:oauth:grant-type:token-exchange'
+export { TOKEN_EXCHANGE_GRANT as GRANT_TYPE } from '../lib/oauth.js'
+import { TOKEN_EXCHANGE_GRANT as GRANT_TYPE } from '../lib/oauth.js'
 /** RFC 9068's media type for JWT access tokens. */
 export const ACCESS_TOKEN_TYP = 'at+jwt'
 const SCOPE_TOKEN = /^[\x21\x23-\x5B\x5D-\x7E]+$/

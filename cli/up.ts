@@ -7,7 +7,7 @@ import { startSidecar } from '../proxy/sidecar.js'
 import { startDemoUpstream } from './demo-upstream.js'
 import { dirname, isAbsolute, resolve } from 'node:path'
 import { startBroker, type RunningBroker } from '../broker/broker.js'
-import { ensureLocalAttestorKey } from '../broker/attest/local-keys.js'
+import { ensureLocalAttestorKey } from '../lib/local-attestor.js'
 import { createLogger } from '../lib/log.js'
 
 export const EXAMPLE_CONFIG = fileURLToPath(new URL('../../deploy/examples/up.yaml', import.meta.url))

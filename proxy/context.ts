@@ -23,10 +23,22 @@ export interface Target {
 
 export interface Identity {
   agentId: string
-  /** Task handle presented in Proxy-Authorization, if any. */
+  /** The task's ID (not its handle: the handle is a proxy credential and is never recorded). */
   taskId: string | null
   /** Delegating user's subject, when a task runs for a user. */
   userSub: string | null
+  /** The open task the request named, when it named one. */
+  task: TaskRef | null
+}
+
+/** What the credential stage needs of a task; the task registry owns the full record. */
+export interface TaskRef {
+  readonly id: string
+  /** Epoch ms; the task's tokens never outlive it by more than the broker's margin. */
+  readonly expiresAt: number
+  /** The user's token (subject_token), held in memory only; null when the agent acts for itself. */
+  readonly userToken: string | null
+  ended: boolean
 }
 
 export interface Decision {
@@ -55,6 +67,11 @@ export interface Credential {
 
 export interface CredentialBinding {
   id: string
+  source: 'static' | 'broker'
+  /** broker: the audience asked of the broker. */
+  tokenAudience: string
+  /** broker: the scopes asked for (empty: all the broker allows). */
+  scopes: readonly string[]
   /** Exact origin key `scheme://host:port` the credential may be sent to. */
   audience: string
   secret: string

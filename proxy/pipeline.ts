@@ -50,7 +50,7 @@ export class Pipeline {
       t0: performance.now(),
       method,
       target: null,
-      identity: { agentId: '', taskId: null, userSub: null },
+      identity: { agentId: '', taskId: null, userSub: null, task: null },
       decision: null,
       resolved: null,
       binding: null,

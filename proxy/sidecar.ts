@@ -11,7 +11,15 @@ import { Pipeline } from './pipeline.js'
 import { Policy } from './policy/policy.js'
 import { CredentialBindings } from './credentials/bindings.js'
 import { StaticSecretSource } from './credentials/static-source.js'
-import { SidecarAgentIdentifier } from './identify/proxy-authorization.js'
+import { TaskIdentifier } from './identify/proxy-authorization.js'
+import { TaskRegistry } from './tasks/registry.js'
+import { handleTaskApi } from './tasks/api.js'
+import { CredentialSources } from './credentials/sources.js'
+import { BrokerTokenSource } from './credentials/broker-source.js'
+import { BrokerClient } from './credentials/broker-client.js'
+import type { WorkloadEvidence } from './attest/evidence.js'
+import { KubernetesTokenFile } from './attest/kubernetes-token.js'
+import { LocalKeyEvidence } from './attest/local-key.js'
 import { PinnedPools } from './forward/pools.js'
 import { JsonlAuditSink } from './audit/jsonl-sink.js'
 import { SidecarMetrics } from './metrics.js'
@@ -27,6 +35,10 @@ export interface SidecarOptions {
   /** Replaces the JSON-lines sink (later: the gRPC stream to the collector). */
   audit?: AuditSink
   resolver?: Resolver
+  /** A clock for tasks and token lifetimes (tests); Date.now otherwise. */
+  now?: () => number
+  /** Replaces the configured workload evidence (tests of evidence faults). */
+  evidence?: WorkloadEvidence
 }
 
 export interface RunningSidecar {
@@ -37,6 +49,8 @@ export interface RunningSidecar {
   log: Logger
   metrics: SidecarMetrics
   audit: AuditSink
+  tasks: TaskRegistry
+  brokerTokens: BrokerTokenSource | undefined
   /** Stop accepting, let in-flight calls finish (up to drain_ms), flush the audit, close. */
   close(): Promise<void>
 }
@@ -51,12 +65,13 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const metrics = new SidecarMetrics()
 
   const bindings = new CredentialBindings(config.credentials)
-  const secrets = new StaticSecretSource(config.secrets, config.credentials.map((c) => c.secret), opts.env ?? process.env)
-  const missing = config.credentials.filter((c) => !secrets.has(c.secret))
+  const staticBindings = config.credentials.filter((c) => c.source === 'static')
+  const secrets = new StaticSecretSource(config.secrets, staticBindings.map((c) => c.secret!), opts.env ?? process.env)
+  const missing = staticBindings.filter((c) => !secrets.has(c.secret!))
   if (missing.length > 0) {
     throw new StartupError(
       missing
-        .map((c) => `credential "${c.id}": secret ${c.secret} is neither in env ${config.secrets.env_prefix}${c.secret} nor in secrets.file`)
+        .map((c) => `credential "${c.id}": secret ${c.secret!} is neither in env ${config.secrets.env_prefix}${c.secret!} nor in secrets.file`)
         .join('\n'),
     )
   }
@@ -68,14 +83,43 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       log.error({ code: err.code }, 'audit sink write failed')
     })
 
+  const now = opts.now ?? Date.now
+  const tasks = new TaskRegistry(sc.agent_id, {
+    maxDurationS: config.tasks.max_duration_s,
+    default: config.tasks.default.enabled ? { durationS: config.tasks.default.duration_s, purpose: config.tasks.default.purpose } : undefined,
+    now,
+  })
+  let brokerTokens: BrokerTokenSource | undefined
+  if (sc.broker) {
+    const a = sc.attestation
+    const evidence: WorkloadEvidence | undefined =
+      opts.evidence ??
+      (a.kubernetes
+        ? new KubernetesTokenFile(a.kubernetes.token_file)
+        : a.local
+          ? new LocalKeyEvidence(a.local.key_file, sc.agent_id, a.local.audience ?? sc.broker.url.replace(/\/$/, ''))
+          : undefined)
+    if (!evidence) throw new StartupError('sidecar.broker is set but no workload evidence is configured (sidecar.attestation)')
+    brokerTokens = new BrokerTokenSource(new BrokerClient(sc.broker.url, sc.broker.timeout_ms, evidence), {
+      minRemainingMs: sc.broker.min_remaining_ms,
+      now,
+      onExchange: (outcome) => metrics.tokenExchanges.inc({ outcome }),
+      onRefreshFailed: (reason) => log.warn({ reason }, 'token refresh failed; the current token is still valid'),
+    })
+    tasks.onEnd((t) => brokerTokens!.dropTask(t.id))
+  }
+  metrics.taskCount = () => tasks.size
+  tasks.start()
+  const credentialSources = new CredentialSources(secrets, brokerTokens)
+
   const upstreamCa = sc.upstream_ca_file ? [...rootCertificates, readFileSync(sc.upstream_ca_file, 'utf8')] : undefined
   const routes = new Map(Object.entries(config.routes).map(([name, origin]) => [name, new URL(origin)]))
   const pipeline = new Pipeline({
-    identifier: new SidecarAgentIdentifier(sc.agent_id),
+    identifier: new TaskIdentifier(sc.agent_id, tasks),
     decider: new Policy(config.policy),
     resolver: opts.resolver ?? new DnsResolver(compileNetworkPolicy(config.network), { cacheMs: config.network.dns_cache_ms }),
     bindings,
-    credentials: secrets,
+    credentials: credentialSources,
     pools: new PinnedPools(sc.timeouts, sc.max_pools, upstreamCa),
     routes,
     audit,
@@ -89,6 +133,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     connectTimeoutMs: sc.timeouts.connect_ms,
   })
   let draining = false
+  let proxyBase = ''
   const admin = createAdminServer(metrics, {
     ready: () => {
       const reasons: string[] = []
@@ -96,7 +141,20 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       if (!server.listening) reasons.push('proxy listener not open')
       return { ok: reasons.length === 0, reasons }
     },
-  })
+  }, (req, res, path) =>
+    handleTaskApi(
+      {
+        tasks,
+        bindings: bindings.all(),
+        credentials: credentialSources,
+        describe: (id) => brokerTokens?.describe(id) ?? [],
+        proxyUrl: (handle) => `http://task:${handle}@${proxyBase}`,
+      },
+      req,
+      res,
+      path,
+    ),
+  )
 
   server.listen(sc.listen.port, sc.listen.host)
   admin.listen(sc.admin.port, sc.admin.host)
@@ -104,6 +162,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const port = (server.address() as AddressInfo).port
   const adminPort = (admin.address() as AddressInfo).port
   const host = sc.listen.host.includes(':') ? `[${sc.listen.host}]` : sc.listen.host
+  proxyBase = `${host}:${port}`
   log.info({ port, adminPort, agent: sc.agent_id, rules: config.policy.rules.length, credentials: bindings.all().length }, 'sidecar listening')
 
   let closing: Promise<void> | null = null
@@ -118,6 +177,8 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       server.closeAllConnections()
       for (const s of openStreams) s.destroy()
       await pipeline.stages.pools.close()
+      tasks.close()
+      await brokerTokens?.close()
       await audit.close()
       await new Promise<void>((resolve) => admin.close(() => resolve()))
       admin.closeAllConnections()
@@ -132,6 +193,8 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     log,
     metrics,
     audit,
+    tasks,
+    brokerTokens,
     close,
   }
 }

@@ -37,13 +37,7 @@ export interface AttestationVerifier {
   verify(token: string, registry: Registry): Promise<Attestation>
 }
 
-export const TOKEN_TYPES = {
-  jwt: 'urn:ietf:params:oauth:token-type:jwt',
-  accessToken: 'urn:ietf:params:oauth:token-type:access_token',
-  kubernetes: 'urn:latchkey:token-type:kubernetes-service-account',
-  spiffe: 'urn:latchkey:token-type:jwt-svid',
-  local: 'urn:latchkey:token-type:local',
-} as const
+export { TOKEN_TYPES } from '../../lib/oauth.js'
 
 /** Instance IDs carry only characters that are safe in logs, metrics labels and paths. */
 export function sanitizeInstance(raw: string): string {

@@ -5,10 +5,11 @@ import { LRUCache } from 'lru-cache'
 import type { JWTVerifyGetKey } from 'jose'
 import { verifyJwt, MAX_SKEW_S } from '../jwt.js'
 import type { Registry } from '../registry.js'
+import { LOCAL_ISSUER } from '../../lib/local-attestor.js'
 import { AttestationFailed, TOKEN_TYPES, type Attestation, type AttestationVerifier } from './attestor.js'
 
-export const LOCAL_ISSUER = 'latchkey-local'
 /** Local attestations are for the next request, not for keeping: at most this long. */
+export { LOCAL_ISSUER }
 export const LOCAL_MAX_AGE_S = 300
 const INSTANCE_ID = /^agent:([a-z0-9][a-z0-9-]*):([a-z0-9][a-z0-9-]*):([A-Za-z0-9][A-Za-z0-9_.-]{0,127})$/
 

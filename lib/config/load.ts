@@ -174,6 +174,19 @@ function semanticProblems(c: Config): ConfigProblem[] {
       audiences.set(url.origin, b.id)
     }
   })
+  c.credentials.forEach((b, i) => {
+    if (b.source === 'static') {
+      if (!b.secret) problems.push({ path: `credentials[${i}].secret`, message: 'required when source is static' })
+      if (b.token_audience !== undefined || b.scopes !== undefined) problems.push({ path: `credentials[${i}]`, message: 'token_audience and scopes apply only to source: broker' })
+    } else {
+      if (b.secret !== undefined) problems.push({ path: `credentials[${i}].secret`, message: 'a broker credential has no static secret' })
+      if (!c.sidecar.broker) problems.push({ path: 'sidecar.broker', message: `required: credential "${b.id}" comes from the broker` })
+      const a = c.sidecar.attestation
+      if (!a.kubernetes && !a.spiffe && !a.local) problems.push({ path: 'sidecar.attestation', message: `required: credential "${b.id}" needs workload evidence for the broker (kubernetes, spiffe or local)` })
+    }
+  })
+  if (c.tasks.default.duration_s > c.tasks.max_duration_s) problems.push({ path: 'tasks.default.duration_s', message: 'exceeds tasks.max_duration_s' })
+
   if (c.broker) {
     const b = c.broker
     const sources: [string, { jwks_file?: string | undefined; jwks_url?: string | undefined } | undefined][] = [

@@ -27,8 +27,14 @@ export interface CredentialBindingConfig {
   id: string
   /** Exact origin the credential may go to: scheme://host[:port]. */
   audience: string
-  source: 'static'
-  secret: string
+  /** static: a secret from env/secrets.file. broker: a task-scoped token from the broker (RFC 8693). */
+  source: 'static' | 'broker'
+  /** static only: the secret's name. */
+  secret?: string
+  /** broker only: the `audience` asked of the broker; defaults to the origin above. */
+  token_audience?: string
+  /** broker only: scopes asked for; empty asks for everything the task's user and the agent's policy allow. */
+  scopes?: string[]
   inject: InjectConfig
   /** Extra agent-sent headers to remove on this audience, beyond the defaults. */
   strip?: string[]
@@ -56,6 +62,19 @@ export interface Config {
       drain_ms: number
     }
     max_pools: number
+    /** Where task-scoped tokens come from. Required when any credential has source: broker. */
+    broker?: { url: string; timeout_ms: number; min_remaining_ms: number }
+    /** Workload evidence the sidecar presents to the broker; exactly one of kubernetes, spiffe, local. */
+    attestation: {
+      kubernetes?: { token_file: string }
+      spiffe?: { socket: string; audience?: string }
+      local?: { key_file: string; audience?: string }
+    }
+  }
+  tasks: {
+    max_duration_s: number
+    /** A task for agents that never open one (no Proxy-Authorization). Off by default. */
+    default: { enabled: boolean; duration_s: number; purpose: string }
   }
   policy: {
     mode: Mode
@@ -317,6 +336,45 @@ export const configSchema = {
           },
         },
         max_pools: { type: 'integer', minimum: 1, maximum: 100_000, default: 256 },
+        broker: {
+          type: 'object',
+          additionalProperties: false,
+          required: ['url'],
+          properties: {
+            url: { type: 'string', pattern: '^https?://[^\\s]+$' },
+            timeout_ms: ms(3_000),
+            min_remaining_ms: ms(5_000, 0),
+          },
+        },
+        attestation: {
+          type: 'object',
+          additionalProperties: false,
+          default: {},
+          maxProperties: 1,
+          properties: {
+            kubernetes: { type: 'object', additionalProperties: false, required: ['token_file'], properties: { token_file: nonEmpty } },
+            spiffe: { type: 'object', additionalProperties: false, required: ['socket'], properties: { socket: nonEmpty, audience: nonEmpty } },
+            local: { type: 'object', additionalProperties: false, required: ['key_file'], properties: { key_file: nonEmpty, audience: nonEmpty } },
+          },
+        },
+      },
+    },
+    tasks: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: {
+        max_duration_s: { type: 'integer', minimum: 1, maximum: 604_800, default: 86_400 },
+        default: {
+          type: 'object',
+          additionalProperties: false,
+          default: {},
+          properties: {
+            enabled: { type: 'boolean', default: false },
+            duration_s: { type: 'integer', minimum: 1, maximum: 604_800, default: 3_600 },
+            purpose: { type: 'string', maxLength: 256, default: 'default task' },
+          },
+        },
       },
     },
     policy: {
@@ -360,12 +418,14 @@ export const configSchema = {
       items: {
         type: 'object',
         additionalProperties: false,
-        required: ['id', 'audience', 'source', 'secret', 'inject'],
+        required: ['id', 'audience', 'source', 'inject'],
         properties: {
           id: { type: 'string', pattern: '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' },
           audience: { type: 'string', pattern: '^https?://' },
-          source: { enum: ['static'] },
+          source: { enum: ['static', 'broker'] },
           secret: { type: 'string', pattern: '^[A-Za-z0-9_.-]+$' },
+          token_audience: { type: 'string', minLength: 1, maxLength: 512 },
+          scopes: { type: 'array', uniqueItems: true, items: { type: 'string', pattern: '^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$' } },
           inject,
           strip: { type: 'array', items: { type: 'string', pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$" } },
         },

@@ -5,13 +5,23 @@ import { randomUUID } from 'node:crypto'
 import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { calculateJwkThumbprint, exportJWK, generateKeyPair, importJWK, SignJWT, type CryptoKey, type JWK } from 'jose'
-import { LOCAL_ISSUER } from './local.js'
+
+
+/** `iss` of local attestations; the broker's local verifier expects exactly this. */
+export const LOCAL_ISSUER = 'latchkey-local'
 
 export interface LocalAttestorKey {
   kid: string
   privateKey: CryptoKey
   /** The JWK set file the broker's `attestors.local.keys_file` points at. */
   jwksFile: string
+}
+
+/** Loads the private key a sidecar signs with (the file `ensureLocalAttestorKey` wrote). */
+export async function loadLocalAttestorKey(file: string): Promise<{ kid: string; privateKey: CryptoKey }> {
+  const jwk = JSON.parse(readFileSync(file, 'utf8')) as JWK
+  if (!jwk.d || !jwk.kid) throw new Error(`${file}: not a private JWK with a kid`)
+  return { kid: jwk.kid, privateKey: (await importJWK(jwk, 'ES256')) as CryptoKey }
 }
 
 export async function ensureLocalAttestorKey(dir: string): Promise<LocalAttestorKey> {

@@ -8,6 +8,7 @@ import { runUp } from './up.js'
 import { startBroker } from '../broker/broker.js'
 import { createLogger } from '../lib/log.js'
 import { revokeCommand } from './revoke.js'
+import { registerCollectorCommands } from '../collector/cli.js'
 
 const program = new Command()
 program.name('latchkey').description('Short-lived, task-scoped credentials for AI agents, injected by a localhost sidecar.')
@@ -106,5 +107,7 @@ program
       fail(err)
     }
   })
+
+registerCollectorCommands(program, onShutdown)
 
 await program.parseAsync(process.argv)

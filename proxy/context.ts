@@ -156,6 +156,8 @@ export interface AuditEvent {
 export interface AuditSink {
   /** Must not block or throw: the request path calls it. */
   write(event: AuditEvent): void
+  /** When present and false, the pipeline refuses new egress (503 LK_AUDIT_UNAVAILABLE): the sink cannot keep more. */
+  accepting?(): boolean
   /** Persist everything written so far. */
   flush(): Promise<void>
   close(): Promise<void>

@@ -14,6 +14,7 @@ export const ERRORS = {
   LK_UPSTREAM_TIMEOUT: { status: 504, error: 'upstream_timeout', retryable: true },
   LK_UPSTREAM_PROTOCOL: { status: 502, error: 'upstream_protocol', retryable: false },
   LK_DRAINING: { status: 503, error: 'draining', retryable: true },
+  LK_AUDIT_UNAVAILABLE: { status: 503, error: 'audit_unavailable', retryable: true },
 } as const
 
 export type ErrorCode = keyof typeof ERRORS

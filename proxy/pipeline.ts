@@ -75,6 +75,8 @@ export class Pipeline {
     const decision = s.decider.decide(ctx.method, target)
     ctx.decision = decision
     if (decision.action === 'deny' && decision.enforced) throw new LatchkeyError('LK_POLICY_DENIED', decision.reason, decision.rule)
+    // Fail closed: no call goes out that the audit sink could not keep (spool full, on_full: refuse).
+    if (s.audit.accepting && !s.audit.accepting()) throw new LatchkeyError('LK_AUDIT_UNAVAILABLE', 'the audit spool is full; no new egress until the collector catches up')
     const resolved = s.resolver.resolve(target)
     return resolved instanceof Promise ? resolved.then((r) => this.admitResolved(ctx, r, withCredential)) : this.admitResolved(ctx, resolved, withCredential)
   }

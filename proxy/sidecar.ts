@@ -22,12 +22,13 @@ import { KubernetesTokenFile } from './attest/kubernetes-token.js'
 import { LocalKeyEvidence } from './attest/local-key.js'
 import { PinnedPools } from './forward/pools.js'
 import { JsonlAuditSink } from './audit/jsonl-sink.js'
+import { CollectorAuditSink } from './audit/collector-sink.js'
 import { SidecarMetrics } from './metrics.js'
 import { createListener } from './listen/server.js'
 import { createAdminServer } from './admin.js'
 import { compileNetworkPolicy } from './resolve/network-policy.js'
 import { DnsResolver } from './resolve/resolver.js'
-import type { AuditSink, Resolver } from './context.js'
+import type { AuditSink, CredentialBinding, Resolver } from './context.js'
 
 export interface SidecarOptions {
   env?: NodeJS.ProcessEnv
@@ -76,8 +77,36 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     )
   }
 
+  const cc = config.audit.collector
+  const collectorToken = cc ? new StaticSecretSource(config.secrets, [cc.token_secret], opts.env ?? process.env) : null
+  if (cc && !collectorToken!.has(cc.token_secret)) {
+    throw new StartupError(`audit.collector: secret ${cc.token_secret} is neither in env ${config.secrets.env_prefix}${cc.token_secret} nor in secrets.file`)
+  }
+  const openCollectorSink = (o: ConstructorParameters<typeof CollectorAuditSink>[0]) => {
+    try {
+      return new CollectorAuditSink(o)
+    } catch (err) {
+      throw new StartupError(`audit.collector: ${(err as Error).message}`)
+    }
+  }
   const audit =
     opts.audit ??
+    (cc
+      ? openCollectorSink({
+          address: cc.address,
+          sidecarId: cc.sidecar_id,
+          token: collectorToken!.get({ secret: cc.token_secret, id: 'audit.collector' } as CredentialBinding).value,
+          spoolDir: cc.spool_dir,
+          segmentBytes: cc.segment_bytes,
+          maxBytes: cc.spool_max_bytes,
+          onFull: cc.on_full,
+          batchEvents: cc.batch_events,
+          backoffMinMs: cc.backoff_min_ms,
+          backoffMaxMs: cc.backoff_max_ms,
+          closeTimeoutMs: cc.close_timeout_ms,
+          onLog: (level, fields, msg) => log[level](fields, msg),
+        })
+      : null) ??
     new JsonlAuditSink(config.audit.jsonl.path, config.audit.jsonl.flush_ms, (err) => {
       metrics.auditFailures.inc()
       log.error({ code: err.code }, 'audit sink write failed')

@@ -90,7 +90,7 @@ export interface Config {
   routes: Record<string, string>
   credentials: CredentialBindingConfig[]
   secrets: { file?: string; env_prefix: string }
-  audit: { jsonl: { path: string; flush_ms: number } }
+  audit: { jsonl: { path: string; flush_ms: number }; collector: AuditCollectorConfig | null }
   log: { level: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent' }
   /** Present only where this file configures a broker (`latchkey broker`, `latchkey up`). */
   broker?: BrokerConfig
@@ -121,6 +121,25 @@ export interface BrokerConfig {
   /** Resource servers allowed to call introspection: id → environment variable holding its secret. */
   introspection_clients: Record<string, string>
   events: { jsonl?: { path: string } }
+}
+
+/** audit.collector: stream every event to the collector over gRPC, through a local spool. Replaces the JSON-lines sink when set. */
+export interface AuditCollectorConfig {
+  /** host:port of the collector's gRPC ingest. */
+  address: string
+  /** This sidecar's instance ID at the collector (its events are deduplicated per ID). */
+  sidecar_id: string
+  /** Name of the secret (secrets.file or env <env_prefix><NAME>) holding this sidecar's collector token. */
+  token_secret: string
+  spool_dir: string
+  spool_max_bytes: number
+  segment_bytes: number
+  /** When the spool is full: refuse new egress (fail closed) or keep serving and count dropped events. */
+  on_full: 'refuse' | 'drop'
+  batch_events: number
+  backoff_min_ms: number
+  backoff_max_ms: number
+  close_timeout_ms: number
 }
 
 /** Every address class the resolver knows; `network.deny` may name any of them. */
@@ -450,6 +469,25 @@ export const configSchema = {
           additionalProperties: false,
           default: {},
           properties: { path: { ...nonEmpty, default: 'latchkey-audit.jsonl' }, flush_ms: ms(20) },
+        },
+        collector: {
+          type: ['object', 'null'],
+          additionalProperties: false,
+          default: null,
+          required: ['address', 'sidecar_id', 'token_secret'],
+          properties: {
+            address: { type: 'string', pattern: '^[^\\s/]+:[0-9]{1,5}$' },
+            sidecar_id: nonEmpty,
+            token_secret: nonEmpty,
+            spool_dir: { ...nonEmpty, default: 'latchkey-spool' },
+            spool_max_bytes: { type: 'integer', minimum: 65536, default: 256 * 1024 * 1024 },
+            segment_bytes: { type: 'integer', minimum: 4096, default: 4 * 1024 * 1024 },
+            on_full: { enum: ['refuse', 'drop'], default: 'refuse' },
+            batch_events: { type: 'integer', minimum: 1, maximum: 10000, default: 1000 },
+            backoff_min_ms: ms(100),
+            backoff_max_ms: ms(5000),
+            close_timeout_ms: ms(2000, 0),
+          },
         },
       },
     },

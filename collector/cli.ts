@@ -1,0 +1,138 @@
+// CLI commands of the collector: `latchkey collector -c collector.yaml`, and the operator's
+// `latchkey audit --agent <id> --since 24h [--denied] [--json]` and `latchkey audit verify`.
+// Queries go to a collector's HTTP API (--url), or straight to its store (-c collector.yaml).
+import type { Command } from 'commander'
+import { request } from 'undici'
+import { ConfigError } from '../lib/config/load.js'
+import { Action, AuditEvent } from '../protos/gen/latchkey/v1/audit.js'
+import { loadCollectorConfig } from './config.js'
+import { openStore, startCollector } from './collector.js'
+import { eventToJson, parseSince, type EventJson } from './query.js'
+import type { VerifyResult } from './store/types.js'
+
+const DEFAULT_URL = 'http://127.0.0.1:15101'
+
+class CliError extends Error {}
+
+function fail(err: unknown): never {
+  if (err instanceof ConfigError || err instanceof CliError) console.error(err.message)
+  else console.error(err instanceof Error ? err.message : String(err))
+  process.exit(1)
+}
+
+async function getJson<T>(base: string, path: string): Promise<{ status: number; body: T }> {
+  let res
+  try {
+    res = await request(new URL(path, base))
+  } catch (err) {
+    throw new CliError(`collector at ${base} unreachable: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
+  }
+  const body = (await res.body.json()) as T
+  if (res.statusCode >= 400 && res.statusCode !== 409) throw new CliError(`collector at ${base}: ${(body as { error?: string }).error ?? `HTTP ${res.statusCode}`}`)
+  return { status: res.statusCode, body }
+}
+
+const ACTION_NAMES: Record<string, string> = { ACTION_ALLOW: 'allow', ACTION_DENY: 'deny', ACTION_REPORT: 'report', ACTION_UNSPECIFIED: '-' }
+
+export function formatEvent(e: EventJson): string {
+  const ev = AuditEvent.fromJSON(e.event)
+  const c = ev.call
+  const d = ev.decision
+  const target = c ? `${c.method} ${c.scheme}://${c.host}${c.port ? `:${c.port}` : ''}${c.path}` : '-'
+  const action = ACTION_NAMES[d ? (Object.keys(Action).find((k) => Action[k as keyof typeof Action] === d.action) ?? '') : ''] ?? '-'
+  return [
+    new Date(ev.timeUnixMs).toISOString(),
+    action.padEnd(6),
+    String(c?.status ?? '-').padEnd(3),
+    target,
+    d?.rule ? `rule=${d.rule}` : '',
+    ev.credential?.audience ? `aud=${ev.credential.audience}` : '',
+    d?.error ? `error=${d.error}` : '',
+    `[${e.sidecar}#${e.sequence}]`,
+  ]
+    .filter(Boolean)
+    .join('  ')
+}
+
+function printVerify(v: VerifyResult): void {
+  if (v.ok) console.log(`chain verified: ${v.checked} events across ${v.sidecars} sidecars`)
+  else {
+    for (const b of v.breaks) console.log(`BROKEN: sidecar ${b.sidecar} at position ${b.position} (sequence ${b.sequence}): ${b.reason}`)
+    console.log(`${v.breaks.length} chain(s) broken; ${v.checked} events checked across ${v.sidecars} sidecars`)
+  }
+}
+
+export function registerCollectorCommands(program: Command, onShutdown: (close: () => Promise<void>) => void): void {
+  program
+    .command('collector')
+    .description('run the audit collector: gRPC ingest from sidecars, the store, the query API')
+    .requiredOption('-c, --config <file>', 'collector config file (YAML, version: 1)')
+    .action(async (opts: { config: string }) => {
+      try {
+        const running = await startCollector(loadCollectorConfig(opts.config))
+        onShutdown(running.close)
+      } catch (err) {
+        fail(err)
+      }
+    })
+
+  const audit = program
+    .command('audit')
+    .description("what an agent did: its calls since a time, from the collector")
+    .option('--agent <id>', 'agent instance ID, e.g. agent:summarizer:prod:7a2c91')
+    .option('--since <when>', 'duration back from now (24h, 30m, 7d) or an ISO-8601 time', '24h')
+    .option('--denied', 'only calls policy denied (enforced or report-only)')
+    .option('--json', 'one JSON object per line')
+    .option('--limit <n>', 'at most this many events', '10000')
+    .option('--url <url>', "the collector's HTTP query API", DEFAULT_URL)
+    .option('-c, --config <file>', 'read the store named in this collector config directly instead of --url')
+    .action(async (opts: { agent?: string; since: string; denied?: boolean; json?: boolean; limit: string; url: string; config?: string }) => {
+      try {
+        if (!opts.agent) throw new CliError('--agent <id> is required (e.g. --agent agent:summarizer:prod:7a2c91)')
+        let events: EventJson[]
+        if (opts.config) {
+          const store = openStore(loadCollectorConfig(opts.config).collector.store)
+          try {
+            const since = parseSince(opts.since)
+            events = (await store.eventsByAgent({ agent: opts.agent, since, deniedOnly: !!opts.denied, limit: Number(opts.limit) })).map(eventToJson)
+          } finally {
+            await store.close()
+          }
+        } else {
+          const q = new URLSearchParams({ agent: opts.agent, since: opts.since, limit: opts.limit })
+          if (opts.denied) q.set('denied', 'true')
+          events = (await getJson<{ events: EventJson[] }>(opts.url, `/v1/events?${q}`)).body.events
+        }
+        for (const e of events) console.log(opts.json ? JSON.stringify(e) : formatEvent(e))
+        if (!opts.json) console.error(`${events.length} call(s) by ${opts.agent} since ${opts.since}${opts.denied ? ' (denied only)' : ''}`)
+      } catch (err) {
+        fail(err)
+      }
+    })
+
+  audit
+    .command('verify')
+    .description('recompute every hash chain in the store; exit 1 naming the first break of each broken chain')
+    .option('--sidecar <id>', 'only this sidecar')
+    .action(async (own: { sidecar?: string }) => {
+      // --url and -c belong to `audit` (commander parses parent options anywhere on the line).
+      const opts = { ...(audit.opts() as { url: string; config?: string }), ...own }
+      try {
+        let v: VerifyResult
+        if (opts.config) {
+          const store = openStore(loadCollectorConfig(opts.config).collector.store)
+          try {
+            v = await store.verify(opts.sidecar)
+          } finally {
+            await store.close()
+          }
+        } else {
+          v = (await getJson<VerifyResult>(opts.url, `/v1/verify${opts.sidecar ? `?sidecar=${encodeURIComponent(opts.sidecar)}` : ''}`)).body
+        }
+        printVerify(v)
+        process.exitCode = v.ok ? 0 : 1
+      } catch (err) {
+        fail(err)
+      }
+    })
+}

@@ -1,0 +1,94 @@
+// Assembles a collector from its config: the store, the gRPC ingest server, the HTTP query API,
+// and (when configured) the JetStream fan-out.
+import { once } from 'node:events'
+import type { AddressInfo } from 'node:net'
+import { Server, ServerCredentials } from '@grpc/grpc-js'
+import type { DestinationStream } from 'pino'
+import { AuditIngestServiceService } from '../protos/gen/latchkey/v1/audit.js'
+import { createLogger, type Logger } from '../lib/log.js'
+import type { CollectorConfig, StoreConfig } from './config.js'
+import { IngestService } from './ingest.js'
+import { createQueryServer } from './http.js'
+import type { AuditStore, StoredEvent } from './store/types.js'
+import { SqliteAuditStore } from './store/sqlite.js'
+import { PostgresAuditStore } from './store/postgres.js'
+import { JetStreamFanOut } from './fanout.js'
+
+export function openStore(c: StoreConfig): AuditStore {
+  return c.kind === 'sqlite' ? new SqliteAuditStore(c.path) : new PostgresAuditStore({ url: c.url, schema: c.schema, poolSize: c.pool_size })
+}
+
+export interface FanOut {
+  publish(events: StoredEvent[]): void
+  close(): Promise<void>
+}
+
+export interface CollectorOptions {
+  logDestination?: DestinationStream
+  /** Use this store instead of opening the configured one (tests, `latchkey up`). */
+  store?: AuditStore
+  fanOut?: FanOut
+}
+
+export interface RunningCollector {
+  grpcPort: number
+  grpcAddress: string
+  httpUrl: string | null
+  store: AuditStore
+  ingest: IngestService
+  log: Logger
+  close(): Promise<void>
+}
+
+export async function startCollector(config: CollectorConfig, opts: CollectorOptions = {}): Promise<RunningCollector> {
+  const c = config.collector
+  const log = createLogger(config.log.level, 'latchkey-collector', opts.logDestination)
+  const fanOut = opts.fanOut ?? (c.nats ? await JetStreamFanOut.open(c.nats, log) : null)
+  const store = opts.store ?? openStore(c.store)
+  const ingest = new IngestService(store, c.sidecars, log, fanOut ? (events) => fanOut.publish(events) : undefined)
+
+  const grpc = new Server({ 'grpc.max_receive_message_length': c.grpc.max_batch_bytes })
+  grpc.addService(AuditIngestServiceService, ingest.implementation())
+  const grpcPort = await new Promise<number>((resolve, reject) =>
+    grpc.bindAsync(`${c.grpc.host.includes(':') ? `[${c.grpc.host}]` : c.grpc.host}:${c.grpc.port}`, ServerCredentials.createInsecure(), (err, port) =>
+      err ? reject(new Error(`collector gRPC listen on ${c.grpc.host}:${c.grpc.port} failed: ${err.message}`)) : resolve(port),
+    ),
+  )
+
+  let httpUrl: string | null = null
+  const http = c.http ? createQueryServer(store, log) : null
+  if (http && c.http) {
+    http.listen(c.http.port, c.http.host)
+    await once(http, 'listening')
+    httpUrl = `http://${c.http.host}:${(http.address() as AddressInfo).port}`
+  }
+  log.info({ grpcPort, httpUrl, store: store.kind, sidecars: c.sidecars.length, nats: !!fanOut }, 'collector listening')
+
+  let closing: Promise<void> | null = null
+  return {
+    grpcPort,
+    grpcAddress: `${c.grpc.host}:${grpcPort}`,
+    httpUrl,
+    store,
+    ingest,
+    log,
+    close: () =>
+      (closing ??= (async () => {
+        ingest.closeStreams()
+        await new Promise<void>((resolve) => {
+          const force = setTimeout(() => grpc.forceShutdown(), 2000)
+          grpc.tryShutdown(() => {
+            clearTimeout(force)
+            resolve()
+          })
+        })
+        if (http) {
+          await new Promise<void>((resolve) => http.close(() => resolve()))
+          http.closeAllConnections()
+        }
+        await fanOut?.close()
+        if (!opts.store) await store.close()
+        log.info('collector stopped')
+      })()),
+  }
+}

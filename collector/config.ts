@@ -1,0 +1,159 @@
+// The collector's own config file (YAML, `version: 1`), separate from the sidecar's: a collector
+// is its own deployment. Validated with ajv like the sidecar's; every problem names its path.
+import { readFileSync } from 'node:fs'
+import { Ajv, type ErrorObject } from 'ajv'
+import { parse } from 'yaml'
+import { ConfigError, type ConfigProblem } from '../lib/config/load.js'
+
+export interface SidecarCredential {
+  id: string
+  /** hex SHA-256 of the sidecar's shared token: the collector never holds the token itself. */
+  token_sha256: string
+}
+
+export type StoreConfig = { kind: 'sqlite'; path: string } | { kind: 'postgres'; url: string; schema: string; pool_size: number }
+
+export interface NatsConfig {
+  servers: string[]
+  stream: string
+  /** Events go to `<subject_prefix>.<agent type>`. */
+  subject_prefix: string
+}
+
+export interface CollectorConfig {
+  version: 1
+  collector: {
+    grpc: { host: string; port: number; max_batch_bytes: number }
+    http: { host: string; port: number } | null
+    store: StoreConfig
+    sidecars: SidecarCredential[]
+    nats: NatsConfig | null
+  }
+  log: { level: string }
+}
+
+const hostPort = (port: number) => ({
+  type: 'object',
+  additionalProperties: false,
+  default: {},
+  properties: { host: { type: 'string', minLength: 1, default: '127.0.0.1' }, port: { type: 'integer', minimum: 0, maximum: 65535, default: port } },
+})
+
+const schema = {
+  type: 'object',
+  additionalProperties: false,
+  required: ['version', 'collector'],
+  properties: {
+    version: { const: 1 },
+    collector: {
+      type: 'object',
+      additionalProperties: false,
+      required: ['sidecars'],
+      properties: {
+        grpc: {
+          ...hostPort(15100),
+          properties: { ...hostPort(15100).properties, max_batch_bytes: { type: 'integer', minimum: 1024, default: 8 * 1024 * 1024 } },
+        },
+        http: { ...hostPort(15101), type: ['object', 'null'] },
+        store: {
+          type: 'object',
+          default: { kind: 'sqlite' },
+          required: ['kind'],
+          oneOf: [
+            {
+              additionalProperties: false,
+              properties: { kind: { const: 'sqlite' }, path: { type: 'string', minLength: 1, default: 'latchkey-audit.db' } },
+            },
+            {
+              additionalProperties: false,
+              required: ['url'],
+              properties: {
+                kind: { const: 'postgres' },
+                url: { type: 'string', minLength: 1 },
+                schema: { type: 'string', pattern: '^[a-z_][a-z0-9_]{0,62}$', default: 'latchkey' },
+                pool_size: { type: 'integer', minimum: 1, default: 4 },
+              },
+            },
+          ],
+        },
+        sidecars: {
+          type: 'array',
+          items: {
+            type: 'object',
+            additionalProperties: false,
+            required: ['id', 'token_sha256'],
+            properties: { id: { type: 'string', minLength: 1 }, token_sha256: { type: 'string', pattern: '^[0-9a-f]{64}$' } },
+          },
+        },
+        nats: {
+          type: ['object', 'null'],
+          default: null,
+          additionalProperties: false,
+          required: ['servers'],
+          properties: {
+            servers: { type: 'array', minItems: 1, items: { type: 'string', minLength: 1 } },
+            stream: { type: 'string', pattern: '^[A-Za-z0-9_-]+$', default: 'LATCHKEY_AUDIT' },
+            subject_prefix: { type: 'string', pattern: '^[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*$', default: 'latchkey.audit' },
+          },
+        },
+      },
+    },
+    log: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: { level: { enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info' } },
+    },
+  },
+} as const
+
+const ajv = new Ajv({ allErrors: true, useDefaults: true, strict: false, allowUnionTypes: true })
+const validate = ajv.compile(schema)
+
+function problem(e: ErrorObject): ConfigProblem {
+  const path = e.instancePath.split('/').slice(1).reduce((acc, seg) => (/^\d+$/.test(seg) ? `${acc}[${seg}]` : acc ? `${acc}.${seg}` : seg), '')
+  if (e.keyword === 'additionalProperties') {
+    const key = (e.params as { additionalProperty: string }).additionalProperty
+    return { path: path ? `${path}.${key}` : key, message: 'unknown key' }
+  }
+  if (e.keyword === 'required') return { path, message: `missing required key "${(e.params as { missingProperty: string }).missingProperty}"` }
+  if (e.keyword === 'pattern' && path.endsWith('token_sha256')) return { path, message: 'must be the hex SHA-256 of the token (64 lowercase hex digits), never the token' }
+  return { path, message: e.message ?? e.keyword }
+}
+
+export function validateCollectorConfig(raw: unknown, source = '<collector config>'): CollectorConfig {
+  if (raw && typeof raw === 'object' && (raw as { collector?: { http?: unknown } }).collector && !('http' in (raw as { collector: object }).collector)) {
+    ;(raw as { collector: { http: unknown } }).collector.http = {}
+  }
+  if (!validate(raw)) {
+    // oneOf failures repeat each branch's complaint; keep the distinct ones.
+    const seen = new Set<string>()
+    const problems = (validate.errors ?? []).map(problem).filter((p) => !seen.has(p.path + p.message) && seen.add(p.path + p.message))
+    throw new ConfigError(source, problems)
+  }
+  const c = raw as unknown as CollectorConfig
+  const ids = new Set<string>()
+  const problems: ConfigProblem[] = []
+  c.collector.sidecars.forEach((s, i) => {
+    if (ids.has(s.id)) problems.push({ path: `collector.sidecars[${i}].id`, message: `duplicate sidecar id "${s.id}"` })
+    ids.add(s.id)
+  })
+  if (problems.length) throw new ConfigError(source, problems)
+  return c
+}
+
+export function loadCollectorConfig(file: string): CollectorConfig {
+  let text: string
+  try {
+    text = readFileSync(file, 'utf8')
+  } catch (err) {
+    throw new ConfigError(file, [{ path: '', message: `cannot read file: ${(err as NodeJS.ErrnoException).code ?? String(err)}` }])
+  }
+  let raw: unknown
+  try {
+    raw = parse(text, { uniqueKeys: true })
+  } catch (err) {
+    throw new ConfigError(file, [{ path: '', message: (err as Error).message.split('\n')[0] ?? 'invalid YAML' }])
+  }
+  return validateCollectorConfig(raw ?? {}, file)
+}

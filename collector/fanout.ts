@@ -1,0 +1,106 @@
+// Fan-out of every stored event to NATS JetStream (SIEMs, the kill switch): one durable stream,
+// subject `<subject_prefix>.<agent type>`, body the event as JSON (the query API's shape), and
+// JetStream's own dedupe keyed by `<sidecar>:<sequence>` so a retried publish is stored once.
+// Published after the store commit, in order, retried with backoff while NATS is away. The queue
+// is in memory: events stored while the collector is down are not re-published after a restart
+// (the store remains the record; see ARCHITECTURE.md).
+import { connect, RetentionPolicy, StorageType, type JetStreamClient, type NatsConnection } from 'nats'
+import type { Logger } from '../lib/log.js'
+import { agentType } from './store/chain.js'
+import type { StoredEvent } from './store/types.js'
+import type { FanOut } from './collector.js'
+import type { NatsConfig } from './config.js'
+import { eventToJson } from './query.js'
+
+export interface FanOutStats {
+  published: number
+  retries: number
+  dropped: number
+}
+
+const MAX_QUEUE = 100_000
+
+export function subjectFor(prefix: string, agent: string): string {
+  return `${prefix}.${agentType(agent).replace(/[^A-Za-z0-9_-]/g, '_')}`
+}
+
+export class JetStreamFanOut implements FanOut {
+  readonly stats: FanOutStats = { published: 0, retries: 0, dropped: 0 }
+  private queue: StoredEvent[] = []
+  private running = false
+  private closed = false
+  private idle: Array<() => void> = []
+
+  private constructor(
+    private readonly nc: NatsConnection,
+    private readonly js: JetStreamClient,
+    private readonly config: NatsConfig,
+    private readonly log: Logger,
+  ) {}
+
+  /** Connects and makes sure the durable stream exists (created or its subjects updated). */
+  static async open(config: NatsConfig, log: Logger): Promise<JetStreamFanOut> {
+    let nc: NatsConnection
+    try {
+      nc = await connect({ servers: config.servers, name: 'latchkey-collector', maxReconnectAttempts: -1 })
+    } catch (err) {
+      throw new Error(`nats ${config.servers.join(',')}: cannot connect (${(err as { code?: string }).code ?? (err as Error).message})`)
+    }
+    const jsm = await nc.jetstreamManager()
+    const subjects = [`${config.subject_prefix}.>`]
+    try {
+      const info = await jsm.streams.info(config.stream)
+      if (!info.config.subjects?.includes(subjects[0]!)) await jsm.streams.update(config.stream, { ...info.config, subjects: [...(info.config.subjects ?? []), ...subjects] })
+    } catch {
+      await jsm.streams.add({ name: config.stream, subjects, storage: StorageType.File, retention: RetentionPolicy.Limits, duplicate_window: 2 * 60 * 1_000_000_000 })
+    }
+    return new JetStreamFanOut(nc, nc.jetstream(), config, log)
+  }
+
+  publish(events: StoredEvent[]): void {
+    if (this.closed) return
+    const room = MAX_QUEUE - this.queue.length
+    if (events.length > room) {
+      this.stats.dropped += events.length - Math.max(0, room)
+      this.log.error({ dropped: events.length - room }, 'nats fan-out queue full: events not published (they are in the store)')
+      events = events.slice(0, Math.max(0, room))
+    }
+    this.queue.push(...events)
+    if (!this.running) void this.drain()
+  }
+
+  private async drain(): Promise<void> {
+    this.running = true
+    let delay = 50
+    while (this.queue.length > 0 && !this.closed) {
+      const e = this.queue[0]!
+      try {
+        await this.js.publish(subjectFor(this.config.subject_prefix, e.event.delegation?.agent ?? ''), JSON.stringify(eventToJson(e)), {
+          msgID: `${e.sidecar}:${e.sequence}`,
+        })
+        this.queue.shift()
+        this.stats.published++
+        delay = 50
+      } catch (err) {
+        this.stats.retries++
+        if (this.stats.retries % 50 === 1) this.log.warn({ code: (err as { code?: string }).code, queued: this.queue.length }, 'nats publish failed; retrying')
+        await new Promise((r) => setTimeout(r, delay))
+        delay = Math.min(delay * 2, 2000)
+      }
+    }
+    this.running = false
+    for (const f of this.idle.splice(0)) f()
+  }
+
+  /** Resolves once everything queued so far is published (tests, shutdown). */
+  settled(): Promise<void> {
+    if (!this.running && this.queue.length === 0) return Promise.resolve()
+    return new Promise((r) => this.idle.push(r))
+  }
+
+  async close(): Promise<void> {
+    await Promise.race([this.settled(), new Promise((r) => setTimeout(r, 2000))])
+    this.closed = true
+    await this.nc.drain()
+  }
+}

@@ -1,0 +1,63 @@
+// The collector's read-only HTTP query API (loopback by default):
+//   GET /v1/events?agent=<id>&since=24h[&until=<iso>][&denied=true][&limit=N]
+//   GET /v1/inventory
+//   GET /v1/verify[?sidecar=<id>]
+//   GET /healthz
+import { createServer, type Server, type ServerResponse } from 'node:http'
+import type { AuditStore } from './store/types.js'
+import type { Logger } from '../lib/log.js'
+import { eventToJson, parseSince } from './query.js'
+
+function send(res: ServerResponse, status: number, body: unknown): void {
+  const text = JSON.stringify(body)
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) })
+  res.end(text)
+}
+
+class BadRequest extends Error {}
+
+export function createQueryServer(store: AuditStore, log: Logger): Server {
+  return createServer((req, res) => {
+    const url = new URL(req.url ?? '/', 'http://collector')
+    if (req.method !== 'GET') return send(res, 405, { error: `method ${req.method} not allowed: the query API is read-only` })
+    const handle = async () => {
+      switch (url.pathname) {
+        case '/healthz':
+          return send(res, 200, { ok: true, store: store.kind })
+        case '/v1/events': {
+          const agent = url.searchParams.get('agent')
+          if (!agent) throw new BadRequest('query parameter "agent" is required')
+          let since: Date
+          let until: Date | undefined
+          try {
+            since = parseSince(url.searchParams.get('since') ?? '24h')
+            const u = url.searchParams.get('until')
+            until = u ? parseSince(u) : undefined
+          } catch (err) {
+            throw new BadRequest((err as Error).message)
+          }
+          const limitText = url.searchParams.get('limit')
+          const limit = limitText === null ? 10_000 : Number(limitText)
+          if (!Number.isInteger(limit) || limit < 1 || limit > 100_000) throw new BadRequest(`limit "${limitText}" must be an integer from 1 to 100000`)
+          const denied = url.searchParams.get('denied')
+          if (denied !== null && denied !== 'true' && denied !== 'false') throw new BadRequest(`denied "${denied}" must be true or false`)
+          const events = await store.eventsByAgent({ agent, since, until, deniedOnly: denied === 'true', limit })
+          return send(res, 200, { agent, since: since.toISOString(), count: events.length, events: events.map(eventToJson) })
+        }
+        case '/v1/inventory':
+          return send(res, 200, await store.inventory())
+        case '/v1/verify': {
+          const v = await store.verify(url.searchParams.get('sidecar') ?? undefined)
+          return send(res, v.ok ? 200 : 409, v)
+        }
+        default:
+          return send(res, 404, { error: `no such endpoint: ${url.pathname}` })
+      }
+    }
+    handle().catch((err: unknown) => {
+      if (err instanceof BadRequest) return send(res, 400, { error: err.message })
+      log.error({ err: { type: (err as Error)?.name, message: (err as Error)?.message } }, 'query failed')
+      send(res, 503, { error: 'store unavailable' })
+    })
+  })
+}

@@ -1,0 +1,131 @@
+// The gRPC ingest service: one bidi stream per sidecar. The stream authenticates once (sidecar id
+// + shared token in metadata, checked against the token's SHA-256 from config), then every batch
+// is appended to the store in one transaction and acknowledged only after that commit. Batches on
+// one stream are handled strictly in order, so an ack for sequence N covers everything the sidecar
+// sent before it on this stream.
+import { createHash, timingSafeEqual } from 'node:crypto'
+import { status, type Metadata, type ServerDuplexStream, type ServiceError } from '@grpc/grpc-js'
+import type { AuditIngestServiceServer, IngestRequest, IngestResponse } from '../protos/gen/latchkey/v1/audit.js'
+import type { Logger } from '../lib/log.js'
+import type { AuditStore, StoredEvent } from './store/types.js'
+import { StoreError } from './store/types.js'
+import type { SidecarCredential } from './config.js'
+
+export const SIDECAR_ID_HEADER = 'x-latchkey-sidecar'
+
+export interface IngestStats {
+  batches: number
+  stored: number
+  duplicates: number
+  refused: number
+}
+
+function grpcError(code: status, details: string): Partial<ServiceError> {
+  return { code, details, message: details }
+}
+
+export class IngestService {
+  private readonly tokens: Map<string, Buffer>
+  readonly stats: IngestStats = { batches: 0, stored: 0, duplicates: 0, refused: 0 }
+  private readonly streams = new Set<ServerDuplexStream<IngestRequest, IngestResponse>>()
+
+  constructor(
+    private readonly store: AuditStore,
+    sidecars: SidecarCredential[],
+    private readonly log: Logger,
+    /** Called with each batch's newly stored events, after the commit (fan-out). */
+    private readonly onStored: (events: StoredEvent[]) => void = () => {},
+  ) {
+    this.tokens = new Map(sidecars.map((s) => [s.id, Buffer.from(s.token_sha256, 'hex')]))
+  }
+
+  /** Returns the authenticated sidecar id, or the reason it is refused (never quoting the token). */
+  authenticate(md: Metadata): { id: string } | { refused: string } {
+    const id = md.get(SIDECAR_ID_HEADER)[0]
+    if (typeof id !== 'string' || !id) return { refused: `missing ${SIDECAR_ID_HEADER} metadata` }
+    const want = this.tokens.get(id)
+    if (!want) return { refused: `sidecar "${id}" is not known to this collector` }
+    const auth = md.get('authorization')[0]
+    const m = typeof auth === 'string' ? /^Bearer (\S+)$/.exec(auth) : null
+    if (!m) return { refused: `sidecar "${id}": missing bearer token` }
+    const got = createHash('sha256').update(m[1]!).digest()
+    if (!timingSafeEqual(got, want)) return { refused: `sidecar "${id}": token does not match` }
+    return { id }
+  }
+
+  implementation(): AuditIngestServiceServer {
+    return { ingest: (call) => void this.handle(call) }
+  }
+
+  /** Ends every open stream (collector shutdown): sidecars reconnect and resend what was unacked. */
+  closeStreams(): void {
+    for (const s of this.streams) s.emit('error', grpcError(status.UNAVAILABLE, 'collector shutting down'))
+  }
+
+  private async handle(call: ServerDuplexStream<IngestRequest, IngestResponse>): Promise<void> {
+    const auth = this.authenticate(call.metadata)
+    if ('refused' in auth) {
+      this.stats.refused++
+      this.log.warn({ peer: call.getPeer(), reason: auth.refused }, 'ingest stream refused')
+      call.emit('error', grpcError(status.UNAUTHENTICATED, auth.refused))
+      return
+    }
+    const id = auth.id
+    this.streams.add(call)
+    this.log.info({ sidecar: id, peer: call.getPeer() }, 'ingest stream open')
+    // Strictly one batch at a time: the stream is paused while a batch is being stored.
+    let chain: Promise<void> = Promise.resolve()
+    let failed = false
+    const fail = (err: unknown) => {
+      if (failed) return
+      failed = true
+      this.streams.delete(call)
+      if (call.cancelled || call.destroyed) return
+      call.emit('error', this.toStatus(id, err))
+    }
+    call.on('data', (req: IngestRequest) => {
+      call.pause()
+      chain = chain.then(async () => {
+        if (failed) return
+        try {
+          if (req.sidecarId !== id) {
+            this.stats.refused++
+            throw grpcError(status.PERMISSION_DENIED, `batch names sidecar "${req.sidecarId}" but the stream authenticated as "${id}"`)
+          }
+          const r = await this.store.append(id, req.events)
+          this.stats.batches++
+          this.stats.stored += r.stored
+          this.stats.duplicates += r.duplicates
+          if (r.events.length > 0) this.onStored(r.events)
+          if (call.cancelled || call.destroyed) return
+          call.write({ sidecarId: id, ackedSequence: r.highest, stored: r.stored, duplicates: r.duplicates })
+          call.resume()
+        } catch (err) {
+          fail(err)
+        }
+      })
+    })
+    call.on('end', () => {
+      void chain.then(() => {
+        this.streams.delete(call)
+        if (!failed && !call.cancelled) call.end()
+      })
+    })
+    call.on('error', () => this.streams.delete(call))
+    call.on('cancelled', () => this.streams.delete(call))
+  }
+
+  private toStatus(id: string, err: unknown): Partial<ServiceError> {
+    if (err instanceof StoreError) {
+      this.log.error({ sidecar: id, code: err.code, err: err.message }, 'ingest batch not stored')
+      return grpcError(err.code === 'LK_STORE_BAD_BATCH' ? status.INVALID_ARGUMENT : status.UNAVAILABLE, err.message)
+    }
+    if (err && typeof err === 'object' && 'code' in err && typeof (err as ServiceError).code === 'number') {
+      const e = err as Partial<ServiceError>
+      this.log.warn({ sidecar: id, code: e.code, reason: e.details }, 'ingest stream refused')
+      return e
+    }
+    this.log.error({ sidecar: id, err: { type: (err as Error)?.name, message: (err as Error)?.message } }, 'ingest failed')
+    return grpcError(status.INTERNAL, 'collector error')
+  }
+}

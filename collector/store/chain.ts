@@ -1,0 +1,133 @@
+// The hash chain both stores share. Each stored event is one link:
+//   hash = SHA-256( "latchkey.audit.v1" 0x00 sidecar 0x00 u64be(position) u64be(sequence) prev(32) payload )
+// where payload is the event's protobuf encoding as received and stored, and prev is the previous
+// link's hash in the same sidecar's chain (32 zero bytes for position 1). Changing, removing or
+// reordering any stored event breaks every link after it.
+import { createHash } from 'node:crypto'
+import { Action, AuditEvent, type SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
+import { StoreError, type StoredEvent } from './types.js'
+
+export const GENESIS = Buffer.alloc(32)
+const DOMAIN = Buffer.from('latchkey.audit.v1\0')
+
+export function linkHash(sidecar: string, position: number, sequence: number, prev: Buffer, payload: Uint8Array): Buffer {
+  const nums = Buffer.allocUnsafe(16)
+  nums.writeBigUInt64BE(BigInt(position), 0)
+  nums.writeBigUInt64BE(BigInt(sequence), 8)
+  return createHash('sha256').update(DOMAIN).update(sidecar).update('\0').update(nums).update(prev).update(payload).digest()
+}
+
+/** The columns a store indexes, derived from the event; verify re-derives and compares them. */
+export interface Row {
+  sequence: number
+  position: number
+  id: string
+  ts: number
+  agent: string
+  agentType: string
+  host: string
+  port: number
+  action: number
+  audience: string
+  payload: Buffer
+  prev: Buffer
+  hash: Buffer
+}
+
+/** agent:<type>:<env>:<instance> → type; anything else → "unknown". */
+export function agentType(agent: string): string {
+  const parts = agent.split(':')
+  return parts.length >= 4 && parts[0] === 'agent' && parts[1] ? parts[1] : 'unknown'
+}
+
+export function isDenied(action: number): boolean {
+  return action === Action.ACTION_DENY || action === Action.ACTION_REPORT
+}
+
+/**
+ * Validates a batch and drops duplicates (already stored, or repeated inside the batch). Returns
+ * the new events in the order received.
+ */
+export function newEvents(sidecar: string, events: SequencedEvent[], stored: Set<number>): SequencedEvent[] {
+  if (!sidecar) throw new StoreError('LK_STORE_BAD_BATCH', 'batch has no sidecar id')
+  const seen = new Set<number>()
+  const out: SequencedEvent[] = []
+  for (const e of events) {
+    if (!Number.isSafeInteger(e.sequence) || e.sequence < 1) {
+      throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${String(e.sequence)} is not a positive integer`)
+    }
+    if (!e.event) throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${e.sequence} carries no event`)
+    if (!e.event.delegation?.agent) {
+      throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${e.sequence} has no delegation.agent`)
+    }
+    if (stored.has(e.sequence) || seen.has(e.sequence)) continue
+    seen.add(e.sequence)
+    out.push(e)
+  }
+  return out
+}
+
+/** Builds the chained rows for new events after the head (position, hash). */
+export function chainRows(sidecar: string, events: SequencedEvent[], headPosition: number, headHash: Buffer): Row[] {
+  const rows: Row[] = []
+  let prev = headHash
+  let position = headPosition
+  for (const { sequence, event } of events) {
+    const ev = event!
+    const payload = Buffer.from(AuditEvent.encode(ev).finish())
+    position++
+    const hash = linkHash(sidecar, position, sequence, prev, payload)
+    rows.push({
+      sequence,
+      position,
+      id: ev.id,
+      ts: ev.timeUnixMs,
+      agent: ev.delegation!.agent,
+      agentType: agentType(ev.delegation!.agent),
+      host: ev.call?.host ?? '',
+      port: ev.call?.port ?? 0,
+      action: ev.decision?.action ?? 0,
+      audience: ev.credential?.audience ?? '',
+      payload,
+      prev,
+      hash,
+    })
+    prev = hash
+  }
+  return rows
+}
+
+export function toStored(sidecar: string, r: { sequence: number; position: number; payload: Uint8Array; hash: Uint8Array }): StoredEvent {
+  return { sidecar, sequence: r.sequence, position: r.position, event: AuditEvent.decode(r.payload), hash: Buffer.from(r.hash).toString('hex') }
+}
+
+/**
+ * Checks one sidecar's links, in position order. Returns the first break, or null. `prev` is the
+ * expected previous hash; the caller feeds links in order.
+ */
+export class ChainVerifier {
+  private prev: Buffer = GENESIS
+  private expectPosition = 1
+  checked = 0
+  constructor(readonly sidecar: string) {}
+
+  check(r: { sequence: number; position: number; ts: number; agent: string; action: number; payload: Uint8Array; prev: Uint8Array; hash: Uint8Array }): string | null {
+    this.checked++
+    if (r.position !== this.expectPosition) return `position ${r.position} follows ${this.expectPosition - 1}: a link is missing`
+    this.expectPosition++
+    if (!Buffer.from(r.prev).equals(this.prev)) return 'prev does not equal the previous link hash'
+    const hash = linkHash(this.sidecar, r.position, r.sequence, this.prev, r.payload)
+    if (!hash.equals(Buffer.from(r.hash))) return 'hash does not match the stored payload (payload or hash altered)'
+    this.prev = hash
+    let ev: AuditEvent
+    try {
+      ev = AuditEvent.decode(r.payload)
+    } catch {
+      return 'payload is not a valid AuditEvent'
+    }
+    if (ev.timeUnixMs !== r.ts || ev.delegation?.agent !== r.agent || (ev.decision?.action ?? 0) !== r.action) {
+      return 'indexed columns (ts, agent, action) differ from the payload'
+    }
+    return null
+  }
+}

@@ -1,0 +1,231 @@
+// The shared store for several collector replicas: PostgreSQL. Append-only by construction (the
+// only write is append()) and by the database itself: a trigger refuses UPDATE, DELETE and
+// TRUNCATE for every role including the owner, and those privileges are revoked from PUBLIC.
+// Replicas serialise appends per sidecar with a transaction-scoped advisory lock, so each
+// sidecar's chain stays linear whichever replica its stream lands on.
+import pg from 'pg'
+import { Action, type SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
+import { GENESIS, chainRows, newEvents, toStored } from './chain.js'
+import { verifyRows, type DbRow } from './sqlite.js'
+import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
+import { StoreError } from './types.js'
+
+export interface PostgresStoreOptions {
+  /** libpq-style connection string, e.g. postgres://user@127.0.0.1:5432/latchkey */
+  url: string
+  /** Schema holding the tables; created if missing. */
+  schema?: string
+  poolSize?: number
+}
+
+const DENIED = `(${Action.ACTION_DENY}, ${Action.ACTION_REPORT})`
+
+function ident(name: string): string {
+  if (!/^[a-z_][a-z0-9_]{0,62}$/.test(name)) throw new StoreError('LK_STORE_BAD_BATCH', `schema name "${name}" must match [a-z_][a-z0-9_]*`)
+  return `"${name}"`
+}
+
+export class PostgresAuditStore implements AuditStore {
+  readonly kind = 'postgres' as const
+  readonly pool: pg.Pool
+  readonly schema: string
+  private readonly t: string
+  private ready: Promise<void>
+
+  constructor(opts: PostgresStoreOptions) {
+    this.schema = opts.schema ?? 'latchkey'
+    const s = ident(this.schema)
+    this.t = `${s}.audit_events`
+    this.pool = new pg.Pool({ connectionString: opts.url, max: opts.poolSize ?? 4 })
+    // An idle client's connection error must not crash the collector; the next query reports it.
+    this.pool.on('error', () => {})
+    this.ready = this.init(s)
+    this.ready.catch(() => {})
+  }
+
+  private async init(s: string): Promise<void> {
+    const c = await this.pool.connect()
+    try {
+      await c.query('BEGIN')
+      await c.query(`SELECT pg_advisory_xact_lock(hashtextextended('latchkey.audit.schema', 0))`)
+      await c.query(`CREATE SCHEMA IF NOT EXISTS ${s}`)
+      await c.query(`
+        CREATE TABLE IF NOT EXISTS ${this.t} (
+          sidecar    text   NOT NULL,
+          seq        bigint NOT NULL,
+          pos        bigint NOT NULL,
+          id         text   NOT NULL,
+          ts         bigint NOT NULL,
+          agent      text   NOT NULL,
+          agent_type text   NOT NULL,
+          host       text   NOT NULL,
+          port       integer NOT NULL,
+          action     smallint NOT NULL,
+          audience   text   NOT NULL,
+          received   bigint NOT NULL,
+          payload    bytea  NOT NULL,
+          prev       bytea  NOT NULL,
+          hash       bytea  NOT NULL,
+          PRIMARY KEY (sidecar, seq),
+          UNIQUE (sidecar, pos)
+        )`)
+      await c.query(`CREATE INDEX IF NOT EXISTS audit_events_agent_ts ON ${this.t} (agent, ts)`)
+      await c.query(`
+        CREATE OR REPLACE FUNCTION ${s}.audit_events_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          RAISE EXCEPTION 'audit_events is append-only: % refused', TG_OP USING ERRCODE = 'insufficient_privilege';
+        END $$`)
+      await c.query(`CREATE OR REPLACE TRIGGER audit_events_no_change BEFORE UPDATE OR DELETE ON ${this.t} FOR EACH ROW EXECUTE FUNCTION ${s}.audit_events_refuse()`)
+      await c.query(`CREATE OR REPLACE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON ${this.t} FOR EACH STATEMENT EXECUTE FUNCTION ${s}.audit_events_refuse()`)
+      await c.query(`REVOKE UPDATE, DELETE, TRUNCATE ON ${this.t} FROM PUBLIC`)
+      await c.query('COMMIT')
+    } catch (err) {
+      await c.query('ROLLBACK').catch(() => {})
+      throw err
+    } finally {
+      c.release()
+    }
+  }
+
+  /** Resolves once the schema exists; rejects with the reason the database gave. */
+  async ensureReady(): Promise<void> {
+    try {
+      await this.ready
+    } catch (err) {
+      // Retry on the next call: the database may have been unreachable at start.
+      this.ready = this.init(ident(this.schema))
+      this.ready.catch(() => {})
+      throw new StoreError('LK_STORE_UNAVAILABLE', `postgres schema setup failed: ${(err as Error).message}`)
+    }
+  }
+
+  async append(sidecar: string, events: SequencedEvent[]): Promise<AppendResult> {
+    await this.ensureReady()
+    let c: pg.PoolClient
+    try {
+      c = await this.pool.connect()
+    } catch (err) {
+      throw new StoreError('LK_STORE_UNAVAILABLE', `postgres unreachable: ${(err as Error).message}`)
+    }
+    try {
+      await c.query('BEGIN')
+      await c.query('SELECT pg_advisory_xact_lock(hashtextextended($1, 1))', [sidecar])
+      const seqs = events.map((e) => e.sequence).filter((n) => Number.isSafeInteger(n))
+      const existing = await c.query<{ seq: string }>(`SELECT seq FROM ${this.t} WHERE sidecar = $1 AND seq = ANY($2::bigint[])`, [sidecar, seqs])
+      const fresh = newEvents(sidecar, events, new Set(existing.rows.map((r) => Number(r.seq))))
+      const head = await c.query<{ pos: string; hash: Buffer }>(`SELECT pos, hash FROM ${this.t} WHERE sidecar = $1 ORDER BY pos DESC LIMIT 1`, [sidecar])
+      const h = head.rows[0]
+      const rows = chainRows(sidecar, fresh, h ? Number(h.pos) : 0, h?.hash ?? GENESIS)
+      if (rows.length > 0) {
+        const now = Date.now()
+        await c.query(
+          `INSERT INTO ${this.t} (sidecar, seq, pos, id, ts, agent, agent_type, host, port, action, audience, received, payload, prev, hash)
+           SELECT $1, u.seq, u.pos, u.id, u.ts, u.agent, u.agent_type, u.host, u.port, u.action, u.audience, $12, u.p, u.v, u.h
+           FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::int[],
+                       $10::smallint[], $11::text[], $13::bytea[], $14::bytea[], $15::bytea[])
+                AS u(seq, pos, id, ts, agent, agent_type, host, port, action, audience, p, v, h)`,
+          [
+            sidecar,
+            rows.map((r) => r.sequence),
+            rows.map((r) => r.position),
+            rows.map((r) => r.id),
+            rows.map((r) => r.ts),
+            rows.map((r) => r.agent),
+            rows.map((r) => r.agentType),
+            rows.map((r) => r.host),
+            rows.map((r) => r.port),
+            rows.map((r) => r.action),
+            rows.map((r) => r.audience),
+            now,
+            rows.map((r) => r.payload),
+            rows.map((r) => r.prev),
+            rows.map((r) => r.hash),
+          ],
+        )
+      }
+      await c.query('COMMIT')
+      return {
+        stored: rows.length,
+        duplicates: events.length - rows.length,
+        highest: seqs.reduce((a, b) => Math.max(a, b), 0),
+        events: rows.map((r) => toStored(sidecar, r)),
+      }
+    } catch (err) {
+      await c.query('ROLLBACK').catch(() => {})
+      if (err instanceof StoreError) throw err
+      throw new StoreError('LK_STORE_UNAVAILABLE', `postgres append failed: ${(err as Error).message}`)
+    } finally {
+      c.release()
+    }
+  }
+
+  async eventsByAgent(q: EventQuery): Promise<StoredEvent[]> {
+    await this.ensureReady()
+    const r = await this.pool.query<{ sidecar: string; seq: string; pos: string; payload: Buffer; hash: Buffer }>(
+      `SELECT sidecar, seq, pos, payload, hash FROM ${this.t}
+       WHERE agent = $1 AND ts >= $2 AND ts < $3 ${q.deniedOnly ? `AND action IN ${DENIED}` : ''}
+       ORDER BY ts, sidecar, pos LIMIT $4`,
+      [q.agent, q.since.getTime(), q.until?.getTime() ?? Number.MAX_SAFE_INTEGER, q.limit ?? 10_000],
+    )
+    return r.rows.map((x) => toStored(x.sidecar, { sequence: Number(x.seq), position: Number(x.pos), payload: x.payload, hash: x.hash }))
+  }
+
+  async inventory(): Promise<Inventory> {
+    await this.ensureReady()
+    const agents = await this.pool.query<{ agent: string; sidecars: string[]; first: string; last: string; calls: string; denied: string; hosts: string[]; audiences: string[] }>(
+      `SELECT agent,
+              array_agg(DISTINCT sidecar ORDER BY sidecar) AS sidecars,
+              min(ts) AS first, max(ts) AS last, count(*) AS calls,
+              count(*) FILTER (WHERE action IN ${DENIED}) AS denied,
+              coalesce(array_agg(DISTINCT host || ':' || port ORDER BY host || ':' || port) FILTER (WHERE host <> '' AND action <> ${Action.ACTION_DENY}), '{}') AS hosts,
+              coalesce(array_agg(DISTINCT audience ORDER BY audience) FILTER (WHERE audience <> ''), '{}') AS audiences
+       FROM ${this.t} GROUP BY agent ORDER BY agent`,
+    )
+    const sidecars = await this.pool.query<{ sidecar: string; agents: string[]; last: string; events: string; seq: string }>(
+      `SELECT sidecar, array_agg(DISTINCT agent ORDER BY agent) AS agents, max(received) AS last, count(*) AS events, max(seq) AS seq
+       FROM ${this.t} GROUP BY sidecar ORDER BY sidecar`,
+    )
+    return {
+      agents: agents.rows.map((r) => ({
+        agent: r.agent,
+        sidecars: r.sidecars,
+        firstSeen: new Date(Number(r.first)),
+        lastSeen: new Date(Number(r.last)),
+        calls: Number(r.calls),
+        denied: Number(r.denied),
+        hosts: r.hosts,
+        audiences: r.audiences,
+      })),
+      sidecars: sidecars.rows.map((r) => ({ sidecar: r.sidecar, agents: r.agents, lastSeen: new Date(Number(r.last)), events: Number(r.events), lastSequence: Number(r.seq) })),
+    }
+  }
+
+  async verify(sidecar?: string): Promise<VerifyResult> {
+    await this.ensureReady()
+    // One sidecar at a time keeps memory bounded by the largest chain, not the whole table.
+    const ids = sidecar ? [sidecar] : (await this.pool.query<{ sidecar: string }>(`SELECT DISTINCT sidecar FROM ${this.t} ORDER BY sidecar`)).rows.map((r) => r.sidecar)
+    const total: VerifyResult = { ok: true, checked: 0, sidecars: 0, breaks: [] }
+    for (const id of ids) {
+      const r = await this.pool.query<{ sidecar: string; seq: string; pos: string; ts: string; agent: string; action: number; payload: Buffer; prev: Buffer; hash: Buffer }>(
+        `SELECT sidecar, seq, pos, ts, agent, action, payload, prev, hash FROM ${this.t} WHERE sidecar = $1 ORDER BY pos`,
+        [id],
+      )
+      const rows: DbRow[] = r.rows.map((x) => ({ ...x, seq: Number(x.seq), pos: Number(x.pos), ts: Number(x.ts) }))
+      const v = verifyRows(rows)
+      total.checked += v.checked
+      total.sidecars += v.sidecars
+      total.breaks.push(...v.breaks)
+      if (!v.ok) total.ok = false
+    }
+    return total
+  }
+
+  /** Drops the schema (tests only: the trigger does not stop DROP, which needs ownership). */
+  async dropSchema(): Promise<void> {
+    await this.pool.query(`DROP SCHEMA IF EXISTS ${ident(this.schema)} CASCADE`)
+  }
+
+  async close(): Promise<void> {
+    await this.pool.end()
+  }
+}

@@ -1,0 +1,195 @@
+// The embedded store: one SQLite file (WAL, synchronous=FULL so a commit is on disk before the
+// collector acks it). Append-only by construction: the only write path is append(), and triggers
+// refuse UPDATE and DELETE on the events table.
+import Database from 'better-sqlite3'
+import type { SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
+import { ChainVerifier, GENESIS, chainRows, isDenied, newEvents, toStored } from './chain.js'
+import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
+import { StoreError } from './types.js'
+import { Action } from '../../protos/gen/latchkey/v1/audit.js'
+
+const SCHEMA = `
+CREATE TABLE IF NOT EXISTS audit_events (
+  sidecar    TEXT    NOT NULL,
+  seq        INTEGER NOT NULL,
+  pos        INTEGER NOT NULL,
+  id         TEXT    NOT NULL,
+  ts         INTEGER NOT NULL,
+  agent      TEXT    NOT NULL,
+  agent_type TEXT    NOT NULL,
+  host       TEXT    NOT NULL,
+  port       INTEGER NOT NULL,
+  action     INTEGER NOT NULL,
+  audience   TEXT    NOT NULL,
+  received   INTEGER NOT NULL,
+  payload    BLOB    NOT NULL,
+  prev       BLOB    NOT NULL,
+  hash       BLOB    NOT NULL,
+  PRIMARY KEY (sidecar, seq),
+  UNIQUE (sidecar, pos)
+);
+CREATE INDEX IF NOT EXISTS audit_events_agent_ts ON audit_events (agent, ts);
+CREATE TRIGGER IF NOT EXISTS audit_events_no_update BEFORE UPDATE ON audit_events
+BEGIN SELECT RAISE(ABORT, 'audit_events is append-only: UPDATE refused'); END;
+CREATE TRIGGER IF NOT EXISTS audit_events_no_delete BEFORE DELETE ON audit_events
+BEGIN SELECT RAISE(ABORT, 'audit_events is append-only: DELETE refused'); END;
+`
+
+interface DbRow {
+  sidecar: string
+  seq: number
+  pos: number
+  ts: number
+  agent: string
+  action: number
+  payload: Buffer
+  prev: Buffer
+  hash: Buffer
+}
+
+export class SqliteAuditStore implements AuditStore {
+  readonly kind = 'sqlite' as const
+  readonly db: Database.Database
+  private readonly appendTx: (sidecar: string, events: SequencedEvent[]) => AppendResult
+
+  constructor(readonly path: string) {
+    this.db = new Database(path)
+    this.db.pragma('journal_mode = WAL')
+    this.db.pragma('synchronous = FULL')
+    this.db.pragma('busy_timeout = 5000')
+    this.db.exec(SCHEMA)
+    const head = this.db.prepare<[string], { pos: number; hash: Buffer }>('SELECT pos, hash FROM audit_events WHERE sidecar = ? ORDER BY pos DESC LIMIT 1')
+    const existing = this.db.prepare<[string, number, number], { seq: number }>('SELECT seq FROM audit_events WHERE sidecar = ? AND seq BETWEEN ? AND ?')
+    const insert = this.db.prepare(
+      `INSERT INTO audit_events (sidecar, seq, pos, id, ts, agent, agent_type, host, port, action, audience, received, payload, prev, hash)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+    )
+    this.appendTx = this.db.transaction((sidecar: string, events: SequencedEvent[]): AppendResult => {
+      let lo = Infinity
+      let hi = 0
+      for (const e of events) {
+        if (e.sequence < lo) lo = e.sequence
+        if (e.sequence > hi) hi = e.sequence
+      }
+      const stored = new Set<number>()
+      if (events.length > 0 && Number.isSafeInteger(lo)) for (const r of existing.iterate(sidecar, lo, hi)) stored.add(r.seq)
+      const fresh = newEvents(sidecar, events, stored)
+      const h = head.get(sidecar)
+      const rows = chainRows(sidecar, fresh, h?.pos ?? 0, h?.hash ?? GENESIS)
+      const now = Date.now()
+      for (const r of rows) {
+        insert.run(sidecar, r.sequence, r.position, r.id, r.ts, r.agent, r.agentType, r.host, r.port, r.action, r.audience, now, r.payload, r.prev, r.hash)
+      }
+      return {
+        stored: rows.length,
+        duplicates: events.length - rows.length,
+        highest: hi,
+        events: rows.map((r) => toStored(sidecar, r)),
+      }
+    })
+  }
+
+  append(sidecar: string, events: SequencedEvent[]): Promise<AppendResult> {
+    try {
+      return Promise.resolve(this.appendTx(sidecar, events))
+    } catch (err) {
+      return Promise.reject(err instanceof StoreError ? err : new StoreError('LK_STORE_UNAVAILABLE', `sqlite append failed: ${(err as Error).message}`))
+    }
+  }
+
+  eventsByAgent(q: EventQuery): Promise<StoredEvent[]> {
+    const until = q.until?.getTime() ?? Number.MAX_SAFE_INTEGER
+    const denied = q.deniedOnly ? `AND action IN (${Action.ACTION_DENY}, ${Action.ACTION_REPORT})` : ''
+    const rows = this.db
+      .prepare<[string, number, number, number], { sidecar: string; seq: number; pos: number; payload: Buffer; hash: Buffer }>(
+        `SELECT sidecar, seq, pos, payload, hash FROM audit_events WHERE agent = ? AND ts >= ? AND ts < ? ${denied}
+         ORDER BY ts, sidecar, pos LIMIT ?`,
+      )
+      .all(q.agent, q.since.getTime(), until, q.limit ?? 10_000)
+    return Promise.resolve(rows.map((r) => toStored(r.sidecar, { sequence: r.seq, position: r.pos, payload: r.payload, hash: r.hash })))
+  }
+
+  inventory(): Promise<Inventory> {
+    const agents = this.db
+      .prepare<[], { agent: string; sidecars: string; first: number; last: number; calls: number; denied: number }>(
+        `SELECT agent, group_concat(DISTINCT sidecar) AS sidecars, min(ts) AS first, max(ts) AS last, count(*) AS calls,
+                sum(CASE WHEN action IN (${Action.ACTION_DENY}, ${Action.ACTION_REPORT}) THEN 1 ELSE 0 END) AS denied
+         FROM audit_events GROUP BY agent ORDER BY agent`,
+      )
+      .all()
+    const hosts = this.db
+      .prepare<[], { agent: string; hp: string }>(
+        `SELECT DISTINCT agent, host || ':' || port AS hp FROM audit_events WHERE host <> '' AND action <> ${Action.ACTION_DENY} ORDER BY agent, hp`,
+      )
+      .all()
+    const auds = this.db
+      .prepare<[], { agent: string; audience: string }>(`SELECT DISTINCT agent, audience FROM audit_events WHERE audience <> '' ORDER BY agent, audience`)
+      .all()
+    const sidecars = this.db
+      .prepare<[], { sidecar: string; agents: string; last: number; events: number; seq: number }>(
+        `SELECT sidecar, group_concat(DISTINCT agent) AS agents, max(received) AS last, count(*) AS events, max(seq) AS seq
+         FROM audit_events GROUP BY sidecar ORDER BY sidecar`,
+      )
+      .all()
+    const byAgent = <T extends { agent: string }>(rows: T[], pick: (r: T) => string) => {
+      const m = new Map<string, string[]>()
+      for (const r of rows) m.set(r.agent, [...(m.get(r.agent) ?? []), pick(r)])
+      return m
+    }
+    const h = byAgent(hosts, (r) => r.hp)
+    const a = byAgent(auds, (r) => r.audience)
+    return Promise.resolve({
+      agents: agents.map((r) => ({
+        agent: r.agent,
+        sidecars: r.sidecars.split(',').sort(),
+        firstSeen: new Date(r.first),
+        lastSeen: new Date(r.last),
+        calls: r.calls,
+        denied: r.denied,
+        hosts: h.get(r.agent) ?? [],
+        audiences: a.get(r.agent) ?? [],
+      })),
+      sidecars: sidecars.map((r) => ({ sidecar: r.sidecar, agents: r.agents.split(',').sort(), lastSeen: new Date(r.last), events: r.events, lastSequence: r.seq })),
+    })
+  }
+
+  verify(sidecar?: string): Promise<VerifyResult> {
+    const rows = this.db
+      .prepare<unknown[], DbRow>(
+        `SELECT sidecar, seq, pos, ts, agent, action, payload, prev, hash FROM audit_events ${sidecar ? 'WHERE sidecar = ?' : ''} ORDER BY sidecar, pos`,
+      )
+      .iterate(...(sidecar ? [sidecar] : []))
+    return Promise.resolve(verifyRows(rows))
+  }
+
+  close(): Promise<void> {
+    this.db.close()
+    return Promise.resolve()
+  }
+}
+
+/** Shared by both stores: rows ordered by (sidecar, pos). */
+export function verifyRows(rows: Iterable<DbRow>): VerifyResult {
+  const result: VerifyResult = { ok: true, checked: 0, sidecars: 0, breaks: [] }
+  let v: ChainVerifier | null = null
+  let broken = false
+  for (const r of rows) {
+    if (!v || v.sidecar !== r.sidecar) {
+      v = new ChainVerifier(r.sidecar)
+      result.sidecars++
+      broken = false
+    }
+    if (broken) continue
+    result.checked++
+    const reason = v.check({ sequence: r.seq, position: r.pos, ts: r.ts, agent: r.agent, action: r.action, payload: r.payload, prev: r.prev, hash: r.hash })
+    if (reason) {
+      broken = true
+      result.ok = false
+      result.breaks.push({ sidecar: r.sidecar, position: r.pos, sequence: r.seq, reason })
+    }
+  }
+  return result
+}
+
+export type { DbRow }
+export { isDenied }

@@ -1,0 +1,99 @@
+// One interface for every audit store. Implementations: SQLite (embedded default) and PostgreSQL
+// (several collector replicas). Both are append-only by construction and pass one conformance
+// suite (test/collector/store-conformance.ts).
+import type { AuditEvent, SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
+
+export interface AppendResult {
+  /** Events newly stored. */
+  stored: number
+  /** Events already stored under the same (sidecar, sequence), skipped. */
+  duplicates: number
+  /** Highest sequence in the batch (0 for an empty batch): the value to acknowledge. */
+  highest: number
+  /** The events newly stored, in chain order (for fan-out after the commit). */
+  events: StoredEvent[]
+}
+
+export interface StoredEvent {
+  sidecar: string
+  sequence: number
+  /** Position in the sidecar's hash chain, from 1. */
+  position: number
+  event: AuditEvent
+  /** hex SHA-256 of this link (see chain.ts). */
+  hash: string
+}
+
+export interface EventQuery {
+  agent: string
+  /** Inclusive lower bound on the event's time. */
+  since: Date
+  until?: Date
+  /** Only calls that policy denied (deny, or report-only deny). */
+  deniedOnly?: boolean
+  limit?: number
+}
+
+export interface AgentInventory {
+  agent: string
+  sidecars: string[]
+  firstSeen: Date
+  lastSeen: Date
+  calls: number
+  denied: number
+  /** host:port pairs actually called, sorted. */
+  hosts: string[]
+  /** credential audiences actually used, sorted. */
+  audiences: string[]
+}
+
+export interface SidecarInventory {
+  sidecar: string
+  agents: string[]
+  lastSeen: Date
+  events: number
+  lastSequence: number
+}
+
+export interface Inventory {
+  agents: AgentInventory[]
+  sidecars: SidecarInventory[]
+}
+
+export interface ChainBreak {
+  sidecar: string
+  position: number
+  sequence: number
+  reason: string
+}
+
+export interface VerifyResult {
+  ok: boolean
+  /** Links checked, over all sidecars. */
+  checked: number
+  sidecars: number
+  /** The first break found per sidecar, in sidecar order; empty when ok. */
+  breaks: ChainBreak[]
+}
+
+export interface AuditStore {
+  readonly kind: 'sqlite' | 'postgres'
+  /** Appends a batch in one transaction; resolves only once it is committed. */
+  append(sidecar: string, events: SequencedEvent[]): Promise<AppendResult>
+  eventsByAgent(q: EventQuery): Promise<StoredEvent[]>
+  inventory(): Promise<Inventory>
+  /** Recomputes every chain (or one sidecar's) from the stored payloads. */
+  verify(sidecar?: string): Promise<VerifyResult>
+  close(): Promise<void>
+}
+
+/** A write the store refused: append-only violations, malformed batches. */
+export class StoreError extends Error {
+  constructor(
+    readonly code: 'LK_STORE_APPEND_ONLY' | 'LK_STORE_BAD_BATCH' | 'LK_STORE_UNAVAILABLE',
+    message: string,
+  ) {
+    super(message)
+    this.name = 'StoreError'
+  }
+}

@@ -1,0 +1,278 @@
+// The AuditSink that gets every call to the collector, losing none:
+//   write():  pushes the event to memory (the request path stops here) and queues a microtask;
+//   persist:  the microtask encodes the task's events and appends them to the spool in one
+//             write(2), before the event loop runs anything else (so before any other I/O);
+//   sender:   one gRPC Ingest stream to the collector, reading the spool in order, a few
+//             batches in flight; each ack deletes the segments it fully covers. On any stream
+//             error it reconnects with exponential backoff and replays from the oldest
+//             unacked record; the collector dedupes what it already had.
+// A full spool (spool_max_bytes) is the configured choice: "refuse" (default) keeps recording
+// but makes accepting() false so the pipeline refuses new egress; "drop" keeps serving and
+// counts the events it could not keep.
+import { BinaryWriter } from '@bufbuild/protobuf/wire'
+import { credentials, makeGenericClientConstructor, Metadata, status, type ClientDuplexStream, type ServiceError } from '@grpc/grpc-js'
+import { Action, AuditIngestServiceService, IngestResponse, SequencedEvent, type AuditEvent as ProtoEvent } from '../../protos/gen/latchkey/v1/audit.js'
+import type { AuditEvent, AuditSink } from '../context.js'
+import { Spool, type Cursor } from './spool.js'
+
+export interface CollectorSinkOptions {
+  /** host:port of the collector's gRPC ingest. */
+  address: string
+  sidecarId: string
+  token: string
+  spoolDir: string
+  segmentBytes: number
+  maxBytes: number
+  onFull: 'refuse' | 'drop'
+  batchEvents: number
+  backoffMinMs: number
+  backoffMaxMs: number
+  /** How long close() waits for the collector to ack what is spooled. */
+  closeTimeoutMs: number
+  onLog?: (level: 'info' | 'warn' | 'error', fields: Record<string, unknown>, msg: string) => void
+}
+
+export interface CollectorSinkStats {
+  spooled: number
+  acked: number
+  dropped: number
+  overLimit: number
+  batches: number
+  reconnects: number
+}
+
+const WINDOW = 4
+const BATCH_BYTES = 1024 * 1024
+
+/** The request message written by hand from spooled bytes: no decode/re-encode per event. */
+const RawIngestClient = makeGenericClientConstructor(
+  { ingest: { ...AuditIngestServiceService.ingest, requestSerialize: (b: Buffer) => b } },
+  'latchkey.v1.AuditIngestService',
+) as unknown as new (
+  address: string,
+  creds: ReturnType<typeof credentials.createInsecure>,
+  options: Record<string, unknown>,
+) => { ingest(md: Metadata): ClientDuplexStream<Buffer, IngestResponse>; close(): void }
+
+const ACTIONS = { allow: Action.ACTION_ALLOW, deny: Action.ACTION_DENY, report: Action.ACTION_REPORT } as const
+
+export function toProtoEvent(e: AuditEvent): ProtoEvent {
+  return {
+    id: e.id,
+    timeUnixMs: Date.parse(e.ts),
+    delegation: { user: e.user ?? '', agent: e.agent, task: e.task ?? '' },
+    call: {
+      method: e.method,
+      scheme: e.scheme ?? '',
+      host: e.host ?? '',
+      port: e.port ?? 0,
+      path: e.path ?? '',
+      address: e.address ?? '',
+      status: e.status,
+      bytesIn: e.bytes_in,
+      bytesOut: e.bytes_out,
+      durationMs: e.duration_ms,
+      upstreamMs: e.upstream_ms ?? undefined,
+      traceId: '',
+      via: e.via,
+    },
+    decision: { action: e.decision ? ACTIONS[e.decision] : Action.ACTION_UNSPECIFIED, rule: e.rule ?? '', reason: e.reason ?? '', error: e.error ?? '' },
+    // The sidecar's event names the credential, never carries it; the token hash arrives with broker-issued tokens.
+    credential: e.credential ? { provider: e.credential.binding, audience: e.credential.audience, scopes: e.credential.scopes, jti: e.credential.id, tokenSha256: Buffer.alloc(0) } : undefined,
+    process: undefined,
+  }
+}
+
+export class CollectorAuditSink implements AuditSink {
+  readonly spool: Spool
+  readonly stats: CollectorSinkStats = { spooled: 0, acked: 0, dropped: 0, overLimit: 0, batches: 0, reconnects: 0 }
+  private pending: AuditEvent[] = []
+  private scheduled = false
+  private closed = false
+  private full = false
+  private readonly client: InstanceType<typeof RawIngestClient>
+  private call: ClientDuplexStream<Buffer, IngestResponse> | null = null
+  private cursor: Cursor
+  private inflight = 0
+  private attempt = 0
+  private retryTimer: NodeJS.Timeout | null = null
+  private readonly ackWaiters: Array<{ seq: number; resolve: () => void }> = []
+  private readonly sidecarField: Uint8Array
+
+  constructor(private readonly o: CollectorSinkOptions) {
+    this.spool = new Spool(o.spoolDir, o.sidecarId, o.segmentBytes)
+    const r = this.spool.recovery
+    if (r.records > 0 || r.tornBytes > 0 || r.corruptBytes > 0) {
+      this.log(r.corruptBytes > 0 ? 'error' : 'info', { ...r, dir: o.spoolDir }, r.corruptBytes > 0 ? 'audit spool damaged: skipped unreadable bytes' : 'audit spool recovered')
+    }
+    this.cursor = this.spool.start()
+    this.client = new RawIngestClient(o.address, credentials.createInsecure(), { 'grpc.max_send_message_length': 2 * BATCH_BYTES })
+    this.sidecarField = new BinaryWriter().uint32(10).string(o.sidecarId).finish()
+    this.updateFull()
+    this.connect()
+  }
+
+  private log(level: 'info' | 'warn' | 'error', fields: Record<string, unknown>, msg: string): void {
+    this.o.onLog?.(level, fields, msg)
+  }
+
+  write(event: AuditEvent): void {
+    if (this.closed) return
+    this.pending.push(event)
+    if (!this.scheduled) {
+      this.scheduled = true
+      queueMicrotask(() => this.persist())
+    }
+  }
+
+  /** False while the spool is full and the configured choice is to refuse new egress. */
+  accepting(): boolean {
+    return !(this.full && this.o.onFull === 'refuse')
+  }
+
+  private updateFull(): void {
+    const was = this.full
+    this.full = this.spool.bytes >= this.o.maxBytes
+    if (this.full !== was) {
+      if (this.full) this.log('error', { bytes: this.spool.bytes, max: this.o.maxBytes, onFull: this.o.onFull }, this.o.onFull === 'refuse' ? 'audit spool full: refusing new egress until the collector catches up' : 'audit spool full: dropping audit events (counted)')
+      else this.log('info', { bytes: this.spool.bytes }, 'audit spool has room again')
+    }
+  }
+
+  private persist(): void {
+    this.scheduled = false
+    let events = this.pending
+    if (events.length === 0) return
+    this.pending = []
+    if (this.full) {
+      if (this.o.onFull === 'drop') {
+        this.stats.dropped += events.length
+        return
+      }
+      // refuse: calls already made (and the refusals themselves) are still recorded.
+      this.stats.overLimit += events.length
+    }
+    try {
+      let i = 0
+      this.spool.append(events.length, (seq) => SequencedEvent.encode({ sequence: seq, event: toProtoEvent(events[i++]!) }).finish())
+      this.stats.spooled += events.length
+    } catch (err) {
+      this.stats.dropped += events.length
+      this.log('error', { code: (err as NodeJS.ErrnoException).code, events: events.length }, 'audit spool append failed')
+    }
+    events = []
+    this.updateFull()
+    this.pump()
+  }
+
+  private connect(): void {
+    if (this.closed || this.call) return
+    const md = new Metadata()
+    md.set('x-latchkey-sidecar', this.o.sidecarId)
+    md.set('authorization', `Bearer ${this.o.token}`)
+    const call = this.client.ingest(md)
+    this.call = call
+    this.cursor = this.spool.start()
+    this.inflight = 0
+    call.on('data', (ack: IngestResponse) => this.onAck(ack))
+    call.on('error', (err: ServiceError) => this.onStreamEnd(call, err))
+    call.on('end', () => this.onStreamEnd(call, null))
+    this.pump()
+  }
+
+  private onAck(ack: IngestResponse): void {
+    this.attempt = 0
+    this.inflight = Math.max(0, this.inflight - 1)
+    this.stats.batches++
+    if (ack.ackedSequence > this.stats.acked) {
+      this.stats.acked = ack.ackedSequence
+      this.spool.acknowledge(ack.ackedSequence)
+      this.updateFull()
+      for (let i = this.ackWaiters.length - 1; i >= 0; i--) {
+        const w = this.ackWaiters[i]!
+        if (w.seq <= ack.ackedSequence) {
+          this.ackWaiters.splice(i, 1)
+          w.resolve()
+        }
+      }
+    }
+    this.pump()
+  }
+
+  private onStreamEnd(call: ClientDuplexStream<Buffer, IngestResponse>, err: ServiceError | null): void {
+    if (this.call !== call) return
+    this.call = null
+    if (this.closed) return
+    if (err && err.code !== status.CANCELLED) {
+      const level = err.code === status.UNAUTHENTICATED || err.code === status.PERMISSION_DENIED || err.code === status.INVALID_ARGUMENT ? 'error' : 'warn'
+      this.log(level, { code: status[err.code], reason: err.details, unacked: this.spool.lastSeq - this.stats.acked, attempt: this.attempt }, 'audit stream to collector lost')
+    }
+    const delay = Math.min(this.o.backoffMaxMs, this.o.backoffMinMs * 2 ** this.attempt)
+    this.attempt = Math.min(this.attempt + 1, 30)
+    this.stats.reconnects++
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = null
+      this.connect()
+    }, delay * (0.5 + Math.random() / 2))
+    this.retryTimer.unref()
+  }
+
+  private pump(): void {
+    const call = this.call
+    if (!call) return
+    while (this.inflight < WINDOW) {
+      const { records, cursor } = this.spool.read(this.cursor, this.o.batchEvents, BATCH_BYTES, this.stats.acked)
+      this.cursor = cursor
+      if (records.length === 0) return
+      const w = new BinaryWriter()
+      w.raw(this.sidecarField)
+      for (const r of records) w.uint32(18).bytes(r.payload)
+      this.inflight++
+      if (!call.write(Buffer.from(w.finish()))) {
+        call.once('drain', () => this.pump())
+        return
+      }
+    }
+  }
+
+  /** Resolves when the collector has acknowledged `seq` (tests, shutdown). */
+  waitForAck(seq: number, timeoutMs: number): Promise<boolean> {
+    if (this.stats.acked >= seq) return Promise.resolve(true)
+    return new Promise((resolve) => {
+      const t = setTimeout(() => {
+        const i = this.ackWaiters.indexOf(w)
+        if (i >= 0) this.ackWaiters.splice(i, 1)
+        resolve(false)
+      }, timeoutMs)
+      const w = {
+        seq,
+        resolve: () => {
+          clearTimeout(t)
+          resolve(true)
+        },
+      }
+      this.ackWaiters.push(w)
+    })
+  }
+
+  flush(): Promise<void> {
+    this.persist()
+    this.spool.sync()
+    return Promise.resolve()
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return
+    await this.flush()
+    const last = this.spool.lastSeq
+    const delivered = await this.waitForAck(last, this.o.closeTimeoutMs)
+    if (!delivered) this.log('warn', { unacked: last - this.stats.acked, dir: this.o.spoolDir }, 'audit events left in the spool for the next start')
+    this.closed = true
+    if (this.retryTimer) clearTimeout(this.retryTimer)
+    this.call?.end()
+    this.call?.cancel()
+    this.call = null
+    this.client.close()
+    this.spool.close()
+  }
+}

@@ -1,0 +1,299 @@
+// The sidecar's local audit spool: append-only segment files in one directory, each record
+//   u32le payload length | u32le CRC-32 of (seq ‖ payload) | u64le sequence | payload
+// where payload is the encoded latchkey.v1.SequencedEvent. Segments are named by the first
+// sequence they may hold, so the sequence survives restarts even when every record was acked
+// and deleted (the newest segment is never deleted).
+//
+// Recovery (open): every segment is scanned. A torn record at the end of the newest segment (a
+// crash mid-append) is cut off, and the records before it kept. A damaged record elsewhere is
+// skipped by scanning forward for the next record whose checksum holds and whose sequence
+// follows; what was skipped is counted, never silently.
+import { closeSync, fdatasyncSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeSync, writeFileSync, existsSync } from 'node:fs'
+import { join } from 'node:path'
+import { crc32 } from 'node:zlib'
+
+const HEADER = 16
+const MAX_RECORD = 16 * 1024 * 1024
+const NAME = /^(\d{16})\.seg$/
+
+export interface SpoolRecord {
+  seq: number
+  payload: Buffer
+}
+
+interface Segment {
+  first: number
+  path: string
+  /** Highest sequence stored (0 when empty). */
+  last: number
+  /** Bytes of valid records; reads never go past it. */
+  size: number
+  /** Damaged ranges found on recovery: start offset → offset of the next good record. */
+  holes: Map<number, number>
+}
+
+export interface Cursor {
+  segment: number
+  offset: number
+}
+
+export interface RecoveryReport {
+  segments: number
+  records: number
+  /** Bytes cut from the end of the newest segment (a torn append). */
+  tornBytes: number
+  /** Bytes skipped inside segments because a record failed its checksum. */
+  corruptBytes: number
+}
+
+export class SpoolError extends Error {
+  readonly code = 'LK_SPOOL'
+}
+
+function recordCrc(seq: Buffer, payload: Uint8Array): number {
+  return crc32(payload, crc32(seq))
+}
+
+export function encodeRecord(seq: number, payload: Uint8Array, out: Buffer, at: number): number {
+  out.writeUInt32LE(payload.length, at)
+  out.writeBigUInt64LE(BigInt(seq), at + 8)
+  out.writeUInt32LE(recordCrc(out.subarray(at + 8, at + 16), payload), at + 4)
+  out.set(payload, at + HEADER)
+  return at + HEADER + payload.length
+}
+
+/** Parses the valid record at `at`, or null. */
+function parseRecord(buf: Buffer, at: number, end: number, after: number): SpoolRecord | null {
+  if (at + HEADER > end) return null
+  const len = buf.readUInt32LE(at)
+  if (len > MAX_RECORD || at + HEADER + len > end) return null
+  const seq = Number(buf.readBigUInt64LE(at + 8))
+  if (!Number.isSafeInteger(seq) || seq <= after) return null
+  const payload = buf.subarray(at + HEADER, at + HEADER + len)
+  if (recordCrc(buf.subarray(at + 8, at + 16), payload) !== buf.readUInt32LE(at + 4)) return null
+  return { seq, payload }
+}
+
+export class Spool {
+  private segments: Segment[] = []
+  private fd = -1
+  private nextSeq = 1
+  readonly recovery: RecoveryReport = { segments: 0, records: 0, tornBytes: 0, corruptBytes: 0 }
+  private buf = Buffer.allocUnsafe(256 * 1024)
+
+  constructor(
+    readonly dir: string,
+    readonly sidecarId: string,
+    private readonly segmentBytes: number,
+  ) {
+    mkdirSync(dir, { recursive: true, mode: 0o700 })
+    const meta = join(dir, 'spool.json')
+    if (existsSync(meta)) {
+      const owner = (JSON.parse(readFileSync(meta, 'utf8')) as { sidecar?: string }).sidecar
+      if (owner !== sidecarId) {
+        throw new SpoolError(`spool ${dir} belongs to sidecar "${owner}", not "${sidecarId}": sequences would collide; give each sidecar its own spool_dir`)
+      }
+    } else writeFileSync(meta, JSON.stringify({ sidecar: sidecarId }) + '\n', { mode: 0o600 })
+    this.recover()
+  }
+
+  private recover(): void {
+    const names = readdirSync(this.dir)
+      .map((n) => NAME.exec(n))
+      .filter((m): m is RegExpExecArray => m !== null)
+      .map((m) => ({ first: Number(m[1]), path: join(this.dir, m[0]) }))
+      .sort((a, b) => a.first - b.first)
+    let after = 0
+    names.forEach((n, i) => {
+      const data = readFileSync(n.path)
+      const newest = i === names.length - 1
+      let at = 0
+      let last = 0
+      let count = 0
+      let validEnd = 0
+      const holes = new Map<number, number>()
+      while (at < data.length) {
+        const r = parseRecord(data, at, data.length, Math.max(after, n.first - 1))
+        if (r) {
+          at += HEADER + r.payload.length
+          last = after = r.seq
+          count++
+          validEnd = at
+          continue
+        }
+        // Damaged or torn: find the next record that checks out; else the rest is lost.
+        let next = at + 1
+        while (next < data.length && !parseRecord(data, next, data.length, Math.max(after, n.first - 1))) next++
+        if (next >= data.length) break
+        this.recovery.corruptBytes += next - at
+        holes.set(at, next)
+        at = next
+      }
+      const tail = data.length - validEnd
+      if (tail > 0) {
+        if (newest) {
+          // The append that was in progress when the process died: cut it so new appends follow valid data.
+          ftruncateSync(openSync(n.path, 'r+'), validEnd)
+          this.recovery.tornBytes += tail
+        } else this.recovery.corruptBytes += tail
+      }
+      this.recovery.records += count
+      this.segments.push({ first: n.first, path: n.path, last, size: validEnd, holes })
+    })
+    this.recovery.segments = this.segments.length
+    const newest = this.segments[this.segments.length - 1]
+    this.nextSeq = Math.max(after + 1, newest ? newest.first : 1)
+    if (newest) {
+      // Compacting a damaged file would rewrite history; appends go to a fresh segment instead.
+      this.fd = openSync(newest.path, 'a', 0o600)
+      if (statSync(newest.path).size !== newest.size) this.rotate()
+    } else this.rotate()
+  }
+
+  /** Sequence the next appended record gets. */
+  get next(): number {
+    return this.nextSeq
+  }
+
+  get lastSeq(): number {
+    return this.nextSeq - 1
+  }
+
+  get bytes(): number {
+    let n = 0
+    for (const s of this.segments) n += s.size
+    return n
+  }
+
+  /** Oldest record's position. */
+  start(): Cursor {
+    return { segment: this.segments[0]!.first, offset: 0 }
+  }
+
+  private rotate(): void {
+    if (this.fd >= 0) closeSync(this.fd)
+    const first = this.nextSeq
+    const path = join(this.dir, `${String(first).padStart(16, '0')}.seg`)
+    this.fd = openSync(path, 'a', 0o600)
+    this.segments.push({ first, path, last: 0, size: 0, holes: new Map() })
+  }
+
+  /**
+   * Appends records with the next sequences, in one write. `encode(seq)` returns the payload for
+   * that sequence. Returns the last sequence used. Synchronous: when it returns, the records are
+   * in the kernel (they survive the process being killed, not the machine losing power; sync()
+   * is for that).
+   */
+  append(count: number, encode: (seq: number) => Uint8Array): number {
+    const active = this.segments[this.segments.length - 1]!
+    if (active.size >= this.segmentBytes) this.rotate()
+    const seg = this.segments[this.segments.length - 1]!
+    let used = 0
+    for (let i = 0; i < count; i++) {
+      const payload = encode(this.nextSeq)
+      const need = used + HEADER + payload.length
+      if (need > this.buf.length) {
+        const bigger = Buffer.allocUnsafe(Math.max(need, this.buf.length * 2))
+        this.buf.copy(bigger, 0, 0, used)
+        this.buf = bigger
+      }
+      used = encodeRecord(this.nextSeq, payload, this.buf, used)
+      seg.last = this.nextSeq++
+    }
+    let off = 0
+    while (off < used) off += writeSync(this.fd, this.buf, off, used - off)
+    seg.size += used
+    return seg.last
+  }
+
+  sync(): void {
+    if (this.fd >= 0) fdatasyncSync(this.fd)
+  }
+
+  /**
+   * Reads up to `maxRecords`/`maxBytes` records from `cursor`, skipping sequences <= `after`.
+   * Returns the records and the cursor after them.
+   */
+  read(cursor: Cursor, maxRecords: number, maxBytes: number, after: number): { records: SpoolRecord[]; cursor: Cursor } {
+    const records: SpoolRecord[] = []
+    let bytes = 0
+    let { segment, offset } = cursor
+    for (const seg of this.segments) {
+      if (seg.first < segment) continue
+      if (seg.first > segment) offset = 0
+      segment = seg.first
+      if (offset >= seg.size) continue
+      const fd = openSync(seg.path, 'r')
+      try {
+        while (offset < seg.size && records.length < maxRecords && bytes < maxBytes) {
+          const hole = seg.holes.get(offset)
+          if (hole !== undefined) {
+            offset = hole
+            continue
+          }
+          const want = Math.min(seg.size - offset, Math.max(maxBytes - bytes, HEADER + 1024))
+          const chunk = Buffer.allocUnsafe(want)
+          const got = readSync(fd, chunk, 0, want, offset)
+          let at = 0
+          while (at < got && records.length < maxRecords) {
+            if (at > 0 && seg.holes.has(offset + at)) break
+            const r = parseRecord(chunk, at, got, 0)
+            if (!r) break
+            at += HEADER + r.payload.length
+            if (r.seq > after) {
+              records.push({ seq: r.seq, payload: Buffer.from(r.payload) })
+              bytes += HEADER + r.payload.length
+            }
+          }
+          if (at === 0) {
+            // A record larger than the chunk: read exactly it next time round.
+            const len = chunk.readUInt32LE(0)
+            if (got < HEADER || len > MAX_RECORD) {
+              offset = seg.size // unreadable after recovery: the disk changed under us; skip the rest
+              break
+            }
+            const one = Buffer.allocUnsafe(HEADER + len)
+            readSync(fd, one, 0, one.length, offset)
+            const r = parseRecord(one, 0, one.length, 0)
+            if (!r) {
+              offset = seg.size
+              break
+            }
+            if (r.seq > after) records.push({ seq: r.seq, payload: r.payload })
+            bytes += one.length
+            offset += one.length
+            continue
+          }
+          offset += at
+        }
+      } finally {
+        closeSync(fd)
+      }
+      if (records.length >= maxRecords || bytes >= maxBytes) break
+    }
+    return { records, cursor: { segment, offset } }
+  }
+
+  /** Deletes every segment whose records are all acknowledged (the newest is rotated first). */
+  acknowledge(upTo: number): number {
+    const newest = this.segments[this.segments.length - 1]!
+    if (newest.size > 0 && newest.last <= upTo) this.rotate()
+    let removed = 0
+    while (this.segments.length > 1) {
+      const s = this.segments[0]!
+      if (s.size > 0 && s.last > upTo) break
+      rmSync(s.path, { force: true })
+      this.segments.shift()
+      removed++
+    }
+    return removed
+  }
+
+  close(): void {
+    if (this.fd >= 0) {
+      fdatasyncSync(this.fd)
+      closeSync(this.fd)
+      this.fd = -1
+    }
+  }
+}

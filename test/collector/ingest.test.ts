@@ -1,0 +1,115 @@
+// The gRPC ingest server against real gRPC clients: acks after the commit, dedupe, and refusals.
+import t from 'tap'
+import { once } from 'node:events'
+import { Metadata, status, type ServiceError } from '@grpc/grpc-js'
+import type { IngestResponse, IngestRequest } from '../../protos/gen/latchkey/v1/audit.js'
+import type { ClientDuplexStream } from '@grpc/grpc-js'
+import { seqEvents } from './events.js'
+import { authMetadata, ingestClient, sidecarIdentity, startTestCollector } from './collector-helpers.js'
+
+const AGENT = 'agent:summarizer:test:a1'
+
+/** Opens a stream, sends the batches one by one (each after the previous ack), returns the acks or the error. */
+async function exchange(address: string, md: Metadata, batches: IngestRequest[]): Promise<{ acks: IngestResponse[]; error: ServiceError | null }> {
+  const client = ingestClient(address)
+  const call: ClientDuplexStream<IngestRequest, IngestResponse> = client.ingest(md)
+  const acks: IngestResponse[] = []
+  let error: ServiceError | null = null
+  call.on('error', (e: ServiceError) => (error = e))
+  const ended = new Promise<void>((resolve) => {
+    call.on('status', () => resolve())
+  })
+  call.on('data', (a: IngestResponse) => acks.push(a))
+  for (const b of batches) {
+    const before = acks.length
+    call.write(b)
+    while (acks.length === before && !error) await Promise.race([once(call, 'data'), ended])
+    if (error) break
+  }
+  call.end()
+  await ended
+  client.close()
+  return { acks, error }
+}
+
+t.test('acks the highest sequence once stored; resends are deduplicated', async (t) => {
+  const s = sidecarIdentity()
+  const c = await startTestCollector([s])
+  t.teardown(() => c.close())
+  const seen: number[] = []
+  // When each ack arrives, the events it covers must already be queryable.
+  const client = ingestClient(c.grpcAddress)
+  t.teardown(() => client.close())
+  const call = client.ingest(authMetadata(s))
+  const counts: number[] = []
+  call.on('data', (a: IngestResponse) => {
+    seen.push(a.ackedSequence)
+    void c.store.eventsByAgent({ agent: AGENT, since: new Date(0) }).then((e) => counts.push(e.length))
+  })
+  call.write({ sidecarId: s.id, events: seqEvents(1, 100) })
+  call.write({ sidecarId: s.id, events: seqEvents(50, 150) })
+  call.end()
+  await once(call, 'status')
+  t.same(seen, [100, 150])
+  t.same(counts[0]! >= 100 && counts[1] === 150, true, `stored count at each ack: ${counts.join(',')}`)
+  t.same(c.ingest.stats, { batches: 2, stored: 150, duplicates: 51, refused: 0 })
+  t.ok((await c.store.verify()).ok)
+})
+
+t.test('an unknown sidecar is refused and nothing it sent is stored', async (t) => {
+  const known = sidecarIdentity()
+  const c = await startTestCollector([known])
+  t.teardown(() => c.close())
+  const stranger = sidecarIdentity('sidecar-stranger')
+  const r = await exchange(c.grpcAddress, authMetadata(stranger), [{ sidecarId: stranger.id, events: seqEvents(1, 5) }])
+  t.equal(r.error?.code, status.UNAUTHENTICATED)
+  t.equal(r.error?.details, 'sidecar "sidecar-stranger" is not known to this collector')
+  t.same(r.acks, [])
+  t.equal((await c.store.verify()).checked, 0)
+  t.equal(c.ingest.stats.refused, 1)
+})
+
+t.test('a wrong token is refused, and no token appears in the error or the log', async (t) => {
+  const s = sidecarIdentity()
+  const c = await startTestCollector([s])
+  t.teardown(() => c.close())
+  const impostor = { id: s.id, token: sidecarIdentity().token }
+  const r = await exchange(c.grpcAddress, authMetadata(impostor), [{ sidecarId: s.id, events: seqEvents(1, 5) }])
+  t.equal(r.error?.code, status.UNAUTHENTICATED)
+  t.equal(r.error?.details, `sidecar "${s.id}": token does not match`)
+  const noToken = new Metadata()
+  noToken.set('x-latchkey-sidecar', s.id)
+  const r2 = await exchange(c.grpcAddress, noToken, [{ sidecarId: s.id, events: seqEvents(1, 5) }])
+  t.equal(r2.error?.details, `sidecar "${s.id}": missing bearer token`)
+  t.equal((await c.store.verify()).checked, 0)
+  const logs = c.logs.join('')
+  t.match(logs, /ingest stream refused/)
+  t.notMatch(logs, impostor.token)
+  t.notMatch(logs, s.token)
+  t.notMatch(logs, /LKCANARY/)
+})
+
+t.test("a batch naming another sidecar is refused on the authenticated stream", async (t) => {
+  const a = sidecarIdentity()
+  const b = sidecarIdentity()
+  const c = await startTestCollector([a, b])
+  t.teardown(() => c.close())
+  const r = await exchange(c.grpcAddress, authMetadata(a), [
+    { sidecarId: a.id, events: seqEvents(1, 3) },
+    { sidecarId: b.id, events: seqEvents(1, 3) },
+  ])
+  t.same(r.acks.map((x) => x.ackedSequence), [3])
+  t.equal(r.error?.code, status.PERMISSION_DENIED)
+  t.equal(r.error?.details, `batch names sidecar "${b.id}" but the stream authenticated as "${a.id}"`)
+  const inv = await c.store.inventory()
+  t.same(inv.sidecars.map((x) => [x.sidecar, x.events]), [[a.id, 3]])
+})
+
+t.test('a malformed batch is refused as INVALID_ARGUMENT naming the event', async (t) => {
+  const s = sidecarIdentity()
+  const c = await startTestCollector([s])
+  t.teardown(() => c.close())
+  const r = await exchange(c.grpcAddress, authMetadata(s), [{ sidecarId: s.id, events: [{ sequence: 0, event: seqEvents(1, 1)[0]!.event }] }])
+  t.equal(r.error?.code, status.INVALID_ARGUMENT)
+  t.match(r.error?.details, /sequence 0 is not a positive integer/)
+})

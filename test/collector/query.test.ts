@@ -1,0 +1,88 @@
+// The query surface: the collector's HTTP API and `latchkey audit` / `latchkey audit verify`.
+import t from 'tap'
+import { execFile } from 'node:child_process'
+import { promisify } from 'node:util'
+import { writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import Database from 'better-sqlite3'
+import { request } from 'undici'
+import { Action } from '../../protos/gen/latchkey/v1/audit.js'
+import { makeEvent } from './events.js'
+import { sidecarIdentity, startTestCollector } from './collector-helpers.js'
+
+const run = promisify(execFile)
+const cli = (args: string[]) =>
+  run(process.execPath, ['--import', 'tsx', 'cli/latchkey.ts', ...args], { encoding: 'utf8' }).then(
+    (r) => ({ code: 0, stdout: r.stdout, stderr: r.stderr }),
+    (e: { code: number; stdout: string; stderr: string }) => ({ code: e.code, stdout: e.stdout, stderr: e.stderr }),
+  )
+
+const X = 'agent:x:prod:1'
+const hour = 3_600_000
+
+t.test('HTTP API and CLI answer what an agent did', async (t) => {
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  t.teardown(() => c.close())
+  const now = Date.now()
+  await c.store.append(id.id, [
+    { sequence: 1, event: makeEvent({ agent: X, ts: now - 48 * hour, path: '/old' }) },
+    { sequence: 2, event: makeEvent({ agent: X, ts: now - 2 * hour, path: '/repos', audience: 'https://api.github.com' }) },
+    { sequence: 3, event: makeEvent({ agent: X, ts: now - hour, path: '/admin', action: Action.ACTION_DENY, status: 403 }) },
+    { sequence: 4, event: makeEvent({ agent: 'agent:y:prod:1', ts: now - hour, path: '/other' }) },
+  ])
+  const get = async (path: string) => {
+    const r = await request(c.httpUrl + path)
+    return { status: r.statusCode, body: (await r.body.json()) as Record<string, unknown> }
+  }
+  const day = await get(`/v1/events?agent=${encodeURIComponent(X)}&since=24h`)
+  t.equal(day.status, 200)
+  t.same((day.body.events as { event: { call: { path: string } } }[]).map((e) => e.event.call.path), ['/repos', '/admin'])
+  const denied = await get(`/v1/events?agent=${encodeURIComponent(X)}&since=24h&denied=true`)
+  t.same((denied.body.events as { sequence: number }[]).map((e) => e.sequence), [3])
+  t.same(await get('/v1/events?since=24h'), { status: 400, body: { error: 'query parameter "agent" is required' } })
+  t.same(await get(`/v1/events?agent=${X}&since=yesterday`), { status: 400, body: { error: 'since "yesterday" is neither a duration (like 24h, 30m, 7d) nor an ISO-8601 time' } })
+  t.same((await get(`/v1/events?agent=${X}&limit=0`)).status, 400)
+  const inv = await get('/v1/inventory')
+  t.same((inv.body.agents as { agent: string; audiences: string[] }[]).map((a) => [a.agent, a.audiences]), [[X, ['https://api.github.com']], ['agent:y:prod:1', []]])
+  t.same(((await get('/v1/verify')).body as { ok: boolean; checked: number }).checked, 4)
+  t.same((await get('/nope')).status, 404)
+  t.same((await request(c.httpUrl + '/v1/events', { method: 'POST' })).statusCode, 405)
+
+  const text = await cli(['audit', '--agent', X, '--since', '24h', '--url', c.httpUrl!])
+  t.equal(text.code, 0, text.stderr)
+  const lines = text.stdout.trim().split('\n')
+  t.equal(lines.length, 2)
+  t.match(lines[0], /allow\s+200\s+GET https:\/\/api\.example\.com:443\/repos\s+rule=allow-api\s+aud=https:\/\/api\.github\.com/)
+  t.match(lines[1], /deny\s+403\s+GET https:\/\/api\.example\.com:443\/admin\s+rule=deny-admin/)
+  t.match(text.stderr, `2 call(s) by ${X} since 24h`)
+  const json = await cli(['audit', '--agent', X, '--since', '24h', '--denied', '--json', '--url', c.httpUrl!])
+  const parsed = json.stdout.trim().split('\n').map((l) => JSON.parse(l) as { sequence: number; event: { decision: { action: string } } })
+  t.same(parsed.map((p) => [p.sequence, p.event.decision.action]), [[3, 'ACTION_DENY']])
+  const verify = await cli(['audit', 'verify', '--url', c.httpUrl!])
+  t.same([verify.code, verify.stdout.trim()], [0, 'chain verified: 4 events across 1 sidecars'])
+  const missing = await cli(['audit', '--since', '24h', '--url', c.httpUrl!])
+  t.same([missing.code, missing.stderr.trim()], [1, '--agent <id> is required (e.g. --agent agent:summarizer:prod:7a2c91)'])
+  const down = await cli(['audit', '--agent', X, '--url', 'http://127.0.0.1:1'])
+  t.same([down.code, down.stderr.trim()], [1, 'collector at http://127.0.0.1:1 unreachable: ECONNREFUSED'])
+})
+
+t.test('`audit verify -c` reads the store directly and names the first break', async (t) => {
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  await c.store.append(id.id, Array.from({ length: 5 }, (_, i) => ({ sequence: i + 1, event: makeEvent({ agent: X }) })))
+  await c.close()
+  const dbPath = join(c.dir, 'audit.db')
+  const cfg = join(c.dir, 'collector.yaml')
+  writeFileSync(cfg, `version: 1\ncollector:\n  store: { kind: sqlite, path: ${dbPath} }\n  sidecars: []\n`)
+  const ok = await cli(['audit', 'verify', '-c', cfg])
+  t.same([ok.code, ok.stdout.trim()], [0, 'chain verified: 5 events across 1 sidecars'])
+  const db = new Database(dbPath)
+  db.exec(`DROP TRIGGER audit_events_no_update; UPDATE audit_events SET payload = (SELECT payload FROM audit_events WHERE seq = 1) WHERE seq = 4`)
+  db.close()
+  const bad = await cli(['audit', 'verify', '-c', cfg])
+  t.equal(bad.code, 1)
+  t.match(bad.stdout, `BROKEN: sidecar ${id.id} at position 4 (sequence 4): hash does not match the stored payload`)
+  const rows = await cli(['audit', '--agent', X, '-c', cfg, '--json'])
+  t.equal(rows.stdout.trim().split('\n').length, 5, 'queries work straight from the store too')
+})

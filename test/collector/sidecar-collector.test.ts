@@ -1,0 +1,137 @@
+// The sidecar with the real gRPC sink and spool, against a real collector: every call arrives,
+// through outages, and a full spool does what it is configured to do.
+import t from 'tap'
+import { readFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { Action } from '../../protos/gen/latchkey/v1/audit.js'
+import { CANARY, startUpstream } from '../helpers/harness.js'
+import { sidecarIdentity, startTestCollector } from './collector-helpers.js'
+import { call, freePort, proxyAgent, startCollectedSidecar } from './sidecar-helpers.js'
+
+const AGENT = 'agent:summarizer:test:a1'
+
+async function pathsAt(store: { eventsByAgent: (q: { agent: string; since: Date; limit?: number }) => Promise<{ event: { call?: { path: string } } }[]> }) {
+  return (await store.eventsByAgent({ agent: AGENT, since: new Date(0), limit: 100_000 })).map((e) => e.event.call?.path ?? '')
+}
+
+t.test('every call reaches the collector once, credential never', async (t) => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  t.teardown(() => c.close())
+  const s = await startCollectedSidecar({ id, collector: c.grpcAddress, upstreamPort: upstream.port })
+  const agent = proxyAgent(s.sidecar.proxyUrl)
+  t.teardown(() => agent.close())
+  const made: string[] = []
+  await Promise.all(
+    Array.from({ length: 300 }, async (_, i) => {
+      const status = await call(agent, `${upstream.origin}/call/${i}`)
+      t.equal(status, 200)
+      made.push(`/call/${i}`)
+    }),
+  )
+  // One denied by policy: refused by the sidecar, still audited.
+  t.equal(await call(agent, 'http://127.0.0.1:1/denied'), 403)
+  t.ok(await s.sink.waitForAck(s.sink.spool.lastSeq, 10_000), 'collector acked everything spooled')
+  const at = await pathsAt(c.store)
+  t.same(at.filter((p) => p.startsWith('/call/')).sort(), made.sort(), 'the set of events at the store is the set of calls')
+  t.equal(at.length, 301)
+  const denied = await c.store.eventsByAgent({ agent: AGENT, since: new Date(0), deniedOnly: true })
+  t.same(denied.map((e) => [e.event.call?.path, e.event.decision?.action, e.event.call?.status]), [['/denied', Action.ACTION_DENY, 403]])
+  const withCred = (await c.store.eventsByAgent({ agent: AGENT, since: new Date(0), limit: 1 }))[0]!
+  t.same(withCred.event.credential?.audience, upstream.origin)
+  t.same((await c.store.verify()).ok, true)
+  await s.close()
+  // The injected credential reached the upstream and nowhere else: not the store, not a log.
+  t.ok(upstream.requests.every((r) => r.headers.authorization === `Bearer ${CANARY}`))
+  t.notOk(readFileSync(join(c.dir, 'audit.db')).includes(CANARY), 'the store file does not contain the credential')
+  t.notOk(s.logs.join('').includes(CANARY), 'no sidecar log line contains the credential')
+  t.notOk(s.logs.join('').includes(id.token), 'no sidecar log line contains the collector token')
+  t.notOk(c.logs.join('').includes(id.token), 'no collector log line contains the collector token')
+})
+
+t.test('collector down for the whole run, then up: nothing lost', async (t) => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const id = sidecarIdentity()
+  const port = await freePort()
+  const s = await startCollectedSidecar({ id, collector: `127.0.0.1:${port}`, upstreamPort: upstream.port })
+  const agent = proxyAgent(s.sidecar.proxyUrl)
+  t.teardown(() => agent.close())
+  for (let i = 0; i < 100; i++) t.equal(await call(agent, `${upstream.origin}/outage/${i}`), 200)
+  await new Promise((r) => setTimeout(r, 300))
+  t.equal(s.sink.stats.acked, 0, 'nothing acked while the collector is down')
+  t.ok(s.sink.stats.reconnects >= 2, `the sink kept retrying (${s.sink.stats.reconnects})`)
+  t.match(s.logs.join(''), /audit stream to collector lost/)
+  const c = await startTestCollector([id], { grpcPort: port })
+  t.teardown(() => c.close())
+  t.ok(await s.sink.waitForAck(100, 10_000), 'replayed and acked after the collector came up')
+  t.same((await pathsAt(c.store)).sort(), Array.from({ length: 100 }, (_, i) => `/outage/${i}`).sort())
+  t.ok((await c.store.verify()).ok)
+  await s.close()
+})
+
+t.test('full spool, on_full refuse: new egress refused (503) until the collector catches up', async (t) => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const id = sidecarIdentity()
+  const port = await freePort()
+  const s = await startCollectedSidecar({ id, collector: `127.0.0.1:${port}`, upstreamPort: upstream.port, collectorOpts: { spool_max_bytes: 65536, segment_bytes: 8192 } })
+  const agent = proxyAgent(s.sidecar.proxyUrl)
+  t.teardown(() => agent.close())
+  const ok: string[] = []
+  let refusedAt = -1
+  for (let i = 0; i < 2000 && refusedAt < 0; i++) {
+    const status = await call(agent, `${upstream.origin}/fill/${i}`)
+    if (status === 200) ok.push(`/fill/${i}`)
+    else if (status === 503) refusedAt = i
+    else t.fail(`unexpected status ${status}`)
+  }
+  t.ok(refusedAt > 0, `refused once the spool was full (after ${refusedAt} calls)`)
+  const forwarded = upstream.requests.length
+  const res = await fetchThrough(s.sidecar.proxyUrl, `${upstream.origin}/after-full`)
+  t.equal(res.status, 503)
+  t.equal(res.code, 'LK_AUDIT_UNAVAILABLE')
+  t.equal(upstream.requests.length, forwarded, 'the refused call never reached the upstream')
+  t.match(s.logs.join(''), /audit spool full: refusing new egress/)
+  const c = await startTestCollector([id], { grpcPort: port })
+  t.teardown(() => c.close())
+  t.ok(await s.sink.waitForAck(s.sink.spool.lastSeq, 10_000))
+  t.equal(s.sink.accepting(), true, 'accepting again once acked segments were deleted')
+  t.equal(await call(agent, `${upstream.origin}/after-catch-up`), 200)
+  t.ok(await s.sink.waitForAck(s.sink.spool.lastSeq, 10_000))
+  const at = new Set(await pathsAt(c.store))
+  t.same(ok.filter((p) => !at.has(p)), [], 'every call that went out is at the store')
+  t.ok(at.has('/after-catch-up'))
+  t.equal(s.sink.stats.dropped, 0)
+  await s.close()
+})
+
+t.test('full spool, on_full drop: keeps serving and counts the drops, and says so', async (t) => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const id = sidecarIdentity()
+  const port = await freePort()
+  const s = await startCollectedSidecar({ id, collector: `127.0.0.1:${port}`, upstreamPort: upstream.port, collectorOpts: { spool_max_bytes: 65536, segment_bytes: 8192, on_full: 'drop', close_timeout_ms: 0 } })
+  const agent = proxyAgent(s.sidecar.proxyUrl)
+  t.teardown(() => agent.close())
+  for (let i = 0; i < 600; i++) t.equal(await call(agent, `${upstream.origin}/drop/${i}`), 200)
+  await s.sink.flush()
+  t.ok(s.sink.stats.dropped > 0, `dropped ${s.sink.stats.dropped}`)
+  t.equal(s.sink.stats.spooled + s.sink.stats.dropped, 600, 'every event is either spooled or counted as dropped')
+  t.match(s.logs.join(''), /audit spool full: dropping audit events \(counted\)/)
+  await s.close()
+})
+
+async function fetchThrough(proxyUrl: string, url: string): Promise<{ status: number; code: string }> {
+  const { request, ProxyAgent } = await import('undici')
+  const a = new ProxyAgent({ uri: proxyUrl, proxyTunnel: false })
+  try {
+    const r = await request(url, { dispatcher: a })
+    const body = (await r.body.json()) as { code?: string }
+    return { status: r.statusCode, code: body.code ?? '' }
+  } finally {
+    await a.close()
+  }
+}

@@ -1,0 +1,184 @@
+// One conformance suite for every AuditStore. Each backend file (store-sqlite.test.ts,
+// store-postgres.test.ts) supplies how to create a fresh backing store, open a second handle on
+// it (a replica), run raw SQL as an attacker with database access would, and clean up.
+import type { Test } from 'tap'
+import { Action } from '../../protos/gen/latchkey/v1/audit.js'
+import type { AuditStore } from '../../collector/store/types.js'
+import { StoreError } from '../../collector/store/types.js'
+import { seqEvents, makeEvent } from './events.js'
+
+export interface Backing {
+  store: AuditStore
+  /** A second handle on the same data (another collector replica). */
+  replica(): AuditStore
+  /** Raw SQL; rejects with the database's error. */
+  raw(sql: string): Promise<void>
+  /** What an attacker with owner rights does first: switch off the append-only guards. */
+  disableGuards(): Promise<void>
+  cleanup(): Promise<void>
+}
+
+export interface Backend {
+  name: string
+  create(): Promise<Backing>
+}
+
+const A = 'sidecar-a'
+const B = 'sidecar-b'
+
+export function conformance(t: Test, backend: Backend): void {
+  const withStore = (name: string, fn: (t: Test, b: Backing) => Promise<void>) =>
+    t.test(`${backend.name}: ${name}`, async (t) => {
+      const b = await backend.create()
+      t.teardown(() => b.cleanup())
+      await fn(t, b)
+    })
+
+  withStore('append stores a batch, chains it, and dedupes by (sidecar, sequence)', async (t, { store }) => {
+    const first = await store.append(A, seqEvents(1, 5))
+    t.same({ stored: first.stored, duplicates: first.duplicates, highest: first.highest }, { stored: 5, duplicates: 0, highest: 5 })
+    t.same(first.events.map((e) => e.position), [1, 2, 3, 4, 5])
+    const again = await store.append(A, seqEvents(3, 7))
+    t.same({ stored: again.stored, duplicates: again.duplicates, highest: again.highest }, { stored: 2, duplicates: 3, highest: 7 })
+    t.same(again.events.map((e) => [e.sequence, e.position]), [[6, 6], [7, 7]])
+    // Repeated inside one batch: stored once.
+    const dup = seqEvents(8, 8)
+    const inBatch = await store.append(A, [dup[0]!, dup[0]!])
+    t.equal(inBatch.stored, 1)
+    t.equal(inBatch.duplicates, 1)
+    // The same sequence from another sidecar is a different event.
+    t.equal((await store.append(B, seqEvents(1, 3))).stored, 3)
+    const v = await store.verify()
+    t.same(v, { ok: true, checked: 11, sidecars: 2, breaks: [] })
+  })
+
+  withStore('out-of-order and gapped batches are stored once each, and the chain verifies', async (t, { store }) => {
+    await store.append(A, seqEvents(10, 12))
+    await store.append(A, seqEvents(4, 6))
+    await store.append(A, seqEvents(1, 12))
+    const all = await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0) })
+    t.same(all.map((e) => e.sequence).sort((a, b) => a - b), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+    t.same(all.map((e) => e.position).sort((a, b) => a - b), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+    t.ok((await store.verify(A)).ok)
+  })
+
+  withStore('a malformed batch is refused whole, naming the problem', async (t, { store }) => {
+    const good = seqEvents(1, 2)
+    await t.rejects(store.append(A, [...good, { sequence: 0, event: makeEvent() }]), { code: 'LK_STORE_BAD_BATCH', message: /sequence 0 is not a positive integer/ })
+    const noAgent = makeEvent()
+    noAgent.delegation = undefined
+    await t.rejects(store.append(A, [...good, { sequence: 3, event: noAgent }]), { code: 'LK_STORE_BAD_BATCH', message: /sequence 3 has no delegation.agent/ })
+    await t.rejects(store.append('', good), StoreError)
+    t.equal((await store.verify()).checked, 0, 'nothing of the refused batches was stored')
+  })
+
+  withStore('updates and deletes are refused by the database itself', async (t, b) => {
+    await b.store.append(A, seqEvents(1, 3))
+    await t.rejects(b.raw(`UPDATE audit_events SET host = 'evil.example' WHERE seq = 2`), /append-only: UPDATE refused/)
+    await t.rejects(b.raw(`DELETE FROM audit_events WHERE seq = 2`), /append-only: DELETE refused/)
+    t.same((await b.store.verify()).checked, 3)
+    const rows = await b.store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0) })
+    t.same(rows.map((r) => r.event.call?.host), ['api.example.com', 'api.example.com', 'api.example.com'])
+  })
+
+  withStore('verify names the first break when a payload is altered behind the guards', async (t, b) => {
+    await b.store.append(A, seqEvents(1, 5))
+    await b.store.append(B, seqEvents(1, 5))
+    await b.disableGuards()
+    // Swap one event's payload for another's (a valid AuditEvent, wrong place in the chain).
+    await b.raw(`UPDATE audit_events SET payload = (SELECT payload FROM audit_events WHERE sidecar = '${A}' AND seq = 1) WHERE sidecar = '${A}' AND seq = 3`)
+    const v = await b.store.verify()
+    t.equal(v.ok, false)
+    t.equal(v.checked, 3 + 5, 'stops at the break in A, checks all of B')
+    t.same(v.breaks, [{ sidecar: A, position: 3, sequence: 3, reason: 'hash does not match the stored payload (payload or hash altered)' }])
+  })
+
+  withStore('verify names a removed link and an altered indexed column', async (t, b) => {
+    await b.store.append(A, seqEvents(1, 5))
+    await b.store.append(B, seqEvents(1, 5))
+    await b.disableGuards()
+    await b.raw(`DELETE FROM audit_events WHERE sidecar = '${A}' AND seq = 2`)
+    await b.raw(`UPDATE audit_events SET action = ${Action.ACTION_ALLOW + 5} WHERE sidecar = '${B}' AND seq = 4`)
+    const v = await b.store.verify()
+    t.same(v.breaks, [
+      { sidecar: A, position: 3, sequence: 3, reason: 'position 3 follows 1: a link is missing' },
+      { sidecar: B, position: 4, sequence: 4, reason: 'indexed columns (ts, agent, action) differ from the payload' },
+    ])
+    t.same((await b.store.verify(B)).breaks.length, 1)
+  })
+
+  withStore('events by agent since a time, optionally denied only', async (t, { store }) => {
+    const now = Date.now()
+    const hour = 3_600_000
+    await store.append(A, [
+      { sequence: 1, event: makeEvent({ agent: 'agent:x:prod:1', ts: now - 30 * hour }) },
+      { sequence: 2, event: makeEvent({ agent: 'agent:x:prod:1', ts: now - 2 * hour, path: '/a' }) },
+      { sequence: 3, event: makeEvent({ agent: 'agent:x:prod:1', ts: now - hour, path: '/admin', action: Action.ACTION_DENY, status: 403 }) },
+      { sequence: 4, event: makeEvent({ agent: 'agent:y:prod:1', ts: now - hour }) },
+      { sequence: 5, event: makeEvent({ agent: 'agent:x:prod:1', ts: now - hour / 2, path: '/report', action: Action.ACTION_REPORT }) },
+    ])
+    const since = new Date(now - 24 * hour)
+    const day = await store.eventsByAgent({ agent: 'agent:x:prod:1', since })
+    t.same(day.map((e) => e.event.call?.path), ['/a', '/admin', '/report'])
+    t.ok(day.every((e) => e.event.delegation?.agent === 'agent:x:prod:1'))
+    const denied = await store.eventsByAgent({ agent: 'agent:x:prod:1', since, deniedOnly: true })
+    t.same(denied.map((e) => [e.event.call?.path, e.event.decision?.action]), [['/admin', Action.ACTION_DENY], ['/report', Action.ACTION_REPORT]])
+    t.same((await store.eventsByAgent({ agent: 'agent:x:prod:1', since: new Date(0), until: new Date(now - 3 * hour) })).length, 1)
+    t.same(await store.eventsByAgent({ agent: 'agent:nobody:prod:1', since: new Date(0) }), [])
+    t.equal((await store.eventsByAgent({ agent: 'agent:x:prod:1', since: new Date(0), limit: 2 })).length, 2)
+  })
+
+  withStore('inventory: agents, sidecars, last seen, hosts and audiences actually used', async (t, { store }) => {
+    const now = Date.now()
+    await store.append(A, [
+      { sequence: 1, event: makeEvent({ agent: 'agent:x:prod:1', ts: now - 5000, host: 'api.github.com', audience: 'https://api.github.com' }) },
+      { sequence: 2, event: makeEvent({ agent: 'agent:x:prod:1', ts: now - 4000, host: 'evil.example', port: 80, action: Action.ACTION_DENY, status: 403 }) },
+      { sequence: 3, event: makeEvent({ agent: 'agent:x:prod:1', ts: now - 3000, host: 'uploads.github.com' }) },
+    ])
+    await store.append(B, [
+      { sequence: 1, event: makeEvent({ agent: 'agent:x:prod:1', ts: now - 1000, host: 'api.github.com', audience: 'https://api.github.com' }) },
+      { sequence: 2, event: makeEvent({ agent: 'agent:y:dev:9', ts: now - 2000, host: 'slack.com', audience: 'slack' }) },
+    ])
+    const inv = await store.inventory()
+    t.same(inv.agents.map((a) => ({ ...a, firstSeen: a.firstSeen.getTime(), lastSeen: a.lastSeen.getTime() })), [
+      {
+        agent: 'agent:x:prod:1',
+        sidecars: [A, B],
+        firstSeen: now - 5000,
+        lastSeen: now - 1000,
+        calls: 4,
+        denied: 1,
+        hosts: ['api.github.com:443', 'uploads.github.com:443'],
+        audiences: ['https://api.github.com'],
+      },
+      { agent: 'agent:y:dev:9', sidecars: [B], firstSeen: now - 2000, lastSeen: now - 2000, calls: 1, denied: 0, hosts: ['slack.com:443'], audiences: ['slack'] },
+    ])
+    t.same(inv.sidecars.map((s) => ({ sidecar: s.sidecar, agents: s.agents, events: s.events, lastSequence: s.lastSequence })), [
+      { sidecar: A, agents: ['agent:x:prod:1'], events: 3, lastSequence: 3 },
+      { sidecar: B, agents: ['agent:x:prod:1', 'agent:y:dev:9'], events: 2, lastSequence: 2 },
+    ])
+    for (const s of inv.sidecars) t.ok(Math.abs(s.lastSeen.getTime() - Date.now()) < 60_000, `${s.sidecar} last seen is the receive time`)
+  })
+
+  withStore('the credential is kept as audience, scopes, jti and token hash only', async (t, { store }) => {
+    await store.append(A, [{ sequence: 1, event: makeEvent({ audience: 'https://api.github.com' }) }])
+    const [e] = await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0) })
+    t.same(Object.keys(e!.event.credential!).sort(), ['audience', 'jti', 'provider', 'scopes', 'tokenSha256'])
+    t.equal(Buffer.from(e!.event.credential!.tokenSha256).length, 32)
+  })
+
+  withStore('two replicas appending to one sidecar concurrently keep one linear chain', async (t, b) => {
+    const r2 = b.replica()
+    t.teardown(() => r2.close())
+    const jobs: Promise<unknown>[] = []
+    for (let i = 0; i < 20; i++) {
+      const from = i * 10 + 1
+      jobs.push((i % 2 ? r2 : b.store).append(A, seqEvents(from, from + 9)))
+      // And every batch a second time through the other replica: duplicates, never twice stored.
+      jobs.push((i % 2 ? b.store : r2).append(A, seqEvents(from, from + 9)))
+    }
+    await Promise.all(jobs)
+    const v = await b.store.verify()
+    t.same(v, { ok: true, checked: 200, sidecars: 1, breaks: [] })
+  })
+}

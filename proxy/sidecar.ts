@@ -20,6 +20,7 @@ import { BrokerClient } from './credentials/broker-client.js'
 import type { WorkloadEvidence } from './attest/evidence.js'
 import { KubernetesTokenFile } from './attest/kubernetes-token.js'
 import { LocalKeyEvidence } from './attest/local-key.js'
+import { SpiffeWorkloadEvidence } from './attest/spiffe-workload.js'
 import { PinnedPools } from './forward/pools.js'
 import { JsonlAuditSink } from './audit/jsonl-sink.js'
 import { CollectorAuditSink } from './audit/collector-sink.js'
@@ -125,9 +126,11 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       opts.evidence ??
       (a.kubernetes
         ? new KubernetesTokenFile(a.kubernetes.token_file)
-        : a.local
-          ? new LocalKeyEvidence(a.local.key_file, sc.agent_id, a.local.audience ?? sc.broker.url.replace(/\/$/, ''))
-          : undefined)
+        : a.spiffe
+          ? new SpiffeWorkloadEvidence(a.spiffe.socket, a.spiffe.audience ?? sc.broker.url.replace(/\/$/, ''), sc.broker.timeout_ms)
+          : a.local
+            ? new LocalKeyEvidence(a.local.key_file, sc.agent_id, a.local.audience ?? sc.broker.url.replace(/\/$/, ''))
+            : undefined)
     if (!evidence) throw new StartupError('sidecar.broker is set but no workload evidence is configured (sidecar.attestation)')
     brokerTokens = new BrokerTokenSource(new BrokerClient(sc.broker.url, sc.broker.timeout_ms, evidence), {
       minRemainingMs: sc.broker.min_remaining_ms,

@@ -108,6 +108,7 @@ export class BrokerClient {
   }
 
   close(): Promise<void> {
+    this.evidence.close()
     return this.pool.close()
   }
 }

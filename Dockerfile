@@ -10,6 +10,9 @@ COPY tsconfig.json ./
 COPY lib ./lib
 COPY proxy ./proxy
 COPY cli ./cli
+COPY broker ./broker
+COPY collector ./collector
+COPY protos ./protos
 COPY deploy ./deploy
 RUN npm run build && npm prune --omit=dev
 
@@ -24,6 +27,7 @@ COPY --from=build /src/deploy ./deploy
 RUN mkdir -p /var/lib/latchkey && chown node:node /var/lib/latchkey
 USER node
 WORKDIR /var/lib/latchkey
-EXPOSE 15001 15002
+# sidecar proxy, sidecar admin, broker
+EXPOSE 15001 15002 15003
 ENTRYPOINT ["node", "/app/dist/cli/latchkey.js"]
 CMD ["sidecar", "--config", "/etc/latchkey/latchkey.yaml"]

@@ -27,7 +27,10 @@ export async function runUp(opts: { config: string; upstreamPort: string }): Pro
   // A fresh demo secret per run, held in memory only: the sidecar injects it, the upstream checks it.
   const demoSecret = 'lk-demo-' + randomBytes(24).toString('base64url')
   const upstreamPort = Number(opts.upstreamPort)
-  const upstream = await startDemoUpstream('127.0.0.1', upstreamPort, `Bearer ${demoSecret}`)
+  const upstream = await startDemoUpstream('127.0.0.1', upstreamPort, {
+    staticAuthorization: `Bearer ${demoSecret}`,
+    ...(broker ? { broker: { url: broker.url, issuer: broker.issuer, audience: `http://127.0.0.1:${upstreamPort}` } } : {}),
+  })
   const sidecar = await startSidecar(config, { env: { ...process.env, [`${config.secrets.env_prefix}DEMO_TOKEN`]: demoSecret } })
   const proxy = sidecar.proxyUrl
   console.log(`

@@ -31,6 +31,15 @@ export interface Identity {
   task: TaskRef | null
 }
 
+/** The local process on the other end of the connection, when the sidecar could tell. */
+export interface CallerProcess {
+  pid: number | null
+  uid: number
+  exe: string | null
+  /** sha256 (hex) of the executable. */
+  sha256: string | null
+}
+
 /** What the credential stage needs of a task; the task registry owns the full record. */
 export interface TaskRef {
   readonly id: string
@@ -91,6 +100,7 @@ export interface CallContext {
   method: string
   target: Target | null
   identity: Identity
+  caller: CallerProcess | null
   decision: Decision | null
   resolved: ResolvedAddress | null
   binding: CredentialBinding | null
@@ -151,6 +161,7 @@ export interface AuditEvent {
   reason: string | null
   credential: { binding: string; id: string; audience: string; scopes: string[] } | null
   error: string | null
+  caller: CallerProcess | null
 }
 
 export interface AuditSink {

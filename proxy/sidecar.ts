@@ -21,6 +21,7 @@ import type { WorkloadEvidence } from './attest/evidence.js'
 import { KubernetesTokenFile } from './attest/kubernetes-token.js'
 import { LocalKeyEvidence } from './attest/local-key.js'
 import { SpiffeWorkloadEvidence } from './attest/spiffe-workload.js'
+import { PeerProcessResolver } from './identify/peer-process.js'
 import { PinnedPools } from './forward/pools.js'
 import { JsonlAuditSink } from './audit/jsonl-sink.js'
 import { CollectorAuditSink } from './audit/collector-sink.js'
@@ -148,6 +149,10 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const routes = new Map(Object.entries(config.routes).map(([name, origin]) => [name, new URL(origin)]))
   const pipeline = new Pipeline({
     identifier: new TaskIdentifier(sc.agent_id, tasks),
+    callers:
+      sc.callers.identify || sc.callers.allowed_uids.length > 0 || sc.callers.allowed_executables.length > 0
+        ? new PeerProcessResolver({ allowedUids: sc.callers.allowed_uids, allowedExecutables: sc.callers.allowed_executables })
+        : undefined,
     decider: new Policy(config.policy),
     resolver: opts.resolver ?? new DnsResolver(compileNetworkPolicy(config.network), { cacheMs: config.network.dns_cache_ms }),
     bindings,

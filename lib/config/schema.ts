@@ -64,6 +64,8 @@ export interface Config {
     max_pools: number
     /** Where task-scoped tokens come from. Required when any credential has source: broker. */
     broker?: { url: string; timeout_ms: number; min_remaining_ms: number }
+    /** Which local processes call: identified per connection through /proc, optionally restricted. */
+    callers: { identify: boolean; allowed_uids: number[]; allowed_executables: string[] }
     /** Workload evidence the sidecar presents to the broker; exactly one of kubernetes, spiffe, local. */
     attestation: {
       kubernetes?: { token_file: string }
@@ -363,6 +365,16 @@ export const configSchema = {
             url: { type: 'string', pattern: '^https?://[^\\s]+$' },
             timeout_ms: ms(3_000),
             min_remaining_ms: ms(5_000, 0),
+          },
+        },
+        callers: {
+          type: 'object',
+          additionalProperties: false,
+          default: {},
+          properties: {
+            identify: { type: 'boolean', default: false },
+            allowed_uids: { type: 'array', uniqueItems: true, items: { type: 'integer', minimum: 0, maximum: 4_294_967_295 }, default: [] },
+            allowed_executables: { type: 'array', uniqueItems: true, items: { type: 'string', pattern: '^[0-9a-f]{64}$' }, default: [] },
           },
         },
         attestation: {

@@ -74,6 +74,9 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     else events.emit({ type: 'revocation', ts, op: 'unrevoke', kind: change.kind, value: change.value, reason: null })
   })
 
+  for (const [aud, variable] of Object.entries(c.leased_secrets)) {
+    if (!env[variable]) throw new Error(`broker.leased_secrets["${aud}"]: environment variable ${variable} is not set`)
+  }
   const exchange = new TokenExchange({
     issuer: c.issuer,
     registry: () => registry.current,
@@ -85,6 +88,7 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     floorS: c.tokens.floor_s,
     defaultDurationS: c.tokens.default_duration_s,
     now,
+    leasedSecrets: new Map(Object.entries(c.leased_secrets).flatMap(([aud, variable]) => (env[variable] ? [[aud, env[variable]!] as [string, string]] : []))),
   })
   const introspectionClients = new Map<string, string>()
   for (const [id, variable] of Object.entries(c.introspection_clients)) {

@@ -37,14 +37,18 @@ export interface ExchangeDeps {
   floorS: number
   defaultDurationS: number
   now: () => number
+  /** Secrets lent for a task instead of a JWT, by audience (read once at start). */
+  leasedSecrets: ReadonlyMap<string, string>
 }
 
 export interface TokenResponse {
   access_token: string
   issued_token_type: string
-  token_type: 'Bearer'
+  token_type: 'Bearer' | 'N_A'
   expires_in: number
   scope: string
+  /** For a leased secret: the lease's ID, audited in place of a jti. */
+  lease_id?: string
 }
 
 /** A delegation chain: the subject, and the agents that acted, outermost (first delegator) first. */
@@ -86,7 +90,7 @@ export class TokenExchange {
     try {
       const res = await this.run(form, event)
       event.outcome = 'granted'
-      event.reason = 'granted'
+      if (event.reason === '') event.reason = 'granted'
       return res
     } catch (err) {
       const e = err instanceof OAuthError ? err : new OAuthError('invalid_request', 'the request could not be processed', 400, String(err))
@@ -113,9 +117,10 @@ export class TokenExchange {
     if (actorToken === '') throw new OAuthError('invalid_request', 'actor_token is empty')
 
     const requestedType = form.one('requested_token_type')
-    if (requestedType !== undefined && requestedType !== TOKEN_TYPES.accessToken && requestedType !== TOKEN_TYPES.jwt) {
-      throw new OAuthError('invalid_request', `requested_token_type must be ${TOKEN_TYPES.accessToken} or ${TOKEN_TYPES.jwt}`)
+    if (requestedType !== undefined && requestedType !== TOKEN_TYPES.accessToken && requestedType !== TOKEN_TYPES.jwt && requestedType !== TOKEN_TYPES.leasedSecret) {
+      throw new OAuthError('invalid_request', `requested_token_type must be ${TOKEN_TYPES.accessToken}, ${TOKEN_TYPES.jwt} or ${TOKEN_TYPES.leasedSecret}`)
     }
+    const lease = requestedType === TOKEN_TYPES.leasedSecret
 
     const targets = [...form.all('audience'), ...form.all('resource')]
     if (targets.length !== 1) throw new OAuthError('invalid_target', `exactly one audience or resource is required, got ${targets.length}`)
@@ -172,7 +177,10 @@ export class TokenExchange {
     if (!allowed) throw new OAuthError('invalid_target', `agent type "${attestation.agentType}" may not receive tokens for this audience`)
     const ceiling = subject.scopes === undefined ? allowed : allowed.filter((s) => subject.scopes!.includes(s))
     let granted: string[]
-    if (requested) {
+    if (lease) {
+      // A lent secret carries no scopes: what it can do is the audience's business.
+      granted = []
+    } else if (requested) {
       const notAllowed = requested.filter((s) => !allowed.includes(s))
       if (notAllowed.length > 0) throw new OAuthError('invalid_scope', `agent type "${attestation.agentType}" may not receive scope ${notAllowed.join(' ')}`)
       const notHeld = requested.filter((s) => !ceiling.includes(s))
@@ -193,6 +201,15 @@ export class TokenExchange {
     if (lifetime <= 0) throw new OAuthError('invalid_request', 'subject_token: expired')
 
     const jti = randomUUID()
+    if (lease) {
+      const secret = delegation ? undefined : this.d.leasedSecrets.get(audience)
+      if (secret === undefined) throw new OAuthError('invalid_target', 'the broker holds no secret to lend for this audience')
+      ev.jti = jti
+      ev.exp = nowS + lifetime
+      ev.reason = 'leased'
+      // RFC 8693 §2.2.1: token_type N_A when what is issued is not an access token.
+      return { access_token: secret, issued_token_type: TOKEN_TYPES.leasedSecret, token_type: 'N_A', expires_in: lifetime, scope: '', lease_id: jti }
+    }
     const act: Record<string, unknown> = { sub: attestation.instanceId }
     {
       // Innermost `act` is the first delegator (RFC 8693 §4.1: nested act = prior actors).

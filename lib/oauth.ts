@@ -7,4 +7,6 @@ export const TOKEN_TYPES = {
   kubernetes: 'urn:latchkey:token-type:kubernetes-service-account',
   spiffe: 'urn:latchkey:token-type:jwt-svid',
   local: 'urn:latchkey:token-type:local',
+  /** A static secret the broker holds and lends to a sidecar for one task (never to the agent). */
+  leasedSecret: 'urn:latchkey:token-type:leased-secret',
 } as const

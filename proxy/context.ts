@@ -76,7 +76,7 @@ export interface Credential {
 
 export interface CredentialBinding {
   id: string
-  source: 'static' | 'broker'
+  source: 'static' | 'broker' | 'broker_secret' | 'client_credentials'
   /** broker: the audience asked of the broker. */
   tokenAudience: string
   /** broker: the scopes asked for (empty: all the broker allows). */

@@ -15,7 +15,8 @@ import { TaskIdentifier } from './identify/proxy-authorization.js'
 import { TaskRegistry } from './tasks/registry.js'
 import { handleTaskApi } from './tasks/api.js'
 import { CredentialSources } from './credentials/sources.js'
-import { BrokerTokenSource } from './credentials/broker-source.js'
+import { BrokerTokenSource, CachedTokenSource } from './credentials/broker-source.js'
+import { ClientCredentialsIssuer } from './credentials/client-credentials.js'
 import { BrokerClient } from './credentials/broker-client.js'
 import type { WorkloadEvidence } from './attest/evidence.js'
 import { KubernetesTokenFile } from './attest/kubernetes-token.js'
@@ -69,7 +70,8 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
 
   const bindings = new CredentialBindings(config.credentials)
   const staticBindings = config.credentials.filter((c) => c.source === 'static')
-  const secrets = new StaticSecretSource(config.secrets, staticBindings.map((c) => c.secret!), opts.env ?? process.env)
+  const clientSecretNames = config.credentials.flatMap((c) => (c.source === 'client_credentials' && c.oauth ? [c.oauth.client_secret] : []))
+  const secrets = new StaticSecretSource(config.secrets, [...staticBindings.map((c) => c.secret!), ...clientSecretNames], opts.env ?? process.env)
   const missing = staticBindings.filter((c) => !secrets.has(c.secret!))
   if (missing.length > 0) {
     throw new StartupError(
@@ -143,7 +145,22 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   }
   metrics.taskCount = () => tasks.size
   tasks.start()
-  const credentialSources = new CredentialSources(secrets, brokerTokens)
+  let clientCredentials: CachedTokenSource | undefined
+  if (clientSecretNames.length > 0) {
+    let issuer: ClientCredentialsIssuer
+    try {
+      issuer = new ClientCredentialsIssuer(config.credentials, (name) => secrets.secret(name), sc.broker?.timeout_ms ?? 3000)
+    } catch (err) {
+      throw new StartupError(`${(err as Error).message} (neither in env ${config.secrets.env_prefix}<NAME> nor in secrets.file)`)
+    }
+    clientCredentials = new CachedTokenSource(issuer, {
+      minRemainingMs: sc.broker?.min_remaining_ms ?? 5000,
+      now,
+      onExchange: (outcome) => metrics.tokenExchanges.inc({ outcome: `client_credentials:${outcome}` }),
+      onRefreshFailed: (reason) => log.warn({ reason }, 'client-credentials refresh failed; the current token is still valid'),
+    })
+  }
+  const credentialSources = new CredentialSources(secrets, brokerTokens, clientCredentials)
 
   const upstreamCa = sc.upstream_ca_file ? [...rootCertificates, readFileSync(sc.upstream_ca_file, 'utf8')] : undefined
   const routes = new Map(Object.entries(config.routes).map(([name, origin]) => [name, new URL(origin)]))
@@ -216,6 +233,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       await pipeline.stages.pools.close()
       tasks.close()
       await brokerTokens?.close()
+      await clientCredentials?.close()
       await audit.close()
       await new Promise<void>((resolve) => admin.close(() => resolve()))
       admin.closeAllConnections()

@@ -175,9 +175,13 @@ function semanticProblems(c: Config): ConfigProblem[] {
     }
   })
   c.credentials.forEach((b, i) => {
+    if (b.source !== 'client_credentials' && b.oauth !== undefined) problems.push({ path: `credentials[${i}].oauth`, message: 'applies only to source: client_credentials' })
     if (b.source === 'static') {
       if (!b.secret) problems.push({ path: `credentials[${i}].secret`, message: 'required when source is static' })
-      if (b.token_audience !== undefined || b.scopes !== undefined) problems.push({ path: `credentials[${i}]`, message: 'token_audience and scopes apply only to source: broker' })
+      if (b.token_audience !== undefined || b.scopes !== undefined) problems.push({ path: `credentials[${i}]`, message: 'token_audience and scopes apply only to broker and client_credentials sources' })
+    } else if (b.source === 'client_credentials') {
+      if (!b.oauth) problems.push({ path: `credentials[${i}].oauth`, message: 'required when source is client_credentials (token_url, client_id, client_secret)' })
+      if (b.secret !== undefined) problems.push({ path: `credentials[${i}].secret`, message: 'the client secret goes in oauth.client_secret' })
     } else {
       if (b.secret !== undefined) problems.push({ path: `credentials[${i}].secret`, message: 'a broker credential has no static secret' })
       if (!c.sidecar.broker) problems.push({ path: 'sidecar.broker', message: `required: credential "${b.id}" comes from the broker` })

@@ -28,13 +28,15 @@ export interface CredentialBindingConfig {
   /** Exact origin the credential may go to: scheme://host[:port]. */
   audience: string
   /** static: a secret from env/secrets.file. broker: a task-scoped token from the broker (RFC 8693). */
-  source: 'static' | 'broker'
+  source: 'static' | 'broker' | 'broker_secret' | 'client_credentials'
   /** static only: the secret's name. */
   secret?: string
   /** broker only: the `audience` asked of the broker; defaults to the origin above. */
   token_audience?: string
-  /** broker only: scopes asked for; empty asks for everything the task's user and the agent's policy allow. */
+  /** broker and client_credentials: scopes asked for; empty asks for everything allowed. */
   scopes?: string[]
+  /** client_credentials only: the external authorization server and this client's registration. */
+  oauth?: { token_url: string; client_id: string; client_secret: string; auth_method: 'client_secret_basic' | 'client_secret_post'; resource?: string }
   inject: InjectConfig
   /** Extra agent-sent headers to remove on this audience, beyond the defaults. */
   strip?: string[]
@@ -123,6 +125,8 @@ export interface BrokerConfig {
   /** Resource servers allowed to call introspection: id → environment variable holding its secret. */
   introspection_clients: Record<string, string>
   events: { jsonl?: { path: string } }
+  /** Secrets the broker lends for a task, by audience: audience → env var holding the secret. */
+  leased_secrets: Record<string, string>
 }
 
 /** audit.collector: stream every event to the collector over gRPC, through a local spool. Replaces the JSON-lines sink when set. */
@@ -305,6 +309,12 @@ const broker = {
       propertyNames: { pattern: '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' },
       additionalProperties: { type: 'string', pattern: '^[A-Z_][A-Z0-9_]*$' },
     },
+    leased_secrets: {
+      type: 'object',
+      default: {},
+      propertyNames: { minLength: 1, maxLength: 512 },
+      additionalProperties: { type: 'string', pattern: '^[A-Z_][A-Z0-9_]*$' },
+    },
     events: {
       type: 'object',
       additionalProperties: false,
@@ -453,7 +463,19 @@ export const configSchema = {
         properties: {
           id: { type: 'string', pattern: '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' },
           audience: { type: 'string', pattern: '^https?://' },
-          source: { enum: ['static', 'broker'] },
+          source: { enum: ['static', 'broker', 'broker_secret', 'client_credentials'] },
+          oauth: {
+            type: 'object',
+            additionalProperties: false,
+            required: ['token_url', 'client_id', 'client_secret'],
+            properties: {
+              token_url: { type: 'string', pattern: '^https?://[^\\s]+$' },
+              client_id: { type: 'string', minLength: 1, maxLength: 256 },
+              client_secret: { type: 'string', pattern: '^[A-Za-z0-9_.-]+$' },
+              auth_method: { enum: ['client_secret_basic', 'client_secret_post'], default: 'client_secret_basic' },
+              resource: { type: 'string', minLength: 1 },
+            },
+          },
           secret: { type: 'string', pattern: '^[A-Za-z0-9_.-]+$' },
           token_audience: { type: 'string', minLength: 1, maxLength: 512 },
           scopes: { type: 'array', uniqueItems: true, items: { type: 'string', pattern: '^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$' } },

@@ -5,7 +5,8 @@ import { Pool } from 'undici'
 import { decodeJwt } from 'jose'
 import { TOKEN_EXCHANGE_GRANT, TOKEN_TYPES } from '../../lib/oauth.js'
 import { EvidenceUnavailable, type WorkloadEvidence } from '../attest/evidence.js'
-import type { TaskRef } from '../context.js'
+import type { CredentialBinding, TaskRef } from '../context.js'
+import type { TokenIssuer } from './broker-source.js'
 
 export type ExchangeOutcome = 'refused' | 'unreachable' | 'evidence' | 'invalid_response'
 
@@ -26,7 +27,8 @@ export interface IssuedToken {
   expiresInMs: number
 }
 
-export class BrokerClient {
+export class BrokerClient implements TokenIssuer {
+  readonly needsTask = true
   private readonly pool: Pool
   private readonly path: string
 
@@ -40,7 +42,12 @@ export class BrokerClient {
     this.pool = new Pool(u.origin, { connections: 4, headersTimeout: timeoutMs, bodyTimeout: timeoutMs, connectTimeout: timeoutMs })
   }
 
-  async exchange(task: TaskRef, audience: string, scopes: readonly string[], durationS: number): Promise<IssuedToken> {
+  issue(task: TaskRef | null, binding: CredentialBinding, durationS: number): Promise<IssuedToken> {
+    if (!task) return Promise.reject(new ExchangeFailed('refused', 'a broker token needs a task'))
+    return this.exchange(task, binding.tokenAudience, binding.scopes, durationS, binding.source === 'broker_secret' ? TOKEN_TYPES.leasedSecret : TOKEN_TYPES.accessToken)
+  }
+
+  async exchange(task: TaskRef, audience: string, scopes: readonly string[], durationS: number, requestedType: string = TOKEN_TYPES.accessToken): Promise<IssuedToken> {
     let evidence: string
     try {
       evidence = await this.evidence.get()
@@ -59,7 +66,7 @@ export class BrokerClient {
     }
     form.set('audience', audience)
     if (scopes.length > 0) form.set('scope', scopes.join(' '))
-    form.set('requested_token_type', TOKEN_TYPES.accessToken)
+    form.set('requested_token_type', requestedType)
     form.set('task_id', task.id)
     form.set('task_duration', String(Math.max(1, durationS)))
 
@@ -93,15 +100,19 @@ export class BrokerClient {
     }
     const token = body.access_token
     const expiresIn = body.expires_in
-    if (typeof token !== 'string' || typeof expiresIn !== 'number' || !(expiresIn > 0) || String(body.token_type).toLowerCase() !== 'bearer') {
-      throw new ExchangeFailed('invalid_response', 'broker answered 200 without a usable bearer token')
+    // A leased secret is not an access token: RFC 8693 §2.2.1 has its token_type be N_A.
+    const wantType = requestedType === TOKEN_TYPES.leasedSecret ? 'n_a' : 'bearer'
+    if (typeof token !== 'string' || typeof expiresIn !== 'number' || !(expiresIn > 0) || String(body.token_type).toLowerCase() !== wantType || body.issued_token_type !== requestedType) {
+      throw new ExchangeFailed('invalid_response', `broker answered 200 without a usable ${requestedType === TOKEN_TYPES.leasedSecret ? 'leased secret' : 'bearer token'}`)
     }
-    let jti = 'unknown'
-    try {
-      const claims = decodeJwt(token)
-      if (typeof claims.jti === 'string') jti = claims.jti
-    } catch {
-      // An opaque token is fine to inject; it just has no jti to audit.
+    let jti = typeof body.lease_id === 'string' ? body.lease_id.slice(0, 64) : 'unknown'
+    if (requestedType !== TOKEN_TYPES.leasedSecret) {
+      try {
+        const claims = decodeJwt(token)
+        if (typeof claims.jti === 'string') jti = claims.jti
+      } catch {
+        // An opaque token is fine to inject; it just has no jti to audit.
+      }
     }
     const scope = typeof body.scope === 'string' ? body.scope : scopes.join(' ')
     return { token, jti, scopes: scope.split(' ').filter(Boolean), expiresInMs: expiresIn * 1000 }

@@ -1,4 +1,5 @@
-// Task-scoped tokens from the broker, cached in memory per (task, audience, scopes):
+// Task-scoped tokens, cached in memory per (task, audience, scopes), from any TokenIssuer (the
+// broker's RFC 8693 exchange, a broker-leased secret, OAuth client credentials):
 //  - refreshed in the background at half their remaining life (SPIRE's rotation rule), so a
 //    busy task never waits on the broker;
 //  - at most one exchange in flight per key: 1,000 concurrent first requests cause one exchange;
@@ -8,7 +9,18 @@
 import { LRUCache } from 'lru-cache'
 import type { Credential, CredentialBinding, CredentialSource, Identity, TaskRef } from '../context.js'
 import { LatchkeyError } from '../errors.js'
-import { ExchangeFailed, type BrokerClient, type ExchangeOutcome } from './broker-client.js'
+import { ExchangeFailed, type ExchangeOutcome, type IssuedToken } from './broker-client.js'
+
+/** Where a CachedTokenSource gets tokens. One interface; each provider implements it. */
+export interface TokenIssuer {
+  /** Whether a token is bound to a task (the broker's are; client credentials are the sidecar's own). */
+  readonly needsTask: boolean
+  issue(task: TaskRef | null, binding: CredentialBinding, durationS: number): Promise<IssuedToken>
+  close(): Promise<void>
+}
+
+/** A stand-in task for issuers whose tokens belong to the sidecar, not a task. */
+const NO_TASK: TaskRef = { id: '(sidecar)', expiresAt: Number.MAX_SAFE_INTEGER, userToken: null, ended: false }
 
 interface Entry {
   credential: Credential | null
@@ -25,7 +37,7 @@ export interface BrokerSourceOptions {
   onRefreshFailed?: (reason: string) => void
 }
 
-export class BrokerTokenSource implements CredentialSource {
+export class CachedTokenSource implements CredentialSource {
   private readonly cache = new LRUCache<string, Entry>({ max: 10_000 })
   private readonly keysByTask = new Map<string, Set<string>>()
   private readonly now: () => number
@@ -33,14 +45,14 @@ export class BrokerTokenSource implements CredentialSource {
   exchanges = 0
 
   constructor(
-    private readonly client: BrokerClient,
+    private readonly client: TokenIssuer,
     private readonly opts: BrokerSourceOptions,
   ) {
     this.now = opts.now ?? Date.now
   }
 
   get(binding: CredentialBinding, identity: Identity): Credential | Promise<Credential> {
-    const task = identity.task
+    const task = this.client.needsTask ? identity.task : NO_TASK
     if (!task || task.ended) {
       throw new LatchkeyError('LK_PROXY_AUTH', `credential ${binding.id} is task-scoped: name an open task in the proxy URL (POST /v1/tasks)`)
     }
@@ -65,7 +77,7 @@ export class BrokerTokenSource implements CredentialSource {
   private start(key: string, entry: Entry, task: TaskRef, binding: CredentialBinding): Promise<Credential> {
     this.exchanges++
     const durationS = Math.ceil((task.expiresAt - this.now()) / 1000)
-    const p = this.client.exchange(task, binding.tokenAudience, binding.scopes, durationS).then(
+    const p = this.client.issue(task === NO_TASK ? null : task, binding, durationS).then(
       (issued) => {
         entry.inflight = null
         this.opts.onExchange?.('granted')
@@ -123,3 +135,6 @@ export class BrokerTokenSource implements CredentialSource {
     return this.client.close()
   }
 }
+
+/** The broker's task-scoped tokens: the cache over a BrokerClient. */
+export { CachedTokenSource as BrokerTokenSource }

@@ -19,6 +19,8 @@ import { TestIssuer } from './issuer.js'
 
 export const API = 'https://api.example.com'
 export const MAIL = 'https://mail.example.com'
+/** An API that takes only a static key: the broker lends it per task. */
+export const LEGACY = 'https://legacy.example.com'
 export const USER_ISSUER = 'https://idp.example.com'
 export const K8S_ISSUER = 'https://kubernetes.default.svc.cluster.local'
 export const TRUST_DOMAIN = 'example.org'
@@ -29,7 +31,7 @@ export const TEST_REGISTRY = {
     summarizer: {
       env: 'prod',
       match: { local: true, kubernetes: { namespace: 'agents', service_account: 'summarizer' }, spiffe: { path_prefix: '/agents/summarizer' } },
-      audiences: { [API]: ['read', 'write'], [MAIL]: ['mail.send'] },
+      audiences: { [API]: ['read', 'write'], [MAIL]: ['mail.send'], [LEGACY]: [] },
       max_lifetime_s: 900,
       users: 'optional',
       may_task: ['helper'],
@@ -71,7 +73,7 @@ export interface TestBroker {
 }
 
 export async function startTestBroker(
-  opts: { registry?: unknown; store?: BrokerConfig['store']; now?: () => number; broker?: Record<string, unknown> } = {},
+  opts: { registry?: unknown; store?: BrokerConfig['store']; now?: () => number; broker?: Record<string, unknown>; env?: NodeJS.ProcessEnv } = {},
 ): Promise<TestBroker> {
   const dir = mkdtempSync(join(tmpdir(), 'lk-broker-'))
   const users = await TestIssuer.create(USER_ISSUER, 'RS256')
@@ -110,7 +112,7 @@ export async function startTestBroker(
   const adminToken = 'admin-' + Math.random().toString(36).slice(2)
   const introspectionSecret = 'introspect-' + Math.random().toString(36).slice(2)
   const broker = await startBroker(config, {
-    env: { LATCHKEY_BROKER_ADMIN_TOKEN: adminToken, LK_TEST_INTROSPECTION_SECRET: introspectionSecret },
+    env: { LATCHKEY_BROKER_ADMIN_TOKEN: adminToken, LK_TEST_INTROSPECTION_SECRET: introspectionSecret, ...opts.env },
     logger: createLogger('info', 'latchkey-broker', sink),
     ...(opts.now ? { now: opts.now } : {}),
   })

@@ -160,16 +160,17 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       onRefreshFailed: (reason) => log.warn({ reason }, 'client-credentials refresh failed; the current token is still valid'),
     })
   }
+  const callers =
+    sc.callers.identify || sc.callers.allowed_uids.length > 0 || sc.callers.allowed_executables.length > 0
+      ? new PeerProcessResolver({ allowedUids: sc.callers.allowed_uids, allowedExecutables: sc.callers.allowed_executables })
+      : undefined
   const credentialSources = new CredentialSources(secrets, brokerTokens, clientCredentials)
 
   const upstreamCa = sc.upstream_ca_file ? [...rootCertificates, readFileSync(sc.upstream_ca_file, 'utf8')] : undefined
   const routes = new Map(Object.entries(config.routes).map(([name, origin]) => [name, new URL(origin)]))
   const pipeline = new Pipeline({
     identifier: new TaskIdentifier(sc.agent_id, tasks),
-    callers:
-      sc.callers.identify || sc.callers.allowed_uids.length > 0 || sc.callers.allowed_executables.length > 0
-        ? new PeerProcessResolver({ allowedUids: sc.callers.allowed_uids, allowedExecutables: sc.callers.allowed_executables })
-        : undefined,
+    callers,
     decider: new Policy(config.policy),
     resolver: opts.resolver ?? new DnsResolver(compileNetworkPolicy(config.network), { cacheMs: config.network.dns_cache_ms }),
     bindings,
@@ -203,6 +204,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
         credentials: credentialSources,
         describe: (id) => brokerTokens?.describe(id) ?? [],
         proxyUrl: (handle) => `http://task:${handle}@${proxyBase}`,
+        checkCaller: callers ? async (req) => callers.check(await callers.resolve(req.socket)) : undefined,
       },
       req,
       res,

@@ -17,6 +17,8 @@ export interface TaskApiDeps {
   credentials: CredentialSource
   describe(taskId: string): unknown[]
   proxyUrl(handle: string): string
+  /** When callers are restricted, the task API is too: only the agent may open tasks. */
+  checkCaller?: ((req: IncomingMessage) => Promise<void>) | undefined
 }
 
 function send(res: ServerResponse, status: number, body: unknown): void {
@@ -52,6 +54,14 @@ export function handleTaskApi(d: TaskApiDeps, req: IncomingMessage, res: ServerR
 }
 
 async function route(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse, path: string): Promise<void> {
+  if (d.checkCaller) {
+    try {
+      await d.checkCaller(req)
+    } catch (err) {
+      req.resume()
+      return fail(res, 403, 'caller_denied', err instanceof LatchkeyError ? err.message : 'the calling process could not be identified')
+    }
+  }
   if (path === '/v1/tasks') {
     if (req.method !== 'POST') {
       res.setHeader('allow', 'POST')

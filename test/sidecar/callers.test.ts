@@ -55,6 +55,11 @@ t.test('only allowed executables may call', async (t) => {
   t.same(up.requests.map((r) => r.url), ['/ok'], 'the refused caller reached nothing')
   const audit = await s.audit()
   t.match(audit[1], { status: 403, error: 'LK_CALLER_DENIED' })
+  // The task API on the admin port is guarded the same way: curl may not open a task.
+  const task = await run('curl', ['-sS', '-i', '-X', 'POST', '-H', 'content-type: application/json', '-d', '{"purpose":"x","duration_s":60}', `${s.sidecar.adminUrl}/v1/tasks`], { env: env() })
+  t.match(task.stdout, /^HTTP\/1\.1 403 /)
+  t.match(task.stdout, /caller_denied/)
+  t.equal(s.sidecar.tasks.size, 0, 'no task was opened')
 })
 
 t.test('a uid allow-list that excludes the caller refuses it', async (t) => {

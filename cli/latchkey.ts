@@ -1,20 +1,19 @@
 #!/usr/bin/env node
-// The one CLI: `latchkey sidecar|up|check-config`. Each command validates its config before
-// doing anything and exits non-zero with the problem named.
+// The one CLI: `latchkey sidecar|broker|collector|up|check-config|revoke|audit`. Each command
+// validates its config before doing anything and exits non-zero with the problem named. Each
+// loads only its own process's modules (dynamic imports): a sidecar never carries the broker's
+// or the collector's code, which is memory the sidecar's RSS budget cannot spare.
 import { Command } from 'commander'
 import { loadConfigFile, ConfigError } from '../lib/config/load.js'
-import { startSidecar, StartupError } from '../proxy/sidecar.js'
-import { runUp } from './up.js'
-import { startBroker } from '../broker/broker.js'
 import { createLogger } from '../lib/log.js'
-import { revokeCommand } from './revoke.js'
 import { registerCollectorCommands } from '../collector/cli.js'
 
 const program = new Command()
 program.name('latchkey').description('Short-lived, task-scoped credentials for AI agents, injected by a localhost sidecar.')
 
 function fail(err: unknown): never {
-  if (err instanceof ConfigError || err instanceof StartupError) console.error(err.message)
+  // ConfigError, and the sidecar's StartupError (code LK_STARTUP), carry messages meant for people.
+  if (err instanceof ConfigError || (err as { code?: unknown } | null)?.code === 'LK_STARTUP') console.error((err as Error).message)
   else console.error(err instanceof Error ? (err.stack ?? err.message) : String(err))
   process.exit(1)
 }
@@ -44,6 +43,7 @@ program
   .action(async (opts: { config: string }) => {
     try {
       const config = loadConfigFile(opts.config)
+      const { startSidecar } = await import('../proxy/sidecar.js')
       const sidecar = await startSidecar(config)
       onShutdown(sidecar.close)
     } catch (err) {
@@ -59,6 +59,7 @@ program
     try {
       const config = loadConfigFile(opts.config)
       if (!config.broker) throw new ConfigError(opts.config, [{ path: 'broker', message: 'required by `latchkey broker`' }])
+      const { startBroker } = await import('../broker/broker.js')
       const broker = await startBroker(config.broker, { logger: createLogger(config.log.level, 'latchkey-broker') })
       onShutdown(broker.close)
     } catch (err) {
@@ -77,6 +78,7 @@ for (const [name, op] of [['revoke', 'revoke'], ['unrevoke', 'unrevoke']] as con
     .option('--broker <url>', 'broker base URL', process.env.LATCHKEY_BROKER_URL ?? 'http://127.0.0.1:15003')
     .option('--token-env <name>', 'environment variable holding the admin token', 'LATCHKEY_BROKER_ADMIN_TOKEN')
     .action(async (agent: string | undefined, opts: { task?: string; jti?: string; reason?: string; broker: string; tokenEnv: string }) => {
+      const { revokeCommand } = await import('./revoke.js')
       process.exitCode = await revokeCommand(op, agent, opts)
     })
 }
@@ -101,6 +103,7 @@ program
   .option('--upstream-port <port>', 'port of the demo upstream', '15080')
   .action(async (opts: { config: string; upstreamPort: string }) => {
     try {
+      const { runUp } = await import('./up.js')
       const running = await runUp(opts)
       onShutdown(running.close)
     } catch (err) {

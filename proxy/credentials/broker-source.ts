@@ -28,7 +28,12 @@ interface Entry {
   usableUntil: number
   refreshAt: number
   inflight: Promise<Credential> | null
+  /** After a failed exchange with no usable token: its error, repeated until `until`, so a burst does not hammer a sick issuer. */
+  failure: { error: LatchkeyError; until: number } | null
 }
+
+/** How long a failed exchange's answer is reused before the next attempt. */
+export const FAILURE_HOLD_MS = 500
 
 export interface BrokerSourceOptions {
   minRemainingMs: number
@@ -64,7 +69,8 @@ export class CachedTokenSource implements CredentialSource {
       return e.credential
     }
     if (e?.inflight) return e.inflight
-    const entry: Entry = e ?? { credential: null, usableUntil: 0, refreshAt: 0, inflight: null }
+    if (e?.failure && now < e.failure.until) throw e.failure.error
+    const entry: Entry = e ?? { credential: null, usableUntil: 0, refreshAt: 0, inflight: null, failure: null }
     if (!e) {
       this.cache.set(key, entry)
       let keys = this.keysByTask.get(task.id)
@@ -80,6 +86,7 @@ export class CachedTokenSource implements CredentialSource {
     const p = this.client.issue(task === NO_TASK ? null : task, binding, durationS).then(
       (issued) => {
         entry.inflight = null
+        entry.failure = null
         this.opts.onExchange?.('granted')
         if (task.ended) throw new LatchkeyError('LK_PROXY_AUTH', 'the task ended while its token was being fetched')
         const got = this.now()
@@ -97,12 +104,13 @@ export class CachedTokenSource implements CredentialSource {
         const outcome = err instanceof ExchangeFailed ? err.outcome : 'unreachable'
         const reason = err instanceof ExchangeFailed ? err.message : 'token exchange failed'
         this.opts.onExchange?.(outcome)
+        const error = new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `no token for ${binding.tokenAudience}: ${reason}`)
         if (entry.credential && this.now() < entry.usableUntil) {
           // A refresh failed but the current token is still good: retry in a second, keep serving.
           entry.refreshAt = this.now() + 1000
           this.opts.onRefreshFailed?.(reason)
-        }
-        throw new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `no token for ${binding.tokenAudience}: ${reason}`)
+        } else entry.failure = { error, until: this.now() + FAILURE_HOLD_MS }
+        throw error
       },
     )
     entry.inflight = p

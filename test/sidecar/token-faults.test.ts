@@ -60,6 +60,11 @@ t.test('broker down: 503 that says why, audited, nothing forwarded', async (t) =
   t.equal(rig.api.seen.length, 0, 'no unauthenticated forward')
   const audit = await rig.sidecar.audit()
   t.match(audit.at(-1), { status: 503, error: 'LK_CREDENTIAL_UNAVAILABLE', task: task.body.id })
+  // A burst against a dead broker does not hammer it: one failed exchange answers the burst.
+  const before = rig.sidecar.sidecar.brokerTokens!.exchanges
+  const burst = await Promise.all(Array.from({ length: 50 }, () => call(task.body.proxy_url as string, `${rig.api.origin}/b`)))
+  t.ok(burst.every((r) => r.status === 503), 'all refused')
+  t.ok(rig.sidecar.sidecar.brokerTokens!.exchanges - before <= 2, `a 50-request burst caused ${rig.sidecar.sidecar.brokerTokens!.exchanges - before} exchange attempt(s)`)
 })
 
 t.test('broker hangs: the timeout answers, not the agent\'s patience', async (t) => {

@@ -15,17 +15,14 @@ import { TaskIdentifier } from './identify/proxy-authorization.js'
 import { TaskRegistry } from './tasks/registry.js'
 import { handleTaskApi } from './tasks/api.js'
 import { CredentialSources } from './credentials/sources.js'
-import { BrokerTokenSource, CachedTokenSource } from './credentials/broker-source.js'
-import { ClientCredentialsIssuer } from './credentials/client-credentials.js'
-import { BrokerClient } from './credentials/broker-client.js'
 import type { WorkloadEvidence } from './attest/evidence.js'
-import { KubernetesTokenFile } from './attest/kubernetes-token.js'
-import { LocalKeyEvidence } from './attest/local-key.js'
-import { SpiffeWorkloadEvidence } from './attest/spiffe-workload.js'
+import { CachedTokenSource, type BrokerTokenSource } from './credentials/broker-source.js'
+import type { CollectorAuditSink } from './audit/collector-sink.js'
+// Providers, evidence and the collector stream are imported when configured (see startSidecar):
+// they bring jose and gRPC, memory a sidecar that does not use them should not carry.
 import { PeerProcessResolver } from './identify/peer-process.js'
 import { PinnedPools } from './forward/pools.js'
 import { JsonlAuditSink } from './audit/jsonl-sink.js'
-import { CollectorAuditSink } from './audit/collector-sink.js'
 import { SidecarMetrics } from './metrics.js'
 import { createListener } from './listen/server.js'
 import { createAdminServer } from './admin.js'
@@ -86,9 +83,10 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   if (cc && !collectorToken!.has(cc.token_secret)) {
     throw new StartupError(`audit.collector: secret ${cc.token_secret} is neither in env ${config.secrets.env_prefix}${cc.token_secret} nor in secrets.file`)
   }
+  const CollectorSink = cc ? (await import('./audit/collector-sink.js')).CollectorAuditSink : undefined
   const openCollectorSink = (o: ConstructorParameters<typeof CollectorAuditSink>[0]) => {
     try {
-      return new CollectorAuditSink(o)
+      return new CollectorSink!(o)
     } catch (err) {
       throw new StartupError(`audit.collector: ${(err as Error).message}`)
     }
@@ -117,7 +115,10 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     })
 
   const now = opts.now ?? Date.now
+  // jose reads the user's `sub` from a task's token (unverified: the broker verifies), only where a broker is configured.
+  const readSub = sc.broker ? (await import('jose')).decodeJwt : undefined
   const tasks = new TaskRegistry(sc.agent_id, {
+    readSub: readSub ? (token: string) => readSub(token).sub : undefined,
     maxDurationS: config.tasks.max_duration_s,
     default: config.tasks.default.enabled ? { durationS: config.tasks.default.duration_s, purpose: config.tasks.default.purpose } : undefined,
     now,
@@ -125,17 +126,19 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   let brokerTokens: BrokerTokenSource | undefined
   if (sc.broker) {
     const a = sc.attestation
+    const brokerAudience = sc.broker.url.replace(/\/$/, '')
     const evidence: WorkloadEvidence | undefined =
       opts.evidence ??
       (a.kubernetes
-        ? new KubernetesTokenFile(a.kubernetes.token_file)
+        ? new (await import('./attest/kubernetes-token.js')).KubernetesTokenFile(a.kubernetes.token_file)
         : a.spiffe
-          ? new SpiffeWorkloadEvidence(a.spiffe.socket, a.spiffe.audience ?? sc.broker.url.replace(/\/$/, ''), sc.broker.timeout_ms)
+          ? new (await import('./attest/spiffe-workload.js')).SpiffeWorkloadEvidence(a.spiffe.socket, a.spiffe.audience ?? brokerAudience, sc.broker.timeout_ms)
           : a.local
-            ? new LocalKeyEvidence(a.local.key_file, sc.agent_id, a.local.audience ?? sc.broker.url.replace(/\/$/, ''))
+            ? new (await import('./attest/local-key.js')).LocalKeyEvidence(a.local.key_file, sc.agent_id, a.local.audience ?? brokerAudience)
             : undefined)
+    const { BrokerClient } = await import('./credentials/broker-client.js')
     if (!evidence) throw new StartupError('sidecar.broker is set but no workload evidence is configured (sidecar.attestation)')
-    brokerTokens = new BrokerTokenSource(new BrokerClient(sc.broker.url, sc.broker.timeout_ms, evidence), {
+    brokerTokens = new CachedTokenSource(new BrokerClient(sc.broker.url, sc.broker.timeout_ms, evidence), {
       minRemainingMs: sc.broker.min_remaining_ms,
       now,
       onExchange: (outcome) => metrics.tokenExchanges.inc({ outcome }),
@@ -147,7 +150,8 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   tasks.start()
   let clientCredentials: CachedTokenSource | undefined
   if (clientSecretNames.length > 0) {
-    let issuer: ClientCredentialsIssuer
+    const { ClientCredentialsIssuer } = await import('./credentials/client-credentials.js')
+    let issuer: InstanceType<typeof ClientCredentialsIssuer>
     try {
       issuer = new ClientCredentialsIssuer(config.credentials, (name) => secrets.secret(name), sc.broker?.timeout_ms ?? 3000)
     } catch (err) {

@@ -3,7 +3,6 @@
 // a proxy credential: 128 random bits, never logged or audited (the task's separate ID is). Ending
 // a task, or its expiry, drops every token it held.
 import { randomBytes, randomUUID } from 'node:crypto'
-import { decodeJwt } from 'jose'
 import type { Identity, TaskRef } from '../context.js'
 
 export interface Task extends TaskRef {
@@ -38,7 +37,13 @@ export class TaskRegistry {
 
   constructor(
     private readonly agentId: string,
-    private readonly opts: { maxDurationS: number; default?: { durationS: number; purpose: string } | undefined; now?: () => number },
+    private readonly opts: {
+      maxDurationS: number
+      default?: { durationS: number; purpose: string } | undefined
+      now?: () => number
+      /** Reads a user token's `sub` for attribution (not verification); without it tasks record no user. */
+      readSub?: ((token: string) => unknown) | undefined
+    },
   ) {}
 
   private now(): number {
@@ -53,9 +58,9 @@ export class TaskRegistry {
     if (!Number.isInteger(req.durationS) || req.durationS < 1) throw new TaskError('duration_s must be a whole number of seconds, at least 1')
     if (req.durationS > this.opts.maxDurationS) throw new TaskError(`duration_s ${req.durationS} exceeds the maximum of ${this.opts.maxDurationS}`)
     let userSub: string | null = null
-    if (req.userToken) {
+    if (req.userToken && this.opts.readSub) {
       try {
-        const sub = decodeJwt(req.userToken).sub
+        const sub = this.opts.readSub(req.userToken)
         userSub = typeof sub === 'string' ? sub.slice(0, 256) : null
       } catch {
         throw new TaskError('user_token is not a JWT')

@@ -6,7 +6,6 @@
 import { Command } from 'commander'
 import { loadConfigFile, ConfigError } from '../lib/config/load.js'
 import { createLogger } from '../lib/log.js'
-import { registerCollectorCommands } from '../collector/cli.js'
 
 const program = new Command()
 program.name('latchkey').description('Short-lived, task-scoped credentials for AI agents, injected by a localhost sidecar.')
@@ -111,6 +110,9 @@ program
     }
   })
 
-registerCollectorCommands(program, onShutdown)
+// The collector's commands (collector, audit) bring its stores and gRPC server; a process started
+// for another command does not load them.
+const OWN_COMMANDS = new Set(['sidecar', 'broker', 'up', 'check-config', 'revoke', 'unrevoke'])
+if (!OWN_COMMANDS.has(process.argv[2] ?? '')) (await import('../collector/cli.js')).registerCollectorCommands(program, onShutdown)
 
 await program.parseAsync(process.argv)

@@ -183,3 +183,14 @@ t.test('a verified user token is reused only while it is valid', async (t) => {
   t.equal(later.status, 400)
   t.equal(later.body.error_description, 'subject_token: expired')
 })
+
+t.test('EdDSA signing keys work end to end', async (t) => {
+  const b = await startTestBroker({ broker: { keys: { alg: 'EdDSA' } } })
+  t.teardown(b.close)
+  const res = await b.exchange(delegatedRequest(await b.userToken('h', 'read'), await b.attest('agent:summarizer:prod:ed')))
+  t.equal(res.status, 200, why(res))
+  const jwks = (await (await fetch(`${b.url}/.well-known/jwks.json`)).json()) as { keys: Record<string, unknown>[] }
+  t.match(jwks.keys[0], { kty: 'OKP', crv: 'Ed25519', alg: 'EdDSA' })
+  const { protectedHeader } = await jwtVerify(res.body.access_token as string, createRemoteJWKSet(new URL(`${b.issuer}/.well-known/jwks.json`)), { audience: API })
+  t.equal(protectedHeader.alg, 'EdDSA')
+})

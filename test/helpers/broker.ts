@@ -100,6 +100,7 @@ export async function startTestBroker(
       store: opts.store ?? { sqlite: { path: join(dir, 'broker.db') } },
       introspection_clients: { 'api-server': 'LK_TEST_INTROSPECTION_SECRET' },
       ...opts.broker,
+      keys: { dir: join(dir, 'keys'), ...((opts.broker?.keys as object | undefined) ?? {}) },
     },
   }).broker!
   let logText = ''

@@ -8,6 +8,7 @@ import { AuditIngestServiceService } from '../protos/gen/latchkey/v1/audit.js'
 import { createLogger, type Logger } from '../lib/log.js'
 import type { CollectorConfig, StoreConfig } from './config.js'
 import { IngestService } from './ingest.js'
+import { decodeIngestRequest } from './wire.js'
 import { createQueryServer } from './http.js'
 import type { AuditStore, StoredEvent } from './store/types.js'
 import { SqliteAuditStore } from './store/sqlite.js'
@@ -15,7 +16,7 @@ import { PostgresAuditStore } from './store/postgres.js'
 import { JetStreamFanOut } from './fanout.js'
 
 export function openStore(c: StoreConfig): AuditStore {
-  return c.kind === 'sqlite' ? new SqliteAuditStore(c.path) : new PostgresAuditStore({ url: c.url, schema: c.schema, poolSize: c.pool_size })
+  return c.kind === 'sqlite' ? new SqliteAuditStore(c.path) : new PostgresAuditStore({ url: c.url, schema: c.schema, poolSize: c.pool_size, writerRole: c.writer_role, migrate: c.migrate })
 }
 
 export interface FanOut {
@@ -48,7 +49,8 @@ export async function startCollector(config: CollectorConfig, opts: CollectorOpt
   const ingest = new IngestService(store, c.sidecars, log, fanOut ? (events) => fanOut.publish(events) : undefined)
 
   const grpc = new Server({ 'grpc.max_receive_message_length': c.grpc.max_batch_bytes })
-  grpc.addService(AuditIngestServiceService, ingest.implementation())
+  // Requests decoded by collector/wire.ts: each event's bytes are stored as received.
+  grpc.addService({ ingest: { ...AuditIngestServiceService.ingest, requestDeserialize: decodeIngestRequest } }, ingest.implementation())
   const grpcPort = await new Promise<number>((resolve, reject) =>
     grpc.bindAsync(`${c.grpc.host.includes(':') ? `[${c.grpc.host}]` : c.grpc.host}:${c.grpc.port}`, ServerCredentials.createInsecure(), (err, port) =>
       err ? reject(new Error(`collector gRPC listen on ${c.grpc.host}:${c.grpc.port} failed: ${err.message}`)) : resolve(port),

@@ -11,7 +11,9 @@ export interface SidecarCredential {
   token_sha256: string
 }
 
-export type StoreConfig = { kind: 'sqlite'; path: string } | { kind: 'postgres'; url: string; schema: string; pool_size: number }
+export type StoreConfig =
+  | { kind: 'sqlite'; path: string }
+  | { kind: 'postgres'; url: string; schema: string; pool_size: number; writer_role?: string; migrate: boolean }
 
 export interface NatsConfig {
   servers: string[]
@@ -72,6 +74,8 @@ const schema = {
                 url: { type: 'string', minLength: 1 },
                 schema: { type: 'string', pattern: '^[a-z_][a-z0-9_]{0,62}$', default: 'latchkey' },
                 pool_size: { type: 'integer', minimum: 1, default: 4 },
+                writer_role: { type: 'string', pattern: '^[a-z_][a-z0-9_]{0,62}$' },
+                migrate: { type: 'boolean', default: true },
               },
             },
           ],
@@ -132,6 +136,14 @@ export function validateCollectorConfig(raw: unknown, source = '<collector confi
     throw new ConfigError(source, problems)
   }
   const c = raw as unknown as CollectorConfig
+  // ajv does not apply defaults inside oneOf branches: the store's are filled here.
+  const st = c.collector.store as { kind: string; path?: string; schema?: string; pool_size?: number }
+  if (st.kind === 'sqlite') st.path ??= 'latchkey-audit.db'
+  else {
+    st.schema ??= 'latchkey'
+    st.pool_size ??= 4
+    ;(st as { migrate?: boolean }).migrate ??= true
+  }
   const ids = new Set<string>()
   const problems: ConfigProblem[] = []
   c.collector.sidecars.forEach((s, i) => {

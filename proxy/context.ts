@@ -167,6 +167,12 @@ export interface AuditEvent {
 export interface AuditSink {
   /** Must not block or throw: the request path calls it. */
   write(event: AuditEvent): void
+  /**
+   * When true, a forwarded call is recorded (write() called) before the response's last bytes are
+   * written, so a sink whose write() persists synchronously has the event before the agent has the
+   * response. Default (false): the response goes first and the call is recorded right after.
+   */
+  readonly recordBeforeResponse?: boolean
   /** When present and false, the pipeline refuses new egress (503 LK_AUDIT_UNAVAILABLE): the sink cannot keep more. */
   accepting?(): boolean
   /** Persist everything written so far. */

@@ -163,10 +163,19 @@ export class Pipeline {
     // Policy has spoken; only now may the agent send its body.
     if (expectContinue) res.writeContinue()
     const pool = this.stages.pools.get(target, ctx.resolved!)
-    forward(pool, ctx, req, res, target.path + target.search, headers, (err) => {
-      if (err) this.refuse(ctx, res, err)
-      else this.finish(ctx)
-    })
+    forward(
+      pool,
+      ctx,
+      req,
+      res,
+      target.path + target.search,
+      headers,
+      (err) => {
+        if (err) this.refuse(ctx, res, err)
+        else this.finish(ctx)
+      },
+      this.stages.audit.recordBeforeResponse === true,
+    )
   }
 
   /** Records a refusal on the call's context; returns it as a LatchkeyError. */

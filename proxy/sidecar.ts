@@ -169,6 +169,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       ? new PeerProcessResolver({ allowedUids: sc.callers.allowed_uids, allowedExecutables: sc.callers.allowed_executables })
       : undefined
   const credentialSources = new CredentialSources(secrets, brokerTokens, clientCredentials)
+  if (CollectorSink && audit instanceof CollectorSink) (await import('./audit/collector-metrics.js')).registerCollectorSinkMetrics(metrics.registry, audit)
 
   const upstreamCa = sc.upstream_ca_file ? [...rootCertificates, readFileSync(sc.upstream_ca_file, 'utf8')] : undefined
   const routes = new Map(Object.entries(config.routes).map(([name, origin]) => [name, new URL(origin)]))

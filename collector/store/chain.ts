@@ -19,6 +19,7 @@ export function linkHash(sidecar: string, position: number, sequence: number, pr
 
 /** The columns a store indexes, derived from the event; verify re-derives and compares them. */
 export interface Row {
+  event: AuditEvent
   sequence: number
   position: number
   id: string
@@ -72,12 +73,15 @@ export function chainRows(sidecar: string, events: SequencedEvent[], headPositio
   const rows: Row[] = []
   let prev = headHash
   let position = headPosition
-  for (const { sequence, event } of events) {
-    const ev = event!
-    const payload = Buffer.from(AuditEvent.encode(ev).finish())
+  for (const e of events as Array<SequencedEvent & { raw?: Uint8Array }>) {
+    const { sequence, raw } = e
+    const ev = e.event!
+    // The bytes as received when the ingest kept them (collector/wire.ts); else encoded here.
+    const payload = raw ? Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength) : Buffer.from(AuditEvent.encode(ev).finish())
     position++
     const hash = linkHash(sidecar, position, sequence, prev, payload)
     rows.push({
+      event: ev,
       sequence,
       position,
       id: ev.id,
@@ -95,6 +99,11 @@ export function chainRows(sidecar: string, events: SequencedEvent[], headPositio
     prev = hash
   }
   return rows
+}
+
+/** A just-stored row as a StoredEvent (no decode: the row holds the event). */
+export function rowToStored(sidecar: string, r: Row): StoredEvent {
+  return { sidecar, sequence: r.sequence, position: r.position, event: r.event, hash: r.hash.toString('hex') }
 }
 
 export function toStored(sidecar: string, r: { sequence: number; position: number; payload: Uint8Array; hash: Uint8Array }): StoredEvent {

@@ -5,7 +5,7 @@
 // sidecar's chain stays linear whichever replica its stream lands on.
 import pg from 'pg'
 import { Action, type SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
-import { GENESIS, chainRows, newEvents, toStored } from './chain.js'
+import { GENESIS, chainRows, newEvents, rowToStored, toStored } from './chain.js'
 import { verifyRows, type DbRow } from './sqlite.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
 import { StoreError } from './types.js'
@@ -16,6 +16,13 @@ export interface PostgresStoreOptions {
   /** Schema holding the tables; created if missing. */
   schema?: string
   poolSize?: number
+  /**
+   * A role to grant exactly SELECT and INSERT on the events table (and nothing else): run the
+   * collector as that role and even a compromised collector cannot alter, delete or un-trigger.
+   */
+  writerRole?: string
+  /** Create or update the schema on start (default). False for a role that may only write. */
+  migrate?: boolean
 }
 
 const DENIED = `(${Action.ACTION_DENY}, ${Action.ACTION_REPORT})`
@@ -39,11 +46,23 @@ export class PostgresAuditStore implements AuditStore {
     this.pool = new pg.Pool({ connectionString: opts.url, max: opts.poolSize ?? 4 })
     // An idle client's connection error must not crash the collector; the next query reports it.
     this.pool.on('error', () => {})
+    // Nor may a checked-out client's (the query in flight rejects with it instead).
+    this.pool.on('connect', (client) => client.on('error', () => {}))
+    this.writerRole = opts.writerRole ?? null
+    this.migrate = opts.migrate ?? true
     this.ready = this.init(s)
     this.ready.catch(() => {})
   }
 
+  private readonly writerRole: string | null
+  private readonly migrate: boolean
+
   private async init(s: string): Promise<void> {
+    if (!this.migrate) {
+      // Only check the table is there and readable; the schema is someone else's to create.
+      await this.pool.query(`SELECT 1 FROM ${this.t} LIMIT 1`)
+      return
+    }
     const c = await this.pool.connect()
     try {
       await c.query('BEGIN')
@@ -78,6 +97,12 @@ export class PostgresAuditStore implements AuditStore {
       await c.query(`CREATE OR REPLACE TRIGGER audit_events_no_change BEFORE UPDATE OR DELETE ON ${this.t} FOR EACH ROW EXECUTE FUNCTION ${s}.audit_events_refuse()`)
       await c.query(`CREATE OR REPLACE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON ${this.t} FOR EACH STATEMENT EXECUTE FUNCTION ${s}.audit_events_refuse()`)
       await c.query(`REVOKE UPDATE, DELETE, TRUNCATE ON ${this.t} FROM PUBLIC`)
+      if (this.writerRole) {
+        const w = ident(this.writerRole)
+        await c.query(`GRANT USAGE ON SCHEMA ${s} TO ${w}`)
+        await c.query(`REVOKE ALL ON ${this.t} FROM ${w}`)
+        await c.query(`GRANT SELECT, INSERT ON ${this.t} TO ${w}`)
+      }
       await c.query('COMMIT')
     } catch (err) {
       await c.query('ROLLBACK').catch(() => {})
@@ -144,18 +169,20 @@ export class PostgresAuditStore implements AuditStore {
         )
       }
       await c.query('COMMIT')
+      c.release()
       return {
         stored: rows.length,
         duplicates: events.length - rows.length,
         highest: seqs.reduce((a, b) => Math.max(a, b), 0),
-        events: rows.map((r) => toStored(sidecar, r)),
+        events: rows.map((r) => rowToStored(sidecar, r)),
       }
     } catch (err) {
-      await c.query('ROLLBACK').catch(() => {})
+      let broken = false
+      await c.query('ROLLBACK').catch(() => (broken = true))
+      // A connection that failed is destroyed rather than handed to the next append.
+      c.release(broken ? true : undefined)
       if (err instanceof StoreError) throw err
       throw new StoreError('LK_STORE_UNAVAILABLE', `postgres append failed: ${(err as Error).message}`)
-    } finally {
-      c.release()
     }
   }
 

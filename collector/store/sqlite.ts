@@ -3,7 +3,7 @@
 // refuse UPDATE and DELETE on the events table.
 import Database from 'better-sqlite3'
 import type { SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
-import { ChainVerifier, GENESIS, chainRows, isDenied, newEvents, toStored } from './chain.js'
+import { ChainVerifier, GENESIS, chainRows, isDenied, newEvents, rowToStored, toStored } from './chain.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
 import { StoreError } from './types.js'
 import { Action } from '../../protos/gen/latchkey/v1/audit.js'
@@ -84,7 +84,7 @@ export class SqliteAuditStore implements AuditStore {
         stored: rows.length,
         duplicates: events.length - rows.length,
         highest: hi,
-        events: rows.map((r) => toStored(sidecar, r)),
+        events: rows.map((r) => rowToStored(sidecar, r)),
       }
     })
   }

@@ -1,7 +1,10 @@
 // The AuditSink that gets every call to the collector, losing none:
-//   write():  pushes the event to memory (the request path stops here) and queues a microtask;
-//   persist:  the microtask encodes the task's events and appends them to the spool in one
-//             write(2), before the event loop runs anything else (so before any other I/O);
+//   write():  encodes the event and appends it to the spool with one write(2), synchronously;
+//             with recordBeforeResponse the pipeline calls it before the response's last bytes
+//             are written, so when the agent has the response the event is in the kernel and a
+//             SIGKILL of the sidecar cannot lose it (a power loss can: sync() is on flush/close).
+//             Tried first and rejected: appending from a microtask after the response was sent;
+//             one run of the SIGKILL test (test/collector/faults-sidecar.test.ts) lost a completed call.
 //   sender:   one gRPC Ingest stream to the collector, reading the spool in order, a few
 //             batches in flight; each ack deletes the segments it fully covers. On any stream
 //             error it reconnects with exponential backoff and replays from the oldest
@@ -42,6 +45,7 @@ export interface CollectorSinkStats {
 }
 
 const WINDOW = 4
+const LINGER_MS = 20
 const BATCH_BYTES = 1024 * 1024
 
 /** The request message written by hand from spooled bytes: no decode/re-encode per event. */
@@ -87,7 +91,6 @@ export class CollectorAuditSink implements AuditSink {
   readonly spool: Spool
   readonly stats: CollectorSinkStats = { spooled: 0, acked: 0, dropped: 0, overLimit: 0, batches: 0, reconnects: 0 }
   private pending: AuditEvent[] = []
-  private scheduled = false
   private closed = false
   private full = false
   private readonly client: InstanceType<typeof RawIngestClient>
@@ -96,10 +99,14 @@ export class CollectorAuditSink implements AuditSink {
   private inflight = 0
   private attempt = 0
   private retryTimer: NodeJS.Timeout | null = null
+  private pumpTimer: NodeJS.Timeout | null = null
   private readonly ackWaiters: Array<{ seq: number; resolve: () => void }> = []
   private readonly sidecarField: Uint8Array
 
   constructor(private readonly o: CollectorSinkOptions) {
+    if (o.maxBytes < 2 * o.segmentBytes) {
+      throw new Error(`spool_max_bytes (${o.maxBytes}) must be at least twice segment_bytes (${o.segmentBytes}): acked segments are deleted only once a newer one exists`)
+    }
     this.spool = new Spool(o.spoolDir, o.sidecarId, o.segmentBytes)
     const r = this.spool.recovery
     if (r.records > 0 || r.tornBytes > 0 || r.corruptBytes > 0) {
@@ -116,13 +123,16 @@ export class CollectorAuditSink implements AuditSink {
     this.o.onLog?.(level, fields, msg)
   }
 
+  readonly recordBeforeResponse = true
+
   write(event: AuditEvent): void {
     if (this.closed) return
     this.pending.push(event)
-    if (!this.scheduled) {
-      this.scheduled = true
-      queueMicrotask(() => this.persist())
-    }
+    this.persist()
+  }
+
+  get isFull(): boolean {
+    return this.full
   }
 
   /** False while the spool is full and the configured choice is to refuse new egress. */
@@ -140,7 +150,6 @@ export class CollectorAuditSink implements AuditSink {
   }
 
   private persist(): void {
-    this.scheduled = false
     let events = this.pending
     if (events.length === 0) return
     this.pending = []
@@ -162,7 +171,16 @@ export class CollectorAuditSink implements AuditSink {
     }
     events = []
     this.updateFull()
-    this.pump()
+    this.schedulePump()
+  }
+
+  /** Sending is off the request path: at most one pump per linger window, batching what arrived. */
+  private schedulePump(): void {
+    if (this.pumpTimer || !this.call) return
+    this.pumpTimer = setTimeout(() => {
+      this.pumpTimer = null
+      this.pump()
+    }, LINGER_MS)
   }
 
   private connect(): void {
@@ -269,6 +287,7 @@ export class CollectorAuditSink implements AuditSink {
     if (!delivered) this.log('warn', { unacked: last - this.stats.acked, dir: this.o.spoolDir }, 'audit events left in the spool for the next start')
     this.closed = true
     if (this.retryTimer) clearTimeout(this.retryTimer)
+    if (this.pumpTimer) clearTimeout(this.pumpTimer)
     this.call?.end()
     this.call?.cancel()
     this.call = null

@@ -80,6 +80,8 @@ export class Spool {
   private nextSeq = 1
   readonly recovery: RecoveryReport = { segments: 0, records: 0, tornBytes: 0, corruptBytes: 0 }
   private buf = Buffer.allocUnsafe(256 * 1024)
+  /** The reader's open segment (the sender reads forward through one segment at a time). */
+  private reader: { first: number; fd: number } | null = null
 
   constructor(
     readonly dir: string,
@@ -223,8 +225,12 @@ export class Spool {
       if (seg.first > segment) offset = 0
       segment = seg.first
       if (offset >= seg.size) continue
-      const fd = openSync(seg.path, 'r')
-      try {
+      if (this.reader?.first !== seg.first) {
+        this.closeReader()
+        this.reader = { first: seg.first, fd: openSync(seg.path, 'r') }
+      }
+      const fd = this.reader.fd
+      {
         while (offset < seg.size && records.length < maxRecords && bytes < maxBytes) {
           const hole = seg.holes.get(offset)
           if (hole !== undefined) {
@@ -266,22 +272,28 @@ export class Spool {
           }
           offset += at
         }
-      } finally {
-        closeSync(fd)
       }
       if (records.length >= maxRecords || bytes >= maxBytes) break
     }
     return { records, cursor: { segment, offset } }
   }
 
-  /** Deletes every segment whose records are all acknowledged (the newest is rotated first). */
+  private closeReader(): void {
+    if (this.reader) closeSync(this.reader.fd)
+    this.reader = null
+  }
+
+  /**
+   * Deletes every older segment whose records are all acknowledged. The newest segment is not
+   * rotated early: a file created and deleted per ack measurably cost the sidecar CPU under load;
+   * its acked records are resent after a restart and deduplicated by the collector.
+   */
   acknowledge(upTo: number): number {
-    const newest = this.segments[this.segments.length - 1]!
-    if (newest.size > 0 && newest.last <= upTo) this.rotate()
     let removed = 0
     while (this.segments.length > 1) {
       const s = this.segments[0]!
       if (s.size > 0 && s.last > upTo) break
+      if (this.reader?.first === s.first) this.closeReader()
       rmSync(s.path, { force: true })
       this.segments.shift()
       removed++
@@ -290,6 +302,7 @@ export class Spool {
   }
 
   close(): void {
+    this.closeReader()
     if (this.fd >= 0) {
       fdatasyncSync(this.fd)
       closeSync(this.fd)

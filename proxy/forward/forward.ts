@@ -18,6 +18,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     private readonly ctx: CallContext,
     private readonly res: ServerResponse,
     private readonly done: ForwardDone,
+    /** Report (and so audit) before the response's last bytes are written: see AuditSink.recordBeforeResponse. */
+    private readonly recordFirst = false,
   ) {
     res.once('close', () => {
       // The agent went away mid-response: stop the upstream too.
@@ -52,10 +54,11 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
 
   onResponseEnd(): void {
     this.finished = true
+    if (this.recordFirst) this.done(null)
     this.res.end()
     // Send the response now; the bookkeeping in `done` must not hold it back until the next tick.
     this.res.uncork()
-    this.done(null)
+    if (!this.recordFirst) this.done(null)
   }
 
   onResponseError(_c: Dispatcher.DispatchController, err: Error): void {
@@ -109,6 +112,7 @@ export function forward(
   path: string,
   headers: OutboundHeaders,
   done: ForwardDone,
+  recordFirst = false,
 ): void {
   const contentLength = req.headers['content-length']
   let body: IncomingMessage | AsyncIterable<Buffer> | null = null
@@ -131,6 +135,6 @@ export function forward(
       // An agent's request is never replayed behind its back.
       idempotent: false,
     },
-    new ResponseRelay(ctx, res, done),
+    new ResponseRelay(ctx, res, done, recordFirst),
   )
 }

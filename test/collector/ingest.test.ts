@@ -113,3 +113,41 @@ t.test('a malformed batch is refused as INVALID_ARGUMENT naming the event', asyn
   t.equal(r.error?.code, status.INVALID_ARGUMENT)
   t.match(r.error?.details, /sequence 0 is not a positive integer/)
 })
+
+t.test('no ack before the commit: a slow store holds the ack back', async (t) => {
+  const { SqliteAuditStore } = await import('../../collector/store/sqlite.js')
+  const { mkdtempSync } = await import('node:fs')
+  const { tmpdir } = await import('node:os')
+  const { join } = await import('node:path')
+  const real = new SqliteAuditStore(join(mkdtempSync(join(tmpdir(), 'lk-slow-')), 'a.db'))
+  const committed: Array<[number, number]> = []
+  // The real store, with each commit made to wait 150 ms (the fault: a slow disk or database).
+  const slow = Object.assign(Object.create(real) as typeof real, {
+    append: async (sidecar: string, events: Parameters<typeof real.append>[1]) => {
+      await new Promise((r) => setTimeout(r, 150))
+      const r = await real.append(sidecar, events)
+      committed.push([r.highest, performance.now()])
+      return r
+    },
+  })
+  const s = sidecarIdentity()
+  const c = await startTestCollector([s], { store: slow })
+  t.teardown(async () => {
+    await c.close()
+    await real.close()
+  })
+  const client = ingestClient(c.grpcAddress)
+  t.teardown(() => client.close())
+  const call = client.ingest(authMetadata(s))
+  const acked: Array<[number, number]> = []
+  call.on('data', (a: IngestResponse) => acked.push([a.ackedSequence, performance.now()]))
+  const sent = performance.now()
+  call.write({ sidecarId: s.id, events: seqEvents(1, 10) })
+  call.write({ sidecarId: s.id, events: seqEvents(11, 20) })
+  call.end()
+  await once(call, 'status')
+  t.same(acked.map((a) => a[0]), [10, 20])
+  t.same(committed.map((c) => c[0]), [10, 20])
+  for (let i = 0; i < 2; i++) t.ok(acked[i]![1] >= committed[i]![1], `ack ${acked[i]![0]} arrived after its commit`)
+  t.ok(acked[1]![1] - sent >= 300, 'the second batch waited for the first: one batch at a time per stream')
+})

@@ -121,6 +121,11 @@ t.test('full spool, on_full drop: keeps serving and counts the drops, and says s
   t.ok(s.sink.stats.dropped > 0, `dropped ${s.sink.stats.dropped}`)
   t.equal(s.sink.stats.spooled + s.sink.stats.dropped, 600, 'every event is either spooled or counted as dropped')
   t.match(s.logs.join(''), /audit spool full: dropping audit events \(counted\)/)
+  const { request } = await import('undici')
+  const metrics = await (await request(`${s.sidecar.adminUrl}/metrics`)).body.text()
+  t.match(metrics, new RegExp(`^latchkey_audit_events_dropped_total ${s.sink.stats.dropped}$`, 'm'), 'the metric says so')
+  t.match(metrics, /^latchkey_audit_spool_full 1$/m)
+  t.match(metrics, /^latchkey_audit_unacked_events [1-9]\d*$/m)
   await s.close()
 })
 

@@ -45,12 +45,20 @@ t.test('acknowledged segments are deleted, and the sequence still survives a res
   t.same(all(s)[0]![0] <= 21 && all(s)[0]![0] > 0, true)
   t.ok(all(s).some((r) => r[0] === 21), 'nothing unacked was deleted')
   s.acknowledge(40)
-  t.same(all(s), [])
-  t.equal(segs(d).length, 1, 'only the newest (empty) segment is left')
+  t.same(all(s, 40), [], 'nothing unacked is left')
+  t.equal(segs(d).length, 1, 'only the newest segment is left (it is not rotated early)')
   s.close()
   const again = new Spool(d, 'sc', 256)
-  t.equal(again.next, 41, 'sequence continues from the segment name: no reuse after a full ack')
+  t.equal(again.next, 41, 'the sequence continues after a restart')
+  again.acknowledge(40)
+  again.append(1, payload)
+  again.append(200, payload) // fills and rotates past the acked segment
+  again.acknowledge(again.lastSeq)
+  t.equal(segs(d).length, 1, 'the acked segment went once a newer one existed')
   again.close()
+  const third = new Spool(d, 'sc', 256)
+  t.equal(third.next, 242, 'and a fully acked, rotated spool still continues its sequence')
+  third.close()
 })
 
 t.test('a torn last record is cut off; every record before it is kept', async (t) => {

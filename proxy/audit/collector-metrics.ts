@@ -1,0 +1,33 @@
+// The collector sink's state on the sidecar's /metrics, read at scrape time.
+import { Counter, Gauge, type Registry } from 'prom-client'
+import type { CollectorAuditSink } from './collector-sink.js'
+
+export function registerCollectorSinkMetrics(registry: Registry, sink: CollectorAuditSink): void {
+  const dropped = new Counter({
+    name: 'latchkey_audit_events_dropped_total',
+    help: 'Audit events not kept: spool full with on_full: drop, or a spool write failed',
+    registers: [registry],
+    collect: () => {
+      dropped.reset()
+      dropped.inc(sink.stats.dropped)
+    },
+  })
+  const spooled = new Counter({
+    name: 'latchkey_audit_events_spooled_total',
+    help: 'Audit events appended to the local spool',
+    registers: [registry],
+    collect: () => {
+      spooled.reset()
+      spooled.inc(sink.stats.spooled)
+    },
+  })
+  const gauges: Array<[string, string, () => number]> = [
+    ['latchkey_audit_unacked_events', 'Spooled audit events the collector has not acknowledged yet', () => sink.spool.lastSeq - sink.stats.acked],
+    ['latchkey_audit_spool_bytes', 'Bytes held in the audit spool', () => sink.spool.bytes],
+    ['latchkey_audit_spool_full', '1 while the audit spool is full (egress refused, or events dropped, per on_full)', () => (sink.isFull ? 1 : 0)],
+    ['latchkey_audit_spool_damaged_bytes', 'Bytes skipped when the spool was recovered because records failed their checksum', () => sink.spool.recovery.corruptBytes],
+  ]
+  for (const [name, help, read] of gauges) {
+    const g: Gauge = new Gauge({ name, help, registers: [registry], collect: () => g.set(read()) })
+  }
+}

@@ -1,0 +1,26 @@
+// The collector's config file: the example validates, and every mistake is named by its path.
+import t from 'tap'
+import { loadCollectorConfig, validateCollectorConfig } from '../../collector/config.js'
+
+const hash = 'a'.repeat(64)
+
+t.test('the example config is valid and gets its defaults', async (t) => {
+  const c = loadCollectorConfig('deploy/examples/collector.yaml')
+  t.same(c.collector.store, { kind: 'sqlite', path: 'latchkey-audit.db' })
+  t.same(c.collector.grpc, { host: '127.0.0.1', port: 15100, max_batch_bytes: 8 * 1024 * 1024 })
+  t.equal(c.collector.nats, null)
+  const pg = validateCollectorConfig({ version: 1, collector: { store: { kind: 'postgres', url: 'postgres://x@h/db' }, sidecars: [] } })
+  t.same(pg.collector.store, { kind: 'postgres', url: 'postgres://x@h/db', schema: 'latchkey', pool_size: 4, migrate: true })
+  t.same(pg.collector.http, { host: '127.0.0.1', port: 15101 })
+  t.same(validateCollectorConfig({ version: 1, collector: { sidecars: [] } }).collector.store, { kind: 'sqlite', path: 'latchkey-audit.db' })
+})
+
+t.test('mistakes are named by path', async (t) => {
+  const bad = (collector: Record<string, unknown>) => () => validateCollectorConfig({ version: 1, collector }, 'c.yaml')
+  t.throws(bad({ sidecars: [], bogus: 1 }), { code: 'LK_CONFIG_INVALID', message: /collector\.bogus: unknown key/ })
+  t.throws(bad({ sidecars: [{ id: 's', token_sha256: 'my-plain-token' }] }), { message: /collector\.sidecars\[0\]\.token_sha256: must be the hex SHA-256 of the token/ })
+  t.throws(bad({ sidecars: [{ id: 's', token_sha256: hash }, { id: 's', token_sha256: hash }] }), { message: /collector\.sidecars\[1\]\.id: duplicate sidecar id "s"/ })
+  t.throws(bad({ sidecars: [], store: { kind: 'postgres' } }), { message: /collector\.store: missing required key "url"/ })
+  t.throws(bad({}), { message: /collector: missing required key "sidecars"/ })
+  t.throws(() => loadCollectorConfig('/nonexistent/collector.yaml'), { message: /cannot read file: ENOENT/ })
+})

@@ -1,0 +1,151 @@
+// Faults on the collector side, with a real sidecar under load: the collector SIGKILLed and
+// restarted, the database unreachable for a while, duplicate and out-of-order batches. After each:
+// the set of events at the store equals the set of calls made, and every chain verifies.
+import t, { type Test } from 'tap'
+import { join } from 'node:path'
+import { once } from 'node:events'
+import { createServer, connect, type Socket, type Server, type AddressInfo } from 'node:net'
+import { startUpstream } from '../helpers/harness.js'
+import { SqliteAuditStore } from '../../collector/store/sqlite.js'
+import { PostgresAuditStore } from '../../collector/store/postgres.js'
+import type { IngestResponse } from '../../protos/gen/latchkey/v1/audit.js'
+import { authMetadata, ingestClient, sha256hex, sidecarIdentity, startTestCollector } from './collector-helpers.js'
+import { freePort, startCollectedSidecar } from './sidecar-helpers.js'
+import { loadGenerator, startChild, writeYaml } from './process-helpers.js'
+import { PG_URL, seqEvents, uniqueSchema } from './events.js'
+
+const AGENT = 'agent:summarizer:test:a1'
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+
+async function pathsIn(store: { eventsByAgent: SqliteAuditStore['eventsByAgent'] }): Promise<string[]> {
+  return (await store.eventsByAgent({ agent: AGENT, since: new Date(0), limit: 1_000_000 })).map((e) => e.event.call?.path ?? '')
+}
+
+function sameSet(t: Test, at: string[], made: string[], what: string): void {
+  const dupes = at.filter((p, i) => at.indexOf(p) !== i)
+  t.same(dupes, [], `${what}: no event stored twice`)
+  const atSet = new Set(at)
+  t.same(made.filter((p) => !atSet.has(p)), [], `${what}: every completed call is at the store`)
+  t.same(at.length, made.length, `${what}: nothing at the store that was not a call (${at.length} vs ${made.length})`)
+}
+
+t.test('collector SIGKILLed and restarted during load: nothing lost, nothing doubled', async (t) => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const id = sidecarIdentity()
+  const dir = (await import('node:fs')).mkdtempSync(join((await import('node:os')).tmpdir(), 'lk-fault-'))
+  const port = await freePort()
+  const db = join(dir, 'audit.db')
+  const cfg = writeYaml(join(dir, 'collector.yaml'), {
+    version: 1,
+    collector: { grpc: { host: '127.0.0.1', port }, http: null, store: { kind: 'sqlite', path: db }, sidecars: [{ id: id.id, token_sha256: sha256hex(id.token) }] },
+  })
+  let collector = await startChild(['collector', '-c', cfg], /collector listening/)
+  t.teardown(() => collector.kill())
+  const s = await startCollectedSidecar({ id, collector: `127.0.0.1:${port}`, upstreamPort: upstream.port })
+  const load = loadGenerator(() => s.sidecar.proxyUrl, upstream.origin, '/kill')
+  await sleep(1000)
+  await collector.kill('SIGKILL')
+  const atKill = s.sink.stats.acked
+  await sleep(800)
+  collector = await startChild(['collector', '-c', cfg], /collector listening/)
+  await sleep(1000)
+  await load.stop()
+  t.ok(load.ok.length > 200, `${load.ok.length} calls made`)
+  t.ok(atKill > 0, `acked ${atKill} before the kill`)
+  t.ok(await s.sink.waitForAck(s.sink.spool.lastSeq, 15_000), 'everything acked after the restart')
+  await s.close()
+  await collector.kill('SIGTERM')
+  const store = new SqliteAuditStore(db)
+  t.teardown(() => store.close())
+  sameSet(t, await pathsIn(store), load.ok, 'after collector SIGKILL')
+  const v = await store.verify()
+  t.same([v.ok, v.breaks], [true, []])
+})
+
+/** A TCP relay in front of Postgres that can be cut (the real server is shared; this is the only way to take it away). */
+async function cuttableRelay(target: number): Promise<{ port: number; cut(): void; restore(): Promise<void>; close(): Promise<void> }> {
+  const sockets = new Set<Socket>()
+  let server: Server
+  let port = 0
+  const listen = async () => {
+    server = createServer((client) => {
+      const up = connect(target, '127.0.0.1')
+      sockets.add(client).add(up)
+      client.pipe(up).pipe(client)
+      const end = () => {
+        client.destroy()
+        up.destroy()
+        sockets.delete(client)
+        sockets.delete(up)
+      }
+      client.on('error', end).on('close', end)
+      up.on('error', end).on('close', end)
+    })
+    server.listen(port, '127.0.0.1')
+    await once(server, 'listening')
+    port = (server.address() as AddressInfo).port
+  }
+  await listen()
+  const cut = () => {
+    server.close()
+    for (const s of sockets) s.destroy()
+  }
+  return { port, cut, restore: listen, close: async () => cut() }
+}
+
+t.test('the database unreachable for a while (Postgres): sidecars back off and replay', async (t) => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const relay = await cuttableRelay(5432)
+  t.teardown(() => relay.close())
+  const schema = uniqueSchema('lk_fault')
+  const store = new PostgresAuditStore({ url: PG_URL.replace(':5432', `:${relay.port}`), schema })
+  await store.ensureReady()
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id], { store })
+  t.teardown(async () => {
+    await c.close()
+    const direct = new PostgresAuditStore({ url: PG_URL, schema })
+    await direct.dropSchema()
+    await direct.close()
+    await store.close()
+  })
+  const s = await startCollectedSidecar({ id, collector: c.grpcAddress, upstreamPort: upstream.port })
+  const load = loadGenerator(() => s.sidecar.proxyUrl, upstream.origin, '/db')
+  await sleep(700)
+  relay.cut()
+  const ackedAtCut = s.sink.stats.acked
+  await sleep(1200)
+  t.ok(s.sink.stats.acked - ackedAtCut < 2000, 'little or nothing acked while the database was away')
+  await relay.restore()
+  await sleep(700)
+  await load.stop()
+  t.ok(await s.sink.waitForAck(s.sink.spool.lastSeq, 20_000), 'everything acked once the database was back')
+  t.match(s.logs.join(''), /audit stream to collector lost/)
+  t.match(c.logs.join(''), /ingest batch not stored/)
+  sameSet(t, await pathsIn(store), load.ok, 'after the database outage')
+  const v = await store.verify()
+  t.same([v.ok, v.breaks], [true, []])
+  await s.close()
+})
+
+t.test('duplicate and out-of-order batches: each event stored once, chain intact', async (t) => {
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  t.teardown(() => c.close())
+  const client = ingestClient(c.grpcAddress)
+  t.teardown(() => client.close())
+  const all = seqEvents(1, 30)
+  const pick = (from: number, to: number) => all.slice(from - 1, to)
+  const call = client.ingest(authMetadata(id))
+  const acks: IngestResponse[] = []
+  call.on('data', (a: IngestResponse) => acks.push(a))
+  for (const b of [pick(11, 20), pick(1, 10), pick(5, 15), pick(21, 30), pick(21, 30), [...pick(30, 30), ...pick(1, 1)]]) call.write({ sidecarId: id.id, events: b })
+  call.end()
+  await once(call, 'status')
+  t.same(acks.map((a) => [a.ackedSequence, a.stored, a.duplicates]), [[20, 10, 0], [10, 10, 0], [15, 0, 11], [30, 10, 0], [30, 0, 10], [30, 0, 2]])
+  const ids = (await c.store.eventsByAgent({ agent: AGENT, since: new Date(0) })).map((e) => e.event.id).sort()
+  t.same(ids, all.map((e) => e.event!.id).sort())
+  t.same(await c.store.verify(), { ok: true, checked: 30, sidecars: 1, breaks: [] })
+})

@@ -68,11 +68,26 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
   const readmeBody = readme.slice(readme.indexOf('{"error":"denied"'), readme.indexOf('\n', readme.indexOf('{"error":"denied"')))
   t.equal(body, readmeBody, 'the refusal body is exactly what the README shows')
 
+  // The README's audit query, as written, from the checkout (npx finds the package's own bin).
+  const auditCmd = /^npx latchkey audit .*$/m.exec(readme)?.[0]
+  t.ok(auditCmd, 'the README shows the audit query')
+  let audit: string[] = []
+  for (let i = 0; i < 40; i++) {
+    // The collector acknowledges asynchronously: ask until every call has arrived.
+    const r = await run('bash', ['-c', `${auditCmd!} --json`], { env, cwd: resolve('.') })
+    audit = r.stdout.trim().split('\n').filter(Boolean)
+    if (audit.length >= 4) break
+    await new Promise((r2) => setTimeout(r2, 100))
+  }
+  t.equal(audit.length, 4, 'each README call is one event at the collector')
+  const events = audit.map((l) => JSON.parse(l) as Record<string, unknown>)
+  t.ok(events.some((e) => JSON.stringify(e).includes('LK_POLICY_DENIED')), 'the refusal is among them')
+  const human = await run('bash', ['-c', auditCmd!], { env, cwd: resolve('.') })
+  t.match(human.stdout, /allow\s+200\s+GET http:\/\/127\.0\.0\.1:15080\/hello/, 'the human-readable form names the call')
+
   child.kill('SIGTERM')
   const [code] = (await once(child, 'exit')) as [number]
   t.equal(code, 0)
-  const audit = readFileSync(join(cwd, 'latchkey-audit.jsonl'), 'utf8').trim().split('\n')
-  t.equal(audit.length, 4, 'each README call left one audit line')
   t.notMatch(audit.join('\n') + out, /eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\./, 'no token appears in any output')
   t.notMatch(audit.join('\n') + out, /lkt_/, 'nor a task handle')
 })

@@ -1,6 +1,6 @@
-import Database from 'better-sqlite3'
 import { mkdirSync } from 'node:fs'
 import { dirname } from 'node:path'
+import { openDatabase, pragma, statement, type Database } from '../../lib/sqlite.js'
 import type { Revocation, RevocationKind, RevocationStore } from './store.js'
 
 export class SqliteRevocationStore implements RevocationStore {
@@ -8,9 +8,9 @@ export class SqliteRevocationStore implements RevocationStore {
 
   constructor(path: string) {
     if (path !== ':memory:') mkdirSync(dirname(path), { recursive: true })
-    this.db = new Database(path)
-    this.db.pragma('journal_mode = WAL')
-    this.db.pragma('synchronous = FULL')
+    this.db = openDatabase(path)
+    pragma(this.db, 'journal_mode = WAL')
+    pragma(this.db, 'synchronous = FULL')
   }
 
   async init(): Promise<void> {
@@ -24,18 +24,16 @@ export class SqliteRevocationStore implements RevocationStore {
   }
 
   async add(r: Revocation): Promise<boolean> {
-    const info = this.db
-      .prepare('INSERT INTO revocations (kind, value, reason, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (kind, value) DO NOTHING')
-      .run(r.kind, r.value, r.reason, r.created_at)
-    return info.changes === 1
+    const insert = statement(this.db, 'INSERT INTO revocations (kind, value, reason, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (kind, value) DO NOTHING')
+    return insert.run(r.kind, r.value, r.reason, r.created_at).changes === 1
   }
 
   async remove(kind: RevocationKind, value: string): Promise<boolean> {
-    return this.db.prepare('DELETE FROM revocations WHERE kind = ? AND value = ?').run(kind, value).changes === 1
+    return statement(this.db, 'DELETE FROM revocations WHERE kind = ? AND value = ?').run(kind, value).changes === 1
   }
 
   async list(): Promise<Revocation[]> {
-    return this.db.prepare('SELECT kind, value, reason, created_at FROM revocations ORDER BY created_at, kind, value').all() as Revocation[]
+    return statement<[], Revocation>(this.db, 'SELECT kind, value, reason, created_at FROM revocations ORDER BY created_at, kind, value').all()
   }
 
   async close(): Promise<void> {

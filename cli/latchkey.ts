@@ -1,17 +1,18 @@
 #!/usr/bin/env node
-// The one CLI: `latchkey sidecar|up|check-config`. Each command validates its config before
-// doing anything and exits non-zero with the problem named.
+// The one CLI: `latchkey sidecar|broker|collector|up|check-config|revoke|audit`. Each command
+// validates its config before doing anything and exits non-zero with the problem named. Each
+// loads only its own process's modules (dynamic imports): a sidecar never carries the broker's
+// or the collector's code, which is memory the sidecar's RSS budget cannot spare.
 import { Command } from 'commander'
 import { loadConfigFile, ConfigError } from '../lib/config/load.js'
-import { startSidecar, StartupError } from '../proxy/sidecar.js'
-import { runUp } from './up.js'
-import { registerCollectorCommands } from '../collector/cli.js'
+import { createLogger } from '../lib/log.js'
 
 const program = new Command()
 program.name('latchkey').description('Short-lived, task-scoped credentials for AI agents, injected by a localhost sidecar.')
 
 function fail(err: unknown): never {
-  if (err instanceof ConfigError || err instanceof StartupError) console.error(err.message)
+  // ConfigError, and the sidecar's StartupError (code LK_STARTUP), carry messages meant for people.
+  if (err instanceof ConfigError || (err as { code?: unknown } | null)?.code === 'LK_STARTUP') console.error((err as Error).message)
   else console.error(err instanceof Error ? (err.stack ?? err.message) : String(err))
   process.exit(1)
 }
@@ -41,12 +42,45 @@ program
   .action(async (opts: { config: string }) => {
     try {
       const config = loadConfigFile(opts.config)
+      const { startSidecar } = await import('../proxy/sidecar.js')
       const sidecar = await startSidecar(config)
       onShutdown(sidecar.close)
     } catch (err) {
       fail(err)
     }
   })
+
+program
+  .command('broker')
+  .description('run the broker: workload attestation, RFC 8693 token exchange, JWKS, revocations')
+  .requiredOption('-c, --config <file>', 'config file (YAML, version: 1) with a broker section')
+  .action(async (opts: { config: string }) => {
+    try {
+      const config = loadConfigFile(opts.config)
+      if (!config.broker) throw new ConfigError(opts.config, [{ path: 'broker', message: 'required by `latchkey broker`' }])
+      const { startBroker } = await import('../broker/broker.js')
+      const broker = await startBroker(config.broker, { logger: createLogger(config.log.level, 'latchkey-broker') })
+      onShutdown(broker.close)
+    } catch (err) {
+      fail(err)
+    }
+  })
+
+for (const [name, op] of [['revoke', 'revoke'], ['unrevoke', 'unrevoke']] as const) {
+  program
+    .command(name)
+    .description(op === 'revoke' ? 'revoke an agent instance, a task or a token (jti) at the broker' : 'lift a revocation')
+    .argument('[agent]', 'agent instance ID, agent:<type>:<env>:<instance>')
+    .option('--task <id>', 'a task ID instead of an agent')
+    .option('--jti <id>', 'a token ID instead of an agent')
+    .option('--reason <text>', 'why (recorded in the audit trail)')
+    .option('--broker <url>', 'broker base URL', process.env.LATCHKEY_BROKER_URL ?? 'http://127.0.0.1:15003')
+    .option('--token-env <name>', 'environment variable holding the admin token', 'LATCHKEY_BROKER_ADMIN_TOKEN')
+    .action(async (agent: string | undefined, opts: { task?: string; jti?: string; reason?: string; broker: string; tokenEnv: string }) => {
+      const { revokeCommand } = await import('./revoke.js')
+      process.exitCode = await revokeCommand(op, agent, opts)
+    })
+}
 
 program
   .command('check-config')
@@ -68,6 +102,7 @@ program
   .option('--upstream-port <port>', 'port of the demo upstream', '15080')
   .action(async (opts: { config: string; upstreamPort: string }) => {
     try {
+      const { runUp } = await import('./up.js')
       const running = await runUp(opts)
       onShutdown(running.close)
     } catch (err) {
@@ -75,6 +110,9 @@ program
     }
   })
 
-registerCollectorCommands(program, onShutdown)
+// The collector's commands (collector, audit) bring its stores and gRPC server; a process started
+// for another command does not load them.
+const OWN_COMMANDS = new Set(['sidecar', 'broker', 'up', 'check-config', 'revoke', 'unrevoke'])
+if (!OWN_COMMANDS.has(process.argv[2] ?? '')) (await import('../collector/cli.js')).registerCollectorCommands(program, onShutdown)
 
 await program.parseAsync(process.argv)

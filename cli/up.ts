@@ -1,36 +1,86 @@
-// `latchkey up` (what `npm start` runs): the local system on its embedded defaults. For now the
-// sidecar with the example policy and a demo upstream; the broker and collector join it as they land.
-import { randomBytes } from 'node:crypto'
+// `latchkey up` (what `npm start` runs): the local system on its embedded defaults, in one
+// process: the broker (local attestor, SQLite revocations), the collector (SQLite store, its
+// query API), the sidecar in front of a demo upstream, its audit streamed to the collector.
+import { createHash, randomBytes } from 'node:crypto'
 import { fileURLToPath } from 'node:url'
+import { dirname, isAbsolute, resolve } from 'node:path'
 import { loadConfigFile } from '../lib/config/load.js'
+import { createLogger } from '../lib/log.js'
+import { ensureLocalAttestorKey } from '../lib/local-attestor.js'
 import { startSidecar } from '../proxy/sidecar.js'
+import { startBroker, type RunningBroker } from '../broker/broker.js'
+import { startCollector, type RunningCollector } from '../collector/collector.js'
+import { validateCollectorConfig } from '../collector/config.js'
 import { startDemoUpstream } from './demo-upstream.js'
 
 export const EXAMPLE_CONFIG = fileURLToPath(new URL('../../deploy/examples/up.yaml', import.meta.url))
+/** The collector's query API under `latchkey up`: where `latchkey audit` looks by default. */
+export const UP_COLLECTOR_HTTP_PORT = 15101
 
 export async function runUp(opts: { config: string; upstreamPort: string }): Promise<{ close(): Promise<void> }> {
-  const config = loadConfigFile(opts.config || EXAMPLE_CONFIG)
-  // A fresh demo secret per run, held in memory only: the sidecar injects it, the upstream checks it.
+  const configFile = opts.config || EXAMPLE_CONFIG
+  const config = loadConfigFile(configFile)
+  const env: NodeJS.ProcessEnv = { ...process.env }
+  let broker: RunningBroker | undefined
+  if (config.broker) {
+    // The local default: one attestor key per installation, trusted by the broker.
+    const local = await ensureLocalAttestorKey('.latchkey/local-attestor')
+    const b = config.broker
+    if (!isAbsolute(b.registry_file)) b.registry_file = resolve(dirname(configFile), b.registry_file)
+    if (b.attestors.local) b.attestors.local.keys_file = local.jwksFile
+    broker = await startBroker(b, { logger: createLogger(config.log.level, 'latchkey-broker') })
+  }
+  let collector: RunningCollector | undefined
+  const cc = config.audit.collector
+  if (cc) {
+    // A fresh sidecar token per run: the sidecar holds it, the collector only its hash.
+    const token = randomBytes(32).toString('base64url')
+    env[`${config.secrets.env_prefix}${cc.token_secret}`] = token
+    const [host, port] = [cc.address.slice(0, cc.address.lastIndexOf(':')), Number(cc.address.slice(cc.address.lastIndexOf(':') + 1))]
+    collector = await startCollector(
+      validateCollectorConfig({
+        version: 1,
+        collector: {
+          grpc: { host, port },
+          http: { host: '127.0.0.1', port: UP_COLLECTOR_HTTP_PORT },
+          store: { kind: 'sqlite', path: '.latchkey/collector.db' },
+          sidecars: [{ id: cc.sidecar_id, token_sha256: createHash('sha256').update(token).digest('hex') }],
+        },
+        log: { level: config.log.level },
+      }),
+    )
+  }
+  // A fresh demo secret per run, held in memory only, for configs that inject a static one.
   const demoSecret = 'lk-demo-' + randomBytes(24).toString('base64url')
+  env[`${config.secrets.env_prefix}DEMO_TOKEN`] = demoSecret
   const upstreamPort = Number(opts.upstreamPort)
-  const upstream = await startDemoUpstream('127.0.0.1', upstreamPort, `Bearer ${demoSecret}`)
-  const sidecar = await startSidecar(config, { env: { ...process.env, [`${config.secrets.env_prefix}DEMO_TOKEN`]: demoSecret } })
+  const upstream = await startDemoUpstream('127.0.0.1', upstreamPort, {
+    staticAuthorization: `Bearer ${demoSecret}`,
+    ...(broker ? { broker: { url: broker.url, issuer: broker.issuer, audience: `http://127.0.0.1:${upstreamPort}` } } : {}),
+  })
+  const sidecar = await startSidecar(config, { env })
   const proxy = sidecar.proxyUrl
-  console.log(`
-Latchkey is up.
-  sidecar (HTTP_PROXY)  ${proxy}
-  admin                 ${sidecar.adminUrl}/metrics  /healthz  /readyz
-  demo upstream         http://127.0.0.1:${upstreamPort}
-  audit trail           ${config.audit.jsonl.path}
-
+  const line = (label: string, value: string) => `  ${label.padEnd(22)}${value}\n`
+  console.log(
+    '\nLatchkey is up.\n' +
+      line('sidecar (HTTP_PROXY)', proxy) +
+      line('sidecar admin', `${sidecar.adminUrl}/metrics  /healthz  /readyz  POST /v1/tasks`) +
+      line('demo upstream', `http://127.0.0.1:${upstreamPort}`) +
+      (broker ? line('broker', `${broker.url}  (RFC 8693 /oauth2/token, JWKS /.well-known/jwks.json)`) : '') +
+      (collector ? line('collector', `${collector.httpUrl ?? ''}  (gRPC ingest ${collector.grpcAddress})`) : '') +
+      line('audit trail', collector ? `latchkey audit --agent ${config.sidecar.agent_id}` : config.audit.jsonl.path) +
+      `
 Try:
   curl -x ${proxy} http://127.0.0.1:${upstreamPort}/hello           # allowed, credential injected
   curl ${proxy}/demo/hello                                       # the same via a reverse route
   curl -x ${proxy} http://169.254.169.254/latest/meta-data/         # denied: cloud metadata
-`)
+`,
+  )
   return {
     close: async () => {
       await sidecar.close()
+      await collector?.close()
+      await broker?.close()
       await new Promise<void>((resolve) => upstream.close(() => resolve()))
     },
   }

@@ -1,15 +1,19 @@
 // The admin port: /metrics (Prometheus), /healthz (the process answers), /readyz (listening,
 // not draining, audit sink writing). Loopback only, like the proxy port.
-import { createServer, type Server } from 'node:http'
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import type { SidecarMetrics } from './metrics.js'
 
 export interface Readiness {
   ready(): { ok: boolean; reasons: string[] }
 }
 
-export function createAdminServer(metrics: SidecarMetrics, readiness: Readiness): Server {
+/** Further routes on the admin port (the task API); returns true when it handled the request. */
+export type AdminRoute = (req: IncomingMessage, res: ServerResponse, path: string) => boolean
+
+export function createAdminServer(metrics: SidecarMetrics, readiness: Readiness, extra?: AdminRoute): Server {
   return createServer((req, res) => {
-    const path = (req.url ?? '').split('?')[0]
+    const path = (req.url ?? '').split('?')[0] ?? ''
+    if (extra?.(req, res, path)) return
     if (req.method !== 'GET' && req.method !== 'HEAD') {
       res.writeHead(405, { allow: 'GET, HEAD' }).end()
       return

@@ -23,10 +23,31 @@ export interface Target {
 
 export interface Identity {
   agentId: string
-  /** Task handle presented in Proxy-Authorization, if any. */
+  /** The task's ID (not its handle: the handle is a proxy credential and is never recorded). */
   taskId: string | null
   /** Delegating user's subject, when a task runs for a user. */
   userSub: string | null
+  /** The open task the request named, when it named one. */
+  task: TaskRef | null
+}
+
+/** The local process on the other end of the connection, when the sidecar could tell. */
+export interface CallerProcess {
+  pid: number | null
+  uid: number
+  exe: string | null
+  /** sha256 (hex) of the executable. */
+  sha256: string | null
+}
+
+/** What the credential stage needs of a task; the task registry owns the full record. */
+export interface TaskRef {
+  readonly id: string
+  /** Epoch ms; the task's tokens never outlive it by more than the broker's margin. */
+  readonly expiresAt: number
+  /** The user's token (subject_token), held in memory only; null when the agent acts for itself. */
+  readonly userToken: string | null
+  ended: boolean
 }
 
 export interface Decision {
@@ -55,6 +76,11 @@ export interface Credential {
 
 export interface CredentialBinding {
   id: string
+  source: 'static' | 'broker' | 'broker_secret' | 'client_credentials'
+  /** broker: the audience asked of the broker. */
+  tokenAudience: string
+  /** broker: the scopes asked for (empty: all the broker allows). */
+  scopes: readonly string[]
   /** Exact origin key `scheme://host:port` the credential may be sent to. */
   audience: string
   secret: string
@@ -74,6 +100,7 @@ export interface CallContext {
   method: string
   target: Target | null
   identity: Identity
+  caller: CallerProcess | null
   decision: Decision | null
   resolved: ResolvedAddress | null
   binding: CredentialBinding | null
@@ -134,6 +161,7 @@ export interface AuditEvent {
   reason: string | null
   credential: { binding: string; id: string; audience: string; scopes: string[] } | null
   error: string | null
+  caller: CallerProcess | null
 }
 
 export interface AuditSink {

@@ -43,6 +43,21 @@ export class SidecarMetrics {
     registers: [this.registry],
   })
 
+  readonly tokenExchanges = new Counter({
+    name: 'latchkey_token_exchanges_total',
+    help: 'Token exchanges with the broker, by outcome (granted, refused, unreachable, evidence)',
+    labelNames: ['outcome'] as const,
+    registers: [this.registry],
+  })
+  /** Set by the sidecar: how many tasks are open, read at scrape time. */
+  taskCount: () => number = () => 0
+  readonly openTasks: Gauge = new Gauge({
+    name: 'latchkey_open_tasks',
+    help: 'Tasks currently open on this sidecar',
+    registers: [this.registry],
+    collect: (): void => this.openTasks.set(this.taskCount()),
+  })
+
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: 'latchkey_' })
   }

@@ -16,6 +16,7 @@ import { outboundRequestHeaders } from './forward/headers.js'
 import { forward } from './forward/forward.js'
 import type { PinnedPools } from './forward/pools.js'
 import type { SidecarMetrics } from './metrics.js'
+import type { PeerProcessResolver } from './identify/peer-process.js'
 
 export interface Stages {
   identifier: Identifier
@@ -28,6 +29,8 @@ export interface Stages {
   audit: AuditSink
   log: Logger
   metrics: SidecarMetrics
+  /** Identifies the calling process per connection, when configured. */
+  callers?: PeerProcessResolver | undefined
 }
 
 /** What a plaintext CONNECT tunnel was opened for, carried to each request inside it. */
@@ -50,11 +53,12 @@ export class Pipeline {
       t0: performance.now(),
       method,
       target: null,
-      identity: { agentId: '', taskId: null, userSub: null },
+      identity: { agentId: '', taskId: null, userSub: null, task: null },
       decision: null,
       resolved: null,
       binding: null,
       credential: null,
+      caller: null,
       status: 0,
       bytesIn: 0,
       bytesOut: 0,
@@ -68,7 +72,25 @@ export class Pipeline {
    * identify → decide → resolve → credential. Refuses by throwing a LatchkeyError (or rejecting).
    * Synchronous unless a stage must wait on I/O (DNS, a token exchange): then a promise.
    */
-  admit(ctx: CallContext, proxyAuthorization: string | undefined, withCredential: boolean): void | Promise<void> {
+  admit(ctx: CallContext, proxyAuthorization: string | undefined, withCredential: boolean, socket?: Socket): void | Promise<void> {
+    const callers = this.stages.callers
+    if (callers && socket) {
+      // The first request of a connection waits for /proc; later ones find the answer on the socket.
+      const caller = callers.resolve(socket)
+      if (caller instanceof Promise) {
+        return caller.then((c) => {
+          ctx.caller = c
+          callers.check(c)
+          return this.admitIdentified(ctx, proxyAuthorization, withCredential)
+        })
+      }
+      ctx.caller = caller
+      callers.check(caller)
+    }
+    return this.admitIdentified(ctx, proxyAuthorization, withCredential)
+  }
+
+  private admitIdentified(ctx: CallContext, proxyAuthorization: string | undefined, withCredential: boolean): void | Promise<void> {
     const s = this.stages
     const target = ctx.target!
     ctx.identity = s.identifier.identify(proxyAuthorization)
@@ -118,7 +140,7 @@ export class Pipeline {
           ? parseReverseTarget(url, this.stages.routes).target
           : parseAbsoluteTarget(url)
       // Inside a tunnel the agent's proxy credential came with the CONNECT, not with each request.
-      const admitted = this.admit(ctx, tunnel ? tunnel.proxyAuthorization : req.headers['proxy-authorization'], true)
+      const admitted = this.admit(ctx, tunnel ? tunnel.proxyAuthorization : req.headers['proxy-authorization'], true, req.socket)
       if (admitted) {
         admitted.then(() => this.dispatch(ctx, req, res, expectContinue)).catch((err: unknown) => this.refuse(ctx, res, err))
         return
@@ -230,6 +252,7 @@ export class Pipeline {
           ? { binding: ctx.binding.id, id: ctx.credential.id, audience: ctx.binding.audience, scopes: ctx.credential.scopes }
           : null,
       error: ctx.errorCode,
+      caller: ctx.caller,
     }
     const s = this.stages
     s.audit.write(event)

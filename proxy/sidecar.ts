@@ -11,11 +11,18 @@ import { Pipeline } from './pipeline.js'
 import { Policy } from './policy/policy.js'
 import { CredentialBindings } from './credentials/bindings.js'
 import { StaticSecretSource } from './credentials/static-source.js'
-import { SidecarAgentIdentifier } from './identify/proxy-authorization.js'
+import { TaskIdentifier } from './identify/proxy-authorization.js'
+import { TaskRegistry } from './tasks/registry.js'
+import { handleTaskApi } from './tasks/api.js'
+import { CredentialSources } from './credentials/sources.js'
+import type { WorkloadEvidence } from './attest/evidence.js'
+import { CachedTokenSource, type BrokerTokenSource } from './credentials/broker-source.js'
+import type { CollectorAuditSink } from './audit/collector-sink.js'
+// Providers, evidence and the collector stream are imported when configured (see startSidecar):
+// they bring jose and gRPC, memory a sidecar that does not use them should not carry.
+import { PeerProcessResolver } from './identify/peer-process.js'
 import { PinnedPools } from './forward/pools.js'
 import { JsonlAuditSink } from './audit/jsonl-sink.js'
-import { CollectorAuditSink } from './audit/collector-sink.js'
-import { registerCollectorSinkMetrics } from './audit/collector-metrics.js'
 import { SidecarMetrics } from './metrics.js'
 import { createListener } from './listen/server.js'
 import { createAdminServer } from './admin.js'
@@ -29,6 +36,10 @@ export interface SidecarOptions {
   /** Replaces the JSON-lines sink (later: the gRPC stream to the collector). */
   audit?: AuditSink
   resolver?: Resolver
+  /** A clock for tasks and token lifetimes (tests); Date.now otherwise. */
+  now?: () => number
+  /** Replaces the configured workload evidence (tests of evidence faults). */
+  evidence?: WorkloadEvidence
 }
 
 export interface RunningSidecar {
@@ -39,6 +50,8 @@ export interface RunningSidecar {
   log: Logger
   metrics: SidecarMetrics
   audit: AuditSink
+  tasks: TaskRegistry
+  brokerTokens: BrokerTokenSource | undefined
   /** Stop accepting, let in-flight calls finish (up to drain_ms), flush the audit, close. */
   close(): Promise<void>
 }
@@ -53,12 +66,14 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const metrics = new SidecarMetrics()
 
   const bindings = new CredentialBindings(config.credentials)
-  const secrets = new StaticSecretSource(config.secrets, config.credentials.map((c) => c.secret), opts.env ?? process.env)
-  const missing = config.credentials.filter((c) => !secrets.has(c.secret))
+  const staticBindings = config.credentials.filter((c) => c.source === 'static')
+  const clientSecretNames = config.credentials.flatMap((c) => (c.source === 'client_credentials' && c.oauth ? [c.oauth.client_secret] : []))
+  const secrets = new StaticSecretSource(config.secrets, [...staticBindings.map((c) => c.secret!), ...clientSecretNames], opts.env ?? process.env)
+  const missing = staticBindings.filter((c) => !secrets.has(c.secret!))
   if (missing.length > 0) {
     throw new StartupError(
       missing
-        .map((c) => `credential "${c.id}": secret ${c.secret} is neither in env ${config.secrets.env_prefix}${c.secret} nor in secrets.file`)
+        .map((c) => `credential "${c.id}": secret ${c.secret!} is neither in env ${config.secrets.env_prefix}${c.secret!} nor in secrets.file`)
         .join('\n'),
     )
   }
@@ -76,9 +91,10 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       throw new StartupError(`audit.collector.tls: cannot read ${(err as NodeJS.ErrnoException).path ?? 'a file'} (${(err as NodeJS.ErrnoException).code})`)
     }
   }
+  const CollectorSink = cc ? (await import('./audit/collector-sink.js')).CollectorAuditSink : undefined
   const openCollectorSink = (o: ConstructorParameters<typeof CollectorAuditSink>[0]) => {
     try {
-      return new CollectorAuditSink(o)
+      return new CollectorSink!(o)
     } catch (err) {
       throw new StartupError(`audit.collector: ${(err as Error).message}`)
     }
@@ -107,16 +123,72 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       log.error({ code: err.code }, 'audit sink write failed')
     })
 
-  if (audit instanceof CollectorAuditSink) registerCollectorSinkMetrics(metrics.registry, audit)
+  const now = opts.now ?? Date.now
+  // jose reads the user's `sub` from a task's token (unverified: the broker verifies), only where a broker is configured.
+  const readSub = sc.broker ? (await import('jose')).decodeJwt : undefined
+  const tasks = new TaskRegistry(sc.agent_id, {
+    readSub: readSub ? (token: string) => readSub(token).sub : undefined,
+    maxDurationS: config.tasks.max_duration_s,
+    default: config.tasks.default.enabled ? { durationS: config.tasks.default.duration_s, purpose: config.tasks.default.purpose } : undefined,
+    now,
+  })
+  let brokerTokens: BrokerTokenSource | undefined
+  if (sc.broker) {
+    const a = sc.attestation
+    const brokerAudience = sc.broker.url.replace(/\/$/, '')
+    const evidence: WorkloadEvidence | undefined =
+      opts.evidence ??
+      (a.kubernetes
+        ? new (await import('./attest/kubernetes-token.js')).KubernetesTokenFile(a.kubernetes.token_file)
+        : a.spiffe
+          ? new (await import('./attest/spiffe-workload.js')).SpiffeWorkloadEvidence(a.spiffe.socket, a.spiffe.audience ?? brokerAudience, sc.broker.timeout_ms)
+          : a.local
+            ? new (await import('./attest/local-key.js')).LocalKeyEvidence(a.local.key_file, sc.agent_id, a.local.audience ?? brokerAudience)
+            : undefined)
+    const { BrokerClient } = await import('./credentials/broker-client.js')
+    if (!evidence) throw new StartupError('sidecar.broker is set but no workload evidence is configured (sidecar.attestation)')
+    brokerTokens = new CachedTokenSource(new BrokerClient(sc.broker.url, sc.broker.timeout_ms, evidence), {
+      minRemainingMs: sc.broker.min_remaining_ms,
+      now,
+      onExchange: (outcome) => metrics.tokenExchanges.inc({ outcome }),
+      onRefreshFailed: (reason) => log.warn({ reason }, 'token refresh failed; the current token is still valid'),
+    })
+    tasks.onEnd((t) => brokerTokens!.dropTask(t.id))
+  }
+  metrics.taskCount = () => tasks.size
+  tasks.start()
+  let clientCredentials: CachedTokenSource | undefined
+  if (clientSecretNames.length > 0) {
+    const { ClientCredentialsIssuer } = await import('./credentials/client-credentials.js')
+    let issuer: InstanceType<typeof ClientCredentialsIssuer>
+    try {
+      issuer = new ClientCredentialsIssuer(config.credentials, (name) => secrets.secret(name), sc.broker?.timeout_ms ?? 3000)
+    } catch (err) {
+      throw new StartupError(`${(err as Error).message} (neither in env ${config.secrets.env_prefix}<NAME> nor in secrets.file)`)
+    }
+    clientCredentials = new CachedTokenSource(issuer, {
+      minRemainingMs: sc.broker?.min_remaining_ms ?? 5000,
+      now,
+      onExchange: (outcome) => metrics.tokenExchanges.inc({ outcome: `client_credentials:${outcome}` }),
+      onRefreshFailed: (reason) => log.warn({ reason }, 'client-credentials refresh failed; the current token is still valid'),
+    })
+  }
+  const callers =
+    sc.callers.identify || sc.callers.allowed_uids.length > 0 || sc.callers.allowed_executables.length > 0
+      ? new PeerProcessResolver({ allowedUids: sc.callers.allowed_uids, allowedExecutables: sc.callers.allowed_executables })
+      : undefined
+  const credentialSources = new CredentialSources(secrets, brokerTokens, clientCredentials)
+  if (CollectorSink && audit instanceof CollectorSink) (await import('./audit/collector-metrics.js')).registerCollectorSinkMetrics(metrics.registry, audit)
 
   const upstreamCa = sc.upstream_ca_file ? [...rootCertificates, readFileSync(sc.upstream_ca_file, 'utf8')] : undefined
   const routes = new Map(Object.entries(config.routes).map(([name, origin]) => [name, new URL(origin)]))
   const pipeline = new Pipeline({
-    identifier: new SidecarAgentIdentifier(sc.agent_id),
+    identifier: new TaskIdentifier(sc.agent_id, tasks),
+    callers,
     decider: new Policy(config.policy),
     resolver: opts.resolver ?? new DnsResolver(compileNetworkPolicy(config.network), { cacheMs: config.network.dns_cache_ms }),
     bindings,
-    credentials: secrets,
+    credentials: credentialSources,
     pools: new PinnedPools(sc.timeouts, sc.max_pools, upstreamCa),
     routes,
     audit,
@@ -130,6 +202,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     connectTimeoutMs: sc.timeouts.connect_ms,
   })
   let draining = false
+  let proxyBase = ''
   const admin = createAdminServer(metrics, {
     ready: () => {
       const reasons: string[] = []
@@ -137,7 +210,21 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       if (!server.listening) reasons.push('proxy listener not open')
       return { ok: reasons.length === 0, reasons }
     },
-  })
+  }, (req, res, path) =>
+    handleTaskApi(
+      {
+        tasks,
+        bindings: bindings.all(),
+        credentials: credentialSources,
+        describe: (id) => brokerTokens?.describe(id) ?? [],
+        proxyUrl: (handle) => `http://task:${handle}@${proxyBase}`,
+        checkCaller: callers ? async (req) => callers.check(await callers.resolve(req.socket)) : undefined,
+      },
+      req,
+      res,
+      path,
+    ),
+  )
 
   server.listen(sc.listen.port, sc.listen.host)
   admin.listen(sc.admin.port, sc.admin.host)
@@ -145,6 +232,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const port = (server.address() as AddressInfo).port
   const adminPort = (admin.address() as AddressInfo).port
   const host = sc.listen.host.includes(':') ? `[${sc.listen.host}]` : sc.listen.host
+  proxyBase = `${host}:${port}`
   log.info({ port, adminPort, agent: sc.agent_id, rules: config.policy.rules.length, credentials: bindings.all().length }, 'sidecar listening')
 
   let closing: Promise<void> | null = null
@@ -159,6 +247,9 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       server.closeAllConnections()
       for (const s of openStreams) s.destroy()
       await pipeline.stages.pools.close()
+      tasks.close()
+      await brokerTokens?.close()
+      await clientCredentials?.close()
       await audit.close()
       await new Promise<void>((resolve) => admin.close(() => resolve()))
       admin.closeAllConnections()
@@ -173,6 +264,8 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     log,
     metrics,
     audit,
+    tasks,
+    brokerTokens,
     close,
   }
 }

@@ -31,7 +31,8 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
     child.once('exit', (code) => fail(new Error(`latchkey up exited ${code}: ${out}`)))
   })
 
-  const commands = [...readme.matchAll(/^curl .*$/gm)].map((m) => m[0])
+  const tryIt = readme.slice(readme.indexOf('## Try it'), readme.indexOf('\n## ', readme.indexOf('## Try it') + 1))
+  const commands = [...tryIt.matchAll(/^curl .*$/gm)].map((m) => m[0])
   t.equal(commands.length, 3, 'the README shows three commands to try')
   const outputs: string[] = []
   for (const cmd of commands) {
@@ -40,7 +41,25 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
     outputs.push(r.stdout)
   }
   const hello = JSON.parse(outputs[0]!) as Record<string, string>
-  t.same(hello, { upstream: 'latchkey demo', method: 'GET', path: '/hello', credential: 'injected by latchkey (verified)' })
+  t.same(hello, {
+    upstream: 'latchkey demo',
+    method: 'GET',
+    path: '/hello',
+    credential: 'broker token, injected by latchkey (verified)',
+    sub: 'agent:demo:dev:local',
+    act: { sub: 'agent:demo:dev:local' },
+    scope: 'demo.read demo.write',
+  })
+  const readmeHello = tryIt.slice(tryIt.indexOf('```json') + 7, tryIt.indexOf('```', tryIt.indexOf('```json') + 7))
+  t.same(JSON.parse(readmeHello), hello, 'the README shows exactly what came back')
+
+  // The Tasks section's shell block, run as written.
+  const tasks = readme.slice(readme.indexOf('## Tasks'))
+  const block = tasks.slice(tasks.indexOf('```sh') + 5, tasks.indexOf('```', tasks.indexOf('```sh') + 5))
+  const shown = tasks.slice(tasks.indexOf('```\n', tasks.indexOf('```', tasks.indexOf('```sh') + 5) + 3) + 4)
+  const expected = shown.slice(0, shown.indexOf('```')).trim()
+  const taskRun = await run('bash', ['-c', block], { env })
+  t.equal(taskRun.stdout.trim(), expected, 'the task example prints what the README says')
   t.same(JSON.parse(outputs[1]!), hello, 'the reverse route answers the same')
   const refusal = outputs[2]!
   t.match(refusal, /^HTTP\/1\.1 403 Forbidden/)
@@ -49,10 +68,26 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
   const readmeBody = readme.slice(readme.indexOf('{"error":"denied"'), readme.indexOf('\n', readme.indexOf('{"error":"denied"')))
   t.equal(body, readmeBody, 'the refusal body is exactly what the README shows')
 
+  // The README's audit query, as written, from the checkout (npx finds the package's own bin).
+  const auditCmd = /^npx latchkey audit .*$/m.exec(readme)?.[0]
+  t.ok(auditCmd, 'the README shows the audit query')
+  let audit: string[] = []
+  for (let i = 0; i < 40; i++) {
+    // The collector acknowledges asynchronously: ask until every call has arrived.
+    const r = await run('bash', ['-c', `${auditCmd!} --json`], { env, cwd: resolve('.') })
+    audit = r.stdout.trim().split('\n').filter(Boolean)
+    if (audit.length >= 4) break
+    await new Promise((r2) => setTimeout(r2, 100))
+  }
+  t.equal(audit.length, 4, 'each README call is one event at the collector')
+  const events = audit.map((l) => JSON.parse(l) as Record<string, unknown>)
+  t.ok(events.some((e) => JSON.stringify(e).includes('LK_POLICY_DENIED')), 'the refusal is among them')
+  const human = await run('bash', ['-c', auditCmd!], { env, cwd: resolve('.') })
+  t.match(human.stdout, /allow\s+200\s+GET http:\/\/127\.0\.0\.1:15080\/hello/, 'the human-readable form names the call')
+
   child.kill('SIGTERM')
   const [code] = (await once(child, 'exit')) as [number]
   t.equal(code, 0)
-  const audit = readFileSync(join(cwd, 'latchkey-audit.jsonl'), 'utf8').trim().split('\n')
-  t.equal(audit.length, 3, 'each README command left one audit line')
-  t.notMatch(audit.join('\n') + out, /lk-demo-/, 'the demo secret appears in no output')
+  t.notMatch(audit.join('\n') + out, /eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\./, 'no token appears in any output')
+  t.notMatch(audit.join('\n') + out, /lkt_/, 'nor a task handle')
 })

@@ -174,5 +174,38 @@ function semanticProblems(c: Config): ConfigProblem[] {
       audiences.set(url.origin, b.id)
     }
   })
+  c.credentials.forEach((b, i) => {
+    if (b.source !== 'client_credentials' && b.oauth !== undefined) problems.push({ path: `credentials[${i}].oauth`, message: 'applies only to source: client_credentials' })
+    if (b.source === 'static') {
+      if (!b.secret) problems.push({ path: `credentials[${i}].secret`, message: 'required when source is static' })
+      if (b.token_audience !== undefined || b.scopes !== undefined) problems.push({ path: `credentials[${i}]`, message: 'token_audience and scopes apply only to broker and client_credentials sources' })
+    } else if (b.source === 'client_credentials') {
+      if (!b.oauth) problems.push({ path: `credentials[${i}].oauth`, message: 'required when source is client_credentials (token_url, client_id, client_secret)' })
+      if (b.secret !== undefined) problems.push({ path: `credentials[${i}].secret`, message: 'the client secret goes in oauth.client_secret' })
+    } else {
+      if (b.secret !== undefined) problems.push({ path: `credentials[${i}].secret`, message: 'a broker credential has no static secret' })
+      if (!c.sidecar.broker) problems.push({ path: 'sidecar.broker', message: `required: credential "${b.id}" comes from the broker` })
+      const a = c.sidecar.attestation
+      if (!a.kubernetes && !a.spiffe && !a.local) problems.push({ path: 'sidecar.attestation', message: `required: credential "${b.id}" needs workload evidence for the broker (kubernetes, spiffe or local)` })
+    }
+  })
+  if (c.tasks.default.duration_s > c.tasks.max_duration_s) problems.push({ path: 'tasks.default.duration_s', message: 'exceeds tasks.max_duration_s' })
+
+  if (c.broker) {
+    const b = c.broker
+    const sources: [string, { jwks_file?: string | undefined; jwks_url?: string | undefined } | undefined][] = [
+      ['broker.users', b.users],
+      ['broker.attestors.kubernetes', b.attestors.kubernetes],
+      ['broker.attestors.spiffe', b.attestors.spiffe],
+    ]
+    for (const [path, src] of sources) {
+      if (src && (src.jwks_file === undefined) === (src.jwks_url === undefined)) problems.push({ path, message: 'needs exactly one of jwks_file or jwks_url' })
+    }
+    if (!b.attestors.kubernetes && !b.attestors.spiffe && !b.attestors.local) {
+      problems.push({ path: 'broker.attestors', message: 'configure at least one attestor (kubernetes, spiffe or local): without one no workload can be attested' })
+    }
+    const url = checkOrigin('broker.issuer', b.issuer)
+    if (url && b.issuer.endsWith('/')) problems.push({ path: 'broker.issuer', message: 'must not end with "/"' })
+  }
   return problems
 }

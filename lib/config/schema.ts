@@ -27,8 +27,16 @@ export interface CredentialBindingConfig {
   id: string
   /** Exact origin the credential may go to: scheme://host[:port]. */
   audience: string
-  source: 'static'
-  secret: string
+  /** static: a secret from env/secrets.file. broker: a task-scoped token from the broker (RFC 8693). */
+  source: 'static' | 'broker' | 'broker_secret' | 'client_credentials'
+  /** static only: the secret's name. */
+  secret?: string
+  /** broker only: the `audience` asked of the broker; defaults to the origin above. */
+  token_audience?: string
+  /** broker and client_credentials: scopes asked for; empty asks for everything allowed. */
+  scopes?: string[]
+  /** client_credentials only: the external authorization server and this client's registration. */
+  oauth?: { token_url: string; client_id: string; client_secret: string; auth_method: 'client_secret_basic' | 'client_secret_post'; resource?: string }
   inject: InjectConfig
   /** Extra agent-sent headers to remove on this audience, beyond the defaults. */
   strip?: string[]
@@ -56,6 +64,21 @@ export interface Config {
       drain_ms: number
     }
     max_pools: number
+    /** Where task-scoped tokens come from. Required when any credential has source: broker. */
+    broker?: { url: string; timeout_ms: number; min_remaining_ms: number }
+    /** Which local processes call: identified per connection through /proc, optionally restricted. */
+    callers: { identify: boolean; allowed_uids: number[]; allowed_executables: string[] }
+    /** Workload evidence the sidecar presents to the broker; exactly one of kubernetes, spiffe, local. */
+    attestation: {
+      kubernetes?: { token_file: string }
+      spiffe?: { socket: string; audience?: string }
+      local?: { key_file: string; audience?: string }
+    }
+  }
+  tasks: {
+    max_duration_s: number
+    /** A task for agents that never open one (no Proxy-Authorization). Off by default. */
+    default: { enabled: boolean; duration_s: number; purpose: string }
   }
   policy: {
     mode: Mode
@@ -73,6 +96,37 @@ export interface Config {
   secrets: { file?: string; env_prefix: string }
   audit: { jsonl: { path: string; flush_ms: number }; collector: AuditCollectorConfig | null }
   log: { level: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent' }
+  /** Present only where this file configures a broker (`latchkey broker`, `latchkey up`). */
+  broker?: BrokerConfig
+}
+
+export type JwksSourceConfig = { jwks_file: string; jwks_url?: undefined } | { jwks_url: string; jwks_file?: undefined }
+
+export interface BrokerConfig {
+  /** `iss` of every token the broker signs, and its public base URL. */
+  issuer: string
+  /** The `aud` every workload attestation must carry: this broker. Defaults to the issuer. */
+  audience?: string
+  listen: { host: string; port: number }
+  keys: { dir: string; alg: 'ES256' | 'EdDSA'; rotate_after_s: number }
+  registry_file: string
+  tokens: { floor_s: number; default_duration_s: number; max_body_bytes: number }
+  /** The user IdP whose tokens arrive as `subject_token`. Absent: no user tokens are accepted. */
+  users?: JwksSourceConfig & { issuer: string; audience: string; scope_claim: string }
+  attestors: {
+    kubernetes?: JwksSourceConfig & { issuer: string; audience?: string }
+    spiffe?: JwksSourceConfig & { trust_domain: string; audience?: string }
+    local?: { keys_file: string }
+  }
+  /** Revocation store; neither given: SQLite at `.latchkey/broker.db`. */
+  store: { sqlite?: { path: string }; postgres?: { url: string; schema: string } }
+  /** Environment variable holding the bearer token of the admin API (revocations). */
+  admin_token_env: string
+  /** Resource servers allowed to call introspection: id → environment variable holding its secret. */
+  introspection_clients: Record<string, string>
+  events: { jsonl?: { path: string } }
+  /** Secrets the broker lends for a task, by audience: audience → env var holding the secret. */
+  leased_secrets: Record<string, string>
 }
 
 /** audit.collector: stream every event to the collector over gRPC, through a local spool. Replaces the JSON-lines sink when set. */
@@ -164,6 +218,114 @@ const inject = {
   ],
 }
 
+const httpUrl = { type: 'string', pattern: '^https?://[^\\s]+$' }
+const jwksSource = {
+  jwks_file: nonEmpty,
+  jwks_url: httpUrl,
+}
+
+const broker = {
+  type: 'object',
+  additionalProperties: false,
+  required: ['issuer', 'registry_file'],
+  properties: {
+    issuer: httpUrl,
+    audience: nonEmpty,
+    listen: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: { host: { ...nonEmpty, default: '127.0.0.1' }, port: { ...port, minimum: 0, default: 15003 } },
+    },
+    keys: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: {
+        dir: { ...nonEmpty, default: '.latchkey/broker-keys' },
+        alg: { enum: ['ES256', 'EdDSA'], default: 'ES256' },
+        rotate_after_s: { type: 'integer', minimum: 60, maximum: 31_536_000, default: 86_400 },
+      },
+    },
+    registry_file: nonEmpty,
+    tokens: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: {
+        floor_s: { type: 'integer', minimum: 1, maximum: 86_400, default: 60 },
+        default_duration_s: { type: 'integer', minimum: 1, maximum: 86_400, default: 300 },
+        max_body_bytes: { type: 'integer', minimum: 1024, maximum: 1_048_576, default: 65_536 },
+      },
+    },
+    users: {
+      type: 'object',
+      additionalProperties: false,
+      required: ['issuer', 'audience'],
+      properties: { issuer: nonEmpty, audience: nonEmpty, scope_claim: { ...nonEmpty, default: 'scope' }, ...jwksSource },
+    },
+    attestors: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: {
+        kubernetes: {
+          type: 'object',
+          additionalProperties: false,
+          required: ['issuer'],
+          properties: { issuer: nonEmpty, audience: nonEmpty, ...jwksSource },
+        },
+        spiffe: {
+          type: 'object',
+          additionalProperties: false,
+          required: ['trust_domain'],
+          properties: { trust_domain: { type: 'string', pattern: '^[a-z0-9._-]+$' }, audience: nonEmpty, ...jwksSource },
+        },
+        local: {
+          type: 'object',
+          additionalProperties: false,
+          required: ['keys_file'],
+          properties: { keys_file: nonEmpty },
+        },
+      },
+    },
+    store: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      maxProperties: 1,
+      properties: {
+        sqlite: { type: 'object', additionalProperties: false, required: ['path'], properties: { path: nonEmpty } },
+        postgres: {
+          type: 'object',
+          additionalProperties: false,
+          required: ['url'],
+          properties: { url: { type: 'string', pattern: '^postgres(ql)?://' }, schema: { type: 'string', pattern: '^[a-z_][a-z0-9_]{0,62}$', default: 'latchkey' } },
+        },
+      },
+    },
+    admin_token_env: { type: 'string', pattern: '^[A-Z_][A-Z0-9_]*$', default: 'LATCHKEY_BROKER_ADMIN_TOKEN' },
+    introspection_clients: {
+      type: 'object',
+      default: {},
+      propertyNames: { pattern: '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' },
+      additionalProperties: { type: 'string', pattern: '^[A-Z_][A-Z0-9_]*$' },
+    },
+    leased_secrets: {
+      type: 'object',
+      default: {},
+      propertyNames: { minLength: 1, maxLength: 512 },
+      additionalProperties: { type: 'string', pattern: '^[A-Z_][A-Z0-9_]*$' },
+    },
+    events: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: { jsonl: { type: 'object', additionalProperties: false, required: ['path'], properties: { path: nonEmpty } } },
+    },
+  },
+}
+
 export const configSchema = {
   type: 'object',
   additionalProperties: false,
@@ -207,6 +369,55 @@ export const configSchema = {
           },
         },
         max_pools: { type: 'integer', minimum: 1, maximum: 100_000, default: 256 },
+        broker: {
+          type: 'object',
+          additionalProperties: false,
+          required: ['url'],
+          properties: {
+            url: { type: 'string', pattern: '^https?://[^\\s]+$' },
+            timeout_ms: ms(3_000),
+            min_remaining_ms: ms(5_000, 0),
+          },
+        },
+        callers: {
+          type: 'object',
+          additionalProperties: false,
+          default: {},
+          properties: {
+            identify: { type: 'boolean', default: false },
+            allowed_uids: { type: 'array', uniqueItems: true, items: { type: 'integer', minimum: 0, maximum: 4_294_967_295 }, default: [] },
+            allowed_executables: { type: 'array', uniqueItems: true, items: { type: 'string', pattern: '^[0-9a-f]{64}$' }, default: [] },
+          },
+        },
+        attestation: {
+          type: 'object',
+          additionalProperties: false,
+          default: {},
+          maxProperties: 1,
+          properties: {
+            kubernetes: { type: 'object', additionalProperties: false, required: ['token_file'], properties: { token_file: nonEmpty } },
+            spiffe: { type: 'object', additionalProperties: false, required: ['socket'], properties: { socket: nonEmpty, audience: nonEmpty } },
+            local: { type: 'object', additionalProperties: false, required: ['key_file'], properties: { key_file: nonEmpty, audience: nonEmpty } },
+          },
+        },
+      },
+    },
+    tasks: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: {
+        max_duration_s: { type: 'integer', minimum: 1, maximum: 604_800, default: 86_400 },
+        default: {
+          type: 'object',
+          additionalProperties: false,
+          default: {},
+          properties: {
+            enabled: { type: 'boolean', default: false },
+            duration_s: { type: 'integer', minimum: 1, maximum: 604_800, default: 3_600 },
+            purpose: { type: 'string', maxLength: 256, default: 'default task' },
+          },
+        },
       },
     },
     policy: {
@@ -250,12 +461,26 @@ export const configSchema = {
       items: {
         type: 'object',
         additionalProperties: false,
-        required: ['id', 'audience', 'source', 'secret', 'inject'],
+        required: ['id', 'audience', 'source', 'inject'],
         properties: {
           id: { type: 'string', pattern: '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' },
           audience: { type: 'string', pattern: '^https?://' },
-          source: { enum: ['static'] },
+          source: { enum: ['static', 'broker', 'broker_secret', 'client_credentials'] },
+          oauth: {
+            type: 'object',
+            additionalProperties: false,
+            required: ['token_url', 'client_id', 'client_secret'],
+            properties: {
+              token_url: { type: 'string', pattern: '^https?://[^\\s]+$' },
+              client_id: { type: 'string', minLength: 1, maxLength: 256 },
+              client_secret: { type: 'string', pattern: '^[A-Za-z0-9_.-]+$' },
+              auth_method: { enum: ['client_secret_basic', 'client_secret_post'], default: 'client_secret_basic' },
+              resource: { type: 'string', minLength: 1 },
+            },
+          },
           secret: { type: 'string', pattern: '^[A-Za-z0-9_.-]+$' },
+          token_audience: { type: 'string', minLength: 1, maxLength: 512 },
+          scopes: { type: 'array', uniqueItems: true, items: { type: 'string', pattern: '^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$' } },
           inject,
           strip: { type: 'array', items: { type: 'string', pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$" } },
         },
@@ -317,5 +542,6 @@ export const configSchema = {
         level: { enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info' },
       },
     },
+    broker,
   },
 } as const

@@ -36,6 +36,10 @@ export const auditEventSchema = {
       properties: { binding: str, id: str, audience: str, scopes: { type: 'array', items: str } },
     },
     error: nullableStr,
+    caller: {
+      type: ['object', 'null'],
+      properties: { pid: { type: ['integer', 'null'] }, uid: { type: 'integer' }, exe: nullableStr, sha256: nullableStr },
+    },
   },
 } as const
 

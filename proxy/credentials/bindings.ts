@@ -55,7 +55,10 @@ export function compileBinding(cfg: CredentialBindingConfig): CredentialBinding 
   return {
     id: cfg.id,
     audience: originKey(scheme, normaliseHost(url.hostname), port),
-    secret: cfg.secret,
+    source: cfg.source,
+    tokenAudience: cfg.token_audience ?? cfg.audience,
+    scopes: cfg.scopes ?? [],
+    secret: cfg.secret ?? '',
     strip,
     stripQuery: inj.query,
     inject: inj.inject,

@@ -30,6 +30,11 @@ export class StaticSecretSource implements CredentialSource {
     }
   }
 
+  /** A named secret's value, for providers that hold one (a client secret). */
+  secret(name: string): string | undefined {
+    return this.credentials.get(name)?.value
+  }
+
   has(name: string): boolean {
     return this.credentials.has(name)
   }

@@ -1,24 +1,38 @@
-// The identify stage for a standalone sidecar: the caller is this sidecar's agent. The
-// Proxy-Authorization header (a task handle, once tasks exist) is consumed here and never
-// forwarded; a malformed one is refused rather than ignored.
+// The identify stage: Proxy-Authorization names the task. The proxy URL the task API hands out is
+// http://task:<handle>@host:port: the handle is the password, because undici and Python's urllib
+// send proxy credentials only when the URL has both a user and a password (curl sends either).
+// A bare http://<handle>@… and Bearer <handle> are accepted too. The header is
+// consumed here and never forwarded. No header: the default task when configured, else the
+// sidecar's agent with no task. A malformed header, or a handle of no open task, is a 407.
 import type { Identifier, Identity } from '../context.js'
 import { LatchkeyError } from '../errors.js'
+import type { TaskRegistry } from '../tasks/registry.js'
 
-export class SidecarAgentIdentifier implements Identifier {
+export class TaskIdentifier implements Identifier {
   private readonly anonymous: Identity
 
-  constructor(agentId: string) {
-    this.anonymous = Object.freeze({ agentId, taskId: null, userSub: null }) as Identity
+  constructor(
+    agentId: string,
+    private readonly tasks: TaskRegistry,
+  ) {
+    this.anonymous = Object.freeze({ agentId, taskId: null, userSub: null, task: null }) as Identity
   }
 
   identify(proxyAuthorization: string | undefined): Identity {
-    if (proxyAuthorization === undefined) return this.anonymous
+    if (proxyAuthorization === undefined) return this.tasks.getDefault()?.identity ?? this.anonymous
     const space = proxyAuthorization.indexOf(' ')
     const scheme = space === -1 ? '' : proxyAuthorization.slice(0, space).toLowerCase()
-    if ((scheme !== 'basic' && scheme !== 'bearer') || proxyAuthorization.length - space < 2) {
-      throw new LatchkeyError('LK_PROXY_AUTH', 'Proxy-Authorization must be Basic or Bearer')
-    }
-    // Task handles arrive with the task registry; until then the sidecar's own agent is the caller.
-    return this.anonymous
+    const value = space === -1 ? '' : proxyAuthorization.slice(space + 1).trim()
+    let task
+    if (scheme === 'bearer' && value.length > 0) task = this.tasks.get(value)
+    else if (scheme === 'basic' && value.length > 0) {
+      const decoded = Buffer.from(value, 'base64').toString('utf8')
+      const colon = decoded.indexOf(':')
+      const user = colon === -1 ? decoded : decoded.slice(0, colon)
+      const password = colon === -1 ? '' : decoded.slice(colon + 1)
+      task = (password.length > 0 ? this.tasks.get(password) : undefined) ?? (user.length > 0 ? this.tasks.get(user) : undefined)
+    } else throw new LatchkeyError('LK_PROXY_AUTH', 'Proxy-Authorization must be Basic or Bearer with a task handle')
+    if (!task) throw new LatchkeyError('LK_PROXY_AUTH', 'the proxy credential names no open task (unknown, ended or expired): open one with POST /v1/tasks')
+    return task.identity
   }
 }

@@ -41,7 +41,7 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
   const run = async () => {
     if (req.httpVersionMajor !== 1) throw new LatchkeyError('LK_BAD_REQUEST', 'CONNECT must be HTTP/1.x')
     ctx.target = parseConnectTarget(req.url ?? '')
-    await pipeline.admit(ctx, req.headers['proxy-authorization'], false)
+    await pipeline.admit(ctx, req.headers['proxy-authorization'], false, client)
     const target = ctx.target
     const upstream = netConnect({ host: ctx.resolved!.address, port: target.port, noDelay: true })
     upstream.setTimeout(opts.connectTimeoutMs, () => upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'UND_ERR_CONNECT_TIMEOUT' })))

@@ -26,7 +26,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
     if (protocol.includes('h2c')) throw new LatchkeyError('LK_BAD_REQUEST', 'h2c upgrades are refused; speak HTTP/1.1 to the sidecar')
     if (protocol !== 'websocket') throw new LatchkeyError('LK_BAD_REQUEST', `upgrade to "${protocol.slice(0, 32)}" is not supported; only websocket`)
     ctx.target = url.startsWith('/') ? parseReverseTarget(url, pipeline.stages.routes).target : parseAbsoluteTarget(url)
-    await pipeline.admit(ctx, req.headers['proxy-authorization'], true)
+    await pipeline.admit(ctx, req.headers['proxy-authorization'], true, client)
     const target = ctx.target
     const headers = outboundRequestHeaders(req.headers, ctx.binding?.strip ?? null, KEEP_FOR_WEBSOCKET)
     headers.connection = 'Upgrade'

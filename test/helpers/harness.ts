@@ -11,7 +11,7 @@ import { Writable } from 'node:stream'
 import { randomBytes } from 'node:crypto'
 import { validateConfig } from '../../lib/config/load.js'
 import type { Config } from '../../lib/config/schema.js'
-import { startSidecar, type RunningSidecar } from '../../proxy/sidecar.js'
+import { startSidecar, type RunningSidecar, type SidecarOptions } from '../../proxy/sidecar.js'
 import { testPki } from './tls.js'
 
 /** A secret no output may ever contain. Tests grep logs, audit lines and bodies for it. */
@@ -77,7 +77,7 @@ export interface TestSidecar {
 }
 
 /** Starts a sidecar from a config fragment (version, ports and audit path filled in). */
-export async function startTestSidecar(fragment: Record<string, unknown>, env: NodeJS.ProcessEnv = {}): Promise<TestSidecar> {
+export async function startTestSidecar(fragment: Record<string, unknown>, env: NodeJS.ProcessEnv = {}, opts: Omit<SidecarOptions, 'env' | 'logDestination'> = {}): Promise<TestSidecar> {
   const dir = mkdtempSync(join(tmpdir(), 'lk-sidecar-'))
   const auditPath = join(dir, 'audit.jsonl')
   const sidecarFragment = (fragment.sidecar ?? {}) as Record<string, unknown>
@@ -95,7 +95,7 @@ export async function startTestSidecar(fragment: Record<string, unknown>, env: N
       cb()
     },
   })
-  const sidecar = await startSidecar(config, { env: { LATCHKEY_SECRET_CANARY: CANARY, ...env }, logDestination: destination })
+  const sidecar = await startSidecar(config, { env: { LATCHKEY_SECRET_CANARY: CANARY, ...env }, logDestination: destination, ...opts })
   return {
     sidecar,
     config,

@@ -1,0 +1,47 @@
+// Workload attestation, broker side: each verifier turns one kind of evidence (a Kubernetes
+// service-account token, a SPIFFE JWT-SVID, a local key's signature) into the agent instance it
+// proves, using the registry's `match` rules. One interface; one conformance suite runs against
+// every implementation (test/broker/attestors.test.ts).
+import type { Registry } from '../registry.js'
+
+export type AttestorKind = 'kubernetes' | 'spiffe' | 'local'
+
+export interface Attestation {
+  kind: AttestorKind
+  agentType: string
+  /** agent:<type>:<env>:<instance> */
+  instanceId: string
+  /** The evidence's own subject: system:serviceaccount:…, spiffe://…, the local key's kid. */
+  subject: string
+  /** When the evidence expires (epoch seconds). */
+  expiresAt: number
+}
+
+export class AttestationFailed extends Error {
+  constructor(
+    message: string,
+    /** The evidence is genuine but names no registered agent: the workload gets nothing. */
+    readonly unregistered = false,
+  ) {
+    super(message)
+  }
+}
+
+export interface AttestationVerifier {
+  readonly kind: AttestorKind
+  /** The `actor_token_type` URN that names this evidence explicitly. */
+  readonly tokenType: string
+  /** For `urn:ietf:params:oauth:token-type:jwt`: does this (unverified) payload look like ours? */
+  claims(unverified: { iss?: unknown; sub?: unknown }): boolean
+  /** Verifies the evidence and maps it to an instance; throws AttestationFailed or a jose error. */
+  verify(token: string, registry: Registry): Promise<Attestation>
+}
+
+export { TOKEN_TYPES } from '../../lib/oauth.js'
+
+/** Instance IDs carry only characters that are safe in logs, metrics labels and paths. */
+export function sanitizeInstance(raw: string): string {
+  const s = raw.replace(/[^A-Za-z0-9_.-]/g, '-').slice(0, 128)
+  if (!/^[A-Za-z0-9]/.test(s)) throw new AttestationFailed('evidence names no usable instance')
+  return s
+}

@@ -1,0 +1,46 @@
+// SPIFFE JWT-SVIDs: signature against the trust domain's JWT bundle (a JWK set), `aud` containing
+// this broker, `exp` within 30 s, and a `sub` that is a SPIFFE ID in the configured trust domain.
+// The registry's path prefix picks the agent type; the ID's last segment is the instance.
+import type { JWTVerifyGetKey } from 'jose'
+import { verifyJwt } from '../jwt.js'
+import type { Registry } from '../registry.js'
+import { AttestationFailed, sanitizeInstance, TOKEN_TYPES, type Attestation, type AttestationVerifier } from './attestor.js'
+
+/** JWT-SVID spec §3: RS, ES and PS families only. */
+const SVID_ALGS = ['RS256', 'RS384', 'RS512', 'ES256', 'ES384', 'ES512', 'PS256', 'PS384', 'PS512']
+
+export class SpiffeVerifier implements AttestationVerifier {
+  readonly kind = 'spiffe'
+  readonly tokenType = TOKEN_TYPES.spiffe
+  private readonly prefix: string
+
+  constructor(
+    private readonly keys: JWTVerifyGetKey,
+    readonly trustDomain: string,
+    private readonly audience: string,
+  ) {
+    this.prefix = `spiffe://${trustDomain}/`
+  }
+
+  claims(p: { sub?: unknown }): boolean {
+    return typeof p.sub === 'string' && p.sub.startsWith(this.prefix)
+  }
+
+  async verify(token: string, registry: Registry): Promise<Attestation> {
+    const payload = await verifyJwt(token, this.keys, { audience: this.audience, requiredClaims: ['sub'], algorithms: SVID_ALGS })
+    const sub = payload.sub!
+    if (!sub.startsWith(this.prefix)) throw new AttestationFailed(`SPIFFE ID is not in trust domain ${this.trustDomain}`)
+    const path = sub.slice(this.prefix.length - 1)
+    if (/[?#%]|\/\/|\/\.\.?(\/|$)|\/$/.test(path)) throw new AttestationFailed('SPIFFE ID path is not canonical')
+    for (const [type, spec] of Object.entries(registry.agents)) {
+      const p = spec.match.spiffe?.path_prefix
+      if (!p) continue
+      const prefix = p.endsWith('/') ? p : p + '/'
+      if (path.startsWith(prefix) && path.length > prefix.length) {
+        const instance = path.slice(prefix.length).split('/').pop()!
+        return { kind: 'spiffe', agentType: type, instanceId: `agent:${type}:${spec.env}:${sanitizeInstance(instance)}`, subject: sub, expiresAt: payload.exp! }
+      }
+    }
+    throw new AttestationFailed(`no agent type matches ${sub}`, true)
+  }
+}

@@ -1,0 +1,137 @@
+// Assembles the broker from its config: registry (watched), keys, attestors, user IdP, revocation
+// store, events, HTTP server. Everything is read and compiled here, once; the exchange path
+// does no file or database I/O.
+import type { AddressInfo } from 'node:net'
+import type { BrokerConfig } from '../lib/config/schema.js'
+import { createLogger, type Logger } from '../lib/log.js'
+import { RegistryHolder } from './registry.js'
+import { KeyRing } from './keys.js'
+import { keySetFrom } from './jwt.js'
+import { KubernetesVerifier } from './attest/kubernetes.js'
+import { SpiffeVerifier } from './attest/spiffe.js'
+import { LocalVerifier } from './attest/local.js'
+import type { AttestationVerifier } from './attest/attestor.js'
+import { UserTokenVerifier } from './users.js'
+import { RevocationList } from './revocations/list.js'
+import { SqliteRevocationStore } from './revocations/sqlite.js'
+import { PostgresRevocationStore } from './revocations/postgres.js'
+import type { RevocationStore } from './revocations/store.js'
+import { BrokerEvents } from './events.js'
+import { TokenExchange } from './exchange.js'
+import { Introspection } from './introspect.js'
+import { createBrokerServer } from './http/server.js'
+
+export interface RunningBroker {
+  url: string
+  issuer: string
+  keys: KeyRing
+  revocations: RevocationList
+  registry: RegistryHolder
+  events: BrokerEvents
+  close(): Promise<void>
+}
+
+export interface BrokerOptions {
+  env?: NodeJS.ProcessEnv
+  logger?: Logger
+  now?: () => number
+}
+
+export function openRevocationStore(c: BrokerConfig): RevocationStore {
+  if (c.store.postgres) return new PostgresRevocationStore(c.store.postgres.url, c.store.postgres.schema)
+  return new SqliteRevocationStore(c.store.sqlite?.path ?? '.latchkey/broker.db')
+}
+
+export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Promise<RunningBroker> {
+  const env = opts.env ?? process.env
+  const now = opts.now ?? Date.now
+  const log = opts.logger ?? createLogger('info', 'latchkey-broker')
+  const audience = c.audience ?? c.issuer
+  const events = new BrokerEvents(log, c.events.jsonl?.path)
+
+  const registry = new RegistryHolder(c.registry_file, (r) => {
+    const ts = new Date(now()).toISOString()
+    if (!r.ok) events.emit({ type: 'policy.rejected', ts, reason: r.error.message })
+    else for (const w of r.widened) events.emit({ type: 'policy.widened', ts, agent_type: w.agent_type, audience: w.audience, added: w.added })
+  })
+  registry.watch()
+  const maxLifetime = () => Math.max(...Object.values(registry.current.agents).map((a) => a.max_lifetime_s), c.tokens.floor_s)
+  const keys = await KeyRing.open({ dir: c.keys.dir, alg: c.keys.alg, rotateAfterS: c.keys.rotate_after_s, maxLifetimeS: maxLifetime, now })
+  keys.start()
+
+  const attestors: AttestationVerifier[] = []
+  const a = c.attestors
+  if (a.kubernetes) attestors.push(new KubernetesVerifier(keySetFrom(a.kubernetes), a.kubernetes.issuer, a.kubernetes.audience ?? audience))
+  if (a.spiffe) attestors.push(new SpiffeVerifier(keySetFrom(a.spiffe), a.spiffe.trust_domain, a.spiffe.audience ?? audience))
+  if (a.local) attestors.push(new LocalVerifier(keySetFrom({ jwks_file: a.local.keys_file }), audience, now))
+  const users = c.users ? new UserTokenVerifier(keySetFrom(c.users), c.users.issuer, c.users.audience, c.users.scope_claim) : undefined
+
+  const revocations = new RevocationList(openRevocationStore(c))
+  await revocations.load()
+  revocations.onChange((change) => {
+    const ts = new Date(now()).toISOString()
+    if (change.op === 'revoke') events.emit({ type: 'revocation', ts, op: 'revoke', kind: change.revocation.kind, value: change.revocation.value, reason: change.revocation.reason })
+    else events.emit({ type: 'revocation', ts, op: 'unrevoke', kind: change.kind, value: change.value, reason: null })
+  })
+
+  for (const [aud, variable] of Object.entries(c.leased_secrets)) {
+    if (!env[variable]) throw new Error(`broker.leased_secrets["${aud}"]: environment variable ${variable} is not set`)
+  }
+  const exchange = new TokenExchange({
+    issuer: c.issuer,
+    registry: () => registry.current,
+    attestors,
+    users,
+    keys,
+    revocations,
+    events,
+    floorS: c.tokens.floor_s,
+    defaultDurationS: c.tokens.default_duration_s,
+    now,
+    leasedSecrets: new Map(Object.entries(c.leased_secrets).flatMap(([aud, variable]) => (env[variable] ? [[aud, env[variable]!] as [string, string]] : []))),
+  })
+  const introspectionClients = new Map<string, string>()
+  for (const [id, variable] of Object.entries(c.introspection_clients)) {
+    const secret = env[variable]
+    if (secret) introspectionClients.set(id, secret)
+  }
+  let closing = false
+  const { server } = createBrokerServer({
+    issuer: c.issuer,
+    exchange,
+    introspection: new Introspection(keys, c.issuer, revocations),
+    keys,
+    revocations,
+    maxBodyBytes: c.tokens.max_body_bytes,
+    adminToken: env[c.admin_token_env] || undefined,
+    introspectionClients,
+    ready: () => !closing,
+  })
+  server.keepAliveTimeout = 5_000
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject)
+    server.listen(c.listen.port, c.listen.host, () => resolve())
+  })
+  const addr = server.address() as AddressInfo
+  const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address
+  log.info({ url: `http://${host}:${addr.port}`, issuer: c.issuer, attestors: attestors.map((x) => x.kind) }, 'broker listening')
+  return {
+    url: `http://${host}:${addr.port}`,
+    issuer: c.issuer,
+    keys,
+    revocations,
+    registry,
+    events,
+    close: async () => {
+      closing = true
+      registry.close()
+      keys.stop()
+      await new Promise<void>((resolve) => {
+        server.close(() => resolve())
+        server.closeIdleConnections()
+      })
+      await revocations.store.close()
+      await events.close()
+    },
+  }
+}

@@ -1,0 +1,346 @@
+// RFC 8693 token exchange: who is asking (the actor's attestation), for whom (the user's token,
+// a delegating agent's token, or nobody), for what (one audience, scopes), for how long (the
+// task). Every refusal is an OAuthError with the RFC's code; every outcome is an event.
+//
+//   subject_token = attestation, no actor_token      → sub = the agent itself
+//   subject_token = user token,  actor_token = attestation   → sub = user, act.sub = agent
+//   subject_token = broker token (aud = broker, from agent A), actor_token = attestation of B
+//                                                     → sub = A's subject, act = {sub: B, act: {sub: A}}
+import { createHash, randomUUID } from 'node:crypto'
+import { decodeJwt, type JWTPayload } from 'jose'
+import type { Form } from './http/form.js'
+import { OAuthError } from './oauth-error.js'
+import { AttestationFailed, TOKEN_TYPES, type Attestation, type AttestationVerifier } from './attest/attestor.js'
+import { describeJwtError, verifyJwt, TokenInvalid, MAX_TOKEN_BYTES } from './jwt.js'
+import type { Registry, AgentTypeSpec } from './registry.js'
+import type { KeyRing } from './keys.js'
+import type { RevocationList } from './revocations/list.js'
+import type { UserTokenVerifier } from './users.js'
+import type { BrokerEvents, ExchangeEvent } from './events.js'
+
+export { TOKEN_EXCHANGE_GRANT as GRANT_TYPE } from '../lib/oauth.js'
+import { TOKEN_EXCHANGE_GRANT as GRANT_TYPE } from '../lib/oauth.js'
+/** RFC 9068's media type for JWT access tokens. */
+export const ACCESS_TOKEN_TYP = 'at+jwt'
+const SCOPE_TOKEN = /^[\x21\x23-\x5B\x5D-\x7E]+$/
+const TASK_ID = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/
+const ACCEPTED_SUBJECT_TYPES = new Set<string>([TOKEN_TYPES.jwt, TOKEN_TYPES.accessToken, 'urn:ietf:params:oauth:token-type:id_token'])
+
+export interface ExchangeDeps {
+  issuer: string
+  registry: () => Registry
+  attestors: readonly AttestationVerifier[]
+  users: UserTokenVerifier | undefined
+  keys: KeyRing
+  revocations: RevocationList
+  events: BrokerEvents
+  floorS: number
+  defaultDurationS: number
+  now: () => number
+  /** Secrets lent for a task instead of a JWT, by audience (read once at start). */
+  leasedSecrets: ReadonlyMap<string, string>
+}
+
+export interface TokenResponse {
+  access_token: string
+  issued_token_type: string
+  token_type: 'Bearer' | 'N_A'
+  expires_in: number
+  scope: string
+  /** For a leased secret: the lease's ID, audited in place of a jti. */
+  lease_id?: string
+}
+
+/** A delegation chain: the subject, and the agents that acted, outermost (first delegator) first. */
+interface Subject {
+  sub: string
+  /** The user's or delegator's scopes; undefined when the subject is the agent itself. */
+  scopes: string[] | undefined
+  exp: number | undefined
+  delegators: string[]
+  isUser: boolean
+}
+
+/** A short, non-reversible token fingerprint for events. */
+export function tokenHash(token: string): string {
+  return createHash('sha256').update(token).digest('base64url').slice(0, 22)
+}
+
+export class TokenExchange {
+  constructor(private readonly d: ExchangeDeps) {}
+
+  async exchange(form: Form): Promise<TokenResponse> {
+    const event: ExchangeEvent = {
+      type: 'token.exchange',
+      ts: '',
+      outcome: 'refused',
+      error: null,
+      reason: '',
+      agent: null,
+      agent_type: null,
+      attestor: null,
+      delegated_by: [],
+      user: null,
+      task: null,
+      audience: null,
+      scopes: [],
+      jti: null,
+      exp: null,
+    }
+    try {
+      const res = await this.run(form, event)
+      event.outcome = 'granted'
+      if (event.reason === '') event.reason = 'granted'
+      return res
+    } catch (err) {
+      const e = err instanceof OAuthError ? err : new OAuthError('invalid_request', 'the request could not be processed', 400, String(err))
+      event.error = e.error
+      event.reason = e.reason
+      throw e
+    } finally {
+      event.ts = new Date(this.d.now()).toISOString()
+      this.d.events.emit(event)
+    }
+  }
+
+  private async run(form: Form, ev: ExchangeEvent): Promise<TokenResponse> {
+    const grantType = form.one('grant_type')
+    if (grantType === undefined) throw new OAuthError('invalid_request', 'missing grant_type')
+    if (grantType !== GRANT_TYPE) throw new OAuthError('unsupported_grant_type', `only ${GRANT_TYPE} is supported`)
+
+    const subjectToken = required(form, 'subject_token')
+    const subjectType = required(form, 'subject_token_type')
+    const actorToken = form.one('actor_token')
+    const actorType = form.one('actor_token_type')
+    if (actorToken !== undefined && actorType === undefined) throw new OAuthError('invalid_request', 'actor_token_type is required with actor_token')
+    if (actorToken === undefined && actorType !== undefined) throw new OAuthError('invalid_request', 'actor_token_type given without actor_token')
+    if (actorToken === '') throw new OAuthError('invalid_request', 'actor_token is empty')
+
+    const requestedType = form.one('requested_token_type')
+    if (requestedType !== undefined && requestedType !== TOKEN_TYPES.accessToken && requestedType !== TOKEN_TYPES.jwt && requestedType !== TOKEN_TYPES.leasedSecret) {
+      throw new OAuthError('invalid_request', `requested_token_type must be ${TOKEN_TYPES.accessToken}, ${TOKEN_TYPES.jwt} or ${TOKEN_TYPES.leasedSecret}`)
+    }
+    const lease = requestedType === TOKEN_TYPES.leasedSecret
+
+    const targets = [...form.all('audience'), ...form.all('resource')]
+    if (targets.length !== 1) throw new OAuthError('invalid_target', `exactly one audience or resource is required, got ${targets.length}`)
+    const audience = targets[0]!
+    if (audience.length === 0 || audience.length > 512) throw new OAuthError('invalid_target', 'audience must be 1 to 512 characters')
+    if (form.all('resource').length === 1 && !isAbsoluteUri(audience)) throw new OAuthError('invalid_target', 'resource must be an absolute URI')
+    ev.audience = audience
+
+    const scopeParam = form.one('scope')
+    let requested: string[] | undefined
+    if (scopeParam !== undefined) {
+      requested = scopeParam.split(' ').filter(Boolean)
+      if (requested.length === 0 || requested.some((s) => !SCOPE_TOKEN.test(s))) throw new OAuthError('invalid_scope', 'scope must be space-separated scope tokens')
+    }
+
+    const task = required(form, 'task_id')
+    if (!TASK_ID.test(task)) throw new OAuthError('invalid_request', 'task_id must be 1-128 characters of A-Z a-z 0-9 . _ : -')
+    ev.task = task
+    const durationParam = form.one('task_duration')
+    let duration = this.d.defaultDurationS
+    if (durationParam !== undefined) {
+      if (!/^[1-9][0-9]{0,5}$/.test(durationParam)) throw new OAuthError('invalid_request', 'task_duration must be a whole number of seconds')
+      duration = Number(durationParam)
+    }
+
+    const registry = this.d.registry()
+    // Who is acting: the actor's attestation, or the subject's when the agent acts for itself.
+    const attestation = await this.attest(actorToken ?? subjectToken, actorType ?? subjectType, actorToken ? 'actor_token' : 'subject_token', registry)
+    ev.agent = attestation.instanceId
+    ev.agent_type = attestation.agentType
+    ev.attestor = attestation.kind
+    const spec = registry.agents[attestation.agentType]!
+
+    const subject: Subject = actorToken
+      ? await this.subject(subjectToken, subjectType, attestation, registry)
+      : { sub: attestation.instanceId, scopes: undefined, exp: undefined, delegators: [], isUser: false }
+    ev.delegated_by = subject.delegators
+    ev.user = subject.isUser ? subject.sub : null
+
+    const chain = [...subject.delegators, attestation.instanceId]
+    const revoked = this.d.revocations.check(chain, task, undefined)
+    if (revoked) {
+      throw new OAuthError('invalid_request', `${revoked.kind} ${revoked.value} is revoked`, 400, `revoked: ${revoked.kind} ${revoked.value}`)
+    }
+
+    if (subject.isUser && spec.users === 'none') throw new OAuthError('invalid_request', `agent type "${attestation.agentType}" may not act for users`)
+    if (!subject.isUser && spec.users === 'required') {
+      throw new OAuthError('invalid_request', `agent type "${attestation.agentType}" requires a user subject_token`)
+    }
+
+    // A token for the broker itself is a delegation token: only agents that may task others get one.
+    const delegation = audience === this.d.issuer
+    const allowed = delegation ? (spec.may_task.length > 0 ? [...new Set(Object.values(spec.audiences).flat())] : undefined) : spec.audiences[audience]
+    if (!allowed) throw new OAuthError('invalid_target', `agent type "${attestation.agentType}" may not receive tokens for this audience`)
+    const ceiling = subject.scopes === undefined ? allowed : allowed.filter((s) => subject.scopes!.includes(s))
+    let granted: string[]
+    if (lease) {
+      // A lent secret carries no scopes: what it can do is the audience's business.
+      granted = []
+    } else if (requested) {
+      const notAllowed = requested.filter((s) => !allowed.includes(s))
+      if (notAllowed.length > 0) throw new OAuthError('invalid_scope', `agent type "${attestation.agentType}" may not receive scope ${notAllowed.join(' ')}`)
+      const notHeld = requested.filter((s) => !ceiling.includes(s))
+      if (notHeld.length > 0) throw new OAuthError('invalid_scope', `the subject_token does not grant scope ${notHeld.join(' ')}`)
+      granted = [...new Set(requested)]
+    } else {
+      granted = ceiling
+      if (granted.length === 0) throw new OAuthError('invalid_scope', 'the subject_token grants none of the scopes this agent may receive for this audience')
+    }
+
+    if (duration > spec.max_lifetime_s) {
+      throw new OAuthError('invalid_request', `task_duration ${duration} s exceeds the maximum of ${spec.max_lifetime_s} s for agent type "${attestation.agentType}"`)
+    }
+    const nowS = Math.floor(this.d.now() / 1000)
+    let lifetime = Math.min(Math.max(Math.ceil(duration * 1.2), this.d.floorS), spec.max_lifetime_s)
+    // Never outlive the delegation it rests on.
+    if (subject.exp !== undefined) lifetime = Math.min(lifetime, subject.exp - nowS)
+    if (lifetime <= 0) throw new OAuthError('invalid_request', 'subject_token: expired')
+
+    const jti = randomUUID()
+    if (lease) {
+      const secret = delegation ? undefined : this.d.leasedSecrets.get(audience)
+      if (secret === undefined) throw new OAuthError('invalid_target', 'the broker holds no secret to lend for this audience')
+      ev.jti = jti
+      ev.exp = nowS + lifetime
+      ev.reason = 'leased'
+      // RFC 8693 §2.2.1: token_type N_A when what is issued is not an access token.
+      return { access_token: secret, issued_token_type: TOKEN_TYPES.leasedSecret, token_type: 'N_A', expires_in: lifetime, scope: '', lease_id: jti }
+    }
+    const act: Record<string, unknown> = { sub: attestation.instanceId }
+    {
+      // Innermost `act` is the first delegator (RFC 8693 §4.1: nested act = prior actors).
+      let cur = act
+      for (let i = subject.delegators.length - 1; i >= 0; i--) {
+        const next = { sub: subject.delegators[i]! }
+        cur.act = next
+        cur = next
+      }
+    }
+    const claims: JWTPayload = {
+      iss: this.d.issuer,
+      sub: subject.sub,
+      aud: audience,
+      act,
+      client_id: attestation.instanceId,
+      scope: granted.join(' '),
+      task_id: task,
+      iat: nowS,
+      exp: nowS + lifetime,
+      jti,
+    }
+    const token = await this.d.keys.sign(claims, ACCESS_TOKEN_TYP)
+    ev.scopes = granted
+    ev.jti = jti
+    ev.exp = nowS + lifetime
+    return {
+      access_token: token,
+      issued_token_type: requestedType ?? TOKEN_TYPES.accessToken,
+      token_type: 'Bearer',
+      expires_in: lifetime,
+      scope: granted.join(' '),
+    }
+  }
+
+  private async attest(token: string, type: string, param: string, registry: Registry): Promise<Attestation> {
+    const verifier = this.pickAttestor(token, type, param)
+    try {
+      return await verifier.verify(token, registry)
+    } catch (err) {
+      if (err instanceof AttestationFailed) {
+        if (err.unregistered) throw new OAuthError('unauthorized_client', `${param}: ${err.message}`)
+        throw new OAuthError('invalid_request', `${param}: ${err.message}`)
+      }
+      throw new OAuthError('invalid_request', `${param}: ${describeJwtError(err)}`)
+    }
+  }
+
+  private pickAttestor(token: string, type: string, param: string): AttestationVerifier {
+    const explicit = this.d.attestors.find((a) => a.tokenType === type)
+    if (explicit) return explicit
+    if (type !== TOKEN_TYPES.jwt) throw new OAuthError('invalid_request', `${param}_type ${truncate(type)} is not a workload attestation type this broker accepts`)
+    const payload = peek(token, param)
+    const found = this.d.attestors.find((a) => a.claims(payload))
+    if (!found) throw new OAuthError('invalid_request', `${param}: not issued by a trusted workload attestor`)
+    return found
+  }
+
+  private async subject(token: string, type: string, actor: Attestation, registry: Registry): Promise<Subject> {
+    if (!ACCEPTED_SUBJECT_TYPES.has(type)) throw new OAuthError('invalid_request', `subject_token_type ${truncate(type)} is not accepted`)
+    const payload = peek(token, 'subject_token')
+    if (payload.iss === this.d.issuer) return this.delegation(token, actor, registry)
+    if (!this.d.users) throw new OAuthError('invalid_request', 'subject_token: this broker accepts no user tokens (broker.users is not configured)')
+    if (payload.iss !== this.d.users.issuer) throw new OAuthError('invalid_request', 'subject_token: issuer is not the configured user identity provider')
+    try {
+      const user = await this.d.users.verify(token, this.d.now())
+      return { sub: user.sub, scopes: user.scopes, exp: user.exp, delegators: [], isUser: true }
+    } catch (err) {
+      throw new OAuthError('invalid_request', `subject_token: ${describeJwtError(err)}`)
+    }
+  }
+
+  /** A broker-issued delegation token (aud = this broker) from an agent that may task the actor's type. */
+  private async delegation(token: string, actor: Attestation, registry: Registry): Promise<Subject> {
+    let p: JWTPayload
+    try {
+      p = await verifyJwt(token, this.d.keys.verifier, { issuer: this.d.issuer, audience: this.d.issuer, requiredClaims: ['sub', 'jti', 'act'] })
+    } catch (err) {
+      throw new OAuthError('invalid_request', `subject_token: ${describeJwtError(err)}`)
+    }
+    const chain = actChain(p.act)
+    if (chain.length === 0) throw new OAuthError('invalid_request', 'subject_token: act claim is malformed')
+    const delegator = chain[chain.length - 1]!
+    const delegatorType = /^agent:([a-z0-9-]+):/.exec(delegator)?.[1]
+    const spec: AgentTypeSpec | undefined = delegatorType ? registry.agents[delegatorType] : undefined
+    if (!spec || !spec.may_task.includes(actor.agentType)) {
+      throw new OAuthError('unauthorized_client', `agent type "${delegatorType ?? '?'}" may not task agent type "${actor.agentType}"`)
+    }
+    const revoked = this.d.revocations.check([], typeof p.task_id === 'string' ? p.task_id : undefined, p.jti)
+    if (revoked) throw new OAuthError('invalid_request', `subject_token: ${revoked.kind} ${revoked.value} is revoked`, 400, `revoked: ${revoked.kind} ${revoked.value}`)
+    const scopes = typeof p.scope === 'string' ? p.scope.split(' ').filter(Boolean) : []
+    // The delegator acted for p.sub: a user, or itself when the chain is the agent alone.
+    const isUser = !(chain.length === 1 && p.sub === delegator)
+    return { sub: p.sub!, scopes, exp: p.exp, delegators: chain, isUser }
+  }
+}
+
+/** `act` nested claims, outermost actor first in the JWT; returned oldest (first delegator) first. */
+function actChain(act: unknown): string[] {
+  const out: string[] = []
+  let cur = act as { sub?: unknown; act?: unknown } | undefined
+  for (let depth = 0; cur && depth < 8; depth++) {
+    if (typeof cur.sub !== 'string') return []
+    out.push(cur.sub)
+    cur = cur.act as typeof cur
+  }
+  return out.reverse()
+}
+
+function required(form: Form, name: string): string {
+  const v = form.one(name)
+  if (v === undefined || v === '') throw new OAuthError('invalid_request', `missing ${name}`)
+  return v
+}
+
+/** Reads claims without trusting them, only to route the token to the verifier that will. */
+function peek(token: string, param: string): JWTPayload {
+  if (token.length > MAX_TOKEN_BYTES) throw new OAuthError('invalid_request', `${param}: is longer than ${MAX_TOKEN_BYTES} bytes`)
+  try {
+    return decodeJwt(token)
+  } catch {
+    throw new OAuthError('invalid_request', `${param}: not a valid signed JWT`)
+  }
+}
+
+function isAbsoluteUri(s: string): boolean {
+  return /^[A-Za-z][A-Za-z0-9+.-]*:[^\s]*$/.test(s) && !s.includes('#')
+}
+
+function truncate(s: string): string {
+  return JSON.stringify(s.length > 80 ? s.slice(0, 80) + '…' : s)
+}
+
+export { TokenInvalid }

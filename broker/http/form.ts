@@ -1,0 +1,62 @@
+// application/x-www-form-urlencoded request bodies for the OAuth endpoints: size-capped while
+// reading, every parameter at most once (RFC 6749 §3.2), so a second `scope` or `subject_token`
+// cannot change what was checked.
+import type { IncomingMessage } from 'node:http'
+import { OAuthError } from '../oauth-error.js'
+
+/** Parameters that RFC 8693 allows to repeat. */
+const MULTI = new Set(['audience', 'resource'])
+
+export interface Form {
+  one(name: string): string | undefined
+  all(name: string): string[]
+}
+
+export class BodyTooLarge extends Error {}
+
+export function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const declared = req.headers['content-length']
+    if (declared !== undefined && Number(declared) > limit) {
+      req.resume()
+      reject(new BodyTooLarge())
+      return
+    }
+    const chunks: Buffer[] = []
+    let size = 0
+    req.on('data', (chunk: Buffer) => {
+      size += chunk.length
+      if (size > limit) {
+        req.removeAllListeners('data')
+        req.resume()
+        reject(new BodyTooLarge())
+        return
+      }
+      chunks.push(chunk)
+    })
+    req.on('end', () => resolve(Buffer.concat(chunks, size)))
+    req.on('error', reject)
+  })
+}
+
+export function parseForm(req: IncomingMessage, body: Buffer): Form {
+  const type = (req.headers['content-type'] ?? '').split(';')[0]!.trim().toLowerCase()
+  if (type !== 'application/x-www-form-urlencoded') {
+    throw new OAuthError('invalid_request', 'the request body must be application/x-www-form-urlencoded')
+  }
+  const text = body.toString('utf8')
+  if (text.includes('\uFFFD')) throw new OAuthError('invalid_request', 'the request body is not valid UTF-8')
+  const params = new URLSearchParams(text)
+  const seen = new Map<string, string[]>()
+  for (const [key, value] of params) {
+    const list = seen.get(key)
+    if (list) {
+      if (!MULTI.has(key)) throw new OAuthError('invalid_request', `parameter "${key.slice(0, 64)}" is repeated`)
+      list.push(value)
+    } else seen.set(key, [value])
+  }
+  return {
+    one: (name) => seen.get(name)?.[0],
+    all: (name) => seen.get(name) ?? [],
+  }
+}

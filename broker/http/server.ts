@@ -1,0 +1,228 @@
+// The broker's HTTP surface. OAuth endpoints answer as RFC 6749 §5.1/§5.2 say (JSON, no-store);
+// the admin API needs the admin bearer token; nothing here ever echoes a token it was sent.
+//
+//   POST /oauth2/token                          RFC 8693 token exchange
+//   POST /oauth2/introspect                     RFC 7662 (client_secret_basic)
+//   GET  /.well-known/jwks.json                 signing keys, current and still-needed
+//   GET  /.well-known/oauth-authorization-server RFC 8414 metadata
+//   GET|POST /v1/revocations, DELETE /v1/revocations/<kind>/<value>   admin (Bearer)
+//   GET  /healthz /readyz /metrics
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
+import { timingSafeEqual, createHash } from 'node:crypto'
+import { Counter, Histogram, Registry as MetricsRegistry } from 'prom-client'
+import { OAuthError } from '../oauth-error.js'
+import { BodyTooLarge, parseForm, readBody } from './form.js'
+import type { TokenExchange } from '../exchange.js'
+import type { Introspection } from '../introspect.js'
+import type { KeyRing } from '../keys.js'
+import type { RevocationList } from '../revocations/list.js'
+import { REVOCATION_KINDS, type RevocationKind } from '../revocations/store.js'
+import { GRANT_TYPE } from '../exchange.js'
+
+export interface BrokerHttpDeps {
+  issuer: string
+  exchange: TokenExchange
+  introspection: Introspection
+  keys: KeyRing
+  revocations: RevocationList
+  maxBodyBytes: number
+  /** Admin bearer token; undefined disables the admin API. */
+  adminToken: string | undefined
+  /** Introspection client id → secret. */
+  introspectionClients: Map<string, string>
+  ready: () => boolean
+}
+
+const NO_STORE = { 'cache-control': 'no-store', pragma: 'no-cache' }
+
+function digest(s: string): Buffer {
+  return createHash('sha256').update(s).digest()
+}
+
+/** Constant-time comparison that does not leak the length either. */
+function sameSecret(given: string, expected: string): boolean {
+  return timingSafeEqual(digest(given), digest(expected))
+}
+
+export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics: MetricsRegistry } {
+  const metrics = new MetricsRegistry()
+  const exchanges = new Counter({ name: 'latchkey_broker_exchanges_total', help: 'Token exchanges by outcome and RFC error code', labelNames: ['outcome', 'error'], registers: [metrics] })
+  const latency = new Histogram({
+    name: 'latchkey_broker_exchange_seconds',
+    help: 'Token exchange latency at the broker',
+    buckets: [0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25],
+    registers: [metrics],
+  })
+
+  const metadata = JSON.stringify({
+    issuer: d.issuer,
+    token_endpoint: `${d.issuer}/oauth2/token`,
+    introspection_endpoint: `${d.issuer}/oauth2/introspect`,
+    jwks_uri: `${d.issuer}/.well-known/jwks.json`,
+    grant_types_supported: [GRANT_TYPE],
+    response_types_supported: [],
+    token_endpoint_auth_methods_supported: ['none'],
+    introspection_endpoint_auth_methods_supported: ['client_secret_basic'],
+  })
+
+  const send = (res: ServerResponse, status: number, body: string, headers: Record<string, string> = {}) => {
+    res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), ...headers })
+    res.end(body)
+  }
+  const oauthError = (res: ServerResponse, e: OAuthError, extra: Record<string, string> = {}) => send(res, e.status, e.body(), { ...NO_STORE, ...extra })
+
+  async function token(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const started = process.hrtime.bigint()
+    try {
+      const form = parseForm(req, await readBody(req, d.maxBodyBytes))
+      const body = await d.exchange.exchange(form)
+      send(res, 200, JSON.stringify(body), NO_STORE)
+      exchanges.inc({ outcome: 'granted', error: '' })
+    } catch (err) {
+      const e = asOAuthError(err, d.maxBodyBytes)
+      exchanges.inc({ outcome: 'refused', error: e.error })
+      oauthError(res, e, e.status === 413 ? { connection: 'close' } : {})
+    } finally {
+      latency.observe(Number(process.hrtime.bigint() - started) / 1e9)
+    }
+  }
+
+  async function introspect(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const client = basicAuth(req.headers.authorization)
+    const secret = client ? d.introspectionClients.get(client.id) : undefined
+    // Compare even when the id is unknown, so timing does not reveal which ids exist.
+    const ok = sameSecret(client?.secret ?? '', secret ?? '\0no-client') && secret !== undefined
+    if (!ok) {
+      req.resume()
+      oauthError(res, new OAuthError('invalid_client', 'introspection requires client authentication (client_secret_basic)', 401), {
+        'www-authenticate': 'Basic realm="latchkey-broker"',
+      })
+      return
+    }
+    try {
+      const form = parseForm(req, await readBody(req, d.maxBodyBytes))
+      const token = form.one('token')
+      if (!token) throw new OAuthError('invalid_request', 'missing token')
+      send(res, 200, JSON.stringify(await d.introspection.introspect(token)), NO_STORE)
+    } catch (err) {
+      oauthError(res, asOAuthError(err, d.maxBodyBytes))
+    }
+  }
+
+  async function admin(req: IncomingMessage, res: ServerResponse, path: string): Promise<void> {
+    const auth = req.headers.authorization ?? ''
+    const given = auth.startsWith('Bearer ') ? auth.slice(7) : ''
+    if (!d.adminToken || !sameSecret(given, d.adminToken)) {
+      req.resume()
+      const why = d.adminToken ? 'a valid admin bearer token is required' : 'the admin API is disabled: no admin token is configured'
+      send(res, 401, JSON.stringify({ error: 'unauthorized', error_description: why }), { 'www-authenticate': 'Bearer realm="latchkey-broker-admin"', ...NO_STORE })
+      return
+    }
+    if (path === '/v1/revocations' && req.method === 'GET') {
+      send(res, 200, JSON.stringify({ revocations: d.revocations.all() }), NO_STORE)
+      return
+    }
+    if (path === '/v1/revocations' && req.method === 'POST') {
+      let input: { kind?: unknown; value?: unknown; reason?: unknown }
+      try {
+        input = JSON.parse((await readBody(req, d.maxBodyBytes)).toString('utf8')) as typeof input
+      } catch (err) {
+        const tooBig = err instanceof BodyTooLarge
+        send(res, tooBig ? 413 : 400, JSON.stringify({ error: 'invalid_request', error_description: tooBig ? 'body too large' : 'body is not JSON' }))
+        return
+      }
+      const problem = revocationProblem(input)
+      if (problem) {
+        send(res, 400, JSON.stringify({ error: 'invalid_request', error_description: problem }))
+        return
+      }
+      const { revocation, created } = await d.revocations.revoke(input.kind as RevocationKind, input.value as string, (input.reason as string | undefined) ?? 'revoked by operator')
+      send(res, created ? 201 : 200, JSON.stringify({ revocation, created }))
+      return
+    }
+    const m = /^\/v1\/revocations\/(agent|task|jti)\/(.+)$/.exec(path)
+    if (m && req.method === 'DELETE') {
+      const removed = await d.revocations.unrevoke(m[1] as RevocationKind, decodeURIComponent(m[2]!))
+      send(res, removed ? 200 : 404, JSON.stringify({ removed }))
+      return
+    }
+    req.resume()
+    send(res, 404, JSON.stringify({ error: 'not_found', error_description: `no admin endpoint ${req.method} ${path.slice(0, 100)}` }))
+  }
+
+  const server = createServer({ requestTimeout: 30_000, headersTimeout: 10_000, maxHeaderSize: 32_768 }, (req, res) => {
+    const path = (req.url ?? '/').split('?')[0]!
+    const method = req.method ?? 'GET'
+    const only = (m: string, fn: () => unknown) => {
+      if (method !== m) {
+        req.resume()
+        send(res, 405, JSON.stringify({ error: 'invalid_request', error_description: `use ${m}` }), { allow: m })
+        return
+      }
+      void Promise.resolve(fn()).catch((err: unknown) => {
+        if (!res.headersSent) send(res, 500, JSON.stringify({ error: 'server_error', error_description: 'internal error' }))
+        else res.destroy()
+        void err
+      })
+    }
+    switch (path) {
+      case '/oauth2/token':
+        return only('POST', () => token(req, res))
+      case '/oauth2/introspect':
+        return only('POST', () => introspect(req, res))
+      case '/.well-known/jwks.json':
+        return only('GET', () => send(res, 200, JSON.stringify(d.keys.jwks()), { 'cache-control': 'max-age=60' }))
+      case '/.well-known/oauth-authorization-server':
+        return only('GET', () => send(res, 200, metadata, { 'cache-control': 'max-age=300' }))
+      case '/healthz':
+        return only('GET', () => send(res, 200, '{"ok":true}'))
+      case '/readyz':
+        return only('GET', () => send(res, d.ready() ? 200 : 503, JSON.stringify({ ready: d.ready() })))
+      case '/metrics':
+        return only('GET', async () => {
+          const text = await metrics.metrics()
+          res.writeHead(200, { 'content-type': metrics.contentType })
+          res.end(text)
+        })
+    }
+    if (path === '/v1/revocations' || path.startsWith('/v1/revocations/')) {
+      void admin(req, res, path).catch(() => {
+        if (!res.headersSent) send(res, 500, JSON.stringify({ error: 'server_error', error_description: 'revocation store unavailable' }))
+      })
+      return
+    }
+    req.resume()
+    send(res, 404, JSON.stringify({ error: 'not_found', error_description: `no endpoint ${method} ${path.slice(0, 100)}` }))
+  })
+  return { server, metrics }
+}
+
+function asOAuthError(err: unknown, limit: number): OAuthError {
+  if (err instanceof OAuthError) return err
+  if (err instanceof BodyTooLarge) return new OAuthError('invalid_request', `request body exceeds ${limit} bytes`, 413)
+  return new OAuthError('invalid_request', 'the request could not be read', 400, String(err))
+}
+
+function basicAuth(header: string | undefined): { id: string; secret: string } | undefined {
+  if (!header || !/^basic /i.test(header)) return undefined
+  const decoded = Buffer.from(header.slice(6).trim(), 'base64').toString('utf8')
+  const i = decoded.indexOf(':')
+  if (i < 0) return undefined
+  // RFC 6749 §2.3.1: id and secret are form-urlencoded before base64.
+  try {
+    return { id: decodeURIComponent(decoded.slice(0, i).replace(/\+/g, ' ')), secret: decodeURIComponent(decoded.slice(i + 1).replace(/\+/g, ' ')) }
+  } catch {
+    return undefined
+  }
+}
+
+function revocationProblem(input: { kind?: unknown; value?: unknown; reason?: unknown }): string | undefined {
+  if (typeof input !== 'object' || input === null) return 'body must be a JSON object {kind, value, reason?}'
+  if (!REVOCATION_KINDS.includes(input.kind as RevocationKind)) return `kind must be one of ${REVOCATION_KINDS.join(', ')}`
+  if (typeof input.value !== 'string' || input.value.length === 0 || input.value.length > 256) return 'value must be a string of 1 to 256 characters'
+  if (input.kind === 'agent' && !/^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$/.test(input.value)) {
+    return 'an agent value must be an instance ID agent:<type>:<env>:<instance>'
+  }
+  if (input.reason !== undefined && (typeof input.reason !== 'string' || input.reason.length > 512)) return 'reason must be a string of at most 512 characters'
+  return undefined
+}

@@ -1,0 +1,52 @@
+// RFC 7662 introspection for resource servers that prefer asking to verifying: a token is active
+// only if this broker signed it, it has not expired, and nothing in its chain (any agent in
+// `act`, its task, its jti) is revoked. Anything else is `{active: false}`, with no reason given,
+// as the RFC asks.
+import { jwtVerify, type JWTPayload } from 'jose'
+import type { KeyRing } from './keys.js'
+import type { RevocationList } from './revocations/list.js'
+import { MAX_SKEW_S, MAX_TOKEN_BYTES } from './jwt.js'
+
+export function agentsInAct(act: unknown): string[] {
+  const out: string[] = []
+  let cur = act as { sub?: unknown; act?: unknown } | undefined
+  for (let depth = 0; cur && typeof cur === 'object' && depth < 8; depth++) {
+    if (typeof cur.sub === 'string') out.push(cur.sub)
+    cur = cur.act as typeof cur
+  }
+  return out
+}
+
+export class Introspection {
+  constructor(
+    private readonly keys: KeyRing,
+    private readonly issuer: string,
+    private readonly revocations: RevocationList,
+  ) {}
+
+  async introspect(token: string): Promise<Record<string, unknown>> {
+    if (token.length === 0 || token.length > MAX_TOKEN_BYTES) return { active: false }
+    let p: JWTPayload
+    try {
+      ;({ payload: p } = await jwtVerify(token, this.keys.verifier, { issuer: this.issuer, algorithms: ['ES256', 'EdDSA'], clockTolerance: MAX_SKEW_S, requiredClaims: ['exp', 'jti', 'sub'] }))
+    } catch {
+      return { active: false }
+    }
+    const task = typeof p.task_id === 'string' ? p.task_id : undefined
+    if (this.revocations.check(agentsInAct(p.act), task, p.jti)) return { active: false }
+    return {
+      active: true,
+      iss: p.iss,
+      sub: p.sub,
+      aud: p.aud,
+      act: p.act,
+      client_id: p.client_id,
+      scope: p.scope,
+      task_id: task,
+      iat: p.iat,
+      exp: p.exp,
+      jti: p.jti,
+      token_type: 'Bearer',
+    }
+  }
+}

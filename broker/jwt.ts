@@ -1,0 +1,89 @@
+// Verifying JWTs from others (workload attestations, user tokens): asymmetric algorithms only,
+// so `alg: none` and HS256-signed-with-a-public-key are refused before any key is looked at;
+// at most 30 s of clock skew; reasons that say what was wrong without echoing the token.
+import { readFileSync, statSync } from 'node:fs'
+import { createLocalJWKSet, createRemoteJWKSet, errors, jwtVerify, type JSONWebKeySet, type JWTPayload, type JWTVerifyGetKey } from 'jose'
+
+export const ASYMMETRIC_ALGS = ['ES256', 'ES384', 'ES512', 'RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'EdDSA', 'Ed25519']
+export const MAX_SKEW_S = 30
+/** Longer than any JWT we accept; refused before parsing. */
+export const MAX_TOKEN_BYTES = 16_384
+
+export class TokenInvalid extends Error {}
+
+export interface JwksSource {
+  jwks_file?: string | undefined
+  jwks_url?: string | undefined
+}
+
+/**
+ * A key set from a file (re-read when it changes, checked at most every 5 s and on an unknown
+ * `kid`) or a URL (jose's remote set: cached, refreshed on an unknown `kid` with a cooldown).
+ */
+export function keySetFrom(source: JwksSource): JWTVerifyGetKey {
+  if (source.jwks_url) return createRemoteJWKSet(new URL(source.jwks_url), { cacheMaxAge: 600_000, cooldownDuration: 30_000, timeoutDuration: 5_000 })
+  const file = source.jwks_file!
+  let mtime = 0
+  let checkedAt = 0
+  let set: JWTVerifyGetKey | undefined
+  const load = () => {
+    const stat = statSync(file)
+    if (stat.mtimeMs === mtime && set) return
+    const jwks = JSON.parse(readFileSync(file, 'utf8')) as JSONWebKeySet
+    if (!Array.isArray(jwks.keys)) throw new Error(`${file}: not a JWK set (no "keys" array)`)
+    set = createLocalJWKSet(jwks)
+    mtime = stat.mtimeMs
+  }
+  load()
+  return async (header, token) => {
+    const now = Date.now()
+    if (now - checkedAt > 5_000) {
+      checkedAt = now
+      try {
+        load()
+      } catch {
+        // Keep the last good set: a half-written file must not lock every workload out.
+      }
+    }
+    return set!(header, token)
+  }
+}
+
+/** What was wrong with a token, for an error description and an audit reason. */
+export function describeJwtError(err: unknown): string {
+  if (err instanceof TokenInvalid) return err.message
+  if (err instanceof errors.JWTExpired) return 'expired'
+  if (err instanceof errors.JWTClaimValidationFailed) {
+    if (err.claim === 'nbf' || err.claim === 'iat') return `not yet valid (${err.claim})`
+    return `claim "${err.claim}" ${err.reason === 'missing' ? 'is missing' : 'is not acceptable'}`
+  }
+  if (err instanceof errors.JOSEAlgNotAllowed) return 'signing algorithm not allowed'
+  if (err instanceof errors.JWKSNoMatchingKey) return 'signed by an unknown key'
+  if (err instanceof errors.JWKSMultipleMatchingKeys) return 'key id matches several keys'
+  if (err instanceof errors.JWSSignatureVerificationFailed) return 'signature does not verify'
+  if (err instanceof errors.JWKSTimeout) return 'key set could not be fetched in time'
+  if (err instanceof errors.JWSInvalid || err instanceof errors.JWTInvalid || err instanceof errors.JOSENotSupported) return 'not a valid signed JWT'
+  return 'could not be verified'
+}
+
+export interface VerifyOptions {
+  issuer?: string
+  audience: string
+  requiredClaims?: string[]
+  algorithms?: string[]
+  maxTokenAgeS?: number
+}
+
+export async function verifyJwt(token: string, keys: JWTVerifyGetKey, opts: VerifyOptions): Promise<JWTPayload> {
+  if (token.length === 0) throw new TokenInvalid('is empty')
+  if (token.length > MAX_TOKEN_BYTES) throw new TokenInvalid(`is longer than ${MAX_TOKEN_BYTES} bytes`)
+  const { payload } = await jwtVerify(token, keys, {
+    algorithms: opts.algorithms ?? ASYMMETRIC_ALGS,
+    audience: opts.audience,
+    ...(opts.issuer !== undefined ? { issuer: opts.issuer } : {}),
+    clockTolerance: MAX_SKEW_S,
+    requiredClaims: ['exp', ...(opts.requiredClaims ?? [])],
+    ...(opts.maxTokenAgeS !== undefined ? { maxTokenAge: opts.maxTokenAgeS } : {}),
+  })
+  return payload
+}

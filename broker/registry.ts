@@ -1,0 +1,197 @@
+// The agent registry: which agent types exist, how an attested workload maps to an instance ID,
+// and what each type may ever be given. One YAML file (version: 1), validated whole; a reload
+// that fails validation keeps the previous registry, and a reload that widens any type's scopes
+// is reported so it can reach the audit trail.
+import { readFileSync, watch, type FSWatcher } from 'node:fs'
+import { basename, dirname } from 'node:path'
+import { Ajv, type ErrorObject } from 'ajv'
+import { parseDocument } from 'yaml'
+
+export type UserRule = 'required' | 'optional' | 'none'
+
+export interface AgentTypeSpec {
+  /** `env` part of every instance ID of this type: agent:<type>:<env>:<instance>. */
+  env: string
+  /** How attested evidence maps to this type; a type with no match can never be attested. */
+  match: {
+    kubernetes?: { namespace: string; service_account: string }
+    /** SPIFFE ID path prefix (after the trust domain); the instance is the remainder's last segment. */
+    spiffe?: { path_prefix: string }
+    /** The local attestor: any key in the broker's local keys file may speak for this type. */
+    local?: boolean
+  }
+  /** Downstream audience → the scopes this type may ever receive there. */
+  audiences: Record<string, string[]>
+  max_lifetime_s: number
+  users: UserRule
+  /** Agent types this type may task (hand its delegation to). Empty: none, no nested `act`. */
+  may_task: string[]
+}
+
+export interface Registry {
+  version: 1
+  agents: Record<string, AgentTypeSpec>
+}
+
+const scopeToken = { type: 'string', pattern: '^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$' }
+const name = { type: 'string', pattern: '^[a-z0-9][a-z0-9-]*$' }
+
+const registrySchema = {
+  type: 'object',
+  additionalProperties: false,
+  required: ['version', 'agents'],
+  properties: {
+    version: { const: 1 },
+    agents: {
+      type: 'object',
+      propertyNames: name,
+      additionalProperties: {
+        type: 'object',
+        additionalProperties: false,
+        required: ['env', 'match', 'audiences', 'max_lifetime_s'],
+        properties: {
+          env: name,
+          match: {
+            type: 'object',
+            additionalProperties: false,
+            minProperties: 1,
+            properties: {
+              kubernetes: {
+                type: 'object',
+                additionalProperties: false,
+                required: ['namespace', 'service_account'],
+                properties: { namespace: { type: 'string', minLength: 1 }, service_account: { type: 'string', minLength: 1 } },
+              },
+              spiffe: {
+                type: 'object',
+                additionalProperties: false,
+                required: ['path_prefix'],
+                properties: { path_prefix: { type: 'string', pattern: '^/[^\\s]*$' } },
+              },
+              local: { type: 'boolean' },
+            },
+          },
+          audiences: { type: 'object', minProperties: 1, additionalProperties: { type: 'array', items: scopeToken, uniqueItems: true } },
+          max_lifetime_s: { type: 'integer', minimum: 1, maximum: 86_400 },
+          users: { enum: ['required', 'optional', 'none'], default: 'optional' },
+          may_task: { type: 'array', items: name, uniqueItems: true, default: [] },
+        },
+      },
+    },
+  },
+} as const
+
+const ajv = new Ajv({ allErrors: true, useDefaults: true, strict: true })
+const validate = ajv.compile(registrySchema)
+
+export class RegistryError extends Error {
+  readonly code = 'LK_REGISTRY_INVALID'
+  constructor(
+    readonly source: string,
+    readonly problems: string[],
+  ) {
+    super(`${source}: invalid agent registry:\n` + problems.map((p) => `  ${p}`).join('\n'))
+  }
+}
+
+function describe(e: ErrorObject): string {
+  const path = e.instancePath.split('/').slice(1).join('.') || '(root)'
+  if (e.keyword === 'additionalProperties') return `${path}: unknown key "${String(e.params.additionalProperty)}"`
+  return `${path}: ${e.message ?? 'invalid'}`
+}
+
+export function parseRegistry(text: string, source = '<registry>'): Registry {
+  const doc = parseDocument(text, { uniqueKeys: true })
+  if (doc.errors.length > 0) throw new RegistryError(source, doc.errors.map((e) => e.message.split('\n')[0] ?? e.message))
+  const raw: unknown = doc.toJS({ maxAliasCount: 100 }) ?? {}
+  if (!validate(raw)) throw new RegistryError(source, (validate.errors ?? []).map(describe))
+  const registry = raw as unknown as Registry
+  const problems: string[] = []
+  for (const [type, spec] of Object.entries(registry.agents)) {
+    for (const t of spec.may_task) if (!registry.agents[t]) problems.push(`agents.${type}.may_task: unknown agent type "${t}"`)
+    for (const aud of Object.keys(spec.audiences)) if (aud.length === 0) problems.push(`agents.${type}.audiences: empty audience`)
+  }
+  if (problems.length > 0) throw new RegistryError(source, problems)
+  return registry
+}
+
+export function loadRegistryFile(file: string): Registry {
+  let text: string
+  try {
+    text = readFileSync(file, 'utf8')
+  } catch (err) {
+    throw new RegistryError(file, [`cannot read file: ${(err as NodeJS.ErrnoException).code ?? String(err)}`])
+  }
+  return parseRegistry(text, file)
+}
+
+export interface ScopeWidening {
+  agent_type: string
+  audience: string
+  added: string[]
+}
+
+/** What `next` grants that `prev` did not: new types, new audiences, new scopes, new may_task. */
+export function widenings(prev: Registry, next: Registry): ScopeWidening[] {
+  const out: ScopeWidening[] = []
+  for (const [type, spec] of Object.entries(next.agents)) {
+    const before = prev.agents[type]
+    for (const [aud, scopes] of Object.entries(spec.audiences)) {
+      const had = new Set(before?.audiences[aud] ?? [])
+      const added = scopes.filter((s) => !had.has(s))
+      if (added.length > 0 || (before && !(aud in before.audiences))) out.push({ agent_type: type, audience: aud, added })
+    }
+    const hadTask = new Set(before?.may_task ?? [])
+    const addedTask = spec.may_task.filter((t) => !hadTask.has(t))
+    if (addedTask.length > 0) out.push({ agent_type: type, audience: '(may_task)', added: addedTask })
+    if (before && spec.max_lifetime_s > before.max_lifetime_s) {
+      out.push({ agent_type: type, audience: '(max_lifetime_s)', added: [`${before.max_lifetime_s}→${spec.max_lifetime_s}`] })
+    }
+  }
+  return out
+}
+
+/**
+ * Holds the current registry and reloads it when the file changes (atomic rename and ConfigMap
+ * symlink swaps included: the directory is watched, not the inode).
+ */
+export class RegistryHolder {
+  current: Registry
+  private watcher: FSWatcher | undefined
+  private timer: NodeJS.Timeout | undefined
+
+  constructor(
+    readonly file: string,
+    private readonly onReload: (result: { ok: true; widened: ScopeWidening[] } | { ok: false; error: RegistryError }) => void,
+  ) {
+    this.current = loadRegistryFile(file)
+  }
+
+  reload(): void {
+    let next: Registry
+    try {
+      next = loadRegistryFile(this.file)
+    } catch (err) {
+      this.onReload({ ok: false, error: err as RegistryError })
+      return
+    }
+    const widened = widenings(this.current, next)
+    this.current = next
+    this.onReload({ ok: true, widened })
+  }
+
+  watch(): void {
+    const base = basename(this.file)
+    this.watcher = watch(dirname(this.file), { persistent: false }, (_event, changed) => {
+      if (changed !== null && changed !== base && !String(changed).startsWith('..')) return
+      // Editors and kubelet write in several steps: settle before reading.
+      clearTimeout(this.timer)
+      this.timer = setTimeout(() => this.reload(), 50)
+    })
+  }
+
+  close(): void {
+    clearTimeout(this.timer)
+    this.watcher?.close()
+  }
+}

@@ -1,0 +1,58 @@
+import pg from 'pg'
+import type { Revocation, RevocationKind, RevocationStore } from './store.js'
+
+export class PostgresRevocationStore implements RevocationStore {
+  private readonly pool: pg.Pool
+  private readonly table: string
+
+  constructor(url: string, readonly schema: string) {
+    if (!/^[a-z_][a-z0-9_]{0,62}$/.test(schema)) throw new Error(`invalid schema name ${JSON.stringify(schema)}`)
+    this.pool = new pg.Pool({ connectionString: url, max: 4 })
+    // A pool error (server restart) must not crash the broker; the next query reconnects.
+    this.pool.on('error', () => {})
+    this.table = `"${schema}".revocations`
+  }
+
+  async init(): Promise<void> {
+    const client = await this.pool.connect()
+    try {
+      // Replicas starting together: serialise DDL on an advisory lock.
+      await client.query('SELECT pg_advisory_lock(hashtext($1))', [`latchkey:${this.schema}:init`])
+      await client.query(`CREATE SCHEMA IF NOT EXISTS "${this.schema}"`)
+      await client.query(`CREATE TABLE IF NOT EXISTS ${this.table} (
+        kind TEXT NOT NULL CHECK (kind IN ('agent', 'task', 'jti')),
+        value TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (kind, value)
+      )`)
+    } finally {
+      await client.query('SELECT pg_advisory_unlock(hashtext($1))', [`latchkey:${this.schema}:init`]).catch(() => {})
+      client.release()
+    }
+  }
+
+  async add(r: Revocation): Promise<boolean> {
+    const res = await this.pool.query(
+      `INSERT INTO ${this.table} (kind, value, reason, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (kind, value) DO NOTHING`,
+      [r.kind, r.value, r.reason, r.created_at],
+    )
+    return res.rowCount === 1
+  }
+
+  async remove(kind: RevocationKind, value: string): Promise<boolean> {
+    const res = await this.pool.query(`DELETE FROM ${this.table} WHERE kind = $1 AND value = $2`, [kind, value])
+    return res.rowCount === 1
+  }
+
+  async list(): Promise<Revocation[]> {
+    const res = await this.pool.query<{ kind: RevocationKind; value: string; reason: string; created_at: string }>(
+      `SELECT kind, value, reason, created_at FROM ${this.table} ORDER BY created_at, kind, value`,
+    )
+    return res.rows.map((r) => ({ kind: r.kind, value: r.value, reason: r.reason, created_at: Number(r.created_at) }))
+  }
+
+  async close(): Promise<void> {
+    await this.pool.end()
+  }
+}

@@ -1,0 +1,56 @@
+// Keys for the local attestor: `latchkey up` makes one ES256 key per installation; the broker
+// trusts its public half (a JWK set file), the sidecar signs single-use attestations with the
+// private half. Kept in a 0700 directory; the private file is 0600.
+import { randomUUID } from 'node:crypto'
+import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { calculateJwkThumbprint, exportJWK, generateKeyPair, importJWK, SignJWT, type CryptoKey, type JWK } from 'jose'
+
+
+/** `iss` of local attestations; the broker's local verifier expects exactly this. */
+export const LOCAL_ISSUER = 'latchkey-local'
+
+export interface LocalAttestorKey {
+  kid: string
+  privateKey: CryptoKey
+  /** The JWK set file the broker's `attestors.local.keys_file` points at. */
+  jwksFile: string
+}
+
+/** Loads the private key a sidecar signs with (the file `ensureLocalAttestorKey` wrote). */
+export async function loadLocalAttestorKey(file: string): Promise<{ kid: string; privateKey: CryptoKey }> {
+  const jwk = JSON.parse(readFileSync(file, 'utf8')) as JWK
+  if (!jwk.d || !jwk.kid) throw new Error(`${file}: not a private JWK with a kid`)
+  return { kid: jwk.kid, privateKey: (await importJWK(jwk, 'ES256')) as CryptoKey }
+}
+
+export async function ensureLocalAttestorKey(dir: string): Promise<LocalAttestorKey> {
+  mkdirSync(dir, { recursive: true, mode: 0o700 })
+  chmodSync(dir, 0o700)
+  const privFile = join(dir, 'local-attestor.key.json')
+  const jwksFile = join(dir, 'local-attestor.jwks.json')
+  let jwk: JWK
+  if (existsSync(privFile)) jwk = JSON.parse(readFileSync(privFile, 'utf8')) as JWK
+  else {
+    const { privateKey } = await generateKeyPair('ES256', { extractable: true })
+    jwk = await exportJWK(privateKey)
+    jwk.kid = await calculateJwkThumbprint(jwk)
+    writeFileSync(privFile, JSON.stringify(jwk), { mode: 0o600 })
+  }
+  const { d: _d, ...pub } = jwk
+  writeFileSync(jwksFile, JSON.stringify({ keys: [{ ...pub, alg: 'ES256', use: 'sig' }] }))
+  return { kid: jwk.kid!, privateKey: (await importJWK(jwk, 'ES256')) as CryptoKey, jwksFile }
+}
+
+/** One single-use attestation: sub = the instance, aud = the broker, 60 s of life. */
+export function signLocalAttestation(key: { kid: string; privateKey: CryptoKey }, instanceId: string, brokerAudience: string, lifetimeS = 60): Promise<string> {
+  return new SignJWT({})
+    .setProtectedHeader({ alg: 'ES256', kid: key.kid, typ: 'JWT' })
+    .setIssuer(LOCAL_ISSUER)
+    .setSubject(instanceId)
+    .setAudience(brokerAudience)
+    .setIssuedAt()
+    .setExpirationTime(`${lifetimeS}s`)
+    .setJti(randomUUID())
+    .sign(key.privateKey)
+}

@@ -1,0 +1,125 @@
+// The sidecar's RFC 8693 client: one POST to the broker's token endpoint per exchange, with the
+// workload evidence as actor_token and the task's user token, if any, as subject_token. Every
+// failure becomes an ExchangeFailed whose reason names what went wrong and never a token.
+import { Pool } from 'undici'
+import { decodeJwt } from 'jose'
+import { TOKEN_EXCHANGE_GRANT, TOKEN_TYPES } from '../../lib/oauth.js'
+import { EvidenceUnavailable, type WorkloadEvidence } from '../attest/evidence.js'
+import type { CredentialBinding, TaskRef } from '../context.js'
+import type { TokenIssuer } from './broker-source.js'
+
+export type ExchangeOutcome = 'refused' | 'unreachable' | 'evidence' | 'invalid_response'
+
+export class ExchangeFailed extends Error {
+  constructor(
+    readonly outcome: ExchangeOutcome,
+    message: string,
+  ) {
+    super(message)
+  }
+}
+
+export interface IssuedToken {
+  token: string
+  jti: string
+  scopes: string[]
+  /** Relative lifetime from the broker's expires_in: immune to clock skew between the two hosts. */
+  expiresInMs: number
+}
+
+export class BrokerClient implements TokenIssuer {
+  readonly needsTask = true
+  private readonly pool: Pool
+  private readonly path: string
+
+  constructor(
+    url: string,
+    private readonly timeoutMs: number,
+    private readonly evidence: WorkloadEvidence,
+  ) {
+    const u = new URL(url)
+    this.path = `${u.pathname.replace(/\/$/, '')}/oauth2/token`
+    this.pool = new Pool(u.origin, { connections: 4, headersTimeout: timeoutMs, bodyTimeout: timeoutMs, connectTimeout: timeoutMs })
+  }
+
+  issue(task: TaskRef | null, binding: CredentialBinding, durationS: number): Promise<IssuedToken> {
+    if (!task) return Promise.reject(new ExchangeFailed('refused', 'a broker token needs a task'))
+    return this.exchange(task, binding.tokenAudience, binding.scopes, durationS, binding.source === 'broker_secret' ? TOKEN_TYPES.leasedSecret : TOKEN_TYPES.accessToken)
+  }
+
+  async exchange(task: TaskRef, audience: string, scopes: readonly string[], durationS: number, requestedType: string = TOKEN_TYPES.accessToken): Promise<IssuedToken> {
+    let evidence: string
+    try {
+      evidence = await this.evidence.get()
+    } catch (err) {
+      throw new ExchangeFailed('evidence', `workload evidence unavailable: ${err instanceof EvidenceUnavailable ? err.message : 'error'}`)
+    }
+    const form = new URLSearchParams({ grant_type: TOKEN_EXCHANGE_GRANT })
+    if (task.userToken) {
+      form.set('subject_token', task.userToken)
+      form.set('subject_token_type', TOKEN_TYPES.jwt)
+      form.set('actor_token', evidence)
+      form.set('actor_token_type', this.evidence.tokenType)
+    } else {
+      form.set('subject_token', evidence)
+      form.set('subject_token_type', this.evidence.tokenType)
+    }
+    form.set('audience', audience)
+    if (scopes.length > 0) form.set('scope', scopes.join(' '))
+    form.set('requested_token_type', requestedType)
+    form.set('task_id', task.id)
+    form.set('task_duration', String(Math.max(1, durationS)))
+
+    let status: number
+    let text: string
+    try {
+      const res = await this.pool.request({
+        method: 'POST',
+        path: this.path,
+        headers: { 'content-type': 'application/x-www-form-urlencoded', accept: 'application/json' },
+        body: form.toString(),
+        signal: AbortSignal.timeout(this.timeoutMs),
+      })
+      status = res.statusCode
+      text = await res.body.text()
+    } catch (err) {
+      const e = err as { code?: string; name?: string }
+      const timedOut = e.name === 'TimeoutError' || e.code === 'UND_ERR_HEADERS_TIMEOUT' || e.code === 'UND_ERR_BODY_TIMEOUT' || e.code === 'UND_ERR_CONNECT_TIMEOUT'
+      throw new ExchangeFailed('unreachable', timedOut ? `broker did not answer within ${this.timeoutMs} ms` : `broker unreachable (${e.code ?? e.name ?? 'error'})`)
+    }
+    let body: Record<string, unknown>
+    try {
+      body = JSON.parse(text) as Record<string, unknown>
+    } catch {
+      throw new ExchangeFailed(status >= 500 ? 'unreachable' : 'invalid_response', `broker answered ${status} without a JSON body`)
+    }
+    if (status !== 200) {
+      const code = typeof body.error === 'string' ? body.error.slice(0, 64) : 'error'
+      const why = typeof body.error_description === 'string' ? body.error_description.slice(0, 300) : ''
+      throw new ExchangeFailed(status >= 500 ? 'unreachable' : 'refused', `broker refused the exchange (${status} ${code}${why ? `: ${why}` : ''})`)
+    }
+    const token = body.access_token
+    const expiresIn = body.expires_in
+    // A leased secret is not an access token: RFC 8693 §2.2.1 has its token_type be N_A.
+    const wantType = requestedType === TOKEN_TYPES.leasedSecret ? 'n_a' : 'bearer'
+    if (typeof token !== 'string' || typeof expiresIn !== 'number' || !(expiresIn > 0) || String(body.token_type).toLowerCase() !== wantType || body.issued_token_type !== requestedType) {
+      throw new ExchangeFailed('invalid_response', `broker answered 200 without a usable ${requestedType === TOKEN_TYPES.leasedSecret ? 'leased secret' : 'bearer token'}`)
+    }
+    let jti = typeof body.lease_id === 'string' ? body.lease_id.slice(0, 64) : 'unknown'
+    if (requestedType !== TOKEN_TYPES.leasedSecret) {
+      try {
+        const claims = decodeJwt(token)
+        if (typeof claims.jti === 'string') jti = claims.jti
+      } catch {
+        // An opaque token is fine to inject; it just has no jti to audit.
+      }
+    }
+    const scope = typeof body.scope === 'string' ? body.scope : scopes.join(' ')
+    return { token, jti, scopes: scope.split(' ').filter(Boolean), expiresInMs: expiresIn * 1000 }
+  }
+
+  close(): Promise<void> {
+    this.evidence.close()
+    return this.pool.close()
+  }
+}

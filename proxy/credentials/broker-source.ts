@@ -1,0 +1,148 @@
+// Task-scoped tokens, cached in memory per (task, audience, scopes), from any TokenIssuer (the
+// broker's RFC 8693 exchange, a broker-leased secret, OAuth client credentials):
+//  - refreshed in the background at half their remaining life (SPIRE's rotation rule), so a
+//    busy task never waits on the broker;
+//  - at most one exchange in flight per key: 1,000 concurrent first requests cause one exchange;
+//  - fail closed: a token with less than min_remaining_ms left is never injected, and a request
+//    that cannot get a valid token is refused with 503 and the reason;
+//  - ending a task drops its tokens, and an exchange that lands after its task ended is discarded.
+import { LRUCache } from 'lru-cache'
+import type { Credential, CredentialBinding, CredentialSource, Identity, TaskRef } from '../context.js'
+import { LatchkeyError } from '../errors.js'
+import { ExchangeFailed, type ExchangeOutcome, type IssuedToken } from './broker-client.js'
+
+/** Where a CachedTokenSource gets tokens. One interface; each provider implements it. */
+export interface TokenIssuer {
+  /** Whether a token is bound to a task (the broker's are; client credentials are the sidecar's own). */
+  readonly needsTask: boolean
+  issue(task: TaskRef | null, binding: CredentialBinding, durationS: number): Promise<IssuedToken>
+  close(): Promise<void>
+}
+
+/** A stand-in task for issuers whose tokens belong to the sidecar, not a task. */
+const NO_TASK: TaskRef = { id: '(sidecar)', expiresAt: Number.MAX_SAFE_INTEGER, userToken: null, ended: false }
+
+interface Entry {
+  credential: Credential | null
+  /** Epoch ms after which the credential is never used. */
+  usableUntil: number
+  refreshAt: number
+  inflight: Promise<Credential> | null
+  /** After a failed exchange with no usable token: its error, repeated until `until`, so a burst does not hammer a sick issuer. */
+  failure: { error: LatchkeyError; until: number } | null
+}
+
+/** How long a failed exchange's answer is reused before the next attempt. */
+export const FAILURE_HOLD_MS = 500
+
+export interface BrokerSourceOptions {
+  minRemainingMs: number
+  now?: () => number
+  onExchange?: (outcome: 'granted' | ExchangeOutcome) => void
+  onRefreshFailed?: (reason: string) => void
+}
+
+export class CachedTokenSource implements CredentialSource {
+  private readonly cache = new LRUCache<string, Entry>({ max: 10_000 })
+  private readonly keysByTask = new Map<string, Set<string>>()
+  private readonly now: () => number
+  /** Exchanges started, for the benchmark and tests. */
+  exchanges = 0
+
+  constructor(
+    private readonly client: TokenIssuer,
+    private readonly opts: BrokerSourceOptions,
+  ) {
+    this.now = opts.now ?? Date.now
+  }
+
+  get(binding: CredentialBinding, identity: Identity): Credential | Promise<Credential> {
+    const task = this.client.needsTask ? identity.task : NO_TASK
+    if (!task || task.ended) {
+      throw new LatchkeyError('LK_PROXY_AUTH', `credential ${binding.id} is task-scoped: name an open task in the proxy URL (POST /v1/tasks)`)
+    }
+    const key = task.id + '\n' + binding.tokenAudience + '\n' + binding.scopes.join(' ')
+    const now = this.now()
+    const e = this.cache.get(key)
+    if (e && e.credential && now < e.usableUntil) {
+      if (now >= e.refreshAt && !e.inflight) this.start(key, e, task, binding).catch(() => {})
+      return e.credential
+    }
+    if (e?.inflight) return e.inflight
+    if (e?.failure && now < e.failure.until) throw e.failure.error
+    const entry: Entry = e ?? { credential: null, usableUntil: 0, refreshAt: 0, inflight: null, failure: null }
+    if (!e) {
+      this.cache.set(key, entry)
+      let keys = this.keysByTask.get(task.id)
+      if (!keys) this.keysByTask.set(task.id, (keys = new Set()))
+      keys.add(key)
+    }
+    return this.start(key, entry, task, binding)
+  }
+
+  private start(key: string, entry: Entry, task: TaskRef, binding: CredentialBinding): Promise<Credential> {
+    this.exchanges++
+    const durationS = Math.ceil((task.expiresAt - this.now()) / 1000)
+    const p = this.client.issue(task === NO_TASK ? null : task, binding, durationS).then(
+      (issued) => {
+        entry.inflight = null
+        entry.failure = null
+        this.opts.onExchange?.('granted')
+        if (task.ended) throw new LatchkeyError('LK_PROXY_AUTH', 'the task ended while its token was being fetched')
+        const got = this.now()
+        const credential: Credential = { value: issued.token, id: issued.jti, expiresAt: got + issued.expiresInMs, scopes: issued.scopes }
+        entry.credential = credential
+        entry.usableUntil = got + issued.expiresInMs - this.opts.minRemainingMs
+        entry.refreshAt = got + issued.expiresInMs / 2
+        if (entry.usableUntil <= got) {
+          throw new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `the broker issued a token for ${binding.tokenAudience} that expires within ${this.opts.minRemainingMs} ms`)
+        }
+        return credential
+      },
+      (err: unknown) => {
+        entry.inflight = null
+        const outcome = err instanceof ExchangeFailed ? err.outcome : 'unreachable'
+        const reason = err instanceof ExchangeFailed ? err.message : 'token exchange failed'
+        this.opts.onExchange?.(outcome)
+        const error = new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `no token for ${binding.tokenAudience}: ${reason}`)
+        if (entry.credential && this.now() < entry.usableUntil) {
+          // A refresh failed but the current token is still good: retry in a second, keep serving.
+          entry.refreshAt = this.now() + 1000
+          this.opts.onRefreshFailed?.(reason)
+        } else entry.failure = { error, until: this.now() + FAILURE_HOLD_MS }
+        throw error
+      },
+    )
+    entry.inflight = p
+    return p
+  }
+
+  /** Drops every token of a task (it ended or expired). */
+  dropTask(taskId: string): void {
+    const keys = this.keysByTask.get(taskId)
+    if (!keys) return
+    for (const k of keys) this.cache.delete(k)
+    this.keysByTask.delete(taskId)
+  }
+
+  /** What a task holds, for GET /v1/tasks/<handle>: audiences and expiries, never values. */
+  describe(taskId: string): { audience: string; scopes: string[]; expires_at: string; jti: string }[] {
+    const out = []
+    for (const k of this.keysByTask.get(taskId) ?? []) {
+      const e = this.cache.get(k)
+      if (e?.credential && e.credential.expiresAt !== null) {
+        out.push({ audience: k.split('\n')[1]!, scopes: e.credential.scopes, expires_at: new Date(e.credential.expiresAt).toISOString(), jti: e.credential.id })
+      }
+    }
+    return out
+  }
+
+  close(): Promise<void> {
+    this.cache.clear()
+    this.keysByTask.clear()
+    return this.client.close()
+  }
+}
+
+/** The broker's task-scoped tokens: the cache over a BrokerClient. */
+export { CachedTokenSource as BrokerTokenSource }

@@ -1,0 +1,99 @@
+// OAuth 2.0 client credentials (RFC 6749 §4.4) against an external authorization server, for
+// APIs that trust their own AS rather than the broker. The client secret stays in the sidecar;
+// each token is asked for with exactly the binding's scopes (and `resource`, RFC 8707, when
+// set), so a route gets no more than it needs. Cached and refreshed by CachedTokenSource.
+import { Pool } from 'undici'
+import type { CredentialBinding, TaskRef } from '../context.js'
+import type { CredentialBindingConfig } from '../../lib/config/schema.js'
+import { ExchangeFailed, type IssuedToken } from './broker-client.js'
+import type { TokenIssuer } from './broker-source.js'
+
+interface Client {
+  url: URL
+  pool: Pool
+  clientId: string
+  secret: string
+  method: 'client_secret_basic' | 'client_secret_post'
+  resource: string | undefined
+}
+
+/** RFC 6749 §2.3.1: id and secret are form-urlencoded before they are joined and base64-encoded. */
+const formEncode = (s: string) => encodeURIComponent(s).replace(/%20/g, '+')
+
+export class ClientCredentialsIssuer implements TokenIssuer {
+  readonly needsTask = false
+  private readonly clients = new Map<string, Client>()
+
+  constructor(
+    configs: readonly CredentialBindingConfig[],
+    secretOf: (name: string) => string | undefined,
+    private readonly timeoutMs: number,
+  ) {
+    for (const c of configs) {
+      if (c.source !== 'client_credentials' || !c.oauth) continue
+      const secret = secretOf(c.oauth.client_secret)
+      if (!secret) throw new Error(`credential "${c.id}": client secret ${c.oauth.client_secret} is not configured`)
+      const url = new URL(c.oauth.token_url)
+      this.clients.set(c.id, {
+        url,
+        pool: new Pool(url.origin, { connections: 2, headersTimeout: timeoutMs, bodyTimeout: timeoutMs, connectTimeout: timeoutMs }),
+        clientId: c.oauth.client_id,
+        secret,
+        method: c.oauth.auth_method,
+        resource: c.oauth.resource,
+      })
+    }
+  }
+
+  async issue(_task: TaskRef | null, binding: CredentialBinding): Promise<IssuedToken> {
+    const c = this.clients.get(binding.id)
+    if (!c) throw new ExchangeFailed('refused', `credential ${binding.id} has no client-credentials registration`)
+    const form = new URLSearchParams({ grant_type: 'client_credentials' })
+    if (binding.scopes.length > 0) form.set('scope', binding.scopes.join(' '))
+    if (c.resource) form.set('resource', c.resource)
+    const headers: Record<string, string> = { 'content-type': 'application/x-www-form-urlencoded', accept: 'application/json' }
+    if (c.method === 'client_secret_basic') headers.authorization = `Basic ${Buffer.from(`${formEncode(c.clientId)}:${formEncode(c.secret)}`).toString('base64')}`
+    else {
+      form.set('client_id', c.clientId)
+      form.set('client_secret', c.secret)
+    }
+    let status: number
+    let text: string
+    try {
+      const res = await c.pool.request({ method: 'POST', path: c.url.pathname + c.url.search, headers, body: form.toString(), signal: AbortSignal.timeout(this.timeoutMs) })
+      status = res.statusCode
+      text = await res.body.text()
+    } catch (err) {
+      const e = err as { code?: string; name?: string }
+      const timedOut = e.name === 'TimeoutError' || (e.code ?? '').includes('TIMEOUT')
+      throw new ExchangeFailed('unreachable', timedOut ? `authorization server ${c.url.origin} did not answer within ${this.timeoutMs} ms` : `authorization server ${c.url.origin} unreachable (${e.code ?? e.name ?? 'error'})`)
+    }
+    let body: Record<string, unknown>
+    try {
+      body = JSON.parse(text) as Record<string, unknown>
+    } catch {
+      throw new ExchangeFailed(status >= 500 ? 'unreachable' : 'invalid_response', `authorization server answered ${status} without a JSON body`)
+    }
+    if (status !== 200) {
+      const code = typeof body.error === 'string' ? body.error.slice(0, 64) : 'error'
+      const why = typeof body.error_description === 'string' ? `: ${body.error_description.slice(0, 300)}` : ''
+      throw new ExchangeFailed(status >= 500 ? 'unreachable' : 'refused', `authorization server refused client credentials (${status} ${code}${why})`)
+    }
+    const token = body.access_token
+    const expiresIn = body.expires_in
+    if (typeof token !== 'string' || token.length === 0 || String(body.token_type).toLowerCase() !== 'bearer') {
+      throw new ExchangeFailed('invalid_response', 'authorization server answered 200 without a bearer token')
+    }
+    // RFC 6749 §5.1: expires_in is RECOMMENDED, not required; without it, assume a short life.
+    const lifetimeS = typeof expiresIn === 'number' && expiresIn > 0 ? expiresIn : 300
+    const granted = typeof body.scope === 'string' ? body.scope.split(' ').filter(Boolean) : [...binding.scopes]
+    // Narrowed to the route: a server that grants more than was asked is not trusted with it.
+    const extra = binding.scopes.length > 0 ? granted.filter((s) => !binding.scopes.includes(s)) : []
+    if (extra.length > 0) throw new ExchangeFailed('invalid_response', `authorization server granted scopes not asked for (${extra.join(' ').slice(0, 200)})`)
+    return { token, jti: `cc:${binding.id}`, scopes: granted, expiresInMs: lifetimeS * 1000 }
+  }
+
+  async close(): Promise<void> {
+    await Promise.all([...this.clients.values()].map((c) => c.pool.close()))
+  }
+}

@@ -1,0 +1,150 @@
+// The sidecar's local task API, on its admin port (loopback):
+//   POST   /v1/tasks            {purpose, duration_s, user_token?, audiences?} → 201 {task, id, proxy_url, …}
+//   GET    /v1/tasks/<handle>   the task and the audiences it holds tokens for (never the tokens)
+//   DELETE /v1/tasks/<handle>   ends it: every token it held is dropped
+// Asking for audiences fetches their tokens now, so a user token the broker refuses is reported
+// to the agent when it opens the task, not on its first call.
+import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { CredentialBinding, CredentialSource } from '../context.js'
+import { LatchkeyError } from '../errors.js'
+import { TaskError, type TaskRegistry } from './registry.js'
+
+const MAX_BODY = 65_536
+
+export interface TaskApiDeps {
+  tasks: TaskRegistry
+  bindings: readonly CredentialBinding[]
+  credentials: CredentialSource
+  describe(taskId: string): unknown[]
+  proxyUrl(handle: string): string
+  /** When callers are restricted, the task API is too: only the agent may open tasks. */
+  checkCaller?: ((req: IncomingMessage) => Promise<void>) | undefined
+}
+
+function send(res: ServerResponse, status: number, body: unknown): void {
+  const text = JSON.stringify(body)
+  res.writeHead(status, { 'content-type': 'application/json', 'cache-control': 'no-store', 'content-length': Buffer.byteLength(text) })
+  res.end(text)
+}
+
+const fail = (res: ServerResponse, status: number, error: string, reason: string) => send(res, status, { error, reason })
+
+async function readJson(req: IncomingMessage): Promise<unknown> {
+  const chunks: Buffer[] = []
+  let size = 0
+  for await (const c of req as AsyncIterable<Buffer>) {
+    size += c.length
+    if (size > MAX_BODY) throw new TaskError(`body exceeds ${MAX_BODY} bytes`)
+    chunks.push(c)
+  }
+  try {
+    return JSON.parse(Buffer.concat(chunks).toString('utf8'))
+  } catch {
+    throw new TaskError('body is not JSON')
+  }
+}
+
+/** Handles /v1/tasks…; returns false for any other path. */
+export function handleTaskApi(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse, path: string): boolean {
+  if (path !== '/v1/tasks' && !path.startsWith('/v1/tasks/')) return false
+  void route(d, req, res, path).catch((err: unknown) => {
+    if (!res.headersSent) fail(res, 500, 'internal', err instanceof Error ? err.constructor.name : 'error')
+  })
+  return true
+}
+
+async function route(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse, path: string): Promise<void> {
+  if (d.checkCaller) {
+    try {
+      await d.checkCaller(req)
+    } catch (err) {
+      req.resume()
+      return fail(res, 403, 'caller_denied', err instanceof LatchkeyError ? err.message : 'the calling process could not be identified')
+    }
+  }
+  if (path === '/v1/tasks') {
+    if (req.method !== 'POST') {
+      res.setHeader('allow', 'POST')
+      return fail(res, 405, 'method_not_allowed', 'use POST to open a task')
+    }
+    return open(d, req, res)
+  }
+  const handle = decodeURIComponent(path.slice('/v1/tasks/'.length))
+  const task = d.tasks.get(handle)
+  if (!task) return fail(res, 404, 'unknown_task', 'no open task has this handle (unknown, ended or expired)')
+  if (req.method === 'GET') {
+    return send(res, 200, {
+      id: task.id,
+      purpose: task.purpose,
+      user: task.userSub,
+      created_at: new Date(task.createdAt).toISOString(),
+      expires_at: new Date(task.expiresAt).toISOString(),
+      audiences: task.audiences,
+      tokens: d.describe(task.id),
+    })
+  }
+  if (req.method === 'DELETE') {
+    d.tasks.end(handle)
+    res.writeHead(204).end()
+    return
+  }
+  res.setHeader('allow', 'GET, DELETE')
+  return fail(res, 405, 'method_not_allowed', 'use GET or DELETE on a task')
+}
+
+async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): Promise<void> {
+  if (!(req.headers['content-type'] ?? '').toLowerCase().startsWith('application/json')) {
+    req.resume()
+    return fail(res, 415, 'bad_request', 'send the task as application/json')
+  }
+  let body: Record<string, unknown>
+  try {
+    const parsed = await readJson(req)
+    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new TaskError('body must be a JSON object')
+    body = parsed as Record<string, unknown>
+  } catch (err) {
+    return fail(res, 400, 'bad_request', (err as Error).message)
+  }
+  const known = new Set(['purpose', 'duration_s', 'user_token', 'audiences'])
+  const unknown = Object.keys(body).filter((k) => !known.has(k))
+  if (unknown.length > 0) return fail(res, 400, 'bad_request', `unknown field ${JSON.stringify(unknown[0]!.slice(0, 64))}`)
+  const { purpose, duration_s, user_token, audiences } = body
+  if (typeof purpose !== 'string' || purpose.length === 0 || purpose.length > 256) return fail(res, 400, 'bad_request', 'purpose must be a string of 1 to 256 characters')
+  if (typeof duration_s !== 'number') return fail(res, 400, 'bad_request', 'duration_s must be a number of seconds')
+  if (user_token !== undefined && (typeof user_token !== 'string' || user_token.length === 0 || user_token.length > 16_384)) {
+    return fail(res, 400, 'bad_request', 'user_token must be a JWT string')
+  }
+  if (audiences !== undefined && (!Array.isArray(audiences) || audiences.some((a) => typeof a !== 'string') || audiences.length > 32)) {
+    return fail(res, 400, 'bad_request', 'audiences must be a list of at most 32 strings')
+  }
+  const wanted = (audiences ?? []) as string[]
+  const bindings: CredentialBinding[] = []
+  for (const aud of wanted) {
+    const b = d.bindings.find((x) => x.source === 'broker' && (x.tokenAudience === aud || x.audience === aud))
+    if (!b) return fail(res, 400, 'bad_request', `no broker credential is configured for audience ${JSON.stringify(aud.slice(0, 200))}`)
+    bindings.push(b)
+  }
+  let task
+  try {
+    task = d.tasks.open({ purpose, durationS: duration_s, userToken: (user_token as string | undefined) ?? null, audiences: wanted })
+  } catch (err) {
+    return fail(res, 400, 'bad_request', (err as Error).message)
+  }
+  try {
+    await Promise.all(bindings.map((b) => d.credentials.get(b, task.identity)))
+  } catch (err) {
+    d.tasks.end(task.handle)
+    const reason = err instanceof LatchkeyError ? err.message : 'token exchange failed'
+    const refused = reason.includes('broker refused')
+    return fail(res, refused ? 403 : 503, refused ? 'task_refused' : 'broker_unavailable', reason)
+  }
+  send(res, 201, {
+    task: task.handle,
+    id: task.id,
+    purpose: task.purpose,
+    user: task.userSub,
+    expires_at: new Date(task.expiresAt).toISOString(),
+    audiences: wanted,
+    proxy_url: d.proxyUrl(task.handle),
+  })
+}

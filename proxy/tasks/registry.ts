@@ -1,0 +1,142 @@
+// Tasks: what an agent is doing, for whom, for how long. An agent opens one on the local API and
+// gets a handle; requests name it in Proxy-Authorization (the proxy URL's userinfo). The handle is
+// a proxy credential: 128 random bits, never logged or audited (the task's separate ID is). Ending
+// a task, or its expiry, drops every token it held.
+import { randomBytes, randomUUID } from 'node:crypto'
+import type { Identity, TaskRef } from '../context.js'
+
+export interface Task extends TaskRef {
+  readonly id: string
+  readonly handle: string
+  readonly purpose: string
+  readonly createdAt: number
+  readonly expiresAt: number
+  readonly userToken: string | null
+  /** The user's `sub`, read (not verified: the broker verifies) for audit attribution. */
+  readonly userSub: string | null
+  readonly audiences: readonly string[]
+  /** Built once, so the request path allocates nothing to identify a caller. */
+  readonly identity: Identity
+  ended: boolean
+}
+
+export interface OpenTask {
+  purpose: string
+  durationS: number
+  userToken?: string | null | undefined
+  audiences?: readonly string[] | undefined
+}
+
+export class TaskError extends Error {}
+
+export class TaskRegistry {
+  private readonly byHandle = new Map<string, Task>()
+  private readonly endListeners: ((t: Task) => void)[] = []
+  private sweeper: NodeJS.Timeout | undefined
+  private defaultTask: Task | undefined
+
+  constructor(
+    private readonly agentId: string,
+    private readonly opts: {
+      maxDurationS: number
+      default?: { durationS: number; purpose: string } | undefined
+      now?: () => number
+      /** Reads a user token's `sub` for attribution (not verification); without it tasks record no user. */
+      readSub?: ((token: string) => unknown) | undefined
+    },
+  ) {}
+
+  private now(): number {
+    return this.opts.now ? this.opts.now() : Date.now()
+  }
+
+  onEnd(listener: (t: Task) => void): void {
+    this.endListeners.push(listener)
+  }
+
+  open(req: OpenTask): Task {
+    if (!Number.isInteger(req.durationS) || req.durationS < 1) throw new TaskError('duration_s must be a whole number of seconds, at least 1')
+    if (req.durationS > this.opts.maxDurationS) throw new TaskError(`duration_s ${req.durationS} exceeds the maximum of ${this.opts.maxDurationS}`)
+    let userSub: string | null = null
+    if (req.userToken && this.opts.readSub) {
+      try {
+        const sub = this.opts.readSub(req.userToken)
+        userSub = typeof sub === 'string' ? sub.slice(0, 256) : null
+      } catch {
+        throw new TaskError('user_token is not a JWT')
+      }
+    }
+    const createdAt = this.now()
+    const id = randomUUID()
+    const handle = 'lkt_' + randomBytes(16).toString('base64url')
+    const task: Task = {
+      id,
+      handle,
+      purpose: req.purpose,
+      createdAt,
+      expiresAt: createdAt + req.durationS * 1000,
+      userToken: req.userToken ?? null,
+      userSub,
+      audiences: req.audiences ?? [],
+      identity: undefined as unknown as Identity,
+      ended: false,
+    }
+    ;(task as { identity: Identity }).identity = Object.freeze({ agentId: this.agentId, taskId: id, userSub, task })
+    this.byHandle.set(handle, task)
+    return task
+  }
+
+  /** The open task for a handle; an expired one is ended on the way. */
+  get(handle: string): Task | undefined {
+    const task = this.byHandle.get(handle)
+    if (!task) return undefined
+    if (task.expiresAt <= this.now()) {
+      this.endTask(task)
+      return undefined
+    }
+    return task
+  }
+
+  /** For agents that never open a task, when configured: renewed when it expires. */
+  getDefault(): Task | undefined {
+    const d = this.opts.default
+    if (!d) return undefined
+    if (!this.defaultTask || this.defaultTask.ended || this.defaultTask.expiresAt <= this.now()) {
+      if (this.defaultTask && !this.defaultTask.ended) this.endTask(this.defaultTask)
+      this.defaultTask = this.open({ purpose: d.purpose, durationS: d.durationS })
+    }
+    return this.defaultTask
+  }
+
+  end(handle: string): boolean {
+    const task = this.byHandle.get(handle)
+    if (!task) return false
+    this.endTask(task)
+    return true
+  }
+
+  private endTask(task: Task): void {
+    if (task.ended) return
+    task.ended = true
+    this.byHandle.delete(task.handle)
+    for (const l of this.endListeners) l(task)
+  }
+
+  /** Ends expired tasks once a second, so their tokens go even if nobody asks. */
+  start(): void {
+    this.sweeper = setInterval(() => {
+      const now = this.now()
+      for (const t of this.byHandle.values()) if (t.expiresAt <= now) this.endTask(t)
+    }, 1000)
+    this.sweeper.unref()
+  }
+
+  close(): void {
+    clearInterval(this.sweeper)
+    for (const t of [...this.byHandle.values()]) this.endTask(t)
+  }
+
+  get size(): number {
+    return this.byHandle.size
+  }
+}

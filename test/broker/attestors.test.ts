@@ -1,0 +1,100 @@
+// One conformance suite for every attestation verifier: each turns genuine evidence into the
+// right agent instance, and refuses expired, mis-addressed, tampered, foreign-key and
+// unregistered evidence. Each implementation supplies only how to mint its evidence.
+import t from 'tap'
+import { generateKeyPair, SignJWT, createLocalJWKSet } from 'jose'
+import type { AttestationVerifier } from '../../broker/attest/attestor.js'
+import { AttestationFailed } from '../../broker/attest/attestor.js'
+import { KubernetesVerifier } from '../../broker/attest/kubernetes.js'
+import { SpiffeVerifier } from '../../broker/attest/spiffe.js'
+import { LocalVerifier } from '../../broker/attest/local.js'
+import { ensureLocalAttestorKey, signLocalAttestation } from '../../lib/local-attestor.js'
+import { parseRegistry } from '../../broker/registry.js'
+import { TestIssuer } from '../helpers/issuer.js'
+import { TEST_REGISTRY, K8S_ISSUER, TRUST_DOMAIN } from '../helpers/broker.js'
+import { stringify } from 'yaml'
+import { mkdtempSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
+const BROKER = 'https://broker.test'
+const registry = parseRegistry(stringify(TEST_REGISTRY))
+const now = () => Math.floor(Date.now() / 1000)
+
+interface Fixture {
+  verifier: AttestationVerifier
+  expectedInstance: string
+  /** Evidence for the registered summarizer, with claim overrides. */
+  mint(overrides?: Record<string, unknown>): Promise<string>
+  /** Genuine evidence for a workload the registry does not know. */
+  unregistered(): Promise<string>
+  /** Evidence signed by a key the verifier does not trust. */
+  foreignKey(): Promise<string>
+}
+
+async function kubernetes(): Promise<Fixture> {
+  const iss = await TestIssuer.create(K8S_ISSUER)
+  const claims = (ns: string, sa: string) => ({ aud: BROKER, sub: `system:serviceaccount:${ns}:${sa}`, 'kubernetes.io': { namespace: ns, serviceaccount: { name: sa, uid: 'u' }, pod: { name: 'summarizer-abc', uid: 'p' } } })
+  const other = await TestIssuer.create(K8S_ISSUER)
+  return {
+    verifier: new KubernetesVerifier(createLocalJWKSet(iss.jwks), K8S_ISSUER, BROKER),
+    expectedInstance: 'agent:summarizer:prod:summarizer-abc',
+    mint: (o = {}) => iss.sign({ ...claims('agents', 'summarizer'), ...o }),
+    unregistered: () => iss.sign(claims('agents', 'stranger')),
+    foreignKey: () => other.sign(claims('agents', 'summarizer')),
+  }
+}
+
+async function spiffe(): Promise<Fixture> {
+  const iss = await TestIssuer.create(`spiffe://${TRUST_DOMAIN}`)
+  const other = await TestIssuer.create(`spiffe://${TRUST_DOMAIN}`)
+  const claims = (path: string) => ({ iss: null, aud: [BROKER], sub: `spiffe://${TRUST_DOMAIN}${path}` })
+  return {
+    verifier: new SpiffeVerifier(createLocalJWKSet(iss.jwks), TRUST_DOMAIN, BROKER),
+    expectedInstance: 'agent:summarizer:prod:w-7',
+    mint: (o = {}) => iss.sign({ ...claims('/agents/summarizer/w-7'), ...o }),
+    unregistered: () => iss.sign(claims('/agents/stranger/1')),
+    foreignKey: () => other.sign(claims('/agents/summarizer/w-7')),
+  }
+}
+
+async function local(): Promise<Fixture> {
+  const key = await ensureLocalAttestorKey(join(mkdtempSync(join(tmpdir(), 'lk-att-')), 'k'))
+  const { readFileSync } = await import('node:fs')
+  const jwks = JSON.parse(readFileSync(key.jwksFile, 'utf8'))
+  const mint = async (o: Record<string, unknown> = {}, signer = key.privateKey) => {
+    const n = now()
+    return new SignJWT({ jti: crypto.randomUUID(), iat: n, exp: n + 60, sub: 'agent:summarizer:prod:local-1', aud: BROKER, iss: 'latchkey-local', ...o })
+      .setProtectedHeader({ alg: 'ES256', kid: key.kid })
+      .sign(signer)
+  }
+  return {
+    verifier: new LocalVerifier(createLocalJWKSet(jwks), BROKER),
+    expectedInstance: 'agent:summarizer:prod:local-1',
+    mint,
+    unregistered: () => signLocalAttestation(key, 'agent:stranger:prod:1', BROKER),
+    foreignKey: async () => mint({}, (await generateKeyPair('ES256')).privateKey),
+  }
+}
+
+for (const [name, make] of [['kubernetes', kubernetes], ['spiffe', spiffe], ['local', local]] as const) {
+  t.test(`${name} attestor conformance`, async (t) => {
+    const f = await make()
+    const a = await f.verifier.verify(await f.mint(), registry)
+    t.equal(a.kind, name)
+    t.equal(a.instanceId, f.expectedInstance)
+    t.equal(a.agentType, 'summarizer')
+    t.ok(a.expiresAt > now(), 'carries the evidence expiry')
+
+    await t.rejects(f.verifier.verify(await f.mint({ exp: now() - 120 }), registry), 'expired evidence is refused')
+    await t.rejects(f.verifier.verify(await f.mint({ aud: 'https://someone-else' }), registry), 'evidence for another audience is refused')
+    await t.rejects(f.verifier.verify(await f.foreignKey(), registry), 'evidence signed by an untrusted key is refused')
+    const genuine = await f.mint()
+    const [h, p, s] = genuine.split('.')
+    const claims = JSON.parse(Buffer.from(p!, 'base64url').toString()) as Record<string, unknown>
+    const tampered = `${h}.${Buffer.from(JSON.stringify({ ...claims, sub: String(claims.sub).replace('summarizer', 'helper') })).toString('base64url')}.${s}`
+    await t.rejects(f.verifier.verify(tampered, registry), 'tampered evidence is refused')
+    const err = await f.verifier.verify(await f.unregistered(), registry).catch((e: unknown) => e)
+    t.ok(err instanceof AttestationFailed && err.unregistered, 'genuine evidence for an unknown workload is refused as unregistered')
+  })
+}

@@ -1,0 +1,178 @@
+// The broker's bad-input table: every forgery, mismatch and malformed request gets the RFC's
+// error, no token, `no-store`, and neither the error body nor any log line nor any event
+// contains a token that was sent.
+import t from 'tap'
+import { generateKeyPair, SignJWT } from 'jose'
+import { startTestBroker, delegatedRequest, API, MAIL, why, type TestBroker } from '../helpers/broker.js'
+import { GRANT_TYPE } from '../../broker/exchange.js'
+import { TOKEN_TYPES } from '../../broker/attest/attestor.js'
+
+const now = () => Math.floor(Date.now() / 1000)
+const AGENT = 'agent:summarizer:prod:bad'
+
+interface Case {
+  name: string
+  params: (b: TestBroker) => Promise<Record<string, string | string[]>>
+  error: string
+  status?: number
+  /** A fragment the description must contain, so the refusal says what was wrong. */
+  says: RegExp
+}
+
+const cases: Case[] = [
+  // --- the actor's attestation
+  { name: 'actor alg none', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), b.k8s.unsigned({ aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer' }), { actor_token_type: TOKEN_TYPES.kubernetes }), error: 'invalid_request', says: /actor_token: (signing algorithm not allowed|not a valid signed JWT)/ },
+  { name: 'actor HS256 keyed with the public key', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), b.k8s.hs256WithPublicKey({ aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() }), { actor_token_type: TOKEN_TYPES.kubernetes }), error: 'invalid_request', says: /actor_token: signing algorithm not allowed/ },
+  { name: 'actor for another audience', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.k8s.sign({ aud: 'https://other-broker', sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() }), { actor_token_type: TOKEN_TYPES.kubernetes }), error: 'invalid_request', says: /actor_token: claim "aud"/ },
+  { name: 'actor from another issuer', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.k8s.sign({ iss: 'https://evil-cluster', aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() }), { actor_token_type: TOKEN_TYPES.kubernetes }), error: 'invalid_request', says: /actor_token: claim "iss"/ },
+  { name: 'actor expired', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.k8s.sign({ aud: b.issuer, exp: now() - 60, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() }), { actor_token_type: TOKEN_TYPES.kubernetes }), error: 'invalid_request', says: /actor_token: expired/ },
+  { name: 'actor not yet valid', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.k8s.sign({ aud: b.issuer, nbf: now() + 120, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() }), { actor_token_type: TOKEN_TYPES.kubernetes }), error: 'invalid_request', says: /actor_token: not yet valid/ },
+  { name: 'actor without a signature', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), stripSignature(await b.attest(AGENT))), error: 'invalid_request', says: /actor_token: (signature does not verify|not a valid signed JWT)/ },
+  { name: 'actor signed by an unknown kid', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await foreign(b.issuer, AGENT)), error: 'invalid_request', says: /actor_token: signed by an unknown key/ },
+  { name: 'actor with a known kid but a foreign key', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await foreign(b.issuer, AGENT, b.localKey.kid)), error: 'invalid_request', says: /actor_token: signature does not verify/ },
+  { name: 'actor local attestation replayed', params: async (b) => {
+      const actor = await b.attest(AGENT)
+      const first = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), actor))
+      if (first.status !== 200) throw new Error(`setup: ${why(first)}`)
+      return delegatedRequest(await b.userToken('u', 'read'), actor)
+    }, error: 'invalid_request', says: /replayed/ },
+  { name: 'actor legacy service-account token (not pod-bound)', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.k8s.sign({ aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'x' } } }), { actor_token_type: TOKEN_TYPES.kubernetes }), error: 'invalid_request', says: /not bound to a pod/ },
+  { name: 'actor from an unregistered service account', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.k8s.sign({ aud: b.issuer, sub: 'system:serviceaccount:default:default', 'kubernetes.io': { namespace: 'default', serviceaccount: { name: 'default', uid: 'x' }, pod: { name: 'p', uid: 'y' } } }), { actor_token_type: TOKEN_TYPES.kubernetes }), error: 'unauthorized_client', says: /no agent type matches/ },
+  { name: 'actor unregistered local agent type', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest('agent:intruder:prod:1')), error: 'unauthorized_client', says: /not registered/ },
+  { name: 'actor SPIFFE ID from another trust domain', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.spiffe.sign({ iss: null, aud: b.issuer, sub: 'spiffe://evil.org/agents/summarizer/1' }), { actor_token_type: TOKEN_TYPES.spiffe }), error: 'invalid_request', says: /not in trust domain/ },
+  { name: 'actor of an untrusted issuer as plain JWT', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.users.sign({ sub: AGENT, aud: b.issuer }), { actor_token_type: TOKEN_TYPES.jwt }), error: 'invalid_request', says: /not issued by a trusted workload attestor/ },
+  { name: 'actor garbage', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), 'not.a.jwt', { actor_token_type: TOKEN_TYPES.jwt }), error: 'invalid_request', says: /actor_token: not a valid signed JWT/ },
+  { name: 'actor revoked', params: async (b) => {
+      await b.broker.revocations.revoke('agent', AGENT, 'test')
+      return delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT))
+    }, error: 'invalid_request', says: /is revoked/ },
+  { name: 'task revoked', params: async (b) => {
+      await b.broker.revocations.revoke('task', 'task-1', 'test')
+      return delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT))
+    }, error: 'invalid_request', says: /task task-1 is revoked/ },
+  // --- the user's subject token
+  { name: 'subject alg none', params: async (b) => delegatedRequest(b.users.unsigned({ sub: 'u', aud: 'latchkey', scope: 'read' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: (signing algorithm not allowed|not a valid signed JWT)/ },
+  { name: 'subject HS256 keyed with the public key', params: async (b) => delegatedRequest(b.users.hs256WithPublicKey({ sub: 'u', aud: 'latchkey', scope: 'read' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: signing algorithm not allowed/ },
+  { name: 'subject for another audience', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { aud: 'some-other-app' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: claim "aud"/ },
+  { name: 'subject from another issuer', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { iss: 'https://evil-idp' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: issuer is not the configured user identity provider/ },
+  { name: 'subject expired beyond the 30 s skew', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { exp: now() - 31 - 5 }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: expired/ },
+  { name: 'subject not yet valid', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { nbf: now() + 300 }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: not yet valid/ },
+  { name: 'subject unsigned', params: async (b) => delegatedRequest(stripSignature(await b.userToken('u', 'read')), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: (signature does not verify|not a valid signed JWT)/ },
+  { name: 'subject scopes do not cover the request', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT), { scope: 'read write' }), error: 'invalid_scope', says: /subject_token does not grant scope write/ },
+  { name: 'subject grants nothing the agent may have', params: async (b) => delegatedRequest(await b.userToken('u', 'admin'), await b.attest(AGENT)), error: 'invalid_scope', says: /grants none/ },
+  { name: 'scope beyond the agent policy', params: async (b) => delegatedRequest(await b.userToken('u', 'read admin'), await b.attest(AGENT), { scope: 'admin' }), error: 'invalid_scope', says: /may not receive scope admin/ },
+  { name: 'user token for an agent that may not act for users', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest('agent:loner:prod:1')), error: 'invalid_request', says: /may not act for users/ },
+  { name: 'no user for an agent that requires one', params: async (b) => ({ grant_type: GRANT_TYPE, subject_token: await b.attest('agent:assistant:prod:1'), subject_token_type: TOKEN_TYPES.local, audience: API, task_id: 't' }), error: 'invalid_request', says: /requires a user/ },
+  // --- target, duration, request shape
+  { name: 'audience the agent may not reach', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest('agent:helper:prod:1'), { audience: MAIL }), error: 'invalid_target', says: /may not receive tokens for this audience/ },
+  { name: 'two audiences', params: async (b) => ({ ...delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT)), audience: [API, MAIL] }), error: 'invalid_target', says: /exactly one audience/ },
+  { name: 'no audience', params: async (b) => { const p: Record<string, string> = delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT)); delete p.audience; return p }, error: 'invalid_target', says: /exactly one audience/ },
+  { name: 'duration over the maximum', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT), { task_duration: '901' }), error: 'invalid_request', says: /exceeds the maximum of 900 s/ },
+  { name: 'duration not a number', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT), { task_duration: '1e3' }), error: 'invalid_request', says: /whole number of seconds/ },
+  { name: 'missing task_id', params: async (b) => { const p: Record<string, string> = delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT)); delete p.task_id; return p }, error: 'invalid_request', says: /missing task_id/ },
+  { name: 'missing grant_type', params: async () => ({ subject_token: 'x' }), error: 'invalid_request', says: /missing grant_type/ },
+  { name: 'another grant type', params: async () => ({ grant_type: 'client_credentials' }), error: 'unsupported_grant_type', says: /token-exchange/ },
+  { name: 'repeated subject_token', params: async (b) => ({ ...delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT)), subject_token: [await b.userToken('u', 'read'), await b.userToken('v', 'read write')] }), error: 'invalid_request', says: /"subject_token" is repeated/ },
+  { name: 'repeated scope', params: async (b) => ({ ...delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT)), scope: ['read', 'write'] }), error: 'invalid_request', says: /"scope" is repeated/ },
+  { name: 'actor_token without its type', params: async (b) => { const p: Record<string, string> = delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT)); delete p.actor_token_type; return p }, error: 'invalid_request', says: /actor_token_type is required/ },
+  { name: 'unsupported requested_token_type', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT), { requested_token_type: 'urn:ietf:params:oauth:token-type:saml2' }), error: 'invalid_request', says: /requested_token_type must be/ },
+  { name: 'unknown subject_token_type', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT), { subject_token_type: 'urn:x:custom' }), error: 'invalid_request', says: /subject_token_type "urn:x:custom" is not accepted/ },
+]
+
+t.test('bad input table', async (t) => {
+  const b = await startTestBroker()
+  t.teardown(b.close)
+  for (const c of cases) {
+    await t.test(c.name, async (t) => {
+      // Revocations from one case must not leak into the next.
+      for (const r of b.broker.revocations.all()) await b.broker.revocations.unrevoke(r.kind, r.value)
+      const params = await c.params(b)
+      const res = await b.exchange(params)
+      t.equal(res.status, c.status ?? 400, why(res))
+      t.equal(res.body.error, c.error, 'RFC error code')
+      t.match(String(res.body.error_description), c.says, 'the description says what was wrong')
+      t.notOk('access_token' in res.body, 'no token')
+      t.equal(res.headers.get('cache-control'), 'no-store')
+      t.equal(res.headers.get('content-type'), 'application/json')
+      for (const v of Object.values(params).flat()) {
+        if (v.length > 40) t.notOk(res.text.includes(v.slice(-30)), 'the error body echoes no sent token')
+      }
+    })
+  }
+  const sent = cases.length
+  const refused = b.events.filter((e) => e.type === 'token.exchange' && e.outcome === 'refused')
+  t.ok(refused.length >= sent - 2, `refusals are events (${refused.length} for ${sent} cases)`)
+  t.ok(refused.every((e) => e.type === 'token.exchange' && e.reason.length > 0), 'each with a reason')
+  // The log and the events hold no JWT at all: three base64url segments starting with eyJ.
+  t.notMatch(b.logs(), /eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\./, 'no JWT in any log line')
+  t.notMatch(JSON.stringify(b.events), /eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\./, 'no JWT in any event')
+})
+
+t.test('malformed and oversized bodies', async (t) => {
+  const b = await startTestBroker()
+  t.teardown(b.close)
+  const post = (body: string | Buffer, type = 'application/x-www-form-urlencoded', extra: Record<string, string> = {}) =>
+    fetch(`${b.url}/oauth2/token`, { method: 'POST', body, headers: { 'content-type': type, ...extra } }).then(async (r) => ({ status: r.status, body: (await r.json()) as Record<string, string> }))
+
+  const big = await post('grant_type=' + GRANT_TYPE + '&subject_token=' + 'a'.repeat(70_000))
+  t.equal(big.status, 413)
+  t.equal(big.body.error, 'invalid_request')
+  t.match(big.body.error_description, /exceeds 65536 bytes/)
+
+  const json = await post(JSON.stringify({ grant_type: GRANT_TYPE }), 'application/json')
+  t.equal(json.status, 400)
+  t.match(json.body.error_description, /x-www-form-urlencoded/)
+
+  const badUtf8 = await post(Buffer.from([0x67, 0x72, 0x61, 0x6e, 0x74, 0x3d, 0xff, 0xfe]))
+  t.equal(badUtf8.status, 400)
+  t.match(badUtf8.body.error_description, /UTF-8/)
+
+  const pctBad = await post('grant_type=%FF%FE')
+  t.equal(pctBad.status, 400, 'percent-encoded invalid UTF-8 is refused too')
+
+  const get = await fetch(`${b.url}/oauth2/token`)
+  t.equal(get.status, 405)
+  t.equal(get.headers.get('allow'), 'POST')
+
+  // A token longer than any JWT we accept is refused before parsing.
+  const huge = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), 'eyJ' + 'a'.repeat(20_000) + '.b.c', { actor_token_type: TOKEN_TYPES.jwt }))
+  t.equal(huge.status, 400)
+  t.match(String(huge.body.error_description), /longer than 16384 bytes/)
+})
+
+t.test('clock skew: up to 30 s is tolerated, beyond is not', async (t) => {
+  const b = await startTestBroker()
+  t.teardown(b.close)
+  const sa = (extra: Record<string, unknown>) => b.k8s.sign({ aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims(), ...extra })
+  const justExpired = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), await sa({ exp: now() - 20 }), { actor_token_type: TOKEN_TYPES.kubernetes }))
+  t.equal(justExpired.status, 200, `attestation expired 20 s ago is within skew (${why(justExpired)})`)
+  const longExpired = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), await sa({ exp: now() - 40 }), { actor_token_type: TOKEN_TYPES.kubernetes }))
+  t.equal(longExpired.body.error_description, 'actor_token: expired', '40 s is beyond it')
+  // A user token inside the skew window is valid, but the issued token may not outlive it.
+  const userPast = await b.exchange(delegatedRequest(await b.userToken('u', 'read', { exp: now() - 20 }), await b.attest(AGENT)))
+  t.equal(userPast.body.error_description, 'subject_token: expired', 'nothing is left of its life to delegate')
+  const future = await b.exchange(delegatedRequest(await b.userToken('u', 'read', { nbf: now() + 20 }), await b.attest(AGENT)))
+  t.equal(future.status, 200, why(future))
+})
+
+function k8sClaims() {
+  return { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'u' }, pod: { name: 'pod-1', uid: 'p' } }
+}
+
+function stripSignature(token: string): string {
+  const [h, p] = token.split('.')
+  return `${h}.${p}.`
+}
+
+/** A local attestation signed by a key the broker never trusted, optionally claiming a trusted kid. */
+async function foreign(audience: string, sub: string, kid = 'attacker-key'): Promise<string> {
+  const { privateKey } = await generateKeyPair('ES256')
+  return new SignJWT({ jti: crypto.randomUUID() })
+    .setProtectedHeader({ alg: 'ES256', kid })
+    .setIssuer('latchkey-local')
+    .setSubject(sub)
+    .setAudience(audience)
+    .setIssuedAt()
+    .setExpirationTime('60s')
+    .sign(privateKey)
+}

@@ -1,0 +1,102 @@
+// The broker over time: registry reloads (and the events a widening raises), revocation
+// through the authenticated admin API, introspection reporting revoked tokens inactive, and a
+// restart that forgets no revocation.
+import t from 'tap'
+import { writeFileSync, renameSync } from 'node:fs'
+import { stringify } from 'yaml'
+import { startTestBroker, delegatedRequest, TEST_REGISTRY, API, why } from '../helpers/broker.js'
+import { setTimeout as sleep } from 'node:timers/promises'
+
+async function until(cond: () => boolean, ms = 3000): Promise<boolean> {
+  const end = Date.now() + ms
+  while (Date.now() < end) {
+    if (cond()) return true
+    await sleep(20)
+  }
+  return cond()
+}
+
+t.test('registry reload: applied without restart, widenings reported, bad files rejected whole', async (t) => {
+  const b = await startTestBroker()
+  t.teardown(b.close)
+  const agent = 'agent:helper:prod:r'
+  const before = await b.exchange(delegatedRequest(await b.userToken('u', 'read write'), await b.attest(agent), { scope: 'write' }))
+  t.equal(before.body.error, 'invalid_scope', 'helper may not write yet')
+
+  const widened = structuredClone(TEST_REGISTRY) as typeof TEST_REGISTRY
+  widened.agents.helper.audiences[API] = ['read', 'write']
+  // Atomic replace, as an editor or a ConfigMap update does it.
+  writeFileSync(b.registryFile + '.tmp', stringify(widened))
+  renameSync(b.registryFile + '.tmp', b.registryFile)
+  t.ok(await until(() => b.events.some((e) => e.type === 'policy.widened')), 'a widening event is emitted')
+  t.match(b.events.find((e) => e.type === 'policy.widened'), { agent_type: 'helper', audience: API, added: ['write'] })
+  const after = await b.exchange(delegatedRequest(await b.userToken('u', 'read write'), await b.attest(agent), { scope: 'write' }))
+  t.equal(after.status, 200, why(after))
+
+  writeFileSync(b.registryFile, 'version: 1\nagents:\n  helper:\n    env: prod\n    surprise: true\n')
+  t.ok(await until(() => b.events.some((e) => e.type === 'policy.rejected')), 'an invalid registry is rejected')
+  t.match(b.events.find((e) => e.type === 'policy.rejected'), { reason: /unknown key "surprise"/ })
+  const still = await b.exchange(delegatedRequest(await b.userToken('u', 'read write'), await b.attest(agent), { scope: 'write' }))
+  t.equal(still.status, 200, 'the previous registry stays in force')
+})
+
+t.test('revocation via the admin API, introspection, and a restart', async (t) => {
+  const store = { sqlite: { path: '' } }
+  const b = await startTestBroker()
+  store.sqlite.path = `${b.dir}/broker.db`
+  const agent = 'agent:summarizer:prod:victim'
+  const bystander = 'agent:summarizer:prod:bystander'
+  const token = (await b.exchange(delegatedRequest(await b.userToken('u', 'read'), await b.attest(agent)))).body.access_token as string
+  const other = (await b.exchange(delegatedRequest(await b.userToken('u', 'read'), await b.attest(bystander), { task_id: 'task-2' }))).body.access_token as string
+
+  const introspect = async (tok: string, auth = 'Basic ' + Buffer.from(`api-server:${b.introspectionSecret}`).toString('base64')) => {
+    const res = await fetch(`${b.url}/oauth2/introspect`, { method: 'POST', headers: { authorization: auth }, body: new URLSearchParams({ token: tok }) })
+    return { status: res.status, body: (await res.json()) as Record<string, unknown>, headers: res.headers }
+  }
+  const active = await introspect(token)
+  t.match(active.body, { active: true, sub: 'u', act: { sub: agent }, aud: API, scope: 'read', task_id: 'task-1' })
+  t.equal(active.headers.get('cache-control'), 'no-store')
+  const unauth = await introspect(token, 'Basic ' + Buffer.from('api-server:wrong').toString('base64'))
+  t.equal(unauth.status, 401)
+  t.equal(unauth.body.error, 'invalid_client')
+  t.notOk('sub' in unauth.body, 'nothing about the token without authentication')
+  t.same((await introspect('garbage')).body, { active: false })
+
+  const admin = (method: string, path: string, body?: unknown, token = b.adminToken) =>
+    fetch(`${b.url}${path}`, { method, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' }, ...(body ? { body: JSON.stringify(body) } : {}) })
+  const refused = await admin('POST', '/v1/revocations', { kind: 'agent', value: agent }, 'not-the-token')
+  t.equal(refused.status, 401, 'an unauthenticated revocation is refused')
+  t.equal((await fetch(`${b.url}/v1/revocations`)).status, 401, 'no token at all: refused')
+  t.equal((await admin('POST', '/v1/revocations', { kind: 'agent', value: 'not-an-agent-id' })).status, 400, 'a malformed agent ID is refused')
+  const r = await admin('POST', '/v1/revocations', { kind: 'agent', value: agent, reason: 'compromised' })
+  t.equal(r.status, 201)
+  t.equal((await admin('POST', '/v1/revocations', { kind: 'agent', value: 'agent:ghost:prod:0' })).status, 201, 'revoking an unknown agent is accepted and harmless')
+
+  t.same((await introspect(token)).body, { active: false }, 'the revoked agent\'s token is inactive at once')
+  t.equal((await introspect(other)).body.active, true, 'the bystander is untouched')
+  const again = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), await b.attest(agent)))
+  t.match(again.body, { error: 'invalid_request', error_description: `agent ${agent} is revoked` }, 'its exchanges are refused at once')
+  t.ok(b.events.some((e) => e.type === 'revocation' && e.value === agent && e.reason === 'compromised'), 'the revocation is an event')
+  await b.close()
+
+  // Restart on the same store and keys: the revocation is still there.
+  const b2 = await startTestBroker({ store })
+  t.teardown(b2.close)
+  t.ok(b2.broker.revocations.get('agent', agent), 'the revocation survived a restart')
+  const del = await fetch(`${b2.url}/v1/revocations/agent/${encodeURIComponent(agent)}`, { method: 'DELETE', headers: { authorization: `Bearer ${b2.adminToken}` } })
+  t.equal(del.status, 200, 'unrevoke')
+  const back = await b2.exchange(delegatedRequest(await b2.userToken('u', 'read'), await b2.attest(agent)))
+  t.equal(back.status, 200, why(back))
+})
+
+t.test('metadata and JWKS', async (t) => {
+  const b = await startTestBroker()
+  t.teardown(b.close)
+  const meta = (await (await fetch(`${b.url}/.well-known/oauth-authorization-server`)).json()) as Record<string, unknown>
+  t.match(meta, { issuer: b.issuer, jwks_uri: `${b.issuer}/.well-known/jwks.json`, grant_types_supported: ['urn:ietf:params:oauth:grant-type:token-exchange'] })
+  const jwks = (await (await fetch(`${b.url}/.well-known/jwks.json`)).json()) as { keys: Record<string, unknown>[] }
+  t.equal(jwks.keys.length, 1)
+  t.match(jwks.keys[0], { kty: 'EC', crv: 'P-256', alg: 'ES256', use: 'sig' })
+  t.notOk('d' in jwks.keys[0]!, 'no private part')
+  t.equal((await fetch(`${b.url}/nope`)).status, 404)
+})

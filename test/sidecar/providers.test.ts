@@ -1,0 +1,148 @@
+// The other credential providers behind the same cache: a secret the broker lends for a task
+// (for APIs that take only a static key), and OAuth client credentials against an external
+// authorization server (for APIs that trust their own). The agent sees neither.
+import t from 'tap'
+import { createServer, type IncomingMessage } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { join } from 'node:path'
+import { Client } from 'undici'
+import { startTestBroker, LEGACY } from '../helpers/broker.js'
+import { startUpstream, startTestSidecar, loopbackPolicy, assertNoCanary, CANARY } from '../helpers/harness.js'
+import { TOKEN_TYPES } from '../../lib/oauth.js'
+import { AGENT } from '../helpers/tokens.js'
+
+async function get(proxy: string, url: string, handle?: string) {
+  const c = new Client(proxy)
+  const headers: Record<string, string> = { host: new URL(url).host }
+  if (handle) headers['proxy-authorization'] = `Basic ${Buffer.from(`task:${handle}`).toString('base64')}`
+  const res = await c.request({ method: 'GET', path: url, headers })
+  const text = await res.body.text()
+  await c.close()
+  return { status: res.statusCode, text, body: (() => { try { return JSON.parse(text) as Record<string, unknown> } catch { return {} } })() }
+}
+
+t.test('a broker-leased secret: injected for the task, never seen by the agent, gone with the task', async (t) => {
+  const broker = await startTestBroker({ broker: { leased_secrets: { [LEGACY]: 'LK_TEST_LEGACY_KEY' } }, env: { LK_TEST_LEGACY_KEY: CANARY } })
+  const up = await startUpstream()
+  const s = await startTestSidecar({
+    ...loopbackPolicy([up.port]),
+    sidecar: { agent_id: AGENT, broker: { url: broker.url }, attestation: { local: { key_file: join(broker.dir, 'local', 'local-attestor.key.json'), audience: broker.issuer } } },
+    credentials: [{ id: 'legacy', audience: up.origin, source: 'broker_secret', token_audience: LEGACY, inject: { type: 'header', name: 'X-Api-Key' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await up.close()
+    await broker.close()
+  })
+  const task = s.sidecar.tasks.open({ purpose: 'legacy', durationS: 120, userToken: await broker.userToken('u', 'read') })
+  const a = await get(s.proxy, `${up.origin}/a`, task.handle)
+  const b = await get(s.proxy, `${up.origin}/b`, task.handle)
+  t.equal(a.status, 200)
+  t.equal(b.status, 200)
+  t.same(up.requests.map((r) => r.headers['x-api-key']), [CANARY, CANARY], 'the upstream received the lent key')
+  const leases = broker.events.filter((e) => e.type === 'token.exchange' && e.outcome === 'granted')
+  t.equal(leases.length, 1, 'one lease for the task, cached')
+  t.match(leases[0], { reason: 'leased', audience: LEGACY, agent: AGENT, user: 'u' })
+  const audit = await s.audit()
+  t.equal((audit[0]!.credential as { id: string }).id, (leases[0] as { jti: string }).jti, 'the audit names the lease, not the secret')
+  assertNoCanary(t, s, a.text, b.text, JSON.stringify(broker.events), broker.logs())
+  s.sidecar.tasks.end(task.handle)
+  t.same(s.sidecar.brokerTokens!.describe(task.id), [], 'the lease is dropped with the task')
+
+  // The broker lends nothing for an audience it holds no secret for, and nothing to a type without it.
+  const other = await broker.exchange({
+    grant_type: 'urn:ietf:params:oauth:grant-type:token-exchange',
+    subject_token: await broker.attest('agent:helper:prod:1'),
+    subject_token_type: TOKEN_TYPES.local,
+    audience: LEGACY,
+    task_id: 't',
+    requested_token_type: TOKEN_TYPES.leasedSecret,
+  })
+  t.equal(other.body.error, 'invalid_target', 'helper may not reach the legacy audience')
+  t.notOk(other.text.includes(CANARY))
+})
+
+interface AsRequest {
+  authorization: string | undefined
+  form: URLSearchParams
+}
+
+async function startAuthorizationServer(behaviour: (req: AsRequest) => { status: number; body: unknown }) {
+  const seen: AsRequest[] = []
+  const server = createServer((req: IncomingMessage, res) => {
+    let body = ''
+    req.on('data', (c: Buffer) => (body += c.toString()))
+    req.on('end', () => {
+      const r = { authorization: req.headers.authorization, form: new URLSearchParams(body) }
+      seen.push(r)
+      const out = behaviour(r)
+      res.writeHead(out.status, { 'content-type': 'application/json', 'cache-control': 'no-store' }).end(JSON.stringify(out.body))
+    })
+  })
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r))
+  return { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/oauth/token`, seen, close: () => new Promise<void>((r) => server.close(() => r())) }
+}
+
+t.test('OAuth client credentials: basic auth, narrowed to the route, cached, refusals explained', async (t) => {
+  let n = 0
+  const as = await startAuthorizationServer((r) => {
+    const expected = 'Basic ' + Buffer.from(`${encodeURIComponent('agent client')}:${encodeURIComponent(CANARY).replace(/%20/g, '+')}`.replace(/%20/g, '+')).toString('base64')
+    if (r.authorization !== expected) return { status: 401, body: { error: 'invalid_client', error_description: 'bad client authentication' } }
+    if (r.form.get('grant_type') !== 'client_credentials') return { status: 400, body: { error: 'unsupported_grant_type' } }
+    const scope = r.form.get('scope') ?? ''
+    if (scope.includes('greedy')) return { status: 200, body: { access_token: `tok-${++n}`, token_type: 'Bearer', expires_in: 600, scope: `${scope} admin` } }
+    return { status: 200, body: { access_token: `cc-token-${++n}`, token_type: 'Bearer', expires_in: 600, scope } }
+  })
+  const up = await startUpstream()
+  const up2 = await startUpstream()
+  const s = await startTestSidecar(
+    {
+      ...loopbackPolicy([up.port, up2.port]),
+      credentials: [
+        { id: 'reports', audience: up.origin, source: 'client_credentials', scopes: ['reports.read'], oauth: { token_url: as.url, client_id: 'agent client', client_secret: 'CANARY', resource: 'https://reports.example.com' }, inject: { type: 'bearer' } },
+        { id: 'greedy', audience: up2.origin, source: 'client_credentials', scopes: ['greedy'], oauth: { token_url: as.url, client_id: 'agent client', client_secret: 'CANARY' }, inject: { type: 'bearer' } },
+      ],
+    },
+  )
+  t.teardown(async () => {
+    await s.close()
+    await up.close()
+    await up2.close()
+    await as.close()
+  })
+  const a = await get(s.proxy, `${up.origin}/a`)
+  const b = await get(s.proxy, `${up.origin}/b`)
+  t.equal(a.status, 200)
+  t.equal(b.status, 200)
+  t.same(up.requests.map((r) => r.headers.authorization), ['Bearer cc-token-1', 'Bearer cc-token-1'], 'one token, cached, injected')
+  t.equal(as.seen.length, 1, 'one request to the authorization server')
+  t.equal(as.seen[0]!.form.get('scope'), 'reports.read', 'asked for exactly the route\'s scopes')
+  t.equal(as.seen[0]!.form.get('resource'), 'https://reports.example.com')
+  t.notOk(as.seen[0]!.form.has('client_secret'), 'the secret went in the Authorization header, not the body')
+
+  const greedy = await get(s.proxy, `${up2.origin}/g`)
+  t.equal(greedy.status, 503)
+  t.match(greedy.body.reason, /granted scopes not asked for \(admin\)/)
+  t.equal(up2.requests.length, 0, 'a token broader than the route is not used')
+  assertNoCanary(t, s, a.text, b.text, greedy.text)
+})
+
+t.test('client credentials refused by the authorization server', async (t) => {
+  const as = await startAuthorizationServer(() => ({ status: 401, body: { error: 'invalid_client', error_description: 'client disabled' } }))
+  const up = await startUpstream()
+  const s = await startTestSidecar({
+    ...loopbackPolicy([up.port]),
+    credentials: [{ id: 'x', audience: up.origin, source: 'client_credentials', oauth: { token_url: as.url, client_id: 'c', client_secret: 'CANARY', auth_method: 'client_secret_post' }, inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await up.close()
+    await as.close()
+  })
+  const res = await get(s.proxy, `${up.origin}/a`)
+  t.equal(res.status, 503)
+  t.match(res.body.reason, /authorization server refused client credentials \(401 invalid_client: client disabled\)/)
+  t.equal(as.seen[0]!.form.get('client_secret'), CANARY, 'client_secret_post puts it in the body')
+  t.equal(up.requests.length, 0)
+  assertNoCanary(t, s, res.text)
+})

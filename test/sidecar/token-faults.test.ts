@@ -1,0 +1,245 @@
+// The credential lifecycle's fault table. Each fault ends in a clear response to the agent and
+// an audit event, and never in a forward without a valid token: the API counts what reached it.
+import t from 'tap'
+import { createServer as createNetServer, type Server as NetServer, type Socket } from 'node:net'
+import { createServer as createHttpServer } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { mkdtempSync, writeFileSync, renameSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { Client, Pool } from 'undici'
+import { startTestBroker, API, freePort } from '../helpers/broker.js'
+import { startTokenRig, AGENT } from '../helpers/tokens.js'
+import { BrokerClient } from '../../proxy/credentials/broker-client.js'
+import { BrokerTokenSource } from '../../proxy/credentials/broker-source.js'
+import { LocalKeyEvidence } from '../../proxy/attest/local-key.js'
+import { KubernetesTokenFile } from '../../proxy/attest/kubernetes-token.js'
+import { compileBinding } from '../../proxy/credentials/bindings.js'
+import { TaskRegistry } from '../../proxy/tasks/registry.js'
+
+async function call(proxyUrl: string, url: string): Promise<{ status: number; body: Record<string, unknown>; headers: Record<string, unknown> }> {
+  const u = new URL(proxyUrl)
+  const auth = u.password ? `Basic ${Buffer.from(`${decodeURIComponent(u.username)}:${decodeURIComponent(u.password)}`).toString('base64')}` : undefined
+  // Absolute-form straight to the proxy, as HTTP_PROXY clients send it (undici's ProxyAgent
+  // turns a 407 into an exception, and the 407 is what some of these tests look at).
+  const client = new Client(`${u.protocol}//${u.host}`)
+  const res = await client.request({ method: 'GET', path: url, headers: { host: new URL(url).host, ...(auth ? { 'proxy-authorization': auth } : {}) } })
+  const text = await res.body.text()
+  await client.close()
+  let body: Record<string, unknown> = {}
+  try {
+    body = JSON.parse(text) as Record<string, unknown>
+  } catch {
+    body = { text }
+  }
+  return { status: res.statusCode, body, headers: res.headers }
+}
+
+/** A TCP server that accepts and never answers: a broker that hangs (a fault no real broker can be made to show on demand). */
+async function hangingServer(): Promise<{ url: string; close(): Promise<void> }> {
+  const sockets = new Set<Socket>()
+  const srv: NetServer = createNetServer((s) => {
+    sockets.add(s)
+    s.on('error', () => {})
+  })
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r))
+  return {
+    url: `http://127.0.0.1:${(srv.address() as AddressInfo).port}`,
+    close: () => new Promise<void>((r) => { for (const s of sockets) s.destroy(); srv.close(() => r()) }),
+  }
+}
+
+t.test('broker down: 503 that says why, audited, nothing forwarded', async (t) => {
+  const broker = await startTestBroker()
+  const rig = await startTokenRig({ broker, brokerUrl: `http://127.0.0.1:${await freePort()}` })
+  t.teardown(rig.close)
+  const task = await rig.openTask({ purpose: 'x', duration_s: 60, user_token: await broker.userToken('u', 'read') })
+  const res = await call(task.body.proxy_url as string, `${rig.api.origin}/a`)
+  t.equal(res.status, 503)
+  t.match(res.body, { code: 'LK_CREDENTIAL_UNAVAILABLE', retryable: true, reason: /broker unreachable \(ECONNREFUSED\)/ })
+  t.equal(rig.api.seen.length, 0, 'no unauthenticated forward')
+  const audit = await rig.sidecar.audit()
+  t.match(audit.at(-1), { status: 503, error: 'LK_CREDENTIAL_UNAVAILABLE', task: task.body.id })
+  // A burst against a dead broker does not hammer it: one failed exchange answers the burst.
+  const before = rig.sidecar.sidecar.brokerTokens!.exchanges
+  const burst = await Promise.all(Array.from({ length: 50 }, () => call(task.body.proxy_url as string, `${rig.api.origin}/b`)))
+  t.ok(burst.every((r) => r.status === 503), 'all refused')
+  t.ok(rig.sidecar.sidecar.brokerTokens!.exchanges - before <= 2, `a 50-request burst caused ${rig.sidecar.sidecar.brokerTokens!.exchanges - before} exchange attempt(s)`)
+})
+
+t.test('broker hangs: the timeout answers, not the agent\'s patience', async (t) => {
+  const hang = await hangingServer()
+  const rig = await startTokenRig({ brokerUrl: hang.url, sidecar: { sidecar: { broker: { timeout_ms: 300 } } } })
+  t.teardown(async () => {
+    await rig.close()
+    await hang.close()
+  })
+  const task = await rig.openTask({ purpose: 'x', duration_s: 60 })
+  const started = Date.now()
+  const res = await call(task.body.proxy_url as string, `${rig.api.origin}/a`)
+  t.equal(res.status, 503)
+  t.match(res.body.reason, /broker did not answer within 300 ms/)
+  t.ok(Date.now() - started < 2000, 'answered promptly')
+  t.equal(rig.api.seen.length, 0)
+  const opened = await rig.openTask({ purpose: 'y', duration_s: 60, audiences: [API] })
+  t.equal(opened.status, 503, 'opening a task that wants tokens reports the outage')
+  t.match(opened.body, { error: 'broker_unavailable', reason: /did not answer/ })
+})
+
+t.test('broker errors: a 500 and a refusal each say so', async (t) => {
+  const srv = createHttpServer((req, res) => {
+    req.resume()
+    res.writeHead(500, { 'content-type': 'text/html' }).end('<h1>oops</h1>')
+  })
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r))
+  const rig = await startTokenRig({ brokerUrl: `http://127.0.0.1:${(srv.address() as AddressInfo).port}` })
+  t.teardown(async () => {
+    await rig.close()
+    srv.close()
+  })
+  const task = await rig.openTask({ purpose: 'x', duration_s: 60 })
+  const res = await call(task.body.proxy_url as string, `${rig.api.origin}/a`)
+  t.equal(res.status, 503)
+  t.match(res.body.reason, /broker answered 500 without a JSON body/)
+
+  // A real refusal: the agent is revoked at the broker.
+  const rig2 = await startTokenRig()
+  t.teardown(rig2.close)
+  await rig2.broker.broker.revocations.revoke('agent', AGENT, 'drill')
+  const task2 = await rig2.openTask({ purpose: 'x', duration_s: 60 })
+  const refused = await call(task2.body.proxy_url as string, `${rig2.api.origin}/a`)
+  t.equal(refused.status, 503)
+  t.match(refused.body.reason, new RegExp(`broker refused the exchange \\(400 invalid_request: agent ${AGENT} is revoked\\)`))
+  t.equal(rig2.api.seen.length, 0)
+})
+
+t.test('a user token the broker refuses: at task open, and at first use', async (t) => {
+  const rig = await startTokenRig()
+  t.teardown(rig.close)
+  const expired = await rig.broker.userToken('u', 'read', { exp: Math.floor(Date.now() / 1000) - 120 })
+  const opened = await rig.openTask({ purpose: 'x', duration_s: 60, user_token: expired, audiences: [API] })
+  t.equal(opened.status, 403)
+  t.match(opened.body, { error: 'task_refused', reason: /subject_token: expired/ })
+  t.notOk(JSON.stringify(opened.body).includes(expired.split('.')[2]!), 'the refusal does not echo the token')
+  const lazy = await rig.openTask({ purpose: 'x', duration_s: 60, user_token: await rig.broker.userToken('u', 'admin') })
+  t.equal(lazy.status, 201)
+  const res = await call(lazy.body.proxy_url as string, `${rig.api.origin}/a`)
+  t.equal(res.status, 503)
+  t.match(res.body.reason, /invalid_scope/)
+  t.equal(rig.api.seen.length, 0)
+})
+
+t.test('a handle from another task or another sidecar is a 407', async (t) => {
+  const broker = await startTestBroker()
+  const a = await startTokenRig({ broker })
+  const b = await startTokenRig({ broker })
+  t.teardown(async () => {
+    await b.sidecar.close()
+    await b.api.close()
+    await a.close()
+  })
+  const taskB = await b.openTask({ purpose: 'x', duration_s: 60 })
+  const onA = (taskB.body.proxy_url as string).replace(b.sidecar.proxy.slice(7), a.sidecar.proxy.slice(7))
+  const res = await call(onA, `${a.api.origin}/a`)
+  t.equal(res.status, 407)
+  t.equal(res.headers['proxy-authenticate'], 'Basic realm="latchkey"')
+  t.match(res.body.reason, /no open task/)
+  const none = await call(a.sidecar.proxy, `${a.api.origin}/a`)
+  t.equal(none.status, 407, 'no task at all, on a task-scoped credential')
+  t.match(none.body.reason, /task-scoped/)
+  const bad = await call(`http://task:${'lkt_' + 'A'.repeat(22)}@${a.sidecar.proxy.slice(7)}`, `${a.api.origin}/a`)
+  t.equal(bad.status, 407)
+  t.equal(a.api.seen.length, 0)
+})
+
+t.test('1,000 concurrent first requests for one audience cause exactly one exchange', async (t) => {
+  const rig = await startTokenRig()
+  t.teardown(rig.close)
+  const task = await rig.openTask({ purpose: 'burst', duration_s: 60, user_token: await rig.broker.userToken('u', 'read') })
+  const u = new URL(task.body.proxy_url as string)
+  const pool = new Pool(rig.sidecar.proxy, { connections: 100 })
+  t.teardown(() => pool.close())
+  const auth = `Basic ${Buffer.from(`task:${u.password}`).toString('base64')}`
+  const statuses = await Promise.all(
+    Array.from({ length: 1000 }, (_, i) =>
+      pool.request({ method: 'GET', path: `${rig.api.origin}/burst/${i}`, headers: { 'proxy-authorization': auth, host: `127.0.0.1:${rig.api.port}` } }).then(async (r) => {
+        await r.body.text()
+        return r.statusCode
+      }),
+    ),
+  )
+  t.equal(statuses.filter((s) => s === 200).length, 1000, 'all 1,000 succeed')
+  t.equal(rig.broker.events.filter((e) => e.type === 'token.exchange').length, 1, 'the broker saw exactly one exchange')
+  t.equal(new Set(rig.api.tokens).size, 1, 'all carried the same token')
+
+  // The same at the source, all in one tick, so every call finds the exchange in flight.
+  const src = rig.sidecar.sidecar.brokerTokens!
+  const before = src.exchanges
+  const task2 = rig.sidecar.sidecar.tasks.open({ purpose: 'tick', durationS: 60 })
+  const binding = compileBinding({ id: 'api', audience: rig.api.origin, source: 'broker', token_audience: API, scopes: ['read'], inject: { type: 'bearer' } })
+  const creds = await Promise.all(Array.from({ length: 1000 }, () => src.get(binding, task2.identity)))
+  t.equal(src.exchanges - before, 1, 'one exchange for 1,000 same-tick requests')
+  t.equal(new Set(creds.map((c) => c.id)).size, 1)
+})
+
+t.test('refresh at half-life, never a stale token, clock skew harmless (fake clock)', async (t) => {
+  const broker = await startTestBroker()
+  t.teardown(broker.close)
+  // The sidecar's clock runs 10 minutes ahead of the broker's: lifetimes come from expires_in.
+  let clock = Date.now() + 600_000
+  const now = () => clock
+  const src = new BrokerTokenSource(new BrokerClient(broker.url, 2000, new LocalKeyEvidence(join(broker.dir, 'local', 'local-attestor.key.json'), AGENT, broker.issuer)), { minRemainingMs: 5000, now })
+  t.teardown(() => src.close())
+  const tasks = new TaskRegistry(AGENT, { maxDurationS: 3600, now })
+  const task = tasks.open({ purpose: 'p', durationS: 100, userToken: await broker.userToken('u', 'read') })
+  const binding = compileBinding({ id: 'api', audience: 'https://api.example.com', source: 'broker', scopes: ['read'], inject: { type: 'bearer' } })
+  const first = await src.get(binding, task.identity)
+  t.equal(first.expiresAt! - clock, 120_000, 'lifetime 100 s × 1.2, on the sidecar\'s own clock')
+  t.equal((await src.get(binding, task.identity)).id, first.id, 'cached despite the skew')
+  t.equal(src.exchanges, 1)
+
+  clock += 59_000
+  t.equal((src.get(binding, task.identity) as { id: string }).id, first.id, 'before half-life: cached, no refresh')
+  t.equal(src.exchanges, 1)
+  clock += 2_000
+  const during = src.get(binding, task.identity) as { id: string }
+  t.equal(during.id, first.id, 'at half-life the current token still serves while the refresh runs')
+  t.equal(src.exchanges, 2, 'one background refresh')
+  await new Promise((r) => setTimeout(r, 200))
+  const refreshed = await src.get(binding, task.identity)
+  t.not(refreshed.id, first.id, 'then the refreshed token is used')
+
+  // Broker gone and the token near its end: it is not used in its last min_remaining_ms.
+  await broker.close()
+  clock = refreshed.expiresAt! - 4_000
+  await t.rejects(Promise.resolve().then(() => src.get(binding, task.identity)), { code: 'LK_CREDENTIAL_UNAVAILABLE' }, 'a token with 4 s left (< 5 s) is never injected')
+
+  // Ending the task drops the tokens.
+  tasks.onEnd((x) => src.dropTask(x.id))
+  tasks.end(task.handle)
+  t.same(src.describe(task.id), [])
+})
+
+t.test('a rotated service-account token file is re-read', async (t) => {
+  const broker = await startTestBroker()
+  t.teardown(broker.close)
+  const dir = mkdtempSync(join(tmpdir(), 'lk-sa-'))
+  const file = join(dir, 'token')
+  const mint = (pod: string) =>
+    broker.k8s.sign({ aud: broker.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'u' }, pod: { name: pod, uid: pod } } })
+  writeFileSync(file, await mint('pod-a'))
+  const ev = new KubernetesTokenFile(file)
+  const src = new BrokerTokenSource(new BrokerClient(broker.url, 2000, ev), { minRemainingMs: 1000 })
+  t.teardown(() => src.close())
+  const tasks = new TaskRegistry('agent:summarizer:prod:x', { maxDurationS: 3600 })
+  const binding = compileBinding({ id: 'api', audience: 'https://api.example.com', source: 'broker', inject: { type: 'bearer' } })
+  await src.get(binding, tasks.open({ purpose: 'a', durationS: 60 }).identity)
+  // The kubelet's atomic replace.
+  writeFileSync(join(dir, 'token.new'), await mint('pod-b'))
+  renameSync(join(dir, 'token.new'), file)
+  await src.get(binding, tasks.open({ purpose: 'b', durationS: 60 }).identity)
+  const agents = broker.events.filter((e) => e.type === 'token.exchange').map((e) => (e as { agent: string }).agent)
+  t.same(agents, ['agent:summarizer:prod:pod-a', 'agent:summarizer:prod:pod-b'], 'the new token was presented after rotation')
+  writeFileSync(file, 'not a token')
+  await t.rejects(ev.get(), /does not hold a JWT/)
+})

@@ -4,6 +4,8 @@
 // closed-loop load generator, same for both, so compare the two rows with each other.
 // Layout (2 cores): each sidecar alone on CPU 0; upstream, collector, load and this script on CPU 1.
 // Run: npm run build && node bench/sidecar-spool.mjs   (BENCH_SECONDS=5, BENCH_ROUNDS=3)
+// Diagnostics: BENCH_DEAD_COLLECTOR=1 points the sink at a closed port (spool only, no sending);
+// BENCH_PROF=<dir> writes a CPU profile of the collector-backed sidecar there.
 import { spawn, execFileSync } from 'node:child_process'
 import { mkdtempSync, writeFileSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir, cpus, loadavg } from 'node:os'

@@ -132,11 +132,11 @@ log: { level: warn }
   const ports = { jsonl: await freePort(), collector: await freePort() }
   const env = { LATCHKEY_SECRET_BENCH_TOKEN: TOKEN, LATCHKEY_SECRET_COLLECTOR: COLLECTOR_TOKEN }
   const contenders = {
-    jsonl: await start('sidecar-jsonl', '0', [cli, 'sidecar', '-c', sidecarYaml('jsonl', ports.jsonl, `{ jsonl: { path: ${join(work, 'audit.jsonl')} } }`)], env, ports.jsonl),
+    jsonl: await start('sidecar-jsonl', '0', [...(process.env.BENCH_PROF ? ['--cpu-prof', '--cpu-prof-dir', process.env.BENCH_PROF + '/jsonl'] : []), cli, 'sidecar', '-c', sidecarYaml('jsonl', ports.jsonl, `{ jsonl: { path: ${join(work, 'audit.jsonl')} } }`)], env, ports.jsonl),
     collector: await start(
       'sidecar-collector',
       '0',
-      [...(process.env.BENCH_PROF ? ['--cpu-prof', '--cpu-prof-dir', process.env.BENCH_PROF] : []), cli, 'sidecar', '-c', sidecarYaml('collector', ports.collector, `{ collector: { address: "127.0.0.1:${process.env.BENCH_DEAD_COLLECTOR ? 1 : grpcPort}", sidecar_id: bench-sidecar, token_secret: COLLECTOR, spool_dir: ${join(work, 'spool')} } }`)],
+      [...(process.env.BENCH_PROF ? ['--cpu-prof', '--cpu-prof-dir', process.env.BENCH_PROF + '/collector'] : []), cli, 'sidecar', '-c', sidecarYaml('collector', ports.collector, `{ collector: { address: "127.0.0.1:${process.env.BENCH_DEAD_COLLECTOR ? 1 : grpcPort}", sidecar_id: bench-sidecar, token_secret: COLLECTOR, spool_dir: ${join(work, 'spool')} } }`)],
       env,
       ports.collector,
     ),

@@ -159,7 +159,8 @@ export interface AuditEvent {
   decision: 'allow' | 'deny' | 'report' | null
   rule: string | null
   reason: string | null
-  credential: { binding: string; id: string; audience: string; scopes: string[] } | null
+  /** token_sha256: only for issuer-minted tokens (proxy/audit/token-hash.ts), absent otherwise. */
+  credential: { binding: string; id: string; audience: string; scopes: string[]; token_sha256?: string } | null
   error: string | null
   caller: CallerProcess | null
 }

@@ -14,6 +14,7 @@ import { hostHeader, parseAbsoluteTarget, parseReverseTarget, parseTunnelledTarg
 import { checkFraming } from './listen/framing.js'
 import { outboundRequestHeaders } from './forward/headers.js'
 import { forward } from './forward/forward.js'
+import { tokenSha256 } from './audit/token-hash.js'
 import type { PinnedPools } from './forward/pools.js'
 import type { SidecarMetrics } from './metrics.js'
 import type { PeerProcessResolver } from './identify/peer-process.js'
@@ -249,7 +250,7 @@ export class Pipeline {
       reason: ctx.errorReason ?? (d && d.action === 'deny' ? d.reason : null),
       credential:
         ctx.binding && ctx.credential
-          ? { binding: ctx.binding.id, id: ctx.credential.id, audience: ctx.binding.audience, scopes: ctx.credential.scopes }
+          ? withTokenHash({ binding: ctx.binding.id, id: ctx.credential.id, audience: ctx.binding.audience, scopes: ctx.credential.scopes }, tokenSha256(ctx.binding, ctx.credential))
           : null,
       error: ctx.errorCode,
       caller: ctx.caller,
@@ -263,4 +264,9 @@ export class Pipeline {
 
 function round(ms: number): number {
   return Math.round(ms * 1000) / 1000
+}
+
+/** The hash joins the event only when there is one (the JSON-lines schema and logs stay as they were otherwise). */
+function withTokenHash<T extends object>(c: T, hash: string | null): T & { token_sha256?: string } {
+  return hash === null ? c : { ...c, token_sha256: hash }
 }

@@ -86,8 +86,8 @@ export function toProtoEvent(e: AuditEvent): ProtoEvent {
       via: e.via,
     },
     decision: { action: e.decision ? ACTIONS[e.decision] : Action.ACTION_UNSPECIFIED, rule: e.rule ?? '', reason: e.reason ?? '', error: e.error ?? '' },
-    // The sidecar's event names the credential, never carries it; the token hash arrives with broker-issued tokens.
-    credential: e.credential ? { provider: e.credential.binding, audience: e.credential.audience, scopes: e.credential.scopes, jti: e.credential.id, tokenSha256: Buffer.alloc(0) } : undefined,
+    // The sidecar's event names the credential, never carries it; issuer-minted tokens come with their SHA-256.
+    credential: e.credential ? { provider: e.credential.binding, audience: e.credential.audience, scopes: e.credential.scopes, jti: e.credential.id, tokenSha256: e.credential.token_sha256 ? Buffer.from(e.credential.token_sha256, 'hex') : Buffer.alloc(0) } : undefined,
     process: e.caller ? { pid: e.caller.pid ?? 0, uid: e.caller.uid, executable: e.caller.exe ?? '' } : undefined,
   }
 }

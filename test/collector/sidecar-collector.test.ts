@@ -41,6 +41,7 @@ t.test('every call reaches the collector once, credential never', async (t) => {
   t.same(denied.map((e) => [e.event.call?.path, e.event.decision?.action, e.event.call?.status]), [['/denied', Action.ACTION_DENY, 403]])
   const withCred = (await c.store.eventsByAgent({ agent: AGENT, since: new Date(0), limit: 1 }))[0]!
   t.same(withCred.event.credential?.audience, upstream.origin)
+  t.equal(Buffer.from(withCred.event.credential!.tokenSha256).length, 0, 'a static secret gets no hash: it may be short enough to guess from one')
   t.same((await c.store.verify()).ok, true)
   await s.close()
   // The injected credential reached the upstream and nowhere else: not the store, not a log.

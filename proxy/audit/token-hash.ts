@@ -1,0 +1,20 @@
+// The SHA-256 of an issued token, for audit events: lets the collector's data be joined with the
+// issuer's without ever holding the token. Only for tokens an issuer minted (broker JWTs, OAuth
+// access tokens), which are long and random: a static secret or a lent password can be short
+// enough to guess from its hash offline, so those get none. Cached per Credential object, so a
+// token used for many calls is hashed once.
+import { createHash } from 'node:crypto'
+import type { Credential, CredentialBinding } from '../context.js'
+
+const HASHED_SOURCES: ReadonlySet<CredentialBinding['source']> = new Set(['broker', 'client_credentials'])
+const cache = new WeakMap<Credential, string>()
+
+export function tokenSha256(binding: CredentialBinding, credential: Credential): string | null {
+  if (!HASHED_SOURCES.has(binding.source)) return null
+  let h = cache.get(credential)
+  if (h === undefined) {
+    h = createHash('sha256').update(credential.value).digest('hex')
+    cache.set(credential, h)
+  }
+  return h
+}

@@ -17,6 +17,9 @@ const QUICK = process.env.BENCH_QUICK === '1'
 const SECONDS = Number(process.env.BENCH_SECONDS ?? (QUICK ? 2 : 10))
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? (QUICK ? 1 : 3))
 const PACED_RATE = Number(process.env.BENCH_PACED_RATE ?? 1000)
+// BENCH_AUDIT=collector: the sidecar's audit goes to a collector (spool + gRPC, each event
+// appended before its response ends) instead of JSON lines; results go to latest-collector.*.
+const AUDIT_COLLECTOR = process.env.BENCH_AUDIT === 'collector'
 const TOKEN = 'bench-' + 'x'.repeat(794) // an 800-byte bearer secret, as in BENCH-NOTES
 // CPU layout on a 2-core machine (see README): the proxy under test alone on CPU 0; the load
 // generator (wrk or the paced generator), the nginx upstream and this orchestrator on CPU 1.
@@ -328,7 +331,7 @@ async function verify(c, upstreamPort) {
 }
 
 /** Latchkey only: its policy is really on (an unlisted port is refused) and audit events land. */
-async function verifyLatchkeyPolicy(c, deniedPort, auditPath) {
+async function verifyLatchkeyPolicy(c, deniedPort, auditPath, count = () => auditLines(auditPath)) {
   const client = new Client(`http://127.0.0.1:${c.port}`)
   try {
     const r = await client.request({ path: `http://127.0.0.1:${deniedPort}/`, method: 'GET' })
@@ -337,8 +340,8 @@ async function verifyLatchkeyPolicy(c, deniedPort, auditPath) {
   } finally {
     await client.close()
   }
-  for (let i = 0; i < 50 && auditLines(auditPath) === 0; i++) await sleep(100)
-  if (auditLines(auditPath) === 0) throw new Error(`latchkey wrote no audit event to ${auditPath}`)
+  for (let i = 0; i < 50 && (await count()) === 0; i++) await sleep(100)
+  if ((await count()) === 0) throw new Error(`latchkey wrote no audit event to ${AUDIT_COLLECTOR ? 'the collector' : auditPath}`)
 }
 function auditLines(path) {
   if (!existsSync(path)) return 0
@@ -395,6 +398,34 @@ async function main() {
 
   const auditPath = join(work, 'audit.jsonl')
   const cfg = join(work, 'latchkey.yaml')
+  let auditYaml = `audit:\n  jsonl: { path: ${auditPath} }`
+  let countAudited = async () => auditLines(auditPath)
+  const collectorEnv = {}
+  if (AUDIT_COLLECTOR) {
+    // The collector shares CPU ${CPU_LOAD} with the load generator and the upstream.
+    const grpcPort = await freePort()
+    const httpPort = await freePort()
+    const token = 'bench-collector-' + process.pid
+    const { createHash } = await import('node:crypto')
+    writeFileSync(
+      join(work, 'collector.yaml'),
+      `version: 1\ncollector:\n  grpc: { host: 127.0.0.1, port: ${grpcPort} }\n  http: { host: 127.0.0.1, port: ${httpPort} }\n  store: { kind: sqlite, path: ${join(work, 'collector.db')} }\n  sidecars: [{ id: bench-sidecar, token_sha256: "${createHash('sha256').update(token).digest('hex')}" }]\nlog: { level: warn }\n`,
+    )
+    const collector = start('collector', CPU_LOAD, process.execPath, [cli, 'collector', '--config', join(work, 'collector.yaml')])
+    await waitForPort(httpPort, collector)
+    auditYaml = `audit:\n  collector: { address: "127.0.0.1:${grpcPort}", sidecar_id: bench-sidecar, token_secret: COLLECTOR, spool_dir: ${join(work, 'spool')} }`
+    collectorEnv.LATCHKEY_SECRET_COLLECTOR = token
+    countAudited = async () => {
+      const c = new Client(`http://127.0.0.1:${httpPort}`)
+      try {
+        const r = await c.request({ path: '/v1/inventory', method: 'GET' })
+        const inv = await r.body.json()
+        return inv.sidecars.find((x) => x.sidecar === 'bench-sidecar')?.events ?? 0
+      } finally {
+        await c.close()
+      }
+    }
+  }
   writeFileSync(
     cfg,
     `version: 1
@@ -413,15 +444,14 @@ credentials:
     source: static
     secret: BENCH_TOKEN
     inject: { type: bearer }
-audit:
-  jsonl: { path: ${auditPath} }
+${auditYaml}
 log: { level: warn }
 `,
   )
 
   const contenders = [{ name: 'direct', absolute: false, port: ports.upstream, proc: null }]
   // The sidecar runs as the image runs it (Dockerfile: NODE_OPTIONS and MALLOC_ARENA_MAX).
-  const lk = start('latchkey', CPU_PROXY, process.execPath, [cli, 'sidecar', '--config', cfg], { LATCHKEY_SECRET_BENCH_TOKEN: TOKEN, NODE_OPTIONS: '--max-semi-space-size=1', MALLOC_ARENA_MAX: '2' })
+  const lk = start('latchkey', CPU_PROXY, process.execPath, [cli, 'sidecar', '--config', cfg], { LATCHKEY_SECRET_BENCH_TOKEN: TOKEN, NODE_OPTIONS: '--max-semi-space-size=1', MALLOC_ARENA_MAX: '2', ...collectorEnv })
   contenders.push({ name: 'latchkey', absolute: true, port: ports.latchkey, proc: lk })
   contenders.push({ name: 'undici-bare', absolute: true, port: ports.undici, proc: start('undici-bare', CPU_PROXY, process.execPath, [join(here, 'baselines/undici-forwarder.mjs'), String(ports.undici)], { BENCH_TOKEN: TOKEN }) })
   contenders.push({ name: 'http-proxy', absolute: true, port: ports.httpProxy, proc: start('http-proxy', CPU_PROXY, process.execPath, [join(here, 'baselines/http-proxy-forwarder.mjs'), String(ports.httpProxy)], { BENCH_TOKEN: TOKEN }) })
@@ -440,7 +470,7 @@ log: { level: warn }
 
   for (const c of contenders) if (c.proc) await waitForPort(c.port, c.proc)
   for (const c of contenders) await verify(c, ports.upstream)
-  await verifyLatchkeyPolicy(contenders[1], ports.denied, auditPath)
+  await verifyLatchkeyPolicy(contenders[1], ports.denied, auditPath, countAudited)
   console.error('bench: every contender forwards, with the bearer injected exactly once; latchkey refuses an unlisted port and audits')
 
   // wrk sends absolute-form when wrk.path is an absolute URL: that is how it drives a forward proxy.
@@ -512,8 +542,8 @@ log: { level: warn }
     }
   }
   const after = await machineBusy(1000)
-  await sleep(500) // let the sidecar's audit batch land
-  const audited = auditLines(auditPath)
+  await sleep(AUDIT_COLLECTOR ? 3000 : 500) // let the sidecar's audit batch land (at the collector: acked)
+  const audited = await countAudited()
 
   // ---- report ----
   const results = contenders.map((c) => {
@@ -600,7 +630,7 @@ log: { level: warn }
     `|---|---:|:---:|`,
     ...targets.map((t) => `| ${t.target} | ${t.measured} | ${t.met ? 'yes' : '**NO**'} |`),
     ``,
-    `Audit: ${audited.toLocaleString('en')} events written for ≈${lkRequests.count.toLocaleString('en')} requests latchkey answered${audited < lkRequests.count * 0.99 ? ' (**fewer events than requests**)' : ''}.`,
+    `Audit${AUDIT_COLLECTOR ? ' (to the collector: spool + gRPC, acked)' : ' (JSON lines)'}: ${audited.toLocaleString('en')} events written for ≈${lkRequests.count.toLocaleString('en')} requests latchkey answered${audited < lkRequests.count * 0.99 ? ' (**fewer events than requests**)' : ''}.`,
     ``,
     `Machine noise: ${noise}.`,
     ``,
@@ -615,14 +645,15 @@ log: { level: warn }
     2,
   )
   const svg = renderChart(results, `${stamp} · ${ROUNDS}×${SECONDS}s · proxy on CPU ${CPU_PROXY}, load + upstream on CPU ${CPU_LOAD}`)
-  for (const name of [stamp, 'latest']) {
+  for (const name of AUDIT_COLLECTOR ? [`${stamp}-collector`, 'latest-collector'] : [stamp, 'latest']) {
     writeFileSync(join(outDir, `${name}.json`), json)
     writeFileSync(join(outDir, `${name}.md`), md)
     writeFileSync(join(outDir, `${name}.svg`), svg)
   }
   console.log(md)
   console.log(targets.map((t) => `target ${t.met ? 'MET    ' : 'NOT MET'}  ${t.target}: ${t.measured}`).join('\n'))
-  console.log(`\nresults: bench/results/${stamp}.{md,json,svg} and bench/results/latest.{md,json,svg}`)
+  const suffix = AUDIT_COLLECTOR ? '-collector' : ''
+  console.log(`\nresults: bench/results/${stamp}${suffix}.{md,json,svg} and bench/results/latest${suffix}.{md,json,svg}`)
 }
 
 main().then(

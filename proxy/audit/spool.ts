@@ -8,7 +8,7 @@
 // crash mid-append) is cut off, and the records before it kept. A damaged record elsewhere is
 // skipped by scanning forward for the next record whose checksum holds and whose sequence
 // follows; what was skipped is counted, never silently.
-import { closeSync, fdatasyncSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeSync, writeFileSync, existsSync } from 'node:fs'
+import { close, closeSync, fdatasync, fdatasyncSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeSync, writeFileSync, existsSync } from 'node:fs'
 import { join } from 'node:path'
 import { crc32 } from 'node:zlib'
 
@@ -173,7 +173,11 @@ export class Spool {
   }
 
   private rotate(): void {
-    if (this.fd >= 0) closeSync(this.fd)
+    if (this.fd >= 0) {
+      // Synced and closed off the event loop: a synchronous fdatasync here stalled calls.
+      const old = this.fd
+      fdatasync(old, () => close(old, () => {}))
+    }
     const first = this.nextSeq
     const path = join(this.dir, `${String(first).padStart(16, '0')}.seg`)
     this.fd = openSync(path, 'a', 0o600)
@@ -210,6 +214,13 @@ export class Spool {
 
   sync(): void {
     if (this.fd >= 0) fdatasyncSync(this.fd)
+  }
+
+  /** fdatasync on the libuv threadpool: appends go on meanwhile. */
+  syncAsync(): Promise<void> {
+    const fd = this.fd
+    if (fd < 0) return Promise.resolve()
+    return new Promise((resolve, reject) => fdatasync(fd, (err) => (err ? reject(err) : resolve())))
   }
 
   /**

@@ -43,7 +43,7 @@ program
     try {
       const config = loadConfigFile(opts.config)
       const { startSidecar } = await import('../proxy/sidecar.js')
-      const sidecar = await startSidecar(config)
+      const sidecar = await startSidecar(config, { reloadOnSighup: true })
       onShutdown(sidecar.close)
     } catch (err) {
       fail(err)

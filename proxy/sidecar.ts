@@ -231,7 +231,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   // The directory is watched, not the file: atomic renames and ConfigMap `..data` symlink swaps replace the inode.
   let policyWatcher: FSWatcher | undefined
   let policyTimer: NodeJS.Timeout | undefined
-  if (sc.policy_file) {
+  if (sc.policy_file && sc.policy_watch) {
     const base = basename(sc.policy_file)
     policyWatcher = watchDir(dirname(sc.policy_file), { persistent: false }, (_event, changed) => {
       if (changed !== null && changed !== base && !String(changed).startsWith('..')) return

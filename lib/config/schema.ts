@@ -70,6 +70,8 @@ export interface Config {
     control?: SidecarControlConfig
     /** A policy file (YAML: mode, default, rules) that replaces `policy` and is reloaded on change and SIGHUP. */
     policy_file?: string
+    /** Watch policy_file for changes (default); false: reload on SIGHUP only. */
+    policy_watch: boolean
     /** Which local processes call: identified per connection through /proc, optionally restricted. */
     callers: { identify: boolean; allowed_uids: number[]; allowed_executables: string[] }
     /** Workload evidence the sidecar presents to the broker; exactly one of kubernetes, spiffe, local. */
@@ -447,6 +449,7 @@ export const configSchema = {
           },
         },
         policy_file: nonEmpty,
+        policy_watch: { type: 'boolean', default: true },
         callers: {
           type: 'object',
           additionalProperties: false,

@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { freePort } from '../helpers/broker.js'
 import { SqliteRevocationStore } from '../../broker/revocations/sqlite.js'
-import { startApi, startControlBroker, startControlSidecar, viaProxy, until } from './rig.js'
+import { startApi, startControlBroker, startControlSidecar, viaProxy, revoke, until } from './rig.js'
 
 t.test('broker restart: the sidecar reconnects and resyncs from the snapshot, missed revocations and unrevocations included', async (t) => {
   const dbFile = join(mkdtempSync(join(tmpdir(), 'lk-restart-')), 'broker.db')
@@ -78,4 +78,51 @@ t.test('a stale sidecar: past its limit no new token is minted, cached ones stil
   const metrics = await (await fetch(`${s.sidecar.adminUrl}/metrics`)).text()
   t.match(metrics, /latchkey_control_stale 1/)
   t.match(metrics, /latchkey_control_connected 0/)
+})
+
+t.test('broker restart during a drill: traffic of the others never fails, and the revocation after the restart still lands', async (t) => {
+  const dbFile = join(mkdtempSync(join(tmpdir(), 'lk-drill-restart-')), 'broker.db')
+  const port = await freePort()
+  const opts = { store: { sqlite: { path: dbFile } }, control: { port } }
+  const first = await startControlBroker(opts)
+  let firstClosed = false
+  t.teardown(() => (firstClosed ? undefined : first.close()))
+  const api = await startApi()
+  t.teardown(api.close)
+  const sidecars = []
+  for (let i = 0; i < 4; i++) {
+    const s = await startControlSidecar(first, api, `agent:summarizer:prod:d${i}`)
+    t.teardown(s.close)
+    sidecars.push({ s, task: await s.openTask(), ok: 0, failed: [] as string[] })
+  }
+  await until('all connected', () => sidecars.every((x) => x.s.sidecar.control!.connected))
+  const [victim, ...others] = sidecars
+  let running = true
+  const loops = sidecars.map(async (x) => {
+    while (running) {
+      const r = await viaProxy(x.s, x.task.handle, `${api.origin}/steady`).catch((e: Error) => ({ status: 0, body: { error: e.message } }))
+      if (r.status === 200) x.ok++
+      else if (x !== victim) x.failed.push(`${r.status} ${String(r.body.code ?? r.body.error ?? '')}`)
+      await new Promise((res) => setTimeout(res, 20))
+    }
+  })
+  await until('traffic flowing', () => sidecars.every((x) => x.ok > 2))
+
+  await first.close()
+  firstClosed = true
+  await until('streams lost', () => sidecars.every((x) => !x.s.sidecar.control!.connected))
+  const okBefore = others.map((x) => x.ok)
+  await new Promise((res) => setTimeout(res, 300))
+  t.ok(others.every((x, i) => x.ok > okBefore[i]!), 'cached tokens keep serving while the broker is down')
+  const second = await startControlBroker(opts)
+  t.teardown(() => second.close())
+  await until('all reconnected', () => sidecars.every((x) => x.s.sidecar.control!.connected), 5000)
+  const r = await revoke(second, 'agent', victim!.s.agent)
+  t.equal(r.status, 201)
+  await until('victim refused', () => victim!.s.sidecar.control!.state.agentRevoked, 2000)
+  t.match(await viaProxy(victim!.s, victim!.task.handle, `${api.origin}/x`), { status: 403, body: { code: 'LK_REVOKED' } })
+  await new Promise((res) => setTimeout(res, 200))
+  running = false
+  await Promise.all(loops)
+  t.same(others.flatMap((x) => x.failed), [], 'zero failed requests for the other agents across the restart')
 })

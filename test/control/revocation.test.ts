@@ -3,6 +3,8 @@
 // requests with 403 reason "revoked" and cuts its open streams, while the others keep working.
 import t from 'tap'
 import { credentials, Metadata } from '@grpc/grpc-js'
+import { connect as netConnect } from 'node:net'
+import { once } from 'node:events'
 import { ControlServiceClient } from '../../protos/gen/latchkey/v1/control.js'
 import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, revoke, until, CONTROL_TOKEN } from './rig.js'
 
@@ -26,6 +28,14 @@ t.test('revoking one agent: refused at once, tokens gone, streams cut; the other
   const stream = await openStream(victim, vt.handle, `${api.origin}/stream`)
   t.equal(stream.status, 200)
   await until('stream flowing', () => stream.chunks() > 0)
+  // A CONNECT tunnel of the same task, open and idle.
+  const proxyPort = Number(new URL(victim.proxy).port)
+  const tunnel = netConnect(proxyPort, '127.0.0.1')
+  await once(tunnel, 'connect')
+  tunnel.write(`CONNECT 127.0.0.1:${api.port} HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\nProxy-Authorization: Basic ${Buffer.from(`task:${vt.handle}`).toString('base64')}\r\n\r\n`)
+  const [head] = (await once(tunnel, 'data')) as [Buffer]
+  t.match(head.toString(), /^HTTP\/1\.1 200/, 'tunnel open')
+  const tunnelClosed = once(tunnel, 'close')
 
   const r = await revoke(broker, 'agent', victim.agent)
   const returned = performance.now()
@@ -40,6 +50,8 @@ t.test('revoking one agent: refused at once, tokens gone, streams cut; the other
   t.equal(victim.sidecar.brokerTokens!.size, 0, 'every cached token of the victim is gone')
   t.equal(victim.sidecar.brokerTokens!.describe(vt.id).length, 0)
   t.not(await stream.ended, undefined, 'the streaming response was cut')
+  await tunnelClosed
+  t.ok(tunnel.destroyed, 'the CONNECT tunnel was closed')
   // A new task on the revoked sidecar gets nowhere either.
   const vt2 = await victim.openTask()
   t.equal((await viaProxy(victim, vt2.handle, `${api.origin}/c`)).status, 403)

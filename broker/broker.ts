@@ -118,11 +118,16 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     ready: () => !closing,
   })
   server.keepAliveTimeout = 5_000
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject)
-    server.listen(c.listen.port, c.listen.host, () => resolve())
-  })
   const ctl = c.control ? await startControl(c, env, log, revocations, events, now) : undefined
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject)
+      server.listen(c.listen.port, c.listen.host, () => resolve())
+    })
+  } catch (err) {
+    await ctl?.close()
+    throw err
+  }
   const addr = server.address() as AddressInfo
   const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address
   log.info({ url: `http://${host}:${addr.port}`, issuer: c.issuer, attestors: attestors.map((x) => x.kind) }, 'broker listening')

@@ -145,6 +145,7 @@ export interface BrokerControlConfig {
   heartbeat_ms: number
   /** The sidecar policy bundle distributed to every sidecar (YAML: mode, default, rules); watched. */
   policy_file?: string
+  /** At most 3 MiB: a snapshot must fit gRPC's default 4 MiB message limit. */
   max_bundle_bytes: number
   /** How often the revocation list is reconciled with the store (catches changes other replicas made while NATS was away). */
   resync_ms: number
@@ -365,7 +366,7 @@ const broker = {
         token_env: { type: 'string', pattern: '^[A-Z_][A-Z0-9_]*$', default: 'LATCHKEY_CONTROL_TOKEN' },
         heartbeat_ms: ms(1_000, 20),
         policy_file: nonEmpty,
-        max_bundle_bytes: { type: 'integer', minimum: 1024, maximum: 16_777_216, default: 262_144 },
+        max_bundle_bytes: { type: 'integer', minimum: 1024, maximum: 3_145_728, default: 262_144 },
         resync_ms: ms(5_000, 50),
         nats: {
           type: 'object',
@@ -445,7 +446,7 @@ export const configSchema = {
             stale_after_ms: ms(30_000, 50),
             backoff_min_ms: ms(100),
             backoff_max_ms: ms(5_000),
-            max_bundle_bytes: { type: 'integer', minimum: 1024, maximum: 16_777_216, default: 262_144 },
+            max_bundle_bytes: { type: 'integer', minimum: 1024, maximum: 3_145_728, default: 262_144 },
           },
         },
         policy_file: nonEmpty,

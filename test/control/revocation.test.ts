@@ -6,7 +6,7 @@ import { credentials, Metadata } from '@grpc/grpc-js'
 import { connect as netConnect } from 'node:net'
 import { once } from 'node:events'
 import { ControlServiceClient } from '../../protos/gen/latchkey/v1/control.js'
-import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, revoke, until, CONTROL_TOKEN } from './rig.js'
+import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openWebSocket, revoke, until, CONTROL_TOKEN } from './rig.js'
 
 t.test('revoking one agent: refused at once, tokens gone, streams cut; the other agent untouched', async (t) => {
   const broker = await startControlBroker()
@@ -102,7 +102,12 @@ t.test('task, jti and agent-type pattern revocations; an unknown agent is accept
   t.equal((await viaProxy(a, t1.handle, `${api.origin}/x`)).status, 200, 'harmless for everyone else')
   t.ok(broker.events.some((e) => e.type === 'revocation' && e.value === 'agent:nobody:prod:ghost'))
 
-  // One task: that task refused and its tokens gone; the agent's other task works.
+  // One task: that task refused, its tokens gone, its WebSocket cut; the agent's other task (and its WebSocket) works.
+  const ws1 = await openWebSocket(a, t1.handle, api)
+  const ws2 = await openWebSocket(a, t2.handle, api)
+  const ws1Closed = once(ws1, 'close')
+  let ws2Closed = false
+  ws2.on('close', () => (ws2Closed = true))
   const tokensBefore = a.sidecar.brokerTokens!.size
   t.equal((await revoke(broker, 'task', t1.id)).status, 201)
   await until('task revocation applied', () => a.sidecar.control!.state.has('task', t1.id))
@@ -111,6 +116,13 @@ t.test('task, jti and agent-type pattern revocations; an unknown agent is accept
   t.equal(a.sidecar.brokerTokens!.describe(t1.id).length, 0, 'the task\'s token is gone')
   t.equal(a.sidecar.brokerTokens!.size, tokensBefore - 1, 'only that task\'s')
   t.equal((await viaProxy(a, t2.handle, `${api.origin}/x`)).status, 200, 'the other task still works')
+  await ws1Closed
+  t.ok(ws1.destroyed, 'the revoked task\'s WebSocket was cut')
+  ws2.write('ping')
+  const [echo] = (await once(ws2, 'data')) as [Buffer]
+  t.equal(echo.toString(), 'echo:ping', 'the other task\'s WebSocket still relays')
+  t.notOk(ws2Closed)
+  ws2.destroy()
 
   // One jti: that token dropped; the next request gets a new one.
   const jti = a.sidecar.brokerTokens!.describe(t2.id)[0]!.jti

@@ -4,7 +4,9 @@
 import { createServer, request, type IncomingMessage, type Server } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { join } from 'node:path'
-import { randomBytes } from 'node:crypto'
+import { randomBytes, createHash } from 'node:crypto'
+import { connect as netConnect, type Socket } from 'node:net'
+import { once } from 'node:events'
 import { startTestBroker, API, type TestBroker } from '../helpers/broker.js'
 import { startTestSidecar, loopbackPolicy, type TestSidecar } from '../helpers/harness.js'
 import type { SidecarOptions } from '../../proxy/sidecar.js'
@@ -34,6 +36,7 @@ export interface Api {
 /** /stream holds a response open, writing a chunk every 50 ms; anything else answers 200 {ok, bearer}. */
 export async function startApi(): Promise<Api> {
   const tokens: string[] = []
+  const upgraded = new Set<import('node:net').Socket>()
   const server: Server = createServer((req, res) => {
     req.resume()
     const auth = req.headers.authorization ?? ''
@@ -46,6 +49,17 @@ export async function startApi(): Promise<Api> {
     }
     res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ ok: true, bearer: auth.startsWith('Bearer ') }))
   })
+  // A WebSocket endpoint that echoes (raw frames are fine: the relay does not parse them).
+  server.on('upgrade', (req: IncomingMessage, socket: import('node:net').Socket) => {
+    const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
+    socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`)
+    socket.on('data', (d: Buffer) => socket.write(Buffer.concat([Buffer.from('echo:'), d])))
+    socket.on('error', () => socket.destroy())
+    // node:http servers allow half-open sockets: close ours when the sidecar closes its side.
+    socket.on('end', () => socket.end())
+    upgraded.add(socket)
+    socket.on('close', () => upgraded.delete(socket))
+  })
   server.keepAliveTimeout = 30_000
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
   const port = (server.address() as AddressInfo).port
@@ -56,6 +70,7 @@ export async function startApi(): Promise<Api> {
     close: () =>
       new Promise<void>((resolve) => {
         server.closeAllConnections()
+        for (const u of upgraded) u.destroy()
         server.close(() => resolve())
       }),
   }
@@ -171,4 +186,17 @@ export async function until(what: string, cond: () => boolean | Promise<boolean>
     if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`)
     await new Promise((r) => setTimeout(r, 10))
   }
+}
+
+/** Opens a WebSocket through the sidecar (absolute-form upgrade) for a task; resolves once upgraded. */
+export async function openWebSocket(s: TestSidecar, handle: string, api: Api): Promise<Socket> {
+  const sock = netConnect(Number(new URL(s.proxy).port), '127.0.0.1')
+  await once(sock, 'connect')
+  sock.write(
+    `GET ${api.origin}/ws HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n` +
+      `Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nProxy-Authorization: Basic ${Buffer.from(`task:${handle}`).toString('base64')}\r\n\r\n`,
+  )
+  const [head] = (await once(sock, 'data')) as [Buffer]
+  if (!head.toString().startsWith('HTTP/1.1 101')) throw new Error(`upgrade refused: ${head.toString().split('\r\n')[0]}`)
+  return sock
 }

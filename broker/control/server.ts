@@ -50,7 +50,9 @@ export class ControlServer {
   private readonly watchers = new Set<Watcher>()
   private readonly tokenDigest: Buffer | undefined
   private heartbeat: NodeJS.Timeout | undefined
-  readonly stats = { opened: 0, refused: 0, sent: 0 }
+  readonly stats = { opened: 0, refused: 0, sent: 0, dropped: 0 }
+  /** Messages queued for one sidecar that does not read; past it the stream is ended (it resyncs on reconnect). */
+  maxQueuedMessages = 10_000
   port = 0
 
   constructor(private readonly o: ControlServerOptions) {
@@ -111,6 +113,15 @@ export class ControlServer {
   private send(w: Watcher, change: WatchResponse['change']): void {
     if (w.call.cancelled || w.call.destroyed) {
       this.watchers.delete(w)
+      return
+    }
+    if (w.call.writableLength > this.maxQueuedMessages) {
+      // A sidecar that stops reading must not grow the broker's memory without bound. Ending its
+      // stream loses nothing: the reconnect starts from a snapshot.
+      this.watchers.delete(w)
+      this.stats.dropped++
+      this.o.log.warn({ agent: w.agent, queued: w.call.writableLength }, 'control stream dropped: the sidecar is not reading')
+      w.call.emit('error', grpcError(status.RESOURCE_EXHAUSTED, `more than ${this.maxQueuedMessages} control messages queued unread; reconnect to resynchronise`))
       return
     }
     w.sequence++

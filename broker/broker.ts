@@ -20,6 +20,9 @@ import { BrokerEvents } from './events.js'
 import { TokenExchange } from './exchange.js'
 import { Introspection } from './introspect.js'
 import { createBrokerServer } from './http/server.js'
+import type { ControlServer } from './control/server.js'
+import type { PolicyBundleHolder } from './control/policy.js'
+import type { RevocationBus } from './control/nats.js'
 
 export interface RunningBroker {
   url: string
@@ -28,6 +31,11 @@ export interface RunningBroker {
   revocations: RevocationList
   registry: RegistryHolder
   events: BrokerEvents
+  /** The control stream's gRPC address (host:port) when broker.control is configured. */
+  controlAddress?: string
+  control?: ControlServer
+  policy?: PolicyBundleHolder
+  bus?: RevocationBus
   close(): Promise<void>
 }
 
@@ -70,6 +78,8 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
   await revocations.load()
   revocations.onChange((change) => {
     const ts = new Date(now()).toISOString()
+    // A change made on another replica was recorded there; here it is only applied.
+    if (change.remote) return
     if (change.op === 'revoke') events.emit({ type: 'revocation', ts, op: 'revoke', kind: change.revocation.kind, value: change.revocation.value, reason: change.revocation.reason })
     else events.emit({ type: 'revocation', ts, op: 'unrevoke', kind: change.kind, value: change.value, reason: null })
   })
@@ -108,10 +118,16 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     ready: () => !closing,
   })
   server.keepAliveTimeout = 5_000
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject)
-    server.listen(c.listen.port, c.listen.host, () => resolve())
-  })
+  const ctl = c.control ? await startControl(c, env, log, revocations, events, now) : undefined
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject)
+      server.listen(c.listen.port, c.listen.host, () => resolve())
+    })
+  } catch (err) {
+    await ctl?.close()
+    throw err
+  }
   const addr = server.address() as AddressInfo
   const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address
   log.info({ url: `http://${host}:${addr.port}`, issuer: c.issuer, attestors: attestors.map((x) => x.kind) }, 'broker listening')
@@ -122,8 +138,13 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     revocations,
     registry,
     events,
+    controlAddress: ctl?.address,
+    control: ctl?.server,
+    policy: ctl?.policy,
+    bus: ctl?.bus,
     close: async () => {
       closing = true
+      await ctl?.close()
       registry.close()
       keys.stop()
       await new Promise<void>((resolve) => {
@@ -132,6 +153,54 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
       })
       await revocations.store.close()
       await events.close()
+    },
+  }
+}
+
+async function startControl(c: BrokerConfig, env: NodeJS.ProcessEnv, log: Logger, revocations: RevocationList, events: BrokerEvents, now: () => number) {
+  const cc = c.control!
+  const { ControlServer } = await import('./control/server.js')
+  const { PolicyBundleHolder } = await import('./control/policy.js')
+  const policy = cc.policy_file
+    ? new PolicyBundleHolder(cc.policy_file, cc.max_bundle_bytes, (r) => {
+        const ts = new Date(now()).toISOString()
+        if (!r.ok) {
+          events.emit({ type: 'policy.rejected', ts, reason: r.reason })
+          return
+        }
+        if (r.widened.length > 0) events.emit({ type: 'policy.widened', ts, agent_type: '*', audience: '(sidecar policy)', added: r.widened })
+        server.broadcastPolicy({ version: r.bundle.version, document: r.document })
+      })
+    : undefined
+  policy?.watch()
+  const server: ControlServer = new ControlServer({
+    host: cc.host,
+    port: cc.port,
+    token: env[cc.token_env] || undefined,
+    heartbeatMs: cc.heartbeat_ms,
+    revocations,
+    policy: () => (policy?.current ? { version: policy.current.bundle.version, document: policy.current.document } : undefined),
+    log,
+  })
+  if (!env[cc.token_env]) log.warn({ env: cc.token_env }, 'broker.control: no control token in the environment; every sidecar stream will be refused')
+  const port = await server.start()
+  const bus = cc.nats ? await (await import('./control/nats.js')).RevocationBus.open({ servers: cc.nats.servers, stream: cc.nats.stream, subject: cc.nats.subject }, revocations, log) : undefined
+  const resync = setInterval(() => {
+    revocations.resync().catch(() => log.warn('revocation resync failed: store unavailable'))
+  }, cc.resync_ms)
+  resync.unref()
+  const host = cc.host.includes(':') ? `[${cc.host}]` : cc.host
+  log.info({ address: `${host}:${port}`, policy: policy?.current?.bundle.version ?? null, nats: !!bus }, 'broker control stream listening')
+  return {
+    address: `${host}:${port}`,
+    server,
+    policy,
+    bus,
+    close: async () => {
+      clearInterval(resync)
+      policy?.close()
+      await bus?.close()
+      await server.close()
     },
   }
 }

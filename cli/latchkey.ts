@@ -43,7 +43,7 @@ program
     try {
       const config = loadConfigFile(opts.config)
       const { startSidecar } = await import('../proxy/sidecar.js')
-      const sidecar = await startSidecar(config)
+      const sidecar = await startSidecar(config, { reloadOnSighup: true })
       onShutdown(sidecar.close)
     } catch (err) {
       fail(err)
@@ -70,7 +70,7 @@ for (const [name, op] of [['revoke', 'revoke'], ['unrevoke', 'unrevoke']] as con
   program
     .command(name)
     .description(op === 'revoke' ? 'revoke an agent instance, a task or a token (jti) at the broker' : 'lift a revocation')
-    .argument('[agent]', 'agent instance ID, agent:<type>:<env>:<instance>')
+    .argument('[agent]', 'agent instance ID, agent:<type>:<env>:<instance>, or a pattern with * for whole segments (agent:<type>:*:*)')
     .option('--task <id>', 'a task ID instead of an agent')
     .option('--jti <id>', 'a token ID instead of an agent')
     .option('--reason <text>', 'why (recorded in the audit trail)')

@@ -28,7 +28,13 @@ export async function runUp(opts: { config: string; upstreamPort: string }): Pro
     const b = config.broker
     if (!isAbsolute(b.registry_file)) b.registry_file = resolve(dirname(configFile), b.registry_file)
     if (b.attestors.local) b.attestors.local.keys_file = local.jwksFile
-    broker = await startBroker(b, { logger: createLogger(config.log.level, 'latchkey-broker') })
+    if (b.control && config.sidecar.control) {
+      // A fresh control-stream token per run, shared by the broker and the sidecar.
+      const controlToken = randomBytes(32).toString('base64url')
+      env[b.control.token_env] = controlToken
+      env[`${config.secrets.env_prefix}${config.sidecar.control.token_secret}`] = controlToken
+    }
+    broker = await startBroker(b, { logger: createLogger(config.log.level, 'latchkey-broker'), env })
   }
   let collector: RunningCollector | undefined
   const cc = config.audit.collector

@@ -6,7 +6,7 @@ import { randomUUID } from 'node:crypto'
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Logger } from '../lib/log.js'
-import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Identifier, Resolution, Resolver, Target, Via } from './context.js'
+import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Identifier, Identity, Resolution, Resolver, Target, Via } from './context.js'
 import { LatchkeyError, renderError, renderErrorRaw } from './errors.js'
 import type { CredentialBindings } from './credentials/bindings.js'
 import { stripQueryParams } from './credentials/bindings.js'
@@ -32,6 +32,8 @@ export interface Stages {
   metrics: SidecarMetrics
   /** Identifies the calling process per connection, when configured. */
   callers?: PeerProcessResolver | undefined
+  /** Revocations heard on the control stream: throws LK_REVOKED for a revoked agent or task. */
+  revocations?: { check(identity: Identity): void } | undefined
 }
 
 /** What a plaintext CONNECT tunnel was opened for, carried to each request inside it. */
@@ -43,6 +45,11 @@ export interface TunnelOrigin {
 export class Pipeline {
   /** Sockets already answered with a refusal and `Connection: close`: nothing more is read from them. */
   readonly closingSockets = new WeakSet<Socket>()
+  /**
+   * Calls admitted and not yet finished, with the client socket each one holds (a keep-alive
+   * connection, a tunnel, a WebSocket): what a revocation cuts.
+   */
+  readonly live = new Map<CallContext, Socket>()
 
   constructor(readonly stages: Stages) {}
 
@@ -82,19 +89,21 @@ export class Pipeline {
         return caller.then((c) => {
           ctx.caller = c
           callers.check(c)
-          return this.admitIdentified(ctx, proxyAuthorization, withCredential)
+          return this.admitIdentified(ctx, proxyAuthorization, withCredential, socket)
         })
       }
       ctx.caller = caller
       callers.check(caller)
     }
-    return this.admitIdentified(ctx, proxyAuthorization, withCredential)
+    return this.admitIdentified(ctx, proxyAuthorization, withCredential, socket)
   }
 
-  private admitIdentified(ctx: CallContext, proxyAuthorization: string | undefined, withCredential: boolean): void | Promise<void> {
+  private admitIdentified(ctx: CallContext, proxyAuthorization: string | undefined, withCredential: boolean, socket: Socket | undefined): void | Promise<void> {
     const s = this.stages
     const target = ctx.target!
     ctx.identity = s.identifier.identify(proxyAuthorization)
+    s.revocations?.check(ctx.identity)
+    if (socket) this.live.set(ctx, socket)
     const decision = s.decider.decide(ctx.method, target)
     ctx.decision = decision
     if (decision.action === 'deny' && decision.enforced) throw new LatchkeyError('LK_POLICY_DENIED', decision.reason, decision.rule)
@@ -224,7 +233,27 @@ export class Pipeline {
     return new LatchkeyError('LK_UPSTREAM_UNREACHABLE', 'internal error in the sidecar')
   }
 
+  /**
+   * Cuts every admitted call whose identity matches (a revoked agent or task): keep-alive
+   * connections, streaming responses, tunnels and WebSockets end now. Returns how many.
+   */
+  cut(matches: (identity: Identity) => boolean): number {
+    let n = 0
+    for (const [ctx, socket] of this.live) {
+      if (!matches(ctx.identity)) continue
+      this.live.delete(ctx)
+      if (!ctx.errorCode) {
+        ctx.errorCode = 'LK_REVOKED'
+        ctx.errorReason = 'revoked'
+      }
+      socket.destroy()
+      n++
+    }
+    return n
+  }
+
   finish(ctx: CallContext): void {
+    this.live.delete(ctx)
     const d = ctx.decision
     const t = ctx.target
     const event: AuditEvent = {

@@ -29,6 +29,12 @@ import { createAdminServer } from './admin.js'
 import { compileNetworkPolicy } from './resolve/network-policy.js'
 import { DnsResolver } from './resolve/resolver.js'
 import type { AuditSink, CredentialBinding, Resolver } from './context.js'
+import { readFileSync as readPolicyFile, watch as watchDir, type FSWatcher } from 'node:fs'
+import { basename, dirname } from 'node:path'
+import { PolicySwitch } from './policy/switch.js'
+import { compileBundle, BundleError, DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
+import type { ControlClient } from './control/client.js'
+import type { KnownRevocation } from './control/state.js'
 
 export interface SidecarOptions {
   env?: NodeJS.ProcessEnv
@@ -40,6 +46,8 @@ export interface SidecarOptions {
   now?: () => number
   /** Replaces the configured workload evidence (tests of evidence faults). */
   evidence?: WorkloadEvidence
+  /** Reload sidecar.policy_file on SIGHUP (the CLI sets it; several sidecars in one process should not). */
+  reloadOnSighup?: boolean
 }
 
 export interface RunningSidecar {
@@ -52,6 +60,11 @@ export interface RunningSidecar {
   audit: AuditSink
   tasks: TaskRegistry
   brokerTokens: BrokerTokenSource | undefined
+  /** The control stream client, when sidecar.control is set. */
+  control: ControlClient | undefined
+  policy: PolicySwitch
+  /** Re-reads sidecar.policy_file (what a change or SIGHUP does): validated, then swapped, or rejected whole. */
+  reloadPolicy(): { ok: true; version: string } | { ok: false; reason: string }
   /** Stop accepting, let in-flight calls finish (up to drain_ms), flush the audit, close. */
   close(): Promise<void>
 }
@@ -152,6 +165,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       now,
       onExchange: (outcome) => metrics.tokenExchanges.inc({ outcome }),
       onRefreshFailed: (reason) => log.warn({ reason }, 'token refresh failed; the current token is still valid'),
+      mintRefusal: () => control?.staleReason() ?? null,
     })
     tasks.onEnd((t) => brokerTokens!.dropTask(t.id))
   }
@@ -171,6 +185,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       now,
       onExchange: (outcome) => metrics.tokenExchanges.inc({ outcome: `client_credentials:${outcome}` }),
       onRefreshFailed: (reason) => log.warn({ reason }, 'client-credentials refresh failed; the current token is still valid'),
+      mintRefusal: () => control?.staleReason() ?? null,
     })
   }
   const callers =
@@ -180,12 +195,24 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const credentialSources = new CredentialSources(secrets, brokerTokens, clientCredentials)
   if (CollectorSink && audit instanceof CollectorSink) (await import('./audit/collector-metrics.js')).registerCollectorSinkMetrics(metrics.registry, audit)
 
+  let initialPolicy: CompiledBundle | undefined
+  if (sc.policy_file) {
+    try {
+      initialPolicy = compileBundle(readPolicyFile(sc.policy_file, 'utf8'), sc.policy_file, sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES)
+    } catch (err) {
+      throw new StartupError(err instanceof BundleError ? err.message : `sidecar.policy_file ${sc.policy_file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
+    }
+  }
+  const controlToken = sc.control ? new StaticSecretSource(config.secrets, [sc.control.token_secret], opts.env ?? process.env) : null
+  if (sc.control && !controlToken!.has(sc.control.token_secret)) {
+    throw new StartupError(`sidecar.control: secret ${sc.control.token_secret} is neither in env ${config.secrets.env_prefix}${sc.control.token_secret} nor in secrets.file`)
+  }
   const upstreamCa = sc.upstream_ca_file ? [...rootCertificates, readFileSync(sc.upstream_ca_file, 'utf8')] : undefined
   const routes = new Map(Object.entries(config.routes).map(([name, origin]) => [name, new URL(origin)]))
   const pipeline = new Pipeline({
     identifier: new TaskIdentifier(sc.agent_id, tasks),
     callers,
-    decider: new Policy(config.policy),
+    decider: initialPolicy?.compiled ?? new Policy(config.policy),
     resolver: opts.resolver ?? new DnsResolver(compileNetworkPolicy(config.network), { cacheMs: config.network.dns_cache_ms }),
     bindings,
     credentials: credentialSources,
@@ -195,6 +222,73 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     log,
     metrics,
   })
+
+  const policy = new PolicySwitch(pipeline.stages, initialPolicy?.version ?? 'config', sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES, log, metrics.registry)
+  const reloadPolicy = (): { ok: true; version: string } | { ok: false; reason: string } => {
+    if (!sc.policy_file) return { ok: false, reason: 'no sidecar.policy_file is configured' }
+    let text: string
+    try {
+      text = readPolicyFile(sc.policy_file, 'utf8')
+    } catch (err) {
+      const reason = `${sc.policy_file}: cannot read policy file (${(err as NodeJS.ErrnoException).code ?? 'error'})`
+      policy.rejected = { source: 'file', version: null, reason }
+      log.error({ reason }, 'policy file reload failed; the policy in force is kept')
+      return { ok: false, reason }
+    }
+    return policy.offer(text, 'file', sc.policy_file)
+  }
+  // The directory is watched, not the file: atomic renames and ConfigMap `..data` symlink swaps replace the inode.
+  let policyWatcher: FSWatcher | undefined
+  let policyTimer: NodeJS.Timeout | undefined
+  if (sc.policy_file && sc.policy_watch) {
+    const base = basename(sc.policy_file)
+    policyWatcher = watchDir(dirname(sc.policy_file), { persistent: false }, (_event, changed) => {
+      if (changed !== null && changed !== base && !String(changed).startsWith('..')) return
+      clearTimeout(policyTimer)
+      policyTimer = setTimeout(reloadPolicy, 50)
+    })
+  }
+  const onSighup = () => void reloadPolicy()
+  if (opts.reloadOnSighup) process.on('SIGHUP', onSighup)
+
+  let control: ControlClient | undefined
+  if (sc.control) {
+    const { ControlClient } = await import('./control/client.js')
+    const onRevoked = (r: KnownRevocation) => {
+      const t0 = performance.now()
+      let tokens = 0
+      let cut = 0
+      if (r.kind === 'agent') {
+        if (!control!.state.appliesToAgent(r)) return
+        tokens = (brokerTokens?.dropAll() ?? 0) + (clientCredentials?.dropAll() ?? 0)
+        cut = pipeline.cut(() => true)
+      } else if (r.kind === 'task') {
+        tokens = brokerTokens?.describe(r.value).length ?? 0
+        brokerTokens?.dropTask(r.value)
+        cut = pipeline.cut((id) => id.taskId === r.value)
+      } else {
+        tokens = brokerTokens?.dropJti(r.value) ? 1 : 0
+      }
+      if (tokens > 0 || cut > 0 || r.kind === 'agent') log.warn({ kind: r.kind, value: r.value, tokens_dropped: tokens, connections_cut: cut, ms: Math.round((performance.now() - t0) * 1000) / 1000 }, 'revocation applied')
+    }
+    control = new ControlClient({
+      address: new URL(sc.control.url).host,
+      token: controlToken!.get({ secret: sc.control.token_secret, id: 'sidecar.control' } as CredentialBinding).value,
+      agentId: sc.agent_id,
+      staleAfterMs: sc.control.stale_after_ms,
+      backoffMinMs: sc.control.backoff_min_ms,
+      backoffMaxMs: sc.control.backoff_max_ms,
+      maxBundleBytes: sc.control.max_bundle_bytes,
+      log,
+      metrics: metrics.registry,
+      now,
+      onRevoked,
+      onPolicy: (version, document) => void policy.offer(document, 'control', `policy bundle ${version.slice(0, 80)}`, version),
+      policyVersion: () => policy.version,
+    })
+    pipeline.stages.revocations = control.state
+    control.start()
+  }
 
   const { server, openStreams } = createListener(pipeline, {
     allowRemoteClients: sc.allow_remote_clients,
@@ -208,6 +302,8 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       const reasons: string[] = []
       if (draining) reasons.push('draining')
       if (!server.listening) reasons.push('proxy listener not open')
+      const stale = control?.staleReason()
+      if (stale) reasons.push(`${stale}: no new tokens are minted`)
       return { ok: reasons.length === 0, reasons }
     },
   }, (req, res, path) =>
@@ -240,6 +336,10 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     (closing ??= (async () => {
       draining = true
       log.info({ drainMs: sc.timeouts.drain_ms }, 'draining')
+      control?.close()
+      policyWatcher?.close()
+      clearTimeout(policyTimer)
+      process.off('SIGHUP', onSighup)
       const closed = new Promise<void>((resolve) => server.close(() => resolve()))
       server.closeIdleConnections()
       const deadline = new Promise<void>((resolve) => setTimeout(resolve, sc.timeouts.drain_ms).unref())
@@ -266,6 +366,9 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     audit,
     tasks,
     brokerTokens,
+    control,
+    policy,
+    reloadPolicy,
     close,
   }
 }

@@ -220,8 +220,8 @@ function revocationProblem(input: { kind?: unknown; value?: unknown; reason?: un
   if (typeof input !== 'object' || input === null) return 'body must be a JSON object {kind, value, reason?}'
   if (!REVOCATION_KINDS.includes(input.kind as RevocationKind)) return `kind must be one of ${REVOCATION_KINDS.join(', ')}`
   if (typeof input.value !== 'string' || input.value.length === 0 || input.value.length > 256) return 'value must be a string of 1 to 256 characters'
-  if (input.kind === 'agent' && !/^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$/.test(input.value)) {
-    return 'an agent value must be an instance ID agent:<type>:<env>:<instance>'
+  if (input.kind === 'agent' && !/^agent:([a-z0-9][a-z0-9-]*|\*):([a-z0-9][a-z0-9-]*|\*):([A-Za-z0-9][A-Za-z0-9_.-]*|\*)$/.test(input.value)) {
+    return 'an agent value must be an instance ID agent:<type>:<env>:<instance>, or a pattern with * for whole segments (agent:<type>:*:*)'
   }
   if (input.reason !== undefined && (typeof input.reason !== 'string' || input.reason.length > 512)) return 'reason must be a string of at most 512 characters'
   return undefined

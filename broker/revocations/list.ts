@@ -3,11 +3,26 @@
 // control stream: `onChange` listeners hear every revoke and unrevoke.
 import type { Revocation, RevocationKind, RevocationStore } from './store.js'
 
-export type RevocationChange = { op: 'revoke'; revocation: Revocation } | { op: 'unrevoke'; kind: RevocationKind; value: string }
+/** `remote`: the change was made on another broker replica and reached this one (NATS). */
+export type RevocationChange = ({ op: 'revoke'; revocation: Revocation } | { op: 'unrevoke'; kind: RevocationKind; value: string }) & { remote?: boolean }
+
+/** An agent value with `*` segments (agent:coder:*:*) revokes every instance it matches. */
+export function isAgentPattern(value: string): boolean {
+  return value.split(':').includes('*')
+}
+
+/** Matches an agent instance ID against an agent pattern, segment by segment. */
+export function agentMatches(pattern: string, agent: string): boolean {
+  const p = pattern.split(':')
+  const a = agent.split(':')
+  return p.length === a.length && p.every((seg, i) => seg === '*' || seg === a[i])
+}
 
 export class RevocationList {
   private readonly entries = new Map<string, Revocation>()
   private readonly listeners: ((c: RevocationChange) => void)[] = []
+  /** Agent patterns among the entries, checked one by one (there are few). */
+  private patterns: Revocation[] = []
 
   constructor(readonly store: RevocationStore) {}
 
@@ -15,6 +30,36 @@ export class RevocationList {
     await this.store.init()
     this.entries.clear()
     for (const r of await this.store.list()) this.entries.set(`${r.kind}\0${r.value}`, r)
+    this.reindex()
+  }
+
+  private reindex(): void {
+    this.patterns = [...this.entries.values()].filter((r) => r.kind === 'agent' && isAgentPattern(r.value))
+  }
+
+  /**
+   * Reloads from the store and tells listeners what changed (as `remote`): how a replica catches
+   * up with revocations made elsewhere that it did not hear about (NATS away, or missed).
+   */
+  async resync(): Promise<number> {
+    const stored = await this.store.list()
+    const next = new Map(stored.map((r) => [`${r.kind}\0${r.value}`, r]))
+    const changes: RevocationChange[] = []
+    for (const [k, r] of next) if (!this.entries.has(k)) changes.push({ op: 'revoke', revocation: r, remote: true })
+    for (const [k, r] of this.entries) if (!next.has(k)) changes.push({ op: 'unrevoke', kind: r.kind, value: r.value, remote: true })
+    for (const c of changes) this.applyRemote(c)
+    return changes.length
+  }
+
+  /** A change another replica made (already in the shared store): applied in memory and announced. */
+  applyRemote(change: RevocationChange): void {
+    if (change.op === 'revoke') {
+      const k = `${change.revocation.kind}\0${change.revocation.value}`
+      if (this.entries.has(k)) return
+      this.entries.set(k, change.revocation)
+    } else if (!this.entries.delete(`${change.kind}\0${change.value}`)) return
+    this.reindex()
+    for (const l of this.listeners) l({ ...change, remote: true })
   }
 
   onChange(listener: (c: RevocationChange) => void): void {
@@ -31,6 +76,7 @@ export class RevocationList {
       const r = this.get('agent', a)
       if (r) return r
     }
+    for (const p of this.patterns) for (const a of agents) if (agentMatches(p.value, a)) return p
     return (task !== undefined ? this.get('task', task) : undefined) ?? (jti !== undefined ? this.get('jti', jti) : undefined)
   }
 
@@ -39,6 +85,7 @@ export class RevocationList {
     const created = await this.store.add(revocation)
     const stored = created ? revocation : (this.get(kind, value) ?? revocation)
     this.entries.set(`${kind}\0${value}`, stored)
+    this.reindex()
     if (created) for (const l of this.listeners) l({ op: 'revoke', revocation })
     return { revocation: stored, created }
   }
@@ -46,6 +93,7 @@ export class RevocationList {
   async unrevoke(kind: RevocationKind, value: string): Promise<boolean> {
     const removed = await this.store.remove(kind, value)
     const had = this.entries.delete(`${kind}\0${value}`)
+    this.reindex()
     if (removed || had) for (const l of this.listeners) l({ op: 'unrevoke', kind, value })
     return removed || had
   }

@@ -66,6 +66,12 @@ export interface Config {
     max_pools: number
     /** Where task-scoped tokens come from. Required when any credential has source: broker. */
     broker?: { url: string; timeout_ms: number; min_remaining_ms: number }
+    /** The control stream from the broker: revocations and policy bundles. */
+    control?: SidecarControlConfig
+    /** A policy file (YAML: mode, default, rules) that replaces `policy` and is reloaded on change and SIGHUP. */
+    policy_file?: string
+    /** Watch policy_file for changes (default); false: reload on SIGHUP only. */
+    policy_watch: boolean
     /** Which local processes call: identified per connection through /proc, optionally restricted. */
     callers: { identify: boolean; allowed_uids: number[]; allowed_executables: string[] }
     /** Workload evidence the sidecar presents to the broker; exactly one of kubernetes, spiffe, local. */
@@ -127,6 +133,36 @@ export interface BrokerConfig {
   events: { jsonl?: { path: string } }
   /** Secrets the broker lends for a task, by audience: audience → env var holding the secret. */
   leased_secrets: Record<string, string>
+  /** The control stream (gRPC Watch) to sidecars: revocations and policy bundles. Absent: off. */
+  control?: BrokerControlConfig
+}
+
+export interface BrokerControlConfig {
+  host: string
+  port: number
+  /** Environment variable holding the shared token sidecars present (Bearer). */
+  token_env: string
+  heartbeat_ms: number
+  /** The sidecar policy bundle distributed to every sidecar (YAML: mode, default, rules); watched. */
+  policy_file?: string
+  /** At most 3 MiB: a snapshot must fit gRPC's default 4 MiB message limit. */
+  max_bundle_bytes: number
+  /** How often the revocation list is reconciled with the store (catches changes other replicas made while NATS was away). */
+  resync_ms: number
+  /** Several replicas: revocations made on one are published here and applied by the others. */
+  nats?: { servers: string[]; stream: string; subject: string }
+}
+
+export interface SidecarControlConfig {
+  /** The broker's control address: grpc://host:port. */
+  url: string
+  /** Name of the secret (secrets.file or env <env_prefix><NAME>) holding the control token. */
+  token_secret: string
+  /** Past this long without hearing from the broker, no new tokens are minted (fail closed). */
+  stale_after_ms: number
+  backoff_min_ms: number
+  backoff_max_ms: number
+  max_bundle_bytes: number
 }
 
 /** audit.collector: stream every event to the collector over gRPC, through a local spool. Replaces the JSON-lines sink when set. */
@@ -323,6 +359,29 @@ const broker = {
       default: {},
       properties: { jsonl: { type: 'object', additionalProperties: false, required: ['path'], properties: { path: nonEmpty } } },
     },
+    control: {
+      type: 'object',
+      additionalProperties: false,
+      properties: {
+        host: { ...nonEmpty, default: '127.0.0.1' },
+        port: { ...port, minimum: 0, default: 15004 },
+        token_env: { type: 'string', pattern: '^[A-Z_][A-Z0-9_]*$', default: 'LATCHKEY_CONTROL_TOKEN' },
+        heartbeat_ms: ms(1_000, 20),
+        policy_file: nonEmpty,
+        max_bundle_bytes: { type: 'integer', minimum: 1024, maximum: 3_145_728, default: 262_144 },
+        resync_ms: ms(5_000, 50),
+        nats: {
+          type: 'object',
+          additionalProperties: false,
+          required: ['servers'],
+          properties: {
+            servers: { type: 'array', minItems: 1, items: nonEmpty },
+            stream: { type: 'string', pattern: '^[A-Za-z0-9_-]+$', default: 'LATCHKEY_CONTROL' },
+            subject: { type: 'string', pattern: '^[A-Za-z0-9_.-]+$', default: 'latchkey.control.revocations' },
+          },
+        },
+      },
+    },
   },
 }
 
@@ -379,6 +438,21 @@ export const configSchema = {
             min_remaining_ms: ms(5_000, 0),
           },
         },
+        control: {
+          type: 'object',
+          additionalProperties: false,
+          required: ['url', 'token_secret'],
+          properties: {
+            url: { type: 'string', pattern: '^grpc://[^\\s/]+:[0-9]+/?$' },
+            token_secret: { type: 'string', pattern: '^[A-Za-z0-9_]+$' },
+            stale_after_ms: ms(30_000, 50),
+            backoff_min_ms: ms(100),
+            backoff_max_ms: ms(5_000),
+            max_bundle_bytes: { type: 'integer', minimum: 1024, maximum: 3_145_728, default: 262_144 },
+          },
+        },
+        policy_file: nonEmpty,
+        policy_watch: { type: 'boolean', default: true },
         callers: {
           type: 'object',
           additionalProperties: false,

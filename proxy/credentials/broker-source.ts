@@ -40,6 +40,8 @@ export interface BrokerSourceOptions {
   now?: () => number
   onExchange?: (outcome: 'granted' | ExchangeOutcome) => void
   onRefreshFailed?: (reason: string) => void
+  /** When it returns a reason, no new token is fetched (cached ones still serve): the control stream is stale. */
+  mintRefusal?: () => string | null
 }
 
 export class CachedTokenSource implements CredentialSource {
@@ -48,6 +50,8 @@ export class CachedTokenSource implements CredentialSource {
   private readonly now: () => number
   /** Exchanges started, for the benchmark and tests. */
   exchanges = 0
+  /** Bumped by dropAll: an exchange started before a revocation is discarded when it lands. */
+  private generation = 0
 
   constructor(
     private readonly client: TokenIssuer,
@@ -64,12 +68,14 @@ export class CachedTokenSource implements CredentialSource {
     const key = task.id + '\n' + binding.tokenAudience + '\n' + binding.scopes.join(' ')
     const now = this.now()
     const e = this.cache.get(key)
+    const refusal = this.opts.mintRefusal?.() ?? null
     if (e && e.credential && now < e.usableUntil) {
-      if (now >= e.refreshAt && !e.inflight) this.start(key, e, task, binding).catch(() => {})
+      if (now >= e.refreshAt && !e.inflight && !refusal) this.start(key, e, task, binding).catch(() => {})
       return e.credential
     }
     if (e?.inflight) return e.inflight
     if (e?.failure && now < e.failure.until) throw e.failure.error
+    if (refusal) throw new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `no new token for ${binding.tokenAudience}: ${refusal}`)
     const entry: Entry = e ?? { credential: null, usableUntil: 0, refreshAt: 0, inflight: null, failure: null }
     if (!e) {
       this.cache.set(key, entry)
@@ -83,12 +89,14 @@ export class CachedTokenSource implements CredentialSource {
   private start(key: string, entry: Entry, task: TaskRef, binding: CredentialBinding): Promise<Credential> {
     this.exchanges++
     const durationS = Math.ceil((task.expiresAt - this.now()) / 1000)
+    const generation = this.generation
     const p = this.client.issue(task === NO_TASK ? null : task, binding, durationS).then(
       (issued) => {
         entry.inflight = null
         entry.failure = null
         this.opts.onExchange?.('granted')
         if (task.ended) throw new LatchkeyError('LK_PROXY_AUTH', 'the task ended while its token was being fetched')
+        if (generation !== this.generation) throw new LatchkeyError('LK_REVOKED', 'revoked', 'revocation:agent')
         const got = this.now()
         const credential: Credential = { value: issued.token, id: issued.jti, expiresAt: got + issued.expiresInMs, scopes: issued.scopes }
         entry.credential = credential
@@ -123,6 +131,31 @@ export class CachedTokenSource implements CredentialSource {
     if (!keys) return
     for (const k of keys) this.cache.delete(k)
     this.keysByTask.delete(taskId)
+  }
+
+  /** Drops every token (the sidecar's agent was revoked). Returns how many were held. */
+  dropAll(): number {
+    const n = this.cache.size
+    this.generation++
+    this.cache.clear()
+    this.keysByTask.clear()
+    return n
+  }
+
+  /** Drops the token with this jti, wherever it is cached. Returns whether one was. */
+  dropJti(jti: string): boolean {
+    for (const [k, e] of this.cache.entries()) {
+      if (e.credential?.id !== jti) continue
+      this.cache.delete(k)
+      this.keysByTask.get(k.split('\n')[0]!)?.delete(k)
+      return true
+    }
+    return false
+  }
+
+  /** Tokens held now, across tasks (metrics, the drill). */
+  get size(): number {
+    return this.cache.size
   }
 
   /** What a task holds, for GET /v1/tasks/<handle>: audiences and expiries, never values. */

@@ -1,0 +1,191 @@
+// The sidecar's side of the control stream: one Watch to the broker, kept open. The first message
+// of every stream is a snapshot, which replaces what the sidecar knew (so deltas missed while
+// disconnected never matter); deltas and heartbeats follow. Reconnects with exponential backoff
+// and jitter. While nothing has been heard for stale_after_ms, the sidecar is stale: it keeps
+// enforcing its last policy and revocations, mints no new token, and says so on /readyz and in
+// its metrics.
+import { credentials, Metadata, type ClientReadableStream } from '@grpc/grpc-js'
+import { Counter, Gauge, type Registry } from 'prom-client'
+import { ControlServiceClient, RevocationKind as WireKind, type Revocation as WireRevocation, type WatchResponse } from '../../protos/gen/latchkey/v1/control.js'
+import type { Logger } from '../../lib/log.js'
+import { RevocationState, type KnownRevocation, type RevocationKind } from './state.js'
+
+export const SIDECAR_HEADER = 'x-latchkey-sidecar'
+
+const FROM_WIRE: Partial<Record<WireKind, RevocationKind>> = {
+  [WireKind.REVOCATION_KIND_AGENT]: 'agent',
+  [WireKind.REVOCATION_KIND_TASK]: 'task',
+  [WireKind.REVOCATION_KIND_JTI]: 'jti',
+}
+
+export interface ControlClientOptions {
+  /** host:port of the broker's control server. */
+  address: string
+  token: string
+  agentId: string
+  staleAfterMs: number
+  backoffMinMs: number
+  backoffMaxMs: number
+  maxBundleBytes: number
+  log: Logger
+  metrics: Registry
+  now?: () => number
+  /** A revocation that is new to this sidecar: drop tokens, cut connections. */
+  onRevoked: (r: KnownRevocation) => void
+  /** A policy bundle: validated and swapped in, or rejected whole (PolicySwitch.offer). */
+  onPolicy: (version: string, document: string) => void
+  /** The version of the policy in force. */
+  policyVersion: () => string
+}
+
+export class ControlClient {
+  readonly state: RevocationState
+  private readonly client: ControlServiceClient
+  private readonly now: () => number
+  private call: ClientReadableStream<WatchResponse> | undefined
+  private expected = 1
+  private attempt = 0
+  private retry: NodeJS.Timeout | undefined
+  private watchdog: NodeJS.Timeout | undefined
+  private closed = false
+  /** Epoch ms of the last message (or of start-up, which grants one staleness period to connect). */
+  lastHeard: number
+  connected = false
+  lastError: string | null = null
+  private readonly m: { connected: Gauge; stale: Gauge; age: Gauge; reconnects: Counter; revocations: Counter }
+
+  constructor(private readonly o: ControlClientOptions) {
+    this.state = new RevocationState(o.agentId)
+    this.now = o.now ?? Date.now
+    this.lastHeard = this.now()
+    this.client = new ControlServiceClient(o.address, credentials.createInsecure())
+    const registers = [o.metrics]
+    this.m = {
+      connected: new Gauge({ name: 'latchkey_control_connected', help: '1 while the control stream to the broker is open', registers, collect: () => this.m.connected.set(this.connected ? 1 : 0) }),
+      stale: new Gauge({ name: 'latchkey_control_stale', help: '1 when nothing was heard from the broker for stale_after_ms: no new tokens are minted', registers, collect: () => this.m.stale.set(this.staleReason() ? 1 : 0) }),
+      age: new Gauge({ name: 'latchkey_control_last_message_age_seconds', help: 'Seconds since the last control stream message', registers, collect: () => this.m.age.set((this.now() - this.lastHeard) / 1000) }),
+      reconnects: new Counter({ name: 'latchkey_control_reconnects_total', help: 'Control stream (re)connection attempts', registers }),
+      revocations: new Counter({ name: 'latchkey_control_revocations_applied_total', help: 'Revocations applied to this sidecar, by kind', labelNames: ['kind'], registers }),
+    }
+  }
+
+  /** Why the sidecar is stale (and mints no token), or null. */
+  staleReason(): string | null {
+    const age = this.now() - this.lastHeard
+    if (age <= this.o.staleAfterMs) return null
+    return `control stream stale: nothing heard from the broker for ${age} ms (limit ${this.o.staleAfterMs} ms)${this.lastError ? `; last error: ${this.lastError}` : ''}`
+  }
+
+  start(): void {
+    this.connect()
+  }
+
+  private connect(): void {
+    if (this.closed) return
+    this.m.reconnects.inc()
+    const md = new Metadata()
+    md.set('authorization', `Bearer ${this.o.token}`)
+    md.set(SIDECAR_HEADER, this.o.agentId)
+    this.expected = 1
+    const call = this.client.watch({ agentId: this.o.agentId, policyVersion: this.o.policyVersion() }, md)
+    this.call = call
+    this.armWatchdog()
+    call.on('data', (msg: WatchResponse) => {
+      if (call !== this.call) return
+      this.receive(msg)
+    })
+    call.on('error', (err: { code?: number; details?: string }) => this.lost(call, `${err.details || 'stream error'} (gRPC ${err.code ?? '?'})`))
+    call.on('end', () => this.lost(call, 'the broker ended the stream'))
+  }
+
+  /** Without a heartbeat for half the staleness limit the stream is presumed dead and reopened. */
+  private armWatchdog(): void {
+    clearTimeout(this.watchdog)
+    this.watchdog = setTimeout(() => {
+      const call = this.call
+      if (!call) return
+      this.lost(call, 'no message from the broker (heartbeats stopped)')
+      call.cancel()
+    }, Math.max(50, this.o.staleAfterMs / 2))
+    this.watchdog.unref()
+  }
+
+  private lost(call: ClientReadableStream<WatchResponse>, reason: string): void {
+    if (call !== this.call) return
+    this.call = undefined
+    clearTimeout(this.watchdog)
+    if (this.connected) this.o.log.warn({ reason }, 'control stream lost; reconnecting')
+    this.connected = false
+    this.lastError = reason
+    if (this.closed) return
+    const base = Math.min(this.o.backoffMaxMs, this.o.backoffMinMs * 2 ** Math.min(this.attempt++, 16))
+    this.retry = setTimeout(() => this.connect(), base / 2 + Math.random() * (base / 2))
+    this.retry.unref()
+  }
+
+  private receive(msg: WatchResponse): void {
+    if (msg.sequence !== this.expected) {
+      // A gap: something was lost in between. Start over from a fresh snapshot.
+      const call = this.call!
+      this.lost(call, `sequence gap: expected ${this.expected}, got ${msg.sequence}`)
+      call.cancel()
+      return
+    }
+    this.expected++
+    this.lastHeard = this.now()
+    this.armWatchdog()
+    const c = msg.change
+    if (!c) return
+    switch (c.$case) {
+      case 'snapshot': {
+        if (!this.connected) this.o.log.info({ revocations: c.value.revocations.length, policy: c.value.policy?.version ?? null }, 'control stream synchronised')
+        this.connected = true
+        this.attempt = 0
+        this.lastError = null
+        const all = c.value.revocations.flatMap((r) => this.known(r))
+        for (const r of this.state.replace(all)) this.apply(r)
+        if (c.value.policy) this.policy(c.value.policy.version, c.value.policy.document)
+        return
+      }
+      case 'revoked':
+        for (const r of this.known(c.value)) if (this.state.add(r)) this.apply(r)
+        return
+      case 'unrevoked': {
+        const kind = FROM_WIRE[c.value.kind]
+        if (kind) this.state.remove(kind, c.value.value)
+        return
+      }
+      case 'policy':
+        this.policy(c.value.version, c.value.document)
+        return
+      case 'heartbeat':
+        return
+    }
+  }
+
+  private known(r: WireRevocation): KnownRevocation[] {
+    const kind = FROM_WIRE[r.kind]
+    if (!kind || !r.value) {
+      this.o.log.warn({ kind: r.kind }, 'control stream: revocation of an unknown kind ignored')
+      return []
+    }
+    return [{ kind, value: r.value }]
+  }
+
+  private apply(r: KnownRevocation): void {
+    this.m.revocations.inc({ kind: r.kind })
+    this.o.onRevoked(r)
+  }
+
+  private policy(version: string, document: string): void {
+    if (version !== this.o.policyVersion()) this.o.onPolicy(version, document)
+  }
+
+  close(): void {
+    this.closed = true
+    clearTimeout(this.retry)
+    clearTimeout(this.watchdog)
+    this.call?.cancel()
+    this.client.close()
+  }
+}

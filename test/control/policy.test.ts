@@ -1,0 +1,187 @@
+// Policy bundles: from the broker over the control stream, and from a standalone sidecar's policy
+// file (atomic rename, ConfigMap symlink swap, SIGHUP). Always validate-then-swap: a bad bundle is
+// rejected whole, the policy in force kept, the reason reported.
+import t from 'tap'
+import { mkdtempSync, writeFileSync, renameSync, symlinkSync, mkdirSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { stringify } from 'yaml'
+import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, until } from './rig.js'
+import { startTestSidecar } from '../helpers/harness.js'
+
+const bundle = (port: number, extra: object[] = []) => ({
+  mode: 'enforce',
+  default: 'deny',
+  rules: [{ id: 'no-admin', action: 'deny', paths: ['/admin/**'] }, ...extra, { id: 'api', action: 'allow', hosts: ['127.0.0.1'], ports: [port] }],
+})
+
+function atomicWrite(file: string, text: string): void {
+  const tmp = `${file}.tmp-${process.hrtime.bigint()}`
+  writeFileSync(tmp, text)
+  renameSync(tmp, file)
+}
+
+t.test('bundles from the broker: applied on connect and on change; bad ones rejected at the broker, widening recorded', async (t) => {
+  const api = await startApi()
+  t.teardown(api.close)
+  const dir = mkdtempSync(join(tmpdir(), 'lk-policy-'))
+  const policyFile = join(dir, 'policy.yaml')
+  writeFileSync(policyFile, stringify(bundle(api.port)))
+  const broker = await startControlBroker({ control: { policy_file: policyFile, max_bundle_bytes: 4096 } })
+  t.teardown(() => broker.close())
+  const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:pol')
+  t.teardown(s.close)
+  const brokerVersion = () => broker.broker.policy!.current!.bundle.version
+  await until('bundle applied', () => s.sidecar.policy.version === brokerVersion())
+  t.match(brokerVersion(), /^sha256:[0-9a-f]{16}$/)
+  const task = await s.openTask()
+  t.equal((await viaProxy(s, task.handle, `${api.origin}/ok`)).status, 200)
+  t.match(await viaProxy(s, task.handle, `${api.origin}/admin/users`), { status: 403, body: { code: 'LK_POLICY_DENIED', rule: 'no-admin' } }, 'the pushed bundle is enforced')
+
+  // A stream admitted under this bundle is not cut when the next bundle would deny it: swaps happen between requests.
+  const stream = await openStream(s, task.handle, `${api.origin}/stream/long`)
+  t.equal(stream.status, 200)
+
+  // A widening change: a new allow rule. Recorded as policy.widened; reaches the sidecar.
+  const v1 = brokerVersion()
+  atomicWrite(policyFile, stringify(bundle(api.port, [{ id: 'stream-deny', action: 'deny', paths: ['/stream/**'] }, { id: 'wide', action: 'allow', hosts: ['*.example.com'] }])))
+  await until('new bundle at the sidecar', () => s.sidecar.policy.version !== v1 && s.sidecar.policy.version === brokerVersion())
+  const widened = broker.events.find((e) => e.type === 'policy.widened')
+  t.match(widened, { type: 'policy.widened', agent_type: '*', audience: '(sidecar policy)', added: ['allow rule wide'] }, 'scope widening recorded as an event')
+  const before = stream.chunks()
+  await until('stream still flowing after the swap', () => stream.chunks() > before + 2)
+  t.match(await viaProxy(s, task.handle, `${api.origin}/stream/new`), { status: 403, body: { rule: 'stream-deny' } }, 'new requests see the new bundle')
+
+  // Malformed, then oversized: rejected at the broker with the reason; the sidecar keeps what it has.
+  const v2 = brokerVersion()
+  atomicWrite(policyFile, 'rules: [ {id: broken\n')
+  await until('malformed rejected', () => broker.events.some((e) => e.type === 'policy.rejected'))
+  t.match(broker.events.filter((e) => e.type === 'policy.rejected').at(-1), { reason: /not valid YAML/ })
+  atomicWrite(policyFile, stringify(bundle(api.port, Array.from({ length: 200 }, (_, i) => ({ id: `r${i}`, action: 'deny', paths: [`/p${i}/**`] })))))
+  await until('oversized rejected', () => broker.events.filter((e) => e.type === 'policy.rejected').length >= 2)
+  t.match(broker.events.filter((e) => e.type === 'policy.rejected').at(-1), { reason: /over the limit of 4096/ })
+  atomicWrite(policyFile, stringify({ rules: [{ id: 'dup', action: 'allow' }, { id: 'dup', action: 'deny' }] }))
+  await until('invalid rejected', () => broker.events.filter((e) => e.type === 'policy.rejected').length >= 3)
+  t.match(broker.events.filter((e) => e.type === 'policy.rejected').at(-1), { reason: /duplicate rule id "dup"/ })
+  t.equal(brokerVersion(), v2, 'the broker keeps the last good bundle')
+  t.equal(s.sidecar.policy.version, v2, 'and so does the sidecar')
+  t.equal((await viaProxy(s, task.handle, `${api.origin}/ok`)).status, 200)
+})
+
+t.test('a bad bundle reaching a sidecar is rejected whole: old policy kept, reason on the sidecar', async (t) => {
+  const api = await startApi()
+  t.teardown(api.close)
+  const broker = await startControlBroker()
+  t.teardown(() => broker.close())
+  const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:bad')
+  t.teardown(s.close)
+  const task = await s.openTask()
+  const v0 = s.sidecar.policy.version
+  // What the control client does with a pushed bundle (broker-side validation stops these earlier, so it is offered here directly).
+  const bad = [
+    ['not json', '{"rules": [', /not valid YAML/],
+    ['wrong shape', JSON.stringify({ rules: [{ id: 'x', action: 'maybe' }] }), /rules\[0\]\.action/],
+    ['unknown key', JSON.stringify({ rules: [], defualt: 'allow' }), /unknown key "defualt"|defualt/],
+    ['oversized', JSON.stringify({ rules: [{ id: 'big', action: 'deny', paths: ['/' + 'x'.repeat(300_000)] }] }), /over the limit/],
+    ['bad cidr', JSON.stringify({ rules: [{ id: 'c', action: 'deny', cidrs: ['10.0.0.0/99'] }] }), /not a CIDR/],
+  ] as const
+  for (const [what, doc, reason] of bad) {
+    const r = s.sidecar.policy.offer(doc, 'control', `policy bundle ${what}`, `v-${what}`)
+    t.notOk(r.ok, `${what}: rejected`)
+    t.match(s.sidecar.policy.rejected, { source: 'control', reason }, `${what}: the reason says what is wrong`)
+    t.equal(s.sidecar.policy.version, v0, `${what}: old policy kept`)
+  }
+  t.equal((await viaProxy(s, task.handle, `${api.origin}/ok`)).status, 200, 'the old policy still decides')
+  const metrics = await (await fetch(`${s.sidecar.adminUrl}/metrics`)).text()
+  t.match(metrics, /latchkey_policy_bundles_total\{source="control",outcome="rejected"\} 5/)
+})
+
+t.test('standalone sidecar: policy file reloaded on atomic rename, ConfigMap symlink swap and SIGHUP; bad files rejected', async (t) => {
+  const api = await startApi()
+  t.teardown(api.close)
+  // ConfigMap layout: dir/policy.yaml → ..data/policy.yaml, ..data → ..<timestamp>
+  const dir = mkdtempSync(join(tmpdir(), 'lk-cm-'))
+  const gen = (name: string, body: object) => {
+    mkdirSync(join(dir, name))
+    writeFileSync(join(dir, name, 'policy.yaml'), stringify(body))
+  }
+  gen('..v1', bundle(api.port))
+  symlinkSync('..v1', join(dir, '..data'))
+  symlinkSync('..data/policy.yaml', join(dir, 'policy.yaml'))
+  const s = await startTestSidecar(
+    { network: { allow: [{ cidr: '127.0.0.1/32', ports: [api.port] }] }, policy: { default: 'allow', rules: [] }, sidecar: { policy_file: join(dir, 'policy.yaml') } },
+    {},
+    { reloadOnSighup: true },
+  )
+  t.teardown(s.close)
+  const get = (path: string) => rawGet(s.proxy, `${api.origin}${path}`)
+  t.equal(await get('/admin/x'), 403, 'the policy file, not the config\'s policy, is in force')
+  const v1 = s.sidecar.policy.version
+
+  // ConfigMap swap: new timestamped dir, ..data re-pointed by an atomic rename of a new symlink.
+  gen('..v2', bundle(api.port, [{ id: 'no-x', action: 'deny', paths: ['/x/**'] }]))
+  symlinkSync('..v2', join(dir, '..data_tmp'))
+  renameSync(join(dir, '..data_tmp'), join(dir, '..data'))
+  await until('configmap swap applied', () => s.sidecar.policy.version !== v1)
+  t.equal(await get('/x/1'), 403)
+  const v2 = s.sidecar.policy.version
+
+  // A bad file is rejected whole; the policy in force stays.
+  gen('..v3', { rules: [{ id: 'y', action: 'deny', paths: ['no-slash'] }] })
+  symlinkSync('..v3', join(dir, '..data_tmp'))
+  renameSync(join(dir, '..data_tmp'), join(dir, '..data'))
+  await until('bad file rejected', () => s.sidecar.policy.rejected !== null)
+  t.match(s.sidecar.policy.rejected, { source: 'file', reason: /paths\[0\]/ })
+  t.equal(s.sidecar.policy.version, v2)
+  t.equal(await get('/x/1'), 403, 'still the last good policy')
+
+  // Atomic rename of a plain file over the symlink, then SIGHUP with the watcher's work already done.
+  const plain = join(dir, 'policy.yaml')
+  rmSync(join(dir, '..v3'), { recursive: true })
+  atomicWrite(plain, stringify(bundle(api.port, [{ id: 'no-z', action: 'deny', paths: ['/z/**'] }])))
+  await until('atomic rename applied', () => s.sidecar.policy.version !== v2)
+  t.equal(await get('/z/1'), 403)
+  t.equal(await get('/x/1'), 200, 'the old rule is gone')
+})
+
+t.test('policy_watch: false reloads on SIGHUP only', async (t) => {
+  const api = await startApi()
+  t.teardown(api.close)
+  const dir = mkdtempSync(join(tmpdir(), 'lk-hup-'))
+  const file = join(dir, 'policy.yaml')
+  writeFileSync(file, stringify(bundle(api.port)))
+  const s = await startTestSidecar(
+    { network: { allow: [{ cidr: '127.0.0.1/32', ports: [api.port] }] }, sidecar: { policy_file: file, policy_watch: false } },
+    {},
+    { reloadOnSighup: true },
+  )
+  t.teardown(s.close)
+  const v0 = s.sidecar.policy.version
+  atomicWrite(file, stringify(bundle(api.port, [{ id: 'no-q', action: 'deny', paths: ['/q/**'] }])))
+  await new Promise((r) => setTimeout(r, 300))
+  t.equal(s.sidecar.policy.version, v0, 'not watched: nothing changes before the signal')
+  t.equal(await rawGet(s.proxy, `${api.origin}/q/1`), 200)
+  process.kill(process.pid, 'SIGHUP')
+  await until('SIGHUP reload', () => s.sidecar.policy.version !== v0)
+  t.equal(await rawGet(s.proxy, `${api.origin}/q/1`), 403)
+  // A bad file at SIGHUP: rejected, kept.
+  const v1 = s.sidecar.policy.version
+  atomicWrite(file, 'rules: 7\n')
+  process.kill(process.pid, 'SIGHUP')
+  await until('rejected', () => s.sidecar.policy.rejected !== null)
+  t.match(s.sidecar.policy.rejected, { source: 'file', reason: /rules/ })
+  t.equal(s.sidecar.policy.version, v1)
+})
+
+async function rawGet(proxy: string, url: string): Promise<number> {
+  const { request } = await import('node:http')
+  const p = new URL(proxy)
+  return new Promise((resolve, reject) => {
+    const req = request({ host: p.hostname, port: p.port, path: url, agent: false, headers: { host: new URL(url).host } }, (res) => {
+      res.resume()
+      res.on('end', () => resolve(res.statusCode ?? 0))
+    })
+    req.on('error', reject)
+    req.end()
+  })
+}

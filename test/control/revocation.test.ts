@@ -1,0 +1,172 @@
+// Revocation over the control stream, end to end and all real: broker (admin API, control gRPC),
+// sidecars connected to it, an upstream API. Revoking one agent drops its tokens, refuses its
+// requests with 403 reason "revoked" and cuts its open streams, while the others keep working.
+import t from 'tap'
+import { credentials, Metadata } from '@grpc/grpc-js'
+import { connect as netConnect } from 'node:net'
+import { once } from 'node:events'
+import { ControlServiceClient } from '../../protos/gen/latchkey/v1/control.js'
+import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openWebSocket, revoke, until, CONTROL_TOKEN } from './rig.js'
+
+t.test('revoking one agent: refused at once, tokens gone, streams cut; the other agent untouched', async (t) => {
+  const broker = await startControlBroker()
+  t.teardown(() => broker.close())
+  const api = await startApi()
+  t.teardown(api.close)
+  const victim = await startControlSidecar(broker, api, 'agent:summarizer:prod:victim')
+  t.teardown(victim.close)
+  const bystander = await startControlSidecar(broker, api, 'agent:summarizer:prod:bystander')
+  t.teardown(bystander.close)
+  await until('both sidecars connected', () => victim.sidecar.control!.connected && bystander.sidecar.control!.connected)
+
+  const vt = await victim.openTask()
+  const bt = await bystander.openTask()
+  t.equal((await viaProxy(victim, vt.handle, `${api.origin}/a`)).status, 200)
+  t.equal((await viaProxy(bystander, bt.handle, `${api.origin}/a`)).status, 200)
+  t.equal(victim.sidecar.brokerTokens!.describe(vt.id).length, 1, 'the victim holds a token')
+  const victimToken = api.tokens[0]!
+  const stream = await openStream(victim, vt.handle, `${api.origin}/stream`)
+  t.equal(stream.status, 200)
+  await until('stream flowing', () => stream.chunks() > 0)
+  // A CONNECT tunnel of the same task, open and idle.
+  const proxyPort = Number(new URL(victim.proxy).port)
+  const tunnel = netConnect(proxyPort, '127.0.0.1')
+  await once(tunnel, 'connect')
+  tunnel.write(`CONNECT 127.0.0.1:${api.port} HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\nProxy-Authorization: Basic ${Buffer.from(`task:${vt.handle}`).toString('base64')}\r\n\r\n`)
+  const [head] = (await once(tunnel, 'data')) as [Buffer]
+  t.match(head.toString(), /^HTTP\/1\.1 200/, 'tunnel open')
+  const tunnelClosed = once(tunnel, 'close')
+
+  const r = await revoke(broker, 'agent', victim.agent)
+  const returned = performance.now()
+  t.equal(r.status, 201)
+  await until('victim refused', () => victim.sidecar.control!.state.agentRevoked, 2000)
+  const refusal = await viaProxy(victim, vt.handle, `${api.origin}/b`)
+  const elapsed = performance.now() - returned
+  t.equal(refusal.status, 403)
+  t.match(refusal.body, { error: 'revoked', code: 'LK_REVOKED', reason: 'revoked', rule: 'revocation:agent', retryable: false })
+  t.equal(refusal.headers['x-latchkey-error'], 'LK_REVOKED')
+  t.ok(elapsed < 1000, `refused within a second of the revoke returning (${elapsed.toFixed(1)} ms)`)
+  t.equal(victim.sidecar.brokerTokens!.size, 0, 'every cached token of the victim is gone')
+  t.equal(victim.sidecar.brokerTokens!.describe(vt.id).length, 0)
+  t.not(await stream.ended, undefined, 'the streaming response was cut')
+  await tunnelClosed
+  t.ok(tunnel.destroyed, 'the CONNECT tunnel was closed')
+  // A new task on the revoked sidecar gets nowhere either.
+  const vt2 = await victim.openTask()
+  t.equal((await viaProxy(victim, vt2.handle, `${api.origin}/c`)).status, 403)
+
+  t.equal((await viaProxy(bystander, bt.handle, `${api.origin}/a`)).status, 200, 'the other agent still works')
+  t.equal(bystander.sidecar.brokerTokens!.describe(bt.id).length, 1, 'and keeps its token')
+
+  // The broker recorded it and introspection calls the victim's token inactive.
+  t.ok(broker.events.some((e) => e.type === 'revocation' && e.value === victim.agent && e.op === 'revoke'), 'revocation event recorded')
+  const intro = await fetch(`${broker.url}/oauth2/introspect`, {
+    method: 'POST',
+    headers: { authorization: 'Basic ' + Buffer.from(`api-server:${broker.introspectionSecret}`).toString('base64') },
+    body: new URLSearchParams({ token: victimToken }),
+  })
+  t.same(await intro.json(), { active: false })
+  // Nothing logged by the sidecar or the broker holds a token or the control token.
+  const logs = victim.logs.join('') + broker.logs()
+  t.notOk(logs.includes(victimToken), 'no access token in logs')
+  t.notOk(logs.includes(CONTROL_TOKEN), 'no control token in logs')
+  t.match(victim.logs.join(''), /revocation applied/)
+
+  // Unrevoke: the agent works again (a fresh exchange).
+  const del = await fetch(`${broker.url}/v1/revocations/agent/${encodeURIComponent(victim.agent)}`, { method: 'DELETE', headers: { authorization: `Bearer ${broker.adminToken}` } })
+  t.equal(del.status, 200)
+  await until('victim restored', () => !victim.sidecar.control!.state.agentRevoked)
+  t.equal((await viaProxy(victim, vt.handle, `${api.origin}/d`)).status, 200)
+})
+
+t.test('task, jti and agent-type pattern revocations; an unknown agent is accepted and harmless', async (t) => {
+  const broker = await startControlBroker()
+  t.teardown(() => broker.close())
+  const api = await startApi()
+  t.teardown(api.close)
+  const a = await startControlSidecar(broker, api, 'agent:summarizer:prod:one')
+  t.teardown(a.close)
+  const h = await startControlSidecar(broker, api, 'agent:helper:prod:two')
+  t.teardown(h.close)
+  await until('connected', () => a.sidecar.control!.connected && h.sidecar.control!.connected)
+  const t1 = await a.openTask()
+  const t2 = await a.openTask()
+  const ht = await h.openTask()
+  for (const [s, task] of [[a, t1], [a, t2], [h, ht]] as const) t.equal((await viaProxy(s, task.handle, `${api.origin}/x`)).status, 200)
+
+  // Unknown agent: accepted (201), recorded, nothing else changes.
+  const unknown = await revoke(broker, 'agent', 'agent:nobody:prod:ghost')
+  t.equal(unknown.status, 201)
+  await until('unknown revocation reached the sidecar', () => a.sidecar.control!.state.has('agent', 'agent:nobody:prod:ghost'))
+  t.equal((await viaProxy(a, t1.handle, `${api.origin}/x`)).status, 200, 'harmless for everyone else')
+  t.ok(broker.events.some((e) => e.type === 'revocation' && e.value === 'agent:nobody:prod:ghost'))
+
+  // One task: that task refused, its tokens gone, its WebSocket cut; the agent's other task (and its WebSocket) works.
+  const ws1 = await openWebSocket(a, t1.handle, api)
+  const ws2 = await openWebSocket(a, t2.handle, api)
+  const ws1Closed = once(ws1, 'close')
+  let ws2Closed = false
+  ws2.on('close', () => (ws2Closed = true))
+  const tokensBefore = a.sidecar.brokerTokens!.size
+  t.equal((await revoke(broker, 'task', t1.id)).status, 201)
+  await until('task revocation applied', () => a.sidecar.control!.state.has('task', t1.id))
+  const refused = await viaProxy(a, t1.handle, `${api.origin}/x`)
+  t.match(refused, { status: 403, body: { code: 'LK_REVOKED', reason: 'revoked', rule: 'revocation:task' } })
+  t.equal(a.sidecar.brokerTokens!.describe(t1.id).length, 0, 'the task\'s token is gone')
+  t.equal(a.sidecar.brokerTokens!.size, tokensBefore - 1, 'only that task\'s')
+  t.equal((await viaProxy(a, t2.handle, `${api.origin}/x`)).status, 200, 'the other task still works')
+  await ws1Closed
+  t.ok(ws1.destroyed, 'the revoked task\'s WebSocket was cut')
+  ws2.write('ping')
+  const [echo] = (await once(ws2, 'data')) as [Buffer]
+  t.equal(echo.toString(), 'echo:ping', 'the other task\'s WebSocket still relays')
+  t.notOk(ws2Closed)
+  ws2.destroy()
+
+  // One jti: that token dropped; the next request gets a new one.
+  const jti = a.sidecar.brokerTokens!.describe(t2.id)[0]!.jti
+  t.equal((await revoke(broker, 'jti', jti)).status, 201)
+  await until('jti dropped', () => a.sidecar.brokerTokens!.describe(t2.id).length === 0)
+  t.equal((await viaProxy(a, t2.handle, `${api.origin}/x`)).status, 200)
+  t.not(a.sidecar.brokerTokens!.describe(t2.id)[0]?.jti, jti, 'a fresh token, not the revoked one')
+
+  // An agent-type pattern: every helper, no summarizer.
+  t.equal((await revoke(broker, 'agent', 'agent:helper:*:*')).status, 201)
+  await until('pattern applied', () => h.sidecar.control!.state.agentRevoked)
+  t.equal((await viaProxy(h, ht.handle, `${api.origin}/x`)).status, 403)
+  t.equal((await viaProxy(a, t2.handle, `${api.origin}/x`)).status, 200)
+  t.notOk(a.sidecar.control!.state.agentRevoked)
+  // And the broker refuses the helper's exchanges too.
+  const ex = await broker.exchange({
+    grant_type: 'urn:ietf:params:oauth:grant-type:token-exchange',
+    actor_token: await broker.attest('agent:helper:prod:two'),
+    actor_token_type: 'urn:ietf:params:oauth:token-type:jwt',
+    audience: 'https://api.example.com',
+  })
+  t.equal(ex.status, 400, 'the broker refuses an exchange for a pattern-revoked agent')
+})
+
+t.test('unauthenticated control streams are refused', async (t) => {
+  const broker = await startControlBroker()
+  t.teardown(() => broker.close())
+  const api = await startApi()
+  t.teardown(api.close)
+  const wrong = await startControlSidecar(broker, api, 'agent:summarizer:prod:wrong', { token: 'not-the-token' })
+  t.teardown(wrong.close)
+  await until('refusal seen', () => (wrong.sidecar.control!.lastError ?? '').includes('control token does not match'))
+  t.notOk(wrong.sidecar.control!.connected)
+  t.notOk(wrong.logs.join('').includes('not-the-token'), 'the presented token is not logged')
+
+  // No metadata at all.
+  const client = new ControlServiceClient(broker.broker.controlAddress!, credentials.createInsecure())
+  t.teardown(() => client.close())
+  const err = await new Promise<{ code?: number; details?: string }>((resolve) => {
+    const call = client.watch({ agentId: 'x', policyVersion: '' }, new Metadata())
+    call.on('data', () => resolve({ details: 'got data' }))
+    call.on('error', resolve)
+  })
+  t.equal(err.code, 16, 'UNAUTHENTICATED')
+  t.match(err.details, /missing x-latchkey-sidecar/)
+  t.ok(broker.broker.control!.stats.refused >= 2)
+})

@@ -1,0 +1,202 @@
+// Control-stream rigs, all real: a broker with its control gRPC server, an upstream API that
+// records each request's bearer token (and can hold a streaming response open), and sidecars
+// connected over real sockets.
+import { createServer, request, type IncomingMessage, type Server } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { join } from 'node:path'
+import { randomBytes, createHash } from 'node:crypto'
+import { connect as netConnect, type Socket } from 'node:net'
+import { once } from 'node:events'
+import { startTestBroker, API, type TestBroker } from '../helpers/broker.js'
+import { startTestSidecar, loopbackPolicy, type TestSidecar } from '../helpers/harness.js'
+import type { SidecarOptions } from '../../proxy/sidecar.js'
+import type { BrokerConfig } from '../../lib/config/schema.js'
+
+export const CONTROL_TOKEN = 'ctl-' + randomBytes(16).toString('hex')
+
+export async function startControlBroker(
+  opts: { store?: BrokerConfig['store']; control?: Record<string, unknown>; env?: NodeJS.ProcessEnv; broker?: Record<string, unknown> } = {},
+): Promise<TestBroker & { controlUrl: string }> {
+  const b = await startTestBroker({
+    store: opts.store,
+    broker: { control: { port: 0, heartbeat_ms: 100, resync_ms: 200, ...opts.control }, ...opts.broker },
+    env: { LATCHKEY_CONTROL_TOKEN: CONTROL_TOKEN, ...opts.env },
+  })
+  return Object.assign(b, { controlUrl: `grpc://${b.broker.controlAddress!}` })
+}
+
+export interface Api {
+  origin: string
+  port: number
+  /** Bearer tokens received, in order. */
+  tokens: string[]
+  close(): Promise<void>
+}
+
+/** /stream holds a response open, writing a chunk every 50 ms; anything else answers 200 {ok, bearer}. */
+export async function startApi(): Promise<Api> {
+  const tokens: string[] = []
+  const upgraded = new Set<import('node:net').Socket>()
+  const server: Server = createServer((req, res) => {
+    req.resume()
+    const auth = req.headers.authorization ?? ''
+    if (auth.startsWith('Bearer ')) tokens.push(auth.slice(7))
+    if (req.url?.startsWith('/stream')) {
+      res.writeHead(200, { 'content-type': 'text/plain' })
+      const timer = setInterval(() => res.write('tick\n'), 50)
+      res.on('close', () => clearInterval(timer))
+      return
+    }
+    res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ ok: true, bearer: auth.startsWith('Bearer ') }))
+  })
+  // A WebSocket endpoint that echoes (raw frames are fine: the relay does not parse them).
+  server.on('upgrade', (req: IncomingMessage, socket: import('node:net').Socket) => {
+    const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
+    socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`)
+    socket.on('data', (d: Buffer) => socket.write(Buffer.concat([Buffer.from('echo:'), d])))
+    socket.on('error', () => socket.destroy())
+    // node:http servers allow half-open sockets: close ours when the sidecar closes its side.
+    socket.on('end', () => socket.end())
+    upgraded.add(socket)
+    socket.on('close', () => upgraded.delete(socket))
+  })
+  server.keepAliveTimeout = 30_000
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const port = (server.address() as AddressInfo).port
+  return {
+    origin: `http://127.0.0.1:${port}`,
+    port,
+    tokens,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.closeAllConnections()
+        for (const u of upgraded) u.destroy()
+        server.close(() => resolve())
+      }),
+  }
+}
+
+export interface ControlSidecar extends TestSidecar {
+  agent: string
+  /** Opens a task; returns its handle and id. */
+  openTask(): Promise<{ handle: string; id: string }>
+}
+
+export async function startControlSidecar(
+  broker: TestBroker & { controlUrl: string },
+  api: Api,
+  agent: string,
+  opts: { control?: Record<string, unknown>; sidecar?: Record<string, unknown>; token?: string; options?: Omit<SidecarOptions, 'env' | 'logDestination'>; policy?: Record<string, unknown> } = {},
+): Promise<ControlSidecar> {
+  const s = await startTestSidecar(
+    {
+      ...loopbackPolicy([api.port]),
+      ...(opts.policy ? { policy: opts.policy } : {}),
+      sidecar: {
+        agent_id: agent,
+        broker: { url: broker.url, timeout_ms: 2000 },
+        attestation: { local: { key_file: join(broker.dir, 'local', 'local-attestor.key.json'), audience: broker.issuer } },
+        control: { url: broker.controlUrl, token_secret: 'CONTROL', stale_after_ms: 2000, backoff_min_ms: 20, backoff_max_ms: 200, ...opts.control },
+        ...opts.sidecar,
+      },
+      credentials: [{ id: 'api', audience: api.origin, source: 'broker', token_audience: API, scopes: ['read'], inject: { type: 'bearer' } }],
+    },
+    { LATCHKEY_SECRET_CONTROL: opts.token ?? CONTROL_TOKEN },
+    opts.options ?? {},
+  )
+  return Object.assign(s, {
+    agent,
+    async openTask() {
+      const res = await fetch(`${s.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ purpose: 'control test', duration_s: 200 }) })
+      const body = (await res.json()) as Record<string, unknown>
+      if (res.status !== 201) throw new Error(`task not opened: ${res.status} ${String(body.reason ?? '')}`)
+      return { handle: body.task as string, id: body.id as string }
+    },
+  })
+}
+
+export interface Reply {
+  status: number
+  headers: IncomingMessage['headers']
+  body: Record<string, unknown>
+}
+
+/** One absolute-form request through the sidecar for a task (a fresh connection each time). */
+export function viaProxy(s: TestSidecar, handle: string, url: string): Promise<Reply> {
+  const proxy = new URL(s.proxy)
+  return new Promise((resolve, reject) => {
+    const req = request(
+      { host: proxy.hostname, port: proxy.port, method: 'GET', path: url, agent: false, headers: { host: new URL(url).host, 'proxy-authorization': 'Basic ' + Buffer.from(`task:${handle}`).toString('base64') } },
+      (res) => {
+        let text = ''
+        res.setEncoding('utf8')
+        res.on('data', (c: string) => (text += c))
+        res.on('end', () => {
+          let body: Record<string, unknown> = {}
+          try {
+            body = JSON.parse(text) as Record<string, unknown>
+          } catch {
+            body = { text }
+          }
+          resolve({ status: res.statusCode ?? 0, headers: res.headers, body })
+        })
+        res.on('error', reject)
+      },
+    )
+    req.on('error', reject)
+    req.end()
+  })
+}
+
+/** Opens a streaming response through the sidecar; resolves `ended` when the agent's side closes. */
+export function openStream(s: TestSidecar, handle: string, url: string): Promise<{ status: number; chunks: () => number; ended: Promise<string> }> {
+  const proxy = new URL(s.proxy)
+  return new Promise((resolve, reject) => {
+    const req = request(
+      { host: proxy.hostname, port: proxy.port, method: 'GET', path: url, agent: false, headers: { host: new URL(url).host, 'proxy-authorization': 'Basic ' + Buffer.from(`task:${handle}`).toString('base64') } },
+      (res) => {
+        let n = 0
+        res.on('data', () => n++)
+        const ended = new Promise<string>((done) => {
+          res.on('end', () => done('end'))
+          res.on('aborted', () => done('aborted'))
+          res.on('error', () => done('error'))
+          res.on('close', () => done('close'))
+        })
+        resolve({ status: res.statusCode ?? 0, chunks: () => n, ended })
+      },
+    )
+    req.on('error', reject)
+    req.end()
+  })
+}
+
+export async function revoke(broker: TestBroker, kind: string, value: string, token = broker.adminToken): Promise<{ status: number; body: Record<string, unknown> }> {
+  const res = await fetch(`${broker.url}/v1/revocations`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ kind, value, reason: 'control test' }),
+  })
+  return { status: res.status, body: (await res.json()) as Record<string, unknown> }
+}
+
+export async function until(what: string, cond: () => boolean | Promise<boolean>, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs
+  while (!(await cond())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`)
+    await new Promise((r) => setTimeout(r, 10))
+  }
+}
+
+/** Opens a WebSocket through the sidecar (absolute-form upgrade) for a task; resolves once upgraded. */
+export async function openWebSocket(s: TestSidecar, handle: string, api: Api): Promise<Socket> {
+  const sock = netConnect(Number(new URL(s.proxy).port), '127.0.0.1')
+  await once(sock, 'connect')
+  sock.write(
+    `GET ${api.origin}/ws HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n` +
+      `Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nProxy-Authorization: Basic ${Buffer.from(`task:${handle}`).toString('base64')}\r\n\r\n`,
+  )
+  const [head] = (await once(sock, 'data')) as [Buffer]
+  if (!head.toString().startsWith('HTTP/1.1 101')) throw new Error(`upgrade refused: ${head.toString().split('\r\n')[0]}`)
+  return sock
+}

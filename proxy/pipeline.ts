@@ -279,7 +279,8 @@ export class Pipeline {
       reason: ctx.errorReason ?? (d && d.action === 'deny' ? d.reason : null),
       credential:
         ctx.binding && ctx.credential
-          ? withTokenHash({ binding: ctx.binding.id, id: ctx.credential.id, audience: ctx.binding.audience, scopes: ctx.credential.scopes }, tokenSha256(ctx.binding, ctx.credential))
+          ? // One object shape for every event: the hash is undefined (and not serialized) where there is none.
+            { binding: ctx.binding.id, id: ctx.credential.id, audience: ctx.binding.audience, scopes: ctx.credential.scopes, token_sha256: tokenSha256(ctx.binding, ctx.credential) ?? undefined }
           : null,
       error: ctx.errorCode,
       caller: ctx.caller,
@@ -296,6 +297,3 @@ function round(ms: number): number {
 }
 
 /** The hash joins the event only when there is one (the JSON-lines schema and logs stay as they were otherwise). */
-function withTokenHash<T extends object>(c: T, hash: string | null): T & { token_sha256?: string } {
-  return hash === null ? c : { ...c, token_sha256: hash }
-}

@@ -7,25 +7,9 @@ import { TOKEN_EXCHANGE_GRANT, TOKEN_TYPES } from '../../lib/oauth.js'
 import { EvidenceUnavailable, type WorkloadEvidence } from '../attest/evidence.js'
 import type { CredentialBinding, TaskRef } from '../context.js'
 import type { TokenIssuer } from './broker-source.js'
+import { ExchangeFailed, type IssuedToken } from './exchange-outcome.js'
 
-export type ExchangeOutcome = 'refused' | 'unreachable' | 'evidence' | 'invalid_response'
-
-export class ExchangeFailed extends Error {
-  constructor(
-    readonly outcome: ExchangeOutcome,
-    message: string,
-  ) {
-    super(message)
-  }
-}
-
-export interface IssuedToken {
-  token: string
-  jti: string
-  scopes: string[]
-  /** Relative lifetime from the broker's expires_in: immune to clock skew between the two hosts. */
-  expiresInMs: number
-}
+export { ExchangeFailed, type ExchangeOutcome, type IssuedToken } from './exchange-outcome.js'
 
 export class BrokerClient implements TokenIssuer {
   readonly needsTask = true

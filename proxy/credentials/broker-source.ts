@@ -9,7 +9,7 @@
 import { LRUCache } from 'lru-cache'
 import type { Credential, CredentialBinding, CredentialSource, Identity, TaskRef } from '../context.js'
 import { LatchkeyError } from '../errors.js'
-import { ExchangeFailed, type ExchangeOutcome, type IssuedToken } from './broker-client.js'
+import { ExchangeFailed, type ExchangeOutcome, type IssuedToken } from './exchange-outcome.js'
 
 /** Where a CachedTokenSource gets tokens. One interface; each provider implements it. */
 export interface TokenIssuer {

@@ -5,7 +5,7 @@
 import { Pool } from 'undici'
 import type { CredentialBinding, TaskRef } from '../context.js'
 import type { CredentialBindingConfig } from '../../lib/config/schema.js'
-import { ExchangeFailed, type IssuedToken } from './broker-client.js'
+import { ExchangeFailed, type IssuedToken } from './exchange-outcome.js'
 import type { TokenIssuer } from './broker-source.js'
 
 interface Client {

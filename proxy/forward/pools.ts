@@ -2,7 +2,7 @@
 // the resolve stage classified, so nothing between the check and the dial can re-resolve the
 // name (no DNS rebinding window). Pools are bounded; an evicted pool finishes its in-flight
 // requests and closes.
-import { Pool } from 'undici'
+import { Pool } from './undici-pool.js'
 import { LRUCache } from 'lru-cache'
 import type { LookupFunction } from 'node:net'
 import type { ResolvedAddress, Target } from '../context.js'

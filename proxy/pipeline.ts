@@ -42,6 +42,23 @@ export interface TunnelOrigin {
   proxyAuthorization: string | undefined
 }
 
+/** Before identify runs (and for calls refused earlier): nobody. Shared, never mutated. */
+const UNIDENTIFIED: Identity = Object.freeze({ agentId: '', taskId: null, userSub: null, task: null })
+
+/**
+ * An event's timestamp: many calls start within the same millisecond under load, and formatting
+ * a date costs more than the rest of the event, so the last one is reused.
+ */
+let lastTsMs = -1
+let lastTs = ''
+function isoTimestamp(ms: number): string {
+  if (ms !== lastTsMs) {
+    lastTsMs = ms
+    lastTs = new Date(ms).toISOString()
+  }
+  return lastTs
+}
+
 export class Pipeline {
   /** Sockets already answered with a refusal and `Connection: close`: nothing more is read from them. */
   readonly closingSockets = new WeakSet<Socket>()
@@ -61,7 +78,7 @@ export class Pipeline {
       t0: performance.now(),
       method,
       target: null,
-      identity: { agentId: '', taskId: null, userSub: null, task: null },
+      identity: UNIDENTIFIED,
       decision: null,
       resolved: null,
       binding: null,
@@ -258,7 +275,7 @@ export class Pipeline {
     const t = ctx.target
     const event: AuditEvent = {
       id: ctx.id,
-      ts: new Date(ctx.startedAt).toISOString(),
+      ts: isoTimestamp(ctx.startedAt),
       agent: ctx.identity.agentId,
       task: ctx.identity.taskId,
       user: ctx.identity.userSub,

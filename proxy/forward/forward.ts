@@ -3,7 +3,7 @@
 // and reports exactly once through `done`.
 import type { IncomingMessage, ServerResponse, IncomingHttpHeaders } from 'node:http'
 import type { Dispatcher, Pool } from 'undici'
-import type { CallContext } from '../context.js'
+import type { CallContext, Credential } from '../context.js'
 import type { LatchkeyError } from '../errors.js'
 import { inboundResponseHeaders, type OutboundHeaders } from './headers.js'
 import { upstreamError } from './upstream-errors.js'
@@ -35,7 +35,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     this.ctx.status = statusCode
     this.ctx.upstreamMs = performance.now() - this.ctx.t0
     const clean = inboundResponseHeaders(headers)
-    if (this.ctx.credential) scrubCredential(clean, this.ctx.credential.value)
+    if (this.ctx.credential) scrubCredential(clean, this.ctx.credential)
     // undici usually delivers head, body and end in one tick: corked until the next, a small
     // response leaves in one write instead of three. Later chunks of a stream flow uncorked.
     this.res.cork()
@@ -81,16 +81,29 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
  * An upstream that reflects the request into a response header (a redirect carrying the query
  * key, a debug header) would hand the agent the credential it must never hold.
  */
-function scrubCredential(headers: IncomingHttpHeaders, secret: string): void {
-  const encoded = encodeURIComponent(secret)
+function scrubCredential(headers: IncomingHttpHeaders, credential: Credential): void {
+  const secret = credential.value
+  const encoded = urlEncodedSecret(credential)
   for (const name in headers) {
     const v = headers[name]
     if (v === undefined) continue
     const values = Array.isArray(v) ? v : [v]
-    if (values.some((x) => x.includes(secret) || x.includes(encoded))) {
+    if (values.some((x) => x.includes(secret) || (encoded !== null && x.includes(encoded)))) {
       headers[name] = '[removed by latchkey: it contained the injected credential]'
     }
   }
+}
+
+/** The secret as a URL would carry it, computed once per credential; null when it is the same text. */
+const encodedSecrets = new WeakMap<Credential, string | null>()
+function urlEncodedSecret(credential: Credential): string | null {
+  let e = encodedSecrets.get(credential)
+  if (e === undefined) {
+    const encoded = encodeURIComponent(credential.value)
+    e = encoded === credential.value ? null : encoded
+    encodedSecrets.set(credential, e)
+  }
+  return e
 }
 
 function uncork(res: ServerResponse): void {

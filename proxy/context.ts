@@ -1,5 +1,6 @@
 // The one object that flows through every pipeline stage for a call, and the narrow interfaces
 // the stages implement. See ARCHITECTURE.md for the lifecycle drawing.
+import type { Socket } from 'node:net'
 import type { AddressClass } from '../lib/config/schema.js'
 
 /**
@@ -112,6 +113,10 @@ export interface CallContext {
   upstreamMs: number | null
   errorCode: string | null
   errorReason: string | null
+  /** While admitted and unfinished: the client socket it holds, and its links in Pipeline.live (LiveCalls owns these three). */
+  liveSocket: Socket | null
+  livePrev: CallContext | null
+  liveNext: CallContext | null
 }
 
 export interface Identifier {

@@ -2,7 +2,6 @@
 // Every entry path (absolute-form, reverse route, CONNECT, WebSocket upgrade) builds one
 // CallContext and runs the same `admit` front half; only the forward differs. ARCHITECTURE.md
 // draws this file.
-import { randomUUID } from 'node:crypto'
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Logger } from '../lib/log.js'
@@ -15,6 +14,8 @@ import { checkFraming } from './listen/framing.js'
 import { outboundRequestHeaders } from './forward/headers.js'
 import { forward } from './forward/forward.js'
 import { tokenSha256 } from './audit/token-hash.js'
+import { newEventId } from './audit/event-id.js'
+import { LiveCalls } from './live-calls.js'
 import type { PinnedPools } from './forward/pools.js'
 import type { SidecarMetrics } from './metrics.js'
 import type { PeerProcessResolver } from './identify/peer-process.js'
@@ -62,17 +63,14 @@ function isoTimestamp(ms: number): string {
 export class Pipeline {
   /** Sockets already answered with a refusal and `Connection: close`: nothing more is read from them. */
   readonly closingSockets = new WeakSet<Socket>()
-  /**
-   * Calls admitted and not yet finished, with the client socket each one holds (a keep-alive
-   * connection, a tunnel, a WebSocket): what a revocation cuts.
-   */
-  readonly live = new Map<CallContext, Socket>()
+  /** Calls admitted and not yet finished, with the client socket each one holds: what a revocation cuts. */
+  readonly live = new LiveCalls()
 
   constructor(readonly stages: Stages) {}
 
   newContext(via: Via, method: string): CallContext {
     return {
-      id: randomUUID(),
+      id: newEventId(),
       via,
       startedAt: Date.now(),
       t0: performance.now(),
@@ -90,6 +88,9 @@ export class Pipeline {
       upstreamMs: null,
       errorCode: null,
       errorReason: null,
+      liveSocket: null,
+      livePrev: null,
+      liveNext: null,
     }
   }
 
@@ -120,7 +121,7 @@ export class Pipeline {
     const target = ctx.target!
     ctx.identity = s.identifier.identify(proxyAuthorization)
     s.revocations?.check(ctx.identity)
-    if (socket) this.live.set(ctx, socket)
+    if (socket) this.live.add(ctx, socket)
     const decision = s.decider.decide(ctx.method, target)
     ctx.decision = decision
     if (decision.action === 'deny' && decision.enforced) throw new LatchkeyError('LK_POLICY_DENIED', decision.reason, decision.rule)
@@ -256,7 +257,7 @@ export class Pipeline {
    */
   cut(matches: (identity: Identity) => boolean): number {
     let n = 0
-    for (const [ctx, socket] of this.live) {
+    for (const [ctx, socket] of this.live.entries()) {
       if (!matches(ctx.identity)) continue
       this.live.delete(ctx)
       if (!ctx.errorCode) {
@@ -300,7 +301,7 @@ export class Pipeline {
             { binding: ctx.binding.id, id: ctx.credential.id, audience: ctx.binding.audience, scopes: ctx.credential.scopes, token_sha256: tokenSha256(ctx.binding, ctx.credential) ?? undefined }
           : null,
       error: ctx.errorCode,
-      caller: ctx.caller,
+      caller: ctx.caller && { pid: ctx.caller.pid, uid: ctx.caller.uid, exe: ctx.caller.exe, sha256: ctx.caller.sha256 },
     }
     const s = this.stages
     s.audit.write(event)
@@ -312,5 +313,3 @@ export class Pipeline {
 function round(ms: number): number {
   return Math.round(ms * 1000) / 1000
 }
-
-/** The hash joins the event only when there is one (the JSON-lines schema and logs stay as they were otherwise). */

@@ -4,6 +4,7 @@
 // scopes and the task-derived expiry; nothing the agent can see holds the token.
 import t from 'tap'
 import { execFile } from 'node:child_process'
+import { createHash } from 'node:crypto'
 import { promisify } from 'node:util'
 import { API } from '../helpers/broker.js'
 import { startTokenRig, AGENT } from '../helpers/tokens.js'
@@ -65,6 +66,8 @@ t.test('a task for a user: the API receives the delegated, narrowed, task-bound 
   t.notOk(JSON.stringify(audit).includes(tail), 'no audit event holds it')
   t.notOk(JSON.stringify(audit).includes(handle) || rig.sidecar.logs.join('').includes(handle), 'nor the task handle')
   t.match(audit[0], { task: opened.body.id, user: 'alice@example.com', credential: { binding: 'api', id: claims.jti, scopes: ['read'] } }, 'the audit names the task, user and jti')
+  // The JSON-lines event carries the hash the collector's does, so the broker's records join either.
+  t.equal((audit[0]!.credential as Record<string, unknown>).token_sha256, createHash('sha256').update(token).digest('hex'), 'the audit line holds the token\'s SHA-256, not the token')
 
   // Ending the task drops its tokens; its handle is refused with 407.
   t.equal((await fetch(`${rig.sidecar.sidecar.adminUrl}/v1/tasks/${handle}`, { method: 'DELETE' })).status, 204)

@@ -2,10 +2,20 @@
 // `latchkey up`) never collide. Labels are low-cardinality by construction: no hosts, no paths.
 import { Registry, Counter, Histogram, Gauge, collectDefaultMetrics } from 'prom-client'
 
+interface CallCount {
+  readonly via: string
+  readonly decision: string
+  readonly outcome: string
+  n: number
+}
+
 export class SidecarMetrics {
   readonly registry = new Registry()
-  /** Per-call counts kept in a plain Map; prom-client reads them only when scraped. */
-  private readonly callCounts = new Map<string, number>()
+  /**
+   * Per-call counts, by via → decision → outcome, read by prom-client only when scraped. Nested
+   * maps of a few fixed strings: counting a call builds no key and allocates nothing.
+   */
+  private readonly callCounts = new Map<string, Map<string, Map<string, CallCount>>>()
   readonly calls = new Counter({
     name: 'latchkey_calls_total',
     help: 'Calls handled, by how they arrived, the decision and the outcome code',
@@ -13,9 +23,10 @@ export class SidecarMetrics {
     registers: [this.registry],
     collect: () => {
       this.calls.reset()
-      for (const [key, n] of this.callCounts) {
-        const [via, decision, outcome] = key.split('|') as [string, string, string]
-        this.calls.inc({ via, decision, outcome }, n)
+      for (const byDecision of this.callCounts.values()) {
+        for (const byOutcome of byDecision.values()) {
+          for (const c of byOutcome.values()) this.calls.inc({ via: c.via, decision: c.decision, outcome: c.outcome }, c.n)
+        }
       }
     },
   })
@@ -27,8 +38,13 @@ export class SidecarMetrics {
   })
 
   countCall(via: string, decision: string, outcome: string, seconds: number): void {
-    const key = via + '|' + decision + '|' + outcome
-    this.callCounts.set(key, (this.callCounts.get(key) ?? 0) + 1)
+    let byDecision = this.callCounts.get(via)
+    if (!byDecision) this.callCounts.set(via, (byDecision = new Map()))
+    let byOutcome = byDecision.get(decision)
+    if (!byOutcome) byDecision.set(decision, (byOutcome = new Map()))
+    const c = byOutcome.get(outcome)
+    if (c) c.n++
+    else byOutcome.set(outcome, { via, decision, outcome, n: 1 })
     this.duration.observe(seconds)
   }
 

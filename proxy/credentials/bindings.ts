@@ -11,35 +11,50 @@ type Headers = Record<string, string | string[] | undefined>
 /** Agent-sent credentials replaced on every injected audience, whatever the injector writes. */
 const ALWAYS_STRIP = ['authorization', 'cookie', 'x-api-key', 'api-key', 'x-auth-token', 'proxy-authorization']
 
+/**
+ * Formats a credential for the wire once per credential object, not once per request: a token
+ * serves many calls, and building an 800-byte header value per call is pure garbage. One cache
+ * per injector, since two bindings may write the same credential differently.
+ */
+function formattedOnce(format: (secret: string) => string): (c: Credential) => string {
+  const cache = new WeakMap<Credential, string>()
+  return (c) => {
+    let v = cache.get(c)
+    if (v === undefined) cache.set(c, (v = format(c.value)))
+    return v
+  }
+}
+
 function injector(cfg: InjectConfig): {
   headers: string[]
   query: string[]
   inject: (h: Headers, t: Target, c: Credential) => void
 } {
   switch (cfg.type) {
-    case 'bearer':
-      return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = `Bearer ${c.value}`) }
+    case 'bearer': {
+      const value = formattedOnce((secret) => `Bearer ${secret}`)
+      return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = value(c)) }
+    }
     case 'basic': {
       const user = cfg.username
-      return {
-        headers: ['authorization'],
-        query: [],
-        inject: (h, _t, c) => void (h.authorization = `Basic ${Buffer.from(`${user}:${c.value}`).toString('base64')}`),
-      }
+      const value = formattedOnce((secret) => `Basic ${Buffer.from(`${user}:${secret}`).toString('base64')}`)
+      return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = value(c)) }
     }
     case 'header': {
       const name = cfg.name.toLowerCase()
       const [before, after] = (cfg.format ?? '{token}').split('{token}') as [string, string]
-      return { headers: [name], query: [], inject: (h, _t, c) => void (h[name] = before + c.value + after) }
+      const value = formattedOnce((secret) => before + secret + after)
+      return { headers: [name], query: [], inject: (h, _t, c) => void (h[name] = value(c)) }
     }
     case 'query': {
       const param = cfg.name
+      const pair = formattedOnce((secret) => encodeURIComponent(param) + '=' + encodeURIComponent(secret))
       return {
         headers: [],
         query: [param],
         inject: (_h, t, c) => {
           const sep = t.search.length > 1 ? '&' : '?'
-          t.search = (t.search.length > 1 ? t.search : '') + sep + encodeURIComponent(param) + '=' + encodeURIComponent(c.value)
+          t.search = (t.search.length > 1 ? t.search : '') + sep + pair(c)
         },
       }
     }

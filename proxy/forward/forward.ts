@@ -87,11 +87,14 @@ function scrubCredential(headers: IncomingHttpHeaders, credential: Credential): 
   for (const name in headers) {
     const v = headers[name]
     if (v === undefined) continue
-    const values = Array.isArray(v) ? v : [v]
-    if (values.some((x) => x.includes(secret) || (encoded !== null && x.includes(encoded)))) {
+    if (typeof v === 'string' ? carries(v, secret, encoded) : v.some((x) => carries(x, secret, encoded))) {
       headers[name] = '[removed by latchkey: it contained the injected credential]'
     }
   }
+}
+
+function carries(value: string, secret: string, encoded: string | null): boolean {
+  return value.includes(secret) || (encoded !== null && value.includes(encoded))
 }
 
 /** The secret as a URL would carry it, computed once per credential; null when it is the same text. */

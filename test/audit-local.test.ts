@@ -1,0 +1,109 @@
+// The sidecar's local audit machinery on its own: the JSON-lines sink against a real file, call
+// ids, and the list of live calls a revocation walks.
+import t from 'tap'
+import { mkdtempSync, readFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import type { Socket } from 'node:net'
+import { JsonlAuditSink } from '../proxy/audit/jsonl-sink.js'
+import { newEventId } from '../proxy/audit/event-id.js'
+import { LiveCalls } from '../proxy/live-calls.js'
+import type { AuditEvent, CallContext } from '../proxy/context.js'
+
+function event(i: number, over: Partial<AuditEvent> = {}): AuditEvent {
+  return {
+    id: newEventId(),
+    ts: new Date(1_800_000_000_000 + i).toISOString(),
+    agent: 'agent:local:dev:0',
+    task: null,
+    user: null,
+    via: 'absolute',
+    method: 'GET',
+    scheme: 'http',
+    host: 'api.example.com',
+    port: 80,
+    path: `/v1/items/${i}`,
+    address: '93.184.216.34',
+    status: 200,
+    bytes_in: 0,
+    bytes_out: i,
+    duration_ms: 1.25,
+    upstream_ms: 1.125,
+    decision: 'allow',
+    rule: 'api',
+    reason: null,
+    credential: { binding: 'api', id: 'static:api', audience: 'http://api.example.com:80', scopes: ['read'], token_sha256: undefined },
+    error: null,
+    caller: null,
+    ...over,
+  }
+}
+
+const lines = (path: string) =>
+  readFileSync(path, 'utf8')
+    .split('\n')
+    .filter((l) => l !== '')
+    .map((l) => JSON.parse(l) as AuditEvent)
+
+t.test('JSON lines: every event once, in order, across buffer rotations, text of any kind intact', async (t) => {
+  const path = join(mkdtempSync(join(tmpdir(), 'lk-jsonl-')), 'audit.jsonl')
+  const sink = new JsonlAuditSink(path, 5)
+  // Multi-byte text, quotes, backslashes and newlines in the free-text fields: a line must stay one line.
+  const awkward = 'déni "quoted" \\ back\nslash — ünïcødé 🔒 \u2028'
+  // 3,000 events of ~600 bytes overflow the 256 KiB buffer several times; one event is bigger than a buffer.
+  const huge = 'x'.repeat(300 * 1024)
+  const written: AuditEvent[] = []
+  for (let i = 0; i < 3000; i++) {
+    const e = event(i, i % 7 === 0 ? { reason: awkward, path: `/ü/${i}` } : i === 1500 ? { reason: huge } : {})
+    written.push(e)
+    sink.write(e)
+    if (i % 500 === 0) await new Promise((r) => setImmediate(r))
+  }
+  await sink.close()
+  const read = lines(path)
+  t.equal(read.length, written.length, 'one line per event')
+  t.same(
+    read.map((e) => e.id),
+    written.map((e) => e.id),
+    'in the order written',
+  )
+  t.same(read[7], JSON.parse(JSON.stringify(written[7])), 'multi-byte and escaped text round-trips')
+  t.equal(read[1500]!.reason, huge, 'an event larger than a buffer is written whole')
+  t.notOk('token_sha256' in read[1]!.credential!, 'no hash key where there is no hash')
+})
+
+t.test('call ids are version 4 UUIDs, distinct across batches', async (t) => {
+  const seen = new Set<string>()
+  for (let i = 0; i < 1000; i++) {
+    const id = newEventId()
+    if (!/^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/.test(id)) t.fail(`not a v4 UUID: ${id}`)
+    seen.add(id)
+  }
+  t.equal(seen.size, 1000, 'no repeats over several 128-id batches')
+})
+
+t.test('live calls: linked and unlinked in any order; a walk survives cutting as it goes', async (t) => {
+  const live = new LiveCalls()
+  const ctx = (n: number) => ({ id: String(n), liveSocket: null, livePrev: null, liveNext: null }) as unknown as CallContext
+  const socket = (n: number) => ({ n }) as unknown as Socket
+  const calls = [0, 1, 2, 3, 4].map(ctx)
+  calls.forEach((c, i) => live.add(c, socket(i)))
+  live.add(calls[2]!, socket(99))
+  t.equal(live.size, 5, 'adding a linked call again changes nothing')
+  live.delete(calls[2]!)
+  live.delete(calls[2]!)
+  live.delete(calls[4]!) // the head
+  live.delete(calls[0]!) // the tail
+  t.equal(live.size, 2)
+  t.same(
+    [...live.entries()].map(([c, s]) => [c.id, (s as unknown as { n: number }).n]),
+    [
+      ['3', 3],
+      ['1', 1],
+    ],
+  )
+  for (const [c] of live.entries()) live.delete(c)
+  t.equal(live.size, 0)
+  t.same([...live.entries()], [])
+  t.equal(calls[3]!.liveSocket, null, 'an unlinked call keeps no socket')
+})

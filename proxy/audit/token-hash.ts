@@ -5,16 +5,11 @@
 // token used for many calls is hashed once.
 import { createHash } from 'node:crypto'
 import type { Credential, CredentialBinding } from '../context.js'
+import { perCredential } from '../credentials/per-credential.js'
 
 const HASHED_SOURCES: ReadonlySet<CredentialBinding['source']> = new Set(['broker', 'client_credentials'])
-const cache = new WeakMap<Credential, string>()
+const sha256Hex = perCredential((c) => createHash('sha256').update(c.value).digest('hex'))
 
 export function tokenSha256(binding: CredentialBinding, credential: Credential): string | null {
-  if (!HASHED_SOURCES.has(binding.source)) return null
-  let h = cache.get(credential)
-  if (h === undefined) {
-    h = createHash('sha256').update(credential.value).digest('hex')
-    cache.set(credential, h)
-  }
-  return h
+  return HASHED_SOURCES.has(binding.source) ? sha256Hex(credential) : null
 }

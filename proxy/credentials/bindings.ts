@@ -5,25 +5,14 @@ import type { Config, CredentialBindingConfig, InjectConfig } from '../../lib/co
 import type { Credential, CredentialBinding, Target } from '../context.js'
 import { normaliseHost } from '../policy/policy.js'
 import { originKey } from '../listen/target.js'
+// Header values are formatted once per credential (one cache per injector: two bindings may write
+// the same credential differently), not once per request.
+import { perCredential } from './per-credential.js'
 
 type Headers = Record<string, string | string[] | undefined>
 
 /** Agent-sent credentials replaced on every injected audience, whatever the injector writes. */
 const ALWAYS_STRIP = ['authorization', 'cookie', 'x-api-key', 'api-key', 'x-auth-token', 'proxy-authorization']
-
-/**
- * Formats a credential for the wire once per credential object, not once per request: a token
- * serves many calls, and building an 800-byte header value per call is pure garbage. One cache
- * per injector, since two bindings may write the same credential differently.
- */
-function formattedOnce(format: (secret: string) => string): (c: Credential) => string {
-  const cache = new WeakMap<Credential, string>()
-  return (c) => {
-    let v = cache.get(c)
-    if (v === undefined) cache.set(c, (v = format(c.value)))
-    return v
-  }
-}
 
 function injector(cfg: InjectConfig): {
   headers: string[]
@@ -32,23 +21,23 @@ function injector(cfg: InjectConfig): {
 } {
   switch (cfg.type) {
     case 'bearer': {
-      const value = formattedOnce((secret) => `Bearer ${secret}`)
+      const value = perCredential((c) => `Bearer ${c.value}`)
       return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = value(c)) }
     }
     case 'basic': {
       const user = cfg.username
-      const value = formattedOnce((secret) => `Basic ${Buffer.from(`${user}:${secret}`).toString('base64')}`)
+      const value = perCredential((c) => `Basic ${Buffer.from(`${user}:${c.value}`).toString('base64')}`)
       return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = value(c)) }
     }
     case 'header': {
       const name = cfg.name.toLowerCase()
       const [before, after] = (cfg.format ?? '{token}').split('{token}') as [string, string]
-      const value = formattedOnce((secret) => before + secret + after)
+      const value = perCredential((c) => before + c.value + after)
       return { headers: [name], query: [], inject: (h, _t, c) => void (h[name] = value(c)) }
     }
     case 'query': {
       const param = cfg.name
-      const pair = formattedOnce((secret) => encodeURIComponent(param) + '=' + encodeURIComponent(secret))
+      const pair = perCredential((c) => encodeURIComponent(param) + '=' + encodeURIComponent(c.value))
       return {
         headers: [],
         query: [param],

@@ -7,6 +7,7 @@ import type { CallContext, Credential } from '../context.js'
 import type { LatchkeyError } from '../errors.js'
 import { inboundResponseHeaders, type OutboundHeaders } from './headers.js'
 import { upstreamError } from './upstream-errors.js'
+import { perCredential } from '../credentials/per-credential.js'
 
 export type ForwardDone = (err: LatchkeyError | null) => void
 
@@ -98,16 +99,10 @@ function carries(value: string, secret: string, encoded: string | null): boolean
 }
 
 /** The secret as a URL would carry it, computed once per credential; null when it is the same text. */
-const encodedSecrets = new WeakMap<Credential, string | null>()
-function urlEncodedSecret(credential: Credential): string | null {
-  let e = encodedSecrets.get(credential)
-  if (e === undefined) {
-    const encoded = encodeURIComponent(credential.value)
-    e = encoded === credential.value ? null : encoded
-    encodedSecrets.set(credential, e)
-  }
-  return e
-}
+const urlEncodedSecret = perCredential((c) => {
+  const encoded = encodeURIComponent(c.value)
+  return encoded === c.value ? null : encoded
+})
 
 function uncork(res: ServerResponse): void {
   res.uncork()

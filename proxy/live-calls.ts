@@ -8,11 +8,6 @@ import type { CallContext } from './context.js'
 
 export class LiveCalls {
   private head: CallContext | null = null
-  private count = 0
-
-  get size(): number {
-    return this.count
-  }
 
   add(ctx: CallContext, socket: Socket): void {
     if (ctx.liveSocket) return
@@ -21,7 +16,6 @@ export class LiveCalls {
     ctx.liveNext = this.head
     if (this.head) this.head.livePrev = ctx
     this.head = ctx
-    this.count++
   }
 
   delete(ctx: CallContext): void {
@@ -30,7 +24,6 @@ export class LiveCalls {
     else this.head = ctx.liveNext
     if (ctx.liveNext) ctx.liveNext.livePrev = ctx.livePrev
     ctx.liveSocket = ctx.livePrev = ctx.liveNext = null
-    this.count--
   }
 
   /** Every live call with its socket; deleting the current call while iterating is safe. */

@@ -89,12 +89,12 @@ t.test('live calls: linked and unlinked in any order; a walk survives cutting as
   const calls = [0, 1, 2, 3, 4].map(ctx)
   calls.forEach((c, i) => live.add(c, socket(i)))
   live.add(calls[2]!, socket(99))
-  t.equal(live.size, 5, 'adding a linked call again changes nothing')
+  t.equal([...live.entries()].length, 5, 'adding a linked call again changes nothing')
   live.delete(calls[2]!)
   live.delete(calls[2]!)
   live.delete(calls[4]!) // the head
   live.delete(calls[0]!) // the tail
-  t.equal(live.size, 2)
+  t.equal([...live.entries()].length, 2)
   t.same(
     [...live.entries()].map(([c, s]) => [c.id, (s as unknown as { n: number }).n]),
     [
@@ -103,7 +103,7 @@ t.test('live calls: linked and unlinked in any order; a walk survives cutting as
     ],
   )
   for (const [c] of live.entries()) live.delete(c)
-  t.equal(live.size, 0)
+  t.equal([...live.entries()].length, 0)
   t.same([...live.entries()], [])
   t.equal(calls[3]!.liveSocket, null, 'an unlinked call keeps no socket')
 })

@@ -107,6 +107,27 @@ t.test('CIDR rules match IP-literal hosts, including IPv4-mapped IPv6', async (t
   t.equal(decide(p, 'GET', 'http://internal.example/').rule, 'default', 'names are not matched by CIDR rules')
 })
 
+t.test('a deny matches every IPv4 an address carries; an allow only the address as dialled', async (t) => {
+  const p = policy(
+    [
+      { id: 'no-loopback', action: 'deny', cidrs: ['127.0.0.0/8'] },
+      { id: 'no-metadata-host', action: 'deny', hosts: ['169.254.169.254'] },
+      { id: 'internal', action: 'allow', cidrs: ['10.0.0.0/8'] },
+    ],
+    { default: 'allow' },
+  )
+  const carriers = ['[::ffff:127.0.0.1]', '[64:ff9b::7f00:1]', '[::127.0.0.1]', '[2002:7f00:1::]', '[2002:7f00:1:abcd::1]', '[::ffff:0:127.0.0.1]', '[2001:0:7f00:1::1]']
+  for (const host of carriers) t.equal(decide(p, 'GET', `http://${host}/`).rule, 'no-loopback', `${host} carries 127.0.0.1: the deny applies`)
+  // Teredo's client address is stored inverted: 5601:5601 is 169.254.169.254.
+  t.equal(decide(p, 'GET', 'http://[2001:0:102:304::5601:5601]/').rule, 'no-metadata-host', 'a deny by exact IP host applies to carriers too')
+  t.equal(decide(p, 'GET', 'http://[64:ff9b::a9fe:a9fe]/').rule, 'no-metadata-host')
+  t.equal(decide(p, 'GET', 'http://[::ffff:10.1.2.3]/').rule, 'internal', 'IPv4-mapped is the same destination: allowed')
+  const q = policy([{ id: 'internal', action: 'allow', cidrs: ['10.0.0.0/8'] }])
+  for (const host of ['[64:ff9b::a01:203]', '[2002:a01:203::1]', '[::10.1.2.3]']) {
+    t.equal(decide(q, 'GET', `http://${host}/`).rule, 'default', `${host} is not 10.1.2.3 as dialled: the allow does not widen to it`)
+  }
+})
+
 t.test('report mode logs a denial without enforcing it', async (t) => {
   const p = policy([{ id: 'd', action: 'deny', hosts: ['x.com'], mode: 'report' }, { id: 'e', action: 'deny', hosts: ['y.com'] }], { mode: 'enforce' })
   t.same(decide(p, 'GET', 'https://x.com/'), { action: 'deny', rule: 'd', reason: 'denied by rule d', enforced: false })

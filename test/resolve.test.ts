@@ -128,6 +128,18 @@ t.test('the network floor: defaults, deny CIDRs and allow exceptions', async (t)
   t.equal(custom.check('::ffff:8.8.4.4', 53).allowed, false, 'deny CIDRs apply to the embedded IPv4 too')
 })
 
+t.test('an allow opens the address as dialled, never an IPv6 address that merely embeds it', async (t) => {
+  const floor = network({ allow: [{ cidr: '127.0.0.1/32' }, { cidr: '10.9.0.0/16', ports: [443] }] })
+  t.equal(floor.check('::ffff:127.0.0.1', 80).allowed, true, 'IPv4-mapped dials the same address')
+  // 6to4 and Teredo carry an IPv4 but are routed elsewhere; NAT64 goes through a translator.
+  for (const address of ['2002:7f00:1::', '2002:7f00:1:abcd::1', '2001:0:7f00:1::5601:5601', '64:ff9b::7f00:1', '::7f00:1', '2002:a09:101::1']) {
+    const v = floor.check(address, 443)
+    t.equal(v.allowed, false, `${address}: not opened by an IPv4 allow`)
+  }
+  t.match(floor.check('2001:0:7f00:1::5601:5601', 80), { allowed: false, rule: /^network:/ }, 'Teredo to the metadata address through an allowed server address')
+  t.equal(network({ allow: [{ cidr: '2002:7f00:1::/48' }] }).check('2002:7f00:1:abcd::1', 80).allowed, true, 'an IPv6 allow written for the range opens it')
+})
+
 t.test('numeric spellings reach the classifier as the address they mean', async (t) => {
   for (const spelling of ['2130706433', '0x7f.1', '0177.0.0.1', '127.1', '0x7f.0.0.1', '[::ffff:7f00:1]']) {
     const target = parseAbsoluteTarget(`http://${spelling}/`)

@@ -6,6 +6,7 @@ import ipaddr from 'ipaddr.js'
 import type { Config, RuleConfig, Mode } from '../../lib/config/schema.js'
 import type { Decider, Decision, Target } from '../context.js'
 import { compileGlob, pathReadings } from './paths.js'
+import { embeddedIPv4 } from '../resolve/classify.js'
 
 interface CompiledRule {
   id: string
@@ -65,16 +66,37 @@ function compileRule(rule: RuleConfig, mode: Mode): CompiledRule {
   }
 }
 
-function hostMatches(r: CompiledRule, t: Target): boolean {
+function hostMatches(r: CompiledRule, t: Target, address: AddressForms | null): boolean {
   if (!r.exactHosts && !r.wildcardSuffixes && !r.cidrs) return true
   if (r.exactHosts?.has(t.host)) return true
   if (r.wildcardSuffixes) for (const s of r.wildcardSuffixes) if (t.host.endsWith(s)) return true
-  if (r.cidrs && t.hostIsIp) {
-    let addr: ipaddr.IPv4 | ipaddr.IPv6 = ipaddr.parse(t.host)
-    if (addr.kind() === 'ipv6' && (addr as ipaddr.IPv6).isIPv4MappedAddress()) addr = (addr as ipaddr.IPv6).toIPv4Address()
-    for (const [range, bits] of r.cidrs) if (range.kind() === addr.kind() && addr.match(range, bits)) return true
+  if (address && (r.cidrs || (r.deny && r.exactHosts))) {
+    // Fail closed both ways: a deny matches the target by every IPv4 address it carries
+    // (64:ff9b::7f00:1 is 127.0.0.1 to a NAT64 network), an allow only as it would be dialled.
+    for (const f of r.deny ? address.all : address.dialled) {
+      if (r.deny && r.exactHosts?.has(f.toString())) return true
+      if (r.cidrs) for (const [range, bits] of r.cidrs) if (range.kind() === f.kind() && f.match(range, bits)) return true
+    }
   }
   return false
+}
+
+type Address = ipaddr.IPv4 | ipaddr.IPv6
+
+/** An IP-literal target's readings, worked out once per decision. */
+interface AddressForms {
+  /** As dialled: itself, and an IPv4-mapped IPv6 address's IPv4 (the same socket destination). */
+  dialled: Address[]
+  /** Those plus every IPv4 it embeds (NAT64, 6to4, Teredo, IPv4-compatible, IPv4-translated). */
+  all: Address[]
+}
+
+function addressForms(host: string): AddressForms {
+  const addr = ipaddr.parse(host)
+  if (addr.kind() === 'ipv4') return { dialled: [addr], all: [addr] }
+  const v6 = addr as ipaddr.IPv6
+  const dialled: Address[] = v6.isIPv4MappedAddress() ? [v6, v6.toIPv4Address()] : [v6]
+  return { dialled, all: [...dialled, ...embeddedIPv4(v6)] }
 }
 
 export class Policy implements Decider {
@@ -98,10 +120,12 @@ export class Policy implements Decider {
     const tunnel = method === 'CONNECT'
     const readings = this.needsPaths && !tunnel ? pathReadings(target.path) : null
     const scheme = tunnel ? 'https' : target.scheme
+    let address: AddressForms | null | undefined
     for (const r of this.rules) {
       if (r.ports && !r.ports.has(target.port)) continue
       if (r.schemes && !r.schemes.has(scheme)) continue
-      if (!hostMatches(r, target)) continue
+      if (target.hostIsIp && address === undefined && (r.cidrs || (r.deny && r.exactHosts))) address = addressForms(target.host)
+      if (!hostMatches(r, target, address ?? null)) continue
       if (tunnel && (r.methods || r.paths)) {
         // A tunnel's requests cannot be seen: an allow that depends on method or path cannot be
         // proven, and a deny that depends on them might apply, so the deny wins.

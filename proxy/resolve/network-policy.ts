@@ -1,6 +1,9 @@
 // The network floor, compiled once: which resolved addresses may be dialled. `deny` names
-// address classes or CIDRs; `allow` entries are exceptions (optionally per port). An IPv6 form
-// carrying an IPv4 address is matched by that IPv4 too, so ::ffff:10.0.0.1 is 10.0.0.1 here.
+// address classes or CIDRs; `allow` entries are exceptions (optionally per port). Fail closed
+// both ways: an IPv6 form carrying an IPv4 address is denied by that IPv4 too (64:ff9b::a00:1 is
+// 10.0.0.1 to a NAT64 network), but an allow opens only the address as dialled, which for an
+// IPv4-mapped address (::ffff:10.0.0.1) is its IPv4; a 6to4 or Teredo address whose embedded
+// IPv4 happens to be allowed is not.
 import ipaddr from 'ipaddr.js'
 import { ADDRESS_CLASSES, type AddressClass, type Config } from '../../lib/config/schema.js'
 import { classifyParsed, embeddedIPv4 } from './classify.js'
@@ -66,8 +69,9 @@ export class NetworkPolicy {
     const addr = ipaddr.parse(address)
     const cls = classifyParsed(addr)
     const all = forms(addr)
+    const dialled = addr.kind() === 'ipv6' && (addr as ipaddr.IPv6).isIPv4MappedAddress() ? all : [addr]
     for (const a of this.allowed) {
-      if ((a.ports === null || a.ports.has(port)) && all.some((f) => inCidr(f, a.cidr))) return { allowed: true, cls }
+      if ((a.ports === null || a.ports.has(port)) && dialled.some((f) => inCidr(f, a.cidr))) return { allowed: true, cls }
     }
     if (this.deniedClasses.has(cls)) {
       const what = `${ARTICLE[cls] ?? 'a'} ${DESCRIBE[cls]}`

@@ -90,6 +90,11 @@ export interface CredentialBinding {
   /** Query parameter names removed before injection. */
   stripQuery: readonly string[]
   inject(headers: Record<string, string | string[] | undefined>, target: Target, credential: Credential): void
+  /**
+   * What the injector writes that does not contain the secret as plain text (Basic's base64 of
+   * `user:secret`), so a response reflecting it can be recognised. Empty for the other injectors.
+   */
+  encodedForms(credential: Credential): readonly string[]
 }
 
 export interface CallContext {

@@ -48,6 +48,11 @@ t.test('bindings match the exact origin only', async (t) => {
 t.test('stripQueryParams removes every spelling of the name', async (t) => {
   t.equal(stripQueryParams('?key=a&b=1&%6Bey=c&key&k%65y=d', ['key']), '?b=1')
   t.equal(stripQueryParams('?key=a', ['key']), '')
+  t.equal(stripQueryParams('?KEY=a&Key=b&b=1', ['key']), '?b=1', 'any case: some frameworks match names case-insensitively')
+  t.equal(stripQueryParams('?key[]=a&key[x]=b&key%5B%5D=c&b=1', ['key']), '?b=1', 'PHP-style array names')
+  t.equal(stripQueryParams('?key%00x=a&b=1', ['key']), '?b=1', 'a name cut short at a NUL')
+  t.equal(stripQueryParams('?a=1;key=x&b=2;c=3', ['key']), '?b=2;c=3', 'hidden after a ; separator: the pair goes whole')
+  t.equal(stripQueryParams('?keys=a&akey=b&monkey=c', ['key']), '?keys=a&akey=b&monkey=c', 'other names are kept')
   t.equal(stripQueryParams('?a=%ZZ&%ZZ=1&b=2', ['key']), '?a=%ZZ&b=2', 'an undecodable name might be ours: dropped')
   t.equal(stripQueryParams('', ['key']), '')
 })

@@ -14,26 +14,33 @@ type Headers = Record<string, string | string[] | undefined>
 /** Agent-sent credentials replaced on every injected audience, whatever the injector writes. */
 const ALWAYS_STRIP = ['authorization', 'cookie', 'x-api-key', 'api-key', 'x-auth-token', 'proxy-authorization']
 
+const NONE: readonly string[] = []
+const none = (): readonly string[] => NONE
+
 function injector(cfg: InjectConfig): {
   headers: string[]
   query: string[]
   inject: (h: Headers, t: Target, c: Credential) => void
+  encodedForms: (c: Credential) => readonly string[]
 } {
   switch (cfg.type) {
     case 'bearer': {
       const value = perCredential((c) => `Bearer ${c.value}`)
-      return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = value(c)) }
+      return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = value(c)), encodedForms: none }
     }
     case 'basic': {
       const user = cfg.username
-      const value = perCredential((c) => `Basic ${Buffer.from(`${user}:${c.value}`).toString('base64')}`)
-      return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = value(c)) }
+      const encoded = perCredential((c) => Buffer.from(`${user}:${c.value}`).toString('base64'))
+      const value = perCredential((c) => `Basic ${encoded(c)}`)
+      // Lower-cased too: a header's name arrives lower-cased.
+      const forms = perCredential((c) => [encoded(c), encoded(c).toLowerCase()])
+      return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = value(c)), encodedForms: forms }
     }
     case 'header': {
       const name = cfg.name.toLowerCase()
       const [before, after] = (cfg.format ?? '{token}').split('{token}') as [string, string]
       const value = perCredential((c) => before + c.value + after)
-      return { headers: [name], query: [], inject: (h, _t, c) => void (h[name] = value(c)) }
+      return { headers: [name], query: [], inject: (h, _t, c) => void (h[name] = value(c)), encodedForms: none }
     }
     case 'query': {
       const param = cfg.name
@@ -45,6 +52,8 @@ function injector(cfg: InjectConfig): {
           const sep = t.search.length > 1 ? '&' : '?'
           t.search = (t.search.length > 1 ? t.search : '') + sep + pair(c)
         },
+        // The percent-encoded secret is recognised by decoding (forward/scrub.ts), in any spelling.
+        encodedForms: none,
       }
     }
   }
@@ -66,6 +75,7 @@ export function compileBinding(cfg: CredentialBindingConfig): CredentialBinding 
     strip,
     stripQuery: inj.query,
     inject: inj.inject,
+    encodedForms: inj.encodedForms,
   }
 }
 
@@ -90,22 +100,32 @@ export class CredentialBindings {
   }
 }
 
-/** Removes the named query parameters (any spelling of their encoding) from a search string. */
+/**
+ * Removes the named query parameters from a search string, in every spelling an upstream might
+ * read as the same name: any percent-encoding or case, `+` for space, a PHP-style `name[...]`,
+ * a name cut short by a NUL, or hidden after `;` (a separator to some frameworks). A pair that
+ * cannot be decoded, or that carries such a name after `;`, is dropped whole: fail closed.
+ */
 export function stripQueryParams(search: string, names: readonly string[]): string {
   if (names.length === 0 || search.length < 2) return search
+  const lower = names.map((n) => n.toLowerCase())
   const kept = search
     .slice(1)
     .split('&')
-    .filter((pair) => {
-      const rawName = pair.split('=', 1)[0] ?? ''
-      let name: string
-      try {
-        name = decodeURIComponent(rawName.replace(/\+/g, ' '))
-      } catch {
-        // Undecodable name: it might be our parameter in disguise; drop it (fail closed).
-        return false
-      }
-      return !names.includes(name)
-    })
+    .filter((pair) => !pair.split(';').some((part) => namesParameter(part, lower)))
   return kept.length ? '?' + kept.join('&') : ''
+}
+
+function namesParameter(part: string, lowerNames: readonly string[]): boolean {
+  const rawName = part.split('=', 1)[0] ?? ''
+  let name: string
+  try {
+    name = decodeURIComponent(rawName.replace(/\+/g, ' '))
+  } catch {
+    // Undecodable name: it might be our parameter in disguise.
+    return true
+  }
+  name = name.toLowerCase()
+  const cut = name.search(/[[\0]/)
+  return lowerNames.includes(cut === -1 ? name : name.slice(0, cut))
 }

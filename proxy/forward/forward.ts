@@ -3,11 +3,11 @@
 // and reports exactly once through `done`.
 import type { IncomingMessage, ServerResponse, IncomingHttpHeaders } from 'node:http'
 import type { Dispatcher, Pool } from 'undici'
-import type { CallContext, Credential } from '../context.js'
+import type { CallContext } from '../context.js'
 import type { LatchkeyError } from '../errors.js'
 import { inboundResponseHeaders, type OutboundHeaders } from './headers.js'
 import { upstreamError } from './upstream-errors.js'
-import { perCredential } from '../credentials/per-credential.js'
+import { safeReasonPhrase, scrubResponseHeaders } from './scrub.js'
 
 export type ForwardDone = (err: LatchkeyError | null) => void
 
@@ -30,19 +30,50 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
 
   onRequestStart(controller: Dispatcher.DispatchController): void {
     this.controller = controller
+    if (this.abortedWith) controller.abort(this.abortedWith)
+  }
+
+  private abortedWith: Error | null = null
+
+  /** Ends the call with `err` (reported through `done`), wherever the forward is. */
+  abort(err: Error): void {
+    if (this.controller) this.controller.abort(err)
+    else this.abortedWith = err
   }
 
   onResponseStart(_c: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders, statusMessage?: string): void {
+    if (statusCode < 200) return this.informational(statusCode, headers)
     this.ctx.status = statusCode
     this.ctx.upstreamMs = performance.now() - this.ctx.t0
     const clean = inboundResponseHeaders(headers)
-    if (this.ctx.credential) scrubCredential(clean, this.ctx.credential)
+    const { binding, credential } = this.ctx
+    if (binding && credential) {
+      scrubResponseHeaders(clean, binding, credential)
+      statusMessage = safeReasonPhrase(statusMessage, binding, credential)
+    }
     // undici usually delivers head, body and end in one tick: corked until the next, a small
     // response leaves in one write instead of three. Later chunks of a stream flow uncorked.
     this.res.cork()
     process.nextTick(uncork, this.res)
     if (statusMessage) this.res.writeHead(statusCode, statusMessage, clean as Record<string, string | string[]>)
     else this.res.writeHead(statusCode, clean as Record<string, string | string[]>)
+  }
+
+  /**
+   * An interim response, before the final one. 103 Early Hints is passed on (scrubbed like any
+   * head) to an HTTP/1.1 client; any other was not asked for by this agent (the sidecar answers
+   * `Expect` itself and never forwards it) and is dropped.
+   */
+  private informational(statusCode: number, headers: IncomingHttpHeaders): void {
+    if (statusCode !== 103 || this.res.req.httpVersionMinor < 1 || this.res.headersSent) return
+    const hints = inboundResponseHeaders(headers)
+    const { binding, credential } = this.ctx
+    if (binding && credential) scrubResponseHeaders(hints, binding, credential)
+    try {
+      this.res.writeEarlyHints(hints as Record<string, string | string[]>)
+    } catch {
+      // Node refuses a Link value it cannot validate: the hint is dropped, the response goes on.
+    }
   }
 
   onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
@@ -78,32 +109,6 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
   }
 }
 
-/**
- * An upstream that reflects the request into a response header (a redirect carrying the query
- * key, a debug header) would hand the agent the credential it must never hold.
- */
-function scrubCredential(headers: IncomingHttpHeaders, credential: Credential): void {
-  const secret = credential.value
-  const encoded = urlEncodedSecret(credential)
-  for (const name in headers) {
-    const v = headers[name]
-    if (v === undefined) continue
-    if (typeof v === 'string' ? carries(v, secret, encoded) : v.some((x) => carries(x, secret, encoded))) {
-      headers[name] = '[removed by latchkey: it contained the injected credential]'
-    }
-  }
-}
-
-function carries(value: string, secret: string, encoded: string | null): boolean {
-  return value.includes(secret) || (encoded !== null && value.includes(encoded))
-}
-
-/** The secret as a URL would carry it, computed once per credential; null when it is the same text. */
-const urlEncodedSecret = perCredential((c) => {
-  const encoded = encodeURIComponent(c.value)
-  return encoded === c.value ? null : encoded
-})
-
 function uncork(res: ServerResponse): void {
   res.uncork()
 }
@@ -136,6 +141,10 @@ export function forward(
   } else if (req.headers['transfer-encoding'] !== undefined) {
     body = counted(req, ctx)
   }
+  const relay = new ResponseRelay(ctx, res, done, recordFirst)
+  // A chunked body can turn out malformed after the head has gone: the listener must be able to
+  // end this call with a 400 (abortChunkedForward). Only such bodies are tracked.
+  if (body !== null && body !== req) chunkedForwards.set(req, relay)
   pool.dispatch(
     {
       path,
@@ -146,6 +155,17 @@ export function forward(
       // An agent's request is never replayed behind its back.
       idempotent: false,
     },
-    new ResponseRelay(ctx, res, done, recordFirst),
+    relay,
   )
+}
+
+const chunkedForwards = new WeakMap<IncomingMessage, ResponseRelay>()
+
+/** Ends the forward of `req`, whose chunked body the parser found malformed, with `err`. */
+export function abortChunkedForward(req: IncomingMessage, err: Error): boolean {
+  const relay = chunkedForwards.get(req)
+  if (!relay) return false
+  chunkedForwards.delete(req)
+  relay.abort(err)
+  return true
 }

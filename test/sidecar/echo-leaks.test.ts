@@ -62,3 +62,100 @@ t.test('a malformed Proxy-Authorization is refused with 407; a missing Host with
   t.equal(noHost.status, 400)
   t.equal(up.requests.length, 1)
 })
+
+t.test('every reflection of the credential in a response head is scrubbed, in any encoding', async (t) => {
+  // A secret whose encodings differ: percent-encoding, form encoding and base64 all change it.
+  const QSECRET = `${CANARY}/a+b=c d!~`
+  const reflect = (req: { url: string; headers: Record<string, unknown> }, res: import('node:http').ServerResponse): boolean => {
+    const auth = String(req.headers.authorization ?? '')
+    const url = new URL(req.url, 'http://x')
+    const key = url.searchParams.get('key') ?? ''
+    switch (url.pathname) {
+      case '/reason':
+        res.writeHead(200, `OK ${auth}`, { 'x-plain': 'kept' }).end('ok')
+        return true
+      case '/name':
+        res.writeHead(200, { [`x-${auth.slice(7).toLowerCase()}`]: '1', 'x-plain': 'kept' }).end('ok')
+        return true
+      case '/cookies':
+        res.writeHead(200, { 'set-cookie': ['session=abc', `token=${auth.slice(7)}`, 'theme=dark'] }).end('ok')
+        return true
+      case '/basic':
+        res.writeHead(200, { 'x-echo': auth, 'x-echo-b64': auth.slice(6) }).end('ok')
+        return true
+      case '/query':
+        res.writeHead(200, {
+          'x-form': new URLSearchParams({ key }).toString(),
+          'x-lower-hex': encodeURIComponent(key).replace(/%[0-9A-F]{2}/g, (m) => m.toLowerCase()),
+          'x-twice': encodeURIComponent(encodeURIComponent(key)),
+          'x-plus': key.replace(/ /g, '+'),
+          'x-plain': 'kept',
+        }).end('ok')
+        return true
+      case '/hints':
+        res.writeEarlyHints({ link: '</style.css>; rel=preload; as=style', 'x-echo': auth })
+        setTimeout(() => res.writeHead(200, { 'x-plain': 'kept' }).end('ok'), 20)
+        return true
+    }
+    return false
+  }
+  const bearer = await startUpstream({ handler: reflect })
+  const basic = await startUpstream({ handler: reflect })
+  const query = await startUpstream({ handler: reflect })
+  const s = await startTestSidecar(
+    {
+      policy: { default: 'allow' },
+      network: { allow: [{ cidr: '127.0.0.1/32', ports: [bearer.port, basic.port, query.port] }] },
+      credentials: [
+        { id: 'bearer', audience: bearer.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } },
+        { id: 'basic', audience: basic.origin, source: 'static', secret: 'CANARY', inject: { type: 'basic', username: 'svc' } },
+        { id: 'query', audience: query.origin, source: 'static', secret: 'QKEY', inject: { type: 'query', name: 'key' } },
+      ],
+    },
+    { LATCHKEY_SECRET_QKEY: QSECRET },
+  )
+  t.teardown(async () => {
+    await s.close()
+    await Promise.all([bearer.close(), basic.close(), query.close()])
+  })
+  const get = (port: number, path: string) => rawRequest(s.sidecar.port, `GET http://127.0.0.1:${port}${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  const REMOVED = '[removed by latchkey: it contained the injected credential]'
+  const seen: string[] = []
+
+  const reason = await get(bearer.port, '/reason')
+  seen.push(reason.raw)
+  t.match(reason.raw, /^HTTP\/1\.1 200 OK\r\n/, 'a reason phrase carrying the credential is replaced by the standard one')
+  t.equal(reason.headers['x-plain'], 'kept')
+
+  const name = await get(bearer.port, '/name')
+  seen.push(name.raw)
+  t.equal(name.status, 200)
+  t.notOk(Object.keys(name.headers).some((h) => h.includes(CANARY.toLowerCase())), 'a header named after the credential is dropped')
+  t.equal(name.headers['x-plain'], 'kept')
+
+  const cookies = await get(bearer.port, '/cookies')
+  seen.push(cookies.raw)
+  const setCookies = cookies.raw.split('\r\n').filter((l) => l.toLowerCase().startsWith('set-cookie:'))
+  t.same(setCookies, ['set-cookie: session=abc', `set-cookie: ${REMOVED}`, 'set-cookie: theme=dark'], 'only the cookie that carries it is replaced')
+
+  const b = await get(basic.port, '/basic')
+  seen.push(b.raw)
+  t.equal(basic.requests[0]?.headers.authorization, `Basic ${Buffer.from(`svc:${CANARY}`).toString('base64')}`, 'the upstream got the basic credential')
+  t.equal(b.headers['x-echo'], REMOVED, 'the Basic header echoed back')
+  t.equal(b.headers['x-echo-b64'], REMOVED, 'its base64 alone')
+
+  const q = await get(query.port, '/query?a=1')
+  seen.push(q.raw)
+  t.equal(new URL(query.requests[0]!.url, 'http://x').searchParams.get('key'), QSECRET, 'the upstream got the query credential')
+  for (const h of ['x-form', 'x-lower-hex', 'x-twice', 'x-plus']) t.equal(q.headers[h], REMOVED, `${h}: a re-encoding of the secret is recognised`)
+  t.equal(q.headers['x-plain'], 'kept')
+
+  const hints = await get(bearer.port, '/hints')
+  seen.push(hints.raw)
+  t.match(hints.raw, /^HTTP\/1\.1 103 Early Hints\r\n[\s\S]*[Ll]ink: <\/style\.css>[\s\S]*HTTP\/1\.1 200 OK\r\n/, '103 Early Hints passed on, then the final response')
+  t.match(hints.raw, new RegExp(`x-echo: \\${REMOVED.slice(0, -1)}\\]`), 'the hint that echoed the credential is scrubbed')
+  const audit = await s.audit()
+  t.match(audit.find((e) => e.path === '/hints'), { status: 200, error: null }, 'an interim response does not break the call')
+  assertNoCanary(t, s, ...seen)
+  t.notOk(seen.some((r) => r.includes(Buffer.from(`svc:${CANARY}`).toString('base64'))), 'no base64 form reached the agent')
+})

@@ -1,6 +1,6 @@
 // WebSocket upgrades on allowed routes (absolute-form or reverse). The same admit stages run;
-// the handshake is written to exactly the checked address with the credential injected, then
-// bytes are relayed. h2c upgrades, and any other protocol, are refused.
+// the handshake is written to exactly the checked address with the credential injected; only a
+// 101 answer (read, checked and scrubbed in upgrade-response.ts) opens the byte relay. h2c upgrades, and any other protocol, are refused.
 import { connect as netConnect, type Socket } from 'node:net'
 import { connect as tlsConnect } from 'node:tls'
 import type { IncomingMessage } from 'node:http'
@@ -12,6 +12,8 @@ import { outboundRequestHeaders } from '../forward/headers.js'
 import { stripQueryParams } from '../credentials/bindings.js'
 import { upstreamError } from '../forward/upstream-errors.js'
 import { relay, watchClose } from './relay.js'
+import { readUpgradeResponse, serializeSwitchingProtocols } from './upgrade-response.js'
+import { scrubResponseHeaders } from '../forward/scrub.js'
 
 const KEEP_FOR_WEBSOCKET = ['upgrade', 'connection'] as const
 
@@ -25,6 +27,14 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
     const protocol = String(req.headers.upgrade ?? '').trim().toLowerCase()
     if (protocol.includes('h2c')) throw new LatchkeyError('LK_BAD_REQUEST', 'h2c upgrades are refused; speak HTTP/1.1 to the sidecar')
     if (protocol !== 'websocket') throw new LatchkeyError('LK_BAD_REQUEST', `upgrade to "${protocol.slice(0, 32)}" is not supported; only websocket`)
+    // RFC 6455: the handshake is a GET without a body. Anything else (a TRACE that would echo the
+    // injected credential, a body the relay would pass on unframed) is not a WebSocket.
+    if (req.method !== 'GET') throw new LatchkeyError('LK_BAD_REQUEST', `a WebSocket handshake is a GET, not ${req.method}`)
+    const length = req.headers['content-length']
+    if (req.headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0')) {
+      throw new LatchkeyError('LK_BAD_REQUEST', 'a WebSocket handshake carries no body')
+    }
+    if (req.headers.expect !== undefined) throw new LatchkeyError('LK_BAD_REQUEST', 'Expect is not supported on a WebSocket handshake')
     ctx.target = url.startsWith('/') ? parseReverseTarget(url, pipeline.stages.routes).target : parseAbsoluteTarget(url)
     await pipeline.admit(ctx, req.headers['proxy-authorization'], true, client)
     const target = ctx.target
@@ -67,21 +77,35 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
       pipeline.stages.metrics.openTunnels.inc()
       // Until the upstream answers, either side closing ends the attempt; then the relay owns it.
       const stopEarly = watchClose(client, upstream, onClosed)
-      upstream.once('data', (first: Buffer) => {
+      readUpgradeResponse(upstream, (err, response) => {
         stopEarly()
-        // The status line is recorded for audit; the bytes themselves go through untouched.
-        const m = /^HTTP\/1\.[01] (\d{3})/.exec(first.subarray(0, 16).toString('latin1'))
-        ctx.status = m ? Number(m[1]) : 502
         ctx.upstreamMs = performance.now() - ctx.t0
-        client.write(first)
+        if (err || !response) {
+          upstream.destroy()
+          untrack()
+          measure()
+          refuse(err)
+          return
+        }
+        const { binding, credential } = ctx
+        if (binding && credential) scrubResponseHeaders(response.headers, binding, credential)
+        ctx.status = 101
+        client.write(serializeSwitchingProtocols(response))
+        if (response.rest.length) client.write(response.rest)
         relay(client, upstream, onClosed)
       })
-      function onClosed() {
+      function untrack() {
         open.delete(client)
         pipeline.stages.metrics.openTunnels.dec()
-        if (ctx.status === 0) ctx.status = 502
+      }
+      function measure() {
         ctx.bytesIn = Math.max(0, upstream.bytesWritten - Buffer.byteLength(requestHead))
         ctx.bytesOut = upstream.bytesRead
+      }
+      function onClosed() {
+        untrack()
+        if (ctx.status === 0) ctx.status = 502
+        measure()
         pipeline.finish(ctx)
       }
     })

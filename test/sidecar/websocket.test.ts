@@ -58,3 +58,84 @@ t.test('websocket through a reverse route and through absolute-form', async (t) 
   t.same(audit.map((e) => [e.via, e.status]).sort(), [['upgrade', 101], ['upgrade', 101], ['upgrade', 403]])
   assertNoCanary(t, s, denied.raw)
 })
+
+t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handshake is a bodiless GET', async (t) => {
+  // One upstream that answers handshakes every way an upstream might, and records every byte it
+  // receives on each connection after its answer.
+  const afterAnswer: string[] = []
+  const up = createServer((_req, res) => res.writeHead(404).end())
+  up.on('upgrade', (req, socket) => {
+    const auth = String(req.headers.authorization ?? '')
+    const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
+    switch (req.url) {
+      case '/reflect':
+        socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\nX-Echo-Auth: ${auth}\r\n\r\n`)
+        break
+      case '/plain':
+        // Not a WebSocket server: an ordinary keep-alive answer, echoing the credential.
+        socket.write(`HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Echo-Auth: ${auth}\r\n\r\nok`)
+        break
+      case '/unauthorized':
+        socket.write(`HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer error="${auth}"\r\nContent-Length: 0\r\n\r\n`)
+        break
+      case '/wrong-protocol':
+        socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n`)
+        break
+    }
+    socket.on('data', (d: Buffer) => afterAnswer.push(d.toString('latin1')))
+    socket.on('error', () => {})
+  })
+  up.listen(0, '127.0.0.1')
+  await once(up, 'listening')
+  const port = (up.address() as AddressInfo).port
+  const s = await startTestSidecar({
+    policy: { default: 'deny', rules: [{ id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin/**'] }, { id: 'ws', action: 'allow', hosts: ['127.0.0.1'], ports: [port] }] },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] },
+    credentials: [{ id: 'ws', audience: `http://127.0.0.1:${port}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    up.closeAllConnections()
+    up.close()
+  })
+  const handshake = (path: string, method = 'GET', extra = '') =>
+    `${method} http://127.0.0.1:${port}${path} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n${extra}\r\n`
+  const seen: string[] = []
+
+  const reflected = await rawRequest(s.sidecar.port, handshake('/reflect'))
+  seen.push(reflected.raw)
+  t.equal(reflected.status, 101)
+  t.equal(reflected.headers['sec-websocket-accept'], 's3pPLMBiTxaQ9kYGzzhZRbK+xOo=', 'the handshake answer is intact')
+  t.equal(reflected.headers['x-echo-auth'], '[removed by latchkey: it contained the injected credential]', 'a 101 echoing the credential is scrubbed')
+
+  for (const [path, why] of [
+    ['/plain', /answered 200 instead of 101/],
+    ['/unauthorized', /answered 401 instead of 101/],
+    ['/wrong-protocol', /without `Upgrade: websocket`/],
+  ] as const) {
+    const before = afterAnswer.length
+    // The agent tries to use the connection as a channel once the upstream has answered.
+    const r = await rawRequest(s.sidecar.port, handshake(path) + `DELETE /admin/users/1 HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n\r\n`)
+    seen.push(r.raw)
+    t.equal(r.status, 502, `${path}: refused`)
+    t.match(JSON.parse(r.body), { code: 'LK_UPSTREAM_PROTOCOL', reason: why }, `${path}: says what the upstream did`)
+    t.notMatch(r.raw, /X-Echo-Auth|WWW-Authenticate/i, `${path}: nothing of the upstream's answer is relayed`)
+    t.notOk(afterAnswer.slice(before).join('').includes('/admin'), `${path}: nothing after the handshake reached the upstream`)
+  }
+
+  for (const [name, request, why] of [
+    ['TRACE with Upgrade', handshake('/reflect', 'TRACE'), /a WebSocket handshake is a GET, not TRACE/],
+    ['POST with Upgrade', handshake('/reflect', 'POST', 'Content-Length: 4\r\n') + 'body', /GET, not POST/],
+    ['a chunked body', handshake('/reflect', 'GET', 'Transfer-Encoding: chunked\r\n') + '4\r\nbody\r\n0\r\n\r\n', /carries no body/],
+    ['Expect', handshake('/reflect', 'GET', 'Expect: 100-continue\r\n'), /Expect is not supported/],
+  ] as const) {
+    const r = await rawRequest(s.sidecar.port, request)
+    seen.push(r.raw)
+    t.equal(r.status, 400, `${name}: 400`)
+    t.match(JSON.parse(r.body).reason, why, `${name}: says why`)
+  }
+  const audit = await s.audit()
+  t.equal(audit.filter((e) => e.via === 'upgrade').length, 8, 'every handshake audited')
+  t.equal(audit.filter((e) => e.via === 'upgrade' && e.status === 502 && e.error === 'LK_UPSTREAM_PROTOCOL').length, 3)
+  assertNoCanary(t, s, ...seen)
+})

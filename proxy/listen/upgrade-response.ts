@@ -1,0 +1,107 @@
+// The upstream's answer to a WebSocket handshake, read and checked before a single byte of it
+// reaches the agent: only a `101` that switches to websocket opens the relay, and its head is
+// rebuilt from parsed, scrubbed headers (an upstream may reflect the injected credential).
+// Anything else is refused: relaying it raw would leave the connection as a keep-alive HTTP
+// channel to the audience that no later request on it would be decided, injected or audited for.
+import type { IncomingHttpHeaders } from 'node:http'
+import type { Socket } from 'node:net'
+import { LatchkeyError } from '../errors.js'
+
+/** Larger than any handshake answer; more than this without a blank line is not one. */
+const MAX_HEAD_BYTES = 64 * 1024
+const HEAD_END = Buffer.from('\r\n\r\n')
+const STATUS_LINE = /^HTTP\/1\.[01] (\d{3})(?: [^\r\n]*)?$/
+const TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/
+
+export interface UpgradeResponse {
+  /** Lower-cased names, for checks and scrubbing. */
+  headers: IncomingHttpHeaders
+  /** Each name as the upstream spelled it, to write it back the same way. */
+  spelling: Map<string, string>
+  /** Bytes after the head: the first WebSocket frames, to relay as they are. */
+  rest: Buffer
+}
+
+/**
+ * Reads the upstream's response head. `done` gets the parsed head of a `101` to websocket, or
+ * the refusal to send the agent (a non-101 status, a malformed or oversized head, an early close).
+ */
+export function readUpgradeResponse(upstream: Socket, done: (err: LatchkeyError | null, response: UpgradeResponse | null, status: number) => void): void {
+  let buffered: Buffer = Buffer.alloc(0)
+  const onData = (chunk: Buffer) => {
+    buffered = buffered.length ? Buffer.concat([buffered, chunk]) : chunk
+    const end = buffered.indexOf(HEAD_END)
+    if (end === -1) {
+      if (buffered.length > MAX_HEAD_BYTES) finish(protocolError('its handshake answer has no end of head within 64 KiB'), null, 502)
+      return
+    }
+    const parsed = parseHead(buffered.subarray(0, end).toString('latin1'))
+    if ('error' in parsed) return finish(parsed.error, null, parsed.status)
+    finish(null, { ...parsed, rest: buffered.subarray(end + HEAD_END.length) }, 101)
+  }
+  const onEnd = () => finish(protocolError('it closed the connection before answering the handshake'), null, 502)
+  function finish(err: LatchkeyError | null, response: UpgradeResponse | null, status: number): void {
+    upstream.removeListener('data', onData)
+    upstream.removeListener('end', onEnd)
+    upstream.pause()
+    done(err, response, status)
+  }
+  upstream.on('data', onData)
+  upstream.once('end', onEnd)
+}
+
+function parseHead(head: string): { headers: IncomingHttpHeaders; spelling: Map<string, string> } | { error: LatchkeyError; status: number } {
+  const lines = head.split('\r\n')
+  const m = STATUS_LINE.exec(lines[0] ?? '')
+  if (!m) return { error: protocolError('its handshake answer has no valid status line'), status: 502 }
+  const status = Number(m[1])
+  if (status !== 101) {
+    return { error: protocolError(`it answered ${status} instead of 101 Switching Protocols`), status }
+  }
+  const headers: IncomingHttpHeaders = {}
+  const spelling = new Map<string, string>()
+  for (let i = 1; i < lines.length; i++) {
+    const line = lines[i]!
+    const colon = line.indexOf(':')
+    const name = colon > 0 ? line.slice(0, colon) : ''
+    // No folded lines, no bare names, no control characters: a head this sidecar cannot read
+    // exactly is not relayed.
+    if (!TOKEN.test(name)) return { error: protocolError('its handshake answer has a malformed header line'), status }
+    const value = line.slice(colon + 1).trim()
+    if (hasControlCharacter(value)) return { error: protocolError('its handshake answer has a control character in a header'), status }
+    const key = name.toLowerCase()
+    const prev = headers[key]
+    if (!spelling.has(key)) spelling.set(key, name)
+    if (prev === undefined) headers[key] = value
+    else headers[key] = Array.isArray(prev) ? [...prev, value] : [prev as string, value]
+  }
+  if (String(headers.upgrade ?? '').toLowerCase() !== 'websocket') {
+    return { error: protocolError('it switched protocols without `Upgrade: websocket`'), status }
+  }
+  return { headers, spelling }
+}
+
+/** Any control character but horizontal tab (RFC 9110 field values). */
+function hasControlCharacter(value: string): boolean {
+  for (let i = 0; i < value.length; i++) {
+    const c = value.charCodeAt(i)
+    if ((c < 0x20 && c !== 0x09) || c === 0x7f) return true
+  }
+  return false
+}
+
+function protocolError(why: string): LatchkeyError {
+  return new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream did not accept the WebSocket: ${why}`)
+}
+
+/** The 101 head sent to the agent, from parsed (and scrubbed) headers. */
+export function serializeSwitchingProtocols({ headers, spelling }: UpgradeResponse): string {
+  let head = 'HTTP/1.1 101 Switching Protocols\r\n'
+  for (const name in headers) {
+    const v = headers[name]
+    if (v === undefined) continue
+    const spelt = spelling.get(name) ?? name
+    for (const x of Array.isArray(v) ? v : [v]) head += `${spelt}: ${x}\r\n`
+  }
+  return head + '\r\n'
+}

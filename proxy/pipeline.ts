@@ -153,8 +153,11 @@ export class Pipeline {
 
   /** `tunnel` is set for requests that arrived inside a plaintext CONNECT tunnel. */
   handleRequest(req: IncomingMessage, res: ServerResponse, expectContinue: boolean, tunnel: TunnelOrigin | null = null): void {
+    // Pipelined behind a response still being written: this request waits for its turn, so
+    // nothing queued behind a refusal that closes the connection is ever decided or sent.
+    if (res.socket === null) return this.awaitTurn(req, res, expectContinue, tunnel)
     const url = req.url ?? ''
-    const ctx = this.newContext(tunnel ? 'tunnelled' : url.startsWith('/') ? 'reverse' : 'absolute', req.method ?? 'GET')
+    const ctx = this.newContext(viaOf(url, tunnel), req.method ?? 'GET')
     try {
       checkFraming(req)
       if (url === '*') throw new LatchkeyError('LK_BAD_REQUEST', 'asterisk-form requests (OPTIONS *) are not proxied')
@@ -177,6 +180,34 @@ export class Pipeline {
     } catch (err) {
       this.refuse(ctx, res, err)
     }
+  }
+
+  /**
+   * node:http answers pipelined requests in order, giving each response the connection when the
+   * one before it is done. If that one closes the connection (a refusal does), this request's
+   * turn never comes: it is recorded as not sent, and nothing of it leaves the sidecar.
+   */
+  private awaitTurn(req: IncomingMessage, res: ServerResponse, expectContinue: boolean, tunnel: TunnelOrigin | null): void {
+    const socket = req.socket
+    const onTurn = () => {
+      socket.removeListener('close', onClosed)
+      this.handleRequest(req, res, expectContinue, tunnel)
+    }
+    const onClosed = () => {
+      res.removeListener('socket', onTurn)
+      const url = req.url ?? ''
+      const ctx = this.newContext(viaOf(url, tunnel), req.method ?? 'GET')
+      this.recordRefusal(ctx, new LatchkeyError('LK_BAD_REQUEST', 'pipelined behind a response that closed the connection; not sent'))
+      this.finish(ctx)
+    }
+    res.once('socket', onTurn)
+    socket.once('close', onClosed)
+  }
+
+  /** Refuses a request whose `Expect` names something other than 100-continue (node:http would answer 417 itself, unaudited). */
+  handleUnmetExpectation(req: IncomingMessage, res: ServerResponse, tunnel: TunnelOrigin | null = null): void {
+    const ctx = this.newContext(viaOf(req.url ?? '', tunnel), req.method ?? 'GET')
+    this.refuse(ctx, res, new LatchkeyError('LK_EXPECTATION_FAILED', 'only "Expect: 100-continue" is supported'))
   }
 
   private dispatch(ctx: CallContext, req: IncomingMessage, res: ServerResponse, expectContinue: boolean): void {
@@ -232,7 +263,8 @@ export class Pipeline {
       // bytes cannot be trusted as the next request: close it.
       if (e.status === 400 || !res.req.readableEnded) {
         headers.connection = 'close'
-        this.closingSockets.add(res.socket!)
+        // The request's socket: a pipelined response has none of its own until the one before it ends.
+        this.closingSockets.add(res.req.socket)
       }
       res.writeHead(status, headers)
       res.end(body)
@@ -308,6 +340,10 @@ export class Pipeline {
     s.log.info(event, 'call')
     s.metrics.countCall(ctx.via, event.decision ?? 'none', ctx.errorCode ?? 'ok', event.duration_ms / 1000)
   }
+}
+
+function viaOf(url: string, tunnel: TunnelOrigin | null): Via {
+  return tunnel ? 'tunnelled' : url.startsWith('/') ? 'reverse' : 'absolute'
 }
 
 function round(ms: number): number {

@@ -31,6 +31,7 @@ export function checkFraming(req: IncomingMessage): void {
     }
   }
   if (hosts > 1) throw new LatchkeyError('LK_BAD_REQUEST', 'duplicate Host header')
+  if (hosts === 0 && req.httpVersionMinor === 1) throw new LatchkeyError('LK_BAD_REQUEST', 'HTTP/1.1 request without a Host header')
   if (contentLengths > 1) throw new LatchkeyError('LK_BAD_REQUEST', 'duplicate Content-Length header')
   if (teCount > 0) {
     if (req.httpVersionMinor === 0) throw new LatchkeyError('LK_BAD_REQUEST', 'Transfer-Encoding is not allowed on HTTP/1.0')

@@ -4,9 +4,11 @@
 import { createServer, type Server, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Pipeline, TunnelOrigin } from '../pipeline.js'
-import { LatchkeyError, renderErrorRaw } from '../errors.js'
+import { LatchkeyError } from '../errors.js'
 import { handleConnect } from './tunnel.js'
 import { handleUpgrade } from './upgrade.js'
+import { parseTunnelledTarget } from './target.js'
+import { abortChunkedForward } from '../forward/forward.js'
 
 export interface ListenerOptions {
   allowRemoteClients: boolean
@@ -23,7 +25,8 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   const serverOptions = {
     // Explicit, so a process-wide --insecure-http-parser cannot loosen the sidecar's parser.
     insecureHTTPParser: false,
-    requireHostHeader: true,
+    // Checked by checkFraming instead, so a missing Host gets the coded, audited 400.
+    requireHostHeader: false,
     headersTimeout: opts.clientHeadersTimeoutMs,
     requestTimeout: 0,
     keepAliveTimeout: 5_000,
@@ -35,16 +38,32 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   })
   server.on('request', (req, res) => pipeline.handleRequest(req, res, false))
   server.on('checkContinue', (req, res) => pipeline.handleRequest(req, res, true))
+  server.on('checkExpectation', (req, res) => pipeline.handleUnmetExpectation(req, res))
   // Plain HTTP found inside a CONNECT tunnel is parsed by a second, never-listening server with
   // the same strict options; each socket remembers the origin its tunnel was opened for.
   const tunnels = new WeakMap<Socket, TunnelOrigin>()
   const inner = createServer(serverOptions)
   inner.on('request', (req, res) => pipeline.handleRequest(req, res, false, tunnels.get(req.socket) ?? null))
   inner.on('checkContinue', (req, res) => pipeline.handleRequest(req, res, true, tunnels.get(req.socket) ?? null))
-  inner.on('upgrade', (_req, socket: Socket) => {
-    socket.end(renderErrorRaw(new LatchkeyError('LK_BAD_REQUEST', 'upgrades inside a CONNECT tunnel are not supported; send them in absolute-form')))
+  inner.on('checkExpectation', (req, res) => pipeline.handleUnmetExpectation(req, res, tunnels.get(req.socket) ?? null))
+  inner.on('connect', (req, socket: Socket) => {
+    const ctx = pipeline.newContext('tunnelled', 'CONNECT')
+    pipeline.refuseSocket(ctx, socket, new LatchkeyError('LK_BAD_REQUEST', 'CONNECT inside a CONNECT tunnel is not supported'))
   })
-  inner.on('clientError', onClientError)
+  inner.on('upgrade', (req, socket: Socket) => {
+    // Refused like every other call: coded, and audited against the tunnel's origin.
+    const ctx = pipeline.newContext('tunnelled', req.method ?? 'GET')
+    const origin = tunnels.get(socket)
+    if (origin) {
+      try {
+        ctx.target = parseTunnelledTarget(req.url ?? '', origin.target)
+      } catch {
+        ctx.target = origin.target
+      }
+    }
+    pipeline.refuseSocket(ctx, socket, new LatchkeyError('LK_BAD_REQUEST', 'upgrades inside a CONNECT tunnel are not supported; send them in absolute-form'))
+  })
+  inner.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => onClientError(err, socket, 'tunnelled'))
   const tunnelOptions = {
     connectTimeoutMs: opts.connectTimeoutMs,
     open: openStreams,
@@ -56,10 +75,10 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   }
   server.on('connect', (req, socket: Socket, head: Buffer) => handleConnect(pipeline, req, socket, head, tunnelOptions))
   server.on('upgrade', (req, socket: Socket, head: Buffer) => handleUpgrade(pipeline, req, socket, head, opts.connectTimeoutMs, openStreams))
-  server.on('clientError', onClientError)
+  server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => onClientError(err, socket, 'absolute'))
   return { server, openStreams }
 
-  function onClientError(err: NodeJS.ErrnoException, socket: Socket): void {
+  function onClientError(err: NodeJS.ErrnoException, socket: Socket, via: 'absolute' | 'tunnelled'): void {
     if (err.code === 'ECONNRESET' || !socket.writable) {
       socket.destroy()
       return
@@ -68,13 +87,18 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     // `Transfer-Encoding: identity`). That request's refusal is written or under way, and
     // audited: just make sure the connection dies with it. (`_httpMessage`: node:http's in-flight response.)
     const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
+    if (inFlight && !inFlight.headersSent && !pipeline.closingSockets.has(socket)) {
+      // A malformed chunked body, found after its head went to the pipeline: the forward is
+      // aborted and the call refused with this 400 (and the connection closed) instead of hanging.
+      abortChunkedForward(inFlight.req, new LatchkeyError('LK_BAD_REQUEST', `malformed request body (${err.code ?? 'parse error'})`))
+    }
     if (pipeline.closingSockets.has(socket) || inFlight) {
       if (!inFlight || inFlight.writableFinished) socket.destroySoon()
       else inFlight.once('finish', () => socket.destroy())
       setTimeout(() => socket.destroy(), 1_000).unref()
       return
     }
-    const ctx = pipeline.newContext('absolute', 'UNKNOWN')
+    const ctx = pipeline.newContext(via, 'UNKNOWN')
     const e =
       err.code === 'HPE_HEADER_OVERFLOW'
         ? new LatchkeyError('LK_BAD_REQUEST', 'request headers too large')

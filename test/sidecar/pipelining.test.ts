@@ -1,0 +1,163 @@
+// Several requests in one write, and calls Node's parser would otherwise answer by itself: each is
+// decided in turn, nothing queued behind a refusal that closes the connection is ever sent, the
+// sidecar survives all of it, and every call is audited.
+import t, { type Test } from 'tap'
+import { connect } from 'node:net'
+import { once } from 'node:events'
+import { startUpstream, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
+
+async function setup(t: Test) {
+  const upstream = await startUpstream({
+    handler: (req, res) => {
+      if (!req.url.startsWith('/slow')) return false
+      setTimeout(() => res.writeHead(200, { 'content-type': 'text/plain' }).end('late'), 150)
+      return true
+    },
+  })
+  const s = await startTestSidecar({
+    ...loopbackPolicy([upstream.port]),
+    credentials: [{ id: 'up', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  return { upstream, s, host: `127.0.0.1:${upstream.port}` }
+}
+
+/** Status codes of every response in a raw byte stream, in order. */
+function statuses(raw: string): number[] {
+  return [...raw.matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((m) => Number(m[1]))
+}
+
+t.test('pipelined behind a refusal: not sent, not decided, audited as not sent', async (t) => {
+  const { upstream, s, host } = await setup(t)
+  const cases: [string, string][] = [
+    ['a policy refusal', `GET http://127.0.0.1:1/denied HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n`],
+    ['a framing refusal', `GET http://${host}/dup HTTP/1.1\r\nHost: ${host}\r\nHost: other\r\n\r\n`],
+    ['TRACE', `TRACE http://${host}/ HTTP/1.1\r\nHost: ${host}\r\n\r\n`],
+  ]
+  for (const [name, refused] of cases) {
+    const before = upstream.requests.length
+    const auditBefore = (await s.audit()).length
+    // An allowed slow call first, so the refusal and what follows it are queued behind it.
+    const raw = await rawRequest(
+      s.sidecar.port,
+      `GET http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\n\r\n` + refused + `DELETE http://${host}/item/7 HTTP/1.1\r\nHost: ${host}\r\n\r\n`,
+    )
+    t.same(statuses(raw.raw), [200, name === 'a policy refusal' ? 403 : 400], `${name}: the first is answered, then the refusal, then the connection closes`)
+    t.same(
+      upstream.requests.slice(before).map((r) => r.url),
+      ['/slow'],
+      `${name}: the DELETE queued behind the refusal never reached the upstream`,
+    )
+    const events = (await s.audit()).slice(auditBefore)
+    t.equal(events.length, 3, `${name}: three calls, three events`)
+    const deleted = events.find((e) => e.method === 'DELETE')
+    t.match(deleted, { status: 400, error: 'LK_BAD_REQUEST', reason: /pipelined behind a response that closed the connection/ }, `${name}: the DELETE is recorded as not sent`)
+    assertNoCanary(t, s, raw.raw)
+  }
+  const after = await rawRequest(s.sidecar.port, `GET http://${host}/ HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`)
+  t.equal(after.status, 200, 'the sidecar is still serving')
+})
+
+t.test('allowed pipelined requests are each decided and injected, answered in order', async (t) => {
+  const { upstream, s, host } = await setup(t)
+  const raw = await rawRequest(
+    s.sidecar.port,
+    `GET http://${host}/slow/1 HTTP/1.1\r\nHost: ${host}\r\n\r\n` +
+      `POST http://${host}/2 HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 3\r\n\r\nabc` +
+      `GET http://${host}/3 HTTP/1.1\r\nHost: ${host}\r\nAuthorization: Bearer agent-own\r\nConnection: close\r\n\r\n`,
+  )
+  t.same(statuses(raw.raw), [200, 200, 200])
+  t.match(raw.raw, /late[\s\S]*ok[\s\S]*ok/, 'responses in request order')
+  t.same(upstream.requests.map((r) => [r.method, r.url, r.body, r.headers.authorization]), [
+    ['GET', '/slow/1', '', `Bearer ${CANARY}`],
+    ['POST', '/2', 'abc', `Bearer ${CANARY}`],
+    ['GET', '/3', '', `Bearer ${CANARY}`],
+  ])
+})
+
+t.test('inside a plaintext CONNECT tunnel too', async (t) => {
+  const { upstream, s, host } = await setup(t)
+  const sock = connect(s.sidecar.port, '127.0.0.1')
+  await once(sock, 'connect')
+  sock.write(`CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  await once(sock, 'data')
+  let raw = ''
+  sock.on('data', (d: Buffer) => (raw += d.toString('latin1')))
+  sock.write(`GET /slow HTTP/1.1\r\nHost: ${host}\r\n\r\nGET http://127.0.0.1:1/x HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\nDELETE /item HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  await once(sock, 'close')
+  t.same(statuses(raw), [200, 400], 'the tunnel answers the first, refuses the other origin, and closes')
+  t.same(upstream.requests.map((r) => r.url), ['/slow'])
+  const events = await s.audit()
+  t.match(events.find((e) => e.method === 'DELETE'), { via: 'tunnelled', status: 400, reason: /pipelined behind/ })
+})
+
+t.test('what node:http would answer by itself is refused by the sidecar, coded and audited', async (t) => {
+  const { upstream, s, host } = await setup(t)
+  const table: [string, string, number, string, RegExp][] = [
+    ['HTTP/1.1 without Host', `GET http://${host}/ HTTP/1.1\r\n\r\n`, 400, 'LK_BAD_REQUEST', /without a Host/],
+    ['an unknown expectation', `GET http://${host}/ HTTP/1.1\r\nHost: ${host}\r\nExpect: something-else\r\n\r\n`, 417, 'LK_EXPECTATION_FAILED', /100-continue/],
+    ['origin-form without Host', `GET /route/x HTTP/1.1\r\n\r\n`, 400, 'LK_BAD_REQUEST', /without a Host/],
+  ]
+  for (const [name, request, status, code, reason] of table) {
+    const auditBefore = (await s.audit()).length
+    const r = await rawRequest(s.sidecar.port, request)
+    t.equal(r.status, status, name)
+    t.equal(r.headers['x-latchkey-error'], code, `${name}: coded`)
+    t.match(JSON.parse(r.body).reason, reason, `${name}: says why`)
+    t.match((await s.audit()).slice(auditBefore), [{ status, error: code }], `${name}: audited`)
+  }
+  const http10 = await rawRequest(s.sidecar.port, `GET http://${host}/ HTTP/1.0\r\n\r\n`)
+  t.equal(http10.status, 200, 'HTTP/1.0 needs no Host')
+  t.equal(upstream.requests.length, 1)
+})
+
+t.test('refusals inside a plaintext tunnel are audited as tunnelled', async (t) => {
+  const { upstream, s, host } = await setup(t)
+  const inside = async (request: string) => {
+    const sock = connect(s.sidecar.port, '127.0.0.1')
+    await once(sock, 'connect')
+    sock.write(`CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+    await once(sock, 'data')
+    let raw = ''
+    sock.on('data', (d: Buffer) => (raw += d.toString('latin1')))
+    sock.write(request)
+    await once(sock, 'close')
+    return raw
+  }
+  const table: [string, string, number, RegExp][] = [
+    ['an upgrade', `GET /ws HTTP/1.1\r\nHost: ${host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n`, 400, /upgrades inside a CONNECT tunnel/],
+    ['a nested CONNECT', `CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n`, 400, /CONNECT inside a CONNECT tunnel/],
+    ['a malformed request', `GET /x HTTP/1.1\r\nHost: ${host}\r\nBad Header: x\r\n\r\n`, 400, /malformed/],
+    ['an unknown expectation', `GET /x HTTP/1.1\r\nHost: ${host}\r\nExpect: nope\r\n\r\n`, 417, /100-continue/],
+  ]
+  for (const [name, request, status, reason] of table) {
+    const auditBefore = (await s.audit()).length
+    const raw = await inside(request)
+    t.equal(statuses(raw)[0], status, name)
+    const events = (await s.audit()).slice(auditBefore)
+    t.equal(events.length, 1, `${name}: one event`)
+    t.match(events[0], { via: 'tunnelled', status, reason }, `${name}: audited as tunnelled, with the reason`)
+  }
+  t.equal(upstream.requests.length, 0)
+})
+
+t.test('a malformed chunked body after an admitted head: a coded 400, audited, never a hang', async (t) => {
+  const { s, host } = await setup(t)
+  for (const [name, body] of [
+    ['negative chunk size', '-5\r\nhello\r\n0\r\n\r\n'],
+    ['hex prefix', '0x5\r\nhello\r\n0\r\n\r\n'],
+    ['bare LF', '5\nhello\n0\n\n'],
+    ['chunk longer than its size', '3\r\nhello\r\n0\r\n\r\n'],
+  ] as const) {
+    const auditBefore = (await s.audit()).length
+    const started = Date.now()
+    const r = await rawRequest(s.sidecar.port, `POST http://${host}/x HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: chunked\r\n\r\n${body}`)
+    t.equal(r.status, 400, `${name}: 400`)
+    t.match(JSON.parse(r.body), { code: 'LK_BAD_REQUEST', reason: /malformed request body \(HPE_/ }, `${name}: says the body was malformed`)
+    t.ok(Date.now() - started < 1000, `${name}: answered at once, not after the fallback close`)
+    t.match((await s.audit()).slice(auditBefore), [{ status: 400, error: 'LK_BAD_REQUEST' }], `${name}: audited as the agent's error, not the upstream's`)
+  }
+})

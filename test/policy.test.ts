@@ -72,6 +72,9 @@ t.test('a deny on a path is not dodged by any spelling of that path', async (t) 
     '/api%2F..%2Fadmin/x',
     '/api%5C..%5Cadmin',
     '/admin/',
+    '/api/..%252fadmin/y',
+    '/%2561dmin/x',
+    '/api%252F..%252Fadmin',
   ]) {
     t.equal(decide(p, 'GET', `https://x.com${spelling}`).rule, 'no-admin', spelling)
   }

@@ -39,6 +39,8 @@ export function upstreamError(err: unknown): LatchkeyError {
     case 'HPE_INVALID_HEADER_TOKEN':
     case 'UND_ERR_INFO':
       return new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream sent an invalid HTTP response')
+    case 'UND_ERR_HEADERS_OVERFLOW':
+      return new LatchkeyError('LK_UPSTREAM_PROTOCOL', "the upstream's response headers were too large")
     case 'UND_ERR_REQ_CONTENT_LENGTH_MISMATCH':
       return new LatchkeyError('LK_BAD_REQUEST', 'the request body did not match its Content-Length')
     default:

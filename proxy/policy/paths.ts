@@ -18,6 +18,13 @@ function decodeUnreserved(path: string): string {
 
 /** The distinct readings of a (URL-normalised) path. The first is the canonical one. */
 export function pathReadings(path: string): string[] {
+  const readings = readingsOf(path)
+  // Encoded twice (`%252F`): a server or framework that decodes once more reads `%2F`.
+  if (path.includes('%25')) for (const p of readingsOf(path.replace(/%25(?=[0-9A-Fa-f]{2})/g, '%'))) if (!readings.includes(p)) readings.push(p)
+  return readings
+}
+
+function readingsOf(path: string): string[] {
   const canonical = decodeUnreserved(path)
   const readings = [canonical]
   const add = (p: string) => {

@@ -61,3 +61,26 @@ t.test('timeouts, resets and untrusted certificates', async (t) => {
   t.notMatch(JSON.stringify(audit), /token=abc/, 'the query string is not audited')
   assertNoCanary(t, s, timeout.raw, reset.raw, tls.raw)
 })
+
+t.test('a broken response head is the upstream protocol failing, not the upstream being unreachable', async (t) => {
+  // A raw upstream whose head outgrows any sane limit.
+  const raw = (answer: string): Promise<Server> =>
+    new Promise((resolve) => {
+      const server = createServer((s) => {
+        s.on('error', () => {}) // the sidecar hangs up on a head it will not read
+        s.once('data', () => s.end(answer))
+      })
+      server.listen(0, '127.0.0.1', () => resolve(server))
+    })
+  const huge = await raw(`HTTP/1.1 200 OK\r\nX-Big: ${'a'.repeat(70_000)}\r\nContent-Length: 2\r\n\r\nok`)
+  const ports = [(huge.address() as AddressInfo).port]
+  const s = await startTestSidecar({ policy: { default: 'allow' }, network: { allow: [{ cidr: '127.0.0.1/32', ports }] } })
+  t.teardown(async () => {
+    await s.close()
+    huge.close()
+  })
+  const r = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${ports[0]}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`, 400)
+  t.equal(r.status, 502)
+  t.match(JSON.parse(r.body), { code: 'LK_UPSTREAM_PROTOCOL', reason: /response headers were too large/, retryable: false })
+  t.match((await s.audit()).at(-1), { status: 502, error: 'LK_UPSTREAM_PROTOCOL' }, 'audited with its cause')
+})

@@ -65,6 +65,8 @@ export class Pipeline {
   readonly closingSockets = new WeakSet<Socket>()
   /** Calls admitted and not yet finished, with the client socket each one holds: what a revocation cuts. */
   readonly live = new LiveCalls()
+  /** Pipelined requests waiting for the response before them, per connection (see awaitTurn). */
+  private readonly waitingTurn = new WeakMap<Socket, (() => void)[]>()
 
   constructor(readonly stages: Stages) {}
 
@@ -189,19 +191,27 @@ export class Pipeline {
    */
   private awaitTurn(req: IncomingMessage, res: ServerResponse, expectContinue: boolean, tunnel: TunnelOrigin | null): void {
     const socket = req.socket
-    const onTurn = () => {
-      socket.removeListener('close', onClosed)
-      this.handleRequest(req, res, expectContinue, tunnel)
+    // One close listener per connection, however many requests are queued on it.
+    let queue = this.waitingTurn.get(socket)
+    if (!queue) {
+      const q: (() => void)[] = (queue = [])
+      this.waitingTurn.set(socket, q)
+      socket.once('close', () => {
+        this.waitingTurn.delete(socket)
+        for (const neverSent of q.splice(0)) neverSent()
+      })
     }
-    const onClosed = () => {
-      res.removeListener('socket', onTurn)
-      const url = req.url ?? ''
-      const ctx = this.newContext(viaOf(url, tunnel), req.method ?? 'GET')
+    const neverSent = () => {
+      const ctx = this.newContext(viaOf(req.url ?? '', tunnel), req.method ?? 'GET')
       this.recordRefusal(ctx, new LatchkeyError('LK_BAD_REQUEST', 'pipelined behind a response that closed the connection; not sent'))
       this.finish(ctx)
     }
-    res.once('socket', onTurn)
-    socket.once('close', onClosed)
+    queue.push(neverSent)
+    res.once('socket', () => {
+      const i = queue.indexOf(neverSent)
+      if (i !== -1) queue.splice(i, 1)
+      this.handleRequest(req, res, expectContinue, tunnel)
+    })
   }
 
   /** Refuses a request whose `Expect` names something other than 100-continue (node:http would answer 417 itself, unaudited). */

@@ -78,6 +78,21 @@ t.test('allowed pipelined requests are each decided and injected, answered in or
   ])
 })
 
+t.test('a deep pipeline is answered in full and in order, without piling listeners on the socket', async (t) => {
+  const { upstream, s, host } = await setup(t)
+  const warnings: string[] = []
+  const onWarning = (w: Error) => warnings.push(w.name)
+  process.on('warning', onWarning)
+  t.teardown(() => void process.off('warning', onWarning))
+  const n = 40
+  let burst = `GET http://${host}/slow/0 HTTP/1.1\r\nHost: ${host}\r\n\r\n`
+  for (let i = 1; i < n; i++) burst += `GET http://${host}/${i} HTTP/1.1\r\nHost: ${host}\r\n${i === n - 1 ? 'Connection: close\r\n' : ''}\r\n`
+  const raw = await rawRequest(s.sidecar.port, burst)
+  t.equal(statuses(raw.raw).length, n, 'every request answered')
+  t.same(upstream.requests.map((r) => r.url), ['/slow/0', ...Array.from({ length: n - 1 }, (_, i) => `/${i + 1}`)], 'sent one after another, in order')
+  t.same(warnings, [], 'no MaxListenersExceededWarning')
+})
+
 t.test('inside a plaintext CONNECT tunnel too', async (t) => {
   const { upstream, s, host } = await setup(t)
   const sock = connect(s.sidecar.port, '127.0.0.1')

@@ -67,6 +67,8 @@ export class Pipeline {
   readonly live = new LiveCalls()
   /** Pipelined requests waiting for the response before them, per connection (see awaitTurn). */
   private readonly waitingTurn = new WeakMap<Socket, (() => void)[]>()
+  /** Set when shutdown begins: new calls are refused (503) and connections are not kept alive. */
+  draining = false
 
   constructor(readonly stages: Stages) {}
 
@@ -157,10 +159,12 @@ export class Pipeline {
   handleRequest(req: IncomingMessage, res: ServerResponse, expectContinue: boolean, tunnel: TunnelOrigin | null = null): void {
     // Pipelined behind a response still being written: this request waits for its turn, so
     // nothing queued behind a refusal that closes the connection is ever decided or sent.
-    if (res.socket === null) return this.awaitTurn(req, res, expectContinue, tunnel)
+    if (res.socket === null) return this.awaitTurn(req, res, tunnel, () => this.handleRequest(req, res, expectContinue, tunnel))
+    if (this.closingSockets.has(req.socket)) return this.neverSent(req, tunnel)
     const url = req.url ?? ''
     const ctx = this.newContext(viaOf(url, tunnel), req.method ?? 'GET')
     try {
+      if (this.draining) throw new LatchkeyError('LK_DRAINING', 'the sidecar is shutting down; retry on a new connection')
       checkFraming(req)
       if (url === '*') throw new LatchkeyError('LK_BAD_REQUEST', 'asterisk-form requests (OPTIONS *) are not proxied')
       // TRACE (and IIS's TRACK) make the server echo the request back, injected credential and all.
@@ -189,7 +193,7 @@ export class Pipeline {
    * one before it is done. If that one closes the connection (a refusal does), this request's
    * turn never comes: it is recorded as not sent, and nothing of it leaves the sidecar.
    */
-  private awaitTurn(req: IncomingMessage, res: ServerResponse, expectContinue: boolean, tunnel: TunnelOrigin | null): void {
+  private awaitTurn(req: IncomingMessage, res: ServerResponse, tunnel: TunnelOrigin | null, run: () => void): void {
     const socket = req.socket
     // One close listener per connection, however many requests are queued on it.
     let queue = this.waitingTurn.get(socket)
@@ -201,21 +205,46 @@ export class Pipeline {
         for (const neverSent of q.splice(0)) neverSent()
       })
     }
-    const neverSent = () => {
-      const ctx = this.newContext(viaOf(req.url ?? '', tunnel), req.method ?? 'GET')
-      this.recordRefusal(ctx, new LatchkeyError('LK_BAD_REQUEST', 'pipelined behind a response that closed the connection; not sent'))
-      this.finish(ctx)
-    }
+    const neverSent = () => this.neverSent(req, tunnel)
     queue.push(neverSent)
     res.once('socket', () => {
       const i = queue.indexOf(neverSent)
       if (i !== -1) queue.splice(i, 1)
-      this.handleRequest(req, res, expectContinue, tunnel)
+      run()
     })
+  }
+
+  /** Records a request that arrived on a connection already being closed: decided by nobody, sent nowhere. */
+  neverSent(req: IncomingMessage, tunnel: TunnelOrigin | null, via: Via = viaOf(req.url ?? '', tunnel)): void {
+    const ctx = this.newContext(via, req.method ?? 'GET')
+    this.recordRefusal(ctx, new LatchkeyError('LK_BAD_REQUEST', 'not sent: it was pipelined behind a request that closed the connection'))
+    this.finish(ctx)
+  }
+
+  /**
+   * Whether a CONNECT or upgrade arrived pipelined behind another request (node:http hands them
+   * over at once, ahead of the responses still owed on the connection). Such a request is not
+   * taken: it is recorded as not sent, and the connection ends once those responses are written.
+   */
+  refusePipelinedTakeover(req: IncomingMessage, socket: Socket, via: Via): boolean {
+    const owed = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
+    const behind = owed && !owed.writableFinished
+    if (!behind && !this.closingSockets.has(socket)) return false
+    this.closingSockets.add(socket)
+    this.neverSent(req, null, via)
+    if (behind) {
+      owed.once('finish', () => socket.destroySoon())
+      owed.once('close', () => socket.destroy())
+    } else {
+      socket.destroySoon()
+    }
+    return true
   }
 
   /** Refuses a request whose `Expect` names something other than 100-continue (node:http would answer 417 itself, unaudited). */
   handleUnmetExpectation(req: IncomingMessage, res: ServerResponse, tunnel: TunnelOrigin | null = null): void {
+    if (res.socket === null) return this.awaitTurn(req, res, tunnel, () => this.handleUnmetExpectation(req, res, tunnel))
+    if (this.closingSockets.has(req.socket)) return this.neverSent(req, tunnel)
     const ctx = this.newContext(viaOf(req.url ?? '', tunnel), req.method ?? 'GET')
     this.refuse(ctx, res, new LatchkeyError('LK_EXPECTATION_FAILED', 'only "Expect: 100-continue" is supported'))
   }
@@ -231,6 +260,8 @@ export class Pipeline {
     }
     // Policy has spoken; only now may the agent send its body.
     if (expectContinue) res.writeContinue()
+    // Shutdown began while this call was being admitted: it is answered, then the connection ends.
+    if (this.draining) res.shouldKeepAlive = false
     const pool = this.stages.pools.get(target, ctx.resolved!)
     forward(
       pool,
@@ -271,7 +302,7 @@ export class Pipeline {
       const { status, headers, body } = renderError(e)
       // After a framing error, or with a request body left unread, the connection's remaining
       // bytes cannot be trusted as the next request: close it.
-      if (e.status === 400 || !res.req.readableEnded) {
+      if (e.status === 400 || !res.req.readableEnded || this.draining) {
         headers.connection = 'close'
         // The request's socket: a pipelined response has none of its own until the one before it ends.
         this.closingSockets.add(res.req.socket)

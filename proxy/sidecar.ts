@@ -335,6 +335,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const close = () =>
     (closing ??= (async () => {
       draining = true
+      pipeline.draining = true
       log.info({ drainMs: sc.timeouts.drain_ms }, 'draining')
       control?.close()
       policyWatcher?.close()

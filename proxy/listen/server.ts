@@ -47,10 +47,12 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   inner.on('checkContinue', (req, res) => pipeline.handleRequest(req, res, true, tunnels.get(req.socket) ?? null))
   inner.on('checkExpectation', (req, res) => pipeline.handleUnmetExpectation(req, res, tunnels.get(req.socket) ?? null))
   inner.on('connect', (req, socket: Socket) => {
+    if (pipeline.refusePipelinedTakeover(req, socket, 'tunnelled')) return
     const ctx = pipeline.newContext('tunnelled', 'CONNECT')
     pipeline.refuseSocket(ctx, socket, new LatchkeyError('LK_BAD_REQUEST', 'CONNECT inside a CONNECT tunnel is not supported'))
   })
   inner.on('upgrade', (req, socket: Socket) => {
+    if (pipeline.refusePipelinedTakeover(req, socket, 'tunnelled')) return
     // Refused like every other call: coded, and audited against the tunnel's origin.
     const ctx = pipeline.newContext('tunnelled', req.method ?? 'GET')
     const origin = tunnels.get(socket)
@@ -92,6 +94,8 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
       // aborted and the call refused with this 400 (and the connection closed) instead of hanging.
       abortChunkedForward(inFlight.req, new LatchkeyError('LK_BAD_REQUEST', `malformed request body (${err.code ?? 'parse error'})`))
     }
+    // Whatever is still queued on this connection behind the malformed bytes is never sent.
+    if (inFlight) pipeline.closingSockets.add(socket)
     if (pipeline.closingSockets.has(socket) || inFlight) {
       if (!inFlight || inFlight.writableFinished) socket.destroySoon()
       else inFlight.once('finish', () => socket.destroy())

@@ -22,6 +22,7 @@ export interface TunnelOptions {
 }
 
 export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: Socket, head: Buffer, opts: TunnelOptions): void {
+  if (pipeline.refusePipelinedTakeover(req, client, 'connect')) return
   const ctx = pipeline.newContext('connect', 'CONNECT')
   let finished = false
   const finish = () => {

@@ -18,6 +18,7 @@ import { scrubResponseHeaders } from '../forward/scrub.js'
 const KEEP_FOR_WEBSOCKET = ['upgrade', 'connection'] as const
 
 export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: Socket, head: Buffer, connectTimeoutMs: number, open: Set<Socket>): void {
+  if (pipeline.refusePipelinedTakeover(req, client, 'upgrade')) return
   const url = req.url ?? ''
   const ctx = pipeline.newContext('upgrade', req.method ?? 'GET')
   const refuse = (err: unknown) => pipeline.refuseSocket(ctx, client, err)

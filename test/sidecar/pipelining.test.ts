@@ -54,7 +54,7 @@ t.test('pipelined behind a refusal: not sent, not decided, audited as not sent',
     const events = (await s.audit()).slice(auditBefore)
     t.equal(events.length, 3, `${name}: three calls, three events`)
     const deleted = events.find((e) => e.method === 'DELETE')
-    t.match(deleted, { status: 400, error: 'LK_BAD_REQUEST', reason: /pipelined behind a response that closed the connection/ }, `${name}: the DELETE is recorded as not sent`)
+    t.match(deleted, { status: 400, error: 'LK_BAD_REQUEST', reason: /pipelined behind a request that closed the connection/ }, `${name}: the DELETE is recorded as not sent`)
     assertNoCanary(t, s, raw.raw)
   }
   const after = await rawRequest(s.sidecar.port, `GET http://${host}/ HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`)

@@ -75,6 +75,15 @@ t.test('a deny on a path is not dodged by any spelling of that path', async (t) 
     '/api/..%252fadmin/y',
     '/%2561dmin/x',
     '/api%252F..%252Fadmin',
+    '/;/admin/x',
+    '/;x/admin/x',
+    '/;/;/ADMIN/x',
+    '/%3b/admin/x',
+    '/x/..%3b/admin/x',
+    '/admin./x',
+    '/admin%2e/x',
+    '/admin%20/x',
+    '/admin.%20./x',
   ]) {
     t.equal(decide(p, 'GET', `https://x.com${spelling}`).rule, 'no-admin', spelling)
   }

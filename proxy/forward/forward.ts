@@ -4,12 +4,15 @@
 import type { IncomingMessage, ServerResponse, IncomingHttpHeaders } from 'node:http'
 import type { Dispatcher, Pool } from 'undici'
 import type { CallContext } from '../context.js'
-import type { LatchkeyError } from '../errors.js'
+import { LatchkeyError } from '../errors.js'
 import { inboundResponseHeaders, type OutboundHeaders } from './headers.js'
 import { upstreamError } from './upstream-errors.js'
 import { safeReasonPhrase, scrubResponseHeaders } from './scrub.js'
 
 export type ForwardDone = (err: LatchkeyError | null) => void
+
+/** Reason phrases relayed as the upstream wrote them only when plain printable ASCII; else the standard one. */
+const PRINTABLE = /^[\t\x20-\x7e]*$/
 
 class ResponseRelay implements Dispatcher.DispatchHandler {
   private controller: Dispatcher.DispatchController | null = null
@@ -55,8 +58,15 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     // response leaves in one write instead of three. Later chunks of a stream flow uncorked.
     this.res.cork()
     process.nextTick(uncork, this.res)
-    if (statusMessage) this.res.writeHead(statusCode, statusMessage, clean as Record<string, string | string[]>)
-    else this.res.writeHead(statusCode, clean as Record<string, string | string[]>)
+    try {
+      if (statusMessage && PRINTABLE.test(statusMessage)) this.res.writeHead(statusCode, statusMessage, clean as Record<string, string | string[]>)
+      else this.res.writeHead(statusCode, clean as Record<string, string | string[]>)
+    } catch {
+      // A head node:http will not write (a character it refuses in a value): a coded 502,
+      // never an exception inside undici's parser that would leave the call hanging unaudited.
+      this.ctx.status = 0
+      this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream sent a response head that cannot be relayed'))
+    }
   }
 
   /**

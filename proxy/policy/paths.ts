@@ -30,15 +30,23 @@ function readingsOf(path: string): string[] {
   const add = (p: string) => {
     if (!readings.includes(p)) readings.push(p)
   }
-  // Encoded separators decoded, as some servers and frameworks do before routing.
-  const separators = canonical.replace(/%2F|%5C/g, '/').replace(/\\/g, '/')
-  add(separators)
-  // Doubled slashes collapsed, as most servers do.
-  for (const p of [...readings]) add(p.replace(/\/{2,}/g, '/'))
-  // Path parameters (`/admin;jsessionid=x`) dropped, as servlet containers do.
-  for (const p of [...readings]) if (p.includes(';')) add(p.replace(/;[^/]*/g, ''))
-  // Dot segments that only appear once separators are decoded (`/a%2F..%2Fadmin`), resolved.
-  for (const p of [...readings]) if (/(^|\/)\.\.?(\/|$)/.test(p)) add(new URL(p, 'http://x').pathname)
+  // Encoded separators decoded, as some servers and frameworks do before routing: %2F and %5C
+  // as `/`, %3B as the `;` that starts path parameters.
+  add(canonical.replace(/%2F|%5C/g, '/').replace(/\\/g, '/').replace(/%3B/g, ';'))
+  // Then, until nothing new appears (each can expose the next: `/;/admin` drops to `//admin`,
+  // which collapses to `/admin`): doubled slashes collapsed, as most servers do; path parameters
+  // (`/admin;jsessionid=x`) dropped, as servlet containers do; dot segments resolved; trailing
+  // dots and spaces on a segment dropped, as Windows servers do (`/admin./x`, `/admin%20/x`).
+  for (let round = 0; round < 4; round++) {
+    const before = readings.length
+    for (const p of [...readings]) {
+      add(p.replace(/\/{2,}/g, '/'))
+      if (p.includes(';')) add(p.replace(/;[^/]*/g, ''))
+      if (/(^|\/)\.\.?(\/|$)/.test(p)) add(new URL(p, 'http://x').pathname)
+      if (/(\.|%20|%09)+(\/|$)/.test(p)) add(p.replace(/(?:\.|%20|%09)+(\/|$)/g, '$1'))
+    }
+    if (readings.length === before) break
+  }
   return readings
 }
 

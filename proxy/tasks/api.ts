@@ -69,7 +69,12 @@ async function route(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse, 
     }
     return open(d, req, res)
   }
-  const handle = decodeURIComponent(path.slice('/v1/tasks/'.length))
+  let handle: string
+  try {
+    handle = decodeURIComponent(path.slice('/v1/tasks/'.length))
+  } catch {
+    return fail(res, 400, 'bad_request', 'the task handle in the path is not valid percent-encoding')
+  }
   const task = d.tasks.get(handle)
   if (!task) return fail(res, 404, 'unknown_task', 'no open task has this handle (unknown, ended or expired)')
   if (req.method === 'GET') {

@@ -1,0 +1,131 @@
+// Edges found by probing the running sidecar: a drain that still took new calls on open
+// connections, a reason phrase node:http would not write, a task handle that was not valid
+// percent-encoding, and CONNECT or upgrade requests pipelined ahead of owed responses.
+import t from 'tap'
+import { createServer, type Server } from 'node:net'
+import { connect } from 'node:net'
+import { once } from 'node:events'
+import type { AddressInfo } from 'node:net'
+import { startUpstream, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary } from '../helpers/harness.js'
+
+t.test('while draining, open connections take no new calls: 503, retryable, connection closed', async (t) => {
+  const upstream = await startUpstream({
+    handler: (req, res) => {
+      if (req.url !== '/slow') return false
+      setTimeout(() => res.writeHead(200).end('late'), 300)
+      return true
+    },
+  })
+  const s = await startTestSidecar({
+    ...loopbackPolicy([upstream.port]),
+    sidecar: { timeouts: { drain_ms: 3000 } },
+    credentials: [{ id: 'up', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(() => upstream.close())
+  const host = `127.0.0.1:${upstream.port}`
+  const sock = connect(s.sidecar.port, '127.0.0.1')
+  await once(sock, 'connect')
+  let raw = ''
+  sock.on('data', (d: Buffer) => (raw += d.toString('latin1')))
+  sock.write(`GET http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  await new Promise((r) => setTimeout(r, 50))
+  const closing = s.close()
+  await new Promise((r) => setTimeout(r, 400))
+  t.match(raw, /^HTTP\/1\.1 200 OK[\s\S]*late/, 'the call in flight when the drain began is answered')
+  sock.write(`GET http://${host}/after HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  await once(sock, 'close')
+  const second = raw.slice(raw.indexOf('HTTP/1.1', 1))
+  t.match(second, /^HTTP\/1\.1 503 /, 'a new call on the same connection is refused')
+  t.match(second, /connection: close/i)
+  t.match(second, /"code":"LK_DRAINING".*"retryable":true/)
+  await closing
+  t.same(upstream.requests.map((r) => r.url), ['/slow'], 'nothing new reached the upstream')
+  const audit = await s.audit()
+  t.match(audit, [{ path: '/slow', status: 200, error: null }, { status: 503, error: 'LK_DRAINING' }])
+  t.equal(audit.length, 2)
+})
+
+t.test('a reason phrase node:http will not write is replaced, never a hang', async (t) => {
+  const answers = [
+    'HTTP/1.1 200 Caf\xe9\r\nContent-Length: 2\r\n\r\nhi',
+    'HTTP/1.1 200 Euro \xe2\x82\xac\r\nContent-Length: 2\r\n\r\nhi',
+  ]
+  const servers: Server[] = []
+  for (const answer of answers) {
+    const server = createServer((c) => {
+      c.on('error', () => {})
+      c.once('data', () => c.end(Buffer.from(answer, 'latin1')))
+    })
+    server.listen(0, '127.0.0.1')
+    await once(server, 'listening')
+    servers.push(server)
+  }
+  const ports = servers.map((x) => (x.address() as AddressInfo).port)
+  const s = await startTestSidecar({ ...loopbackPolicy(ports) })
+  t.teardown(async () => {
+    await s.close()
+    for (const x of servers) x.close()
+  })
+  for (const port of ports) {
+    const started = Date.now()
+    const r = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+    t.match(r.raw, /^HTTP\/1\.1 200 OK\r\n/, 'the standard reason phrase')
+    t.equal(r.body, 'hi')
+    t.ok(Date.now() - started < 1500, 'answered, not hung')
+  }
+  t.equal((await s.audit()).filter((e) => e.status === 200).length, 2, 'both audited')
+})
+
+t.test('a task handle that is not valid percent-encoding is a 400, not an internal error', async (t) => {
+  const s = await startTestSidecar({ policy: { default: 'deny' } })
+  t.teardown(() => s.close())
+  for (const bad of ['%', '%zz', '%E0%A4%A']) {
+    for (const method of ['GET', 'DELETE']) {
+      const r = await fetch(`${s.sidecar.adminUrl}/v1/tasks/${bad}`, { method })
+      t.equal(r.status, 400, `${method} ${bad}`)
+      t.match(await r.json(), { error: 'bad_request', reason: /percent-encoding/ })
+    }
+  }
+  t.equal((await fetch(`${s.sidecar.adminUrl}/v1/tasks/nope`)).status, 404, 'a well-formed unknown handle is still a 404')
+})
+
+t.test('CONNECT and upgrades pipelined ahead of owed responses are not taken', async (t) => {
+  const upstream = await startUpstream({
+    handler: (req, res) => {
+      if (req.url !== '/slow') return false
+      setTimeout(() => res.writeHead(200).end('late'), 200)
+      return true
+    },
+  })
+  const s = await startTestSidecar({
+    ...loopbackPolicy([upstream.port]),
+    credentials: [{ id: 'up', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const host = `127.0.0.1:${upstream.port}`
+  const ws = `GET http://${host}/ws HTTP/1.1\r\nHost: ${host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`
+  const table: [string, string, number[]][] = [
+    ['an upgrade behind a slow call', `GET http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\n\r\n` + ws, [200]],
+    ['a CONNECT behind a slow call', `GET http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\n\r\nCONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\n`, [200]],
+    ['an upgrade behind a refusal', `GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello` + ws, [403]],
+    ['a CONNECT behind a refusal', `GET http://${host}/ HTTP/1.1\r\n\r\nCONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\n`, [400]],
+  ]
+  const seen: string[] = []
+  for (const [name, bytes, expected] of table) {
+    const before = upstream.requests.length
+    const auditBefore = (await s.audit()).length
+    const r = await rawRequest(s.sidecar.port, bytes)
+    seen.push(r.raw)
+    t.same([...r.raw.matchAll(/HTTP\/1\.1 (\d{3}) /g)].map((m) => Number(m[1])), expected, `${name}: the owed response, in order, then the connection ends`)
+    t.same(upstream.requests.slice(before).map((x) => x.url), expected[0] === 200 ? ['/slow'] : [], `${name}: nothing else reached the upstream`)
+    const events = (await s.audit()).slice(auditBefore)
+    t.equal(events.length, 2, `${name}: both audited`)
+    t.match(events.find((e) => e.via === 'upgrade' || e.via === 'connect'), { status: 400, reason: /not sent/ }, `${name}: recorded as not sent`)
+  }
+  const gauge = (await (await fetch(`${s.sidecar.adminUrl}/metrics`)).text()).match(/^latchkey_open_tunnels (\d+)/m)?.[1]
+  t.equal(gauge, '0', 'no tunnel was opened or leaked')
+  assertNoCanary(t, s, ...seen)
+})

@@ -73,6 +73,18 @@ export class StartupError extends Error {
   readonly code = 'LK_STARTUP'
 }
 
+/** Listens, or fails start-up with a line that names the setting and the cause (a port in use). */
+async function listening(server: import('node:net').Server, host: string, port: number, setting: string): Promise<void> {
+  server.listen(port, host)
+  try {
+    await once(server, 'listening')
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code ?? 'error'
+    const why = code === 'EADDRINUSE' ? 'the address is already in use' : code === 'EACCES' ? 'permission denied' : code === 'EADDRNOTAVAIL' ? 'no such local address' : code
+    throw new StartupError(`${setting}: cannot listen on ${host}:${port}: ${why}`)
+  }
+}
+
 export async function startSidecar(config: Config, opts: SidecarOptions = {}): Promise<RunningSidecar> {
   const sc = config.sidecar
   const log = createLogger(config.log.level, 'latchkey-sidecar', opts.logDestination)
@@ -322,9 +334,14 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     ),
   )
 
-  server.listen(sc.listen.port, sc.listen.host)
-  admin.listen(sc.admin.port, sc.admin.host)
-  await Promise.all([once(server, 'listening'), once(admin, 'listening')])
+  try {
+    await Promise.all([listening(server, sc.listen.host, sc.listen.port, 'sidecar.listen'), listening(admin, sc.admin.host, sc.admin.port, 'sidecar.admin')])
+  } catch (err) {
+    server.close()
+    admin.close()
+    await audit.close()
+    throw err
+  }
   const port = (server.address() as AddressInfo).port
   const adminPort = (admin.address() as AddressInfo).port
   const host = sc.listen.host.includes(':') ? `[${sc.listen.host}]` : sc.listen.host

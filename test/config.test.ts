@@ -67,3 +67,43 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   t.equal(r.status, 1)
   t.match(r.stderr, /policy\.default: must be one of "allow", "deny"/)
 })
+
+t.test('hostile YAML and overrides get a config error, never a stack trace or an echoed value', async (t) => {
+  const bomb = 'a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: [*c,*c,*c,*c,*c,*c,*c,*c,*c]\nversion: 1\n'
+  t.match(problems(bomb), [/cannot expand YAML aliases: Excessive alias count/])
+  t.same(problems('version: 1\n', { LATCHKEY__SIDECAR__AGENT_ID: '"SECRETISH-unterminated' }), ['LATCHKEY__SIDECAR__AGENT_ID: not a valid YAML value'], 'the value is not repeated')
+  t.same(problems('version: 1\n', { LATCHKEY__SIDECAR__LISTEN__PORT: '*nothing' }), ['LATCHKEY__SIDECAR__LISTEN__PORT: not a valid YAML value'])
+  const dir = mkdtempSync(join(tmpdir(), 'lk-cfg-'))
+  const file = join(dir, 'bomb.yaml')
+  writeFileSync(file, bomb)
+  const r = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', file], { encoding: 'utf8' })
+  t.equal(r.status, 1)
+  t.match(r.stderr, new RegExp(`^${file.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}: invalid configuration:`))
+  t.notMatch(r.stderr, /\n\s+at /, 'no stack trace')
+})
+
+t.test('start-up failures are one line naming the setting: a port in use, an unreadable secrets file', async (t) => {
+  const { createServer } = await import('node:net')
+  const { once } = await import('node:events')
+  const taken = createServer().listen(0, '127.0.0.1')
+  await once(taken, 'listening')
+  t.teardown(() => void taken.close())
+  const port = (taken.address() as import('node:net').AddressInfo).port
+  const dir = mkdtempSync(join(tmpdir(), 'lk-cfg-'))
+  const run = (yaml: string) => {
+    const file = join(dir, `c${Math.random()}.yaml`)
+    writeFileSync(file, yaml)
+    return spawnSync(process.execPath, ['dist/cli/latchkey.js', 'sidecar', '--config', file], { encoding: 'utf8', timeout: 10_000, env: { ...process.env, LATCHKEY_SECRET_S: 'x' } })
+  }
+  const inUse = run(`version: 1\nsidecar: { listen: { port: ${port} }, admin: { port: 0 } }\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
+  t.equal(inUse.status, 1, 'exits, does not hang')
+  t.match(inUse.stderr, `sidecar.listen: cannot listen on 127.0.0.1:${port}: the address is already in use`)
+  t.notMatch(inUse.stderr, /\n\s+at /, 'no stack trace')
+  const badSecrets = join(dir, 'secrets.yaml')
+  writeFileSync(badSecrets, 'S: "unterminated\n')
+  const secrets = run(`version: 1\nsidecar: { listen: { port: 0 }, admin: { port: 0 } }\nsecrets: { file: ${badSecrets}, env_prefix: NOPE_ }\ncredentials: [{ id: c, audience: "http://127.0.0.1:1", source: static, secret: S, inject: { type: bearer } }]\naudit: { jsonl: { path: ${join(dir, 'b.jsonl')} } }\n`)
+  t.equal(secrets.status, 1)
+  t.match(secrets.stderr, /secrets\.file .*: cannot read or parse/)
+  t.notMatch(secrets.stderr, /\n\s+at /, 'no stack trace')
+  t.notMatch(secrets.stderr, /unterminated/, "the file's content is not echoed")
+})

@@ -46,7 +46,13 @@ export function parseConfig(text: string, source = '<config>', env: NodeJS.Proce
       doc.errors.map((e) => ({ path: e.linePos ? `line ${e.linePos[0].line}` : '', message: e.message.split('\n')[0] ?? e.message })),
     )
   }
-  const raw: unknown = doc.toJS({ maxAliasCount: 100 }) ?? {}
+  let raw: unknown
+  try {
+    raw = doc.toJS({ maxAliasCount: 100 }) ?? {}
+  } catch (err) {
+    // yaml refuses excessive alias expansion (an alias bomb) and unresolved aliases by throwing.
+    throw new ConfigError(source, [{ path: '', message: `cannot expand YAML aliases: ${firstLine(err)}` }])
+  }
   applyEnvOverrides(raw, env, source)
   return validateConfig(raw, source)
 }
@@ -76,8 +82,17 @@ function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv, source: string)
       }
       node = node[key] as Record<string, unknown>
     }
-    node[keys[keys.length - 1]!] = parseYamlScalar(value)
+    try {
+      node[keys[keys.length - 1]!] = parseYamlScalar(value)
+    } catch {
+      // The value itself is not repeated: an override can carry a secret.
+      throw new ConfigError(source, [{ path: name, message: 'not a valid YAML value' }])
+    }
   }
+}
+
+function firstLine(err: unknown): string {
+  return (err instanceof Error ? err.message : String(err)).split('\n')[0] ?? ''
 }
 
 function describeAjvError(e: ErrorObject): ConfigProblem {

@@ -6,6 +6,11 @@ import type { Config } from '../../lib/config/schema.js'
 import type { Credential, CredentialBinding, CredentialSource } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 
+/** A start-up failure the CLI prints as one line for people (code LK_STARTUP), without a stack. */
+function startupError(message: string): Error {
+  return Object.assign(new Error(message), { code: 'LK_STARTUP' })
+}
+
 export class StaticSecretSource implements CredentialSource {
   private readonly credentials = new Map<string, Credential>()
 
@@ -17,9 +22,9 @@ export class StaticSecretSource implements CredentialSource {
         parsed = parse(readFileSync(secrets.file, 'utf8'))
       } catch (err) {
         // Never echo the file's content: it is full of secrets.
-        throw new Error(`secrets.file ${secrets.file}: cannot read or parse (${(err as NodeJS.ErrnoException).code ?? 'invalid YAML'})`)
+        throw startupError(`secrets.file ${secrets.file}: cannot read or parse (${(err as NodeJS.ErrnoException).code ?? 'invalid YAML'})`)
       }
-      if (typeof parsed !== 'object' || parsed === null) throw new Error(`secrets.file ${secrets.file}: must be a mapping of name to secret`)
+      if (typeof parsed !== 'object' || parsed === null) throw startupError(`secrets.file ${secrets.file}: must be a mapping of name to secret`)
       fromFile = parsed as Record<string, unknown>
     }
     for (const name of names) {

@@ -91,8 +91,9 @@ export interface CredentialBinding {
   stripQuery: readonly string[]
   inject(headers: Record<string, string | string[] | undefined>, target: Target, credential: Credential): void
   /**
-   * What the injector writes that does not contain the secret as plain text (Basic's base64 of
-   * `user:secret`), so a response reflecting it can be recognised. Empty for the other injectors.
+   * Forms of the credential that do not contain the secret as plain text, so a response
+   * reflecting one can be recognised: what the injector writes (Basic's base64 of `user:secret`)
+   * and the secret re-encoded as base64 (padded or not, URL-safe) or hex.
    */
   encodedForms(credential: Credential): readonly string[]
 }

@@ -14,8 +14,13 @@ type Headers = Record<string, string | string[] | undefined>
 /** Agent-sent credentials replaced on every injected audience, whatever the injector writes. */
 const ALWAYS_STRIP = ['authorization', 'cookie', 'x-api-key', 'api-key', 'x-auth-token', 'proxy-authorization']
 
-const NONE: readonly string[] = []
-const none = (): readonly string[] => NONE
+/** The secret as an upstream might re-encode it to echo it back: base64 (padded or not, URL-safe) and hex. */
+function reencodings(text: string): string[] {
+  const bytes = Buffer.from(text)
+  const b64 = bytes.toString('base64')
+  return [...new Set([b64, b64.replace(/=+$/, ''), bytes.toString('base64url'), bytes.toString('hex')])]
+}
+const secretReencodings = perCredential((c) => reencodings(c.value))
 
 function injector(cfg: InjectConfig): {
   headers: string[]
@@ -26,21 +31,21 @@ function injector(cfg: InjectConfig): {
   switch (cfg.type) {
     case 'bearer': {
       const value = perCredential((c) => `Bearer ${c.value}`)
-      return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = value(c)), encodedForms: none }
+      return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = value(c)), encodedForms: secretReencodings }
     }
     case 'basic': {
       const user = cfg.username
       const encoded = perCredential((c) => Buffer.from(`${user}:${c.value}`).toString('base64'))
       const value = perCredential((c) => `Basic ${encoded(c)}`)
       // Lower-cased too: a header's name arrives lower-cased.
-      const forms = perCredential((c) => [encoded(c), encoded(c).toLowerCase()])
+      const forms = perCredential((c) => [...new Set([...reencodings(`${user}:${c.value}`), encoded(c).toLowerCase(), ...secretReencodings(c)])])
       return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = value(c)), encodedForms: forms }
     }
     case 'header': {
       const name = cfg.name.toLowerCase()
       const [before, after] = (cfg.format ?? '{token}').split('{token}') as [string, string]
       const value = perCredential((c) => before + c.value + after)
-      return { headers: [name], query: [], inject: (h, _t, c) => void (h[name] = value(c)), encodedForms: none }
+      return { headers: [name], query: [], inject: (h, _t, c) => void (h[name] = value(c)), encodedForms: secretReencodings }
     }
     case 'query': {
       const param = cfg.name
@@ -53,7 +58,7 @@ function injector(cfg: InjectConfig): {
           t.search = (t.search.length > 1 ? t.search : '') + sep + pair(c)
         },
         // The percent-encoded secret is recognised by decoding (forward/scrub.ts), in any spelling.
-        encodedForms: none,
+        encodedForms: secretReencodings,
       }
     }
   }

@@ -6,30 +6,96 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import { unescape } from 'node:querystring'
 import type { Credential, CredentialBinding } from '../context.js'
-import { perCredential } from '../credentials/per-credential.js'
 
 export const REMOVED = '[removed by latchkey: it contained the injected credential]'
 
 /**
- * Whether `text` reveals the credential: the secret itself, a form the injector wrote that does
- * not contain it (Basic's base64), or either once percent-decoded in any spelling (either hex
- * case, encoded twice, `+` or `%20` for a space, as URL and form encoders write it).
+ * Whether `text` reveals the credential: the secret itself or one of its encoded forms (Basic's
+ * base64 of `user:secret`, base64 or hex of the secret), as is or after undoing, up to three
+ * times over, the escapes an upstream applies when it echoes text: percent-encoding (either hex
+ * case, `+` or `%20` for a space), JSON/JavaScript string escapes (`\/`, `\u002f`) and HTML
+ * character references (`&#x2F;`, `&amp;`). Letter case is not folded.
  */
-export function revealsCredential(text: string, binding: CredentialBinding, credential: Credential, secret = credential.value): boolean {
-  const forms = binding.encodedForms(credential)
-  if (contains(text, secret, forms)) return true
-  if (!text.includes('%') && !text.includes('+') && !secret.includes(' ') && !secret.includes('+')) return false
+export function revealsCredential(text: string, binding: CredentialBinding, credential: Credential): boolean {
+  return reveals(text, needlesFor(binding, credential), false)
+}
+
+/** What is looked for, worked out once per (binding, credential): a token serves many calls. */
+interface Needles {
+  secret: string
+  /** The secret with every space read as `+` (see reveals). */
+  wanted: string
+  /** Lower-cased, for header names, which arrive lower-cased. */
+  lowerSecret: string
+  lowerWanted: string
+  forms: readonly string[]
+  /** No needle is shorter, and unescaping only shortens text: anything shorter cannot reveal it. */
+  shortest: number
+  /** Whether the secret holds a space or `+`, which form-encoding swaps. */
+  plusy: boolean
+}
+
+const needlesByBinding = new WeakMap<CredentialBinding, WeakMap<Credential, Needles>>()
+
+function needlesFor(binding: CredentialBinding, credential: Credential): Needles {
+  let byCredential = needlesByBinding.get(binding)
+  if (!byCredential) needlesByBinding.set(binding, (byCredential = new WeakMap()))
+  let n = byCredential.get(credential)
+  if (!n) {
+    const secret = credential.value
+    const forms = binding.encodedForms(credential)
+    n = {
+      secret,
+      wanted: spaceAsPlus(secret),
+      lowerSecret: secret.toLowerCase(),
+      lowerWanted: spaceAsPlus(secret.toLowerCase()),
+      forms,
+      shortest: Math.min(secret.length, ...forms.map((f) => f.length)),
+      plusy: secret.includes(' ') || secret.includes('+'),
+    }
+    byCredential.set(credential, n)
+  }
+  return n
+}
+
+function reveals(text: string, n: Needles, lowerCased: boolean): boolean {
+  if (text.length < n.shortest) return false
+  const secret = lowerCased ? n.lowerSecret : n.secret
+  if (contains(text, secret, n.forms)) return true
+  if (!ESCAPED.test(text) && !n.plusy) return false
   // Compared with every space read as `+`: a form encoder writes a space as `+` and a `+` as
   // %2B, so after decoding only this reading makes both sides agree.
-  const wanted = spaceAsPlus(secret)
+  const wanted = lowerCased ? n.lowerWanted : n.wanted
   let candidate = text
   for (let round = 0; ; round++) {
-    if (contains(spaceAsPlus(candidate), wanted, forms)) return true
-    if (round === 2 || !candidate.includes('%')) return false
-    // unescape (node:querystring) leaves malformed escapes as they are instead of throwing.
-    candidate = unescape(candidate)
+    if (contains(spaceAsPlus(candidate), wanted, n.forms)) return true
+    if (round === 3 || !ESCAPED.test(candidate)) return false
+    const next = unescapeOnce(candidate)
+    if (next === candidate) return false
+    candidate = next
   }
 }
+
+/** Any escape an echo might have applied: percent, `+`, backslash, character reference. */
+const ESCAPED = /[%+\\&]/
+
+function unescapeOnce(text: string): string {
+  let t = text
+  // unescape (node:querystring) leaves malformed escapes as they are instead of throwing.
+  if (t.includes('%')) t = unescape(t)
+  if (t.includes('\\')) t = t.replace(/\\u([0-9a-fA-F]{4})|\\(["\\/bfnrt])/g, (_m, hex: string | undefined, c: string | undefined) => (hex ? String.fromCharCode(parseInt(hex, 16)) : (JSON_ESCAPES[c!] ?? c!)))
+  if (t.includes('&')) {
+    t = t.replace(/&#[xX]([0-9a-fA-F]{1,6});|&#([0-9]{1,7});|&(amp|lt|gt|quot|apos);/g, (m, hex: string | undefined, dec: string | undefined, name: string | undefined) => {
+      const code = hex ? parseInt(hex, 16) : dec ? Number(dec) : -1
+      if (code >= 0) return code <= 0x10ffff ? String.fromCodePoint(code) : m
+      return HTML_ENTITIES[name!] ?? m
+    })
+  }
+  return t
+}
+
+const JSON_ESCAPES: Record<string, string> = { b: '\b', f: '\f', n: '\n', r: '\r', t: '\t' }
+const HTML_ENTITIES: Record<string, string> = { amp: '&', lt: '<', gt: '>', quot: '"', apos: "'" }
 
 function spaceAsPlus(s: string): string {
   return s.includes(' ') ? s.replace(/ /g, '+') : s
@@ -46,18 +112,18 @@ function contains(text: string, secret: string, forms: readonly string[]): boole
  * a value that does is replaced (one entry of a list, e.g. one Set-Cookie, not its neighbours).
  */
 export function scrubResponseHeaders(headers: IncomingHttpHeaders, binding: CredentialBinding, credential: Credential): void {
+  const n = needlesFor(binding, credential)
   for (const name in headers) {
-    // Names arrive lower-cased; the secret need not be.
-    if (revealsCredential(name, binding, credential, lowerCased(credential))) {
+    if (reveals(name, n, true)) {
       delete headers[name]
       continue
     }
     const v = headers[name]
     if (v === undefined) continue
     if (typeof v === 'string') {
-      if (revealsCredential(v, binding, credential)) headers[name] = REMOVED
-    } else if (v.some((x) => revealsCredential(x, binding, credential))) {
-      headers[name] = v.map((x) => (revealsCredential(x, binding, credential) ? REMOVED : x))
+      if (reveals(v, n, false)) headers[name] = REMOVED
+    } else if (v.some((x) => reveals(x, n, false))) {
+      headers[name] = v.map((x) => (reveals(x, n, false) ? REMOVED : x))
     }
   }
 }
@@ -66,5 +132,3 @@ export function scrubResponseHeaders(headers: IncomingHttpHeaders, binding: Cred
 export function safeReasonPhrase(reason: string | undefined, binding: CredentialBinding, credential: Credential): string | undefined {
   return reason && revealsCredential(reason, binding, credential) ? undefined : reason
 }
-
-const lowerCased = perCredential((c) => c.value.toLowerCase())

@@ -92,6 +92,25 @@ t.test('every reflection of the credential in a response head is scrubbed, in an
           'x-plain': 'kept',
         }).end('ok')
         return true
+      case '/escaped': {
+        // What echoes do to text: JSON and HTML escaping, encoding three times over, base64 and hex.
+        const basic = auth.startsWith('Basic ')
+        const secret = key || (basic ? Buffer.from(auth.slice(6), 'base64').toString().split(':')[1]! : auth.slice(7))
+        const b64 = (x: string) => Buffer.from(x).toString('base64')
+        res.writeHead(200, {
+          'x-json': JSON.stringify({ seen: secret }).replace(/\//g, '\\/'),
+          'x-json-u': secret.replace(/[/+= !~]/g, (c) => '\\u' + c.charCodeAt(0).toString(16).padStart(4, '0')),
+          'x-html': secret.replace(/[/+= !~&]/g, (c) => `&#x${c.charCodeAt(0).toString(16)};`),
+          'x-thrice': encodeURIComponent(encodeURIComponent(encodeURIComponent(secret))),
+          'x-b64': b64(secret),
+          'x-b64url': Buffer.from(secret).toString('base64url'),
+          'x-b64-unpadded': b64(secret).replace(/=+$/, ''),
+          'x-hex': Buffer.from(secret).toString('hex'),
+          ...(basic ? { 'x-basic-url': Buffer.from(`svc:${secret}`).toString('base64url') } : {}),
+          'x-plain': 'kept',
+        }).end('ok')
+        return true
+      }
       case '/hints':
         res.writeEarlyHints({ link: '</style.css>; rel=preload; as=style', 'x-echo': auth })
         setTimeout(() => res.writeHead(200, { 'x-plain': 'kept' }).end('ok'), 20)
@@ -149,6 +168,19 @@ t.test('every reflection of the credential in a response head is scrubbed, in an
   t.equal(new URL(query.requests[0]!.url, 'http://x').searchParams.get('key'), QSECRET, 'the upstream got the query credential')
   for (const h of ['x-form', 'x-lower-hex', 'x-twice', 'x-plus']) t.equal(q.headers[h], REMOVED, `${h}: a re-encoding of the secret is recognised`)
   t.equal(q.headers['x-plain'], 'kept')
+
+  for (const [upstream, path, what] of [
+    [query, '/escaped?a=1', 'query'],
+    [bearer, '/escaped', 'bearer'],
+    [basic, '/escaped', 'basic'],
+  ] as const) {
+    const e = await get(upstream.port, path)
+    seen.push(e.raw)
+    for (const h of ['x-json', 'x-json-u', 'x-html', 'x-thrice', 'x-b64', 'x-b64url', 'x-b64-unpadded', 'x-hex', ...(what === 'basic' ? ['x-basic-url'] : [])]) {
+      t.equal(e.headers[h], REMOVED, `${what}: ${h} recognised`)
+    }
+    t.equal(e.headers['x-plain'], 'kept', `${what}: unrelated headers kept`)
+  }
 
   const hints = await get(bearer.port, '/hints')
   seen.push(hints.raw)

@@ -13,6 +13,7 @@ export function checkFraming(req: IncomingMessage): void {
   let contentLengths = 0
   let te: string | null = null
   let teCount = 0
+  let proxyAuths = 0
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i]!
     switch (name.length) {
@@ -21,6 +22,9 @@ export function checkFraming(req: IncomingMessage): void {
         break
       case 14:
         if (name.toLowerCase() === 'content-length') contentLengths++
+        break
+      case 19:
+        if (name.toLowerCase() === 'proxy-authorization') proxyAuths++
         break
       case 17:
         if (name.toLowerCase() === 'transfer-encoding') {
@@ -33,6 +37,8 @@ export function checkFraming(req: IncomingMessage): void {
   if (hosts > 1) throw new LatchkeyError('LK_BAD_REQUEST', 'duplicate Host header')
   if (hosts === 0 && req.httpVersionMinor === 1) throw new LatchkeyError('LK_BAD_REQUEST', 'HTTP/1.1 request without a Host header')
   if (contentLengths > 1) throw new LatchkeyError('LK_BAD_REQUEST', 'duplicate Content-Length header')
+  // Two task handles: which one the call runs under would be a guess.
+  if (proxyAuths > 1) throw new LatchkeyError('LK_BAD_REQUEST', 'duplicate Proxy-Authorization header')
   if (teCount > 0) {
     if (req.httpVersionMinor === 0) throw new LatchkeyError('LK_BAD_REQUEST', 'Transfer-Encoding is not allowed on HTTP/1.0')
     if (teCount > 1 || te!.trim().toLowerCase() !== 'chunked') {

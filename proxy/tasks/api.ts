@@ -98,7 +98,8 @@ async function route(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse, 
 }
 
 async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): Promise<void> {
-  if (!(req.headers['content-type'] ?? '').toLowerCase().startsWith('application/json')) {
+  // The media type exactly (parameters such as charset allowed): not application/jsonx.
+  if ((req.headers['content-type'] ?? '').split(';', 1)[0]!.trim().toLowerCase() !== 'application/json') {
     req.resume()
     return fail(res, 415, 'bad_request', 'send the task as application/json')
   }

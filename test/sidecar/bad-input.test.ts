@@ -18,6 +18,7 @@ t.test('refused framings', async (t) => {
   const host = `127.0.0.1:${upstream.port}`
   const table: [string, string, RegExp][] = [
     ['duplicate Host', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nHost: evil.example\r\n\r\n`, /duplicate Host/],
+    ['duplicate Proxy-Authorization', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nProxy-Authorization: Basic dGFzazph\r\nproxy-authorization: Basic dGFzazpi\r\n\r\n`, /duplicate Proxy-Authorization/],
     ['absolute URI with userinfo', `GET http://user:pw@127.0.0.1:${upstream.port}/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /userinfo/],
     ['userinfo hiding the real host', `GET http://127.0.0.1:${upstream.port}@169.254.169.254/ HTTP/1.1\r\nHost: x\r\n\r\n`, /userinfo/],
     ['TE gzip, chunked', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n`, /exactly "chunked"|malformed/],

@@ -87,6 +87,11 @@ t.test('a task handle that is not valid percent-encoding is a 400, not an intern
     }
   }
   t.equal((await fetch(`${s.sidecar.adminUrl}/v1/tasks/nope`)).status, 404, 'a well-formed unknown handle is still a 404')
+  const body = JSON.stringify({ purpose: 'x', duration_s: 60 })
+  const open = (type: string) => fetch(`${s.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': type }, body })
+  t.equal((await open('application/jsonx')).status, 415, 'application/jsonx is not JSON')
+  t.equal((await open('text/plain')).status, 415)
+  t.equal((await open('Application/JSON; charset=utf-8')).status, 201, 'the media type in any case, with parameters')
 })
 
 t.test('CONNECT and upgrades pipelined ahead of owed responses are not taken', async (t) => {

@@ -106,6 +106,10 @@ export function parseRegistry(text: string, source = '<registry>'): Registry {
   const raw: unknown = doc.toJS({ maxAliasCount: 100 }) ?? {}
   if (!validate(raw)) throw new RegistryError(source, (validate.errors ?? []).map(describe))
   const registry = raw as unknown as Registry
+  // Maps keyed by names that come from requests (an agent type, an audience) have no prototype:
+  // `constructor` or `__proto__` must find nothing, not Object.prototype's members.
+  registry.agents = withoutPrototype(registry.agents)
+  for (const spec of Object.values(registry.agents)) spec.audiences = withoutPrototype(spec.audiences)
   const problems: string[] = []
   for (const [type, spec] of Object.entries(registry.agents)) {
     for (const t of spec.may_task) if (!registry.agents[t]) problems.push(`agents.${type}.may_task: unknown agent type "${t}"`)
@@ -113,6 +117,10 @@ export function parseRegistry(text: string, source = '<registry>'): Registry {
   }
   if (problems.length > 0) throw new RegistryError(source, problems)
   return registry
+}
+
+function withoutPrototype<T>(record: Record<string, T>): Record<string, T> {
+  return Object.assign(Object.create(null) as Record<string, T>, record)
 }
 
 export function loadRegistryFile(file: string): Registry {

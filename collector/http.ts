@@ -29,7 +29,13 @@ export function createQueryServer(store: AuditStore, log: Logger, readerTokensSh
     return ok
   }
   return createServer((req, res) => {
-    const url = new URL(req.url ?? '/', 'http://collector')
+    let url: URL
+    try {
+      url = new URL(req.url ?? '/', 'http://collector')
+    } catch {
+      // `GET //[` is a valid request line and an invalid URL: a 400, never a crash.
+      return send(res, 400, { error: 'the request target is not a valid path' })
+    }
     if (url.pathname !== '/healthz' && !authorized(req.headers.authorization)) {
       res.setHeader('www-authenticate', 'Bearer realm="latchkey-collector"')
       return send(res, 401, { error: 'a reader token is required (Authorization: Bearer <token>)' })
@@ -47,7 +53,7 @@ export function createQueryServer(store: AuditStore, log: Logger, readerTokensSh
           try {
             since = parseSince(url.searchParams.get('since') ?? '24h')
             const u = url.searchParams.get('until')
-            until = u ? parseSince(u) : undefined
+            until = u ? parseSince(u, Date.now(), 'until') : undefined
           } catch (err) {
             throw new BadRequest((err as Error).message)
           }

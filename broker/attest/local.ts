@@ -35,7 +35,9 @@ export class LocalVerifier implements AttestationVerifier {
       requiredClaims: ['sub', 'jti', 'iat'],
       maxTokenAgeS: LOCAL_MAX_AGE_S,
     })
-    const m = INSTANCE_ID.exec(payload.sub!)
+    // RFC 7519: sub is a string. A one-element array would pass the pattern (exec coerces it).
+    if (typeof payload.sub !== 'string' || typeof payload.jti !== 'string') throw new AttestationFailed('sub and jti must be strings')
+    const m = INSTANCE_ID.exec(payload.sub)
     if (!m) throw new AttestationFailed('sub is not an agent instance ID (agent:<type>:<env>:<instance>)')
     const [, type, env] = m
     const spec = registry.agents[type!]

@@ -142,7 +142,14 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
     }
     const m = /^\/v1\/revocations\/(agent|task|jti)\/(.+)$/.exec(path)
     if (m && req.method === 'DELETE') {
-      const removed = await d.revocations.unrevoke(m[1] as RevocationKind, decodeURIComponent(m[2]!))
+      let value: string
+      try {
+        value = decodeURIComponent(m[2]!)
+      } catch {
+        send(res, 400, JSON.stringify({ error: 'invalid_request', error_description: 'the revocation value in the path is not valid percent-encoding' }))
+        return
+      }
+      const removed = await d.revocations.unrevoke(m[1] as RevocationKind, value)
       send(res, removed ? 200 : 404, JSON.stringify({ removed }))
       return
     }

@@ -65,6 +65,26 @@ const cases: Case[] = [
   { name: 'no user for an agent that requires one', params: async (b) => ({ grant_type: GRANT_TYPE, subject_token: await b.attest('agent:assistant:prod:1'), subject_token_type: TOKEN_TYPES.local, audience: API, task_id: 't' }), error: 'invalid_request', says: /requires a user/ },
   // --- target, duration, request shape
   { name: 'audience the agent may not reach', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest('agent:helper:prod:1'), { audience: MAIL }), error: 'invalid_target', says: /may not receive tokens for this audience/ },
+  { name: 'audience named after an Object.prototype member', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT), { audience: 'constructor' }), error: 'invalid_target', says: /may not receive tokens for this audience/ },
+  { name: 'audience __proto__', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT), { audience: '__proto__' }), error: 'invalid_target', says: /may not receive tokens for this audience/ },
+  { name: 'agent type named after an Object.prototype member', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest('agent:constructor:prod:1')), error: 'unauthorized_client', says: /not registered/ },
+  {
+    name: 'local attestation whose sub is an array',
+    params: async (b) =>
+      delegatedRequest(
+        await b.userToken('u', 'read'),
+        await new SignJWT({ sub: [AGENT] as unknown as string })
+          .setProtectedHeader({ alg: 'ES256', kid: b.localKey.kid, typ: 'JWT' })
+          .setIssuer('latchkey-local')
+          .setAudience(b.issuer)
+          .setIssuedAt()
+          .setExpirationTime('60s')
+          .setJti('array-sub')
+          .sign(b.localKey.privateKey),
+      ),
+    error: 'invalid_request',
+    says: /sub and jti must be strings/,
+  },
   { name: 'two audiences', params: async (b) => ({ ...delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT)), audience: [API, MAIL] }), error: 'invalid_target', says: /exactly one audience/ },
   { name: 'no audience', params: async (b) => { const p: Record<string, string> = delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT)); delete p.audience; return p }, error: 'invalid_target', says: /exactly one audience/ },
   { name: 'duration over the maximum', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT), { task_duration: '901' }), error: 'invalid_request', says: /exceeds the maximum of 900 s/ },

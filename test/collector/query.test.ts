@@ -41,8 +41,21 @@ t.test('HTTP API and CLI answer what an agent did', async (t) => {
   const denied = await get(`/v1/events?agent=${encodeURIComponent(X)}&since=24h&denied=true`)
   t.same((denied.body.events as { sequence: number }[]).map((e) => e.sequence), [3])
   t.same(await get('/v1/events?since=24h'), { status: 400, body: { error: 'query parameter "agent" is required' } })
-  t.same(await get(`/v1/events?agent=${X}&since=yesterday`), { status: 400, body: { error: 'since "yesterday" is neither a duration (like 24h, 30m, 7d) nor an ISO-8601 time' } })
+  t.same(await get(`/v1/events?agent=${X}&since=yesterday`), { status: 400, body: { error: 'since "yesterday" is neither a duration (like 24h, 30m, 7d) nor an ISO-8601 time within range' } })
   t.same((await get(`/v1/events?agent=${X}&limit=0`)).status, 400)
+  t.same(await get(`/v1/events?agent=${X}&since=99999999999999d`), { status: 400, body: { error: 'since "99999999999999d" is neither a duration (like 24h, 30m, 7d) nor an ISO-8601 time within range' } })
+  t.same(await get(`/v1/events?agent=${X}&until=99999999999999d`), { status: 400, body: { error: 'until "99999999999999d" is neither a duration (like 24h, 30m, 7d) nor an ISO-8601 time within range' } })
+  t.match(await get(`/v1/events?agent=${X}&until=nope`), { status: 400, body: { error: /^until "nope"/ } }, 'the error names the parameter that was wrong')
+  // A request line that is valid HTTP but no valid URL: a 400 before authentication, never a crash.
+  const { connect } = await import('node:net')
+  for (const target of ['//[', 'http://[::1/x']) {
+    const sock = connect(new URL(c.httpUrl).port as unknown as number, '127.0.0.1')
+    sock.write(`GET ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+    let raw = ''
+    for await (const chunk of sock) raw += String(chunk)
+    t.match(raw, /^HTTP\/1\.1 400 /, `GET ${target}: 400`)
+  }
+  t.equal((await get('/healthz')).status, 200, 'the collector is still up')
   const inv = await get('/v1/inventory')
   t.same((inv.body.agents as { agent: string; audiences: string[] }[]).map((a) => [a.agent, a.audiences]), [[X, ['https://api.github.com']], ['agent:y:prod:1', []]])
   t.same(((await get('/v1/verify')).body as { ok: boolean; checked: number }).checked, 4)

@@ -287,6 +287,17 @@ export class Pipeline {
     return e
   }
 
+  /** Whether requests pipelined on this connection are waiting for their turn. */
+  hasQueued(socket: Socket): boolean {
+    return (this.waitingTurn.get(socket)?.length ?? 0) > 0
+  }
+
+  /** Records a refused call that gets no response of its own (its connection is ending). */
+  recordRefused(ctx: CallContext, err: unknown): void {
+    this.recordRefusal(ctx, err)
+    this.finish(ctx)
+  }
+
   /** The same refusal on a bare socket (CONNECT, upgrades, parser errors), then the call is recorded. */
   refuseSocket(ctx: CallContext, socket: Socket, err: unknown): void {
     const e = this.recordRefusal(ctx, err)

@@ -102,6 +102,14 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
         .join('\n'),
     )
   }
+  // A header carries bytes, not text: a secret a header cannot hold would fail every call (undici
+  // refuses it) instead of failing here. Basic base64-encodes and query percent-encodes any text.
+  const unsendable = staticBindings.filter((c) => (c.inject.type === 'bearer' || c.inject.type === 'header') && !/^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$/.test(secrets.secret(c.secret!)!))
+  if (unsendable.length > 0) {
+    throw new StartupError(
+      unsendable.map((c) => `credential "${c.id}": secret ${c.secret!} cannot be sent in a header: it holds characters outside printable ASCII or starts or ends with a space`).join('\n'),
+    )
+  }
 
   const cc = config.audit.collector
   if (cc && !cc.token_secret && !cc.tls) throw new StartupError('audit.collector: needs token_secret, tls, or both, to authenticate to the collector')

@@ -29,6 +29,7 @@ interface Needles {
   lowerSecret: string
   lowerWanted: string
   forms: readonly string[]
+  lowerForms: readonly string[]
   /** No needle is shorter, and unescaping only shortens text: anything shorter cannot reveal it. */
   shortest: number
   /** Whether the secret holds a space or `+`, which form-encoding swaps. */
@@ -50,6 +51,7 @@ function needlesFor(binding: CredentialBinding, credential: Credential): Needles
       lowerSecret: secret.toLowerCase(),
       lowerWanted: spaceAsPlus(secret.toLowerCase()),
       forms,
+      lowerForms: forms.map((f) => f.toLowerCase()),
       shortest: Math.min(secret.length, ...forms.map((f) => f.length)),
       plusy: secret.includes(' ') || secret.includes('+'),
     }
@@ -58,19 +60,25 @@ function needlesFor(binding: CredentialBinding, credential: Credential): Needles
   return n
 }
 
+/**
+ * `lowerCased`: `text` is a header name, which node:http and the upgrade parser lower-case, so it
+ * is compared with lower-cased needles, and folded again after each decoding round (`%43` → `C`).
+ */
 function reveals(text: string, n: Needles, lowerCased: boolean): boolean {
   if (text.length < n.shortest) return false
   const secret = lowerCased ? n.lowerSecret : n.secret
-  if (contains(text, secret, n.forms)) return true
+  const forms = lowerCased ? n.lowerForms : n.forms
+  if (contains(text, secret, forms)) return true
   if (!ESCAPED.test(text) && !n.plusy) return false
   // Compared with every space read as `+`: a form encoder writes a space as `+` and a `+` as
   // %2B, so after decoding only this reading makes both sides agree.
   const wanted = lowerCased ? n.lowerWanted : n.wanted
   let candidate = text
   for (let round = 0; ; round++) {
-    if (contains(spaceAsPlus(candidate), wanted, n.forms)) return true
+    if (contains(spaceAsPlus(candidate), wanted, forms)) return true
     if (round === 3 || !ESCAPED.test(candidate)) return false
-    const next = unescapeOnce(candidate)
+    let next = unescapeOnce(candidate)
+    if (lowerCased) next = next.toLowerCase()
     if (next === candidate) return false
     candidate = next
   }

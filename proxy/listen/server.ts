@@ -85,16 +85,28 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
       socket.destroy()
       return
     }
-    // The parser can fail on a body after it already handed us the request's head (e.g.
-    // `Transfer-Encoding: identity`). That request's refusal is written or under way, and
-    // audited: just make sure the connection dies with it. (`_httpMessage`: node:http's in-flight response.)
+    const e =
+      err.code === 'HPE_HEADER_OVERFLOW'
+        ? new LatchkeyError('LK_BAD_REQUEST', 'request headers too large')
+        : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+          ? new LatchkeyError('LK_BAD_REQUEST', 'request headers not received in time')
+          : new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (${err.code ?? 'parse error'})`)
+    // A response is still owed on this connection (`_httpMessage`: node:http's in-flight one).
     const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
-    if (inFlight && !inFlight.headersSent && !pipeline.closingSockets.has(socket)) {
-      // A malformed chunked body, found after its head went to the pipeline: the forward is
-      // aborted and the call refused with this 400 (and the connection closed) instead of hanging.
-      abortChunkedForward(inFlight.req, new LatchkeyError('LK_BAD_REQUEST', `malformed request body (${err.code ?? 'parse error'})`))
+    if (inFlight && !pipeline.closingSockets.has(socket)) {
+      if (!inFlight.req.complete) {
+        // The in-flight request's own chunked body is malformed, found after its head went to the
+        // pipeline: its forward is aborted and it is refused with this 400 instead of hanging.
+        if (!inFlight.headersSent) abortChunkedForward(inFlight.req, new LatchkeyError('LK_BAD_REQUEST', `malformed request body (${err.code ?? 'parse error'})`))
+      } else if (!pipeline.hasQueued(socket)) {
+        // A new request, malformed, behind one still being answered: it cannot be answered in
+        // order, so it is recorded, and the connection ends after the owed response. (With
+        // requests queued, the bytes may be the last one's body: those are recorded as not sent.)
+        pipeline.recordRefused(pipeline.newContext(via, 'UNKNOWN'), e)
+      }
     }
-    // Whatever is still queued on this connection behind the malformed bytes is never sent.
+    // Otherwise the refusal of the request these bytes belong to is written or under way, and
+    // audited. Whatever is still queued on this connection behind them is never sent.
     if (inFlight) pipeline.closingSockets.add(socket)
     if (pipeline.closingSockets.has(socket) || inFlight) {
       if (!inFlight || inFlight.writableFinished) socket.destroySoon()
@@ -103,12 +115,6 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
       return
     }
     const ctx = pipeline.newContext(via, 'UNKNOWN')
-    const e =
-      err.code === 'HPE_HEADER_OVERFLOW'
-        ? new LatchkeyError('LK_BAD_REQUEST', 'request headers too large')
-        : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
-          ? new LatchkeyError('LK_BAD_REQUEST', 'request headers not received in time')
-          : new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (${err.code ?? 'parse error'})`)
     pipeline.refuseSocket(ctx, socket, e)
   }
 }

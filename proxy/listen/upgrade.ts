@@ -72,8 +72,9 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
     })
     upstream.once(target.scheme === 'https' ? 'secureConnect' : 'connect', () => {
       upstream.setTimeout(0)
+      // Only the handshake goes now. Bytes the client sent after it wait for the 101: if the
+      // upstream turns the WebSocket down they may be a pipelined request, and are never sent.
       upstream.write(requestHead)
-      if (head.length) upstream.write(head)
       open.add(client)
       pipeline.stages.metrics.openTunnels.inc()
       // Until the upstream answers, either side closing ends the attempt; then the relay owns it.
@@ -93,6 +94,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
         ctx.status = 101
         client.write(serializeSwitchingProtocols(response))
         if (response.rest.length) client.write(response.rest)
+        if (head.length) upstream.write(head)
         relay(client, upstream, onClosed)
       })
       function untrack() {

@@ -65,7 +65,7 @@ t.test('a malformed Proxy-Authorization is refused with 407; a missing Host with
 
 t.test('every reflection of the credential in a response head is scrubbed, in any encoding', async (t) => {
   // A secret whose encodings differ: percent-encoding, form encoding and base64 all change it.
-  const QSECRET = `${CANARY}/a+b=c d!~`
+  const QSECRET = `${CANARY}/a+b=c d!~ä`
   const reflect = (req: { url: string; headers: Record<string, unknown> }, res: import('node:http').ServerResponse): boolean => {
     const auth = String(req.headers.authorization ?? '')
     const url = new URL(req.url, 'http://x')
@@ -76,6 +76,15 @@ t.test('every reflection of the credential in a response head is scrubbed, in an
         return true
       case '/name':
         res.writeHead(200, { [`x-${auth.slice(7).toLowerCase()}`]: '1', 'x-plain': 'kept' }).end('ok')
+        return true
+      case '/name-pct': {
+        const secret = auth.slice(7)
+        res.writeHead(200, { [`x-${[...secret].map((c) => '%' + c.charCodeAt(0).toString(16).toUpperCase()).join('')}`]: '1', 'x-plain': 'kept' }).end('ok')
+        return true
+      }
+      case '/utf8':
+        // The decoded secret echoed as UTF-8 bytes: a header carries one byte per character.
+        res.writeHead(200, { 'x-utf8': Buffer.from(key).toString('latin1'), 'x-plain': 'kept' }).end('ok')
         return true
       case '/cookies':
         res.writeHead(200, { 'set-cookie': ['session=abc', `token=${auth.slice(7)}`, 'theme=dark'] }).end('ok')
@@ -151,6 +160,14 @@ t.test('every reflection of the credential in a response head is scrubbed, in an
   t.equal(name.status, 200)
   t.notOk(Object.keys(name.headers).some((h) => h.includes(CANARY.toLowerCase())), 'a header named after the credential is dropped')
   t.equal(name.headers['x-plain'], 'kept')
+
+  const namePct = await get(bearer.port, '/name-pct')
+  seen.push(namePct.raw)
+  t.same(Object.keys(namePct.headers).filter((h) => h.startsWith('x-')), ['x-plain'], 'a header named after the credential in upper-case percent-encoding is dropped')
+
+  const utf8 = await get(query.port, '/utf8?a=1')
+  seen.push(utf8.raw)
+  t.equal(utf8.headers['x-utf8'], REMOVED, 'a secret beyond ASCII echoed as its UTF-8 bytes is recognised')
 
   const cookies = await get(bearer.port, '/cookies')
   seen.push(cookies.raw)

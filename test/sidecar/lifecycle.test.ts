@@ -112,3 +112,20 @@ t.test('a binding whose secret is missing stops start-up with the reason', async
   t.equal(code, 1)
   t.match(stderr, /credential "gh": secret NOPE is neither in env LATCHKEY_SECRET_NOPE nor in secrets.file/)
 })
+
+t.test('a secret a header cannot carry stops start-up, naming the credential, not the secret', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-life-'))
+  const configPath = join(dir, 'c.yaml')
+  writeFileSync(
+    configPath,
+    `version: 1\nsidecar: { listen: { port: 0 }, admin: { port: 0 } }\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\ncredentials:\n  - { id: euro, audience: "https://api.example.com", source: static, secret: EURO, inject: { type: bearer } }\n  - { id: basic-ok, audience: "https://b.example.com", source: static, secret: EURO, inject: { type: basic, username: u } }\n`,
+  )
+  const child = spawn(process.execPath, ['dist/cli/latchkey.js', 'sidecar', '--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LATCHKEY_SECRET_EURO: 'price-9€-tag' } })
+  let stderr = ''
+  child.stderr!.on('data', (c: Buffer) => (stderr += c.toString()))
+  const [code] = (await once(child, 'exit')) as [number]
+  t.equal(code, 1)
+  t.match(stderr, /credential "euro": secret EURO cannot be sent in a header/)
+  t.notMatch(stderr, /basic-ok/, 'Basic encodes any text: that binding is fine')
+  t.notMatch(stderr, /price/, 'the secret is not printed')
+})

@@ -61,6 +61,16 @@ t.test('pipelined behind a refusal: not sent, not decided, audited as not sent',
   t.equal(after.status, 200, 'the sidecar is still serving')
 })
 
+t.test('a malformed request behind one still being answered is recorded; the connection ends after the owed response', async (t) => {
+  const { upstream, s, host } = await setup(t)
+  const raw = await rawRequest(s.sidecar.port, `GET http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\n\r\nGET /x HT TP/1.1\r\n\r\n`)
+  t.same(statuses(raw.raw), [200], 'the owed response, then the connection closes')
+  t.same(upstream.requests.map((r) => r.url), ['/slow'])
+  const events = await s.audit()
+  t.equal(events.length, 2, 'two calls, two events')
+  t.match(events.find((e) => e.method === 'UNKNOWN'), { status: 400, error: 'LK_BAD_REQUEST', reason: /malformed HTTP request/ })
+})
+
 t.test('allowed pipelined requests are each decided and injected, answered in order', async (t) => {
   const { upstream, s, host } = await setup(t)
   const raw = await rawRequest(

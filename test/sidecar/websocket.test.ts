@@ -64,13 +64,22 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
   // receives on each connection after its answer.
   const afterAnswer: string[] = []
   const up = createServer((_req, res) => res.writeHead(404).end())
-  up.on('upgrade', (req, socket) => {
+  up.on('upgrade', (req, socket, head: Buffer) => {
+    // Bytes the client sent after its handshake arrive with it, as `head`.
+    if (head.length) afterAnswer.push(head.toString('latin1'))
     const auth = String(req.headers.authorization ?? '')
     const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
     switch (req.url) {
       case '/reflect':
         socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\nX-Echo-Auth: ${auth}\r\n\r\n`)
         break
+      case '/names': {
+        // The credential in header names: percent-encoded in upper-case hex, and as base64url.
+        const secret = auth.slice(7)
+        const pct = [...secret].map((c) => '%' + c.charCodeAt(0).toString(16).toUpperCase().padStart(2, '0')).join('')
+        socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\nX-${pct}: 1\r\nX-${Buffer.from(secret).toString('base64url')}: 2\r\nX-Plain: kept\r\n\r\n`)
+        break
+      }
       case '/plain':
         // Not a WebSocket server: an ordinary keep-alive answer, echoing the credential.
         socket.write(`HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Echo-Auth: ${auth}\r\n\r\nok`)
@@ -108,6 +117,11 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
   t.equal(reflected.headers['sec-websocket-accept'], 's3pPLMBiTxaQ9kYGzzhZRbK+xOo=', 'the handshake answer is intact')
   t.equal(reflected.headers['x-echo-auth'], '[removed by latchkey: it contained the injected credential]', 'a 101 echoing the credential is scrubbed')
 
+  const names = await rawRequest(s.sidecar.port, handshake('/names'))
+  seen.push(names.raw)
+  t.equal(names.status, 101)
+  t.same(Object.keys(names.headers).filter((h) => h.startsWith('x-')), ['x-plain'], 'header names revealing the credential are dropped from a 101')
+
   for (const [path, why] of [
     ['/plain', /answered 200 instead of 101/],
     ['/unauthorized', /answered 401 instead of 101/],
@@ -135,7 +149,7 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
     t.match(JSON.parse(r.body).reason, why, `${name}: says why`)
   }
   const audit = await s.audit()
-  t.equal(audit.filter((e) => e.via === 'upgrade').length, 8, 'every handshake audited')
+  t.equal(audit.filter((e) => e.via === 'upgrade').length, 9, 'every handshake audited')
   t.equal(audit.filter((e) => e.via === 'upgrade' && e.status === 502 && e.error === 'LK_UPSTREAM_PROTOCOL').length, 3)
   assertNoCanary(t, s, ...seen)
 })

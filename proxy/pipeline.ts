@@ -66,7 +66,7 @@ export class Pipeline {
   /** Calls admitted and not yet finished, with the client socket each one holds: what a revocation cuts. */
   readonly live = new LiveCalls()
   /** Pipelined requests waiting for the response before them, per connection (see awaitTurn). */
-  private readonly waitingTurn = new WeakMap<Socket, (() => void)[]>()
+  private readonly waitingTurn = new WeakMap<Socket, { req: IncomingMessage; neverSent: () => void }[]>()
   /** Set when shutdown begins: new calls are refused (503) and connections are not kept alive. */
   draining = false
 
@@ -198,17 +198,17 @@ export class Pipeline {
     // One close listener per connection, however many requests are queued on it.
     let queue = this.waitingTurn.get(socket)
     if (!queue) {
-      const q: (() => void)[] = (queue = [])
+      const q: { req: IncomingMessage; neverSent: () => void }[] = (queue = [])
       this.waitingTurn.set(socket, q)
       socket.once('close', () => {
         this.waitingTurn.delete(socket)
-        for (const neverSent of q.splice(0)) neverSent()
+        for (const waiting of q.splice(0)) waiting.neverSent()
       })
     }
-    const neverSent = () => this.neverSent(req, tunnel)
-    queue.push(neverSent)
+    const entry = { req, neverSent: () => this.neverSent(req, tunnel) }
+    queue.push(entry)
     res.once('socket', () => {
-      const i = queue.indexOf(neverSent)
+      const i = queue.indexOf(entry)
       if (i !== -1) queue.splice(i, 1)
       run()
     })
@@ -217,7 +217,16 @@ export class Pipeline {
   /** Records a request that arrived on a connection already being closed: decided by nobody, sent nowhere. */
   neverSent(req: IncomingMessage, tunnel: TunnelOrigin | null, via: Via = viaOf(req.url ?? '', tunnel)): void {
     const ctx = this.newContext(via, req.method ?? 'GET')
-    this.recordRefusal(ctx, new LatchkeyError('LK_BAD_REQUEST', 'not sent: it was pipelined behind a request that closed the connection'))
+    // The target, where it can be read, so the trail says what was not sent.
+    const url = req.url ?? ''
+    try {
+      if (via === 'tunnelled' && tunnel) ctx.target = parseTunnelledTarget(url, tunnel.target)
+      else if (via === 'reverse') ctx.target = parseReverseTarget(url, this.stages.routes).target
+      else if (via === 'absolute' || via === 'upgrade') ctx.target = url.startsWith('/') ? parseReverseTarget(url, this.stages.routes).target : parseAbsoluteTarget(url)
+    } catch {
+      // Unreadable: recorded without one.
+    }
+    this.recordRefusal(ctx, new LatchkeyError('LK_BAD_REQUEST', 'not sent: the connection was closing before its turn (a request before it was refused or malformed)'))
     this.finish(ctx)
   }
 
@@ -287,9 +296,9 @@ export class Pipeline {
     return e
   }
 
-  /** Whether requests pipelined on this connection are waiting for their turn. */
-  hasQueued(socket: Socket): boolean {
-    return (this.waitingTurn.get(socket)?.length ?? 0) > 0
+  /** Whether a request waiting for its turn on this connection is still receiving its body. */
+  queuedBodyIncomplete(socket: Socket): boolean {
+    return this.waitingTurn.get(socket)?.at(-1)?.req.complete === false
   }
 
   /** Records a refused call that gets no response of its own (its connection is ending). */

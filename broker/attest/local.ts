@@ -36,7 +36,7 @@ export class LocalVerifier implements AttestationVerifier {
       maxTokenAgeS: LOCAL_MAX_AGE_S,
     })
     // RFC 7519: sub is a string. A one-element array would pass the pattern (exec coerces it).
-    if (typeof payload.sub !== 'string' || typeof payload.jti !== 'string') throw new AttestationFailed('sub and jti must be strings')
+    if (typeof payload.sub !== 'string' || typeof payload.jti !== 'string' || payload.jti === '') throw new AttestationFailed('sub and jti must be strings, jti not empty')
     const m = INSTANCE_ID.exec(payload.sub)
     if (!m) throw new AttestationFailed('sub is not an agent instance ID (agent:<type>:<env>:<instance>)')
     const [, type, env] = m

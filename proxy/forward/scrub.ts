@@ -25,6 +25,12 @@ interface Needles {
   secret: string
   /** The secret with every space read as `+` (see reveals). */
   wanted: string
+  /**
+   * The same after 1, 2 and 3 rounds of unescaping: a secret that itself holds an escape (`%25`)
+   * changes under the rounds that undo an echo's escapes, and must be compared as changed.
+   */
+  wantedAfter: readonly string[]
+  lowerWantedAfter: readonly string[]
   /** Lower-cased, for header names, which arrive lower-cased. */
   lowerSecret: string
   lowerWanted: string
@@ -48,6 +54,8 @@ function needlesFor(binding: CredentialBinding, credential: Credential): Needles
     n = {
       secret,
       wanted: spaceAsPlus(secret),
+      wantedAfter: unescapedRounds(secret),
+      lowerWantedAfter: unescapedRounds(secret).map((w) => w.toLowerCase()),
       lowerSecret: secret.toLowerCase(),
       lowerWanted: spaceAsPlus(secret.toLowerCase()),
       forms,
@@ -73,9 +81,12 @@ function reveals(text: string, n: Needles, lowerCased: boolean): boolean {
   // Compared with every space read as `+`: a form encoder writes a space as `+` and a `+` as
   // %2B, so after decoding only this reading makes both sides agree.
   const wanted = lowerCased ? n.lowerWanted : n.wanted
+  const wantedAfter = lowerCased ? n.lowerWantedAfter : n.wantedAfter
   let candidate = text
   for (let round = 0; ; round++) {
-    if (contains(spaceAsPlus(candidate), wanted, forms)) return true
+    const spaced = spaceAsPlus(candidate)
+    if (contains(spaced, wanted, forms)) return true
+    if (round > 0 && wantedAfter[round - 1] !== wanted && spaced.includes(wantedAfter[round - 1]!)) return true
     if (round === 3 || !ESCAPED.test(candidate)) return false
     let next = unescapeOnce(candidate)
     if (lowerCased) next = next.toLowerCase()
@@ -104,6 +115,13 @@ function unescapeOnce(text: string): string {
 
 const JSON_ESCAPES: Record<string, string> = { b: '\b', f: '\f', n: '\n', r: '\r', t: '\t' }
 const HTML_ENTITIES: Record<string, string> = { amp: '&', lt: '<', gt: '>', quot: '"', apos: "'" }
+
+function unescapedRounds(secret: string): string[] {
+  const rounds: string[] = []
+  let s = secret
+  for (let i = 0; i < 3; i++) rounds.push(spaceAsPlus((s = unescapeOnce(s))))
+  return rounds
+}
 
 function spaceAsPlus(s: string): string {
   return s.includes(' ') ? s.replace(/ /g, '+') : s

@@ -98,10 +98,10 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
         // The in-flight request's own chunked body is malformed, found after its head went to the
         // pipeline: its forward is aborted and it is refused with this 400 instead of hanging.
         if (!inFlight.headersSent) abortChunkedForward(inFlight.req, new LatchkeyError('LK_BAD_REQUEST', `malformed request body (${err.code ?? 'parse error'})`))
-      } else if (!pipeline.hasQueued(socket)) {
+      } else if (!pipeline.queuedBodyIncomplete(socket)) {
         // A new request, malformed, behind one still being answered: it cannot be answered in
-        // order, so it is recorded, and the connection ends after the owed response. (With
-        // requests queued, the bytes may be the last one's body: those are recorded as not sent.)
+        // order, so it is recorded, and the connection ends after the owed response. (Bytes
+        // that are the body of a queued request are that request's: it is recorded as not sent.)
         pipeline.recordRefused(pipeline.newContext(via, 'UNKNOWN'), e)
       }
     }

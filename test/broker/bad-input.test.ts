@@ -85,6 +85,24 @@ const cases: Case[] = [
     error: 'invalid_request',
     says: /sub and jti must be strings/,
   },
+  {
+    name: 'local attestation with an empty jti',
+    params: async (b) =>
+      delegatedRequest(
+        await b.userToken('u', 'read'),
+        await new SignJWT({})
+          .setProtectedHeader({ alg: 'ES256', kid: b.localKey.kid, typ: 'JWT' })
+          .setSubject(AGENT)
+          .setIssuer('latchkey-local')
+          .setAudience(b.issuer)
+          .setIssuedAt()
+          .setExpirationTime('60s')
+          .setJti('')
+          .sign(b.localKey.privateKey),
+      ),
+    error: 'invalid_request',
+    says: /jti (not empty|.*missing)|"jti" claim/,
+  },
   { name: 'two audiences', params: async (b) => ({ ...delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT)), audience: [API, MAIL] }), error: 'invalid_target', says: /exactly one audience/ },
   { name: 'no audience', params: async (b) => { const p: Record<string, string> = delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT)); delete p.audience; return p }, error: 'invalid_target', says: /exactly one audience/ },
   { name: 'duration over the maximum', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT), { task_duration: '901' }), error: 'invalid_request', says: /exceeds the maximum of 900 s/ },

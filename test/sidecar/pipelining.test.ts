@@ -54,7 +54,7 @@ t.test('pipelined behind a refusal: not sent, not decided, audited as not sent',
     const events = (await s.audit()).slice(auditBefore)
     t.equal(events.length, 3, `${name}: three calls, three events`)
     const deleted = events.find((e) => e.method === 'DELETE')
-    t.match(deleted, { status: 400, error: 'LK_BAD_REQUEST', reason: /pipelined behind a request that closed the connection/ }, `${name}: the DELETE is recorded as not sent`)
+    t.match(deleted, { status: 400, error: 'LK_BAD_REQUEST', reason: /not sent: the connection was closing/, path: '/item/7' }, `${name}: the DELETE is recorded as not sent, with its target`)
     assertNoCanary(t, s, raw.raw)
   }
   const after = await rawRequest(s.sidecar.port, `GET http://${host}/ HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`)
@@ -69,6 +69,17 @@ t.test('a malformed request behind one still being answered is recorded; the con
   const events = await s.audit()
   t.equal(events.length, 2, 'two calls, two events')
   t.match(events.find((e) => e.method === 'UNKNOWN'), { status: 400, error: 'LK_BAD_REQUEST', reason: /malformed HTTP request/ })
+})
+
+t.test('malformed bytes behind a queued request are recorded too', async (t) => {
+  const { upstream, s, host } = await setup(t)
+  const raw = await rawRequest(s.sidecar.port, `GET http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\n\r\nGET http://${host}/good HTTP/1.1\r\nHost: ${host}\r\n\r\nGET /x HT TP/1.1\r\n\r\n`)
+  t.same(statuses(raw.raw), [200])
+  t.same(upstream.requests.map((r) => r.url), ['/slow'])
+  const events = await s.audit()
+  t.equal(events.length, 3, 'the answered call, the queued one not sent, the malformed bytes')
+  t.match(events.find((e) => e.path === '/good'), { status: 400, reason: /not sent/ })
+  t.match(events.find((e) => e.method === 'UNKNOWN'), { status: 400, reason: /malformed HTTP request/ })
 })
 
 t.test('allowed pipelined requests are each decided and injected, answered in order', async (t) => {
@@ -116,7 +127,7 @@ t.test('inside a plaintext CONNECT tunnel too', async (t) => {
   t.same(statuses(raw), [200, 400], 'the tunnel answers the first, refuses the other origin, and closes')
   t.same(upstream.requests.map((r) => r.url), ['/slow'])
   const events = await s.audit()
-  t.match(events.find((e) => e.method === 'DELETE'), { via: 'tunnelled', status: 400, reason: /pipelined behind/ })
+  t.match(events.find((e) => e.method === 'DELETE'), { via: 'tunnelled', status: 400, reason: /not sent/, path: '/item' })
 })
 
 t.test('what node:http would answer by itself is refused by the sidecar, coded and audited', async (t) => {

@@ -128,6 +128,11 @@ export interface CallContext {
 export interface Identifier {
   /** Consumes Proxy-Authorization; returns the identity or throws a LatchkeyError (407). */
   identify(proxyAuthorization: string | undefined): Identity
+  /**
+   * Who a call refused before identification is recorded under: this sidecar's agent with no
+   * task, so "what did agent X do" finds its malformed and not-sent calls too.
+   */
+  readonly unidentified: Identity
 }
 
 export interface Decider {

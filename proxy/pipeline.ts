@@ -43,8 +43,6 @@ export interface TunnelOrigin {
   proxyAuthorization: string | undefined
 }
 
-/** Before identify runs (and for calls refused earlier): nobody. Shared, never mutated. */
-const UNIDENTIFIED: Identity = Object.freeze({ agentId: '', taskId: null, userSub: null, task: null })
 
 /**
  * An event's timestamp: many calls start within the same millisecond under load, and formatting
@@ -80,7 +78,8 @@ export class Pipeline {
       t0: performance.now(),
       method,
       target: null,
-      identity: UNIDENTIFIED,
+      // Until identify runs, and for calls refused before it: the sidecar's agent, no task.
+      identity: this.stages.identifier.unidentified,
       decision: null,
       resolved: null,
       binding: null,

@@ -10,12 +10,14 @@ import type { TaskRegistry } from '../tasks/registry.js'
 
 export class TaskIdentifier implements Identifier {
   private readonly anonymous: Identity
+  readonly unidentified: Identity
 
   constructor(
     agentId: string,
     private readonly tasks: TaskRegistry,
   ) {
     this.anonymous = Object.freeze({ agentId, taskId: null, userSub: null, task: null }) as Identity
+    this.unidentified = this.anonymous
   }
 
   identify(proxyAuthorization: string | undefined): Identity {

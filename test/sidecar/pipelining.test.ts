@@ -197,3 +197,12 @@ t.test('a malformed chunked body after an admitted head: a coded 400, audited, n
     t.match((await s.audit()).slice(auditBefore), [{ status: 400, error: 'LK_BAD_REQUEST' }], `${name}: audited as the agent's error, not the upstream's`)
   }
 })
+
+t.test('calls refused before identification are in the agent trail, under the sidecar agent', async (t) => {
+  const { s, host } = await setup(t)
+  await rawRequest(s.sidecar.port, `GET http://${host}/x HTTP/1.1\r\nHost: ${host}\r\nHost: again\r\n\r\n`)
+  await rawRequest(s.sidecar.port, `GET /x HT TP/1.1\r\n\r\n`)
+  const events = await s.audit()
+  t.equal(events.length, 2)
+  t.ok(events.every((e) => e.agent === s.config.sidecar.agent_id && e.task === null), 'each names this sidecar agent, no task')
+})

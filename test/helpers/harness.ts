@@ -175,3 +175,27 @@ export function loopbackPolicy(ports: number[], extra: Record<string, unknown> =
     ...extra,
   }
 }
+
+/**
+ * A sidecar injecting a bearer for one recording upstream whose `/slow…` paths answer "late"
+ * after `delayMs`: a response still owed while more requests arrive on the connection.
+ */
+export async function startSlowCallRig(t: { teardown(fn: () => unknown): void }, delayMs: number, sidecar: Record<string, unknown> = {}) {
+  const upstream = await startUpstream({
+    handler: (req, res) => {
+      if (!req.url.startsWith('/slow')) return false
+      setTimeout(() => res.writeHead(200, { 'content-type': 'text/plain' }).end('late'), delayMs)
+      return true
+    },
+  })
+  const s = await startTestSidecar({
+    ...loopbackPolicy([upstream.port]),
+    sidecar,
+    credentials: [{ id: 'up', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  return { upstream, s, host: `127.0.0.1:${upstream.port}` }
+}

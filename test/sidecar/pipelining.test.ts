@@ -4,25 +4,21 @@
 import t, { type Test } from 'tap'
 import { connect } from 'node:net'
 import { once } from 'node:events'
-import { startUpstream, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
+import { startSlowCallRig, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
 
-async function setup(t: Test) {
-  const upstream = await startUpstream({
-    handler: (req, res) => {
-      if (!req.url.startsWith('/slow')) return false
-      setTimeout(() => res.writeHead(200, { 'content-type': 'text/plain' }).end('late'), 150)
-      return true
-    },
-  })
-  const s = await startTestSidecar({
-    ...loopbackPolicy([upstream.port]),
-    credentials: [{ id: 'up', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
-  })
-  t.teardown(async () => {
-    await s.close()
-    await upstream.close()
-  })
-  return { upstream, s, host: `127.0.0.1:${upstream.port}` }
+const setup = (t: Test) => startSlowCallRig(t, 150)
+
+/** Sends `request` inside a plaintext CONNECT tunnel to `host` and collects what comes back until the sidecar closes. */
+async function throughTunnel(port: number, host: string, request: string): Promise<string> {
+  const sock = connect(port, '127.0.0.1')
+  await once(sock, 'connect')
+  sock.write(`CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  await once(sock, 'data')
+  let raw = ''
+  sock.on('data', (d: Buffer) => (raw += d.toString('latin1')))
+  sock.write(request)
+  await once(sock, 'close')
+  return raw
 }
 
 /** Status codes of every response in a raw byte stream, in order. */
@@ -116,14 +112,7 @@ t.test('a deep pipeline is answered in full and in order, without piling listene
 
 t.test('inside a plaintext CONNECT tunnel too', async (t) => {
   const { upstream, s, host } = await setup(t)
-  const sock = connect(s.sidecar.port, '127.0.0.1')
-  await once(sock, 'connect')
-  sock.write(`CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
-  await once(sock, 'data')
-  let raw = ''
-  sock.on('data', (d: Buffer) => (raw += d.toString('latin1')))
-  sock.write(`GET /slow HTTP/1.1\r\nHost: ${host}\r\n\r\nGET http://127.0.0.1:1/x HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\nDELETE /item HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
-  await once(sock, 'close')
+  const raw = await throughTunnel(s.sidecar.port, host, `GET /slow HTTP/1.1\r\nHost: ${host}\r\n\r\nGET http://127.0.0.1:1/x HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\nDELETE /item HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
   t.same(statuses(raw), [200, 400], 'the tunnel answers the first, refuses the other origin, and closes')
   t.same(upstream.requests.map((r) => r.url), ['/slow'])
   const events = await s.audit()
@@ -152,17 +141,6 @@ t.test('what node:http would answer by itself is refused by the sidecar, coded a
 
 t.test('refusals inside a plaintext tunnel are audited as tunnelled', async (t) => {
   const { upstream, s, host } = await setup(t)
-  const inside = async (request: string) => {
-    const sock = connect(s.sidecar.port, '127.0.0.1')
-    await once(sock, 'connect')
-    sock.write(`CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
-    await once(sock, 'data')
-    let raw = ''
-    sock.on('data', (d: Buffer) => (raw += d.toString('latin1')))
-    sock.write(request)
-    await once(sock, 'close')
-    return raw
-  }
   const table: [string, string, number, RegExp][] = [
     ['an upgrade', `GET /ws HTTP/1.1\r\nHost: ${host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n`, 400, /upgrades inside a CONNECT tunnel/],
     ['a nested CONNECT', `CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n`, 400, /CONNECT inside a CONNECT tunnel/],
@@ -171,7 +149,7 @@ t.test('refusals inside a plaintext tunnel are audited as tunnelled', async (t) 
   ]
   for (const [name, request, status, reason] of table) {
     const auditBefore = (await s.audit()).length
-    const raw = await inside(request)
+    const raw = await throughTunnel(s.sidecar.port, host, request)
     t.equal(statuses(raw)[0], status, name)
     const events = (await s.audit()).slice(auditBefore)
     t.equal(events.length, 1, `${name}: one event`)

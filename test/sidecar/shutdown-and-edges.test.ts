@@ -6,23 +6,10 @@ import { createServer, type Server } from 'node:net'
 import { connect } from 'node:net'
 import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
-import { startUpstream, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary } from '../helpers/harness.js'
+import { startSlowCallRig, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary } from '../helpers/harness.js'
 
 t.test('while draining, open connections take no new calls: 503, retryable, connection closed', async (t) => {
-  const upstream = await startUpstream({
-    handler: (req, res) => {
-      if (req.url !== '/slow') return false
-      setTimeout(() => res.writeHead(200).end('late'), 300)
-      return true
-    },
-  })
-  const s = await startTestSidecar({
-    ...loopbackPolicy([upstream.port]),
-    sidecar: { timeouts: { drain_ms: 3000 } },
-    credentials: [{ id: 'up', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
-  })
-  t.teardown(() => upstream.close())
-  const host = `127.0.0.1:${upstream.port}`
+  const { upstream, s, host } = await startSlowCallRig(t, 300, { timeouts: { drain_ms: 3000 } })
   const sock = connect(s.sidecar.port, '127.0.0.1')
   await once(sock, 'connect')
   let raw = ''
@@ -95,22 +82,7 @@ t.test('a task handle that is not valid percent-encoding is a 400, not an intern
 })
 
 t.test('CONNECT and upgrades pipelined ahead of owed responses are not taken', async (t) => {
-  const upstream = await startUpstream({
-    handler: (req, res) => {
-      if (req.url !== '/slow') return false
-      setTimeout(() => res.writeHead(200).end('late'), 200)
-      return true
-    },
-  })
-  const s = await startTestSidecar({
-    ...loopbackPolicy([upstream.port]),
-    credentials: [{ id: 'up', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
-  })
-  t.teardown(async () => {
-    await s.close()
-    await upstream.close()
-  })
-  const host = `127.0.0.1:${upstream.port}`
+  const { upstream, s, host } = await startSlowCallRig(t, 200)
   const ws = `GET http://${host}/ws HTTP/1.1\r\nHost: ${host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`
   const table: [string, string, number[]][] = [
     ['an upgrade behind a slow call', `GET http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\n\r\n` + ws, [200]],

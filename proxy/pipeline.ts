@@ -235,7 +235,7 @@ export class Pipeline {
    * taken: it is recorded as not sent, and the connection ends once those responses are written.
    */
   refusePipelinedTakeover(req: IncomingMessage, socket: Socket, via: Via): boolean {
-    const owed = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
+    const owed = owedResponse(socket)
     const behind = owed && !owed.writableFinished
     if (!behind && !this.closingSockets.has(socket)) return false
     this.closingSockets.add(socket)
@@ -400,6 +400,11 @@ export class Pipeline {
     s.log.info(event, 'call')
     s.metrics.countCall(ctx.via, event.decision ?? 'none', ctx.errorCode ?? 'ok', event.duration_ms / 1000)
   }
+}
+
+/** The response node:http is writing on this connection (`_httpMessage`), if one is still owed. */
+export function owedResponse(socket: Socket): ServerResponse | null {
+  return (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage ?? null
 }
 
 function viaOf(url: string, tunnel: TunnelOrigin | null): Via {

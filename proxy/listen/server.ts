@@ -1,9 +1,9 @@
 // The listener: one node:http server, three entry paths. Absolute-form and origin-form requests
 // go to the pipeline; CONNECT to the tunnel; Upgrade to the WebSocket relay. Parser errors get
 // the same coded 400 as everything else, and are audited.
-import { createServer, type Server, type ServerResponse } from 'node:http'
+import { createServer, type Server } from 'node:http'
 import type { Socket } from 'node:net'
-import type { Pipeline, TunnelOrigin } from '../pipeline.js'
+import { owedResponse, type Pipeline, type TunnelOrigin } from '../pipeline.js'
 import { LatchkeyError } from '../errors.js'
 import { handleConnect } from './tunnel.js'
 import { handleUpgrade } from './upgrade.js'
@@ -91,8 +91,7 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
         : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
           ? new LatchkeyError('LK_BAD_REQUEST', 'request headers not received in time')
           : new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (${err.code ?? 'parse error'})`)
-    // A response is still owed on this connection (`_httpMessage`: node:http's in-flight one).
-    const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
+    const inFlight = owedResponse(socket)
     if (inFlight && !pipeline.closingSockets.has(socket)) {
       if (!inFlight.req.complete) {
         // The in-flight request's own chunked body is malformed, found after its head went to the

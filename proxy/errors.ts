@@ -10,6 +10,7 @@ export const ERRORS = {
   LK_PROXY_AUTH: { status: 407, error: 'proxy_auth_required', retryable: false },
   LK_CALLER_DENIED: { status: 403, error: 'caller_denied', retryable: false },
   LK_REVOKED: { status: 403, error: 'revoked', retryable: false },
+  LK_TASK_ENDED: { status: 407, error: 'task_ended', retryable: false },
   LK_CREDENTIAL_UNAVAILABLE: { status: 503, error: 'credential_unavailable', retryable: true },
   LK_DNS_FAILED: { status: 502, error: 'upstream_unresolvable', retryable: true },
   LK_UPSTREAM_UNREACHABLE: { status: 502, error: 'upstream_unreachable', retryable: true },

@@ -6,7 +6,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Logger } from '../lib/log.js'
 import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Identifier, Identity, Resolution, Resolver, Target, Via } from './context.js'
-import { LatchkeyError, renderError, renderErrorRaw } from './errors.js'
+import { LatchkeyError, renderError, renderErrorRaw, type ErrorCode } from './errors.js'
 import type { CredentialBindings } from './credentials/bindings.js'
 import { stripQueryParams } from './credentials/bindings.js'
 import { hostHeader, parseAbsoluteTarget, parseReverseTarget, parseTunnelledTarget, type ReverseRoutes } from './listen/target.js'
@@ -344,17 +344,18 @@ export class Pipeline {
   }
 
   /**
-   * Cuts every admitted call whose identity matches (a revoked agent or task): keep-alive
-   * connections, streaming responses, tunnels and WebSockets end now. Returns how many.
+   * Cuts every admitted call whose identity matches (a revoked agent or task, a task that ended):
+   * keep-alive connections, streaming responses, tunnels and WebSockets end now, recorded with
+   * `code`. Returns how many.
    */
-  cut(matches: (identity: Identity) => boolean): number {
+  cut(matches: (identity: Identity) => boolean, code: ErrorCode = 'LK_REVOKED', reason = 'revoked'): number {
     let n = 0
     for (const [ctx, socket] of this.live.entries()) {
       if (!matches(ctx.identity)) continue
       this.live.delete(ctx)
       if (!ctx.errorCode) {
-        ctx.errorCode = 'LK_REVOKED'
-        ctx.errorReason = 'revoked'
+        ctx.errorCode = code
+        ctx.errorReason = reason
       }
       socket.destroy()
       n++

@@ -243,6 +243,16 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     metrics,
   })
 
+  // A task's egress ends with the task: streams, tunnels and WebSockets it opened are cut when it
+  // is ended or expires, not left running on a credential that was scoped to it. (Not at shutdown:
+  // the drain has already ended those.)
+  let stopping = false
+  tasks.onEnd((t) => {
+    if (stopping) return
+    const cut = pipeline.cut((id) => id.taskId === t.id, 'LK_TASK_ENDED', 'the task ended')
+    if (cut > 0) log.info({ task: t.id, connections_cut: cut }, 'task ended; its open calls were cut')
+  })
+
   const policy = new PolicySwitch(pipeline.stages, initialPolicy?.version ?? 'config', sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES, log, metrics.registry)
   const reloadPolicy = (): { ok: true; version: string } | { ok: false; reason: string } => {
     if (!sc.policy_file) return { ok: false, reason: 'no sidecar.policy_file is configured' }
@@ -373,6 +383,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       server.closeAllConnections()
       for (const s of openStreams) s.destroy()
       await pipeline.stages.pools.close()
+      stopping = true
       tasks.close()
       await brokerTokens?.close()
       await clientCredentials?.close()

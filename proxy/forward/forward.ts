@@ -109,8 +109,11 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     const mapped = upstreamError(err)
     if (this.res.headersSent) {
       // Part of the response is already with the agent: the only honest signal left is a cut.
-      this.ctx.errorCode = mapped.code
-      this.ctx.errorReason = mapped.reason
+      // A call cut on purpose (revoked, its task ended) keeps that reason, not the abort it caused.
+      if (!this.ctx.errorCode) {
+        this.ctx.errorCode = mapped.code
+        this.ctx.errorReason = mapped.reason
+      }
       this.res.destroy()
       this.done(null)
     } else {

@@ -50,6 +50,8 @@ t.test('revoking one agent: refused at once, tokens gone, streams cut; the other
   t.equal(victim.sidecar.brokerTokens!.size, 0, 'every cached token of the victim is gone')
   t.equal(victim.sidecar.brokerTokens!.describe(vt.id).length, 0)
   t.not(await stream.ended, undefined, 'the streaming response was cut')
+  // Recorded as revoked, not as the upstream failure the cut itself caused.
+  await until('the cut stream is audited as revoked', async () => (await victim.audit()).some((e) => e.task === vt.id && e.via === 'absolute' && e.status === 200 && e.error === 'LK_REVOKED'))
   await tunnelClosed
   t.ok(tunnel.destroyed, 'the CONNECT tunnel was closed')
   // A new task on the revoked sidecar gets nowhere either.

@@ -1,0 +1,80 @@
+// A task's egress ends with the task. Streams, CONNECT tunnels and WebSockets opened under a task
+// are cut when the task is ended (DELETE /v1/tasks/<handle>) or expires, and recorded with
+// LK_TASK_ENDED; the agent's other tasks keep theirs. All real: broker, sidecar, upstream API.
+import t from 'tap'
+import { connect as netConnect, type Socket } from 'node:net'
+import { once } from 'node:events'
+import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openWebSocket, until, type ControlSidecar } from './rig.js'
+
+async function openTunnel(s: ControlSidecar, handle: string, port: number): Promise<Socket> {
+  const tunnel = netConnect(Number(new URL(s.proxy).port), '127.0.0.1')
+  await once(tunnel, 'connect')
+  tunnel.write(`CONNECT 127.0.0.1:${port} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nProxy-Authorization: Basic ${Buffer.from(`task:${handle}`).toString('base64')}\r\n\r\n`)
+  const [head] = (await once(tunnel, 'data')) as [Buffer]
+  if (!head.toString().startsWith('HTTP/1.1 200')) throw new Error(`tunnel refused: ${head.toString().split('\r\n')[0]}`)
+  return tunnel
+}
+
+t.test('ending a task cuts its open streams, tunnel and WebSocket; the other task keeps its own', async (t) => {
+  const broker = await startControlBroker()
+  t.teardown(() => broker.close())
+  const api = await startApi()
+  t.teardown(api.close)
+  const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:ender')
+  t.teardown(s.close)
+  const ending = await s.openTask()
+  const staying = await s.openTask()
+
+  const stream = await openStream(s, ending.handle, `${api.origin}/stream`)
+  t.equal(stream.status, 200)
+  await until('stream flowing', () => stream.chunks() > 0)
+  const tunnel = await openTunnel(s, ending.handle, api.port)
+  const tunnelClosed = once(tunnel, 'close')
+  const ws = await openWebSocket(s, ending.handle, api)
+  const wsClosed = once(ws, 'close')
+  const other = await openWebSocket(s, staying.handle, api)
+  let otherClosed = false
+  other.on('close', () => (otherClosed = true))
+
+  const t0 = performance.now()
+  const res = await fetch(`${s.sidecar.adminUrl}/v1/tasks/${encodeURIComponent(ending.handle)}`, { method: 'DELETE' })
+  t.equal(res.status, 204, 'task ended')
+  await Promise.all([stream.ended, tunnelClosed, wsClosed])
+  const ms = performance.now() - t0
+  t.ok(ms < 1000, `the task's stream, tunnel and WebSocket were cut within a second (${ms.toFixed(1)} ms)`)
+  t.ok(tunnel.destroyed && ws.destroyed)
+
+  other.write('ping')
+  const [echo] = (await once(other, 'data')) as [Buffer]
+  t.equal(echo.toString(), 'echo:ping', "the other task's WebSocket still relays")
+  t.notOk(otherClosed)
+  t.equal((await viaProxy(s, staying.handle, `${api.origin}/x`)).status, 200, 'the other task still calls out')
+  t.equal((await viaProxy(s, ending.handle, `${api.origin}/x`)).status, 407, 'the ended task is refused')
+  other.destroy()
+
+  await until('cut calls audited', async () => (await s.audit()).filter((e) => e.error === 'LK_TASK_ENDED').length === 3)
+  const cut = (await s.audit()).filter((e) => e.error === 'LK_TASK_ENDED')
+  t.same(cut.map((e) => e.via).sort(), ['absolute', 'connect', 'upgrade'], 'the stream, the tunnel and the WebSocket, each recorded as cut')
+  t.ok(cut.every((e) => e.task === ending.id && e.reason === 'the task ended'))
+  t.notOk((await s.audit()).some((e) => e.task === staying.id && e.error === 'LK_TASK_ENDED'), 'nothing of the other task was cut')
+})
+
+t.test('a task that expires has its WebSocket cut by the expiry sweep', async (t) => {
+  const broker = await startControlBroker()
+  t.teardown(() => broker.close())
+  const api = await startApi()
+  t.teardown(api.close)
+  let offset = 0
+  const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:expirer', { options: { now: () => Date.now() + offset } })
+  t.teardown(s.close)
+  const task = await s.openTask()
+  const ws = await openWebSocket(s, task.handle, api)
+  const closed = once(ws, 'close')
+  ws.write('ping')
+  t.equal(((await once(ws, 'data')) as [Buffer])[0].toString(), 'echo:ping', 'relaying while the task is open')
+  // The rig opens tasks for 200 s: move the sidecar's clock past that; the once-a-second sweep ends it.
+  offset = 201_000
+  await closed
+  t.ok(ws.destroyed, 'the expired task\'s WebSocket was cut')
+  await until('cut audited', async () => (await s.audit()).some((e) => e.error === 'LK_TASK_ENDED' && e.task === task.id))
+})

@@ -4,7 +4,8 @@
 import type { IncomingMessage } from 'node:http'
 import { LatchkeyError } from '../errors.js'
 
-export function checkFraming(req: IncomingMessage): void {
+/** `requireHost` is off for CONNECT, whose target is its request line (RFC 9112 §3.2.3). */
+export function checkFraming(req: IncomingMessage, requireHost = true): void {
   if (req.httpVersionMajor !== 1) {
     throw new LatchkeyError('LK_BAD_REQUEST', `HTTP/${req.httpVersion} is not accepted on this listener; use HTTP/1.1`)
   }
@@ -35,7 +36,7 @@ export function checkFraming(req: IncomingMessage): void {
     }
   }
   if (hosts > 1) throw new LatchkeyError('LK_BAD_REQUEST', 'duplicate Host header')
-  if (hosts === 0 && req.httpVersionMinor === 1) throw new LatchkeyError('LK_BAD_REQUEST', 'HTTP/1.1 request without a Host header')
+  if (hosts === 0 && requireHost && req.httpVersionMinor === 1) throw new LatchkeyError('LK_BAD_REQUEST', 'HTTP/1.1 request without a Host header')
   if (contentLengths > 1) throw new LatchkeyError('LK_BAD_REQUEST', 'duplicate Content-Length header')
   // Two task handles: which one the call runs under would be a guess.
   if (proxyAuths > 1) throw new LatchkeyError('LK_BAD_REQUEST', 'duplicate Proxy-Authorization header')

@@ -9,6 +9,7 @@ import type { IncomingMessage } from 'node:http'
 import type { Pipeline, TunnelOrigin } from '../pipeline.js'
 import { LatchkeyError } from '../errors.js'
 import { parseConnectTarget } from './target.js'
+import { checkFraming } from './framing.js'
 import { upstreamError } from '../forward/upstream-errors.js'
 import { watchClose } from './relay.js'
 
@@ -41,6 +42,8 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
   client.on('error', () => {})
   const run = async () => {
     if (req.httpVersionMajor !== 1) throw new LatchkeyError('LK_BAD_REQUEST', 'CONNECT must be HTTP/1.x')
+    // Two Host or two Proxy-Authorization headers: which authority, which task, would be a guess.
+    checkFraming(req, false)
     ctx.target = parseConnectTarget(req.url ?? '')
     await pipeline.admit(ctx, req.headers['proxy-authorization'], false, client)
     const target = ctx.target

@@ -30,6 +30,8 @@ t.test('refused framings', async (t) => {
     ['request line claiming HTTP/2', `GET ${target} HTTP/2.0\r\nHost: ${host}\r\n\r\n`, /HTTP\/2|malformed/],
     ['HTTP/2 preface', `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, /HTTP\/2|malformed/],
     ['CONNECT without a port', `CONNECT 127.0.0.1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, /explicit port/],
+    ['CONNECT with two Hosts', `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\nHost: 169.254.169.254:80\r\n\r\n`, /duplicate Host/],
+    ['CONNECT with two Proxy-Authorizations', `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\nProxy-Authorization: Basic dGFzazph\r\nProxy-Authorization: Basic dGFzazpi\r\n\r\n`, /duplicate Proxy-Authorization/],
     ['CONNECT with a path', `CONNECT 127.0.0.1:${upstream.port}/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, /no path/],
     ['control character in a header', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A: a\x01b\r\n\r\n`, /malformed/],
     ['space before the colon', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A : b\r\n\r\n`, /malformed/],

@@ -87,7 +87,7 @@ t.test('curl, Node fetch and Python reach the upstream with the credential injec
   assertNoCanary(t, s, ...bodies)
 })
 
-t.test('HTTPS_PROXY: curl and Node fetch tunnel through CONNECT, untouched', async (t) => {
+t.test('HTTPS_PROXY: curl, Node fetch and Python tunnel through CONNECT, untouched', async (t) => {
   const tlsUpstream = await startUpstream({ tls: true })
   const s = await startTestSidecar({
     ...loopbackPolicy([tlsUpstream.port]),
@@ -108,10 +108,15 @@ t.test('HTTPS_PROXY: curl and Node fetch tunnel through CONNECT, untouched', asy
     env: cleanEnv({ HTTPS_PROXY: s.proxy, NODE_EXTRA_CA_CERTS: testPki().caFile }),
   })
   t.equal(fetched.stdout.trim(), '200 ok')
-  t.equal(tlsUpstream.requests.length, 2)
+  // Python's http.client frames its CONNECT its own way (HTTP/1.0 on 3.11, no Host before 3.12).
+  const pyScript = 'import ssl, sys, urllib.request\nr = urllib.request.urlopen(sys.argv[1], context=ssl.create_default_context(cafile=sys.argv[2]))\nprint(r.status, r.read().decode())'
+  const py = await run('python3', ['-c', pyScript, url, testPki().caFile], { env: cleanEnv({ HTTPS_PROXY: s.proxy }) })
+  t.equal(py.stdout.trim(), '200 ok', `python urllib through HTTPS_PROXY (${py.stderr.trim().split('\n').at(-1) ?? ''})`)
+  t.equal(tlsUpstream.requests.length, 3)
   t.ok(tlsUpstream.requests.every((r) => r.headers.authorization === undefined), 'a tunnel is never given a credential')
   const audit = await s.audit()
   t.same(audit.map((e) => [e.via, e.method, e.status, e.host, e.port, e.scheme]), [
+    ['connect', 'CONNECT', 200, 'localhost', tlsUpstream.port, 'tunnel'],
     ['connect', 'CONNECT', 200, 'localhost', tlsUpstream.port, 'tunnel'],
     ['connect', 'CONNECT', 200, 'localhost', tlsUpstream.port, 'tunnel'],
   ])

@@ -53,7 +53,7 @@ export function createQueryServer(store: AuditStore, log: Logger, readerTokensSh
           try {
             since = parseSince(url.searchParams.get('since') ?? '24h')
             const u = url.searchParams.get('until')
-            until = u ? parseSince(u, Date.now(), 'until') : undefined
+            until = u === null ? undefined : parseSince(u, Date.now(), 'until')
           } catch (err) {
             throw new BadRequest((err as Error).message)
           }

@@ -4,11 +4,24 @@ import type { StoredEvent } from './store/types.js'
 
 const UNITS: Record<string, number> = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }
 
-/** "24h", "30m", "7d", "90s", or an ISO-8601 time. Throws naming the value when it is neither. */
+/** ISO-8601 as the API documents it: a date, optionally a time, optionally a zone. */
+const ISO = /^(\d{4})-(\d{2})-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d{1,9})?)?(?:Z|[+-]\d{2}:\d{2})?)?$/
+
+/** Date.parse takes other spellings too, and rolls 2024-02-30 over to March 1st: neither is asked for. */
+function parseIso(value: string): number {
+  const m = ISO.exec(value)
+  if (!m) return NaN
+  const [y, mo, d, h = '0', mi = '0', sec = '0'] = m.slice(1) as string[]
+  const day = new Date(Date.UTC(Number(y), Number(mo) - 1, Number(d)))
+  if (day.getUTCMonth() !== Number(mo) - 1 || day.getUTCDate() !== Number(d) || Number(h) > 23 || Number(mi) > 59 || Number(sec) > 59) return NaN
+  // As ECMAScript reads it: a date alone is UTC, a time without a zone is the collector's local time.
+  return Date.parse(value)
+}
+
 /** A time bound: a duration before now (24h, 30m, 7d) or an ISO-8601 time; `name` is the parameter, for the error. */
 export function parseSince(value: string, now = Date.now(), name = 'since'): Date {
   const m = /^(\d+)([smhd])$/.exec(value.trim())
-  const t = m ? now - Number(m[1]) * UNITS[m[2]!]! : Date.parse(value)
+  const t = m ? now - Number(m[1]) * UNITS[m[2]!]! : parseIso(value.trim())
   // A Date holds ±8.64e15 ms; a duration reaching past that is a mistake, not "all of time".
   if (Number.isNaN(t) || Math.abs(t) > 8.64e15) {
     throw new Error(`${name} "${value.slice(0, 64)}" is neither a duration (like 24h, 30m, 7d) nor an ISO-8601 time within range`)

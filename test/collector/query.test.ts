@@ -46,6 +46,14 @@ t.test('HTTP API and CLI answer what an agent did', async (t) => {
   t.same(await get(`/v1/events?agent=${X}&since=99999999999999d`), { status: 400, body: { error: 'since "99999999999999d" is neither a duration (like 24h, 30m, 7d) nor an ISO-8601 time within range' } })
   t.same(await get(`/v1/events?agent=${X}&until=99999999999999d`), { status: 400, body: { error: 'until "99999999999999d" is neither a duration (like 24h, 30m, 7d) nor an ISO-8601 time within range' } })
   t.match(await get(`/v1/events?agent=${X}&until=nope`), { status: 400, body: { error: /^until "nope"/ } }, 'the error names the parameter that was wrong')
+  // Dates that do not exist, and spellings Date.parse would guess at, are refused, not rolled over.
+  for (const bad of ['2024-02-30', '2023-02-29T00:00:00Z', '2026-13-01', '2026-11-30T24:00:00Z', '2026-11-30T10:60Z', 'March 7, 2026', '2026/11/30', '1']) {
+    t.match(await get(`/v1/events?agent=${X}&since=${encodeURIComponent(bad)}`), { status: 400, body: { error: /^since ".*" is neither/ } }, `since=${bad} is refused`)
+  }
+  t.match(await get(`/v1/events?agent=${X}&until=`), { status: 400, body: { error: /^until "" is neither/ } }, 'an empty until is refused, not ignored')
+  for (const good of ['2024-02-29', '2026-11-30T10:00:00Z', '2026-11-30T10:00:00.123+02:00', '2026-11-30T10:00']) {
+    t.equal((await get(`/v1/events?agent=${X}&since=${encodeURIComponent(good)}`)).status, 200, `since=${good} is accepted`)
+  }
   // A request line that is valid HTTP but no valid URL: a 400 before authentication, never a crash.
   const { connect } = await import('node:net')
   for (const target of ['//[', 'http://[::1/x']) {

@@ -225,7 +225,12 @@ export class Pipeline {
     } catch {
       // Unreadable: recorded without one.
     }
-    this.recordRefusal(ctx, new LatchkeyError('LK_BAD_REQUEST', 'not sent: the connection was closing before its turn (a request before it was refused or malformed)'))
+    this.recordRefusal(
+      ctx,
+      this.draining
+        ? new LatchkeyError('LK_DRAINING', 'not sent: the sidecar is shutting down and the connection ended before its turn')
+        : new LatchkeyError('LK_BAD_REQUEST', 'not sent: the connection was closing before its turn (a request before it was refused or malformed)'),
+    )
     this.finish(ctx)
   }
 
@@ -289,6 +294,9 @@ export class Pipeline {
   /** Records a refusal on the call's context; returns it as a LatchkeyError. */
   private recordRefusal(ctx: CallContext, err: unknown): LatchkeyError {
     const e = this.asLatchkeyError(err)
+    // A call cut on purpose (see cut) keeps that as its outcome, not the abort the cut caused;
+    // its status stays what the agent got: nothing (0) when the cut came before the response.
+    if (ctx.errorCode !== null) return e
     ctx.status = e.status
     ctx.errorCode = e.code
     ctx.errorReason = e.reason
@@ -361,6 +369,19 @@ export class Pipeline {
       n++
     }
     return n
+  }
+
+  /**
+   * Shutdown begins: new calls are refused (503 LK_DRAINING), and a call in flight whose response
+   * head is not written yet answers with `Connection: close`, so its client does not send the
+   * next request on a connection about to end.
+   */
+  beginDrain(): void {
+    this.draining = true
+    for (const [, socket] of this.live.entries()) {
+      const res = owedResponse(socket)
+      if (res && !res.headersSent) res.shouldKeepAlive = false
+    }
   }
 
   finish(ctx: CallContext): void {

@@ -370,7 +370,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const close = () =>
     (closing ??= (async () => {
       draining = true
-      pipeline.draining = true
+      pipeline.beginDrain()
       log.info({ drainMs: sc.timeouts.drain_ms }, 'draining')
       control?.close()
       policyWatcher?.close()
@@ -380,6 +380,8 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       server.closeIdleConnections()
       const deadline = new Promise<void>((resolve) => setTimeout(resolve, sc.timeouts.drain_ms).unref())
       await Promise.race([closed, deadline])
+      // What is still open at the deadline is cut, and recorded as cut by the shutdown.
+      pipeline.cut(() => true, 'LK_DRAINING', 'the sidecar shut down before the call finished')
       server.closeAllConnections()
       for (const s of openStreams) s.destroy()
       await pipeline.stages.pools.close()

@@ -72,6 +72,25 @@ t.test('JSON lines: every event once, in order, across buffer rotations, text of
   t.notOk('token_sha256' in read[1]!.credential!, 'no hash key where there is no hash')
 })
 
+t.test('JSON lines: events recorded while close() writes the last batch are kept, none after', async (t) => {
+  const path = join(mkdtempSync(join(tmpdir(), 'lk-jsonl-')), 'audit.jsonl')
+  const sink = new JsonlAuditSink(path, 5)
+  sink.write(event(0))
+  const closing = sink.close()
+  // Calls cut by a shutdown finish while the sink is closing: a tick later, and a turn later.
+  await Promise.resolve()
+  sink.write(event(1))
+  await new Promise((r) => setImmediate(r))
+  sink.write(event(2))
+  await closing
+  sink.write(event(3))
+  t.same(
+    lines(path).map((e) => e.bytes_out),
+    [0, 1, 2],
+    'every event before close() resolved is on disk, in order',
+  )
+})
+
 t.test('call ids are version 4 UUIDs, distinct across batches', async (t) => {
   const seen = new Set<string>()
   for (let i = 0; i < 1000; i++) {

@@ -124,7 +124,10 @@ export class JsonlAuditSink implements AuditSink {
 
   async close(): Promise<void> {
     if (this.closed) return
-    await this.flush()
+    // Calls that end while the last batch is being written (those cut by the shutdown) are
+    // recorded then: write until a flush finds nothing new, and only then stop taking events.
+    do await this.flush()
+    while (this.events.length > 0 || this.used > 0)
     this.closed = true
     fsyncSync(this.fd)
     closeSync(this.fd)

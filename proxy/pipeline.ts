@@ -170,11 +170,7 @@ export class Pipeline {
       if (ctx.method === 'TRACE' || ctx.method === 'TRACK') {
         throw new LatchkeyError('LK_BAD_REQUEST', `${ctx.method} is not proxied: the upstream would echo the request, credentials included`)
       }
-      ctx.target = tunnel
-        ? parseTunnelledTarget(url, tunnel.target)
-        : ctx.via === 'reverse'
-          ? parseReverseTarget(url, this.stages.routes).target
-          : parseAbsoluteTarget(url)
+      ctx.target = this.parseTarget(url, tunnel)
       // Inside a tunnel the agent's proxy credential came with the CONNECT, not with each request.
       const admitted = this.admit(ctx, tunnel ? tunnel.proxyAuthorization : req.headers['proxy-authorization'], true, req.socket)
       if (admitted) {
@@ -185,6 +181,12 @@ export class Pipeline {
     } catch (err) {
       this.refuse(ctx, res, err)
     }
+  }
+
+  /** A request's target, read the way it arrived: inside a tunnel, origin-form (a route), or absolute-form. Throws LK_BAD_REQUEST / LK_NO_ROUTE. */
+  parseTarget(url: string, tunnel: TunnelOrigin | null): Target {
+    if (tunnel) return parseTunnelledTarget(url, tunnel.target)
+    return url.startsWith('/') ? parseReverseTarget(url, this.stages.routes).target : parseAbsoluteTarget(url)
   }
 
   /**
@@ -219,9 +221,7 @@ export class Pipeline {
     // The target, where it can be read, so the trail says what was not sent.
     const url = req.url ?? ''
     try {
-      if (via === 'tunnelled' && tunnel) ctx.target = parseTunnelledTarget(url, tunnel.target)
-      else if (via === 'reverse') ctx.target = parseReverseTarget(url, this.stages.routes).target
-      else if (via === 'absolute' || via === 'upgrade') ctx.target = url.startsWith('/') ? parseReverseTarget(url, this.stages.routes).target : parseAbsoluteTarget(url)
+      if (via !== 'connect' && (via !== 'tunnelled' || tunnel)) ctx.target = this.parseTarget(url, tunnel)
     } catch {
       // Unreadable: recorded without one.
     }

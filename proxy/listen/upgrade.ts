@@ -6,7 +6,7 @@ import { connect as tlsConnect } from 'node:tls'
 import type { IncomingMessage } from 'node:http'
 import type { Pipeline } from '../pipeline.js'
 import { LatchkeyError } from '../errors.js'
-import { hostHeader, parseAbsoluteTarget, parseReverseTarget } from './target.js'
+import { hostHeader } from './target.js'
 import { checkFraming } from './framing.js'
 import { outboundRequestHeaders } from '../forward/headers.js'
 import { stripQueryParams } from '../credentials/bindings.js'
@@ -36,7 +36,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
       throw new LatchkeyError('LK_BAD_REQUEST', 'a WebSocket handshake carries no body')
     }
     if (req.headers.expect !== undefined) throw new LatchkeyError('LK_BAD_REQUEST', 'Expect is not supported on a WebSocket handshake')
-    ctx.target = url.startsWith('/') ? parseReverseTarget(url, pipeline.stages.routes).target : parseAbsoluteTarget(url)
+    ctx.target = pipeline.parseTarget(url, null)
     await pipeline.admit(ctx, req.headers['proxy-authorization'], true, client)
     const target = ctx.target
     const headers = outboundRequestHeaders(req.headers, ctx.binding?.strip ?? null, KEEP_FOR_WEBSOCKET)

@@ -85,5 +85,11 @@ export async function verifyJwt(token: string, keys: JWTVerifyGetKey, opts: Veri
     requiredClaims: ['exp', ...(opts.requiredClaims ?? [])],
     ...(opts.maxTokenAgeS !== undefined ? { maxTokenAge: opts.maxTokenAgeS } : {}),
   })
+  // jose checks that sub is present when required, not what it is; a number, an array or ""
+  // would be copied into the issued token and the audit as someone's identity (RFC 7519 §4.1.2:
+  // a StringOrURI). And it bounds iat only with maxTokenAge: a token "issued" in the future is
+  // refused everywhere, with the same skew as exp and nbf (RFC 8725 §3.10 spirit).
+  if (payload.sub !== undefined && (typeof payload.sub !== 'string' || payload.sub.length === 0)) throw new TokenInvalid('claim "sub" must be a non-empty string')
+  if (payload.iat !== undefined && payload.iat > Date.now() / 1000 + MAX_SKEW_S) throw new TokenInvalid('not yet valid (iat)')
   return payload
 }

@@ -111,7 +111,8 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
 
   async function admin(req: IncomingMessage, res: ServerResponse, path: string): Promise<void> {
     const auth = req.headers.authorization ?? ''
-    const given = auth.startsWith('Bearer ') ? auth.slice(7) : ''
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    const given = auth.slice(0, 7).toLowerCase() === 'bearer ' ? auth.slice(7) : ''
     if (!d.adminToken || !sameSecret(given, d.adminToken)) {
       req.resume()
       const why = d.adminToken ? 'a valid admin bearer token is required' : 'the admin API is disabled: no admin token is configured'
@@ -128,16 +129,16 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
         input = JSON.parse((await readBody(req, d.maxBodyBytes)).toString('utf8')) as typeof input
       } catch (err) {
         const tooBig = err instanceof BodyTooLarge
-        send(res, tooBig ? 413 : 400, JSON.stringify({ error: 'invalid_request', error_description: tooBig ? 'body too large' : 'body is not JSON' }))
+        send(res, tooBig ? 413 : 400, JSON.stringify({ error: 'invalid_request', error_description: tooBig ? 'body too large' : 'body is not JSON' }), NO_STORE)
         return
       }
       const problem = revocationProblem(input)
       if (problem) {
-        send(res, 400, JSON.stringify({ error: 'invalid_request', error_description: problem }))
+        send(res, 400, JSON.stringify({ error: 'invalid_request', error_description: problem }), NO_STORE)
         return
       }
       const { revocation, created } = await d.revocations.revoke(input.kind as RevocationKind, input.value as string, (input.reason as string | undefined) ?? 'revoked by operator')
-      send(res, created ? 201 : 200, JSON.stringify({ revocation, created }))
+      send(res, created ? 201 : 200, JSON.stringify({ revocation, created }), NO_STORE)
       return
     }
     const m = /^\/v1\/revocations\/(agent|task|jti)\/(.+)$/.exec(path)
@@ -146,15 +147,15 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
       try {
         value = decodeURIComponent(m[2]!)
       } catch {
-        send(res, 400, JSON.stringify({ error: 'invalid_request', error_description: 'the revocation value in the path is not valid percent-encoding' }))
+        send(res, 400, JSON.stringify({ error: 'invalid_request', error_description: 'the revocation value in the path is not valid percent-encoding' }), NO_STORE)
         return
       }
       const removed = await d.revocations.unrevoke(m[1] as RevocationKind, value)
-      send(res, removed ? 200 : 404, JSON.stringify({ removed }))
+      send(res, removed ? 200 : 404, JSON.stringify({ removed }), NO_STORE)
       return
     }
     req.resume()
-    send(res, 404, JSON.stringify({ error: 'not_found', error_description: `no admin endpoint ${req.method} ${path.slice(0, 100)}` }))
+    send(res, 404, JSON.stringify({ error: 'not_found', error_description: `no admin endpoint ${req.method} ${path.slice(0, 100)}` }), NO_STORE)
   }
 
   const server = createServer({ requestTimeout: 30_000, headersTimeout: 10_000, maxHeaderSize: 32_768 }, (req, res) => {

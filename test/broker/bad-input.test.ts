@@ -57,6 +57,15 @@ const cases: Case[] = [
   { name: 'subject from another issuer', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { iss: 'https://evil-idp' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: issuer is not the configured user identity provider/ },
   { name: 'subject expired beyond the 30 s skew', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { exp: now() - 31 - 5 }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: expired/ },
   { name: 'subject not yet valid', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { nbf: now() + 300 }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: not yet valid/ },
+  // A subject must name someone, as a string: anything else would be copied into the issued token's sub.
+  ...([['a number', 12345], ['an array', ['u']], ['an object', { id: 'u' }], ['empty', '']] as const).map(([what, sub]) => ({
+    name: `subject whose sub is ${what}`,
+    params: async (b: TestBroker) => delegatedRequest(await b.userToken('u', 'read', { sub }), await b.attest(AGENT)),
+    error: 'invalid_request',
+    says: /subject_token: claim "sub" must be a non-empty string/,
+  })),
+  { name: 'subject issued in the future (iat beyond the skew)', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { iat: now() + 365 * 86400 }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: not yet valid \(iat\)/ },
+  { name: 'actor issued in the future (iat beyond the skew)', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.k8s.sign({ aud: b.issuer, iat: now() + 3600, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() }), { actor_token_type: TOKEN_TYPES.kubernetes }), error: 'invalid_request', says: /actor_token: not yet valid \(iat\)/ },
   { name: 'subject unsigned', params: async (b) => delegatedRequest(stripSignature(await b.userToken('u', 'read')), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: (signature does not verify|not a valid signed JWT)/ },
   { name: 'subject scopes do not cover the request', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT), { scope: 'read write' }), error: 'invalid_scope', says: /subject_token does not grant scope write/ },
   { name: 'subject grants nothing the agent may have', params: async (b) => delegatedRequest(await b.userToken('u', 'admin'), await b.attest(AGENT)), error: 'invalid_scope', says: /grants none/ },
@@ -83,7 +92,7 @@ const cases: Case[] = [
           .sign(b.localKey.privateKey),
       ),
     error: 'invalid_request',
-    says: /sub and jti must be strings/,
+    says: /sub and jti must be strings|claim "sub" must be a non-empty string/,
   },
   {
     name: 'local attestation with an empty jti',
@@ -191,6 +200,8 @@ t.test('clock skew: up to 30 s is tolerated, beyond is not', async (t) => {
   t.equal(userPast.body.error_description, 'subject_token: expired', 'nothing is left of its life to delegate')
   const future = await b.exchange(delegatedRequest(await b.userToken('u', 'read', { nbf: now() + 20 }), await b.attest(AGENT)))
   t.equal(future.status, 200, why(future))
+  const issuedAhead = await b.exchange(delegatedRequest(await b.userToken('u', 'read', { iat: now() + 20 }), await b.attest(AGENT)))
+  t.equal(issuedAhead.status, 200, `an iat 20 s ahead is within skew (${why(issuedAhead)})`)
 })
 
 function k8sClaims() {

@@ -70,6 +70,11 @@ t.test('revocation via the admin API, introspection, and a restart', async (t) =
   t.equal((await admin('POST', '/v1/revocations', { kind: 'agent', value: 'not-an-agent-id' })).status, 400, 'a malformed agent ID is refused')
   const r = await admin('POST', '/v1/revocations', { kind: 'agent', value: agent, reason: 'compromised' })
   t.equal(r.status, 201)
+  t.equal(r.headers.get('cache-control'), 'no-store', 'admin answers are not for caches')
+  const lower = await fetch(`${b.url}/v1/revocations`, { headers: { authorization: `bearer ${b.adminToken}` } })
+  t.equal(lower.status, 200, 'the auth scheme is case-insensitive')
+  t.equal(lower.headers.get('cache-control'), 'no-store')
+  t.equal((await fetch(`${b.url}/v1/revocations`, { headers: { authorization: `Basic ${b.adminToken}` } })).status, 401, 'but it must be Bearer')
   t.equal((await admin('POST', '/v1/revocations', { kind: 'agent', value: 'agent:ghost:prod:0' })).status, 201, 'revoking an unknown agent is accepted and harmless')
 
   t.same((await introspect(token)).body, { active: false }, 'the revoked agent\'s token is inactive at once')

@@ -84,6 +84,9 @@ t.test('a deny on a path is not dodged by any spelling of that path', async (t) 
     '/admin%2e/x',
     '/admin%20/x',
     '/admin.%20./x',
+    '/%EF%BD%81dmin/x',
+    '/%EF%BC%A1DMIN/x',
+    '/api/..%252f%EF%BD%81dmin/x',
   ]) {
     t.equal(decide(p, 'GET', `https://x.com${spelling}`).rule, 'no-admin', spelling)
   }

@@ -1,5 +1,5 @@
 import t from 'tap'
-import { parseAbsoluteTarget, parseConnectTarget, parseReverseTarget, hostHeader } from '../proxy/listen/target.js'
+import { parseAbsoluteTarget, parseConnectTarget, parseReverseTarget, parseTunnelledTarget, hostHeader } from '../proxy/listen/target.js'
 
 const routes = new Map([
   ['gh', new URL('https://api.github.com')],
@@ -31,9 +31,35 @@ t.test('dot segments are resolved before anything looks at the path', async (t) 
 })
 
 t.test('absolute targets that could mislead are refused', async (t) => {
-  for (const bad of ['http://user:pw@x.com/', 'http://x.com@127.0.0.1/', 'ftp://x.com/', 'http://x.com/#frag', 'http://a b.com/', '/relative', 'http://[::1/']) {
+  for (const bad of [
+    'http://user:pw@x.com/',
+    'http://x.com@127.0.0.1/',
+    // The URL parser skips the extra slashes and reads userinfo after them.
+    'http:///x.com@127.0.0.1/',
+    'http:///user@x.com/',
+    'https:////user:pw@x.com/',
+    'HTTP:///u@x.com/',
+    'ftp://x.com/',
+    'http://x.com/#frag',
+    'http://a b.com/',
+    '/relative',
+    'http://[::1/',
+  ]) {
     t.throws(() => parseAbsoluteTarget(bad), { code: 'LK_BAD_REQUEST' }, bad)
   }
+})
+
+t.test('paths an upstream could read differently from the path rules are refused, on every entry path', async (t) => {
+  const bad = ['/admin%00/x', '/admin%0a/x', '/admin%0D/x', '/admin%0b/x', '/admin%09/x', '/admin%7f/x', '/admin%1F', '/admin%ff/x', '/%C0%AEadmin/x', '/%E0%80%AE/', '/100%/x', '/a%zz']
+  for (const path of bad) {
+    t.throws(() => parseAbsoluteTarget(`http://x.com${path}`), { code: 'LK_BAD_REQUEST' }, `absolute ${path}`)
+    t.throws(() => parseReverseTarget(`/svc${path}`, routes), { code: 'LK_BAD_REQUEST' }, `reverse ${path}`)
+    t.throws(() => parseTunnelledTarget(path, parseConnectTarget('x.com:80')), { code: 'LK_BAD_REQUEST' }, `tunnelled ${path}`)
+  }
+  for (const good of ['/caf%C3%A9', '/a%20b', '/%E2%9C%93', '/a%2Fb', '/%25', '/%EF%BD%81dmin']) {
+    t.equal(parseAbsoluteTarget(`http://x.com${good}`).path, good, `${good} is valid UTF-8 and no control character`)
+  }
+  t.throws(() => parseReverseTarget('/svc/a#frag', routes), { code: 'LK_BAD_REQUEST' }, 'a fragment is refused in origin-form too')
 })
 
 t.test('CONNECT needs host:port and nothing more', async (t) => {

@@ -51,7 +51,9 @@ export function outboundRequestHeaders(
     if (HOP_BY_HOP.has(name) && !keep?.includes(name)) continue
     if (listed?.has(name) && !keep?.includes(name)) continue
     if (isSpoofable(name)) continue
-    if (strip?.includes(name)) continue
+    // `X-Api_Key` too: CGI/WSGI (HTTP_X_API_KEY) and nginx with underscores_in_headers fold `_`
+    // and `-` together, and could read the agent's value instead of the injected one.
+    if (strip && (strip.includes(name) || (name.includes('_') && strip.includes(name.replace(/_/g, '-'))))) continue
     out[name] = incoming[name]
   }
   return out

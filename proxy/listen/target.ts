@@ -15,7 +15,27 @@ function fromUrl(url: URL): Target {
   if (host.endsWith('.')) host = host.slice(0, -1)
   if (host === '') throw new LatchkeyError('LK_BAD_REQUEST', 'request target has an empty host')
   const port = url.port === '' ? DEFAULT_PORT[scheme] : Number(url.port)
-  return { scheme, host, port, path: url.pathname || '/', search: url.search, hostIsIp: isIP(host) !== 0 }
+  return { scheme, host, port, path: checkedPath(url.pathname || '/'), search: url.search, hostIsIp: isIP(host) !== 0 }
+}
+
+const ENCODED_CONTROL = /%(?:[01][0-9A-Fa-f]|7[Ff])/
+
+/**
+ * A path policy can judge as the upstream will read it. Encoded control characters and
+ * percent-encoding that is not UTF-8 are refused: no API needs them, and upstreams read them
+ * differently (NUL cuts a string, a trailing CR, LF or tab is trimmed, %C0%AE is "." to a lax
+ * decoder, %FF is whatever the server's charset says), so `/admin%00/x` or `/admin%0d/x` would
+ * be /admin/x to one server and not to the path rules.
+ */
+function checkedPath(path: string): string {
+  if (!path.includes('%')) return path
+  if (ENCODED_CONTROL.test(path)) throw new LatchkeyError('LK_BAD_REQUEST', 'request path contains an encoded control character')
+  try {
+    decodeURIComponent(path)
+  } catch {
+    throw new LatchkeyError('LK_BAD_REQUEST', 'request path has malformed percent-encoding, or encodes bytes that are not UTF-8')
+  }
+  return path
 }
 
 /** Absolute-form request target, as sent to an HTTP_PROXY. */
@@ -26,6 +46,9 @@ export function parseAbsoluteTarget(raw: string): Target {
   }
   const authorityEnd = raw.indexOf('/', lower.startsWith('https') ? 8 : 7)
   const authority = raw.slice(lower.startsWith('https') ? 8 : 7, authorityEnd === -1 ? undefined : authorityEnd)
+  // The URL parser skips extra slashes (http:///user@host/ is host, with userinfo): the text
+  // checked below must be the authority it will read.
+  if (authority === '') throw new LatchkeyError('LK_BAD_REQUEST', 'request target has an empty authority')
   // The URL parser would silently drop userinfo; a proxy that ignores it could be tricked into
   // judging one host and reaching another (http://allowed.com@evil.com/), so refuse it outright.
   if (authority.includes('@')) throw new LatchkeyError('LK_BAD_REQUEST', 'request target must not contain userinfo')
@@ -37,6 +60,7 @@ export function parseAbsoluteTarget(raw: string): Target {
     throw new LatchkeyError('LK_BAD_REQUEST', 'request target is not a valid URL')
   }
   if (url.hash) throw new LatchkeyError('LK_BAD_REQUEST', 'request target must not contain a fragment')
+  if (url.username || url.password) throw new LatchkeyError('LK_BAD_REQUEST', 'request target must not contain userinfo')
   return fromUrl(url)
 }
 
@@ -78,7 +102,9 @@ export function parseReverseTarget(rawPath: string, routes: ReverseRoutes): { ta
     throw new LatchkeyError('LK_BAD_REQUEST', 'request path is not valid')
   }
   if (url.host !== 'reverse.invalid') throw new LatchkeyError('LK_BAD_REQUEST', 'request path is not valid')
-  const path = url.pathname
+  // As in absolute-form: a fragment is never sent, so one in a request is refused, not dropped.
+  if (url.hash) throw new LatchkeyError('LK_BAD_REQUEST', 'request target must not contain a fragment')
+  const path = checkedPath(url.pathname)
   const slash = path.indexOf('/', 1)
   const name = path.slice(1, slash === -1 ? undefined : slash)
   const upstream = name ? routes.get(name) : undefined
@@ -115,7 +141,8 @@ export function parseTunnelledTarget(raw: string, tunnel: Target): Target {
       throw new LatchkeyError('LK_BAD_REQUEST', 'request path is not valid')
     }
     if (url.host !== 'tunnel.invalid') throw new LatchkeyError('LK_BAD_REQUEST', 'request path is not valid')
-    return { ...tunnel, scheme: 'http', path: url.pathname, search: url.search }
+    if (url.hash) throw new LatchkeyError('LK_BAD_REQUEST', 'request target must not contain a fragment')
+    return { ...tunnel, scheme: 'http', path: checkedPath(url.pathname), search: url.search }
   }
   const t = parseAbsoluteTarget(raw)
   if (t.host !== tunnel.host || t.port !== tunnel.port || t.scheme !== 'http') {

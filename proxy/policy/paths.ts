@@ -37,6 +37,19 @@ function readingsOf(path: string): string[] {
   // which collapses to `/admin`): doubled slashes collapsed, as most servers do; path parameters
   // (`/admin;jsessionid=x`) dropped, as servlet containers do; dot segments resolved; trailing
   // dots and spaces on a segment dropped, as Windows servers do (`/admin./x`, `/admin%20/x`).
+  // Compatibility forms folded (NFKC), as servers that normalise Unicode do: fullwidth
+  // `/％ａdmin` is `/admin` to them. (A request's path is valid UTF-8, see checkedPath; a
+  // second decoding of it need not be, and has no such reading.)
+  if (/%[89A-F][0-9A-F]/.test(canonical)) {
+    let decoded: string | null = null
+    try {
+      decoded = decodeURIComponent(canonical)
+    } catch {
+      // not UTF-8 once decoded again
+    }
+    const folded = decoded?.normalize('NFKC')
+    if (decoded !== null && folded !== decoded) add(folded!)
+  }
   for (let round = 0; round < 4; round++) {
     const before = readings.length
     for (const p of [...readings]) {

@@ -20,6 +20,10 @@ t.test('refused framings', async (t) => {
     ['duplicate Host', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nHost: evil.example\r\n\r\n`, /duplicate Host/],
     ['duplicate Proxy-Authorization', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nProxy-Authorization: Basic dGFzazph\r\nproxy-authorization: Basic dGFzazpi\r\n\r\n`, /duplicate Proxy-Authorization/],
     ['absolute URI with userinfo', `GET http://user:pw@127.0.0.1:${upstream.port}/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /userinfo/],
+    ['an empty authority hiding userinfo', `GET http:///127.0.0.1:1@127.0.0.1:${upstream.port}/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /empty authority/],
+    ['an encoded NUL in the path', `GET http://${host}/admin%00/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /control character/],
+    ['an encoded CR ending a path segment', `GET http://${host}/admin%0d/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /control character/],
+    ['an overlong UTF-8 dot in the path', `GET http://${host}/%C0%AE%C0%AE/admin HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /not UTF-8/],
     ['userinfo hiding the real host', `GET http://127.0.0.1:${upstream.port}@169.254.169.254/ HTTP/1.1\r\nHost: x\r\n\r\n`, /userinfo/],
     ['TE gzip, chunked', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n`, /exactly "chunked"|malformed/],
     ['TE twice', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`, /exactly "chunked"|malformed/],
@@ -107,6 +111,14 @@ t.test('normalised, never trusted', async (t) => {
     const h = upstream.requests.at(-1)!.headers
     t.equal(h.authorization, `Bearer ${CANARY}`)
     t.equal(h['x-drop'], undefined)
+  })
+
+  await t.test("the agent's credentials spelled with underscores are removed too", async (t) => {
+    await rawRequest(port, `GET http://127.0.0.1:${upstream.port}/u HTTP/1.1\r\nHost: x\r\nX-Api_Key: agent-key\r\nX_Auth_Token: agent-token\r\nX-Custom_Name: kept\r\nConnection: close\r\n\r\n`)
+    const h = upstream.requests.at(-1)!.headers
+    t.same([h['x-api_key'], h.x_auth_token], [undefined, undefined], 'a server folding _ into - would otherwise read the agent\'s value')
+    t.equal(h['x-custom_name'], 'kept', 'other underscored headers pass')
+    t.equal(h.authorization, `Bearer ${CANARY}`)
   })
   assertNoCanary(t, s)
 })

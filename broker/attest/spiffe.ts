@@ -1,6 +1,9 @@
 // SPIFFE JWT-SVIDs: signature against the trust domain's JWT bundle (a JWK set), `aud` containing
 // this broker, `exp` within 30 s, and a `sub` that is a SPIFFE ID in the configured trust domain.
-// The registry's path prefix picks the agent type; the ID's last segment is the instance.
+// The registry's path prefix picks the agent type; the one segment after it is the instance.
+// Anything deeper is refused rather than cut to its last segment, which made
+// .../summarizer/team-a/b and .../summarizer/team-c/b one agent instance (one revocation, one
+// audit identity) for two workloads.
 import type { JWTVerifyGetKey } from 'jose'
 import { verifyJwt } from '../jwt.js'
 import type { Registry } from '../registry.js'
@@ -37,7 +40,10 @@ export class SpiffeVerifier implements AttestationVerifier {
       if (!p) continue
       const prefix = p.endsWith('/') ? p : p + '/'
       if (path.startsWith(prefix) && path.length > prefix.length) {
-        const instance = path.slice(prefix.length).split('/').pop()!
+        const instance = path.slice(prefix.length)
+        if (!/^[A-Za-z0-9._-]+$/.test(instance)) {
+          throw new AttestationFailed(`SPIFFE ID must name its instance in the one segment after ${p} (letters, digits, ".", "_", "-")`)
+        }
         return { kind: 'spiffe', agentType: type, instanceId: `agent:${type}:${spec.env}:${sanitizeInstance(instance)}`, subject: sub, expiresAt: payload.exp! }
       }
     }

@@ -3,7 +3,7 @@
 // contains a token that was sent.
 import t from 'tap'
 import { generateKeyPair, SignJWT } from 'jose'
-import { startTestBroker, delegatedRequest, API, MAIL, why, type TestBroker } from '../helpers/broker.js'
+import { startTestBroker, delegatedRequest, API, MAIL, TRUST_DOMAIN, why, type TestBroker } from '../helpers/broker.js'
 import { GRANT_TYPE } from '../../broker/exchange.js'
 import { TOKEN_TYPES } from '../../broker/attest/attestor.js'
 
@@ -39,6 +39,7 @@ const cases: Case[] = [
   { name: 'actor legacy service-account token (not pod-bound)', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.k8s.sign({ aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'x' } } }), { actor_token_type: TOKEN_TYPES.kubernetes }), error: 'invalid_request', says: /not bound to a pod/ },
   { name: 'actor from an unregistered service account', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.k8s.sign({ aud: b.issuer, sub: 'system:serviceaccount:default:default', 'kubernetes.io': { namespace: 'default', serviceaccount: { name: 'default', uid: 'x' }, pod: { name: 'p', uid: 'y' } } }), { actor_token_type: TOKEN_TYPES.kubernetes }), error: 'unauthorized_client', says: /no agent type matches/ },
   { name: 'actor unregistered local agent type', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest('agent:intruder:prod:1')), error: 'unauthorized_client', says: /not registered/ },
+  { name: 'actor SPIFFE ID nested below the instance', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.spiffe.sign({ iss: null, aud: b.issuer, sub: `spiffe://${TRUST_DOMAIN}/agents/summarizer/team-a/b` }), { actor_token_type: TOKEN_TYPES.spiffe }), error: 'invalid_request', says: /one segment after \/agents\/summarizer/ },
   { name: 'actor SPIFFE ID from another trust domain', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.spiffe.sign({ iss: null, aud: b.issuer, sub: 'spiffe://evil.org/agents/summarizer/1' }), { actor_token_type: TOKEN_TYPES.spiffe }), error: 'invalid_request', says: /not in trust domain/ },
   { name: 'actor of an untrusted issuer as plain JWT', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.users.sign({ sub: AGENT, aud: b.issuer }), { actor_token_type: TOKEN_TYPES.jwt }), error: 'invalid_request', says: /not issued by a trusted workload attestor/ },
   { name: 'actor garbage', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), 'not.a.jwt', { actor_token_type: TOKEN_TYPES.jwt }), error: 'invalid_request', says: /actor_token: not a valid signed JWT/ },

@@ -274,12 +274,17 @@ export class TokenExchange {
     if (payload.iss === this.d.issuer) return this.delegation(token, actor, registry)
     if (!this.d.users) throw new OAuthError('invalid_request', 'subject_token: this broker accepts no user tokens (broker.users is not configured)')
     if (payload.iss !== this.d.users.issuer) throw new OAuthError('invalid_request', 'subject_token: issuer is not the configured user identity provider')
+    let user
     try {
-      const user = await this.d.users.verify(token, this.d.now())
-      return { sub: user.sub, scopes: user.scopes, exp: user.exp, delegators: [], isUser: true }
+      user = await this.d.users.verify(token, this.d.now())
     } catch (err) {
       throw new OAuthError('invalid_request', `subject_token: ${describeJwtError(err)}`)
     }
+    // The user named who may act for them (RFC 8693 §4.4): any other agent is refused.
+    if (user.mayAct !== null && user.mayAct !== actor.instanceId) {
+      throw new OAuthError('invalid_request', `subject_token: its may_act names another actor than ${actor.instanceId}`)
+    }
+    return { sub: user.sub, scopes: user.scopes, exp: user.exp, delegators: [], isUser: true }
   }
 
   /** A broker-issued delegation token (aud = this broker) from an agent that may task the actor's type. */

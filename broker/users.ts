@@ -11,6 +11,8 @@ export interface UserToken {
   sub: string
   scopes: string[]
   exp: number
+  /** RFC 8693 §4.4: the one party the user allows to act for them, when the IdP names one. */
+  mayAct: string | null
 }
 
 // The same user token backs every exchange of a task (each audience, each refresh): its
@@ -45,6 +47,15 @@ export class UserTokenVerifier {
     else if (typeof raw === 'string') scopes = raw.split(' ').filter(Boolean)
     else if (Array.isArray(raw) && raw.every((s) => typeof s === 'string')) scopes = raw as string[]
     else throw new TokenInvalid(`claim "${this.scopeClaim}" is neither a string nor a list of strings`)
-    return { sub: payload.sub!, scopes, exp: payload.exp! }
+    // A user token that already carries a delegation (`act`, RFC 8693 §4.1) came from another
+    // exchange: its earlier actors would be silently dropped from the chain this broker issues.
+    if (payload.act !== undefined) throw new TokenInvalid('carries an act claim: a token already delegated elsewhere is not a user token here')
+    let mayAct: string | null = null
+    if (payload.may_act !== undefined) {
+      const sub = (payload.may_act as { sub?: unknown } | null)?.sub
+      if (typeof sub !== 'string' || sub.length === 0) throw new TokenInvalid('claim "may_act" must be an object with a non-empty string "sub"')
+      mayAct = sub
+    }
+    return { sub: payload.sub!, scopes, exp: payload.exp!, mayAct }
   }
 }

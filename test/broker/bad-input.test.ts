@@ -67,6 +67,11 @@ const cases: Case[] = [
   })),
   { name: 'subject issued in the future (iat beyond the skew)', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { iat: now() + 365 * 86400 }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: not yet valid \(iat\)/ },
   { name: 'actor issued in the future (iat beyond the skew)', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.k8s.sign({ aud: b.issuer, iat: now() + 3600, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() }), { actor_token_type: TOKEN_TYPES.kubernetes }), error: 'invalid_request', says: /actor_token: not yet valid \(iat\)/ },
+  // RFC 8693 §4.4 and §4.1: the user's own restriction on who may act holds; a token that is
+  // already a delegation would have its earlier actors dropped from the chain issued here.
+  { name: 'subject whose may_act names another agent', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { may_act: { sub: 'agent:summarizer:prod:someone-else' } }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: its may_act names another actor/ },
+  { name: 'subject whose may_act is not an object with a sub', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { may_act: AGENT }), await b.attest(AGENT)), error: 'invalid_request', says: /claim "may_act" must be an object/ },
+  { name: 'subject already delegated (act)', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { act: { sub: 'agent:other:prod:1' } }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: carries an act claim/ },
   { name: 'subject unsigned', params: async (b) => delegatedRequest(stripSignature(await b.userToken('u', 'read')), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: (signature does not verify|not a valid signed JWT)/ },
   { name: 'subject scopes do not cover the request', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT), { scope: 'read write' }), error: 'invalid_scope', says: /subject_token does not grant scope write/ },
   { name: 'subject grants nothing the agent may have', params: async (b) => delegatedRequest(await b.userToken('u', 'admin'), await b.attest(AGENT)), error: 'invalid_scope', says: /grants none/ },
@@ -186,6 +191,13 @@ t.test('malformed and oversized bodies', async (t) => {
   const huge = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), 'eyJ' + 'a'.repeat(20_000) + '.b.c', { actor_token_type: TOKEN_TYPES.jwt }))
   t.equal(huge.status, 400)
   t.match(String(huge.body.error_description), /longer than 16384 bytes/)
+})
+
+t.test("a user token's may_act naming the acting agent is honoured", async (t) => {
+  const b = await startTestBroker()
+  t.teardown(b.close)
+  const res = await b.exchange(delegatedRequest(await b.userToken('u', 'read', { may_act: { sub: AGENT } }), await b.attest(AGENT)))
+  t.equal(res.status, 200, why(res))
 })
 
 t.test('clock skew: up to 30 s is tolerated, beyond is not', async (t) => {

@@ -158,8 +158,7 @@ export class Pipeline {
   handleRequest(req: IncomingMessage, res: ServerResponse, expectContinue: boolean, tunnel: TunnelOrigin | null = null): void {
     // Pipelined behind a response still being written: this request waits for its turn, so
     // nothing queued behind a refusal that closes the connection is ever decided or sent.
-    if (res.socket === null) return this.awaitTurn(req, res, tunnel, () => this.handleRequest(req, res, expectContinue, tunnel))
-    if (this.closingSockets.has(req.socket)) return this.neverSent(req, tunnel)
+    if (!this.isTurnOf(req, res, tunnel, () => this.handleRequest(req, res, expectContinue, tunnel))) return
     const url = req.url ?? ''
     const ctx = this.newContext(viaOf(url, tunnel), req.method ?? 'GET')
     try {
@@ -187,6 +186,17 @@ export class Pipeline {
   parseTarget(url: string, tunnel: TunnelOrigin | null): Target {
     if (tunnel) return parseTunnelledTarget(url, tunnel.target)
     return url.startsWith('/') ? parseReverseTarget(url, this.stages.routes).target : parseAbsoluteTarget(url)
+  }
+
+  /**
+   * Whether `req` may be handled now. Pipelined behind a response still being written, it waits
+   * for its turn (`retry` runs then); on a connection already closing, it is recorded as not sent.
+   */
+  private isTurnOf(req: IncomingMessage, res: ServerResponse, tunnel: TunnelOrigin | null, retry: () => void): boolean {
+    if (res.socket === null) this.awaitTurn(req, res, tunnel, retry)
+    else if (this.closingSockets.has(req.socket)) this.neverSent(req, tunnel)
+    else return true
+    return false
   }
 
   /**
@@ -225,13 +235,12 @@ export class Pipeline {
     } catch {
       // Unreadable: recorded without one.
     }
-    this.recordRefusal(
+    this.recordRefused(
       ctx,
       this.draining
         ? new LatchkeyError('LK_DRAINING', 'not sent: the sidecar is shutting down and the connection ended before its turn')
         : new LatchkeyError('LK_BAD_REQUEST', 'not sent: the connection was closing before its turn (a request before it was refused or malformed)'),
     )
-    this.finish(ctx)
   }
 
   /**
@@ -256,8 +265,7 @@ export class Pipeline {
 
   /** Refuses a request whose `Expect` names something other than 100-continue (node:http would answer 417 itself, unaudited). */
   handleUnmetExpectation(req: IncomingMessage, res: ServerResponse, tunnel: TunnelOrigin | null = null): void {
-    if (res.socket === null) return this.awaitTurn(req, res, tunnel, () => this.handleUnmetExpectation(req, res, tunnel))
-    if (this.closingSockets.has(req.socket)) return this.neverSent(req, tunnel)
+    if (!this.isTurnOf(req, res, tunnel, () => this.handleUnmetExpectation(req, res, tunnel))) return
     const ctx = this.newContext(viaOf(req.url ?? '', tunnel), req.method ?? 'GET')
     this.refuse(ctx, res, new LatchkeyError('LK_EXPECTATION_FAILED', 'only "Expect: 100-continue" is supported'))
   }

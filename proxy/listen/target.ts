@@ -94,17 +94,8 @@ export interface ReverseRoutes {
 /** Origin-form `/<route>/<rest>` mapped onto the route's upstream origin. */
 export function parseReverseTarget(rawPath: string, routes: ReverseRoutes): { target: Target; route: string } {
   if (!rawPath.startsWith('/')) throw new LatchkeyError('LK_BAD_REQUEST', 'request target must be origin-form or absolute-form')
-  let url: URL
-  try {
-    // Resolve dot segments (including %2e forms) before picking the route, so /a/../b is route b.
-    url = new URL(rawPath, 'http://reverse.invalid')
-  } catch {
-    throw new LatchkeyError('LK_BAD_REQUEST', 'request path is not valid')
-  }
-  if (url.host !== 'reverse.invalid') throw new LatchkeyError('LK_BAD_REQUEST', 'request path is not valid')
-  // As in absolute-form: a fragment is never sent, so one in a request is refused, not dropped.
-  if (url.hash) throw new LatchkeyError('LK_BAD_REQUEST', 'request target must not contain a fragment')
-  const path = checkedPath(url.pathname)
+  // Dot segments (including %2e forms) are resolved before the route is picked, so /a/../b is route b.
+  const { path, search } = parseOriginForm(rawPath)
   const slash = path.indexOf('/', 1)
   const name = path.slice(1, slash === -1 ? undefined : slash)
   const upstream = name ? routes.get(name) : undefined
@@ -113,8 +104,25 @@ export function parseReverseTarget(rawPath: string, routes: ReverseRoutes): { ta
   const base = upstream.pathname.endsWith('/') ? upstream.pathname.slice(0, -1) : upstream.pathname
   const target = fromUrl(upstream)
   target.path = base + rest
-  target.search = url.search
+  target.search = search
   return { target, route: name }
+}
+
+/**
+ * An origin-form target (`/path?query`), normalised by the URL parser as absolute-form is:
+ * dot segments resolved; `//host/...` (a path the parser would read as an authority), a fragment
+ * (never sent, so refused rather than dropped) and a path checkedPath refuses are a 400.
+ */
+function parseOriginForm(raw: string): { path: string; search: string } {
+  let url: URL
+  try {
+    url = new URL(raw, 'http://origin-form.invalid')
+  } catch {
+    throw new LatchkeyError('LK_BAD_REQUEST', 'request path is not valid')
+  }
+  if (url.host !== 'origin-form.invalid') throw new LatchkeyError('LK_BAD_REQUEST', 'request path is not valid')
+  if (url.hash) throw new LatchkeyError('LK_BAD_REQUEST', 'request target must not contain a fragment')
+  return { path: checkedPath(url.pathname), search: url.search }
 }
 
 /** Host header value for a target: host[:port], port omitted when it is the scheme's default. */
@@ -133,17 +141,7 @@ export function originKey(scheme: string, host: string, port: number): string {
  * origin is refused rather than followed.
  */
 export function parseTunnelledTarget(raw: string, tunnel: Target): Target {
-  if (raw.startsWith('/')) {
-    let url: URL
-    try {
-      url = new URL(raw, 'http://tunnel.invalid')
-    } catch {
-      throw new LatchkeyError('LK_BAD_REQUEST', 'request path is not valid')
-    }
-    if (url.host !== 'tunnel.invalid') throw new LatchkeyError('LK_BAD_REQUEST', 'request path is not valid')
-    if (url.hash) throw new LatchkeyError('LK_BAD_REQUEST', 'request target must not contain a fragment')
-    return { ...tunnel, scheme: 'http', path: checkedPath(url.pathname), search: url.search }
-  }
+  if (raw.startsWith('/')) return { ...tunnel, scheme: 'http', ...parseOriginForm(raw) }
   const t = parseAbsoluteTarget(raw)
   if (t.host !== tunnel.host || t.port !== tunnel.port || t.scheme !== 'http') {
     throw new LatchkeyError('LK_BAD_REQUEST', 'a request inside a CONNECT tunnel must be for the tunnel\'s own origin')

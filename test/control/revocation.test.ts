@@ -3,10 +3,9 @@
 // requests with 403 reason "revoked" and cuts its open streams, while the others keep working.
 import t from 'tap'
 import { credentials, Metadata } from '@grpc/grpc-js'
-import { connect as netConnect } from 'node:net'
 import { once } from 'node:events'
 import { ControlServiceClient } from '../../protos/gen/latchkey/v1/control.js'
-import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openWebSocket, revoke, until, CONTROL_TOKEN } from './rig.js'
+import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openTunnel, openWebSocket, revoke, until, CONTROL_TOKEN } from './rig.js'
 
 t.test('revoking one agent: refused at once, tokens gone, streams cut; the other agent untouched', async (t) => {
   const broker = await startControlBroker()
@@ -29,12 +28,8 @@ t.test('revoking one agent: refused at once, tokens gone, streams cut; the other
   t.equal(stream.status, 200)
   await until('stream flowing', () => stream.chunks() > 0)
   // A CONNECT tunnel of the same task, open and idle.
-  const proxyPort = Number(new URL(victim.proxy).port)
-  const tunnel = netConnect(proxyPort, '127.0.0.1')
-  await once(tunnel, 'connect')
-  tunnel.write(`CONNECT 127.0.0.1:${api.port} HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\nProxy-Authorization: Basic ${Buffer.from(`task:${vt.handle}`).toString('base64')}\r\n\r\n`)
-  const [head] = (await once(tunnel, 'data')) as [Buffer]
-  t.match(head.toString(), /^HTTP\/1\.1 200/, 'tunnel open')
+  const { tunnel, head } = await openTunnel(victim, vt.handle, api.port)
+  t.match(head, /^HTTP\/1\.1 200/, 'tunnel open')
   const tunnelClosed = once(tunnel, 'close')
 
   const r = await revoke(broker, 'agent', victim.agent)

@@ -188,6 +188,15 @@ export async function until(what: string, cond: () => boolean | Promise<boolean>
   }
 }
 
+/** Opens a CONNECT tunnel through the sidecar to 127.0.0.1:`port` for a task; returns it with the sidecar's answer. */
+export async function openTunnel(s: TestSidecar, handle: string, port: number): Promise<{ tunnel: Socket; head: string }> {
+  const tunnel = netConnect(Number(new URL(s.proxy).port), '127.0.0.1')
+  await once(tunnel, 'connect')
+  tunnel.write(`CONNECT 127.0.0.1:${port} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nProxy-Authorization: Basic ${Buffer.from(`task:${handle}`).toString('base64')}\r\n\r\n`)
+  const [head] = (await once(tunnel, 'data')) as [Buffer]
+  return { tunnel, head: head.toString() }
+}
+
 /** Opens a WebSocket through the sidecar (absolute-form upgrade) for a task; resolves once upgraded. */
 export async function openWebSocket(s: TestSidecar, handle: string, api: Api): Promise<Socket> {
   const sock = netConnect(Number(new URL(s.proxy).port), '127.0.0.1')

@@ -2,33 +2,31 @@
 // are cut when the task is ended (DELETE /v1/tasks/<handle>) or expires, and recorded with
 // LK_TASK_ENDED; the agent's other tasks keep theirs. All real: broker, sidecar, upstream API.
 import t from 'tap'
-import { connect as netConnect, type Socket } from 'node:net'
 import { once } from 'node:events'
-import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openWebSocket, until, type ControlSidecar } from './rig.js'
+import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openTunnel, openWebSocket, until } from './rig.js'
+import type { SidecarOptions } from '../../proxy/sidecar.js'
 
-async function openTunnel(s: ControlSidecar, handle: string, port: number): Promise<Socket> {
-  const tunnel = netConnect(Number(new URL(s.proxy).port), '127.0.0.1')
-  await once(tunnel, 'connect')
-  tunnel.write(`CONNECT 127.0.0.1:${port} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nProxy-Authorization: Basic ${Buffer.from(`task:${handle}`).toString('base64')}\r\n\r\n`)
-  const [head] = (await once(tunnel, 'data')) as [Buffer]
-  if (!head.toString().startsWith('HTTP/1.1 200')) throw new Error(`tunnel refused: ${head.toString().split('\r\n')[0]}`)
-  return tunnel
-}
-
-t.test('ending a task cuts its open streams, tunnel and WebSocket; the other task keeps its own', async (t) => {
+/** A broker, an upstream API and one sidecar connected to both, all torn down with the test. */
+async function startRig(t: { teardown(fn: () => unknown): void }, agent: string, options?: Omit<SidecarOptions, 'env' | 'logDestination'>) {
   const broker = await startControlBroker()
   t.teardown(() => broker.close())
   const api = await startApi()
   t.teardown(api.close)
-  const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:ender')
+  const s = await startControlSidecar(broker, api, agent, options ? { options } : {})
   t.teardown(s.close)
+  return { api, s }
+}
+
+t.test('ending a task cuts its open streams, tunnel and WebSocket; the other task keeps its own', async (t) => {
+  const { api, s } = await startRig(t, 'agent:summarizer:prod:ender')
   const ending = await s.openTask()
   const staying = await s.openTask()
 
   const stream = await openStream(s, ending.handle, `${api.origin}/stream`)
   t.equal(stream.status, 200)
   await until('stream flowing', () => stream.chunks() > 0)
-  const tunnel = await openTunnel(s, ending.handle, api.port)
+  const { tunnel, head } = await openTunnel(s, ending.handle, api.port)
+  t.match(head, /^HTTP\/1\.1 200/, 'tunnel open')
   const tunnelClosed = once(tunnel, 'close')
   const ws = await openWebSocket(s, ending.handle, api)
   const wsClosed = once(ws, 'close')
@@ -60,13 +58,8 @@ t.test('ending a task cuts its open streams, tunnel and WebSocket; the other tas
 })
 
 t.test('a task that expires has its WebSocket cut by the expiry sweep', async (t) => {
-  const broker = await startControlBroker()
-  t.teardown(() => broker.close())
-  const api = await startApi()
-  t.teardown(api.close)
   let offset = 0
-  const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:expirer', { options: { now: () => Date.now() + offset } })
-  t.teardown(s.close)
+  const { api, s } = await startRig(t, 'agent:summarizer:prod:expirer', { now: () => Date.now() + offset })
   const task = await s.openTask()
   const ws = await openWebSocket(s, task.handle, api)
   const closed = once(ws, 'close')

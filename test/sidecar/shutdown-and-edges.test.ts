@@ -3,23 +3,29 @@
 // percent-encoding, and CONNECT or upgrade requests pipelined ahead of owed responses.
 import t from 'tap'
 import { createServer, type Server } from 'node:net'
-import { connect } from 'node:net'
+import { connect, type Socket } from 'node:net'
 import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
 import { startSlowCallRig, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary } from '../helpers/harness.js'
 
-t.test('while draining, open connections take no new calls: 503, retryable, connection closed', async (t) => {
-  const { upstream, s, host } = await startSlowCallRig(t, 300, { timeouts: { drain_ms: 3000 } })
-  const sock = connect(s.sidecar.port, '127.0.0.1')
+/** A raw connection to the sidecar, and everything it has received so far. */
+async function openRaw(port: number): Promise<{ sock: Socket; raw: () => string }> {
+  const sock = connect(port, '127.0.0.1')
   await once(sock, 'connect')
   let raw = ''
   sock.on('data', (d: Buffer) => (raw += d.toString('latin1')))
+  return { sock, raw: () => raw }
+}
+
+t.test('while draining, the call in flight is answered with Connection: close, and its connection ends', async (t) => {
+  const { upstream, s, host } = await startSlowCallRig(t, 300, { timeouts: { drain_ms: 3000 } })
+  const { sock, raw } = await openRaw(s.sidecar.port)
   sock.write(`GET http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
   await new Promise((r) => setTimeout(r, 50))
   const closing = s.close()
   await new Promise((r) => setTimeout(r, 400))
-  t.match(raw, /^HTTP\/1\.1 200 OK[\s\S]*late/, 'the call in flight when the drain began is answered')
-  t.match(raw, /^[^]*?\r\nconnection: close\r\n[^]*?\r\n\r\n/i, 'telling its client not to reuse the connection')
+  t.match(raw(), /^HTTP\/1\.1 200 OK[\s\S]*late/, 'the call in flight when the drain began is answered')
+  t.match(raw(), /^[^]*?\r\nconnection: close\r\n[^]*?\r\n\r\n/i, 'telling its client not to reuse the connection')
   if (!sock.destroyed) await once(sock, 'close')
   t.pass('and the connection ends with it')
   await closing
@@ -29,17 +35,14 @@ t.test('while draining, open connections take no new calls: 503, retryable, conn
 
 t.test('while draining, a request pipelined behind the call in flight is never sent, and is recorded as such', async (t) => {
   const { upstream, s, host } = await startSlowCallRig(t, 300, { timeouts: { drain_ms: 3000 } })
-  const sock = connect(s.sidecar.port, '127.0.0.1')
-  await once(sock, 'connect')
-  let raw = ''
-  sock.on('data', (d: Buffer) => (raw += d.toString('latin1')))
+  const { sock, raw } = await openRaw(s.sidecar.port)
   sock.write(`GET http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\n\r\nGET http://${host}/after HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
   while (upstream.requests.length === 0) await new Promise((r) => setTimeout(r, 10))
   const closing = s.close()
   if (!sock.destroyed) await once(sock, 'close')
   await closing
-  t.match(raw, /^HTTP\/1\.1 200 OK[\s\S]*late/, 'the call in flight is answered')
-  t.notOk(raw.slice(1).includes('HTTP/1.1 200'), 'and nothing else succeeds')
+  t.match(raw(), /^HTTP\/1\.1 200 OK[\s\S]*late/, 'the call in flight is answered')
+  t.notOk(raw().slice(1).includes('HTTP/1.1 200'), 'and nothing else succeeds')
   t.same(upstream.requests.map((r) => r.url), ['/slow'], 'nothing new reached the upstream')
   const audit = await s.audit()
   t.match(audit, [
@@ -47,6 +50,30 @@ t.test('while draining, a request pipelined behind the call in flight is never s
     { path: '/after', error: 'LK_DRAINING' },
   ])
   t.equal(audit.length, 2)
+})
+
+t.test('while draining, a plaintext tunnel opened before it takes no new call: 503, retryable, connection closed', async (t) => {
+  const { upstream, s, host } = await startSlowCallRig(t, 300, { timeouts: { drain_ms: 3000 } })
+  const { sock, raw } = await openRaw(s.sidecar.port)
+  sock.write(`CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  while (!raw().includes('\r\n\r\n')) await new Promise((r) => setTimeout(r, 10))
+  t.match(raw(), /^HTTP\/1\.1 200 /, 'tunnel open')
+  // A slow call on another connection keeps the drain going.
+  const other = await openRaw(s.sidecar.port)
+  other.sock.write(`GET http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  while (upstream.requests.length === 0) await new Promise((r) => setTimeout(r, 10))
+  const closing = s.close()
+  await new Promise((r) => setTimeout(r, 50))
+  const before = raw().length
+  sock.write(`GET /after HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  if (!sock.destroyed) await once(sock, 'close')
+  const answer = raw().slice(before)
+  t.match(answer, /^HTTP\/1\.1 503 /, 'a new call in the tunnel is refused')
+  t.match(answer, /connection: close/i)
+  t.match(answer, /"code":"LK_DRAINING".*"retryable":true/)
+  await closing
+  t.same(upstream.requests.map((r) => r.url), ['/slow'], 'nothing new reached the upstream')
+  t.ok((await s.audit()).some((e) => e.via === 'tunnelled' && e.status === 503 && e.error === 'LK_DRAINING'), 'and audited')
 })
 
 t.test('calls still open at the drain deadline are cut and recorded as cut by the shutdown', async (t) => {

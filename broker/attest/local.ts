@@ -35,9 +35,10 @@ export class LocalVerifier implements AttestationVerifier {
       requiredClaims: ['sub', 'jti', 'iat'],
       maxTokenAgeS: LOCAL_MAX_AGE_S,
     })
-    // RFC 7519: sub is a string. A one-element array would pass the pattern (exec coerces it).
-    if (typeof payload.sub !== 'string' || typeof payload.jti !== 'string' || payload.jti === '') throw new AttestationFailed('sub and jti must be strings, jti not empty')
-    const m = INSTANCE_ID.exec(payload.sub)
+    // verifyJwt has checked sub is a non-empty string (an array would pass the pattern below,
+    // exec coerces it); jti is this attestor's own: the replay cache keys on it.
+    if (typeof payload.jti !== 'string' || payload.jti === '') throw new AttestationFailed('jti must be a string, not empty')
+    const m = INSTANCE_ID.exec(payload.sub!)
     if (!m) throw new AttestationFailed('sub is not an agent instance ID (agent:<type>:<env>:<instance>)')
     const [, type, env] = m
     const spec = registry.agents[type!]

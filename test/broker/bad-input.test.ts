@@ -98,7 +98,7 @@ const cases: Case[] = [
           .sign(b.localKey.privateKey),
       ),
     error: 'invalid_request',
-    says: /sub and jti must be strings|claim "sub" must be a non-empty string/,
+    says: /claim "sub" must be a non-empty string/,
   },
   {
     name: 'local attestation with an empty jti',
@@ -116,7 +116,7 @@ const cases: Case[] = [
           .sign(b.localKey.privateKey),
       ),
     error: 'invalid_request',
-    says: /jti (not empty|.*missing)|"jti" claim/,
+    says: /jti must be a string, not empty/,
   },
   { name: 'two audiences', params: async (b) => ({ ...delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT)), audience: [API, MAIL] }), error: 'invalid_target', says: /exactly one audience/ },
   { name: 'no audience', params: async (b) => { const p: Record<string, string> = delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT)); delete p.audience; return p }, error: 'invalid_target', says: /exactly one audience/ },

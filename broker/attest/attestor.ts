@@ -39,9 +39,17 @@ export interface AttestationVerifier {
 
 export { TOKEN_TYPES } from '../../lib/oauth.js'
 
-/** Instance IDs carry only characters that are safe in logs, metrics labels and paths. */
-export function sanitizeInstance(raw: string): string {
-  const s = raw.replace(/[^A-Za-z0-9_.-]/g, '-').slice(0, 128)
-  if (!/^[A-Za-z0-9]/.test(s)) throw new AttestationFailed('evidence names no usable instance')
-  return s
+/**
+ * Instance IDs carry only characters that are safe in logs, metrics labels and paths. A name
+ * outside that alphabet or longer than a DNS name is refused, never rewritten: truncating or
+ * replacing would map two workloads (two long StatefulSet pod names sharing a prefix, `a/b` and
+ * `a-b`) to one instance, so revoking one would stop the other and the trail could not tell them
+ * apart. Kubernetes pod names (DNS subdomains, at most 253 characters) always pass.
+ */
+export function checkInstance(raw: string): string {
+  if (raw.length > MAX_INSTANCE) throw new AttestationFailed(`the instance name is ${raw.length} characters; at most ${MAX_INSTANCE} are accepted`)
+  if (!INSTANCE.test(raw)) throw new AttestationFailed('the instance name must start with a letter or digit and hold only A-Z a-z 0-9 . _ -')
+  return raw
 }
+const MAX_INSTANCE = 253
+const INSTANCE = /^[A-Za-z0-9][A-Za-z0-9_.-]*$/

@@ -4,7 +4,7 @@
 import type { JWTVerifyGetKey } from 'jose'
 import { verifyJwt } from '../jwt.js'
 import type { Registry } from '../registry.js'
-import { AttestationFailed, sanitizeInstance, TOKEN_TYPES, type Attestation, type AttestationVerifier } from './attestor.js'
+import { AttestationFailed, checkInstance, TOKEN_TYPES, type Attestation, type AttestationVerifier } from './attestor.js'
 
 interface KubernetesClaims {
   namespace?: unknown
@@ -41,7 +41,7 @@ export class KubernetesVerifier implements AttestationVerifier {
         return {
           kind: 'kubernetes',
           agentType: type,
-          instanceId: `agent:${type}:${spec.env}:${sanitizeInstance(pod)}`,
+          instanceId: `agent:${type}:${spec.env}:${checkInstance(pod)}`,
           subject: payload.sub,
           expiresAt: payload.exp!,
         }

@@ -7,7 +7,7 @@
 import type { JWTVerifyGetKey } from 'jose'
 import { verifyJwt } from '../jwt.js'
 import type { Registry } from '../registry.js'
-import { AttestationFailed, sanitizeInstance, TOKEN_TYPES, type Attestation, type AttestationVerifier } from './attestor.js'
+import { AttestationFailed, checkInstance, TOKEN_TYPES, type Attestation, type AttestationVerifier } from './attestor.js'
 
 /** JWT-SVID spec §3: RS, ES and PS families only. */
 const SVID_ALGS = ['RS256', 'RS384', 'RS512', 'ES256', 'ES384', 'ES512', 'PS256', 'PS384', 'PS512']
@@ -44,7 +44,7 @@ export class SpiffeVerifier implements AttestationVerifier {
         if (!/^[A-Za-z0-9._-]+$/.test(instance)) {
           throw new AttestationFailed(`SPIFFE ID must name its instance in the one segment after ${p} (letters, digits, ".", "_", "-")`)
         }
-        return { kind: 'spiffe', agentType: type, instanceId: `agent:${type}:${spec.env}:${sanitizeInstance(instance)}`, subject: sub, expiresAt: payload.exp! }
+        return { kind: 'spiffe', agentType: type, instanceId: `agent:${type}:${spec.env}:${checkInstance(instance)}`, subject: sub, expiresAt: payload.exp! }
       }
     }
     throw new AttestationFailed(`no agent type matches ${sub}`, true)

@@ -98,3 +98,25 @@ for (const [name, make] of [['kubernetes', kubernetes], ['spiffe', spiffe], ['lo
     t.ok(err instanceof AttestationFailed && err.unregistered, 'genuine evidence for an unknown workload is refused as unregistered')
   })
 }
+
+// Two workloads must never share an instance: a long name is kept whole or refused, never cut,
+// and a name outside the alphabet is refused, never rewritten onto another's.
+t.test('instance names are kept exactly or refused', async (t) => {
+  const iss = await TestIssuer.create(K8S_ISSUER)
+  const k8s = new KubernetesVerifier(createLocalJWKSet(iss.jwks), K8S_ISSUER, BROKER)
+  const pod = (name: string) =>
+    iss.sign({ aud: BROKER, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'u' }, pod: { name, uid: 'p' } } })
+  const stem = 'summarizer-' + 'x'.repeat(230)
+  const [a, b] = await Promise.all([k8s.verify(await pod(stem + '-0'), registry), k8s.verify(await pod(stem + '-1'), registry)])
+  t.equal(a.instanceId, `agent:summarizer:prod:${stem}-0`, 'a 243-character pod name is the instance, whole')
+  t.not(a.instanceId, b.instanceId, 'StatefulSet pods whose long names differ only at the end stay two instances')
+  await t.rejects(k8s.verify(await pod('p' + 'x'.repeat(253)), registry), /254 characters; at most 253/, 'a name longer than a DNS name is refused')
+  for (const bad of ['summarizer/abc', 'summarizer abc', '-summarizer', 'summarizer\u00e9'])
+    await t.rejects(k8s.verify(await pod(bad), registry), /must start with a letter or digit and hold only/, `${JSON.stringify(bad)} is refused, not rewritten`)
+
+  const svid = await TestIssuer.create(`spiffe://${TRUST_DOMAIN}`)
+  const spiffe = new SpiffeVerifier(createLocalJWKSet(svid.jwks), TRUST_DOMAIN, BROKER)
+  const id = (instance: string) => svid.sign({ iss: null, aud: [BROKER], sub: `spiffe://${TRUST_DOMAIN}/agents/summarizer/${instance}` })
+  t.equal((await spiffe.verify(await id('w'.repeat(253)), registry)).instanceId, `agent:summarizer:prod:${'w'.repeat(253)}`)
+  await t.rejects(spiffe.verify(await id('w'.repeat(254)), registry), /at most 253/, 'a SPIFFE instance segment is not cut to fit')
+})

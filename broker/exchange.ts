@@ -280,6 +280,9 @@ export class TokenExchange {
     } catch (err) {
       throw new OAuthError('invalid_request', `subject_token: ${describeJwtError(err)}`)
     }
+    // agent:… is the namespace of instance IDs: a user so named would pass, in the issued token
+    // and the trail, for an agent acting on its own behalf.
+    if (user.sub.startsWith('agent:')) throw new OAuthError('invalid_request', 'subject_token: its sub is an agent instance ID (agent:…), not a user')
     // The user named who may act for them (RFC 8693 §4.4): any other agent is refused.
     if (user.mayAct !== null && user.mayAct !== actor.instanceId) {
       throw new OAuthError('invalid_request', `subject_token: its may_act names another actor than ${actor.instanceId}`)

@@ -58,6 +58,11 @@ export interface Decision {
   reason: string
   /** False when a deny rule is in report mode: logged as a would-be denial, not enforced. */
   enforced: boolean
+  /**
+   * CONNECT only: the deny rests on method or path rules, which a tunnel of plain HTTP shows
+   * request by request. Such a tunnel may open; a TLS one is refused.
+   */
+  inspectable?: true
 }
 
 export interface ResolvedAddress {

@@ -8,6 +8,8 @@ import type { CallContext } from './context.js'
 
 export class LiveCalls {
   private head: CallContext | null = null
+  /** How many calls are linked: the calls-in-flight gauge, and a leak shows there first. */
+  size = 0
 
   add(ctx: CallContext, socket: Socket): void {
     if (ctx.liveSocket) return
@@ -16,6 +18,7 @@ export class LiveCalls {
     ctx.liveNext = this.head
     if (this.head) this.head.livePrev = ctx
     this.head = ctx
+    this.size++
   }
 
   delete(ctx: CallContext): void {
@@ -24,6 +27,7 @@ export class LiveCalls {
     else this.head = ctx.liveNext
     if (ctx.liveNext) ctx.liveNext.livePrev = ctx.livePrev
     ctx.liveSocket = ctx.livePrev = ctx.liveNext = null
+    this.size--
   }
 
   /** Every live call with its socket; deleting the current call while iterating is safe. */

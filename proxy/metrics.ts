@@ -65,6 +65,14 @@ export class SidecarMetrics {
     labelNames: ['outcome'] as const,
     registers: [this.registry],
   })
+  /** Set by the sidecar: how many admitted calls have not finished, read at scrape time. */
+  liveCount: () => number = () => 0
+  readonly callsInFlight: Gauge = new Gauge({
+    name: 'latchkey_calls_in_flight',
+    help: 'Calls admitted and not finished: requests being answered, open tunnels and WebSockets',
+    registers: [this.registry],
+    collect: (): void => this.callsInFlight.set(this.liveCount()),
+  })
   /** Set by the sidecar: how many tasks are open, read at scrape time. */
   taskCount: () => number = () => 0
   readonly openTasks: Gauge = new Gauge({

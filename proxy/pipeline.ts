@@ -127,7 +127,10 @@ export class Pipeline {
     if (socket) this.live.add(ctx, socket)
     const decision = s.decider.decide(ctx.method, target)
     ctx.decision = decision
-    if (decision.action === 'deny' && decision.enforced) throw new LatchkeyError('LK_POLICY_DENIED', decision.reason, decision.rule)
+    // A CONNECT denied only for what TLS would hide goes on: handleConnect opens it for plain HTTP only.
+    if (decision.action === 'deny' && decision.enforced && !(decision.inspectable && ctx.via === 'connect')) {
+      throw new LatchkeyError('LK_POLICY_DENIED', decision.reason, decision.rule)
+    }
     // Fail closed: no call goes out that the audit sink could not keep (spool full, on_full: refuse).
     if (s.audit.accepting && !s.audit.accepting()) throw new LatchkeyError('LK_AUDIT_UNAVAILABLE', 'the audit spool is full; no new egress until the collector catches up')
     const resolved = s.resolver.resolve(target)

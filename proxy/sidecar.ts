@@ -242,6 +242,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     log,
     metrics,
   })
+  metrics.liveCount = () => pipeline.live.size
 
   // A task's egress ends with the task: streams, tunnels and WebSockets it opened are cut when it
   // is ended or expires, not left running on a credential that was scoped to it. (Not at shutdown:

@@ -158,8 +158,22 @@ t.test('CONNECT is decided by host and port; method or path rules fail closed', 
   ])
   t.equal(p.decide('CONNECT', parseConnectTarget('ro.com:443')).rule, 'x', 'a method-limited allow cannot cover a tunnel')
   const d = p.decide('CONNECT', parseConnectTarget('x.com:443'))
-  t.equal(d.action, 'deny')
-  t.equal(d.rule, 'no-admin')
-  t.match(d.reason, /CONNECT tunnel cannot show/)
-  t.equal(p.decide('CONNECT', parseConnectTarget('ro.com:8443')).rule, 'default')
+  t.same(d, { action: 'deny', rule: 'no-admin', reason: 'rule no-admin restricts methods or paths on this host, which a TLS tunnel cannot show', enforced: true, inspectable: true }, 'a path deny: open for plain HTTP only')
+  t.same(p.decide('CONNECT', parseConnectTarget('ro.com:8443')), {
+    action: 'deny',
+    rule: 'default',
+    reason: 'rule ro allows only some methods or paths on this host, which a TLS tunnel cannot show',
+    enforced: true,
+    inspectable: true,
+  }, 'a method-limited allow passed over, then the default deny: open for plain HTTP only')
+  t.equal(p.decide('CONNECT', parseConnectTarget('other.com:443')).inspectable, undefined, 'no rule on the host depends on method or path: a plain deny')
+
+  const q = policy([
+    { id: 'ro', action: 'allow', hosts: ['ro.com'], methods: ['GET'] },
+    { id: 'block', action: 'deny', hosts: ['ro.com', 'blocked.com'] },
+  ], { default: 'allow' })
+  t.same(q.decide('CONNECT', parseConnectTarget('ro.com:443')), { action: 'deny', rule: 'block', reason: 'rule ro allows only some methods or paths on this host, which a TLS tunnel cannot show', enforced: true, inspectable: true }, 'GET would be allowed before the host deny: inspectable')
+  t.same(q.decide('CONNECT', parseConnectTarget('blocked.com:443')), { action: 'deny', rule: 'block', reason: 'denied by rule block', enforced: true }, 'a whole-host deny stays a plain deny')
+  t.equal(q.decide('CONNECT', parseConnectTarget('free.com:443')).action, 'allow', 'the default allow is not narrowed')
+  t.equal(q.decide('CONNECT', parseConnectTarget('free.com:443')).inspectable, undefined)
 })

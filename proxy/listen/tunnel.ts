@@ -4,9 +4,12 @@
 //   - anything else is plain HTTP (undici's ProxyAgent tunnels http:// targets by default):
 //     the socket is handed to the sidecar's own HTTP parser and every request inside re-enters
 //     the pipeline, decided, credentialed and audited one by one, pinned to the tunnel's origin.
+// A CONNECT denied only because a rule on the host depends on method or path (which TLS hides)
+// opens for plain HTTP alone, without dialling: TLS gets an access_denied alert.
 import { connect as netConnect, type Socket } from 'node:net'
 import type { IncomingMessage } from 'node:http'
 import type { Pipeline, TunnelOrigin } from '../pipeline.js'
+import type { Decision } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import { parseConnectTarget } from './target.js'
 import { checkFraming } from './framing.js'
@@ -14,6 +17,8 @@ import { upstreamError } from '../forward/upstream-errors.js'
 import { watchClose } from './relay.js'
 
 const TLS_HANDSHAKE = 0x16
+/** A TLS record: alert, TLS 1.2 record version, 2 bytes: fatal, access_denied (RFC 8446 §6.2). */
+const TLS_ACCESS_DENIED = Buffer.from([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31])
 
 export interface TunnelOptions {
   connectTimeoutMs: number
@@ -40,12 +45,47 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
     pipeline.refuseSocket(ctx, client, err)
   }
   client.on('error', () => {})
+  /**
+   * Plain HTTP: the socket goes to the sidecar's own HTTP server, where each request is a call of
+   * its own. The tunnel stays live until it closes, so a revocation cuts it even when idle.
+   */
+  const handOver = (first: Buffer) => {
+    finished = true
+    client.once('close', () => pipeline.live.delete(ctx))
+    client.pause()
+    client.unshift(first)
+    opts.adoptPlaintext(client, { target: ctx.target!, proxyAuthorization: req.headers['proxy-authorization'] })
+  }
+  /**
+   * Denied only for what TLS would hide (a rule on this host depends on method or path): the
+   * tunnel opens, undialled, for plain HTTP alone. TLS gets a fatal access_denied alert, the one
+   * refusal a TLS client reads at this point, and is recorded as the denial it is.
+   */
+  const openForPlainHttpOnly = (decision: Decision) => {
+    client.write('HTTP/1.1 200 Connection Established\r\n\r\n')
+    ctx.status = 200
+    opts.open.add(client)
+    client.once('close', () => {
+      opts.open.delete(client)
+      finish()
+    })
+    const sniff = (first: Buffer) => {
+      if (first[0] !== TLS_HANDSHAKE) return handOver(first)
+      finished = true
+      client.end(TLS_ACCESS_DENIED)
+      pipeline.recordRefused(ctx, new LatchkeyError('LK_POLICY_DENIED', decision.reason, decision.rule))
+    }
+    if (head.length > 0) sniff(head)
+    else client.once('data', sniff)
+  }
   const run = async () => {
     if (req.httpVersionMajor !== 1) throw new LatchkeyError('LK_BAD_REQUEST', 'CONNECT must be HTTP/1.x')
     // Two Host or two Proxy-Authorization headers: which authority, which task, would be a guess.
     checkFraming(req, false)
     ctx.target = parseConnectTarget(req.url ?? '')
     await pipeline.admit(ctx, req.headers['proxy-authorization'], false, client)
+    const decision = ctx.decision!
+    if (decision.action === 'deny' && decision.enforced) return openForPlainHttpOnly(decision)
     const target = ctx.target
     const upstream = netConnect({ host: ctx.resolved!.address, port: target.port, noDelay: true })
     upstream.setTimeout(opts.connectTimeoutMs, () => upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'UND_ERR_CONNECT_TIMEOUT' })))
@@ -77,11 +117,7 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
         upstream.destroy()
         pipeline.stages.metrics.openTunnels.dec()
         client.once('close', () => opts.open.delete(client))
-        // The tunnel itself is not a call: each request inside it is audited on its own.
-        finished = true
-        client.pause()
-        client.unshift(first)
-        opts.adoptPlaintext(client, { target, proxyAuthorization: req.headers['proxy-authorization'] })
+        handOver(first)
       }
       const sniff = (first: Buffer) => (first[0] === TLS_HANDSHAKE ? passThrough(first) : adopt(first))
       if (head.length > 0) sniff(head)

@@ -121,20 +121,27 @@ export class Policy implements Decider {
     const readings = this.needsPaths && !tunnel ? pathReadings(target.path) : null
     const scheme = tunnel ? 'https' : target.scheme
     let address: AddressForms | null | undefined
+    // CONNECT: an allow on this host that depends on method or path was passed over.
+    let conditionalAllow: CompiledRule | null = null
     for (const r of this.rules) {
       if (r.ports && !r.ports.has(target.port)) continue
       if (r.schemes && !r.schemes.has(scheme)) continue
       if (target.hostIsIp && address === undefined && (r.cidrs || (r.deny && r.exactHosts))) address = addressForms(target.host)
       if (!hostMatches(r, target, address ?? null)) continue
       if (tunnel && (r.methods || r.paths)) {
-        // A tunnel's requests cannot be seen: an allow that depends on method or path cannot be
-        // proven, and a deny that depends on them might apply, so the deny wins.
-        if (!r.deny) continue
+        // A TLS tunnel's requests cannot be seen: an allow that depends on method or path cannot
+        // be proven, and a deny that depends on them might apply, so the deny wins. A tunnel of
+        // plain HTTP can be seen: it may open, and each request in it is decided on its own.
+        if (!r.deny) {
+          conditionalAllow ??= r
+          continue
+        }
         return {
           action: 'deny',
           rule: r.id,
-          reason: `rule ${r.id} restricts methods or paths on this host, which a CONNECT tunnel cannot show`,
+          reason: `rule ${r.id} restricts methods or paths on this host, which a TLS tunnel cannot show`,
           enforced: r.decision.enforced,
+          inspectable: true,
         }
       }
       if (r.methods && !r.methods.has(method)) continue
@@ -143,8 +150,15 @@ export class Policy implements Decider {
         const all = (re: RegExp) => readings.every((p) => re.test(p))
         if (r.deny ? !r.paths.some(matches) : !r.paths.some(all)) continue
       }
+      if (conditionalAllow && r.deny) return this.inspectableDeny(r.decision, conditionalAllow)
       return r.decision
     }
-    return this.defaultDecision
+    return conditionalAllow && this.defaultDecision.action === 'deny' ? this.inspectableDeny(this.defaultDecision, conditionalAllow) : this.defaultDecision
+  }
+
+  /** A tunnel denied only because an earlier allow's method or path rules cannot be seen in TLS. */
+  private inspectableDeny(d: Decision, passedOver: CompiledRule): Decision {
+    const reason = `rule ${passedOver.id} allows only some methods or paths on this host, which a TLS tunnel cannot show`
+    return { action: 'deny', rule: d.rule, reason, enforced: d.enforced, inspectable: true }
   }
 }

@@ -122,3 +122,67 @@ t.test('HTTPS_PROXY: curl, Node fetch and Python tunnel through CONNECT, untouch
   ])
   t.ok(audit.every((e) => (e.bytes_in as number) > 0 && (e.bytes_out as number) > 0), 'tunnel bytes counted')
 })
+
+// Node's fetch tunnels http:// through CONNECT. A rule that depends on method or path cannot be
+// seen in a TLS tunnel, but can in plain HTTP: the tunnel opens for plain HTTP only, each request
+// inside is decided on its own, and TLS to that host gets an access_denied alert, recorded.
+t.test('method and path rules: Node fetch of http:// is decided per request; TLS to that host is refused', async (t) => {
+  const upstream = await startUpstream()
+  const tlsUpstream = await startUpstream({ tls: true })
+  const ports = [upstream.port, tlsUpstream.port]
+  const s = await startTestSidecar({
+    policy: {
+      default: 'deny',
+      rules: [
+        { id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], ports: [upstream.port], paths: ['/admin/**'] },
+        { id: 'read-only', action: 'allow', hosts: ['127.0.0.1', 'localhost'], ports, methods: ['GET'] },
+      ],
+    },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports }] },
+    credentials: [{ id: 'plain', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+    await tlsUpstream.close()
+  })
+
+  const fetchScript = `
+    const { EnvHttpProxyAgent, fetch } = await import('undici')
+    const dispatcher = new EnvHttpProxyAgent()
+    for (const [method, path] of [['GET', '/ok'], ['GET', '/admin/users'], ['POST', '/ok'], ['GET', '/ok/again']]) {
+      const res = await fetch(process.argv[1] + path, { method, dispatcher, body: method === 'POST' ? 'x' : undefined })
+      console.log(method, path, res.status, res.headers.get('x-latchkey-rule'), (await res.text()).trim())
+    }`
+  const fetched = await run(process.execPath, ['--input-type=module', '-e', fetchScript, upstream.origin], { env: cleanEnv({ HTTP_PROXY: s.proxy }) })
+  const lines = fetched.stdout.trim().split('\n')
+  t.match(lines[0], /^GET \/ok 200 null ok$/, 'an allowed request goes through the tunnel')
+  t.match(lines[1], /^GET \/admin\/users 403 no-admin \{"error":"denied","code":"LK_POLICY_DENIED","rule":"no-admin"/, 'the path deny is a readable 403 inside the tunnel')
+  t.match(lines[2], /^POST \/ok 403 default /, 'a method the allow does not cover falls to the default deny')
+  t.match(lines[3], /^GET \/ok\/again 200 null ok$/)
+  t.same(upstream.requests.map((r) => [r.method, r.url, r.headers.authorization]), [
+    ['GET', '/ok', `Bearer ${CANARY}`],
+    ['GET', '/ok/again', `Bearer ${CANARY}`],
+  ], 'only the allowed requests reached the upstream, each with the credential')
+
+  const curl = await run('curl', ['-sS', '--cacert', testPki().caFile, '-x', s.proxy, `https://localhost:${tlsUpstream.port}/`]).catch((e: { stderr: string }) => e)
+  t.match(curl.stderr, /alert access denied/i, 'curl reads the refusal of a TLS tunnel it cannot be allowed')
+  t.equal(tlsUpstream.requests.length, 0, 'the TLS upstream was never reached')
+
+  const audit = await s.audit()
+  t.same(
+    audit.map((e) => [e.via, e.method, e.path, e.status, e.decision, e.rule, e.error]),
+    [
+      ['tunnelled', 'GET', '/ok', 200, 'allow', 'read-only', null],
+      ['tunnelled', 'GET', '/admin/users', 403, 'deny', 'no-admin', 'LK_POLICY_DENIED'],
+      ['tunnelled', 'POST', '/ok', 403, 'deny', 'default', 'LK_POLICY_DENIED'],
+      ['tunnelled', 'GET', '/ok/again', 200, 'allow', 'read-only', null],
+      ['connect', 'CONNECT', null, 403, 'deny', 'default', 'LK_POLICY_DENIED'],
+    ],
+    'every request in the tunnel is its own call; the refused TLS tunnel is recorded as denied',
+  )
+  t.match((audit[4] as { reason: string }).reason, /rule read-only allows only some methods or paths on this host, which a TLS tunnel cannot show/)
+  const metrics = await (await fetch(`${s.sidecar.adminUrl}/metrics`)).text()
+  t.match(metrics, /^latchkey_calls_in_flight 0$/m, 'closed tunnels leave no call behind')
+  assertNoCanary(t, s, fetched.stdout, curl.stderr)
+})

@@ -165,7 +165,6 @@ export class Pipeline {
     const url = req.url ?? ''
     const ctx = this.newContext(viaOf(url, tunnel), req.method ?? 'GET')
     try {
-      if (this.draining) throw new LatchkeyError('LK_DRAINING', 'the sidecar is shutting down; retry on a new connection')
       checkFraming(req)
       if (url === '*') throw new LatchkeyError('LK_BAD_REQUEST', 'asterisk-form requests (OPTIONS *) are not proxied')
       // TRACE (and IIS's TRACK) make the server echo the request back, injected credential and all.
@@ -173,6 +172,8 @@ export class Pipeline {
         throw new LatchkeyError('LK_BAD_REQUEST', `${ctx.method} is not proxied: the upstream would echo the request, credentials included`)
       }
       ctx.target = this.parseTarget(url, tunnel)
+      // Refused after the target is read, so the trail says which call the shutdown turned away.
+      if (this.draining) throw new LatchkeyError('LK_DRAINING', 'the sidecar is shutting down; retry on a new connection')
       // Inside a tunnel the agent's proxy credential came with the CONNECT, not with each request.
       const admitted = this.admit(ctx, tunnel ? tunnel.proxyAuthorization : req.headers['proxy-authorization'], true, req.socket)
       if (admitted) {

@@ -73,7 +73,7 @@ t.test('while draining, a plaintext tunnel opened before it takes no new call: 5
   t.match(answer, /"code":"LK_DRAINING".*"retryable":true/)
   await closing
   t.same(upstream.requests.map((r) => r.url), ['/slow'], 'nothing new reached the upstream')
-  t.ok((await s.audit()).some((e) => e.via === 'tunnelled' && e.status === 503 && e.error === 'LK_DRAINING'), 'and audited')
+  t.match((await s.audit()).filter((e) => e.via === 'tunnelled'), [{ status: 503, error: 'LK_DRAINING', method: 'GET', host: '127.0.0.1', port: upstream.port, path: '/after' }], 'and audited with its target')
 })
 
 t.test('calls still open at the drain deadline are cut and recorded as cut by the shutdown', async (t) => {

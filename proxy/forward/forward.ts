@@ -49,6 +49,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     this.ctx.status = statusCode
     this.ctx.upstreamMs = performance.now() - this.ctx.t0
     const clean = inboundResponseHeaders(headers)
+    // 204 must not carry a Content-Length (RFC 9110 §8.6); relaying one invites a client to wait for a body.
+    if (statusCode === 204 && clean['content-length'] !== undefined) delete clean['content-length']
     const { binding, credential } = this.ctx
     if (binding && credential) {
       scrubResponseHeaders(clean, binding, credential)
@@ -109,6 +111,12 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
 
   onResponseError(_c: Dispatcher.DispatchController, err: Error): void {
     if (this.finished) return
+    // A 204 or 304 has no body whatever its Content-Length says (a 304's may give the length of
+    // the representation, RFC 9110 §8.6), yet undici faults the mismatch after the head: the
+    // response is complete as it stands, and anything an upstream sent after it is dropped.
+    if ((this.ctx.status === 204 || this.ctx.status === 304) && (err as { code?: string }).code === 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH') {
+      return this.onResponseEnd()
+    }
     this.finished = true
     const mapped = upstreamError(err)
     if (this.res.headersSent) {

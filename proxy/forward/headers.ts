@@ -59,12 +59,16 @@ export function outboundRequestHeaders(
   return out
 }
 
-/** Response headers from upstream minus hop-by-hop and Connection-listed ones. */
+/**
+ * Response headers from upstream minus hop-by-hop and Connection-listed ones, and minus Latchkey's
+ * own namespace: an upstream must not pass for the sidecar (a 403 with `X-Latchkey-Error:
+ * LK_POLICY_DENIED` would read to the agent as a policy denial, not the upstream's answer).
+ */
 export function inboundResponseHeaders(headers: IncomingHttpHeaders): IncomingHttpHeaders {
   const listed = connectionListed(headers.connection)
   let clean = true
   for (const name in headers) {
-    if (HOP_BY_HOP.has(name) || listed?.has(name)) {
+    if (HOP_BY_HOP.has(name) || listed?.has(name) || name.startsWith('x-latchkey-')) {
       clean = false
       break
     }
@@ -72,7 +76,7 @@ export function inboundResponseHeaders(headers: IncomingHttpHeaders): IncomingHt
   if (clean) return headers
   const out: IncomingHttpHeaders = {}
   for (const name in headers) {
-    if (HOP_BY_HOP.has(name) || listed?.has(name)) continue
+    if (HOP_BY_HOP.has(name) || listed?.has(name) || name.startsWith('x-latchkey-')) continue
     out[name] = headers[name]
   }
   return out

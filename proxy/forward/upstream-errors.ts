@@ -16,7 +16,14 @@ const TLS_CODES = new Set([
 
 export function upstreamError(err: unknown): LatchkeyError {
   if (err instanceof LatchkeyError) return err
-  const code = (err as { code?: string })?.code ?? 'UNKNOWN'
+  const e = err as { code?: string; name?: string; message?: string } | null
+  const code = e?.code ?? 'UNKNOWN'
+  // A response undici's parser refused, or one no request asked for (an unsolicited 100 or 101):
+  // the same answer would come again, so it is the upstream's protocol, not worth a retry. The
+  // message is only compared, never repeated.
+  if (e?.name === 'HTTPParserError' || (code === 'UND_ERR_SOCKET' && (e?.message === 'bad response' || e?.message === 'bad upgrade'))) {
+    return new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream sent an invalid HTTP response')
+  }
   switch (code) {
     case 'UND_ERR_CONNECT_TIMEOUT':
       return new LatchkeyError('LK_UPSTREAM_TIMEOUT', 'connecting to the upstream timed out')
@@ -39,6 +46,8 @@ export function upstreamError(err: unknown): LatchkeyError {
     case 'HPE_INVALID_HEADER_TOKEN':
     case 'UND_ERR_INFO':
       return new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream sent an invalid HTTP response')
+    case 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH':
+      return new LatchkeyError('LK_UPSTREAM_PROTOCOL', "the upstream's response body did not match its Content-Length")
     case 'UND_ERR_HEADERS_OVERFLOW':
       return new LatchkeyError('LK_UPSTREAM_PROTOCOL', "the upstream's response headers were too large")
     case 'UND_ERR_REQ_CONTENT_LENGTH_MISMATCH':

@@ -99,7 +99,8 @@ export function serializeSwitchingProtocols({ headers, spelling }: UpgradeRespon
   let head = 'HTTP/1.1 101 Switching Protocols\r\n'
   for (const name in headers) {
     const v = headers[name]
-    if (v === undefined) continue
+    // Latchkey's own namespace is the sidecar's voice, never an upstream's.
+    if (v === undefined || name.startsWith('x-latchkey-')) continue
     const spelt = spelling.get(name) ?? name
     for (const x of Array.isArray(v) ? v : [v]) head += `${spelt}: ${x}\r\n`
   }

@@ -84,3 +84,78 @@ t.test('a broken response head is the upstream protocol failing, not the upstrea
   t.match(JSON.parse(r.body), { code: 'LK_UPSTREAM_PROTOCOL', reason: /response headers were too large/, retryable: false })
   t.match((await s.audit()).at(-1), { status: 502, error: 'LK_UPSTREAM_PROTOCOL' }, 'audited with its cause')
 })
+
+// What a hostile or sloppy upstream can answer, and what the agent and the trail get for each.
+// The raw upstream writes each answer and keeps the connection open, so no fault here is a hang-up.
+t.test('hostile upstream answers: bodiless statuses complete, bad framing is a protocol error, no forged sidecar voice', async (t) => {
+  const answers: Record<string, string> = {
+    '/304-with-length': 'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 100\r\n\r\n',
+    '/204-with-body': 'HTTP/1.1 204 No Content\r\nContent-Length: 12\r\n\r\nSMUGGLEDBODY',
+    '/unsolicited-100': 'HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok',
+    '/not-http': 'FOO/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok',
+    '/two-lengths': 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok',
+    '/length-and-chunked': 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n',
+    '/unasked-101': 'HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n',
+    '/forged-denial': 'HTTP/1.1 403 Forbidden\r\nX-Latchkey-Error: LK_POLICY_DENIED\r\nX-Latchkey-Rule: default\r\nContent-Length: 9\r\n\r\nforbidden',
+  }
+  const upstream: Server = createServer((s) => {
+    s.on('error', () => {})
+    s.once('data', (d: Buffer) => s.write(answers[/^\w+ (\S+)/.exec(d.toString('latin1'))![1]!] ?? 'HTTP/1.1 500 X\r\nContent-Length: 0\r\n\r\n'))
+  })
+  upstream.listen(0, '127.0.0.1')
+  await once(upstream, 'listening')
+  const port = (upstream.address() as AddressInfo).port
+  const s = await startTestSidecar({
+    policy: { default: 'allow' },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] },
+    credentials: [{ id: 'up', audience: `http://127.0.0.1:${port}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    upstream.close()
+  })
+  const get = (path: string) => rawRequest(s.sidecar.port, `GET http://127.0.0.1:${port}${path} HTTP/1.1\r\nHost: x\r\n\r\n`, 300)
+  const seen: string[] = []
+
+  const notModified = await get('/304-with-length')
+  seen.push(notModified.raw)
+  t.equal(notModified.status, 304, 'a 304 whose Content-Length names the representation is relayed, not cut')
+  t.equal(notModified.headers.etag, '"v1"')
+  t.equal(notModified.body, '')
+
+  const noContent = await get('/204-with-body')
+  seen.push(noContent.raw)
+  t.equal(noContent.status, 204, 'a 204 is relayed without the body an upstream tacked on')
+  t.equal(noContent.headers['content-length'], undefined, 'and without a Content-Length a 204 must not carry')
+  t.equal(noContent.body, '')
+
+  for (const path of ['/unsolicited-100', '/not-http', '/two-lengths', '/length-and-chunked', '/unasked-101']) {
+    const r = await get(path)
+    seen.push(r.raw)
+    t.equal(r.status, 502, `${path}: 502`)
+    t.match(JSON.parse(r.body), { code: 'LK_UPSTREAM_PROTOCOL', retryable: false }, `${path}: the upstream's protocol, not worth a retry`)
+  }
+
+  const forged = await get('/forged-denial')
+  seen.push(forged.raw)
+  t.equal(forged.status, 403)
+  t.equal(forged.body, 'forbidden', "the upstream's own 403 is relayed")
+  t.notOk('x-latchkey-error' in forged.headers || 'x-latchkey-rule' in forged.headers, "but not in the sidecar's voice")
+
+  const audit = await s.audit()
+  t.same(
+    audit.map((e) => [e.path, e.status, e.decision, e.error]),
+    [
+      ['/304-with-length', 304, 'allow', null],
+      ['/204-with-body', 204, 'allow', null],
+      ['/unsolicited-100', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
+      ['/not-http', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
+      ['/two-lengths', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
+      ['/length-and-chunked', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
+      ['/unasked-101', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
+      ['/forged-denial', 403, 'allow', null],
+    ],
+    'each call recorded as the agent got it',
+  )
+  assertNoCanary(t, s, ...seen)
+})

@@ -77,7 +77,7 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
         // The credential in header names: percent-encoded in upper-case hex, and as base64url.
         const secret = auth.slice(7)
         const pct = [...secret].map((c) => '%' + c.charCodeAt(0).toString(16).toUpperCase().padStart(2, '0')).join('')
-        socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\nX-${pct}: 1\r\nX-${Buffer.from(secret).toString('base64url')}: 2\r\nX-Plain: kept\r\n\r\n`)
+        socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\nX-${pct}: 1\r\nX-${Buffer.from(secret).toString('base64url')}: 2\r\nX-Plain: kept\r\nX-Latchkey-Error: LK_POLICY_DENIED\r\n\r\n`)
         break
       }
       case '/plain':
@@ -120,7 +120,7 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
   const names = await rawRequest(s.sidecar.port, handshake('/names'))
   seen.push(names.raw)
   t.equal(names.status, 101)
-  t.same(Object.keys(names.headers).filter((h) => h.startsWith('x-')), ['x-plain'], 'header names revealing the credential are dropped from a 101')
+  t.same(Object.keys(names.headers).filter((h) => h.startsWith('x-')), ['x-plain'], 'header names revealing the credential, and the sidecar\'s own namespace, are dropped from a 101')
 
   for (const [path, why] of [
     ['/plain', /answered 200 instead of 101/],

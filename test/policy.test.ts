@@ -143,6 +143,18 @@ t.test('a deny matches every IPv4 an address carries; an allow only the address 
   }
 })
 
+t.test('a deny written as an IPv4-mapped address holds the IPv4 address', async (t) => {
+  const p = policy([
+    { id: 'no-admin-box', action: 'deny', hosts: ['[::ffff:10.0.0.5]'] },
+    { id: 'no-range', action: 'deny', cidrs: ['::ffff:10.1.0.0/112'] },
+    { id: 'rest', action: 'allow', cidrs: ['10.0.0.0/8'] },
+  ])
+  t.equal(decide(p, 'GET', 'http://10.0.0.5/').rule, 'no-admin-box')
+  t.equal(decide(p, 'GET', 'http://10.1.2.3/').rule, 'no-range')
+  t.equal(decide(p, 'GET', 'http://[::ffff:10.1.2.3]/').rule, 'no-range')
+  t.equal(decide(p, 'GET', 'http://10.2.0.1/').rule, 'rest')
+})
+
 t.test('report mode logs a denial without enforcing it', async (t) => {
   const p = policy([{ id: 'd', action: 'deny', hosts: ['x.com'], mode: 'report' }, { id: 'e', action: 'deny', hosts: ['y.com'] }], { mode: 'enforce' })
   t.same(decide(p, 'GET', 'https://x.com/'), { action: 'deny', rule: 'd', reason: 'denied by rule d', enforced: false })

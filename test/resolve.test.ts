@@ -126,6 +126,13 @@ t.test('the network floor: defaults, deny CIDRs and allow exceptions', async (t)
   t.equal(custom.check('10.1.1.1', 80).allowed, true, 'private is not in this deny list')
   t.same(custom.check('8.8.4.4', 53), { allowed: false, cls: 'public', rule: 'network:8.8.4.0/24', reason: '8.8.4.4 is in the denied range 8.8.4.0/24', what: 'in the denied range 8.8.4.0/24' })
   t.equal(custom.check('::ffff:8.8.4.4', 53).allowed, false, 'deny CIDRs apply to the embedded IPv4 too')
+
+  // A deny written in IPv6 names the IPv4 it maps: the same socket destination, however spelt.
+  const mapped = network({ deny: ['::ffff:8.8.4.4/128', '::ffff:10.0.0.0/104'] })
+  t.same(mapped.check('8.8.4.4', 53), { allowed: false, cls: 'public', rule: 'network:::ffff:8.8.4.4/128', reason: '8.8.4.4 is in the denied range ::ffff:8.8.4.4/128', what: 'in the denied range ::ffff:8.8.4.4/128' })
+  t.equal(mapped.check('10.200.1.1', 80).allowed, false, 'a mapped /104 is the IPv4 /8')
+  t.equal(mapped.check('8.8.4.5', 53).allowed, true, 'and nothing beside it')
+  t.equal(network({ deny: ['::/0'] }).check('1.1.1.1', 443).allowed, false, 'an IPv6 range holding every mapped address holds every IPv4 one')
 })
 
 t.test('an allow opens the address as dialled, never an IPv6 address that merely embeds it', async (t) => {

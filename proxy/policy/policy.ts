@@ -87,13 +87,16 @@ type Address = ipaddr.IPv4 | ipaddr.IPv6
 interface AddressForms {
   /** As dialled: itself, and an IPv4-mapped IPv6 address's IPv4 (the same socket destination). */
   dialled: Address[]
-  /** Those plus every IPv4 it embeds (NAT64, 6to4, Teredo, IPv4-compatible, IPv4-translated). */
+  /**
+   * Those plus every IPv4 it embeds (NAT64, 6to4, Teredo, IPv4-compatible, IPv4-translated); for
+   * IPv4, its mapped form, so a deny written `::ffff:10.0.0.1` denies 10.0.0.1 too.
+   */
   all: Address[]
 }
 
 function addressForms(host: string): AddressForms {
   const addr = ipaddr.parse(host)
-  if (addr.kind() === 'ipv4') return { dialled: [addr], all: [addr] }
+  if (addr.kind() === 'ipv4') return { dialled: [addr], all: [addr, (addr as ipaddr.IPv4).toIPv4MappedAddress()] }
   const v6 = addr as ipaddr.IPv6
   const dialled: Address[] = v6.isIPv4MappedAddress() ? [v6, v6.toIPv4Address()] : [v6]
   return { dialled, all: [...dialled, ...embeddedIPv4(v6)] }

@@ -32,8 +32,13 @@ const DESCRIBE: Record<AddressClass, string> = {
   public: 'public address',
 }
 
+/**
+ * Every form a denied range may name this address by: an IPv6 address with the IPv4 it carries,
+ * an IPv4 address with its mapped form (a deny of ::ffff:10.0.0.1/128 is a deny of 10.0.0.1: the
+ * same socket destination).
+ */
 function forms(addr: ipaddr.IPv4 | ipaddr.IPv6): (ipaddr.IPv4 | ipaddr.IPv6)[] {
-  return addr.kind() === 'ipv6' ? [addr, ...embeddedIPv4(addr as ipaddr.IPv6)] : [addr]
+  return addr.kind() === 'ipv6' ? [addr, ...embeddedIPv4(addr as ipaddr.IPv6)] : [addr, (addr as ipaddr.IPv4).toIPv4MappedAddress()]
 }
 
 function inCidr(addr: ipaddr.IPv4 | ipaddr.IPv6, [base, bits]: Cidr): boolean {

@@ -165,6 +165,21 @@ t.test('method and path rules: Node fetch of http:// is decided per request; TLS
     ['GET', '/ok/again', `Bearer ${CANARY}`],
   ], 'only the allowed requests reached the upstream, each with the credential')
 
+  // A whole-host denial is the CONNECT's own 403, which fetch cannot show; with proxyTunnel: false
+  // undici sends http:// in absolute-form and the agent reads the denial (README, "Node's fetch").
+  const deniedScript = `
+    const { EnvHttpProxyAgent, fetch } = await import('undici')
+    for (const proxyTunnel of [true, false]) {
+      try {
+        const res = await fetch(process.argv[1], { dispatcher: new EnvHttpProxyAgent({ proxyTunnel }) })
+        console.log(proxyTunnel, res.status, res.headers.get('x-latchkey-rule'))
+      } catch (e) { console.log(proxyTunnel, 'failed:', e.cause?.message) }
+    }`
+  const denied = await run(process.execPath, ['--input-type=module', '-e', deniedScript, 'http://127.0.0.1:8/x'], { env: cleanEnv({ HTTP_PROXY: s.proxy }) })
+  const [tunnelled, absolute] = denied.stdout.trim().split('\n')
+  t.match(tunnelled, /^true failed: /, 'through CONNECT, fetch only fails')
+  t.equal(absolute, 'false 403 default', 'in absolute-form, fetch reads the denial and its rule')
+
   const curl = await run('curl', ['-sS', '--cacert', testPki().caFile, '-x', s.proxy, `https://localhost:${tlsUpstream.port}/`]).catch((e: { stderr: string }) => e)
   t.match(curl.stderr, /alert access denied/i, 'curl reads the refusal of a TLS tunnel it cannot be allowed')
   t.equal(tlsUpstream.requests.length, 0, 'the TLS upstream was never reached')
@@ -178,10 +193,12 @@ t.test('method and path rules: Node fetch of http:// is decided per request; TLS
       ['tunnelled', 'POST', '/ok', 403, 'deny', 'default', 'LK_POLICY_DENIED'],
       ['tunnelled', 'GET', '/ok/again', 200, 'allow', 'read-only', null],
       ['connect', 'CONNECT', null, 403, 'deny', 'default', 'LK_POLICY_DENIED'],
+      ['absolute', 'GET', '/x', 403, 'deny', 'default', 'LK_POLICY_DENIED'],
+      ['connect', 'CONNECT', null, 403, 'deny', 'default', 'LK_POLICY_DENIED'],
     ],
     'every request in the tunnel is its own call; the refused TLS tunnel is recorded as denied',
   )
-  t.match((audit[4] as { reason: string }).reason, /rule read-only allows only some methods or paths on this host, which a TLS tunnel cannot show/)
+  t.match((audit[6] as { reason: string }).reason, /rule read-only allows only some methods or paths on this host, which a TLS tunnel cannot show/)
   const metrics = await (await fetch(`${s.sidecar.adminUrl}/metrics`)).text()
   t.match(metrics, /^latchkey_calls_in_flight 0$/m, 'closed tunnels leave no call behind')
   assertNoCanary(t, s, fetched.stdout, curl.stderr)

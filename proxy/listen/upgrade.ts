@@ -25,6 +25,8 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
   client.on('error', () => {})
   const run = async () => {
     checkFraming(req)
+    // Read first, so a refused upgrade is recorded with what it was for.
+    ctx.target = pipeline.parseTarget(url, null)
     const protocol = String(req.headers.upgrade ?? '').trim().toLowerCase()
     if (protocol.includes('h2c')) throw new LatchkeyError('LK_BAD_REQUEST', 'h2c upgrades are refused; speak HTTP/1.1 to the sidecar')
     if (protocol !== 'websocket') throw new LatchkeyError('LK_BAD_REQUEST', `upgrade to "${protocol.slice(0, 32)}" is not supported; only websocket`)
@@ -36,7 +38,6 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
       throw new LatchkeyError('LK_BAD_REQUEST', 'a WebSocket handshake carries no body')
     }
     if (req.headers.expect !== undefined) throw new LatchkeyError('LK_BAD_REQUEST', 'Expect is not supported on a WebSocket handshake')
-    ctx.target = pipeline.parseTarget(url, null)
     await pipeline.admit(ctx, req.headers['proxy-authorization'], true, client)
     const target = ctx.target
     const headers = outboundRequestHeaders(req.headers, ctx.binding?.strip ?? null, KEEP_FOR_WEBSOCKET)
@@ -85,7 +86,6 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
         if (err || !response) {
           upstream.destroy()
           untrack()
-          measure()
           refuse(err)
           return
         }
@@ -101,6 +101,8 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
         open.delete(client)
         pipeline.stages.metrics.openTunnels.dec()
       }
+      // Bytes relayed, counted only once the relay opened: before the 101 nothing of the
+      // upstream's answer reached the agent, nor anything of the agent's past its handshake.
       function measure() {
         ctx.bytesIn = Math.max(0, upstream.bytesWritten - Buffer.byteLength(requestHead))
         ctx.bytesOut = upstream.bytesRead
@@ -108,7 +110,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
       function onClosed() {
         untrack()
         if (ctx.status === 0) ctx.status = 502
-        measure()
+        else measure()
         pipeline.finish(ctx)
       }
     })

@@ -150,6 +150,13 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
   }
   const audit = await s.audit()
   t.equal(audit.filter((e) => e.via === 'upgrade').length, 9, 'every handshake audited')
-  t.equal(audit.filter((e) => e.via === 'upgrade' && e.status === 502 && e.error === 'LK_UPSTREAM_PROTOCOL').length, 3)
+  const refusedByUpstream = audit.filter((e) => e.via === 'upgrade' && e.status === 502 && e.error === 'LK_UPSTREAM_PROTOCOL')
+  t.same(refusedByUpstream.map((e) => [e.path, e.bytes_in, e.bytes_out]), [['/plain', 0, 0], ['/unauthorized', 0, 0], ['/wrong-protocol', 0, 0]], 'nothing was relayed either way, and the trail says so')
+  t.match(audit.filter((e) => e.via === 'upgrade' && e.status === 400), [
+    { method: 'TRACE', host: '127.0.0.1', port, path: '/reflect' },
+    { method: 'POST', host: '127.0.0.1', port, path: '/reflect' },
+    { method: 'GET', host: '127.0.0.1', port, path: '/reflect' },
+    { method: 'GET', host: '127.0.0.1', port, path: '/reflect' },
+  ], 'a refused handshake is recorded with what it was for')
   assertNoCanary(t, s, ...seen)
 })

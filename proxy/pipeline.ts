@@ -182,6 +182,8 @@ export class Pipeline {
       }
       this.dispatch(ctx, req, res, expectContinue)
     } catch (err) {
+      // A request a tunnel carried is at least recorded against the origin the tunnel was opened for.
+      if (tunnel && ctx.target === null) ctx.target = tunnel.target
       this.refuse(ctx, res, err)
     }
   }

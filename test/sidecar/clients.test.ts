@@ -3,6 +3,8 @@
 import t from 'tap'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
+import { connect } from 'node:net'
+import { once } from 'node:events'
 import { startUpstream, startTestSidecar, loopbackPolicy, assertNoCanary, CANARY } from '../helpers/harness.js'
 import { testPki } from '../helpers/tls.js'
 
@@ -202,4 +204,23 @@ t.test('method and path rules: Node fetch of http:// is decided per request; TLS
   const metrics = await (await fetch(`${s.sidecar.adminUrl}/metrics`)).text()
   t.match(metrics, /^latchkey_calls_in_flight 0$/m, 'closed tunnels leave no call behind')
   assertNoCanary(t, s, fetched.stdout, curl.stderr)
+})
+
+t.test('a request a plain tunnel refuses is recorded against the tunnel origin', async (t) => {
+  const upstream = await startUpstream()
+  const s = await startTestSidecar(loopbackPolicy([upstream.port]))
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const sock = connect(s.sidecar.port, '127.0.0.1')
+  let raw = ''
+  sock.on('data', (d: Buffer) => (raw += d.toString('latin1')))
+  sock.write(`CONNECT 127.0.0.1:${upstream.port} HTTP/1.1\r\nHost: 127.0.0.1:${upstream.port}\r\n\r\n`)
+  while (!raw.includes('\r\n\r\n')) await new Promise((r) => setTimeout(r, 10))
+  sock.write(`GET http://127.0.0.2:${upstream.port}/x HTTP/1.1\r\nHost: 127.0.0.2:${upstream.port}\r\n\r\n`)
+  await once(sock, 'close')
+  t.match(raw, /\r\n\r\nHTTP\/1\.1 400 [^]*must be for the tunnel's own origin/)
+  t.match(await s.audit(), [{ via: 'tunnelled', status: 400, error: 'LK_BAD_REQUEST', host: '127.0.0.1', port: upstream.port }])
+  t.equal(upstream.requests.length, 0)
 })

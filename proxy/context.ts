@@ -20,6 +20,8 @@ export interface Target {
   search: string
   /** True when `host` is an IP literal. */
   hostIsIp: boolean
+  /** The reverse route the agent named (origin-form), else null. */
+  route: string | null
 }
 
 export interface Identity {

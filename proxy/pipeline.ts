@@ -191,7 +191,7 @@ export class Pipeline {
   /** A request's target, read the way it arrived: inside a tunnel, origin-form (a route), or absolute-form. Throws LK_BAD_REQUEST / LK_NO_ROUTE. */
   parseTarget(url: string, tunnel: TunnelOrigin | null): Target {
     if (tunnel) return parseTunnelledTarget(url, tunnel.target)
-    return url.startsWith('/') ? parseReverseTarget(url, this.stages.routes).target : parseAbsoluteTarget(url)
+    return url.startsWith('/') ? parseReverseTarget(url, this.stages.routes) : parseAbsoluteTarget(url)
   }
 
   /**

@@ -1,5 +1,6 @@
 import t from 'tap'
 import { parseAbsoluteTarget, parseConnectTarget, parseReverseTarget, parseTunnelledTarget, hostHeader } from '../proxy/listen/target.js'
+import { locationThroughRoute } from '../proxy/forward/route-location.js'
 
 const routes = new Map([
   ['gh', new URL('https://api.github.com')],
@@ -73,13 +74,32 @@ t.test('CONNECT needs host:port and nothing more', async (t) => {
 })
 
 t.test('reverse routes map onto their upstream origin', async (t) => {
-  const { target, route } = parseReverseTarget('/gh/repos/x?per_page=1', routes)
-  t.same([route, target.scheme, target.host, target.port, target.path, target.search], ['gh', 'https', 'api.github.com', 443, '/repos/x', '?per_page=1'])
-  t.equal(parseReverseTarget('/gh', routes).target.path, '/')
+  const target = parseReverseTarget('/gh/repos/x?per_page=1', routes)
+  t.same([target.route, target.scheme, target.host, target.port, target.path, target.search], ['gh', 'https', 'api.github.com', 443, '/repos/x', '?per_page=1'])
+  t.equal(parseReverseTarget('/gh', routes).path, '/')
   t.equal(parseReverseTarget('/x/../svc/a', routes).route, 'svc', 'dot segments resolved before the route is picked')
   t.equal(parseReverseTarget('/gh/a/../../svc/b', routes).route, 'svc')
   t.throws(() => parseReverseTarget('/nope/x', routes), { code: 'LK_NO_ROUTE' })
   t.throws(() => parseReverseTarget('//evil.com/x', routes), { code: 'LK_BAD_REQUEST' })
-  t.equal(hostHeader(parseReverseTarget('/svc/a', routes).target), '127.0.0.1:8080')
-  t.equal(hostHeader(parseReverseTarget('/gh/a', routes).target), 'api.github.com')
+  t.equal(hostHeader(parseReverseTarget('/svc/a', routes)), '127.0.0.1:8080')
+  t.equal(hostHeader(parseReverseTarget('/gh/a', routes)), 'api.github.com')
+})
+
+t.test("a reverse route's redirects stay on the route", async (t) => {
+  const target = parseReverseTarget('/gh/repos/x', routes)
+  const cases: [string, string][] = [
+    ['/login?next=%2Fx', '/gh/login?next=%2Fx'],
+    ['https://api.github.com/v2/x?a=1#f', '/gh/v2/x?a=1#f'],
+    ['HTTPS://API.GITHUB.COM.:443/y', '/gh/y'],
+    ['https://api.github.com:8443/y', 'https://api.github.com:8443/y'],
+    ['http://api.github.com/y', 'http://api.github.com/y'],
+    ['https://evil.example/y', 'https://evil.example/y'],
+    ['https://user@api.github.com/y', 'https://user@api.github.com/y'],
+    ['//evil.example/y', '//evil.example/y'],
+    ['/\\evil.example/y', '/\\evil.example/y'],
+    ['next/page', 'next/page'],
+    ['not a url', 'not a url'],
+  ]
+  for (const [location, expected] of cases) t.equal(locationThroughRoute(location, target), expected, location)
+  t.equal(locationThroughRoute('/login', parseAbsoluteTarget('https://api.github.com/x')), '/login', 'absolute-form calls are not rewritten')
 })

@@ -8,6 +8,7 @@ import { LatchkeyError } from '../errors.js'
 import { inboundResponseHeaders, type OutboundHeaders } from './headers.js'
 import { upstreamError } from './upstream-errors.js'
 import { safeReasonPhrase, scrubResponseHeaders } from './scrub.js'
+import { locationThroughRoute } from './route-location.js'
 
 export type ForwardDone = (err: LatchkeyError | null) => void
 
@@ -56,6 +57,9 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
       scrubResponseHeaders(clean, binding, credential)
       statusMessage = safeReasonPhrase(statusMessage, binding, credential)
     }
+    // A redirect on a reverse route stays on the route, or the agent would follow it off the sidecar.
+    const location = clean.location
+    if (typeof location === 'string' && this.ctx.target!.route !== null) clean.location = locationThroughRoute(location, this.ctx.target!)
     // node:http sends the head with the first chunk in one write, and ending a response with a
     // Content-Length writes nothing more. A chunked one ends with its own "0\r\n\r\n" write: as
     // undici usually delivers head, body and end in one tick, corking until the next sends a small

@@ -15,7 +15,7 @@ function fromUrl(url: URL): Target {
   if (host.endsWith('.')) host = host.slice(0, -1)
   if (host === '') throw new LatchkeyError('LK_BAD_REQUEST', 'request target has an empty host')
   const port = url.port === '' ? DEFAULT_PORT[scheme] : Number(url.port)
-  return { scheme, host, port, path: checkedPath(url.pathname || '/'), search: url.search, hostIsIp: isIP(host) !== 0 }
+  return { scheme, host, port, path: checkedPath(url.pathname || '/'), search: url.search, hostIsIp: isIP(host) !== 0, route: null }
 }
 
 const ENCODED_CONTROL = /%(?:[01][0-9A-Fa-f]|7[Ff])/
@@ -92,7 +92,7 @@ export interface ReverseRoutes {
 }
 
 /** Origin-form `/<route>/<rest>` mapped onto the route's upstream origin. */
-export function parseReverseTarget(rawPath: string, routes: ReverseRoutes): { target: Target; route: string } {
+export function parseReverseTarget(rawPath: string, routes: ReverseRoutes): Target {
   if (!rawPath.startsWith('/')) throw new LatchkeyError('LK_BAD_REQUEST', 'request target must be origin-form or absolute-form')
   // Dot segments (including %2e forms) are resolved before the route is picked, so /a/../b is route b.
   const { path, search } = parseOriginForm(rawPath)
@@ -105,7 +105,8 @@ export function parseReverseTarget(rawPath: string, routes: ReverseRoutes): { ta
   const target = fromUrl(upstream)
   target.path = base + rest
   target.search = search
-  return { target, route: name }
+  target.route = name
+  return target
 }
 
 /**

@@ -224,3 +224,35 @@ t.test('a request a plain tunnel refuses is recorded against the tunnel origin',
   t.match(await s.audit(), [{ via: 'tunnelled', status: 400, error: 'LK_BAD_REQUEST', host: '127.0.0.1', port: upstream.port }])
   t.equal(upstream.requests.length, 0)
 })
+
+t.test('a client following a redirect on a reverse route stays on the route, credential and all', async (t) => {
+  const upstream = await startUpstream({
+    handler: (req, res) => {
+      if (req.url === '/old') res.writeHead(302, { location: '/new?x=1' }).end()
+      else if (req.url === '/absolute') res.writeHead(301, { location: `http://127.0.0.1:${upstream.port}/new` }).end()
+      else return false
+      return true
+    },
+  })
+  const s = await startTestSidecar({
+    ...loopbackPolicy([upstream.port]),
+    routes: { api: upstream.origin },
+    credentials: [{ id: 'api', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const followed = await run('curl', ['-sS', '-L', '-i', `${s.proxy}/api/old`])
+  t.match(followed.stdout, /^HTTP\/1\.1 302 [^]*location: \/api\/new\?x=1\r\n[^]*HTTP\/1\.1 200 /i, 'the Location names the route')
+  const absolute = await run('curl', ['-sS', '-L', '-o', '/dev/null', '-w', '%{http_code} %{num_redirects}', `${s.proxy}/api/absolute`])
+  t.equal(absolute.stdout, '200 1', "an absolute Location on the upstream's origin is brought back under the route")
+  t.same(upstream.requests.map((r) => [r.url, r.headers.authorization]), [
+    ['/old', `Bearer ${CANARY}`],
+    ['/new?x=1', `Bearer ${CANARY}`],
+    ['/absolute', `Bearer ${CANARY}`],
+    ['/new', `Bearer ${CANARY}`],
+  ], 'every hop went through the sidecar, which injected the credential')
+  t.match(await s.audit(), [{ via: 'reverse', path: '/old', status: 302 }, { via: 'reverse', path: '/new' }, { via: 'reverse', path: '/absolute', status: 301 }, { via: 'reverse', path: '/new' }])
+  assertNoCanary(t, s, followed.stdout, absolute.stdout)
+})

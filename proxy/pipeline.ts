@@ -58,6 +58,9 @@ function isoTimestamp(ms: number): string {
   return lastTs
 }
 
+/** Pipelined requests one connection may have waiting for their turn before it is no longer read. */
+const MAX_QUEUED_PER_CONNECTION = 32
+
 export class Pipeline {
   /** Sockets already answered with a refusal and `Connection: close`: nothing more is read from them. */
   readonly closingSockets = new WeakSet<Socket>()
@@ -224,8 +227,17 @@ export class Pipeline {
     }
     const entry = { req, neverSent: () => this.neverSent(req, tunnel) }
     queue.push(entry)
+    // A client that pipelines without reading would have node:http parse, and this queue hold,
+    // everything it sends (measured: 300,000 requests, 800 MB). Past the cap the connection is not
+    // read: node:http's own flag for that, which it clears (and reads again) as responses go out,
+    // so one chunk more at most is parsed per response.
+    if (queue.length >= MAX_QUEUED_PER_CONNECTION) {
+      ;(socket as Socket & { _paused?: boolean })._paused = true
+      socket.pause()
+    }
     res.once('socket', () => {
-      const i = queue.indexOf(entry)
+      // Turns come in order: the entry is almost always the first.
+      const i = queue[0] === entry ? 0 : queue.indexOf(entry)
       if (i !== -1) queue.splice(i, 1)
       run()
     })

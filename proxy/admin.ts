@@ -1,7 +1,14 @@
 // The admin port: /metrics (Prometheus), /healthz (the process answers), /readyz (listening,
-// not draining, audit sink writing). Loopback only, like the proxy port.
+// not draining, audit sink writing). Loopback only, like the proxy port; only local programs
+// (no web page, see local-caller.ts); slow or idle clients are cut like the proxy port's, and the
+// number of connections is capped, so idle sockets cannot take the process's descriptors.
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import type { SidecarMetrics } from './metrics.js'
+import { checkLocalCaller } from './listen/local-caller.js'
+import { LatchkeyError, renderError } from './errors.js'
+
+/** Scrapers, probes and a few agents opening tasks: far fewer than this at once. */
+const MAX_ADMIN_CONNECTIONS = 256
 
 export interface Readiness {
   ready(): { ok: boolean; reasons: string[] }
@@ -10,8 +17,15 @@ export interface Readiness {
 /** Further routes on the admin port (the task API); returns true when it handled the request. */
 export type AdminRoute = (req: IncomingMessage, res: ServerResponse, path: string) => boolean
 
-export function createAdminServer(metrics: SidecarMetrics, readiness: Readiness, extra?: AdminRoute): Server {
-  return createServer((req, res) => {
+export function createAdminServer(metrics: SidecarMetrics, readiness: Readiness, clientHeadersTimeoutMs: number, extra?: AdminRoute): Server {
+  const server = createServer({ headersTimeout: clientHeadersTimeoutMs, requestTimeout: 30_000, keepAliveTimeout: 5_000 }, (req, res) => {
+    try {
+      checkLocalCaller(req.headers)
+    } catch (err) {
+      const { status, headers, body } = renderError(err as LatchkeyError)
+      res.writeHead(status, headers).end(body)
+      return
+    }
     const path = (req.url ?? '').split('?')[0] ?? ''
     if (extra?.(req, res, path)) return
     if (req.method !== 'GET' && req.method !== 'HEAD') {
@@ -32,4 +46,6 @@ export function createAdminServer(metrics: SidecarMetrics, readiness: Readiness,
       res.writeHead(404, { 'content-type': 'application/json' }).end('{"error":"not_found"}\n')
     }
   })
+  server.maxConnections = MAX_ADMIN_CONNECTIONS
+  return server
 }

@@ -9,6 +9,7 @@ export const ERRORS = {
   LK_NO_ROUTE: { status: 404, error: 'no_route', retryable: false },
   LK_PROXY_AUTH: { status: 407, error: 'proxy_auth_required', retryable: false },
   LK_CALLER_DENIED: { status: 403, error: 'caller_denied', retryable: false },
+  LK_FOREIGN_ORIGIN: { status: 403, error: 'foreign_origin', retryable: false },
   LK_REVOKED: { status: 403, error: 'revoked', retryable: false },
   LK_TASK_ENDED: { status: 407, error: 'task_ended', retryable: false },
   LK_CREDENTIAL_UNAVAILABLE: { status: 503, error: 'credential_unavailable', retryable: true },

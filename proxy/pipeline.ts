@@ -6,6 +6,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Logger } from '../lib/log.js'
 import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Identifier, Identity, Resolution, Resolver, Target, Via } from './context.js'
+import { checkLocalCaller } from './listen/local-caller.js'
 import { LatchkeyError, renderError, renderErrorRaw, type ErrorCode } from './errors.js'
 import type { CredentialBindings } from './credentials/bindings.js'
 import { stripQueryParams } from './credentials/bindings.js'
@@ -175,6 +176,7 @@ export class Pipeline {
         throw new LatchkeyError('LK_BAD_REQUEST', `${ctx.method} is not proxied: the upstream would echo the request, credentials included`)
       }
       ctx.target = this.parseTarget(url, tunnel)
+      if (ctx.target.route !== null) checkLocalCaller(req.headers)
       // Refused after the target is read, so the trail says which call the shutdown turned away.
       if (this.draining) throw new LatchkeyError('LK_DRAINING', 'the sidecar is shutting down; retry on a new connection')
       // Inside a tunnel the agent's proxy credential came with the CONNECT, not with each request.

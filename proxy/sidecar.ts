@@ -337,7 +337,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       if (stale) reasons.push(`${stale}: no new tokens are minted`)
       return { ok: reasons.length === 0, reasons }
     },
-  }, (req, res, path) =>
+  }, sc.timeouts.client_headers_ms, (req, res, path) =>
     handleTaskApi(
       {
         tasks,

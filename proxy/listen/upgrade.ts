@@ -8,6 +8,7 @@ import type { Pipeline } from '../pipeline.js'
 import { LatchkeyError } from '../errors.js'
 import { hostHeader } from './target.js'
 import { checkFraming } from './framing.js'
+import { checkLocalCaller } from './local-caller.js'
 import { outboundRequestHeaders } from '../forward/headers.js'
 import { stripQueryParams } from '../credentials/bindings.js'
 import { upstreamError } from '../forward/upstream-errors.js'
@@ -27,6 +28,8 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
     checkFraming(req)
     // Read first, so a refused upgrade is recorded with what it was for.
     ctx.target = pipeline.parseTarget(url, null)
+    // A browser's WebSocket always carries Origin: a page must not open a credentialed socket.
+    if (ctx.target.route !== null) checkLocalCaller(req.headers)
     const protocol = String(req.headers.upgrade ?? '').trim().toLowerCase()
     if (protocol.includes('h2c')) throw new LatchkeyError('LK_BAD_REQUEST', 'h2c upgrades are refused; speak HTTP/1.1 to the sidecar')
     if (protocol !== 'websocket') throw new LatchkeyError('LK_BAD_REQUEST', `upgrade to "${protocol.slice(0, 32)}" is not supported; only websocket`)

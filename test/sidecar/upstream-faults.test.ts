@@ -46,7 +46,7 @@ t.test('timeouts, resets and untrusted certificates', async (t) => {
   t.equal(reset.headers['x-latchkey-error'], 'LK_UPSTREAM_UNREACHABLE')
   t.equal(JSON.parse(reset.body).retryable, true)
 
-  const tls = await rawRequest(s.sidecar.port, `GET /untrusted/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`, 400)
+  const tls = await rawRequest(s.sidecar.port, `GET /untrusted/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`, 400)
   t.equal(tls.status, 502)
   t.equal(tls.headers['x-latchkey-error'], 'LK_UPSTREAM_TLS')
   t.match(JSON.parse(tls.body).reason, /TLS certificate was not accepted/)

@@ -1,0 +1,33 @@
+// Reverse routes and the admin API answer requests addressed to the sidecar itself, so a web page
+// must not be able to send them. A page reaches localhost two ways: DNS rebinding (its own name
+// re-pointed at 127.0.0.1; the Host header still carries that name) and plain cross-site requests
+// (a browser marks those with Origin or Sec-Fetch-Site). Agents and their SDKs send neither, and
+// address the sidecar by a loopback address or localhost.
+import { isIP } from 'node:net'
+import type { IncomingHttpHeaders } from 'node:http'
+import { LatchkeyError } from '../errors.js'
+
+/** Throws LK_FOREIGN_ORIGIN unless the request looks like it came from a local program. */
+export function checkLocalCaller(headers: IncomingHttpHeaders): void {
+  const host = headers.host
+  if (host !== undefined && !isLocalName(hostname(host))) {
+    throw new LatchkeyError('LK_FOREIGN_ORIGIN', 'the request names another host than this sidecar; address it by a loopback address or localhost (another name is what DNS rebinding looks like)')
+  }
+  const site = headers['sec-fetch-site']
+  if (headers.origin !== undefined || (site !== undefined && site !== 'none' && site !== 'same-origin')) {
+    throw new LatchkeyError('LK_FOREIGN_ORIGIN', 'a request from a web page is refused: reverse routes and the admin API serve local programs only')
+  }
+}
+
+function hostname(host: string): string {
+  const h = host.trim().toLowerCase()
+  if (h.startsWith('[')) return h.slice(1, h.indexOf(']') === -1 ? undefined : h.indexOf(']'))
+  const colon = h.lastIndexOf(':')
+  const name = colon === -1 ? h : h.slice(0, colon)
+  return name.endsWith('.') ? name.slice(0, -1) : name
+}
+
+/** An IP literal (which no DNS answer can re-point), or a name that only ever means this machine. */
+function isLocalName(name: string): boolean {
+  return isIP(name) !== 0 || name === 'localhost' || name.endsWith('.localhost')
+}

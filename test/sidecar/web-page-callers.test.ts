@@ -1,0 +1,88 @@
+// Reverse routes and the admin API inject credentials and open tasks for whoever addresses the
+// sidecar itself, so a web page must not: neither by DNS rebinding (its own name pointed at
+// 127.0.0.1, which the Host header still carries) nor by cross-site requests (which a browser
+// marks with Origin or Sec-Fetch-Site). Local programs, addressing it by IP or localhost, pass.
+import t from 'tap'
+import { connect } from 'node:net'
+import { once } from 'node:events'
+import { startUpstream, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
+
+t.test('a web page cannot drive reverse routes or the admin API', async (t) => {
+  const upstream = await startUpstream()
+  const s = await startTestSidecar({
+    ...loopbackPolicy([upstream.port]),
+    routes: { api: upstream.origin },
+    credentials: [{ id: 'api', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const port = s.sidecar.port
+  const seen: string[] = []
+  const route = (headers: string) => rawRequest(port, `GET /api/x HTTP/1.1\r\n${headers}Connection: close\r\n\r\n`)
+
+  for (const [name, headers] of [
+    ['a rebound name', 'Host: rebind.attacker.example:1234\r\n'],
+    ['a rebound name with a trailing dot', 'Host: rebind.attacker.example.\r\n'],
+    ['a cross-site fetch', `Host: 127.0.0.1:${port}\r\nOrigin: http://attacker.example\r\n`],
+    ['a sandboxed page', `Host: 127.0.0.1:${port}\r\nOrigin: null\r\n`],
+    ['a cross-site navigation', `Host: localhost:${port}\r\nSec-Fetch-Site: cross-site\r\n`],
+    ['a same-site subresource', `Host: localhost:${port}\r\nSec-Fetch-Site: same-site\r\n`],
+  ] as const) {
+    const r = await route(headers)
+    seen.push(r.raw)
+    t.equal(r.status, 403, `${name}: 403`)
+    t.equal(r.headers['x-latchkey-error'], 'LK_FOREIGN_ORIGIN', `${name}: says why`)
+  }
+  const ws = await rawRequest(port, `GET /api/socket HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nOrigin: http://attacker.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`)
+  seen.push(ws.raw)
+  t.equal(ws.status, 403, "a page's WebSocket is refused")
+  t.equal(upstream.requests.length, 0, 'none of them reached the upstream, so no credential was spent for a page')
+
+  for (const headers of [`Host: 127.0.0.1:${port}\r\n`, `Host: localhost:${port}\r\n`, `Host: [::1]:${port}\r\n`, `Host: app.localhost\r\n`, `Host: 127.0.0.1\r\nSec-Fetch-Site: none\r\n`]) {
+    const r = await route(headers)
+    t.equal(r.status, 200, `${JSON.stringify(headers)}: a local program is served`)
+  }
+  t.equal(upstream.requests.length, 5)
+
+  const admin = s.sidecar.adminPort
+  const metrics = await rawRequest(admin, `GET /metrics HTTP/1.1\r\nHost: rebind.attacker.example\r\nConnection: close\r\n\r\n`)
+  t.equal(metrics.status, 403, 'the admin port refuses a rebound name')
+  const body = '{"purpose":"x","duration_s":60}'
+  const task = await rawRequest(admin, `POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1:${admin}\r\nOrigin: http://attacker.example\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`)
+  t.equal(task.status, 403, 'a page cannot open a task')
+  t.equal(s.sidecar.tasks.size, 0)
+  const ok = await rawRequest(admin, `GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:${admin}\r\nConnection: close\r\n\r\n`)
+  t.equal(ok.status, 200)
+
+  const audit = await s.audit()
+  t.equal(audit.filter((e) => e.error === 'LK_FOREIGN_ORIGIN').length, 7, 'each refused route call is audited')
+  t.match(audit[0], { via: 'reverse', status: 403, host: '127.0.0.1', port: upstream.port, path: '/x' })
+  assertNoCanary(t, s, ...seen, metrics.raw, task.raw)
+  t.notOk(seen.some((r) => r.includes(CANARY)))
+})
+
+t.test('the admin port holds a bounded number of connections; idle ones cannot starve it', async (t) => {
+  const s = await startTestSidecar(loopbackPolicy([1]))
+  t.teardown(() => s.close())
+  const admin = s.sidecar.adminPort
+  const idle = await Promise.all(
+    Array.from({ length: 256 }, async () => {
+      const c = connect(admin, '127.0.0.1')
+      c.on('error', () => {})
+      await once(c, 'connect')
+      return c
+    }),
+  )
+  const over = connect(admin, '127.0.0.1')
+  over.on('error', () => {})
+  await once(over, 'close')
+  t.pass('the 257th connection is closed at once')
+  const proxy = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`)
+  t.equal(proxy.status, 403, 'the proxy keeps answering meanwhile')
+  for (const c of idle) c.destroy()
+  await new Promise((r) => setTimeout(r, 100))
+  const after = await rawRequest(admin, `GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`)
+  t.equal(after.status, 200, 'and the admin port answers again once they are gone')
+})

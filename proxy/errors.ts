@@ -19,6 +19,8 @@ export const ERRORS = {
   LK_UPSTREAM_TIMEOUT: { status: 504, error: 'upstream_timeout', retryable: true },
   LK_UPSTREAM_PROTOCOL: { status: 502, error: 'upstream_protocol', retryable: false },
   LK_DRAINING: { status: 503, error: 'draining', retryable: true },
+  /** Never rendered (nobody is left to read it); 499 as nginx records it. */
+  LK_CLIENT_CLOSED: { status: 499, error: 'client_closed', retryable: false },
   LK_AUDIT_UNAVAILABLE: { status: 503, error: 'audit_unavailable', retryable: true },
 } as const
 

@@ -27,8 +27,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     private readonly recordFirst = false,
   ) {
     res.once('close', () => {
-      // The agent went away mid-response: stop the upstream too.
-      if (!this.finished) this.controller?.abort(new Error('client closed'))
+      // The agent went away mid-response: stop the upstream too, and say whose doing it was.
+      if (!this.finished) this.abort(new LatchkeyError('LK_CLIENT_CLOSED', 'the agent closed the connection before the response was complete'))
     })
   }
 

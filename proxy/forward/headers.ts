@@ -16,10 +16,17 @@ const HOP_BY_HOP = new Set([
   'http2-settings',
 ])
 
-/** Headers an agent may not set: forwarding metadata and Latchkey's own namespace. */
+/**
+ * Headers an agent may not set: forwarding metadata, Latchkey's own namespace, and the overrides
+ * by which some frameworks act on another method or path than the request line's (Rails,
+ * Express's method-override, Symfony, IIS), which the policy never judged. `_` spellings too:
+ * CGI/WSGI and nginx with underscores_in_headers read X_Forwarded_For as X-Forwarded-For.
+ */
 function isSpoofable(name: string): boolean {
-  return name.startsWith('x-forwarded-') || name === 'forwarded' || name === 'x-real-ip' || name.startsWith('x-latchkey-')
+  if (name.includes('_')) name = name.replace(/_/g, '-')
+  return name.startsWith('x-forwarded-') || name === 'forwarded' || name === 'x-real-ip' || name.startsWith('x-latchkey-') || OVERRIDES.has(name)
 }
+const OVERRIDES = new Set(['x-http-method-override', 'x-http-method', 'x-method-override', 'x-original-url', 'x-rewrite-url', 'x-original-method'])
 
 function connectionListed(value: string | string[] | undefined): Set<string> | null {
   if (!value) return null

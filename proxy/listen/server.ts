@@ -33,6 +33,9 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     noDelay: true,
   }
   const server = createServer(serverOptions)
+  // node:http keeps the first 2,000 header lines and silently drops the rest, Content-Length
+  // included, and the body with it. The header size limit bounds them instead.
+  server.maxHeadersCount = 0
   server.on('connection', (socket: Socket) => {
     if (!opts.allowRemoteClients && !isLoopback(socket.remoteAddress)) socket.destroy()
   })
@@ -43,6 +46,7 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   // the same strict options; each socket remembers the origin its tunnel was opened for.
   const tunnels = new WeakMap<Socket, TunnelOrigin>()
   const inner = createServer(serverOptions)
+  inner.maxHeadersCount = 0
   inner.on('request', (req, res) => pipeline.handleRequest(req, res, false, tunnels.get(req.socket) ?? null))
   inner.on('checkContinue', (req, res) => pipeline.handleRequest(req, res, true, tunnels.get(req.socket) ?? null))
   inner.on('checkExpectation', (req, res) => pipeline.handleUnmetExpectation(req, res, tunnels.get(req.socket) ?? null))

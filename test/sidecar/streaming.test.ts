@@ -82,3 +82,26 @@ t.test('16 MiB up (chunked) and 16 MiB down, byte for byte', async (t) => {
     ['GET', 200, 0, SIZE],
   ])
 })
+
+t.test('an agent that hangs up mid-response is recorded as having done so, not as an upstream fault', async (t) => {
+  const upstream: Server = createServer((_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/octet-stream' })
+    const timer = setInterval(() => res.write(Buffer.alloc(16 * 1024)), 5)
+    res.on('close', () => clearInterval(timer))
+  })
+  upstream.listen(0, '127.0.0.1')
+  await once(upstream, 'listening')
+  const port = (upstream.address() as AddressInfo).port
+  const s = await startTestSidecar({ policy: { default: 'allow' }, network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] } })
+  t.teardown(async () => {
+    await s.close()
+    upstream.close()
+  })
+  const { connect } = await import('node:net')
+  const sock = connect(s.sidecar.port, '127.0.0.1')
+  sock.write(`GET http://127.0.0.1:${port}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`)
+  await once(sock, 'data')
+  sock.destroy()
+  await new Promise((r) => setTimeout(r, 200))
+  t.match(await s.audit(), [{ path: '/stream', status: 200, error: 'LK_CLIENT_CLOSED', reason: 'the agent closed the connection before the response was complete' }])
+})

@@ -59,8 +59,8 @@ function isoTimestamp(ms: number): string {
   return lastTs
 }
 
-/** Pipelined requests one connection may have waiting for their turn before it is no longer read. */
-const MAX_QUEUED_PER_CONNECTION = 32
+/** Pipelined requests one connection may have waiting for their turn; one more closes it. */
+const MAX_QUEUED_PER_CONNECTION = 64
 
 export class Pipeline {
   /** Sockets already answered with a refusal and `Connection: close`: nothing more is read from them. */
@@ -227,16 +227,21 @@ export class Pipeline {
         for (const waiting of q.splice(0)) waiting.neverSent()
       })
     }
+    // node:http parses every pipelined request it is sent, and reads on as each response goes
+    // out: a client pipelining without end had this queue hold all of it (measured: 300,000
+    // requests, 800 MB). No client pipelines this deep; one that does loses the connection, and
+    // what it had queued is recorded as not sent.
+    if (queue.length >= MAX_QUEUED_PER_CONNECTION) {
+      if (!socket.destroyed) {
+        this.stages.log.warn({ queued: queue.length }, 'a client pipelined too many requests; its connection was closed')
+        this.closingSockets.add(socket)
+        socket.destroy()
+      }
+      this.neverSent(req, tunnel)
+      return
+    }
     const entry = { req, neverSent: () => this.neverSent(req, tunnel) }
     queue.push(entry)
-    // A client that pipelines without reading would have node:http parse, and this queue hold,
-    // everything it sends (measured: 300,000 requests, 800 MB). Past the cap the connection is not
-    // read: node:http's own flag for that, which it clears (and reads again) as responses go out,
-    // so one chunk more at most is parsed per response.
-    if (queue.length >= MAX_QUEUED_PER_CONNECTION) {
-      ;(socket as Socket & { _paused?: boolean })._paused = true
-      socket.pause()
-    }
     res.once('socket', () => {
       // Turns come in order: the entry is almost always the first.
       const i = queue[0] === entry ? 0 : queue.indexOf(entry)

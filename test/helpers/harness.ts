@@ -50,6 +50,8 @@ export async function startUpstream(
   }
   const pki = opts.tls ? testPki() : null
   const server = pki ? createHttpsServer({ key: pki.key, cert: pki.cert }, listener) : createHttpServer(listener)
+  // Records every header it is sent (Node 24 would refuse past 2,000 lines, Node 20 drop them).
+  server.maxHeadersCount = 0
   server.listen(0, '127.0.0.1')
   await once(server, 'listening')
   const port = (server.address() as AddressInfo).port

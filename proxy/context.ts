@@ -143,7 +143,13 @@ export interface Identifier {
 }
 
 export interface Decider {
-  decide(method: string, target: Target): Decision
+  /**
+   * `resolvedAddress`: for a target named by DNS, the address it resolved to, which deny rules
+   * written by address (CIDRs, IP literals) are also matched against.
+   */
+  decide(method: string, target: Target, resolvedAddress?: string): Decision
+  /** Whether a name's resolved address can change a decision (the policy has such deny rules). */
+  readonly decidesByAddress: boolean
 }
 
 export type Resolution = { address: ResolvedAddress } | { denied: Decision }

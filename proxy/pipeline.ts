@@ -5,7 +5,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Logger } from '../lib/log.js'
-import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Identifier, Identity, Resolution, Resolver, Target, Via } from './context.js'
+import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Decision, Identifier, Identity, Resolution, Resolver, Target, Via } from './context.js'
 import { checkLocalCaller } from './listen/local-caller.js'
 import { LatchkeyError, renderError, renderErrorRaw, type ErrorCode } from './errors.js'
 import type { CredentialBindings } from './credentials/bindings.js'
@@ -129,25 +129,32 @@ export class Pipeline {
     ctx.identity = s.identifier.identify(proxyAuthorization)
     s.revocations?.check(ctx.identity)
     if (socket) this.live.add(ctx, socket)
-    const decision = s.decider.decide(ctx.method, target)
-    ctx.decision = decision
-    // A CONNECT denied only for what TLS would hide goes on: handleConnect opens it for plain HTTP only.
-    if (decision.action === 'deny' && decision.enforced && !(decision.inspectable && ctx.via === 'connect')) {
-      throw new LatchkeyError('LK_POLICY_DENIED', decision.reason, decision.rule)
-    }
+    // Read once: the whole call is judged by the policy in force now, even across a swap.
+    const decider = s.decider
+    this.judge(ctx, decider.decide(ctx.method, target))
     // Fail closed: no call goes out that the audit sink could not keep (spool full, on_full: refuse).
     if (s.audit.accepting && !s.audit.accepting()) throw new LatchkeyError('LK_AUDIT_UNAVAILABLE', 'the audit spool is full; no new egress until the collector catches up')
     const resolved = s.resolver.resolve(target)
-    return resolved instanceof Promise ? resolved.then((r) => this.admitResolved(ctx, r, withCredential)) : this.admitResolved(ctx, resolved, withCredential)
+    return resolved instanceof Promise ? resolved.then((r) => this.admitResolved(ctx, r, withCredential, decider)) : this.admitResolved(ctx, resolved, withCredential, decider)
   }
 
-  private admitResolved(ctx: CallContext, resolved: Resolution, withCredential: boolean): void | Promise<void> {
+  /** Records the decision; throws when it refuses. A CONNECT denied only for what TLS would hide goes on: handleConnect opens it for plain HTTP only. */
+  private judge(ctx: CallContext, decision: Decision): void {
+    ctx.decision = decision
+    if (decision.action === 'deny' && decision.enforced && !(decision.inspectable && ctx.via === 'connect')) {
+      throw new LatchkeyError('LK_POLICY_DENIED', decision.reason, decision.rule)
+    }
+  }
+
+  private admitResolved(ctx: CallContext, resolved: Resolution, withCredential: boolean, decider: Decider): void | Promise<void> {
     if ('denied' in resolved) {
       // Address-range denials are never report-only: they are the SSRF floor under every policy.
       ctx.decision = resolved.denied
       throw new LatchkeyError('LK_NETWORK_DENIED', resolved.denied.reason, resolved.denied.rule)
     }
     ctx.resolved = resolved.address
+    // A deny written by address holds the names that resolve into it: decided again, knowing it.
+    if (decider.decidesByAddress && !ctx.target!.hostIsIp) this.judge(ctx, decider.decide(ctx.method, ctx.target!, resolved.address.address))
     if (!withCredential) return
     const binding = this.stages.bindings.match(ctx.target!)
     if (!binding) return

@@ -122,6 +122,28 @@ t.test('CIDR rules match IP-literal hosts, including IPv4-mapped IPv6', async (t
   t.equal(decide(p, 'GET', 'http://internal.example/').rule, 'default', 'names are not matched by CIDR rules')
 })
 
+t.test('a deny written by address holds names resolving into it; an allow by address opens only addresses', async (t) => {
+  const p = policy(
+    [
+      { id: 'api', action: 'allow', hosts: ['api.internal'] },
+      { id: 'no-admin-on-loopback', action: 'deny', cidrs: ['127.0.0.0/8'], paths: ['/admin/**'] },
+      { id: 'no-box', action: 'deny', hosts: ['10.9.9.9'] },
+      { id: 'internal', action: 'allow', cidrs: ['10.0.0.0/8'] },
+    ],
+    { default: 'allow' },
+  )
+  t.ok(p.decidesByAddress)
+  const at = (url: string, address: string, method = 'GET') => p.decide(method, parseAbsoluteTarget(url), address).rule
+  t.equal(at('http://localhost/admin/x', '127.0.0.1'), 'no-admin-on-loopback', 'a name resolving to loopback meets the loopback deny')
+  t.equal(at('http://foo.localhost/admin/x', '::ffff:127.0.0.1'), 'no-admin-on-loopback', 'by any form of the address')
+  t.equal(at('http://localhost/ok', '127.0.0.1'), 'default', 'the deny keeps its path condition')
+  t.equal(at('http://box.example/', '10.9.9.9'), 'no-box', 'a deny by exact IP holds its names too')
+  t.equal(at('http://api.internal/admin/x', '127.0.0.1'), 'api', 'first match still wins: an allow by name before the deny')
+  t.equal(at('http://other.example/', '10.1.2.3'), 'default', 'an allow by CIDR does not open a name that resolves into it')
+  t.equal(decide(p, 'GET', 'http://localhost/admin/x').rule, 'default', 'before resolution the name alone is judged')
+  t.notOk(policy([{ id: 'i', action: 'allow', cidrs: ['10.0.0.0/8'] }, { id: 'n', action: 'deny', hosts: ['evil.example'] }]).decidesByAddress, 'no deny by address: nothing to decide again')
+})
+
 t.test('a deny matches every IPv4 an address carries; an allow only the address as dialled', async (t) => {
   const p = policy(
     [

@@ -70,7 +70,8 @@ function hostMatches(r: CompiledRule, t: Target, address: AddressForms | null): 
   if (!r.exactHosts && !r.wildcardSuffixes && !r.cidrs) return true
   if (r.exactHosts?.has(t.host)) return true
   if (r.wildcardSuffixes) for (const s of r.wildcardSuffixes) if (t.host.endsWith(s)) return true
-  if (address && (r.cidrs || (r.deny && r.exactHosts))) {
+  // A name's resolved address is matched by deny rules only: an allow opens what it names.
+  if (address && (r.cidrs || (r.deny && r.exactHosts)) && (r.deny || t.hostIsIp)) {
     // Fail closed both ways: a deny matches the target by every IPv4 address it carries
     // (64:ff9b::7f00:1 is 127.0.0.1 to a NAT64 network), an allow only as it would be dialled.
     for (const f of r.deny ? address.all : address.dialled) {
@@ -106,10 +107,12 @@ export class Policy implements Decider {
   private readonly rules: CompiledRule[]
   private readonly needsPaths: boolean
   private readonly defaultDecision: Decision
+  readonly decidesByAddress: boolean
 
   constructor(policy: Config['policy']) {
     this.rules = policy.rules.map((r) => compileRule(r, policy.mode))
     this.needsPaths = this.rules.some((r) => r.paths)
+    this.decidesByAddress = this.rules.some((r) => r.deny && (r.cidrs || [...(r.exactHosts ?? [])].some((h) => isIP(h) !== 0)))
     const deny = policy.default === 'deny'
     this.defaultDecision = {
       action: policy.default,
@@ -119,7 +122,7 @@ export class Policy implements Decider {
     }
   }
 
-  decide(method: string, target: Target): Decision {
+  decide(method: string, target: Target, resolvedAddress?: string): Decision {
     const tunnel = method === 'CONNECT'
     const readings = this.needsPaths && !tunnel ? pathReadings(target.path) : null
     const scheme = tunnel ? 'https' : target.scheme
@@ -129,7 +132,10 @@ export class Policy implements Decider {
     for (const r of this.rules) {
       if (r.ports && !r.ports.has(target.port)) continue
       if (r.schemes && !r.schemes.has(scheme)) continue
-      if (target.hostIsIp && address === undefined && (r.cidrs || (r.deny && r.exactHosts))) address = addressForms(target.host)
+      if (address === undefined && (r.cidrs || (r.deny && r.exactHosts))) {
+        if (target.hostIsIp) address = addressForms(target.host)
+        else if (resolvedAddress !== undefined) address = addressForms(resolvedAddress)
+      }
       if (!hostMatches(r, target, address ?? null)) continue
       if (tunnel && (r.methods || r.paths)) {
         // A TLS tunnel's requests cannot be seen: an allow that depends on method or path cannot

@@ -88,3 +88,24 @@ t.test('an allow exception opens exactly its range and ports', async (t) => {
   t.equal(wrongPort.status, 403)
   t.equal(other.requests.length, 0)
 })
+
+t.test('a policy deny written by address holds every name that resolves into it', async (t) => {
+  const upstream = await startUpstream()
+  const s = await startTestSidecar({
+    policy: { default: 'allow', rules: [{ id: 'no-admin-on-loopback', action: 'deny', cidrs: ['127.0.0.0/8'], paths: ['/admin/**'] }] },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [upstream.port] }] },
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const get = (host: string, path: string) => rawRequest(s.sidecar.port, `GET http://${host}:${upstream.port}${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  for (const host of ['127.0.0.1', 'localhost', 'LOCALHOST.', 'app.localhost']) {
+    const r = await get(host, '/admin/x')
+    t.equal(r.status, 403, `${host}: the deny holds`)
+    t.equal(r.headers['x-latchkey-rule'], 'no-admin-on-loopback')
+  }
+  t.equal((await get('localhost', '/ok')).status, 200, 'and keeps its path condition')
+  t.same(upstream.requests.map((r) => r.url), ['/ok'], 'no /admin request reached the upstream')
+  t.match((await s.audit()).filter((e) => e.status === 403), [{ host: '127.0.0.1' }, { host: 'localhost', address: '127.0.0.1', rule: 'no-admin-on-loopback' }, {}, {}])
+})

@@ -28,6 +28,10 @@ export function createAdminServer(metrics: SidecarMetrics, readiness: Readiness,
     }
     const path = (req.url ?? '').split('?')[0] ?? ''
     if (extra?.(req, res, path)) return
+    if (path !== '/healthz' && path !== '/readyz' && path !== '/metrics') {
+      res.writeHead(404, { 'content-type': 'application/json' }).end('{"error":"not_found"}\n')
+      return
+    }
     if (req.method !== 'GET' && req.method !== 'HEAD') {
       res.writeHead(405, { allow: 'GET, HEAD' }).end()
       return
@@ -37,13 +41,11 @@ export function createAdminServer(metrics: SidecarMetrics, readiness: Readiness,
     } else if (path === '/readyz') {
       const r = readiness.ready()
       res.writeHead(r.ok ? 200 : 503, { 'content-type': 'application/json' }).end(JSON.stringify(r) + '\n')
-    } else if (path === '/metrics') {
+    } else {
       metrics.registry.metrics().then(
         (text) => res.writeHead(200, { 'content-type': metrics.registry.contentType }).end(text),
         () => res.writeHead(500).end(),
       )
-    } else {
-      res.writeHead(404, { 'content-type': 'application/json' }).end('{"error":"not_found"}\n')
     }
   })
   server.maxConnections = MAX_ADMIN_CONNECTIONS

@@ -248,11 +248,13 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   // is ended or expires, not left running on a credential that was scoped to it. (Not at shutdown:
   // the drain has already ended those.)
   let stopping = false
-  tasks.onEnd((t) => {
+  tasks.onEnd((t, why) => {
     if (stopping) return
     const cut = pipeline.cut((id) => id.taskId === t.id, 'LK_TASK_ENDED', 'the task ended')
-    if (cut > 0) log.info({ task: t.id, connections_cut: cut }, 'task ended; its open calls were cut')
+    log.info({ task: t.id, why, connections_cut: cut }, 'task ended')
   })
+  // The task's ID is what calls are audited under; these lines say what it was (never its handle).
+  tasks.onOpen((t) => log.info({ task: t.id, purpose: t.purpose, user: t.userSub, expires_at: new Date(t.expiresAt).toISOString() }, 'task opened'))
 
   const policy = new PolicySwitch(pipeline.stages, initialPolicy?.version ?? 'config', sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES, log, metrics.registry)
   const reloadPolicy = (): { ok: true; version: string } | { ok: false; reason: string } => {

@@ -32,7 +32,10 @@ export class TaskIdentifier implements Identifier {
       const colon = decoded.indexOf(':')
       const user = colon === -1 ? decoded : decoded.slice(0, colon)
       const password = colon === -1 ? '' : decoded.slice(colon + 1)
-      task = (password.length > 0 ? this.tasks.get(password) : undefined) ?? (user.length > 0 ? this.tasks.get(user) : undefined)
+      // One field holds the handle: the password when there is one (task:<handle>), else the user
+      // (<handle>@). A wrong password is wrong, whatever the user field happens to hold.
+      const handle = password.length > 0 ? password : user
+      task = handle.length > 0 ? this.tasks.get(handle) : undefined
     } else throw new LatchkeyError('LK_PROXY_AUTH', 'Proxy-Authorization must be Basic or Bearer with a task handle')
     if (!task) throw new LatchkeyError('LK_PROXY_AUTH', 'the proxy credential names no open task (unknown, ended or expired): open one with POST /v1/tasks')
     return task.identity

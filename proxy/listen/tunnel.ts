@@ -51,7 +51,9 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
    */
   const handOver = (first: Buffer) => {
     finished = true
-    client.once('close', () => pipeline.live.delete(ctx))
+    // A tunnel cut on purpose (revoked, its task ended, shutdown) is recorded with why; one the
+    // agent closed is not a call of its own (the requests inside it were).
+    client.once('close', () => (ctx.errorCode !== null ? pipeline.finish(ctx) : pipeline.live.delete(ctx)))
     client.pause()
     client.unshift(first)
     opts.adoptPlaintext(client, { target: ctx.target!, proxyAuthorization: req.headers['proxy-authorization'] })

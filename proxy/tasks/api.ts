@@ -10,6 +10,10 @@ import { LatchkeyError } from '../errors.js'
 import { TaskError, type TaskRegistry } from './registry.js'
 
 const MAX_BODY = 65_536
+/** Open tasks one sidecar holds at most: far more than one agent's work, far less than its memory. */
+export const MAX_OPEN_TASKS = 10_000
+
+class BodyTooLarge extends TaskError {}
 
 export interface TaskApiDeps {
   tasks: TaskRegistry
@@ -34,7 +38,7 @@ async function readJson(req: IncomingMessage): Promise<unknown> {
   let size = 0
   for await (const c of req as AsyncIterable<Buffer>) {
     size += c.length
-    if (size > MAX_BODY) throw new TaskError(`body exceeds ${MAX_BODY} bytes`)
+    if (size > MAX_BODY) throw new BodyTooLarge(`body exceeds ${MAX_BODY} bytes`)
     chunks.push(c)
   }
   try {
@@ -109,16 +113,27 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
     if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new TaskError('body must be a JSON object')
     body = parsed as Record<string, unknown>
   } catch (err) {
+    if (err instanceof BodyTooLarge) {
+      res.shouldKeepAlive = false
+      return fail(res, 413, 'too_large', err.message)
+    }
     return fail(res, 400, 'bad_request', (err as Error).message)
   }
   const known = new Set(['purpose', 'duration_s', 'user_token', 'audiences'])
   const unknown = Object.keys(body).filter((k) => !known.has(k))
   if (unknown.length > 0) return fail(res, 400, 'bad_request', `unknown field ${JSON.stringify(unknown[0]!.slice(0, 64))}`)
   const { purpose, duration_s, user_token, audiences } = body
-  if (typeof purpose !== 'string' || purpose.length === 0 || purpose.length > 256) return fail(res, 400, 'bad_request', 'purpose must be a string of 1 to 256 characters')
+  // Counted in characters as a person counts them (code points), not UTF-16 units.
+  if (typeof purpose !== 'string' || purpose.length === 0 || purpose.length > 512 || [...purpose].length > 256) {
+    return fail(res, 400, 'bad_request', 'purpose must be a string of 1 to 256 characters')
+  }
   if (typeof duration_s !== 'number') return fail(res, 400, 'bad_request', 'duration_s must be a number of seconds')
   if (user_token !== undefined && (typeof user_token !== 'string' || user_token.length === 0 || user_token.length > 16_384)) {
     return fail(res, 400, 'bad_request', 'user_token must be a JWT string')
+  }
+  // Only the broker reads a user token: without a broker credential the task would silently act for nobody.
+  if (user_token !== undefined && !d.bindings.some((b) => b.source === 'broker')) {
+    return fail(res, 400, 'bad_request', 'user_token given, but no broker credential is configured to act for the user with it')
   }
   if (audiences !== undefined && (!Array.isArray(audiences) || audiences.some((a) => typeof a !== 'string') || audiences.length > 32)) {
     return fail(res, 400, 'bad_request', 'audiences must be a list of at most 32 strings')
@@ -129,6 +144,9 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
     const b = d.bindings.find((x) => x.source === 'broker' && (x.tokenAudience === aud || x.audience === aud))
     if (!b) return fail(res, 400, 'bad_request', `no broker credential is configured for audience ${JSON.stringify(aud.slice(0, 200))}`)
     bindings.push(b)
+  }
+  if (d.tasks.size >= MAX_OPEN_TASKS) {
+    return fail(res, 429, 'too_many_tasks', `${MAX_OPEN_TASKS} tasks are open; end one (DELETE /v1/tasks/<handle>) or let one expire`)
   }
   let task
   try {

@@ -29,9 +29,13 @@ export interface OpenTask {
 
 export class TaskError extends Error {}
 
+/** Why a task ended: the agent ended it, its time ran out, or the sidecar shut down. */
+export type TaskEnd = 'ended' | 'expired' | 'shutdown'
+
 export class TaskRegistry {
   private readonly byHandle = new Map<string, Task>()
-  private readonly endListeners: ((t: Task) => void)[] = []
+  private readonly endListeners: ((t: Task, why: TaskEnd) => void)[] = []
+  private readonly openListeners: ((t: Task) => void)[] = []
   private sweeper: NodeJS.Timeout | undefined
   private defaultTask: Task | undefined
 
@@ -50,8 +54,12 @@ export class TaskRegistry {
     return this.opts.now ? this.opts.now() : Date.now()
   }
 
-  onEnd(listener: (t: Task) => void): void {
+  onEnd(listener: (t: Task, why: TaskEnd) => void): void {
     this.endListeners.push(listener)
+  }
+
+  onOpen(listener: (t: Task) => void): void {
+    this.openListeners.push(listener)
   }
 
   open(req: OpenTask): Task {
@@ -83,6 +91,7 @@ export class TaskRegistry {
     }
     ;(task as { identity: Identity }).identity = Object.freeze({ agentId: this.agentId, taskId: id, userSub, task })
     this.byHandle.set(handle, task)
+    for (const l of this.openListeners) l(task)
     return task
   }
 
@@ -91,7 +100,7 @@ export class TaskRegistry {
     const task = this.byHandle.get(handle)
     if (!task) return undefined
     if (task.expiresAt <= this.now()) {
-      this.endTask(task)
+      this.endTask(task, 'expired')
       return undefined
     }
     return task
@@ -102,7 +111,7 @@ export class TaskRegistry {
     const d = this.opts.default
     if (!d) return undefined
     if (!this.defaultTask || this.defaultTask.ended || this.defaultTask.expiresAt <= this.now()) {
-      if (this.defaultTask && !this.defaultTask.ended) this.endTask(this.defaultTask)
+      if (this.defaultTask && !this.defaultTask.ended) this.endTask(this.defaultTask, 'expired')
       this.defaultTask = this.open({ purpose: d.purpose, durationS: d.durationS })
     }
     return this.defaultTask
@@ -111,29 +120,29 @@ export class TaskRegistry {
   end(handle: string): boolean {
     const task = this.byHandle.get(handle)
     if (!task) return false
-    this.endTask(task)
+    this.endTask(task, 'ended')
     return true
   }
 
-  private endTask(task: Task): void {
+  private endTask(task: Task, why: TaskEnd): void {
     if (task.ended) return
     task.ended = true
     this.byHandle.delete(task.handle)
-    for (const l of this.endListeners) l(task)
+    for (const l of this.endListeners) l(task, why)
   }
 
   /** Ends expired tasks once a second, so their tokens go even if nobody asks. */
   start(): void {
     this.sweeper = setInterval(() => {
       const now = this.now()
-      for (const t of this.byHandle.values()) if (t.expiresAt <= now) this.endTask(t)
+      for (const t of this.byHandle.values()) if (t.expiresAt <= now) this.endTask(t, 'expired')
     }, 1000)
     this.sweeper.unref()
   }
 
   close(): void {
     clearInterval(this.sweeper)
-    for (const t of [...this.byHandle.values()]) this.endTask(t)
+    for (const t of [...this.byHandle.values()]) this.endTask(t, 'shutdown')
   }
 
   get size(): number {

@@ -47,9 +47,12 @@ export function isDenied(action: number): boolean {
 
 /**
  * Validates a batch and drops duplicates (already stored, or repeated inside the batch). Returns
- * the new events in the order received.
+ * the new events in the order received. `stored` maps each sequence already held to its event ID:
+ * a resend carries the same event, while another event under a held sequence (a sidecar that lost
+ * its spool and counts from 1 again, or a second process sharing its id) is refused, never acked
+ * as a duplicate, so the sidecar keeps it, says so, and nothing is lost in silence.
  */
-export function newEvents(sidecar: string, events: SequencedEvent[], stored: Set<number>): SequencedEvent[] {
+export function newEvents(sidecar: string, events: SequencedEvent[], stored: Map<number, string>): SequencedEvent[] {
   if (!sidecar) throw new StoreError('LK_STORE_BAD_BATCH', 'batch has no sidecar id')
   const seen = new Set<number>()
   const out: SequencedEvent[] = []
@@ -61,7 +64,14 @@ export function newEvents(sidecar: string, events: SequencedEvent[], stored: Set
     if (!e.event.delegation?.agent) {
       throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${e.sequence} has no delegation.agent`)
     }
-    if (stored.has(e.sequence) || seen.has(e.sequence)) continue
+    const held = stored.get(e.sequence)
+    if (held !== undefined && held !== e.event.id) {
+      throw new StoreError(
+        'LK_STORE_BAD_BATCH',
+        `sidecar ${sidecar}: sequence ${e.sequence} already holds another event; the sidecar is counting again from a lost spool, or two sidecars share this id: give it a new sidecar id (its events stay spooled)`,
+      )
+    }
+    if (held !== undefined || seen.has(e.sequence)) continue
     seen.add(e.sequence)
     out.push(e)
   }

@@ -140,8 +140,8 @@ export class PostgresAuditStore implements AuditStore {
       await c.query('BEGIN')
       await c.query('SELECT pg_advisory_xact_lock(hashtextextended($1, 1))', [sidecar])
       const seqs = events.map((e) => e.sequence).filter((n) => Number.isSafeInteger(n))
-      const existing = await c.query<{ seq: string }>(`SELECT seq FROM ${this.t} WHERE sidecar = $1 AND seq = ANY($2::bigint[])`, [sidecar, seqs])
-      const fresh = newEvents(sidecar, events, new Set(existing.rows.map((r) => Number(r.seq))))
+      const existing = await c.query<{ seq: string; id: string }>(`SELECT seq, id FROM ${this.t} WHERE sidecar = $1 AND seq = ANY($2::bigint[])`, [sidecar, seqs])
+      const fresh = newEvents(sidecar, events, new Map(existing.rows.map((r) => [Number(r.seq), r.id])))
       const head = await c.query<{ pos: string; hash: Buffer }>(`SELECT pos, hash FROM ${this.t} WHERE sidecar = $1 ORDER BY pos DESC LIMIT 1`, [sidecar])
       const h = head.rows[0]
       const rows = chainRows(sidecar, fresh, h ? Number(h.pos) : 0, h?.hash ?? GENESIS)

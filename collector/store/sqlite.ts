@@ -66,7 +66,7 @@ export class SqliteAuditStore implements AuditStore {
     pragma(this.db, 'busy_timeout = 5000')
     this.db.exec(SCHEMA)
     const head = statement<[string], { pos: number; hash: Buffer }>(this.db, 'SELECT pos, hash FROM audit_events WHERE sidecar = ? ORDER BY pos DESC LIMIT 1')
-    const existing = statement<[string, number, number], { seq: number }>(this.db, 'SELECT seq FROM audit_events WHERE sidecar = ? AND seq BETWEEN ? AND ?')
+    const existing = statement<[string, number, number], { seq: number; id: string }>(this.db, 'SELECT seq, id FROM audit_events WHERE sidecar = ? AND seq BETWEEN ? AND ?')
     const insert = statement(
       this.db,
       `INSERT INTO audit_events (sidecar, seq, pos, id, ts, agent, agent_type, host, port, action, audience, received, payload, prev, hash)
@@ -79,8 +79,8 @@ export class SqliteAuditStore implements AuditStore {
         if (e.sequence < lo) lo = e.sequence
         if (e.sequence > hi) hi = e.sequence
       }
-      const stored = new Set<number>()
-      if (events.length > 0 && Number.isSafeInteger(lo)) for (const r of existing.all(sidecar, lo, hi)) stored.add(r.seq)
+      const stored = new Map<number, string>()
+      if (events.length > 0 && Number.isSafeInteger(lo)) for (const r of existing.all(sidecar, lo, hi)) stored.set(r.seq, r.id)
       const fresh = newEvents(sidecar, events, stored)
       const h = head.get(sidecar)
       const rows = chainRows(sidecar, fresh, h?.pos ?? 0, h?.hash ?? GENESIS)

@@ -43,9 +43,14 @@ export function makeEvent(o: EventOpts = {}): AuditEvent {
 }
 
 /** Sequences from..to (inclusive), each a fresh event built by `opts(seq)`. */
+/**
+ * Events for sequences from..to. A sequence's event ID is fixed, so asking again for a sequence
+ * is a resend of the same event (a duplicate), as a sidecar's resend is; another event under a held
+ * sequence is a conflict the stores refuse.
+ */
 export function seqEvents(from: number, to: number, opts: (seq: number) => EventOpts = () => ({})): SequencedEvent[] {
   const out: SequencedEvent[] = []
-  for (let s = from; s <= to; s++) out.push({ sequence: s, event: makeEvent(opts(s)) })
+  for (let s = from; s <= to; s++) out.push({ sequence: s, event: { ...makeEvent(opts(s)), id: `00000000-0000-4000-8000-${String(s).padStart(12, '0')}` } })
   return out
 }
 

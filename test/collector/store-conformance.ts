@@ -6,6 +6,7 @@ import { Action } from '../../protos/gen/latchkey/v1/audit.js'
 import type { AuditStore } from '../../collector/store/types.js'
 import { StoreError } from '../../collector/store/types.js'
 import { seqEvents, makeEvent } from './events.js'
+import { randomUUID } from 'node:crypto'
 
 export interface Backing {
   store: AuditStore
@@ -50,6 +51,17 @@ export function conformance(t: Test, backend: Backend): void {
     t.equal((await store.append(B, seqEvents(1, 3))).stored, 3)
     const v = await store.verify()
     t.same(v, { ok: true, checked: 11, sidecars: 2, breaks: [] })
+  })
+
+  withStore('another event under a held sequence is refused whole, never acked as a duplicate', async (t, { store }) => {
+    await store.append(A, seqEvents(1, 5))
+    // A sidecar that lost its spool counts from 1 again: same sequences, new events.
+    const reborn = seqEvents(4, 7).map((e) => ({ ...e, event: { ...e.event!, id: randomUUID() } }))
+    await t.rejects(store.append(A, reborn), { code: 'LK_STORE_BAD_BATCH', message: /sequence 4 already holds another event/ })
+    const all = await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0) })
+    t.same(all.map((e) => e.sequence), [1, 2, 3, 4, 5], 'nothing of the refused batch was stored, so the sidecar keeps all of it')
+    t.same((await store.append(A, seqEvents(4, 6))).stored, 1, 'a true resend is still a duplicate')
+    t.same(await store.verify(), { ok: true, checked: 6, sidecars: 1, breaks: [] })
   })
 
   withStore('out-of-order and gapped batches are stored once each, and the chain verifies', async (t, { store }) => {

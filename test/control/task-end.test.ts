@@ -28,6 +28,12 @@ t.test('ending a task cuts its open streams, tunnel and WebSocket; the other tas
   const { tunnel, head } = await openTunnel(s, ending.handle, api.port)
   t.match(head, /^HTTP\/1\.1 200/, 'tunnel open')
   const tunnelClosed = once(tunnel, 'close')
+  // A tunnel of plain HTTP that has carried a call and sits idle: no call of its own is open.
+  const plain = await openTunnel(s, ending.handle, api.port)
+  plain.tunnel.write(`GET /x HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\n\r\n`)
+  const [answer] = (await once(plain.tunnel, 'data')) as [Buffer]
+  t.match(answer.toString(), /^HTTP\/1\.1 200/, 'a call through the plain tunnel')
+  const plainClosed = once(plain.tunnel, 'close')
   const ws = await openWebSocket(s, ending.handle, api)
   const wsClosed = once(ws, 'close')
   const other = await openWebSocket(s, staying.handle, api)
@@ -37,7 +43,7 @@ t.test('ending a task cuts its open streams, tunnel and WebSocket; the other tas
   const t0 = performance.now()
   const res = await fetch(`${s.sidecar.adminUrl}/v1/tasks/${encodeURIComponent(ending.handle)}`, { method: 'DELETE' })
   t.equal(res.status, 204, 'task ended')
-  await Promise.all([stream.ended, tunnelClosed, wsClosed])
+  await Promise.all([stream.ended, tunnelClosed, plainClosed, wsClosed])
   const ms = performance.now() - t0
   t.ok(ms < 1000, `the task's stream, tunnel and WebSocket were cut within a second (${ms.toFixed(1)} ms)`)
   t.ok(tunnel.destroyed && ws.destroyed)
@@ -50,9 +56,9 @@ t.test('ending a task cuts its open streams, tunnel and WebSocket; the other tas
   t.equal((await viaProxy(s, ending.handle, `${api.origin}/x`)).status, 407, 'the ended task is refused')
   other.destroy()
 
-  await until('cut calls audited', async () => (await s.audit()).filter((e) => e.error === 'LK_TASK_ENDED').length === 3)
+  await until('cut calls audited', async () => (await s.audit()).filter((e) => e.error === 'LK_TASK_ENDED').length === 4)
   const cut = (await s.audit()).filter((e) => e.error === 'LK_TASK_ENDED')
-  t.same(cut.map((e) => e.via).sort(), ['absolute', 'connect', 'upgrade'], 'the stream, the tunnel and the WebSocket, each recorded as cut')
+  t.same(cut.map((e) => e.via).sort(), ['absolute', 'connect', 'connect', 'upgrade'], 'the stream, both tunnels and the WebSocket, each recorded as cut')
   t.ok(cut.every((e) => e.task === ending.id && e.reason === 'the task ended'))
   t.notOk((await s.audit()).some((e) => e.task === staying.id && e.error === 'LK_TASK_ENDED'), 'nothing of the other task was cut')
 })

@@ -34,6 +34,18 @@ t.test('errors name the path and the problem', async (t) => {
   t.same(problems('version: 1\nnetwork: { deny: [bogus] }\n').length, 1)
   t.same(problems('version: 1\nroutes: { gh: "https://api.github.com/repos" }\n'), ['routes.gh: must be an origin (scheme://host[:port]) with no path, query or fragment'])
   t.same(problems('version: 1\nsidecar: { listen: { host: 0.0.0.0 } }\n'), ['sidecar.listen.host: must be a loopback address (set sidecar.allow_remote_clients to override)'])
+  t.same(problems('version: 1\nsidecar: { admin: { host: 0.0.0.0 } }\n'), ['sidecar.admin.host: must be a loopback address (set sidecar.allow_remote_clients to override)'], 'the admin port too')
+  t.same(problems('version: 1\nsidecar: { listen: { host: 127.attacker.example } }\n').length, 1, 'a name that merely starts with 127. is not loopback')
+  for (const host of ['127.0.0.2', '::1', '"0:0:0:0:0:0:0:1"', '"::ffff:127.0.0.1"', 'localhost']) t.same(problems(`version: 1\nsidecar: { listen: { host: ${host} }, admin: { host: ${host} } }\n`), [], `${host} is loopback`)
+  const AMBIGUOUS = 'write an IPv4 address as four decimal parts without leading zeros (010 is 8 to some parsers, 10 to others)'
+  t.same(problems('version: 1\npolicy: { rules: [ { id: a, action: deny, cidrs: ["127.000.000.010/32"], hosts: ["010.0.0.1", "2130706433", "cafe.beef"] } ] }\nnetwork: { allow: [ { cidr: 010.0.0.0/8 } ] }\n'), [
+    `policy.rules[0].cidrs[0]: ${AMBIGUOUS}`,
+    `policy.rules[0].hosts[0]: ${AMBIGUOUS}`,
+    `policy.rules[0].hosts[1]: ${AMBIGUOUS}`,
+    `network.allow[0].cidr: ${AMBIGUOUS}`,
+  ], 'an address some parsers read as octal is refused, not guessed')
+  const leaky = problems('version: 1\ncredentials: [ { id: a, audience: "https://user:S3CRET-IN-URL@api ex.com", source: static, secret: S, inject: { type: bearer } } ]\n')
+  t.same(leaky, ['credentials[0].audience: not a URL (scheme://host[:port] expected)'], 'a mistyped URL is not repeated: it can carry a credential')
   t.same(
     problems('version: 1\ncredentials: [ { id: a, audience: "https://x.com", source: static, secret: S, inject: { type: bearer } }, { id: b, audience: "https://X.com:443", source: static, secret: S, inject: { type: bearer } } ]\n'),
     ['credentials[1].audience: audience https://x.com already bound by credential "a"'],

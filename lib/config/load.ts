@@ -121,7 +121,24 @@ function pointerToPath(pointer: string): string {
     .reduce((acc, seg) => (/^\d+$/.test(seg) ? `${acc}[${seg}]` : acc ? `${acc}.${seg}` : seg), '')
 }
 
-const LOOPBACK_NAMES = new Set(['localhost', '127.0.0.1', '::1'])
+/** localhost, or an address in 127.0.0.0/8 or ::1 however written (::ffff:127.0.0.1, 0:0:…:1). */
+function isLoopbackHost(host: string): boolean {
+  if (host === 'localhost') return true
+  const h = host.startsWith('[') && host.endsWith(']') ? host.slice(1, -1) : host
+  if (!ipaddr.isValid(h) || ambiguousIPv4(h)) return false
+  return ipaddr.process(h).range() === 'loopback'
+}
+
+/**
+ * 010 is 8 to one parser and 10 to another, 127.1 is 127.0.0.1: an IPv4 address in the config is
+ * written the one way nobody reads differently.
+ */
+function ambiguousIPv4(address: string): boolean {
+  return NUMERIC_HOST.test(address) && !ipaddr.IPv4.isValidFourPartDecimal(address)
+}
+/** What a URL parser reads as IPv4: one to four parts, each decimal, octal or 0x hex. */
+const NUMERIC_HOST = /^(?:0x[0-9a-f]*|\d+)(?:\.(?:0x[0-9a-f]*|\d+)){0,3}\.?$/i
+const AMBIGUOUS = 'write an IPv4 address as four decimal parts without leading zeros (010 is 8 to some parsers, 10 to others)'
 
 function semanticProblems(c: Config): ConfigProblem[] {
   const problems: ConfigProblem[] = []
@@ -129,15 +146,18 @@ function semanticProblems(c: Config): ConfigProblem[] {
     try {
       ipaddr.parseCIDR(value)
     } catch {
-      problems.push({ path, message: `not a CIDR range: ${JSON.stringify(value)}` })
+      problems.push({ path, message: `not a CIDR range: ${JSON.stringify(value.slice(0, 100))}` })
+      return
     }
+    if (ambiguousIPv4(value.slice(0, value.indexOf('/')))) problems.push({ path, message: AMBIGUOUS })
   }
   const checkOrigin = (path: string, value: string): URL | undefined => {
     let url: URL
     try {
       url = new URL(value)
     } catch {
-      problems.push({ path, message: `not a URL: ${JSON.stringify(value)}` })
+      // The value is not repeated: a mistyped URL can still carry a credential.
+      problems.push({ path, message: 'not a URL (scheme://host[:port] expected)' })
       return undefined
     }
     if (url.username || url.password) problems.push({ path, message: 'must not carry userinfo' })
@@ -147,9 +167,10 @@ function semanticProblems(c: Config): ConfigProblem[] {
     return url
   }
 
-  for (const host of [c.sidecar.listen.host]) {
-    if (!c.sidecar.allow_remote_clients && !LOOPBACK_NAMES.has(host) && !host.startsWith('127.')) {
-      problems.push({ path: 'sidecar.listen.host', message: 'must be a loopback address (set sidecar.allow_remote_clients to override)' })
+  // Both ports: the admin port opens tasks and serves metrics, the proxy port spends credentials.
+  for (const [path, host] of [['sidecar.listen.host', c.sidecar.listen.host], ['sidecar.admin.host', c.sidecar.admin.host]] as const) {
+    if (!c.sidecar.allow_remote_clients && !isLoopbackHost(host)) {
+      problems.push({ path, message: 'must be a loopback address (set sidecar.allow_remote_clients to override)' })
     }
   }
 
@@ -164,6 +185,8 @@ function semanticProblems(c: Config): ConfigProblem[] {
       }
       if (/[/:@?#\s]/.test(h.replace(/^\[.*\]$/, ''))) {
         problems.push({ path: `policy.rules[${i}].hosts[${j}]`, message: 'must be a host name or address, without scheme, port or path' })
+      } else if (ambiguousIPv4(h)) {
+        problems.push({ path: `policy.rules[${i}].hosts[${j}]`, message: AMBIGUOUS })
       }
     })
   })

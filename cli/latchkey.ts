@@ -98,9 +98,8 @@ program
 program
   .command('up')
   .description('start the local system: sidecar with the example policy and a demo upstream')
-  .option('-c, --config <file>', 'config file', '')
-  .option('--upstream-port <port>', 'port of the demo upstream', '15080')
-  .action(async (opts: { config: string; upstreamPort: string }) => {
+  .option('-c, --config <file>', 'config file (the demo upstream listens where its routes.demo points)', '')
+  .action(async (opts: { config: string }) => {
     try {
       const { runUp } = await import('./up.js')
       const running = await runUp(opts)

@@ -2,6 +2,7 @@
 // process: the broker (local attestor, SQLite revocations), the collector (SQLite store, its
 // query API), the sidecar in front of a demo upstream, its audit streamed to the collector.
 import { createHash, randomBytes } from 'node:crypto'
+import { writeFileSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 import { dirname, isAbsolute, resolve } from 'node:path'
 import { loadConfigFile } from '../lib/config/load.js'
@@ -16,12 +17,18 @@ import { startDemoUpstream } from './demo-upstream.js'
 export const EXAMPLE_CONFIG = fileURLToPath(new URL('../../deploy/examples/up.yaml', import.meta.url))
 /** The collector's query API under `latchkey up`: where `latchkey audit` looks by default. */
 export const UP_COLLECTOR_HTTP_PORT = 15101
+const ADMIN_TOKEN_FILE = '.latchkey/broker-admin-token'
 
-export async function runUp(opts: { config: string; upstreamPort: string }): Promise<{ close(): Promise<void> }> {
+export async function runUp(opts: { config: string }): Promise<{ close(): Promise<void> }> {
   const configFile = opts.config || EXAMPLE_CONFIG
   const config = loadConfigFile(configFile)
   const env: NodeJS.ProcessEnv = { ...process.env }
+  // The demo upstream listens where the config's `demo` route points, so the policy, the route
+  // and the credential's audience all name it (15080 in the example).
+  const demo = new URL(config.routes.demo ?? 'http://127.0.0.1:15080')
+  const upstreamPort = Number(demo.port || 80)
   let broker: RunningBroker | undefined
+  let revokeHint = ''
   if (config.broker) {
     // The local default: one attestor key per installation, trusted by the broker.
     const local = await ensureLocalAttestorKey('.latchkey/local-attestor')
@@ -34,6 +41,14 @@ export async function runUp(opts: { config: string; upstreamPort: string }): Pro
       env[b.control.token_env] = controlToken
       env[`${config.secrets.env_prefix}${config.sidecar.control.token_secret}`] = controlToken
     }
+    if (!env[b.admin_token_env]) {
+      // So `latchkey revoke` works out of the box: a fresh admin token per run, in a file only
+      // this user can read, never printed.
+      env[b.admin_token_env] = randomBytes(32).toString('base64url')
+      writeFileSync(ADMIN_TOKEN_FILE, env[b.admin_token_env] + '\n', { mode: 0o600 })
+      revokeHint = `${b.admin_token_env}=$(cat ${resolve(ADMIN_TOKEN_FILE)}) `
+    }
+    revokeHint += `npx latchkey revoke ${config.sidecar.agent_id}`
     broker = await startBroker(b, { logger: createLogger(config.log.level, 'latchkey-broker'), env })
   }
   let collector: RunningCollector | undefined
@@ -59,10 +74,13 @@ export async function runUp(opts: { config: string; upstreamPort: string }): Pro
   // A fresh demo secret per run, held in memory only, for configs that inject a static one.
   const demoSecret = 'lk-demo-' + randomBytes(24).toString('base64url')
   env[`${config.secrets.env_prefix}DEMO_TOKEN`] = demoSecret
-  const upstreamPort = Number(opts.upstreamPort)
   const upstream = await startDemoUpstream('127.0.0.1', upstreamPort, {
     staticAuthorization: `Bearer ${demoSecret}`,
     ...(broker ? { broker: { url: broker.url, issuer: broker.issuer, audience: `http://127.0.0.1:${upstreamPort}` } } : {}),
+  }).catch(async (err: NodeJS.ErrnoException) => {
+    await Promise.all([collector?.close(), broker?.close()])
+    const why = err.code === 'EADDRINUSE' ? 'the address is already in use' : (err.code ?? 'error')
+    throw Object.assign(new Error(`demo upstream (routes.demo): cannot listen on 127.0.0.1:${upstreamPort}: ${why}`), { code: 'LK_STARTUP' })
   })
   const sidecar = await startSidecar(config, { env })
   const proxy = sidecar.proxyUrl
@@ -74,7 +92,8 @@ export async function runUp(opts: { config: string; upstreamPort: string }): Pro
       line('demo upstream', `http://127.0.0.1:${upstreamPort}`) +
       (broker ? line('broker', `${broker.url}  (RFC 8693 /oauth2/token, JWKS /.well-known/jwks.json)`) : '') +
       (collector ? line('collector', `${collector.httpUrl ?? ''}  (gRPC ingest ${collector.grpcAddress})`) : '') +
-      line('audit trail', collector ? `latchkey audit --agent ${config.sidecar.agent_id}` : config.audit.jsonl.path) +
+      line('audit trail', collector ? `npx latchkey audit --agent ${config.sidecar.agent_id}` : config.audit.jsonl.path) +
+      (revokeHint ? line('revoke the agent', revokeHint) : '') +
       `
 Try:
   curl -x ${proxy} http://127.0.0.1:${upstreamPort}/hello           # allowed, credential injected

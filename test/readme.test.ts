@@ -3,7 +3,7 @@
 import t from 'tap'
 import { spawn, execFile } from 'node:child_process'
 import { promisify } from 'node:util'
-import { mkdtempSync, readFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { once } from 'node:events'
@@ -84,6 +84,20 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
   t.ok(events.some((e) => JSON.stringify(e).includes('LK_POLICY_DENIED')), 'the refusal is among them')
   const human = await run('bash', ['-c', auditCmd!], { env, cwd: resolve('.') })
   t.match(human.stdout, /allow\s+200\s+GET http:\/\/127\.0\.0\.1:15080\/hello/, 'the human-readable form names the call')
+
+  // The banner's revoke line, as printed: the operator stops the demo agent.
+  const revoke = /revoke the agent\s+(.+)$/m.exec(out)?.[1]
+  t.match(revoke, /^LATCHKEY_BROKER_ADMIN_TOKEN=\$\(cat \/.+\/\.latchkey\/broker-admin-token\) npx latchkey revoke agent:demo:dev:local$/, 'the banner says how to revoke the demo agent')
+  t.equal(statSync(join(cwd, '.latchkey/broker-admin-token')).mode & 0o777, 0o600, 'from a token file only this user can read')
+  await run('bash', ['-c', `${revoke!} --reason readme`], { env, cwd: resolve('.') })
+  let refused = ''
+  for (let i = 0; i < 100 && !refused.includes('LK_REVOKED'); i++) {
+    refused = (await run('curl', ['-sS', ...commands[0]!.split(' ').slice(1)], { env })).stdout
+    await new Promise((r) => setTimeout(r, 20))
+  }
+  t.match(refused, /"code":"LK_REVOKED"/, 'and its next call is refused')
+  const adminToken = readFileSync(join(cwd, '.latchkey/broker-admin-token'), 'utf8').trim()
+  t.notOk(out.includes(adminToken), 'the admin token itself is never printed')
 
   child.kill('SIGTERM')
   const [code] = (await once(child, 'exit')) as [number]

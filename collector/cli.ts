@@ -49,14 +49,24 @@ export function formatEvent(e: EventJson): string {
     new Date(ev.timeUnixMs).toISOString(),
     action.padEnd(6),
     String(c?.status ?? '-').padEnd(3),
-    target,
-    d?.rule ? `rule=${d.rule}` : '',
-    ev.credential?.audience ? `aud=${ev.credential.audience}` : '',
-    d?.error ? `error=${d.error}` : '',
-    `[${e.sidecar}#${e.sequence}]`,
+    printable(target),
+    d?.rule ? `rule=${printable(d.rule)}` : '',
+    ev.credential?.audience ? `aud=${printable(ev.credential.audience)}` : '',
+    d?.error ? `error=${printable(d.error)}` : '',
+    `[${printable(e.sidecar)}#${e.sequence}]`,
   ]
     .filter(Boolean)
     .join('  ')
+}
+
+/**
+ * A stored field as a terminal may show it: control characters (CR, ESC, NUL, …), line and
+ * paragraph separators and bidi overrides escaped, so no stored event can draw a line of its own
+ * or move the text around it.
+ */
+function printable(s: string): string {
+  // eslint-disable-next-line no-control-regex -- matching control characters is the point
+  return s.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g, (ch) => `\\u${ch.charCodeAt(0).toString(16).padStart(4, '0')}`)
 }
 
 function printVerify(v: VerifyResult): void {
@@ -94,22 +104,32 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
     .action(async (opts: { agent?: string; since: string; denied?: boolean; json?: boolean; limit: string; url: string; config?: string }) => {
       try {
         if (!opts.agent) throw new CliError('--agent <id> is required (e.g. --agent agent:summarizer:prod:7a2c91)')
+        const limit = Number(opts.limit)
+        if (!Number.isInteger(limit) || limit < 1 || limit > 100_000) throw new CliError(`--limit "${opts.limit}" must be an integer from 1 to 100000`)
         let events: EventJson[]
+        let truncated: boolean
         if (opts.config) {
           const store = openStore(loadCollectorConfig(opts.config).collector.store)
           try {
             const since = parseSince(opts.since)
-            events = (await store.eventsByAgent({ agent: opts.agent, since, deniedOnly: !!opts.denied, limit: Number(opts.limit) })).map(eventToJson)
+            events = (await store.eventsByAgent({ agent: opts.agent, since, deniedOnly: !!opts.denied, limit: limit + 1 })).map(eventToJson)
+            truncated = events.length > limit
+            if (truncated) events.length = limit
           } finally {
             await store.close()
           }
         } else {
-          const q = new URLSearchParams({ agent: opts.agent, since: opts.since, limit: opts.limit })
+          const q = new URLSearchParams({ agent: opts.agent, since: opts.since, limit: String(limit) })
           if (opts.denied) q.set('denied', 'true')
-          events = (await getJson<{ events: EventJson[] }>(opts.url, `/v1/events?${q}`)).body.events
+          const body = (await getJson<{ events: EventJson[]; truncated?: boolean }>(opts.url, `/v1/events?${q}`)).body
+          events = body.events
+          truncated = body.truncated === true
         }
         for (const e of events) console.log(opts.json ? JSON.stringify(e) : formatEvent(e))
-        if (!opts.json) console.error(`${events.length} call(s) by ${opts.agent} since ${opts.since}${opts.denied ? ' (denied only)' : ''}`)
+        if (!opts.json) {
+          console.error(`${events.length} call(s) by ${opts.agent} since ${opts.since}${opts.denied ? ' (denied only)' : ''}`)
+          if (truncated) console.error(`more calls match: these are the oldest ${limit}; narrow --since or raise --limit`)
+        }
       } catch (err) {
         fail(err)
       }

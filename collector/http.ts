@@ -62,8 +62,11 @@ export function createQueryServer(store: AuditStore, log: Logger, readerTokensSh
           if (!Number.isInteger(limit) || limit < 1 || limit > 100_000) throw new BadRequest(`limit "${limitText}" must be an integer from 1 to 100000`)
           const denied = url.searchParams.get('denied')
           if (denied !== null && denied !== 'true' && denied !== 'false') throw new BadRequest(`denied "${denied}" must be true or false`)
-          const events = await store.eventsByAgent({ agent, since, until, deniedOnly: denied === 'true', limit })
-          return send(res, 200, { agent, since: since.toISOString(), count: events.length, events: events.map(eventToJson) })
+          // One more than asked: whether the answer was cut short is then known, not guessed.
+          const events = await store.eventsByAgent({ agent, since, until, deniedOnly: denied === 'true', limit: limit + 1 })
+          const truncated = events.length > limit
+          if (truncated) events.length = limit
+          return send(res, 200, { agent, since: since.toISOString(), count: events.length, truncated, events: events.map(eventToJson) })
         }
         case '/v1/inventory':
           return send(res, 200, await store.inventory())

@@ -86,6 +86,27 @@ t.test('HTTP API and CLI answer what an agent did', async (t) => {
   t.same([missing.code, missing.stderr.trim()], [1, '--agent <id> is required (e.g. --agent agent:summarizer:prod:7a2c91)'])
   const down = await cli(['audit', '--agent', X, '--url', 'http://127.0.0.1:1'])
   t.same([down.code, down.stderr.trim()], [1, 'collector at http://127.0.0.1:1 unreachable: ECONNREFUSED'])
+
+  // A limited answer says so, in the API and the CLI, rather than passing for the whole day.
+  const cut = await get(`/v1/events?agent=${encodeURIComponent(X)}&since=24h&limit=1`)
+  t.match(cut.body, { count: 1, truncated: true })
+  t.match((await get(`/v1/events?agent=${encodeURIComponent(X)}&since=24h&limit=2`)).body, { count: 2, truncated: false }, 'exactly the limit is not cut')
+  const cutCli = await cli(['audit', '--agent', X, '--since', '24h', '--limit', '1', '--url', c.httpUrl!])
+  t.match(cutCli.stderr, /1 call\(s\) by .*\nmore calls match: these are the oldest 1; narrow --since or raise --limit/)
+})
+
+t.test('`audit` prints stored fields so no event can draw a line of its own', async (t) => {
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  t.teardown(() => c.close())
+  const forged = '/x\r\u001b[2K2026-11-30T09:00:00.000Z  allow  200  GET https://fake/innocent  [other#1]\n\u001b[31m\u202e'
+  await c.store.append(id.id, [{ sequence: 1, event: makeEvent({ agent: X, path: forged }) }])
+  const text = await cli(['audit', '--agent', X, '--url', c.httpUrl!])
+  t.equal(text.stdout.trim().split('\n').length, 1, 'one event, one line')
+  t.notMatch(text.stdout, /[\u0000-\u0009\u000b-\u001f\u007f\u202e]/, 'no control character or bidi override reaches the terminal')
+  t.match(text.stdout, /\/x\\u000d\\u001b\[2K2026/, 'they are shown escaped')
+  const badLimit = await cli(['audit', '--agent', X, '--limit', '0', '-c', '/nonexistent.yaml'])
+  t.same([badLimit.code, badLimit.stderr.trim()], [1, '--limit "0" must be an integer from 1 to 100000'], 'the limit is checked the same way against a store')
 })
 
 t.test('`audit verify -c` reads the store directly and names the first break', async (t) => {

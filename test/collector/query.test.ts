@@ -103,6 +103,7 @@ t.test('`audit` prints stored fields so no event can draw a line of its own', as
   await c.store.append(id.id, [{ sequence: 1, event: makeEvent({ agent: X, path: forged }) }])
   const text = await cli(['audit', '--agent', X, '--url', c.httpUrl!])
   t.equal(text.stdout.trim().split('\n').length, 1, 'one event, one line')
+  // eslint-disable-next-line no-control-regex -- looking for control characters is the point
   t.notMatch(text.stdout, /[\u0000-\u0009\u000b-\u001f\u007f\u202e]/, 'no control character or bidi override reaches the terminal')
   t.match(text.stdout, /\/x\\u000d\\u001b\[2K2026/, 'they are shown escaped')
   const badLimit = await cli(['audit', '--agent', X, '--limit', '0', '-c', '/nonexistent.yaml'])

@@ -3,12 +3,29 @@
 // validates its config before doing anything and exits non-zero with the problem named. Each
 // loads only its own process's modules (dynamic imports): a sidecar never carries the broker's
 // or the collector's code, which is memory the sidecar's RSS budget cannot spare.
+import { readFileSync } from 'node:fs'
 import { Command } from 'commander'
+import { parse as parseYaml } from 'yaml'
 import { loadConfigFile, ConfigError } from '../lib/config/load.js'
 import { createLogger } from '../lib/log.js'
 
 const program = new Command()
-program.name('latchkey').description('Short-lived, task-scoped credentials for AI agents, injected by a localhost sidecar.')
+// package.json sits two levels above dist/cli/ in the checkout and in the image (/app).
+const { version } = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }
+program
+  .name('latchkey')
+  .description('Short-lived, task-scoped credentials for AI agents, injected by a localhost sidecar.')
+  .version(version, '-V, --version')
+
+/** A collector's config has a top-level `collector` and no `sidecar`: validated by its own schema. */
+function isCollectorConfig(file: string): boolean {
+  try {
+    const doc = parseYaml(readFileSync(file, 'utf8')) as unknown
+    return typeof doc === 'object' && doc !== null && 'collector' in doc && !('sidecar' in doc)
+  } catch {
+    return false // unreadable or not YAML: the sidecar loader says why
+  }
+}
 
 function fail(err: unknown): never {
   // ConfigError, and the sidecar's StartupError (code LK_STARTUP), carry messages meant for people.
@@ -84,10 +101,16 @@ for (const [name, op] of [['revoke', 'revoke'], ['unrevoke', 'unrevoke']] as con
 
 program
   .command('check-config')
-  .description('validate a config file and exit: 0 when valid, 1 with each problem named')
+  .description('validate a config file (sidecar, broker or collector) and exit: 0 when valid, 1 with each problem named')
   .argument('<file>', 'config file')
-  .action((file: string) => {
+  .action(async (file: string) => {
     try {
+      if (isCollectorConfig(file)) {
+        const { loadCollectorConfig } = await import('../collector/config.js')
+        const c = loadCollectorConfig(file).collector
+        console.log(`${file}: valid collector config (version 1, ${c.sidecars.length} sidecars, ${c.store.kind} store)`)
+        return
+      }
       const config = loadConfigFile(file)
       console.log(`${file}: valid (version ${config.version}, ${config.policy.rules.length} rules, ${config.credentials.length} credentials, ${Object.keys(config.routes).length} routes)`)
     } catch (err) {

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { execFileSync, spawnSync } from 'node:child_process'
-import { mkdtempSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseConfig, ConfigError, loadConfigFile } from '../lib/config/load.js'
@@ -78,6 +78,16 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   const r = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', bad], { encoding: 'utf8' })
   t.equal(r.status, 1)
   t.match(r.stderr, /policy\.default: must be one of "allow", "deny"/)
+  // The shipped collector example is checked by the collector's own schema.
+  const collector = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', 'deploy/examples/collector.yaml'], { encoding: 'utf8' })
+  t.same([collector.status, collector.stdout.trim()], [0, 'deploy/examples/collector.yaml: valid collector config (version 1, 1 sidecars, sqlite store)'])
+  const badCollector = join(dir, 'collector.yaml')
+  writeFileSync(badCollector, 'version: 1\ncollector: { store: { kind: mongo } }\n')
+  const rc = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', badCollector], { encoding: 'utf8' })
+  t.equal(rc.status, 1)
+  t.match(rc.stderr, /collector\.store/, 'a collector config is judged as one')
+  const v = spawnSync(process.execPath, ['dist/cli/latchkey.js', '--version'], { encoding: 'utf8' })
+  t.same([v.status, v.stdout.trim()], [0, (JSON.parse(readFileSync('package.json', 'utf8')) as { version: string }).version])
 })
 
 t.test('hostile YAML and overrides get a config error, never a stack trace or an echoed value', async (t) => {

@@ -50,7 +50,11 @@ t.test('errors name the path and the problem', async (t) => {
     problems('version: 1\ncredentials: [ { id: a, audience: "https://x.com", source: static, secret: S, inject: { type: bearer } }, { id: b, audience: "https://X.com:443", source: static, secret: S, inject: { type: bearer } } ]\n'),
     ['credentials[1].audience: audience https://x.com already bound by credential "a"'],
   )
-  t.ok(problems('version: 1\nversion: 1\n')[0]?.includes('nique'), 'duplicate YAML keys are refused')
+  t.same(problems('version: 1\nversion: 1\n'), ['line 2: duplicate key "version"'], 'duplicate YAML keys are refused, by name')
+  t.same(problems('version: 1\nsidecar:\n  listen: { port: 1, port: 2 }\n'), ['line 3: duplicate key "port"'])
+  t.same(problems('version: 1\n---\nversion: 1\n'), ['line 2: a config file holds one YAML document; remove the second (after ---)'])
+  t.same(problems('['.repeat(20_000)), [': the YAML nests too deeply'], 'deep nesting is one clear line, not a stack overflow per level')
+  t.same(problems('version: 1\nsidecar:\n  admin: { <<: { host: x } }\n'), ['sidecar.admin.<<: unknown key (YAML merge keys are not supported: repeat the keys)'])
   t.ok(problems('version: 1\ncredentials: [ { id: a, audience: "https://x.com", source: static, secret: S, inject: { type: header } } ]\n').length > 0, 'header injector needs a name')
 })
 

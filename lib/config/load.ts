@@ -1,6 +1,6 @@
 import { readFileSync } from 'node:fs'
 import type { ErrorObject, ValidateFunction } from 'ajv'
-import { parseDocument, parse as parseYamlScalar } from 'yaml'
+import { parseDocument, parse as parseYamlScalar, type YAMLError } from 'yaml'
 import ipaddr from 'ipaddr.js'
 import { ADDRESS_CLASSES, type Config } from './schema.js'
 // The schema compiled ahead of time (scripts/config-validator.mjs; CI checks it is current):
@@ -39,12 +39,22 @@ export function loadConfigFile(file: string, env: NodeJS.ProcessEnv = process.en
 }
 
 export function parseConfig(text: string, source = '<config>', env: NodeJS.ProcessEnv = {}): Config {
-  const doc = parseDocument(text, { uniqueKeys: true, prettyErrors: true })
+  let doc
+  try {
+    doc = parseDocument(text, { uniqueKeys: true, prettyErrors: true })
+  } catch (err) {
+    // The parser recurses per nesting level: thousands of levels exhaust the stack.
+    if (err instanceof RangeError) throw new ConfigError(source, [{ path: '', message: 'the YAML nests too deeply' }])
+    throw err
+  }
   if (doc.errors.length > 0) {
-    throw new ConfigError(
-      source,
-      doc.errors.map((e) => ({ path: e.linePos ? `line ${e.linePos[0].line}` : '', message: e.message.split('\n')[0] ?? e.message })),
-    )
+    if (doc.errors.some((e) => e.message.includes('Maximum call stack size exceeded'))) {
+      throw new ConfigError(source, [{ path: '', message: 'the YAML nests too deeply' }])
+    }
+    // One line per distinct problem, the first few: a broken bracket is reported once, not per level.
+    const seen = new Set<string>()
+    const problems = doc.errors.map((e) => describeYamlError(e, text)).filter((p) => !seen.has(p.path + p.message) && seen.add(p.path + p.message))
+    throw new ConfigError(source, problems.slice(0, 5))
   }
   let raw: unknown
   try {
@@ -95,12 +105,31 @@ function firstLine(err: unknown): string {
   return (err instanceof Error ? err.message : String(err)).split('\n')[0] ?? ''
 }
 
+/** yaml's errors in words about the file: the duplicated key named, no pointers to its own API. */
+function describeYamlError(e: YAMLError, text: string): ConfigProblem {
+  const path = e.linePos ? `line ${e.linePos[0].line}` : ''
+  switch (e.code) {
+    case 'DUPLICATE_KEY': {
+      // The key is what the reported line holds before its colon.
+      const line = e.linePos ? (text.split('\n')[e.linePos[0].line - 1] ?? '') : ''
+      const key = line.slice((e.linePos?.[0].col ?? 1) - 1).split(':')[0]!.trim()
+      return { path, message: key ? `duplicate key ${JSON.stringify(key.slice(0, 64))}` : 'duplicate key' }
+    }
+    case 'MULTIPLE_DOCS':
+      return { path, message: 'a config file holds one YAML document; remove the second (after ---)' }
+    default:
+      // The first line, without the position yaml repeats at its end (the path says it).
+      return { path, message: (e.message.split('\n')[0] ?? e.message).replace(/ at line \d+, column \d+:?$/, '') }
+  }
+}
+
 function describeAjvError(e: ErrorObject): ConfigProblem {
   const path = pointerToPath(e.instancePath)
   switch (e.keyword) {
     case 'additionalProperties': {
       const key = (e.params as { additionalProperty: string }).additionalProperty
-      return { path: path ? `${path}.${key}` : key, message: 'unknown key' }
+      // YAML 1.2 has no merge keys: `<<: *base` is an ordinary key here.
+      return { path: path ? `${path}.${key}` : key, message: key === '<<' ? 'unknown key (YAML merge keys are not supported: repeat the keys)' : 'unknown key' }
     }
     case 'required':
       return { path, message: `missing required key "${(e.params as { missingProperty: string }).missingProperty}"` }

@@ -62,8 +62,9 @@ t.test('environment overrides apply before validation', async (t) => {
   const c = parseConfig('version: 1\n', 'x', { LATCHKEY__SIDECAR__LISTEN__PORT: '16001', LATCHKEY__POLICY__DEFAULT: 'allow' })
   t.equal(c.sidecar.listen.port, 16001)
   t.equal(c.policy.default, 'allow')
-  t.same(problems('version: 1\n', { LATCHKEY__SIDECAR__LISTEN__PORT: 'abc' }), ['sidecar.listen.port: must be integer'])
-  t.same(problems('version: 1\n', { LATCHKEY__SIDECAR__NOPE: '1' }), ['sidecar.nope: unknown key'])
+  t.same(problems('version: 1\n', { LATCHKEY__SIDECAR__LISTEN__PORT: 'abc' }), ['sidecar.listen.port: must be integer (set by LATCHKEY__SIDECAR__LISTEN__PORT)'], 'the variable is named, not the file')
+  t.same(problems('version: 1\n', { LATCHKEY__SIDECAR__NOPE: '1' }), ['sidecar.nope: unknown key (set by LATCHKEY__SIDECAR__NOPE)'])
+  t.same(problems('version: 1\npolicy: { default: nope }\n', { LATCHKEY__SIDECAR__LISTEN__PORT: '16001' }), ['policy.default: must be one of "allow", "deny"'], "the file's own problems stay the file's")
   t.throws(() => parseConfig('version: 1\n', 'x', { LATCHKEY____PROTO____X: '1' }), { code: 'LK_CONFIG_INVALID' })
 })
 

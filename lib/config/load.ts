@@ -63,8 +63,20 @@ export function parseConfig(text: string, source = '<config>', env: NodeJS.Proce
     // yaml refuses excessive alias expansion (an alias bomb) and unresolved aliases by throwing.
     throw new ConfigError(source, [{ path: '', message: `cannot expand YAML aliases: ${firstLine(err)}` }])
   }
-  applyEnvOverrides(raw, env, source)
-  return validateConfig(raw, source)
+  const overrides = applyEnvOverrides(raw, env, source)
+  try {
+    return validateConfig(raw, source)
+  } catch (err) {
+    // A problem in an overridden value is the environment's, not the file's: say which variable.
+    if (!(err instanceof ConfigError) || overrides.size === 0) throw err
+    throw new ConfigError(
+      source,
+      err.problems.map((p) => {
+        const name = [...overrides].find(([, path]) => p.path === path || p.path.startsWith(path + '.') || p.path.startsWith(path + '['))?.[0]
+        return name ? { path: p.path, message: `${p.message} (set by ${name})` } : p
+      }),
+    )
+  }
 }
 
 export function validateConfig(raw: unknown, source = '<config>'): Config {
@@ -75,8 +87,10 @@ export function validateConfig(raw: unknown, source = '<config>'): Config {
   return config
 }
 
-function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv, source: string): void {
-  if (typeof raw !== 'object' || raw === null) return
+/** Applies LATCHKEY__… overrides; returns each variable applied with the config path it set. */
+function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv, source: string): Map<string, string> {
+  const applied = new Map<string, string>()
+  if (typeof raw !== 'object' || raw === null) return applied
   for (const [name, value] of Object.entries(env)) {
     if (!name.startsWith(ENV_PREFIX) || value === undefined) continue
     const keys = name.slice(ENV_PREFIX.length).toLowerCase().split('__')
@@ -98,7 +112,9 @@ function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv, source: string)
       // The value itself is not repeated: an override can carry a secret.
       throw new ConfigError(source, [{ path: name, message: 'not a valid YAML value' }])
     }
+    applied.set(name, keys.join('.'))
   }
+  return applied
 }
 
 function firstLine(err: unknown): string {

@@ -24,11 +24,15 @@ export class StaticSecretSource implements CredentialSource {
         // Never echo the file's content: it is full of secrets.
         throw startupError(`secrets.file ${secrets.file}: cannot read or parse (${(err as NodeJS.ErrnoException).code ?? 'invalid YAML'})`)
       }
-      if (typeof parsed !== 'object' || parsed === null) throw startupError(`secrets.file ${secrets.file}: must be a mapping of name to secret`)
+      if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw startupError(`secrets.file ${secrets.file}: must be a mapping of name to secret`)
       fromFile = parsed as Record<string, unknown>
     }
     for (const name of names) {
       const value = env[secrets.env_prefix + name] ?? fromFile[name]
+      // Present but unusable says so, and never what it held: YAML reads 12345 as a number.
+      if (value !== undefined && typeof value !== 'string') {
+        throw startupError(`secrets.file ${secrets.file}: secret ${name} is not a string (quote it)`)
+      }
       if (typeof value === 'string' && value.length > 0) {
         this.credentials.set(name, { value, id: `static:${name}`, expiresAt: null, scopes: [] })
       }

@@ -399,6 +399,8 @@ export const configSchema = {
         agent_id: {
           type: 'string',
           pattern: '^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$',
+          // The broker's instance names are at most 253 characters; type and env are short.
+          maxLength: 512,
           default: 'agent:local:dev:0',
         },
         listen: {

@@ -4,7 +4,7 @@
 "use strict";
 export const validate = validate10;
 export default validate10;
-const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:[0-9]+/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:[0-9]{1,5}$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
+const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:[0-9]+/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:[0-9]{1,5}$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
 const func2 = Object.prototype.hasOwnProperty;
 import func4Module from "ajv/dist/runtime/ucs2length.js";
 const func4 = func4Module.default;
@@ -139,8 +139,8 @@ errors++;
 }
 let data2 = data1.agent_id;
 if(typeof data2 === "string"){
-if(!pattern0.test(data2)){
-const err4 = {instancePath:instancePath+"/sidecar/agent_id",schemaPath:"#/properties/sidecar/properties/agent_id/pattern",keyword:"pattern",params:{pattern: "^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$"},message:"must match pattern \""+"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$"+"\""};
+if(func4(data2) > 512){
+const err4 = {instancePath:instancePath+"/sidecar/agent_id",schemaPath:"#/properties/sidecar/properties/agent_id/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters"};
 if(vErrors === null){
 vErrors = [err4];
 }
@@ -149,14 +149,24 @@ vErrors.push(err4);
 }
 errors++;
 }
-}
-else {
-const err5 = {instancePath:instancePath+"/sidecar/agent_id",schemaPath:"#/properties/sidecar/properties/agent_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(!pattern0.test(data2)){
+const err5 = {instancePath:instancePath+"/sidecar/agent_id",schemaPath:"#/properties/sidecar/properties/agent_id/pattern",keyword:"pattern",params:{pattern: "^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$"},message:"must match pattern \""+"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$"+"\""};
 if(vErrors === null){
 vErrors = [err5];
 }
 else {
 vErrors.push(err5);
+}
+errors++;
+}
+}
+else {
+const err6 = {instancePath:instancePath+"/sidecar/agent_id",schemaPath:"#/properties/sidecar/properties/agent_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err6];
+}
+else {
+vErrors.push(err6);
 }
 errors++;
 }
@@ -170,20 +180,7 @@ data3.port = 15001;
 }
 for(const key2 in data3){
 if(!((key2 === "host") || (key2 === "port"))){
-const err6 = {instancePath:instancePath+"/sidecar/listen",schemaPath:"#/properties/sidecar/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key2},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err6];
-}
-else {
-vErrors.push(err6);
-}
-errors++;
-}
-}
-let data4 = data3.host;
-if(typeof data4 === "string"){
-if(func4(data4) < 1){
-const err7 = {instancePath:instancePath+"/sidecar/listen/host",schemaPath:"#/properties/sidecar/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err7 = {instancePath:instancePath+"/sidecar/listen",schemaPath:"#/properties/sidecar/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key2},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err7];
 }
@@ -193,8 +190,10 @@ vErrors.push(err7);
 errors++;
 }
 }
-else {
-const err8 = {instancePath:instancePath+"/sidecar/listen/host",schemaPath:"#/properties/sidecar/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data4 = data3.host;
+if(typeof data4 === "string"){
+if(func4(data4) < 1){
+const err8 = {instancePath:instancePath+"/sidecar/listen/host",schemaPath:"#/properties/sidecar/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err8];
 }
@@ -203,9 +202,9 @@ vErrors.push(err8);
 }
 errors++;
 }
-let data5 = data3.port;
-if(!(((typeof data5 == "number") && (!(data5 % 1) && !isNaN(data5))) && (isFinite(data5)))){
-const err9 = {instancePath:instancePath+"/sidecar/listen/port",schemaPath:"#/properties/sidecar/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err9 = {instancePath:instancePath+"/sidecar/listen/host",schemaPath:"#/properties/sidecar/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err9];
 }
@@ -214,9 +213,9 @@ vErrors.push(err9);
 }
 errors++;
 }
-if((typeof data5 == "number") && (isFinite(data5))){
-if(data5 > 65535 || isNaN(data5)){
-const err10 = {instancePath:instancePath+"/sidecar/listen/port",schemaPath:"#/properties/sidecar/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+let data5 = data3.port;
+if(!(((typeof data5 == "number") && (!(data5 % 1) && !isNaN(data5))) && (isFinite(data5)))){
+const err10 = {instancePath:instancePath+"/sidecar/listen/port",schemaPath:"#/properties/sidecar/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err10];
 }
@@ -225,8 +224,9 @@ vErrors.push(err10);
 }
 errors++;
 }
-if(data5 < 0 || isNaN(data5)){
-const err11 = {instancePath:instancePath+"/sidecar/listen/port",schemaPath:"#/properties/sidecar/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if((typeof data5 == "number") && (isFinite(data5))){
+if(data5 > 65535 || isNaN(data5)){
+const err11 = {instancePath:instancePath+"/sidecar/listen/port",schemaPath:"#/properties/sidecar/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err11];
 }
@@ -235,15 +235,25 @@ vErrors.push(err11);
 }
 errors++;
 }
-}
-}
-else {
-const err12 = {instancePath:instancePath+"/sidecar/listen",schemaPath:"#/properties/sidecar/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data5 < 0 || isNaN(data5)){
+const err12 = {instancePath:instancePath+"/sidecar/listen/port",schemaPath:"#/properties/sidecar/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err12];
 }
 else {
 vErrors.push(err12);
+}
+errors++;
+}
+}
+}
+else {
+const err13 = {instancePath:instancePath+"/sidecar/listen",schemaPath:"#/properties/sidecar/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err13];
+}
+else {
+vErrors.push(err13);
 }
 errors++;
 }
@@ -257,20 +267,7 @@ data6.port = 15002;
 }
 for(const key3 in data6){
 if(!((key3 === "host") || (key3 === "port"))){
-const err13 = {instancePath:instancePath+"/sidecar/admin",schemaPath:"#/properties/sidecar/properties/admin/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key3},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err13];
-}
-else {
-vErrors.push(err13);
-}
-errors++;
-}
-}
-let data7 = data6.host;
-if(typeof data7 === "string"){
-if(func4(data7) < 1){
-const err14 = {instancePath:instancePath+"/sidecar/admin/host",schemaPath:"#/properties/sidecar/properties/admin/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err14 = {instancePath:instancePath+"/sidecar/admin",schemaPath:"#/properties/sidecar/properties/admin/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key3},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err14];
 }
@@ -280,8 +277,10 @@ vErrors.push(err14);
 errors++;
 }
 }
-else {
-const err15 = {instancePath:instancePath+"/sidecar/admin/host",schemaPath:"#/properties/sidecar/properties/admin/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data7 = data6.host;
+if(typeof data7 === "string"){
+if(func4(data7) < 1){
+const err15 = {instancePath:instancePath+"/sidecar/admin/host",schemaPath:"#/properties/sidecar/properties/admin/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err15];
 }
@@ -290,9 +289,9 @@ vErrors.push(err15);
 }
 errors++;
 }
-let data8 = data6.port;
-if(!(((typeof data8 == "number") && (!(data8 % 1) && !isNaN(data8))) && (isFinite(data8)))){
-const err16 = {instancePath:instancePath+"/sidecar/admin/port",schemaPath:"#/properties/sidecar/properties/admin/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err16 = {instancePath:instancePath+"/sidecar/admin/host",schemaPath:"#/properties/sidecar/properties/admin/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err16];
 }
@@ -301,9 +300,9 @@ vErrors.push(err16);
 }
 errors++;
 }
-if((typeof data8 == "number") && (isFinite(data8))){
-if(data8 > 65535 || isNaN(data8)){
-const err17 = {instancePath:instancePath+"/sidecar/admin/port",schemaPath:"#/properties/sidecar/properties/admin/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+let data8 = data6.port;
+if(!(((typeof data8 == "number") && (!(data8 % 1) && !isNaN(data8))) && (isFinite(data8)))){
+const err17 = {instancePath:instancePath+"/sidecar/admin/port",schemaPath:"#/properties/sidecar/properties/admin/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err17];
 }
@@ -312,8 +311,9 @@ vErrors.push(err17);
 }
 errors++;
 }
-if(data8 < 0 || isNaN(data8)){
-const err18 = {instancePath:instancePath+"/sidecar/admin/port",schemaPath:"#/properties/sidecar/properties/admin/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if((typeof data8 == "number") && (isFinite(data8))){
+if(data8 > 65535 || isNaN(data8)){
+const err18 = {instancePath:instancePath+"/sidecar/admin/port",schemaPath:"#/properties/sidecar/properties/admin/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err18];
 }
@@ -322,10 +322,8 @@ vErrors.push(err18);
 }
 errors++;
 }
-}
-}
-else {
-const err19 = {instancePath:instancePath+"/sidecar/admin",schemaPath:"#/properties/sidecar/properties/admin/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data8 < 0 || isNaN(data8)){
+const err19 = {instancePath:instancePath+"/sidecar/admin/port",schemaPath:"#/properties/sidecar/properties/admin/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err19];
 }
@@ -334,8 +332,10 @@ vErrors.push(err19);
 }
 errors++;
 }
-if(typeof data1.allow_remote_clients !== "boolean"){
-const err20 = {instancePath:instancePath+"/sidecar/allow_remote_clients",schemaPath:"#/properties/sidecar/properties/allow_remote_clients/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+}
+}
+else {
+const err20 = {instancePath:instancePath+"/sidecar/admin",schemaPath:"#/properties/sidecar/properties/admin/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err20];
 }
@@ -344,11 +344,8 @@ vErrors.push(err20);
 }
 errors++;
 }
-if(data1.upstream_ca_file !== undefined){
-let data10 = data1.upstream_ca_file;
-if(typeof data10 === "string"){
-if(func4(data10) < 1){
-const err21 = {instancePath:instancePath+"/sidecar/upstream_ca_file",schemaPath:"#/properties/sidecar/properties/upstream_ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(typeof data1.allow_remote_clients !== "boolean"){
+const err21 = {instancePath:instancePath+"/sidecar/allow_remote_clients",schemaPath:"#/properties/sidecar/properties/allow_remote_clients/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err21];
 }
@@ -357,14 +354,27 @@ vErrors.push(err21);
 }
 errors++;
 }
-}
-else {
-const err22 = {instancePath:instancePath+"/sidecar/upstream_ca_file",schemaPath:"#/properties/sidecar/properties/upstream_ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data1.upstream_ca_file !== undefined){
+let data10 = data1.upstream_ca_file;
+if(typeof data10 === "string"){
+if(func4(data10) < 1){
+const err22 = {instancePath:instancePath+"/sidecar/upstream_ca_file",schemaPath:"#/properties/sidecar/properties/upstream_ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err22];
 }
 else {
 vErrors.push(err22);
+}
+errors++;
+}
+}
+else {
+const err23 = {instancePath:instancePath+"/sidecar/upstream_ca_file",schemaPath:"#/properties/sidecar/properties/upstream_ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err23];
+}
+else {
+vErrors.push(err23);
 }
 errors++;
 }
@@ -388,19 +398,7 @@ data11.drain_ms = 10000;
 }
 for(const key4 in data11){
 if(!(((((key4 === "connect_ms") || (key4 === "headers_ms")) || (key4 === "body_ms")) || (key4 === "client_headers_ms")) || (key4 === "drain_ms"))){
-const err23 = {instancePath:instancePath+"/sidecar/timeouts",schemaPath:"#/properties/sidecar/properties/timeouts/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key4},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err23];
-}
-else {
-vErrors.push(err23);
-}
-errors++;
-}
-}
-let data12 = data11.connect_ms;
-if(!(((typeof data12 == "number") && (!(data12 % 1) && !isNaN(data12))) && (isFinite(data12)))){
-const err24 = {instancePath:instancePath+"/sidecar/timeouts/connect_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/connect_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err24 = {instancePath:instancePath+"/sidecar/timeouts",schemaPath:"#/properties/sidecar/properties/timeouts/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key4},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err24];
 }
@@ -409,9 +407,10 @@ vErrors.push(err24);
 }
 errors++;
 }
-if((typeof data12 == "number") && (isFinite(data12))){
-if(data12 > 3600000 || isNaN(data12)){
-const err25 = {instancePath:instancePath+"/sidecar/timeouts/connect_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/connect_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data12 = data11.connect_ms;
+if(!(((typeof data12 == "number") && (!(data12 % 1) && !isNaN(data12))) && (isFinite(data12)))){
+const err25 = {instancePath:instancePath+"/sidecar/timeouts/connect_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/connect_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err25];
 }
@@ -420,8 +419,9 @@ vErrors.push(err25);
 }
 errors++;
 }
-if(data12 < 1 || isNaN(data12)){
-const err26 = {instancePath:instancePath+"/sidecar/timeouts/connect_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/connect_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data12 == "number") && (isFinite(data12))){
+if(data12 > 3600000 || isNaN(data12)){
+const err26 = {instancePath:instancePath+"/sidecar/timeouts/connect_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/connect_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err26];
 }
@@ -430,10 +430,8 @@ vErrors.push(err26);
 }
 errors++;
 }
-}
-let data13 = data11.headers_ms;
-if(!(((typeof data13 == "number") && (!(data13 % 1) && !isNaN(data13))) && (isFinite(data13)))){
-const err27 = {instancePath:instancePath+"/sidecar/timeouts/headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/headers_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data12 < 1 || isNaN(data12)){
+const err27 = {instancePath:instancePath+"/sidecar/timeouts/connect_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/connect_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err27];
 }
@@ -442,9 +440,10 @@ vErrors.push(err27);
 }
 errors++;
 }
-if((typeof data13 == "number") && (isFinite(data13))){
-if(data13 > 3600000 || isNaN(data13)){
-const err28 = {instancePath:instancePath+"/sidecar/timeouts/headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/headers_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data13 = data11.headers_ms;
+if(!(((typeof data13 == "number") && (!(data13 % 1) && !isNaN(data13))) && (isFinite(data13)))){
+const err28 = {instancePath:instancePath+"/sidecar/timeouts/headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/headers_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err28];
 }
@@ -453,8 +452,9 @@ vErrors.push(err28);
 }
 errors++;
 }
-if(data13 < 1 || isNaN(data13)){
-const err29 = {instancePath:instancePath+"/sidecar/timeouts/headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/headers_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data13 == "number") && (isFinite(data13))){
+if(data13 > 3600000 || isNaN(data13)){
+const err29 = {instancePath:instancePath+"/sidecar/timeouts/headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/headers_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err29];
 }
@@ -463,10 +463,8 @@ vErrors.push(err29);
 }
 errors++;
 }
-}
-let data14 = data11.body_ms;
-if(!(((typeof data14 == "number") && (!(data14 % 1) && !isNaN(data14))) && (isFinite(data14)))){
-const err30 = {instancePath:instancePath+"/sidecar/timeouts/body_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/body_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data13 < 1 || isNaN(data13)){
+const err30 = {instancePath:instancePath+"/sidecar/timeouts/headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/headers_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err30];
 }
@@ -475,9 +473,10 @@ vErrors.push(err30);
 }
 errors++;
 }
-if((typeof data14 == "number") && (isFinite(data14))){
-if(data14 > 3600000 || isNaN(data14)){
-const err31 = {instancePath:instancePath+"/sidecar/timeouts/body_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/body_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data14 = data11.body_ms;
+if(!(((typeof data14 == "number") && (!(data14 % 1) && !isNaN(data14))) && (isFinite(data14)))){
+const err31 = {instancePath:instancePath+"/sidecar/timeouts/body_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/body_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err31];
 }
@@ -486,8 +485,9 @@ vErrors.push(err31);
 }
 errors++;
 }
-if(data14 < 1 || isNaN(data14)){
-const err32 = {instancePath:instancePath+"/sidecar/timeouts/body_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/body_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data14 == "number") && (isFinite(data14))){
+if(data14 > 3600000 || isNaN(data14)){
+const err32 = {instancePath:instancePath+"/sidecar/timeouts/body_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/body_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err32];
 }
@@ -496,10 +496,8 @@ vErrors.push(err32);
 }
 errors++;
 }
-}
-let data15 = data11.client_headers_ms;
-if(!(((typeof data15 == "number") && (!(data15 % 1) && !isNaN(data15))) && (isFinite(data15)))){
-const err33 = {instancePath:instancePath+"/sidecar/timeouts/client_headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/client_headers_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data14 < 1 || isNaN(data14)){
+const err33 = {instancePath:instancePath+"/sidecar/timeouts/body_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/body_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err33];
 }
@@ -508,9 +506,10 @@ vErrors.push(err33);
 }
 errors++;
 }
-if((typeof data15 == "number") && (isFinite(data15))){
-if(data15 > 3600000 || isNaN(data15)){
-const err34 = {instancePath:instancePath+"/sidecar/timeouts/client_headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/client_headers_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data15 = data11.client_headers_ms;
+if(!(((typeof data15 == "number") && (!(data15 % 1) && !isNaN(data15))) && (isFinite(data15)))){
+const err34 = {instancePath:instancePath+"/sidecar/timeouts/client_headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/client_headers_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err34];
 }
@@ -519,8 +518,9 @@ vErrors.push(err34);
 }
 errors++;
 }
-if(data15 < 1 || isNaN(data15)){
-const err35 = {instancePath:instancePath+"/sidecar/timeouts/client_headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/client_headers_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data15 == "number") && (isFinite(data15))){
+if(data15 > 3600000 || isNaN(data15)){
+const err35 = {instancePath:instancePath+"/sidecar/timeouts/client_headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/client_headers_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err35];
 }
@@ -529,10 +529,8 @@ vErrors.push(err35);
 }
 errors++;
 }
-}
-let data16 = data11.drain_ms;
-if(!(((typeof data16 == "number") && (!(data16 % 1) && !isNaN(data16))) && (isFinite(data16)))){
-const err36 = {instancePath:instancePath+"/sidecar/timeouts/drain_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/drain_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data15 < 1 || isNaN(data15)){
+const err36 = {instancePath:instancePath+"/sidecar/timeouts/client_headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/client_headers_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err36];
 }
@@ -541,9 +539,10 @@ vErrors.push(err36);
 }
 errors++;
 }
-if((typeof data16 == "number") && (isFinite(data16))){
-if(data16 > 3600000 || isNaN(data16)){
-const err37 = {instancePath:instancePath+"/sidecar/timeouts/drain_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/drain_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data16 = data11.drain_ms;
+if(!(((typeof data16 == "number") && (!(data16 % 1) && !isNaN(data16))) && (isFinite(data16)))){
+const err37 = {instancePath:instancePath+"/sidecar/timeouts/drain_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/drain_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err37];
 }
@@ -552,8 +551,9 @@ vErrors.push(err37);
 }
 errors++;
 }
-if(data16 < 0 || isNaN(data16)){
-const err38 = {instancePath:instancePath+"/sidecar/timeouts/drain_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/drain_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if((typeof data16 == "number") && (isFinite(data16))){
+if(data16 > 3600000 || isNaN(data16)){
+const err38 = {instancePath:instancePath+"/sidecar/timeouts/drain_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/drain_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err38];
 }
@@ -562,10 +562,8 @@ vErrors.push(err38);
 }
 errors++;
 }
-}
-}
-else {
-const err39 = {instancePath:instancePath+"/sidecar/timeouts",schemaPath:"#/properties/sidecar/properties/timeouts/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data16 < 0 || isNaN(data16)){
+const err39 = {instancePath:instancePath+"/sidecar/timeouts/drain_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/drain_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err39];
 }
@@ -574,9 +572,10 @@ vErrors.push(err39);
 }
 errors++;
 }
-let data17 = data1.max_pools;
-if(!(((typeof data17 == "number") && (!(data17 % 1) && !isNaN(data17))) && (isFinite(data17)))){
-const err40 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+}
+else {
+const err40 = {instancePath:instancePath+"/sidecar/timeouts",schemaPath:"#/properties/sidecar/properties/timeouts/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err40];
 }
@@ -585,9 +584,9 @@ vErrors.push(err40);
 }
 errors++;
 }
-if((typeof data17 == "number") && (isFinite(data17))){
-if(data17 > 100000 || isNaN(data17)){
-const err41 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/maximum",keyword:"maximum",params:{comparison: "<=", limit: 100000},message:"must be <= 100000"};
+let data17 = data1.max_pools;
+if(!(((typeof data17 == "number") && (!(data17 % 1) && !isNaN(data17))) && (isFinite(data17)))){
+const err41 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err41];
 }
@@ -596,13 +595,24 @@ vErrors.push(err41);
 }
 errors++;
 }
-if(data17 < 1 || isNaN(data17)){
-const err42 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data17 == "number") && (isFinite(data17))){
+if(data17 > 100000 || isNaN(data17)){
+const err42 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/maximum",keyword:"maximum",params:{comparison: "<=", limit: 100000},message:"must be <= 100000"};
 if(vErrors === null){
 vErrors = [err42];
 }
 else {
 vErrors.push(err42);
+}
+errors++;
+}
+if(data17 < 1 || isNaN(data17)){
+const err43 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if(vErrors === null){
+vErrors = [err43];
+}
+else {
+vErrors.push(err43);
 }
 errors++;
 }
@@ -617,18 +627,7 @@ if(data18.min_remaining_ms === undefined){
 data18.min_remaining_ms = 5000;
 }
 if(data18.url === undefined){
-const err43 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
-if(vErrors === null){
-vErrors = [err43];
-}
-else {
-vErrors.push(err43);
-}
-errors++;
-}
-for(const key5 in data18){
-if(!(((key5 === "url") || (key5 === "timeout_ms")) || (key5 === "min_remaining_ms"))){
-const err44 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key5},message:"must NOT have additional properties"};
+const err44 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err44];
 }
@@ -637,12 +636,9 @@ vErrors.push(err44);
 }
 errors++;
 }
-}
-if(data18.url !== undefined){
-let data19 = data18.url;
-if(typeof data19 === "string"){
-if(!pattern1.test(data19)){
-const err45 = {instancePath:instancePath+"/sidecar/broker/url",schemaPath:"#/properties/sidecar/properties/broker/properties/url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+for(const key5 in data18){
+if(!(((key5 === "url") || (key5 === "timeout_ms")) || (key5 === "min_remaining_ms"))){
+const err45 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key5},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err45];
 }
@@ -652,8 +648,11 @@ vErrors.push(err45);
 errors++;
 }
 }
-else {
-const err46 = {instancePath:instancePath+"/sidecar/broker/url",schemaPath:"#/properties/sidecar/properties/broker/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data18.url !== undefined){
+let data19 = data18.url;
+if(typeof data19 === "string"){
+if(!pattern1.test(data19)){
+const err46 = {instancePath:instancePath+"/sidecar/broker/url",schemaPath:"#/properties/sidecar/properties/broker/properties/url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err46];
 }
@@ -663,9 +662,8 @@ vErrors.push(err46);
 errors++;
 }
 }
-let data20 = data18.timeout_ms;
-if(!(((typeof data20 == "number") && (!(data20 % 1) && !isNaN(data20))) && (isFinite(data20)))){
-const err47 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err47 = {instancePath:instancePath+"/sidecar/broker/url",schemaPath:"#/properties/sidecar/properties/broker/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err47];
 }
@@ -674,9 +672,10 @@ vErrors.push(err47);
 }
 errors++;
 }
-if((typeof data20 == "number") && (isFinite(data20))){
-if(data20 > 3600000 || isNaN(data20)){
-const err48 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data20 = data18.timeout_ms;
+if(!(((typeof data20 == "number") && (!(data20 % 1) && !isNaN(data20))) && (isFinite(data20)))){
+const err48 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err48];
 }
@@ -685,8 +684,9 @@ vErrors.push(err48);
 }
 errors++;
 }
-if(data20 < 1 || isNaN(data20)){
-const err49 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data20 == "number") && (isFinite(data20))){
+if(data20 > 3600000 || isNaN(data20)){
+const err49 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err49];
 }
@@ -695,10 +695,8 @@ vErrors.push(err49);
 }
 errors++;
 }
-}
-let data21 = data18.min_remaining_ms;
-if(!(((typeof data21 == "number") && (!(data21 % 1) && !isNaN(data21))) && (isFinite(data21)))){
-const err50 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data20 < 1 || isNaN(data20)){
+const err50 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err50];
 }
@@ -707,9 +705,10 @@ vErrors.push(err50);
 }
 errors++;
 }
-if((typeof data21 == "number") && (isFinite(data21))){
-if(data21 > 3600000 || isNaN(data21)){
-const err51 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data21 = data18.min_remaining_ms;
+if(!(((typeof data21 == "number") && (!(data21 % 1) && !isNaN(data21))) && (isFinite(data21)))){
+const err51 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err51];
 }
@@ -718,8 +717,9 @@ vErrors.push(err51);
 }
 errors++;
 }
-if(data21 < 0 || isNaN(data21)){
-const err52 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if((typeof data21 == "number") && (isFinite(data21))){
+if(data21 > 3600000 || isNaN(data21)){
+const err52 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err52];
 }
@@ -728,15 +728,25 @@ vErrors.push(err52);
 }
 errors++;
 }
-}
-}
-else {
-const err53 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data21 < 0 || isNaN(data21)){
+const err53 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err53];
 }
 else {
 vErrors.push(err53);
+}
+errors++;
+}
+}
+}
+else {
+const err54 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err54];
+}
+else {
+vErrors.push(err54);
 }
 errors++;
 }
@@ -757,17 +767,7 @@ if(data22.max_bundle_bytes === undefined){
 data22.max_bundle_bytes = 262144;
 }
 if(data22.url === undefined){
-const err54 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
-if(vErrors === null){
-vErrors = [err54];
-}
-else {
-vErrors.push(err54);
-}
-errors++;
-}
-if(data22.token_secret === undefined){
-const err55 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "token_secret"},message:"must have required property '"+"token_secret"+"'"};
+const err55 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err55];
 }
@@ -776,9 +776,8 @@ vErrors.push(err55);
 }
 errors++;
 }
-for(const key6 in data22){
-if(!((((((key6 === "url") || (key6 === "token_secret")) || (key6 === "stale_after_ms")) || (key6 === "backoff_min_ms")) || (key6 === "backoff_max_ms")) || (key6 === "max_bundle_bytes"))){
-const err56 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key6},message:"must NOT have additional properties"};
+if(data22.token_secret === undefined){
+const err56 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "token_secret"},message:"must have required property '"+"token_secret"+"'"};
 if(vErrors === null){
 vErrors = [err56];
 }
@@ -787,12 +786,9 @@ vErrors.push(err56);
 }
 errors++;
 }
-}
-if(data22.url !== undefined){
-let data23 = data22.url;
-if(typeof data23 === "string"){
-if(!pattern2.test(data23)){
-const err57 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/pattern",keyword:"pattern",params:{pattern: "^grpc://[^\\s/]+:[0-9]+/?$"},message:"must match pattern \""+"^grpc://[^\\s/]+:[0-9]+/?$"+"\""};
+for(const key6 in data22){
+if(!((((((key6 === "url") || (key6 === "token_secret")) || (key6 === "stale_after_ms")) || (key6 === "backoff_min_ms")) || (key6 === "backoff_max_ms")) || (key6 === "max_bundle_bytes"))){
+const err57 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key6},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err57];
 }
@@ -802,8 +798,11 @@ vErrors.push(err57);
 errors++;
 }
 }
-else {
-const err58 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data22.url !== undefined){
+let data23 = data22.url;
+if(typeof data23 === "string"){
+if(!pattern2.test(data23)){
+const err58 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/pattern",keyword:"pattern",params:{pattern: "^grpc://[^\\s/]+:[0-9]+/?$"},message:"must match pattern \""+"^grpc://[^\\s/]+:[0-9]+/?$"+"\""};
 if(vErrors === null){
 vErrors = [err58];
 }
@@ -813,11 +812,8 @@ vErrors.push(err58);
 errors++;
 }
 }
-if(data22.token_secret !== undefined){
-let data24 = data22.token_secret;
-if(typeof data24 === "string"){
-if(!pattern3.test(data24)){
-const err59 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_]+$"},message:"must match pattern \""+"^[A-Za-z0-9_]+$"+"\""};
+else {
+const err59 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err59];
 }
@@ -827,8 +823,11 @@ vErrors.push(err59);
 errors++;
 }
 }
-else {
-const err60 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data22.token_secret !== undefined){
+let data24 = data22.token_secret;
+if(typeof data24 === "string"){
+if(!pattern3.test(data24)){
+const err60 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_]+$"},message:"must match pattern \""+"^[A-Za-z0-9_]+$"+"\""};
 if(vErrors === null){
 vErrors = [err60];
 }
@@ -838,9 +837,8 @@ vErrors.push(err60);
 errors++;
 }
 }
-let data25 = data22.stale_after_ms;
-if(!(((typeof data25 == "number") && (!(data25 % 1) && !isNaN(data25))) && (isFinite(data25)))){
-const err61 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err61 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err61];
 }
@@ -849,9 +847,10 @@ vErrors.push(err61);
 }
 errors++;
 }
-if((typeof data25 == "number") && (isFinite(data25))){
-if(data25 > 3600000 || isNaN(data25)){
-const err62 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data25 = data22.stale_after_ms;
+if(!(((typeof data25 == "number") && (!(data25 % 1) && !isNaN(data25))) && (isFinite(data25)))){
+const err62 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err62];
 }
@@ -860,8 +859,9 @@ vErrors.push(err62);
 }
 errors++;
 }
-if(data25 < 50 || isNaN(data25)){
-const err63 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
+if((typeof data25 == "number") && (isFinite(data25))){
+if(data25 > 3600000 || isNaN(data25)){
+const err63 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err63];
 }
@@ -870,10 +870,8 @@ vErrors.push(err63);
 }
 errors++;
 }
-}
-let data26 = data22.backoff_min_ms;
-if(!(((typeof data26 == "number") && (!(data26 % 1) && !isNaN(data26))) && (isFinite(data26)))){
-const err64 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data25 < 50 || isNaN(data25)){
+const err64 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
 if(vErrors === null){
 vErrors = [err64];
 }
@@ -882,9 +880,10 @@ vErrors.push(err64);
 }
 errors++;
 }
-if((typeof data26 == "number") && (isFinite(data26))){
-if(data26 > 3600000 || isNaN(data26)){
-const err65 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data26 = data22.backoff_min_ms;
+if(!(((typeof data26 == "number") && (!(data26 % 1) && !isNaN(data26))) && (isFinite(data26)))){
+const err65 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err65];
 }
@@ -893,8 +892,9 @@ vErrors.push(err65);
 }
 errors++;
 }
-if(data26 < 1 || isNaN(data26)){
-const err66 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data26 == "number") && (isFinite(data26))){
+if(data26 > 3600000 || isNaN(data26)){
+const err66 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err66];
 }
@@ -903,10 +903,8 @@ vErrors.push(err66);
 }
 errors++;
 }
-}
-let data27 = data22.backoff_max_ms;
-if(!(((typeof data27 == "number") && (!(data27 % 1) && !isNaN(data27))) && (isFinite(data27)))){
-const err67 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data26 < 1 || isNaN(data26)){
+const err67 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err67];
 }
@@ -915,9 +913,10 @@ vErrors.push(err67);
 }
 errors++;
 }
-if((typeof data27 == "number") && (isFinite(data27))){
-if(data27 > 3600000 || isNaN(data27)){
-const err68 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data27 = data22.backoff_max_ms;
+if(!(((typeof data27 == "number") && (!(data27 % 1) && !isNaN(data27))) && (isFinite(data27)))){
+const err68 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err68];
 }
@@ -926,8 +925,9 @@ vErrors.push(err68);
 }
 errors++;
 }
-if(data27 < 1 || isNaN(data27)){
-const err69 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data27 == "number") && (isFinite(data27))){
+if(data27 > 3600000 || isNaN(data27)){
+const err69 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err69];
 }
@@ -936,10 +936,8 @@ vErrors.push(err69);
 }
 errors++;
 }
-}
-let data28 = data22.max_bundle_bytes;
-if(!(((typeof data28 == "number") && (!(data28 % 1) && !isNaN(data28))) && (isFinite(data28)))){
-const err70 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data27 < 1 || isNaN(data27)){
+const err70 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err70];
 }
@@ -948,9 +946,10 @@ vErrors.push(err70);
 }
 errors++;
 }
-if((typeof data28 == "number") && (isFinite(data28))){
-if(data28 > 3145728 || isNaN(data28)){
-const err71 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
+}
+let data28 = data22.max_bundle_bytes;
+if(!(((typeof data28 == "number") && (!(data28 % 1) && !isNaN(data28))) && (isFinite(data28)))){
+const err71 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err71];
 }
@@ -959,8 +958,9 @@ vErrors.push(err71);
 }
 errors++;
 }
-if(data28 < 1024 || isNaN(data28)){
-const err72 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+if((typeof data28 == "number") && (isFinite(data28))){
+if(data28 > 3145728 || isNaN(data28)){
+const err72 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
 if(vErrors === null){
 vErrors = [err72];
 }
@@ -969,10 +969,8 @@ vErrors.push(err72);
 }
 errors++;
 }
-}
-}
-else {
-const err73 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data28 < 1024 || isNaN(data28)){
+const err73 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err73];
 }
@@ -982,11 +980,9 @@ vErrors.push(err73);
 errors++;
 }
 }
-if(data1.policy_file !== undefined){
-let data29 = data1.policy_file;
-if(typeof data29 === "string"){
-if(func4(data29) < 1){
-const err74 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err74 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err74];
 }
@@ -996,8 +992,11 @@ vErrors.push(err74);
 errors++;
 }
 }
-else {
-const err75 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data1.policy_file !== undefined){
+let data29 = data1.policy_file;
+if(typeof data29 === "string"){
+if(func4(data29) < 1){
+const err75 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err75];
 }
@@ -1007,13 +1006,24 @@ vErrors.push(err75);
 errors++;
 }
 }
-if(typeof data1.policy_watch !== "boolean"){
-const err76 = {instancePath:instancePath+"/sidecar/policy_watch",schemaPath:"#/properties/sidecar/properties/policy_watch/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err76 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err76];
 }
 else {
 vErrors.push(err76);
+}
+errors++;
+}
+}
+if(typeof data1.policy_watch !== "boolean"){
+const err77 = {instancePath:instancePath+"/sidecar/policy_watch",schemaPath:"#/properties/sidecar/properties/policy_watch/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(vErrors === null){
+vErrors = [err77];
+}
+else {
+vErrors.push(err77);
 }
 errors++;
 }
@@ -1030,23 +1040,23 @@ data31.allowed_executables = [];
 }
 for(const key7 in data31){
 if(!(((key7 === "identify") || (key7 === "allowed_uids")) || (key7 === "allowed_executables"))){
-const err77 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err77];
-}
-else {
-vErrors.push(err77);
-}
-errors++;
-}
-}
-if(typeof data31.identify !== "boolean"){
-const err78 = {instancePath:instancePath+"/sidecar/callers/identify",schemaPath:"#/properties/sidecar/properties/callers/properties/identify/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+const err78 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err78];
 }
 else {
 vErrors.push(err78);
+}
+errors++;
+}
+}
+if(typeof data31.identify !== "boolean"){
+const err79 = {instancePath:instancePath+"/sidecar/callers/identify",schemaPath:"#/properties/sidecar/properties/callers/properties/identify/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(vErrors === null){
+vErrors = [err79];
+}
+else {
+vErrors.push(err79);
 }
 errors++;
 }
@@ -1056,18 +1066,7 @@ const len0 = data33.length;
 for(let i0=0; i0<len0; i0++){
 let data34 = data33[i0];
 if(!(((typeof data34 == "number") && (!(data34 % 1) && !isNaN(data34))) && (isFinite(data34)))){
-const err79 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
-if(vErrors === null){
-vErrors = [err79];
-}
-else {
-vErrors.push(err79);
-}
-errors++;
-}
-if((typeof data34 == "number") && (isFinite(data34))){
-if(data34 > 4294967295 || isNaN(data34)){
-const err80 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 4294967295},message:"must be <= 4294967295"};
+const err80 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err80];
 }
@@ -1076,13 +1075,24 @@ vErrors.push(err80);
 }
 errors++;
 }
-if(data34 < 0 || isNaN(data34)){
-const err81 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if((typeof data34 == "number") && (isFinite(data34))){
+if(data34 > 4294967295 || isNaN(data34)){
+const err81 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 4294967295},message:"must be <= 4294967295"};
 if(vErrors === null){
 vErrors = [err81];
 }
 else {
 vErrors.push(err81);
+}
+errors++;
+}
+if(data34 < 0 || isNaN(data34)){
+const err82 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if(vErrors === null){
+vErrors = [err82];
+}
+else {
+vErrors.push(err82);
 }
 errors++;
 }
@@ -1099,12 +1109,12 @@ continue;
 }
 if(typeof indices0[item0] == "number"){
 j0 = indices0[item0];
-const err82 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/uniqueItems",keyword:"uniqueItems",params:{i: i1, j: j0},message:"must NOT have duplicate items (items ## "+j0+" and "+i1+" are identical)"};
+const err83 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/uniqueItems",keyword:"uniqueItems",params:{i: i1, j: j0},message:"must NOT have duplicate items (items ## "+j0+" and "+i1+" are identical)"};
 if(vErrors === null){
-vErrors = [err82];
+vErrors = [err83];
 }
 else {
-vErrors.push(err82);
+vErrors.push(err83);
 }
 errors++;
 break;
@@ -1114,12 +1124,12 @@ indices0[item0] = i1;
 }
 }
 else {
-const err83 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err84 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
-vErrors = [err83];
+vErrors = [err84];
 }
 else {
-vErrors.push(err83);
+vErrors.push(err84);
 }
 errors++;
 }
@@ -1130,23 +1140,23 @@ for(let i2=0; i2<len1; i2++){
 let data36 = data35[i2];
 if(typeof data36 === "string"){
 if(!pattern4.test(data36)){
-const err84 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
-if(vErrors === null){
-vErrors = [err84];
-}
-else {
-vErrors.push(err84);
-}
-errors++;
-}
-}
-else {
-const err85 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err85 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
 if(vErrors === null){
 vErrors = [err85];
 }
 else {
 vErrors.push(err85);
+}
+errors++;
+}
+}
+else {
+const err86 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err86];
+}
+else {
+vErrors.push(err86);
 }
 errors++;
 }
@@ -1162,12 +1172,12 @@ continue;
 }
 if(typeof indices1[item1] == "number"){
 j1 = indices1[item1];
-const err86 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/uniqueItems",keyword:"uniqueItems",params:{i: i3, j: j1},message:"must NOT have duplicate items (items ## "+j1+" and "+i3+" are identical)"};
+const err87 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/uniqueItems",keyword:"uniqueItems",params:{i: i3, j: j1},message:"must NOT have duplicate items (items ## "+j1+" and "+i3+" are identical)"};
 if(vErrors === null){
-vErrors = [err86];
+vErrors = [err87];
 }
 else {
-vErrors.push(err86);
+vErrors.push(err87);
 }
 errors++;
 break;
@@ -1177,18 +1187,7 @@ indices1[item1] = i3;
 }
 }
 else {
-const err87 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/type",keyword:"type",params:{type: "array"},message:"must be array"};
-if(vErrors === null){
-vErrors = [err87];
-}
-else {
-vErrors.push(err87);
-}
-errors++;
-}
-}
-else {
-const err88 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err88 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err88];
 }
@@ -1197,10 +1196,9 @@ vErrors.push(err88);
 }
 errors++;
 }
-let data37 = data1.attestation;
-if(data37 && typeof data37 == "object" && !Array.isArray(data37)){
-if(Object.keys(data37).length > 1){
-const err89 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
+}
+else {
+const err89 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err89];
 }
@@ -1209,9 +1207,10 @@ vErrors.push(err89);
 }
 errors++;
 }
-for(const key8 in data37){
-if(!(((key8 === "kubernetes") || (key8 === "spiffe")) || (key8 === "local"))){
-const err90 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
+let data37 = data1.attestation;
+if(data37 && typeof data37 == "object" && !Array.isArray(data37)){
+if(Object.keys(data37).length > 1){
+const err90 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
 if(vErrors === null){
 vErrors = [err90];
 }
@@ -1220,12 +1219,9 @@ vErrors.push(err90);
 }
 errors++;
 }
-}
-if(data37.kubernetes !== undefined){
-let data38 = data37.kubernetes;
-if(data38 && typeof data38 == "object" && !Array.isArray(data38)){
-if(data38.token_file === undefined){
-const err91 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/required",keyword:"required",params:{missingProperty: "token_file"},message:"must have required property '"+"token_file"+"'"};
+for(const key8 in data37){
+if(!(((key8 === "kubernetes") || (key8 === "spiffe")) || (key8 === "local"))){
+const err91 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err91];
 }
@@ -1234,9 +1230,12 @@ vErrors.push(err91);
 }
 errors++;
 }
-for(const key9 in data38){
-if(!(key9 === "token_file")){
-const err92 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
+}
+if(data37.kubernetes !== undefined){
+let data38 = data37.kubernetes;
+if(data38 && typeof data38 == "object" && !Array.isArray(data38)){
+if(data38.token_file === undefined){
+const err92 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/required",keyword:"required",params:{missingProperty: "token_file"},message:"must have required property '"+"token_file"+"'"};
 if(vErrors === null){
 vErrors = [err92];
 }
@@ -1245,12 +1244,9 @@ vErrors.push(err92);
 }
 errors++;
 }
-}
-if(data38.token_file !== undefined){
-let data39 = data38.token_file;
-if(typeof data39 === "string"){
-if(func4(data39) < 1){
-const err93 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key9 in data38){
+if(!(key9 === "token_file")){
+const err93 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err93];
 }
@@ -1260,8 +1256,11 @@ vErrors.push(err93);
 errors++;
 }
 }
-else {
-const err94 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data38.token_file !== undefined){
+let data39 = data38.token_file;
+if(typeof data39 === "string"){
+if(func4(data39) < 1){
+const err94 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err94];
 }
@@ -1271,9 +1270,8 @@ vErrors.push(err94);
 errors++;
 }
 }
-}
 else {
-const err95 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err95 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err95];
 }
@@ -1283,11 +1281,9 @@ vErrors.push(err95);
 errors++;
 }
 }
-if(data37.spiffe !== undefined){
-let data40 = data37.spiffe;
-if(data40 && typeof data40 == "object" && !Array.isArray(data40)){
-if(data40.socket === undefined){
-const err96 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/required",keyword:"required",params:{missingProperty: "socket"},message:"must have required property '"+"socket"+"'"};
+}
+else {
+const err96 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err96];
 }
@@ -1296,9 +1292,12 @@ vErrors.push(err96);
 }
 errors++;
 }
-for(const key10 in data40){
-if(!((key10 === "socket") || (key10 === "audience"))){
-const err97 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key10},message:"must NOT have additional properties"};
+}
+if(data37.spiffe !== undefined){
+let data40 = data37.spiffe;
+if(data40 && typeof data40 == "object" && !Array.isArray(data40)){
+if(data40.socket === undefined){
+const err97 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/required",keyword:"required",params:{missingProperty: "socket"},message:"must have required property '"+"socket"+"'"};
 if(vErrors === null){
 vErrors = [err97];
 }
@@ -1307,12 +1306,9 @@ vErrors.push(err97);
 }
 errors++;
 }
-}
-if(data40.socket !== undefined){
-let data41 = data40.socket;
-if(typeof data41 === "string"){
-if(func4(data41) < 1){
-const err98 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key10 in data40){
+if(!((key10 === "socket") || (key10 === "audience"))){
+const err98 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key10},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err98];
 }
@@ -1322,8 +1318,11 @@ vErrors.push(err98);
 errors++;
 }
 }
-else {
-const err99 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data40.socket !== undefined){
+let data41 = data40.socket;
+if(typeof data41 === "string"){
+if(func4(data41) < 1){
+const err99 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err99];
 }
@@ -1333,11 +1332,8 @@ vErrors.push(err99);
 errors++;
 }
 }
-if(data40.audience !== undefined){
-let data42 = data40.audience;
-if(typeof data42 === "string"){
-if(func4(data42) < 1){
-const err100 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err100 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err100];
 }
@@ -1347,8 +1343,11 @@ vErrors.push(err100);
 errors++;
 }
 }
-else {
-const err101 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data40.audience !== undefined){
+let data42 = data40.audience;
+if(typeof data42 === "string"){
+if(func4(data42) < 1){
+const err101 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err101];
 }
@@ -1358,9 +1357,8 @@ vErrors.push(err101);
 errors++;
 }
 }
-}
 else {
-const err102 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err102 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err102];
 }
@@ -1370,11 +1368,9 @@ vErrors.push(err102);
 errors++;
 }
 }
-if(data37.local !== undefined){
-let data43 = data37.local;
-if(data43 && typeof data43 == "object" && !Array.isArray(data43)){
-if(data43.key_file === undefined){
-const err103 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+}
+else {
+const err103 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err103];
 }
@@ -1383,9 +1379,12 @@ vErrors.push(err103);
 }
 errors++;
 }
-for(const key11 in data43){
-if(!((key11 === "key_file") || (key11 === "audience"))){
-const err104 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key11},message:"must NOT have additional properties"};
+}
+if(data37.local !== undefined){
+let data43 = data37.local;
+if(data43 && typeof data43 == "object" && !Array.isArray(data43)){
+if(data43.key_file === undefined){
+const err104 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err104];
 }
@@ -1394,12 +1393,9 @@ vErrors.push(err104);
 }
 errors++;
 }
-}
-if(data43.key_file !== undefined){
-let data44 = data43.key_file;
-if(typeof data44 === "string"){
-if(func4(data44) < 1){
-const err105 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key11 in data43){
+if(!((key11 === "key_file") || (key11 === "audience"))){
+const err105 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key11},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err105];
 }
@@ -1409,8 +1405,11 @@ vErrors.push(err105);
 errors++;
 }
 }
-else {
-const err106 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data43.key_file !== undefined){
+let data44 = data43.key_file;
+if(typeof data44 === "string"){
+if(func4(data44) < 1){
+const err106 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err106];
 }
@@ -1420,11 +1419,8 @@ vErrors.push(err106);
 errors++;
 }
 }
-if(data43.audience !== undefined){
-let data45 = data43.audience;
-if(typeof data45 === "string"){
-if(func4(data45) < 1){
-const err107 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err107 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err107];
 }
@@ -1434,8 +1430,11 @@ vErrors.push(err107);
 errors++;
 }
 }
-else {
-const err108 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data43.audience !== undefined){
+let data45 = data43.audience;
+if(typeof data45 === "string"){
+if(func4(data45) < 1){
+const err108 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err108];
 }
@@ -1445,9 +1444,8 @@ vErrors.push(err108);
 errors++;
 }
 }
-}
 else {
-const err109 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err109 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err109];
 }
@@ -1459,7 +1457,7 @@ errors++;
 }
 }
 else {
-const err110 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err110 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err110];
 }
@@ -1469,13 +1467,25 @@ vErrors.push(err110);
 errors++;
 }
 }
+}
 else {
-const err111 = {instancePath:instancePath+"/sidecar",schemaPath:"#/properties/sidecar/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err111 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err111];
 }
 else {
 vErrors.push(err111);
+}
+errors++;
+}
+}
+else {
+const err112 = {instancePath:instancePath+"/sidecar",schemaPath:"#/properties/sidecar/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err112];
+}
+else {
+vErrors.push(err112);
 }
 errors++;
 }
@@ -1489,19 +1499,7 @@ data46.default = {};
 }
 for(const key12 in data46){
 if(!((key12 === "max_duration_s") || (key12 === "default"))){
-const err112 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key12},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err112];
-}
-else {
-vErrors.push(err112);
-}
-errors++;
-}
-}
-let data47 = data46.max_duration_s;
-if(!(((typeof data47 == "number") && (!(data47 % 1) && !isNaN(data47))) && (isFinite(data47)))){
-const err113 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err113 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key12},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err113];
 }
@@ -1510,9 +1508,10 @@ vErrors.push(err113);
 }
 errors++;
 }
-if((typeof data47 == "number") && (isFinite(data47))){
-if(data47 > 604800 || isNaN(data47)){
-const err114 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
+}
+let data47 = data46.max_duration_s;
+if(!(((typeof data47 == "number") && (!(data47 % 1) && !isNaN(data47))) && (isFinite(data47)))){
+const err114 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err114];
 }
@@ -1521,13 +1520,24 @@ vErrors.push(err114);
 }
 errors++;
 }
-if(data47 < 1 || isNaN(data47)){
-const err115 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data47 == "number") && (isFinite(data47))){
+if(data47 > 604800 || isNaN(data47)){
+const err115 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
 if(vErrors === null){
 vErrors = [err115];
 }
 else {
 vErrors.push(err115);
+}
+errors++;
+}
+if(data47 < 1 || isNaN(data47)){
+const err116 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if(vErrors === null){
+vErrors = [err116];
+}
+else {
+vErrors.push(err116);
 }
 errors++;
 }
@@ -1545,18 +1555,7 @@ data48.purpose = "default task";
 }
 for(const key13 in data48){
 if(!(((key13 === "enabled") || (key13 === "duration_s")) || (key13 === "purpose"))){
-const err116 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key13},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err116];
-}
-else {
-vErrors.push(err116);
-}
-errors++;
-}
-}
-if(typeof data48.enabled !== "boolean"){
-const err117 = {instancePath:instancePath+"/tasks/default/enabled",schemaPath:"#/properties/tasks/properties/default/properties/enabled/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+const err117 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key13},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err117];
 }
@@ -1565,9 +1564,9 @@ vErrors.push(err117);
 }
 errors++;
 }
-let data50 = data48.duration_s;
-if(!(((typeof data50 == "number") && (!(data50 % 1) && !isNaN(data50))) && (isFinite(data50)))){
-const err118 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(typeof data48.enabled !== "boolean"){
+const err118 = {instancePath:instancePath+"/tasks/default/enabled",schemaPath:"#/properties/tasks/properties/default/properties/enabled/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err118];
 }
@@ -1576,9 +1575,9 @@ vErrors.push(err118);
 }
 errors++;
 }
-if((typeof data50 == "number") && (isFinite(data50))){
-if(data50 > 604800 || isNaN(data50)){
-const err119 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
+let data50 = data48.duration_s;
+if(!(((typeof data50 == "number") && (!(data50 % 1) && !isNaN(data50))) && (isFinite(data50)))){
+const err119 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err119];
 }
@@ -1587,8 +1586,9 @@ vErrors.push(err119);
 }
 errors++;
 }
-if(data50 < 1 || isNaN(data50)){
-const err120 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data50 == "number") && (isFinite(data50))){
+if(data50 > 604800 || isNaN(data50)){
+const err120 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
 if(vErrors === null){
 vErrors = [err120];
 }
@@ -1597,11 +1597,8 @@ vErrors.push(err120);
 }
 errors++;
 }
-}
-let data51 = data48.purpose;
-if(typeof data51 === "string"){
-if(func4(data51) > 256){
-const err121 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
+if(data50 < 1 || isNaN(data50)){
+const err121 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err121];
 }
@@ -1611,8 +1608,10 @@ vErrors.push(err121);
 errors++;
 }
 }
-else {
-const err122 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data51 = data48.purpose;
+if(typeof data51 === "string"){
+if(func4(data51) > 256){
+const err122 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
 if(vErrors === null){
 vErrors = [err122];
 }
@@ -1623,7 +1622,7 @@ errors++;
 }
 }
 else {
-const err123 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err123 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err123];
 }
@@ -1634,12 +1633,23 @@ errors++;
 }
 }
 else {
-const err124 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err124 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err124];
 }
 else {
 vErrors.push(err124);
+}
+errors++;
+}
+}
+else {
+const err125 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err125];
+}
+else {
+vErrors.push(err125);
 }
 errors++;
 }
@@ -1656,19 +1666,7 @@ data52.rules = [];
 }
 for(const key14 in data52){
 if(!(((key14 === "mode") || (key14 === "default")) || (key14 === "rules"))){
-const err125 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key14},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err125];
-}
-else {
-vErrors.push(err125);
-}
-errors++;
-}
-}
-let data53 = data52.mode;
-if(!((data53 === "enforce") || (data53 === "report"))){
-const err126 = {instancePath:instancePath+"/policy/mode",schemaPath:"#/properties/policy/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.mode.enum},message:"must be equal to one of the allowed values"};
+const err126 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key14},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err126];
 }
@@ -1677,14 +1675,26 @@ vErrors.push(err126);
 }
 errors++;
 }
-let data54 = data52.default;
-if(!((data54 === "allow") || (data54 === "deny"))){
-const err127 = {instancePath:instancePath+"/policy/default",schemaPath:"#/properties/policy/properties/default/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.default.enum},message:"must be equal to one of the allowed values"};
+}
+let data53 = data52.mode;
+if(!((data53 === "enforce") || (data53 === "report"))){
+const err127 = {instancePath:instancePath+"/policy/mode",schemaPath:"#/properties/policy/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.mode.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err127];
 }
 else {
 vErrors.push(err127);
+}
+errors++;
+}
+let data54 = data52.default;
+if(!((data54 === "allow") || (data54 === "deny"))){
+const err128 = {instancePath:instancePath+"/policy/default",schemaPath:"#/properties/policy/properties/default/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.default.enum},message:"must be equal to one of the allowed values"};
+if(vErrors === null){
+vErrors = [err128];
+}
+else {
+vErrors.push(err128);
 }
 errors++;
 }
@@ -1695,17 +1705,7 @@ for(let i4=0; i4<len2; i4++){
 let data56 = data55[i4];
 if(data56 && typeof data56 == "object" && !Array.isArray(data56)){
 if(data56.id === undefined){
-const err128 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
-if(vErrors === null){
-vErrors = [err128];
-}
-else {
-vErrors.push(err128);
-}
-errors++;
-}
-if(data56.action === undefined){
-const err129 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "action"},message:"must have required property '"+"action"+"'"};
+const err129 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err129];
 }
@@ -1714,9 +1714,8 @@ vErrors.push(err129);
 }
 errors++;
 }
-for(const key15 in data56){
-if(!(func2.call(schema11.properties.policy.properties.rules.items.properties, key15))){
-const err130 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key15},message:"must NOT have additional properties"};
+if(data56.action === undefined){
+const err130 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "action"},message:"must have required property '"+"action"+"'"};
 if(vErrors === null){
 vErrors = [err130];
 }
@@ -1725,12 +1724,9 @@ vErrors.push(err130);
 }
 errors++;
 }
-}
-if(data56.id !== undefined){
-let data57 = data56.id;
-if(typeof data57 === "string"){
-if(!pattern5.test(data57)){
-const err131 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
+for(const key15 in data56){
+if(!(func2.call(schema11.properties.policy.properties.rules.items.properties, key15))){
+const err131 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key15},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err131];
 }
@@ -1740,8 +1736,11 @@ vErrors.push(err131);
 errors++;
 }
 }
-else {
-const err132 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data56.id !== undefined){
+let data57 = data56.id;
+if(typeof data57 === "string"){
+if(!pattern5.test(data57)){
+const err132 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
 if(vErrors === null){
 vErrors = [err132];
 }
@@ -1751,10 +1750,8 @@ vErrors.push(err132);
 errors++;
 }
 }
-if(data56.action !== undefined){
-let data58 = data56.action;
-if(!((data58 === "allow") || (data58 === "deny"))){
-const err133 = {instancePath:instancePath+"/policy/rules/" + i4+"/action",schemaPath:"#/properties/policy/properties/rules/items/properties/action/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.action.enum},message:"must be equal to one of the allowed values"};
+else {
+const err133 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err133];
 }
@@ -1764,10 +1761,10 @@ vErrors.push(err133);
 errors++;
 }
 }
-if(data56.mode !== undefined){
-let data59 = data56.mode;
-if(!((data59 === "enforce") || (data59 === "report"))){
-const err134 = {instancePath:instancePath+"/policy/rules/" + i4+"/mode",schemaPath:"#/properties/policy/properties/rules/items/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.mode.enum},message:"must be equal to one of the allowed values"};
+if(data56.action !== undefined){
+let data58 = data56.action;
+if(!((data58 === "allow") || (data58 === "deny"))){
+const err134 = {instancePath:instancePath+"/policy/rules/" + i4+"/action",schemaPath:"#/properties/policy/properties/rules/items/properties/action/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.action.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err134];
 }
@@ -1777,11 +1774,10 @@ vErrors.push(err134);
 errors++;
 }
 }
-if(data56.hosts !== undefined){
-let data60 = data56.hosts;
-if(Array.isArray(data60)){
-if(data60.length < 1){
-const err135 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if(data56.mode !== undefined){
+let data59 = data56.mode;
+if(!((data59 === "enforce") || (data59 === "report"))){
+const err135 = {instancePath:instancePath+"/policy/rules/" + i4+"/mode",schemaPath:"#/properties/policy/properties/rules/items/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.mode.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err135];
 }
@@ -1790,12 +1786,12 @@ vErrors.push(err135);
 }
 errors++;
 }
-const len3 = data60.length;
-for(let i5=0; i5<len3; i5++){
-let data61 = data60[i5];
-if(typeof data61 === "string"){
-if(func4(data61) < 1){
-const err136 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data56.hosts !== undefined){
+let data60 = data56.hosts;
+if(Array.isArray(data60)){
+if(data60.length < 1){
+const err136 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err136];
 }
@@ -1804,9 +1800,12 @@ vErrors.push(err136);
 }
 errors++;
 }
-}
-else {
-const err137 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const len3 = data60.length;
+for(let i5=0; i5<len3; i5++){
+let data61 = data60[i5];
+if(typeof data61 === "string"){
+if(func4(data61) < 1){
+const err137 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err137];
 }
@@ -1816,9 +1815,8 @@ vErrors.push(err137);
 errors++;
 }
 }
-}
 else {
-const err138 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err138 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err138];
 }
@@ -1828,11 +1826,9 @@ vErrors.push(err138);
 errors++;
 }
 }
-if(data56.cidrs !== undefined){
-let data62 = data56.cidrs;
-if(Array.isArray(data62)){
-if(data62.length < 1){
-const err139 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+}
+else {
+const err139 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err139];
 }
@@ -1841,12 +1837,12 @@ vErrors.push(err139);
 }
 errors++;
 }
-const len4 = data62.length;
-for(let i6=0; i6<len4; i6++){
-let data63 = data62[i6];
-if(typeof data63 === "string"){
-if(func4(data63) < 1){
-const err140 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data56.cidrs !== undefined){
+let data62 = data56.cidrs;
+if(Array.isArray(data62)){
+if(data62.length < 1){
+const err140 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err140];
 }
@@ -1855,9 +1851,12 @@ vErrors.push(err140);
 }
 errors++;
 }
-}
-else {
-const err141 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const len4 = data62.length;
+for(let i6=0; i6<len4; i6++){
+let data63 = data62[i6];
+if(typeof data63 === "string"){
+if(func4(data63) < 1){
+const err141 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err141];
 }
@@ -1867,9 +1866,8 @@ vErrors.push(err141);
 errors++;
 }
 }
-}
 else {
-const err142 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err142 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err142];
 }
@@ -1879,11 +1877,9 @@ vErrors.push(err142);
 errors++;
 }
 }
-if(data56.ports !== undefined){
-let data64 = data56.ports;
-if(Array.isArray(data64)){
-if(data64.length < 1){
-const err143 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+}
+else {
+const err143 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err143];
 }
@@ -1892,11 +1888,12 @@ vErrors.push(err143);
 }
 errors++;
 }
-const len5 = data64.length;
-for(let i7=0; i7<len5; i7++){
-let data65 = data64[i7];
-if(!(((typeof data65 == "number") && (!(data65 % 1) && !isNaN(data65))) && (isFinite(data65)))){
-const err144 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(data56.ports !== undefined){
+let data64 = data56.ports;
+if(Array.isArray(data64)){
+if(data64.length < 1){
+const err144 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err144];
 }
@@ -1905,9 +1902,11 @@ vErrors.push(err144);
 }
 errors++;
 }
-if((typeof data65 == "number") && (isFinite(data65))){
-if(data65 > 65535 || isNaN(data65)){
-const err145 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+const len5 = data64.length;
+for(let i7=0; i7<len5; i7++){
+let data65 = data64[i7];
+if(!(((typeof data65 == "number") && (!(data65 % 1) && !isNaN(data65))) && (isFinite(data65)))){
+const err145 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err145];
 }
@@ -1916,8 +1915,9 @@ vErrors.push(err145);
 }
 errors++;
 }
-if(data65 < 1 || isNaN(data65)){
-const err146 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data65 == "number") && (isFinite(data65))){
+if(data65 > 65535 || isNaN(data65)){
+const err146 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err146];
 }
@@ -1926,11 +1926,8 @@ vErrors.push(err146);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err147 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data65 < 1 || isNaN(data65)){
+const err147 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err147];
 }
@@ -1940,11 +1937,10 @@ vErrors.push(err147);
 errors++;
 }
 }
-if(data56.methods !== undefined){
-let data66 = data56.methods;
-if(Array.isArray(data66)){
-if(data66.length < 1){
-const err148 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+}
+}
+else {
+const err148 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err148];
 }
@@ -1953,12 +1949,12 @@ vErrors.push(err148);
 }
 errors++;
 }
-const len6 = data66.length;
-for(let i8=0; i8<len6; i8++){
-let data67 = data66[i8];
-if(typeof data67 === "string"){
-if(!pattern6.test(data67)){
-const err149 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z]+$"},message:"must match pattern \""+"^[A-Za-z]+$"+"\""};
+}
+if(data56.methods !== undefined){
+let data66 = data56.methods;
+if(Array.isArray(data66)){
+if(data66.length < 1){
+const err149 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err149];
 }
@@ -1967,9 +1963,12 @@ vErrors.push(err149);
 }
 errors++;
 }
-}
-else {
-const err150 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const len6 = data66.length;
+for(let i8=0; i8<len6; i8++){
+let data67 = data66[i8];
+if(typeof data67 === "string"){
+if(!pattern6.test(data67)){
+const err150 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z]+$"},message:"must match pattern \""+"^[A-Za-z]+$"+"\""};
 if(vErrors === null){
 vErrors = [err150];
 }
@@ -1979,9 +1978,8 @@ vErrors.push(err150);
 errors++;
 }
 }
-}
 else {
-const err151 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err151 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err151];
 }
@@ -1991,11 +1989,9 @@ vErrors.push(err151);
 errors++;
 }
 }
-if(data56.paths !== undefined){
-let data68 = data56.paths;
-if(Array.isArray(data68)){
-if(data68.length < 1){
-const err152 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+}
+else {
+const err152 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err152];
 }
@@ -2004,12 +2000,12 @@ vErrors.push(err152);
 }
 errors++;
 }
-const len7 = data68.length;
-for(let i9=0; i9<len7; i9++){
-let data69 = data68[i9];
-if(typeof data69 === "string"){
-if(!pattern7.test(data69)){
-const err153 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/pattern",keyword:"pattern",params:{pattern: "^/"},message:"must match pattern \""+"^/"+"\""};
+}
+if(data56.paths !== undefined){
+let data68 = data56.paths;
+if(Array.isArray(data68)){
+if(data68.length < 1){
+const err153 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err153];
 }
@@ -2018,9 +2014,12 @@ vErrors.push(err153);
 }
 errors++;
 }
-}
-else {
-const err154 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const len7 = data68.length;
+for(let i9=0; i9<len7; i9++){
+let data69 = data68[i9];
+if(typeof data69 === "string"){
+if(!pattern7.test(data69)){
+const err154 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/pattern",keyword:"pattern",params:{pattern: "^/"},message:"must match pattern \""+"^/"+"\""};
 if(vErrors === null){
 vErrors = [err154];
 }
@@ -2030,9 +2029,8 @@ vErrors.push(err154);
 errors++;
 }
 }
-}
 else {
-const err155 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err155 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err155];
 }
@@ -2042,11 +2040,9 @@ vErrors.push(err155);
 errors++;
 }
 }
-if(data56.schemes !== undefined){
-let data70 = data56.schemes;
-if(Array.isArray(data70)){
-if(data70.length < 1){
-const err156 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+}
+else {
+const err156 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err156];
 }
@@ -2055,11 +2051,12 @@ vErrors.push(err156);
 }
 errors++;
 }
-const len8 = data70.length;
-for(let i10=0; i10<len8; i10++){
-let data71 = data70[i10];
-if(!((data71 === "http") || (data71 === "https"))){
-const err157 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes/" + i10,schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/items/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.schemes.items.enum},message:"must be equal to one of the allowed values"};
+}
+if(data56.schemes !== undefined){
+let data70 = data56.schemes;
+if(Array.isArray(data70)){
+if(data70.length < 1){
+const err157 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err157];
 }
@@ -2068,10 +2065,11 @@ vErrors.push(err157);
 }
 errors++;
 }
-}
-}
-else {
-const err158 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len8 = data70.length;
+for(let i10=0; i10<len8; i10++){
+let data71 = data70[i10];
+if(!((data71 === "http") || (data71 === "https"))){
+const err158 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes/" + i10,schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/items/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.schemes.items.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err158];
 }
@@ -2083,7 +2081,7 @@ errors++;
 }
 }
 else {
-const err159 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err159 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err159];
 }
@@ -2095,7 +2093,7 @@ errors++;
 }
 }
 else {
-const err160 = {instancePath:instancePath+"/policy/rules",schemaPath:"#/properties/policy/properties/rules/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err160 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err160];
 }
@@ -2105,13 +2103,25 @@ vErrors.push(err160);
 errors++;
 }
 }
+}
 else {
-const err161 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err161 = {instancePath:instancePath+"/policy/rules",schemaPath:"#/properties/policy/properties/rules/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err161];
 }
 else {
 vErrors.push(err161);
+}
+errors++;
+}
+}
+else {
+const err162 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err162];
+}
+else {
+vErrors.push(err162);
 }
 errors++;
 }
@@ -2128,12 +2138,12 @@ data72.dns_cache_ms = 30000;
 }
 for(const key16 in data72){
 if(!(((key16 === "deny") || (key16 === "allow")) || (key16 === "dns_cache_ms"))){
-const err162 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key16},message:"must NOT have additional properties"};
+const err163 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key16},message:"must NOT have additional properties"};
 if(vErrors === null){
-vErrors = [err162];
+vErrors = [err163];
 }
 else {
-vErrors.push(err162);
+vErrors.push(err163);
 }
 errors++;
 }
@@ -2145,18 +2155,7 @@ for(let i11=0; i11<len9; i11++){
 let data74 = data73[i11];
 if(typeof data74 === "string"){
 if(func4(data74) < 1){
-const err163 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
-if(vErrors === null){
-vErrors = [err163];
-}
-else {
-vErrors.push(err163);
-}
-errors++;
-}
-}
-else {
-const err164 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err164 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err164];
 }
@@ -2166,14 +2165,25 @@ vErrors.push(err164);
 errors++;
 }
 }
-}
 else {
-const err165 = {instancePath:instancePath+"/network/deny",schemaPath:"#/properties/network/properties/deny/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err165 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err165];
 }
 else {
 vErrors.push(err165);
+}
+errors++;
+}
+}
+}
+else {
+const err166 = {instancePath:instancePath+"/network/deny",schemaPath:"#/properties/network/properties/deny/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(vErrors === null){
+vErrors = [err166];
+}
+else {
+vErrors.push(err166);
 }
 errors++;
 }
@@ -2184,18 +2194,7 @@ for(let i12=0; i12<len10; i12++){
 let data76 = data75[i12];
 if(data76 && typeof data76 == "object" && !Array.isArray(data76)){
 if(data76.cidr === undefined){
-const err166 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/required",keyword:"required",params:{missingProperty: "cidr"},message:"must have required property '"+"cidr"+"'"};
-if(vErrors === null){
-vErrors = [err166];
-}
-else {
-vErrors.push(err166);
-}
-errors++;
-}
-for(const key17 in data76){
-if(!((key17 === "cidr") || (key17 === "ports"))){
-const err167 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key17},message:"must NOT have additional properties"};
+const err167 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/required",keyword:"required",params:{missingProperty: "cidr"},message:"must have required property '"+"cidr"+"'"};
 if(vErrors === null){
 vErrors = [err167];
 }
@@ -2204,12 +2203,9 @@ vErrors.push(err167);
 }
 errors++;
 }
-}
-if(data76.cidr !== undefined){
-let data77 = data76.cidr;
-if(typeof data77 === "string"){
-if(func4(data77) < 1){
-const err168 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key17 in data76){
+if(!((key17 === "cidr") || (key17 === "ports"))){
+const err168 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key17},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err168];
 }
@@ -2219,8 +2215,11 @@ vErrors.push(err168);
 errors++;
 }
 }
-else {
-const err169 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data76.cidr !== undefined){
+let data77 = data76.cidr;
+if(typeof data77 === "string"){
+if(func4(data77) < 1){
+const err169 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err169];
 }
@@ -2230,11 +2229,8 @@ vErrors.push(err169);
 errors++;
 }
 }
-if(data76.ports !== undefined){
-let data78 = data76.ports;
-if(Array.isArray(data78)){
-if(data78.length < 1){
-const err170 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+else {
+const err170 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err170];
 }
@@ -2243,11 +2239,12 @@ vErrors.push(err170);
 }
 errors++;
 }
-const len11 = data78.length;
-for(let i13=0; i13<len11; i13++){
-let data79 = data78[i13];
-if(!(((typeof data79 == "number") && (!(data79 % 1) && !isNaN(data79))) && (isFinite(data79)))){
-const err171 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(data76.ports !== undefined){
+let data78 = data76.ports;
+if(Array.isArray(data78)){
+if(data78.length < 1){
+const err171 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err171];
 }
@@ -2256,9 +2253,11 @@ vErrors.push(err171);
 }
 errors++;
 }
-if((typeof data79 == "number") && (isFinite(data79))){
-if(data79 > 65535 || isNaN(data79)){
-const err172 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+const len11 = data78.length;
+for(let i13=0; i13<len11; i13++){
+let data79 = data78[i13];
+if(!(((typeof data79 == "number") && (!(data79 % 1) && !isNaN(data79))) && (isFinite(data79)))){
+const err172 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err172];
 }
@@ -2267,8 +2266,9 @@ vErrors.push(err172);
 }
 errors++;
 }
-if(data79 < 1 || isNaN(data79)){
-const err173 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data79 == "number") && (isFinite(data79))){
+if(data79 > 65535 || isNaN(data79)){
+const err173 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err173];
 }
@@ -2277,11 +2277,8 @@ vErrors.push(err173);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err174 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data79 < 1 || isNaN(data79)){
+const err174 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err174];
 }
@@ -2292,8 +2289,9 @@ errors++;
 }
 }
 }
+}
 else {
-const err175 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err175 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err175];
 }
@@ -2305,7 +2303,7 @@ errors++;
 }
 }
 else {
-const err176 = {instancePath:instancePath+"/network/allow",schemaPath:"#/properties/network/properties/allow/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err176 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err176];
 }
@@ -2314,9 +2312,10 @@ vErrors.push(err176);
 }
 errors++;
 }
-let data80 = data72.dns_cache_ms;
-if(!(((typeof data80 == "number") && (!(data80 % 1) && !isNaN(data80))) && (isFinite(data80)))){
-const err177 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+}
+else {
+const err177 = {instancePath:instancePath+"/network/allow",schemaPath:"#/properties/network/properties/allow/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err177];
 }
@@ -2325,9 +2324,9 @@ vErrors.push(err177);
 }
 errors++;
 }
-if((typeof data80 == "number") && (isFinite(data80))){
-if(data80 > 3600000 || isNaN(data80)){
-const err178 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+let data80 = data72.dns_cache_ms;
+if(!(((typeof data80 == "number") && (!(data80 % 1) && !isNaN(data80))) && (isFinite(data80)))){
+const err178 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err178];
 }
@@ -2336,8 +2335,9 @@ vErrors.push(err178);
 }
 errors++;
 }
-if(data80 < 0 || isNaN(data80)){
-const err179 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if((typeof data80 == "number") && (isFinite(data80))){
+if(data80 > 3600000 || isNaN(data80)){
+const err179 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err179];
 }
@@ -2346,15 +2346,25 @@ vErrors.push(err179);
 }
 errors++;
 }
-}
-}
-else {
-const err180 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data80 < 0 || isNaN(data80)){
+const err180 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err180];
 }
 else {
 vErrors.push(err180);
+}
+errors++;
+}
+}
+}
+else {
+const err181 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err181];
+}
+else {
+vErrors.push(err181);
 }
 errors++;
 }
@@ -2364,19 +2374,7 @@ for(const key18 in data81){
 const _errs177 = errors;
 if(typeof key18 === "string"){
 if(!pattern8.test(key18)){
-const err181 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"+"\"",propertyName:key18};
-if(vErrors === null){
-vErrors = [err181];
-}
-else {
-vErrors.push(err181);
-}
-errors++;
-}
-}
-var valid44 = _errs177 === errors;
-if(!valid44){
-const err182 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames",keyword:"propertyNames",params:{propertyName: key18},message:"property name must be valid"};
+const err182 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"+"\"",propertyName:key18};
 if(vErrors === null){
 vErrors = [err182];
 }
@@ -2386,11 +2384,9 @@ vErrors.push(err182);
 errors++;
 }
 }
-for(const key19 in data81){
-let data82 = data81[key19];
-if(typeof data82 === "string"){
-if(!pattern9.test(data82)){
-const err183 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
+var valid44 = _errs177 === errors;
+if(!valid44){
+const err183 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames",keyword:"propertyNames",params:{propertyName: key18},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err183];
 }
@@ -2400,8 +2396,11 @@ vErrors.push(err183);
 errors++;
 }
 }
-else {
-const err184 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key19 in data81){
+let data82 = data81[key19];
+if(typeof data82 === "string"){
+if(!pattern9.test(data82)){
+const err184 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
 if(vErrors === null){
 vErrors = [err184];
 }
@@ -2411,14 +2410,25 @@ vErrors.push(err184);
 errors++;
 }
 }
-}
 else {
-const err185 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err185 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err185];
 }
 else {
 vErrors.push(err185);
+}
+errors++;
+}
+}
+}
+else {
+const err186 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err186];
+}
+else {
+vErrors.push(err186);
 }
 errors++;
 }
@@ -2429,17 +2439,7 @@ for(let i14=0; i14<len12; i14++){
 let data84 = data83[i14];
 if(data84 && typeof data84 == "object" && !Array.isArray(data84)){
 if(data84.id === undefined){
-const err186 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
-if(vErrors === null){
-vErrors = [err186];
-}
-else {
-vErrors.push(err186);
-}
-errors++;
-}
-if(data84.audience === undefined){
-const err187 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+const err187 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err187];
 }
@@ -2448,8 +2448,8 @@ vErrors.push(err187);
 }
 errors++;
 }
-if(data84.source === undefined){
-const err188 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "source"},message:"must have required property '"+"source"+"'"};
+if(data84.audience === undefined){
+const err188 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err188];
 }
@@ -2458,8 +2458,8 @@ vErrors.push(err188);
 }
 errors++;
 }
-if(data84.inject === undefined){
-const err189 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "inject"},message:"must have required property '"+"inject"+"'"};
+if(data84.source === undefined){
+const err189 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "source"},message:"must have required property '"+"source"+"'"};
 if(vErrors === null){
 vErrors = [err189];
 }
@@ -2468,9 +2468,8 @@ vErrors.push(err189);
 }
 errors++;
 }
-for(const key20 in data84){
-if(!(func2.call(schema11.properties.credentials.items.properties, key20))){
-const err190 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key20},message:"must NOT have additional properties"};
+if(data84.inject === undefined){
+const err190 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "inject"},message:"must have required property '"+"inject"+"'"};
 if(vErrors === null){
 vErrors = [err190];
 }
@@ -2479,12 +2478,9 @@ vErrors.push(err190);
 }
 errors++;
 }
-}
-if(data84.id !== undefined){
-let data85 = data84.id;
-if(typeof data85 === "string"){
-if(!pattern5.test(data85)){
-const err191 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
+for(const key20 in data84){
+if(!(func2.call(schema11.properties.credentials.items.properties, key20))){
+const err191 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key20},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err191];
 }
@@ -2494,8 +2490,11 @@ vErrors.push(err191);
 errors++;
 }
 }
-else {
-const err192 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data84.id !== undefined){
+let data85 = data84.id;
+if(typeof data85 === "string"){
+if(!pattern5.test(data85)){
+const err192 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
 if(vErrors === null){
 vErrors = [err192];
 }
@@ -2505,11 +2504,8 @@ vErrors.push(err192);
 errors++;
 }
 }
-if(data84.audience !== undefined){
-let data86 = data84.audience;
-if(typeof data86 === "string"){
-if(!pattern9.test(data86)){
-const err193 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
+else {
+const err193 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err193];
 }
@@ -2519,8 +2515,11 @@ vErrors.push(err193);
 errors++;
 }
 }
-else {
-const err194 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data84.audience !== undefined){
+let data86 = data84.audience;
+if(typeof data86 === "string"){
+if(!pattern9.test(data86)){
+const err194 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
 if(vErrors === null){
 vErrors = [err194];
 }
@@ -2530,15 +2529,26 @@ vErrors.push(err194);
 errors++;
 }
 }
-if(data84.source !== undefined){
-let data87 = data84.source;
-if(!((((data87 === "static") || (data87 === "broker")) || (data87 === "broker_secret")) || (data87 === "client_credentials"))){
-const err195 = {instancePath:instancePath+"/credentials/" + i14+"/source",schemaPath:"#/properties/credentials/items/properties/source/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.source.enum},message:"must be equal to one of the allowed values"};
+else {
+const err195 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err195];
 }
 else {
 vErrors.push(err195);
+}
+errors++;
+}
+}
+if(data84.source !== undefined){
+let data87 = data84.source;
+if(!((((data87 === "static") || (data87 === "broker")) || (data87 === "broker_secret")) || (data87 === "client_credentials"))){
+const err196 = {instancePath:instancePath+"/credentials/" + i14+"/source",schemaPath:"#/properties/credentials/items/properties/source/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.source.enum},message:"must be equal to one of the allowed values"};
+if(vErrors === null){
+vErrors = [err196];
+}
+else {
+vErrors.push(err196);
 }
 errors++;
 }
@@ -2550,17 +2560,7 @@ if(data88.auth_method === undefined){
 data88.auth_method = "client_secret_basic";
 }
 if(data88.token_url === undefined){
-const err196 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "token_url"},message:"must have required property '"+"token_url"+"'"};
-if(vErrors === null){
-vErrors = [err196];
-}
-else {
-vErrors.push(err196);
-}
-errors++;
-}
-if(data88.client_id === undefined){
-const err197 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_id"},message:"must have required property '"+"client_id"+"'"};
+const err197 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "token_url"},message:"must have required property '"+"token_url"+"'"};
 if(vErrors === null){
 vErrors = [err197];
 }
@@ -2569,8 +2569,8 @@ vErrors.push(err197);
 }
 errors++;
 }
-if(data88.client_secret === undefined){
-const err198 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_secret"},message:"must have required property '"+"client_secret"+"'"};
+if(data88.client_id === undefined){
+const err198 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_id"},message:"must have required property '"+"client_id"+"'"};
 if(vErrors === null){
 vErrors = [err198];
 }
@@ -2579,9 +2579,8 @@ vErrors.push(err198);
 }
 errors++;
 }
-for(const key21 in data88){
-if(!(((((key21 === "token_url") || (key21 === "client_id")) || (key21 === "client_secret")) || (key21 === "auth_method")) || (key21 === "resource"))){
-const err199 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key21},message:"must NOT have additional properties"};
+if(data88.client_secret === undefined){
+const err199 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_secret"},message:"must have required property '"+"client_secret"+"'"};
 if(vErrors === null){
 vErrors = [err199];
 }
@@ -2590,12 +2589,9 @@ vErrors.push(err199);
 }
 errors++;
 }
-}
-if(data88.token_url !== undefined){
-let data89 = data88.token_url;
-if(typeof data89 === "string"){
-if(!pattern1.test(data89)){
-const err200 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+for(const key21 in data88){
+if(!(((((key21 === "token_url") || (key21 === "client_id")) || (key21 === "client_secret")) || (key21 === "auth_method")) || (key21 === "resource"))){
+const err200 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key21},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err200];
 }
@@ -2605,8 +2601,11 @@ vErrors.push(err200);
 errors++;
 }
 }
-else {
-const err201 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data88.token_url !== undefined){
+let data89 = data88.token_url;
+if(typeof data89 === "string"){
+if(!pattern1.test(data89)){
+const err201 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err201];
 }
@@ -2616,11 +2615,8 @@ vErrors.push(err201);
 errors++;
 }
 }
-if(data88.client_id !== undefined){
-let data90 = data88.client_id;
-if(typeof data90 === "string"){
-if(func4(data90) > 256){
-const err202 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
+else {
+const err202 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err202];
 }
@@ -2629,8 +2625,12 @@ vErrors.push(err202);
 }
 errors++;
 }
-if(func4(data90) < 1){
-const err203 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data88.client_id !== undefined){
+let data90 = data88.client_id;
+if(typeof data90 === "string"){
+if(func4(data90) > 256){
+const err203 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
 if(vErrors === null){
 vErrors = [err203];
 }
@@ -2639,9 +2639,8 @@ vErrors.push(err203);
 }
 errors++;
 }
-}
-else {
-const err204 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(func4(data90) < 1){
+const err204 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err204];
 }
@@ -2651,11 +2650,8 @@ vErrors.push(err204);
 errors++;
 }
 }
-if(data88.client_secret !== undefined){
-let data91 = data88.client_secret;
-if(typeof data91 === "string"){
-if(!pattern13.test(data91)){
-const err205 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+else {
+const err205 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err205];
 }
@@ -2665,8 +2661,11 @@ vErrors.push(err205);
 errors++;
 }
 }
-else {
-const err206 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data88.client_secret !== undefined){
+let data91 = data88.client_secret;
+if(typeof data91 === "string"){
+if(!pattern13.test(data91)){
+const err206 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err206];
 }
@@ -2676,9 +2675,8 @@ vErrors.push(err206);
 errors++;
 }
 }
-let data92 = data88.auth_method;
-if(!((data92 === "client_secret_basic") || (data92 === "client_secret_post"))){
-const err207 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/auth_method",schemaPath:"#/properties/credentials/items/properties/oauth/properties/auth_method/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.oauth.properties.auth_method.enum},message:"must be equal to one of the allowed values"};
+else {
+const err207 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err207];
 }
@@ -2687,11 +2685,10 @@ vErrors.push(err207);
 }
 errors++;
 }
-if(data88.resource !== undefined){
-let data93 = data88.resource;
-if(typeof data93 === "string"){
-if(func4(data93) < 1){
-const err208 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+let data92 = data88.auth_method;
+if(!((data92 === "client_secret_basic") || (data92 === "client_secret_post"))){
+const err208 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/auth_method",schemaPath:"#/properties/credentials/items/properties/oauth/properties/auth_method/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.oauth.properties.auth_method.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err208];
 }
@@ -2700,9 +2697,11 @@ vErrors.push(err208);
 }
 errors++;
 }
-}
-else {
-const err209 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data88.resource !== undefined){
+let data93 = data88.resource;
+if(typeof data93 === "string"){
+if(func4(data93) < 1){
+const err209 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err209];
 }
@@ -2712,9 +2711,8 @@ vErrors.push(err209);
 errors++;
 }
 }
-}
 else {
-const err210 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err210 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err210];
 }
@@ -2724,11 +2722,9 @@ vErrors.push(err210);
 errors++;
 }
 }
-if(data84.secret !== undefined){
-let data94 = data84.secret;
-if(typeof data94 === "string"){
-if(!pattern13.test(data94)){
-const err211 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+}
+else {
+const err211 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err211];
 }
@@ -2738,8 +2734,11 @@ vErrors.push(err211);
 errors++;
 }
 }
-else {
-const err212 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data84.secret !== undefined){
+let data94 = data84.secret;
+if(typeof data94 === "string"){
+if(!pattern13.test(data94)){
+const err212 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err212];
 }
@@ -2749,11 +2748,8 @@ vErrors.push(err212);
 errors++;
 }
 }
-if(data84.token_audience !== undefined){
-let data95 = data84.token_audience;
-if(typeof data95 === "string"){
-if(func4(data95) > 512){
-const err213 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters"};
+else {
+const err213 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err213];
 }
@@ -2762,8 +2758,12 @@ vErrors.push(err213);
 }
 errors++;
 }
-if(func4(data95) < 1){
-const err214 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data84.token_audience !== undefined){
+let data95 = data84.token_audience;
+if(typeof data95 === "string"){
+if(func4(data95) > 512){
+const err214 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters"};
 if(vErrors === null){
 vErrors = [err214];
 }
@@ -2772,14 +2772,24 @@ vErrors.push(err214);
 }
 errors++;
 }
-}
-else {
-const err215 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(func4(data95) < 1){
+const err215 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err215];
 }
 else {
 vErrors.push(err215);
+}
+errors++;
+}
+}
+else {
+const err216 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err216];
+}
+else {
+vErrors.push(err216);
 }
 errors++;
 }
@@ -2792,23 +2802,23 @@ for(let i15=0; i15<len13; i15++){
 let data97 = data96[i15];
 if(typeof data97 === "string"){
 if(!pattern15.test(data97)){
-const err216 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/pattern",keyword:"pattern",params:{pattern: "^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"},message:"must match pattern \""+"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"+"\""};
-if(vErrors === null){
-vErrors = [err216];
-}
-else {
-vErrors.push(err216);
-}
-errors++;
-}
-}
-else {
-const err217 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err217 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/pattern",keyword:"pattern",params:{pattern: "^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"},message:"must match pattern \""+"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"+"\""};
 if(vErrors === null){
 vErrors = [err217];
 }
 else {
 vErrors.push(err217);
+}
+errors++;
+}
+}
+else {
+const err218 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err218];
+}
+else {
+vErrors.push(err218);
 }
 errors++;
 }
@@ -2824,12 +2834,12 @@ continue;
 }
 if(typeof indices2[item2] == "number"){
 j2 = indices2[item2];
-const err218 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/uniqueItems",keyword:"uniqueItems",params:{i: i16, j: j2},message:"must NOT have duplicate items (items ## "+j2+" and "+i16+" are identical)"};
+const err219 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/uniqueItems",keyword:"uniqueItems",params:{i: i16, j: j2},message:"must NOT have duplicate items (items ## "+j2+" and "+i16+" are identical)"};
 if(vErrors === null){
-vErrors = [err218];
+vErrors = [err219];
 }
 else {
-vErrors.push(err218);
+vErrors.push(err219);
 }
 errors++;
 break;
@@ -2839,12 +2849,12 @@ indices2[item2] = i16;
 }
 }
 else {
-const err219 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err220 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
-vErrors = [err219];
+vErrors = [err220];
 }
 else {
-vErrors.push(err219);
+vErrors.push(err220);
 }
 errors++;
 }
@@ -2857,18 +2867,7 @@ let passing0 = null;
 const _errs214 = errors;
 if(data98 && typeof data98 == "object" && !Array.isArray(data98)){
 if(data98.type === undefined){
-const err220 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
-if(vErrors === null){
-vErrors = [err220];
-}
-else {
-vErrors.push(err220);
-}
-errors++;
-}
-for(const key22 in data98){
-if(!(key22 === "type")){
-const err221 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key22},message:"must NOT have additional properties"};
+const err221 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err221];
 }
@@ -2877,15 +2876,26 @@ vErrors.push(err221);
 }
 errors++;
 }
-}
-if(data98.type !== undefined){
-if("bearer" !== data98.type){
-const err222 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
+for(const key22 in data98){
+if(!(key22 === "type")){
+const err222 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key22},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err222];
 }
 else {
 vErrors.push(err222);
+}
+errors++;
+}
+}
+if(data98.type !== undefined){
+if("bearer" !== data98.type){
+const err223 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
+if(vErrors === null){
+vErrors = [err223];
+}
+else {
+vErrors.push(err223);
 }
 errors++;
 }
@@ -2899,17 +2909,7 @@ passing0 = 0;
 const _errs217 = errors;
 if(data98 && typeof data98 == "object" && !Array.isArray(data98)){
 if(data98.type === undefined){
-const err223 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
-if(vErrors === null){
-vErrors = [err223];
-}
-else {
-vErrors.push(err223);
-}
-errors++;
-}
-if(data98.name === undefined){
-const err224 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
+const err224 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err224];
 }
@@ -2918,9 +2918,8 @@ vErrors.push(err224);
 }
 errors++;
 }
-for(const key23 in data98){
-if(!(((key23 === "type") || (key23 === "name")) || (key23 === "format"))){
-const err225 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
+if(data98.name === undefined){
+const err225 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err225];
 }
@@ -2929,10 +2928,9 @@ vErrors.push(err225);
 }
 errors++;
 }
-}
-if(data98.type !== undefined){
-if("header" !== data98.type){
-const err226 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
+for(const key23 in data98){
+if(!(((key23 === "type") || (key23 === "name")) || (key23 === "format"))){
+const err226 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err226];
 }
@@ -2942,11 +2940,9 @@ vErrors.push(err226);
 errors++;
 }
 }
-if(data98.name !== undefined){
-let data101 = data98.name;
-if(typeof data101 === "string"){
-if(!pattern16.test(data101)){
-const err227 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
+if(data98.type !== undefined){
+if("header" !== data98.type){
+const err227 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err227];
 }
@@ -2956,8 +2952,11 @@ vErrors.push(err227);
 errors++;
 }
 }
-else {
-const err228 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data98.name !== undefined){
+let data101 = data98.name;
+if(typeof data101 === "string"){
+if(!pattern16.test(data101)){
+const err228 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err228];
 }
@@ -2967,11 +2966,8 @@ vErrors.push(err228);
 errors++;
 }
 }
-if(data98.format !== undefined){
-let data102 = data98.format;
-if(typeof data102 === "string"){
-if(!pattern17.test(data102)){
-const err229 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
+else {
+const err229 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err229];
 }
@@ -2981,13 +2977,27 @@ vErrors.push(err229);
 errors++;
 }
 }
-else {
-const err230 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data98.format !== undefined){
+let data102 = data98.format;
+if(typeof data102 === "string"){
+if(!pattern17.test(data102)){
+const err230 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
 if(vErrors === null){
 vErrors = [err230];
 }
 else {
 vErrors.push(err230);
+}
+errors++;
+}
+}
+else {
+const err231 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err231];
+}
+else {
+vErrors.push(err231);
 }
 errors++;
 }
@@ -3006,17 +3016,7 @@ passing0 = 1;
 const _errs224 = errors;
 if(data98 && typeof data98 == "object" && !Array.isArray(data98)){
 if(data98.type === undefined){
-const err231 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
-if(vErrors === null){
-vErrors = [err231];
-}
-else {
-vErrors.push(err231);
-}
-errors++;
-}
-if(data98.name === undefined){
-const err232 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
+const err232 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err232];
 }
@@ -3025,9 +3025,8 @@ vErrors.push(err232);
 }
 errors++;
 }
-for(const key24 in data98){
-if(!((key24 === "type") || (key24 === "name"))){
-const err233 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
+if(data98.name === undefined){
+const err233 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err233];
 }
@@ -3036,10 +3035,9 @@ vErrors.push(err233);
 }
 errors++;
 }
-}
-if(data98.type !== undefined){
-if("query" !== data98.type){
-const err234 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
+for(const key24 in data98){
+if(!((key24 === "type") || (key24 === "name"))){
+const err234 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err234];
 }
@@ -3049,11 +3047,9 @@ vErrors.push(err234);
 errors++;
 }
 }
-if(data98.name !== undefined){
-let data104 = data98.name;
-if(typeof data104 === "string"){
-if(func4(data104) < 1){
-const err235 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data98.type !== undefined){
+if("query" !== data98.type){
+const err235 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err235];
 }
@@ -3063,13 +3059,27 @@ vErrors.push(err235);
 errors++;
 }
 }
-else {
-const err236 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data98.name !== undefined){
+let data104 = data98.name;
+if(typeof data104 === "string"){
+if(func4(data104) < 1){
+const err236 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err236];
 }
 else {
 vErrors.push(err236);
+}
+errors++;
+}
+}
+else {
+const err237 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err237];
+}
+else {
+vErrors.push(err237);
 }
 errors++;
 }
@@ -3088,17 +3098,7 @@ passing0 = 2;
 const _errs229 = errors;
 if(data98 && typeof data98 == "object" && !Array.isArray(data98)){
 if(data98.type === undefined){
-const err237 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
-if(vErrors === null){
-vErrors = [err237];
-}
-else {
-vErrors.push(err237);
-}
-errors++;
-}
-if(data98.username === undefined){
-const err238 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
+const err238 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err238];
 }
@@ -3107,9 +3107,8 @@ vErrors.push(err238);
 }
 errors++;
 }
-for(const key25 in data98){
-if(!((key25 === "type") || (key25 === "username"))){
-const err239 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
+if(data98.username === undefined){
+const err239 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
 if(vErrors === null){
 vErrors = [err239];
 }
@@ -3118,10 +3117,9 @@ vErrors.push(err239);
 }
 errors++;
 }
-}
-if(data98.type !== undefined){
-if("basic" !== data98.type){
-const err240 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
+for(const key25 in data98){
+if(!((key25 === "type") || (key25 === "username"))){
+const err240 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err240];
 }
@@ -3131,11 +3129,9 @@ vErrors.push(err240);
 errors++;
 }
 }
-if(data98.username !== undefined){
-let data106 = data98.username;
-if(typeof data106 === "string"){
-if(!pattern18.test(data106)){
-const err241 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
+if(data98.type !== undefined){
+if("basic" !== data98.type){
+const err241 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err241];
 }
@@ -3145,13 +3141,27 @@ vErrors.push(err241);
 errors++;
 }
 }
-else {
-const err242 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data98.username !== undefined){
+let data106 = data98.username;
+if(typeof data106 === "string"){
+if(!pattern18.test(data106)){
+const err242 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
 if(vErrors === null){
 vErrors = [err242];
 }
 else {
 vErrors.push(err242);
+}
+errors++;
+}
+}
+else {
+const err243 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err243];
+}
+else {
+vErrors.push(err243);
 }
 errors++;
 }
@@ -3171,12 +3181,12 @@ passing0 = 3;
 }
 }
 if(!valid53){
-const err243 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
+const err244 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
 if(vErrors === null){
-vErrors = [err243];
+vErrors = [err244];
 }
 else {
-vErrors.push(err243);
+vErrors.push(err244);
 }
 errors++;
 }
@@ -3193,23 +3203,23 @@ vErrors = null;
 }
 if(data98 && typeof data98 == "object" && !Array.isArray(data98)){
 if(data98.type === undefined){
-const err244 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
-if(vErrors === null){
-vErrors = [err244];
-}
-else {
-vErrors.push(err244);
-}
-errors++;
-}
-}
-else {
-const err245 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err245 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err245];
 }
 else {
 vErrors.push(err245);
+}
+errors++;
+}
+}
+else {
+const err246 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err246];
+}
+else {
+vErrors.push(err246);
 }
 errors++;
 }
@@ -3222,18 +3232,7 @@ for(let i17=0; i17<len14; i17++){
 let data108 = data107[i17];
 if(typeof data108 === "string"){
 if(!pattern16.test(data108)){
-const err246 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
-if(vErrors === null){
-vErrors = [err246];
-}
-else {
-vErrors.push(err246);
-}
-errors++;
-}
-}
-else {
-const err247 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err247 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err247];
 }
@@ -3243,9 +3242,8 @@ vErrors.push(err247);
 errors++;
 }
 }
-}
 else {
-const err248 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err248 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err248];
 }
@@ -3257,7 +3255,7 @@ errors++;
 }
 }
 else {
-const err249 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err249 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err249];
 }
@@ -3269,12 +3267,24 @@ errors++;
 }
 }
 else {
-const err250 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err250 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err250];
 }
 else {
 vErrors.push(err250);
+}
+errors++;
+}
+}
+}
+else {
+const err251 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(vErrors === null){
+vErrors = [err251];
+}
+else {
+vErrors.push(err251);
 }
 errors++;
 }
@@ -3285,21 +3295,7 @@ data109.env_prefix = "LATCHKEY_SECRET_";
 }
 for(const key26 in data109){
 if(!((key26 === "file") || (key26 === "env_prefix"))){
-const err251 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err251];
-}
-else {
-vErrors.push(err251);
-}
-errors++;
-}
-}
-if(data109.file !== undefined){
-let data110 = data109.file;
-if(typeof data110 === "string"){
-if(func4(data110) < 1){
-const err252 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err252 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err252];
 }
@@ -3309,8 +3305,11 @@ vErrors.push(err252);
 errors++;
 }
 }
-else {
-const err253 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data109.file !== undefined){
+let data110 = data109.file;
+if(typeof data110 === "string"){
+if(func4(data110) < 1){
+const err253 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err253];
 }
@@ -3320,10 +3319,8 @@ vErrors.push(err253);
 errors++;
 }
 }
-let data111 = data109.env_prefix;
-if(typeof data111 === "string"){
-if(!pattern20.test(data111)){
-const err254 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
+else {
+const err254 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err254];
 }
@@ -3333,8 +3330,10 @@ vErrors.push(err254);
 errors++;
 }
 }
-else {
-const err255 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data111 = data109.env_prefix;
+if(typeof data111 === "string"){
+if(!pattern20.test(data111)){
+const err255 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err255];
 }
@@ -3345,12 +3344,23 @@ errors++;
 }
 }
 else {
-const err256 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err256 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err256];
 }
 else {
 vErrors.push(err256);
+}
+errors++;
+}
+}
+else {
+const err257 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err257];
+}
+else {
+vErrors.push(err257);
 }
 errors++;
 }
@@ -3364,12 +3374,12 @@ data112.collector = null;
 }
 for(const key27 in data112){
 if(!((key27 === "jsonl") || (key27 === "collector"))){
-const err257 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
+const err258 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
 if(vErrors === null){
-vErrors = [err257];
+vErrors = [err258];
 }
 else {
-vErrors.push(err257);
+vErrors.push(err258);
 }
 errors++;
 }
@@ -3384,20 +3394,7 @@ data113.flush_ms = 20;
 }
 for(const key28 in data113){
 if(!((key28 === "path") || (key28 === "flush_ms"))){
-const err258 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err258];
-}
-else {
-vErrors.push(err258);
-}
-errors++;
-}
-}
-let data114 = data113.path;
-if(typeof data114 === "string"){
-if(func4(data114) < 1){
-const err259 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err259 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err259];
 }
@@ -3407,8 +3404,10 @@ vErrors.push(err259);
 errors++;
 }
 }
-else {
-const err260 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data114 = data113.path;
+if(typeof data114 === "string"){
+if(func4(data114) < 1){
+const err260 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err260];
 }
@@ -3417,9 +3416,9 @@ vErrors.push(err260);
 }
 errors++;
 }
-let data115 = data113.flush_ms;
-if(!(((typeof data115 == "number") && (!(data115 % 1) && !isNaN(data115))) && (isFinite(data115)))){
-const err261 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err261 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err261];
 }
@@ -3428,9 +3427,9 @@ vErrors.push(err261);
 }
 errors++;
 }
-if((typeof data115 == "number") && (isFinite(data115))){
-if(data115 > 3600000 || isNaN(data115)){
-const err262 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+let data115 = data113.flush_ms;
+if(!(((typeof data115 == "number") && (!(data115 % 1) && !isNaN(data115))) && (isFinite(data115)))){
+const err262 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err262];
 }
@@ -3439,8 +3438,9 @@ vErrors.push(err262);
 }
 errors++;
 }
-if(data115 < 1 || isNaN(data115)){
-const err263 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data115 == "number") && (isFinite(data115))){
+if(data115 > 3600000 || isNaN(data115)){
+const err263 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err263];
 }
@@ -3449,10 +3449,8 @@ vErrors.push(err263);
 }
 errors++;
 }
-}
-}
-else {
-const err264 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data115 < 1 || isNaN(data115)){
+const err264 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err264];
 }
@@ -3461,14 +3459,26 @@ vErrors.push(err264);
 }
 errors++;
 }
-let data116 = data112.collector;
-if((!(data116 && typeof data116 == "object" && !Array.isArray(data116))) && (data116 !== null)){
-const err265 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
+}
+}
+else {
+const err265 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err265];
 }
 else {
 vErrors.push(err265);
+}
+errors++;
+}
+let data116 = data112.collector;
+if((!(data116 && typeof data116 == "object" && !Array.isArray(data116))) && (data116 !== null)){
+const err266 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
+if(vErrors === null){
+vErrors = [err266];
+}
+else {
+vErrors.push(err266);
 }
 errors++;
 }
@@ -3501,17 +3511,7 @@ if(data116.close_timeout_ms === undefined){
 data116.close_timeout_ms = 2000;
 }
 if(data116.address === undefined){
-const err266 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
-if(vErrors === null){
-vErrors = [err266];
-}
-else {
-vErrors.push(err266);
-}
-errors++;
-}
-if(data116.sidecar_id === undefined){
-const err267 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
+const err267 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
 if(vErrors === null){
 vErrors = [err267];
 }
@@ -3520,9 +3520,8 @@ vErrors.push(err267);
 }
 errors++;
 }
-for(const key29 in data116){
-if(!(func2.call(schema11.properties.audit.properties.collector.properties, key29))){
-const err268 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
+if(data116.sidecar_id === undefined){
+const err268 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
 if(vErrors === null){
 vErrors = [err268];
 }
@@ -3531,12 +3530,9 @@ vErrors.push(err268);
 }
 errors++;
 }
-}
-if(data116.address !== undefined){
-let data117 = data116.address;
-if(typeof data117 === "string"){
-if(!pattern21.test(data117)){
-const err269 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:[0-9]{1,5}$"},message:"must match pattern \""+"^[^\\s/]+:[0-9]{1,5}$"+"\""};
+for(const key29 in data116){
+if(!(func2.call(schema11.properties.audit.properties.collector.properties, key29))){
+const err269 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err269];
 }
@@ -3546,8 +3542,11 @@ vErrors.push(err269);
 errors++;
 }
 }
-else {
-const err270 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data116.address !== undefined){
+let data117 = data116.address;
+if(typeof data117 === "string"){
+if(!pattern21.test(data117)){
+const err270 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:[0-9]{1,5}$"},message:"must match pattern \""+"^[^\\s/]+:[0-9]{1,5}$"+"\""};
 if(vErrors === null){
 vErrors = [err270];
 }
@@ -3557,11 +3556,8 @@ vErrors.push(err270);
 errors++;
 }
 }
-if(data116.sidecar_id !== undefined){
-let data118 = data116.sidecar_id;
-if(typeof data118 === "string"){
-if(func4(data118) < 1){
-const err271 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err271 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err271];
 }
@@ -3571,8 +3567,11 @@ vErrors.push(err271);
 errors++;
 }
 }
-else {
-const err272 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data116.sidecar_id !== undefined){
+let data118 = data116.sidecar_id;
+if(typeof data118 === "string"){
+if(func4(data118) < 1){
+const err272 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err272];
 }
@@ -3582,11 +3581,8 @@ vErrors.push(err272);
 errors++;
 }
 }
-if(data116.token_secret !== undefined){
-let data119 = data116.token_secret;
-if(typeof data119 === "string"){
-if(func4(data119) < 1){
-const err273 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err273 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err273];
 }
@@ -3596,8 +3592,11 @@ vErrors.push(err273);
 errors++;
 }
 }
-else {
-const err274 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data116.token_secret !== undefined){
+let data119 = data116.token_secret;
+if(typeof data119 === "string"){
+if(func4(data119) < 1){
+const err274 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err274];
 }
@@ -3607,9 +3606,8 @@ vErrors.push(err274);
 errors++;
 }
 }
-let data120 = data116.tls;
-if((!(data120 && typeof data120 == "object" && !Array.isArray(data120))) && (data120 !== null)){
-const err275 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
+else {
+const err275 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err275];
 }
@@ -3618,9 +3616,10 @@ vErrors.push(err275);
 }
 errors++;
 }
-if(data120 && typeof data120 == "object" && !Array.isArray(data120)){
-if(data120.ca_file === undefined){
-const err276 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
+}
+let data120 = data116.tls;
+if((!(data120 && typeof data120 == "object" && !Array.isArray(data120))) && (data120 !== null)){
+const err276 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err276];
 }
@@ -3629,8 +3628,9 @@ vErrors.push(err276);
 }
 errors++;
 }
-if(data120.cert_file === undefined){
-const err277 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+if(data120 && typeof data120 == "object" && !Array.isArray(data120)){
+if(data120.ca_file === undefined){
+const err277 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
 if(vErrors === null){
 vErrors = [err277];
 }
@@ -3639,8 +3639,8 @@ vErrors.push(err277);
 }
 errors++;
 }
-if(data120.key_file === undefined){
-const err278 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+if(data120.cert_file === undefined){
+const err278 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err278];
 }
@@ -3649,9 +3649,8 @@ vErrors.push(err278);
 }
 errors++;
 }
-for(const key30 in data120){
-if(!(((key30 === "ca_file") || (key30 === "cert_file")) || (key30 === "key_file"))){
-const err279 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
+if(data120.key_file === undefined){
+const err279 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err279];
 }
@@ -3660,12 +3659,9 @@ vErrors.push(err279);
 }
 errors++;
 }
-}
-if(data120.ca_file !== undefined){
-let data121 = data120.ca_file;
-if(typeof data121 === "string"){
-if(func4(data121) < 1){
-const err280 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key30 in data120){
+if(!(((key30 === "ca_file") || (key30 === "cert_file")) || (key30 === "key_file"))){
+const err280 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err280];
 }
@@ -3675,8 +3671,11 @@ vErrors.push(err280);
 errors++;
 }
 }
-else {
-const err281 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data120.ca_file !== undefined){
+let data121 = data120.ca_file;
+if(typeof data121 === "string"){
+if(func4(data121) < 1){
+const err281 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err281];
 }
@@ -3686,11 +3685,8 @@ vErrors.push(err281);
 errors++;
 }
 }
-if(data120.cert_file !== undefined){
-let data122 = data120.cert_file;
-if(typeof data122 === "string"){
-if(func4(data122) < 1){
-const err282 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err282 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err282];
 }
@@ -3700,8 +3696,11 @@ vErrors.push(err282);
 errors++;
 }
 }
-else {
-const err283 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data120.cert_file !== undefined){
+let data122 = data120.cert_file;
+if(typeof data122 === "string"){
+if(func4(data122) < 1){
+const err283 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err283];
 }
@@ -3711,11 +3710,8 @@ vErrors.push(err283);
 errors++;
 }
 }
-if(data120.key_file !== undefined){
-let data123 = data120.key_file;
-if(typeof data123 === "string"){
-if(func4(data123) < 1){
-const err284 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err284 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err284];
 }
@@ -3725,8 +3721,11 @@ vErrors.push(err284);
 errors++;
 }
 }
-else {
-const err285 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data120.key_file !== undefined){
+let data123 = data120.key_file;
+if(typeof data123 === "string"){
+if(func4(data123) < 1){
+const err285 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err285];
 }
@@ -3736,11 +3735,8 @@ vErrors.push(err285);
 errors++;
 }
 }
-}
-let data124 = data116.spool_dir;
-if(typeof data124 === "string"){
-if(func4(data124) < 1){
-const err286 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err286 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err286];
 }
@@ -3750,8 +3746,11 @@ vErrors.push(err286);
 errors++;
 }
 }
-else {
-const err287 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+}
+let data124 = data116.spool_dir;
+if(typeof data124 === "string"){
+if(func4(data124) < 1){
+const err287 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err287];
 }
@@ -3760,9 +3759,9 @@ vErrors.push(err287);
 }
 errors++;
 }
-let data125 = data116.spool_max_bytes;
-if(!(((typeof data125 == "number") && (!(data125 % 1) && !isNaN(data125))) && (isFinite(data125)))){
-const err288 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err288 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err288];
 }
@@ -3771,9 +3770,9 @@ vErrors.push(err288);
 }
 errors++;
 }
-if((typeof data125 == "number") && (isFinite(data125))){
-if(data125 < 65536 || isNaN(data125)){
-const err289 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
+let data125 = data116.spool_max_bytes;
+if(!(((typeof data125 == "number") && (!(data125 % 1) && !isNaN(data125))) && (isFinite(data125)))){
+const err289 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err289];
 }
@@ -3782,10 +3781,9 @@ vErrors.push(err289);
 }
 errors++;
 }
-}
-let data126 = data116.segment_bytes;
-if(!(((typeof data126 == "number") && (!(data126 % 1) && !isNaN(data126))) && (isFinite(data126)))){
-const err290 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data125 == "number") && (isFinite(data125))){
+if(data125 < 65536 || isNaN(data125)){
+const err290 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
 if(vErrors === null){
 vErrors = [err290];
 }
@@ -3794,9 +3792,10 @@ vErrors.push(err290);
 }
 errors++;
 }
-if((typeof data126 == "number") && (isFinite(data126))){
-if(data126 < 4096 || isNaN(data126)){
-const err291 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
+}
+let data126 = data116.segment_bytes;
+if(!(((typeof data126 == "number") && (!(data126 % 1) && !isNaN(data126))) && (isFinite(data126)))){
+const err291 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err291];
 }
@@ -3805,10 +3804,9 @@ vErrors.push(err291);
 }
 errors++;
 }
-}
-let data127 = data116.on_full;
-if(!((data127 === "refuse") || (data127 === "drop"))){
-const err292 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
+if((typeof data126 == "number") && (isFinite(data126))){
+if(data126 < 4096 || isNaN(data126)){
+const err292 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
 if(vErrors === null){
 vErrors = [err292];
 }
@@ -3817,9 +3815,10 @@ vErrors.push(err292);
 }
 errors++;
 }
-let data128 = data116.batch_events;
-if(!(((typeof data128 == "number") && (!(data128 % 1) && !isNaN(data128))) && (isFinite(data128)))){
-const err293 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data127 = data116.on_full;
+if(!((data127 === "refuse") || (data127 === "drop"))){
+const err293 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err293];
 }
@@ -3828,9 +3827,9 @@ vErrors.push(err293);
 }
 errors++;
 }
-if((typeof data128 == "number") && (isFinite(data128))){
-if(data128 > 10000 || isNaN(data128)){
-const err294 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
+let data128 = data116.batch_events;
+if(!(((typeof data128 == "number") && (!(data128 % 1) && !isNaN(data128))) && (isFinite(data128)))){
+const err294 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err294];
 }
@@ -3839,8 +3838,9 @@ vErrors.push(err294);
 }
 errors++;
 }
-if(data128 < 1 || isNaN(data128)){
-const err295 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data128 == "number") && (isFinite(data128))){
+if(data128 > 10000 || isNaN(data128)){
+const err295 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
 if(vErrors === null){
 vErrors = [err295];
 }
@@ -3849,10 +3849,8 @@ vErrors.push(err295);
 }
 errors++;
 }
-}
-let data129 = data116.backoff_min_ms;
-if(!(((typeof data129 == "number") && (!(data129 % 1) && !isNaN(data129))) && (isFinite(data129)))){
-const err296 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data128 < 1 || isNaN(data128)){
+const err296 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err296];
 }
@@ -3861,9 +3859,10 @@ vErrors.push(err296);
 }
 errors++;
 }
-if((typeof data129 == "number") && (isFinite(data129))){
-if(data129 > 3600000 || isNaN(data129)){
-const err297 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data129 = data116.backoff_min_ms;
+if(!(((typeof data129 == "number") && (!(data129 % 1) && !isNaN(data129))) && (isFinite(data129)))){
+const err297 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err297];
 }
@@ -3872,8 +3871,9 @@ vErrors.push(err297);
 }
 errors++;
 }
-if(data129 < 1 || isNaN(data129)){
-const err298 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data129 == "number") && (isFinite(data129))){
+if(data129 > 3600000 || isNaN(data129)){
+const err298 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err298];
 }
@@ -3882,10 +3882,8 @@ vErrors.push(err298);
 }
 errors++;
 }
-}
-let data130 = data116.backoff_max_ms;
-if(!(((typeof data130 == "number") && (!(data130 % 1) && !isNaN(data130))) && (isFinite(data130)))){
-const err299 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data129 < 1 || isNaN(data129)){
+const err299 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err299];
 }
@@ -3894,9 +3892,10 @@ vErrors.push(err299);
 }
 errors++;
 }
-if((typeof data130 == "number") && (isFinite(data130))){
-if(data130 > 3600000 || isNaN(data130)){
-const err300 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data130 = data116.backoff_max_ms;
+if(!(((typeof data130 == "number") && (!(data130 % 1) && !isNaN(data130))) && (isFinite(data130)))){
+const err300 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err300];
 }
@@ -3905,8 +3904,9 @@ vErrors.push(err300);
 }
 errors++;
 }
-if(data130 < 1 || isNaN(data130)){
-const err301 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data130 == "number") && (isFinite(data130))){
+if(data130 > 3600000 || isNaN(data130)){
+const err301 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err301];
 }
@@ -3915,10 +3915,8 @@ vErrors.push(err301);
 }
 errors++;
 }
-}
-let data131 = data116.close_timeout_ms;
-if(!(((typeof data131 == "number") && (!(data131 % 1) && !isNaN(data131))) && (isFinite(data131)))){
-const err302 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data130 < 1 || isNaN(data130)){
+const err302 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err302];
 }
@@ -3927,9 +3925,10 @@ vErrors.push(err302);
 }
 errors++;
 }
-if((typeof data131 == "number") && (isFinite(data131))){
-if(data131 > 3600000 || isNaN(data131)){
-const err303 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data131 = data116.close_timeout_ms;
+if(!(((typeof data131 == "number") && (!(data131 % 1) && !isNaN(data131))) && (isFinite(data131)))){
+const err303 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err303];
 }
@@ -3938,8 +3937,9 @@ vErrors.push(err303);
 }
 errors++;
 }
-if(data131 < 0 || isNaN(data131)){
-const err304 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if((typeof data131 == "number") && (isFinite(data131))){
+if(data131 > 3600000 || isNaN(data131)){
+const err304 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err304];
 }
@@ -3948,16 +3948,26 @@ vErrors.push(err304);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err305 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data131 < 0 || isNaN(data131)){
+const err305 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err305];
 }
 else {
 vErrors.push(err305);
+}
+errors++;
+}
+}
+}
+}
+else {
+const err306 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err306];
+}
+else {
+vErrors.push(err306);
 }
 errors++;
 }
@@ -3968,19 +3978,7 @@ data132.level = "info";
 }
 for(const key31 in data132){
 if(!(key31 === "level")){
-const err306 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err306];
-}
-else {
-vErrors.push(err306);
-}
-errors++;
-}
-}
-let data133 = data132.level;
-if(!(((((((data133 === "fatal") || (data133 === "error")) || (data133 === "warn")) || (data133 === "info")) || (data133 === "debug")) || (data133 === "trace")) || (data133 === "silent"))){
-const err307 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
+const err307 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err307];
 }
@@ -3990,13 +3988,25 @@ vErrors.push(err307);
 errors++;
 }
 }
-else {
-const err308 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data133 = data132.level;
+if(!(((((((data133 === "fatal") || (data133 === "error")) || (data133 === "warn")) || (data133 === "info")) || (data133 === "debug")) || (data133 === "trace")) || (data133 === "silent"))){
+const err308 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err308];
 }
 else {
 vErrors.push(err308);
+}
+errors++;
+}
+}
+else {
+const err309 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err309];
+}
+else {
+vErrors.push(err309);
 }
 errors++;
 }
@@ -4031,17 +4041,7 @@ if(data134.events === undefined){
 data134.events = {};
 }
 if(data134.issuer === undefined){
-const err309 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
-if(vErrors === null){
-vErrors = [err309];
-}
-else {
-vErrors.push(err309);
-}
-errors++;
-}
-if(data134.registry_file === undefined){
-const err310 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
+const err310 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err310];
 }
@@ -4050,9 +4050,8 @@ vErrors.push(err310);
 }
 errors++;
 }
-for(const key32 in data134){
-if(!(func2.call(schema11.properties.broker.properties, key32))){
-const err311 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
+if(data134.registry_file === undefined){
+const err311 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
 if(vErrors === null){
 vErrors = [err311];
 }
@@ -4061,12 +4060,9 @@ vErrors.push(err311);
 }
 errors++;
 }
-}
-if(data134.issuer !== undefined){
-let data135 = data134.issuer;
-if(typeof data135 === "string"){
-if(!pattern1.test(data135)){
-const err312 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+for(const key32 in data134){
+if(!(func2.call(schema11.properties.broker.properties, key32))){
+const err312 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err312];
 }
@@ -4076,8 +4072,11 @@ vErrors.push(err312);
 errors++;
 }
 }
-else {
-const err313 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data134.issuer !== undefined){
+let data135 = data134.issuer;
+if(typeof data135 === "string"){
+if(!pattern1.test(data135)){
+const err313 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err313];
 }
@@ -4087,11 +4086,8 @@ vErrors.push(err313);
 errors++;
 }
 }
-if(data134.audience !== undefined){
-let data136 = data134.audience;
-if(typeof data136 === "string"){
-if(func4(data136) < 1){
-const err314 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err314 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err314];
 }
@@ -4101,13 +4097,27 @@ vErrors.push(err314);
 errors++;
 }
 }
-else {
-const err315 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data134.audience !== undefined){
+let data136 = data134.audience;
+if(typeof data136 === "string"){
+if(func4(data136) < 1){
+const err315 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err315];
 }
 else {
 vErrors.push(err315);
+}
+errors++;
+}
+}
+else {
+const err316 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err316];
+}
+else {
+vErrors.push(err316);
 }
 errors++;
 }
@@ -4122,20 +4132,7 @@ data137.port = 15003;
 }
 for(const key33 in data137){
 if(!((key33 === "host") || (key33 === "port"))){
-const err316 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err316];
-}
-else {
-vErrors.push(err316);
-}
-errors++;
-}
-}
-let data138 = data137.host;
-if(typeof data138 === "string"){
-if(func4(data138) < 1){
-const err317 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err317 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err317];
 }
@@ -4145,8 +4142,10 @@ vErrors.push(err317);
 errors++;
 }
 }
-else {
-const err318 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data138 = data137.host;
+if(typeof data138 === "string"){
+if(func4(data138) < 1){
+const err318 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err318];
 }
@@ -4155,9 +4154,9 @@ vErrors.push(err318);
 }
 errors++;
 }
-let data139 = data137.port;
-if(!(((typeof data139 == "number") && (!(data139 % 1) && !isNaN(data139))) && (isFinite(data139)))){
-const err319 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err319 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err319];
 }
@@ -4166,9 +4165,9 @@ vErrors.push(err319);
 }
 errors++;
 }
-if((typeof data139 == "number") && (isFinite(data139))){
-if(data139 > 65535 || isNaN(data139)){
-const err320 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+let data139 = data137.port;
+if(!(((typeof data139 == "number") && (!(data139 % 1) && !isNaN(data139))) && (isFinite(data139)))){
+const err320 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err320];
 }
@@ -4177,8 +4176,9 @@ vErrors.push(err320);
 }
 errors++;
 }
-if(data139 < 0 || isNaN(data139)){
-const err321 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if((typeof data139 == "number") && (isFinite(data139))){
+if(data139 > 65535 || isNaN(data139)){
+const err321 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err321];
 }
@@ -4187,15 +4187,25 @@ vErrors.push(err321);
 }
 errors++;
 }
-}
-}
-else {
-const err322 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data139 < 0 || isNaN(data139)){
+const err322 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err322];
 }
 else {
 vErrors.push(err322);
+}
+errors++;
+}
+}
+}
+else {
+const err323 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err323];
+}
+else {
+vErrors.push(err323);
 }
 errors++;
 }
@@ -4212,20 +4222,7 @@ data140.rotate_after_s = 86400;
 }
 for(const key34 in data140){
 if(!(((key34 === "dir") || (key34 === "alg")) || (key34 === "rotate_after_s"))){
-const err323 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err323];
-}
-else {
-vErrors.push(err323);
-}
-errors++;
-}
-}
-let data141 = data140.dir;
-if(typeof data141 === "string"){
-if(func4(data141) < 1){
-const err324 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err324 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err324];
 }
@@ -4235,8 +4232,10 @@ vErrors.push(err324);
 errors++;
 }
 }
-else {
-const err325 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data141 = data140.dir;
+if(typeof data141 === "string"){
+if(func4(data141) < 1){
+const err325 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err325];
 }
@@ -4245,9 +4244,9 @@ vErrors.push(err325);
 }
 errors++;
 }
-let data142 = data140.alg;
-if(!((data142 === "ES256") || (data142 === "EdDSA"))){
-const err326 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
+}
+else {
+const err326 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err326];
 }
@@ -4256,9 +4255,9 @@ vErrors.push(err326);
 }
 errors++;
 }
-let data143 = data140.rotate_after_s;
-if(!(((typeof data143 == "number") && (!(data143 % 1) && !isNaN(data143))) && (isFinite(data143)))){
-const err327 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+let data142 = data140.alg;
+if(!((data142 === "ES256") || (data142 === "EdDSA"))){
+const err327 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err327];
 }
@@ -4267,9 +4266,9 @@ vErrors.push(err327);
 }
 errors++;
 }
-if((typeof data143 == "number") && (isFinite(data143))){
-if(data143 > 31536000 || isNaN(data143)){
-const err328 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+let data143 = data140.rotate_after_s;
+if(!(((typeof data143 == "number") && (!(data143 % 1) && !isNaN(data143))) && (isFinite(data143)))){
+const err328 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err328];
 }
@@ -4278,8 +4277,9 @@ vErrors.push(err328);
 }
 errors++;
 }
-if(data143 < 60 || isNaN(data143)){
-const err329 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+if((typeof data143 == "number") && (isFinite(data143))){
+if(data143 > 31536000 || isNaN(data143)){
+const err329 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err329];
 }
@@ -4288,10 +4288,8 @@ vErrors.push(err329);
 }
 errors++;
 }
-}
-}
-else {
-const err330 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data143 < 60 || isNaN(data143)){
+const err330 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err330];
 }
@@ -4300,11 +4298,10 @@ vErrors.push(err330);
 }
 errors++;
 }
-if(data134.registry_file !== undefined){
-let data144 = data134.registry_file;
-if(typeof data144 === "string"){
-if(func4(data144) < 1){
-const err331 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+}
+else {
+const err331 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err331];
 }
@@ -4313,14 +4310,27 @@ vErrors.push(err331);
 }
 errors++;
 }
-}
-else {
-const err332 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data134.registry_file !== undefined){
+let data144 = data134.registry_file;
+if(typeof data144 === "string"){
+if(func4(data144) < 1){
+const err332 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err332];
 }
 else {
 vErrors.push(err332);
+}
+errors++;
+}
+}
+else {
+const err333 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err333];
+}
+else {
+vErrors.push(err333);
 }
 errors++;
 }
@@ -4338,19 +4348,7 @@ data145.max_body_bytes = 65536;
 }
 for(const key35 in data145){
 if(!(((key35 === "floor_s") || (key35 === "default_duration_s")) || (key35 === "max_body_bytes"))){
-const err333 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err333];
-}
-else {
-vErrors.push(err333);
-}
-errors++;
-}
-}
-let data146 = data145.floor_s;
-if(!(((typeof data146 == "number") && (!(data146 % 1) && !isNaN(data146))) && (isFinite(data146)))){
-const err334 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err334 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err334];
 }
@@ -4359,9 +4357,10 @@ vErrors.push(err334);
 }
 errors++;
 }
-if((typeof data146 == "number") && (isFinite(data146))){
-if(data146 > 86400 || isNaN(data146)){
-const err335 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+}
+let data146 = data145.floor_s;
+if(!(((typeof data146 == "number") && (!(data146 % 1) && !isNaN(data146))) && (isFinite(data146)))){
+const err335 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err335];
 }
@@ -4370,8 +4369,9 @@ vErrors.push(err335);
 }
 errors++;
 }
-if(data146 < 1 || isNaN(data146)){
-const err336 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data146 == "number") && (isFinite(data146))){
+if(data146 > 86400 || isNaN(data146)){
+const err336 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err336];
 }
@@ -4380,10 +4380,8 @@ vErrors.push(err336);
 }
 errors++;
 }
-}
-let data147 = data145.default_duration_s;
-if(!(((typeof data147 == "number") && (!(data147 % 1) && !isNaN(data147))) && (isFinite(data147)))){
-const err337 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data146 < 1 || isNaN(data146)){
+const err337 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err337];
 }
@@ -4392,9 +4390,10 @@ vErrors.push(err337);
 }
 errors++;
 }
-if((typeof data147 == "number") && (isFinite(data147))){
-if(data147 > 86400 || isNaN(data147)){
-const err338 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+}
+let data147 = data145.default_duration_s;
+if(!(((typeof data147 == "number") && (!(data147 % 1) && !isNaN(data147))) && (isFinite(data147)))){
+const err338 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err338];
 }
@@ -4403,8 +4402,9 @@ vErrors.push(err338);
 }
 errors++;
 }
-if(data147 < 1 || isNaN(data147)){
-const err339 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data147 == "number") && (isFinite(data147))){
+if(data147 > 86400 || isNaN(data147)){
+const err339 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err339];
 }
@@ -4413,10 +4413,8 @@ vErrors.push(err339);
 }
 errors++;
 }
-}
-let data148 = data145.max_body_bytes;
-if(!(((typeof data148 == "number") && (!(data148 % 1) && !isNaN(data148))) && (isFinite(data148)))){
-const err340 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data147 < 1 || isNaN(data147)){
+const err340 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err340];
 }
@@ -4425,9 +4423,10 @@ vErrors.push(err340);
 }
 errors++;
 }
-if((typeof data148 == "number") && (isFinite(data148))){
-if(data148 > 1048576 || isNaN(data148)){
-const err341 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
+}
+let data148 = data145.max_body_bytes;
+if(!(((typeof data148 == "number") && (!(data148 % 1) && !isNaN(data148))) && (isFinite(data148)))){
+const err341 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err341];
 }
@@ -4436,8 +4435,9 @@ vErrors.push(err341);
 }
 errors++;
 }
-if(data148 < 1024 || isNaN(data148)){
-const err342 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+if((typeof data148 == "number") && (isFinite(data148))){
+if(data148 > 1048576 || isNaN(data148)){
+const err342 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
 if(vErrors === null){
 vErrors = [err342];
 }
@@ -4446,15 +4446,25 @@ vErrors.push(err342);
 }
 errors++;
 }
-}
-}
-else {
-const err343 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data148 < 1024 || isNaN(data148)){
+const err343 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err343];
 }
 else {
 vErrors.push(err343);
+}
+errors++;
+}
+}
+}
+else {
+const err344 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err344];
+}
+else {
+vErrors.push(err344);
 }
 errors++;
 }
@@ -4465,17 +4475,7 @@ if(data149.scope_claim === undefined){
 data149.scope_claim = "scope";
 }
 if(data149.issuer === undefined){
-const err344 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
-if(vErrors === null){
-vErrors = [err344];
-}
-else {
-vErrors.push(err344);
-}
-errors++;
-}
-if(data149.audience === undefined){
-const err345 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+const err345 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err345];
 }
@@ -4484,9 +4484,8 @@ vErrors.push(err345);
 }
 errors++;
 }
-for(const key36 in data149){
-if(!(((((key36 === "issuer") || (key36 === "audience")) || (key36 === "scope_claim")) || (key36 === "jwks_file")) || (key36 === "jwks_url"))){
-const err346 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
+if(data149.audience === undefined){
+const err346 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err346];
 }
@@ -4495,12 +4494,9 @@ vErrors.push(err346);
 }
 errors++;
 }
-}
-if(data149.issuer !== undefined){
-let data150 = data149.issuer;
-if(typeof data150 === "string"){
-if(func4(data150) < 1){
-const err347 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key36 in data149){
+if(!(((((key36 === "issuer") || (key36 === "audience")) || (key36 === "scope_claim")) || (key36 === "jwks_file")) || (key36 === "jwks_url"))){
+const err347 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err347];
 }
@@ -4510,8 +4506,11 @@ vErrors.push(err347);
 errors++;
 }
 }
-else {
-const err348 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data149.issuer !== undefined){
+let data150 = data149.issuer;
+if(typeof data150 === "string"){
+if(func4(data150) < 1){
+const err348 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err348];
 }
@@ -4521,11 +4520,8 @@ vErrors.push(err348);
 errors++;
 }
 }
-if(data149.audience !== undefined){
-let data151 = data149.audience;
-if(typeof data151 === "string"){
-if(func4(data151) < 1){
-const err349 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err349 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err349];
 }
@@ -4535,8 +4531,11 @@ vErrors.push(err349);
 errors++;
 }
 }
-else {
-const err350 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data149.audience !== undefined){
+let data151 = data149.audience;
+if(typeof data151 === "string"){
+if(func4(data151) < 1){
+const err350 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err350];
 }
@@ -4546,10 +4545,8 @@ vErrors.push(err350);
 errors++;
 }
 }
-let data152 = data149.scope_claim;
-if(typeof data152 === "string"){
-if(func4(data152) < 1){
-const err351 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err351 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err351];
 }
@@ -4559,8 +4556,10 @@ vErrors.push(err351);
 errors++;
 }
 }
-else {
-const err352 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data152 = data149.scope_claim;
+if(typeof data152 === "string"){
+if(func4(data152) < 1){
+const err352 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err352];
 }
@@ -4569,11 +4568,9 @@ vErrors.push(err352);
 }
 errors++;
 }
-if(data149.jwks_file !== undefined){
-let data153 = data149.jwks_file;
-if(typeof data153 === "string"){
-if(func4(data153) < 1){
-const err353 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err353 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err353];
 }
@@ -4582,9 +4579,11 @@ vErrors.push(err353);
 }
 errors++;
 }
-}
-else {
-const err354 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data149.jwks_file !== undefined){
+let data153 = data149.jwks_file;
+if(typeof data153 === "string"){
+if(func4(data153) < 1){
+const err354 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err354];
 }
@@ -4594,11 +4593,8 @@ vErrors.push(err354);
 errors++;
 }
 }
-if(data149.jwks_url !== undefined){
-let data154 = data149.jwks_url;
-if(typeof data154 === "string"){
-if(!pattern1.test(data154)){
-const err355 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+else {
+const err355 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err355];
 }
@@ -4608,8 +4604,11 @@ vErrors.push(err355);
 errors++;
 }
 }
-else {
-const err356 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data149.jwks_url !== undefined){
+let data154 = data149.jwks_url;
+if(typeof data154 === "string"){
+if(!pattern1.test(data154)){
+const err356 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err356];
 }
@@ -4619,9 +4618,8 @@ vErrors.push(err356);
 errors++;
 }
 }
-}
 else {
-const err357 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err357 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err357];
 }
@@ -4631,11 +4629,9 @@ vErrors.push(err357);
 errors++;
 }
 }
-let data155 = data134.attestors;
-if(data155 && typeof data155 == "object" && !Array.isArray(data155)){
-for(const key37 in data155){
-if(!(((key37 === "kubernetes") || (key37 === "spiffe")) || (key37 === "local"))){
-const err358 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
+}
+else {
+const err358 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err358];
 }
@@ -4645,11 +4641,11 @@ vErrors.push(err358);
 errors++;
 }
 }
-if(data155.kubernetes !== undefined){
-let data156 = data155.kubernetes;
-if(data156 && typeof data156 == "object" && !Array.isArray(data156)){
-if(data156.issuer === undefined){
-const err359 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+let data155 = data134.attestors;
+if(data155 && typeof data155 == "object" && !Array.isArray(data155)){
+for(const key37 in data155){
+if(!(((key37 === "kubernetes") || (key37 === "spiffe")) || (key37 === "local"))){
+const err359 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err359];
 }
@@ -4658,9 +4654,12 @@ vErrors.push(err359);
 }
 errors++;
 }
-for(const key38 in data156){
-if(!((((key38 === "issuer") || (key38 === "audience")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
-const err360 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
+}
+if(data155.kubernetes !== undefined){
+let data156 = data155.kubernetes;
+if(data156 && typeof data156 == "object" && !Array.isArray(data156)){
+if(data156.issuer === undefined){
+const err360 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err360];
 }
@@ -4669,12 +4668,9 @@ vErrors.push(err360);
 }
 errors++;
 }
-}
-if(data156.issuer !== undefined){
-let data157 = data156.issuer;
-if(typeof data157 === "string"){
-if(func4(data157) < 1){
-const err361 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key38 in data156){
+if(!((((key38 === "issuer") || (key38 === "audience")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
+const err361 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err361];
 }
@@ -4684,8 +4680,11 @@ vErrors.push(err361);
 errors++;
 }
 }
-else {
-const err362 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data156.issuer !== undefined){
+let data157 = data156.issuer;
+if(typeof data157 === "string"){
+if(func4(data157) < 1){
+const err362 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err362];
 }
@@ -4695,11 +4694,8 @@ vErrors.push(err362);
 errors++;
 }
 }
-if(data156.audience !== undefined){
-let data158 = data156.audience;
-if(typeof data158 === "string"){
-if(func4(data158) < 1){
-const err363 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err363 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err363];
 }
@@ -4709,8 +4705,11 @@ vErrors.push(err363);
 errors++;
 }
 }
-else {
-const err364 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data156.audience !== undefined){
+let data158 = data156.audience;
+if(typeof data158 === "string"){
+if(func4(data158) < 1){
+const err364 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err364];
 }
@@ -4720,11 +4719,8 @@ vErrors.push(err364);
 errors++;
 }
 }
-if(data156.jwks_file !== undefined){
-let data159 = data156.jwks_file;
-if(typeof data159 === "string"){
-if(func4(data159) < 1){
-const err365 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err365 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err365];
 }
@@ -4734,8 +4730,11 @@ vErrors.push(err365);
 errors++;
 }
 }
-else {
-const err366 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data156.jwks_file !== undefined){
+let data159 = data156.jwks_file;
+if(typeof data159 === "string"){
+if(func4(data159) < 1){
+const err366 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err366];
 }
@@ -4745,11 +4744,8 @@ vErrors.push(err366);
 errors++;
 }
 }
-if(data156.jwks_url !== undefined){
-let data160 = data156.jwks_url;
-if(typeof data160 === "string"){
-if(!pattern1.test(data160)){
-const err367 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+else {
+const err367 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err367];
 }
@@ -4759,8 +4755,11 @@ vErrors.push(err367);
 errors++;
 }
 }
-else {
-const err368 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data156.jwks_url !== undefined){
+let data160 = data156.jwks_url;
+if(typeof data160 === "string"){
+if(!pattern1.test(data160)){
+const err368 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err368];
 }
@@ -4770,9 +4769,8 @@ vErrors.push(err368);
 errors++;
 }
 }
-}
 else {
-const err369 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err369 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err369];
 }
@@ -4782,11 +4780,9 @@ vErrors.push(err369);
 errors++;
 }
 }
-if(data155.spiffe !== undefined){
-let data161 = data155.spiffe;
-if(data161 && typeof data161 == "object" && !Array.isArray(data161)){
-if(data161.trust_domain === undefined){
-const err370 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
+}
+else {
+const err370 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err370];
 }
@@ -4795,9 +4791,12 @@ vErrors.push(err370);
 }
 errors++;
 }
-for(const key39 in data161){
-if(!((((key39 === "trust_domain") || (key39 === "audience")) || (key39 === "jwks_file")) || (key39 === "jwks_url"))){
-const err371 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
+}
+if(data155.spiffe !== undefined){
+let data161 = data155.spiffe;
+if(data161 && typeof data161 == "object" && !Array.isArray(data161)){
+if(data161.trust_domain === undefined){
+const err371 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
 if(vErrors === null){
 vErrors = [err371];
 }
@@ -4806,12 +4805,9 @@ vErrors.push(err371);
 }
 errors++;
 }
-}
-if(data161.trust_domain !== undefined){
-let data162 = data161.trust_domain;
-if(typeof data162 === "string"){
-if(!pattern25.test(data162)){
-const err372 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
+for(const key39 in data161){
+if(!((((key39 === "trust_domain") || (key39 === "audience")) || (key39 === "jwks_file")) || (key39 === "jwks_url"))){
+const err372 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err372];
 }
@@ -4821,8 +4817,11 @@ vErrors.push(err372);
 errors++;
 }
 }
-else {
-const err373 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data161.trust_domain !== undefined){
+let data162 = data161.trust_domain;
+if(typeof data162 === "string"){
+if(!pattern25.test(data162)){
+const err373 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err373];
 }
@@ -4832,11 +4831,8 @@ vErrors.push(err373);
 errors++;
 }
 }
-if(data161.audience !== undefined){
-let data163 = data161.audience;
-if(typeof data163 === "string"){
-if(func4(data163) < 1){
-const err374 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err374 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err374];
 }
@@ -4846,8 +4842,11 @@ vErrors.push(err374);
 errors++;
 }
 }
-else {
-const err375 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data161.audience !== undefined){
+let data163 = data161.audience;
+if(typeof data163 === "string"){
+if(func4(data163) < 1){
+const err375 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err375];
 }
@@ -4857,11 +4856,8 @@ vErrors.push(err375);
 errors++;
 }
 }
-if(data161.jwks_file !== undefined){
-let data164 = data161.jwks_file;
-if(typeof data164 === "string"){
-if(func4(data164) < 1){
-const err376 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err376 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err376];
 }
@@ -4871,8 +4867,11 @@ vErrors.push(err376);
 errors++;
 }
 }
-else {
-const err377 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data161.jwks_file !== undefined){
+let data164 = data161.jwks_file;
+if(typeof data164 === "string"){
+if(func4(data164) < 1){
+const err377 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err377];
 }
@@ -4882,11 +4881,8 @@ vErrors.push(err377);
 errors++;
 }
 }
-if(data161.jwks_url !== undefined){
-let data165 = data161.jwks_url;
-if(typeof data165 === "string"){
-if(!pattern1.test(data165)){
-const err378 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+else {
+const err378 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err378];
 }
@@ -4896,8 +4892,11 @@ vErrors.push(err378);
 errors++;
 }
 }
-else {
-const err379 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data161.jwks_url !== undefined){
+let data165 = data161.jwks_url;
+if(typeof data165 === "string"){
+if(!pattern1.test(data165)){
+const err379 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err379];
 }
@@ -4907,9 +4906,8 @@ vErrors.push(err379);
 errors++;
 }
 }
-}
 else {
-const err380 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err380 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err380];
 }
@@ -4919,11 +4917,9 @@ vErrors.push(err380);
 errors++;
 }
 }
-if(data155.local !== undefined){
-let data166 = data155.local;
-if(data166 && typeof data166 == "object" && !Array.isArray(data166)){
-if(data166.keys_file === undefined){
-const err381 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
+}
+else {
+const err381 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err381];
 }
@@ -4932,9 +4928,12 @@ vErrors.push(err381);
 }
 errors++;
 }
-for(const key40 in data166){
-if(!(key40 === "keys_file")){
-const err382 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
+}
+if(data155.local !== undefined){
+let data166 = data155.local;
+if(data166 && typeof data166 == "object" && !Array.isArray(data166)){
+if(data166.keys_file === undefined){
+const err382 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
 if(vErrors === null){
 vErrors = [err382];
 }
@@ -4943,12 +4942,9 @@ vErrors.push(err382);
 }
 errors++;
 }
-}
-if(data166.keys_file !== undefined){
-let data167 = data166.keys_file;
-if(typeof data167 === "string"){
-if(func4(data167) < 1){
-const err383 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key40 in data166){
+if(!(key40 === "keys_file")){
+const err383 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err383];
 }
@@ -4958,8 +4954,11 @@ vErrors.push(err383);
 errors++;
 }
 }
-else {
-const err384 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data166.keys_file !== undefined){
+let data167 = data166.keys_file;
+if(typeof data167 === "string"){
+if(func4(data167) < 1){
+const err384 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err384];
 }
@@ -4969,9 +4968,8 @@ vErrors.push(err384);
 errors++;
 }
 }
-}
 else {
-const err385 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err385 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err385];
 }
@@ -4983,7 +4981,7 @@ errors++;
 }
 }
 else {
-const err386 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err386 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err386];
 }
@@ -4992,10 +4990,10 @@ vErrors.push(err386);
 }
 errors++;
 }
-let data168 = data134.store;
-if(data168 && typeof data168 == "object" && !Array.isArray(data168)){
-if(Object.keys(data168).length > 1){
-const err387 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
+}
+}
+else {
+const err387 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err387];
 }
@@ -5004,9 +5002,10 @@ vErrors.push(err387);
 }
 errors++;
 }
-for(const key41 in data168){
-if(!((key41 === "sqlite") || (key41 === "postgres"))){
-const err388 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
+let data168 = data134.store;
+if(data168 && typeof data168 == "object" && !Array.isArray(data168)){
+if(Object.keys(data168).length > 1){
+const err388 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
 if(vErrors === null){
 vErrors = [err388];
 }
@@ -5015,12 +5014,9 @@ vErrors.push(err388);
 }
 errors++;
 }
-}
-if(data168.sqlite !== undefined){
-let data169 = data168.sqlite;
-if(data169 && typeof data169 == "object" && !Array.isArray(data169)){
-if(data169.path === undefined){
-const err389 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+for(const key41 in data168){
+if(!((key41 === "sqlite") || (key41 === "postgres"))){
+const err389 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err389];
 }
@@ -5029,9 +5025,12 @@ vErrors.push(err389);
 }
 errors++;
 }
-for(const key42 in data169){
-if(!(key42 === "path")){
-const err390 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
+}
+if(data168.sqlite !== undefined){
+let data169 = data168.sqlite;
+if(data169 && typeof data169 == "object" && !Array.isArray(data169)){
+if(data169.path === undefined){
+const err390 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err390];
 }
@@ -5040,12 +5039,9 @@ vErrors.push(err390);
 }
 errors++;
 }
-}
-if(data169.path !== undefined){
-let data170 = data169.path;
-if(typeof data170 === "string"){
-if(func4(data170) < 1){
-const err391 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key42 in data169){
+if(!(key42 === "path")){
+const err391 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err391];
 }
@@ -5055,8 +5051,11 @@ vErrors.push(err391);
 errors++;
 }
 }
-else {
-const err392 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data169.path !== undefined){
+let data170 = data169.path;
+if(typeof data170 === "string"){
+if(func4(data170) < 1){
+const err392 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err392];
 }
@@ -5066,14 +5065,25 @@ vErrors.push(err392);
 errors++;
 }
 }
-}
 else {
-const err393 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err393 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err393];
 }
 else {
 vErrors.push(err393);
+}
+errors++;
+}
+}
+}
+else {
+const err394 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err394];
+}
+else {
+vErrors.push(err394);
 }
 errors++;
 }
@@ -5085,18 +5095,7 @@ if(data171.schema === undefined){
 data171.schema = "latchkey";
 }
 if(data171.url === undefined){
-const err394 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
-if(vErrors === null){
-vErrors = [err394];
-}
-else {
-vErrors.push(err394);
-}
-errors++;
-}
-for(const key43 in data171){
-if(!((key43 === "url") || (key43 === "schema"))){
-const err395 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
+const err395 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err395];
 }
@@ -5105,12 +5104,9 @@ vErrors.push(err395);
 }
 errors++;
 }
-}
-if(data171.url !== undefined){
-let data172 = data171.url;
-if(typeof data172 === "string"){
-if(!pattern27.test(data172)){
-const err396 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
+for(const key43 in data171){
+if(!((key43 === "url") || (key43 === "schema"))){
+const err396 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err396];
 }
@@ -5120,8 +5116,11 @@ vErrors.push(err396);
 errors++;
 }
 }
-else {
-const err397 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data171.url !== undefined){
+let data172 = data171.url;
+if(typeof data172 === "string"){
+if(!pattern27.test(data172)){
+const err397 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
 if(vErrors === null){
 vErrors = [err397];
 }
@@ -5131,10 +5130,8 @@ vErrors.push(err397);
 errors++;
 }
 }
-let data173 = data171.schema;
-if(typeof data173 === "string"){
-if(!pattern28.test(data173)){
-const err398 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
+else {
+const err398 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err398];
 }
@@ -5144,8 +5141,10 @@ vErrors.push(err398);
 errors++;
 }
 }
-else {
-const err399 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data173 = data171.schema;
+if(typeof data173 === "string"){
+if(!pattern28.test(data173)){
+const err399 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
 if(vErrors === null){
 vErrors = [err399];
 }
@@ -5156,7 +5155,7 @@ errors++;
 }
 }
 else {
-const err400 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err400 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err400];
 }
@@ -5166,9 +5165,8 @@ vErrors.push(err400);
 errors++;
 }
 }
-}
 else {
-const err401 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err401 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err401];
 }
@@ -5177,10 +5175,10 @@ vErrors.push(err401);
 }
 errors++;
 }
-let data174 = data134.admin_token_env;
-if(typeof data174 === "string"){
-if(!pattern29.test(data174)){
-const err402 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+}
+}
+else {
+const err402 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err402];
 }
@@ -5189,14 +5187,26 @@ vErrors.push(err402);
 }
 errors++;
 }
-}
-else {
-const err403 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data174 = data134.admin_token_env;
+if(typeof data174 === "string"){
+if(!pattern29.test(data174)){
+const err403 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err403];
 }
 else {
 vErrors.push(err403);
+}
+errors++;
+}
+}
+else {
+const err404 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err404];
+}
+else {
+vErrors.push(err404);
 }
 errors++;
 }
@@ -5206,19 +5216,7 @@ for(const key44 in data175){
 const _errs387 = errors;
 if(typeof key44 === "string"){
 if(!pattern5.test(key44)){
-const err404 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key44};
-if(vErrors === null){
-vErrors = [err404];
-}
-else {
-vErrors.push(err404);
-}
-errors++;
-}
-}
-var valid78 = _errs387 === errors;
-if(!valid78){
-const err405 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key44},message:"property name must be valid"};
+const err405 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key44};
 if(vErrors === null){
 vErrors = [err405];
 }
@@ -5228,11 +5226,9 @@ vErrors.push(err405);
 errors++;
 }
 }
-for(const key45 in data175){
-let data176 = data175[key45];
-if(typeof data176 === "string"){
-if(!pattern29.test(data176)){
-const err406 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+var valid78 = _errs387 === errors;
+if(!valid78){
+const err406 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key44},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err406];
 }
@@ -5242,8 +5238,11 @@ vErrors.push(err406);
 errors++;
 }
 }
-else {
-const err407 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key45 in data175){
+let data176 = data175[key45];
+if(typeof data176 === "string"){
+if(!pattern29.test(data176)){
+const err407 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err407];
 }
@@ -5253,14 +5252,25 @@ vErrors.push(err407);
 errors++;
 }
 }
-}
 else {
-const err408 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err408 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err408];
 }
 else {
 vErrors.push(err408);
+}
+errors++;
+}
+}
+}
+else {
+const err409 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err409];
+}
+else {
+vErrors.push(err409);
 }
 errors++;
 }
@@ -5270,17 +5280,7 @@ for(const key46 in data177){
 const _errs393 = errors;
 if(typeof key46 === "string"){
 if(func4(key46) > 512){
-const err409 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key46};
-if(vErrors === null){
-vErrors = [err409];
-}
-else {
-vErrors.push(err409);
-}
-errors++;
-}
-if(func4(key46) < 1){
-const err410 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key46};
+const err410 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key46};
 if(vErrors === null){
 vErrors = [err410];
 }
@@ -5289,10 +5289,8 @@ vErrors.push(err410);
 }
 errors++;
 }
-}
-var valid80 = _errs393 === errors;
-if(!valid80){
-const err411 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
+if(func4(key46) < 1){
+const err411 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key46};
 if(vErrors === null){
 vErrors = [err411];
 }
@@ -5302,11 +5300,9 @@ vErrors.push(err411);
 errors++;
 }
 }
-for(const key47 in data177){
-let data178 = data177[key47];
-if(typeof data178 === "string"){
-if(!pattern29.test(data178)){
-const err412 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+var valid80 = _errs393 === errors;
+if(!valid80){
+const err412 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err412];
 }
@@ -5316,8 +5312,11 @@ vErrors.push(err412);
 errors++;
 }
 }
-else {
-const err413 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key47 in data177){
+let data178 = data177[key47];
+if(typeof data178 === "string"){
+if(!pattern29.test(data178)){
+const err413 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err413];
 }
@@ -5327,9 +5326,8 @@ vErrors.push(err413);
 errors++;
 }
 }
-}
 else {
-const err414 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err414 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err414];
 }
@@ -5338,11 +5336,10 @@ vErrors.push(err414);
 }
 errors++;
 }
-let data179 = data134.events;
-if(data179 && typeof data179 == "object" && !Array.isArray(data179)){
-for(const key48 in data179){
-if(!(key48 === "jsonl")){
-const err415 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key48},message:"must NOT have additional properties"};
+}
+}
+else {
+const err415 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err415];
 }
@@ -5351,12 +5348,11 @@ vErrors.push(err415);
 }
 errors++;
 }
-}
-if(data179.jsonl !== undefined){
-let data180 = data179.jsonl;
-if(data180 && typeof data180 == "object" && !Array.isArray(data180)){
-if(data180.path === undefined){
-const err416 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+let data179 = data134.events;
+if(data179 && typeof data179 == "object" && !Array.isArray(data179)){
+for(const key48 in data179){
+if(!(key48 === "jsonl")){
+const err416 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key48},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err416];
 }
@@ -5365,9 +5361,12 @@ vErrors.push(err416);
 }
 errors++;
 }
-for(const key49 in data180){
-if(!(key49 === "path")){
-const err417 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key49},message:"must NOT have additional properties"};
+}
+if(data179.jsonl !== undefined){
+let data180 = data179.jsonl;
+if(data180 && typeof data180 == "object" && !Array.isArray(data180)){
+if(data180.path === undefined){
+const err417 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err417];
 }
@@ -5376,12 +5375,9 @@ vErrors.push(err417);
 }
 errors++;
 }
-}
-if(data180.path !== undefined){
-let data181 = data180.path;
-if(typeof data181 === "string"){
-if(func4(data181) < 1){
-const err418 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key49 in data180){
+if(!(key49 === "path")){
+const err418 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key49},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err418];
 }
@@ -5391,8 +5387,11 @@ vErrors.push(err418);
 errors++;
 }
 }
-else {
-const err419 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data180.path !== undefined){
+let data181 = data180.path;
+if(typeof data181 === "string"){
+if(func4(data181) < 1){
+const err419 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err419];
 }
@@ -5402,9 +5401,8 @@ vErrors.push(err419);
 errors++;
 }
 }
-}
 else {
-const err420 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err420 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err420];
 }
@@ -5416,12 +5414,24 @@ errors++;
 }
 }
 else {
-const err421 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err421 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err421];
 }
 else {
 vErrors.push(err421);
+}
+errors++;
+}
+}
+}
+else {
+const err422 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err422];
+}
+else {
+vErrors.push(err422);
 }
 errors++;
 }
@@ -5448,20 +5458,7 @@ data182.resync_ms = 5000;
 }
 for(const key50 in data182){
 if(!((((((((key50 === "host") || (key50 === "port")) || (key50 === "token_env")) || (key50 === "heartbeat_ms")) || (key50 === "policy_file")) || (key50 === "max_bundle_bytes")) || (key50 === "resync_ms")) || (key50 === "nats"))){
-const err422 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err422];
-}
-else {
-vErrors.push(err422);
-}
-errors++;
-}
-}
-let data183 = data182.host;
-if(typeof data183 === "string"){
-if(func4(data183) < 1){
-const err423 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err423 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err423];
 }
@@ -5471,8 +5468,10 @@ vErrors.push(err423);
 errors++;
 }
 }
-else {
-const err424 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data183 = data182.host;
+if(typeof data183 === "string"){
+if(func4(data183) < 1){
+const err424 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err424];
 }
@@ -5481,9 +5480,9 @@ vErrors.push(err424);
 }
 errors++;
 }
-let data184 = data182.port;
-if(!(((typeof data184 == "number") && (!(data184 % 1) && !isNaN(data184))) && (isFinite(data184)))){
-const err425 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err425 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err425];
 }
@@ -5492,9 +5491,9 @@ vErrors.push(err425);
 }
 errors++;
 }
-if((typeof data184 == "number") && (isFinite(data184))){
-if(data184 > 65535 || isNaN(data184)){
-const err426 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+let data184 = data182.port;
+if(!(((typeof data184 == "number") && (!(data184 % 1) && !isNaN(data184))) && (isFinite(data184)))){
+const err426 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err426];
 }
@@ -5503,8 +5502,9 @@ vErrors.push(err426);
 }
 errors++;
 }
-if(data184 < 0 || isNaN(data184)){
-const err427 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if((typeof data184 == "number") && (isFinite(data184))){
+if(data184 > 65535 || isNaN(data184)){
+const err427 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err427];
 }
@@ -5513,11 +5513,8 @@ vErrors.push(err427);
 }
 errors++;
 }
-}
-let data185 = data182.token_env;
-if(typeof data185 === "string"){
-if(!pattern29.test(data185)){
-const err428 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+if(data184 < 0 || isNaN(data184)){
+const err428 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err428];
 }
@@ -5527,8 +5524,10 @@ vErrors.push(err428);
 errors++;
 }
 }
-else {
-const err429 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data185 = data182.token_env;
+if(typeof data185 === "string"){
+if(!pattern29.test(data185)){
+const err429 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err429];
 }
@@ -5537,9 +5536,9 @@ vErrors.push(err429);
 }
 errors++;
 }
-let data186 = data182.heartbeat_ms;
-if(!(((typeof data186 == "number") && (!(data186 % 1) && !isNaN(data186))) && (isFinite(data186)))){
-const err430 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err430 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err430];
 }
@@ -5548,9 +5547,9 @@ vErrors.push(err430);
 }
 errors++;
 }
-if((typeof data186 == "number") && (isFinite(data186))){
-if(data186 > 3600000 || isNaN(data186)){
-const err431 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+let data186 = data182.heartbeat_ms;
+if(!(((typeof data186 == "number") && (!(data186 % 1) && !isNaN(data186))) && (isFinite(data186)))){
+const err431 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err431];
 }
@@ -5559,8 +5558,9 @@ vErrors.push(err431);
 }
 errors++;
 }
-if(data186 < 20 || isNaN(data186)){
-const err432 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
+if((typeof data186 == "number") && (isFinite(data186))){
+if(data186 > 3600000 || isNaN(data186)){
+const err432 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err432];
 }
@@ -5569,12 +5569,8 @@ vErrors.push(err432);
 }
 errors++;
 }
-}
-if(data182.policy_file !== undefined){
-let data187 = data182.policy_file;
-if(typeof data187 === "string"){
-if(func4(data187) < 1){
-const err433 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data186 < 20 || isNaN(data186)){
+const err433 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
 if(vErrors === null){
 vErrors = [err433];
 }
@@ -5584,8 +5580,11 @@ vErrors.push(err433);
 errors++;
 }
 }
-else {
-const err434 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data182.policy_file !== undefined){
+let data187 = data182.policy_file;
+if(typeof data187 === "string"){
+if(func4(data187) < 1){
+const err434 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err434];
 }
@@ -5595,9 +5594,8 @@ vErrors.push(err434);
 errors++;
 }
 }
-let data188 = data182.max_bundle_bytes;
-if(!(((typeof data188 == "number") && (!(data188 % 1) && !isNaN(data188))) && (isFinite(data188)))){
-const err435 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err435 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err435];
 }
@@ -5606,9 +5604,10 @@ vErrors.push(err435);
 }
 errors++;
 }
-if((typeof data188 == "number") && (isFinite(data188))){
-if(data188 > 3145728 || isNaN(data188)){
-const err436 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
+}
+let data188 = data182.max_bundle_bytes;
+if(!(((typeof data188 == "number") && (!(data188 % 1) && !isNaN(data188))) && (isFinite(data188)))){
+const err436 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err436];
 }
@@ -5617,8 +5616,9 @@ vErrors.push(err436);
 }
 errors++;
 }
-if(data188 < 1024 || isNaN(data188)){
-const err437 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+if((typeof data188 == "number") && (isFinite(data188))){
+if(data188 > 3145728 || isNaN(data188)){
+const err437 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
 if(vErrors === null){
 vErrors = [err437];
 }
@@ -5627,10 +5627,8 @@ vErrors.push(err437);
 }
 errors++;
 }
-}
-let data189 = data182.resync_ms;
-if(!(((typeof data189 == "number") && (!(data189 % 1) && !isNaN(data189))) && (isFinite(data189)))){
-const err438 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data188 < 1024 || isNaN(data188)){
+const err438 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err438];
 }
@@ -5639,9 +5637,10 @@ vErrors.push(err438);
 }
 errors++;
 }
-if((typeof data189 == "number") && (isFinite(data189))){
-if(data189 > 3600000 || isNaN(data189)){
-const err439 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data189 = data182.resync_ms;
+if(!(((typeof data189 == "number") && (!(data189 % 1) && !isNaN(data189))) && (isFinite(data189)))){
+const err439 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err439];
 }
@@ -5650,13 +5649,24 @@ vErrors.push(err439);
 }
 errors++;
 }
-if(data189 < 50 || isNaN(data189)){
-const err440 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
+if((typeof data189 == "number") && (isFinite(data189))){
+if(data189 > 3600000 || isNaN(data189)){
+const err440 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err440];
 }
 else {
 vErrors.push(err440);
+}
+errors++;
+}
+if(data189 < 50 || isNaN(data189)){
+const err441 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
+if(vErrors === null){
+vErrors = [err441];
+}
+else {
+vErrors.push(err441);
 }
 errors++;
 }
@@ -5671,18 +5681,7 @@ if(data190.subject === undefined){
 data190.subject = "latchkey.control.revocations";
 }
 if(data190.servers === undefined){
-const err441 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
-if(vErrors === null){
-vErrors = [err441];
-}
-else {
-vErrors.push(err441);
-}
-errors++;
-}
-for(const key51 in data190){
-if(!(((key51 === "servers") || (key51 === "stream")) || (key51 === "subject"))){
-const err442 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
+const err442 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
 if(vErrors === null){
 vErrors = [err442];
 }
@@ -5691,12 +5690,9 @@ vErrors.push(err442);
 }
 errors++;
 }
-}
-if(data190.servers !== undefined){
-let data191 = data190.servers;
-if(Array.isArray(data191)){
-if(data191.length < 1){
-const err443 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+for(const key51 in data190){
+if(!(((key51 === "servers") || (key51 === "stream")) || (key51 === "subject"))){
+const err443 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err443];
 }
@@ -5705,12 +5701,12 @@ vErrors.push(err443);
 }
 errors++;
 }
-const len15 = data191.length;
-for(let i18=0; i18<len15; i18++){
-let data192 = data191[i18];
-if(typeof data192 === "string"){
-if(func4(data192) < 1){
-const err444 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data190.servers !== undefined){
+let data191 = data190.servers;
+if(Array.isArray(data191)){
+if(data191.length < 1){
+const err444 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err444];
 }
@@ -5719,9 +5715,12 @@ vErrors.push(err444);
 }
 errors++;
 }
-}
-else {
-const err445 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const len15 = data191.length;
+for(let i18=0; i18<len15; i18++){
+let data192 = data191[i18];
+if(typeof data192 === "string"){
+if(func4(data192) < 1){
+const err445 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err445];
 }
@@ -5731,9 +5730,8 @@ vErrors.push(err445);
 errors++;
 }
 }
-}
 else {
-const err446 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err446 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err446];
 }
@@ -5743,10 +5741,9 @@ vErrors.push(err446);
 errors++;
 }
 }
-let data193 = data190.stream;
-if(typeof data193 === "string"){
-if(!pattern34.test(data193)){
-const err447 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
+}
+else {
+const err447 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err447];
 }
@@ -5756,8 +5753,10 @@ vErrors.push(err447);
 errors++;
 }
 }
-else {
-const err448 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data193 = data190.stream;
+if(typeof data193 === "string"){
+if(!pattern34.test(data193)){
+const err448 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err448];
 }
@@ -5766,10 +5765,9 @@ vErrors.push(err448);
 }
 errors++;
 }
-let data194 = data190.subject;
-if(typeof data194 === "string"){
-if(!pattern13.test(data194)){
-const err449 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+}
+else {
+const err449 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err449];
 }
@@ -5778,9 +5776,10 @@ vErrors.push(err449);
 }
 errors++;
 }
-}
-else {
-const err450 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data194 = data190.subject;
+if(typeof data194 === "string"){
+if(!pattern13.test(data194)){
+const err450 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err450];
 }
@@ -5791,7 +5790,7 @@ errors++;
 }
 }
 else {
-const err451 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err451 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err451];
 }
@@ -5801,9 +5800,8 @@ vErrors.push(err451);
 errors++;
 }
 }
-}
 else {
-const err452 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err452 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err452];
 }
@@ -5815,7 +5813,7 @@ errors++;
 }
 }
 else {
-const err453 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err453 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err453];
 }
@@ -5827,12 +5825,24 @@ errors++;
 }
 }
 else {
-const err454 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err454 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err454];
 }
 else {
 vErrors.push(err454);
+}
+errors++;
+}
+}
+}
+else {
+const err455 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err455];
+}
+else {
+vErrors.push(err455);
 }
 errors++;
 }

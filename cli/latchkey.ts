@@ -10,12 +10,22 @@ import { loadConfigFile, ConfigError } from '../lib/config/load.js'
 import { createLogger } from '../lib/log.js'
 
 const program = new Command()
-// package.json sits two levels above dist/cli/ in the checkout and in the image (/app).
-const { version } = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }
 program
   .name('latchkey')
   .description('Short-lived, task-scoped credentials for AI agents, injected by a localhost sidecar.')
-  .version(version, '-V, --version')
+  .version(packageVersion(), '-V, --version')
+
+/** package.json is one level above cli/ (run from source) or two above dist/cli/ (built, and in the image). */
+function packageVersion(): string {
+  for (const where of ['../package.json', '../../package.json']) {
+    try {
+      return (JSON.parse(readFileSync(new URL(where, import.meta.url), 'utf8')) as { version: string }).version
+    } catch {
+      // not here: the other place
+    }
+  }
+  return 'unknown'
+}
 
 /** A collector's config has a top-level `collector` and no `sidecar`: validated by its own schema. */
 function isCollectorConfig(file: string): boolean {

@@ -230,7 +230,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const upstreamCa = sc.upstream_ca_file ? [...rootCertificates, readFileSync(sc.upstream_ca_file, 'utf8')] : undefined
   const routes = new Map(Object.entries(config.routes).map(([name, origin]) => [name, new URL(origin)]))
   const pipeline = new Pipeline({
-    identifier: new TaskIdentifier(sc.agent_id, tasks),
+    identifier: new TaskIdentifier(sc.agent_id, tasks, config.tasks.required),
     callers,
     decider: initialPolicy?.compiled ?? new Policy(config.policy),
     resolver: opts.resolver ?? new DnsResolver(compileNetworkPolicy(config.network), { cacheMs: config.network.dns_cache_ms }),

@@ -35,6 +35,7 @@ t.test('errors name the path and the problem', async (t) => {
   t.same(problems('version: 1\nroutes: { gh: "https://api.github.com/repos" }\n'), ['routes.gh: must be an origin (scheme://host[:port]) with no path, query or fragment'])
   t.same(problems('version: 1\nsidecar: { listen: { host: 0.0.0.0 } }\n'), ['sidecar.listen.host: must be a loopback address (set sidecar.allow_remote_clients to override)'])
   t.same(problems(`version: 1\nsidecar: { agent_id: "agent:x:prod:${'a'.repeat(600)}" }\n`), ['sidecar.agent_id: must NOT have more than 512 characters'])
+  t.same(problems('version: 1\ntasks: { required: true, default: { enabled: true } }\n'), ['tasks.required: contradicts tasks.default.enabled: a default task names every call'])
   t.same(problems('version: 1\nsidecar: { admin: { host: 0.0.0.0 } }\n'), ['sidecar.admin.host: must be a loopback address (set sidecar.allow_remote_clients to override)'], 'the admin port too')
   t.same(problems('version: 1\nsidecar: { listen: { host: 127.attacker.example } }\n').length, 1, 'a name that merely starts with 127. is not loopback')
   for (const host of ['127.0.0.2', '::1', '"0:0:0:0:0:0:0:1"', '"::ffff:127.0.0.1"', 'localhost']) t.same(problems(`version: 1\nsidecar: { listen: { host: ${host} }, admin: { host: ${host} } }\n`), [], `${host} is loopback`)

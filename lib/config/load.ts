@@ -219,6 +219,10 @@ function semanticProblems(c: Config): ConfigProblem[] {
     }
   }
 
+  if (c.tasks.required && c.tasks.default.enabled) {
+    problems.push({ path: 'tasks.required', message: 'contradicts tasks.default.enabled: a default task names every call' })
+  }
+
   const ruleIds = new Set<string>()
   c.policy.rules.forEach((r, i) => {
     if (ruleIds.has(r.id)) problems.push({ path: `policy.rules[${i}].id`, message: `duplicate rule id "${r.id}"` })

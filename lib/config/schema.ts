@@ -83,6 +83,12 @@ export interface Config {
   }
   tasks: {
     max_duration_s: number
+    /**
+     * Every call must name an open task: one without Proxy-Authorization is refused (407) rather
+     * than made as the agent with no task, so ending a task ends its egress, static credentials
+     * included. Off by default.
+     */
+    required: boolean
     /** A task for agents that never open one (no Proxy-Authorization). Off by default. */
     default: { enabled: boolean; duration_s: number; purpose: string }
   }
@@ -484,6 +490,7 @@ export const configSchema = {
       default: {},
       properties: {
         max_duration_s: { type: 'integer', minimum: 1, maximum: 604_800, default: 86_400 },
+        required: { type: 'boolean', default: false },
         default: {
           type: 'object',
           additionalProperties: false,

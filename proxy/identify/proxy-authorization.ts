@@ -3,7 +3,8 @@
 // send proxy credentials only when the URL has both a user and a password (curl sends either).
 // A bare http://<handle>@… and Bearer <handle> are accepted too. The header is
 // consumed here and never forwarded. No header: the default task when configured, else the
-// sidecar's agent with no task. A malformed header, or a handle of no open task, is a 407.
+// sidecar's agent with no task (or, with tasks.required, a 407). A malformed header, or a handle
+// of no open task, is a 407.
 import type { Identifier, Identity } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import type { TaskRegistry } from '../tasks/registry.js'
@@ -15,13 +16,20 @@ export class TaskIdentifier implements Identifier {
   constructor(
     agentId: string,
     private readonly tasks: TaskRegistry,
+    /** tasks.required: a call that names no task is refused, not made as the agent with no task. */
+    private readonly taskRequired = false,
   ) {
     this.anonymous = Object.freeze({ agentId, taskId: null, userSub: null, task: null }) as Identity
     this.unidentified = this.anonymous
   }
 
   identify(proxyAuthorization: string | undefined): Identity {
-    if (proxyAuthorization === undefined) return this.tasks.getDefault()?.identity ?? this.anonymous
+    if (proxyAuthorization === undefined) {
+      const fallback = this.tasks.getDefault()?.identity
+      if (fallback) return fallback
+      if (this.taskRequired) throw new LatchkeyError('LK_PROXY_AUTH', 'this sidecar requires a task: open one with POST /v1/tasks and use its proxy_url')
+      return this.anonymous
+    }
     const space = proxyAuthorization.indexOf(' ')
     const scheme = space === -1 ? '' : proxyAuthorization.slice(0, space).toLowerCase()
     const value = space === -1 ? '' : proxyAuthorization.slice(space + 1).trim()

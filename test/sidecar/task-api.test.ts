@@ -53,3 +53,28 @@ t.test('task API: clear refusals, a cap on open tasks, lifecycle in the log', as
   t.match(await full.json(), { error: 'too_many_tasks', reason: /10000 tasks are open; end one/ })
   assertNoCanary(t, s, wrong.raw)
 })
+
+t.test('tasks.required: a call that names no task gets no credential, so a task end ends its egress', async (t) => {
+  const upstream = await startUpstream()
+  const s = await startTestSidecar({
+    ...loopbackPolicy([upstream.port]),
+    tasks: { required: true },
+    credentials: [{ id: 'up', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const call = (auth: string | null) =>
+    rawRequest(s.sidecar.port, `GET ${upstream.origin}/x HTTP/1.1\r\nHost: x\r\n${auth ? `Proxy-Authorization: ${auth}\r\n` : ''}Connection: close\r\n\r\n`)
+  const none = await call(null)
+  t.equal(none.status, 407)
+  t.match(JSON.parse(none.body), { code: 'LK_PROXY_AUTH', reason: 'this sidecar requires a task: open one with POST /v1/tasks and use its proxy_url' })
+  const task = (await (await fetch(`${s.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"purpose":"p","duration_s":60}' })).json()) as { task: string }
+  t.equal((await call(`Bearer ${task.task}`)).status, 200, 'with a task, the call is made')
+  await fetch(`${s.sidecar.adminUrl}/v1/tasks/${task.task}`, { method: 'DELETE' })
+  t.equal((await call(`Bearer ${task.task}`)).status, 407, 'the ended task is refused')
+  t.equal((await call(null)).status, 407, 'and no fallback to the agent with no task')
+  t.equal(upstream.requests.length, 1, 'the credential went out once, for the task')
+  assertNoCanary(t, s, none.raw)
+})

@@ -10,6 +10,11 @@ export interface SidecarCredential {
   id: string
   /** hex SHA-256 of the sidecar's shared token: the collector never holds the token itself. Required without mTLS. */
   token_sha256?: string
+  /**
+   * The agent instances this sidecar may report calls for: exact IDs, or a prefix ending in `*`
+   * (agent:summarizer:prod:*). Unset: any. A batch naming another agent is refused whole.
+   */
+  agents?: string[]
 }
 
 export interface GrpcTls {
@@ -109,7 +114,11 @@ const schema = {
             type: 'object',
             additionalProperties: false,
             required: ['id'],
-            properties: { id: { type: 'string', minLength: 1 }, token_sha256: { type: 'string', pattern: '^[0-9a-f]{64}$' } },
+            properties: {
+              id: { type: 'string', minLength: 1 },
+              token_sha256: { type: 'string', pattern: '^[0-9a-f]{64}$' },
+              agents: { type: 'array', minItems: 1, items: { type: 'string', pattern: '^agent:[^*]*\\*?$' } },
+            },
           },
         },
         nats: {

@@ -26,6 +26,8 @@ function grpcError(code: status, details: string): Partial<ServiceError> {
 
 export class IngestService {
   private readonly tokens: Map<string, Buffer | null>
+  /** Per sidecar, whether it may report an agent: absent when its config lists no agents. */
+  private readonly mayReport: Map<string, (agent: string) => boolean>
   readonly stats: IngestStats = { batches: 0, stored: 0, duplicates: 0, refused: 0 }
   private readonly streams = new Set<ServerDuplexStream<IngestRequest, IngestResponse>>()
 
@@ -39,6 +41,7 @@ export class IngestService {
     private readonly mtls = false,
   ) {
     this.tokens = new Map(sidecars.map((s) => [s.id, s.token_sha256 ? Buffer.from(s.token_sha256, 'hex') : null]))
+    this.mayReport = new Map(sidecars.filter((s) => s.agents).map((s) => [s.id, agentMatcher(s.agents!)]))
   }
 
   /** Returns the authenticated sidecar id, or the reason it is refused (never quoting the token). */
@@ -105,6 +108,13 @@ export class IngestService {
             this.stats.refused++
             throw grpcError(status.PERMISSION_DENIED, `batch names sidecar "${req.sidecarId}" but the stream authenticated as "${id}"`)
           }
+          const may = this.mayReport.get(id)
+          const foreign = may ? req.events.find((e) => !may(e.event?.delegation?.agent ?? '')) : undefined
+          if (foreign) {
+            // A sidecar's token vouches for its own agents only: another's calls are not its to report.
+            this.stats.refused++
+            throw grpcError(status.PERMISSION_DENIED, `sequence ${foreign.sequence} names agent "${(foreign.event?.delegation?.agent ?? '').slice(0, 200)}", which sidecar "${id}" may not report (collector.sidecars[].agents)`)
+          }
           const r = await this.store.append(id, req.events)
           this.stats.batches++
           this.stats.stored += r.stored
@@ -141,4 +151,11 @@ export class IngestService {
     this.log.error({ sidecar: id, err: { type: (err as Error)?.name, message: (err as Error)?.message } }, 'ingest failed')
     return grpcError(status.INTERNAL, 'collector error')
   }
+}
+
+/** Exact agent IDs, or prefixes written with a trailing `*`. */
+function agentMatcher(patterns: string[]): (agent: string) => boolean {
+  const exact = new Set(patterns.filter((p) => !p.endsWith('*')))
+  const prefixes = patterns.filter((p) => p.endsWith('*')).map((p) => p.slice(0, -1))
+  return (agent) => exact.has(agent) || prefixes.some((p) => agent.startsWith(p))
 }

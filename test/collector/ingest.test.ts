@@ -5,7 +5,7 @@ import { Metadata, status, type ServiceError } from '@grpc/grpc-js'
 import type { IngestResponse, IngestRequest } from '../../protos/gen/latchkey/v1/audit.js'
 import type { ClientDuplexStream } from '@grpc/grpc-js'
 import { seqEvents } from './events.js'
-import { authMetadata, ingestClient, sidecarIdentity, startTestCollector } from './collector-helpers.js'
+import { authMetadata, ingestClient, sha256hex, sidecarIdentity, startTestCollector } from './collector-helpers.js'
 
 const AGENT = 'agent:summarizer:test:a1'
 
@@ -103,6 +103,23 @@ t.test("a batch naming another sidecar is refused on the authenticated stream", 
   t.equal(r.error?.details, `batch names sidecar "${b.id}" but the stream authenticated as "${a.id}"`)
   const inv = await c.store.inventory()
   t.same(inv.sidecars.map((x) => [x.sidecar, x.events]), [[a.id, 3]])
+})
+
+t.test("with collector.sidecars[].agents, a sidecar cannot report another agent's calls", async (t) => {
+  const s = sidecarIdentity()
+  const c = await startTestCollector([s], { raw: { sidecars: [{ id: s.id, token_sha256: sha256hex(s.token), agents: ['agent:summarizer:test:*', 'agent:helper:prod:h-1'] }] } })
+  t.teardown(() => c.close())
+  const as = (agent: string) => () => ({ agent })
+  const r = await exchange(c.grpcAddress, authMetadata(s), [
+    { sidecarId: s.id, events: [...seqEvents(1, 2), ...seqEvents(3, 3, as('agent:helper:prod:h-1'))] },
+    { sidecarId: s.id, events: [...seqEvents(4, 4), ...seqEvents(5, 5, as('agent:alpha:dev:1'))] },
+  ])
+  t.same(r.acks.map((x) => x.ackedSequence), [3], 'its own agents, by prefix and exactly, are stored')
+  t.equal(r.error?.code, status.PERMISSION_DENIED)
+  t.equal(r.error?.details, `sequence 5 names agent "agent:alpha:dev:1", which sidecar "${s.id}" may not report (collector.sidecars[].agents)`)
+  const inv = await c.store.inventory()
+  t.same(inv.sidecars.map((x) => [x.sidecar, x.events]), [[s.id, 3]], 'the batch holding a foreign agent was refused whole, so the sidecar keeps it')
+  t.notOk(inv.agents.some((a) => a.agent === 'agent:alpha:dev:1'), "the forged agent has no calls in the trail")
 })
 
 t.test('a malformed batch is refused as INVALID_ARGUMENT naming the event', async (t) => {

@@ -17,10 +17,11 @@ export interface Readiness {
 /** Further routes on the admin port (the task API); returns true when it handled the request. */
 export type AdminRoute = (req: IncomingMessage, res: ServerResponse, path: string) => boolean
 
-export function createAdminServer(metrics: SidecarMetrics, readiness: Readiness, clientHeadersTimeoutMs: number, extra?: AdminRoute): Server {
+export function createAdminServer(metrics: SidecarMetrics, readiness: Readiness, opts: { clientHeadersTimeoutMs: number; namedHosts: boolean }, extra?: AdminRoute): Server {
+  const { clientHeadersTimeoutMs, namedHosts } = opts
   const server = createServer({ headersTimeout: clientHeadersTimeoutMs, requestTimeout: 30_000, keepAliveTimeout: 5_000 }, (req, res) => {
     try {
-      checkLocalCaller(req.headers)
+      checkLocalCaller(req.headers, namedHosts)
     } catch (err) {
       const { status, headers, body } = renderError(err as LatchkeyError)
       res.writeHead(status, headers).end(body)

@@ -36,6 +36,8 @@ export interface Stages {
   callers?: PeerProcessResolver | undefined
   /** Revocations heard on the control stream: throws LK_REVOKED for a revoked agent or task. */
   revocations?: { check(identity: Identity): void } | undefined
+  /** sidecar.allow_remote_clients: reverse routes may be addressed by any host name. */
+  namedHosts?: boolean
 }
 
 /** What a plaintext CONNECT tunnel was opened for, carried to each request inside it. */
@@ -183,7 +185,7 @@ export class Pipeline {
         throw new LatchkeyError('LK_BAD_REQUEST', `${ctx.method} is not proxied: the upstream would echo the request, credentials included`)
       }
       ctx.target = this.parseTarget(url, tunnel)
-      if (ctx.target.route !== null) checkLocalCaller(req.headers)
+      if (ctx.target.route !== null) checkLocalCaller(req.headers, this.stages.namedHosts)
       // Refused after the target is read, so the trail says which call the shutdown turned away.
       if (this.draining) throw new LatchkeyError('LK_DRAINING', 'the sidecar is shutting down; retry on a new connection')
       // Inside a tunnel the agent's proxy credential came with the CONNECT, not with each request.

@@ -241,6 +241,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     audit,
     log,
     metrics,
+    namedHosts: sc.allow_remote_clients,
   })
   metrics.liveCount = () => pipeline.live.size
 
@@ -339,7 +340,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       if (stale) reasons.push(`${stale}: no new tokens are minted`)
       return { ok: reasons.length === 0, reasons }
     },
-  }, sc.timeouts.client_headers_ms, (req, res, path) =>
+  }, { clientHeadersTimeoutMs: sc.timeouts.client_headers_ms, namedHosts: sc.allow_remote_clients }, (req, res, path) =>
     handleTaskApi(
       {
         tasks,

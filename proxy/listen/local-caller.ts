@@ -7,10 +7,14 @@ import { isIP } from 'node:net'
 import type { IncomingHttpHeaders } from 'node:http'
 import { LatchkeyError } from '../errors.js'
 
-/** Throws LK_FOREIGN_ORIGIN unless the request looks like it came from a local program. */
-export function checkLocalCaller(headers: IncomingHttpHeaders): void {
+/**
+ * Throws LK_FOREIGN_ORIGIN unless the request looks like it came from a local program. With
+ * `namedHosts` (sidecar.allow_remote_clients: the sidecar is meant to be reached by a name, a
+ * Service's, say) any Host passes; a web page is still refused by its Origin.
+ */
+export function checkLocalCaller(headers: IncomingHttpHeaders, namedHosts = false): void {
   const host = headers.host
-  if (host !== undefined && !isLocalName(hostname(host))) {
+  if (!namedHosts && host !== undefined && !isLocalName(hostname(host))) {
     throw new LatchkeyError('LK_FOREIGN_ORIGIN', 'the request names another host than this sidecar; address it by a loopback address or localhost (another name is what DNS rebinding looks like)')
   }
   const site = headers['sec-fetch-site']

@@ -29,7 +29,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
     // Read first, so a refused upgrade is recorded with what it was for.
     ctx.target = pipeline.parseTarget(url, null)
     // A browser's WebSocket always carries Origin: a page must not open a credentialed socket.
-    if (ctx.target.route !== null) checkLocalCaller(req.headers)
+    if (ctx.target.route !== null) checkLocalCaller(req.headers, pipeline.stages.namedHosts)
     const protocol = String(req.headers.upgrade ?? '').trim().toLowerCase()
     if (protocol.includes('h2c')) throw new LatchkeyError('LK_BAD_REQUEST', 'h2c upgrades are refused; speak HTTP/1.1 to the sidecar')
     if (protocol !== 'websocket') throw new LatchkeyError('LK_BAD_REQUEST', `upgrade to "${protocol.slice(0, 32)}" is not supported; only websocket`)

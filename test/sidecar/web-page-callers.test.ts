@@ -63,6 +63,19 @@ t.test('a web page cannot drive reverse routes or the admin API', async (t) => {
   t.notOk(seen.some((r) => r.includes(CANARY)))
 })
 
+t.test('with allow_remote_clients, a route may be addressed by name; a web page is still refused', async (t) => {
+  const upstream = await startUpstream()
+  const s = await startTestSidecar({ ...loopbackPolicy([upstream.port]), sidecar: { allow_remote_clients: true }, routes: { api: upstream.origin } })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const route = (headers: string) => rawRequest(s.sidecar.port, `GET /api/x HTTP/1.1\r\n${headers}Connection: close\r\n\r\n`)
+  t.equal((await route('Host: latchkey.agents.svc.cluster.local:15001\r\n')).status, 200, "a Service's name is how remote clients reach it")
+  t.equal((await route('Host: latchkey.agents.svc.cluster.local\r\nOrigin: http://attacker.example\r\n')).status, 403, 'a page is still a page')
+  t.equal((await rawRequest(s.sidecar.adminPort, 'GET /healthz HTTP/1.1\r\nHost: latchkey-admin\r\nConnection: close\r\n\r\n')).status, 200, 'the admin port too')
+})
+
 t.test('the admin port holds a bounded number of connections; idle ones cannot starve it', async (t) => {
   const s = await startTestSidecar(loopbackPolicy([1]))
   t.teardown(() => s.close())

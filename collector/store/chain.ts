@@ -64,6 +64,11 @@ export function newEvents(sidecar: string, events: SequencedEvent[], stored: Map
     if (!e.event.delegation?.agent) {
       throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${e.sequence} has no delegation.agent`)
     }
+    // No sidecar's clock reads before 1970: such an event would be counted by the inventory yet
+    // never returned by a query (which starts at 0).
+    if (!Number.isSafeInteger(e.event.timeUnixMs) || e.event.timeUnixMs <= 0) {
+      throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${e.sequence} has no time (time_unix_ms must be a positive epoch time)`)
+    }
     const held = stored.get(e.sequence)
     if (held !== undefined && held !== e.event.id) {
       throw new StoreError(

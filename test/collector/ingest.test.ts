@@ -129,6 +129,12 @@ t.test('a malformed batch is refused as INVALID_ARGUMENT naming the event', asyn
   const r = await exchange(c.grpcAddress, authMetadata(s), [{ sidecarId: s.id, events: [{ sequence: 0, event: seqEvents(1, 1)[0]!.event }] }])
   t.equal(r.error?.code, status.INVALID_ARGUMENT)
   t.match(r.error?.details, /sequence 0 is not a positive integer/)
+  for (const ts of [0, -5]) {
+    const before = await exchange(c.grpcAddress, authMetadata(s), [{ sidecarId: s.id, events: seqEvents(1, 1, () => ({ ts })) }])
+    t.equal(before.error?.code, status.INVALID_ARGUMENT, `time ${ts}: refused`)
+    t.match(before.error?.details, /sequence 1 has no time \(time_unix_ms must be a positive epoch time\)/)
+  }
+  t.same((await c.store.inventory()).agents, [], 'nothing the inventory would count and a query never return')
 })
 
 t.test('no ack before the commit: a slow store holds the ack back', async (t) => {

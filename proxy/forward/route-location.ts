@@ -3,8 +3,7 @@
 // (`/login`, or `https://api.example.com/v2/x`) is put back under the route; any other Location
 // (another origin, a relative path that already resolves under the route) is left as it is.
 import type { Target } from '../context.js'
-
-const DEFAULT_PORT = { 'http:': 80, 'https:': 443 } as Record<string, number>
+import { urlHostPort } from '../listen/target.js'
 
 export function locationThroughRoute(location: string, target: Target): string {
   const route = target.route
@@ -17,10 +16,8 @@ export function locationThroughRoute(location: string, target: Target): string {
   } catch {
     return location
   }
-  let host = url.hostname
-  if (host.startsWith('[')) host = host.slice(1, -1)
-  if (host.endsWith('.')) host = host.slice(0, -1)
-  const port = url.port === '' ? DEFAULT_PORT[url.protocol] : Number(url.port)
-  if (url.protocol !== `${target.scheme}:` || host !== target.host || port !== target.port || url.username || url.password) return location
+  if (url.protocol !== `${target.scheme}:` || url.username || url.password) return location
+  const { host, port } = urlHostPort(url, target.scheme)
+  if (host !== target.host || port !== target.port) return location
   return `/${route}${url.pathname}${url.search}${url.hash}`
 }

@@ -8,13 +8,18 @@ import type { Target } from '../context.js'
 
 const DEFAULT_PORT = { http: 80, https: 443 } as const
 
-function fromUrl(url: URL): Target {
-  const scheme = url.protocol === 'https:' ? 'https' : 'http'
+/** A parsed URL's host as a Target holds it (no brackets, no trailing dot), and its port with the scheme's default. */
+export function urlHostPort(url: URL, scheme: 'http' | 'https'): { host: string; port: number } {
   let host = url.hostname
   if (host.startsWith('[')) host = host.slice(1, -1)
   if (host.endsWith('.')) host = host.slice(0, -1)
+  return { host, port: url.port === '' ? DEFAULT_PORT[scheme] : Number(url.port) }
+}
+
+function fromUrl(url: URL): Target {
+  const scheme = url.protocol === 'https:' ? 'https' : 'http'
+  const { host, port } = urlHostPort(url, scheme)
   if (host === '') throw new LatchkeyError('LK_BAD_REQUEST', 'request target has an empty host')
-  const port = url.port === '' ? DEFAULT_PORT[scheme] : Number(url.port)
   return { scheme, host, port, path: checkedPath(url.pathname || '/'), search: url.search, hostIsIp: isIP(host) !== 0, route: null }
 }
 

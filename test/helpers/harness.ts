@@ -179,25 +179,38 @@ export function loopbackPolicy(ports: number[], extra: Record<string, unknown> =
 }
 
 /**
- * A sidecar injecting a bearer for one recording upstream whose `/slow…` paths answer "late"
- * after `delayMs`: a response still owed while more requests arrive on the connection.
+ * One recording upstream and a sidecar allowing it (loopbackPolicy) and injecting the canary as
+ * its bearer, both torn down with the test. `fragment` adds to (or overrides) the sidecar's
+ * config, given the upstream so it can name it (a route to `upstream.origin`, say).
  */
-export async function startSlowCallRig(t: { teardown(fn: () => unknown): void }, delayMs: number, sidecar: Record<string, unknown> = {}) {
-  const upstream = await startUpstream({
-    handler: (req, res) => {
-      if (!req.url.startsWith('/slow')) return false
-      setTimeout(() => res.writeHead(200, { 'content-type': 'text/plain' }).end('late'), delayMs)
-      return true
-    },
-  })
+export async function startBearerRig(
+  t: { teardown(fn: () => unknown): void },
+  o: { handler?: Parameters<typeof startUpstream>[0]['handler']; fragment?: (upstream: Upstream) => Record<string, unknown> } = {},
+) {
+  const upstream = await startUpstream(o.handler ? { handler: o.handler } : {})
   const s = await startTestSidecar({
     ...loopbackPolicy([upstream.port]),
-    sidecar,
     credentials: [{ id: 'up', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+    ...o.fragment?.(upstream),
   })
   t.teardown(async () => {
     await s.close()
     await upstream.close()
   })
   return { upstream, s, host: `127.0.0.1:${upstream.port}` }
+}
+
+/**
+ * A bearer rig (above) whose `/slow…` paths answer "late" after `delayMs`: a response still owed
+ * while more requests arrive on the connection.
+ */
+export function startSlowCallRig(t: { teardown(fn: () => unknown): void }, delayMs: number, sidecar: Record<string, unknown> = {}) {
+  return startBearerRig(t, {
+    handler: (req, res) => {
+      if (!req.url.startsWith('/slow')) return false
+      setTimeout(() => res.writeHead(200, { 'content-type': 'text/plain' }).end('late'), delayMs)
+      return true
+    },
+    fragment: () => ({ sidecar }),
+  })
 }

@@ -5,7 +5,7 @@ import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { connect } from 'node:net'
 import { once } from 'node:events'
-import { startUpstream, startTestSidecar, loopbackPolicy, assertNoCanary, CANARY } from '../helpers/harness.js'
+import { startUpstream, startTestSidecar, startBearerRig, loopbackPolicy, assertNoCanary, CANARY } from '../helpers/harness.js'
 import { testPki } from '../helpers/tls.js'
 
 const run = promisify(execFile)
@@ -207,12 +207,7 @@ t.test('method and path rules: Node fetch of http:// is decided per request; TLS
 })
 
 t.test('a request a plain tunnel refuses is recorded against the tunnel origin', async (t) => {
-  const upstream = await startUpstream()
-  const s = await startTestSidecar(loopbackPolicy([upstream.port]))
-  t.teardown(async () => {
-    await s.close()
-    await upstream.close()
-  })
+  const { upstream, s } = await startBearerRig(t)
   const sock = connect(s.sidecar.port, '127.0.0.1')
   let raw = ''
   sock.on('data', (d: Buffer) => (raw += d.toString('latin1')))
@@ -226,22 +221,14 @@ t.test('a request a plain tunnel refuses is recorded against the tunnel origin',
 })
 
 t.test('a client following a redirect on a reverse route stays on the route, credential and all', async (t) => {
-  const upstream = await startUpstream({
+  const { upstream, s } = await startBearerRig(t, {
     handler: (req, res) => {
       if (req.url === '/old') res.writeHead(302, { location: '/new?x=1' }).end()
       else if (req.url === '/absolute') res.writeHead(301, { location: `http://127.0.0.1:${upstream.port}/new` }).end()
       else return false
       return true
     },
-  })
-  const s = await startTestSidecar({
-    ...loopbackPolicy([upstream.port]),
-    routes: { api: upstream.origin },
-    credentials: [{ id: 'api', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
-  })
-  t.teardown(async () => {
-    await s.close()
-    await upstream.close()
+    fragment: (up) => ({ routes: { api: up.origin } }),
   })
   const followed = await run('curl', ['-sS', '-L', '-i', `${s.proxy}/api/old`])
   t.match(followed.stdout, /^HTTP\/1\.1 302 [^]*location: \/api\/new\?x=1\r\n[^]*HTTP\/1\.1 200 /i, 'the Location names the route')

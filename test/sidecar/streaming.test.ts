@@ -5,7 +5,7 @@ import { Readable } from 'node:stream'
 import { createServer, type Server } from 'node:http'
 import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
-import { startTestSidecar } from '../helpers/harness.js'
+import { startTestSidecar, startBearerRig } from '../helpers/harness.js'
 
 const SIZE = 16 * 1024 * 1024
 
@@ -84,22 +84,18 @@ t.test('16 MiB up (chunked) and 16 MiB down, byte for byte', async (t) => {
 })
 
 t.test('an agent that hangs up mid-response is recorded as having done so, not as an upstream fault', async (t) => {
-  const upstream: Server = createServer((_req, res) => {
-    res.writeHead(200, { 'content-type': 'application/octet-stream' })
-    const timer = setInterval(() => res.write(Buffer.alloc(16 * 1024)), 5)
-    res.on('close', () => clearInterval(timer))
-  })
-  upstream.listen(0, '127.0.0.1')
-  await once(upstream, 'listening')
-  const port = (upstream.address() as AddressInfo).port
-  const s = await startTestSidecar({ policy: { default: 'allow' }, network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] } })
-  t.teardown(async () => {
-    await s.close()
-    upstream.close()
+  // An upstream that streams until the agent's side goes away.
+  const { s, host } = await startBearerRig(t, {
+    handler: (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/octet-stream' })
+      const timer = setInterval(() => res.write(Buffer.alloc(16 * 1024)), 5)
+      res.on('close', () => clearInterval(timer))
+      return true
+    },
   })
   const { connect } = await import('node:net')
   const sock = connect(s.sidecar.port, '127.0.0.1')
-  sock.write(`GET http://127.0.0.1:${port}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`)
+  sock.write(`GET http://${host}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`)
   await once(sock, 'data')
   sock.destroy()
   await new Promise((r) => setTimeout(r, 200))

@@ -2,19 +2,11 @@
 // bounds what one caller can make it hold, and records each task's life in the log (by its ID,
 // never its handle). The proxy credential is read from one field, never guessed.
 import t from 'tap'
-import { startUpstream, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary } from '../helpers/harness.js'
+import { startBearerRig, rawRequest, assertNoCanary } from '../helpers/harness.js'
 import { MAX_OPEN_TASKS } from '../../proxy/tasks/api.js'
 
 t.test('task API: clear refusals, a cap on open tasks, lifecycle in the log', async (t) => {
-  const upstream = await startUpstream()
-  const s = await startTestSidecar({
-    ...loopbackPolicy([upstream.port]),
-    credentials: [{ id: 'up', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
-  })
-  t.teardown(async () => {
-    await s.close()
-    await upstream.close()
-  })
+  const { upstream, s } = await startBearerRig(t)
   const admin = s.sidecar.adminUrl
   const open = (body: unknown) => fetch(`${admin}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: typeof body === 'string' ? body : JSON.stringify(body) })
 
@@ -55,16 +47,7 @@ t.test('task API: clear refusals, a cap on open tasks, lifecycle in the log', as
 })
 
 t.test('tasks.required: a call that names no task gets no credential, so a task end ends its egress', async (t) => {
-  const upstream = await startUpstream()
-  const s = await startTestSidecar({
-    ...loopbackPolicy([upstream.port]),
-    tasks: { required: true },
-    credentials: [{ id: 'up', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
-  })
-  t.teardown(async () => {
-    await s.close()
-    await upstream.close()
-  })
+  const { upstream, s } = await startBearerRig(t, { fragment: () => ({ tasks: { required: true } }) })
   const call = (auth: string | null) =>
     rawRequest(s.sidecar.port, `GET ${upstream.origin}/x HTTP/1.1\r\nHost: x\r\n${auth ? `Proxy-Authorization: ${auth}\r\n` : ''}Connection: close\r\n\r\n`)
   const none = await call(null)

@@ -5,19 +5,10 @@
 import t from 'tap'
 import { connect } from 'node:net'
 import { once } from 'node:events'
-import { startUpstream, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
+import { startBearerRig, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
 
 t.test('a web page cannot drive reverse routes or the admin API', async (t) => {
-  const upstream = await startUpstream()
-  const s = await startTestSidecar({
-    ...loopbackPolicy([upstream.port]),
-    routes: { api: upstream.origin },
-    credentials: [{ id: 'api', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
-  })
-  t.teardown(async () => {
-    await s.close()
-    await upstream.close()
-  })
+  const { upstream, s } = await startBearerRig(t, { fragment: (up) => ({ routes: { api: up.origin } }) })
   const port = s.sidecar.port
   const seen: string[] = []
   const route = (headers: string) => rawRequest(port, `GET /api/x HTTP/1.1\r\n${headers}Connection: close\r\n\r\n`)
@@ -64,12 +55,7 @@ t.test('a web page cannot drive reverse routes or the admin API', async (t) => {
 })
 
 t.test('with allow_remote_clients, a route may be addressed by name; a web page is still refused', async (t) => {
-  const upstream = await startUpstream()
-  const s = await startTestSidecar({ ...loopbackPolicy([upstream.port]), sidecar: { allow_remote_clients: true }, routes: { api: upstream.origin } })
-  t.teardown(async () => {
-    await s.close()
-    await upstream.close()
-  })
+  const { s } = await startBearerRig(t, { fragment: (up) => ({ sidecar: { allow_remote_clients: true }, routes: { api: up.origin } }) })
   const route = (headers: string) => rawRequest(s.sidecar.port, `GET /api/x HTTP/1.1\r\n${headers}Connection: close\r\n\r\n`)
   t.equal((await route('Host: latchkey.agents.svc.cluster.local:15001\r\n')).status, 200, "a Service's name is how remote clients reach it")
   t.equal((await route('Host: latchkey.agents.svc.cluster.local\r\nOrigin: http://attacker.example\r\n')).status, 403, 'a page is still a page')

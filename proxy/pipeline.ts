@@ -184,8 +184,7 @@ export class Pipeline {
       if (ctx.method === 'TRACE' || ctx.method === 'TRACK') {
         throw new LatchkeyError('LK_BAD_REQUEST', `${ctx.method} is not proxied: the upstream would echo the request, credentials included`)
       }
-      ctx.target = this.parseTarget(url, tunnel)
-      if (ctx.target.route !== null) checkLocalCaller(req.headers, this.stages.namedHosts)
+      this.readTarget(ctx, req, tunnel)
       // Refused after the target is read, so the trail says which call the shutdown turned away.
       if (this.draining) throw new LatchkeyError('LK_DRAINING', 'the sidecar is shutting down; retry on a new connection')
       // Inside a tunnel the agent's proxy credential came with the CONNECT, not with each request.
@@ -200,6 +199,16 @@ export class Pipeline {
       if (tunnel && ctx.target === null) ctx.target = tunnel.target
       this.refuse(ctx, res, err)
     }
+  }
+
+  /**
+   * Sets the target of a request about to be decided, then, for a reverse route (a request
+   * addressed to the sidecar itself), refuses it when a web page sent it: recorded with the
+   * target it was for. Throws as parseTarget does, and LK_FOREIGN_ORIGIN.
+   */
+  readTarget(ctx: CallContext, req: IncomingMessage, tunnel: TunnelOrigin | null): void {
+    const target = (ctx.target = this.parseTarget(req.url ?? '', tunnel))
+    if (target.route !== null) checkLocalCaller(req.headers, this.stages.namedHosts)
   }
 
   /** A request's target, read the way it arrived: inside a tunnel, origin-form (a route), or absolute-form. Throws LK_BAD_REQUEST / LK_NO_ROUTE. */
@@ -252,8 +261,7 @@ export class Pipeline {
     const entry = { req, neverSent: () => this.neverSent(req, tunnel) }
     queue.push(entry)
     res.once('socket', () => {
-      // Turns come in order: the entry is almost always the first.
-      const i = queue[0] === entry ? 0 : queue.indexOf(entry)
+      const i = queue.indexOf(entry)
       if (i !== -1) queue.splice(i, 1)
       run()
     })

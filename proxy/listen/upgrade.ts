@@ -8,7 +8,6 @@ import type { Pipeline } from '../pipeline.js'
 import { LatchkeyError } from '../errors.js'
 import { hostHeader } from './target.js'
 import { checkFraming } from './framing.js'
-import { checkLocalCaller } from './local-caller.js'
 import { outboundRequestHeaders } from '../forward/headers.js'
 import { stripQueryParams } from '../credentials/bindings.js'
 import { upstreamError } from '../forward/upstream-errors.js'
@@ -20,16 +19,14 @@ const KEEP_FOR_WEBSOCKET = ['upgrade', 'connection'] as const
 
 export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: Socket, head: Buffer, connectTimeoutMs: number, open: Set<Socket>): void {
   if (pipeline.refusePipelinedTakeover(req, client, 'upgrade')) return
-  const url = req.url ?? ''
   const ctx = pipeline.newContext('upgrade', req.method ?? 'GET')
   const refuse = (err: unknown) => pipeline.refuseSocket(ctx, client, err)
   client.on('error', () => {})
   const run = async () => {
     checkFraming(req)
     // Read first, so a refused upgrade is recorded with what it was for.
-    ctx.target = pipeline.parseTarget(url, null)
-    // A browser's WebSocket always carries Origin: a page must not open a credentialed socket.
-    if (ctx.target.route !== null) checkLocalCaller(req.headers, pipeline.stages.namedHosts)
+    // A browser's WebSocket always carries Origin: readTarget refuses a page's on a route.
+    pipeline.readTarget(ctx, req, null)
     const protocol = String(req.headers.upgrade ?? '').trim().toLowerCase()
     if (protocol.includes('h2c')) throw new LatchkeyError('LK_BAD_REQUEST', 'h2c upgrades are refused; speak HTTP/1.1 to the sidecar')
     if (protocol !== 'websocket') throw new LatchkeyError('LK_BAD_REQUEST', `upgrade to "${protocol.slice(0, 32)}" is not supported; only websocket`)
@@ -42,7 +39,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
     }
     if (req.headers.expect !== undefined) throw new LatchkeyError('LK_BAD_REQUEST', 'Expect is not supported on a WebSocket handshake')
     await pipeline.admit(ctx, req.headers['proxy-authorization'], true, client)
-    const target = ctx.target
+    const target = ctx.target!
     const headers = outboundRequestHeaders(req.headers, ctx.binding?.strip ?? null, KEEP_FOR_WEBSOCKET)
     headers.connection = 'Upgrade'
     headers.upgrade = 'websocket'

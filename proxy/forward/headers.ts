@@ -19,11 +19,10 @@ const HOP_BY_HOP = new Set([
 /**
  * Headers an agent may not set: forwarding metadata, Latchkey's own namespace, and the overrides
  * by which some frameworks act on another method or path than the request line's (Rails,
- * Express's method-override, Symfony, IIS), which the policy never judged. `_` spellings too:
- * CGI/WSGI and nginx with underscores_in_headers read X_Forwarded_For as X-Forwarded-For.
+ * Express's method-override, Symfony, IIS), which the policy never judged. Given the name with
+ * `_` read as `-` (see outboundRequestHeaders).
  */
 function isSpoofable(name: string): boolean {
-  if (name.includes('_')) name = name.replace(/_/g, '-')
   return name.startsWith('x-forwarded-') || name === 'forwarded' || name === 'x-real-ip' || name.startsWith('x-latchkey-') || OVERRIDES.has(name)
 }
 const OVERRIDES = new Set(['x-http-method-override', 'x-http-method', 'x-method-override', 'x-original-url', 'x-rewrite-url', 'x-original-method'])
@@ -57,10 +56,11 @@ export function outboundRequestHeaders(
     if (name === 'host' || name === 'expect') continue
     if (HOP_BY_HOP.has(name) && !keep?.includes(name)) continue
     if (listed?.has(name) && !keep?.includes(name)) continue
-    if (isSpoofable(name)) continue
-    // `X-Api_Key` too: CGI/WSGI (HTTP_X_API_KEY) and nginx with underscores_in_headers fold `_`
-    // and `-` together, and could read the agent's value instead of the injected one.
-    if (strip && (strip.includes(name) || (name.includes('_') && strip.includes(name.replace(/_/g, '-'))))) continue
+    // `X_Forwarded_For`, `X-Api_Key` too: CGI/WSGI (HTTP_X_API_KEY) and nginx with
+    // underscores_in_headers fold `_` and `-` together, and would read the agent's value.
+    const dashed = name.includes('_') ? name.replace(/_/g, '-') : name
+    if (isSpoofable(dashed)) continue
+    if (strip && (strip.includes(name) || (dashed !== name && strip.includes(dashed)))) continue
     out[name] = incoming[name]
   }
   return out

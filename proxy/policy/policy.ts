@@ -6,7 +6,7 @@ import ipaddr from 'ipaddr.js'
 import type { Config, RuleConfig, Mode } from '../../lib/config/schema.js'
 import type { Decider, Decision, Target } from '../context.js'
 import { compileGlob, pathReadings } from './paths.js'
-import { embeddedIPv4 } from '../resolve/classify.js'
+import { addressForms, type AddressForms } from '../resolve/classify.js'
 
 interface CompiledRule {
   id: string
@@ -82,27 +82,6 @@ function hostMatches(r: CompiledRule, t: Target, address: AddressForms | null): 
   return false
 }
 
-type Address = ipaddr.IPv4 | ipaddr.IPv6
-
-/** An IP-literal target's readings, worked out once per decision. */
-interface AddressForms {
-  /** As dialled: itself, and an IPv4-mapped IPv6 address's IPv4 (the same socket destination). */
-  dialled: Address[]
-  /**
-   * Those plus every IPv4 it embeds (NAT64, 6to4, Teredo, IPv4-compatible, IPv4-translated); for
-   * IPv4, its mapped form, so a deny written `::ffff:10.0.0.1` denies 10.0.0.1 too.
-   */
-  all: Address[]
-}
-
-function addressForms(host: string): AddressForms {
-  const addr = ipaddr.parse(host)
-  if (addr.kind() === 'ipv4') return { dialled: [addr], all: [addr, (addr as ipaddr.IPv4).toIPv4MappedAddress()] }
-  const v6 = addr as ipaddr.IPv6
-  const dialled: Address[] = v6.isIPv4MappedAddress() ? [v6, v6.toIPv4Address()] : [v6]
-  return { dialled, all: [...dialled, ...embeddedIPv4(v6)] }
-}
-
 export class Policy implements Decider {
   private readonly rules: CompiledRule[]
   private readonly needsPaths: boolean
@@ -133,8 +112,8 @@ export class Policy implements Decider {
       if (r.ports && !r.ports.has(target.port)) continue
       if (r.schemes && !r.schemes.has(scheme)) continue
       if (address === undefined && (r.cidrs || (r.deny && r.exactHosts))) {
-        if (target.hostIsIp) address = addressForms(target.host)
-        else if (resolvedAddress !== undefined) address = addressForms(resolvedAddress)
+        if (target.hostIsIp) address = addressForms(ipaddr.parse(target.host))
+        else if (resolvedAddress !== undefined) address = addressForms(ipaddr.parse(resolvedAddress))
       }
       if (!hostMatches(r, target, address ?? null)) continue
       if (tunnel && (r.methods || r.paths)) {

@@ -78,6 +78,29 @@ export function embeddedIPv4(addr: ipaddr.IPv6): ipaddr.IPv4[] {
   return []
 }
 
+type Address = ipaddr.IPv4 | ipaddr.IPv6
+
+/**
+ * An address's readings for address rules (the network floor's, a policy rule's). Allows match
+ * `dialled`, denies match `all`: fail closed both ways.
+ */
+export interface AddressForms {
+  /** As dialled: itself, and an IPv4-mapped IPv6 address's IPv4 (the same socket destination). */
+  dialled: Address[]
+  /**
+   * Those plus every IPv4 it embeds (NAT64, 6to4, Teredo, IPv4-compatible, IPv4-translated); for
+   * IPv4, its mapped form, so a deny written `::ffff:10.0.0.1` denies 10.0.0.1 too.
+   */
+  all: Address[]
+}
+
+export function addressForms(addr: Address): AddressForms {
+  if (addr.kind() === 'ipv4') return { dialled: [addr], all: [addr, (addr as ipaddr.IPv4).toIPv4MappedAddress()] }
+  const v6 = addr as ipaddr.IPv6
+  const all = [v6, ...embeddedIPv4(v6)]
+  return { dialled: v6.isIPv4MappedAddress() ? all : [v6], all }
+}
+
 function lookup(table: Range[], addr: ipaddr.IPv4 | ipaddr.IPv6): AddressClass | null {
   for (const [base, bits, cls] of table) if (addr.match(base, bits)) return cls
   return null

@@ -6,7 +6,7 @@
 // IPv4 happens to be allowed is not.
 import ipaddr from 'ipaddr.js'
 import { ADDRESS_CLASSES, type AddressClass, type Config } from '../../lib/config/schema.js'
-import { classifyParsed, embeddedIPv4 } from './classify.js'
+import { addressForms, classifyParsed } from './classify.js'
 
 export type NetworkVerdict =
   | { allowed: true; cls: AddressClass }
@@ -30,15 +30,6 @@ const DESCRIBE: Record<AddressClass, string> = {
   'unique-local': 'unique-local address',
   'site-local': 'site-local address',
   public: 'public address',
-}
-
-/**
- * Every form a denied range may name this address by: an IPv6 address with the IPv4 it carries,
- * an IPv4 address with its mapped form (a deny of ::ffff:10.0.0.1/128 is a deny of 10.0.0.1: the
- * same socket destination).
- */
-function forms(addr: ipaddr.IPv4 | ipaddr.IPv6): (ipaddr.IPv4 | ipaddr.IPv6)[] {
-  return addr.kind() === 'ipv6' ? [addr, ...embeddedIPv4(addr as ipaddr.IPv6)] : [addr, (addr as ipaddr.IPv4).toIPv4MappedAddress()]
 }
 
 function inCidr(addr: ipaddr.IPv4 | ipaddr.IPv6, [base, bits]: Cidr): boolean {
@@ -73,8 +64,7 @@ export class NetworkPolicy {
   private judge(address: string, port: number): NetworkVerdict {
     const addr = ipaddr.parse(address)
     const cls = classifyParsed(addr)
-    const all = forms(addr)
-    const dialled = addr.kind() === 'ipv6' && (addr as ipaddr.IPv6).isIPv4MappedAddress() ? all : [addr]
+    const { dialled, all } = addressForms(addr)
     for (const a of this.allowed) {
       if ((a.ports === null || a.ports.has(port)) && dialled.some((f) => inCidr(f, a.cidr))) return { allowed: true, cls }
     }

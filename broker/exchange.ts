@@ -17,6 +17,7 @@ import type { KeyRing } from './keys.js'
 import type { RevocationList } from './revocations/list.js'
 import type { UserTokenVerifier } from './users.js'
 import type { BrokerEvents, ExchangeEvent } from './events.js'
+import { MAX_ACT_DEPTH, readActChain } from './act.js'
 
 export { TOKEN_EXCHANGE_GRANT as GRANT_TYPE } from '../lib/oauth.js'
 import { TOKEN_EXCHANGE_GRANT as GRANT_TYPE } from '../lib/oauth.js'
@@ -298,8 +299,15 @@ export class TokenExchange {
     } catch (err) {
       throw new OAuthError('invalid_request', `subject_token: ${describeJwtError(err)}`)
     }
-    const chain = actChain(p.act)
+    const read = readActChain(p.act)
+    if (!read.ok) throw new OAuthError('invalid_request', `subject_token: ${read.problem}`)
+    // Oldest (first delegator) first.
+    const chain = read.agents.reverse()
     if (chain.length === 0) throw new OAuthError('invalid_request', 'subject_token: act claim is malformed')
+    // Refused, never cut: the token issued here carries the whole chain plus the actor.
+    if (chain.length + 1 > MAX_ACT_DEPTH) {
+      throw new OAuthError('invalid_request', `subject_token: delegating again would make a chain of ${chain.length + 1} agents; at most ${MAX_ACT_DEPTH} are allowed`)
+    }
     const delegator = chain[chain.length - 1]!
     const delegatorType = /^agent:([a-z0-9-]+):/.exec(delegator)?.[1]
     const spec: AgentTypeSpec | undefined = delegatorType ? registry.agents[delegatorType] : undefined
@@ -313,18 +321,6 @@ export class TokenExchange {
     const isUser = !(chain.length === 1 && p.sub === delegator)
     return { sub: p.sub!, scopes, exp: p.exp, delegators: chain, isUser }
   }
-}
-
-/** `act` nested claims, outermost actor first in the JWT; returned oldest (first delegator) first. */
-function actChain(act: unknown): string[] {
-  const out: string[] = []
-  let cur = act as { sub?: unknown; act?: unknown } | undefined
-  for (let depth = 0; cur && depth < 8; depth++) {
-    if (typeof cur.sub !== 'string') return []
-    out.push(cur.sub)
-    cur = cur.act as typeof cur
-  }
-  return out.reverse()
 }
 
 function required(form: Form, name: string): string {

@@ -1,20 +1,20 @@
 // RFC 7662 introspection for resource servers that prefer asking to verifying: a token is active
-// only if this broker signed it, it has not expired, and nothing in its chain (any agent in
-// `act`, its task, its jti) is revoked. Anything else is `{active: false}`, with no reason given,
-// as the RFC asks.
+// only if this broker signed it, it has not expired, its `act` chain reads whole (at most
+// MAX_ACT_DEPTH agents), and nothing in it (any agent in `act`, its task, its jti) is revoked.
+// Anything else is `{active: false}`, with no reason given, as the RFC asks.
 import { jwtVerify, type JWTPayload } from 'jose'
 import type { KeyRing } from './keys.js'
 import type { RevocationList } from './revocations/list.js'
 import { MAX_SKEW_S, MAX_TOKEN_BYTES } from './jwt.js'
+import { readActChain } from './act.js'
 
-export function agentsInAct(act: unknown): string[] {
-  const out: string[] = []
-  let cur = act as { sub?: unknown; act?: unknown } | undefined
-  for (let depth = 0; cur && typeof cur === 'object' && depth < 8; depth++) {
-    if (typeof cur.sub === 'string') out.push(cur.sub)
-    cur = cur.act as typeof cur
-  }
-  return out
+/**
+ * Every agent of the token's act chain, or undefined when the chain cannot be read whole
+ * (malformed, or deeper than MAX_ACT_DEPTH): such a token is inactive, never checked in part.
+ */
+export function agentsInAct(act: unknown): string[] | undefined {
+  const chain = readActChain(act)
+  return chain.ok ? chain.agents : undefined
 }
 
 export class Introspection {
@@ -33,7 +33,8 @@ export class Introspection {
       return { active: false }
     }
     const task = typeof p.task_id === 'string' ? p.task_id : undefined
-    if (this.revocations.check(agentsInAct(p.act), task, p.jti)) return { active: false }
+    const agents = agentsInAct(p.act)
+    if (!agents || this.revocations.check(agents, task, p.jti)) return { active: false }
     return {
       active: true,
       iss: p.iss,

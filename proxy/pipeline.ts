@@ -381,8 +381,10 @@ export class Pipeline {
       // bytes cannot be trusted as the next request: close it.
       if (e.status === 400 || !res.req.readableEnded || this.draining) {
         headers.connection = 'close'
-        // The request's socket: a pipelined response has none of its own until the one before it ends.
-        this.closingSockets.add(res.req.socket)
+        // The request's socket: a pipelined response has none of its own until the one before it
+        // ends. Gone (null) when the agent's connection already ended: nothing more to read then.
+        const socket = res.req.socket
+        if (socket) this.closingSockets.add(socket)
       }
       res.writeHead(status, headers)
       res.end(body)

@@ -68,6 +68,9 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
       this.res.cork()
       process.nextTick(uncork, this.res)
     }
+    // Answered before the agent finished sending (an early 401 or 413): the rest of its body has
+    // nowhere to go, and the connection cannot be trusted for a next request until it is read.
+    if (!this.res.req.complete) this.res.shouldKeepAlive = false
     try {
       if (statusMessage && PRINTABLE.test(statusMessage)) this.res.writeHead(statusCode, statusMessage, clean as Record<string, string | string[]>)
       else this.res.writeHead(statusCode, clean as Record<string, string | string[]>)
@@ -142,8 +145,13 @@ function uncork(res: ServerResponse): void {
   res.uncork()
 }
 
+/**
+ * The agent's request body as undici reads it, counted as it is sent. When undici stops reading
+ * (the upstream answered early, or hung up), the agent's request is left as it is, not destroyed:
+ * its connection must live on to carry that answer (see onResponseStart).
+ */
 async function* counted(body: IncomingMessage, ctx: CallContext): AsyncIterable<Buffer> {
-  for await (const chunk of body) {
+  for await (const chunk of body.iterator({ destroyOnReturn: false })) {
     ctx.bytesIn += (chunk as Buffer).length
     yield chunk as Buffer
   }
@@ -160,27 +168,20 @@ export function forward(
   recordFirst = false,
 ): void {
   const contentLength = req.headers['content-length']
-  let body: IncomingMessage | AsyncIterable<Buffer> | null = null
-  if (contentLength !== undefined) {
-    const n = Number(contentLength)
-    if (n > 0) {
-      body = req
-      ctx.bytesIn = n
-    }
-  } else if (req.headers['transfer-encoding'] !== undefined) {
-    body = counted(req, ctx)
-  }
+  const chunked = contentLength === undefined && req.headers['transfer-encoding'] !== undefined
+  // bytes_in is what was sent on, not what the agent announced: an upload cut short says so.
+  const body = chunked || (contentLength !== undefined && Number(contentLength) > 0) ? counted(req, ctx) : null
   const relay = new ResponseRelay(ctx, res, done, recordFirst)
   // A chunked body can turn out malformed after the head has gone: the listener must be able to
   // end this call with a 400 (abortChunkedForward). Only such bodies are tracked.
-  if (body !== null && body !== req) chunkedForwards.set(req, relay)
+  if (chunked) chunkedForwards.set(req, relay)
   pool.dispatch(
     {
       path,
       method: req.method as Dispatcher.HttpMethod,
       headers: headers as Record<string, string | string[]>,
       // undici documents async iterables as bodies; its type declaration lists only Readable.
-      body: body as IncomingMessage | null,
+      body: body as unknown as IncomingMessage | null,
       // An agent's request is never replayed behind its back.
       idempotent: false,
     },

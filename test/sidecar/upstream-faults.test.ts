@@ -3,7 +3,15 @@ import t from 'tap'
 import { createServer, type Server } from 'node:net'
 import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
+import { createServer as createHttpServer } from 'node:http'
+import { execFile } from 'node:child_process'
+import { promisify } from 'node:util'
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { startUpstream, startTestSidecar, rawRequest, assertNoCanary } from '../helpers/harness.js'
+
+const run = promisify(execFile)
 
 t.test('timeouts, resets and untrusted certificates', async (t) => {
   // A server that accepts and then says nothing: the sidecar's header timeout must fire.
@@ -157,5 +165,42 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
     ],
     'each call recorded as the agent got it',
   )
+  assertNoCanary(t, s, ...seen)
+})
+
+t.test('an upstream that answers before the upload ends and hangs up: the sidecar stays up, the agent gets an answer', async (t) => {
+  // As APIs do on a bad key: answer at once, unread body and all, then close.
+  const early = createHttpServer((req, res) => {
+    res.writeHead(401, { connection: 'close', 'content-type': 'application/json' }).end('{"error":"unauthorized"}')
+  })
+  early.listen(0, '127.0.0.1')
+  await once(early, 'listening')
+  const port = (early.address() as AddressInfo).port
+  const s = await startTestSidecar({
+    policy: { default: 'allow' },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] },
+    credentials: [{ id: 'up', audience: `http://127.0.0.1:${port}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    early.closeAllConnections()
+    early.close()
+  })
+  const file = join(mkdtempSync(join(tmpdir(), 'lk-upload-')), 'body.bin')
+  writeFileSync(file, Buffer.alloc(8_000_000))
+  const seen: string[] = []
+  for (const framing of [['-H', 'Transfer-Encoding: chunked'], []]) {
+    for (let i = 0; i < 3; i++) {
+      const r = await run('curl', ['-sS', '-o', '/dev/null', '-w', '%{http_code}', '-x', `http://127.0.0.1:${s.sidecar.port}`, '-H', 'Expect:', ...framing, '--data-binary', `@${file}`, `http://127.0.0.1:${port}/upload`]).catch((e: { stdout?: string; stderr?: string }) => ({ stdout: e.stdout ?? '', stderr: e.stderr ?? '' }))
+      seen.push(r.stdout, r.stderr)
+      t.match(r.stdout, /^(401|502)$/, `${framing.length ? 'chunked' : 'Content-Length'} upload ${i + 1}: the upstream's 401, or a coded 502, never a bare reset`)
+    }
+  }
+  const after = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${port}/after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`, 300)
+  t.equal(after.status, 401, 'the sidecar is still up and forwarding')
+  const audit = await s.audit()
+  t.comment(`uploads answered: ${audit.slice(0, 6).map((e) => `${e.status} (${e.bytes_in} bytes sent on)`).join(', ')}`)
+  t.equal(audit.length, 7, 'every call recorded')
+  for (const e of audit.slice(0, 6)) t.ok(e.status === 401 || (e.status === 502 && e.error === 'LK_UPSTREAM_UNREACHABLE'), `recorded as the agent got it: ${e.status} ${e.error}`)
   assertNoCanary(t, s, ...seen)
 })

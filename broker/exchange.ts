@@ -283,7 +283,7 @@ export class TokenExchange {
     }
     // agent:… is the namespace of instance IDs: a user so named would pass, in the issued token
     // and the trail, for an agent acting on its own behalf.
-    if (user.sub.startsWith('agent:')) throw new OAuthError('invalid_request', 'subject_token: its sub is an agent instance ID (agent:…), not a user')
+    if (namesAnAgent(user.sub)) throw new OAuthError('invalid_request', 'subject_token: its sub is an agent instance ID (agent:…), not a user')
     // The user named who may act for them (RFC 8693 §4.4): any other agent is refused.
     if (user.mayAct !== null && user.mayAct !== actor.instanceId) {
       throw new OAuthError('invalid_request', `subject_token: its may_act names another actor than ${actor.instanceId}`)
@@ -317,10 +317,19 @@ export class TokenExchange {
     const revoked = this.d.revocations.check([], typeof p.task_id === 'string' ? p.task_id : undefined, p.jti)
     if (revoked) throw new OAuthError('invalid_request', `subject_token: ${revoked.kind} ${revoked.value} is revoked`, 400, `revoked: ${revoked.kind} ${revoked.value}`)
     const scopes = typeof p.scope === 'string' ? p.scope.split(' ').filter(Boolean) : []
-    // The delegator acted for p.sub: a user, or itself when the chain is the agent alone.
-    const isUser = !(chain.length === 1 && p.sub === delegator)
+    // The chain acts for p.sub: a user, or the first delegator itself when that agent started the
+    // chain for itself. However deep the chain, an agent subject is never a user.
+    const isUser = p.sub !== chain[0] && !namesAnAgent(p.sub!)
     return { sub: p.sub!, scopes, exp: p.exp, delegators: chain, isUser }
   }
+}
+
+/**
+ * Whether a subject reads as an agent instance ID. Compared as a reader would see it (Unicode
+ * NFKC, no surrounding whitespace, any case): ` AGENT:…` is refused as a user, not issued as-is.
+ */
+function namesAnAgent(sub: string): boolean {
+  return sub.normalize('NFKC').trim().toLowerCase().startsWith('agent:')
 }
 
 function required(form: Form, name: string): string {

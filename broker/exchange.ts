@@ -177,16 +177,18 @@ export class TokenExchange {
     const allowed = delegation ? (spec.may_task.length > 0 ? [...new Set(Object.values(spec.audiences).flat())] : undefined) : spec.audiences[audience]
     if (!allowed) throw new OAuthError('invalid_target', `agent type "${attestation.agentType}" may not receive tokens for this audience`)
     const ceiling = subject.scopes === undefined ? allowed : allowed.filter((s) => subject.scopes!.includes(s))
+    // A lent secret carries no scopes (what it can do is the audience's business), but it is lent
+    // only where a JWT would be granted: the same ceiling, the same refusals.
     let granted: string[]
-    if (lease) {
-      // A lent secret carries no scopes: what it can do is the audience's business.
-      granted = []
-    } else if (requested) {
+    if (requested) {
       const notAllowed = requested.filter((s) => !allowed.includes(s))
       if (notAllowed.length > 0) throw new OAuthError('invalid_scope', `agent type "${attestation.agentType}" may not receive scope ${notAllowed.join(' ')}`)
       const notHeld = requested.filter((s) => !ceiling.includes(s))
       if (notHeld.length > 0) throw new OAuthError('invalid_scope', `the subject_token does not grant scope ${notHeld.join(' ')}`)
       granted = [...new Set(requested)]
+    } else if (lease && allowed.length === 0) {
+      // The registry names no scopes for this audience: there is nothing to consent to.
+      granted = []
     } else {
       granted = ceiling
       if (granted.length === 0) throw new OAuthError('invalid_scope', 'the subject_token grants none of the scopes this agent may receive for this audience')

@@ -34,7 +34,9 @@ export interface Registry {
 }
 
 const scopeToken = { type: 'string', pattern: '^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$' }
-const name = { type: 'string', pattern: '^[a-z0-9][a-z0-9-]*$' }
+/** An agent type's or env's name: a DNS label, so an instance ID has a known maximum length. */
+export const MAX_NAME = 63
+const name = { type: 'string', pattern: '^[a-z0-9][a-z0-9-]*$', maxLength: MAX_NAME }
 
 const registrySchema = {
   type: 'object',

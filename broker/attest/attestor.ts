@@ -2,7 +2,7 @@
 // service-account token, a SPIFFE JWT-SVID, a local key's signature) into the agent instance it
 // proves, using the registry's `match` rules. One interface; one conformance suite runs against
 // every implementation (test/broker/attestors.test.ts).
-import type { Registry } from '../registry.js'
+import { MAX_NAME, type Registry } from '../registry.js'
 
 export type AttestorKind = 'kubernetes' | 'spiffe' | 'local'
 
@@ -51,5 +51,7 @@ export function checkInstance(raw: string): string {
   if (!INSTANCE.test(raw)) throw new AttestationFailed('the instance name must start with a letter or digit and hold only A-Z a-z 0-9 . _ -')
   return raw
 }
-const MAX_INSTANCE = 253
+export const MAX_INSTANCE = 253
+/** The longest instance ID an attestor can produce: agent:<type>:<env>:<instance>. */
+export const MAX_AGENT_ID = 'agent:'.length + MAX_NAME + 1 + MAX_NAME + 1 + MAX_INSTANCE
 const INSTANCE = /^[A-Za-z0-9][A-Za-z0-9_.-]*$/

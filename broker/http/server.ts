@@ -18,6 +18,10 @@ import type { KeyRing } from '../keys.js'
 import type { RevocationList } from '../revocations/list.js'
 import { REVOCATION_KINDS, type RevocationKind } from '../revocations/store.js'
 import { GRANT_TYPE } from '../exchange.js'
+import { MAX_AGENT_ID } from '../attest/attestor.js'
+
+/** A task ID or jti to revoke: at most this long. */
+const MAX_REVOCATION_VALUE = 256
 
 export interface BrokerHttpDeps {
   issuer: string
@@ -227,7 +231,9 @@ function basicAuth(header: string | undefined): { id: string; secret: string } |
 function revocationProblem(input: { kind?: unknown; value?: unknown; reason?: unknown }): string | undefined {
   if (typeof input !== 'object' || input === null) return 'body must be a JSON object {kind, value, reason?}'
   if (!REVOCATION_KINDS.includes(input.kind as RevocationKind)) return `kind must be one of ${REVOCATION_KINDS.join(', ')}`
-  if (typeof input.value !== 'string' || input.value.length === 0 || input.value.length > 256) return 'value must be a string of 1 to 256 characters'
+  // Any instance ID an attestor can produce must be revocable by ID.
+  const max = input.kind === 'agent' ? MAX_AGENT_ID : MAX_REVOCATION_VALUE
+  if (typeof input.value !== 'string' || input.value.length === 0 || input.value.length > max) return `value must be a string of 1 to ${max} characters`
   if (input.kind === 'agent' && !/^agent:([a-z0-9][a-z0-9-]*|\*):([a-z0-9][a-z0-9-]*|\*):([A-Za-z0-9][A-Za-z0-9_.-]*|\*)$/.test(input.value)) {
     return 'an agent value must be an instance ID agent:<type>:<env>:<instance>, or a pattern with * for whole segments (agent:<type>:*:*)'
   }

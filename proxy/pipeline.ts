@@ -190,7 +190,7 @@ export class Pipeline {
       // Inside a tunnel the agent's proxy credential came with the CONNECT, not with each request.
       const admitted = this.admit(ctx, tunnel ? tunnel.proxyAuthorization : req.headers['proxy-authorization'], true, req.socket)
       if (admitted) {
-        admitted.then(() => this.dispatch(ctx, req, res, expectContinue)).catch((err: unknown) => this.refuse(ctx, res, err))
+        admitted.then(() => this.dispatchAfterWait(ctx, req, res, expectContinue)).catch((err: unknown) => this.refuse(ctx, res, err))
         return
       }
       this.dispatch(ctx, req, res, expectContinue)
@@ -310,6 +310,19 @@ export class Pipeline {
     if (!this.isTurnOf(req, res, tunnel, () => this.handleUnmetExpectation(req, res, tunnel))) return
     const ctx = this.newContext(viaOf(req.url ?? '', tunnel), req.method ?? 'GET')
     this.refuse(ctx, res, new LatchkeyError('LK_EXPECTATION_FAILED', 'only "Expect: 100-continue" is supported'))
+  }
+
+  /**
+   * A call admitted after waiting (DNS, a token exchange) is looked at again before anything is
+   * sent: a revocation heard meanwhile applies to it, and a call cut or abandoned while it waited
+   * (its socket gone) goes nowhere, the credential it was handed included. Either way it is recorded.
+   */
+  private dispatchAfterWait(ctx: CallContext, req: IncomingMessage, res: ServerResponse, expectContinue: boolean): void {
+    this.stages.revocations?.check(ctx.identity)
+    if (res.destroyed || req.socket === null || req.socket.destroyed) {
+      throw new LatchkeyError('LK_CLIENT_CLOSED', 'the agent closed the connection before the call was sent')
+    }
+    this.dispatch(ctx, req, res, expectContinue)
   }
 
   private dispatch(ctx: CallContext, req: IncomingMessage, res: ServerResponse, expectContinue: boolean): void {

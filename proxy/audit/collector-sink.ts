@@ -141,7 +141,13 @@ export class CollectorAuditSink implements AuditSink {
     }
     this.cursor = this.spool.start()
     const creds = o.tls ? credentials.createSsl(o.tls.ca, o.tls.key, o.tls.cert) : credentials.createInsecure()
-    this.client = new RawIngestClient(o.address, creds, { 'grpc.max_send_message_length': 2 * BATCH_BYTES })
+    // The channel's own reconnect backoff (grpc-js: 1 s x1.6 up to 120 s) follows the configured
+    // one: otherwise a collector back after a long outage is noticed only tens of seconds later.
+    this.client = new RawIngestClient(o.address, creds, {
+      'grpc.max_send_message_length': 2 * BATCH_BYTES,
+      'grpc.initial_reconnect_backoff_ms': Math.max(1, Math.min(o.backoffMinMs, o.backoffMaxMs)),
+      'grpc.max_reconnect_backoff_ms': Math.max(1, o.backoffMaxMs),
+    })
     this.sidecarField = new BinaryWriter().uint32(10).string(o.sidecarId).finish()
     this.updateFull()
     this.syncTimer = setInterval(() => {

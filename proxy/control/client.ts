@@ -18,6 +18,27 @@ const FROM_WIRE: Partial<Record<WireKind, RevocationKind>> = {
   [WireKind.REVOCATION_KIND_JTI]: 'jti',
 }
 
+/**
+ * The largest control message the sidecar accepts. A snapshot carries every revocation, and
+ * grpc's default 4 MB would leave a sidecar stale for ever once the list outgrew it: every
+ * (re)connect would fail on the first message.
+ */
+export const MAX_CONTROL_MESSAGE_BYTES = 64 * 1024 * 1024
+
+/**
+ * Channel options for a long-lived stream whose reconnects the application paces: grpc-js's own
+ * reconnect backoff (1 s x1.6 up to 120 s) would otherwise govern, and the application's retries
+ * fail fast while the channel waits, so a broker back after a long outage would be noticed only
+ * tens of seconds later. The channel's backoff follows the configured one instead.
+ */
+export function controlChannelOptions(backoffMinMs: number, backoffMaxMs: number): Record<string, number> {
+  return {
+    'grpc.initial_reconnect_backoff_ms': Math.max(1, Math.min(backoffMinMs, backoffMaxMs)),
+    'grpc.max_reconnect_backoff_ms': Math.max(1, backoffMaxMs),
+    'grpc.max_receive_message_length': MAX_CONTROL_MESSAGE_BYTES,
+  }
+}
+
 export interface ControlClientOptions {
   /** host:port of the broker's control server. */
   address: string
@@ -58,7 +79,7 @@ export class ControlClient {
     this.state = new RevocationState(o.agentId)
     this.now = o.now ?? Date.now
     this.lastHeard = this.now()
-    this.client = new ControlServiceClient(o.address, credentials.createInsecure())
+    this.client = new ControlServiceClient(o.address, credentials.createInsecure(), controlChannelOptions(o.backoffMinMs, o.backoffMaxMs))
     const registers = [o.metrics]
     this.m = {
       connected: new Gauge({ name: 'latchkey_control_connected', help: '1 while the control stream to the broker is open', registers, collect: () => this.m.connected.set(this.connected ? 1 : 0) }),

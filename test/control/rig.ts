@@ -5,7 +5,7 @@ import { createServer, request, type IncomingMessage, type Server } from 'node:h
 import type { AddressInfo } from 'node:net'
 import { join } from 'node:path'
 import { randomBytes, createHash } from 'node:crypto'
-import { connect as netConnect, type Socket } from 'node:net'
+import { connect as netConnect, createServer as createNetServer, type Socket } from 'node:net'
 import { once } from 'node:events'
 import { startTestBroker, API, type TestBroker } from '../helpers/broker.js'
 import { startTestSidecar, loopbackPolicy, type TestSidecar } from '../helpers/harness.js'
@@ -208,4 +208,26 @@ export async function openWebSocket(s: TestSidecar, handle: string, api: Api): P
   const [head] = (await once(sock, 'data')) as [Buffer]
   if (!head.toString().startsWith('HTTP/1.1 101')) throw new Error(`upgrade refused: ${head.toString().split('\r\n')[0]}`)
   return sock
+}
+
+/**
+ * While a server is down its port refuses every connection (accept, then reset), and
+ * notes when each attempt came: a test brings the server back right after one, so the next attempt's
+ * delay is the reconnect backoff's, with no luck involved.
+ */
+export async function refuser(port: number): Promise<{ attempts: number[]; next(): Promise<void>; close(): Promise<void> }> {
+  const attempts: number[] = []
+  let waiter: (() => void) | null = null
+  const srv = createNetServer((s: Socket) => {
+    attempts.push(Date.now())
+    s.resetAndDestroy()
+    waiter?.()
+    waiter = null
+  })
+  await new Promise<void>((r) => srv.listen(port, '127.0.0.1', r))
+  return {
+    attempts,
+    next: () => new Promise<void>((r) => (waiter = r)),
+    close: () => new Promise<void>((r) => srv.close(() => r())),
+  }
 }

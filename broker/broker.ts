@@ -24,6 +24,9 @@ import type { ControlServer } from './control/server.js'
 import type { PolicyBundleHolder } from './control/policy.js'
 import type { RevocationBus } from './control/nats.js'
 
+/** How often expired jti and task revocations are looked for (and once at start). */
+const PRUNE_EVERY_MS = 10 * 60_000
+
 export interface RunningBroker {
   url: string
   issuer: string
@@ -81,8 +84,17 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     // A change made on another replica was recorded there; here it is only applied.
     if (change.remote) return
     if (change.op === 'revoke') events.emit({ type: 'revocation', ts, op: 'revoke', kind: change.revocation.kind, value: change.revocation.value, reason: change.revocation.reason })
-    else events.emit({ type: 'revocation', ts, op: 'unrevoke', kind: change.kind, value: change.value, reason: null })
+    else events.emit({ type: 'revocation', ts, op: 'unrevoke', kind: change.kind, value: change.value, reason: change.expired ? 'expired' : null })
   })
+  // jti and task revocations outlive every token they could match only so long (RevocationList.prune).
+  const prune = () =>
+    revocations.prune(now()).then(
+      (n) => void (n > 0 && log.info({ pruned: n }, 'expired jti/task revocations forgotten')),
+      () => log.warn('revocation pruning failed: store unavailable'),
+    )
+  await prune()
+  const pruning = setInterval(() => void prune(), PRUNE_EVERY_MS)
+  pruning.unref()
 
   for (const [aud, variable] of Object.entries(c.leased_secrets)) {
     if (!env[variable]) throw new Error(`broker.leased_secrets["${aud}"]: environment variable ${variable} is not set`)
@@ -144,6 +156,7 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     bus: ctl?.bus,
     close: async () => {
       closing = true
+      clearInterval(pruning)
       await ctl?.close()
       registry.close()
       keys.stop()

@@ -34,6 +34,8 @@ export interface Registry {
 }
 
 const scopeToken = { type: 'string', pattern: '^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$' }
+/** No token this broker issues lives longer, whatever the registry says (its own maximum). */
+export const MAX_LIFETIME_S = 86_400
 /** An agent type's or env's name: a DNS label, so an instance ID has a known maximum length. */
 export const MAX_NAME = 63
 const name = { type: 'string', pattern: '^[a-z0-9][a-z0-9-]*$', maxLength: MAX_NAME }
@@ -74,7 +76,7 @@ const registrySchema = {
             },
           },
           audiences: { type: 'object', minProperties: 1, additionalProperties: { type: 'array', items: scopeToken, uniqueItems: true } },
-          max_lifetime_s: { type: 'integer', minimum: 1, maximum: 86_400 },
+          max_lifetime_s: { type: 'integer', minimum: 1, maximum: MAX_LIFETIME_S },
           users: { enum: ['required', 'optional', 'none'], default: 'optional' },
           may_task: { type: 'array', items: name, uniqueItems: true, default: [] },
         },

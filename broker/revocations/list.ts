@@ -2,9 +2,30 @@
 // through to the store first so an acknowledged revocation survives a restart. The seam for the
 // control stream: `onChange` listeners hear every revoke and unrevoke.
 import type { Revocation, RevocationKind, RevocationStore } from './store.js'
+import { MAX_LIFETIME_S } from '../registry.js'
+import { MAX_SKEW_S } from '../jwt.js'
 
-/** `remote`: the change was made on another broker replica and reached this one (NATS). */
-export type RevocationChange = ({ op: 'revoke'; revocation: Revocation } | { op: 'unrevoke'; kind: RevocationKind; value: string }) & { remote?: boolean }
+/** The sidecar config schema's ceiling on sidecar.tasks.max_duration_s. */
+const MAX_TASK_DURATION_S = 604_800
+
+/**
+ * `remote`: the change was made on another broker replica and reached this one (NATS).
+ * `expired`: an unrevoke by pruning, not by an operator (see RevocationList.prune).
+ */
+export type RevocationChange = ({ op: 'revoke'; revocation: Revocation } | { op: 'unrevoke'; kind: RevocationKind; value: string; expired?: boolean }) & { remote?: boolean }
+
+/**
+ * How long a jti or task revocation is kept, in ms after it was made. A jti names one token, issued
+ * before it was revoked and living at most MAX_LIFETIME_S (+ verifiers' skew). A task lives at
+ * most the sidecar's maximum task duration (sidecar.tasks.max_duration_s, at most 7 days), and its
+ * last token at most MAX_LIFETIME_S beyond. Past that nothing they could match is alive, and
+ * keeping them would only grow every control-stream snapshot (one gRPC message) without bound.
+ * Agent revocations are kept until an operator lifts them.
+ */
+export const REVOCATION_RETENTION_MS: Readonly<Record<'jti' | 'task', number>> = {
+  jti: (MAX_LIFETIME_S + MAX_SKEW_S) * 1000,
+  task: (MAX_TASK_DURATION_S + MAX_LIFETIME_S + MAX_SKEW_S) * 1000,
+}
 
 /** An agent value with `*` segments (agent:coder:*:*) revokes every instance it matches. */
 export function isAgentPattern(value: string): boolean {
@@ -96,6 +117,22 @@ export class RevocationList {
     this.reindex()
     if (removed || had) for (const l of this.listeners) l({ op: 'unrevoke', kind, value })
     return removed || had
+  }
+
+  /**
+   * Forgets jti and task revocations older than their retention (REVOCATION_RETENTION_MS): removed
+   * from the store and announced as unrevokes marked `expired`, so sidecars forget them too.
+   */
+  async prune(nowMs: number): Promise<number> {
+    let pruned = 0
+    for (const r of [...this.entries.values()]) {
+      if (r.kind === 'agent' || nowMs - r.created_at <= REVOCATION_RETENTION_MS[r.kind]) continue
+      await this.store.remove(r.kind, r.value)
+      if (!this.entries.delete(`${r.kind}\0${r.value}`)) continue
+      pruned++
+      for (const l of this.listeners) l({ op: 'unrevoke', kind: r.kind, value: r.value, expired: true })
+    }
+    return pruned
   }
 
   all(): Revocation[] {

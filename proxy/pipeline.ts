@@ -206,16 +206,29 @@ export class Pipeline {
    * addressed to the sidecar itself), refuses it when a web page sent it: recorded with the
    * target it was for. Throws as parseTarget does, and LK_FOREIGN_ORIGIN.
    */
-  readTarget(ctx: CallContext, req: IncomingMessage, tunnel: TunnelOrigin | null): void {
-    const target = (ctx.target = this.parseTarget(req.url ?? '', tunnel))
+  readTarget(ctx: CallContext, req: IncomingMessage, tunnel: TunnelOrigin | null, upgrade = false): void {
+    const target = (ctx.target = this.parseTarget(req.url ?? '', tunnel, upgrade))
     if (target.route !== null) checkLocalCaller(req.headers, this.stages.namedHosts)
   }
 
-  /** A request's target, read the way it arrived: inside a tunnel, origin-form (a route), or absolute-form. Throws LK_BAD_REQUEST / LK_NO_ROUTE. */
-  parseTarget(url: string, tunnel: TunnelOrigin | null): Target {
+  /**
+   * A request's target, read the way it arrived: inside a tunnel, origin-form (a route), or
+   * absolute-form. Throws LK_BAD_REQUEST / LK_NO_ROUTE. A client whose HTTP_PROXY is this sidecar
+   * sends its calls to the sidecar's own routes in absolute form (http://127.0.0.1:15001/<route>/…):
+   * they are those routes, not an upstream that happens to be the sidecar.
+   */
+  parseTarget(url: string, tunnel: TunnelOrigin | null, upgrade = false): Target {
     if (tunnel) return parseTunnelledTarget(url, tunnel.target)
-    return url.startsWith('/') ? parseReverseTarget(url, this.stages.routes) : parseAbsoluteTarget(url)
+    if (url.startsWith('/')) return parseReverseTarget(url, this.stages.routes)
+    const target = parseAbsoluteTarget(url, upgrade)
+    if (target.scheme === 'http' && target.port === this.ownAddress?.port && this.ownAddress.hosts.has(target.host)) {
+      return parseReverseTarget(target.path + target.search, this.stages.routes)
+    }
+    return target
   }
+
+  /** Where the sidecar listens, once it does: the host spellings that mean it, and its port. */
+  ownAddress: { hosts: ReadonlySet<string>; port: number } | null = null
 
   /**
    * Whether `req` may be handled now. Pipelined behind a response still being written, it waits

@@ -25,6 +25,7 @@ import { PinnedPools } from './forward/pools.js'
 import { JsonlAuditSink } from './audit/jsonl-sink.js'
 import { SidecarMetrics } from './metrics.js'
 import { createListener } from './listen/server.js'
+import { ownHosts } from './listen/local-caller.js'
 import { createAdminServer } from './admin.js'
 import { compileNetworkPolicy } from './resolve/network-policy.js'
 import { DnsResolver } from './resolve/resolver.js'
@@ -366,6 +367,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   }
   const port = (server.address() as AddressInfo).port
   const adminPort = (admin.address() as AddressInfo).port
+  pipeline.ownAddress = { hosts: ownHosts(sc.listen.host), port }
   const host = sc.listen.host.includes(':') ? `[${sc.listen.host}]` : sc.listen.host
   proxyBase = `${host}:${port}`
   log.info({ port, adminPort, agent: sc.agent_id, rules: config.policy.rules.length, credentials: bindings.all().length }, 'sidecar listening')

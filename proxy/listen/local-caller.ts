@@ -35,3 +35,14 @@ function hostname(host: string): string {
 function isLocalName(name: string): boolean {
   return isIP(name) !== 0 || name === 'localhost' || name.endsWith('.localhost')
 }
+
+/**
+ * The host spellings an agent may use for this sidecar's own address: the one it listens on and,
+ * where that is loopback or every address, the loopback names. Never another machine's.
+ */
+export function ownHosts(listenHost: string): ReadonlySet<string> {
+  const host = listenHost.startsWith('[') ? listenHost.slice(1, -1) : listenHost
+  const loopback = ['localhost', '127.0.0.1', '::1']
+  if (host === '0.0.0.0' || host === '::' || loopback.includes(host)) return new Set([host, ...loopback])
+  return new Set([host])
+}

@@ -43,11 +43,19 @@ function checkedPath(path: string): string {
   return path
 }
 
-/** Absolute-form request target, as sent to an HTTP_PROXY. */
-export function parseAbsoluteTarget(raw: string): Target {
-  const lower = raw.slice(0, 8).toLowerCase()
+/**
+ * Absolute-form request target, as sent to an HTTP_PROXY. A WebSocket client going through a
+ * proxy may name its target ws:// or wss:// (aiohttp does): allowed on an upgrade, where they
+ * are http:// and https:// by another name (RFC 6455 §3), and refused elsewhere.
+ */
+export function parseAbsoluteTarget(raw: string, upgrade = false): Target {
+  let lower = raw.slice(0, 8).toLowerCase()
+  if (upgrade && (lower.startsWith('ws://') || lower.startsWith('wss://'))) {
+    raw = 'http' + raw.slice(2)
+    lower = raw.slice(0, 8).toLowerCase()
+  }
   if (!lower.startsWith('http://') && !lower.startsWith('https://')) {
-    throw new LatchkeyError('LK_BAD_REQUEST', 'absolute request target must use http:// or https://')
+    throw new LatchkeyError('LK_BAD_REQUEST', upgrade ? 'absolute request target must use http://, https://, ws:// or wss://' : 'absolute request target must use http:// or https://')
   }
   const authorityEnd = raw.indexOf('/', lower.startsWith('https') ? 8 : 7)
   const authority = raw.slice(lower.startsWith('https') ? 8 : 7, authorityEnd === -1 ? undefined : authorityEnd)

@@ -26,7 +26,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
     checkFraming(req)
     // Read first, so a refused upgrade is recorded with what it was for.
     // A browser's WebSocket always carries Origin: readTarget refuses a page's on a route.
-    pipeline.readTarget(ctx, req, null)
+    pipeline.readTarget(ctx, req, null, true)
     const protocol = String(req.headers.upgrade ?? '').trim().toLowerCase()
     if (protocol.includes('h2c')) throw new LatchkeyError('LK_BAD_REQUEST', 'h2c upgrades are refused; speak HTTP/1.1 to the sidecar')
     if (protocol !== 'websocket') throw new LatchkeyError('LK_BAD_REQUEST', `upgrade to "${protocol.slice(0, 32)}" is not supported; only websocket`)

@@ -243,3 +243,24 @@ t.test('a client following a redirect on a reverse route stays on the route, cre
   t.match(await s.audit(), [{ via: 'reverse', path: '/old', status: 302 }, { via: 'reverse', path: '/new' }, { via: 'reverse', path: '/absolute', status: 301 }, { via: 'reverse', path: '/new' }])
   assertNoCanary(t, s, followed.stdout, absolute.stdout)
 })
+
+t.test('a client with HTTP_PROXY set calls a reverse route through the sidecar itself: it is the route', async (t) => {
+  const { upstream, s } = await startBearerRig(t, { fragment: (up) => ({ routes: { api: up.origin } }) })
+  // What README's setup gives an agent: HTTP_PROXY for its SDKs, a base URL for one API.
+  const env = cleanEnv({ HTTP_PROXY: s.proxy, http_proxy: s.proxy })
+  const curl = await run('curl', ['-sS', '-i', `${s.proxy}/api/curl`], { env })
+  const py = await run('python3', ['-c', 'import sys, urllib.request; r = urllib.request.urlopen(sys.argv[1]); print(r.status, r.read().decode())', `${s.proxy}/api/python`], { env })
+  const named = await run('curl', ['-sS', '-o', '/dev/null', '-w', '%{http_code}', '-x', s.proxy, `http://localhost:${s.sidecar.port}/api/named`], { env })
+  t.match(curl.stdout, /^HTTP\/1\.1 200 /)
+  t.equal(py.stdout.trim(), '200 ok')
+  t.equal(named.stdout, '200')
+  t.same(upstream.requests.map((r) => [r.url, r.headers.authorization, r.headers.host]), [
+    ['/curl', `Bearer ${CANARY}`, `127.0.0.1:${upstream.port}`],
+    ['/python', `Bearer ${CANARY}`, `127.0.0.1:${upstream.port}`],
+    ['/named', `Bearer ${CANARY}`, `127.0.0.1:${upstream.port}`],
+  ])
+  const unknown = await run('curl', ['-sS', '-i', `${s.proxy}/nope/x`], { env })
+  t.match(unknown.stdout, /^HTTP\/1\.1 404 [^]*"code":"LK_NO_ROUTE"/, 'an unknown route is a readable 404, not a request to the sidecar as an upstream')
+  t.match(await s.audit(), [{ via: 'absolute', path: '/curl', status: 200 }, { via: 'absolute', path: '/python', status: 200 }, { via: 'absolute', path: '/named', status: 200 }, { status: 404, error: 'LK_NO_ROUTE' }])
+  assertNoCanary(t, s, curl.stdout, py.stdout, unknown.stdout)
+})

@@ -33,7 +33,9 @@ t.test('websocket through a reverse route and through absolute-form', async (t) 
   const handshake = (target: string) =>
     `GET ${target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer agent-own\r\n\r\n`
 
-  for (const target of ['/live/feed?x=1', `http://127.0.0.1:${port}/feed?x=1`]) {
+  // A route, absolute-form, ws:// as aiohttp sends it through a proxy, and a route addressed in
+  // absolute form to the sidecar itself, as any client with HTTP_PROXY set sends it.
+  for (const target of ['/live/feed?x=1', `http://127.0.0.1:${port}/feed?x=1`, `ws://127.0.0.1:${port}/feed?x=1`, `http://127.0.0.1:${s.sidecar.port}/live/feed?x=1`]) {
     const sock = connect(s.sidecar.port, '127.0.0.1')
     await once(sock, 'connect')
     sock.write(handshake(target))
@@ -45,18 +47,20 @@ t.test('websocket through a reverse route and through absolute-form', async (t) 
     t.equal(echo.toString(), 'echo:ping', 'frames flow both ways')
     sock.destroy()
   }
-  t.same(seen, [
-    { url: '/feed?x=1', authorization: `Bearer ${CANARY}`, host: `127.0.0.1:${port}` },
-    { url: '/feed?x=1', authorization: `Bearer ${CANARY}`, host: `127.0.0.1:${port}` },
-  ])
+  const reached = { url: '/feed?x=1', authorization: `Bearer ${CANARY}`, host: `127.0.0.1:${port}` }
+  t.same(seen, [reached, reached, reached, reached])
   const denied = await rawRequest(s.sidecar.port, handshake('/live/admin/x'))
   t.equal(denied.status, 403)
   t.equal(denied.headers['x-latchkey-rule'], 'no-admin')
-  t.equal(seen.length, 2, 'the denied upgrade never reached the upstream')
+  const deniedOwn = await rawRequest(s.sidecar.port, handshake(`http://localhost:${s.sidecar.port}/live/admin/x`))
+  t.equal(deniedOwn.headers['x-latchkey-rule'], 'no-admin', 'the sidecar addressed as itself is the same route, with the same rules')
+  const notUpgrade = await rawRequest(s.sidecar.port, `GET ws://127.0.0.1:${port}/feed HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`)
+  t.equal(notUpgrade.status, 400, 'ws:// names a WebSocket handshake, nothing else')
+  t.equal(seen.length, 4, 'the denied upgrades never reached the upstream')
   await new Promise((r) => setTimeout(r, 1000))
   const audit = await s.audit()
-  t.same(audit.map((e) => [e.via, e.status]).sort(), [['upgrade', 101], ['upgrade', 101], ['upgrade', 403]])
-  assertNoCanary(t, s, denied.raw)
+  t.same(audit.map((e) => [e.via, e.status]).sort(), [['absolute', 400], ['upgrade', 101], ['upgrade', 101], ['upgrade', 101], ['upgrade', 101], ['upgrade', 403], ['upgrade', 403]])
+  assertNoCanary(t, s, denied.raw, deniedOwn.raw, notUpgrade.raw)
 })
 
 t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handshake is a bodiless GET', async (t) => {

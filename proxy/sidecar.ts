@@ -299,7 +299,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
         cut = pipeline.cut(() => true)
       } else if (r.kind === 'task') {
         tokens = brokerTokens?.describe(r.value).length ?? 0
-        brokerTokens?.dropTask(r.value)
+        brokerTokens?.dropTask(r.value, 'revoked')
         cut = pipeline.cut((id) => id.taskId === r.value)
       } else {
         tokens = brokerTokens?.dropJti(r.value) ? 1 : 0

@@ -5,7 +5,8 @@
 //  - at most one exchange in flight per key: 1,000 concurrent first requests cause one exchange;
 //  - fail closed: a token with less than min_remaining_ms left is never injected, and a request
 //    that cannot get a valid token is refused with 503 and the reason;
-//  - ending a task drops its tokens, and an exchange that lands after its task ended is discarded.
+//  - ending or revoking a task drops its tokens, and an exchange in flight for it is discarded
+//    when it lands: whoever waits on it gets LK_TASK_ENDED or LK_REVOKED, never the token.
 import { LRUCache } from 'lru-cache'
 import type { Credential, CredentialBinding, CredentialSource, Identity, TaskRef } from '../context.js'
 import { LatchkeyError } from '../errors.js'
@@ -32,6 +33,20 @@ interface Entry {
   failure: { error: LatchkeyError; until: number } | null
 }
 
+/** An exchange in flight for a task; `voided` is set when the task ends or is revoked meanwhile. */
+interface Ticket {
+  voided: LatchkeyError | null
+}
+
+/** Why a task's tokens are dropped: what a request waiting on its exchange is told. */
+export type TaskDrop = 'ended' | 'revoked'
+
+function taskDropError(why: TaskDrop): LatchkeyError {
+  return why === 'revoked'
+    ? new LatchkeyError('LK_REVOKED', 'revoked', 'revocation:task')
+    : new LatchkeyError('LK_TASK_ENDED', 'the task ended while its token was being fetched')
+}
+
 /** How long a failed exchange's answer is reused before the next attempt. */
 export const FAILURE_HOLD_MS = 500
 
@@ -47,6 +62,8 @@ export interface BrokerSourceOptions {
 export class CachedTokenSource implements CredentialSource {
   private readonly cache = new LRUCache<string, Entry>({ max: 10_000 })
   private readonly keysByTask = new Map<string, Set<string>>()
+  /** Exchanges in flight, by task: a task's end or revocation voids them. */
+  private readonly inflightByTask = new Map<string, Set<Ticket>>()
   private readonly now: () => number
   /** Exchanges started, for the benchmark and tests. */
   exchanges = 0
@@ -90,13 +107,25 @@ export class CachedTokenSource implements CredentialSource {
     this.exchanges++
     const durationS = Math.ceil((task.expiresAt - this.now()) / 1000)
     const generation = this.generation
+    const ticket: Ticket = { voided: null }
+    let tickets = this.inflightByTask.get(task.id)
+    if (!tickets) this.inflightByTask.set(task.id, (tickets = new Set()))
+    tickets.add(ticket)
+    const landed = () => {
+      const set = this.inflightByTask.get(task.id)
+      if (!set) return
+      set.delete(ticket)
+      if (set.size === 0) this.inflightByTask.delete(task.id)
+    }
     const p = this.client.issue(task === NO_TASK ? null : task, binding, durationS).then(
       (issued) => {
+        landed()
         entry.inflight = null
         entry.failure = null
         this.opts.onExchange?.('granted')
-        if (task.ended) throw new LatchkeyError('LK_PROXY_AUTH', 'the task ended while its token was being fetched')
         if (generation !== this.generation) throw new LatchkeyError('LK_REVOKED', 'revoked', 'revocation:agent')
+        if (ticket.voided) throw ticket.voided
+        if (task.ended) throw taskDropError('ended')
         const got = this.now()
         const credential: Credential = { value: issued.token, id: issued.jti, expiresAt: got + issued.expiresInMs, scopes: issued.scopes }
         entry.credential = credential
@@ -108,10 +137,14 @@ export class CachedTokenSource implements CredentialSource {
         return credential
       },
       (err: unknown) => {
+        landed()
         entry.inflight = null
         const outcome = err instanceof ExchangeFailed ? err.outcome : 'unreachable'
         const reason = err instanceof ExchangeFailed ? err.message : 'token exchange failed'
         this.opts.onExchange?.(outcome)
+        // The entry was dropped meanwhile: say why, rather than what the broker answered.
+        if (generation !== this.generation) throw new LatchkeyError('LK_REVOKED', 'revoked', 'revocation:agent')
+        if (ticket.voided) throw ticket.voided
         const error = new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `no token for ${binding.tokenAudience}: ${reason}`)
         if (entry.credential && this.now() < entry.usableUntil) {
           // A refresh failed but the current token is still good: retry in a second, keep serving.
@@ -125,8 +158,16 @@ export class CachedTokenSource implements CredentialSource {
     return p
   }
 
-  /** Drops every token of a task (it ended or expired). */
-  dropTask(taskId: string): void {
+  /**
+   * Drops every token of a task (it ended, expired or was revoked), and voids its exchanges in
+   * flight: a request waiting on one gets LK_TASK_ENDED or LK_REVOKED when it lands, never the token.
+   */
+  dropTask(taskId: string, why: TaskDrop = 'ended'): void {
+    const tickets = this.inflightByTask.get(taskId)
+    if (tickets) {
+      const error = taskDropError(why)
+      for (const t of tickets) t.voided ??= error
+    }
     const keys = this.keysByTask.get(taskId)
     if (!keys) return
     for (const k of keys) this.cache.delete(k)
@@ -139,6 +180,7 @@ export class CachedTokenSource implements CredentialSource {
     this.generation++
     this.cache.clear()
     this.keysByTask.clear()
+    this.inflightByTask.clear()
     return n
   }
 

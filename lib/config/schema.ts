@@ -429,7 +429,8 @@ export const configSchema = {
           default: {},
           properties: {
             connect_ms: ms(5_000),
-            headers_ms: ms(30_000),
+            // As long as the LLM SDKs wait (OpenAI, Anthropic: 10 minutes): a model still thinking is not a dead upstream.
+            headers_ms: ms(600_000),
             body_ms: ms(300_000),
             client_headers_ms: ms(30_000),
             drain_ms: ms(10_000, 0),

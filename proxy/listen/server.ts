@@ -100,7 +100,13 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
       if (!inFlight.req.complete) {
         // The in-flight request's own chunked body is malformed, found after its head went to the
         // pipeline: its forward is aborted and it is refused with this 400 instead of hanging.
-        if (!inFlight.headersSent) abortChunkedForward(inFlight.req, new LatchkeyError('LK_BAD_REQUEST', `malformed request body (${err.code ?? 'parse error'})`))
+        // A body that ends because the agent hung up (the parser meets the end of the stream
+        // mid-body) is the agent leaving, not a malformed request.
+        const cut =
+          err.code === 'HPE_INVALID_EOF_STATE'
+            ? new LatchkeyError('LK_CLIENT_CLOSED', 'the agent closed the connection before its request body was complete')
+            : new LatchkeyError('LK_BAD_REQUEST', `malformed request body (${err.code ?? 'parse error'})`)
+        if (!inFlight.headersSent) abortChunkedForward(inFlight.req, cut)
       } else if (!pipeline.queuedBodyIncomplete(socket)) {
         // A new request, malformed, behind one still being answered: it cannot be answered in
         // order, so it is recorded, and the connection ends after the owed response. (Bytes

@@ -101,3 +101,34 @@ t.test('an agent that hangs up mid-response is recorded as having done so, not a
   await new Promise((r) => setTimeout(r, 200))
   t.match(await s.audit(), [{ path: '/stream', status: 200, error: 'LK_CLIENT_CLOSED', reason: 'the agent closed the connection before the response was complete' }])
 })
+
+t.test('an agent that hangs up mid-upload is recorded as having done so, with the bytes that went on', async (t) => {
+  // startUpstream answers once the whole body is in; it never is, so nothing answers.
+  const { s, host } = await startBearerRig(t)
+  const { connect } = await import('node:net')
+  const heads = {
+    'content-length': `POST http://${host}/cl HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n`,
+    chunked: `POST http://${host}/chunked HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n`,
+  }
+  for (const [framing, head] of Object.entries(heads)) {
+    const sock = connect(s.sidecar.port, '127.0.0.1')
+    sock.on('error', () => {})
+    await once(sock, 'connect')
+    const part = Buffer.alloc(5120, 0x61)
+    sock.write(head)
+    sock.write(framing === 'chunked' ? Buffer.concat([Buffer.from(`${part.length.toString(16)}\r\n`), part, Buffer.from('\r\n')]) : part)
+    await new Promise((r) => setTimeout(r, 200))
+    sock.end()
+    await new Promise((r) => setTimeout(r, 300))
+    sock.destroy()
+  }
+  await new Promise((r) => setTimeout(r, 300))
+  t.same(
+    (await s.audit()).map((e) => [e.path, e.status, e.error, e.bytes_in]).sort(),
+    [
+      ['/chunked', 499, 'LK_CLIENT_CLOSED', 5120],
+      ['/cl', 499, 'LK_CLIENT_CLOSED', 5120],
+    ],
+    'both recorded as the agent leaving, bytes_in what was sent on rather than what was announced',
+  )
+})

@@ -7,9 +7,12 @@ import { TOKEN_EXCHANGE_GRANT, TOKEN_TYPES } from '../../lib/oauth.js'
 import { EvidenceUnavailable, type WorkloadEvidence } from '../attest/evidence.js'
 import type { CredentialBinding, TaskRef } from '../context.js'
 import type { TokenIssuer } from './broker-source.js'
-import { ExchangeFailed, type IssuedToken } from './exchange-outcome.js'
+import { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, readCapped, type IssuedToken } from './exchange-outcome.js'
 
-export { ExchangeFailed, type ExchangeOutcome, type IssuedToken } from './exchange-outcome.js'
+export { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, type ExchangeOutcome, type IssuedToken } from './exchange-outcome.js'
+
+/** How far this clock may run ahead of the broker's before a JWT's exp shortens its use here. */
+const CLOCK_LEEWAY_MS = 60_000
 
 export class BrokerClient implements TokenIssuer {
   readonly needsTask = true
@@ -65,8 +68,15 @@ export class BrokerClient implements TokenIssuer {
         signal: AbortSignal.timeout(this.timeoutMs),
       })
       status = res.statusCode
-      text = await res.body.text()
+      const declared = Number(res.headers['content-length'])
+      const capped = declared > MAX_TOKEN_RESPONSE_BYTES ? null : await readCapped(res.body, MAX_TOKEN_RESPONSE_BYTES)
+      if (capped === null) {
+        res.body.destroy()
+        throw new ExchangeFailed('invalid_response', `broker answered ${status} with a body over ${MAX_TOKEN_RESPONSE_BYTES} bytes`)
+      }
+      text = capped
     } catch (err) {
+      if (err instanceof ExchangeFailed) throw err
       const e = err as { code?: string; name?: string }
       const timedOut = e.name === 'TimeoutError' || e.code === 'UND_ERR_HEADERS_TIMEOUT' || e.code === 'UND_ERR_BODY_TIMEOUT' || e.code === 'UND_ERR_CONNECT_TIMEOUT'
       throw new ExchangeFailed('unreachable', timedOut ? `broker did not answer within ${this.timeoutMs} ms` : `broker unreachable (${e.code ?? e.name ?? 'error'})`)
@@ -89,17 +99,42 @@ export class BrokerClient implements TokenIssuer {
     if (typeof token !== 'string' || typeof expiresIn !== 'number' || !(expiresIn > 0) || String(body.token_type).toLowerCase() !== wantType || body.issued_token_type !== requestedType) {
       throw new ExchangeFailed('invalid_response', `broker answered 200 without a usable ${requestedType === TOKEN_TYPES.leasedSecret ? 'leased secret' : 'bearer token'}`)
     }
+    // What the broker says is checked, not trusted: no more scope than asked, no other audience,
+    // no lifetime past a day nor past the token's own exp. Reasons never quote the token.
+    if (body.scope !== undefined && typeof body.scope !== 'string') throw new ExchangeFailed('invalid_response', 'broker answered 200 with a scope that is not a string')
+    const granted = typeof body.scope === 'string' ? body.scope.split(' ').filter(Boolean) : [...scopes]
+    // Asking for no scope asks for what the registry allows: only a request that names scopes bounds them.
+    const extra = scopes.length > 0 ? granted.filter((g) => !scopes.includes(g)) : []
+    if (extra.length > 0) {
+      throw new ExchangeFailed('invalid_response', `broker granted scope ${extra.map((g) => JSON.stringify(g.slice(0, 64))).join(' ')} beyond the ${scopes.join(' ')} asked for`)
+    }
+    let expiresInMs = Math.min(expiresIn, MAX_EXPIRES_IN_S) * 1000
     let jti = typeof body.lease_id === 'string' ? body.lease_id.slice(0, 64) : 'unknown'
     if (requestedType !== TOKEN_TYPES.leasedSecret) {
+      let claims: ReturnType<typeof decodeJwt> | null = null
       try {
-        const claims = decodeJwt(token)
-        if (typeof claims.jti === 'string') jti = claims.jti
+        claims = decodeJwt(token)
       } catch {
-        // An opaque token is fine to inject; it just has no jti to audit.
+        // An opaque token is fine to inject; it just has no jti to audit, nor claims to check.
+      }
+      if (claims) {
+        if (typeof claims.jti === 'string') jti = claims.jti.slice(0, 128)
+        const aud = typeof claims.aud === 'string' ? [claims.aud] : Array.isArray(claims.aud) ? claims.aud : []
+        if (!aud.includes(audience)) {
+          throw new ExchangeFailed('invalid_response', `broker issued a token for another audience (aud ${aud.map((a) => JSON.stringify(String(a).slice(0, 128))).join(', ') || 'missing'}, asked for ${audience})`)
+        }
+        // Never past the token's own exp: bounded by its stated life (exp - iat, no clock involved)
+        // and by exp on this clock, with a minute's leeway for skew (the API judges exp on its clock).
+        if (claims.exp !== undefined) {
+          if (typeof claims.exp !== 'number' || !Number.isFinite(claims.exp)) throw new ExchangeFailed('invalid_response', 'broker issued a token whose exp is not a number')
+          const left = claims.exp * 1000 - Date.now() + CLOCK_LEEWAY_MS
+          if (left <= 0) throw new ExchangeFailed('invalid_response', `broker issued a token that expired ${Math.round((CLOCK_LEEWAY_MS - left) / 1000)} s ago`)
+          expiresInMs = Math.min(expiresInMs, left)
+          if (typeof claims.iat === 'number' && claims.iat < claims.exp) expiresInMs = Math.min(expiresInMs, (claims.exp - claims.iat) * 1000)
+        }
       }
     }
-    const scope = typeof body.scope === 'string' ? body.scope : scopes.join(' ')
-    return { token, jti, scopes: scope.split(' ').filter(Boolean), expiresInMs: expiresIn * 1000 }
+    return { token, jti, scopes: granted, expiresInMs }
   }
 
   close(): Promise<void> {

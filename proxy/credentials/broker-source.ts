@@ -10,7 +10,7 @@
 import { LRUCache } from 'lru-cache'
 import type { Credential, CredentialBinding, CredentialSource, Identity, TaskRef } from '../context.js'
 import { LatchkeyError } from '../errors.js'
-import { ExchangeFailed, type ExchangeOutcome, type IssuedToken } from './exchange-outcome.js'
+import { ExchangeFailed, MAX_EXPIRES_IN_S, type ExchangeOutcome, type IssuedToken } from './exchange-outcome.js'
 
 /** Where a CachedTokenSource gets tokens. One interface; each provider implements it. */
 export interface TokenIssuer {
@@ -45,6 +45,12 @@ function taskDropError(why: TaskDrop): LatchkeyError {
   return why === 'revoked'
     ? new LatchkeyError('LK_REVOKED', 'revoked', 'revocation:task')
     : new LatchkeyError('LK_TASK_ENDED', 'the task ended while its token was being fetched')
+}
+
+/** Epoch ms as ISO 8601, clamped to what a Date can hold: describing a task never throws. */
+export function isoTime(ms: number): string {
+  const MAX = 8.64e15
+  return new Date(Number.isNaN(ms) ? 0 : Math.max(-MAX, Math.min(MAX, ms))).toISOString()
 }
 
 /** How long a failed exchange's answer is reused before the next attempt. */
@@ -127,10 +133,12 @@ export class CachedTokenSource implements CredentialSource {
         if (ticket.voided) throw ticket.voided
         if (task.ended) throw taskDropError('ended')
         const got = this.now()
-        const credential: Credential = { value: issued.token, id: issued.jti, expiresAt: got + issued.expiresInMs, scopes: issued.scopes }
+        // Issuers clamp already; this bounds any issuer (a lifetime past a day, or NaN, is never trusted).
+        const lifeMs = Math.min(issued.expiresInMs, MAX_EXPIRES_IN_S * 1000) || 0
+        const credential: Credential = { value: issued.token, id: issued.jti, expiresAt: got + lifeMs, scopes: issued.scopes }
         entry.credential = credential
-        entry.usableUntil = got + issued.expiresInMs - this.opts.minRemainingMs
-        entry.refreshAt = got + issued.expiresInMs / 2
+        entry.usableUntil = got + lifeMs - this.opts.minRemainingMs
+        entry.refreshAt = got + lifeMs / 2
         if (entry.usableUntil <= got) {
           throw new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `the broker issued a token for ${binding.tokenAudience} that expires within ${this.opts.minRemainingMs} ms`)
         }
@@ -206,7 +214,7 @@ export class CachedTokenSource implements CredentialSource {
     for (const k of this.keysByTask.get(taskId) ?? []) {
       const e = this.cache.get(k)
       if (e?.credential && e.credential.expiresAt !== null) {
-        out.push({ audience: k.split('\n')[1]!, scopes: e.credential.scopes, expires_at: new Date(e.credential.expiresAt).toISOString(), jti: e.credential.id })
+        out.push({ audience: k.split('\n')[1]!, scopes: e.credential.scopes, expires_at: isoTime(e.credential.expiresAt), jti: e.credential.id })
       }
     }
     return out

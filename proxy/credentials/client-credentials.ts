@@ -5,7 +5,7 @@
 import { Pool } from 'undici'
 import type { CredentialBinding, TaskRef } from '../context.js'
 import type { CredentialBindingConfig } from '../../lib/config/schema.js'
-import { ExchangeFailed, type IssuedToken } from './exchange-outcome.js'
+import { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, readCapped, type IssuedToken } from './exchange-outcome.js'
 import type { TokenIssuer } from './broker-source.js'
 
 interface Client {
@@ -62,8 +62,14 @@ export class ClientCredentialsIssuer implements TokenIssuer {
     try {
       const res = await c.pool.request({ method: 'POST', path: c.url.pathname + c.url.search, headers, body: form.toString(), signal: AbortSignal.timeout(this.timeoutMs) })
       status = res.statusCode
-      text = await res.body.text()
+      const capped = Number(res.headers['content-length']) > MAX_TOKEN_RESPONSE_BYTES ? null : await readCapped(res.body, MAX_TOKEN_RESPONSE_BYTES)
+      if (capped === null) {
+        res.body.destroy()
+        throw new ExchangeFailed('invalid_response', `authorization server ${c.url.origin} answered ${status} with a body over ${MAX_TOKEN_RESPONSE_BYTES} bytes`)
+      }
+      text = capped
     } catch (err) {
+      if (err instanceof ExchangeFailed) throw err
       const e = err as { code?: string; name?: string }
       const timedOut = e.name === 'TimeoutError' || (e.code ?? '').includes('TIMEOUT')
       throw new ExchangeFailed('unreachable', timedOut ? `authorization server ${c.url.origin} did not answer within ${this.timeoutMs} ms` : `authorization server ${c.url.origin} unreachable (${e.code ?? e.name ?? 'error'})`)
@@ -85,7 +91,7 @@ export class ClientCredentialsIssuer implements TokenIssuer {
       throw new ExchangeFailed('invalid_response', 'authorization server answered 200 without a bearer token')
     }
     // RFC 6749 §5.1: expires_in is RECOMMENDED, not required; without it, assume a short life.
-    const lifetimeS = typeof expiresIn === 'number' && expiresIn > 0 ? expiresIn : 300
+    const lifetimeS = typeof expiresIn === 'number' && expiresIn > 0 ? Math.min(expiresIn, MAX_EXPIRES_IN_S) : 300
     const granted = typeof body.scope === 'string' ? body.scope.split(' ').filter(Boolean) : [...binding.scopes]
     // Narrowed to the route: a server that grants more than was asked is not trusted with it.
     const extra = binding.scopes.length > 0 ? granted.filter((s) => !binding.scopes.includes(s)) : []

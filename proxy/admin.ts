@@ -23,8 +23,8 @@ export function createAdminServer(metrics: SidecarMetrics, readiness: Readiness,
     try {
       checkLocalCaller(req.headers, namedHosts)
     } catch (err) {
-      const { status, headers, body } = renderError(err as LatchkeyError)
-      res.writeHead(status, headers).end(body)
+      const { status, statusText, headers, body } = renderError(err as LatchkeyError)
+      res.writeHead(status, statusText, headers).end(body)
       return
     }
     const path = (req.url ?? '').split('?')[0] ?? ''

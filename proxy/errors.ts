@@ -56,8 +56,13 @@ export function errorBody(code: ErrorCode, reason: string, rule: string | null):
   return { error: e.error, code, rule, reason, retryable: e.retryable }
 }
 
-/** Headers and body of a refusal, ready to write to an http.ServerResponse or a raw socket. */
-export function renderError(err: LatchkeyError): { status: number; headers: Record<string, string>; body: string } {
+/**
+ * Headers and body of a refusal, ready to write to an http.ServerResponse or a raw socket, and a
+ * reason phrase that says it too: many clients show only the status line of a refusal (Python's
+ * "Tunnel connection failed: 403 …", wget's "Proxy tunneling failed: …", urllib's HTTPError), and
+ * of a refused CONNECT nothing else at all.
+ */
+export function renderError(err: LatchkeyError): { status: number; statusText: string; headers: Record<string, string>; body: string } {
   const body = JSON.stringify(errorBody(err.code, err.reason, err.rule)) + '\n'
   const headers: Record<string, string> = {
     'content-type': 'application/json',
@@ -67,7 +72,13 @@ export function renderError(err: LatchkeyError): { status: number; headers: Reco
   }
   if (err.rule) headers[RULE_HEADER] = err.rule
   if (err.status === 407) headers['proxy-authenticate'] = 'Basic realm="latchkey"'
-  return { status: err.status, headers, body }
+  return { status: err.status, statusText: statusText(err), headers, body }
+}
+
+/** "Forbidden (LK_POLICY_DENIED, rule default: no rule allows this request)": printable ASCII, bounded. */
+function statusText(err: LatchkeyError): string {
+  const said = `${err.code}${err.rule ? `, rule ${err.rule}` : ''}: ${err.reason}`.replace(/[^\x20-\x7e]/g, '?')
+  return `${STATUS_TEXT[err.status] ?? 'Error'} (${said.length > 200 ? said.slice(0, 197) + '...' : said})`
 }
 
 const STATUS_TEXT: Record<number, string> = {
@@ -83,8 +94,8 @@ const STATUS_TEXT: Record<number, string> = {
 
 /** The same refusal as raw HTTP/1.1 bytes, for CONNECT, upgrades and parser errors on a bare socket. */
 export function renderErrorRaw(err: LatchkeyError): string {
-  const { status, headers, body } = renderError(err)
-  let head = `HTTP/1.1 ${status} ${STATUS_TEXT[status] ?? 'Error'}\r\n`
+  const { status, statusText, headers, body } = renderError(err)
+  let head = `HTTP/1.1 ${status} ${statusText}\r\n`
   for (const [k, v] of Object.entries(headers)) head += `${k}: ${v}\r\n`
   return head + 'connection: close\r\n\r\n' + body
 }

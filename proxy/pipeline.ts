@@ -402,7 +402,7 @@ export class Pipeline {
   refuse(ctx: CallContext, res: ServerResponse, err: unknown): void {
     const e = this.recordRefusal(ctx, err)
     if (!res.headersSent && !res.destroyed) {
-      const { status, headers, body } = renderError(e)
+      const { status, statusText, headers, body } = renderError(e)
       // After a framing error, or with a request body left unread, the connection's remaining
       // bytes cannot be trusted as the next request: close it.
       if (e.status === 400 || !res.req.readableEnded || this.draining) {
@@ -412,7 +412,7 @@ export class Pipeline {
         const socket = res.req.socket
         if (socket) this.closingSockets.add(socket)
       }
-      res.writeHead(status, headers)
+      res.writeHead(status, statusText, headers)
       res.end(body)
     } else if (!res.writableEnded) {
       res.destroy()

@@ -123,6 +123,13 @@ t.test('HTTPS_PROXY: curl, Node fetch and Python tunnel through CONNECT, untouch
     ['connect', 'CONNECT', 200, 'localhost', tlsUpstream.port, 'tunnel'],
   ])
   t.ok(audit.every((e) => (e.bytes_in as number) > 0 && (e.bytes_out as number) > 0), 'tunnel bytes counted')
+
+  // A refused CONNECT: most clients show only its status line, so the status line says why.
+  const deniedUrl = `https://localhost:${tlsUpstream.port + 1}/x`
+  const pyDenied = await run('python3', ['-c', pyScript, deniedUrl, testPki().caFile], { env: cleanEnv({ HTTPS_PROXY: s.proxy }) }).catch((e: { stderr: string }) => e)
+  t.match(pyDenied.stderr, /Tunnel connection failed: 403 Forbidden \(LK_(POLICY|NETWORK)_DENIED, rule [\w:-]+: [^)]+\)/, 'Python says which refusal, and which rule')
+  const curlDenied = await run('curl', ['-sS', '-v', '--cacert', testPki().caFile, '-x', s.proxy, deniedUrl]).catch((e: { stderr: string }) => e)
+  t.match(curlDenied.stderr, /< HTTP\/1\.1 403 Forbidden \(LK_(POLICY|NETWORK)_DENIED/, 'and curl -v shows it')
 })
 
 // Node's fetch tunnels http:// through CONNECT. A rule that depends on method or path cannot be

@@ -7,7 +7,6 @@ import { owedResponse, type Pipeline, type TunnelOrigin } from '../pipeline.js'
 import { LatchkeyError } from '../errors.js'
 import { handleConnect } from './tunnel.js'
 import { handleUpgrade } from './upgrade.js'
-import { parseTunnelledTarget } from './target.js'
 import { abortChunkedForward } from '../forward/forward.js'
 
 export interface ListenerOptions {
@@ -55,19 +54,11 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     const ctx = pipeline.newContext('tunnelled', 'CONNECT')
     pipeline.refuseSocket(ctx, socket, new LatchkeyError('LK_BAD_REQUEST', 'CONNECT inside a CONNECT tunnel is not supported'))
   })
-  inner.on('upgrade', (req, socket: Socket) => {
-    if (pipeline.refusePipelinedTakeover(req, socket, 'tunnelled')) return
-    // Refused like every other call: coded, and audited against the tunnel's origin.
-    const ctx = pipeline.newContext('tunnelled', req.method ?? 'GET')
+  inner.on('upgrade', (req, socket: Socket, head: Buffer) => {
     const origin = tunnels.get(socket)
-    if (origin) {
-      try {
-        ctx.target = parseTunnelledTarget(req.url ?? '', origin.target)
-      } catch {
-        ctx.target = origin.target
-      }
-    }
-    pipeline.refuseSocket(ctx, socket, new LatchkeyError('LK_BAD_REQUEST', 'upgrades inside a CONNECT tunnel are not supported; send them in absolute-form'))
+    // Every socket the inner server sees was adopted with its origin; one without is not served.
+    if (!origin) return void socket.destroy()
+    handleUpgrade(pipeline, req, socket, head, opts.connectTimeoutMs, openStreams, origin)
   })
   inner.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => onClientError(err, socket, 'tunnelled'))
   const tunnelOptions = {

@@ -4,7 +4,7 @@
 import { connect as netConnect, type Socket } from 'node:net'
 import { connect as tlsConnect } from 'node:tls'
 import type { IncomingMessage } from 'node:http'
-import type { Pipeline } from '../pipeline.js'
+import type { Pipeline, TunnelOrigin } from '../pipeline.js'
 import { LatchkeyError } from '../errors.js'
 import { hostHeader } from './target.js'
 import { checkFraming } from './framing.js'
@@ -17,7 +17,12 @@ import { scrubResponseHeaders } from '../forward/scrub.js'
 
 const KEEP_FOR_WEBSOCKET = ['upgrade', 'connection'] as const
 
-export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: Socket, head: Buffer, connectTimeoutMs: number, open: Set<Socket>): void {
+/**
+ * `tunnel` is set for a handshake sent inside a plaintext CONNECT tunnel (undici's WebSocket with
+ * EnvHttpProxyAgent sends ws:// that way): pinned to the tunnel's origin, identified by the
+ * CONNECT's proxy credential, decided and injected like any other.
+ */
+export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: Socket, head: Buffer, connectTimeoutMs: number, open: Set<Socket>, tunnel: TunnelOrigin | null = null): void {
   if (pipeline.refusePipelinedTakeover(req, client, 'upgrade')) return
   const ctx = pipeline.newContext('upgrade', req.method ?? 'GET')
   const refuse = (err: unknown) => pipeline.refuseSocket(ctx, client, err)
@@ -26,7 +31,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
     checkFraming(req)
     // Read first, so a refused upgrade is recorded with what it was for.
     // A browser's WebSocket always carries Origin: readTarget refuses a page's on a route.
-    pipeline.readTarget(ctx, req, null, true)
+    pipeline.readTarget(ctx, req, tunnel, true)
     const protocol = String(req.headers.upgrade ?? '').trim().toLowerCase()
     if (protocol.includes('h2c')) throw new LatchkeyError('LK_BAD_REQUEST', 'h2c upgrades are refused; speak HTTP/1.1 to the sidecar')
     if (protocol !== 'websocket') throw new LatchkeyError('LK_BAD_REQUEST', `upgrade to "${protocol.slice(0, 32)}" is not supported; only websocket`)
@@ -38,7 +43,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
       throw new LatchkeyError('LK_BAD_REQUEST', 'a WebSocket handshake carries no body')
     }
     if (req.headers.expect !== undefined) throw new LatchkeyError('LK_BAD_REQUEST', 'Expect is not supported on a WebSocket handshake')
-    await pipeline.admit(ctx, req.headers['proxy-authorization'], true, client)
+    await pipeline.admit(ctx, tunnel ? tunnel.proxyAuthorization : req.headers['proxy-authorization'], true, client)
     const target = ctx.target!
     const headers = outboundRequestHeaders(req.headers, ctx.binding?.strip ?? null, KEEP_FOR_WEBSOCKET)
     headers.connection = 'Upgrade'

@@ -5,6 +5,8 @@ import { createServer } from 'node:http'
 import { connect, type AddressInfo } from 'node:net'
 import { once } from 'node:events'
 import { createHash } from 'node:crypto'
+import { execFile } from 'node:child_process'
+import { promisify } from 'node:util'
 import { startTestSidecar, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
 
 t.test('websocket through a reverse route and through absolute-form', async (t) => {
@@ -164,3 +166,55 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
   ], 'a refused handshake is recorded with what it was for')
   assertNoCanary(t, s, ...seen)
 })
+
+t.test("undici's WebSocket through EnvHttpProxyAgent: ws:// in a CONNECT tunnel, decided and injected", async (t) => {
+  const seen: (string | undefined)[] = []
+  const ws = createServer((_req, res) => res.writeHead(426).end())
+  ws.on('upgrade', (req, socket) => {
+    seen.push(req.headers.authorization)
+    const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
+    socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`)
+    // One unmasked text frame, "hello", from server to client.
+    socket.write(Buffer.from([0x81, 5, ...Buffer.from('hello')]))
+  })
+  ws.listen(0, '127.0.0.1')
+  await once(ws, 'listening')
+  const port = (ws.address() as AddressInfo).port
+  const s = await startTestSidecar({
+    policy: { default: 'deny', rules: [{ id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin/**'] }, { id: 'ws', action: 'allow', hosts: ['127.0.0.1'], ports: [port] }] },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] },
+    credentials: [{ id: 'ws', audience: `http://127.0.0.1:${port}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    ws.closeAllConnections()
+    ws.close()
+  })
+  const script = `
+    const { WebSocket, EnvHttpProxyAgent } = await import('undici')
+    const open = (url) => new Promise((resolve) => {
+      const sock = new WebSocket(url, { dispatcher: new EnvHttpProxyAgent() })
+      sock.onmessage = (m) => { resolve('message ' + m.data); sock.close() }
+      sock.onerror = () => resolve('error')
+    })
+    console.log(await open(process.argv[1]))
+    console.log(await open(process.argv[2]))
+    // The test upstream never answers a close frame: leave without waiting for one.
+    process.exit(0)`
+  const { stdout } = await promisify(execFile)(process.execPath, ['--input-type=module', '-e', script, `ws://127.0.0.1:${port}/feed`, `ws://127.0.0.1:${port}/admin/feed`], {
+    env: proxyEnv(`http://127.0.0.1:${s.sidecar.port}`),
+  })
+  t.same(stdout.trim().split('\n'), ['message hello', 'error'], 'the allowed WebSocket opens and talks; the one a path rule denies does not')
+  t.same(seen, [`Bearer ${CANARY}`], 'the handshake carried the injected credential; the denied one never arrived')
+  await new Promise((r) => setTimeout(r, 300))
+  const upgrades = (await s.audit()).filter((e) => e.via === 'upgrade')
+  t.same(upgrades.map((e) => [e.path, e.status, e.rule]).sort(), [['/admin/feed', 403, 'no-admin'], ['/feed', 101, 'ws']])
+  assertNoCanary(t, s, stdout)
+})
+
+/** The environment with HTTP_PROXY set to `proxy` and every other proxy variable removed (an empty http_proxy would win over it). */
+function proxyEnv(proxy: string): NodeJS.ProcessEnv {
+  const env = { ...process.env }
+  for (const k of ['HTTP_PROXY', 'HTTPS_PROXY', 'http_proxy', 'https_proxy', 'NO_PROXY', 'no_proxy', 'ALL_PROXY', 'all_proxy']) delete env[k]
+  return { ...env, HTTP_PROXY: proxy }
+}

@@ -1,24 +1,42 @@
 // JWT-SVIDs from the SPIFFE Workload API (the SPIRE agent's unix socket), over gRPC with the
 // `workload.spiffe.io: true` metadata the API requires. An SVID is reused until half its life
 // has passed (SPIRE's own rotation point), then fetched anew.
+//
+// Which SVID: a workload may hold several (a pod whose registration entries match more than one
+// SPIFFE ID), and the first is not necessarily this sidecar's agent. With `spiffeId` set, that ID
+// is requested and an answer holding any other SVID is refused; without it, the answer must hold
+// exactly one SVID, and several are refused with the IDs offered, never guessed between.
 import { credentials, Metadata, status as grpcStatus, type ServiceError } from '@grpc/grpc-js'
 import { decodeJwt } from 'jose'
 import { TOKEN_TYPES } from '../../lib/oauth.js'
 import { SpiffeWorkloadAPIClient, type JWTSVIDResponse } from '../../protos/gen/spiffe/workload.js'
 import { EvidenceUnavailable, type WorkloadEvidence } from './evidence.js'
 
+export interface SpiffeWorkloadOptions {
+  /** The SPIFFE ID to request, and the only one accepted. Absent: the one SVID the workload holds. */
+  spiffeId?: string
+  now?: () => number
+}
+
+/** A SPIFFE ID as quoted in a reason: IDs are not secrets, but an answer's bytes are bounded. */
+const quote = (id: string) => JSON.stringify(id.slice(0, 256))
+
 export class SpiffeWorkloadEvidence implements WorkloadEvidence {
   readonly kind = 'spiffe'
   readonly tokenType = TOKEN_TYPES.spiffe
   private readonly client: SpiffeWorkloadAPIClient
+  private readonly spiffeId: string | undefined
+  private readonly now: () => number
   private cached: { svid: string; renewAt: number } | undefined
 
   constructor(
     private readonly socket: string,
     private readonly audience: string,
     private readonly timeoutMs = 3000,
-    private readonly now: () => number = Date.now,
+    opts: SpiffeWorkloadOptions = {},
   ) {
+    this.spiffeId = opts.spiffeId
+    this.now = opts.now ?? Date.now
     this.client = new SpiffeWorkloadAPIClient(`unix://${socket}`, credentials.createInsecure())
   }
 
@@ -27,19 +45,36 @@ export class SpiffeWorkloadEvidence implements WorkloadEvidence {
     const md = new Metadata()
     md.set('workload.spiffe.io', 'true')
     const res = await new Promise<JWTSVIDResponse>((resolve, reject) => {
-      this.client.fetchJwtsvid({ audience: [this.audience], spiffeId: '' }, md, { deadline: Date.now() + this.timeoutMs }, (err, r) => (err ? reject(err) : resolve(r)))
+      this.client.fetchJwtsvid({ audience: [this.audience], spiffeId: this.spiffeId ?? '' }, md, { deadline: Date.now() + this.timeoutMs }, (err, r) => (err ? reject(err) : resolve(r)))
     }).catch((err: ServiceError) => {
       const code = grpcStatus[err.code] ?? String(err.code)
       throw new EvidenceUnavailable(`SPIFFE Workload API at ${this.socket}: ${code}`)
     })
-    const svid = res.svids[0]?.svid
+    const svids = res.svids ?? []
+    if (svids.length === 0) throw new EvidenceUnavailable(`SPIFFE Workload API at ${this.socket} returned no JWT-SVID`)
+    const offered = () => svids.slice(0, 8).map((s) => quote(s.spiffeId)).join(', ') + (svids.length > 8 ? `, and ${svids.length - 8} more` : '')
+    if (this.spiffeId !== undefined) {
+      if (svids.some((s) => s.spiffeId !== this.spiffeId)) {
+        throw new EvidenceUnavailable(`SPIFFE Workload API at ${this.socket} answered a request for ${quote(this.spiffeId)} with JWT-SVIDs for ${offered()}; refused`)
+      }
+    } else if (svids.length > 1) {
+      throw new EvidenceUnavailable(
+        `SPIFFE Workload API at ${this.socket} returned ${svids.length} JWT-SVIDs (${offered()}); set sidecar.attestation.spiffe.spiffe_id to the one this sidecar's agent is`,
+      )
+    }
+    const { spiffeId, svid } = svids[0]!
     if (!svid) throw new EvidenceUnavailable(`SPIFFE Workload API at ${this.socket} returned no JWT-SVID`)
+    let sub: string | undefined
     let exp: number | undefined
     let iat: number | undefined
     try {
-      ;({ exp, iat } = decodeJwt(svid))
+      ;({ sub, exp, iat } = decodeJwt(svid))
     } catch {
       throw new EvidenceUnavailable(`SPIFFE Workload API at ${this.socket} returned something that is not a JWT-SVID`)
+    }
+    // The broker attests the JWT's sub, not the label beside it: the two must agree.
+    if (sub !== spiffeId) {
+      throw new EvidenceUnavailable(`SPIFFE Workload API at ${this.socket} returned a JWT-SVID for ${quote(String(sub))} labelled ${quote(spiffeId)}; refused`)
     }
     const nowMs = this.now()
     const expMs = (exp ?? 0) * 1000

@@ -14,10 +14,11 @@ import { startTestBroker, API, type TestBroker } from '../helpers/broker.js'
 import { startResourceServer } from '../helpers/tokens.js'
 import { startTestSidecar, loopbackPolicy } from '../helpers/harness.js'
 import { Client } from 'undici'
+import { decodeJwt } from 'jose'
 
 interface WorkloadApi {
   socket: string
-  calls: { audience: string[]; header: string | undefined }[]
+  calls: { audience: string[]; header: string | undefined; spiffeId: string }[]
   close(): Promise<void>
 }
 
@@ -28,7 +29,7 @@ async function startWorkloadApi(broker: TestBroker, answer?: (req: JWTSVIDReques
   server.addService(SpiffeWorkloadAPIService, {
     fetchJwtsvid: (call: ServerUnaryCall<JWTSVIDRequest, JWTSVIDResponse>, cb: sendUnaryData<JWTSVIDResponse>) => {
       const header = call.metadata.get('workload.spiffe.io')[0]?.toString()
-      calls.push({ audience: call.request.audience, header })
+      calls.push({ audience: call.request.audience, header, spiffeId: call.request.spiffeId })
       // What SPIRE answers to a call without the security header.
       if (header !== 'true') return cb({ code: status.INVALID_ARGUMENT, details: 'security header missing from request' })
       const reply =
@@ -73,7 +74,7 @@ t.test('a SPIFFE-attested sidecar gets tokens for its instance', async (t) => {
   t.equal(ra.status, 200)
   t.same(ra.body, { sub: 'alice', act: { sub: 'agent:summarizer:prod:w-1' }, scope: 'read' }, 'the API sees the SPIFFE-attested instance')
   t.equal(rb.status, 200)
-  t.same(spire.calls, [{ audience: [broker.issuer], header: 'true' }], 'one fetch, for the broker audience, with the workload.spiffe.io header; the SVID is reused before its half-life')
+  t.same(spire.calls, [{ audience: [broker.issuer], header: 'true', spiffeId: '' }], 'one fetch, for the broker audience, with the workload.spiffe.io header; the SVID is reused before its half-life')
   t.equal(broker.events.filter((e) => e.type === 'token.exchange' && e.attestor === 'spiffe').length, 2)
 })
 
@@ -127,4 +128,92 @@ t.test('through the sidecar, a missing SPIRE socket is a 503 that says so', asyn
   t.equal(res.status, 503)
   t.match(res.body.reason, /workload evidence unavailable: SPIFFE Workload API at \/nonexistent\/agent\.sock: UNAVAILABLE/)
   t.equal(api.seen.length, 0)
+})
+
+const CODER = 'spiffe://example.org/agents/summarizer/w-1'
+const HELPER = 'spiffe://example.org/agents/summarizer/helper-1'
+
+/** What SPIRE answers a workload holding several identities: all of them, or only the one asked for. */
+function holding(broker: TestBroker, ids: string[]) {
+  return async (req: JWTSVIDRequest): Promise<JWTSVIDResponse> => {
+    const wanted = req.spiffeId ? ids.filter((id) => id === req.spiffeId) : ids
+    if (wanted.length === 0) throw new Error('no identity issued')
+    return { svids: await Promise.all(wanted.map(async (id) => ({ spiffeId: id, svid: await broker.spiffe.sign({ iss: null, sub: id, aud: req.audience }), hint: '' }))) }
+  }
+}
+
+t.test('several JWT-SVIDs and no spiffe_id: refused with the IDs offered, never the first taken', async (t) => {
+  const broker = await startTestBroker()
+  t.teardown(broker.close)
+  // The helper's SVID comes first, as in the probe: taking svids[0] would act as the helper.
+  const spire = await startWorkloadApi(broker, holding(broker, [HELPER, CODER]))
+  t.teardown(spire.close)
+  const ev = new SpiffeWorkloadEvidence(spire.socket, broker.issuer, 1000)
+  t.teardown(() => ev.close())
+  const err = (await ev.get().then(() => null, (e: Error) => e))!
+  t.ok(err, 'refused')
+  t.match(err.message, /returned 2 JWT-SVIDs \("spiffe:\/\/example\.org\/agents\/summarizer\/helper-1", "spiffe:\/\/example\.org\/agents\/summarizer\/w-1"\); set sidecar\.attestation\.spiffe\.spiffe_id/)
+  t.notOk(/eyJ/.test(err.message), 'no token material in the reason')
+  t.same(spire.calls.map((c) => c.spiffeId), [''], 'no ID was asked for')
+})
+
+t.test('with spiffe_id: that ID is requested and only it is accepted', async (t) => {
+  const broker = await startTestBroker()
+  t.teardown(broker.close)
+  const spire = await startWorkloadApi(broker, holding(broker, [HELPER, CODER]))
+  t.teardown(spire.close)
+  const ev = new SpiffeWorkloadEvidence(spire.socket, broker.issuer, 1000, { spiffeId: CODER })
+  t.teardown(() => ev.close())
+  t.equal(decodeJwt(await ev.get()).sub, CODER, 'the SVID for the configured ID')
+  t.same(spire.calls, [{ audience: [broker.issuer], header: 'true', spiffeId: CODER }], 'FetchJWTSVID named the ID')
+
+  // A Workload API that ignores spiffe_id and answers with everything, or with another ID only.
+  for (const ids of [[HELPER, CODER], [CODER, HELPER], [HELPER]]) {
+    const loose = await startWorkloadApi(broker, async (req) => holding(broker, ids)({ ...req, spiffeId: '' }))
+    const ev2 = new SpiffeWorkloadEvidence(loose.socket, broker.issuer, 1000, { spiffeId: CODER })
+    await t.rejects(ev2.get(), /answered a request for "spiffe:\/\/example\.org\/agents\/summarizer\/w-1" with JWT-SVIDs for .*helper-1.*; refused/, `refused: ${ids.join(' ')}`)
+    ev2.close()
+    await loose.close()
+  }
+
+  // The label says the configured ID, the JWT inside is the helper's: the JWT is what the broker attests.
+  const lying = await startWorkloadApi(broker, async (req) => ({ svids: [{ spiffeId: CODER, svid: await broker.spiffe.sign({ iss: null, sub: HELPER, aud: req.audience }), hint: '' }] }))
+  t.teardown(lying.close)
+  for (const opts of [{ spiffeId: CODER }, {}]) {
+    const ev3 = new SpiffeWorkloadEvidence(lying.socket, broker.issuer, 1000, opts)
+    await t.rejects(ev3.get(), /returned a JWT-SVID for "spiffe:\/\/example\.org\/agents\/summarizer\/helper-1" labelled "spiffe:\/\/example\.org\/agents\/summarizer\/w-1"; refused/)
+    ev3.close()
+  }
+})
+
+t.test('through the sidecar: several SVIDs are a 503 naming them; the chosen spiffe_id gets its own token', async (t) => {
+  const broker = await startTestBroker()
+  const spire = await startWorkloadApi(broker, holding(broker, [HELPER, CODER]))
+  const api = await startResourceServer(broker)
+  const fragment = (spiffe: Record<string, unknown>) => ({
+    ...loopbackPolicy([api.port]),
+    sidecar: { agent_id: 'agent:summarizer:prod:w-1', broker: { url: broker.url }, attestation: { spiffe: { socket: spire.socket, audience: broker.issuer, ...spiffe } } },
+    credentials: [{ id: 'api', audience: api.origin, source: 'broker', token_audience: API, inject: { type: 'bearer' } }],
+  })
+  const unnamed = await startTestSidecar(fragment({}))
+  // What sidecar.attestation.spiffe.spiffe_id builds, given directly.
+  const named = await startTestSidecar(fragment({}), {}, { evidence: new SpiffeWorkloadEvidence(spire.socket, broker.issuer, 1000, { spiffeId: CODER }) })
+  t.teardown(async () => {
+    await unnamed.close()
+    await named.close()
+    await api.close()
+    await spire.close()
+    await broker.close()
+  })
+  const a = unnamed.sidecar.tasks.open({ purpose: 'a', durationS: 60 })
+  const refused = await get(unnamed.proxy, a.handle, `${api.origin}/x`)
+  t.equal(refused.status, 503)
+  t.match(refused.body.reason, /workload evidence unavailable: SPIFFE Workload API at .* returned 2 JWT-SVIDs \(.*helper-1.*w-1.*\)/)
+  t.equal(api.seen.length, 0, 'nothing reached the API')
+  t.equal(broker.events.filter((e) => e.type === 'token.exchange').length, 0, 'no exchange was attempted')
+
+  const b = named.sidecar.tasks.open({ purpose: 'b', durationS: 60 })
+  const ok = await get(named.proxy, b.handle, `${api.origin}/y`)
+  t.equal(ok.status, 200)
+  t.same(ok.body.act, { sub: 'agent:summarizer:prod:w-1' }, 'the API sees the configured workload, not the helper')
 })

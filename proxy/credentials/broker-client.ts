@@ -1,12 +1,14 @@
 // The sidecar's RFC 8693 client: one POST to the broker's token endpoint per exchange, with the
 // workload evidence as actor_token and the task's user token, if any, as subject_token. Every
 // failure becomes an ExchangeFailed whose reason names what went wrong and never a token.
+// The token's current actor (act.sub, outermost: broker/act.ts) must be the sidecar's agent_id:
+// read, not verified (the broker signs; this is a consistency check), and refused otherwise.
 import { Pool } from 'undici'
 import { decodeJwt } from 'jose'
 import { TOKEN_EXCHANGE_GRANT, TOKEN_TYPES } from '../../lib/oauth.js'
 import { EvidenceUnavailable, type WorkloadEvidence } from '../attest/evidence.js'
 import type { CredentialBinding, TaskRef } from '../context.js'
-import type { TokenIssuer } from './broker-source.js'
+import { ActorMismatch, type TokenIssuer } from './broker-source.js'
 import { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, readCapped, type IssuedToken } from './exchange-outcome.js'
 
 export { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, type ExchangeOutcome, type IssuedToken } from './exchange-outcome.js'
@@ -29,12 +31,20 @@ export class BrokerClient implements TokenIssuer {
     this.pool = new Pool(u.origin, { connections: 4, headersTimeout: timeoutMs, bodyTimeout: timeoutMs, connectTimeout: timeoutMs })
   }
 
-  issue(task: TaskRef | null, binding: CredentialBinding, durationS: number): Promise<IssuedToken> {
+  issue(task: TaskRef | null, binding: CredentialBinding, durationS: number, agentId: string): Promise<IssuedToken> {
     if (!task) return Promise.reject(new ExchangeFailed('refused', 'a broker token needs a task'))
-    return this.exchange(task, binding.tokenAudience, binding.scopes, durationS, binding.source === 'broker_secret' ? TOKEN_TYPES.leasedSecret : TOKEN_TYPES.accessToken)
+    return this.exchange(task, binding.tokenAudience, binding.scopes, durationS, binding.source === 'broker_secret' ? TOKEN_TYPES.leasedSecret : TOKEN_TYPES.accessToken, agentId)
   }
 
-  async exchange(task: TaskRef, audience: string, scopes: readonly string[], durationS: number, requestedType: string = TOKEN_TYPES.accessToken): Promise<IssuedToken> {
+  /** `agentId`, when given: a JWT whose act.sub is not it is refused with ActorMismatch. */
+  async exchange(
+    task: TaskRef,
+    audience: string,
+    scopes: readonly string[],
+    durationS: number,
+    requestedType: string = TOKEN_TYPES.accessToken,
+    agentId?: string,
+  ): Promise<IssuedToken> {
     let evidence: string
     try {
       evidence = await this.evidence.get()
@@ -131,6 +141,12 @@ export class BrokerClient implements TokenIssuer {
           if (left <= 0) throw new ExchangeFailed('invalid_response', `broker issued a token that expired ${Math.round((CLOCK_LEEWAY_MS - left) / 1000)} s ago`)
           expiresInMs = Math.min(expiresInMs, left)
           if (typeof claims.iat === 'number' && claims.iat < claims.exp) expiresInMs = Math.min(expiresInMs, (claims.exp - claims.iat) * 1000)
+        }
+        // The current actor is the outermost act.sub (RFC 8693 §4.1; broker/exchange.ts builds it so).
+        if (agentId !== undefined) {
+          const act = claims.act as { sub?: unknown } | undefined
+          const actor = typeof act === 'object' && act !== null && typeof act.sub === 'string' ? act.sub.slice(0, 256) : null
+          if (actor !== agentId) throw new ActorMismatch(agentId, actor)
         }
       }
     }

@@ -6,7 +6,9 @@
 //  - fail closed: a token with less than min_remaining_ms left is never injected, and a request
 //    that cannot get a valid token is refused with 503 and the reason;
 //  - ending or revoking a task drops its tokens, and an exchange in flight for it is discarded
-//    when it lands: whoever waits on it gets LK_TASK_ENDED or LK_REVOKED, never the token.
+//    when it lands: whoever waits on it gets LK_TASK_ENDED or LK_REVOKED, never the token;
+//  - a token whose actor is not sidecar.agent_id (the broker attested another workload) is never
+//    cached nor injected: audit, revocation and the API's act.sub must name the same agent.
 import { LRUCache } from 'lru-cache'
 import type { Credential, CredentialBinding, CredentialSource, Identity, TaskRef } from '../context.js'
 import { LatchkeyError } from '../errors.js'
@@ -16,8 +18,28 @@ import { ExchangeFailed, MAX_EXPIRES_IN_S, type ExchangeOutcome, type IssuedToke
 export interface TokenIssuer {
   /** Whether a token is bound to a task (the broker's are; client credentials are the sidecar's own). */
   readonly needsTask: boolean
-  issue(task: TaskRef | null, binding: CredentialBinding, durationS: number): Promise<IssuedToken>
+  /** `agentId` is sidecar.agent_id: an issuer that can read its token's actor refuses any other (ActorMismatch). */
+  issue(task: TaskRef | null, binding: CredentialBinding, durationS: number, agentId: string): Promise<IssuedToken>
   close(): Promise<void>
+}
+
+/**
+ * The broker issued a token whose current actor (act.sub) is not the configured agent: the
+ * evidence attests another workload. Refused: the API would see one agent, this sidecar's audit
+ * and revocation state another. The reason names both IDs (they are not secrets), never the token.
+ */
+export class ActorMismatch extends ExchangeFailed {
+  constructor(
+    readonly configured: string,
+    readonly attested: string | null,
+  ) {
+    super(
+      'invalid_response',
+      attested === null
+        ? `the broker issued a token with no act.sub, so not for sidecar.agent_id ${configured}; refused`
+        : `the broker attested agent ${attested}, not sidecar.agent_id ${configured}; its token is refused (check sidecar.agent_id and the workload's attestation)`,
+    )
+  }
 }
 
 /** A stand-in task for issuers whose tokens belong to the sidecar, not a task. */
@@ -63,6 +85,8 @@ export interface BrokerSourceOptions {
   onRefreshFailed?: (reason: string) => void
   /** When it returns a reason, no new token is fetched (cached ones still serve): the control stream is stale. */
   mintRefusal?: () => string | null
+  /** The broker attested another agent than sidecar.agent_id: called once per (configured, attested) pair, to log at error level. */
+  onActorMismatch?: (configured: string, attested: string | null, reason: string) => void
 }
 
 export class CachedTokenSource implements CredentialSource {
@@ -75,6 +99,8 @@ export class CachedTokenSource implements CredentialSource {
   exchanges = 0
   /** Bumped by dropAll: an exchange started before a revocation is discarded when it lands. */
   private generation = 0
+  /** Actor mismatches already reported, so a sidecar retrying every FAILURE_HOLD_MS logs one line, not thousands. */
+  private readonly mismatchesReported = new Set<string>()
 
   constructor(
     private readonly client: TokenIssuer,
@@ -93,7 +119,7 @@ export class CachedTokenSource implements CredentialSource {
     const e = this.cache.get(key)
     const refusal = this.opts.mintRefusal?.() ?? null
     if (e && e.credential && now < e.usableUntil) {
-      if (now >= e.refreshAt && !e.inflight && !refusal) this.start(key, e, task, binding).catch(() => {})
+      if (now >= e.refreshAt && !e.inflight && !refusal) this.start(key, e, task, binding, identity.agentId).catch(() => {})
       return e.credential
     }
     if (e?.inflight) return e.inflight
@@ -106,10 +132,10 @@ export class CachedTokenSource implements CredentialSource {
       if (!keys) this.keysByTask.set(task.id, (keys = new Set()))
       keys.add(key)
     }
-    return this.start(key, entry, task, binding)
+    return this.start(key, entry, task, binding, identity.agentId)
   }
 
-  private start(key: string, entry: Entry, task: TaskRef, binding: CredentialBinding): Promise<Credential> {
+  private start(key: string, entry: Entry, task: TaskRef, binding: CredentialBinding, agentId: string): Promise<Credential> {
     this.exchanges++
     const durationS = Math.ceil((task.expiresAt - this.now()) / 1000)
     const generation = this.generation
@@ -123,7 +149,7 @@ export class CachedTokenSource implements CredentialSource {
       set.delete(ticket)
       if (set.size === 0) this.inflightByTask.delete(task.id)
     }
-    const p = this.client.issue(task === NO_TASK ? null : task, binding, durationS).then(
+    const p = this.client.issue(task === NO_TASK ? null : task, binding, durationS, agentId).then(
       (issued) => {
         landed()
         entry.inflight = null
@@ -150,11 +176,23 @@ export class CachedTokenSource implements CredentialSource {
         const outcome = err instanceof ExchangeFailed ? err.outcome : 'unreachable'
         const reason = err instanceof ExchangeFailed ? err.message : 'token exchange failed'
         this.opts.onExchange?.(outcome)
+        if (err instanceof ActorMismatch) {
+          const pair = `${err.configured}\n${err.attested ?? ''}`
+          if (!this.mismatchesReported.has(pair) && this.mismatchesReported.size < 64) {
+            this.mismatchesReported.add(pair)
+            this.opts.onActorMismatch?.(err.configured, err.attested, reason)
+          }
+        }
         // The entry was dropped meanwhile: say why, rather than what the broker answered.
         if (generation !== this.generation) throw new LatchkeyError('LK_REVOKED', 'revoked', 'revocation:agent')
         if (ticket.voided) throw ticket.voided
         const error = new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `no token for ${binding.tokenAudience}: ${reason}`)
-        if (entry.credential && this.now() < entry.usableUntil) {
+        if (err instanceof ActorMismatch) {
+          // The workload now attests as another agent: what is cached is not served either.
+          entry.credential = null
+          entry.usableUntil = 0
+          entry.failure = { error, until: this.now() + FAILURE_HOLD_MS }
+        } else if (entry.credential && this.now() < entry.usableUntil) {
           // A refresh failed but the current token is still good: retry in a second, keep serving.
           entry.refreshAt = this.now() + 1000
           this.opts.onRefreshFailed?.(reason)

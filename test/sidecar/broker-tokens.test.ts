@@ -6,8 +6,14 @@ import t from 'tap'
 import { execFile } from 'node:child_process'
 import { createHash } from 'node:crypto'
 import { promisify } from 'node:util'
-import { API } from '../helpers/broker.js'
+import { join } from 'node:path'
+import { API, startTestBroker } from '../helpers/broker.js'
 import { startTokenRig, AGENT } from '../helpers/tokens.js'
+import { LocalKeyEvidence } from '../../proxy/attest/local-key.js'
+import { BrokerClient } from '../../proxy/credentials/broker-client.js'
+import { BrokerTokenSource, FAILURE_HOLD_MS } from '../../proxy/credentials/broker-source.js'
+import { compileBinding } from '../../proxy/credentials/bindings.js'
+import { TaskRegistry } from '../../proxy/tasks/registry.js'
 
 const run = promisify(execFile)
 const cleanEnv = () => {
@@ -97,4 +103,66 @@ t.test('an agent acting for itself, and a default task', async (t) => {
   t.teardown(rig.close)
   const res = await run('curl', ['-sS', '-x', rig.sidecar.proxy, `${rig.api.origin}/d`], { env: cleanEnv() })
   t.same(JSON.parse(res.stdout), { sub: AGENT, act: { sub: AGENT }, scope: 'read' }, 'no proxy credential: the default task, the agent as subject')
+})
+
+// The probe's case: sidecar.agent_id says one instance, the workload's evidence attests another.
+// The API would see act.sub = the attested one while the audit and revocation state name the
+// configured one, so the token is refused: never injected, never cached.
+const DECLARED = AGENT // agent:summarizer:prod:e2e, the rig's sidecar.agent_id
+const REAL = 'agent:summarizer:prod:real'
+
+t.test('the broker attests another agent than sidecar.agent_id: no token, the API sees nothing, the audit says why', async (t) => {
+  const broker = await startTestBroker()
+  const rig = await startTokenRig({
+    broker,
+    sidecarOptions: { evidence: new LocalKeyEvidence(join(broker.dir, 'local', 'local-attestor.key.json'), REAL, broker.issuer) },
+  })
+  t.teardown(rig.close)
+  const opened = await rig.openTask({ purpose: 'mismatch', duration_s: 120, user_token: await rig.broker.userToken('alice', 'read') })
+  t.equal(opened.status, 201)
+  const res = await run('curl', ['-sS', '-i', '-x', opened.body.proxy_url as string, `${rig.api.origin}/v1/messages`], { env: cleanEnv() })
+  t.match(res.stdout, /^HTTP\/1\.1 503 /)
+  t.match(res.stdout, /LK_CREDENTIAL_UNAVAILABLE/)
+  t.match(res.stdout, /the broker attested agent agent:summarizer:prod:real, not sidecar\.agent_id agent:summarizer:prod:e2e/)
+  t.equal(rig.api.seen.length, 0, 'the API saw nothing')
+  t.equal(rig.api.tokens.length, 0)
+  t.same(rig.sidecar.sidecar.brokerTokens!.describe(opened.body.id as string), [], 'nothing cached for a revocation of either ID to miss')
+  const exchanged = rig.broker.events.filter((e) => e.type === 'token.exchange')
+  t.ok(exchanged.length >= 1 && exchanged.every((e) => e.agent === REAL), 'the broker did issue, for the attested agent')
+
+  const audit = await rig.sidecar.audit()
+  const refusal = audit.find((e) => JSON.stringify(e).includes('LK_CREDENTIAL_UNAVAILABLE'))
+  t.ok(refusal, 'the refusal is audited')
+  t.match(JSON.stringify(refusal), /attested agent agent:summarizer:prod:real, not sidecar\.agent_id agent:summarizer:prod:e2e/, 'naming both IDs')
+  t.notOk(JSON.stringify(audit).includes('eyJ') || rig.sidecar.logs.join('').includes('eyJ'), 'no token in the audit or the logs')
+})
+
+t.test('the token source refuses a token for another actor, and reports it once', async (t) => {
+  const broker = await startTestBroker()
+  t.teardown(broker.close)
+  const reports: [string, string | null][] = []
+  const granted: string[] = []
+  let clock = Date.now()
+  const src = new BrokerTokenSource(new BrokerClient(broker.url, 2000, new LocalKeyEvidence(join(broker.dir, 'local', 'local-attestor.key.json'), REAL, broker.issuer)), {
+    minRemainingMs: 1000,
+    now: () => clock,
+    onExchange: (o) => granted.push(o),
+    onActorMismatch: (configured, attested) => reports.push([configured, attested]),
+  })
+  t.teardown(() => src.close())
+  const binding = compileBinding({ id: 'api', audience: 'https://api.example.com', source: 'broker', inject: { type: 'bearer' } })
+  const declared = new TaskRegistry(DECLARED, { maxDurationS: 3600, now: () => clock })
+  const task = declared.open({ purpose: 'p', durationS: 60 })
+  for (let i = 0; i < 3; i++) {
+    await t.rejects(Promise.resolve().then(() => src.get(binding, task.identity)), { code: 'LK_CREDENTIAL_UNAVAILABLE', message: /attested agent agent:summarizer:prod:real, not sidecar\.agent_id agent:summarizer:prod:e2e/ })
+    clock += FAILURE_HOLD_MS + 1
+  }
+  t.same(granted, ['invalid_response', 'invalid_response', 'invalid_response'], 'every attempt was an exchange, refused')
+  t.same(reports, [[DECLARED, REAL]], 'reported once, not once per attempt')
+  t.same(src.describe(task.id), [])
+
+  // The same source, for a task of the agent it does attest: served.
+  const real = new TaskRegistry(REAL, { maxDurationS: 3600, now: () => clock })
+  const ok = await src.get(binding, real.open({ purpose: 'q', durationS: 60 }).identity)
+  t.ok(ok.value.length > 0)
 })

@@ -306,21 +306,27 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       }
       if (tokens > 0 || cut > 0 || r.kind === 'agent') log.warn({ kind: r.kind, value: r.value, tokens_dropped: tokens, connections_cut: cut, ms: Math.round((performance.now() - t0) * 1000) / 1000 }, 'revocation applied')
     }
-    control = new ControlClient({
-      address: new URL(sc.control.url).host,
-      token: controlToken!.get({ secret: sc.control.token_secret, id: 'sidecar.control' } as CredentialBinding).value,
-      agentId: sc.agent_id,
-      staleAfterMs: sc.control.stale_after_ms,
-      backoffMinMs: sc.control.backoff_min_ms,
-      backoffMaxMs: sc.control.backoff_max_ms,
-      maxBundleBytes: sc.control.max_bundle_bytes,
-      log,
-      metrics: metrics.registry,
-      now,
-      onRevoked,
-      onPolicy: (version, document) => void policy.offer(document, 'control', `policy bundle ${version.slice(0, 80)}`, version),
-      policyVersion: () => policy.version,
-    })
+    const { defaultStateFile, RevocationFileError } = await import('./control/persist.js')
+    try {
+      control = new ControlClient({
+        address: new URL(sc.control.url).host,
+        token: controlToken!.get({ secret: sc.control.token_secret, id: 'sidecar.control' } as CredentialBinding).value,
+        agentId: sc.agent_id,
+        staleAfterMs: sc.control.stale_after_ms,
+        backoffMinMs: sc.control.backoff_min_ms,
+        backoffMaxMs: sc.control.backoff_max_ms,
+        maxBundleBytes: sc.control.max_bundle_bytes,
+        log,
+        metrics: metrics.registry,
+        now,
+        onRevoked,
+        onPolicy: (version, document) => void policy.offer(document, 'control', `policy bundle ${version.slice(0, 80)}`, version),
+        policyVersion: () => policy.version,
+        stateFile: sc.control.state_file ?? defaultStateFile(config),
+      })
+    } catch (err) {
+      throw err instanceof RevocationFileError ? new StartupError(err.message) : err
+    }
     pipeline.stages.revocations = control.state
     control.start()
   }
@@ -378,7 +384,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       draining = true
       pipeline.beginDrain()
       log.info({ drainMs: sc.timeouts.drain_ms }, 'draining')
-      control?.close()
+      await control?.close()
       policyWatcher?.close()
       clearTimeout(policyTimer)
       process.off('SIGHUP', onSighup)

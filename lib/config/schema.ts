@@ -169,6 +169,13 @@ export interface SidecarControlConfig {
   backoff_min_ms: number
   backoff_max_ms: number
   max_bundle_bytes: number
+  /**
+   * Where the revocations last heard from the broker are kept, so a restarted sidecar enforces
+   * them before its first call, until the broker's next snapshot. Unset: beside the audit state
+   * (`<audit.jsonl.path without extension>.revocations.json`, or `<audit.collector.spool_dir>.revocations.json`).
+   * Unreadable or corrupt at start: the sidecar does not start (delete the file to start with none).
+   */
+  state_file?: string
 }
 
 /** audit.collector: stream every event to the collector over gRPC, through a local spool. Replaces the JSON-lines sink when set. */
@@ -458,6 +465,7 @@ export const configSchema = {
             backoff_min_ms: ms(100),
             backoff_max_ms: ms(5_000),
             max_bundle_bytes: { type: 'integer', minimum: 1024, maximum: 3_145_728, default: 262_144 },
+            state_file: nonEmpty,
           },
         },
         policy_file: nonEmpty,

@@ -4,7 +4,7 @@
 "use strict";
 export const validate = validate10;
 export default validate10;
-const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:[0-9]+/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:[0-9]{1,5}$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
+const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:[0-9]+/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"state_file":{"type":"string","minLength":1}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:[0-9]{1,5}$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
 const func2 = Object.prototype.hasOwnProperty;
 import func4Module from "ajv/dist/runtime/ucs2length.js";
 const func4 = func4Module.default;
@@ -787,7 +787,7 @@ vErrors.push(err56);
 errors++;
 }
 for(const key6 in data22){
-if(!((((((key6 === "url") || (key6 === "token_secret")) || (key6 === "stale_after_ms")) || (key6 === "backoff_min_ms")) || (key6 === "backoff_max_ms")) || (key6 === "max_bundle_bytes"))){
+if(!(((((((key6 === "url") || (key6 === "token_secret")) || (key6 === "stale_after_ms")) || (key6 === "backoff_min_ms")) || (key6 === "backoff_max_ms")) || (key6 === "max_bundle_bytes")) || (key6 === "state_file"))){
 const err57 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key6},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err57];
@@ -980,9 +980,11 @@ vErrors.push(err73);
 errors++;
 }
 }
-}
-else {
-const err74 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data22.state_file !== undefined){
+let data29 = data22.state_file;
+if(typeof data29 === "string"){
+if(func4(data29) < 1){
+const err74 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err74];
 }
@@ -992,11 +994,8 @@ vErrors.push(err74);
 errors++;
 }
 }
-if(data1.policy_file !== undefined){
-let data29 = data1.policy_file;
-if(typeof data29 === "string"){
-if(func4(data29) < 1){
-const err75 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err75 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err75];
 }
@@ -1006,8 +1005,9 @@ vErrors.push(err75);
 errors++;
 }
 }
+}
 else {
-const err76 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err76 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err76];
 }
@@ -1017,8 +1017,11 @@ vErrors.push(err76);
 errors++;
 }
 }
-if(typeof data1.policy_watch !== "boolean"){
-const err77 = {instancePath:instancePath+"/sidecar/policy_watch",schemaPath:"#/properties/sidecar/properties/policy_watch/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data1.policy_file !== undefined){
+let data30 = data1.policy_file;
+if(typeof data30 === "string"){
+if(func4(data30) < 1){
+const err77 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err77];
 }
@@ -1027,20 +1030,9 @@ vErrors.push(err77);
 }
 errors++;
 }
-let data31 = data1.callers;
-if(data31 && typeof data31 == "object" && !Array.isArray(data31)){
-if(data31.identify === undefined){
-data31.identify = false;
 }
-if(data31.allowed_uids === undefined){
-data31.allowed_uids = [];
-}
-if(data31.allowed_executables === undefined){
-data31.allowed_executables = [];
-}
-for(const key7 in data31){
-if(!(((key7 === "identify") || (key7 === "allowed_uids")) || (key7 === "allowed_executables"))){
-const err78 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
+else {
+const err78 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err78];
 }
@@ -1050,8 +1042,8 @@ vErrors.push(err78);
 errors++;
 }
 }
-if(typeof data31.identify !== "boolean"){
-const err79 = {instancePath:instancePath+"/sidecar/callers/identify",schemaPath:"#/properties/sidecar/properties/callers/properties/identify/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(typeof data1.policy_watch !== "boolean"){
+const err79 = {instancePath:instancePath+"/sidecar/policy_watch",schemaPath:"#/properties/sidecar/properties/policy_watch/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err79];
 }
@@ -1060,13 +1052,20 @@ vErrors.push(err79);
 }
 errors++;
 }
-let data33 = data31.allowed_uids;
-if(Array.isArray(data33)){
-const len0 = data33.length;
-for(let i0=0; i0<len0; i0++){
-let data34 = data33[i0];
-if(!(((typeof data34 == "number") && (!(data34 % 1) && !isNaN(data34))) && (isFinite(data34)))){
-const err80 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+let data32 = data1.callers;
+if(data32 && typeof data32 == "object" && !Array.isArray(data32)){
+if(data32.identify === undefined){
+data32.identify = false;
+}
+if(data32.allowed_uids === undefined){
+data32.allowed_uids = [];
+}
+if(data32.allowed_executables === undefined){
+data32.allowed_executables = [];
+}
+for(const key7 in data32){
+if(!(((key7 === "identify") || (key7 === "allowed_uids")) || (key7 === "allowed_executables"))){
+const err80 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err80];
 }
@@ -1075,9 +1074,9 @@ vErrors.push(err80);
 }
 errors++;
 }
-if((typeof data34 == "number") && (isFinite(data34))){
-if(data34 > 4294967295 || isNaN(data34)){
-const err81 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 4294967295},message:"must be <= 4294967295"};
+}
+if(typeof data32.identify !== "boolean"){
+const err81 = {instancePath:instancePath+"/sidecar/callers/identify",schemaPath:"#/properties/sidecar/properties/callers/properties/identify/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err81];
 }
@@ -1086,8 +1085,13 @@ vErrors.push(err81);
 }
 errors++;
 }
-if(data34 < 0 || isNaN(data34)){
-const err82 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+let data34 = data32.allowed_uids;
+if(Array.isArray(data34)){
+const len0 = data34.length;
+for(let i0=0; i0<len0; i0++){
+let data35 = data34[i0];
+if(!(((typeof data35 == "number") && (!(data35 % 1) && !isNaN(data35))) && (isFinite(data35)))){
+const err82 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err82];
 }
@@ -1096,25 +1100,46 @@ vErrors.push(err82);
 }
 errors++;
 }
-}
-}
-let i1 = data33.length;
-let j0;
-if(i1 > 1){
-const indices0 = {};
-for(;i1--;){
-let item0 = data33[i1];
-if(!(((typeof item0 == "number") && (!(item0 % 1) && !isNaN(item0))) && (isFinite(item0)))){
-continue;
-}
-if(typeof indices0[item0] == "number"){
-j0 = indices0[item0];
-const err83 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/uniqueItems",keyword:"uniqueItems",params:{i: i1, j: j0},message:"must NOT have duplicate items (items ## "+j0+" and "+i1+" are identical)"};
+if((typeof data35 == "number") && (isFinite(data35))){
+if(data35 > 4294967295 || isNaN(data35)){
+const err83 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 4294967295},message:"must be <= 4294967295"};
 if(vErrors === null){
 vErrors = [err83];
 }
 else {
 vErrors.push(err83);
+}
+errors++;
+}
+if(data35 < 0 || isNaN(data35)){
+const err84 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if(vErrors === null){
+vErrors = [err84];
+}
+else {
+vErrors.push(err84);
+}
+errors++;
+}
+}
+}
+let i1 = data34.length;
+let j0;
+if(i1 > 1){
+const indices0 = {};
+for(;i1--;){
+let item0 = data34[i1];
+if(!(((typeof item0 == "number") && (!(item0 % 1) && !isNaN(item0))) && (isFinite(item0)))){
+continue;
+}
+if(typeof indices0[item0] == "number"){
+j0 = indices0[item0];
+const err85 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/uniqueItems",keyword:"uniqueItems",params:{i: i1, j: j0},message:"must NOT have duplicate items (items ## "+j0+" and "+i1+" are identical)"};
+if(vErrors === null){
+vErrors = [err85];
+}
+else {
+vErrors.push(err85);
 }
 errors++;
 break;
@@ -1124,34 +1149,7 @@ indices0[item0] = i1;
 }
 }
 else {
-const err84 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/type",keyword:"type",params:{type: "array"},message:"must be array"};
-if(vErrors === null){
-vErrors = [err84];
-}
-else {
-vErrors.push(err84);
-}
-errors++;
-}
-let data35 = data31.allowed_executables;
-if(Array.isArray(data35)){
-const len1 = data35.length;
-for(let i2=0; i2<len1; i2++){
-let data36 = data35[i2];
-if(typeof data36 === "string"){
-if(!pattern4.test(data36)){
-const err85 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
-if(vErrors === null){
-vErrors = [err85];
-}
-else {
-vErrors.push(err85);
-}
-errors++;
-}
-}
-else {
-const err86 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err86 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err86];
 }
@@ -1160,19 +1158,14 @@ vErrors.push(err86);
 }
 errors++;
 }
-}
-let i3 = data35.length;
-let j1;
-if(i3 > 1){
-const indices1 = {};
-for(;i3--;){
-let item1 = data35[i3];
-if(typeof item1 !== "string"){
-continue;
-}
-if(typeof indices1[item1] == "number"){
-j1 = indices1[item1];
-const err87 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/uniqueItems",keyword:"uniqueItems",params:{i: i3, j: j1},message:"must NOT have duplicate items (items ## "+j1+" and "+i3+" are identical)"};
+let data36 = data32.allowed_executables;
+if(Array.isArray(data36)){
+const len1 = data36.length;
+for(let i2=0; i2<len1; i2++){
+let data37 = data36[i2];
+if(typeof data37 === "string"){
+if(!pattern4.test(data37)){
+const err87 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
 if(vErrors === null){
 vErrors = [err87];
 }
@@ -1180,14 +1173,10 @@ else {
 vErrors.push(err87);
 }
 errors++;
-break;
-}
-indices1[item1] = i3;
-}
 }
 }
 else {
-const err88 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err88 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err88];
 }
@@ -1197,8 +1186,18 @@ vErrors.push(err88);
 errors++;
 }
 }
-else {
-const err89 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let i3 = data36.length;
+let j1;
+if(i3 > 1){
+const indices1 = {};
+for(;i3--;){
+let item1 = data36[i3];
+if(typeof item1 !== "string"){
+continue;
+}
+if(typeof indices1[item1] == "number"){
+j1 = indices1[item1];
+const err89 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/uniqueItems",keyword:"uniqueItems",params:{i: i3, j: j1},message:"must NOT have duplicate items (items ## "+j1+" and "+i3+" are identical)"};
 if(vErrors === null){
 vErrors = [err89];
 }
@@ -1206,11 +1205,14 @@ else {
 vErrors.push(err89);
 }
 errors++;
+break;
 }
-let data37 = data1.attestation;
-if(data37 && typeof data37 == "object" && !Array.isArray(data37)){
-if(Object.keys(data37).length > 1){
-const err90 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
+indices1[item1] = i3;
+}
+}
+}
+else {
+const err90 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err90];
 }
@@ -1219,9 +1221,9 @@ vErrors.push(err90);
 }
 errors++;
 }
-for(const key8 in data37){
-if(!(((key8 === "kubernetes") || (key8 === "spiffe")) || (key8 === "local"))){
-const err91 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
+}
+else {
+const err91 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err91];
 }
@@ -1230,12 +1232,10 @@ vErrors.push(err91);
 }
 errors++;
 }
-}
-if(data37.kubernetes !== undefined){
-let data38 = data37.kubernetes;
+let data38 = data1.attestation;
 if(data38 && typeof data38 == "object" && !Array.isArray(data38)){
-if(data38.token_file === undefined){
-const err92 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/required",keyword:"required",params:{missingProperty: "token_file"},message:"must have required property '"+"token_file"+"'"};
+if(Object.keys(data38).length > 1){
+const err92 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
 if(vErrors === null){
 vErrors = [err92];
 }
@@ -1244,9 +1244,9 @@ vErrors.push(err92);
 }
 errors++;
 }
-for(const key9 in data38){
-if(!(key9 === "token_file")){
-const err93 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
+for(const key8 in data38){
+if(!(((key8 === "kubernetes") || (key8 === "spiffe")) || (key8 === "local"))){
+const err93 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err93];
 }
@@ -1256,11 +1256,11 @@ vErrors.push(err93);
 errors++;
 }
 }
-if(data38.token_file !== undefined){
-let data39 = data38.token_file;
-if(typeof data39 === "string"){
-if(func4(data39) < 1){
-const err94 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data38.kubernetes !== undefined){
+let data39 = data38.kubernetes;
+if(data39 && typeof data39 == "object" && !Array.isArray(data39)){
+if(data39.token_file === undefined){
+const err94 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/required",keyword:"required",params:{missingProperty: "token_file"},message:"must have required property '"+"token_file"+"'"};
 if(vErrors === null){
 vErrors = [err94];
 }
@@ -1269,9 +1269,9 @@ vErrors.push(err94);
 }
 errors++;
 }
-}
-else {
-const err95 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key9 in data39){
+if(!(key9 === "token_file")){
+const err95 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err95];
 }
@@ -1281,9 +1281,11 @@ vErrors.push(err95);
 errors++;
 }
 }
-}
-else {
-const err96 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data39.token_file !== undefined){
+let data40 = data39.token_file;
+if(typeof data40 === "string"){
+if(func4(data40) < 1){
+const err96 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err96];
 }
@@ -1293,11 +1295,8 @@ vErrors.push(err96);
 errors++;
 }
 }
-if(data37.spiffe !== undefined){
-let data40 = data37.spiffe;
-if(data40 && typeof data40 == "object" && !Array.isArray(data40)){
-if(data40.socket === undefined){
-const err97 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/required",keyword:"required",params:{missingProperty: "socket"},message:"must have required property '"+"socket"+"'"};
+else {
+const err97 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err97];
 }
@@ -1306,9 +1305,10 @@ vErrors.push(err97);
 }
 errors++;
 }
-for(const key10 in data40){
-if(!((key10 === "socket") || (key10 === "audience"))){
-const err98 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key10},message:"must NOT have additional properties"};
+}
+}
+else {
+const err98 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err98];
 }
@@ -1318,11 +1318,11 @@ vErrors.push(err98);
 errors++;
 }
 }
-if(data40.socket !== undefined){
-let data41 = data40.socket;
-if(typeof data41 === "string"){
-if(func4(data41) < 1){
-const err99 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data38.spiffe !== undefined){
+let data41 = data38.spiffe;
+if(data41 && typeof data41 == "object" && !Array.isArray(data41)){
+if(data41.socket === undefined){
+const err99 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/required",keyword:"required",params:{missingProperty: "socket"},message:"must have required property '"+"socket"+"'"};
 if(vErrors === null){
 vErrors = [err99];
 }
@@ -1331,9 +1331,9 @@ vErrors.push(err99);
 }
 errors++;
 }
-}
-else {
-const err100 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key10 in data41){
+if(!((key10 === "socket") || (key10 === "audience"))){
+const err100 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key10},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err100];
 }
@@ -1343,11 +1343,11 @@ vErrors.push(err100);
 errors++;
 }
 }
-if(data40.audience !== undefined){
-let data42 = data40.audience;
+if(data41.socket !== undefined){
+let data42 = data41.socket;
 if(typeof data42 === "string"){
 if(func4(data42) < 1){
-const err101 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err101 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err101];
 }
@@ -1358,7 +1358,7 @@ errors++;
 }
 }
 else {
-const err102 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err102 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err102];
 }
@@ -1368,9 +1368,11 @@ vErrors.push(err102);
 errors++;
 }
 }
-}
-else {
-const err103 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data41.audience !== undefined){
+let data43 = data41.audience;
+if(typeof data43 === "string"){
+if(func4(data43) < 1){
+const err103 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err103];
 }
@@ -1380,11 +1382,8 @@ vErrors.push(err103);
 errors++;
 }
 }
-if(data37.local !== undefined){
-let data43 = data37.local;
-if(data43 && typeof data43 == "object" && !Array.isArray(data43)){
-if(data43.key_file === undefined){
-const err104 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+else {
+const err104 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err104];
 }
@@ -1393,9 +1392,10 @@ vErrors.push(err104);
 }
 errors++;
 }
-for(const key11 in data43){
-if(!((key11 === "key_file") || (key11 === "audience"))){
-const err105 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key11},message:"must NOT have additional properties"};
+}
+}
+else {
+const err105 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err105];
 }
@@ -1405,11 +1405,11 @@ vErrors.push(err105);
 errors++;
 }
 }
-if(data43.key_file !== undefined){
-let data44 = data43.key_file;
-if(typeof data44 === "string"){
-if(func4(data44) < 1){
-const err106 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data38.local !== undefined){
+let data44 = data38.local;
+if(data44 && typeof data44 == "object" && !Array.isArray(data44)){
+if(data44.key_file === undefined){
+const err106 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err106];
 }
@@ -1418,9 +1418,9 @@ vErrors.push(err106);
 }
 errors++;
 }
-}
-else {
-const err107 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key11 in data44){
+if(!((key11 === "key_file") || (key11 === "audience"))){
+const err107 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key11},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err107];
 }
@@ -1430,11 +1430,11 @@ vErrors.push(err107);
 errors++;
 }
 }
-if(data43.audience !== undefined){
-let data45 = data43.audience;
+if(data44.key_file !== undefined){
+let data45 = data44.key_file;
 if(typeof data45 === "string"){
 if(func4(data45) < 1){
-const err108 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err108 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err108];
 }
@@ -1445,7 +1445,7 @@ errors++;
 }
 }
 else {
-const err109 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err109 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err109];
 }
@@ -1455,9 +1455,11 @@ vErrors.push(err109);
 errors++;
 }
 }
-}
-else {
-const err110 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data44.audience !== undefined){
+let data46 = data44.audience;
+if(typeof data46 === "string"){
+if(func4(data46) < 1){
+const err110 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err110];
 }
@@ -1467,9 +1469,8 @@ vErrors.push(err110);
 errors++;
 }
 }
-}
 else {
-const err111 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err111 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err111];
 }
@@ -1479,8 +1480,9 @@ vErrors.push(err111);
 errors++;
 }
 }
+}
 else {
-const err112 = {instancePath:instancePath+"/sidecar",schemaPath:"#/properties/sidecar/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err112 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err112];
 }
@@ -1489,20 +1491,10 @@ vErrors.push(err112);
 }
 errors++;
 }
-let data46 = data.tasks;
-if(data46 && typeof data46 == "object" && !Array.isArray(data46)){
-if(data46.max_duration_s === undefined){
-data46.max_duration_s = 86400;
 }
-if(data46.required === undefined){
-data46.required = false;
 }
-if(data46.default === undefined){
-data46.default = {};
-}
-for(const key12 in data46){
-if(!(((key12 === "max_duration_s") || (key12 === "required")) || (key12 === "default"))){
-const err113 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key12},message:"must NOT have additional properties"};
+else {
+const err113 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err113];
 }
@@ -1512,9 +1504,8 @@ vErrors.push(err113);
 errors++;
 }
 }
-let data47 = data46.max_duration_s;
-if(!(((typeof data47 == "number") && (!(data47 % 1) && !isNaN(data47))) && (isFinite(data47)))){
-const err114 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err114 = {instancePath:instancePath+"/sidecar",schemaPath:"#/properties/sidecar/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err114];
 }
@@ -1523,9 +1514,20 @@ vErrors.push(err114);
 }
 errors++;
 }
-if((typeof data47 == "number") && (isFinite(data47))){
-if(data47 > 604800 || isNaN(data47)){
-const err115 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
+let data47 = data.tasks;
+if(data47 && typeof data47 == "object" && !Array.isArray(data47)){
+if(data47.max_duration_s === undefined){
+data47.max_duration_s = 86400;
+}
+if(data47.required === undefined){
+data47.required = false;
+}
+if(data47.default === undefined){
+data47.default = {};
+}
+for(const key12 in data47){
+if(!(((key12 === "max_duration_s") || (key12 === "required")) || (key12 === "default"))){
+const err115 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key12},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err115];
 }
@@ -1534,8 +1536,10 @@ vErrors.push(err115);
 }
 errors++;
 }
-if(data47 < 1 || isNaN(data47)){
-const err116 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data48 = data47.max_duration_s;
+if(!(((typeof data48 == "number") && (!(data48 % 1) && !isNaN(data48))) && (isFinite(data48)))){
+const err116 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err116];
 }
@@ -1544,9 +1548,9 @@ vErrors.push(err116);
 }
 errors++;
 }
-}
-if(typeof data46.required !== "boolean"){
-const err117 = {instancePath:instancePath+"/tasks/required",schemaPath:"#/properties/tasks/properties/required/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if((typeof data48 == "number") && (isFinite(data48))){
+if(data48 > 604800 || isNaN(data48)){
+const err117 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
 if(vErrors === null){
 vErrors = [err117];
 }
@@ -1555,20 +1559,8 @@ vErrors.push(err117);
 }
 errors++;
 }
-let data49 = data46.default;
-if(data49 && typeof data49 == "object" && !Array.isArray(data49)){
-if(data49.enabled === undefined){
-data49.enabled = false;
-}
-if(data49.duration_s === undefined){
-data49.duration_s = 3600;
-}
-if(data49.purpose === undefined){
-data49.purpose = "default task";
-}
-for(const key13 in data49){
-if(!(((key13 === "enabled") || (key13 === "duration_s")) || (key13 === "purpose"))){
-const err118 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key13},message:"must NOT have additional properties"};
+if(data48 < 1 || isNaN(data48)){
+const err118 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err118];
 }
@@ -1578,8 +1570,8 @@ vErrors.push(err118);
 errors++;
 }
 }
-if(typeof data49.enabled !== "boolean"){
-const err119 = {instancePath:instancePath+"/tasks/default/enabled",schemaPath:"#/properties/tasks/properties/default/properties/enabled/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(typeof data47.required !== "boolean"){
+const err119 = {instancePath:instancePath+"/tasks/required",schemaPath:"#/properties/tasks/properties/required/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err119];
 }
@@ -1588,9 +1580,20 @@ vErrors.push(err119);
 }
 errors++;
 }
-let data51 = data49.duration_s;
-if(!(((typeof data51 == "number") && (!(data51 % 1) && !isNaN(data51))) && (isFinite(data51)))){
-const err120 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+let data50 = data47.default;
+if(data50 && typeof data50 == "object" && !Array.isArray(data50)){
+if(data50.enabled === undefined){
+data50.enabled = false;
+}
+if(data50.duration_s === undefined){
+data50.duration_s = 3600;
+}
+if(data50.purpose === undefined){
+data50.purpose = "default task";
+}
+for(const key13 in data50){
+if(!(((key13 === "enabled") || (key13 === "duration_s")) || (key13 === "purpose"))){
+const err120 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key13},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err120];
 }
@@ -1599,9 +1602,9 @@ vErrors.push(err120);
 }
 errors++;
 }
-if((typeof data51 == "number") && (isFinite(data51))){
-if(data51 > 604800 || isNaN(data51)){
-const err121 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
+}
+if(typeof data50.enabled !== "boolean"){
+const err121 = {instancePath:instancePath+"/tasks/default/enabled",schemaPath:"#/properties/tasks/properties/default/properties/enabled/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err121];
 }
@@ -1610,8 +1613,9 @@ vErrors.push(err121);
 }
 errors++;
 }
-if(data51 < 1 || isNaN(data51)){
-const err122 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+let data52 = data50.duration_s;
+if(!(((typeof data52 == "number") && (!(data52 % 1) && !isNaN(data52))) && (isFinite(data52)))){
+const err122 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err122];
 }
@@ -1620,11 +1624,9 @@ vErrors.push(err122);
 }
 errors++;
 }
-}
-let data52 = data49.purpose;
-if(typeof data52 === "string"){
-if(func4(data52) > 256){
-const err123 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
+if((typeof data52 == "number") && (isFinite(data52))){
+if(data52 > 604800 || isNaN(data52)){
+const err123 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
 if(vErrors === null){
 vErrors = [err123];
 }
@@ -1633,9 +1635,8 @@ vErrors.push(err123);
 }
 errors++;
 }
-}
-else {
-const err124 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data52 < 1 || isNaN(data52)){
+const err124 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err124];
 }
@@ -1645,8 +1646,10 @@ vErrors.push(err124);
 errors++;
 }
 }
-else {
-const err125 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data53 = data50.purpose;
+if(typeof data53 === "string"){
+if(func4(data53) > 256){
+const err125 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
 if(vErrors === null){
 vErrors = [err125];
 }
@@ -1657,7 +1660,7 @@ errors++;
 }
 }
 else {
-const err126 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err126 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err126];
 }
@@ -1666,20 +1669,9 @@ vErrors.push(err126);
 }
 errors++;
 }
-let data53 = data.policy;
-if(data53 && typeof data53 == "object" && !Array.isArray(data53)){
-if(data53.mode === undefined){
-data53.mode = "enforce";
 }
-if(data53.default === undefined){
-data53.default = "deny";
-}
-if(data53.rules === undefined){
-data53.rules = [];
-}
-for(const key14 in data53){
-if(!(((key14 === "mode") || (key14 === "default")) || (key14 === "rules"))){
-const err127 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key14},message:"must NOT have additional properties"};
+else {
+const err127 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err127];
 }
@@ -1689,9 +1681,8 @@ vErrors.push(err127);
 errors++;
 }
 }
-let data54 = data53.mode;
-if(!((data54 === "enforce") || (data54 === "report"))){
-const err128 = {instancePath:instancePath+"/policy/mode",schemaPath:"#/properties/policy/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.mode.enum},message:"must be equal to one of the allowed values"};
+else {
+const err128 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err128];
 }
@@ -1700,9 +1691,20 @@ vErrors.push(err128);
 }
 errors++;
 }
-let data55 = data53.default;
-if(!((data55 === "allow") || (data55 === "deny"))){
-const err129 = {instancePath:instancePath+"/policy/default",schemaPath:"#/properties/policy/properties/default/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.default.enum},message:"must be equal to one of the allowed values"};
+let data54 = data.policy;
+if(data54 && typeof data54 == "object" && !Array.isArray(data54)){
+if(data54.mode === undefined){
+data54.mode = "enforce";
+}
+if(data54.default === undefined){
+data54.default = "deny";
+}
+if(data54.rules === undefined){
+data54.rules = [];
+}
+for(const key14 in data54){
+if(!(((key14 === "mode") || (key14 === "default")) || (key14 === "rules"))){
+const err129 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key14},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err129];
 }
@@ -1711,14 +1713,10 @@ vErrors.push(err129);
 }
 errors++;
 }
-let data56 = data53.rules;
-if(Array.isArray(data56)){
-const len2 = data56.length;
-for(let i4=0; i4<len2; i4++){
-let data57 = data56[i4];
-if(data57 && typeof data57 == "object" && !Array.isArray(data57)){
-if(data57.id === undefined){
-const err130 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
+}
+let data55 = data54.mode;
+if(!((data55 === "enforce") || (data55 === "report"))){
+const err130 = {instancePath:instancePath+"/policy/mode",schemaPath:"#/properties/policy/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.mode.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err130];
 }
@@ -1727,8 +1725,9 @@ vErrors.push(err130);
 }
 errors++;
 }
-if(data57.action === undefined){
-const err131 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "action"},message:"must have required property '"+"action"+"'"};
+let data56 = data54.default;
+if(!((data56 === "allow") || (data56 === "deny"))){
+const err131 = {instancePath:instancePath+"/policy/default",schemaPath:"#/properties/policy/properties/default/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.default.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err131];
 }
@@ -1737,9 +1736,14 @@ vErrors.push(err131);
 }
 errors++;
 }
-for(const key15 in data57){
-if(!(func2.call(schema11.properties.policy.properties.rules.items.properties, key15))){
-const err132 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key15},message:"must NOT have additional properties"};
+let data57 = data54.rules;
+if(Array.isArray(data57)){
+const len2 = data57.length;
+for(let i4=0; i4<len2; i4++){
+let data58 = data57[i4];
+if(data58 && typeof data58 == "object" && !Array.isArray(data58)){
+if(data58.id === undefined){
+const err132 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err132];
 }
@@ -1748,12 +1752,8 @@ vErrors.push(err132);
 }
 errors++;
 }
-}
-if(data57.id !== undefined){
-let data58 = data57.id;
-if(typeof data58 === "string"){
-if(!pattern5.test(data58)){
-const err133 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
+if(data58.action === undefined){
+const err133 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "action"},message:"must have required property '"+"action"+"'"};
 if(vErrors === null){
 vErrors = [err133];
 }
@@ -1762,9 +1762,9 @@ vErrors.push(err133);
 }
 errors++;
 }
-}
-else {
-const err134 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key15 in data58){
+if(!(func2.call(schema11.properties.policy.properties.rules.items.properties, key15))){
+const err134 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key15},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err134];
 }
@@ -1774,10 +1774,11 @@ vErrors.push(err134);
 errors++;
 }
 }
-if(data57.action !== undefined){
-let data59 = data57.action;
-if(!((data59 === "allow") || (data59 === "deny"))){
-const err135 = {instancePath:instancePath+"/policy/rules/" + i4+"/action",schemaPath:"#/properties/policy/properties/rules/items/properties/action/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.action.enum},message:"must be equal to one of the allowed values"};
+if(data58.id !== undefined){
+let data59 = data58.id;
+if(typeof data59 === "string"){
+if(!pattern5.test(data59)){
+const err135 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
 if(vErrors === null){
 vErrors = [err135];
 }
@@ -1787,10 +1788,8 @@ vErrors.push(err135);
 errors++;
 }
 }
-if(data57.mode !== undefined){
-let data60 = data57.mode;
-if(!((data60 === "enforce") || (data60 === "report"))){
-const err136 = {instancePath:instancePath+"/policy/rules/" + i4+"/mode",schemaPath:"#/properties/policy/properties/rules/items/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.mode.enum},message:"must be equal to one of the allowed values"};
+else {
+const err136 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err136];
 }
@@ -1800,11 +1799,10 @@ vErrors.push(err136);
 errors++;
 }
 }
-if(data57.hosts !== undefined){
-let data61 = data57.hosts;
-if(Array.isArray(data61)){
-if(data61.length < 1){
-const err137 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if(data58.action !== undefined){
+let data60 = data58.action;
+if(!((data60 === "allow") || (data60 === "deny"))){
+const err137 = {instancePath:instancePath+"/policy/rules/" + i4+"/action",schemaPath:"#/properties/policy/properties/rules/items/properties/action/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.action.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err137];
 }
@@ -1813,12 +1811,11 @@ vErrors.push(err137);
 }
 errors++;
 }
-const len3 = data61.length;
-for(let i5=0; i5<len3; i5++){
-let data62 = data61[i5];
-if(typeof data62 === "string"){
-if(func4(data62) < 1){
-const err138 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data58.mode !== undefined){
+let data61 = data58.mode;
+if(!((data61 === "enforce") || (data61 === "report"))){
+const err138 = {instancePath:instancePath+"/policy/rules/" + i4+"/mode",schemaPath:"#/properties/policy/properties/rules/items/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.mode.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err138];
 }
@@ -1828,8 +1825,11 @@ vErrors.push(err138);
 errors++;
 }
 }
-else {
-const err139 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data58.hosts !== undefined){
+let data62 = data58.hosts;
+if(Array.isArray(data62)){
+if(data62.length < 1){
+const err139 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err139];
 }
@@ -1838,10 +1838,12 @@ vErrors.push(err139);
 }
 errors++;
 }
-}
-}
-else {
-const err140 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len3 = data62.length;
+for(let i5=0; i5<len3; i5++){
+let data63 = data62[i5];
+if(typeof data63 === "string"){
+if(func4(data63) < 1){
+const err140 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err140];
 }
@@ -1851,11 +1853,8 @@ vErrors.push(err140);
 errors++;
 }
 }
-if(data57.cidrs !== undefined){
-let data63 = data57.cidrs;
-if(Array.isArray(data63)){
-if(data63.length < 1){
-const err141 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+else {
+const err141 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err141];
 }
@@ -1864,12 +1863,10 @@ vErrors.push(err141);
 }
 errors++;
 }
-const len4 = data63.length;
-for(let i6=0; i6<len4; i6++){
-let data64 = data63[i6];
-if(typeof data64 === "string"){
-if(func4(data64) < 1){
-const err142 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+}
+else {
+const err142 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err142];
 }
@@ -1879,8 +1876,11 @@ vErrors.push(err142);
 errors++;
 }
 }
-else {
-const err143 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data58.cidrs !== undefined){
+let data64 = data58.cidrs;
+if(Array.isArray(data64)){
+if(data64.length < 1){
+const err143 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err143];
 }
@@ -1889,10 +1889,12 @@ vErrors.push(err143);
 }
 errors++;
 }
-}
-}
-else {
-const err144 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len4 = data64.length;
+for(let i6=0; i6<len4; i6++){
+let data65 = data64[i6];
+if(typeof data65 === "string"){
+if(func4(data65) < 1){
+const err144 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err144];
 }
@@ -1902,11 +1904,8 @@ vErrors.push(err144);
 errors++;
 }
 }
-if(data57.ports !== undefined){
-let data65 = data57.ports;
-if(Array.isArray(data65)){
-if(data65.length < 1){
-const err145 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+else {
+const err145 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err145];
 }
@@ -1915,11 +1914,10 @@ vErrors.push(err145);
 }
 errors++;
 }
-const len5 = data65.length;
-for(let i7=0; i7<len5; i7++){
-let data66 = data65[i7];
-if(!(((typeof data66 == "number") && (!(data66 % 1) && !isNaN(data66))) && (isFinite(data66)))){
-const err146 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+}
+else {
+const err146 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err146];
 }
@@ -1928,9 +1926,12 @@ vErrors.push(err146);
 }
 errors++;
 }
-if((typeof data66 == "number") && (isFinite(data66))){
-if(data66 > 65535 || isNaN(data66)){
-const err147 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+if(data58.ports !== undefined){
+let data66 = data58.ports;
+if(Array.isArray(data66)){
+if(data66.length < 1){
+const err147 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err147];
 }
@@ -1939,8 +1940,11 @@ vErrors.push(err147);
 }
 errors++;
 }
-if(data66 < 1 || isNaN(data66)){
-const err148 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const len5 = data66.length;
+for(let i7=0; i7<len5; i7++){
+let data67 = data66[i7];
+if(!(((typeof data67 == "number") && (!(data67 % 1) && !isNaN(data67))) && (isFinite(data67)))){
+const err148 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err148];
 }
@@ -1949,11 +1953,9 @@ vErrors.push(err148);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err149 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if((typeof data67 == "number") && (isFinite(data67))){
+if(data67 > 65535 || isNaN(data67)){
+const err149 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err149];
 }
@@ -1962,12 +1964,8 @@ vErrors.push(err149);
 }
 errors++;
 }
-}
-if(data57.methods !== undefined){
-let data67 = data57.methods;
-if(Array.isArray(data67)){
-if(data67.length < 1){
-const err150 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if(data67 < 1 || isNaN(data67)){
+const err150 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err150];
 }
@@ -1976,12 +1974,11 @@ vErrors.push(err150);
 }
 errors++;
 }
-const len6 = data67.length;
-for(let i8=0; i8<len6; i8++){
-let data68 = data67[i8];
-if(typeof data68 === "string"){
-if(!pattern6.test(data68)){
-const err151 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z]+$"},message:"must match pattern \""+"^[A-Za-z]+$"+"\""};
+}
+}
+}
+else {
+const err151 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err151];
 }
@@ -1991,8 +1988,11 @@ vErrors.push(err151);
 errors++;
 }
 }
-else {
-const err152 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data58.methods !== undefined){
+let data68 = data58.methods;
+if(Array.isArray(data68)){
+if(data68.length < 1){
+const err152 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err152];
 }
@@ -2001,10 +2001,12 @@ vErrors.push(err152);
 }
 errors++;
 }
-}
-}
-else {
-const err153 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len6 = data68.length;
+for(let i8=0; i8<len6; i8++){
+let data69 = data68[i8];
+if(typeof data69 === "string"){
+if(!pattern6.test(data69)){
+const err153 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z]+$"},message:"must match pattern \""+"^[A-Za-z]+$"+"\""};
 if(vErrors === null){
 vErrors = [err153];
 }
@@ -2014,11 +2016,8 @@ vErrors.push(err153);
 errors++;
 }
 }
-if(data57.paths !== undefined){
-let data69 = data57.paths;
-if(Array.isArray(data69)){
-if(data69.length < 1){
-const err154 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+else {
+const err154 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err154];
 }
@@ -2027,12 +2026,10 @@ vErrors.push(err154);
 }
 errors++;
 }
-const len7 = data69.length;
-for(let i9=0; i9<len7; i9++){
-let data70 = data69[i9];
-if(typeof data70 === "string"){
-if(!pattern7.test(data70)){
-const err155 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/pattern",keyword:"pattern",params:{pattern: "^/"},message:"must match pattern \""+"^/"+"\""};
+}
+}
+else {
+const err155 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err155];
 }
@@ -2042,8 +2039,11 @@ vErrors.push(err155);
 errors++;
 }
 }
-else {
-const err156 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data58.paths !== undefined){
+let data70 = data58.paths;
+if(Array.isArray(data70)){
+if(data70.length < 1){
+const err156 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err156];
 }
@@ -2052,10 +2052,12 @@ vErrors.push(err156);
 }
 errors++;
 }
-}
-}
-else {
-const err157 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len7 = data70.length;
+for(let i9=0; i9<len7; i9++){
+let data71 = data70[i9];
+if(typeof data71 === "string"){
+if(!pattern7.test(data71)){
+const err157 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/pattern",keyword:"pattern",params:{pattern: "^/"},message:"must match pattern \""+"^/"+"\""};
 if(vErrors === null){
 vErrors = [err157];
 }
@@ -2065,11 +2067,8 @@ vErrors.push(err157);
 errors++;
 }
 }
-if(data57.schemes !== undefined){
-let data71 = data57.schemes;
-if(Array.isArray(data71)){
-if(data71.length < 1){
-const err158 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+else {
+const err158 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err158];
 }
@@ -2078,11 +2077,10 @@ vErrors.push(err158);
 }
 errors++;
 }
-const len8 = data71.length;
-for(let i10=0; i10<len8; i10++){
-let data72 = data71[i10];
-if(!((data72 === "http") || (data72 === "https"))){
-const err159 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes/" + i10,schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/items/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.schemes.items.enum},message:"must be equal to one of the allowed values"};
+}
+}
+else {
+const err159 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err159];
 }
@@ -2092,9 +2090,11 @@ vErrors.push(err159);
 errors++;
 }
 }
-}
-else {
-const err160 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data58.schemes !== undefined){
+let data72 = data58.schemes;
+if(Array.isArray(data72)){
+if(data72.length < 1){
+const err160 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err160];
 }
@@ -2103,10 +2103,11 @@ vErrors.push(err160);
 }
 errors++;
 }
-}
-}
-else {
-const err161 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const len8 = data72.length;
+for(let i10=0; i10<len8; i10++){
+let data73 = data72[i10];
+if(!((data73 === "http") || (data73 === "https"))){
+const err161 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes/" + i10,schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/items/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.schemes.items.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err161];
 }
@@ -2118,7 +2119,7 @@ errors++;
 }
 }
 else {
-const err162 = {instancePath:instancePath+"/policy/rules",schemaPath:"#/properties/policy/properties/rules/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err162 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err162];
 }
@@ -2128,8 +2129,9 @@ vErrors.push(err162);
 errors++;
 }
 }
+}
 else {
-const err163 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err163 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err163];
 }
@@ -2138,20 +2140,10 @@ vErrors.push(err163);
 }
 errors++;
 }
-let data73 = data.network;
-if(data73 && typeof data73 == "object" && !Array.isArray(data73)){
-if(data73.deny === undefined){
-data73.deny = ["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"];
 }
-if(data73.allow === undefined){
-data73.allow = [];
 }
-if(data73.dns_cache_ms === undefined){
-data73.dns_cache_ms = 30000;
-}
-for(const key16 in data73){
-if(!(((key16 === "deny") || (key16 === "allow")) || (key16 === "dns_cache_ms"))){
-const err164 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key16},message:"must NOT have additional properties"};
+else {
+const err164 = {instancePath:instancePath+"/policy/rules",schemaPath:"#/properties/policy/properties/rules/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err164];
 }
@@ -2161,14 +2153,8 @@ vErrors.push(err164);
 errors++;
 }
 }
-let data74 = data73.deny;
-if(Array.isArray(data74)){
-const len9 = data74.length;
-for(let i11=0; i11<len9; i11++){
-let data75 = data74[i11];
-if(typeof data75 === "string"){
-if(func4(data75) < 1){
-const err165 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err165 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err165];
 }
@@ -2177,9 +2163,20 @@ vErrors.push(err165);
 }
 errors++;
 }
+let data74 = data.network;
+if(data74 && typeof data74 == "object" && !Array.isArray(data74)){
+if(data74.deny === undefined){
+data74.deny = ["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"];
 }
-else {
-const err166 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data74.allow === undefined){
+data74.allow = [];
+}
+if(data74.dns_cache_ms === undefined){
+data74.dns_cache_ms = 30000;
+}
+for(const key16 in data74){
+if(!(((key16 === "deny") || (key16 === "allow")) || (key16 === "dns_cache_ms"))){
+const err166 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key16},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err166];
 }
@@ -2189,9 +2186,14 @@ vErrors.push(err166);
 errors++;
 }
 }
-}
-else {
-const err167 = {instancePath:instancePath+"/network/deny",schemaPath:"#/properties/network/properties/deny/type",keyword:"type",params:{type: "array"},message:"must be array"};
+let data75 = data74.deny;
+if(Array.isArray(data75)){
+const len9 = data75.length;
+for(let i11=0; i11<len9; i11++){
+let data76 = data75[i11];
+if(typeof data76 === "string"){
+if(func4(data76) < 1){
+const err167 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err167];
 }
@@ -2200,14 +2202,9 @@ vErrors.push(err167);
 }
 errors++;
 }
-let data76 = data73.allow;
-if(Array.isArray(data76)){
-const len10 = data76.length;
-for(let i12=0; i12<len10; i12++){
-let data77 = data76[i12];
-if(data77 && typeof data77 == "object" && !Array.isArray(data77)){
-if(data77.cidr === undefined){
-const err168 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/required",keyword:"required",params:{missingProperty: "cidr"},message:"must have required property '"+"cidr"+"'"};
+}
+else {
+const err168 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err168];
 }
@@ -2216,9 +2213,10 @@ vErrors.push(err168);
 }
 errors++;
 }
-for(const key17 in data77){
-if(!((key17 === "cidr") || (key17 === "ports"))){
-const err169 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key17},message:"must NOT have additional properties"};
+}
+}
+else {
+const err169 = {instancePath:instancePath+"/network/deny",schemaPath:"#/properties/network/properties/deny/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err169];
 }
@@ -2227,12 +2225,14 @@ vErrors.push(err169);
 }
 errors++;
 }
-}
-if(data77.cidr !== undefined){
-let data78 = data77.cidr;
-if(typeof data78 === "string"){
-if(func4(data78) < 1){
-const err170 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data77 = data74.allow;
+if(Array.isArray(data77)){
+const len10 = data77.length;
+for(let i12=0; i12<len10; i12++){
+let data78 = data77[i12];
+if(data78 && typeof data78 == "object" && !Array.isArray(data78)){
+if(data78.cidr === undefined){
+const err170 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/required",keyword:"required",params:{missingProperty: "cidr"},message:"must have required property '"+"cidr"+"'"};
 if(vErrors === null){
 vErrors = [err170];
 }
@@ -2241,9 +2241,9 @@ vErrors.push(err170);
 }
 errors++;
 }
-}
-else {
-const err171 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key17 in data78){
+if(!((key17 === "cidr") || (key17 === "ports"))){
+const err171 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key17},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err171];
 }
@@ -2253,11 +2253,11 @@ vErrors.push(err171);
 errors++;
 }
 }
-if(data77.ports !== undefined){
-let data79 = data77.ports;
-if(Array.isArray(data79)){
-if(data79.length < 1){
-const err172 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if(data78.cidr !== undefined){
+let data79 = data78.cidr;
+if(typeof data79 === "string"){
+if(func4(data79) < 1){
+const err172 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err172];
 }
@@ -2266,11 +2266,9 @@ vErrors.push(err172);
 }
 errors++;
 }
-const len11 = data79.length;
-for(let i13=0; i13<len11; i13++){
-let data80 = data79[i13];
-if(!(((typeof data80 == "number") && (!(data80 % 1) && !isNaN(data80))) && (isFinite(data80)))){
-const err173 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err173 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err173];
 }
@@ -2279,9 +2277,12 @@ vErrors.push(err173);
 }
 errors++;
 }
-if((typeof data80 == "number") && (isFinite(data80))){
-if(data80 > 65535 || isNaN(data80)){
-const err174 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+if(data78.ports !== undefined){
+let data80 = data78.ports;
+if(Array.isArray(data80)){
+if(data80.length < 1){
+const err174 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err174];
 }
@@ -2290,8 +2291,11 @@ vErrors.push(err174);
 }
 errors++;
 }
-if(data80 < 1 || isNaN(data80)){
-const err175 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const len11 = data80.length;
+for(let i13=0; i13<len11; i13++){
+let data81 = data80[i13];
+if(!(((typeof data81 == "number") && (!(data81 % 1) && !isNaN(data81))) && (isFinite(data81)))){
+const err175 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err175];
 }
@@ -2300,11 +2304,9 @@ vErrors.push(err175);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err176 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if((typeof data81 == "number") && (isFinite(data81))){
+if(data81 > 65535 || isNaN(data81)){
+const err176 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err176];
 }
@@ -2313,10 +2315,8 @@ vErrors.push(err176);
 }
 errors++;
 }
-}
-}
-else {
-const err177 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data81 < 1 || isNaN(data81)){
+const err177 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err177];
 }
@@ -2327,8 +2327,9 @@ errors++;
 }
 }
 }
+}
 else {
-const err178 = {instancePath:instancePath+"/network/allow",schemaPath:"#/properties/network/properties/allow/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err178 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err178];
 }
@@ -2337,9 +2338,10 @@ vErrors.push(err178);
 }
 errors++;
 }
-let data81 = data73.dns_cache_ms;
-if(!(((typeof data81 == "number") && (!(data81 % 1) && !isNaN(data81))) && (isFinite(data81)))){
-const err179 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+}
+else {
+const err179 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err179];
 }
@@ -2348,9 +2350,10 @@ vErrors.push(err179);
 }
 errors++;
 }
-if((typeof data81 == "number") && (isFinite(data81))){
-if(data81 > 3600000 || isNaN(data81)){
-const err180 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+}
+else {
+const err180 = {instancePath:instancePath+"/network/allow",schemaPath:"#/properties/network/properties/allow/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err180];
 }
@@ -2359,8 +2362,9 @@ vErrors.push(err180);
 }
 errors++;
 }
-if(data81 < 0 || isNaN(data81)){
-const err181 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+let data82 = data74.dns_cache_ms;
+if(!(((typeof data82 == "number") && (!(data82 % 1) && !isNaN(data82))) && (isFinite(data82)))){
+const err181 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err181];
 }
@@ -2369,10 +2373,9 @@ vErrors.push(err181);
 }
 errors++;
 }
-}
-}
-else {
-const err182 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data82 == "number") && (isFinite(data82))){
+if(data82 > 3600000 || isNaN(data82)){
+const err182 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err182];
 }
@@ -2381,13 +2384,8 @@ vErrors.push(err182);
 }
 errors++;
 }
-let data82 = data.routes;
-if(data82 && typeof data82 == "object" && !Array.isArray(data82)){
-for(const key18 in data82){
-const _errs179 = errors;
-if(typeof key18 === "string"){
-if(!pattern8.test(key18)){
-const err183 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"+"\"",propertyName:key18};
+if(data82 < 0 || isNaN(data82)){
+const err183 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err183];
 }
@@ -2397,9 +2395,9 @@ vErrors.push(err183);
 errors++;
 }
 }
-var valid44 = _errs179 === errors;
-if(!valid44){
-const err184 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames",keyword:"propertyNames",params:{propertyName: key18},message:"property name must be valid"};
+}
+else {
+const err184 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err184];
 }
@@ -2408,12 +2406,13 @@ vErrors.push(err184);
 }
 errors++;
 }
-}
-for(const key19 in data82){
-let data83 = data82[key19];
-if(typeof data83 === "string"){
-if(!pattern9.test(data83)){
-const err185 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
+let data83 = data.routes;
+if(data83 && typeof data83 == "object" && !Array.isArray(data83)){
+for(const key18 in data83){
+const _errs181 = errors;
+if(typeof key18 === "string"){
+if(!pattern8.test(key18)){
+const err185 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"+"\"",propertyName:key18};
 if(vErrors === null){
 vErrors = [err185];
 }
@@ -2423,8 +2422,9 @@ vErrors.push(err185);
 errors++;
 }
 }
-else {
-const err186 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+var valid44 = _errs181 === errors;
+if(!valid44){
+const err186 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames",keyword:"propertyNames",params:{propertyName: key18},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err186];
 }
@@ -2434,9 +2434,11 @@ vErrors.push(err186);
 errors++;
 }
 }
-}
-else {
-const err187 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key19 in data83){
+let data84 = data83[key19];
+if(typeof data84 === "string"){
+if(!pattern9.test(data84)){
+const err187 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
 if(vErrors === null){
 vErrors = [err187];
 }
@@ -2445,14 +2447,9 @@ vErrors.push(err187);
 }
 errors++;
 }
-let data84 = data.credentials;
-if(Array.isArray(data84)){
-const len12 = data84.length;
-for(let i14=0; i14<len12; i14++){
-let data85 = data84[i14];
-if(data85 && typeof data85 == "object" && !Array.isArray(data85)){
-if(data85.id === undefined){
-const err188 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
+}
+else {
+const err188 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err188];
 }
@@ -2461,8 +2458,10 @@ vErrors.push(err188);
 }
 errors++;
 }
-if(data85.audience === undefined){
-const err189 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+}
+}
+else {
+const err189 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err189];
 }
@@ -2471,8 +2470,14 @@ vErrors.push(err189);
 }
 errors++;
 }
-if(data85.source === undefined){
-const err190 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "source"},message:"must have required property '"+"source"+"'"};
+let data85 = data.credentials;
+if(Array.isArray(data85)){
+const len12 = data85.length;
+for(let i14=0; i14<len12; i14++){
+let data86 = data85[i14];
+if(data86 && typeof data86 == "object" && !Array.isArray(data86)){
+if(data86.id === undefined){
+const err190 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err190];
 }
@@ -2481,8 +2486,8 @@ vErrors.push(err190);
 }
 errors++;
 }
-if(data85.inject === undefined){
-const err191 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "inject"},message:"must have required property '"+"inject"+"'"};
+if(data86.audience === undefined){
+const err191 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err191];
 }
@@ -2491,9 +2496,8 @@ vErrors.push(err191);
 }
 errors++;
 }
-for(const key20 in data85){
-if(!(func2.call(schema11.properties.credentials.items.properties, key20))){
-const err192 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key20},message:"must NOT have additional properties"};
+if(data86.source === undefined){
+const err192 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "source"},message:"must have required property '"+"source"+"'"};
 if(vErrors === null){
 vErrors = [err192];
 }
@@ -2502,12 +2506,8 @@ vErrors.push(err192);
 }
 errors++;
 }
-}
-if(data85.id !== undefined){
-let data86 = data85.id;
-if(typeof data86 === "string"){
-if(!pattern5.test(data86)){
-const err193 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
+if(data86.inject === undefined){
+const err193 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "inject"},message:"must have required property '"+"inject"+"'"};
 if(vErrors === null){
 vErrors = [err193];
 }
@@ -2516,9 +2516,9 @@ vErrors.push(err193);
 }
 errors++;
 }
-}
-else {
-const err194 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key20 in data86){
+if(!(func2.call(schema11.properties.credentials.items.properties, key20))){
+const err194 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key20},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err194];
 }
@@ -2528,11 +2528,11 @@ vErrors.push(err194);
 errors++;
 }
 }
-if(data85.audience !== undefined){
-let data87 = data85.audience;
+if(data86.id !== undefined){
+let data87 = data86.id;
 if(typeof data87 === "string"){
-if(!pattern9.test(data87)){
-const err195 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
+if(!pattern5.test(data87)){
+const err195 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
 if(vErrors === null){
 vErrors = [err195];
 }
@@ -2543,7 +2543,7 @@ errors++;
 }
 }
 else {
-const err196 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err196 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err196];
 }
@@ -2553,10 +2553,11 @@ vErrors.push(err196);
 errors++;
 }
 }
-if(data85.source !== undefined){
-let data88 = data85.source;
-if(!((((data88 === "static") || (data88 === "broker")) || (data88 === "broker_secret")) || (data88 === "client_credentials"))){
-const err197 = {instancePath:instancePath+"/credentials/" + i14+"/source",schemaPath:"#/properties/credentials/items/properties/source/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.source.enum},message:"must be equal to one of the allowed values"};
+if(data86.audience !== undefined){
+let data88 = data86.audience;
+if(typeof data88 === "string"){
+if(!pattern9.test(data88)){
+const err197 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
 if(vErrors === null){
 vErrors = [err197];
 }
@@ -2566,14 +2567,8 @@ vErrors.push(err197);
 errors++;
 }
 }
-if(data85.oauth !== undefined){
-let data89 = data85.oauth;
-if(data89 && typeof data89 == "object" && !Array.isArray(data89)){
-if(data89.auth_method === undefined){
-data89.auth_method = "client_secret_basic";
-}
-if(data89.token_url === undefined){
-const err198 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "token_url"},message:"must have required property '"+"token_url"+"'"};
+else {
+const err198 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err198];
 }
@@ -2582,8 +2577,11 @@ vErrors.push(err198);
 }
 errors++;
 }
-if(data89.client_id === undefined){
-const err199 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_id"},message:"must have required property '"+"client_id"+"'"};
+}
+if(data86.source !== undefined){
+let data89 = data86.source;
+if(!((((data89 === "static") || (data89 === "broker")) || (data89 === "broker_secret")) || (data89 === "client_credentials"))){
+const err199 = {instancePath:instancePath+"/credentials/" + i14+"/source",schemaPath:"#/properties/credentials/items/properties/source/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.source.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err199];
 }
@@ -2592,8 +2590,15 @@ vErrors.push(err199);
 }
 errors++;
 }
-if(data89.client_secret === undefined){
-const err200 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_secret"},message:"must have required property '"+"client_secret"+"'"};
+}
+if(data86.oauth !== undefined){
+let data90 = data86.oauth;
+if(data90 && typeof data90 == "object" && !Array.isArray(data90)){
+if(data90.auth_method === undefined){
+data90.auth_method = "client_secret_basic";
+}
+if(data90.token_url === undefined){
+const err200 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "token_url"},message:"must have required property '"+"token_url"+"'"};
 if(vErrors === null){
 vErrors = [err200];
 }
@@ -2602,9 +2607,8 @@ vErrors.push(err200);
 }
 errors++;
 }
-for(const key21 in data89){
-if(!(((((key21 === "token_url") || (key21 === "client_id")) || (key21 === "client_secret")) || (key21 === "auth_method")) || (key21 === "resource"))){
-const err201 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key21},message:"must NOT have additional properties"};
+if(data90.client_id === undefined){
+const err201 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_id"},message:"must have required property '"+"client_id"+"'"};
 if(vErrors === null){
 vErrors = [err201];
 }
@@ -2613,12 +2617,8 @@ vErrors.push(err201);
 }
 errors++;
 }
-}
-if(data89.token_url !== undefined){
-let data90 = data89.token_url;
-if(typeof data90 === "string"){
-if(!pattern1.test(data90)){
-const err202 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data90.client_secret === undefined){
+const err202 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_secret"},message:"must have required property '"+"client_secret"+"'"};
 if(vErrors === null){
 vErrors = [err202];
 }
@@ -2627,9 +2627,9 @@ vErrors.push(err202);
 }
 errors++;
 }
-}
-else {
-const err203 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key21 in data90){
+if(!(((((key21 === "token_url") || (key21 === "client_id")) || (key21 === "client_secret")) || (key21 === "auth_method")) || (key21 === "resource"))){
+const err203 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key21},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err203];
 }
@@ -2639,11 +2639,11 @@ vErrors.push(err203);
 errors++;
 }
 }
-if(data89.client_id !== undefined){
-let data91 = data89.client_id;
+if(data90.token_url !== undefined){
+let data91 = data90.token_url;
 if(typeof data91 === "string"){
-if(func4(data91) > 256){
-const err204 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
+if(!pattern1.test(data91)){
+const err204 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err204];
 }
@@ -2652,8 +2652,9 @@ vErrors.push(err204);
 }
 errors++;
 }
-if(func4(data91) < 1){
-const err205 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err205 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err205];
 }
@@ -2663,8 +2664,11 @@ vErrors.push(err205);
 errors++;
 }
 }
-else {
-const err206 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data90.client_id !== undefined){
+let data92 = data90.client_id;
+if(typeof data92 === "string"){
+if(func4(data92) > 256){
+const err206 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
 if(vErrors === null){
 vErrors = [err206];
 }
@@ -2673,12 +2677,8 @@ vErrors.push(err206);
 }
 errors++;
 }
-}
-if(data89.client_secret !== undefined){
-let data92 = data89.client_secret;
-if(typeof data92 === "string"){
-if(!pattern13.test(data92)){
-const err207 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+if(func4(data92) < 1){
+const err207 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err207];
 }
@@ -2689,7 +2689,7 @@ errors++;
 }
 }
 else {
-const err208 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err208 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err208];
 }
@@ -2699,9 +2699,11 @@ vErrors.push(err208);
 errors++;
 }
 }
-let data93 = data89.auth_method;
-if(!((data93 === "client_secret_basic") || (data93 === "client_secret_post"))){
-const err209 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/auth_method",schemaPath:"#/properties/credentials/items/properties/oauth/properties/auth_method/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.oauth.properties.auth_method.enum},message:"must be equal to one of the allowed values"};
+if(data90.client_secret !== undefined){
+let data93 = data90.client_secret;
+if(typeof data93 === "string"){
+if(!pattern13.test(data93)){
+const err209 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err209];
 }
@@ -2710,11 +2712,9 @@ vErrors.push(err209);
 }
 errors++;
 }
-if(data89.resource !== undefined){
-let data94 = data89.resource;
-if(typeof data94 === "string"){
-if(func4(data94) < 1){
-const err210 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err210 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err210];
 }
@@ -2724,8 +2724,9 @@ vErrors.push(err210);
 errors++;
 }
 }
-else {
-const err211 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data94 = data90.auth_method;
+if(!((data94 === "client_secret_basic") || (data94 === "client_secret_post"))){
+const err211 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/auth_method",schemaPath:"#/properties/credentials/items/properties/oauth/properties/auth_method/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.oauth.properties.auth_method.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err211];
 }
@@ -2734,10 +2735,11 @@ vErrors.push(err211);
 }
 errors++;
 }
-}
-}
-else {
-const err212 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data90.resource !== undefined){
+let data95 = data90.resource;
+if(typeof data95 === "string"){
+if(func4(data95) < 1){
+const err212 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err212];
 }
@@ -2747,11 +2749,8 @@ vErrors.push(err212);
 errors++;
 }
 }
-if(data85.secret !== undefined){
-let data95 = data85.secret;
-if(typeof data95 === "string"){
-if(!pattern13.test(data95)){
-const err213 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+else {
+const err213 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err213];
 }
@@ -2761,8 +2760,9 @@ vErrors.push(err213);
 errors++;
 }
 }
+}
 else {
-const err214 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err214 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err214];
 }
@@ -2772,11 +2772,11 @@ vErrors.push(err214);
 errors++;
 }
 }
-if(data85.token_audience !== undefined){
-let data96 = data85.token_audience;
+if(data86.secret !== undefined){
+let data96 = data86.secret;
 if(typeof data96 === "string"){
-if(func4(data96) > 512){
-const err215 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters"};
+if(!pattern13.test(data96)){
+const err215 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err215];
 }
@@ -2785,8 +2785,9 @@ vErrors.push(err215);
 }
 errors++;
 }
-if(func4(data96) < 1){
-const err216 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err216 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err216];
 }
@@ -2796,8 +2797,11 @@ vErrors.push(err216);
 errors++;
 }
 }
-else {
-const err217 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data86.token_audience !== undefined){
+let data97 = data86.token_audience;
+if(typeof data97 === "string"){
+if(func4(data97) > 512){
+const err217 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters"};
 if(vErrors === null){
 vErrors = [err217];
 }
@@ -2806,16 +2810,8 @@ vErrors.push(err217);
 }
 errors++;
 }
-}
-if(data85.scopes !== undefined){
-let data97 = data85.scopes;
-if(Array.isArray(data97)){
-const len13 = data97.length;
-for(let i15=0; i15<len13; i15++){
-let data98 = data97[i15];
-if(typeof data98 === "string"){
-if(!pattern15.test(data98)){
-const err218 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/pattern",keyword:"pattern",params:{pattern: "^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"},message:"must match pattern \""+"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"+"\""};
+if(func4(data97) < 1){
+const err218 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err218];
 }
@@ -2826,7 +2822,7 @@ errors++;
 }
 }
 else {
-const err219 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err219 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err219];
 }
@@ -2836,18 +2832,15 @@ vErrors.push(err219);
 errors++;
 }
 }
-let i16 = data97.length;
-let j2;
-if(i16 > 1){
-const indices2 = {};
-for(;i16--;){
-let item2 = data97[i16];
-if(typeof item2 !== "string"){
-continue;
-}
-if(typeof indices2[item2] == "number"){
-j2 = indices2[item2];
-const err220 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/uniqueItems",keyword:"uniqueItems",params:{i: i16, j: j2},message:"must NOT have duplicate items (items ## "+j2+" and "+i16+" are identical)"};
+if(data86.scopes !== undefined){
+let data98 = data86.scopes;
+if(Array.isArray(data98)){
+const len13 = data98.length;
+for(let i15=0; i15<len13; i15++){
+let data99 = data98[i15];
+if(typeof data99 === "string"){
+if(!pattern15.test(data99)){
+const err220 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/pattern",keyword:"pattern",params:{pattern: "^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"},message:"must match pattern \""+"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"+"\""};
 if(vErrors === null){
 vErrors = [err220];
 }
@@ -2855,14 +2848,10 @@ else {
 vErrors.push(err220);
 }
 errors++;
-break;
-}
-indices2[item2] = i16;
-}
 }
 }
 else {
-const err221 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err221 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err221];
 }
@@ -2872,15 +2861,18 @@ vErrors.push(err221);
 errors++;
 }
 }
-if(data85.inject !== undefined){
-let data99 = data85.inject;
-const _errs215 = errors;
-let valid53 = false;
-let passing0 = null;
-const _errs216 = errors;
-if(data99 && typeof data99 == "object" && !Array.isArray(data99)){
-if(data99.type === undefined){
-const err222 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+let i16 = data98.length;
+let j2;
+if(i16 > 1){
+const indices2 = {};
+for(;i16--;){
+let item2 = data98[i16];
+if(typeof item2 !== "string"){
+continue;
+}
+if(typeof indices2[item2] == "number"){
+j2 = indices2[item2];
+const err222 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/uniqueItems",keyword:"uniqueItems",params:{i: i16, j: j2},message:"must NOT have duplicate items (items ## "+j2+" and "+i16+" are identical)"};
 if(vErrors === null){
 vErrors = [err222];
 }
@@ -2888,10 +2880,14 @@ else {
 vErrors.push(err222);
 }
 errors++;
+break;
 }
-for(const key22 in data99){
-if(!(key22 === "type")){
-const err223 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key22},message:"must NOT have additional properties"};
+indices2[item2] = i16;
+}
+}
+}
+else {
+const err223 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err223];
 }
@@ -2901,9 +2897,15 @@ vErrors.push(err223);
 errors++;
 }
 }
-if(data99.type !== undefined){
-if("bearer" !== data99.type){
-const err224 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
+if(data86.inject !== undefined){
+let data100 = data86.inject;
+const _errs217 = errors;
+let valid53 = false;
+let passing0 = null;
+const _errs218 = errors;
+if(data100 && typeof data100 == "object" && !Array.isArray(data100)){
+if(data100.type === undefined){
+const err224 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err224];
 }
@@ -2912,17 +2914,9 @@ vErrors.push(err224);
 }
 errors++;
 }
-}
-}
-var _valid0 = _errs216 === errors;
-if(_valid0){
-valid53 = true;
-passing0 = 0;
-}
-const _errs219 = errors;
-if(data99 && typeof data99 == "object" && !Array.isArray(data99)){
-if(data99.type === undefined){
-const err225 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+for(const key22 in data100){
+if(!(key22 === "type")){
+const err225 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key22},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err225];
 }
@@ -2931,8 +2925,10 @@ vErrors.push(err225);
 }
 errors++;
 }
-if(data99.name === undefined){
-const err226 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
+}
+if(data100.type !== undefined){
+if("bearer" !== data100.type){
+const err226 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err226];
 }
@@ -2941,9 +2937,17 @@ vErrors.push(err226);
 }
 errors++;
 }
-for(const key23 in data99){
-if(!(((key23 === "type") || (key23 === "name")) || (key23 === "format"))){
-const err227 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
+}
+}
+var _valid0 = _errs218 === errors;
+if(_valid0){
+valid53 = true;
+passing0 = 0;
+}
+const _errs221 = errors;
+if(data100 && typeof data100 == "object" && !Array.isArray(data100)){
+if(data100.type === undefined){
+const err227 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err227];
 }
@@ -2952,10 +2956,8 @@ vErrors.push(err227);
 }
 errors++;
 }
-}
-if(data99.type !== undefined){
-if("header" !== data99.type){
-const err228 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
+if(data100.name === undefined){
+const err228 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err228];
 }
@@ -2964,12 +2966,9 @@ vErrors.push(err228);
 }
 errors++;
 }
-}
-if(data99.name !== undefined){
-let data102 = data99.name;
-if(typeof data102 === "string"){
-if(!pattern16.test(data102)){
-const err229 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
+for(const key23 in data100){
+if(!(((key23 === "type") || (key23 === "name")) || (key23 === "format"))){
+const err229 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err229];
 }
@@ -2979,8 +2978,9 @@ vErrors.push(err229);
 errors++;
 }
 }
-else {
-const err230 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data100.type !== undefined){
+if("header" !== data100.type){
+const err230 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err230];
 }
@@ -2990,11 +2990,11 @@ vErrors.push(err230);
 errors++;
 }
 }
-if(data99.format !== undefined){
-let data103 = data99.format;
+if(data100.name !== undefined){
+let data103 = data100.name;
 if(typeof data103 === "string"){
-if(!pattern17.test(data103)){
-const err231 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
+if(!pattern16.test(data103)){
+const err231 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err231];
 }
@@ -3005,7 +3005,7 @@ errors++;
 }
 }
 else {
-const err232 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err232 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err232];
 }
@@ -3015,8 +3015,33 @@ vErrors.push(err232);
 errors++;
 }
 }
+if(data100.format !== undefined){
+let data104 = data100.format;
+if(typeof data104 === "string"){
+if(!pattern17.test(data104)){
+const err233 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
+if(vErrors === null){
+vErrors = [err233];
 }
-var _valid0 = _errs219 === errors;
+else {
+vErrors.push(err233);
+}
+errors++;
+}
+}
+else {
+const err234 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err234];
+}
+else {
+vErrors.push(err234);
+}
+errors++;
+}
+}
+}
+var _valid0 = _errs221 === errors;
 if(_valid0 && valid53){
 valid53 = false;
 passing0 = [passing0, 1];
@@ -3026,31 +3051,10 @@ if(_valid0){
 valid53 = true;
 passing0 = 1;
 }
-const _errs226 = errors;
-if(data99 && typeof data99 == "object" && !Array.isArray(data99)){
-if(data99.type === undefined){
-const err233 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
-if(vErrors === null){
-vErrors = [err233];
-}
-else {
-vErrors.push(err233);
-}
-errors++;
-}
-if(data99.name === undefined){
-const err234 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
-if(vErrors === null){
-vErrors = [err234];
-}
-else {
-vErrors.push(err234);
-}
-errors++;
-}
-for(const key24 in data99){
-if(!((key24 === "type") || (key24 === "name"))){
-const err235 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
+const _errs228 = errors;
+if(data100 && typeof data100 == "object" && !Array.isArray(data100)){
+if(data100.type === undefined){
+const err235 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err235];
 }
@@ -3059,10 +3063,8 @@ vErrors.push(err235);
 }
 errors++;
 }
-}
-if(data99.type !== undefined){
-if("query" !== data99.type){
-const err236 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
+if(data100.name === undefined){
+const err236 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err236];
 }
@@ -3071,12 +3073,9 @@ vErrors.push(err236);
 }
 errors++;
 }
-}
-if(data99.name !== undefined){
-let data105 = data99.name;
-if(typeof data105 === "string"){
-if(func4(data105) < 1){
-const err237 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key24 in data100){
+if(!((key24 === "type") || (key24 === "name"))){
+const err237 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err237];
 }
@@ -3086,8 +3085,9 @@ vErrors.push(err237);
 errors++;
 }
 }
-else {
-const err238 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data100.type !== undefined){
+if("query" !== data100.type){
+const err238 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err238];
 }
@@ -3097,8 +3097,33 @@ vErrors.push(err238);
 errors++;
 }
 }
+if(data100.name !== undefined){
+let data106 = data100.name;
+if(typeof data106 === "string"){
+if(func4(data106) < 1){
+const err239 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(vErrors === null){
+vErrors = [err239];
 }
-var _valid0 = _errs226 === errors;
+else {
+vErrors.push(err239);
+}
+errors++;
+}
+}
+else {
+const err240 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err240];
+}
+else {
+vErrors.push(err240);
+}
+errors++;
+}
+}
+}
+var _valid0 = _errs228 === errors;
 if(_valid0 && valid53){
 valid53 = false;
 passing0 = [passing0, 2];
@@ -3108,31 +3133,10 @@ if(_valid0){
 valid53 = true;
 passing0 = 2;
 }
-const _errs231 = errors;
-if(data99 && typeof data99 == "object" && !Array.isArray(data99)){
-if(data99.type === undefined){
-const err239 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
-if(vErrors === null){
-vErrors = [err239];
-}
-else {
-vErrors.push(err239);
-}
-errors++;
-}
-if(data99.username === undefined){
-const err240 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
-if(vErrors === null){
-vErrors = [err240];
-}
-else {
-vErrors.push(err240);
-}
-errors++;
-}
-for(const key25 in data99){
-if(!((key25 === "type") || (key25 === "username"))){
-const err241 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
+const _errs233 = errors;
+if(data100 && typeof data100 == "object" && !Array.isArray(data100)){
+if(data100.type === undefined){
+const err241 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err241];
 }
@@ -3141,10 +3145,8 @@ vErrors.push(err241);
 }
 errors++;
 }
-}
-if(data99.type !== undefined){
-if("basic" !== data99.type){
-const err242 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
+if(data100.username === undefined){
+const err242 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
 if(vErrors === null){
 vErrors = [err242];
 }
@@ -3153,12 +3155,9 @@ vErrors.push(err242);
 }
 errors++;
 }
-}
-if(data99.username !== undefined){
-let data107 = data99.username;
-if(typeof data107 === "string"){
-if(!pattern18.test(data107)){
-const err243 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
+for(const key25 in data100){
+if(!((key25 === "type") || (key25 === "username"))){
+const err243 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err243];
 }
@@ -3168,8 +3167,9 @@ vErrors.push(err243);
 errors++;
 }
 }
-else {
-const err244 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data100.type !== undefined){
+if("basic" !== data100.type){
+const err244 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err244];
 }
@@ -3179,8 +3179,33 @@ vErrors.push(err244);
 errors++;
 }
 }
+if(data100.username !== undefined){
+let data108 = data100.username;
+if(typeof data108 === "string"){
+if(!pattern18.test(data108)){
+const err245 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
+if(vErrors === null){
+vErrors = [err245];
 }
-var _valid0 = _errs231 === errors;
+else {
+vErrors.push(err245);
+}
+errors++;
+}
+}
+else {
+const err246 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err246];
+}
+else {
+vErrors.push(err246);
+}
+errors++;
+}
+}
+}
+var _valid0 = _errs233 === errors;
 if(_valid0 && valid53){
 valid53 = false;
 passing0 = [passing0, 3];
@@ -3194,40 +3219,7 @@ passing0 = 3;
 }
 }
 if(!valid53){
-const err245 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
-if(vErrors === null){
-vErrors = [err245];
-}
-else {
-vErrors.push(err245);
-}
-errors++;
-}
-else {
-errors = _errs215;
-if(vErrors !== null){
-if(_errs215){
-vErrors.length = _errs215;
-}
-else {
-vErrors = null;
-}
-}
-}
-if(data99 && typeof data99 == "object" && !Array.isArray(data99)){
-if(data99.type === undefined){
-const err246 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
-if(vErrors === null){
-vErrors = [err246];
-}
-else {
-vErrors.push(err246);
-}
-errors++;
-}
-}
-else {
-const err247 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err247 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
 if(vErrors === null){
 vErrors = [err247];
 }
@@ -3236,16 +3228,20 @@ vErrors.push(err247);
 }
 errors++;
 }
+else {
+errors = _errs217;
+if(vErrors !== null){
+if(_errs217){
+vErrors.length = _errs217;
 }
-if(data85.strip !== undefined){
-let data108 = data85.strip;
-if(Array.isArray(data108)){
-const len14 = data108.length;
-for(let i17=0; i17<len14; i17++){
-let data109 = data108[i17];
-if(typeof data109 === "string"){
-if(!pattern16.test(data109)){
-const err248 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
+else {
+vErrors = null;
+}
+}
+}
+if(data100 && typeof data100 == "object" && !Array.isArray(data100)){
+if(data100.type === undefined){
+const err248 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err248];
 }
@@ -3256,7 +3252,7 @@ errors++;
 }
 }
 else {
-const err249 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err249 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err249];
 }
@@ -3266,9 +3262,15 @@ vErrors.push(err249);
 errors++;
 }
 }
-}
-else {
-const err250 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data86.strip !== undefined){
+let data109 = data86.strip;
+if(Array.isArray(data109)){
+const len14 = data109.length;
+for(let i17=0; i17<len14; i17++){
+let data110 = data109[i17];
+if(typeof data110 === "string"){
+if(!pattern16.test(data110)){
+const err250 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err250];
 }
@@ -3278,9 +3280,8 @@ vErrors.push(err250);
 errors++;
 }
 }
-}
 else {
-const err251 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err251 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err251];
 }
@@ -3292,7 +3293,7 @@ errors++;
 }
 }
 else {
-const err252 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err252 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err252];
 }
@@ -3301,14 +3302,10 @@ vErrors.push(err252);
 }
 errors++;
 }
-let data110 = data.secrets;
-if(data110 && typeof data110 == "object" && !Array.isArray(data110)){
-if(data110.env_prefix === undefined){
-data110.env_prefix = "LATCHKEY_SECRET_";
 }
-for(const key26 in data110){
-if(!((key26 === "file") || (key26 === "env_prefix"))){
-const err253 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
+}
+else {
+const err253 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err253];
 }
@@ -3318,11 +3315,9 @@ vErrors.push(err253);
 errors++;
 }
 }
-if(data110.file !== undefined){
-let data111 = data110.file;
-if(typeof data111 === "string"){
-if(func4(data111) < 1){
-const err254 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err254 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err254];
 }
@@ -3331,9 +3326,14 @@ vErrors.push(err254);
 }
 errors++;
 }
+let data111 = data.secrets;
+if(data111 && typeof data111 == "object" && !Array.isArray(data111)){
+if(data111.env_prefix === undefined){
+data111.env_prefix = "LATCHKEY_SECRET_";
 }
-else {
-const err255 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key26 in data111){
+if(!((key26 === "file") || (key26 === "env_prefix"))){
+const err255 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err255];
 }
@@ -3343,10 +3343,11 @@ vErrors.push(err255);
 errors++;
 }
 }
-let data112 = data110.env_prefix;
+if(data111.file !== undefined){
+let data112 = data111.file;
 if(typeof data112 === "string"){
-if(!pattern20.test(data112)){
-const err256 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
+if(func4(data112) < 1){
+const err256 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err256];
 }
@@ -3357,7 +3358,7 @@ errors++;
 }
 }
 else {
-const err257 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err257 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err257];
 }
@@ -3367,8 +3368,10 @@ vErrors.push(err257);
 errors++;
 }
 }
-else {
-const err258 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data113 = data111.env_prefix;
+if(typeof data113 === "string"){
+if(!pattern20.test(data113)){
+const err258 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err258];
 }
@@ -3377,17 +3380,9 @@ vErrors.push(err258);
 }
 errors++;
 }
-let data113 = data.audit;
-if(data113 && typeof data113 == "object" && !Array.isArray(data113)){
-if(data113.jsonl === undefined){
-data113.jsonl = {};
 }
-if(data113.collector === undefined){
-data113.collector = null;
-}
-for(const key27 in data113){
-if(!((key27 === "jsonl") || (key27 === "collector"))){
-const err259 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
+else {
+const err259 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err259];
 }
@@ -3397,17 +3392,8 @@ vErrors.push(err259);
 errors++;
 }
 }
-let data114 = data113.jsonl;
-if(data114 && typeof data114 == "object" && !Array.isArray(data114)){
-if(data114.path === undefined){
-data114.path = "latchkey-audit.jsonl";
-}
-if(data114.flush_ms === undefined){
-data114.flush_ms = 20;
-}
-for(const key28 in data114){
-if(!((key28 === "path") || (key28 === "flush_ms"))){
-const err260 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
+else {
+const err260 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err260];
 }
@@ -3416,11 +3402,17 @@ vErrors.push(err260);
 }
 errors++;
 }
+let data114 = data.audit;
+if(data114 && typeof data114 == "object" && !Array.isArray(data114)){
+if(data114.jsonl === undefined){
+data114.jsonl = {};
 }
-let data115 = data114.path;
-if(typeof data115 === "string"){
-if(func4(data115) < 1){
-const err261 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data114.collector === undefined){
+data114.collector = null;
+}
+for(const key27 in data114){
+if(!((key27 === "jsonl") || (key27 === "collector"))){
+const err261 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err261];
 }
@@ -3430,8 +3422,17 @@ vErrors.push(err261);
 errors++;
 }
 }
-else {
-const err262 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data115 = data114.jsonl;
+if(data115 && typeof data115 == "object" && !Array.isArray(data115)){
+if(data115.path === undefined){
+data115.path = "latchkey-audit.jsonl";
+}
+if(data115.flush_ms === undefined){
+data115.flush_ms = 20;
+}
+for(const key28 in data115){
+if(!((key28 === "path") || (key28 === "flush_ms"))){
+const err262 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err262];
 }
@@ -3440,9 +3441,11 @@ vErrors.push(err262);
 }
 errors++;
 }
-let data116 = data114.flush_ms;
-if(!(((typeof data116 == "number") && (!(data116 % 1) && !isNaN(data116))) && (isFinite(data116)))){
-const err263 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data116 = data115.path;
+if(typeof data116 === "string"){
+if(func4(data116) < 1){
+const err263 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err263];
 }
@@ -3451,9 +3454,9 @@ vErrors.push(err263);
 }
 errors++;
 }
-if((typeof data116 == "number") && (isFinite(data116))){
-if(data116 > 3600000 || isNaN(data116)){
-const err264 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+else {
+const err264 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err264];
 }
@@ -3462,8 +3465,9 @@ vErrors.push(err264);
 }
 errors++;
 }
-if(data116 < 1 || isNaN(data116)){
-const err265 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+let data117 = data115.flush_ms;
+if(!(((typeof data117 == "number") && (!(data117 % 1) && !isNaN(data117))) && (isFinite(data117)))){
+const err265 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err265];
 }
@@ -3472,10 +3476,9 @@ vErrors.push(err265);
 }
 errors++;
 }
-}
-}
-else {
-const err266 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data117 == "number") && (isFinite(data117))){
+if(data117 > 3600000 || isNaN(data117)){
+const err266 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err266];
 }
@@ -3484,9 +3487,8 @@ vErrors.push(err266);
 }
 errors++;
 }
-let data117 = data113.collector;
-if((!(data117 && typeof data117 == "object" && !Array.isArray(data117))) && (data117 !== null)){
-const err267 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
+if(data117 < 1 || isNaN(data117)){
+const err267 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err267];
 }
@@ -3495,36 +3497,10 @@ vErrors.push(err267);
 }
 errors++;
 }
-if(data117 && typeof data117 == "object" && !Array.isArray(data117)){
-if(data117.tls === undefined){
-data117.tls = null;
 }
-if(data117.spool_dir === undefined){
-data117.spool_dir = "latchkey-spool";
 }
-if(data117.spool_max_bytes === undefined){
-data117.spool_max_bytes = 268435456;
-}
-if(data117.segment_bytes === undefined){
-data117.segment_bytes = 4194304;
-}
-if(data117.on_full === undefined){
-data117.on_full = "refuse";
-}
-if(data117.batch_events === undefined){
-data117.batch_events = 1000;
-}
-if(data117.backoff_min_ms === undefined){
-data117.backoff_min_ms = 100;
-}
-if(data117.backoff_max_ms === undefined){
-data117.backoff_max_ms = 5000;
-}
-if(data117.close_timeout_ms === undefined){
-data117.close_timeout_ms = 2000;
-}
-if(data117.address === undefined){
-const err268 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
+else {
+const err268 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err268];
 }
@@ -3533,8 +3509,9 @@ vErrors.push(err268);
 }
 errors++;
 }
-if(data117.sidecar_id === undefined){
-const err269 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
+let data118 = data114.collector;
+if((!(data118 && typeof data118 == "object" && !Array.isArray(data118))) && (data118 !== null)){
+const err269 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err269];
 }
@@ -3543,9 +3520,36 @@ vErrors.push(err269);
 }
 errors++;
 }
-for(const key29 in data117){
-if(!(func2.call(schema11.properties.audit.properties.collector.properties, key29))){
-const err270 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
+if(data118 && typeof data118 == "object" && !Array.isArray(data118)){
+if(data118.tls === undefined){
+data118.tls = null;
+}
+if(data118.spool_dir === undefined){
+data118.spool_dir = "latchkey-spool";
+}
+if(data118.spool_max_bytes === undefined){
+data118.spool_max_bytes = 268435456;
+}
+if(data118.segment_bytes === undefined){
+data118.segment_bytes = 4194304;
+}
+if(data118.on_full === undefined){
+data118.on_full = "refuse";
+}
+if(data118.batch_events === undefined){
+data118.batch_events = 1000;
+}
+if(data118.backoff_min_ms === undefined){
+data118.backoff_min_ms = 100;
+}
+if(data118.backoff_max_ms === undefined){
+data118.backoff_max_ms = 5000;
+}
+if(data118.close_timeout_ms === undefined){
+data118.close_timeout_ms = 2000;
+}
+if(data118.address === undefined){
+const err270 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
 if(vErrors === null){
 vErrors = [err270];
 }
@@ -3554,12 +3558,8 @@ vErrors.push(err270);
 }
 errors++;
 }
-}
-if(data117.address !== undefined){
-let data118 = data117.address;
-if(typeof data118 === "string"){
-if(!pattern21.test(data118)){
-const err271 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:[0-9]{1,5}$"},message:"must match pattern \""+"^[^\\s/]+:[0-9]{1,5}$"+"\""};
+if(data118.sidecar_id === undefined){
+const err271 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
 if(vErrors === null){
 vErrors = [err271];
 }
@@ -3568,9 +3568,9 @@ vErrors.push(err271);
 }
 errors++;
 }
-}
-else {
-const err272 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key29 in data118){
+if(!(func2.call(schema11.properties.audit.properties.collector.properties, key29))){
+const err272 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err272];
 }
@@ -3580,11 +3580,11 @@ vErrors.push(err272);
 errors++;
 }
 }
-if(data117.sidecar_id !== undefined){
-let data119 = data117.sidecar_id;
+if(data118.address !== undefined){
+let data119 = data118.address;
 if(typeof data119 === "string"){
-if(func4(data119) < 1){
-const err273 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(!pattern21.test(data119)){
+const err273 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:[0-9]{1,5}$"},message:"must match pattern \""+"^[^\\s/]+:[0-9]{1,5}$"+"\""};
 if(vErrors === null){
 vErrors = [err273];
 }
@@ -3595,7 +3595,7 @@ errors++;
 }
 }
 else {
-const err274 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err274 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err274];
 }
@@ -3605,11 +3605,11 @@ vErrors.push(err274);
 errors++;
 }
 }
-if(data117.token_secret !== undefined){
-let data120 = data117.token_secret;
+if(data118.sidecar_id !== undefined){
+let data120 = data118.sidecar_id;
 if(typeof data120 === "string"){
 if(func4(data120) < 1){
-const err275 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err275 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err275];
 }
@@ -3620,7 +3620,7 @@ errors++;
 }
 }
 else {
-const err276 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err276 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err276];
 }
@@ -3630,9 +3630,11 @@ vErrors.push(err276);
 errors++;
 }
 }
-let data121 = data117.tls;
-if((!(data121 && typeof data121 == "object" && !Array.isArray(data121))) && (data121 !== null)){
-const err277 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
+if(data118.token_secret !== undefined){
+let data121 = data118.token_secret;
+if(typeof data121 === "string"){
+if(func4(data121) < 1){
+const err277 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err277];
 }
@@ -3641,9 +3643,9 @@ vErrors.push(err277);
 }
 errors++;
 }
-if(data121 && typeof data121 == "object" && !Array.isArray(data121)){
-if(data121.ca_file === undefined){
-const err278 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
+}
+else {
+const err278 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err278];
 }
@@ -3652,8 +3654,10 @@ vErrors.push(err278);
 }
 errors++;
 }
-if(data121.cert_file === undefined){
-const err279 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+}
+let data122 = data118.tls;
+if((!(data122 && typeof data122 == "object" && !Array.isArray(data122))) && (data122 !== null)){
+const err279 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err279];
 }
@@ -3662,8 +3666,9 @@ vErrors.push(err279);
 }
 errors++;
 }
-if(data121.key_file === undefined){
-const err280 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+if(data122 && typeof data122 == "object" && !Array.isArray(data122)){
+if(data122.ca_file === undefined){
+const err280 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
 if(vErrors === null){
 vErrors = [err280];
 }
@@ -3672,9 +3677,8 @@ vErrors.push(err280);
 }
 errors++;
 }
-for(const key30 in data121){
-if(!(((key30 === "ca_file") || (key30 === "cert_file")) || (key30 === "key_file"))){
-const err281 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
+if(data122.cert_file === undefined){
+const err281 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err281];
 }
@@ -3683,12 +3687,8 @@ vErrors.push(err281);
 }
 errors++;
 }
-}
-if(data121.ca_file !== undefined){
-let data122 = data121.ca_file;
-if(typeof data122 === "string"){
-if(func4(data122) < 1){
-const err282 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data122.key_file === undefined){
+const err282 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err282];
 }
@@ -3697,9 +3697,9 @@ vErrors.push(err282);
 }
 errors++;
 }
-}
-else {
-const err283 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key30 in data122){
+if(!(((key30 === "ca_file") || (key30 === "cert_file")) || (key30 === "key_file"))){
+const err283 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err283];
 }
@@ -3709,11 +3709,11 @@ vErrors.push(err283);
 errors++;
 }
 }
-if(data121.cert_file !== undefined){
-let data123 = data121.cert_file;
+if(data122.ca_file !== undefined){
+let data123 = data122.ca_file;
 if(typeof data123 === "string"){
 if(func4(data123) < 1){
-const err284 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err284 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err284];
 }
@@ -3724,7 +3724,7 @@ errors++;
 }
 }
 else {
-const err285 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err285 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err285];
 }
@@ -3734,11 +3734,11 @@ vErrors.push(err285);
 errors++;
 }
 }
-if(data121.key_file !== undefined){
-let data124 = data121.key_file;
+if(data122.cert_file !== undefined){
+let data124 = data122.cert_file;
 if(typeof data124 === "string"){
 if(func4(data124) < 1){
-const err286 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err286 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err286];
 }
@@ -3749,7 +3749,7 @@ errors++;
 }
 }
 else {
-const err287 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err287 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err287];
 }
@@ -3759,11 +3759,11 @@ vErrors.push(err287);
 errors++;
 }
 }
-}
-let data125 = data117.spool_dir;
+if(data122.key_file !== undefined){
+let data125 = data122.key_file;
 if(typeof data125 === "string"){
 if(func4(data125) < 1){
-const err288 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err288 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err288];
 }
@@ -3774,7 +3774,7 @@ errors++;
 }
 }
 else {
-const err289 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err289 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err289];
 }
@@ -3783,9 +3783,12 @@ vErrors.push(err289);
 }
 errors++;
 }
-let data126 = data117.spool_max_bytes;
-if(!(((typeof data126 == "number") && (!(data126 % 1) && !isNaN(data126))) && (isFinite(data126)))){
-const err290 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+}
+let data126 = data118.spool_dir;
+if(typeof data126 === "string"){
+if(func4(data126) < 1){
+const err290 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err290];
 }
@@ -3794,9 +3797,9 @@ vErrors.push(err290);
 }
 errors++;
 }
-if((typeof data126 == "number") && (isFinite(data126))){
-if(data126 < 65536 || isNaN(data126)){
-const err291 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
+}
+else {
+const err291 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err291];
 }
@@ -3805,10 +3808,9 @@ vErrors.push(err291);
 }
 errors++;
 }
-}
-let data127 = data117.segment_bytes;
+let data127 = data118.spool_max_bytes;
 if(!(((typeof data127 == "number") && (!(data127 % 1) && !isNaN(data127))) && (isFinite(data127)))){
-const err292 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err292 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err292];
 }
@@ -3818,8 +3820,8 @@ vErrors.push(err292);
 errors++;
 }
 if((typeof data127 == "number") && (isFinite(data127))){
-if(data127 < 4096 || isNaN(data127)){
-const err293 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
+if(data127 < 65536 || isNaN(data127)){
+const err293 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
 if(vErrors === null){
 vErrors = [err293];
 }
@@ -3829,9 +3831,9 @@ vErrors.push(err293);
 errors++;
 }
 }
-let data128 = data117.on_full;
-if(!((data128 === "refuse") || (data128 === "drop"))){
-const err294 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
+let data128 = data118.segment_bytes;
+if(!(((typeof data128 == "number") && (!(data128 % 1) && !isNaN(data128))) && (isFinite(data128)))){
+const err294 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err294];
 }
@@ -3840,9 +3842,9 @@ vErrors.push(err294);
 }
 errors++;
 }
-let data129 = data117.batch_events;
-if(!(((typeof data129 == "number") && (!(data129 % 1) && !isNaN(data129))) && (isFinite(data129)))){
-const err295 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data128 == "number") && (isFinite(data128))){
+if(data128 < 4096 || isNaN(data128)){
+const err295 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
 if(vErrors === null){
 vErrors = [err295];
 }
@@ -3851,9 +3853,10 @@ vErrors.push(err295);
 }
 errors++;
 }
-if((typeof data129 == "number") && (isFinite(data129))){
-if(data129 > 10000 || isNaN(data129)){
-const err296 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
+}
+let data129 = data118.on_full;
+if(!((data129 === "refuse") || (data129 === "drop"))){
+const err296 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err296];
 }
@@ -3862,8 +3865,9 @@ vErrors.push(err296);
 }
 errors++;
 }
-if(data129 < 1 || isNaN(data129)){
-const err297 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+let data130 = data118.batch_events;
+if(!(((typeof data130 == "number") && (!(data130 % 1) && !isNaN(data130))) && (isFinite(data130)))){
+const err297 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err297];
 }
@@ -3872,10 +3876,9 @@ vErrors.push(err297);
 }
 errors++;
 }
-}
-let data130 = data117.backoff_min_ms;
-if(!(((typeof data130 == "number") && (!(data130 % 1) && !isNaN(data130))) && (isFinite(data130)))){
-const err298 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data130 == "number") && (isFinite(data130))){
+if(data130 > 10000 || isNaN(data130)){
+const err298 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
 if(vErrors === null){
 vErrors = [err298];
 }
@@ -3884,9 +3887,8 @@ vErrors.push(err298);
 }
 errors++;
 }
-if((typeof data130 == "number") && (isFinite(data130))){
-if(data130 > 3600000 || isNaN(data130)){
-const err299 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data130 < 1 || isNaN(data130)){
+const err299 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err299];
 }
@@ -3895,8 +3897,10 @@ vErrors.push(err299);
 }
 errors++;
 }
-if(data130 < 1 || isNaN(data130)){
-const err300 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data131 = data118.backoff_min_ms;
+if(!(((typeof data131 == "number") && (!(data131 % 1) && !isNaN(data131))) && (isFinite(data131)))){
+const err300 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err300];
 }
@@ -3905,10 +3909,9 @@ vErrors.push(err300);
 }
 errors++;
 }
-}
-let data131 = data117.backoff_max_ms;
-if(!(((typeof data131 == "number") && (!(data131 % 1) && !isNaN(data131))) && (isFinite(data131)))){
-const err301 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data131 == "number") && (isFinite(data131))){
+if(data131 > 3600000 || isNaN(data131)){
+const err301 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err301];
 }
@@ -3917,9 +3920,8 @@ vErrors.push(err301);
 }
 errors++;
 }
-if((typeof data131 == "number") && (isFinite(data131))){
-if(data131 > 3600000 || isNaN(data131)){
-const err302 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data131 < 1 || isNaN(data131)){
+const err302 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err302];
 }
@@ -3928,8 +3930,10 @@ vErrors.push(err302);
 }
 errors++;
 }
-if(data131 < 1 || isNaN(data131)){
-const err303 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data132 = data118.backoff_max_ms;
+if(!(((typeof data132 == "number") && (!(data132 % 1) && !isNaN(data132))) && (isFinite(data132)))){
+const err303 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err303];
 }
@@ -3938,10 +3942,9 @@ vErrors.push(err303);
 }
 errors++;
 }
-}
-let data132 = data117.close_timeout_ms;
-if(!(((typeof data132 == "number") && (!(data132 % 1) && !isNaN(data132))) && (isFinite(data132)))){
-const err304 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data132 == "number") && (isFinite(data132))){
+if(data132 > 3600000 || isNaN(data132)){
+const err304 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err304];
 }
@@ -3950,9 +3953,8 @@ vErrors.push(err304);
 }
 errors++;
 }
-if((typeof data132 == "number") && (isFinite(data132))){
-if(data132 > 3600000 || isNaN(data132)){
-const err305 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data132 < 1 || isNaN(data132)){
+const err305 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err305];
 }
@@ -3961,8 +3963,10 @@ vErrors.push(err305);
 }
 errors++;
 }
-if(data132 < 0 || isNaN(data132)){
-const err306 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+let data133 = data118.close_timeout_ms;
+if(!(((typeof data133 == "number") && (!(data133 % 1) && !isNaN(data133))) && (isFinite(data133)))){
+const err306 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err306];
 }
@@ -3971,11 +3975,9 @@ vErrors.push(err306);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err307 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data133 == "number") && (isFinite(data133))){
+if(data133 > 3600000 || isNaN(data133)){
+const err307 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err307];
 }
@@ -3984,14 +3986,8 @@ vErrors.push(err307);
 }
 errors++;
 }
-let data133 = data.log;
-if(data133 && typeof data133 == "object" && !Array.isArray(data133)){
-if(data133.level === undefined){
-data133.level = "info";
-}
-for(const key31 in data133){
-if(!(key31 === "level")){
-const err308 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
+if(data133 < 0 || isNaN(data133)){
+const err308 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err308];
 }
@@ -4001,9 +3997,10 @@ vErrors.push(err308);
 errors++;
 }
 }
-let data134 = data133.level;
-if(!(((((((data134 === "fatal") || (data134 === "error")) || (data134 === "warn")) || (data134 === "info")) || (data134 === "debug")) || (data134 === "trace")) || (data134 === "silent"))){
-const err309 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
+}
+}
+else {
+const err309 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err309];
 }
@@ -4012,9 +4009,14 @@ vErrors.push(err309);
 }
 errors++;
 }
+let data134 = data.log;
+if(data134 && typeof data134 == "object" && !Array.isArray(data134)){
+if(data134.level === undefined){
+data134.level = "info";
 }
-else {
-const err310 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key31 in data134){
+if(!(key31 === "level")){
+const err310 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err310];
 }
@@ -4023,38 +4025,10 @@ vErrors.push(err310);
 }
 errors++;
 }
-if(data.broker !== undefined){
-let data135 = data.broker;
-if(data135 && typeof data135 == "object" && !Array.isArray(data135)){
-if(data135.listen === undefined){
-data135.listen = {};
 }
-if(data135.keys === undefined){
-data135.keys = {};
-}
-if(data135.tokens === undefined){
-data135.tokens = {};
-}
-if(data135.attestors === undefined){
-data135.attestors = {};
-}
-if(data135.store === undefined){
-data135.store = {};
-}
-if(data135.admin_token_env === undefined){
-data135.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
-}
-if(data135.introspection_clients === undefined){
-data135.introspection_clients = {};
-}
-if(data135.leased_secrets === undefined){
-data135.leased_secrets = {};
-}
-if(data135.events === undefined){
-data135.events = {};
-}
-if(data135.issuer === undefined){
-const err311 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+let data135 = data134.level;
+if(!(((((((data135 === "fatal") || (data135 === "error")) || (data135 === "warn")) || (data135 === "info")) || (data135 === "debug")) || (data135 === "trace")) || (data135 === "silent"))){
+const err311 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err311];
 }
@@ -4063,8 +4037,9 @@ vErrors.push(err311);
 }
 errors++;
 }
-if(data135.registry_file === undefined){
-const err312 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
+}
+else {
+const err312 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err312];
 }
@@ -4073,9 +4048,38 @@ vErrors.push(err312);
 }
 errors++;
 }
-for(const key32 in data135){
-if(!(func2.call(schema11.properties.broker.properties, key32))){
-const err313 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
+if(data.broker !== undefined){
+let data136 = data.broker;
+if(data136 && typeof data136 == "object" && !Array.isArray(data136)){
+if(data136.listen === undefined){
+data136.listen = {};
+}
+if(data136.keys === undefined){
+data136.keys = {};
+}
+if(data136.tokens === undefined){
+data136.tokens = {};
+}
+if(data136.attestors === undefined){
+data136.attestors = {};
+}
+if(data136.store === undefined){
+data136.store = {};
+}
+if(data136.admin_token_env === undefined){
+data136.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
+}
+if(data136.introspection_clients === undefined){
+data136.introspection_clients = {};
+}
+if(data136.leased_secrets === undefined){
+data136.leased_secrets = {};
+}
+if(data136.events === undefined){
+data136.events = {};
+}
+if(data136.issuer === undefined){
+const err313 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err313];
 }
@@ -4084,12 +4088,8 @@ vErrors.push(err313);
 }
 errors++;
 }
-}
-if(data135.issuer !== undefined){
-let data136 = data135.issuer;
-if(typeof data136 === "string"){
-if(!pattern1.test(data136)){
-const err314 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data136.registry_file === undefined){
+const err314 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
 if(vErrors === null){
 vErrors = [err314];
 }
@@ -4098,9 +4098,9 @@ vErrors.push(err314);
 }
 errors++;
 }
-}
-else {
-const err315 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key32 in data136){
+if(!(func2.call(schema11.properties.broker.properties, key32))){
+const err315 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err315];
 }
@@ -4110,11 +4110,11 @@ vErrors.push(err315);
 errors++;
 }
 }
-if(data135.audience !== undefined){
-let data137 = data135.audience;
+if(data136.issuer !== undefined){
+let data137 = data136.issuer;
 if(typeof data137 === "string"){
-if(func4(data137) < 1){
-const err316 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(!pattern1.test(data137)){
+const err316 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err316];
 }
@@ -4125,7 +4125,7 @@ errors++;
 }
 }
 else {
-const err317 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err317 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err317];
 }
@@ -4135,17 +4135,11 @@ vErrors.push(err317);
 errors++;
 }
 }
-let data138 = data135.listen;
-if(data138 && typeof data138 == "object" && !Array.isArray(data138)){
-if(data138.host === undefined){
-data138.host = "127.0.0.1";
-}
-if(data138.port === undefined){
-data138.port = 15003;
-}
-for(const key33 in data138){
-if(!((key33 === "host") || (key33 === "port"))){
-const err318 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
+if(data136.audience !== undefined){
+let data138 = data136.audience;
+if(typeof data138 === "string"){
+if(func4(data138) < 1){
+const err318 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err318];
 }
@@ -4155,10 +4149,8 @@ vErrors.push(err318);
 errors++;
 }
 }
-let data139 = data138.host;
-if(typeof data139 === "string"){
-if(func4(data139) < 1){
-const err319 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err319 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err319];
 }
@@ -4168,8 +4160,17 @@ vErrors.push(err319);
 errors++;
 }
 }
-else {
-const err320 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data139 = data136.listen;
+if(data139 && typeof data139 == "object" && !Array.isArray(data139)){
+if(data139.host === undefined){
+data139.host = "127.0.0.1";
+}
+if(data139.port === undefined){
+data139.port = 15003;
+}
+for(const key33 in data139){
+if(!((key33 === "host") || (key33 === "port"))){
+const err320 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err320];
 }
@@ -4178,9 +4179,11 @@ vErrors.push(err320);
 }
 errors++;
 }
-let data140 = data138.port;
-if(!(((typeof data140 == "number") && (!(data140 % 1) && !isNaN(data140))) && (isFinite(data140)))){
-const err321 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data140 = data139.host;
+if(typeof data140 === "string"){
+if(func4(data140) < 1){
+const err321 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err321];
 }
@@ -4189,9 +4192,9 @@ vErrors.push(err321);
 }
 errors++;
 }
-if((typeof data140 == "number") && (isFinite(data140))){
-if(data140 > 65535 || isNaN(data140)){
-const err322 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+else {
+const err322 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err322];
 }
@@ -4200,8 +4203,9 @@ vErrors.push(err322);
 }
 errors++;
 }
-if(data140 < 0 || isNaN(data140)){
-const err323 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+let data141 = data139.port;
+if(!(((typeof data141 == "number") && (!(data141 % 1) && !isNaN(data141))) && (isFinite(data141)))){
+const err323 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err323];
 }
@@ -4210,10 +4214,9 @@ vErrors.push(err323);
 }
 errors++;
 }
-}
-}
-else {
-const err324 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data141 == "number") && (isFinite(data141))){
+if(data141 > 65535 || isNaN(data141)){
+const err324 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err324];
 }
@@ -4222,20 +4225,8 @@ vErrors.push(err324);
 }
 errors++;
 }
-let data141 = data135.keys;
-if(data141 && typeof data141 == "object" && !Array.isArray(data141)){
-if(data141.dir === undefined){
-data141.dir = ".latchkey/broker-keys";
-}
-if(data141.alg === undefined){
-data141.alg = "ES256";
-}
-if(data141.rotate_after_s === undefined){
-data141.rotate_after_s = 86400;
-}
-for(const key34 in data141){
-if(!(((key34 === "dir") || (key34 === "alg")) || (key34 === "rotate_after_s"))){
-const err325 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
+if(data141 < 0 || isNaN(data141)){
+const err325 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err325];
 }
@@ -4245,10 +4236,9 @@ vErrors.push(err325);
 errors++;
 }
 }
-let data142 = data141.dir;
-if(typeof data142 === "string"){
-if(func4(data142) < 1){
-const err326 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err326 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err326];
 }
@@ -4257,9 +4247,20 @@ vErrors.push(err326);
 }
 errors++;
 }
+let data142 = data136.keys;
+if(data142 && typeof data142 == "object" && !Array.isArray(data142)){
+if(data142.dir === undefined){
+data142.dir = ".latchkey/broker-keys";
 }
-else {
-const err327 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data142.alg === undefined){
+data142.alg = "ES256";
+}
+if(data142.rotate_after_s === undefined){
+data142.rotate_after_s = 86400;
+}
+for(const key34 in data142){
+if(!(((key34 === "dir") || (key34 === "alg")) || (key34 === "rotate_after_s"))){
+const err327 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err327];
 }
@@ -4268,9 +4269,11 @@ vErrors.push(err327);
 }
 errors++;
 }
-let data143 = data141.alg;
-if(!((data143 === "ES256") || (data143 === "EdDSA"))){
-const err328 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
+}
+let data143 = data142.dir;
+if(typeof data143 === "string"){
+if(func4(data143) < 1){
+const err328 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err328];
 }
@@ -4279,9 +4282,9 @@ vErrors.push(err328);
 }
 errors++;
 }
-let data144 = data141.rotate_after_s;
-if(!(((typeof data144 == "number") && (!(data144 % 1) && !isNaN(data144))) && (isFinite(data144)))){
-const err329 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err329 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err329];
 }
@@ -4290,9 +4293,9 @@ vErrors.push(err329);
 }
 errors++;
 }
-if((typeof data144 == "number") && (isFinite(data144))){
-if(data144 > 31536000 || isNaN(data144)){
-const err330 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+let data144 = data142.alg;
+if(!((data144 === "ES256") || (data144 === "EdDSA"))){
+const err330 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err330];
 }
@@ -4301,8 +4304,9 @@ vErrors.push(err330);
 }
 errors++;
 }
-if(data144 < 60 || isNaN(data144)){
-const err331 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+let data145 = data142.rotate_after_s;
+if(!(((typeof data145 == "number") && (!(data145 % 1) && !isNaN(data145))) && (isFinite(data145)))){
+const err331 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err331];
 }
@@ -4311,10 +4315,9 @@ vErrors.push(err331);
 }
 errors++;
 }
-}
-}
-else {
-const err332 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data145 == "number") && (isFinite(data145))){
+if(data145 > 31536000 || isNaN(data145)){
+const err332 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err332];
 }
@@ -4323,11 +4326,8 @@ vErrors.push(err332);
 }
 errors++;
 }
-if(data135.registry_file !== undefined){
-let data145 = data135.registry_file;
-if(typeof data145 === "string"){
-if(func4(data145) < 1){
-const err333 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data145 < 60 || isNaN(data145)){
+const err333 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err333];
 }
@@ -4337,8 +4337,9 @@ vErrors.push(err333);
 errors++;
 }
 }
+}
 else {
-const err334 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err334 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err334];
 }
@@ -4347,21 +4348,11 @@ vErrors.push(err334);
 }
 errors++;
 }
-}
-let data146 = data135.tokens;
-if(data146 && typeof data146 == "object" && !Array.isArray(data146)){
-if(data146.floor_s === undefined){
-data146.floor_s = 60;
-}
-if(data146.default_duration_s === undefined){
-data146.default_duration_s = 300;
-}
-if(data146.max_body_bytes === undefined){
-data146.max_body_bytes = 65536;
-}
-for(const key35 in data146){
-if(!(((key35 === "floor_s") || (key35 === "default_duration_s")) || (key35 === "max_body_bytes"))){
-const err335 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
+if(data136.registry_file !== undefined){
+let data146 = data136.registry_file;
+if(typeof data146 === "string"){
+if(func4(data146) < 1){
+const err335 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err335];
 }
@@ -4371,9 +4362,8 @@ vErrors.push(err335);
 errors++;
 }
 }
-let data147 = data146.floor_s;
-if(!(((typeof data147 == "number") && (!(data147 % 1) && !isNaN(data147))) && (isFinite(data147)))){
-const err336 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err336 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err336];
 }
@@ -4382,9 +4372,21 @@ vErrors.push(err336);
 }
 errors++;
 }
-if((typeof data147 == "number") && (isFinite(data147))){
-if(data147 > 86400 || isNaN(data147)){
-const err337 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+}
+let data147 = data136.tokens;
+if(data147 && typeof data147 == "object" && !Array.isArray(data147)){
+if(data147.floor_s === undefined){
+data147.floor_s = 60;
+}
+if(data147.default_duration_s === undefined){
+data147.default_duration_s = 300;
+}
+if(data147.max_body_bytes === undefined){
+data147.max_body_bytes = 65536;
+}
+for(const key35 in data147){
+if(!(((key35 === "floor_s") || (key35 === "default_duration_s")) || (key35 === "max_body_bytes"))){
+const err337 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err337];
 }
@@ -4393,8 +4395,10 @@ vErrors.push(err337);
 }
 errors++;
 }
-if(data147 < 1 || isNaN(data147)){
-const err338 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data148 = data147.floor_s;
+if(!(((typeof data148 == "number") && (!(data148 % 1) && !isNaN(data148))) && (isFinite(data148)))){
+const err338 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err338];
 }
@@ -4403,10 +4407,9 @@ vErrors.push(err338);
 }
 errors++;
 }
-}
-let data148 = data146.default_duration_s;
-if(!(((typeof data148 == "number") && (!(data148 % 1) && !isNaN(data148))) && (isFinite(data148)))){
-const err339 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data148 == "number") && (isFinite(data148))){
+if(data148 > 86400 || isNaN(data148)){
+const err339 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err339];
 }
@@ -4415,9 +4418,8 @@ vErrors.push(err339);
 }
 errors++;
 }
-if((typeof data148 == "number") && (isFinite(data148))){
-if(data148 > 86400 || isNaN(data148)){
-const err340 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+if(data148 < 1 || isNaN(data148)){
+const err340 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err340];
 }
@@ -4426,8 +4428,10 @@ vErrors.push(err340);
 }
 errors++;
 }
-if(data148 < 1 || isNaN(data148)){
-const err341 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data149 = data147.default_duration_s;
+if(!(((typeof data149 == "number") && (!(data149 % 1) && !isNaN(data149))) && (isFinite(data149)))){
+const err341 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err341];
 }
@@ -4436,10 +4440,9 @@ vErrors.push(err341);
 }
 errors++;
 }
-}
-let data149 = data146.max_body_bytes;
-if(!(((typeof data149 == "number") && (!(data149 % 1) && !isNaN(data149))) && (isFinite(data149)))){
-const err342 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data149 == "number") && (isFinite(data149))){
+if(data149 > 86400 || isNaN(data149)){
+const err342 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err342];
 }
@@ -4448,9 +4451,8 @@ vErrors.push(err342);
 }
 errors++;
 }
-if((typeof data149 == "number") && (isFinite(data149))){
-if(data149 > 1048576 || isNaN(data149)){
-const err343 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
+if(data149 < 1 || isNaN(data149)){
+const err343 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err343];
 }
@@ -4459,8 +4461,10 @@ vErrors.push(err343);
 }
 errors++;
 }
-if(data149 < 1024 || isNaN(data149)){
-const err344 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+}
+let data150 = data147.max_body_bytes;
+if(!(((typeof data150 == "number") && (!(data150 % 1) && !isNaN(data150))) && (isFinite(data150)))){
+const err344 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err344];
 }
@@ -4469,10 +4473,9 @@ vErrors.push(err344);
 }
 errors++;
 }
-}
-}
-else {
-const err345 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data150 == "number") && (isFinite(data150))){
+if(data150 > 1048576 || isNaN(data150)){
+const err345 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
 if(vErrors === null){
 vErrors = [err345];
 }
@@ -4481,14 +4484,8 @@ vErrors.push(err345);
 }
 errors++;
 }
-if(data135.users !== undefined){
-let data150 = data135.users;
-if(data150 && typeof data150 == "object" && !Array.isArray(data150)){
-if(data150.scope_claim === undefined){
-data150.scope_claim = "scope";
-}
-if(data150.issuer === undefined){
-const err346 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+if(data150 < 1024 || isNaN(data150)){
+const err346 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err346];
 }
@@ -4497,8 +4494,10 @@ vErrors.push(err346);
 }
 errors++;
 }
-if(data150.audience === undefined){
-const err347 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+}
+}
+else {
+const err347 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err347];
 }
@@ -4507,9 +4506,14 @@ vErrors.push(err347);
 }
 errors++;
 }
-for(const key36 in data150){
-if(!(((((key36 === "issuer") || (key36 === "audience")) || (key36 === "scope_claim")) || (key36 === "jwks_file")) || (key36 === "jwks_url"))){
-const err348 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
+if(data136.users !== undefined){
+let data151 = data136.users;
+if(data151 && typeof data151 == "object" && !Array.isArray(data151)){
+if(data151.scope_claim === undefined){
+data151.scope_claim = "scope";
+}
+if(data151.issuer === undefined){
+const err348 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err348];
 }
@@ -4518,12 +4522,8 @@ vErrors.push(err348);
 }
 errors++;
 }
-}
-if(data150.issuer !== undefined){
-let data151 = data150.issuer;
-if(typeof data151 === "string"){
-if(func4(data151) < 1){
-const err349 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data151.audience === undefined){
+const err349 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err349];
 }
@@ -4532,9 +4532,9 @@ vErrors.push(err349);
 }
 errors++;
 }
-}
-else {
-const err350 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key36 in data151){
+if(!(((((key36 === "issuer") || (key36 === "audience")) || (key36 === "scope_claim")) || (key36 === "jwks_file")) || (key36 === "jwks_url"))){
+const err350 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err350];
 }
@@ -4544,11 +4544,11 @@ vErrors.push(err350);
 errors++;
 }
 }
-if(data150.audience !== undefined){
-let data152 = data150.audience;
+if(data151.issuer !== undefined){
+let data152 = data151.issuer;
 if(typeof data152 === "string"){
 if(func4(data152) < 1){
-const err351 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err351 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err351];
 }
@@ -4559,7 +4559,7 @@ errors++;
 }
 }
 else {
-const err352 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err352 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err352];
 }
@@ -4569,10 +4569,11 @@ vErrors.push(err352);
 errors++;
 }
 }
-let data153 = data150.scope_claim;
+if(data151.audience !== undefined){
+let data153 = data151.audience;
 if(typeof data153 === "string"){
 if(func4(data153) < 1){
-const err353 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err353 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err353];
 }
@@ -4583,7 +4584,7 @@ errors++;
 }
 }
 else {
-const err354 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err354 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err354];
 }
@@ -4592,11 +4593,11 @@ vErrors.push(err354);
 }
 errors++;
 }
-if(data150.jwks_file !== undefined){
-let data154 = data150.jwks_file;
+}
+let data154 = data151.scope_claim;
 if(typeof data154 === "string"){
 if(func4(data154) < 1){
-const err355 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err355 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err355];
 }
@@ -4607,7 +4608,7 @@ errors++;
 }
 }
 else {
-const err356 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err356 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err356];
 }
@@ -4616,12 +4617,11 @@ vErrors.push(err356);
 }
 errors++;
 }
-}
-if(data150.jwks_url !== undefined){
-let data155 = data150.jwks_url;
+if(data151.jwks_file !== undefined){
+let data155 = data151.jwks_file;
 if(typeof data155 === "string"){
-if(!pattern1.test(data155)){
-const err357 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(func4(data155) < 1){
+const err357 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err357];
 }
@@ -4632,7 +4632,7 @@ errors++;
 }
 }
 else {
-const err358 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err358 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err358];
 }
@@ -4642,9 +4642,11 @@ vErrors.push(err358);
 errors++;
 }
 }
-}
-else {
-const err359 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data151.jwks_url !== undefined){
+let data156 = data151.jwks_url;
+if(typeof data156 === "string"){
+if(!pattern1.test(data156)){
+const err359 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err359];
 }
@@ -4654,11 +4656,8 @@ vErrors.push(err359);
 errors++;
 }
 }
-let data156 = data135.attestors;
-if(data156 && typeof data156 == "object" && !Array.isArray(data156)){
-for(const key37 in data156){
-if(!(((key37 === "kubernetes") || (key37 === "spiffe")) || (key37 === "local"))){
-const err360 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
+else {
+const err360 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err360];
 }
@@ -4668,11 +4667,9 @@ vErrors.push(err360);
 errors++;
 }
 }
-if(data156.kubernetes !== undefined){
-let data157 = data156.kubernetes;
-if(data157 && typeof data157 == "object" && !Array.isArray(data157)){
-if(data157.issuer === undefined){
-const err361 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+}
+else {
+const err361 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err361];
 }
@@ -4681,9 +4678,12 @@ vErrors.push(err361);
 }
 errors++;
 }
-for(const key38 in data157){
-if(!((((key38 === "issuer") || (key38 === "audience")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
-const err362 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
+}
+let data157 = data136.attestors;
+if(data157 && typeof data157 == "object" && !Array.isArray(data157)){
+for(const key37 in data157){
+if(!(((key37 === "kubernetes") || (key37 === "spiffe")) || (key37 === "local"))){
+const err362 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err362];
 }
@@ -4693,11 +4693,11 @@ vErrors.push(err362);
 errors++;
 }
 }
-if(data157.issuer !== undefined){
-let data158 = data157.issuer;
-if(typeof data158 === "string"){
-if(func4(data158) < 1){
-const err363 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data157.kubernetes !== undefined){
+let data158 = data157.kubernetes;
+if(data158 && typeof data158 == "object" && !Array.isArray(data158)){
+if(data158.issuer === undefined){
+const err363 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err363];
 }
@@ -4706,9 +4706,9 @@ vErrors.push(err363);
 }
 errors++;
 }
-}
-else {
-const err364 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key38 in data158){
+if(!((((key38 === "issuer") || (key38 === "audience")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
+const err364 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err364];
 }
@@ -4718,11 +4718,11 @@ vErrors.push(err364);
 errors++;
 }
 }
-if(data157.audience !== undefined){
-let data159 = data157.audience;
+if(data158.issuer !== undefined){
+let data159 = data158.issuer;
 if(typeof data159 === "string"){
 if(func4(data159) < 1){
-const err365 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err365 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err365];
 }
@@ -4733,7 +4733,7 @@ errors++;
 }
 }
 else {
-const err366 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err366 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err366];
 }
@@ -4743,11 +4743,11 @@ vErrors.push(err366);
 errors++;
 }
 }
-if(data157.jwks_file !== undefined){
-let data160 = data157.jwks_file;
+if(data158.audience !== undefined){
+let data160 = data158.audience;
 if(typeof data160 === "string"){
 if(func4(data160) < 1){
-const err367 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err367 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err367];
 }
@@ -4758,7 +4758,7 @@ errors++;
 }
 }
 else {
-const err368 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err368 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err368];
 }
@@ -4768,11 +4768,11 @@ vErrors.push(err368);
 errors++;
 }
 }
-if(data157.jwks_url !== undefined){
-let data161 = data157.jwks_url;
+if(data158.jwks_file !== undefined){
+let data161 = data158.jwks_file;
 if(typeof data161 === "string"){
-if(!pattern1.test(data161)){
-const err369 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(func4(data161) < 1){
+const err369 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err369];
 }
@@ -4783,7 +4783,7 @@ errors++;
 }
 }
 else {
-const err370 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err370 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err370];
 }
@@ -4793,9 +4793,11 @@ vErrors.push(err370);
 errors++;
 }
 }
-}
-else {
-const err371 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data158.jwks_url !== undefined){
+let data162 = data158.jwks_url;
+if(typeof data162 === "string"){
+if(!pattern1.test(data162)){
+const err371 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err371];
 }
@@ -4805,11 +4807,8 @@ vErrors.push(err371);
 errors++;
 }
 }
-if(data156.spiffe !== undefined){
-let data162 = data156.spiffe;
-if(data162 && typeof data162 == "object" && !Array.isArray(data162)){
-if(data162.trust_domain === undefined){
-const err372 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
+else {
+const err372 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err372];
 }
@@ -4818,9 +4817,10 @@ vErrors.push(err372);
 }
 errors++;
 }
-for(const key39 in data162){
-if(!((((key39 === "trust_domain") || (key39 === "audience")) || (key39 === "jwks_file")) || (key39 === "jwks_url"))){
-const err373 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
+}
+}
+else {
+const err373 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err373];
 }
@@ -4830,11 +4830,11 @@ vErrors.push(err373);
 errors++;
 }
 }
-if(data162.trust_domain !== undefined){
-let data163 = data162.trust_domain;
-if(typeof data163 === "string"){
-if(!pattern25.test(data163)){
-const err374 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
+if(data157.spiffe !== undefined){
+let data163 = data157.spiffe;
+if(data163 && typeof data163 == "object" && !Array.isArray(data163)){
+if(data163.trust_domain === undefined){
+const err374 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
 if(vErrors === null){
 vErrors = [err374];
 }
@@ -4843,9 +4843,9 @@ vErrors.push(err374);
 }
 errors++;
 }
-}
-else {
-const err375 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key39 in data163){
+if(!((((key39 === "trust_domain") || (key39 === "audience")) || (key39 === "jwks_file")) || (key39 === "jwks_url"))){
+const err375 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err375];
 }
@@ -4855,11 +4855,11 @@ vErrors.push(err375);
 errors++;
 }
 }
-if(data162.audience !== undefined){
-let data164 = data162.audience;
+if(data163.trust_domain !== undefined){
+let data164 = data163.trust_domain;
 if(typeof data164 === "string"){
-if(func4(data164) < 1){
-const err376 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(!pattern25.test(data164)){
+const err376 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err376];
 }
@@ -4870,7 +4870,7 @@ errors++;
 }
 }
 else {
-const err377 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err377 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err377];
 }
@@ -4880,11 +4880,11 @@ vErrors.push(err377);
 errors++;
 }
 }
-if(data162.jwks_file !== undefined){
-let data165 = data162.jwks_file;
+if(data163.audience !== undefined){
+let data165 = data163.audience;
 if(typeof data165 === "string"){
 if(func4(data165) < 1){
-const err378 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err378 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err378];
 }
@@ -4895,7 +4895,7 @@ errors++;
 }
 }
 else {
-const err379 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err379 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err379];
 }
@@ -4905,11 +4905,11 @@ vErrors.push(err379);
 errors++;
 }
 }
-if(data162.jwks_url !== undefined){
-let data166 = data162.jwks_url;
+if(data163.jwks_file !== undefined){
+let data166 = data163.jwks_file;
 if(typeof data166 === "string"){
-if(!pattern1.test(data166)){
-const err380 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(func4(data166) < 1){
+const err380 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err380];
 }
@@ -4920,7 +4920,7 @@ errors++;
 }
 }
 else {
-const err381 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err381 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err381];
 }
@@ -4930,9 +4930,11 @@ vErrors.push(err381);
 errors++;
 }
 }
-}
-else {
-const err382 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data163.jwks_url !== undefined){
+let data167 = data163.jwks_url;
+if(typeof data167 === "string"){
+if(!pattern1.test(data167)){
+const err382 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err382];
 }
@@ -4942,11 +4944,8 @@ vErrors.push(err382);
 errors++;
 }
 }
-if(data156.local !== undefined){
-let data167 = data156.local;
-if(data167 && typeof data167 == "object" && !Array.isArray(data167)){
-if(data167.keys_file === undefined){
-const err383 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
+else {
+const err383 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err383];
 }
@@ -4955,9 +4954,10 @@ vErrors.push(err383);
 }
 errors++;
 }
-for(const key40 in data167){
-if(!(key40 === "keys_file")){
-const err384 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
+}
+}
+else {
+const err384 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err384];
 }
@@ -4967,11 +4967,11 @@ vErrors.push(err384);
 errors++;
 }
 }
-if(data167.keys_file !== undefined){
-let data168 = data167.keys_file;
-if(typeof data168 === "string"){
-if(func4(data168) < 1){
-const err385 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data157.local !== undefined){
+let data168 = data157.local;
+if(data168 && typeof data168 == "object" && !Array.isArray(data168)){
+if(data168.keys_file === undefined){
+const err385 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
 if(vErrors === null){
 vErrors = [err385];
 }
@@ -4980,9 +4980,9 @@ vErrors.push(err385);
 }
 errors++;
 }
-}
-else {
-const err386 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key40 in data168){
+if(!(key40 === "keys_file")){
+const err386 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err386];
 }
@@ -4992,9 +4992,11 @@ vErrors.push(err386);
 errors++;
 }
 }
-}
-else {
-const err387 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data168.keys_file !== undefined){
+let data169 = data168.keys_file;
+if(typeof data169 === "string"){
+if(func4(data169) < 1){
+const err387 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err387];
 }
@@ -5004,9 +5006,8 @@ vErrors.push(err387);
 errors++;
 }
 }
-}
 else {
-const err388 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err388 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err388];
 }
@@ -5015,10 +5016,10 @@ vErrors.push(err388);
 }
 errors++;
 }
-let data169 = data135.store;
-if(data169 && typeof data169 == "object" && !Array.isArray(data169)){
-if(Object.keys(data169).length > 1){
-const err389 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
+}
+}
+else {
+const err389 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err389];
 }
@@ -5027,9 +5028,10 @@ vErrors.push(err389);
 }
 errors++;
 }
-for(const key41 in data169){
-if(!((key41 === "sqlite") || (key41 === "postgres"))){
-const err390 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
+}
+}
+else {
+const err390 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err390];
 }
@@ -5038,12 +5040,10 @@ vErrors.push(err390);
 }
 errors++;
 }
-}
-if(data169.sqlite !== undefined){
-let data170 = data169.sqlite;
+let data170 = data136.store;
 if(data170 && typeof data170 == "object" && !Array.isArray(data170)){
-if(data170.path === undefined){
-const err391 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+if(Object.keys(data170).length > 1){
+const err391 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
 if(vErrors === null){
 vErrors = [err391];
 }
@@ -5052,9 +5052,9 @@ vErrors.push(err391);
 }
 errors++;
 }
-for(const key42 in data170){
-if(!(key42 === "path")){
-const err392 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
+for(const key41 in data170){
+if(!((key41 === "sqlite") || (key41 === "postgres"))){
+const err392 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err392];
 }
@@ -5064,11 +5064,11 @@ vErrors.push(err392);
 errors++;
 }
 }
-if(data170.path !== undefined){
-let data171 = data170.path;
-if(typeof data171 === "string"){
-if(func4(data171) < 1){
-const err393 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data170.sqlite !== undefined){
+let data171 = data170.sqlite;
+if(data171 && typeof data171 == "object" && !Array.isArray(data171)){
+if(data171.path === undefined){
+const err393 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err393];
 }
@@ -5077,9 +5077,9 @@ vErrors.push(err393);
 }
 errors++;
 }
-}
-else {
-const err394 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key42 in data171){
+if(!(key42 === "path")){
+const err394 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err394];
 }
@@ -5089,9 +5089,11 @@ vErrors.push(err394);
 errors++;
 }
 }
-}
-else {
-const err395 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data171.path !== undefined){
+let data172 = data171.path;
+if(typeof data172 === "string"){
+if(func4(data172) < 1){
+const err395 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err395];
 }
@@ -5101,14 +5103,8 @@ vErrors.push(err395);
 errors++;
 }
 }
-if(data169.postgres !== undefined){
-let data172 = data169.postgres;
-if(data172 && typeof data172 == "object" && !Array.isArray(data172)){
-if(data172.schema === undefined){
-data172.schema = "latchkey";
-}
-if(data172.url === undefined){
-const err396 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
+else {
+const err396 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err396];
 }
@@ -5117,9 +5113,10 @@ vErrors.push(err396);
 }
 errors++;
 }
-for(const key43 in data172){
-if(!((key43 === "url") || (key43 === "schema"))){
-const err397 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
+}
+}
+else {
+const err397 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err397];
 }
@@ -5129,11 +5126,14 @@ vErrors.push(err397);
 errors++;
 }
 }
-if(data172.url !== undefined){
-let data173 = data172.url;
-if(typeof data173 === "string"){
-if(!pattern27.test(data173)){
-const err398 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
+if(data170.postgres !== undefined){
+let data173 = data170.postgres;
+if(data173 && typeof data173 == "object" && !Array.isArray(data173)){
+if(data173.schema === undefined){
+data173.schema = "latchkey";
+}
+if(data173.url === undefined){
+const err398 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err398];
 }
@@ -5142,9 +5142,9 @@ vErrors.push(err398);
 }
 errors++;
 }
-}
-else {
-const err399 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key43 in data173){
+if(!((key43 === "url") || (key43 === "schema"))){
+const err399 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err399];
 }
@@ -5154,10 +5154,11 @@ vErrors.push(err399);
 errors++;
 }
 }
-let data174 = data172.schema;
+if(data173.url !== undefined){
+let data174 = data173.url;
 if(typeof data174 === "string"){
-if(!pattern28.test(data174)){
-const err400 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
+if(!pattern27.test(data174)){
+const err400 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
 if(vErrors === null){
 vErrors = [err400];
 }
@@ -5168,7 +5169,7 @@ errors++;
 }
 }
 else {
-const err401 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err401 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err401];
 }
@@ -5178,8 +5179,10 @@ vErrors.push(err401);
 errors++;
 }
 }
-else {
-const err402 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data175 = data173.schema;
+if(typeof data175 === "string"){
+if(!pattern28.test(data175)){
+const err402 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
 if(vErrors === null){
 vErrors = [err402];
 }
@@ -5189,9 +5192,8 @@ vErrors.push(err402);
 errors++;
 }
 }
-}
 else {
-const err403 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err403 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err403];
 }
@@ -5200,10 +5202,9 @@ vErrors.push(err403);
 }
 errors++;
 }
-let data175 = data135.admin_token_env;
-if(typeof data175 === "string"){
-if(!pattern29.test(data175)){
-const err404 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+}
+else {
+const err404 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err404];
 }
@@ -5213,8 +5214,9 @@ vErrors.push(err404);
 errors++;
 }
 }
+}
 else {
-const err405 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err405 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err405];
 }
@@ -5223,13 +5225,10 @@ vErrors.push(err405);
 }
 errors++;
 }
-let data176 = data135.introspection_clients;
-if(data176 && typeof data176 == "object" && !Array.isArray(data176)){
-for(const key44 in data176){
-const _errs389 = errors;
-if(typeof key44 === "string"){
-if(!pattern5.test(key44)){
-const err406 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key44};
+let data176 = data136.admin_token_env;
+if(typeof data176 === "string"){
+if(!pattern29.test(data176)){
+const err406 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err406];
 }
@@ -5239,9 +5238,8 @@ vErrors.push(err406);
 errors++;
 }
 }
-var valid78 = _errs389 === errors;
-if(!valid78){
-const err407 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key44},message:"property name must be valid"};
+else {
+const err407 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err407];
 }
@@ -5250,12 +5248,13 @@ vErrors.push(err407);
 }
 errors++;
 }
-}
-for(const key45 in data176){
-let data177 = data176[key45];
-if(typeof data177 === "string"){
-if(!pattern29.test(data177)){
-const err408 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+let data177 = data136.introspection_clients;
+if(data177 && typeof data177 == "object" && !Array.isArray(data177)){
+for(const key44 in data177){
+const _errs391 = errors;
+if(typeof key44 === "string"){
+if(!pattern5.test(key44)){
+const err408 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key44};
 if(vErrors === null){
 vErrors = [err408];
 }
@@ -5265,8 +5264,9 @@ vErrors.push(err408);
 errors++;
 }
 }
-else {
-const err409 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+var valid78 = _errs391 === errors;
+if(!valid78){
+const err409 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key44},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err409];
 }
@@ -5276,9 +5276,11 @@ vErrors.push(err409);
 errors++;
 }
 }
-}
-else {
-const err410 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key45 in data177){
+let data178 = data177[key45];
+if(typeof data178 === "string"){
+if(!pattern29.test(data178)){
+const err410 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err410];
 }
@@ -5287,13 +5289,9 @@ vErrors.push(err410);
 }
 errors++;
 }
-let data178 = data135.leased_secrets;
-if(data178 && typeof data178 == "object" && !Array.isArray(data178)){
-for(const key46 in data178){
-const _errs395 = errors;
-if(typeof key46 === "string"){
-if(func4(key46) > 512){
-const err411 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key46};
+}
+else {
+const err411 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err411];
 }
@@ -5302,8 +5300,10 @@ vErrors.push(err411);
 }
 errors++;
 }
-if(func4(key46) < 1){
-const err412 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key46};
+}
+}
+else {
+const err412 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err412];
 }
@@ -5312,10 +5312,13 @@ vErrors.push(err412);
 }
 errors++;
 }
-}
-var valid80 = _errs395 === errors;
-if(!valid80){
-const err413 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
+let data179 = data136.leased_secrets;
+if(data179 && typeof data179 == "object" && !Array.isArray(data179)){
+for(const key46 in data179){
+const _errs397 = errors;
+if(typeof key46 === "string"){
+if(func4(key46) > 512){
+const err413 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key46};
 if(vErrors === null){
 vErrors = [err413];
 }
@@ -5324,12 +5327,8 @@ vErrors.push(err413);
 }
 errors++;
 }
-}
-for(const key47 in data178){
-let data179 = data178[key47];
-if(typeof data179 === "string"){
-if(!pattern29.test(data179)){
-const err414 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+if(func4(key46) < 1){
+const err414 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key46};
 if(vErrors === null){
 vErrors = [err414];
 }
@@ -5339,8 +5338,9 @@ vErrors.push(err414);
 errors++;
 }
 }
-else {
-const err415 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+var valid80 = _errs397 === errors;
+if(!valid80){
+const err415 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err415];
 }
@@ -5350,9 +5350,11 @@ vErrors.push(err415);
 errors++;
 }
 }
-}
-else {
-const err416 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key47 in data179){
+let data180 = data179[key47];
+if(typeof data180 === "string"){
+if(!pattern29.test(data180)){
+const err416 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err416];
 }
@@ -5361,11 +5363,9 @@ vErrors.push(err416);
 }
 errors++;
 }
-let data180 = data135.events;
-if(data180 && typeof data180 == "object" && !Array.isArray(data180)){
-for(const key48 in data180){
-if(!(key48 === "jsonl")){
-const err417 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key48},message:"must NOT have additional properties"};
+}
+else {
+const err417 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err417];
 }
@@ -5375,11 +5375,9 @@ vErrors.push(err417);
 errors++;
 }
 }
-if(data180.jsonl !== undefined){
-let data181 = data180.jsonl;
-if(data181 && typeof data181 == "object" && !Array.isArray(data181)){
-if(data181.path === undefined){
-const err418 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+}
+else {
+const err418 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err418];
 }
@@ -5388,9 +5386,11 @@ vErrors.push(err418);
 }
 errors++;
 }
-for(const key49 in data181){
-if(!(key49 === "path")){
-const err419 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key49},message:"must NOT have additional properties"};
+let data181 = data136.events;
+if(data181 && typeof data181 == "object" && !Array.isArray(data181)){
+for(const key48 in data181){
+if(!(key48 === "jsonl")){
+const err419 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key48},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err419];
 }
@@ -5400,11 +5400,11 @@ vErrors.push(err419);
 errors++;
 }
 }
-if(data181.path !== undefined){
-let data182 = data181.path;
-if(typeof data182 === "string"){
-if(func4(data182) < 1){
-const err420 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data181.jsonl !== undefined){
+let data182 = data181.jsonl;
+if(data182 && typeof data182 == "object" && !Array.isArray(data182)){
+if(data182.path === undefined){
+const err420 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err420];
 }
@@ -5413,9 +5413,9 @@ vErrors.push(err420);
 }
 errors++;
 }
-}
-else {
-const err421 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key49 in data182){
+if(!(key49 === "path")){
+const err421 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key49},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err421];
 }
@@ -5425,9 +5425,11 @@ vErrors.push(err421);
 errors++;
 }
 }
-}
-else {
-const err422 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data182.path !== undefined){
+let data183 = data182.path;
+if(typeof data183 === "string"){
+if(func4(data183) < 1){
+const err422 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err422];
 }
@@ -5437,9 +5439,8 @@ vErrors.push(err422);
 errors++;
 }
 }
-}
 else {
-const err423 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err423 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err423];
 }
@@ -5448,30 +5449,10 @@ vErrors.push(err423);
 }
 errors++;
 }
-if(data135.control !== undefined){
-let data183 = data135.control;
-if(data183 && typeof data183 == "object" && !Array.isArray(data183)){
-if(data183.host === undefined){
-data183.host = "127.0.0.1";
 }
-if(data183.port === undefined){
-data183.port = 15004;
 }
-if(data183.token_env === undefined){
-data183.token_env = "LATCHKEY_CONTROL_TOKEN";
-}
-if(data183.heartbeat_ms === undefined){
-data183.heartbeat_ms = 1000;
-}
-if(data183.max_bundle_bytes === undefined){
-data183.max_bundle_bytes = 262144;
-}
-if(data183.resync_ms === undefined){
-data183.resync_ms = 5000;
-}
-for(const key50 in data183){
-if(!((((((((key50 === "host") || (key50 === "port")) || (key50 === "token_env")) || (key50 === "heartbeat_ms")) || (key50 === "policy_file")) || (key50 === "max_bundle_bytes")) || (key50 === "resync_ms")) || (key50 === "nats"))){
-const err424 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
+else {
+const err424 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err424];
 }
@@ -5481,10 +5462,9 @@ vErrors.push(err424);
 errors++;
 }
 }
-let data184 = data183.host;
-if(typeof data184 === "string"){
-if(func4(data184) < 1){
-const err425 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err425 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err425];
 }
@@ -5493,9 +5473,30 @@ vErrors.push(err425);
 }
 errors++;
 }
+if(data136.control !== undefined){
+let data184 = data136.control;
+if(data184 && typeof data184 == "object" && !Array.isArray(data184)){
+if(data184.host === undefined){
+data184.host = "127.0.0.1";
 }
-else {
-const err426 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data184.port === undefined){
+data184.port = 15004;
+}
+if(data184.token_env === undefined){
+data184.token_env = "LATCHKEY_CONTROL_TOKEN";
+}
+if(data184.heartbeat_ms === undefined){
+data184.heartbeat_ms = 1000;
+}
+if(data184.max_bundle_bytes === undefined){
+data184.max_bundle_bytes = 262144;
+}
+if(data184.resync_ms === undefined){
+data184.resync_ms = 5000;
+}
+for(const key50 in data184){
+if(!((((((((key50 === "host") || (key50 === "port")) || (key50 === "token_env")) || (key50 === "heartbeat_ms")) || (key50 === "policy_file")) || (key50 === "max_bundle_bytes")) || (key50 === "resync_ms")) || (key50 === "nats"))){
+const err426 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err426];
 }
@@ -5504,9 +5505,11 @@ vErrors.push(err426);
 }
 errors++;
 }
-let data185 = data183.port;
-if(!(((typeof data185 == "number") && (!(data185 % 1) && !isNaN(data185))) && (isFinite(data185)))){
-const err427 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data185 = data184.host;
+if(typeof data185 === "string"){
+if(func4(data185) < 1){
+const err427 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err427];
 }
@@ -5515,9 +5518,9 @@ vErrors.push(err427);
 }
 errors++;
 }
-if((typeof data185 == "number") && (isFinite(data185))){
-if(data185 > 65535 || isNaN(data185)){
-const err428 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+else {
+const err428 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err428];
 }
@@ -5526,8 +5529,9 @@ vErrors.push(err428);
 }
 errors++;
 }
-if(data185 < 0 || isNaN(data185)){
-const err429 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+let data186 = data184.port;
+if(!(((typeof data186 == "number") && (!(data186 % 1) && !isNaN(data186))) && (isFinite(data186)))){
+const err429 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err429];
 }
@@ -5536,11 +5540,9 @@ vErrors.push(err429);
 }
 errors++;
 }
-}
-let data186 = data183.token_env;
-if(typeof data186 === "string"){
-if(!pattern29.test(data186)){
-const err430 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+if((typeof data186 == "number") && (isFinite(data186))){
+if(data186 > 65535 || isNaN(data186)){
+const err430 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err430];
 }
@@ -5549,9 +5551,8 @@ vErrors.push(err430);
 }
 errors++;
 }
-}
-else {
-const err431 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data186 < 0 || isNaN(data186)){
+const err431 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err431];
 }
@@ -5560,9 +5561,11 @@ vErrors.push(err431);
 }
 errors++;
 }
-let data187 = data183.heartbeat_ms;
-if(!(((typeof data187 == "number") && (!(data187 % 1) && !isNaN(data187))) && (isFinite(data187)))){
-const err432 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data187 = data184.token_env;
+if(typeof data187 === "string"){
+if(!pattern29.test(data187)){
+const err432 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err432];
 }
@@ -5571,9 +5574,9 @@ vErrors.push(err432);
 }
 errors++;
 }
-if((typeof data187 == "number") && (isFinite(data187))){
-if(data187 > 3600000 || isNaN(data187)){
-const err433 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+else {
+const err433 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err433];
 }
@@ -5582,8 +5585,9 @@ vErrors.push(err433);
 }
 errors++;
 }
-if(data187 < 20 || isNaN(data187)){
-const err434 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
+let data188 = data184.heartbeat_ms;
+if(!(((typeof data188 == "number") && (!(data188 % 1) && !isNaN(data188))) && (isFinite(data188)))){
+const err434 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err434];
 }
@@ -5592,12 +5596,9 @@ vErrors.push(err434);
 }
 errors++;
 }
-}
-if(data183.policy_file !== undefined){
-let data188 = data183.policy_file;
-if(typeof data188 === "string"){
-if(func4(data188) < 1){
-const err435 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if((typeof data188 == "number") && (isFinite(data188))){
+if(data188 > 3600000 || isNaN(data188)){
+const err435 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err435];
 }
@@ -5606,9 +5607,8 @@ vErrors.push(err435);
 }
 errors++;
 }
-}
-else {
-const err436 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data188 < 20 || isNaN(data188)){
+const err436 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
 if(vErrors === null){
 vErrors = [err436];
 }
@@ -5618,9 +5618,11 @@ vErrors.push(err436);
 errors++;
 }
 }
-let data189 = data183.max_bundle_bytes;
-if(!(((typeof data189 == "number") && (!(data189 % 1) && !isNaN(data189))) && (isFinite(data189)))){
-const err437 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data184.policy_file !== undefined){
+let data189 = data184.policy_file;
+if(typeof data189 === "string"){
+if(func4(data189) < 1){
+const err437 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err437];
 }
@@ -5629,9 +5631,9 @@ vErrors.push(err437);
 }
 errors++;
 }
-if((typeof data189 == "number") && (isFinite(data189))){
-if(data189 > 3145728 || isNaN(data189)){
-const err438 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
+}
+else {
+const err438 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err438];
 }
@@ -5640,8 +5642,10 @@ vErrors.push(err438);
 }
 errors++;
 }
-if(data189 < 1024 || isNaN(data189)){
-const err439 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+}
+let data190 = data184.max_bundle_bytes;
+if(!(((typeof data190 == "number") && (!(data190 % 1) && !isNaN(data190))) && (isFinite(data190)))){
+const err439 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err439];
 }
@@ -5650,10 +5654,9 @@ vErrors.push(err439);
 }
 errors++;
 }
-}
-let data190 = data183.resync_ms;
-if(!(((typeof data190 == "number") && (!(data190 % 1) && !isNaN(data190))) && (isFinite(data190)))){
-const err440 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data190 == "number") && (isFinite(data190))){
+if(data190 > 3145728 || isNaN(data190)){
+const err440 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
 if(vErrors === null){
 vErrors = [err440];
 }
@@ -5662,9 +5665,8 @@ vErrors.push(err440);
 }
 errors++;
 }
-if((typeof data190 == "number") && (isFinite(data190))){
-if(data190 > 3600000 || isNaN(data190)){
-const err441 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data190 < 1024 || isNaN(data190)){
+const err441 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err441];
 }
@@ -5673,8 +5675,10 @@ vErrors.push(err441);
 }
 errors++;
 }
-if(data190 < 50 || isNaN(data190)){
-const err442 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
+}
+let data191 = data184.resync_ms;
+if(!(((typeof data191 == "number") && (!(data191 % 1) && !isNaN(data191))) && (isFinite(data191)))){
+const err442 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err442];
 }
@@ -5683,18 +5687,9 @@ vErrors.push(err442);
 }
 errors++;
 }
-}
-if(data183.nats !== undefined){
-let data191 = data183.nats;
-if(data191 && typeof data191 == "object" && !Array.isArray(data191)){
-if(data191.stream === undefined){
-data191.stream = "LATCHKEY_CONTROL";
-}
-if(data191.subject === undefined){
-data191.subject = "latchkey.control.revocations";
-}
-if(data191.servers === undefined){
-const err443 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
+if((typeof data191 == "number") && (isFinite(data191))){
+if(data191 > 3600000 || isNaN(data191)){
+const err443 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err443];
 }
@@ -5703,9 +5698,8 @@ vErrors.push(err443);
 }
 errors++;
 }
-for(const key51 in data191){
-if(!(((key51 === "servers") || (key51 === "stream")) || (key51 === "subject"))){
-const err444 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
+if(data191 < 50 || isNaN(data191)){
+const err444 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
 if(vErrors === null){
 vErrors = [err444];
 }
@@ -5715,11 +5709,17 @@ vErrors.push(err444);
 errors++;
 }
 }
-if(data191.servers !== undefined){
-let data192 = data191.servers;
-if(Array.isArray(data192)){
-if(data192.length < 1){
-const err445 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if(data184.nats !== undefined){
+let data192 = data184.nats;
+if(data192 && typeof data192 == "object" && !Array.isArray(data192)){
+if(data192.stream === undefined){
+data192.stream = "LATCHKEY_CONTROL";
+}
+if(data192.subject === undefined){
+data192.subject = "latchkey.control.revocations";
+}
+if(data192.servers === undefined){
+const err445 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
 if(vErrors === null){
 vErrors = [err445];
 }
@@ -5728,12 +5728,9 @@ vErrors.push(err445);
 }
 errors++;
 }
-const len15 = data192.length;
-for(let i18=0; i18<len15; i18++){
-let data193 = data192[i18];
-if(typeof data193 === "string"){
-if(func4(data193) < 1){
-const err446 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key51 in data192){
+if(!(((key51 === "servers") || (key51 === "stream")) || (key51 === "subject"))){
+const err446 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err446];
 }
@@ -5743,8 +5740,11 @@ vErrors.push(err446);
 errors++;
 }
 }
-else {
-const err447 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data192.servers !== undefined){
+let data193 = data192.servers;
+if(Array.isArray(data193)){
+if(data193.length < 1){
+const err447 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err447];
 }
@@ -5753,10 +5753,12 @@ vErrors.push(err447);
 }
 errors++;
 }
-}
-}
-else {
-const err448 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len15 = data193.length;
+for(let i18=0; i18<len15; i18++){
+let data194 = data193[i18];
+if(typeof data194 === "string"){
+if(func4(data194) < 1){
+const err448 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err448];
 }
@@ -5766,10 +5768,8 @@ vErrors.push(err448);
 errors++;
 }
 }
-let data194 = data191.stream;
-if(typeof data194 === "string"){
-if(!pattern34.test(data194)){
-const err449 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
+else {
+const err449 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err449];
 }
@@ -5779,8 +5779,9 @@ vErrors.push(err449);
 errors++;
 }
 }
+}
 else {
-const err450 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err450 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err450];
 }
@@ -5789,10 +5790,11 @@ vErrors.push(err450);
 }
 errors++;
 }
-let data195 = data191.subject;
+}
+let data195 = data192.stream;
 if(typeof data195 === "string"){
-if(!pattern13.test(data195)){
-const err451 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+if(!pattern34.test(data195)){
+const err451 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err451];
 }
@@ -5803,7 +5805,7 @@ errors++;
 }
 }
 else {
-const err452 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err452 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err452];
 }
@@ -5812,9 +5814,10 @@ vErrors.push(err452);
 }
 errors++;
 }
-}
-else {
-const err453 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data196 = data192.subject;
+if(typeof data196 === "string"){
+if(!pattern13.test(data196)){
+const err453 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err453];
 }
@@ -5824,9 +5827,8 @@ vErrors.push(err453);
 errors++;
 }
 }
-}
 else {
-const err454 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err454 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err454];
 }
@@ -5836,9 +5838,8 @@ vErrors.push(err454);
 errors++;
 }
 }
-}
 else {
-const err455 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err455 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err455];
 }
@@ -5850,12 +5851,36 @@ errors++;
 }
 }
 else {
-const err456 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err456 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err456];
 }
 else {
 vErrors.push(err456);
+}
+errors++;
+}
+}
+}
+else {
+const err457 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err457];
+}
+else {
+vErrors.push(err457);
+}
+errors++;
+}
+}
+}
+else {
+const err458 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err458];
+}
+else {
+vErrors.push(err458);
 }
 errors++;
 }

@@ -3,12 +3,14 @@
 // disconnected never matter); deltas and heartbeats follow. Reconnects with exponential backoff
 // and jitter. While nothing has been heard for stale_after_ms, the sidecar is stale: it keeps
 // enforcing its last policy and revocations, mints no new token, and says so on /readyz and in
-// its metrics.
+// its metrics. The revocations also outlive the process: with a state file (persist.ts) a
+// restarted sidecar starts from what it last knew, not from nothing, until a fresh snapshot.
 import { credentials, Metadata, type ClientReadableStream } from '@grpc/grpc-js'
 import { Counter, Gauge, type Registry } from 'prom-client'
 import { ControlServiceClient, RevocationKind as WireKind, type Revocation as WireRevocation, type WatchResponse } from '../../protos/gen/latchkey/v1/control.js'
 import type { Logger } from '../../lib/log.js'
 import { RevocationState, type KnownRevocation, type RevocationKind } from './state.js'
+import { readStateFile, StateFileWriter } from './persist.js'
 
 export const SIDECAR_HEADER = 'x-latchkey-sidecar'
 
@@ -57,6 +59,11 @@ export interface ControlClientOptions {
   onPolicy: (version: string, document: string) => void
   /** The version of the policy in force. */
   policyVersion: () => string
+  /**
+   * Where the revocations are kept across restarts (sidecar.control.state_file): read in the
+   * constructor, before any call is served (RevocationFileError when unreadable or corrupt).
+   */
+  stateFile?: string
 }
 
 export class ControlClient {
@@ -73,7 +80,9 @@ export class ControlClient {
   lastHeard: number
   connected = false
   lastError: string | null = null
-  private readonly m: { connected: Gauge; stale: Gauge; age: Gauge; reconnects: Counter; revocations: Counter }
+  private readonly m: { connected: Gauge; stale: Gauge; age: Gauge; reconnects: Counter; revocations: Counter; stateWrites: Counter }
+  /** Writes the state file, when there is one. */
+  readonly stateFile: StateFileWriter | undefined
 
   constructor(private readonly o: ControlClientOptions) {
     this.state = new RevocationState(o.agentId)
@@ -87,7 +96,27 @@ export class ControlClient {
       age: new Gauge({ name: 'latchkey_control_last_message_age_seconds', help: 'Seconds since the last control stream message', registers, collect: () => this.m.age.set((this.now() - this.lastHeard) / 1000) }),
       reconnects: new Counter({ name: 'latchkey_control_reconnects_total', help: 'Control stream (re)connection attempts', registers }),
       revocations: new Counter({ name: 'latchkey_control_revocations_applied_total', help: 'Revocations applied to this sidecar, by kind', labelNames: ['kind'], registers }),
+      stateWrites: new Counter({ name: 'latchkey_control_state_file_writes_total', help: 'Writes of the revocation state file, by outcome (ok, error)', labelNames: ['outcome'], registers }),
     }
+    if (o.stateFile) this.stateFile = this.loadState(o.stateFile)
+  }
+
+  /** Starts from the revocations the state file holds (none when there is no file yet), then keeps it current. */
+  private loadState(path: string): StateFileWriter {
+    const loaded = readStateFile(path, this.now())
+    const writer = new StateFileWriter(path, () => this.state.all(), { agentId: this.o.agentId, log: this.o.log, now: this.now, onWrite: (outcome) => this.m.stateWrites.inc({ outcome }) })
+    if (loaded) {
+      this.state.replace(loaded.revocations)
+      writer.snapshotAt = loaded.snapshotAt
+      const line = { path, revocations: loaded.revocations.length, expired_dropped: loaded.expired, last_snapshot: loaded.snapshotAt, agent_revoked: this.state.agentRevoked }
+      if (this.state.agentRevoked) this.o.log.warn(line, 'revocations loaded from the state file: this agent is revoked, every call is refused until the broker says otherwise')
+      else this.o.log.info(line, 'revocations loaded from the state file; enforced until the broker\'s next snapshot')
+    } else {
+      this.o.log.warn({ path }, 'no revocation state file: no revocation is known until the broker\'s first snapshot')
+    }
+    writer.writeNow()
+    this.state.onChange = () => writer.schedule()
+    return writer
   }
 
   /** Why the sidecar is stale (and mints no token), or null. */
@@ -164,6 +193,7 @@ export class ControlClient {
         this.attempt = 0
         this.lastError = null
         const all = c.value.revocations.flatMap((r) => this.known(r))
+        if (this.stateFile) this.stateFile.snapshotAt = new Date(this.now()).toISOString()
         for (const r of this.state.replace(all)) this.apply(r)
         if (c.value.policy) this.policy(c.value.policy.version, c.value.policy.document)
         return
@@ -190,7 +220,7 @@ export class ControlClient {
       this.o.log.warn({ kind: r.kind }, 'control stream: revocation of an unknown kind ignored')
       return []
     }
-    return [{ kind, value: r.value }]
+    return [{ kind, value: r.value, createdAt: r.createdUnixMs }]
   }
 
   private apply(r: KnownRevocation): void {
@@ -202,11 +232,13 @@ export class ControlClient {
     if (version !== this.o.policyVersion()) this.o.onPolicy(version, document)
   }
 
-  close(): void {
+  /** Stops the stream; resolves once the state file holds the last revocations. */
+  close(): Promise<void> {
     this.closed = true
     clearTimeout(this.retry)
     clearTimeout(this.watchdog)
     this.call?.cancel()
     this.client.close()
+    return this.stateFile?.close() ?? Promise.resolve()
   }
 }

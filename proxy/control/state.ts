@@ -8,6 +8,24 @@ export type RevocationKind = 'agent' | 'task' | 'jti'
 export interface KnownRevocation {
   kind: RevocationKind
   value: string
+  /** Epoch ms the broker made it (its retention counts from here); 0 when unknown. */
+  createdAt?: number
+}
+
+/**
+ * How long the broker keeps a jti or task revocation, in ms after it was made: the broker's
+ * REVOCATION_RETENTION_MS (broker/revocations/list.ts, which the sidecar does not import; a test
+ * holds the two equal). Past it the broker forgets the entry (an `expired` unrevoke), and a
+ * sidecar loading its state file forgets it too. Agent revocations never expire.
+ */
+export const RETENTION_MS: Readonly<Record<'jti' | 'task', number>> = {
+  jti: (86_400 + 30) * 1000,
+  task: (604_800 + 86_400 + 30) * 1000,
+}
+
+/** Whether the broker would have forgotten this revocation by nowMs (an unknown time never expires). */
+export function isExpired(r: KnownRevocation, nowMs: number): boolean {
+  return r.kind !== 'agent' && (r.createdAt ?? 0) > 0 && nowMs - r.createdAt! > RETENTION_MS[r.kind]
 }
 
 /** `*` stands for one whole segment: agent:coder:*:* matches every coder instance. */
@@ -22,8 +40,14 @@ export class RevocationState {
   private readonly tasks = new Set<string>()
   /** Whether this sidecar's own agent is revoked (by ID or pattern): every request is refused. */
   agentRevoked = false
+  /** Called after every change (add, remove, replace): the state file is rewritten from it. */
+  onChange: (() => void) | undefined
 
   constructor(readonly agentId: string) {}
+
+  all(): KnownRevocation[] {
+    return [...this.entries.values()]
+  }
 
   get size(): number {
     return this.entries.size
@@ -40,6 +64,28 @@ export class RevocationState {
 
   /** Returns whether it was new. */
   add(r: KnownRevocation): boolean {
+    if (!this.put(r)) return false
+    this.onChange?.()
+    return true
+  }
+
+  remove(kind: RevocationKind, value: string): boolean {
+    if (!this.drop(kind, value)) return false
+    this.onChange?.()
+    return true
+  }
+
+  /** Replaces everything with a snapshot; returns the revocations that are new. */
+  replace(all: KnownRevocation[]): KnownRevocation[] {
+    const next = new Set(all.map((r) => `${r.kind}\0${r.value}`))
+    for (const r of [...this.entries.values()]) if (!next.has(`${r.kind}\0${r.value}`)) this.drop(r.kind, r.value)
+    const added = all.filter((r) => this.put(r))
+    // Told even when nothing changed: the file then records when the broker last confirmed it.
+    this.onChange?.()
+    return added
+  }
+
+  private put(r: KnownRevocation): boolean {
     const k = `${r.kind}\0${r.value}`
     if (this.entries.has(k)) return false
     this.entries.set(k, r)
@@ -48,18 +94,11 @@ export class RevocationState {
     return true
   }
 
-  remove(kind: RevocationKind, value: string): boolean {
+  private drop(kind: RevocationKind, value: string): boolean {
     if (!this.entries.delete(`${kind}\0${value}`)) return false
     if (kind === 'task') this.tasks.delete(value)
-    this.agentRevoked = [...this.entries.values()].some((r) => this.appliesToAgent(r))
+    if (kind === 'agent') this.agentRevoked = [...this.entries.values()].some((r) => this.appliesToAgent(r))
     return true
-  }
-
-  /** Replaces everything with a snapshot; returns the revocations that are new. */
-  replace(all: KnownRevocation[]): KnownRevocation[] {
-    const next = new Set(all.map((r) => `${r.kind}\0${r.value}`))
-    for (const r of [...this.entries.values()]) if (!next.has(`${r.kind}\0${r.value}`)) this.remove(r.kind, r.value)
-    return all.filter((r) => this.add(r))
   }
 
   check(identity: Identity): void {

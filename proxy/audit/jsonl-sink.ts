@@ -126,8 +126,11 @@ export class JsonlAuditSink implements AuditSink {
     if (this.closed) return
     // Calls that end while the last batch is being written (those cut by the shutdown) are
     // recorded then: write until a flush finds nothing new, and only then stop taking events.
-    do await this.flush()
-    while (this.events.length > 0 || this.used > 0)
+    // The flush timer may append a batch while one is awaited here: the file is closed only once
+    // the last append started is done, or that batch would be written to a closed descriptor.
+    let written: Promise<void>
+    do await (written = this.flush())
+    while (this.events.length > 0 || this.used > 0 || this.inFlight !== written)
     this.closed = true
     fsyncSync(this.fd)
     closeSync(this.fd)

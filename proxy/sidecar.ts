@@ -175,7 +175,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       (a.kubernetes
         ? new (await import('./attest/kubernetes-token.js')).KubernetesTokenFile(a.kubernetes.token_file)
         : a.spiffe
-          ? new (await import('./attest/spiffe-workload.js')).SpiffeWorkloadEvidence(a.spiffe.socket, a.spiffe.audience ?? brokerAudience, sc.broker.timeout_ms)
+          ? new (await import('./attest/spiffe-workload.js')).SpiffeWorkloadEvidence(a.spiffe.socket, a.spiffe.audience ?? brokerAudience, sc.broker.timeout_ms, { spiffeId: a.spiffe.spiffe_id })
           : a.local
             ? new (await import('./attest/local-key.js')).LocalKeyEvidence(a.local.key_file, sc.agent_id, a.local.audience ?? brokerAudience)
             : undefined)
@@ -187,6 +187,8 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       onExchange: (outcome) => metrics.tokenExchanges.inc({ outcome }),
       onRefreshFailed: (reason) => log.warn({ reason }, 'token refresh failed; the current token is still valid'),
       mintRefusal: () => control?.staleReason() ?? null,
+      onActorMismatch: (configured, attested, reason) =>
+        log.error({ agent_id: configured, attested_agent: attested, reason }, 'the broker attested another agent than sidecar.agent_id: its tokens are refused'),
     })
     tasks.onEnd((t) => brokerTokens!.dropTask(t.id))
   }

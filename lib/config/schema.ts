@@ -77,7 +77,8 @@ export interface Config {
     /** Workload evidence the sidecar presents to the broker; exactly one of kubernetes, spiffe, local. */
     attestation: {
       kubernetes?: { token_file: string }
-      spiffe?: { socket: string; audience?: string }
+      /** spiffe_id: the SVID to ask the Workload API for, and the only one accepted; without it, a workload must hold exactly one. */
+      spiffe?: { socket: string; audience?: string; spiffe_id?: string }
       local?: { key_file: string; audience?: string }
     }
   }
@@ -487,7 +488,7 @@ export const configSchema = {
           maxProperties: 1,
           properties: {
             kubernetes: { type: 'object', additionalProperties: false, required: ['token_file'], properties: { token_file: nonEmpty } },
-            spiffe: { type: 'object', additionalProperties: false, required: ['socket'], properties: { socket: nonEmpty, audience: nonEmpty } },
+            spiffe: { type: 'object', additionalProperties: false, required: ['socket'], properties: { socket: nonEmpty, audience: nonEmpty, spiffe_id: { type: 'string', pattern: '^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$', maxLength: 2048 } } },
             local: { type: 'object', additionalProperties: false, required: ['key_file'], properties: { key_file: nonEmpty, audience: nonEmpty } },
           },
         },

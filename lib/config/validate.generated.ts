@@ -4,7 +4,7 @@
 "use strict";
 export const validate = validate10;
 export default validate10;
-const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:[0-9]+/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"state_file":{"type":"string","minLength":1}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:[0-9]{1,5}$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
+const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:[0-9]+/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"state_file":{"type":"string","minLength":1}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"spiffe_id":{"type":"string","pattern":"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$","maxLength":2048}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:[0-9]{1,5}$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
 const func2 = Object.prototype.hasOwnProperty;
 import func4Module from "ajv/dist/runtime/ucs2length.js";
 const func4 = func4Module.default;
@@ -13,23 +13,24 @@ const pattern1 = new RegExp("^https?://[^\\s]+$", "u");
 const pattern2 = new RegExp("^grpc://[^\\s/]+:[0-9]+/?$", "u");
 const pattern3 = new RegExp("^[A-Za-z0-9_]+$", "u");
 const pattern4 = new RegExp("^[0-9a-f]{64}$", "u");
-const pattern5 = new RegExp("^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", "u");
-const pattern6 = new RegExp("^[A-Za-z]+$", "u");
-const pattern7 = new RegExp("^/", "u");
-const pattern8 = new RegExp("^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", "u");
-const pattern9 = new RegExp("^https?://", "u");
-const pattern13 = new RegExp("^[A-Za-z0-9_.-]+$", "u");
-const pattern15 = new RegExp("^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$", "u");
-const pattern16 = new RegExp("^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", "u");
-const pattern17 = new RegExp("\\{token\\}", "u");
-const pattern18 = new RegExp("^[^:]*$", "u");
-const pattern20 = new RegExp("^[A-Z0-9_]*$", "u");
-const pattern21 = new RegExp("^[^\\s/]+:[0-9]{1,5}$", "u");
-const pattern25 = new RegExp("^[a-z0-9._-]+$", "u");
-const pattern27 = new RegExp("^postgres(ql)?://", "u");
-const pattern28 = new RegExp("^[a-z_][a-z0-9_]{0,62}$", "u");
-const pattern29 = new RegExp("^[A-Z_][A-Z0-9_]*$", "u");
-const pattern34 = new RegExp("^[A-Za-z0-9_-]+$", "u");
+const pattern5 = new RegExp("^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$", "u");
+const pattern6 = new RegExp("^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", "u");
+const pattern7 = new RegExp("^[A-Za-z]+$", "u");
+const pattern8 = new RegExp("^/", "u");
+const pattern9 = new RegExp("^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", "u");
+const pattern10 = new RegExp("^https?://", "u");
+const pattern14 = new RegExp("^[A-Za-z0-9_.-]+$", "u");
+const pattern16 = new RegExp("^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$", "u");
+const pattern17 = new RegExp("^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", "u");
+const pattern18 = new RegExp("\\{token\\}", "u");
+const pattern19 = new RegExp("^[^:]*$", "u");
+const pattern21 = new RegExp("^[A-Z0-9_]*$", "u");
+const pattern22 = new RegExp("^[^\\s/]+:[0-9]{1,5}$", "u");
+const pattern26 = new RegExp("^[a-z0-9._-]+$", "u");
+const pattern28 = new RegExp("^postgres(ql)?://", "u");
+const pattern29 = new RegExp("^[a-z_][a-z0-9_]{0,62}$", "u");
+const pattern30 = new RegExp("^[A-Z_][A-Z0-9_]*$", "u");
+const pattern35 = new RegExp("^[A-Za-z0-9_-]+$", "u");
 
 function validate10(data, {instancePath="", parentData, parentDataProperty, rootData=data}={}){
 let vErrors = null;
@@ -1332,7 +1333,7 @@ vErrors.push(err99);
 errors++;
 }
 for(const key10 in data41){
-if(!((key10 === "socket") || (key10 === "audience"))){
+if(!(((key10 === "socket") || (key10 === "audience")) || (key10 === "spiffe_id"))){
 const err100 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key10},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err100];
@@ -1393,9 +1394,11 @@ vErrors.push(err104);
 errors++;
 }
 }
-}
-else {
-const err105 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data41.spiffe_id !== undefined){
+let data44 = data41.spiffe_id;
+if(typeof data44 === "string"){
+if(func4(data44) > 2048){
+const err105 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/maxLength",keyword:"maxLength",params:{limit: 2048},message:"must NOT have more than 2048 characters"};
 if(vErrors === null){
 vErrors = [err105];
 }
@@ -1404,12 +1407,8 @@ vErrors.push(err105);
 }
 errors++;
 }
-}
-if(data38.local !== undefined){
-let data44 = data38.local;
-if(data44 && typeof data44 == "object" && !Array.isArray(data44)){
-if(data44.key_file === undefined){
-const err106 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+if(!pattern5.test(data44)){
+const err106 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/pattern",keyword:"pattern",params:{pattern: "^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"},message:"must match pattern \""+"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"+"\""};
 if(vErrors === null){
 vErrors = [err106];
 }
@@ -1418,9 +1417,9 @@ vErrors.push(err106);
 }
 errors++;
 }
-for(const key11 in data44){
-if(!((key11 === "key_file") || (key11 === "audience"))){
-const err107 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key11},message:"must NOT have additional properties"};
+}
+else {
+const err107 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err107];
 }
@@ -1430,11 +1429,9 @@ vErrors.push(err107);
 errors++;
 }
 }
-if(data44.key_file !== undefined){
-let data45 = data44.key_file;
-if(typeof data45 === "string"){
-if(func4(data45) < 1){
-const err108 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err108 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err108];
 }
@@ -1444,8 +1441,11 @@ vErrors.push(err108);
 errors++;
 }
 }
-else {
-const err109 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data38.local !== undefined){
+let data45 = data38.local;
+if(data45 && typeof data45 == "object" && !Array.isArray(data45)){
+if(data45.key_file === undefined){
+const err109 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err109];
 }
@@ -1454,12 +1454,9 @@ vErrors.push(err109);
 }
 errors++;
 }
-}
-if(data44.audience !== undefined){
-let data46 = data44.audience;
-if(typeof data46 === "string"){
-if(func4(data46) < 1){
-const err110 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key11 in data45){
+if(!((key11 === "key_file") || (key11 === "audience"))){
+const err110 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key11},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err110];
 }
@@ -1469,8 +1466,11 @@ vErrors.push(err110);
 errors++;
 }
 }
-else {
-const err111 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data45.key_file !== undefined){
+let data46 = data45.key_file;
+if(typeof data46 === "string"){
+if(func4(data46) < 1){
+const err111 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err111];
 }
@@ -1480,9 +1480,8 @@ vErrors.push(err111);
 errors++;
 }
 }
-}
 else {
-const err112 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err112 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err112];
 }
@@ -1492,9 +1491,11 @@ vErrors.push(err112);
 errors++;
 }
 }
-}
-else {
-const err113 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data45.audience !== undefined){
+let data47 = data45.audience;
+if(typeof data47 === "string"){
+if(func4(data47) < 1){
+const err113 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err113];
 }
@@ -1505,7 +1506,7 @@ errors++;
 }
 }
 else {
-const err114 = {instancePath:instancePath+"/sidecar",schemaPath:"#/properties/sidecar/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err114 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err114];
 }
@@ -1514,20 +1515,10 @@ vErrors.push(err114);
 }
 errors++;
 }
-let data47 = data.tasks;
-if(data47 && typeof data47 == "object" && !Array.isArray(data47)){
-if(data47.max_duration_s === undefined){
-data47.max_duration_s = 86400;
 }
-if(data47.required === undefined){
-data47.required = false;
 }
-if(data47.default === undefined){
-data47.default = {};
-}
-for(const key12 in data47){
-if(!(((key12 === "max_duration_s") || (key12 === "required")) || (key12 === "default"))){
-const err115 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key12},message:"must NOT have additional properties"};
+else {
+const err115 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err115];
 }
@@ -1537,9 +1528,9 @@ vErrors.push(err115);
 errors++;
 }
 }
-let data48 = data47.max_duration_s;
-if(!(((typeof data48 == "number") && (!(data48 % 1) && !isNaN(data48))) && (isFinite(data48)))){
-const err116 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err116 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err116];
 }
@@ -1548,9 +1539,9 @@ vErrors.push(err116);
 }
 errors++;
 }
-if((typeof data48 == "number") && (isFinite(data48))){
-if(data48 > 604800 || isNaN(data48)){
-const err117 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
+}
+else {
+const err117 = {instancePath:instancePath+"/sidecar",schemaPath:"#/properties/sidecar/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err117];
 }
@@ -1559,8 +1550,20 @@ vErrors.push(err117);
 }
 errors++;
 }
-if(data48 < 1 || isNaN(data48)){
-const err118 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+let data48 = data.tasks;
+if(data48 && typeof data48 == "object" && !Array.isArray(data48)){
+if(data48.max_duration_s === undefined){
+data48.max_duration_s = 86400;
+}
+if(data48.required === undefined){
+data48.required = false;
+}
+if(data48.default === undefined){
+data48.default = {};
+}
+for(const key12 in data48){
+if(!(((key12 === "max_duration_s") || (key12 === "required")) || (key12 === "default"))){
+const err118 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key12},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err118];
 }
@@ -1570,8 +1573,9 @@ vErrors.push(err118);
 errors++;
 }
 }
-if(typeof data47.required !== "boolean"){
-const err119 = {instancePath:instancePath+"/tasks/required",schemaPath:"#/properties/tasks/properties/required/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+let data49 = data48.max_duration_s;
+if(!(((typeof data49 == "number") && (!(data49 % 1) && !isNaN(data49))) && (isFinite(data49)))){
+const err119 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err119];
 }
@@ -1580,20 +1584,9 @@ vErrors.push(err119);
 }
 errors++;
 }
-let data50 = data47.default;
-if(data50 && typeof data50 == "object" && !Array.isArray(data50)){
-if(data50.enabled === undefined){
-data50.enabled = false;
-}
-if(data50.duration_s === undefined){
-data50.duration_s = 3600;
-}
-if(data50.purpose === undefined){
-data50.purpose = "default task";
-}
-for(const key13 in data50){
-if(!(((key13 === "enabled") || (key13 === "duration_s")) || (key13 === "purpose"))){
-const err120 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key13},message:"must NOT have additional properties"};
+if((typeof data49 == "number") && (isFinite(data49))){
+if(data49 > 604800 || isNaN(data49)){
+const err120 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
 if(vErrors === null){
 vErrors = [err120];
 }
@@ -1602,9 +1595,8 @@ vErrors.push(err120);
 }
 errors++;
 }
-}
-if(typeof data50.enabled !== "boolean"){
-const err121 = {instancePath:instancePath+"/tasks/default/enabled",schemaPath:"#/properties/tasks/properties/default/properties/enabled/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data49 < 1 || isNaN(data49)){
+const err121 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err121];
 }
@@ -1613,9 +1605,9 @@ vErrors.push(err121);
 }
 errors++;
 }
-let data52 = data50.duration_s;
-if(!(((typeof data52 == "number") && (!(data52 % 1) && !isNaN(data52))) && (isFinite(data52)))){
-const err122 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(typeof data48.required !== "boolean"){
+const err122 = {instancePath:instancePath+"/tasks/required",schemaPath:"#/properties/tasks/properties/required/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err122];
 }
@@ -1624,9 +1616,20 @@ vErrors.push(err122);
 }
 errors++;
 }
-if((typeof data52 == "number") && (isFinite(data52))){
-if(data52 > 604800 || isNaN(data52)){
-const err123 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
+let data51 = data48.default;
+if(data51 && typeof data51 == "object" && !Array.isArray(data51)){
+if(data51.enabled === undefined){
+data51.enabled = false;
+}
+if(data51.duration_s === undefined){
+data51.duration_s = 3600;
+}
+if(data51.purpose === undefined){
+data51.purpose = "default task";
+}
+for(const key13 in data51){
+if(!(((key13 === "enabled") || (key13 === "duration_s")) || (key13 === "purpose"))){
+const err123 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key13},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err123];
 }
@@ -1635,8 +1638,9 @@ vErrors.push(err123);
 }
 errors++;
 }
-if(data52 < 1 || isNaN(data52)){
-const err124 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+if(typeof data51.enabled !== "boolean"){
+const err124 = {instancePath:instancePath+"/tasks/default/enabled",schemaPath:"#/properties/tasks/properties/default/properties/enabled/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err124];
 }
@@ -1645,11 +1649,9 @@ vErrors.push(err124);
 }
 errors++;
 }
-}
-let data53 = data50.purpose;
-if(typeof data53 === "string"){
-if(func4(data53) > 256){
-const err125 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
+let data53 = data51.duration_s;
+if(!(((typeof data53 == "number") && (!(data53 % 1) && !isNaN(data53))) && (isFinite(data53)))){
+const err125 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err125];
 }
@@ -1658,9 +1660,9 @@ vErrors.push(err125);
 }
 errors++;
 }
-}
-else {
-const err126 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data53 == "number") && (isFinite(data53))){
+if(data53 > 604800 || isNaN(data53)){
+const err126 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
 if(vErrors === null){
 vErrors = [err126];
 }
@@ -1669,9 +1671,8 @@ vErrors.push(err126);
 }
 errors++;
 }
-}
-else {
-const err127 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data53 < 1 || isNaN(data53)){
+const err127 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err127];
 }
@@ -1681,8 +1682,10 @@ vErrors.push(err127);
 errors++;
 }
 }
-else {
-const err128 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data54 = data51.purpose;
+if(typeof data54 === "string"){
+if(func4(data54) > 256){
+const err128 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
 if(vErrors === null){
 vErrors = [err128];
 }
@@ -1691,20 +1694,9 @@ vErrors.push(err128);
 }
 errors++;
 }
-let data54 = data.policy;
-if(data54 && typeof data54 == "object" && !Array.isArray(data54)){
-if(data54.mode === undefined){
-data54.mode = "enforce";
 }
-if(data54.default === undefined){
-data54.default = "deny";
-}
-if(data54.rules === undefined){
-data54.rules = [];
-}
-for(const key14 in data54){
-if(!(((key14 === "mode") || (key14 === "default")) || (key14 === "rules"))){
-const err129 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key14},message:"must NOT have additional properties"};
+else {
+const err129 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err129];
 }
@@ -1714,9 +1706,8 @@ vErrors.push(err129);
 errors++;
 }
 }
-let data55 = data54.mode;
-if(!((data55 === "enforce") || (data55 === "report"))){
-const err130 = {instancePath:instancePath+"/policy/mode",schemaPath:"#/properties/policy/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.mode.enum},message:"must be equal to one of the allowed values"};
+else {
+const err130 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err130];
 }
@@ -1725,9 +1716,9 @@ vErrors.push(err130);
 }
 errors++;
 }
-let data56 = data54.default;
-if(!((data56 === "allow") || (data56 === "deny"))){
-const err131 = {instancePath:instancePath+"/policy/default",schemaPath:"#/properties/policy/properties/default/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.default.enum},message:"must be equal to one of the allowed values"};
+}
+else {
+const err131 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err131];
 }
@@ -1736,14 +1727,20 @@ vErrors.push(err131);
 }
 errors++;
 }
-let data57 = data54.rules;
-if(Array.isArray(data57)){
-const len2 = data57.length;
-for(let i4=0; i4<len2; i4++){
-let data58 = data57[i4];
-if(data58 && typeof data58 == "object" && !Array.isArray(data58)){
-if(data58.id === undefined){
-const err132 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
+let data55 = data.policy;
+if(data55 && typeof data55 == "object" && !Array.isArray(data55)){
+if(data55.mode === undefined){
+data55.mode = "enforce";
+}
+if(data55.default === undefined){
+data55.default = "deny";
+}
+if(data55.rules === undefined){
+data55.rules = [];
+}
+for(const key14 in data55){
+if(!(((key14 === "mode") || (key14 === "default")) || (key14 === "rules"))){
+const err132 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key14},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err132];
 }
@@ -1752,8 +1749,10 @@ vErrors.push(err132);
 }
 errors++;
 }
-if(data58.action === undefined){
-const err133 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "action"},message:"must have required property '"+"action"+"'"};
+}
+let data56 = data55.mode;
+if(!((data56 === "enforce") || (data56 === "report"))){
+const err133 = {instancePath:instancePath+"/policy/mode",schemaPath:"#/properties/policy/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.mode.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err133];
 }
@@ -1762,9 +1761,9 @@ vErrors.push(err133);
 }
 errors++;
 }
-for(const key15 in data58){
-if(!(func2.call(schema11.properties.policy.properties.rules.items.properties, key15))){
-const err134 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key15},message:"must NOT have additional properties"};
+let data57 = data55.default;
+if(!((data57 === "allow") || (data57 === "deny"))){
+const err134 = {instancePath:instancePath+"/policy/default",schemaPath:"#/properties/policy/properties/default/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.default.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err134];
 }
@@ -1773,12 +1772,14 @@ vErrors.push(err134);
 }
 errors++;
 }
-}
-if(data58.id !== undefined){
-let data59 = data58.id;
-if(typeof data59 === "string"){
-if(!pattern5.test(data59)){
-const err135 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
+let data58 = data55.rules;
+if(Array.isArray(data58)){
+const len2 = data58.length;
+for(let i4=0; i4<len2; i4++){
+let data59 = data58[i4];
+if(data59 && typeof data59 == "object" && !Array.isArray(data59)){
+if(data59.id === undefined){
+const err135 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err135];
 }
@@ -1787,9 +1788,8 @@ vErrors.push(err135);
 }
 errors++;
 }
-}
-else {
-const err136 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data59.action === undefined){
+const err136 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "action"},message:"must have required property '"+"action"+"'"};
 if(vErrors === null){
 vErrors = [err136];
 }
@@ -1798,11 +1798,9 @@ vErrors.push(err136);
 }
 errors++;
 }
-}
-if(data58.action !== undefined){
-let data60 = data58.action;
-if(!((data60 === "allow") || (data60 === "deny"))){
-const err137 = {instancePath:instancePath+"/policy/rules/" + i4+"/action",schemaPath:"#/properties/policy/properties/rules/items/properties/action/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.action.enum},message:"must be equal to one of the allowed values"};
+for(const key15 in data59){
+if(!(func2.call(schema11.properties.policy.properties.rules.items.properties, key15))){
+const err137 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key15},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err137];
 }
@@ -1812,10 +1810,11 @@ vErrors.push(err137);
 errors++;
 }
 }
-if(data58.mode !== undefined){
-let data61 = data58.mode;
-if(!((data61 === "enforce") || (data61 === "report"))){
-const err138 = {instancePath:instancePath+"/policy/rules/" + i4+"/mode",schemaPath:"#/properties/policy/properties/rules/items/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.mode.enum},message:"must be equal to one of the allowed values"};
+if(data59.id !== undefined){
+let data60 = data59.id;
+if(typeof data60 === "string"){
+if(!pattern6.test(data60)){
+const err138 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
 if(vErrors === null){
 vErrors = [err138];
 }
@@ -1825,11 +1824,8 @@ vErrors.push(err138);
 errors++;
 }
 }
-if(data58.hosts !== undefined){
-let data62 = data58.hosts;
-if(Array.isArray(data62)){
-if(data62.length < 1){
-const err139 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+else {
+const err139 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err139];
 }
@@ -1838,12 +1834,11 @@ vErrors.push(err139);
 }
 errors++;
 }
-const len3 = data62.length;
-for(let i5=0; i5<len3; i5++){
-let data63 = data62[i5];
-if(typeof data63 === "string"){
-if(func4(data63) < 1){
-const err140 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data59.action !== undefined){
+let data61 = data59.action;
+if(!((data61 === "allow") || (data61 === "deny"))){
+const err140 = {instancePath:instancePath+"/policy/rules/" + i4+"/action",schemaPath:"#/properties/policy/properties/rules/items/properties/action/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.action.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err140];
 }
@@ -1853,8 +1848,10 @@ vErrors.push(err140);
 errors++;
 }
 }
-else {
-const err141 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data59.mode !== undefined){
+let data62 = data59.mode;
+if(!((data62 === "enforce") || (data62 === "report"))){
+const err141 = {instancePath:instancePath+"/policy/rules/" + i4+"/mode",schemaPath:"#/properties/policy/properties/rules/items/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.mode.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err141];
 }
@@ -1864,9 +1861,11 @@ vErrors.push(err141);
 errors++;
 }
 }
-}
-else {
-const err142 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data59.hosts !== undefined){
+let data63 = data59.hosts;
+if(Array.isArray(data63)){
+if(data63.length < 1){
+const err142 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err142];
 }
@@ -1875,12 +1874,12 @@ vErrors.push(err142);
 }
 errors++;
 }
-}
-if(data58.cidrs !== undefined){
-let data64 = data58.cidrs;
-if(Array.isArray(data64)){
-if(data64.length < 1){
-const err143 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len3 = data63.length;
+for(let i5=0; i5<len3; i5++){
+let data64 = data63[i5];
+if(typeof data64 === "string"){
+if(func4(data64) < 1){
+const err143 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err143];
 }
@@ -1889,12 +1888,9 @@ vErrors.push(err143);
 }
 errors++;
 }
-const len4 = data64.length;
-for(let i6=0; i6<len4; i6++){
-let data65 = data64[i6];
-if(typeof data65 === "string"){
-if(func4(data65) < 1){
-const err144 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err144 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err144];
 }
@@ -1904,8 +1900,9 @@ vErrors.push(err144);
 errors++;
 }
 }
+}
 else {
-const err145 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err145 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err145];
 }
@@ -1915,9 +1912,11 @@ vErrors.push(err145);
 errors++;
 }
 }
-}
-else {
-const err146 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data59.cidrs !== undefined){
+let data65 = data59.cidrs;
+if(Array.isArray(data65)){
+if(data65.length < 1){
+const err146 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err146];
 }
@@ -1926,12 +1925,12 @@ vErrors.push(err146);
 }
 errors++;
 }
-}
-if(data58.ports !== undefined){
-let data66 = data58.ports;
-if(Array.isArray(data66)){
-if(data66.length < 1){
-const err147 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len4 = data65.length;
+for(let i6=0; i6<len4; i6++){
+let data66 = data65[i6];
+if(typeof data66 === "string"){
+if(func4(data66) < 1){
+const err147 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err147];
 }
@@ -1940,11 +1939,9 @@ vErrors.push(err147);
 }
 errors++;
 }
-const len5 = data66.length;
-for(let i7=0; i7<len5; i7++){
-let data67 = data66[i7];
-if(!(((typeof data67 == "number") && (!(data67 % 1) && !isNaN(data67))) && (isFinite(data67)))){
-const err148 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err148 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err148];
 }
@@ -1953,9 +1950,10 @@ vErrors.push(err148);
 }
 errors++;
 }
-if((typeof data67 == "number") && (isFinite(data67))){
-if(data67 > 65535 || isNaN(data67)){
-const err149 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+}
+else {
+const err149 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err149];
 }
@@ -1964,8 +1962,12 @@ vErrors.push(err149);
 }
 errors++;
 }
-if(data67 < 1 || isNaN(data67)){
-const err150 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+if(data59.ports !== undefined){
+let data67 = data59.ports;
+if(Array.isArray(data67)){
+if(data67.length < 1){
+const err150 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err150];
 }
@@ -1974,11 +1976,11 @@ vErrors.push(err150);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err151 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len5 = data67.length;
+for(let i7=0; i7<len5; i7++){
+let data68 = data67[i7];
+if(!(((typeof data68 == "number") && (!(data68 % 1) && !isNaN(data68))) && (isFinite(data68)))){
+const err151 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err151];
 }
@@ -1987,12 +1989,9 @@ vErrors.push(err151);
 }
 errors++;
 }
-}
-if(data58.methods !== undefined){
-let data68 = data58.methods;
-if(Array.isArray(data68)){
-if(data68.length < 1){
-const err152 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if((typeof data68 == "number") && (isFinite(data68))){
+if(data68 > 65535 || isNaN(data68)){
+const err152 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err152];
 }
@@ -2001,12 +2000,8 @@ vErrors.push(err152);
 }
 errors++;
 }
-const len6 = data68.length;
-for(let i8=0; i8<len6; i8++){
-let data69 = data68[i8];
-if(typeof data69 === "string"){
-if(!pattern6.test(data69)){
-const err153 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z]+$"},message:"must match pattern \""+"^[A-Za-z]+$"+"\""};
+if(data68 < 1 || isNaN(data68)){
+const err153 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err153];
 }
@@ -2016,8 +2011,10 @@ vErrors.push(err153);
 errors++;
 }
 }
+}
+}
 else {
-const err154 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err154 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err154];
 }
@@ -2027,9 +2024,11 @@ vErrors.push(err154);
 errors++;
 }
 }
-}
-else {
-const err155 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data59.methods !== undefined){
+let data69 = data59.methods;
+if(Array.isArray(data69)){
+if(data69.length < 1){
+const err155 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err155];
 }
@@ -2038,12 +2037,12 @@ vErrors.push(err155);
 }
 errors++;
 }
-}
-if(data58.paths !== undefined){
-let data70 = data58.paths;
-if(Array.isArray(data70)){
-if(data70.length < 1){
-const err156 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len6 = data69.length;
+for(let i8=0; i8<len6; i8++){
+let data70 = data69[i8];
+if(typeof data70 === "string"){
+if(!pattern7.test(data70)){
+const err156 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z]+$"},message:"must match pattern \""+"^[A-Za-z]+$"+"\""};
 if(vErrors === null){
 vErrors = [err156];
 }
@@ -2052,12 +2051,9 @@ vErrors.push(err156);
 }
 errors++;
 }
-const len7 = data70.length;
-for(let i9=0; i9<len7; i9++){
-let data71 = data70[i9];
-if(typeof data71 === "string"){
-if(!pattern7.test(data71)){
-const err157 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/pattern",keyword:"pattern",params:{pattern: "^/"},message:"must match pattern \""+"^/"+"\""};
+}
+else {
+const err157 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err157];
 }
@@ -2067,8 +2063,9 @@ vErrors.push(err157);
 errors++;
 }
 }
+}
 else {
-const err158 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err158 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err158];
 }
@@ -2078,9 +2075,11 @@ vErrors.push(err158);
 errors++;
 }
 }
-}
-else {
-const err159 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data59.paths !== undefined){
+let data71 = data59.paths;
+if(Array.isArray(data71)){
+if(data71.length < 1){
+const err159 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err159];
 }
@@ -2089,12 +2088,12 @@ vErrors.push(err159);
 }
 errors++;
 }
-}
-if(data58.schemes !== undefined){
-let data72 = data58.schemes;
-if(Array.isArray(data72)){
-if(data72.length < 1){
-const err160 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len7 = data71.length;
+for(let i9=0; i9<len7; i9++){
+let data72 = data71[i9];
+if(typeof data72 === "string"){
+if(!pattern8.test(data72)){
+const err160 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/pattern",keyword:"pattern",params:{pattern: "^/"},message:"must match pattern \""+"^/"+"\""};
 if(vErrors === null){
 vErrors = [err160];
 }
@@ -2103,11 +2102,9 @@ vErrors.push(err160);
 }
 errors++;
 }
-const len8 = data72.length;
-for(let i10=0; i10<len8; i10++){
-let data73 = data72[i10];
-if(!((data73 === "http") || (data73 === "https"))){
-const err161 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes/" + i10,schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/items/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.schemes.items.enum},message:"must be equal to one of the allowed values"};
+}
+else {
+const err161 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err161];
 }
@@ -2119,7 +2116,7 @@ errors++;
 }
 }
 else {
-const err162 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err162 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err162];
 }
@@ -2129,9 +2126,11 @@ vErrors.push(err162);
 errors++;
 }
 }
-}
-else {
-const err163 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data59.schemes !== undefined){
+let data73 = data59.schemes;
+if(Array.isArray(data73)){
+if(data73.length < 1){
+const err163 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err163];
 }
@@ -2140,10 +2139,11 @@ vErrors.push(err163);
 }
 errors++;
 }
-}
-}
-else {
-const err164 = {instancePath:instancePath+"/policy/rules",schemaPath:"#/properties/policy/properties/rules/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len8 = data73.length;
+for(let i10=0; i10<len8; i10++){
+let data74 = data73[i10];
+if(!((data74 === "http") || (data74 === "https"))){
+const err164 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes/" + i10,schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/items/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.schemes.items.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err164];
 }
@@ -2153,8 +2153,9 @@ vErrors.push(err164);
 errors++;
 }
 }
+}
 else {
-const err165 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err165 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err165];
 }
@@ -2163,20 +2164,10 @@ vErrors.push(err165);
 }
 errors++;
 }
-let data74 = data.network;
-if(data74 && typeof data74 == "object" && !Array.isArray(data74)){
-if(data74.deny === undefined){
-data74.deny = ["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"];
 }
-if(data74.allow === undefined){
-data74.allow = [];
 }
-if(data74.dns_cache_ms === undefined){
-data74.dns_cache_ms = 30000;
-}
-for(const key16 in data74){
-if(!(((key16 === "deny") || (key16 === "allow")) || (key16 === "dns_cache_ms"))){
-const err166 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key16},message:"must NOT have additional properties"};
+else {
+const err166 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err166];
 }
@@ -2186,14 +2177,9 @@ vErrors.push(err166);
 errors++;
 }
 }
-let data75 = data74.deny;
-if(Array.isArray(data75)){
-const len9 = data75.length;
-for(let i11=0; i11<len9; i11++){
-let data76 = data75[i11];
-if(typeof data76 === "string"){
-if(func4(data76) < 1){
-const err167 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err167 = {instancePath:instancePath+"/policy/rules",schemaPath:"#/properties/policy/properties/rules/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err167];
 }
@@ -2204,7 +2190,7 @@ errors++;
 }
 }
 else {
-const err168 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err168 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err168];
 }
@@ -2213,10 +2199,20 @@ vErrors.push(err168);
 }
 errors++;
 }
+let data75 = data.network;
+if(data75 && typeof data75 == "object" && !Array.isArray(data75)){
+if(data75.deny === undefined){
+data75.deny = ["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"];
 }
+if(data75.allow === undefined){
+data75.allow = [];
 }
-else {
-const err169 = {instancePath:instancePath+"/network/deny",schemaPath:"#/properties/network/properties/deny/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data75.dns_cache_ms === undefined){
+data75.dns_cache_ms = 30000;
+}
+for(const key16 in data75){
+if(!(((key16 === "deny") || (key16 === "allow")) || (key16 === "dns_cache_ms"))){
+const err169 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key16},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err169];
 }
@@ -2225,14 +2221,15 @@ vErrors.push(err169);
 }
 errors++;
 }
-let data77 = data74.allow;
-if(Array.isArray(data77)){
-const len10 = data77.length;
-for(let i12=0; i12<len10; i12++){
-let data78 = data77[i12];
-if(data78 && typeof data78 == "object" && !Array.isArray(data78)){
-if(data78.cidr === undefined){
-const err170 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/required",keyword:"required",params:{missingProperty: "cidr"},message:"must have required property '"+"cidr"+"'"};
+}
+let data76 = data75.deny;
+if(Array.isArray(data76)){
+const len9 = data76.length;
+for(let i11=0; i11<len9; i11++){
+let data77 = data76[i11];
+if(typeof data77 === "string"){
+if(func4(data77) < 1){
+const err170 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err170];
 }
@@ -2241,9 +2238,9 @@ vErrors.push(err170);
 }
 errors++;
 }
-for(const key17 in data78){
-if(!((key17 === "cidr") || (key17 === "ports"))){
-const err171 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key17},message:"must NOT have additional properties"};
+}
+else {
+const err171 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err171];
 }
@@ -2253,11 +2250,9 @@ vErrors.push(err171);
 errors++;
 }
 }
-if(data78.cidr !== undefined){
-let data79 = data78.cidr;
-if(typeof data79 === "string"){
-if(func4(data79) < 1){
-const err172 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err172 = {instancePath:instancePath+"/network/deny",schemaPath:"#/properties/network/properties/deny/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err172];
 }
@@ -2266,9 +2261,14 @@ vErrors.push(err172);
 }
 errors++;
 }
-}
-else {
-const err173 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data78 = data75.allow;
+if(Array.isArray(data78)){
+const len10 = data78.length;
+for(let i12=0; i12<len10; i12++){
+let data79 = data78[i12];
+if(data79 && typeof data79 == "object" && !Array.isArray(data79)){
+if(data79.cidr === undefined){
+const err173 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/required",keyword:"required",params:{missingProperty: "cidr"},message:"must have required property '"+"cidr"+"'"};
 if(vErrors === null){
 vErrors = [err173];
 }
@@ -2277,12 +2277,9 @@ vErrors.push(err173);
 }
 errors++;
 }
-}
-if(data78.ports !== undefined){
-let data80 = data78.ports;
-if(Array.isArray(data80)){
-if(data80.length < 1){
-const err174 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+for(const key17 in data79){
+if(!((key17 === "cidr") || (key17 === "ports"))){
+const err174 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key17},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err174];
 }
@@ -2291,11 +2288,12 @@ vErrors.push(err174);
 }
 errors++;
 }
-const len11 = data80.length;
-for(let i13=0; i13<len11; i13++){
-let data81 = data80[i13];
-if(!(((typeof data81 == "number") && (!(data81 % 1) && !isNaN(data81))) && (isFinite(data81)))){
-const err175 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(data79.cidr !== undefined){
+let data80 = data79.cidr;
+if(typeof data80 === "string"){
+if(func4(data80) < 1){
+const err175 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err175];
 }
@@ -2304,9 +2302,9 @@ vErrors.push(err175);
 }
 errors++;
 }
-if((typeof data81 == "number") && (isFinite(data81))){
-if(data81 > 65535 || isNaN(data81)){
-const err176 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+else {
+const err176 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err176];
 }
@@ -2315,8 +2313,12 @@ vErrors.push(err176);
 }
 errors++;
 }
-if(data81 < 1 || isNaN(data81)){
-const err177 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+if(data79.ports !== undefined){
+let data81 = data79.ports;
+if(Array.isArray(data81)){
+if(data81.length < 1){
+const err177 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err177];
 }
@@ -2325,11 +2327,11 @@ vErrors.push(err177);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err178 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len11 = data81.length;
+for(let i13=0; i13<len11; i13++){
+let data82 = data81[i13];
+if(!(((typeof data82 == "number") && (!(data82 % 1) && !isNaN(data82))) && (isFinite(data82)))){
+const err178 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err178];
 }
@@ -2338,10 +2340,9 @@ vErrors.push(err178);
 }
 errors++;
 }
-}
-}
-else {
-const err179 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data82 == "number") && (isFinite(data82))){
+if(data82 > 65535 || isNaN(data82)){
+const err179 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err179];
 }
@@ -2350,10 +2351,8 @@ vErrors.push(err179);
 }
 errors++;
 }
-}
-}
-else {
-const err180 = {instancePath:instancePath+"/network/allow",schemaPath:"#/properties/network/properties/allow/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data82 < 1 || isNaN(data82)){
+const err180 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err180];
 }
@@ -2362,9 +2361,11 @@ vErrors.push(err180);
 }
 errors++;
 }
-let data82 = data74.dns_cache_ms;
-if(!(((typeof data82 == "number") && (!(data82 % 1) && !isNaN(data82))) && (isFinite(data82)))){
-const err181 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+}
+}
+else {
+const err181 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err181];
 }
@@ -2373,9 +2374,10 @@ vErrors.push(err181);
 }
 errors++;
 }
-if((typeof data82 == "number") && (isFinite(data82))){
-if(data82 > 3600000 || isNaN(data82)){
-const err182 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+}
+else {
+const err182 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err182];
 }
@@ -2384,8 +2386,10 @@ vErrors.push(err182);
 }
 errors++;
 }
-if(data82 < 0 || isNaN(data82)){
-const err183 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+}
+else {
+const err183 = {instancePath:instancePath+"/network/allow",schemaPath:"#/properties/network/properties/allow/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err183];
 }
@@ -2394,10 +2398,9 @@ vErrors.push(err183);
 }
 errors++;
 }
-}
-}
-else {
-const err184 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data83 = data75.dns_cache_ms;
+if(!(((typeof data83 == "number") && (!(data83 % 1) && !isNaN(data83))) && (isFinite(data83)))){
+const err184 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err184];
 }
@@ -2406,13 +2409,9 @@ vErrors.push(err184);
 }
 errors++;
 }
-let data83 = data.routes;
-if(data83 && typeof data83 == "object" && !Array.isArray(data83)){
-for(const key18 in data83){
-const _errs181 = errors;
-if(typeof key18 === "string"){
-if(!pattern8.test(key18)){
-const err185 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"+"\"",propertyName:key18};
+if((typeof data83 == "number") && (isFinite(data83))){
+if(data83 > 3600000 || isNaN(data83)){
+const err185 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err185];
 }
@@ -2421,10 +2420,8 @@ vErrors.push(err185);
 }
 errors++;
 }
-}
-var valid44 = _errs181 === errors;
-if(!valid44){
-const err186 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames",keyword:"propertyNames",params:{propertyName: key18},message:"property name must be valid"};
+if(data83 < 0 || isNaN(data83)){
+const err186 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err186];
 }
@@ -2434,11 +2431,9 @@ vErrors.push(err186);
 errors++;
 }
 }
-for(const key19 in data83){
-let data84 = data83[key19];
-if(typeof data84 === "string"){
-if(!pattern9.test(data84)){
-const err187 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
+}
+else {
+const err187 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err187];
 }
@@ -2447,9 +2442,13 @@ vErrors.push(err187);
 }
 errors++;
 }
-}
-else {
-const err188 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data84 = data.routes;
+if(data84 && typeof data84 == "object" && !Array.isArray(data84)){
+for(const key18 in data84){
+const _errs183 = errors;
+if(typeof key18 === "string"){
+if(!pattern9.test(key18)){
+const err188 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"+"\"",propertyName:key18};
 if(vErrors === null){
 vErrors = [err188];
 }
@@ -2459,9 +2458,9 @@ vErrors.push(err188);
 errors++;
 }
 }
-}
-else {
-const err189 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+var valid44 = _errs183 === errors;
+if(!valid44){
+const err189 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames",keyword:"propertyNames",params:{propertyName: key18},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err189];
 }
@@ -2470,14 +2469,12 @@ vErrors.push(err189);
 }
 errors++;
 }
-let data85 = data.credentials;
-if(Array.isArray(data85)){
-const len12 = data85.length;
-for(let i14=0; i14<len12; i14++){
-let data86 = data85[i14];
-if(data86 && typeof data86 == "object" && !Array.isArray(data86)){
-if(data86.id === undefined){
-const err190 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
+}
+for(const key19 in data84){
+let data85 = data84[key19];
+if(typeof data85 === "string"){
+if(!pattern10.test(data85)){
+const err190 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
 if(vErrors === null){
 vErrors = [err190];
 }
@@ -2486,8 +2483,9 @@ vErrors.push(err190);
 }
 errors++;
 }
-if(data86.audience === undefined){
-const err191 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+}
+else {
+const err191 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err191];
 }
@@ -2496,8 +2494,10 @@ vErrors.push(err191);
 }
 errors++;
 }
-if(data86.source === undefined){
-const err192 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "source"},message:"must have required property '"+"source"+"'"};
+}
+}
+else {
+const err192 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err192];
 }
@@ -2506,8 +2506,14 @@ vErrors.push(err192);
 }
 errors++;
 }
-if(data86.inject === undefined){
-const err193 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "inject"},message:"must have required property '"+"inject"+"'"};
+let data86 = data.credentials;
+if(Array.isArray(data86)){
+const len12 = data86.length;
+for(let i14=0; i14<len12; i14++){
+let data87 = data86[i14];
+if(data87 && typeof data87 == "object" && !Array.isArray(data87)){
+if(data87.id === undefined){
+const err193 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err193];
 }
@@ -2516,9 +2522,8 @@ vErrors.push(err193);
 }
 errors++;
 }
-for(const key20 in data86){
-if(!(func2.call(schema11.properties.credentials.items.properties, key20))){
-const err194 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key20},message:"must NOT have additional properties"};
+if(data87.audience === undefined){
+const err194 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err194];
 }
@@ -2527,12 +2532,8 @@ vErrors.push(err194);
 }
 errors++;
 }
-}
-if(data86.id !== undefined){
-let data87 = data86.id;
-if(typeof data87 === "string"){
-if(!pattern5.test(data87)){
-const err195 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
+if(data87.source === undefined){
+const err195 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "source"},message:"must have required property '"+"source"+"'"};
 if(vErrors === null){
 vErrors = [err195];
 }
@@ -2541,9 +2542,8 @@ vErrors.push(err195);
 }
 errors++;
 }
-}
-else {
-const err196 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data87.inject === undefined){
+const err196 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "inject"},message:"must have required property '"+"inject"+"'"};
 if(vErrors === null){
 vErrors = [err196];
 }
@@ -2552,12 +2552,9 @@ vErrors.push(err196);
 }
 errors++;
 }
-}
-if(data86.audience !== undefined){
-let data88 = data86.audience;
-if(typeof data88 === "string"){
-if(!pattern9.test(data88)){
-const err197 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
+for(const key20 in data87){
+if(!(func2.call(schema11.properties.credentials.items.properties, key20))){
+const err197 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key20},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err197];
 }
@@ -2567,8 +2564,11 @@ vErrors.push(err197);
 errors++;
 }
 }
-else {
-const err198 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data87.id !== undefined){
+let data88 = data87.id;
+if(typeof data88 === "string"){
+if(!pattern6.test(data88)){
+const err198 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
 if(vErrors === null){
 vErrors = [err198];
 }
@@ -2578,10 +2578,8 @@ vErrors.push(err198);
 errors++;
 }
 }
-if(data86.source !== undefined){
-let data89 = data86.source;
-if(!((((data89 === "static") || (data89 === "broker")) || (data89 === "broker_secret")) || (data89 === "client_credentials"))){
-const err199 = {instancePath:instancePath+"/credentials/" + i14+"/source",schemaPath:"#/properties/credentials/items/properties/source/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.source.enum},message:"must be equal to one of the allowed values"};
+else {
+const err199 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err199];
 }
@@ -2591,14 +2589,11 @@ vErrors.push(err199);
 errors++;
 }
 }
-if(data86.oauth !== undefined){
-let data90 = data86.oauth;
-if(data90 && typeof data90 == "object" && !Array.isArray(data90)){
-if(data90.auth_method === undefined){
-data90.auth_method = "client_secret_basic";
-}
-if(data90.token_url === undefined){
-const err200 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "token_url"},message:"must have required property '"+"token_url"+"'"};
+if(data87.audience !== undefined){
+let data89 = data87.audience;
+if(typeof data89 === "string"){
+if(!pattern10.test(data89)){
+const err200 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
 if(vErrors === null){
 vErrors = [err200];
 }
@@ -2607,8 +2602,9 @@ vErrors.push(err200);
 }
 errors++;
 }
-if(data90.client_id === undefined){
-const err201 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_id"},message:"must have required property '"+"client_id"+"'"};
+}
+else {
+const err201 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err201];
 }
@@ -2617,8 +2613,11 @@ vErrors.push(err201);
 }
 errors++;
 }
-if(data90.client_secret === undefined){
-const err202 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_secret"},message:"must have required property '"+"client_secret"+"'"};
+}
+if(data87.source !== undefined){
+let data90 = data87.source;
+if(!((((data90 === "static") || (data90 === "broker")) || (data90 === "broker_secret")) || (data90 === "client_credentials"))){
+const err202 = {instancePath:instancePath+"/credentials/" + i14+"/source",schemaPath:"#/properties/credentials/items/properties/source/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.source.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err202];
 }
@@ -2627,9 +2626,15 @@ vErrors.push(err202);
 }
 errors++;
 }
-for(const key21 in data90){
-if(!(((((key21 === "token_url") || (key21 === "client_id")) || (key21 === "client_secret")) || (key21 === "auth_method")) || (key21 === "resource"))){
-const err203 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key21},message:"must NOT have additional properties"};
+}
+if(data87.oauth !== undefined){
+let data91 = data87.oauth;
+if(data91 && typeof data91 == "object" && !Array.isArray(data91)){
+if(data91.auth_method === undefined){
+data91.auth_method = "client_secret_basic";
+}
+if(data91.token_url === undefined){
+const err203 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "token_url"},message:"must have required property '"+"token_url"+"'"};
 if(vErrors === null){
 vErrors = [err203];
 }
@@ -2638,12 +2643,8 @@ vErrors.push(err203);
 }
 errors++;
 }
-}
-if(data90.token_url !== undefined){
-let data91 = data90.token_url;
-if(typeof data91 === "string"){
-if(!pattern1.test(data91)){
-const err204 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data91.client_id === undefined){
+const err204 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_id"},message:"must have required property '"+"client_id"+"'"};
 if(vErrors === null){
 vErrors = [err204];
 }
@@ -2652,9 +2653,8 @@ vErrors.push(err204);
 }
 errors++;
 }
-}
-else {
-const err205 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data91.client_secret === undefined){
+const err205 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_secret"},message:"must have required property '"+"client_secret"+"'"};
 if(vErrors === null){
 vErrors = [err205];
 }
@@ -2663,12 +2663,9 @@ vErrors.push(err205);
 }
 errors++;
 }
-}
-if(data90.client_id !== undefined){
-let data92 = data90.client_id;
-if(typeof data92 === "string"){
-if(func4(data92) > 256){
-const err206 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
+for(const key21 in data91){
+if(!(((((key21 === "token_url") || (key21 === "client_id")) || (key21 === "client_secret")) || (key21 === "auth_method")) || (key21 === "resource"))){
+const err206 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key21},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err206];
 }
@@ -2677,8 +2674,12 @@ vErrors.push(err206);
 }
 errors++;
 }
-if(func4(data92) < 1){
-const err207 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data91.token_url !== undefined){
+let data92 = data91.token_url;
+if(typeof data92 === "string"){
+if(!pattern1.test(data92)){
+const err207 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err207];
 }
@@ -2689,7 +2690,7 @@ errors++;
 }
 }
 else {
-const err208 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err208 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err208];
 }
@@ -2699,11 +2700,11 @@ vErrors.push(err208);
 errors++;
 }
 }
-if(data90.client_secret !== undefined){
-let data93 = data90.client_secret;
+if(data91.client_id !== undefined){
+let data93 = data91.client_id;
 if(typeof data93 === "string"){
-if(!pattern13.test(data93)){
-const err209 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+if(func4(data93) > 256){
+const err209 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
 if(vErrors === null){
 vErrors = [err209];
 }
@@ -2712,9 +2713,8 @@ vErrors.push(err209);
 }
 errors++;
 }
-}
-else {
-const err210 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(func4(data93) < 1){
+const err210 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err210];
 }
@@ -2724,9 +2724,8 @@ vErrors.push(err210);
 errors++;
 }
 }
-let data94 = data90.auth_method;
-if(!((data94 === "client_secret_basic") || (data94 === "client_secret_post"))){
-const err211 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/auth_method",schemaPath:"#/properties/credentials/items/properties/oauth/properties/auth_method/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.oauth.properties.auth_method.enum},message:"must be equal to one of the allowed values"};
+else {
+const err211 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err211];
 }
@@ -2735,11 +2734,12 @@ vErrors.push(err211);
 }
 errors++;
 }
-if(data90.resource !== undefined){
-let data95 = data90.resource;
-if(typeof data95 === "string"){
-if(func4(data95) < 1){
-const err212 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data91.client_secret !== undefined){
+let data94 = data91.client_secret;
+if(typeof data94 === "string"){
+if(!pattern14.test(data94)){
+const err212 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err212];
 }
@@ -2750,7 +2750,7 @@ errors++;
 }
 }
 else {
-const err213 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err213 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err213];
 }
@@ -2760,9 +2760,9 @@ vErrors.push(err213);
 errors++;
 }
 }
-}
-else {
-const err214 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data95 = data91.auth_method;
+if(!((data95 === "client_secret_basic") || (data95 === "client_secret_post"))){
+const err214 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/auth_method",schemaPath:"#/properties/credentials/items/properties/oauth/properties/auth_method/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.oauth.properties.auth_method.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err214];
 }
@@ -2771,12 +2771,11 @@ vErrors.push(err214);
 }
 errors++;
 }
-}
-if(data86.secret !== undefined){
-let data96 = data86.secret;
+if(data91.resource !== undefined){
+let data96 = data91.resource;
 if(typeof data96 === "string"){
-if(!pattern13.test(data96)){
-const err215 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+if(func4(data96) < 1){
+const err215 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err215];
 }
@@ -2787,7 +2786,7 @@ errors++;
 }
 }
 else {
-const err216 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err216 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err216];
 }
@@ -2797,11 +2796,9 @@ vErrors.push(err216);
 errors++;
 }
 }
-if(data86.token_audience !== undefined){
-let data97 = data86.token_audience;
-if(typeof data97 === "string"){
-if(func4(data97) > 512){
-const err217 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters"};
+}
+else {
+const err217 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err217];
 }
@@ -2810,8 +2807,12 @@ vErrors.push(err217);
 }
 errors++;
 }
-if(func4(data97) < 1){
-const err218 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data87.secret !== undefined){
+let data97 = data87.secret;
+if(typeof data97 === "string"){
+if(!pattern14.test(data97)){
+const err218 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err218];
 }
@@ -2822,7 +2823,7 @@ errors++;
 }
 }
 else {
-const err219 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err219 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err219];
 }
@@ -2832,15 +2833,11 @@ vErrors.push(err219);
 errors++;
 }
 }
-if(data86.scopes !== undefined){
-let data98 = data86.scopes;
-if(Array.isArray(data98)){
-const len13 = data98.length;
-for(let i15=0; i15<len13; i15++){
-let data99 = data98[i15];
-if(typeof data99 === "string"){
-if(!pattern15.test(data99)){
-const err220 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/pattern",keyword:"pattern",params:{pattern: "^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"},message:"must match pattern \""+"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"+"\""};
+if(data87.token_audience !== undefined){
+let data98 = data87.token_audience;
+if(typeof data98 === "string"){
+if(func4(data98) > 512){
+const err220 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters"};
 if(vErrors === null){
 vErrors = [err220];
 }
@@ -2849,9 +2846,8 @@ vErrors.push(err220);
 }
 errors++;
 }
-}
-else {
-const err221 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(func4(data98) < 1){
+const err221 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err221];
 }
@@ -2861,18 +2857,8 @@ vErrors.push(err221);
 errors++;
 }
 }
-let i16 = data98.length;
-let j2;
-if(i16 > 1){
-const indices2 = {};
-for(;i16--;){
-let item2 = data98[i16];
-if(typeof item2 !== "string"){
-continue;
-}
-if(typeof indices2[item2] == "number"){
-j2 = indices2[item2];
-const err222 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/uniqueItems",keyword:"uniqueItems",params:{i: i16, j: j2},message:"must NOT have duplicate items (items ## "+j2+" and "+i16+" are identical)"};
+else {
+const err222 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err222];
 }
@@ -2880,14 +2866,17 @@ else {
 vErrors.push(err222);
 }
 errors++;
-break;
-}
-indices2[item2] = i16;
 }
 }
-}
-else {
-const err223 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data87.scopes !== undefined){
+let data99 = data87.scopes;
+if(Array.isArray(data99)){
+const len13 = data99.length;
+for(let i15=0; i15<len13; i15++){
+let data100 = data99[i15];
+if(typeof data100 === "string"){
+if(!pattern16.test(data100)){
+const err223 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/pattern",keyword:"pattern",params:{pattern: "^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"},message:"must match pattern \""+"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"+"\""};
 if(vErrors === null){
 vErrors = [err223];
 }
@@ -2897,15 +2886,8 @@ vErrors.push(err223);
 errors++;
 }
 }
-if(data86.inject !== undefined){
-let data100 = data86.inject;
-const _errs217 = errors;
-let valid53 = false;
-let passing0 = null;
-const _errs218 = errors;
-if(data100 && typeof data100 == "object" && !Array.isArray(data100)){
-if(data100.type === undefined){
-const err224 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+else {
+const err224 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err224];
 }
@@ -2914,9 +2896,19 @@ vErrors.push(err224);
 }
 errors++;
 }
-for(const key22 in data100){
-if(!(key22 === "type")){
-const err225 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key22},message:"must NOT have additional properties"};
+}
+let i16 = data99.length;
+let j2;
+if(i16 > 1){
+const indices2 = {};
+for(;i16--;){
+let item2 = data99[i16];
+if(typeof item2 !== "string"){
+continue;
+}
+if(typeof indices2[item2] == "number"){
+j2 = indices2[item2];
+const err225 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/uniqueItems",keyword:"uniqueItems",params:{i: i16, j: j2},message:"must NOT have duplicate items (items ## "+j2+" and "+i16+" are identical)"};
 if(vErrors === null){
 vErrors = [err225];
 }
@@ -2924,11 +2916,14 @@ else {
 vErrors.push(err225);
 }
 errors++;
+break;
+}
+indices2[item2] = i16;
 }
 }
-if(data100.type !== undefined){
-if("bearer" !== data100.type){
-const err226 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
+}
+else {
+const err226 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err226];
 }
@@ -2938,16 +2933,15 @@ vErrors.push(err226);
 errors++;
 }
 }
-}
-var _valid0 = _errs218 === errors;
-if(_valid0){
-valid53 = true;
-passing0 = 0;
-}
-const _errs221 = errors;
-if(data100 && typeof data100 == "object" && !Array.isArray(data100)){
-if(data100.type === undefined){
-const err227 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+if(data87.inject !== undefined){
+let data101 = data87.inject;
+const _errs219 = errors;
+let valid53 = false;
+let passing0 = null;
+const _errs220 = errors;
+if(data101 && typeof data101 == "object" && !Array.isArray(data101)){
+if(data101.type === undefined){
+const err227 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err227];
 }
@@ -2956,8 +2950,9 @@ vErrors.push(err227);
 }
 errors++;
 }
-if(data100.name === undefined){
-const err228 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
+for(const key22 in data101){
+if(!(key22 === "type")){
+const err228 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key22},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err228];
 }
@@ -2966,9 +2961,10 @@ vErrors.push(err228);
 }
 errors++;
 }
-for(const key23 in data100){
-if(!(((key23 === "type") || (key23 === "name")) || (key23 === "format"))){
-const err229 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
+}
+if(data101.type !== undefined){
+if("bearer" !== data101.type){
+const err229 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err229];
 }
@@ -2978,9 +2974,16 @@ vErrors.push(err229);
 errors++;
 }
 }
-if(data100.type !== undefined){
-if("header" !== data100.type){
-const err230 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
+}
+var _valid0 = _errs220 === errors;
+if(_valid0){
+valid53 = true;
+passing0 = 0;
+}
+const _errs223 = errors;
+if(data101 && typeof data101 == "object" && !Array.isArray(data101)){
+if(data101.type === undefined){
+const err230 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err230];
 }
@@ -2989,12 +2992,8 @@ vErrors.push(err230);
 }
 errors++;
 }
-}
-if(data100.name !== undefined){
-let data103 = data100.name;
-if(typeof data103 === "string"){
-if(!pattern16.test(data103)){
-const err231 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
+if(data101.name === undefined){
+const err231 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err231];
 }
@@ -3003,9 +3002,9 @@ vErrors.push(err231);
 }
 errors++;
 }
-}
-else {
-const err232 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key23 in data101){
+if(!(((key23 === "type") || (key23 === "name")) || (key23 === "format"))){
+const err232 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err232];
 }
@@ -3015,11 +3014,9 @@ vErrors.push(err232);
 errors++;
 }
 }
-if(data100.format !== undefined){
-let data104 = data100.format;
-if(typeof data104 === "string"){
-if(!pattern17.test(data104)){
-const err233 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
+if(data101.type !== undefined){
+if("header" !== data101.type){
+const err233 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err233];
 }
@@ -3029,8 +3026,11 @@ vErrors.push(err233);
 errors++;
 }
 }
-else {
-const err234 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data101.name !== undefined){
+let data104 = data101.name;
+if(typeof data104 === "string"){
+if(!pattern17.test(data104)){
+const err234 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err234];
 }
@@ -3040,21 +3040,8 @@ vErrors.push(err234);
 errors++;
 }
 }
-}
-var _valid0 = _errs221 === errors;
-if(_valid0 && valid53){
-valid53 = false;
-passing0 = [passing0, 1];
-}
 else {
-if(_valid0){
-valid53 = true;
-passing0 = 1;
-}
-const _errs228 = errors;
-if(data100 && typeof data100 == "object" && !Array.isArray(data100)){
-if(data100.type === undefined){
-const err235 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+const err235 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err235];
 }
@@ -3063,8 +3050,12 @@ vErrors.push(err235);
 }
 errors++;
 }
-if(data100.name === undefined){
-const err236 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
+}
+if(data101.format !== undefined){
+let data105 = data101.format;
+if(typeof data105 === "string"){
+if(!pattern18.test(data105)){
+const err236 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
 if(vErrors === null){
 vErrors = [err236];
 }
@@ -3073,9 +3064,9 @@ vErrors.push(err236);
 }
 errors++;
 }
-for(const key24 in data100){
-if(!((key24 === "type") || (key24 === "name"))){
-const err237 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
+}
+else {
+const err237 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err237];
 }
@@ -3085,9 +3076,21 @@ vErrors.push(err237);
 errors++;
 }
 }
-if(data100.type !== undefined){
-if("query" !== data100.type){
-const err238 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
+}
+var _valid0 = _errs223 === errors;
+if(_valid0 && valid53){
+valid53 = false;
+passing0 = [passing0, 1];
+}
+else {
+if(_valid0){
+valid53 = true;
+passing0 = 1;
+}
+const _errs230 = errors;
+if(data101 && typeof data101 == "object" && !Array.isArray(data101)){
+if(data101.type === undefined){
+const err238 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err238];
 }
@@ -3096,12 +3099,8 @@ vErrors.push(err238);
 }
 errors++;
 }
-}
-if(data100.name !== undefined){
-let data106 = data100.name;
-if(typeof data106 === "string"){
-if(func4(data106) < 1){
-const err239 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data101.name === undefined){
+const err239 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err239];
 }
@@ -3110,9 +3109,9 @@ vErrors.push(err239);
 }
 errors++;
 }
-}
-else {
-const err240 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key24 in data101){
+if(!((key24 === "type") || (key24 === "name"))){
+const err240 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err240];
 }
@@ -3122,21 +3121,9 @@ vErrors.push(err240);
 errors++;
 }
 }
-}
-var _valid0 = _errs228 === errors;
-if(_valid0 && valid53){
-valid53 = false;
-passing0 = [passing0, 2];
-}
-else {
-if(_valid0){
-valid53 = true;
-passing0 = 2;
-}
-const _errs233 = errors;
-if(data100 && typeof data100 == "object" && !Array.isArray(data100)){
-if(data100.type === undefined){
-const err241 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+if(data101.type !== undefined){
+if("query" !== data101.type){
+const err241 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err241];
 }
@@ -3145,8 +3132,12 @@ vErrors.push(err241);
 }
 errors++;
 }
-if(data100.username === undefined){
-const err242 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
+}
+if(data101.name !== undefined){
+let data107 = data101.name;
+if(typeof data107 === "string"){
+if(func4(data107) < 1){
+const err242 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err242];
 }
@@ -3155,9 +3146,9 @@ vErrors.push(err242);
 }
 errors++;
 }
-for(const key25 in data100){
-if(!((key25 === "type") || (key25 === "username"))){
-const err243 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
+}
+else {
+const err243 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err243];
 }
@@ -3167,9 +3158,21 @@ vErrors.push(err243);
 errors++;
 }
 }
-if(data100.type !== undefined){
-if("basic" !== data100.type){
-const err244 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
+}
+var _valid0 = _errs230 === errors;
+if(_valid0 && valid53){
+valid53 = false;
+passing0 = [passing0, 2];
+}
+else {
+if(_valid0){
+valid53 = true;
+passing0 = 2;
+}
+const _errs235 = errors;
+if(data101 && typeof data101 == "object" && !Array.isArray(data101)){
+if(data101.type === undefined){
+const err244 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err244];
 }
@@ -3178,12 +3181,8 @@ vErrors.push(err244);
 }
 errors++;
 }
-}
-if(data100.username !== undefined){
-let data108 = data100.username;
-if(typeof data108 === "string"){
-if(!pattern18.test(data108)){
-const err245 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
+if(data101.username === undefined){
+const err245 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
 if(vErrors === null){
 vErrors = [err245];
 }
@@ -3192,9 +3191,9 @@ vErrors.push(err245);
 }
 errors++;
 }
-}
-else {
-const err246 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key25 in data101){
+if(!((key25 === "type") || (key25 === "username"))){
+const err246 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err246];
 }
@@ -3204,8 +3203,45 @@ vErrors.push(err246);
 errors++;
 }
 }
+if(data101.type !== undefined){
+if("basic" !== data101.type){
+const err247 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
+if(vErrors === null){
+vErrors = [err247];
 }
-var _valid0 = _errs233 === errors;
+else {
+vErrors.push(err247);
+}
+errors++;
+}
+}
+if(data101.username !== undefined){
+let data109 = data101.username;
+if(typeof data109 === "string"){
+if(!pattern19.test(data109)){
+const err248 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
+if(vErrors === null){
+vErrors = [err248];
+}
+else {
+vErrors.push(err248);
+}
+errors++;
+}
+}
+else {
+const err249 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err249];
+}
+else {
+vErrors.push(err249);
+}
+errors++;
+}
+}
+}
+var _valid0 = _errs235 === errors;
 if(_valid0 && valid53){
 valid53 = false;
 passing0 = [passing0, 3];
@@ -3219,58 +3255,7 @@ passing0 = 3;
 }
 }
 if(!valid53){
-const err247 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
-if(vErrors === null){
-vErrors = [err247];
-}
-else {
-vErrors.push(err247);
-}
-errors++;
-}
-else {
-errors = _errs217;
-if(vErrors !== null){
-if(_errs217){
-vErrors.length = _errs217;
-}
-else {
-vErrors = null;
-}
-}
-}
-if(data100 && typeof data100 == "object" && !Array.isArray(data100)){
-if(data100.type === undefined){
-const err248 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
-if(vErrors === null){
-vErrors = [err248];
-}
-else {
-vErrors.push(err248);
-}
-errors++;
-}
-}
-else {
-const err249 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
-if(vErrors === null){
-vErrors = [err249];
-}
-else {
-vErrors.push(err249);
-}
-errors++;
-}
-}
-if(data86.strip !== undefined){
-let data109 = data86.strip;
-if(Array.isArray(data109)){
-const len14 = data109.length;
-for(let i17=0; i17<len14; i17++){
-let data110 = data109[i17];
-if(typeof data110 === "string"){
-if(!pattern16.test(data110)){
-const err250 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
+const err250 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
 if(vErrors === null){
 vErrors = [err250];
 }
@@ -3279,9 +3264,20 @@ vErrors.push(err250);
 }
 errors++;
 }
+else {
+errors = _errs219;
+if(vErrors !== null){
+if(_errs219){
+vErrors.length = _errs219;
 }
 else {
-const err251 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+vErrors = null;
+}
+}
+}
+if(data101 && typeof data101 == "object" && !Array.isArray(data101)){
+if(data101.type === undefined){
+const err251 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err251];
 }
@@ -3291,9 +3287,8 @@ vErrors.push(err251);
 errors++;
 }
 }
-}
 else {
-const err252 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err252 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err252];
 }
@@ -3303,9 +3298,15 @@ vErrors.push(err252);
 errors++;
 }
 }
-}
-else {
-const err253 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data87.strip !== undefined){
+let data110 = data87.strip;
+if(Array.isArray(data110)){
+const len14 = data110.length;
+for(let i17=0; i17<len14; i17++){
+let data111 = data110[i17];
+if(typeof data111 === "string"){
+if(!pattern17.test(data111)){
+const err253 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err253];
 }
@@ -3315,9 +3316,8 @@ vErrors.push(err253);
 errors++;
 }
 }
-}
 else {
-const err254 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err254 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err254];
 }
@@ -3326,14 +3326,10 @@ vErrors.push(err254);
 }
 errors++;
 }
-let data111 = data.secrets;
-if(data111 && typeof data111 == "object" && !Array.isArray(data111)){
-if(data111.env_prefix === undefined){
-data111.env_prefix = "LATCHKEY_SECRET_";
 }
-for(const key26 in data111){
-if(!((key26 === "file") || (key26 === "env_prefix"))){
-const err255 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
+}
+else {
+const err255 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err255];
 }
@@ -3343,11 +3339,9 @@ vErrors.push(err255);
 errors++;
 }
 }
-if(data111.file !== undefined){
-let data112 = data111.file;
-if(typeof data112 === "string"){
-if(func4(data112) < 1){
-const err256 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err256 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err256];
 }
@@ -3357,8 +3351,9 @@ vErrors.push(err256);
 errors++;
 }
 }
+}
 else {
-const err257 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err257 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err257];
 }
@@ -3367,11 +3362,14 @@ vErrors.push(err257);
 }
 errors++;
 }
+let data112 = data.secrets;
+if(data112 && typeof data112 == "object" && !Array.isArray(data112)){
+if(data112.env_prefix === undefined){
+data112.env_prefix = "LATCHKEY_SECRET_";
 }
-let data113 = data111.env_prefix;
-if(typeof data113 === "string"){
-if(!pattern20.test(data113)){
-const err258 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
+for(const key26 in data112){
+if(!((key26 === "file") || (key26 === "env_prefix"))){
+const err258 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err258];
 }
@@ -3381,8 +3379,11 @@ vErrors.push(err258);
 errors++;
 }
 }
-else {
-const err259 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data112.file !== undefined){
+let data113 = data112.file;
+if(typeof data113 === "string"){
+if(func4(data113) < 1){
+const err259 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err259];
 }
@@ -3393,7 +3394,7 @@ errors++;
 }
 }
 else {
-const err260 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err260 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err260];
 }
@@ -3402,17 +3403,11 @@ vErrors.push(err260);
 }
 errors++;
 }
-let data114 = data.audit;
-if(data114 && typeof data114 == "object" && !Array.isArray(data114)){
-if(data114.jsonl === undefined){
-data114.jsonl = {};
 }
-if(data114.collector === undefined){
-data114.collector = null;
-}
-for(const key27 in data114){
-if(!((key27 === "jsonl") || (key27 === "collector"))){
-const err261 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
+let data114 = data112.env_prefix;
+if(typeof data114 === "string"){
+if(!pattern21.test(data114)){
+const err261 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err261];
 }
@@ -3422,17 +3417,8 @@ vErrors.push(err261);
 errors++;
 }
 }
-let data115 = data114.jsonl;
-if(data115 && typeof data115 == "object" && !Array.isArray(data115)){
-if(data115.path === undefined){
-data115.path = "latchkey-audit.jsonl";
-}
-if(data115.flush_ms === undefined){
-data115.flush_ms = 20;
-}
-for(const key28 in data115){
-if(!((key28 === "path") || (key28 === "flush_ms"))){
-const err262 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
+else {
+const err262 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err262];
 }
@@ -3442,10 +3428,8 @@ vErrors.push(err262);
 errors++;
 }
 }
-let data116 = data115.path;
-if(typeof data116 === "string"){
-if(func4(data116) < 1){
-const err263 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err263 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err263];
 }
@@ -3454,9 +3438,17 @@ vErrors.push(err263);
 }
 errors++;
 }
+let data115 = data.audit;
+if(data115 && typeof data115 == "object" && !Array.isArray(data115)){
+if(data115.jsonl === undefined){
+data115.jsonl = {};
 }
-else {
-const err264 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data115.collector === undefined){
+data115.collector = null;
+}
+for(const key27 in data115){
+if(!((key27 === "jsonl") || (key27 === "collector"))){
+const err264 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err264];
 }
@@ -3465,9 +3457,18 @@ vErrors.push(err264);
 }
 errors++;
 }
-let data117 = data115.flush_ms;
-if(!(((typeof data117 == "number") && (!(data117 % 1) && !isNaN(data117))) && (isFinite(data117)))){
-const err265 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data116 = data115.jsonl;
+if(data116 && typeof data116 == "object" && !Array.isArray(data116)){
+if(data116.path === undefined){
+data116.path = "latchkey-audit.jsonl";
+}
+if(data116.flush_ms === undefined){
+data116.flush_ms = 20;
+}
+for(const key28 in data116){
+if(!((key28 === "path") || (key28 === "flush_ms"))){
+const err265 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err265];
 }
@@ -3476,9 +3477,11 @@ vErrors.push(err265);
 }
 errors++;
 }
-if((typeof data117 == "number") && (isFinite(data117))){
-if(data117 > 3600000 || isNaN(data117)){
-const err266 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data117 = data116.path;
+if(typeof data117 === "string"){
+if(func4(data117) < 1){
+const err266 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err266];
 }
@@ -3487,8 +3490,9 @@ vErrors.push(err266);
 }
 errors++;
 }
-if(data117 < 1 || isNaN(data117)){
-const err267 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+else {
+const err267 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err267];
 }
@@ -3497,10 +3501,9 @@ vErrors.push(err267);
 }
 errors++;
 }
-}
-}
-else {
-const err268 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data118 = data116.flush_ms;
+if(!(((typeof data118 == "number") && (!(data118 % 1) && !isNaN(data118))) && (isFinite(data118)))){
+const err268 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err268];
 }
@@ -3509,9 +3512,9 @@ vErrors.push(err268);
 }
 errors++;
 }
-let data118 = data114.collector;
-if((!(data118 && typeof data118 == "object" && !Array.isArray(data118))) && (data118 !== null)){
-const err269 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
+if((typeof data118 == "number") && (isFinite(data118))){
+if(data118 > 3600000 || isNaN(data118)){
+const err269 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err269];
 }
@@ -3520,36 +3523,8 @@ vErrors.push(err269);
 }
 errors++;
 }
-if(data118 && typeof data118 == "object" && !Array.isArray(data118)){
-if(data118.tls === undefined){
-data118.tls = null;
-}
-if(data118.spool_dir === undefined){
-data118.spool_dir = "latchkey-spool";
-}
-if(data118.spool_max_bytes === undefined){
-data118.spool_max_bytes = 268435456;
-}
-if(data118.segment_bytes === undefined){
-data118.segment_bytes = 4194304;
-}
-if(data118.on_full === undefined){
-data118.on_full = "refuse";
-}
-if(data118.batch_events === undefined){
-data118.batch_events = 1000;
-}
-if(data118.backoff_min_ms === undefined){
-data118.backoff_min_ms = 100;
-}
-if(data118.backoff_max_ms === undefined){
-data118.backoff_max_ms = 5000;
-}
-if(data118.close_timeout_ms === undefined){
-data118.close_timeout_ms = 2000;
-}
-if(data118.address === undefined){
-const err270 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
+if(data118 < 1 || isNaN(data118)){
+const err270 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err270];
 }
@@ -3558,8 +3533,10 @@ vErrors.push(err270);
 }
 errors++;
 }
-if(data118.sidecar_id === undefined){
-const err271 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
+}
+}
+else {
+const err271 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err271];
 }
@@ -3568,9 +3545,9 @@ vErrors.push(err271);
 }
 errors++;
 }
-for(const key29 in data118){
-if(!(func2.call(schema11.properties.audit.properties.collector.properties, key29))){
-const err272 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
+let data119 = data115.collector;
+if((!(data119 && typeof data119 == "object" && !Array.isArray(data119))) && (data119 !== null)){
+const err272 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err272];
 }
@@ -3579,12 +3556,36 @@ vErrors.push(err272);
 }
 errors++;
 }
+if(data119 && typeof data119 == "object" && !Array.isArray(data119)){
+if(data119.tls === undefined){
+data119.tls = null;
 }
-if(data118.address !== undefined){
-let data119 = data118.address;
-if(typeof data119 === "string"){
-if(!pattern21.test(data119)){
-const err273 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:[0-9]{1,5}$"},message:"must match pattern \""+"^[^\\s/]+:[0-9]{1,5}$"+"\""};
+if(data119.spool_dir === undefined){
+data119.spool_dir = "latchkey-spool";
+}
+if(data119.spool_max_bytes === undefined){
+data119.spool_max_bytes = 268435456;
+}
+if(data119.segment_bytes === undefined){
+data119.segment_bytes = 4194304;
+}
+if(data119.on_full === undefined){
+data119.on_full = "refuse";
+}
+if(data119.batch_events === undefined){
+data119.batch_events = 1000;
+}
+if(data119.backoff_min_ms === undefined){
+data119.backoff_min_ms = 100;
+}
+if(data119.backoff_max_ms === undefined){
+data119.backoff_max_ms = 5000;
+}
+if(data119.close_timeout_ms === undefined){
+data119.close_timeout_ms = 2000;
+}
+if(data119.address === undefined){
+const err273 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
 if(vErrors === null){
 vErrors = [err273];
 }
@@ -3593,9 +3594,8 @@ vErrors.push(err273);
 }
 errors++;
 }
-}
-else {
-const err274 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data119.sidecar_id === undefined){
+const err274 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
 if(vErrors === null){
 vErrors = [err274];
 }
@@ -3604,12 +3604,9 @@ vErrors.push(err274);
 }
 errors++;
 }
-}
-if(data118.sidecar_id !== undefined){
-let data120 = data118.sidecar_id;
-if(typeof data120 === "string"){
-if(func4(data120) < 1){
-const err275 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key29 in data119){
+if(!(func2.call(schema11.properties.audit.properties.collector.properties, key29))){
+const err275 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err275];
 }
@@ -3619,8 +3616,11 @@ vErrors.push(err275);
 errors++;
 }
 }
-else {
-const err276 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data119.address !== undefined){
+let data120 = data119.address;
+if(typeof data120 === "string"){
+if(!pattern22.test(data120)){
+const err276 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:[0-9]{1,5}$"},message:"must match pattern \""+"^[^\\s/]+:[0-9]{1,5}$"+"\""};
 if(vErrors === null){
 vErrors = [err276];
 }
@@ -3630,11 +3630,8 @@ vErrors.push(err276);
 errors++;
 }
 }
-if(data118.token_secret !== undefined){
-let data121 = data118.token_secret;
-if(typeof data121 === "string"){
-if(func4(data121) < 1){
-const err277 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err277 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err277];
 }
@@ -3644,8 +3641,11 @@ vErrors.push(err277);
 errors++;
 }
 }
-else {
-const err278 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data119.sidecar_id !== undefined){
+let data121 = data119.sidecar_id;
+if(typeof data121 === "string"){
+if(func4(data121) < 1){
+const err278 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err278];
 }
@@ -3655,9 +3655,8 @@ vErrors.push(err278);
 errors++;
 }
 }
-let data122 = data118.tls;
-if((!(data122 && typeof data122 == "object" && !Array.isArray(data122))) && (data122 !== null)){
-const err279 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
+else {
+const err279 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err279];
 }
@@ -3666,9 +3665,12 @@ vErrors.push(err279);
 }
 errors++;
 }
-if(data122 && typeof data122 == "object" && !Array.isArray(data122)){
-if(data122.ca_file === undefined){
-const err280 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
+}
+if(data119.token_secret !== undefined){
+let data122 = data119.token_secret;
+if(typeof data122 === "string"){
+if(func4(data122) < 1){
+const err280 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err280];
 }
@@ -3677,8 +3679,9 @@ vErrors.push(err280);
 }
 errors++;
 }
-if(data122.cert_file === undefined){
-const err281 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+}
+else {
+const err281 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err281];
 }
@@ -3687,8 +3690,10 @@ vErrors.push(err281);
 }
 errors++;
 }
-if(data122.key_file === undefined){
-const err282 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+}
+let data123 = data119.tls;
+if((!(data123 && typeof data123 == "object" && !Array.isArray(data123))) && (data123 !== null)){
+const err282 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err282];
 }
@@ -3697,9 +3702,9 @@ vErrors.push(err282);
 }
 errors++;
 }
-for(const key30 in data122){
-if(!(((key30 === "ca_file") || (key30 === "cert_file")) || (key30 === "key_file"))){
-const err283 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
+if(data123 && typeof data123 == "object" && !Array.isArray(data123)){
+if(data123.ca_file === undefined){
+const err283 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
 if(vErrors === null){
 vErrors = [err283];
 }
@@ -3708,12 +3713,8 @@ vErrors.push(err283);
 }
 errors++;
 }
-}
-if(data122.ca_file !== undefined){
-let data123 = data122.ca_file;
-if(typeof data123 === "string"){
-if(func4(data123) < 1){
-const err284 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data123.cert_file === undefined){
+const err284 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err284];
 }
@@ -3722,9 +3723,8 @@ vErrors.push(err284);
 }
 errors++;
 }
-}
-else {
-const err285 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data123.key_file === undefined){
+const err285 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err285];
 }
@@ -3733,12 +3733,9 @@ vErrors.push(err285);
 }
 errors++;
 }
-}
-if(data122.cert_file !== undefined){
-let data124 = data122.cert_file;
-if(typeof data124 === "string"){
-if(func4(data124) < 1){
-const err286 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key30 in data123){
+if(!(((key30 === "ca_file") || (key30 === "cert_file")) || (key30 === "key_file"))){
+const err286 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err286];
 }
@@ -3748,8 +3745,11 @@ vErrors.push(err286);
 errors++;
 }
 }
-else {
-const err287 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data123.ca_file !== undefined){
+let data124 = data123.ca_file;
+if(typeof data124 === "string"){
+if(func4(data124) < 1){
+const err287 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err287];
 }
@@ -3759,11 +3759,8 @@ vErrors.push(err287);
 errors++;
 }
 }
-if(data122.key_file !== undefined){
-let data125 = data122.key_file;
-if(typeof data125 === "string"){
-if(func4(data125) < 1){
-const err288 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err288 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err288];
 }
@@ -3773,8 +3770,11 @@ vErrors.push(err288);
 errors++;
 }
 }
-else {
-const err289 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data123.cert_file !== undefined){
+let data125 = data123.cert_file;
+if(typeof data125 === "string"){
+if(func4(data125) < 1){
+const err289 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err289];
 }
@@ -3784,11 +3784,8 @@ vErrors.push(err289);
 errors++;
 }
 }
-}
-let data126 = data118.spool_dir;
-if(typeof data126 === "string"){
-if(func4(data126) < 1){
-const err290 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err290 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err290];
 }
@@ -3798,8 +3795,11 @@ vErrors.push(err290);
 errors++;
 }
 }
-else {
-const err291 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data123.key_file !== undefined){
+let data126 = data123.key_file;
+if(typeof data126 === "string"){
+if(func4(data126) < 1){
+const err291 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err291];
 }
@@ -3808,9 +3808,9 @@ vErrors.push(err291);
 }
 errors++;
 }
-let data127 = data118.spool_max_bytes;
-if(!(((typeof data127 == "number") && (!(data127 % 1) && !isNaN(data127))) && (isFinite(data127)))){
-const err292 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err292 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err292];
 }
@@ -3819,9 +3819,12 @@ vErrors.push(err292);
 }
 errors++;
 }
-if((typeof data127 == "number") && (isFinite(data127))){
-if(data127 < 65536 || isNaN(data127)){
-const err293 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
+}
+}
+let data127 = data119.spool_dir;
+if(typeof data127 === "string"){
+if(func4(data127) < 1){
+const err293 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err293];
 }
@@ -3831,9 +3834,8 @@ vErrors.push(err293);
 errors++;
 }
 }
-let data128 = data118.segment_bytes;
-if(!(((typeof data128 == "number") && (!(data128 % 1) && !isNaN(data128))) && (isFinite(data128)))){
-const err294 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err294 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err294];
 }
@@ -3842,9 +3844,9 @@ vErrors.push(err294);
 }
 errors++;
 }
-if((typeof data128 == "number") && (isFinite(data128))){
-if(data128 < 4096 || isNaN(data128)){
-const err295 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
+let data128 = data119.spool_max_bytes;
+if(!(((typeof data128 == "number") && (!(data128 % 1) && !isNaN(data128))) && (isFinite(data128)))){
+const err295 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err295];
 }
@@ -3853,10 +3855,9 @@ vErrors.push(err295);
 }
 errors++;
 }
-}
-let data129 = data118.on_full;
-if(!((data129 === "refuse") || (data129 === "drop"))){
-const err296 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
+if((typeof data128 == "number") && (isFinite(data128))){
+if(data128 < 65536 || isNaN(data128)){
+const err296 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
 if(vErrors === null){
 vErrors = [err296];
 }
@@ -3865,9 +3866,10 @@ vErrors.push(err296);
 }
 errors++;
 }
-let data130 = data118.batch_events;
-if(!(((typeof data130 == "number") && (!(data130 % 1) && !isNaN(data130))) && (isFinite(data130)))){
-const err297 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data129 = data119.segment_bytes;
+if(!(((typeof data129 == "number") && (!(data129 % 1) && !isNaN(data129))) && (isFinite(data129)))){
+const err297 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err297];
 }
@@ -3876,9 +3878,9 @@ vErrors.push(err297);
 }
 errors++;
 }
-if((typeof data130 == "number") && (isFinite(data130))){
-if(data130 > 10000 || isNaN(data130)){
-const err298 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
+if((typeof data129 == "number") && (isFinite(data129))){
+if(data129 < 4096 || isNaN(data129)){
+const err298 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
 if(vErrors === null){
 vErrors = [err298];
 }
@@ -3887,8 +3889,10 @@ vErrors.push(err298);
 }
 errors++;
 }
-if(data130 < 1 || isNaN(data130)){
-const err299 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data130 = data119.on_full;
+if(!((data130 === "refuse") || (data130 === "drop"))){
+const err299 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err299];
 }
@@ -3897,10 +3901,9 @@ vErrors.push(err299);
 }
 errors++;
 }
-}
-let data131 = data118.backoff_min_ms;
+let data131 = data119.batch_events;
 if(!(((typeof data131 == "number") && (!(data131 % 1) && !isNaN(data131))) && (isFinite(data131)))){
-const err300 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err300 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err300];
 }
@@ -3910,8 +3913,8 @@ vErrors.push(err300);
 errors++;
 }
 if((typeof data131 == "number") && (isFinite(data131))){
-if(data131 > 3600000 || isNaN(data131)){
-const err301 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data131 > 10000 || isNaN(data131)){
+const err301 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
 if(vErrors === null){
 vErrors = [err301];
 }
@@ -3921,7 +3924,7 @@ vErrors.push(err301);
 errors++;
 }
 if(data131 < 1 || isNaN(data131)){
-const err302 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err302 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err302];
 }
@@ -3931,9 +3934,9 @@ vErrors.push(err302);
 errors++;
 }
 }
-let data132 = data118.backoff_max_ms;
+let data132 = data119.backoff_min_ms;
 if(!(((typeof data132 == "number") && (!(data132 % 1) && !isNaN(data132))) && (isFinite(data132)))){
-const err303 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err303 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err303];
 }
@@ -3944,7 +3947,7 @@ errors++;
 }
 if((typeof data132 == "number") && (isFinite(data132))){
 if(data132 > 3600000 || isNaN(data132)){
-const err304 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err304 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err304];
 }
@@ -3954,7 +3957,7 @@ vErrors.push(err304);
 errors++;
 }
 if(data132 < 1 || isNaN(data132)){
-const err305 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err305 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err305];
 }
@@ -3964,9 +3967,9 @@ vErrors.push(err305);
 errors++;
 }
 }
-let data133 = data118.close_timeout_ms;
+let data133 = data119.backoff_max_ms;
 if(!(((typeof data133 == "number") && (!(data133 % 1) && !isNaN(data133))) && (isFinite(data133)))){
-const err306 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err306 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err306];
 }
@@ -3977,7 +3980,7 @@ errors++;
 }
 if((typeof data133 == "number") && (isFinite(data133))){
 if(data133 > 3600000 || isNaN(data133)){
-const err307 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err307 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err307];
 }
@@ -3986,8 +3989,8 @@ vErrors.push(err307);
 }
 errors++;
 }
-if(data133 < 0 || isNaN(data133)){
-const err308 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if(data133 < 1 || isNaN(data133)){
+const err308 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err308];
 }
@@ -3997,10 +4000,9 @@ vErrors.push(err308);
 errors++;
 }
 }
-}
-}
-else {
-const err309 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data134 = data119.close_timeout_ms;
+if(!(((typeof data134 == "number") && (!(data134 % 1) && !isNaN(data134))) && (isFinite(data134)))){
+const err309 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err309];
 }
@@ -4009,14 +4011,9 @@ vErrors.push(err309);
 }
 errors++;
 }
-let data134 = data.log;
-if(data134 && typeof data134 == "object" && !Array.isArray(data134)){
-if(data134.level === undefined){
-data134.level = "info";
-}
-for(const key31 in data134){
-if(!(key31 === "level")){
-const err310 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
+if((typeof data134 == "number") && (isFinite(data134))){
+if(data134 > 3600000 || isNaN(data134)){
+const err310 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err310];
 }
@@ -4025,10 +4022,8 @@ vErrors.push(err310);
 }
 errors++;
 }
-}
-let data135 = data134.level;
-if(!(((((((data135 === "fatal") || (data135 === "error")) || (data135 === "warn")) || (data135 === "info")) || (data135 === "debug")) || (data135 === "trace")) || (data135 === "silent"))){
-const err311 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
+if(data134 < 0 || isNaN(data134)){
+const err311 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err311];
 }
@@ -4038,8 +4033,10 @@ vErrors.push(err311);
 errors++;
 }
 }
+}
+}
 else {
-const err312 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err312 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err312];
 }
@@ -4048,38 +4045,14 @@ vErrors.push(err312);
 }
 errors++;
 }
-if(data.broker !== undefined){
-let data136 = data.broker;
-if(data136 && typeof data136 == "object" && !Array.isArray(data136)){
-if(data136.listen === undefined){
-data136.listen = {};
+let data135 = data.log;
+if(data135 && typeof data135 == "object" && !Array.isArray(data135)){
+if(data135.level === undefined){
+data135.level = "info";
 }
-if(data136.keys === undefined){
-data136.keys = {};
-}
-if(data136.tokens === undefined){
-data136.tokens = {};
-}
-if(data136.attestors === undefined){
-data136.attestors = {};
-}
-if(data136.store === undefined){
-data136.store = {};
-}
-if(data136.admin_token_env === undefined){
-data136.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
-}
-if(data136.introspection_clients === undefined){
-data136.introspection_clients = {};
-}
-if(data136.leased_secrets === undefined){
-data136.leased_secrets = {};
-}
-if(data136.events === undefined){
-data136.events = {};
-}
-if(data136.issuer === undefined){
-const err313 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+for(const key31 in data135){
+if(!(key31 === "level")){
+const err313 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err313];
 }
@@ -4088,8 +4061,10 @@ vErrors.push(err313);
 }
 errors++;
 }
-if(data136.registry_file === undefined){
-const err314 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
+}
+let data136 = data135.level;
+if(!(((((((data136 === "fatal") || (data136 === "error")) || (data136 === "warn")) || (data136 === "info")) || (data136 === "debug")) || (data136 === "trace")) || (data136 === "silent"))){
+const err314 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err314];
 }
@@ -4098,9 +4073,9 @@ vErrors.push(err314);
 }
 errors++;
 }
-for(const key32 in data136){
-if(!(func2.call(schema11.properties.broker.properties, key32))){
-const err315 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
+}
+else {
+const err315 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err315];
 }
@@ -4109,12 +4084,38 @@ vErrors.push(err315);
 }
 errors++;
 }
+if(data.broker !== undefined){
+let data137 = data.broker;
+if(data137 && typeof data137 == "object" && !Array.isArray(data137)){
+if(data137.listen === undefined){
+data137.listen = {};
 }
-if(data136.issuer !== undefined){
-let data137 = data136.issuer;
-if(typeof data137 === "string"){
-if(!pattern1.test(data137)){
-const err316 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data137.keys === undefined){
+data137.keys = {};
+}
+if(data137.tokens === undefined){
+data137.tokens = {};
+}
+if(data137.attestors === undefined){
+data137.attestors = {};
+}
+if(data137.store === undefined){
+data137.store = {};
+}
+if(data137.admin_token_env === undefined){
+data137.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
+}
+if(data137.introspection_clients === undefined){
+data137.introspection_clients = {};
+}
+if(data137.leased_secrets === undefined){
+data137.leased_secrets = {};
+}
+if(data137.events === undefined){
+data137.events = {};
+}
+if(data137.issuer === undefined){
+const err316 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err316];
 }
@@ -4123,9 +4124,8 @@ vErrors.push(err316);
 }
 errors++;
 }
-}
-else {
-const err317 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data137.registry_file === undefined){
+const err317 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
 if(vErrors === null){
 vErrors = [err317];
 }
@@ -4134,12 +4134,9 @@ vErrors.push(err317);
 }
 errors++;
 }
-}
-if(data136.audience !== undefined){
-let data138 = data136.audience;
-if(typeof data138 === "string"){
-if(func4(data138) < 1){
-const err318 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key32 in data137){
+if(!(func2.call(schema11.properties.broker.properties, key32))){
+const err318 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err318];
 }
@@ -4149,8 +4146,11 @@ vErrors.push(err318);
 errors++;
 }
 }
-else {
-const err319 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data137.issuer !== undefined){
+let data138 = data137.issuer;
+if(typeof data138 === "string"){
+if(!pattern1.test(data138)){
+const err319 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err319];
 }
@@ -4160,17 +4160,8 @@ vErrors.push(err319);
 errors++;
 }
 }
-let data139 = data136.listen;
-if(data139 && typeof data139 == "object" && !Array.isArray(data139)){
-if(data139.host === undefined){
-data139.host = "127.0.0.1";
-}
-if(data139.port === undefined){
-data139.port = 15003;
-}
-for(const key33 in data139){
-if(!((key33 === "host") || (key33 === "port"))){
-const err320 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
+else {
+const err320 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err320];
 }
@@ -4180,10 +4171,11 @@ vErrors.push(err320);
 errors++;
 }
 }
-let data140 = data139.host;
-if(typeof data140 === "string"){
-if(func4(data140) < 1){
-const err321 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data137.audience !== undefined){
+let data139 = data137.audience;
+if(typeof data139 === "string"){
+if(func4(data139) < 1){
+const err321 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err321];
 }
@@ -4194,7 +4186,7 @@ errors++;
 }
 }
 else {
-const err322 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err322 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err322];
 }
@@ -4203,9 +4195,18 @@ vErrors.push(err322);
 }
 errors++;
 }
-let data141 = data139.port;
-if(!(((typeof data141 == "number") && (!(data141 % 1) && !isNaN(data141))) && (isFinite(data141)))){
-const err323 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data140 = data137.listen;
+if(data140 && typeof data140 == "object" && !Array.isArray(data140)){
+if(data140.host === undefined){
+data140.host = "127.0.0.1";
+}
+if(data140.port === undefined){
+data140.port = 15003;
+}
+for(const key33 in data140){
+if(!((key33 === "host") || (key33 === "port"))){
+const err323 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err323];
 }
@@ -4214,9 +4215,11 @@ vErrors.push(err323);
 }
 errors++;
 }
-if((typeof data141 == "number") && (isFinite(data141))){
-if(data141 > 65535 || isNaN(data141)){
-const err324 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+let data141 = data140.host;
+if(typeof data141 === "string"){
+if(func4(data141) < 1){
+const err324 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err324];
 }
@@ -4225,8 +4228,9 @@ vErrors.push(err324);
 }
 errors++;
 }
-if(data141 < 0 || isNaN(data141)){
-const err325 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+else {
+const err325 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err325];
 }
@@ -4235,10 +4239,9 @@ vErrors.push(err325);
 }
 errors++;
 }
-}
-}
-else {
-const err326 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data142 = data140.port;
+if(!(((typeof data142 == "number") && (!(data142 % 1) && !isNaN(data142))) && (isFinite(data142)))){
+const err326 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err326];
 }
@@ -4247,20 +4250,9 @@ vErrors.push(err326);
 }
 errors++;
 }
-let data142 = data136.keys;
-if(data142 && typeof data142 == "object" && !Array.isArray(data142)){
-if(data142.dir === undefined){
-data142.dir = ".latchkey/broker-keys";
-}
-if(data142.alg === undefined){
-data142.alg = "ES256";
-}
-if(data142.rotate_after_s === undefined){
-data142.rotate_after_s = 86400;
-}
-for(const key34 in data142){
-if(!(((key34 === "dir") || (key34 === "alg")) || (key34 === "rotate_after_s"))){
-const err327 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
+if((typeof data142 == "number") && (isFinite(data142))){
+if(data142 > 65535 || isNaN(data142)){
+const err327 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err327];
 }
@@ -4269,11 +4261,8 @@ vErrors.push(err327);
 }
 errors++;
 }
-}
-let data143 = data142.dir;
-if(typeof data143 === "string"){
-if(func4(data143) < 1){
-const err328 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data142 < 0 || isNaN(data142)){
+const err328 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err328];
 }
@@ -4283,8 +4272,9 @@ vErrors.push(err328);
 errors++;
 }
 }
+}
 else {
-const err329 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err329 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err329];
 }
@@ -4293,9 +4283,20 @@ vErrors.push(err329);
 }
 errors++;
 }
-let data144 = data142.alg;
-if(!((data144 === "ES256") || (data144 === "EdDSA"))){
-const err330 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
+let data143 = data137.keys;
+if(data143 && typeof data143 == "object" && !Array.isArray(data143)){
+if(data143.dir === undefined){
+data143.dir = ".latchkey/broker-keys";
+}
+if(data143.alg === undefined){
+data143.alg = "ES256";
+}
+if(data143.rotate_after_s === undefined){
+data143.rotate_after_s = 86400;
+}
+for(const key34 in data143){
+if(!(((key34 === "dir") || (key34 === "alg")) || (key34 === "rotate_after_s"))){
+const err330 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err330];
 }
@@ -4304,9 +4305,11 @@ vErrors.push(err330);
 }
 errors++;
 }
-let data145 = data142.rotate_after_s;
-if(!(((typeof data145 == "number") && (!(data145 % 1) && !isNaN(data145))) && (isFinite(data145)))){
-const err331 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data144 = data143.dir;
+if(typeof data144 === "string"){
+if(func4(data144) < 1){
+const err331 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err331];
 }
@@ -4315,9 +4318,9 @@ vErrors.push(err331);
 }
 errors++;
 }
-if((typeof data145 == "number") && (isFinite(data145))){
-if(data145 > 31536000 || isNaN(data145)){
-const err332 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+}
+else {
+const err332 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err332];
 }
@@ -4326,8 +4329,9 @@ vErrors.push(err332);
 }
 errors++;
 }
-if(data145 < 60 || isNaN(data145)){
-const err333 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+let data145 = data143.alg;
+if(!((data145 === "ES256") || (data145 === "EdDSA"))){
+const err333 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err333];
 }
@@ -4336,10 +4340,9 @@ vErrors.push(err333);
 }
 errors++;
 }
-}
-}
-else {
-const err334 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data146 = data143.rotate_after_s;
+if(!(((typeof data146 == "number") && (!(data146 % 1) && !isNaN(data146))) && (isFinite(data146)))){
+const err334 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err334];
 }
@@ -4348,11 +4351,9 @@ vErrors.push(err334);
 }
 errors++;
 }
-if(data136.registry_file !== undefined){
-let data146 = data136.registry_file;
-if(typeof data146 === "string"){
-if(func4(data146) < 1){
-const err335 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if((typeof data146 == "number") && (isFinite(data146))){
+if(data146 > 31536000 || isNaN(data146)){
+const err335 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err335];
 }
@@ -4361,9 +4362,8 @@ vErrors.push(err335);
 }
 errors++;
 }
-}
-else {
-const err336 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data146 < 60 || isNaN(data146)){
+const err336 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err336];
 }
@@ -4373,20 +4373,9 @@ vErrors.push(err336);
 errors++;
 }
 }
-let data147 = data136.tokens;
-if(data147 && typeof data147 == "object" && !Array.isArray(data147)){
-if(data147.floor_s === undefined){
-data147.floor_s = 60;
 }
-if(data147.default_duration_s === undefined){
-data147.default_duration_s = 300;
-}
-if(data147.max_body_bytes === undefined){
-data147.max_body_bytes = 65536;
-}
-for(const key35 in data147){
-if(!(((key35 === "floor_s") || (key35 === "default_duration_s")) || (key35 === "max_body_bytes"))){
-const err337 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
+else {
+const err337 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err337];
 }
@@ -4395,10 +4384,11 @@ vErrors.push(err337);
 }
 errors++;
 }
-}
-let data148 = data147.floor_s;
-if(!(((typeof data148 == "number") && (!(data148 % 1) && !isNaN(data148))) && (isFinite(data148)))){
-const err338 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data137.registry_file !== undefined){
+let data147 = data137.registry_file;
+if(typeof data147 === "string"){
+if(func4(data147) < 1){
+const err338 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err338];
 }
@@ -4407,9 +4397,9 @@ vErrors.push(err338);
 }
 errors++;
 }
-if((typeof data148 == "number") && (isFinite(data148))){
-if(data148 > 86400 || isNaN(data148)){
-const err339 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+}
+else {
+const err339 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err339];
 }
@@ -4418,8 +4408,21 @@ vErrors.push(err339);
 }
 errors++;
 }
-if(data148 < 1 || isNaN(data148)){
-const err340 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data148 = data137.tokens;
+if(data148 && typeof data148 == "object" && !Array.isArray(data148)){
+if(data148.floor_s === undefined){
+data148.floor_s = 60;
+}
+if(data148.default_duration_s === undefined){
+data148.default_duration_s = 300;
+}
+if(data148.max_body_bytes === undefined){
+data148.max_body_bytes = 65536;
+}
+for(const key35 in data148){
+if(!(((key35 === "floor_s") || (key35 === "default_duration_s")) || (key35 === "max_body_bytes"))){
+const err340 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err340];
 }
@@ -4429,9 +4432,9 @@ vErrors.push(err340);
 errors++;
 }
 }
-let data149 = data147.default_duration_s;
+let data149 = data148.floor_s;
 if(!(((typeof data149 == "number") && (!(data149 % 1) && !isNaN(data149))) && (isFinite(data149)))){
-const err341 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err341 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err341];
 }
@@ -4442,7 +4445,7 @@ errors++;
 }
 if((typeof data149 == "number") && (isFinite(data149))){
 if(data149 > 86400 || isNaN(data149)){
-const err342 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+const err342 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err342];
 }
@@ -4452,7 +4455,7 @@ vErrors.push(err342);
 errors++;
 }
 if(data149 < 1 || isNaN(data149)){
-const err343 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err343 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err343];
 }
@@ -4462,9 +4465,9 @@ vErrors.push(err343);
 errors++;
 }
 }
-let data150 = data147.max_body_bytes;
+let data150 = data148.default_duration_s;
 if(!(((typeof data150 == "number") && (!(data150 % 1) && !isNaN(data150))) && (isFinite(data150)))){
-const err344 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err344 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err344];
 }
@@ -4474,8 +4477,8 @@ vErrors.push(err344);
 errors++;
 }
 if((typeof data150 == "number") && (isFinite(data150))){
-if(data150 > 1048576 || isNaN(data150)){
-const err345 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
+if(data150 > 86400 || isNaN(data150)){
+const err345 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err345];
 }
@@ -4484,8 +4487,8 @@ vErrors.push(err345);
 }
 errors++;
 }
-if(data150 < 1024 || isNaN(data150)){
-const err346 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+if(data150 < 1 || isNaN(data150)){
+const err346 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err346];
 }
@@ -4495,9 +4498,9 @@ vErrors.push(err346);
 errors++;
 }
 }
-}
-else {
-const err347 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data151 = data148.max_body_bytes;
+if(!(((typeof data151 == "number") && (!(data151 % 1) && !isNaN(data151))) && (isFinite(data151)))){
+const err347 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err347];
 }
@@ -4506,14 +4509,9 @@ vErrors.push(err347);
 }
 errors++;
 }
-if(data136.users !== undefined){
-let data151 = data136.users;
-if(data151 && typeof data151 == "object" && !Array.isArray(data151)){
-if(data151.scope_claim === undefined){
-data151.scope_claim = "scope";
-}
-if(data151.issuer === undefined){
-const err348 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+if((typeof data151 == "number") && (isFinite(data151))){
+if(data151 > 1048576 || isNaN(data151)){
+const err348 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
 if(vErrors === null){
 vErrors = [err348];
 }
@@ -4522,8 +4520,8 @@ vErrors.push(err348);
 }
 errors++;
 }
-if(data151.audience === undefined){
-const err349 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+if(data151 < 1024 || isNaN(data151)){
+const err349 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err349];
 }
@@ -4532,9 +4530,10 @@ vErrors.push(err349);
 }
 errors++;
 }
-for(const key36 in data151){
-if(!(((((key36 === "issuer") || (key36 === "audience")) || (key36 === "scope_claim")) || (key36 === "jwks_file")) || (key36 === "jwks_url"))){
-const err350 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
+}
+}
+else {
+const err350 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err350];
 }
@@ -4543,12 +4542,14 @@ vErrors.push(err350);
 }
 errors++;
 }
+if(data137.users !== undefined){
+let data152 = data137.users;
+if(data152 && typeof data152 == "object" && !Array.isArray(data152)){
+if(data152.scope_claim === undefined){
+data152.scope_claim = "scope";
 }
-if(data151.issuer !== undefined){
-let data152 = data151.issuer;
-if(typeof data152 === "string"){
-if(func4(data152) < 1){
-const err351 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data152.issuer === undefined){
+const err351 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err351];
 }
@@ -4557,9 +4558,8 @@ vErrors.push(err351);
 }
 errors++;
 }
-}
-else {
-const err352 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data152.audience === undefined){
+const err352 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err352];
 }
@@ -4568,12 +4568,9 @@ vErrors.push(err352);
 }
 errors++;
 }
-}
-if(data151.audience !== undefined){
-let data153 = data151.audience;
-if(typeof data153 === "string"){
-if(func4(data153) < 1){
-const err353 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key36 in data152){
+if(!(((((key36 === "issuer") || (key36 === "audience")) || (key36 === "scope_claim")) || (key36 === "jwks_file")) || (key36 === "jwks_url"))){
+const err353 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err353];
 }
@@ -4583,8 +4580,11 @@ vErrors.push(err353);
 errors++;
 }
 }
-else {
-const err354 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data152.issuer !== undefined){
+let data153 = data152.issuer;
+if(typeof data153 === "string"){
+if(func4(data153) < 1){
+const err354 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err354];
 }
@@ -4594,10 +4594,8 @@ vErrors.push(err354);
 errors++;
 }
 }
-let data154 = data151.scope_claim;
-if(typeof data154 === "string"){
-if(func4(data154) < 1){
-const err355 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err355 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err355];
 }
@@ -4607,8 +4605,11 @@ vErrors.push(err355);
 errors++;
 }
 }
-else {
-const err356 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data152.audience !== undefined){
+let data154 = data152.audience;
+if(typeof data154 === "string"){
+if(func4(data154) < 1){
+const err356 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err356];
 }
@@ -4617,11 +4618,9 @@ vErrors.push(err356);
 }
 errors++;
 }
-if(data151.jwks_file !== undefined){
-let data155 = data151.jwks_file;
-if(typeof data155 === "string"){
-if(func4(data155) < 1){
-const err357 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err357 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err357];
 }
@@ -4631,8 +4630,10 @@ vErrors.push(err357);
 errors++;
 }
 }
-else {
-const err358 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data155 = data152.scope_claim;
+if(typeof data155 === "string"){
+if(func4(data155) < 1){
+const err358 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err358];
 }
@@ -4642,11 +4643,8 @@ vErrors.push(err358);
 errors++;
 }
 }
-if(data151.jwks_url !== undefined){
-let data156 = data151.jwks_url;
-if(typeof data156 === "string"){
-if(!pattern1.test(data156)){
-const err359 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+else {
+const err359 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err359];
 }
@@ -4655,9 +4653,11 @@ vErrors.push(err359);
 }
 errors++;
 }
-}
-else {
-const err360 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data152.jwks_file !== undefined){
+let data156 = data152.jwks_file;
+if(typeof data156 === "string"){
+if(func4(data156) < 1){
+const err360 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err360];
 }
@@ -4667,9 +4667,8 @@ vErrors.push(err360);
 errors++;
 }
 }
-}
 else {
-const err361 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err361 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err361];
 }
@@ -4679,11 +4678,11 @@ vErrors.push(err361);
 errors++;
 }
 }
-let data157 = data136.attestors;
-if(data157 && typeof data157 == "object" && !Array.isArray(data157)){
-for(const key37 in data157){
-if(!(((key37 === "kubernetes") || (key37 === "spiffe")) || (key37 === "local"))){
-const err362 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
+if(data152.jwks_url !== undefined){
+let data157 = data152.jwks_url;
+if(typeof data157 === "string"){
+if(!pattern1.test(data157)){
+const err362 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err362];
 }
@@ -4693,11 +4692,8 @@ vErrors.push(err362);
 errors++;
 }
 }
-if(data157.kubernetes !== undefined){
-let data158 = data157.kubernetes;
-if(data158 && typeof data158 == "object" && !Array.isArray(data158)){
-if(data158.issuer === undefined){
-const err363 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+else {
+const err363 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err363];
 }
@@ -4706,9 +4702,10 @@ vErrors.push(err363);
 }
 errors++;
 }
-for(const key38 in data158){
-if(!((((key38 === "issuer") || (key38 === "audience")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
-const err364 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
+}
+}
+else {
+const err364 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err364];
 }
@@ -4718,11 +4715,11 @@ vErrors.push(err364);
 errors++;
 }
 }
-if(data158.issuer !== undefined){
-let data159 = data158.issuer;
-if(typeof data159 === "string"){
-if(func4(data159) < 1){
-const err365 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data158 = data137.attestors;
+if(data158 && typeof data158 == "object" && !Array.isArray(data158)){
+for(const key37 in data158){
+if(!(((key37 === "kubernetes") || (key37 === "spiffe")) || (key37 === "local"))){
+const err365 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err365];
 }
@@ -4732,8 +4729,11 @@ vErrors.push(err365);
 errors++;
 }
 }
-else {
-const err366 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data158.kubernetes !== undefined){
+let data159 = data158.kubernetes;
+if(data159 && typeof data159 == "object" && !Array.isArray(data159)){
+if(data159.issuer === undefined){
+const err366 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err366];
 }
@@ -4742,12 +4742,9 @@ vErrors.push(err366);
 }
 errors++;
 }
-}
-if(data158.audience !== undefined){
-let data160 = data158.audience;
-if(typeof data160 === "string"){
-if(func4(data160) < 1){
-const err367 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key38 in data159){
+if(!((((key38 === "issuer") || (key38 === "audience")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
+const err367 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err367];
 }
@@ -4757,8 +4754,11 @@ vErrors.push(err367);
 errors++;
 }
 }
-else {
-const err368 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data159.issuer !== undefined){
+let data160 = data159.issuer;
+if(typeof data160 === "string"){
+if(func4(data160) < 1){
+const err368 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err368];
 }
@@ -4768,11 +4768,8 @@ vErrors.push(err368);
 errors++;
 }
 }
-if(data158.jwks_file !== undefined){
-let data161 = data158.jwks_file;
-if(typeof data161 === "string"){
-if(func4(data161) < 1){
-const err369 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err369 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err369];
 }
@@ -4782,8 +4779,11 @@ vErrors.push(err369);
 errors++;
 }
 }
-else {
-const err370 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data159.audience !== undefined){
+let data161 = data159.audience;
+if(typeof data161 === "string"){
+if(func4(data161) < 1){
+const err370 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err370];
 }
@@ -4793,11 +4793,8 @@ vErrors.push(err370);
 errors++;
 }
 }
-if(data158.jwks_url !== undefined){
-let data162 = data158.jwks_url;
-if(typeof data162 === "string"){
-if(!pattern1.test(data162)){
-const err371 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+else {
+const err371 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err371];
 }
@@ -4807,8 +4804,11 @@ vErrors.push(err371);
 errors++;
 }
 }
-else {
-const err372 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data159.jwks_file !== undefined){
+let data162 = data159.jwks_file;
+if(typeof data162 === "string"){
+if(func4(data162) < 1){
+const err372 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err372];
 }
@@ -4818,9 +4818,8 @@ vErrors.push(err372);
 errors++;
 }
 }
-}
 else {
-const err373 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err373 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err373];
 }
@@ -4830,11 +4829,11 @@ vErrors.push(err373);
 errors++;
 }
 }
-if(data157.spiffe !== undefined){
-let data163 = data157.spiffe;
-if(data163 && typeof data163 == "object" && !Array.isArray(data163)){
-if(data163.trust_domain === undefined){
-const err374 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
+if(data159.jwks_url !== undefined){
+let data163 = data159.jwks_url;
+if(typeof data163 === "string"){
+if(!pattern1.test(data163)){
+const err374 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err374];
 }
@@ -4843,9 +4842,9 @@ vErrors.push(err374);
 }
 errors++;
 }
-for(const key39 in data163){
-if(!((((key39 === "trust_domain") || (key39 === "audience")) || (key39 === "jwks_file")) || (key39 === "jwks_url"))){
-const err375 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
+}
+else {
+const err375 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err375];
 }
@@ -4855,11 +4854,9 @@ vErrors.push(err375);
 errors++;
 }
 }
-if(data163.trust_domain !== undefined){
-let data164 = data163.trust_domain;
-if(typeof data164 === "string"){
-if(!pattern25.test(data164)){
-const err376 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
+}
+else {
+const err376 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err376];
 }
@@ -4869,8 +4866,11 @@ vErrors.push(err376);
 errors++;
 }
 }
-else {
-const err377 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data158.spiffe !== undefined){
+let data164 = data158.spiffe;
+if(data164 && typeof data164 == "object" && !Array.isArray(data164)){
+if(data164.trust_domain === undefined){
+const err377 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
 if(vErrors === null){
 vErrors = [err377];
 }
@@ -4879,12 +4879,9 @@ vErrors.push(err377);
 }
 errors++;
 }
-}
-if(data163.audience !== undefined){
-let data165 = data163.audience;
-if(typeof data165 === "string"){
-if(func4(data165) < 1){
-const err378 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key39 in data164){
+if(!((((key39 === "trust_domain") || (key39 === "audience")) || (key39 === "jwks_file")) || (key39 === "jwks_url"))){
+const err378 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err378];
 }
@@ -4894,8 +4891,11 @@ vErrors.push(err378);
 errors++;
 }
 }
-else {
-const err379 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data164.trust_domain !== undefined){
+let data165 = data164.trust_domain;
+if(typeof data165 === "string"){
+if(!pattern26.test(data165)){
+const err379 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err379];
 }
@@ -4905,11 +4905,8 @@ vErrors.push(err379);
 errors++;
 }
 }
-if(data163.jwks_file !== undefined){
-let data166 = data163.jwks_file;
-if(typeof data166 === "string"){
-if(func4(data166) < 1){
-const err380 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err380 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err380];
 }
@@ -4919,8 +4916,11 @@ vErrors.push(err380);
 errors++;
 }
 }
-else {
-const err381 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data164.audience !== undefined){
+let data166 = data164.audience;
+if(typeof data166 === "string"){
+if(func4(data166) < 1){
+const err381 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err381];
 }
@@ -4930,11 +4930,8 @@ vErrors.push(err381);
 errors++;
 }
 }
-if(data163.jwks_url !== undefined){
-let data167 = data163.jwks_url;
-if(typeof data167 === "string"){
-if(!pattern1.test(data167)){
-const err382 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+else {
+const err382 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err382];
 }
@@ -4944,8 +4941,11 @@ vErrors.push(err382);
 errors++;
 }
 }
-else {
-const err383 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data164.jwks_file !== undefined){
+let data167 = data164.jwks_file;
+if(typeof data167 === "string"){
+if(func4(data167) < 1){
+const err383 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err383];
 }
@@ -4955,9 +4955,8 @@ vErrors.push(err383);
 errors++;
 }
 }
-}
 else {
-const err384 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err384 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err384];
 }
@@ -4967,11 +4966,11 @@ vErrors.push(err384);
 errors++;
 }
 }
-if(data157.local !== undefined){
-let data168 = data157.local;
-if(data168 && typeof data168 == "object" && !Array.isArray(data168)){
-if(data168.keys_file === undefined){
-const err385 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
+if(data164.jwks_url !== undefined){
+let data168 = data164.jwks_url;
+if(typeof data168 === "string"){
+if(!pattern1.test(data168)){
+const err385 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err385];
 }
@@ -4980,9 +4979,9 @@ vErrors.push(err385);
 }
 errors++;
 }
-for(const key40 in data168){
-if(!(key40 === "keys_file")){
-const err386 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
+}
+else {
+const err386 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err386];
 }
@@ -4992,11 +4991,9 @@ vErrors.push(err386);
 errors++;
 }
 }
-if(data168.keys_file !== undefined){
-let data169 = data168.keys_file;
-if(typeof data169 === "string"){
-if(func4(data169) < 1){
-const err387 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err387 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err387];
 }
@@ -5006,8 +5003,11 @@ vErrors.push(err387);
 errors++;
 }
 }
-else {
-const err388 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data158.local !== undefined){
+let data169 = data158.local;
+if(data169 && typeof data169 == "object" && !Array.isArray(data169)){
+if(data169.keys_file === undefined){
+const err388 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
 if(vErrors === null){
 vErrors = [err388];
 }
@@ -5016,10 +5016,9 @@ vErrors.push(err388);
 }
 errors++;
 }
-}
-}
-else {
-const err389 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key40 in data169){
+if(!(key40 === "keys_file")){
+const err389 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err389];
 }
@@ -5029,9 +5028,11 @@ vErrors.push(err389);
 errors++;
 }
 }
-}
-else {
-const err390 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data169.keys_file !== undefined){
+let data170 = data169.keys_file;
+if(typeof data170 === "string"){
+if(func4(data170) < 1){
+const err390 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err390];
 }
@@ -5040,10 +5041,9 @@ vErrors.push(err390);
 }
 errors++;
 }
-let data170 = data136.store;
-if(data170 && typeof data170 == "object" && !Array.isArray(data170)){
-if(Object.keys(data170).length > 1){
-const err391 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
+}
+else {
+const err391 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err391];
 }
@@ -5052,9 +5052,10 @@ vErrors.push(err391);
 }
 errors++;
 }
-for(const key41 in data170){
-if(!((key41 === "sqlite") || (key41 === "postgres"))){
-const err392 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
+}
+}
+else {
+const err392 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err392];
 }
@@ -5064,11 +5065,9 @@ vErrors.push(err392);
 errors++;
 }
 }
-if(data170.sqlite !== undefined){
-let data171 = data170.sqlite;
-if(data171 && typeof data171 == "object" && !Array.isArray(data171)){
-if(data171.path === undefined){
-const err393 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+}
+else {
+const err393 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err393];
 }
@@ -5077,9 +5076,10 @@ vErrors.push(err393);
 }
 errors++;
 }
-for(const key42 in data171){
-if(!(key42 === "path")){
-const err394 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
+let data171 = data137.store;
+if(data171 && typeof data171 == "object" && !Array.isArray(data171)){
+if(Object.keys(data171).length > 1){
+const err394 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
 if(vErrors === null){
 vErrors = [err394];
 }
@@ -5088,12 +5088,9 @@ vErrors.push(err394);
 }
 errors++;
 }
-}
-if(data171.path !== undefined){
-let data172 = data171.path;
-if(typeof data172 === "string"){
-if(func4(data172) < 1){
-const err395 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key41 in data171){
+if(!((key41 === "sqlite") || (key41 === "postgres"))){
+const err395 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err395];
 }
@@ -5103,8 +5100,11 @@ vErrors.push(err395);
 errors++;
 }
 }
-else {
-const err396 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data171.sqlite !== undefined){
+let data172 = data171.sqlite;
+if(data172 && typeof data172 == "object" && !Array.isArray(data172)){
+if(data172.path === undefined){
+const err396 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err396];
 }
@@ -5113,10 +5113,9 @@ vErrors.push(err396);
 }
 errors++;
 }
-}
-}
-else {
-const err397 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key42 in data172){
+if(!(key42 === "path")){
+const err397 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err397];
 }
@@ -5126,14 +5125,11 @@ vErrors.push(err397);
 errors++;
 }
 }
-if(data170.postgres !== undefined){
-let data173 = data170.postgres;
-if(data173 && typeof data173 == "object" && !Array.isArray(data173)){
-if(data173.schema === undefined){
-data173.schema = "latchkey";
-}
-if(data173.url === undefined){
-const err398 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
+if(data172.path !== undefined){
+let data173 = data172.path;
+if(typeof data173 === "string"){
+if(func4(data173) < 1){
+const err398 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err398];
 }
@@ -5142,9 +5138,9 @@ vErrors.push(err398);
 }
 errors++;
 }
-for(const key43 in data173){
-if(!((key43 === "url") || (key43 === "schema"))){
-const err399 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
+}
+else {
+const err399 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err399];
 }
@@ -5154,11 +5150,9 @@ vErrors.push(err399);
 errors++;
 }
 }
-if(data173.url !== undefined){
-let data174 = data173.url;
-if(typeof data174 === "string"){
-if(!pattern27.test(data174)){
-const err400 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
+}
+else {
+const err400 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err400];
 }
@@ -5168,8 +5162,14 @@ vErrors.push(err400);
 errors++;
 }
 }
-else {
-const err401 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data171.postgres !== undefined){
+let data174 = data171.postgres;
+if(data174 && typeof data174 == "object" && !Array.isArray(data174)){
+if(data174.schema === undefined){
+data174.schema = "latchkey";
+}
+if(data174.url === undefined){
+const err401 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err401];
 }
@@ -5178,11 +5178,9 @@ vErrors.push(err401);
 }
 errors++;
 }
-}
-let data175 = data173.schema;
-if(typeof data175 === "string"){
-if(!pattern28.test(data175)){
-const err402 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
+for(const key43 in data174){
+if(!((key43 === "url") || (key43 === "schema"))){
+const err402 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err402];
 }
@@ -5192,8 +5190,11 @@ vErrors.push(err402);
 errors++;
 }
 }
-else {
-const err403 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data174.url !== undefined){
+let data175 = data174.url;
+if(typeof data175 === "string"){
+if(!pattern28.test(data175)){
+const err403 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
 if(vErrors === null){
 vErrors = [err403];
 }
@@ -5204,7 +5205,7 @@ errors++;
 }
 }
 else {
-const err404 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err404 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err404];
 }
@@ -5214,9 +5215,10 @@ vErrors.push(err404);
 errors++;
 }
 }
-}
-else {
-const err405 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data176 = data174.schema;
+if(typeof data176 === "string"){
+if(!pattern29.test(data176)){
+const err405 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
 if(vErrors === null){
 vErrors = [err405];
 }
@@ -5225,10 +5227,9 @@ vErrors.push(err405);
 }
 errors++;
 }
-let data176 = data136.admin_token_env;
-if(typeof data176 === "string"){
-if(!pattern29.test(data176)){
-const err406 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+}
+else {
+const err406 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err406];
 }
@@ -5239,7 +5240,7 @@ errors++;
 }
 }
 else {
-const err407 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err407 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err407];
 }
@@ -5248,13 +5249,10 @@ vErrors.push(err407);
 }
 errors++;
 }
-let data177 = data136.introspection_clients;
-if(data177 && typeof data177 == "object" && !Array.isArray(data177)){
-for(const key44 in data177){
-const _errs391 = errors;
-if(typeof key44 === "string"){
-if(!pattern5.test(key44)){
-const err408 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key44};
+}
+}
+else {
+const err408 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err408];
 }
@@ -5263,10 +5261,10 @@ vErrors.push(err408);
 }
 errors++;
 }
-}
-var valid78 = _errs391 === errors;
-if(!valid78){
-const err409 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key44},message:"property name must be valid"};
+let data177 = data137.admin_token_env;
+if(typeof data177 === "string"){
+if(!pattern30.test(data177)){
+const err409 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err409];
 }
@@ -5276,11 +5274,8 @@ vErrors.push(err409);
 errors++;
 }
 }
-for(const key45 in data177){
-let data178 = data177[key45];
-if(typeof data178 === "string"){
-if(!pattern29.test(data178)){
-const err410 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+else {
+const err410 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err410];
 }
@@ -5289,9 +5284,13 @@ vErrors.push(err410);
 }
 errors++;
 }
-}
-else {
-const err411 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data178 = data137.introspection_clients;
+if(data178 && typeof data178 == "object" && !Array.isArray(data178)){
+for(const key44 in data178){
+const _errs393 = errors;
+if(typeof key44 === "string"){
+if(!pattern6.test(key44)){
+const err411 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key44};
 if(vErrors === null){
 vErrors = [err411];
 }
@@ -5301,9 +5300,9 @@ vErrors.push(err411);
 errors++;
 }
 }
-}
-else {
-const err412 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
+var valid78 = _errs393 === errors;
+if(!valid78){
+const err412 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key44},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err412];
 }
@@ -5312,13 +5311,12 @@ vErrors.push(err412);
 }
 errors++;
 }
-let data179 = data136.leased_secrets;
-if(data179 && typeof data179 == "object" && !Array.isArray(data179)){
-for(const key46 in data179){
-const _errs397 = errors;
-if(typeof key46 === "string"){
-if(func4(key46) > 512){
-const err413 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key46};
+}
+for(const key45 in data178){
+let data179 = data178[key45];
+if(typeof data179 === "string"){
+if(!pattern30.test(data179)){
+const err413 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err413];
 }
@@ -5327,8 +5325,9 @@ vErrors.push(err413);
 }
 errors++;
 }
-if(func4(key46) < 1){
-const err414 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key46};
+}
+else {
+const err414 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err414];
 }
@@ -5338,9 +5337,9 @@ vErrors.push(err414);
 errors++;
 }
 }
-var valid80 = _errs397 === errors;
-if(!valid80){
-const err415 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
+}
+else {
+const err415 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err415];
 }
@@ -5349,12 +5348,13 @@ vErrors.push(err415);
 }
 errors++;
 }
-}
-for(const key47 in data179){
-let data180 = data179[key47];
-if(typeof data180 === "string"){
-if(!pattern29.test(data180)){
-const err416 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+let data180 = data137.leased_secrets;
+if(data180 && typeof data180 == "object" && !Array.isArray(data180)){
+for(const key46 in data180){
+const _errs399 = errors;
+if(typeof key46 === "string"){
+if(func4(key46) > 512){
+const err416 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key46};
 if(vErrors === null){
 vErrors = [err416];
 }
@@ -5363,9 +5363,8 @@ vErrors.push(err416);
 }
 errors++;
 }
-}
-else {
-const err417 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(func4(key46) < 1){
+const err417 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key46};
 if(vErrors === null){
 vErrors = [err417];
 }
@@ -5375,9 +5374,9 @@ vErrors.push(err417);
 errors++;
 }
 }
-}
-else {
-const err418 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+var valid80 = _errs399 === errors;
+if(!valid80){
+const err418 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err418];
 }
@@ -5386,11 +5385,12 @@ vErrors.push(err418);
 }
 errors++;
 }
-let data181 = data136.events;
-if(data181 && typeof data181 == "object" && !Array.isArray(data181)){
-for(const key48 in data181){
-if(!(key48 === "jsonl")){
-const err419 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key48},message:"must NOT have additional properties"};
+}
+for(const key47 in data180){
+let data181 = data180[key47];
+if(typeof data181 === "string"){
+if(!pattern30.test(data181)){
+const err419 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err419];
 }
@@ -5400,11 +5400,8 @@ vErrors.push(err419);
 errors++;
 }
 }
-if(data181.jsonl !== undefined){
-let data182 = data181.jsonl;
-if(data182 && typeof data182 == "object" && !Array.isArray(data182)){
-if(data182.path === undefined){
-const err420 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+else {
+const err420 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err420];
 }
@@ -5413,9 +5410,10 @@ vErrors.push(err420);
 }
 errors++;
 }
-for(const key49 in data182){
-if(!(key49 === "path")){
-const err421 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key49},message:"must NOT have additional properties"};
+}
+}
+else {
+const err421 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err421];
 }
@@ -5424,12 +5422,11 @@ vErrors.push(err421);
 }
 errors++;
 }
-}
-if(data182.path !== undefined){
-let data183 = data182.path;
-if(typeof data183 === "string"){
-if(func4(data183) < 1){
-const err422 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data182 = data137.events;
+if(data182 && typeof data182 == "object" && !Array.isArray(data182)){
+for(const key48 in data182){
+if(!(key48 === "jsonl")){
+const err422 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key48},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err422];
 }
@@ -5439,8 +5436,11 @@ vErrors.push(err422);
 errors++;
 }
 }
-else {
-const err423 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data182.jsonl !== undefined){
+let data183 = data182.jsonl;
+if(data183 && typeof data183 == "object" && !Array.isArray(data183)){
+if(data183.path === undefined){
+const err423 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err423];
 }
@@ -5449,10 +5449,9 @@ vErrors.push(err423);
 }
 errors++;
 }
-}
-}
-else {
-const err424 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key49 in data183){
+if(!(key49 === "path")){
+const err424 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key49},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err424];
 }
@@ -5462,9 +5461,11 @@ vErrors.push(err424);
 errors++;
 }
 }
-}
-else {
-const err425 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data183.path !== undefined){
+let data184 = data183.path;
+if(typeof data184 === "string"){
+if(func4(data184) < 1){
+const err425 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err425];
 }
@@ -5473,30 +5474,9 @@ vErrors.push(err425);
 }
 errors++;
 }
-if(data136.control !== undefined){
-let data184 = data136.control;
-if(data184 && typeof data184 == "object" && !Array.isArray(data184)){
-if(data184.host === undefined){
-data184.host = "127.0.0.1";
 }
-if(data184.port === undefined){
-data184.port = 15004;
-}
-if(data184.token_env === undefined){
-data184.token_env = "LATCHKEY_CONTROL_TOKEN";
-}
-if(data184.heartbeat_ms === undefined){
-data184.heartbeat_ms = 1000;
-}
-if(data184.max_bundle_bytes === undefined){
-data184.max_bundle_bytes = 262144;
-}
-if(data184.resync_ms === undefined){
-data184.resync_ms = 5000;
-}
-for(const key50 in data184){
-if(!((((((((key50 === "host") || (key50 === "port")) || (key50 === "token_env")) || (key50 === "heartbeat_ms")) || (key50 === "policy_file")) || (key50 === "max_bundle_bytes")) || (key50 === "resync_ms")) || (key50 === "nats"))){
-const err426 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
+else {
+const err426 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err426];
 }
@@ -5506,10 +5486,9 @@ vErrors.push(err426);
 errors++;
 }
 }
-let data185 = data184.host;
-if(typeof data185 === "string"){
-if(func4(data185) < 1){
-const err427 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err427 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err427];
 }
@@ -5519,8 +5498,9 @@ vErrors.push(err427);
 errors++;
 }
 }
+}
 else {
-const err428 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err428 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err428];
 }
@@ -5529,9 +5509,30 @@ vErrors.push(err428);
 }
 errors++;
 }
-let data186 = data184.port;
-if(!(((typeof data186 == "number") && (!(data186 % 1) && !isNaN(data186))) && (isFinite(data186)))){
-const err429 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data137.control !== undefined){
+let data185 = data137.control;
+if(data185 && typeof data185 == "object" && !Array.isArray(data185)){
+if(data185.host === undefined){
+data185.host = "127.0.0.1";
+}
+if(data185.port === undefined){
+data185.port = 15004;
+}
+if(data185.token_env === undefined){
+data185.token_env = "LATCHKEY_CONTROL_TOKEN";
+}
+if(data185.heartbeat_ms === undefined){
+data185.heartbeat_ms = 1000;
+}
+if(data185.max_bundle_bytes === undefined){
+data185.max_bundle_bytes = 262144;
+}
+if(data185.resync_ms === undefined){
+data185.resync_ms = 5000;
+}
+for(const key50 in data185){
+if(!((((((((key50 === "host") || (key50 === "port")) || (key50 === "token_env")) || (key50 === "heartbeat_ms")) || (key50 === "policy_file")) || (key50 === "max_bundle_bytes")) || (key50 === "resync_ms")) || (key50 === "nats"))){
+const err429 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err429];
 }
@@ -5540,9 +5541,11 @@ vErrors.push(err429);
 }
 errors++;
 }
-if((typeof data186 == "number") && (isFinite(data186))){
-if(data186 > 65535 || isNaN(data186)){
-const err430 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+let data186 = data185.host;
+if(typeof data186 === "string"){
+if(func4(data186) < 1){
+const err430 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err430];
 }
@@ -5551,8 +5554,9 @@ vErrors.push(err430);
 }
 errors++;
 }
-if(data186 < 0 || isNaN(data186)){
-const err431 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+else {
+const err431 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err431];
 }
@@ -5561,11 +5565,9 @@ vErrors.push(err431);
 }
 errors++;
 }
-}
-let data187 = data184.token_env;
-if(typeof data187 === "string"){
-if(!pattern29.test(data187)){
-const err432 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+let data187 = data185.port;
+if(!(((typeof data187 == "number") && (!(data187 % 1) && !isNaN(data187))) && (isFinite(data187)))){
+const err432 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err432];
 }
@@ -5574,9 +5576,9 @@ vErrors.push(err432);
 }
 errors++;
 }
-}
-else {
-const err433 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data187 == "number") && (isFinite(data187))){
+if(data187 > 65535 || isNaN(data187)){
+const err433 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err433];
 }
@@ -5585,9 +5587,8 @@ vErrors.push(err433);
 }
 errors++;
 }
-let data188 = data184.heartbeat_ms;
-if(!(((typeof data188 == "number") && (!(data188 % 1) && !isNaN(data188))) && (isFinite(data188)))){
-const err434 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data187 < 0 || isNaN(data187)){
+const err434 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err434];
 }
@@ -5596,9 +5597,11 @@ vErrors.push(err434);
 }
 errors++;
 }
-if((typeof data188 == "number") && (isFinite(data188))){
-if(data188 > 3600000 || isNaN(data188)){
-const err435 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data188 = data185.token_env;
+if(typeof data188 === "string"){
+if(!pattern30.test(data188)){
+const err435 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err435];
 }
@@ -5607,8 +5610,9 @@ vErrors.push(err435);
 }
 errors++;
 }
-if(data188 < 20 || isNaN(data188)){
-const err436 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
+}
+else {
+const err436 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err436];
 }
@@ -5617,12 +5621,9 @@ vErrors.push(err436);
 }
 errors++;
 }
-}
-if(data184.policy_file !== undefined){
-let data189 = data184.policy_file;
-if(typeof data189 === "string"){
-if(func4(data189) < 1){
-const err437 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data189 = data185.heartbeat_ms;
+if(!(((typeof data189 == "number") && (!(data189 % 1) && !isNaN(data189))) && (isFinite(data189)))){
+const err437 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err437];
 }
@@ -5631,9 +5632,9 @@ vErrors.push(err437);
 }
 errors++;
 }
-}
-else {
-const err438 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data189 == "number") && (isFinite(data189))){
+if(data189 > 3600000 || isNaN(data189)){
+const err438 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err438];
 }
@@ -5642,10 +5643,8 @@ vErrors.push(err438);
 }
 errors++;
 }
-}
-let data190 = data184.max_bundle_bytes;
-if(!(((typeof data190 == "number") && (!(data190 % 1) && !isNaN(data190))) && (isFinite(data190)))){
-const err439 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data189 < 20 || isNaN(data189)){
+const err439 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
 if(vErrors === null){
 vErrors = [err439];
 }
@@ -5654,9 +5653,12 @@ vErrors.push(err439);
 }
 errors++;
 }
-if((typeof data190 == "number") && (isFinite(data190))){
-if(data190 > 3145728 || isNaN(data190)){
-const err440 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
+}
+if(data185.policy_file !== undefined){
+let data190 = data185.policy_file;
+if(typeof data190 === "string"){
+if(func4(data190) < 1){
+const err440 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err440];
 }
@@ -5665,8 +5667,9 @@ vErrors.push(err440);
 }
 errors++;
 }
-if(data190 < 1024 || isNaN(data190)){
-const err441 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+}
+else {
+const err441 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err441];
 }
@@ -5676,9 +5679,9 @@ vErrors.push(err441);
 errors++;
 }
 }
-let data191 = data184.resync_ms;
+let data191 = data185.max_bundle_bytes;
 if(!(((typeof data191 == "number") && (!(data191 % 1) && !isNaN(data191))) && (isFinite(data191)))){
-const err442 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err442 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err442];
 }
@@ -5688,8 +5691,8 @@ vErrors.push(err442);
 errors++;
 }
 if((typeof data191 == "number") && (isFinite(data191))){
-if(data191 > 3600000 || isNaN(data191)){
-const err443 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data191 > 3145728 || isNaN(data191)){
+const err443 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
 if(vErrors === null){
 vErrors = [err443];
 }
@@ -5698,8 +5701,8 @@ vErrors.push(err443);
 }
 errors++;
 }
-if(data191 < 50 || isNaN(data191)){
-const err444 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
+if(data191 < 1024 || isNaN(data191)){
+const err444 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err444];
 }
@@ -5709,17 +5712,9 @@ vErrors.push(err444);
 errors++;
 }
 }
-if(data184.nats !== undefined){
-let data192 = data184.nats;
-if(data192 && typeof data192 == "object" && !Array.isArray(data192)){
-if(data192.stream === undefined){
-data192.stream = "LATCHKEY_CONTROL";
-}
-if(data192.subject === undefined){
-data192.subject = "latchkey.control.revocations";
-}
-if(data192.servers === undefined){
-const err445 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
+let data192 = data185.resync_ms;
+if(!(((typeof data192 == "number") && (!(data192 % 1) && !isNaN(data192))) && (isFinite(data192)))){
+const err445 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err445];
 }
@@ -5728,9 +5723,9 @@ vErrors.push(err445);
 }
 errors++;
 }
-for(const key51 in data192){
-if(!(((key51 === "servers") || (key51 === "stream")) || (key51 === "subject"))){
-const err446 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
+if((typeof data192 == "number") && (isFinite(data192))){
+if(data192 > 3600000 || isNaN(data192)){
+const err446 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err446];
 }
@@ -5739,12 +5734,8 @@ vErrors.push(err446);
 }
 errors++;
 }
-}
-if(data192.servers !== undefined){
-let data193 = data192.servers;
-if(Array.isArray(data193)){
-if(data193.length < 1){
-const err447 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if(data192 < 50 || isNaN(data192)){
+const err447 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
 if(vErrors === null){
 vErrors = [err447];
 }
@@ -5753,12 +5744,18 @@ vErrors.push(err447);
 }
 errors++;
 }
-const len15 = data193.length;
-for(let i18=0; i18<len15; i18++){
-let data194 = data193[i18];
-if(typeof data194 === "string"){
-if(func4(data194) < 1){
-const err448 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data185.nats !== undefined){
+let data193 = data185.nats;
+if(data193 && typeof data193 == "object" && !Array.isArray(data193)){
+if(data193.stream === undefined){
+data193.stream = "LATCHKEY_CONTROL";
+}
+if(data193.subject === undefined){
+data193.subject = "latchkey.control.revocations";
+}
+if(data193.servers === undefined){
+const err448 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
 if(vErrors === null){
 vErrors = [err448];
 }
@@ -5767,9 +5764,9 @@ vErrors.push(err448);
 }
 errors++;
 }
-}
-else {
-const err449 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key51 in data193){
+if(!(((key51 === "servers") || (key51 === "stream")) || (key51 === "subject"))){
+const err449 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err449];
 }
@@ -5779,9 +5776,11 @@ vErrors.push(err449);
 errors++;
 }
 }
-}
-else {
-const err450 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data193.servers !== undefined){
+let data194 = data193.servers;
+if(Array.isArray(data194)){
+if(data194.length < 1){
+const err450 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err450];
 }
@@ -5790,11 +5789,12 @@ vErrors.push(err450);
 }
 errors++;
 }
-}
-let data195 = data192.stream;
+const len15 = data194.length;
+for(let i18=0; i18<len15; i18++){
+let data195 = data194[i18];
 if(typeof data195 === "string"){
-if(!pattern34.test(data195)){
-const err451 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
+if(func4(data195) < 1){
+const err451 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err451];
 }
@@ -5805,7 +5805,7 @@ errors++;
 }
 }
 else {
-const err452 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err452 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err452];
 }
@@ -5814,10 +5814,10 @@ vErrors.push(err452);
 }
 errors++;
 }
-let data196 = data192.subject;
-if(typeof data196 === "string"){
-if(!pattern13.test(data196)){
-const err453 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+}
+}
+else {
+const err453 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err453];
 }
@@ -5827,8 +5827,10 @@ vErrors.push(err453);
 errors++;
 }
 }
-else {
-const err454 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data196 = data193.stream;
+if(typeof data196 === "string"){
+if(!pattern35.test(data196)){
+const err454 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err454];
 }
@@ -5839,7 +5841,7 @@ errors++;
 }
 }
 else {
-const err455 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err455 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err455];
 }
@@ -5848,10 +5850,10 @@ vErrors.push(err455);
 }
 errors++;
 }
-}
-}
-else {
-const err456 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data197 = data193.subject;
+if(typeof data197 === "string"){
+if(!pattern14.test(data197)){
+const err456 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err456];
 }
@@ -5861,9 +5863,8 @@ vErrors.push(err456);
 errors++;
 }
 }
-}
 else {
-const err457 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err457 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err457];
 }
@@ -5873,14 +5874,49 @@ vErrors.push(err457);
 errors++;
 }
 }
-}
 else {
-const err458 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err458 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err458];
 }
 else {
 vErrors.push(err458);
+}
+errors++;
+}
+}
+}
+else {
+const err459 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err459];
+}
+else {
+vErrors.push(err459);
+}
+errors++;
+}
+}
+}
+else {
+const err460 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err460];
+}
+else {
+vErrors.push(err460);
+}
+errors++;
+}
+}
+}
+else {
+const err461 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err461];
+}
+else {
+vErrors.push(err461);
 }
 errors++;
 }

@@ -196,8 +196,7 @@ t.test('through the sidecar: several SVIDs are a 503 naming them; the chosen spi
     credentials: [{ id: 'api', audience: api.origin, source: 'broker', token_audience: API, inject: { type: 'bearer' } }],
   })
   const unnamed = await startTestSidecar(fragment({}))
-  // What sidecar.attestation.spiffe.spiffe_id builds, given directly.
-  const named = await startTestSidecar(fragment({}), {}, { evidence: new SpiffeWorkloadEvidence(spire.socket, broker.issuer, 1000, { spiffeId: CODER }) })
+  const named = await startTestSidecar(fragment({ spiffe_id: CODER }))
   t.teardown(async () => {
     await unnamed.close()
     await named.close()

@@ -231,13 +231,15 @@ t.test('a rotated service-account token file is re-read', async (t) => {
   const ev = new KubernetesTokenFile(file)
   const src = new BrokerTokenSource(new BrokerClient(broker.url, 2000, ev), { minRemainingMs: 1000 })
   t.teardown(() => src.close())
-  const tasks = new TaskRegistry('agent:summarizer:prod:x', { maxDurationS: 3600 })
+  // Each pod's sidecar names the agent its token attests (a token for another agent is refused).
+  const podA = new TaskRegistry('agent:summarizer:prod:pod-a', { maxDurationS: 3600 })
+  const podB = new TaskRegistry('agent:summarizer:prod:pod-b', { maxDurationS: 3600 })
   const binding = compileBinding({ id: 'api', audience: 'https://api.example.com', source: 'broker', inject: { type: 'bearer' } })
-  await src.get(binding, tasks.open({ purpose: 'a', durationS: 60 }).identity)
+  await src.get(binding, podA.open({ purpose: 'a', durationS: 60 }).identity)
   // The kubelet's atomic replace.
   writeFileSync(join(dir, 'token.new'), await mint('pod-b'))
   renameSync(join(dir, 'token.new'), file)
-  await src.get(binding, tasks.open({ purpose: 'b', durationS: 60 }).identity)
+  await src.get(binding, podB.open({ purpose: 'b', durationS: 60 }).identity)
   const agents = broker.events.filter((e) => e.type === 'token.exchange').map((e) => (e as { agent: string }).agent)
   t.same(agents, ['agent:summarizer:prod:pod-a', 'agent:summarizer:prod:pod-b'], 'the new token was presented after rotation')
   writeFileSync(file, 'not a token')

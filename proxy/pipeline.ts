@@ -7,6 +7,7 @@ import type { Socket } from 'node:net'
 import type { Logger } from '../lib/log.js'
 import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Decision, Identifier, Identity, Resolution, Resolver, Target, Via } from './context.js'
 import { checkLocalCaller } from './listen/local-caller.js'
+import { lingerOnClose } from './listen/linger.js'
 import { LatchkeyError, renderError, renderErrorRaw, type ErrorCode } from './errors.js'
 import type { CredentialBindings } from './credentials/bindings.js'
 import { stripQueryParams } from './credentials/bindings.js'
@@ -411,6 +412,7 @@ export class Pipeline {
         // ends. Gone (null) when the agent's connection already ended: nothing more to read then.
         const socket = res.req.socket
         if (socket) this.closingSockets.add(socket)
+        lingerOnClose(res.req)
       }
       res.writeHead(status, statusText, headers)
       res.end(body)

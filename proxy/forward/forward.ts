@@ -9,6 +9,7 @@ import { inboundResponseHeaders, type OutboundHeaders } from './headers.js'
 import { upstreamError } from './upstream-errors.js'
 import { safeReasonPhrase, scrubResponseHeaders } from './scrub.js'
 import { locationThroughRoute } from './route-location.js'
+import { lingerOnClose } from '../listen/linger.js'
 
 export type ForwardDone = (err: LatchkeyError | null) => void
 
@@ -70,7 +71,10 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     }
     // Answered before the agent finished sending (an early 401 or 413): the rest of its body has
     // nowhere to go, and the connection cannot be trusted for a next request until it is read.
-    if (!this.res.req.complete) this.res.shouldKeepAlive = false
+    if (!this.res.req.complete) {
+      this.res.shouldKeepAlive = false
+      lingerOnClose(this.res.req)
+    }
     try {
       if (statusMessage && PRINTABLE.test(statusMessage)) this.res.writeHead(statusCode, statusMessage, clean as Record<string, string | string[]>)
       else this.res.writeHead(statusCode, clean as Record<string, string | string[]>)

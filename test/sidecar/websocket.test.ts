@@ -1,7 +1,8 @@
 // WebSocket upgrades pass on allowed routes with the credential injected; denied ones get the
 // same structured 403 as any request.
 import t from 'tap'
-import { createServer } from 'node:http'
+import { createServer, type IncomingMessage } from 'node:http'
+import type { Duplex } from 'node:stream'
 import { connect, type AddressInfo } from 'node:net'
 import { once } from 'node:events'
 import { createHash } from 'node:crypto'
@@ -11,27 +12,15 @@ import { startTestSidecar, rawRequest, assertNoCanary, CANARY } from '../helpers
 
 t.test('websocket through a reverse route and through absolute-form', async (t) => {
   const seen: Record<string, string | undefined>[] = []
-  const ws = createServer((_req, res) => res.writeHead(426).end())
-  ws.on('upgrade', (req, socket) => {
-    seen.push({ url: req.url, authorization: req.headers.authorization, host: req.headers.host })
-    const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
-    socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`)
-    socket.on('data', (d: Buffer) => socket.write(Buffer.concat([Buffer.from('echo:'), d])))
-  })
-  ws.listen(0, '127.0.0.1')
-  await once(ws, 'listening')
-  const port = (ws.address() as AddressInfo).port
-  const s = await startTestSidecar({
-    policy: { default: 'deny', rules: [{ id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin/**'] }, { id: 'ws', action: 'allow', hosts: ['127.0.0.1'], ports: [port] }] },
-    network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] },
-    routes: { live: `http://127.0.0.1:${port}` },
-    credentials: [{ id: 'ws', audience: `http://127.0.0.1:${port}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
-  })
-  t.teardown(async () => {
-    await s.close()
-    ws.closeAllConnections()
-    ws.close()
-  })
+  const { port, s } = await startWsRig(
+    t,
+    (req, socket) => {
+      seen.push({ url: req.url, authorization: req.headers.authorization, host: req.headers.host })
+      socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${acceptFor(req)}\r\n\r\n`)
+      socket.on('data', (d: Buffer) => socket.write(Buffer.concat([Buffer.from('echo:'), d])))
+    },
+    { fragment: (port) => ({ routes: { live: `http://127.0.0.1:${port}` } }) },
+  )
   const handshake = (target: string) =>
     `GET ${target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer agent-own\r\n\r\n`
 
@@ -69,50 +58,40 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
   // One upstream that answers handshakes every way an upstream might, and records every byte it
   // receives on each connection after its answer.
   const afterAnswer: string[] = []
-  const up = createServer((_req, res) => res.writeHead(404).end())
-  up.on('upgrade', (req, socket, head: Buffer) => {
-    // Bytes the client sent after its handshake arrive with it, as `head`.
-    if (head.length) afterAnswer.push(head.toString('latin1'))
-    const auth = String(req.headers.authorization ?? '')
-    const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
-    switch (req.url) {
-      case '/reflect':
-        socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\nX-Echo-Auth: ${auth}\r\n\r\n`)
-        break
-      case '/names': {
-        // The credential in header names: percent-encoded in upper-case hex, and as base64url.
-        const secret = auth.slice(7)
-        const pct = [...secret].map((c) => '%' + c.charCodeAt(0).toString(16).toUpperCase().padStart(2, '0')).join('')
-        socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\nX-${pct}: 1\r\nX-${Buffer.from(secret).toString('base64url')}: 2\r\nX-Plain: kept\r\nX-Latchkey-Error: LK_POLICY_DENIED\r\n\r\n`)
-        break
+  const { port, s } = await startWsRig(
+    t,
+    (req, socket, head) => {
+      // Bytes the client sent after its handshake arrive with it, as `head`.
+      if (head.length) afterAnswer.push(head.toString('latin1'))
+      const auth = String(req.headers.authorization ?? '')
+      const accept = acceptFor(req)
+      switch (req.url) {
+        case '/reflect':
+          socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\nX-Echo-Auth: ${auth}\r\n\r\n`)
+          break
+        case '/names': {
+          // The credential in header names: percent-encoded in upper-case hex, and as base64url.
+          const secret = auth.slice(7)
+          const pct = [...secret].map((c) => '%' + c.charCodeAt(0).toString(16).toUpperCase().padStart(2, '0')).join('')
+          socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\nX-${pct}: 1\r\nX-${Buffer.from(secret).toString('base64url')}: 2\r\nX-Plain: kept\r\nX-Latchkey-Error: LK_POLICY_DENIED\r\n\r\n`)
+          break
+        }
+        case '/plain':
+          // Not a WebSocket server: an ordinary keep-alive answer, echoing the credential.
+          socket.write(`HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Echo-Auth: ${auth}\r\n\r\nok`)
+          break
+        case '/unauthorized':
+          socket.write(`HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer error="${auth}"\r\nContent-Length: 0\r\n\r\n`)
+          break
+        case '/wrong-protocol':
+          socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n`)
+          break
       }
-      case '/plain':
-        // Not a WebSocket server: an ordinary keep-alive answer, echoing the credential.
-        socket.write(`HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Echo-Auth: ${auth}\r\n\r\nok`)
-        break
-      case '/unauthorized':
-        socket.write(`HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer error="${auth}"\r\nContent-Length: 0\r\n\r\n`)
-        break
-      case '/wrong-protocol':
-        socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n`)
-        break
-    }
-    socket.on('data', (d: Buffer) => afterAnswer.push(d.toString('latin1')))
-    socket.on('error', () => {})
-  })
-  up.listen(0, '127.0.0.1')
-  await once(up, 'listening')
-  const port = (up.address() as AddressInfo).port
-  const s = await startTestSidecar({
-    policy: { default: 'deny', rules: [{ id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin/**'] }, { id: 'ws', action: 'allow', hosts: ['127.0.0.1'], ports: [port] }] },
-    network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] },
-    credentials: [{ id: 'ws', audience: `http://127.0.0.1:${port}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
-  })
-  t.teardown(async () => {
-    await s.close()
-    up.closeAllConnections()
-    up.close()
-  })
+      socket.on('data', (d: Buffer) => afterAnswer.push(d.toString('latin1')))
+      socket.on('error', () => {})
+    },
+    { plainStatus: 404 },
+  )
   const handshake = (path: string, method = 'GET', extra = '') =>
     `${method} http://127.0.0.1:${port}${path} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n${extra}\r\n`
   const seen: string[] = []
@@ -169,26 +148,11 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
 
 t.test("undici's WebSocket through EnvHttpProxyAgent: ws:// in a CONNECT tunnel, decided and injected", async (t) => {
   const seen: (string | undefined)[] = []
-  const ws = createServer((_req, res) => res.writeHead(426).end())
-  ws.on('upgrade', (req, socket) => {
+  const { port, s } = await startWsRig(t, (req, socket) => {
     seen.push(req.headers.authorization)
-    const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
-    socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`)
+    socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${acceptFor(req)}\r\n\r\n`)
     // One unmasked text frame, "hello", from server to client.
     socket.write(Buffer.from([0x81, 5, ...Buffer.from('hello')]))
-  })
-  ws.listen(0, '127.0.0.1')
-  await once(ws, 'listening')
-  const port = (ws.address() as AddressInfo).port
-  const s = await startTestSidecar({
-    policy: { default: 'deny', rules: [{ id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin/**'] }, { id: 'ws', action: 'allow', hosts: ['127.0.0.1'], ports: [port] }] },
-    network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] },
-    credentials: [{ id: 'ws', audience: `http://127.0.0.1:${port}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
-  })
-  t.teardown(async () => {
-    await s.close()
-    ws.closeAllConnections()
-    ws.close()
   })
   const script = `
     const { WebSocket, EnvHttpProxyAgent } = await import('undici')
@@ -217,4 +181,38 @@ function proxyEnv(proxy: string): NodeJS.ProcessEnv {
   const env = { ...process.env }
   for (const k of ['HTTP_PROXY', 'HTTPS_PROXY', 'http_proxy', 'https_proxy', 'NO_PROXY', 'no_proxy', 'ALL_PROXY', 'all_proxy']) delete env[k]
   return { ...env, HTTP_PROXY: proxy }
+}
+
+/** The Sec-WebSocket-Accept an upstream answers a handshake with (RFC 6455 §4.2.2). */
+function acceptFor(req: IncomingMessage): string {
+  return createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
+}
+
+/**
+ * A WebSocket upstream (`onUpgrade` answers its handshakes; a plain request gets `plainStatus`)
+ * behind a sidecar that allows it, denies /admin/**, and injects the canary as its bearer: both
+ * torn down with the test. `fragment` adds to the sidecar's config, given the upstream's port.
+ */
+async function startWsRig(
+  t: { teardown(fn: () => unknown): void },
+  onUpgrade: (req: IncomingMessage, socket: Duplex, head: Buffer) => void,
+  o: { plainStatus?: number; fragment?: (port: number) => Record<string, unknown> } = {},
+) {
+  const up = createServer((_req, res) => res.writeHead(o.plainStatus ?? 426).end())
+  up.on('upgrade', onUpgrade)
+  up.listen(0, '127.0.0.1')
+  await once(up, 'listening')
+  const port = (up.address() as AddressInfo).port
+  const s = await startTestSidecar({
+    policy: { default: 'deny', rules: [{ id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin/**'] }, { id: 'ws', action: 'allow', hosts: ['127.0.0.1'], ports: [port] }] },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] },
+    credentials: [{ id: 'ws', audience: `http://127.0.0.1:${port}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+    ...o.fragment?.(port),
+  })
+  t.teardown(async () => {
+    await s.close()
+    up.closeAllConnections()
+    up.close()
+  })
+  return { port, s }
 }

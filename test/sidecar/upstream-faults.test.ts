@@ -3,7 +3,7 @@ import t from 'tap'
 import { createServer, type Server } from 'node:net'
 import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
-import { createServer as createHttpServer } from 'node:http'
+import { createServer as createHttpServer, type Server as HttpServer } from 'node:http'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { mkdtempSync, writeFileSync } from 'node:fs'
@@ -110,18 +110,7 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
     s.on('error', () => {})
     s.once('data', (d: Buffer) => s.write(answers[/^\w+ (\S+)/.exec(d.toString('latin1'))![1]!] ?? 'HTTP/1.1 500 X\r\nContent-Length: 0\r\n\r\n'))
   })
-  upstream.listen(0, '127.0.0.1')
-  await once(upstream, 'listening')
-  const port = (upstream.address() as AddressInfo).port
-  const s = await startTestSidecar({
-    policy: { default: 'allow' },
-    network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] },
-    credentials: [{ id: 'up', audience: `http://127.0.0.1:${port}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
-  })
-  t.teardown(async () => {
-    await s.close()
-    upstream.close()
-  })
+  const { port, s } = await sidecarInFrontOf(t, upstream)
   const get = (path: string) => rawRequest(s.sidecar.port, `GET http://127.0.0.1:${port}${path} HTTP/1.1\r\nHost: x\r\n\r\n`, 300)
   const seen: string[] = []
 
@@ -173,19 +162,7 @@ t.test('an upstream that answers before the upload ends and hangs up: the sideca
   const early = createHttpServer((req, res) => {
     res.writeHead(401, { connection: 'close', 'content-type': 'application/json' }).end('{"error":"unauthorized"}')
   })
-  early.listen(0, '127.0.0.1')
-  await once(early, 'listening')
-  const port = (early.address() as AddressInfo).port
-  const s = await startTestSidecar({
-    policy: { default: 'allow' },
-    network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] },
-    credentials: [{ id: 'up', audience: `http://127.0.0.1:${port}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
-  })
-  t.teardown(async () => {
-    await s.close()
-    early.closeAllConnections()
-    early.close()
-  })
+  const { port, s } = await sidecarInFrontOf(t, early)
   const file = join(mkdtempSync(join(tmpdir(), 'lk-upload-')), 'body.bin')
   writeFileSync(file, Buffer.alloc(8_000_000))
   const seen: string[] = []
@@ -204,3 +181,24 @@ t.test('an upstream that answers before the upload ends and hangs up: the sideca
   for (const e of audit.slice(0, 6)) t.ok(e.status === 401 || (e.status === 502 && e.error === 'LK_UPSTREAM_UNREACHABLE'), `recorded as the agent got it: ${e.status} ${e.error}`)
   assertNoCanary(t, s, ...seen)
 })
+
+/**
+ * Starts `upstream` on a free loopback port, and a sidecar that allows it and injects the canary
+ * as its bearer; both torn down with the test (the upstream's open connections with it).
+ */
+async function sidecarInFrontOf(t: { teardown(fn: () => unknown): void }, upstream: Server | HttpServer) {
+  upstream.listen(0, '127.0.0.1')
+  await once(upstream, 'listening')
+  const port = (upstream.address() as AddressInfo).port
+  const s = await startTestSidecar({
+    policy: { default: 'allow' },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] },
+    credentials: [{ id: 'up', audience: `http://127.0.0.1:${port}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    if ('closeAllConnections' in upstream) upstream.closeAllConnections()
+    upstream.close()
+  })
+  return { port, s }
+}

@@ -1,20 +1,12 @@
 // Faults on the control stream, all with real servers: the broker restarting (and revocations
 // made while a sidecar was away: missed deltas), and a sidecar past its staleness limit.
 import t from 'tap'
-import { mkdtempSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
-import { freePort } from '../helpers/broker.js'
 import { SqliteRevocationStore } from '../../broker/revocations/sqlite.js'
-import { startApi, startControlBroker, startControlSidecar, viaProxy, revoke, until } from './rig.js'
+import { startApi, startControlBroker, restartableBroker, startControlSidecar, viaProxy, revoke, until } from './rig.js'
 
 t.test('broker restart: the sidecar reconnects and resyncs from the snapshot, missed revocations and unrevocations included', async (t) => {
-  const dbFile = join(mkdtempSync(join(tmpdir(), 'lk-restart-')), 'broker.db')
-  const port = await freePort()
-  const opts = { store: { sqlite: { path: dbFile } }, control: { port } }
-  const first = await startControlBroker(opts)
-  let firstClosed = false
-  t.teardown(() => (firstClosed ? undefined : first.close()))
+  const broker = await restartableBroker(t, 'restart')
+  const first = broker.first
   const api = await startApi()
   t.teardown(api.close)
   const s = await startControlSidecar(first, api, 'agent:summarizer:prod:restart')
@@ -26,19 +18,17 @@ t.test('broker restart: the sidecar reconnects and resyncs from the snapshot, mi
   await first.broker.revocations.revoke('task', 'task-that-will-be-unrevoked', 'test')
   await until('first delta applied', () => s.sidecar.control!.state.has('task', 'task-that-will-be-unrevoked'))
 
-  await first.close()
-  firstClosed = true
+  await broker.stop()
   await until('the sidecar saw the stream end', () => !s.sidecar.control!.connected)
   // While the broker is down, its store changes (another replica, or an operator's direct fix).
-  const store = new SqliteRevocationStore(dbFile)
+  const store = new SqliteRevocationStore(broker.dbFile)
   await store.add({ kind: 'agent', value: s.agent, reason: 'revoked while the sidecar was away', created_at: Date.now() })
   await store.remove('task', 'task-that-will-be-unrevoked')
   await store.close()
   t.notOk(s.sidecar.control!.state.agentRevoked, 'nothing heard yet')
   t.equal((await viaProxy(s, task.handle, `${api.origin}/x`)).status, 200, 'the last known state is still enforced and serves')
 
-  const second = await startControlBroker(opts)
-  t.teardown(() => second.close())
+  await broker.restart()
   await until('reconnected and resynchronised', () => s.sidecar.control!.connected && s.sidecar.control!.state.agentRevoked, 5000)
   t.notOk(s.sidecar.control!.state.has('task', 'task-that-will-be-unrevoked'), 'the unrevocation it missed is applied too')
   t.match(await viaProxy(s, task.handle, `${api.origin}/x`), { status: 403, body: { code: 'LK_REVOKED' } })
@@ -81,12 +71,8 @@ t.test('a stale sidecar: past its limit no new token is minted, cached ones stil
 })
 
 t.test('broker restart during a drill: traffic of the others never fails, and the revocation after the restart still lands', async (t) => {
-  const dbFile = join(mkdtempSync(join(tmpdir(), 'lk-drill-restart-')), 'broker.db')
-  const port = await freePort()
-  const opts = { store: { sqlite: { path: dbFile } }, control: { port } }
-  const first = await startControlBroker(opts)
-  let firstClosed = false
-  t.teardown(() => (firstClosed ? undefined : first.close()))
+  const broker = await restartableBroker(t, 'drill-restart')
+  const first = broker.first
   const api = await startApi()
   t.teardown(api.close)
   const sidecars = []
@@ -108,14 +94,12 @@ t.test('broker restart during a drill: traffic of the others never fails, and th
   })
   await until('traffic flowing', () => sidecars.every((x) => x.ok > 2))
 
-  await first.close()
-  firstClosed = true
+  await broker.stop()
   await until('streams lost', () => sidecars.every((x) => !x.s.sidecar.control!.connected))
   const okBefore = others.map((x) => x.ok)
   await new Promise((res) => setTimeout(res, 300))
   t.ok(others.every((x, i) => x.ok > okBefore[i]!), 'cached tokens keep serving while the broker is down')
-  const second = await startControlBroker(opts)
-  t.teardown(() => second.close())
+  const second = await broker.restart()
   await until('all reconnected', () => sidecars.every((x) => x.s.sidecar.control!.connected), 5000)
   const r = await revoke(second, 'agent', victim!.s.agent)
   t.equal(r.status, 201)

@@ -2,22 +2,14 @@
 // backoff_max_ms of the broker's return (grpc-js's own reconnect backoff, 1 s x1.6 up to 120 s,
 // must not govern), so a revocation made then is applied promptly. Real brokers, real sockets.
 import t from 'tap'
-import { mkdtempSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
-import { freePort } from '../helpers/broker.js'
-import { startApi, startControlBroker, startControlSidecar, viaProxy, revoke, until, refuser } from './rig.js'
+import { startApi, restartableBroker, startControlSidecar, viaProxy, revoke, until, refuser } from './rig.js'
 
 const BACKOFF_MAX_MS = 300
 const DOWN_MS = 5000
 
 t.test(`a broker down for ${DOWN_MS} ms: the control stream is back within backoff_max_ms (${BACKOFF_MAX_MS}) plus a margin`, async (t) => {
-  const dbFile = join(mkdtempSync(join(tmpdir(), 'lk-reconnect-')), 'broker.db')
-  const port = await freePort()
-  const opts = { store: { sqlite: { path: dbFile } }, control: { port } }
-  const first = await startControlBroker(opts)
-  let firstClosed = false
-  t.teardown(() => (firstClosed ? undefined : first.close()))
+  const broker = await restartableBroker(t, 'reconnect')
+  const first = broker.first
   const api = await startApi()
   t.teardown(api.close)
   // stale_after_ms is long: the test is about the reconnect, not the watchdog.
@@ -27,18 +19,16 @@ t.test(`a broker down for ${DOWN_MS} ms: the control stream is back within backo
   const task = await s.openTask()
   t.equal((await viaProxy(s, task.handle, `${api.origin}/x`)).status, 200)
 
-  await first.close()
-  firstClosed = true
+  await broker.stop()
   await until('the sidecar saw the stream end', () => !s.sidecar.control!.connected)
-  const down = await refuser(port)
+  const down = await refuser(broker.port)
   await new Promise((r) => setTimeout(r, DOWN_MS))
   await down.next()
   await down.close()
   const gaps = down.attempts.slice(1).map((at, i) => at - down.attempts[i]!)
   t.ok(Math.max(...gaps) <= BACKOFF_MAX_MS * 1.2 + 200, `attempts while down came at most ${Math.max(...gaps)} ms apart (${down.attempts.length} attempts)`)
 
-  const second = await startControlBroker(opts)
-  t.teardown(() => second.close())
+  const second = await broker.restart()
   const back = Date.now()
   await revoke(second, 'task', task.id)
   await until('reconnected', () => s.sidecar.control!.connected, 20_000)

@@ -4,10 +4,12 @@
 import { createServer, request, type IncomingMessage, type Server } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { join } from 'node:path'
+import { mkdtempSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { randomBytes, createHash } from 'node:crypto'
 import { connect as netConnect, createServer as createNetServer, type Socket } from 'node:net'
 import { once } from 'node:events'
-import { startTestBroker, API, type TestBroker } from '../helpers/broker.js'
+import { startTestBroker, freePort, API, type TestBroker } from '../helpers/broker.js'
 import { startTestSidecar, loopbackPolicy, type TestSidecar } from '../helpers/harness.js'
 import type { SidecarOptions } from '../../proxy/sidecar.js'
 import type { BrokerConfig } from '../../lib/config/schema.js'
@@ -23,6 +25,35 @@ export async function startControlBroker(
     env: { LATCHKEY_CONTROL_TOKEN: CONTROL_TOKEN, ...opts.env },
   })
   return Object.assign(b, { controlUrl: `grpc://${b.broker.controlAddress!}` })
+}
+
+/**
+ * A control broker that restarts as a real one does: the same SQLite store and control port each
+ * time. `stop()` ends the running one; `restart()` starts the next. Whichever runs at the end is
+ * torn down with the test.
+ */
+export async function restartableBroker(t: { teardown(fn: () => unknown): void }, name: string) {
+  const dbFile = join(mkdtempSync(join(tmpdir(), `lk-${name}-`)), 'broker.db')
+  const port = await freePort()
+  const opts = { store: { sqlite: { path: dbFile } }, control: { port } }
+  const first = await startControlBroker(opts)
+  let running: TestBroker | null = first
+  t.teardown(() => running?.close())
+  return {
+    dbFile,
+    port,
+    first,
+    async stop(): Promise<void> {
+      const b = running
+      running = null
+      await b?.close()
+    },
+    async restart(): Promise<TestBroker & { controlUrl: string }> {
+      const b = await startControlBroker(opts)
+      running = b
+      return b
+    },
+  }
 }
 
 export interface Api {

@@ -17,6 +17,9 @@ const QUICK = process.env.BENCH_QUICK === '1'
 const SECONDS = Number(process.env.BENCH_SECONDS ?? (QUICK ? 2 : 10))
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? (QUICK ? 1 : 3))
 const PACED_RATE = Number(process.env.BENCH_PACED_RATE ?? 1000)
+// The paired throughput phase (phase 3): cycles of back-to-back 16-connection slices.
+const PAIR_CYCLES = Number(process.env.BENCH_PAIR_CYCLES ?? (QUICK ? 2 : 10))
+const PAIR_SECONDS = Number(process.env.BENCH_PAIR_SECONDS ?? (QUICK ? 1 : 3))
 // BENCH_AUDIT=collector: the sidecar's audit goes to a collector (spool + gRPC, each event
 // appended before its response ends) instead of JSON lines; results go to latest-collector.*.
 const AUDIT_COLLECTOR = process.env.BENCH_AUDIT === 'collector'
@@ -484,8 +487,8 @@ log: { level: warn }
   const samples = Object.fromEntries(contenders.map((c) => [c.name, []]))
   const pacedSamples = Object.fromEntries(contenders.map((c) => [c.name, []]))
   const busy = []
-  const total = ROUNDS * contenders.length * SECONDS * 4
-  console.error(`bench: ${ROUNDS} round(s) × ${contenders.length} contenders × 4 runs of ${SECONDS}s (~${Math.ceil(total / 60)} min); proxy on CPU ${CPU_PROXY}, load generator + upstream on CPU ${CPU_LOAD}`)
+  const total = ROUNDS * contenders.length * SECONDS * 4 + PAIR_CYCLES * 3 * PAIR_SECONDS
+  console.error(`bench: ${ROUNDS} round(s) × ${contenders.length} contenders × 4 runs of ${SECONDS}s, then ${PAIR_CYCLES} paired cycles × 3 proxies × ${PAIR_SECONDS}s (~${Math.ceil(total / 60)} min); proxy on CPU ${CPU_PROXY}, load generator + upstream on CPU ${CPU_LOAD}`)
 
   // Phase 1, an agent's steady pattern: a fixed ${PACED_RATE} req/s, open-loop, on processes that
   // have seen nothing heavier, so CPU share and RSS are what the proxy costs at that rate.
@@ -541,6 +544,25 @@ log: { level: warn }
       console.error(`round ${round} ${c.name}: ${Math.round(t16.rps)} req/s @16 conn; p50/p99 @1 conn ${t1.p50}/${t1.p99} µs split, ${t1same.p50}/${t1same.p99} µs same core`)
     }
   }
+  // Phase 3: the two throughput ratios, paired. Rounds put ~40 s between two contenders' 16-
+  // connection runs, and this host's speed drifts on that scale (one process's CPU µs/req moves
+  // 2× between rounds), so a ratio of round medians mixes the proxies with the machine. Here the
+  // three Node proxies run back to back in short slices, in ABC then CBA order so a drift favours
+  // no one, and each cycle gives one ratio from runs seconds apart.
+  const trio = ['latchkey', 'undici-bare', 'http-proxy'].map((n) => contenders.find((c) => c.name === n))
+  const cycles = []
+  for (let cycle = 0; cycle < PAIR_CYCLES; cycle++) {
+    const got = {}
+    for (const c of cycle % 2 ? [...trio].reverse() : trio) {
+      const cpu0 = cpuSeconds(c.proc.pid)
+      const w = await wrk(c.name, ['-t2', '-c16', `-d${PAIR_SECONDS}s`, urlFor(c)], scriptFor(c), CPU_LOAD)
+      got[c.name] = { rps: w.rps, cpuUsPerReq: ((cpuSeconds(c.proc.pid) - cpu0) * 1e6) / w.requests }
+      if (c.name === 'latchkey') lkRequests.count += w.requests
+    }
+    cycles.push(got)
+    console.error(`cycle ${cycle + 1} paired @16 conn: ${trio.map((c) => `${c.name} ${Math.round(got[c.name].rps)} req/s (${got[c.name].cpuUsPerReq.toFixed(1)} µs/req)`).join(', ')}`)
+  }
+
   const after = await machineBusy(1000)
   await sleep(AUDIT_COLLECTOR ? 3000 : 500) // let the sidecar's audit batch land (at the collector: acked)
   const audited = await countAudited()
@@ -584,11 +606,20 @@ log: { level: warn }
     return ` (rounds: ${sorted[0].toFixed(digits)}–${sorted.at(-1).toFixed(digits)}${unit})`
   }
   const perRound = (k, other) => samples.latchkey.map((x, i) => x[k] / samples[other][i][k])
+  const perCycle = (other) => cycles.map((c) => c.latchkey.rps / c[other].rps)
+  const ratioTarget = (other, line) => {
+    const paired = median(perCycle(other))
+    return {
+      target: `req/s at 16 connections ≥ ${line}× ${other} (paired slices)`,
+      measured: `${paired.toFixed(2)}×${spread(perCycle(other), 2, '×').replace('rounds', `${cycles.length} cycles`)}; medians of the rounds: ${(L.rps16 / get(other).rps16).toFixed(2)}×${spread(perRound('rps16', other), 2, '×')}`,
+      met: paired >= line,
+    }
+  }
   const directP50 = samples.direct.map((x) => x.p50)
   const targets = [
     { target: 'added p50 at 1 connection ≤ 100 µs (split layout)', measured: `${L.addedP50.toFixed(0)} µs${spread(samples.latchkey.map((x, i) => x.p50 - directP50[i]), 0, ' µs')} (same core: ${L.addedP50same.toFixed(0)} µs)`, met: L.addedP50 <= 100 },
-    { target: 'req/s at 16 connections ≥ 1.5× http-proxy', measured: `${(L.rps16 / get('http-proxy').rps16).toFixed(2)}×${spread(perRound('rps16', 'http-proxy'), 2, '×')}`, met: L.rps16 >= 1.5 * get('http-proxy').rps16 },
-    { target: 'req/s at 16 connections ≥ 0.85× undici-bare', measured: `${(L.rps16 / get('undici-bare').rps16).toFixed(2)}×${spread(perRound('rps16', 'undici-bare'), 2, '×')}`, met: L.rps16 >= 0.85 * get('undici-bare').rps16 },
+    ratioTarget('http-proxy', 1.5),
+    ratioTarget('undici-bare', 0.85),
     { target: `CPU at a steady ${PACED_RATE} req/s ≤ 0.05 core`, measured: `${L.pacedCores.toFixed(3)} core at ${L.pacedRate.toFixed(0)} req/s${spread(pacedSamples.latchkey.map((x) => x.cores), 3, ' core')}`, met: L.pacedCores <= 0.05 },
     { target: `RSS at a steady ${PACED_RATE} req/s ≤ 80 MB`, measured: `${L.pacedRss.toFixed(1)} MB${spread(pacedSamples.latchkey.map((x) => x.rss), 1, ' MB')}`, met: L.pacedRss <= 80 },
   ]
@@ -632,6 +663,13 @@ log: { level: warn }
     `|---|---:|---:|---:|---:|---:|---:|`,
     ...results.map((r) => `| ${r.name} | ${f(r.pacedRate)} | ${f(r.pacedCores, 3)} | ${f(r.pacedRss, 1)} | ${f(r.pacedP50)} | ${r.name === 'direct' ? '–' : sign(r.pacedAddedP50)} | ${f(r.pacedP99)} |`),
     ``,
+    `## Throughput ratios, paired (${cycles.length} cycles of ${PAIR_SECONDS} s slices, back to back, ABC then CBA)`,
+    ``,
+    `| cycle | ${trio.map((c) => `${c.name} req/s (µs/req)`).join(' | ')} | ×undici-bare | ×http-proxy |`,
+    `|---:|${trio.map(() => '---:').join('|')}|---:|---:|`,
+    ...cycles.map((c, i) => `| ${i + 1} | ${trio.map((t) => `${f(c[t.name].rps)} (${f(c[t.name].cpuUsPerReq, 1)})`).join(' | ')} | ${(c.latchkey.rps / c['undici-bare'].rps).toFixed(2)} | ${(c.latchkey.rps / c['http-proxy'].rps).toFixed(2)} |`),
+    `| median | ${trio.map((t) => `${f(median(cycles.map((c) => c[t.name].rps)))} (${f(median(cycles.map((c) => c[t.name].cpuUsPerReq)), 1)})`).join(' | ')} | ${median(perCycle('undici-bare')).toFixed(2)} | ${median(perCycle('http-proxy')).toFixed(2)} |`,
+    ``,
     ...(get('node-floor') ? [`node-floor is not a proxy: a node:http server answering by itself on the proxies' CPU, i.e. what any Node process pays per request here (its "added" figures are relative to direct).`, ``] : []),
     `## Targets (latchkey)`,
     ``,
@@ -649,7 +687,7 @@ log: { level: warn }
   mkdirSync(outDir, { recursive: true })
   const stamp = new Date().toISOString().replace(/[:.]/g, '-')
   const json = JSON.stringify(
-    { at: new Date().toISOString(), quick: QUICK, seconds: SECONDS, rounds: ROUNDS, pacedRate: PACED_RATE, env, layout, noise, results, targets, audit: { events: audited, requests: lkRequests.count }, samples, pacedSamples },
+    { at: new Date().toISOString(), quick: QUICK, seconds: SECONDS, rounds: ROUNDS, pacedRate: PACED_RATE, env, layout, noise, results, targets, audit: { events: audited, requests: lkRequests.count }, samples, pacedSamples, pairedCycles: cycles },
     null,
     2,
   )

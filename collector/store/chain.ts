@@ -41,6 +41,17 @@ export function agentType(agent: string): string {
   return parts.length >= 4 && parts[0] === 'agent' && parts[1] ? parts[1] : 'unknown'
 }
 
+/** The last instant a JavaScript Date can hold (ECMA-262 §21.4.1.1). */
+const MAX_DATE_MS = 8.64e15
+
+/** The event fields stored in text columns besides the payload, by the name a refusal gives. */
+const NUL_CHECKED: ReadonlyArray<readonly [string, (ev: AuditEvent) => string]> = [
+  ['id', (ev) => ev.id],
+  ['delegation.agent', (ev) => ev.delegation?.agent ?? ''],
+  ['call.host', (ev) => ev.call?.host ?? ''],
+  ['credential.audience', (ev) => ev.credential?.audience ?? ''],
+]
+
 export function isDenied(action: number): boolean {
   return action === Action.ACTION_DENY || action === Action.ACTION_REPORT
 }
@@ -69,6 +80,15 @@ export function newEvents(sidecar: string, events: SequencedEvent[], stored: Map
     if (!Number.isSafeInteger(e.event.timeUnixMs) || e.event.timeUnixMs <= 0) {
       throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${e.sequence} has no time (time_unix_ms must be a positive epoch time)`)
     }
+    // Nor past the last instant a Date holds: every reader (the CLI, the inventory) would fail on
+    // it, and an open-ended query ("since 24h") would return it for ever.
+    if (e.event.timeUnixMs > MAX_DATE_MS) {
+      throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${e.sequence} has a time beyond year 275760 (time_unix_ms ${e.event.timeUnixMs})`)
+    }
+    // The indexed text columns: PostgreSQL's text cannot hold U+0000 (it would fail the batch as
+    // if the store were down, and the sidecar would retry it for ever), so neither store takes one.
+    const nul = NUL_CHECKED.find(([, get]) => get(e.event!).includes('\u0000'))
+    if (nul) throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${e.sequence}: ${nul[0]} contains a NUL character`)
     const held = stored.get(e.sequence)
     if (held !== undefined && held !== e.event.id) {
       throw new StoreError(

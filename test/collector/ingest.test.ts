@@ -137,6 +137,30 @@ t.test('a malformed batch is refused as INVALID_ARGUMENT naming the event', asyn
   t.same((await c.store.inventory()).agents, [], 'nothing the inventory would count and a query never return')
 })
 
+t.test('on PostgreSQL, a NUL in an indexed field is INVALID_ARGUMENT, not the UNAVAILABLE a sidecar retries for ever', async (t) => {
+  const { PostgresAuditStore } = await import('../../collector/store/postgres.js')
+  const { PG_URL, uniqueSchema } = await import('./events.js')
+  const store = new PostgresAuditStore({ url: PG_URL, schema: uniqueSchema() })
+  const s = sidecarIdentity()
+  const c = await startTestCollector([s], { store })
+  t.teardown(async () => {
+    await c.close()
+    await store.dropSchema()
+    await store.close()
+  })
+  const r = await exchange(c.grpcAddress, authMetadata(s), [
+    { sidecarId: s.id, events: seqEvents(1, 2) },
+    { sidecarId: s.id, events: seqEvents(3, 3, () => ({ host: 'api.example.com\u0000' })) },
+  ])
+  t.same(r.acks.map((a) => a.ackedSequence), [2])
+  t.equal(r.error?.code, status.INVALID_ARGUMENT)
+  t.equal(r.error?.details, `sidecar ${s.id}: sequence 3: call.host contains a NUL character`)
+  const far = await exchange(c.grpcAddress, authMetadata(s), [{ sidecarId: s.id, events: seqEvents(3, 3, () => ({ ts: 9e15 })) }])
+  t.equal(far.error?.code, status.INVALID_ARGUMENT)
+  t.match(far.error?.details, /sequence 3 has a time beyond year 275760/)
+  t.same((await store.verify()).checked, 2, 'only the good batch was stored')
+})
+
 t.test('no ack before the commit: a slow store holds the ack back', async (t) => {
   const { SqliteAuditStore } = await import('../../collector/store/sqlite.js')
   const { mkdtempSync } = await import('node:fs')

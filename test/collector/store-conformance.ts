@@ -84,6 +84,25 @@ export function conformance(t: Test, backend: Backend): void {
     t.equal((await store.verify()).checked, 0, 'nothing of the refused batches was stored')
   })
 
+  withStore('a NUL in an indexed field or a time no Date can hold is refused as a bad batch, by both stores alike', async (t, { store }) => {
+    // PostgreSQL text cannot hold U+0000: such a batch used to fail there as LK_STORE_UNAVAILABLE
+    // (a sidecar retries that for ever) while SQLite stored it.
+    for (const [field, opts] of [
+      ['delegation.agent', { agent: 'agent:summarizer:test:a1\u0000x' }],
+      ['call.host', { host: 'api.example.com\u0000.evil' }],
+      ['credential.audience', { audience: 'https://api.example.com\u0000' }],
+    ] as const) {
+      await t.rejects(store.append(A, [...seqEvents(1, 1), ...seqEvents(2, 2, () => opts)]), { code: 'LK_STORE_BAD_BATCH', message: `sidecar ${A}: sequence 2: ${field} contains a NUL character` }, field)
+    }
+    const nulId = seqEvents(2, 2)
+    nulId[0]!.event!.id = 'id\u0000'
+    await t.rejects(store.append(A, nulId), { code: 'LK_STORE_BAD_BATCH', message: `sidecar ${A}: sequence 2: id contains a NUL character` })
+    // 8.64e15 ms is the last instant a Date holds: past it, every reader prints "Invalid Date" or throws.
+    await t.rejects(store.append(A, seqEvents(1, 1, () => ({ ts: 8.64e15 + 1 }))), { code: 'LK_STORE_BAD_BATCH', message: /sequence 1 has a time beyond year 275760 \(time_unix_ms 8640000000000001\)/ })
+    t.equal((await store.verify()).checked, 0, 'nothing of the refused batches was stored')
+    t.equal((await store.append(A, seqEvents(1, 1, () => ({ ts: 8.64e15 })))).stored, 1, 'the last representable instant is still a time')
+  })
+
   withStore('updates and deletes are refused by the database itself', async (t, b) => {
     await b.store.append(A, seqEvents(1, 3))
     await t.rejects(b.raw(`UPDATE audit_events SET host = 'evil.example' WHERE seq = 2`), /append-only: UPDATE refused/)

@@ -87,6 +87,11 @@ t.test('a deny on a path is not dodged by any spelling of that path', async (t) 
     '/%EF%BD%81dmin/x',
     '/%EF%BC%A1DMIN/x',
     '/api/..%252f%EF%BD%81dmin/x',
+    // An authority to a server reading its target as a URL reference (new URL(path, base)).
+    '//evil.example/admin/x',
+    '///admin/admin/x',
+    '//x/ADMIN',
+    '/;/x/admin',
   ]) {
     t.equal(decide(p, 'GET', `https://x.com${spelling}`).rule, 'no-admin', spelling)
   }

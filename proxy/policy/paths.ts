@@ -6,6 +6,8 @@
 // allow rule only if EVERY reading matches. Ambiguity therefore always falls towards deny.
 
 const UNRESERVED = /^[A-Za-z0-9\-._~]$/
+/** The leading slashes and authority a URL parser reads at the start of `//host/path`. */
+const AUTHORITY = /^\/{2,}[^/]*/
 
 /** Decodes %XX only where it stands for an unreserved character; upper-cases the rest. */
 function decodeUnreserved(path: string): string {
@@ -39,7 +41,10 @@ function readingsOf(path: string): string[] {
   // dots and spaces on a segment dropped, as Windows servers do (`/admin./x`, `/admin%20/x`).
   // Compatibility forms folded (NFKC), as servers that normalise Unicode do: fullwidth
   // `/％ａdmin` is `/admin` to them. (A request's path is valid UTF-8, see checkedPath; a
-  // second decoding of it need not be, and has no such reading.)
+  // second decoding of it need not be, and has no such reading.) A path that starts with `//`
+  // is, to a server that resolves its request target as a URL reference (Node's documented
+  // `new URL(req.url, base)`, Python's urlsplit), an authority and then a path: `//x/admin` is
+  // `/admin` to it (every leading slash is skipped first, as the URL parser does).
   if (/%[89A-F][0-9A-F]/.test(canonical)) {
     let decoded: string | null = null
     try {
@@ -57,6 +62,7 @@ function readingsOf(path: string): string[] {
       if (p.includes(';')) add(p.replace(/;[^/]*/g, ''))
       if (/(^|\/)\.\.?(\/|$)/.test(p)) add(new URL(p, 'http://x').pathname)
       if (/(\.|%20|%09)+(\/|$)/.test(p)) add(p.replace(/(?:\.|%20|%09)+(\/|$)/g, '$1'))
+      if (p.startsWith('//')) add(p.replace(AUTHORITY, '') || '/')
     }
     if (readings.length === before) break
   }

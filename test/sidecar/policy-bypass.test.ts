@@ -1,0 +1,53 @@
+// Spellings the decider might judge differently from the upstream that receives them, through
+// the real sidecar on every entry path. The upstream reads its request target the way Node's
+// documentation says to (`new URL(req.url, base)`): what it acts on must be what policy judged.
+import t from 'tap'
+import { startUpstream, startTestSidecar, rawRequest, parseRawResponse, assertNoCanary } from '../helpers/harness.js'
+
+t.test('a path starting with // is judged as a URL-reading upstream reads it', async (t) => {
+  const upstream = await startUpstream()
+  const s = await startTestSidecar({
+    policy: {
+      default: 'deny',
+      rules: [
+        { id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin/**'] },
+        { id: 'allow-upstream', action: 'allow', hosts: ['127.0.0.1'], ports: [upstream.port] },
+      ],
+    },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [upstream.port] }] },
+    routes: { up: upstream.origin },
+    credentials: [{ id: 'up', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const host = `127.0.0.1:${upstream.port}`
+  const entries: [string, (path: string) => string][] = [
+    ['absolute-form', (p) => `GET http://${host}${p} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`],
+    ['reverse route', (p) => `GET /up${p} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`],
+    ['inside a plaintext tunnel', (p) => `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\nGET http://${host}${p} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`],
+  ]
+  // Each is /admin/… to `new URL(path, base)`: the first segment is read as a host.
+  const spellings = ['//evil.example/admin/x', '//127.0.0.1/admin', '///admin/admin/x', '/.//x/admin/y', '//x/ADMIN/y']
+  const seen: string[] = []
+  // The answer to the request itself: inside a tunnel, what follows the CONNECT's 200.
+  const send = async (request: string) => {
+    const r = await rawRequest(s.sidecar.port, request)
+    seen.push(r.raw)
+    return request.startsWith('CONNECT') ? parseRawResponse(r.raw.replace(/^HTTP\/1\.1 200 Connection Established\r\n\r\n/, '')) : r
+  }
+  for (const [entry, request] of entries) {
+    for (const spelling of spellings) {
+      t.equal(new URL(spelling.replace(/^\/\.\//, '/'), 'http://base').pathname.toLowerCase().startsWith('/admin'), true, `${spelling} is /admin to a URL reader`)
+      const r = await send(request(spelling))
+      t.equal(r.status, 403, `${entry} ${spelling}: 403`)
+      t.equal(r.headers['x-latchkey-rule'], 'no-admin', `${entry} ${spelling}: the path deny holds`)
+    }
+    const ok = await send(request('//evil.example/ok'))
+    t.equal(ok.status, 200, `${entry}: a // path that no deny covers still passes`)
+  }
+  const reached = upstream.requests.map((q) => new URL(q.url, 'http://base').pathname)
+  t.same(reached, ['/ok', '/ok', '/ok'], 'no request the upstream reads as /admin reached it')
+  assertNoCanary(t, s, ...seen)
+})

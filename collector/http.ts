@@ -17,6 +17,14 @@ function send(res: ServerResponse, status: number, body: unknown): void {
 
 class BadRequest extends Error {}
 
+/**
+ * No stored ID holds U+0000 (the ingest refuses it), and PostgreSQL cannot even be asked for one:
+ * it fails the query, which would read as "store unavailable".
+ */
+function noNul(name: string, value: string): void {
+  if (value.includes('\u0000')) throw new BadRequest(`query parameter "${name}" contains a NUL character, which no stored ${name} holds`)
+}
+
 export function createQueryServer(store: AuditStore, log: Logger, readerTokensSha256: string[] = []): Server {
   const readers = readerTokensSha256.map((h) => Buffer.from(h, 'hex'))
   const authorized = (header: string | undefined): boolean => {
@@ -48,6 +56,7 @@ export function createQueryServer(store: AuditStore, log: Logger, readerTokensSh
         case '/v1/events': {
           const agent = url.searchParams.get('agent')
           if (!agent) throw new BadRequest('query parameter "agent" is required')
+          noNul('agent', agent)
           let since: Date
           let until: Date | undefined
           try {
@@ -71,7 +80,9 @@ export function createQueryServer(store: AuditStore, log: Logger, readerTokensSh
         case '/v1/inventory':
           return send(res, 200, await store.inventory())
         case '/v1/verify': {
-          const v = await store.verify(url.searchParams.get('sidecar') ?? undefined)
+          const sidecar = url.searchParams.get('sidecar') ?? undefined
+          if (sidecar !== undefined) noNul('sidecar', sidecar)
+          const v = await store.verify(sidecar)
           return send(res, v.ok ? 200 : 409, v)
         }
         default:

@@ -156,3 +156,27 @@ t.test('with reader tokens, the query API and the CLI need one', async (t) => {
   t.equal(allowed.stdout.trim().split('\n').length, 1)
   t.notMatch(c.logs.join(''), reader, 'the reader token is never logged')
 })
+
+t.test('a NUL in agent or sidecar is a 400 on both stores, not "store unavailable"', async (t) => {
+  const { PostgresAuditStore } = await import('../../collector/store/postgres.js')
+  const { PG_URL, uniqueSchema } = await import('./events.js')
+  const pg = new PostgresAuditStore({ url: PG_URL, schema: uniqueSchema() })
+  t.teardown(async () => {
+    await pg.dropSchema()
+    await pg.close()
+  })
+  for (const store of [undefined, pg]) {
+    const id = sidecarIdentity()
+    const c = await startTestCollector([id], { store })
+    t.teardown(() => c.close())
+    await c.store.append(id.id, [{ sequence: 1, event: makeEvent({ agent: X }) }])
+    const get = async (path: string) => {
+      const r = await request(c.httpUrl + path)
+      return { status: r.statusCode, body: (await r.body.json()) as Record<string, unknown> }
+    }
+    t.same(await get(`/v1/events?agent=${encodeURIComponent(X)}%00`), { status: 400, body: { error: 'query parameter "agent" contains a NUL character, which no stored agent holds' } }, c.store.kind)
+    t.same(await get(`/v1/verify?sidecar=${id.id}%00`), { status: 400, body: { error: 'query parameter "sidecar" contains a NUL character, which no stored sidecar holds' } }, c.store.kind)
+    t.equal((await get(`/v1/events?agent=${encodeURIComponent(X)}`)).body.count, 1, `${c.store.kind}: the agent without the NUL is found`)
+    t.notMatch(c.logs.join(''), /query failed/, `${c.store.kind}: nothing was sent to the store to fail`)
+  }
+})

@@ -62,6 +62,11 @@ function isoTimestamp(ms: number): string {
   return lastTs
 }
 
+/** Query parameters by which frameworks act on another method than the request line's. */
+const METHOD_OVERRIDE_PARAMS = ['_method']
+/** Any spelling of `_method` holds "method" as it is or a percent-escape: the rest need no look. */
+const MAYBE_METHOD_OVERRIDE = /method|%/i
+
 /** Pipelined requests one connection may have waiting for their turn; one more closes it. */
 const MAX_QUEUED_PER_CONNECTION = 64
 
@@ -209,6 +214,9 @@ export class Pipeline {
    */
   readTarget(ctx: CallContext, req: IncomingMessage, tunnel: TunnelOrigin | null, upgrade = false): void {
     const target = (ctx.target = this.parseTarget(req.url ?? '', tunnel, upgrade))
+    // `?_method=DELETE` makes a POST a DELETE to Laravel, Symfony and Express's method-override: a
+    // method policy never judged. Removed in every spelling, as the override headers are.
+    if (target.search.length > 1 && MAYBE_METHOD_OVERRIDE.test(target.search)) target.search = stripQueryParams(target.search, METHOD_OVERRIDE_PARAMS, 'keep')
     if (target.route !== null) checkLocalCaller(req.headers, this.stages.namedHosts)
   }
 

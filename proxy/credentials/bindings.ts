@@ -112,29 +112,32 @@ export class CredentialBindings {
 /**
  * Removes the named query parameters from a search string, in every spelling an upstream might
  * read as the same name: any percent-encoding or case, `+` for space, a PHP-style `name[...]`,
- * a name cut short by a NUL, or hidden after `;` (a separator to some frameworks). A pair that
- * cannot be decoded, or that carries such a name after `;`, is dropped whole: fail closed.
+ * a name cut short by a NUL, or hidden after `;` (a separator to some frameworks), or as PHP
+ * reads names (leading spaces skipped, then spaces and dots as `_`: `.method` is `_method`). A pair
+ * that carries such a name after `;` is dropped whole, and so, unless `undecodable` is 'keep',
+ * is one whose name cannot be decoded: fail closed.
  */
-export function stripQueryParams(search: string, names: readonly string[]): string {
+export function stripQueryParams(search: string, names: readonly string[], undecodable: 'drop' | 'keep' = 'drop'): string {
   if (names.length === 0 || search.length < 2) return search
   const lower = names.map((n) => n.toLowerCase())
   const kept = search
     .slice(1)
     .split('&')
-    .filter((pair) => !pair.split(';').some((part) => namesParameter(part, lower)))
+    .filter((pair) => !pair.split(';').some((part) => namesParameter(part, lower, undecodable === 'drop')))
   return kept.length ? '?' + kept.join('&') : ''
 }
 
-function namesParameter(part: string, lowerNames: readonly string[]): boolean {
+function namesParameter(part: string, lowerNames: readonly string[], dropUndecodable: boolean): boolean {
   const rawName = part.split('=', 1)[0] ?? ''
   let name: string
   try {
     name = decodeURIComponent(rawName.replace(/\+/g, ' '))
   } catch {
     // Undecodable name: it might be our parameter in disguise.
-    return true
+    return dropUndecodable
   }
   name = name.toLowerCase()
   const cut = name.search(/[[\0]/)
-  return lowerNames.includes(cut === -1 ? name : name.slice(0, cut))
+  const base = cut === -1 ? name : name.slice(0, cut)
+  return lowerNames.includes(base) || lowerNames.includes(base.replace(/^ +/, '').replace(/[ .]/g, '_'))
 }

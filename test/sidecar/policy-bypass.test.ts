@@ -51,3 +51,51 @@ t.test('a path starting with // is judged as a URL-reading upstream reads it', a
   t.same(reached, ['/ok', '/ok', '/ok'], 'no request the upstream reads as /admin reached it')
   assertNoCanary(t, s, ...seen)
 })
+
+t.test('a method override in the query never reaches the upstream: the request line is the method policy judged', async (t) => {
+  const upstream = await startUpstream()
+  const s = await startTestSidecar({
+    policy: {
+      default: 'deny',
+      rules: [
+        { id: 'no-delete', action: 'deny', hosts: ['127.0.0.1'], methods: ['DELETE'] },
+        { id: 'allow-upstream', action: 'allow', hosts: ['127.0.0.1'], ports: [upstream.port] },
+      ],
+    },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [upstream.port] }] },
+    routes: { up: upstream.origin },
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const host = `127.0.0.1:${upstream.port}`
+  const post = (target: string) => `POST ${target} HTTP/1.1\r\nHost: ${target.startsWith('/') ? '127.0.0.1' : host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`
+  const entries: [string, (pathAndQuery: string) => string][] = [
+    ['absolute-form', (q) => post(`http://${host}${q}`)],
+    ['reverse route', (q) => post(`/up${q}`)],
+    ['inside a plaintext tunnel', (q) => `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\n` + post(q)],
+  ]
+  // Each is `_method` to Symfony/Laravel (PHP reads `.` and ` ` in a name as `_`) or Express's method-override.
+  const overrides = ['_method=DELETE', '_METHOD=delete', '%5Fmethod=DELETE', '_meth%6Fd=DELETE', '.method=DELETE', '%20_method=DELETE', '_method[]=DELETE']
+  // What Symfony's getMethod() would read as `_method` (PHP's name mangling), were it sent.
+  const readsAsOverride = (url: string) =>
+    [...new URL(url, 'http://base').searchParams.keys()].some((k) => k.toLowerCase().replace(/^ +/, '').replace(/\[.*$/, '').replace(/[ .]/g, '_') === '_method')
+  for (const [entry, request] of entries) {
+    for (const override of overrides) {
+      t.ok(readsAsOverride(`/x?${override}`), `${override} is an override to a PHP framework`)
+      const r = await rawRequest(s.sidecar.port, request(`/x?a=1&${override}&b=2`))
+      t.match(r.raw, /HTTP\/1\.1 200 OK/, `${entry} ${override}: forwarded as the POST it is`)
+      const got = upstream.requests.at(-1)!
+      t.equal(got.method, 'POST')
+      t.notOk(readsAsOverride(got.url), `${entry} ${override}: the override did not reach the upstream (${got.url})`)
+      t.same(new URL(got.url, 'http://base').searchParams.getAll('a').concat(new URL(got.url, 'http://base').searchParams.getAll('b')), ['1', '2'], `${entry}: other parameters kept`)
+    }
+  }
+  t.equal(upstream.requests.length, entries.length * overrides.length)
+  const denied = await rawRequest(s.sidecar.port, `DELETE http://${host}/x HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`)
+  t.equal(denied.headers['x-latchkey-rule'], 'no-delete', 'the DELETE itself is denied')
+  const kept = await rawRequest(s.sidecar.port, post(`http://${host}/x?methods=a&100%=b`))
+  t.equal(upstream.requests.at(-1)?.url, '/x?methods=a&100%=b', 'names that are not an override, undecodable ones included, pass untouched')
+  t.equal(kept.status, 200)
+})

@@ -20,6 +20,15 @@ export interface IngestStats {
   refused: number
 }
 
+/**
+ * A name the peer sent, as quoted in a refusal (the status details and the log line): a batch of
+ * up to max_batch_bytes could otherwise make both megabytes long, and grpc-js clients never see a
+ * status that large (the stream just hangs).
+ */
+function clip(s: string): string {
+  return s.length > 200 ? `${s.slice(0, 200)}… (${s.length} characters)` : s
+}
+
 function grpcError(code: status, details: string): Partial<ServiceError> {
   return { code, details, message: details }
 }
@@ -51,13 +60,13 @@ export class IngestService {
     if (this.mtls) {
       // The TLS layer already refused certificates the client CA did not sign.
       if (!certCn) return { refused: 'client certificate has no CN' }
-      if (typeof claimed === 'string' && claimed && claimed !== certCn) return { refused: `metadata names sidecar "${claimed}" but the client certificate is "${certCn}"` }
+      if (typeof claimed === 'string' && claimed && claimed !== certCn) return { refused: `metadata names sidecar "${clip(claimed)}" but the client certificate is "${clip(certCn)}"` }
       id = certCn
     } else {
       if (typeof claimed !== 'string' || !claimed) return { refused: `missing ${SIDECAR_ID_HEADER} metadata` }
       id = claimed
     }
-    if (!this.tokens.has(id)) return { refused: `sidecar "${id}" is not known to this collector` }
+    if (!this.tokens.has(id)) return { refused: `sidecar "${clip(id)}" is not known to this collector` }
     const want = this.tokens.get(id)
     if (!want) return { id } // mTLS only: no token configured for it
     const auth = md.get('authorization')[0]
@@ -106,7 +115,7 @@ export class IngestService {
         try {
           if (req.sidecarId !== id) {
             this.stats.refused++
-            throw grpcError(status.PERMISSION_DENIED, `batch names sidecar "${req.sidecarId}" but the stream authenticated as "${id}"`)
+            throw grpcError(status.PERMISSION_DENIED, `batch names sidecar "${clip(req.sidecarId)}" but the stream authenticated as "${id}"`)
           }
           const may = this.mayReport.get(id)
           const foreign = may ? req.events.find((e) => !may(e.event?.delegation?.agent ?? '')) : undefined

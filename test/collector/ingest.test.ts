@@ -105,6 +105,19 @@ t.test("a batch naming another sidecar is refused on the authenticated stream", 
   t.same(inv.sidecars.map((x) => [x.sidecar, x.events]), [[a.id, 3]])
 })
 
+t.test('a batch naming a megabyte-long sidecar is refused with a bounded status and log line', async (t) => {
+  const s = sidecarIdentity()
+  const c = await startTestCollector([s])
+  t.teardown(() => c.close())
+  const long = 'x'.repeat(1_000_000)
+  const r = await exchange(c.grpcAddress, authMetadata(s), [{ sidecarId: long, events: seqEvents(1, 1) }])
+  t.equal(r.error?.code, status.PERMISSION_DENIED, 'the client sees the refusal (a megabyte status never reached it)')
+  t.equal(r.error?.details, `batch names sidecar "${'x'.repeat(200)}… (1000000 characters)" but the stream authenticated as "${s.id}"`)
+  const longest = Math.max(...c.logs.join('').split('\n').map((l) => l.length))
+  t.ok(longest < 2000, `every log line is short (longest ${longest} characters)`)
+  t.equal((await c.store.verify()).checked, 0)
+})
+
 t.test("with collector.sidecars[].agents, a sidecar cannot report another agent's calls", async (t) => {
   const s = sidecarIdentity()
   const c = await startTestCollector([s], { raw: { sidecars: [{ id: s.id, token_sha256: sha256hex(s.token), agents: ['agent:summarizer:test:*', 'agent:helper:prod:h-1'] }] } })

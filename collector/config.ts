@@ -3,7 +3,7 @@
 import { readFileSync } from 'node:fs'
 import { Ajv, type ErrorObject } from 'ajv'
 import { parse } from 'yaml'
-import { ConfigError, type ConfigProblem } from '../lib/config/load.js'
+import { ConfigError, isLoopbackHost, type ConfigProblem } from '../lib/config/load.js'
 
 export interface SidecarCredential {
   /** With mTLS, the CN of the sidecar's client certificate. */
@@ -185,6 +185,11 @@ export function validateCollectorConfig(raw: unknown, source = '<collector confi
     }
     ids.add(s.id)
   })
+  // The query API answers every agent's trail: open to the network, it needs reader tokens.
+  const http = c.collector.http
+  if (http && !isLoopbackHost(http.host) && !http.reader_tokens_sha256?.length) {
+    problems.push({ path: 'collector.http.host', message: `${JSON.stringify(http.host)} is not a loopback address: set collector.http.reader_tokens_sha256, or anyone who reaches the port reads every agent's audit trail` })
+  }
   if (problems.length) throw new ConfigError(source, problems)
   return c
 }

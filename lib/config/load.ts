@@ -167,7 +167,7 @@ function pointerToPath(pointer: string): string {
 }
 
 /** localhost, or an address in 127.0.0.0/8 or ::1 however written (::ffff:127.0.0.1, 0:0:…:1). */
-function isLoopbackHost(host: string): boolean {
+export function isLoopbackHost(host: string): boolean {
   if (host === 'localhost') return true
   const h = host.startsWith('[') && host.endsWith(']') ? host.slice(1, -1) : host
   if (!ipaddr.isValid(h) || ambiguousIPv4(h)) return false

@@ -24,3 +24,13 @@ t.test('mistakes are named by path', async (t) => {
   t.throws(bad({}), { message: /collector: missing required key "sidecars"/ })
   t.throws(() => loadCollectorConfig('/nonexistent/collector.yaml'), { message: /cannot read file: ENOENT/ })
 })
+
+t.test('a query API open to the network needs reader tokens', async (t) => {
+  const http = (h: Record<string, unknown>) => () => validateCollectorConfig({ version: 1, collector: { sidecars: [], http: { port: 0, ...h } } }, 'c.yaml')
+  for (const host of ['0.0.0.0', '::', '10.1.2.3', 'collector.internal']) {
+    t.throws(http({ host }), { code: 'LK_CONFIG_INVALID', problems: [{ path: 'collector.http.host', message: `${JSON.stringify(host)} is not a loopback address: set collector.http.reader_tokens_sha256, or anyone who reaches the port reads every agent's audit trail` }] }, host)
+    t.throws(http({ host, reader_tokens_sha256: [] }), { code: 'LK_CONFIG_INVALID' }, `${host}: an empty token list opens it too`)
+    t.doesNotThrow(http({ host, reader_tokens_sha256: [hash] }), `${host} with a reader token`)
+  }
+  for (const host of ['127.0.0.1', '::1', 'localhost', '127.0.0.2']) t.doesNotThrow(http({ host }), `${host} is loopback`)
+})

@@ -45,6 +45,11 @@ t.test('absolute targets that could mislead are refused', async (t) => {
     'http://a b.com/',
     '/relative',
     'http://[::1/',
+    // An empty label: `x.com..` would be the fully qualified x.com to DNS, and another name to policy.
+    'http://x.com../',
+    'http://x.com.../',
+    'http://x..com/',
+    'http://.x.com/',
   ]) {
     t.throws(() => parseAbsoluteTarget(bad), { code: 'LK_BAD_REQUEST' }, bad)
   }
@@ -68,7 +73,7 @@ t.test('CONNECT needs host:port and nothing more', async (t) => {
   t.same([c.host, c.port, c.path], ['example.com', 443, ''])
   t.equal(parseConnectTarget('[::1]:8443').host, '::1')
   t.equal(parseConnectTarget('0x7f.1:443').host, '127.0.0.1')
-  for (const bad of ['example.com', 'example.com:', 'example.com:443/path', 'user@example.com:443', 'example.com:99999', 'example.com:0', ':443', 'a b:443']) {
+  for (const bad of ['example.com', 'example.com:', 'example.com:443/path', 'user@example.com:443', 'example.com:99999', 'example.com:0', ':443', 'a b:443', 'example.com..:443', '.example.com:443']) {
     t.throws(() => parseConnectTarget(bad), { code: 'LK_BAD_REQUEST' }, bad)
   }
 })

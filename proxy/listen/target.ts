@@ -20,6 +20,11 @@ function fromUrl(url: URL): Target {
   const scheme = url.protocol === 'https:' ? 'https' : 'http'
   const { host, port } = urlHostPort(url, scheme)
   if (host === '') throw new LatchkeyError('LK_BAD_REQUEST', 'request target has an empty host')
+  // `blocked.test..` is `blocked.test.` once its root dot is dropped: the fully qualified
+  // blocked.test to DNS, another name to a rule naming blocked.test. No name has an empty label.
+  if (host.charCodeAt(0) === 46 || host.charCodeAt(host.length - 1) === 46 || host.includes('..')) {
+    throw new LatchkeyError('LK_BAD_REQUEST', 'request target host has an empty label (a leading dot, two dots in a row, or more than one trailing dot)')
+  }
   return { scheme, host, port, path: checkedPath(url.pathname || '/'), search: url.search, hostIsIp: isIP(host) !== 0, route: null }
 }
 

@@ -3,6 +3,9 @@
 // documentation says to (`new URL(req.url, base)`): what it acts on must be what policy judged.
 import t from 'tap'
 import { startUpstream, startTestSidecar, rawRequest, parseRawResponse, assertNoCanary } from '../helpers/harness.js'
+import { validateConfig } from '../../lib/config/load.js'
+import { DnsResolver } from '../../proxy/resolve/resolver.js'
+import { compileNetworkPolicy } from '../../proxy/resolve/network-policy.js'
 
 t.test('a path starting with // is judged as a URL-reading upstream reads it', async (t) => {
   const upstream = await startUpstream()
@@ -98,4 +101,35 @@ t.test('a method override in the query never reaches the upstream: the request l
   const kept = await rawRequest(s.sidecar.port, post(`http://${host}/x?methods=a&100%=b`))
   t.equal(upstream.requests.at(-1)?.url, '/x?methods=a&100%=b', 'names that are not an override, undecodable ones included, pass untouched')
   t.equal(kept.status, 200)
+})
+
+t.test('a host name with an empty label is refused, not judged as another name than DNS reads', async (t) => {
+  const upstream = await startUpstream()
+  const fragment = {
+    policy: { default: 'allow', rules: [{ id: 'no-blocked', action: 'deny', hosts: ['blocked.test', '*.blocked.test'] }] },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [upstream.port] }] },
+  }
+  // This machine has no DNS: every name is answered 127.0.0.1 (the upstream), as a resolver that
+  // reads `blocked.test.` as the fully qualified `blocked.test` would answer it.
+  const network = compileNetworkPolicy(validateConfig({ version: 1, ...fragment }).network)
+  const resolver = new DnsResolver(network, { cacheMs: 0, lookup: async () => [{ address: '127.0.0.1', family: 4 }] })
+  const s = await startTestSidecar(fragment, {}, { resolver })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const p = upstream.port
+  t.equal((await rawRequest(s.sidecar.port, `GET http://blocked.test.:${p}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)).headers['x-latchkey-rule'], 'no-blocked', 'one trailing dot: the same name, denied')
+  for (const host of ['blocked.test..', 'BLOCKED.test...', 'a.blocked.test..', 'blocked..test', '.blocked.test']) {
+    for (const [form, request] of [
+      ['absolute-form', `GET http://${host}:${p}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`],
+      ['CONNECT', `CONNECT ${host}:${p} HTTP/1.1\r\nHost: ${host}:${p}\r\n\r\n`],
+    ]) {
+      const r = await rawRequest(s.sidecar.port, request!)
+      t.equal(r.status, 400, `${form} ${host}: 400`)
+      t.match(r.body, /"reason":"[^"]*empty label/, `${form} ${host}: says why`)
+    }
+  }
+  t.equal(upstream.requests.length, 0, 'no request for a blocked name reached the upstream')
+  t.notOk((await s.audit()).some((e) => e.decision === 'allow'), 'none was judged allowed')
 })

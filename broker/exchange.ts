@@ -264,7 +264,7 @@ export class TokenExchange {
   private pickAttestor(token: string, type: string, param: string): AttestationVerifier {
     const explicit = this.d.attestors.find((a) => a.tokenType === type)
     if (explicit) return explicit
-    if (type !== TOKEN_TYPES.jwt) throw new OAuthError('invalid_request', `${param}_type ${truncate(type)} is not a workload attestation type this broker accepts`)
+    if (type !== TOKEN_TYPES.jwt) throw new OAuthError('invalid_request', `${param}_type ${quoteType(type, `${param}_type`)} is not a workload attestation type this broker accepts`)
     const payload = peek(token, param)
     const found = this.d.attestors.find((a) => a.claims(payload))
     if (!found) throw new OAuthError('invalid_request', `${param}: not issued by a trusted workload attestor`)
@@ -272,7 +272,7 @@ export class TokenExchange {
   }
 
   private async subject(token: string, type: string, actor: Attestation, registry: Registry): Promise<Subject> {
-    if (!ACCEPTED_SUBJECT_TYPES.has(type)) throw new OAuthError('invalid_request', `subject_token_type ${truncate(type)} is not accepted`)
+    if (!ACCEPTED_SUBJECT_TYPES.has(type)) throw new OAuthError('invalid_request', `subject_token_type ${quoteType(type, 'subject_token_type')} is not accepted`)
     const payload = peek(token, 'subject_token')
     if (payload.iss === this.d.issuer) return this.delegation(token, actor, registry)
     if (!this.d.users) throw new OAuthError('invalid_request', 'subject_token: this broker accepts no user tokens (broker.users is not configured)')
@@ -354,8 +354,16 @@ function isAbsoluteUri(s: string): boolean {
   return /^[A-Za-z][A-Za-z0-9+.-]*:[^\s]*$/.test(s) && !s.includes('#')
 }
 
-function truncate(s: string): string {
-  return JSON.stringify(s.length > 80 ? s.slice(0, 80) + '…' : s)
+/** What a token type URI looks like (RFC 8693 §3: urn:ietf:params:oauth:token-type:…, or ours). */
+const TOKEN_TYPE_URN = /^urn:[A-Za-z0-9._:-]{1,100}$/
+
+/**
+ * A *_token_type value, quoted in a refusal only when it reads as a type: a client that swapped
+ * the values sent its token here, and the description (and the event's reason) must not repeat it.
+ */
+function quoteType(type: string, param: string): string {
+  if (TOKEN_TYPE_URN.test(type)) return JSON.stringify(type)
+  throw new OAuthError('invalid_request', `${param} is not a token type this broker accepts (a URI such as ${TOKEN_TYPES.jwt}); the value is not repeated, it may be a token`)
 }
 
 export { TokenInvalid }

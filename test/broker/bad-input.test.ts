@@ -239,3 +239,29 @@ async function foreign(audience: string, sub: string, kid = 'attacker-key'): Pro
     .setExpirationTime('60s')
     .sign(privateKey)
 }
+
+t.test('a token sent where its type belongs is not echoed in the error, the log or the event', async (t) => {
+  const b = await startTestBroker()
+  t.teardown(b.close)
+  // A client that swaps the values: an opaque token (a PAT, 40 characters) and a JWT in *_token_type.
+  const opaque = 'ghp_LKCANARY' + 'Zx9'.repeat(9) + 'Q'
+  const user = await b.userToken('u', 'read')
+  // Each request with its own attestation: a local attestation is single-use.
+  for (const [param, params] of [
+    ['subject_token_type', async () => delegatedRequest(user, await b.attest(AGENT), { subject_token_type: opaque })],
+    ['actor_token_type', async () => delegatedRequest(user, await b.attest(AGENT), { actor_token_type: opaque })],
+    ['subject_token_type', async () => ({ grant_type: GRANT_TYPE, subject_token: await b.attest(AGENT), subject_token_type: opaque, audience: API, task_id: 't' })],
+    ['subject_token_type', async () => delegatedRequest(user, await b.attest(AGENT), { subject_token_type: user })],
+  ] as const) {
+    const res = await b.exchange(await params())
+    t.equal(res.status, 400, why(res))
+    t.equal(res.body.error, 'invalid_request')
+    t.equal(res.body.error_description, `${param} is not a token type this broker accepts (a URI such as ${TOKEN_TYPES.jwt}); the value is not repeated, it may be a token`, param)
+  }
+  t.notMatch(b.logs(), /LKCANARY/, 'the opaque token is in no log line')
+  t.notMatch(JSON.stringify(b.events), /LKCANARY/, 'nor in any event')
+  t.notMatch(JSON.stringify(b.events), user.slice(0, 60), 'nor the start of the JWT')
+  // A well-formed type the broker does not take is still named, so the client can see its mistake.
+  const saml = await b.exchange(delegatedRequest(user, await b.attest(AGENT), { subject_token_type: 'urn:ietf:params:oauth:token-type:saml2' }))
+  t.equal(saml.body.error_description, 'subject_token_type "urn:ietf:params:oauth:token-type:saml2" is not accepted')
+})

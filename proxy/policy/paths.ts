@@ -6,6 +6,13 @@
 // allow rule only if EVERY reading matches. Ambiguity therefore always falls towards deny.
 
 const UNRESERVED = /^[A-Za-z0-9\-._~]$/
+/**
+ * A dot, space or tab ending a segment, and (for the replace) each whole run of them that does.
+ * A run is only tried from its start (the lookbehind): tried from every dot of `/.....x`, as a
+ * plain `(?:\.|%20|%09)+(\/|$)` is, a 16 KB path cost 0.6 s of the event loop.
+ */
+const SEGMENT_END_TRIMMABLE = /(?:\.|%20|%09)(?:\/|$)/
+const SEGMENT_END_RUNS = /(?<!\.|%20|%09)(?:\.|%20|%09)+(\/|$)/g
 /** The leading slashes and authority a URL parser reads at the start of `//host/path`. */
 const AUTHORITY = /^\/{2,}[^/]*/
 
@@ -61,7 +68,7 @@ function readingsOf(path: string): string[] {
       add(p.replace(/\/{2,}/g, '/'))
       if (p.includes(';')) add(p.replace(/;[^/]*/g, ''))
       if (/(^|\/)\.\.?(\/|$)/.test(p)) add(new URL(p, 'http://x').pathname)
-      if (/(\.|%20|%09)+(\/|$)/.test(p)) add(p.replace(/(?:\.|%20|%09)+(\/|$)/g, '$1'))
+      if (SEGMENT_END_TRIMMABLE.test(p)) add(p.replace(SEGMENT_END_RUNS, '$1'))
       if (p.startsWith('//')) add(p.replace(AUTHORITY, '') || '/')
     }
     if (readings.length === before) break

@@ -1,9 +1,8 @@
 // The collector's own config file (YAML, `version: 1`), separate from the sidecar's: a collector
 // is its own deployment. Validated with ajv like the sidecar's; every problem names its path.
-import { readFileSync } from 'node:fs'
 import { Ajv, type ErrorObject } from 'ajv'
 import { parse } from 'yaml'
-import { ConfigError, isLoopbackHost, type ConfigProblem } from '../lib/config/load.js'
+import { ConfigError, isLoopbackHost, readConfigText, type ConfigProblem } from '../lib/config/load.js'
 
 export interface SidecarCredential {
   /** With mTLS, the CN of the sidecar's client certificate. */
@@ -195,12 +194,7 @@ export function validateCollectorConfig(raw: unknown, source = '<collector confi
 }
 
 export function loadCollectorConfig(file: string): CollectorConfig {
-  let text: string
-  try {
-    text = readFileSync(file, 'utf8')
-  } catch (err) {
-    throw new ConfigError(file, [{ path: '', message: `cannot read file: ${(err as NodeJS.ErrnoException).code ?? String(err)}` }])
-  }
+  const text = readConfigText(file)
   let raw: unknown
   try {
     raw = parse(text, { uniqueKeys: true })

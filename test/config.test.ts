@@ -111,6 +111,24 @@ t.test('hostile YAML and overrides get a config error, never a stack trace or an
   t.notMatch(r.stderr, /\n\s+at /, 'no stack trace')
 })
 
+t.test('a config file that is not UTF-8 is refused naming the line, not read with U+FFFD in it', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-cfg-'))
+  const latin1 = (text: string) => Buffer.from(text, 'latin1')
+  // A deny rule saved as Latin-1: read leniently, "/caf\uFFFD/**" would load and never match.
+  const sidecar = join(dir, 'sidecar.yaml')
+  writeFileSync(sidecar, latin1('version: 1\npolicy:\n  rules:\n    - { id: no-cafe, action: deny, hosts: ["api.example.com"], paths: ["/café/**"] }\n'))
+  t.throws(() => loadConfigFile(sidecar), { code: 'LK_CONFIG_INVALID', problems: [{ path: 'line 4', message: 'not valid UTF-8 (save the file as UTF-8)' }] })
+  const r = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', sidecar], { encoding: 'utf8' })
+  t.same([r.status, r.stderr.trim()], [1, `${sidecar}: invalid configuration:\n  line 4: not valid UTF-8 (save the file as UTF-8)`])
+  const collector = join(dir, 'collector.yaml')
+  writeFileSync(collector, latin1('version: 1\ncollector:\n  sidecars: [ { id: "sidecar-é", token_sha256: "' + 'a'.repeat(64) + '" } ]\n'))
+  const { loadCollectorConfig } = await import('../collector/config.js')
+  t.throws(() => loadCollectorConfig(collector), { code: 'LK_CONFIG_INVALID', problems: [{ path: 'line 3', message: 'not valid UTF-8 (save the file as UTF-8)' }] })
+  // UTF-8 of the same text, a BOM-less file with U+FFFD written as UTF-8 itself, and an empty file: all read.
+  writeFileSync(sidecar, 'version: 1\npolicy:\n  rules:\n    - { id: no-cafe, action: deny, hosts: ["api.example.com"], paths: ["/café/\uFFFD/**"] }\n')
+  t.equal(loadConfigFile(sidecar).policy.rules[0]!.paths![0], '/café/\uFFFD/**')
+})
+
 t.test('start-up failures are one line naming the setting: a port in use, an unreadable secrets file', async (t) => {
   const { createServer } = await import('node:net')
   const { once } = await import('node:events')

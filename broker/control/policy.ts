@@ -5,6 +5,7 @@
 import { readFileSync, watch, type FSWatcher } from 'node:fs'
 import { basename, dirname } from 'node:path'
 import { compileBundle, policyWidenings, BundleError, type CompiledBundle } from '../../proxy/policy/bundle.js'
+import { firstNonUtf8Line } from '../../lib/config/load.js'
 
 export type BundleReload = { ok: true; bundle: CompiledBundle; document: string; widened: string[] } | { ok: false; reason: string }
 
@@ -24,12 +25,16 @@ export class PolicyBundleHolder {
   }
 
   private read(): BundleReload {
-    let text: string
+    let bytes: Buffer
     try {
-      text = readFileSync(this.file, 'utf8')
+      bytes = readFileSync(this.file)
     } catch (err) {
       return { ok: false, reason: `${this.file}: cannot read policy file: ${(err as NodeJS.ErrnoException).code ?? 'error'}` }
     }
+    // Read leniently, a Latin-1 `/café/**` deny rule would reach every sidecar and never match.
+    const bad = firstNonUtf8Line(bytes)
+    if (bad !== null) return { ok: false, reason: `${this.file}: line ${bad}: not valid UTF-8 (save the file as UTF-8)` }
+    const text = bytes.toString('utf8')
     try {
       const bundle = compileBundle(text, this.file, this.maxBytes)
       // Sidecars receive the validated policy as JSON (defaults applied), not the file's text.

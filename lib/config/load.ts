@@ -29,13 +29,48 @@ const validate = generatedValidate as unknown as ValidateFunction<Config>
 export const ENV_PREFIX = 'LATCHKEY__'
 
 export function loadConfigFile(file: string, env: NodeJS.ProcessEnv = process.env): Config {
-  let text: string
+  return parseConfig(readConfigText(file), file, env)
+}
+
+const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true })
+
+/**
+ * The 1-based line holding the first bytes that are not UTF-8, or null when all are. Read leniently,
+ * such bytes become U+FFFD: a Latin-1 `/café/**` deny rule would load and never match anything.
+ */
+export function firstNonUtf8Line(bytes: Uint8Array): number | null {
   try {
-    text = readFileSync(file, 'utf8')
+    STRICT_UTF8.decode(bytes)
+    return null
+  } catch {
+    let line = 1
+    let start = 0
+    for (let i = 0; i <= bytes.length; i++) {
+      if (i === bytes.length || bytes[i] === 0x0a) {
+        try {
+          STRICT_UTF8.decode(bytes.subarray(start, i))
+        } catch {
+          return line
+        }
+        line++
+        start = i + 1
+      }
+    }
+    return 1
+  }
+}
+
+/** A config file's text; unreadable or not UTF-8 is a ConfigError naming the file (and the line). */
+export function readConfigText(file: string): string {
+  let bytes: Buffer
+  try {
+    bytes = readFileSync(file)
   } catch (err) {
     throw new ConfigError(file, [{ path: '', message: `cannot read file: ${(err as NodeJS.ErrnoException).code ?? String(err)}` }])
   }
-  return parseConfig(text, file, env)
+  const bad = firstNonUtf8Line(bytes)
+  if (bad !== null) throw new ConfigError(file, [{ path: `line ${bad}`, message: 'not valid UTF-8 (save the file as UTF-8)' }])
+  return bytes.toString('utf8')
 }
 
 export function parseConfig(text: string, source = '<config>', env: NodeJS.ProcessEnv = {}): Config {

@@ -63,6 +63,11 @@ t.test('bundles from the broker: applied on connect and on change; bad ones reje
   atomicWrite(policyFile, stringify({ rules: [{ id: 'dup', action: 'allow' }, { id: 'dup', action: 'deny' }] }))
   await until('invalid rejected', () => broker.events.filter((e) => e.type === 'policy.rejected').length >= 3)
   t.match(broker.events.filter((e) => e.type === 'policy.rejected').at(-1), { reason: /duplicate rule id "dup"/ })
+  // Saved as Latin-1: read leniently, the é would be U+FFFD and this deny would never match.
+  atomicWrite(policyFile, '')
+  writeFileSync(policyFile, Buffer.concat([Buffer.from('rules:\n  - { id: cafe, action: deny, paths: ["/caf'), Buffer.from([0xe9]), Buffer.from('/**"] }\n')]))
+  await until('not-UTF-8 rejected', () => broker.events.filter((e) => e.type === 'policy.rejected').length >= 4)
+  t.match(broker.events.filter((e) => e.type === 'policy.rejected').at(-1), { reason: `${policyFile}: line 2: not valid UTF-8 (save the file as UTF-8)` })
   t.equal(brokerVersion(), v2, 'the broker keeps the last good bundle')
   t.equal(s.sidecar.policy.version, v2, 'and so does the sidecar')
   t.equal((await viaProxy(s, task.handle, `${api.origin}/ok`)).status, 200)

@@ -18,11 +18,11 @@ RUN npm run build && npm prune --omit=dev
 
 FROM node:24-bookworm-slim
 ENV NODE_ENV=production
-# Tuned for the sidecar, the image's most numerous process: a 1 MB young generation, two malloc
-# arenas, and blocks of 32 KiB or more (V8's compiler zones) mapped on their own so freeing them
-# returns them, keep its RSS near 70 MB at 1,000 req/s (bench/README.md). The broker and
-# collector deployments set NODE_OPTIONS= (empty) to get V8's defaults, which favour throughput.
-ENV NODE_OPTIONS=--max-semi-space-size=1 MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=32768
+# Tuned for the sidecar, the image's most numerous process: a young generation capped at 4 MB,
+# two malloc arenas, and blocks of 32 KiB or more (V8's compiler zones) mapped on their own so
+# freeing them returns them, keep its RSS at 73-76 MB at 1,000 req/s (bench/README.md). The
+# broker and collector deployments set NODE_OPTIONS= (empty) to get V8's defaults.
+ENV NODE_OPTIONS=--max-semi-space-size=4 MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=32768
 WORKDIR /app
 COPY --from=build /src/package.json ./
 COPY --from=build /src/node_modules ./node_modules

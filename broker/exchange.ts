@@ -24,7 +24,8 @@ import { TOKEN_EXCHANGE_GRANT as GRANT_TYPE } from '../lib/oauth.js'
 /** RFC 9068's media type for JWT access tokens. */
 export const ACCESS_TOKEN_TYP = 'at+jwt'
 const SCOPE_TOKEN = /^[\x21\x23-\x5B\x5D-\x7E]+$/
-const TASK_ID = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/
+/** A task ID as task_id carries it (a sidecar's are UUIDs); a task revocation is one too. */
+export const TASK_ID = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/
 const ACCEPTED_SUBJECT_TYPES = new Set<string>([TOKEN_TYPES.jwt, TOKEN_TYPES.accessToken, 'urn:ietf:params:oauth:token-type:id_token'])
 
 export interface ExchangeDeps {

@@ -17,7 +17,7 @@ import type { Introspection } from '../introspect.js'
 import type { KeyRing } from '../keys.js'
 import type { RevocationList } from '../revocations/list.js'
 import { REVOCATION_KINDS, type RevocationKind } from '../revocations/store.js'
-import { GRANT_TYPE } from '../exchange.js'
+import { GRANT_TYPE, TASK_ID } from '../exchange.js'
 import { MAX_AGENT_ID } from '../attest/attestor.js'
 
 /** A task ID or jti to revoke: at most this long. */
@@ -237,6 +237,13 @@ function revocationProblem(input: { kind?: unknown; value?: unknown; reason?: un
   if (input.kind === 'agent' && !/^agent:([a-z0-9][a-z0-9-]*|\*):([a-z0-9][a-z0-9-]*|\*):([A-Za-z0-9][A-Za-z0-9_.-]*|\*)$/.test(input.value)) {
     return 'an agent value must be an instance ID agent:<type>:<env>:<instance>, or a pattern with * for whole segments (agent:<type>:*:*)'
   }
-  if (input.reason !== undefined && (typeof input.reason !== 'string' || input.reason.length > 512)) return 'reason must be a string of at most 512 characters'
+  // A value no task_id or jti can take would be stored, answered 201 and match nothing: an
+  // operator's paste with a trailing space or newline must not pass for a revocation.
+  if (input.kind === 'task' && !TASK_ID.test(input.value)) return 'task must be a task ID: 1-128 characters of A-Z a-z 0-9 . _ : - (what the broker accepts as task_id)'
+  if (input.kind === 'jti' && !/^[\x21-\x7e]+$/.test(input.value)) return `jti must be 1 to ${MAX_REVOCATION_VALUE} printable ASCII characters, no spaces`
+  // eslint-disable-next-line no-control-regex -- refusing control characters is the point (PostgreSQL text cannot hold NUL)
+  if (input.reason !== undefined && (typeof input.reason !== 'string' || input.reason.length > 512 || /[\u0000-\u0008\u000b-\u001f\u007f]/.test(input.reason))) {
+    return 'reason must be a string of at most 512 characters, without control characters other than tab and newline'
+  }
   return undefined
 }

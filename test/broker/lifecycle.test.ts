@@ -105,3 +105,45 @@ t.test('metadata and JWKS', async (t) => {
   t.notOk('d' in jwks.keys[0]!, 'no private part')
   t.equal((await fetch(`${b.url}/nope`)).status, 404)
 })
+
+t.test('a revocation that could never match anything is refused, naming the rule, on SQLite and PostgreSQL', async (t) => {
+  const { randomBytes } = await import('node:crypto')
+  const schema = `lk_test_${randomBytes(6).toString('hex')}`
+  const pgUrl = process.env.LATCHKEY_TEST_PG_URL ?? 'postgres://postgres@127.0.0.1:5432/test'
+  t.teardown(async () => {
+    const pg = (await import('pg')).default
+    const c = new pg.Client(pgUrl)
+    await c.connect()
+    await c.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`)
+    await c.end()
+  })
+  for (const store of [undefined, { postgres: { url: pgUrl, schema } }]) {
+    const b = await startTestBroker(store ? { store } : {})
+    t.teardown(b.close)
+    const name = store ? 'postgres' : 'sqlite'
+    const revoke = async (body: unknown) => {
+      const res = await fetch(`${b.url}/v1/revocations`, { method: 'POST', headers: { authorization: `Bearer ${b.adminToken}`, 'content-type': 'application/json' }, body: JSON.stringify(body) })
+      return { status: res.status, body: (await res.json()) as Record<string, unknown> }
+    }
+    const TASK = 'task must be a task ID: 1-128 characters of A-Z a-z 0-9 . _ : - (what the broker accepts as task_id)'
+    const JTI = 'jti must be 1 to 256 printable ASCII characters, no spaces'
+    // An operator's paste with a trailing space or newline used to be stored (201) and match nothing.
+    for (const [body, description] of [
+      [{ kind: 'task', value: 'task-1 ' }, TASK],
+      [{ kind: 'task', value: 'task-1\n' }, TASK],
+      [{ kind: 'task', value: 't\u0000x' }, TASK],
+      [{ kind: 'jti', value: ' ' }, JTI],
+      [{ kind: 'jti', value: 'jti\u0000' }, JTI],
+      [{ kind: 'task', value: 'task-1', reason: 'leaked\u0000' }, 'reason must be a string of at most 512 characters, without control characters other than tab and newline'],
+    ] as const) {
+      t.same(await revoke(body), { status: 400, body: { error: 'invalid_request', error_description: description } }, `${name}: ${JSON.stringify(body)}`)
+    }
+    t.same(b.broker.revocations.all(), [], `${name}: nothing was revoked`)
+    const ok = await revoke({ kind: 'task', value: 'task-1', reason: 'ended early\n\tby ops' })
+    t.equal(ok.status, 201, `${name}: a real task ID is revoked`)
+    const jti = await revoke({ kind: 'jti', value: '7c9e6679-7425-40de-944b-e07fc1f90ae7' })
+    t.equal(jti.status, 201, `${name}: a jti is revoked`)
+    const again = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), await b.attest('agent:summarizer:prod:t1')))
+    t.match(again.body, { error: 'invalid_request', error_description: 'task task-1 is revoked' }, `${name}: and it holds`)
+  }
+})

@@ -119,7 +119,9 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
             await store.close()
           }
         } else {
-          const q = new URLSearchParams({ agent: opts.agent, since: opts.since, limit: String(limit) })
+          // Resolved here, as with -c: a time without a zone is the operator's local time, not
+          // the collector host's (which the API would read it in).
+          const q = new URLSearchParams({ agent: opts.agent, since: parseSince(opts.since).toISOString(), limit: String(limit) })
           if (opts.denied) q.set('denied', 'true')
           const body = (await getJson<{ events: EventJson[]; truncated?: boolean }>(opts.url, `/v1/events?${q}`)).body
           events = body.events

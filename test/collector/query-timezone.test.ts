@@ -1,0 +1,33 @@
+// `latchkey audit --since <time>` as the operator typed it: one meaning, whichever way the CLI asks.
+import t from 'tap'
+import { execFile } from 'node:child_process'
+import { promisify } from 'node:util'
+import { writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { makeEvent } from './events.js'
+import { sidecarIdentity, startTestCollector } from './collector-helpers.js'
+
+const run = promisify(execFile)
+const X = 'agent:x:prod:1'
+
+t.test("`audit --since` without a zone is the operator's local time, through --url as with -c", async (t) => {
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  t.teardown(() => c.close())
+  await c.store.append(id.id, [
+    { sequence: 1, event: makeEvent({ agent: X, ts: Date.parse('2026-11-29T08:00:00Z'), path: '/before-midnight-in-kiritimati' }) },
+    { sequence: 2, event: makeEvent({ agent: X, ts: Date.parse('2026-11-29T12:00:00Z'), path: '/after-midnight-in-kiritimati' }) },
+    { sequence: 3, event: makeEvent({ agent: X, ts: Date.parse('2026-11-30T01:00:00Z'), path: '/after-midnight-utc' }) },
+  ])
+  const configFile = join(c.dir, 'collector.yaml')
+  writeFileSync(configFile, JSON.stringify({ version: 1, collector: { store: c.config.collector.store, sidecars: [] } }))
+  // The operator is at UTC+14 (the collector, in this process, is not): "today" starts at 10:00 UTC the day before.
+  const inKiritimati = (args: string[]) =>
+    run(process.execPath, ['--import', 'tsx', 'cli/latchkey.ts', ...args], { encoding: 'utf8', env: { ...process.env, TZ: 'Etc/GMT-14' } })
+  const paths = (stdout: string) => stdout.trim().split('\n').map((l) => /\/[a-z-]+/.exec(l.split('  ').find((f) => f.includes('://'))!.replace(/^GET https:\/\/[^/]+/, ''))?.[0])
+  const viaUrl = await inKiritimati(['audit', '--agent', X, '--since', '2026-11-30T00:00', '--url', c.httpUrl!])
+  const viaStore = await inKiritimati(['audit', '--agent', X, '--since', '2026-11-30T00:00', '-c', configFile])
+  t.same(paths(viaStore.stdout), ['/after-midnight-in-kiritimati', '/after-midnight-utc'], 'read from the store: the CLI reads the time in its own zone')
+  t.same(paths(viaUrl.stdout), paths(viaStore.stdout), 'asked through the API: the same answer, not one in the collector host\'s zone')
+  t.match(viaUrl.stderr, `2 call(s) by ${X} since 2026-11-30T00:00`)
+})

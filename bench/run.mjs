@@ -453,8 +453,8 @@ log: { level: warn }
   )
 
   const contenders = [{ name: 'direct', absolute: false, port: ports.upstream, proc: null }]
-  // The sidecar runs as the image runs it (Dockerfile: NODE_OPTIONS and the malloc settings).
-  const lk = start('latchkey', CPU_PROXY, process.execPath, [cli, 'sidecar', '--config', cfg], { LATCHKEY_SECRET_BENCH_TOKEN: TOKEN, NODE_OPTIONS: '--max-semi-space-size=4', MALLOC_ARENA_MAX: '2', MALLOC_MMAP_THRESHOLD_: '32768', ...collectorEnv })
+  // The sidecar runs as the image runs it (Dockerfile: --no-maglev, NODE_OPTIONS, the malloc settings).
+  const lk = start('latchkey', CPU_PROXY, process.execPath, ['--no-maglev', cli, 'sidecar', '--config', cfg], { LATCHKEY_SECRET_BENCH_TOKEN: TOKEN, NODE_OPTIONS: '--max-semi-space-size=4', MALLOC_ARENA_MAX: '2', MALLOC_MMAP_THRESHOLD_: '32768', ...collectorEnv })
   contenders.push({ name: 'latchkey', absolute: true, port: ports.latchkey, proc: lk })
   contenders.push({ name: 'undici-bare', absolute: true, port: ports.undici, proc: start('undici-bare', CPU_PROXY, process.execPath, [join(here, 'baselines/undici-forwarder.mjs'), String(ports.undici)], { BENCH_TOKEN: TOKEN }) })
   contenders.push({ name: 'http-proxy', absolute: true, port: ports.httpProxy, proc: start('http-proxy', CPU_PROXY, process.execPath, [join(here, 'baselines/http-proxy-forwarder.mjs'), String(ports.httpProxy)], { BENCH_TOKEN: TOKEN }) })

@@ -70,6 +70,19 @@ t.test('environment overrides apply before validation', async (t) => {
   t.throws(() => parseConfig('version: 1\n', 'x', { LATCHKEY____PROTO____X: '1' }), { code: 'LK_CONFIG_INVALID' })
 })
 
+t.test('an override reaches into a list only by an index it has', async (t) => {
+  const file = 'version: 1\npolicy:\n  rules:\n    - { id: a, action: allow, hosts: [x.com] }\n'
+  t.equal(parseConfig(file, 'x', { LATCHKEY__POLICY__RULES__0__ACTION: 'deny' }).policy.rules[0]!.action, 'deny', 'an index works')
+  // `length` used to empty the list (the whole network floor, with NETWORK__DENY__LENGTH=0) and
+  // any other name was set on the array and ignored, both passing as a valid config.
+  t.same(problems(file + 'network: { deny: [metadata, loopback, private] }\n', { LATCHKEY__NETWORK__DENY__LENGTH: '0' }), ['LATCHKEY__NETWORK__DENY__LENGTH: network.deny is a list of 3: "length" is not one of its indexes (override the whole list with LATCHKEY__NETWORK__DENY)'])
+  t.same(problems(file, { LATCHKEY__POLICY__RULES__X: '1' }), ['LATCHKEY__POLICY__RULES__X: policy.rules is a list of 1: "x" is not one of its indexes (override the whole list with LATCHKEY__POLICY__RULES)'])
+  t.same(problems(file, { LATCHKEY__POLICY__RULES__3__ACTION: 'deny' }), ['LATCHKEY__POLICY__RULES__3__ACTION: policy.rules is a list of 1: "3" is not one of its indexes (override the whole list with LATCHKEY__POLICY__RULES)'])
+  t.same(problems(file, { LATCHKEY__POLICY__RULES__00__ACTION: 'deny' }).length, 1, '00 is not an index')
+  t.same(problems(file, { LATCHKEY__POLICY__RULES__0__HOSTS__LENGTH: '0' }), ['LATCHKEY__POLICY__RULES__0__HOSTS__LENGTH: policy.rules.0.hosts is a list of 1: "length" is not one of its indexes (override the whole list with LATCHKEY__POLICY__RULES__0__HOSTS)'])
+  t.same(parseConfig(file, 'x', { LATCHKEY__NETWORK__DENY: '[metadata]' }).network.deny, ['metadata'], 'the whole list can still be replaced')
+})
+
 t.test('the shipped configs are valid', async (t) => {
   for (const f of ['deploy/examples/up.yaml', 'deploy/latchkey.reference.yaml']) {
     t.doesNotThrow(() => loadConfigFile(f), f)

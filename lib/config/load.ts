@@ -133,7 +133,13 @@ function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv, source: string)
       throw new ConfigError(source, [{ path: name, message: 'malformed environment override name' }])
     }
     let node = raw as Record<string, unknown>
-    for (const key of keys.slice(0, -1)) {
+    for (const [i, key] of keys.entries()) {
+      // Into a list only by an index it has: `x` would be ignored, and `length` would cut it.
+      if (Array.isArray(node) && !(/^(0|[1-9][0-9]*)$/.test(key) && Number(key) < node.length)) {
+        const list = keys.slice(0, i).join('.')
+        throw new ConfigError(source, [{ path: name, message: `${list} is a list of ${node.length}: "${key}" is not one of its indexes (override the whole list with ${ENV_PREFIX}${keys.slice(0, i).join('__').toUpperCase()})` }])
+      }
+      if (i === keys.length - 1) break
       const next = node[key]
       if (next === undefined) node[key] = {}
       else if (typeof next !== 'object' || next === null) {

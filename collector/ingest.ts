@@ -10,6 +10,7 @@ import type { Logger } from '../lib/log.js'
 import type { AuditStore, StoredEvent } from './store/types.js'
 import { StoreError } from './store/types.js'
 import type { SidecarCredential } from './config.js'
+import { MAX_BATCH_EVENTS, type ReceivedBatch } from './wire.js'
 
 export const SIDECAR_ID_HEADER = 'x-latchkey-sidecar'
 
@@ -116,6 +117,11 @@ export class IngestService {
           if (req.sidecarId !== id) {
             this.stats.refused++
             throw grpcError(status.PERMISSION_DENIED, `batch names sidecar "${clip(req.sidecarId)}" but the stream authenticated as "${id}"`)
+          }
+          const oversized = (req as ReceivedBatch).oversized
+          if (oversized !== undefined) {
+            this.stats.refused++
+            throw grpcError(status.INVALID_ARGUMENT, `batch of ${oversized} events: at most ${MAX_BATCH_EVENTS} per batch (a sidecar's audit.collector.batch_events cannot be more)`)
           }
           const may = this.mayReport.get(id)
           const foreign = may ? req.events.find((e) => !may(e.event?.delegation?.agent ?? '')) : undefined

@@ -9,7 +9,16 @@ export type ReceivedEvent = SequencedEvent & { raw?: Uint8Array }
 export interface ReceivedBatch {
   sidecarId: string
   events: ReceivedEvent[]
+  /** Set, with no event decoded, when the batch holds more than MAX_BATCH_EVENTS. */
+  oversized?: number
 }
+
+/**
+ * A sidecar sends at most audit.collector.batch_events (≤ 10,000) per batch. Many more tiny events
+ * fit in max_batch_bytes: 150,000 of them took the collector from 92 to 323 MB of RSS once decoded,
+ * so they are counted before any is decoded.
+ */
+export const MAX_BATCH_EVENTS = 10_000
 
 function decodeSequenced(buf: Uint8Array): ReceivedEvent {
   const r = new BinaryReader(buf)
@@ -30,12 +39,13 @@ function decodeSequenced(buf: Uint8Array): ReceivedEvent {
 export function decodeIngestRequest(buf: Uint8Array): ReceivedBatch {
   const r = new BinaryReader(buf)
   let sidecarId = ''
-  const events: ReceivedEvent[] = []
+  const entries: Uint8Array[] = []
   while (r.pos < r.len) {
     const tag = r.uint32()
     if (tag === 10) sidecarId = r.string()
-    else if (tag === 18) events.push(decodeSequenced(r.bytes()))
+    else if (tag === 18) entries.push(r.bytes())
     else r.skip(tag & 7)
   }
-  return { sidecarId, events }
+  if (entries.length > MAX_BATCH_EVENTS) return { sidecarId, events: [], oversized: entries.length }
+  return { sidecarId, events: entries.map(decodeSequenced) }
 }

@@ -118,6 +118,21 @@ t.test('a batch naming a megabyte-long sidecar is refused with a bounded status 
   t.equal((await c.store.verify()).checked, 0)
 })
 
+t.test('a batch of more events than a sidecar may send is refused before any is decoded', async (t) => {
+  const s = sidecarIdentity()
+  const c = await startTestCollector([s])
+  t.teardown(() => c.close())
+  // Tiny events: 10,001 of them fit well inside max_batch_bytes.
+  const tiny = (from: number, to: number) =>
+    Array.from({ length: to - from + 1 }, (_, i) => ({ sequence: from + i, event: { id: `e${from + i}`, timeUnixMs: Date.now(), delegation: { user: '', agent: AGENT, task: '' } } }))
+  const r = await exchange(c.grpcAddress, authMetadata(s), [{ sidecarId: s.id, events: tiny(1, 10_001) }])
+  t.equal(r.error?.code, status.INVALID_ARGUMENT)
+  t.equal(r.error?.details, "batch of 10001 events: at most 10000 per batch (a sidecar's audit.collector.batch_events cannot be more)")
+  t.equal((await c.store.verify()).checked, 0)
+  const ok = await exchange(c.grpcAddress, authMetadata(s), [{ sidecarId: s.id, events: tiny(1, 10_000) }])
+  t.same([ok.error, ok.acks.map((a) => a.ackedSequence)], [null, [10_000]], 'the largest batch a sidecar sends is stored')
+})
+
 t.test("with collector.sidecars[].agents, a sidecar cannot report another agent's calls", async (t) => {
   const s = sidecarIdentity()
   const c = await startTestCollector([s], { raw: { sidecars: [{ id: s.id, token_sha256: sha256hex(s.token), agents: ['agent:summarizer:test:*', 'agent:helper:prod:h-1'] }] } })

@@ -16,13 +16,15 @@ const ALWAYS_STRIP = ['authorization', 'cookie', 'x-api-key', 'api-key', 'x-auth
 
 /**
  * The secret as an upstream might re-encode it to echo it back: base64 (padded or not, URL-safe),
- * hex, and, for a secret beyond ASCII, its UTF-8 bytes as a response header carries them (header
- * values reach the sidecar one byte per character).
+ * hex in either case (Java's printHexBinary, .NET's Convert.ToHexString and Go's %X write upper
+ * case), and, for a secret beyond ASCII, its UTF-8 bytes as a response header carries them
+ * (header values reach the sidecar one byte per character).
  */
 function reencodings(text: string): string[] {
   const bytes = Buffer.from(text)
   const b64 = bytes.toString('base64')
-  return [...new Set([b64, b64.replace(/=+$/, ''), bytes.toString('base64url'), bytes.toString('hex'), bytes.toString('latin1')])].filter((f) => f !== text)
+  const hex = bytes.toString('hex')
+  return [...new Set([b64, b64.replace(/=+$/, ''), bytes.toString('base64url'), hex, hex.toUpperCase(), bytes.toString('latin1')])].filter((f) => f !== text)
 }
 const secretReencodings = perCredential((c) => reencodings(c.value))
 

@@ -116,6 +116,8 @@ t.test('every reflection of the credential in a response head is scrubbed, in an
           'x-b64url': Buffer.from(secret).toString('base64url'),
           'x-b64-unpadded': b64(secret).replace(/=+$/, ''),
           'x-hex': Buffer.from(secret).toString('hex'),
+          // Java's printHexBinary, .NET's Convert.ToHexString, Go's %X, Python's .hex().upper().
+          'x-hex-upper': Buffer.from(secret).toString('hex').toUpperCase(),
           ...(basic ? { 'x-basic-url': Buffer.from(`svc:${secret}`).toString('base64url') } : {}),
           'x-plain': 'kept',
         }).end('ok')
@@ -194,7 +196,7 @@ t.test('every reflection of the credential in a response head is scrubbed, in an
   ] as const) {
     const e = await get(upstream.port, path)
     seen.push(e.raw)
-    for (const h of ['x-json', 'x-json-u', 'x-html', 'x-thrice', 'x-b64', 'x-b64url', 'x-b64-unpadded', 'x-hex', ...(what === 'basic' ? ['x-basic-url'] : [])]) {
+    for (const h of ['x-json', 'x-json-u', 'x-html', 'x-thrice', 'x-b64', 'x-b64url', 'x-b64-unpadded', 'x-hex', 'x-hex-upper', ...(what === 'basic' ? ['x-basic-url'] : [])]) {
       t.equal(e.headers[h], REMOVED, `${what}: ${h} recognised`)
     }
     t.equal(e.headers['x-plain'], 'kept', `${what}: unrelated headers kept`)

@@ -117,9 +117,11 @@ export class SqliteAuditStore implements AuditStore {
   }
 
   inventory(): Promise<Inventory> {
+    // As a JSON array: a name may hold any character, a comma included (group_concat's separator).
+    const names = (json: string) => (JSON.parse(json) as string[]).sort()
     const agents = statement<[], { agent: string; sidecars: string; first: number; last: number; calls: number; denied: number }>(
       this.db,
-      `SELECT agent, group_concat(DISTINCT sidecar) AS sidecars, min(ts) AS first, max(ts) AS last, count(*) AS calls,
+      `SELECT agent, json_group_array(DISTINCT sidecar) AS sidecars, min(ts) AS first, max(ts) AS last, count(*) AS calls,
               sum(CASE WHEN action IN (${Action.ACTION_DENY}, ${Action.ACTION_REPORT}) THEN 1 ELSE 0 END) AS denied
        FROM audit_events GROUP BY agent ORDER BY agent`,
     ).all()
@@ -133,7 +135,7 @@ export class SqliteAuditStore implements AuditStore {
     ).all()
     const sidecars = statement<[], { sidecar: string; agents: string; last: number; events: number; seq: number }>(
       this.db,
-      `SELECT sidecar, group_concat(DISTINCT agent) AS agents, max(received) AS last, count(*) AS events, max(seq) AS seq
+      `SELECT sidecar, json_group_array(DISTINCT agent) AS agents, max(received) AS last, count(*) AS events, max(seq) AS seq
        FROM audit_events GROUP BY sidecar ORDER BY sidecar`,
     ).all()
     const byAgent = <T extends { agent: string }>(rows: T[], pick: (r: T) => string) => {
@@ -146,7 +148,7 @@ export class SqliteAuditStore implements AuditStore {
     return Promise.resolve({
       agents: agents.map((r) => ({
         agent: r.agent,
-        sidecars: r.sidecars.split(',').sort(),
+        sidecars: names(r.sidecars),
         firstSeen: new Date(r.first),
         lastSeen: new Date(r.last),
         calls: r.calls,
@@ -154,7 +156,7 @@ export class SqliteAuditStore implements AuditStore {
         hosts: h.get(r.agent) ?? [],
         audiences: a.get(r.agent) ?? [],
       })),
-      sidecars: sidecars.map((r) => ({ sidecar: r.sidecar, agents: r.agents.split(',').sort(), lastSeen: new Date(r.last), events: r.events, lastSequence: r.seq })),
+      sidecars: sidecars.map((r) => ({ sidecar: r.sidecar, agents: names(r.agents), lastSeen: new Date(r.last), events: r.events, lastSequence: r.seq })),
     })
   }
 

@@ -103,6 +103,15 @@ export function conformance(t: Test, backend: Backend): void {
     t.equal((await store.append(A, seqEvents(1, 1, () => ({ ts: 8.64e15 })))).stored, 1, 'the last representable instant is still a time')
   })
 
+  withStore('inventory keeps an agent or sidecar name holding a comma whole', async (t, { store }) => {
+    // A forged agent ID reading as two: SQLite's group_concat joined names with ',' and split them again.
+    const forged = 'agent:x:y:a,agent:victim:prod:1'
+    await store.append('sidecar,with-comma', seqEvents(1, 1, () => ({ agent: forged })))
+    const inv = await store.inventory()
+    t.same(inv.sidecars.map((s) => [s.sidecar, s.agents]), [['sidecar,with-comma', [forged]]])
+    t.same(inv.agents.map((a) => [a.agent, a.sidecars]), [[forged, ['sidecar,with-comma']]])
+  })
+
   withStore('updates and deletes are refused by the database itself', async (t, b) => {
     await b.store.append(A, seqEvents(1, 3))
     await t.rejects(b.raw(`UPDATE audit_events SET host = 'evil.example' WHERE seq = 2`), /append-only: UPDATE refused/)

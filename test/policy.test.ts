@@ -37,6 +37,11 @@ t.test('ports, methods and schemes narrow a rule', async (t) => {
   t.equal(decide(p, 'POST', 'https://x.com/').action, 'deny')
   t.equal(decide(p, 'GET', 'https://x.com:8443/').action, 'deny')
   t.equal(decide(p, 'GET', 'http://x.com:443/').action, 'deny', 'scheme checked even on the right port')
+  const noGet = policy([{ id: 'no-get', action: 'deny', hosts: ['x.com'], methods: ['GET'] }], { default: 'allow' })
+  t.equal(decide(noGet, 'HEAD', 'https://x.com/').rule, 'no-get', 'a deny of GET holds HEAD: frameworks run the GET handler for it')
+  t.equal(decide(noGet, 'POST', 'https://x.com/').rule, 'default')
+  const getOnly = policy([{ id: 'get', action: 'allow', hosts: ['x.com'], methods: ['GET'] }])
+  t.equal(decide(getOnly, 'HEAD', 'https://x.com/').rule, 'default', 'an allow of GET opens exactly GET')
 })
 
 t.test('first matching rule wins; the default decides the rest', async (t) => {

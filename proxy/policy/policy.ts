@@ -37,6 +37,16 @@ export function normaliseHost(host: string): string {
   }
 }
 
+/**
+ * A rule's methods. A deny of GET holds HEAD too: Express, Flask, Django and Rails answer HEAD
+ * with the GET handler, which runs (side effects and all) and sends its headers back.
+ */
+function methodSet(methods: readonly string[], deny: boolean): Set<string> {
+  const set = new Set(methods.map((m) => m.toUpperCase()))
+  if (deny && set.has('GET')) set.add('HEAD')
+  return set
+}
+
 function compileRule(rule: RuleConfig, mode: Mode): CompiledRule {
   const deny = rule.action === 'deny'
   const enforced = (rule.mode ?? mode) === 'enforce'
@@ -53,7 +63,7 @@ function compileRule(rule: RuleConfig, mode: Mode): CompiledRule {
     wildcardSuffixes,
     cidrs: rule.cidrs ? rule.cidrs.map((c) => ipaddr.parseCIDR(c)) : null,
     ports: rule.ports ? new Set(rule.ports) : null,
-    methods: rule.methods ? new Set(rule.methods.map((m) => m.toUpperCase())) : null,
+    methods: rule.methods ? methodSet(rule.methods, deny) : null,
     // Deny globs ignore case: some upstreams do, and a deny must not be dodged by /ADMIN.
     paths: rule.paths ? rule.paths.map((p) => compileGlob(p, deny)) : null,
     schemes: rule.schemes ? new Set(rule.schemes) : null,

@@ -152,3 +152,36 @@ t.test('a request line full of dots is judged like any other', async (t) => {
   t.equal((await get(`/admin${run}x/y`)).status, 200, 'a run inside a segment is part of its name')
   t.same(upstream.requests.map((r) => r.url.length), [`/admin${run}x/y`.length])
 })
+
+t.test('a deny of GET holds HEAD, which frameworks answer with the GET handler', async (t) => {
+  // Express, Flask, Django and Rails route HEAD to the GET handler: it runs (side effects and
+  // all) and its headers (Content-Length, X-Total-Count, ETag) come back, only the body does not.
+  const upstream = await startUpstream()
+  const s = await startTestSidecar({
+    policy: {
+      default: 'deny',
+      rules: [
+        { id: 'no-reports', action: 'deny', hosts: ['127.0.0.1'], methods: ['GET'], paths: ['/reports/**'] },
+        { id: 'allow-upstream', action: 'allow', hosts: ['127.0.0.1'], ports: [upstream.port] },
+      ],
+    },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [upstream.port] }] },
+    routes: { up: upstream.origin },
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const host = `127.0.0.1:${upstream.port}`
+  for (const [entry, request] of [
+    ['absolute-form', (m: string, p: string) => `${m} http://${host}${p} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`],
+    ['reverse route', (m: string, p: string) => `${m} /up${p} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`],
+  ] as const) {
+    for (const method of ['GET', 'HEAD']) {
+      const r = await rawRequest(s.sidecar.port, request(method, '/reports/2026'))
+      t.equal(r.headers['x-latchkey-rule'], 'no-reports', `${entry} ${method} /reports/2026: denied`)
+    }
+    t.equal((await rawRequest(s.sidecar.port, request('HEAD', '/other'))).status, 200, `${entry}: HEAD elsewhere passes`)
+  }
+  t.same(upstream.requests.map((r) => `${r.method} ${r.url}`), ['HEAD /other', 'HEAD /other'], 'no request for /reports reached the upstream')
+})

@@ -144,7 +144,7 @@ t.test('a config file that is not UTF-8 is refused naming the line, not read wit
 
 t.test('start-up failures are one line naming the setting: a port in use, an unreadable secrets file', async (t) => {
   const { createServer } = await import('node:net')
-  const { once } = await import('node:events')
+  const { once } = (await import('node:events')).EventEmitter
   const taken = createServer().listen(0, '127.0.0.1')
   await once(taken, 'listening')
   t.teardown(() => void taken.close())
@@ -173,4 +173,17 @@ t.test('start-up failures are one line naming the setting: a port in use, an unr
     t.match(r.stderr, why, `${JSON.stringify(content)}: says what is wrong with it`)
     t.notMatch(r.stderr, /9837465/, 'and never what it held')
   }
+})
+
+t.test('the longest client_headers_ms the schema allows starts a sidecar whose admin port answers', async (t) => {
+  const { startChild, writeYaml } = await import('./collector/process-helpers.js')
+  const dir = mkdtempSync(join(tmpdir(), 'lk-cfg-'))
+  // Above 30 s, node:http used to refuse the admin server's options: RangeError ERR_OUT_OF_RANGE and a stack trace.
+  const file = writeYaml(join(dir, 'c.yaml'), { version: 1, sidecar: { listen: { port: 0 }, admin: { port: 0 }, timeouts: { client_headers_ms: 3_600_000 } }, audit: { jsonl: { path: join(dir, 'a.jsonl') } } })
+  t.match(execFileSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', file], { encoding: 'utf8' }), /valid/)
+  const child = await startChild(['sidecar', '--config', file], /sidecar listening/)
+  t.teardown(() => child.kill('SIGTERM'))
+  const adminPort = Number(/"adminPort":(\d+)/.exec(child.output())![1])
+  const res = await fetch(`http://127.0.0.1:${adminPort}/healthz`)
+  t.same([res.status, await res.json()], [200, { ok: true }])
 })

@@ -166,7 +166,7 @@ t.test('malformed and oversized bodies', async (t) => {
   const b = await startTestBroker()
   t.teardown(b.close)
   const post = (body: string | Buffer, type = 'application/x-www-form-urlencoded', extra: Record<string, string> = {}) =>
-    fetch(`${b.url}/oauth2/token`, { method: 'POST', body, headers: { 'content-type': type, ...extra } }).then(async (r) => ({ status: r.status, body: (await r.json()) as Record<string, string> }))
+    fetch(`${b.url}/oauth2/token`, { method: 'POST', body: typeof body === 'string' ? body : new Uint8Array(body), headers: { 'content-type': type, ...extra } }).then(async (r) => ({ status: r.status, body: (await r.json()) as Record<string, string> }))
 
   const big = await post('grant_type=' + GRANT_TYPE + '&subject_token=' + 'a'.repeat(70_000))
   t.equal(big.status, 413)

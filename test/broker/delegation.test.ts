@@ -13,9 +13,9 @@ import { stringify } from 'yaml'
 
 // summarizer may task itself (chains of any length can be attempted); helper may task the
 // assistant (users: required) and the loner (users: none).
-const REGISTRY = structuredClone(TEST_REGISTRY) as typeof TEST_REGISTRY & { agents: Record<string, { may_task?: string[] }> }
-REGISTRY.agents.summarizer.may_task = ['summarizer', 'helper']
-REGISTRY.agents.helper.may_task = ['assistant', 'loner']
+const REGISTRY = structuredClone(TEST_REGISTRY) as Omit<typeof TEST_REGISTRY, 'agents'> & { agents: Record<string, { may_task?: string[] }> }
+REGISTRY.agents.summarizer!.may_task = ['summarizer', 'helper']
+REGISTRY.agents.helper!.may_task = ['assistant', 'loner']
 
 function selfRequest(attestation: string, extra: Record<string, string> = {}): Record<string, string> {
   return { grant_type: GRANT_TYPE, subject_token: attestation, subject_token_type: TOKEN_TYPES.local, audience: API, task_id: 'task-1', ...extra }

@@ -77,7 +77,7 @@ t.test('a damaged spool: the damaged record is skipped and counted, every other 
   // Damage one byte inside the first record's payload of the second segment, and tear the newest segment's tail.
   const second = join(spoolDir, segs[1]!)
   const data = readFileSync(second)
-  data[16 + 20] ^= 0x55
+  data[16 + 20]! ^= 0x55
   writeFileSync(second, data)
   const newest = join(spoolDir, segs[segs.length - 1]!)
   truncateSync(newest, statSync(newest).size - 7)

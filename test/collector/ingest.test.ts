@@ -5,6 +5,7 @@ import { Metadata, status, type ServiceError } from '@grpc/grpc-js'
 import type { IngestResponse, IngestRequest } from '../../protos/gen/latchkey/v1/audit.js'
 import type { ClientDuplexStream } from '@grpc/grpc-js'
 import { seqEvents } from './events.js'
+import type { SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
 import { authMetadata, ingestClient, sha256hex, sidecarIdentity, startTestCollector } from './collector-helpers.js'
 
 const AGENT = 'agent:summarizer:test:a1'
@@ -124,7 +125,8 @@ t.test('a batch of more events than a sidecar may send is refused before any is 
   t.teardown(() => c.close())
   // Tiny events: 10,001 of them fit well inside max_batch_bytes.
   const tiny = (from: number, to: number) =>
-    Array.from({ length: to - from + 1 }, (_, i) => ({ sequence: from + i, event: { id: `e${from + i}`, timeUnixMs: Date.now(), delegation: { user: '', agent: AGENT, task: '' } } }))
+    // Partial events on purpose (protobuf fields may be absent on the wire): the smallest a batch can carry.
+    Array.from({ length: to - from + 1 }, (_, i) => ({ sequence: from + i, event: { id: `e${from + i}`, timeUnixMs: Date.now(), delegation: { user: '', agent: AGENT, task: '' } } })) as unknown as SequencedEvent[]
   const r = await exchange(c.grpcAddress, authMetadata(s), [{ sidecarId: s.id, events: tiny(1, 10_001) }])
   t.equal(r.error?.code, status.INVALID_ARGUMENT)
   t.equal(r.error?.details, "batch of 10001 events: at most 10000 per batch (a sidecar's audit.collector.batch_events cannot be more)")

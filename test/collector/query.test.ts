@@ -57,7 +57,7 @@ t.test('HTTP API and CLI answer what an agent did', async (t) => {
   // A request line that is valid HTTP but no valid URL: a 400 before authentication, never a crash.
   const { connect } = await import('node:net')
   for (const target of ['//[', 'http://[::1/x']) {
-    const sock = connect(new URL(c.httpUrl).port as unknown as number, '127.0.0.1')
+    const sock = connect(Number(new URL(c.httpUrl!).port), '127.0.0.1')
     sock.write(`GET ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
     let raw = ''
     for await (const chunk of sock) raw += String(chunk)

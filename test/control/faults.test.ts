@@ -75,7 +75,7 @@ t.test('broker restart during a drill: traffic of the others never fails, and th
   const first = broker.first
   const api = await startApi()
   t.teardown(api.close)
-  const sidecars = []
+  const sidecars: { s: Awaited<ReturnType<typeof startControlSidecar>>; task: Awaited<ReturnType<Awaited<ReturnType<typeof startControlSidecar>>['openTask']>>; ok: number; failed: string[] }[] = []
   for (let i = 0; i < 4; i++) {
     const s = await startControlSidecar(first, api, `agent:summarizer:prod:d${i}`)
     t.teardown(s.close)
@@ -88,7 +88,7 @@ t.test('broker restart during a drill: traffic of the others never fails, and th
     while (running) {
       const r = await viaProxy(x.s, x.task.handle, `${api.origin}/steady`).catch((e: Error) => ({ status: 0, body: { error: e.message } }))
       if (r.status === 200) x.ok++
-      else if (x !== victim) x.failed.push(`${r.status} ${String(r.body.code ?? r.body.error ?? '')}`)
+      else if (x !== victim) x.failed.push(`${r.status} ${String((r.body as Record<string, unknown>).code ?? r.body.error ?? '')}`)
       await new Promise((res) => setTimeout(res, 20))
     }
   })

@@ -20,7 +20,7 @@ t.test('a stream whose reader stalls is ended with RESOURCE_EXHAUSTED; a reading
   t.teardown(() => client.close())
   const stalled = client.watch({ agentId: 'agent:x:prod:stalled', policyVersion: '' }, md('agent:x:prod:stalled'))
   let stalledError: { code?: number; details?: string } | undefined
-  stalled.on('error', (e) => (stalledError = e))
+  stalled.on('error', (e: Error & { code?: number; details?: string }) => (stalledError = e))
   await new Promise((r) => stalled.once('data', r))
   stalled.pause()
   const reader = client.watch({ agentId: 'agent:x:prod:reader', policyVersion: '' }, md('agent:x:prod:reader'))

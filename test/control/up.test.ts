@@ -25,7 +25,7 @@ t.test('latchkey up: `latchkey revoke agent:demo:dev:local` stops the demo agent
   t.ok((config.sidecar!.control as { url: string }).url.endsWith(`:${control}`), 'the example config turns the control stream on')
 
   const adminToken = 'admin-' + Math.random().toString(36).slice(2)
-  const env = { ...process.env, LATCHKEY_BROKER_ADMIN_TOKEN: adminToken }
+  const env: NodeJS.ProcessEnv = { ...process.env, LATCHKEY_BROKER_ADMIN_TOKEN: adminToken }
   for (const k of ['HTTP_PROXY', 'http_proxy', 'HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'NO_PROXY']) delete env[k]
   const child = spawn(process.execPath, [resolve('dist/cli/latchkey.js'), 'up', '-c', join(cwd, 'up.yaml')], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] })
   t.teardown(() => void child.kill('SIGKILL'))

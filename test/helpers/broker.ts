@@ -89,7 +89,6 @@ export async function startTestBroker(
     broker: {
       issuer,
       listen: { host: '127.0.0.1', port },
-      keys: { dir: join(dir, 'keys') },
       registry_file: registryFile,
       users: { issuer: USER_ISSUER, audience: 'latchkey', jwks_file: users.jwksFile },
       attestors: {

@@ -162,7 +162,7 @@ export async function rawRequest(port: number, data: string | Buffer, quietMs = 
 }
 
 /** Everything a test run could have shown anyone: logs, audit file and given bodies. */
-export function assertNoCanary(t: { notOk: (v: unknown, m?: string) => void }, s: TestSidecar, ...bodies: string[]): void {
+export function assertNoCanary(t: { notOk(v: unknown, m: string): unknown }, s: TestSidecar, ...bodies: string[]): void {
   t.notOk(s.logs.some((l) => l.includes(CANARY)), 'no log line contains the credential')
   const audit = existsSync(s.auditPath) ? readFileSync(s.auditPath, 'utf8') : ''
   t.notOk(audit.includes(CANARY), 'no audit event contains the credential')
@@ -185,7 +185,7 @@ export function loopbackPolicy(ports: number[], extra: Record<string, unknown> =
  */
 export async function startBearerRig(
   t: { teardown(fn: () => unknown): void },
-  o: { handler?: Parameters<typeof startUpstream>[0]['handler']; fragment?: (upstream: Upstream) => Record<string, unknown> } = {},
+  o: { handler?: NonNullable<Parameters<typeof startUpstream>[0]>['handler']; fragment?: (upstream: Upstream) => Record<string, unknown> } = {},
 ) {
   const upstream = await startUpstream(o.handler ? { handler: o.handler } : {})
   const s = await startTestSidecar({

@@ -15,7 +15,7 @@ const fakeJwt = (claims: Record<string, unknown>) => `${b64({ alg: 'ES256', typ:
 const nowS = () => Math.floor(Date.now() / 1000)
 const answer = (token: string, extra: Record<string, unknown> = {}) => JSON.stringify({ access_token: token, token_type: 'Bearer', expires_in: 300, issued_token_type: AT, ...extra })
 
-async function rig(t: Tap.Test): Promise<{ rig: TokenRig; front: BrokerFront; call(path: string): Promise<{ status: number; body: Record<string, unknown>; handle: string }> }> {
+async function rig(t: { teardown(fn: () => unknown): void }): Promise<{ rig: TokenRig; front: BrokerFront; call(path: string): Promise<{ status: number; body: Record<string, unknown>; handle: string }> }> {
   const broker = await startTestBroker()
   const front = await startBrokerFront(broker.url)
   const r = await startTokenRig({ broker, brokerUrl: front.url, sidecar: { sidecar: { broker: { timeout_ms: 5000 } } } })

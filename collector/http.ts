@@ -2,7 +2,8 @@
 //   GET /v1/events?agent=<id>&since=24h[&until=<iso>][&denied=true][&limit=N]
 //   GET /v1/inventory
 //   GET /v1/verify[?sidecar=<id>]
-//   GET /healthz
+//   GET /healthz   the process answers (liveness)
+//   GET /readyz    the store answers too: 503 while it does not (a wrong URL, a database down)
 import { createHash, timingSafeEqual } from 'node:crypto'
 import { createServer, type Server, type ServerResponse } from 'node:http'
 import type { AuditStore } from './store/types.js'
@@ -44,7 +45,7 @@ export function createQueryServer(store: AuditStore, log: Logger, readerTokensSh
       // `GET //[` is a valid request line and an invalid URL: a 400, never a crash.
       return send(res, 400, { error: 'the request target is not a valid path' })
     }
-    if (url.pathname !== '/healthz' && !authorized(req.headers.authorization)) {
+    if (url.pathname !== '/healthz' && url.pathname !== '/readyz' && !authorized(req.headers.authorization)) {
       res.setHeader('www-authenticate', 'Bearer realm="latchkey-collector"')
       return send(res, 401, { error: 'a reader token is required (Authorization: Bearer <token>)' })
     }
@@ -53,6 +54,15 @@ export function createQueryServer(store: AuditStore, log: Logger, readerTokensSh
       switch (url.pathname) {
         case '/healthz':
           return send(res, 200, { ok: true, store: store.kind })
+        case '/readyz':
+          try {
+            await store.ping()
+            return send(res, 200, { ready: true, store: store.kind })
+          } catch (err) {
+            // The cause (an address, a role) is for the log; probes need no token and get the code.
+            log.warn({ reason: (err as Error)?.message }, 'not ready: the store does not answer')
+            return send(res, 503, { ready: false, store: store.kind, code: 'LK_STORE_UNAVAILABLE', reason: 'the store does not answer; the collector log says why' })
+          }
         case '/v1/events': {
           const agent = url.searchParams.get('agent')
           if (!agent) throw new BadRequest('query parameter "agent" is required')

@@ -289,6 +289,15 @@ export class PostgresAuditStore implements AuditStore {
     await this.pool.query(`DROP SCHEMA IF EXISTS ${ident(this.schema)} CASCADE`)
   }
 
+  async ping(): Promise<void> {
+    await this.ensureReady()
+    try {
+      await this.pool.query(`SELECT 1 FROM ${this.t} LIMIT 1`)
+    } catch (err) {
+      throw new StoreError('LK_STORE_UNAVAILABLE', `postgres unreachable: ${(err as Error).message}`)
+    }
+  }
+
   async close(): Promise<void> {
     await this.pool.end()
   }

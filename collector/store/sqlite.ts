@@ -211,6 +211,15 @@ export class SqliteAuditStore implements AuditStore {
     return Promise.resolve()
   }
 
+  ping(): Promise<void> {
+    try {
+      statement<[], { one: number }>(this.db, 'SELECT 1 AS one FROM audit_events LIMIT 1').get()
+      return Promise.resolve()
+    } catch (err) {
+      return Promise.reject(new StoreError('LK_STORE_UNAVAILABLE', `sqlite unreadable: ${(err as Error).message}`))
+    }
+  }
+
   close(): Promise<void> {
     this.db.close()
     return Promise.resolve()

@@ -92,6 +92,8 @@ export interface AuditStore {
   cursors(name: string): Promise<Map<string, number>>
   /** Moves cursors forward (never back). */
   saveCursors(name: string, positions: Map<string, number>): Promise<void>
+  /** Resolves once the store answers a query; rejects (LK_STORE_UNAVAILABLE) when it cannot. For /readyz. */
+  ping(): Promise<void>
   close(): Promise<void>
 }
 

@@ -171,9 +171,9 @@ function cpuSeconds(pid) {
   }
   return ticks / CLK_TCK
 }
-function rssMb(pid) {
+function rssMb(pid, field = 'VmRSS') {
   let kb = 0
-  for (const p of tree(pid)) kb += Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${p}/status`, 'utf8'))?.[1] ?? 0)
+  for (const p of tree(pid)) kb += Number(new RegExp(`${field}:\\s+(\\d+) kB`).exec(readFileSync(`/proc/${p}/status`, 'utf8'))?.[1] ?? 0)
   return kb / 1024
 }
 function pin(pid, cpu) {
@@ -282,7 +282,7 @@ function paced(name, proxyPort, path, pid, seconds) {
         } else if (line.startsWith('RESULT ')) {
           const r = JSON.parse(line.slice(7))
           if (r.errors || r.non2xx || r.lost) return reject(new Error(`${name}: paced run saw failures: ${line}`))
-          resolve({ ...r, cores: pid ? cpuUsed / windowS : null, rss: pid ? rssMb(pid) : null, foreignCpu0: foreign })
+          resolve({ ...r, cores: pid ? cpuUsed / windowS : null, rss: pid ? rssMb(pid) : null, rssAnon: pid ? rssMb(pid, 'RssAnon') : null, foreignCpu0: foreign })
         }
       }
     })
@@ -586,6 +586,7 @@ log: { level: warn }
       pacedRate: pm('achievedRate'),
       pacedCores: pm('cores'),
       pacedRss: pm('rss'),
+      pacedRssAnon: pm('rssAnon'),
       pacedP50: pm('p50'),
       pacedP99: pm('p99'),
     }
@@ -659,9 +660,9 @@ log: { level: warn }
     ``,
     `## At a steady ${PACED_RATE} req/s (open-loop paced generator, fresh processes)`,
     ``,
-    `| contender | achieved req/s | proxy cores | proxy RSS (MB) | p50 (µs, client-side) | added p50 | p99 (µs) |`,
-    `|---|---:|---:|---:|---:|---:|---:|`,
-    ...results.map((r) => `| ${r.name} | ${f(r.pacedRate)} | ${f(r.pacedCores, 3)} | ${f(r.pacedRss, 1)} | ${f(r.pacedP50)} | ${r.name === 'direct' ? '–' : sign(r.pacedAddedP50)} | ${f(r.pacedP99)} |`),
+    `| contender | achieved req/s | proxy cores | proxy RSS (MB) | of it anonymous (MB) | p50 (µs, client-side) | added p50 | p99 (µs) |`,
+    `|---|---:|---:|---:|---:|---:|---:|---:|`,
+    ...results.map((r) => `| ${r.name} | ${f(r.pacedRate)} | ${f(r.pacedCores, 3)} | ${f(r.pacedRss, 1)} | ${f(r.pacedRssAnon, 1)} | ${f(r.pacedP50)} | ${r.name === 'direct' ? '–' : sign(r.pacedAddedP50)} | ${f(r.pacedP99)} |`),
     ``,
     `## Throughput ratios, paired (${cycles.length} cycles of ${PAIR_SECONDS} s slices, back to back, ABC then CBA)`,
     ``,

@@ -19,7 +19,9 @@ export type AdminRoute = (req: IncomingMessage, res: ServerResponse, path: strin
 
 export function createAdminServer(metrics: SidecarMetrics, readiness: Readiness, opts: { clientHeadersTimeoutMs: number; namedHosts: boolean }, extra?: AdminRoute): Server {
   const { clientHeadersTimeoutMs, namedHosts } = opts
-  const server = createServer({ headersTimeout: clientHeadersTimeoutMs, requestTimeout: 30_000, keepAliveTimeout: 5_000 }, (req, res) => {
+  // node:http refuses a headersTimeout above requestTimeout (a RangeError at start-up), and
+  // client_headers_ms may be set up to an hour: the request gets at least as long as its headers.
+  const server = createServer({ headersTimeout: clientHeadersTimeoutMs, requestTimeout: Math.max(30_000, clientHeadersTimeoutMs), keepAliveTimeout: 5_000 }, (req, res) => {
     try {
       checkLocalCaller(req.headers, namedHosts)
     } catch (err) {

@@ -133,7 +133,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       throw new StartupError(`audit.collector: ${(err as Error).message}`)
     }
   }
-  const audit =
+  const audit: AuditSink =
     opts.audit ??
     (cc
       ? openCollectorSink({
@@ -347,6 +347,9 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       if (!server.listening) reasons.push('proxy listener not open')
       const stale = control?.staleReason()
       if (stale) reasons.push(`${stale}: no new tokens are minted`)
+      // on_full "refuse": every new call is a 503 until the collector catches up. ("drop" keeps
+      // serving, so it stays ready; its drops are in the metrics.)
+      if (audit.accepting && !audit.accepting()) reasons.push('audit spool full: new egress is refused until the collector catches up')
       return { ok: reasons.length === 0, reasons }
     },
   }, { clientHeadersTimeoutMs: sc.timeouts.client_headers_ms, namedHosts: sc.allow_remote_clients }, (req, res, path) =>

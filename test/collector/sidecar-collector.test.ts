@@ -96,6 +96,14 @@ t.test('full spool, on_full refuse: new egress refused (503) until the collector
   t.equal(res.code, 'LK_AUDIT_UNAVAILABLE')
   t.equal(upstream.requests.length, forwarded, 'the refused call never reached the upstream')
   t.match(s.logs.join(''), /audit spool full: refusing new egress/)
+  const { request } = await import('undici')
+  const readyz = async () => {
+    const r = await request(`${s.sidecar.adminUrl}/readyz`)
+    return { status: r.statusCode, body: (await r.body.json()) as { reasons?: string[] } }
+  }
+  const full = await readyz()
+  t.equal(full.status, 503, 'not ready while every new call is refused')
+  t.same(full.body.reasons, ['audit spool full: new egress is refused until the collector catches up'])
   // A flood of refused calls: recorded up to an eighth over the limit, then only counted.
   let refused = 0
   for (let i = 0; i < 600; i++) if ((await call(agent, `${upstream.origin}/flood/${i}`)) === 503) refused++
@@ -107,6 +115,7 @@ t.test('full spool, on_full refuse: new egress refused (503) until the collector
   t.teardown(() => c.close())
   t.ok(await s.sink.waitForAck(s.sink.spool.lastSeq, 10_000))
   t.equal(s.sink.accepting(), true, 'accepting again once acked segments were deleted')
+  t.equal((await readyz()).status, 200, 'ready again')
   t.equal(await call(agent, `${upstream.origin}/after-catch-up`), 200)
   t.ok(await s.sink.waitForAck(s.sink.spool.lastSeq, 10_000))
   const at = new Set(await pathsAt(c.store))
@@ -134,6 +143,7 @@ t.test('full spool, on_full drop: keeps serving and counts the drops, and says s
   const metrics = await (await request(`${s.sidecar.adminUrl}/metrics`)).body.text()
   t.match(metrics, new RegExp(`^latchkey_audit_events_dropped_total ${s.sink.stats.dropped}$`, 'm'), 'the metric says so')
   t.match(metrics, /^latchkey_audit_spool_full 1$/m)
+  t.equal((await request(`${s.sidecar.adminUrl}/readyz`)).statusCode, 200, 'still ready: dropping, not refusing')
   t.match(metrics, /^latchkey_audit_unacked_events [1-9]\d*$/m)
   await s.close()
 })

@@ -14,8 +14,10 @@ function parseIso(value: string): number {
   const [y, mo, d, h = '0', mi = '0', sec = '0'] = m.slice(1) as string[]
   const day = new Date(Date.UTC(Number(y), Number(mo) - 1, Number(d)))
   if (day.getUTCMonth() !== Number(mo) - 1 || day.getUTCDate() !== Number(d) || Number(h) > 23 || Number(mi) > 59 || Number(sec) > 59) return NaN
-  // As ECMAScript reads it: a date alone is UTC, a time without a zone is the collector's local time.
-  return Date.parse(value)
+  // A time without a zone is local time, as ECMAScript reads it. A date alone is that day's local
+  // midnight too (ISO 8601's reading; ECMAScript's is UTC midnight), so `--since 2026-11-30` means
+  // the operator's today, as `--since 2026-11-30T00:00` does, wherever the operator is.
+  return Date.parse(m[4] === undefined ? `${value}T00:00` : value)
 }
 
 /** A time bound: a duration before now (24h, 30m, 7d) or an ISO-8601 time; `name` is the parameter, for the error. */

@@ -31,3 +31,27 @@ t.test("`audit --since` without a zone is the operator's local time, through --u
   t.same(paths(viaUrl.stdout), paths(viaStore.stdout), 'asked through the API: the same answer, not one in the collector host\'s zone')
   t.match(viaUrl.stderr, `2 call(s) by ${X} since 2026-11-30T00:00`)
 })
+
+t.test('`audit --since <date>` is that day from the operator\'s midnight ("today"), through --url as with -c', async (t) => {
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  t.teardown(() => c.close())
+  await c.store.append(id.id, [
+    { sequence: 1, event: makeEvent({ agent: X, ts: Date.parse('2026-11-29T08:00:00Z'), path: '/yesterday-in-kiritimati' }) },
+    { sequence: 2, event: makeEvent({ agent: X, ts: Date.parse('2026-11-29T12:00:00Z'), path: '/today-in-kiritimati' }) },
+    { sequence: 3, event: makeEvent({ agent: X, ts: Date.parse('2026-11-30T01:00:00Z'), path: '/after-midnight-utc' }) },
+  ])
+  const configFile = join(c.dir, 'collector.yaml')
+  writeFileSync(configFile, JSON.stringify({ version: 1, collector: { store: c.config.collector.store, sidecars: [] } }))
+  const inKiritimati = (args: string[]) =>
+    run(process.execPath, ['--import', 'tsx', 'cli/latchkey.ts', ...args], { encoding: 'utf8', env: { ...process.env, TZ: 'Etc/GMT-14' } })
+  const paths = (stdout: string) => stdout.trim().split('\n').filter(Boolean).map((l) => /https:\/\/[^/]+(\/[a-z-]+)/.exec(l)?.[1])
+  // At UTC+14, 2026-11-30 begins at 2026-11-29T10:00Z: read as UTC midnight it would drop the
+  // morning's calls; at UTC-10 it would add the afternoon before.
+  const viaStore = await inKiritimati(['audit', '--agent', X, '--since', '2026-11-30', '-c', configFile])
+  const viaUrl = await inKiritimati(['audit', '--agent', X, '--since', '2026-11-30', '--url', c.httpUrl!])
+  t.same(paths(viaStore.stdout), ['/today-in-kiritimati', '/after-midnight-utc'], 'a date alone starts at the operator\'s midnight, as 2026-11-30T00:00 does')
+  t.same(paths(viaUrl.stdout), paths(viaStore.stdout), 'the same answer through the API')
+  const inHonolulu = await run(process.execPath, ['--import', 'tsx', 'cli/latchkey.ts', 'audit', '--agent', X, '--since', '2026-11-29', '-c', configFile], { encoding: 'utf8', env: { ...process.env, TZ: 'Etc/GMT+10' } })
+  t.same(paths(inHonolulu.stdout), ['/today-in-kiritimati', '/after-midnight-utc'], 'at UTC-10, 2026-11-29 starts at 10:00Z: the event at 08:00Z was the day before')
+})

@@ -299,6 +299,10 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
         if (!control!.state.appliesToAgent(r)) return
         tokens = (brokerTokens?.dropAll() ?? 0) + (clientCredentials?.dropAll() ?? 0)
         cut = pipeline.cut(() => true)
+        // Every connection here is this agent's and none will be served again, so idle keep-alive
+        // sockets go too: left open, a revoked agent kept holding the sidecar's descriptors, and
+        // only its next request on each learnt of the revocation.
+        server.closeIdleConnections()
       } else if (r.kind === 'task') {
         tokens = brokerTokens?.describe(r.value).length ?? 0
         brokerTokens?.dropTask(r.value, 'revoked')

@@ -4,6 +4,7 @@
 import t from 'tap'
 import { credentials, Metadata } from '@grpc/grpc-js'
 import { once } from 'node:events'
+import { connect } from 'node:net'
 import { ControlServiceClient } from '../../protos/gen/latchkey/v1/control.js'
 import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openTunnel, openWebSocket, revoke, until, CONTROL_TOKEN } from './rig.js'
 
@@ -31,6 +32,17 @@ t.test('revoking one agent: refused at once, tokens gone, streams cut; the other
   const { tunnel, head } = await openTunnel(victim, vt.handle, api.port)
   t.match(head, /^HTTP\/1\.1 200/, 'tunnel open')
   const tunnelClosed = once(tunnel, 'close')
+  // A keep-alive connection of the agent, idle between calls: its one call answered, nothing in flight.
+  const idle = connect(victim.sidecar.port, '127.0.0.1')
+  let idleHead = ''
+  let idleClosed = false
+  idle.on('data', (d: Buffer) => (idleHead += d.toString('latin1')))
+  idle.on('close', () => (idleClosed = true))
+  idle.on('error', () => {})
+  t.teardown(() => void idle.destroy())
+  idle.write(`GET ${api.origin}/idle HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\nProxy-Authorization: Bearer ${vt.handle}\r\n\r\n`)
+  await until('the keep-alive call answered', () => idleHead.includes('"ok":true'))
+  t.match(idleHead, /^HTTP\/1\.1 200 .*\r\n(?![\s\S]*connection: close)/i, 'and the connection kept open')
 
   const r = await revoke(broker, 'agent', victim.agent)
   const returned = performance.now()
@@ -49,6 +61,8 @@ t.test('revoking one agent: refused at once, tokens gone, streams cut; the other
   await until('the cut stream is audited as revoked', async () => (await victim.audit()).some((e) => e.task === vt.id && e.via === 'absolute' && e.status === 200 && e.error === 'LK_REVOKED'))
   await tunnelClosed
   t.ok(tunnel.destroyed, 'the CONNECT tunnel was closed')
+  await until('the idle keep-alive connection closed', () => idleClosed, 2000).catch(() => {})
+  t.ok(idleClosed, 'the agent\'s idle keep-alive connection was closed too: the sidecar serves it nothing more')
   // A new task on the revoked sidecar gets nowhere either.
   const vt2 = await victim.openTask()
   t.equal((await viaProxy(victim, vt2.handle, `${api.origin}/c`)).status, 403)

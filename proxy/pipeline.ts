@@ -227,10 +227,14 @@ export class Pipeline {
    * they are those routes, not an upstream that happens to be the sidecar.
    */
   parseTarget(url: string, tunnel: TunnelOrigin | null, upgrade = false): Target {
-    if (tunnel) return parseTunnelledTarget(url, tunnel.target)
+    if (tunnel) {
+      // Node's fetch tunnels http:// too, so its calls to a route arrive in a CONNECT to the sidecar itself.
+      const target = parseTunnelledTarget(url, tunnel.target)
+      return this.isOwnAddress(tunnel.target) ? parseReverseTarget(target.path + target.search, this.stages.routes) : target
+    }
     if (url.startsWith('/')) return parseReverseTarget(url, this.stages.routes)
     const target = parseAbsoluteTarget(url, upgrade)
-    if (target.scheme === 'http' && target.port === this.ownAddress?.port && this.ownAddress.hosts.has(target.host)) {
+    if (target.scheme === 'http' && this.isOwnAddress(target)) {
       return parseReverseTarget(target.path + target.search, this.stages.routes)
     }
     return target
@@ -238,6 +242,11 @@ export class Pipeline {
 
   /** Where the sidecar listens, once it does: the host spellings that mean it, and its port. */
   ownAddress: { hosts: ReadonlySet<string>; port: number } | null = null
+
+  /** Whether a target names the sidecar's own listener (a route's address, never an upstream). */
+  isOwnAddress(target: Target): boolean {
+    return target.port === this.ownAddress?.port && this.ownAddress.hosts.has(target.host)
+  }
 
   /**
    * Whether `req` may be handled now. Pipelined behind a response still being written, it waits

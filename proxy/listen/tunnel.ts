@@ -5,11 +5,11 @@
 //     the socket is handed to the sidecar's own HTTP parser and every request inside re-enters
 //     the pipeline, decided, credentialed and audited one by one, pinned to the tunnel's origin.
 // A CONNECT denied only because a rule on the host depends on method or path (which TLS hides)
-// opens for plain HTTP alone, without dialling: TLS gets an access_denied alert.
+// opens for plain HTTP alone, without dialling: TLS gets an access_denied alert. So does a
+// CONNECT to the sidecar's own listener: the requests inside are calls to its routes.
 import { connect as netConnect, type Socket } from 'node:net'
 import type { IncomingMessage } from 'node:http'
 import type { Pipeline, TunnelOrigin } from '../pipeline.js'
-import type { Decision } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import { parseConnectTarget } from './target.js'
 import { checkFraming } from './framing.js'
@@ -63,7 +63,7 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
    * tunnel opens, undialled, for plain HTTP alone. TLS gets a fatal access_denied alert, the one
    * refusal a TLS client reads at this point, and is recorded as the denial it is.
    */
-  const openForPlainHttpOnly = (decision: Decision) => {
+  const openForPlainHttpOnly = (tlsRefusal: LatchkeyError) => {
     client.write('HTTP/1.1 200 Connection Established\r\n\r\n')
     ctx.status = 200
     opts.open.add(client)
@@ -75,7 +75,7 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
       if (first[0] !== TLS_HANDSHAKE) return handOver(first)
       finished = true
       client.end(TLS_ACCESS_DENIED)
-      pipeline.recordRefused(ctx, new LatchkeyError('LK_POLICY_DENIED', decision.reason, decision.rule))
+      pipeline.recordRefused(ctx, tlsRefusal)
     }
     if (head.length > 0) sniff(head)
     else client.once('data', sniff)
@@ -85,9 +85,12 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
     // Two Host or two Proxy-Authorization headers: which authority, which task, would be a guess.
     checkFraming(req, false)
     ctx.target = parseConnectTarget(req.url ?? '')
+    // A tunnel to the sidecar itself (Node's fetch calling a route with HTTP_PROXY set): nothing
+    // is dialled; each request inside is a call to a route, identified, decided and audited alone.
+    if (pipeline.isOwnAddress(ctx.target)) return openForPlainHttpOnly(new LatchkeyError('LK_BAD_REQUEST', 'the sidecar serves its routes over plain HTTP only'))
     await pipeline.admit(ctx, req.headers['proxy-authorization'], false, client)
     const decision = ctx.decision!
-    if (decision.action === 'deny' && decision.enforced) return openForPlainHttpOnly(decision)
+    if (decision.action === 'deny' && decision.enforced) return openForPlainHttpOnly(new LatchkeyError('LK_POLICY_DENIED', decision.reason, decision.rule))
     const target = ctx.target
     const upstream = netConnect({ host: ctx.resolved!.address, port: target.port, noDelay: true })
     upstream.setTimeout(opts.connectTimeoutMs, () => upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'UND_ERR_CONNECT_TIMEOUT' })))

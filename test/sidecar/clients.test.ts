@@ -271,3 +271,31 @@ t.test('a client with HTTP_PROXY set calls a reverse route through the sidecar i
   t.match(await s.audit(), [{ via: 'absolute', path: '/curl', status: 200 }, { via: 'absolute', path: '/python', status: 200 }, { via: 'absolute', path: '/named', status: 200 }, { status: 404, error: 'LK_NO_ROUTE' }])
   assertNoCanary(t, s, curl.stdout, py.stdout, unknown.stdout)
 })
+
+t.test("Node's fetch with HTTP_PROXY set tunnels its call to a reverse route into the sidecar itself: it is the route", async (t) => {
+  const { upstream, s } = await startBearerRig(t, { fragment: (up) => ({ routes: { api: up.origin } }) })
+  const env = cleanEnv({ HTTP_PROXY: s.proxy })
+  // EnvHttpProxyAgent sends http:// through CONNECT 127.0.0.1:<sidecar port>: the sidecar is no upstream to dial.
+  const fetchScript = `
+    const { EnvHttpProxyAgent, fetch } = await import('undici')
+    const dispatcher = new EnvHttpProxyAgent()
+    for (const url of process.argv.slice(1)) {
+      const res = await fetch(url, { dispatcher })
+      console.log(res.status, res.headers.get('x-latchkey-error'), await res.text())
+    }`
+  const fetched = await run(process.execPath, ['--input-type=module', '-e', fetchScript, `${s.proxy}/api/fetch?x=1`, `${s.proxy}/nope/x`], { env })
+  const [ok, unknown] = fetched.stdout.trim().split('\n')
+  t.equal(ok, '200 null ok')
+  t.match(unknown, /^404 LK_NO_ROUTE \{"error":"[a-z_]+","code":"LK_NO_ROUTE"/, 'an unknown route is a readable 404 inside the tunnel too')
+  t.same(upstream.requests.map((r) => [r.url, r.headers.authorization, r.headers.host]), [['/fetch?x=1', `Bearer ${CANARY}`, `127.0.0.1:${upstream.port}`]])
+  // TLS to the sidecar itself has nothing to reach: refused, and recorded.
+  const tls = await run('curl', ['-sS', '-o', '/dev/null', '-w', '%{http_code}', '-x', s.proxy, `https://127.0.0.1:${s.sidecar.port}/api/tls`]).catch((err: { code: number }) => err)
+  t.not((tls as { code?: number }).code ?? 0, 0, 'a TLS handshake inside a CONNECT to the sidecar fails')
+  t.equal(upstream.requests.length, 1, 'and reaches no upstream')
+  t.match(await s.audit(), [
+    { via: 'tunnelled', path: '/fetch', status: 200 },
+    { via: 'tunnelled', status: 404, error: 'LK_NO_ROUTE' },
+    { via: 'connect', method: 'CONNECT', error: 'LK_BAD_REQUEST' },
+  ])
+  assertNoCanary(t, s, fetched.stdout)
+})

@@ -27,19 +27,23 @@ function packageVersion(): string {
   return 'unknown'
 }
 
-/** A collector's config has a top-level `collector` and no `sidecar`: validated by its own schema. */
-function isCollectorConfig(file: string): boolean {
+/**
+ * What a file is, by its top-level keys: a collector's config (`collector`, no `sidecar`) and the
+ * broker's agent registry (`agents`, no `sidecar`) are validated by their own schemas.
+ */
+function configKind(file: string): 'collector' | 'registry' | 'config' {
   try {
     const doc = parseYaml(readFileSync(file, 'utf8')) as unknown
-    return typeof doc === 'object' && doc !== null && 'collector' in doc && !('sidecar' in doc)
+    if (typeof doc !== 'object' || doc === null || 'sidecar' in doc) return 'config'
+    return 'collector' in doc ? 'collector' : 'agents' in doc ? 'registry' : 'config'
   } catch {
-    return false // unreadable or not YAML: the sidecar loader says why
+    return 'config' // unreadable or not YAML: the sidecar loader says why
   }
 }
 
 function fail(err: unknown): never {
   // ConfigError, and the sidecar's StartupError (code LK_STARTUP), carry messages meant for people.
-  if (err instanceof ConfigError || (err as { code?: unknown } | null)?.code === 'LK_STARTUP') console.error((err as Error).message)
+  if (err instanceof ConfigError || ['LK_STARTUP', 'LK_REGISTRY_INVALID'].includes((err as { code?: unknown } | null)?.code as string)) console.error((err as Error).message)
   else console.error(err instanceof Error ? (err.stack ?? err.message) : String(err))
   process.exit(1)
 }
@@ -111,11 +115,17 @@ for (const [name, op] of [['revoke', 'revoke'], ['unrevoke', 'unrevoke']] as con
 
 program
   .command('check-config')
-  .description('validate a config file (sidecar, broker or collector) and exit: 0 when valid, 1 with each problem named')
-  .argument('<file>', 'config file')
+  .description("validate a config file (sidecar, broker or collector) or the broker's agent registry and exit: 0 when valid, 1 with each problem named")
+  .argument('<file>', 'config file or agent registry (agents.yaml)')
   .action(async (file: string) => {
     try {
-      if (isCollectorConfig(file)) {
+      const kind = configKind(file)
+      if (kind === 'registry') {
+        const { loadRegistryFile } = await import('../broker/registry.js')
+        console.log(`${file}: valid agent registry (version 1, ${Object.keys(loadRegistryFile(file).agents).length} agent types)`)
+        return
+      }
+      if (kind === 'collector') {
         const { loadCollectorConfig } = await import('../collector/config.js')
         const c = loadCollectorConfig(file).collector
         console.log(`${file}: valid collector config (version 1, ${c.sidecars.length} sidecars, ${c.store.kind} store)`)

@@ -106,6 +106,13 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   const rc = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', badCollector], { encoding: 'utf8' })
   t.equal(rc.status, 1)
   t.match(rc.stderr, /collector\.store/, 'a collector config is judged as one')
+  // The broker's agent registry (deploy/examples/agents.yaml) is judged by its own schema, not as a sidecar config.
+  const registry = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', 'deploy/examples/agents.yaml'], { encoding: 'utf8' })
+  t.same([registry.status, registry.stdout.trim()], [0, 'deploy/examples/agents.yaml: valid agent registry (version 1, 1 agent types)'])
+  const badRegistry = join(dir, 'agents.yaml')
+  writeFileSync(badRegistry, 'version: 1\nagents:\n  demo: { env: dev, match: { local: true }, audiences: { "http://a": [x] }, max_lifetime_s: soon }\n')
+  const rr = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', badRegistry], { encoding: 'utf8' })
+  t.same([rr.status, rr.stderr.trim()], [1, `${badRegistry}: invalid agent registry:\n  agents.demo.max_lifetime_s: must be integer`])
   const v = spawnSync(process.execPath, ['dist/cli/latchkey.js', '--version'], { encoding: 'utf8' })
   t.same([v.status, v.stdout.trim()], [0, (JSON.parse(readFileSync('package.json', 'utf8')) as { version: string }).version])
 })

@@ -98,13 +98,15 @@ program
   })
 
 for (const [name, op] of [['revoke', 'revoke'], ['unrevoke', 'unrevoke']] as const) {
-  program
+  // unrevoke takes no --reason: the broker's DELETE records none, and an option silently dropped would mislead.
+  const command = program
     .command(name)
     .description(op === 'revoke' ? 'revoke an agent instance, a task or a token (jti) at the broker' : 'lift a revocation')
     .argument('[agent]', 'agent instance ID, agent:<type>:<env>:<instance>, or a pattern with * for whole segments (agent:<type>:*:*)')
     .option('--task <id>', 'a task ID instead of an agent')
     .option('--jti <id>', 'a token ID instead of an agent')
-    .option('--reason <text>', 'why (recorded in the audit trail)')
+  if (op === 'revoke') command.option('--reason <text>', 'why (recorded in the audit trail)')
+  command
     .option('--broker <url>', 'broker base URL', process.env.LATCHKEY_BROKER_URL ?? 'http://127.0.0.1:15003')
     .option('--token-env <name>', 'environment variable holding the admin token', 'LATCHKEY_BROKER_ADMIN_TOKEN')
     .action(async (agent: string | undefined, opts: { task?: string; jti?: string; reason?: string; broker: string; tokenEnv: string }) => {

@@ -113,6 +113,10 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   writeFileSync(badRegistry, 'version: 1\nagents:\n  demo: { env: dev, match: { local: true }, audiences: { "http://a": [x] }, max_lifetime_s: soon }\n')
   const rr = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', badRegistry], { encoding: 'utf8' })
   t.same([rr.status, rr.stderr.trim()], [1, `${badRegistry}: invalid agent registry:\n  agents.demo.max_lifetime_s: must be integer`])
+  // unrevoke has no --reason (the broker records none for it): refused, not silently dropped; revoke's is kept.
+  const unrevoke = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'unrevoke', 'agent:demo:dev:local', '--reason', 'done'], { encoding: 'utf8', env: { ...process.env, LATCHKEY_BROKER_URL: 'http://127.0.0.1:1' } })
+  t.same([unrevoke.status, unrevoke.stderr.split('\n')[0]], [1, "error: unknown option '--reason'"])
+  t.match(spawnSync(process.execPath, ['dist/cli/latchkey.js', 'revoke', '--help'], { encoding: 'utf8' }).stdout, /--reason <text>/)
   const v = spawnSync(process.execPath, ['dist/cli/latchkey.js', '--version'], { encoding: 'utf8' })
   t.same([v.status, v.stdout.trim()], [0, (JSON.parse(readFileSync('package.json', 'utf8')) as { version: string }).version])
 })

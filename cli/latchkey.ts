@@ -142,7 +142,7 @@ program
 
 program
   .command('up')
-  .description('start the local system: sidecar with the example policy and a demo upstream')
+  .description('start the local system: broker, collector, a sidecar with the example policy and a demo upstream')
   .option('-c, --config <file>', 'config file (the demo upstream listens where its routes.demo points)', '')
   .action(async (opts: { config: string }) => {
     try {

@@ -117,6 +117,8 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   const unrevoke = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'unrevoke', 'agent:demo:dev:local', '--reason', 'done'], { encoding: 'utf8', env: { ...process.env, LATCHKEY_BROKER_URL: 'http://127.0.0.1:1' } })
   t.same([unrevoke.status, unrevoke.stderr.split('\n')[0]], [1, "error: unknown option '--reason'"])
   t.match(spawnSync(process.execPath, ['dist/cli/latchkey.js', 'revoke', '--help'], { encoding: 'utf8' }).stdout, /--reason <text>/)
+  // `up` runs what README says npm start runs: broker + collector + sidecar + a demo upstream.
+  t.match(spawnSync(process.execPath, ['dist/cli/latchkey.js', 'up', '--help'], { encoding: 'utf8' }).stdout.replace(/\s+/g, ' '), /start the local system: broker, collector, a sidecar/)
   const v = spawnSync(process.execPath, ['dist/cli/latchkey.js', '--version'], { encoding: 'utf8' })
   t.same([v.status, v.stdout.trim()], [0, (JSON.parse(readFileSync('package.json', 'utf8')) as { version: string }).version])
 })

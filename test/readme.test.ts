@@ -61,6 +61,15 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
   const taskRun = await run('bash', ['-c', block], { env })
   t.equal(taskRun.stdout.trim(), expected, 'the task example prints what the README says')
   t.same(JSON.parse(outputs[1]!), hello, 'the reverse route answers the same')
+  // Node's fetch with HTTP_PROXY set (EnvHttpProxyAgent tunnels http://) reaches the route too, as the README says.
+  const fetchScript = `
+    const { EnvHttpProxyAgent, fetch } = await import('undici')
+    const res = await fetch(process.argv[1], { dispatcher: new EnvHttpProxyAgent() })
+    console.log(JSON.stringify({ status: res.status, body: await res.json() }))`
+  const routeUrl = /sends `(http:\/\/127\.0\.0\.1:15001)\/<route>\/…` to the proxy/.exec(readme)?.[1]
+  t.ok(routeUrl, 'the README says how an HTTP_PROXY client reaches a route')
+  const fetched = await run(process.execPath, ['--input-type=module', '-e', fetchScript, `${routeUrl!}/demo/hello`], { env: { ...env, HTTP_PROXY: 'http://127.0.0.1:15001' }, cwd: resolve('.') })
+  t.same(JSON.parse(fetched.stdout), { status: 200, body: hello }, "Node's fetch through HTTP_PROXY reaches the route")
   const refusal = outputs[2]!
   t.equal(refusal.slice(0, refusal.indexOf('\r\n')), readme.slice(readme.indexOf('HTTP/1.1 403'), readme.indexOf('\n', readme.indexOf('HTTP/1.1 403'))), 'the status line is what the README shows')
   t.match(refusal, /x-latchkey-rule: default/i)
@@ -76,10 +85,10 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
     // The collector acknowledges asynchronously: ask until every call has arrived.
     const r = await run('bash', ['-c', `${auditCmd!} --json`], { env, cwd: resolve('.') })
     audit = r.stdout.trim().split('\n').filter(Boolean)
-    if (audit.length >= 4) break
+    if (audit.length >= 5) break
     await new Promise((r2) => setTimeout(r2, 100))
   }
-  t.equal(audit.length, 4, 'each README call is one event at the collector')
+  t.equal(audit.length, 5, 'each README call is one event at the collector')
   const events = audit.map((l) => JSON.parse(l) as Record<string, unknown>)
   t.ok(events.some((e) => JSON.stringify(e).includes('LK_POLICY_DENIED')), 'the refusal is among them')
   const human = await run('bash', ['-c', auditCmd!], { env, cwd: resolve('.') })
@@ -104,4 +113,19 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
   t.equal(code, 0)
   t.notMatch(audit.join('\n') + out, /eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\./, 'no token appears in any output')
   t.notMatch(audit.join('\n') + out, /lkt_/, 'nor a task handle')
+})
+
+t.test('README: every CLI line it shows runs from a fresh clone', async (t) => {
+  const shell = [...readme.matchAll(/```sh\n([^]*?)```/g)].map((m) => m[1]!).join('\n')
+  // A clone has no `latchkey` on PATH: each line names the checkout's CLI through npx.
+  const uses = [...shell.matchAll(/(^|[\s=(])(npx )?latchkey (\S+)/gm)]
+  t.ok(uses.length >= 3, 'the README shows CLI commands')
+  for (const m of uses) t.equal(m[2], 'npx ', `"${m[0].trim()}" runs from a clone`)
+  const help = (await run(process.execPath, ['dist/cli/latchkey.js', '--help'])).stdout
+  for (const sub of new Set(uses.map((m) => m[3]!))) t.match(help, new RegExp(`^  ${sub} `, 'm'), `latchkey ${sub} exists`)
+  // The check-config line, on the reference config the README points at.
+  const check = /^npx latchkey check-config (\S+)/m.exec(shell)
+  t.ok(check, 'the README shows check-config')
+  const r = await run('bash', ['-c', check![0].replace(check![1]!, 'deploy/latchkey.reference.yaml')])
+  t.match(r.stdout, /^deploy\/latchkey\.reference\.yaml: valid /)
 })

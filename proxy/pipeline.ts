@@ -7,6 +7,7 @@ import type { Socket } from 'node:net'
 import type { Logger } from '../lib/log.js'
 import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Decision, Identifier, Identity, Resolution, Resolver, Target, Via } from './context.js'
 import { checkLocalCaller } from './listen/local-caller.js'
+import { carriesTaskHandle } from './identify/proxy-authorization.js'
 import { lingerOnClose } from './listen/linger.js'
 import { LatchkeyError, renderError, renderErrorRaw, type ErrorCode } from './errors.js'
 import type { CredentialBindings } from './credentials/bindings.js'
@@ -218,6 +219,11 @@ export class Pipeline {
     // method policy never judged. Removed in every spelling, as the override headers are.
     if (target.search.length > 1 && MAYBE_METHOD_OVERRIDE.test(target.search)) target.search = stripQueryParams(target.search, METHOD_OVERRIDE_PARAMS, 'keep')
     if (target.route !== null) checkLocalCaller(req.headers, this.stages.namedHosts)
+    // A proxy credential in the upstream's header would be passed on (on an origin no credential
+    // is bound to) and the call made for another task than the agent meant: refused, not guessed.
+    if (carriesTaskHandle(req.headers.authorization)) {
+      throw new LatchkeyError('LK_BAD_REQUEST', 'the Authorization header carries a task handle, a proxy credential never sent upstream: name the task in Proxy-Authorization (the proxy_url as HTTP_PROXY), not in a base URL')
+    }
   }
 
   /**

@@ -49,3 +49,19 @@ export class TaskIdentifier implements Identifier {
     return task.identity
   }
 }
+
+/** A task handle as TaskRegistry makes them (lkt_ + 128 bits, base64url), standing alone. */
+const HANDLE = /(?:^|[^A-Za-z0-9_-])lkt_[A-Za-z0-9_-]{22}(?![A-Za-z0-9_-])/
+
+/**
+ * Whether an Authorization header (meant for the upstream) carries a task handle: what a client
+ * sends when given the proxy_url as a base URL (http://task:<handle>@sidecar/<route>/…), or an
+ * agent that put its handle in the wrong header. Plain or in Basic's base64.
+ */
+export function carriesTaskHandle(authorization: string | undefined): boolean {
+  if (authorization === undefined) return false
+  if (HANDLE.test(authorization)) return true
+  const space = authorization.indexOf(' ')
+  if (space === -1 || authorization.slice(0, space).toLowerCase() !== 'basic') return false
+  return HANDLE.test(Buffer.from(authorization.slice(space + 1).trim(), 'base64').toString('latin1'))
+}

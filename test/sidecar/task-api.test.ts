@@ -2,8 +2,12 @@
 // bounds what one caller can make it hold, and records each task's life in the log (by its ID,
 // never its handle). The proxy credential is read from one field, never guessed.
 import t from 'tap'
-import { startBearerRig, rawRequest, assertNoCanary } from '../helpers/harness.js'
+import { execFile } from 'node:child_process'
+import { promisify } from 'node:util'
+import { startBearerRig, rawRequest, assertNoCanary, startUpstream, startTestSidecar, loopbackPolicy } from '../helpers/harness.js'
 import { MAX_OPEN_TASKS } from '../../proxy/tasks/api.js'
+
+const run = promisify(execFile)
 
 t.test('task API: clear refusals, a cap on open tasks, lifecycle in the log', async (t) => {
   const { upstream, s } = await startBearerRig(t)
@@ -60,4 +64,36 @@ t.test('tasks.required: a call that names no task gets no credential, so a task 
   t.equal((await call(null)).status, 407, 'and no fallback to the agent with no task')
   t.equal(upstream.requests.length, 1, 'the credential went out once, for the task')
   assertNoCanary(t, s, none.raw)
+})
+
+t.test('a task handle in Authorization (the proxy_url used as a base URL) is refused, never sent upstream', async (t) => {
+  // An upstream no credential is bound to: whatever Authorization the agent sends would be passed on.
+  const upstream = await startUpstream()
+  t.teardown(upstream.close)
+  const s = await startTestSidecar({ ...loopbackPolicy([upstream.port]), routes: { open: upstream.origin } })
+  t.teardown(s.close)
+  const task = (await (await fetch(`${s.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"purpose":"p","duration_s":60}' })).json()) as { task: string; proxy_url: string }
+  // A client given the proxy URL as its base URL sends the userinfo as Authorization: Basic.
+  const base = `${task.proxy_url}/open/x`
+  const viaCurl = await run('curl', ['-sS', '-i', base], { env: { PATH: process.env.PATH } })
+  const status = Number(/^HTTP\/1\.1 (\d+)/.exec(viaCurl.stdout)?.[1])
+  const headerSpellings = [
+    `Basic ${Buffer.from(`task:${task.task}`).toString('base64')}`,
+    `Basic ${Buffer.from(`${task.task}:`).toString('base64')}`,
+    `bearer ${task.task}`,
+  ]
+  const raws = await Promise.all(headerSpellings.map((auth) => rawRequest(s.sidecar.port, `GET ${upstream.origin}/y HTTP/1.1\r\nHost: 127.0.0.1:${upstream.port}\r\nAuthorization: ${auth}\r\nConnection: close\r\n\r\n`)))
+  t.same(
+    upstream.requests.filter((r) => JSON.stringify(r.rawHeaders).includes(task.task) || headerSpellings.some((h) => JSON.stringify(r.rawHeaders).includes(h.split(' ')[1]!))).map((r) => r.url),
+    [],
+    'no request carrying the handle reached the upstream',
+  )
+  t.equal(status, 400, 'the route call is refused')
+  t.match(viaCurl.stdout, /x-latchkey-error: LK_BAD_REQUEST/i)
+  t.match(viaCurl.stdout, /"reason":"the Authorization header carries a task handle/)
+  t.same(raws.map((r) => r.status), [400, 400, 400], 'and so is an absolute-form call carrying it, in each spelling')
+  t.notOk(viaCurl.stdout.includes(task.task) || raws.some((r) => r.raw.includes(task.task)), 'the refusal does not echo the handle')
+  t.notOk(s.logs.some((l) => l.includes(task.task)), 'nor is it logged')
+  const other = await rawRequest(s.sidecar.port, `GET ${upstream.origin}/z HTTP/1.1\r\nHost: 127.0.0.1:${upstream.port}\r\nAuthorization: Bearer lkt_is-not-quite-a-handle\r\nConnection: close\r\n\r\n`)
+  t.equal(other.status, 200, 'an upstream token that merely starts like one is the agent\'s to send')
 })

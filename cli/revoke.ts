@@ -37,7 +37,9 @@ export async function revokeCommand(
           })
         : await fetch(`${base}/v1/revocations/${kind}/${encodeURIComponent(value)}`, { method: 'DELETE', headers: { authorization: `Bearer ${token}` } })
   } catch (err) {
-    console.error(`${op}: cannot reach the broker at ${base}: ${(err as Error).message}`)
+    // fetch says only "fetch failed"; why (ECONNREFUSED, ENOTFOUND, …) is in its cause.
+    const cause = (err as { cause?: { code?: unknown; message?: unknown } }).cause
+    console.error(`${op}: cannot reach the broker at ${base}: ${String(cause?.code ?? cause?.message ?? (err as Error).message)}`)
     return 1
   }
   const body = (await res.json().catch(() => ({}))) as { error_description?: string; created?: boolean; removed?: boolean }

@@ -117,6 +117,14 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   const unrevoke = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'unrevoke', 'agent:demo:dev:local', '--reason', 'done'], { encoding: 'utf8', env: { ...process.env, LATCHKEY_BROKER_URL: 'http://127.0.0.1:1' } })
   t.same([unrevoke.status, unrevoke.stderr.split('\n')[0]], [1, "error: unknown option '--reason'"])
   t.match(spawnSync(process.execPath, ['dist/cli/latchkey.js', 'revoke', '--help'], { encoding: 'utf8' }).stdout, /--reason <text>/)
+  // A broker that is not there is named with why, not fetch's bare "fetch failed".
+  const { createServer } = await import('node:net')
+  const probe = createServer().listen(0, '127.0.0.1')
+  await new Promise((ok) => probe.once('listening', ok))
+  const freePort = (probe.address() as import('node:net').AddressInfo).port
+  await new Promise((ok) => probe.close(ok))
+  const away = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'revoke', 'agent:demo:dev:local', '--broker', `http://127.0.0.1:${freePort}`], { encoding: 'utf8', env: { ...process.env, LATCHKEY_BROKER_ADMIN_TOKEN: 'not-a-real-token' } })
+  t.same([away.status, away.stderr.trim()], [1, `revoke: cannot reach the broker at http://127.0.0.1:${freePort}: ECONNREFUSED`])
   // `up` runs what README says npm start runs: broker + collector + sidecar + a demo upstream.
   t.match(spawnSync(process.execPath, ['dist/cli/latchkey.js', 'up', '--help'], { encoding: 'utf8' }).stdout.replace(/\s+/g, ' '), /start the local system: broker, collector, a sidecar/)
   const v = spawnSync(process.execPath, ['dist/cli/latchkey.js', '--version'], { encoding: 'utf8' })

@@ -288,6 +288,13 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const onSighup = () => void reloadPolicy()
   if (opts.reloadOnSighup) process.on('SIGHUP', onSighup)
 
+  // Created (not yet listening) before the control stream starts: a revocation it delivers,
+  // even one reloaded from the state file, closes this server's idle connections.
+  const { server, openStreams } = createListener(pipeline, {
+    allowRemoteClients: sc.allow_remote_clients,
+    clientHeadersTimeoutMs: sc.timeouts.client_headers_ms,
+    connectTimeoutMs: sc.timeouts.connect_ms,
+  })
   let control: ControlClient | undefined
   if (sc.control) {
     const { ControlClient } = await import('./control/client.js')
@@ -337,11 +344,6 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     control.start()
   }
 
-  const { server, openStreams } = createListener(pipeline, {
-    allowRemoteClients: sc.allow_remote_clients,
-    clientHeadersTimeoutMs: sc.timeouts.client_headers_ms,
-    connectTimeoutMs: sc.timeouts.connect_ms,
-  })
   let draining = false
   let proxyBase = ''
   const admin = createAdminServer(metrics, {

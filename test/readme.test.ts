@@ -60,6 +60,12 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
   const expected = shown.slice(0, shown.indexOf('```')).trim()
   const taskRun = await run('bash', ['-c', block], { env })
   t.equal(taskRun.stdout.trim(), expected, 'the task example prints what the README says')
+  // Ending a task the way the README says: DELETE with the answer's `task`; its proxy URL is refused after.
+  t.match(tasks, /`curl -X DELETE http:\/\/127\.0\.0\.1:15002\/v1\/tasks\/lkt_…` ends the task \(204\)/)
+  const opened = (await (await fetch('http://127.0.0.1:15002/v1/tasks', { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"purpose": "end it", "duration_s": 300}' })).json()) as { task: string; proxy_url: string }
+  t.equal((await fetch(`http://127.0.0.1:15002/v1/tasks/${opened.task}`, { method: 'DELETE' })).status, 204)
+  const ended = await run('curl', ['-sS', '-o', '/dev/null', '-w', '%{http_code} %header{x-latchkey-error}', '-x', opened.proxy_url, 'http://127.0.0.1:15080/hello'], { env })
+  t.equal(ended.stdout, '407 LK_PROXY_AUTH', 'the ended task\'s proxy URL is refused')
   t.same(JSON.parse(outputs[1]!), hello, 'the reverse route answers the same')
   // Node's fetch with HTTP_PROXY set (EnvHttpProxyAgent tunnels http://) reaches the route too, as the README says.
   const fetchScript = `
@@ -85,10 +91,10 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
     // The collector acknowledges asynchronously: ask until every call has arrived.
     const r = await run('bash', ['-c', `${auditCmd!} --json`], { env, cwd: resolve('.') })
     audit = r.stdout.trim().split('\n').filter(Boolean)
-    if (audit.length >= 5) break
+    if (audit.length >= 6) break
     await new Promise((r2) => setTimeout(r2, 100))
   }
-  t.equal(audit.length, 5, 'each README call is one event at the collector')
+  t.equal(audit.length, 6, 'each README call is one event at the collector (the ended task\'s refused one too)')
   const events = audit.map((l) => JSON.parse(l) as Record<string, unknown>)
   t.ok(events.some((e) => JSON.stringify(e).includes('LK_POLICY_DENIED')), 'the refusal is among them')
   const human = await run('bash', ['-c', auditCmd!], { env, cwd: resolve('.') })

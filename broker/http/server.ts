@@ -239,6 +239,11 @@ function revocationProblem(input: { kind?: unknown; value?: unknown; reason?: un
   }
   // A value no task_id or jti can take would be stored, answered 201 and match nothing: an
   // operator's paste with a trailing space or newline must not pass for a revocation.
+  // A sidecar's task handle is its proxy credential, not its ID: stored, it would match nothing,
+  // and the credential would sit in the store, the event log and every sidecar's control stream.
+  if (input.kind === 'task' && /^lkt_[A-Za-z0-9_-]{22}$/.test(input.value)) {
+    return "task must be the task's id, not its handle (lkt_…, the proxy credential): GET /v1/tasks/<handle> on the sidecar shows the id"
+  }
   if (input.kind === 'task' && !TASK_ID.test(input.value)) return 'task must be a task ID: 1-128 characters of A-Z a-z 0-9 . _ : - (what the broker accepts as task_id)'
   if (input.kind === 'jti' && !/^[\x21-\x7e]+$/.test(input.value)) return `jti must be 1 to ${MAX_REVOCATION_VALUE} printable ASCII characters, no spaces`
   // eslint-disable-next-line no-control-regex -- refusing control characters is the point (PostgreSQL text cannot hold NUL)

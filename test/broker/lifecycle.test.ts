@@ -132,6 +132,8 @@ t.test('a revocation that could never match anything is refused, naming the rule
       [{ kind: 'task', value: 'task-1 ' }, TASK],
       [{ kind: 'task', value: 'task-1\n' }, TASK],
       [{ kind: 'task', value: 't\u0000x' }, TASK],
+      // The handle POST /v1/tasks answers with, pasted for the id: a no-op revocation holding a credential.
+      [{ kind: 'task', value: 'lkt_ahkpbNET1OKz8kBNlQK4Lw' }, "task must be the task's id, not its handle (lkt_…, the proxy credential): GET /v1/tasks/<handle> on the sidecar shows the id"],
       [{ kind: 'jti', value: ' ' }, JTI],
       [{ kind: 'jti', value: 'jti\u0000' }, JTI],
       [{ kind: 'task', value: 'task-1', reason: 'leaked\u0000' }, 'reason must be a string of at most 512 characters, without control characters other than tab and newline'],

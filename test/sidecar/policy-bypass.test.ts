@@ -2,30 +2,34 @@
 // the real sidecar on every entry path. The upstream reads its request target the way Node's
 // documentation says to (`new URL(req.url, base)`): what it acts on must be what policy judged.
 import t from 'tap'
-import { startUpstream, startTestSidecar, rawRequest, parseRawResponse, assertNoCanary } from '../helpers/harness.js'
+import { startUpstream, startTestSidecar, rawRequest, parseRawResponse, assertNoCanary, type Upstream } from '../helpers/harness.js'
 import { validateConfig } from '../../lib/config/load.js'
 import { DnsResolver } from '../../proxy/resolve/resolver.js'
 import { compileNetworkPolicy } from '../../proxy/resolve/network-policy.js'
 
-t.test('a path starting with // is judged as a URL-reading upstream reads it', async (t) => {
+/**
+ * An upstream and a sidecar in front of it on every entry path (absolute-form, the `up` route, a
+ * plaintext tunnel): `deny` is judged first, the rest of the upstream is allowed.
+ */
+async function denyingSidecar(t: { teardown(fn: () => unknown): void }, deny: Record<string, unknown>, extra: (upstream: Upstream) => Record<string, unknown> = () => ({})) {
   const upstream = await startUpstream()
   const s = await startTestSidecar({
-    policy: {
-      default: 'deny',
-      rules: [
-        { id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin/**'] },
-        { id: 'allow-upstream', action: 'allow', hosts: ['127.0.0.1'], ports: [upstream.port] },
-      ],
-    },
+    policy: { default: 'deny', rules: [deny, { id: 'allow-upstream', action: 'allow', hosts: ['127.0.0.1'], ports: [upstream.port] }] },
     network: { allow: [{ cidr: '127.0.0.1/32', ports: [upstream.port] }] },
     routes: { up: upstream.origin },
-    credentials: [{ id: 'up', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+    ...extra(upstream),
   })
   t.teardown(async () => {
     await s.close()
     await upstream.close()
   })
-  const host = `127.0.0.1:${upstream.port}`
+  return { upstream, s, host: `127.0.0.1:${upstream.port}` }
+}
+
+t.test('a path starting with // is judged as a URL-reading upstream reads it', async (t) => {
+  const { upstream, s, host } = await denyingSidecar(t, { id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin/**'] }, (up) => ({
+    credentials: [{ id: 'up', audience: up.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  }))
   const entries: [string, (path: string) => string][] = [
     ['absolute-form', (p) => `GET http://${host}${p} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`],
     ['reverse route', (p) => `GET /up${p} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`],
@@ -56,23 +60,7 @@ t.test('a path starting with // is judged as a URL-reading upstream reads it', a
 })
 
 t.test('a method override in the query never reaches the upstream: the request line is the method policy judged', async (t) => {
-  const upstream = await startUpstream()
-  const s = await startTestSidecar({
-    policy: {
-      default: 'deny',
-      rules: [
-        { id: 'no-delete', action: 'deny', hosts: ['127.0.0.1'], methods: ['DELETE'] },
-        { id: 'allow-upstream', action: 'allow', hosts: ['127.0.0.1'], ports: [upstream.port] },
-      ],
-    },
-    network: { allow: [{ cidr: '127.0.0.1/32', ports: [upstream.port] }] },
-    routes: { up: upstream.origin },
-  })
-  t.teardown(async () => {
-    await s.close()
-    await upstream.close()
-  })
-  const host = `127.0.0.1:${upstream.port}`
+  const { upstream, s, host } = await denyingSidecar(t, { id: 'no-delete', action: 'deny', hosts: ['127.0.0.1'], methods: ['DELETE'] })
   const post = (target: string) => `POST ${target} HTTP/1.1\r\nHost: ${target.startsWith('/') ? '127.0.0.1' : host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`
   const entries: [string, (pathAndQuery: string) => string][] = [
     ['absolute-form', (q) => post(`http://${host}${q}`)],
@@ -156,23 +144,7 @@ t.test('a request line full of dots is judged like any other', async (t) => {
 t.test('a deny of GET holds HEAD, which frameworks answer with the GET handler', async (t) => {
   // Express, Flask, Django and Rails route HEAD to the GET handler: it runs (side effects and
   // all) and its headers (Content-Length, X-Total-Count, ETag) come back, only the body does not.
-  const upstream = await startUpstream()
-  const s = await startTestSidecar({
-    policy: {
-      default: 'deny',
-      rules: [
-        { id: 'no-reports', action: 'deny', hosts: ['127.0.0.1'], methods: ['GET'], paths: ['/reports/**'] },
-        { id: 'allow-upstream', action: 'allow', hosts: ['127.0.0.1'], ports: [upstream.port] },
-      ],
-    },
-    network: { allow: [{ cidr: '127.0.0.1/32', ports: [upstream.port] }] },
-    routes: { up: upstream.origin },
-  })
-  t.teardown(async () => {
-    await s.close()
-    await upstream.close()
-  })
-  const host = `127.0.0.1:${upstream.port}`
+  const { upstream, s, host } = await denyingSidecar(t, { id: 'no-reports', action: 'deny', hosts: ['127.0.0.1'], methods: ['GET'], paths: ['/reports/**'] })
   for (const [entry, request] of [
     ['absolute-form', (m: string, p: string) => `${m} http://${host}${p} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`],
     ['reverse route', (m: string, p: string) => `${m} /up${p} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`],

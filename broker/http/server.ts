@@ -19,6 +19,7 @@ import type { RevocationList } from '../revocations/list.js'
 import { REVOCATION_KINDS, type RevocationKind } from '../revocations/store.js'
 import { GRANT_TYPE, TASK_ID } from '../exchange.js'
 import { MAX_AGENT_ID } from '../attest/attestor.js'
+import { WHOLE_TASK_HANDLE } from '../../lib/task-handle.js'
 
 /** A task ID or jti to revoke: at most this long. */
 const MAX_REVOCATION_VALUE = 256
@@ -241,7 +242,7 @@ function revocationProblem(input: { kind?: unknown; value?: unknown; reason?: un
   // operator's paste with a trailing space or newline must not pass for a revocation.
   // A sidecar's task handle is its proxy credential, not its ID: stored, it would match nothing,
   // and the credential would sit in the store, the event log and every sidecar's control stream.
-  if (input.kind === 'task' && /^lkt_[A-Za-z0-9_-]{22}$/.test(input.value)) {
+  if (input.kind === 'task' && WHOLE_TASK_HANDLE.test(input.value)) {
     return "task must be the task's id, not its handle (lkt_…, the proxy credential): GET /v1/tasks/<handle> on the sidecar shows the id"
   }
   if (input.kind === 'task' && !TASK_ID.test(input.value)) return 'task must be a task ID: 1-128 characters of A-Z a-z 0-9 . _ : - (what the broker accepts as task_id)'

@@ -8,6 +8,7 @@
 import type { Identifier, Identity } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import type { TaskRegistry } from '../tasks/registry.js'
+import { TASK_HANDLE } from '../../lib/task-handle.js'
 
 export class TaskIdentifier implements Identifier {
   private readonly anonymous: Identity
@@ -50,8 +51,8 @@ export class TaskIdentifier implements Identifier {
   }
 }
 
-/** A task handle as TaskRegistry makes them (lkt_ + 128 bits, base64url), standing alone. */
-const HANDLE = /(?:^|[^A-Za-z0-9_-])lkt_[A-Za-z0-9_-]{22}(?![A-Za-z0-9_-])/
+/** A task handle standing alone: not part of a longer base64url run. */
+const HANDLE = new RegExp(`(?:^|[^A-Za-z0-9_-])${TASK_HANDLE.source}(?![A-Za-z0-9_-])`)
 
 /**
  * Whether an Authorization header (meant for the upstream) carries a task handle: what a client

@@ -2,7 +2,8 @@
 // gets a handle; requests name it in Proxy-Authorization (the proxy URL's userinfo). The handle is
 // a proxy credential: 128 random bits, never logged or audited (the task's separate ID is). Ending
 // a task, or its expiry, drops every token it held.
-import { randomBytes, randomUUID } from 'node:crypto'
+import { randomUUID } from 'node:crypto'
+import { newTaskHandle } from '../../lib/task-handle.js'
 import type { Identity, TaskRef } from '../context.js'
 
 export interface Task extends TaskRef {
@@ -76,7 +77,7 @@ export class TaskRegistry {
     }
     const createdAt = this.now()
     const id = randomUUID()
-    const handle = 'lkt_' + randomBytes(16).toString('base64url')
+    const handle = newTaskHandle()
     const task: Task = {
       id,
       handle,

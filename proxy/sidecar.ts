@@ -294,6 +294,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     allowRemoteClients: sc.allow_remote_clients,
     clientHeadersTimeoutMs: sc.timeouts.client_headers_ms,
     connectTimeoutMs: sc.timeouts.connect_ms,
+    tunnelIdleMs: sc.timeouts.tunnel_idle_ms,
   })
   let control: ControlClient | undefined
   if (sc.control) {

@@ -62,6 +62,7 @@ export interface Config {
       body_ms: number
       client_headers_ms: number
       drain_ms: number
+      tunnel_idle_ms: number
     }
     max_pools: number
     /** Where task-scoped tokens come from. Required when any credential has source: broker. */
@@ -442,6 +443,9 @@ export const configSchema = {
             body_ms: ms(300_000),
             client_headers_ms: ms(30_000),
             drain_ms: ms(10_000, 0),
+            // A CONNECT tunnel or WebSocket with no bytes either way this long is closed. Longer than
+            // headers_ms: inside TLS the sidecar cannot tell a model still thinking from a dead peer.
+            tunnel_idle_ms: ms(900_000),
           },
         },
         max_pools: { type: 'integer', minimum: 1, maximum: 100_000, default: 256 },

@@ -4,7 +4,7 @@
 "use strict";
 export const validate = validate10;
 export default validate10;
-const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:[0-9]+/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"state_file":{"type":"string","minLength":1}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"spiffe_id":{"type":"string","pattern":"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$","maxLength":2048}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:[0-9]{1,5}$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
+const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000},"tunnel_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":900000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:[0-9]+/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"state_file":{"type":"string","minLength":1}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"spiffe_id":{"type":"string","pattern":"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$","maxLength":2048}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:[0-9]{1,5}$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
 const func2 = Object.prototype.hasOwnProperty;
 import func4Module from "ajv/dist/runtime/ucs2length.js";
 const func4 = func4Module.default;
@@ -397,8 +397,11 @@ data11.client_headers_ms = 30000;
 if(data11.drain_ms === undefined){
 data11.drain_ms = 10000;
 }
+if(data11.tunnel_idle_ms === undefined){
+data11.tunnel_idle_ms = 900000;
+}
 for(const key4 in data11){
-if(!(((((key4 === "connect_ms") || (key4 === "headers_ms")) || (key4 === "body_ms")) || (key4 === "client_headers_ms")) || (key4 === "drain_ms"))){
+if(!((((((key4 === "connect_ms") || (key4 === "headers_ms")) || (key4 === "body_ms")) || (key4 === "client_headers_ms")) || (key4 === "drain_ms")) || (key4 === "tunnel_idle_ms"))){
 const err24 = {instancePath:instancePath+"/sidecar/timeouts",schemaPath:"#/properties/sidecar/properties/timeouts/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key4},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err24];
@@ -574,9 +577,9 @@ vErrors.push(err39);
 errors++;
 }
 }
-}
-else {
-const err40 = {instancePath:instancePath+"/sidecar/timeouts",schemaPath:"#/properties/sidecar/properties/timeouts/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data17 = data11.tunnel_idle_ms;
+if(!(((typeof data17 == "number") && (!(data17 % 1) && !isNaN(data17))) && (isFinite(data17)))){
+const err40 = {instancePath:instancePath+"/sidecar/timeouts/tunnel_idle_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/tunnel_idle_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err40];
 }
@@ -585,9 +588,9 @@ vErrors.push(err40);
 }
 errors++;
 }
-let data17 = data1.max_pools;
-if(!(((typeof data17 == "number") && (!(data17 % 1) && !isNaN(data17))) && (isFinite(data17)))){
-const err41 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data17 == "number") && (isFinite(data17))){
+if(data17 > 3600000 || isNaN(data17)){
+const err41 = {instancePath:instancePath+"/sidecar/timeouts/tunnel_idle_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/tunnel_idle_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err41];
 }
@@ -596,9 +599,8 @@ vErrors.push(err41);
 }
 errors++;
 }
-if((typeof data17 == "number") && (isFinite(data17))){
-if(data17 > 100000 || isNaN(data17)){
-const err42 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/maximum",keyword:"maximum",params:{comparison: "<=", limit: 100000},message:"must be <= 100000"};
+if(data17 < 1 || isNaN(data17)){
+const err42 = {instancePath:instancePath+"/sidecar/timeouts/tunnel_idle_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/tunnel_idle_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err42];
 }
@@ -607,8 +609,10 @@ vErrors.push(err42);
 }
 errors++;
 }
-if(data17 < 1 || isNaN(data17)){
-const err43 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+}
+else {
+const err43 = {instancePath:instancePath+"/sidecar/timeouts",schemaPath:"#/properties/sidecar/properties/timeouts/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err43];
 }
@@ -617,18 +621,9 @@ vErrors.push(err43);
 }
 errors++;
 }
-}
-if(data1.broker !== undefined){
-let data18 = data1.broker;
-if(data18 && typeof data18 == "object" && !Array.isArray(data18)){
-if(data18.timeout_ms === undefined){
-data18.timeout_ms = 3000;
-}
-if(data18.min_remaining_ms === undefined){
-data18.min_remaining_ms = 5000;
-}
-if(data18.url === undefined){
-const err44 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
+let data18 = data1.max_pools;
+if(!(((typeof data18 == "number") && (!(data18 % 1) && !isNaN(data18))) && (isFinite(data18)))){
+const err44 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err44];
 }
@@ -637,9 +632,9 @@ vErrors.push(err44);
 }
 errors++;
 }
-for(const key5 in data18){
-if(!(((key5 === "url") || (key5 === "timeout_ms")) || (key5 === "min_remaining_ms"))){
-const err45 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key5},message:"must NOT have additional properties"};
+if((typeof data18 == "number") && (isFinite(data18))){
+if(data18 > 100000 || isNaN(data18)){
+const err45 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/maximum",keyword:"maximum",params:{comparison: "<=", limit: 100000},message:"must be <= 100000"};
 if(vErrors === null){
 vErrors = [err45];
 }
@@ -648,12 +643,8 @@ vErrors.push(err45);
 }
 errors++;
 }
-}
-if(data18.url !== undefined){
-let data19 = data18.url;
-if(typeof data19 === "string"){
-if(!pattern1.test(data19)){
-const err46 = {instancePath:instancePath+"/sidecar/broker/url",schemaPath:"#/properties/sidecar/properties/broker/properties/url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data18 < 1 || isNaN(data18)){
+const err46 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err46];
 }
@@ -663,8 +654,17 @@ vErrors.push(err46);
 errors++;
 }
 }
-else {
-const err47 = {instancePath:instancePath+"/sidecar/broker/url",schemaPath:"#/properties/sidecar/properties/broker/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data1.broker !== undefined){
+let data19 = data1.broker;
+if(data19 && typeof data19 == "object" && !Array.isArray(data19)){
+if(data19.timeout_ms === undefined){
+data19.timeout_ms = 3000;
+}
+if(data19.min_remaining_ms === undefined){
+data19.min_remaining_ms = 5000;
+}
+if(data19.url === undefined){
+const err47 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err47];
 }
@@ -673,10 +673,9 @@ vErrors.push(err47);
 }
 errors++;
 }
-}
-let data20 = data18.timeout_ms;
-if(!(((typeof data20 == "number") && (!(data20 % 1) && !isNaN(data20))) && (isFinite(data20)))){
-const err48 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+for(const key5 in data19){
+if(!(((key5 === "url") || (key5 === "timeout_ms")) || (key5 === "min_remaining_ms"))){
+const err48 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key5},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err48];
 }
@@ -685,9 +684,12 @@ vErrors.push(err48);
 }
 errors++;
 }
-if((typeof data20 == "number") && (isFinite(data20))){
-if(data20 > 3600000 || isNaN(data20)){
-const err49 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+if(data19.url !== undefined){
+let data20 = data19.url;
+if(typeof data20 === "string"){
+if(!pattern1.test(data20)){
+const err49 = {instancePath:instancePath+"/sidecar/broker/url",schemaPath:"#/properties/sidecar/properties/broker/properties/url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err49];
 }
@@ -696,8 +698,9 @@ vErrors.push(err49);
 }
 errors++;
 }
-if(data20 < 1 || isNaN(data20)){
-const err50 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+else {
+const err50 = {instancePath:instancePath+"/sidecar/broker/url",schemaPath:"#/properties/sidecar/properties/broker/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err50];
 }
@@ -707,9 +710,9 @@ vErrors.push(err50);
 errors++;
 }
 }
-let data21 = data18.min_remaining_ms;
+let data21 = data19.timeout_ms;
 if(!(((typeof data21 == "number") && (!(data21 % 1) && !isNaN(data21))) && (isFinite(data21)))){
-const err51 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err51 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err51];
 }
@@ -720,7 +723,7 @@ errors++;
 }
 if((typeof data21 == "number") && (isFinite(data21))){
 if(data21 > 3600000 || isNaN(data21)){
-const err52 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err52 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err52];
 }
@@ -729,8 +732,8 @@ vErrors.push(err52);
 }
 errors++;
 }
-if(data21 < 0 || isNaN(data21)){
-const err53 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if(data21 < 1 || isNaN(data21)){
+const err53 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err53];
 }
@@ -740,9 +743,9 @@ vErrors.push(err53);
 errors++;
 }
 }
-}
-else {
-const err54 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data22 = data19.min_remaining_ms;
+if(!(((typeof data22 == "number") && (!(data22 % 1) && !isNaN(data22))) && (isFinite(data22)))){
+const err54 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err54];
 }
@@ -751,24 +754,9 @@ vErrors.push(err54);
 }
 errors++;
 }
-}
-if(data1.control !== undefined){
-let data22 = data1.control;
-if(data22 && typeof data22 == "object" && !Array.isArray(data22)){
-if(data22.stale_after_ms === undefined){
-data22.stale_after_ms = 30000;
-}
-if(data22.backoff_min_ms === undefined){
-data22.backoff_min_ms = 100;
-}
-if(data22.backoff_max_ms === undefined){
-data22.backoff_max_ms = 5000;
-}
-if(data22.max_bundle_bytes === undefined){
-data22.max_bundle_bytes = 262144;
-}
-if(data22.url === undefined){
-const err55 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
+if((typeof data22 == "number") && (isFinite(data22))){
+if(data22 > 3600000 || isNaN(data22)){
+const err55 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err55];
 }
@@ -777,8 +765,8 @@ vErrors.push(err55);
 }
 errors++;
 }
-if(data22.token_secret === undefined){
-const err56 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "token_secret"},message:"must have required property '"+"token_secret"+"'"};
+if(data22 < 0 || isNaN(data22)){
+const err56 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err56];
 }
@@ -787,9 +775,10 @@ vErrors.push(err56);
 }
 errors++;
 }
-for(const key6 in data22){
-if(!(((((((key6 === "url") || (key6 === "token_secret")) || (key6 === "stale_after_ms")) || (key6 === "backoff_min_ms")) || (key6 === "backoff_max_ms")) || (key6 === "max_bundle_bytes")) || (key6 === "state_file"))){
-const err57 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key6},message:"must NOT have additional properties"};
+}
+}
+else {
+const err57 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err57];
 }
@@ -799,11 +788,23 @@ vErrors.push(err57);
 errors++;
 }
 }
-if(data22.url !== undefined){
-let data23 = data22.url;
-if(typeof data23 === "string"){
-if(!pattern2.test(data23)){
-const err58 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/pattern",keyword:"pattern",params:{pattern: "^grpc://[^\\s/]+:[0-9]+/?$"},message:"must match pattern \""+"^grpc://[^\\s/]+:[0-9]+/?$"+"\""};
+if(data1.control !== undefined){
+let data23 = data1.control;
+if(data23 && typeof data23 == "object" && !Array.isArray(data23)){
+if(data23.stale_after_ms === undefined){
+data23.stale_after_ms = 30000;
+}
+if(data23.backoff_min_ms === undefined){
+data23.backoff_min_ms = 100;
+}
+if(data23.backoff_max_ms === undefined){
+data23.backoff_max_ms = 5000;
+}
+if(data23.max_bundle_bytes === undefined){
+data23.max_bundle_bytes = 262144;
+}
+if(data23.url === undefined){
+const err58 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err58];
 }
@@ -812,9 +813,8 @@ vErrors.push(err58);
 }
 errors++;
 }
-}
-else {
-const err59 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data23.token_secret === undefined){
+const err59 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "token_secret"},message:"must have required property '"+"token_secret"+"'"};
 if(vErrors === null){
 vErrors = [err59];
 }
@@ -823,12 +823,9 @@ vErrors.push(err59);
 }
 errors++;
 }
-}
-if(data22.token_secret !== undefined){
-let data24 = data22.token_secret;
-if(typeof data24 === "string"){
-if(!pattern3.test(data24)){
-const err60 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_]+$"},message:"must match pattern \""+"^[A-Za-z0-9_]+$"+"\""};
+for(const key6 in data23){
+if(!(((((((key6 === "url") || (key6 === "token_secret")) || (key6 === "stale_after_ms")) || (key6 === "backoff_min_ms")) || (key6 === "backoff_max_ms")) || (key6 === "max_bundle_bytes")) || (key6 === "state_file"))){
+const err60 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key6},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err60];
 }
@@ -838,8 +835,11 @@ vErrors.push(err60);
 errors++;
 }
 }
-else {
-const err61 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data23.url !== undefined){
+let data24 = data23.url;
+if(typeof data24 === "string"){
+if(!pattern2.test(data24)){
+const err61 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/pattern",keyword:"pattern",params:{pattern: "^grpc://[^\\s/]+:[0-9]+/?$"},message:"must match pattern \""+"^grpc://[^\\s/]+:[0-9]+/?$"+"\""};
 if(vErrors === null){
 vErrors = [err61];
 }
@@ -849,9 +849,8 @@ vErrors.push(err61);
 errors++;
 }
 }
-let data25 = data22.stale_after_ms;
-if(!(((typeof data25 == "number") && (!(data25 % 1) && !isNaN(data25))) && (isFinite(data25)))){
-const err62 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err62 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err62];
 }
@@ -860,9 +859,12 @@ vErrors.push(err62);
 }
 errors++;
 }
-if((typeof data25 == "number") && (isFinite(data25))){
-if(data25 > 3600000 || isNaN(data25)){
-const err63 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+if(data23.token_secret !== undefined){
+let data25 = data23.token_secret;
+if(typeof data25 === "string"){
+if(!pattern3.test(data25)){
+const err63 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_]+$"},message:"must match pattern \""+"^[A-Za-z0-9_]+$"+"\""};
 if(vErrors === null){
 vErrors = [err63];
 }
@@ -871,8 +873,9 @@ vErrors.push(err63);
 }
 errors++;
 }
-if(data25 < 50 || isNaN(data25)){
-const err64 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
+}
+else {
+const err64 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err64];
 }
@@ -882,9 +885,9 @@ vErrors.push(err64);
 errors++;
 }
 }
-let data26 = data22.backoff_min_ms;
+let data26 = data23.stale_after_ms;
 if(!(((typeof data26 == "number") && (!(data26 % 1) && !isNaN(data26))) && (isFinite(data26)))){
-const err65 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err65 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err65];
 }
@@ -895,7 +898,7 @@ errors++;
 }
 if((typeof data26 == "number") && (isFinite(data26))){
 if(data26 > 3600000 || isNaN(data26)){
-const err66 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err66 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err66];
 }
@@ -904,8 +907,8 @@ vErrors.push(err66);
 }
 errors++;
 }
-if(data26 < 1 || isNaN(data26)){
-const err67 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if(data26 < 50 || isNaN(data26)){
+const err67 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
 if(vErrors === null){
 vErrors = [err67];
 }
@@ -915,9 +918,9 @@ vErrors.push(err67);
 errors++;
 }
 }
-let data27 = data22.backoff_max_ms;
+let data27 = data23.backoff_min_ms;
 if(!(((typeof data27 == "number") && (!(data27 % 1) && !isNaN(data27))) && (isFinite(data27)))){
-const err68 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err68 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err68];
 }
@@ -928,7 +931,7 @@ errors++;
 }
 if((typeof data27 == "number") && (isFinite(data27))){
 if(data27 > 3600000 || isNaN(data27)){
-const err69 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err69 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err69];
 }
@@ -938,7 +941,7 @@ vErrors.push(err69);
 errors++;
 }
 if(data27 < 1 || isNaN(data27)){
-const err70 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err70 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err70];
 }
@@ -948,9 +951,9 @@ vErrors.push(err70);
 errors++;
 }
 }
-let data28 = data22.max_bundle_bytes;
+let data28 = data23.backoff_max_ms;
 if(!(((typeof data28 == "number") && (!(data28 % 1) && !isNaN(data28))) && (isFinite(data28)))){
-const err71 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err71 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err71];
 }
@@ -960,8 +963,8 @@ vErrors.push(err71);
 errors++;
 }
 if((typeof data28 == "number") && (isFinite(data28))){
-if(data28 > 3145728 || isNaN(data28)){
-const err72 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
+if(data28 > 3600000 || isNaN(data28)){
+const err72 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err72];
 }
@@ -970,8 +973,8 @@ vErrors.push(err72);
 }
 errors++;
 }
-if(data28 < 1024 || isNaN(data28)){
-const err73 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+if(data28 < 1 || isNaN(data28)){
+const err73 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err73];
 }
@@ -981,11 +984,9 @@ vErrors.push(err73);
 errors++;
 }
 }
-if(data22.state_file !== undefined){
-let data29 = data22.state_file;
-if(typeof data29 === "string"){
-if(func4(data29) < 1){
-const err74 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data29 = data23.max_bundle_bytes;
+if(!(((typeof data29 == "number") && (!(data29 % 1) && !isNaN(data29))) && (isFinite(data29)))){
+const err74 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err74];
 }
@@ -994,9 +995,9 @@ vErrors.push(err74);
 }
 errors++;
 }
-}
-else {
-const err75 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data29 == "number") && (isFinite(data29))){
+if(data29 > 3145728 || isNaN(data29)){
+const err75 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
 if(vErrors === null){
 vErrors = [err75];
 }
@@ -1005,10 +1006,8 @@ vErrors.push(err75);
 }
 errors++;
 }
-}
-}
-else {
-const err76 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data29 < 1024 || isNaN(data29)){
+const err76 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err76];
 }
@@ -1018,11 +1017,11 @@ vErrors.push(err76);
 errors++;
 }
 }
-if(data1.policy_file !== undefined){
-let data30 = data1.policy_file;
+if(data23.state_file !== undefined){
+let data30 = data23.state_file;
 if(typeof data30 === "string"){
 if(func4(data30) < 1){
-const err77 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err77 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err77];
 }
@@ -1033,7 +1032,7 @@ errors++;
 }
 }
 else {
-const err78 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err78 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err78];
 }
@@ -1043,8 +1042,9 @@ vErrors.push(err78);
 errors++;
 }
 }
-if(typeof data1.policy_watch !== "boolean"){
-const err79 = {instancePath:instancePath+"/sidecar/policy_watch",schemaPath:"#/properties/sidecar/properties/policy_watch/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+}
+else {
+const err79 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err79];
 }
@@ -1053,20 +1053,12 @@ vErrors.push(err79);
 }
 errors++;
 }
-let data32 = data1.callers;
-if(data32 && typeof data32 == "object" && !Array.isArray(data32)){
-if(data32.identify === undefined){
-data32.identify = false;
 }
-if(data32.allowed_uids === undefined){
-data32.allowed_uids = [];
-}
-if(data32.allowed_executables === undefined){
-data32.allowed_executables = [];
-}
-for(const key7 in data32){
-if(!(((key7 === "identify") || (key7 === "allowed_uids")) || (key7 === "allowed_executables"))){
-const err80 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
+if(data1.policy_file !== undefined){
+let data31 = data1.policy_file;
+if(typeof data31 === "string"){
+if(func4(data31) < 1){
+const err80 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err80];
 }
@@ -1076,8 +1068,8 @@ vErrors.push(err80);
 errors++;
 }
 }
-if(typeof data32.identify !== "boolean"){
-const err81 = {instancePath:instancePath+"/sidecar/callers/identify",schemaPath:"#/properties/sidecar/properties/callers/properties/identify/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err81 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err81];
 }
@@ -1086,13 +1078,9 @@ vErrors.push(err81);
 }
 errors++;
 }
-let data34 = data32.allowed_uids;
-if(Array.isArray(data34)){
-const len0 = data34.length;
-for(let i0=0; i0<len0; i0++){
-let data35 = data34[i0];
-if(!(((typeof data35 == "number") && (!(data35 % 1) && !isNaN(data35))) && (isFinite(data35)))){
-const err82 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(typeof data1.policy_watch !== "boolean"){
+const err82 = {instancePath:instancePath+"/sidecar/policy_watch",schemaPath:"#/properties/sidecar/properties/policy_watch/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err82];
 }
@@ -1101,9 +1089,20 @@ vErrors.push(err82);
 }
 errors++;
 }
-if((typeof data35 == "number") && (isFinite(data35))){
-if(data35 > 4294967295 || isNaN(data35)){
-const err83 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 4294967295},message:"must be <= 4294967295"};
+let data33 = data1.callers;
+if(data33 && typeof data33 == "object" && !Array.isArray(data33)){
+if(data33.identify === undefined){
+data33.identify = false;
+}
+if(data33.allowed_uids === undefined){
+data33.allowed_uids = [];
+}
+if(data33.allowed_executables === undefined){
+data33.allowed_executables = [];
+}
+for(const key7 in data33){
+if(!(((key7 === "identify") || (key7 === "allowed_uids")) || (key7 === "allowed_executables"))){
+const err83 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err83];
 }
@@ -1112,8 +1111,9 @@ vErrors.push(err83);
 }
 errors++;
 }
-if(data35 < 0 || isNaN(data35)){
-const err84 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+if(typeof data33.identify !== "boolean"){
+const err84 = {instancePath:instancePath+"/sidecar/callers/identify",schemaPath:"#/properties/sidecar/properties/callers/properties/identify/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err84];
 }
@@ -1122,20 +1122,13 @@ vErrors.push(err84);
 }
 errors++;
 }
-}
-}
-let i1 = data34.length;
-let j0;
-if(i1 > 1){
-const indices0 = {};
-for(;i1--;){
-let item0 = data34[i1];
-if(!(((typeof item0 == "number") && (!(item0 % 1) && !isNaN(item0))) && (isFinite(item0)))){
-continue;
-}
-if(typeof indices0[item0] == "number"){
-j0 = indices0[item0];
-const err85 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/uniqueItems",keyword:"uniqueItems",params:{i: i1, j: j0},message:"must NOT have duplicate items (items ## "+j0+" and "+i1+" are identical)"};
+let data35 = data33.allowed_uids;
+if(Array.isArray(data35)){
+const len0 = data35.length;
+for(let i0=0; i0<len0; i0++){
+let data36 = data35[i0];
+if(!(((typeof data36 == "number") && (!(data36 % 1) && !isNaN(data36))) && (isFinite(data36)))){
+const err85 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err85];
 }
@@ -1143,14 +1136,10 @@ else {
 vErrors.push(err85);
 }
 errors++;
-break;
 }
-indices0[item0] = i1;
-}
-}
-}
-else {
-const err86 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if((typeof data36 == "number") && (isFinite(data36))){
+if(data36 > 4294967295 || isNaN(data36)){
+const err86 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 4294967295},message:"must be <= 4294967295"};
 if(vErrors === null){
 vErrors = [err86];
 }
@@ -1159,14 +1148,8 @@ vErrors.push(err86);
 }
 errors++;
 }
-let data36 = data32.allowed_executables;
-if(Array.isArray(data36)){
-const len1 = data36.length;
-for(let i2=0; i2<len1; i2++){
-let data37 = data36[i2];
-if(typeof data37 === "string"){
-if(!pattern4.test(data37)){
-const err87 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
+if(data36 < 0 || isNaN(data36)){
+const err87 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err87];
 }
@@ -1176,8 +1159,19 @@ vErrors.push(err87);
 errors++;
 }
 }
-else {
-const err88 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+}
+let i1 = data35.length;
+let j0;
+if(i1 > 1){
+const indices0 = {};
+for(;i1--;){
+let item0 = data35[i1];
+if(!(((typeof item0 == "number") && (!(item0 % 1) && !isNaN(item0))) && (isFinite(item0)))){
+continue;
+}
+if(typeof indices0[item0] == "number"){
+j0 = indices0[item0];
+const err88 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/uniqueItems",keyword:"uniqueItems",params:{i: i1, j: j0},message:"must NOT have duplicate items (items ## "+j0+" and "+i1+" are identical)"};
 if(vErrors === null){
 vErrors = [err88];
 }
@@ -1185,20 +1179,14 @@ else {
 vErrors.push(err88);
 }
 errors++;
+break;
+}
+indices0[item0] = i1;
 }
 }
-let i3 = data36.length;
-let j1;
-if(i3 > 1){
-const indices1 = {};
-for(;i3--;){
-let item1 = data36[i3];
-if(typeof item1 !== "string"){
-continue;
 }
-if(typeof indices1[item1] == "number"){
-j1 = indices1[item1];
-const err89 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/uniqueItems",keyword:"uniqueItems",params:{i: i3, j: j1},message:"must NOT have duplicate items (items ## "+j1+" and "+i3+" are identical)"};
+else {
+const err89 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err89];
 }
@@ -1206,14 +1194,15 @@ else {
 vErrors.push(err89);
 }
 errors++;
-break;
 }
-indices1[item1] = i3;
-}
-}
-}
-else {
-const err90 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/type",keyword:"type",params:{type: "array"},message:"must be array"};
+let data37 = data33.allowed_executables;
+if(Array.isArray(data37)){
+const len1 = data37.length;
+for(let i2=0; i2<len1; i2++){
+let data38 = data37[i2];
+if(typeof data38 === "string"){
+if(!pattern4.test(data38)){
+const err90 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
 if(vErrors === null){
 vErrors = [err90];
 }
@@ -1224,7 +1213,7 @@ errors++;
 }
 }
 else {
-const err91 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err91 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err91];
 }
@@ -1233,10 +1222,19 @@ vErrors.push(err91);
 }
 errors++;
 }
-let data38 = data1.attestation;
-if(data38 && typeof data38 == "object" && !Array.isArray(data38)){
-if(Object.keys(data38).length > 1){
-const err92 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
+}
+let i3 = data37.length;
+let j1;
+if(i3 > 1){
+const indices1 = {};
+for(;i3--;){
+let item1 = data37[i3];
+if(typeof item1 !== "string"){
+continue;
+}
+if(typeof indices1[item1] == "number"){
+j1 = indices1[item1];
+const err92 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/uniqueItems",keyword:"uniqueItems",params:{i: i3, j: j1},message:"must NOT have duplicate items (items ## "+j1+" and "+i3+" are identical)"};
 if(vErrors === null){
 vErrors = [err92];
 }
@@ -1244,10 +1242,14 @@ else {
 vErrors.push(err92);
 }
 errors++;
+break;
 }
-for(const key8 in data38){
-if(!(((key8 === "kubernetes") || (key8 === "spiffe")) || (key8 === "local"))){
-const err93 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
+indices1[item1] = i3;
+}
+}
+}
+else {
+const err93 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err93];
 }
@@ -1257,11 +1259,8 @@ vErrors.push(err93);
 errors++;
 }
 }
-if(data38.kubernetes !== undefined){
-let data39 = data38.kubernetes;
-if(data39 && typeof data39 == "object" && !Array.isArray(data39)){
-if(data39.token_file === undefined){
-const err94 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/required",keyword:"required",params:{missingProperty: "token_file"},message:"must have required property '"+"token_file"+"'"};
+else {
+const err94 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err94];
 }
@@ -1270,9 +1269,10 @@ vErrors.push(err94);
 }
 errors++;
 }
-for(const key9 in data39){
-if(!(key9 === "token_file")){
-const err95 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
+let data39 = data1.attestation;
+if(data39 && typeof data39 == "object" && !Array.isArray(data39)){
+if(Object.keys(data39).length > 1){
+const err95 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
 if(vErrors === null){
 vErrors = [err95];
 }
@@ -1281,12 +1281,9 @@ vErrors.push(err95);
 }
 errors++;
 }
-}
-if(data39.token_file !== undefined){
-let data40 = data39.token_file;
-if(typeof data40 === "string"){
-if(func4(data40) < 1){
-const err96 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key8 in data39){
+if(!(((key8 === "kubernetes") || (key8 === "spiffe")) || (key8 === "local"))){
+const err96 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err96];
 }
@@ -1296,8 +1293,11 @@ vErrors.push(err96);
 errors++;
 }
 }
-else {
-const err97 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data39.kubernetes !== undefined){
+let data40 = data39.kubernetes;
+if(data40 && typeof data40 == "object" && !Array.isArray(data40)){
+if(data40.token_file === undefined){
+const err97 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/required",keyword:"required",params:{missingProperty: "token_file"},message:"must have required property '"+"token_file"+"'"};
 if(vErrors === null){
 vErrors = [err97];
 }
@@ -1306,10 +1306,9 @@ vErrors.push(err97);
 }
 errors++;
 }
-}
-}
-else {
-const err98 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key9 in data40){
+if(!(key9 === "token_file")){
+const err98 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err98];
 }
@@ -1319,11 +1318,11 @@ vErrors.push(err98);
 errors++;
 }
 }
-if(data38.spiffe !== undefined){
-let data41 = data38.spiffe;
-if(data41 && typeof data41 == "object" && !Array.isArray(data41)){
-if(data41.socket === undefined){
-const err99 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/required",keyword:"required",params:{missingProperty: "socket"},message:"must have required property '"+"socket"+"'"};
+if(data40.token_file !== undefined){
+let data41 = data40.token_file;
+if(typeof data41 === "string"){
+if(func4(data41) < 1){
+const err99 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err99];
 }
@@ -1332,9 +1331,9 @@ vErrors.push(err99);
 }
 errors++;
 }
-for(const key10 in data41){
-if(!(((key10 === "socket") || (key10 === "audience")) || (key10 === "spiffe_id"))){
-const err100 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key10},message:"must NOT have additional properties"};
+}
+else {
+const err100 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err100];
 }
@@ -1344,11 +1343,9 @@ vErrors.push(err100);
 errors++;
 }
 }
-if(data41.socket !== undefined){
-let data42 = data41.socket;
-if(typeof data42 === "string"){
-if(func4(data42) < 1){
-const err101 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err101 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err101];
 }
@@ -1358,8 +1355,11 @@ vErrors.push(err101);
 errors++;
 }
 }
-else {
-const err102 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data39.spiffe !== undefined){
+let data42 = data39.spiffe;
+if(data42 && typeof data42 == "object" && !Array.isArray(data42)){
+if(data42.socket === undefined){
+const err102 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/required",keyword:"required",params:{missingProperty: "socket"},message:"must have required property '"+"socket"+"'"};
 if(vErrors === null){
 vErrors = [err102];
 }
@@ -1368,12 +1368,9 @@ vErrors.push(err102);
 }
 errors++;
 }
-}
-if(data41.audience !== undefined){
-let data43 = data41.audience;
-if(typeof data43 === "string"){
-if(func4(data43) < 1){
-const err103 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key10 in data42){
+if(!(((key10 === "socket") || (key10 === "audience")) || (key10 === "spiffe_id"))){
+const err103 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key10},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err103];
 }
@@ -1383,8 +1380,11 @@ vErrors.push(err103);
 errors++;
 }
 }
-else {
-const err104 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data42.socket !== undefined){
+let data43 = data42.socket;
+if(typeof data43 === "string"){
+if(func4(data43) < 1){
+const err104 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err104];
 }
@@ -1394,11 +1394,8 @@ vErrors.push(err104);
 errors++;
 }
 }
-if(data41.spiffe_id !== undefined){
-let data44 = data41.spiffe_id;
-if(typeof data44 === "string"){
-if(func4(data44) > 2048){
-const err105 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/maxLength",keyword:"maxLength",params:{limit: 2048},message:"must NOT have more than 2048 characters"};
+else {
+const err105 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err105];
 }
@@ -1407,8 +1404,12 @@ vErrors.push(err105);
 }
 errors++;
 }
-if(!pattern5.test(data44)){
-const err106 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/pattern",keyword:"pattern",params:{pattern: "^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"},message:"must match pattern \""+"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"+"\""};
+}
+if(data42.audience !== undefined){
+let data44 = data42.audience;
+if(typeof data44 === "string"){
+if(func4(data44) < 1){
+const err106 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err106];
 }
@@ -1419,7 +1420,7 @@ errors++;
 }
 }
 else {
-const err107 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err107 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err107];
 }
@@ -1429,9 +1430,11 @@ vErrors.push(err107);
 errors++;
 }
 }
-}
-else {
-const err108 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data42.spiffe_id !== undefined){
+let data45 = data42.spiffe_id;
+if(typeof data45 === "string"){
+if(func4(data45) > 2048){
+const err108 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/maxLength",keyword:"maxLength",params:{limit: 2048},message:"must NOT have more than 2048 characters"};
 if(vErrors === null){
 vErrors = [err108];
 }
@@ -1440,12 +1443,8 @@ vErrors.push(err108);
 }
 errors++;
 }
-}
-if(data38.local !== undefined){
-let data45 = data38.local;
-if(data45 && typeof data45 == "object" && !Array.isArray(data45)){
-if(data45.key_file === undefined){
-const err109 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+if(!pattern5.test(data45)){
+const err109 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/pattern",keyword:"pattern",params:{pattern: "^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"},message:"must match pattern \""+"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"+"\""};
 if(vErrors === null){
 vErrors = [err109];
 }
@@ -1454,9 +1453,9 @@ vErrors.push(err109);
 }
 errors++;
 }
-for(const key11 in data45){
-if(!((key11 === "key_file") || (key11 === "audience"))){
-const err110 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key11},message:"must NOT have additional properties"};
+}
+else {
+const err110 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err110];
 }
@@ -1466,11 +1465,9 @@ vErrors.push(err110);
 errors++;
 }
 }
-if(data45.key_file !== undefined){
-let data46 = data45.key_file;
-if(typeof data46 === "string"){
-if(func4(data46) < 1){
-const err111 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err111 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err111];
 }
@@ -1480,8 +1477,11 @@ vErrors.push(err111);
 errors++;
 }
 }
-else {
-const err112 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data39.local !== undefined){
+let data46 = data39.local;
+if(data46 && typeof data46 == "object" && !Array.isArray(data46)){
+if(data46.key_file === undefined){
+const err112 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err112];
 }
@@ -1490,12 +1490,9 @@ vErrors.push(err112);
 }
 errors++;
 }
-}
-if(data45.audience !== undefined){
-let data47 = data45.audience;
-if(typeof data47 === "string"){
-if(func4(data47) < 1){
-const err113 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key11 in data46){
+if(!((key11 === "key_file") || (key11 === "audience"))){
+const err113 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key11},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err113];
 }
@@ -1505,8 +1502,11 @@ vErrors.push(err113);
 errors++;
 }
 }
-else {
-const err114 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data46.key_file !== undefined){
+let data47 = data46.key_file;
+if(typeof data47 === "string"){
+if(func4(data47) < 1){
+const err114 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err114];
 }
@@ -1516,9 +1516,8 @@ vErrors.push(err114);
 errors++;
 }
 }
-}
 else {
-const err115 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err115 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err115];
 }
@@ -1528,9 +1527,11 @@ vErrors.push(err115);
 errors++;
 }
 }
-}
-else {
-const err116 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data46.audience !== undefined){
+let data48 = data46.audience;
+if(typeof data48 === "string"){
+if(func4(data48) < 1){
+const err116 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err116];
 }
@@ -1541,7 +1542,7 @@ errors++;
 }
 }
 else {
-const err117 = {instancePath:instancePath+"/sidecar",schemaPath:"#/properties/sidecar/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err117 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err117];
 }
@@ -1550,20 +1551,10 @@ vErrors.push(err117);
 }
 errors++;
 }
-let data48 = data.tasks;
-if(data48 && typeof data48 == "object" && !Array.isArray(data48)){
-if(data48.max_duration_s === undefined){
-data48.max_duration_s = 86400;
 }
-if(data48.required === undefined){
-data48.required = false;
 }
-if(data48.default === undefined){
-data48.default = {};
-}
-for(const key12 in data48){
-if(!(((key12 === "max_duration_s") || (key12 === "required")) || (key12 === "default"))){
-const err118 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key12},message:"must NOT have additional properties"};
+else {
+const err118 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err118];
 }
@@ -1573,9 +1564,9 @@ vErrors.push(err118);
 errors++;
 }
 }
-let data49 = data48.max_duration_s;
-if(!(((typeof data49 == "number") && (!(data49 % 1) && !isNaN(data49))) && (isFinite(data49)))){
-const err119 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err119 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err119];
 }
@@ -1584,9 +1575,9 @@ vErrors.push(err119);
 }
 errors++;
 }
-if((typeof data49 == "number") && (isFinite(data49))){
-if(data49 > 604800 || isNaN(data49)){
-const err120 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
+}
+else {
+const err120 = {instancePath:instancePath+"/sidecar",schemaPath:"#/properties/sidecar/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err120];
 }
@@ -1595,8 +1586,20 @@ vErrors.push(err120);
 }
 errors++;
 }
-if(data49 < 1 || isNaN(data49)){
-const err121 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+let data49 = data.tasks;
+if(data49 && typeof data49 == "object" && !Array.isArray(data49)){
+if(data49.max_duration_s === undefined){
+data49.max_duration_s = 86400;
+}
+if(data49.required === undefined){
+data49.required = false;
+}
+if(data49.default === undefined){
+data49.default = {};
+}
+for(const key12 in data49){
+if(!(((key12 === "max_duration_s") || (key12 === "required")) || (key12 === "default"))){
+const err121 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key12},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err121];
 }
@@ -1606,8 +1609,9 @@ vErrors.push(err121);
 errors++;
 }
 }
-if(typeof data48.required !== "boolean"){
-const err122 = {instancePath:instancePath+"/tasks/required",schemaPath:"#/properties/tasks/properties/required/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+let data50 = data49.max_duration_s;
+if(!(((typeof data50 == "number") && (!(data50 % 1) && !isNaN(data50))) && (isFinite(data50)))){
+const err122 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err122];
 }
@@ -1616,20 +1620,9 @@ vErrors.push(err122);
 }
 errors++;
 }
-let data51 = data48.default;
-if(data51 && typeof data51 == "object" && !Array.isArray(data51)){
-if(data51.enabled === undefined){
-data51.enabled = false;
-}
-if(data51.duration_s === undefined){
-data51.duration_s = 3600;
-}
-if(data51.purpose === undefined){
-data51.purpose = "default task";
-}
-for(const key13 in data51){
-if(!(((key13 === "enabled") || (key13 === "duration_s")) || (key13 === "purpose"))){
-const err123 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key13},message:"must NOT have additional properties"};
+if((typeof data50 == "number") && (isFinite(data50))){
+if(data50 > 604800 || isNaN(data50)){
+const err123 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
 if(vErrors === null){
 vErrors = [err123];
 }
@@ -1638,9 +1631,8 @@ vErrors.push(err123);
 }
 errors++;
 }
-}
-if(typeof data51.enabled !== "boolean"){
-const err124 = {instancePath:instancePath+"/tasks/default/enabled",schemaPath:"#/properties/tasks/properties/default/properties/enabled/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data50 < 1 || isNaN(data50)){
+const err124 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err124];
 }
@@ -1649,9 +1641,9 @@ vErrors.push(err124);
 }
 errors++;
 }
-let data53 = data51.duration_s;
-if(!(((typeof data53 == "number") && (!(data53 % 1) && !isNaN(data53))) && (isFinite(data53)))){
-const err125 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(typeof data49.required !== "boolean"){
+const err125 = {instancePath:instancePath+"/tasks/required",schemaPath:"#/properties/tasks/properties/required/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err125];
 }
@@ -1660,9 +1652,20 @@ vErrors.push(err125);
 }
 errors++;
 }
-if((typeof data53 == "number") && (isFinite(data53))){
-if(data53 > 604800 || isNaN(data53)){
-const err126 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
+let data52 = data49.default;
+if(data52 && typeof data52 == "object" && !Array.isArray(data52)){
+if(data52.enabled === undefined){
+data52.enabled = false;
+}
+if(data52.duration_s === undefined){
+data52.duration_s = 3600;
+}
+if(data52.purpose === undefined){
+data52.purpose = "default task";
+}
+for(const key13 in data52){
+if(!(((key13 === "enabled") || (key13 === "duration_s")) || (key13 === "purpose"))){
+const err126 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key13},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err126];
 }
@@ -1671,8 +1674,9 @@ vErrors.push(err126);
 }
 errors++;
 }
-if(data53 < 1 || isNaN(data53)){
-const err127 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+if(typeof data52.enabled !== "boolean"){
+const err127 = {instancePath:instancePath+"/tasks/default/enabled",schemaPath:"#/properties/tasks/properties/default/properties/enabled/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err127];
 }
@@ -1681,11 +1685,9 @@ vErrors.push(err127);
 }
 errors++;
 }
-}
-let data54 = data51.purpose;
-if(typeof data54 === "string"){
-if(func4(data54) > 256){
-const err128 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
+let data54 = data52.duration_s;
+if(!(((typeof data54 == "number") && (!(data54 % 1) && !isNaN(data54))) && (isFinite(data54)))){
+const err128 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err128];
 }
@@ -1694,9 +1696,9 @@ vErrors.push(err128);
 }
 errors++;
 }
-}
-else {
-const err129 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data54 == "number") && (isFinite(data54))){
+if(data54 > 604800 || isNaN(data54)){
+const err129 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
 if(vErrors === null){
 vErrors = [err129];
 }
@@ -1705,9 +1707,8 @@ vErrors.push(err129);
 }
 errors++;
 }
-}
-else {
-const err130 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data54 < 1 || isNaN(data54)){
+const err130 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err130];
 }
@@ -1717,8 +1718,10 @@ vErrors.push(err130);
 errors++;
 }
 }
-else {
-const err131 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data55 = data52.purpose;
+if(typeof data55 === "string"){
+if(func4(data55) > 256){
+const err131 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
 if(vErrors === null){
 vErrors = [err131];
 }
@@ -1727,20 +1730,9 @@ vErrors.push(err131);
 }
 errors++;
 }
-let data55 = data.policy;
-if(data55 && typeof data55 == "object" && !Array.isArray(data55)){
-if(data55.mode === undefined){
-data55.mode = "enforce";
 }
-if(data55.default === undefined){
-data55.default = "deny";
-}
-if(data55.rules === undefined){
-data55.rules = [];
-}
-for(const key14 in data55){
-if(!(((key14 === "mode") || (key14 === "default")) || (key14 === "rules"))){
-const err132 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key14},message:"must NOT have additional properties"};
+else {
+const err132 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err132];
 }
@@ -1750,9 +1742,8 @@ vErrors.push(err132);
 errors++;
 }
 }
-let data56 = data55.mode;
-if(!((data56 === "enforce") || (data56 === "report"))){
-const err133 = {instancePath:instancePath+"/policy/mode",schemaPath:"#/properties/policy/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.mode.enum},message:"must be equal to one of the allowed values"};
+else {
+const err133 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err133];
 }
@@ -1761,9 +1752,9 @@ vErrors.push(err133);
 }
 errors++;
 }
-let data57 = data55.default;
-if(!((data57 === "allow") || (data57 === "deny"))){
-const err134 = {instancePath:instancePath+"/policy/default",schemaPath:"#/properties/policy/properties/default/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.default.enum},message:"must be equal to one of the allowed values"};
+}
+else {
+const err134 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err134];
 }
@@ -1772,14 +1763,20 @@ vErrors.push(err134);
 }
 errors++;
 }
-let data58 = data55.rules;
-if(Array.isArray(data58)){
-const len2 = data58.length;
-for(let i4=0; i4<len2; i4++){
-let data59 = data58[i4];
-if(data59 && typeof data59 == "object" && !Array.isArray(data59)){
-if(data59.id === undefined){
-const err135 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
+let data56 = data.policy;
+if(data56 && typeof data56 == "object" && !Array.isArray(data56)){
+if(data56.mode === undefined){
+data56.mode = "enforce";
+}
+if(data56.default === undefined){
+data56.default = "deny";
+}
+if(data56.rules === undefined){
+data56.rules = [];
+}
+for(const key14 in data56){
+if(!(((key14 === "mode") || (key14 === "default")) || (key14 === "rules"))){
+const err135 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key14},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err135];
 }
@@ -1788,8 +1785,10 @@ vErrors.push(err135);
 }
 errors++;
 }
-if(data59.action === undefined){
-const err136 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "action"},message:"must have required property '"+"action"+"'"};
+}
+let data57 = data56.mode;
+if(!((data57 === "enforce") || (data57 === "report"))){
+const err136 = {instancePath:instancePath+"/policy/mode",schemaPath:"#/properties/policy/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.mode.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err136];
 }
@@ -1798,9 +1797,9 @@ vErrors.push(err136);
 }
 errors++;
 }
-for(const key15 in data59){
-if(!(func2.call(schema11.properties.policy.properties.rules.items.properties, key15))){
-const err137 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key15},message:"must NOT have additional properties"};
+let data58 = data56.default;
+if(!((data58 === "allow") || (data58 === "deny"))){
+const err137 = {instancePath:instancePath+"/policy/default",schemaPath:"#/properties/policy/properties/default/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.default.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err137];
 }
@@ -1809,12 +1808,14 @@ vErrors.push(err137);
 }
 errors++;
 }
-}
-if(data59.id !== undefined){
-let data60 = data59.id;
-if(typeof data60 === "string"){
-if(!pattern6.test(data60)){
-const err138 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
+let data59 = data56.rules;
+if(Array.isArray(data59)){
+const len2 = data59.length;
+for(let i4=0; i4<len2; i4++){
+let data60 = data59[i4];
+if(data60 && typeof data60 == "object" && !Array.isArray(data60)){
+if(data60.id === undefined){
+const err138 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err138];
 }
@@ -1823,9 +1824,8 @@ vErrors.push(err138);
 }
 errors++;
 }
-}
-else {
-const err139 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data60.action === undefined){
+const err139 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "action"},message:"must have required property '"+"action"+"'"};
 if(vErrors === null){
 vErrors = [err139];
 }
@@ -1834,11 +1834,9 @@ vErrors.push(err139);
 }
 errors++;
 }
-}
-if(data59.action !== undefined){
-let data61 = data59.action;
-if(!((data61 === "allow") || (data61 === "deny"))){
-const err140 = {instancePath:instancePath+"/policy/rules/" + i4+"/action",schemaPath:"#/properties/policy/properties/rules/items/properties/action/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.action.enum},message:"must be equal to one of the allowed values"};
+for(const key15 in data60){
+if(!(func2.call(schema11.properties.policy.properties.rules.items.properties, key15))){
+const err140 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key15},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err140];
 }
@@ -1848,10 +1846,11 @@ vErrors.push(err140);
 errors++;
 }
 }
-if(data59.mode !== undefined){
-let data62 = data59.mode;
-if(!((data62 === "enforce") || (data62 === "report"))){
-const err141 = {instancePath:instancePath+"/policy/rules/" + i4+"/mode",schemaPath:"#/properties/policy/properties/rules/items/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.mode.enum},message:"must be equal to one of the allowed values"};
+if(data60.id !== undefined){
+let data61 = data60.id;
+if(typeof data61 === "string"){
+if(!pattern6.test(data61)){
+const err141 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
 if(vErrors === null){
 vErrors = [err141];
 }
@@ -1861,11 +1860,8 @@ vErrors.push(err141);
 errors++;
 }
 }
-if(data59.hosts !== undefined){
-let data63 = data59.hosts;
-if(Array.isArray(data63)){
-if(data63.length < 1){
-const err142 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+else {
+const err142 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err142];
 }
@@ -1874,12 +1870,11 @@ vErrors.push(err142);
 }
 errors++;
 }
-const len3 = data63.length;
-for(let i5=0; i5<len3; i5++){
-let data64 = data63[i5];
-if(typeof data64 === "string"){
-if(func4(data64) < 1){
-const err143 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data60.action !== undefined){
+let data62 = data60.action;
+if(!((data62 === "allow") || (data62 === "deny"))){
+const err143 = {instancePath:instancePath+"/policy/rules/" + i4+"/action",schemaPath:"#/properties/policy/properties/rules/items/properties/action/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.action.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err143];
 }
@@ -1889,8 +1884,10 @@ vErrors.push(err143);
 errors++;
 }
 }
-else {
-const err144 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data60.mode !== undefined){
+let data63 = data60.mode;
+if(!((data63 === "enforce") || (data63 === "report"))){
+const err144 = {instancePath:instancePath+"/policy/rules/" + i4+"/mode",schemaPath:"#/properties/policy/properties/rules/items/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.mode.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err144];
 }
@@ -1900,9 +1897,11 @@ vErrors.push(err144);
 errors++;
 }
 }
-}
-else {
-const err145 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data60.hosts !== undefined){
+let data64 = data60.hosts;
+if(Array.isArray(data64)){
+if(data64.length < 1){
+const err145 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err145];
 }
@@ -1911,12 +1910,12 @@ vErrors.push(err145);
 }
 errors++;
 }
-}
-if(data59.cidrs !== undefined){
-let data65 = data59.cidrs;
-if(Array.isArray(data65)){
-if(data65.length < 1){
-const err146 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len3 = data64.length;
+for(let i5=0; i5<len3; i5++){
+let data65 = data64[i5];
+if(typeof data65 === "string"){
+if(func4(data65) < 1){
+const err146 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err146];
 }
@@ -1925,12 +1924,9 @@ vErrors.push(err146);
 }
 errors++;
 }
-const len4 = data65.length;
-for(let i6=0; i6<len4; i6++){
-let data66 = data65[i6];
-if(typeof data66 === "string"){
-if(func4(data66) < 1){
-const err147 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err147 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err147];
 }
@@ -1940,8 +1936,9 @@ vErrors.push(err147);
 errors++;
 }
 }
+}
 else {
-const err148 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err148 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err148];
 }
@@ -1951,9 +1948,11 @@ vErrors.push(err148);
 errors++;
 }
 }
-}
-else {
-const err149 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data60.cidrs !== undefined){
+let data66 = data60.cidrs;
+if(Array.isArray(data66)){
+if(data66.length < 1){
+const err149 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err149];
 }
@@ -1962,12 +1961,12 @@ vErrors.push(err149);
 }
 errors++;
 }
-}
-if(data59.ports !== undefined){
-let data67 = data59.ports;
-if(Array.isArray(data67)){
-if(data67.length < 1){
-const err150 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len4 = data66.length;
+for(let i6=0; i6<len4; i6++){
+let data67 = data66[i6];
+if(typeof data67 === "string"){
+if(func4(data67) < 1){
+const err150 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err150];
 }
@@ -1976,11 +1975,9 @@ vErrors.push(err150);
 }
 errors++;
 }
-const len5 = data67.length;
-for(let i7=0; i7<len5; i7++){
-let data68 = data67[i7];
-if(!(((typeof data68 == "number") && (!(data68 % 1) && !isNaN(data68))) && (isFinite(data68)))){
-const err151 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err151 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err151];
 }
@@ -1989,9 +1986,10 @@ vErrors.push(err151);
 }
 errors++;
 }
-if((typeof data68 == "number") && (isFinite(data68))){
-if(data68 > 65535 || isNaN(data68)){
-const err152 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+}
+else {
+const err152 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err152];
 }
@@ -2000,8 +1998,12 @@ vErrors.push(err152);
 }
 errors++;
 }
-if(data68 < 1 || isNaN(data68)){
-const err153 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+if(data60.ports !== undefined){
+let data68 = data60.ports;
+if(Array.isArray(data68)){
+if(data68.length < 1){
+const err153 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err153];
 }
@@ -2010,11 +2012,11 @@ vErrors.push(err153);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err154 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len5 = data68.length;
+for(let i7=0; i7<len5; i7++){
+let data69 = data68[i7];
+if(!(((typeof data69 == "number") && (!(data69 % 1) && !isNaN(data69))) && (isFinite(data69)))){
+const err154 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err154];
 }
@@ -2023,12 +2025,9 @@ vErrors.push(err154);
 }
 errors++;
 }
-}
-if(data59.methods !== undefined){
-let data69 = data59.methods;
-if(Array.isArray(data69)){
-if(data69.length < 1){
-const err155 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if((typeof data69 == "number") && (isFinite(data69))){
+if(data69 > 65535 || isNaN(data69)){
+const err155 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err155];
 }
@@ -2037,12 +2036,8 @@ vErrors.push(err155);
 }
 errors++;
 }
-const len6 = data69.length;
-for(let i8=0; i8<len6; i8++){
-let data70 = data69[i8];
-if(typeof data70 === "string"){
-if(!pattern7.test(data70)){
-const err156 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z]+$"},message:"must match pattern \""+"^[A-Za-z]+$"+"\""};
+if(data69 < 1 || isNaN(data69)){
+const err156 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err156];
 }
@@ -2052,8 +2047,10 @@ vErrors.push(err156);
 errors++;
 }
 }
+}
+}
 else {
-const err157 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err157 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err157];
 }
@@ -2063,9 +2060,11 @@ vErrors.push(err157);
 errors++;
 }
 }
-}
-else {
-const err158 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data60.methods !== undefined){
+let data70 = data60.methods;
+if(Array.isArray(data70)){
+if(data70.length < 1){
+const err158 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err158];
 }
@@ -2074,12 +2073,12 @@ vErrors.push(err158);
 }
 errors++;
 }
-}
-if(data59.paths !== undefined){
-let data71 = data59.paths;
-if(Array.isArray(data71)){
-if(data71.length < 1){
-const err159 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len6 = data70.length;
+for(let i8=0; i8<len6; i8++){
+let data71 = data70[i8];
+if(typeof data71 === "string"){
+if(!pattern7.test(data71)){
+const err159 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z]+$"},message:"must match pattern \""+"^[A-Za-z]+$"+"\""};
 if(vErrors === null){
 vErrors = [err159];
 }
@@ -2088,12 +2087,9 @@ vErrors.push(err159);
 }
 errors++;
 }
-const len7 = data71.length;
-for(let i9=0; i9<len7; i9++){
-let data72 = data71[i9];
-if(typeof data72 === "string"){
-if(!pattern8.test(data72)){
-const err160 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/pattern",keyword:"pattern",params:{pattern: "^/"},message:"must match pattern \""+"^/"+"\""};
+}
+else {
+const err160 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err160];
 }
@@ -2103,8 +2099,9 @@ vErrors.push(err160);
 errors++;
 }
 }
+}
 else {
-const err161 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err161 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err161];
 }
@@ -2114,9 +2111,11 @@ vErrors.push(err161);
 errors++;
 }
 }
-}
-else {
-const err162 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data60.paths !== undefined){
+let data72 = data60.paths;
+if(Array.isArray(data72)){
+if(data72.length < 1){
+const err162 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err162];
 }
@@ -2125,12 +2124,12 @@ vErrors.push(err162);
 }
 errors++;
 }
-}
-if(data59.schemes !== undefined){
-let data73 = data59.schemes;
-if(Array.isArray(data73)){
-if(data73.length < 1){
-const err163 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len7 = data72.length;
+for(let i9=0; i9<len7; i9++){
+let data73 = data72[i9];
+if(typeof data73 === "string"){
+if(!pattern8.test(data73)){
+const err163 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/pattern",keyword:"pattern",params:{pattern: "^/"},message:"must match pattern \""+"^/"+"\""};
 if(vErrors === null){
 vErrors = [err163];
 }
@@ -2139,11 +2138,9 @@ vErrors.push(err163);
 }
 errors++;
 }
-const len8 = data73.length;
-for(let i10=0; i10<len8; i10++){
-let data74 = data73[i10];
-if(!((data74 === "http") || (data74 === "https"))){
-const err164 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes/" + i10,schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/items/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.schemes.items.enum},message:"must be equal to one of the allowed values"};
+}
+else {
+const err164 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err164];
 }
@@ -2155,7 +2152,7 @@ errors++;
 }
 }
 else {
-const err165 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err165 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err165];
 }
@@ -2165,9 +2162,11 @@ vErrors.push(err165);
 errors++;
 }
 }
-}
-else {
-const err166 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data60.schemes !== undefined){
+let data74 = data60.schemes;
+if(Array.isArray(data74)){
+if(data74.length < 1){
+const err166 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err166];
 }
@@ -2176,10 +2175,11 @@ vErrors.push(err166);
 }
 errors++;
 }
-}
-}
-else {
-const err167 = {instancePath:instancePath+"/policy/rules",schemaPath:"#/properties/policy/properties/rules/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len8 = data74.length;
+for(let i10=0; i10<len8; i10++){
+let data75 = data74[i10];
+if(!((data75 === "http") || (data75 === "https"))){
+const err167 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes/" + i10,schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/items/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.schemes.items.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err167];
 }
@@ -2189,8 +2189,9 @@ vErrors.push(err167);
 errors++;
 }
 }
+}
 else {
-const err168 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err168 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err168];
 }
@@ -2199,20 +2200,10 @@ vErrors.push(err168);
 }
 errors++;
 }
-let data75 = data.network;
-if(data75 && typeof data75 == "object" && !Array.isArray(data75)){
-if(data75.deny === undefined){
-data75.deny = ["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"];
 }
-if(data75.allow === undefined){
-data75.allow = [];
 }
-if(data75.dns_cache_ms === undefined){
-data75.dns_cache_ms = 30000;
-}
-for(const key16 in data75){
-if(!(((key16 === "deny") || (key16 === "allow")) || (key16 === "dns_cache_ms"))){
-const err169 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key16},message:"must NOT have additional properties"};
+else {
+const err169 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err169];
 }
@@ -2222,14 +2213,9 @@ vErrors.push(err169);
 errors++;
 }
 }
-let data76 = data75.deny;
-if(Array.isArray(data76)){
-const len9 = data76.length;
-for(let i11=0; i11<len9; i11++){
-let data77 = data76[i11];
-if(typeof data77 === "string"){
-if(func4(data77) < 1){
-const err170 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err170 = {instancePath:instancePath+"/policy/rules",schemaPath:"#/properties/policy/properties/rules/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err170];
 }
@@ -2240,7 +2226,7 @@ errors++;
 }
 }
 else {
-const err171 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err171 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err171];
 }
@@ -2249,10 +2235,20 @@ vErrors.push(err171);
 }
 errors++;
 }
+let data76 = data.network;
+if(data76 && typeof data76 == "object" && !Array.isArray(data76)){
+if(data76.deny === undefined){
+data76.deny = ["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"];
 }
+if(data76.allow === undefined){
+data76.allow = [];
 }
-else {
-const err172 = {instancePath:instancePath+"/network/deny",schemaPath:"#/properties/network/properties/deny/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data76.dns_cache_ms === undefined){
+data76.dns_cache_ms = 30000;
+}
+for(const key16 in data76){
+if(!(((key16 === "deny") || (key16 === "allow")) || (key16 === "dns_cache_ms"))){
+const err172 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key16},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err172];
 }
@@ -2261,14 +2257,15 @@ vErrors.push(err172);
 }
 errors++;
 }
-let data78 = data75.allow;
-if(Array.isArray(data78)){
-const len10 = data78.length;
-for(let i12=0; i12<len10; i12++){
-let data79 = data78[i12];
-if(data79 && typeof data79 == "object" && !Array.isArray(data79)){
-if(data79.cidr === undefined){
-const err173 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/required",keyword:"required",params:{missingProperty: "cidr"},message:"must have required property '"+"cidr"+"'"};
+}
+let data77 = data76.deny;
+if(Array.isArray(data77)){
+const len9 = data77.length;
+for(let i11=0; i11<len9; i11++){
+let data78 = data77[i11];
+if(typeof data78 === "string"){
+if(func4(data78) < 1){
+const err173 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err173];
 }
@@ -2277,9 +2274,9 @@ vErrors.push(err173);
 }
 errors++;
 }
-for(const key17 in data79){
-if(!((key17 === "cidr") || (key17 === "ports"))){
-const err174 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key17},message:"must NOT have additional properties"};
+}
+else {
+const err174 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err174];
 }
@@ -2289,11 +2286,9 @@ vErrors.push(err174);
 errors++;
 }
 }
-if(data79.cidr !== undefined){
-let data80 = data79.cidr;
-if(typeof data80 === "string"){
-if(func4(data80) < 1){
-const err175 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err175 = {instancePath:instancePath+"/network/deny",schemaPath:"#/properties/network/properties/deny/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err175];
 }
@@ -2302,9 +2297,14 @@ vErrors.push(err175);
 }
 errors++;
 }
-}
-else {
-const err176 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data79 = data76.allow;
+if(Array.isArray(data79)){
+const len10 = data79.length;
+for(let i12=0; i12<len10; i12++){
+let data80 = data79[i12];
+if(data80 && typeof data80 == "object" && !Array.isArray(data80)){
+if(data80.cidr === undefined){
+const err176 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/required",keyword:"required",params:{missingProperty: "cidr"},message:"must have required property '"+"cidr"+"'"};
 if(vErrors === null){
 vErrors = [err176];
 }
@@ -2313,12 +2313,9 @@ vErrors.push(err176);
 }
 errors++;
 }
-}
-if(data79.ports !== undefined){
-let data81 = data79.ports;
-if(Array.isArray(data81)){
-if(data81.length < 1){
-const err177 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+for(const key17 in data80){
+if(!((key17 === "cidr") || (key17 === "ports"))){
+const err177 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key17},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err177];
 }
@@ -2327,11 +2324,12 @@ vErrors.push(err177);
 }
 errors++;
 }
-const len11 = data81.length;
-for(let i13=0; i13<len11; i13++){
-let data82 = data81[i13];
-if(!(((typeof data82 == "number") && (!(data82 % 1) && !isNaN(data82))) && (isFinite(data82)))){
-const err178 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(data80.cidr !== undefined){
+let data81 = data80.cidr;
+if(typeof data81 === "string"){
+if(func4(data81) < 1){
+const err178 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err178];
 }
@@ -2340,9 +2338,9 @@ vErrors.push(err178);
 }
 errors++;
 }
-if((typeof data82 == "number") && (isFinite(data82))){
-if(data82 > 65535 || isNaN(data82)){
-const err179 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+else {
+const err179 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err179];
 }
@@ -2351,8 +2349,12 @@ vErrors.push(err179);
 }
 errors++;
 }
-if(data82 < 1 || isNaN(data82)){
-const err180 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+if(data80.ports !== undefined){
+let data82 = data80.ports;
+if(Array.isArray(data82)){
+if(data82.length < 1){
+const err180 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err180];
 }
@@ -2361,11 +2363,11 @@ vErrors.push(err180);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err181 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len11 = data82.length;
+for(let i13=0; i13<len11; i13++){
+let data83 = data82[i13];
+if(!(((typeof data83 == "number") && (!(data83 % 1) && !isNaN(data83))) && (isFinite(data83)))){
+const err181 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err181];
 }
@@ -2374,10 +2376,9 @@ vErrors.push(err181);
 }
 errors++;
 }
-}
-}
-else {
-const err182 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data83 == "number") && (isFinite(data83))){
+if(data83 > 65535 || isNaN(data83)){
+const err182 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err182];
 }
@@ -2386,10 +2387,8 @@ vErrors.push(err182);
 }
 errors++;
 }
-}
-}
-else {
-const err183 = {instancePath:instancePath+"/network/allow",schemaPath:"#/properties/network/properties/allow/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data83 < 1 || isNaN(data83)){
+const err183 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err183];
 }
@@ -2398,9 +2397,11 @@ vErrors.push(err183);
 }
 errors++;
 }
-let data83 = data75.dns_cache_ms;
-if(!(((typeof data83 == "number") && (!(data83 % 1) && !isNaN(data83))) && (isFinite(data83)))){
-const err184 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+}
+}
+else {
+const err184 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err184];
 }
@@ -2409,9 +2410,10 @@ vErrors.push(err184);
 }
 errors++;
 }
-if((typeof data83 == "number") && (isFinite(data83))){
-if(data83 > 3600000 || isNaN(data83)){
-const err185 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+}
+else {
+const err185 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err185];
 }
@@ -2420,8 +2422,10 @@ vErrors.push(err185);
 }
 errors++;
 }
-if(data83 < 0 || isNaN(data83)){
-const err186 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+}
+else {
+const err186 = {instancePath:instancePath+"/network/allow",schemaPath:"#/properties/network/properties/allow/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err186];
 }
@@ -2430,10 +2434,9 @@ vErrors.push(err186);
 }
 errors++;
 }
-}
-}
-else {
-const err187 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data84 = data76.dns_cache_ms;
+if(!(((typeof data84 == "number") && (!(data84 % 1) && !isNaN(data84))) && (isFinite(data84)))){
+const err187 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err187];
 }
@@ -2442,13 +2445,9 @@ vErrors.push(err187);
 }
 errors++;
 }
-let data84 = data.routes;
-if(data84 && typeof data84 == "object" && !Array.isArray(data84)){
-for(const key18 in data84){
-const _errs183 = errors;
-if(typeof key18 === "string"){
-if(!pattern9.test(key18)){
-const err188 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"+"\"",propertyName:key18};
+if((typeof data84 == "number") && (isFinite(data84))){
+if(data84 > 3600000 || isNaN(data84)){
+const err188 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err188];
 }
@@ -2457,10 +2456,8 @@ vErrors.push(err188);
 }
 errors++;
 }
-}
-var valid44 = _errs183 === errors;
-if(!valid44){
-const err189 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames",keyword:"propertyNames",params:{propertyName: key18},message:"property name must be valid"};
+if(data84 < 0 || isNaN(data84)){
+const err189 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err189];
 }
@@ -2470,11 +2467,9 @@ vErrors.push(err189);
 errors++;
 }
 }
-for(const key19 in data84){
-let data85 = data84[key19];
-if(typeof data85 === "string"){
-if(!pattern10.test(data85)){
-const err190 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
+}
+else {
+const err190 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err190];
 }
@@ -2483,9 +2478,13 @@ vErrors.push(err190);
 }
 errors++;
 }
-}
-else {
-const err191 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data85 = data.routes;
+if(data85 && typeof data85 == "object" && !Array.isArray(data85)){
+for(const key18 in data85){
+const _errs185 = errors;
+if(typeof key18 === "string"){
+if(!pattern9.test(key18)){
+const err191 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"+"\"",propertyName:key18};
 if(vErrors === null){
 vErrors = [err191];
 }
@@ -2495,9 +2494,9 @@ vErrors.push(err191);
 errors++;
 }
 }
-}
-else {
-const err192 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+var valid44 = _errs185 === errors;
+if(!valid44){
+const err192 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames",keyword:"propertyNames",params:{propertyName: key18},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err192];
 }
@@ -2506,14 +2505,12 @@ vErrors.push(err192);
 }
 errors++;
 }
-let data86 = data.credentials;
-if(Array.isArray(data86)){
-const len12 = data86.length;
-for(let i14=0; i14<len12; i14++){
-let data87 = data86[i14];
-if(data87 && typeof data87 == "object" && !Array.isArray(data87)){
-if(data87.id === undefined){
-const err193 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
+}
+for(const key19 in data85){
+let data86 = data85[key19];
+if(typeof data86 === "string"){
+if(!pattern10.test(data86)){
+const err193 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
 if(vErrors === null){
 vErrors = [err193];
 }
@@ -2522,8 +2519,9 @@ vErrors.push(err193);
 }
 errors++;
 }
-if(data87.audience === undefined){
-const err194 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+}
+else {
+const err194 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err194];
 }
@@ -2532,8 +2530,10 @@ vErrors.push(err194);
 }
 errors++;
 }
-if(data87.source === undefined){
-const err195 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "source"},message:"must have required property '"+"source"+"'"};
+}
+}
+else {
+const err195 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err195];
 }
@@ -2542,8 +2542,14 @@ vErrors.push(err195);
 }
 errors++;
 }
-if(data87.inject === undefined){
-const err196 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "inject"},message:"must have required property '"+"inject"+"'"};
+let data87 = data.credentials;
+if(Array.isArray(data87)){
+const len12 = data87.length;
+for(let i14=0; i14<len12; i14++){
+let data88 = data87[i14];
+if(data88 && typeof data88 == "object" && !Array.isArray(data88)){
+if(data88.id === undefined){
+const err196 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err196];
 }
@@ -2552,9 +2558,8 @@ vErrors.push(err196);
 }
 errors++;
 }
-for(const key20 in data87){
-if(!(func2.call(schema11.properties.credentials.items.properties, key20))){
-const err197 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key20},message:"must NOT have additional properties"};
+if(data88.audience === undefined){
+const err197 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err197];
 }
@@ -2563,12 +2568,8 @@ vErrors.push(err197);
 }
 errors++;
 }
-}
-if(data87.id !== undefined){
-let data88 = data87.id;
-if(typeof data88 === "string"){
-if(!pattern6.test(data88)){
-const err198 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
+if(data88.source === undefined){
+const err198 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "source"},message:"must have required property '"+"source"+"'"};
 if(vErrors === null){
 vErrors = [err198];
 }
@@ -2577,9 +2578,8 @@ vErrors.push(err198);
 }
 errors++;
 }
-}
-else {
-const err199 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data88.inject === undefined){
+const err199 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "inject"},message:"must have required property '"+"inject"+"'"};
 if(vErrors === null){
 vErrors = [err199];
 }
@@ -2588,12 +2588,9 @@ vErrors.push(err199);
 }
 errors++;
 }
-}
-if(data87.audience !== undefined){
-let data89 = data87.audience;
-if(typeof data89 === "string"){
-if(!pattern10.test(data89)){
-const err200 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
+for(const key20 in data88){
+if(!(func2.call(schema11.properties.credentials.items.properties, key20))){
+const err200 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key20},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err200];
 }
@@ -2603,8 +2600,11 @@ vErrors.push(err200);
 errors++;
 }
 }
-else {
-const err201 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data88.id !== undefined){
+let data89 = data88.id;
+if(typeof data89 === "string"){
+if(!pattern6.test(data89)){
+const err201 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
 if(vErrors === null){
 vErrors = [err201];
 }
@@ -2614,10 +2614,8 @@ vErrors.push(err201);
 errors++;
 }
 }
-if(data87.source !== undefined){
-let data90 = data87.source;
-if(!((((data90 === "static") || (data90 === "broker")) || (data90 === "broker_secret")) || (data90 === "client_credentials"))){
-const err202 = {instancePath:instancePath+"/credentials/" + i14+"/source",schemaPath:"#/properties/credentials/items/properties/source/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.source.enum},message:"must be equal to one of the allowed values"};
+else {
+const err202 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err202];
 }
@@ -2627,14 +2625,11 @@ vErrors.push(err202);
 errors++;
 }
 }
-if(data87.oauth !== undefined){
-let data91 = data87.oauth;
-if(data91 && typeof data91 == "object" && !Array.isArray(data91)){
-if(data91.auth_method === undefined){
-data91.auth_method = "client_secret_basic";
-}
-if(data91.token_url === undefined){
-const err203 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "token_url"},message:"must have required property '"+"token_url"+"'"};
+if(data88.audience !== undefined){
+let data90 = data88.audience;
+if(typeof data90 === "string"){
+if(!pattern10.test(data90)){
+const err203 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
 if(vErrors === null){
 vErrors = [err203];
 }
@@ -2643,8 +2638,9 @@ vErrors.push(err203);
 }
 errors++;
 }
-if(data91.client_id === undefined){
-const err204 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_id"},message:"must have required property '"+"client_id"+"'"};
+}
+else {
+const err204 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err204];
 }
@@ -2653,8 +2649,11 @@ vErrors.push(err204);
 }
 errors++;
 }
-if(data91.client_secret === undefined){
-const err205 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_secret"},message:"must have required property '"+"client_secret"+"'"};
+}
+if(data88.source !== undefined){
+let data91 = data88.source;
+if(!((((data91 === "static") || (data91 === "broker")) || (data91 === "broker_secret")) || (data91 === "client_credentials"))){
+const err205 = {instancePath:instancePath+"/credentials/" + i14+"/source",schemaPath:"#/properties/credentials/items/properties/source/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.source.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err205];
 }
@@ -2663,9 +2662,15 @@ vErrors.push(err205);
 }
 errors++;
 }
-for(const key21 in data91){
-if(!(((((key21 === "token_url") || (key21 === "client_id")) || (key21 === "client_secret")) || (key21 === "auth_method")) || (key21 === "resource"))){
-const err206 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key21},message:"must NOT have additional properties"};
+}
+if(data88.oauth !== undefined){
+let data92 = data88.oauth;
+if(data92 && typeof data92 == "object" && !Array.isArray(data92)){
+if(data92.auth_method === undefined){
+data92.auth_method = "client_secret_basic";
+}
+if(data92.token_url === undefined){
+const err206 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "token_url"},message:"must have required property '"+"token_url"+"'"};
 if(vErrors === null){
 vErrors = [err206];
 }
@@ -2674,12 +2679,8 @@ vErrors.push(err206);
 }
 errors++;
 }
-}
-if(data91.token_url !== undefined){
-let data92 = data91.token_url;
-if(typeof data92 === "string"){
-if(!pattern1.test(data92)){
-const err207 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data92.client_id === undefined){
+const err207 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_id"},message:"must have required property '"+"client_id"+"'"};
 if(vErrors === null){
 vErrors = [err207];
 }
@@ -2688,9 +2689,8 @@ vErrors.push(err207);
 }
 errors++;
 }
-}
-else {
-const err208 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data92.client_secret === undefined){
+const err208 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_secret"},message:"must have required property '"+"client_secret"+"'"};
 if(vErrors === null){
 vErrors = [err208];
 }
@@ -2699,12 +2699,9 @@ vErrors.push(err208);
 }
 errors++;
 }
-}
-if(data91.client_id !== undefined){
-let data93 = data91.client_id;
-if(typeof data93 === "string"){
-if(func4(data93) > 256){
-const err209 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
+for(const key21 in data92){
+if(!(((((key21 === "token_url") || (key21 === "client_id")) || (key21 === "client_secret")) || (key21 === "auth_method")) || (key21 === "resource"))){
+const err209 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key21},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err209];
 }
@@ -2713,8 +2710,12 @@ vErrors.push(err209);
 }
 errors++;
 }
-if(func4(data93) < 1){
-const err210 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data92.token_url !== undefined){
+let data93 = data92.token_url;
+if(typeof data93 === "string"){
+if(!pattern1.test(data93)){
+const err210 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err210];
 }
@@ -2725,7 +2726,7 @@ errors++;
 }
 }
 else {
-const err211 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err211 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err211];
 }
@@ -2735,11 +2736,11 @@ vErrors.push(err211);
 errors++;
 }
 }
-if(data91.client_secret !== undefined){
-let data94 = data91.client_secret;
+if(data92.client_id !== undefined){
+let data94 = data92.client_id;
 if(typeof data94 === "string"){
-if(!pattern14.test(data94)){
-const err212 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+if(func4(data94) > 256){
+const err212 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
 if(vErrors === null){
 vErrors = [err212];
 }
@@ -2748,9 +2749,8 @@ vErrors.push(err212);
 }
 errors++;
 }
-}
-else {
-const err213 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(func4(data94) < 1){
+const err213 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err213];
 }
@@ -2760,9 +2760,8 @@ vErrors.push(err213);
 errors++;
 }
 }
-let data95 = data91.auth_method;
-if(!((data95 === "client_secret_basic") || (data95 === "client_secret_post"))){
-const err214 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/auth_method",schemaPath:"#/properties/credentials/items/properties/oauth/properties/auth_method/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.oauth.properties.auth_method.enum},message:"must be equal to one of the allowed values"};
+else {
+const err214 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err214];
 }
@@ -2771,11 +2770,12 @@ vErrors.push(err214);
 }
 errors++;
 }
-if(data91.resource !== undefined){
-let data96 = data91.resource;
-if(typeof data96 === "string"){
-if(func4(data96) < 1){
-const err215 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data92.client_secret !== undefined){
+let data95 = data92.client_secret;
+if(typeof data95 === "string"){
+if(!pattern14.test(data95)){
+const err215 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err215];
 }
@@ -2786,7 +2786,7 @@ errors++;
 }
 }
 else {
-const err216 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err216 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err216];
 }
@@ -2796,9 +2796,9 @@ vErrors.push(err216);
 errors++;
 }
 }
-}
-else {
-const err217 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data96 = data92.auth_method;
+if(!((data96 === "client_secret_basic") || (data96 === "client_secret_post"))){
+const err217 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/auth_method",schemaPath:"#/properties/credentials/items/properties/oauth/properties/auth_method/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.oauth.properties.auth_method.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err217];
 }
@@ -2807,12 +2807,11 @@ vErrors.push(err217);
 }
 errors++;
 }
-}
-if(data87.secret !== undefined){
-let data97 = data87.secret;
+if(data92.resource !== undefined){
+let data97 = data92.resource;
 if(typeof data97 === "string"){
-if(!pattern14.test(data97)){
-const err218 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+if(func4(data97) < 1){
+const err218 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err218];
 }
@@ -2823,7 +2822,7 @@ errors++;
 }
 }
 else {
-const err219 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err219 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err219];
 }
@@ -2833,11 +2832,9 @@ vErrors.push(err219);
 errors++;
 }
 }
-if(data87.token_audience !== undefined){
-let data98 = data87.token_audience;
-if(typeof data98 === "string"){
-if(func4(data98) > 512){
-const err220 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters"};
+}
+else {
+const err220 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err220];
 }
@@ -2846,8 +2843,12 @@ vErrors.push(err220);
 }
 errors++;
 }
-if(func4(data98) < 1){
-const err221 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data88.secret !== undefined){
+let data98 = data88.secret;
+if(typeof data98 === "string"){
+if(!pattern14.test(data98)){
+const err221 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err221];
 }
@@ -2858,7 +2859,7 @@ errors++;
 }
 }
 else {
-const err222 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err222 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err222];
 }
@@ -2868,15 +2869,11 @@ vErrors.push(err222);
 errors++;
 }
 }
-if(data87.scopes !== undefined){
-let data99 = data87.scopes;
-if(Array.isArray(data99)){
-const len13 = data99.length;
-for(let i15=0; i15<len13; i15++){
-let data100 = data99[i15];
-if(typeof data100 === "string"){
-if(!pattern16.test(data100)){
-const err223 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/pattern",keyword:"pattern",params:{pattern: "^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"},message:"must match pattern \""+"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"+"\""};
+if(data88.token_audience !== undefined){
+let data99 = data88.token_audience;
+if(typeof data99 === "string"){
+if(func4(data99) > 512){
+const err223 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters"};
 if(vErrors === null){
 vErrors = [err223];
 }
@@ -2885,9 +2882,8 @@ vErrors.push(err223);
 }
 errors++;
 }
-}
-else {
-const err224 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(func4(data99) < 1){
+const err224 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err224];
 }
@@ -2897,18 +2893,8 @@ vErrors.push(err224);
 errors++;
 }
 }
-let i16 = data99.length;
-let j2;
-if(i16 > 1){
-const indices2 = {};
-for(;i16--;){
-let item2 = data99[i16];
-if(typeof item2 !== "string"){
-continue;
-}
-if(typeof indices2[item2] == "number"){
-j2 = indices2[item2];
-const err225 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/uniqueItems",keyword:"uniqueItems",params:{i: i16, j: j2},message:"must NOT have duplicate items (items ## "+j2+" and "+i16+" are identical)"};
+else {
+const err225 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err225];
 }
@@ -2916,14 +2902,17 @@ else {
 vErrors.push(err225);
 }
 errors++;
-break;
-}
-indices2[item2] = i16;
 }
 }
-}
-else {
-const err226 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data88.scopes !== undefined){
+let data100 = data88.scopes;
+if(Array.isArray(data100)){
+const len13 = data100.length;
+for(let i15=0; i15<len13; i15++){
+let data101 = data100[i15];
+if(typeof data101 === "string"){
+if(!pattern16.test(data101)){
+const err226 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/pattern",keyword:"pattern",params:{pattern: "^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"},message:"must match pattern \""+"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"+"\""};
 if(vErrors === null){
 vErrors = [err226];
 }
@@ -2933,15 +2922,8 @@ vErrors.push(err226);
 errors++;
 }
 }
-if(data87.inject !== undefined){
-let data101 = data87.inject;
-const _errs219 = errors;
-let valid53 = false;
-let passing0 = null;
-const _errs220 = errors;
-if(data101 && typeof data101 == "object" && !Array.isArray(data101)){
-if(data101.type === undefined){
-const err227 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+else {
+const err227 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err227];
 }
@@ -2950,9 +2932,19 @@ vErrors.push(err227);
 }
 errors++;
 }
-for(const key22 in data101){
-if(!(key22 === "type")){
-const err228 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key22},message:"must NOT have additional properties"};
+}
+let i16 = data100.length;
+let j2;
+if(i16 > 1){
+const indices2 = {};
+for(;i16--;){
+let item2 = data100[i16];
+if(typeof item2 !== "string"){
+continue;
+}
+if(typeof indices2[item2] == "number"){
+j2 = indices2[item2];
+const err228 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/uniqueItems",keyword:"uniqueItems",params:{i: i16, j: j2},message:"must NOT have duplicate items (items ## "+j2+" and "+i16+" are identical)"};
 if(vErrors === null){
 vErrors = [err228];
 }
@@ -2960,11 +2952,14 @@ else {
 vErrors.push(err228);
 }
 errors++;
+break;
+}
+indices2[item2] = i16;
 }
 }
-if(data101.type !== undefined){
-if("bearer" !== data101.type){
-const err229 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
+}
+else {
+const err229 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err229];
 }
@@ -2974,16 +2969,15 @@ vErrors.push(err229);
 errors++;
 }
 }
-}
-var _valid0 = _errs220 === errors;
-if(_valid0){
-valid53 = true;
-passing0 = 0;
-}
-const _errs223 = errors;
-if(data101 && typeof data101 == "object" && !Array.isArray(data101)){
-if(data101.type === undefined){
-const err230 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+if(data88.inject !== undefined){
+let data102 = data88.inject;
+const _errs221 = errors;
+let valid53 = false;
+let passing0 = null;
+const _errs222 = errors;
+if(data102 && typeof data102 == "object" && !Array.isArray(data102)){
+if(data102.type === undefined){
+const err230 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err230];
 }
@@ -2992,8 +2986,9 @@ vErrors.push(err230);
 }
 errors++;
 }
-if(data101.name === undefined){
-const err231 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
+for(const key22 in data102){
+if(!(key22 === "type")){
+const err231 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key22},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err231];
 }
@@ -3002,9 +2997,10 @@ vErrors.push(err231);
 }
 errors++;
 }
-for(const key23 in data101){
-if(!(((key23 === "type") || (key23 === "name")) || (key23 === "format"))){
-const err232 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
+}
+if(data102.type !== undefined){
+if("bearer" !== data102.type){
+const err232 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err232];
 }
@@ -3014,9 +3010,16 @@ vErrors.push(err232);
 errors++;
 }
 }
-if(data101.type !== undefined){
-if("header" !== data101.type){
-const err233 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
+}
+var _valid0 = _errs222 === errors;
+if(_valid0){
+valid53 = true;
+passing0 = 0;
+}
+const _errs225 = errors;
+if(data102 && typeof data102 == "object" && !Array.isArray(data102)){
+if(data102.type === undefined){
+const err233 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err233];
 }
@@ -3025,12 +3028,8 @@ vErrors.push(err233);
 }
 errors++;
 }
-}
-if(data101.name !== undefined){
-let data104 = data101.name;
-if(typeof data104 === "string"){
-if(!pattern17.test(data104)){
-const err234 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
+if(data102.name === undefined){
+const err234 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err234];
 }
@@ -3039,9 +3038,9 @@ vErrors.push(err234);
 }
 errors++;
 }
-}
-else {
-const err235 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key23 in data102){
+if(!(((key23 === "type") || (key23 === "name")) || (key23 === "format"))){
+const err235 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err235];
 }
@@ -3051,11 +3050,9 @@ vErrors.push(err235);
 errors++;
 }
 }
-if(data101.format !== undefined){
-let data105 = data101.format;
-if(typeof data105 === "string"){
-if(!pattern18.test(data105)){
-const err236 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
+if(data102.type !== undefined){
+if("header" !== data102.type){
+const err236 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err236];
 }
@@ -3065,8 +3062,11 @@ vErrors.push(err236);
 errors++;
 }
 }
-else {
-const err237 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data102.name !== undefined){
+let data105 = data102.name;
+if(typeof data105 === "string"){
+if(!pattern17.test(data105)){
+const err237 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err237];
 }
@@ -3076,21 +3076,8 @@ vErrors.push(err237);
 errors++;
 }
 }
-}
-var _valid0 = _errs223 === errors;
-if(_valid0 && valid53){
-valid53 = false;
-passing0 = [passing0, 1];
-}
 else {
-if(_valid0){
-valid53 = true;
-passing0 = 1;
-}
-const _errs230 = errors;
-if(data101 && typeof data101 == "object" && !Array.isArray(data101)){
-if(data101.type === undefined){
-const err238 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+const err238 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err238];
 }
@@ -3099,8 +3086,12 @@ vErrors.push(err238);
 }
 errors++;
 }
-if(data101.name === undefined){
-const err239 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
+}
+if(data102.format !== undefined){
+let data106 = data102.format;
+if(typeof data106 === "string"){
+if(!pattern18.test(data106)){
+const err239 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
 if(vErrors === null){
 vErrors = [err239];
 }
@@ -3109,9 +3100,9 @@ vErrors.push(err239);
 }
 errors++;
 }
-for(const key24 in data101){
-if(!((key24 === "type") || (key24 === "name"))){
-const err240 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
+}
+else {
+const err240 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err240];
 }
@@ -3121,9 +3112,21 @@ vErrors.push(err240);
 errors++;
 }
 }
-if(data101.type !== undefined){
-if("query" !== data101.type){
-const err241 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
+}
+var _valid0 = _errs225 === errors;
+if(_valid0 && valid53){
+valid53 = false;
+passing0 = [passing0, 1];
+}
+else {
+if(_valid0){
+valid53 = true;
+passing0 = 1;
+}
+const _errs232 = errors;
+if(data102 && typeof data102 == "object" && !Array.isArray(data102)){
+if(data102.type === undefined){
+const err241 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err241];
 }
@@ -3132,12 +3135,8 @@ vErrors.push(err241);
 }
 errors++;
 }
-}
-if(data101.name !== undefined){
-let data107 = data101.name;
-if(typeof data107 === "string"){
-if(func4(data107) < 1){
-const err242 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data102.name === undefined){
+const err242 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err242];
 }
@@ -3146,9 +3145,9 @@ vErrors.push(err242);
 }
 errors++;
 }
-}
-else {
-const err243 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key24 in data102){
+if(!((key24 === "type") || (key24 === "name"))){
+const err243 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err243];
 }
@@ -3158,21 +3157,9 @@ vErrors.push(err243);
 errors++;
 }
 }
-}
-var _valid0 = _errs230 === errors;
-if(_valid0 && valid53){
-valid53 = false;
-passing0 = [passing0, 2];
-}
-else {
-if(_valid0){
-valid53 = true;
-passing0 = 2;
-}
-const _errs235 = errors;
-if(data101 && typeof data101 == "object" && !Array.isArray(data101)){
-if(data101.type === undefined){
-const err244 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+if(data102.type !== undefined){
+if("query" !== data102.type){
+const err244 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err244];
 }
@@ -3181,8 +3168,12 @@ vErrors.push(err244);
 }
 errors++;
 }
-if(data101.username === undefined){
-const err245 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
+}
+if(data102.name !== undefined){
+let data108 = data102.name;
+if(typeof data108 === "string"){
+if(func4(data108) < 1){
+const err245 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err245];
 }
@@ -3191,9 +3182,9 @@ vErrors.push(err245);
 }
 errors++;
 }
-for(const key25 in data101){
-if(!((key25 === "type") || (key25 === "username"))){
-const err246 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
+}
+else {
+const err246 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err246];
 }
@@ -3203,9 +3194,21 @@ vErrors.push(err246);
 errors++;
 }
 }
-if(data101.type !== undefined){
-if("basic" !== data101.type){
-const err247 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
+}
+var _valid0 = _errs232 === errors;
+if(_valid0 && valid53){
+valid53 = false;
+passing0 = [passing0, 2];
+}
+else {
+if(_valid0){
+valid53 = true;
+passing0 = 2;
+}
+const _errs237 = errors;
+if(data102 && typeof data102 == "object" && !Array.isArray(data102)){
+if(data102.type === undefined){
+const err247 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err247];
 }
@@ -3214,12 +3217,8 @@ vErrors.push(err247);
 }
 errors++;
 }
-}
-if(data101.username !== undefined){
-let data109 = data101.username;
-if(typeof data109 === "string"){
-if(!pattern19.test(data109)){
-const err248 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
+if(data102.username === undefined){
+const err248 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
 if(vErrors === null){
 vErrors = [err248];
 }
@@ -3228,9 +3227,9 @@ vErrors.push(err248);
 }
 errors++;
 }
-}
-else {
-const err249 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key25 in data102){
+if(!((key25 === "type") || (key25 === "username"))){
+const err249 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err249];
 }
@@ -3240,8 +3239,45 @@ vErrors.push(err249);
 errors++;
 }
 }
+if(data102.type !== undefined){
+if("basic" !== data102.type){
+const err250 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
+if(vErrors === null){
+vErrors = [err250];
 }
-var _valid0 = _errs235 === errors;
+else {
+vErrors.push(err250);
+}
+errors++;
+}
+}
+if(data102.username !== undefined){
+let data110 = data102.username;
+if(typeof data110 === "string"){
+if(!pattern19.test(data110)){
+const err251 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
+if(vErrors === null){
+vErrors = [err251];
+}
+else {
+vErrors.push(err251);
+}
+errors++;
+}
+}
+else {
+const err252 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err252];
+}
+else {
+vErrors.push(err252);
+}
+errors++;
+}
+}
+}
+var _valid0 = _errs237 === errors;
 if(_valid0 && valid53){
 valid53 = false;
 passing0 = [passing0, 3];
@@ -3255,58 +3291,7 @@ passing0 = 3;
 }
 }
 if(!valid53){
-const err250 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
-if(vErrors === null){
-vErrors = [err250];
-}
-else {
-vErrors.push(err250);
-}
-errors++;
-}
-else {
-errors = _errs219;
-if(vErrors !== null){
-if(_errs219){
-vErrors.length = _errs219;
-}
-else {
-vErrors = null;
-}
-}
-}
-if(data101 && typeof data101 == "object" && !Array.isArray(data101)){
-if(data101.type === undefined){
-const err251 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
-if(vErrors === null){
-vErrors = [err251];
-}
-else {
-vErrors.push(err251);
-}
-errors++;
-}
-}
-else {
-const err252 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
-if(vErrors === null){
-vErrors = [err252];
-}
-else {
-vErrors.push(err252);
-}
-errors++;
-}
-}
-if(data87.strip !== undefined){
-let data110 = data87.strip;
-if(Array.isArray(data110)){
-const len14 = data110.length;
-for(let i17=0; i17<len14; i17++){
-let data111 = data110[i17];
-if(typeof data111 === "string"){
-if(!pattern17.test(data111)){
-const err253 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
+const err253 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
 if(vErrors === null){
 vErrors = [err253];
 }
@@ -3315,9 +3300,20 @@ vErrors.push(err253);
 }
 errors++;
 }
+else {
+errors = _errs221;
+if(vErrors !== null){
+if(_errs221){
+vErrors.length = _errs221;
 }
 else {
-const err254 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+vErrors = null;
+}
+}
+}
+if(data102 && typeof data102 == "object" && !Array.isArray(data102)){
+if(data102.type === undefined){
+const err254 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err254];
 }
@@ -3327,9 +3323,8 @@ vErrors.push(err254);
 errors++;
 }
 }
-}
 else {
-const err255 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err255 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err255];
 }
@@ -3339,9 +3334,15 @@ vErrors.push(err255);
 errors++;
 }
 }
-}
-else {
-const err256 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data88.strip !== undefined){
+let data111 = data88.strip;
+if(Array.isArray(data111)){
+const len14 = data111.length;
+for(let i17=0; i17<len14; i17++){
+let data112 = data111[i17];
+if(typeof data112 === "string"){
+if(!pattern17.test(data112)){
+const err256 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err256];
 }
@@ -3351,9 +3352,8 @@ vErrors.push(err256);
 errors++;
 }
 }
-}
 else {
-const err257 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err257 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err257];
 }
@@ -3362,14 +3362,10 @@ vErrors.push(err257);
 }
 errors++;
 }
-let data112 = data.secrets;
-if(data112 && typeof data112 == "object" && !Array.isArray(data112)){
-if(data112.env_prefix === undefined){
-data112.env_prefix = "LATCHKEY_SECRET_";
 }
-for(const key26 in data112){
-if(!((key26 === "file") || (key26 === "env_prefix"))){
-const err258 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
+}
+else {
+const err258 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err258];
 }
@@ -3379,11 +3375,9 @@ vErrors.push(err258);
 errors++;
 }
 }
-if(data112.file !== undefined){
-let data113 = data112.file;
-if(typeof data113 === "string"){
-if(func4(data113) < 1){
-const err259 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err259 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err259];
 }
@@ -3393,8 +3387,9 @@ vErrors.push(err259);
 errors++;
 }
 }
+}
 else {
-const err260 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err260 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err260];
 }
@@ -3403,11 +3398,14 @@ vErrors.push(err260);
 }
 errors++;
 }
+let data113 = data.secrets;
+if(data113 && typeof data113 == "object" && !Array.isArray(data113)){
+if(data113.env_prefix === undefined){
+data113.env_prefix = "LATCHKEY_SECRET_";
 }
-let data114 = data112.env_prefix;
-if(typeof data114 === "string"){
-if(!pattern21.test(data114)){
-const err261 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
+for(const key26 in data113){
+if(!((key26 === "file") || (key26 === "env_prefix"))){
+const err261 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err261];
 }
@@ -3417,8 +3415,11 @@ vErrors.push(err261);
 errors++;
 }
 }
-else {
-const err262 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data113.file !== undefined){
+let data114 = data113.file;
+if(typeof data114 === "string"){
+if(func4(data114) < 1){
+const err262 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err262];
 }
@@ -3429,7 +3430,7 @@ errors++;
 }
 }
 else {
-const err263 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err263 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err263];
 }
@@ -3438,17 +3439,11 @@ vErrors.push(err263);
 }
 errors++;
 }
-let data115 = data.audit;
-if(data115 && typeof data115 == "object" && !Array.isArray(data115)){
-if(data115.jsonl === undefined){
-data115.jsonl = {};
 }
-if(data115.collector === undefined){
-data115.collector = null;
-}
-for(const key27 in data115){
-if(!((key27 === "jsonl") || (key27 === "collector"))){
-const err264 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
+let data115 = data113.env_prefix;
+if(typeof data115 === "string"){
+if(!pattern21.test(data115)){
+const err264 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err264];
 }
@@ -3458,17 +3453,8 @@ vErrors.push(err264);
 errors++;
 }
 }
-let data116 = data115.jsonl;
-if(data116 && typeof data116 == "object" && !Array.isArray(data116)){
-if(data116.path === undefined){
-data116.path = "latchkey-audit.jsonl";
-}
-if(data116.flush_ms === undefined){
-data116.flush_ms = 20;
-}
-for(const key28 in data116){
-if(!((key28 === "path") || (key28 === "flush_ms"))){
-const err265 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
+else {
+const err265 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err265];
 }
@@ -3478,10 +3464,8 @@ vErrors.push(err265);
 errors++;
 }
 }
-let data117 = data116.path;
-if(typeof data117 === "string"){
-if(func4(data117) < 1){
-const err266 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err266 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err266];
 }
@@ -3490,9 +3474,17 @@ vErrors.push(err266);
 }
 errors++;
 }
+let data116 = data.audit;
+if(data116 && typeof data116 == "object" && !Array.isArray(data116)){
+if(data116.jsonl === undefined){
+data116.jsonl = {};
 }
-else {
-const err267 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data116.collector === undefined){
+data116.collector = null;
+}
+for(const key27 in data116){
+if(!((key27 === "jsonl") || (key27 === "collector"))){
+const err267 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err267];
 }
@@ -3501,9 +3493,18 @@ vErrors.push(err267);
 }
 errors++;
 }
-let data118 = data116.flush_ms;
-if(!(((typeof data118 == "number") && (!(data118 % 1) && !isNaN(data118))) && (isFinite(data118)))){
-const err268 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data117 = data116.jsonl;
+if(data117 && typeof data117 == "object" && !Array.isArray(data117)){
+if(data117.path === undefined){
+data117.path = "latchkey-audit.jsonl";
+}
+if(data117.flush_ms === undefined){
+data117.flush_ms = 20;
+}
+for(const key28 in data117){
+if(!((key28 === "path") || (key28 === "flush_ms"))){
+const err268 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err268];
 }
@@ -3512,9 +3513,11 @@ vErrors.push(err268);
 }
 errors++;
 }
-if((typeof data118 == "number") && (isFinite(data118))){
-if(data118 > 3600000 || isNaN(data118)){
-const err269 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data118 = data117.path;
+if(typeof data118 === "string"){
+if(func4(data118) < 1){
+const err269 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err269];
 }
@@ -3523,8 +3526,9 @@ vErrors.push(err269);
 }
 errors++;
 }
-if(data118 < 1 || isNaN(data118)){
-const err270 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+else {
+const err270 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err270];
 }
@@ -3533,10 +3537,9 @@ vErrors.push(err270);
 }
 errors++;
 }
-}
-}
-else {
-const err271 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data119 = data117.flush_ms;
+if(!(((typeof data119 == "number") && (!(data119 % 1) && !isNaN(data119))) && (isFinite(data119)))){
+const err271 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err271];
 }
@@ -3545,9 +3548,9 @@ vErrors.push(err271);
 }
 errors++;
 }
-let data119 = data115.collector;
-if((!(data119 && typeof data119 == "object" && !Array.isArray(data119))) && (data119 !== null)){
-const err272 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
+if((typeof data119 == "number") && (isFinite(data119))){
+if(data119 > 3600000 || isNaN(data119)){
+const err272 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err272];
 }
@@ -3556,36 +3559,8 @@ vErrors.push(err272);
 }
 errors++;
 }
-if(data119 && typeof data119 == "object" && !Array.isArray(data119)){
-if(data119.tls === undefined){
-data119.tls = null;
-}
-if(data119.spool_dir === undefined){
-data119.spool_dir = "latchkey-spool";
-}
-if(data119.spool_max_bytes === undefined){
-data119.spool_max_bytes = 268435456;
-}
-if(data119.segment_bytes === undefined){
-data119.segment_bytes = 4194304;
-}
-if(data119.on_full === undefined){
-data119.on_full = "refuse";
-}
-if(data119.batch_events === undefined){
-data119.batch_events = 1000;
-}
-if(data119.backoff_min_ms === undefined){
-data119.backoff_min_ms = 100;
-}
-if(data119.backoff_max_ms === undefined){
-data119.backoff_max_ms = 5000;
-}
-if(data119.close_timeout_ms === undefined){
-data119.close_timeout_ms = 2000;
-}
-if(data119.address === undefined){
-const err273 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
+if(data119 < 1 || isNaN(data119)){
+const err273 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err273];
 }
@@ -3594,8 +3569,10 @@ vErrors.push(err273);
 }
 errors++;
 }
-if(data119.sidecar_id === undefined){
-const err274 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
+}
+}
+else {
+const err274 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err274];
 }
@@ -3604,9 +3581,9 @@ vErrors.push(err274);
 }
 errors++;
 }
-for(const key29 in data119){
-if(!(func2.call(schema11.properties.audit.properties.collector.properties, key29))){
-const err275 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
+let data120 = data116.collector;
+if((!(data120 && typeof data120 == "object" && !Array.isArray(data120))) && (data120 !== null)){
+const err275 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err275];
 }
@@ -3615,12 +3592,36 @@ vErrors.push(err275);
 }
 errors++;
 }
+if(data120 && typeof data120 == "object" && !Array.isArray(data120)){
+if(data120.tls === undefined){
+data120.tls = null;
 }
-if(data119.address !== undefined){
-let data120 = data119.address;
-if(typeof data120 === "string"){
-if(!pattern22.test(data120)){
-const err276 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:[0-9]{1,5}$"},message:"must match pattern \""+"^[^\\s/]+:[0-9]{1,5}$"+"\""};
+if(data120.spool_dir === undefined){
+data120.spool_dir = "latchkey-spool";
+}
+if(data120.spool_max_bytes === undefined){
+data120.spool_max_bytes = 268435456;
+}
+if(data120.segment_bytes === undefined){
+data120.segment_bytes = 4194304;
+}
+if(data120.on_full === undefined){
+data120.on_full = "refuse";
+}
+if(data120.batch_events === undefined){
+data120.batch_events = 1000;
+}
+if(data120.backoff_min_ms === undefined){
+data120.backoff_min_ms = 100;
+}
+if(data120.backoff_max_ms === undefined){
+data120.backoff_max_ms = 5000;
+}
+if(data120.close_timeout_ms === undefined){
+data120.close_timeout_ms = 2000;
+}
+if(data120.address === undefined){
+const err276 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
 if(vErrors === null){
 vErrors = [err276];
 }
@@ -3629,9 +3630,8 @@ vErrors.push(err276);
 }
 errors++;
 }
-}
-else {
-const err277 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data120.sidecar_id === undefined){
+const err277 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
 if(vErrors === null){
 vErrors = [err277];
 }
@@ -3640,12 +3640,9 @@ vErrors.push(err277);
 }
 errors++;
 }
-}
-if(data119.sidecar_id !== undefined){
-let data121 = data119.sidecar_id;
-if(typeof data121 === "string"){
-if(func4(data121) < 1){
-const err278 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key29 in data120){
+if(!(func2.call(schema11.properties.audit.properties.collector.properties, key29))){
+const err278 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err278];
 }
@@ -3655,8 +3652,11 @@ vErrors.push(err278);
 errors++;
 }
 }
-else {
-const err279 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data120.address !== undefined){
+let data121 = data120.address;
+if(typeof data121 === "string"){
+if(!pattern22.test(data121)){
+const err279 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:[0-9]{1,5}$"},message:"must match pattern \""+"^[^\\s/]+:[0-9]{1,5}$"+"\""};
 if(vErrors === null){
 vErrors = [err279];
 }
@@ -3666,11 +3666,8 @@ vErrors.push(err279);
 errors++;
 }
 }
-if(data119.token_secret !== undefined){
-let data122 = data119.token_secret;
-if(typeof data122 === "string"){
-if(func4(data122) < 1){
-const err280 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err280 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err280];
 }
@@ -3680,8 +3677,11 @@ vErrors.push(err280);
 errors++;
 }
 }
-else {
-const err281 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data120.sidecar_id !== undefined){
+let data122 = data120.sidecar_id;
+if(typeof data122 === "string"){
+if(func4(data122) < 1){
+const err281 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err281];
 }
@@ -3691,9 +3691,8 @@ vErrors.push(err281);
 errors++;
 }
 }
-let data123 = data119.tls;
-if((!(data123 && typeof data123 == "object" && !Array.isArray(data123))) && (data123 !== null)){
-const err282 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
+else {
+const err282 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err282];
 }
@@ -3702,9 +3701,12 @@ vErrors.push(err282);
 }
 errors++;
 }
-if(data123 && typeof data123 == "object" && !Array.isArray(data123)){
-if(data123.ca_file === undefined){
-const err283 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
+}
+if(data120.token_secret !== undefined){
+let data123 = data120.token_secret;
+if(typeof data123 === "string"){
+if(func4(data123) < 1){
+const err283 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err283];
 }
@@ -3713,8 +3715,9 @@ vErrors.push(err283);
 }
 errors++;
 }
-if(data123.cert_file === undefined){
-const err284 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+}
+else {
+const err284 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err284];
 }
@@ -3723,8 +3726,10 @@ vErrors.push(err284);
 }
 errors++;
 }
-if(data123.key_file === undefined){
-const err285 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+}
+let data124 = data120.tls;
+if((!(data124 && typeof data124 == "object" && !Array.isArray(data124))) && (data124 !== null)){
+const err285 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err285];
 }
@@ -3733,9 +3738,9 @@ vErrors.push(err285);
 }
 errors++;
 }
-for(const key30 in data123){
-if(!(((key30 === "ca_file") || (key30 === "cert_file")) || (key30 === "key_file"))){
-const err286 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
+if(data124 && typeof data124 == "object" && !Array.isArray(data124)){
+if(data124.ca_file === undefined){
+const err286 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
 if(vErrors === null){
 vErrors = [err286];
 }
@@ -3744,12 +3749,8 @@ vErrors.push(err286);
 }
 errors++;
 }
-}
-if(data123.ca_file !== undefined){
-let data124 = data123.ca_file;
-if(typeof data124 === "string"){
-if(func4(data124) < 1){
-const err287 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data124.cert_file === undefined){
+const err287 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err287];
 }
@@ -3758,9 +3759,8 @@ vErrors.push(err287);
 }
 errors++;
 }
-}
-else {
-const err288 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data124.key_file === undefined){
+const err288 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err288];
 }
@@ -3769,12 +3769,9 @@ vErrors.push(err288);
 }
 errors++;
 }
-}
-if(data123.cert_file !== undefined){
-let data125 = data123.cert_file;
-if(typeof data125 === "string"){
-if(func4(data125) < 1){
-const err289 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key30 in data124){
+if(!(((key30 === "ca_file") || (key30 === "cert_file")) || (key30 === "key_file"))){
+const err289 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err289];
 }
@@ -3784,8 +3781,11 @@ vErrors.push(err289);
 errors++;
 }
 }
-else {
-const err290 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data124.ca_file !== undefined){
+let data125 = data124.ca_file;
+if(typeof data125 === "string"){
+if(func4(data125) < 1){
+const err290 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err290];
 }
@@ -3795,11 +3795,8 @@ vErrors.push(err290);
 errors++;
 }
 }
-if(data123.key_file !== undefined){
-let data126 = data123.key_file;
-if(typeof data126 === "string"){
-if(func4(data126) < 1){
-const err291 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err291 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err291];
 }
@@ -3809,8 +3806,11 @@ vErrors.push(err291);
 errors++;
 }
 }
-else {
-const err292 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data124.cert_file !== undefined){
+let data126 = data124.cert_file;
+if(typeof data126 === "string"){
+if(func4(data126) < 1){
+const err292 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err292];
 }
@@ -3820,11 +3820,8 @@ vErrors.push(err292);
 errors++;
 }
 }
-}
-let data127 = data119.spool_dir;
-if(typeof data127 === "string"){
-if(func4(data127) < 1){
-const err293 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err293 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err293];
 }
@@ -3834,8 +3831,11 @@ vErrors.push(err293);
 errors++;
 }
 }
-else {
-const err294 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data124.key_file !== undefined){
+let data127 = data124.key_file;
+if(typeof data127 === "string"){
+if(func4(data127) < 1){
+const err294 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err294];
 }
@@ -3844,9 +3844,9 @@ vErrors.push(err294);
 }
 errors++;
 }
-let data128 = data119.spool_max_bytes;
-if(!(((typeof data128 == "number") && (!(data128 % 1) && !isNaN(data128))) && (isFinite(data128)))){
-const err295 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err295 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err295];
 }
@@ -3855,9 +3855,12 @@ vErrors.push(err295);
 }
 errors++;
 }
-if((typeof data128 == "number") && (isFinite(data128))){
-if(data128 < 65536 || isNaN(data128)){
-const err296 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
+}
+}
+let data128 = data120.spool_dir;
+if(typeof data128 === "string"){
+if(func4(data128) < 1){
+const err296 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err296];
 }
@@ -3867,9 +3870,8 @@ vErrors.push(err296);
 errors++;
 }
 }
-let data129 = data119.segment_bytes;
-if(!(((typeof data129 == "number") && (!(data129 % 1) && !isNaN(data129))) && (isFinite(data129)))){
-const err297 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err297 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err297];
 }
@@ -3878,9 +3880,9 @@ vErrors.push(err297);
 }
 errors++;
 }
-if((typeof data129 == "number") && (isFinite(data129))){
-if(data129 < 4096 || isNaN(data129)){
-const err298 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
+let data129 = data120.spool_max_bytes;
+if(!(((typeof data129 == "number") && (!(data129 % 1) && !isNaN(data129))) && (isFinite(data129)))){
+const err298 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err298];
 }
@@ -3889,10 +3891,9 @@ vErrors.push(err298);
 }
 errors++;
 }
-}
-let data130 = data119.on_full;
-if(!((data130 === "refuse") || (data130 === "drop"))){
-const err299 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
+if((typeof data129 == "number") && (isFinite(data129))){
+if(data129 < 65536 || isNaN(data129)){
+const err299 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
 if(vErrors === null){
 vErrors = [err299];
 }
@@ -3901,9 +3902,10 @@ vErrors.push(err299);
 }
 errors++;
 }
-let data131 = data119.batch_events;
-if(!(((typeof data131 == "number") && (!(data131 % 1) && !isNaN(data131))) && (isFinite(data131)))){
-const err300 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data130 = data120.segment_bytes;
+if(!(((typeof data130 == "number") && (!(data130 % 1) && !isNaN(data130))) && (isFinite(data130)))){
+const err300 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err300];
 }
@@ -3912,9 +3914,9 @@ vErrors.push(err300);
 }
 errors++;
 }
-if((typeof data131 == "number") && (isFinite(data131))){
-if(data131 > 10000 || isNaN(data131)){
-const err301 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
+if((typeof data130 == "number") && (isFinite(data130))){
+if(data130 < 4096 || isNaN(data130)){
+const err301 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
 if(vErrors === null){
 vErrors = [err301];
 }
@@ -3923,8 +3925,10 @@ vErrors.push(err301);
 }
 errors++;
 }
-if(data131 < 1 || isNaN(data131)){
-const err302 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data131 = data120.on_full;
+if(!((data131 === "refuse") || (data131 === "drop"))){
+const err302 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err302];
 }
@@ -3933,10 +3937,9 @@ vErrors.push(err302);
 }
 errors++;
 }
-}
-let data132 = data119.backoff_min_ms;
+let data132 = data120.batch_events;
 if(!(((typeof data132 == "number") && (!(data132 % 1) && !isNaN(data132))) && (isFinite(data132)))){
-const err303 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err303 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err303];
 }
@@ -3946,8 +3949,8 @@ vErrors.push(err303);
 errors++;
 }
 if((typeof data132 == "number") && (isFinite(data132))){
-if(data132 > 3600000 || isNaN(data132)){
-const err304 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data132 > 10000 || isNaN(data132)){
+const err304 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
 if(vErrors === null){
 vErrors = [err304];
 }
@@ -3957,7 +3960,7 @@ vErrors.push(err304);
 errors++;
 }
 if(data132 < 1 || isNaN(data132)){
-const err305 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err305 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err305];
 }
@@ -3967,9 +3970,9 @@ vErrors.push(err305);
 errors++;
 }
 }
-let data133 = data119.backoff_max_ms;
+let data133 = data120.backoff_min_ms;
 if(!(((typeof data133 == "number") && (!(data133 % 1) && !isNaN(data133))) && (isFinite(data133)))){
-const err306 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err306 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err306];
 }
@@ -3980,7 +3983,7 @@ errors++;
 }
 if((typeof data133 == "number") && (isFinite(data133))){
 if(data133 > 3600000 || isNaN(data133)){
-const err307 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err307 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err307];
 }
@@ -3990,7 +3993,7 @@ vErrors.push(err307);
 errors++;
 }
 if(data133 < 1 || isNaN(data133)){
-const err308 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err308 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err308];
 }
@@ -4000,9 +4003,9 @@ vErrors.push(err308);
 errors++;
 }
 }
-let data134 = data119.close_timeout_ms;
+let data134 = data120.backoff_max_ms;
 if(!(((typeof data134 == "number") && (!(data134 % 1) && !isNaN(data134))) && (isFinite(data134)))){
-const err309 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err309 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err309];
 }
@@ -4013,7 +4016,7 @@ errors++;
 }
 if((typeof data134 == "number") && (isFinite(data134))){
 if(data134 > 3600000 || isNaN(data134)){
-const err310 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err310 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err310];
 }
@@ -4022,8 +4025,8 @@ vErrors.push(err310);
 }
 errors++;
 }
-if(data134 < 0 || isNaN(data134)){
-const err311 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if(data134 < 1 || isNaN(data134)){
+const err311 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err311];
 }
@@ -4033,10 +4036,9 @@ vErrors.push(err311);
 errors++;
 }
 }
-}
-}
-else {
-const err312 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data135 = data120.close_timeout_ms;
+if(!(((typeof data135 == "number") && (!(data135 % 1) && !isNaN(data135))) && (isFinite(data135)))){
+const err312 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err312];
 }
@@ -4045,14 +4047,9 @@ vErrors.push(err312);
 }
 errors++;
 }
-let data135 = data.log;
-if(data135 && typeof data135 == "object" && !Array.isArray(data135)){
-if(data135.level === undefined){
-data135.level = "info";
-}
-for(const key31 in data135){
-if(!(key31 === "level")){
-const err313 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
+if((typeof data135 == "number") && (isFinite(data135))){
+if(data135 > 3600000 || isNaN(data135)){
+const err313 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err313];
 }
@@ -4061,10 +4058,8 @@ vErrors.push(err313);
 }
 errors++;
 }
-}
-let data136 = data135.level;
-if(!(((((((data136 === "fatal") || (data136 === "error")) || (data136 === "warn")) || (data136 === "info")) || (data136 === "debug")) || (data136 === "trace")) || (data136 === "silent"))){
-const err314 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
+if(data135 < 0 || isNaN(data135)){
+const err314 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err314];
 }
@@ -4074,8 +4069,10 @@ vErrors.push(err314);
 errors++;
 }
 }
+}
+}
 else {
-const err315 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err315 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err315];
 }
@@ -4084,38 +4081,14 @@ vErrors.push(err315);
 }
 errors++;
 }
-if(data.broker !== undefined){
-let data137 = data.broker;
-if(data137 && typeof data137 == "object" && !Array.isArray(data137)){
-if(data137.listen === undefined){
-data137.listen = {};
+let data136 = data.log;
+if(data136 && typeof data136 == "object" && !Array.isArray(data136)){
+if(data136.level === undefined){
+data136.level = "info";
 }
-if(data137.keys === undefined){
-data137.keys = {};
-}
-if(data137.tokens === undefined){
-data137.tokens = {};
-}
-if(data137.attestors === undefined){
-data137.attestors = {};
-}
-if(data137.store === undefined){
-data137.store = {};
-}
-if(data137.admin_token_env === undefined){
-data137.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
-}
-if(data137.introspection_clients === undefined){
-data137.introspection_clients = {};
-}
-if(data137.leased_secrets === undefined){
-data137.leased_secrets = {};
-}
-if(data137.events === undefined){
-data137.events = {};
-}
-if(data137.issuer === undefined){
-const err316 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+for(const key31 in data136){
+if(!(key31 === "level")){
+const err316 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err316];
 }
@@ -4124,8 +4097,10 @@ vErrors.push(err316);
 }
 errors++;
 }
-if(data137.registry_file === undefined){
-const err317 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
+}
+let data137 = data136.level;
+if(!(((((((data137 === "fatal") || (data137 === "error")) || (data137 === "warn")) || (data137 === "info")) || (data137 === "debug")) || (data137 === "trace")) || (data137 === "silent"))){
+const err317 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err317];
 }
@@ -4134,9 +4109,9 @@ vErrors.push(err317);
 }
 errors++;
 }
-for(const key32 in data137){
-if(!(func2.call(schema11.properties.broker.properties, key32))){
-const err318 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
+}
+else {
+const err318 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err318];
 }
@@ -4145,12 +4120,38 @@ vErrors.push(err318);
 }
 errors++;
 }
+if(data.broker !== undefined){
+let data138 = data.broker;
+if(data138 && typeof data138 == "object" && !Array.isArray(data138)){
+if(data138.listen === undefined){
+data138.listen = {};
 }
-if(data137.issuer !== undefined){
-let data138 = data137.issuer;
-if(typeof data138 === "string"){
-if(!pattern1.test(data138)){
-const err319 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data138.keys === undefined){
+data138.keys = {};
+}
+if(data138.tokens === undefined){
+data138.tokens = {};
+}
+if(data138.attestors === undefined){
+data138.attestors = {};
+}
+if(data138.store === undefined){
+data138.store = {};
+}
+if(data138.admin_token_env === undefined){
+data138.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
+}
+if(data138.introspection_clients === undefined){
+data138.introspection_clients = {};
+}
+if(data138.leased_secrets === undefined){
+data138.leased_secrets = {};
+}
+if(data138.events === undefined){
+data138.events = {};
+}
+if(data138.issuer === undefined){
+const err319 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err319];
 }
@@ -4159,9 +4160,8 @@ vErrors.push(err319);
 }
 errors++;
 }
-}
-else {
-const err320 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data138.registry_file === undefined){
+const err320 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
 if(vErrors === null){
 vErrors = [err320];
 }
@@ -4170,12 +4170,9 @@ vErrors.push(err320);
 }
 errors++;
 }
-}
-if(data137.audience !== undefined){
-let data139 = data137.audience;
-if(typeof data139 === "string"){
-if(func4(data139) < 1){
-const err321 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key32 in data138){
+if(!(func2.call(schema11.properties.broker.properties, key32))){
+const err321 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err321];
 }
@@ -4185,8 +4182,11 @@ vErrors.push(err321);
 errors++;
 }
 }
-else {
-const err322 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data138.issuer !== undefined){
+let data139 = data138.issuer;
+if(typeof data139 === "string"){
+if(!pattern1.test(data139)){
+const err322 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err322];
 }
@@ -4196,17 +4196,8 @@ vErrors.push(err322);
 errors++;
 }
 }
-let data140 = data137.listen;
-if(data140 && typeof data140 == "object" && !Array.isArray(data140)){
-if(data140.host === undefined){
-data140.host = "127.0.0.1";
-}
-if(data140.port === undefined){
-data140.port = 15003;
-}
-for(const key33 in data140){
-if(!((key33 === "host") || (key33 === "port"))){
-const err323 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
+else {
+const err323 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err323];
 }
@@ -4216,10 +4207,11 @@ vErrors.push(err323);
 errors++;
 }
 }
-let data141 = data140.host;
-if(typeof data141 === "string"){
-if(func4(data141) < 1){
-const err324 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data138.audience !== undefined){
+let data140 = data138.audience;
+if(typeof data140 === "string"){
+if(func4(data140) < 1){
+const err324 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err324];
 }
@@ -4230,7 +4222,7 @@ errors++;
 }
 }
 else {
-const err325 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err325 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err325];
 }
@@ -4239,9 +4231,18 @@ vErrors.push(err325);
 }
 errors++;
 }
-let data142 = data140.port;
-if(!(((typeof data142 == "number") && (!(data142 % 1) && !isNaN(data142))) && (isFinite(data142)))){
-const err326 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data141 = data138.listen;
+if(data141 && typeof data141 == "object" && !Array.isArray(data141)){
+if(data141.host === undefined){
+data141.host = "127.0.0.1";
+}
+if(data141.port === undefined){
+data141.port = 15003;
+}
+for(const key33 in data141){
+if(!((key33 === "host") || (key33 === "port"))){
+const err326 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err326];
 }
@@ -4250,9 +4251,11 @@ vErrors.push(err326);
 }
 errors++;
 }
-if((typeof data142 == "number") && (isFinite(data142))){
-if(data142 > 65535 || isNaN(data142)){
-const err327 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+let data142 = data141.host;
+if(typeof data142 === "string"){
+if(func4(data142) < 1){
+const err327 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err327];
 }
@@ -4261,8 +4264,9 @@ vErrors.push(err327);
 }
 errors++;
 }
-if(data142 < 0 || isNaN(data142)){
-const err328 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+else {
+const err328 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err328];
 }
@@ -4271,10 +4275,9 @@ vErrors.push(err328);
 }
 errors++;
 }
-}
-}
-else {
-const err329 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data143 = data141.port;
+if(!(((typeof data143 == "number") && (!(data143 % 1) && !isNaN(data143))) && (isFinite(data143)))){
+const err329 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err329];
 }
@@ -4283,20 +4286,9 @@ vErrors.push(err329);
 }
 errors++;
 }
-let data143 = data137.keys;
-if(data143 && typeof data143 == "object" && !Array.isArray(data143)){
-if(data143.dir === undefined){
-data143.dir = ".latchkey/broker-keys";
-}
-if(data143.alg === undefined){
-data143.alg = "ES256";
-}
-if(data143.rotate_after_s === undefined){
-data143.rotate_after_s = 86400;
-}
-for(const key34 in data143){
-if(!(((key34 === "dir") || (key34 === "alg")) || (key34 === "rotate_after_s"))){
-const err330 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
+if((typeof data143 == "number") && (isFinite(data143))){
+if(data143 > 65535 || isNaN(data143)){
+const err330 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err330];
 }
@@ -4305,11 +4297,8 @@ vErrors.push(err330);
 }
 errors++;
 }
-}
-let data144 = data143.dir;
-if(typeof data144 === "string"){
-if(func4(data144) < 1){
-const err331 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data143 < 0 || isNaN(data143)){
+const err331 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err331];
 }
@@ -4319,8 +4308,9 @@ vErrors.push(err331);
 errors++;
 }
 }
+}
 else {
-const err332 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err332 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err332];
 }
@@ -4329,9 +4319,20 @@ vErrors.push(err332);
 }
 errors++;
 }
-let data145 = data143.alg;
-if(!((data145 === "ES256") || (data145 === "EdDSA"))){
-const err333 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
+let data144 = data138.keys;
+if(data144 && typeof data144 == "object" && !Array.isArray(data144)){
+if(data144.dir === undefined){
+data144.dir = ".latchkey/broker-keys";
+}
+if(data144.alg === undefined){
+data144.alg = "ES256";
+}
+if(data144.rotate_after_s === undefined){
+data144.rotate_after_s = 86400;
+}
+for(const key34 in data144){
+if(!(((key34 === "dir") || (key34 === "alg")) || (key34 === "rotate_after_s"))){
+const err333 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err333];
 }
@@ -4340,9 +4341,11 @@ vErrors.push(err333);
 }
 errors++;
 }
-let data146 = data143.rotate_after_s;
-if(!(((typeof data146 == "number") && (!(data146 % 1) && !isNaN(data146))) && (isFinite(data146)))){
-const err334 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data145 = data144.dir;
+if(typeof data145 === "string"){
+if(func4(data145) < 1){
+const err334 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err334];
 }
@@ -4351,9 +4354,9 @@ vErrors.push(err334);
 }
 errors++;
 }
-if((typeof data146 == "number") && (isFinite(data146))){
-if(data146 > 31536000 || isNaN(data146)){
-const err335 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+}
+else {
+const err335 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err335];
 }
@@ -4362,8 +4365,9 @@ vErrors.push(err335);
 }
 errors++;
 }
-if(data146 < 60 || isNaN(data146)){
-const err336 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+let data146 = data144.alg;
+if(!((data146 === "ES256") || (data146 === "EdDSA"))){
+const err336 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err336];
 }
@@ -4372,10 +4376,9 @@ vErrors.push(err336);
 }
 errors++;
 }
-}
-}
-else {
-const err337 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data147 = data144.rotate_after_s;
+if(!(((typeof data147 == "number") && (!(data147 % 1) && !isNaN(data147))) && (isFinite(data147)))){
+const err337 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err337];
 }
@@ -4384,11 +4387,9 @@ vErrors.push(err337);
 }
 errors++;
 }
-if(data137.registry_file !== undefined){
-let data147 = data137.registry_file;
-if(typeof data147 === "string"){
-if(func4(data147) < 1){
-const err338 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if((typeof data147 == "number") && (isFinite(data147))){
+if(data147 > 31536000 || isNaN(data147)){
+const err338 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err338];
 }
@@ -4397,9 +4398,8 @@ vErrors.push(err338);
 }
 errors++;
 }
-}
-else {
-const err339 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data147 < 60 || isNaN(data147)){
+const err339 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err339];
 }
@@ -4409,20 +4409,9 @@ vErrors.push(err339);
 errors++;
 }
 }
-let data148 = data137.tokens;
-if(data148 && typeof data148 == "object" && !Array.isArray(data148)){
-if(data148.floor_s === undefined){
-data148.floor_s = 60;
 }
-if(data148.default_duration_s === undefined){
-data148.default_duration_s = 300;
-}
-if(data148.max_body_bytes === undefined){
-data148.max_body_bytes = 65536;
-}
-for(const key35 in data148){
-if(!(((key35 === "floor_s") || (key35 === "default_duration_s")) || (key35 === "max_body_bytes"))){
-const err340 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
+else {
+const err340 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err340];
 }
@@ -4431,10 +4420,11 @@ vErrors.push(err340);
 }
 errors++;
 }
-}
-let data149 = data148.floor_s;
-if(!(((typeof data149 == "number") && (!(data149 % 1) && !isNaN(data149))) && (isFinite(data149)))){
-const err341 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data138.registry_file !== undefined){
+let data148 = data138.registry_file;
+if(typeof data148 === "string"){
+if(func4(data148) < 1){
+const err341 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err341];
 }
@@ -4443,9 +4433,9 @@ vErrors.push(err341);
 }
 errors++;
 }
-if((typeof data149 == "number") && (isFinite(data149))){
-if(data149 > 86400 || isNaN(data149)){
-const err342 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+}
+else {
+const err342 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err342];
 }
@@ -4454,8 +4444,21 @@ vErrors.push(err342);
 }
 errors++;
 }
-if(data149 < 1 || isNaN(data149)){
-const err343 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data149 = data138.tokens;
+if(data149 && typeof data149 == "object" && !Array.isArray(data149)){
+if(data149.floor_s === undefined){
+data149.floor_s = 60;
+}
+if(data149.default_duration_s === undefined){
+data149.default_duration_s = 300;
+}
+if(data149.max_body_bytes === undefined){
+data149.max_body_bytes = 65536;
+}
+for(const key35 in data149){
+if(!(((key35 === "floor_s") || (key35 === "default_duration_s")) || (key35 === "max_body_bytes"))){
+const err343 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err343];
 }
@@ -4465,9 +4468,9 @@ vErrors.push(err343);
 errors++;
 }
 }
-let data150 = data148.default_duration_s;
+let data150 = data149.floor_s;
 if(!(((typeof data150 == "number") && (!(data150 % 1) && !isNaN(data150))) && (isFinite(data150)))){
-const err344 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err344 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err344];
 }
@@ -4478,7 +4481,7 @@ errors++;
 }
 if((typeof data150 == "number") && (isFinite(data150))){
 if(data150 > 86400 || isNaN(data150)){
-const err345 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+const err345 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err345];
 }
@@ -4488,7 +4491,7 @@ vErrors.push(err345);
 errors++;
 }
 if(data150 < 1 || isNaN(data150)){
-const err346 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err346 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err346];
 }
@@ -4498,9 +4501,9 @@ vErrors.push(err346);
 errors++;
 }
 }
-let data151 = data148.max_body_bytes;
+let data151 = data149.default_duration_s;
 if(!(((typeof data151 == "number") && (!(data151 % 1) && !isNaN(data151))) && (isFinite(data151)))){
-const err347 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err347 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err347];
 }
@@ -4510,8 +4513,8 @@ vErrors.push(err347);
 errors++;
 }
 if((typeof data151 == "number") && (isFinite(data151))){
-if(data151 > 1048576 || isNaN(data151)){
-const err348 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
+if(data151 > 86400 || isNaN(data151)){
+const err348 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err348];
 }
@@ -4520,8 +4523,8 @@ vErrors.push(err348);
 }
 errors++;
 }
-if(data151 < 1024 || isNaN(data151)){
-const err349 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+if(data151 < 1 || isNaN(data151)){
+const err349 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err349];
 }
@@ -4531,9 +4534,9 @@ vErrors.push(err349);
 errors++;
 }
 }
-}
-else {
-const err350 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data152 = data149.max_body_bytes;
+if(!(((typeof data152 == "number") && (!(data152 % 1) && !isNaN(data152))) && (isFinite(data152)))){
+const err350 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err350];
 }
@@ -4542,14 +4545,9 @@ vErrors.push(err350);
 }
 errors++;
 }
-if(data137.users !== undefined){
-let data152 = data137.users;
-if(data152 && typeof data152 == "object" && !Array.isArray(data152)){
-if(data152.scope_claim === undefined){
-data152.scope_claim = "scope";
-}
-if(data152.issuer === undefined){
-const err351 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+if((typeof data152 == "number") && (isFinite(data152))){
+if(data152 > 1048576 || isNaN(data152)){
+const err351 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
 if(vErrors === null){
 vErrors = [err351];
 }
@@ -4558,8 +4556,8 @@ vErrors.push(err351);
 }
 errors++;
 }
-if(data152.audience === undefined){
-const err352 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+if(data152 < 1024 || isNaN(data152)){
+const err352 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err352];
 }
@@ -4568,9 +4566,10 @@ vErrors.push(err352);
 }
 errors++;
 }
-for(const key36 in data152){
-if(!(((((key36 === "issuer") || (key36 === "audience")) || (key36 === "scope_claim")) || (key36 === "jwks_file")) || (key36 === "jwks_url"))){
-const err353 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
+}
+}
+else {
+const err353 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err353];
 }
@@ -4579,12 +4578,14 @@ vErrors.push(err353);
 }
 errors++;
 }
+if(data138.users !== undefined){
+let data153 = data138.users;
+if(data153 && typeof data153 == "object" && !Array.isArray(data153)){
+if(data153.scope_claim === undefined){
+data153.scope_claim = "scope";
 }
-if(data152.issuer !== undefined){
-let data153 = data152.issuer;
-if(typeof data153 === "string"){
-if(func4(data153) < 1){
-const err354 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data153.issuer === undefined){
+const err354 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err354];
 }
@@ -4593,9 +4594,8 @@ vErrors.push(err354);
 }
 errors++;
 }
-}
-else {
-const err355 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data153.audience === undefined){
+const err355 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err355];
 }
@@ -4604,12 +4604,9 @@ vErrors.push(err355);
 }
 errors++;
 }
-}
-if(data152.audience !== undefined){
-let data154 = data152.audience;
-if(typeof data154 === "string"){
-if(func4(data154) < 1){
-const err356 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key36 in data153){
+if(!(((((key36 === "issuer") || (key36 === "audience")) || (key36 === "scope_claim")) || (key36 === "jwks_file")) || (key36 === "jwks_url"))){
+const err356 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err356];
 }
@@ -4619,8 +4616,11 @@ vErrors.push(err356);
 errors++;
 }
 }
-else {
-const err357 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data153.issuer !== undefined){
+let data154 = data153.issuer;
+if(typeof data154 === "string"){
+if(func4(data154) < 1){
+const err357 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err357];
 }
@@ -4630,10 +4630,8 @@ vErrors.push(err357);
 errors++;
 }
 }
-let data155 = data152.scope_claim;
-if(typeof data155 === "string"){
-if(func4(data155) < 1){
-const err358 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err358 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err358];
 }
@@ -4643,8 +4641,11 @@ vErrors.push(err358);
 errors++;
 }
 }
-else {
-const err359 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data153.audience !== undefined){
+let data155 = data153.audience;
+if(typeof data155 === "string"){
+if(func4(data155) < 1){
+const err359 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err359];
 }
@@ -4653,11 +4654,9 @@ vErrors.push(err359);
 }
 errors++;
 }
-if(data152.jwks_file !== undefined){
-let data156 = data152.jwks_file;
-if(typeof data156 === "string"){
-if(func4(data156) < 1){
-const err360 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err360 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err360];
 }
@@ -4667,8 +4666,10 @@ vErrors.push(err360);
 errors++;
 }
 }
-else {
-const err361 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data156 = data153.scope_claim;
+if(typeof data156 === "string"){
+if(func4(data156) < 1){
+const err361 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err361];
 }
@@ -4678,11 +4679,8 @@ vErrors.push(err361);
 errors++;
 }
 }
-if(data152.jwks_url !== undefined){
-let data157 = data152.jwks_url;
-if(typeof data157 === "string"){
-if(!pattern1.test(data157)){
-const err362 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+else {
+const err362 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err362];
 }
@@ -4691,9 +4689,11 @@ vErrors.push(err362);
 }
 errors++;
 }
-}
-else {
-const err363 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data153.jwks_file !== undefined){
+let data157 = data153.jwks_file;
+if(typeof data157 === "string"){
+if(func4(data157) < 1){
+const err363 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err363];
 }
@@ -4703,9 +4703,8 @@ vErrors.push(err363);
 errors++;
 }
 }
-}
 else {
-const err364 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err364 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err364];
 }
@@ -4715,11 +4714,11 @@ vErrors.push(err364);
 errors++;
 }
 }
-let data158 = data137.attestors;
-if(data158 && typeof data158 == "object" && !Array.isArray(data158)){
-for(const key37 in data158){
-if(!(((key37 === "kubernetes") || (key37 === "spiffe")) || (key37 === "local"))){
-const err365 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
+if(data153.jwks_url !== undefined){
+let data158 = data153.jwks_url;
+if(typeof data158 === "string"){
+if(!pattern1.test(data158)){
+const err365 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err365];
 }
@@ -4729,11 +4728,8 @@ vErrors.push(err365);
 errors++;
 }
 }
-if(data158.kubernetes !== undefined){
-let data159 = data158.kubernetes;
-if(data159 && typeof data159 == "object" && !Array.isArray(data159)){
-if(data159.issuer === undefined){
-const err366 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+else {
+const err366 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err366];
 }
@@ -4742,9 +4738,10 @@ vErrors.push(err366);
 }
 errors++;
 }
-for(const key38 in data159){
-if(!((((key38 === "issuer") || (key38 === "audience")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
-const err367 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
+}
+}
+else {
+const err367 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err367];
 }
@@ -4754,11 +4751,11 @@ vErrors.push(err367);
 errors++;
 }
 }
-if(data159.issuer !== undefined){
-let data160 = data159.issuer;
-if(typeof data160 === "string"){
-if(func4(data160) < 1){
-const err368 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data159 = data138.attestors;
+if(data159 && typeof data159 == "object" && !Array.isArray(data159)){
+for(const key37 in data159){
+if(!(((key37 === "kubernetes") || (key37 === "spiffe")) || (key37 === "local"))){
+const err368 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err368];
 }
@@ -4768,8 +4765,11 @@ vErrors.push(err368);
 errors++;
 }
 }
-else {
-const err369 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data159.kubernetes !== undefined){
+let data160 = data159.kubernetes;
+if(data160 && typeof data160 == "object" && !Array.isArray(data160)){
+if(data160.issuer === undefined){
+const err369 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err369];
 }
@@ -4778,12 +4778,9 @@ vErrors.push(err369);
 }
 errors++;
 }
-}
-if(data159.audience !== undefined){
-let data161 = data159.audience;
-if(typeof data161 === "string"){
-if(func4(data161) < 1){
-const err370 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key38 in data160){
+if(!((((key38 === "issuer") || (key38 === "audience")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
+const err370 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err370];
 }
@@ -4793,8 +4790,11 @@ vErrors.push(err370);
 errors++;
 }
 }
-else {
-const err371 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data160.issuer !== undefined){
+let data161 = data160.issuer;
+if(typeof data161 === "string"){
+if(func4(data161) < 1){
+const err371 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err371];
 }
@@ -4804,11 +4804,8 @@ vErrors.push(err371);
 errors++;
 }
 }
-if(data159.jwks_file !== undefined){
-let data162 = data159.jwks_file;
-if(typeof data162 === "string"){
-if(func4(data162) < 1){
-const err372 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err372 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err372];
 }
@@ -4818,8 +4815,11 @@ vErrors.push(err372);
 errors++;
 }
 }
-else {
-const err373 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data160.audience !== undefined){
+let data162 = data160.audience;
+if(typeof data162 === "string"){
+if(func4(data162) < 1){
+const err373 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err373];
 }
@@ -4829,11 +4829,8 @@ vErrors.push(err373);
 errors++;
 }
 }
-if(data159.jwks_url !== undefined){
-let data163 = data159.jwks_url;
-if(typeof data163 === "string"){
-if(!pattern1.test(data163)){
-const err374 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+else {
+const err374 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err374];
 }
@@ -4843,8 +4840,11 @@ vErrors.push(err374);
 errors++;
 }
 }
-else {
-const err375 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data160.jwks_file !== undefined){
+let data163 = data160.jwks_file;
+if(typeof data163 === "string"){
+if(func4(data163) < 1){
+const err375 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err375];
 }
@@ -4854,9 +4854,8 @@ vErrors.push(err375);
 errors++;
 }
 }
-}
 else {
-const err376 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err376 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err376];
 }
@@ -4866,11 +4865,11 @@ vErrors.push(err376);
 errors++;
 }
 }
-if(data158.spiffe !== undefined){
-let data164 = data158.spiffe;
-if(data164 && typeof data164 == "object" && !Array.isArray(data164)){
-if(data164.trust_domain === undefined){
-const err377 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
+if(data160.jwks_url !== undefined){
+let data164 = data160.jwks_url;
+if(typeof data164 === "string"){
+if(!pattern1.test(data164)){
+const err377 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err377];
 }
@@ -4879,9 +4878,9 @@ vErrors.push(err377);
 }
 errors++;
 }
-for(const key39 in data164){
-if(!((((key39 === "trust_domain") || (key39 === "audience")) || (key39 === "jwks_file")) || (key39 === "jwks_url"))){
-const err378 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
+}
+else {
+const err378 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err378];
 }
@@ -4891,11 +4890,9 @@ vErrors.push(err378);
 errors++;
 }
 }
-if(data164.trust_domain !== undefined){
-let data165 = data164.trust_domain;
-if(typeof data165 === "string"){
-if(!pattern26.test(data165)){
-const err379 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
+}
+else {
+const err379 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err379];
 }
@@ -4905,8 +4902,11 @@ vErrors.push(err379);
 errors++;
 }
 }
-else {
-const err380 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data159.spiffe !== undefined){
+let data165 = data159.spiffe;
+if(data165 && typeof data165 == "object" && !Array.isArray(data165)){
+if(data165.trust_domain === undefined){
+const err380 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
 if(vErrors === null){
 vErrors = [err380];
 }
@@ -4915,12 +4915,9 @@ vErrors.push(err380);
 }
 errors++;
 }
-}
-if(data164.audience !== undefined){
-let data166 = data164.audience;
-if(typeof data166 === "string"){
-if(func4(data166) < 1){
-const err381 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key39 in data165){
+if(!((((key39 === "trust_domain") || (key39 === "audience")) || (key39 === "jwks_file")) || (key39 === "jwks_url"))){
+const err381 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err381];
 }
@@ -4930,8 +4927,11 @@ vErrors.push(err381);
 errors++;
 }
 }
-else {
-const err382 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data165.trust_domain !== undefined){
+let data166 = data165.trust_domain;
+if(typeof data166 === "string"){
+if(!pattern26.test(data166)){
+const err382 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err382];
 }
@@ -4941,11 +4941,8 @@ vErrors.push(err382);
 errors++;
 }
 }
-if(data164.jwks_file !== undefined){
-let data167 = data164.jwks_file;
-if(typeof data167 === "string"){
-if(func4(data167) < 1){
-const err383 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err383 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err383];
 }
@@ -4955,8 +4952,11 @@ vErrors.push(err383);
 errors++;
 }
 }
-else {
-const err384 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data165.audience !== undefined){
+let data167 = data165.audience;
+if(typeof data167 === "string"){
+if(func4(data167) < 1){
+const err384 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err384];
 }
@@ -4966,11 +4966,8 @@ vErrors.push(err384);
 errors++;
 }
 }
-if(data164.jwks_url !== undefined){
-let data168 = data164.jwks_url;
-if(typeof data168 === "string"){
-if(!pattern1.test(data168)){
-const err385 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+else {
+const err385 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err385];
 }
@@ -4980,8 +4977,11 @@ vErrors.push(err385);
 errors++;
 }
 }
-else {
-const err386 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data165.jwks_file !== undefined){
+let data168 = data165.jwks_file;
+if(typeof data168 === "string"){
+if(func4(data168) < 1){
+const err386 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err386];
 }
@@ -4991,9 +4991,8 @@ vErrors.push(err386);
 errors++;
 }
 }
-}
 else {
-const err387 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err387 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err387];
 }
@@ -5003,11 +5002,11 @@ vErrors.push(err387);
 errors++;
 }
 }
-if(data158.local !== undefined){
-let data169 = data158.local;
-if(data169 && typeof data169 == "object" && !Array.isArray(data169)){
-if(data169.keys_file === undefined){
-const err388 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
+if(data165.jwks_url !== undefined){
+let data169 = data165.jwks_url;
+if(typeof data169 === "string"){
+if(!pattern1.test(data169)){
+const err388 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err388];
 }
@@ -5016,9 +5015,9 @@ vErrors.push(err388);
 }
 errors++;
 }
-for(const key40 in data169){
-if(!(key40 === "keys_file")){
-const err389 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
+}
+else {
+const err389 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err389];
 }
@@ -5028,11 +5027,9 @@ vErrors.push(err389);
 errors++;
 }
 }
-if(data169.keys_file !== undefined){
-let data170 = data169.keys_file;
-if(typeof data170 === "string"){
-if(func4(data170) < 1){
-const err390 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err390 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err390];
 }
@@ -5042,8 +5039,11 @@ vErrors.push(err390);
 errors++;
 }
 }
-else {
-const err391 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data159.local !== undefined){
+let data170 = data159.local;
+if(data170 && typeof data170 == "object" && !Array.isArray(data170)){
+if(data170.keys_file === undefined){
+const err391 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
 if(vErrors === null){
 vErrors = [err391];
 }
@@ -5052,10 +5052,9 @@ vErrors.push(err391);
 }
 errors++;
 }
-}
-}
-else {
-const err392 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key40 in data170){
+if(!(key40 === "keys_file")){
+const err392 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err392];
 }
@@ -5065,9 +5064,11 @@ vErrors.push(err392);
 errors++;
 }
 }
-}
-else {
-const err393 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data170.keys_file !== undefined){
+let data171 = data170.keys_file;
+if(typeof data171 === "string"){
+if(func4(data171) < 1){
+const err393 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err393];
 }
@@ -5076,10 +5077,9 @@ vErrors.push(err393);
 }
 errors++;
 }
-let data171 = data137.store;
-if(data171 && typeof data171 == "object" && !Array.isArray(data171)){
-if(Object.keys(data171).length > 1){
-const err394 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
+}
+else {
+const err394 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err394];
 }
@@ -5088,9 +5088,10 @@ vErrors.push(err394);
 }
 errors++;
 }
-for(const key41 in data171){
-if(!((key41 === "sqlite") || (key41 === "postgres"))){
-const err395 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
+}
+}
+else {
+const err395 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err395];
 }
@@ -5100,11 +5101,9 @@ vErrors.push(err395);
 errors++;
 }
 }
-if(data171.sqlite !== undefined){
-let data172 = data171.sqlite;
-if(data172 && typeof data172 == "object" && !Array.isArray(data172)){
-if(data172.path === undefined){
-const err396 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+}
+else {
+const err396 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err396];
 }
@@ -5113,9 +5112,10 @@ vErrors.push(err396);
 }
 errors++;
 }
-for(const key42 in data172){
-if(!(key42 === "path")){
-const err397 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
+let data172 = data138.store;
+if(data172 && typeof data172 == "object" && !Array.isArray(data172)){
+if(Object.keys(data172).length > 1){
+const err397 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
 if(vErrors === null){
 vErrors = [err397];
 }
@@ -5124,12 +5124,9 @@ vErrors.push(err397);
 }
 errors++;
 }
-}
-if(data172.path !== undefined){
-let data173 = data172.path;
-if(typeof data173 === "string"){
-if(func4(data173) < 1){
-const err398 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key41 in data172){
+if(!((key41 === "sqlite") || (key41 === "postgres"))){
+const err398 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err398];
 }
@@ -5139,8 +5136,11 @@ vErrors.push(err398);
 errors++;
 }
 }
-else {
-const err399 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data172.sqlite !== undefined){
+let data173 = data172.sqlite;
+if(data173 && typeof data173 == "object" && !Array.isArray(data173)){
+if(data173.path === undefined){
+const err399 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err399];
 }
@@ -5149,10 +5149,9 @@ vErrors.push(err399);
 }
 errors++;
 }
-}
-}
-else {
-const err400 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key42 in data173){
+if(!(key42 === "path")){
+const err400 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err400];
 }
@@ -5162,14 +5161,11 @@ vErrors.push(err400);
 errors++;
 }
 }
-if(data171.postgres !== undefined){
-let data174 = data171.postgres;
-if(data174 && typeof data174 == "object" && !Array.isArray(data174)){
-if(data174.schema === undefined){
-data174.schema = "latchkey";
-}
-if(data174.url === undefined){
-const err401 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
+if(data173.path !== undefined){
+let data174 = data173.path;
+if(typeof data174 === "string"){
+if(func4(data174) < 1){
+const err401 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err401];
 }
@@ -5178,9 +5174,9 @@ vErrors.push(err401);
 }
 errors++;
 }
-for(const key43 in data174){
-if(!((key43 === "url") || (key43 === "schema"))){
-const err402 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
+}
+else {
+const err402 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err402];
 }
@@ -5190,11 +5186,9 @@ vErrors.push(err402);
 errors++;
 }
 }
-if(data174.url !== undefined){
-let data175 = data174.url;
-if(typeof data175 === "string"){
-if(!pattern28.test(data175)){
-const err403 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
+}
+else {
+const err403 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err403];
 }
@@ -5204,8 +5198,14 @@ vErrors.push(err403);
 errors++;
 }
 }
-else {
-const err404 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data172.postgres !== undefined){
+let data175 = data172.postgres;
+if(data175 && typeof data175 == "object" && !Array.isArray(data175)){
+if(data175.schema === undefined){
+data175.schema = "latchkey";
+}
+if(data175.url === undefined){
+const err404 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err404];
 }
@@ -5214,11 +5214,9 @@ vErrors.push(err404);
 }
 errors++;
 }
-}
-let data176 = data174.schema;
-if(typeof data176 === "string"){
-if(!pattern29.test(data176)){
-const err405 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
+for(const key43 in data175){
+if(!((key43 === "url") || (key43 === "schema"))){
+const err405 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err405];
 }
@@ -5228,8 +5226,11 @@ vErrors.push(err405);
 errors++;
 }
 }
-else {
-const err406 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data175.url !== undefined){
+let data176 = data175.url;
+if(typeof data176 === "string"){
+if(!pattern28.test(data176)){
+const err406 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
 if(vErrors === null){
 vErrors = [err406];
 }
@@ -5240,7 +5241,7 @@ errors++;
 }
 }
 else {
-const err407 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err407 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err407];
 }
@@ -5250,9 +5251,10 @@ vErrors.push(err407);
 errors++;
 }
 }
-}
-else {
-const err408 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data177 = data175.schema;
+if(typeof data177 === "string"){
+if(!pattern29.test(data177)){
+const err408 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
 if(vErrors === null){
 vErrors = [err408];
 }
@@ -5261,10 +5263,9 @@ vErrors.push(err408);
 }
 errors++;
 }
-let data177 = data137.admin_token_env;
-if(typeof data177 === "string"){
-if(!pattern30.test(data177)){
-const err409 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+}
+else {
+const err409 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err409];
 }
@@ -5275,7 +5276,7 @@ errors++;
 }
 }
 else {
-const err410 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err410 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err410];
 }
@@ -5284,13 +5285,10 @@ vErrors.push(err410);
 }
 errors++;
 }
-let data178 = data137.introspection_clients;
-if(data178 && typeof data178 == "object" && !Array.isArray(data178)){
-for(const key44 in data178){
-const _errs393 = errors;
-if(typeof key44 === "string"){
-if(!pattern6.test(key44)){
-const err411 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key44};
+}
+}
+else {
+const err411 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err411];
 }
@@ -5299,10 +5297,10 @@ vErrors.push(err411);
 }
 errors++;
 }
-}
-var valid78 = _errs393 === errors;
-if(!valid78){
-const err412 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key44},message:"property name must be valid"};
+let data178 = data138.admin_token_env;
+if(typeof data178 === "string"){
+if(!pattern30.test(data178)){
+const err412 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err412];
 }
@@ -5312,11 +5310,8 @@ vErrors.push(err412);
 errors++;
 }
 }
-for(const key45 in data178){
-let data179 = data178[key45];
-if(typeof data179 === "string"){
-if(!pattern30.test(data179)){
-const err413 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+else {
+const err413 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err413];
 }
@@ -5325,9 +5320,13 @@ vErrors.push(err413);
 }
 errors++;
 }
-}
-else {
-const err414 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data179 = data138.introspection_clients;
+if(data179 && typeof data179 == "object" && !Array.isArray(data179)){
+for(const key44 in data179){
+const _errs395 = errors;
+if(typeof key44 === "string"){
+if(!pattern6.test(key44)){
+const err414 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key44};
 if(vErrors === null){
 vErrors = [err414];
 }
@@ -5337,9 +5336,9 @@ vErrors.push(err414);
 errors++;
 }
 }
-}
-else {
-const err415 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
+var valid78 = _errs395 === errors;
+if(!valid78){
+const err415 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key44},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err415];
 }
@@ -5348,13 +5347,12 @@ vErrors.push(err415);
 }
 errors++;
 }
-let data180 = data137.leased_secrets;
-if(data180 && typeof data180 == "object" && !Array.isArray(data180)){
-for(const key46 in data180){
-const _errs399 = errors;
-if(typeof key46 === "string"){
-if(func4(key46) > 512){
-const err416 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key46};
+}
+for(const key45 in data179){
+let data180 = data179[key45];
+if(typeof data180 === "string"){
+if(!pattern30.test(data180)){
+const err416 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err416];
 }
@@ -5363,8 +5361,9 @@ vErrors.push(err416);
 }
 errors++;
 }
-if(func4(key46) < 1){
-const err417 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key46};
+}
+else {
+const err417 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err417];
 }
@@ -5374,9 +5373,9 @@ vErrors.push(err417);
 errors++;
 }
 }
-var valid80 = _errs399 === errors;
-if(!valid80){
-const err418 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
+}
+else {
+const err418 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err418];
 }
@@ -5385,12 +5384,13 @@ vErrors.push(err418);
 }
 errors++;
 }
-}
-for(const key47 in data180){
-let data181 = data180[key47];
-if(typeof data181 === "string"){
-if(!pattern30.test(data181)){
-const err419 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+let data181 = data138.leased_secrets;
+if(data181 && typeof data181 == "object" && !Array.isArray(data181)){
+for(const key46 in data181){
+const _errs401 = errors;
+if(typeof key46 === "string"){
+if(func4(key46) > 512){
+const err419 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key46};
 if(vErrors === null){
 vErrors = [err419];
 }
@@ -5399,9 +5399,8 @@ vErrors.push(err419);
 }
 errors++;
 }
-}
-else {
-const err420 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(func4(key46) < 1){
+const err420 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key46};
 if(vErrors === null){
 vErrors = [err420];
 }
@@ -5411,9 +5410,9 @@ vErrors.push(err420);
 errors++;
 }
 }
-}
-else {
-const err421 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+var valid80 = _errs401 === errors;
+if(!valid80){
+const err421 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err421];
 }
@@ -5422,11 +5421,12 @@ vErrors.push(err421);
 }
 errors++;
 }
-let data182 = data137.events;
-if(data182 && typeof data182 == "object" && !Array.isArray(data182)){
-for(const key48 in data182){
-if(!(key48 === "jsonl")){
-const err422 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key48},message:"must NOT have additional properties"};
+}
+for(const key47 in data181){
+let data182 = data181[key47];
+if(typeof data182 === "string"){
+if(!pattern30.test(data182)){
+const err422 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err422];
 }
@@ -5436,11 +5436,8 @@ vErrors.push(err422);
 errors++;
 }
 }
-if(data182.jsonl !== undefined){
-let data183 = data182.jsonl;
-if(data183 && typeof data183 == "object" && !Array.isArray(data183)){
-if(data183.path === undefined){
-const err423 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+else {
+const err423 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err423];
 }
@@ -5449,9 +5446,10 @@ vErrors.push(err423);
 }
 errors++;
 }
-for(const key49 in data183){
-if(!(key49 === "path")){
-const err424 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key49},message:"must NOT have additional properties"};
+}
+}
+else {
+const err424 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err424];
 }
@@ -5460,12 +5458,11 @@ vErrors.push(err424);
 }
 errors++;
 }
-}
-if(data183.path !== undefined){
-let data184 = data183.path;
-if(typeof data184 === "string"){
-if(func4(data184) < 1){
-const err425 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data183 = data138.events;
+if(data183 && typeof data183 == "object" && !Array.isArray(data183)){
+for(const key48 in data183){
+if(!(key48 === "jsonl")){
+const err425 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key48},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err425];
 }
@@ -5475,8 +5472,11 @@ vErrors.push(err425);
 errors++;
 }
 }
-else {
-const err426 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data183.jsonl !== undefined){
+let data184 = data183.jsonl;
+if(data184 && typeof data184 == "object" && !Array.isArray(data184)){
+if(data184.path === undefined){
+const err426 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err426];
 }
@@ -5485,10 +5485,9 @@ vErrors.push(err426);
 }
 errors++;
 }
-}
-}
-else {
-const err427 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key49 in data184){
+if(!(key49 === "path")){
+const err427 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key49},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err427];
 }
@@ -5498,9 +5497,11 @@ vErrors.push(err427);
 errors++;
 }
 }
-}
-else {
-const err428 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data184.path !== undefined){
+let data185 = data184.path;
+if(typeof data185 === "string"){
+if(func4(data185) < 1){
+const err428 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err428];
 }
@@ -5509,30 +5510,9 @@ vErrors.push(err428);
 }
 errors++;
 }
-if(data137.control !== undefined){
-let data185 = data137.control;
-if(data185 && typeof data185 == "object" && !Array.isArray(data185)){
-if(data185.host === undefined){
-data185.host = "127.0.0.1";
 }
-if(data185.port === undefined){
-data185.port = 15004;
-}
-if(data185.token_env === undefined){
-data185.token_env = "LATCHKEY_CONTROL_TOKEN";
-}
-if(data185.heartbeat_ms === undefined){
-data185.heartbeat_ms = 1000;
-}
-if(data185.max_bundle_bytes === undefined){
-data185.max_bundle_bytes = 262144;
-}
-if(data185.resync_ms === undefined){
-data185.resync_ms = 5000;
-}
-for(const key50 in data185){
-if(!((((((((key50 === "host") || (key50 === "port")) || (key50 === "token_env")) || (key50 === "heartbeat_ms")) || (key50 === "policy_file")) || (key50 === "max_bundle_bytes")) || (key50 === "resync_ms")) || (key50 === "nats"))){
-const err429 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
+else {
+const err429 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err429];
 }
@@ -5542,10 +5522,9 @@ vErrors.push(err429);
 errors++;
 }
 }
-let data186 = data185.host;
-if(typeof data186 === "string"){
-if(func4(data186) < 1){
-const err430 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err430 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err430];
 }
@@ -5555,8 +5534,9 @@ vErrors.push(err430);
 errors++;
 }
 }
+}
 else {
-const err431 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err431 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err431];
 }
@@ -5565,9 +5545,30 @@ vErrors.push(err431);
 }
 errors++;
 }
-let data187 = data185.port;
-if(!(((typeof data187 == "number") && (!(data187 % 1) && !isNaN(data187))) && (isFinite(data187)))){
-const err432 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data138.control !== undefined){
+let data186 = data138.control;
+if(data186 && typeof data186 == "object" && !Array.isArray(data186)){
+if(data186.host === undefined){
+data186.host = "127.0.0.1";
+}
+if(data186.port === undefined){
+data186.port = 15004;
+}
+if(data186.token_env === undefined){
+data186.token_env = "LATCHKEY_CONTROL_TOKEN";
+}
+if(data186.heartbeat_ms === undefined){
+data186.heartbeat_ms = 1000;
+}
+if(data186.max_bundle_bytes === undefined){
+data186.max_bundle_bytes = 262144;
+}
+if(data186.resync_ms === undefined){
+data186.resync_ms = 5000;
+}
+for(const key50 in data186){
+if(!((((((((key50 === "host") || (key50 === "port")) || (key50 === "token_env")) || (key50 === "heartbeat_ms")) || (key50 === "policy_file")) || (key50 === "max_bundle_bytes")) || (key50 === "resync_ms")) || (key50 === "nats"))){
+const err432 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err432];
 }
@@ -5576,9 +5577,11 @@ vErrors.push(err432);
 }
 errors++;
 }
-if((typeof data187 == "number") && (isFinite(data187))){
-if(data187 > 65535 || isNaN(data187)){
-const err433 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+let data187 = data186.host;
+if(typeof data187 === "string"){
+if(func4(data187) < 1){
+const err433 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err433];
 }
@@ -5587,8 +5590,9 @@ vErrors.push(err433);
 }
 errors++;
 }
-if(data187 < 0 || isNaN(data187)){
-const err434 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+else {
+const err434 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err434];
 }
@@ -5597,11 +5601,9 @@ vErrors.push(err434);
 }
 errors++;
 }
-}
-let data188 = data185.token_env;
-if(typeof data188 === "string"){
-if(!pattern30.test(data188)){
-const err435 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+let data188 = data186.port;
+if(!(((typeof data188 == "number") && (!(data188 % 1) && !isNaN(data188))) && (isFinite(data188)))){
+const err435 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err435];
 }
@@ -5610,9 +5612,9 @@ vErrors.push(err435);
 }
 errors++;
 }
-}
-else {
-const err436 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data188 == "number") && (isFinite(data188))){
+if(data188 > 65535 || isNaN(data188)){
+const err436 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err436];
 }
@@ -5621,9 +5623,8 @@ vErrors.push(err436);
 }
 errors++;
 }
-let data189 = data185.heartbeat_ms;
-if(!(((typeof data189 == "number") && (!(data189 % 1) && !isNaN(data189))) && (isFinite(data189)))){
-const err437 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data188 < 0 || isNaN(data188)){
+const err437 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err437];
 }
@@ -5632,9 +5633,11 @@ vErrors.push(err437);
 }
 errors++;
 }
-if((typeof data189 == "number") && (isFinite(data189))){
-if(data189 > 3600000 || isNaN(data189)){
-const err438 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data189 = data186.token_env;
+if(typeof data189 === "string"){
+if(!pattern30.test(data189)){
+const err438 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err438];
 }
@@ -5643,8 +5646,9 @@ vErrors.push(err438);
 }
 errors++;
 }
-if(data189 < 20 || isNaN(data189)){
-const err439 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
+}
+else {
+const err439 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err439];
 }
@@ -5653,12 +5657,9 @@ vErrors.push(err439);
 }
 errors++;
 }
-}
-if(data185.policy_file !== undefined){
-let data190 = data185.policy_file;
-if(typeof data190 === "string"){
-if(func4(data190) < 1){
-const err440 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data190 = data186.heartbeat_ms;
+if(!(((typeof data190 == "number") && (!(data190 % 1) && !isNaN(data190))) && (isFinite(data190)))){
+const err440 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err440];
 }
@@ -5667,9 +5668,9 @@ vErrors.push(err440);
 }
 errors++;
 }
-}
-else {
-const err441 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data190 == "number") && (isFinite(data190))){
+if(data190 > 3600000 || isNaN(data190)){
+const err441 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err441];
 }
@@ -5678,10 +5679,8 @@ vErrors.push(err441);
 }
 errors++;
 }
-}
-let data191 = data185.max_bundle_bytes;
-if(!(((typeof data191 == "number") && (!(data191 % 1) && !isNaN(data191))) && (isFinite(data191)))){
-const err442 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data190 < 20 || isNaN(data190)){
+const err442 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
 if(vErrors === null){
 vErrors = [err442];
 }
@@ -5690,9 +5689,12 @@ vErrors.push(err442);
 }
 errors++;
 }
-if((typeof data191 == "number") && (isFinite(data191))){
-if(data191 > 3145728 || isNaN(data191)){
-const err443 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
+}
+if(data186.policy_file !== undefined){
+let data191 = data186.policy_file;
+if(typeof data191 === "string"){
+if(func4(data191) < 1){
+const err443 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err443];
 }
@@ -5701,8 +5703,9 @@ vErrors.push(err443);
 }
 errors++;
 }
-if(data191 < 1024 || isNaN(data191)){
-const err444 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+}
+else {
+const err444 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err444];
 }
@@ -5712,9 +5715,9 @@ vErrors.push(err444);
 errors++;
 }
 }
-let data192 = data185.resync_ms;
+let data192 = data186.max_bundle_bytes;
 if(!(((typeof data192 == "number") && (!(data192 % 1) && !isNaN(data192))) && (isFinite(data192)))){
-const err445 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err445 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err445];
 }
@@ -5724,8 +5727,8 @@ vErrors.push(err445);
 errors++;
 }
 if((typeof data192 == "number") && (isFinite(data192))){
-if(data192 > 3600000 || isNaN(data192)){
-const err446 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data192 > 3145728 || isNaN(data192)){
+const err446 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
 if(vErrors === null){
 vErrors = [err446];
 }
@@ -5734,8 +5737,8 @@ vErrors.push(err446);
 }
 errors++;
 }
-if(data192 < 50 || isNaN(data192)){
-const err447 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
+if(data192 < 1024 || isNaN(data192)){
+const err447 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err447];
 }
@@ -5745,17 +5748,9 @@ vErrors.push(err447);
 errors++;
 }
 }
-if(data185.nats !== undefined){
-let data193 = data185.nats;
-if(data193 && typeof data193 == "object" && !Array.isArray(data193)){
-if(data193.stream === undefined){
-data193.stream = "LATCHKEY_CONTROL";
-}
-if(data193.subject === undefined){
-data193.subject = "latchkey.control.revocations";
-}
-if(data193.servers === undefined){
-const err448 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
+let data193 = data186.resync_ms;
+if(!(((typeof data193 == "number") && (!(data193 % 1) && !isNaN(data193))) && (isFinite(data193)))){
+const err448 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err448];
 }
@@ -5764,9 +5759,9 @@ vErrors.push(err448);
 }
 errors++;
 }
-for(const key51 in data193){
-if(!(((key51 === "servers") || (key51 === "stream")) || (key51 === "subject"))){
-const err449 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
+if((typeof data193 == "number") && (isFinite(data193))){
+if(data193 > 3600000 || isNaN(data193)){
+const err449 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err449];
 }
@@ -5775,12 +5770,8 @@ vErrors.push(err449);
 }
 errors++;
 }
-}
-if(data193.servers !== undefined){
-let data194 = data193.servers;
-if(Array.isArray(data194)){
-if(data194.length < 1){
-const err450 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if(data193 < 50 || isNaN(data193)){
+const err450 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
 if(vErrors === null){
 vErrors = [err450];
 }
@@ -5789,12 +5780,18 @@ vErrors.push(err450);
 }
 errors++;
 }
-const len15 = data194.length;
-for(let i18=0; i18<len15; i18++){
-let data195 = data194[i18];
-if(typeof data195 === "string"){
-if(func4(data195) < 1){
-const err451 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data186.nats !== undefined){
+let data194 = data186.nats;
+if(data194 && typeof data194 == "object" && !Array.isArray(data194)){
+if(data194.stream === undefined){
+data194.stream = "LATCHKEY_CONTROL";
+}
+if(data194.subject === undefined){
+data194.subject = "latchkey.control.revocations";
+}
+if(data194.servers === undefined){
+const err451 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
 if(vErrors === null){
 vErrors = [err451];
 }
@@ -5803,9 +5800,9 @@ vErrors.push(err451);
 }
 errors++;
 }
-}
-else {
-const err452 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key51 in data194){
+if(!(((key51 === "servers") || (key51 === "stream")) || (key51 === "subject"))){
+const err452 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err452];
 }
@@ -5815,9 +5812,11 @@ vErrors.push(err452);
 errors++;
 }
 }
-}
-else {
-const err453 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data194.servers !== undefined){
+let data195 = data194.servers;
+if(Array.isArray(data195)){
+if(data195.length < 1){
+const err453 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err453];
 }
@@ -5826,11 +5825,12 @@ vErrors.push(err453);
 }
 errors++;
 }
-}
-let data196 = data193.stream;
+const len15 = data195.length;
+for(let i18=0; i18<len15; i18++){
+let data196 = data195[i18];
 if(typeof data196 === "string"){
-if(!pattern35.test(data196)){
-const err454 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
+if(func4(data196) < 1){
+const err454 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err454];
 }
@@ -5841,7 +5841,7 @@ errors++;
 }
 }
 else {
-const err455 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err455 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err455];
 }
@@ -5850,10 +5850,10 @@ vErrors.push(err455);
 }
 errors++;
 }
-let data197 = data193.subject;
-if(typeof data197 === "string"){
-if(!pattern14.test(data197)){
-const err456 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+}
+}
+else {
+const err456 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err456];
 }
@@ -5863,8 +5863,10 @@ vErrors.push(err456);
 errors++;
 }
 }
-else {
-const err457 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data197 = data194.stream;
+if(typeof data197 === "string"){
+if(!pattern35.test(data197)){
+const err457 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err457];
 }
@@ -5875,7 +5877,7 @@ errors++;
 }
 }
 else {
-const err458 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err458 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err458];
 }
@@ -5884,10 +5886,10 @@ vErrors.push(err458);
 }
 errors++;
 }
-}
-}
-else {
-const err459 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data198 = data194.subject;
+if(typeof data198 === "string"){
+if(!pattern14.test(data198)){
+const err459 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err459];
 }
@@ -5897,9 +5899,8 @@ vErrors.push(err459);
 errors++;
 }
 }
-}
 else {
-const err460 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err460 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err460];
 }
@@ -5909,14 +5910,49 @@ vErrors.push(err460);
 errors++;
 }
 }
-}
 else {
-const err461 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err461 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err461];
 }
 else {
 vErrors.push(err461);
+}
+errors++;
+}
+}
+}
+else {
+const err462 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err462];
+}
+else {
+vErrors.push(err462);
+}
+errors++;
+}
+}
+}
+else {
+const err463 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err463];
+}
+else {
+vErrors.push(err463);
+}
+errors++;
+}
+}
+}
+else {
+const err464 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err464];
+}
+else {
+vErrors.push(err464);
 }
 errors++;
 }

@@ -2,6 +2,7 @@
 // whole relay once pending writes flush: TLS and WebSocket close with their own handshakes, and
 // a half-open relay left waiting on a peer that never closes would hold sockets forever.
 import type { Socket } from 'node:net'
+import type { CallContext } from '../context.js'
 
 /** Pipes both ways; calls `onClosed` once, after both sockets have closed. */
 export function relay(client: Socket, upstream: Socket, onClosed: () => void): void {
@@ -34,5 +35,26 @@ export function watchClose(client: Socket, upstream: Socket, onClosed: () => voi
     upstream.removeListener('end', endBoth)
     client.removeListener('close', onClose)
     upstream.removeListener('close', onClose)
+  }
+}
+
+/**
+ * Closes a relay with no bytes either way for `idleMs`: the client socket sees both directions
+ * (what the agent sends is read from it, what comes back is written to it), so its inactivity
+ * timer is the relay's. The call is recorded as cut for idleness, its status kept (the 200 or
+ * 101 went). Returns the function that stops watching (a tunnel handed to the HTTP parser).
+ */
+export function closeWhenIdle(ctx: CallContext, client: Socket, idleMs: number): () => void {
+  const onIdle = () => {
+    if (ctx.errorCode === null) {
+      ctx.errorCode = 'LK_IDLE_TIMEOUT'
+      ctx.errorReason = `no bytes either way for ${idleMs} ms (sidecar.timeouts.tunnel_idle_ms)`
+    }
+    client.destroy()
+  }
+  client.setTimeout(idleMs, onIdle)
+  return () => {
+    client.setTimeout(0)
+    client.removeListener('timeout', onIdle)
   }
 }

@@ -13,6 +13,7 @@ export interface ListenerOptions {
   allowRemoteClients: boolean
   clientHeadersTimeoutMs: number
   connectTimeoutMs: number
+  tunnelIdleMs: number
 }
 
 function isLoopback(address: string | undefined): boolean {
@@ -21,6 +22,7 @@ function isLoopback(address: string | undefined): boolean {
 
 export function createListener(pipeline: Pipeline, opts: ListenerOptions): { server: Server; openStreams: Set<Socket> } {
   const openStreams = new Set<Socket>()
+  const relayTimeouts = { connectTimeoutMs: opts.connectTimeoutMs, idleMs: opts.tunnelIdleMs }
   const serverOptions = {
     // Explicit, so a process-wide --insecure-http-parser cannot loosen the sidecar's parser.
     insecureHTTPParser: false,
@@ -58,11 +60,12 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     const origin = tunnels.get(socket)
     // Every socket the inner server sees was adopted with its origin; one without is not served.
     if (!origin) return void socket.destroy()
-    handleUpgrade(pipeline, req, socket, head, opts.connectTimeoutMs, openStreams, origin)
+    handleUpgrade(pipeline, req, socket, head, relayTimeouts, openStreams, origin)
   })
   inner.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => onClientError(err, socket, 'tunnelled'))
   const tunnelOptions = {
     connectTimeoutMs: opts.connectTimeoutMs,
+    idleMs: opts.tunnelIdleMs,
     open: openStreams,
     adoptPlaintext: (socket: Socket, origin: TunnelOrigin) => {
       tunnels.set(socket, origin)
@@ -71,7 +74,7 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     },
   }
   server.on('connect', (req, socket: Socket, head: Buffer) => handleConnect(pipeline, req, socket, head, tunnelOptions))
-  server.on('upgrade', (req, socket: Socket, head: Buffer) => handleUpgrade(pipeline, req, socket, head, opts.connectTimeoutMs, openStreams))
+  server.on('upgrade', (req, socket: Socket, head: Buffer) => handleUpgrade(pipeline, req, socket, head, relayTimeouts, openStreams))
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => onClientError(err, socket, 'absolute'))
   return { server, openStreams }
 

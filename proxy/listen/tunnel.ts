@@ -14,7 +14,7 @@ import { LatchkeyError } from '../errors.js'
 import { parseConnectTarget } from './target.js'
 import { checkFraming } from './framing.js'
 import { upstreamError } from '../forward/upstream-errors.js'
-import { watchClose } from './relay.js'
+import { closeWhenIdle, watchClose } from './relay.js'
 
 const TLS_HANDSHAKE = 0x16
 /** A TLS record: alert, TLS 1.2 record version, 2 bytes: fatal, access_denied (RFC 8446 §6.2). */
@@ -22,6 +22,8 @@ const TLS_ACCESS_DENIED = Buffer.from([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31]
 
 export interface TunnelOptions {
   connectTimeoutMs: number
+  /** timeouts.tunnel_idle_ms: an open tunnel with no bytes either way this long is closed. */
+  idleMs: number
   open: Set<Socket>
   /** Takes over a plaintext tunnel's socket and parses the HTTP inside it. */
   adoptPlaintext(socket: Socket, origin: TunnelOrigin): void
@@ -45,12 +47,16 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
     pipeline.refuseSocket(ctx, client, err)
   }
   client.on('error', () => {})
+  /** Set once the tunnel is open: the idle timer is the relay's until the HTTP parser takes over. */
+  let stopIdle = () => {}
   /**
    * Plain HTTP: the socket goes to the sidecar's own HTTP server, where each request is a call of
    * its own. The tunnel stays live until it closes, so a revocation cuts it even when idle.
    */
   const handOver = (first: Buffer) => {
     finished = true
+    // Idle between requests is the HTTP server's to judge now (keep-alive and header timeouts).
+    stopIdle()
     // A tunnel cut on purpose (revoked, its task ended, shutdown) is recorded with why; one the
     // agent closed is not a call of its own (the requests inside it were).
     client.once('close', () => (ctx.errorCode !== null ? pipeline.finish(ctx) : pipeline.live.delete(ctx)))
@@ -66,6 +72,7 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
   const openForPlainHttpOnly = (tlsRefusal: LatchkeyError) => {
     client.write('HTTP/1.1 200 Connection Established\r\n\r\n')
     ctx.status = 200
+    stopIdle = closeWhenIdle(ctx, client, opts.idleMs)
     opts.open.add(client)
     client.once('close', () => {
       opts.open.delete(client)
@@ -103,6 +110,7 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
       ctx.status = 200
       ctx.upstreamMs = performance.now() - ctx.t0
       client.write('HTTP/1.1 200 Connection Established\r\n\r\n')
+      stopIdle = closeWhenIdle(ctx, client, opts.idleMs)
       opts.open.add(client)
       pipeline.stages.metrics.openTunnels.inc()
       const stopWatching = watchClose(client, upstream, () => {

@@ -184,6 +184,39 @@ function proxyEnv(proxy: string): NodeJS.ProcessEnv {
 }
 
 /** The Sec-WebSocket-Accept an upstream answers a handshake with (RFC 6455 §4.2.2). */
+t.test('a WebSocket with no frames either way for tunnel_idle_ms is closed, recorded LK_IDLE_TIMEOUT', async (t) => {
+  const upstreamEnded: Promise<unknown>[] = []
+  const { s } = await startWsRig(
+    t,
+    (req, socket) => {
+      upstreamEnded.push(once(socket, 'end'))
+      socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${acceptFor(req)}\r\n\r\n`)
+      socket.on('data', (d: Buffer) => socket.write(d))
+    },
+    { fragment: (port) => ({ routes: { live: `http://127.0.0.1:${port}` }, sidecar: { timeouts: { tunnel_idle_ms: 300 } } }) },
+  )
+  const sock = connect(s.sidecar.port, '127.0.0.1')
+  await once(sock, 'connect')
+  sock.write('GET /live/feed HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n')
+  const [head] = (await once(sock, 'data')) as [Buffer]
+  t.match(head.toString(), /^HTTP\/1\.1 101 /)
+  // Frames every 100 ms keep it open past the idle time.
+  for (let i = 0; i < 6; i++) {
+    await new Promise((r) => setTimeout(r, 100))
+    sock.write('ping')
+    await once(sock, 'data')
+  }
+  t.notOk(sock.destroyed, 'open while frames flow')
+  const quietFrom = performance.now()
+  await once(sock, 'close')
+  const quiet = performance.now() - quietFrom
+  t.ok(quiet >= 280 && quiet < 2000, `closed once quiet for the idle time (${Math.round(quiet)} ms)`)
+  await upstreamEnded[0]
+  t.pass('the upstream side is ended with it')
+  await new Promise((r) => setTimeout(r, 50))
+  t.match(await s.audit(), [{ via: 'upgrade', status: 101, error: 'LK_IDLE_TIMEOUT', bytes_in: 24 }])
+})
+
 function acceptFor(req: IncomingMessage): string {
   return createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
 }

@@ -1,0 +1,148 @@
+// An open CONNECT tunnel with no bytes either way for timeouts.tunnel_idle_ms is closed and
+// recorded LK_IDLE_TIMEOUT: one opened and never used held its upstream connection as long as
+// the agent kept it. Bytes in either direction keep it open; a plaintext tunnel, once its HTTP
+// is parsed, is timed by the HTTP server instead.
+import t from 'tap'
+import { createServer, connect, type Socket, type AddressInfo } from 'node:net'
+import { once } from 'node:events'
+import { startTestSidecar, startSlowCallRig, loopbackPolicy } from '../helpers/harness.js'
+
+const IDLE_MS = 300
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+
+/** A TCP upstream that keeps every connection it accepts, and says when each one closed. */
+async function startTcpUpstream(t: { teardown(fn: () => unknown): void }, onSocket: (s: Socket) => void = () => {}) {
+  const sockets: Socket[] = []
+  const closed: Socket[] = []
+  const server = createServer((s) => {
+    sockets.push(s)
+    s.on('error', () => {})
+    s.on('close', () => closed.push(s))
+    onSocket(s)
+  })
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  const port = (server.address() as AddressInfo).port
+  t.teardown(() => {
+    for (const s of sockets) s.destroy()
+    server.close()
+  })
+  return { port, sockets, closed }
+}
+
+async function sidecarFor(t: { teardown(fn: () => unknown): void }, port: number) {
+  const s = await startTestSidecar({ ...loopbackPolicy([port]), sidecar: { timeouts: { tunnel_idle_ms: IDLE_MS } } })
+  t.teardown(() => s.close())
+  return s
+}
+
+/** Opens a CONNECT tunnel to 127.0.0.1:`port`; resolves once the 200 is read. */
+async function openTunnel(sidecarPort: number, port: number): Promise<{ sock: Socket; received: () => Buffer }> {
+  const sock = connect(sidecarPort, '127.0.0.1')
+  await once(sock, 'connect')
+  const chunks: Buffer[] = []
+  sock.on('data', (d: Buffer) => chunks.push(d))
+  sock.on('error', () => {})
+  sock.write(`CONNECT 127.0.0.1:${port} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n\r\n`)
+  while (!Buffer.concat(chunks).includes('\r\n\r\n')) await sleep(5)
+  const head = Buffer.concat(chunks).toString('latin1')
+  if (!head.startsWith('HTTP/1.1 200 ')) throw new Error(`tunnel refused: ${head}`)
+  const start = Buffer.concat(chunks).indexOf('\r\n\r\n') + 4
+  return { sock, received: () => Buffer.concat(chunks).subarray(start) }
+}
+
+async function closedWithin(sock: Socket, ms: number): Promise<boolean> {
+  if (sock.destroyed || sock.readableEnded) return true
+  return Promise.race([once(sock, 'close').then(() => true), sleep(ms).then(() => false)])
+}
+
+t.test('a tunnel opened and never used is closed after tunnel_idle_ms, its upstream connection with it', async (t) => {
+  const up = await startTcpUpstream(t)
+  const s = await sidecarFor(t, up.port)
+  const opened = performance.now()
+  const { sock } = await openTunnel(s.sidecar.port, up.port)
+  t.equal(up.sockets.length, 1, 'the upstream was dialled')
+  t.ok(await closedWithin(sock, IDLE_MS * 6), 'the agent side is closed')
+  const after = performance.now() - opened
+  t.ok(after >= IDLE_MS - 20, `not before the idle time (${Math.round(after)} ms)`)
+  while (up.closed.length === 0) await sleep(10)
+  t.pass('and the upstream connection is closed too')
+  await sleep(50)
+  t.match(await s.audit(), [{ via: 'connect', method: 'CONNECT', port: up.port, status: 200, error: 'LK_IDLE_TIMEOUT', reason: /no bytes either way for 300 ms/ }])
+})
+
+t.test('a TLS-looking relay that goes quiet is closed too, counting the bytes it did carry', async (t) => {
+  const up = await startTcpUpstream(t, (s) => s.once('data', () => s.write('server-hello')))
+  const s = await sidecarFor(t, up.port)
+  const { sock, received } = await openTunnel(s.sidecar.port, up.port)
+  sock.write(Buffer.from([0x16, 0x03, 0x01, 0x00]))
+  while (received().length < 12) await sleep(5)
+  t.equal(received().toString(), 'server-hello', 'relayed both ways')
+  t.ok(await closedWithin(sock, IDLE_MS * 6), 'closed once quiet')
+  await sleep(50)
+  t.match(await s.audit(), [{ via: 'connect', status: 200, error: 'LK_IDLE_TIMEOUT', bytes_in: 4, bytes_out: 12 }])
+})
+
+t.test('bytes either way keep a relay open: the agent sending, or only the upstream sending', async (t) => {
+  // One upstream that echoes what it is sent, and for a connection opened by "push", sends a byte
+  // every 100 ms of its own accord.
+  const pushers: NodeJS.Timeout[] = []
+  const up = await startTcpUpstream(t, (s) => {
+    s.on('data', (d: Buffer) => {
+      if (d.includes('push')) {
+        const timer = setInterval(() => !s.destroyed && s.write('.'), 100)
+        pushers.push(timer)
+        s.on('close', () => clearInterval(timer))
+      } else s.write(d)
+    })
+  })
+  t.teardown(() => pushers.forEach(clearInterval))
+  const s = await sidecarFor(t, up.port)
+
+  const talker = await openTunnel(s.sidecar.port, up.port)
+  talker.sock.write(Buffer.from([0x16]))
+  for (let i = 0; i < 10; i++) {
+    await sleep(100)
+    talker.sock.write('x')
+  }
+  t.notOk(talker.sock.destroyed, 'an agent sending every 100 ms keeps its tunnel past 3 idle periods')
+  for (let i = 0; i < 50 && talker.received().length < 11; i++) await sleep(10)
+  t.equal(talker.received().length, 11, 'and every byte came back')
+  talker.sock.destroy()
+
+  const listener = await openTunnel(s.sidecar.port, up.port)
+  listener.sock.write(Buffer.concat([Buffer.from([0x16]), Buffer.from('push')]))
+  await sleep(IDLE_MS * 3)
+  t.notOk(listener.sock.destroyed, 'an upstream sending every 100 ms keeps the tunnel open, the agent silent')
+  t.ok(listener.received().length >= 5, 'its bytes arrive')
+  listener.sock.destroy()
+  await sleep(100)
+  t.same((await s.audit()).map((e) => [e.via, e.status, e.error]), [['connect', 200, null], ['connect', 200, null]], 'no tunnel was recorded as idle')
+})
+
+t.test('a plaintext tunnel is timed by the HTTP server once its requests are parsed, not cut at tunnel_idle_ms', async (t) => {
+  // The upstream takes twice the idle time to answer: nothing moves on the tunnel meanwhile.
+  const { upstream, s } = await startSlowCallRig(t, IDLE_MS * 2, { timeouts: { tunnel_idle_ms: IDLE_MS } })
+  const { sock, received } = await openTunnel(s.sidecar.port, upstream.port)
+  const get = (path: string) => `GET ${path} HTTP/1.1\r\nHost: 127.0.0.1:${upstream.port}\r\n\r\n`
+  sock.write(get('/slow'))
+  while (!received().toString().includes('late') && !sock.destroyed) await sleep(5)
+  t.match(received().toString(), /^HTTP\/1\.1 200 [\s\S]*late/, 'a call slower than the idle time is answered')
+  await sleep(IDLE_MS * 2)
+  t.notOk(sock.destroyed, 'still open after two idle periods (keep-alive allows 5 s)')
+  sock.write(get('/two'))
+  while (received().toString().split('HTTP/1.1 200').length < 3 && !sock.destroyed) await sleep(5)
+  t.same(upstream.requests.map((r) => r.url), ['/slow', '/two'], 'and it carries the next request')
+  sock.destroy()
+  await sleep(100)
+  t.same((await s.audit()).map((e) => [e.via, e.path, e.status, e.error]), [['tunnelled', '/slow', 200, null], ['tunnelled', '/two', 200, null]], 'the calls inside are recorded, and no idle cut')
+})
+
+t.test('a tunnel to the sidecar itself, opened for plain HTTP and never used, is closed too', async (t) => {
+  const up = await startTcpUpstream(t)
+  const s = await sidecarFor(t, up.port)
+  const { sock } = await openTunnel(s.sidecar.port, s.sidecar.port)
+  t.ok(await closedWithin(sock, IDLE_MS * 6), 'closed')
+  await sleep(50)
+  t.match(await s.audit(), [{ via: 'connect', port: s.sidecar.port, status: 200, error: 'LK_IDLE_TIMEOUT' }])
+})

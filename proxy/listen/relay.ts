@@ -4,6 +4,14 @@
 import type { Socket } from 'node:net'
 import type { CallContext } from '../context.js'
 
+/** What every relay (CONNECT tunnel, WebSocket) is timed by. */
+export interface RelayTimeouts {
+  /** TCP (and TLS) connect to the upstream. */
+  connectTimeoutMs: number
+  /** timeouts.tunnel_idle_ms: an open relay with no bytes either way this long is closed. */
+  idleMs: number
+}
+
 /** Pipes both ways; calls `onClosed` once, after both sockets have closed. */
 export function relay(client: Socket, upstream: Socket, onClosed: () => void): void {
   upstream.pipe(client)

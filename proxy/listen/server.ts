@@ -64,8 +64,7 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   })
   inner.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => onClientError(err, socket, 'tunnelled'))
   const tunnelOptions = {
-    connectTimeoutMs: opts.connectTimeoutMs,
-    idleMs: opts.tunnelIdleMs,
+    ...relayTimeouts,
     open: openStreams,
     adoptPlaintext: (socket: Socket, origin: TunnelOrigin) => {
       tunnels.set(socket, origin)

@@ -14,16 +14,13 @@ import { LatchkeyError } from '../errors.js'
 import { parseConnectTarget } from './target.js'
 import { checkFraming } from './framing.js'
 import { upstreamError } from '../forward/upstream-errors.js'
-import { closeWhenIdle, watchClose } from './relay.js'
+import { closeWhenIdle, watchClose, type RelayTimeouts } from './relay.js'
 
 const TLS_HANDSHAKE = 0x16
 /** A TLS record: alert, TLS 1.2 record version, 2 bytes: fatal, access_denied (RFC 8446 §6.2). */
 const TLS_ACCESS_DENIED = Buffer.from([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31])
 
-export interface TunnelOptions {
-  connectTimeoutMs: number
-  /** timeouts.tunnel_idle_ms: an open tunnel with no bytes either way this long is closed. */
-  idleMs: number
+export interface TunnelOptions extends RelayTimeouts {
   open: Set<Socket>
   /** Takes over a plaintext tunnel's socket and parses the HTTP inside it. */
   adoptPlaintext(socket: Socket, origin: TunnelOrigin): void

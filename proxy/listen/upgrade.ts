@@ -11,7 +11,7 @@ import { checkFraming } from './framing.js'
 import { outboundRequestHeaders } from '../forward/headers.js'
 import { stripQueryParams } from '../credentials/bindings.js'
 import { upstreamError } from '../forward/upstream-errors.js'
-import { closeWhenIdle, relay, watchClose } from './relay.js'
+import { closeWhenIdle, relay, watchClose, type RelayTimeouts } from './relay.js'
 import { readUpgradeResponse, serializeSwitchingProtocols } from './upgrade-response.js'
 import { scrubResponseHeaders } from '../forward/scrub.js'
 
@@ -22,13 +22,6 @@ const KEEP_FOR_WEBSOCKET = ['upgrade', 'connection'] as const
  * EnvHttpProxyAgent sends ws:// that way): pinned to the tunnel's origin, identified by the
  * CONNECT's proxy credential, decided and injected like any other.
  */
-export interface RelayTimeouts {
-  /** TCP (and TLS) connect to the upstream. */
-  connectTimeoutMs: number
-  /** timeouts.tunnel_idle_ms: an open WebSocket with no bytes either way this long is closed. */
-  idleMs: number
-}
-
 export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: Socket, head: Buffer, timeouts: RelayTimeouts, open: Set<Socket>, tunnel: TunnelOrigin | null = null): void {
   const { connectTimeoutMs, idleMs } = timeouts
   if (pipeline.refusePipelinedTakeover(req, client, 'upgrade')) return

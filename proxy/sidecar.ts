@@ -295,6 +295,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     clientHeadersTimeoutMs: sc.timeouts.client_headers_ms,
     connectTimeoutMs: sc.timeouts.connect_ms,
     tunnelIdleMs: sc.timeouts.tunnel_idle_ms,
+    upstreamHeadersMs: sc.timeouts.headers_ms,
   })
   let control: ControlClient | undefined
   if (sc.control) {

@@ -10,6 +10,8 @@ export interface RelayTimeouts {
   connectTimeoutMs: number
   /** timeouts.tunnel_idle_ms: an open relay with no bytes either way this long is closed. */
   idleMs: number
+  /** timeouts.headers_ms: the upstream's answer to a WebSocket handshake (a tunnel has none). */
+  headersMs: number
 }
 
 /** Pipes both ways; calls `onClosed` once, after both sockets have closed. */

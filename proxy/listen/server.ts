@@ -14,6 +14,8 @@ export interface ListenerOptions {
   clientHeadersTimeoutMs: number
   connectTimeoutMs: number
   tunnelIdleMs: number
+  /** The upstream's answer to a WebSocket handshake (undici times every other response's head). */
+  upstreamHeadersMs: number
 }
 
 function isLoopback(address: string | undefined): boolean {
@@ -22,7 +24,7 @@ function isLoopback(address: string | undefined): boolean {
 
 export function createListener(pipeline: Pipeline, opts: ListenerOptions): { server: Server; openStreams: Set<Socket> } {
   const openStreams = new Set<Socket>()
-  const relayTimeouts = { connectTimeoutMs: opts.connectTimeoutMs, idleMs: opts.tunnelIdleMs }
+  const relayTimeouts = { connectTimeoutMs: opts.connectTimeoutMs, idleMs: opts.tunnelIdleMs, headersMs: opts.upstreamHeadersMs }
   const serverOptions = {
     // Explicit, so a process-wide --insecure-http-parser cannot loosen the sidecar's parser.
     insecureHTTPParser: false,

@@ -20,13 +20,16 @@ export interface UpgradeResponse {
   spelling: Map<string, string>
   /** Bytes after the head: the first WebSocket frames, to relay as they are. */
   rest: Buffer
+  /** The upstream's head as it came, blank line included: not part of what the relay counts. */
+  headBytes: number
 }
 
 /**
  * Reads the upstream's response head. `done` gets the parsed head of a `101` to websocket, or
- * the refusal to send the agent (a non-101 status, a malformed or oversized head, an early close).
+ * the refusal to send the agent (a non-101 status, a malformed or oversized head, an early close,
+ * no complete head within `timeoutMs`: timeouts.headers_ms, as for any response).
  */
-export function readUpgradeResponse(upstream: Socket, done: (err: LatchkeyError | null, response: UpgradeResponse | null, status: number) => void): void {
+export function readUpgradeResponse(upstream: Socket, timeoutMs: number, done: (err: LatchkeyError | null, response: UpgradeResponse | null, status: number) => void): void {
   let buffered: Buffer = Buffer.alloc(0)
   const onData = (chunk: Buffer) => {
     buffered = buffered.length ? Buffer.concat([buffered, chunk]) : chunk
@@ -37,17 +40,25 @@ export function readUpgradeResponse(upstream: Socket, done: (err: LatchkeyError 
     }
     const parsed = parseHead(buffered.subarray(0, end).toString('latin1'))
     if ('error' in parsed) return finish(parsed.error, null, parsed.status)
-    finish(null, { ...parsed, rest: buffered.subarray(end + HEAD_END.length) }, 101)
+    const headBytes = end + HEAD_END.length
+    finish(null, { ...parsed, rest: buffered.subarray(headBytes), headBytes }, 101)
   }
   const onEnd = () => finish(protocolError('it closed the connection before answering the handshake'), null, 502)
+  // An upstream that accepts the connection and never answers would otherwise hold both sockets
+  // for as long as the agent waits.
+  const onTimeout = () =>
+    finish(new LatchkeyError('LK_UPSTREAM_TIMEOUT', `the upstream did not answer the WebSocket handshake within ${timeoutMs} ms (sidecar.timeouts.headers_ms)`), null, 504)
   function finish(err: LatchkeyError | null, response: UpgradeResponse | null, status: number): void {
     upstream.removeListener('data', onData)
     upstream.removeListener('end', onEnd)
+    upstream.setTimeout(0)
+    upstream.removeListener('timeout', onTimeout)
     upstream.pause()
     done(err, response, status)
   }
   upstream.on('data', onData)
   upstream.once('end', onEnd)
+  upstream.setTimeout(timeoutMs, onTimeout)
 }
 
 function parseHead(head: string): { headers: IncomingHttpHeaders; spelling: Map<string, string> } | { error: LatchkeyError; status: number } {

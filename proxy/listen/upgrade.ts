@@ -23,7 +23,7 @@ const KEEP_FOR_WEBSOCKET = ['upgrade', 'connection'] as const
  * CONNECT's proxy credential, decided and injected like any other.
  */
 export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: Socket, head: Buffer, timeouts: RelayTimeouts, open: Set<Socket>, tunnel: TunnelOrigin | null = null): void {
-  const { connectTimeoutMs, idleMs } = timeouts
+  const { connectTimeoutMs, idleMs, headersMs } = timeouts
   if (pipeline.refusePipelinedTakeover(req, client, 'upgrade')) return
   const ctx = pipeline.newContext('upgrade', req.method ?? 'GET')
   const refuse = (err: unknown) => pipeline.refuseSocket(ctx, client, err)
@@ -86,7 +86,8 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
       pipeline.stages.metrics.openTunnels.inc()
       // Until the upstream answers, either side closing ends the attempt; then the relay owns it.
       const stopEarly = watchClose(client, upstream, onClosed)
-      readUpgradeResponse(upstream, (err, response) => {
+      let answerHeadBytes = 0
+      readUpgradeResponse(upstream, headersMs, (err, response) => {
         stopEarly()
         ctx.upstreamMs = performance.now() - ctx.t0
         if (err || !response) {
@@ -98,6 +99,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
         const { binding, credential } = ctx
         if (binding && credential) scrubResponseHeaders(response.headers, binding, credential)
         ctx.status = 101
+        answerHeadBytes = response.headBytes
         client.write(serializeSwitchingProtocols(response))
         if (response.rest.length) client.write(response.rest)
         if (head.length) upstream.write(head)
@@ -110,9 +112,10 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
       }
       // Bytes relayed, counted only once the relay opened: before the 101 nothing of the
       // upstream's answer reached the agent, nor anything of the agent's past its handshake.
+      // Both counts are frames: the handshake each way is not.
       function measure() {
         ctx.bytesIn = Math.max(0, upstream.bytesWritten - Buffer.byteLength(requestHead))
-        ctx.bytesOut = upstream.bytesRead
+        ctx.bytesOut = Math.max(0, upstream.bytesRead - answerHeadBytes)
       }
       function onClosed() {
         untrack()

@@ -214,7 +214,33 @@ t.test('a WebSocket with no frames either way for tunnel_idle_ms is closed, reco
   await upstreamEnded[0]
   t.pass('the upstream side is ended with it')
   await new Promise((r) => setTimeout(r, 50))
-  t.match(await s.audit(), [{ via: 'upgrade', status: 101, error: 'LK_IDLE_TIMEOUT', bytes_in: 24 }])
+  // Frames only, each way: six 4-byte pings sent and echoed; neither handshake counts.
+  t.match(await s.audit(), [{ via: 'upgrade', status: 101, error: 'LK_IDLE_TIMEOUT', bytes_in: 24, bytes_out: 24 }])
+})
+
+t.test('an upstream that never answers the handshake: 504 after timeouts.headers_ms, both sockets closed', async (t) => {
+  const upstreamEnded: Promise<unknown>[] = []
+  const { s } = await startWsRig(
+    t,
+    (_req, socket) => {
+      // Accepts the connection, reads the handshake, says nothing.
+      upstreamEnded.push(once(socket, 'end'))
+      socket.on('error', () => {})
+    },
+    { fragment: (port) => ({ routes: { live: `http://127.0.0.1:${port}` }, sidecar: { timeouts: { headers_ms: 300 } } }) },
+  )
+  const started = performance.now()
+  const r = await rawRequest(s.sidecar.port, 'GET /live/feed HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n')
+  const waited = performance.now() - started
+  t.equal(r.status, 504)
+  t.match(JSON.parse(r.body), { code: 'LK_UPSTREAM_TIMEOUT', reason: /did not answer the WebSocket handshake within 300 ms/, retryable: true })
+  t.ok(waited >= 280 && waited < 2000, `answered after the headers timeout (${Math.round(waited)} ms)`)
+  t.equal(upstreamEnded.length, 1, 'the handshake reached the upstream')
+  await upstreamEnded[0]
+  t.pass('the sidecar closed its connection to the upstream, not left waiting')
+  await new Promise((r) => setTimeout(r, 50))
+  t.match(await s.audit(), [{ via: 'upgrade', status: 504, error: 'LK_UPSTREAM_TIMEOUT', bytes_in: 0, bytes_out: 0 }])
+  assertNoCanary(t, s, r.raw)
 })
 
 function acceptFor(req: IncomingMessage): string {

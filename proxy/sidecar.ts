@@ -369,6 +369,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
         describe: (id) => brokerTokens?.describe(id) ?? [],
         proxyUrl: (handle) => `http://task:${handle}@${proxyBase}`,
         checkCaller: callers ? async (req) => callers.check(await callers.resolve(req.socket)) : undefined,
+        revokedBy: (taskId) => control?.state.revokedBy(taskId) ?? null,
       },
       req,
       res,

@@ -101,8 +101,15 @@ export class RevocationState {
     return true
   }
 
+  /** Which revocation stops this agent's task (or the agent, for `null`), if any. */
+  revokedBy(taskId: string | null): 'revocation:agent' | 'revocation:task' | null {
+    if (this.agentRevoked) return 'revocation:agent'
+    if (taskId !== null && this.tasks.has(taskId)) return 'revocation:task'
+    return null
+  }
+
   check(identity: Identity): void {
-    if (this.agentRevoked) throw new LatchkeyError('LK_REVOKED', 'revoked', 'revocation:agent')
-    if (identity.taskId !== null && this.tasks.has(identity.taskId)) throw new LatchkeyError('LK_REVOKED', 'revoked', 'revocation:task')
+    const by = this.revokedBy(identity.taskId)
+    if (by !== null) throw new LatchkeyError('LK_REVOKED', 'revoked', by)
   }
 }

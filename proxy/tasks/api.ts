@@ -1,6 +1,6 @@
 // The sidecar's local task API, on its admin port (loopback):
 //   POST   /v1/tasks            {purpose, duration_s, user_token?, audiences?} → 201 {task, id, proxy_url, …}
-//   GET    /v1/tasks/<handle>   the task and the audiences it holds tokens for (never the tokens)
+//   GET    /v1/tasks/<handle>   the task (state: open | revoked) and the audiences it holds tokens for (never the tokens)
 //   DELETE /v1/tasks/<handle>   ends it: every token it held is dropped
 // Asking for audiences fetches their tokens now, so a user token the broker refuses is reported
 // to the agent when it opens the task, not on its first call.
@@ -23,6 +23,8 @@ export interface TaskApiDeps {
   proxyUrl(handle: string): string
   /** When callers are restricted, the task API is too: only the agent may open tasks. */
   checkCaller?: ((req: IncomingMessage) => Promise<void>) | undefined
+  /** The revocation (from the control stream) that stops this task, or the agent for `null`. */
+  revokedBy?: ((taskId: string | null) => string | null) | undefined
 }
 
 function send(res: ServerResponse, status: number, body: unknown): void {
@@ -71,6 +73,11 @@ async function route(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse, 
       res.setHeader('allow', 'POST')
       return fail(res, 405, 'method_not_allowed', 'use POST to open a task')
     }
+    // Every call of a revoked agent is refused: a task it opened would only be a handle to refusals.
+    if (d.revokedBy?.(null) != null) {
+      req.resume()
+      return fail(res, 403, 'revoked', 'this agent is revoked (revocation:agent): no task can be opened')
+    }
     return open(d, req, res)
   }
   let handle: string
@@ -82,8 +89,13 @@ async function route(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse, 
   const task = d.tasks.get(handle)
   if (!task) return fail(res, 404, 'unknown_task', 'no open task has this handle (unknown, ended or expired)')
   if (req.method === 'GET') {
+    // A revoked task stays listed until it ends or expires (its calls are refused): an agent
+    // polling it learns why, instead of a 404 that would read as "expired, open another".
+    const revokedBy = d.revokedBy?.(task.id) ?? null
     return send(res, 200, {
       id: task.id,
+      state: revokedBy === null ? 'open' : 'revoked',
+      ...(revokedBy === null ? {} : { revoked_by: revokedBy }),
       purpose: task.purpose,
       user: task.userSub,
       created_at: new Date(task.createdAt).toISOString(),

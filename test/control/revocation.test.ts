@@ -63,9 +63,9 @@ t.test('revoking one agent: refused at once, tokens gone, streams cut; the other
   t.ok(tunnel.destroyed, 'the CONNECT tunnel was closed')
   await until('the idle keep-alive connection closed', () => idleClosed, 2000).catch(() => {})
   t.ok(idleClosed, 'the agent\'s idle keep-alive connection was closed too: the sidecar serves it nothing more')
-  // A new task on the revoked sidecar gets nowhere either.
-  const vt2 = await victim.openTask()
-  t.equal((await viaProxy(victim, vt2.handle, `${api.origin}/c`)).status, 403)
+  // A new task on the revoked sidecar gets nowhere either: it is refused at opening, with why.
+  await t.rejects(victim.openTask(), /task not opened: 403 this agent is revoked \(revocation:agent\)/)
+  t.match(await taskState(victim, vt.handle), { status: 200, body: { state: 'revoked', revoked_by: 'revocation:agent' } }, 'and its open task says it is revoked')
 
   t.equal((await viaProxy(bystander, bt.handle, `${api.origin}/a`)).status, 200, 'the other agent still works')
   t.equal(bystander.sidecar.brokerTokens!.describe(bt.id).length, 1, 'and keeps its token')
@@ -89,6 +89,8 @@ t.test('revoking one agent: refused at once, tokens gone, streams cut; the other
   t.equal(del.status, 200)
   await until('victim restored', () => !victim.sidecar.control!.state.agentRevoked)
   t.equal((await viaProxy(victim, vt.handle, `${api.origin}/d`)).status, 200)
+  t.match(await taskState(victim, vt.handle), { status: 200, body: { state: 'open' } }, 'its task is open again')
+  t.ok(await victim.openTask(), 'and it opens tasks again')
 })
 
 t.test('task, jti and agent-type pattern revocations; an unknown agent is accepted and harmless', async (t) => {
@@ -127,6 +129,10 @@ t.test('task, jti and agent-type pattern revocations; an unknown agent is accept
   t.equal(a.sidecar.brokerTokens!.describe(t1.id).length, 0, 'the task\'s token is gone')
   t.equal(a.sidecar.brokerTokens!.size, tokensBefore - 1, 'only that task\'s')
   t.equal((await viaProxy(a, t2.handle, `${api.origin}/x`)).status, 200, 'the other task still works')
+  t.match(await taskState(a, t1.handle), { status: 200, body: { id: t1.id, state: 'revoked', revoked_by: 'revocation:task' } }, 'the task API says the task is revoked')
+  const other = await taskState(a, t2.handle)
+  t.match(other, { status: 200, body: { id: t2.id, state: 'open' } })
+  t.notOk('revoked_by' in other.body, 'and the other one open, with no revocation named')
   await ws1Closed
   t.ok(ws1.destroyed, 'the revoked task\'s WebSocket was cut')
   ws2.write('ping')
@@ -148,6 +154,9 @@ t.test('task, jti and agent-type pattern revocations; an unknown agent is accept
   t.equal((await viaProxy(h, ht.handle, `${api.origin}/x`)).status, 403)
   t.equal((await viaProxy(a, t2.handle, `${api.origin}/x`)).status, 200)
   t.notOk(a.sidecar.control!.state.agentRevoked)
+  t.match(await taskState(h, ht.handle), { status: 200, body: { state: 'revoked', revoked_by: 'revocation:agent' } }, "a revoked agent's task says so")
+  await t.rejects(h.openTask(), /task not opened: 403 this agent is revoked \(revocation:agent\)/, 'a revoked agent opens no new task')
+  t.ok(await a.openTask(), 'an agent the pattern does not match still opens tasks')
   // And the broker refuses the helper's exchanges too.
   const ex = await broker.exchange({
     grant_type: 'urn:ietf:params:oauth:grant-type:token-exchange',
@@ -181,3 +190,9 @@ t.test('unauthenticated control streams are refused', async (t) => {
   t.match(err.details, /missing x-latchkey-sidecar/)
   t.ok(broker.broker.control!.stats.refused >= 2)
 })
+
+/** GET /v1/tasks/<handle> on the sidecar's admin port. */
+async function taskState(s: { sidecar: { adminUrl: string } }, handle: string): Promise<{ status: number; body: Record<string, unknown> }> {
+  const res = await fetch(`${s.sidecar.adminUrl}/v1/tasks/${handle}`)
+  return { status: res.status, body: (await res.json()) as Record<string, unknown> }
+}

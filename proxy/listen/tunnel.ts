@@ -75,7 +75,12 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
       opts.open.delete(client)
       finish()
     })
+    // The agent ending the tunnel before a byte of it: nothing was dialled, so nothing else would
+    // notice (the listener's sockets are half-open; a relay's end is watched by watchClose).
+    const onEnd = () => client.end()
+    client.once('end', onEnd)
     const sniff = (first: Buffer) => {
+      client.removeListener('end', onEnd)
       if (first[0] !== TLS_HANDSHAKE) return handOver(first)
       finished = true
       client.end(TLS_ACCESS_DENIED)

@@ -146,3 +146,42 @@ t.test('a tunnel to the sidecar itself, opened for plain HTTP and never used, is
   await sleep(50)
   t.match(await s.audit(), [{ via: 'connect', port: s.sidecar.port, status: 200, error: 'LK_IDLE_TIMEOUT' }])
 })
+
+t.test('an agent ending a tunnel it never used: the tunnel closes at once and is recorded, dialled or not', async (t) => {
+  const up = await startTcpUpstream(t)
+  const plainOnly = await startTcpUpstream(t)
+  // The default idle time (15 min): only the agent's FIN can close these within the test.
+  const s = await startTestSidecar({
+    policy: {
+      default: 'deny',
+      rules: [
+        { id: 'relay', action: 'allow', hosts: ['127.0.0.1'], ports: [up.port] },
+        // Decidable only by path: a CONNECT here opens for plain HTTP alone, undialled.
+        { id: 'api-only', action: 'allow', hosts: ['127.0.0.1'], ports: [plainOnly.port], paths: ['/api/**'] },
+      ],
+    },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [up.port, plainOnly.port] }] },
+  })
+  t.teardown(() => s.close())
+  for (const [name, port] of [['dialled', up.port], ['the sidecar itself', s.sidecar.port], ['plain HTTP only', plainOnly.port]] as const) {
+    const { sock } = await openTunnel(s.sidecar.port, port)
+    const ended = performance.now()
+    sock.end()
+    t.ok(await closedWithin(sock, 2000), `${name}: closed`)
+    t.ok(performance.now() - ended < 1000, `${name}: at once (${Math.round(performance.now() - ended)} ms), not at the idle timeout`)
+  }
+  t.equal(up.sockets.length, 1, 'only the relay dialled')
+  while (up.closed.length === 0) await sleep(10)
+  t.pass("and the relay's upstream connection is closed")
+  t.equal(plainOnly.sockets.length, 0, 'the plain-only tunnel dialled nothing')
+  await sleep(50)
+  const audit = await s.audit()
+  t.match(audit, [
+    { via: 'connect', port: up.port, status: 200, error: null, bytes_in: 0, bytes_out: 0 },
+    { via: 'connect', port: s.sidecar.port, status: 200, error: null },
+    { via: 'connect', port: plainOnly.port, status: 200, error: null },
+  ], 'each recorded once, as closed by the agent')
+  t.equal(audit.length, 3)
+  const metrics = await (await fetch(`${s.sidecar.adminUrl}/metrics`)).text()
+  t.match(metrics, /^latchkey_calls_in_flight 0$/m, 'nothing left in flight')
+})

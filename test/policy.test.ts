@@ -92,6 +92,16 @@ t.test('a deny on a path is not dodged by any spelling of that path', async (t) 
     '/%EF%BD%81dmin/x',
     '/%EF%BC%A1DMIN/x',
     '/api/..%252f%EF%BD%81dmin/x',
+    // Encoded twice with the escape's own digits encoded too: one decoding gives `%2F`, `%2e%2e`.
+    '/api/x%25%32%46..%25%32%46..%25%32%46admin/y',
+    '/api/%25%32%65%25%32%65/admin/y',
+    '/api/x%25%32f..%25%32f..%25%32f%2561dmin',
+    // Three and four times.
+    '/api/x%25252F..%25252F..%25252Fadmin/y',
+    '/api/%2525252e%2525252e/admin/y',
+    // A segment's trailing space trimmed, its dots kept.
+    '/api/..%20/admin/x',
+    '/api/..%20%20/admin/x',
     // An authority to a server reading its target as a URL reference (new URL(path, base)).
     '//evil.example/admin/x',
     '///admin/admin/x',
@@ -119,6 +129,8 @@ t.test('globs', async (t) => {
   t.ok(compileGlob('/v1.0/x', false).test('/v1.0/x'))
   t.notOk(compileGlob('/v1.0/x', false).test('/v1X0/x'), 'dots are literal')
   t.same(pathReadings('/a'), ['/a'])
+  t.same(pathReadings('/100%25/x'), ['/100%25/x', '/100%/x'], 'a literal % decodes once, and no further')
+  t.same(pathReadings('/a%2525252525252Fb').filter((r) => r.includes('/b')), [], 'no more than three further decodings')
   t.ok(pathReadings('/a%2Fb').includes('/a/b'))
 })
 

@@ -13,6 +13,9 @@ const UNRESERVED = /^[A-Za-z0-9\-._~]$/
  */
 const SEGMENT_END_TRIMMABLE = /(?:\.|%20|%09)(?:\/|$)/
 const SEGMENT_END_RUNS = /(?<!\.|%20|%09)(?:\.|%20|%09)+(\/|$)/g
+/** Spaces and tabs ending a segment (runs from their start, as above). */
+const SEGMENT_END_SPACES = /(?:%20|%09)(?:\/|$)/
+const SEGMENT_END_SPACES_G = /(?<!%20|%09)(?:%20|%09)+(\/|$)/g
 /** The leading slashes and authority a URL parser reads at the start of `//host/path`. */
 const AUTHORITY = /^\/{2,}[^/]*/
 
@@ -25,11 +28,26 @@ function decodeUnreserved(path: string): string {
   })
 }
 
+/** Further decodings judged: a stack of proxies and frameworks each decoding once more. */
+const MAX_EXTRA_DECODINGS = 3
+
+/** One decoding of every printable ASCII %XX (UTF-8 sequences stay encoded: see readingsOf). */
+function decodeAsciiOnce(path: string): string {
+  return path.replace(/%([2-7][0-9A-Fa-f])/g, (m, hex: string) => (hex.toLowerCase() === '7f' ? m : String.fromCharCode(parseInt(hex, 16))))
+}
+
 /** The distinct readings of a (URL-normalised) path. The first is the canonical one. */
 export function pathReadings(path: string): string[] {
   const readings = readingsOf(path)
-  // Encoded twice (`%252F`): a server or framework that decodes once more reads `%2F`.
-  if (path.includes('%25')) for (const p of readingsOf(path.replace(/%25(?=[0-9A-Fa-f]{2})/g, '%'))) if (!readings.includes(p)) readings.push(p)
+  // Encoded more than once: a server or framework that decodes again reads what one decoding of
+  // the WHOLE path gives, every escape at once: `%252F` is `%2F` to it, and so is `%25%32%46`
+  // (rewriting only `%25` followed by two hex digits missed the second). Only an encoded `%`
+  // can make a decoding say something new, so further decodings are tried while one remains.
+  let p = path
+  for (let i = 0; i < MAX_EXTRA_DECODINGS && p.includes('%25'); i++) {
+    p = decodeAsciiOnce(p)
+    for (const r of readingsOf(p)) if (!readings.includes(r)) readings.push(r)
+  }
   return readings
 }
 
@@ -68,7 +86,11 @@ function readingsOf(path: string): string[] {
       add(p.replace(/\/{2,}/g, '/'))
       if (p.includes(';')) add(p.replace(/;[^/]*/g, ''))
       if (/(^|\/)\.\.?(\/|$)/.test(p)) add(new URL(p, 'http://x').pathname)
-      if (SEGMENT_END_TRIMMABLE.test(p)) add(p.replace(SEGMENT_END_RUNS, '$1'))
+      if (SEGMENT_END_TRIMMABLE.test(p)) {
+        add(p.replace(SEGMENT_END_RUNS, '$1'))
+        // Spaces trimmed but dots kept, as a server trimming whitespace does: `..%20` is `..`.
+        if (SEGMENT_END_SPACES.test(p)) add(p.replace(SEGMENT_END_SPACES_G, '$1'))
+      }
       if (p.startsWith('//')) add(p.replace(AUTHORITY, '') || '/')
     }
     if (readings.length === before) break

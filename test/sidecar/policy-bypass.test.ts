@@ -59,6 +59,44 @@ t.test('a path starting with // is judged as a URL-reading upstream reads it', a
   assertNoCanary(t, s, ...seen)
 })
 
+t.test('a path encoded more than once is judged as an upstream that decodes again reads it', async (t) => {
+  const { upstream, s, host } = await denyingSidecar(t, { id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin/**'] }, (up) => ({
+    credentials: [{ id: 'up', audience: up.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  }))
+  // What a stack that decodes until nothing changes (a proxy, then a framework, each decoding
+  // once more) routes on.
+  const decodedFully = (target: string) => {
+    let p = target
+    for (let i = 0; i < 4; i++) p = decodeURIComponent(p)
+    return new URL(p.replace(/\\/g, '/'), 'http://base').pathname.replace(/\/{2,}/g, '/')
+  }
+  const entries: [string, (path: string) => string][] = [
+    ['absolute-form', (p) => `GET http://${host}${p} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`],
+    ['reverse route', (p) => `GET /up${p} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`],
+  ]
+  const spellings = [
+    '/api/x%25%32%46..%25%32%46..%25%32%46admin/y',
+    '/api/%25%32%65%25%32%65/admin/y',
+    '/api/x%25252F..%25252F..%25252Fadmin/y',
+    '/api/%25%32%65%25%32%65%25%32%66admin',
+  ]
+  const seen: string[] = []
+  for (const [entry, request] of entries) {
+    for (const spelling of spellings) {
+      t.match(decodedFully(spelling), /^\/admin(\/|$)/, `${spelling} is /admin to a stack that decodes again`)
+      const r = await rawRequest(s.sidecar.port, request(spelling))
+      seen.push(r.raw)
+      t.equal(r.status, 403, `${entry} ${spelling}: 403`)
+      t.equal(r.headers['x-latchkey-rule'], 'no-admin', `${entry} ${spelling}: the path deny holds`)
+    }
+    const ok = await rawRequest(s.sidecar.port, request('/api/100%25%20sure'))
+    seen.push(ok.raw)
+    t.equal(ok.status, 200, `${entry}: a literal % still passes`)
+  }
+  t.same(upstream.requests.map((q) => q.url), ['/api/100%25%20sure', '/api/100%25%20sure'], 'nothing else reached the upstream')
+  assertNoCanary(t, s, ...seen)
+})
+
 t.test('a method override in the query never reaches the upstream: the request line is the method policy judged', async (t) => {
   const { upstream, s, host } = await denyingSidecar(t, { id: 'no-delete', action: 'deny', hosts: ['127.0.0.1'], methods: ['DELETE'] })
   const post = (target: string) => `POST ${target} HTTP/1.1\r\nHost: ${target.startsWith('/') ? '127.0.0.1' : host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`

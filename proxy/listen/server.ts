@@ -1,7 +1,7 @@
 // The listener: one node:http server, three entry paths. Absolute-form and origin-form requests
 // go to the pipeline; CONNECT to the tunnel; Upgrade to the WebSocket relay. Parser errors get
 // the same coded 400 as everything else, and are audited.
-import { createServer, type Server } from 'node:http'
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import { owedResponse, type Pipeline, type TunnelOrigin } from '../pipeline.js'
 import { LatchkeyError } from '../errors.js'
@@ -43,7 +43,11 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     if (!opts.allowRemoteClients && !isLoopback(socket.remoteAddress)) socket.destroy()
   })
   server.on('request', (req, res) => pipeline.handleRequest(req, res, false))
-  server.on('checkContinue', (req, res) => pipeline.handleRequest(req, res, true))
+  // node:http takes any Expect that mentions 100-continue (`100-continue, foo`) for it: an
+  // expectation besides it cannot be met either, so only the exact value is.
+  const onContinue = (req: IncomingMessage, res: ServerResponse, tunnel: TunnelOrigin | null) =>
+    String(req.headers.expect).trim().toLowerCase() === '100-continue' ? pipeline.handleRequest(req, res, true, tunnel) : pipeline.handleUnmetExpectation(req, res, tunnel)
+  server.on('checkContinue', (req, res) => onContinue(req, res, null))
   server.on('checkExpectation', (req, res) => pipeline.handleUnmetExpectation(req, res))
   // Plain HTTP found inside a CONNECT tunnel is parsed by a second, never-listening server with
   // the same strict options; each socket remembers the origin its tunnel was opened for.
@@ -51,7 +55,7 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   const inner = createServer(serverOptions)
   inner.maxHeadersCount = 0
   inner.on('request', (req, res) => pipeline.handleRequest(req, res, false, tunnels.get(req.socket) ?? null))
-  inner.on('checkContinue', (req, res) => pipeline.handleRequest(req, res, true, tunnels.get(req.socket) ?? null))
+  inner.on('checkContinue', (req, res) => onContinue(req, res, tunnels.get(req.socket) ?? null))
   inner.on('checkExpectation', (req, res) => pipeline.handleUnmetExpectation(req, res, tunnels.get(req.socket) ?? null))
   inner.on('connect', (req, socket: Socket) => {
     if (pipeline.refusePipelinedTakeover(req, socket, 'tunnelled')) return

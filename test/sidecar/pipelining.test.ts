@@ -124,6 +124,10 @@ t.test('what node:http would answer by itself is refused by the sidecar, coded a
   const table: [string, string, number, string, RegExp][] = [
     ['HTTP/1.1 without Host', `GET http://${host}/ HTTP/1.1\r\n\r\n`, 400, 'LK_BAD_REQUEST', /without a Host/],
     ['an unknown expectation', `GET http://${host}/ HTTP/1.1\r\nHost: ${host}\r\nExpect: something-else\r\n\r\n`, 417, 'LK_EXPECTATION_FAILED', /100-continue/],
+    // node:http would take each of these for 100-continue: the other expectation is unmet all the same.
+    ['100-continue and an unknown one', `POST http://${host}/ HTTP/1.1\r\nHost: ${host}\r\nExpect: 100-continue, foo\r\nContent-Length: 2\r\n\r\nhi`, 417, 'LK_EXPECTATION_FAILED', /100-continue/],
+    ['an unknown one, then 100-continue', `POST http://${host}/ HTTP/1.1\r\nHost: ${host}\r\nExpect: foo,100-continue\r\nContent-Length: 2\r\n\r\nhi`, 417, 'LK_EXPECTATION_FAILED', /100-continue/],
+    ['two Expect headers', `POST http://${host}/ HTTP/1.1\r\nHost: ${host}\r\nExpect: 100-continue\r\nExpect: x\r\nContent-Length: 2\r\n\r\nhi`, 417, 'LK_EXPECTATION_FAILED', /100-continue/],
     ['origin-form without Host', `GET /route/x HTTP/1.1\r\n\r\n`, 400, 'LK_BAD_REQUEST', /without a Host/],
   ]
   for (const [name, request, status, code, reason] of table) {

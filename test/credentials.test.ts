@@ -54,6 +54,8 @@ t.test('stripQueryParams removes every spelling of the name', async (t) => {
   t.equal(stripQueryParams('?a=1;key=x&b=2;c=3', ['key']), '?b=2;c=3', 'hidden after a ; separator: the pair goes whole')
   t.equal(stripQueryParams('?keys=a&akey=b&monkey=c', ['key']), '?keys=a&akey=b&monkey=c', 'other names are kept')
   t.equal(stripQueryParams('?a=%ZZ&%ZZ=1&b=2', ['key']), '?a=%ZZ&b=2', 'an undecodable name might be ours: dropped')
+  t.equal(stripQueryParams('?key%00%ff=a&k%65y%00%=b&b=1', ['key'], 'keep'), '?b=1', 'read as PHP reads it, even where UTF-8 decoding fails, and kept undecodable names do not hide it')
+  t.equal(stripQueryParams('?100%=a&%ZZ=b', ['key'], 'keep'), '?100%=a&%ZZ=b', "'keep' keeps undecodable names that are not ours")
   t.equal(stripQueryParams('', ['key']), '')
 })
 

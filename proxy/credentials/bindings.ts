@@ -130,16 +130,22 @@ export function stripQueryParams(search: string, names: readonly string[], undec
 }
 
 function namesParameter(part: string, lowerNames: readonly string[], dropUndecodable: boolean): boolean {
-  const rawName = part.split('=', 1)[0] ?? ''
-  let name: string
-  try {
-    name = decodeURIComponent(rawName.replace(/\+/g, ' '))
-  } catch {
-    // Undecodable name: it might be our parameter in disguise.
-    return dropUndecodable
-  }
-  name = name.toLowerCase()
+  const rawName = (part.split('=', 1)[0] ?? '').replace(/\+/g, ' ')
+  // Decoded as PHP's urldecode does, byte by byte and never failing: `_method%00%ff` is
+  // `_method` to PHP (cut at the NUL), though not valid percent-encoded UTF-8.
+  const name = rawName.replace(/%([0-9A-Fa-f]{2})/g, (_m, hex: string) => String.fromCharCode(parseInt(hex, 16))).toLowerCase()
   const cut = name.search(/[[\0]/)
   const base = cut === -1 ? name : name.slice(0, cut)
-  return lowerNames.includes(base) || lowerNames.includes(base.replace(/^ +/, '').replace(/[ .]/g, '_'))
+  if (lowerNames.includes(base) || lowerNames.includes(base.replace(/^ +/, '').replace(/[ .]/g, '_'))) return true
+  // A name other decoders refuse might be our parameter in disguise to one we do not know.
+  return dropUndecodable && !decodesAsUtf8(rawName)
+}
+
+function decodesAsUtf8(encoded: string): boolean {
+  try {
+    decodeURIComponent(encoded)
+    return true
+  } catch {
+    return false
+  }
 }

@@ -106,10 +106,12 @@ t.test('a method override in the query never reaches the upstream: the request l
     ['inside a plaintext tunnel', (q) => `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\n` + post(q)],
   ]
   // Each is `_method` to Symfony/Laravel (PHP reads `.` and ` ` in a name as `_`) or Express's method-override.
-  const overrides = ['_method=DELETE', '_METHOD=delete', '%5Fmethod=DELETE', '_meth%6Fd=DELETE', '.method=DELETE', '%20_method=DELETE', '_method[]=DELETE']
-  // What Symfony's getMethod() would read as `_method` (PHP's name mangling), were it sent.
+  const overrides = ['_method=DELETE', '_METHOD=delete', '%5Fmethod=DELETE', '_meth%6Fd=DELETE', '.method=DELETE', '%20_method=DELETE', '_method[]=DELETE',
+    // Cut at the NUL by PHP, and not valid percent-encoded UTF-8 after it (PHP decodes byte by byte).
+    '_method%00%ff=DELETE', '_method%00%=DELETE', '%5Fmethod%00%zz=DELETE', '.method%00%c0=DELETE']
+  // What Symfony's getMethod() would read as `_method` (PHP's name mangling: cut at a NUL or `[`), were it sent.
   const readsAsOverride = (url: string) =>
-    [...new URL(url, 'http://base').searchParams.keys()].some((k) => k.toLowerCase().replace(/^ +/, '').replace(/\[.*$/, '').replace(/[ .]/g, '_') === '_method')
+    [...new URL(url, 'http://base').searchParams.keys()].some((k) => k.toLowerCase().replace(/\0.*$/s, '').replace(/^ +/, '').replace(/\[.*$/, '').replace(/[ .]/g, '_') === '_method')
   for (const [entry, request] of entries) {
     for (const override of overrides) {
       t.ok(readsAsOverride(`/x?${override}`), `${override} is an override to a PHP framework`)

@@ -4,6 +4,7 @@ import { once } from 'node:events'
 import { readFileSync } from 'node:fs'
 import { rootCertificates } from 'node:tls'
 import type { AddressInfo } from 'node:net'
+import { networkInterfaces } from 'node:os'
 import type { DestinationStream } from 'pino'
 import type { Config } from '../lib/config/schema.js'
 import { createLogger, type Logger } from '../lib/log.js'
@@ -232,11 +233,12 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   }
   const upstreamCa = sc.upstream_ca_file ? [...rootCertificates, readFileSync(sc.upstream_ca_file, 'utf8')] : undefined
   const routes = new Map(Object.entries(config.routes).map(([name, origin]) => [name, new URL(origin)]))
+  const networkPolicy = compileNetworkPolicy(config.network)
   const pipeline = new Pipeline({
     identifier: new TaskIdentifier(sc.agent_id, tasks, config.tasks.required),
     callers,
     decider: initialPolicy?.compiled ?? new Policy(config.policy),
-    resolver: opts.resolver ?? new DnsResolver(compileNetworkPolicy(config.network), { cacheMs: config.network.dns_cache_ms }),
+    resolver: opts.resolver ?? new DnsResolver(networkPolicy, { cacheMs: config.network.dns_cache_ms }),
     bindings,
     credentials: credentialSources,
     pools: new PinnedPools(sc.timeouts, sc.max_pools, upstreamCa),
@@ -388,6 +390,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const port = (server.address() as AddressInfo).port
   const adminPort = (admin.address() as AddressInfo).port
   pipeline.ownAddress = { hosts: ownHosts(sc.listen.host), port }
+  networkPolicy.protectSelf([port, adminPort], Object.values(networkInterfaces()).flatMap((list) => (list ?? []).map((i) => i.address)))
   const host = sc.listen.host.includes(':') ? `[${sc.listen.host}]` : sc.listen.host
   proxyBase = `${host}:${port}`
   log.info({ port, adminPort, agent: sc.agent_id, rules: config.policy.rules.length, credentials: bindings.all().length }, 'sidecar listening')

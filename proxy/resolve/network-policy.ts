@@ -50,6 +50,22 @@ export class NetworkPolicy {
   /** Verdicts are pure functions of (address, port): remembered, bounded, cleared when full. */
   private readonly verdicts = new Map<string, NetworkVerdict>()
 
+  /** The sidecar's own ports (listener, admin) and this host's addresses: see protectSelf. */
+  private selfPorts: ReadonlySet<number> = new Set()
+  private localAddresses: ReadonlySet<string> = new Set()
+
+  /**
+   * Never dial the sidecar itself on its own ports, whatever `allow` opens: its admin API (tasks,
+   * metrics) is not an upstream, and its listener reached by an address the route check does not
+   * spell (`[::ffff:127.0.0.1]`) would be a loop. Any loopback or unspecified address counts, and
+   * every address of this host's interfaces.
+   */
+  protectSelf(ports: readonly number[], localAddresses: readonly string[]): void {
+    this.selfPorts = new Set(ports)
+    this.localAddresses = new Set(localAddresses.flatMap((a) => (ipaddr.isValid(a) ? [ipaddr.process(a).toNormalizedString()] : [])))
+    this.verdicts.clear()
+  }
+
   check(address: string, port: number): NetworkVerdict {
     const key = address + ' ' + port
     let verdict = this.verdicts.get(key)
@@ -65,6 +81,10 @@ export class NetworkPolicy {
     const addr = ipaddr.parse(address)
     const cls = classifyParsed(addr)
     const { dialled, all } = addressForms(addr)
+    if (this.selfPorts.has(port) && (cls === 'loopback' || cls === 'unspecified' || dialled.some((f) => this.localAddresses.has(f.toNormalizedString())))) {
+      const what = "the sidecar's own port on this host"
+      return { allowed: false, cls, rule: 'network:self', reason: `${address}:${port} is ${what}`, what }
+    }
     for (const a of this.allowed) {
       if ((a.ports === null || a.ports.has(port)) && dialled.some((f) => inCidr(f, a.cidr))) return { allowed: true, cls }
     }

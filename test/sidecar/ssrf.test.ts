@@ -89,6 +89,37 @@ t.test('an allow exception opens exactly its range and ports', async (t) => {
   t.equal(other.requests.length, 0)
 })
 
+t.test("an allow covering loopback never opens the sidecar's own ports: its admin API, or its listener by another spelling", async (t) => {
+  const upstream = await startUpstream()
+  // The loosest allow an operator might write for a local upstream: all of loopback, any port.
+  const s = await startTestSidecar({ policy: { default: 'allow' }, network: { allow: [{ cidr: '127.0.0.0/8' }, { cidr: '::1/128' }] } })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const ok = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${upstream.port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  t.equal(ok.status, 200, 'the allow opens an upstream on loopback')
+  const admin = s.sidecar.adminPort
+  const listen = s.sidecar.port
+  for (const target of [
+    `http://127.0.0.1:${admin}/metrics`,
+    `http://127.0.0.2:${admin}/v1/tasks`,
+    `http://[::ffff:127.0.0.1]:${admin}/healthz`,
+    `http://2130706433:${admin}/metrics`,
+    `http://localhost:${admin}/metrics`,
+    `http://[::ffff:127.0.0.1]:${listen}/x`,
+    `http://127.0.0.2:${listen}/x`,
+    `https://127.0.0.1:${listen}/x`,
+  ]) {
+    const r = await rawRequest(listen, `GET ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+    t.equal(r.status, 403, `${target}: refused`)
+    t.equal(r.headers['x-latchkey-rule'], 'network:self', `${target}: as the sidecar's own port`)
+  }
+  const tunnel = await rawRequest(listen, `CONNECT 127.0.0.1:${admin} HTTP/1.1\r\nHost: 127.0.0.1:${admin}\r\n\r\n`)
+  t.equal(tunnel.headers['x-latchkey-rule'], 'network:self', 'a tunnel to the admin port too')
+  t.equal(upstream.requests.length, 1)
+})
+
 t.test('a policy deny written by address holds every name that resolves into it', async (t) => {
   const upstream = await startUpstream()
   const s = await startTestSidecar({

@@ -106,11 +106,12 @@ t.test('revoked, broker stopped, sidecar restarted: the revoked agent stays refu
   t.match(victim.logs.join(''), /revocations loaded from the state file: this agent is revoked/)
 
   const check = async (when: string) => {
-    const vh = await openTask(victim)
-    const s = await viaProxy(victim, vh, `${stat.origin}/after-${when}`)
+    // The revoked agent opens no task, and its calls without one are refused as revoked.
+    await t.rejects(openTask(victim), /task not opened: 403/, `${when}: the revoked agent opens no task`)
+    const s = await viaProxy(victim, null, `${stat.origin}/after-${when}`)
     t.equal(s.status, 403, `${when}: the revoked agent's static-secret call is refused`)
     t.match(s.body, { code: 'LK_REVOKED', rule: 'revocation:agent' })
-    const m = await viaProxy(victim, vh, `${minted.origin}/after-${when}`)
+    const m = await viaProxy(victim, null, `${minted.origin}/after-${when}`)
     t.equal(m.status, 403, `${when}: and its minted-token call`)
     t.match(m.body, { code: 'LK_REVOKED' })
     const bh = await openTask(bystander)

@@ -152,12 +152,12 @@ export interface Reply {
   body: Record<string, unknown>
 }
 
-/** One absolute-form request through the sidecar for a task (a fresh connection each time). */
-export function viaProxy(s: TestSidecar, handle: string, url: string): Promise<Reply> {
+/** One absolute-form request through the sidecar for a task, or none for `null` (a fresh connection each time). */
+export function viaProxy(s: TestSidecar, handle: string | null, url: string): Promise<Reply> {
   const proxy = new URL(s.proxy)
   return new Promise((resolve, reject) => {
     const req = request(
-      { host: proxy.hostname, port: proxy.port, method: 'GET', path: url, agent: false, headers: { host: new URL(url).host, 'proxy-authorization': 'Basic ' + Buffer.from(`task:${handle}`).toString('base64') } },
+      { host: proxy.hostname, port: proxy.port, method: 'GET', path: url, agent: false, headers: { host: new URL(url).host, ...(handle === null ? {} : { 'proxy-authorization': 'Basic ' + Buffer.from(`task:${handle}`).toString('base64') }) } },
       (res) => {
         let text = ''
         res.setEncoding('utf8')
@@ -184,7 +184,7 @@ export function openStream(s: TestSidecar, handle: string, url: string): Promise
   const proxy = new URL(s.proxy)
   return new Promise((resolve, reject) => {
     const req = request(
-      { host: proxy.hostname, port: proxy.port, method: 'GET', path: url, agent: false, headers: { host: new URL(url).host, 'proxy-authorization': 'Basic ' + Buffer.from(`task:${handle}`).toString('base64') } },
+      { host: proxy.hostname, port: proxy.port, method: 'GET', path: url, agent: false, headers: { host: new URL(url).host, ...(handle === null ? {} : { 'proxy-authorization': 'Basic ' + Buffer.from(`task:${handle}`).toString('base64') }) } },
       (res) => {
         let n = 0
         res.on('data', () => n++)

@@ -5,7 +5,20 @@
 // channel to the audience that no later request on it would be decided, injected or audited for.
 import type { IncomingHttpHeaders } from 'node:http'
 import type { Socket } from 'node:net'
+import { createHash } from 'node:crypto'
 import { LatchkeyError } from '../errors.js'
+
+/** RFC 6455 §1.3: the GUID the server appends to the client's key. */
+const WEBSOCKET_GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11'
+
+/**
+ * The `Sec-WebSocket-Accept` a server that read this handshake's key must answer. Checked before
+ * the relay opens: a `101` without it (a server that reflects any status, a mock) has not
+ * switched protocols, and would read the agent's next bytes as HTTP requests nobody decided.
+ */
+export function expectedAccept(key: string): string {
+  return createHash('sha1').update(key + WEBSOCKET_GUID).digest('base64')
+}
 
 /** Larger than any handshake answer; more than this without a blank line is not one. */
 const MAX_HEAD_BYTES = 64 * 1024
@@ -29,7 +42,7 @@ export interface UpgradeResponse {
  * the refusal to send the agent (a non-101 status, a malformed or oversized head, an early close,
  * no complete head within `timeoutMs`: timeouts.headers_ms, as for any response).
  */
-export function readUpgradeResponse(upstream: Socket, timeoutMs: number, done: (err: LatchkeyError | null, response: UpgradeResponse | null, status: number) => void): void {
+export function readUpgradeResponse(upstream: Socket, accept: string, timeoutMs: number, done: (err: LatchkeyError | null, response: UpgradeResponse | null, status: number) => void): void {
   let buffered: Buffer = Buffer.alloc(0)
   const onData = (chunk: Buffer) => {
     buffered = buffered.length ? Buffer.concat([buffered, chunk]) : chunk
@@ -38,7 +51,7 @@ export function readUpgradeResponse(upstream: Socket, timeoutMs: number, done: (
       if (buffered.length > MAX_HEAD_BYTES) finish(protocolError('its handshake answer has no end of head within 64 KiB'), null, 502)
       return
     }
-    const parsed = parseHead(buffered.subarray(0, end).toString('latin1'))
+    const parsed = parseHead(buffered.subarray(0, end).toString('latin1'), accept)
     if ('error' in parsed) return finish(parsed.error, null, parsed.status)
     const headBytes = end + HEAD_END.length
     finish(null, { ...parsed, rest: buffered.subarray(headBytes), headBytes }, 101)
@@ -61,7 +74,7 @@ export function readUpgradeResponse(upstream: Socket, timeoutMs: number, done: (
   upstream.setTimeout(timeoutMs, onTimeout)
 }
 
-function parseHead(head: string): { headers: IncomingHttpHeaders; spelling: Map<string, string> } | { error: LatchkeyError; status: number } {
+function parseHead(head: string, accept: string): { headers: IncomingHttpHeaders; spelling: Map<string, string> } | { error: LatchkeyError; status: number } {
   const lines = head.split('\r\n')
   const m = STATUS_LINE.exec(lines[0] ?? '')
   if (!m) return { error: protocolError('its handshake answer has no valid status line'), status: 502 }
@@ -88,6 +101,9 @@ function parseHead(head: string): { headers: IncomingHttpHeaders; spelling: Map<
   }
   if (String(headers.upgrade ?? '').toLowerCase() !== 'websocket') {
     return { error: protocolError('it switched protocols without `Upgrade: websocket`'), status }
+  }
+  if (headers['sec-websocket-accept'] !== accept) {
+    return { error: protocolError("its Sec-WebSocket-Accept does not answer the handshake's key"), status }
   }
   return { headers, spelling }
 }

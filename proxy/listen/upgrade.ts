@@ -12,10 +12,12 @@ import { outboundRequestHeaders } from '../forward/headers.js'
 import { stripQueryParams } from '../credentials/bindings.js'
 import { upstreamError } from '../forward/upstream-errors.js'
 import { closeWhenIdle, relay, watchClose, type RelayTimeouts } from './relay.js'
-import { readUpgradeResponse, serializeSwitchingProtocols } from './upgrade-response.js'
+import { expectedAccept, readUpgradeResponse, serializeSwitchingProtocols } from './upgrade-response.js'
 import { scrubResponseHeaders } from '../forward/scrub.js'
 
 const KEEP_FOR_WEBSOCKET = ['upgrade', 'connection'] as const
+/** 16 bytes in base64: 22 characters and `==`. */
+const WEBSOCKET_KEY = /^[A-Za-z0-9+/]{22}==$/
 
 /**
  * `tunnel` is set for a handshake sent inside a plaintext CONNECT tunnel (undici's WebSocket with
@@ -44,6 +46,12 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
       throw new LatchkeyError('LK_BAD_REQUEST', 'a WebSocket handshake carries no body')
     }
     if (req.headers.expect !== undefined) throw new LatchkeyError('LK_BAD_REQUEST', 'Expect is not supported on a WebSocket handshake')
+    // The key is what proves the upstream's 101 answers this handshake (upgrade-response.ts): a
+    // base64 16-byte nonce, exactly one (RFC 6455 §4.1).
+    const key = req.headers['sec-websocket-key']
+    if (typeof key !== 'string' || !WEBSOCKET_KEY.test(key) || req.rawHeaders.filter((_h, i) => i % 2 === 0 && req.rawHeaders[i]!.toLowerCase() === 'sec-websocket-key').length !== 1) {
+      throw new LatchkeyError('LK_BAD_REQUEST', 'a WebSocket handshake carries exactly one Sec-WebSocket-Key: 16 bytes in base64')
+    }
     await pipeline.admit(ctx, tunnel ? tunnel.proxyAuthorization : req.headers['proxy-authorization'], true, client)
     const target = ctx.target!
     const headers = outboundRequestHeaders(req.headers, ctx.binding?.strip ?? null, KEEP_FOR_WEBSOCKET)
@@ -87,7 +95,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
       // Until the upstream answers, either side closing ends the attempt; then the relay owns it.
       const stopEarly = watchClose(client, upstream, onClosed)
       let answerHeadBytes = 0
-      readUpgradeResponse(upstream, headersMs, (err, response) => {
+      readUpgradeResponse(upstream, expectedAccept(key), headersMs, (err, response) => {
         stopEarly()
         ctx.upstreamMs = performance.now() - ctx.t0
         if (err || !response) {

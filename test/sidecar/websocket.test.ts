@@ -86,6 +86,14 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
         case '/wrong-protocol':
           socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n`)
           break
+        // A 101 that did not read the key (a server reflecting any status, a mock): it has not
+        // switched, and would parse what follows as HTTP.
+        case '/no-accept':
+          socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n`)
+          break
+        case '/wrong-accept':
+          socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n`)
+          break
       }
       socket.on('data', (d: Buffer) => afterAnswer.push(d.toString('latin1')))
       socket.on('error', () => {})
@@ -111,6 +119,8 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
     ['/plain', /answered 200 instead of 101/],
     ['/unauthorized', /answered 401 instead of 101/],
     ['/wrong-protocol', /without `Upgrade: websocket`/],
+    ['/no-accept', /Sec-WebSocket-Accept does not answer the handshake's key/],
+    ['/wrong-accept', /Sec-WebSocket-Accept does not answer the handshake's key/],
   ] as const) {
     const before = afterAnswer.length
     // The agent tries to use the connection as a channel once the upstream has answered.
@@ -127,6 +137,9 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
     ['POST with Upgrade', handshake('/reflect', 'POST', 'Content-Length: 4\r\n') + 'body', /GET, not POST/],
     ['a chunked body', handshake('/reflect', 'GET', 'Transfer-Encoding: chunked\r\n') + '4\r\nbody\r\n0\r\n\r\n', /carries no body/],
     ['Expect', handshake('/reflect', 'GET', 'Expect: 100-continue\r\n'), /Expect is not supported/],
+    ['no key', handshake('/reflect').replace(/Sec-WebSocket-Key: [^\r]*\r\n/, ''), /exactly one Sec-WebSocket-Key/],
+    ['a key that is not a 16-byte nonce', handshake('/reflect').replace('dGhlIHNhbXBsZSBub25jZQ==', 'x'), /exactly one Sec-WebSocket-Key/],
+    ['two keys', handshake('/reflect', 'GET', 'Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n'), /exactly one Sec-WebSocket-Key/],
   ] as const) {
     const r = await rawRequest(s.sidecar.port, request)
     seen.push(r.raw)
@@ -134,12 +147,19 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
     t.match(JSON.parse(r.body).reason, why, `${name}: says why`)
   }
   const audit = await s.audit()
-  t.equal(audit.filter((e) => e.via === 'upgrade').length, 9, 'every handshake audited')
+  t.equal(audit.filter((e) => e.via === 'upgrade').length, 14, 'every handshake audited')
   const refusedByUpstream = audit.filter((e) => e.via === 'upgrade' && e.status === 502 && e.error === 'LK_UPSTREAM_PROTOCOL')
-  t.same(refusedByUpstream.map((e) => [e.path, e.bytes_in, e.bytes_out]), [['/plain', 0, 0], ['/unauthorized', 0, 0], ['/wrong-protocol', 0, 0]], 'nothing was relayed either way, and the trail says so')
+  t.same(
+    refusedByUpstream.map((e) => [e.path, e.bytes_in, e.bytes_out]),
+    [['/plain', 0, 0], ['/unauthorized', 0, 0], ['/wrong-protocol', 0, 0], ['/no-accept', 0, 0], ['/wrong-accept', 0, 0]],
+    'nothing was relayed either way, and the trail says so',
+  )
   t.match(audit.filter((e) => e.via === 'upgrade' && e.status === 400), [
     { method: 'TRACE', host: '127.0.0.1', port, path: '/reflect' },
     { method: 'POST', host: '127.0.0.1', port, path: '/reflect' },
+    { method: 'GET', host: '127.0.0.1', port, path: '/reflect' },
+    { method: 'GET', host: '127.0.0.1', port, path: '/reflect' },
+    { method: 'GET', host: '127.0.0.1', port, path: '/reflect' },
     { method: 'GET', host: '127.0.0.1', port, path: '/reflect' },
     { method: 'GET', host: '127.0.0.1', port, path: '/reflect' },
   ], 'a refused handshake is recorded with what it was for')

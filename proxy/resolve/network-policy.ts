@@ -50,7 +50,7 @@ export class NetworkPolicy {
   /** Verdicts are pure functions of (address, port): remembered, bounded, cleared when full. */
   private readonly verdicts = new Map<string, NetworkVerdict>()
 
-  /** The sidecar's own ports (listener, admin) and this host's addresses: see protectSelf. */
+  /** The sidecar's own ports (listener, admin) and this host's addresses: see protectSelf and judge. */
   private selfPorts: ReadonlySet<number> = new Set()
   private localAddresses: ReadonlySet<string> = new Set()
 
@@ -87,6 +87,12 @@ export class NetworkPolicy {
     }
     for (const a of this.allowed) {
       if ((a.ports === null || a.ports.has(port)) && dialled.some((f) => inCidr(f, a.cidr))) return { allowed: true, cls }
+    }
+    // An address of this host's own interfaces reaches whatever listens on 0.0.0.0 here, as
+    // loopback does: denied with it, whatever class the address has (a public IP on eth0).
+    if (cls !== 'loopback' && this.deniedClasses.has('loopback') && dialled.some((f) => this.localAddresses.has(f.toNormalizedString()))) {
+      const what = "an address of the sidecar's own host (as good as loopback)"
+      return { allowed: false, cls, rule: 'network:loopback', reason: `${address} is ${what}`, what }
     }
     if (this.deniedClasses.has(cls)) {
       const what = `${ARTICLE[cls] ?? 'a'} ${DESCRIBE[cls]}`

@@ -1,6 +1,10 @@
 // Every spelling of an internal address, through the real sidecar, with a policy that allows
 // everything: the network floor alone must refuse them, and nothing reaches the listening upstream.
 import t from 'tap'
+import { createServer } from 'node:http'
+import { networkInterfaces } from 'node:os'
+import { once } from 'node:events'
+import type { AddressInfo } from 'node:net'
 import { startUpstream, startTestSidecar, rawRequest } from '../helpers/harness.js'
 
 t.test('internal addresses are refused whatever their spelling', async (t) => {
@@ -118,6 +122,31 @@ t.test("an allow covering loopback never opens the sidecar's own ports: its admi
   const tunnel = await rawRequest(listen, `CONNECT 127.0.0.1:${admin} HTTP/1.1\r\nHost: 127.0.0.1:${admin}\r\n\r\n`)
   t.equal(tunnel.headers['x-latchkey-rule'], 'network:self', 'a tunnel to the admin port too')
   t.equal(upstream.requests.length, 1)
+})
+
+t.test("an address of the sidecar's own host is loopback to it, whatever its class", async (t) => {
+  const hostAddress = Object.values(networkInterfaces())
+    .flat()
+    .find((i) => i && i.family === 'IPv4' && !i.internal)?.address
+  if (!hostAddress) return t.pass('this machine has no non-loopback IPv4 interface: nothing to check')
+  // A service listening on every address of the host, as many do.
+  const service = createServer((_req, res) => res.end('internal'))
+  service.listen(0, '0.0.0.0')
+  await once(service, 'listening')
+  const port = (service.address() as AddressInfo).port
+  t.teardown(() => service.close())
+  // Only loopback denied: the host address's own class (private, documentation, public) is not.
+  const s = await startTestSidecar({ policy: { default: 'allow' }, network: { deny: ['loopback'] } })
+  t.teardown(() => s.close())
+  const r = await rawRequest(s.sidecar.port, `GET http://${hostAddress}:${port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  t.equal(r.status, 403, `${hostAddress} (this host) is refused`)
+  t.equal(r.headers['x-latchkey-rule'], 'network:loopback')
+  t.match(JSON.parse(r.body).reason, /address of the sidecar's own host/)
+  // An operator's explicit exception still opens it.
+  const opened = await startTestSidecar({ policy: { default: 'allow' }, network: { deny: ['loopback'], allow: [{ cidr: `${hostAddress}/32`, ports: [port] }] } })
+  t.teardown(() => opened.close())
+  const ok = await rawRequest(opened.sidecar.port, `GET http://${hostAddress}:${port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  t.equal(ok.status, 200, 'unless network.allow names it')
 })
 
 t.test('a policy deny written by address holds every name that resolves into it', async (t) => {

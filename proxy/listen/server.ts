@@ -95,6 +95,9 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
           ? new LatchkeyError('LK_BAD_REQUEST', 'request headers not received in time')
           : new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (${err.code ?? 'parse error'})`)
     const inFlight = owedResponse(socket)
+    // A complete call still being answered, not a refusal: it ends in its own time (its timeouts
+    // bound it), and only then the connection.
+    const answering = inFlight !== null && inFlight.req.complete && !pipeline.closingSockets.has(socket)
     if (inFlight && !pipeline.closingSockets.has(socket)) {
       if (!inFlight.req.complete) {
         // The in-flight request's own chunked body is malformed, found after its head went to the
@@ -119,7 +122,8 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     if (pipeline.closingSockets.has(socket) || inFlight) {
       if (!inFlight || inFlight.writableFinished) socket.destroySoon()
       else inFlight.once('finish', () => socket.destroy())
-      setTimeout(() => socket.destroy(), 1_000).unref()
+      // A refusal being written to a client that does not read it does not hold the socket.
+      if (!answering) setTimeout(() => socket.destroy(), 1_000).unref()
       return
     }
     const ctx = pipeline.newContext(via, 'UNKNOWN')

@@ -67,6 +67,18 @@ t.test('a malformed request behind one still being answered is recorded; the con
   t.match(events.find((e) => e.method === 'UNKNOWN'), { status: 400, error: 'LK_BAD_REQUEST', reason: /malformed HTTP request/ })
 })
 
+t.test('a malformed request behind a slow call does not cut it: the owed response is written in full', async (t) => {
+  // Slower than any backstop for a refusal being written: the call is bounded by its own timeouts.
+  const { upstream, s, host } = await startSlowCallRig(t, 1_500)
+  const raw = await rawRequest(s.sidecar.port, `GET http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\n\r\nGET http://${host}/x HTTP/1.1\r\nHost: ${host}\r\nX: \x01\r\n\r\n`, 1_000)
+  t.same(statuses(raw.raw), [200], 'the slow call is answered, then the connection closes')
+  t.match(raw.body, /late/, 'with its body')
+  t.same(upstream.requests.map((r) => r.url), ['/slow'])
+  const events = await s.audit()
+  t.match(events.find((e) => e.path === '/slow'), { status: 200, error: null }, 'recorded as answered, not as cut by the agent')
+  t.match(events.find((e) => e.method === 'UNKNOWN'), { status: 400, error: 'LK_BAD_REQUEST' })
+})
+
 t.test('malformed bytes behind a queued request are recorded too', async (t) => {
   const { upstream, s, host } = await setup(t)
   const raw = await rawRequest(s.sidecar.port, `GET http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\n\r\nGET http://${host}/good HTTP/1.1\r\nHost: ${host}\r\n\r\nGET /x HT TP/1.1\r\n\r\n`)

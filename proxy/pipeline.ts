@@ -290,6 +290,14 @@ export class Pipeline {
       if (!socket.destroyed) {
         this.stages.log.warn({ queued: queue.length }, 'a client pipelined too many requests; its connection was closed')
         this.closingSockets.add(socket)
+        // The call being answered is cut with the connection: recorded as the sidecar's doing,
+        // not as the agent hanging up.
+        for (const [ctx, s] of this.live.entries()) {
+          if (s === socket && ctx.errorCode === null) {
+            ctx.errorCode = 'LK_BAD_REQUEST'
+            ctx.errorReason = `more than ${MAX_QUEUED_PER_CONNECTION} requests pipelined on one connection: it was closed`
+          }
+        }
         socket.destroy()
       }
       this.neverSent(req, tunnel)

@@ -222,4 +222,6 @@ t.test('a pipelining flood loses its connection instead of the sidecar holding i
   t.ok(flooded.length > 64, 'and recorded the ones it read')
   t.ok(upstream.requests.filter((r) => r.url === '/fast').length <= 64, 'of which only the few before the cap were sent')
   t.ok(s.logs.some((l) => l.includes('a client pipelined too many requests')), 'the operator is told')
+  t.same(flooded.filter((e) => e.error === 'LK_CLIENT_CLOSED'), [], 'a call cut with the connection is not put down to the agent hanging up')
+  t.match(flooded.filter((e) => e.status !== 400 || !/not sent/.test(String(e.reason))).filter((e) => e.error !== null), [{ error: 'LK_BAD_REQUEST', reason: /more than 64 requests pipelined/ }], 'it is recorded as cut for the flood')
 })

@@ -16,6 +16,7 @@ import { hostHeader, parseAbsoluteTarget, parseReverseTarget, parseTunnelledTarg
 import { checkFraming } from './listen/framing.js'
 import { outboundRequestHeaders } from './forward/headers.js'
 import { forward } from './forward/forward.js'
+import { formOverride, MAX_CHECKED_BODY, mayOverrideInBody, methodMatters, readCheckedBody } from './policy/body-override.js'
 import { tokenSha256 } from './audit/token-hash.js'
 import { newEventId } from './audit/event-id.js'
 import { LiveCalls } from './live-calls.js'
@@ -384,19 +385,34 @@ export class Pipeline {
     // Shutdown began while this call was being admitted: it is answered, then the connection ends.
     if (this.draining) res.shouldKeepAlive = false
     const pool = this.stages.pools.get(target, ctx.resolved!)
-    forward(
-      pool,
-      ctx,
-      req,
-      res,
-      target.path + target.search,
-      headers,
-      (err) => {
-        if (err) this.refuse(ctx, res, err)
-        else this.finish(ctx)
-      },
-      this.stages.audit.recordBeforeResponse === true,
-    )
+    const send = (body: Buffer | null) =>
+      forward(
+        pool,
+        ctx,
+        req,
+        res,
+        target.path + target.search,
+        headers,
+        (err) => {
+          if (err) this.refuse(ctx, res, err)
+          else this.finish(ctx)
+        },
+        this.stages.audit.recordBeforeResponse === true,
+        body,
+      )
+    // A form POSTed where the method matters: its body may name another (_method).
+    const address = ctx.resolved!.address
+    if (mayOverrideInBody(ctx.method, req.headers) && hasBody(req) && methodMatters(this.stages.decider, target, address)) {
+      readCheckedBody(req, MAX_CHECKED_BODY)
+        .then((body) => {
+          const method = formOverride(body)
+          if (method !== null && method !== 'POST') this.judge(ctx, this.stages.decider.decide(method, target, address))
+          send(body)
+        })
+        .catch((err: unknown) => this.refuse(ctx, res, err))
+      return
+    }
+    send(null)
   }
 
   /** Records a refusal on the call's context; returns it as a LatchkeyError. */
@@ -538,6 +554,11 @@ export class Pipeline {
 /** The response node:http is writing on this connection (`_httpMessage`), if one is still owed. */
 export function owedResponse(socket: Socket): ServerResponse | null {
   return (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage ?? null
+}
+
+function hasBody(req: IncomingMessage): boolean {
+  const length = req.headers['content-length']
+  return length === undefined ? req.headers['transfer-encoding'] !== undefined : length !== '0'
 }
 
 function viaOf(url: string, tunnel: TunnelOrigin | null): Via {

@@ -129,7 +129,8 @@ export function stripQueryParams(search: string, names: readonly string[], undec
   return kept.length ? '?' + kept.join('&') : ''
 }
 
-function namesParameter(part: string, lowerNames: readonly string[], dropUndecodable: boolean): boolean {
+/** Whether the `name=value` pair `part` names one of `lowerNames`, in any spelling stripQueryParams knows. */
+export function namesParameter(part: string, lowerNames: readonly string[], dropUndecodable: boolean): boolean {
   const rawName = (part.split('=', 1)[0] ?? '').replace(/\+/g, ' ')
   // Decoded as PHP's urldecode does, byte by byte and never failing: `_method%00%ff` is
   // `_method` to PHP (cut at the NUL), though not valid percent-encoded UTF-8.

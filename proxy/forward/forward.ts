@@ -170,15 +170,18 @@ export function forward(
   headers: OutboundHeaders,
   done: ForwardDone,
   recordFirst = false,
+  /** The whole body, already read (to be checked before it goes): sent as it is, with its length. */
+  readBody: Buffer | null = null,
 ): void {
   const contentLength = req.headers['content-length']
   const chunked = contentLength === undefined && req.headers['transfer-encoding'] !== undefined
   // bytes_in is what was sent on, not what the agent announced: an upload cut short says so.
-  const body = chunked || (contentLength !== undefined && Number(contentLength) > 0) ? counted(req, ctx) : null
+  const body = readBody ?? (chunked || (contentLength !== undefined && Number(contentLength) > 0) ? counted(req, ctx) : null)
+  if (readBody) ctx.bytesIn = readBody.length
   const relay = new ResponseRelay(ctx, res, done, recordFirst)
   // A chunked body can turn out malformed after the head has gone: the listener must be able to
   // end this call with a 400 (abortChunkedForward). Only such bodies are tracked.
-  if (chunked) chunkedForwards.set(req, relay)
+  if (chunked && !readBody) chunkedForwards.set(req, relay)
   pool.dispatch(
     {
       path,
@@ -193,7 +196,12 @@ export function forward(
   )
 }
 
-const chunkedForwards = new WeakMap<IncomingMessage, ResponseRelay>()
+const chunkedForwards = new WeakMap<IncomingMessage, { abort(err: Error): void }>()
+
+/** Lets abortChunkedForward reach whatever consumes `req`'s chunked body before a forward does. */
+export function trackChunkedBody(req: IncomingMessage, consumer: { abort(err: Error): void }): void {
+  chunkedForwards.set(req, consumer)
+}
 
 /** Ends the forward of `req`, whose chunked body the parser found malformed, with `err`. */
 export function abortChunkedForward(req: IncomingMessage, err: Error): boolean {

@@ -2,7 +2,7 @@
 // the real sidecar on every entry path. The upstream reads its request target the way Node's
 // documentation says to (`new URL(req.url, base)`): what it acts on must be what policy judged.
 import t from 'tap'
-import { startUpstream, startTestSidecar, rawRequest, parseRawResponse, assertNoCanary, type Upstream } from '../helpers/harness.js'
+import { startUpstream, startTestSidecar, rawRequest, parseRawResponse, assertNoCanary, CANARY, type Upstream } from '../helpers/harness.js'
 import { validateConfig } from '../../lib/config/load.js'
 import { DnsResolver } from '../../proxy/resolve/resolver.js'
 import { compileNetworkPolicy } from '../../proxy/resolve/network-policy.js'
@@ -95,6 +95,69 @@ t.test('a path encoded more than once is judged as an upstream that decodes agai
   }
   t.same(upstream.requests.map((q) => q.url), ['/api/100%25%20sure', '/api/100%25%20sure'], 'nothing else reached the upstream')
   assertNoCanary(t, s, ...seen)
+})
+
+t.test('a method override in a POSTed form is judged as the method it names, where the method matters', async (t) => {
+  const { upstream, s, host } = await denyingSidecar(t, { id: 'no-delete', action: 'deny', hosts: ['127.0.0.1'], methods: ['DELETE'] }, (up) => ({
+    credentials: [{ id: 'up', audience: up.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  }))
+  const form = (body: string, extra = '') =>
+    `POST http://${host}/items/1 HTTP/1.1\r\nHost: ${host}\r\nContent-Type: application/x-www-form-urlencoded${extra}\r\nContent-Length: ${Buffer.byteLength(body, 'latin1')}\r\nConnection: close\r\n\r\n${body}`
+  const chunked = (body: string) =>
+    `POST /up/items/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n`
+  const seen: string[] = []
+  // Each is DELETE to Laravel/Symfony (PHP reads `.` as `_` and cuts a name at a NUL), Rails or Spring.
+  for (const [name, request] of [
+    ['a form field', form('name=x&_method=DELETE')],
+    ['lower case, first', form('_method=delete&name=x')],
+    ['an encoded name', form('%5Fmethod=DELETE')],
+    ['a PHP-mangled name', form('.method=DELETE')],
+    ['a name cut at a NUL', form('_method%00%ff=DELETE')],
+    ['a charset parameter', form('_method=DELETE', '; charset=UTF-8')],
+    ['a chunked form, on a route', chunked('a=1&_method=DELETE')],
+  ] as const) {
+    const r = await rawRequest(s.sidecar.port, request)
+    seen.push(r.raw)
+    t.equal(r.status, 403, `${name}: refused`)
+    t.equal(r.headers['x-latchkey-rule'], 'no-delete', `${name}: by the rule on DELETE`)
+  }
+  t.equal(upstream.requests.length, 0, 'none reached the upstream')
+  const refusedBadly = await rawRequest(s.sidecar.port, form('_method=DELETE&_method=PUT'))
+  t.equal(refusedBadly.status, 400, 'two different overrides: which one a framework takes is a guess')
+  // Forms whose override the policy allows, or with none, go on intact, credential injected.
+  for (const body of ['_method=PUT&a=1', 'a=1&b=%26x', 'methods=DELETE']) {
+    const r = await rawRequest(s.sidecar.port, form(body))
+    seen.push(r.raw)
+    t.equal(r.status, 200, `${body}: forwarded`)
+    t.match(upstream.requests.at(-1), { method: 'POST', body, headers: { authorization: `Bearer ${CANARY}`, 'content-length': String(body.length) } }, `${body}: the body as sent`)
+  }
+  const viaChunks = await rawRequest(s.sidecar.port, chunked('a=1&b=2'))
+  t.equal(viaChunks.status, 200)
+  t.match(upstream.requests.at(-1), { body: 'a=1&b=2', headers: { 'content-length': '7' } }, 'a chunked form is sent whole, with its length')
+  const big = await rawRequest(s.sidecar.port, form('a=' + 'x'.repeat(1024 * 1024)))
+  t.equal(big.status, 400, 'a form too big to check is refused, not sent unchecked')
+  t.match(JSON.parse(big.body).reason, /cannot be checked for a method override/)
+  const audit = await s.audit()
+  t.match(audit.find((e) => e.status === 403), { method: 'POST', decision: 'deny', rule: 'no-delete', bytes_in: 0 })
+  assertNoCanary(t, s, ...seen)
+})
+
+t.test('where the method does not matter, a form is streamed as it comes, never read first', async (t) => {
+  const upstream = await startUpstream()
+  const s = await startTestSidecar({
+    policy: { default: 'deny', rules: [{ id: 'any-method', action: 'allow', hosts: ['127.0.0.1'], ports: [upstream.port] }] },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [upstream.port] }] },
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const host = `127.0.0.1:${upstream.port}`
+  // Over the checked size: refused if it were read first.
+  const body = 'a=' + 'x'.repeat(1024 * 1024) + '&_method=DELETE'
+  const r = await rawRequest(s.sidecar.port, `POST http://${host}/x HTTP/1.1\r\nHost: ${host}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`)
+  t.equal(r.status, 200)
+  t.equal(upstream.requests.at(-1)?.body.length, body.length)
 })
 
 t.test('a method override in the query never reaches the upstream: the request line is the method policy judged', async (t) => {

@@ -1,0 +1,93 @@
+// A method override carried in a POST form: `_method=DELETE` makes the POST a DELETE to Laravel,
+// Symfony, Rails (Rack::MethodOverride), Spring's HiddenHttpMethodFilter and Express's
+// method-override. The query and header spellings are stripped (pipeline.ts, forward/headers.ts);
+// a body cannot be edited in flight, so where the method matters to the policy an urlencoded
+// form is read first and its override judged as the method it names.
+//
+// Forms only: they are small by nature, so reading one whole costs nothing an agent notices.
+// JSON (Laravel reads `_method` there too) and multipart bodies are not read: buffering every
+// JSON POST to an API whose policy names methods would hold model prompts of many megabytes
+// and stop uploads streaming (see ARCHITECTURE.md, "not caught").
+import type { IncomingHttpHeaders, IncomingMessage } from 'node:http'
+import type { Decider, Target } from '../context.js'
+import { LatchkeyError } from '../errors.js'
+import { namesParameter } from '../credentials/bindings.js'
+import { trackChunkedBody } from '../forward/forward.js'
+
+/** Forms read to look for an override: far above a form an API takes, far below memory. */
+export const MAX_CHECKED_BODY = 1024 * 1024
+const OVERRIDE_NAMES = ['_method']
+/** What the frameworks accept as an override (Symfony: any upper-case token; these are the ones in use). */
+const OVERRIDABLE = ['GET', 'HEAD', 'PUT', 'PATCH', 'DELETE', 'OPTIONS', 'PURGE']
+/** A method token (RFC 9110), as a framework would take it once upper-cased. */
+const TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$/
+
+/** Whether a framework would read `_method` from this request's body: a POST of a form. */
+export function mayOverrideInBody(method: string, headers: IncomingHttpHeaders): boolean {
+  if (method !== 'POST') return false
+  return (headers['content-type'] ?? '').split(';', 1)[0]!.trim().toLowerCase() === 'application/x-www-form-urlencoded'
+}
+
+/** Whether this POST's policy would change were it another method: only then is its body read. */
+export function methodMatters(decider: Decider, target: Target, address: string | undefined): boolean {
+  const post = decider.decide('POST', target, address)
+  return OVERRIDABLE.some((m) => {
+    const d = decider.decide(m, target, address)
+    return d.action !== post.action || d.rule !== post.rule
+  })
+}
+
+/**
+ * The method a form's `_method` names, upper-cased, or null when it names none. Throws
+ * LK_BAD_REQUEST for a value that is not one method token (never guessed at).
+ */
+export function formOverride(body: Buffer): string | null {
+  const values: string[] = []
+  for (const pair of body.toString('latin1').split(/[&;]/)) {
+    if (!namesParameter(pair, OVERRIDE_NAMES, false)) continue
+    const eq = pair.indexOf('=')
+    values.push(eq === -1 ? '' : decodeLeniently(pair.slice(eq + 1)).trim().toUpperCase())
+  }
+  if (values.length === 0) return null
+  // Frameworks disagree on which of several they take: all of them must be the same one.
+  const methods = new Set(values)
+  if (methods.size > 1 || !TOKEN.test(values[0]!)) {
+    throw new LatchkeyError('LK_BAD_REQUEST', 'the form carries a method override (_method) that is not one method token')
+  }
+  return values[0]!
+}
+
+function decodeLeniently(s: string): string {
+  return s.replace(/\+/g, ' ').replace(/%([0-9A-Fa-f]{2})/g, (_m, hex: string) => String.fromCharCode(parseInt(hex, 16)))
+}
+
+/**
+ * The whole body of `req`, at most `max` bytes (LK_BAD_REQUEST beyond: it could not be checked).
+ * A chunked body found malformed rejects with the listener's 400; an agent leaving, LK_CLIENT_CLOSED.
+ */
+export function readCheckedBody(req: IncomingMessage, max: number): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = []
+    let size = 0
+    const stop = (err: Error | null) => {
+      req.removeListener('data', onData)
+      req.removeListener('end', onEnd)
+      req.removeListener('close', onClose)
+      if (err) reject(err)
+      else resolve(Buffer.concat(chunks, size))
+    }
+    const onData = (chunk: Buffer) => {
+      size += chunk.length
+      if (size > max) return stop(new LatchkeyError('LK_BAD_REQUEST', `a form over ${max} bytes to an upstream whose policy depends on the method cannot be checked for a method override (_method)`))
+      chunks.push(chunk)
+    }
+    const onEnd = () => stop(null)
+    const onClose = () => {
+      if (!req.complete) stop(new LatchkeyError('LK_CLIENT_CLOSED', 'the agent closed the connection before its request body was complete'))
+    }
+    trackChunkedBody(req, { abort: (err) => stop(err) })
+    req.on('data', onData)
+    req.once('end', onEnd)
+    req.once('close', onClose)
+  })
+}

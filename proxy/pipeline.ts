@@ -14,7 +14,7 @@ import type { CredentialBindings } from './credentials/bindings.js'
 import { stripQueryParams } from './credentials/bindings.js'
 import { hostHeader, parseAbsoluteTarget, parseReverseTarget, parseTunnelledTarget, type ReverseRoutes } from './listen/target.js'
 import { checkFraming } from './listen/framing.js'
-import { outboundRequestHeaders } from './forward/headers.js'
+import { outboundRequestHeaders, type OutboundHeaders } from './forward/headers.js'
 import { forward } from './forward/forward.js'
 import { formOverride, MAX_CHECKED_BODY, mayOverrideInBody, methodMatters, readCheckedBody } from './policy/body-override.js'
 import { tokenSha256 } from './audit/token-hash.js'
@@ -384,22 +384,6 @@ export class Pipeline {
     if (expectContinue) res.writeContinue()
     // Shutdown began while this call was being admitted: it is answered, then the connection ends.
     if (this.draining) res.shouldKeepAlive = false
-    const pool = this.stages.pools.get(target, ctx.resolved!)
-    const send = (body: Buffer | null) =>
-      forward(
-        pool,
-        ctx,
-        req,
-        res,
-        target.path + target.search,
-        headers,
-        (err) => {
-          if (err) this.refuse(ctx, res, err)
-          else this.finish(ctx)
-        },
-        this.stages.audit.recordBeforeResponse === true,
-        body,
-      )
     // A form POSTed where the method matters: its body may name another (_method).
     const address = ctx.resolved!.address
     if (mayOverrideInBody(ctx.method, req.headers) && hasBody(req) && methodMatters(this.stages.decider, target, address)) {
@@ -407,12 +391,31 @@ export class Pipeline {
         .then((body) => {
           const method = formOverride(body)
           if (method !== null && method !== 'POST') this.judge(ctx, this.stages.decider.decide(method, target, address))
-          send(body)
+          this.send(ctx, req, res, headers, body)
         })
         .catch((err: unknown) => this.refuse(ctx, res, err))
       return
     }
-    send(null)
+    this.send(ctx, req, res, headers, null)
+  }
+
+  /** The forward itself; `body` when it was read whole first, else the request streams. */
+  private send(ctx: CallContext, req: IncomingMessage, res: ServerResponse, headers: OutboundHeaders, body: Buffer | null): void {
+    const target = ctx.target!
+    forward(
+      this.stages.pools.get(target, ctx.resolved!),
+      ctx,
+      req,
+      res,
+      target.path + target.search,
+      headers,
+      (err) => {
+        if (err) this.refuse(ctx, res, err)
+        else this.finish(ctx)
+      },
+      this.stages.audit.recordBeforeResponse === true,
+      body,
+    )
   }
 
   /** Records a refusal on the call's context; returns it as a LatchkeyError. */

@@ -386,7 +386,7 @@ export class Pipeline {
     if (this.draining) res.shouldKeepAlive = false
     // A form POSTed where the method matters: its body may name another (_method).
     const address = ctx.resolved!.address
-    if (mayOverrideInBody(ctx.method, req.headers) && hasBody(req) && methodMatters(this.stages.decider, target, address)) {
+    if (mayOverrideInBody(ctx.method, req) && methodMatters(this.stages.decider, target, address)) {
       readCheckedBody(req, MAX_CHECKED_BODY)
         .then((body) => {
           const method = formOverride(body)
@@ -557,11 +557,6 @@ export class Pipeline {
 /** The response node:http is writing on this connection (`_httpMessage`), if one is still owed. */
 export function owedResponse(socket: Socket): ServerResponse | null {
   return (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage ?? null
-}
-
-function hasBody(req: IncomingMessage): boolean {
-  const length = req.headers['content-length']
-  return length === undefined ? req.headers['transfer-encoding'] !== undefined : length !== '0'
 }
 
 function viaOf(url: string, tunnel: TunnelOrigin | null): Via {

@@ -131,15 +131,19 @@ export function stripQueryParams(search: string, names: readonly string[], undec
 
 /** Whether the `name=value` pair `part` names one of `lowerNames`, in any spelling stripQueryParams knows. */
 export function namesParameter(part: string, lowerNames: readonly string[], dropUndecodable: boolean): boolean {
-  const rawName = (part.split('=', 1)[0] ?? '').replace(/\+/g, ' ')
-  // Decoded as PHP's urldecode does, byte by byte and never failing: `_method%00%ff` is
-  // `_method` to PHP (cut at the NUL), though not valid percent-encoded UTF-8.
-  const name = rawName.replace(/%([0-9A-Fa-f]{2})/g, (_m, hex: string) => String.fromCharCode(parseInt(hex, 16))).toLowerCase()
+  const rawName = part.split('=', 1)[0] ?? ''
+  // `_method%00%ff` is `_method` to PHP (cut at the NUL), though not valid percent-encoded UTF-8.
+  const name = decodeBytewise(rawName).toLowerCase()
   const cut = name.search(/[[\0]/)
   const base = cut === -1 ? name : name.slice(0, cut)
   if (lowerNames.includes(base) || lowerNames.includes(base.replace(/^ +/, '').replace(/[ .]/g, '_'))) return true
   // A name other decoders refuse might be our parameter in disguise to one we do not know.
-  return dropUndecodable && !decodesAsUtf8(rawName)
+  return dropUndecodable && !decodesAsUtf8(rawName.replace(/\+/g, ' '))
+}
+
+/** A query or form component decoded as PHP's urldecode does: `+` a space, every %XX a byte, never failing. */
+export function decodeBytewise(component: string): string {
+  return component.replace(/\+/g, ' ').replace(/%([0-9A-Fa-f]{2})/g, (_m, hex: string) => String.fromCharCode(parseInt(hex, 16)))
 }
 
 function decodesAsUtf8(encoded: string): boolean {

@@ -161,6 +161,12 @@ async function* counted(body: IncomingMessage, ctx: CallContext): AsyncIterable<
   }
 }
 
+/** Whether a request carries a body: chunked, or a Content-Length above 0. */
+export function hasRequestBody(req: IncomingMessage): boolean {
+  const contentLength = req.headers['content-length']
+  return contentLength === undefined ? req.headers['transfer-encoding'] !== undefined : Number(contentLength) > 0
+}
+
 export function forward(
   pool: Pool,
   ctx: CallContext,
@@ -173,10 +179,9 @@ export function forward(
   /** The whole body, already read (to be checked before it goes): sent as it is, with its length. */
   readBody: Buffer | null = null,
 ): void {
-  const contentLength = req.headers['content-length']
-  const chunked = contentLength === undefined && req.headers['transfer-encoding'] !== undefined
+  const chunked = req.headers['content-length'] === undefined && req.headers['transfer-encoding'] !== undefined
   // bytes_in is what was sent on, not what the agent announced: an upload cut short says so.
-  const body = readBody ?? (chunked || (contentLength !== undefined && Number(contentLength) > 0) ? counted(req, ctx) : null)
+  const body = readBody ?? (hasRequestBody(req) ? counted(req, ctx) : null)
   if (readBody) ctx.bytesIn = readBody.length
   const relay = new ResponseRelay(ctx, res, done, recordFirst)
   // A chunked body can turn out malformed after the head has gone: the listener must be able to

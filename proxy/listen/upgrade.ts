@@ -47,9 +47,10 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
     }
     if (req.headers.expect !== undefined) throw new LatchkeyError('LK_BAD_REQUEST', 'Expect is not supported on a WebSocket handshake')
     // The key is what proves the upstream's 101 answers this handshake (upgrade-response.ts): a
-    // base64 16-byte nonce, exactly one (RFC 6455 §4.1).
+    // base64 16-byte nonce, exactly one (RFC 6455 §4.1). node:http joins two with ", ", which
+    // the pattern refuses.
     const key = req.headers['sec-websocket-key']
-    if (typeof key !== 'string' || !WEBSOCKET_KEY.test(key) || req.rawHeaders.filter((_h, i) => i % 2 === 0 && req.rawHeaders[i]!.toLowerCase() === 'sec-websocket-key').length !== 1) {
+    if (typeof key !== 'string' || !WEBSOCKET_KEY.test(key)) {
       throw new LatchkeyError('LK_BAD_REQUEST', 'a WebSocket handshake carries exactly one Sec-WebSocket-Key: 16 bytes in base64')
     }
     await pipeline.admit(ctx, tunnel ? tunnel.proxyAuthorization : req.headers['proxy-authorization'], true, client)

@@ -8,11 +8,11 @@
 // JSON (Laravel reads `_method` there too) and multipart bodies are not read: buffering every
 // JSON POST to an API whose policy names methods would hold model prompts of many megabytes
 // and stop uploads streaming (see ARCHITECTURE.md, "not caught").
-import type { IncomingHttpHeaders, IncomingMessage } from 'node:http'
+import type { IncomingMessage } from 'node:http'
 import type { Decider, Target } from '../context.js'
 import { LatchkeyError } from '../errors.js'
-import { namesParameter } from '../credentials/bindings.js'
-import { trackChunkedBody } from '../forward/forward.js'
+import { decodeBytewise, namesParameter } from '../credentials/bindings.js'
+import { hasRequestBody, trackChunkedBody } from '../forward/forward.js'
 
 /** Forms read to look for an override: far above a form an API takes, far below memory. */
 export const MAX_CHECKED_BODY = 1024 * 1024
@@ -22,10 +22,10 @@ const OVERRIDABLE = ['GET', 'HEAD', 'PUT', 'PATCH', 'DELETE', 'OPTIONS', 'PURGE'
 /** A method token (RFC 9110), as a framework would take it once upper-cased. */
 const TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$/
 
-/** Whether a framework would read `_method` from this request's body: a POST of a form. */
-export function mayOverrideInBody(method: string, headers: IncomingHttpHeaders): boolean {
-  if (method !== 'POST') return false
-  return (headers['content-type'] ?? '').split(';', 1)[0]!.trim().toLowerCase() === 'application/x-www-form-urlencoded'
+/** Whether a framework would read `_method` from this request's body: a POST of a form, with a body. */
+export function mayOverrideInBody(method: string, req: IncomingMessage): boolean {
+  if (method !== 'POST' || !hasRequestBody(req)) return false
+  return (req.headers['content-type'] ?? '').split(';', 1)[0]!.trim().toLowerCase() === 'application/x-www-form-urlencoded'
 }
 
 /** Whether this POST's policy would change were it another method: only then is its body read. */
@@ -46,7 +46,7 @@ export function formOverride(body: Buffer): string | null {
   for (const pair of body.toString('latin1').split(/[&;]/)) {
     if (!namesParameter(pair, OVERRIDE_NAMES, false)) continue
     const eq = pair.indexOf('=')
-    values.push(eq === -1 ? '' : decodeLeniently(pair.slice(eq + 1)).trim().toUpperCase())
+    values.push(eq === -1 ? '' : decodeBytewise(pair.slice(eq + 1)).trim().toUpperCase())
   }
   if (values.length === 0) return null
   // Frameworks disagree on which of several they take: all of them must be the same one.
@@ -55,10 +55,6 @@ export function formOverride(body: Buffer): string | null {
     throw new LatchkeyError('LK_BAD_REQUEST', 'the form carries a method override (_method) that is not one method token')
   }
   return values[0]!
-}
-
-function decodeLeniently(s: string): string {
-  return s.replace(/\+/g, ' ').replace(/%([0-9A-Fa-f]{2})/g, (_m, hex: string) => String.fromCharCode(parseInt(hex, 16)))
 }
 
 /**

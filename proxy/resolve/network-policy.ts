@@ -81,7 +81,8 @@ export class NetworkPolicy {
     const addr = ipaddr.parse(address)
     const cls = classifyParsed(addr)
     const { dialled, all } = addressForms(addr)
-    if (this.selfPorts.has(port) && (cls === 'loopback' || cls === 'unspecified' || dialled.some((f) => this.localAddresses.has(f.toNormalizedString())))) {
+    const thisHost = dialled.some((f) => this.localAddresses.has(f.toNormalizedString()))
+    if (this.selfPorts.has(port) && (cls === 'loopback' || cls === 'unspecified' || thisHost)) {
       const what = "the sidecar's own port on this host"
       return { allowed: false, cls, rule: 'network:self', reason: `${address}:${port} is ${what}`, what }
     }
@@ -90,7 +91,7 @@ export class NetworkPolicy {
     }
     // An address of this host's own interfaces reaches whatever listens on 0.0.0.0 here, as
     // loopback does: denied with it, whatever class the address has (a public IP on eth0).
-    if (cls !== 'loopback' && this.deniedClasses.has('loopback') && dialled.some((f) => this.localAddresses.has(f.toNormalizedString()))) {
+    if (thisHost && cls !== 'loopback' && this.deniedClasses.has('loopback')) {
       const what = "an address of the sidecar's own host (as good as loopback)"
       return { allowed: false, cls, rule: 'network:loopback', reason: `${address} is ${what}`, what }
     }

@@ -15,16 +15,36 @@ type Headers = Record<string, string | string[] | undefined>
 const ALWAYS_STRIP = ['authorization', 'cookie', 'x-api-key', 'api-key', 'x-auth-token', 'proxy-authorization']
 
 /**
- * The secret as an upstream might re-encode it to echo it back: base64 (padded or not, URL-safe),
- * hex in either case (Java's printHexBinary, .NET's Convert.ToHexString and Go's %X write upper
- * case), and, for a secret beyond ASCII, its UTF-8 bytes as a response header carries them
- * (header values reach the sidecar one byte per character).
+ * The secret as an upstream might re-encode it to echo it back: hex in either case (Java's
+ * printHexBinary, .NET's Convert.ToHexString and Go's %X write upper case), for a secret beyond
+ * ASCII its UTF-8 bytes as a response header carries them (header values reach the sidecar one
+ * byte per character), and base64, standard or URL-safe, of any text that holds it: the header
+ * the injector wrote (`Bearer <secret>`), a session cookie's JSON, `user:secret`.
  */
 function reencodings(text: string): string[] {
   const bytes = Buffer.from(text)
-  const b64 = bytes.toString('base64')
   const hex = bytes.toString('hex')
-  return [...new Set([b64, b64.replace(/=+$/, ''), bytes.toString('base64url'), hex, hex.toUpperCase(), bytes.toString('latin1')])].filter((f) => f !== text)
+  return [...new Set([...base64Cores(bytes), hex, hex.toUpperCase(), bytes.toString('latin1')])].filter((f) => f !== text)
+}
+
+/**
+ * Base64 turns every 3 bytes into 4 characters, so the secret inside longer text is spelled one
+ * of three ways, by where it falls in a group of three. For each, the characters that depend on
+ * the secret's bytes alone (its whole groups) are what any such encoding contains. Shorter than
+ * 12 characters, a core could turn up in unrelated text: the secret's own encoding is used then.
+ */
+function base64Cores(bytes: Buffer): string[] {
+  const cores: string[] = []
+  for (let offset = 0; offset < 3; offset++) {
+    const b64 = Buffer.concat([Buffer.alloc(offset), bytes]).toString('base64')
+    const core = b64.slice(offset === 0 ? 0 : 4, 4 * Math.floor((offset + bytes.length) / 3))
+    if (core.length >= 12) cores.push(core, core.replace(/\+/g, '-').replace(/\//g, '_'))
+  }
+  if (cores.length === 0) {
+    const b64 = bytes.toString('base64')
+    cores.push(b64, b64.replace(/=+$/, ''), bytes.toString('base64url'))
+  }
+  return cores
 }
 const secretReencodings = perCredential((c) => reencodings(c.value))
 
@@ -43,8 +63,9 @@ function injector(cfg: InjectConfig): {
       const user = cfg.username
       const encoded = perCredential((c) => Buffer.from(`${user}:${c.value}`).toString('base64'))
       const value = perCredential((c) => `Basic ${encoded(c)}`)
-      // Lower-cased too: a header's name arrives lower-cased.
-      const forms = perCredential((c) => [...new Set([...reencodings(`${user}:${c.value}`), encoded(c).toLowerCase(), ...secretReencodings(c)])])
+      // Lower-cased too: a header's name arrives lower-cased. The header's own base64 re-encoded
+      // (an echo of the whole header, base64'd) holds no plain trace of the secret: looked for too.
+      const forms = perCredential((c) => [...new Set([...reencodings(`${user}:${c.value}`), encoded(c), encoded(c).toLowerCase(), ...reencodings(encoded(c)), ...secretReencodings(c)])])
       return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = value(c)), encodedForms: forms }
     }
     case 'header': {

@@ -119,6 +119,12 @@ t.test('every reflection of the credential in a response head is scrubbed, in an
           // Java's printHexBinary, .NET's Convert.ToHexString, Go's %X, Python's .hex().upper().
           'x-hex-upper': Buffer.from(secret).toString('hex').toUpperCase(),
           ...(basic ? { 'x-basic-url': Buffer.from(`svc:${secret}`).toString('base64url') } : {}),
+          // Base64 of longer text that holds it, at each of the three places in a 3-byte group:
+          // the header as sent, and session cookies (Flask's is base64url of JSON).
+          'x-b64-header': b64(auth || `key=${secret}`),
+          'x-b64-at-1': b64(`{"a":${JSON.stringify(secret)}}`),
+          'x-b64url-at-2': Buffer.from(`{"ab":${JSON.stringify(secret)},"n":1}`).toString('base64url'),
+          'x-b64-at-3': b64(`{"abc":${JSON.stringify(secret)}}`),
           'x-plain': 'kept',
         }).end('ok')
         return true
@@ -196,7 +202,7 @@ t.test('every reflection of the credential in a response head is scrubbed, in an
   ] as const) {
     const e = await get(upstream.port, path)
     seen.push(e.raw)
-    for (const h of ['x-json', 'x-json-u', 'x-html', 'x-thrice', 'x-b64', 'x-b64url', 'x-b64-unpadded', 'x-hex', 'x-hex-upper', ...(what === 'basic' ? ['x-basic-url'] : [])]) {
+    for (const h of ['x-json', 'x-json-u', 'x-html', 'x-thrice', 'x-b64', 'x-b64url', 'x-b64-unpadded', 'x-b64-header', 'x-b64-at-1', 'x-b64url-at-2', 'x-b64-at-3', 'x-hex', 'x-hex-upper', ...(what === 'basic' ? ['x-basic-url'] : [])]) {
       t.equal(e.headers[h], REMOVED, `${what}: ${h} recognised`)
     }
     t.equal(e.headers['x-plain'], 'kept', `${what}: unrelated headers kept`)

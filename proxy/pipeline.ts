@@ -12,10 +12,12 @@ import { lingerOnClose } from './listen/linger.js'
 import { LatchkeyError, renderError, renderErrorRaw, type ErrorCode } from './errors.js'
 import type { CredentialBindings } from './credentials/bindings.js'
 import { stripQueryParams } from './credentials/bindings.js'
-import { hostHeader, parseAbsoluteTarget, parseReverseTarget, parseTunnelledTarget, type ReverseRoutes } from './listen/target.js'
+import { hostHeader, parseAbsoluteTarget, parseReverseTarget, parseTunnelledTarget, urlHostPort, type ReverseRoutes } from './listen/target.js'
 import { checkFraming } from './listen/framing.js'
 import { outboundRequestHeaders, type OutboundHeaders } from './forward/headers.js'
 import { forward } from './forward/forward.js'
+import { locationThroughRoute, resolveLocation } from './forward/route-location.js'
+import ipaddr from 'ipaddr.js'
 import { formOverride, MAX_CHECKED_BODY, mayOverrideInBody, methodMatters, readCheckedBody } from './policy/body-override.js'
 import { tokenSha256 } from './audit/token-hash.js'
 import { newEventId } from './audit/event-id.js'
@@ -247,12 +249,38 @@ export class Pipeline {
     return target
   }
 
-  /** Where the sidecar listens, once it does: the host spellings that mean it, and its port. */
-  ownAddress: { hosts: ReadonlySet<string>; port: number } | null = null
+  /** Where the sidecar listens, once it does: the host spellings that mean it, and its port; the same of its admin API. */
+  ownAddress: { hosts: ReadonlySet<string>; port: number; adminHosts: ReadonlySet<string>; adminPort: number } | null = null
 
   /** Whether a target names the sidecar's own listener (a route's address, never an upstream). */
   isOwnAddress(target: Target): boolean {
     return target.port === this.ownAddress?.port && this.ownAddress.hosts.has(target.host)
+  }
+
+  /**
+   * A response's Location as relayed to the agent (see forward/route-location.ts), or null for a
+   * redirect back to the sidecar itself: the agent's client follows redirects on its own (fetch
+   * does, and keeps the method and body on a 307 or 308), so an upstream could have it make a
+   * call it never chose, on a route, with that route's credential. No upstream has cause to name
+   * the sidecar: it is never told the sidecar's address.
+   */
+  readonly relocate = (location: string, target: Target, redirect: boolean): string | null => {
+    const resolved = resolveLocation(location, target)
+    if (redirect && resolved !== null && this.namesSidecar(resolved)) return null
+    const upstream = target.route === null ? undefined : this.stages.routes.get(target.route)
+    return upstream ? locationThroughRoute(location, resolved, target, upstream) : location
+  }
+
+  /** Whether a URL reaches the sidecar's listener or admin API: a spelling it takes for its own, or any loopback or unspecified address on their ports. */
+  private namesSidecar(url: URL): boolean {
+    const own = this.ownAddress
+    if (own === null) return false
+    const { host, port } = urlHostPort(url, url.protocol === 'https:' ? 'https' : 'http')
+    if (port !== own.port && port !== own.adminPort) return false
+    if ((port === own.port ? own.hosts : own.adminHosts).has(host)) return true
+    if (!ipaddr.isValid(host)) return false
+    const range = ipaddr.process(host).range()
+    return range === 'loopback' || range === 'unspecified'
   }
 
   /**
@@ -413,6 +441,7 @@ export class Pipeline {
         if (err) this.refuse(ctx, res, err)
         else this.finish(ctx)
       },
+      this.relocate,
       this.stages.audit.recordBeforeResponse === true,
       body,
     )

@@ -389,7 +389,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   }
   const port = (server.address() as AddressInfo).port
   const adminPort = (admin.address() as AddressInfo).port
-  pipeline.ownAddress = { hosts: ownHosts(sc.listen.host), port }
+  pipeline.ownAddress = { hosts: ownHosts(sc.listen.host), port, adminHosts: ownHosts(sc.admin.host), adminPort }
   networkPolicy.protectSelf([port, adminPort], Object.values(networkInterfaces()).flatMap((list) => (list ?? []).map((i) => i.address)))
   const host = sc.listen.host.includes(':') ? `[${sc.listen.host}]` : sc.listen.host
   proxyBase = `${host}:${port}`

@@ -1,10 +1,11 @@
 import t from 'tap'
 import { parseAbsoluteTarget, parseConnectTarget, parseReverseTarget, parseTunnelledTarget, hostHeader } from '../proxy/listen/target.js'
-import { locationThroughRoute } from '../proxy/forward/route-location.js'
+import { locationThroughRoute, resolveLocation } from '../proxy/forward/route-location.js'
 
 const routes = new Map([
   ['gh', new URL('https://api.github.com')],
   ['svc', new URL('http://127.0.0.1:8080')],
+  ['v3', new URL('https://api.example.com/v3/')],
 ])
 
 t.test('numeric spellings of a host are judged by the address they mean', async (t) => {
@@ -91,7 +92,10 @@ t.test('reverse routes map onto their upstream origin', async (t) => {
 })
 
 t.test("a reverse route's redirects stay on the route", async (t) => {
-  const target = parseReverseTarget('/gh/repos/x', routes)
+  const through = (location: string, path = '/gh/repos/x') => {
+    const target = parseReverseTarget(path, routes)
+    return locationThroughRoute(location, resolveLocation(location, target), target, routes.get(target.route!)!)
+  }
   const cases: [string, string][] = [
     ['/login?next=%2Fx', '/gh/login?next=%2Fx'],
     ['https://api.github.com/v2/x?a=1#f', '/gh/v2/x?a=1#f'],
@@ -102,9 +106,24 @@ t.test("a reverse route's redirects stay on the route", async (t) => {
     ['https://user@api.github.com/y', 'https://user@api.github.com/y'],
     ['//evil.example/y', '//evil.example/y'],
     ['/\\evil.example/y', '/\\evil.example/y'],
-    ['next/page', 'next/page'],
-    ['not a url', 'not a url'],
+    // Relative references are resolved against the upstream URL the call went to.
+    ['next/page', '/gh/repos/next/page'],
+    ['?page=2', '/gh/repos/x?page=2'],
+    ['not a url', '/gh/repos/not%20a%20url'],
+    // Dot segments cannot climb out of the route into another one (and its credential).
+    ['/../billing/charge', '/gh/billing/charge'],
+    ['/%2e%2e/billing/charge', '/gh/billing/charge'],
+    ['/./../billing/charge', '/gh/billing/charge'],
+    ['../../../../billing/charge', '/gh/billing/charge'],
+    ['https://api.github.com/../billing/charge', '/gh/billing/charge'],
   ]
-  for (const [location, expected] of cases) t.equal(locationThroughRoute(location, target), expected, location)
-  t.equal(locationThroughRoute('/login', parseAbsoluteTarget('https://api.github.com/x')), '/login', 'absolute-form calls are not rewritten')
+  for (const [location, expected] of cases) t.equal(through(location), expected, location)
+  // A route with a base path: what is under it maps back; what is not is the upstream's own URL.
+  t.equal(through('/v3/users?a=1', '/v3/repos'), '/v3/users?a=1')
+  t.equal(through('https://api.example.com/v3', '/v3/repos'), '/v3/')
+  t.equal(through('/login', '/v3/repos'), 'https://api.example.com/login')
+  t.equal(through('/v3x/y', '/v3/repos'), 'https://api.example.com/v3x/y')
+  t.equal(through('/v3/../login', '/v3/repos'), 'https://api.example.com/login')
+  const absolute = parseAbsoluteTarget('https://api.github.com/x')
+  t.equal(locationThroughRoute('/login', resolveLocation('/login', absolute), absolute, routes.get('gh')!), '/login', 'absolute-form calls are not rewritten')
 })

@@ -3,15 +3,21 @@
 // and reports exactly once through `done`.
 import type { IncomingMessage, ServerResponse, IncomingHttpHeaders } from 'node:http'
 import type { Dispatcher, Pool } from 'undici'
-import type { CallContext } from '../context.js'
+import type { CallContext, Target } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import { inboundResponseHeaders, type OutboundHeaders } from './headers.js'
 import { upstreamError } from './upstream-errors.js'
 import { safeReasonPhrase, scrubResponseHeaders } from './scrub.js'
-import { locationThroughRoute } from './route-location.js'
 import { lingerOnClose } from '../listen/linger.js'
 
 export type ForwardDone = (err: LatchkeyError | null) => void
+
+/**
+ * A response's Location as the agent is to get it (`redirect`: the status is a 3xx, which
+ * clients follow by themselves), or null when the response must not reach the agent: see
+ * Pipeline.relocate.
+ */
+export type Relocate = (location: string, target: Target, redirect: boolean) => string | null
 
 /** Reason phrases relayed as the upstream wrote them only when plain printable ASCII; else the standard one. */
 const PRINTABLE = /^[\t\x20-\x7e]*$/
@@ -24,6 +30,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     private readonly ctx: CallContext,
     private readonly res: ServerResponse,
     private readonly done: ForwardDone,
+    private readonly relocate: Relocate,
     /** Report (and so audit) before the response's last bytes are written: see AuditSink.recordBeforeResponse. */
     private readonly recordFirst = false,
   ) {
@@ -58,9 +65,15 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
       scrubResponseHeaders(clean, binding, credential)
       statusMessage = safeReasonPhrase(statusMessage, binding, credential)
     }
-    // A redirect on a reverse route stays on the route, or the agent would follow it off the sidecar.
     const location = clean.location
-    if (typeof location === 'string' && this.ctx.target!.route !== null) clean.location = locationThroughRoute(location, this.ctx.target!)
+    if (typeof location === 'string') {
+      const relayed = this.relocate(location, this.ctx.target!, statusCode >= 300 && statusCode < 400)
+      if (relayed === null) {
+        this.ctx.status = 0
+        return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', "the upstream redirected to this sidecar's own address, where following it would make another call, with another credential: not relayed"))
+      }
+      clean.location = relayed
+    }
     // node:http sends the head with the first chunk in one write, and ending a response with a
     // Content-Length writes nothing more. A chunked one ends with its own "0\r\n\r\n" write: as
     // undici usually delivers head, body and end in one tick, corking until the next sends a small
@@ -175,6 +188,7 @@ export function forward(
   path: string,
   headers: OutboundHeaders,
   done: ForwardDone,
+  relocate: Relocate,
   recordFirst = false,
   /** The whole body, already read (to be checked before it goes): sent as it is, with its length. */
   readBody: Buffer | null = null,
@@ -183,7 +197,7 @@ export function forward(
   // bytes_in is what was sent on, not what the agent announced: an upload cut short says so.
   const body = readBody ?? (hasRequestBody(req) ? counted(req, ctx) : null)
   if (readBody) ctx.bytesIn = readBody.length
-  const relay = new ResponseRelay(ctx, res, done, recordFirst)
+  const relay = new ResponseRelay(ctx, res, done, relocate, recordFirst)
   // A chunked body can turn out malformed after the head has gone: the listener must be able to
   // end this call with a 400 (abortChunkedForward). Only such bodies are tracked.
   if (chunked && !readBody) chunkedForwards.set(req, relay)

@@ -1,23 +1,35 @@
-// A redirect from a reverse route's upstream, as the agent must follow it. The agent addresses
-// the upstream as http://<sidecar>/<route>/…, so a Location on the upstream's own origin
-// (`/login`, or `https://api.example.com/v2/x`) is put back under the route; any other Location
-// (another origin, a relative path that already resolves under the route) is left as it is.
+// An upstream's Location, as the agent will follow it. A client resolves a Location against the
+// URL it asked for, and the agent asked the sidecar, so the sidecar resolves it the same way
+// first: against the upstream URL the call went to. Then
+//  - one that would bring the agent back to the sidecar itself is not relayed (see Pipeline.relocate);
+//  - on a reverse route, one on the upstream's own origin, inside the route's base path, is put
+//    back under `/<route>`, with its dot segments already resolved: `/../billing/x` from route
+//    `search` is `/search/billing/x`, never another route and its credential;
+//  - any other is left as the upstream wrote it.
 import type { Target } from '../context.js'
-import { urlHostPort } from '../listen/target.js'
+import { hostHeader, urlHostPort } from '../listen/target.js'
 
-export function locationThroughRoute(location: string, target: Target): string {
-  const route = target.route
-  if (route === null) return location
-  // Origin-relative. `//host` and `/\host` name another authority to most clients: left alone.
-  if (location.startsWith('/')) return location[1] === '/' || location[1] === '\\' ? location : `/${route}${location}`
-  let url: URL
+/** The URL a client following `location` would ask for, or null when it is no URL at all. */
+export function resolveLocation(location: string, target: Target): URL | null {
   try {
-    url = new URL(location)
+    return new URL(location, `${target.scheme}://${hostHeader(target)}${target.path}`)
   } catch {
-    return location
+    return null
   }
-  if (url.protocol !== `${target.scheme}:` || url.username || url.password) return location
-  const { host, port } = urlHostPort(url, target.scheme)
+}
+
+/**
+ * `routeUpstream`: the route's upstream URL (its path is the base every call on the route is
+ * under). A Location on the upstream's origin but outside that base cannot be reached through
+ * the route: it is given as the upstream's own absolute URL.
+ */
+export function locationThroughRoute(location: string, resolved: URL | null, target: Target, routeUpstream: URL): string {
+  if (target.route === null || resolved === null) return location
+  if (resolved.protocol !== `${target.scheme}:` || resolved.username || resolved.password) return location
+  const { host, port } = urlHostPort(resolved, target.scheme)
   if (host !== target.host || port !== target.port) return location
-  return `/${route}${url.pathname}${url.search}${url.hash}`
+  const base = routeUpstream.pathname.endsWith('/') ? routeUpstream.pathname.slice(0, -1) : routeUpstream.pathname
+  const path = resolved.pathname
+  if (base !== '' && path !== base && !path.startsWith(`${base}/`)) return resolved.href
+  return `/${target.route}${path.slice(base.length) || '/'}${resolved.search}${resolved.hash}`
 }

@@ -1,0 +1,102 @@
+// An upstream's redirect cannot steer the agent into another call of the sidecar's choosing: not
+// out of its route into another route (and that route's credential), and not back to the
+// sidecar's own address from anywhere. Clients follow redirects by themselves: fetch does, and
+// keeps a POST's method and body on 307 and 308.
+import t from 'tap'
+import { startUpstream, startTestSidecar, rawRequest, assertNoCanary } from '../helpers/harness.js'
+
+t.test('redirects stay on their route and never lead back into the sidecar', async (t) => {
+  // Answers /r with the status and Location it is asked for.
+  const search = await startUpstream({
+    handler: (req, res) => {
+      const u = new URL(req.url, 'http://x')
+      if (u.pathname !== '/r') return false
+      res.writeHead(Number(u.searchParams.get('code') ?? 302), { location: u.searchParams.get('to') ?? '/' }).end()
+      return true
+    },
+  })
+  const billing = await startUpstream()
+  const s = await startTestSidecar(
+    {
+      policy: { default: 'allow' },
+      network: { allow: [{ cidr: '127.0.0.1/32', ports: [search.port, billing.port] }] },
+      routes: { search: search.origin, billing: billing.origin },
+      credentials: [
+        { id: 'search', audience: search.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } },
+        { id: 'billing', audience: billing.origin, source: 'static', secret: 'BILLING', inject: { type: 'bearer' } },
+      ],
+    },
+    { LATCHKEY_SECRET_BILLING: 'billing-secret-value' },
+  )
+  t.teardown(async () => {
+    await s.close()
+    await Promise.all([search.close(), billing.close()])
+  })
+  const seen: string[] = []
+  const lk = `127.0.0.1:${s.sidecar.port}`
+  const via = (path: string, to: string, code = 307) => `${path}?code=${code}&to=${encodeURIComponent(to)}`
+
+  await t.test('a Location climbing out of its route is put back under it', async (t) => {
+    for (const to of ['/../billing/charge', '/%2e%2e/billing/charge', '/./../billing/charge', '../../billing/charge', `${search.origin}/../billing/charge`]) {
+      const r = await rawRequest(s.sidecar.port, `GET ${via('/search/r', to)} HTTP/1.1\r\nHost: ${lk}\r\nConnection: close\r\n\r\n`)
+      seen.push(r.raw)
+      t.equal(r.status, 307, to)
+      t.equal(r.headers.location, '/search/billing/charge', to)
+    }
+    // Followed by fetch, with its method and body: it stays on the search route.
+    const followed = await fetch(`http://${lk}${via('/search/r', '/../billing/charge')}`, { method: 'POST', body: 'prompt=private' })
+    seen.push(await followed.text())
+    t.equal(followed.status, 200)
+    t.equal(billing.requests.length, 0, 'the billing route was never called')
+    t.match(search.requests.at(-1), { method: 'POST', url: '/billing/charge', body: 'prompt=private' }, 'the followed call went back to the search upstream')
+  })
+
+  await t.test("a redirect naming the sidecar's own address is not relayed, in any spelling", async (t) => {
+    const port = s.sidecar.port
+    const admin = s.sidecar.adminPort
+    const spellings = [
+      `http://127.0.0.1:${port}/billing/charge`,
+      `http://localhost:${port}/billing/charge`,
+      `http://LOCALHOST.:${port}/billing/charge`,
+      `http://127.1:${port}/billing/charge`,
+      `http://2130706433:${port}/billing/charge`,
+      `http://[::1]:${port}/billing/charge`,
+      `http://[::ffff:127.0.0.1]:${port}/billing/charge`,
+      `http://127.0.0.2:${port}/billing/charge`,
+      `http://0.0.0.0:${port}/billing/charge`,
+      `//127.0.0.1:${port}/billing/charge`,
+      `http://127.0.0.1:${admin}/v1/tasks`,
+    ]
+    for (const to of spellings) {
+      for (const [path, how] of [
+        [via('/search/r', to), 'on a route'],
+        [`http://127.0.0.1:${search.port}${via('/r', to)}`, 'absolute-form'],
+      ] as const) {
+        const r = await rawRequest(s.sidecar.port, `GET ${path} HTTP/1.1\r\nHost: ${lk}\r\nConnection: close\r\n\r\n`)
+        seen.push(r.raw)
+        t.equal(r.status, 502, `${to} ${how}`)
+        t.equal(r.headers['x-latchkey-error'], 'LK_UPSTREAM_PROTOCOL', `${to} ${how}`)
+        t.notOk(r.headers.location, 'no Location reaches the agent')
+      }
+    }
+    const followed = await fetch(`http://${lk}${via('/search/r', `http://127.0.0.1:${port}/billing/charge`)}`, { method: 'POST', body: 'prompt=private' })
+    seen.push(await followed.text())
+    t.equal(followed.status, 502)
+    t.equal(billing.requests.length, 0, 'the billing route was never called')
+    const audit = await s.audit()
+    t.match(audit.at(-1), { status: 502, error: 'LK_UPSTREAM_PROTOCOL', path: '/r', credential: { binding: 'search' } }, 'the call is recorded with why it was refused')
+  })
+
+  await t.test('what is not a redirect to the sidecar is relayed as it is', async (t) => {
+    const created = await rawRequest(s.sidecar.port, `GET ${via('/search/r', `http://127.0.0.1:${s.sidecar.port}/billing/x`, 201)} HTTP/1.1\r\nHost: ${lk}\r\nConnection: close\r\n\r\n`)
+    seen.push(created.raw)
+    t.equal(created.status, 201, 'a 201 is not followed by clients: its Location is only information')
+    for (const to of [`http://127.0.0.1:${billing.port}/charge`, 'https://example.com/x', `http://127.0.0.1:1/x`]) {
+      const r = await rawRequest(s.sidecar.port, `GET ${via('/search/r', to, 302)} HTTP/1.1\r\nHost: ${lk}\r\nConnection: close\r\n\r\n`)
+      seen.push(r.raw)
+      t.equal(r.status, 302, to)
+      t.equal(r.headers.location, to, 'another origin: left as the upstream wrote it')
+    }
+  })
+  assertNoCanary(t, s, ...seen)
+})

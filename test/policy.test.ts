@@ -107,6 +107,12 @@ t.test('a deny on a path is not dodged by any spelling of that path', async (t) 
     '///admin/admin/x',
     '//x/ADMIN',
     '/;/x/admin',
+    // An encoded ? or # that a server decodes before splitting off the query (CVE-2024-38474).
+    '/admin%3F.php',
+    '/admin%3fx/y',
+    '/admin%23.css',
+    '/admin%253F.php',
+    '/api/..%2Fadmin%3F',
   ]) {
     t.equal(decide(p, 'GET', `https://x.com${spelling}`).rule, 'no-admin', spelling)
   }

@@ -16,6 +16,8 @@ const SEGMENT_END_RUNS = /(?<!\.|%20|%09)(?:\.|%20|%09)+(\/|$)/g
 /** Spaces and tabs ending a segment (runs from their start, as above). */
 const SEGMENT_END_SPACES = /(?:%20|%09)(?:\/|$)/
 const SEGMENT_END_SPACES_G = /(?<!%20|%09)(?:%20|%09)+(\/|$)/g
+/** Where a server that decodes `%3F` / `%23` before parsing the target ends the path. */
+const QUERY_OR_FRAGMENT = /%3F|%23|[?#]/
 /** The leading slashes and authority a URL parser reads at the start of `//host/path`. */
 const AUTHORITY = /^\/{2,}[^/]*/
 
@@ -92,6 +94,11 @@ function readingsOf(path: string): string[] {
         if (SEGMENT_END_SPACES.test(p)) add(p.replace(SEGMENT_END_SPACES_G, '$1'))
       }
       if (p.startsWith('//')) add(p.replace(AUTHORITY, '') || '/')
+      // An encoded `?` or `#` decoded before the query is split off (Apache's mod_rewrite,
+      // CVE-2024-38474: `/admin%3F.php` is `/admin`), or one a further decoding left plain:
+      // the path ends there.
+      const cut = p.search(QUERY_OR_FRAGMENT)
+      if (cut !== -1) add(p.slice(0, cut) || '/')
     }
     if (readings.length === before) break
   }

@@ -105,13 +105,20 @@ function readingsOf(path: string): string[] {
   return readings
 }
 
-/** Compiles a glob: `*` one segment's worth, `?` one character, `**` any depth; `/x/**` also matches `/x`. */
-export function compileGlob(glob: string, caseInsensitive: boolean): RegExp {
+/**
+ * Compiles a glob: `*` one segment's worth, `?` one character, `**` any depth; `/x/**` also
+ * matches `/x`. Readings are URL-encoded (the parser writes `é` as `%C3%A9`, a space as `%20`),
+ * so a glob written as a person writes it (`/café/**`, `/my docs/**`) or half-encoded
+ * (`/%73ecret`) is brought to that form, as each of its characters may be spelled in a reading;
+ * `anyCase` (deny globs) folds letters beyond ASCII too.
+ */
+export function compileGlob(glob: string, anyCase: boolean): RegExp {
   let src = ''
-  for (let i = 0; i < glob.length; i++) {
-    const c = glob[i]!
-    if (c === '*' && glob[i + 1] === '*') {
-      const atEndAfterSlash = glob[i - 1] === '/' && i + 2 === glob.length
+  const chars = [...glob]
+  for (let i = 0; i < chars.length; i++) {
+    const c = chars[i]!
+    if (c === '*' && chars[i + 1] === '*') {
+      const atEndAfterSlash = chars[i - 1] === '/' && i + 2 === chars.length
       if (atEndAfterSlash) {
         src = src.slice(0, -1) + '(?:/.*)?'
       } else {
@@ -120,7 +127,35 @@ export function compileGlob(glob: string, caseInsensitive: boolean): RegExp {
       i++
     } else if (c === '*') src += '[^/]*'
     else if (c === '?') src += '[^/]'
-    else src += c.replace(/[.+^${}()|[\]\\]/g, '\\$&')
+    else if (c === '%' && /^[0-9A-Fa-f]{2}$/.test(chars.slice(i + 1, i + 3).join(''))) {
+      // An escape, as readings have it: an unreserved character decoded, any other upper-cased.
+      const hex = chars.slice(i + 1, i + 3).join('')
+      const ch = String.fromCharCode(parseInt(hex, 16))
+      src += UNRESERVED.test(ch) ? escapeRegex(ch) : `%${hex.toUpperCase()}`
+      i += 2
+    } else src += literal(c, anyCase)
   }
-  return new RegExp(`^${src}$`, caseInsensitive ? 'i' : '')
+  return new RegExp(`^${src}$`, anyCase ? 'i' : '')
+}
+
+/** Characters the URL parser percent-encodes in a path (and `#`, which it would take for a fragment). */
+const ENCODED_IN_PATH = /[^\x21-\x7e]|["#<>`{}]/
+
+/** One character of a glob: itself, or, where the parser encodes it, its encoding or (in a decoded reading) itself. */
+function literal(c: string, anyCase: boolean): string {
+  if (!ENCODED_IN_PATH.test(c)) return escapeRegex(c)
+  const spellings = new Set<string>()
+  for (const v of anyCase ? [c, c.toLowerCase(), c.toUpperCase()] : [c]) {
+    spellings.add(escapeRegex(v))
+    try {
+      spellings.add(encodeURIComponent(v))
+    } catch {
+      // A lone surrogate has no UTF-8 form: only its own spelling can match.
+    }
+  }
+  return `(?:${[...spellings].join('|')})`
+}
+
+function escapeRegex(s: string): string {
+  return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')
 }

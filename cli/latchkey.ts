@@ -48,12 +48,23 @@ function fail(err: unknown): never {
   process.exit(1)
 }
 
-/** SIGTERM/SIGINT: stop accepting, drain, flush, exit. A second signal exits at once. */
-export function onShutdown(close: () => Promise<void>): void {
-  let stopping = false
+/**
+ * SIGTERM/SIGINT: stop accepting, drain, flush, exit. A second signal ends the drain at once:
+ * what is still open is cut and recorded, the audit flushed, then exit (1); a third, or 5 s
+ * more, exits there and then.
+ */
+export function onShutdown(close: (urgent?: boolean) => Promise<void>): void {
+  let signals = 0
   const handler = (signal: string) => {
-    if (stopping) process.exit(1)
-    stopping = true
+    if (++signals === 3) process.exit(1)
+    if (signals === 2) {
+      setTimeout(() => process.exit(1), 5_000).unref()
+      void close(true).then(
+        () => process.exit(1),
+        () => process.exit(1),
+      )
+      return
+    }
     close().then(
       () => process.exit(0),
       (err) => {

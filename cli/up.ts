@@ -19,7 +19,7 @@ export const EXAMPLE_CONFIG = fileURLToPath(new URL('../../deploy/examples/up.ya
 export const UP_COLLECTOR_HTTP_PORT = 15101
 const ADMIN_TOKEN_FILE = '.latchkey/broker-admin-token'
 
-export async function runUp(opts: { config: string }): Promise<{ close(): Promise<void> }> {
+export async function runUp(opts: { config: string }): Promise<{ close(urgent?: boolean): Promise<void> }> {
   const configFile = opts.config || EXAMPLE_CONFIG
   const config = loadConfigFile(configFile)
   const env: NodeJS.ProcessEnv = { ...process.env }
@@ -102,8 +102,8 @@ Try:
 `,
   )
   return {
-    close: async () => {
-      await sidecar.close()
+    close: async (urgent = false) => {
+      await sidecar.close(urgent)
       await collector?.close()
       await broker?.close()
       await new Promise<void>((resolve) => upstream.close(() => resolve()))

@@ -3,6 +3,7 @@
 // (no web page, see local-caller.ts); slow or idle clients are cut like the proxy port's, and the
 // number of connections is capped, so idle sockets cannot take the process's descriptors.
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
+import { headersCheckInterval } from './listen/server.js'
 import type { SidecarMetrics } from './metrics.js'
 import { checkLocalCaller } from './listen/local-caller.js'
 import { LatchkeyError, renderError } from './errors.js'
@@ -21,7 +22,13 @@ export function createAdminServer(metrics: SidecarMetrics, readiness: Readiness,
   const { clientHeadersTimeoutMs, namedHosts } = opts
   // node:http refuses a headersTimeout above requestTimeout (a RangeError at start-up), and
   // client_headers_ms may be set up to an hour: the request gets at least as long as its headers.
-  const server = createServer({ headersTimeout: clientHeadersTimeoutMs, requestTimeout: Math.max(30_000, clientHeadersTimeoutMs), keepAliveTimeout: 5_000 }, (req, res) => {
+  const serverOptions = {
+    headersTimeout: clientHeadersTimeoutMs,
+    connectionsCheckingInterval: headersCheckInterval(clientHeadersTimeoutMs),
+    requestTimeout: Math.max(30_000, clientHeadersTimeoutMs),
+    keepAliveTimeout: 5_000,
+  }
+  const server = createServer(serverOptions, (req, res) => {
     try {
       checkLocalCaller(req.headers, namedHosts)
     } catch (err) {

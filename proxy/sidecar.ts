@@ -67,12 +67,21 @@ export interface RunningSidecar {
   policy: PolicySwitch
   /** Re-reads sidecar.policy_file (what a change or SIGHUP does): validated, then swapped, or rejected whole. */
   reloadPolicy(): { ok: true; version: string } | { ok: false; reason: string }
-  /** Stop accepting, let in-flight calls finish (up to drain_ms), flush the audit, close. */
-  close(): Promise<void>
+  /**
+   * Stop accepting, let in-flight calls finish (up to drain_ms), flush the audit, close.
+   * `urgent` (again or at once): no more waiting for calls; what is open is cut, recorded, flushed.
+   */
+  close(urgent?: boolean): Promise<void>
 }
 
 export class StartupError extends Error {
   readonly code = 'LK_STARTUP'
+}
+
+/** Resolves once every relay in `streams` has closed (each deletes itself once recorded), or after `ms`. */
+async function streamsClosed(streams: ReadonlySet<unknown>, ms: number): Promise<void> {
+  const until = Date.now() + ms
+  while (streams.size > 0 && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 5))
 }
 
 /** Listens, or fails start-up with a line that names the setting and the cause (a port in use). */
@@ -396,8 +405,15 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   log.info({ port, adminPort, agent: sc.agent_id, rules: config.policy.rules.length, credentials: bindings.all().length }, 'sidecar listening')
 
   let closing: Promise<void> | null = null
-  const close = () =>
-    (closing ??= (async () => {
+  let hurry: (() => void) | null = null
+  let urgently = false
+  const close = (urgent = false) => {
+    // Asked again, urgently (a second SIGTERM): the drain ends now; what is open is cut and recorded.
+    if (urgent) {
+      urgently = true
+      hurry?.()
+    }
+    return (closing ??= (async () => {
       draining = true
       pipeline.beginDrain()
       log.info({ drainMs: sc.timeouts.drain_ms }, 'draining')
@@ -407,22 +423,36 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       process.off('SIGHUP', onSighup)
       const closed = new Promise<void>((resolve) => server.close(() => resolve()))
       server.closeIdleConnections()
-      const deadline = new Promise<void>((resolve) => setTimeout(resolve, sc.timeouts.drain_ms).unref())
-      await Promise.race([closed, deadline])
+      // drain_ms, or less when a second signal says not to wait (see close's `urgent`).
+      const deadline = new Promise<false>((resolve) => {
+        hurry = () => resolve(false)
+        if (urgently) hurry()
+        else setTimeout(hurry, sc.timeouts.drain_ms).unref()
+      })
+      const drained = await Promise.race([closed.then(() => true), deadline])
+      // A relay (tunnel, WebSocket) whose agent hung up is recorded once its upstream side has
+      // closed too, a moment later: waited for, so it is recorded as it ended, not as cut.
+      if (drained) await streamsClosed(openStreams, 1_000)
       // What is still open at the deadline is cut, and recorded as cut by the shutdown.
       pipeline.cut(() => true, 'LK_DRAINING', 'the sidecar shut down before the call finished')
       server.closeAllConnections()
       for (const s of openStreams) s.destroy()
+      // The audit closes only once every relay cut has been recorded.
+      await streamsClosed(openStreams, 1_000)
       await pipeline.stages.pools.close()
       stopping = true
       tasks.close()
       await brokerTokens?.close()
       await clientCredentials?.close()
       await audit.close()
-      await new Promise<void>((resolve) => admin.close(() => resolve()))
+      // Connections are closed as the listener is: an idle or half-sent one on the admin port
+      // would otherwise hold the shutdown open for as long as its client liked.
+      const adminClosed = new Promise<void>((resolve) => admin.close(() => resolve()))
       admin.closeAllConnections()
+      await adminClosed
       log.info('sidecar stopped')
     })())
+  }
 
   return {
     proxyUrl: `http://${host}:${port}`,

@@ -18,6 +18,15 @@ export interface ListenerOptions {
   upstreamHeadersMs: number
 }
 
+/**
+ * How often node:http looks for connections past their header timeout (its default, 30 s, let a
+ * 2 s client_headers_ms hold a silent connection for up to 30 s): often enough that the cut
+ * comes within a quarter of the setting past it.
+ */
+export function headersCheckInterval(clientHeadersTimeoutMs: number): number {
+  return Math.min(30_000, Math.max(250, Math.floor(clientHeadersTimeoutMs / 4)))
+}
+
 function isLoopback(address: string | undefined): boolean {
   return !!address && (address.startsWith('127.') || address === '::1' || address.startsWith('::ffff:127.'))
 }
@@ -31,6 +40,7 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     // Checked by checkFraming instead, so a missing Host gets the coded, audited 400.
     requireHostHeader: false,
     headersTimeout: opts.clientHeadersTimeoutMs,
+    connectionsCheckingInterval: headersCheckInterval(opts.clientHeadersTimeoutMs),
     requestTimeout: 0,
     keepAliveTimeout: 5_000,
     noDelay: true,

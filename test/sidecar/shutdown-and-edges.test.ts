@@ -164,3 +164,75 @@ t.test('CONNECT and upgrades pipelined ahead of owed responses are not taken', a
   t.equal(gauge, '0', 'no tunnel was opened or leaked')
   assertNoCanary(t, s, ...seen)
 })
+
+t.test('relays are recorded once at shutdown: one the agent ends during the drain, one cut at its deadline', async (t) => {
+  // An upstream that never closes its side on the peer's FIN, as a plain socket server does not:
+  // the relay is recorded only once that side has closed too, after the agent's.
+  const upstream = createServer({ allowHalfOpen: true }, (c) => {
+    c.on('data', (d: Buffer) => c.write(d))
+    c.on('error', () => {})
+  })
+  upstream.listen(0, '127.0.0.1')
+  await once(upstream, 'listening')
+  const port = (upstream.address() as AddressInfo).port
+  const s = await startTestSidecar({ policy: { default: 'allow' }, network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] }, sidecar: { timeouts: { drain_ms: 1500 } } })
+  t.teardown(async () => {
+    await s.close()
+    upstream.close()
+  })
+  const tunnel = async () => {
+    const { sock, raw } = await openRaw(s.sidecar.port)
+    sock.on('error', () => {})
+    sock.write(`CONNECT 127.0.0.1:${port} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n\r\n`)
+    while (!raw().includes('\r\n\r\n')) await new Promise((r) => setTimeout(r, 5))
+    // A TLS record's first bytes: relayed as they are, not read as HTTP.
+    sock.write(Buffer.from([0x16, 3, 1, 0, 1, 0]))
+    while (raw().length < 45) await new Promise((r) => setTimeout(r, 5))
+    return sock
+  }
+  const endedByAgent = await tunnel()
+  const cut = await tunnel()
+  const closing = s.sidecar.close()
+  setTimeout(() => endedByAgent.end(), 300)
+  const started = Date.now()
+  await closing
+  t.ok(Date.now() - started < 3000, 'the shutdown ended at its deadline')
+  if (!cut.destroyed) await once(cut, 'close')
+  const audit = (await s.audit()).filter((e) => e.via === 'connect')
+  t.equal(audit.length, 2, 'each tunnel recorded, once')
+  t.match(
+    audit.map((e) => e.error),
+    [null, 'LK_DRAINING'],
+    'the one the agent ended as it ended; the other as cut by the shutdown',
+  )
+})
+
+t.test('an idle or half-sent connection on the admin port does not hold the shutdown open', async (t) => {
+  const s = await startTestSidecar({ policy: { default: 'deny' }, sidecar: { timeouts: { drain_ms: 200 } } })
+  t.teardown(() => s.close())
+  const idle = await openRaw(s.sidecar.adminPort)
+  const halfSent = await openRaw(s.sidecar.adminPort)
+  halfSent.sock.write('GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n')
+  for (const c of [idle, halfSent]) c.sock.on('error', () => {})
+  const started = Date.now()
+  await s.sidecar.close()
+  t.ok(Date.now() - started < 1500, `stopped in ${Date.now() - started} ms, not when the admin clients let go`)
+  t.ok(idle.sock.destroyed || (await Promise.race([once(idle.sock, 'close').then(() => true), new Promise((r) => setTimeout(() => r(false), 1000))])), 'their connections were closed')
+})
+
+t.test('asked to close urgently (a second SIGTERM), the drain ends now and what was open is recorded as cut', async (t) => {
+  const { upstream, s, host } = await startSlowCallRig(t, 10_000, { timeouts: { drain_ms: 10_000 } })
+  const sock = connect(s.sidecar.port, '127.0.0.1')
+  await once(sock, 'connect')
+  sock.on('error', () => {})
+  sock.write(`GET http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  while (upstream.requests.length === 0) await new Promise((r) => setTimeout(r, 10))
+  const started = Date.now()
+  const first = s.sidecar.close()
+  await new Promise((r) => setTimeout(r, 200))
+  const second = s.sidecar.close(true)
+  await Promise.all([first, second])
+  t.ok(Date.now() - started < 2500, `stopped in ${Date.now() - started} ms, not after drain_ms (10 s)`)
+  const audit = await s.audit()
+  t.match(audit, [{ path: '/slow', status: 0, error: 'LK_DRAINING' }], 'the call cut is recorded')
+})

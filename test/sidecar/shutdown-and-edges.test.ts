@@ -236,3 +236,20 @@ t.test('asked to close urgently (a second SIGTERM), the drain ends now and what 
   const audit = await s.audit()
   t.match(audit, [{ path: '/slow', status: 0, error: 'LK_DRAINING' }], 'the call cut is recorded')
 })
+
+t.test('a connection that sends no complete head is cut soon after client_headers_ms, on both ports', async (t) => {
+  const s = await startTestSidecar({ policy: { default: 'deny' }, sidecar: { timeouts: { client_headers_ms: 1000 } } })
+  t.teardown(() => s.close())
+  for (const [port, name] of [
+    [s.sidecar.port, 'listener'],
+    [s.sidecar.adminPort, 'admin'],
+  ] as const) {
+    const c = await openRaw(port)
+    c.sock.on('error', () => {})
+    c.sock.write('GET / HTTP/1.1\r\n')
+    const started = Date.now()
+    await once(c.sock, 'close')
+    // node:http's own check runs every 30 s unless told otherwise.
+    t.ok(Date.now() - started < 2500, `${name}: cut after ${Date.now() - started} ms`)
+  }
+})

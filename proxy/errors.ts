@@ -13,6 +13,8 @@ export const ERRORS = {
   LK_REVOKED: { status: 403, error: 'revoked', retryable: false },
   LK_TASK_ENDED: { status: 407, error: 'task_ended', retryable: false },
   LK_CREDENTIAL_UNAVAILABLE: { status: 503, error: 'credential_unavailable', retryable: true },
+  /** The broker (or authorization server) answered, and refused: asking again gets the same answer. */
+  LK_CREDENTIAL_REFUSED: { status: 403, error: 'credential_refused', retryable: false },
   LK_DNS_FAILED: { status: 502, error: 'upstream_unresolvable', retryable: true },
   LK_UPSTREAM_UNREACHABLE: { status: 502, error: 'upstream_unreachable', retryable: true },
   LK_UPSTREAM_TLS: { status: 502, error: 'upstream_tls', retryable: false },

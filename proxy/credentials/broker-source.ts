@@ -186,7 +186,10 @@ export class CachedTokenSource implements CredentialSource {
         // The entry was dropped meanwhile: say why, rather than what the broker answered.
         if (generation !== this.generation) throw new LatchkeyError('LK_REVOKED', 'revoked', 'revocation:agent')
         if (ticket.voided) throw ticket.voided
-        const error = new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `no token for ${binding.tokenAudience}: ${reason}`)
+        // Refused (a 4xx: a task longer than the agent may have, a user token that does not verify)
+        // is not worth retrying, and says so; unreachable, or a 5xx, is.
+        const refused = err instanceof ExchangeFailed && err.outcome === 'refused'
+        const error = new LatchkeyError(refused ? 'LK_CREDENTIAL_REFUSED' : 'LK_CREDENTIAL_UNAVAILABLE', `no token for ${binding.tokenAudience}: ${reason}`)
         if (err instanceof ActorMismatch) {
           // The workload now attests as another agent: what is cached is not served either.
           entry.credential = null

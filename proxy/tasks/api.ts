@@ -5,7 +5,7 @@
 // Asking for audiences fetches their tokens now, so a user token the broker refuses is reported
 // to the agent when it opens the task, not on its first call.
 import type { IncomingMessage, ServerResponse } from 'node:http'
-import type { CredentialBinding, CredentialSource } from '../context.js'
+import type { CredentialBinding, CredentialSource, Identity } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import { TaskError, type TaskRegistry } from './registry.js'
 
@@ -168,10 +168,14 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
   }
   try {
     await Promise.all(bindings.map((b) => d.credentials.get(b, task.identity)))
+    // A user token is the broker's to verify, not the sidecar's: until it has, the task would be
+    // recorded as acting for whoever the token claims. One exchange proves it (with no audience
+    // asked for, the first broker credential whose exchange succeeds); refused by all, no task.
+    if (user_token !== undefined && bindings.length === 0) await verifiedByBroker(d, task.identity)
   } catch (err) {
     d.tasks.end(task.handle)
     const reason = err instanceof LatchkeyError ? err.message : 'token exchange failed'
-    const refused = reason.includes('broker refused')
+    const refused = err instanceof LatchkeyError && (err.code === 'LK_CREDENTIAL_REFUSED' || reason.includes('broker refused'))
     return fail(res, refused ? 403 : 503, refused ? 'task_refused' : 'broker_unavailable', reason)
   }
   send(res, 201, {
@@ -183,4 +187,21 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
     audiences: wanted,
     proxy_url: d.proxyUrl(task.handle),
   })
+}
+
+/** Resolves once one broker credential's exchange for this task succeeds; else throws the first refusal. */
+async function verifiedByBroker(d: TaskApiDeps, identity: Identity): Promise<void> {
+  let first: unknown = null
+  for (const b of d.bindings) {
+    if (b.source !== 'broker') continue
+    try {
+      await d.credentials.get(b, identity)
+      return
+    } catch (err) {
+      first ??= err
+      // Unreachable is unreachable for every audience: no use asking again.
+      if (!(err instanceof LatchkeyError) || err.code !== 'LK_CREDENTIAL_REFUSED') throw err
+    }
+  }
+  throw first
 }

@@ -19,7 +19,7 @@ import type { RevocationList } from '../revocations/list.js'
 import { REVOCATION_KINDS, type RevocationKind } from '../revocations/store.js'
 import { GRANT_TYPE, TASK_ID } from '../exchange.js'
 import { MAX_AGENT_ID } from '../attest/attestor.js'
-import { WHOLE_TASK_HANDLE } from '../../lib/task-handle.js'
+import { TASK_HANDLE } from '../../lib/task-handle.js'
 
 /** A task ID or jti to revoke: at most this long. */
 const MAX_REVOCATION_VALUE = 256
@@ -242,8 +242,10 @@ function revocationProblem(input: { kind?: unknown; value?: unknown; reason?: un
   // operator's paste with a trailing space or newline must not pass for a revocation.
   // A sidecar's task handle is its proxy credential, not its ID: stored, it would match nothing,
   // and the credential would sit in the store, the event log and every sidecar's control stream.
-  if (input.kind === 'task' && WHOLE_TASK_HANDLE.test(input.value)) {
-    return "task must be the task's id, not its handle (lkt_…, the proxy credential): GET /v1/tasks/<handle> on the sidecar shows the id"
+  // Anywhere in the value, of any kind (`task:lkt_…` is what an operator copies out of a proxy_url),
+  // and in the reason.
+  if (TASK_HANDLE.test(input.value) || (typeof input.reason === 'string' && TASK_HANDLE.test(input.reason))) {
+    return `${!TASK_HANDLE.test(input.value) ? 'reason' : input.kind === 'task' ? 'task' : 'value'} must not hold a task handle (lkt_…, the proxy credential); a task is revoked by its id: GET /v1/tasks/<handle> on the sidecar shows it`
   }
   if (input.kind === 'task' && !TASK_ID.test(input.value)) return 'task must be a task ID: 1-128 characters of A-Z a-z 0-9 . _ : - (what the broker accepts as task_id)'
   if (input.kind === 'jti' && !/^[\x21-\x7e]+$/.test(input.value)) return `jti must be 1 to ${MAX_REVOCATION_VALUE} printable ASCII characters, no spaces`

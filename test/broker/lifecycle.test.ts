@@ -127,13 +127,20 @@ t.test('a revocation that could never match anything is refused, naming the rule
     }
     const TASK = 'task must be a task ID: 1-128 characters of A-Z a-z 0-9 . _ : - (what the broker accepts as task_id)'
     const JTI = 'jti must be 1 to 256 printable ASCII characters, no spaces'
+    const HANDLE = (what: string) => `${what} must not hold a task handle (lkt_…, the proxy credential); a task is revoked by its id: GET /v1/tasks/<handle> on the sidecar shows it`
     // An operator's paste with a trailing space or newline used to be stored (201) and match nothing.
     for (const [body, description] of [
       [{ kind: 'task', value: 'task-1 ' }, TASK],
       [{ kind: 'task', value: 'task-1\n' }, TASK],
       [{ kind: 'task', value: 't\u0000x' }, TASK],
       // The handle POST /v1/tasks answers with, pasted for the id: a no-op revocation holding a credential.
-      [{ kind: 'task', value: 'lkt_ahkpbNET1OKz8kBNlQK4Lw' }, "task must be the task's id, not its handle (lkt_…, the proxy credential): GET /v1/tasks/<handle> on the sidecar shows the id"],
+      [{ kind: 'task', value: 'lkt_ahkpbNET1OKz8kBNlQK4Lw' }, HANDLE('task')],
+      // ...or copied with what surrounds it in a proxy_url, or under another kind, or in the reason.
+      [{ kind: 'task', value: 'task:lkt_ahkpbNET1OKz8kBNlQK4Lw' }, HANDLE('task')],
+      [{ kind: 'jti', value: 'lkt_ahkpbNET1OKz8kBNlQK4Lw' }, HANDLE('value')],
+      [{ kind: 'jti', value: 'http://task:lkt_ahkpbNET1OKz8kBNlQK4Lw@127.0.0.1:15001' }, HANDLE('value')],
+      [{ kind: 'task', value: 'task-1', reason: 'its proxy_url was task:lkt_ahkpbNET1OKz8kBNlQK4Lw' }, HANDLE('reason')],
+      [{ kind: 'jti', value: 'abc', reason: 'lkt_ahkpbNET1OKz8kBNlQK4Lw' }, HANDLE('reason')],
       [{ kind: 'jti', value: ' ' }, JTI],
       [{ kind: 'jti', value: 'jti\u0000' }, JTI],
       [{ kind: 'task', value: 'task-1', reason: 'leaked\u0000' }, 'reason must be a string of at most 512 characters, without control characters other than tab and newline'],

@@ -205,6 +205,10 @@ export interface AuditSink {
   readonly recordBeforeResponse?: boolean
   /** When present and false, the pipeline refuses new egress (503 LK_AUDIT_UNAVAILABLE): the sink cannot keep more. */
   accepting?(): boolean
+  /** Why it is not accepting, for the refusal and /readyz. */
+  unavailableReason?(): string
+  /** Reopens what it writes to (SIGHUP: a log rotation moved the file). */
+  reopen?(): void
   /** Persist everything written so far. */
   flush(): Promise<void>
   close(): Promise<void>

@@ -145,7 +145,7 @@ export class Pipeline {
     const decider = s.decider
     this.judge(ctx, decider.decide(ctx.method, target))
     // Fail closed: no call goes out that the audit sink could not keep (spool full, on_full: refuse).
-    if (s.audit.accepting && !s.audit.accepting()) throw new LatchkeyError('LK_AUDIT_UNAVAILABLE', 'the audit spool is full; no new egress until the collector catches up')
+    if (s.audit.accepting && !s.audit.accepting()) throw new LatchkeyError('LK_AUDIT_UNAVAILABLE', s.audit.unavailableReason?.() ?? 'the audit sink cannot keep more; no new egress until it can')
     const resolved = s.resolver.resolve(target)
     return resolved instanceof Promise ? resolved.then((r) => this.admitResolved(ctx, r, withCredential, decider)) : this.admitResolved(ctx, resolved, withCredential, decider)
   }

@@ -296,7 +296,11 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       policyTimer = setTimeout(reloadPolicy, 50)
     })
   }
-  const onSighup = () => void reloadPolicy()
+  // SIGHUP: the policy file read again, and the audit file opened anew (after a log rotation).
+  const onSighup = () => {
+    audit.reopen?.()
+    void reloadPolicy()
+  }
   if (opts.reloadOnSighup) process.on('SIGHUP', onSighup)
 
   // Created (not yet listening) before the control stream starts: a revocation it delivers,
@@ -368,7 +372,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       if (stale) reasons.push(`${stale}: no new tokens are minted`)
       // on_full "refuse": every new call is a 503 until the collector catches up. ("drop" keeps
       // serving, so it stays ready; its drops are in the metrics.)
-      if (audit.accepting && !audit.accepting()) reasons.push('audit spool full: new egress is refused until the collector catches up')
+      if (audit.accepting && !audit.accepting()) reasons.push(audit.unavailableReason?.() ?? 'the audit sink cannot keep more: new egress is refused')
       return { ok: reasons.length === 0, reasons }
     },
   }, { clientHeadersTimeoutMs: sc.timeouts.client_headers_ms, namedHosts: sc.allow_remote_clients }, (req, res, path) =>

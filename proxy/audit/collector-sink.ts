@@ -185,6 +185,11 @@ export class CollectorAuditSink implements AuditSink {
     return !(this.full && this.o.onFull === 'refuse')
   }
 
+  unavailableReason(): string {
+    return 'the audit spool is full; no new egress until the collector catches up'
+  }
+
+
   private updateFull(): void {
     const was = this.full
     this.full = this.spool.bytes >= this.o.maxBytes

@@ -3,17 +3,35 @@
 //   encode():  once per event-loop turn, serializes the turn's events in one tight loop into an
 //              off-heap buffer (cache-friendly, and nothing lingers on the V8 heap to be promoted);
 //   flush():   every flush_ms, one append of everything encoded, in order.
+// Fail closed: while appends fail (disk full, the directory gone), accepting() is false, so the
+// pipeline refuses new egress (503 LK_AUDIT_UNAVAILABLE) and /readyz says why; what failed is
+// kept (up to MAX_UNWRITTEN) and written first when appends work again. A file moved or deleted
+// (log rotation) is noticed within a second, or at reopen() (SIGHUP), and the path opened anew.
 // Lines are plain JSON.stringify: V8 writes them natively in one pass, with less than half the
 // garbage of a schema-compiled serializer (1.8 KB against 3.9 KB per event, measured), and an
 // event carries nothing extra to leak because Pipeline.finish builds it field by field.
-import { openSync, write, fsyncSync, closeSync } from 'node:fs'
+import { openSync, write, fsyncSync, closeSync, fstatSync, statSync } from 'node:fs'
 import type { AuditEvent, AuditSink } from '../context.js'
 
 // 20 ms of a busy sidecar's events fit several times over; buffers are reused, never churned.
 const CHUNK = 256 * 1024
+/** Events kept while appends fail, for when they work again; beyond it they are counted lost. */
+const MAX_UNWRITTEN = 16 * 1024 * 1024
+/** How soon appends that failed are tried again when nothing new comes to be written. */
+const RETRY_MS = 1000
+const EMPTY = Buffer.alloc(0)
+/** How often the path is checked for having been moved or deleted under the sidecar. */
+const ROTATION_CHECK_MS = 1000
 
 export class JsonlAuditSink implements AuditSink {
-  private readonly fd: number
+  private fd: number
+  /** Batches whose append failed, in order, written first once appends work again. */
+  private readonly unwritten: { data: Buffer; lines: number }[] = []
+  private unwrittenBytes = 0
+  /** Set while appends fail: the error of the last one. */
+  private failing: NodeJS.ErrnoException | null = null
+  private checkedPathAt = 0
+  private retryTimer: NodeJS.Timeout | null = null
   private events: AuditEvent[] = []
   private encodeScheduled = false
   private buffer: Buffer = Buffer.allocUnsafe(CHUNK)
@@ -96,30 +114,103 @@ export class JsonlAuditSink implements AuditSink {
     return this.spare.pop() ?? Buffer.allocUnsafe(CHUNK)
   }
 
+  /** False while appends fail: the pipeline refuses new egress rather than make calls it cannot record. */
+  accepting(): boolean {
+    return this.failing === null
+  }
+
+  unavailableReason(): string {
+    return `the audit file cannot be written (${this.failing?.code ?? 'error'}); no new egress until it can`
+  }
+
+  /** Opens the path anew on the next append (SIGHUP, after the file was rotated). */
+  reopen(): void {
+    this.checkedPathAt = 0
+  }
+
   /** Appends are chained so batches land in order; a standard-size buffer is reused afterwards. */
   private append(buffer: Buffer, used: number, lines: number): void {
     const data = buffer.subarray(0, used)
-    const recycle = () => {
+    this.inFlight = this.inFlight.then(async () => {
+      this.reopenIfMoved()
+      // What failed before goes first: the file keeps the order calls ended in.
+      while (this.unwritten.length > 0) {
+        const first = this.unwritten[0]!
+        const n = await this.writeAll(first.data)
+        this.unwrittenBytes -= n
+        if (n < first.data.length) {
+          first.data = first.data.subarray(n)
+          break
+        }
+        this.unwritten.shift()
+      }
+      const n = this.unwritten.length === 0 ? await this.writeAll(data) : 0
+      if (n < data.length) this.keep(data.subarray(n), lines)
+      else if (this.unwritten.length === 0 && this.failing) this.failing = null
       if (buffer.length === CHUNK && this.spare.length < 2) this.spare.push(buffer)
+      // With nothing new to write (no traffic: egress is refused meanwhile), tried again anyway.
+      if (this.unwritten.length > 0 && !this.retryTimer && !this.closed) {
+        this.retryTimer = setTimeout(() => {
+          this.retryTimer = null
+          this.append(EMPTY, 0, 0)
+        }, RETRY_MS)
+        this.retryTimer.unref()
+      }
+    })
+  }
+
+  /** Writes `data` at the end of the file; resolves with how many bytes were written (short on an error). */
+  private writeAll(data: Buffer): Promise<number> {
+    return new Promise((resolve) => {
+      const from = (offset: number) =>
+        write(this.fd, data, offset, data.length - offset, null, (err, n) => {
+          if (err) {
+            this.fail(err)
+            return resolve(offset)
+          }
+          if (offset + n < data.length) return from(offset + n)
+          resolve(data.length)
+        })
+      from(0)
+    })
+  }
+
+  private fail(err: NodeJS.ErrnoException): void {
+    // Reported once as appends start failing, not at every retry.
+    if (this.failing === null) this.onError(err)
+    this.failing = err
+  }
+
+  /** Keeps a batch that could not be written (a copy: its buffer is reused), or counts it lost past MAX_UNWRITTEN. */
+  private keep(data: Buffer, lines: number): void {
+    if (this.unwrittenBytes + data.length > MAX_UNWRITTEN) {
+      this.failures += lines
+      return
     }
-    this.inFlight = this.inFlight.then(
-      () =>
-        new Promise<void>((resolve) => {
-          const writeFrom = (offset: number) =>
-            write(this.fd, data, offset, data.length - offset, null, (err, n) => {
-              if (err) {
-                this.failures += lines
-                this.onError(err)
-                recycle()
-                return resolve()
-              }
-              if (offset + n < data.length) return writeFrom(offset + n)
-              recycle()
-              resolve()
-            })
-          writeFrom(0)
-        }),
-    )
+    this.unwritten.push({ data: Buffer.from(data), lines })
+    this.unwrittenBytes += data.length
+  }
+
+  /** Rotation: the file at the path is no longer the one open (moved, deleted): open the path anew. */
+  private reopenIfMoved(): void {
+    const now = Date.now()
+    if (now - this.checkedPathAt < ROTATION_CHECK_MS) return
+    this.checkedPathAt = now
+    try {
+      const open = fstatSync(this.fd)
+      let current: { ino: number; dev: number } | null = null
+      try {
+        current = statSync(this.path)
+      } catch {
+        // Gone: opened anew below.
+      }
+      if (current && current.ino === open.ino && current.dev === open.dev) return
+      const fd = openSync(this.path, 'a', 0o600)
+      closeSync(this.fd)
+      this.fd = fd
+    } catch (err) {
+      this.fail(err as NodeJS.ErrnoException)
+    }
   }
 
   async close(): Promise<void> {
@@ -132,7 +223,13 @@ export class JsonlAuditSink implements AuditSink {
     do await (written = this.flush())
     while (this.events.length > 0 || this.used > 0 || this.inFlight !== written)
     this.closed = true
-    fsyncSync(this.fd)
-    closeSync(this.fd)
+    if (this.retryTimer) clearTimeout(this.retryTimer)
+    // Still failing at the end: what could not be written is lost, and counted.
+    for (const u of this.unwritten.splice(0)) this.failures += u.lines
+    try {
+      fsyncSync(this.fd)
+    } finally {
+      closeSync(this.fd)
+    }
   }
 }

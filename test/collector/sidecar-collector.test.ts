@@ -103,7 +103,7 @@ t.test('full spool, on_full refuse: new egress refused (503) until the collector
   }
   const full = await readyz()
   t.equal(full.status, 503, 'not ready while every new call is refused')
-  t.same(full.body.reasons, ['audit spool full: new egress is refused until the collector catches up'])
+  t.same(full.body.reasons, ['the audit spool is full; no new egress until the collector catches up'])
   // A flood of refused calls: recorded up to an eighth over the limit, then only counted.
   let refused = 0
   for (let i = 0; i < 600; i++) if ((await call(agent, `${upstream.origin}/flood/${i}`)) === 503) refused++

@@ -1,0 +1,71 @@
+// The JSON-lines audit file failing under a running sidecar: it fails closed (no call it cannot
+// record), keeps what it could not write, and writes it once it can; a rotated file is noticed.
+// The faults are real: the path is pointed at /dev/full (every write is ENOSPC), then at a file.
+import t from 'tap'
+import { readFileSync, renameSync, symlinkSync, unlinkSync } from 'node:fs'
+import { startUpstream, startTestSidecar, rawRequest, assertNoCanary } from '../helpers/harness.js'
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+
+t.test('an audit file that cannot be written refuses new egress, then recovers with nothing lost', async (t) => {
+  const up = await startUpstream()
+  const s = await startTestSidecar({
+    policy: { default: 'allow' },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [up.port] }] },
+    credentials: [{ id: 'up', audience: up.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await up.close()
+  })
+  const seen: string[] = []
+  const call = async (path: string) => {
+    const r = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${up.port}${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+    seen.push(r.raw)
+    return r
+  }
+  const readyz = async () => {
+    const r = await fetch(`${s.sidecar.adminUrl}/readyz`)
+    return { status: r.status, body: (await r.json()) as { reasons?: string[] } }
+  }
+  t.equal((await call('/1')).status, 200)
+  await s.sidecar.audit.flush()
+
+  // Rotated away, and the path now a device where every write fails.
+  renameSync(s.auditPath, `${s.auditPath}.1`)
+  symlinkSync('/dev/full', s.auditPath)
+  await sleep(1100)
+  t.equal((await call('/2')).status, 200, 'the call that finds it out is already answered')
+  let refused = await call('/3')
+  for (let i = 0; i < 100 && refused.status === 200; i++) refused = await call(`/3-${i}`)
+  t.equal(refused.status, 503, 'then new egress is refused')
+  t.match(JSON.parse(refused.body), { code: 'LK_AUDIT_UNAVAILABLE', retryable: true, reason: /audit file cannot be written \(ENOSPC\)/ })
+  const sentWhileFailing = up.requests.length
+  t.equal((await call('/4')).status, 503)
+  t.equal(up.requests.length, sentWhileFailing, 'nothing more reaches the upstream')
+  const notReady = await readyz()
+  t.equal(notReady.status, 503)
+  t.match(notReady.body.reasons, [/audit file cannot be written \(ENOSPC\)/])
+  t.match(s.logs.join(''), /audit sink write failed/)
+
+  // Writable again: what failed is written first, and egress resumes, with no call in between.
+  unlinkSync(s.auditPath)
+  let ready = await readyz()
+  for (let i = 0; i < 60 && ready.status !== 200; i++) {
+    await sleep(100)
+    ready = await readyz()
+  }
+  t.equal(ready.status, 200, 'ready again once appends work')
+  t.equal((await call('/5')).status, 200)
+  const rotated = readFileSync(`${s.auditPath}.1`, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { path: string })
+  t.same(rotated.map((e) => e.path), ['/1'], 'the rotated file kept what it had')
+  const current = await s.audit()
+  const paths = current.map((e) => e.path as string)
+  t.equal(paths[0], '/2', 'the event that failed comes first')
+  t.equal(paths.at(-1), '/5')
+  t.ok(paths.includes('/4'), 'refusals made while failing are recorded too')
+  t.equal(new Set(paths).size, paths.length, 'each event once')
+  const recorded = new Set([...rotated.map((e) => e.path), ...paths])
+  t.same(up.requests.map((r) => r.url).filter((u) => !recorded.has(u)), [], 'every call that went out is recorded')
+  assertNoCanary(t, s, ...seen)
+})

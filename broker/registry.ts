@@ -5,7 +5,7 @@
 import { readFileSync, watch, type FSWatcher } from 'node:fs'
 import { basename, dirname } from 'node:path'
 import { Ajv, type ErrorObject } from 'ajv'
-import { parseDocument } from 'yaml'
+import { parseYamlDocument } from '../lib/yaml-document.js'
 
 export type UserRule = 'required' | 'optional' | 'none'
 
@@ -105,7 +105,7 @@ function describe(e: ErrorObject): string {
 }
 
 export function parseRegistry(text: string, source = '<registry>'): Registry {
-  const doc = parseDocument(text, { uniqueKeys: true })
+  const doc = parseYamlDocument(text)
   if (doc.errors.length > 0) throw new RegistryError(source, doc.errors.map((e) => e.message.split('\n')[0] ?? e.message))
   const raw: unknown = doc.toJS({ maxAliasCount: 100 }) ?? {}
   if (!validate(raw)) throw new RegistryError(source, (validate.errors ?? []).map(describe))

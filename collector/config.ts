@@ -1,7 +1,7 @@
 // The collector's own config file (YAML, `version: 1`), separate from the sidecar's: a collector
 // is its own deployment. Validated with ajv like the sidecar's; every problem names its path.
 import { Ajv, type ErrorObject } from 'ajv'
-import { parse } from 'yaml'
+import { parseYamlDocument } from '../lib/yaml-document.js'
 import { ConfigError, isLoopbackHost, readConfigText, type ConfigProblem } from '../lib/config/load.js'
 
 export interface SidecarCredential {
@@ -197,7 +197,9 @@ export function loadCollectorConfig(file: string): CollectorConfig {
   const text = readConfigText(file)
   let raw: unknown
   try {
-    raw = parse(text, { uniqueKeys: true })
+    const doc = parseYamlDocument(text)
+    if (doc.errors.length > 0) throw doc.errors[0]!
+    raw = doc.toJS({ maxAliasCount: 100 })
   } catch (err) {
     throw new ConfigError(file, [{ path: '', message: (err as Error).message.split('\n')[0] ?? 'invalid YAML' }])
   }

@@ -1,6 +1,7 @@
 import { readFileSync } from 'node:fs'
 import type { ErrorObject, ValidateFunction } from 'ajv'
-import { parseDocument, parse as parseYamlScalar, type YAMLError } from 'yaml'
+import { parse as parseYamlScalar, type YAMLError } from 'yaml'
+import { parseYamlDocument } from '../yaml-document.js'
 import ipaddr from 'ipaddr.js'
 import { ADDRESS_CLASSES, type Config } from './schema.js'
 // The schema compiled ahead of time (scripts/config-validator.mjs; CI checks it is current):
@@ -76,7 +77,7 @@ export function readConfigText(file: string): string {
 export function parseConfig(text: string, source = '<config>', env: NodeJS.ProcessEnv = {}): Config {
   let doc
   try {
-    doc = parseDocument(text, { uniqueKeys: true, prettyErrors: true })
+    doc = parseYamlDocument(text, { prettyErrors: true })
   } catch (err) {
     // The parser recurses per nesting level: thousands of levels exhaust the stack.
     if (err instanceof RangeError) throw new ConfigError(source, [{ path: '', message: 'the YAML nests too deeply' }])

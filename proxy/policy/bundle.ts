@@ -3,7 +3,7 @@
 // bundle (the config schema and its semantic checks, then compilation) and only then swap it in;
 // a bundle with any problem is rejected whole and the policy in force is kept.
 import { createHash } from 'node:crypto'
-import { parseDocument } from 'yaml'
+import { parseYamlDocument } from '../../lib/yaml-document.js'
 import type { Config, RuleConfig } from '../../lib/config/schema.js'
 import { ConfigError, validateConfig } from '../../lib/config/load.js'
 import { Policy } from './policy.js'
@@ -32,7 +32,7 @@ export function bundleVersion(text: string): string {
 export function compileBundle(text: string, source: string, maxBytes = DEFAULT_MAX_BUNDLE_BYTES, version?: string): CompiledBundle {
   const size = Buffer.byteLength(text)
   if (size > maxBytes) throw new BundleError(`${source}: policy bundle is ${size} bytes, over the limit of ${maxBytes}`)
-  const doc = parseDocument(text, { uniqueKeys: true })
+  const doc = parseYamlDocument(text)
   if (doc.errors.length > 0) throw new BundleError(`${source}: policy bundle is not valid YAML/JSON: ${doc.errors[0]!.message.split('\n')[0]}`)
   const raw: unknown = doc.toJS({ maxAliasCount: 100 })
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new BundleError(`${source}: policy bundle must be a mapping {mode, default, rules}`)

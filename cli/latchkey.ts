@@ -145,6 +145,11 @@ program
         return
       }
       const config = loadConfigFile(file)
+      // What start-up reads besides the config: a policy file that does not compile makes the
+      // config invalid; a file or directory missing here is said (the sidecar would not start here).
+      const { errors, onThisMachine } = (await import('../proxy/preflight.js')).preflight(config)
+      if (errors.length > 0) throw new ConfigError(file, errors)
+      for (const p of onThisMachine) console.error(`warning: ${p.path}: ${p.message} (the sidecar would not start on this machine)`)
       console.log(`${file}: valid (version ${config.version}, ${config.policy.rules.length} rules, ${config.credentials.length} credentials, ${Object.keys(config.routes).length} routes)`)
     } catch (err) {
       fail(err)

@@ -34,7 +34,8 @@ import type { AuditSink, CredentialBinding, Resolver } from './context.js'
 import { readFileSync as readPolicyFile, watch as watchDir, type FSWatcher } from 'node:fs'
 import { basename, dirname } from 'node:path'
 import { PolicySwitch } from './policy/switch.js'
-import { compileBundle, BundleError, DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
+import { DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
+import { StartupError, auditFileProblem, loadPolicyFile } from './preflight.js'
 import type { ControlClient } from './control/client.js'
 import type { KnownRevocation } from './control/state.js'
 
@@ -74,9 +75,7 @@ export interface RunningSidecar {
   close(urgent?: boolean): Promise<void>
 }
 
-export class StartupError extends Error {
-  readonly code = 'LK_STARTUP'
-}
+export { StartupError }
 
 /** Resolves once every relay in `streams` has closed (each deletes itself once recorded), or after `ms`. */
 async function streamsClosed(streams: ReadonlySet<unknown>, ms: number): Promise<void> {
@@ -123,6 +122,10 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   }
 
   const cc = config.audit.collector
+  if (!cc) {
+    const problem = auditFileProblem(config.audit.jsonl.path)
+    if (problem) throw new StartupError(`audit.jsonl.path ${problem}`)
+  }
   if (cc && !cc.token_secret && !cc.tls) throw new StartupError('audit.collector: needs token_secret, tls, or both, to authenticate to the collector')
   const collectorToken = cc?.token_secret ? new StaticSecretSource(config.secrets, [cc.token_secret], opts.env ?? process.env) : null
   if (cc?.token_secret && !collectorToken!.has(cc.token_secret)) {
@@ -228,14 +231,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const credentialSources = new CredentialSources(secrets, brokerTokens, clientCredentials)
   if (CollectorSink && audit instanceof CollectorSink) (await import('./audit/collector-metrics.js')).registerCollectorSinkMetrics(metrics.registry, audit)
 
-  let initialPolicy: CompiledBundle | undefined
-  if (sc.policy_file) {
-    try {
-      initialPolicy = compileBundle(readPolicyFile(sc.policy_file, 'utf8'), sc.policy_file, sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES)
-    } catch (err) {
-      throw new StartupError(err instanceof BundleError ? err.message : `sidecar.policy_file ${sc.policy_file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
-    }
-  }
+  const initialPolicy: CompiledBundle | undefined = loadPolicyFile(config)
   const controlToken = sc.control ? new StaticSecretSource(config.secrets, [sc.control.token_secret], opts.env ?? process.env) : null
   if (sc.control && !controlToken!.has(sc.control.token_secret)) {
     throw new StartupError(`sidecar.control: secret ${sc.control.token_secret} is neither in env ${config.secrets.env_prefix}${sc.control.token_secret} nor in secrets.file`)

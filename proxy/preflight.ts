@@ -1,0 +1,73 @@
+// What a sidecar's start-up reads besides its config: checked the same way by `check-config`,
+// so a config it calls valid is one the sidecar starts with.
+import { accessSync, constants, readFileSync, statSync } from 'node:fs'
+import { dirname } from 'node:path'
+import type { Config } from '../lib/config/schema.js'
+import type { ConfigProblem } from '../lib/config/load.js'
+import { compileBundle, BundleError, DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
+
+export class StartupError extends Error {
+  readonly code = 'LK_STARTUP'
+}
+
+/** sidecar.policy_file, read and compiled; undefined when none is configured. Throws StartupError naming the file and the problem. */
+export function loadPolicyFile(config: Config): CompiledBundle | undefined {
+  const sc = config.sidecar
+  if (!sc.policy_file) return undefined
+  try {
+    return compileBundle(readFileSync(sc.policy_file, 'utf8'), sc.policy_file, sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES)
+  } catch (err) {
+    throw new StartupError(err instanceof BundleError ? err.message : `sidecar.policy_file ${sc.policy_file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
+  }
+}
+
+/** Why audit.jsonl.path cannot be appended to (a directory, no such directory, not writable), or null: `<path>: <problem>`. */
+export function auditFileProblem(path: string): string | null {
+  let isFile: boolean | null = null
+  try {
+    const st = statSync(path)
+    if (st.isDirectory()) return `${path}: is a directory`
+    isFile = true
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') return `${path}: cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`
+  }
+  try {
+    accessSync(isFile ? path : dirname(path), constants.W_OK)
+    return null
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code ?? 'error'
+    return isFile ? `${path}: cannot be written (${code})` : `${path}: its directory ${dirname(path)} ${code === 'ENOENT' ? 'does not exist' : `cannot be written (${code})`}`
+  }
+}
+
+/**
+ * What start-up would meet in what the config points at, as check-config reports it. `errors`:
+ * the config's own content is wrong (a policy file that does not compile). `onThisMachine`: a
+ * file or directory it names is missing or unwritable here; the machine it is meant for may
+ * have it (a container's volume), so it is said, not held against the config.
+ */
+export function preflight(config: Config): { errors: ConfigProblem[]; onThisMachine: ConfigProblem[] } {
+  const errors: ConfigProblem[] = []
+  const onThisMachine: ConfigProblem[] = []
+  const sc = config.sidecar
+  if (sc.policy_file) {
+    let text: string | null = null
+    try {
+      text = readFileSync(sc.policy_file, 'utf8')
+    } catch (err) {
+      onThisMachine.push({ path: 'sidecar.policy_file', message: `${sc.policy_file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})` })
+    }
+    if (text !== null) {
+      try {
+        compileBundle(text, sc.policy_file, sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES)
+      } catch (err) {
+        errors.push({ path: 'sidecar.policy_file', message: (err as Error).message })
+      }
+    }
+  }
+  if (!config.audit.collector) {
+    const audit = auditFileProblem(config.audit.jsonl.path)
+    if (audit) onThisMachine.push({ path: 'audit.jsonl.path', message: audit })
+  }
+  return { errors, onThisMachine }
+}

@@ -287,6 +287,8 @@ export class TokenExchange {
     // agent:… is the namespace of instance IDs: a user so named would pass, in the issued token
     // and the trail, for an agent acting on its own behalf.
     if (namesAnAgent(user.sub)) throw new OAuthError('invalid_request', 'subject_token: its sub is an agent instance ID (agent:…), not a user')
+    // Invisible characters in an identifier only serve to make two read as one (`\u200bagent:…`).
+    if (INVISIBLE.test(user.sub)) throw new OAuthError('invalid_request', 'subject_token: its sub holds an invisible, format or control character')
     // The user named who may act for them (RFC 8693 §4.4): any other agent is refused.
     if (user.mayAct !== null && user.mayAct !== actor.instanceId) {
       throw new OAuthError('invalid_request', `subject_token: its may_act names another actor than ${actor.instanceId}`)
@@ -327,12 +329,29 @@ export class TokenExchange {
   }
 }
 
+/** Control, format (zero-width, bidi, soft hyphen, word joiner) and default-ignorable characters. */
+const INVISIBLE = /[\p{Cc}\p{Cf}\p{Default_Ignorable_Code_Point}]/u
+
+/** Letters of other scripts drawn as a, g, e, n, t, and colons drawn as `:`: `аgent:…` in Cyrillic reads as agent:…. */
+const LOOKALIKES: Readonly<Record<string, string>> = {
+  '\u0430': 'a', '\u0251': 'a', '\u03b1': 'a', '\u0261': 'g', '\u0581': 'g', '\u0435': 'e', '\u04bd': 'e', '\u03b5': 'e',
+  '\u0578': 'n', '\u03b7': 'n', '\u043f': 'n', '\u0442': 't', '\u03c4': 't', '\u2236': ':', '\u02d0': ':', '\ua789': ':', '\u0589': ':', '\u05c3': ':', '\u0703': ':',
+}
+
 /**
  * Whether a subject reads as an agent instance ID. Compared as a reader would see it (Unicode
- * NFKC, no surrounding whitespace, any case): ` AGENT:…` is refused as a user, not issued as-is.
+ * NFKC, no surrounding whitespace, any case, accents and look-alike letters of other scripts
+ * read as the letters they resemble): ` AGENT:…`, `àgent:…`, `аgent:…` are refused as users.
  */
 function namesAnAgent(sub: string): boolean {
-  return sub.normalize('NFKC').trim().toLowerCase().startsWith('agent:')
+  const seen = sub
+    .normalize('NFKD')
+    .replace(/\p{M}/gu, '')
+    .normalize('NFKC')
+    .toLowerCase()
+    .replace(/[^\x20-\x7e]/g, (c) => LOOKALIKES[c] ?? c)
+    .trim()
+  return seen.startsWith('agent:')
 }
 
 function required(form: Form, name: string): string {

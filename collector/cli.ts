@@ -61,12 +61,12 @@ export function formatEvent(e: EventJson): string {
 
 /**
  * A stored field as a terminal may show it: control characters (CR, ESC, NUL, …), line and
- * paragraph separators and bidi overrides escaped, so no stored event can draw a line of its own
- * or move the text around it.
+ * paragraph separators, bidi overrides and invisible characters (zero-width, soft hyphen, word
+ * joiner) escaped, so no stored event can draw a line of its own, move the text around it, or
+ * pass for another (`\u200bagent:…`).
  */
 function printable(s: string): string {
-  // eslint-disable-next-line no-control-regex -- matching control characters is the point
-  return s.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g, (ch) => `\\u${ch.charCodeAt(0).toString(16).padStart(4, '0')}`)
+  return s.replace(/[\p{Cc}\p{Cf}\p{Zl}\p{Zp}\p{Default_Ignorable_Code_Point}]/gu, (ch) => `\\u${ch.codePointAt(0)!.toString(16).padStart(4, '0')}`)
 }
 
 function printVerify(v: VerifyResult): void {

@@ -70,6 +70,20 @@ const cases: Case[] = [
   // RFC 8693 §4.4 and §4.1: the user's own restriction on who may act holds; a token that is
   // already a delegation would have its earlier actors dropped from the chain issued here.
   { name: 'subject whose sub is an agent instance ID', params: async (b) => delegatedRequest(await b.userToken('agent:helper:prod:h-1', 'read'), await b.attest(AGENT)), error: 'invalid_request', says: /its sub is an agent instance ID/ },
+  // Spelled to read as one: look-alike letters of other scripts, accents, other colons.
+  ...['\u0430gent:helper:prod:h-1', 'ag\u0435nt:helper:prod:h-1', '\u00e0gent:helper:prod:h-1', 'AGENT\u2236helper:prod:h-1', ' Agent:helper:prod:h-1'].map((sub) => ({
+    name: `subject whose sub reads as an agent instance ID (${JSON.stringify(sub)})`,
+    params: async (b: TestBroker) => delegatedRequest(await b.userToken(sub, 'read'), await b.attest(AGENT)),
+    error: 'invalid_request',
+    says: /its sub is an agent instance ID/,
+  })),
+  // Invisible characters: a zero-width space, a soft hyphen, a word joiner, a bidi override.
+  ...['\u200bagent:helper:prod:h-1', 'ag\u00adent:helper:prod:h-1', '\u2060agent:helper:prod:h-1', 'alice\u202e'].map((sub) => ({
+    name: `subject whose sub holds an invisible character (${JSON.stringify(sub)})`,
+    params: async (b: TestBroker) => delegatedRequest(await b.userToken(sub, 'read'), await b.attest(AGENT)),
+    error: 'invalid_request',
+    says: /its sub holds an invisible, format or control character/,
+  })),
   { name: 'subject whose may_act names another agent', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { may_act: { sub: 'agent:summarizer:prod:someone-else' } }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: its may_act names another actor/ },
   { name: 'subject whose may_act is not an object with a sub', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { may_act: AGENT }), await b.attest(AGENT)), error: 'invalid_request', says: /claim "may_act" must be an object/ },
   { name: 'subject already delegated (act)', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { act: { sub: 'agent:other:prod:1' } }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: carries an act claim/ },

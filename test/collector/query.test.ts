@@ -106,6 +106,10 @@ t.test('`audit` prints stored fields so no event can draw a line of its own', as
   // eslint-disable-next-line no-control-regex -- looking for control characters is the point
   t.notMatch(text.stdout, /[\u0000-\u0009\u000b-\u001f\u007f\u202e]/, 'no control character or bidi override reaches the terminal')
   t.match(text.stdout, /\/x\\u000d\\u001b\[2K2026/, 'they are shown escaped')
+  // Invisible characters, by which one agent or path passes for another, are shown too.
+  await c.store.append(id.id, [{ sequence: 2, event: makeEvent({ agent: X, path: '/a\u200bdmin/\u00adx\u2060' }) }])
+  const invisible = await cli(['audit', '--agent', X, '--url', c.httpUrl!])
+  t.match(invisible.stdout, /\/a\\u200bdmin\/\\u00adx\\u2060/, 'zero-width space, soft hyphen and word joiner escaped')
   const badLimit = await cli(['audit', '--agent', X, '--limit', '0', '-c', '/nonexistent.yaml'])
   t.same([badLimit.code, badLimit.stderr.trim()], [1, '--limit "0" must be an integer from 1 to 100000'], 'the limit is checked the same way against a store')
 })

@@ -23,6 +23,7 @@ import { createBrokerServer } from './http/server.js'
 import type { ControlServer } from './control/server.js'
 import type { PolicyBundleHolder } from './control/policy.js'
 import type { RevocationBus } from './control/nats.js'
+import { listenError } from '../lib/listen-error.js'
 
 /** How often expired jti and task revocations are looked for (and once at start). */
 const PRUNE_EVERY_MS = 10 * 60_000
@@ -138,7 +139,7 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     })
   } catch (err) {
     await ctl?.close()
-    throw err
+    throw listenError('broker.listen', c.listen.host, c.listen.port, err)
   }
   const addr = server.address() as AddressInfo
   const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address

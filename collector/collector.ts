@@ -15,6 +15,7 @@ import type { AuditStore, StoredEvent } from './store/types.js'
 import { SqliteAuditStore } from './store/sqlite.js'
 import { PostgresAuditStore } from './store/postgres.js'
 import { JetStreamFanOut } from './fanout.js'
+import { listenError } from '../lib/listen-error.js'
 
 export function openStore(c: StoreConfig): AuditStore {
   return c.kind === 'sqlite' ? new SqliteAuditStore(c.path) : new PostgresAuditStore({ url: c.url, schema: c.schema, poolSize: c.pool_size, writerRole: c.writer_role, migrate: c.migrate })
@@ -67,7 +68,7 @@ export async function startCollector(config: CollectorConfig, opts: CollectorOpt
   grpc.addService({ ingest: { ...AuditIngestServiceService.ingest, requestDeserialize: decodeIngestRequest } }, ingest.implementation())
   const grpcPort = await new Promise<number>((resolve, reject) =>
     grpc.bindAsync(`${c.grpc.host.includes(':') ? `[${c.grpc.host}]` : c.grpc.host}:${c.grpc.port}`, serverCreds, (err, port) =>
-      err ? reject(new Error(`collector gRPC listen on ${c.grpc.host}:${c.grpc.port} failed: ${err.message}`)) : resolve(port),
+      err ? reject(listenError('collector.grpc', c.grpc.host, c.grpc.port, err)) : resolve(port),
     ),
   )
 
@@ -75,7 +76,12 @@ export async function startCollector(config: CollectorConfig, opts: CollectorOpt
   const http = c.http ? createQueryServer(store, log, c.http.reader_tokens_sha256) : null
   if (http && c.http) {
     http.listen(c.http.port, c.http.host)
-    await once(http, 'listening')
+    try {
+      await once(http, 'listening')
+    } catch (err) {
+      grpc.forceShutdown()
+      throw listenError('collector.http', c.http.host, c.http.port, err)
+    }
     httpUrl = `http://${c.http.host}:${(http.address() as AddressInfo).port}`
   }
   log.info({ grpcPort, httpUrl, store: store.kind, sidecars: c.sidecars.length, nats: !!fanOut }, 'collector listening')

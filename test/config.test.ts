@@ -119,6 +119,21 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   const dirAsFile = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', pointsAtBad], { encoding: 'utf8' })
   t.match(dirAsFile.stderr, /warning: sidecar\.policy_file: .*gone\.yaml: cannot read \(ENOENT\)/)
   t.match(dirAsFile.stderr, /warning: audit\.jsonl\.path: .* is a directory/)
+  // A port in use is one line naming the setting, for every listener: no stack trace.
+  const { createServer: netServer } = await import('node:net')
+  const taken = netServer().listen(0, '127.0.0.1')
+  await new Promise((r) => taken.once('listening', r))
+  const takenPort = (taken.address() as { port: number }).port
+  const clash = join(dir, 'clash.yaml')
+  for (const [where, expected] of [
+    [`grpc: { host: 127.0.0.1, port: ${takenPort} }\n  http: { host: 127.0.0.1, port: 0 }`, `collector.grpc: cannot listen on 127.0.0.1:${takenPort}: the address is already in use`],
+    [`grpc: { host: 127.0.0.1, port: 0 }\n  http: { host: 127.0.0.1, port: ${takenPort} }`, `collector.http: cannot listen on 127.0.0.1:${takenPort}: the address is already in use`],
+  ] as const) {
+    writeFileSync(clash, `version: 1\ncollector:\n  ${where}\n  store: { kind: sqlite, path: ${join(dir, 'c.db')} }\n  sidecars: [{ id: s, token_sha256: "${'0'.repeat(64)}" }]\n`)
+    const r = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'collector', '--config', clash], { encoding: 'utf8', timeout: 20_000 })
+    t.same([r.status, r.stderr.trim().split('\n').filter((l) => !l.startsWith('E '))], [1, [expected]], expected)
+  }
+  taken.close()
   // The shipped collector example is checked by the collector's own schema.
   const collector = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', 'deploy/examples/collector.yaml'], { encoding: 'utf8' })
   t.same([collector.status, collector.stdout.trim()], [0, 'deploy/examples/collector.yaml: valid collector config (version 1, 1 sidecars, sqlite store)'])

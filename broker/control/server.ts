@@ -15,6 +15,7 @@ import {
 import type { Logger } from '../../lib/log.js'
 import type { RevocationList, RevocationChange } from '../revocations/list.js'
 import type { Revocation, RevocationKind } from '../revocations/store.js'
+import { listenError } from '../../lib/listen-error.js'
 
 export const SIDECAR_HEADER = 'x-latchkey-sidecar'
 
@@ -69,7 +70,7 @@ export class ControlServer {
     const host = this.o.host.includes(':') ? `[${this.o.host}]` : this.o.host
     this.port = await new Promise<number>((resolve, reject) =>
       this.grpc.bindAsync(`${host}:${this.o.port}`, ServerCredentials.createInsecure(), (err, port) =>
-        err ? reject(new Error(`broker control listen on ${this.o.host}:${this.o.port} failed: ${err.message}`)) : resolve(port),
+        err ? reject(listenError('broker.control', this.o.host, this.o.port, err)) : resolve(port),
       ),
     )
     this.heartbeat = setInterval(() => {

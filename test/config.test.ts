@@ -70,6 +70,16 @@ t.test('environment overrides apply before validation', async (t) => {
   t.equal(c.policy.default, 'allow')
   t.same(problems('version: 1\n', { LATCHKEY__SIDECAR__LISTEN__PORT: 'abc' }), ['sidecar.listen.port: must be integer (set by LATCHKEY__SIDECAR__LISTEN__PORT)'], 'the variable is named, not the file')
   t.same(problems('version: 1\n', { LATCHKEY__SIDECAR__NOPE: '1' }), ['sidecar.nope: unknown key (set by LATCHKEY__SIDECAR__NOPE)'])
+  t.same(
+    problems('version: 1\ncredentials: [ { id: a, audience: "https://x.com", source: static, secret: S, inject: { type: bearer } } ]\n', { LATCHKEY__CREDENTIALS__0__AUDIENCE: 'ftp://x' }),
+    ['credentials[0].audience: must match pattern "^https?://" (set by LATCHKEY__CREDENTIALS__0__AUDIENCE)'],
+    'into a list element too',
+  )
+  t.same(
+    problems('version: 1\nroutes: { "a/b": "http://127.0.0.1:1", "": "http://127.0.0.1:2" }\n'),
+    ['routes."a/b": not a valid name: must match pattern "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"', 'routes."": not a valid name: must match pattern "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"'],
+    'a bad key is named, once',
+  )
   t.same(problems('version: 1\npolicy: { default: nope }\n', { LATCHKEY__SIDECAR__LISTEN__PORT: '16001' }), ['policy.default: must be one of "allow", "deny"'], "the file's own problems stay the file's")
   t.throws(() => parseConfig('version: 1\n', 'x', { LATCHKEY____PROTO____X: '1' }), { code: 'LK_CONFIG_INVALID' })
 })

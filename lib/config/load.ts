@@ -116,7 +116,8 @@ export function parseConfig(text: string, source = '<config>', env: NodeJS.Proce
 }
 
 export function validateConfig(raw: unknown, source = '<config>'): Config {
-  if (!validate(raw)) throw new ConfigError(source, (validate.errors ?? []).map(describeAjvError))
+  // A key that is not a valid name fails twice (its pattern, then propertyNames): said once, by the key.
+  if (!validate(raw)) throw new ConfigError(source, (validate.errors ?? []).filter((e) => e.keyword !== 'propertyNames').map(describeAjvError))
   const config = raw as unknown as Config
   const problems = semanticProblems(config)
   if (problems.length > 0) throw new ConfigError(source, problems)
@@ -134,7 +135,10 @@ function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv, source: string)
       throw new ConfigError(source, [{ path: name, message: 'malformed environment override name' }])
     }
     let node = raw as Record<string, unknown>
+    // The path as problems name it: `credentials[0].audience`.
+    let path = ''
     for (const [i, key] of keys.entries()) {
+      path += Array.isArray(node) ? `[${key}]` : `${path ? '.' : ''}${key}`
       // Into a list only by an index it has: `x` would be ignored, and `length` would cut it.
       if (Array.isArray(node) && !(/^(0|[1-9][0-9]*)$/.test(key) && Number(key) < node.length)) {
         const list = keys.slice(0, i).join('.')
@@ -154,7 +158,7 @@ function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv, source: string)
       // The value itself is not repeated: an override can carry a secret.
       throw new ConfigError(source, [{ path: name, message: 'not a valid YAML value' }])
     }
-    applied.set(name, keys.join('.'))
+    applied.set(name, path)
   }
   return applied
 }
@@ -183,6 +187,10 @@ function describeYamlError(e: YAMLError, text: string): ConfigProblem {
 
 function describeAjvError(e: ErrorObject): ConfigProblem {
   const path = pointerToPath(e.instancePath)
+  if (e.propertyName !== undefined) {
+    const key = /^[A-Za-z0-9_.-]+$/.test(e.propertyName) ? e.propertyName : JSON.stringify(e.propertyName.slice(0, 64))
+    return { path: path ? `${path}.${key}` : key, message: `not a valid name: ${e.message ?? e.keyword}` }
+  }
   switch (e.keyword) {
     case 'additionalProperties': {
       const key = (e.params as { additionalProperty: string }).additionalProperty

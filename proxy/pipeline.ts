@@ -205,8 +205,9 @@ export class Pipeline {
       }
       this.dispatch(ctx, req, res, expectContinue)
     } catch (err) {
-      // A request a tunnel carried is at least recorded against the origin the tunnel was opened for.
-      if (tunnel && ctx.target === null) ctx.target = tunnel.target
+      // A request a tunnel carried is at least recorded against the origin the tunnel was opened
+      // for, as the plain HTTP it was.
+      if (tunnel && ctx.target === null) ctx.target = { ...tunnel.target, scheme: 'http' }
       this.refuse(ctx, res, err)
     }
   }

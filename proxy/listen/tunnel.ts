@@ -69,6 +69,10 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
   const openForPlainHttpOnly = (tlsRefusal: LatchkeyError) => {
     client.write('HTTP/1.1 200 Connection Established\r\n\r\n')
     ctx.status = 200
+    // Recorded as what happened: opened, for plain HTTP (each request inside decided on its own),
+    // not as a denial with a 200; the denial stands if TLS is tried (see sniff).
+    const denial = ctx.decision
+    if (denial) ctx.decision = { action: 'allow', rule: denial.rule, reason: `opened for plain HTTP only: ${tlsRefusal.reason}`, enforced: true }
     stopIdle = closeWhenIdle(ctx, client, opts.idleMs)
     opts.open.add(client)
     client.once('close', () => {
@@ -84,6 +88,7 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
       if (first[0] !== TLS_HANDSHAKE) return handOver(first)
       finished = true
       client.end(TLS_ACCESS_DENIED)
+      ctx.decision = denial
       pipeline.recordRefused(ctx, tlsRefusal)
     }
     if (head.length > 0) sniff(head)

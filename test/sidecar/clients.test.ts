@@ -223,7 +223,7 @@ t.test('a request a plain tunnel refuses is recorded against the tunnel origin',
   sock.write(`GET http://127.0.0.2:${upstream.port}/x HTTP/1.1\r\nHost: 127.0.0.2:${upstream.port}\r\n\r\n`)
   await once(sock, 'close')
   t.match(raw, /\r\n\r\nHTTP\/1\.1 400 [^]*must be for the tunnel's own origin/)
-  t.match(await s.audit(), [{ via: 'tunnelled', status: 400, error: 'LK_BAD_REQUEST', host: '127.0.0.1', port: upstream.port }])
+  t.match(await s.audit(), [{ via: 'tunnelled', scheme: 'http', status: 400, error: 'LK_BAD_REQUEST', host: '127.0.0.1', port: upstream.port }], 'as the plain HTTP it was')
   t.equal(upstream.requests.length, 0)
 })
 

@@ -6,7 +6,7 @@ import { createServer, type Server } from 'node:net'
 import { connect, type Socket } from 'node:net'
 import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
-import { startSlowCallRig, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary } from '../helpers/harness.js'
+import { startBearerRig, startSlowCallRig, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary } from '../helpers/harness.js'
 
 /** A raw connection to the sidecar, and everything it has received so far. */
 async function openRaw(port: number): Promise<{ sock: Socket; raw: () => string }> {
@@ -252,4 +252,35 @@ t.test('a connection that sends no complete head is cut soon after client_header
     // node:http's own check runs every 30 s unless told otherwise.
     t.ok(Date.now() - started < 2500, `${name}: cut after ${Date.now() - started} ms`)
   }
+})
+
+t.test('a tunnel opened for plain HTTP only, cut, is recorded as opened, not as a denial with a 200', async (t) => {
+  const { upstream, s, host } = await startBearerRig(t, {
+    fragment: (up) => ({
+      policy: {
+        default: 'deny',
+        rules: [
+          { id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin/**'] },
+          { id: 'allow-upstream', action: 'allow', hosts: ['127.0.0.1'], ports: [up.port] },
+        ],
+      },
+      sidecar: { timeouts: { drain_ms: 200 } },
+    }),
+  })
+  const { sock, raw } = await openRaw(s.sidecar.port)
+  sock.on('error', () => {})
+  sock.write(`CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  while (!raw().includes('\r\n\r\n')) await new Promise((r) => setTimeout(r, 5))
+  sock.write(`GET /ok HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  while (upstream.requests.length === 0 || !/\r\n\r\nHTTP\/1\.1 200 [^]*\r\n\r\n/.test(raw())) await new Promise((r) => setTimeout(r, 5))
+  await s.close()
+  const audit = await s.audit()
+  t.match(
+    audit.map((e) => [e.via, e.status, e.decision, e.error]),
+    [
+      ['tunnelled', 200, 'allow', null],
+      ['connect', 200, 'allow', 'LK_DRAINING'],
+    ],
+  )
+  t.match(audit[1], { rule: 'no-admin', reason: /the sidecar shut down/ })
 })

@@ -65,14 +65,17 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
       scrubResponseHeaders(clean, binding, credential)
       statusMessage = safeReasonPhrase(statusMessage, binding, credential)
     }
-    const location = clean.location
-    if (typeof location === 'string') {
-      const relayed = this.relocate(location, this.ctx.target!, statusCode >= 300 && statusCode < 400)
+    const location = clean.location as string | string[] | undefined
+    if (location !== undefined) {
+      const redirect = statusCode >= 300 && statusCode < 400
+      // Which of two a client follows is its own choice: a redirect names one place.
+      const relayed = Array.isArray(location) ? (redirect ? null : location.map((l) => this.relocate(l, this.ctx.target!, false) ?? l)) : this.relocate(location, this.ctx.target!, redirect)
       if (relayed === null) {
         this.ctx.status = 0
-        return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', "the upstream redirected to this sidecar's own address, where following it would make another call, with another credential: not relayed"))
+        const why = Array.isArray(location) ? 'the upstream redirected to more than one Location' : "the upstream redirected to this sidecar's own address, where following it would make another call, with another credential"
+        return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `${why}: not relayed`))
       }
-      clean.location = relayed
+      ;(clean as Record<string, string | string[]>).location = relayed
     }
     // node:http sends the head with the first chunk in one write, and ending a response with a
     // Content-Length writes nothing more. A chunked one ends with its own "0\r\n\r\n" write: as

@@ -10,6 +10,12 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
   const search = await startUpstream({
     handler: (req, res) => {
       const u = new URL(req.url, 'http://x')
+      if (u.pathname === '/two') {
+        // Two Location lines: which one a client follows is its own choice.
+        res.setHeader('location', ['/fine', u.searchParams.get('to') ?? '/'])
+        res.writeHead(Number(u.searchParams.get('code') ?? 302)).end()
+        return true
+      }
       if (u.pathname !== '/r') return false
       res.writeHead(Number(u.searchParams.get('code') ?? 302), { location: u.searchParams.get('to') ?? '/' }).end()
       return true
@@ -85,6 +91,17 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
     t.equal(billing.requests.length, 0, 'the billing route was never called')
     const audit = await s.audit()
     t.match(audit.at(-1), { status: 502, error: 'LK_UPSTREAM_PROTOCOL', path: '/r', credential: { binding: 'search' } }, 'the call is recorded with why it was refused')
+  })
+
+  await t.test('a redirect with more than one Location is not relayed', async (t) => {
+    const two = await rawRequest(s.sidecar.port, `GET ${via('/search/two', `http://127.0.0.1:${s.sidecar.port}/billing/charge`, 302)} HTTP/1.1\r\nHost: ${lk}\r\nConnection: close\r\n\r\n`)
+    seen.push(two.raw)
+    t.equal(two.status, 502)
+    t.match(JSON.parse(two.body), { code: 'LK_UPSTREAM_PROTOCOL', reason: /more than one Location/ })
+    const created = await rawRequest(s.sidecar.port, `GET ${via('/search/two', '/other', 201)} HTTP/1.1\r\nHost: ${lk}\r\nConnection: close\r\n\r\n`)
+    seen.push(created.raw)
+    t.equal(created.status, 201, 'on a response clients do not follow, each is relayed')
+    t.same(created.raw.split('\r\n').filter((l) => /^location:/i.test(l)).map((l) => l.slice(10)), ['/search/fine', '/search/other'], 'each put back under the route')
   })
 
   await t.test('what is not a redirect to the sidecar is relayed as it is', async (t) => {

@@ -132,9 +132,10 @@ export class JsonlAuditSink implements AuditSink {
   private append(buffer: Buffer, used: number, lines: number): void {
     const data = buffer.subarray(0, used)
     this.inFlight = this.inFlight.then(async () => {
-      this.reopenIfMoved()
+      // The path no longer reaching a file that can be opened: nothing is written to the old one.
+      const reachable = this.reopenIfMoved()
       // What failed before goes first: the file keeps the order calls ended in.
-      while (this.unwritten.length > 0) {
+      while (reachable && this.unwritten.length > 0) {
         const first = this.unwritten[0]!
         const n = await this.writeAll(first.data)
         this.unwrittenBytes -= n
@@ -144,7 +145,7 @@ export class JsonlAuditSink implements AuditSink {
         }
         this.unwritten.shift()
       }
-      const n = this.unwritten.length === 0 ? await this.writeAll(data) : 0
+      const n = reachable && this.unwritten.length === 0 ? await this.writeAll(data) : 0
       if (n < data.length) this.keep(data.subarray(n), lines)
       else if (this.unwritten.length === 0 && this.failing) this.failing = null
       if (buffer.length === CHUNK && this.spare.length < 2) this.spare.push(buffer)
@@ -191,10 +192,13 @@ export class JsonlAuditSink implements AuditSink {
     this.unwrittenBytes += data.length
   }
 
-  /** Rotation: the file at the path is no longer the one open (moved, deleted): open the path anew. */
-  private reopenIfMoved(): void {
+  /**
+   * Rotation: the file at the path is no longer the one open (moved, deleted): open the path
+   * anew. False when that fails (its directory gone): checked again at the next append.
+   */
+  private reopenIfMoved(): boolean {
     const now = Date.now()
-    if (now - this.checkedPathAt < ROTATION_CHECK_MS) return
+    if (now - this.checkedPathAt < ROTATION_CHECK_MS) return true
     this.checkedPathAt = now
     try {
       const open = fstatSync(this.fd)
@@ -204,12 +208,15 @@ export class JsonlAuditSink implements AuditSink {
       } catch {
         // Gone: opened anew below.
       }
-      if (current && current.ino === open.ino && current.dev === open.dev) return
+      if (current && current.ino === open.ino && current.dev === open.dev) return true
       const fd = openSync(this.path, 'a', 0o600)
       closeSync(this.fd)
       this.fd = fd
+      return true
     } catch (err) {
       this.fail(err as NodeJS.ErrnoException)
+      this.checkedPathAt = 0
+      return false
     }
   }
 

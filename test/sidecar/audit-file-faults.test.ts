@@ -2,7 +2,8 @@
 // record), keeps what it could not write, and writes it once it can; a rotated file is noticed.
 // The faults are real: the path is pointed at /dev/full (every write is ENOSPC), then at a file.
 import t from 'tap'
-import { readFileSync, renameSync, symlinkSync, unlinkSync } from 'node:fs'
+import { mkdirSync, readFileSync, renameSync, rmSync, symlinkSync, unlinkSync } from 'node:fs'
+import { dirname } from 'node:path'
 import { startUpstream, startTestSidecar, rawRequest, assertNoCanary } from '../helpers/harness.js'
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
@@ -68,4 +69,35 @@ t.test('an audit file that cannot be written refuses new egress, then recovers w
   const recorded = new Set([...rotated.map((e) => e.path), ...paths])
   t.same(up.requests.map((r) => r.url).filter((u) => !recorded.has(u)), [], 'every call that went out is recorded')
   assertNoCanary(t, s, ...seen)
+})
+
+t.test('an audit directory removed under the sidecar: nothing is written to the deleted file; refused until it is back', async (t) => {
+  const up = await startUpstream()
+  const s = await startTestSidecar({ policy: { default: 'allow' }, network: { allow: [{ cidr: '127.0.0.1/32', ports: [up.port] }] } })
+  t.teardown(async () => {
+    await s.close()
+    await up.close()
+  })
+  const call = (path: string) => rawRequest(s.sidecar.port, `GET http://127.0.0.1:${up.port}${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  t.equal((await call('/1')).status, 200)
+  await s.sidecar.audit.flush()
+  const dir = dirname(s.auditPath)
+  rmSync(dir, { recursive: true })
+  await sleep(1100)
+  let r = await call('/2')
+  for (let i = 0; i < 100 && r.status === 200; i++) r = await call(`/2-${i}`)
+  t.equal(r.status, 503)
+  t.match(JSON.parse(r.body), { code: 'LK_AUDIT_UNAVAILABLE', reason: /audit file cannot be written \(ENOENT\)/ })
+  mkdirSync(dir)
+  let ready = 503
+  for (let i = 0; i < 60 && ready !== 200; i++) {
+    await sleep(100)
+    ready = (await fetch(`${s.sidecar.adminUrl}/readyz`)).status
+  }
+  t.equal(ready, 200, 'ready again once the directory is back')
+  t.equal((await call('/3')).status, 200)
+  const paths = (await s.audit()).map((e) => e.path)
+  t.ok(paths.includes('/2'), 'the call that found it out is in the new file, not lost in the deleted one')
+  t.equal(paths.at(-1), '/3')
+  t.same(up.requests.map((q) => q.url).filter((u) => u !== '/1' && !paths.includes(u)), [], 'every call that went out after is recorded')
 })

@@ -43,13 +43,13 @@ export function formatEvent(e: EventJson): string {
   const ev = AuditEvent.fromJSON(e.event)
   const c = ev.call
   const d = ev.decision
-  const target = c ? `${c.method} ${c.scheme}://${c.host}${c.port ? `:${c.port}` : ''}${c.path}` : '-'
+  const target = c ? `${printable(c.method)} ${printable(`${c.scheme}://${c.host}${c.port ? `:${c.port}` : ''}${c.path}`)}` : '-'
   const action = ACTION_NAMES[d ? (Object.keys(Action).find((k) => Action[k as keyof typeof Action] === d.action) ?? '') : ''] ?? '-'
   return [
     new Date(ev.timeUnixMs).toISOString(),
     action.padEnd(6),
     String(c?.status ?? '-').padEnd(3),
-    printable(target),
+    target,
     d?.rule ? `rule=${printable(d.rule)}` : '',
     ev.credential?.audience ? `aud=${printable(ev.credential.audience)}` : '',
     d?.error ? `error=${printable(d.error)}` : '',
@@ -63,11 +63,15 @@ export function formatEvent(e: EventJson): string {
  * A stored field as a terminal may show it: control characters (CR, ESC, NUL, …), line and
  * paragraph separators, bidi overrides and invisible characters (zero-width, soft hyphen, word
  * joiner) escaped, so no stored event can draw a line of its own, move the text around it, or
- * pass for another (`\u200bagent:…`).
+ * pass for another (`\u200bagent:…`); spaces too, as fields are separated by them (a path must
+ * not write `  rule=…` of its own), and `\` itself, so an escape cannot be forged; at most
+ * MAX_FIELD characters, so one field cannot push the rest off the screen.
  */
 function printable(s: string): string {
-  return s.replace(/[\p{Cc}\p{Cf}\p{Zl}\p{Zp}\p{Default_Ignorable_Code_Point}]/gu, (ch) => `\\u${ch.codePointAt(0)!.toString(16).padStart(4, '0')}`)
+  const escaped = s.slice(0, MAX_FIELD).replace(/[\\\p{Cc}\p{Cf}\p{Z}\p{Default_Ignorable_Code_Point}]/gu, (ch) => (ch === '\\' ? '\\\\' : `\\u${ch.codePointAt(0)!.toString(16).padStart(4, '0')}`))
+  return s.length > MAX_FIELD ? `${escaped}…(${s.length - MAX_FIELD} more characters)` : escaped
 }
+const MAX_FIELD = 512
 
 function printVerify(v: VerifyResult): void {
   if (v.ok) console.log(`chain verified: ${v.checked} events across ${v.sidecars} sidecars`)

@@ -110,6 +110,13 @@ t.test('`audit` prints stored fields so no event can draw a line of its own', as
   await c.store.append(id.id, [{ sequence: 2, event: makeEvent({ agent: X, path: '/a\u200bdmin/\u00adx\u2060' }) }])
   const invisible = await cli(['audit', '--agent', X, '--url', c.httpUrl!])
   t.match(invisible.stdout, /\/a\\u200bdmin\/\\u00adx\\u2060/, 'zero-width space, soft hyphen and word joiner escaped')
+  // A path that writes fields of its own (two spaces, then rule=…), forges an escape, or is long.
+  await c.store.append(id.id, [{ sequence: 3, event: makeEvent({ agent: X, path: '/x  rule=readonly  [sc-b#7]\\u001b' + 'y'.repeat(2000) }) }])
+  const forgedFields = (await cli(['audit', '--agent', X, '--url', c.httpUrl!])).stdout.trim().split('\n').at(-1)!
+  t.notMatch(forgedFields, /x {2}rule=readonly/, 'spaces in a field cannot separate fields')
+  t.match(forgedFields, /\/x\\u0020\\u0020rule=readonly\\u0020\\u0020\[sc-b#7\]\\\\u001b/, 'shown escaped, the backslash too')
+  t.match(forgedFields, /…\(\d+ more characters\)/, 'a long field is cut')
+  t.ok(forgedFields.length < 1200, 'so the fields after it stay on the screen')
   const badLimit = await cli(['audit', '--agent', X, '--limit', '0', '-c', '/nonexistent.yaml'])
   t.same([badLimit.code, badLimit.stderr.trim()], [1, '--limit "0" must be an integer from 1 to 100000'], 'the limit is checked the same way against a store')
 })

@@ -27,6 +27,8 @@ export function auditFileProblem(path: string): string | null {
   try {
     const st = statSync(path)
     if (st.isDirectory()) return `${path}: is a directory`
+    // Opening a FIFO for writing waits for a reader: the sidecar would hang at start.
+    if (st.isFIFO() || st.isSocket()) return `${path}: is not a file (a FIFO or socket)`
     isFile = true
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'ENOENT') return `${path}: cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`

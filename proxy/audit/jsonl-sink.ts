@@ -10,7 +10,7 @@
 // Lines are plain JSON.stringify: V8 writes them natively in one pass, with less than half the
 // garbage of a schema-compiled serializer (1.8 KB against 3.9 KB per event, measured), and an
 // event carries nothing extra to leak because Pipeline.finish builds it field by field.
-import { openSync, write, fsyncSync, closeSync, fstatSync, statSync } from 'node:fs'
+import { openSync, write, fsyncSync, closeSync, fstatSync, statSync, type Stats } from 'node:fs'
 import type { AuditEvent, AuditSink } from '../context.js'
 
 // 20 ms of a busy sidecar's events fit several times over; buffers are reused, never churned.
@@ -202,13 +202,17 @@ export class JsonlAuditSink implements AuditSink {
     this.checkedPathAt = now
     try {
       const open = fstatSync(this.fd)
-      let current: { ino: number; dev: number } | null = null
+      let current: Stats | null = null
       try {
         current = statSync(this.path)
       } catch {
         // Gone: opened anew below.
       }
       if (current && current.ino === open.ino && current.dev === open.dev) return true
+      // A FIFO put at the path would block the open, and the event loop with it, until a reader came.
+      if (current && (current.isFIFO() || current.isSocket() || current.isDirectory())) {
+        throw Object.assign(new Error('the audit path is not a file'), { code: 'ENOTFILE' })
+      }
       const fd = openSync(this.path, 'a', 0o600)
       closeSync(this.fd)
       this.fd = fd

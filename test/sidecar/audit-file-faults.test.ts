@@ -4,6 +4,7 @@
 import t from 'tap'
 import { mkdirSync, readFileSync, renameSync, rmSync, symlinkSync, unlinkSync } from 'node:fs'
 import { dirname } from 'node:path'
+import { execFileSync } from 'node:child_process'
 import { startUpstream, startTestSidecar, rawRequest, assertNoCanary } from '../helpers/harness.js'
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
@@ -100,4 +101,32 @@ t.test('an audit directory removed under the sidecar: nothing is written to the 
   t.ok(paths.includes('/2'), 'the call that found it out is in the new file, not lost in the deleted one')
   t.equal(paths.at(-1), '/3')
   t.same(up.requests.map((q) => q.url).filter((u) => u !== '/1' && !paths.includes(u)), [], 'every call that went out after is recorded')
+})
+
+t.test('a FIFO put at the audit path does not hang the sidecar: refused until a file is back', async (t) => {
+  const up = await startUpstream()
+  const s = await startTestSidecar({ policy: { default: 'allow' }, network: { allow: [{ cidr: '127.0.0.1/32', ports: [up.port] }] } })
+  t.teardown(async () => {
+    await s.close()
+    await up.close()
+  })
+  const call = (path: string) => rawRequest(s.sidecar.port, `GET http://127.0.0.1:${up.port}${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  t.equal((await call('/1')).status, 200)
+  await s.sidecar.audit.flush()
+  renameSync(s.auditPath, `${s.auditPath}.1`)
+  execFileSync('mkfifo', [s.auditPath])
+  s.sidecar.audit.reopen?.()
+  let r = await call('/2')
+  for (let i = 0; i < 100 && r.status === 200; i++) r = await call(`/2-${i}`)
+  t.equal(r.status, 503, 'answered, and refused: the event loop was not held by the open')
+  t.match(JSON.parse(r.body), { code: 'LK_AUDIT_UNAVAILABLE', reason: /ENOTFILE/ })
+  t.equal((await fetch(`${s.sidecar.adminUrl}/healthz`)).status, 200, 'the admin port answers')
+  unlinkSync(s.auditPath)
+  let ready = 503
+  for (let i = 0; i < 60 && ready !== 200; i++) {
+    await sleep(100)
+    ready = (await fetch(`${s.sidecar.adminUrl}/readyz`)).status
+  }
+  t.equal(ready, 200, 'ready again once the path is a file')
+  t.ok((await s.audit()).some((e) => e.path === '/2'), 'what was refused meanwhile, and the call before, are in the new file')
 })

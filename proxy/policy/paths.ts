@@ -106,7 +106,7 @@ function readingsOf(path: string): string[] {
 }
 
 /**
- * Compiles a glob: `*` one segment's worth, `?` one character, `**` any depth; `/x/**` also
+ * Compiles a glob: `*` one segment's worth, `?` one character (encoded or not), `**` any depth; `/x/**` also
  * matches `/x`. Readings are URL-encoded (the parser writes `é` as `%C3%A9`, a space as `%20`),
  * so a glob written as a person writes it (`/café/**`, `/my docs/**`) or half-encoded
  * (`/%73ecret`) is brought to that form, as each of its characters may be spelled in a reading;
@@ -126,7 +126,8 @@ export function compileGlob(glob: string, anyCase: boolean): RegExp {
       }
       i++
     } else if (c === '*') src += '[^/]*'
-    else if (c === '?') src += '[^/]'
+    // One character as readings spell it: itself, an escape, or a UTF-8 sequence of escapes (é is %C3%A9).
+    else if (c === '?') src += '(?:%[0-9A-Fa-f]{2}(?:%[89ABab][0-9A-Fa-f]){0,3}|[^/])'
     else if (c === '%' && /^[0-9A-Fa-f]{2}$/.test(chars.slice(i + 1, i + 3).join(''))) {
       // An escape, as readings have it: an unreserved character decoded, any other upper-cased.
       const hex = chars.slice(i + 1, i + 3).join('')

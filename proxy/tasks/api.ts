@@ -2,8 +2,9 @@
 //   POST   /v1/tasks            {purpose, duration_s, user_token?, audiences?} → 201 {task, id, proxy_url, …}
 //   GET    /v1/tasks/<handle>   the task (state: open | revoked) and the audiences it holds tokens for (never the tokens)
 //   DELETE /v1/tasks/<handle>   ends it: every token it held is dropped
-// Asking for audiences fetches their tokens now, so a user token the broker refuses is reported
-// to the agent when it opens the task, not on its first call.
+// Asking for audiences fetches their tokens now, and a user token is verified by the broker even
+// when none is asked for, so a user token the broker refuses is reported to the agent when it
+// opens the task, not on its first call.
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { CredentialBinding, CredentialSource, Identity } from '../context.js'
 import { LatchkeyError } from '../errors.js'
@@ -175,7 +176,7 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
   } catch (err) {
     d.tasks.end(task.handle)
     const reason = err instanceof LatchkeyError ? err.message : 'token exchange failed'
-    const refused = err instanceof LatchkeyError && (err.code === 'LK_CREDENTIAL_REFUSED' || reason.includes('broker refused'))
+    const refused = err instanceof LatchkeyError && err.code === 'LK_CREDENTIAL_REFUSED'
     return fail(res, refused ? 403 : 503, refused ? 'task_refused' : 'broker_unavailable', reason)
   }
   send(res, 201, {

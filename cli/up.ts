@@ -7,6 +7,7 @@ import { fileURLToPath } from 'node:url'
 import { dirname, isAbsolute, resolve } from 'node:path'
 import { loadConfigFile } from '../lib/config/load.js'
 import { createLogger } from '../lib/log.js'
+import { listenError } from '../lib/listen-error.js'
 import { ensureLocalAttestorKey } from '../lib/local-attestor.js'
 import { startSidecar } from '../proxy/sidecar.js'
 import { startBroker, type RunningBroker } from '../broker/broker.js'
@@ -79,8 +80,7 @@ export async function runUp(opts: { config: string }): Promise<{ close(urgent?: 
     ...(broker ? { broker: { url: broker.url, issuer: broker.issuer, audience: `http://127.0.0.1:${upstreamPort}` } } : {}),
   }).catch(async (err: NodeJS.ErrnoException) => {
     await Promise.all([collector?.close(), broker?.close()])
-    const why = err.code === 'EADDRINUSE' ? 'the address is already in use' : (err.code ?? 'error')
-    throw Object.assign(new Error(`demo upstream (routes.demo): cannot listen on 127.0.0.1:${upstreamPort}: ${why}`), { code: 'LK_STARTUP' })
+    throw listenError('demo upstream (routes.demo)', '127.0.0.1', upstreamPort, err)
   })
   const sidecar = await startSidecar(config, { env })
   const proxy = sidecar.proxyUrl

@@ -17,7 +17,8 @@ import { checkFraming } from './listen/framing.js'
 import { outboundRequestHeaders, type OutboundHeaders } from './forward/headers.js'
 import { forward } from './forward/forward.js'
 import { locationThroughRoute, resolveLocation } from './forward/route-location.js'
-import ipaddr from 'ipaddr.js'
+import { isIP } from 'node:net'
+import { classifyAddress } from './resolve/classify.js'
 import { formOverride, MAX_CHECKED_BODY, mayOverrideInBody, methodMatters, readCheckedBody } from './policy/body-override.js'
 import { tokenSha256 } from './audit/token-hash.js'
 import { newEventId } from './audit/event-id.js'
@@ -279,9 +280,9 @@ export class Pipeline {
     const { host, port } = urlHostPort(url, url.protocol === 'https:' ? 'https' : 'http')
     if (port !== own.port && port !== own.adminPort) return false
     if ((port === own.port ? own.hosts : own.adminHosts).has(host)) return true
-    if (!ipaddr.isValid(host)) return false
-    const range = ipaddr.process(host).range()
-    return range === 'loopback' || range === 'unspecified'
+    if (isIP(host) === 0) return false
+    const cls = classifyAddress(host)
+    return cls === 'loopback' || cls === 'unspecified'
   }
 
   /**

@@ -4,21 +4,37 @@ import { accessSync, constants, readFileSync, statSync } from 'node:fs'
 import { dirname } from 'node:path'
 import type { Config } from '../lib/config/schema.js'
 import type { ConfigProblem } from '../lib/config/load.js'
-import { compileBundle, BundleError, DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
+import { compileBundle, DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
 
 export class StartupError extends Error {
   readonly code = 'LK_STARTUP'
 }
 
+/**
+ * sidecar.policy_file, read and compiled: the bundle (undefined when none is configured), or why
+ * not, `unreadable` when the file is missing or unreadable here rather than wrong.
+ */
+function readPolicyFile(config: Config): { bundle: CompiledBundle | undefined } | { unreadable: boolean; message: string } {
+  const sc = config.sidecar
+  if (!sc.policy_file) return { bundle: undefined }
+  let text: string
+  try {
+    text = readFileSync(sc.policy_file, 'utf8')
+  } catch (err) {
+    return { unreadable: true, message: `${sc.policy_file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})` }
+  }
+  try {
+    return { bundle: compileBundle(text, sc.policy_file, sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES) }
+  } catch (err) {
+    return { unreadable: false, message: (err as Error).message }
+  }
+}
+
 /** sidecar.policy_file, read and compiled; undefined when none is configured. Throws StartupError naming the file and the problem. */
 export function loadPolicyFile(config: Config): CompiledBundle | undefined {
-  const sc = config.sidecar
-  if (!sc.policy_file) return undefined
-  try {
-    return compileBundle(readFileSync(sc.policy_file, 'utf8'), sc.policy_file, sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES)
-  } catch (err) {
-    throw new StartupError(err instanceof BundleError ? err.message : `sidecar.policy_file ${sc.policy_file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
-  }
+  const read = readPolicyFile(config)
+  if ('bundle' in read) return read.bundle
+  throw new StartupError(read.unreadable ? `sidecar.policy_file ${read.message}` : read.message)
 }
 
 /** Why audit.jsonl.path cannot be appended to (a directory, no such directory, not writable), or null: `<path>: <problem>`. */
@@ -51,22 +67,8 @@ export function auditFileProblem(path: string): string | null {
 export function preflight(config: Config): { errors: ConfigProblem[]; onThisMachine: ConfigProblem[] } {
   const errors: ConfigProblem[] = []
   const onThisMachine: ConfigProblem[] = []
-  const sc = config.sidecar
-  if (sc.policy_file) {
-    let text: string | null = null
-    try {
-      text = readFileSync(sc.policy_file, 'utf8')
-    } catch (err) {
-      onThisMachine.push({ path: 'sidecar.policy_file', message: `${sc.policy_file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})` })
-    }
-    if (text !== null) {
-      try {
-        compileBundle(text, sc.policy_file, sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES)
-      } catch (err) {
-        errors.push({ path: 'sidecar.policy_file', message: (err as Error).message })
-      }
-    }
-  }
+  const policy = readPolicyFile(config)
+  if (!('bundle' in policy)) (policy.unreadable ? onThisMachine : errors).push({ path: 'sidecar.policy_file', message: policy.message })
   if (!config.audit.collector) {
     const audit = auditFileProblem(config.audit.jsonl.path)
     if (audit) onThisMachine.push({ path: 'audit.jsonl.path', message: audit })

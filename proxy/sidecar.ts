@@ -36,6 +36,7 @@ import { basename, dirname } from 'node:path'
 import { PolicySwitch } from './policy/switch.js'
 import { DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
 import { StartupError, auditFileProblem, loadPolicyFile } from './preflight.js'
+import { listenError } from '../lib/listen-error.js'
 import type { ControlClient } from './control/client.js'
 import type { KnownRevocation } from './control/state.js'
 
@@ -89,9 +90,7 @@ async function listening(server: import('node:net').Server, host: string, port: 
   try {
     await once(server, 'listening')
   } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code ?? 'error'
-    const why = code === 'EADDRINUSE' ? 'the address is already in use' : code === 'EACCES' ? 'permission denied' : code === 'EADDRNOTAVAIL' ? 'no such local address' : code
-    throw new StartupError(`${setting}: cannot listen on ${host}:${port}: ${why}`)
+    throw listenError(setting, host, port, err)
   }
 }
 

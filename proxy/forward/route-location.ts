@@ -7,7 +7,7 @@
 //    `search` is `/search/billing/x`, never another route and its credential;
 //  - any other is left as the upstream wrote it.
 import type { Target } from '../context.js'
-import { hostHeader, urlHostPort } from '../listen/target.js'
+import { hostHeader, routeBase, urlHostPort } from '../listen/target.js'
 
 /** The URL a client following `location` would ask for, or null when it is no URL at all. */
 export function resolveLocation(location: string, target: Target): URL | null {
@@ -28,7 +28,7 @@ export function locationThroughRoute(location: string, resolved: URL | null, tar
   if (resolved.protocol !== `${target.scheme}:` || resolved.username || resolved.password) return location
   const { host, port } = urlHostPort(resolved, target.scheme)
   if (host !== target.host || port !== target.port) return location
-  const base = routeUpstream.pathname.endsWith('/') ? routeUpstream.pathname.slice(0, -1) : routeUpstream.pathname
+  const base = routeBase(routeUpstream)
   const path = resolved.pathname
   if (base !== '' && path !== base && !path.startsWith(`${base}/`)) return resolved.href
   return `/${target.route}${path.slice(base.length) || '/'}${resolved.search}${resolved.hash}`

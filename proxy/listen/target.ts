@@ -119,12 +119,17 @@ export function parseReverseTarget(rawPath: string, routes: ReverseRoutes): Targ
   const upstream = name ? routes.get(name) : undefined
   if (!upstream) throw new LatchkeyError('LK_NO_ROUTE', name ? `no route named "${name}"` : 'origin-form requests must start with a route name')
   const rest = slash === -1 ? '/' : path.slice(slash)
-  const base = upstream.pathname.endsWith('/') ? upstream.pathname.slice(0, -1) : upstream.pathname
+  const base = routeBase(upstream)
   const target = fromUrl(upstream)
   target.path = base + rest
   target.search = search
   target.route = name
   return target
+}
+
+/** The path every call on a route is under: its upstream URL's path, without a trailing slash (`''` for none). */
+export function routeBase(upstream: URL): string {
+  return upstream.pathname.endsWith('/') ? upstream.pathname.slice(0, -1) : upstream.pathname
 }
 
 /**

@@ -9,7 +9,11 @@ import { startUpstream, startTestSidecar, rawRequest, assertNoCanary } from '../
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 
-t.test('an audit file that cannot be written refuses new egress, then recovers with nothing lost', async (t) => {
+type Sidecar = Awaited<ReturnType<typeof startTestSidecar>>
+type Answer = Awaited<ReturnType<typeof rawRequest>>
+
+/** An upstream, a sidecar that injects a credential on calls to it, and a call through that sidecar; every raw answer is kept in `seen`. */
+async function auditRig(t: { teardown(fn: () => unknown): void }) {
   const up = await startUpstream()
   const s = await startTestSidecar({
     policy: { default: 'allow' },
@@ -26,10 +30,33 @@ t.test('an audit file that cannot be written refuses new egress, then recovers w
     seen.push(r.raw)
     return r
   }
-  const readyz = async () => {
-    const r = await fetch(`${s.sidecar.adminUrl}/readyz`)
-    return { status: r.status, body: (await r.json()) as { reasons?: string[] } }
+  return { up, s, call, seen }
+}
+
+/** Calls `path` (then `path-0`, `path-1`, …) until one is refused: the failure is found by an append after a call was answered. The last answer. */
+async function untilRefused(call: (path: string) => Promise<Answer>, path: string): Promise<Answer> {
+  let r = await call(path)
+  for (let i = 0; i < 100 && r.status === 200; i++) r = await call(`${path}-${i}`)
+  return r
+}
+
+async function readyz(s: Sidecar) {
+  const r = await fetch(`${s.sidecar.adminUrl}/readyz`)
+  return { status: r.status, body: (await r.json()) as { reasons?: string[] } }
+}
+
+/** /readyz, asked every 100 ms until it answers 200 or 6 s have passed: its last answer. */
+async function untilReady(s: Sidecar) {
+  let ready = await readyz(s)
+  for (let i = 0; i < 60 && ready.status !== 200; i++) {
+    await sleep(100)
+    ready = await readyz(s)
   }
+  return ready
+}
+
+t.test('an audit file that cannot be written refuses new egress, then recovers with nothing lost', async (t) => {
+  const { up, s, call, seen } = await auditRig(t)
   t.equal((await call('/1')).status, 200)
   await s.sidecar.audit.flush()
 
@@ -38,25 +65,20 @@ t.test('an audit file that cannot be written refuses new egress, then recovers w
   symlinkSync('/dev/full', s.auditPath)
   await sleep(1100)
   t.equal((await call('/2')).status, 200, 'the call that finds it out is already answered')
-  let refused = await call('/3')
-  for (let i = 0; i < 100 && refused.status === 200; i++) refused = await call(`/3-${i}`)
+  const refused = await untilRefused(call, '/3')
   t.equal(refused.status, 503, 'then new egress is refused')
   t.match(JSON.parse(refused.body), { code: 'LK_AUDIT_UNAVAILABLE', retryable: true, reason: /audit file cannot be written \(ENOSPC\)/ })
   const sentWhileFailing = up.requests.length
   t.equal((await call('/4')).status, 503)
   t.equal(up.requests.length, sentWhileFailing, 'nothing more reaches the upstream')
-  const notReady = await readyz()
+  const notReady = await readyz(s)
   t.equal(notReady.status, 503)
   t.match(notReady.body.reasons, [/audit file cannot be written \(ENOSPC\)/])
   t.match(s.logs.join(''), /audit sink write failed/)
 
   // Writable again: what failed is written first, and egress resumes, with no call in between.
   unlinkSync(s.auditPath)
-  let ready = await readyz()
-  for (let i = 0; i < 60 && ready.status !== 200; i++) {
-    await sleep(100)
-    ready = await readyz()
-  }
+  const ready = await untilReady(s)
   t.equal(ready.status, 200, 'ready again once appends work')
   t.equal((await call('/5')).status, 200)
   const rotated = readFileSync(`${s.auditPath}.1`, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { path: string })
@@ -73,28 +95,17 @@ t.test('an audit file that cannot be written refuses new egress, then recovers w
 })
 
 t.test('an audit directory removed under the sidecar: nothing is written to the deleted file; refused until it is back', async (t) => {
-  const up = await startUpstream()
-  const s = await startTestSidecar({ policy: { default: 'allow' }, network: { allow: [{ cidr: '127.0.0.1/32', ports: [up.port] }] } })
-  t.teardown(async () => {
-    await s.close()
-    await up.close()
-  })
-  const call = (path: string) => rawRequest(s.sidecar.port, `GET http://127.0.0.1:${up.port}${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  const { up, s, call } = await auditRig(t)
   t.equal((await call('/1')).status, 200)
   await s.sidecar.audit.flush()
   const dir = dirname(s.auditPath)
   rmSync(dir, { recursive: true })
   await sleep(1100)
-  let r = await call('/2')
-  for (let i = 0; i < 100 && r.status === 200; i++) r = await call(`/2-${i}`)
+  const r = await untilRefused(call, '/2')
   t.equal(r.status, 503)
   t.match(JSON.parse(r.body), { code: 'LK_AUDIT_UNAVAILABLE', reason: /audit file cannot be written \(ENOENT\)/ })
   mkdirSync(dir)
-  let ready = 503
-  for (let i = 0; i < 60 && ready !== 200; i++) {
-    await sleep(100)
-    ready = (await fetch(`${s.sidecar.adminUrl}/readyz`)).status
-  }
+  const ready = (await untilReady(s)).status
   t.equal(ready, 200, 'ready again once the directory is back')
   t.equal((await call('/3')).status, 200)
   const paths = (await s.audit()).map((e) => e.path)
@@ -104,29 +115,18 @@ t.test('an audit directory removed under the sidecar: nothing is written to the 
 })
 
 t.test('a FIFO put at the audit path does not hang the sidecar: refused until a file is back', async (t) => {
-  const up = await startUpstream()
-  const s = await startTestSidecar({ policy: { default: 'allow' }, network: { allow: [{ cidr: '127.0.0.1/32', ports: [up.port] }] } })
-  t.teardown(async () => {
-    await s.close()
-    await up.close()
-  })
-  const call = (path: string) => rawRequest(s.sidecar.port, `GET http://127.0.0.1:${up.port}${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  const { s, call } = await auditRig(t)
   t.equal((await call('/1')).status, 200)
   await s.sidecar.audit.flush()
   renameSync(s.auditPath, `${s.auditPath}.1`)
   execFileSync('mkfifo', [s.auditPath])
   s.sidecar.audit.reopen?.()
-  let r = await call('/2')
-  for (let i = 0; i < 100 && r.status === 200; i++) r = await call(`/2-${i}`)
+  const r = await untilRefused(call, '/2')
   t.equal(r.status, 503, 'answered, and refused: the event loop was not held by the open')
   t.match(JSON.parse(r.body), { code: 'LK_AUDIT_UNAVAILABLE', reason: /ENOTFILE/ })
   t.equal((await fetch(`${s.sidecar.adminUrl}/healthz`)).status, 200, 'the admin port answers')
   unlinkSync(s.auditPath)
-  let ready = 503
-  for (let i = 0; i < 60 && ready !== 200; i++) {
-    await sleep(100)
-    ready = (await fetch(`${s.sidecar.adminUrl}/readyz`)).status
-  }
+  const ready = (await untilReady(s)).status
   t.equal(ready, 200, 'ready again once the path is a file')
   t.ok((await s.audit()).some((e) => e.path === '/2'), 'what was refused meanwhile, and the call before, are in the new file')
 })

@@ -8,6 +8,17 @@ import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
 import { startBearerRig, startSlowCallRig, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary } from '../helpers/harness.js'
 
+/** A sidecar (drain_ms `drainMs`) with one call in flight that its upstream answers after `delayMs`. */
+async function slowCallInFlight(t: { teardown(fn: () => unknown): void }, delayMs: number, drainMs: number) {
+  const { upstream, s, host } = await startSlowCallRig(t, delayMs, { timeouts: { drain_ms: drainMs } })
+  const sock = connect(s.sidecar.port, '127.0.0.1')
+  await once(sock, 'connect')
+  sock.on('error', () => {})
+  sock.write(`GET http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  while (upstream.requests.length === 0) await new Promise((r) => setTimeout(r, 10))
+  return { s, sock }
+}
+
 /** A raw connection to the sidecar, and everything it has received so far. */
 async function openRaw(port: number): Promise<{ sock: Socket; raw: () => string }> {
   const sock = connect(port, '127.0.0.1')
@@ -77,12 +88,7 @@ t.test('while draining, a plaintext tunnel opened before it takes no new call: 5
 })
 
 t.test('calls still open at the drain deadline are cut and recorded as cut by the shutdown', async (t) => {
-  const { upstream, s, host } = await startSlowCallRig(t, 5000, { timeouts: { drain_ms: 200 } })
-  const sock = connect(s.sidecar.port, '127.0.0.1')
-  await once(sock, 'connect')
-  sock.on('error', () => {})
-  sock.write(`GET http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
-  while (upstream.requests.length === 0) await new Promise((r) => setTimeout(r, 10))
+  const { s, sock } = await slowCallInFlight(t, 5000, 200)
   await s.close()
   if (!sock.destroyed) await once(sock, 'close')
   const audit = await s.audit()
@@ -221,12 +227,7 @@ t.test('an idle or half-sent connection on the admin port does not hold the shut
 })
 
 t.test('asked to close urgently (a second SIGTERM), the drain ends now and what was open is recorded as cut', async (t) => {
-  const { upstream, s, host } = await startSlowCallRig(t, 10_000, { timeouts: { drain_ms: 10_000 } })
-  const sock = connect(s.sidecar.port, '127.0.0.1')
-  await once(sock, 'connect')
-  sock.on('error', () => {})
-  sock.write(`GET http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
-  while (upstream.requests.length === 0) await new Promise((r) => setTimeout(r, 10))
+  const { s } = await slowCallInFlight(t, 10_000, 10_000)
   const started = Date.now()
   const first = s.sidecar.close()
   await new Promise((r) => setTimeout(r, 200))

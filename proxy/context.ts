@@ -126,6 +126,8 @@ export interface CallContext {
   upstreamMs: number | null
   errorCode: string | null
   errorReason: string | null
+  /** Times the credential turned up in the response body and was overwritten (forward/body-scrub.ts). */
+  credentialInBody: number
   /** While admitted and unfinished: the client socket it holds, and its links in Pipeline.live (LiveCalls owns these three). */
   liveSocket: Socket | null
   livePrev: CallContext | null

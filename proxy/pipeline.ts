@@ -108,6 +108,7 @@ export class Pipeline {
       upstreamMs: null,
       errorCode: null,
       errorReason: null,
+      credentialInBody: 0,
       liveSocket: null,
       livePrev: null,
       liveNext: null,
@@ -409,6 +410,9 @@ export class Pipeline {
     if (ctx.binding && ctx.credential) {
       target.search = stripQueryParams(target.search, ctx.binding.stripQuery)
       ctx.binding.inject(headers, target, ctx.credential)
+      // The response body is checked for the credential as it streams, which needs it readable:
+      // see forward/body-scrub.ts.
+      headers['accept-encoding'] = 'identity'
     }
     // Policy has spoken; only now may the agent send its body.
     if (expectContinue) res.writeContinue()
@@ -582,6 +586,10 @@ export class Pipeline {
     s.audit.write(event)
     s.log.info(event, 'call')
     s.metrics.countCall(ctx.via, event.decision ?? 'none', ctx.errorCode ?? 'ok', event.duration_ms / 1000)
+    if (ctx.credentialInBody > 0) {
+      // The agent did not get it; the operator should know the upstream reflects it.
+      s.log.warn({ id: event.id, binding: ctx.binding?.id, host: event.host, path: event.path, matches: ctx.credentialInBody }, 'the upstream sent the injected credential back in a response body: overwritten before the agent got it')
+    }
   }
 }
 

@@ -8,6 +8,7 @@ import { LatchkeyError } from '../errors.js'
 import { inboundResponseHeaders, type OutboundHeaders } from './headers.js'
 import { upstreamError } from './upstream-errors.js'
 import { safeReasonPhrase, scrubResponseHeaders } from './scrub.js'
+import { BodyScrubber, bodyNeedlesFor } from './body-scrub.js'
 import { lingerOnClose } from '../listen/linger.js'
 
 export type ForwardDone = (err: LatchkeyError | null) => void
@@ -25,6 +26,8 @@ const PRINTABLE = /^[\t\x20-\x7e]*$/
 class ResponseRelay implements Dispatcher.DispatchHandler {
   private controller: Dispatcher.DispatchController | null = null
   private finished = false
+  /** On a credentialed call: what the body passes through before the agent gets it. */
+  private scrubber: BodyScrubber | null = null
 
   constructor(
     private readonly ctx: CallContext,
@@ -64,6 +67,12 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     if (binding && credential) {
       scrubResponseHeaders(clean, binding, credential)
       statusMessage = safeReasonPhrase(statusMessage, binding, credential)
+      const coding = encodedBody(clean, statusCode, this.res.req.method)
+      if (coding !== null) {
+        this.ctx.status = 0
+        return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream sent a ${coding}-encoded body though the sidecar asked for none; it cannot be checked for the credential, so it is not relayed`))
+      }
+      this.scrubber = new BodyScrubber(bodyNeedlesFor(binding, credential))
     }
     const location = clean.location as string | string[] | undefined
     if (location !== undefined) {
@@ -121,6 +130,11 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
 
   onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
     this.ctx.bytesOut += chunk.length
+    if (this.scrubber !== null) {
+      const checked = this.scrubber.push(chunk)
+      if (checked === null) return
+      chunk = checked
+    }
     if (!this.res.write(chunk)) {
       controller.pause()
       this.res.once('drain', () => controller.resume())
@@ -129,6 +143,11 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
 
   onResponseEnd(): void {
     this.finished = true
+    if (this.scrubber !== null) {
+      const rest = this.scrubber.end()
+      if (rest !== null) this.res.write(rest)
+      this.ctx.credentialInBody = this.scrubber.found
+    }
     if (this.recordFirst) this.done(null)
     this.res.end()
     // Send the response now; the bookkeeping in `done` must not hold it back until the next tick.
@@ -159,6 +178,20 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
       this.done(mapped)
     }
   }
+}
+
+/**
+ * The content coding of a body that is coming, when it is not `identity`: such a body cannot be
+ * read for the credential. None comes with a HEAD, a 204 or 304, or a Content-Length of 0.
+ */
+function encodedBody(headers: IncomingHttpHeaders, status: number, method: string | undefined): string | null {
+  const value = headers['content-encoding']
+  if (value === undefined || method === 'HEAD' || status === 204 || status === 304 || headers['content-length'] === '0') return null
+  for (const coding of value.split(',')) {
+    const c = coding.trim().toLowerCase()
+    if (c !== '' && c !== 'identity') return c.replace(/[^\x21-\x7e]/g, '?').slice(0, 40)
+  }
+  return null
 }
 
 function uncork(res: ServerResponse): void {

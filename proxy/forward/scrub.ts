@@ -2,7 +2,7 @@
 // (a redirect carrying the query key, a debug header, WWW-Authenticate, Set-Cookie, even the
 // reason phrase or a header's name) would hand the agent the credential it must never hold.
 // Every part of the head an upstream chooses goes through here, on every path that relays one
-// (forward and WebSocket upgrade). Bodies are not inspected: see ARCHITECTURE.md.
+// (forward and WebSocket upgrade). Bodies are checked as they stream by body-scrub.ts.
 import type { IncomingHttpHeaders } from 'node:http'
 import { unescape } from 'node:querystring'
 import type { Credential, CredentialBinding } from '../context.js'

@@ -1,0 +1,189 @@
+// Upstreams that reflect the injected credential in a response BODY (an echo API, an error page
+// quoting the token it refused): the agent gets the body with every spelling of the credential
+// overwritten, at the same length, streamed as it comes.
+import t from 'tap'
+import { execFile } from 'node:child_process'
+import { promisify } from 'node:util'
+import { gzipSync } from 'node:zlib'
+import { fetch, ProxyAgent } from 'undici'
+import { BodyScrubber, compileNeedles } from '../../proxy/forward/body-scrub.js'
+import { startUpstream, startTestSidecar, startBearerRig, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
+
+const run = promisify(execFile)
+// A secret holding characters each echo escapes its own way: `/` (JSON's `\/`), `+` and space
+// (percent- and form-encoding), `&` and `"` (HTML, JSON).
+const ODD = `${CANARY}/a+b c&d"e`
+
+t.test('the scrubber: a match anywhere, cut anywhere across chunks, is overwritten at the same length', async (t) => {
+  const secret = 'S3cr3t-token-0123456789'
+  const n = compileNeedles([secret, Buffer.from(secret).toString('base64')])
+  const body = `{"a":"x","auth":"Bearer ${secret}","b64":"${Buffer.from(secret).toString('base64')}","z":1}\n`
+  const expected = body.replace(secret, '*'.repeat(secret.length)).replace(Buffer.from(secret).toString('base64'), '*'.repeat(Buffer.from(secret).toString('base64').length))
+  let checked = 0
+  const wrong: string[] = []
+  for (let i = 0; i <= body.length; i++) {
+    for (const j of [i, Math.min(body.length, i + 3), Math.min(body.length, i + 17)]) {
+      const s = new BodyScrubber(n)
+      const parts = [body.slice(0, i), body.slice(i, j), body.slice(j)].filter((p) => p.length > 0)
+      const out: Buffer[] = []
+      for (const p of parts) {
+        const o = s.push(Buffer.from(p))
+        if (o) out.push(o)
+      }
+      const rest = s.end()
+      if (rest) out.push(rest)
+      const got = Buffer.concat(out).toString()
+      if (got !== expected || s.found !== 2) wrong.push(`cut at ${i} and ${j}: ${s.found} found, ${got}`)
+      checked++
+    }
+  }
+  t.same(wrong, [], `${checked} ways of cutting the body, each overwritten both matches and nothing else`)
+  t.ok(checked > 200)
+})
+
+t.test('the scrubber holds back only what could begin a match, and never writes into the chunk it was given', async (t) => {
+  const n = compileNeedles(['Zq9-secret-value-XYZ'])
+  const s = new BodyScrubber(n)
+  const event = Buffer.from('data: {"n":1}\n\n')
+  t.same(s.push(event), event, 'an event ending in a newline goes on whole: a stream is not delayed')
+  const tail = s.push(Buffer.from('data: Zq9-se'))
+  t.equal(tail?.toString(), 'data: ', 'what could begin the secret waits for the next chunk')
+  const chunk = Buffer.from('cret-value-XYZ!')
+  const copy = Buffer.from(chunk)
+  t.equal(s.push(chunk)?.toString(), '********************!')
+  t.same(chunk, copy, "the chunk it was handed (undici's buffer) is unchanged")
+  t.equal(s.push(Buffer.from('Zq9')), null, 'a chunk that may all begin the secret waits whole')
+  t.equal(s.end()?.toString(), 'Zq9', 'and goes at the end as it was: it never was the secret')
+})
+
+t.test('a credential echoed in a response body reaches no client, however spelled', async (t) => {
+  const reflections: Record<string, (auth: string, token: string) => string> = {
+    'httpbin-style JSON (PHP escapes /)': (auth) => JSON.stringify({ headers: { Authorization: auth } }).replace(/\//g, '\\/'),
+    'JSON as JSON.stringify writes it': (auth) => JSON.stringify({ authorization: auth }),
+    'an error page quoting the token (HTML)': (_a, token) => `<p>invalid token &quot;${token.replace(/&/g, '&amp;').replace(/"/g, '&quot;')}&quot;</p>`,
+    'a URL in the body (percent-encoded, lower-case hex)': (_a, token) => `see https://x.example/cb?t=${encodeURIComponent(token).replace(/%[0-9A-F]{2}/g, (m) => m.toLowerCase())}`,
+    'a form (+ for space)': (_a, token) => `t=${encodeURIComponent(token).replace(/%20/g, '+')}`,
+    'base64 of the header': (auth) => Buffer.from(auth).toString('base64'),
+    'hex of the token': (_a, token) => Buffer.from(token).toString('hex').toUpperCase(),
+  }
+  const echo = await startUpstream({
+    handler: (req, res) => {
+      const auth = String(req.headers.authorization ?? '')
+      const reflect = reflections[decodeURIComponent(req.url.slice(1))]
+      const body = reflect ? `before ${reflect(auth, auth.slice(7))} after` : 'no such reflection'
+      res.writeHead(200, { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body), 'x-upstream-length': String(Buffer.byteLength(body)) }).end(body)
+      return true
+    },
+  })
+  const s = await startTestSidecar(
+    {
+      policy: { default: 'allow' },
+      network: { allow: [{ cidr: '127.0.0.1/32', ports: [echo.port] }] },
+      credentials: [{ id: 'echo', audience: echo.origin, source: 'static', secret: 'ODD', inject: { type: 'bearer' } }],
+    },
+    { LATCHKEY_SECRET_ODD: ODD },
+  )
+  t.teardown(async () => {
+    await s.close()
+    await echo.close()
+  })
+  const seen: string[] = []
+  const agent = new ProxyAgent(s.proxy)
+  t.teardown(() => agent.close())
+  for (const name of Object.keys(reflections)) {
+    const url = `http://127.0.0.1:${echo.port}/${encodeURIComponent(name)}`
+    const r = await fetch(url, { dispatcher: agent })
+    const body = await r.text()
+    seen.push(body)
+    t.equal(r.status, 200, name)
+    t.match(body, /^before .* after$/s, `${name}: the rest of the body is relayed`)
+    t.equal(Buffer.byteLength(body), Number(r.headers.get('x-upstream-length')), `${name}: at the length the upstream sent`)
+    t.notOk(body.includes(CANARY), `${name}: the token is not in it`)
+    t.notOk(body.includes(reflections[name]!(`Bearer ${ODD}`, ODD).slice(-40)), `${name}: nor the end of its reflection`)
+  }
+  const curl = await run('curl', ['-s', '--compressed', '-x', s.proxy, `http://127.0.0.1:${echo.port}/${encodeURIComponent('httpbin-style JSON (PHP escapes /)')}`])
+  seen.push(curl.stdout)
+  t.match(curl.stdout, /^before \{"headers":\{"Authorization":"Bearer \*+"\}\} after$/, 'curl --compressed gets the JSON, the token overwritten')
+  t.equal(echo.requests.at(-1)?.headers['accept-encoding'], 'identity', 'a credentialed call asks for a body it can read')
+  t.equal(echo.requests.at(-1)?.headers.authorization, `Bearer ${ODD}`, 'the upstream did get the credential')
+  const warned = s.logs.filter((l) => l.includes('sent the injected credential back in a response body'))
+  t.equal(warned.length, Object.keys(reflections).length + 1, 'each reflecting call is logged for the operator')
+  t.match(JSON.parse(warned[0]!), { binding: 'echo', matches: 1 })
+  assertNoCanary(t, s, ...seen)
+})
+
+t.test('a reflection split across chunks is caught; a stream of events is not held back', async (t) => {
+  let sendRest: () => void = () => {}
+  const restWanted = new Promise<void>((resolve) => (sendRest = resolve))
+  const { upstream: echo, s } = await startBearerRig(t, {
+    handler: (req, res) => {
+      const auth = String(req.headers.authorization ?? '')
+      res.writeHead(200, { 'content-type': 'text/event-stream' })
+      if (req.url === '/split') {
+        res.write(`data: ${auth.slice(0, 15)}`)
+        setTimeout(() => res.end(`${auth.slice(15)}\n\n`), 30)
+        return true
+      }
+      // The second event is sent only once the client has the first: a sidecar that held the
+      // first back would wait here forever (the test's timeout).
+      res.write('data: first\n\n')
+      void restWanted.then(() => res.end('data: second\n\n'))
+      return true
+    },
+  })
+  const agent = new ProxyAgent(s.proxy)
+  t.teardown(() => agent.close())
+  const split = await (await fetch(`http://127.0.0.1:${echo.port}/split`, { dispatcher: agent })).text()
+  t.equal(split, `data: Bearer ${'*'.repeat(CANARY.length)}\n\n`, 'overwritten though it came in two writes 30 ms apart')
+
+  const r = await fetch(`http://127.0.0.1:${echo.port}/events`, { dispatcher: agent })
+  const reader = r.body!.getReader()
+  const first = await Promise.race([reader.read(), new Promise<{ value: Uint8Array }>((resolve) => setTimeout(() => resolve({ value: Buffer.from('nothing within 2 s') }), 2000))])
+  t.equal(Buffer.from(first.value!).toString(), 'data: first\n\n', 'the first event arrives before the upstream sends the next')
+  sendRest()
+  let rest = ''
+  for (let c = await reader.read(); !c.done; c = await reader.read()) rest += Buffer.from(c.value).toString()
+  t.equal(rest, 'data: second\n\n')
+  assertNoCanary(t, s, split)
+})
+
+t.test('a compressed body on a credentialed call is refused (it cannot be checked); elsewhere it passes as sent', async (t) => {
+  const echo = await startUpstream({
+    handler: (req, res) => {
+      const packed = gzipSync(`seen ${String(req.headers.authorization ?? 'nothing')}`)
+      res.writeHead(200, { 'content-encoding': 'gzip', 'content-length': packed.length }).end(packed)
+      return true
+    },
+  })
+  const plain = await startUpstream({
+    handler: (_req, res) => {
+      const packed = gzipSync('a compressed body')
+      res.writeHead(200, { 'content-encoding': 'gzip', 'content-length': packed.length }).end(packed)
+      return true
+    },
+  })
+  const s = await startTestSidecar({
+    policy: { default: 'allow' },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [echo.port, plain.port] }] },
+    credentials: [{ id: 'echo', audience: echo.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await echo.close()
+    await plain.close()
+  })
+  const refused = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${echo.port}/ HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n`)
+  t.equal(refused.status, 502)
+  t.match(JSON.parse(refused.body), { code: 'LK_UPSTREAM_PROTOCOL', reason: /gzip-encoded body .* cannot be checked for the credential/, retryable: false })
+  t.equal(echo.requests[0]?.headers['accept-encoding'], 'identity', "the agent's Accept-Encoding was replaced")
+  const head = await rawRequest(s.sidecar.port, `HEAD http://127.0.0.1:${echo.port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  t.equal(head.status, 200, 'a HEAD has no body to check: its head is relayed')
+
+  const passed = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${plain.port}/ HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n`)
+  t.equal(passed.status, 200, 'no credential injected: nothing to check')
+  t.equal(passed.headers['content-encoding'], 'gzip')
+  t.equal(plain.requests[0]?.headers['accept-encoding'], 'gzip', "the agent's Accept-Encoding is kept where no credential goes")
+  const events = await s.audit()
+  t.match(events.find((e) => e.port === echo.port && e.method === 'GET'), { status: 502, error: 'LK_UPSTREAM_PROTOCOL' })
+  assertNoCanary(t, s, refused.raw, head.raw)
+})

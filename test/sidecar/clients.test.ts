@@ -299,3 +299,41 @@ t.test("Node's fetch with HTTP_PROXY set tunnels its call to a reverse route int
   ])
   assertNoCanary(t, s, fetched.stdout)
 })
+
+t.test('a client that half-closes after its request still gets the response (RFC 9112 §9.6)', async (t) => {
+  const { upstream, s } = await startBearerRig(t, {
+    handler: (req, res) => {
+      // Slow enough that the client's FIN is in before the answer.
+      const body = `answered ${req.url}`
+      setTimeout(() => res.writeHead(200, { 'content-type': 'text/plain', 'content-length': body.length }).end(body), 50)
+      return true
+    },
+  })
+  // Python's socket.shutdown(SHUT_WR), as a script (or `nc -N`) sends its request and says it is done.
+  const script = `
+import socket, sys
+s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))
+s.sendall(sys.argv[2].encode().replace(b'|', b'\\r\\n'))
+s.shutdown(socket.SHUT_WR)
+s.settimeout(5)
+data = b''
+while True:
+    d = s.recv(65536)
+    if not d:
+        break
+    data += d
+sys.stdout.write(data.decode())
+`
+  const one = `GET ${upstream.origin}/one HTTP/1.1|Host: x||`
+  const py = await run('python3', ['-c', script, String(s.sidecar.port), one])
+  t.match(py.stdout, /^HTTP\/1\.1 200 OK\r\n[\s\S]*\r\n\r\nanswered \/one$/, 'the response, then the connection ends')
+  const two = `GET ${upstream.origin}/a HTTP/1.1|Host: x||GET ${upstream.origin}/b HTTP/1.1|Host: x||`
+  const both = await run('python3', ['-c', script, String(s.sidecar.port), two])
+  t.match(both.stdout, /answered \/a[\s\S]*HTTP\/1\.1 200 OK[\s\S]*answered \/b$/, 'pipelined before the FIN: both answered, in order')
+  t.match(await s.audit(), [
+    { path: '/one', status: 200, error: null },
+    { path: '/a', status: 200, error: null },
+    { path: '/b', status: 200, error: null },
+  ])
+  t.equal(upstream.requests.length, 3)
+})

@@ -24,6 +24,7 @@ import type { ControlServer } from './control/server.js'
 import type { PolicyBundleHolder } from './control/policy.js'
 import type { RevocationBus } from './control/nats.js'
 import { listenError } from '../lib/listen-error.js'
+import { readSettingFile } from '../lib/setting-file.js'
 
 /** How often expired jti and task revocations are looked for (and once at start). */
 const PRUNE_EVERY_MS = 10 * 60_000
@@ -190,6 +191,13 @@ async function startControl(c: BrokerConfig, env: NodeJS.ProcessEnv, log: Logger
   const server: ControlServer = new ControlServer({
     host: cc.host,
     port: cc.port,
+    tls: cc.tls
+      ? {
+          cert: readSettingFile('broker.control.tls.cert_file', cc.tls.cert_file),
+          key: readSettingFile('broker.control.tls.key_file', cc.tls.key_file),
+          clientCa: cc.tls.client_ca_file ? readSettingFile('broker.control.tls.client_ca_file', cc.tls.client_ca_file) : null,
+        }
+      : null,
     token: env[cc.token_env] || undefined,
     heartbeatMs: cc.heartbeat_ms,
     revocations,

@@ -39,6 +39,7 @@ import { StartupError, auditFileProblem, loadPolicyFile } from './preflight.js'
 import { listenError } from '../lib/listen-error.js'
 import type { ControlClient } from './control/client.js'
 import type { KnownRevocation } from './control/state.js'
+import { readSettingFile } from '../lib/setting-file.js'
 
 export interface SidecarOptions {
   env?: NodeJS.ProcessEnv
@@ -333,8 +334,17 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     }
     const { defaultStateFile, RevocationFileError } = await import('./control/persist.js')
     try {
+      const t = sc.control.tls
       control = new ControlClient({
         address: new URL(sc.control.url).host,
+        tls: t
+          ? {
+              ca: readSettingFile('sidecar.control.tls.ca_file', t.ca_file),
+              cert: t.cert_file ? readSettingFile('sidecar.control.tls.cert_file', t.cert_file) : null,
+              key: t.key_file ? readSettingFile('sidecar.control.tls.key_file', t.key_file) : null,
+              serverName: t.server_name ?? null,
+            }
+          : null,
         token: controlToken!.get({ secret: sc.control.token_secret, id: 'sidecar.control' } as CredentialBinding).value,
         agentId: sc.agent_id,
         staleAfterMs: sc.control.stale_after_ms,

@@ -38,6 +38,8 @@ interface Watcher {
 export interface ControlServerOptions {
   host: string
   port: number
+  /** broker.control.tls, files read: the listener's certificate, and the CA client certificates must chain to (then required). */
+  tls: { cert: Buffer; key: Buffer; clientCa: Buffer | null } | null
   /** The shared sidecar token; undefined refuses every stream (and says so). */
   token: string | undefined
   heartbeatMs: number
@@ -69,7 +71,7 @@ export class ControlServer {
   async start(): Promise<number> {
     const host = this.o.host.includes(':') ? `[${this.o.host}]` : this.o.host
     this.port = await new Promise<number>((resolve, reject) =>
-      this.grpc.bindAsync(`${host}:${this.o.port}`, ServerCredentials.createInsecure(), (err, port) =>
+      this.grpc.bindAsync(`${host}:${this.o.port}`, this.credentials(), (err, port) =>
         err ? reject(listenError('broker.control', this.o.host, this.o.port, err)) : resolve(port),
       ),
     )
@@ -78,6 +80,12 @@ export class ControlServer {
     }, this.o.heartbeatMs)
     this.heartbeat.unref()
     return this.port
+  }
+
+  private credentials(): ServerCredentials {
+    const t = this.o.tls
+    if (!t) return ServerCredentials.createInsecure()
+    return ServerCredentials.createSsl(t.clientCa, [{ cert_chain: t.cert, private_key: t.key }], t.clientCa !== null)
   }
 
   private authenticate(call: ServerWritableStream<WatchRequest, WatchResponse>): { agent: string } | { refused: string } {

@@ -269,6 +269,29 @@ function semanticProblems(c: Config): ConfigProblem[] {
     }
   }
 
+  // The control stream carries the control token one way and policy and revocations the other:
+  // off loopback, the sidecar must be able to tell the broker from whoever answers at its address.
+  const sc = c.sidecar.control
+  if (sc) {
+    let host = ''
+    try {
+      host = new URL(sc.url).hostname
+    } catch {
+      // The schema's pattern has already said what is wrong with the URL.
+    }
+    checkPlaintext('sidecar.control', host, sc.tls, sc.insecure_plaintext, 'the broker, whose control token this sidecar sends and whose policy and revocations it applies, cannot be told from an impostor at that address')
+    if (sc.tls && (sc.tls.cert_file === undefined) !== (sc.tls.key_file === undefined)) problems.push({ path: 'sidecar.control.tls', message: 'cert_file and key_file go together' })
+  }
+  const bc = c.broker?.control
+  if (bc) checkPlaintext('broker.control', bc.host, bc.tls, bc.insecure_plaintext, 'sidecars cannot tell this broker from an impostor at that address, nor keep the control token from the network')
+
+  function checkPlaintext(path: string, host: string, tls: object | null, insecure: boolean, why: string): void {
+    if (tls && insecure) problems.push({ path: `${path}.insecure_plaintext`, message: 'contradicts tls: remove one' })
+    else if (!tls && !insecure && host !== '' && !isLoopbackHost(host)) {
+      problems.push({ path: `${path}.tls`, message: `required off loopback (${host.slice(0, 100)}): without it ${why}; set insecure_plaintext: true to accept that` })
+    }
+  }
+
   if (c.tasks.required && c.tasks.default.enabled) {
     problems.push({ path: 'tasks.required', message: 'contradicts tasks.default.enabled: a default task names every call' })
   }

@@ -159,11 +159,23 @@ export interface BrokerControlConfig {
   resync_ms: number
   /** Several replicas: revocations made on one are published here and applied by the others. */
   nats?: { servers: string[]; stream: string; subject: string }
+  /** TLS for the control listener: this broker's certificate, and optionally the CA sidecars' client certificates must chain to. */
+  tls: { cert_file: string; key_file: string; client_ca_file?: string } | null
+  /** Listen without TLS on an address other than loopback: sidecars cannot tell this broker from an impostor. */
+  insecure_plaintext: boolean
 }
 
 export interface SidecarControlConfig {
   /** The broker's control address: grpc://host:port. */
   url: string
+  /**
+   * TLS to the broker: the CA its certificate must chain to (and the name to check, when not the
+   * URL's host), and optionally this sidecar's client certificate. Required unless the URL is
+   * loopback or insecure_plaintext is set: whoever answers at the URL gets the control token and
+   * sets this sidecar's policy and revocations.
+   */
+  tls: { ca_file: string; cert_file?: string; key_file?: string; server_name?: string } | null
+  insecure_plaintext: boolean
   /** Name of the secret (secrets.file or env <env_prefix><NAME>) holding the control token. */
   token_secret: string
   /** Past this long without hearing from the broker, no new tokens are minted (fail closed). */
@@ -385,6 +397,14 @@ const broker = {
         policy_file: nonEmpty,
         max_bundle_bytes: { type: 'integer', minimum: 1024, maximum: 3_145_728, default: 262_144 },
         resync_ms: ms(5_000, 50),
+        tls: {
+          type: ['object', 'null'],
+          additionalProperties: false,
+          default: null,
+          required: ['cert_file', 'key_file'],
+          properties: { cert_file: nonEmpty, key_file: nonEmpty, client_ca_file: nonEmpty },
+        },
+        insecure_plaintext: { type: 'boolean', default: false },
         nats: {
           type: 'object',
           additionalProperties: false,
@@ -471,6 +491,14 @@ export const configSchema = {
             backoff_max_ms: ms(5_000),
             max_bundle_bytes: { type: 'integer', minimum: 1024, maximum: 3_145_728, default: 262_144 },
             state_file: nonEmpty,
+            tls: {
+              type: ['object', 'null'],
+              additionalProperties: false,
+              default: null,
+              required: ['ca_file'],
+              properties: { ca_file: nonEmpty, cert_file: nonEmpty, key_file: nonEmpty, server_name: nonEmpty },
+            },
+            insecure_plaintext: { type: 'boolean', default: false },
           },
         },
         policy_file: nonEmpty,

@@ -4,7 +4,7 @@
 "use strict";
 export const validate = validate10;
 export default validate10;
-const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000},"tunnel_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":900000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:[0-9]+/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"state_file":{"type":"string","minLength":1}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"spiffe_id":{"type":"string","pattern":"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$","maxLength":2048}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:[0-9]{1,5}$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
+const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000},"tunnel_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":900000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:[0-9]+/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"state_file":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"server_name":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"spiffe_id":{"type":"string","pattern":"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$","maxLength":2048}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:[0-9]{1,5}$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"client_ca_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
 const func2 = Object.prototype.hasOwnProperty;
 import func4Module from "ajv/dist/runtime/ucs2length.js";
 const func4 = func4Module.default;
@@ -803,6 +803,12 @@ data23.backoff_max_ms = 5000;
 if(data23.max_bundle_bytes === undefined){
 data23.max_bundle_bytes = 262144;
 }
+if(data23.tls === undefined){
+data23.tls = null;
+}
+if(data23.insecure_plaintext === undefined){
+data23.insecure_plaintext = false;
+}
 if(data23.url === undefined){
 const err58 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
@@ -824,7 +830,7 @@ vErrors.push(err59);
 errors++;
 }
 for(const key6 in data23){
-if(!(((((((key6 === "url") || (key6 === "token_secret")) || (key6 === "stale_after_ms")) || (key6 === "backoff_min_ms")) || (key6 === "backoff_max_ms")) || (key6 === "max_bundle_bytes")) || (key6 === "state_file"))){
+if(!(func2.call(schema11.properties.sidecar.properties.control.properties, key6))){
 const err60 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key6},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err60];
@@ -1042,9 +1048,9 @@ vErrors.push(err78);
 errors++;
 }
 }
-}
-else {
-const err79 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data31 = data23.tls;
+if((!(data31 && typeof data31 == "object" && !Array.isArray(data31))) && (data31 !== null)){
+const err79 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.sidecar.properties.control.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err79];
 }
@@ -1053,12 +1059,9 @@ vErrors.push(err79);
 }
 errors++;
 }
-}
-if(data1.policy_file !== undefined){
-let data31 = data1.policy_file;
-if(typeof data31 === "string"){
-if(func4(data31) < 1){
-const err80 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data31 && typeof data31 == "object" && !Array.isArray(data31)){
+if(data31.ca_file === undefined){
+const err80 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
 if(vErrors === null){
 vErrors = [err80];
 }
@@ -1067,9 +1070,9 @@ vErrors.push(err80);
 }
 errors++;
 }
-}
-else {
-const err81 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key7 in data31){
+if(!((((key7 === "ca_file") || (key7 === "cert_file")) || (key7 === "key_file")) || (key7 === "server_name"))){
+const err81 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err81];
 }
@@ -1079,8 +1082,11 @@ vErrors.push(err81);
 errors++;
 }
 }
-if(typeof data1.policy_watch !== "boolean"){
-const err82 = {instancePath:instancePath+"/sidecar/policy_watch",schemaPath:"#/properties/sidecar/properties/policy_watch/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data31.ca_file !== undefined){
+let data32 = data31.ca_file;
+if(typeof data32 === "string"){
+if(func4(data32) < 1){
+const err82 = {instancePath:instancePath+"/sidecar/control/tls/ca_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err82];
 }
@@ -1089,20 +1095,9 @@ vErrors.push(err82);
 }
 errors++;
 }
-let data33 = data1.callers;
-if(data33 && typeof data33 == "object" && !Array.isArray(data33)){
-if(data33.identify === undefined){
-data33.identify = false;
 }
-if(data33.allowed_uids === undefined){
-data33.allowed_uids = [];
-}
-if(data33.allowed_executables === undefined){
-data33.allowed_executables = [];
-}
-for(const key7 in data33){
-if(!(((key7 === "identify") || (key7 === "allowed_uids")) || (key7 === "allowed_executables"))){
-const err83 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
+else {
+const err83 = {instancePath:instancePath+"/sidecar/control/tls/ca_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err83];
 }
@@ -1112,8 +1107,11 @@ vErrors.push(err83);
 errors++;
 }
 }
-if(typeof data33.identify !== "boolean"){
-const err84 = {instancePath:instancePath+"/sidecar/callers/identify",schemaPath:"#/properties/sidecar/properties/callers/properties/identify/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data31.cert_file !== undefined){
+let data33 = data31.cert_file;
+if(typeof data33 === "string"){
+if(func4(data33) < 1){
+const err84 = {instancePath:instancePath+"/sidecar/control/tls/cert_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err84];
 }
@@ -1122,13 +1120,9 @@ vErrors.push(err84);
 }
 errors++;
 }
-let data35 = data33.allowed_uids;
-if(Array.isArray(data35)){
-const len0 = data35.length;
-for(let i0=0; i0<len0; i0++){
-let data36 = data35[i0];
-if(!(((typeof data36 == "number") && (!(data36 % 1) && !isNaN(data36))) && (isFinite(data36)))){
-const err85 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err85 = {instancePath:instancePath+"/sidecar/control/tls/cert_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err85];
 }
@@ -1137,9 +1131,12 @@ vErrors.push(err85);
 }
 errors++;
 }
-if((typeof data36 == "number") && (isFinite(data36))){
-if(data36 > 4294967295 || isNaN(data36)){
-const err86 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 4294967295},message:"must be <= 4294967295"};
+}
+if(data31.key_file !== undefined){
+let data34 = data31.key_file;
+if(typeof data34 === "string"){
+if(func4(data34) < 1){
+const err86 = {instancePath:instancePath+"/sidecar/control/tls/key_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err86];
 }
@@ -1148,8 +1145,9 @@ vErrors.push(err86);
 }
 errors++;
 }
-if(data36 < 0 || isNaN(data36)){
-const err87 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+else {
+const err87 = {instancePath:instancePath+"/sidecar/control/tls/key_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err87];
 }
@@ -1159,19 +1157,11 @@ vErrors.push(err87);
 errors++;
 }
 }
-}
-let i1 = data35.length;
-let j0;
-if(i1 > 1){
-const indices0 = {};
-for(;i1--;){
-let item0 = data35[i1];
-if(!(((typeof item0 == "number") && (!(item0 % 1) && !isNaN(item0))) && (isFinite(item0)))){
-continue;
-}
-if(typeof indices0[item0] == "number"){
-j0 = indices0[item0];
-const err88 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/uniqueItems",keyword:"uniqueItems",params:{i: i1, j: j0},message:"must NOT have duplicate items (items ## "+j0+" and "+i1+" are identical)"};
+if(data31.server_name !== undefined){
+let data35 = data31.server_name;
+if(typeof data35 === "string"){
+if(func4(data35) < 1){
+const err88 = {instancePath:instancePath+"/sidecar/control/tls/server_name",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/server_name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err88];
 }
@@ -1179,14 +1169,10 @@ else {
 vErrors.push(err88);
 }
 errors++;
-break;
-}
-indices0[item0] = i1;
-}
 }
 }
 else {
-const err89 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err89 = {instancePath:instancePath+"/sidecar/control/tls/server_name",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/server_name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err89];
 }
@@ -1195,14 +1181,10 @@ vErrors.push(err89);
 }
 errors++;
 }
-let data37 = data33.allowed_executables;
-if(Array.isArray(data37)){
-const len1 = data37.length;
-for(let i2=0; i2<len1; i2++){
-let data38 = data37[i2];
-if(typeof data38 === "string"){
-if(!pattern4.test(data38)){
-const err90 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
+}
+}
+if(typeof data23.insecure_plaintext !== "boolean"){
+const err90 = {instancePath:instancePath+"/sidecar/control/insecure_plaintext",schemaPath:"#/properties/sidecar/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err90];
 }
@@ -1213,7 +1195,7 @@ errors++;
 }
 }
 else {
-const err91 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err91 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err91];
 }
@@ -1223,18 +1205,11 @@ vErrors.push(err91);
 errors++;
 }
 }
-let i3 = data37.length;
-let j1;
-if(i3 > 1){
-const indices1 = {};
-for(;i3--;){
-let item1 = data37[i3];
-if(typeof item1 !== "string"){
-continue;
-}
-if(typeof indices1[item1] == "number"){
-j1 = indices1[item1];
-const err92 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/uniqueItems",keyword:"uniqueItems",params:{i: i3, j: j1},message:"must NOT have duplicate items (items ## "+j1+" and "+i3+" are identical)"};
+if(data1.policy_file !== undefined){
+let data37 = data1.policy_file;
+if(typeof data37 === "string"){
+if(func4(data37) < 1){
+const err92 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err92];
 }
@@ -1242,14 +1217,10 @@ else {
 vErrors.push(err92);
 }
 errors++;
-break;
-}
-indices1[item1] = i3;
-}
 }
 }
 else {
-const err93 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err93 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err93];
 }
@@ -1259,8 +1230,8 @@ vErrors.push(err93);
 errors++;
 }
 }
-else {
-const err94 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(typeof data1.policy_watch !== "boolean"){
+const err94 = {instancePath:instancePath+"/sidecar/policy_watch",schemaPath:"#/properties/sidecar/properties/policy_watch/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err94];
 }
@@ -1269,10 +1240,20 @@ vErrors.push(err94);
 }
 errors++;
 }
-let data39 = data1.attestation;
+let data39 = data1.callers;
 if(data39 && typeof data39 == "object" && !Array.isArray(data39)){
-if(Object.keys(data39).length > 1){
-const err95 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
+if(data39.identify === undefined){
+data39.identify = false;
+}
+if(data39.allowed_uids === undefined){
+data39.allowed_uids = [];
+}
+if(data39.allowed_executables === undefined){
+data39.allowed_executables = [];
+}
+for(const key8 in data39){
+if(!(((key8 === "identify") || (key8 === "allowed_uids")) || (key8 === "allowed_executables"))){
+const err95 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err95];
 }
@@ -1281,9 +1262,9 @@ vErrors.push(err95);
 }
 errors++;
 }
-for(const key8 in data39){
-if(!(((key8 === "kubernetes") || (key8 === "spiffe")) || (key8 === "local"))){
-const err96 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
+}
+if(typeof data39.identify !== "boolean"){
+const err96 = {instancePath:instancePath+"/sidecar/callers/identify",schemaPath:"#/properties/sidecar/properties/callers/properties/identify/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err96];
 }
@@ -1292,12 +1273,13 @@ vErrors.push(err96);
 }
 errors++;
 }
-}
-if(data39.kubernetes !== undefined){
-let data40 = data39.kubernetes;
-if(data40 && typeof data40 == "object" && !Array.isArray(data40)){
-if(data40.token_file === undefined){
-const err97 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/required",keyword:"required",params:{missingProperty: "token_file"},message:"must have required property '"+"token_file"+"'"};
+let data41 = data39.allowed_uids;
+if(Array.isArray(data41)){
+const len0 = data41.length;
+for(let i0=0; i0<len0; i0++){
+let data42 = data41[i0];
+if(!(((typeof data42 == "number") && (!(data42 % 1) && !isNaN(data42))) && (isFinite(data42)))){
+const err97 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err97];
 }
@@ -1306,9 +1288,9 @@ vErrors.push(err97);
 }
 errors++;
 }
-for(const key9 in data40){
-if(!(key9 === "token_file")){
-const err98 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
+if((typeof data42 == "number") && (isFinite(data42))){
+if(data42 > 4294967295 || isNaN(data42)){
+const err98 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 4294967295},message:"must be <= 4294967295"};
 if(vErrors === null){
 vErrors = [err98];
 }
@@ -1317,12 +1299,8 @@ vErrors.push(err98);
 }
 errors++;
 }
-}
-if(data40.token_file !== undefined){
-let data41 = data40.token_file;
-if(typeof data41 === "string"){
-if(func4(data41) < 1){
-const err99 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data42 < 0 || isNaN(data42)){
+const err99 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err99];
 }
@@ -1332,8 +1310,19 @@ vErrors.push(err99);
 errors++;
 }
 }
-else {
-const err100 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+}
+let i1 = data41.length;
+let j0;
+if(i1 > 1){
+const indices0 = {};
+for(;i1--;){
+let item0 = data41[i1];
+if(!(((typeof item0 == "number") && (!(item0 % 1) && !isNaN(item0))) && (isFinite(item0)))){
+continue;
+}
+if(typeof indices0[item0] == "number"){
+j0 = indices0[item0];
+const err100 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/uniqueItems",keyword:"uniqueItems",params:{i: i1, j: j0},message:"must NOT have duplicate items (items ## "+j0+" and "+i1+" are identical)"};
 if(vErrors === null){
 vErrors = [err100];
 }
@@ -1341,11 +1330,14 @@ else {
 vErrors.push(err100);
 }
 errors++;
+break;
+}
+indices0[item0] = i1;
 }
 }
 }
 else {
-const err101 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err101 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err101];
 }
@@ -1354,12 +1346,14 @@ vErrors.push(err101);
 }
 errors++;
 }
-}
-if(data39.spiffe !== undefined){
-let data42 = data39.spiffe;
-if(data42 && typeof data42 == "object" && !Array.isArray(data42)){
-if(data42.socket === undefined){
-const err102 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/required",keyword:"required",params:{missingProperty: "socket"},message:"must have required property '"+"socket"+"'"};
+let data43 = data39.allowed_executables;
+if(Array.isArray(data43)){
+const len1 = data43.length;
+for(let i2=0; i2<len1; i2++){
+let data44 = data43[i2];
+if(typeof data44 === "string"){
+if(!pattern4.test(data44)){
+const err102 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
 if(vErrors === null){
 vErrors = [err102];
 }
@@ -1368,9 +1362,9 @@ vErrors.push(err102);
 }
 errors++;
 }
-for(const key10 in data42){
-if(!(((key10 === "socket") || (key10 === "audience")) || (key10 === "spiffe_id"))){
-const err103 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key10},message:"must NOT have additional properties"};
+}
+else {
+const err103 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err103];
 }
@@ -1380,11 +1374,18 @@ vErrors.push(err103);
 errors++;
 }
 }
-if(data42.socket !== undefined){
-let data43 = data42.socket;
-if(typeof data43 === "string"){
-if(func4(data43) < 1){
-const err104 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let i3 = data43.length;
+let j1;
+if(i3 > 1){
+const indices1 = {};
+for(;i3--;){
+let item1 = data43[i3];
+if(typeof item1 !== "string"){
+continue;
+}
+if(typeof indices1[item1] == "number"){
+j1 = indices1[item1];
+const err104 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/uniqueItems",keyword:"uniqueItems",params:{i: i3, j: j1},message:"must NOT have duplicate items (items ## "+j1+" and "+i3+" are identical)"};
 if(vErrors === null){
 vErrors = [err104];
 }
@@ -1392,10 +1393,14 @@ else {
 vErrors.push(err104);
 }
 errors++;
+break;
+}
+indices1[item1] = i3;
+}
 }
 }
 else {
-const err105 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err105 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err105];
 }
@@ -1405,11 +1410,8 @@ vErrors.push(err105);
 errors++;
 }
 }
-if(data42.audience !== undefined){
-let data44 = data42.audience;
-if(typeof data44 === "string"){
-if(func4(data44) < 1){
-const err106 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err106 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err106];
 }
@@ -1418,9 +1420,10 @@ vErrors.push(err106);
 }
 errors++;
 }
-}
-else {
-const err107 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data45 = data1.attestation;
+if(data45 && typeof data45 == "object" && !Array.isArray(data45)){
+if(Object.keys(data45).length > 1){
+const err107 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
 if(vErrors === null){
 vErrors = [err107];
 }
@@ -1429,12 +1432,9 @@ vErrors.push(err107);
 }
 errors++;
 }
-}
-if(data42.spiffe_id !== undefined){
-let data45 = data42.spiffe_id;
-if(typeof data45 === "string"){
-if(func4(data45) > 2048){
-const err108 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/maxLength",keyword:"maxLength",params:{limit: 2048},message:"must NOT have more than 2048 characters"};
+for(const key9 in data45){
+if(!(((key9 === "kubernetes") || (key9 === "spiffe")) || (key9 === "local"))){
+const err108 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err108];
 }
@@ -1443,8 +1443,12 @@ vErrors.push(err108);
 }
 errors++;
 }
-if(!pattern5.test(data45)){
-const err109 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/pattern",keyword:"pattern",params:{pattern: "^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"},message:"must match pattern \""+"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"+"\""};
+}
+if(data45.kubernetes !== undefined){
+let data46 = data45.kubernetes;
+if(data46 && typeof data46 == "object" && !Array.isArray(data46)){
+if(data46.token_file === undefined){
+const err109 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/required",keyword:"required",params:{missingProperty: "token_file"},message:"must have required property '"+"token_file"+"'"};
 if(vErrors === null){
 vErrors = [err109];
 }
@@ -1453,9 +1457,9 @@ vErrors.push(err109);
 }
 errors++;
 }
-}
-else {
-const err110 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key10 in data46){
+if(!(key10 === "token_file")){
+const err110 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key10},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err110];
 }
@@ -1465,9 +1469,11 @@ vErrors.push(err110);
 errors++;
 }
 }
-}
-else {
-const err111 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data46.token_file !== undefined){
+let data47 = data46.token_file;
+if(typeof data47 === "string"){
+if(func4(data47) < 1){
+const err111 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err111];
 }
@@ -1477,11 +1483,8 @@ vErrors.push(err111);
 errors++;
 }
 }
-if(data39.local !== undefined){
-let data46 = data39.local;
-if(data46 && typeof data46 == "object" && !Array.isArray(data46)){
-if(data46.key_file === undefined){
-const err112 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+else {
+const err112 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err112];
 }
@@ -1490,9 +1493,10 @@ vErrors.push(err112);
 }
 errors++;
 }
-for(const key11 in data46){
-if(!((key11 === "key_file") || (key11 === "audience"))){
-const err113 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key11},message:"must NOT have additional properties"};
+}
+}
+else {
+const err113 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err113];
 }
@@ -1502,11 +1506,11 @@ vErrors.push(err113);
 errors++;
 }
 }
-if(data46.key_file !== undefined){
-let data47 = data46.key_file;
-if(typeof data47 === "string"){
-if(func4(data47) < 1){
-const err114 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data45.spiffe !== undefined){
+let data48 = data45.spiffe;
+if(data48 && typeof data48 == "object" && !Array.isArray(data48)){
+if(data48.socket === undefined){
+const err114 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/required",keyword:"required",params:{missingProperty: "socket"},message:"must have required property '"+"socket"+"'"};
 if(vErrors === null){
 vErrors = [err114];
 }
@@ -1515,9 +1519,9 @@ vErrors.push(err114);
 }
 errors++;
 }
-}
-else {
-const err115 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key11 in data48){
+if(!(((key11 === "socket") || (key11 === "audience")) || (key11 === "spiffe_id"))){
+const err115 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key11},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err115];
 }
@@ -1527,11 +1531,11 @@ vErrors.push(err115);
 errors++;
 }
 }
-if(data46.audience !== undefined){
-let data48 = data46.audience;
-if(typeof data48 === "string"){
-if(func4(data48) < 1){
-const err116 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data48.socket !== undefined){
+let data49 = data48.socket;
+if(typeof data49 === "string"){
+if(func4(data49) < 1){
+const err116 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err116];
 }
@@ -1542,7 +1546,7 @@ errors++;
 }
 }
 else {
-const err117 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err117 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err117];
 }
@@ -1552,9 +1556,11 @@ vErrors.push(err117);
 errors++;
 }
 }
-}
-else {
-const err118 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data48.audience !== undefined){
+let data50 = data48.audience;
+if(typeof data50 === "string"){
+if(func4(data50) < 1){
+const err118 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err118];
 }
@@ -1564,9 +1570,8 @@ vErrors.push(err118);
 errors++;
 }
 }
-}
 else {
-const err119 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err119 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err119];
 }
@@ -1576,8 +1581,11 @@ vErrors.push(err119);
 errors++;
 }
 }
-else {
-const err120 = {instancePath:instancePath+"/sidecar",schemaPath:"#/properties/sidecar/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data48.spiffe_id !== undefined){
+let data51 = data48.spiffe_id;
+if(typeof data51 === "string"){
+if(func4(data51) > 2048){
+const err120 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/maxLength",keyword:"maxLength",params:{limit: 2048},message:"must NOT have more than 2048 characters"};
 if(vErrors === null){
 vErrors = [err120];
 }
@@ -1586,20 +1594,8 @@ vErrors.push(err120);
 }
 errors++;
 }
-let data49 = data.tasks;
-if(data49 && typeof data49 == "object" && !Array.isArray(data49)){
-if(data49.max_duration_s === undefined){
-data49.max_duration_s = 86400;
-}
-if(data49.required === undefined){
-data49.required = false;
-}
-if(data49.default === undefined){
-data49.default = {};
-}
-for(const key12 in data49){
-if(!(((key12 === "max_duration_s") || (key12 === "required")) || (key12 === "default"))){
-const err121 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key12},message:"must NOT have additional properties"};
+if(!pattern5.test(data51)){
+const err121 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/pattern",keyword:"pattern",params:{pattern: "^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"},message:"must match pattern \""+"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"+"\""};
 if(vErrors === null){
 vErrors = [err121];
 }
@@ -1609,9 +1605,8 @@ vErrors.push(err121);
 errors++;
 }
 }
-let data50 = data49.max_duration_s;
-if(!(((typeof data50 == "number") && (!(data50 % 1) && !isNaN(data50))) && (isFinite(data50)))){
-const err122 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err122 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err122];
 }
@@ -1620,9 +1615,10 @@ vErrors.push(err122);
 }
 errors++;
 }
-if((typeof data50 == "number") && (isFinite(data50))){
-if(data50 > 604800 || isNaN(data50)){
-const err123 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
+}
+}
+else {
+const err123 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err123];
 }
@@ -1631,8 +1627,12 @@ vErrors.push(err123);
 }
 errors++;
 }
-if(data50 < 1 || isNaN(data50)){
-const err124 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+if(data45.local !== undefined){
+let data52 = data45.local;
+if(data52 && typeof data52 == "object" && !Array.isArray(data52)){
+if(data52.key_file === undefined){
+const err124 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err124];
 }
@@ -1641,9 +1641,9 @@ vErrors.push(err124);
 }
 errors++;
 }
-}
-if(typeof data49.required !== "boolean"){
-const err125 = {instancePath:instancePath+"/tasks/required",schemaPath:"#/properties/tasks/properties/required/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+for(const key12 in data52){
+if(!((key12 === "key_file") || (key12 === "audience"))){
+const err125 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key12},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err125];
 }
@@ -1652,20 +1652,12 @@ vErrors.push(err125);
 }
 errors++;
 }
-let data52 = data49.default;
-if(data52 && typeof data52 == "object" && !Array.isArray(data52)){
-if(data52.enabled === undefined){
-data52.enabled = false;
 }
-if(data52.duration_s === undefined){
-data52.duration_s = 3600;
-}
-if(data52.purpose === undefined){
-data52.purpose = "default task";
-}
-for(const key13 in data52){
-if(!(((key13 === "enabled") || (key13 === "duration_s")) || (key13 === "purpose"))){
-const err126 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key13},message:"must NOT have additional properties"};
+if(data52.key_file !== undefined){
+let data53 = data52.key_file;
+if(typeof data53 === "string"){
+if(func4(data53) < 1){
+const err126 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err126];
 }
@@ -1675,8 +1667,8 @@ vErrors.push(err126);
 errors++;
 }
 }
-if(typeof data52.enabled !== "boolean"){
-const err127 = {instancePath:instancePath+"/tasks/default/enabled",schemaPath:"#/properties/tasks/properties/default/properties/enabled/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err127 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err127];
 }
@@ -1685,9 +1677,12 @@ vErrors.push(err127);
 }
 errors++;
 }
-let data54 = data52.duration_s;
-if(!(((typeof data54 == "number") && (!(data54 % 1) && !isNaN(data54))) && (isFinite(data54)))){
-const err128 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(data52.audience !== undefined){
+let data54 = data52.audience;
+if(typeof data54 === "string"){
+if(func4(data54) < 1){
+const err128 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err128];
 }
@@ -1696,9 +1691,9 @@ vErrors.push(err128);
 }
 errors++;
 }
-if((typeof data54 == "number") && (isFinite(data54))){
-if(data54 > 604800 || isNaN(data54)){
-const err129 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
+}
+else {
+const err129 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err129];
 }
@@ -1707,8 +1702,10 @@ vErrors.push(err129);
 }
 errors++;
 }
-if(data54 < 1 || isNaN(data54)){
-const err130 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+}
+else {
+const err130 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err130];
 }
@@ -1718,10 +1715,9 @@ vErrors.push(err130);
 errors++;
 }
 }
-let data55 = data52.purpose;
-if(typeof data55 === "string"){
-if(func4(data55) > 256){
-const err131 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
+}
+else {
+const err131 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err131];
 }
@@ -1732,7 +1728,7 @@ errors++;
 }
 }
 else {
-const err132 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err132 = {instancePath:instancePath+"/sidecar",schemaPath:"#/properties/sidecar/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err132];
 }
@@ -1741,9 +1737,20 @@ vErrors.push(err132);
 }
 errors++;
 }
+let data55 = data.tasks;
+if(data55 && typeof data55 == "object" && !Array.isArray(data55)){
+if(data55.max_duration_s === undefined){
+data55.max_duration_s = 86400;
 }
-else {
-const err133 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data55.required === undefined){
+data55.required = false;
+}
+if(data55.default === undefined){
+data55.default = {};
+}
+for(const key13 in data55){
+if(!(((key13 === "max_duration_s") || (key13 === "required")) || (key13 === "default"))){
+const err133 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key13},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err133];
 }
@@ -1753,8 +1760,9 @@ vErrors.push(err133);
 errors++;
 }
 }
-else {
-const err134 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data56 = data55.max_duration_s;
+if(!(((typeof data56 == "number") && (!(data56 % 1) && !isNaN(data56))) && (isFinite(data56)))){
+const err134 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err134];
 }
@@ -1763,20 +1771,9 @@ vErrors.push(err134);
 }
 errors++;
 }
-let data56 = data.policy;
-if(data56 && typeof data56 == "object" && !Array.isArray(data56)){
-if(data56.mode === undefined){
-data56.mode = "enforce";
-}
-if(data56.default === undefined){
-data56.default = "deny";
-}
-if(data56.rules === undefined){
-data56.rules = [];
-}
-for(const key14 in data56){
-if(!(((key14 === "mode") || (key14 === "default")) || (key14 === "rules"))){
-const err135 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key14},message:"must NOT have additional properties"};
+if((typeof data56 == "number") && (isFinite(data56))){
+if(data56 > 604800 || isNaN(data56)){
+const err135 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
 if(vErrors === null){
 vErrors = [err135];
 }
@@ -1785,10 +1782,8 @@ vErrors.push(err135);
 }
 errors++;
 }
-}
-let data57 = data56.mode;
-if(!((data57 === "enforce") || (data57 === "report"))){
-const err136 = {instancePath:instancePath+"/policy/mode",schemaPath:"#/properties/policy/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.mode.enum},message:"must be equal to one of the allowed values"};
+if(data56 < 1 || isNaN(data56)){
+const err136 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err136];
 }
@@ -1797,9 +1792,9 @@ vErrors.push(err136);
 }
 errors++;
 }
-let data58 = data56.default;
-if(!((data58 === "allow") || (data58 === "deny"))){
-const err137 = {instancePath:instancePath+"/policy/default",schemaPath:"#/properties/policy/properties/default/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.default.enum},message:"must be equal to one of the allowed values"};
+}
+if(typeof data55.required !== "boolean"){
+const err137 = {instancePath:instancePath+"/tasks/required",schemaPath:"#/properties/tasks/properties/required/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err137];
 }
@@ -1808,14 +1803,20 @@ vErrors.push(err137);
 }
 errors++;
 }
-let data59 = data56.rules;
-if(Array.isArray(data59)){
-const len2 = data59.length;
-for(let i4=0; i4<len2; i4++){
-let data60 = data59[i4];
-if(data60 && typeof data60 == "object" && !Array.isArray(data60)){
-if(data60.id === undefined){
-const err138 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
+let data58 = data55.default;
+if(data58 && typeof data58 == "object" && !Array.isArray(data58)){
+if(data58.enabled === undefined){
+data58.enabled = false;
+}
+if(data58.duration_s === undefined){
+data58.duration_s = 3600;
+}
+if(data58.purpose === undefined){
+data58.purpose = "default task";
+}
+for(const key14 in data58){
+if(!(((key14 === "enabled") || (key14 === "duration_s")) || (key14 === "purpose"))){
+const err138 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key14},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err138];
 }
@@ -1824,8 +1825,9 @@ vErrors.push(err138);
 }
 errors++;
 }
-if(data60.action === undefined){
-const err139 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "action"},message:"must have required property '"+"action"+"'"};
+}
+if(typeof data58.enabled !== "boolean"){
+const err139 = {instancePath:instancePath+"/tasks/default/enabled",schemaPath:"#/properties/tasks/properties/default/properties/enabled/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err139];
 }
@@ -1834,9 +1836,9 @@ vErrors.push(err139);
 }
 errors++;
 }
-for(const key15 in data60){
-if(!(func2.call(schema11.properties.policy.properties.rules.items.properties, key15))){
-const err140 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key15},message:"must NOT have additional properties"};
+let data60 = data58.duration_s;
+if(!(((typeof data60 == "number") && (!(data60 % 1) && !isNaN(data60))) && (isFinite(data60)))){
+const err140 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err140];
 }
@@ -1845,12 +1847,9 @@ vErrors.push(err140);
 }
 errors++;
 }
-}
-if(data60.id !== undefined){
-let data61 = data60.id;
-if(typeof data61 === "string"){
-if(!pattern6.test(data61)){
-const err141 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
+if((typeof data60 == "number") && (isFinite(data60))){
+if(data60 > 604800 || isNaN(data60)){
+const err141 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
 if(vErrors === null){
 vErrors = [err141];
 }
@@ -1859,9 +1858,8 @@ vErrors.push(err141);
 }
 errors++;
 }
-}
-else {
-const err142 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data60 < 1 || isNaN(data60)){
+const err142 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err142];
 }
@@ -1871,10 +1869,10 @@ vErrors.push(err142);
 errors++;
 }
 }
-if(data60.action !== undefined){
-let data62 = data60.action;
-if(!((data62 === "allow") || (data62 === "deny"))){
-const err143 = {instancePath:instancePath+"/policy/rules/" + i4+"/action",schemaPath:"#/properties/policy/properties/rules/items/properties/action/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.action.enum},message:"must be equal to one of the allowed values"};
+let data61 = data58.purpose;
+if(typeof data61 === "string"){
+if(func4(data61) > 256){
+const err143 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
 if(vErrors === null){
 vErrors = [err143];
 }
@@ -1884,10 +1882,8 @@ vErrors.push(err143);
 errors++;
 }
 }
-if(data60.mode !== undefined){
-let data63 = data60.mode;
-if(!((data63 === "enforce") || (data63 === "report"))){
-const err144 = {instancePath:instancePath+"/policy/rules/" + i4+"/mode",schemaPath:"#/properties/policy/properties/rules/items/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.mode.enum},message:"must be equal to one of the allowed values"};
+else {
+const err144 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err144];
 }
@@ -1897,11 +1893,8 @@ vErrors.push(err144);
 errors++;
 }
 }
-if(data60.hosts !== undefined){
-let data64 = data60.hosts;
-if(Array.isArray(data64)){
-if(data64.length < 1){
-const err145 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+else {
+const err145 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err145];
 }
@@ -1910,12 +1903,9 @@ vErrors.push(err145);
 }
 errors++;
 }
-const len3 = data64.length;
-for(let i5=0; i5<len3; i5++){
-let data65 = data64[i5];
-if(typeof data65 === "string"){
-if(func4(data65) < 1){
-const err146 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err146 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err146];
 }
@@ -1924,9 +1914,20 @@ vErrors.push(err146);
 }
 errors++;
 }
+let data62 = data.policy;
+if(data62 && typeof data62 == "object" && !Array.isArray(data62)){
+if(data62.mode === undefined){
+data62.mode = "enforce";
 }
-else {
-const err147 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data62.default === undefined){
+data62.default = "deny";
+}
+if(data62.rules === undefined){
+data62.rules = [];
+}
+for(const key15 in data62){
+if(!(((key15 === "mode") || (key15 === "default")) || (key15 === "rules"))){
+const err147 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key15},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err147];
 }
@@ -1936,9 +1937,9 @@ vErrors.push(err147);
 errors++;
 }
 }
-}
-else {
-const err148 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/type",keyword:"type",params:{type: "array"},message:"must be array"};
+let data63 = data62.mode;
+if(!((data63 === "enforce") || (data63 === "report"))){
+const err148 = {instancePath:instancePath+"/policy/mode",schemaPath:"#/properties/policy/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.mode.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err148];
 }
@@ -1947,12 +1948,9 @@ vErrors.push(err148);
 }
 errors++;
 }
-}
-if(data60.cidrs !== undefined){
-let data66 = data60.cidrs;
-if(Array.isArray(data66)){
-if(data66.length < 1){
-const err149 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+let data64 = data62.default;
+if(!((data64 === "allow") || (data64 === "deny"))){
+const err149 = {instancePath:instancePath+"/policy/default",schemaPath:"#/properties/policy/properties/default/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.default.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err149];
 }
@@ -1961,12 +1959,14 @@ vErrors.push(err149);
 }
 errors++;
 }
-const len4 = data66.length;
-for(let i6=0; i6<len4; i6++){
-let data67 = data66[i6];
-if(typeof data67 === "string"){
-if(func4(data67) < 1){
-const err150 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data65 = data62.rules;
+if(Array.isArray(data65)){
+const len2 = data65.length;
+for(let i4=0; i4<len2; i4++){
+let data66 = data65[i4];
+if(data66 && typeof data66 == "object" && !Array.isArray(data66)){
+if(data66.id === undefined){
+const err150 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err150];
 }
@@ -1975,9 +1975,8 @@ vErrors.push(err150);
 }
 errors++;
 }
-}
-else {
-const err151 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data66.action === undefined){
+const err151 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "action"},message:"must have required property '"+"action"+"'"};
 if(vErrors === null){
 vErrors = [err151];
 }
@@ -1986,10 +1985,9 @@ vErrors.push(err151);
 }
 errors++;
 }
-}
-}
-else {
-const err152 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/type",keyword:"type",params:{type: "array"},message:"must be array"};
+for(const key16 in data66){
+if(!(func2.call(schema11.properties.policy.properties.rules.items.properties, key16))){
+const err152 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key16},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err152];
 }
@@ -1999,11 +1997,11 @@ vErrors.push(err152);
 errors++;
 }
 }
-if(data60.ports !== undefined){
-let data68 = data60.ports;
-if(Array.isArray(data68)){
-if(data68.length < 1){
-const err153 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if(data66.id !== undefined){
+let data67 = data66.id;
+if(typeof data67 === "string"){
+if(!pattern6.test(data67)){
+const err153 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
 if(vErrors === null){
 vErrors = [err153];
 }
@@ -2012,11 +2010,9 @@ vErrors.push(err153);
 }
 errors++;
 }
-const len5 = data68.length;
-for(let i7=0; i7<len5; i7++){
-let data69 = data68[i7];
-if(!(((typeof data69 == "number") && (!(data69 % 1) && !isNaN(data69))) && (isFinite(data69)))){
-const err154 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err154 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err154];
 }
@@ -2025,9 +2021,11 @@ vErrors.push(err154);
 }
 errors++;
 }
-if((typeof data69 == "number") && (isFinite(data69))){
-if(data69 > 65535 || isNaN(data69)){
-const err155 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+if(data66.action !== undefined){
+let data68 = data66.action;
+if(!((data68 === "allow") || (data68 === "deny"))){
+const err155 = {instancePath:instancePath+"/policy/rules/" + i4+"/action",schemaPath:"#/properties/policy/properties/rules/items/properties/action/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.action.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err155];
 }
@@ -2036,8 +2034,11 @@ vErrors.push(err155);
 }
 errors++;
 }
-if(data69 < 1 || isNaN(data69)){
-const err156 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+if(data66.mode !== undefined){
+let data69 = data66.mode;
+if(!((data69 === "enforce") || (data69 === "report"))){
+const err156 = {instancePath:instancePath+"/policy/rules/" + i4+"/mode",schemaPath:"#/properties/policy/properties/rules/items/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.mode.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err156];
 }
@@ -2047,10 +2048,11 @@ vErrors.push(err156);
 errors++;
 }
 }
-}
-}
-else {
-const err157 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data66.hosts !== undefined){
+let data70 = data66.hosts;
+if(Array.isArray(data70)){
+if(data70.length < 1){
+const err157 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err157];
 }
@@ -2059,12 +2061,12 @@ vErrors.push(err157);
 }
 errors++;
 }
-}
-if(data60.methods !== undefined){
-let data70 = data60.methods;
-if(Array.isArray(data70)){
-if(data70.length < 1){
-const err158 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len3 = data70.length;
+for(let i5=0; i5<len3; i5++){
+let data71 = data70[i5];
+if(typeof data71 === "string"){
+if(func4(data71) < 1){
+const err158 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err158];
 }
@@ -2073,12 +2075,9 @@ vErrors.push(err158);
 }
 errors++;
 }
-const len6 = data70.length;
-for(let i8=0; i8<len6; i8++){
-let data71 = data70[i8];
-if(typeof data71 === "string"){
-if(!pattern7.test(data71)){
-const err159 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z]+$"},message:"must match pattern \""+"^[A-Za-z]+$"+"\""};
+}
+else {
+const err159 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err159];
 }
@@ -2088,8 +2087,9 @@ vErrors.push(err159);
 errors++;
 }
 }
+}
 else {
-const err160 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err160 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err160];
 }
@@ -2099,9 +2099,11 @@ vErrors.push(err160);
 errors++;
 }
 }
-}
-else {
-const err161 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data66.cidrs !== undefined){
+let data72 = data66.cidrs;
+if(Array.isArray(data72)){
+if(data72.length < 1){
+const err161 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err161];
 }
@@ -2110,12 +2112,12 @@ vErrors.push(err161);
 }
 errors++;
 }
-}
-if(data60.paths !== undefined){
-let data72 = data60.paths;
-if(Array.isArray(data72)){
-if(data72.length < 1){
-const err162 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len4 = data72.length;
+for(let i6=0; i6<len4; i6++){
+let data73 = data72[i6];
+if(typeof data73 === "string"){
+if(func4(data73) < 1){
+const err162 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err162];
 }
@@ -2124,12 +2126,9 @@ vErrors.push(err162);
 }
 errors++;
 }
-const len7 = data72.length;
-for(let i9=0; i9<len7; i9++){
-let data73 = data72[i9];
-if(typeof data73 === "string"){
-if(!pattern8.test(data73)){
-const err163 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/pattern",keyword:"pattern",params:{pattern: "^/"},message:"must match pattern \""+"^/"+"\""};
+}
+else {
+const err163 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err163];
 }
@@ -2139,8 +2138,9 @@ vErrors.push(err163);
 errors++;
 }
 }
+}
 else {
-const err164 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err164 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err164];
 }
@@ -2150,9 +2150,11 @@ vErrors.push(err164);
 errors++;
 }
 }
-}
-else {
-const err165 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data66.ports !== undefined){
+let data74 = data66.ports;
+if(Array.isArray(data74)){
+if(data74.length < 1){
+const err165 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err165];
 }
@@ -2161,12 +2163,11 @@ vErrors.push(err165);
 }
 errors++;
 }
-}
-if(data60.schemes !== undefined){
-let data74 = data60.schemes;
-if(Array.isArray(data74)){
-if(data74.length < 1){
-const err166 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len5 = data74.length;
+for(let i7=0; i7<len5; i7++){
+let data75 = data74[i7];
+if(!(((typeof data75 == "number") && (!(data75 % 1) && !isNaN(data75))) && (isFinite(data75)))){
+const err166 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err166];
 }
@@ -2175,11 +2176,9 @@ vErrors.push(err166);
 }
 errors++;
 }
-const len8 = data74.length;
-for(let i10=0; i10<len8; i10++){
-let data75 = data74[i10];
-if(!((data75 === "http") || (data75 === "https"))){
-const err167 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes/" + i10,schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/items/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.schemes.items.enum},message:"must be equal to one of the allowed values"};
+if((typeof data75 == "number") && (isFinite(data75))){
+if(data75 > 65535 || isNaN(data75)){
+const err167 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err167];
 }
@@ -2188,10 +2187,8 @@ vErrors.push(err167);
 }
 errors++;
 }
-}
-}
-else {
-const err168 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data75 < 1 || isNaN(data75)){
+const err168 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err168];
 }
@@ -2202,8 +2199,9 @@ errors++;
 }
 }
 }
+}
 else {
-const err169 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err169 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err169];
 }
@@ -2213,9 +2211,11 @@ vErrors.push(err169);
 errors++;
 }
 }
-}
-else {
-const err170 = {instancePath:instancePath+"/policy/rules",schemaPath:"#/properties/policy/properties/rules/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data66.methods !== undefined){
+let data76 = data66.methods;
+if(Array.isArray(data76)){
+if(data76.length < 1){
+const err170 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err170];
 }
@@ -2224,9 +2224,12 @@ vErrors.push(err170);
 }
 errors++;
 }
-}
-else {
-const err171 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const len6 = data76.length;
+for(let i8=0; i8<len6; i8++){
+let data77 = data76[i8];
+if(typeof data77 === "string"){
+if(!pattern7.test(data77)){
+const err171 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z]+$"},message:"must match pattern \""+"^[A-Za-z]+$"+"\""};
 if(vErrors === null){
 vErrors = [err171];
 }
@@ -2235,20 +2238,9 @@ vErrors.push(err171);
 }
 errors++;
 }
-let data76 = data.network;
-if(data76 && typeof data76 == "object" && !Array.isArray(data76)){
-if(data76.deny === undefined){
-data76.deny = ["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"];
 }
-if(data76.allow === undefined){
-data76.allow = [];
-}
-if(data76.dns_cache_ms === undefined){
-data76.dns_cache_ms = 30000;
-}
-for(const key16 in data76){
-if(!(((key16 === "deny") || (key16 === "allow")) || (key16 === "dns_cache_ms"))){
-const err172 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key16},message:"must NOT have additional properties"};
+else {
+const err172 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err172];
 }
@@ -2258,14 +2250,9 @@ vErrors.push(err172);
 errors++;
 }
 }
-let data77 = data76.deny;
-if(Array.isArray(data77)){
-const len9 = data77.length;
-for(let i11=0; i11<len9; i11++){
-let data78 = data77[i11];
-if(typeof data78 === "string"){
-if(func4(data78) < 1){
-const err173 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err173 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err173];
 }
@@ -2275,8 +2262,11 @@ vErrors.push(err173);
 errors++;
 }
 }
-else {
-const err174 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data66.paths !== undefined){
+let data78 = data66.paths;
+if(Array.isArray(data78)){
+if(data78.length < 1){
+const err174 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err174];
 }
@@ -2285,10 +2275,12 @@ vErrors.push(err174);
 }
 errors++;
 }
-}
-}
-else {
-const err175 = {instancePath:instancePath+"/network/deny",schemaPath:"#/properties/network/properties/deny/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len7 = data78.length;
+for(let i9=0; i9<len7; i9++){
+let data79 = data78[i9];
+if(typeof data79 === "string"){
+if(!pattern8.test(data79)){
+const err175 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/pattern",keyword:"pattern",params:{pattern: "^/"},message:"must match pattern \""+"^/"+"\""};
 if(vErrors === null){
 vErrors = [err175];
 }
@@ -2297,14 +2289,9 @@ vErrors.push(err175);
 }
 errors++;
 }
-let data79 = data76.allow;
-if(Array.isArray(data79)){
-const len10 = data79.length;
-for(let i12=0; i12<len10; i12++){
-let data80 = data79[i12];
-if(data80 && typeof data80 == "object" && !Array.isArray(data80)){
-if(data80.cidr === undefined){
-const err176 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/required",keyword:"required",params:{missingProperty: "cidr"},message:"must have required property '"+"cidr"+"'"};
+}
+else {
+const err176 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err176];
 }
@@ -2313,9 +2300,10 @@ vErrors.push(err176);
 }
 errors++;
 }
-for(const key17 in data80){
-if(!((key17 === "cidr") || (key17 === "ports"))){
-const err177 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key17},message:"must NOT have additional properties"};
+}
+}
+else {
+const err177 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err177];
 }
@@ -2325,11 +2313,11 @@ vErrors.push(err177);
 errors++;
 }
 }
-if(data80.cidr !== undefined){
-let data81 = data80.cidr;
-if(typeof data81 === "string"){
-if(func4(data81) < 1){
-const err178 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data66.schemes !== undefined){
+let data80 = data66.schemes;
+if(Array.isArray(data80)){
+if(data80.length < 1){
+const err178 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err178];
 }
@@ -2338,9 +2326,11 @@ vErrors.push(err178);
 }
 errors++;
 }
-}
-else {
-const err179 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const len8 = data80.length;
+for(let i10=0; i10<len8; i10++){
+let data81 = data80[i10];
+if(!((data81 === "http") || (data81 === "https"))){
+const err179 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes/" + i10,schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/items/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.schemes.items.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err179];
 }
@@ -2350,11 +2340,9 @@ vErrors.push(err179);
 errors++;
 }
 }
-if(data80.ports !== undefined){
-let data82 = data80.ports;
-if(Array.isArray(data82)){
-if(data82.length < 1){
-const err180 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+}
+else {
+const err180 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err180];
 }
@@ -2363,11 +2351,10 @@ vErrors.push(err180);
 }
 errors++;
 }
-const len11 = data82.length;
-for(let i13=0; i13<len11; i13++){
-let data83 = data82[i13];
-if(!(((typeof data83 == "number") && (!(data83 % 1) && !isNaN(data83))) && (isFinite(data83)))){
-const err181 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+}
+else {
+const err181 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err181];
 }
@@ -2376,9 +2363,10 @@ vErrors.push(err181);
 }
 errors++;
 }
-if((typeof data83 == "number") && (isFinite(data83))){
-if(data83 > 65535 || isNaN(data83)){
-const err182 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+}
+else {
+const err182 = {instancePath:instancePath+"/policy/rules",schemaPath:"#/properties/policy/properties/rules/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err182];
 }
@@ -2387,8 +2375,9 @@ vErrors.push(err182);
 }
 errors++;
 }
-if(data83 < 1 || isNaN(data83)){
-const err183 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+else {
+const err183 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err183];
 }
@@ -2397,11 +2386,20 @@ vErrors.push(err183);
 }
 errors++;
 }
+let data82 = data.network;
+if(data82 && typeof data82 == "object" && !Array.isArray(data82)){
+if(data82.deny === undefined){
+data82.deny = ["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"];
 }
+if(data82.allow === undefined){
+data82.allow = [];
 }
+if(data82.dns_cache_ms === undefined){
+data82.dns_cache_ms = 30000;
 }
-else {
-const err184 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
+for(const key17 in data82){
+if(!(((key17 === "deny") || (key17 === "allow")) || (key17 === "dns_cache_ms"))){
+const err184 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key17},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err184];
 }
@@ -2411,9 +2409,14 @@ vErrors.push(err184);
 errors++;
 }
 }
-}
-else {
-const err185 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data83 = data82.deny;
+if(Array.isArray(data83)){
+const len9 = data83.length;
+for(let i11=0; i11<len9; i11++){
+let data84 = data83[i11];
+if(typeof data84 === "string"){
+if(func4(data84) < 1){
+const err185 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err185];
 }
@@ -2423,9 +2426,8 @@ vErrors.push(err185);
 errors++;
 }
 }
-}
 else {
-const err186 = {instancePath:instancePath+"/network/allow",schemaPath:"#/properties/network/properties/allow/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err186 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err186];
 }
@@ -2434,9 +2436,10 @@ vErrors.push(err186);
 }
 errors++;
 }
-let data84 = data76.dns_cache_ms;
-if(!(((typeof data84 == "number") && (!(data84 % 1) && !isNaN(data84))) && (isFinite(data84)))){
-const err187 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+}
+else {
+const err187 = {instancePath:instancePath+"/network/deny",schemaPath:"#/properties/network/properties/deny/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err187];
 }
@@ -2445,9 +2448,14 @@ vErrors.push(err187);
 }
 errors++;
 }
-if((typeof data84 == "number") && (isFinite(data84))){
-if(data84 > 3600000 || isNaN(data84)){
-const err188 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+let data85 = data82.allow;
+if(Array.isArray(data85)){
+const len10 = data85.length;
+for(let i12=0; i12<len10; i12++){
+let data86 = data85[i12];
+if(data86 && typeof data86 == "object" && !Array.isArray(data86)){
+if(data86.cidr === undefined){
+const err188 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/required",keyword:"required",params:{missingProperty: "cidr"},message:"must have required property '"+"cidr"+"'"};
 if(vErrors === null){
 vErrors = [err188];
 }
@@ -2456,8 +2464,9 @@ vErrors.push(err188);
 }
 errors++;
 }
-if(data84 < 0 || isNaN(data84)){
-const err189 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+for(const key18 in data86){
+if(!((key18 === "cidr") || (key18 === "ports"))){
+const err189 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key18},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err189];
 }
@@ -2467,9 +2476,11 @@ vErrors.push(err189);
 errors++;
 }
 }
-}
-else {
-const err190 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data86.cidr !== undefined){
+let data87 = data86.cidr;
+if(typeof data87 === "string"){
+if(func4(data87) < 1){
+const err190 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err190];
 }
@@ -2478,13 +2489,9 @@ vErrors.push(err190);
 }
 errors++;
 }
-let data85 = data.routes;
-if(data85 && typeof data85 == "object" && !Array.isArray(data85)){
-for(const key18 in data85){
-const _errs185 = errors;
-if(typeof key18 === "string"){
-if(!pattern9.test(key18)){
-const err191 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"+"\"",propertyName:key18};
+}
+else {
+const err191 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err191];
 }
@@ -2494,9 +2501,11 @@ vErrors.push(err191);
 errors++;
 }
 }
-var valid44 = _errs185 === errors;
-if(!valid44){
-const err192 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames",keyword:"propertyNames",params:{propertyName: key18},message:"property name must be valid"};
+if(data86.ports !== undefined){
+let data88 = data86.ports;
+if(Array.isArray(data88)){
+if(data88.length < 1){
+const err192 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err192];
 }
@@ -2505,12 +2514,11 @@ vErrors.push(err192);
 }
 errors++;
 }
-}
-for(const key19 in data85){
-let data86 = data85[key19];
-if(typeof data86 === "string"){
-if(!pattern10.test(data86)){
-const err193 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
+const len11 = data88.length;
+for(let i13=0; i13<len11; i13++){
+let data89 = data88[i13];
+if(!(((typeof data89 == "number") && (!(data89 % 1) && !isNaN(data89))) && (isFinite(data89)))){
+const err193 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err193];
 }
@@ -2519,9 +2527,9 @@ vErrors.push(err193);
 }
 errors++;
 }
-}
-else {
-const err194 = {instancePath:instancePath+"/routes/" + key19.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data89 == "number") && (isFinite(data89))){
+if(data89 > 65535 || isNaN(data89)){
+const err194 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err194];
 }
@@ -2530,10 +2538,8 @@ vErrors.push(err194);
 }
 errors++;
 }
-}
-}
-else {
-const err195 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data89 < 1 || isNaN(data89)){
+const err195 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err195];
 }
@@ -2542,14 +2548,11 @@ vErrors.push(err195);
 }
 errors++;
 }
-let data87 = data.credentials;
-if(Array.isArray(data87)){
-const len12 = data87.length;
-for(let i14=0; i14<len12; i14++){
-let data88 = data87[i14];
-if(data88 && typeof data88 == "object" && !Array.isArray(data88)){
-if(data88.id === undefined){
-const err196 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
+}
+}
+}
+else {
+const err196 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err196];
 }
@@ -2558,8 +2561,10 @@ vErrors.push(err196);
 }
 errors++;
 }
-if(data88.audience === undefined){
-const err197 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+}
+}
+else {
+const err197 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err197];
 }
@@ -2568,8 +2573,10 @@ vErrors.push(err197);
 }
 errors++;
 }
-if(data88.source === undefined){
-const err198 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "source"},message:"must have required property '"+"source"+"'"};
+}
+}
+else {
+const err198 = {instancePath:instancePath+"/network/allow",schemaPath:"#/properties/network/properties/allow/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err198];
 }
@@ -2578,8 +2585,9 @@ vErrors.push(err198);
 }
 errors++;
 }
-if(data88.inject === undefined){
-const err199 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "inject"},message:"must have required property '"+"inject"+"'"};
+let data90 = data82.dns_cache_ms;
+if(!(((typeof data90 == "number") && (!(data90 % 1) && !isNaN(data90))) && (isFinite(data90)))){
+const err199 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err199];
 }
@@ -2588,9 +2596,9 @@ vErrors.push(err199);
 }
 errors++;
 }
-for(const key20 in data88){
-if(!(func2.call(schema11.properties.credentials.items.properties, key20))){
-const err200 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key20},message:"must NOT have additional properties"};
+if((typeof data90 == "number") && (isFinite(data90))){
+if(data90 > 3600000 || isNaN(data90)){
+const err200 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err200];
 }
@@ -2599,12 +2607,8 @@ vErrors.push(err200);
 }
 errors++;
 }
-}
-if(data88.id !== undefined){
-let data89 = data88.id;
-if(typeof data89 === "string"){
-if(!pattern6.test(data89)){
-const err201 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
+if(data90 < 0 || isNaN(data90)){
+const err201 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err201];
 }
@@ -2614,8 +2618,9 @@ vErrors.push(err201);
 errors++;
 }
 }
+}
 else {
-const err202 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err202 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err202];
 }
@@ -2624,12 +2629,13 @@ vErrors.push(err202);
 }
 errors++;
 }
-}
-if(data88.audience !== undefined){
-let data90 = data88.audience;
-if(typeof data90 === "string"){
-if(!pattern10.test(data90)){
-const err203 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
+let data91 = data.routes;
+if(data91 && typeof data91 == "object" && !Array.isArray(data91)){
+for(const key19 in data91){
+const _errs198 = errors;
+if(typeof key19 === "string"){
+if(!pattern9.test(key19)){
+const err203 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"+"\"",propertyName:key19};
 if(vErrors === null){
 vErrors = [err203];
 }
@@ -2639,8 +2645,9 @@ vErrors.push(err203);
 errors++;
 }
 }
-else {
-const err204 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+var valid45 = _errs198 === errors;
+if(!valid45){
+const err204 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames",keyword:"propertyNames",params:{propertyName: key19},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err204];
 }
@@ -2650,10 +2657,11 @@ vErrors.push(err204);
 errors++;
 }
 }
-if(data88.source !== undefined){
-let data91 = data88.source;
-if(!((((data91 === "static") || (data91 === "broker")) || (data91 === "broker_secret")) || (data91 === "client_credentials"))){
-const err205 = {instancePath:instancePath+"/credentials/" + i14+"/source",schemaPath:"#/properties/credentials/items/properties/source/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.source.enum},message:"must be equal to one of the allowed values"};
+for(const key20 in data91){
+let data92 = data91[key20];
+if(typeof data92 === "string"){
+if(!pattern10.test(data92)){
+const err205 = {instancePath:instancePath+"/routes/" + key20.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
 if(vErrors === null){
 vErrors = [err205];
 }
@@ -2663,14 +2671,8 @@ vErrors.push(err205);
 errors++;
 }
 }
-if(data88.oauth !== undefined){
-let data92 = data88.oauth;
-if(data92 && typeof data92 == "object" && !Array.isArray(data92)){
-if(data92.auth_method === undefined){
-data92.auth_method = "client_secret_basic";
-}
-if(data92.token_url === undefined){
-const err206 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "token_url"},message:"must have required property '"+"token_url"+"'"};
+else {
+const err206 = {instancePath:instancePath+"/routes/" + key20.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err206];
 }
@@ -2679,8 +2681,10 @@ vErrors.push(err206);
 }
 errors++;
 }
-if(data92.client_id === undefined){
-const err207 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_id"},message:"must have required property '"+"client_id"+"'"};
+}
+}
+else {
+const err207 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err207];
 }
@@ -2689,8 +2693,14 @@ vErrors.push(err207);
 }
 errors++;
 }
-if(data92.client_secret === undefined){
-const err208 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_secret"},message:"must have required property '"+"client_secret"+"'"};
+let data93 = data.credentials;
+if(Array.isArray(data93)){
+const len12 = data93.length;
+for(let i14=0; i14<len12; i14++){
+let data94 = data93[i14];
+if(data94 && typeof data94 == "object" && !Array.isArray(data94)){
+if(data94.id === undefined){
+const err208 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err208];
 }
@@ -2699,9 +2709,8 @@ vErrors.push(err208);
 }
 errors++;
 }
-for(const key21 in data92){
-if(!(((((key21 === "token_url") || (key21 === "client_id")) || (key21 === "client_secret")) || (key21 === "auth_method")) || (key21 === "resource"))){
-const err209 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key21},message:"must NOT have additional properties"};
+if(data94.audience === undefined){
+const err209 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err209];
 }
@@ -2710,12 +2719,8 @@ vErrors.push(err209);
 }
 errors++;
 }
-}
-if(data92.token_url !== undefined){
-let data93 = data92.token_url;
-if(typeof data93 === "string"){
-if(!pattern1.test(data93)){
-const err210 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data94.source === undefined){
+const err210 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "source"},message:"must have required property '"+"source"+"'"};
 if(vErrors === null){
 vErrors = [err210];
 }
@@ -2724,9 +2729,8 @@ vErrors.push(err210);
 }
 errors++;
 }
-}
-else {
-const err211 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data94.inject === undefined){
+const err211 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "inject"},message:"must have required property '"+"inject"+"'"};
 if(vErrors === null){
 vErrors = [err211];
 }
@@ -2735,12 +2739,9 @@ vErrors.push(err211);
 }
 errors++;
 }
-}
-if(data92.client_id !== undefined){
-let data94 = data92.client_id;
-if(typeof data94 === "string"){
-if(func4(data94) > 256){
-const err212 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
+for(const key21 in data94){
+if(!(func2.call(schema11.properties.credentials.items.properties, key21))){
+const err212 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key21},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err212];
 }
@@ -2749,8 +2750,12 @@ vErrors.push(err212);
 }
 errors++;
 }
-if(func4(data94) < 1){
-const err213 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data94.id !== undefined){
+let data95 = data94.id;
+if(typeof data95 === "string"){
+if(!pattern6.test(data95)){
+const err213 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
 if(vErrors === null){
 vErrors = [err213];
 }
@@ -2761,7 +2766,7 @@ errors++;
 }
 }
 else {
-const err214 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err214 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err214];
 }
@@ -2771,11 +2776,11 @@ vErrors.push(err214);
 errors++;
 }
 }
-if(data92.client_secret !== undefined){
-let data95 = data92.client_secret;
-if(typeof data95 === "string"){
-if(!pattern14.test(data95)){
-const err215 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+if(data94.audience !== undefined){
+let data96 = data94.audience;
+if(typeof data96 === "string"){
+if(!pattern10.test(data96)){
+const err215 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
 if(vErrors === null){
 vErrors = [err215];
 }
@@ -2786,7 +2791,7 @@ errors++;
 }
 }
 else {
-const err216 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err216 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err216];
 }
@@ -2796,9 +2801,10 @@ vErrors.push(err216);
 errors++;
 }
 }
-let data96 = data92.auth_method;
-if(!((data96 === "client_secret_basic") || (data96 === "client_secret_post"))){
-const err217 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/auth_method",schemaPath:"#/properties/credentials/items/properties/oauth/properties/auth_method/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.oauth.properties.auth_method.enum},message:"must be equal to one of the allowed values"};
+if(data94.source !== undefined){
+let data97 = data94.source;
+if(!((((data97 === "static") || (data97 === "broker")) || (data97 === "broker_secret")) || (data97 === "client_credentials"))){
+const err217 = {instancePath:instancePath+"/credentials/" + i14+"/source",schemaPath:"#/properties/credentials/items/properties/source/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.source.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err217];
 }
@@ -2807,11 +2813,15 @@ vErrors.push(err217);
 }
 errors++;
 }
-if(data92.resource !== undefined){
-let data97 = data92.resource;
-if(typeof data97 === "string"){
-if(func4(data97) < 1){
-const err218 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data94.oauth !== undefined){
+let data98 = data94.oauth;
+if(data98 && typeof data98 == "object" && !Array.isArray(data98)){
+if(data98.auth_method === undefined){
+data98.auth_method = "client_secret_basic";
+}
+if(data98.token_url === undefined){
+const err218 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "token_url"},message:"must have required property '"+"token_url"+"'"};
 if(vErrors === null){
 vErrors = [err218];
 }
@@ -2820,9 +2830,8 @@ vErrors.push(err218);
 }
 errors++;
 }
-}
-else {
-const err219 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data98.client_id === undefined){
+const err219 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_id"},message:"must have required property '"+"client_id"+"'"};
 if(vErrors === null){
 vErrors = [err219];
 }
@@ -2831,10 +2840,8 @@ vErrors.push(err219);
 }
 errors++;
 }
-}
-}
-else {
-const err220 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data98.client_secret === undefined){
+const err220 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_secret"},message:"must have required property '"+"client_secret"+"'"};
 if(vErrors === null){
 vErrors = [err220];
 }
@@ -2843,12 +2850,9 @@ vErrors.push(err220);
 }
 errors++;
 }
-}
-if(data88.secret !== undefined){
-let data98 = data88.secret;
-if(typeof data98 === "string"){
-if(!pattern14.test(data98)){
-const err221 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+for(const key22 in data98){
+if(!(((((key22 === "token_url") || (key22 === "client_id")) || (key22 === "client_secret")) || (key22 === "auth_method")) || (key22 === "resource"))){
+const err221 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key22},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err221];
 }
@@ -2858,8 +2862,11 @@ vErrors.push(err221);
 errors++;
 }
 }
-else {
-const err222 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data98.token_url !== undefined){
+let data99 = data98.token_url;
+if(typeof data99 === "string"){
+if(!pattern1.test(data99)){
+const err222 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err222];
 }
@@ -2869,11 +2876,8 @@ vErrors.push(err222);
 errors++;
 }
 }
-if(data88.token_audience !== undefined){
-let data99 = data88.token_audience;
-if(typeof data99 === "string"){
-if(func4(data99) > 512){
-const err223 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters"};
+else {
+const err223 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err223];
 }
@@ -2882,8 +2886,12 @@ vErrors.push(err223);
 }
 errors++;
 }
-if(func4(data99) < 1){
-const err224 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data98.client_id !== undefined){
+let data100 = data98.client_id;
+if(typeof data100 === "string"){
+if(func4(data100) > 256){
+const err224 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
 if(vErrors === null){
 vErrors = [err224];
 }
@@ -2892,9 +2900,8 @@ vErrors.push(err224);
 }
 errors++;
 }
-}
-else {
-const err225 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(func4(data100) < 1){
+const err225 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err225];
 }
@@ -2904,15 +2911,8 @@ vErrors.push(err225);
 errors++;
 }
 }
-if(data88.scopes !== undefined){
-let data100 = data88.scopes;
-if(Array.isArray(data100)){
-const len13 = data100.length;
-for(let i15=0; i15<len13; i15++){
-let data101 = data100[i15];
-if(typeof data101 === "string"){
-if(!pattern16.test(data101)){
-const err226 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/pattern",keyword:"pattern",params:{pattern: "^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"},message:"must match pattern \""+"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"+"\""};
+else {
+const err226 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err226];
 }
@@ -2922,8 +2922,11 @@ vErrors.push(err226);
 errors++;
 }
 }
-else {
-const err227 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data98.client_secret !== undefined){
+let data101 = data98.client_secret;
+if(typeof data101 === "string"){
+if(!pattern14.test(data101)){
+const err227 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err227];
 }
@@ -2933,18 +2936,8 @@ vErrors.push(err227);
 errors++;
 }
 }
-let i16 = data100.length;
-let j2;
-if(i16 > 1){
-const indices2 = {};
-for(;i16--;){
-let item2 = data100[i16];
-if(typeof item2 !== "string"){
-continue;
-}
-if(typeof indices2[item2] == "number"){
-j2 = indices2[item2];
-const err228 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/uniqueItems",keyword:"uniqueItems",params:{i: i16, j: j2},message:"must NOT have duplicate items (items ## "+j2+" and "+i16+" are identical)"};
+else {
+const err228 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err228];
 }
@@ -2952,14 +2945,11 @@ else {
 vErrors.push(err228);
 }
 errors++;
-break;
-}
-indices2[item2] = i16;
 }
 }
-}
-else {
-const err229 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/type",keyword:"type",params:{type: "array"},message:"must be array"};
+let data102 = data98.auth_method;
+if(!((data102 === "client_secret_basic") || (data102 === "client_secret_post"))){
+const err229 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/auth_method",schemaPath:"#/properties/credentials/items/properties/oauth/properties/auth_method/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.oauth.properties.auth_method.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err229];
 }
@@ -2968,16 +2958,11 @@ vErrors.push(err229);
 }
 errors++;
 }
-}
-if(data88.inject !== undefined){
-let data102 = data88.inject;
-const _errs221 = errors;
-let valid53 = false;
-let passing0 = null;
-const _errs222 = errors;
-if(data102 && typeof data102 == "object" && !Array.isArray(data102)){
-if(data102.type === undefined){
-const err230 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+if(data98.resource !== undefined){
+let data103 = data98.resource;
+if(typeof data103 === "string"){
+if(func4(data103) < 1){
+const err230 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err230];
 }
@@ -2986,9 +2971,9 @@ vErrors.push(err230);
 }
 errors++;
 }
-for(const key22 in data102){
-if(!(key22 === "type")){
-const err231 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key22},message:"must NOT have additional properties"};
+}
+else {
+const err231 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err231];
 }
@@ -2998,9 +2983,9 @@ vErrors.push(err231);
 errors++;
 }
 }
-if(data102.type !== undefined){
-if("bearer" !== data102.type){
-const err232 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
+}
+else {
+const err232 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err232];
 }
@@ -3010,16 +2995,11 @@ vErrors.push(err232);
 errors++;
 }
 }
-}
-var _valid0 = _errs222 === errors;
-if(_valid0){
-valid53 = true;
-passing0 = 0;
-}
-const _errs225 = errors;
-if(data102 && typeof data102 == "object" && !Array.isArray(data102)){
-if(data102.type === undefined){
-const err233 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+if(data94.secret !== undefined){
+let data104 = data94.secret;
+if(typeof data104 === "string"){
+if(!pattern14.test(data104)){
+const err233 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err233];
 }
@@ -3028,8 +3008,9 @@ vErrors.push(err233);
 }
 errors++;
 }
-if(data102.name === undefined){
-const err234 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
+}
+else {
+const err234 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err234];
 }
@@ -3038,9 +3019,12 @@ vErrors.push(err234);
 }
 errors++;
 }
-for(const key23 in data102){
-if(!(((key23 === "type") || (key23 === "name")) || (key23 === "format"))){
-const err235 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
+}
+if(data94.token_audience !== undefined){
+let data105 = data94.token_audience;
+if(typeof data105 === "string"){
+if(func4(data105) > 512){
+const err235 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters"};
 if(vErrors === null){
 vErrors = [err235];
 }
@@ -3049,10 +3033,8 @@ vErrors.push(err235);
 }
 errors++;
 }
-}
-if(data102.type !== undefined){
-if("header" !== data102.type){
-const err236 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
+if(func4(data105) < 1){
+const err236 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err236];
 }
@@ -3062,11 +3044,8 @@ vErrors.push(err236);
 errors++;
 }
 }
-if(data102.name !== undefined){
-let data105 = data102.name;
-if(typeof data105 === "string"){
-if(!pattern17.test(data105)){
-const err237 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
+else {
+const err237 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err237];
 }
@@ -3076,8 +3055,15 @@ vErrors.push(err237);
 errors++;
 }
 }
-else {
-const err238 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data94.scopes !== undefined){
+let data106 = data94.scopes;
+if(Array.isArray(data106)){
+const len13 = data106.length;
+for(let i15=0; i15<len13; i15++){
+let data107 = data106[i15];
+if(typeof data107 === "string"){
+if(!pattern16.test(data107)){
+const err238 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/pattern",keyword:"pattern",params:{pattern: "^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"},message:"must match pattern \""+"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"+"\""};
 if(vErrors === null){
 vErrors = [err238];
 }
@@ -3087,11 +3073,8 @@ vErrors.push(err238);
 errors++;
 }
 }
-if(data102.format !== undefined){
-let data106 = data102.format;
-if(typeof data106 === "string"){
-if(!pattern18.test(data106)){
-const err239 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
+else {
+const err239 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err239];
 }
@@ -3101,8 +3084,18 @@ vErrors.push(err239);
 errors++;
 }
 }
-else {
-const err240 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let i16 = data106.length;
+let j2;
+if(i16 > 1){
+const indices2 = {};
+for(;i16--;){
+let item2 = data106[i16];
+if(typeof item2 !== "string"){
+continue;
+}
+if(typeof indices2[item2] == "number"){
+j2 = indices2[item2];
+const err240 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/uniqueItems",keyword:"uniqueItems",params:{i: i16, j: j2},message:"must NOT have duplicate items (items ## "+j2+" and "+i16+" are identical)"};
 if(vErrors === null){
 vErrors = [err240];
 }
@@ -3110,23 +3103,14 @@ else {
 vErrors.push(err240);
 }
 errors++;
+break;
+}
+indices2[item2] = i16;
 }
 }
-}
-var _valid0 = _errs225 === errors;
-if(_valid0 && valid53){
-valid53 = false;
-passing0 = [passing0, 1];
 }
 else {
-if(_valid0){
-valid53 = true;
-passing0 = 1;
-}
-const _errs232 = errors;
-if(data102 && typeof data102 == "object" && !Array.isArray(data102)){
-if(data102.type === undefined){
-const err241 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+const err241 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err241];
 }
@@ -3135,8 +3119,16 @@ vErrors.push(err241);
 }
 errors++;
 }
-if(data102.name === undefined){
-const err242 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
+}
+if(data94.inject !== undefined){
+let data108 = data94.inject;
+const _errs234 = errors;
+let valid54 = false;
+let passing0 = null;
+const _errs235 = errors;
+if(data108 && typeof data108 == "object" && !Array.isArray(data108)){
+if(data108.type === undefined){
+const err242 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err242];
 }
@@ -3145,9 +3137,9 @@ vErrors.push(err242);
 }
 errors++;
 }
-for(const key24 in data102){
-if(!((key24 === "type") || (key24 === "name"))){
-const err243 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
+for(const key23 in data108){
+if(!(key23 === "type")){
+const err243 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err243];
 }
@@ -3157,9 +3149,9 @@ vErrors.push(err243);
 errors++;
 }
 }
-if(data102.type !== undefined){
-if("query" !== data102.type){
-const err244 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
+if(data108.type !== undefined){
+if("bearer" !== data108.type){
+const err244 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err244];
 }
@@ -3169,11 +3161,16 @@ vErrors.push(err244);
 errors++;
 }
 }
-if(data102.name !== undefined){
-let data108 = data102.name;
-if(typeof data108 === "string"){
-if(func4(data108) < 1){
-const err245 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+var _valid0 = _errs235 === errors;
+if(_valid0){
+valid54 = true;
+passing0 = 0;
+}
+const _errs238 = errors;
+if(data108 && typeof data108 == "object" && !Array.isArray(data108)){
+if(data108.type === undefined){
+const err245 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err245];
 }
@@ -3182,9 +3179,8 @@ vErrors.push(err245);
 }
 errors++;
 }
-}
-else {
-const err246 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data108.name === undefined){
+const err246 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err246];
 }
@@ -3193,22 +3189,9 @@ vErrors.push(err246);
 }
 errors++;
 }
-}
-}
-var _valid0 = _errs232 === errors;
-if(_valid0 && valid53){
-valid53 = false;
-passing0 = [passing0, 2];
-}
-else {
-if(_valid0){
-valid53 = true;
-passing0 = 2;
-}
-const _errs237 = errors;
-if(data102 && typeof data102 == "object" && !Array.isArray(data102)){
-if(data102.type === undefined){
-const err247 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+for(const key24 in data108){
+if(!(((key24 === "type") || (key24 === "name")) || (key24 === "format"))){
+const err247 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err247];
 }
@@ -3217,8 +3200,10 @@ vErrors.push(err247);
 }
 errors++;
 }
-if(data102.username === undefined){
-const err248 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
+}
+if(data108.type !== undefined){
+if("header" !== data108.type){
+const err248 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err248];
 }
@@ -3227,9 +3212,12 @@ vErrors.push(err248);
 }
 errors++;
 }
-for(const key25 in data102){
-if(!((key25 === "type") || (key25 === "username"))){
-const err249 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
+}
+if(data108.name !== undefined){
+let data111 = data108.name;
+if(typeof data111 === "string"){
+if(!pattern17.test(data111)){
+const err249 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err249];
 }
@@ -3239,9 +3227,8 @@ vErrors.push(err249);
 errors++;
 }
 }
-if(data102.type !== undefined){
-if("basic" !== data102.type){
-const err250 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
+else {
+const err250 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err250];
 }
@@ -3251,11 +3238,11 @@ vErrors.push(err250);
 errors++;
 }
 }
-if(data102.username !== undefined){
-let data110 = data102.username;
-if(typeof data110 === "string"){
-if(!pattern19.test(data110)){
-const err251 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
+if(data108.format !== undefined){
+let data112 = data108.format;
+if(typeof data112 === "string"){
+if(!pattern18.test(data112)){
+const err251 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
 if(vErrors === null){
 vErrors = [err251];
 }
@@ -3266,7 +3253,7 @@ errors++;
 }
 }
 else {
-const err252 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err252 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err252];
 }
@@ -3277,21 +3264,20 @@ errors++;
 }
 }
 }
-var _valid0 = _errs237 === errors;
-if(_valid0 && valid53){
-valid53 = false;
-passing0 = [passing0, 3];
+var _valid0 = _errs238 === errors;
+if(_valid0 && valid54){
+valid54 = false;
+passing0 = [passing0, 1];
 }
 else {
 if(_valid0){
-valid53 = true;
-passing0 = 3;
+valid54 = true;
+passing0 = 1;
 }
-}
-}
-}
-if(!valid53){
-const err253 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
+const _errs245 = errors;
+if(data108 && typeof data108 == "object" && !Array.isArray(data108)){
+if(data108.type === undefined){
+const err253 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err253];
 }
@@ -3300,20 +3286,8 @@ vErrors.push(err253);
 }
 errors++;
 }
-else {
-errors = _errs221;
-if(vErrors !== null){
-if(_errs221){
-vErrors.length = _errs221;
-}
-else {
-vErrors = null;
-}
-}
-}
-if(data102 && typeof data102 == "object" && !Array.isArray(data102)){
-if(data102.type === undefined){
-const err254 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+if(data108.name === undefined){
+const err254 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err254];
 }
@@ -3322,9 +3296,9 @@ vErrors.push(err254);
 }
 errors++;
 }
-}
-else {
-const err255 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key25 in data108){
+if(!((key25 === "type") || (key25 === "name"))){
+const err255 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err255];
 }
@@ -3334,15 +3308,9 @@ vErrors.push(err255);
 errors++;
 }
 }
-if(data88.strip !== undefined){
-let data111 = data88.strip;
-if(Array.isArray(data111)){
-const len14 = data111.length;
-for(let i17=0; i17<len14; i17++){
-let data112 = data111[i17];
-if(typeof data112 === "string"){
-if(!pattern17.test(data112)){
-const err256 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
+if(data108.type !== undefined){
+if("query" !== data108.type){
+const err256 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err256];
 }
@@ -3352,8 +3320,11 @@ vErrors.push(err256);
 errors++;
 }
 }
-else {
-const err257 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data108.name !== undefined){
+let data114 = data108.name;
+if(typeof data114 === "string"){
+if(func4(data114) < 1){
+const err257 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err257];
 }
@@ -3363,9 +3334,8 @@ vErrors.push(err257);
 errors++;
 }
 }
-}
 else {
-const err258 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err258 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err258];
 }
@@ -3376,8 +3346,20 @@ errors++;
 }
 }
 }
+var _valid0 = _errs245 === errors;
+if(_valid0 && valid54){
+valid54 = false;
+passing0 = [passing0, 2];
+}
 else {
-const err259 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(_valid0){
+valid54 = true;
+passing0 = 2;
+}
+const _errs250 = errors;
+if(data108 && typeof data108 == "object" && !Array.isArray(data108)){
+if(data108.type === undefined){
+const err259 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err259];
 }
@@ -3386,10 +3368,8 @@ vErrors.push(err259);
 }
 errors++;
 }
-}
-}
-else {
-const err260 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data108.username === undefined){
+const err260 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
 if(vErrors === null){
 vErrors = [err260];
 }
@@ -3398,14 +3378,9 @@ vErrors.push(err260);
 }
 errors++;
 }
-let data113 = data.secrets;
-if(data113 && typeof data113 == "object" && !Array.isArray(data113)){
-if(data113.env_prefix === undefined){
-data113.env_prefix = "LATCHKEY_SECRET_";
-}
-for(const key26 in data113){
-if(!((key26 === "file") || (key26 === "env_prefix"))){
-const err261 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
+for(const key26 in data108){
+if(!((key26 === "type") || (key26 === "username"))){
+const err261 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err261];
 }
@@ -3415,11 +3390,9 @@ vErrors.push(err261);
 errors++;
 }
 }
-if(data113.file !== undefined){
-let data114 = data113.file;
-if(typeof data114 === "string"){
-if(func4(data114) < 1){
-const err262 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data108.type !== undefined){
+if("basic" !== data108.type){
+const err262 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err262];
 }
@@ -3429,8 +3402,11 @@ vErrors.push(err262);
 errors++;
 }
 }
-else {
-const err263 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data108.username !== undefined){
+let data116 = data108.username;
+if(typeof data116 === "string"){
+if(!pattern19.test(data116)){
+const err263 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
 if(vErrors === null){
 vErrors = [err263];
 }
@@ -3440,10 +3416,8 @@ vErrors.push(err263);
 errors++;
 }
 }
-let data115 = data113.env_prefix;
-if(typeof data115 === "string"){
-if(!pattern21.test(data115)){
-const err264 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
+else {
+const err264 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err264];
 }
@@ -3453,8 +3427,22 @@ vErrors.push(err264);
 errors++;
 }
 }
+}
+var _valid0 = _errs250 === errors;
+if(_valid0 && valid54){
+valid54 = false;
+passing0 = [passing0, 3];
+}
 else {
-const err265 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(_valid0){
+valid54 = true;
+passing0 = 3;
+}
+}
+}
+}
+if(!valid54){
+const err265 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
 if(vErrors === null){
 vErrors = [err265];
 }
@@ -3463,9 +3451,20 @@ vErrors.push(err265);
 }
 errors++;
 }
+else {
+errors = _errs234;
+if(vErrors !== null){
+if(_errs234){
+vErrors.length = _errs234;
 }
 else {
-const err266 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+vErrors = null;
+}
+}
+}
+if(data108 && typeof data108 == "object" && !Array.isArray(data108)){
+if(data108.type === undefined){
+const err266 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err266];
 }
@@ -3474,17 +3473,9 @@ vErrors.push(err266);
 }
 errors++;
 }
-let data116 = data.audit;
-if(data116 && typeof data116 == "object" && !Array.isArray(data116)){
-if(data116.jsonl === undefined){
-data116.jsonl = {};
 }
-if(data116.collector === undefined){
-data116.collector = null;
-}
-for(const key27 in data116){
-if(!((key27 === "jsonl") || (key27 === "collector"))){
-const err267 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
+else {
+const err267 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err267];
 }
@@ -3494,17 +3485,15 @@ vErrors.push(err267);
 errors++;
 }
 }
-let data117 = data116.jsonl;
-if(data117 && typeof data117 == "object" && !Array.isArray(data117)){
-if(data117.path === undefined){
-data117.path = "latchkey-audit.jsonl";
-}
-if(data117.flush_ms === undefined){
-data117.flush_ms = 20;
-}
-for(const key28 in data117){
-if(!((key28 === "path") || (key28 === "flush_ms"))){
-const err268 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
+if(data94.strip !== undefined){
+let data117 = data94.strip;
+if(Array.isArray(data117)){
+const len14 = data117.length;
+for(let i17=0; i17<len14; i17++){
+let data118 = data117[i17];
+if(typeof data118 === "string"){
+if(!pattern17.test(data118)){
+const err268 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err268];
 }
@@ -3514,10 +3503,8 @@ vErrors.push(err268);
 errors++;
 }
 }
-let data118 = data117.path;
-if(typeof data118 === "string"){
-if(func4(data118) < 1){
-const err269 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err269 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err269];
 }
@@ -3527,8 +3514,9 @@ vErrors.push(err269);
 errors++;
 }
 }
+}
 else {
-const err270 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err270 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err270];
 }
@@ -3537,9 +3525,10 @@ vErrors.push(err270);
 }
 errors++;
 }
-let data119 = data117.flush_ms;
-if(!(((typeof data119 == "number") && (!(data119 % 1) && !isNaN(data119))) && (isFinite(data119)))){
-const err271 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+}
+else {
+const err271 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err271];
 }
@@ -3548,9 +3537,10 @@ vErrors.push(err271);
 }
 errors++;
 }
-if((typeof data119 == "number") && (isFinite(data119))){
-if(data119 > 3600000 || isNaN(data119)){
-const err272 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+}
+else {
+const err272 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err272];
 }
@@ -3559,8 +3549,14 @@ vErrors.push(err272);
 }
 errors++;
 }
-if(data119 < 1 || isNaN(data119)){
-const err273 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+let data119 = data.secrets;
+if(data119 && typeof data119 == "object" && !Array.isArray(data119)){
+if(data119.env_prefix === undefined){
+data119.env_prefix = "LATCHKEY_SECRET_";
+}
+for(const key27 in data119){
+if(!((key27 === "file") || (key27 === "env_prefix"))){
+const err273 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err273];
 }
@@ -3570,9 +3566,11 @@ vErrors.push(err273);
 errors++;
 }
 }
-}
-else {
-const err274 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data119.file !== undefined){
+let data120 = data119.file;
+if(typeof data120 === "string"){
+if(func4(data120) < 1){
+const err274 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err274];
 }
@@ -3581,9 +3579,9 @@ vErrors.push(err274);
 }
 errors++;
 }
-let data120 = data116.collector;
-if((!(data120 && typeof data120 == "object" && !Array.isArray(data120))) && (data120 !== null)){
-const err275 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
+}
+else {
+const err275 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err275];
 }
@@ -3592,36 +3590,11 @@ vErrors.push(err275);
 }
 errors++;
 }
-if(data120 && typeof data120 == "object" && !Array.isArray(data120)){
-if(data120.tls === undefined){
-data120.tls = null;
 }
-if(data120.spool_dir === undefined){
-data120.spool_dir = "latchkey-spool";
-}
-if(data120.spool_max_bytes === undefined){
-data120.spool_max_bytes = 268435456;
-}
-if(data120.segment_bytes === undefined){
-data120.segment_bytes = 4194304;
-}
-if(data120.on_full === undefined){
-data120.on_full = "refuse";
-}
-if(data120.batch_events === undefined){
-data120.batch_events = 1000;
-}
-if(data120.backoff_min_ms === undefined){
-data120.backoff_min_ms = 100;
-}
-if(data120.backoff_max_ms === undefined){
-data120.backoff_max_ms = 5000;
-}
-if(data120.close_timeout_ms === undefined){
-data120.close_timeout_ms = 2000;
-}
-if(data120.address === undefined){
-const err276 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
+let data121 = data119.env_prefix;
+if(typeof data121 === "string"){
+if(!pattern21.test(data121)){
+const err276 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err276];
 }
@@ -3630,8 +3603,9 @@ vErrors.push(err276);
 }
 errors++;
 }
-if(data120.sidecar_id === undefined){
-const err277 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
+}
+else {
+const err277 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err277];
 }
@@ -3640,9 +3614,9 @@ vErrors.push(err277);
 }
 errors++;
 }
-for(const key29 in data120){
-if(!(func2.call(schema11.properties.audit.properties.collector.properties, key29))){
-const err278 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
+}
+else {
+const err278 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err278];
 }
@@ -3651,12 +3625,17 @@ vErrors.push(err278);
 }
 errors++;
 }
+let data122 = data.audit;
+if(data122 && typeof data122 == "object" && !Array.isArray(data122)){
+if(data122.jsonl === undefined){
+data122.jsonl = {};
 }
-if(data120.address !== undefined){
-let data121 = data120.address;
-if(typeof data121 === "string"){
-if(!pattern22.test(data121)){
-const err279 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:[0-9]{1,5}$"},message:"must match pattern \""+"^[^\\s/]+:[0-9]{1,5}$"+"\""};
+if(data122.collector === undefined){
+data122.collector = null;
+}
+for(const key28 in data122){
+if(!((key28 === "jsonl") || (key28 === "collector"))){
+const err279 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err279];
 }
@@ -3666,8 +3645,17 @@ vErrors.push(err279);
 errors++;
 }
 }
-else {
-const err280 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data123 = data122.jsonl;
+if(data123 && typeof data123 == "object" && !Array.isArray(data123)){
+if(data123.path === undefined){
+data123.path = "latchkey-audit.jsonl";
+}
+if(data123.flush_ms === undefined){
+data123.flush_ms = 20;
+}
+for(const key29 in data123){
+if(!((key29 === "path") || (key29 === "flush_ms"))){
+const err280 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err280];
 }
@@ -3677,11 +3665,10 @@ vErrors.push(err280);
 errors++;
 }
 }
-if(data120.sidecar_id !== undefined){
-let data122 = data120.sidecar_id;
-if(typeof data122 === "string"){
-if(func4(data122) < 1){
-const err281 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data124 = data123.path;
+if(typeof data124 === "string"){
+if(func4(data124) < 1){
+const err281 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err281];
 }
@@ -3692,7 +3679,7 @@ errors++;
 }
 }
 else {
-const err282 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err282 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err282];
 }
@@ -3701,12 +3688,9 @@ vErrors.push(err282);
 }
 errors++;
 }
-}
-if(data120.token_secret !== undefined){
-let data123 = data120.token_secret;
-if(typeof data123 === "string"){
-if(func4(data123) < 1){
-const err283 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data125 = data123.flush_ms;
+if(!(((typeof data125 == "number") && (!(data125 % 1) && !isNaN(data125))) && (isFinite(data125)))){
+const err283 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err283];
 }
@@ -3715,9 +3699,9 @@ vErrors.push(err283);
 }
 errors++;
 }
-}
-else {
-const err284 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data125 == "number") && (isFinite(data125))){
+if(data125 > 3600000 || isNaN(data125)){
+const err284 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err284];
 }
@@ -3726,10 +3710,8 @@ vErrors.push(err284);
 }
 errors++;
 }
-}
-let data124 = data120.tls;
-if((!(data124 && typeof data124 == "object" && !Array.isArray(data124))) && (data124 !== null)){
-const err285 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
+if(data125 < 1 || isNaN(data125)){
+const err285 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err285];
 }
@@ -3738,9 +3720,10 @@ vErrors.push(err285);
 }
 errors++;
 }
-if(data124 && typeof data124 == "object" && !Array.isArray(data124)){
-if(data124.ca_file === undefined){
-const err286 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
+}
+}
+else {
+const err286 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err286];
 }
@@ -3749,8 +3732,9 @@ vErrors.push(err286);
 }
 errors++;
 }
-if(data124.cert_file === undefined){
-const err287 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+let data126 = data122.collector;
+if((!(data126 && typeof data126 == "object" && !Array.isArray(data126))) && (data126 !== null)){
+const err287 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err287];
 }
@@ -3759,8 +3743,36 @@ vErrors.push(err287);
 }
 errors++;
 }
-if(data124.key_file === undefined){
-const err288 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+if(data126 && typeof data126 == "object" && !Array.isArray(data126)){
+if(data126.tls === undefined){
+data126.tls = null;
+}
+if(data126.spool_dir === undefined){
+data126.spool_dir = "latchkey-spool";
+}
+if(data126.spool_max_bytes === undefined){
+data126.spool_max_bytes = 268435456;
+}
+if(data126.segment_bytes === undefined){
+data126.segment_bytes = 4194304;
+}
+if(data126.on_full === undefined){
+data126.on_full = "refuse";
+}
+if(data126.batch_events === undefined){
+data126.batch_events = 1000;
+}
+if(data126.backoff_min_ms === undefined){
+data126.backoff_min_ms = 100;
+}
+if(data126.backoff_max_ms === undefined){
+data126.backoff_max_ms = 5000;
+}
+if(data126.close_timeout_ms === undefined){
+data126.close_timeout_ms = 2000;
+}
+if(data126.address === undefined){
+const err288 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
 if(vErrors === null){
 vErrors = [err288];
 }
@@ -3769,9 +3781,8 @@ vErrors.push(err288);
 }
 errors++;
 }
-for(const key30 in data124){
-if(!(((key30 === "ca_file") || (key30 === "cert_file")) || (key30 === "key_file"))){
-const err289 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
+if(data126.sidecar_id === undefined){
+const err289 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
 if(vErrors === null){
 vErrors = [err289];
 }
@@ -3780,12 +3791,9 @@ vErrors.push(err289);
 }
 errors++;
 }
-}
-if(data124.ca_file !== undefined){
-let data125 = data124.ca_file;
-if(typeof data125 === "string"){
-if(func4(data125) < 1){
-const err290 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key30 in data126){
+if(!(func2.call(schema11.properties.audit.properties.collector.properties, key30))){
+const err290 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err290];
 }
@@ -3795,8 +3803,11 @@ vErrors.push(err290);
 errors++;
 }
 }
-else {
-const err291 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data126.address !== undefined){
+let data127 = data126.address;
+if(typeof data127 === "string"){
+if(!pattern22.test(data127)){
+const err291 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:[0-9]{1,5}$"},message:"must match pattern \""+"^[^\\s/]+:[0-9]{1,5}$"+"\""};
 if(vErrors === null){
 vErrors = [err291];
 }
@@ -3806,11 +3817,8 @@ vErrors.push(err291);
 errors++;
 }
 }
-if(data124.cert_file !== undefined){
-let data126 = data124.cert_file;
-if(typeof data126 === "string"){
-if(func4(data126) < 1){
-const err292 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err292 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err292];
 }
@@ -3820,8 +3828,11 @@ vErrors.push(err292);
 errors++;
 }
 }
-else {
-const err293 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data126.sidecar_id !== undefined){
+let data128 = data126.sidecar_id;
+if(typeof data128 === "string"){
+if(func4(data128) < 1){
+const err293 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err293];
 }
@@ -3831,11 +3842,8 @@ vErrors.push(err293);
 errors++;
 }
 }
-if(data124.key_file !== undefined){
-let data127 = data124.key_file;
-if(typeof data127 === "string"){
-if(func4(data127) < 1){
-const err294 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err294 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err294];
 }
@@ -3845,8 +3853,11 @@ vErrors.push(err294);
 errors++;
 }
 }
-else {
-const err295 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data126.token_secret !== undefined){
+let data129 = data126.token_secret;
+if(typeof data129 === "string"){
+if(func4(data129) < 1){
+const err295 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err295];
 }
@@ -3856,11 +3867,8 @@ vErrors.push(err295);
 errors++;
 }
 }
-}
-let data128 = data120.spool_dir;
-if(typeof data128 === "string"){
-if(func4(data128) < 1){
-const err296 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err296 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err296];
 }
@@ -3870,8 +3878,9 @@ vErrors.push(err296);
 errors++;
 }
 }
-else {
-const err297 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data130 = data126.tls;
+if((!(data130 && typeof data130 == "object" && !Array.isArray(data130))) && (data130 !== null)){
+const err297 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err297];
 }
@@ -3880,9 +3889,9 @@ vErrors.push(err297);
 }
 errors++;
 }
-let data129 = data120.spool_max_bytes;
-if(!(((typeof data129 == "number") && (!(data129 % 1) && !isNaN(data129))) && (isFinite(data129)))){
-const err298 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data130 && typeof data130 == "object" && !Array.isArray(data130)){
+if(data130.ca_file === undefined){
+const err298 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
 if(vErrors === null){
 vErrors = [err298];
 }
@@ -3891,9 +3900,8 @@ vErrors.push(err298);
 }
 errors++;
 }
-if((typeof data129 == "number") && (isFinite(data129))){
-if(data129 < 65536 || isNaN(data129)){
-const err299 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
+if(data130.cert_file === undefined){
+const err299 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err299];
 }
@@ -3902,10 +3910,8 @@ vErrors.push(err299);
 }
 errors++;
 }
-}
-let data130 = data120.segment_bytes;
-if(!(((typeof data130 == "number") && (!(data130 % 1) && !isNaN(data130))) && (isFinite(data130)))){
-const err300 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data130.key_file === undefined){
+const err300 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err300];
 }
@@ -3914,9 +3920,9 @@ vErrors.push(err300);
 }
 errors++;
 }
-if((typeof data130 == "number") && (isFinite(data130))){
-if(data130 < 4096 || isNaN(data130)){
-const err301 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
+for(const key31 in data130){
+if(!(((key31 === "ca_file") || (key31 === "cert_file")) || (key31 === "key_file"))){
+const err301 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err301];
 }
@@ -3926,9 +3932,11 @@ vErrors.push(err301);
 errors++;
 }
 }
-let data131 = data120.on_full;
-if(!((data131 === "refuse") || (data131 === "drop"))){
-const err302 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
+if(data130.ca_file !== undefined){
+let data131 = data130.ca_file;
+if(typeof data131 === "string"){
+if(func4(data131) < 1){
+const err302 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err302];
 }
@@ -3937,9 +3945,9 @@ vErrors.push(err302);
 }
 errors++;
 }
-let data132 = data120.batch_events;
-if(!(((typeof data132 == "number") && (!(data132 % 1) && !isNaN(data132))) && (isFinite(data132)))){
-const err303 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err303 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err303];
 }
@@ -3948,9 +3956,12 @@ vErrors.push(err303);
 }
 errors++;
 }
-if((typeof data132 == "number") && (isFinite(data132))){
-if(data132 > 10000 || isNaN(data132)){
-const err304 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
+}
+if(data130.cert_file !== undefined){
+let data132 = data130.cert_file;
+if(typeof data132 === "string"){
+if(func4(data132) < 1){
+const err304 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err304];
 }
@@ -3959,8 +3970,9 @@ vErrors.push(err304);
 }
 errors++;
 }
-if(data132 < 1 || isNaN(data132)){
-const err305 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+else {
+const err305 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err305];
 }
@@ -3970,9 +3982,11 @@ vErrors.push(err305);
 errors++;
 }
 }
-let data133 = data120.backoff_min_ms;
-if(!(((typeof data133 == "number") && (!(data133 % 1) && !isNaN(data133))) && (isFinite(data133)))){
-const err306 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data130.key_file !== undefined){
+let data133 = data130.key_file;
+if(typeof data133 === "string"){
+if(func4(data133) < 1){
+const err306 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err306];
 }
@@ -3981,9 +3995,9 @@ vErrors.push(err306);
 }
 errors++;
 }
-if((typeof data133 == "number") && (isFinite(data133))){
-if(data133 > 3600000 || isNaN(data133)){
-const err307 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+else {
+const err307 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err307];
 }
@@ -3992,8 +4006,12 @@ vErrors.push(err307);
 }
 errors++;
 }
-if(data133 < 1 || isNaN(data133)){
-const err308 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+}
+let data134 = data126.spool_dir;
+if(typeof data134 === "string"){
+if(func4(data134) < 1){
+const err308 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err308];
 }
@@ -4003,9 +4021,8 @@ vErrors.push(err308);
 errors++;
 }
 }
-let data134 = data120.backoff_max_ms;
-if(!(((typeof data134 == "number") && (!(data134 % 1) && !isNaN(data134))) && (isFinite(data134)))){
-const err309 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err309 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err309];
 }
@@ -4014,9 +4031,9 @@ vErrors.push(err309);
 }
 errors++;
 }
-if((typeof data134 == "number") && (isFinite(data134))){
-if(data134 > 3600000 || isNaN(data134)){
-const err310 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+let data135 = data126.spool_max_bytes;
+if(!(((typeof data135 == "number") && (!(data135 % 1) && !isNaN(data135))) && (isFinite(data135)))){
+const err310 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err310];
 }
@@ -4025,8 +4042,9 @@ vErrors.push(err310);
 }
 errors++;
 }
-if(data134 < 1 || isNaN(data134)){
-const err311 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data135 == "number") && (isFinite(data135))){
+if(data135 < 65536 || isNaN(data135)){
+const err311 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
 if(vErrors === null){
 vErrors = [err311];
 }
@@ -4036,9 +4054,9 @@ vErrors.push(err311);
 errors++;
 }
 }
-let data135 = data120.close_timeout_ms;
-if(!(((typeof data135 == "number") && (!(data135 % 1) && !isNaN(data135))) && (isFinite(data135)))){
-const err312 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+let data136 = data126.segment_bytes;
+if(!(((typeof data136 == "number") && (!(data136 % 1) && !isNaN(data136))) && (isFinite(data136)))){
+const err312 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err312];
 }
@@ -4047,9 +4065,9 @@ vErrors.push(err312);
 }
 errors++;
 }
-if((typeof data135 == "number") && (isFinite(data135))){
-if(data135 > 3600000 || isNaN(data135)){
-const err313 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if((typeof data136 == "number") && (isFinite(data136))){
+if(data136 < 4096 || isNaN(data136)){
+const err313 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
 if(vErrors === null){
 vErrors = [err313];
 }
@@ -4058,8 +4076,10 @@ vErrors.push(err313);
 }
 errors++;
 }
-if(data135 < 0 || isNaN(data135)){
-const err314 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+let data137 = data126.on_full;
+if(!((data137 === "refuse") || (data137 === "drop"))){
+const err314 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err314];
 }
@@ -4068,11 +4088,9 @@ vErrors.push(err314);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err315 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data138 = data126.batch_events;
+if(!(((typeof data138 == "number") && (!(data138 % 1) && !isNaN(data138))) && (isFinite(data138)))){
+const err315 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err315];
 }
@@ -4081,14 +4099,9 @@ vErrors.push(err315);
 }
 errors++;
 }
-let data136 = data.log;
-if(data136 && typeof data136 == "object" && !Array.isArray(data136)){
-if(data136.level === undefined){
-data136.level = "info";
-}
-for(const key31 in data136){
-if(!(key31 === "level")){
-const err316 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
+if((typeof data138 == "number") && (isFinite(data138))){
+if(data138 > 10000 || isNaN(data138)){
+const err316 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
 if(vErrors === null){
 vErrors = [err316];
 }
@@ -4097,10 +4110,8 @@ vErrors.push(err316);
 }
 errors++;
 }
-}
-let data137 = data136.level;
-if(!(((((((data137 === "fatal") || (data137 === "error")) || (data137 === "warn")) || (data137 === "info")) || (data137 === "debug")) || (data137 === "trace")) || (data137 === "silent"))){
-const err317 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
+if(data138 < 1 || isNaN(data138)){
+const err317 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err317];
 }
@@ -4110,8 +4121,9 @@ vErrors.push(err317);
 errors++;
 }
 }
-else {
-const err318 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data139 = data126.backoff_min_ms;
+if(!(((typeof data139 == "number") && (!(data139 % 1) && !isNaN(data139))) && (isFinite(data139)))){
+const err318 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err318];
 }
@@ -4120,38 +4132,9 @@ vErrors.push(err318);
 }
 errors++;
 }
-if(data.broker !== undefined){
-let data138 = data.broker;
-if(data138 && typeof data138 == "object" && !Array.isArray(data138)){
-if(data138.listen === undefined){
-data138.listen = {};
-}
-if(data138.keys === undefined){
-data138.keys = {};
-}
-if(data138.tokens === undefined){
-data138.tokens = {};
-}
-if(data138.attestors === undefined){
-data138.attestors = {};
-}
-if(data138.store === undefined){
-data138.store = {};
-}
-if(data138.admin_token_env === undefined){
-data138.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
-}
-if(data138.introspection_clients === undefined){
-data138.introspection_clients = {};
-}
-if(data138.leased_secrets === undefined){
-data138.leased_secrets = {};
-}
-if(data138.events === undefined){
-data138.events = {};
-}
-if(data138.issuer === undefined){
-const err319 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+if((typeof data139 == "number") && (isFinite(data139))){
+if(data139 > 3600000 || isNaN(data139)){
+const err319 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err319];
 }
@@ -4160,8 +4143,8 @@ vErrors.push(err319);
 }
 errors++;
 }
-if(data138.registry_file === undefined){
-const err320 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
+if(data139 < 1 || isNaN(data139)){
+const err320 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err320];
 }
@@ -4170,9 +4153,10 @@ vErrors.push(err320);
 }
 errors++;
 }
-for(const key32 in data138){
-if(!(func2.call(schema11.properties.broker.properties, key32))){
-const err321 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
+}
+let data140 = data126.backoff_max_ms;
+if(!(((typeof data140 == "number") && (!(data140 % 1) && !isNaN(data140))) && (isFinite(data140)))){
+const err321 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err321];
 }
@@ -4181,12 +4165,9 @@ vErrors.push(err321);
 }
 errors++;
 }
-}
-if(data138.issuer !== undefined){
-let data139 = data138.issuer;
-if(typeof data139 === "string"){
-if(!pattern1.test(data139)){
-const err322 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if((typeof data140 == "number") && (isFinite(data140))){
+if(data140 > 3600000 || isNaN(data140)){
+const err322 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err322];
 }
@@ -4195,9 +4176,8 @@ vErrors.push(err322);
 }
 errors++;
 }
-}
-else {
-const err323 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data140 < 1 || isNaN(data140)){
+const err323 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err323];
 }
@@ -4207,11 +4187,9 @@ vErrors.push(err323);
 errors++;
 }
 }
-if(data138.audience !== undefined){
-let data140 = data138.audience;
-if(typeof data140 === "string"){
-if(func4(data140) < 1){
-const err324 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data141 = data126.close_timeout_ms;
+if(!(((typeof data141 == "number") && (!(data141 % 1) && !isNaN(data141))) && (isFinite(data141)))){
+const err324 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err324];
 }
@@ -4220,9 +4198,9 @@ vErrors.push(err324);
 }
 errors++;
 }
-}
-else {
-const err325 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data141 == "number") && (isFinite(data141))){
+if(data141 > 3600000 || isNaN(data141)){
+const err325 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err325];
 }
@@ -4231,18 +4209,8 @@ vErrors.push(err325);
 }
 errors++;
 }
-}
-let data141 = data138.listen;
-if(data141 && typeof data141 == "object" && !Array.isArray(data141)){
-if(data141.host === undefined){
-data141.host = "127.0.0.1";
-}
-if(data141.port === undefined){
-data141.port = 15003;
-}
-for(const key33 in data141){
-if(!((key33 === "host") || (key33 === "port"))){
-const err326 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
+if(data141 < 0 || isNaN(data141)){
+const err326 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err326];
 }
@@ -4252,10 +4220,10 @@ vErrors.push(err326);
 errors++;
 }
 }
-let data142 = data141.host;
-if(typeof data142 === "string"){
-if(func4(data142) < 1){
-const err327 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+}
+else {
+const err327 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err327];
 }
@@ -4264,9 +4232,14 @@ vErrors.push(err327);
 }
 errors++;
 }
+let data142 = data.log;
+if(data142 && typeof data142 == "object" && !Array.isArray(data142)){
+if(data142.level === undefined){
+data142.level = "info";
 }
-else {
-const err328 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key32 in data142){
+if(!(key32 === "level")){
+const err328 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err328];
 }
@@ -4275,9 +4248,10 @@ vErrors.push(err328);
 }
 errors++;
 }
-let data143 = data141.port;
-if(!(((typeof data143 == "number") && (!(data143 % 1) && !isNaN(data143))) && (isFinite(data143)))){
-const err329 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data143 = data142.level;
+if(!(((((((data143 === "fatal") || (data143 === "error")) || (data143 === "warn")) || (data143 === "info")) || (data143 === "debug")) || (data143 === "trace")) || (data143 === "silent"))){
+const err329 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err329];
 }
@@ -4286,9 +4260,9 @@ vErrors.push(err329);
 }
 errors++;
 }
-if((typeof data143 == "number") && (isFinite(data143))){
-if(data143 > 65535 || isNaN(data143)){
-const err330 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+else {
+const err330 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err330];
 }
@@ -4297,8 +4271,38 @@ vErrors.push(err330);
 }
 errors++;
 }
-if(data143 < 0 || isNaN(data143)){
-const err331 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if(data.broker !== undefined){
+let data144 = data.broker;
+if(data144 && typeof data144 == "object" && !Array.isArray(data144)){
+if(data144.listen === undefined){
+data144.listen = {};
+}
+if(data144.keys === undefined){
+data144.keys = {};
+}
+if(data144.tokens === undefined){
+data144.tokens = {};
+}
+if(data144.attestors === undefined){
+data144.attestors = {};
+}
+if(data144.store === undefined){
+data144.store = {};
+}
+if(data144.admin_token_env === undefined){
+data144.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
+}
+if(data144.introspection_clients === undefined){
+data144.introspection_clients = {};
+}
+if(data144.leased_secrets === undefined){
+data144.leased_secrets = {};
+}
+if(data144.events === undefined){
+data144.events = {};
+}
+if(data144.issuer === undefined){
+const err331 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err331];
 }
@@ -4307,10 +4311,8 @@ vErrors.push(err331);
 }
 errors++;
 }
-}
-}
-else {
-const err332 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data144.registry_file === undefined){
+const err332 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
 if(vErrors === null){
 vErrors = [err332];
 }
@@ -4319,20 +4321,9 @@ vErrors.push(err332);
 }
 errors++;
 }
-let data144 = data138.keys;
-if(data144 && typeof data144 == "object" && !Array.isArray(data144)){
-if(data144.dir === undefined){
-data144.dir = ".latchkey/broker-keys";
-}
-if(data144.alg === undefined){
-data144.alg = "ES256";
-}
-if(data144.rotate_after_s === undefined){
-data144.rotate_after_s = 86400;
-}
-for(const key34 in data144){
-if(!(((key34 === "dir") || (key34 === "alg")) || (key34 === "rotate_after_s"))){
-const err333 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
+for(const key33 in data144){
+if(!(func2.call(schema11.properties.broker.properties, key33))){
+const err333 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err333];
 }
@@ -4342,10 +4333,11 @@ vErrors.push(err333);
 errors++;
 }
 }
-let data145 = data144.dir;
+if(data144.issuer !== undefined){
+let data145 = data144.issuer;
 if(typeof data145 === "string"){
-if(func4(data145) < 1){
-const err334 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(!pattern1.test(data145)){
+const err334 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err334];
 }
@@ -4356,7 +4348,7 @@ errors++;
 }
 }
 else {
-const err335 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err335 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err335];
 }
@@ -4365,9 +4357,12 @@ vErrors.push(err335);
 }
 errors++;
 }
-let data146 = data144.alg;
-if(!((data146 === "ES256") || (data146 === "EdDSA"))){
-const err336 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
+}
+if(data144.audience !== undefined){
+let data146 = data144.audience;
+if(typeof data146 === "string"){
+if(func4(data146) < 1){
+const err336 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err336];
 }
@@ -4376,9 +4371,9 @@ vErrors.push(err336);
 }
 errors++;
 }
-let data147 = data144.rotate_after_s;
-if(!(((typeof data147 == "number") && (!(data147 % 1) && !isNaN(data147))) && (isFinite(data147)))){
-const err337 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err337 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err337];
 }
@@ -4387,9 +4382,18 @@ vErrors.push(err337);
 }
 errors++;
 }
-if((typeof data147 == "number") && (isFinite(data147))){
-if(data147 > 31536000 || isNaN(data147)){
-const err338 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+}
+let data147 = data144.listen;
+if(data147 && typeof data147 == "object" && !Array.isArray(data147)){
+if(data147.host === undefined){
+data147.host = "127.0.0.1";
+}
+if(data147.port === undefined){
+data147.port = 15003;
+}
+for(const key34 in data147){
+if(!((key34 === "host") || (key34 === "port"))){
+const err338 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err338];
 }
@@ -4398,8 +4402,11 @@ vErrors.push(err338);
 }
 errors++;
 }
-if(data147 < 60 || isNaN(data147)){
-const err339 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+}
+let data148 = data147.host;
+if(typeof data148 === "string"){
+if(func4(data148) < 1){
+const err339 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err339];
 }
@@ -4409,9 +4416,8 @@ vErrors.push(err339);
 errors++;
 }
 }
-}
 else {
-const err340 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err340 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err340];
 }
@@ -4420,11 +4426,9 @@ vErrors.push(err340);
 }
 errors++;
 }
-if(data138.registry_file !== undefined){
-let data148 = data138.registry_file;
-if(typeof data148 === "string"){
-if(func4(data148) < 1){
-const err341 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data149 = data147.port;
+if(!(((typeof data149 == "number") && (!(data149 % 1) && !isNaN(data149))) && (isFinite(data149)))){
+const err341 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err341];
 }
@@ -4433,9 +4437,9 @@ vErrors.push(err341);
 }
 errors++;
 }
-}
-else {
-const err342 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data149 == "number") && (isFinite(data149))){
+if(data149 > 65535 || isNaN(data149)){
+const err342 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err342];
 }
@@ -4444,21 +4448,8 @@ vErrors.push(err342);
 }
 errors++;
 }
-}
-let data149 = data138.tokens;
-if(data149 && typeof data149 == "object" && !Array.isArray(data149)){
-if(data149.floor_s === undefined){
-data149.floor_s = 60;
-}
-if(data149.default_duration_s === undefined){
-data149.default_duration_s = 300;
-}
-if(data149.max_body_bytes === undefined){
-data149.max_body_bytes = 65536;
-}
-for(const key35 in data149){
-if(!(((key35 === "floor_s") || (key35 === "default_duration_s")) || (key35 === "max_body_bytes"))){
-const err343 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
+if(data149 < 0 || isNaN(data149)){
+const err343 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err343];
 }
@@ -4468,9 +4459,9 @@ vErrors.push(err343);
 errors++;
 }
 }
-let data150 = data149.floor_s;
-if(!(((typeof data150 == "number") && (!(data150 % 1) && !isNaN(data150))) && (isFinite(data150)))){
-const err344 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err344 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err344];
 }
@@ -4479,9 +4470,20 @@ vErrors.push(err344);
 }
 errors++;
 }
-if((typeof data150 == "number") && (isFinite(data150))){
-if(data150 > 86400 || isNaN(data150)){
-const err345 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+let data150 = data144.keys;
+if(data150 && typeof data150 == "object" && !Array.isArray(data150)){
+if(data150.dir === undefined){
+data150.dir = ".latchkey/broker-keys";
+}
+if(data150.alg === undefined){
+data150.alg = "ES256";
+}
+if(data150.rotate_after_s === undefined){
+data150.rotate_after_s = 86400;
+}
+for(const key35 in data150){
+if(!(((key35 === "dir") || (key35 === "alg")) || (key35 === "rotate_after_s"))){
+const err345 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err345];
 }
@@ -4490,8 +4492,11 @@ vErrors.push(err345);
 }
 errors++;
 }
-if(data150 < 1 || isNaN(data150)){
-const err346 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data151 = data150.dir;
+if(typeof data151 === "string"){
+if(func4(data151) < 1){
+const err346 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err346];
 }
@@ -4501,9 +4506,8 @@ vErrors.push(err346);
 errors++;
 }
 }
-let data151 = data149.default_duration_s;
-if(!(((typeof data151 == "number") && (!(data151 % 1) && !isNaN(data151))) && (isFinite(data151)))){
-const err347 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err347 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err347];
 }
@@ -4512,9 +4516,9 @@ vErrors.push(err347);
 }
 errors++;
 }
-if((typeof data151 == "number") && (isFinite(data151))){
-if(data151 > 86400 || isNaN(data151)){
-const err348 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+let data152 = data150.alg;
+if(!((data152 === "ES256") || (data152 === "EdDSA"))){
+const err348 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err348];
 }
@@ -4523,8 +4527,9 @@ vErrors.push(err348);
 }
 errors++;
 }
-if(data151 < 1 || isNaN(data151)){
-const err349 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+let data153 = data150.rotate_after_s;
+if(!(((typeof data153 == "number") && (!(data153 % 1) && !isNaN(data153))) && (isFinite(data153)))){
+const err349 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err349];
 }
@@ -4533,10 +4538,9 @@ vErrors.push(err349);
 }
 errors++;
 }
-}
-let data152 = data149.max_body_bytes;
-if(!(((typeof data152 == "number") && (!(data152 % 1) && !isNaN(data152))) && (isFinite(data152)))){
-const err350 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data153 == "number") && (isFinite(data153))){
+if(data153 > 31536000 || isNaN(data153)){
+const err350 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err350];
 }
@@ -4545,9 +4549,8 @@ vErrors.push(err350);
 }
 errors++;
 }
-if((typeof data152 == "number") && (isFinite(data152))){
-if(data152 > 1048576 || isNaN(data152)){
-const err351 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
+if(data153 < 60 || isNaN(data153)){
+const err351 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err351];
 }
@@ -4556,8 +4559,10 @@ vErrors.push(err351);
 }
 errors++;
 }
-if(data152 < 1024 || isNaN(data152)){
-const err352 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+}
+}
+else {
+const err352 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err352];
 }
@@ -4566,10 +4571,11 @@ vErrors.push(err352);
 }
 errors++;
 }
-}
-}
-else {
-const err353 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data144.registry_file !== undefined){
+let data154 = data144.registry_file;
+if(typeof data154 === "string"){
+if(func4(data154) < 1){
+const err353 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err353];
 }
@@ -4578,14 +4584,9 @@ vErrors.push(err353);
 }
 errors++;
 }
-if(data138.users !== undefined){
-let data153 = data138.users;
-if(data153 && typeof data153 == "object" && !Array.isArray(data153)){
-if(data153.scope_claim === undefined){
-data153.scope_claim = "scope";
 }
-if(data153.issuer === undefined){
-const err354 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+else {
+const err354 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err354];
 }
@@ -4594,8 +4595,21 @@ vErrors.push(err354);
 }
 errors++;
 }
-if(data153.audience === undefined){
-const err355 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+}
+let data155 = data144.tokens;
+if(data155 && typeof data155 == "object" && !Array.isArray(data155)){
+if(data155.floor_s === undefined){
+data155.floor_s = 60;
+}
+if(data155.default_duration_s === undefined){
+data155.default_duration_s = 300;
+}
+if(data155.max_body_bytes === undefined){
+data155.max_body_bytes = 65536;
+}
+for(const key36 in data155){
+if(!(((key36 === "floor_s") || (key36 === "default_duration_s")) || (key36 === "max_body_bytes"))){
+const err355 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err355];
 }
@@ -4604,9 +4618,10 @@ vErrors.push(err355);
 }
 errors++;
 }
-for(const key36 in data153){
-if(!(((((key36 === "issuer") || (key36 === "audience")) || (key36 === "scope_claim")) || (key36 === "jwks_file")) || (key36 === "jwks_url"))){
-const err356 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
+}
+let data156 = data155.floor_s;
+if(!(((typeof data156 == "number") && (!(data156 % 1) && !isNaN(data156))) && (isFinite(data156)))){
+const err356 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err356];
 }
@@ -4615,12 +4630,9 @@ vErrors.push(err356);
 }
 errors++;
 }
-}
-if(data153.issuer !== undefined){
-let data154 = data153.issuer;
-if(typeof data154 === "string"){
-if(func4(data154) < 1){
-const err357 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if((typeof data156 == "number") && (isFinite(data156))){
+if(data156 > 86400 || isNaN(data156)){
+const err357 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err357];
 }
@@ -4629,9 +4641,8 @@ vErrors.push(err357);
 }
 errors++;
 }
-}
-else {
-const err358 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data156 < 1 || isNaN(data156)){
+const err358 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err358];
 }
@@ -4641,11 +4652,9 @@ vErrors.push(err358);
 errors++;
 }
 }
-if(data153.audience !== undefined){
-let data155 = data153.audience;
-if(typeof data155 === "string"){
-if(func4(data155) < 1){
-const err359 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data157 = data155.default_duration_s;
+if(!(((typeof data157 == "number") && (!(data157 % 1) && !isNaN(data157))) && (isFinite(data157)))){
+const err359 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err359];
 }
@@ -4654,9 +4663,9 @@ vErrors.push(err359);
 }
 errors++;
 }
-}
-else {
-const err360 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data157 == "number") && (isFinite(data157))){
+if(data157 > 86400 || isNaN(data157)){
+const err360 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err360];
 }
@@ -4665,11 +4674,8 @@ vErrors.push(err360);
 }
 errors++;
 }
-}
-let data156 = data153.scope_claim;
-if(typeof data156 === "string"){
-if(func4(data156) < 1){
-const err361 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data157 < 1 || isNaN(data157)){
+const err361 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err361];
 }
@@ -4679,8 +4685,9 @@ vErrors.push(err361);
 errors++;
 }
 }
-else {
-const err362 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data158 = data155.max_body_bytes;
+if(!(((typeof data158 == "number") && (!(data158 % 1) && !isNaN(data158))) && (isFinite(data158)))){
+const err362 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err362];
 }
@@ -4689,11 +4696,9 @@ vErrors.push(err362);
 }
 errors++;
 }
-if(data153.jwks_file !== undefined){
-let data157 = data153.jwks_file;
-if(typeof data157 === "string"){
-if(func4(data157) < 1){
-const err363 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if((typeof data158 == "number") && (isFinite(data158))){
+if(data158 > 1048576 || isNaN(data158)){
+const err363 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
 if(vErrors === null){
 vErrors = [err363];
 }
@@ -4702,9 +4707,8 @@ vErrors.push(err363);
 }
 errors++;
 }
-}
-else {
-const err364 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data158 < 1024 || isNaN(data158)){
+const err364 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err364];
 }
@@ -4714,11 +4718,9 @@ vErrors.push(err364);
 errors++;
 }
 }
-if(data153.jwks_url !== undefined){
-let data158 = data153.jwks_url;
-if(typeof data158 === "string"){
-if(!pattern1.test(data158)){
-const err365 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+}
+else {
+const err365 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err365];
 }
@@ -4727,9 +4729,14 @@ vErrors.push(err365);
 }
 errors++;
 }
+if(data144.users !== undefined){
+let data159 = data144.users;
+if(data159 && typeof data159 == "object" && !Array.isArray(data159)){
+if(data159.scope_claim === undefined){
+data159.scope_claim = "scope";
 }
-else {
-const err366 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data159.issuer === undefined){
+const err366 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err366];
 }
@@ -4738,10 +4745,8 @@ vErrors.push(err366);
 }
 errors++;
 }
-}
-}
-else {
-const err367 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data159.audience === undefined){
+const err367 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err367];
 }
@@ -4750,12 +4755,9 @@ vErrors.push(err367);
 }
 errors++;
 }
-}
-let data159 = data138.attestors;
-if(data159 && typeof data159 == "object" && !Array.isArray(data159)){
 for(const key37 in data159){
-if(!(((key37 === "kubernetes") || (key37 === "spiffe")) || (key37 === "local"))){
-const err368 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
+if(!(((((key37 === "issuer") || (key37 === "audience")) || (key37 === "scope_claim")) || (key37 === "jwks_file")) || (key37 === "jwks_url"))){
+const err368 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err368];
 }
@@ -4765,11 +4767,11 @@ vErrors.push(err368);
 errors++;
 }
 }
-if(data159.kubernetes !== undefined){
-let data160 = data159.kubernetes;
-if(data160 && typeof data160 == "object" && !Array.isArray(data160)){
-if(data160.issuer === undefined){
-const err369 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+if(data159.issuer !== undefined){
+let data160 = data159.issuer;
+if(typeof data160 === "string"){
+if(func4(data160) < 1){
+const err369 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err369];
 }
@@ -4778,9 +4780,9 @@ vErrors.push(err369);
 }
 errors++;
 }
-for(const key38 in data160){
-if(!((((key38 === "issuer") || (key38 === "audience")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
-const err370 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
+}
+else {
+const err370 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err370];
 }
@@ -4790,11 +4792,11 @@ vErrors.push(err370);
 errors++;
 }
 }
-if(data160.issuer !== undefined){
-let data161 = data160.issuer;
+if(data159.audience !== undefined){
+let data161 = data159.audience;
 if(typeof data161 === "string"){
 if(func4(data161) < 1){
-const err371 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err371 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err371];
 }
@@ -4805,7 +4807,7 @@ errors++;
 }
 }
 else {
-const err372 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err372 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err372];
 }
@@ -4815,11 +4817,10 @@ vErrors.push(err372);
 errors++;
 }
 }
-if(data160.audience !== undefined){
-let data162 = data160.audience;
+let data162 = data159.scope_claim;
 if(typeof data162 === "string"){
 if(func4(data162) < 1){
-const err373 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err373 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err373];
 }
@@ -4830,7 +4831,7 @@ errors++;
 }
 }
 else {
-const err374 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err374 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err374];
 }
@@ -4839,12 +4840,11 @@ vErrors.push(err374);
 }
 errors++;
 }
-}
-if(data160.jwks_file !== undefined){
-let data163 = data160.jwks_file;
+if(data159.jwks_file !== undefined){
+let data163 = data159.jwks_file;
 if(typeof data163 === "string"){
 if(func4(data163) < 1){
-const err375 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err375 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err375];
 }
@@ -4855,7 +4855,7 @@ errors++;
 }
 }
 else {
-const err376 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err376 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err376];
 }
@@ -4865,11 +4865,11 @@ vErrors.push(err376);
 errors++;
 }
 }
-if(data160.jwks_url !== undefined){
-let data164 = data160.jwks_url;
+if(data159.jwks_url !== undefined){
+let data164 = data159.jwks_url;
 if(typeof data164 === "string"){
 if(!pattern1.test(data164)){
-const err377 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+const err377 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err377];
 }
@@ -4880,7 +4880,7 @@ errors++;
 }
 }
 else {
-const err378 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err378 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err378];
 }
@@ -4892,7 +4892,7 @@ errors++;
 }
 }
 else {
-const err379 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err379 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err379];
 }
@@ -4902,11 +4902,11 @@ vErrors.push(err379);
 errors++;
 }
 }
-if(data159.spiffe !== undefined){
-let data165 = data159.spiffe;
+let data165 = data144.attestors;
 if(data165 && typeof data165 == "object" && !Array.isArray(data165)){
-if(data165.trust_domain === undefined){
-const err380 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
+for(const key38 in data165){
+if(!(((key38 === "kubernetes") || (key38 === "spiffe")) || (key38 === "local"))){
+const err380 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err380];
 }
@@ -4915,9 +4915,12 @@ vErrors.push(err380);
 }
 errors++;
 }
-for(const key39 in data165){
-if(!((((key39 === "trust_domain") || (key39 === "audience")) || (key39 === "jwks_file")) || (key39 === "jwks_url"))){
-const err381 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
+}
+if(data165.kubernetes !== undefined){
+let data166 = data165.kubernetes;
+if(data166 && typeof data166 == "object" && !Array.isArray(data166)){
+if(data166.issuer === undefined){
+const err381 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err381];
 }
@@ -4926,12 +4929,9 @@ vErrors.push(err381);
 }
 errors++;
 }
-}
-if(data165.trust_domain !== undefined){
-let data166 = data165.trust_domain;
-if(typeof data166 === "string"){
-if(!pattern26.test(data166)){
-const err382 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
+for(const key39 in data166){
+if(!((((key39 === "issuer") || (key39 === "audience")) || (key39 === "jwks_file")) || (key39 === "jwks_url"))){
+const err382 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err382];
 }
@@ -4941,8 +4941,11 @@ vErrors.push(err382);
 errors++;
 }
 }
-else {
-const err383 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data166.issuer !== undefined){
+let data167 = data166.issuer;
+if(typeof data167 === "string"){
+if(func4(data167) < 1){
+const err383 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err383];
 }
@@ -4952,11 +4955,8 @@ vErrors.push(err383);
 errors++;
 }
 }
-if(data165.audience !== undefined){
-let data167 = data165.audience;
-if(typeof data167 === "string"){
-if(func4(data167) < 1){
-const err384 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err384 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err384];
 }
@@ -4966,8 +4966,11 @@ vErrors.push(err384);
 errors++;
 }
 }
-else {
-const err385 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data166.audience !== undefined){
+let data168 = data166.audience;
+if(typeof data168 === "string"){
+if(func4(data168) < 1){
+const err385 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err385];
 }
@@ -4977,11 +4980,8 @@ vErrors.push(err385);
 errors++;
 }
 }
-if(data165.jwks_file !== undefined){
-let data168 = data165.jwks_file;
-if(typeof data168 === "string"){
-if(func4(data168) < 1){
-const err386 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err386 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err386];
 }
@@ -4991,8 +4991,11 @@ vErrors.push(err386);
 errors++;
 }
 }
-else {
-const err387 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data166.jwks_file !== undefined){
+let data169 = data166.jwks_file;
+if(typeof data169 === "string"){
+if(func4(data169) < 1){
+const err387 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err387];
 }
@@ -5002,11 +5005,8 @@ vErrors.push(err387);
 errors++;
 }
 }
-if(data165.jwks_url !== undefined){
-let data169 = data165.jwks_url;
-if(typeof data169 === "string"){
-if(!pattern1.test(data169)){
-const err388 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+else {
+const err388 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err388];
 }
@@ -5016,8 +5016,11 @@ vErrors.push(err388);
 errors++;
 }
 }
-else {
-const err389 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data166.jwks_url !== undefined){
+let data170 = data166.jwks_url;
+if(typeof data170 === "string"){
+if(!pattern1.test(data170)){
+const err389 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err389];
 }
@@ -5027,9 +5030,8 @@ vErrors.push(err389);
 errors++;
 }
 }
-}
 else {
-const err390 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err390 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err390];
 }
@@ -5039,11 +5041,9 @@ vErrors.push(err390);
 errors++;
 }
 }
-if(data159.local !== undefined){
-let data170 = data159.local;
-if(data170 && typeof data170 == "object" && !Array.isArray(data170)){
-if(data170.keys_file === undefined){
-const err391 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
+}
+else {
+const err391 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err391];
 }
@@ -5052,9 +5052,12 @@ vErrors.push(err391);
 }
 errors++;
 }
-for(const key40 in data170){
-if(!(key40 === "keys_file")){
-const err392 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
+}
+if(data165.spiffe !== undefined){
+let data171 = data165.spiffe;
+if(data171 && typeof data171 == "object" && !Array.isArray(data171)){
+if(data171.trust_domain === undefined){
+const err392 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
 if(vErrors === null){
 vErrors = [err392];
 }
@@ -5063,12 +5066,9 @@ vErrors.push(err392);
 }
 errors++;
 }
-}
-if(data170.keys_file !== undefined){
-let data171 = data170.keys_file;
-if(typeof data171 === "string"){
-if(func4(data171) < 1){
-const err393 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key40 in data171){
+if(!((((key40 === "trust_domain") || (key40 === "audience")) || (key40 === "jwks_file")) || (key40 === "jwks_url"))){
+const err393 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err393];
 }
@@ -5078,8 +5078,11 @@ vErrors.push(err393);
 errors++;
 }
 }
-else {
-const err394 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data171.trust_domain !== undefined){
+let data172 = data171.trust_domain;
+if(typeof data172 === "string"){
+if(!pattern26.test(data172)){
+const err394 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err394];
 }
@@ -5089,9 +5092,8 @@ vErrors.push(err394);
 errors++;
 }
 }
-}
 else {
-const err395 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err395 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err395];
 }
@@ -5101,9 +5103,11 @@ vErrors.push(err395);
 errors++;
 }
 }
-}
-else {
-const err396 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data171.audience !== undefined){
+let data173 = data171.audience;
+if(typeof data173 === "string"){
+if(func4(data173) < 1){
+const err396 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err396];
 }
@@ -5112,10 +5116,9 @@ vErrors.push(err396);
 }
 errors++;
 }
-let data172 = data138.store;
-if(data172 && typeof data172 == "object" && !Array.isArray(data172)){
-if(Object.keys(data172).length > 1){
-const err397 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
+}
+else {
+const err397 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err397];
 }
@@ -5124,9 +5127,12 @@ vErrors.push(err397);
 }
 errors++;
 }
-for(const key41 in data172){
-if(!((key41 === "sqlite") || (key41 === "postgres"))){
-const err398 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
+}
+if(data171.jwks_file !== undefined){
+let data174 = data171.jwks_file;
+if(typeof data174 === "string"){
+if(func4(data174) < 1){
+const err398 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err398];
 }
@@ -5136,11 +5142,8 @@ vErrors.push(err398);
 errors++;
 }
 }
-if(data172.sqlite !== undefined){
-let data173 = data172.sqlite;
-if(data173 && typeof data173 == "object" && !Array.isArray(data173)){
-if(data173.path === undefined){
-const err399 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+else {
+const err399 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err399];
 }
@@ -5149,9 +5152,12 @@ vErrors.push(err399);
 }
 errors++;
 }
-for(const key42 in data173){
-if(!(key42 === "path")){
-const err400 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
+}
+if(data171.jwks_url !== undefined){
+let data175 = data171.jwks_url;
+if(typeof data175 === "string"){
+if(!pattern1.test(data175)){
+const err400 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err400];
 }
@@ -5161,11 +5167,8 @@ vErrors.push(err400);
 errors++;
 }
 }
-if(data173.path !== undefined){
-let data174 = data173.path;
-if(typeof data174 === "string"){
-if(func4(data174) < 1){
-const err401 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err401 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err401];
 }
@@ -5175,8 +5178,9 @@ vErrors.push(err401);
 errors++;
 }
 }
+}
 else {
-const err402 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err402 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err402];
 }
@@ -5186,9 +5190,11 @@ vErrors.push(err402);
 errors++;
 }
 }
-}
-else {
-const err403 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data165.local !== undefined){
+let data176 = data165.local;
+if(data176 && typeof data176 == "object" && !Array.isArray(data176)){
+if(data176.keys_file === undefined){
+const err403 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
 if(vErrors === null){
 vErrors = [err403];
 }
@@ -5197,15 +5203,9 @@ vErrors.push(err403);
 }
 errors++;
 }
-}
-if(data172.postgres !== undefined){
-let data175 = data172.postgres;
-if(data175 && typeof data175 == "object" && !Array.isArray(data175)){
-if(data175.schema === undefined){
-data175.schema = "latchkey";
-}
-if(data175.url === undefined){
-const err404 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
+for(const key41 in data176){
+if(!(key41 === "keys_file")){
+const err404 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err404];
 }
@@ -5214,9 +5214,12 @@ vErrors.push(err404);
 }
 errors++;
 }
-for(const key43 in data175){
-if(!((key43 === "url") || (key43 === "schema"))){
-const err405 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
+}
+if(data176.keys_file !== undefined){
+let data177 = data176.keys_file;
+if(typeof data177 === "string"){
+if(func4(data177) < 1){
+const err405 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err405];
 }
@@ -5226,11 +5229,8 @@ vErrors.push(err405);
 errors++;
 }
 }
-if(data175.url !== undefined){
-let data176 = data175.url;
-if(typeof data176 === "string"){
-if(!pattern28.test(data176)){
-const err406 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
+else {
+const err406 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err406];
 }
@@ -5240,8 +5240,9 @@ vErrors.push(err406);
 errors++;
 }
 }
+}
 else {
-const err407 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err407 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err407];
 }
@@ -5251,10 +5252,9 @@ vErrors.push(err407);
 errors++;
 }
 }
-let data177 = data175.schema;
-if(typeof data177 === "string"){
-if(!pattern29.test(data177)){
-const err408 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
+}
+else {
+const err408 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err408];
 }
@@ -5263,9 +5263,10 @@ vErrors.push(err408);
 }
 errors++;
 }
-}
-else {
-const err409 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data178 = data144.store;
+if(data178 && typeof data178 == "object" && !Array.isArray(data178)){
+if(Object.keys(data178).length > 1){
+const err409 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
 if(vErrors === null){
 vErrors = [err409];
 }
@@ -5274,9 +5275,9 @@ vErrors.push(err409);
 }
 errors++;
 }
-}
-else {
-const err410 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key42 in data178){
+if(!((key42 === "sqlite") || (key42 === "postgres"))){
+const err410 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err410];
 }
@@ -5286,9 +5287,11 @@ vErrors.push(err410);
 errors++;
 }
 }
-}
-else {
-const err411 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data178.sqlite !== undefined){
+let data179 = data178.sqlite;
+if(data179 && typeof data179 == "object" && !Array.isArray(data179)){
+if(data179.path === undefined){
+const err411 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err411];
 }
@@ -5297,10 +5300,9 @@ vErrors.push(err411);
 }
 errors++;
 }
-let data178 = data138.admin_token_env;
-if(typeof data178 === "string"){
-if(!pattern30.test(data178)){
-const err412 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+for(const key43 in data179){
+if(!(key43 === "path")){
+const err412 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err412];
 }
@@ -5310,8 +5312,11 @@ vErrors.push(err412);
 errors++;
 }
 }
-else {
-const err413 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data179.path !== undefined){
+let data180 = data179.path;
+if(typeof data180 === "string"){
+if(func4(data180) < 1){
+const err413 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err413];
 }
@@ -5320,13 +5325,9 @@ vErrors.push(err413);
 }
 errors++;
 }
-let data179 = data138.introspection_clients;
-if(data179 && typeof data179 == "object" && !Array.isArray(data179)){
-for(const key44 in data179){
-const _errs395 = errors;
-if(typeof key44 === "string"){
-if(!pattern6.test(key44)){
-const err414 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key44};
+}
+else {
+const err414 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err414];
 }
@@ -5336,9 +5337,9 @@ vErrors.push(err414);
 errors++;
 }
 }
-var valid78 = _errs395 === errors;
-if(!valid78){
-const err415 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key44},message:"property name must be valid"};
+}
+else {
+const err415 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err415];
 }
@@ -5348,11 +5349,14 @@ vErrors.push(err415);
 errors++;
 }
 }
-for(const key45 in data179){
-let data180 = data179[key45];
-if(typeof data180 === "string"){
-if(!pattern30.test(data180)){
-const err416 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+if(data178.postgres !== undefined){
+let data181 = data178.postgres;
+if(data181 && typeof data181 == "object" && !Array.isArray(data181)){
+if(data181.schema === undefined){
+data181.schema = "latchkey";
+}
+if(data181.url === undefined){
+const err416 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err416];
 }
@@ -5361,9 +5365,9 @@ vErrors.push(err416);
 }
 errors++;
 }
-}
-else {
-const err417 = {instancePath:instancePath+"/broker/introspection_clients/" + key45.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key44 in data181){
+if(!((key44 === "url") || (key44 === "schema"))){
+const err417 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key44},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err417];
 }
@@ -5373,9 +5377,11 @@ vErrors.push(err417);
 errors++;
 }
 }
-}
-else {
-const err418 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data181.url !== undefined){
+let data182 = data181.url;
+if(typeof data182 === "string"){
+if(!pattern28.test(data182)){
+const err418 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
 if(vErrors === null){
 vErrors = [err418];
 }
@@ -5384,13 +5390,9 @@ vErrors.push(err418);
 }
 errors++;
 }
-let data181 = data138.leased_secrets;
-if(data181 && typeof data181 == "object" && !Array.isArray(data181)){
-for(const key46 in data181){
-const _errs401 = errors;
-if(typeof key46 === "string"){
-if(func4(key46) > 512){
-const err419 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key46};
+}
+else {
+const err419 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err419];
 }
@@ -5399,8 +5401,11 @@ vErrors.push(err419);
 }
 errors++;
 }
-if(func4(key46) < 1){
-const err420 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key46};
+}
+let data183 = data181.schema;
+if(typeof data183 === "string"){
+if(!pattern29.test(data183)){
+const err420 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
 if(vErrors === null){
 vErrors = [err420];
 }
@@ -5410,9 +5415,8 @@ vErrors.push(err420);
 errors++;
 }
 }
-var valid80 = _errs401 === errors;
-if(!valid80){
-const err421 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
+else {
+const err421 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err421];
 }
@@ -5422,11 +5426,8 @@ vErrors.push(err421);
 errors++;
 }
 }
-for(const key47 in data181){
-let data182 = data181[key47];
-if(typeof data182 === "string"){
-if(!pattern30.test(data182)){
-const err422 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+else {
+const err422 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err422];
 }
@@ -5436,8 +5437,9 @@ vErrors.push(err422);
 errors++;
 }
 }
+}
 else {
-const err423 = {instancePath:instancePath+"/broker/leased_secrets/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err423 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err423];
 }
@@ -5446,10 +5448,10 @@ vErrors.push(err423);
 }
 errors++;
 }
-}
-}
-else {
-const err424 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data184 = data144.admin_token_env;
+if(typeof data184 === "string"){
+if(!pattern30.test(data184)){
+const err424 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err424];
 }
@@ -5458,11 +5460,9 @@ vErrors.push(err424);
 }
 errors++;
 }
-let data183 = data138.events;
-if(data183 && typeof data183 == "object" && !Array.isArray(data183)){
-for(const key48 in data183){
-if(!(key48 === "jsonl")){
-const err425 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key48},message:"must NOT have additional properties"};
+}
+else {
+const err425 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err425];
 }
@@ -5471,12 +5471,13 @@ vErrors.push(err425);
 }
 errors++;
 }
-}
-if(data183.jsonl !== undefined){
-let data184 = data183.jsonl;
-if(data184 && typeof data184 == "object" && !Array.isArray(data184)){
-if(data184.path === undefined){
-const err426 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+let data185 = data144.introspection_clients;
+if(data185 && typeof data185 == "object" && !Array.isArray(data185)){
+for(const key45 in data185){
+const _errs408 = errors;
+if(typeof key45 === "string"){
+if(!pattern6.test(key45)){
+const err426 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key45};
 if(vErrors === null){
 vErrors = [err426];
 }
@@ -5485,9 +5486,10 @@ vErrors.push(err426);
 }
 errors++;
 }
-for(const key49 in data184){
-if(!(key49 === "path")){
-const err427 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key49},message:"must NOT have additional properties"};
+}
+var valid79 = _errs408 === errors;
+if(!valid79){
+const err427 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key45},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err427];
 }
@@ -5497,11 +5499,11 @@ vErrors.push(err427);
 errors++;
 }
 }
-if(data184.path !== undefined){
-let data185 = data184.path;
-if(typeof data185 === "string"){
-if(func4(data185) < 1){
-const err428 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key46 in data185){
+let data186 = data185[key46];
+if(typeof data186 === "string"){
+if(!pattern30.test(data186)){
+const err428 = {instancePath:instancePath+"/broker/introspection_clients/" + key46.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err428];
 }
@@ -5512,7 +5514,7 @@ errors++;
 }
 }
 else {
-const err429 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err429 = {instancePath:instancePath+"/broker/introspection_clients/" + key46.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err429];
 }
@@ -5524,7 +5526,7 @@ errors++;
 }
 }
 else {
-const err430 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err430 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err430];
 }
@@ -5533,10 +5535,13 @@ vErrors.push(err430);
 }
 errors++;
 }
-}
-}
-else {
-const err431 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data187 = data144.leased_secrets;
+if(data187 && typeof data187 == "object" && !Array.isArray(data187)){
+for(const key47 in data187){
+const _errs414 = errors;
+if(typeof key47 === "string"){
+if(func4(key47) > 512){
+const err431 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key47};
 if(vErrors === null){
 vErrors = [err431];
 }
@@ -5545,30 +5550,8 @@ vErrors.push(err431);
 }
 errors++;
 }
-if(data138.control !== undefined){
-let data186 = data138.control;
-if(data186 && typeof data186 == "object" && !Array.isArray(data186)){
-if(data186.host === undefined){
-data186.host = "127.0.0.1";
-}
-if(data186.port === undefined){
-data186.port = 15004;
-}
-if(data186.token_env === undefined){
-data186.token_env = "LATCHKEY_CONTROL_TOKEN";
-}
-if(data186.heartbeat_ms === undefined){
-data186.heartbeat_ms = 1000;
-}
-if(data186.max_bundle_bytes === undefined){
-data186.max_bundle_bytes = 262144;
-}
-if(data186.resync_ms === undefined){
-data186.resync_ms = 5000;
-}
-for(const key50 in data186){
-if(!((((((((key50 === "host") || (key50 === "port")) || (key50 === "token_env")) || (key50 === "heartbeat_ms")) || (key50 === "policy_file")) || (key50 === "max_bundle_bytes")) || (key50 === "resync_ms")) || (key50 === "nats"))){
-const err432 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
+if(func4(key47) < 1){
+const err432 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key47};
 if(vErrors === null){
 vErrors = [err432];
 }
@@ -5578,10 +5561,9 @@ vErrors.push(err432);
 errors++;
 }
 }
-let data187 = data186.host;
-if(typeof data187 === "string"){
-if(func4(data187) < 1){
-const err433 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+var valid81 = _errs414 === errors;
+if(!valid81){
+const err433 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key47},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err433];
 }
@@ -5591,8 +5573,11 @@ vErrors.push(err433);
 errors++;
 }
 }
-else {
-const err434 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key48 in data187){
+let data188 = data187[key48];
+if(typeof data188 === "string"){
+if(!pattern30.test(data188)){
+const err434 = {instancePath:instancePath+"/broker/leased_secrets/" + key48.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err434];
 }
@@ -5601,9 +5586,9 @@ vErrors.push(err434);
 }
 errors++;
 }
-let data188 = data186.port;
-if(!(((typeof data188 == "number") && (!(data188 % 1) && !isNaN(data188))) && (isFinite(data188)))){
-const err435 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err435 = {instancePath:instancePath+"/broker/leased_secrets/" + key48.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err435];
 }
@@ -5612,9 +5597,10 @@ vErrors.push(err435);
 }
 errors++;
 }
-if((typeof data188 == "number") && (isFinite(data188))){
-if(data188 > 65535 || isNaN(data188)){
-const err436 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+}
+else {
+const err436 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err436];
 }
@@ -5623,8 +5609,11 @@ vErrors.push(err436);
 }
 errors++;
 }
-if(data188 < 0 || isNaN(data188)){
-const err437 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+let data189 = data144.events;
+if(data189 && typeof data189 == "object" && !Array.isArray(data189)){
+for(const key49 in data189){
+if(!(key49 === "jsonl")){
+const err437 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key49},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err437];
 }
@@ -5634,10 +5623,11 @@ vErrors.push(err437);
 errors++;
 }
 }
-let data189 = data186.token_env;
-if(typeof data189 === "string"){
-if(!pattern30.test(data189)){
-const err438 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+if(data189.jsonl !== undefined){
+let data190 = data189.jsonl;
+if(data190 && typeof data190 == "object" && !Array.isArray(data190)){
+if(data190.path === undefined){
+const err438 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err438];
 }
@@ -5646,9 +5636,9 @@ vErrors.push(err438);
 }
 errors++;
 }
-}
-else {
-const err439 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key50 in data190){
+if(!(key50 === "path")){
+const err439 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err439];
 }
@@ -5657,9 +5647,12 @@ vErrors.push(err439);
 }
 errors++;
 }
-let data190 = data186.heartbeat_ms;
-if(!(((typeof data190 == "number") && (!(data190 % 1) && !isNaN(data190))) && (isFinite(data190)))){
-const err440 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(data190.path !== undefined){
+let data191 = data190.path;
+if(typeof data191 === "string"){
+if(func4(data191) < 1){
+const err440 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err440];
 }
@@ -5668,9 +5661,9 @@ vErrors.push(err440);
 }
 errors++;
 }
-if((typeof data190 == "number") && (isFinite(data190))){
-if(data190 > 3600000 || isNaN(data190)){
-const err441 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+else {
+const err441 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err441];
 }
@@ -5679,8 +5672,10 @@ vErrors.push(err441);
 }
 errors++;
 }
-if(data190 < 20 || isNaN(data190)){
-const err442 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
+}
+}
+else {
+const err442 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err442];
 }
@@ -5690,11 +5685,9 @@ vErrors.push(err442);
 errors++;
 }
 }
-if(data186.policy_file !== undefined){
-let data191 = data186.policy_file;
-if(typeof data191 === "string"){
-if(func4(data191) < 1){
-const err443 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err443 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err443];
 }
@@ -5703,9 +5696,36 @@ vErrors.push(err443);
 }
 errors++;
 }
+if(data144.control !== undefined){
+let data192 = data144.control;
+if(data192 && typeof data192 == "object" && !Array.isArray(data192)){
+if(data192.host === undefined){
+data192.host = "127.0.0.1";
 }
-else {
-const err444 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data192.port === undefined){
+data192.port = 15004;
+}
+if(data192.token_env === undefined){
+data192.token_env = "LATCHKEY_CONTROL_TOKEN";
+}
+if(data192.heartbeat_ms === undefined){
+data192.heartbeat_ms = 1000;
+}
+if(data192.max_bundle_bytes === undefined){
+data192.max_bundle_bytes = 262144;
+}
+if(data192.resync_ms === undefined){
+data192.resync_ms = 5000;
+}
+if(data192.tls === undefined){
+data192.tls = null;
+}
+if(data192.insecure_plaintext === undefined){
+data192.insecure_plaintext = false;
+}
+for(const key51 in data192){
+if(!(func2.call(schema11.properties.broker.properties.control.properties, key51))){
+const err444 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err444];
 }
@@ -5715,9 +5735,10 @@ vErrors.push(err444);
 errors++;
 }
 }
-let data192 = data186.max_bundle_bytes;
-if(!(((typeof data192 == "number") && (!(data192 % 1) && !isNaN(data192))) && (isFinite(data192)))){
-const err445 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+let data193 = data192.host;
+if(typeof data193 === "string"){
+if(func4(data193) < 1){
+const err445 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err445];
 }
@@ -5726,9 +5747,9 @@ vErrors.push(err445);
 }
 errors++;
 }
-if((typeof data192 == "number") && (isFinite(data192))){
-if(data192 > 3145728 || isNaN(data192)){
-const err446 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
+}
+else {
+const err446 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err446];
 }
@@ -5737,8 +5758,9 @@ vErrors.push(err446);
 }
 errors++;
 }
-if(data192 < 1024 || isNaN(data192)){
-const err447 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+let data194 = data192.port;
+if(!(((typeof data194 == "number") && (!(data194 % 1) && !isNaN(data194))) && (isFinite(data194)))){
+const err447 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err447];
 }
@@ -5747,10 +5769,9 @@ vErrors.push(err447);
 }
 errors++;
 }
-}
-let data193 = data186.resync_ms;
-if(!(((typeof data193 == "number") && (!(data193 % 1) && !isNaN(data193))) && (isFinite(data193)))){
-const err448 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data194 == "number") && (isFinite(data194))){
+if(data194 > 65535 || isNaN(data194)){
+const err448 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err448];
 }
@@ -5759,9 +5780,8 @@ vErrors.push(err448);
 }
 errors++;
 }
-if((typeof data193 == "number") && (isFinite(data193))){
-if(data193 > 3600000 || isNaN(data193)){
-const err449 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data194 < 0 || isNaN(data194)){
+const err449 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err449];
 }
@@ -5770,8 +5790,11 @@ vErrors.push(err449);
 }
 errors++;
 }
-if(data193 < 50 || isNaN(data193)){
-const err450 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
+}
+let data195 = data192.token_env;
+if(typeof data195 === "string"){
+if(!pattern30.test(data195)){
+const err450 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err450];
 }
@@ -5781,17 +5804,8 @@ vErrors.push(err450);
 errors++;
 }
 }
-if(data186.nats !== undefined){
-let data194 = data186.nats;
-if(data194 && typeof data194 == "object" && !Array.isArray(data194)){
-if(data194.stream === undefined){
-data194.stream = "LATCHKEY_CONTROL";
-}
-if(data194.subject === undefined){
-data194.subject = "latchkey.control.revocations";
-}
-if(data194.servers === undefined){
-const err451 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
+else {
+const err451 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err451];
 }
@@ -5800,9 +5814,9 @@ vErrors.push(err451);
 }
 errors++;
 }
-for(const key51 in data194){
-if(!(((key51 === "servers") || (key51 === "stream")) || (key51 === "subject"))){
-const err452 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
+let data196 = data192.heartbeat_ms;
+if(!(((typeof data196 == "number") && (!(data196 % 1) && !isNaN(data196))) && (isFinite(data196)))){
+const err452 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err452];
 }
@@ -5811,12 +5825,9 @@ vErrors.push(err452);
 }
 errors++;
 }
-}
-if(data194.servers !== undefined){
-let data195 = data194.servers;
-if(Array.isArray(data195)){
-if(data195.length < 1){
-const err453 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if((typeof data196 == "number") && (isFinite(data196))){
+if(data196 > 3600000 || isNaN(data196)){
+const err453 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err453];
 }
@@ -5825,12 +5836,8 @@ vErrors.push(err453);
 }
 errors++;
 }
-const len15 = data195.length;
-for(let i18=0; i18<len15; i18++){
-let data196 = data195[i18];
-if(typeof data196 === "string"){
-if(func4(data196) < 1){
-const err454 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data196 < 20 || isNaN(data196)){
+const err454 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
 if(vErrors === null){
 vErrors = [err454];
 }
@@ -5840,8 +5847,11 @@ vErrors.push(err454);
 errors++;
 }
 }
-else {
-const err455 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data192.policy_file !== undefined){
+let data197 = data192.policy_file;
+if(typeof data197 === "string"){
+if(func4(data197) < 1){
+const err455 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err455];
 }
@@ -5851,9 +5861,8 @@ vErrors.push(err455);
 errors++;
 }
 }
-}
 else {
-const err456 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err456 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err456];
 }
@@ -5863,10 +5872,9 @@ vErrors.push(err456);
 errors++;
 }
 }
-let data197 = data194.stream;
-if(typeof data197 === "string"){
-if(!pattern35.test(data197)){
-const err457 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
+let data198 = data192.max_bundle_bytes;
+if(!(((typeof data198 == "number") && (!(data198 % 1) && !isNaN(data198))) && (isFinite(data198)))){
+const err457 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err457];
 }
@@ -5875,9 +5883,9 @@ vErrors.push(err457);
 }
 errors++;
 }
-}
-else {
-const err458 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data198 == "number") && (isFinite(data198))){
+if(data198 > 3145728 || isNaN(data198)){
+const err458 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
 if(vErrors === null){
 vErrors = [err458];
 }
@@ -5886,10 +5894,8 @@ vErrors.push(err458);
 }
 errors++;
 }
-let data198 = data194.subject;
-if(typeof data198 === "string"){
-if(!pattern14.test(data198)){
-const err459 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+if(data198 < 1024 || isNaN(data198)){
+const err459 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err459];
 }
@@ -5899,8 +5905,9 @@ vErrors.push(err459);
 errors++;
 }
 }
-else {
-const err460 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data199 = data192.resync_ms;
+if(!(((typeof data199 == "number") && (!(data199 % 1) && !isNaN(data199))) && (isFinite(data199)))){
+const err460 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err460];
 }
@@ -5909,9 +5916,9 @@ vErrors.push(err460);
 }
 errors++;
 }
-}
-else {
-const err461 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data199 == "number") && (isFinite(data199))){
+if(data199 > 3600000 || isNaN(data199)){
+const err461 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err461];
 }
@@ -5920,10 +5927,8 @@ vErrors.push(err461);
 }
 errors++;
 }
-}
-}
-else {
-const err462 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data199 < 50 || isNaN(data199)){
+const err462 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
 if(vErrors === null){
 vErrors = [err462];
 }
@@ -5933,9 +5938,9 @@ vErrors.push(err462);
 errors++;
 }
 }
-}
-else {
-const err463 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data200 = data192.tls;
+if((!(data200 && typeof data200 == "object" && !Array.isArray(data200))) && (data200 !== null)){
+const err463 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.control.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err463];
 }
@@ -5944,15 +5949,297 @@ vErrors.push(err463);
 }
 errors++;
 }
-}
-}
-else {
-const err464 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data200 && typeof data200 == "object" && !Array.isArray(data200)){
+if(data200.cert_file === undefined){
+const err464 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err464];
 }
 else {
 vErrors.push(err464);
+}
+errors++;
+}
+if(data200.key_file === undefined){
+const err465 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+if(vErrors === null){
+vErrors = [err465];
+}
+else {
+vErrors.push(err465);
+}
+errors++;
+}
+for(const key52 in data200){
+if(!(((key52 === "cert_file") || (key52 === "key_file")) || (key52 === "client_ca_file"))){
+const err466 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key52},message:"must NOT have additional properties"};
+if(vErrors === null){
+vErrors = [err466];
+}
+else {
+vErrors.push(err466);
+}
+errors++;
+}
+}
+if(data200.cert_file !== undefined){
+let data201 = data200.cert_file;
+if(typeof data201 === "string"){
+if(func4(data201) < 1){
+const err467 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(vErrors === null){
+vErrors = [err467];
+}
+else {
+vErrors.push(err467);
+}
+errors++;
+}
+}
+else {
+const err468 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err468];
+}
+else {
+vErrors.push(err468);
+}
+errors++;
+}
+}
+if(data200.key_file !== undefined){
+let data202 = data200.key_file;
+if(typeof data202 === "string"){
+if(func4(data202) < 1){
+const err469 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(vErrors === null){
+vErrors = [err469];
+}
+else {
+vErrors.push(err469);
+}
+errors++;
+}
+}
+else {
+const err470 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err470];
+}
+else {
+vErrors.push(err470);
+}
+errors++;
+}
+}
+if(data200.client_ca_file !== undefined){
+let data203 = data200.client_ca_file;
+if(typeof data203 === "string"){
+if(func4(data203) < 1){
+const err471 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(vErrors === null){
+vErrors = [err471];
+}
+else {
+vErrors.push(err471);
+}
+errors++;
+}
+}
+else {
+const err472 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err472];
+}
+else {
+vErrors.push(err472);
+}
+errors++;
+}
+}
+}
+if(typeof data192.insecure_plaintext !== "boolean"){
+const err473 = {instancePath:instancePath+"/broker/control/insecure_plaintext",schemaPath:"#/properties/broker/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(vErrors === null){
+vErrors = [err473];
+}
+else {
+vErrors.push(err473);
+}
+errors++;
+}
+if(data192.nats !== undefined){
+let data205 = data192.nats;
+if(data205 && typeof data205 == "object" && !Array.isArray(data205)){
+if(data205.stream === undefined){
+data205.stream = "LATCHKEY_CONTROL";
+}
+if(data205.subject === undefined){
+data205.subject = "latchkey.control.revocations";
+}
+if(data205.servers === undefined){
+const err474 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
+if(vErrors === null){
+vErrors = [err474];
+}
+else {
+vErrors.push(err474);
+}
+errors++;
+}
+for(const key53 in data205){
+if(!(((key53 === "servers") || (key53 === "stream")) || (key53 === "subject"))){
+const err475 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key53},message:"must NOT have additional properties"};
+if(vErrors === null){
+vErrors = [err475];
+}
+else {
+vErrors.push(err475);
+}
+errors++;
+}
+}
+if(data205.servers !== undefined){
+let data206 = data205.servers;
+if(Array.isArray(data206)){
+if(data206.length < 1){
+const err476 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if(vErrors === null){
+vErrors = [err476];
+}
+else {
+vErrors.push(err476);
+}
+errors++;
+}
+const len15 = data206.length;
+for(let i18=0; i18<len15; i18++){
+let data207 = data206[i18];
+if(typeof data207 === "string"){
+if(func4(data207) < 1){
+const err477 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(vErrors === null){
+vErrors = [err477];
+}
+else {
+vErrors.push(err477);
+}
+errors++;
+}
+}
+else {
+const err478 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err478];
+}
+else {
+vErrors.push(err478);
+}
+errors++;
+}
+}
+}
+else {
+const err479 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(vErrors === null){
+vErrors = [err479];
+}
+else {
+vErrors.push(err479);
+}
+errors++;
+}
+}
+let data208 = data205.stream;
+if(typeof data208 === "string"){
+if(!pattern35.test(data208)){
+const err480 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
+if(vErrors === null){
+vErrors = [err480];
+}
+else {
+vErrors.push(err480);
+}
+errors++;
+}
+}
+else {
+const err481 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err481];
+}
+else {
+vErrors.push(err481);
+}
+errors++;
+}
+let data209 = data205.subject;
+if(typeof data209 === "string"){
+if(!pattern14.test(data209)){
+const err482 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+if(vErrors === null){
+vErrors = [err482];
+}
+else {
+vErrors.push(err482);
+}
+errors++;
+}
+}
+else {
+const err483 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err483];
+}
+else {
+vErrors.push(err483);
+}
+errors++;
+}
+}
+else {
+const err484 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err484];
+}
+else {
+vErrors.push(err484);
+}
+errors++;
+}
+}
+}
+else {
+const err485 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err485];
+}
+else {
+vErrors.push(err485);
+}
+errors++;
+}
+}
+}
+else {
+const err486 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err486];
+}
+else {
+vErrors.push(err486);
+}
+errors++;
+}
+}
+}
+else {
+const err487 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err487];
+}
+else {
+vErrors.push(err487);
 }
 errors++;
 }

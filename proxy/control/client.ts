@@ -44,6 +44,8 @@ export function controlChannelOptions(backoffMinMs: number, backoffMaxMs: number
 export interface ControlClientOptions {
   /** host:port of the broker's control server. */
   address: string
+  /** TLS to the broker (sidecar.control.tls, files read): null only where the config allows plaintext. */
+  tls: { ca: Buffer; cert: Buffer | null; key: Buffer | null; serverName: string | null } | null
   token: string
   agentId: string
   staleAfterMs: number
@@ -88,7 +90,10 @@ export class ControlClient {
     this.state = new RevocationState(o.agentId)
     this.now = o.now ?? Date.now
     this.lastHeard = this.now()
-    this.client = new ControlServiceClient(o.address, credentials.createInsecure(), controlChannelOptions(o.backoffMinMs, o.backoffMaxMs))
+    const channel: Record<string, number | string> = controlChannelOptions(o.backoffMinMs, o.backoffMaxMs)
+    if (o.tls?.serverName) channel['grpc.ssl_target_name_override'] = o.tls.serverName
+    const creds = o.tls ? credentials.createSsl(o.tls.ca, o.tls.key, o.tls.cert) : credentials.createInsecure()
+    this.client = new ControlServiceClient(o.address, creds, channel)
     const registers = [o.metrics]
     this.m = {
       connected: new Gauge({ name: 'latchkey_control_connected', help: '1 while the control stream to the broker is open', registers, collect: () => this.m.connected.set(this.connected ? 1 : 0) }),

@@ -13,22 +13,25 @@ export interface TestPki {
   cert: string
 }
 
-let cached: TestPki | null = null
+const cached = new Map<string, TestPki>()
 
-export function testPki(): TestPki {
-  if (cached) return cached
+/** `name`: another name is another CA, whose leaf the default one does not trust (an impostor's). */
+export function testPki(name = 'latchkey test CA'): TestPki {
+  const known = cached.get(name)
+  if (known) return known
   const dir = mkdtempSync(join(tmpdir(), 'lk-pki-'))
   const run = (...args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' })
-  run('req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', '/CN=latchkey test CA')
+  run('req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', `/CN=${name}`)
   run('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'leaf.key', '-out', 'leaf.csr', '-subj', '/CN=localhost')
   writeFileSync(join(dir, 'leaf.ext'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n')
   run('x509', '-req', '-in', 'leaf.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-out', 'leaf.pem', '-days', '2', '-extfile', 'leaf.ext')
-  cached = {
+  const pki = {
     dir,
     caFile: join(dir, 'ca.pem'),
     ca: readFileSync(join(dir, 'ca.pem'), 'utf8'),
     key: readFileSync(join(dir, 'leaf.key'), 'utf8'),
     cert: readFileSync(join(dir, 'leaf.pem'), 'utf8'),
   }
-  return cached
+  cached.set(name, pki)
+  return pki
 }

@@ -1,0 +1,85 @@
+// The control stream over TLS, all real: a broker whose control listener has a certificate, and
+// sidecars that check it. Whoever answers at a sidecar's control URL gets its control token and
+// sets its policy and revocations, so an impostor (another CA's certificate, or none) must get
+// nothing, and plaintext off loopback is a configuration error unless asked for by name.
+import t from 'tap'
+import { join } from 'node:path'
+import { testPki } from '../helpers/tls.js'
+import { validateConfig, ConfigError } from '../../lib/config/load.js'
+import { startApi, startControlBroker, startControlSidecar, viaProxy, revoke, until } from './rig.js'
+
+const pki = testPki()
+const impostorPki = testPki('impostor CA')
+const serverTls = (p: typeof pki) => ({ cert_file: join(p.dir, 'leaf.pem'), key_file: join(p.dir, 'leaf.key') })
+
+t.test('a sidecar that trusts the broker\'s CA gets its revocations over TLS; an impostor\'s certificate gets nothing', async (t) => {
+  const broker = await startControlBroker({ control: { tls: serverTls(pki) } })
+  t.teardown(() => broker.close())
+  const api = await startApi()
+  t.teardown(api.close)
+  const good = await startControlSidecar(broker, api, 'agent:summarizer:prod:good', { control: { url: broker.controlUrl, tls: { ca_file: pki.caFile } } })
+  t.teardown(good.close)
+  await until('the TLS control stream connected', () => good.sidecar.control!.connected)
+  const task = await good.openTask()
+  t.equal((await viaProxy(good, task.handle, `${api.origin}/a`)).status, 200)
+  t.equal((await revoke(broker, 'agent', good.agent)).status, 201)
+  await until('the revocation arrived over TLS', () => good.sidecar.control!.state.agentRevoked, 2000)
+  t.equal((await viaProxy(good, task.handle, `${api.origin}/b`)).status, 403)
+
+  // The same broker address, but the sidecar trusts only another CA: the broker it reaches is,
+  // to it, an impostor. No stream opens, so no token is sent and no policy or revocation taken.
+  const wary = await startControlSidecar(broker, api, 'agent:summarizer:prod:wary', { control: { url: broker.controlUrl, tls: { ca_file: impostorPki.caFile } } })
+  t.teardown(wary.close)
+  await until('the failed handshake is recorded', () => wary.sidecar.control!.lastError !== null, 3000)
+  t.equal(wary.sidecar.control!.connected, false, 'not connected to a broker whose certificate does not chain to its CA')
+  t.equal(broker.broker.control!.connected, 1, 'the broker sees only the good sidecar')
+  await until('stale: never heard from its broker in stale_after_ms', () => wary.sidecar.control!.staleReason() !== null, 4000)
+  t.equal((await fetch(`${wary.sidecar.adminUrl}/readyz`)).status, 503, 'so not ready, and no new token is minted')
+
+  // A plaintext sidecar gets no stream from a TLS listener either.
+  const plain = await startControlSidecar(broker, api, 'agent:summarizer:prod:plain', { control: { url: broker.controlUrl, insecure_plaintext: true } })
+  t.teardown(plain.close)
+  await until('the plaintext attempt failed', () => plain.sidecar.control!.lastError !== null, 3000)
+  t.equal(plain.sidecar.control!.connected, false)
+})
+
+t.test('an impostor broker at the control address cannot swap a TLS sidecar\'s policy', async (t) => {
+  // The impostor has a certificate for the right name (127.0.0.1) from a CA the sidecar does not trust.
+  const impostor = await startControlBroker({ control: { tls: serverTls(impostorPki) } })
+  t.teardown(() => impostor.close())
+  const api = await startApi()
+  t.teardown(api.close)
+  const s = await startControlSidecar(impostor, api, 'agent:summarizer:prod:target', { control: { url: impostor.controlUrl, tls: { ca_file: pki.caFile } } })
+  t.teardown(s.close)
+  await until('the handshake failed', () => s.sidecar.control!.lastError !== null, 3000)
+  t.match(s.sidecar.control!.lastError, /certificate|handshake|SSL|TLS|No connection established/i, `the reason names the TLS failure: ${s.sidecar.control!.lastError}`)
+  t.equal(s.sidecar.policy.version, 'config', 'the policy is still the one in its own config')
+  t.equal(impostor.broker.control!.connected, 0, 'the impostor never got a stream, so never got the control token')
+})
+
+t.test('plaintext control off loopback is a configuration error unless asked for by name', async (t) => {
+  const base = { version: 1, sidecar: { agent_id: 'agent:x:dev:1' } }
+  const problems = (cfg: Record<string, unknown>): string[] => {
+    try {
+      validateConfig(cfg)
+      return []
+    } catch (err) {
+      if (!(err instanceof ConfigError)) throw err
+      return err.problems.map((p) => `${p.path}: ${p.message}`)
+    }
+  }
+  const sidecar = (control: Record<string, unknown>) => ({ ...base, sidecar: { ...base.sidecar, control: { token_secret: 'CONTROL', ...control } } })
+  t.match(problems(sidecar({ url: 'grpc://latchkey-broker:15004' })), [/^sidecar\.control\.tls: required off loopback \(latchkey-broker\).*insecure_plaintext: true/])
+  t.match(problems(sidecar({ url: 'grpc://10.0.0.7:15004' })), [/^sidecar\.control\.tls: required off loopback/])
+  t.same(problems(sidecar({ url: 'grpc://latchkey-broker:15004', tls: { ca_file: '/etc/latchkey/ca.pem' } })), [])
+  t.same(problems(sidecar({ url: 'grpc://latchkey-broker:15004', insecure_plaintext: true })), [], 'accepted when asked for by name')
+  for (const loopback of ['127.0.0.1', 'localhost', '[::1]', '127.3.2.1']) t.same(problems(sidecar({ url: `grpc://${loopback}:15004` })), [], `${loopback} is loopback`)
+  t.match(problems(sidecar({ url: 'grpc://b:1', tls: { ca_file: '/ca.pem', cert_file: '/c.pem' } })), [/^sidecar\.control\.tls: cert_file and key_file go together/])
+  t.match(problems(sidecar({ url: 'grpc://b:1', tls: { ca_file: '/ca.pem' }, insecure_plaintext: true })), [/^sidecar\.control\.insecure_plaintext: contradicts tls/])
+
+  const broker = (control: Record<string, unknown>) => ({ version: 1, broker: { issuer: 'https://broker.example', registry_file: '/etc/latchkey/agents.yaml', attestors: { local: { keys_file: '/k.json' } }, control } })
+  t.same(problems(broker({})), [], 'the default control listener is on loopback')
+  t.match(problems(broker({ host: '0.0.0.0' })), [/^broker\.control\.tls: required off loopback \(0\.0\.0\.0\)/])
+  t.same(problems(broker({ host: '0.0.0.0', tls: { cert_file: '/c.pem', key_file: '/k.pem' } })), [])
+  t.same(problems(broker({ host: '0.0.0.0', insecure_plaintext: true })), [])
+})

@@ -27,19 +27,6 @@ export function headersCheckInterval(clientHeadersTimeoutMs: number): number {
   return Math.min(30_000, Math.max(250, Math.floor(clientHeadersTimeoutMs / 4)))
 }
 
-/**
- * A client that shuts down its sending side after its request still wants the response (RFC 9112
- * §9.6: a half-closed connection does not delimit a request, nor say the client lost interest):
- * `printf … | nc -N`, scripts that `shutdown(SHUT_WR)`. By default node:http aborts every request
- * in flight at the client's FIN, so the call was cut and recorded as LK_CLIENT_CLOSED with no
- * response. With this set (node:http's own switch, on the server object since Node 0.x) it
- * answers what it has, then ends the connection. A client that goes away for good still resets
- * or closes, and that still ends the call.
- */
-function answerHalfClosed(server: Server): void {
-  ;(server as Server & { httpAllowHalfOpen: boolean }).httpAllowHalfOpen = true
-}
-
 function isLoopback(address: string | undefined): boolean {
   return !!address && (address.startsWith('127.') || address === '::1' || address.startsWith('::ffff:127.'))
 }
@@ -59,7 +46,6 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     noDelay: true,
   }
   const server = createServer(serverOptions)
-  answerHalfClosed(server)
   // node:http keeps the first 2,000 header lines and silently drops the rest, Content-Length
   // included, and the body with it. The header size limit bounds them instead.
   server.maxHeadersCount = 0
@@ -77,7 +63,6 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   // the same strict options; each socket remembers the origin its tunnel was opened for.
   const tunnels = new WeakMap<Socket, TunnelOrigin>()
   const inner = createServer(serverOptions)
-  answerHalfClosed(inner)
   inner.maxHeadersCount = 0
   inner.on('request', (req, res) => pipeline.handleRequest(req, res, false, tunnels.get(req.socket) ?? null))
   inner.on('checkContinue', (req, res) => onContinue(req, res, tunnels.get(req.socket) ?? null))

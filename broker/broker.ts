@@ -130,6 +130,7 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     adminToken: env[c.admin_token_env] || undefined,
     introspectionClients,
     ready: () => !closing,
+    tls: c.listen.tls ? { cert: readSettingFile('broker.listen.tls.cert_file', c.listen.tls.cert_file), key: readSettingFile('broker.listen.tls.key_file', c.listen.tls.key_file) } : null,
   })
   server.keepAliveTimeout = 5_000
   const ctl = c.control ? await startControl(c, env, log, revocations, events, now) : undefined
@@ -144,9 +145,10 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
   }
   const addr = server.address() as AddressInfo
   const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address
-  log.info({ url: `http://${host}:${addr.port}`, issuer: c.issuer, attestors: attestors.map((x) => x.kind) }, 'broker listening')
+  const scheme = c.listen.tls ? 'https' : 'http'
+  log.info({ url: `${scheme}://${host}:${addr.port}`, issuer: c.issuer, attestors: attestors.map((x) => x.kind) }, 'broker listening')
   return {
-    url: `http://${host}:${addr.port}`,
+    url: `${scheme}://${host}:${addr.port}`,
     issuer: c.issuer,
     keys,
     revocations,

@@ -8,6 +8,7 @@
 //   GET|POST /v1/revocations, DELETE /v1/revocations/<kind>/<value>   admin (Bearer)
 //   GET  /healthz /readyz /metrics
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
+import { createServer as createHttpsServer } from 'node:https'
 import { timingSafeEqual, createHash } from 'node:crypto'
 import { Counter, Histogram, Registry as MetricsRegistry } from 'prom-client'
 import { OAuthError } from '../oauth-error.js'
@@ -36,6 +37,8 @@ export interface BrokerHttpDeps {
   /** Introspection client id → secret. */
   introspectionClients: Map<string, string>
   ready: () => boolean
+  /** broker.listen.tls, files read: serve HTTPS. */
+  tls: { cert: Buffer; key: Buffer } | null
 }
 
 const NO_STORE = { 'cache-control': 'no-store', pragma: 'no-cache' }
@@ -163,7 +166,8 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
     send(res, 404, JSON.stringify({ error: 'not_found', error_description: `no admin endpoint ${req.method} ${path.slice(0, 100)}` }), NO_STORE)
   }
 
-  const server = createServer({ requestTimeout: 30_000, headersTimeout: 10_000, maxHeaderSize: 32_768 }, (req, res) => {
+  const options = { requestTimeout: 30_000, headersTimeout: 10_000, maxHeaderSize: 32_768 }
+  const handler = (req: IncomingMessage, res: ServerResponse) => {
     const path = (req.url ?? '/').split('?')[0]!
     const method = req.method ?? 'GET'
     const only = (m: string, fn: () => unknown) => {
@@ -206,7 +210,8 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
     }
     req.resume()
     send(res, 404, JSON.stringify({ error: 'not_found', error_description: `no endpoint ${method} ${path.slice(0, 100)}` }))
-  })
+  }
+  const server: Server = d.tls ? createHttpsServer({ ...options, ...d.tls }, handler) : createServer(options, handler)
   return { server, metrics }
 }
 

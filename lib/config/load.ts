@@ -284,11 +284,42 @@ function semanticProblems(c: Config): ConfigProblem[] {
   }
   const bc = c.broker?.control
   if (bc) checkPlaintext('broker.control', bc.host, bc.tls, bc.insecure_plaintext, 'sidecars cannot tell this broker from an impostor at that address, nor keep the control token from the network')
+  // The token exchange carries workload evidence and user tokens, and answers with tokens.
+  const sb = c.sidecar.broker
+  if (sb) {
+    const url = urlOf(sb.url)
+    if (url?.protocol === 'http:') checkPlaintext('sidecar.broker', url.hostname, null, sb.insecure_plaintext, 'the workload evidence and user tokens this sidecar sends, and the tokens it gets back, cross in clear text to whoever answers (use https://)', 'url')
+  }
+  if (c.broker) checkPlaintext('broker.listen', c.broker.listen.host, c.broker.listen.tls, c.broker.listen.insecure_plaintext, 'workload evidence, user tokens and the tokens minted from them cross the network in clear text')
+  const ac = c.audit.collector
+  if (ac) checkPlaintext('audit.collector', ac.address.slice(0, ac.address.lastIndexOf(':')), ac.tls, ac.insecure_plaintext, 'the collector, which holds the audit trail, cannot be told from an impostor, and its token crosses in clear text')
+  // RFC 6749 §3.2: a token endpoint is reached over TLS. Keys fetched in clear text could be
+  // replaced on the way: whoever did so could sign tokens that are then accepted.
+  c.credentials.forEach((b, i) => {
+    const url = b.oauth ? urlOf(b.oauth.token_url) : null
+    if (url?.protocol === 'http:' && !isLoopbackHost(url.hostname)) problems.push({ path: `credentials[${i}].oauth.token_url`, message: 'must be https:// off loopback (RFC 6749 §3.2): the client secret and the tokens would cross in clear text' })
+  })
+  for (const [path, src] of [
+    ['broker.users', c.broker?.users],
+    ['broker.attestors.kubernetes', c.broker?.attestors.kubernetes],
+    ['broker.attestors.spiffe', c.broker?.attestors.spiffe],
+  ] as const) {
+    const url = src?.jwks_url ? urlOf(src.jwks_url) : null
+    if (url?.protocol === 'http:' && !isLoopbackHost(url.hostname)) problems.push({ path: `${path}.jwks_url`, message: 'must be https:// off loopback: keys fetched in clear text could be replaced on the way, and tokens signed with the replacement accepted (or use jwks_file)' })
+  }
 
-  function checkPlaintext(path: string, host: string, tls: object | null, insecure: boolean, why: string): void {
+  function checkPlaintext(path: string, host: string, tls: object | null, insecure: boolean, why: string, what = 'tls'): void {
     if (tls && insecure) problems.push({ path: `${path}.insecure_plaintext`, message: 'contradicts tls: remove one' })
     else if (!tls && !insecure && host !== '' && !isLoopbackHost(host)) {
-      problems.push({ path: `${path}.tls`, message: `required off loopback (${host.slice(0, 100)}): without it ${why}; set insecure_plaintext: true to accept that` })
+      problems.push({ path: `${path}.${what}`, message: `${what === 'tls' ? 'required' : 'must be TLS'} off loopback (${host.slice(0, 100)}): without it ${why}; set insecure_plaintext: true to accept that` })
+    }
+  }
+
+  function urlOf(value: string): URL | null {
+    try {
+      return new URL(value)
+    } catch {
+      return null
     }
   }
 

@@ -65,8 +65,11 @@ export interface Config {
       tunnel_idle_ms: number
     }
     max_pools: number
-    /** Where task-scoped tokens come from. Required when any credential has source: broker. */
-    broker?: { url: string; timeout_ms: number; min_remaining_ms: number }
+    /**
+     * Where task-scoped tokens come from. Required when any credential has source: broker.
+     * https:// unless loopback or insecure_plaintext: workload evidence and user tokens go there.
+     */
+    broker?: { url: string; timeout_ms: number; min_remaining_ms: number; insecure_plaintext: boolean }
     /** The control stream from the broker: revocations and policy bundles. */
     control?: SidecarControlConfig
     /** A policy file (YAML: mode, default, rules) that replaces `policy` and is reloaded on change and SIGHUP. */
@@ -121,7 +124,8 @@ export interface BrokerConfig {
   issuer: string
   /** The `aud` every workload attestation must carry: this broker. Defaults to the issuer. */
   audience?: string
-  listen: { host: string; port: number }
+  /** tls: required off loopback unless insecure_plaintext (token exchange carries workload evidence and user tokens). */
+  listen: { host: string; port: number; tls: { cert_file: string; key_file: string } | null; insecure_plaintext: boolean }
   keys: { dir: string; alg: 'ES256' | 'EdDSA'; rotate_after_s: number }
   registry_file: string
   tokens: { floor_s: number; default_duration_s: number; max_body_bytes: number }
@@ -202,6 +206,8 @@ export interface AuditCollectorConfig {
   token_secret?: string
   /** mTLS to the collector: its CA, and this sidecar's client certificate (CN = sidecar_id). */
   tls: { ca_file: string; cert_file: string; key_file: string } | null
+  /** Without tls off loopback: the collector (and the audit trail) cannot be told from an impostor. */
+  insecure_plaintext: boolean
   spool_dir: string
   spool_max_bytes: number
   segment_bytes: number
@@ -298,7 +304,12 @@ const broker = {
       type: 'object',
       additionalProperties: false,
       default: {},
-      properties: { host: { ...nonEmpty, default: '127.0.0.1' }, port: { ...port, minimum: 0, default: 15003 } },
+      properties: {
+        host: { ...nonEmpty, default: '127.0.0.1' },
+        port: { ...port, minimum: 0, default: 15003 },
+        tls: { type: ['object', 'null'], additionalProperties: false, default: null, required: ['cert_file', 'key_file'], properties: { cert_file: nonEmpty, key_file: nonEmpty } },
+        insecure_plaintext: { type: 'boolean', default: false },
+      },
     },
     keys: {
       type: 'object',
@@ -477,6 +488,7 @@ export const configSchema = {
             url: { type: 'string', pattern: '^https?://[^\\s]+$' },
             timeout_ms: ms(3_000),
             min_remaining_ms: ms(5_000, 0),
+            insecure_plaintext: { type: 'boolean', default: false },
           },
         },
         control: {
@@ -647,6 +659,7 @@ export const configSchema = {
               required: ['ca_file', 'cert_file', 'key_file'],
               properties: { ca_file: nonEmpty, cert_file: nonEmpty, key_file: nonEmpty },
             },
+            insecure_plaintext: { type: 'boolean', default: false },
             spool_dir: { ...nonEmpty, default: 'latchkey-spool' },
             spool_max_bytes: { type: 'integer', minimum: 65536, default: 256 * 1024 * 1024 },
             segment_bytes: { type: 'integer', minimum: 4096, default: 4 * 1024 * 1024 },

@@ -4,7 +4,7 @@
 "use strict";
 export const validate = validate10;
 export default validate10;
-const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000},"tunnel_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":900000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:[0-9]+/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"state_file":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"server_name":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"spiffe_id":{"type":"string","pattern":"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$","maxLength":2048}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:[0-9]{1,5}$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"client_ca_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
+const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000},"tunnel_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":900000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000},"insecure_plaintext":{"type":"boolean","default":false}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:[0-9]+/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"state_file":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"server_name":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"spiffe_id":{"type":"string","pattern":"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$","maxLength":2048}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:[0-9]{1,5}$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"client_ca_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
 const func2 = Object.prototype.hasOwnProperty;
 import func4Module from "ajv/dist/runtime/ucs2length.js";
 const func4 = func4Module.default;
@@ -663,6 +663,9 @@ data19.timeout_ms = 3000;
 if(data19.min_remaining_ms === undefined){
 data19.min_remaining_ms = 5000;
 }
+if(data19.insecure_plaintext === undefined){
+data19.insecure_plaintext = false;
+}
 if(data19.url === undefined){
 const err47 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
@@ -674,7 +677,7 @@ vErrors.push(err47);
 errors++;
 }
 for(const key5 in data19){
-if(!(((key5 === "url") || (key5 === "timeout_ms")) || (key5 === "min_remaining_ms"))){
+if(!((((key5 === "url") || (key5 === "timeout_ms")) || (key5 === "min_remaining_ms")) || (key5 === "insecure_plaintext"))){
 const err48 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key5},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err48];
@@ -776,9 +779,8 @@ vErrors.push(err56);
 errors++;
 }
 }
-}
-else {
-const err57 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(typeof data19.insecure_plaintext !== "boolean"){
+const err57 = {instancePath:instancePath+"/sidecar/broker/insecure_plaintext",schemaPath:"#/properties/sidecar/properties/broker/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err57];
 }
@@ -788,29 +790,8 @@ vErrors.push(err57);
 errors++;
 }
 }
-if(data1.control !== undefined){
-let data23 = data1.control;
-if(data23 && typeof data23 == "object" && !Array.isArray(data23)){
-if(data23.stale_after_ms === undefined){
-data23.stale_after_ms = 30000;
-}
-if(data23.backoff_min_ms === undefined){
-data23.backoff_min_ms = 100;
-}
-if(data23.backoff_max_ms === undefined){
-data23.backoff_max_ms = 5000;
-}
-if(data23.max_bundle_bytes === undefined){
-data23.max_bundle_bytes = 262144;
-}
-if(data23.tls === undefined){
-data23.tls = null;
-}
-if(data23.insecure_plaintext === undefined){
-data23.insecure_plaintext = false;
-}
-if(data23.url === undefined){
-const err58 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
+else {
+const err58 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err58];
 }
@@ -819,8 +800,30 @@ vErrors.push(err58);
 }
 errors++;
 }
-if(data23.token_secret === undefined){
-const err59 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "token_secret"},message:"must have required property '"+"token_secret"+"'"};
+}
+if(data1.control !== undefined){
+let data24 = data1.control;
+if(data24 && typeof data24 == "object" && !Array.isArray(data24)){
+if(data24.stale_after_ms === undefined){
+data24.stale_after_ms = 30000;
+}
+if(data24.backoff_min_ms === undefined){
+data24.backoff_min_ms = 100;
+}
+if(data24.backoff_max_ms === undefined){
+data24.backoff_max_ms = 5000;
+}
+if(data24.max_bundle_bytes === undefined){
+data24.max_bundle_bytes = 262144;
+}
+if(data24.tls === undefined){
+data24.tls = null;
+}
+if(data24.insecure_plaintext === undefined){
+data24.insecure_plaintext = false;
+}
+if(data24.url === undefined){
+const err59 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err59];
 }
@@ -829,9 +832,8 @@ vErrors.push(err59);
 }
 errors++;
 }
-for(const key6 in data23){
-if(!(func2.call(schema11.properties.sidecar.properties.control.properties, key6))){
-const err60 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key6},message:"must NOT have additional properties"};
+if(data24.token_secret === undefined){
+const err60 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "token_secret"},message:"must have required property '"+"token_secret"+"'"};
 if(vErrors === null){
 vErrors = [err60];
 }
@@ -840,12 +842,9 @@ vErrors.push(err60);
 }
 errors++;
 }
-}
-if(data23.url !== undefined){
-let data24 = data23.url;
-if(typeof data24 === "string"){
-if(!pattern2.test(data24)){
-const err61 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/pattern",keyword:"pattern",params:{pattern: "^grpc://[^\\s/]+:[0-9]+/?$"},message:"must match pattern \""+"^grpc://[^\\s/]+:[0-9]+/?$"+"\""};
+for(const key6 in data24){
+if(!(func2.call(schema11.properties.sidecar.properties.control.properties, key6))){
+const err61 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key6},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err61];
 }
@@ -855,8 +854,11 @@ vErrors.push(err61);
 errors++;
 }
 }
-else {
-const err62 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data24.url !== undefined){
+let data25 = data24.url;
+if(typeof data25 === "string"){
+if(!pattern2.test(data25)){
+const err62 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/pattern",keyword:"pattern",params:{pattern: "^grpc://[^\\s/]+:[0-9]+/?$"},message:"must match pattern \""+"^grpc://[^\\s/]+:[0-9]+/?$"+"\""};
 if(vErrors === null){
 vErrors = [err62];
 }
@@ -866,11 +868,8 @@ vErrors.push(err62);
 errors++;
 }
 }
-if(data23.token_secret !== undefined){
-let data25 = data23.token_secret;
-if(typeof data25 === "string"){
-if(!pattern3.test(data25)){
-const err63 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_]+$"},message:"must match pattern \""+"^[A-Za-z0-9_]+$"+"\""};
+else {
+const err63 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err63];
 }
@@ -880,8 +879,11 @@ vErrors.push(err63);
 errors++;
 }
 }
-else {
-const err64 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data24.token_secret !== undefined){
+let data26 = data24.token_secret;
+if(typeof data26 === "string"){
+if(!pattern3.test(data26)){
+const err64 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_]+$"},message:"must match pattern \""+"^[A-Za-z0-9_]+$"+"\""};
 if(vErrors === null){
 vErrors = [err64];
 }
@@ -891,9 +893,8 @@ vErrors.push(err64);
 errors++;
 }
 }
-let data26 = data23.stale_after_ms;
-if(!(((typeof data26 == "number") && (!(data26 % 1) && !isNaN(data26))) && (isFinite(data26)))){
-const err65 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err65 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err65];
 }
@@ -902,9 +903,10 @@ vErrors.push(err65);
 }
 errors++;
 }
-if((typeof data26 == "number") && (isFinite(data26))){
-if(data26 > 3600000 || isNaN(data26)){
-const err66 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data27 = data24.stale_after_ms;
+if(!(((typeof data27 == "number") && (!(data27 % 1) && !isNaN(data27))) && (isFinite(data27)))){
+const err66 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err66];
 }
@@ -913,8 +915,9 @@ vErrors.push(err66);
 }
 errors++;
 }
-if(data26 < 50 || isNaN(data26)){
-const err67 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
+if((typeof data27 == "number") && (isFinite(data27))){
+if(data27 > 3600000 || isNaN(data27)){
+const err67 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err67];
 }
@@ -923,10 +926,8 @@ vErrors.push(err67);
 }
 errors++;
 }
-}
-let data27 = data23.backoff_min_ms;
-if(!(((typeof data27 == "number") && (!(data27 % 1) && !isNaN(data27))) && (isFinite(data27)))){
-const err68 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data27 < 50 || isNaN(data27)){
+const err68 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
 if(vErrors === null){
 vErrors = [err68];
 }
@@ -935,9 +936,10 @@ vErrors.push(err68);
 }
 errors++;
 }
-if((typeof data27 == "number") && (isFinite(data27))){
-if(data27 > 3600000 || isNaN(data27)){
-const err69 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data28 = data24.backoff_min_ms;
+if(!(((typeof data28 == "number") && (!(data28 % 1) && !isNaN(data28))) && (isFinite(data28)))){
+const err69 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err69];
 }
@@ -946,8 +948,9 @@ vErrors.push(err69);
 }
 errors++;
 }
-if(data27 < 1 || isNaN(data27)){
-const err70 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data28 == "number") && (isFinite(data28))){
+if(data28 > 3600000 || isNaN(data28)){
+const err70 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err70];
 }
@@ -956,10 +959,8 @@ vErrors.push(err70);
 }
 errors++;
 }
-}
-let data28 = data23.backoff_max_ms;
-if(!(((typeof data28 == "number") && (!(data28 % 1) && !isNaN(data28))) && (isFinite(data28)))){
-const err71 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data28 < 1 || isNaN(data28)){
+const err71 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err71];
 }
@@ -968,9 +969,10 @@ vErrors.push(err71);
 }
 errors++;
 }
-if((typeof data28 == "number") && (isFinite(data28))){
-if(data28 > 3600000 || isNaN(data28)){
-const err72 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data29 = data24.backoff_max_ms;
+if(!(((typeof data29 == "number") && (!(data29 % 1) && !isNaN(data29))) && (isFinite(data29)))){
+const err72 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err72];
 }
@@ -979,8 +981,9 @@ vErrors.push(err72);
 }
 errors++;
 }
-if(data28 < 1 || isNaN(data28)){
-const err73 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data29 == "number") && (isFinite(data29))){
+if(data29 > 3600000 || isNaN(data29)){
+const err73 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err73];
 }
@@ -989,10 +992,8 @@ vErrors.push(err73);
 }
 errors++;
 }
-}
-let data29 = data23.max_bundle_bytes;
-if(!(((typeof data29 == "number") && (!(data29 % 1) && !isNaN(data29))) && (isFinite(data29)))){
-const err74 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data29 < 1 || isNaN(data29)){
+const err74 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err74];
 }
@@ -1001,9 +1002,10 @@ vErrors.push(err74);
 }
 errors++;
 }
-if((typeof data29 == "number") && (isFinite(data29))){
-if(data29 > 3145728 || isNaN(data29)){
-const err75 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
+}
+let data30 = data24.max_bundle_bytes;
+if(!(((typeof data30 == "number") && (!(data30 % 1) && !isNaN(data30))) && (isFinite(data30)))){
+const err75 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err75];
 }
@@ -1012,8 +1014,9 @@ vErrors.push(err75);
 }
 errors++;
 }
-if(data29 < 1024 || isNaN(data29)){
-const err76 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+if((typeof data30 == "number") && (isFinite(data30))){
+if(data30 > 3145728 || isNaN(data30)){
+const err76 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
 if(vErrors === null){
 vErrors = [err76];
 }
@@ -1022,12 +1025,8 @@ vErrors.push(err76);
 }
 errors++;
 }
-}
-if(data23.state_file !== undefined){
-let data30 = data23.state_file;
-if(typeof data30 === "string"){
-if(func4(data30) < 1){
-const err77 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data30 < 1024 || isNaN(data30)){
+const err77 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err77];
 }
@@ -1037,8 +1036,11 @@ vErrors.push(err77);
 errors++;
 }
 }
-else {
-const err78 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data24.state_file !== undefined){
+let data31 = data24.state_file;
+if(typeof data31 === "string"){
+if(func4(data31) < 1){
+const err78 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err78];
 }
@@ -1048,9 +1050,8 @@ vErrors.push(err78);
 errors++;
 }
 }
-let data31 = data23.tls;
-if((!(data31 && typeof data31 == "object" && !Array.isArray(data31))) && (data31 !== null)){
-const err79 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.sidecar.properties.control.properties.tls.type},message:"must be object,null"};
+else {
+const err79 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err79];
 }
@@ -1059,9 +1060,10 @@ vErrors.push(err79);
 }
 errors++;
 }
-if(data31 && typeof data31 == "object" && !Array.isArray(data31)){
-if(data31.ca_file === undefined){
-const err80 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
+}
+let data32 = data24.tls;
+if((!(data32 && typeof data32 == "object" && !Array.isArray(data32))) && (data32 !== null)){
+const err80 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.sidecar.properties.control.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err80];
 }
@@ -1070,9 +1072,9 @@ vErrors.push(err80);
 }
 errors++;
 }
-for(const key7 in data31){
-if(!((((key7 === "ca_file") || (key7 === "cert_file")) || (key7 === "key_file")) || (key7 === "server_name"))){
-const err81 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
+if(data32 && typeof data32 == "object" && !Array.isArray(data32)){
+if(data32.ca_file === undefined){
+const err81 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
 if(vErrors === null){
 vErrors = [err81];
 }
@@ -1081,12 +1083,9 @@ vErrors.push(err81);
 }
 errors++;
 }
-}
-if(data31.ca_file !== undefined){
-let data32 = data31.ca_file;
-if(typeof data32 === "string"){
-if(func4(data32) < 1){
-const err82 = {instancePath:instancePath+"/sidecar/control/tls/ca_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key7 in data32){
+if(!((((key7 === "ca_file") || (key7 === "cert_file")) || (key7 === "key_file")) || (key7 === "server_name"))){
+const err82 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err82];
 }
@@ -1096,8 +1095,11 @@ vErrors.push(err82);
 errors++;
 }
 }
-else {
-const err83 = {instancePath:instancePath+"/sidecar/control/tls/ca_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data32.ca_file !== undefined){
+let data33 = data32.ca_file;
+if(typeof data33 === "string"){
+if(func4(data33) < 1){
+const err83 = {instancePath:instancePath+"/sidecar/control/tls/ca_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err83];
 }
@@ -1107,11 +1109,8 @@ vErrors.push(err83);
 errors++;
 }
 }
-if(data31.cert_file !== undefined){
-let data33 = data31.cert_file;
-if(typeof data33 === "string"){
-if(func4(data33) < 1){
-const err84 = {instancePath:instancePath+"/sidecar/control/tls/cert_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err84 = {instancePath:instancePath+"/sidecar/control/tls/ca_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err84];
 }
@@ -1121,8 +1120,11 @@ vErrors.push(err84);
 errors++;
 }
 }
-else {
-const err85 = {instancePath:instancePath+"/sidecar/control/tls/cert_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data32.cert_file !== undefined){
+let data34 = data32.cert_file;
+if(typeof data34 === "string"){
+if(func4(data34) < 1){
+const err85 = {instancePath:instancePath+"/sidecar/control/tls/cert_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err85];
 }
@@ -1132,11 +1134,8 @@ vErrors.push(err85);
 errors++;
 }
 }
-if(data31.key_file !== undefined){
-let data34 = data31.key_file;
-if(typeof data34 === "string"){
-if(func4(data34) < 1){
-const err86 = {instancePath:instancePath+"/sidecar/control/tls/key_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err86 = {instancePath:instancePath+"/sidecar/control/tls/cert_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err86];
 }
@@ -1146,8 +1145,11 @@ vErrors.push(err86);
 errors++;
 }
 }
-else {
-const err87 = {instancePath:instancePath+"/sidecar/control/tls/key_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data32.key_file !== undefined){
+let data35 = data32.key_file;
+if(typeof data35 === "string"){
+if(func4(data35) < 1){
+const err87 = {instancePath:instancePath+"/sidecar/control/tls/key_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err87];
 }
@@ -1157,11 +1159,8 @@ vErrors.push(err87);
 errors++;
 }
 }
-if(data31.server_name !== undefined){
-let data35 = data31.server_name;
-if(typeof data35 === "string"){
-if(func4(data35) < 1){
-const err88 = {instancePath:instancePath+"/sidecar/control/tls/server_name",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/server_name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err88 = {instancePath:instancePath+"/sidecar/control/tls/key_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err88];
 }
@@ -1171,8 +1170,11 @@ vErrors.push(err88);
 errors++;
 }
 }
-else {
-const err89 = {instancePath:instancePath+"/sidecar/control/tls/server_name",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/server_name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data32.server_name !== undefined){
+let data36 = data32.server_name;
+if(typeof data36 === "string"){
+if(func4(data36) < 1){
+const err89 = {instancePath:instancePath+"/sidecar/control/tls/server_name",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/server_name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err89];
 }
@@ -1182,9 +1184,8 @@ vErrors.push(err89);
 errors++;
 }
 }
-}
-if(typeof data23.insecure_plaintext !== "boolean"){
-const err90 = {instancePath:instancePath+"/sidecar/control/insecure_plaintext",schemaPath:"#/properties/sidecar/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err90 = {instancePath:instancePath+"/sidecar/control/tls/server_name",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/server_name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err90];
 }
@@ -1194,8 +1195,9 @@ vErrors.push(err90);
 errors++;
 }
 }
-else {
-const err91 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+}
+if(typeof data24.insecure_plaintext !== "boolean"){
+const err91 = {instancePath:instancePath+"/sidecar/control/insecure_plaintext",schemaPath:"#/properties/sidecar/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err91];
 }
@@ -1205,11 +1207,8 @@ vErrors.push(err91);
 errors++;
 }
 }
-if(data1.policy_file !== undefined){
-let data37 = data1.policy_file;
-if(typeof data37 === "string"){
-if(func4(data37) < 1){
-const err92 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err92 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err92];
 }
@@ -1219,8 +1218,11 @@ vErrors.push(err92);
 errors++;
 }
 }
-else {
-const err93 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data1.policy_file !== undefined){
+let data38 = data1.policy_file;
+if(typeof data38 === "string"){
+if(func4(data38) < 1){
+const err93 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err93];
 }
@@ -1230,8 +1232,8 @@ vErrors.push(err93);
 errors++;
 }
 }
-if(typeof data1.policy_watch !== "boolean"){
-const err94 = {instancePath:instancePath+"/sidecar/policy_watch",schemaPath:"#/properties/sidecar/properties/policy_watch/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err94 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err94];
 }
@@ -1240,20 +1242,9 @@ vErrors.push(err94);
 }
 errors++;
 }
-let data39 = data1.callers;
-if(data39 && typeof data39 == "object" && !Array.isArray(data39)){
-if(data39.identify === undefined){
-data39.identify = false;
 }
-if(data39.allowed_uids === undefined){
-data39.allowed_uids = [];
-}
-if(data39.allowed_executables === undefined){
-data39.allowed_executables = [];
-}
-for(const key8 in data39){
-if(!(((key8 === "identify") || (key8 === "allowed_uids")) || (key8 === "allowed_executables"))){
-const err95 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
+if(typeof data1.policy_watch !== "boolean"){
+const err95 = {instancePath:instancePath+"/sidecar/policy_watch",schemaPath:"#/properties/sidecar/properties/policy_watch/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err95];
 }
@@ -1262,9 +1253,20 @@ vErrors.push(err95);
 }
 errors++;
 }
+let data40 = data1.callers;
+if(data40 && typeof data40 == "object" && !Array.isArray(data40)){
+if(data40.identify === undefined){
+data40.identify = false;
 }
-if(typeof data39.identify !== "boolean"){
-const err96 = {instancePath:instancePath+"/sidecar/callers/identify",schemaPath:"#/properties/sidecar/properties/callers/properties/identify/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data40.allowed_uids === undefined){
+data40.allowed_uids = [];
+}
+if(data40.allowed_executables === undefined){
+data40.allowed_executables = [];
+}
+for(const key8 in data40){
+if(!(((key8 === "identify") || (key8 === "allowed_uids")) || (key8 === "allowed_executables"))){
+const err96 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err96];
 }
@@ -1273,13 +1275,9 @@ vErrors.push(err96);
 }
 errors++;
 }
-let data41 = data39.allowed_uids;
-if(Array.isArray(data41)){
-const len0 = data41.length;
-for(let i0=0; i0<len0; i0++){
-let data42 = data41[i0];
-if(!(((typeof data42 == "number") && (!(data42 % 1) && !isNaN(data42))) && (isFinite(data42)))){
-const err97 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(typeof data40.identify !== "boolean"){
+const err97 = {instancePath:instancePath+"/sidecar/callers/identify",schemaPath:"#/properties/sidecar/properties/callers/properties/identify/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err97];
 }
@@ -1288,9 +1286,13 @@ vErrors.push(err97);
 }
 errors++;
 }
-if((typeof data42 == "number") && (isFinite(data42))){
-if(data42 > 4294967295 || isNaN(data42)){
-const err98 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 4294967295},message:"must be <= 4294967295"};
+let data42 = data40.allowed_uids;
+if(Array.isArray(data42)){
+const len0 = data42.length;
+for(let i0=0; i0<len0; i0++){
+let data43 = data42[i0];
+if(!(((typeof data43 == "number") && (!(data43 % 1) && !isNaN(data43))) && (isFinite(data43)))){
+const err98 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err98];
 }
@@ -1299,8 +1301,9 @@ vErrors.push(err98);
 }
 errors++;
 }
-if(data42 < 0 || isNaN(data42)){
-const err99 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if((typeof data43 == "number") && (isFinite(data43))){
+if(data43 > 4294967295 || isNaN(data43)){
+const err99 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 4294967295},message:"must be <= 4294967295"};
 if(vErrors === null){
 vErrors = [err99];
 }
@@ -1309,25 +1312,35 @@ vErrors.push(err99);
 }
 errors++;
 }
-}
-}
-let i1 = data41.length;
-let j0;
-if(i1 > 1){
-const indices0 = {};
-for(;i1--;){
-let item0 = data41[i1];
-if(!(((typeof item0 == "number") && (!(item0 % 1) && !isNaN(item0))) && (isFinite(item0)))){
-continue;
-}
-if(typeof indices0[item0] == "number"){
-j0 = indices0[item0];
-const err100 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/uniqueItems",keyword:"uniqueItems",params:{i: i1, j: j0},message:"must NOT have duplicate items (items ## "+j0+" and "+i1+" are identical)"};
+if(data43 < 0 || isNaN(data43)){
+const err100 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err100];
 }
 else {
 vErrors.push(err100);
+}
+errors++;
+}
+}
+}
+let i1 = data42.length;
+let j0;
+if(i1 > 1){
+const indices0 = {};
+for(;i1--;){
+let item0 = data42[i1];
+if(!(((typeof item0 == "number") && (!(item0 % 1) && !isNaN(item0))) && (isFinite(item0)))){
+continue;
+}
+if(typeof indices0[item0] == "number"){
+j0 = indices0[item0];
+const err101 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/uniqueItems",keyword:"uniqueItems",params:{i: i1, j: j0},message:"must NOT have duplicate items (items ## "+j0+" and "+i1+" are identical)"};
+if(vErrors === null){
+vErrors = [err101];
+}
+else {
+vErrors.push(err101);
 }
 errors++;
 break;
@@ -1337,23 +1350,7 @@ indices0[item0] = i1;
 }
 }
 else {
-const err101 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/type",keyword:"type",params:{type: "array"},message:"must be array"};
-if(vErrors === null){
-vErrors = [err101];
-}
-else {
-vErrors.push(err101);
-}
-errors++;
-}
-let data43 = data39.allowed_executables;
-if(Array.isArray(data43)){
-const len1 = data43.length;
-for(let i2=0; i2<len1; i2++){
-let data44 = data43[i2];
-if(typeof data44 === "string"){
-if(!pattern4.test(data44)){
-const err102 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
+const err102 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err102];
 }
@@ -1362,9 +1359,14 @@ vErrors.push(err102);
 }
 errors++;
 }
-}
-else {
-const err103 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data44 = data40.allowed_executables;
+if(Array.isArray(data44)){
+const len1 = data44.length;
+for(let i2=0; i2<len1; i2++){
+let data45 = data44[i2];
+if(typeof data45 === "string"){
+if(!pattern4.test(data45)){
+const err103 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
 if(vErrors === null){
 vErrors = [err103];
 }
@@ -1374,23 +1376,34 @@ vErrors.push(err103);
 errors++;
 }
 }
-let i3 = data43.length;
-let j1;
-if(i3 > 1){
-const indices1 = {};
-for(;i3--;){
-let item1 = data43[i3];
-if(typeof item1 !== "string"){
-continue;
-}
-if(typeof indices1[item1] == "number"){
-j1 = indices1[item1];
-const err104 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/uniqueItems",keyword:"uniqueItems",params:{i: i3, j: j1},message:"must NOT have duplicate items (items ## "+j1+" and "+i3+" are identical)"};
+else {
+const err104 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err104];
 }
 else {
 vErrors.push(err104);
+}
+errors++;
+}
+}
+let i3 = data44.length;
+let j1;
+if(i3 > 1){
+const indices1 = {};
+for(;i3--;){
+let item1 = data44[i3];
+if(typeof item1 !== "string"){
+continue;
+}
+if(typeof indices1[item1] == "number"){
+j1 = indices1[item1];
+const err105 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/uniqueItems",keyword:"uniqueItems",params:{i: i3, j: j1},message:"must NOT have duplicate items (items ## "+j1+" and "+i3+" are identical)"};
+if(vErrors === null){
+vErrors = [err105];
+}
+else {
+vErrors.push(err105);
 }
 errors++;
 break;
@@ -1400,18 +1413,7 @@ indices1[item1] = i3;
 }
 }
 else {
-const err105 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/type",keyword:"type",params:{type: "array"},message:"must be array"};
-if(vErrors === null){
-vErrors = [err105];
-}
-else {
-vErrors.push(err105);
-}
-errors++;
-}
-}
-else {
-const err106 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err106 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err106];
 }
@@ -1420,10 +1422,9 @@ vErrors.push(err106);
 }
 errors++;
 }
-let data45 = data1.attestation;
-if(data45 && typeof data45 == "object" && !Array.isArray(data45)){
-if(Object.keys(data45).length > 1){
-const err107 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
+}
+else {
+const err107 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err107];
 }
@@ -1432,9 +1433,10 @@ vErrors.push(err107);
 }
 errors++;
 }
-for(const key9 in data45){
-if(!(((key9 === "kubernetes") || (key9 === "spiffe")) || (key9 === "local"))){
-const err108 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
+let data46 = data1.attestation;
+if(data46 && typeof data46 == "object" && !Array.isArray(data46)){
+if(Object.keys(data46).length > 1){
+const err108 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
 if(vErrors === null){
 vErrors = [err108];
 }
@@ -1443,12 +1445,9 @@ vErrors.push(err108);
 }
 errors++;
 }
-}
-if(data45.kubernetes !== undefined){
-let data46 = data45.kubernetes;
-if(data46 && typeof data46 == "object" && !Array.isArray(data46)){
-if(data46.token_file === undefined){
-const err109 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/required",keyword:"required",params:{missingProperty: "token_file"},message:"must have required property '"+"token_file"+"'"};
+for(const key9 in data46){
+if(!(((key9 === "kubernetes") || (key9 === "spiffe")) || (key9 === "local"))){
+const err109 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err109];
 }
@@ -1457,9 +1456,12 @@ vErrors.push(err109);
 }
 errors++;
 }
-for(const key10 in data46){
-if(!(key10 === "token_file")){
-const err110 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key10},message:"must NOT have additional properties"};
+}
+if(data46.kubernetes !== undefined){
+let data47 = data46.kubernetes;
+if(data47 && typeof data47 == "object" && !Array.isArray(data47)){
+if(data47.token_file === undefined){
+const err110 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/required",keyword:"required",params:{missingProperty: "token_file"},message:"must have required property '"+"token_file"+"'"};
 if(vErrors === null){
 vErrors = [err110];
 }
@@ -1468,12 +1470,9 @@ vErrors.push(err110);
 }
 errors++;
 }
-}
-if(data46.token_file !== undefined){
-let data47 = data46.token_file;
-if(typeof data47 === "string"){
-if(func4(data47) < 1){
-const err111 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key10 in data47){
+if(!(key10 === "token_file")){
+const err111 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key10},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err111];
 }
@@ -1483,8 +1482,11 @@ vErrors.push(err111);
 errors++;
 }
 }
-else {
-const err112 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data47.token_file !== undefined){
+let data48 = data47.token_file;
+if(typeof data48 === "string"){
+if(func4(data48) < 1){
+const err112 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err112];
 }
@@ -1494,9 +1496,8 @@ vErrors.push(err112);
 errors++;
 }
 }
-}
 else {
-const err113 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err113 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err113];
 }
@@ -1506,11 +1507,9 @@ vErrors.push(err113);
 errors++;
 }
 }
-if(data45.spiffe !== undefined){
-let data48 = data45.spiffe;
-if(data48 && typeof data48 == "object" && !Array.isArray(data48)){
-if(data48.socket === undefined){
-const err114 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/required",keyword:"required",params:{missingProperty: "socket"},message:"must have required property '"+"socket"+"'"};
+}
+else {
+const err114 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err114];
 }
@@ -1519,9 +1518,12 @@ vErrors.push(err114);
 }
 errors++;
 }
-for(const key11 in data48){
-if(!(((key11 === "socket") || (key11 === "audience")) || (key11 === "spiffe_id"))){
-const err115 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key11},message:"must NOT have additional properties"};
+}
+if(data46.spiffe !== undefined){
+let data49 = data46.spiffe;
+if(data49 && typeof data49 == "object" && !Array.isArray(data49)){
+if(data49.socket === undefined){
+const err115 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/required",keyword:"required",params:{missingProperty: "socket"},message:"must have required property '"+"socket"+"'"};
 if(vErrors === null){
 vErrors = [err115];
 }
@@ -1530,12 +1532,9 @@ vErrors.push(err115);
 }
 errors++;
 }
-}
-if(data48.socket !== undefined){
-let data49 = data48.socket;
-if(typeof data49 === "string"){
-if(func4(data49) < 1){
-const err116 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key11 in data49){
+if(!(((key11 === "socket") || (key11 === "audience")) || (key11 === "spiffe_id"))){
+const err116 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key11},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err116];
 }
@@ -1545,8 +1544,11 @@ vErrors.push(err116);
 errors++;
 }
 }
-else {
-const err117 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data49.socket !== undefined){
+let data50 = data49.socket;
+if(typeof data50 === "string"){
+if(func4(data50) < 1){
+const err117 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err117];
 }
@@ -1556,11 +1558,8 @@ vErrors.push(err117);
 errors++;
 }
 }
-if(data48.audience !== undefined){
-let data50 = data48.audience;
-if(typeof data50 === "string"){
-if(func4(data50) < 1){
-const err118 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err118 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err118];
 }
@@ -1570,8 +1569,11 @@ vErrors.push(err118);
 errors++;
 }
 }
-else {
-const err119 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data49.audience !== undefined){
+let data51 = data49.audience;
+if(typeof data51 === "string"){
+if(func4(data51) < 1){
+const err119 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err119];
 }
@@ -1581,11 +1583,8 @@ vErrors.push(err119);
 errors++;
 }
 }
-if(data48.spiffe_id !== undefined){
-let data51 = data48.spiffe_id;
-if(typeof data51 === "string"){
-if(func4(data51) > 2048){
-const err120 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/maxLength",keyword:"maxLength",params:{limit: 2048},message:"must NOT have more than 2048 characters"};
+else {
+const err120 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err120];
 }
@@ -1594,8 +1593,12 @@ vErrors.push(err120);
 }
 errors++;
 }
-if(!pattern5.test(data51)){
-const err121 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/pattern",keyword:"pattern",params:{pattern: "^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"},message:"must match pattern \""+"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"+"\""};
+}
+if(data49.spiffe_id !== undefined){
+let data52 = data49.spiffe_id;
+if(typeof data52 === "string"){
+if(func4(data52) > 2048){
+const err121 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/maxLength",keyword:"maxLength",params:{limit: 2048},message:"must NOT have more than 2048 characters"};
 if(vErrors === null){
 vErrors = [err121];
 }
@@ -1604,9 +1607,8 @@ vErrors.push(err121);
 }
 errors++;
 }
-}
-else {
-const err122 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(!pattern5.test(data52)){
+const err122 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/pattern",keyword:"pattern",params:{pattern: "^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"},message:"must match pattern \""+"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"+"\""};
 if(vErrors === null){
 vErrors = [err122];
 }
@@ -1616,9 +1618,8 @@ vErrors.push(err122);
 errors++;
 }
 }
-}
 else {
-const err123 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err123 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err123];
 }
@@ -1628,11 +1629,9 @@ vErrors.push(err123);
 errors++;
 }
 }
-if(data45.local !== undefined){
-let data52 = data45.local;
-if(data52 && typeof data52 == "object" && !Array.isArray(data52)){
-if(data52.key_file === undefined){
-const err124 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+}
+else {
+const err124 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err124];
 }
@@ -1641,9 +1640,12 @@ vErrors.push(err124);
 }
 errors++;
 }
-for(const key12 in data52){
-if(!((key12 === "key_file") || (key12 === "audience"))){
-const err125 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key12},message:"must NOT have additional properties"};
+}
+if(data46.local !== undefined){
+let data53 = data46.local;
+if(data53 && typeof data53 == "object" && !Array.isArray(data53)){
+if(data53.key_file === undefined){
+const err125 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err125];
 }
@@ -1652,12 +1654,9 @@ vErrors.push(err125);
 }
 errors++;
 }
-}
-if(data52.key_file !== undefined){
-let data53 = data52.key_file;
-if(typeof data53 === "string"){
-if(func4(data53) < 1){
-const err126 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key12 in data53){
+if(!((key12 === "key_file") || (key12 === "audience"))){
+const err126 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key12},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err126];
 }
@@ -1667,8 +1666,11 @@ vErrors.push(err126);
 errors++;
 }
 }
-else {
-const err127 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data53.key_file !== undefined){
+let data54 = data53.key_file;
+if(typeof data54 === "string"){
+if(func4(data54) < 1){
+const err127 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err127];
 }
@@ -1678,11 +1680,8 @@ vErrors.push(err127);
 errors++;
 }
 }
-if(data52.audience !== undefined){
-let data54 = data52.audience;
-if(typeof data54 === "string"){
-if(func4(data54) < 1){
-const err128 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err128 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err128];
 }
@@ -1692,8 +1691,11 @@ vErrors.push(err128);
 errors++;
 }
 }
-else {
-const err129 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data53.audience !== undefined){
+let data55 = data53.audience;
+if(typeof data55 === "string"){
+if(func4(data55) < 1){
+const err129 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err129];
 }
@@ -1703,9 +1705,8 @@ vErrors.push(err129);
 errors++;
 }
 }
-}
 else {
-const err130 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err130 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err130];
 }
@@ -1717,7 +1718,7 @@ errors++;
 }
 }
 else {
-const err131 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err131 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err131];
 }
@@ -1727,8 +1728,9 @@ vErrors.push(err131);
 errors++;
 }
 }
+}
 else {
-const err132 = {instancePath:instancePath+"/sidecar",schemaPath:"#/properties/sidecar/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err132 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err132];
 }
@@ -1737,20 +1739,9 @@ vErrors.push(err132);
 }
 errors++;
 }
-let data55 = data.tasks;
-if(data55 && typeof data55 == "object" && !Array.isArray(data55)){
-if(data55.max_duration_s === undefined){
-data55.max_duration_s = 86400;
 }
-if(data55.required === undefined){
-data55.required = false;
-}
-if(data55.default === undefined){
-data55.default = {};
-}
-for(const key13 in data55){
-if(!(((key13 === "max_duration_s") || (key13 === "required")) || (key13 === "default"))){
-const err133 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key13},message:"must NOT have additional properties"};
+else {
+const err133 = {instancePath:instancePath+"/sidecar",schemaPath:"#/properties/sidecar/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err133];
 }
@@ -1759,10 +1750,20 @@ vErrors.push(err133);
 }
 errors++;
 }
+let data56 = data.tasks;
+if(data56 && typeof data56 == "object" && !Array.isArray(data56)){
+if(data56.max_duration_s === undefined){
+data56.max_duration_s = 86400;
 }
-let data56 = data55.max_duration_s;
-if(!(((typeof data56 == "number") && (!(data56 % 1) && !isNaN(data56))) && (isFinite(data56)))){
-const err134 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data56.required === undefined){
+data56.required = false;
+}
+if(data56.default === undefined){
+data56.default = {};
+}
+for(const key13 in data56){
+if(!(((key13 === "max_duration_s") || (key13 === "required")) || (key13 === "default"))){
+const err134 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key13},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err134];
 }
@@ -1771,9 +1772,10 @@ vErrors.push(err134);
 }
 errors++;
 }
-if((typeof data56 == "number") && (isFinite(data56))){
-if(data56 > 604800 || isNaN(data56)){
-const err135 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
+}
+let data57 = data56.max_duration_s;
+if(!(((typeof data57 == "number") && (!(data57 % 1) && !isNaN(data57))) && (isFinite(data57)))){
+const err135 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err135];
 }
@@ -1782,8 +1784,9 @@ vErrors.push(err135);
 }
 errors++;
 }
-if(data56 < 1 || isNaN(data56)){
-const err136 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data57 == "number") && (isFinite(data57))){
+if(data57 > 604800 || isNaN(data57)){
+const err136 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
 if(vErrors === null){
 vErrors = [err136];
 }
@@ -1792,9 +1795,8 @@ vErrors.push(err136);
 }
 errors++;
 }
-}
-if(typeof data55.required !== "boolean"){
-const err137 = {instancePath:instancePath+"/tasks/required",schemaPath:"#/properties/tasks/properties/required/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data57 < 1 || isNaN(data57)){
+const err137 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err137];
 }
@@ -1803,20 +1805,9 @@ vErrors.push(err137);
 }
 errors++;
 }
-let data58 = data55.default;
-if(data58 && typeof data58 == "object" && !Array.isArray(data58)){
-if(data58.enabled === undefined){
-data58.enabled = false;
 }
-if(data58.duration_s === undefined){
-data58.duration_s = 3600;
-}
-if(data58.purpose === undefined){
-data58.purpose = "default task";
-}
-for(const key14 in data58){
-if(!(((key14 === "enabled") || (key14 === "duration_s")) || (key14 === "purpose"))){
-const err138 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key14},message:"must NOT have additional properties"};
+if(typeof data56.required !== "boolean"){
+const err138 = {instancePath:instancePath+"/tasks/required",schemaPath:"#/properties/tasks/properties/required/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err138];
 }
@@ -1825,9 +1816,20 @@ vErrors.push(err138);
 }
 errors++;
 }
+let data59 = data56.default;
+if(data59 && typeof data59 == "object" && !Array.isArray(data59)){
+if(data59.enabled === undefined){
+data59.enabled = false;
 }
-if(typeof data58.enabled !== "boolean"){
-const err139 = {instancePath:instancePath+"/tasks/default/enabled",schemaPath:"#/properties/tasks/properties/default/properties/enabled/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data59.duration_s === undefined){
+data59.duration_s = 3600;
+}
+if(data59.purpose === undefined){
+data59.purpose = "default task";
+}
+for(const key14 in data59){
+if(!(((key14 === "enabled") || (key14 === "duration_s")) || (key14 === "purpose"))){
+const err139 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key14},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err139];
 }
@@ -1836,9 +1838,9 @@ vErrors.push(err139);
 }
 errors++;
 }
-let data60 = data58.duration_s;
-if(!(((typeof data60 == "number") && (!(data60 % 1) && !isNaN(data60))) && (isFinite(data60)))){
-const err140 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(typeof data59.enabled !== "boolean"){
+const err140 = {instancePath:instancePath+"/tasks/default/enabled",schemaPath:"#/properties/tasks/properties/default/properties/enabled/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err140];
 }
@@ -1847,9 +1849,9 @@ vErrors.push(err140);
 }
 errors++;
 }
-if((typeof data60 == "number") && (isFinite(data60))){
-if(data60 > 604800 || isNaN(data60)){
-const err141 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
+let data61 = data59.duration_s;
+if(!(((typeof data61 == "number") && (!(data61 % 1) && !isNaN(data61))) && (isFinite(data61)))){
+const err141 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err141];
 }
@@ -1858,8 +1860,9 @@ vErrors.push(err141);
 }
 errors++;
 }
-if(data60 < 1 || isNaN(data60)){
-const err142 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data61 == "number") && (isFinite(data61))){
+if(data61 > 604800 || isNaN(data61)){
+const err142 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
 if(vErrors === null){
 vErrors = [err142];
 }
@@ -1868,11 +1871,8 @@ vErrors.push(err142);
 }
 errors++;
 }
-}
-let data61 = data58.purpose;
-if(typeof data61 === "string"){
-if(func4(data61) > 256){
-const err143 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
+if(data61 < 1 || isNaN(data61)){
+const err143 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err143];
 }
@@ -1882,8 +1882,10 @@ vErrors.push(err143);
 errors++;
 }
 }
-else {
-const err144 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data62 = data59.purpose;
+if(typeof data62 === "string"){
+if(func4(data62) > 256){
+const err144 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
 if(vErrors === null){
 vErrors = [err144];
 }
@@ -1894,7 +1896,7 @@ errors++;
 }
 }
 else {
-const err145 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err145 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err145];
 }
@@ -1905,7 +1907,7 @@ errors++;
 }
 }
 else {
-const err146 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err146 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err146];
 }
@@ -1914,20 +1916,9 @@ vErrors.push(err146);
 }
 errors++;
 }
-let data62 = data.policy;
-if(data62 && typeof data62 == "object" && !Array.isArray(data62)){
-if(data62.mode === undefined){
-data62.mode = "enforce";
 }
-if(data62.default === undefined){
-data62.default = "deny";
-}
-if(data62.rules === undefined){
-data62.rules = [];
-}
-for(const key15 in data62){
-if(!(((key15 === "mode") || (key15 === "default")) || (key15 === "rules"))){
-const err147 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key15},message:"must NOT have additional properties"};
+else {
+const err147 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err147];
 }
@@ -1936,10 +1927,20 @@ vErrors.push(err147);
 }
 errors++;
 }
+let data63 = data.policy;
+if(data63 && typeof data63 == "object" && !Array.isArray(data63)){
+if(data63.mode === undefined){
+data63.mode = "enforce";
 }
-let data63 = data62.mode;
-if(!((data63 === "enforce") || (data63 === "report"))){
-const err148 = {instancePath:instancePath+"/policy/mode",schemaPath:"#/properties/policy/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.mode.enum},message:"must be equal to one of the allowed values"};
+if(data63.default === undefined){
+data63.default = "deny";
+}
+if(data63.rules === undefined){
+data63.rules = [];
+}
+for(const key15 in data63){
+if(!(((key15 === "mode") || (key15 === "default")) || (key15 === "rules"))){
+const err148 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key15},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err148];
 }
@@ -1948,9 +1949,10 @@ vErrors.push(err148);
 }
 errors++;
 }
-let data64 = data62.default;
-if(!((data64 === "allow") || (data64 === "deny"))){
-const err149 = {instancePath:instancePath+"/policy/default",schemaPath:"#/properties/policy/properties/default/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.default.enum},message:"must be equal to one of the allowed values"};
+}
+let data64 = data63.mode;
+if(!((data64 === "enforce") || (data64 === "report"))){
+const err149 = {instancePath:instancePath+"/policy/mode",schemaPath:"#/properties/policy/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.mode.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err149];
 }
@@ -1959,14 +1961,9 @@ vErrors.push(err149);
 }
 errors++;
 }
-let data65 = data62.rules;
-if(Array.isArray(data65)){
-const len2 = data65.length;
-for(let i4=0; i4<len2; i4++){
-let data66 = data65[i4];
-if(data66 && typeof data66 == "object" && !Array.isArray(data66)){
-if(data66.id === undefined){
-const err150 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
+let data65 = data63.default;
+if(!((data65 === "allow") || (data65 === "deny"))){
+const err150 = {instancePath:instancePath+"/policy/default",schemaPath:"#/properties/policy/properties/default/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.default.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err150];
 }
@@ -1975,8 +1972,14 @@ vErrors.push(err150);
 }
 errors++;
 }
-if(data66.action === undefined){
-const err151 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "action"},message:"must have required property '"+"action"+"'"};
+let data66 = data63.rules;
+if(Array.isArray(data66)){
+const len2 = data66.length;
+for(let i4=0; i4<len2; i4++){
+let data67 = data66[i4];
+if(data67 && typeof data67 == "object" && !Array.isArray(data67)){
+if(data67.id === undefined){
+const err151 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err151];
 }
@@ -1985,9 +1988,8 @@ vErrors.push(err151);
 }
 errors++;
 }
-for(const key16 in data66){
-if(!(func2.call(schema11.properties.policy.properties.rules.items.properties, key16))){
-const err152 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key16},message:"must NOT have additional properties"};
+if(data67.action === undefined){
+const err152 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "action"},message:"must have required property '"+"action"+"'"};
 if(vErrors === null){
 vErrors = [err152];
 }
@@ -1996,12 +1998,9 @@ vErrors.push(err152);
 }
 errors++;
 }
-}
-if(data66.id !== undefined){
-let data67 = data66.id;
-if(typeof data67 === "string"){
-if(!pattern6.test(data67)){
-const err153 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
+for(const key16 in data67){
+if(!(func2.call(schema11.properties.policy.properties.rules.items.properties, key16))){
+const err153 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key16},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err153];
 }
@@ -2011,8 +2010,11 @@ vErrors.push(err153);
 errors++;
 }
 }
-else {
-const err154 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data67.id !== undefined){
+let data68 = data67.id;
+if(typeof data68 === "string"){
+if(!pattern6.test(data68)){
+const err154 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
 if(vErrors === null){
 vErrors = [err154];
 }
@@ -2022,10 +2024,8 @@ vErrors.push(err154);
 errors++;
 }
 }
-if(data66.action !== undefined){
-let data68 = data66.action;
-if(!((data68 === "allow") || (data68 === "deny"))){
-const err155 = {instancePath:instancePath+"/policy/rules/" + i4+"/action",schemaPath:"#/properties/policy/properties/rules/items/properties/action/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.action.enum},message:"must be equal to one of the allowed values"};
+else {
+const err155 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err155];
 }
@@ -2035,10 +2035,10 @@ vErrors.push(err155);
 errors++;
 }
 }
-if(data66.mode !== undefined){
-let data69 = data66.mode;
-if(!((data69 === "enforce") || (data69 === "report"))){
-const err156 = {instancePath:instancePath+"/policy/rules/" + i4+"/mode",schemaPath:"#/properties/policy/properties/rules/items/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.mode.enum},message:"must be equal to one of the allowed values"};
+if(data67.action !== undefined){
+let data69 = data67.action;
+if(!((data69 === "allow") || (data69 === "deny"))){
+const err156 = {instancePath:instancePath+"/policy/rules/" + i4+"/action",schemaPath:"#/properties/policy/properties/rules/items/properties/action/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.action.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err156];
 }
@@ -2048,11 +2048,10 @@ vErrors.push(err156);
 errors++;
 }
 }
-if(data66.hosts !== undefined){
-let data70 = data66.hosts;
-if(Array.isArray(data70)){
-if(data70.length < 1){
-const err157 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if(data67.mode !== undefined){
+let data70 = data67.mode;
+if(!((data70 === "enforce") || (data70 === "report"))){
+const err157 = {instancePath:instancePath+"/policy/rules/" + i4+"/mode",schemaPath:"#/properties/policy/properties/rules/items/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.mode.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err157];
 }
@@ -2061,12 +2060,12 @@ vErrors.push(err157);
 }
 errors++;
 }
-const len3 = data70.length;
-for(let i5=0; i5<len3; i5++){
-let data71 = data70[i5];
-if(typeof data71 === "string"){
-if(func4(data71) < 1){
-const err158 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data67.hosts !== undefined){
+let data71 = data67.hosts;
+if(Array.isArray(data71)){
+if(data71.length < 1){
+const err158 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err158];
 }
@@ -2075,9 +2074,12 @@ vErrors.push(err158);
 }
 errors++;
 }
-}
-else {
-const err159 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const len3 = data71.length;
+for(let i5=0; i5<len3; i5++){
+let data72 = data71[i5];
+if(typeof data72 === "string"){
+if(func4(data72) < 1){
+const err159 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err159];
 }
@@ -2087,9 +2089,8 @@ vErrors.push(err159);
 errors++;
 }
 }
-}
 else {
-const err160 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err160 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err160];
 }
@@ -2099,11 +2100,9 @@ vErrors.push(err160);
 errors++;
 }
 }
-if(data66.cidrs !== undefined){
-let data72 = data66.cidrs;
-if(Array.isArray(data72)){
-if(data72.length < 1){
-const err161 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+}
+else {
+const err161 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err161];
 }
@@ -2112,12 +2111,12 @@ vErrors.push(err161);
 }
 errors++;
 }
-const len4 = data72.length;
-for(let i6=0; i6<len4; i6++){
-let data73 = data72[i6];
-if(typeof data73 === "string"){
-if(func4(data73) < 1){
-const err162 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data67.cidrs !== undefined){
+let data73 = data67.cidrs;
+if(Array.isArray(data73)){
+if(data73.length < 1){
+const err162 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err162];
 }
@@ -2126,9 +2125,12 @@ vErrors.push(err162);
 }
 errors++;
 }
-}
-else {
-const err163 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const len4 = data73.length;
+for(let i6=0; i6<len4; i6++){
+let data74 = data73[i6];
+if(typeof data74 === "string"){
+if(func4(data74) < 1){
+const err163 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err163];
 }
@@ -2138,9 +2140,8 @@ vErrors.push(err163);
 errors++;
 }
 }
-}
 else {
-const err164 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err164 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err164];
 }
@@ -2150,11 +2151,9 @@ vErrors.push(err164);
 errors++;
 }
 }
-if(data66.ports !== undefined){
-let data74 = data66.ports;
-if(Array.isArray(data74)){
-if(data74.length < 1){
-const err165 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+}
+else {
+const err165 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err165];
 }
@@ -2163,11 +2162,12 @@ vErrors.push(err165);
 }
 errors++;
 }
-const len5 = data74.length;
-for(let i7=0; i7<len5; i7++){
-let data75 = data74[i7];
-if(!(((typeof data75 == "number") && (!(data75 % 1) && !isNaN(data75))) && (isFinite(data75)))){
-const err166 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(data67.ports !== undefined){
+let data75 = data67.ports;
+if(Array.isArray(data75)){
+if(data75.length < 1){
+const err166 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err166];
 }
@@ -2176,9 +2176,11 @@ vErrors.push(err166);
 }
 errors++;
 }
-if((typeof data75 == "number") && (isFinite(data75))){
-if(data75 > 65535 || isNaN(data75)){
-const err167 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+const len5 = data75.length;
+for(let i7=0; i7<len5; i7++){
+let data76 = data75[i7];
+if(!(((typeof data76 == "number") && (!(data76 % 1) && !isNaN(data76))) && (isFinite(data76)))){
+const err167 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err167];
 }
@@ -2187,8 +2189,9 @@ vErrors.push(err167);
 }
 errors++;
 }
-if(data75 < 1 || isNaN(data75)){
-const err168 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data76 == "number") && (isFinite(data76))){
+if(data76 > 65535 || isNaN(data76)){
+const err168 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err168];
 }
@@ -2197,11 +2200,8 @@ vErrors.push(err168);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err169 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data76 < 1 || isNaN(data76)){
+const err169 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err169];
 }
@@ -2211,11 +2211,10 @@ vErrors.push(err169);
 errors++;
 }
 }
-if(data66.methods !== undefined){
-let data76 = data66.methods;
-if(Array.isArray(data76)){
-if(data76.length < 1){
-const err170 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+}
+}
+else {
+const err170 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err170];
 }
@@ -2224,12 +2223,12 @@ vErrors.push(err170);
 }
 errors++;
 }
-const len6 = data76.length;
-for(let i8=0; i8<len6; i8++){
-let data77 = data76[i8];
-if(typeof data77 === "string"){
-if(!pattern7.test(data77)){
-const err171 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z]+$"},message:"must match pattern \""+"^[A-Za-z]+$"+"\""};
+}
+if(data67.methods !== undefined){
+let data77 = data67.methods;
+if(Array.isArray(data77)){
+if(data77.length < 1){
+const err171 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err171];
 }
@@ -2238,9 +2237,12 @@ vErrors.push(err171);
 }
 errors++;
 }
-}
-else {
-const err172 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const len6 = data77.length;
+for(let i8=0; i8<len6; i8++){
+let data78 = data77[i8];
+if(typeof data78 === "string"){
+if(!pattern7.test(data78)){
+const err172 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z]+$"},message:"must match pattern \""+"^[A-Za-z]+$"+"\""};
 if(vErrors === null){
 vErrors = [err172];
 }
@@ -2250,9 +2252,8 @@ vErrors.push(err172);
 errors++;
 }
 }
-}
 else {
-const err173 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err173 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err173];
 }
@@ -2262,11 +2263,9 @@ vErrors.push(err173);
 errors++;
 }
 }
-if(data66.paths !== undefined){
-let data78 = data66.paths;
-if(Array.isArray(data78)){
-if(data78.length < 1){
-const err174 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+}
+else {
+const err174 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err174];
 }
@@ -2275,12 +2274,12 @@ vErrors.push(err174);
 }
 errors++;
 }
-const len7 = data78.length;
-for(let i9=0; i9<len7; i9++){
-let data79 = data78[i9];
-if(typeof data79 === "string"){
-if(!pattern8.test(data79)){
-const err175 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/pattern",keyword:"pattern",params:{pattern: "^/"},message:"must match pattern \""+"^/"+"\""};
+}
+if(data67.paths !== undefined){
+let data79 = data67.paths;
+if(Array.isArray(data79)){
+if(data79.length < 1){
+const err175 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err175];
 }
@@ -2289,9 +2288,12 @@ vErrors.push(err175);
 }
 errors++;
 }
-}
-else {
-const err176 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const len7 = data79.length;
+for(let i9=0; i9<len7; i9++){
+let data80 = data79[i9];
+if(typeof data80 === "string"){
+if(!pattern8.test(data80)){
+const err176 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/pattern",keyword:"pattern",params:{pattern: "^/"},message:"must match pattern \""+"^/"+"\""};
 if(vErrors === null){
 vErrors = [err176];
 }
@@ -2301,9 +2303,8 @@ vErrors.push(err176);
 errors++;
 }
 }
-}
 else {
-const err177 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err177 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err177];
 }
@@ -2313,11 +2314,9 @@ vErrors.push(err177);
 errors++;
 }
 }
-if(data66.schemes !== undefined){
-let data80 = data66.schemes;
-if(Array.isArray(data80)){
-if(data80.length < 1){
-const err178 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+}
+else {
+const err178 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err178];
 }
@@ -2326,11 +2325,12 @@ vErrors.push(err178);
 }
 errors++;
 }
-const len8 = data80.length;
-for(let i10=0; i10<len8; i10++){
-let data81 = data80[i10];
-if(!((data81 === "http") || (data81 === "https"))){
-const err179 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes/" + i10,schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/items/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.schemes.items.enum},message:"must be equal to one of the allowed values"};
+}
+if(data67.schemes !== undefined){
+let data81 = data67.schemes;
+if(Array.isArray(data81)){
+if(data81.length < 1){
+const err179 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err179];
 }
@@ -2339,10 +2339,11 @@ vErrors.push(err179);
 }
 errors++;
 }
-}
-}
-else {
-const err180 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len8 = data81.length;
+for(let i10=0; i10<len8; i10++){
+let data82 = data81[i10];
+if(!((data82 === "http") || (data82 === "https"))){
+const err180 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes/" + i10,schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/items/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.schemes.items.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err180];
 }
@@ -2354,7 +2355,7 @@ errors++;
 }
 }
 else {
-const err181 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err181 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err181];
 }
@@ -2366,7 +2367,7 @@ errors++;
 }
 }
 else {
-const err182 = {instancePath:instancePath+"/policy/rules",schemaPath:"#/properties/policy/properties/rules/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err182 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err182];
 }
@@ -2376,8 +2377,9 @@ vErrors.push(err182);
 errors++;
 }
 }
+}
 else {
-const err183 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err183 = {instancePath:instancePath+"/policy/rules",schemaPath:"#/properties/policy/properties/rules/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err183];
 }
@@ -2386,20 +2388,9 @@ vErrors.push(err183);
 }
 errors++;
 }
-let data82 = data.network;
-if(data82 && typeof data82 == "object" && !Array.isArray(data82)){
-if(data82.deny === undefined){
-data82.deny = ["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"];
 }
-if(data82.allow === undefined){
-data82.allow = [];
-}
-if(data82.dns_cache_ms === undefined){
-data82.dns_cache_ms = 30000;
-}
-for(const key17 in data82){
-if(!(((key17 === "deny") || (key17 === "allow")) || (key17 === "dns_cache_ms"))){
-const err184 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key17},message:"must NOT have additional properties"};
+else {
+const err184 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err184];
 }
@@ -2408,15 +2399,20 @@ vErrors.push(err184);
 }
 errors++;
 }
+let data83 = data.network;
+if(data83 && typeof data83 == "object" && !Array.isArray(data83)){
+if(data83.deny === undefined){
+data83.deny = ["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"];
 }
-let data83 = data82.deny;
-if(Array.isArray(data83)){
-const len9 = data83.length;
-for(let i11=0; i11<len9; i11++){
-let data84 = data83[i11];
-if(typeof data84 === "string"){
-if(func4(data84) < 1){
-const err185 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data83.allow === undefined){
+data83.allow = [];
+}
+if(data83.dns_cache_ms === undefined){
+data83.dns_cache_ms = 30000;
+}
+for(const key17 in data83){
+if(!(((key17 === "deny") || (key17 === "allow")) || (key17 === "dns_cache_ms"))){
+const err185 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key17},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err185];
 }
@@ -2426,8 +2422,14 @@ vErrors.push(err185);
 errors++;
 }
 }
-else {
-const err186 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data84 = data83.deny;
+if(Array.isArray(data84)){
+const len9 = data84.length;
+for(let i11=0; i11<len9; i11++){
+let data85 = data84[i11];
+if(typeof data85 === "string"){
+if(func4(data85) < 1){
+const err186 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err186];
 }
@@ -2437,9 +2439,8 @@ vErrors.push(err186);
 errors++;
 }
 }
-}
 else {
-const err187 = {instancePath:instancePath+"/network/deny",schemaPath:"#/properties/network/properties/deny/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err187 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err187];
 }
@@ -2448,14 +2449,10 @@ vErrors.push(err187);
 }
 errors++;
 }
-let data85 = data82.allow;
-if(Array.isArray(data85)){
-const len10 = data85.length;
-for(let i12=0; i12<len10; i12++){
-let data86 = data85[i12];
-if(data86 && typeof data86 == "object" && !Array.isArray(data86)){
-if(data86.cidr === undefined){
-const err188 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/required",keyword:"required",params:{missingProperty: "cidr"},message:"must have required property '"+"cidr"+"'"};
+}
+}
+else {
+const err188 = {instancePath:instancePath+"/network/deny",schemaPath:"#/properties/network/properties/deny/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err188];
 }
@@ -2464,9 +2461,14 @@ vErrors.push(err188);
 }
 errors++;
 }
-for(const key18 in data86){
-if(!((key18 === "cidr") || (key18 === "ports"))){
-const err189 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key18},message:"must NOT have additional properties"};
+let data86 = data83.allow;
+if(Array.isArray(data86)){
+const len10 = data86.length;
+for(let i12=0; i12<len10; i12++){
+let data87 = data86[i12];
+if(data87 && typeof data87 == "object" && !Array.isArray(data87)){
+if(data87.cidr === undefined){
+const err189 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/required",keyword:"required",params:{missingProperty: "cidr"},message:"must have required property '"+"cidr"+"'"};
 if(vErrors === null){
 vErrors = [err189];
 }
@@ -2475,12 +2477,9 @@ vErrors.push(err189);
 }
 errors++;
 }
-}
-if(data86.cidr !== undefined){
-let data87 = data86.cidr;
-if(typeof data87 === "string"){
-if(func4(data87) < 1){
-const err190 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key18 in data87){
+if(!((key18 === "cidr") || (key18 === "ports"))){
+const err190 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key18},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err190];
 }
@@ -2490,8 +2489,11 @@ vErrors.push(err190);
 errors++;
 }
 }
-else {
-const err191 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data87.cidr !== undefined){
+let data88 = data87.cidr;
+if(typeof data88 === "string"){
+if(func4(data88) < 1){
+const err191 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err191];
 }
@@ -2501,11 +2503,8 @@ vErrors.push(err191);
 errors++;
 }
 }
-if(data86.ports !== undefined){
-let data88 = data86.ports;
-if(Array.isArray(data88)){
-if(data88.length < 1){
-const err192 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+else {
+const err192 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err192];
 }
@@ -2514,11 +2513,12 @@ vErrors.push(err192);
 }
 errors++;
 }
-const len11 = data88.length;
-for(let i13=0; i13<len11; i13++){
-let data89 = data88[i13];
-if(!(((typeof data89 == "number") && (!(data89 % 1) && !isNaN(data89))) && (isFinite(data89)))){
-const err193 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(data87.ports !== undefined){
+let data89 = data87.ports;
+if(Array.isArray(data89)){
+if(data89.length < 1){
+const err193 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err193];
 }
@@ -2527,9 +2527,11 @@ vErrors.push(err193);
 }
 errors++;
 }
-if((typeof data89 == "number") && (isFinite(data89))){
-if(data89 > 65535 || isNaN(data89)){
-const err194 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+const len11 = data89.length;
+for(let i13=0; i13<len11; i13++){
+let data90 = data89[i13];
+if(!(((typeof data90 == "number") && (!(data90 % 1) && !isNaN(data90))) && (isFinite(data90)))){
+const err194 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err194];
 }
@@ -2538,8 +2540,9 @@ vErrors.push(err194);
 }
 errors++;
 }
-if(data89 < 1 || isNaN(data89)){
-const err195 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data90 == "number") && (isFinite(data90))){
+if(data90 > 65535 || isNaN(data90)){
+const err195 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err195];
 }
@@ -2548,11 +2551,8 @@ vErrors.push(err195);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err196 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data90 < 1 || isNaN(data90)){
+const err196 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err196];
 }
@@ -2563,8 +2563,9 @@ errors++;
 }
 }
 }
+}
 else {
-const err197 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err197 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err197];
 }
@@ -2576,7 +2577,7 @@ errors++;
 }
 }
 else {
-const err198 = {instancePath:instancePath+"/network/allow",schemaPath:"#/properties/network/properties/allow/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err198 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err198];
 }
@@ -2585,9 +2586,10 @@ vErrors.push(err198);
 }
 errors++;
 }
-let data90 = data82.dns_cache_ms;
-if(!(((typeof data90 == "number") && (!(data90 % 1) && !isNaN(data90))) && (isFinite(data90)))){
-const err199 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+}
+else {
+const err199 = {instancePath:instancePath+"/network/allow",schemaPath:"#/properties/network/properties/allow/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err199];
 }
@@ -2596,9 +2598,9 @@ vErrors.push(err199);
 }
 errors++;
 }
-if((typeof data90 == "number") && (isFinite(data90))){
-if(data90 > 3600000 || isNaN(data90)){
-const err200 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+let data91 = data83.dns_cache_ms;
+if(!(((typeof data91 == "number") && (!(data91 % 1) && !isNaN(data91))) && (isFinite(data91)))){
+const err200 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err200];
 }
@@ -2607,8 +2609,9 @@ vErrors.push(err200);
 }
 errors++;
 }
-if(data90 < 0 || isNaN(data90)){
-const err201 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if((typeof data91 == "number") && (isFinite(data91))){
+if(data91 > 3600000 || isNaN(data91)){
+const err201 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err201];
 }
@@ -2617,10 +2620,8 @@ vErrors.push(err201);
 }
 errors++;
 }
-}
-}
-else {
-const err202 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data91 < 0 || isNaN(data91)){
+const err202 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err202];
 }
@@ -2629,13 +2630,10 @@ vErrors.push(err202);
 }
 errors++;
 }
-let data91 = data.routes;
-if(data91 && typeof data91 == "object" && !Array.isArray(data91)){
-for(const key19 in data91){
-const _errs198 = errors;
-if(typeof key19 === "string"){
-if(!pattern9.test(key19)){
-const err203 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"+"\"",propertyName:key19};
+}
+}
+else {
+const err203 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err203];
 }
@@ -2644,10 +2642,13 @@ vErrors.push(err203);
 }
 errors++;
 }
-}
-var valid45 = _errs198 === errors;
-if(!valid45){
-const err204 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames",keyword:"propertyNames",params:{propertyName: key19},message:"property name must be valid"};
+let data92 = data.routes;
+if(data92 && typeof data92 == "object" && !Array.isArray(data92)){
+for(const key19 in data92){
+const _errs200 = errors;
+if(typeof key19 === "string"){
+if(!pattern9.test(key19)){
+const err204 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"+"\"",propertyName:key19};
 if(vErrors === null){
 vErrors = [err204];
 }
@@ -2657,11 +2658,9 @@ vErrors.push(err204);
 errors++;
 }
 }
-for(const key20 in data91){
-let data92 = data91[key20];
-if(typeof data92 === "string"){
-if(!pattern10.test(data92)){
-const err205 = {instancePath:instancePath+"/routes/" + key20.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
+var valid45 = _errs200 === errors;
+if(!valid45){
+const err205 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames",keyword:"propertyNames",params:{propertyName: key19},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err205];
 }
@@ -2671,8 +2670,11 @@ vErrors.push(err205);
 errors++;
 }
 }
-else {
-const err206 = {instancePath:instancePath+"/routes/" + key20.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key20 in data92){
+let data93 = data92[key20];
+if(typeof data93 === "string"){
+if(!pattern10.test(data93)){
+const err206 = {instancePath:instancePath+"/routes/" + key20.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
 if(vErrors === null){
 vErrors = [err206];
 }
@@ -2682,9 +2684,8 @@ vErrors.push(err206);
 errors++;
 }
 }
-}
 else {
-const err207 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err207 = {instancePath:instancePath+"/routes/" + key20.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err207];
 }
@@ -2693,14 +2694,10 @@ vErrors.push(err207);
 }
 errors++;
 }
-let data93 = data.credentials;
-if(Array.isArray(data93)){
-const len12 = data93.length;
-for(let i14=0; i14<len12; i14++){
-let data94 = data93[i14];
-if(data94 && typeof data94 == "object" && !Array.isArray(data94)){
-if(data94.id === undefined){
-const err208 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
+}
+}
+else {
+const err208 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err208];
 }
@@ -2709,8 +2706,14 @@ vErrors.push(err208);
 }
 errors++;
 }
-if(data94.audience === undefined){
-const err209 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+let data94 = data.credentials;
+if(Array.isArray(data94)){
+const len12 = data94.length;
+for(let i14=0; i14<len12; i14++){
+let data95 = data94[i14];
+if(data95 && typeof data95 == "object" && !Array.isArray(data95)){
+if(data95.id === undefined){
+const err209 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err209];
 }
@@ -2719,8 +2722,8 @@ vErrors.push(err209);
 }
 errors++;
 }
-if(data94.source === undefined){
-const err210 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "source"},message:"must have required property '"+"source"+"'"};
+if(data95.audience === undefined){
+const err210 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err210];
 }
@@ -2729,8 +2732,8 @@ vErrors.push(err210);
 }
 errors++;
 }
-if(data94.inject === undefined){
-const err211 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "inject"},message:"must have required property '"+"inject"+"'"};
+if(data95.source === undefined){
+const err211 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "source"},message:"must have required property '"+"source"+"'"};
 if(vErrors === null){
 vErrors = [err211];
 }
@@ -2739,9 +2742,8 @@ vErrors.push(err211);
 }
 errors++;
 }
-for(const key21 in data94){
-if(!(func2.call(schema11.properties.credentials.items.properties, key21))){
-const err212 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key21},message:"must NOT have additional properties"};
+if(data95.inject === undefined){
+const err212 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "inject"},message:"must have required property '"+"inject"+"'"};
 if(vErrors === null){
 vErrors = [err212];
 }
@@ -2750,12 +2752,9 @@ vErrors.push(err212);
 }
 errors++;
 }
-}
-if(data94.id !== undefined){
-let data95 = data94.id;
-if(typeof data95 === "string"){
-if(!pattern6.test(data95)){
-const err213 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
+for(const key21 in data95){
+if(!(func2.call(schema11.properties.credentials.items.properties, key21))){
+const err213 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key21},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err213];
 }
@@ -2765,8 +2764,11 @@ vErrors.push(err213);
 errors++;
 }
 }
-else {
-const err214 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data95.id !== undefined){
+let data96 = data95.id;
+if(typeof data96 === "string"){
+if(!pattern6.test(data96)){
+const err214 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
 if(vErrors === null){
 vErrors = [err214];
 }
@@ -2776,11 +2778,8 @@ vErrors.push(err214);
 errors++;
 }
 }
-if(data94.audience !== undefined){
-let data96 = data94.audience;
-if(typeof data96 === "string"){
-if(!pattern10.test(data96)){
-const err215 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
+else {
+const err215 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err215];
 }
@@ -2790,8 +2789,11 @@ vErrors.push(err215);
 errors++;
 }
 }
-else {
-const err216 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data95.audience !== undefined){
+let data97 = data95.audience;
+if(typeof data97 === "string"){
+if(!pattern10.test(data97)){
+const err216 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
 if(vErrors === null){
 vErrors = [err216];
 }
@@ -2801,10 +2803,8 @@ vErrors.push(err216);
 errors++;
 }
 }
-if(data94.source !== undefined){
-let data97 = data94.source;
-if(!((((data97 === "static") || (data97 === "broker")) || (data97 === "broker_secret")) || (data97 === "client_credentials"))){
-const err217 = {instancePath:instancePath+"/credentials/" + i14+"/source",schemaPath:"#/properties/credentials/items/properties/source/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.source.enum},message:"must be equal to one of the allowed values"};
+else {
+const err217 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err217];
 }
@@ -2814,14 +2814,10 @@ vErrors.push(err217);
 errors++;
 }
 }
-if(data94.oauth !== undefined){
-let data98 = data94.oauth;
-if(data98 && typeof data98 == "object" && !Array.isArray(data98)){
-if(data98.auth_method === undefined){
-data98.auth_method = "client_secret_basic";
-}
-if(data98.token_url === undefined){
-const err218 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "token_url"},message:"must have required property '"+"token_url"+"'"};
+if(data95.source !== undefined){
+let data98 = data95.source;
+if(!((((data98 === "static") || (data98 === "broker")) || (data98 === "broker_secret")) || (data98 === "client_credentials"))){
+const err218 = {instancePath:instancePath+"/credentials/" + i14+"/source",schemaPath:"#/properties/credentials/items/properties/source/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.source.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err218];
 }
@@ -2830,8 +2826,15 @@ vErrors.push(err218);
 }
 errors++;
 }
-if(data98.client_id === undefined){
-const err219 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_id"},message:"must have required property '"+"client_id"+"'"};
+}
+if(data95.oauth !== undefined){
+let data99 = data95.oauth;
+if(data99 && typeof data99 == "object" && !Array.isArray(data99)){
+if(data99.auth_method === undefined){
+data99.auth_method = "client_secret_basic";
+}
+if(data99.token_url === undefined){
+const err219 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "token_url"},message:"must have required property '"+"token_url"+"'"};
 if(vErrors === null){
 vErrors = [err219];
 }
@@ -2840,8 +2843,8 @@ vErrors.push(err219);
 }
 errors++;
 }
-if(data98.client_secret === undefined){
-const err220 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_secret"},message:"must have required property '"+"client_secret"+"'"};
+if(data99.client_id === undefined){
+const err220 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_id"},message:"must have required property '"+"client_id"+"'"};
 if(vErrors === null){
 vErrors = [err220];
 }
@@ -2850,9 +2853,8 @@ vErrors.push(err220);
 }
 errors++;
 }
-for(const key22 in data98){
-if(!(((((key22 === "token_url") || (key22 === "client_id")) || (key22 === "client_secret")) || (key22 === "auth_method")) || (key22 === "resource"))){
-const err221 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key22},message:"must NOT have additional properties"};
+if(data99.client_secret === undefined){
+const err221 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_secret"},message:"must have required property '"+"client_secret"+"'"};
 if(vErrors === null){
 vErrors = [err221];
 }
@@ -2861,12 +2863,9 @@ vErrors.push(err221);
 }
 errors++;
 }
-}
-if(data98.token_url !== undefined){
-let data99 = data98.token_url;
-if(typeof data99 === "string"){
-if(!pattern1.test(data99)){
-const err222 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+for(const key22 in data99){
+if(!(((((key22 === "token_url") || (key22 === "client_id")) || (key22 === "client_secret")) || (key22 === "auth_method")) || (key22 === "resource"))){
+const err222 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key22},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err222];
 }
@@ -2876,8 +2875,11 @@ vErrors.push(err222);
 errors++;
 }
 }
-else {
-const err223 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data99.token_url !== undefined){
+let data100 = data99.token_url;
+if(typeof data100 === "string"){
+if(!pattern1.test(data100)){
+const err223 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err223];
 }
@@ -2887,11 +2889,8 @@ vErrors.push(err223);
 errors++;
 }
 }
-if(data98.client_id !== undefined){
-let data100 = data98.client_id;
-if(typeof data100 === "string"){
-if(func4(data100) > 256){
-const err224 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
+else {
+const err224 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err224];
 }
@@ -2900,8 +2899,12 @@ vErrors.push(err224);
 }
 errors++;
 }
-if(func4(data100) < 1){
-const err225 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data99.client_id !== undefined){
+let data101 = data99.client_id;
+if(typeof data101 === "string"){
+if(func4(data101) > 256){
+const err225 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
 if(vErrors === null){
 vErrors = [err225];
 }
@@ -2910,9 +2913,8 @@ vErrors.push(err225);
 }
 errors++;
 }
-}
-else {
-const err226 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(func4(data101) < 1){
+const err226 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err226];
 }
@@ -2922,11 +2924,8 @@ vErrors.push(err226);
 errors++;
 }
 }
-if(data98.client_secret !== undefined){
-let data101 = data98.client_secret;
-if(typeof data101 === "string"){
-if(!pattern14.test(data101)){
-const err227 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+else {
+const err227 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err227];
 }
@@ -2936,8 +2935,11 @@ vErrors.push(err227);
 errors++;
 }
 }
-else {
-const err228 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data99.client_secret !== undefined){
+let data102 = data99.client_secret;
+if(typeof data102 === "string"){
+if(!pattern14.test(data102)){
+const err228 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err228];
 }
@@ -2947,9 +2949,8 @@ vErrors.push(err228);
 errors++;
 }
 }
-let data102 = data98.auth_method;
-if(!((data102 === "client_secret_basic") || (data102 === "client_secret_post"))){
-const err229 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/auth_method",schemaPath:"#/properties/credentials/items/properties/oauth/properties/auth_method/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.oauth.properties.auth_method.enum},message:"must be equal to one of the allowed values"};
+else {
+const err229 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err229];
 }
@@ -2958,11 +2959,10 @@ vErrors.push(err229);
 }
 errors++;
 }
-if(data98.resource !== undefined){
-let data103 = data98.resource;
-if(typeof data103 === "string"){
-if(func4(data103) < 1){
-const err230 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+let data103 = data99.auth_method;
+if(!((data103 === "client_secret_basic") || (data103 === "client_secret_post"))){
+const err230 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/auth_method",schemaPath:"#/properties/credentials/items/properties/oauth/properties/auth_method/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.oauth.properties.auth_method.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err230];
 }
@@ -2971,9 +2971,11 @@ vErrors.push(err230);
 }
 errors++;
 }
-}
-else {
-const err231 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data99.resource !== undefined){
+let data104 = data99.resource;
+if(typeof data104 === "string"){
+if(func4(data104) < 1){
+const err231 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err231];
 }
@@ -2983,9 +2985,8 @@ vErrors.push(err231);
 errors++;
 }
 }
-}
 else {
-const err232 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err232 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err232];
 }
@@ -2995,11 +2996,9 @@ vErrors.push(err232);
 errors++;
 }
 }
-if(data94.secret !== undefined){
-let data104 = data94.secret;
-if(typeof data104 === "string"){
-if(!pattern14.test(data104)){
-const err233 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+}
+else {
+const err233 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err233];
 }
@@ -3009,8 +3008,11 @@ vErrors.push(err233);
 errors++;
 }
 }
-else {
-const err234 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data95.secret !== undefined){
+let data105 = data95.secret;
+if(typeof data105 === "string"){
+if(!pattern14.test(data105)){
+const err234 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err234];
 }
@@ -3020,11 +3022,8 @@ vErrors.push(err234);
 errors++;
 }
 }
-if(data94.token_audience !== undefined){
-let data105 = data94.token_audience;
-if(typeof data105 === "string"){
-if(func4(data105) > 512){
-const err235 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters"};
+else {
+const err235 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err235];
 }
@@ -3033,8 +3032,12 @@ vErrors.push(err235);
 }
 errors++;
 }
-if(func4(data105) < 1){
-const err236 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data95.token_audience !== undefined){
+let data106 = data95.token_audience;
+if(typeof data106 === "string"){
+if(func4(data106) > 512){
+const err236 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters"};
 if(vErrors === null){
 vErrors = [err236];
 }
@@ -3043,9 +3046,8 @@ vErrors.push(err236);
 }
 errors++;
 }
-}
-else {
-const err237 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(func4(data106) < 1){
+const err237 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err237];
 }
@@ -3055,15 +3057,8 @@ vErrors.push(err237);
 errors++;
 }
 }
-if(data94.scopes !== undefined){
-let data106 = data94.scopes;
-if(Array.isArray(data106)){
-const len13 = data106.length;
-for(let i15=0; i15<len13; i15++){
-let data107 = data106[i15];
-if(typeof data107 === "string"){
-if(!pattern16.test(data107)){
-const err238 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/pattern",keyword:"pattern",params:{pattern: "^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"},message:"must match pattern \""+"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"+"\""};
+else {
+const err238 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err238];
 }
@@ -3073,8 +3068,15 @@ vErrors.push(err238);
 errors++;
 }
 }
-else {
-const err239 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data95.scopes !== undefined){
+let data107 = data95.scopes;
+if(Array.isArray(data107)){
+const len13 = data107.length;
+for(let i15=0; i15<len13; i15++){
+let data108 = data107[i15];
+if(typeof data108 === "string"){
+if(!pattern16.test(data108)){
+const err239 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/pattern",keyword:"pattern",params:{pattern: "^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"},message:"must match pattern \""+"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"+"\""};
 if(vErrors === null){
 vErrors = [err239];
 }
@@ -3084,23 +3086,34 @@ vErrors.push(err239);
 errors++;
 }
 }
-let i16 = data106.length;
-let j2;
-if(i16 > 1){
-const indices2 = {};
-for(;i16--;){
-let item2 = data106[i16];
-if(typeof item2 !== "string"){
-continue;
-}
-if(typeof indices2[item2] == "number"){
-j2 = indices2[item2];
-const err240 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/uniqueItems",keyword:"uniqueItems",params:{i: i16, j: j2},message:"must NOT have duplicate items (items ## "+j2+" and "+i16+" are identical)"};
+else {
+const err240 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err240];
 }
 else {
 vErrors.push(err240);
+}
+errors++;
+}
+}
+let i16 = data107.length;
+let j2;
+if(i16 > 1){
+const indices2 = {};
+for(;i16--;){
+let item2 = data107[i16];
+if(typeof item2 !== "string"){
+continue;
+}
+if(typeof indices2[item2] == "number"){
+j2 = indices2[item2];
+const err241 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/uniqueItems",keyword:"uniqueItems",params:{i: i16, j: j2},message:"must NOT have duplicate items (items ## "+j2+" and "+i16+" are identical)"};
+if(vErrors === null){
+vErrors = [err241];
+}
+else {
+vErrors.push(err241);
 }
 errors++;
 break;
@@ -3110,25 +3123,7 @@ indices2[item2] = i16;
 }
 }
 else {
-const err241 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/type",keyword:"type",params:{type: "array"},message:"must be array"};
-if(vErrors === null){
-vErrors = [err241];
-}
-else {
-vErrors.push(err241);
-}
-errors++;
-}
-}
-if(data94.inject !== undefined){
-let data108 = data94.inject;
-const _errs234 = errors;
-let valid54 = false;
-let passing0 = null;
-const _errs235 = errors;
-if(data108 && typeof data108 == "object" && !Array.isArray(data108)){
-if(data108.type === undefined){
-const err242 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+const err242 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err242];
 }
@@ -3137,9 +3132,16 @@ vErrors.push(err242);
 }
 errors++;
 }
-for(const key23 in data108){
-if(!(key23 === "type")){
-const err243 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
+}
+if(data95.inject !== undefined){
+let data109 = data95.inject;
+const _errs236 = errors;
+let valid54 = false;
+let passing0 = null;
+const _errs237 = errors;
+if(data109 && typeof data109 == "object" && !Array.isArray(data109)){
+if(data109.type === undefined){
+const err243 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err243];
 }
@@ -3148,10 +3150,9 @@ vErrors.push(err243);
 }
 errors++;
 }
-}
-if(data108.type !== undefined){
-if("bearer" !== data108.type){
-const err244 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
+for(const key23 in data109){
+if(!(key23 === "type")){
+const err244 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err244];
 }
@@ -3161,16 +3162,9 @@ vErrors.push(err244);
 errors++;
 }
 }
-}
-var _valid0 = _errs235 === errors;
-if(_valid0){
-valid54 = true;
-passing0 = 0;
-}
-const _errs238 = errors;
-if(data108 && typeof data108 == "object" && !Array.isArray(data108)){
-if(data108.type === undefined){
-const err245 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+if(data109.type !== undefined){
+if("bearer" !== data109.type){
+const err245 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err245];
 }
@@ -3179,8 +3173,17 @@ vErrors.push(err245);
 }
 errors++;
 }
-if(data108.name === undefined){
-const err246 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
+}
+}
+var _valid0 = _errs237 === errors;
+if(_valid0){
+valid54 = true;
+passing0 = 0;
+}
+const _errs240 = errors;
+if(data109 && typeof data109 == "object" && !Array.isArray(data109)){
+if(data109.type === undefined){
+const err246 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err246];
 }
@@ -3189,9 +3192,8 @@ vErrors.push(err246);
 }
 errors++;
 }
-for(const key24 in data108){
-if(!(((key24 === "type") || (key24 === "name")) || (key24 === "format"))){
-const err247 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
+if(data109.name === undefined){
+const err247 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err247];
 }
@@ -3200,10 +3202,9 @@ vErrors.push(err247);
 }
 errors++;
 }
-}
-if(data108.type !== undefined){
-if("header" !== data108.type){
-const err248 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
+for(const key24 in data109){
+if(!(((key24 === "type") || (key24 === "name")) || (key24 === "format"))){
+const err248 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err248];
 }
@@ -3213,11 +3214,9 @@ vErrors.push(err248);
 errors++;
 }
 }
-if(data108.name !== undefined){
-let data111 = data108.name;
-if(typeof data111 === "string"){
-if(!pattern17.test(data111)){
-const err249 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
+if(data109.type !== undefined){
+if("header" !== data109.type){
+const err249 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err249];
 }
@@ -3227,8 +3226,11 @@ vErrors.push(err249);
 errors++;
 }
 }
-else {
-const err250 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data109.name !== undefined){
+let data112 = data109.name;
+if(typeof data112 === "string"){
+if(!pattern17.test(data112)){
+const err250 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err250];
 }
@@ -3238,11 +3240,8 @@ vErrors.push(err250);
 errors++;
 }
 }
-if(data108.format !== undefined){
-let data112 = data108.format;
-if(typeof data112 === "string"){
-if(!pattern18.test(data112)){
-const err251 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
+else {
+const err251 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err251];
 }
@@ -3252,8 +3251,11 @@ vErrors.push(err251);
 errors++;
 }
 }
-else {
-const err252 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data109.format !== undefined){
+let data113 = data109.format;
+if(typeof data113 === "string"){
+if(!pattern18.test(data113)){
+const err252 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
 if(vErrors === null){
 vErrors = [err252];
 }
@@ -3263,8 +3265,19 @@ vErrors.push(err252);
 errors++;
 }
 }
+else {
+const err253 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err253];
 }
-var _valid0 = _errs238 === errors;
+else {
+vErrors.push(err253);
+}
+errors++;
+}
+}
+}
+var _valid0 = _errs240 === errors;
 if(_valid0 && valid54){
 valid54 = false;
 passing0 = [passing0, 1];
@@ -3274,20 +3287,10 @@ if(_valid0){
 valid54 = true;
 passing0 = 1;
 }
-const _errs245 = errors;
-if(data108 && typeof data108 == "object" && !Array.isArray(data108)){
-if(data108.type === undefined){
-const err253 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
-if(vErrors === null){
-vErrors = [err253];
-}
-else {
-vErrors.push(err253);
-}
-errors++;
-}
-if(data108.name === undefined){
-const err254 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
+const _errs247 = errors;
+if(data109 && typeof data109 == "object" && !Array.isArray(data109)){
+if(data109.type === undefined){
+const err254 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err254];
 }
@@ -3296,9 +3299,8 @@ vErrors.push(err254);
 }
 errors++;
 }
-for(const key25 in data108){
-if(!((key25 === "type") || (key25 === "name"))){
-const err255 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
+if(data109.name === undefined){
+const err255 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err255];
 }
@@ -3307,10 +3309,9 @@ vErrors.push(err255);
 }
 errors++;
 }
-}
-if(data108.type !== undefined){
-if("query" !== data108.type){
-const err256 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
+for(const key25 in data109){
+if(!((key25 === "type") || (key25 === "name"))){
+const err256 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err256];
 }
@@ -3320,11 +3321,9 @@ vErrors.push(err256);
 errors++;
 }
 }
-if(data108.name !== undefined){
-let data114 = data108.name;
-if(typeof data114 === "string"){
-if(func4(data114) < 1){
-const err257 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data109.type !== undefined){
+if("query" !== data109.type){
+const err257 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err257];
 }
@@ -3334,8 +3333,11 @@ vErrors.push(err257);
 errors++;
 }
 }
-else {
-const err258 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data109.name !== undefined){
+let data115 = data109.name;
+if(typeof data115 === "string"){
+if(func4(data115) < 1){
+const err258 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err258];
 }
@@ -3345,8 +3347,19 @@ vErrors.push(err258);
 errors++;
 }
 }
+else {
+const err259 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err259];
 }
-var _valid0 = _errs245 === errors;
+else {
+vErrors.push(err259);
+}
+errors++;
+}
+}
+}
+var _valid0 = _errs247 === errors;
 if(_valid0 && valid54){
 valid54 = false;
 passing0 = [passing0, 2];
@@ -3356,20 +3369,10 @@ if(_valid0){
 valid54 = true;
 passing0 = 2;
 }
-const _errs250 = errors;
-if(data108 && typeof data108 == "object" && !Array.isArray(data108)){
-if(data108.type === undefined){
-const err259 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
-if(vErrors === null){
-vErrors = [err259];
-}
-else {
-vErrors.push(err259);
-}
-errors++;
-}
-if(data108.username === undefined){
-const err260 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
+const _errs252 = errors;
+if(data109 && typeof data109 == "object" && !Array.isArray(data109)){
+if(data109.type === undefined){
+const err260 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err260];
 }
@@ -3378,9 +3381,8 @@ vErrors.push(err260);
 }
 errors++;
 }
-for(const key26 in data108){
-if(!((key26 === "type") || (key26 === "username"))){
-const err261 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
+if(data109.username === undefined){
+const err261 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
 if(vErrors === null){
 vErrors = [err261];
 }
@@ -3389,10 +3391,9 @@ vErrors.push(err261);
 }
 errors++;
 }
-}
-if(data108.type !== undefined){
-if("basic" !== data108.type){
-const err262 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
+for(const key26 in data109){
+if(!((key26 === "type") || (key26 === "username"))){
+const err262 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err262];
 }
@@ -3402,11 +3403,9 @@ vErrors.push(err262);
 errors++;
 }
 }
-if(data108.username !== undefined){
-let data116 = data108.username;
-if(typeof data116 === "string"){
-if(!pattern19.test(data116)){
-const err263 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
+if(data109.type !== undefined){
+if("basic" !== data109.type){
+const err263 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err263];
 }
@@ -3416,8 +3415,11 @@ vErrors.push(err263);
 errors++;
 }
 }
-else {
-const err264 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data109.username !== undefined){
+let data117 = data109.username;
+if(typeof data117 === "string"){
+if(!pattern19.test(data117)){
+const err264 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
 if(vErrors === null){
 vErrors = [err264];
 }
@@ -3427,8 +3429,19 @@ vErrors.push(err264);
 errors++;
 }
 }
+else {
+const err265 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err265];
 }
-var _valid0 = _errs250 === errors;
+else {
+vErrors.push(err265);
+}
+errors++;
+}
+}
+}
+var _valid0 = _errs252 === errors;
 if(_valid0 && valid54){
 valid54 = false;
 passing0 = [passing0, 3];
@@ -3442,29 +3455,7 @@ passing0 = 3;
 }
 }
 if(!valid54){
-const err265 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
-if(vErrors === null){
-vErrors = [err265];
-}
-else {
-vErrors.push(err265);
-}
-errors++;
-}
-else {
-errors = _errs234;
-if(vErrors !== null){
-if(_errs234){
-vErrors.length = _errs234;
-}
-else {
-vErrors = null;
-}
-}
-}
-if(data108 && typeof data108 == "object" && !Array.isArray(data108)){
-if(data108.type === undefined){
-const err266 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+const err266 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
 if(vErrors === null){
 vErrors = [err266];
 }
@@ -3473,9 +3464,20 @@ vErrors.push(err266);
 }
 errors++;
 }
+else {
+errors = _errs236;
+if(vErrors !== null){
+if(_errs236){
+vErrors.length = _errs236;
 }
 else {
-const err267 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
+vErrors = null;
+}
+}
+}
+if(data109 && typeof data109 == "object" && !Array.isArray(data109)){
+if(data109.type === undefined){
+const err267 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err267];
 }
@@ -3485,15 +3487,8 @@ vErrors.push(err267);
 errors++;
 }
 }
-if(data94.strip !== undefined){
-let data117 = data94.strip;
-if(Array.isArray(data117)){
-const len14 = data117.length;
-for(let i17=0; i17<len14; i17++){
-let data118 = data117[i17];
-if(typeof data118 === "string"){
-if(!pattern17.test(data118)){
-const err268 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
+else {
+const err268 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err268];
 }
@@ -3503,8 +3498,15 @@ vErrors.push(err268);
 errors++;
 }
 }
-else {
-const err269 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data95.strip !== undefined){
+let data118 = data95.strip;
+if(Array.isArray(data118)){
+const len14 = data118.length;
+for(let i17=0; i17<len14; i17++){
+let data119 = data118[i17];
+if(typeof data119 === "string"){
+if(!pattern17.test(data119)){
+const err269 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err269];
 }
@@ -3514,9 +3516,8 @@ vErrors.push(err269);
 errors++;
 }
 }
-}
 else {
-const err270 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err270 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err270];
 }
@@ -3528,7 +3529,7 @@ errors++;
 }
 }
 else {
-const err271 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err271 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err271];
 }
@@ -3540,7 +3541,7 @@ errors++;
 }
 }
 else {
-const err272 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err272 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err272];
 }
@@ -3549,14 +3550,10 @@ vErrors.push(err272);
 }
 errors++;
 }
-let data119 = data.secrets;
-if(data119 && typeof data119 == "object" && !Array.isArray(data119)){
-if(data119.env_prefix === undefined){
-data119.env_prefix = "LATCHKEY_SECRET_";
 }
-for(const key27 in data119){
-if(!((key27 === "file") || (key27 === "env_prefix"))){
-const err273 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
+}
+else {
+const err273 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err273];
 }
@@ -3565,12 +3562,14 @@ vErrors.push(err273);
 }
 errors++;
 }
+let data120 = data.secrets;
+if(data120 && typeof data120 == "object" && !Array.isArray(data120)){
+if(data120.env_prefix === undefined){
+data120.env_prefix = "LATCHKEY_SECRET_";
 }
-if(data119.file !== undefined){
-let data120 = data119.file;
-if(typeof data120 === "string"){
-if(func4(data120) < 1){
-const err274 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key27 in data120){
+if(!((key27 === "file") || (key27 === "env_prefix"))){
+const err274 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err274];
 }
@@ -3580,8 +3579,11 @@ vErrors.push(err274);
 errors++;
 }
 }
-else {
-const err275 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data120.file !== undefined){
+let data121 = data120.file;
+if(typeof data121 === "string"){
+if(func4(data121) < 1){
+const err275 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err275];
 }
@@ -3591,10 +3593,8 @@ vErrors.push(err275);
 errors++;
 }
 }
-let data121 = data119.env_prefix;
-if(typeof data121 === "string"){
-if(!pattern21.test(data121)){
-const err276 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
+else {
+const err276 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err276];
 }
@@ -3604,8 +3604,10 @@ vErrors.push(err276);
 errors++;
 }
 }
-else {
-const err277 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data122 = data120.env_prefix;
+if(typeof data122 === "string"){
+if(!pattern21.test(data122)){
+const err277 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err277];
 }
@@ -3616,7 +3618,7 @@ errors++;
 }
 }
 else {
-const err278 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err278 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err278];
 }
@@ -3625,17 +3627,9 @@ vErrors.push(err278);
 }
 errors++;
 }
-let data122 = data.audit;
-if(data122 && typeof data122 == "object" && !Array.isArray(data122)){
-if(data122.jsonl === undefined){
-data122.jsonl = {};
 }
-if(data122.collector === undefined){
-data122.collector = null;
-}
-for(const key28 in data122){
-if(!((key28 === "jsonl") || (key28 === "collector"))){
-const err279 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
+else {
+const err279 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err279];
 }
@@ -3644,18 +3638,17 @@ vErrors.push(err279);
 }
 errors++;
 }
-}
-let data123 = data122.jsonl;
+let data123 = data.audit;
 if(data123 && typeof data123 == "object" && !Array.isArray(data123)){
-if(data123.path === undefined){
-data123.path = "latchkey-audit.jsonl";
+if(data123.jsonl === undefined){
+data123.jsonl = {};
 }
-if(data123.flush_ms === undefined){
-data123.flush_ms = 20;
+if(data123.collector === undefined){
+data123.collector = null;
 }
-for(const key29 in data123){
-if(!((key29 === "path") || (key29 === "flush_ms"))){
-const err280 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
+for(const key28 in data123){
+if(!((key28 === "jsonl") || (key28 === "collector"))){
+const err280 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err280];
 }
@@ -3665,10 +3658,17 @@ vErrors.push(err280);
 errors++;
 }
 }
-let data124 = data123.path;
-if(typeof data124 === "string"){
-if(func4(data124) < 1){
-const err281 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data124 = data123.jsonl;
+if(data124 && typeof data124 == "object" && !Array.isArray(data124)){
+if(data124.path === undefined){
+data124.path = "latchkey-audit.jsonl";
+}
+if(data124.flush_ms === undefined){
+data124.flush_ms = 20;
+}
+for(const key29 in data124){
+if(!((key29 === "path") || (key29 === "flush_ms"))){
+const err281 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err281];
 }
@@ -3678,8 +3678,10 @@ vErrors.push(err281);
 errors++;
 }
 }
-else {
-const err282 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data125 = data124.path;
+if(typeof data125 === "string"){
+if(func4(data125) < 1){
+const err282 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err282];
 }
@@ -3688,9 +3690,9 @@ vErrors.push(err282);
 }
 errors++;
 }
-let data125 = data123.flush_ms;
-if(!(((typeof data125 == "number") && (!(data125 % 1) && !isNaN(data125))) && (isFinite(data125)))){
-const err283 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err283 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err283];
 }
@@ -3699,9 +3701,9 @@ vErrors.push(err283);
 }
 errors++;
 }
-if((typeof data125 == "number") && (isFinite(data125))){
-if(data125 > 3600000 || isNaN(data125)){
-const err284 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+let data126 = data124.flush_ms;
+if(!(((typeof data126 == "number") && (!(data126 % 1) && !isNaN(data126))) && (isFinite(data126)))){
+const err284 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err284];
 }
@@ -3710,8 +3712,9 @@ vErrors.push(err284);
 }
 errors++;
 }
-if(data125 < 1 || isNaN(data125)){
-const err285 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data126 == "number") && (isFinite(data126))){
+if(data126 > 3600000 || isNaN(data126)){
+const err285 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err285];
 }
@@ -3720,10 +3723,8 @@ vErrors.push(err285);
 }
 errors++;
 }
-}
-}
-else {
-const err286 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data126 < 1 || isNaN(data126)){
+const err286 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err286];
 }
@@ -3732,9 +3733,10 @@ vErrors.push(err286);
 }
 errors++;
 }
-let data126 = data122.collector;
-if((!(data126 && typeof data126 == "object" && !Array.isArray(data126))) && (data126 !== null)){
-const err287 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
+}
+}
+else {
+const err287 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err287];
 }
@@ -3743,36 +3745,9 @@ vErrors.push(err287);
 }
 errors++;
 }
-if(data126 && typeof data126 == "object" && !Array.isArray(data126)){
-if(data126.tls === undefined){
-data126.tls = null;
-}
-if(data126.spool_dir === undefined){
-data126.spool_dir = "latchkey-spool";
-}
-if(data126.spool_max_bytes === undefined){
-data126.spool_max_bytes = 268435456;
-}
-if(data126.segment_bytes === undefined){
-data126.segment_bytes = 4194304;
-}
-if(data126.on_full === undefined){
-data126.on_full = "refuse";
-}
-if(data126.batch_events === undefined){
-data126.batch_events = 1000;
-}
-if(data126.backoff_min_ms === undefined){
-data126.backoff_min_ms = 100;
-}
-if(data126.backoff_max_ms === undefined){
-data126.backoff_max_ms = 5000;
-}
-if(data126.close_timeout_ms === undefined){
-data126.close_timeout_ms = 2000;
-}
-if(data126.address === undefined){
-const err288 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
+let data127 = data123.collector;
+if((!(data127 && typeof data127 == "object" && !Array.isArray(data127))) && (data127 !== null)){
+const err288 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err288];
 }
@@ -3781,8 +3756,39 @@ vErrors.push(err288);
 }
 errors++;
 }
-if(data126.sidecar_id === undefined){
-const err289 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
+if(data127 && typeof data127 == "object" && !Array.isArray(data127)){
+if(data127.tls === undefined){
+data127.tls = null;
+}
+if(data127.insecure_plaintext === undefined){
+data127.insecure_plaintext = false;
+}
+if(data127.spool_dir === undefined){
+data127.spool_dir = "latchkey-spool";
+}
+if(data127.spool_max_bytes === undefined){
+data127.spool_max_bytes = 268435456;
+}
+if(data127.segment_bytes === undefined){
+data127.segment_bytes = 4194304;
+}
+if(data127.on_full === undefined){
+data127.on_full = "refuse";
+}
+if(data127.batch_events === undefined){
+data127.batch_events = 1000;
+}
+if(data127.backoff_min_ms === undefined){
+data127.backoff_min_ms = 100;
+}
+if(data127.backoff_max_ms === undefined){
+data127.backoff_max_ms = 5000;
+}
+if(data127.close_timeout_ms === undefined){
+data127.close_timeout_ms = 2000;
+}
+if(data127.address === undefined){
+const err289 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
 if(vErrors === null){
 vErrors = [err289];
 }
@@ -3791,9 +3797,8 @@ vErrors.push(err289);
 }
 errors++;
 }
-for(const key30 in data126){
-if(!(func2.call(schema11.properties.audit.properties.collector.properties, key30))){
-const err290 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
+if(data127.sidecar_id === undefined){
+const err290 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
 if(vErrors === null){
 vErrors = [err290];
 }
@@ -3802,12 +3807,9 @@ vErrors.push(err290);
 }
 errors++;
 }
-}
-if(data126.address !== undefined){
-let data127 = data126.address;
-if(typeof data127 === "string"){
-if(!pattern22.test(data127)){
-const err291 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:[0-9]{1,5}$"},message:"must match pattern \""+"^[^\\s/]+:[0-9]{1,5}$"+"\""};
+for(const key30 in data127){
+if(!(func2.call(schema11.properties.audit.properties.collector.properties, key30))){
+const err291 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err291];
 }
@@ -3817,8 +3819,11 @@ vErrors.push(err291);
 errors++;
 }
 }
-else {
-const err292 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data127.address !== undefined){
+let data128 = data127.address;
+if(typeof data128 === "string"){
+if(!pattern22.test(data128)){
+const err292 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:[0-9]{1,5}$"},message:"must match pattern \""+"^[^\\s/]+:[0-9]{1,5}$"+"\""};
 if(vErrors === null){
 vErrors = [err292];
 }
@@ -3828,11 +3833,8 @@ vErrors.push(err292);
 errors++;
 }
 }
-if(data126.sidecar_id !== undefined){
-let data128 = data126.sidecar_id;
-if(typeof data128 === "string"){
-if(func4(data128) < 1){
-const err293 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err293 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err293];
 }
@@ -3842,8 +3844,11 @@ vErrors.push(err293);
 errors++;
 }
 }
-else {
-const err294 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data127.sidecar_id !== undefined){
+let data129 = data127.sidecar_id;
+if(typeof data129 === "string"){
+if(func4(data129) < 1){
+const err294 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err294];
 }
@@ -3853,11 +3858,8 @@ vErrors.push(err294);
 errors++;
 }
 }
-if(data126.token_secret !== undefined){
-let data129 = data126.token_secret;
-if(typeof data129 === "string"){
-if(func4(data129) < 1){
-const err295 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err295 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err295];
 }
@@ -3867,8 +3869,11 @@ vErrors.push(err295);
 errors++;
 }
 }
-else {
-const err296 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data127.token_secret !== undefined){
+let data130 = data127.token_secret;
+if(typeof data130 === "string"){
+if(func4(data130) < 1){
+const err296 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err296];
 }
@@ -3878,9 +3883,8 @@ vErrors.push(err296);
 errors++;
 }
 }
-let data130 = data126.tls;
-if((!(data130 && typeof data130 == "object" && !Array.isArray(data130))) && (data130 !== null)){
-const err297 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
+else {
+const err297 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err297];
 }
@@ -3889,9 +3893,10 @@ vErrors.push(err297);
 }
 errors++;
 }
-if(data130 && typeof data130 == "object" && !Array.isArray(data130)){
-if(data130.ca_file === undefined){
-const err298 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
+}
+let data131 = data127.tls;
+if((!(data131 && typeof data131 == "object" && !Array.isArray(data131))) && (data131 !== null)){
+const err298 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err298];
 }
@@ -3900,8 +3905,9 @@ vErrors.push(err298);
 }
 errors++;
 }
-if(data130.cert_file === undefined){
-const err299 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+if(data131 && typeof data131 == "object" && !Array.isArray(data131)){
+if(data131.ca_file === undefined){
+const err299 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
 if(vErrors === null){
 vErrors = [err299];
 }
@@ -3910,8 +3916,8 @@ vErrors.push(err299);
 }
 errors++;
 }
-if(data130.key_file === undefined){
-const err300 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+if(data131.cert_file === undefined){
+const err300 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err300];
 }
@@ -3920,9 +3926,8 @@ vErrors.push(err300);
 }
 errors++;
 }
-for(const key31 in data130){
-if(!(((key31 === "ca_file") || (key31 === "cert_file")) || (key31 === "key_file"))){
-const err301 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
+if(data131.key_file === undefined){
+const err301 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err301];
 }
@@ -3931,12 +3936,9 @@ vErrors.push(err301);
 }
 errors++;
 }
-}
-if(data130.ca_file !== undefined){
-let data131 = data130.ca_file;
-if(typeof data131 === "string"){
-if(func4(data131) < 1){
-const err302 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key31 in data131){
+if(!(((key31 === "ca_file") || (key31 === "cert_file")) || (key31 === "key_file"))){
+const err302 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err302];
 }
@@ -3946,8 +3948,11 @@ vErrors.push(err302);
 errors++;
 }
 }
-else {
-const err303 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data131.ca_file !== undefined){
+let data132 = data131.ca_file;
+if(typeof data132 === "string"){
+if(func4(data132) < 1){
+const err303 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err303];
 }
@@ -3957,11 +3962,8 @@ vErrors.push(err303);
 errors++;
 }
 }
-if(data130.cert_file !== undefined){
-let data132 = data130.cert_file;
-if(typeof data132 === "string"){
-if(func4(data132) < 1){
-const err304 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err304 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err304];
 }
@@ -3971,8 +3973,11 @@ vErrors.push(err304);
 errors++;
 }
 }
-else {
-const err305 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data131.cert_file !== undefined){
+let data133 = data131.cert_file;
+if(typeof data133 === "string"){
+if(func4(data133) < 1){
+const err305 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err305];
 }
@@ -3982,11 +3987,8 @@ vErrors.push(err305);
 errors++;
 }
 }
-if(data130.key_file !== undefined){
-let data133 = data130.key_file;
-if(typeof data133 === "string"){
-if(func4(data133) < 1){
-const err306 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err306 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err306];
 }
@@ -3996,8 +3998,11 @@ vErrors.push(err306);
 errors++;
 }
 }
-else {
-const err307 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data131.key_file !== undefined){
+let data134 = data131.key_file;
+if(typeof data134 === "string"){
+if(func4(data134) < 1){
+const err307 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err307];
 }
@@ -4007,11 +4012,8 @@ vErrors.push(err307);
 errors++;
 }
 }
-}
-let data134 = data126.spool_dir;
-if(typeof data134 === "string"){
-if(func4(data134) < 1){
-const err308 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err308 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err308];
 }
@@ -4021,8 +4023,9 @@ vErrors.push(err308);
 errors++;
 }
 }
-else {
-const err309 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+}
+if(typeof data127.insecure_plaintext !== "boolean"){
+const err309 = {instancePath:instancePath+"/audit/collector/insecure_plaintext",schemaPath:"#/properties/audit/properties/collector/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err309];
 }
@@ -4031,9 +4034,10 @@ vErrors.push(err309);
 }
 errors++;
 }
-let data135 = data126.spool_max_bytes;
-if(!(((typeof data135 == "number") && (!(data135 % 1) && !isNaN(data135))) && (isFinite(data135)))){
-const err310 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+let data136 = data127.spool_dir;
+if(typeof data136 === "string"){
+if(func4(data136) < 1){
+const err310 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err310];
 }
@@ -4042,9 +4046,9 @@ vErrors.push(err310);
 }
 errors++;
 }
-if((typeof data135 == "number") && (isFinite(data135))){
-if(data135 < 65536 || isNaN(data135)){
-const err311 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
+}
+else {
+const err311 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err311];
 }
@@ -4053,10 +4057,9 @@ vErrors.push(err311);
 }
 errors++;
 }
-}
-let data136 = data126.segment_bytes;
-if(!(((typeof data136 == "number") && (!(data136 % 1) && !isNaN(data136))) && (isFinite(data136)))){
-const err312 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+let data137 = data127.spool_max_bytes;
+if(!(((typeof data137 == "number") && (!(data137 % 1) && !isNaN(data137))) && (isFinite(data137)))){
+const err312 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err312];
 }
@@ -4065,9 +4068,9 @@ vErrors.push(err312);
 }
 errors++;
 }
-if((typeof data136 == "number") && (isFinite(data136))){
-if(data136 < 4096 || isNaN(data136)){
-const err313 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
+if((typeof data137 == "number") && (isFinite(data137))){
+if(data137 < 65536 || isNaN(data137)){
+const err313 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
 if(vErrors === null){
 vErrors = [err313];
 }
@@ -4077,9 +4080,9 @@ vErrors.push(err313);
 errors++;
 }
 }
-let data137 = data126.on_full;
-if(!((data137 === "refuse") || (data137 === "drop"))){
-const err314 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
+let data138 = data127.segment_bytes;
+if(!(((typeof data138 == "number") && (!(data138 % 1) && !isNaN(data138))) && (isFinite(data138)))){
+const err314 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err314];
 }
@@ -4088,9 +4091,9 @@ vErrors.push(err314);
 }
 errors++;
 }
-let data138 = data126.batch_events;
-if(!(((typeof data138 == "number") && (!(data138 % 1) && !isNaN(data138))) && (isFinite(data138)))){
-const err315 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data138 == "number") && (isFinite(data138))){
+if(data138 < 4096 || isNaN(data138)){
+const err315 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
 if(vErrors === null){
 vErrors = [err315];
 }
@@ -4099,9 +4102,10 @@ vErrors.push(err315);
 }
 errors++;
 }
-if((typeof data138 == "number") && (isFinite(data138))){
-if(data138 > 10000 || isNaN(data138)){
-const err316 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
+}
+let data139 = data127.on_full;
+if(!((data139 === "refuse") || (data139 === "drop"))){
+const err316 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err316];
 }
@@ -4110,8 +4114,9 @@ vErrors.push(err316);
 }
 errors++;
 }
-if(data138 < 1 || isNaN(data138)){
-const err317 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+let data140 = data127.batch_events;
+if(!(((typeof data140 == "number") && (!(data140 % 1) && !isNaN(data140))) && (isFinite(data140)))){
+const err317 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err317];
 }
@@ -4120,10 +4125,9 @@ vErrors.push(err317);
 }
 errors++;
 }
-}
-let data139 = data126.backoff_min_ms;
-if(!(((typeof data139 == "number") && (!(data139 % 1) && !isNaN(data139))) && (isFinite(data139)))){
-const err318 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data140 == "number") && (isFinite(data140))){
+if(data140 > 10000 || isNaN(data140)){
+const err318 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
 if(vErrors === null){
 vErrors = [err318];
 }
@@ -4132,9 +4136,8 @@ vErrors.push(err318);
 }
 errors++;
 }
-if((typeof data139 == "number") && (isFinite(data139))){
-if(data139 > 3600000 || isNaN(data139)){
-const err319 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data140 < 1 || isNaN(data140)){
+const err319 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err319];
 }
@@ -4143,8 +4146,10 @@ vErrors.push(err319);
 }
 errors++;
 }
-if(data139 < 1 || isNaN(data139)){
-const err320 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data141 = data127.backoff_min_ms;
+if(!(((typeof data141 == "number") && (!(data141 % 1) && !isNaN(data141))) && (isFinite(data141)))){
+const err320 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err320];
 }
@@ -4153,10 +4158,9 @@ vErrors.push(err320);
 }
 errors++;
 }
-}
-let data140 = data126.backoff_max_ms;
-if(!(((typeof data140 == "number") && (!(data140 % 1) && !isNaN(data140))) && (isFinite(data140)))){
-const err321 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data141 == "number") && (isFinite(data141))){
+if(data141 > 3600000 || isNaN(data141)){
+const err321 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err321];
 }
@@ -4165,9 +4169,8 @@ vErrors.push(err321);
 }
 errors++;
 }
-if((typeof data140 == "number") && (isFinite(data140))){
-if(data140 > 3600000 || isNaN(data140)){
-const err322 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data141 < 1 || isNaN(data141)){
+const err322 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err322];
 }
@@ -4176,8 +4179,10 @@ vErrors.push(err322);
 }
 errors++;
 }
-if(data140 < 1 || isNaN(data140)){
-const err323 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data142 = data127.backoff_max_ms;
+if(!(((typeof data142 == "number") && (!(data142 % 1) && !isNaN(data142))) && (isFinite(data142)))){
+const err323 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err323];
 }
@@ -4186,10 +4191,9 @@ vErrors.push(err323);
 }
 errors++;
 }
-}
-let data141 = data126.close_timeout_ms;
-if(!(((typeof data141 == "number") && (!(data141 % 1) && !isNaN(data141))) && (isFinite(data141)))){
-const err324 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data142 == "number") && (isFinite(data142))){
+if(data142 > 3600000 || isNaN(data142)){
+const err324 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err324];
 }
@@ -4198,9 +4202,8 @@ vErrors.push(err324);
 }
 errors++;
 }
-if((typeof data141 == "number") && (isFinite(data141))){
-if(data141 > 3600000 || isNaN(data141)){
-const err325 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data142 < 1 || isNaN(data142)){
+const err325 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err325];
 }
@@ -4209,8 +4212,10 @@ vErrors.push(err325);
 }
 errors++;
 }
-if(data141 < 0 || isNaN(data141)){
-const err326 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+let data143 = data127.close_timeout_ms;
+if(!(((typeof data143 == "number") && (!(data143 % 1) && !isNaN(data143))) && (isFinite(data143)))){
+const err326 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err326];
 }
@@ -4219,11 +4224,9 @@ vErrors.push(err326);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err327 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data143 == "number") && (isFinite(data143))){
+if(data143 > 3600000 || isNaN(data143)){
+const err327 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err327];
 }
@@ -4232,14 +4235,8 @@ vErrors.push(err327);
 }
 errors++;
 }
-let data142 = data.log;
-if(data142 && typeof data142 == "object" && !Array.isArray(data142)){
-if(data142.level === undefined){
-data142.level = "info";
-}
-for(const key32 in data142){
-if(!(key32 === "level")){
-const err328 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
+if(data143 < 0 || isNaN(data143)){
+const err328 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err328];
 }
@@ -4249,9 +4246,10 @@ vErrors.push(err328);
 errors++;
 }
 }
-let data143 = data142.level;
-if(!(((((((data143 === "fatal") || (data143 === "error")) || (data143 === "warn")) || (data143 === "info")) || (data143 === "debug")) || (data143 === "trace")) || (data143 === "silent"))){
-const err329 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
+}
+}
+else {
+const err329 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err329];
 }
@@ -4260,9 +4258,14 @@ vErrors.push(err329);
 }
 errors++;
 }
+let data144 = data.log;
+if(data144 && typeof data144 == "object" && !Array.isArray(data144)){
+if(data144.level === undefined){
+data144.level = "info";
 }
-else {
-const err330 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key32 in data144){
+if(!(key32 === "level")){
+const err330 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err330];
 }
@@ -4271,38 +4274,10 @@ vErrors.push(err330);
 }
 errors++;
 }
-if(data.broker !== undefined){
-let data144 = data.broker;
-if(data144 && typeof data144 == "object" && !Array.isArray(data144)){
-if(data144.listen === undefined){
-data144.listen = {};
 }
-if(data144.keys === undefined){
-data144.keys = {};
-}
-if(data144.tokens === undefined){
-data144.tokens = {};
-}
-if(data144.attestors === undefined){
-data144.attestors = {};
-}
-if(data144.store === undefined){
-data144.store = {};
-}
-if(data144.admin_token_env === undefined){
-data144.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
-}
-if(data144.introspection_clients === undefined){
-data144.introspection_clients = {};
-}
-if(data144.leased_secrets === undefined){
-data144.leased_secrets = {};
-}
-if(data144.events === undefined){
-data144.events = {};
-}
-if(data144.issuer === undefined){
-const err331 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+let data145 = data144.level;
+if(!(((((((data145 === "fatal") || (data145 === "error")) || (data145 === "warn")) || (data145 === "info")) || (data145 === "debug")) || (data145 === "trace")) || (data145 === "silent"))){
+const err331 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err331];
 }
@@ -4311,8 +4286,9 @@ vErrors.push(err331);
 }
 errors++;
 }
-if(data144.registry_file === undefined){
-const err332 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
+}
+else {
+const err332 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err332];
 }
@@ -4321,9 +4297,38 @@ vErrors.push(err332);
 }
 errors++;
 }
-for(const key33 in data144){
-if(!(func2.call(schema11.properties.broker.properties, key33))){
-const err333 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
+if(data.broker !== undefined){
+let data146 = data.broker;
+if(data146 && typeof data146 == "object" && !Array.isArray(data146)){
+if(data146.listen === undefined){
+data146.listen = {};
+}
+if(data146.keys === undefined){
+data146.keys = {};
+}
+if(data146.tokens === undefined){
+data146.tokens = {};
+}
+if(data146.attestors === undefined){
+data146.attestors = {};
+}
+if(data146.store === undefined){
+data146.store = {};
+}
+if(data146.admin_token_env === undefined){
+data146.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
+}
+if(data146.introspection_clients === undefined){
+data146.introspection_clients = {};
+}
+if(data146.leased_secrets === undefined){
+data146.leased_secrets = {};
+}
+if(data146.events === undefined){
+data146.events = {};
+}
+if(data146.issuer === undefined){
+const err333 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err333];
 }
@@ -4332,12 +4337,8 @@ vErrors.push(err333);
 }
 errors++;
 }
-}
-if(data144.issuer !== undefined){
-let data145 = data144.issuer;
-if(typeof data145 === "string"){
-if(!pattern1.test(data145)){
-const err334 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data146.registry_file === undefined){
+const err334 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
 if(vErrors === null){
 vErrors = [err334];
 }
@@ -4346,9 +4347,9 @@ vErrors.push(err334);
 }
 errors++;
 }
-}
-else {
-const err335 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key33 in data146){
+if(!(func2.call(schema11.properties.broker.properties, key33))){
+const err335 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err335];
 }
@@ -4358,11 +4359,11 @@ vErrors.push(err335);
 errors++;
 }
 }
-if(data144.audience !== undefined){
-let data146 = data144.audience;
-if(typeof data146 === "string"){
-if(func4(data146) < 1){
-const err336 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data146.issuer !== undefined){
+let data147 = data146.issuer;
+if(typeof data147 === "string"){
+if(!pattern1.test(data147)){
+const err336 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err336];
 }
@@ -4373,7 +4374,7 @@ errors++;
 }
 }
 else {
-const err337 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err337 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err337];
 }
@@ -4383,17 +4384,11 @@ vErrors.push(err337);
 errors++;
 }
 }
-let data147 = data144.listen;
-if(data147 && typeof data147 == "object" && !Array.isArray(data147)){
-if(data147.host === undefined){
-data147.host = "127.0.0.1";
-}
-if(data147.port === undefined){
-data147.port = 15003;
-}
-for(const key34 in data147){
-if(!((key34 === "host") || (key34 === "port"))){
-const err338 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
+if(data146.audience !== undefined){
+let data148 = data146.audience;
+if(typeof data148 === "string"){
+if(func4(data148) < 1){
+const err338 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err338];
 }
@@ -4403,10 +4398,8 @@ vErrors.push(err338);
 errors++;
 }
 }
-let data148 = data147.host;
-if(typeof data148 === "string"){
-if(func4(data148) < 1){
-const err339 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err339 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err339];
 }
@@ -4416,8 +4409,23 @@ vErrors.push(err339);
 errors++;
 }
 }
-else {
-const err340 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data149 = data146.listen;
+if(data149 && typeof data149 == "object" && !Array.isArray(data149)){
+if(data149.host === undefined){
+data149.host = "127.0.0.1";
+}
+if(data149.port === undefined){
+data149.port = 15003;
+}
+if(data149.tls === undefined){
+data149.tls = null;
+}
+if(data149.insecure_plaintext === undefined){
+data149.insecure_plaintext = false;
+}
+for(const key34 in data149){
+if(!((((key34 === "host") || (key34 === "port")) || (key34 === "tls")) || (key34 === "insecure_plaintext"))){
+const err340 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err340];
 }
@@ -4426,9 +4434,11 @@ vErrors.push(err340);
 }
 errors++;
 }
-let data149 = data147.port;
-if(!(((typeof data149 == "number") && (!(data149 % 1) && !isNaN(data149))) && (isFinite(data149)))){
-const err341 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data150 = data149.host;
+if(typeof data150 === "string"){
+if(func4(data150) < 1){
+const err341 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err341];
 }
@@ -4437,9 +4447,9 @@ vErrors.push(err341);
 }
 errors++;
 }
-if((typeof data149 == "number") && (isFinite(data149))){
-if(data149 > 65535 || isNaN(data149)){
-const err342 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+else {
+const err342 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err342];
 }
@@ -4448,8 +4458,9 @@ vErrors.push(err342);
 }
 errors++;
 }
-if(data149 < 0 || isNaN(data149)){
-const err343 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+let data151 = data149.port;
+if(!(((typeof data151 == "number") && (!(data151 % 1) && !isNaN(data151))) && (isFinite(data151)))){
+const err343 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err343];
 }
@@ -4458,10 +4469,9 @@ vErrors.push(err343);
 }
 errors++;
 }
-}
-}
-else {
-const err344 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data151 == "number") && (isFinite(data151))){
+if(data151 > 65535 || isNaN(data151)){
+const err344 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err344];
 }
@@ -4470,20 +4480,8 @@ vErrors.push(err344);
 }
 errors++;
 }
-let data150 = data144.keys;
-if(data150 && typeof data150 == "object" && !Array.isArray(data150)){
-if(data150.dir === undefined){
-data150.dir = ".latchkey/broker-keys";
-}
-if(data150.alg === undefined){
-data150.alg = "ES256";
-}
-if(data150.rotate_after_s === undefined){
-data150.rotate_after_s = 86400;
-}
-for(const key35 in data150){
-if(!(((key35 === "dir") || (key35 === "alg")) || (key35 === "rotate_after_s"))){
-const err345 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
+if(data151 < 0 || isNaN(data151)){
+const err345 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err345];
 }
@@ -4493,10 +4491,9 @@ vErrors.push(err345);
 errors++;
 }
 }
-let data151 = data150.dir;
-if(typeof data151 === "string"){
-if(func4(data151) < 1){
-const err346 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data152 = data149.tls;
+if((!(data152 && typeof data152 == "object" && !Array.isArray(data152))) && (data152 !== null)){
+const err346 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.listen.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err346];
 }
@@ -4505,9 +4502,9 @@ vErrors.push(err346);
 }
 errors++;
 }
-}
-else {
-const err347 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data152 && typeof data152 == "object" && !Array.isArray(data152)){
+if(data152.cert_file === undefined){
+const err347 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err347];
 }
@@ -4516,9 +4513,8 @@ vErrors.push(err347);
 }
 errors++;
 }
-let data152 = data150.alg;
-if(!((data152 === "ES256") || (data152 === "EdDSA"))){
-const err348 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
+if(data152.key_file === undefined){
+const err348 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err348];
 }
@@ -4527,9 +4523,9 @@ vErrors.push(err348);
 }
 errors++;
 }
-let data153 = data150.rotate_after_s;
-if(!(((typeof data153 == "number") && (!(data153 % 1) && !isNaN(data153))) && (isFinite(data153)))){
-const err349 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+for(const key35 in data152){
+if(!((key35 === "cert_file") || (key35 === "key_file"))){
+const err349 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err349];
 }
@@ -4538,9 +4534,12 @@ vErrors.push(err349);
 }
 errors++;
 }
-if((typeof data153 == "number") && (isFinite(data153))){
-if(data153 > 31536000 || isNaN(data153)){
-const err350 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+}
+if(data152.cert_file !== undefined){
+let data153 = data152.cert_file;
+if(typeof data153 === "string"){
+if(func4(data153) < 1){
+const err350 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err350];
 }
@@ -4549,8 +4548,9 @@ vErrors.push(err350);
 }
 errors++;
 }
-if(data153 < 60 || isNaN(data153)){
-const err351 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+}
+else {
+const err351 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err351];
 }
@@ -4560,9 +4560,11 @@ vErrors.push(err351);
 errors++;
 }
 }
-}
-else {
-const err352 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data152.key_file !== undefined){
+let data154 = data152.key_file;
+if(typeof data154 === "string"){
+if(func4(data154) < 1){
+const err352 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err352];
 }
@@ -4571,11 +4573,9 @@ vErrors.push(err352);
 }
 errors++;
 }
-if(data144.registry_file !== undefined){
-let data154 = data144.registry_file;
-if(typeof data154 === "string"){
-if(func4(data154) < 1){
-const err353 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err353 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err353];
 }
@@ -4585,8 +4585,9 @@ vErrors.push(err353);
 errors++;
 }
 }
-else {
-const err354 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+}
+if(typeof data149.insecure_plaintext !== "boolean"){
+const err354 = {instancePath:instancePath+"/broker/listen/insecure_plaintext",schemaPath:"#/properties/broker/properties/listen/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err354];
 }
@@ -4596,20 +4597,8 @@ vErrors.push(err354);
 errors++;
 }
 }
-let data155 = data144.tokens;
-if(data155 && typeof data155 == "object" && !Array.isArray(data155)){
-if(data155.floor_s === undefined){
-data155.floor_s = 60;
-}
-if(data155.default_duration_s === undefined){
-data155.default_duration_s = 300;
-}
-if(data155.max_body_bytes === undefined){
-data155.max_body_bytes = 65536;
-}
-for(const key36 in data155){
-if(!(((key36 === "floor_s") || (key36 === "default_duration_s")) || (key36 === "max_body_bytes"))){
-const err355 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
+else {
+const err355 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err355];
 }
@@ -4618,10 +4607,20 @@ vErrors.push(err355);
 }
 errors++;
 }
+let data156 = data146.keys;
+if(data156 && typeof data156 == "object" && !Array.isArray(data156)){
+if(data156.dir === undefined){
+data156.dir = ".latchkey/broker-keys";
 }
-let data156 = data155.floor_s;
-if(!(((typeof data156 == "number") && (!(data156 % 1) && !isNaN(data156))) && (isFinite(data156)))){
-const err356 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data156.alg === undefined){
+data156.alg = "ES256";
+}
+if(data156.rotate_after_s === undefined){
+data156.rotate_after_s = 86400;
+}
+for(const key36 in data156){
+if(!(((key36 === "dir") || (key36 === "alg")) || (key36 === "rotate_after_s"))){
+const err356 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err356];
 }
@@ -4630,9 +4629,11 @@ vErrors.push(err356);
 }
 errors++;
 }
-if((typeof data156 == "number") && (isFinite(data156))){
-if(data156 > 86400 || isNaN(data156)){
-const err357 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+}
+let data157 = data156.dir;
+if(typeof data157 === "string"){
+if(func4(data157) < 1){
+const err357 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err357];
 }
@@ -4641,8 +4642,9 @@ vErrors.push(err357);
 }
 errors++;
 }
-if(data156 < 1 || isNaN(data156)){
-const err358 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+else {
+const err358 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err358];
 }
@@ -4651,10 +4653,9 @@ vErrors.push(err358);
 }
 errors++;
 }
-}
-let data157 = data155.default_duration_s;
-if(!(((typeof data157 == "number") && (!(data157 % 1) && !isNaN(data157))) && (isFinite(data157)))){
-const err359 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+let data158 = data156.alg;
+if(!((data158 === "ES256") || (data158 === "EdDSA"))){
+const err359 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err359];
 }
@@ -4663,9 +4664,9 @@ vErrors.push(err359);
 }
 errors++;
 }
-if((typeof data157 == "number") && (isFinite(data157))){
-if(data157 > 86400 || isNaN(data157)){
-const err360 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+let data159 = data156.rotate_after_s;
+if(!(((typeof data159 == "number") && (!(data159 % 1) && !isNaN(data159))) && (isFinite(data159)))){
+const err360 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err360];
 }
@@ -4674,8 +4675,9 @@ vErrors.push(err360);
 }
 errors++;
 }
-if(data157 < 1 || isNaN(data157)){
-const err361 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data159 == "number") && (isFinite(data159))){
+if(data159 > 31536000 || isNaN(data159)){
+const err361 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err361];
 }
@@ -4684,10 +4686,8 @@ vErrors.push(err361);
 }
 errors++;
 }
-}
-let data158 = data155.max_body_bytes;
-if(!(((typeof data158 == "number") && (!(data158 % 1) && !isNaN(data158))) && (isFinite(data158)))){
-const err362 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data159 < 60 || isNaN(data159)){
+const err362 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err362];
 }
@@ -4696,9 +4696,10 @@ vErrors.push(err362);
 }
 errors++;
 }
-if((typeof data158 == "number") && (isFinite(data158))){
-if(data158 > 1048576 || isNaN(data158)){
-const err363 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
+}
+}
+else {
+const err363 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err363];
 }
@@ -4707,8 +4708,11 @@ vErrors.push(err363);
 }
 errors++;
 }
-if(data158 < 1024 || isNaN(data158)){
-const err364 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+if(data146.registry_file !== undefined){
+let data160 = data146.registry_file;
+if(typeof data160 === "string"){
+if(func4(data160) < 1){
+const err364 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err364];
 }
@@ -4718,9 +4722,8 @@ vErrors.push(err364);
 errors++;
 }
 }
-}
 else {
-const err365 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err365 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err365];
 }
@@ -4729,14 +4732,21 @@ vErrors.push(err365);
 }
 errors++;
 }
-if(data144.users !== undefined){
-let data159 = data144.users;
-if(data159 && typeof data159 == "object" && !Array.isArray(data159)){
-if(data159.scope_claim === undefined){
-data159.scope_claim = "scope";
 }
-if(data159.issuer === undefined){
-const err366 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+let data161 = data146.tokens;
+if(data161 && typeof data161 == "object" && !Array.isArray(data161)){
+if(data161.floor_s === undefined){
+data161.floor_s = 60;
+}
+if(data161.default_duration_s === undefined){
+data161.default_duration_s = 300;
+}
+if(data161.max_body_bytes === undefined){
+data161.max_body_bytes = 65536;
+}
+for(const key37 in data161){
+if(!(((key37 === "floor_s") || (key37 === "default_duration_s")) || (key37 === "max_body_bytes"))){
+const err366 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err366];
 }
@@ -4745,8 +4755,10 @@ vErrors.push(err366);
 }
 errors++;
 }
-if(data159.audience === undefined){
-const err367 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+}
+let data162 = data161.floor_s;
+if(!(((typeof data162 == "number") && (!(data162 % 1) && !isNaN(data162))) && (isFinite(data162)))){
+const err367 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err367];
 }
@@ -4755,9 +4767,9 @@ vErrors.push(err367);
 }
 errors++;
 }
-for(const key37 in data159){
-if(!(((((key37 === "issuer") || (key37 === "audience")) || (key37 === "scope_claim")) || (key37 === "jwks_file")) || (key37 === "jwks_url"))){
-const err368 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
+if((typeof data162 == "number") && (isFinite(data162))){
+if(data162 > 86400 || isNaN(data162)){
+const err368 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err368];
 }
@@ -4766,12 +4778,8 @@ vErrors.push(err368);
 }
 errors++;
 }
-}
-if(data159.issuer !== undefined){
-let data160 = data159.issuer;
-if(typeof data160 === "string"){
-if(func4(data160) < 1){
-const err369 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data162 < 1 || isNaN(data162)){
+const err369 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err369];
 }
@@ -4781,8 +4789,9 @@ vErrors.push(err369);
 errors++;
 }
 }
-else {
-const err370 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data163 = data161.default_duration_s;
+if(!(((typeof data163 == "number") && (!(data163 % 1) && !isNaN(data163))) && (isFinite(data163)))){
+const err370 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err370];
 }
@@ -4791,12 +4800,9 @@ vErrors.push(err370);
 }
 errors++;
 }
-}
-if(data159.audience !== undefined){
-let data161 = data159.audience;
-if(typeof data161 === "string"){
-if(func4(data161) < 1){
-const err371 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if((typeof data163 == "number") && (isFinite(data163))){
+if(data163 > 86400 || isNaN(data163)){
+const err371 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err371];
 }
@@ -4805,9 +4811,8 @@ vErrors.push(err371);
 }
 errors++;
 }
-}
-else {
-const err372 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data163 < 1 || isNaN(data163)){
+const err372 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err372];
 }
@@ -4817,10 +4822,9 @@ vErrors.push(err372);
 errors++;
 }
 }
-let data162 = data159.scope_claim;
-if(typeof data162 === "string"){
-if(func4(data162) < 1){
-const err373 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data164 = data161.max_body_bytes;
+if(!(((typeof data164 == "number") && (!(data164 % 1) && !isNaN(data164))) && (isFinite(data164)))){
+const err373 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err373];
 }
@@ -4829,9 +4833,9 @@ vErrors.push(err373);
 }
 errors++;
 }
-}
-else {
-const err374 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data164 == "number") && (isFinite(data164))){
+if(data164 > 1048576 || isNaN(data164)){
+const err374 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
 if(vErrors === null){
 vErrors = [err374];
 }
@@ -4840,11 +4844,8 @@ vErrors.push(err374);
 }
 errors++;
 }
-if(data159.jwks_file !== undefined){
-let data163 = data159.jwks_file;
-if(typeof data163 === "string"){
-if(func4(data163) < 1){
-const err375 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data164 < 1024 || isNaN(data164)){
+const err375 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err375];
 }
@@ -4854,8 +4855,9 @@ vErrors.push(err375);
 errors++;
 }
 }
+}
 else {
-const err376 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err376 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err376];
 }
@@ -4864,12 +4866,14 @@ vErrors.push(err376);
 }
 errors++;
 }
+if(data146.users !== undefined){
+let data165 = data146.users;
+if(data165 && typeof data165 == "object" && !Array.isArray(data165)){
+if(data165.scope_claim === undefined){
+data165.scope_claim = "scope";
 }
-if(data159.jwks_url !== undefined){
-let data164 = data159.jwks_url;
-if(typeof data164 === "string"){
-if(!pattern1.test(data164)){
-const err377 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data165.issuer === undefined){
+const err377 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err377];
 }
@@ -4878,9 +4882,8 @@ vErrors.push(err377);
 }
 errors++;
 }
-}
-else {
-const err378 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data165.audience === undefined){
+const err378 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err378];
 }
@@ -4889,10 +4892,9 @@ vErrors.push(err378);
 }
 errors++;
 }
-}
-}
-else {
-const err379 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key38 in data165){
+if(!(((((key38 === "issuer") || (key38 === "audience")) || (key38 === "scope_claim")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
+const err379 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err379];
 }
@@ -4902,11 +4904,11 @@ vErrors.push(err379);
 errors++;
 }
 }
-let data165 = data144.attestors;
-if(data165 && typeof data165 == "object" && !Array.isArray(data165)){
-for(const key38 in data165){
-if(!(((key38 === "kubernetes") || (key38 === "spiffe")) || (key38 === "local"))){
-const err380 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
+if(data165.issuer !== undefined){
+let data166 = data165.issuer;
+if(typeof data166 === "string"){
+if(func4(data166) < 1){
+const err380 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err380];
 }
@@ -4916,11 +4918,8 @@ vErrors.push(err380);
 errors++;
 }
 }
-if(data165.kubernetes !== undefined){
-let data166 = data165.kubernetes;
-if(data166 && typeof data166 == "object" && !Array.isArray(data166)){
-if(data166.issuer === undefined){
-const err381 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+else {
+const err381 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err381];
 }
@@ -4929,9 +4928,12 @@ vErrors.push(err381);
 }
 errors++;
 }
-for(const key39 in data166){
-if(!((((key39 === "issuer") || (key39 === "audience")) || (key39 === "jwks_file")) || (key39 === "jwks_url"))){
-const err382 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
+}
+if(data165.audience !== undefined){
+let data167 = data165.audience;
+if(typeof data167 === "string"){
+if(func4(data167) < 1){
+const err382 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err382];
 }
@@ -4941,11 +4943,8 @@ vErrors.push(err382);
 errors++;
 }
 }
-if(data166.issuer !== undefined){
-let data167 = data166.issuer;
-if(typeof data167 === "string"){
-if(func4(data167) < 1){
-const err383 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err383 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err383];
 }
@@ -4955,8 +4954,10 @@ vErrors.push(err383);
 errors++;
 }
 }
-else {
-const err384 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data168 = data165.scope_claim;
+if(typeof data168 === "string"){
+if(func4(data168) < 1){
+const err384 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err384];
 }
@@ -4966,11 +4967,8 @@ vErrors.push(err384);
 errors++;
 }
 }
-if(data166.audience !== undefined){
-let data168 = data166.audience;
-if(typeof data168 === "string"){
-if(func4(data168) < 1){
-const err385 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err385 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err385];
 }
@@ -4979,9 +4977,11 @@ vErrors.push(err385);
 }
 errors++;
 }
-}
-else {
-const err386 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data165.jwks_file !== undefined){
+let data169 = data165.jwks_file;
+if(typeof data169 === "string"){
+if(func4(data169) < 1){
+const err386 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err386];
 }
@@ -4991,11 +4991,8 @@ vErrors.push(err386);
 errors++;
 }
 }
-if(data166.jwks_file !== undefined){
-let data169 = data166.jwks_file;
-if(typeof data169 === "string"){
-if(func4(data169) < 1){
-const err387 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err387 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err387];
 }
@@ -5005,8 +5002,11 @@ vErrors.push(err387);
 errors++;
 }
 }
-else {
-const err388 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data165.jwks_url !== undefined){
+let data170 = data165.jwks_url;
+if(typeof data170 === "string"){
+if(!pattern1.test(data170)){
+const err388 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err388];
 }
@@ -5016,11 +5016,8 @@ vErrors.push(err388);
 errors++;
 }
 }
-if(data166.jwks_url !== undefined){
-let data170 = data166.jwks_url;
-if(typeof data170 === "string"){
-if(!pattern1.test(data170)){
-const err389 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+else {
+const err389 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err389];
 }
@@ -5030,8 +5027,9 @@ vErrors.push(err389);
 errors++;
 }
 }
+}
 else {
-const err390 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err390 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err390];
 }
@@ -5041,9 +5039,11 @@ vErrors.push(err390);
 errors++;
 }
 }
-}
-else {
-const err391 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data171 = data146.attestors;
+if(data171 && typeof data171 == "object" && !Array.isArray(data171)){
+for(const key39 in data171){
+if(!(((key39 === "kubernetes") || (key39 === "spiffe")) || (key39 === "local"))){
+const err391 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err391];
 }
@@ -5053,11 +5053,11 @@ vErrors.push(err391);
 errors++;
 }
 }
-if(data165.spiffe !== undefined){
-let data171 = data165.spiffe;
-if(data171 && typeof data171 == "object" && !Array.isArray(data171)){
-if(data171.trust_domain === undefined){
-const err392 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
+if(data171.kubernetes !== undefined){
+let data172 = data171.kubernetes;
+if(data172 && typeof data172 == "object" && !Array.isArray(data172)){
+if(data172.issuer === undefined){
+const err392 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err392];
 }
@@ -5066,9 +5066,9 @@ vErrors.push(err392);
 }
 errors++;
 }
-for(const key40 in data171){
-if(!((((key40 === "trust_domain") || (key40 === "audience")) || (key40 === "jwks_file")) || (key40 === "jwks_url"))){
-const err393 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
+for(const key40 in data172){
+if(!((((key40 === "issuer") || (key40 === "audience")) || (key40 === "jwks_file")) || (key40 === "jwks_url"))){
+const err393 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err393];
 }
@@ -5078,11 +5078,11 @@ vErrors.push(err393);
 errors++;
 }
 }
-if(data171.trust_domain !== undefined){
-let data172 = data171.trust_domain;
-if(typeof data172 === "string"){
-if(!pattern26.test(data172)){
-const err394 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
+if(data172.issuer !== undefined){
+let data173 = data172.issuer;
+if(typeof data173 === "string"){
+if(func4(data173) < 1){
+const err394 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err394];
 }
@@ -5093,7 +5093,7 @@ errors++;
 }
 }
 else {
-const err395 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err395 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err395];
 }
@@ -5103,11 +5103,11 @@ vErrors.push(err395);
 errors++;
 }
 }
-if(data171.audience !== undefined){
-let data173 = data171.audience;
-if(typeof data173 === "string"){
-if(func4(data173) < 1){
-const err396 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data172.audience !== undefined){
+let data174 = data172.audience;
+if(typeof data174 === "string"){
+if(func4(data174) < 1){
+const err396 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err396];
 }
@@ -5118,7 +5118,7 @@ errors++;
 }
 }
 else {
-const err397 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err397 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err397];
 }
@@ -5128,11 +5128,11 @@ vErrors.push(err397);
 errors++;
 }
 }
-if(data171.jwks_file !== undefined){
-let data174 = data171.jwks_file;
-if(typeof data174 === "string"){
-if(func4(data174) < 1){
-const err398 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data172.jwks_file !== undefined){
+let data175 = data172.jwks_file;
+if(typeof data175 === "string"){
+if(func4(data175) < 1){
+const err398 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err398];
 }
@@ -5143,7 +5143,7 @@ errors++;
 }
 }
 else {
-const err399 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err399 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err399];
 }
@@ -5153,11 +5153,11 @@ vErrors.push(err399);
 errors++;
 }
 }
-if(data171.jwks_url !== undefined){
-let data175 = data171.jwks_url;
-if(typeof data175 === "string"){
-if(!pattern1.test(data175)){
-const err400 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data172.jwks_url !== undefined){
+let data176 = data172.jwks_url;
+if(typeof data176 === "string"){
+if(!pattern1.test(data176)){
+const err400 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err400];
 }
@@ -5168,7 +5168,7 @@ errors++;
 }
 }
 else {
-const err401 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err401 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err401];
 }
@@ -5180,7 +5180,7 @@ errors++;
 }
 }
 else {
-const err402 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err402 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err402];
 }
@@ -5190,11 +5190,11 @@ vErrors.push(err402);
 errors++;
 }
 }
-if(data165.local !== undefined){
-let data176 = data165.local;
-if(data176 && typeof data176 == "object" && !Array.isArray(data176)){
-if(data176.keys_file === undefined){
-const err403 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
+if(data171.spiffe !== undefined){
+let data177 = data171.spiffe;
+if(data177 && typeof data177 == "object" && !Array.isArray(data177)){
+if(data177.trust_domain === undefined){
+const err403 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
 if(vErrors === null){
 vErrors = [err403];
 }
@@ -5203,9 +5203,9 @@ vErrors.push(err403);
 }
 errors++;
 }
-for(const key41 in data176){
-if(!(key41 === "keys_file")){
-const err404 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
+for(const key41 in data177){
+if(!((((key41 === "trust_domain") || (key41 === "audience")) || (key41 === "jwks_file")) || (key41 === "jwks_url"))){
+const err404 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err404];
 }
@@ -5215,11 +5215,11 @@ vErrors.push(err404);
 errors++;
 }
 }
-if(data176.keys_file !== undefined){
-let data177 = data176.keys_file;
-if(typeof data177 === "string"){
-if(func4(data177) < 1){
-const err405 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data177.trust_domain !== undefined){
+let data178 = data177.trust_domain;
+if(typeof data178 === "string"){
+if(!pattern26.test(data178)){
+const err405 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err405];
 }
@@ -5230,7 +5230,7 @@ errors++;
 }
 }
 else {
-const err406 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err406 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err406];
 }
@@ -5240,9 +5240,11 @@ vErrors.push(err406);
 errors++;
 }
 }
-}
-else {
-const err407 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data177.audience !== undefined){
+let data179 = data177.audience;
+if(typeof data179 === "string"){
+if(func4(data179) < 1){
+const err407 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err407];
 }
@@ -5252,9 +5254,8 @@ vErrors.push(err407);
 errors++;
 }
 }
-}
 else {
-const err408 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err408 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err408];
 }
@@ -5263,10 +5264,12 @@ vErrors.push(err408);
 }
 errors++;
 }
-let data178 = data144.store;
-if(data178 && typeof data178 == "object" && !Array.isArray(data178)){
-if(Object.keys(data178).length > 1){
-const err409 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
+}
+if(data177.jwks_file !== undefined){
+let data180 = data177.jwks_file;
+if(typeof data180 === "string"){
+if(func4(data180) < 1){
+const err409 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err409];
 }
@@ -5275,9 +5278,9 @@ vErrors.push(err409);
 }
 errors++;
 }
-for(const key42 in data178){
-if(!((key42 === "sqlite") || (key42 === "postgres"))){
-const err410 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
+}
+else {
+const err410 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err410];
 }
@@ -5287,11 +5290,11 @@ vErrors.push(err410);
 errors++;
 }
 }
-if(data178.sqlite !== undefined){
-let data179 = data178.sqlite;
-if(data179 && typeof data179 == "object" && !Array.isArray(data179)){
-if(data179.path === undefined){
-const err411 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+if(data177.jwks_url !== undefined){
+let data181 = data177.jwks_url;
+if(typeof data181 === "string"){
+if(!pattern1.test(data181)){
+const err411 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err411];
 }
@@ -5300,9 +5303,9 @@ vErrors.push(err411);
 }
 errors++;
 }
-for(const key43 in data179){
-if(!(key43 === "path")){
-const err412 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
+}
+else {
+const err412 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err412];
 }
@@ -5312,11 +5315,9 @@ vErrors.push(err412);
 errors++;
 }
 }
-if(data179.path !== undefined){
-let data180 = data179.path;
-if(typeof data180 === "string"){
-if(func4(data180) < 1){
-const err413 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err413 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err413];
 }
@@ -5326,8 +5327,11 @@ vErrors.push(err413);
 errors++;
 }
 }
-else {
-const err414 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data171.local !== undefined){
+let data182 = data171.local;
+if(data182 && typeof data182 == "object" && !Array.isArray(data182)){
+if(data182.keys_file === undefined){
+const err414 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
 if(vErrors === null){
 vErrors = [err414];
 }
@@ -5336,10 +5340,9 @@ vErrors.push(err414);
 }
 errors++;
 }
-}
-}
-else {
-const err415 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key42 in data182){
+if(!(key42 === "keys_file")){
+const err415 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err415];
 }
@@ -5349,14 +5352,11 @@ vErrors.push(err415);
 errors++;
 }
 }
-if(data178.postgres !== undefined){
-let data181 = data178.postgres;
-if(data181 && typeof data181 == "object" && !Array.isArray(data181)){
-if(data181.schema === undefined){
-data181.schema = "latchkey";
-}
-if(data181.url === undefined){
-const err416 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
+if(data182.keys_file !== undefined){
+let data183 = data182.keys_file;
+if(typeof data183 === "string"){
+if(func4(data183) < 1){
+const err416 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err416];
 }
@@ -5365,9 +5365,9 @@ vErrors.push(err416);
 }
 errors++;
 }
-for(const key44 in data181){
-if(!((key44 === "url") || (key44 === "schema"))){
-const err417 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key44},message:"must NOT have additional properties"};
+}
+else {
+const err417 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err417];
 }
@@ -5377,11 +5377,9 @@ vErrors.push(err417);
 errors++;
 }
 }
-if(data181.url !== undefined){
-let data182 = data181.url;
-if(typeof data182 === "string"){
-if(!pattern28.test(data182)){
-const err418 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
+}
+else {
+const err418 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err418];
 }
@@ -5391,8 +5389,9 @@ vErrors.push(err418);
 errors++;
 }
 }
+}
 else {
-const err419 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err419 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err419];
 }
@@ -5401,11 +5400,10 @@ vErrors.push(err419);
 }
 errors++;
 }
-}
-let data183 = data181.schema;
-if(typeof data183 === "string"){
-if(!pattern29.test(data183)){
-const err420 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
+let data184 = data146.store;
+if(data184 && typeof data184 == "object" && !Array.isArray(data184)){
+if(Object.keys(data184).length > 1){
+const err420 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
 if(vErrors === null){
 vErrors = [err420];
 }
@@ -5414,9 +5412,9 @@ vErrors.push(err420);
 }
 errors++;
 }
-}
-else {
-const err421 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key43 in data184){
+if(!((key43 === "sqlite") || (key43 === "postgres"))){
+const err421 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err421];
 }
@@ -5426,8 +5424,11 @@ vErrors.push(err421);
 errors++;
 }
 }
-else {
-const err422 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data184.sqlite !== undefined){
+let data185 = data184.sqlite;
+if(data185 && typeof data185 == "object" && !Array.isArray(data185)){
+if(data185.path === undefined){
+const err422 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err422];
 }
@@ -5436,10 +5437,9 @@ vErrors.push(err422);
 }
 errors++;
 }
-}
-}
-else {
-const err423 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key44 in data185){
+if(!(key44 === "path")){
+const err423 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key44},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err423];
 }
@@ -5448,10 +5448,12 @@ vErrors.push(err423);
 }
 errors++;
 }
-let data184 = data144.admin_token_env;
-if(typeof data184 === "string"){
-if(!pattern30.test(data184)){
-const err424 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+}
+if(data185.path !== undefined){
+let data186 = data185.path;
+if(typeof data186 === "string"){
+if(func4(data186) < 1){
+const err424 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err424];
 }
@@ -5462,7 +5464,7 @@ errors++;
 }
 }
 else {
-const err425 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err425 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err425];
 }
@@ -5471,13 +5473,10 @@ vErrors.push(err425);
 }
 errors++;
 }
-let data185 = data144.introspection_clients;
-if(data185 && typeof data185 == "object" && !Array.isArray(data185)){
-for(const key45 in data185){
-const _errs408 = errors;
-if(typeof key45 === "string"){
-if(!pattern6.test(key45)){
-const err426 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key45};
+}
+}
+else {
+const err426 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err426];
 }
@@ -5487,9 +5486,14 @@ vErrors.push(err426);
 errors++;
 }
 }
-var valid79 = _errs408 === errors;
-if(!valid79){
-const err427 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key45},message:"property name must be valid"};
+if(data184.postgres !== undefined){
+let data187 = data184.postgres;
+if(data187 && typeof data187 == "object" && !Array.isArray(data187)){
+if(data187.schema === undefined){
+data187.schema = "latchkey";
+}
+if(data187.url === undefined){
+const err427 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err427];
 }
@@ -5498,12 +5502,9 @@ vErrors.push(err427);
 }
 errors++;
 }
-}
-for(const key46 in data185){
-let data186 = data185[key46];
-if(typeof data186 === "string"){
-if(!pattern30.test(data186)){
-const err428 = {instancePath:instancePath+"/broker/introspection_clients/" + key46.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+for(const key45 in data187){
+if(!((key45 === "url") || (key45 === "schema"))){
+const err428 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key45},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err428];
 }
@@ -5513,8 +5514,11 @@ vErrors.push(err428);
 errors++;
 }
 }
-else {
-const err429 = {instancePath:instancePath+"/broker/introspection_clients/" + key46.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data187.url !== undefined){
+let data188 = data187.url;
+if(typeof data188 === "string"){
+if(!pattern28.test(data188)){
+const err429 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
 if(vErrors === null){
 vErrors = [err429];
 }
@@ -5524,9 +5528,8 @@ vErrors.push(err429);
 errors++;
 }
 }
-}
 else {
-const err430 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err430 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err430];
 }
@@ -5535,13 +5538,11 @@ vErrors.push(err430);
 }
 errors++;
 }
-let data187 = data144.leased_secrets;
-if(data187 && typeof data187 == "object" && !Array.isArray(data187)){
-for(const key47 in data187){
-const _errs414 = errors;
-if(typeof key47 === "string"){
-if(func4(key47) > 512){
-const err431 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key47};
+}
+let data189 = data187.schema;
+if(typeof data189 === "string"){
+if(!pattern29.test(data189)){
+const err431 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
 if(vErrors === null){
 vErrors = [err431];
 }
@@ -5550,8 +5551,9 @@ vErrors.push(err431);
 }
 errors++;
 }
-if(func4(key47) < 1){
-const err432 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key47};
+}
+else {
+const err432 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err432];
 }
@@ -5561,9 +5563,8 @@ vErrors.push(err432);
 errors++;
 }
 }
-var valid81 = _errs414 === errors;
-if(!valid81){
-const err433 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key47},message:"property name must be valid"};
+else {
+const err433 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err433];
 }
@@ -5573,11 +5574,9 @@ vErrors.push(err433);
 errors++;
 }
 }
-for(const key48 in data187){
-let data188 = data187[key48];
-if(typeof data188 === "string"){
-if(!pattern30.test(data188)){
-const err434 = {instancePath:instancePath+"/broker/leased_secrets/" + key48.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+}
+else {
+const err434 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err434];
 }
@@ -5586,9 +5585,10 @@ vErrors.push(err434);
 }
 errors++;
 }
-}
-else {
-const err435 = {instancePath:instancePath+"/broker/leased_secrets/" + key48.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data190 = data146.admin_token_env;
+if(typeof data190 === "string"){
+if(!pattern30.test(data190)){
+const err435 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err435];
 }
@@ -5598,9 +5598,8 @@ vErrors.push(err435);
 errors++;
 }
 }
-}
 else {
-const err436 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err436 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err436];
 }
@@ -5609,11 +5608,13 @@ vErrors.push(err436);
 }
 errors++;
 }
-let data189 = data144.events;
-if(data189 && typeof data189 == "object" && !Array.isArray(data189)){
-for(const key49 in data189){
-if(!(key49 === "jsonl")){
-const err437 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key49},message:"must NOT have additional properties"};
+let data191 = data146.introspection_clients;
+if(data191 && typeof data191 == "object" && !Array.isArray(data191)){
+for(const key46 in data191){
+const _errs421 = errors;
+if(typeof key46 === "string"){
+if(!pattern6.test(key46)){
+const err437 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key46};
 if(vErrors === null){
 vErrors = [err437];
 }
@@ -5623,11 +5624,9 @@ vErrors.push(err437);
 errors++;
 }
 }
-if(data189.jsonl !== undefined){
-let data190 = data189.jsonl;
-if(data190 && typeof data190 == "object" && !Array.isArray(data190)){
-if(data190.path === undefined){
-const err438 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+var valid80 = _errs421 === errors;
+if(!valid80){
+const err438 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err438];
 }
@@ -5636,9 +5635,12 @@ vErrors.push(err438);
 }
 errors++;
 }
-for(const key50 in data190){
-if(!(key50 === "path")){
-const err439 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
+}
+for(const key47 in data191){
+let data192 = data191[key47];
+if(typeof data192 === "string"){
+if(!pattern30.test(data192)){
+const err439 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err439];
 }
@@ -5648,11 +5650,8 @@ vErrors.push(err439);
 errors++;
 }
 }
-if(data190.path !== undefined){
-let data191 = data190.path;
-if(typeof data191 === "string"){
-if(func4(data191) < 1){
-const err440 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err440 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err440];
 }
@@ -5662,8 +5661,9 @@ vErrors.push(err440);
 errors++;
 }
 }
+}
 else {
-const err441 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err441 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err441];
 }
@@ -5672,10 +5672,13 @@ vErrors.push(err441);
 }
 errors++;
 }
-}
-}
-else {
-const err442 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data193 = data146.leased_secrets;
+if(data193 && typeof data193 == "object" && !Array.isArray(data193)){
+for(const key48 in data193){
+const _errs427 = errors;
+if(typeof key48 === "string"){
+if(func4(key48) > 512){
+const err442 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key48};
 if(vErrors === null){
 vErrors = [err442];
 }
@@ -5684,10 +5687,8 @@ vErrors.push(err442);
 }
 errors++;
 }
-}
-}
-else {
-const err443 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(func4(key48) < 1){
+const err443 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key48};
 if(vErrors === null){
 vErrors = [err443];
 }
@@ -5696,36 +5697,10 @@ vErrors.push(err443);
 }
 errors++;
 }
-if(data144.control !== undefined){
-let data192 = data144.control;
-if(data192 && typeof data192 == "object" && !Array.isArray(data192)){
-if(data192.host === undefined){
-data192.host = "127.0.0.1";
 }
-if(data192.port === undefined){
-data192.port = 15004;
-}
-if(data192.token_env === undefined){
-data192.token_env = "LATCHKEY_CONTROL_TOKEN";
-}
-if(data192.heartbeat_ms === undefined){
-data192.heartbeat_ms = 1000;
-}
-if(data192.max_bundle_bytes === undefined){
-data192.max_bundle_bytes = 262144;
-}
-if(data192.resync_ms === undefined){
-data192.resync_ms = 5000;
-}
-if(data192.tls === undefined){
-data192.tls = null;
-}
-if(data192.insecure_plaintext === undefined){
-data192.insecure_plaintext = false;
-}
-for(const key51 in data192){
-if(!(func2.call(schema11.properties.broker.properties.control.properties, key51))){
-const err444 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
+var valid82 = _errs427 === errors;
+if(!valid82){
+const err444 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key48},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err444];
 }
@@ -5735,10 +5710,11 @@ vErrors.push(err444);
 errors++;
 }
 }
-let data193 = data192.host;
-if(typeof data193 === "string"){
-if(func4(data193) < 1){
-const err445 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key49 in data193){
+let data194 = data193[key49];
+if(typeof data194 === "string"){
+if(!pattern30.test(data194)){
+const err445 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err445];
 }
@@ -5749,7 +5725,7 @@ errors++;
 }
 }
 else {
-const err446 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err446 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err446];
 }
@@ -5758,9 +5734,10 @@ vErrors.push(err446);
 }
 errors++;
 }
-let data194 = data192.port;
-if(!(((typeof data194 == "number") && (!(data194 % 1) && !isNaN(data194))) && (isFinite(data194)))){
-const err447 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+}
+else {
+const err447 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err447];
 }
@@ -5769,9 +5746,11 @@ vErrors.push(err447);
 }
 errors++;
 }
-if((typeof data194 == "number") && (isFinite(data194))){
-if(data194 > 65535 || isNaN(data194)){
-const err448 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+let data195 = data146.events;
+if(data195 && typeof data195 == "object" && !Array.isArray(data195)){
+for(const key50 in data195){
+if(!(key50 === "jsonl")){
+const err448 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err448];
 }
@@ -5780,8 +5759,12 @@ vErrors.push(err448);
 }
 errors++;
 }
-if(data194 < 0 || isNaN(data194)){
-const err449 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+if(data195.jsonl !== undefined){
+let data196 = data195.jsonl;
+if(data196 && typeof data196 == "object" && !Array.isArray(data196)){
+if(data196.path === undefined){
+const err449 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err449];
 }
@@ -5790,11 +5773,9 @@ vErrors.push(err449);
 }
 errors++;
 }
-}
-let data195 = data192.token_env;
-if(typeof data195 === "string"){
-if(!pattern30.test(data195)){
-const err450 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+for(const key51 in data196){
+if(!(key51 === "path")){
+const err450 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err450];
 }
@@ -5804,8 +5785,11 @@ vErrors.push(err450);
 errors++;
 }
 }
-else {
-const err451 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data196.path !== undefined){
+let data197 = data196.path;
+if(typeof data197 === "string"){
+if(func4(data197) < 1){
+const err451 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err451];
 }
@@ -5814,9 +5798,9 @@ vErrors.push(err451);
 }
 errors++;
 }
-let data196 = data192.heartbeat_ms;
-if(!(((typeof data196 == "number") && (!(data196 % 1) && !isNaN(data196))) && (isFinite(data196)))){
-const err452 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err452 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err452];
 }
@@ -5825,9 +5809,10 @@ vErrors.push(err452);
 }
 errors++;
 }
-if((typeof data196 == "number") && (isFinite(data196))){
-if(data196 > 3600000 || isNaN(data196)){
-const err453 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+}
+else {
+const err453 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err453];
 }
@@ -5836,8 +5821,10 @@ vErrors.push(err453);
 }
 errors++;
 }
-if(data196 < 20 || isNaN(data196)){
-const err454 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
+}
+}
+else {
+const err454 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err454];
 }
@@ -5846,12 +5833,36 @@ vErrors.push(err454);
 }
 errors++;
 }
+if(data146.control !== undefined){
+let data198 = data146.control;
+if(data198 && typeof data198 == "object" && !Array.isArray(data198)){
+if(data198.host === undefined){
+data198.host = "127.0.0.1";
 }
-if(data192.policy_file !== undefined){
-let data197 = data192.policy_file;
-if(typeof data197 === "string"){
-if(func4(data197) < 1){
-const err455 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data198.port === undefined){
+data198.port = 15004;
+}
+if(data198.token_env === undefined){
+data198.token_env = "LATCHKEY_CONTROL_TOKEN";
+}
+if(data198.heartbeat_ms === undefined){
+data198.heartbeat_ms = 1000;
+}
+if(data198.max_bundle_bytes === undefined){
+data198.max_bundle_bytes = 262144;
+}
+if(data198.resync_ms === undefined){
+data198.resync_ms = 5000;
+}
+if(data198.tls === undefined){
+data198.tls = null;
+}
+if(data198.insecure_plaintext === undefined){
+data198.insecure_plaintext = false;
+}
+for(const key52 in data198){
+if(!(func2.call(schema11.properties.broker.properties.control.properties, key52))){
+const err455 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key52},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err455];
 }
@@ -5861,8 +5872,10 @@ vErrors.push(err455);
 errors++;
 }
 }
-else {
-const err456 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data199 = data198.host;
+if(typeof data199 === "string"){
+if(func4(data199) < 1){
+const err456 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err456];
 }
@@ -5872,9 +5885,8 @@ vErrors.push(err456);
 errors++;
 }
 }
-let data198 = data192.max_bundle_bytes;
-if(!(((typeof data198 == "number") && (!(data198 % 1) && !isNaN(data198))) && (isFinite(data198)))){
-const err457 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err457 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err457];
 }
@@ -5883,9 +5895,9 @@ vErrors.push(err457);
 }
 errors++;
 }
-if((typeof data198 == "number") && (isFinite(data198))){
-if(data198 > 3145728 || isNaN(data198)){
-const err458 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
+let data200 = data198.port;
+if(!(((typeof data200 == "number") && (!(data200 % 1) && !isNaN(data200))) && (isFinite(data200)))){
+const err458 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err458];
 }
@@ -5894,8 +5906,9 @@ vErrors.push(err458);
 }
 errors++;
 }
-if(data198 < 1024 || isNaN(data198)){
-const err459 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+if((typeof data200 == "number") && (isFinite(data200))){
+if(data200 > 65535 || isNaN(data200)){
+const err459 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err459];
 }
@@ -5904,10 +5917,8 @@ vErrors.push(err459);
 }
 errors++;
 }
-}
-let data199 = data192.resync_ms;
-if(!(((typeof data199 == "number") && (!(data199 % 1) && !isNaN(data199))) && (isFinite(data199)))){
-const err460 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data200 < 0 || isNaN(data200)){
+const err460 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err460];
 }
@@ -5916,9 +5927,11 @@ vErrors.push(err460);
 }
 errors++;
 }
-if((typeof data199 == "number") && (isFinite(data199))){
-if(data199 > 3600000 || isNaN(data199)){
-const err461 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data201 = data198.token_env;
+if(typeof data201 === "string"){
+if(!pattern30.test(data201)){
+const err461 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err461];
 }
@@ -5927,8 +5940,9 @@ vErrors.push(err461);
 }
 errors++;
 }
-if(data199 < 50 || isNaN(data199)){
-const err462 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
+}
+else {
+const err462 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err462];
 }
@@ -5937,10 +5951,9 @@ vErrors.push(err462);
 }
 errors++;
 }
-}
-let data200 = data192.tls;
-if((!(data200 && typeof data200 == "object" && !Array.isArray(data200))) && (data200 !== null)){
-const err463 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.control.properties.tls.type},message:"must be object,null"};
+let data202 = data198.heartbeat_ms;
+if(!(((typeof data202 == "number") && (!(data202 % 1) && !isNaN(data202))) && (isFinite(data202)))){
+const err463 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err463];
 }
@@ -5949,9 +5962,9 @@ vErrors.push(err463);
 }
 errors++;
 }
-if(data200 && typeof data200 == "object" && !Array.isArray(data200)){
-if(data200.cert_file === undefined){
-const err464 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+if((typeof data202 == "number") && (isFinite(data202))){
+if(data202 > 3600000 || isNaN(data202)){
+const err464 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err464];
 }
@@ -5960,8 +5973,8 @@ vErrors.push(err464);
 }
 errors++;
 }
-if(data200.key_file === undefined){
-const err465 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+if(data202 < 20 || isNaN(data202)){
+const err465 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
 if(vErrors === null){
 vErrors = [err465];
 }
@@ -5970,9 +5983,12 @@ vErrors.push(err465);
 }
 errors++;
 }
-for(const key52 in data200){
-if(!(((key52 === "cert_file") || (key52 === "key_file")) || (key52 === "client_ca_file"))){
-const err466 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key52},message:"must NOT have additional properties"};
+}
+if(data198.policy_file !== undefined){
+let data203 = data198.policy_file;
+if(typeof data203 === "string"){
+if(func4(data203) < 1){
+const err466 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err466];
 }
@@ -5982,11 +5998,8 @@ vErrors.push(err466);
 errors++;
 }
 }
-if(data200.cert_file !== undefined){
-let data201 = data200.cert_file;
-if(typeof data201 === "string"){
-if(func4(data201) < 1){
-const err467 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err467 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err467];
 }
@@ -5996,8 +6009,9 @@ vErrors.push(err467);
 errors++;
 }
 }
-else {
-const err468 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data204 = data198.max_bundle_bytes;
+if(!(((typeof data204 == "number") && (!(data204 % 1) && !isNaN(data204))) && (isFinite(data204)))){
+const err468 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err468];
 }
@@ -6006,12 +6020,9 @@ vErrors.push(err468);
 }
 errors++;
 }
-}
-if(data200.key_file !== undefined){
-let data202 = data200.key_file;
-if(typeof data202 === "string"){
-if(func4(data202) < 1){
-const err469 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if((typeof data204 == "number") && (isFinite(data204))){
+if(data204 > 3145728 || isNaN(data204)){
+const err469 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
 if(vErrors === null){
 vErrors = [err469];
 }
@@ -6020,9 +6031,8 @@ vErrors.push(err469);
 }
 errors++;
 }
-}
-else {
-const err470 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data204 < 1024 || isNaN(data204)){
+const err470 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err470];
 }
@@ -6032,11 +6042,9 @@ vErrors.push(err470);
 errors++;
 }
 }
-if(data200.client_ca_file !== undefined){
-let data203 = data200.client_ca_file;
-if(typeof data203 === "string"){
-if(func4(data203) < 1){
-const err471 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data205 = data198.resync_ms;
+if(!(((typeof data205 == "number") && (!(data205 % 1) && !isNaN(data205))) && (isFinite(data205)))){
+const err471 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err471];
 }
@@ -6045,9 +6053,9 @@ vErrors.push(err471);
 }
 errors++;
 }
-}
-else {
-const err472 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data205 == "number") && (isFinite(data205))){
+if(data205 > 3600000 || isNaN(data205)){
+const err472 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err472];
 }
@@ -6056,10 +6064,8 @@ vErrors.push(err472);
 }
 errors++;
 }
-}
-}
-if(typeof data192.insecure_plaintext !== "boolean"){
-const err473 = {instancePath:instancePath+"/broker/control/insecure_plaintext",schemaPath:"#/properties/broker/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data205 < 50 || isNaN(data205)){
+const err473 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
 if(vErrors === null){
 vErrors = [err473];
 }
@@ -6068,17 +6074,10 @@ vErrors.push(err473);
 }
 errors++;
 }
-if(data192.nats !== undefined){
-let data205 = data192.nats;
-if(data205 && typeof data205 == "object" && !Array.isArray(data205)){
-if(data205.stream === undefined){
-data205.stream = "LATCHKEY_CONTROL";
 }
-if(data205.subject === undefined){
-data205.subject = "latchkey.control.revocations";
-}
-if(data205.servers === undefined){
-const err474 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
+let data206 = data198.tls;
+if((!(data206 && typeof data206 == "object" && !Array.isArray(data206))) && (data206 !== null)){
+const err474 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.control.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err474];
 }
@@ -6087,9 +6086,9 @@ vErrors.push(err474);
 }
 errors++;
 }
-for(const key53 in data205){
-if(!(((key53 === "servers") || (key53 === "stream")) || (key53 === "subject"))){
-const err475 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key53},message:"must NOT have additional properties"};
+if(data206 && typeof data206 == "object" && !Array.isArray(data206)){
+if(data206.cert_file === undefined){
+const err475 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err475];
 }
@@ -6098,12 +6097,8 @@ vErrors.push(err475);
 }
 errors++;
 }
-}
-if(data205.servers !== undefined){
-let data206 = data205.servers;
-if(Array.isArray(data206)){
-if(data206.length < 1){
-const err476 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if(data206.key_file === undefined){
+const err476 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err476];
 }
@@ -6112,12 +6107,9 @@ vErrors.push(err476);
 }
 errors++;
 }
-const len15 = data206.length;
-for(let i18=0; i18<len15; i18++){
-let data207 = data206[i18];
-if(typeof data207 === "string"){
-if(func4(data207) < 1){
-const err477 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key53 in data206){
+if(!(((key53 === "cert_file") || (key53 === "key_file")) || (key53 === "client_ca_file"))){
+const err477 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key53},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err477];
 }
@@ -6127,8 +6119,11 @@ vErrors.push(err477);
 errors++;
 }
 }
-else {
-const err478 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data206.cert_file !== undefined){
+let data207 = data206.cert_file;
+if(typeof data207 === "string"){
+if(func4(data207) < 1){
+const err478 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err478];
 }
@@ -6138,9 +6133,8 @@ vErrors.push(err478);
 errors++;
 }
 }
-}
 else {
-const err479 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err479 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err479];
 }
@@ -6150,10 +6144,11 @@ vErrors.push(err479);
 errors++;
 }
 }
-let data208 = data205.stream;
+if(data206.key_file !== undefined){
+let data208 = data206.key_file;
 if(typeof data208 === "string"){
-if(!pattern35.test(data208)){
-const err480 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
+if(func4(data208) < 1){
+const err480 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err480];
 }
@@ -6164,7 +6159,7 @@ errors++;
 }
 }
 else {
-const err481 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err481 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err481];
 }
@@ -6173,10 +6168,12 @@ vErrors.push(err481);
 }
 errors++;
 }
-let data209 = data205.subject;
+}
+if(data206.client_ca_file !== undefined){
+let data209 = data206.client_ca_file;
 if(typeof data209 === "string"){
-if(!pattern14.test(data209)){
-const err482 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+if(func4(data209) < 1){
+const err482 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err482];
 }
@@ -6187,7 +6184,7 @@ errors++;
 }
 }
 else {
-const err483 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err483 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err483];
 }
@@ -6197,8 +6194,9 @@ vErrors.push(err483);
 errors++;
 }
 }
-else {
-const err484 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
+}
+if(typeof data198.insecure_plaintext !== "boolean"){
+const err484 = {instancePath:instancePath+"/broker/control/insecure_plaintext",schemaPath:"#/properties/broker/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err484];
 }
@@ -6207,10 +6205,17 @@ vErrors.push(err484);
 }
 errors++;
 }
+if(data198.nats !== undefined){
+let data211 = data198.nats;
+if(data211 && typeof data211 == "object" && !Array.isArray(data211)){
+if(data211.stream === undefined){
+data211.stream = "LATCHKEY_CONTROL";
 }
+if(data211.subject === undefined){
+data211.subject = "latchkey.control.revocations";
 }
-else {
-const err485 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data211.servers === undefined){
+const err485 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
 if(vErrors === null){
 vErrors = [err485];
 }
@@ -6219,10 +6224,9 @@ vErrors.push(err485);
 }
 errors++;
 }
-}
-}
-else {
-const err486 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key54 in data211){
+if(!(((key54 === "servers") || (key54 === "stream")) || (key54 === "subject"))){
+const err486 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key54},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err486];
 }
@@ -6232,14 +6236,147 @@ vErrors.push(err486);
 errors++;
 }
 }
-}
-else {
-const err487 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data211.servers !== undefined){
+let data212 = data211.servers;
+if(Array.isArray(data212)){
+if(data212.length < 1){
+const err487 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err487];
 }
 else {
 vErrors.push(err487);
+}
+errors++;
+}
+const len15 = data212.length;
+for(let i18=0; i18<len15; i18++){
+let data213 = data212[i18];
+if(typeof data213 === "string"){
+if(func4(data213) < 1){
+const err488 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(vErrors === null){
+vErrors = [err488];
+}
+else {
+vErrors.push(err488);
+}
+errors++;
+}
+}
+else {
+const err489 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err489];
+}
+else {
+vErrors.push(err489);
+}
+errors++;
+}
+}
+}
+else {
+const err490 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(vErrors === null){
+vErrors = [err490];
+}
+else {
+vErrors.push(err490);
+}
+errors++;
+}
+}
+let data214 = data211.stream;
+if(typeof data214 === "string"){
+if(!pattern35.test(data214)){
+const err491 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
+if(vErrors === null){
+vErrors = [err491];
+}
+else {
+vErrors.push(err491);
+}
+errors++;
+}
+}
+else {
+const err492 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err492];
+}
+else {
+vErrors.push(err492);
+}
+errors++;
+}
+let data215 = data211.subject;
+if(typeof data215 === "string"){
+if(!pattern14.test(data215)){
+const err493 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+if(vErrors === null){
+vErrors = [err493];
+}
+else {
+vErrors.push(err493);
+}
+errors++;
+}
+}
+else {
+const err494 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err494];
+}
+else {
+vErrors.push(err494);
+}
+errors++;
+}
+}
+else {
+const err495 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err495];
+}
+else {
+vErrors.push(err495);
+}
+errors++;
+}
+}
+}
+else {
+const err496 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err496];
+}
+else {
+vErrors.push(err496);
+}
+errors++;
+}
+}
+}
+else {
+const err497 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err497];
+}
+else {
+vErrors.push(err497);
+}
+errors++;
+}
+}
+}
+else {
+const err498 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err498];
+}
+else {
+vErrors.push(err498);
 }
 errors++;
 }

@@ -247,5 +247,5 @@ t.test('the default state file sits beside the audit state', async (t) => {
   const base = { version: 1, sidecar: { agent_id: 'agent:a:b:c', control: { url: 'grpc://broker:15004', token_secret: 'CONTROL', tls: { ca_file: '/etc/latchkey/broker-ca.pem' } } } }
   t.equal(defaultStateFile(validateConfig({ ...base, audit: { jsonl: { path: '/var/lib/latchkey/audit.jsonl' } } })), '/var/lib/latchkey/audit.revocations.json')
   t.equal(defaultStateFile(validateConfig(base)), 'latchkey-audit.revocations.json')
-  t.equal(defaultStateFile(validateConfig({ ...base, audit: { collector: { address: 'c:1', sidecar_id: 's1', token_secret: 'T', spool_dir: '/var/lib/latchkey/spool/' } } })), '/var/lib/latchkey/spool.revocations.json')
+  t.equal(defaultStateFile(validateConfig({ ...base, audit: { collector: { address: 'c:1', insecure_plaintext: true, sidecar_id: 's1', token_secret: 'T', spool_dir: '/var/lib/latchkey/spool/' } } })), '/var/lib/latchkey/spool.revocations.json')
 })

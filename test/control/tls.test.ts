@@ -1,11 +1,10 @@
 // The control stream over TLS, all real: a broker whose control listener has a certificate, and
 // sidecars that check it. Whoever answers at a sidecar's control URL gets its control token and
 // sets its policy and revocations, so an impostor (another CA's certificate, or none) must get
-// nothing, and plaintext off loopback is a configuration error unless asked for by name.
+// nothing. (Plaintext off loopback is a configuration error: test/config-transport.test.ts.)
 import t from 'tap'
 import { join } from 'node:path'
 import { testPki } from '../helpers/tls.js'
-import { validateConfig, ConfigError } from '../../lib/config/load.js'
 import { startApi, startControlBroker, startControlSidecar, viaProxy, revoke, until } from './rig.js'
 
 const pki = testPki()
@@ -55,31 +54,4 @@ t.test('an impostor broker at the control address cannot swap a TLS sidecar\'s p
   t.match(s.sidecar.control!.lastError, /certificate|handshake|SSL|TLS|No connection established/i, `the reason names the TLS failure: ${s.sidecar.control!.lastError}`)
   t.equal(s.sidecar.policy.version, 'config', 'the policy is still the one in its own config')
   t.equal(impostor.broker.control!.connected, 0, 'the impostor never got a stream, so never got the control token')
-})
-
-t.test('plaintext control off loopback is a configuration error unless asked for by name', async (t) => {
-  const base = { version: 1, sidecar: { agent_id: 'agent:x:dev:1' } }
-  const problems = (cfg: Record<string, unknown>): string[] => {
-    try {
-      validateConfig(cfg)
-      return []
-    } catch (err) {
-      if (!(err instanceof ConfigError)) throw err
-      return err.problems.map((p) => `${p.path}: ${p.message}`)
-    }
-  }
-  const sidecar = (control: Record<string, unknown>) => ({ ...base, sidecar: { ...base.sidecar, control: { token_secret: 'CONTROL', ...control } } })
-  t.match(problems(sidecar({ url: 'grpc://latchkey-broker:15004' })), [/^sidecar\.control\.tls: required off loopback \(latchkey-broker\).*insecure_plaintext: true/])
-  t.match(problems(sidecar({ url: 'grpc://10.0.0.7:15004' })), [/^sidecar\.control\.tls: required off loopback/])
-  t.same(problems(sidecar({ url: 'grpc://latchkey-broker:15004', tls: { ca_file: '/etc/latchkey/ca.pem' } })), [])
-  t.same(problems(sidecar({ url: 'grpc://latchkey-broker:15004', insecure_plaintext: true })), [], 'accepted when asked for by name')
-  for (const loopback of ['127.0.0.1', 'localhost', '[::1]', '127.3.2.1']) t.same(problems(sidecar({ url: `grpc://${loopback}:15004` })), [], `${loopback} is loopback`)
-  t.match(problems(sidecar({ url: 'grpc://b:1', tls: { ca_file: '/ca.pem', cert_file: '/c.pem' } })), [/^sidecar\.control\.tls: cert_file and key_file go together/])
-  t.match(problems(sidecar({ url: 'grpc://b:1', tls: { ca_file: '/ca.pem' }, insecure_plaintext: true })), [/^sidecar\.control\.insecure_plaintext: contradicts tls/])
-
-  const broker = (control: Record<string, unknown>) => ({ version: 1, broker: { issuer: 'https://broker.example', registry_file: '/etc/latchkey/agents.yaml', attestors: { local: { keys_file: '/k.json' } }, control } })
-  t.same(problems(broker({})), [], 'the default control listener is on loopback')
-  t.match(problems(broker({ host: '0.0.0.0' })), [/^broker\.control\.tls: required off loopback \(0\.0\.0\.0\)/])
-  t.same(problems(broker({ host: '0.0.0.0', tls: { cert_file: '/c.pem', key_file: '/k.pem' } })), [])
-  t.same(problems(broker({ host: '0.0.0.0', insecure_plaintext: true })), [])
 })

@@ -12,7 +12,10 @@
 //             unacked record; the collector dedupes what it already had.
 // A full spool (spool_max_bytes) is the configured choice: "refuse" (default) keeps recording
 // but makes accepting() false so the pipeline refuses new egress; "drop" keeps serving and
-// counts the events it could not keep.
+// counts the events it could not keep. A spool that cannot be written (ENOSPC, EIO, EROFS,
+// EMFILE) is treated the same way: with "refuse", new egress stops until an append works again;
+// the events that could not be appended are kept in memory (up to MAX_UNWRITTEN) and appended
+// first, in order, by a retry every second.
 import { BinaryWriter } from '@bufbuild/protobuf/wire'
 import { credentials, makeGenericClientConstructor, Metadata, status, type ClientDuplexStream, type ServiceError } from '@grpc/grpc-js'
 import { Action, AuditIngestServiceService, IngestResponse, SequencedEvent, type AuditEvent as ProtoEvent } from '../../protos/gen/latchkey/v1/audit.js'
@@ -36,6 +39,8 @@ export interface CollectorSinkOptions {
   backoffMaxMs: number
   /** How long close() waits for the collector to ack what is spooled. */
   closeTimeoutMs: number
+  /** Tests only: shorter liveness checks than KEEPALIVE_MS / ACK_TIMEOUT_MS. */
+  liveness?: { keepaliveMs: number; keepaliveTimeoutMs: number; ackTimeoutMs: number }
   onLog?: (level: 'info' | 'warn' | 'error', fields: Record<string, unknown>, msg: string) => void
 }
 
@@ -52,6 +57,16 @@ const WINDOW = 4
 const LINGER_MS = 20
 const SYNC_MS = 1000
 const BATCH_BYTES = 1024 * 1024
+/** Events kept in memory while the spool cannot be written; past it they are counted dropped. */
+const MAX_UNWRITTEN = 20_000
+const RETRY_MS = 1000
+/**
+ * A collector that stops answering without closing (a half-open connection, a black-holed
+ * route) is noticed by HTTP/2 pings on the channel, and by a batch left unacked this long.
+ */
+const KEEPALIVE_MS = 10_000
+const KEEPALIVE_TIMEOUT_MS = 5_000
+const ACK_TIMEOUT_MS = 30_000
 
 /** The request message written by hand from spooled bytes: no decode/re-encode per event. */
 const RawIngestClient = makeGenericClientConstructor(
@@ -129,6 +144,13 @@ export class CollectorAuditSink implements AuditSink {
   private syncing = false
   private readonly ackWaiters: Array<{ seq: number; resolve: () => void }> = []
   private readonly sidecarField: Uint8Array
+  /** Set while appends fail: the last error. */
+  private failing: NodeJS.ErrnoException | null = null
+  private failRetry: NodeJS.Timeout | null = null
+  /** When the oldest batch in flight was sent, or the last ack came (0: nothing in flight). */
+  private waitingSince = 0
+  private readonly watchdog: NodeJS.Timeout
+  private readonly ackTimeoutMs: number
 
   constructor(private readonly o: CollectorSinkOptions) {
     if (o.maxBytes < 2 * o.segmentBytes) {
@@ -143,11 +165,17 @@ export class CollectorAuditSink implements AuditSink {
     const creds = o.tls ? credentials.createSsl(o.tls.ca, o.tls.key, o.tls.cert) : credentials.createInsecure()
     // The channel's own reconnect backoff (grpc-js: 1 s x1.6 up to 120 s) follows the configured
     // one: otherwise a collector back after a long outage is noticed only tens of seconds later.
+    const live = o.liveness ?? { keepaliveMs: KEEPALIVE_MS, keepaliveTimeoutMs: KEEPALIVE_TIMEOUT_MS, ackTimeoutMs: ACK_TIMEOUT_MS }
+    this.ackTimeoutMs = live.ackTimeoutMs
     this.client = new RawIngestClient(o.address, creds, {
       'grpc.max_send_message_length': 2 * BATCH_BYTES,
       'grpc.initial_reconnect_backoff_ms': Math.max(1, Math.min(o.backoffMinMs, o.backoffMaxMs)),
       'grpc.max_reconnect_backoff_ms': Math.max(1, o.backoffMaxMs),
+      'grpc.keepalive_time_ms': live.keepaliveMs,
+      'grpc.keepalive_timeout_ms': live.keepaliveTimeoutMs,
     })
+    this.watchdog = setInterval(() => this.checkAcks(), Math.max(10, Math.min(5_000, live.ackTimeoutMs / 4)))
+    this.watchdog.unref()
     this.sidecarField = new BinaryWriter().uint32(10).string(o.sidecarId).finish()
     this.updateFull()
     this.syncTimer = setInterval(() => {
@@ -172,6 +200,12 @@ export class CollectorAuditSink implements AuditSink {
 
   write(event: AuditEvent): void {
     if (this.closed) return
+    if (this.failing) {
+      // The retry appends it, in order; each call trying a write that fails would not.
+      if (this.pending.length < MAX_UNWRITTEN) this.pending.push(event)
+      else this.stats.dropped++
+      return
+    }
     this.pending.push(event)
     this.persist()
   }
@@ -180,12 +214,13 @@ export class CollectorAuditSink implements AuditSink {
     return this.full
   }
 
-  /** False while the spool is full and the configured choice is to refuse new egress. */
+  /** False while the spool is full, or cannot be written, and the configured choice is to refuse new egress. */
   accepting(): boolean {
-    return !(this.full && this.o.onFull === 'refuse')
+    return !((this.full || this.failing !== null) && this.o.onFull === 'refuse')
   }
 
   unavailableReason(): string {
+    if (this.failing) return `the audit spool cannot be written (${this.failing.code ?? 'error'}); no new egress until it can`
     return 'the audit spool is full; no new egress until the collector catches up'
   }
 
@@ -223,13 +258,36 @@ export class CollectorAuditSink implements AuditSink {
       this.spool.append(events.length, (seq) => SequencedEvent.encode({ sequence: seq, event: toProtoEvent(events[i++]!) }).finish())
       this.stats.spooled += events.length
       this.dirty = true
+      if (this.failing) {
+        this.log('info', { code: this.failing.code, events: events.length }, 'audit spool writable again: what waited is spooled')
+        this.failing = null
+      }
     } catch (err) {
-      this.stats.dropped += events.length
-      this.log('error', { code: (err as NodeJS.ErrnoException).code, events: events.length }, 'audit spool append failed')
+      this.appendFailed(err as NodeJS.ErrnoException, events)
     }
     events = []
     this.updateFull()
     this.schedulePump()
+  }
+
+  /**
+   * Keeps what could not be appended, first in line for the next try (within MAX_UNWRITTEN; past
+   * it, counted dropped), and tries again in RETRY_MS. accepting() is false meanwhile.
+   */
+  private appendFailed(err: NodeJS.ErrnoException, events: AuditEvent[]): void {
+    if (!this.failing) this.log('error', { code: err.code, dir: this.o.spoolDir, onFull: this.o.onFull }, this.o.onFull === 'refuse' ? 'audit spool cannot be written: refusing new egress until it can' : 'audit spool cannot be written: events kept in memory, then dropped (counted)')
+    this.failing = err
+    const room = Math.max(0, MAX_UNWRITTEN - this.pending.length)
+    const kept = events.length <= room ? events : events.slice(0, room)
+    this.stats.dropped += events.length - kept.length
+    this.pending = kept.concat(this.pending)
+    if (!this.failRetry && !this.closed) {
+      this.failRetry = setTimeout(() => {
+        this.failRetry = null
+        this.persist()
+      }, RETRY_MS)
+      this.failRetry.unref()
+    }
   }
 
   /** Sending is off the request path: at most one pump per linger window, batching what arrived. */
@@ -250,15 +308,29 @@ export class CollectorAuditSink implements AuditSink {
     this.call = call
     this.cursor = this.spool.start()
     this.inflight = 0
+    this.waitingSince = 0
     call.on('data', (ack: IngestResponse) => this.onAck(ack))
     call.on('error', (err: ServiceError) => this.onStreamEnd(call, err))
     call.on('end', () => this.onStreamEnd(call, null))
     this.pump()
   }
 
+  /** A batch unacked for ackTimeoutMs: the stream is given up and opened again (the batches are resent). */
+  private checkAcks(): void {
+    if (!this.call || this.inflight === 0 || this.waitingSince === 0) return
+    const waited = performance.now() - this.waitingSince
+    if (waited < this.ackTimeoutMs) return
+    this.log('warn', { waited_ms: Math.round(waited), inflight: this.inflight, unacked: this.spool.lastSeq - this.stats.acked }, 'audit stream to collector: no ack in time; reconnecting')
+    this.waitingSince = 0
+    const call = this.call
+    this.onStreamEnd(call, null)
+    call.cancel()
+  }
+
   private onAck(ack: IngestResponse): void {
     this.attempt = 0
     this.inflight = Math.max(0, this.inflight - 1)
+    this.waitingSince = this.inflight > 0 ? performance.now() : 0
     this.stats.batches++
     if (ack.ackedSequence > this.stats.acked) {
       this.stats.acked = ack.ackedSequence
@@ -297,7 +369,16 @@ export class CollectorAuditSink implements AuditSink {
     const call = this.call
     if (!call) return
     while (this.inflight < WINDOW) {
-      const { records, cursor } = this.spool.read(this.cursor, this.o.batchEvents, BATCH_BYTES, this.stats.acked)
+      let batch: ReturnType<Spool['read']>
+      try {
+        batch = this.spool.read(this.cursor, this.o.batchEvents, BATCH_BYTES, this.stats.acked)
+      } catch (err) {
+        // A segment that cannot be opened for reading (EMFILE): tried again on the next pump.
+        this.log('error', { code: (err as NodeJS.ErrnoException).code, dir: this.o.spoolDir }, 'audit spool cannot be read: sending paused')
+        this.schedulePump()
+        return
+      }
+      const { records, cursor } = batch
       this.cursor = cursor
       if (records.length === 0) return
       // The IngestRequest written by hand: field 1 (sidecar_id), then field 2 (events) once per
@@ -313,7 +394,7 @@ export class CollectorAuditSink implements AuditSink {
         msg.set(r.payload, at)
         at += r.payload.length
       }
-      this.inflight++
+      if (this.inflight++ === 0) this.waitingSince = performance.now()
       if (!call.write(msg)) {
         call.once('drain', () => this.pump())
         return
@@ -356,7 +437,9 @@ export class CollectorAuditSink implements AuditSink {
     this.closed = true
     if (this.retryTimer) clearTimeout(this.retryTimer)
     if (this.pumpTimer) clearTimeout(this.pumpTimer)
+    if (this.failRetry) clearTimeout(this.failRetry)
     clearInterval(this.syncTimer)
+    clearInterval(this.watchdog)
     this.call?.end()
     this.call?.cancel()
     this.call = null

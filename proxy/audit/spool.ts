@@ -8,7 +8,7 @@
 // crash mid-append) is cut off, and the records before it kept. A damaged record elsewhere is
 // skipped by scanning forward for the next record whose checksum holds and whose sequence
 // follows; what was skipped is counted, never silently.
-import { close, closeSync, fdatasync, fdatasyncSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeSync, writeFileSync, existsSync } from 'node:fs'
+import { close, closeSync, fdatasync, fdatasyncSync, fsyncSync, ftruncateSync, mkdirSync, renameSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeSync, writeFileSync, existsSync } from 'node:fs'
 import { join } from 'node:path'
 import { crc32 } from 'node:zlib'
 
@@ -48,6 +48,19 @@ export interface RecoveryReport {
 
 export class SpoolError extends Error {
   readonly code = 'LK_SPOOL'
+}
+
+/** The sidecar a spool belongs to, read from its spool.json; unreadable is said with the file's path. */
+function readOwner(meta: string): string | undefined {
+  let parsed: unknown
+  try {
+    parsed = JSON.parse(readFileSync(meta, 'utf8'))
+  } catch (err) {
+    throw new SpoolError(`${meta} cannot be read (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}): it names the sidecar this spool belongs to; if the spool holds nothing to keep, delete the directory`)
+  }
+  const owner = (parsed as { sidecar?: unknown } | null)?.sidecar
+  if (typeof owner !== 'string') throw new SpoolError(`${meta} names no sidecar ("sidecar" missing or not a string); if the spool holds nothing to keep, delete the directory`)
+  return owner
 }
 
 function recordCrc(seq: Buffer, payload: Uint8Array): number {
@@ -93,11 +106,20 @@ export class Spool {
     mkdirSync(dir, { recursive: true, mode: 0o700 })
     const meta = join(dir, 'spool.json')
     if (existsSync(meta)) {
-      const owner = (JSON.parse(readFileSync(meta, 'utf8')) as { sidecar?: string }).sidecar
+      const owner = readOwner(meta)
       if (owner !== sidecarId) {
         throw new SpoolError(`spool ${dir} belongs to sidecar "${owner}", not "${sidecarId}": sequences would collide; give each sidecar its own spool_dir`)
       }
-    } else writeFileSync(meta, JSON.stringify({ sidecar: sidecarId }) + '\n', { mode: 0o600 })
+    } else {
+      // Written whole or not at all: a crash mid-write must not leave an empty spool.json that
+      // stops the next start.
+      const tmp = `${meta}.tmp`
+      writeFileSync(tmp, JSON.stringify({ sidecar: sidecarId }) + '\n', { mode: 0o600 })
+      const fd = openSync(tmp, 'r')
+      fsyncSync(fd)
+      closeSync(fd)
+      renameSync(tmp, meta)
+    }
     this.recover()
   }
 
@@ -137,7 +159,9 @@ export class Spool {
       if (tail > 0) {
         if (newest) {
           // The append that was in progress when the process died: cut it so new appends follow valid data.
-          ftruncateSync(openSync(n.path, 'r+'), validEnd)
+          const fd = openSync(n.path, 'r+')
+          ftruncateSync(fd, validEnd)
+          closeSync(fd)
           this.recovery.tornBytes += tail
         } else this.recovery.corruptBytes += tail
       }
@@ -174,17 +198,28 @@ export class Spool {
     return { segment: this.segments[0]!.first, offset: 0 }
   }
 
+  /**
+   * Starts a new segment at the next sequence. The new file is opened first: when that fails
+   * (no inodes, no descriptors) the active segment, still open, stays the one appended to.
+   */
   private rotate(): void {
+    const first = this.nextSeq
+    const active = this.segments[this.segments.length - 1]
+    // An empty active segment already starts here; a second file of the same name would be it.
+    if (active && active.first === first && this.fd >= 0) return
+    const path = join(this.dir, `${String(first).padStart(16, '0')}.seg`)
+    const fd = openSync(path, 'a', 0o600)
     if (this.fd >= 0) {
       // Synced and closed off the event loop: a synchronous fdatasync here stalled calls.
       const old = this.fd
       fdatasync(old, () => close(old, () => {}))
     }
-    const first = this.nextSeq
-    const path = join(this.dir, `${String(first).padStart(16, '0')}.seg`)
-    this.fd = openSync(path, 'a', 0o600)
+    this.fd = fd
     this.segments.push({ first, path, last: 0, size: 0, holes: new Map() })
   }
+
+  /** Set when the active segment's end could not be put back after a failed append: the next append starts a new one. */
+  private mustRotate = false
 
   /**
    * Appends records with the next sequences, in one write. `encode(seq)` returns the payload for
@@ -194,23 +229,48 @@ export class Spool {
    */
   append(count: number, encode: (seq: number) => Uint8Array): number {
     const active = this.segments[this.segments.length - 1]!
-    if (active.size >= this.segmentBytes) this.rotate()
+    if (this.mustRotate || active.size >= this.segmentBytes) {
+      try {
+        this.rotate()
+        this.mustRotate = false
+      } catch (err) {
+        // No new segment (EMFILE, no inodes): the active one grows past segment_bytes rather
+        // than lose the record, unless its end is in doubt.
+        if (this.mustRotate) throw err
+      }
+    }
     const seg = this.segments[this.segments.length - 1]!
     let used = 0
+    let seq = this.nextSeq
     for (let i = 0; i < count; i++) {
-      const payload = encode(this.nextSeq)
+      const payload = encode(seq)
       const need = used + HEADER + payload.length
       if (need > this.buf.length) {
         const bigger = Buffer.allocUnsafe(Math.max(need, this.buf.length * 2))
         this.buf.copy(bigger, 0, 0, used)
         this.buf = bigger
       }
-      used = encodeRecord(this.nextSeq, payload, this.buf, used)
-      seg.last = this.nextSeq++
+      used = encodeRecord(seq++, payload, this.buf, used)
     }
+    // All or nothing: the sequences and the segment's size move only once every byte is in. A
+    // short write then an error (ENOSPC mid-record) would otherwise leave bytes reads do not
+    // expect, and records after them that no read would reach.
     let off = 0
-    while (off < used) off += writeSync(this.fd, this.buf, off, used - off)
+    try {
+      while (off < used) off += writeSync(this.fd, this.buf, off, used - off)
+    } catch (err) {
+      if (off > 0) {
+        try {
+          ftruncateSync(this.fd, seg.size)
+        } catch {
+          this.mustRotate = true
+        }
+      }
+      throw err
+    }
     seg.size += used
+    this.nextSeq = seq
+    seg.last = seq - 1
     return seg.last
   }
 

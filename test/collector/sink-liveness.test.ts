@@ -1,0 +1,102 @@
+// A collector that stops answering without closing: a half-open connection (a NAT or firewall
+// that forgot it, a black-holed route). No FIN or RST ever comes, so only the sink's own
+// liveness checks (HTTP/2 pings, an ack deadline) can tell; it must reconnect and deliver,
+// not wait for ever with its spool filling. Real collector; the black hole is a real TCP relay.
+import t from 'tap'
+import { mkdtempSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { createServer, connect, type Socket } from 'node:net'
+import { once } from 'node:events'
+import { CollectorAuditSink } from '../../proxy/audit/collector-sink.js'
+import type { AuditEvent } from '../../proxy/context.js'
+import { sidecarIdentity, startTestCollector } from './collector-helpers.js'
+
+/** Relays to `target`; freeze() stops every connection open now, in both directions, without closing it. */
+async function blackHoleRelay(target: number) {
+  const open: Socket[] = []
+  let connections = 0
+  const server = createServer((client) => {
+    connections++
+    const upstream = connect(target, '127.0.0.1')
+    open.push(client, upstream)
+    client.on('error', () => {})
+    upstream.on('error', () => {})
+    client.on('data', (d) => void (!frozen.has(client) && upstream.write(d)))
+    upstream.on('data', (d) => void (!frozen.has(client) && client.write(d)))
+  })
+  const frozen = new Set<Socket>()
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  return {
+    port: (server.address() as { port: number }).port,
+    connections: () => connections,
+    freeze: () => open.forEach((s) => frozen.add(s)),
+    close: () => {
+      open.forEach((s) => s.destroy())
+      server.close()
+    },
+  }
+}
+
+const event = (n: number): AuditEvent => ({
+  id: `00000000-0000-4000-8000-${String(n).padStart(12, '0')}`,
+  ts: new Date().toISOString(),
+  agent: 'agent:summarizer:test:a1',
+  task: null,
+  user: null,
+  via: 'absolute',
+  method: 'GET',
+  scheme: 'http',
+  host: '127.0.0.1',
+  port: 80,
+  path: `/call/${n}`,
+  address: '127.0.0.1',
+  status: 200,
+  bytes_in: 0,
+  bytes_out: 2,
+  duration_ms: 1,
+  upstream_ms: 1,
+  decision: 'allow',
+  rule: 'r',
+  reason: null,
+  credential: null,
+  error: null,
+  caller: null,
+})
+
+t.test('a collector connection gone silent (no FIN, no RST): the sink notices, reconnects and delivers', async (t) => {
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  t.teardown(() => c.close())
+  const relay = await blackHoleRelay(c.grpcPort)
+  t.teardown(relay.close)
+  const logs: string[] = []
+  const sink = new CollectorAuditSink({
+    address: `127.0.0.1:${relay.port}`,
+    sidecarId: id.id,
+    token: id.token,
+    tls: null,
+    spoolDir: join(mkdtempSync(join(tmpdir(), 'lk-live-')), 'spool'),
+    segmentBytes: 1 << 20,
+    maxBytes: 8 << 20,
+    onFull: 'refuse',
+    batchEvents: 1000,
+    backoffMinMs: 20,
+    backoffMaxMs: 200,
+    closeTimeoutMs: 500,
+    liveness: { keepaliveMs: 300, keepaliveTimeoutMs: 300, ackTimeoutMs: 1500 },
+    onLog: (_level, fields, msg) => logs.push(`${msg} ${JSON.stringify(fields)}`),
+  })
+  t.teardown(() => sink.close())
+  for (let i = 1; i <= 5; i++) sink.write(event(i))
+  t.ok(await sink.waitForAck(5, 5000), 'the first five acked through the relay')
+  t.equal(relay.connections(), 1)
+  relay.freeze()
+  for (let i = 6; i <= 10; i++) sink.write(event(i))
+  const started = Date.now()
+  t.ok(await sink.waitForAck(10, 8000), `the next five acked after the connection went silent (${Date.now() - started} ms)`)
+  t.ok(relay.connections() >= 2, 'over a new connection')
+  const stored = await c.store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0), limit: 100 })
+  t.same(stored.map((e) => e.event.call?.path).sort(), Array.from({ length: 10 }, (_, i) => `/call/${i + 1}`).sort(), 'all ten stored, once each')
+})

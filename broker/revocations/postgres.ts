@@ -1,5 +1,6 @@
 import pg from 'pg'
-import type { Revocation, RevocationKind, RevocationStore } from './store.js'
+import { assertShape, postgresShape } from '../../lib/store-schema.js'
+import { REVOCATIONS_SHAPE, type Revocation, type RevocationKind, type RevocationStore } from './store.js'
 
 export class PostgresRevocationStore implements RevocationStore {
   private readonly pool: pg.Pool
@@ -26,6 +27,9 @@ export class PostgresRevocationStore implements RevocationStore {
         created_at BIGINT NOT NULL,
         PRIMARY KEY (kind, value)
       )`)
+      // A table made by another version stays as it was: check it has what add() and list() need.
+      const shape = await postgresShape(client, this.schema, 'revocations')
+      if (shape) assertShape({ ...REVOCATIONS_SHAPE, name: `"${this.schema}".revocations` }, shape, 'broker.store.postgres')
     } finally {
       await client.query('SELECT pg_advisory_unlock(hashtext($1))', [`latchkey:${this.schema}:init`]).catch(() => {})
       client.release()

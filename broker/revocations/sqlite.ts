@@ -1,7 +1,8 @@
 import { mkdirSync } from 'node:fs'
 import { dirname } from 'node:path'
 import { openDatabase, pragma, statement, type Database } from '../../lib/sqlite.js'
-import type { Revocation, RevocationKind, RevocationStore } from './store.js'
+import { assertShape, sqliteShape } from '../../lib/store-schema.js'
+import { REVOCATIONS_SHAPE, type Revocation, type RevocationKind, type RevocationStore } from './store.js'
 
 export class SqliteRevocationStore implements RevocationStore {
   private readonly db: Database.Database
@@ -21,6 +22,9 @@ export class SqliteRevocationStore implements RevocationStore {
       created_at INTEGER NOT NULL,
       PRIMARY KEY (kind, value)
     )`)
+    // A table made by another version stays as it was: check it has what add() and list() need.
+    const shape = sqliteShape(this.db, 'revocations')
+    if (shape) assertShape({ ...REVOCATIONS_SHAPE, name: 'revocations' }, shape, 'broker.store.sqlite')
   }
 
   async add(r: Revocation): Promise<boolean> {

@@ -24,6 +24,7 @@ import type { ControlServer } from './control/server.js'
 import type { PolicyBundleHolder } from './control/policy.js'
 import type { RevocationBus } from './control/nats.js'
 import { listenError } from '../lib/listen-error.js'
+import { storeCause } from '../lib/store-schema.js'
 
 /** How often expired jti and task revocations are looked for (and once at start). */
 const PRUNE_EVERY_MS = 10 * 60_000
@@ -91,7 +92,7 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
   const prune = () =>
     revocations.prune(now()).then(
       (n) => void (n > 0 && log.info({ pruned: n }, 'expired jti/task revocations forgotten')),
-      () => log.warn('revocation pruning failed: store unavailable'),
+      (err: unknown) => log.warn({ reason: storeCause(err) }, 'revocation pruning failed: store unavailable'),
     )
   await prune()
   const pruning = setInterval(() => void prune(), PRUNE_EVERY_MS)
@@ -129,6 +130,7 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     adminToken: env[c.admin_token_env] || undefined,
     introspectionClients,
     ready: () => !closing,
+    log,
   })
   server.keepAliveTimeout = 5_000
   const ctl = c.control ? await startControl(c, env, log, revocations, events, now) : undefined
@@ -200,7 +202,7 @@ async function startControl(c: BrokerConfig, env: NodeJS.ProcessEnv, log: Logger
   const port = await server.start()
   const bus = cc.nats ? await (await import('./control/nats.js')).RevocationBus.open({ servers: cc.nats.servers, stream: cc.nats.stream, subject: cc.nats.subject }, revocations, log) : undefined
   const resync = setInterval(() => {
-    revocations.resync().catch(() => log.warn('revocation resync failed: store unavailable'))
+    revocations.resync().catch((err: unknown) => log.warn({ reason: storeCause(err) }, 'revocation resync failed: store unavailable'))
   }, cc.resync_ms)
   resync.unref()
   const host = cc.host.includes(':') ? `[${cc.host}]` : cc.host

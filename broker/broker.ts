@@ -24,7 +24,7 @@ import type { ControlServer } from './control/server.js'
 import type { PolicyBundleHolder } from './control/policy.js'
 import type { RevocationBus } from './control/nats.js'
 import { listenError } from '../lib/listen-error.js'
-import { storeCause } from '../lib/store-schema.js'
+import { postgresWhere, storeCause, storeStartupError } from '../lib/store-schema.js'
 
 /** How often expired jti and task revocations are looked for (and once at start). */
 const PRUNE_EVERY_MS = 10 * 60_000
@@ -62,6 +62,25 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
   const audience = c.audience ?? c.issuer
   const events = new BrokerEvents(log, c.events.jsonl?.path)
 
+  // The store first: one that cannot be opened, or holds a table of the wrong shape, stops the
+  // start in one line naming the setting and the cause, before anything else runs.
+  const setting = c.store.postgres ? 'broker.store.postgres' : 'broker.store.sqlite'
+  const where = c.store.postgres ? postgresWhere(c.store.postgres.url) : (c.store.sqlite?.path ?? '.latchkey/broker.db')
+  let revocations: RevocationList
+  try {
+    revocations = new RevocationList(openRevocationStore(c))
+  } catch (err) {
+    await events.close()
+    throw storeStartupError(setting, where, err)
+  }
+  try {
+    await revocations.load()
+  } catch (err) {
+    await revocations.store.close().catch(() => {})
+    await events.close()
+    throw storeStartupError(setting, where, err)
+  }
+
   const registry = new RegistryHolder(c.registry_file, (r) => {
     const ts = new Date(now()).toISOString()
     if (!r.ok) events.emit({ type: 'policy.rejected', ts, reason: r.error.message })
@@ -79,8 +98,6 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
   if (a.local) attestors.push(new LocalVerifier(keySetFrom({ jwks_file: a.local.keys_file }), audience, now))
   const users = c.users ? new UserTokenVerifier(keySetFrom(c.users), c.users.issuer, c.users.audience, c.users.scope_claim) : undefined
 
-  const revocations = new RevocationList(openRevocationStore(c))
-  await revocations.load()
   revocations.onChange((change) => {
     const ts = new Date(now()).toISOString()
     // A change made on another replica was recorded there; here it is only applied.

@@ -53,6 +53,14 @@ export function assertShape(want: TableShape, actual: ActualShape, setting: stri
   )
 }
 
+/**
+ * A table whose constraints refuse a row this version writes (a CHECK from an older version, a
+ * NOT NULL column it does not know): found by a probe write rolled back at start-up.
+ */
+export function refusedWrite(setting: string, table: string, what: string, cause: string): StoreSchemaError {
+  return new StoreSchemaError(`${setting}: table ${table} exists but refuses ${what}: ${cause}. Move it aside (or migrate it) and start again; nothing was changed.`)
+}
+
 interface Queryable {
   query<R extends object>(sql: string, values?: unknown[]): Promise<{ rows: R[] }>
 }

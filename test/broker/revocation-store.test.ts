@@ -121,6 +121,16 @@ const OLDER_SHAPES: [string, string, RegExp | null][] = [
     `CREATE TABLE {t} (kind TEXT NOT NULL, value TEXT NOT NULL UNIQUE)`,
     /: no columns reason, created_at; no primary key or unique constraint on \(kind, value\)\./,
   ],
+  [
+    'the key, but a CHECK that knows no jti',
+    `CREATE TABLE {t} (kind TEXT NOT NULL CHECK (kind IN ('agent', 'task')), value TEXT NOT NULL, reason TEXT NOT NULL, created_at BIGINT NOT NULL, PRIMARY KEY (kind, value))`,
+    /^broker\.store\.(sqlite|postgres): table (\S+) exists but refuses a 'jti' revocation: (new row for relation "revocations" violates check constraint "revocations_kind_check"|CHECK constraint failed: kind IN \('agent', 'task'\))\. Move it aside/,
+  ],
+  [
+    'a NOT NULL column this version does not fill',
+    `CREATE TABLE {t} (kind TEXT NOT NULL, value TEXT NOT NULL, reason TEXT NOT NULL, created_at BIGINT NOT NULL, actor TEXT NOT NULL, PRIMARY KEY (kind, value))`,
+    /^broker\.store\.(sqlite|postgres): table (\S+) exists but refuses a 'agent' revocation: (null value in column "actor" of relation "revocations" violates not-null constraint|NOT NULL constraint failed: revocations\.actor)\. Move it aside/,
+  ],
   // What the code needs, said another way, is accepted.
   ['a unique constraint on (value, kind) and an extra column', `CREATE TABLE {t} (value TEXT NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL, created_at BIGINT NOT NULL, note TEXT, UNIQUE (value, kind))`, null],
 ]
@@ -135,6 +145,7 @@ for (const make of [sqlite, postgres]) {
       t.teardown(() => store.close())
       if (!refused) {
         await store.init()
+        t.same(await store.list(), [], 'the start-up check left nothing behind')
         t.equal(await store.add({ kind: 'jti', value: 'j', reason: 'r', created_at: 1 }), true)
         t.equal(await store.add({ kind: 'jti', value: 'j', reason: 'again', created_at: 2 }), false, 'ON CONFLICT finds the key')
         return

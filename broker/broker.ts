@@ -25,6 +25,7 @@ import type { PolicyBundleHolder } from './control/policy.js'
 import type { RevocationBus } from './control/nats.js'
 import { listenError } from '../lib/listen-error.js'
 import { readSettingFile } from '../lib/setting-file.js'
+import { postgresWhere, storeCause, storeStartupError } from '../lib/store-schema.js'
 
 /** How often expired jti and task revocations are looked for (and once at start). */
 const PRUNE_EVERY_MS = 10 * 60_000
@@ -62,6 +63,25 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
   const audience = c.audience ?? c.issuer
   const events = new BrokerEvents(log, c.events.jsonl?.path)
 
+  // The store first: one that cannot be opened, or holds a table of the wrong shape, stops the
+  // start in one line naming the setting and the cause, before anything else runs.
+  const setting = c.store.postgres ? 'broker.store.postgres' : 'broker.store.sqlite'
+  const where = c.store.postgres ? postgresWhere(c.store.postgres.url) : (c.store.sqlite?.path ?? '.latchkey/broker.db')
+  let revocations: RevocationList
+  try {
+    revocations = new RevocationList(openRevocationStore(c))
+  } catch (err) {
+    await events.close()
+    throw storeStartupError(setting, where, err)
+  }
+  try {
+    await revocations.load()
+  } catch (err) {
+    await revocations.store.close().catch(() => {})
+    await events.close()
+    throw storeStartupError(setting, where, err)
+  }
+
   const registry = new RegistryHolder(c.registry_file, (r) => {
     const ts = new Date(now()).toISOString()
     if (!r.ok) events.emit({ type: 'policy.rejected', ts, reason: r.error.message })
@@ -79,8 +99,6 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
   if (a.local) attestors.push(new LocalVerifier(keySetFrom({ jwks_file: a.local.keys_file }), audience, now))
   const users = c.users ? new UserTokenVerifier(keySetFrom(c.users), c.users.issuer, c.users.audience, c.users.scope_claim) : undefined
 
-  const revocations = new RevocationList(openRevocationStore(c))
-  await revocations.load()
   revocations.onChange((change) => {
     const ts = new Date(now()).toISOString()
     // A change made on another replica was recorded there; here it is only applied.
@@ -92,7 +110,7 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
   const prune = () =>
     revocations.prune(now()).then(
       (n) => void (n > 0 && log.info({ pruned: n }, 'expired jti/task revocations forgotten')),
-      () => log.warn('revocation pruning failed: store unavailable'),
+      (err: unknown) => log.warn({ reason: storeCause(err) }, 'revocation pruning failed: store unavailable'),
     )
   await prune()
   const pruning = setInterval(() => void prune(), PRUNE_EVERY_MS)
@@ -131,6 +149,7 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     introspectionClients,
     ready: () => !closing,
     tls: c.listen.tls ? { cert: readSettingFile('broker.listen.tls.cert_file', c.listen.tls.cert_file), key: readSettingFile('broker.listen.tls.key_file', c.listen.tls.key_file) } : null,
+    log,
   })
   server.keepAliveTimeout = 5_000
   const ctl = c.control ? await startControl(c, env, log, revocations, events, now) : undefined
@@ -210,7 +229,7 @@ async function startControl(c: BrokerConfig, env: NodeJS.ProcessEnv, log: Logger
   const port = await server.start()
   const bus = cc.nats ? await (await import('./control/nats.js')).RevocationBus.open({ servers: cc.nats.servers, stream: cc.nats.stream, subject: cc.nats.subject }, revocations, log) : undefined
   const resync = setInterval(() => {
-    revocations.resync().catch(() => log.warn('revocation resync failed: store unavailable'))
+    revocations.resync().catch((err: unknown) => log.warn({ reason: storeCause(err) }, 'revocation resync failed: store unavailable'))
   }, cc.resync_ms)
   resync.unref()
   const host = cc.host.includes(':') ? `[${cc.host}]` : cc.host

@@ -17,6 +17,9 @@ import { PostgresAuditStore } from './store/postgres.js'
 import { JetStreamFanOut } from './fanout.js'
 import { listenError } from '../lib/listen-error.js'
 
+/** How long start-up waits for the store to answer the schema check before going on without it. */
+const SCHEMA_CHECK_WAIT_MS = 5_000
+
 export function openStore(c: StoreConfig): AuditStore {
   return c.kind === 'sqlite' ? new SqliteAuditStore(c.path) : new PostgresAuditStore({ url: c.url, schema: c.schema, poolSize: c.pool_size, writerRole: c.writer_role, migrate: c.migrate })
 }
@@ -51,6 +54,10 @@ export async function startCollector(config: CollectorConfig, opts: CollectorOpt
   const store = opts.store ?? openStore(c.store)
   let fanOut: FanOut | null
   try {
+    // A table of the wrong shape stops the start; a database not reachable yet does not (it is
+    // retried, and /readyz says so), nor may one that does not answer hold the start for long.
+    let waited: NodeJS.Timeout | undefined
+    await Promise.race([store.checkSchema(), new Promise<void>((resolve) => (waited = setTimeout(resolve, SCHEMA_CHECK_WAIT_MS)))]).finally(() => clearTimeout(waited))
     fanOut = opts.fanOut ?? (c.nats ? await JetStreamFanOut.open(c.nats, log) : null)
     await fanOut?.catchUp?.(store)
   } catch (err) {

@@ -21,6 +21,8 @@ import { REVOCATION_KINDS, type RevocationKind } from '../revocations/store.js'
 import { GRANT_TYPE, TASK_ID } from '../exchange.js'
 import { MAX_AGENT_ID } from '../attest/attestor.js'
 import { TASK_HANDLE } from '../../lib/task-handle.js'
+import type { Logger } from '../../lib/log.js'
+import { storeCause } from '../../lib/store-schema.js'
 
 /** A task ID or jti to revoke: at most this long. */
 const MAX_REVOCATION_VALUE = 256
@@ -39,6 +41,8 @@ export interface BrokerHttpDeps {
   ready: () => boolean
   /** broker.listen.tls, files read: serve HTTPS. */
   tls: { cert: Buffer; key: Buffer } | null
+  /** Where a request that fails unexpectedly is said, with its cause (never the request's credentials). */
+  log: Logger
 }
 
 const NO_STORE = { 'cache-control': 'no-store', pragma: 'no-cache' }
@@ -177,9 +181,9 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
         return
       }
       void Promise.resolve(fn()).catch((err: unknown) => {
+        d.log.error({ method, path, reason: storeCause(err) }, 'request failed')
         if (!res.headersSent) send(res, 500, JSON.stringify({ error: 'server_error', error_description: 'internal error' }))
         else res.destroy()
-        void err
       })
     }
     switch (path) {
@@ -203,7 +207,10 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
         })
     }
     if (path === '/v1/revocations' || path.startsWith('/v1/revocations/')) {
-      void admin(req, res, path).catch(() => {
+      void admin(req, res, path).catch((err: unknown) => {
+        // The cause goes to the log, the client gets a generic 500. Not the path: a DELETE's holds
+        // whatever an operator pasted, which may be a credential.
+        d.log.error({ method, reason: storeCause(err) }, 'admin request failed: revocation store unavailable')
         if (!res.headersSent) send(res, 500, JSON.stringify({ error: 'server_error', error_description: 'revocation store unavailable' }))
       })
       return

@@ -1,5 +1,6 @@
 import pg from 'pg'
-import type { Revocation, RevocationKind, RevocationStore } from './store.js'
+import { assertShape, postgresShape, refusedWrite } from '../../lib/store-schema.js'
+import { REVOCATION_KINDS, REVOCATIONS_SHAPE, type Revocation, type RevocationKind, type RevocationStore } from './store.js'
 
 export class PostgresRevocationStore implements RevocationStore {
   private readonly pool: pg.Pool
@@ -26,6 +27,25 @@ export class PostgresRevocationStore implements RevocationStore {
         created_at BIGINT NOT NULL,
         PRIMARY KEY (kind, value)
       )`)
+      // A table made by another version stays as it was: check it has what add() and list() need.
+      const shape = await postgresShape(client, this.schema, 'revocations')
+      if (shape) assertShape({ ...REVOCATIONS_SHAPE, name: `"${this.schema}".revocations` }, shape, 'broker.store.postgres')
+      // Its constraints must take every kind this version revokes (an older CHECK knew no 'jti'):
+      // one row of each, in a transaction rolled back.
+      await client.query('BEGIN')
+      try {
+        for (const kind of REVOCATION_KINDS) {
+          try {
+            await client.query(`INSERT INTO ${this.table} (kind, value, reason, created_at) VALUES ($1, 'latchkey:schema-check', 'schema check', 0) ON CONFLICT (kind, value) DO NOTHING`, [kind])
+          } catch (err) {
+            // Class 23: integrity constraint violation (check, not null, foreign key).
+            if (String((err as { code?: unknown }).code).startsWith('23')) throw refusedWrite('broker.store.postgres', `"${this.schema}".revocations`, `a '${kind}' revocation`, (err as Error).message)
+            throw err
+          }
+        }
+      } finally {
+        await client.query('ROLLBACK')
+      }
     } finally {
       await client.query('SELECT pg_advisory_unlock(hashtext($1))', [`latchkey:${this.schema}:init`]).catch(() => {})
       client.release()

@@ -1,7 +1,8 @@
 import { mkdirSync } from 'node:fs'
 import { dirname } from 'node:path'
 import { openDatabase, pragma, statement, type Database } from '../../lib/sqlite.js'
-import type { Revocation, RevocationKind, RevocationStore } from './store.js'
+import { assertShape, refusedWrite, sqliteShape } from '../../lib/store-schema.js'
+import { REVOCATION_KINDS, REVOCATIONS_SHAPE, type Revocation, type RevocationKind, type RevocationStore } from './store.js'
 
 export class SqliteRevocationStore implements RevocationStore {
   private readonly db: Database.Database
@@ -21,6 +22,25 @@ export class SqliteRevocationStore implements RevocationStore {
       created_at INTEGER NOT NULL,
       PRIMARY KEY (kind, value)
     )`)
+    // A table made by another version stays as it was: check it has what add() and list() need.
+    const shape = sqliteShape(this.db, 'revocations')
+    if (shape) assertShape({ ...REVOCATIONS_SHAPE, name: 'revocations' }, shape, 'broker.store.sqlite')
+    // Its constraints must take every kind this version revokes (an older CHECK knew no 'jti'):
+    // one row of each, rolled back.
+    const probe = statement(this.db, `INSERT INTO revocations (kind, value, reason, created_at) VALUES (?, 'latchkey:schema-check', 'schema check', 0) ON CONFLICT (kind, value) DO NOTHING`)
+    this.db.exec('SAVEPOINT latchkey_schema_check')
+    try {
+      for (const kind of REVOCATION_KINDS) {
+        try {
+          probe.run(kind)
+        } catch (err) {
+          if (String((err as { code?: unknown }).code).startsWith('SQLITE_CONSTRAINT')) throw refusedWrite('broker.store.sqlite', 'revocations', `a '${kind}' revocation`, (err as Error).message)
+          throw err
+        }
+      }
+    } finally {
+      this.db.exec('ROLLBACK TO latchkey_schema_check; RELEASE latchkey_schema_check')
+    }
   }
 
   async add(r: Revocation): Promise<boolean> {

@@ -13,8 +13,14 @@ export interface Revocation {
   created_at: number
 }
 
+/** What add(), remove() and list() need of the revocations table (ON CONFLICT (kind, value) needs the key). */
+export const REVOCATIONS_SHAPE = { columns: ['kind', 'value', 'reason', 'created_at'], uniqueKeys: [['kind', 'value']] } as const
+
 export interface RevocationStore {
-  /** Creates tables when missing; safe to call on every start and from several replicas. */
+  /**
+   * Creates tables when missing; safe to call on every start and from several replicas. Rejects
+   * with a StoreSchemaError (lib/store-schema.ts) naming what an existing table lacks.
+   */
   init(): Promise<void>
   /** Idempotent: revoking what is already revoked keeps the first record and returns false. */
   add(r: Revocation): Promise<boolean>

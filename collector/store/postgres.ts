@@ -8,7 +8,8 @@ import { Action, type SequencedEvent } from '../../protos/gen/latchkey/v1/audit.
 import { GENESIS, chainRows, newEvents, rowToStored, toStored } from './chain.js'
 import { verifyRows, type DbRow } from './sqlite.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
-import { StoreError } from './types.js'
+import { AUDIT_CURSORS_SHAPE, AUDIT_EVENTS_SHAPE, StoreError } from './types.js'
+import { assertShape, postgresShape, StoreSchemaError } from '../../lib/store-schema.js'
 
 export interface PostgresStoreOptions {
   /** libpq-style connection string, e.g. postgres://user@127.0.0.1:5432/latchkey */
@@ -61,8 +62,9 @@ export class PostgresAuditStore implements AuditStore {
 
   private async init(s: string): Promise<void> {
     if (!this.migrate) {
-      // Only check the table is there and readable; the schema is someone else's to create.
+      // Only check the table is there, readable and of the right shape; the schema is someone else's to create.
       await this.pool.query(`SELECT 1 FROM ${this.t} LIMIT 1`)
+      await this.checkShapes(this.pool)
       return
     }
     const c = await this.pool.connect()
@@ -90,8 +92,10 @@ export class PostgresAuditStore implements AuditStore {
           PRIMARY KEY (sidecar, seq),
           UNIQUE (sidecar, pos)
         )`)
-      await c.query(`CREATE INDEX IF NOT EXISTS audit_events_agent_ts ON ${this.t} (agent, ts)`)
       await c.query(`CREATE TABLE IF NOT EXISTS ${this.cursorsTable} (name text NOT NULL, sidecar text NOT NULL, pos bigint NOT NULL, PRIMARY KEY (name, sidecar))`)
+      // Tables an older version made stay as they were: refuse them before the index below fails on a missing column.
+      await this.checkShapes(c)
+      await c.query(`CREATE INDEX IF NOT EXISTS audit_events_agent_ts ON ${this.t} (agent, ts)`)
       await c.query(`
         CREATE OR REPLACE FUNCTION ${s}.audit_events_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
@@ -113,6 +117,22 @@ export class PostgresAuditStore implements AuditStore {
       throw err
     } finally {
       c.release()
+    }
+  }
+
+  /** Throws StoreSchemaError when an existing events or cursors table lacks what the queries need. */
+  private async checkShapes(db: pg.Pool | pg.PoolClient): Promise<void> {
+    for (const [table, shape] of [['audit_events', AUDIT_EVENTS_SHAPE], ['audit_cursors', AUDIT_CURSORS_SHAPE]] as const) {
+      const actual = await postgresShape(db, this.schema, table)
+      if (actual) assertShape({ ...shape, name: `"${this.schema}".${table}` }, actual, 'collector.store')
+    }
+  }
+
+  async checkSchema(): Promise<void> {
+    try {
+      await this.ready
+    } catch (err) {
+      if (err instanceof StoreSchemaError) throw err
     }
   }
 

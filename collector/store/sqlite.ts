@@ -6,7 +6,8 @@ import { openDatabase, pragma, statement, type Database } from '../../lib/sqlite
 import type { SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
 import { ChainVerifier, GENESIS, chainRows, isDenied, newEvents, rowToStored, toStored } from './chain.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
-import { StoreError } from './types.js'
+import { AUDIT_CURSORS_SHAPE, AUDIT_EVENTS_SHAPE, StoreError } from './types.js'
+import { assertShape, sqliteShape } from '../../lib/store-schema.js'
 import { Action } from '../../protos/gen/latchkey/v1/audit.js'
 
 const SCHEMA = `
@@ -29,13 +30,17 @@ CREATE TABLE IF NOT EXISTS audit_events (
   PRIMARY KEY (sidecar, seq),
   UNIQUE (sidecar, pos)
 );
-CREATE INDEX IF NOT EXISTS audit_events_agent_ts ON audit_events (agent, ts);
 CREATE TABLE IF NOT EXISTS audit_cursors (
   name    TEXT    NOT NULL,
   sidecar TEXT    NOT NULL,
   pos     INTEGER NOT NULL,
   PRIMARY KEY (name, sidecar)
 );
+`
+
+/** After the tables' shape was checked (an index or trigger on a missing column would fail with the bare SQL error). */
+const GUARDS = `
+CREATE INDEX IF NOT EXISTS audit_events_agent_ts ON audit_events (agent, ts);
 CREATE TRIGGER IF NOT EXISTS audit_events_no_update BEFORE UPDATE ON audit_events
 BEGIN SELECT RAISE(ABORT, 'audit_events is append-only: UPDATE refused'); END;
 CREATE TRIGGER IF NOT EXISTS audit_events_no_delete BEFORE DELETE ON audit_events
@@ -65,6 +70,16 @@ export class SqliteAuditStore implements AuditStore {
     pragma(this.db, 'synchronous = FULL')
     pragma(this.db, 'busy_timeout = 5000')
     this.db.exec(SCHEMA)
+    try {
+      for (const [table, shape] of [['audit_events', AUDIT_EVENTS_SHAPE], ['audit_cursors', AUDIT_CURSORS_SHAPE]] as const) {
+        const actual = sqliteShape(this.db, table)
+        if (actual) assertShape({ ...shape, name: `${table} in ${path}` }, actual, 'collector.store')
+      }
+    } catch (err) {
+      this.db.close()
+      throw err
+    }
+    this.db.exec(GUARDS)
     const head = statement<[string], { pos: number; hash: Buffer }>(this.db, 'SELECT pos, hash FROM audit_events WHERE sidecar = ? ORDER BY pos DESC LIMIT 1')
     const existing = statement<[string, number, number], { seq: number; id: string }>(this.db, 'SELECT seq, id FROM audit_events WHERE sidecar = ? AND seq BETWEEN ? AND ?')
     const insert = statement(
@@ -95,6 +110,11 @@ export class SqliteAuditStore implements AuditStore {
         events: rows.map((r) => rowToStored(sidecar, r)),
       }
     })
+  }
+
+  /** The constructor checked the tables (and threw); nothing is left to wait for. */
+  checkSchema(): Promise<void> {
+    return Promise.resolve()
   }
 
   append(sidecar: string, events: SequencedEvent[]): Promise<AppendResult> {

@@ -2,6 +2,23 @@
 // (several collector replicas). Both are append-only by construction and pass one conformance
 // suite (test/collector/store-conformance.ts).
 import type { AuditEvent, SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
+import type { TableShape } from '../../lib/store-schema.js'
+
+/**
+ * What the stores' queries need of a table that already exists (an older version's is kept as it
+ * is by CREATE TABLE IF NOT EXISTS): checked at start-up (lib/store-schema.ts), so a collector
+ * never reports ready on a table it cannot append to.
+ */
+export const AUDIT_EVENTS_SHAPE: Omit<TableShape, 'name'> = {
+  columns: ['sidecar', 'seq', 'pos', 'id', 'ts', 'agent', 'agent_type', 'host', 'port', 'action', 'audience', 'received', 'payload', 'prev', 'hash'],
+  // One event per sequence (dedupe) and one per chain position (a linear chain), per sidecar.
+  uniqueKeys: [
+    ['sidecar', 'seq'],
+    ['sidecar', 'pos'],
+  ],
+}
+/** saveCursors() upserts with ON CONFLICT (name, sidecar). */
+export const AUDIT_CURSORS_SHAPE: Omit<TableShape, 'name'> = { columns: ['name', 'sidecar', 'pos'], uniqueKeys: [['name', 'sidecar']] }
 
 export interface AppendResult {
   /** Events newly stored. */
@@ -92,6 +109,12 @@ export interface AuditStore {
   cursors(name: string): Promise<Map<string, number>>
   /** Moves cursors forward (never back). */
   saveCursors(name: string, positions: Map<string, number>): Promise<void>
+  /**
+   * Rejects (StoreSchemaError, code LK_STARTUP) when the store was reached and an existing table
+   * lacks what the code needs: the collector must not start on it. Resolves otherwise, also when
+   * the store cannot be reached now (that is retried, and /readyz says so).
+   */
+  checkSchema(): Promise<void>
   /** Resolves once the store answers a query; rejects (LK_STORE_UNAVAILABLE) when it cannot. For /readyz. */
   ping(): Promise<void>
   close(): Promise<void>

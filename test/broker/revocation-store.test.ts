@@ -6,6 +6,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes } from 'node:crypto'
 import pg from 'pg'
+import Database from 'better-sqlite3'
 import type { RevocationStore } from '../../broker/revocations/store.js'
 import { SqliteRevocationStore } from '../../broker/revocations/sqlite.js'
 import { PostgresRevocationStore } from '../../broker/revocations/postgres.js'
@@ -17,12 +18,26 @@ interface Impl {
   name: string
   /** Opens the store at the same place each time, so reopening proves persistence. */
   open(): RevocationStore
+  /** Runs DDL before the store is opened, `{t}` standing for the revocations table (a table another version left). */
+  precreate(sql: string): Promise<void>
+  /** How the table is named in the store's messages. */
+  table: string
   cleanup(): Promise<void>
 }
 
 function sqlite(): Impl {
   const file = join(mkdtempSync(join(tmpdir(), 'lk-rev-')), 'broker.db')
-  return { name: 'sqlite', open: () => new SqliteRevocationStore(file), cleanup: async () => {} }
+  return {
+    name: 'sqlite',
+    open: () => new SqliteRevocationStore(file),
+    precreate: async (sql) => {
+      const db = new Database(file)
+      db.exec(sql.replaceAll('{t}', 'revocations'))
+      db.close()
+    },
+    table: 'revocations',
+    cleanup: async () => {},
+  }
 }
 
 function postgres(): Impl {
@@ -30,6 +45,14 @@ function postgres(): Impl {
   return {
     name: 'postgres',
     open: () => new PostgresRevocationStore(PG_URL, schema),
+    precreate: async (sql) => {
+      const c = new pg.Client(PG_URL)
+      await c.connect()
+      await c.query(`CREATE SCHEMA IF NOT EXISTS "${schema}"`)
+      await c.query(sql.replaceAll('{t}', `"${schema}".revocations`))
+      await c.end()
+    },
+    table: `"${schema}".revocations`,
     cleanup: async () => {
       const c = new pg.Client(PG_URL)
       await c.connect()
@@ -78,4 +101,64 @@ for (const make of [sqlite, postgres]) {
     t.same(changes, ['revoke', 'unrevoke'], 'listeners hear each real change once (the seam for the control stream)')
     await again.close()
   })
+}
+
+// A table another version made is kept as it is by CREATE TABLE IF NOT EXISTS: the store must say
+// at init what it lacks, not start and then fail every revoke.
+const OLDER_SHAPES: [string, string, RegExp | null][] = [
+  [
+    'no primary key (the shape before jti revocations)',
+    `CREATE TABLE {t} (kind TEXT NOT NULL CHECK (kind IN ('agent', 'task')), value TEXT NOT NULL, reason TEXT NOT NULL, created_at BIGINT NOT NULL)`,
+    /^broker\.store\.(sqlite|postgres): table (\S+) exists but is not the shape this version needs: no primary key or unique constraint on \(kind, value\)\. Move it aside/,
+  ],
+  [
+    'no created_at column',
+    `CREATE TABLE {t} (kind TEXT NOT NULL, value TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (kind, value))`,
+    /^broker\.store\.(sqlite|postgres): table (\S+) exists but is not the shape this version needs: no column created_at\. Move it aside/,
+  ],
+  [
+    'neither reason nor created_at, and a key on value alone',
+    `CREATE TABLE {t} (kind TEXT NOT NULL, value TEXT NOT NULL UNIQUE)`,
+    /: no columns reason, created_at; no primary key or unique constraint on \(kind, value\)\./,
+  ],
+  [
+    'the key, but a CHECK that knows no jti',
+    `CREATE TABLE {t} (kind TEXT NOT NULL CHECK (kind IN ('agent', 'task')), value TEXT NOT NULL, reason TEXT NOT NULL, created_at BIGINT NOT NULL, PRIMARY KEY (kind, value))`,
+    /^broker\.store\.(sqlite|postgres): table (\S+) exists but refuses a 'jti' revocation: (new row for relation "revocations" violates check constraint "revocations_kind_check"|CHECK constraint failed: kind IN \('agent', 'task'\))\. Move it aside/,
+  ],
+  [
+    'a NOT NULL column this version does not fill',
+    `CREATE TABLE {t} (kind TEXT NOT NULL, value TEXT NOT NULL, reason TEXT NOT NULL, created_at BIGINT NOT NULL, actor TEXT NOT NULL, PRIMARY KEY (kind, value))`,
+    /^broker\.store\.(sqlite|postgres): table (\S+) exists but refuses a 'agent' revocation: (null value in column "actor" of relation "revocations" violates not-null constraint|NOT NULL constraint failed: revocations\.actor)\. Move it aside/,
+  ],
+  // What the code needs, said another way, is accepted.
+  ['a unique constraint on (value, kind) and an extra column', `CREATE TABLE {t} (value TEXT NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL, created_at BIGINT NOT NULL, note TEXT, UNIQUE (value, kind))`, null],
+]
+
+for (const make of [sqlite, postgres]) {
+  for (const [what, ddl, refused] of OLDER_SHAPES) {
+    const impl = make()
+    t.test(`${impl.name} revocation store, existing table with ${what}: ${refused ? 'refused at init, naming the table and what it lacks' : 'accepted'}`, async (t) => {
+      t.teardown(impl.cleanup)
+      await impl.precreate(ddl)
+      const store = impl.open()
+      t.teardown(() => store.close())
+      if (!refused) {
+        await store.init()
+        t.same(await store.list(), [], 'the start-up check left nothing behind')
+        t.equal(await store.add({ kind: 'jti', value: 'j', reason: 'r', created_at: 1 }), true)
+        t.equal(await store.add({ kind: 'jti', value: 'j', reason: 'again', created_at: 2 }), false, 'ON CONFLICT finds the key')
+        return
+      }
+      const err = await store.init().then(
+        () => null,
+        (e: unknown) => e as Error & { code?: string },
+      )
+      t.ok(err, 'init rejects')
+      t.match(err?.message, refused)
+      t.ok(err?.message.includes(`table ${impl.table} exists`), `names ${impl.table}`)
+      t.equal(err?.code, 'LK_STARTUP', 'a message for people (printed without a stack)')
+      t.notOk(err?.message.includes('\n'), 'one line')
+    })
+  }
 }

@@ -1,5 +1,11 @@
 // The collector's probes: /healthz says the process answers, /readyz that its store does too.
 import t from 'tap'
+import { spawnSync } from 'node:child_process'
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import pgDriver from 'pg'
+import { stringify } from 'yaml'
 import { request } from 'undici'
 import { PostgresAuditStore } from '../../collector/store/postgres.js'
 import { PG_URL, uniqueSchema } from './events.js'
@@ -36,4 +42,36 @@ t.test('/readyz is 200 when the store answers: PostgreSQL and SQLite', async (t)
     t.teardown(() => c.close())
     t.same(await get(`${c.httpUrl}/readyz`), { status: 200, body: { ready: true, store: c.store.kind } }, c.store.kind)
   }
+})
+
+t.test('an audit table it could not append to: the collector does not start (it would be ready and refuse every batch)', async (t) => {
+  const schema = uniqueSchema()
+  const admin = new pgDriver.Client({ connectionString: PG_URL })
+  await admin.connect()
+  t.teardown(async () => {
+    await admin.query(`DROP SCHEMA IF EXISTS ${schema} CASCADE`)
+    await admin.end()
+  })
+  // An older version's table: no audience column, and neither key.
+  await admin.query(`CREATE SCHEMA ${schema}`)
+  await admin.query(`CREATE TABLE ${schema}.audit_events (sidecar text NOT NULL, seq bigint NOT NULL, pos bigint NOT NULL, id text NOT NULL, ts bigint NOT NULL,
+    agent text NOT NULL, agent_type text NOT NULL, host text NOT NULL, port integer NOT NULL, action smallint NOT NULL, received bigint NOT NULL,
+    payload bytea NOT NULL, prev bytea NOT NULL, hash bytea NOT NULL)`)
+  const message = `collector.store: table "${schema}".audit_events exists but is not the shape this version needs: no column audience; no primary key or unique constraint on (sidecar, seq); no primary key or unique constraint on (sidecar, pos). Move it aside (or migrate it) and start again; nothing was changed.`
+  for (const migrate of [true, false]) {
+    const started = await startTestCollector([sidecarIdentity()], { raw: { store: { kind: 'postgres', url: PG_URL, schema, migrate } } }).then(
+      async (c) => {
+        await c.close()
+        return null
+      },
+      (e: unknown) => e as Error & { code?: string },
+    )
+    t.equal(started?.message, message, `refused, naming the table and what it lacks (migrate: ${migrate})`)
+    t.equal(started?.code, 'LK_STARTUP')
+  }
+  const file = join(mkdtempSync(join(tmpdir(), 'lk-collector-cli-')), 'collector.yaml')
+  writeFileSync(file, stringify({ version: 1, collector: { grpc: { host: '127.0.0.1', port: 0 }, store: { kind: 'postgres', url: PG_URL, schema }, sidecars: [{ id: 's1', token_sha256: sha256hex('t') }] } }))
+  const r = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'collector', '-c', file], { encoding: 'utf8', timeout: 20_000 })
+  t.equal(r.status, 1, '`latchkey collector` exits 1')
+  t.equal(r.stderr, `${message}\n`, 'with that one line')
 })

@@ -22,12 +22,68 @@ export interface Backing {
 export interface Backend {
   name: string
   create(): Promise<Backing>
+  /**
+   * A fresh place where `ddl` ran before any store ({events} and {cursors} stand for the tables):
+   * what an older version left. `open()` opens a store there as the collector does (the
+   * constructor, then checkSchema()) and rejects as that does; `table(name)` is how the store names a table.
+   */
+  preexisting(ddl: string): Promise<{ open(): Promise<AuditStore>; table(name: string): string; cleanup(): Promise<void> }>
+}
+
+/** The events table as this version makes it (types PostgreSQL and SQLite both take), less what a test leaves out. */
+const EVENT_COLUMNS = ['sidecar text NOT NULL', 'seq bigint NOT NULL', 'pos bigint NOT NULL', 'id text NOT NULL', 'ts bigint NOT NULL', 'agent text NOT NULL', 'agent_type text NOT NULL', 'host text NOT NULL', 'port integer NOT NULL', 'action smallint NOT NULL', 'audience text NOT NULL', 'received bigint NOT NULL', 'payload bytea NOT NULL', 'prev bytea NOT NULL', 'hash bytea NOT NULL']
+function eventsTable(o: { without?: string[]; keys?: string[]; extra?: string[] } = {}): string {
+  const cols = EVENT_COLUMNS.filter((c) => !o.without?.includes(c.split(' ')[0]!))
+  return `CREATE TABLE {events} (${[...cols, ...(o.extra ?? []), ...(o.keys ?? ['PRIMARY KEY (sidecar, seq)', 'UNIQUE (sidecar, pos)'])].join(', ')})`
 }
 
 const A = 'sidecar-a'
 const B = 'sidecar-b'
 
 export function conformance(t: Test, backend: Backend): void {
+  // CREATE TABLE IF NOT EXISTS keeps a table an older version made as it is: the store must refuse
+  // one its appends would fail on at start-up, naming the table and what it lacks.
+  const olderShapes: [string, string, (table: (n: string) => string) => string | null][] = [
+    ['an events table without the audience column', eventsTable({ without: ['audience'] }), (tb) => `table ${tb('audit_events')} exists but is not the shape this version needs: no column audience.`],
+    [
+      'an events table without its primary key and UNIQUE (sidecar, pos)',
+      eventsTable({ keys: [] }),
+      (tb) => `table ${tb('audit_events')} exists but is not the shape this version needs: no primary key or unique constraint on (sidecar, seq); no primary key or unique constraint on (sidecar, pos).`,
+    ],
+    ['an events table keyed on (sidecar, seq) only', eventsTable({ without: ['agent_type'], keys: ['PRIMARY KEY (sidecar, seq)'] }), (tb) => `table ${tb('audit_events')} exists but is not the shape this version needs: no column agent_type; no primary key or unique constraint on (sidecar, pos).`],
+    ['a cursors table without its key', `CREATE TABLE {cursors} (name text NOT NULL, sidecar text NOT NULL, pos bigint NOT NULL)`, (tb) => `table ${tb('audit_cursors')} exists but is not the shape this version needs: no primary key or unique constraint on (name, sidecar).`],
+    // The shape the code needs, said another way, is taken.
+    ['an events table with an extra column and its keys in another order', eventsTable({ extra: ['note text'], keys: ['PRIMARY KEY (seq, sidecar)', 'UNIQUE (pos, sidecar)'] }), () => null],
+  ]
+  for (const [what, ddl, expected] of olderShapes) {
+    t.test(`${backend.name}: ${what} ${expected(String) ? 'is refused at start-up, naming it and what it lacks' : 'is taken'}`, async (t) => {
+      const place = await backend.preexisting(ddl)
+      t.teardown(() => place.cleanup())
+      const want = expected(place.table)
+      if (want === null) {
+        const store = await place.open()
+        t.teardown(() => store.close())
+        t.equal((await store.append(A, seqEvents(1, 3))).stored, 3)
+        t.equal((await store.append(A, seqEvents(2, 4))).stored, 1, 'dedupe holds')
+        await store.saveCursors('fanout', new Map([[A, 2]]))
+        await store.saveCursors('fanout', new Map([[A, 3]]))
+        t.same(await store.cursors('fanout'), new Map([[A, 3]]))
+        t.same(await store.verify(), { ok: true, checked: 4, sidecars: 1, breaks: [] })
+        return
+      }
+      const err = await place.open().then(
+        async (s) => {
+          await s.close()
+          return null
+        },
+        (e: unknown) => e as Error & { code?: string },
+      )
+      t.ok(err, 'refused')
+      t.equal(err?.message, `collector.store: ${want} Move it aside (or migrate it) and start again; nothing was changed.`)
+      t.equal(err?.code, 'LK_STARTUP', 'a message for people, printed without a stack')
+    })
+  }
+
   const withStore = (name: string, fn: (t: Test, b: Backing) => Promise<void>) =>
     t.test(`${backend.name}: ${name}`, async (t) => {
       const b = await backend.create()

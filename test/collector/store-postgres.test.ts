@@ -25,6 +25,30 @@ conformance(t, {
       },
     }
   },
+  async preexisting(ddl) {
+    const schema = uniqueSchema()
+    const admin = new pg.Client({ connectionString: PG_URL })
+    await admin.connect()
+    await admin.query(`CREATE SCHEMA ${schema}`)
+    await admin.query(ddl.replaceAll('{events}', `${schema}.audit_events`).replaceAll('{cursors}', `${schema}.audit_cursors`))
+    return {
+      open: async () => {
+        const store = new PostgresAuditStore({ url: PG_URL, schema })
+        try {
+          await store.checkSchema()
+        } catch (err) {
+          await store.close()
+          throw err
+        }
+        return store
+      },
+      table: (name) => `"${schema}".${name}`,
+      cleanup: async () => {
+        await admin.query(`DROP SCHEMA ${schema} CASCADE`)
+        await admin.end()
+      },
+    }
+  },
 })
 
 t.test('postgres: TRUNCATE is refused too', async (t) => {

@@ -2,6 +2,7 @@ import t from 'tap'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import Database from 'better-sqlite3'
 import { SqliteAuditStore } from '../../collector/store/sqlite.js'
 import { conformance } from './store-conformance.js'
 
@@ -25,6 +26,22 @@ conformance(t, {
         await store.close()
         rmSync(dir, { recursive: true, force: true })
       },
+    }
+  },
+  async preexisting(ddl) {
+    const dir = mkdtempSync(join(tmpdir(), 'lk-store-'))
+    const path = join(dir, 'audit.db')
+    const db = new Database(path)
+    db.exec(ddl.replaceAll('{events}', 'audit_events').replaceAll('{cursors}', 'audit_cursors'))
+    db.close()
+    return {
+      open: async () => {
+        const store = new SqliteAuditStore(path)
+        await store.checkSchema()
+        return store
+      },
+      table: (name) => `${name} in ${path}`,
+      cleanup: async () => rmSync(dir, { recursive: true, force: true }),
     }
   },
 })

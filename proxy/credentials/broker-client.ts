@@ -25,10 +25,12 @@ export class BrokerClient implements TokenIssuer {
     url: string,
     private readonly timeoutMs: number,
     private readonly evidence: WorkloadEvidence,
+    /** Trusted CAs for an https:// broker (sidecar.upstream_ca_file added to Node's); undefined: Node's. */
+    ca?: string[],
   ) {
     const u = new URL(url)
     this.path = `${u.pathname.replace(/\/$/, '')}/oauth2/token`
-    this.pool = new Pool(u.origin, { connections: 4, headersTimeout: timeoutMs, bodyTimeout: timeoutMs, connectTimeout: timeoutMs })
+    this.pool = new Pool(u.origin, { connections: 4, headersTimeout: timeoutMs, bodyTimeout: timeoutMs, connectTimeout: timeoutMs, ...(ca ? { connect: { ca } } : {}) })
   }
 
   issue(task: TaskRef | null, binding: CredentialBinding, durationS: number, agentId: string): Promise<IssuedToken> {

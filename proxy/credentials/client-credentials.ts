@@ -28,6 +28,8 @@ export class ClientCredentialsIssuer implements TokenIssuer {
     configs: readonly CredentialBindingConfig[],
     secretOf: (name: string) => string | undefined,
     private readonly timeoutMs: number,
+    /** Trusted CAs for an https:// token_url (sidecar.upstream_ca_file added to Node's); undefined: Node's. */
+    ca?: string[],
   ) {
     for (const c of configs) {
       if (c.source !== 'client_credentials' || !c.oauth) continue
@@ -36,7 +38,7 @@ export class ClientCredentialsIssuer implements TokenIssuer {
       const url = new URL(c.oauth.token_url)
       this.clients.set(c.id, {
         url,
-        pool: new Pool(url.origin, { connections: 2, headersTimeout: timeoutMs, bodyTimeout: timeoutMs, connectTimeout: timeoutMs }),
+        pool: new Pool(url.origin, { connections: 2, headersTimeout: timeoutMs, bodyTimeout: timeoutMs, connectTimeout: timeoutMs, ...(ca ? { connect: { ca } } : {}) }),
         clientId: c.oauth.client_id,
         secret,
         method: c.oauth.auth_method,

@@ -7,7 +7,8 @@ import type { buildConnector as BuildConnector } from 'undici'
 import buildConnectorModule from 'undici/lib/core/connect.js'
 import { LRUCache } from 'lru-cache'
 import type { LookupFunction } from 'node:net'
-import type { TLSSocket } from 'node:tls'
+import { checkServerIdentity, type PeerCertificate, type TLSSocket } from 'node:tls'
+import { NO_SUBJECT_ALT_NAME } from './upstream-errors.js'
 import type { ResolvedAddress, Target } from '../context.js'
 import { originKey } from '../listen/target.js'
 
@@ -28,6 +29,16 @@ function pinnedLookup(address: string, family: 4 | 6): LookupFunction {
 const buildConnector = buildConnectorModule as typeof BuildConnector
 
 /**
+ * Node's host check, after requiring a subjectAltName: for a certificate with none, Node matches
+ * the host against its CN, which browsers and Go have long refused (RFC 6125 §6.4.4 leaves it to
+ * the client; the CA/Browser Forum requires the SAN).
+ */
+export function checkUpstreamIdentity(host: string, cert: PeerCertificate): Error | undefined {
+  if (!cert.subjectaltname) return Object.assign(new Error('the certificate has no subjectAltName'), { code: NO_SUBJECT_ALT_NAME })
+  return checkServerIdentity(host, cert)
+}
+
+/**
  * A fatal TLS alert after the client's half of the handshake (TLS 1.3's certificate_required when
  * the upstream wants a client certificate) arrives as an 'error' and then an 'end'; undici lets the
  * 'end' replace the error with "other side closed". The connection is over either way: ending it at
@@ -41,7 +52,7 @@ export class PinnedPools {
   private readonly pools: LRUCache<string, Pool>
   private closing = false
   /** What every upstream TLS connection is verified with (the forward stage's pools, WebSocket handshakes). */
-  readonly tls: { rejectUnauthorized: true; ca?: string[] }
+  readonly tls: { rejectUnauthorized: true; checkServerIdentity: typeof checkUpstreamIdentity; ca?: string[] }
 
   constructor(
     private readonly timeouts: PoolTimeouts,
@@ -49,7 +60,7 @@ export class PinnedPools {
     /** Trusted roots for upstream TLS; undefined means Node's defaults. */
     readonly ca?: string[],
   ) {
-    this.tls = { rejectUnauthorized: true, ...(ca ? { ca } : {}) }
+    this.tls = { rejectUnauthorized: true, checkServerIdentity: checkUpstreamIdentity, ...(ca ? { ca } : {}) }
     this.pools = new LRUCache<string, Pool>({
       max,
       dispose: (pool) => {
@@ -66,7 +77,7 @@ export class PinnedPools {
       const connector = buildConnector({
         lookup: pinnedLookup(resolved.address, resolved.family),
         timeout: this.timeouts.connect_ms,
-        // The upstream leg always verifies real certificates.
+        // The upstream leg always verifies real certificates, and requires a subjectAltName.
         ...this.tls,
         // Keep TLS SNI on the name, never the address we pinned.
         ...(target.hostIsIp ? {} : { servername: target.host }),

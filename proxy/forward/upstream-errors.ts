@@ -41,6 +41,9 @@ const X509_VERIFY_CODES = new Set([
   'UNSPECIFIED',
 ])
 
+/** The code forward/pools.ts gives a certificate with no subjectAltName (Node would match its CN). */
+export const NO_SUBJECT_ALT_NAME = 'CERT_NO_SUBJECT_ALT_NAME'
+
 function isVerifyError(e: object, code: string): boolean {
   if (X509_VERIFY_CODES.has(code)) return true
   return Object.getPrototypeOf(e) === Error.prototype && /^[A-Z][A-Z0-9_]+$/.test(code) && !/^(ERR|UND|HPE)_/.test(code) && !('errno' in e) && !('syscall' in e) && !('library' in e)
@@ -58,6 +61,7 @@ const NO_COMMON_VERSION = new Set(['ERR_SSL_TLSV1_ALERT_PROTOCOL_VERSION', 'ERR_
 /** A TLS failure as the agent should read it, or null when `code` is not one. The credential was never sent in any of these. */
 function tlsError(e: object, code: string): LatchkeyError | null {
   const tls = (reason: string) => new LatchkeyError('LK_UPSTREAM_TLS', `${reason} (${code})`)
+  if (code === NO_SUBJECT_ALT_NAME) return tls("the upstream's TLS certificate has no subjectAltName (a host named only in its CN is not accepted)")
   if (code === 'ERR_TLS_CERT_ALTNAME_INVALID') return tls("the upstream's TLS certificate does not name this host")
   if (isVerifyError(e, code)) return tls("the upstream's TLS certificate was not accepted")
   if (NOT_TLS.has(code)) return tls('the upstream does not speak TLS on this port')

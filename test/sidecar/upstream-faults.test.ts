@@ -79,6 +79,8 @@ t.test('TLS failures are LK_UPSTREAM_TLS, not retryable, each with an honest rea
   const upstreams: Record<string, Upstream> = {
     // A server certificate whose extendedKeyUsage is clientAuth only: OpenSSL's INVALID_PURPOSE.
     purpose: await startUpstream({ tlsOptions: pki.leaf(SAN + 'extendedKeyUsage=clientAuth\n') }),
+    // A certificate naming localhost only in its CN: Node would accept it, browsers and Go do not.
+    nosan: await startUpstream({ tlsOptions: pki.leaf('basicConstraints=CA:FALSE\n') }),
     // Servers that want a client certificate: TLS 1.2 answers handshake_failure, TLS 1.3 certificate_required.
     mtls12: await startUpstream({ tlsOptions: { requestCert: true, rejectUnauthorized: true, ca: pki.ca, maxVersion: 'TLSv1.2' } }),
     mtls13: await startUpstream({ tlsOptions: { requestCert: true, rejectUnauthorized: true, ca: pki.ca, minVersion: 'TLSv1.3' } }),
@@ -101,6 +103,7 @@ t.test('TLS failures are LK_UPSTREAM_TLS, not retryable, each with an honest rea
   })
   const expected: Record<string, RegExp> = {
     purpose: /^the upstream's TLS certificate was not accepted \(INVALID_PURPOSE\)$/,
+    nosan: /^the upstream's TLS certificate has no subjectAltName \(a host named only in its CN is not accepted\) \(CERT_NO_SUBJECT_ALT_NAME\)$/,
     mtls12: /^the TLS handshake failed: the upstream refused it \(it may require a client certificate, or share no cipher with the sidecar\) \(ERR_SSL_(SSLV3|SSL\/TLS)_ALERT_HANDSHAKE_FAILURE\)$/,
     mtls13: /^the TLS handshake failed: the upstream requires a client certificate \(ERR_SSL_TLSV13_ALERT_CERTIFICATE_REQUIRED\)$/,
     tls10: /^the TLS handshake failed: the upstream offers no TLS version the sidecar accepts \(1\.2 or later\) \(ERR_SSL_TLSV1_ALERT_PROTOCOL_VERSION\)$/,
@@ -121,7 +124,11 @@ t.test('TLS failures are LK_UPSTREAM_TLS, not retryable, each with an honest rea
     t.match(json(r.body), { code: 'LK_UPSTREAM_TLS', reason: expected[name], retryable: false }, `${name}: ${json(r.body).reason}`)
     t.equal(upstreams[name]!.requests.length, 0, `${name}: no request, and so no credential, reached the upstream`)
   }
-  t.same((await s.audit()).map((e) => e.error), Object.keys(upstreams).map(() => 'LK_UPSTREAM_TLS'), 'audited as TLS failures')
+  // A WebSocket handshake dials its own TLS connection: the same checks hold there.
+  const ws = await rawRequest(s.sidecar.port, `GET /nosan/socket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`, 300)
+  seen.push(ws.raw)
+  t.match([ws.status, json(ws.body)], [502, { code: 'LK_UPSTREAM_TLS', reason: expected.nosan }], 'a WebSocket to a certificate without a SAN is refused too')
+  t.same((await s.audit()).map((e) => e.error), [...Object.keys(upstreams).map(() => 'LK_UPSTREAM_TLS'), 'LK_UPSTREAM_TLS'], 'audited as TLS failures')
   assertNoCanary(t, s, ...seen)
 })
 

@@ -16,6 +16,7 @@ export class CaFileProblem extends Error {
   }
 }
 
+const CERT_LABELS = new Set(['CERTIFICATE', 'TRUSTED CERTIFICATE'])
 const PEM_BLOCK = /-----BEGIN ([^-\r\n]+)-----\r?\n([\s\S]*?)-----END ([^-\r\n]+)-----/g
 
 /** Each PEM block in `text`: its label and the whole block. Text between blocks (a bundle's comments) is ignored. */
@@ -41,7 +42,8 @@ export function readCaFile(path: string): string[] {
   if (begun !== blocks.length) throw new CaFileProblem(`${path}: holds a PEM block that does not end`, false)
   const certs: string[] = []
   blocks.forEach((b, i) => {
-    if (b.label !== 'CERTIFICATE' || b.endLabel !== 'CERTIFICATE') {
+    // OpenSSL's TRUSTED CERTIFICATE (a certificate with trust settings) is taken by Node's `ca` too.
+    if (!CERT_LABELS.has(b.label) || b.endLabel !== b.label) {
       // The label alone is named: it says what was put there (a key) without repeating any of it.
       throw new CaFileProblem(`${path}: block ${i + 1} is a ${/^[A-Z0-9 ]{1,40}$/.test(b.label) ? b.label : 'PEM block'}, not a CERTIFICATE (a CA file holds certificates only)`, false)
     }

@@ -2,7 +2,7 @@
 // check-config) so a wrong file is named instead of every call failing 502; Node's other trust
 // (NODE_EXTRA_CA_CERTS) stays; and the broker and an OAuth token_url are verified with it too.
 import t from 'tap'
-import { spawnSync } from 'node:child_process'
+import { execFileSync, spawnSync } from 'node:child_process'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -68,9 +68,14 @@ t.test('a CA file that is missing, not PEM, or a key: check-config names it, the
   const startCollector = latchkey(['sidecar', '--config', collector])
   t.same([startCollector.status, startCollector.stderr.trim()], [1, `audit.collector.tls.ca_file ${files.garbage}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)`])
 
-  const good = config('good', { upstream_ca_file: pki.caFile })
-  const checkGood = latchkey(['check-config', good])
-  t.same([checkGood.status, checkGood.stderr], [0, ''], 'a real CA file is valid and not warned about')
+  // A bundle with comments between its certificates, one of them in OpenSSL's trusted form (Node takes both).
+  const bundle = join(dir, 'bundle.pem')
+  const trusted = execFileSync('openssl', ['x509', '-in', pki.caFile, '-trustout', '-addtrust', 'serverAuth'], { encoding: 'utf8' })
+  writeFileSync(bundle, `# internal CA\n${pki.ca}\n# the same, with trust settings\n${trusted}`)
+  for (const file of [pki.caFile, bundle]) {
+    const checkGood = latchkey(['check-config', config('good', { upstream_ca_file: file })])
+    t.same([checkGood.status, checkGood.stderr], [0, ''], 'a real CA file is valid and not warned about')
+  }
 })
 
 t.test("upstream_ca_file adds to Node's trust: CAs from NODE_EXTRA_CA_CERTS stay", async (t) => {

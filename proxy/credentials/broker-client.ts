@@ -4,6 +4,7 @@
 // The token's current actor (act.sub, outermost: broker/act.ts) must be the sidecar's agent_id:
 // read, not verified (the broker signs; this is a consistency check), and refused otherwise.
 import { Pool } from 'undici'
+import { createSecureContext } from 'node:tls'
 import { decodeJwt } from 'jose'
 import { TOKEN_EXCHANGE_GRANT, TOKEN_TYPES } from '../../lib/oauth.js'
 import { EvidenceUnavailable, type WorkloadEvidence } from '../attest/evidence.js'
@@ -30,7 +31,7 @@ export class BrokerClient implements TokenIssuer {
   ) {
     const u = new URL(url)
     this.path = `${u.pathname.replace(/\/$/, '')}/oauth2/token`
-    this.pool = new Pool(u.origin, { connections: 4, headersTimeout: timeoutMs, bodyTimeout: timeoutMs, connectTimeout: timeoutMs, ...(ca ? { connect: { ca } } : {}) })
+    this.pool = new Pool(u.origin, { connections: 4, headersTimeout: timeoutMs, bodyTimeout: timeoutMs, connectTimeout: timeoutMs, ...(ca ? { connect: { secureContext: createSecureContext({ ca }) } } : {}) })
   }
 
   issue(task: TaskRef | null, binding: CredentialBinding, durationS: number, agentId: string): Promise<IssuedToken> {

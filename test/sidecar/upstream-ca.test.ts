@@ -67,6 +67,14 @@ t.test('a CA file that is missing, not PEM, or a key: check-config names it, the
   t.same([checkCollector.status, checkCollector.stderr.trim()], [1, `${collector}: invalid configuration:\n  audit.collector.tls.ca_file: ${files.garbage}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)`])
   const startCollector = latchkey(['sidecar', '--config', collector])
   t.same([startCollector.status, startCollector.stderr.trim()], [1, `audit.collector.tls.ca_file ${files.garbage}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)`])
+  // Its certificate and key, missing here, are said as other missing files are.
+  const collectorKeyGone = writeYaml(join(dir, 'collector-key.yaml'), {
+    version: 1,
+    sidecar: { listen: { port: 0 }, admin: { port: 0 } },
+    audit: { collector: { address: '127.0.0.1:1', sidecar_id: 's', spool_dir: join(dir, 'spool'), tls: { ca_file: pki.caFile, cert_file: join(pki.dir, 'leaf.pem'), key_file: files.missing } } },
+  })
+  const checkKeyGone = latchkey(['check-config', collectorKeyGone])
+  t.same([checkKeyGone.status, checkKeyGone.stderr.trim()], [0, `warning: audit.collector.tls.key_file: ${files.missing}: cannot read (ENOENT) (the sidecar would not start on this machine)`])
 
   // A bundle with comments between its certificates, one of them in OpenSSL's trusted form (Node takes both).
   const bundle = join(dir, 'bundle.pem')

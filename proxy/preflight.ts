@@ -5,6 +5,7 @@ import { dirname } from 'node:path'
 import type { Config } from '../lib/config/schema.js'
 import type { ConfigProblem } from '../lib/config/load.js'
 import { compileBundle, DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
+import { CaFileProblem, readCaFile, trustWith } from './tls-trust.js'
 
 export class StartupError extends Error {
   readonly code = 'LK_STARTUP'
@@ -35,6 +36,39 @@ export function loadPolicyFile(config: Config): CompiledBundle | undefined {
   const read = readPolicyFile(config)
   if ('bundle' in read) return read.bundle
   throw new StartupError(read.unreadable ? `sidecar.policy_file ${read.message}` : read.message)
+}
+
+/** The CA files the sidecar reads, by setting. */
+function caFiles(config: Config): [setting: string, path: string][] {
+  const files: [string, string][] = []
+  if (config.sidecar.upstream_ca_file) files.push(['sidecar.upstream_ca_file', config.sidecar.upstream_ca_file])
+  const tls = config.audit.collector?.tls
+  if (tls) files.push(['audit.collector.tls.ca_file', tls.ca_file])
+  return files
+}
+
+/**
+ * sidecar.upstream_ca_file as the trust list for the sidecar's own TLS clients (upstreams, the
+ * broker, token_url): Node's default CAs plus the file's. Undefined when none is configured (Node's
+ * defaults). Throws StartupError naming the setting, the file and the problem.
+ */
+export function loadUpstreamTrust(config: Config): string[] | undefined {
+  const file = config.sidecar.upstream_ca_file
+  if (!file) return undefined
+  try {
+    return trustWith(file)
+  } catch (err) {
+    throw new StartupError(`sidecar.upstream_ca_file ${(err as Error).message}`)
+  }
+}
+
+/** A CA file's certificates (checked as readCaFile does), or StartupError naming `setting` and the file. */
+export function loadCaFile(setting: string, path: string): string[] {
+  try {
+    return readCaFile(path)
+  } catch (err) {
+    throw new StartupError(`${setting} ${(err as Error).message}`)
+  }
 }
 
 /** Why audit.jsonl.path cannot be appended to (a directory, no such directory, not writable), or null: `<path>: <problem>`. */
@@ -69,6 +103,24 @@ export function preflight(config: Config): { errors: ConfigProblem[]; onThisMach
   const onThisMachine: ConfigProblem[] = []
   const policy = readPolicyFile(config)
   if (!('bundle' in policy)) (policy.unreadable ? onThisMachine : errors).push({ path: 'sidecar.policy_file', message: policy.message })
+  for (const [setting, path] of caFiles(config)) {
+    try {
+      readCaFile(path)
+    } catch (err) {
+      if (!(err instanceof CaFileProblem)) throw err
+      ;(err.unreadable ? onThisMachine : errors).push({ path: setting, message: err.message })
+    }
+  }
+  const collectorTls = config.audit.collector?.tls
+  if (collectorTls) {
+    for (const [key, path] of [['cert_file', collectorTls.cert_file], ['key_file', collectorTls.key_file]] as const) {
+      try {
+        accessSync(path, constants.R_OK)
+      } catch (err) {
+        onThisMachine.push({ path: `audit.collector.tls.${key}`, message: `${path}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})` })
+      }
+    }
+  }
   if (!config.audit.collector) {
     const audit = auditFileProblem(config.audit.jsonl.path)
     if (audit) onThisMachine.push({ path: 'audit.jsonl.path', message: audit })

@@ -2,7 +2,6 @@
 // so the request path only uses what is ready. Also owns the orderly shutdown.
 import { once } from 'node:events'
 import { readFileSync } from 'node:fs'
-import { rootCertificates } from 'node:tls'
 import type { AddressInfo } from 'node:net'
 import { networkInterfaces } from 'node:os'
 import type { DestinationStream } from 'pino'
@@ -35,7 +34,7 @@ import { readFileSync as readPolicyFile, watch as watchDir, type FSWatcher } fro
 import { basename, dirname } from 'node:path'
 import { PolicySwitch } from './policy/switch.js'
 import { DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
-import { StartupError, auditFileProblem, loadPolicyFile } from './preflight.js'
+import { StartupError, auditFileProblem, loadCaFile, loadPolicyFile, loadUpstreamTrust } from './preflight.js'
 import { listenError } from '../lib/listen-error.js'
 import type { ControlClient } from './control/client.js'
 import type { KnownRevocation } from './control/state.js'
@@ -121,6 +120,9 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     )
   }
 
+  // The trust for every TLS client of the sidecar's own (upstreams, the broker, token_url).
+  const upstreamCa = loadUpstreamTrust(config)
+
   const cc = config.audit.collector
   if (!cc) {
     const problem = auditFileProblem(config.audit.jsonl.path)
@@ -132,8 +134,9 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     throw new StartupError(`audit.collector: secret ${cc.token_secret} is neither in env ${config.secrets.env_prefix}${cc.token_secret} nor in secrets.file`)
   }
   const readTls = (t: { ca_file: string; cert_file: string; key_file: string }) => {
+    const ca = Buffer.from(loadCaFile('audit.collector.tls.ca_file', t.ca_file).join('\n'))
     try {
-      return { ca: readFileSync(t.ca_file), cert: readFileSync(t.cert_file), key: readFileSync(t.key_file) }
+      return { ca, cert: readFileSync(t.cert_file), key: readFileSync(t.key_file) }
     } catch (err) {
       throw new StartupError(`audit.collector.tls: cannot read ${(err as NodeJS.ErrnoException).path ?? 'a file'} (${(err as NodeJS.ErrnoException).code})`)
     }
@@ -194,7 +197,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
             : undefined)
     const { BrokerClient } = await import('./credentials/broker-client.js')
     if (!evidence) throw new StartupError('sidecar.broker is set but no workload evidence is configured (sidecar.attestation)')
-    brokerTokens = new CachedTokenSource(new BrokerClient(sc.broker.url, sc.broker.timeout_ms, evidence), {
+    brokerTokens = new CachedTokenSource(new BrokerClient(sc.broker.url, sc.broker.timeout_ms, evidence, upstreamCa), {
       minRemainingMs: sc.broker.min_remaining_ms,
       now,
       onExchange: (outcome) => metrics.tokenExchanges.inc({ outcome }),
@@ -212,7 +215,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     const { ClientCredentialsIssuer } = await import('./credentials/client-credentials.js')
     let issuer: InstanceType<typeof ClientCredentialsIssuer>
     try {
-      issuer = new ClientCredentialsIssuer(config.credentials, (name) => secrets.secret(name), sc.broker?.timeout_ms ?? 3000)
+      issuer = new ClientCredentialsIssuer(config.credentials, (name) => secrets.secret(name), sc.broker?.timeout_ms ?? 3000, upstreamCa)
     } catch (err) {
       throw new StartupError(`${(err as Error).message} (neither in env ${config.secrets.env_prefix}<NAME> nor in secrets.file)`)
     }
@@ -236,7 +239,6 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   if (sc.control && !controlToken!.has(sc.control.token_secret)) {
     throw new StartupError(`sidecar.control: secret ${sc.control.token_secret} is neither in env ${config.secrets.env_prefix}${sc.control.token_secret} nor in secrets.file`)
   }
-  const upstreamCa = sc.upstream_ca_file ? [...rootCertificates, readFileSync(sc.upstream_ca_file, 'utf8')] : undefined
   const routes = new Map(Object.entries(config.routes).map(([name, origin]) => [name, new URL(origin)]))
   const networkPolicy = compileNetworkPolicy(config.network)
   const pipeline = new Pipeline({

@@ -4,6 +4,7 @@
 // The token's current actor (act.sub, outermost: broker/act.ts) must be the sidecar's agent_id:
 // read, not verified (the broker signs; this is a consistency check), and refused otherwise.
 import { Pool } from 'undici'
+import { createSecureContext } from 'node:tls'
 import { decodeJwt } from 'jose'
 import { TOKEN_EXCHANGE_GRANT, TOKEN_TYPES } from '../../lib/oauth.js'
 import { EvidenceUnavailable, type WorkloadEvidence } from '../attest/evidence.js'
@@ -25,10 +26,12 @@ export class BrokerClient implements TokenIssuer {
     url: string,
     private readonly timeoutMs: number,
     private readonly evidence: WorkloadEvidence,
+    /** Trusted CAs for an https:// broker (sidecar.upstream_ca_file added to Node's); undefined: Node's. */
+    ca?: string[],
   ) {
     const u = new URL(url)
     this.path = `${u.pathname.replace(/\/$/, '')}/oauth2/token`
-    this.pool = new Pool(u.origin, { connections: 4, headersTimeout: timeoutMs, bodyTimeout: timeoutMs, connectTimeout: timeoutMs })
+    this.pool = new Pool(u.origin, { connections: 4, headersTimeout: timeoutMs, bodyTimeout: timeoutMs, connectTimeout: timeoutMs, ...(ca ? { connect: { secureContext: createSecureContext({ ca }) } } : {}) })
   }
 
   issue(task: TaskRef | null, binding: CredentialBinding, durationS: number, agentId: string): Promise<IssuedToken> {

@@ -3,6 +3,7 @@
 // each token is asked for with exactly the binding's scopes (and `resource`, RFC 8707, when
 // set), so a route gets no more than it needs. Cached and refreshed by CachedTokenSource.
 import { Pool } from 'undici'
+import { createSecureContext } from 'node:tls'
 import type { CredentialBinding, TaskRef } from '../context.js'
 import type { CredentialBindingConfig } from '../../lib/config/schema.js'
 import { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, readCapped, type IssuedToken } from './exchange-outcome.js'
@@ -28,7 +29,11 @@ export class ClientCredentialsIssuer implements TokenIssuer {
     configs: readonly CredentialBindingConfig[],
     secretOf: (name: string) => string | undefined,
     private readonly timeoutMs: number,
+    /** Trusted CAs for an https:// token_url (sidecar.upstream_ca_file added to Node's); undefined: Node's. */
+    ca?: string[],
   ) {
+    // One context for the list: given `ca`, every connection would parse all of it again.
+    const secureContext = ca ? createSecureContext({ ca }) : undefined
     for (const c of configs) {
       if (c.source !== 'client_credentials' || !c.oauth) continue
       const secret = secretOf(c.oauth.client_secret)
@@ -36,7 +41,7 @@ export class ClientCredentialsIssuer implements TokenIssuer {
       const url = new URL(c.oauth.token_url)
       this.clients.set(c.id, {
         url,
-        pool: new Pool(url.origin, { connections: 2, headersTimeout: timeoutMs, bodyTimeout: timeoutMs, connectTimeout: timeoutMs }),
+        pool: new Pool(url.origin, { connections: 2, headersTimeout: timeoutMs, bodyTimeout: timeoutMs, connectTimeout: timeoutMs, ...(secureContext ? { connect: { secureContext } } : {}) }),
         clientId: c.oauth.client_id,
         secret,
         method: c.oauth.auth_method,

@@ -3,8 +3,12 @@
 // name (no DNS rebinding window). Pools are bounded; an evicted pool finishes its in-flight
 // requests and closes.
 import { Pool } from './undici-pool.js'
+import type { buildConnector as BuildConnector } from 'undici'
+import buildConnectorModule from 'undici/lib/core/connect.js'
 import { LRUCache } from 'lru-cache'
 import type { LookupFunction } from 'node:net'
+import { checkServerIdentity, createSecureContext, type PeerCertificate, type SecureContext, type TLSSocket } from 'node:tls'
+import { NO_SUBJECT_ALT_NAME } from './upstream-errors.js'
 import type { ResolvedAddress, Target } from '../context.js'
 import { originKey } from '../listen/target.js'
 
@@ -21,9 +25,34 @@ function pinnedLookup(address: string, family: 4 | 6): LookupFunction {
   }) as unknown as LookupFunction
 }
 
+// The module Pool itself loads (undici's index exports the same function).
+const buildConnector = buildConnectorModule as typeof BuildConnector
+
+/**
+ * Node's host check, after requiring a subjectAltName: for a certificate with none, Node matches
+ * the host against its CN, which browsers and Go have long refused (RFC 6125 §6.4.4 leaves it to
+ * the client; the CA/Browser Forum requires the SAN).
+ */
+export function checkUpstreamIdentity(host: string, cert: PeerCertificate): Error | undefined {
+  if (!cert.subjectaltname) return Object.assign(new Error('the certificate has no subjectAltName'), { code: NO_SUBJECT_ALT_NAME })
+  return checkServerIdentity(host, cert)
+}
+
+/**
+ * A fatal TLS alert after the client's half of the handshake (TLS 1.3's certificate_required when
+ * the upstream wants a client certificate) arrives as an 'error' and then an 'end'; undici lets the
+ * 'end' replace the error with "other side closed". The connection is over either way: ending it at
+ * the error keeps the alert as the reason.
+ */
+function endAtTlsError(this: TLSSocket, err: { code?: unknown }): void {
+  if (typeof err?.code === 'string' && err.code.startsWith('ERR_SSL_')) this.destroy()
+}
+
 export class PinnedPools {
   private readonly pools: LRUCache<string, Pool>
   private closing = false
+  /** What every upstream TLS connection is verified with (the forward stage's pools, WebSocket handshakes). */
+  readonly tls: { rejectUnauthorized: true; checkServerIdentity: typeof checkUpstreamIdentity; secureContext?: SecureContext }
 
   constructor(
     private readonly timeouts: PoolTimeouts,
@@ -31,6 +60,9 @@ export class PinnedPools {
     /** Trusted roots for upstream TLS; undefined means Node's defaults. */
     readonly ca?: string[],
   ) {
+    // One context for the list, built here: given `ca`, tls.connect builds a context per connection,
+    // parsing every certificate again (Node's roots and NODE_EXTRA_CA_CERTS: 15-50 ms of CPU each).
+    this.tls = { rejectUnauthorized: true, checkServerIdentity: checkUpstreamIdentity, ...(ca ? { secureContext: createSecureContext({ ca }) } : {}) }
     this.pools = new LRUCache<string, Pool>({
       max,
       dispose: (pool) => {
@@ -44,16 +76,21 @@ export class PinnedPools {
     const key = origin + '|' + resolved.address
     let pool = this.pools.get(key)
     if (!pool) {
+      const connector = buildConnector({
+        lookup: pinnedLookup(resolved.address, resolved.family),
+        timeout: this.timeouts.connect_ms,
+        // The upstream leg always verifies real certificates, and requires a subjectAltName.
+        ...this.tls,
+        // Keep TLS SNI on the name, never the address we pinned.
+        ...(target.hostIsIp ? {} : { servername: target.host }),
+      } as BuildConnector.BuildOptions)
+      const connect: BuildConnector.connector = (options, callback) =>
+        connector(options, (...result) => {
+          if (result[1] && options.protocol === 'https:') result[1].prependListener('error', endAtTlsError)
+          callback(...result)
+        })
       pool = new Pool(origin, {
-        connect: {
-          lookup: pinnedLookup(resolved.address, resolved.family),
-          timeout: this.timeouts.connect_ms,
-          // The upstream leg always verifies real certificates.
-          rejectUnauthorized: true,
-          ...(this.ca ? { ca: this.ca } : {}),
-          // Keep TLS SNI on the name, never the address we pinned.
-          ...(target.hostIsIp ? {} : { servername: target.host }),
-        },
+        connect,
         headersTimeout: this.timeouts.headers_ms,
         bodyTimeout: this.timeouts.body_ms,
         keepAliveTimeout: 4_000,

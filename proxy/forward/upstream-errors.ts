@@ -2,17 +2,75 @@
 // never from its message: messages can carry URLs, and a URL can carry a query credential.
 import { LatchkeyError } from '../errors.js'
 
-const TLS_CODES = new Set([
+/**
+ * Node's names for an X.509 verification failure: the list in its crypto_common.cc
+ * (X509ErrorCode), which reports every other X509_V_ERR_* as UNSPECIFIED, so together they are
+ * every code a verification failure can carry. A verification error is a plain Error whose only
+ * extra is that code (no errno, no syscall, no OpenSSL library/reason): `isVerifyError` also
+ * takes one Node may name later by that shape.
+ */
+const X509_VERIFY_CODES = new Set([
+  'UNABLE_TO_GET_ISSUER_CERT',
+  'UNABLE_TO_GET_CRL',
+  'UNABLE_TO_DECRYPT_CERT_SIGNATURE',
+  'UNABLE_TO_DECRYPT_CRL_SIGNATURE',
+  'UNABLE_TO_DECODE_ISSUER_PUBLIC_KEY',
+  'CERT_SIGNATURE_FAILURE',
+  'CRL_SIGNATURE_FAILURE',
+  'CERT_NOT_YET_VALID',
   'CERT_HAS_EXPIRED',
+  'CRL_NOT_YET_VALID',
+  'CRL_HAS_EXPIRED',
+  'ERROR_IN_CERT_NOT_BEFORE_FIELD',
+  'ERROR_IN_CERT_NOT_AFTER_FIELD',
+  'ERROR_IN_CRL_LAST_UPDATE_FIELD',
+  'ERROR_IN_CRL_NEXT_UPDATE_FIELD',
+  'OUT_OF_MEM',
   'DEPTH_ZERO_SELF_SIGNED_CERT',
   'SELF_SIGNED_CERT_IN_CHAIN',
-  'UNABLE_TO_VERIFY_LEAF_SIGNATURE',
   'UNABLE_TO_GET_ISSUER_CERT_LOCALLY',
-  'ERR_TLS_CERT_ALTNAME_INVALID',
-  'CERT_NOT_YET_VALID',
-  'ERR_SSL_WRONG_VERSION_NUMBER',
-  'EPROTO',
+  'UNABLE_TO_VERIFY_LEAF_SIGNATURE',
+  'CERT_CHAIN_TOO_LONG',
+  'CERT_REVOKED',
+  'INVALID_CA',
+  'PATH_LENGTH_EXCEEDED',
+  'INVALID_PURPOSE',
+  'CERT_UNTRUSTED',
+  'CERT_REJECTED',
+  'HOSTNAME_MISMATCH',
+  'UNSPECIFIED',
 ])
+
+/** The code forward/pools.ts gives a certificate with no subjectAltName (Node would match its CN). */
+export const NO_SUBJECT_ALT_NAME = 'CERT_NO_SUBJECT_ALT_NAME'
+
+function isVerifyError(e: object, code: string): boolean {
+  if (X509_VERIFY_CODES.has(code)) return true
+  return Object.getPrototypeOf(e) === Error.prototype && /^[A-Z][A-Z0-9_]+$/.test(code) && !/^(ERR|UND|HPE)_/.test(code) && !('errno' in e) && !('syscall' in e) && !('library' in e)
+}
+
+/** Bytes that were not TLS where a TLS record was due: a plain-HTTP (or other) server on an https:// port. */
+const NOT_TLS = new Set(['ERR_SSL_WRONG_VERSION_NUMBER', 'ERR_SSL_PACKET_LENGTH_TOO_LONG', 'ERR_SSL_RECORD_LAYER_FAILURE', 'ERR_SSL_HTTP_REQUEST', 'ERR_SSL_HTTPS_PROXY_REQUEST'])
+/** The upstream's alert says it wants a client certificate (TLS 1.3 has an alert for it). */
+const CLIENT_CERT_REQUIRED = new Set(['ERR_SSL_TLSV13_ALERT_CERTIFICATE_REQUIRED', 'ERR_SSL_TLSV1_ALERT_CERTIFICATE_REQUIRED'])
+/** TLS 1.2's generic handshake_failure alert (OpenSSL 3.5 renamed it): no client certificate, or nothing in common. */
+const HANDSHAKE_REFUSED = new Set(['ERR_SSL_SSLV3_ALERT_HANDSHAKE_FAILURE', 'ERR_SSL_SSL/TLS_ALERT_HANDSHAKE_FAILURE'])
+/** No TLS version both sides accept (the sidecar: 1.2 or later). */
+const NO_COMMON_VERSION = new Set(['ERR_SSL_TLSV1_ALERT_PROTOCOL_VERSION', 'ERR_SSL_UNSUPPORTED_PROTOCOL', 'ERR_SSL_NO_PROTOCOLS_AVAILABLE', 'ERR_SSL_WRONG_SSL_VERSION', 'ERR_SSL_VERSION_TOO_LOW'])
+
+/** A TLS failure as the agent should read it, or null when `code` is not one. The credential was never sent in any of these. */
+function tlsError(e: object, code: string): LatchkeyError | null {
+  const tls = (reason: string) => new LatchkeyError('LK_UPSTREAM_TLS', `${reason} (${code})`)
+  if (code === NO_SUBJECT_ALT_NAME) return tls("the upstream's TLS certificate has no subjectAltName (a host named only in its CN is not accepted)")
+  if (code === 'ERR_TLS_CERT_ALTNAME_INVALID') return tls("the upstream's TLS certificate does not name this host")
+  if (isVerifyError(e, code)) return tls("the upstream's TLS certificate was not accepted")
+  if (NOT_TLS.has(code)) return tls('the upstream does not speak TLS on this port')
+  if (CLIENT_CERT_REQUIRED.has(code)) return tls('the TLS handshake failed: the upstream requires a client certificate')
+  if (HANDSHAKE_REFUSED.has(code)) return tls('the TLS handshake failed: the upstream refused it (it may require a client certificate, or share no cipher with the sidecar)')
+  if (NO_COMMON_VERSION.has(code)) return tls('the TLS handshake failed: the upstream offers no TLS version the sidecar accepts (1.2 or later)')
+  if (code.startsWith('ERR_SSL_') || code.startsWith('ERR_TLS_') || code === 'EPROTO') return tls('the TLS handshake failed')
+  return null
+}
 
 export function upstreamError(err: unknown): LatchkeyError {
   if (err instanceof LatchkeyError) return err
@@ -52,11 +110,11 @@ export function upstreamError(err: unknown): LatchkeyError {
       return new LatchkeyError('LK_UPSTREAM_PROTOCOL', "the upstream's response headers were too large")
     case 'UND_ERR_REQ_CONTENT_LENGTH_MISMATCH':
       return new LatchkeyError('LK_BAD_REQUEST', 'the request body did not match its Content-Length')
-    default:
-      if (TLS_CODES.has(code) || code.startsWith('ERR_SSL') || code.startsWith('ERR_TLS')) {
-        return new LatchkeyError('LK_UPSTREAM_TLS', `the upstream's TLS certificate was not accepted (${code})`)
-      }
+    default: {
+      const tls = e ? tlsError(e, code) : null
+      if (tls) return tls
       if (code.startsWith('HPE_')) return new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream sent an invalid HTTP response (${code})`)
       return new LatchkeyError('LK_UPSTREAM_UNREACHABLE', `the upstream request failed (${code})`)
+    }
   }
 }

@@ -76,9 +76,8 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
             host: address,
             port: target.port,
             servername: target.hostIsIp ? undefined : target.host,
-            rejectUnauthorized: true,
             ALPNProtocols: ['http/1.1'],
-            ...(pipeline.stages.pools.ca ? { ca: pipeline.stages.pools.ca } : {}),
+            ...pipeline.stages.pools.tls,
           })
         : netConnect({ host: address, port: target.port })
     upstream.setTimeout(connectTimeoutMs, () => upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'UND_ERR_CONNECT_TIMEOUT' })))

@@ -12,7 +12,7 @@ import { randomBytes } from 'node:crypto'
 import { validateConfig } from '../../lib/config/load.js'
 import type { Config } from '../../lib/config/schema.js'
 import { startSidecar, type RunningSidecar, type SidecarOptions } from '../../proxy/sidecar.js'
-import { testPki } from './tls.js'
+import { testPki, type TestPki } from './tls.js'
 
 /** A secret no output may ever contain. Tests grep logs, audit lines and bodies for it. */
 export const CANARY = 'LKCANARY' + randomBytes(12).toString('hex')
@@ -35,7 +35,14 @@ export interface Upstream {
 
 /** An upstream that records what it received and answers 200 "ok" unless `handler` says else. */
 export async function startUpstream(
-  opts: { tls?: boolean; handler?: (req: RecordedRequest, res: Parameters<RequestListener>[1]) => boolean | void } = {},
+  opts: {
+    tls?: boolean
+    /** Another test CA's leaf (tls implied). */
+    pki?: TestPki
+    /** Server TLS options over the leaf's key and cert (another leaf, protocol versions, requestCert). */
+    tlsOptions?: import('node:tls').TlsOptions
+    handler?: (req: RecordedRequest, res: Parameters<RequestListener>[1]) => boolean | void
+  } = {},
 ): Promise<Upstream> {
   const requests: RecordedRequest[] = []
   const listener: RequestListener = (req, res) => {
@@ -48,8 +55,8 @@ export async function startUpstream(
       res.writeHead(200, { 'content-type': 'text/plain' }).end('ok')
     })
   }
-  const pki = opts.tls ? testPki() : null
-  const server = pki ? createHttpsServer({ key: pki.key, cert: pki.cert }, listener) : createHttpServer(listener)
+  const pki = opts.pki ?? (opts.tls || opts.tlsOptions ? testPki() : null)
+  const server = pki ? createHttpsServer({ key: pki.key, cert: pki.cert, ...opts.tlsOptions }, listener) : createHttpServer(listener)
   // Records every header it is sent (Node 24 would refuse past 2,000 lines, Node 20 drop them).
   server.maxHeadersCount = 0
   server.listen(0, '127.0.0.1')

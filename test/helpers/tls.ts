@@ -11,27 +11,34 @@ export interface TestPki {
   ca: string
   key: string
   cert: string
+  /** Another leaf for localhost signed by this CA, with these openssl x509v3 extension lines (no SAN unless they give one). */
+  leaf(extensions: string): { key: string; cert: string }
 }
 
-const cached = new Map<string, TestPki>()
+const cache = new Map<string, TestPki>()
+let leaves = 0
 
-/** `name`: another name is another CA, whose leaf the default one does not trust (an impostor's). */
+/** The test PKI; `name` gives another, independent CA (and its own leaf). */
 export function testPki(name = 'latchkey test CA'): TestPki {
-  const known = cached.get(name)
-  if (known) return known
+  const cached = cache.get(name)
+  if (cached) return cached
   const dir = mkdtempSync(join(tmpdir(), 'lk-pki-'))
   const run = (...args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' })
   run('req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', `/CN=${name}`)
-  run('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'leaf.key', '-out', 'leaf.csr', '-subj', '/CN=localhost')
-  writeFileSync(join(dir, 'leaf.ext'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n')
-  run('x509', '-req', '-in', 'leaf.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-out', 'leaf.pem', '-days', '2', '-extfile', 'leaf.ext')
-  const pki = {
+  const leaf = (base: string, extensions: string) => {
+    run('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', `${base}.key`, '-out', `${base}.csr`, '-subj', '/CN=localhost')
+    writeFileSync(join(dir, `${base}.ext`), extensions)
+    run('x509', '-req', '-in', `${base}.csr`, '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-out', `${base}.pem`, '-days', '2', '-extfile', `${base}.ext`)
+    return { key: readFileSync(join(dir, `${base}.key`), 'utf8'), cert: readFileSync(join(dir, `${base}.pem`), 'utf8') }
+  }
+  const main = leaf('leaf', 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n')
+  const pki: TestPki = {
     dir,
     caFile: join(dir, 'ca.pem'),
     ca: readFileSync(join(dir, 'ca.pem'), 'utf8'),
-    key: readFileSync(join(dir, 'leaf.key'), 'utf8'),
-    cert: readFileSync(join(dir, 'leaf.pem'), 'utf8'),
+    ...main,
+    leaf: (extensions) => leaf(`leaf${++leaves}`, extensions),
   }
-  cached.set(name, pki)
+  cache.set(name, pki)
   return pki
 }

@@ -9,7 +9,9 @@ import { promisify } from 'node:util'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { startUpstream, startTestSidecar, rawRequest, assertNoCanary } from '../helpers/harness.js'
+import { startUpstream, startTestSidecar, rawRequest, assertNoCanary, type Upstream } from '../helpers/harness.js'
+import { testPki } from '../helpers/tls.js'
+import { upstreamError } from '../../proxy/forward/upstream-errors.js'
 
 const run = promisify(execFile)
 
@@ -68,6 +70,80 @@ t.test('timeouts, resets and untrusted certificates', async (t) => {
   ])
   t.notMatch(JSON.stringify(audit), /token=abc/, 'the query string is not audited')
   assertNoCanary(t, s, timeout.raw, reset.raw, tls.raw)
+})
+
+// Each TLS failure says what it is; none is "retry later", and no credential went out in any.
+t.test('TLS failures are LK_UPSTREAM_TLS, not retryable, each with an honest reason', async (t) => {
+  const pki = testPki()
+  const SAN = 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n'
+  const upstreams: Record<string, Upstream> = {
+    // A server certificate whose extendedKeyUsage is clientAuth only: OpenSSL's INVALID_PURPOSE.
+    purpose: await startUpstream({ tlsOptions: pki.leaf(SAN + 'extendedKeyUsage=clientAuth\n') }),
+    // A certificate naming localhost only in its CN: Node would accept it, browsers and Go do not.
+    nosan: await startUpstream({ tlsOptions: pki.leaf('basicConstraints=CA:FALSE\n') }),
+    // Servers that want a client certificate: TLS 1.2 answers handshake_failure, TLS 1.3 certificate_required.
+    mtls12: await startUpstream({ tlsOptions: { requestCert: true, rejectUnauthorized: true, ca: pki.ca, maxVersion: 'TLSv1.2' } }),
+    mtls13: await startUpstream({ tlsOptions: { requestCert: true, rejectUnauthorized: true, ca: pki.ca, minVersion: 'TLSv1.3' } }),
+    tls10: await startUpstream({ tlsOptions: { minVersion: 'TLSv1', maxVersion: 'TLSv1', ciphers: 'DEFAULT@SECLEVEL=0' } }),
+    // An https:// route to a plain-HTTP server.
+    plain: await startUpstream(),
+  }
+  for (const u of Object.values(upstreams)) u.server.on('tlsClientError', () => {})
+  const routes = Object.fromEntries(Object.entries(upstreams).map(([name, u]) => [name, `https://localhost:${u.port}`]))
+  const s = await startTestSidecar({
+    sidecar: { upstream_ca_file: pki.caFile },
+    policy: { default: 'allow' },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: Object.values(upstreams).map((u) => u.port) }] },
+    routes,
+    credentials: Object.entries(routes).map(([id, audience]) => ({ id, audience, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } })),
+  })
+  t.teardown(async () => {
+    await s.close()
+    for (const u of Object.values(upstreams)) await u.close()
+  })
+  const expected: Record<string, RegExp> = {
+    purpose: /^the upstream's TLS certificate was not accepted \(INVALID_PURPOSE\)$/,
+    nosan: /^the upstream's TLS certificate has no subjectAltName \(a host named only in its CN is not accepted\) \(CERT_NO_SUBJECT_ALT_NAME\)$/,
+    mtls12: /^the TLS handshake failed: the upstream refused it \(it may require a client certificate, or share no cipher with the sidecar\) \(ERR_SSL_(SSLV3|SSL\/TLS)_ALERT_HANDSHAKE_FAILURE\)$/,
+    mtls13: /^the TLS handshake failed: the upstream requires a client certificate \(ERR_SSL_TLSV13_ALERT_CERTIFICATE_REQUIRED\)$/,
+    tls10: /^the TLS handshake failed: the upstream offers no TLS version the sidecar accepts \(1\.2 or later\) \(ERR_SSL_TLSV1_ALERT_PROTOCOL_VERSION\)$/,
+    plain: /^the upstream does not speak TLS on this port \(ERR_SSL_WRONG_VERSION_NUMBER\)$/,
+  }
+  const json = (body: string): { reason?: string } => {
+    try {
+      return JSON.parse(body) as { reason?: string }
+    } catch {
+      return {}
+    }
+  }
+  const seen: string[] = []
+  for (const name of Object.keys(upstreams)) {
+    const r = await rawRequest(s.sidecar.port, `GET /${name}/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`, 300)
+    seen.push(r.raw)
+    t.equal(r.status, 502, `${name}: 502`)
+    t.match(json(r.body), { code: 'LK_UPSTREAM_TLS', reason: expected[name], retryable: false }, `${name}: ${json(r.body).reason}`)
+    t.equal(upstreams[name]!.requests.length, 0, `${name}: no request, and so no credential, reached the upstream`)
+  }
+  // A WebSocket handshake dials its own TLS connection: the same checks hold there.
+  const ws = await rawRequest(s.sidecar.port, `GET /nosan/socket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`, 300)
+  seen.push(ws.raw)
+  t.match([ws.status, json(ws.body)], [502, { code: 'LK_UPSTREAM_TLS', reason: expected.nosan }], 'a WebSocket to a certificate without a SAN is refused too')
+  t.same((await s.audit()).map((e) => e.error), [...Object.keys(upstreams).map(() => 'LK_UPSTREAM_TLS'), 'LK_UPSTREAM_TLS'], 'audited as TLS failures')
+  assertNoCanary(t, s, ...seen)
+})
+
+t.test('every X.509 verification code Node reports is a TLS refusal; socket failures stay retryable', async (t) => {
+  // Node's complete list (src/crypto/crypto_common.cc, X509ErrorCode; UNSPECIFIED for any other).
+  const verify = 'UNABLE_TO_GET_ISSUER_CERT UNABLE_TO_GET_CRL UNABLE_TO_DECRYPT_CERT_SIGNATURE UNABLE_TO_DECRYPT_CRL_SIGNATURE UNABLE_TO_DECODE_ISSUER_PUBLIC_KEY CERT_SIGNATURE_FAILURE CRL_SIGNATURE_FAILURE CERT_NOT_YET_VALID CERT_HAS_EXPIRED CRL_NOT_YET_VALID CRL_HAS_EXPIRED ERROR_IN_CERT_NOT_BEFORE_FIELD ERROR_IN_CERT_NOT_AFTER_FIELD ERROR_IN_CRL_LAST_UPDATE_FIELD ERROR_IN_CRL_NEXT_UPDATE_FIELD OUT_OF_MEM DEPTH_ZERO_SELF_SIGNED_CERT SELF_SIGNED_CERT_IN_CHAIN UNABLE_TO_GET_ISSUER_CERT_LOCALLY UNABLE_TO_VERIFY_LEAF_SIGNATURE CERT_CHAIN_TOO_LONG CERT_REVOKED INVALID_CA PATH_LENGTH_EXCEEDED INVALID_PURPOSE CERT_UNTRUSTED CERT_REJECTED HOSTNAME_MISMATCH UNSPECIFIED'
+  // A name a later Node may add, in the shape Node gives a verification error (a plain Error and its code).
+  for (const code of [...verify.split(' '), 'SOME_FUTURE_X509_CODE']) {
+    const mapped = upstreamError(Object.assign(new Error('verification failed'), { code }))
+    t.same([mapped.code, mapped.reason], ['LK_UPSTREAM_TLS', `the upstream's TLS certificate was not accepted (${code})`], code)
+  }
+  const reset = upstreamError(Object.assign(new Error('read ECONNRESET'), { code: 'ECONNRESET', errno: -104, syscall: 'read' }))
+  t.same([reset.code, reset.reason], ['LK_UPSTREAM_UNREACHABLE', 'the upstream closed the connection'])
+  const odd = upstreamError(Object.assign(new Error('x'), { code: 'ESOMETHING', errno: -1, syscall: 'connect' }))
+  t.equal(odd.code, 'LK_UPSTREAM_UNREACHABLE', 'an errno failure is the network, not a certificate')
 })
 
 t.test('a broken response head is the upstream protocol failing, not the upstream being unreachable', async (t) => {

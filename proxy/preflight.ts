@@ -44,6 +44,8 @@ function caFiles(config: Config): [setting: string, path: string][] {
   if (config.sidecar.upstream_ca_file) files.push(['sidecar.upstream_ca_file', config.sidecar.upstream_ca_file])
   const tls = config.audit.collector?.tls
   if (tls) files.push(['audit.collector.tls.ca_file', tls.ca_file])
+  const control = config.sidecar.control?.tls
+  if (control) files.push(['sidecar.control.tls.ca_file', control.ca_file])
   return files
 }
 
@@ -112,13 +114,19 @@ export function preflight(config: Config): { errors: ConfigProblem[]; onThisMach
     }
   }
   const collectorTls = config.audit.collector?.tls
-  if (collectorTls) {
-    for (const [key, path] of [['cert_file', collectorTls.cert_file], ['key_file', collectorTls.key_file]] as const) {
-      try {
-        accessSync(path, constants.R_OK)
-      } catch (err) {
-        onThisMachine.push({ path: `audit.collector.tls.${key}`, message: `${path}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})` })
-      }
+  const controlTls = config.sidecar.control?.tls
+  const keyFiles: [string, string | undefined][] = [
+    ['audit.collector.tls.cert_file', collectorTls?.cert_file],
+    ['audit.collector.tls.key_file', collectorTls?.key_file],
+    ['sidecar.control.tls.cert_file', controlTls?.cert_file],
+    ['sidecar.control.tls.key_file', controlTls?.key_file],
+  ]
+  for (const [setting, path] of keyFiles) {
+    if (path === undefined) continue
+    try {
+      accessSync(path, constants.R_OK)
+    } catch (err) {
+      onThisMachine.push({ path: setting, message: `${path}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})` })
     }
   }
   if (!config.audit.collector) {

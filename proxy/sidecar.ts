@@ -341,7 +341,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
         address: new URL(sc.control.url).host,
         tls: t
           ? {
-              ca: readSettingFile('sidecar.control.tls.ca_file', t.ca_file),
+              ca: Buffer.from(loadCaFile('sidecar.control.tls.ca_file', t.ca_file).join('\n')),
               cert: t.cert_file ? readSettingFile('sidecar.control.tls.cert_file', t.cert_file) : null,
               key: t.key_file ? readSettingFile('sidecar.control.tls.key_file', t.key_file) : null,
               serverName: t.server_name ?? null,

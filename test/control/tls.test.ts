@@ -55,3 +55,14 @@ t.test('an impostor broker at the control address cannot swap a TLS sidecar\'s p
   t.equal(s.sidecar.policy.version, 'config', 'the policy is still the one in its own config')
   t.equal(impostor.broker.control!.connected, 0, 'the impostor never got a stream, so never got the control token')
 })
+
+t.test('a control CA file that holds no certificate stops start-up, naming the setting and the file', async (t) => {
+  const broker = await startControlBroker({ control: { tls: serverTls(pki) } })
+  t.teardown(() => broker.close())
+  const api = await startApi()
+  t.teardown(api.close)
+  await t.rejects(startControlSidecar(broker, api, 'agent:summarizer:prod:bad-ca', { control: { url: broker.controlUrl, tls: { ca_file: join(pki.dir, 'leaf.key') } } }), {
+    code: 'LK_STARTUP',
+    message: new RegExp(`sidecar\\.control\\.tls\\.ca_file .*leaf\\.key`),
+  })
+})

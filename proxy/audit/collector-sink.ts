@@ -2,12 +2,15 @@
 //   write():  encodes the event and appends it to the spool with one write(2), synchronously;
 //             with recordBeforeResponse the pipeline calls it before the response's last bytes
 //             are written, so when the agent has the response the event is in the kernel and a
-//             SIGKILL of the sidecar cannot lose it (a power loss can lose the last second: the
-//             spool is fsynced every second, and on flush/close).
+//             SIGKILL of the sidecar cannot lose it (a power loss can lose what came in the last
+//             few tens of ms: the spool is fdatasynced LINGER_MS after an append, and on flush/close).
 //             Tried first and rejected: appending from a microtask after the response was sent;
 //             one run of the SIGKILL test (test/collector/faults-sidecar.test.ts) lost a completed call.
 //   sender:   one gRPC Ingest stream to the collector, reading the spool in order, a few
-//             batches in flight; each ack deletes the segments it fully covers. On any stream
+//             batches in flight; each ack deletes the segments it fully covers. Only records
+//             already fdatasynced are sent: the collector never holds a sequence a power loss
+//             could take from the spool (the restarted sidecar would reuse it for another
+//             event, which the collector refuses for ever). On any stream
 //             error it reconnects with exponential backoff and replays from the oldest
 //             unacked record; the collector dedupes what it already had.
 // A full spool (spool_max_bytes) is the configured choice: "refuse" (default) keeps recording
@@ -55,7 +58,6 @@ export interface CollectorSinkStats {
 
 const WINDOW = 4
 const LINGER_MS = 20
-const SYNC_MS = 1000
 const BATCH_BYTES = 1024 * 1024
 /** Events kept in memory while the spool cannot be written; past it they are counted dropped. */
 const MAX_UNWRITTEN = 20_000
@@ -138,8 +140,8 @@ export class CollectorAuditSink implements AuditSink {
   private attempt = 0
   private retryTimer: NodeJS.Timeout | null = null
   private pumpTimer: NodeJS.Timeout | null = null
-  /** Power-loss window: what was appended is fsynced at least this often. */
-  private readonly syncTimer: NodeJS.Timeout
+  /** A sync of what was appended, due LINGER_MS after the append: records are sent once synced (Spool.syncedSeq). */
+  private syncTimer: NodeJS.Timeout | null = null
   private dirty = false
   private syncing = false
   private readonly ackWaiters: Array<{ seq: number; resolve: () => void }> = []
@@ -178,18 +180,42 @@ export class CollectorAuditSink implements AuditSink {
     this.watchdog.unref()
     this.sidecarField = new BinaryWriter().uint32(10).string(o.sidecarId).finish()
     this.updateFull()
-    this.syncTimer = setInterval(() => {
-      if (!this.dirty || this.syncing) return
-      this.dirty = false
-      this.syncing = true
-      // Off the event loop: a synchronous fdatasync every second showed up as p99 stalls.
-      this.spool
-        .syncAsync()
-        .catch((err: NodeJS.ErrnoException) => this.log('error', { code: err.code }, 'audit spool fsync failed'))
-        .finally(() => (this.syncing = false))
-    }, SYNC_MS)
-    this.syncTimer.unref()
     this.connect()
+  }
+
+  private scheduleSync(delayMs = LINGER_MS): void {
+    if (this.syncTimer || this.syncing || this.closed) return
+    this.syncTimer = setTimeout(() => {
+      this.syncTimer = null
+      this.syncNow()
+    }, delayMs)
+    this.syncTimer.unref()
+  }
+
+  /**
+   * fdatasync of what was appended, then send it. Off the event loop: a synchronous fdatasync
+   * showed up as p99 stalls. One sync covers everything appended before it began; what came
+   * during it waits for the next. A failed sync is tried again after RETRY_MS; nothing it
+   * covers is sent meanwhile.
+   */
+  private syncNow(): void {
+    if (!this.dirty || this.syncing) return
+    this.dirty = false
+    this.syncing = true
+    let failed = false
+    this.spool
+      .syncAsync()
+      .then(
+        () => this.pump(),
+        (err: NodeJS.ErrnoException) => {
+          failed = this.dirty = true
+          this.log('error', { code: err.code }, 'audit spool fsync failed: what it held is not sent until a sync succeeds')
+        },
+      )
+      .finally(() => {
+        this.syncing = false
+        if (this.dirty) this.scheduleSync(failed ? RETRY_MS : LINGER_MS)
+      })
   }
 
   private log(level: 'info' | 'warn' | 'error', fields: Record<string, unknown>, msg: string): void {
@@ -258,6 +284,7 @@ export class CollectorAuditSink implements AuditSink {
       this.spool.append(events.length, (seq) => SequencedEvent.encode({ sequence: seq, event: toProtoEvent(events[i++]!) }).finish())
       this.stats.spooled += events.length
       this.dirty = true
+      this.scheduleSync()
       if (this.failing) {
         this.log('info', { code: this.failing.code, events: events.length }, 'audit spool writable again: what waited is spooled')
         this.failing = null
@@ -371,7 +398,7 @@ export class CollectorAuditSink implements AuditSink {
     while (this.inflight < WINDOW) {
       let batch: ReturnType<Spool['read']>
       try {
-        batch = this.spool.read(this.cursor, this.o.batchEvents, BATCH_BYTES, this.stats.acked)
+        batch = this.spool.read(this.cursor, this.o.batchEvents, BATCH_BYTES, this.stats.acked, this.spool.syncedSeq)
       } catch (err) {
         // A segment that cannot be opened for reading (EMFILE): tried again on the next pump.
         this.log('error', { code: (err as NodeJS.ErrnoException).code, dir: this.o.spoolDir }, 'audit spool cannot be read: sending paused')
@@ -425,6 +452,7 @@ export class CollectorAuditSink implements AuditSink {
   flush(): Promise<void> {
     this.persist()
     this.spool.sync()
+    this.pump()
     return Promise.resolve()
   }
 
@@ -438,7 +466,7 @@ export class CollectorAuditSink implements AuditSink {
     if (this.retryTimer) clearTimeout(this.retryTimer)
     if (this.pumpTimer) clearTimeout(this.pumpTimer)
     if (this.failRetry) clearTimeout(this.failRetry)
-    clearInterval(this.syncTimer)
+    if (this.syncTimer) clearTimeout(this.syncTimer)
     clearInterval(this.watchdog)
     this.call?.end()
     this.call?.cancel()

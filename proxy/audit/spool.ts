@@ -91,6 +91,15 @@ export class Spool {
   private segments: Segment[] = []
   private fd = -1
   private nextSeq = 1
+  /**
+   * Highest sequence known to be on disk (fdatasync done). Only these are sent: the collector
+   * then never holds a sequence a power loss could take from the spool, which would make the
+   * restarted sidecar number new events with sequences the collector already has (refused, for
+   * ever). Raised by syncAsync() and sync().
+   */
+  syncedSeq = 0
+  /** The rotated-out segment's fdatasync, when one is under way: a sync is complete only after it. */
+  private retiring: Promise<void> = Promise.resolve()
   readonly recovery: RecoveryReport = { segments: 0, records: 0, tornBytes: 0, corruptBytes: 0 }
   private buf = Buffer.allocUnsafe(256 * 1024)
   /** The reader's open segment (the sender reads forward through one segment at a time). */
@@ -171,6 +180,14 @@ export class Spool {
     this.recovery.segments = this.segments.length
     const newest = this.segments[this.segments.length - 1]
     this.nextSeq = Math.max(after + 1, newest ? newest.first : 1)
+    // What a previous run left may still be only in the page cache (it was killed, the machine
+    // was not): on disk before any of it is sent.
+    for (const s of this.segments) {
+      const fd = openSync(s.path, 'r')
+      fdatasyncSync(fd)
+      closeSync(fd)
+    }
+    this.syncedSeq = after
     if (newest) {
       // Compacting a damaged file would rewrite history; appends go to a fresh segment instead.
       this.fd = openSync(newest.path, 'a', 0o600)
@@ -212,7 +229,15 @@ export class Spool {
     if (this.fd >= 0) {
       // Synced and closed off the event loop: a synchronous fdatasync here stalled calls.
       const old = this.fd
-      fdatasync(old, () => close(old, () => {}))
+      this.retiring = new Promise<void>((resolve, reject) =>
+        fdatasync(old, (err) => {
+          close(old, () => {})
+          if (err) reject(err)
+          else resolve()
+        }),
+      )
+      // Reported by the next syncAsync(), which waits for it.
+      this.retiring.catch(() => {})
     }
     this.fd = fd
     this.segments.push({ first, path, last: 0, size: 0, holes: new Map() })
@@ -274,15 +299,26 @@ export class Spool {
     return seg.last
   }
 
+  /** Everything appended, on disk now (flush, close). The rotated-out segments are synced by path. */
   sync(): void {
     if (this.fd >= 0) fdatasyncSync(this.fd)
+    for (const s of this.segments.slice(0, -1)) {
+      if (s.last <= this.syncedSeq) continue
+      const fd = openSync(s.path, 'r')
+      fdatasyncSync(fd)
+      closeSync(fd)
+    }
+    this.syncedSeq = this.lastSeq
   }
 
-  /** fdatasync on the libuv threadpool: appends go on meanwhile. */
-  syncAsync(): Promise<void> {
+  /** fdatasync on the libuv threadpool: appends go on meanwhile. Raises syncedSeq to what was appended before it began. */
+  async syncAsync(): Promise<void> {
     const fd = this.fd
-    if (fd < 0) return Promise.resolve()
-    return new Promise((resolve, reject) => fdatasync(fd, (err) => (err ? reject(err) : resolve())))
+    const upTo = this.lastSeq
+    const retiring = this.retiring
+    if (fd >= 0) await new Promise<void>((resolve, reject) => fdatasync(fd, (err) => (err ? reject(err) : resolve())))
+    await retiring
+    if (upTo > this.syncedSeq) this.syncedSeq = upTo
   }
 
   /**
@@ -290,7 +326,7 @@ export class Spool {
    * Returns the records and the cursor after them. The payloads are views of a buffer the next
    * read() reuses: use (or copy) them before reading again.
    */
-  read(cursor: Cursor, maxRecords: number, maxBytes: number, after: number): { records: SpoolRecord[]; cursor: Cursor } {
+  read(cursor: Cursor, maxRecords: number, maxBytes: number, after: number, upTo = Number.MAX_SAFE_INTEGER): { records: SpoolRecord[]; cursor: Cursor } {
     const records: SpoolRecord[] = []
     let fill = 0
     let bytes = 0
@@ -321,15 +357,24 @@ export class Spool {
           } else chunk = Buffer.allocUnsafe(want)
           const got = readSync(fd, chunk, 0, want, offset)
           let at = 0
+          let reachedLimit = false
           while (at < got && records.length < maxRecords) {
             if (at > 0 && seg.holes.has(offset + at)) break
             const r = parseRecord(chunk, at, got, 0)
             if (!r) break
+            if (r.seq > upTo) {
+              reachedLimit = true
+              break
+            }
             at += HEADER + r.payload.length
             if (r.seq > after) {
               records.push(r)
               bytes += HEADER + r.payload.length
             }
+          }
+          if (reachedLimit) {
+            offset += at
+            return { records, cursor: { segment, offset } }
           }
           if (at === 0) {
             // A record larger than the chunk: read exactly it next time round.
@@ -345,6 +390,7 @@ export class Spool {
               offset = seg.size
               break
             }
+            if (r.seq > upTo) return { records, cursor: { segment, offset } }
             if (r.seq > after) records.push({ seq: r.seq, payload: r.payload })
             bytes += one.length
             offset += one.length

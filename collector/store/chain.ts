@@ -52,6 +52,11 @@ const NUL_CHECKED: ReadonlyArray<readonly [string, (ev: AuditEvent) => string]> 
   ['credential.audience', (ev) => ev.credential?.audience ?? ''],
 ]
 
+/** An ID as quoted in a refusal: bounded, since the refusal travels back as a gRPC status. */
+function clip(s: string): string {
+  return s.length > 100 ? `${s.slice(0, 100)}…` : s
+}
+
 export function isDenied(action: number): boolean {
   return action === Action.ACTION_DENY || action === Action.ACTION_REPORT
 }
@@ -61,11 +66,12 @@ export function isDenied(action: number): boolean {
  * the new events in the order received. `stored` maps each sequence already held to its event ID:
  * a resend carries the same event, while another event under a held sequence (a sidecar that lost
  * its spool and counts from 1 again, or a second process sharing its id) is refused, never acked
- * as a duplicate, so the sidecar keeps it, says so, and nothing is lost in silence.
+ * as a duplicate, so the sidecar keeps it, says so, and nothing is lost in silence. Two different
+ * events under one sequence in the same batch are refused alike.
  */
 export function newEvents(sidecar: string, events: SequencedEvent[], stored: Map<number, string>): SequencedEvent[] {
   if (!sidecar) throw new StoreError('LK_STORE_BAD_BATCH', 'batch has no sidecar id')
-  const seen = new Set<number>()
+  const seen = new Map<number, string>()
   const out: SequencedEvent[] = []
   for (const e of events) {
     if (!Number.isSafeInteger(e.sequence) || e.sequence < 1) {
@@ -96,8 +102,18 @@ export function newEvents(sidecar: string, events: SequencedEvent[], stored: Map
         `sidecar ${sidecar}: sequence ${e.sequence} already holds another event; the sidecar is counting again from a lost spool, or two sidecars share this id: give it a new sidecar id (its events stay spooled)`,
       )
     }
-    if (held !== undefined || seen.has(e.sequence)) continue
-    seen.add(e.sequence)
+    if (held !== undefined) continue
+    const earlier = seen.get(e.sequence)
+    if (earlier !== undefined) {
+      // The same event twice in one batch is a duplicate; two events under one sequence are the
+      // conflict above, refused alike whether the second comes in a later batch or this one.
+      if (earlier === e.event.id) continue
+      throw new StoreError(
+        'LK_STORE_BAD_BATCH',
+        `sidecar ${sidecar}: sequence ${e.sequence} appears twice in the batch with different events (${clip(earlier)}, ${clip(e.event.id)}): a sidecar numbers each event once`,
+      )
+    }
+    seen.set(e.sequence, e.event.id)
     out.push(e)
   }
   return out

@@ -64,6 +64,16 @@ export function conformance(t: Test, backend: Backend): void {
     t.same(await store.verify(), { ok: true, checked: 6, sidecars: 1, breaks: [] })
   })
 
+  withStore('two different events under one sequence in one batch are refused whole, as across batches', async (t, { store }) => {
+    const [first] = seqEvents(5001, 5001)
+    const second = { sequence: 5001, event: { ...first!.event!, id: 'second-B' } }
+    first!.event!.id = 'first-A'
+    await t.rejects(store.append(A, [first!, second]), { code: 'LK_STORE_BAD_BATCH', message: /sequence 5001 appears twice in the batch with different events \(first-A, second-B\)/ })
+    t.equal((await store.verify()).checked, 0, 'nothing of the refused batch was stored')
+    const same = await store.append(A, [first!, first!])
+    t.same([same.stored, same.duplicates], [1, 1], 'the same event twice in a batch is still a duplicate')
+  })
+
   withStore('out-of-order and gapped batches are stored once each, and the chain verifies', async (t, { store }) => {
     await store.append(A, seqEvents(10, 12))
     await store.append(A, seqEvents(4, 6))

@@ -74,7 +74,16 @@ function printable(s: string): string {
 const MAX_FIELD = 512
 
 function printVerify(v: VerifyResult): void {
-  if (v.ok) console.log(`chain verified: ${v.checked} events across ${v.sidecars} sidecars`)
+  // Gaps first: the chain holds, but what the sidecar numbered under them is not on record.
+  for (const g of v.gaps ?? []) {
+    console.log(
+      g.sequence > g.previous
+        ? `GAP: sidecar ${printable(g.sidecar)} at position ${g.position}: sequence ${g.sequence} follows ${g.previous}; ${g.sequence - g.previous - 1} sequence(s) never received`
+        : `GAP: sidecar ${printable(g.sidecar)} at position ${g.position}: sequence ${g.sequence} follows ${g.previous}, stored below its chain's head`,
+    )
+  }
+  if (v.gapCount && v.gapCount > (v.gaps?.length ?? 0)) console.log(`… ${v.gapCount - (v.gaps?.length ?? 0)} more gap(s)`)
+  if (v.ok) console.log(`chain verified: ${v.checked} events across ${v.sidecars} sidecars${v.gapCount ? `; ${v.gapCount} sequence gap(s), listed above` : ''}`)
   else {
     for (const b of v.breaks) console.log(`BROKEN: sidecar ${b.sidecar} at position ${b.position} (sequence ${b.sequence}): ${b.reason}`)
     console.log(`${v.breaks.length} chain(s) broken; ${v.checked} events checked across ${v.sidecars} sidecars`)

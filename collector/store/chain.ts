@@ -67,11 +67,13 @@ export function isDenied(action: number): boolean {
  * a resend carries the same event, while another event under a held sequence (a sidecar that lost
  * its spool and counts from 1 again, or a second process sharing its id) is refused, never acked
  * as a duplicate, so the sidecar keeps it, says so, and nothing is lost in silence. Two different
- * events under one sequence in the same batch are refused alike.
+ * events under one sequence in the same batch are refused alike. `headSequence` is the highest
+ * sequence the chain holds: a new event must come after it (and after the batch's earlier ones).
  */
-export function newEvents(sidecar: string, events: SequencedEvent[], stored: Map<number, string>): SequencedEvent[] {
+export function newEvents(sidecar: string, events: SequencedEvent[], stored: Map<number, string>, headSequence = 0): SequencedEvent[] {
   if (!sidecar) throw new StoreError('LK_STORE_BAD_BATCH', 'batch has no sidecar id')
   const seen = new Map<number, string>()
+  let head = headSequence
   const out: SequencedEvent[] = []
   for (const e of events) {
     if (!Number.isSafeInteger(e.sequence) || e.sequence < 1) {
@@ -113,6 +115,17 @@ export function newEvents(sidecar: string, events: SequencedEvent[], stored: Map
         `sidecar ${sidecar}: sequence ${e.sequence} appears twice in the batch with different events (${clip(earlier)}, ${clip(e.event.id)}): a sidecar numbers each event once`,
       )
     }
+    // A sidecar's spool sends in sequence order and resends from its last ack, so every sequence
+    // below what it already delivered is either stored (a resend: a duplicate) or lost at the
+    // sidecar for good. A new one there is an event written into the past after the fact: refused,
+    // so nothing can be backdated into a gap of a chain.
+    if (e.sequence <= head) {
+      throw new StoreError(
+        'LK_STORE_BAD_BATCH',
+        `sidecar ${sidecar}: sequence ${e.sequence} was never stored but the chain already holds sequence ${head}: a sidecar sends in order, so an unseen sequence below its head is refused`,
+      )
+    }
+    head = e.sequence
     seen.set(e.sequence, e.event.id)
     out.push(e)
   }
@@ -168,7 +181,10 @@ export function toStored(sidecar: string, r: { sequence: number; position: numbe
 export class ChainVerifier {
   private prev: Buffer = GENESIS
   private expectPosition = 1
+  private lastSequence = 0
   checked = 0
+  /** Set by check() when the link's sequence does not follow the previous link's: the previous one. */
+  gapAfter: number | null = null
   constructor(readonly sidecar: string) {}
 
   check(r: { sequence: number; position: number; ts: number; agent: string; action: number; payload: Uint8Array; prev: Uint8Array; hash: Uint8Array }): string | null {
@@ -179,6 +195,8 @@ export class ChainVerifier {
     const hash = linkHash(this.sidecar, r.position, r.sequence, this.prev, r.payload)
     if (!hash.equals(Buffer.from(r.hash))) return 'hash does not match the stored payload (payload or hash altered)'
     this.prev = hash
+    this.gapAfter = r.sequence === this.lastSequence + 1 ? null : this.lastSequence
+    this.lastSequence = r.sequence
     let ev: AuditEvent
     try {
       ev = AuditEvent.decode(r.payload)

@@ -6,7 +6,7 @@
 import pg from 'pg'
 import { Action, type SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
 import { GENESIS, chainRows, newEvents, rowToStored, toStored } from './chain.js'
-import { verifyRows, type DbRow } from './sqlite.js'
+import { mergeVerify, verifyRows, type DbRow } from './sqlite.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
 import { StoreError } from './types.js'
 
@@ -141,7 +141,8 @@ export class PostgresAuditStore implements AuditStore {
       await c.query('SELECT pg_advisory_xact_lock(hashtextextended($1, 1))', [sidecar])
       const seqs = events.map((e) => e.sequence).filter((n) => Number.isSafeInteger(n))
       const existing = await c.query<{ seq: string; id: string }>(`SELECT seq, id FROM ${this.t} WHERE sidecar = $1 AND seq = ANY($2::bigint[])`, [sidecar, seqs])
-      const fresh = newEvents(sidecar, events, new Map(existing.rows.map((r) => [Number(r.seq), r.id])))
+      const top = await c.query<{ seq: string | null }>(`SELECT max(seq) AS seq FROM ${this.t} WHERE sidecar = $1`, [sidecar])
+      const fresh = newEvents(sidecar, events, new Map(existing.rows.map((r) => [Number(r.seq), r.id])), Number(top.rows[0]?.seq ?? 0))
       const head = await c.query<{ pos: string; hash: Buffer }>(`SELECT pos, hash FROM ${this.t} WHERE sidecar = $1 ORDER BY pos DESC LIMIT 1`, [sidecar])
       const h = head.rows[0]
       const rows = chainRows(sidecar, fresh, h ? Number(h.pos) : 0, h?.hash ?? GENESIS)
@@ -242,11 +243,7 @@ export class PostgresAuditStore implements AuditStore {
         [id],
       )
       const rows: DbRow[] = r.rows.map((x) => ({ ...x, seq: Number(x.seq), pos: Number(x.pos), ts: Number(x.ts) }))
-      const v = verifyRows(rows)
-      total.checked += v.checked
-      total.sidecars += v.sidecars
-      total.breaks.push(...v.breaks)
-      if (!v.ok) total.ok = false
+      mergeVerify(total, verifyRows(rows))
     }
     return total
   }

@@ -5,8 +5,8 @@
 import { openDatabase, pragma, statement, type Database } from '../../lib/sqlite.js'
 import type { SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
 import { ChainVerifier, GENESIS, chainRows, isDenied, newEvents, rowToStored, toStored } from './chain.js'
-import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
-import { StoreError } from './types.js'
+import type { AppendResult, AuditStore, EventQuery, Inventory, SequenceGap, StoredEvent, VerifyResult } from './types.js'
+import { MAX_LISTED_GAPS, StoreError } from './types.js'
 import { Action } from '../../protos/gen/latchkey/v1/audit.js'
 
 const SCHEMA = `
@@ -66,6 +66,7 @@ export class SqliteAuditStore implements AuditStore {
     pragma(this.db, 'busy_timeout = 5000')
     this.db.exec(SCHEMA)
     const head = statement<[string], { pos: number; hash: Buffer }>(this.db, 'SELECT pos, hash FROM audit_events WHERE sidecar = ? ORDER BY pos DESC LIMIT 1')
+    const maxSeq = statement<[string], { seq: number | null }>(this.db, 'SELECT max(seq) AS seq FROM audit_events WHERE sidecar = ?')
     const existing = statement<[string, number, number], { seq: number; id: string }>(this.db, 'SELECT seq, id FROM audit_events WHERE sidecar = ? AND seq BETWEEN ? AND ?')
     const insert = statement(
       this.db,
@@ -81,7 +82,7 @@ export class SqliteAuditStore implements AuditStore {
       }
       const stored = new Map<number, string>()
       if (events.length > 0 && Number.isSafeInteger(lo)) for (const r of existing.all(sidecar, lo, hi)) stored.set(r.seq, r.id)
-      const fresh = newEvents(sidecar, events, stored)
+      const fresh = newEvents(sidecar, events, stored, maxSeq.get(sidecar)?.seq ?? 0)
       const h = head.get(sidecar)
       const rows = chainRows(sidecar, fresh, h?.pos ?? 0, h?.hash ?? GENESIS)
       const now = Date.now()
@@ -244,9 +245,29 @@ export function verifyRows(rows: Iterable<DbRow>): VerifyResult {
       broken = true
       result.ok = false
       result.breaks.push({ sidecar: r.sidecar, position: r.pos, sequence: r.seq, reason })
-    }
+    } else if (v.gapAfter !== null) addGap(result, { sidecar: r.sidecar, position: r.pos, previous: v.gapAfter, sequence: r.seq })
   }
   return result
+}
+
+/** Adds one gap, listing at most MAX_LISTED_GAPS. */
+export function addGap(result: VerifyResult, gap: SequenceGap): void {
+  result.gapCount = (result.gapCount ?? 0) + 1
+  const list = (result.gaps ??= [])
+  if (list.length < MAX_LISTED_GAPS) list.push(gap)
+}
+
+/** Folds one sidecar's result into the total. */
+export function mergeVerify(total: VerifyResult, v: VerifyResult): void {
+  total.checked += v.checked
+  total.sidecars += v.sidecars
+  total.breaks.push(...v.breaks)
+  if (!v.ok) total.ok = false
+  if (v.gapCount) {
+    const listed = v.gaps ?? []
+    for (const g of listed) addGap(total, g)
+    total.gapCount! += v.gapCount - listed.length
+  }
 }
 
 export type { DbRow }

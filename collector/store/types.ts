@@ -67,6 +67,24 @@ export interface ChainBreak {
   reason: string
 }
 
+/**
+ * Consecutive links whose sequences do not follow one another: sequences the sidecar numbered but
+ * that never reached the collector (a damaged spool record skipped, a spool lost), or, in a store
+ * written before the collector refused it, a sequence stored below its chain's head. Not a break:
+ * the chain itself holds; but no event under the missing sequences is on record.
+ */
+export interface SequenceGap {
+  sidecar: string
+  /** The link after the gap. */
+  position: number
+  /** The previous link's sequence. */
+  previous: number
+  sequence: number
+}
+
+/** At most this many gaps are listed; `gapCount` counts them all. */
+export const MAX_LISTED_GAPS = 1000
+
 export interface VerifyResult {
   ok: boolean
   /** Links checked, over all sidecars. */
@@ -74,6 +92,9 @@ export interface VerifyResult {
   sidecars: number
   /** The first break found per sidecar, in sidecar order; empty when ok. */
   breaks: ChainBreak[]
+  /** Sequence gaps, in sidecar and chain order (the first MAX_LISTED_GAPS); absent when there are none. */
+  gaps?: SequenceGap[]
+  gapCount?: number
 }
 
 export interface AuditStore {

@@ -33,6 +33,23 @@ async function exchange(address: string, md: Metadata, batches: IngestRequest[])
   return { acks, error }
 }
 
+t.test('an unseen sequence below the chain head is refused as INVALID_ARGUMENT, never stored', async (t) => {
+  const s = sidecarIdentity()
+  const c = await startTestCollector([s])
+  t.teardown(() => c.close())
+  // A forged event 20 hours old, written into a gap of the chain with the sidecar's own token.
+  const r = await exchange(c.grpcAddress, authMetadata(s), [
+    { sidecarId: s.id, events: seqEvents(1, 10) },
+    { sidecarId: s.id, events: seqEvents(551, 560) },
+    { sidecarId: s.id, events: seqEvents(300, 300, () => ({ ts: Date.now() - 20 * 3_600_000 })) },
+  ])
+  t.same(r.acks.map((a) => a.ackedSequence), [10, 560])
+  t.equal(r.error?.code, status.INVALID_ARGUMENT)
+  t.match(r.error?.details, /sequence 300 was never stored but the chain already holds sequence 560/)
+  const seqs = (await c.store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0) })).map((e) => e.sequence)
+  t.notOk(seqs.includes(300), 'the backdated event is not on record')
+})
+
 t.test('acks the highest sequence once stored; resends are deduplicated', async (t) => {
   const s = sidecarIdentity()
   const c = await startTestCollector([s])

@@ -74,14 +74,29 @@ export function conformance(t: Test, backend: Backend): void {
     t.same([same.stored, same.duplicates], [1, 1], 'the same event twice in a batch is still a duplicate')
   })
 
-  withStore('out-of-order and gapped batches are stored once each, and the chain verifies', async (t, { store }) => {
-    await store.append(A, seqEvents(10, 12))
-    await store.append(A, seqEvents(4, 6))
+  withStore('overlapping resends are stored once each, and the chain verifies', async (t, { store }) => {
+    await store.append(A, seqEvents(1, 3))
+    await store.append(A, seqEvents(2, 6))
     await store.append(A, seqEvents(1, 12))
     const all = await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0) })
-    t.same(all.map((e) => e.sequence).sort((a, b) => a - b), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
-    t.same(all.map((e) => e.position).sort((a, b) => a - b), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
-    t.ok((await store.verify(A)).ok)
+    t.same(all.map((e) => [e.sequence, e.position]), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12].map((n) => [n, n]))
+    t.same(await store.verify(A), { ok: true, checked: 12, sidecars: 1, breaks: [] })
+  })
+
+  withStore('an unseen sequence below the chain head is refused (no backdating into a gap); verify lists the gap', async (t, { store }) => {
+    await store.append(A, seqEvents(1, 52))
+    await store.append(A, seqEvents(551, 560))
+    const backdated = seqEvents(300, 300, () => ({ ts: Date.now() - 20 * 3_600_000 }))
+    await t.rejects(store.append(A, backdated), { code: 'LK_STORE_BAD_BATCH', message: `sidecar ${A}: sequence 300 was never stored but the chain already holds sequence 560: a sidecar sends in order, so an unseen sequence below its head is refused` })
+    // Mixed with a true resend and new events past the head: still refused whole.
+    await t.rejects(store.append(A, [...seqEvents(559, 560), ...backdated, ...seqEvents(561, 562)]), { code: 'LK_STORE_BAD_BATCH', message: /sequence 300 was never stored/ })
+    // Out of order inside one batch: the later sequence first makes the earlier one a backfill.
+    await t.rejects(store.append(A, [...seqEvents(570, 570), ...seqEvents(565, 565)]), { code: 'LK_STORE_BAD_BATCH', message: /sequence 565 was never stored but the chain already holds sequence 570/ })
+    const r = await store.append(A, [...seqEvents(555, 560), ...seqEvents(561, 563)])
+    t.same([r.stored, r.duplicates, r.highest], [3, 6, 563], 'a resend overlapping the head, and new events past it, are taken')
+    t.same((await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0) })).map((e) => e.sequence).filter((s) => s > 52 && s < 551), [], 'nothing stored in the gap')
+    const v = await store.verify()
+    t.same(v, { ok: true, checked: 65, sidecars: 1, breaks: [], gaps: [{ sidecar: A, position: 53, previous: 52, sequence: 551 }], gapCount: 1 }, 'the gap is reported, not a break')
   })
 
   withStore('a malformed batch is refused whole, naming the problem', async (t, { store }) => {
@@ -235,15 +250,13 @@ export function conformance(t: Test, backend: Backend): void {
   withStore('two replicas appending to one sidecar concurrently keep one linear chain', async (t, b) => {
     const r2 = b.replica()
     t.teardown(() => r2.close())
-    const jobs: Promise<unknown>[] = []
-    for (let i = 0; i < 20; i++) {
-      const from = i * 10 + 1
-      jobs.push((i % 2 ? r2 : b.store).append(A, seqEvents(from, from + 9)))
-      // And every batch a second time through the other replica: duplicates, never twice stored.
-      jobs.push((i % 2 ? b.store : r2).append(A, seqEvents(from, from + 9)))
+    // Two streams of one sidecar (a reconnect landing on the other replica while the first still
+    // drains), each sending every batch in order: each event stored once, never twice.
+    const stream = async (s: AuditStore, offset: number) => {
+      for (let i = 0; i < 20; i++) await s.append(A, seqEvents(i * 10 + 1, i * 10 + 10 + (i + offset) % 3))
     }
-    await Promise.all(jobs)
+    await Promise.all([stream(b.store, 0), stream(r2, 1)])
     const v = await b.store.verify()
-    t.same(v, { ok: true, checked: 200, sidecars: 1, breaks: [] })
+    t.same(v, { ok: true, checked: 202, sidecars: 1, breaks: [] }, "sequences 1 to 202, once each")
   })
 }

@@ -50,6 +50,28 @@ t.test('an unseen sequence below the chain head is refused as INVALID_ARGUMENT, 
   t.notOk(seqs.includes(300), 'the backdated event is not on record')
 })
 
+t.test('an event dated past the allowed clock skew is refused, naming the time and the knob; past times are taken', async (t) => {
+  const s = sidecarIdentity()
+  const c = await startTestCollector([s], { raw: { grpc: { host: '127.0.0.1', port: 0, max_clock_skew_ms: 60_000 } } })
+  t.teardown(() => c.close())
+  const in2076 = Date.parse('2076-01-01T00:00:00Z')
+  const r = await exchange(c.grpcAddress, authMetadata(s), [
+    { sidecarId: s.id, events: seqEvents(1, 2, (n) => ({ ts: Date.now() - n * 86_400_000 })) },
+    { sidecarId: s.id, events: [...seqEvents(3, 3), ...seqEvents(4, 4, () => ({ ts: in2076 }))] },
+  ])
+  t.same(r.acks.map((a) => a.ackedSequence), [2], 'days-old events from a late spool are stored')
+  t.equal(r.error?.code, status.INVALID_ARGUMENT)
+  t.match(r.error?.details, /^sequence 4 is dated 2076-01-01T00:00:00\.000Z, \d+ s ahead of the collector's clock \(collector\.grpc\.max_clock_skew_ms is 60000\)/)
+  t.equal((await c.store.verify()).checked, 2, 'nothing of the refused batch was stored')
+  const near = await exchange(c.grpcAddress, authMetadata(s), [{ sidecarId: s.id, events: seqEvents(3, 3, () => ({ ts: Date.now() + 30_000 })) }])
+  t.same([near.error, near.acks.map((a) => a.ackedSequence)], [null, [3]], 'within the skew: stored')
+  const def = await startTestCollector([s])
+  t.teardown(() => def.close())
+  t.equal(def.config.collector.grpc.max_clock_skew_ms, 300_000, 'five minutes by default')
+  const soon = await exchange(def.grpcAddress, authMetadata(s), [{ sidecarId: s.id, events: seqEvents(1, 1, () => ({ ts: Date.now() + 10 * 60_000 })) }])
+  t.equal(soon.error?.code, status.INVALID_ARGUMENT)
+})
+
 t.test('acks the highest sequence once stored; resends are deduplicated', async (t) => {
   const s = sidecarIdentity()
   const c = await startTestCollector([s])

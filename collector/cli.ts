@@ -7,7 +7,7 @@ import { ConfigError } from '../lib/config/load.js'
 import { Action, AuditEvent } from '../protos/gen/latchkey/v1/audit.js'
 import { loadCollectorConfig } from './config.js'
 import { openStore, startCollector } from './collector.js'
-import { eventToJson, parseSince, type EventJson } from './query.js'
+import { MAX_ANSWER_BYTES, boundAnswer, eventToJson, parseSince, type EventJson } from './query.js'
 import type { VerifyResult } from './store/types.js'
 
 const DEFAULT_URL = 'http://127.0.0.1:15101'
@@ -125,9 +125,9 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
           const store = openStore(loadCollectorConfig(opts.config).collector.store)
           try {
             const since = parseSince(opts.since)
-            events = (await store.eventsByAgent({ agent: opts.agent, since, deniedOnly: !!opts.denied, limit: limit + 1 })).map(eventToJson)
-            truncated = events.length > limit
-            if (truncated) events.length = limit
+            const answer = boundAnswer(await store.eventsByAgent({ agent: opts.agent, since, deniedOnly: !!opts.denied, limit: limit + 1, maxBytes: MAX_ANSWER_BYTES }), limit, MAX_ANSWER_BYTES)
+            events = answer.events.map(eventToJson)
+            truncated = answer.truncated
           } finally {
             await store.close()
           }
@@ -143,7 +143,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
         for (const e of events) console.log(opts.json ? JSON.stringify(e) : formatEvent(e))
         if (!opts.json) {
           console.error(`${events.length} call(s) by ${opts.agent} since ${opts.since}${opts.denied ? ' (denied only)' : ''}`)
-          if (truncated) console.error(`more calls match: these are the oldest ${limit}; narrow --since or raise --limit`)
+          if (truncated) console.error(`more calls match: these are the oldest ${events.length}; narrow --since or raise --limit`)
         }
       } catch (err) {
         fail(err)

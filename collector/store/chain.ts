@@ -57,6 +57,62 @@ function clip(s: string): string {
   return s.length > 100 ? `${s.slice(0, 100)}…` : s
 }
 
+/**
+ * Size limits per field, in UTF-8 bytes, sized for what a sidecar produces. The path comes from a
+ * request line, which node:http bounds with its header limit (16 KiB by default, the sidecar's
+ * setting), so 64 KiB leaves room for a raised --max-http-header-size; the decision's reason may
+ * quote a policy's explanation; every other field is a name, an ID, an address or a code.
+ * Megabyte fields (allowed under max_batch_bytes) made every query of that agent fail.
+ */
+export const FIELD_LIMITS = { default: 4096, 'call.path': 65_536, 'decision.reason': 16_384, scopes: 256 } as const
+/** A whole event as received, unknown fields included: past the sum of the field limits. */
+export const MAX_EVENT_BYTES = 256 * 1024
+
+const STRING_FIELDS: ReadonlyArray<readonly [string, (ev: AuditEvent) => string | undefined]> = [
+  ['id', (ev) => ev.id],
+  ['delegation.user', (ev) => ev.delegation?.user],
+  ['delegation.agent', (ev) => ev.delegation?.agent],
+  ['delegation.task', (ev) => ev.delegation?.task],
+  ['call.method', (ev) => ev.call?.method],
+  ['call.scheme', (ev) => ev.call?.scheme],
+  ['call.host', (ev) => ev.call?.host],
+  ['call.path', (ev) => ev.call?.path],
+  ['call.address', (ev) => ev.call?.address],
+  ['call.trace_id', (ev) => ev.call?.traceId],
+  ['call.via', (ev) => ev.call?.via],
+  ['decision.rule', (ev) => ev.decision?.rule],
+  ['decision.reason', (ev) => ev.decision?.reason],
+  ['decision.error', (ev) => ev.decision?.error],
+  ['credential.provider', (ev) => ev.credential?.provider],
+  ['credential.audience', (ev) => ev.credential?.audience],
+  ['credential.jti', (ev) => ev.credential?.jti],
+  ['process.executable', (ev) => ev.process?.executable],
+]
+
+function utf8Over(s: string, limit: number): number | null {
+  if (s.length * 3 <= limit) return null
+  const n = Buffer.byteLength(s)
+  return n > limit ? n : null
+}
+
+/** The first field past its limit, as a refusal names it; null when all fit. */
+export function oversizedField(ev: AuditEvent, payloadBytes: number): string | null {
+  for (const [name, get] of STRING_FIELDS) {
+    const limit = (FIELD_LIMITS as Record<string, number>)[name] ?? FIELD_LIMITS.default
+    const n = utf8Over(get(ev) ?? '', limit)
+    if (n !== null) return `${name} is ${n} bytes, more than ${limit}`
+  }
+  const scopes = ev.credential?.scopes ?? []
+  if (scopes.length > FIELD_LIMITS.scopes) return `credential.scopes has ${scopes.length} entries, more than ${FIELD_LIMITS.scopes}`
+  for (const sc of scopes) {
+    const n = utf8Over(sc, FIELD_LIMITS.default)
+    if (n !== null) return `a credential.scopes entry is ${n} bytes, more than ${FIELD_LIMITS.default}`
+  }
+  // Every field fits: what is left is fields this collector does not know, which no query shows.
+  if (payloadBytes > MAX_EVENT_BYTES) return `the event is ${payloadBytes} bytes encoded, more than ${MAX_EVENT_BYTES}`
+  return null
+}
+
 export function isDenied(action: number): boolean {
   return action === Action.ACTION_DENY || action === Action.ACTION_REPORT
 }
@@ -97,6 +153,9 @@ export function newEvents(sidecar: string, events: SequencedEvent[], stored: Map
     // if the store were down, and the sidecar would retry it for ever), so neither store takes one.
     const nul = NUL_CHECKED.find(([, get]) => get(e.event!).includes('\u0000'))
     if (nul) throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${e.sequence}: ${nul[0]} contains a NUL character`)
+    const raw = (e as { raw?: Uint8Array }).raw
+    const big = oversizedField(e.event, raw ? raw.byteLength : AuditEvent.encode(e.event).finish().byteLength)
+    if (big) throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${e.sequence}: ${big}`)
     const held = stored.get(e.sequence)
     if (held !== undefined && held !== e.event.id) {
       throw new StoreError(
@@ -167,11 +226,11 @@ export function chainRows(sidecar: string, events: SequencedEvent[], headPositio
 
 /** A just-stored row as a StoredEvent (no decode: the row holds the event). */
 export function rowToStored(sidecar: string, r: Row): StoredEvent {
-  return { sidecar, sequence: r.sequence, position: r.position, event: r.event, hash: r.hash.toString('hex') }
+  return { sidecar, sequence: r.sequence, position: r.position, event: r.event, hash: r.hash.toString('hex'), bytes: r.payload.byteLength }
 }
 
 export function toStored(sidecar: string, r: { sequence: number; position: number; payload: Uint8Array; hash: Uint8Array }): StoredEvent {
-  return { sidecar, sequence: r.sequence, position: r.position, event: AuditEvent.decode(r.payload), hash: Buffer.from(r.hash).toString('hex') }
+  return { sidecar, sequence: r.sequence, position: r.position, event: AuditEvent.decode(r.payload), hash: Buffer.from(r.hash).toString('hex'), bytes: r.payload.byteLength }
 }
 
 /**

@@ -194,10 +194,15 @@ export class PostgresAuditStore implements AuditStore {
   async eventsByAgent(q: EventQuery): Promise<StoredEvent[]> {
     await this.ensureReady()
     const r = await this.pool.query<{ sidecar: string; seq: string; pos: string; payload: Buffer; hash: Buffer }>(
-      `SELECT sidecar, seq, pos, payload, hash FROM ${this.t}
-       WHERE agent = $1 AND ts >= $2 AND ts < $3 ${q.deniedOnly ? `AND action IN ${DENIED}` : ''}
-       ORDER BY ts, sidecar, pos LIMIT $4`,
-      [q.agent, q.since.getTime(), q.until?.getTime() ?? Number.MAX_SAFE_INTEGER, q.limit ?? 10_000],
+      // Picked by payload size first (octet_length reads the stored size, not the value), so a
+      // few huge payloads cannot make one answer hold gigabytes.
+      `SELECT e.sidecar, e.seq, e.pos, e.payload, e.hash FROM (
+         SELECT sidecar AS s, pos AS p, ts AS t, sum(octet_length(payload)) OVER (ORDER BY ts, sidecar, pos ROWS UNBOUNDED PRECEDING) - octet_length(payload) AS before
+         FROM ${this.t} WHERE agent = $1 AND ts >= $2 AND ts < $3 ${q.deniedOnly ? `AND action IN ${DENIED}` : ''}
+         ORDER BY ts, sidecar, pos LIMIT $4
+       ) AS k JOIN ${this.t} AS e ON e.sidecar = k.s AND e.pos = k.p
+       WHERE k.before < $5 ORDER BY k.t, k.s, k.p`,
+      [q.agent, q.since.getTime(), q.until?.getTime() ?? Number.MAX_SAFE_INTEGER, q.limit ?? 10_000, q.maxBytes ?? Number.MAX_SAFE_INTEGER],
     )
     return r.rows.map((x) => toStored(x.sidecar, { sequence: Number(x.seq), position: Number(x.pos), payload: x.payload, hash: x.hash }))
   }

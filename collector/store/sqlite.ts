@@ -109,11 +109,16 @@ export class SqliteAuditStore implements AuditStore {
   eventsByAgent(q: EventQuery): Promise<StoredEvent[]> {
     const until = q.until?.getTime() ?? Number.MAX_SAFE_INTEGER
     const denied = q.deniedOnly ? `AND action IN (${Action.ACTION_DENY}, ${Action.ACTION_REPORT})` : ''
-    const rows = statement<[string, number, number, number], { sidecar: string; seq: number; pos: number; payload: Buffer; hash: Buffer }>(
+    // The rows are picked by their payload sizes first (length() reads no blob), so a few huge
+    // payloads cannot make one answer hold gigabytes.
+    const rows = statement<[string, number, number, number, number], { sidecar: string; seq: number; pos: number; payload: Buffer; hash: Buffer }>(
       this.db,
-      `SELECT sidecar, seq, pos, payload, hash FROM audit_events WHERE agent = ? AND ts >= ? AND ts < ? ${denied}
-       ORDER BY ts, sidecar, pos LIMIT ?`,
-    ).all(q.agent, q.since.getTime(), until, q.limit ?? 10_000)
+      `SELECT e.sidecar, e.seq, e.pos, e.payload, e.hash FROM (
+         SELECT sidecar AS s, pos AS p, ts AS t, sum(length(payload)) OVER (ORDER BY ts, sidecar, pos ROWS UNBOUNDED PRECEDING) - length(payload) AS before
+         FROM audit_events WHERE agent = ? AND ts >= ? AND ts < ? ${denied} ORDER BY ts, sidecar, pos LIMIT ?
+       ) AS k JOIN audit_events AS e ON e.sidecar = k.s AND e.pos = k.p
+       WHERE k.before < ? ORDER BY k.t, k.s, k.p`,
+    ).all(q.agent, q.since.getTime(), until, q.limit ?? 10_000, q.maxBytes ?? Number.MAX_SAFE_INTEGER)
     return Promise.resolve(rows.map((r) => toStored(r.sidecar, { sequence: r.seq, position: r.pos, payload: r.payload, hash: r.hash })))
   }
 

@@ -22,6 +22,8 @@ export interface StoredEvent {
   event: AuditEvent
   /** hex SHA-256 of this link (see chain.ts). */
   hash: string
+  /** The stored payload's size in bytes (what a bounded answer counts). */
+  bytes?: number
 }
 
 export interface EventQuery {
@@ -32,6 +34,12 @@ export interface EventQuery {
   /** Only calls that policy denied (deny, or report-only deny). */
   deniedOnly?: boolean
   limit?: number
+  /**
+   * Bounds the answer in bytes as well as rows: rows are returned, in order, while the payload
+   * bytes before each total less than this, so the last row returned is the one that reached it
+   * (when the cut happened). Unset: rows alone bound it.
+   */
+  maxBytes?: number
 }
 
 export interface AgentInventory {

@@ -72,6 +72,16 @@ t.test('an event dated past the allowed clock skew is refused, naming the time a
   t.equal(soon.error?.code, status.INVALID_ARGUMENT)
 })
 
+t.test('a megabyte field is refused as INVALID_ARGUMENT naming the field', async (t) => {
+  const s = sidecarIdentity()
+  const c = await startTestCollector([s])
+  t.teardown(() => c.close())
+  const r = await exchange(c.grpcAddress, authMetadata(s), [{ sidecarId: s.id, events: seqEvents(1, 3, (n) => ({ path: n === 2 ? '/' + 'a'.repeat(1024 * 1024) : '/ok' })) }])
+  t.equal(r.error?.code, status.INVALID_ARGUMENT)
+  t.equal(r.error?.details, `sidecar ${s.id}: sequence 2: call.path is ${1024 * 1024 + 1} bytes, more than 65536`)
+  t.equal((await c.store.verify()).checked, 0)
+})
+
 t.test('acks the highest sequence once stored; resends are deduplicated', async (t) => {
   const s = sidecarIdentity()
   const c = await startTestCollector([s])

@@ -128,6 +128,33 @@ export function conformance(t: Test, backend: Backend): void {
     t.equal((await store.append(A, seqEvents(1, 1, () => ({ ts: 8.64e15 })))).stored, 1, 'the last representable instant is still a time')
   })
 
+  withStore('a field past its size limit is refused naming the field; the limits leave room for real traffic', async (t, { store }) => {
+    const huge = seqEvents(2, 2, () => ({ path: '/' + 'a'.repeat(7 * 1024 * 1024) }))
+    await t.rejects(store.append(A, [...seqEvents(1, 1), ...huge]), { code: 'LK_STORE_BAD_BATCH', message: `sidecar ${A}: sequence 2: call.path is ${7 * 1024 * 1024 + 1} bytes, more than 65536` })
+    const reason = seqEvents(1, 1)
+    reason[0]!.event!.decision!.reason = 'é'.repeat(9000)
+    await t.rejects(store.append(A, reason), { code: 'LK_STORE_BAD_BATCH', message: /sequence 1: decision.reason is 18000 bytes, more than 16384/ })
+    await t.rejects(store.append(A, seqEvents(1, 1, () => ({ host: 'h'.repeat(5000) }))), { code: 'LK_STORE_BAD_BATCH', message: /sequence 1: call.host is 5000 bytes, more than 4096/ })
+    const scopes = seqEvents(1, 1, () => ({ audience: 'aud' }))
+    scopes[0]!.event!.credential!.scopes = Array.from({ length: 300 }, (_, i) => `s${i}`)
+    await t.rejects(store.append(A, scopes), { code: 'LK_STORE_BAD_BATCH', message: /sequence 1: credential.scopes has 300 entries, more than 256/ })
+    t.equal((await store.verify()).checked, 0, 'nothing of the refused batches was stored')
+    // node:http bounds a request line by its header limit (16 KiB by default): such a path fits.
+    t.equal((await store.append(A, seqEvents(1, 1, () => ({ path: '/' + 'p'.repeat(16 * 1024) })))).stored, 1)
+  })
+
+  withStore('events by agent are bounded in bytes as well as rows', async (t, { store }) => {
+    const now = Date.now()
+    await store.append(A, seqEvents(1, 10, (n) => ({ ts: now - 1000 + n, path: '/' + String(n % 10).repeat(60_000) })))
+    const all = await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0) })
+    t.equal(all.length, 10)
+    t.ok(all.every((e) => e.bytes! > 60_000 && e.bytes! < 61_000), 'each answer row says its stored size')
+    const cut = await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0), maxBytes: 200_000 })
+    t.same(cut.map((e) => e.sequence), [1, 2, 3, 4], 'rows while the bytes before them are under the bound: the fourth reaches it')
+    t.same((await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0), maxBytes: 1 })).map((e) => e.sequence), [1], 'the first row always')
+    t.same((await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0), maxBytes: 200_000, limit: 2 })).map((e) => e.sequence), [1, 2])
+  })
+
   withStore('inventory keeps an agent or sidecar name holding a comma whole', async (t, { store }) => {
     // A forged agent ID reading as two: SQLite's group_concat joined names with ',' and split them again.
     const forged = 'agent:x:y:a,agent:victim:prod:1'

@@ -166,6 +166,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
           } finally {
             await store.close()
           }
+          if (opts.sidecar !== undefined && v.sidecars === 0 && v.ok) throw new CliError(`no sidecar "${printable(opts.sidecar)}" in the store`)
         } else {
           v = (await getJson<VerifyResult>(opts.url, `/v1/verify${opts.sidecar ? `?sidecar=${encodeURIComponent(opts.sidecar)}` : ''}`)).body
         }

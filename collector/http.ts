@@ -96,6 +96,8 @@ export function createQueryServer(store: AuditStore, log: Logger, readerTokensSh
           const sidecar = url.searchParams.get('sidecar') ?? undefined
           if (sidecar !== undefined) noNul('sidecar', sidecar)
           const v = await store.verify(sidecar)
+          // "verified: 0 events" would read as a clean chain for a sidecar the store never heard of.
+          if (sidecar !== undefined && v.sidecars === 0 && v.ok) return send(res, 404, { error: `no sidecar "${sidecar.slice(0, 200)}" in the store` })
           return send(res, v.ok ? 200 : 409, v)
         }
         default:

@@ -5,7 +5,7 @@
 // reordering any stored event breaks every link after it.
 import { createHash } from 'node:crypto'
 import { Action, AuditEvent, type SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
-import { StoreError, type StoredEvent } from './types.js'
+import { StoreError, type StoredEvent, type VerifyResult } from './types.js'
 
 export const GENESIS = Buffer.alloc(32)
 const DOMAIN = Buffer.from('latchkey.audit.v1\0')
@@ -246,7 +246,7 @@ export class ChainVerifier {
   gapAfter: number | null = null
   constructor(readonly sidecar: string) {}
 
-  check(r: { sequence: number; position: number; ts: number; agent: string; action: number; payload: Uint8Array; prev: Uint8Array; hash: Uint8Array }): string | null {
+  check(r: VerifiedRow): string | null {
     this.checked++
     if (r.position !== this.expectPosition) return `position ${r.position} follows ${this.expectPosition - 1}: a link is missing`
     this.expectPosition++
@@ -262,9 +262,63 @@ export class ChainVerifier {
     } catch {
       return 'payload is not a valid AuditEvent'
     }
-    if (ev.timeUnixMs !== r.ts || ev.delegation?.agent !== r.agent || (ev.decision?.action ?? 0) !== r.action) {
-      return 'indexed columns (ts, agent, action) differ from the payload'
-    }
+    // Every column a query or the inventory reads instead of the payload, re-derived from it.
+    const agent = ev.delegation?.agent ?? ''
+    const want: Array<[string, unknown, unknown]> = [
+      ['id', ev.id, r.id],
+      ['ts', ev.timeUnixMs, r.ts],
+      ['agent', agent, r.agent],
+      ['agent_type', agentType(agent), r.agentType],
+      ['host', ev.call?.host ?? '', r.host],
+      ['port', ev.call?.port ?? 0, r.port],
+      ['action', ev.decision?.action ?? 0, r.action],
+      ['audience', ev.credential?.audience ?? '', r.audience],
+    ]
+    const differ = want.filter(([, a, b]) => a !== b).map(([name]) => name)
+    if (differ.length > 0) return `indexed column(s) ${differ.join(', ')} differ from the payload`
     return null
+  }
+}
+
+/** A stored link as verify reads it: the hashed parts and every column derived from the payload. */
+export interface VerifiedRow {
+  sequence: number
+  position: number
+  id: string
+  ts: number
+  agent: string
+  agentType: string
+  host: string
+  port: number
+  action: number
+  audience: string
+  payload: Uint8Array
+  prev: Uint8Array
+  hash: Uint8Array
+}
+
+/**
+ * The rows alone cannot show a chain's tail (or all of it) removed: what is left still links. The
+ * fan-out's cursors are a cross-check: a consumer never moves past what was stored, so a cursor
+ * beyond a chain's head means links were removed after it handled them. Adds one break per such
+ * sidecar (unless it already has one). `only`: the sidecar verify was asked about.
+ */
+export function checkAgainstCursors(result: VerifyResult, heads: Map<string, number>, cursors: Array<{ name: string; sidecar: string; pos: number }>, only?: string): void {
+  const broken = new Set(result.breaks.map((b) => b.sidecar))
+  for (const c of cursors.sort((a, b) => (a.sidecar < b.sidecar ? -1 : a.sidecar > b.sidecar ? 1 : 0))) {
+    if (only !== undefined && c.sidecar !== only) continue
+    const head = heads.get(c.sidecar) ?? 0
+    if (c.pos <= head || broken.has(c.sidecar)) continue
+    broken.add(c.sidecar)
+    result.ok = false
+    result.breaks.push({
+      sidecar: c.sidecar,
+      position: head + 1,
+      sequence: 0,
+      reason:
+        head === 0
+          ? `no link is stored, but consumer "${c.name}" already handled position ${c.pos}: the whole chain was removed`
+          : `the chain ends at position ${head}, but consumer "${c.name}" already handled position ${c.pos}: links were removed from its tail`,
+    })
   }
 }

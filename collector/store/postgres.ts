@@ -5,8 +5,8 @@
 // sidecar's chain stays linear whichever replica its stream lands on.
 import pg from 'pg'
 import { Action, type SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
-import { GENESIS, chainRows, newEvents, rowToStored, toStored } from './chain.js'
-import { mergeVerify, verifyRows, type DbRow } from './sqlite.js'
+import { GENESIS, checkAgainstCursors, chainRows, newEvents, rowToStored, toStored } from './chain.js'
+import { VERIFY_COLUMNS, mergeVerify, verifyRows, type DbRow } from './sqlite.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
 import { StoreError } from './types.js'
 
@@ -243,13 +243,15 @@ export class PostgresAuditStore implements AuditStore {
     const ids = sidecar ? [sidecar] : (await this.pool.query<{ sidecar: string }>(`SELECT DISTINCT sidecar FROM ${this.t} ORDER BY sidecar`)).rows.map((r) => r.sidecar)
     const total: VerifyResult = { ok: true, checked: 0, sidecars: 0, breaks: [] }
     for (const id of ids) {
-      const r = await this.pool.query<{ sidecar: string; seq: string; pos: string; ts: string; agent: string; action: number; payload: Buffer; prev: Buffer; hash: Buffer }>(
-        `SELECT sidecar, seq, pos, ts, agent, action, payload, prev, hash FROM ${this.t} WHERE sidecar = $1 ORDER BY pos`,
+      const r = await this.pool.query<Omit<DbRow, 'seq' | 'pos' | 'ts'> & { seq: string; pos: string; ts: string }>(
+        `SELECT ${VERIFY_COLUMNS} FROM ${this.t} WHERE sidecar = $1 ORDER BY pos`,
         [id],
       )
       const rows: DbRow[] = r.rows.map((x) => ({ ...x, seq: Number(x.seq), pos: Number(x.pos), ts: Number(x.ts) }))
       mergeVerify(total, verifyRows(rows))
     }
+    const cursors = await this.pool.query<{ name: string; sidecar: string; pos: string }>(`SELECT name, sidecar, pos FROM ${this.cursorsTable}`)
+    checkAgainstCursors(total, await this.heads(), cursors.rows.map((c) => ({ ...c, pos: Number(c.pos) })), sidecar)
     return total
   }
 

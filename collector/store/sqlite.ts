@@ -4,7 +4,7 @@
 // and kept, no iterate(), so Node 24's garbage collector never destroys a better-sqlite3 object.
 import { openDatabase, pragma, statement, type Database } from '../../lib/sqlite.js'
 import type { SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
-import { ChainVerifier, GENESIS, chainRows, isDenied, newEvents, rowToStored, toStored } from './chain.js'
+import { ChainVerifier, GENESIS, chainRows, checkAgainstCursors, isDenied, newEvents, rowToStored, toStored } from './chain.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, SequenceGap, StoredEvent, VerifyResult } from './types.js'
 import { MAX_LISTED_GAPS, StoreError } from './types.js'
 import { Action } from '../../protos/gen/latchkey/v1/audit.js'
@@ -46,13 +46,21 @@ interface DbRow {
   sidecar: string
   seq: number
   pos: number
+  id: string
   ts: number
   agent: string
+  agent_type: string
+  host: string
+  port: number
   action: number
+  audience: string
   payload: Buffer
   prev: Buffer
   hash: Buffer
 }
+
+/** The columns verify reads (both stores). */
+export const VERIFY_COLUMNS = 'sidecar, seq, pos, id, ts, agent, agent_type, host, port, action, audience, payload, prev, hash'
 
 export class SqliteAuditStore implements AuditStore {
   readonly kind = 'sqlite' as const
@@ -174,7 +182,7 @@ export class SqliteAuditStore implements AuditStore {
           .map((r) => r.sidecar)
     const page = statement<[string, number], DbRow>(
       this.db,
-      'SELECT sidecar, seq, pos, ts, agent, action, payload, prev, hash FROM audit_events WHERE sidecar = ? AND pos > ? ORDER BY pos LIMIT 10000',
+      `SELECT ${VERIFY_COLUMNS} FROM audit_events WHERE sidecar = ? AND pos > ? ORDER BY pos LIMIT 10000`,
     )
     // Paged per sidecar: memory stays bounded by one page whatever the store holds.
     function* rows(): Generator<DbRow> {
@@ -188,7 +196,10 @@ export class SqliteAuditStore implements AuditStore {
         }
       }
     }
-    return Promise.resolve(verifyRows(rows()))
+    const result = verifyRows(rows())
+    const heads = new Map(statement<[], { sidecar: string; pos: number }>(this.db, 'SELECT sidecar, max(pos) AS pos FROM audit_events GROUP BY sidecar').all().map((r) => [r.sidecar, r.pos]))
+    checkAgainstCursors(result, heads, statement<[], { name: string; sidecar: string; pos: number }>(this.db, 'SELECT name, sidecar, pos FROM audit_cursors').all(), sidecar)
+    return Promise.resolve(result)
   }
 
   after(sidecar: string, position: number, limit: number): Promise<StoredEvent[]> {
@@ -245,7 +256,7 @@ export function verifyRows(rows: Iterable<DbRow>): VerifyResult {
     }
     if (broken) continue
     result.checked++
-    const reason = v.check({ sequence: r.seq, position: r.pos, ts: r.ts, agent: r.agent, action: r.action, payload: r.payload, prev: r.prev, hash: r.hash })
+    const reason = v.check({ ...r, sequence: r.seq, position: r.pos, agentType: r.agent_type })
     if (reason) {
       broken = true
       result.ok = false

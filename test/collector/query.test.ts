@@ -143,6 +143,19 @@ t.test('`audit verify -c` reads the store directly and names the first break', a
   t.match(bad.stdout, `BROKEN: sidecar ${id.id} at position 4 (sequence 4): hash does not match the stored payload`)
   const rows = await cli(['audit', '--agent', X, '-c', cfg, '--json'])
   t.equal(rows.stdout.trim().split('\n').length, 5, 'queries work straight from the store too')
+  const none = await cli(['audit', 'verify', '-c', cfg, '--sidecar', 'no-such-id'])
+  t.same([none.code, none.stdout, none.stderr.trim()], [1, '', 'no sidecar "no-such-id" in the store'])
+})
+
+t.test('`audit verify --sidecar` for a sidecar the store never heard of fails, over the API too; gaps are listed', async (t) => {
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  t.teardown(() => c.close())
+  await c.store.append(id.id, [1, 2, 9].map((sequence) => ({ sequence, event: makeEvent({ agent: X }) })))
+  const none = await cli(['audit', 'verify', '--url', c.httpUrl!, '--sidecar', 'no-such-id'])
+  t.same([none.code, none.stdout, none.stderr.trim()], [1, '', `collector at ${c.httpUrl!}: no sidecar "no-such-id" in the store`])
+  const gaps = await cli(['audit', 'verify', '--url', c.httpUrl!, '--sidecar', id.id])
+  t.same([gaps.code, gaps.stdout.trim().split('\n')], [0, [`GAP: sidecar ${id.id} at position 3: sequence 9 follows 2; 6 sequence(s) never received`, 'chain verified: 3 events across 1 sidecars; 1 sequence gap(s), listed above']])
 })
 
 t.test('with reader tokens, the query API and the CLI need one', async (t) => {

@@ -194,9 +194,46 @@ export function conformance(t: Test, backend: Backend): void {
     const v = await b.store.verify()
     t.same(v.breaks, [
       { sidecar: A, position: 3, sequence: 3, reason: 'position 3 follows 1: a link is missing' },
-      { sidecar: B, position: 4, sequence: 4, reason: 'indexed columns (ts, agent, action) differ from the payload' },
+      { sidecar: B, position: 4, sequence: 4, reason: 'indexed column(s) action differ from the payload' },
     ])
     t.same((await b.store.verify(B)).breaks.length, 1)
+  })
+
+  withStore('verify re-derives every column a query or the inventory reads, not only ts, agent and action', async (t, b) => {
+    const C = 'sidecar-c'
+    const D = 'sidecar-d'
+    for (const s of [A, B, C, D]) await b.store.append(s, seqEvents(1, 3, () => ({ audience: 'https://api.example.com' })))
+    await b.disableGuards()
+    await b.raw(`UPDATE audit_events SET host = 'other.example', port = 8443 WHERE sidecar = '${A}' AND seq = 2`)
+    await b.raw(`UPDATE audit_events SET audience = 'https://evil.example' WHERE sidecar = '${B}' AND seq = 1`)
+    await b.raw(`UPDATE audit_events SET id = 'forged' WHERE sidecar = '${C}' AND seq = 3`)
+    await b.raw(`UPDATE audit_events SET agent_type = 'other' WHERE sidecar = '${D}' AND seq = 3`)
+    const v = await b.store.verify()
+    t.same(v.breaks, [
+      { sidecar: A, position: 2, sequence: 2, reason: 'indexed column(s) host, port differ from the payload' },
+      { sidecar: B, position: 1, sequence: 1, reason: 'indexed column(s) audience differ from the payload' },
+      { sidecar: C, position: 3, sequence: 3, reason: 'indexed column(s) id differ from the payload' },
+      { sidecar: D, position: 3, sequence: 3, reason: 'indexed column(s) agent_type differ from the payload' },
+    ])
+  })
+
+  withStore('verify finds a removed tail or a removed chain against the fan-out cursors', async (t, b) => {
+    await b.store.append(A, seqEvents(1, 5))
+    await b.store.append(B, seqEvents(1, 5))
+    await b.store.append('sidecar-c', seqEvents(1, 5))
+    await b.store.saveCursors('nats', new Map([[A, 5], [B, 4], ['sidecar-c', 5]]))
+    await b.disableGuards()
+    await b.raw(`DELETE FROM audit_events WHERE sidecar = '${A}' AND seq >= 4`)
+    await b.raw(`DELETE FROM audit_events WHERE sidecar = '${B}' AND seq = 5`)
+    await b.raw(`DELETE FROM audit_events WHERE sidecar = 'sidecar-c'`)
+    const v = await b.store.verify()
+    t.equal(v.ok, false)
+    t.same(v.breaks, [
+      { sidecar: A, position: 4, sequence: 0, reason: 'the chain ends at position 3, but consumer "nats" already handled position 5: links were removed from its tail' },
+      { sidecar: 'sidecar-c', position: 1, sequence: 0, reason: 'no link is stored, but consumer "nats" already handled position 5: the whole chain was removed' },
+    ], "B's last link, not yet handled by the consumer, cannot be missed from the rows alone")
+    t.same((await b.store.verify('sidecar-c')).breaks.length, 1, 'asked about the removed chain alone')
+    t.same((await b.store.verify(B)).ok, true)
   })
 
   withStore('events by agent since a time, optionally denied only', async (t, { store }) => {

@@ -126,9 +126,17 @@ export function isDenied(action: number): boolean {
  * events under one sequence in the same batch are refused alike. `headSequence` is the highest
  * sequence the chain holds: a new event must come after it (and after the batch's earlier ones).
  */
-export function newEvents(sidecar: string, events: SequencedEvent[], stored: Map<number, string>, headSequence = 0): SequencedEvent[] {
+export function newEvents(
+  sidecar: string,
+  events: SequencedEvent[],
+  stored: Map<number, string>,
+  headSequence = 0,
+  /** The batch's event IDs already stored anywhere in the store: id → where. */
+  idsHeld: Map<string, { sidecar: string; sequence: number }> = new Map(),
+): SequencedEvent[] {
   if (!sidecar) throw new StoreError('LK_STORE_BAD_BATCH', 'batch has no sidecar id')
   const seen = new Map<number, string>()
+  const seenIds = new Map<string, number>()
   let head = headSequence
   const out: SequencedEvent[] = []
   for (const e of events) {
@@ -184,11 +192,25 @@ export function newEvents(sidecar: string, events: SequencedEvent[], stored: Map
         `sidecar ${sidecar}: sequence ${e.sequence} was never stored but the chain already holds sequence ${head}: a sidecar sends in order, so an unseen sequence below its head is refused`,
       )
     }
+    // An event ID names one call: the same ID under another sequence, or another sidecar, is a
+    // replay (a stolen batch re-sent with a sidecar's token), and would list the call twice.
+    const elsewhere = idsHeld.get(e.event.id)
+    const inBatch = seenIds.get(e.event.id)
+    if (elsewhere || inBatch !== undefined) {
+      const where = elsewhere ? `sidecar ${clip(elsewhere.sidecar)} sequence ${elsewhere.sequence}` : `sequence ${inBatch} of this batch`
+      throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${e.sequence}: event id ${clip(e.event.id)} is already stored under ${where}: an event is recorded once`)
+    }
+    seenIds.set(e.event.id, e.sequence)
     head = e.sequence
     seen.set(e.sequence, e.event.id)
     out.push(e)
   }
   return out
+}
+
+/** The batch's event IDs worth looking up: those the batch checks would not refuse anyway. */
+export function askableIds(events: SequencedEvent[]): string[] {
+  return events.map((e) => e.event?.id ?? '').filter((id) => id.length <= FIELD_LIMITS.default && !id.includes('\u0000'))
 }
 
 /** Builds the chained rows for new events after the head (position, hash). */

@@ -5,7 +5,7 @@
 // sidecar's chain stays linear whichever replica its stream lands on.
 import pg from 'pg'
 import { Action, type SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
-import { GENESIS, checkAgainstCursors, chainRows, newEvents, rowToStored, toStored } from './chain.js'
+import { GENESIS, askableIds, checkAgainstCursors, chainRows, newEvents, rowToStored, toStored } from './chain.js'
 import { VERIFY_COLUMNS, mergeVerify, verifyRows, type DbRow } from './sqlite.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
 import { StoreError } from './types.js'
@@ -91,6 +91,7 @@ export class PostgresAuditStore implements AuditStore {
           UNIQUE (sidecar, pos)
         )`)
       await c.query(`CREATE INDEX IF NOT EXISTS audit_events_agent_ts ON ${this.t} (agent, ts)`)
+      await c.query(`CREATE INDEX IF NOT EXISTS audit_events_id ON ${this.t} (id)`)
       await c.query(`CREATE TABLE IF NOT EXISTS ${this.cursorsTable} (name text NOT NULL, sidecar text NOT NULL, pos bigint NOT NULL, PRIMARY KEY (name, sidecar))`)
       await c.query(`
         CREATE OR REPLACE FUNCTION ${s}.audit_events_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -142,7 +143,13 @@ export class PostgresAuditStore implements AuditStore {
       const seqs = events.map((e) => e.sequence).filter((n) => Number.isSafeInteger(n))
       const existing = await c.query<{ seq: string; id: string }>(`SELECT seq, id FROM ${this.t} WHERE sidecar = $1 AND seq = ANY($2::bigint[])`, [sidecar, seqs])
       const top = await c.query<{ seq: string | null }>(`SELECT max(seq) AS seq FROM ${this.t} WHERE sidecar = $1`, [sidecar])
-      const fresh = newEvents(sidecar, events, new Map(existing.rows.map((r) => [Number(r.seq), r.id])), Number(top.rows[0]?.seq ?? 0))
+      const stored = new Map(existing.rows.map((r) => [Number(r.seq), r.id]))
+      // Where each of the batch's IDs is stored already (a resend's own row too: a resend is
+      // skipped before its ID is looked at). IDs the batch check refuses anyway (a NUL, which
+      // text cannot even be asked for; past the size limit) are not asked for.
+      const held = await c.query<{ sidecar: string; seq: string; id: string }>(`SELECT sidecar, seq, id FROM ${this.t} WHERE id = ANY($1::text[])`, [askableIds(events)])
+      const ids = new Map(held.rows.map((r) => [r.id, { sidecar: r.sidecar, sequence: Number(r.seq) }]))
+      const fresh = newEvents(sidecar, events, stored, Number(top.rows[0]?.seq ?? 0), ids)
       const head = await c.query<{ pos: string; hash: Buffer }>(`SELECT pos, hash FROM ${this.t} WHERE sidecar = $1 ORDER BY pos DESC LIMIT 1`, [sidecar])
       const h = head.rows[0]
       const rows = chainRows(sidecar, fresh, h ? Number(h.pos) : 0, h?.hash ?? GENESIS)

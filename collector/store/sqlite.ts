@@ -4,7 +4,7 @@
 // and kept, no iterate(), so Node 24's garbage collector never destroys a better-sqlite3 object.
 import { openDatabase, pragma, statement, type Database } from '../../lib/sqlite.js'
 import type { SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
-import { ChainVerifier, GENESIS, chainRows, checkAgainstCursors, isDenied, newEvents, rowToStored, toStored } from './chain.js'
+import { ChainVerifier, GENESIS, askableIds, chainRows, checkAgainstCursors, isDenied, newEvents, rowToStored, toStored } from './chain.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, SequenceGap, StoredEvent, VerifyResult } from './types.js'
 import { MAX_LISTED_GAPS, StoreError } from './types.js'
 import { Action } from '../../protos/gen/latchkey/v1/audit.js'
@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS audit_events (
   UNIQUE (sidecar, pos)
 );
 CREATE INDEX IF NOT EXISTS audit_events_agent_ts ON audit_events (agent, ts);
+CREATE INDEX IF NOT EXISTS audit_events_id ON audit_events (id);
 CREATE TABLE IF NOT EXISTS audit_cursors (
   name    TEXT    NOT NULL,
   sidecar TEXT    NOT NULL,
@@ -75,6 +76,7 @@ export class SqliteAuditStore implements AuditStore {
     this.db.exec(SCHEMA)
     const head = statement<[string], { pos: number; hash: Buffer }>(this.db, 'SELECT pos, hash FROM audit_events WHERE sidecar = ? ORDER BY pos DESC LIMIT 1')
     const maxSeq = statement<[string], { seq: number | null }>(this.db, 'SELECT max(seq) AS seq FROM audit_events WHERE sidecar = ?')
+    const byId = statement<[string], { sidecar: string; seq: number; id: string }>(this.db, 'SELECT sidecar, seq, id FROM audit_events WHERE id IN (SELECT value FROM json_each(?))')
     const existing = statement<[string, number, number], { seq: number; id: string }>(this.db, 'SELECT seq, id FROM audit_events WHERE sidecar = ? AND seq BETWEEN ? AND ?')
     const insert = statement(
       this.db,
@@ -90,7 +92,10 @@ export class SqliteAuditStore implements AuditStore {
       }
       const stored = new Map<number, string>()
       if (events.length > 0 && Number.isSafeInteger(lo)) for (const r of existing.all(sidecar, lo, hi)) stored.set(r.seq, r.id)
-      const fresh = newEvents(sidecar, events, stored, maxSeq.get(sidecar)?.seq ?? 0)
+      // Where each of the batch's IDs is stored already (a resend's own row too: a resend is
+      // skipped before its ID is looked at). IDs the batch check refuses anyway are not asked for.
+      const ids = new Map(byId.all(JSON.stringify(askableIds(events))).map((r) => [r.id, { sidecar: r.sidecar, sequence: r.seq }]))
+      const fresh = newEvents(sidecar, events, stored, maxSeq.get(sidecar)?.seq ?? 0, ids)
       const h = head.get(sidecar)
       const rows = chainRows(sidecar, fresh, h?.pos ?? 0, h?.hash ?? GENESIS)
       const now = Date.now()

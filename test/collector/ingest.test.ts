@@ -146,7 +146,7 @@ t.test("a batch naming another sidecar is refused on the authenticated stream", 
   t.teardown(() => c.close())
   const r = await exchange(c.grpcAddress, authMetadata(a), [
     { sidecarId: a.id, events: seqEvents(1, 3) },
-    { sidecarId: b.id, events: seqEvents(1, 3) },
+    { sidecarId: b.id, events: seqEvents(1, 3, undefined, b.id) },
   ])
   t.same(r.acks.map((x) => x.ackedSequence), [3])
   t.equal(r.error?.code, status.PERMISSION_DENIED)

@@ -48,7 +48,7 @@ export function conformance(t: Test, backend: Backend): void {
     t.equal(inBatch.stored, 1)
     t.equal(inBatch.duplicates, 1)
     // The same sequence from another sidecar is a different event.
-    t.equal((await store.append(B, seqEvents(1, 3))).stored, 3)
+    t.equal((await store.append(B, seqEvents(1, 3, undefined, B))).stored, 3)
     const v = await store.verify()
     t.same(v, { ok: true, checked: 11, sidecars: 2, breaks: [] })
   })
@@ -72,6 +72,22 @@ export function conformance(t: Test, backend: Backend): void {
     t.equal((await store.verify()).checked, 0, 'nothing of the refused batch was stored')
     const same = await store.append(A, [first!, first!])
     t.same([same.stored, same.duplicates], [1, 1], 'the same event twice in a batch is still a duplicate')
+  })
+
+  withStore('an event ID already stored under another sequence or sidecar is refused: each call is recorded once', async (t, { store }) => {
+    const [one] = seqEvents(1001, 1001)
+    const again = (sequence: number) => ({ sequence, event: { ...one!.event!, id: one!.event!.id } })
+    await t.rejects(store.append(A, [one!, again(1002)]), { code: 'LK_STORE_BAD_BATCH', message: `sidecar ${A}: sequence 1002: event id ${one!.event!.id} is already stored under sequence 1001 of this batch: an event is recorded once` })
+    t.equal((await store.append(A, [one!])).stored, 1)
+    await t.rejects(store.append(A, [again(1002)]), { code: 'LK_STORE_BAD_BATCH', message: `sidecar ${A}: sequence 1002: event id ${one!.event!.id} is already stored under sidecar ${A} sequence 1001: an event is recorded once` })
+    await t.rejects(store.append(B, [again(1)]), { code: 'LK_STORE_BAD_BATCH', message: `sidecar ${B}: sequence 1: event id ${one!.event!.id} is already stored under sidecar ${A} sequence 1001: an event is recorded once` })
+    // A resend of the stored event, with new events past it, is still taken.
+    const r = await store.append(A, [one!, ...seqEvents(1002, 1003)])
+    t.same([r.stored, r.duplicates], [2, 1])
+    // Nor may a resend carry the same ID under a second, new sequence in its batch.
+    await t.rejects(store.append(A, [one!, again(1004)]), { code: 'LK_STORE_BAD_BATCH', message: /sequence 1004: event id .* is already stored under sidecar sidecar-a sequence 1001/ })
+    const all = await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0) })
+    t.same(all.map((e) => [e.sidecar, e.sequence]), [[A, 1001], [A, 1002], [A, 1003]], 'the call is listed once')
   })
 
   withStore('overlapping resends are stored once each, and the chain verifies', async (t, { store }) => {
@@ -175,7 +191,7 @@ export function conformance(t: Test, backend: Backend): void {
 
   withStore('verify names the first break when a payload is altered behind the guards', async (t, b) => {
     await b.store.append(A, seqEvents(1, 5))
-    await b.store.append(B, seqEvents(1, 5))
+    await b.store.append(B, seqEvents(1, 5, undefined, B))
     await b.disableGuards()
     // Swap one event's payload for another's (a valid AuditEvent, wrong place in the chain).
     await b.raw(`UPDATE audit_events SET payload = (SELECT payload FROM audit_events WHERE sidecar = '${A}' AND seq = 1) WHERE sidecar = '${A}' AND seq = 3`)
@@ -187,7 +203,7 @@ export function conformance(t: Test, backend: Backend): void {
 
   withStore('verify names a removed link and an altered indexed column', async (t, b) => {
     await b.store.append(A, seqEvents(1, 5))
-    await b.store.append(B, seqEvents(1, 5))
+    await b.store.append(B, seqEvents(1, 5, undefined, B))
     await b.disableGuards()
     await b.raw(`DELETE FROM audit_events WHERE sidecar = '${A}' AND seq = 2`)
     await b.raw(`UPDATE audit_events SET action = ${Action.ACTION_ALLOW + 5} WHERE sidecar = '${B}' AND seq = 4`)
@@ -202,7 +218,7 @@ export function conformance(t: Test, backend: Backend): void {
   withStore('verify re-derives every column a query or the inventory reads, not only ts, agent and action', async (t, b) => {
     const C = 'sidecar-c'
     const D = 'sidecar-d'
-    for (const s of [A, B, C, D]) await b.store.append(s, seqEvents(1, 3, () => ({ audience: 'https://api.example.com' })))
+    for (const s of [A, B, C, D]) await b.store.append(s, seqEvents(1, 3, () => ({ audience: 'https://api.example.com' }), s))
     await b.disableGuards()
     await b.raw(`UPDATE audit_events SET host = 'other.example', port = 8443 WHERE sidecar = '${A}' AND seq = 2`)
     await b.raw(`UPDATE audit_events SET audience = 'https://evil.example' WHERE sidecar = '${B}' AND seq = 1`)
@@ -219,8 +235,8 @@ export function conformance(t: Test, backend: Backend): void {
 
   withStore('verify finds a removed tail or a removed chain against the fan-out cursors', async (t, b) => {
     await b.store.append(A, seqEvents(1, 5))
-    await b.store.append(B, seqEvents(1, 5))
-    await b.store.append('sidecar-c', seqEvents(1, 5))
+    await b.store.append(B, seqEvents(1, 5, undefined, B))
+    await b.store.append('sidecar-c', seqEvents(1, 5, undefined, 'sidecar-c'))
     await b.store.saveCursors('nats', new Map([[A, 5], [B, 4], ['sidecar-c', 5]]))
     await b.disableGuards()
     await b.raw(`DELETE FROM audit_events WHERE sidecar = '${A}' AND seq >= 4`)
@@ -298,7 +314,7 @@ export function conformance(t: Test, backend: Backend): void {
 
   withStore('after, heads and cursors: what a consumer needs to catch up', async (t, { store }) => {
     await store.append(A, seqEvents(1, 7))
-    await store.append(B, seqEvents(1, 2))
+    await store.append(B, seqEvents(1, 2, undefined, B))
     t.same([...(await store.heads())].sort(), [[A, 7], [B, 2]])
     const page = await store.after(A, 3, 2)
     t.same(page.map((e) => [e.sidecar, e.position, e.sequence]), [[A, 4, 4], [A, 5, 5]])

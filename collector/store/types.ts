@@ -98,7 +98,10 @@ export interface VerifyResult {
   /** Links checked, over all sidecars. */
   checked: number
   sidecars: number
-  /** The first break found per sidecar, in sidecar order; empty when ok. */
+  /**
+   * The first break found per sidecar, in sidecar order; then those found against the fan-out
+   * cursors (a removed tail or chain); empty when ok.
+   */
   breaks: ChainBreak[]
   /** Sequence gaps, in sidecar and chain order (the first MAX_LISTED_GAPS); absent when there are none. */
   gaps?: SequenceGap[]

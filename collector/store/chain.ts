@@ -320,14 +320,25 @@ export interface VerifiedRow {
 }
 
 /**
+ * The cursor each append moves to the head it reached, in the same transaction (a row per sidecar
+ * in audit_cursors): it anchors chains whether or not a fan-out is configured.
+ */
+export const INGEST_CURSOR = 'ingest'
+
+/**
  * The rows alone cannot show a chain's tail (or all of it) removed: what is left still links. The
- * fan-out's cursors are a cross-check: a consumer never moves past what was stored, so a cursor
- * beyond a chain's head means links were removed after it handled them. Adds one break per such
+ * cursors are a cross-check: the ingest's own and a fan-out's never move past what was stored, so
+ * a cursor beyond a chain's head means links were removed after it was saved. Adds one break per such
  * sidecar (unless it already has one). `only`: the sidecar verify was asked about.
  */
 export function checkAgainstCursors(result: VerifyResult, heads: Map<string, number>, cursors: Array<{ name: string; sidecar: string; pos: number }>, only?: string): void {
   const broken = new Set(result.breaks.map((b) => b.sidecar))
-  for (const c of cursors.sort((a, b) => (a.sidecar < b.sidecar ? -1 : a.sidecar > b.sidecar ? 1 : 0))) {
+  const key = (c: { sidecar: string; name: string }) => [c.sidecar, c.name === INGEST_CURSOR ? '' : c.name]
+  const order = (a: { sidecar: string; name: string }, b: { sidecar: string; name: string }) => {
+    const [x, y] = [key(a), key(b)]
+    return x[0]! < y[0]! ? -1 : x[0]! > y[0]! ? 1 : x[1]! < y[1]! ? -1 : x[1]! > y[1]! ? 1 : 0
+  }
+  for (const c of cursors.sort(order)) {
     if (only !== undefined && c.sidecar !== only) continue
     const head = heads.get(c.sidecar) ?? 0
     if (c.pos <= head || broken.has(c.sidecar)) continue
@@ -338,9 +349,9 @@ export function checkAgainstCursors(result: VerifyResult, heads: Map<string, num
       position: head + 1,
       sequence: 0,
       reason:
-        head === 0
-          ? `no link is stored, but consumer "${c.name}" already handled position ${c.pos}: the whole chain was removed`
-          : `the chain ends at position ${head}, but consumer "${c.name}" already handled position ${c.pos}: links were removed from its tail`,
+        (head === 0 ? 'no link is stored' : `the chain ends at position ${head}`) +
+        (c.name === INGEST_CURSOR ? `, but the collector stored up to position ${c.pos}` : `, but consumer "${c.name}" already handled position ${c.pos}`) +
+        (head === 0 ? ': the whole chain was removed' : ': links were removed from its tail'),
     })
   }
 }

@@ -5,7 +5,7 @@
 // sidecar's chain stays linear whichever replica its stream lands on.
 import pg from 'pg'
 import { Action, type SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
-import { GENESIS, askableIds, checkAgainstCursors, chainRows, newEvents, rowToStored, toStored } from './chain.js'
+import { GENESIS, INGEST_CURSOR, askableIds, checkAgainstCursors, chainRows, newEvents, rowToStored, toStored } from './chain.js'
 import { VERIFY_COLUMNS, mergeVerify, verifyRows, type DbRow } from './sqlite.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
 import { StoreError } from './types.js'
@@ -178,6 +178,12 @@ export class PostgresAuditStore implements AuditStore {
             rows.map((r) => r.prev),
             rows.map((r) => r.hash),
           ],
+        )
+        // The head this append reached, outside the chain: verify's anchor for a removed tail.
+        await c.query(
+          `INSERT INTO ${this.cursorsTable} (name, sidecar, pos) VALUES ($1, $2, $3)
+           ON CONFLICT (name, sidecar) DO UPDATE SET pos = greatest(${this.cursorsTable}.pos, excluded.pos)`,
+          [INGEST_CURSOR, sidecar, rows[rows.length - 1]!.position],
         )
       }
       await c.query('COMMIT')

@@ -4,7 +4,7 @@
 // and kept, no iterate(), so Node 24's garbage collector never destroys a better-sqlite3 object.
 import { openDatabase, pragma, statement, type Database } from '../../lib/sqlite.js'
 import type { SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
-import { ChainVerifier, GENESIS, askableIds, chainRows, checkAgainstCursors, isDenied, newEvents, rowToStored, toStored } from './chain.js'
+import { ChainVerifier, GENESIS, INGEST_CURSOR, askableIds, chainRows, checkAgainstCursors, isDenied, newEvents, rowToStored, toStored } from './chain.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, SequenceGap, StoredEvent, VerifyResult } from './types.js'
 import { MAX_LISTED_GAPS, StoreError } from './types.js'
 import { Action } from '../../protos/gen/latchkey/v1/audit.js'
@@ -75,6 +75,8 @@ export class SqliteAuditStore implements AuditStore {
     pragma(this.db, 'busy_timeout = 5000')
     this.db.exec(SCHEMA)
     const head = statement<[string], { pos: number; hash: Buffer }>(this.db, 'SELECT pos, hash FROM audit_events WHERE sidecar = ? ORDER BY pos DESC LIMIT 1')
+    // The head each append reached, outside the chain: verify's anchor for a removed tail.
+    const saveHead = statement(this.db, 'INSERT INTO audit_cursors (name, sidecar, pos) VALUES (?, ?, ?) ON CONFLICT (name, sidecar) DO UPDATE SET pos = max(pos, excluded.pos)')
     const maxSeq = statement<[string], { seq: number | null }>(this.db, 'SELECT max(seq) AS seq FROM audit_events WHERE sidecar = ?')
     const byId = statement<[string], { sidecar: string; seq: number; id: string }>(this.db, 'SELECT sidecar, seq, id FROM audit_events WHERE id IN (SELECT value FROM json_each(?))')
     const existing = statement<[string, number, number], { seq: number; id: string }>(this.db, 'SELECT seq, id FROM audit_events WHERE sidecar = ? AND seq BETWEEN ? AND ?')
@@ -102,6 +104,7 @@ export class SqliteAuditStore implements AuditStore {
       for (const r of rows) {
         insert.run(sidecar, r.sequence, r.position, r.id, r.ts, r.agent, r.agentType, r.host, r.port, r.action, r.audience, now, r.payload, r.prev, r.hash)
       }
+      if (rows.length > 0) saveHead.run(INGEST_CURSOR, sidecar, rows[rows.length - 1]!.position)
       return {
         stored: rows.length,
         duplicates: events.length - rows.length,

@@ -233,21 +233,27 @@ export function conformance(t: Test, backend: Backend): void {
     ])
   })
 
-  withStore('verify finds a removed tail or a removed chain against the fan-out cursors', async (t, b) => {
+  withStore('verify finds a removed tail or a removed chain against the cursors, the ingest\'s own and the fan-out\'s', async (t, b) => {
     await b.store.append(A, seqEvents(1, 5))
     await b.store.append(B, seqEvents(1, 5, undefined, B))
     await b.store.append('sidecar-c', seqEvents(1, 5, undefined, 'sidecar-c'))
-    await b.store.saveCursors('nats', new Map([[A, 5], [B, 4], ['sidecar-c', 5]]))
+    await b.store.append('sidecar-d', seqEvents(1, 5, undefined, 'sidecar-d'))
+    await b.store.saveCursors('nats', new Map([['sidecar-d', 4]]))
+    t.same((await b.store.cursors('ingest')).get(A), 5, 'each append records the head it reached')
     await b.disableGuards()
     await b.raw(`DELETE FROM audit_events WHERE sidecar = '${A}' AND seq >= 4`)
-    await b.raw(`DELETE FROM audit_events WHERE sidecar = '${B}' AND seq = 5`)
     await b.raw(`DELETE FROM audit_events WHERE sidecar = 'sidecar-c'`)
+    // An attacker who also lowers the ingest cursor is still caught by the fan-out's.
+    await b.raw(`DELETE FROM audit_events WHERE sidecar = 'sidecar-d' AND seq = 5`)
+    await b.raw(`DELETE FROM audit_events WHERE sidecar = 'sidecar-d' AND seq = 4`)
+    await b.raw(`UPDATE audit_cursors SET pos = 3 WHERE name = 'ingest' AND sidecar = 'sidecar-d'`)
     const v = await b.store.verify()
     t.equal(v.ok, false)
     t.same(v.breaks, [
-      { sidecar: A, position: 4, sequence: 0, reason: 'the chain ends at position 3, but consumer "nats" already handled position 5: links were removed from its tail' },
-      { sidecar: 'sidecar-c', position: 1, sequence: 0, reason: 'no link is stored, but consumer "nats" already handled position 5: the whole chain was removed' },
-    ], "B's last link, not yet handled by the consumer, cannot be missed from the rows alone")
+      { sidecar: A, position: 4, sequence: 0, reason: 'the chain ends at position 3, but the collector stored up to position 5: links were removed from its tail' },
+      { sidecar: 'sidecar-c', position: 1, sequence: 0, reason: 'no link is stored, but the collector stored up to position 5: the whole chain was removed' },
+      { sidecar: 'sidecar-d', position: 4, sequence: 0, reason: 'the chain ends at position 3, but consumer "nats" already handled position 4: links were removed from its tail' },
+    ])
     t.same((await b.store.verify('sidecar-c')).breaks.length, 1, 'asked about the removed chain alone')
     t.same((await b.store.verify(B)).ok, true)
   })

@@ -7,7 +7,7 @@ import { ConfigError } from '../lib/config/load.js'
 import { Action, AuditEvent } from '../protos/gen/latchkey/v1/audit.js'
 import { loadCollectorConfig } from './config.js'
 import { openStore, startCollector } from './collector.js'
-import { eventToJson, parseSince, type EventJson } from './query.js'
+import { MAX_ANSWER_BYTES, boundAnswer, eventToJson, parseSince, type EventJson } from './query.js'
 import type { VerifyResult } from './store/types.js'
 
 const DEFAULT_URL = 'http://127.0.0.1:15101'
@@ -74,7 +74,16 @@ function printable(s: string): string {
 const MAX_FIELD = 512
 
 function printVerify(v: VerifyResult): void {
-  if (v.ok) console.log(`chain verified: ${v.checked} events across ${v.sidecars} sidecars`)
+  // Gaps first: the chain holds, but what the sidecar numbered under them is not on record.
+  for (const g of v.gaps ?? []) {
+    console.log(
+      g.sequence > g.previous
+        ? `GAP: sidecar ${printable(g.sidecar)} at position ${g.position}: sequence ${g.sequence} follows ${g.previous}; ${g.sequence - g.previous - 1} sequence(s) never received`
+        : `GAP: sidecar ${printable(g.sidecar)} at position ${g.position}: sequence ${g.sequence} follows ${g.previous}, stored below its chain's head`,
+    )
+  }
+  if (v.gapCount && v.gapCount > (v.gaps?.length ?? 0)) console.log(`… ${v.gapCount - (v.gaps?.length ?? 0)} more gap(s)`)
+  if (v.ok) console.log(`chain verified: ${v.checked} events across ${v.sidecars} sidecars${v.gapCount ? `; ${v.gapCount} sequence gap(s), listed above` : ''}`)
   else {
     for (const b of v.breaks) console.log(`BROKEN: sidecar ${b.sidecar} at position ${b.position} (sequence ${b.sequence}): ${b.reason}`)
     console.log(`${v.breaks.length} chain(s) broken; ${v.checked} events checked across ${v.sidecars} sidecars`)
@@ -116,9 +125,9 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
           const store = openStore(loadCollectorConfig(opts.config).collector.store)
           try {
             const since = parseSince(opts.since)
-            events = (await store.eventsByAgent({ agent: opts.agent, since, deniedOnly: !!opts.denied, limit: limit + 1 })).map(eventToJson)
-            truncated = events.length > limit
-            if (truncated) events.length = limit
+            const answer = boundAnswer(await store.eventsByAgent({ agent: opts.agent, since, deniedOnly: !!opts.denied, limit: limit + 1, maxBytes: MAX_ANSWER_BYTES }), limit, MAX_ANSWER_BYTES)
+            events = answer.events.map(eventToJson)
+            truncated = answer.truncated
           } finally {
             await store.close()
           }
@@ -134,7 +143,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
         for (const e of events) console.log(opts.json ? JSON.stringify(e) : formatEvent(e))
         if (!opts.json) {
           console.error(`${events.length} call(s) by ${opts.agent} since ${opts.since}${opts.denied ? ' (denied only)' : ''}`)
-          if (truncated) console.error(`more calls match: these are the oldest ${limit}; narrow --since or raise --limit`)
+          if (truncated) console.error(`more calls match: these are the oldest ${events.length}; narrow --since or raise --limit`)
         }
       } catch (err) {
         fail(err)
@@ -157,6 +166,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
           } finally {
             await store.close()
           }
+          if (opts.sidecar !== undefined && v.sidecars === 0 && v.ok) throw new CliError(`no sidecar "${printable(opts.sidecar)}" in the store`)
         } else {
           v = (await getJson<VerifyResult>(opts.url, `/v1/verify${opts.sidecar ? `?sidecar=${encodeURIComponent(opts.sidecar)}` : ''}`)).body
         }

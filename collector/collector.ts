@@ -65,7 +65,7 @@ export async function startCollector(config: CollectorConfig, opts: CollectorOpt
     throw err
   }
   const tls = c.grpc.tls
-  const ingest = new IngestService(store, c.sidecars, log, fanOut ? (events) => fanOut.publish(events) : undefined, !!tls)
+  const ingest = new IngestService(store, c.sidecars, log, fanOut ? (events) => fanOut.publish(events) : undefined, !!tls, c.grpc.max_clock_skew_ms)
   const serverCreds = tls
     ? ServerCredentials.createSsl(readFileSync(tls.client_ca_file), [{ cert_chain: readFileSync(tls.cert_file), private_key: readFileSync(tls.key_file) }], true)
     : ServerCredentials.createInsecure()

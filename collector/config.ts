@@ -37,7 +37,8 @@ export interface NatsConfig {
 export interface CollectorConfig {
   version: 1
   collector: {
-    grpc: { host: string; port: number; max_batch_bytes: number; tls: GrpcTls | null }
+    /** max_clock_skew_ms: how far past the collector's clock an event's time may be. */
+    grpc: { host: string; port: number; max_batch_bytes: number; max_clock_skew_ms: number; tls: GrpcTls | null }
     /** The query API. With reader_tokens_sha256, every request needs one of those tokens as a bearer. */
     http: { host: string; port: number; reader_tokens_sha256?: string[] } | null
     store: StoreConfig
@@ -70,6 +71,7 @@ const schema = {
           properties: {
             ...hostPort(15100).properties,
             max_batch_bytes: { type: 'integer', minimum: 1024, default: 8 * 1024 * 1024 },
+            max_clock_skew_ms: { type: 'integer', minimum: 0, maximum: 86_400_000, default: 300_000 },
             tls: {
               type: ['object', 'null'],
               default: null,

@@ -8,7 +8,7 @@ import { createHash, timingSafeEqual } from 'node:crypto'
 import { createServer, type Server, type ServerResponse } from 'node:http'
 import type { AuditStore } from './store/types.js'
 import type { Logger } from '../lib/log.js'
-import { eventToJson, parseSince } from './query.js'
+import { MAX_ANSWER_BYTES, boundAnswer, eventToJson, parseSince } from './query.js'
 
 function send(res: ServerResponse, status: number, body: unknown): void {
   const text = JSON.stringify(body)
@@ -26,7 +26,7 @@ function noNul(name: string, value: string): void {
   if (value.includes('\u0000')) throw new BadRequest(`query parameter "${name}" contains a NUL character, which no stored ${name} holds`)
 }
 
-export function createQueryServer(store: AuditStore, log: Logger, readerTokensSha256: string[] = []): Server {
+export function createQueryServer(store: AuditStore, log: Logger, readerTokensSha256: string[] = [], maxAnswerBytes = MAX_ANSWER_BYTES): Server {
   const readers = readerTokensSha256.map((h) => Buffer.from(h, 'hex'))
   const authorized = (header: string | undefined): boolean => {
     if (readers.length === 0) return true
@@ -82,9 +82,12 @@ export function createQueryServer(store: AuditStore, log: Logger, readerTokensSh
           const denied = url.searchParams.get('denied')
           if (denied !== null && denied !== 'true' && denied !== 'false') throw new BadRequest(`denied "${denied}" must be true or false`)
           // One more than asked: whether the answer was cut short is then known, not guessed.
-          const events = await store.eventsByAgent({ agent, since, until, deniedOnly: denied === 'true', limit: limit + 1 })
-          const truncated = events.length > limit
-          if (truncated) events.length = limit
+          // And bounded in bytes: a few huge events must not make the answer a string no process can hold.
+          const { events, truncated } = boundAnswer(
+            await store.eventsByAgent({ agent, since, until, deniedOnly: denied === 'true', limit: limit + 1, maxBytes: maxAnswerBytes }),
+            limit,
+            maxAnswerBytes,
+          )
           return send(res, 200, { agent, since: since.toISOString(), count: events.length, truncated, events: events.map(eventToJson) })
         }
         case '/v1/inventory':
@@ -93,6 +96,8 @@ export function createQueryServer(store: AuditStore, log: Logger, readerTokensSh
           const sidecar = url.searchParams.get('sidecar') ?? undefined
           if (sidecar !== undefined) noNul('sidecar', sidecar)
           const v = await store.verify(sidecar)
+          // "verified: 0 events" would read as a clean chain for a sidecar the store never heard of.
+          if (sidecar !== undefined && v.sidecars === 0 && v.ok) return send(res, 404, { error: `no sidecar "${sidecar.slice(0, 200)}" in the store` })
           return send(res, v.ok ? 200 : 409, v)
         }
         default:

@@ -14,6 +14,9 @@ import { MAX_BATCH_EVENTS, type ReceivedBatch } from './wire.js'
 
 export const SIDECAR_ID_HEADER = 'x-latchkey-sidecar'
 
+/** The last instant a Date holds: later times are the store's to refuse (it names them so). */
+const MAX_DATE_MS = 8.64e15
+
 export interface IngestStats {
   batches: number
   stored: number
@@ -49,6 +52,8 @@ export class IngestService {
     private readonly onStored: (events: StoredEvent[]) => void = () => {},
     /** Streams arrive over mTLS: the sidecar is the client certificate's CN. */
     private readonly mtls = false,
+    /** collector.grpc.max_clock_skew_ms: an event dated further past the collector's clock is refused. */
+    private readonly maxClockSkewMs = 300_000,
   ) {
     this.tokens = new Map(sidecars.map((s) => [s.id, s.token_sha256 ? Buffer.from(s.token_sha256, 'hex') : null]))
     this.mayReport = new Map(sidecars.filter((s) => s.agents).map((s) => [s.id, agentMatcher(s.agents!)]))
@@ -129,6 +134,19 @@ export class IngestService {
             // A sidecar's token vouches for its own agents only: another's calls are not its to report.
             this.stats.refused++
             throw grpcError(status.PERMISSION_DENIED, `sequence ${foreign.sequence} names agent "${(foreign.event?.delegation?.agent ?? '').slice(0, 200)}", which sidecar "${id}" may not report (collector.sidecars[].agents)`)
+          }
+          // An event from the future would show in every "since" query until that day comes (one
+          // dated 2076 in every `--since 24h`). Past times stay allowed: spools drain late. A
+          // refused batch stays spooled, and is taken once the collector's clock is near its time.
+          const limit = Date.now() + this.maxClockSkewMs
+          const ahead = req.events.find((e) => (e.event?.timeUnixMs ?? 0) > limit && (e.event?.timeUnixMs ?? 0) <= MAX_DATE_MS)
+          if (ahead) {
+            this.stats.refused++
+            const ts = ahead.event!.timeUnixMs
+            throw grpcError(
+              status.INVALID_ARGUMENT,
+              `sequence ${ahead.sequence} is dated ${new Date(ts).toISOString()}, ${Math.round((ts - Date.now()) / 1000)} s ahead of the collector's clock (collector.grpc.max_clock_skew_ms is ${this.maxClockSkewMs}): check the sidecar's clock; the batch stays spooled`,
+            )
           }
           const r = await this.store.append(id, req.events)
           this.stats.batches++

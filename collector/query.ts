@@ -42,3 +42,31 @@ export interface EventJson {
 export function eventToJson(e: StoredEvent): EventJson {
   return { sidecar: e.sidecar, sequence: e.sequence, position: e.position, hash: e.hash, event: AuditEvent.toJSON(e.event) }
 }
+
+/**
+ * What one answer to "events of an agent" may hold, in stored payload bytes (its JSON is a few
+ * times that at most): the store is asked for at most this much (EventQuery.maxBytes).
+ */
+export const MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
+/**
+ * Cuts a store's answer, asked for `limit + 1` rows and `maxBytes`, to `limit` rows and the byte
+ * budget. `truncated` says more may match: more rows than the limit, or the bytes reached the
+ * budget (the row that reached it is dropped unless it is the only one, so one oversized event is
+ * still shown).
+ */
+export function boundAnswer(events: StoredEvent[], limit: number, maxBytes: number): { events: StoredEvent[]; truncated: boolean } {
+  let truncated = false
+  if (events.length > limit) {
+    events = events.slice(0, limit)
+    truncated = true
+  }
+  let total = 0
+  for (let i = 0; i < events.length; i++) {
+    total += events[i]!.bytes ?? 0
+    if (total >= maxBytes) {
+      return { events: events.slice(0, Math.max(i, 1)), truncated: true }
+    }
+  }
+  return { events, truncated }
+}

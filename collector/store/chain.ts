@@ -5,7 +5,7 @@
 // reordering any stored event breaks every link after it.
 import { createHash } from 'node:crypto'
 import { Action, AuditEvent, type SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
-import { StoreError, type StoredEvent } from './types.js'
+import { StoreError, type StoredEvent, type VerifyResult } from './types.js'
 
 export const GENESIS = Buffer.alloc(32)
 const DOMAIN = Buffer.from('latchkey.audit.v1\0')
@@ -52,6 +52,67 @@ const NUL_CHECKED: ReadonlyArray<readonly [string, (ev: AuditEvent) => string]> 
   ['credential.audience', (ev) => ev.credential?.audience ?? ''],
 ]
 
+/** An ID as quoted in a refusal: bounded, since the refusal travels back as a gRPC status. */
+function clip(s: string): string {
+  return s.length > 100 ? `${s.slice(0, 100)}…` : s
+}
+
+/**
+ * Size limits per field, in UTF-8 bytes, sized for what a sidecar produces. The path comes from a
+ * request line, which node:http bounds with its header limit (16 KiB by default, the sidecar's
+ * setting), so 64 KiB leaves room for a raised --max-http-header-size; the decision's reason may
+ * quote a policy's explanation; every other field is a name, an ID, an address or a code.
+ * Megabyte fields (allowed under max_batch_bytes) made every query of that agent fail.
+ */
+export const FIELD_LIMITS = { default: 4096, 'call.path': 65_536, 'decision.reason': 16_384, scopes: 256 } as const
+/** A whole event as received, unknown fields included: past the sum of the field limits. */
+export const MAX_EVENT_BYTES = 256 * 1024
+
+const STRING_FIELDS: ReadonlyArray<readonly [string, (ev: AuditEvent) => string | undefined]> = [
+  ['id', (ev) => ev.id],
+  ['delegation.user', (ev) => ev.delegation?.user],
+  ['delegation.agent', (ev) => ev.delegation?.agent],
+  ['delegation.task', (ev) => ev.delegation?.task],
+  ['call.method', (ev) => ev.call?.method],
+  ['call.scheme', (ev) => ev.call?.scheme],
+  ['call.host', (ev) => ev.call?.host],
+  ['call.path', (ev) => ev.call?.path],
+  ['call.address', (ev) => ev.call?.address],
+  ['call.trace_id', (ev) => ev.call?.traceId],
+  ['call.via', (ev) => ev.call?.via],
+  ['decision.rule', (ev) => ev.decision?.rule],
+  ['decision.reason', (ev) => ev.decision?.reason],
+  ['decision.error', (ev) => ev.decision?.error],
+  ['credential.provider', (ev) => ev.credential?.provider],
+  ['credential.audience', (ev) => ev.credential?.audience],
+  ['credential.jti', (ev) => ev.credential?.jti],
+  ['process.executable', (ev) => ev.process?.executable],
+]
+
+function utf8Over(s: string, limit: number): number | null {
+  if (s.length * 3 <= limit) return null
+  const n = Buffer.byteLength(s)
+  return n > limit ? n : null
+}
+
+/** The first field past its limit, as a refusal names it; null when all fit. */
+export function oversizedField(ev: AuditEvent, payloadBytes: number): string | null {
+  for (const [name, get] of STRING_FIELDS) {
+    const limit = (FIELD_LIMITS as Record<string, number>)[name] ?? FIELD_LIMITS.default
+    const n = utf8Over(get(ev) ?? '', limit)
+    if (n !== null) return `${name} is ${n} bytes, more than ${limit}`
+  }
+  const scopes = ev.credential?.scopes ?? []
+  if (scopes.length > FIELD_LIMITS.scopes) return `credential.scopes has ${scopes.length} entries, more than ${FIELD_LIMITS.scopes}`
+  for (const sc of scopes) {
+    const n = utf8Over(sc, FIELD_LIMITS.default)
+    if (n !== null) return `a credential.scopes entry is ${n} bytes, more than ${FIELD_LIMITS.default}`
+  }
+  // Every field fits: what is left is fields this collector does not know, which no query shows.
+  if (payloadBytes > MAX_EVENT_BYTES) return `the event is ${payloadBytes} bytes encoded, more than ${MAX_EVENT_BYTES}`
+  return null
+}
+
 export function isDenied(action: number): boolean {
   return action === Action.ACTION_DENY || action === Action.ACTION_REPORT
 }
@@ -61,11 +122,22 @@ export function isDenied(action: number): boolean {
  * the new events in the order received. `stored` maps each sequence already held to its event ID:
  * a resend carries the same event, while another event under a held sequence (a sidecar that lost
  * its spool and counts from 1 again, or a second process sharing its id) is refused, never acked
- * as a duplicate, so the sidecar keeps it, says so, and nothing is lost in silence.
+ * as a duplicate, so the sidecar keeps it, says so, and nothing is lost in silence. Two different
+ * events under one sequence in the same batch are refused alike. `headSequence` is the highest
+ * sequence the chain holds: a new event must come after it (and after the batch's earlier ones).
  */
-export function newEvents(sidecar: string, events: SequencedEvent[], stored: Map<number, string>): SequencedEvent[] {
+export function newEvents(
+  sidecar: string,
+  events: SequencedEvent[],
+  stored: Map<number, string>,
+  headSequence = 0,
+  /** The batch's event IDs already stored anywhere in the store: id → where. */
+  idsHeld: Map<string, { sidecar: string; sequence: number }> = new Map(),
+): SequencedEvent[] {
   if (!sidecar) throw new StoreError('LK_STORE_BAD_BATCH', 'batch has no sidecar id')
-  const seen = new Set<number>()
+  const seen = new Map<number, string>()
+  const seenIds = new Map<string, number>()
+  let head = headSequence
   const out: SequencedEvent[] = []
   for (const e of events) {
     if (!Number.isSafeInteger(e.sequence) || e.sequence < 1) {
@@ -89,6 +161,9 @@ export function newEvents(sidecar: string, events: SequencedEvent[], stored: Map
     // if the store were down, and the sidecar would retry it for ever), so neither store takes one.
     const nul = NUL_CHECKED.find(([, get]) => get(e.event!).includes('\u0000'))
     if (nul) throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${e.sequence}: ${nul[0]} contains a NUL character`)
+    const raw = (e as { raw?: Uint8Array }).raw
+    const big = oversizedField(e.event, raw ? raw.byteLength : AuditEvent.encode(e.event).finish().byteLength)
+    if (big) throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${e.sequence}: ${big}`)
     const held = stored.get(e.sequence)
     if (held !== undefined && held !== e.event.id) {
       throw new StoreError(
@@ -96,11 +171,46 @@ export function newEvents(sidecar: string, events: SequencedEvent[], stored: Map
         `sidecar ${sidecar}: sequence ${e.sequence} already holds another event; the sidecar is counting again from a lost spool, or two sidecars share this id: give it a new sidecar id (its events stay spooled)`,
       )
     }
-    if (held !== undefined || seen.has(e.sequence)) continue
-    seen.add(e.sequence)
+    if (held !== undefined) continue
+    const earlier = seen.get(e.sequence)
+    if (earlier !== undefined) {
+      // The same event twice in one batch is a duplicate; two events under one sequence are the
+      // conflict above, refused alike whether the second comes in a later batch or this one.
+      if (earlier === e.event.id) continue
+      throw new StoreError(
+        'LK_STORE_BAD_BATCH',
+        `sidecar ${sidecar}: sequence ${e.sequence} appears twice in the batch with different events (${clip(earlier)}, ${clip(e.event.id)}): a sidecar numbers each event once`,
+      )
+    }
+    // A sidecar's spool sends in sequence order and resends from its last ack, so every sequence
+    // below what it already delivered is either stored (a resend: a duplicate) or lost at the
+    // sidecar for good. A new one there is an event written into the past after the fact: refused,
+    // so nothing can be backdated into a gap of a chain.
+    if (e.sequence <= head) {
+      throw new StoreError(
+        'LK_STORE_BAD_BATCH',
+        `sidecar ${sidecar}: sequence ${e.sequence} was never stored but the chain already holds sequence ${head}: a sidecar sends in order, so an unseen sequence below its head is refused`,
+      )
+    }
+    // An event ID names one call: the same ID under another sequence, or another sidecar, is a
+    // replay (a stolen batch re-sent with a sidecar's token), and would list the call twice.
+    const elsewhere = idsHeld.get(e.event.id)
+    const inBatch = seenIds.get(e.event.id)
+    if (elsewhere || inBatch !== undefined) {
+      const where = elsewhere ? `sidecar ${clip(elsewhere.sidecar)} sequence ${elsewhere.sequence}` : `sequence ${inBatch} of this batch`
+      throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${e.sequence}: event id ${clip(e.event.id)} is already stored under ${where}: an event is recorded once`)
+    }
+    seenIds.set(e.event.id, e.sequence)
+    head = e.sequence
+    seen.set(e.sequence, e.event.id)
     out.push(e)
   }
   return out
+}
+
+/** The batch's event IDs worth looking up: those the batch checks would not refuse anyway. */
+export function askableIds(events: SequencedEvent[]): string[] {
+  return events.map((e) => e.event?.id ?? '').filter((id) => id.length <= FIELD_LIMITS.default && !id.includes('\u0000'))
 }
 
 /** Builds the chained rows for new events after the head (position, hash). */
@@ -138,11 +248,11 @@ export function chainRows(sidecar: string, events: SequencedEvent[], headPositio
 
 /** A just-stored row as a StoredEvent (no decode: the row holds the event). */
 export function rowToStored(sidecar: string, r: Row): StoredEvent {
-  return { sidecar, sequence: r.sequence, position: r.position, event: r.event, hash: r.hash.toString('hex') }
+  return { sidecar, sequence: r.sequence, position: r.position, event: r.event, hash: r.hash.toString('hex'), bytes: r.payload.byteLength }
 }
 
 export function toStored(sidecar: string, r: { sequence: number; position: number; payload: Uint8Array; hash: Uint8Array }): StoredEvent {
-  return { sidecar, sequence: r.sequence, position: r.position, event: AuditEvent.decode(r.payload), hash: Buffer.from(r.hash).toString('hex') }
+  return { sidecar, sequence: r.sequence, position: r.position, event: AuditEvent.decode(r.payload), hash: Buffer.from(r.hash).toString('hex'), bytes: r.payload.byteLength }
 }
 
 /**
@@ -152,10 +262,13 @@ export function toStored(sidecar: string, r: { sequence: number; position: numbe
 export class ChainVerifier {
   private prev: Buffer = GENESIS
   private expectPosition = 1
+  private lastSequence = 0
   checked = 0
+  /** Set by check() when the link's sequence does not follow the previous link's: the previous one. */
+  gapAfter: number | null = null
   constructor(readonly sidecar: string) {}
 
-  check(r: { sequence: number; position: number; ts: number; agent: string; action: number; payload: Uint8Array; prev: Uint8Array; hash: Uint8Array }): string | null {
+  check(r: VerifiedRow): string | null {
     this.checked++
     if (r.position !== this.expectPosition) return `position ${r.position} follows ${this.expectPosition - 1}: a link is missing`
     this.expectPosition++
@@ -163,15 +276,82 @@ export class ChainVerifier {
     const hash = linkHash(this.sidecar, r.position, r.sequence, this.prev, r.payload)
     if (!hash.equals(Buffer.from(r.hash))) return 'hash does not match the stored payload (payload or hash altered)'
     this.prev = hash
+    this.gapAfter = r.sequence === this.lastSequence + 1 ? null : this.lastSequence
+    this.lastSequence = r.sequence
     let ev: AuditEvent
     try {
       ev = AuditEvent.decode(r.payload)
     } catch {
       return 'payload is not a valid AuditEvent'
     }
-    if (ev.timeUnixMs !== r.ts || ev.delegation?.agent !== r.agent || (ev.decision?.action ?? 0) !== r.action) {
-      return 'indexed columns (ts, agent, action) differ from the payload'
-    }
+    // Every column a query or the inventory reads instead of the payload, re-derived from it.
+    const agent = ev.delegation?.agent ?? ''
+    const want: Array<[string, unknown, unknown]> = [
+      ['id', ev.id, r.id],
+      ['ts', ev.timeUnixMs, r.ts],
+      ['agent', agent, r.agent],
+      ['agent_type', agentType(agent), r.agentType],
+      ['host', ev.call?.host ?? '', r.host],
+      ['port', ev.call?.port ?? 0, r.port],
+      ['action', ev.decision?.action ?? 0, r.action],
+      ['audience', ev.credential?.audience ?? '', r.audience],
+    ]
+    const differ = want.filter(([, a, b]) => a !== b).map(([name]) => name)
+    if (differ.length > 0) return `indexed column(s) ${differ.join(', ')} differ from the payload`
     return null
+  }
+}
+
+/** A stored link as verify reads it: the hashed parts and every column derived from the payload. */
+export interface VerifiedRow {
+  sequence: number
+  position: number
+  id: string
+  ts: number
+  agent: string
+  agentType: string
+  host: string
+  port: number
+  action: number
+  audience: string
+  payload: Uint8Array
+  prev: Uint8Array
+  hash: Uint8Array
+}
+
+/**
+ * The cursor each append moves to the head it reached, in the same transaction (a row per sidecar
+ * in audit_cursors): it anchors chains whether or not a fan-out is configured.
+ */
+export const INGEST_CURSOR = 'ingest'
+
+/**
+ * The rows alone cannot show a chain's tail (or all of it) removed: what is left still links. The
+ * cursors are a cross-check: the ingest's own and a fan-out's never move past what was stored, so
+ * a cursor beyond a chain's head means links were removed after it was saved. Adds one break per such
+ * sidecar (unless it already has one). `only`: the sidecar verify was asked about.
+ */
+export function checkAgainstCursors(result: VerifyResult, heads: Map<string, number>, cursors: Array<{ name: string; sidecar: string; pos: number }>, only?: string): void {
+  const broken = new Set(result.breaks.map((b) => b.sidecar))
+  const key = (c: { sidecar: string; name: string }) => [c.sidecar, c.name === INGEST_CURSOR ? '' : c.name]
+  const order = (a: { sidecar: string; name: string }, b: { sidecar: string; name: string }) => {
+    const [x, y] = [key(a), key(b)]
+    return x[0]! < y[0]! ? -1 : x[0]! > y[0]! ? 1 : x[1]! < y[1]! ? -1 : x[1]! > y[1]! ? 1 : 0
+  }
+  for (const c of cursors.sort(order)) {
+    if (only !== undefined && c.sidecar !== only) continue
+    const head = heads.get(c.sidecar) ?? 0
+    if (c.pos <= head || broken.has(c.sidecar)) continue
+    broken.add(c.sidecar)
+    result.ok = false
+    result.breaks.push({
+      sidecar: c.sidecar,
+      position: head + 1,
+      sequence: 0,
+      reason:
+        (head === 0 ? 'no link is stored' : `the chain ends at position ${head}`) +
+        (c.name === INGEST_CURSOR ? `, but the collector stored up to position ${c.pos}` : `, but consumer "${c.name}" already handled position ${c.pos}`) +
+        (head === 0 ? ': the whole chain was removed' : ': links were removed from its tail'),
+    })
   }
 }

@@ -5,8 +5,8 @@
 // sidecar's chain stays linear whichever replica its stream lands on.
 import pg from 'pg'
 import { Action, type SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
-import { GENESIS, chainRows, newEvents, rowToStored, toStored } from './chain.js'
-import { verifyRows, type DbRow } from './sqlite.js'
+import { GENESIS, INGEST_CURSOR, askableIds, checkAgainstCursors, chainRows, newEvents, rowToStored, toStored } from './chain.js'
+import { VERIFY_COLUMNS, mergeVerify, verifyRows, type DbRow } from './sqlite.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
 import { AUDIT_CURSORS_SHAPE, AUDIT_EVENTS_SHAPE, StoreError } from './types.js'
 import { assertShape, postgresShape, StoreSchemaError } from '../../lib/store-schema.js'
@@ -96,6 +96,7 @@ export class PostgresAuditStore implements AuditStore {
       // Tables an older version made stay as they were: refuse them before the index below fails on a missing column.
       await this.checkShapes(c)
       await c.query(`CREATE INDEX IF NOT EXISTS audit_events_agent_ts ON ${this.t} (agent, ts)`)
+      await c.query(`CREATE INDEX IF NOT EXISTS audit_events_id ON ${this.t} (id)`)
       await c.query(`
         CREATE OR REPLACE FUNCTION ${s}.audit_events_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
@@ -161,7 +162,14 @@ export class PostgresAuditStore implements AuditStore {
       await c.query('SELECT pg_advisory_xact_lock(hashtextextended($1, 1))', [sidecar])
       const seqs = events.map((e) => e.sequence).filter((n) => Number.isSafeInteger(n))
       const existing = await c.query<{ seq: string; id: string }>(`SELECT seq, id FROM ${this.t} WHERE sidecar = $1 AND seq = ANY($2::bigint[])`, [sidecar, seqs])
-      const fresh = newEvents(sidecar, events, new Map(existing.rows.map((r) => [Number(r.seq), r.id])))
+      const top = await c.query<{ seq: string | null }>(`SELECT max(seq) AS seq FROM ${this.t} WHERE sidecar = $1`, [sidecar])
+      const stored = new Map(existing.rows.map((r) => [Number(r.seq), r.id]))
+      // Where each of the batch's IDs is stored already (a resend's own row too: a resend is
+      // skipped before its ID is looked at). IDs the batch check refuses anyway (a NUL, which
+      // text cannot even be asked for; past the size limit) are not asked for.
+      const held = await c.query<{ sidecar: string; seq: string; id: string }>(`SELECT sidecar, seq, id FROM ${this.t} WHERE id = ANY($1::text[])`, [askableIds(events)])
+      const ids = new Map(held.rows.map((r) => [r.id, { sidecar: r.sidecar, sequence: Number(r.seq) }]))
+      const fresh = newEvents(sidecar, events, stored, Number(top.rows[0]?.seq ?? 0), ids)
       const head = await c.query<{ pos: string; hash: Buffer }>(`SELECT pos, hash FROM ${this.t} WHERE sidecar = $1 ORDER BY pos DESC LIMIT 1`, [sidecar])
       const h = head.rows[0]
       const rows = chainRows(sidecar, fresh, h ? Number(h.pos) : 0, h?.hash ?? GENESIS)
@@ -191,6 +199,12 @@ export class PostgresAuditStore implements AuditStore {
             rows.map((r) => r.hash),
           ],
         )
+        // The head this append reached, outside the chain: verify's anchor for a removed tail.
+        await c.query(
+          `INSERT INTO ${this.cursorsTable} (name, sidecar, pos) VALUES ($1, $2, $3)
+           ON CONFLICT (name, sidecar) DO UPDATE SET pos = greatest(${this.cursorsTable}.pos, excluded.pos)`,
+          [INGEST_CURSOR, sidecar, rows[rows.length - 1]!.position],
+        )
       }
       await c.query('COMMIT')
       c.release()
@@ -213,10 +227,15 @@ export class PostgresAuditStore implements AuditStore {
   async eventsByAgent(q: EventQuery): Promise<StoredEvent[]> {
     await this.ensureReady()
     const r = await this.pool.query<{ sidecar: string; seq: string; pos: string; payload: Buffer; hash: Buffer }>(
-      `SELECT sidecar, seq, pos, payload, hash FROM ${this.t}
-       WHERE agent = $1 AND ts >= $2 AND ts < $3 ${q.deniedOnly ? `AND action IN ${DENIED}` : ''}
-       ORDER BY ts, sidecar, pos LIMIT $4`,
-      [q.agent, q.since.getTime(), q.until?.getTime() ?? Number.MAX_SAFE_INTEGER, q.limit ?? 10_000],
+      // Picked by payload size first (octet_length reads the stored size, not the value), so a
+      // few huge payloads cannot make one answer hold gigabytes.
+      `SELECT e.sidecar, e.seq, e.pos, e.payload, e.hash FROM (
+         SELECT sidecar AS s, pos AS p, ts AS t, sum(octet_length(payload)) OVER (ORDER BY ts, sidecar, pos ROWS UNBOUNDED PRECEDING) - octet_length(payload) AS before
+         FROM ${this.t} WHERE agent = $1 AND ts >= $2 AND ts < $3 ${q.deniedOnly ? `AND action IN ${DENIED}` : ''}
+         ORDER BY ts, sidecar, pos LIMIT $4
+       ) AS k JOIN ${this.t} AS e ON e.sidecar = k.s AND e.pos = k.p
+       WHERE k.before < $5 ORDER BY k.t, k.s, k.p`,
+      [q.agent, q.since.getTime(), q.until?.getTime() ?? Number.MAX_SAFE_INTEGER, q.limit ?? 10_000, q.maxBytes ?? Number.MAX_SAFE_INTEGER],
     )
     return r.rows.map((x) => toStored(x.sidecar, { sequence: Number(x.seq), position: Number(x.pos), payload: x.payload, hash: x.hash }))
   }
@@ -257,17 +276,15 @@ export class PostgresAuditStore implements AuditStore {
     const ids = sidecar ? [sidecar] : (await this.pool.query<{ sidecar: string }>(`SELECT DISTINCT sidecar FROM ${this.t} ORDER BY sidecar`)).rows.map((r) => r.sidecar)
     const total: VerifyResult = { ok: true, checked: 0, sidecars: 0, breaks: [] }
     for (const id of ids) {
-      const r = await this.pool.query<{ sidecar: string; seq: string; pos: string; ts: string; agent: string; action: number; payload: Buffer; prev: Buffer; hash: Buffer }>(
-        `SELECT sidecar, seq, pos, ts, agent, action, payload, prev, hash FROM ${this.t} WHERE sidecar = $1 ORDER BY pos`,
+      const r = await this.pool.query<Omit<DbRow, 'seq' | 'pos' | 'ts'> & { seq: string; pos: string; ts: string }>(
+        `SELECT ${VERIFY_COLUMNS} FROM ${this.t} WHERE sidecar = $1 ORDER BY pos`,
         [id],
       )
       const rows: DbRow[] = r.rows.map((x) => ({ ...x, seq: Number(x.seq), pos: Number(x.pos), ts: Number(x.ts) }))
-      const v = verifyRows(rows)
-      total.checked += v.checked
-      total.sidecars += v.sidecars
-      total.breaks.push(...v.breaks)
-      if (!v.ok) total.ok = false
+      mergeVerify(total, verifyRows(rows))
     }
+    const cursors = await this.pool.query<{ name: string; sidecar: string; pos: string }>(`SELECT name, sidecar, pos FROM ${this.cursorsTable}`)
+    checkAgainstCursors(total, await this.heads(), cursors.rows.map((c) => ({ ...c, pos: Number(c.pos) })), sidecar)
     return total
   }
 

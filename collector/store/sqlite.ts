@@ -4,9 +4,9 @@
 // and kept, no iterate(), so Node 24's garbage collector never destroys a better-sqlite3 object.
 import { openDatabase, pragma, statement, type Database } from '../../lib/sqlite.js'
 import type { SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
-import { ChainVerifier, GENESIS, chainRows, isDenied, newEvents, rowToStored, toStored } from './chain.js'
-import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
-import { AUDIT_CURSORS_SHAPE, AUDIT_EVENTS_SHAPE, StoreError } from './types.js'
+import { ChainVerifier, GENESIS, INGEST_CURSOR, askableIds, chainRows, checkAgainstCursors, isDenied, newEvents, rowToStored, toStored } from './chain.js'
+import type { AppendResult, AuditStore, EventQuery, Inventory, SequenceGap, StoredEvent, VerifyResult } from './types.js'
+import { AUDIT_CURSORS_SHAPE, AUDIT_EVENTS_SHAPE, MAX_LISTED_GAPS, StoreError } from './types.js'
 import { assertShape, sqliteShape } from '../../lib/store-schema.js'
 import { Action } from '../../protos/gen/latchkey/v1/audit.js'
 
@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS audit_cursors (
 /** After the tables' shape was checked (an index or trigger on a missing column would fail with the bare SQL error). */
 const GUARDS = `
 CREATE INDEX IF NOT EXISTS audit_events_agent_ts ON audit_events (agent, ts);
+CREATE INDEX IF NOT EXISTS audit_events_id ON audit_events (id);
 CREATE TRIGGER IF NOT EXISTS audit_events_no_update BEFORE UPDATE ON audit_events
 BEGIN SELECT RAISE(ABORT, 'audit_events is append-only: UPDATE refused'); END;
 CREATE TRIGGER IF NOT EXISTS audit_events_no_delete BEFORE DELETE ON audit_events
@@ -51,13 +52,21 @@ interface DbRow {
   sidecar: string
   seq: number
   pos: number
+  id: string
   ts: number
   agent: string
+  agent_type: string
+  host: string
+  port: number
   action: number
+  audience: string
   payload: Buffer
   prev: Buffer
   hash: Buffer
 }
+
+/** The columns verify reads (both stores). */
+export const VERIFY_COLUMNS = 'sidecar, seq, pos, id, ts, agent, agent_type, host, port, action, audience, payload, prev, hash'
 
 export class SqliteAuditStore implements AuditStore {
   readonly kind = 'sqlite' as const
@@ -81,6 +90,10 @@ export class SqliteAuditStore implements AuditStore {
     }
     this.db.exec(GUARDS)
     const head = statement<[string], { pos: number; hash: Buffer }>(this.db, 'SELECT pos, hash FROM audit_events WHERE sidecar = ? ORDER BY pos DESC LIMIT 1')
+    // The head each append reached, outside the chain: verify's anchor for a removed tail.
+    const saveHead = statement(this.db, 'INSERT INTO audit_cursors (name, sidecar, pos) VALUES (?, ?, ?) ON CONFLICT (name, sidecar) DO UPDATE SET pos = max(pos, excluded.pos)')
+    const maxSeq = statement<[string], { seq: number | null }>(this.db, 'SELECT max(seq) AS seq FROM audit_events WHERE sidecar = ?')
+    const byId = statement<[string], { sidecar: string; seq: number; id: string }>(this.db, 'SELECT sidecar, seq, id FROM audit_events WHERE id IN (SELECT value FROM json_each(?))')
     const existing = statement<[string, number, number], { seq: number; id: string }>(this.db, 'SELECT seq, id FROM audit_events WHERE sidecar = ? AND seq BETWEEN ? AND ?')
     const insert = statement(
       this.db,
@@ -96,13 +109,17 @@ export class SqliteAuditStore implements AuditStore {
       }
       const stored = new Map<number, string>()
       if (events.length > 0 && Number.isSafeInteger(lo)) for (const r of existing.all(sidecar, lo, hi)) stored.set(r.seq, r.id)
-      const fresh = newEvents(sidecar, events, stored)
+      // Where each of the batch's IDs is stored already (a resend's own row too: a resend is
+      // skipped before its ID is looked at). IDs the batch check refuses anyway are not asked for.
+      const ids = new Map(byId.all(JSON.stringify(askableIds(events))).map((r) => [r.id, { sidecar: r.sidecar, sequence: r.seq }]))
+      const fresh = newEvents(sidecar, events, stored, maxSeq.get(sidecar)?.seq ?? 0, ids)
       const h = head.get(sidecar)
       const rows = chainRows(sidecar, fresh, h?.pos ?? 0, h?.hash ?? GENESIS)
       const now = Date.now()
       for (const r of rows) {
         insert.run(sidecar, r.sequence, r.position, r.id, r.ts, r.agent, r.agentType, r.host, r.port, r.action, r.audience, now, r.payload, r.prev, r.hash)
       }
+      if (rows.length > 0) saveHead.run(INGEST_CURSOR, sidecar, rows[rows.length - 1]!.position)
       return {
         stored: rows.length,
         duplicates: events.length - rows.length,
@@ -128,11 +145,16 @@ export class SqliteAuditStore implements AuditStore {
   eventsByAgent(q: EventQuery): Promise<StoredEvent[]> {
     const until = q.until?.getTime() ?? Number.MAX_SAFE_INTEGER
     const denied = q.deniedOnly ? `AND action IN (${Action.ACTION_DENY}, ${Action.ACTION_REPORT})` : ''
-    const rows = statement<[string, number, number, number], { sidecar: string; seq: number; pos: number; payload: Buffer; hash: Buffer }>(
+    // The rows are picked by their payload sizes first (length() reads no blob), so a few huge
+    // payloads cannot make one answer hold gigabytes.
+    const rows = statement<[string, number, number, number, number], { sidecar: string; seq: number; pos: number; payload: Buffer; hash: Buffer }>(
       this.db,
-      `SELECT sidecar, seq, pos, payload, hash FROM audit_events WHERE agent = ? AND ts >= ? AND ts < ? ${denied}
-       ORDER BY ts, sidecar, pos LIMIT ?`,
-    ).all(q.agent, q.since.getTime(), until, q.limit ?? 10_000)
+      `SELECT e.sidecar, e.seq, e.pos, e.payload, e.hash FROM (
+         SELECT sidecar AS s, pos AS p, ts AS t, sum(length(payload)) OVER (ORDER BY ts, sidecar, pos ROWS UNBOUNDED PRECEDING) - length(payload) AS before
+         FROM audit_events WHERE agent = ? AND ts >= ? AND ts < ? ${denied} ORDER BY ts, sidecar, pos LIMIT ?
+       ) AS k JOIN audit_events AS e ON e.sidecar = k.s AND e.pos = k.p
+       WHERE k.before < ? ORDER BY k.t, k.s, k.p`,
+    ).all(q.agent, q.since.getTime(), until, q.limit ?? 10_000, q.maxBytes ?? Number.MAX_SAFE_INTEGER)
     return Promise.resolve(rows.map((r) => toStored(r.sidecar, { sequence: r.seq, position: r.pos, payload: r.payload, hash: r.hash })))
   }
 
@@ -188,7 +210,7 @@ export class SqliteAuditStore implements AuditStore {
           .map((r) => r.sidecar)
     const page = statement<[string, number], DbRow>(
       this.db,
-      'SELECT sidecar, seq, pos, ts, agent, action, payload, prev, hash FROM audit_events WHERE sidecar = ? AND pos > ? ORDER BY pos LIMIT 10000',
+      `SELECT ${VERIFY_COLUMNS} FROM audit_events WHERE sidecar = ? AND pos > ? ORDER BY pos LIMIT 10000`,
     )
     // Paged per sidecar: memory stays bounded by one page whatever the store holds.
     function* rows(): Generator<DbRow> {
@@ -202,7 +224,10 @@ export class SqliteAuditStore implements AuditStore {
         }
       }
     }
-    return Promise.resolve(verifyRows(rows()))
+    const result = verifyRows(rows())
+    const heads = new Map(statement<[], { sidecar: string; pos: number }>(this.db, 'SELECT sidecar, max(pos) AS pos FROM audit_events GROUP BY sidecar').all().map((r) => [r.sidecar, r.pos]))
+    checkAgainstCursors(result, heads, statement<[], { name: string; sidecar: string; pos: number }>(this.db, 'SELECT name, sidecar, pos FROM audit_cursors').all(), sidecar)
+    return Promise.resolve(result)
   }
 
   after(sidecar: string, position: number, limit: number): Promise<StoredEvent[]> {
@@ -259,14 +284,34 @@ export function verifyRows(rows: Iterable<DbRow>): VerifyResult {
     }
     if (broken) continue
     result.checked++
-    const reason = v.check({ sequence: r.seq, position: r.pos, ts: r.ts, agent: r.agent, action: r.action, payload: r.payload, prev: r.prev, hash: r.hash })
+    const reason = v.check({ ...r, sequence: r.seq, position: r.pos, agentType: r.agent_type })
     if (reason) {
       broken = true
       result.ok = false
       result.breaks.push({ sidecar: r.sidecar, position: r.pos, sequence: r.seq, reason })
-    }
+    } else if (v.gapAfter !== null) addGap(result, { sidecar: r.sidecar, position: r.pos, previous: v.gapAfter, sequence: r.seq })
   }
   return result
+}
+
+/** Adds one gap, listing at most MAX_LISTED_GAPS. */
+export function addGap(result: VerifyResult, gap: SequenceGap): void {
+  result.gapCount = (result.gapCount ?? 0) + 1
+  const list = (result.gaps ??= [])
+  if (list.length < MAX_LISTED_GAPS) list.push(gap)
+}
+
+/** Folds one sidecar's result into the total. */
+export function mergeVerify(total: VerifyResult, v: VerifyResult): void {
+  total.checked += v.checked
+  total.sidecars += v.sidecars
+  total.breaks.push(...v.breaks)
+  if (!v.ok) total.ok = false
+  if (v.gapCount) {
+    const listed = v.gaps ?? []
+    for (const g of listed) addGap(total, g)
+    total.gapCount! += v.gapCount - listed.length
+  }
 }
 
 export type { DbRow }

@@ -39,6 +39,8 @@ export interface StoredEvent {
   event: AuditEvent
   /** hex SHA-256 of this link (see chain.ts). */
   hash: string
+  /** The stored payload's size in bytes (what a bounded answer counts). */
+  bytes?: number
 }
 
 export interface EventQuery {
@@ -49,6 +51,12 @@ export interface EventQuery {
   /** Only calls that policy denied (deny, or report-only deny). */
   deniedOnly?: boolean
   limit?: number
+  /**
+   * Bounds the answer in bytes as well as rows: rows are returned, in order, while the payload
+   * bytes before each total less than this, so the last row returned is the one that reached it
+   * (when the cut happened). Unset: rows alone bound it.
+   */
+  maxBytes?: number
 }
 
 export interface AgentInventory {
@@ -84,13 +92,37 @@ export interface ChainBreak {
   reason: string
 }
 
+/**
+ * Consecutive links whose sequences do not follow one another: sequences the sidecar numbered but
+ * that never reached the collector (a damaged spool record skipped, a spool lost), or, in a store
+ * written before the collector refused it, a sequence stored below its chain's head. Not a break:
+ * the chain itself holds; but no event under the missing sequences is on record.
+ */
+export interface SequenceGap {
+  sidecar: string
+  /** The link after the gap. */
+  position: number
+  /** The previous link's sequence. */
+  previous: number
+  sequence: number
+}
+
+/** At most this many gaps are listed; `gapCount` counts them all. */
+export const MAX_LISTED_GAPS = 1000
+
 export interface VerifyResult {
   ok: boolean
   /** Links checked, over all sidecars. */
   checked: number
   sidecars: number
-  /** The first break found per sidecar, in sidecar order; empty when ok. */
+  /**
+   * The first break found per sidecar, in sidecar order; then those found against the fan-out
+   * cursors (a removed tail or chain); empty when ok.
+   */
   breaks: ChainBreak[]
+  /** Sequence gaps, in sidecar and chain order (the first MAX_LISTED_GAPS); absent when there are none. */
+  gaps?: SequenceGap[]
+  gapCount?: number
 }
 
 export interface AuditStore {

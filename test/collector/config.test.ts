@@ -7,7 +7,7 @@ const hash = 'a'.repeat(64)
 t.test('the example config is valid and gets its defaults', async (t) => {
   const c = loadCollectorConfig('deploy/examples/collector.yaml')
   t.same(c.collector.store, { kind: 'sqlite', path: 'latchkey-audit.db' })
-  t.same(c.collector.grpc, { host: '127.0.0.1', port: 15100, max_batch_bytes: 8 * 1024 * 1024, tls: null })
+  t.same(c.collector.grpc, { host: '127.0.0.1', port: 15100, max_batch_bytes: 8 * 1024 * 1024, max_clock_skew_ms: 300_000, tls: null })
   t.equal(c.collector.nats, null)
   const pg = validateCollectorConfig({ version: 1, collector: { store: { kind: 'postgres', url: 'postgres://x@h/db' }, sidecars: [] } })
   t.same(pg.collector.store, { kind: 'postgres', url: 'postgres://x@h/db', schema: 'latchkey', pool_size: 4, migrate: true })

@@ -48,9 +48,11 @@ export function makeEvent(o: EventOpts = {}): AuditEvent {
  * is a resend of the same event (a duplicate), as a sidecar's resend is; another event under a held
  * sequence is a conflict the stores refuse.
  */
-export function seqEvents(from: number, to: number, opts: (seq: number) => EventOpts = () => ({})): SequencedEvent[] {
+export function seqEvents(from: number, to: number, opts: (seq: number) => EventOpts = () => ({}), sidecar?: string): SequencedEvent[] {
   const out: SequencedEvent[] = []
-  for (let s = from; s <= to; s++) out.push({ sequence: s, event: { ...makeEvent(opts(s)), id: `00000000-0000-4000-8000-${String(s).padStart(12, '0')}` } })
+  // An event ID names one call in the whole store: another sidecar's events get their own.
+  const prefix = sidecar ? `${sidecar}-` : '00000000-0000-4000-8000-'
+  for (let s = from; s <= to; s++) out.push({ sequence: s, event: { ...makeEvent(opts(s)), id: `${prefix}${String(s).padStart(12, '0')}` } })
   return out
 }
 

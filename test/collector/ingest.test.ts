@@ -33,6 +33,55 @@ async function exchange(address: string, md: Metadata, batches: IngestRequest[])
   return { acks, error }
 }
 
+t.test('an unseen sequence below the chain head is refused as INVALID_ARGUMENT, never stored', async (t) => {
+  const s = sidecarIdentity()
+  const c = await startTestCollector([s])
+  t.teardown(() => c.close())
+  // A forged event 20 hours old, written into a gap of the chain with the sidecar's own token.
+  const r = await exchange(c.grpcAddress, authMetadata(s), [
+    { sidecarId: s.id, events: seqEvents(1, 10) },
+    { sidecarId: s.id, events: seqEvents(551, 560) },
+    { sidecarId: s.id, events: seqEvents(300, 300, () => ({ ts: Date.now() - 20 * 3_600_000 })) },
+  ])
+  t.same(r.acks.map((a) => a.ackedSequence), [10, 560])
+  t.equal(r.error?.code, status.INVALID_ARGUMENT)
+  t.match(r.error?.details, /sequence 300 was never stored but the chain already holds sequence 560/)
+  const seqs = (await c.store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0) })).map((e) => e.sequence)
+  t.notOk(seqs.includes(300), 'the backdated event is not on record')
+})
+
+t.test('an event dated past the allowed clock skew is refused, naming the time and the knob; past times are taken', async (t) => {
+  const s = sidecarIdentity()
+  const c = await startTestCollector([s], { raw: { grpc: { host: '127.0.0.1', port: 0, max_clock_skew_ms: 60_000 } } })
+  t.teardown(() => c.close())
+  const in2076 = Date.parse('2076-01-01T00:00:00Z')
+  const r = await exchange(c.grpcAddress, authMetadata(s), [
+    { sidecarId: s.id, events: seqEvents(1, 2, (n) => ({ ts: Date.now() - n * 86_400_000 })) },
+    { sidecarId: s.id, events: [...seqEvents(3, 3), ...seqEvents(4, 4, () => ({ ts: in2076 }))] },
+  ])
+  t.same(r.acks.map((a) => a.ackedSequence), [2], 'days-old events from a late spool are stored')
+  t.equal(r.error?.code, status.INVALID_ARGUMENT)
+  t.match(r.error?.details, /^sequence 4 is dated 2076-01-01T00:00:00\.000Z, \d+ s ahead of the collector's clock \(collector\.grpc\.max_clock_skew_ms is 60000\)/)
+  t.equal((await c.store.verify()).checked, 2, 'nothing of the refused batch was stored')
+  const near = await exchange(c.grpcAddress, authMetadata(s), [{ sidecarId: s.id, events: seqEvents(3, 3, () => ({ ts: Date.now() + 30_000 })) }])
+  t.same([near.error, near.acks.map((a) => a.ackedSequence)], [null, [3]], 'within the skew: stored')
+  const def = await startTestCollector([s])
+  t.teardown(() => def.close())
+  t.equal(def.config.collector.grpc.max_clock_skew_ms, 300_000, 'five minutes by default')
+  const soon = await exchange(def.grpcAddress, authMetadata(s), [{ sidecarId: s.id, events: seqEvents(1, 1, () => ({ ts: Date.now() + 10 * 60_000 })) }])
+  t.equal(soon.error?.code, status.INVALID_ARGUMENT)
+})
+
+t.test('a megabyte field is refused as INVALID_ARGUMENT naming the field', async (t) => {
+  const s = sidecarIdentity()
+  const c = await startTestCollector([s])
+  t.teardown(() => c.close())
+  const r = await exchange(c.grpcAddress, authMetadata(s), [{ sidecarId: s.id, events: seqEvents(1, 3, (n) => ({ path: n === 2 ? '/' + 'a'.repeat(1024 * 1024) : '/ok' })) }])
+  t.equal(r.error?.code, status.INVALID_ARGUMENT)
+  t.equal(r.error?.details, `sidecar ${s.id}: sequence 2: call.path is ${1024 * 1024 + 1} bytes, more than 65536`)
+  t.equal((await c.store.verify()).checked, 0)
+})
+
 t.test('acks the highest sequence once stored; resends are deduplicated', async (t) => {
   const s = sidecarIdentity()
   const c = await startTestCollector([s])
@@ -97,7 +146,7 @@ t.test("a batch naming another sidecar is refused on the authenticated stream", 
   t.teardown(() => c.close())
   const r = await exchange(c.grpcAddress, authMetadata(a), [
     { sidecarId: a.id, events: seqEvents(1, 3) },
-    { sidecarId: b.id, events: seqEvents(1, 3) },
+    { sidecarId: b.id, events: seqEvents(1, 3, undefined, b.id) },
   ])
   t.same(r.acks.map((x) => x.ackedSequence), [3])
   t.equal(r.error?.code, status.PERMISSION_DENIED)

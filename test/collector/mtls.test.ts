@@ -42,7 +42,7 @@ async function tryIngest(address: string, client: { cert: string; key: string } 
   call.on('data', (a: IngestResponse) => acks.push(a))
   call.on('error', (e: ServiceError) => (error = e))
   const ended = new Promise((r) => call.on('status', r))
-  call.write({ sidecarId, events: seqEvents(1, 3) })
+  call.write({ sidecarId, events: seqEvents(1, 3, undefined, sidecarId) })
   call.end()
   await ended
   c.close()

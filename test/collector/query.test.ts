@@ -9,6 +9,10 @@ import { request } from 'undici'
 import { Action } from '../../protos/gen/latchkey/v1/audit.js'
 import { makeEvent } from './events.js'
 import { sidecarIdentity, startTestCollector } from './collector-helpers.js'
+import { createQueryServer } from '../../collector/http.js'
+import { createLogger } from '../../lib/log.js'
+import { boundAnswer } from '../../collector/query.js'
+import type { AddressInfo } from 'node:net'
 
 const run = promisify(execFile)
 const cli = (args: string[]) =>
@@ -139,6 +143,19 @@ t.test('`audit verify -c` reads the store directly and names the first break', a
   t.match(bad.stdout, `BROKEN: sidecar ${id.id} at position 4 (sequence 4): hash does not match the stored payload`)
   const rows = await cli(['audit', '--agent', X, '-c', cfg, '--json'])
   t.equal(rows.stdout.trim().split('\n').length, 5, 'queries work straight from the store too')
+  const none = await cli(['audit', 'verify', '-c', cfg, '--sidecar', 'no-such-id'])
+  t.same([none.code, none.stdout, none.stderr.trim()], [1, '', 'no sidecar "no-such-id" in the store'])
+})
+
+t.test('`audit verify --sidecar` for a sidecar the store never heard of fails, over the API too; gaps are listed', async (t) => {
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  t.teardown(() => c.close())
+  await c.store.append(id.id, [1, 2, 9].map((sequence) => ({ sequence, event: makeEvent({ agent: X }) })))
+  const none = await cli(['audit', 'verify', '--url', c.httpUrl!, '--sidecar', 'no-such-id'])
+  t.same([none.code, none.stdout, none.stderr.trim()], [1, '', `collector at ${c.httpUrl!}: no sidecar "no-such-id" in the store`])
+  const gaps = await cli(['audit', 'verify', '--url', c.httpUrl!, '--sidecar', id.id])
+  t.same([gaps.code, gaps.stdout.trim().split('\n')], [0, [`GAP: sidecar ${id.id} at position 3: sequence 9 follows 2; 6 sequence(s) never received`, 'chain verified: 3 events across 1 sidecars; 1 sequence gap(s), listed above']])
 })
 
 t.test('with reader tokens, the query API and the CLI need one', async (t) => {
@@ -190,4 +207,26 @@ t.test('a NUL in agent or sidecar is a 400 on both stores, not "store unavailabl
     t.equal((await get(`/v1/events?agent=${encodeURIComponent(X)}`)).body.count, 1, `${c.store.kind}: the agent without the NUL is found`)
     t.notMatch(c.logs.join(''), /query failed/, `${c.store.kind}: nothing was sent to the store to fail`)
   }
+})
+
+t.test('the events answer is bounded in bytes as well as rows, and says truncated when cut', async (t) => {
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  t.teardown(() => c.close())
+  const now = Date.now()
+  await c.store.append(id.id, Array.from({ length: 10 }, (_, i) => ({ sequence: i + 1, event: makeEvent({ agent: X, ts: now - 1000 + i, path: '/' + 'x'.repeat(60_000) }) })))
+  const server = createQueryServer(c.store, createLogger('silent', 'test'), [], 200_000)
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise<void>((resolve) => server.close(() => resolve())))
+  const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/v1/events?agent=${encodeURIComponent(X)}&since=1h`
+  const res = await request(url)
+  const body = (await res.body.json()) as { count: number; truncated: boolean; events: Array<{ sequence: number }> }
+  t.equal(res.statusCode, 200)
+  t.same([body.count, body.truncated, body.events.map((e) => e.sequence)], [3, true, [1, 2, 3]], 'the rows within 200,000 bytes, and truncated')
+  // The unit: a single oversized row is still shown; an answer under both bounds is whole.
+  const big = { sidecar: 's', sequence: 1, position: 1, hash: '', event: makeEvent(), bytes: 500 }
+  t.same(boundAnswer([big], 10, 100).events.length, 1)
+  t.same(boundAnswer([big, { ...big, sequence: 2 }], 10, 100), { events: [big], truncated: true })
+  t.same(boundAnswer([big, { ...big, sequence: 2 }], 10, 10_000).truncated, false)
+  t.same(boundAnswer([big, { ...big, sequence: 2 }], 1, 10_000), { events: [big], truncated: true })
 })

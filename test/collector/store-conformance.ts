@@ -104,7 +104,7 @@ export function conformance(t: Test, backend: Backend): void {
     t.equal(inBatch.stored, 1)
     t.equal(inBatch.duplicates, 1)
     // The same sequence from another sidecar is a different event.
-    t.equal((await store.append(B, seqEvents(1, 3))).stored, 3)
+    t.equal((await store.append(B, seqEvents(1, 3, undefined, B))).stored, 3)
     const v = await store.verify()
     t.same(v, { ok: true, checked: 11, sidecars: 2, breaks: [] })
   })
@@ -120,14 +120,55 @@ export function conformance(t: Test, backend: Backend): void {
     t.same(await store.verify(), { ok: true, checked: 6, sidecars: 1, breaks: [] })
   })
 
-  withStore('out-of-order and gapped batches are stored once each, and the chain verifies', async (t, { store }) => {
-    await store.append(A, seqEvents(10, 12))
-    await store.append(A, seqEvents(4, 6))
+  withStore('two different events under one sequence in one batch are refused whole, as across batches', async (t, { store }) => {
+    const [first] = seqEvents(5001, 5001)
+    const second = { sequence: 5001, event: { ...first!.event!, id: 'second-B' } }
+    first!.event!.id = 'first-A'
+    await t.rejects(store.append(A, [first!, second]), { code: 'LK_STORE_BAD_BATCH', message: /sequence 5001 appears twice in the batch with different events \(first-A, second-B\)/ })
+    t.equal((await store.verify()).checked, 0, 'nothing of the refused batch was stored')
+    const same = await store.append(A, [first!, first!])
+    t.same([same.stored, same.duplicates], [1, 1], 'the same event twice in a batch is still a duplicate')
+  })
+
+  withStore('an event ID already stored under another sequence or sidecar is refused: each call is recorded once', async (t, { store }) => {
+    const [one] = seqEvents(1001, 1001)
+    const again = (sequence: number) => ({ sequence, event: { ...one!.event!, id: one!.event!.id } })
+    await t.rejects(store.append(A, [one!, again(1002)]), { code: 'LK_STORE_BAD_BATCH', message: `sidecar ${A}: sequence 1002: event id ${one!.event!.id} is already stored under sequence 1001 of this batch: an event is recorded once` })
+    t.equal((await store.append(A, [one!])).stored, 1)
+    await t.rejects(store.append(A, [again(1002)]), { code: 'LK_STORE_BAD_BATCH', message: `sidecar ${A}: sequence 1002: event id ${one!.event!.id} is already stored under sidecar ${A} sequence 1001: an event is recorded once` })
+    await t.rejects(store.append(B, [again(1)]), { code: 'LK_STORE_BAD_BATCH', message: `sidecar ${B}: sequence 1: event id ${one!.event!.id} is already stored under sidecar ${A} sequence 1001: an event is recorded once` })
+    // A resend of the stored event, with new events past it, is still taken.
+    const r = await store.append(A, [one!, ...seqEvents(1002, 1003)])
+    t.same([r.stored, r.duplicates], [2, 1])
+    // Nor may a resend carry the same ID under a second, new sequence in its batch.
+    await t.rejects(store.append(A, [one!, again(1004)]), { code: 'LK_STORE_BAD_BATCH', message: /sequence 1004: event id .* is already stored under sidecar sidecar-a sequence 1001/ })
+    const all = await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0) })
+    t.same(all.map((e) => [e.sidecar, e.sequence]), [[A, 1001], [A, 1002], [A, 1003]], 'the call is listed once')
+  })
+
+  withStore('overlapping resends are stored once each, and the chain verifies', async (t, { store }) => {
+    await store.append(A, seqEvents(1, 3))
+    await store.append(A, seqEvents(2, 6))
     await store.append(A, seqEvents(1, 12))
     const all = await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0) })
-    t.same(all.map((e) => e.sequence).sort((a, b) => a - b), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
-    t.same(all.map((e) => e.position).sort((a, b) => a - b), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
-    t.ok((await store.verify(A)).ok)
+    t.same(all.map((e) => [e.sequence, e.position]), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12].map((n) => [n, n]))
+    t.same(await store.verify(A), { ok: true, checked: 12, sidecars: 1, breaks: [] })
+  })
+
+  withStore('an unseen sequence below the chain head is refused (no backdating into a gap); verify lists the gap', async (t, { store }) => {
+    await store.append(A, seqEvents(1, 52))
+    await store.append(A, seqEvents(551, 560))
+    const backdated = seqEvents(300, 300, () => ({ ts: Date.now() - 20 * 3_600_000 }))
+    await t.rejects(store.append(A, backdated), { code: 'LK_STORE_BAD_BATCH', message: `sidecar ${A}: sequence 300 was never stored but the chain already holds sequence 560: a sidecar sends in order, so an unseen sequence below its head is refused` })
+    // Mixed with a true resend and new events past the head: still refused whole.
+    await t.rejects(store.append(A, [...seqEvents(559, 560), ...backdated, ...seqEvents(561, 562)]), { code: 'LK_STORE_BAD_BATCH', message: /sequence 300 was never stored/ })
+    // Out of order inside one batch: the later sequence first makes the earlier one a backfill.
+    await t.rejects(store.append(A, [...seqEvents(570, 570), ...seqEvents(565, 565)]), { code: 'LK_STORE_BAD_BATCH', message: /sequence 565 was never stored but the chain already holds sequence 570/ })
+    const r = await store.append(A, [...seqEvents(555, 560), ...seqEvents(561, 563)])
+    t.same([r.stored, r.duplicates, r.highest], [3, 6, 563], 'a resend overlapping the head, and new events past it, are taken')
+    t.same((await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0) })).map((e) => e.sequence).filter((s) => s > 52 && s < 551), [], 'nothing stored in the gap')
+    const v = await store.verify()
+    t.same(v, { ok: true, checked: 65, sidecars: 1, breaks: [], gaps: [{ sidecar: A, position: 53, previous: 52, sequence: 551 }], gapCount: 1 }, 'the gap is reported, not a break')
   })
 
   withStore('a malformed batch is refused whole, naming the problem', async (t, { store }) => {
@@ -159,6 +200,33 @@ export function conformance(t: Test, backend: Backend): void {
     t.equal((await store.append(A, seqEvents(1, 1, () => ({ ts: 8.64e15 })))).stored, 1, 'the last representable instant is still a time')
   })
 
+  withStore('a field past its size limit is refused naming the field; the limits leave room for real traffic', async (t, { store }) => {
+    const huge = seqEvents(2, 2, () => ({ path: '/' + 'a'.repeat(7 * 1024 * 1024) }))
+    await t.rejects(store.append(A, [...seqEvents(1, 1), ...huge]), { code: 'LK_STORE_BAD_BATCH', message: `sidecar ${A}: sequence 2: call.path is ${7 * 1024 * 1024 + 1} bytes, more than 65536` })
+    const reason = seqEvents(1, 1)
+    reason[0]!.event!.decision!.reason = 'é'.repeat(9000)
+    await t.rejects(store.append(A, reason), { code: 'LK_STORE_BAD_BATCH', message: /sequence 1: decision.reason is 18000 bytes, more than 16384/ })
+    await t.rejects(store.append(A, seqEvents(1, 1, () => ({ host: 'h'.repeat(5000) }))), { code: 'LK_STORE_BAD_BATCH', message: /sequence 1: call.host is 5000 bytes, more than 4096/ })
+    const scopes = seqEvents(1, 1, () => ({ audience: 'aud' }))
+    scopes[0]!.event!.credential!.scopes = Array.from({ length: 300 }, (_, i) => `s${i}`)
+    await t.rejects(store.append(A, scopes), { code: 'LK_STORE_BAD_BATCH', message: /sequence 1: credential.scopes has 300 entries, more than 256/ })
+    t.equal((await store.verify()).checked, 0, 'nothing of the refused batches was stored')
+    // node:http bounds a request line by its header limit (16 KiB by default): such a path fits.
+    t.equal((await store.append(A, seqEvents(1, 1, () => ({ path: '/' + 'p'.repeat(16 * 1024) })))).stored, 1)
+  })
+
+  withStore('events by agent are bounded in bytes as well as rows', async (t, { store }) => {
+    const now = Date.now()
+    await store.append(A, seqEvents(1, 10, (n) => ({ ts: now - 1000 + n, path: '/' + String(n % 10).repeat(60_000) })))
+    const all = await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0) })
+    t.equal(all.length, 10)
+    t.ok(all.every((e) => e.bytes! > 60_000 && e.bytes! < 61_000), 'each answer row says its stored size')
+    const cut = await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0), maxBytes: 200_000 })
+    t.same(cut.map((e) => e.sequence), [1, 2, 3, 4], 'rows while the bytes before them are under the bound: the fourth reaches it')
+    t.same((await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0), maxBytes: 1 })).map((e) => e.sequence), [1], 'the first row always')
+    t.same((await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0), maxBytes: 200_000, limit: 2 })).map((e) => e.sequence), [1, 2])
+  })
+
   withStore('inventory keeps an agent or sidecar name holding a comma whole', async (t, { store }) => {
     // A forged agent ID reading as two: SQLite's group_concat joined names with ',' and split them again.
     const forged = 'agent:x:y:a,agent:victim:prod:1'
@@ -179,7 +247,7 @@ export function conformance(t: Test, backend: Backend): void {
 
   withStore('verify names the first break when a payload is altered behind the guards', async (t, b) => {
     await b.store.append(A, seqEvents(1, 5))
-    await b.store.append(B, seqEvents(1, 5))
+    await b.store.append(B, seqEvents(1, 5, undefined, B))
     await b.disableGuards()
     // Swap one event's payload for another's (a valid AuditEvent, wrong place in the chain).
     await b.raw(`UPDATE audit_events SET payload = (SELECT payload FROM audit_events WHERE sidecar = '${A}' AND seq = 1) WHERE sidecar = '${A}' AND seq = 3`)
@@ -191,16 +259,59 @@ export function conformance(t: Test, backend: Backend): void {
 
   withStore('verify names a removed link and an altered indexed column', async (t, b) => {
     await b.store.append(A, seqEvents(1, 5))
-    await b.store.append(B, seqEvents(1, 5))
+    await b.store.append(B, seqEvents(1, 5, undefined, B))
     await b.disableGuards()
     await b.raw(`DELETE FROM audit_events WHERE sidecar = '${A}' AND seq = 2`)
     await b.raw(`UPDATE audit_events SET action = ${Action.ACTION_ALLOW + 5} WHERE sidecar = '${B}' AND seq = 4`)
     const v = await b.store.verify()
     t.same(v.breaks, [
       { sidecar: A, position: 3, sequence: 3, reason: 'position 3 follows 1: a link is missing' },
-      { sidecar: B, position: 4, sequence: 4, reason: 'indexed columns (ts, agent, action) differ from the payload' },
+      { sidecar: B, position: 4, sequence: 4, reason: 'indexed column(s) action differ from the payload' },
     ])
     t.same((await b.store.verify(B)).breaks.length, 1)
+  })
+
+  withStore('verify re-derives every column a query or the inventory reads, not only ts, agent and action', async (t, b) => {
+    const C = 'sidecar-c'
+    const D = 'sidecar-d'
+    for (const s of [A, B, C, D]) await b.store.append(s, seqEvents(1, 3, () => ({ audience: 'https://api.example.com' }), s))
+    await b.disableGuards()
+    await b.raw(`UPDATE audit_events SET host = 'other.example', port = 8443 WHERE sidecar = '${A}' AND seq = 2`)
+    await b.raw(`UPDATE audit_events SET audience = 'https://evil.example' WHERE sidecar = '${B}' AND seq = 1`)
+    await b.raw(`UPDATE audit_events SET id = 'forged' WHERE sidecar = '${C}' AND seq = 3`)
+    await b.raw(`UPDATE audit_events SET agent_type = 'other' WHERE sidecar = '${D}' AND seq = 3`)
+    const v = await b.store.verify()
+    t.same(v.breaks, [
+      { sidecar: A, position: 2, sequence: 2, reason: 'indexed column(s) host, port differ from the payload' },
+      { sidecar: B, position: 1, sequence: 1, reason: 'indexed column(s) audience differ from the payload' },
+      { sidecar: C, position: 3, sequence: 3, reason: 'indexed column(s) id differ from the payload' },
+      { sidecar: D, position: 3, sequence: 3, reason: 'indexed column(s) agent_type differ from the payload' },
+    ])
+  })
+
+  withStore('verify finds a removed tail or a removed chain against the cursors, the ingest\'s own and the fan-out\'s', async (t, b) => {
+    await b.store.append(A, seqEvents(1, 5))
+    await b.store.append(B, seqEvents(1, 5, undefined, B))
+    await b.store.append('sidecar-c', seqEvents(1, 5, undefined, 'sidecar-c'))
+    await b.store.append('sidecar-d', seqEvents(1, 5, undefined, 'sidecar-d'))
+    await b.store.saveCursors('nats', new Map([['sidecar-d', 4]]))
+    t.same((await b.store.cursors('ingest')).get(A), 5, 'each append records the head it reached')
+    await b.disableGuards()
+    await b.raw(`DELETE FROM audit_events WHERE sidecar = '${A}' AND seq >= 4`)
+    await b.raw(`DELETE FROM audit_events WHERE sidecar = 'sidecar-c'`)
+    // An attacker who also lowers the ingest cursor is still caught by the fan-out's.
+    await b.raw(`DELETE FROM audit_events WHERE sidecar = 'sidecar-d' AND seq = 5`)
+    await b.raw(`DELETE FROM audit_events WHERE sidecar = 'sidecar-d' AND seq = 4`)
+    await b.raw(`UPDATE audit_cursors SET pos = 3 WHERE name = 'ingest' AND sidecar = 'sidecar-d'`)
+    const v = await b.store.verify()
+    t.equal(v.ok, false)
+    t.same(v.breaks, [
+      { sidecar: A, position: 4, sequence: 0, reason: 'the chain ends at position 3, but the collector stored up to position 5: links were removed from its tail' },
+      { sidecar: 'sidecar-c', position: 1, sequence: 0, reason: 'no link is stored, but the collector stored up to position 5: the whole chain was removed' },
+      { sidecar: 'sidecar-d', position: 4, sequence: 0, reason: 'the chain ends at position 3, but consumer "nats" already handled position 4: links were removed from its tail' },
+    ])
+    t.same((await b.store.verify('sidecar-c')).breaks.length, 1, 'asked about the removed chain alone')
+    t.same((await b.store.verify(B)).ok, true)
   })
 
   withStore('events by agent since a time, optionally denied only', async (t, { store }) => {
@@ -265,7 +376,7 @@ export function conformance(t: Test, backend: Backend): void {
 
   withStore('after, heads and cursors: what a consumer needs to catch up', async (t, { store }) => {
     await store.append(A, seqEvents(1, 7))
-    await store.append(B, seqEvents(1, 2))
+    await store.append(B, seqEvents(1, 2, undefined, B))
     t.same([...(await store.heads())].sort(), [[A, 7], [B, 2]])
     const page = await store.after(A, 3, 2)
     t.same(page.map((e) => [e.sidecar, e.position, e.sequence]), [[A, 4, 4], [A, 5, 5]])
@@ -281,15 +392,13 @@ export function conformance(t: Test, backend: Backend): void {
   withStore('two replicas appending to one sidecar concurrently keep one linear chain', async (t, b) => {
     const r2 = b.replica()
     t.teardown(() => r2.close())
-    const jobs: Promise<unknown>[] = []
-    for (let i = 0; i < 20; i++) {
-      const from = i * 10 + 1
-      jobs.push((i % 2 ? r2 : b.store).append(A, seqEvents(from, from + 9)))
-      // And every batch a second time through the other replica: duplicates, never twice stored.
-      jobs.push((i % 2 ? b.store : r2).append(A, seqEvents(from, from + 9)))
+    // Two streams of one sidecar (a reconnect landing on the other replica while the first still
+    // drains), each sending every batch in order: each event stored once, never twice.
+    const stream = async (s: AuditStore, offset: number) => {
+      for (let i = 0; i < 20; i++) await s.append(A, seqEvents(i * 10 + 1, i * 10 + 10 + (i + offset) % 3))
     }
-    await Promise.all(jobs)
+    await Promise.all([stream(b.store, 0), stream(r2, 1)])
     const v = await b.store.verify()
-    t.same(v, { ok: true, checked: 200, sidecars: 1, breaks: [] })
+    t.same(v, { ok: true, checked: 202, sidecars: 1, breaks: [] }, "sequences 1 to 202, once each")
   })
 }

@@ -586,10 +586,12 @@ export class Pipeline {
     s.audit.write(event)
     s.log.info(event, 'call')
     s.metrics.countCall(ctx.via, event.decision ?? 'none', ctx.errorCode ?? 'ok', event.duration_ms / 1000)
-    if (ctx.credentialInBody > 0) {
-      // The agent did not get it; the operator should know the upstream reflects it.
-      s.log.warn({ id: event.id, binding: ctx.binding?.id, host: event.host, path: event.path, matches: ctx.credentialInBody }, 'the upstream sent the injected credential back in a response body: overwritten before the agent got it')
-    }
+    if (ctx.credentialInBody > 0) this.reportReflection(ctx, event)
+  }
+
+  /** The agent did not get it; the operator should know the upstream reflects it. Kept out of finish, which every call runs. */
+  private reportReflection(ctx: CallContext, event: AuditEvent): void {
+    this.stages.log.warn({ id: event.id, binding: ctx.binding?.id, host: event.host, path: event.path, matches: ctx.credentialInBody }, 'the upstream sent the injected credential back in a response body: overwritten before the agent got it')
   }
 }
 

@@ -98,7 +98,7 @@ export class Spool {
    * ever). Raised by syncAsync() and sync().
    */
   syncedSeq = 0
-  /** The rotated-out segment's fdatasync, when one is under way: a sync is complete only after it. */
+  /** The rotated-out segments' fdatasyncs, when under way: a sync is complete only after them. */
   private retiring: Promise<void> = Promise.resolve()
   readonly recovery: RecoveryReport = { segments: 0, records: 0, tornBytes: 0, corruptBytes: 0 }
   private buf = Buffer.allocUnsafe(256 * 1024)
@@ -229,14 +229,17 @@ export class Spool {
     if (this.fd >= 0) {
       // Synced and closed off the event loop: a synchronous fdatasync here stalled calls.
       const old = this.fd
-      this.retiring = new Promise<void>((resolve, reject) =>
+      const synced = new Promise<void>((resolve, reject) =>
         fdatasync(old, (err) => {
           close(old, () => {})
           if (err) reject(err)
           else resolve()
         }),
       )
-      // Reported by the next syncAsync(), which waits for it.
+      // Each retirement includes the ones before it, so waiting on the latest waits on all. A
+      // failed one is reported once, by the syncAsync() that waits on it.
+      const before = this.retiring.catch(() => {})
+      this.retiring = Promise.all([before, synced]).then(() => {})
       this.retiring.catch(() => {})
     }
     this.fd = fd
@@ -315,9 +318,19 @@ export class Spool {
   async syncAsync(): Promise<void> {
     const fd = this.fd
     const upTo = this.lastSeq
-    const retiring = this.retiring
-    if (fd >= 0) await new Promise<void>((resolve, reject) => fdatasync(fd, (err) => (err ? reject(err) : resolve())))
-    await retiring
+    if (fd >= 0) {
+      try {
+        await new Promise<void>((resolve, reject) => fdatasync(fd, (err) => (err ? reject(err) : resolve())))
+      } catch (err) {
+        // Rotated out (and closed) meanwhile: its own sync, awaited below, covers it.
+        if (this.fd === fd) throw err
+      }
+    }
+    // Every rotation since began syncs the segment it retired: those cover records up to upTo too.
+    for (let r = this.retiring; ; r = this.retiring) {
+      await r
+      if (r === this.retiring) break
+    }
     if (upTo > this.syncedSeq) this.syncedSeq = upTo
   }
 

@@ -48,6 +48,7 @@ t.test('sidecar.broker: the token exchange', async (t) => {
   t.same(problems(withBroker({ url: 'https://latchkey-broker:15003' })), [])
   t.same(problems(withBroker({ url: 'http://latchkey-broker:15003', insecure_plaintext: true })), [])
   for (const host of LOOPBACK) t.same(problems(withBroker({ url: `http://${host}:15003` })), [], `${host} is loopback`)
+  t.match(problems(withBroker({ url: 'https://latchkey-broker:15003', insecure_plaintext: true })), [/^sidecar\.broker\.insecure_plaintext: contradicts an https:\/\/ url/])
 })
 
 t.test('audit.collector', async (t) => {

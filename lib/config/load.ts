@@ -273,12 +273,8 @@ function semanticProblems(c: Config): ConfigProblem[] {
   // off loopback, the sidecar must be able to tell the broker from whoever answers at its address.
   const sc = c.sidecar.control
   if (sc) {
-    let host = ''
-    try {
-      host = new URL(sc.url).hostname
-    } catch {
-      // The schema's pattern has already said what is wrong with the URL.
-    }
+    // A URL that does not parse: the schema's pattern has already said what is wrong with it.
+    const host = urlOf(sc.url)?.hostname ?? ''
     checkPlaintext('sidecar.control', host, sc.tls, sc.insecure_plaintext, 'the broker, whose control token this sidecar sends and whose policy and revocations it applies, cannot be told from an impostor at that address')
     if (sc.tls && (sc.tls.cert_file === undefined) !== (sc.tls.key_file === undefined)) problems.push({ path: 'sidecar.control.tls', message: 'cert_file and key_file go together' })
   }
@@ -289,6 +285,7 @@ function semanticProblems(c: Config): ConfigProblem[] {
   if (sb) {
     const url = urlOf(sb.url)
     if (url?.protocol === 'http:') checkPlaintext('sidecar.broker', url.hostname, null, sb.insecure_plaintext, 'the workload evidence and user tokens this sidecar sends, and the tokens it gets back, cross in clear text to whoever answers (use https://)', 'url')
+    else if (url?.protocol === 'https:' && sb.insecure_plaintext) problems.push({ path: 'sidecar.broker.insecure_plaintext', message: 'contradicts an https:// url: remove one' })
   }
   if (c.broker) checkPlaintext('broker.listen', c.broker.listen.host, c.broker.listen.tls, c.broker.listen.insecure_plaintext, 'workload evidence, user tokens and the tokens minted from them cross the network in clear text')
   const ac = c.audit.collector

@@ -38,7 +38,8 @@ export interface CollectorConfig {
   version: 1
   collector: {
     /** max_clock_skew_ms: how far past the collector's clock an event's time may be. */
-    grpc: { host: string; port: number; max_batch_bytes: number; max_clock_skew_ms: number; tls: GrpcTls | null }
+    /** tls: required off loopback unless insecure_plaintext (sidecars' tokens, and the trail itself, would cross in clear text). */
+    grpc: { host: string; port: number; max_batch_bytes: number; max_clock_skew_ms: number; tls: GrpcTls | null; insecure_plaintext: boolean }
     /** The query API. With reader_tokens_sha256, every request needs one of those tokens as a bearer. */
     http: { host: string; port: number; reader_tokens_sha256?: string[] } | null
     store: StoreConfig
@@ -79,6 +80,7 @@ const schema = {
               required: ['cert_file', 'key_file', 'client_ca_file'],
               properties: { cert_file: { type: 'string', minLength: 1 }, key_file: { type: 'string', minLength: 1 }, client_ca_file: { type: 'string', minLength: 1 } },
             },
+            insecure_plaintext: { type: 'boolean', default: false },
           },
         },
         http: {
@@ -186,6 +188,13 @@ export function validateCollectorConfig(raw: unknown, source = '<collector confi
     }
     ids.add(s.id)
   })
+  // The ingest carries sidecars' tokens and every call's record: off loopback, over TLS (as the
+  // sidecars' own audit.collector requires), unless said by name.
+  const grpc = c.collector.grpc
+  if (grpc.tls && grpc.insecure_plaintext) problems.push({ path: 'collector.grpc.insecure_plaintext', message: 'contradicts tls: remove one' })
+  else if (!grpc.tls && !grpc.insecure_plaintext && !isLoopbackHost(grpc.host)) {
+    problems.push({ path: 'collector.grpc.tls', message: `required off loopback (${grpc.host.slice(0, 100)}): without it sidecars' tokens and every call's record cross in clear text, and sidecars cannot tell this collector from an impostor; set insecure_plaintext: true to accept that` })
+  }
   // The query API answers every agent's trail: open to the network, it needs reader tokens.
   const http = c.collector.http
   if (http && !isLoopbackHost(http.host) && !http.reader_tokens_sha256?.length) {

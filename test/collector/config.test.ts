@@ -7,7 +7,7 @@ const hash = 'a'.repeat(64)
 t.test('the example config is valid and gets its defaults', async (t) => {
   const c = loadCollectorConfig('deploy/examples/collector.yaml')
   t.same(c.collector.store, { kind: 'sqlite', path: 'latchkey-audit.db' })
-  t.same(c.collector.grpc, { host: '127.0.0.1', port: 15100, max_batch_bytes: 8 * 1024 * 1024, max_clock_skew_ms: 300_000, tls: null })
+  t.same(c.collector.grpc, { host: '127.0.0.1', port: 15100, max_batch_bytes: 8 * 1024 * 1024, max_clock_skew_ms: 300_000, tls: null, insecure_plaintext: false })
   t.equal(c.collector.nats, null)
   const pg = validateCollectorConfig({ version: 1, collector: { store: { kind: 'postgres', url: 'postgres://x@h/db' }, sidecars: [] } })
   t.same(pg.collector.store, { kind: 'postgres', url: 'postgres://x@h/db', schema: 'latchkey', pool_size: 4, migrate: true })
@@ -33,4 +33,16 @@ t.test('a query API open to the network needs reader tokens', async (t) => {
     t.doesNotThrow(http({ host, reader_tokens_sha256: [hash] }), `${host} with a reader token`)
   }
   for (const host of ['127.0.0.1', '::1', 'localhost', '127.0.0.2']) t.doesNotThrow(http({ host }), `${host} is loopback`)
+})
+
+t.test('an ingest listener open to the network needs TLS, or says insecure_plaintext', async (t) => {
+  const grpc = (g: Record<string, unknown>) => () => validateCollectorConfig({ version: 1, collector: { sidecars: [], grpc: { port: 0, ...g } } }, 'c.yaml')
+  const tls = { cert_file: '/c.pem', key_file: '/k.pem', client_ca_file: '/ca.pem' }
+  for (const host of ['0.0.0.0', '::', '10.1.2.3', 'collector.internal']) {
+    t.throws(grpc({ host }), { code: 'LK_CONFIG_INVALID', problems: [{ path: 'collector.grpc.tls', message: new RegExp(`^required off loopback \\(${host.replace(/\./g, '\\.')}\\): .*insecure_plaintext: true`) }] }, host)
+    t.doesNotThrow(grpc({ host, tls }), `${host} with tls`)
+    t.doesNotThrow(grpc({ host, insecure_plaintext: true }), `${host} said plaintext by name`)
+  }
+  t.throws(grpc({ host: '0.0.0.0', tls, insecure_plaintext: true }), { problems: [{ path: 'collector.grpc.insecure_plaintext' }] }, 'both: a contradiction')
+  for (const host of ['127.0.0.1', '::1', 'localhost']) t.doesNotThrow(grpc({ host }), `${host} is loopback`)
 })

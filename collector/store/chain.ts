@@ -57,16 +57,9 @@ function clip(s: string): string {
   return s.length > 100 ? `${s.slice(0, 100)}…` : s
 }
 
-/**
- * Size limits per field, in UTF-8 bytes, sized for what a sidecar produces. The path comes from a
- * request line, which node:http bounds with its header limit (16 KiB by default, the sidecar's
- * setting), so 64 KiB leaves room for a raised --max-http-header-size; the decision's reason may
- * quote a policy's explanation; every other field is a name, an ID, an address or a code.
- * Megabyte fields (allowed under max_batch_bytes) made every query of that agent fail.
- */
-export const FIELD_LIMITS = { default: 4096, 'call.path': 65_536, 'decision.reason': 16_384, scopes: 256 } as const
-/** A whole event as received, unknown fields included: past the sum of the field limits. */
-export const MAX_EVENT_BYTES = 256 * 1024
+/** Size limits per field, in UTF-8 bytes: see lib/audit-limits.ts (the sidecar cuts to them). */
+export { FIELD_LIMITS, MAX_EVENT_BYTES } from '../../lib/audit-limits.js'
+import { FIELD_LIMITS, MAX_EVENT_BYTES } from '../../lib/audit-limits.js'
 
 const STRING_FIELDS: ReadonlyArray<readonly [string, (ev: AuditEvent) => string | undefined]> = [
   ['id', (ev) => ev.id],

@@ -24,6 +24,7 @@ import { credentials, makeGenericClientConstructor, Metadata, status, type Clien
 import { Action, AuditIngestServiceService, IngestResponse, SequencedEvent, type AuditEvent as ProtoEvent } from '../../protos/gen/latchkey/v1/audit.js'
 import type { AuditEvent, AuditSink } from '../context.js'
 import { Spool, type Cursor } from './spool.js'
+import { FIELD_LIMITS, SCOPES_TOTAL_BYTES, fitUtf8 } from '../../lib/audit-limits.js'
 
 export interface CollectorSinkOptions {
   /** host:port of the collector's gRPC ingest. */
@@ -59,8 +60,12 @@ export interface CollectorSinkStats {
 const WINDOW = 4
 const LINGER_MS = 20
 const BATCH_BYTES = 1024 * 1024
-/** Events kept in memory while the spool cannot be written; past it they are counted dropped. */
+/** Events kept in memory while the spool cannot be written; past it refusals are counted dropped. */
 const MAX_UNWRITTEN = 20_000
+/** Events per append: what one all-or-nothing write must find room for. */
+const APPEND_EVENTS = 256
+/** A placeholder while evicting (see appendFailed). */
+const DROPPED = {} as AuditEvent
 const RETRY_MS = 1000
 /**
  * A collector that stops answering without closing (a half-open connection, a black-holed
@@ -100,18 +105,24 @@ function writeVarint(buf: Buffer, at: number, n: number): number {
 
 const ACTIONS = { allow: Action.ACTION_ALLOW, deny: Action.ACTION_DENY, report: Action.ACTION_REPORT } as const
 
+/**
+ * Every string cut to the collector's limit (lib/audit-limits.ts), marked as cut: an agent's
+ * 4,879-character host name made an event the collector refused, and the sidecar resent that
+ * batch for ever, delivering nothing after it.
+ */
 export function toProtoEvent(e: AuditEvent): ProtoEvent {
+  const f = (s: string) => fitUtf8(s, FIELD_LIMITS.default)
   return {
-    id: e.id,
+    id: f(e.id),
     timeUnixMs: Date.parse(e.ts),
-    delegation: { user: e.user ?? '', agent: e.agent, task: e.task ?? '' },
+    delegation: { user: f(e.user ?? ''), agent: f(e.agent), task: f(e.task ?? '') },
     call: {
-      method: e.method,
-      scheme: e.scheme ?? '',
-      host: e.host ?? '',
+      method: f(e.method),
+      scheme: f(e.scheme ?? ''),
+      host: f(e.host ?? ''),
       port: e.port ?? 0,
-      path: e.path ?? '',
-      address: e.address ?? '',
+      path: fitUtf8(e.path ?? '', FIELD_LIMITS['call.path']),
+      address: f(e.address ?? ''),
       status: e.status,
       bytesIn: e.bytes_in,
       bytesOut: e.bytes_out,
@@ -120,11 +131,24 @@ export function toProtoEvent(e: AuditEvent): ProtoEvent {
       traceId: '',
       via: e.via,
     },
-    decision: { action: e.decision ? ACTIONS[e.decision] : Action.ACTION_UNSPECIFIED, rule: e.rule ?? '', reason: e.reason ?? '', error: e.error ?? '' },
+    decision: { action: e.decision ? ACTIONS[e.decision] : Action.ACTION_UNSPECIFIED, rule: f(e.rule ?? ''), reason: fitUtf8(e.reason ?? '', FIELD_LIMITS['decision.reason']), error: f(e.error ?? '') },
     // The sidecar's event names the credential, never carries it; issuer-minted tokens come with their SHA-256.
-    credential: e.credential ? { provider: e.credential.binding, audience: e.credential.audience, scopes: e.credential.scopes, jti: e.credential.id, tokenSha256: e.credential.token_sha256 ? Buffer.from(e.credential.token_sha256, 'hex') : Buffer.alloc(0) } : undefined,
-    process: e.caller ? { pid: e.caller.pid ?? 0, uid: e.caller.uid, executable: e.caller.exe ?? '' } : undefined,
+    credential: e.credential ? { provider: f(e.credential.binding), audience: f(e.credential.audience), scopes: fitScopes(e.credential.scopes), jti: f(e.credential.id), tokenSha256: e.credential.token_sha256 ? Buffer.from(e.credential.token_sha256, 'hex') : Buffer.alloc(0) } : undefined,
+    process: e.caller ? { pid: e.caller.pid ?? 0, uid: e.caller.uid, executable: f(e.caller.exe ?? '') } : undefined,
   }
+}
+
+/** Scopes within FIELD_LIMITS.scopes entries and SCOPES_TOTAL_BYTES in all; the rest are left out. */
+function fitScopes(scopes: string[]): string[] {
+  let total = 0
+  const kept: string[] = []
+  for (const s of scopes) {
+    const one = fitUtf8(s, FIELD_LIMITS.default)
+    total += Buffer.byteLength(one)
+    if (kept.length === FIELD_LIMITS.scopes || total > SCOPES_TOTAL_BYTES) break
+    kept.push(one)
+  }
+  return kept.length === scopes.length ? scopes : kept
 }
 
 export class CollectorAuditSink implements AuditSink {
@@ -227,8 +251,10 @@ export class CollectorAuditSink implements AuditSink {
   write(event: AuditEvent): void {
     if (this.closed) return
     if (this.failing) {
-      // The retry appends it, in order; each call trying a write that fails would not.
-      if (this.pending.length < MAX_UNWRITTEN) this.pending.push(event)
+      // The retry appends it, in order; each call trying a write that fails would not. Past
+      // MAX_UNWRITTEN only refusals are let go: a call that went out is always kept (there are
+      // few: no new egress is admitted meanwhile), a call refused for want of audit is not.
+      if (this.pending.length < MAX_UNWRITTEN || event.error !== 'LK_AUDIT_UNAVAILABLE') this.pending.push(event)
       else this.stats.dropped++
       return
     }
@@ -279,18 +305,24 @@ export class CollectorAuditSink implements AuditSink {
       }
       this.stats.overLimit += events.length
     }
-    try {
-      let i = 0
-      this.spool.append(events.length, (seq) => SequencedEvent.encode({ sequence: seq, event: toProtoEvent(events[i++]!) }).finish())
-      this.stats.spooled += events.length
-      this.dirty = true
-      this.scheduleSync()
-      if (this.failing) {
+    // In slices of APPEND_EVENTS, each all or nothing: a backlog after a full disk goes in as room
+    // allows, not only once there is room for all of it.
+    for (let from = 0; from < events.length; from += APPEND_EVENTS) {
+      const slice = events.length <= APPEND_EVENTS ? events : events.slice(from, from + APPEND_EVENTS)
+      try {
+        let i = 0
+        this.spool.append(slice.length, (seq) => SequencedEvent.encode({ sequence: seq, event: toProtoEvent(slice[i++]!) }).finish())
+        this.stats.spooled += slice.length
+        this.dirty = true
+        this.scheduleSync()
+      } catch (err) {
+        this.appendFailed(err as NodeJS.ErrnoException, events.slice(from))
+        break
+      }
+      if (this.failing && from + slice.length === events.length) {
         this.log('info', { code: this.failing.code, events: events.length }, 'audit spool writable again: what waited is spooled')
         this.failing = null
       }
-    } catch (err) {
-      this.appendFailed(err as NodeJS.ErrnoException, events)
     }
     events = []
     this.updateFull()
@@ -304,10 +336,21 @@ export class CollectorAuditSink implements AuditSink {
   private appendFailed(err: NodeJS.ErrnoException, events: AuditEvent[]): void {
     if (!this.failing) this.log('error', { code: err.code, dir: this.o.spoolDir, onFull: this.o.onFull }, this.o.onFull === 'refuse' ? 'audit spool cannot be written: refusing new egress until it can' : 'audit spool cannot be written: events kept in memory, then dropped (counted)')
     this.failing = err
-    const room = Math.max(0, MAX_UNWRITTEN - this.pending.length)
-    const kept = events.length <= room ? events : events.slice(0, room)
-    this.stats.dropped += events.length - kept.length
-    this.pending = kept.concat(this.pending)
+    // Past MAX_UNWRITTEN, refusals go first (the newest of them): every call that went out stays.
+    let kept = events.concat(this.pending)
+    if (kept.length > MAX_UNWRITTEN) {
+      let over = kept.length - MAX_UNWRITTEN
+      for (let i = kept.length - 1; i >= 0 && over > 0; i--) {
+        if (kept[i]!.error === 'LK_AUDIT_UNAVAILABLE') {
+          kept[i] = DROPPED
+          over--
+        }
+      }
+      const before = kept.length
+      kept = kept.filter((e) => e !== DROPPED)
+      this.stats.dropped += before - kept.length
+    }
+    this.pending = kept
     if (!this.failRetry && !this.closed) {
       this.failRetry = setTimeout(() => {
         this.failRetry = null
@@ -451,7 +494,11 @@ export class CollectorAuditSink implements AuditSink {
 
   flush(): Promise<void> {
     this.persist()
-    this.spool.sync()
+    try {
+      this.spool.sync()
+    } catch (err) {
+      this.log('error', { code: (err as NodeJS.ErrnoException).code }, 'audit spool fsync failed')
+    }
     this.pump()
     return Promise.resolve()
   }
@@ -459,6 +506,18 @@ export class CollectorAuditSink implements AuditSink {
   async close(): Promise<void> {
     if (this.closed) return
     await this.flush()
+    // Stopping while the spool cannot be written (a pod evicted for disk pressure): what waits in
+    // memory is tried until close_timeout_ms, then said to be lost, by count; never silently.
+    const deadline = performance.now() + this.o.closeTimeoutMs
+    while (this.pending.length > 0 && performance.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 100))
+      this.persist()
+    }
+    if (this.pending.length > 0) {
+      this.stats.dropped += this.pending.length
+      this.log('error', { lost: this.pending.length, code: this.failing?.code, dir: this.o.spoolDir }, 'audit events lost at shutdown: the spool could not be written')
+      this.pending = []
+    }
     const last = this.spool.lastSeq
     const delivered = await this.waitForAck(last, this.o.closeTimeoutMs)
     if (!delivered) this.log('warn', { unacked: last - this.stats.acked, dir: this.o.spoolDir }, 'audit events left in the spool for the next start')

@@ -428,6 +428,17 @@ export class Spool {
    * its acked records are resent after a restart and deduplicated by the collector.
    */
   acknowledge(upTo: number): number {
+    const active = this.segments[this.segments.length - 1]!
+    // One segment past segment_bytes (appends went on in it when no new file could be made, or
+    // a backlog landed at once) and every record in it acked: start the next, so it can go. Else
+    // it stayed for ever, and over spool_max_bytes the spool refused all egress, restarts too.
+    if (this.segments.length === 1 && active.size >= this.segmentBytes && active.last <= upTo) {
+      try {
+        this.rotate()
+      } catch {
+        // No new segment yet: tried again at the next ack.
+      }
+    }
     let removed = 0
     while (this.segments.length > 1) {
       const s = this.segments[0]!

@@ -43,6 +43,6 @@ t.test('an ingest listener open to the network needs TLS, or says insecure_plain
     t.doesNotThrow(grpc({ host, tls }), `${host} with tls`)
     t.doesNotThrow(grpc({ host, insecure_plaintext: true }), `${host} said plaintext by name`)
   }
-  t.throws(grpc({ host: '0.0.0.0', tls, insecure_plaintext: true }), { problems: [{ path: 'collector.grpc.insecure_plaintext' }] }, 'both: a contradiction')
+  t.throws(grpc({ host: '0.0.0.0', tls, insecure_plaintext: true }), { code: 'LK_CONFIG_INVALID', problems: [{ path: 'collector.grpc.insecure_plaintext' }] }, 'both: a contradiction')
   for (const host of ['127.0.0.1', '::1', 'localhost']) t.doesNotThrow(grpc({ host }), `${host} is loopback`)
 })

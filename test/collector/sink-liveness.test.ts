@@ -139,3 +139,37 @@ t.test('only records already on disk are sent: the collector never holds a seque
   t.ok(sink.stats.acked > 0 && samples > 100)
   t.equal(ahead, 0, `in ${samples} samples the collector never had a sequence the spool had not synced`)
 })
+
+t.test('an event with fields past the collector limits is cut to them, not resent for ever', async (t) => {
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  t.teardown(() => c.close())
+  const sink = new CollectorAuditSink({
+    address: c.grpcAddress,
+    sidecarId: id.id,
+    token: id.token,
+    tls: null,
+    spoolDir: join(mkdtempSync(join(tmpdir(), 'lk-cut-')), 'spool'),
+    segmentBytes: 1 << 20,
+    maxBytes: 8 << 20,
+    onFull: 'refuse',
+    batchEvents: 1000,
+    backoffMinMs: 20,
+    backoffMaxMs: 200,
+    closeTimeoutMs: 2000,
+  })
+  t.teardown(() => sink.close())
+  // What an agent can make the sidecar record: a 4,879-character host name (as curl sends one),
+  // a path at node:http's limit and beyond, a caller's executable path, a thousand scopes.
+  const host = Array.from({ length: 80 }, () => 'a'.repeat(60)).join('.')
+  const long = { ...event(1), host, path: '/' + 'p'.repeat(70_000), caller: { pid: 1, uid: 0, exe: '/' + 'x'.repeat(5000), sha256: null }, credential: { binding: 'b', id: 'static:b', audience: 'http://x', scopes: Array.from({ length: 1000 }, (_, i) => `scope-${i}-${'s'.repeat(40)}`) } }
+  sink.write(long)
+  sink.write(event(2))
+  t.ok(await sink.waitForAck(2, 5000), 'both acked: the long one did not hold back the next')
+  const stored = await c.store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0), limit: 10 })
+  const cut = stored.find((e) => e.sequence === 1)!.event
+  t.ok(cut.call!.host.startsWith('a'.repeat(60) + '.') && cut.call!.host.endsWith('…(cut)'), 'the host kept its start, marked as cut')
+  t.ok(Buffer.byteLength(cut.call!.host) <= 4096 && Buffer.byteLength(cut.call!.path) <= 65_536)
+  t.ok(cut.credential!.scopes.length > 0 && cut.credential!.scopes.length <= 256)
+  t.equal(stored.find((e) => e.sequence === 2)?.event.call?.path, '/call/2')
+})

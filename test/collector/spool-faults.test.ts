@@ -7,6 +7,8 @@ import { mkdtempSync, writeFileSync, rmSync, openSync, writeSync, closeSync, sta
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Spool } from '../../proxy/audit/spool.js'
+import { CollectorAuditSink } from '../../proxy/audit/collector-sink.js'
+import type { AuditEvent } from '../../proxy/context.js'
 import { startUpstream, CANARY } from '../helpers/harness.js'
 import { sidecarIdentity, startTestCollector } from './collector-helpers.js'
 import { proxyAgent, startCollectedSidecar } from './sidecar-helpers.js'
@@ -157,4 +159,106 @@ t.test('a full disk under the collector sink refuses new egress (503) and loses 
   t.equal(s.sink.stats.dropped, 0, 'no event dropped')
   t.same(stored.map((e) => e.sequence).sort((a, b) => a - b), Array.from({ length: stored.length }, (_, i) => i + 1), 'sequences 1..n, no gap')
   t.notOk(s.logs.some((l) => l.includes(CANARY)), 'no log line holds the credential')
+})
+
+t.test('a segment past segment_bytes, every record acked, is retired: the spool empties', async (t) => {
+  const spool = new Spool(join(mkdtempSync(join(tmpdir(), 'lk-retire-')), 'spool'), 'sc-1', 4096)
+  t.teardown(() => spool.close())
+  // One append of a backlog: 100 records in one segment, far past its 4 KiB.
+  spool.append(100, payload)
+  t.ok(spool.bytes > 80_000)
+  spool.acknowledge(spool.lastSeq)
+  t.equal(spool.bytes, 0, 'nothing held once all of it is acked')
+  t.equal(spool.next, 101, 'and the sequence goes on')
+})
+
+/** A sink on `dir`, to a real collector, with small segments so acked ones are deleted as it goes. */
+async function sinkOn(t: { teardown(fn: () => unknown): void }, dir: string, logs: string[]) {
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  t.teardown(() => c.close())
+  const sink = new CollectorAuditSink({
+    address: c.grpcAddress,
+    sidecarId: id.id,
+    token: id.token,
+    tls: null,
+    spoolDir: join(dir, 'spool'),
+    segmentBytes: 16 * 1024,
+    maxBytes: 8 << 20,
+    onFull: 'refuse',
+    batchEvents: 1000,
+    backoffMinMs: 20,
+    backoffMaxMs: 200,
+    closeTimeoutMs: 500,
+    onLog: (_level, fields, msg) => logs.push(`${msg} ${JSON.stringify(fields)}`),
+  })
+  return { c, sink }
+}
+
+const auditEvent = (n: number, error: string | null = null): AuditEvent => ({
+  id: `00000000-0000-4000-8000-${String(n).padStart(12, '0')}`,
+  ts: new Date().toISOString(),
+  agent: 'agent:summarizer:test:a1',
+  task: null,
+  user: null,
+  via: 'absolute',
+  method: 'GET',
+  scheme: 'http',
+  host: '127.0.0.1',
+  port: 80,
+  path: `/call/${n}/${'x'.repeat(200)}`,
+  address: '127.0.0.1',
+  status: error ? 503 : 200,
+  bytes_in: 0,
+  bytes_out: 2,
+  duration_ms: 1,
+  upstream_ms: 1,
+  decision: 'allow',
+  rule: 'r',
+  reason: null,
+  credential: null,
+  error,
+  caller: null,
+})
+
+t.test('a backlog larger than the room freed goes in as room allows, and all of it arrives', { skip: canMount }, async (t) => {
+  const dir = tmpfs(t, 'size=256k')
+  const logs: string[] = []
+  const { sink } = await sinkOn(t, dir, logs)
+  t.teardown(() => sink.close())
+  const filler = fill(dir)
+  for (let n = 1; n <= 3000; n++) sink.write(auditEvent(n, n % 100 === 0 ? null : 'LK_AUDIT_UNAVAILABLE'))
+  t.equal(sink.accepting(), false, 'refusing while the spool cannot be written')
+  rmSync(filler)
+  // ~900 KB waiting, 256 KiB of disk: it fits only as the collector acks and segments go.
+  t.ok(await sink.waitForAck(3000, 20_000), 'every event acked in the end')
+  t.equal(sink.accepting(), true, 'and egress allowed again')
+  t.equal(sink.stats.dropped, 0)
+})
+
+t.test('past the events kept in memory, refusals are let go first: a call that went out is kept', { skip: canMount }, async (t) => {
+  const dir = tmpfs(t, 'size=8m')
+  const logs: string[] = []
+  const { c, sink } = await sinkOn(t, dir, logs)
+  t.teardown(() => sink.close())
+  const filler = fill(dir)
+  sink.write(auditEvent(1, 'LK_AUDIT_UNAVAILABLE'))
+  for (let n = 2; n <= 20_500; n++) sink.write(auditEvent(n, 'LK_AUDIT_UNAVAILABLE'))
+  sink.write(auditEvent(20_501)) // a call that went out, its record late (a long download)
+  rmSync(filler)
+  t.ok(await sink.waitForAck(20_001, 30_000), '20,001 acked: the 20,000 kept in memory and the call that went out')
+  const stored = await c.store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0), limit: 100_000 })
+  t.ok(stored.some((e) => e.event.call?.path.startsWith('/call/20501/')), 'the call that went out is in the collector')
+  t.equal(sink.stats.dropped, 500, 'what was let go is the 500 refusals past the 20,000, counted')
+})
+
+t.test('stopping while the spool cannot be written says how many events are lost', { skip: canMount }, async (t) => {
+  const dir = tmpfs(t, 'size=256k')
+  const logs: string[] = []
+  const { sink } = await sinkOn(t, dir, logs)
+  fill(dir)
+  for (let n = 1; n <= 12; n++) sink.write(auditEvent(n))
+  await sink.close()
+  t.match(logs.find((l) => l.startsWith('audit events lost at shutdown')), /"lost":12,"code":"ENOSPC"/, 'logged with the count and why')
+  t.equal(sink.stats.dropped, 12)
 })

@@ -410,9 +410,15 @@ export class Pipeline {
     if (ctx.binding && ctx.credential) {
       target.search = stripQueryParams(target.search, ctx.binding.stripQuery)
       ctx.binding.inject(headers, target, ctx.credential)
-      // The response body is checked for the credential as it streams, which needs it readable:
-      // see forward/body-scrub.ts.
+      // The response body is checked for the credential as it streams, which needs it readable
+      // (see forward/body-scrub.ts), and whole: a Range of an echo hands the secret over in
+      // pieces no check can recognise. Without Range the upstream answers 200 with all of it,
+      // which every client takes.
       headers['accept-encoding'] = 'identity'
+      if (headers.range !== undefined) {
+        delete headers.range
+        delete headers['if-range']
+      }
     }
     // Policy has spoken; only now may the agent send its body.
     if (expectContinue) res.writeContinue()

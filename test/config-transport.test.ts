@@ -57,6 +57,8 @@ t.test('audit.collector', async (t) => {
   t.same(problems(withCollector({ address: 'collector.internal:15100', insecure_plaintext: true })), [])
   t.same(problems(withCollector({ address: 'collector.internal:15100', tls: { ca_file: '/ca.pem', cert_file: '/c.pem', key_file: '/k.pem' } })), [])
   for (const host of LOOPBACK) t.same(problems(withCollector({ address: `${host}:15100` })), [], `${host} is loopback`)
+  t.match(problems(withCollector({ address: '::1:15100' })), [/^audit\.collector\.address: an IPv6 address is written in brackets: \[::1\]:15100/])
+  t.match(problems(withCollector({ address: 'fd00::5:15100' })), [/^audit\.collector\.address: an IPv6 address is written in brackets/])
 })
 
 t.test('OAuth token endpoints and JWKS are https:// off loopback', async (t) => {

@@ -289,7 +289,12 @@ function semanticProblems(c: Config): ConfigProblem[] {
   }
   if (c.broker) checkPlaintext('broker.listen', c.broker.listen.host, c.broker.listen.tls, c.broker.listen.insecure_plaintext, 'workload evidence, user tokens and the tokens minted from them cross the network in clear text')
   const ac = c.audit.collector
-  if (ac) checkPlaintext('audit.collector', ac.address.slice(0, ac.address.lastIndexOf(':')), ac.tls, ac.insecure_plaintext, 'the collector, which holds the audit trail, cannot be told from an impostor, and its token crosses in clear text')
+  if (ac) {
+    const host = ac.address.slice(0, ac.address.lastIndexOf(':'))
+    // `::1:15100` reads as loopback here but is no address to gRPC, which would read it whole.
+    if (host.includes(':') && !(host.startsWith('[') && host.endsWith(']'))) problems.push({ path: 'audit.collector.address', message: `an IPv6 address is written in brackets: [${host.slice(0, 100)}]:${ac.address.slice(ac.address.lastIndexOf(':') + 1)}` })
+    else checkPlaintext('audit.collector', host, ac.tls, ac.insecure_plaintext, 'the collector, which holds the audit trail, cannot be told from an impostor, and its token crosses in clear text')
+  }
   // RFC 6749 §3.2: a token endpoint is reached over TLS. Keys fetched in clear text could be
   // replaced on the way: whoever did so could sign tokens that are then accepted.
   c.credentials.forEach((b, i) => {

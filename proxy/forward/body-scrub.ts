@@ -66,23 +66,34 @@ export function compileNeedles(texts: readonly string[]): BodyNeedles {
   }
 }
 
-/** `text` as is, and as the common echoes write it once: JSON string, percent-encoded, HTML. */
+/**
+ * `text` as is, and as the common echoes write it once, each the way a library of its kind does:
+ * - JSON: JavaScript's JSON.stringify; with `\/` (PHP); `<`, `>`, `&` as `\u003c`… (Go's
+ *   encoding/json, Rails); beyond ASCII as `\uXXXX` (Python's json.dumps);
+ * - percent-encoding: JavaScript's encodeURIComponent (keeps `!*'()`); every reserved character
+ *   (Python's quote(safe=''), Go's QueryEscape, PHP's rawurlencode); Python's quote(), which keeps
+ *   `/`; each with `+` for a space, and in lower-case hex;
+ * - HTML: named references (`&quot;`, `&#39;` or `&#x27;`); Go's html/template (`&#34;`, `&#43;`);
+ *   every special character as a decimal or a hex reference.
+ * Not covered: hex digits of mixed case within one escape run, and escaping of every character.
+ */
 function echoSpellings(text: string): string[] {
   const json = JSON.stringify(text).slice(1, -1)
-  const percent = encodeURIComponent(text)
-  const html = text.replace(/[&<>"']/g, (c) => HTML[c]!)
-  return [
-    text,
-    json,
-    json.replace(/\//g, '\\/'),
-    percent,
-    percent.replace(/%[0-9A-F]{2}/g, (m) => m.toLowerCase()),
-    percent.replace(/%20/g, '+'),
-    html,
-    html.replace(/&#39;/g, '&#x27;'),
-  ]
+  const out = [text, json, json.replace(/\//g, '\\/'), json.replace(/[<>&]/g, unicodeEscape), json.replace(/[^ -~]/g, unicodeEscape)]
+  const js = encodeURIComponent(text)
+  const strict = js.replace(/[!*'()]/g, percentOf)
+  for (const p of [js, strict, strict.replace(/%2F/g, '/')]) {
+    for (const q of [p, p.replace(/%20/g, '+')]) out.push(q, q.replace(/%[0-9A-F]{2}/g, (m) => m.toLowerCase()))
+  }
+  const named = text.replace(/[&<>"']/g, (c) => HTML[c]!)
+  out.push(named, named.replace(/&#39;/g, '&#x27;'), text.replace(/[&<>"'+]/g, (c) => GO_HTML[c]!))
+  out.push(text.replace(/[&<>"'+/=]/g, (c) => `&#${c.charCodeAt(0)};`), text.replace(/[&<>"'+/=]/g, (c) => `&#x${c.charCodeAt(0).toString(16)};`), text.replace(/[&<>"'+/=]/g, (c) => `&#x${c.charCodeAt(0).toString(16).toUpperCase()};`))
+  return out
 }
 const HTML: Record<string, string> = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }
+const GO_HTML: Record<string, string> = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&#34;', "'": '&#39;', '+': '&#43;' }
+const unicodeEscape = (c: string) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`
+const percentOf = (c: string) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`
 
 function maskByte(needles: readonly Buffer[]): number {
   const used = new Uint8Array(256)

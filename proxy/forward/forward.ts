@@ -67,7 +67,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     if (binding && credential) {
       scrubResponseHeaders(clean, binding, credential)
       statusMessage = safeReasonPhrase(statusMessage, binding, credential)
-      const coding = encodedBody(clean, statusCode, this.res.req.method)
+      const coding = encodedBody(clean, headers['transfer-encoding'], statusCode, this.res.req.method)
       if (coding !== null) {
         this.ctx.status = 0
         return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream sent a ${coding}-encoded body though the sidecar asked for none; it cannot be checked for the credential, so it is not relayed`))
@@ -181,15 +181,21 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
 }
 
 /**
- * The content coding of a body that is coming, when it is not `identity`: such a body cannot be
- * read for the credential. None comes with a HEAD, a 204 or 304, or a Content-Length of 0.
+ * The content or transfer coding of a body that is coming, when it is not `identity` (or, for a
+ * transfer coding, `chunked`, which undici undoes): such a body cannot be read for the
+ * credential. None comes with a HEAD, a 204 or 304, or a Content-Length of 0. `transferEncoding`
+ * is the upstream's own, before hop-by-hop headers are dropped.
  */
-function encodedBody(headers: IncomingHttpHeaders, status: number, method: string | undefined): string | null {
-  const value = headers['content-encoding']
-  if (value === undefined || method === 'HEAD' || status === 204 || status === 304 || headers['content-length'] === '0') return null
-  for (const coding of value.split(',')) {
-    const c = coding.trim().toLowerCase()
-    if (c !== '' && c !== 'identity') return c.replace(/[^\x21-\x7e]/g, '?').slice(0, 40)
+function encodedBody(headers: IncomingHttpHeaders, transferEncoding: string | string[] | undefined, status: number, method: string | undefined): string | null {
+  const content = headers['content-encoding'] as string | string[] | undefined
+  if ((content === undefined && transferEncoding === undefined) || method === 'HEAD' || status === 204 || status === 304 || headers['content-length'] === '0') return null
+  for (const [value, passes] of [[content, 'identity'], [transferEncoding, 'chunked']] as const) {
+    if (value === undefined) continue
+    // Sent twice, a header comes as a list: every value counts.
+    for (const coding of (Array.isArray(value) ? value.join(',') : value).split(',')) {
+      const c = coding.trim().toLowerCase()
+      if (c !== '' && c !== 'identity' && c !== passes) return c.replace(/[^\x21-\x7e]/g, '?').slice(0, 40)
+    }
   }
   return null
 }

@@ -63,6 +63,11 @@ t.test('a credential echoed in a response body reaches no client, however spelle
     'an error page quoting the token (HTML)': (_a, token) => `<p>invalid token &quot;${token.replace(/&/g, '&amp;').replace(/"/g, '&quot;')}&quot;</p>`,
     'a URL in the body (percent-encoded, lower-case hex)': (_a, token) => `see https://x.example/cb?t=${encodeURIComponent(token).replace(/%[0-9A-F]{2}/g, (m) => m.toLowerCase())}`,
     'a form (+ for space)': (_a, token) => `t=${encodeURIComponent(token).replace(/%20/g, '+')}`,
+    "Python's urllib.parse.quote (keeps /)": (_a, token) => `next=${encodeURIComponent(token).replace(/[!*'()]/g, (c) => '%' + c.charCodeAt(0).toString(16).toUpperCase()).replace(/%2F/g, '/')}`,
+    "Go's url.QueryEscape (every reserved character, + for space)": (_a, token) => encodeURIComponent(token).replace(/[!*'()]/g, (c) => '%' + c.charCodeAt(0).toString(16).toUpperCase()).replace(/%20/g, '+'),
+    "Go's html/template (&#34; &#43;)": (_a, token) => token.replace(/[&<>"'+]/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&#34;', "'": '&#39;', '+': '&#43;' })[c]!),
+    'HTML numeric references, decimal and hex': (_a, token) => token.replace(/[&"+/]/g, (c) => `&#${c.charCodeAt(0)};`) + ' ' + token.replace(/[&"+/]/g, (c) => `&#x${c.charCodeAt(0).toString(16)};`),
+    "Go's encoding/json (\\u0026)": (auth) => JSON.stringify({ auth }).replace(/&/g, '\\u0026'),
     'base64 of the header': (auth) => Buffer.from(auth).toString('base64'),
     'hex of the token': (_a, token) => Buffer.from(token).toString('hex').toUpperCase(),
   }
@@ -186,4 +191,38 @@ t.test('a compressed body on a credentialed call is refused (it cannot be checke
   const events = await s.audit()
   t.match(events.find((e) => e.port === echo.port && e.method === 'GET'), { status: 502, error: 'LK_UPSTREAM_PROTOCOL' })
   assertNoCanary(t, s, refused.raw, head.raw)
+})
+
+t.test('a body the sidecar cannot read whole is not relayed: transfer codings, a coding sent twice, a Range', async (t) => {
+  const { upstream, s } = await startBearerRig(t, {
+    handler: (req, res) => {
+      const auth = String(req.headers.authorization ?? '')
+      if (req.url === '/te') {
+        // A transfer coding undici does not undo: the body reaches it still gzipped.
+        const socket = res.socket!
+        const packed = gzipSync(auth)
+        socket.write(`HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n${packed.length.toString(16)}\r\n`)
+        socket.write(packed)
+        socket.end('\r\n0\r\n\r\n')
+        return true
+      }
+      if (req.url === '/twice') {
+        res.socket!.end(`HTTP/1.1 200 OK\r\nContent-Encoding: identity\r\nContent-Encoding: gzip\r\nContent-Length: 4\r\n\r\nabcd`)
+        return true
+      }
+      const body = `range=${String(req.headers.range)} if-range=${String(req.headers['if-range'])} ${auth}`
+      res.writeHead(200, { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body) }).end(body)
+      return true
+    },
+  })
+  const te = await rawRequest(s.sidecar.port, `GET ${upstream.origin}/te HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  t.equal(te.status, 502)
+  t.match(JSON.parse(te.body), { code: 'LK_UPSTREAM_PROTOCOL', reason: /gzip-encoded body/, retryable: false })
+  const twice = await rawRequest(s.sidecar.port, `GET ${upstream.origin}/twice HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  t.equal(twice.status, 502)
+  t.match(JSON.parse(twice.body), { code: 'LK_UPSTREAM_PROTOCOL', retryable: false }, 'Content-Encoding sent twice: read as one list, refused as such')
+  const ranged = await rawRequest(s.sidecar.port, `GET ${upstream.origin}/range HTTP/1.1\r\nHost: x\r\nRange: bytes=100-130\r\nIf-Range: "etag"\r\nConnection: close\r\n\r\n`)
+  t.equal(ranged.status, 200)
+  t.match(ranged.body, /^range=undefined if-range=undefined Bearer \*+$/, 'Range and If-Range are not sent: the body comes whole, and is checked whole')
+  assertNoCanary(t, s, te.raw, twice.raw, ranged.raw)
 })

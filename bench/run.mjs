@@ -296,19 +296,25 @@ function paced(name, proxyPort, path, pid, seconds) {
 // ---- the verification upstream and check ------------------------------------------------------
 
 /** The upstream's /verify is proxied here: it reports every Authorization header it was sent. */
+/**
+ * What the upstream received on /verify, kept here in the orchestrator: never echoed back, since
+ * latchkey overwrites its credential in any response body it relays (forward/body-scrub.ts).
+ */
 function startEcho() {
   return new Promise((resolve) => {
-    const srv = createServer((req, res) => {
+    const echo = { srv: null, port: 0, seen: null }
+    echo.srv = createServer((req, res) => {
       const auth = []
       for (let i = 0; i < req.rawHeaders.length; i += 2) if (req.rawHeaders[i].toLowerCase() === 'authorization') auth.push(req.rawHeaders[i + 1])
-      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ auth, proxyAuth: 'proxy-authorization' in req.headers }))
+      echo.seen = { auth, proxyAuth: 'proxy-authorization' in req.headers }
+      res.writeHead(200, { 'content-type': 'application/json' }).end('{"seen":true}')
     })
-    srv.listen(0, '127.0.0.1', () => resolve({ srv, port: srv.address().port }))
+    echo.srv.listen(0, '127.0.0.1', () => resolve(Object.assign(echo, { port: echo.srv.address().port })))
   })
 }
 
 /** One request through the contender: 200 from the upstream, which saw the injected header exactly once. */
-async function verify(c, upstreamPort) {
+async function verify(c, upstreamPort, echo) {
   const client = new Client(`http://127.0.0.1:${c.port}`)
   try {
     const get = async (path) => {
@@ -319,10 +325,12 @@ async function verify(c, upstreamPort) {
     const plain = await get(`${base}/`)
     if (c.reference && plain.status === 200) return
     if (plain.status !== 200 || plain.body !== 'ok') throw new Error(`GET / answered ${plain.status} ${plain.body.slice(0, 300)}`)
+    echo.seen = null
     const v = await get(`${base}/verify`)
     if (v.status !== 200) throw new Error(`GET /verify answered ${v.status} ${v.body.slice(0, 300)}`)
-    const seen = JSON.parse(v.body)
     if (c.reference) return // node-floor answers by itself: no upstream behind it
+    const seen = echo.seen
+    if (!seen) throw new Error('GET /verify did not reach the upstream')
     const want = c.name === 'direct' ? [] : [`Bearer ${TOKEN}`]
     if (JSON.stringify(seen.auth) !== JSON.stringify(want))
       throw new Error(`the upstream saw ${seen.auth.length} Authorization header(s) (${seen.auth.map((a) => a.slice(0, 20) + '…').join(', ')}), expected ${want.length === 0 ? 'none' : 'exactly the injected bearer, once'}`)
@@ -472,7 +480,7 @@ log: { level: warn }
     contenders.push({ name: 'node-floor', reference: true, absolute: false, port: ports.floor, proc: start('node-floor', CPU_PROXY, process.execPath, [join(here, 'baselines/node-floor.mjs'), String(ports.floor)]) })
 
   for (const c of contenders) if (c.proc) await waitForPort(c.port, c.proc)
-  for (const c of contenders) await verify(c, ports.upstream)
+  for (const c of contenders) await verify(c, ports.upstream, echo)
   await verifyLatchkeyPolicy(contenders[1], ports.denied, auditPath, countAudited)
   console.error('bench: every contender forwards, with the bearer injected exactly once; latchkey refuses an unlisted port and audits')
 
@@ -494,7 +502,7 @@ log: { level: warn }
   // have seen nothing heavier, so CPU share and RSS are what the proxy costs at that rate.
   for (let round = 1; round <= ROUNDS; round++) {
     for (const c of contenders) {
-      await verify(c, ports.upstream)
+      await verify(c, ports.upstream, echo)
       if (c.name === 'latchkey') lkRequests.count += 2
       const p = await paced(c.name, c.port, pathFor(c), c.proc?.pid, SECONDS)
       if (c.name === 'latchkey') lkRequests.count += p.completed + Math.round(PACED_RATE) // + the warm-up second
@@ -511,7 +519,7 @@ log: { level: warn }
   for (let round = 1; round <= ROUNDS; round++) {
     busy.push(await machineBusy(500))
     for (const c of contenders) {
-      await verify(c, ports.upstream)
+      await verify(c, ports.upstream, echo)
       const pid = c.proc?.pid
       const cpu0 = pid ? cpuSeconds(pid) : 0
       const busy0 = cpuBusySeconds()

@@ -44,6 +44,8 @@ export interface RecoveryReport {
   tornBytes: number
   /** Bytes skipped inside segments because a record failed its checksum. */
   corruptBytes: number
+  /** The segment files those bytes were skipped in (the operator's next question). */
+  damaged: string[]
 }
 
 export class SpoolError extends Error {
@@ -100,7 +102,7 @@ export class Spool {
   syncedSeq = 0
   /** The rotated-out segments' fdatasyncs, when under way: a sync is complete only after them. */
   private retiring: Promise<void> = Promise.resolve()
-  readonly recovery: RecoveryReport = { segments: 0, records: 0, tornBytes: 0, corruptBytes: 0 }
+  readonly recovery: RecoveryReport = { segments: 0, records: 0, tornBytes: 0, corruptBytes: 0, damaged: [] }
   private buf = Buffer.allocUnsafe(256 * 1024)
   /** The reader's open segment (the sender reads forward through one segment at a time). */
   private reader: { first: number; fd: number } | null = null
@@ -174,6 +176,7 @@ export class Spool {
           this.recovery.tornBytes += tail
         } else this.recovery.corruptBytes += tail
       }
+      if (holes.size > 0 || (tail > 0 && !newest)) this.recovery.damaged.push(n.path)
       this.recovery.records += count
       this.segments.push({ first: n.first, path: n.path, last, size: validEnd, holes })
     })

@@ -31,7 +31,7 @@ t.test('records come back in order, across segments and a restart', async (t) =>
   s.close()
   const again = new Spool(d, 'sc', 512)
   t.equal(again.next, 61)
-  t.same(again.recovery, { segments: segs(d).length, records: 60, tornBytes: 0, corruptBytes: 0 })
+  t.same(again.recovery, { segments: segs(d).length, records: 60, tornBytes: 0, corruptBytes: 0, damaged: [] })
   again.close()
 })
 
@@ -98,6 +98,7 @@ t.test('a damaged record in an older segment is skipped, the records around it k
   const r = new Spool(d, 'sc', 200)
   t.equal(r.recovery.records, 19)
   t.equal(r.recovery.corruptBytes, 16 + payload(2).length, 'exactly the damaged record was skipped')
+  t.same(r.recovery.damaged, [first], 'and the report names the segment it was in')
   t.same(all(r).map((x) => x[0]), [1, ...Array.from({ length: 18 }, (_, i) => i + 3)])
   r.close()
 })

@@ -1,7 +1,6 @@
 // Assembles the sidecar from a validated config: every stage is built once here, at start-up,
 // so the request path only uses what is ready. Also owns the orderly shutdown.
 import { once } from 'node:events'
-import { readFileSync } from 'node:fs'
 import type { AddressInfo } from 'node:net'
 import { networkInterfaces } from 'node:os'
 import type { DestinationStream } from 'pino'
@@ -133,14 +132,11 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   if (cc?.token_secret && !collectorToken!.has(cc.token_secret)) {
     throw new StartupError(`audit.collector: secret ${cc.token_secret} is neither in env ${config.secrets.env_prefix}${cc.token_secret} nor in secrets.file`)
   }
-  const readTls = (t: { ca_file: string; cert_file: string; key_file: string }) => {
-    const ca = Buffer.from(loadCaFile('audit.collector.tls.ca_file', t.ca_file).join('\n'))
-    try {
-      return { ca, cert: readFileSync(t.cert_file), key: readFileSync(t.key_file) }
-    } catch (err) {
-      throw new StartupError(`audit.collector.tls: cannot read ${(err as NodeJS.ErrnoException).path ?? 'a file'} (${(err as NodeJS.ErrnoException).code})`)
-    }
-  }
+  const readTls = (t: { ca_file: string; cert_file: string; key_file: string }) => ({
+    ca: Buffer.from(loadCaFile('audit.collector.tls.ca_file', t.ca_file).join('\n')),
+    cert: readSettingFile('audit.collector.tls.cert_file', t.cert_file),
+    key: readSettingFile('audit.collector.tls.key_file', t.key_file),
+  })
   const CollectorSink = cc ? (await import('./audit/collector-sink.js')).CollectorAuditSink : undefined
   const openCollectorSink = (o: ConstructorParameters<typeof CollectorAuditSink>[0]) => {
     try {

@@ -296,21 +296,7 @@ export class ChainVerifier {
 }
 
 /** A stored link as verify reads it: the hashed parts and every column derived from the payload. */
-export interface VerifiedRow {
-  sequence: number
-  position: number
-  id: string
-  ts: number
-  agent: string
-  agentType: string
-  host: string
-  port: number
-  action: number
-  audience: string
-  payload: Uint8Array
-  prev: Uint8Array
-  hash: Uint8Array
-}
+export type VerifiedRow = Omit<Row, 'event' | 'payload' | 'prev' | 'hash'> & { payload: Uint8Array; prev: Uint8Array; hash: Uint8Array }
 
 /**
  * The cursor each append moves to the head it reached, in the same transaction (a row per sidecar

@@ -9,6 +9,8 @@ import { credentials, Metadata } from '@grpc/grpc-js'
 import { AuditIngestServiceClient } from '../../protos/gen/latchkey/v1/audit.js'
 import { validateCollectorConfig, type CollectorConfig } from '../../collector/config.js'
 import { startCollector, type CollectorOptions, type RunningCollector } from '../../collector/collector.js'
+import { CollectorAuditSink, type CollectorSinkOptions } from '../../proxy/audit/collector-sink.js'
+import type { AuditEvent as SidecarAuditEvent } from '../../proxy/context.js'
 
 export interface SidecarIdentity {
   id: string
@@ -65,4 +67,56 @@ export function authMetadata(s: SidecarIdentity): Metadata {
   md.set('x-latchkey-sidecar', s.id)
   md.set('authorization', `Bearer ${s.token}`)
   return md
+}
+
+/**
+ * A collector sink as the sidecar builds one, for `id`, spooling to a fresh directory (or
+ * `o.spoolDir`): the defaults every sink test starts from, `o` what the test is about.
+ */
+export function testSink(id: SidecarIdentity, address: string, o: Partial<CollectorSinkOptions> = {}): CollectorAuditSink {
+  return new CollectorAuditSink({
+    address,
+    sidecarId: id.id,
+    token: id.token,
+    tls: null,
+    spoolDir: join(mkdtempSync(join(tmpdir(), 'lk-sink-')), 'spool'),
+    segmentBytes: 1 << 20,
+    maxBytes: 8 << 20,
+    onFull: 'refuse',
+    batchEvents: 1000,
+    backoffMinMs: 20,
+    backoffMaxMs: 200,
+    closeTimeoutMs: 2000,
+    ...o,
+  })
+}
+
+/** The sidecar's record of call `n` (GET /call/n, allowed, 200); `o` changes what the test needs. */
+export function sidecarEvent(n: number, o: Partial<SidecarAuditEvent> = {}): SidecarAuditEvent {
+  return {
+    id: `00000000-0000-4000-8000-${String(n).padStart(12, '0')}`,
+    ts: new Date().toISOString(),
+    agent: 'agent:summarizer:test:a1',
+    task: null,
+    user: null,
+    via: 'absolute',
+    method: 'GET',
+    scheme: 'http',
+    host: '127.0.0.1',
+    port: 80,
+    path: `/call/${n}`,
+    address: '127.0.0.1',
+    status: 200,
+    bytes_in: 0,
+    bytes_out: 2,
+    duration_ms: 1,
+    upstream_ms: 1,
+    decision: 'allow',
+    rule: 'r',
+    reason: null,
+    credential: null,
+    error: null,
+    caller: null,
+    ...o,
+  }
 }

@@ -3,14 +3,9 @@
 // liveness checks (HTTP/2 pings, an ack deadline) can tell; it must reconnect and deliver,
 // not wait for ever with its spool filling. Real collector; the black hole is a real TCP relay.
 import t from 'tap'
-import { mkdtempSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import { createServer, connect, type Socket } from 'node:net'
 import { once } from 'node:events'
-import { CollectorAuditSink } from '../../proxy/audit/collector-sink.js'
-import type { AuditEvent } from '../../proxy/context.js'
-import { sidecarIdentity, startTestCollector } from './collector-helpers.js'
+import { sidecarEvent, sidecarIdentity, startTestCollector, testSink } from './collector-helpers.js'
 
 /** Relays to `target`; freeze() stops every connection open now, in both directions, without closing it. */
 async function blackHoleRelay(target: number) {
@@ -39,31 +34,7 @@ async function blackHoleRelay(target: number) {
   }
 }
 
-const event = (n: number): AuditEvent => ({
-  id: `00000000-0000-4000-8000-${String(n).padStart(12, '0')}`,
-  ts: new Date().toISOString(),
-  agent: 'agent:summarizer:test:a1',
-  task: null,
-  user: null,
-  via: 'absolute',
-  method: 'GET',
-  scheme: 'http',
-  host: '127.0.0.1',
-  port: 80,
-  path: `/call/${n}`,
-  address: '127.0.0.1',
-  status: 200,
-  bytes_in: 0,
-  bytes_out: 2,
-  duration_ms: 1,
-  upstream_ms: 1,
-  decision: 'allow',
-  rule: 'r',
-  reason: null,
-  credential: null,
-  error: null,
-  caller: null,
-})
+const event = (n: number) => sidecarEvent(n)
 
 t.test('a collector connection gone silent (no FIN, no RST): the sink notices, reconnects and delivers', async (t) => {
   const id = sidecarIdentity()
@@ -72,18 +43,7 @@ t.test('a collector connection gone silent (no FIN, no RST): the sink notices, r
   const relay = await blackHoleRelay(c.grpcPort)
   t.teardown(relay.close)
   const logs: string[] = []
-  const sink = new CollectorAuditSink({
-    address: `127.0.0.1:${relay.port}`,
-    sidecarId: id.id,
-    token: id.token,
-    tls: null,
-    spoolDir: join(mkdtempSync(join(tmpdir(), 'lk-live-')), 'spool'),
-    segmentBytes: 1 << 20,
-    maxBytes: 8 << 20,
-    onFull: 'refuse',
-    batchEvents: 1000,
-    backoffMinMs: 20,
-    backoffMaxMs: 200,
+  const sink = testSink(id, `127.0.0.1:${relay.port}`, {
     closeTimeoutMs: 500,
     liveness: { keepaliveMs: 300, keepaliveTimeoutMs: 300, ackTimeoutMs: 1500 },
     onLog: (_level, fields, msg) => logs.push(`${msg} ${JSON.stringify(fields)}`),
@@ -105,20 +65,7 @@ t.test('only records already on disk are sent: the collector never holds a seque
   const id = sidecarIdentity()
   const c = await startTestCollector([id])
   t.teardown(() => c.close())
-  const sink = new CollectorAuditSink({
-    address: c.grpcAddress,
-    sidecarId: id.id,
-    token: id.token,
-    tls: null,
-    spoolDir: join(mkdtempSync(join(tmpdir(), 'lk-synced-')), 'spool'),
-    segmentBytes: 16 * 1024,
-    maxBytes: 8 << 20,
-    onFull: 'refuse',
-    batchEvents: 1000,
-    backoffMinMs: 20,
-    backoffMaxMs: 200,
-    closeTimeoutMs: 2000,
-  })
+  const sink = testSink(id, c.grpcAddress, { segmentBytes: 16 * 1024 })
   t.teardown(() => sink.close())
   // A power loss cannot be caused here; what it would take back is what was not yet synced, so
   // the spool says how far it has synced, and every ack is held against that.
@@ -144,20 +91,7 @@ t.test('an event with fields past the collector limits is cut to them, not resen
   const id = sidecarIdentity()
   const c = await startTestCollector([id])
   t.teardown(() => c.close())
-  const sink = new CollectorAuditSink({
-    address: c.grpcAddress,
-    sidecarId: id.id,
-    token: id.token,
-    tls: null,
-    spoolDir: join(mkdtempSync(join(tmpdir(), 'lk-cut-')), 'spool'),
-    segmentBytes: 1 << 20,
-    maxBytes: 8 << 20,
-    onFull: 'refuse',
-    batchEvents: 1000,
-    backoffMinMs: 20,
-    backoffMaxMs: 200,
-    closeTimeoutMs: 2000,
-  })
+  const sink = testSink(id, c.grpcAddress)
   t.teardown(() => sink.close())
   // What an agent can make the sidecar record: a 4,879-character host name (as curl sends one),
   // a path at node:http's limit and beyond, a caller's executable path, a thousand scopes.

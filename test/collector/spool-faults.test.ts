@@ -7,10 +7,8 @@ import { mkdtempSync, writeFileSync, rmSync, openSync, writeSync, closeSync, sta
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Spool } from '../../proxy/audit/spool.js'
-import { CollectorAuditSink } from '../../proxy/audit/collector-sink.js'
-import type { AuditEvent } from '../../proxy/context.js'
 import { startUpstream, CANARY } from '../helpers/harness.js'
-import { sidecarIdentity, startTestCollector } from './collector-helpers.js'
+import { sidecarEvent, sidecarIdentity, startTestCollector, testSink } from './collector-helpers.js'
 import { proxyAgent, startCollectedSidecar } from './sidecar-helpers.js'
 import { request } from 'undici'
 
@@ -177,49 +175,16 @@ async function sinkOn(t: { teardown(fn: () => unknown): void }, dir: string, log
   const id = sidecarIdentity()
   const c = await startTestCollector([id])
   t.teardown(() => c.close())
-  const sink = new CollectorAuditSink({
-    address: c.grpcAddress,
-    sidecarId: id.id,
-    token: id.token,
-    tls: null,
+  const sink = testSink(id, c.grpcAddress, {
     spoolDir: join(dir, 'spool'),
     segmentBytes: 16 * 1024,
-    maxBytes: 8 << 20,
-    onFull: 'refuse',
-    batchEvents: 1000,
-    backoffMinMs: 20,
-    backoffMaxMs: 200,
     closeTimeoutMs: 500,
     onLog: (_level, fields, msg) => logs.push(`${msg} ${JSON.stringify(fields)}`),
   })
   return { c, sink }
 }
 
-const auditEvent = (n: number, error: string | null = null): AuditEvent => ({
-  id: `00000000-0000-4000-8000-${String(n).padStart(12, '0')}`,
-  ts: new Date().toISOString(),
-  agent: 'agent:summarizer:test:a1',
-  task: null,
-  user: null,
-  via: 'absolute',
-  method: 'GET',
-  scheme: 'http',
-  host: '127.0.0.1',
-  port: 80,
-  path: `/call/${n}/${'x'.repeat(200)}`,
-  address: '127.0.0.1',
-  status: error ? 503 : 200,
-  bytes_in: 0,
-  bytes_out: 2,
-  duration_ms: 1,
-  upstream_ms: 1,
-  decision: 'allow',
-  rule: 'r',
-  reason: null,
-  credential: null,
-  error,
-  caller: null,
-})
+const auditEvent = (n: number, error: string | null = null) => sidecarEvent(n, { path: `/call/${n}/${'x'.repeat(200)}`, status: error ? 503 : 200, error })
 
 t.test('a backlog larger than the room freed goes in as room allows, and all of it arrives', { skip: canMount }, async (t) => {
   const dir = tmpfs(t, 'size=256k')

@@ -2,15 +2,13 @@
 // broker's records can be joined), never as itself; a static secret gets no hash at all.
 import t from 'tap'
 import { createHash } from 'node:crypto'
-import { mkdtempSync, readFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { API } from '../helpers/broker.js'
 import { startTokenRig, AGENT } from '../helpers/tokens.js'
-import { CollectorAuditSink } from '../../proxy/audit/collector-sink.js'
-import { sidecarIdentity, startTestCollector } from './collector-helpers.js'
+import { sidecarIdentity, startTestCollector, testSink } from './collector-helpers.js'
 
 const run = promisify(execFile)
 
@@ -18,20 +16,7 @@ t.test('a broker token is audited as its SHA-256, and the store never holds the 
   const id = sidecarIdentity()
   const c = await startTestCollector([id])
   t.teardown(() => c.close())
-  const sink = new CollectorAuditSink({
-    address: c.grpcAddress,
-    sidecarId: id.id,
-    token: id.token,
-    tls: null,
-    spoolDir: join(mkdtempSync(join(tmpdir(), 'lk-th-')), 'spool'),
-    segmentBytes: 1 << 20,
-    maxBytes: 8 << 20,
-    onFull: 'refuse',
-    batchEvents: 1000,
-    backoffMinMs: 20,
-    backoffMaxMs: 200,
-    closeTimeoutMs: 2000,
-  })
+  const sink = testSink(id, c.grpcAddress)
   const rig = await startTokenRig({ sidecarOptions: { audit: sink } })
   t.teardown(rig.close)
   const opened = await rig.openTask({ purpose: 'audit the token hash', duration_s: 300, audiences: [API] })

@@ -2,7 +2,7 @@
 // is its own deployment. Validated with ajv like the sidecar's; every problem names its path.
 import { Ajv, type ErrorObject } from 'ajv'
 import { parseYamlDocument } from '../lib/yaml-document.js'
-import { ConfigError, isLoopbackHost, readConfigText, type ConfigProblem } from '../lib/config/load.js'
+import { ConfigError, isLoopbackHost, plaintextProblem, readConfigText, type ConfigProblem } from '../lib/config/load.js'
 
 export interface SidecarCredential {
   /** With mTLS, the CN of the sidecar's client certificate. */
@@ -191,10 +191,8 @@ export function validateCollectorConfig(raw: unknown, source = '<collector confi
   // The ingest carries sidecars' tokens and every call's record: off loopback, over TLS (as the
   // sidecars' own audit.collector requires), unless said by name.
   const grpc = c.collector.grpc
-  if (grpc.tls && grpc.insecure_plaintext) problems.push({ path: 'collector.grpc.insecure_plaintext', message: 'contradicts tls: remove one' })
-  else if (!grpc.tls && !grpc.insecure_plaintext && !isLoopbackHost(grpc.host)) {
-    problems.push({ path: 'collector.grpc.tls', message: `required off loopback (${grpc.host.slice(0, 100)}): without it sidecars' tokens and every call's record cross in clear text, and sidecars cannot tell this collector from an impostor; set insecure_plaintext: true to accept that` })
-  }
+  const plaintext = plaintextProblem('collector.grpc', grpc.host, grpc.tls, grpc.insecure_plaintext, "sidecars' tokens and every call's record cross in clear text, and sidecars cannot tell this collector from an impostor")
+  if (plaintext) problems.push(plaintext)
   // The query API answers every agent's trail: open to the network, it needs reader tokens.
   const http = c.collector.http
   if (http && !isLoopbackHost(http.host) && !http.reader_tokens_sha256?.length) {

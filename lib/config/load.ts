@@ -216,6 +216,20 @@ function pointerToPath(pointer: string): string {
     .reduce((acc, seg) => (/^\d+$/.test(seg) ? `${acc}[${seg}]` : acc ? `${acc}.${seg}` : seg), '')
 }
 
+/**
+ * A link that carries a credential, configured at `path` to `host`: TLS off loopback, unless
+ * `insecure_plaintext` says otherwise by name (and not both). `what` is the setting named when
+ * TLS is missing: `tls`, or `url` for an http:// URL. The one rule for the sidecar's, the
+ * broker's and the collector's configs.
+ */
+export function plaintextProblem(path: string, host: string, tls: object | null, insecure: boolean, why: string, what = 'tls'): ConfigProblem | null {
+  if (tls && insecure) return { path: `${path}.insecure_plaintext`, message: 'contradicts tls: remove one' }
+  if (!tls && !insecure && host !== '' && !isLoopbackHost(host)) {
+    return { path: `${path}.${what}`, message: `${what === 'tls' ? 'required' : 'must be TLS'} off loopback (${host.slice(0, 100)}): without it ${why}; set insecure_plaintext: true to accept that` }
+  }
+  return null
+}
+
 /** localhost, or an address in 127.0.0.0/8 or ::1 however written (::ffff:127.0.0.1, 0:0:…:1). */
 export function isLoopbackHost(host: string): boolean {
   if (host === 'localhost') return true
@@ -311,10 +325,8 @@ function semanticProblems(c: Config): ConfigProblem[] {
   }
 
   function checkPlaintext(path: string, host: string, tls: object | null, insecure: boolean, why: string, what = 'tls'): void {
-    if (tls && insecure) problems.push({ path: `${path}.insecure_plaintext`, message: 'contradicts tls: remove one' })
-    else if (!tls && !insecure && host !== '' && !isLoopbackHost(host)) {
-      problems.push({ path: `${path}.${what}`, message: `${what === 'tls' ? 'required' : 'must be TLS'} off loopback (${host.slice(0, 100)}): without it ${why}; set insecure_plaintext: true to accept that` })
-    }
+    const problem = plaintextProblem(path, host, tls, insecure, why, what)
+    if (problem) problems.push(problem)
   }
 
   function urlOf(value: string): URL | null {

@@ -118,6 +118,23 @@ t.test('a deny on a path is not dodged by any spelling of that path', async (t) 
   }
 })
 
+t.test('a deny on an exact path holds it with or without a trailing slash, which many routers ignore', async (t) => {
+  const p = policy([
+    { id: 'no-admin', action: 'deny', hosts: ['x.com'], paths: ['/admin', '/users/*/delete', '/settings/'] },
+    { id: 'x', action: 'allow', hosts: ['x.com'], paths: ['/admin/', '/users/*/delete', '/settings', '/public'] },
+  ])
+  // Express (non-strict routing), Rails, Spring before 6 and ASP.NET Core serve each of these
+  // from the handler of the path the deny names.
+  for (const spelling of ['/admin', '/admin/', '/ADMIN/', '/admin//', '/admin/.', '/admin/;x', '/admin%2F', '/users/1/delete/', '/settings', '/settings/', '/SETTINGS']) {
+    t.equal(decide(p, 'GET', `https://x.com${spelling}`).rule, 'no-admin', spelling)
+  }
+  for (const other of ['/admin/x', '/administrator', '/users/1/delete/x', '/settings/x']) {
+    t.equal(decide(p, 'GET', `https://x.com${other}`).rule, 'default', `${other}: another path`)
+  }
+  t.equal(decide(p, 'GET', 'https://x.com/public').rule, 'x', 'an allow is as exact as written')
+  t.equal(decide(p, 'GET', 'https://x.com/public/').rule, 'default', 'and stays so: a trailing slash is not in it')
+})
+
 t.test('a glob written with characters a URL encodes matches the paths that spell them', async (t) => {
   const p = policy([
     { id: 'no-cafe', action: 'deny', hosts: ['x.com'], paths: ['/café/**', '/my docs/**', '/%73ecret/**', '/a%2fb/**', '/n?n/**'] },

@@ -109,10 +109,11 @@ function readingsOf(path: string): string[] {
  * Compiles a glob: `*` one segment's worth, `?` one character (encoded or not), `**` any depth; `/x/**` also
  * matches `/x`. Readings are URL-encoded (the parser writes `é` as `%C3%A9`, a space as `%20`),
  * so a glob written as a person writes it (`/café/**`, `/my docs/**`) or half-encoded
- * (`/%73ecret`) is brought to that form, as each of its characters may be spelled in a reading;
- * `anyCase` (deny globs) folds letters beyond ASCII too.
+ * (`/%73ecret`) is brought to that form, as each of its characters may be spelled in a reading.
+ * A deny glob ignores case (letters beyond ASCII too) and a trailing slash: Express, Rails,
+ * Spring (before 6) and ASP.NET Core route `/admin/` to `/admin`'s handler, and `/admin` to `/admin/`'s.
  */
-export function compileGlob(glob: string, anyCase: boolean): RegExp {
+export function compileGlob(glob: string, deny: boolean): RegExp {
   let src = ''
   const chars = [...glob]
   for (let i = 0; i < chars.length; i++) {
@@ -134,9 +135,10 @@ export function compileGlob(glob: string, anyCase: boolean): RegExp {
       const ch = String.fromCharCode(parseInt(hex, 16))
       src += UNRESERVED.test(ch) ? escapeRegex(ch) : `%${hex.toUpperCase()}`
       i += 2
-    } else src += literal(c, anyCase)
+    } else src += literal(c, deny)
   }
-  return new RegExp(`^${src}$`, anyCase ? 'i' : '')
+  if (deny && src.length > 1 && src.endsWith('/')) src = src.slice(0, -1)
+  return new RegExp(deny ? `^${src}/?$` : `^${src}$`, deny ? 'i' : '')
 }
 
 /** Characters the URL parser percent-encodes in a path (and `#`, which it would take for a fragment). */

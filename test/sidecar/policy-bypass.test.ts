@@ -59,6 +59,36 @@ t.test('a path starting with // is judged as a URL-reading upstream reads it', a
   assertNoCanary(t, s, ...seen)
 })
 
+t.test('a deny on an exact path is not dodged by a trailing slash, which many routers ignore', async (t) => {
+  const { upstream, s, host } = await denyingSidecar(t, { id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin', '/settings/'] }, (up) => ({
+    credentials: [{ id: 'up', audience: up.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  }))
+  const entries: [string, (path: string) => string][] = [
+    ['absolute-form', (p) => `GET http://${host}${p} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`],
+    ['reverse route', (p) => `GET /up${p} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`],
+    ['inside a plaintext tunnel', (p) => `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\nGET ${p} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`],
+  ]
+  // Express (non-strict routing, its default), Rails, Spring before 6 and ASP.NET Core answer
+  // each from the handler of the path the deny names.
+  const spellings = ['/admin/', '/Admin/', '/admin//', '/admin/.', '/admin/;x', '/admin%2F', '/settings']
+  const seen: string[] = []
+  const send = async (request: string) => {
+    const r = await rawRequest(s.sidecar.port, request)
+    seen.push(r.raw)
+    return request.startsWith('CONNECT') ? parseRawResponse(r.raw.replace(/^HTTP\/1\.1 200 Connection Established\r\n\r\n/, '')) : r
+  }
+  for (const [entry, request] of entries) {
+    for (const spelling of spellings) {
+      const r = await send(request(spelling))
+      t.equal(r.status, 403, `${entry} ${spelling}: 403`)
+      t.equal(r.headers['x-latchkey-rule'], 'no-admin', `${entry} ${spelling}: the path deny holds`)
+    }
+    t.equal((await send(request('/administrator'))).status, 200, `${entry}: another path still passes`)
+  }
+  t.same(upstream.requests.map((q) => q.url), ['/administrator', '/administrator', '/administrator'], 'nothing the deny names reached the upstream')
+  assertNoCanary(t, s, ...seen)
+})
+
 t.test('a path encoded more than once is judged as an upstream that decodes again reads it', async (t) => {
   const { upstream, s, host } = await denyingSidecar(t, { id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin/**'] }, (up) => ({
     credentials: [{ id: 'up', audience: up.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],

@@ -22,10 +22,16 @@ const OVERRIDABLE = ['GET', 'HEAD', 'PUT', 'PATCH', 'DELETE', 'OPTIONS', 'PURGE'
 /** A method token (RFC 9110), as a framework would take it once upper-cased. */
 const TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$/
 
-/** Whether a framework would read `_method` from this request's body: a POST of a form, with a body. */
+/**
+ * Whether a framework would read `_method` from this request's body: a POST of a form, with a
+ * body. A form as they tell one: PHP ends the media type at `;`, `,` or a space, Rack at `;` or
+ * `,` (`application/x-www-form-urlencoded, text/plain` is a form to both), and Rack reads a POST
+ * with no media type at all as a form.
+ */
 export function mayOverrideInBody(method: string, req: IncomingMessage): boolean {
   if (method !== 'POST' || !hasRequestBody(req)) return false
-  return (req.headers['content-type'] ?? '').split(';', 1)[0]!.trim().toLowerCase() === 'application/x-www-form-urlencoded'
+  const type = (req.headers['content-type'] ?? '').trim().split(/[;,\s]/, 1)[0]!.toLowerCase()
+  return type === '' || type === 'application/x-www-form-urlencoded'
 }
 
 /** Whether this POST's policy would change were it another method: only then is its body read. */
@@ -74,7 +80,7 @@ export function readCheckedBody(req: IncomingMessage, max: number): Promise<Buff
     }
     const onData = (chunk: Buffer) => {
       size += chunk.length
-      if (size > max) return stop(new LatchkeyError('LK_BAD_REQUEST', `a form over ${max} bytes to an upstream whose policy depends on the method cannot be checked for a method override (_method)`))
+      if (size > max) return stop(new LatchkeyError('LK_BAD_REQUEST', `a form (or a body with no Content-Type, which Rack reads as one) over ${max} bytes to an upstream whose policy depends on the method cannot be checked for a method override (_method)`))
       chunks.push(chunk)
     }
     const onEnd = () => stop(null)

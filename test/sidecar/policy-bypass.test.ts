@@ -144,6 +144,11 @@ t.test('a method override in a POSTed form is judged as the method it names, whe
     ['a PHP-mangled name', form('.method=DELETE')],
     ['a name cut at a NUL', form('_method%00%ff=DELETE')],
     ['a charset parameter', form('_method=DELETE', '; charset=UTF-8')],
+    // A form to PHP (which ends the media type at `;`, `,` or a space) and Rack (at `;` or `,`).
+    ['a second media type after a comma', form('_method=DELETE', ', text/plain')],
+    ['a word after a space', form('_method=DELETE', ' text/plain')],
+    // Rack reads a POST with no Content-Type as a form.
+    ['no Content-Type', `POST http://${host}/items/1 HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 14\r\nConnection: close\r\n\r\n_method=DELETE`],
     ['a chunked form, on a route', chunked('a=1&_method=DELETE')],
   ] as const) {
     const r = await rawRequest(s.sidecar.port, request)

@@ -152,6 +152,8 @@ export interface Decider {
   decide(method: string, target: Target, resolvedAddress?: string): Decision
   /** Whether a name's resolved address can change a decision (the policy has such deny rules). */
   readonly decidesByAddress: boolean
+  /** Every method a rule names (upper-cased): the only ones decided otherwise than a method no rule names. */
+  readonly methods: ReadonlySet<string>
 }
 
 export type Resolution = { address: ResolvedAddress } | { denied: Decision }

@@ -34,13 +34,18 @@ export function mayOverrideInBody(method: string, req: IncomingMessage): boolean
   return type === '' || type === 'application/x-www-form-urlencoded'
 }
 
-/** Whether this POST's policy would change were it another method: only then is its body read. */
+/**
+ * Whether this POST's policy would change were it another method: only then is its body read.
+ * Every method a rule names is tried too: Symfony takes any upper-case token as an override, so
+ * a deny of PROPFIND or LINK is as much at stake as one of DELETE.
+ */
 export function methodMatters(decider: Decider, target: Target, address: string | undefined): boolean {
   const post = decider.decide('POST', target, address)
-  return OVERRIDABLE.some((m) => {
+  const differs = (m: string) => {
     const d = decider.decide(m, target, address)
     return d.action !== post.action || d.rule !== post.rule
-  })
+  }
+  return OVERRIDABLE.some(differs) || [...decider.methods].some(differs)
 }
 
 /**

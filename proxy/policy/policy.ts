@@ -97,11 +97,13 @@ export class Policy implements Decider {
   private readonly needsPaths: boolean
   private readonly defaultDecision: Decision
   readonly decidesByAddress: boolean
+  readonly methods: ReadonlySet<string>
 
   constructor(policy: Config['policy']) {
     this.rules = policy.rules.map((r) => compileRule(r, policy.mode))
     this.needsPaths = this.rules.some((r) => r.paths)
     this.decidesByAddress = this.rules.some((r) => r.deny && (r.cidrs || [...(r.exactHosts ?? [])].some((h) => isIP(h) !== 0)))
+    this.methods = new Set(this.rules.flatMap((r) => [...(r.methods ?? [])]))
     const deny = policy.default === 'deny'
     this.defaultDecision = {
       action: policy.default,

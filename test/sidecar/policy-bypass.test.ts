@@ -177,6 +177,21 @@ t.test('a method override in a POSTed form is judged as the method it names, whe
   assertNoCanary(t, s, ...seen)
 })
 
+t.test('a form override naming a method beyond the usual ones is judged when a rule names that method', async (t) => {
+  // Symfony takes any upper-case token as `_method`, Rack LINK and UNLINK too: a deny of a
+  // WebDAV method holds against a POST that names it.
+  const { upstream, s, host } = await denyingSidecar(t, { id: 'no-dav', action: 'deny', hosts: ['127.0.0.1'], methods: ['PROPFIND', 'LINK'] })
+  const form = (body: string) =>
+    `POST http://${host}/files/1 HTTP/1.1\r\nHost: ${host}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`
+  for (const body of ['_method=PROPFIND', 'a=1&_method=link']) {
+    const r = await rawRequest(s.sidecar.port, form(body))
+    t.equal(r.status, 403, `${body}: refused`)
+    t.equal(r.headers['x-latchkey-rule'], 'no-dav', `${body}: by the rule on that method`)
+  }
+  t.equal((await rawRequest(s.sidecar.port, form('_method=PUT'))).status, 200, 'an override no rule names passes')
+  t.same(upstream.requests.map((r) => r.body), ['_method=PUT'], 'only it reached the upstream')
+})
+
 t.test('where the method does not matter, a form is streamed as it comes, never read first', async (t) => {
   const upstream = await startUpstream()
   const s = await startTestSidecar({

@@ -281,7 +281,8 @@ export class Pipeline {
     const { host, port } = urlHostPort(url, url.protocol === 'https:' ? 'https' : 'http')
     if (port !== own.port && port !== own.adminPort) return false
     if ((port === own.port ? own.hosts : own.adminHosts).has(host)) return true
-    if (isIP(host) === 0) return false
+    // `*.localhost` is loopback whatever DNS says (RFC 6761): curl answers it so, and the sidecar takes it for its own Host.
+    if (isIP(host) === 0) return host === 'localhost' || host.endsWith('.localhost')
     const cls = classifyAddress(host)
     return cls === 'loopback' || cls === 'unspecified'
   }

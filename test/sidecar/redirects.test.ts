@@ -3,6 +3,8 @@
 // sidecar's own address from anywhere. Clients follow redirects by themselves: fetch does, and
 // keeps a POST's method and body on 307 and 308.
 import t from 'tap'
+import { execFile } from 'node:child_process'
+import { promisify } from 'node:util'
 import { startUpstream, startTestSidecar, rawRequest, assertNoCanary } from '../helpers/harness.js'
 
 t.test('redirects stay on their route and never lead back into the sidecar', async (t) => {
@@ -64,6 +66,10 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
       `http://127.0.0.1:${port}/billing/charge`,
       `http://localhost:${port}/billing/charge`,
       `http://LOCALHOST.:${port}/billing/charge`,
+      // Loopback by definition (RFC 6761): curl and systemd-resolved answer 127.0.0.1, and a
+      // NO_PROXY of `localhost` has most clients call it directly, where the sidecar takes it for its own.
+      `http://app.localhost:${port}/billing/charge`,
+      `http://Billing.LOCALHOST.:${port}/billing/charge`,
       `http://127.1:${port}/billing/charge`,
       `http://2130706433:${port}/billing/charge`,
       `http://[::1]:${port}/billing/charge`,
@@ -88,6 +94,10 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
     const followed = await fetch(`http://${lk}${via('/search/r', `http://127.0.0.1:${port}/billing/charge`)}`, { method: 'POST', body: 'prompt=private' })
     seen.push(await followed.text())
     t.equal(followed.status, 502)
+    // curl follows to a `*.localhost` name by itself (it answers 127.0.0.1 for it, as no proxy is asked).
+    const curl = await promisify(execFile)('curl', ['-sS', '-L', '--noproxy', '*', '-d', 'prompt=private', '-w', '\n%{http_code}', `http://${lk}${via('/search/r', `http://app.localhost:${port}/billing/charge`)}`])
+    seen.push(curl.stdout)
+    t.match(curl.stdout, /\n502$/, 'curl is not led into another route')
     t.equal(billing.requests.length, 0, 'the billing route was never called')
     const audit = await s.audit()
     t.match(audit.at(-1), { status: 502, error: 'LK_UPSTREAM_PROTOCOL', path: '/r', credential: { binding: 'search' } }, 'the call is recorded with why it was refused')

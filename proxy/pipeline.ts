@@ -18,6 +18,7 @@ import { outboundRequestHeaders, type OutboundHeaders } from './forward/headers.
 import { forward } from './forward/forward.js'
 import { locationThroughRoute, resolveLocation } from './forward/route-location.js'
 import { isIP } from 'node:net'
+import ipaddr from 'ipaddr.js'
 import { classifyAddress } from './resolve/classify.js'
 import { formOverride, MAX_CHECKED_BODY, mayOverrideInBody, methodMatters, readCheckedBody } from './policy/body-override.js'
 import { tokenSha256 } from './audit/token-hash.js'
@@ -252,8 +253,8 @@ export class Pipeline {
     return target
   }
 
-  /** Where the sidecar listens, once it does: the host spellings that mean it, and its port; the same of its admin API. */
-  ownAddress: { hosts: ReadonlySet<string>; port: number; adminHosts: ReadonlySet<string>; adminPort: number } | null = null
+  /** Where the sidecar listens, once it does: the host spellings that mean it, and its port; the same of its admin API; this host's interface addresses (normalised). */
+  ownAddress: { hosts: ReadonlySet<string>; port: number; adminHosts: ReadonlySet<string>; adminPort: number; hostAddresses: ReadonlySet<string> } | null = null
 
   /** Whether a target names the sidecar's own listener (a route's address, never an upstream). */
   isOwnAddress(target: Target): boolean {
@@ -274,7 +275,7 @@ export class Pipeline {
     return upstream ? locationThroughRoute(location, resolved, target, upstream) : location
   }
 
-  /** Whether a URL reaches the sidecar's listener or admin API: a spelling it takes for its own, or any loopback or unspecified address on their ports. */
+  /** Whether a URL reaches the sidecar's listener or admin API: a spelling it takes for its own, or any loopback, unspecified or this host's address on their ports. */
   private namesSidecar(url: URL): boolean {
     const own = this.ownAddress
     if (own === null) return false
@@ -284,7 +285,9 @@ export class Pipeline {
     // `*.localhost` is loopback whatever DNS says (RFC 6761): curl answers it so, and the sidecar takes it for its own Host.
     if (isIP(host) === 0) return host === 'localhost' || host.endsWith('.localhost')
     const cls = classifyAddress(host)
-    return cls === 'loopback' || cls === 'unspecified'
+    // This host's own address reaches a sidecar listening on every address (allow_remote_clients),
+    // and a client follows it without the proxy wherever NO_PROXY covers the network.
+    return cls === 'loopback' || cls === 'unspecified' || own.hostAddresses.has(ipaddr.process(host).toNormalizedString())
   }
 
   /**

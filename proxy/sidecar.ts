@@ -3,6 +3,7 @@
 import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
 import { networkInterfaces } from 'node:os'
+import ipaddr from 'ipaddr.js'
 import type { DestinationStream } from 'pino'
 import type { Config } from '../lib/config/schema.js'
 import { createLogger, type Logger } from '../lib/log.js'
@@ -405,8 +406,9 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   }
   const port = (server.address() as AddressInfo).port
   const adminPort = (admin.address() as AddressInfo).port
-  pipeline.ownAddress = { hosts: ownHosts(sc.listen.host), port, adminHosts: ownHosts(sc.admin.host), adminPort }
-  networkPolicy.protectSelf([port, adminPort], Object.values(networkInterfaces()).flatMap((list) => (list ?? []).map((i) => i.address)))
+  const hostAddresses = Object.values(networkInterfaces()).flatMap((list) => (list ?? []).map((i) => i.address))
+  pipeline.ownAddress = { hosts: ownHosts(sc.listen.host), port, adminHosts: ownHosts(sc.admin.host), adminPort, hostAddresses: new Set(hostAddresses.flatMap((a) => (ipaddr.isValid(a) ? [ipaddr.process(a).toNormalizedString()] : []))) }
+  networkPolicy.protectSelf([port, adminPort], hostAddresses)
   const host = sc.listen.host.includes(':') ? `[${sc.listen.host}]` : sc.listen.host
   proxyBase = `${host}:${port}`
   log.info({ port, adminPort, agent: sc.agent_id, rules: config.policy.rules.length, credentials: bindings.all().length }, 'sidecar listening')

@@ -5,6 +5,7 @@
 import t from 'tap'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
+import { networkInterfaces } from 'node:os'
 import { startUpstream, startTestSidecar, rawRequest, assertNoCanary } from '../helpers/harness.js'
 
 t.test('redirects stay on their route and never lead back into the sidecar', async (t) => {
@@ -126,4 +127,39 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
     }
   })
   assertNoCanary(t, s, ...seen)
+})
+
+t.test("a redirect to this host's own address on the sidecar's port is not relayed when the sidecar listens on every address", async (t) => {
+  const hostAddress = Object.values(networkInterfaces())
+    .flat()
+    .find((i) => i && i.family === 'IPv4' && !i.internal)?.address
+  if (!hostAddress) return t.pass('this machine has no non-loopback IPv4 interface: nothing to check')
+  const search = await startUpstream({
+    handler: (req, res) => {
+      res.writeHead(307, { location: new URL(req.url, 'http://x').searchParams.get('to') ?? '/' }).end()
+      return true
+    },
+  })
+  const billing = await startUpstream()
+  const s = await startTestSidecar({
+    sidecar: { listen: { host: '0.0.0.0', port: 0 }, allow_remote_clients: true },
+    policy: { default: 'allow' },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [search.port, billing.port] }] },
+    routes: { search: search.origin, billing: billing.origin },
+    credentials: [{ id: 'billing', audience: billing.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await Promise.all([search.close(), billing.close()])
+  })
+  const port = s.sidecar.port
+  for (const to of [`http://${hostAddress}:${port}/billing/charge`, `http://[::ffff:${hostAddress}]:${port}/billing/charge`]) {
+    const r = await rawRequest(port, `GET /search/r?to=${encodeURIComponent(to)} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nConnection: close\r\n\r\n`)
+    t.equal(r.status, 502, `${to}: not relayed`)
+    t.notOk(r.headers.location, 'no Location reaches the agent')
+  }
+  // Followed the way a client with NO_PROXY covering this network would: straight to the sidecar.
+  const curl = await promisify(execFile)('curl', ['-sS', '-L', '--noproxy', '*', '-w', '\n%{http_code}', `http://127.0.0.1:${port}/search/r?to=${encodeURIComponent(`http://${hostAddress}:${port}/billing/charge`)}`])
+  t.match(curl.stdout, /\n502$/)
+  t.equal(billing.requests.length, 0, 'the billing route was never called')
 })

@@ -118,17 +118,18 @@ t.test('a deny on a path is not dodged by any spelling of that path', async (t) 
   }
 })
 
-t.test('a deny on an exact path holds it with or without a trailing slash, which many routers ignore', async (t) => {
+t.test('a deny on a path holds it with a trailing slash or a format suffix, which many routers ignore', async (t) => {
   const p = policy([
-    { id: 'no-admin', action: 'deny', hosts: ['x.com'], paths: ['/admin', '/users/*/delete', '/settings/'] },
+    { id: 'no-admin', action: 'deny', hosts: ['x.com'], paths: ['/admin', '/users/*/delete', '/settings/', '/billing/**'] },
     { id: 'x', action: 'allow', hosts: ['x.com'], paths: ['/admin/', '/users/*/delete', '/settings', '/public'] },
   ])
   // Express (non-strict routing), Rails, Spring before 6 and ASP.NET Core serve each of these
-  // from the handler of the path the deny names.
-  for (const spelling of ['/admin', '/admin/', '/ADMIN/', '/admin//', '/admin/.', '/admin/;x', '/admin%2F', '/users/1/delete/', '/settings', '/settings/', '/SETTINGS']) {
+  // from the handler of the path the deny names; Rails (`(.:format)`) the suffixed ones too.
+  for (const spelling of ['/admin', '/admin/', '/ADMIN/', '/admin//', '/admin/.', '/admin/;x', '/admin%2F', '/users/1/delete/', '/settings', '/settings/', '/SETTINGS',
+    '/admin.json', '/Admin.XML/', '/admin%2Ejson', '/users/1/delete.json', '/settings.json', '/billing.json', '/billing/x.json']) {
     t.equal(decide(p, 'GET', `https://x.com${spelling}`).rule, 'no-admin', spelling)
   }
-  for (const other of ['/admin/x', '/administrator', '/users/1/delete/x', '/settings/x']) {
+  for (const other of ['/admin/x', '/administrator', '/users/1/delete/x', '/settings/x', '/admin.json/x', '/billing.v2/x', '/billingx']) {
     t.equal(decide(p, 'GET', `https://x.com${other}`).rule, 'default', `${other}: another path`)
   }
   t.equal(decide(p, 'GET', 'https://x.com/public').rule, 'x', 'an allow is as exact as written')

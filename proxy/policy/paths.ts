@@ -105,13 +105,17 @@ function readingsOf(path: string): string[] {
   return readings
 }
 
+/** What `/**` ending a glob compiles to: the path itself, or anything under it. */
+const ANY_DEPTH = '(?:/.*)?'
+
 /**
  * Compiles a glob: `*` one segment's worth, `?` one character (encoded or not), `**` any depth; `/x/**` also
  * matches `/x`. Readings are URL-encoded (the parser writes `é` as `%C3%A9`, a space as `%20`),
  * so a glob written as a person writes it (`/café/**`, `/my docs/**`) or half-encoded
  * (`/%73ecret`) is brought to that form, as each of its characters may be spelled in a reading.
- * A deny glob ignores case (letters beyond ASCII too) and a trailing slash: Express, Rails,
- * Spring (before 6) and ASP.NET Core route `/admin/` to `/admin`'s handler, and `/admin` to `/admin/`'s.
+ * A deny glob ignores case (letters beyond ASCII too), a trailing slash (Express, Rails, Spring
+ * before 6 and ASP.NET Core route `/admin/` to `/admin`'s handler, and `/admin` to `/admin/`'s)
+ * and a format suffix (below).
  */
 export function compileGlob(glob: string, deny: boolean): RegExp {
   let src = ''
@@ -121,7 +125,7 @@ export function compileGlob(glob: string, deny: boolean): RegExp {
     if (c === '*' && chars[i + 1] === '*') {
       const atEndAfterSlash = chars[i - 1] === '/' && i + 2 === chars.length
       if (atEndAfterSlash) {
-        src = src.slice(0, -1) + '(?:/.*)?'
+        src = src.slice(0, -1) + ANY_DEPTH
       } else {
         src += '.*'
       }
@@ -137,9 +141,15 @@ export function compileGlob(glob: string, deny: boolean): RegExp {
       i += 2
     } else src += literal(c, deny)
   }
-  if (deny && src.length > 1 && src.endsWith('/')) src = src.slice(0, -1)
-  return new RegExp(deny ? `^${src}/?$` : `^${src}$`, deny ? 'i' : '')
+  if (!deny) return new RegExp(`^${src}$`)
+  if (src.length > 1 && src.endsWith('/')) src = src.slice(0, -1)
+  // A format suffix ends the path too: Rails routes `/admin.json` to `/admin`'s action (every
+  // route takes `(.:format)`), as Spring's suffix patterns did. Not before a deeper path: `/v1/**`
+  // is not `/v1.2/x`.
+  const end = '(?:\\.[^/]*)?/?'
+  return new RegExp(src.endsWith(ANY_DEPTH) ? `^${src.slice(0, -ANY_DEPTH.length)}(?:${end}|/.*)$` : `^${src}${end}$`, 'i')
 }
+
 
 /** Characters the URL parser percent-encodes in a path (and `#`, which it would take for a fragment). */
 const ENCODED_IN_PATH = /[^\x21-\x7e]|["#<>`{}]/

@@ -59,7 +59,7 @@ t.test('a path starting with // is judged as a URL-reading upstream reads it', a
   assertNoCanary(t, s, ...seen)
 })
 
-t.test('a deny on an exact path is not dodged by a trailing slash, which many routers ignore', async (t) => {
+t.test('a deny on an exact path is not dodged by a trailing slash or a format suffix, which many routers ignore', async (t) => {
   const { upstream, s, host } = await denyingSidecar(t, { id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin', '/settings/'] }, (up) => ({
     credentials: [{ id: 'up', audience: up.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
   }))
@@ -69,8 +69,8 @@ t.test('a deny on an exact path is not dodged by a trailing slash, which many ro
     ['inside a plaintext tunnel', (p) => `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\nGET ${p} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`],
   ]
   // Express (non-strict routing, its default), Rails, Spring before 6 and ASP.NET Core answer
-  // each from the handler of the path the deny names.
-  const spellings = ['/admin/', '/Admin/', '/admin//', '/admin/.', '/admin/;x', '/admin%2F', '/settings']
+  // each from the handler of the path the deny names; Rails (`(.:format)`) the suffixed ones too.
+  const spellings = ['/admin/', '/Admin/', '/admin//', '/admin/.', '/admin/;x', '/admin%2F', '/settings', '/admin.json', '/settings.xml/']
   const seen: string[] = []
   const send = async (request: string) => {
     const r = await rawRequest(s.sidecar.port, request)

@@ -282,6 +282,9 @@ export class Pipeline {
     const { host, port } = urlHostPort(url, url.protocol === 'https:' ? 'https' : 'http')
     if (port !== own.port && port !== own.adminPort) return false
     if ((port === own.port ? own.hosts : own.adminHosts).has(host)) return true
+    // Reached by names it cannot list (a Service's, a pod's: allow_remote_clients), and taking any
+    // Host for its own: any host on its ports may be the sidecar.
+    if (this.stages.namedHosts) return true
     // `*.localhost` is loopback whatever DNS says (RFC 6761): curl answers it so, and the sidecar takes it for its own Host.
     if (isIP(host) === 0) return host === 'localhost' || host.endsWith('.localhost')
     const cls = classifyAddress(host)

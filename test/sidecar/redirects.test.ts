@@ -129,7 +129,7 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
   assertNoCanary(t, s, ...seen)
 })
 
-t.test("a redirect to this host's own address on the sidecar's port is not relayed when the sidecar listens on every address", async (t) => {
+t.test("a redirect to this host's own address, or any name, on the sidecar's port is not relayed when the sidecar serves remote clients", async (t) => {
   const hostAddress = Object.values(networkInterfaces())
     .flat()
     .find((i) => i && i.family === 'IPv4' && !i.internal)?.address
@@ -161,5 +161,10 @@ t.test("a redirect to this host's own address on the sidecar's port is not relay
   // Followed the way a client with NO_PROXY covering this network would: straight to the sidecar.
   const curl = await promisify(execFile)('curl', ['-sS', '-L', '--noproxy', '*', '-w', '\n%{http_code}', `http://127.0.0.1:${port}/search/r?to=${encodeURIComponent(`http://${hostAddress}:${port}/billing/charge`)}`])
   t.match(curl.stdout, /\n502$/)
+  // Nor by a name (a Service's) that reaches it: it takes any Host for its own here.
+  const named = await promisify(execFile)('curl', ['-sS', '-L', '--noproxy', '*', '--resolve', `latchkey.example:${port}:127.0.0.1`, '-w', '\n%{http_code}', `http://127.0.0.1:${port}/search/r?to=${encodeURIComponent(`http://latchkey.example:${port}/billing/charge`)}`])
+  t.match(named.stdout, /\n502$/, 'a name on its port is not relayed either')
   t.equal(billing.requests.length, 0, 'the billing route was never called')
+  const elsewhere = await rawRequest(port, `GET /search/r?to=${encodeURIComponent('http://latchkey.example:8080/x')} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nConnection: close\r\n\r\n`)
+  t.equal(elsewhere.status, 307, 'another port is another service: relayed')
 })

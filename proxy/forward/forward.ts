@@ -20,6 +20,14 @@ export type ForwardDone = (err: LatchkeyError | null) => void
  */
 export type Relocate = (location: string, target: Target, redirect: boolean) => string | null
 
+/**
+ * 103 Early Hints relayed per response; later ones are dropped. Each is written to the agent
+ * without back-pressure (the upstream may send them faster than the agent reads, and undici's
+ * header timer restarts with every byte), so an upstream streaming hints held an unbounded,
+ * growing buffer in the sidecar (measured: 70 MB/s against an agent not reading).
+ */
+const MAX_EARLY_HINTS = 8
+
 /** Reason phrases relayed as the upstream wrote them only when plain printable ASCII; else the standard one. */
 const PRINTABLE = /^[\t\x20-\x7e]*$/
 
@@ -28,6 +36,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
   private finished = false
   /** On a credentialed call: what the body passes through before the agent gets it. */
   private scrubber: BodyScrubber | null = null
+  /** 103s relayed so far (see MAX_EARLY_HINTS). */
+  private hints = 0
 
   constructor(
     private readonly ctx: CallContext,
@@ -114,10 +124,11 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
   /**
    * An interim response, before the final one. 103 Early Hints is passed on (scrubbed like any
    * head) to an HTTP/1.1 client; any other was not asked for by this agent (the sidecar answers
-   * `Expect` itself and never forwards it) and is dropped.
+   * `Expect` itself and never forwards it) and is dropped, as is a 103 past MAX_EARLY_HINTS.
    */
   private informational(statusCode: number, headers: IncomingHttpHeaders): void {
-    if (statusCode !== 103 || this.res.req.httpVersionMinor < 1 || this.res.headersSent) return
+    if (statusCode !== 103 || this.res.req.httpVersionMinor < 1 || this.res.headersSent || this.hints >= MAX_EARLY_HINTS) return
+    this.hints++
     const hints = inboundResponseHeaders(headers)
     const { binding, credential } = this.ctx
     if (binding && credential) scrubResponseHeaders(hints, binding, credential)

@@ -6,7 +6,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Logger } from '../lib/log.js'
 import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Decision, Identifier, Identity, Resolution, Resolver, Target, Via } from './context.js'
-import { checkLocalCaller } from './listen/local-caller.js'
+import { checkLocalCaller, isLocalhostName } from './listen/local-caller.js'
 import { carriesTaskHandle } from './identify/proxy-authorization.js'
 import { lingerOnClose } from './listen/linger.js'
 import { LatchkeyError, renderError, renderErrorRaw, type ErrorCode } from './errors.js'
@@ -274,14 +274,16 @@ export class Pipeline {
     return upstream ? locationThroughRoute(location, resolved, target, upstream) : location
   }
 
-  /** Whether a URL reaches the sidecar's listener or admin API: a spelling it takes for its own, or any loopback or unspecified address on their ports. */
+  /** Whether a URL reaches the sidecar's listener or admin API: a spelling it takes for its own, or any loopback or unspecified address or localhost name on their ports. */
   private namesSidecar(url: URL): boolean {
     const own = this.ownAddress
     if (own === null) return false
     const { host, port } = urlHostPort(url, url.protocol === 'https:' ? 'https' : 'http')
     if (port !== own.port && port !== own.adminPort) return false
     if ((port === own.port ? own.hosts : own.adminHosts).has(host)) return true
-    if (isIP(host) === 0) return false
+    // `api.localhost` reaches the sidecar wherever it resolves to loopback (curl resolves it so
+    // itself), and a route takes it as a local caller's Host (checkLocalCaller).
+    if (isIP(host) === 0) return isLocalhostName(host)
     const cls = classifyAddress(host)
     return cls === 'loopback' || cls === 'unspecified'
   }

@@ -3,7 +3,11 @@
 // sidecar's own address from anywhere. Clients follow redirects by themselves: fetch does, and
 // keeps a POST's method and body on 307 and 308.
 import t from 'tap'
+import { execFile } from 'node:child_process'
+import { promisify } from 'node:util'
 import { startUpstream, startTestSidecar, rawRequest, assertNoCanary } from '../helpers/harness.js'
+
+const run = promisify(execFile)
 
 t.test('redirects stay on their route and never lead back into the sidecar', async (t) => {
   // Answers /r with the status and Location it is asked for.
@@ -64,6 +68,7 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
       `http://127.0.0.1:${port}/billing/charge`,
       `http://localhost:${port}/billing/charge`,
       `http://LOCALHOST.:${port}/billing/charge`,
+      `http://api.localhost:${port}/billing/charge`,
       `http://127.1:${port}/billing/charge`,
       `http://2130706433:${port}/billing/charge`,
       `http://[::1]:${port}/billing/charge`,
@@ -88,6 +93,10 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
     const followed = await fetch(`http://${lk}${via('/search/r', `http://127.0.0.1:${port}/billing/charge`)}`, { method: 'POST', body: 'prompt=private' })
     seen.push(await followed.text())
     t.equal(followed.status, 502)
+    // curl resolves any *.localhost to loopback by itself, and follows a 307 with its POST and body.
+    const { stdout: curled } = await run('curl', ['-sS', '-L', '-i', '-X', 'POST', '-d', 'prompt=private', `http://${lk}${via('/search/r', `http://api.localhost:${port}/billing/charge`)}`])
+    seen.push(curled)
+    t.match(curled, /^HTTP\/1\.1 502 /, 'curl -L gets the refusal, not the billing route')
     t.equal(billing.requests.length, 0, 'the billing route was never called')
     const audit = await s.audit()
     t.match(audit.at(-1), { status: 502, error: 'LK_UPSTREAM_PROTOCOL', path: '/r', credential: { binding: 'search' } }, 'the call is recorded with why it was refused')

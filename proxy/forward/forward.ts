@@ -73,17 +73,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     const clean = inboundResponseHeaders(headers)
     // 204 must not carry a Content-Length (RFC 9110 §8.6); relaying one invites a client to wait for a body.
     if (statusCode === 204 && clean['content-length'] !== undefined) delete clean['content-length']
-    const { binding, credential } = this.ctx
-    if (binding && credential) {
-      scrubResponseHeaders(clean, binding, credential)
-      statusMessage = safeReasonPhrase(statusMessage, binding, credential)
-      const coding = encodedBody(clean, headers['transfer-encoding'], statusCode, this.res.req.method)
-      if (coding !== null) {
-        this.ctx.status = 0
-        return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream sent a ${coding}-encoded body though the sidecar asked for none; it cannot be checked for the credential, so it is not relayed`))
-      }
-      this.scrubber = new BodyScrubber(bodyNeedlesFor(binding, credential))
-    }
+    // Relocated before the head is scrubbed: the URL parser reshapes what it resolves (drops tabs,
+    // resolves dot segments), and could put together a secret the scrub did not see whole.
     const location = clean.location as string | string[] | undefined
     if (location !== undefined) {
       const redirect = statusCode >= 300 && statusCode < 400
@@ -95,6 +86,17 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
         return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `${why}: not relayed`))
       }
       ;(clean as Record<string, string | string[]>).location = relayed
+    }
+    const { binding, credential } = this.ctx
+    if (binding && credential) {
+      scrubResponseHeaders(clean, binding, credential)
+      statusMessage = safeReasonPhrase(statusMessage, binding, credential)
+      const coding = encodedBody(clean, headers['transfer-encoding'], statusCode, this.res.req.method)
+      if (coding !== null) {
+        this.ctx.status = 0
+        return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream sent a ${coding}-encoded body though the sidecar asked for none; it cannot be checked for the credential, so it is not relayed`))
+      }
+      this.scrubber = new BodyScrubber(bodyNeedlesFor(binding, credential))
     }
     // node:http sends the head with the first chunk in one write, and ending a response with a
     // Content-Length writes nothing more. A chunked one ends with its own "0\r\n\r\n" write: as

@@ -78,6 +78,13 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     const location = clean.location as string | string[] | undefined
     if (location !== undefined) {
       const redirect = statusCode >= 300 && statusCode < 400
+      // A URL parser reads `\` as `/`; curl and Python's (RFC 3986) read it as data: in
+      // `http://a.test\@127.0.0.1:15001/x` one sees host a.test, the other this sidecar. A
+      // redirect that clients follow to different places is checked for none of them.
+      if (redirect && (Array.isArray(location) ? location : [location]).some((l) => l.includes('\\'))) {
+        this.ctx.status = 0
+        return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream redirected to a Location with a backslash, which clients read as different URLs: not relayed'))
+      }
       // Which of two a client follows is its own choice: a redirect names one place.
       const relayed = Array.isArray(location) ? (redirect ? null : location.map((l) => this.relocate(l, this.ctx.target!, false) ?? l)) : this.relocate(location, this.ctx.target!, redirect)
       if (relayed === null) {

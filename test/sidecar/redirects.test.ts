@@ -69,6 +69,8 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
       `http://localhost:${port}/billing/charge`,
       `http://LOCALHOST.:${port}/billing/charge`,
       `http://api.localhost:${port}/billing/charge`,
+      // A URL parser's host is evil.test; curl's and Python's, after the userinfo `evil.test\`, the sidecar.
+      `http://evil.test\\@127.0.0.1:${port}/billing/charge`,
       `http://127.1:${port}/billing/charge`,
       `http://2130706433:${port}/billing/charge`,
       `http://[::1]:${port}/billing/charge`,
@@ -93,10 +95,13 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
     const followed = await fetch(`http://${lk}${via('/search/r', `http://127.0.0.1:${port}/billing/charge`)}`, { method: 'POST', body: 'prompt=private' })
     seen.push(await followed.text())
     t.equal(followed.status, 502)
-    // curl resolves any *.localhost to loopback by itself, and follows a 307 with its POST and body.
-    const { stdout: curled } = await run('curl', ['-sS', '-L', '-i', '-X', 'POST', '-d', 'prompt=private', `http://${lk}${via('/search/r', `http://api.localhost:${port}/billing/charge`)}`])
-    seen.push(curled)
-    t.match(curled, /^HTTP\/1\.1 502 /, 'curl -L gets the refusal, not the billing route')
+    // curl resolves any *.localhost to loopback by itself, and reads a backslash as part of the
+    // userinfo; it follows a 307 with its POST and body.
+    for (const to of [`http://api.localhost:${port}/billing/charge`, `http://evil.test\\@127.0.0.1:${port}/billing/charge`]) {
+      const { stdout: curled } = await run('curl', ['-sS', '-L', '-i', '-X', 'POST', '-d', 'prompt=private', `http://${lk}${via('/search/r', to)}`])
+      seen.push(curled)
+      t.match(curled, /^HTTP\/1\.1 502 /, `curl -L gets the refusal, not the billing route: ${to}`)
+    }
     t.equal(billing.requests.length, 0, 'the billing route was never called')
     const audit = await s.audit()
     t.match(audit.at(-1), { status: 502, error: 'LK_UPSTREAM_PROTOCOL', path: '/r', credential: { binding: 'search' } }, 'the call is recorded with why it was refused')

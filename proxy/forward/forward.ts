@@ -78,12 +78,9 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     const location = clean.location as string | string[] | undefined
     if (location !== undefined) {
       const redirect = statusCode >= 300 && statusCode < 400
-      // A URL parser reads `\` as `/`; curl and Python's (RFC 3986) read it as data: in
-      // `http://a.test\@127.0.0.1:15001/x` one sees host a.test, the other this sidecar. A
-      // redirect that clients follow to different places is checked for none of them.
-      if (redirect && (Array.isArray(location) ? location : [location]).some((l) => l.includes('\\'))) {
+      if (redirect && (Array.isArray(location) ? location : [location]).some(readTwoWays)) {
         this.ctx.status = 0
-        return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream redirected to a Location with a backslash, which clients read as different URLs: not relayed'))
+        return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream redirected to a Location that clients read as different URLs (a backslash, or http: without //): not relayed'))
       }
       // Which of two a client follows is its own choice: a redirect names one place.
       const relayed = Array.isArray(location) ? (redirect ? null : location.map((l) => this.relocate(l, this.ctx.target!, false) ?? l)) : this.relocate(location, this.ctx.target!, redirect)
@@ -218,6 +215,17 @@ function encodedBody(headers: IncomingHttpHeaders, transferEncoding: string | st
     }
   }
   return null
+}
+
+/**
+ * A Location the sidecar's URL parser (WHATWG) and an RFC 3986 one (curl, Python) resolve to
+ * different places, so a redirect checked as one is followed as the other: WHATWG reads `\` as
+ * `/` where curl reads it as data (`http://a.test\@127.0.0.1:15001/x`: a.test to one, the
+ * sidecar to the other), and `http:/127.0.0.1:15001/x` as a path on the current origin where curl
+ * reads 127.0.0.1:15001 as its host.
+ */
+function readTwoWays(location: string): boolean {
+  return location.includes('\\') || /^\s*https?:(?!\/\/[^/])/i.test(location)
 }
 
 function uncork(res: ServerResponse): void {

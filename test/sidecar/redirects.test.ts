@@ -71,6 +71,8 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
       `http://api.localhost:${port}/billing/charge`,
       // A URL parser's host is evil.test; curl's and Python's, after the userinfo `evil.test\`, the sidecar.
       `http://evil.test\\@127.0.0.1:${port}/billing/charge`,
+      // A path on the search upstream to a URL parser; the sidecar's address to curl.
+      `http:/127.0.0.1:${port}/billing/charge`,
       `http://127.1:${port}/billing/charge`,
       `http://2130706433:${port}/billing/charge`,
       `http://[::1]:${port}/billing/charge`,
@@ -97,10 +99,12 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
     t.equal(followed.status, 502)
     // curl resolves any *.localhost to loopback by itself, and reads a backslash as part of the
     // userinfo; it follows a 307 with its POST and body.
-    for (const to of [`http://api.localhost:${port}/billing/charge`, `http://evil.test\\@127.0.0.1:${port}/billing/charge`]) {
-      const { stdout: curled } = await run('curl', ['-sS', '-L', '-i', '-X', 'POST', '-d', 'prompt=private', `http://${lk}${via('/search/r', to)}`])
-      seen.push(curled)
-      t.match(curled, /^HTTP\/1\.1 502 /, `curl -L gets the refusal, not the billing route: ${to}`)
+    for (const to of [`http://api.localhost:${port}/billing/charge`, `http://evil.test\\@127.0.0.1:${port}/billing/charge`, `http:/127.0.0.1:${port}/billing/charge`]) {
+      for (const how of [[`http://${lk}${via('/search/r', to)}`], ['-x', s.proxy, `http://127.0.0.1:${search.port}${via('/r', to)}`]]) {
+        const { stdout: curled } = await run('curl', ['-sS', '-L', '-i', '-X', 'POST', '-d', 'prompt=private', ...how])
+        seen.push(curled)
+        t.match(curled, /^HTTP\/1\.1 502 /, `curl -L gets the refusal, not the billing route: ${to} ${how.length > 1 ? 'through the proxy' : 'on a route'}`)
+      }
     }
     t.equal(billing.requests.length, 0, 'the billing route was never called')
     const audit = await s.audit()

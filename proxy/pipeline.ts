@@ -6,7 +6,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Logger } from '../lib/log.js'
 import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Decision, Identifier, Identity, Resolution, Resolver, Target, Via } from './context.js'
-import { checkLocalCaller } from './listen/local-caller.js'
+import { checkLocalCaller, isLocalhostName } from './listen/local-caller.js'
 import { carriesTaskHandle } from './identify/proxy-authorization.js'
 import { lingerOnClose } from './listen/linger.js'
 import { LatchkeyError, renderError, renderErrorRaw, type ErrorCode } from './errors.js'
@@ -275,7 +275,7 @@ export class Pipeline {
     return upstream ? locationThroughRoute(location, resolved, target, upstream) : location
   }
 
-  /** Whether a URL reaches the sidecar's listener or admin API: a spelling it takes for its own, or any loopback, unspecified or this host's address on their ports. */
+  /** Whether a URL reaches the sidecar's listener or admin API: a spelling it takes for its own, or any loopback, unspecified or this host's address or localhost name on their ports. */
   private namesSidecar(url: URL): boolean {
     const own = this.ownAddress
     if (own === null) return false
@@ -286,7 +286,7 @@ export class Pipeline {
     // Host for its own: any host on its ports may be the sidecar.
     if (this.stages.namedHosts) return true
     // `*.localhost` is loopback whatever DNS says (RFC 6761): curl answers it so, and the sidecar takes it for its own Host.
-    if (isIP(host) === 0) return host === 'localhost' || host.endsWith('.localhost')
+    if (isIP(host) === 0) return isLocalhostName(host)
     const cls = classifyAddress(host)
     // This host's own address reaches a sidecar listening on every address (allow_remote_clients),
     // and a client follows it without the proxy wherever NO_PROXY covers the network.

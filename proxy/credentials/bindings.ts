@@ -96,7 +96,9 @@ export function compileBinding(cfg: CredentialBindingConfig): CredentialBinding 
   const scheme = url.protocol === 'https:' ? 'https' : 'http'
   const port = url.port ? Number(url.port) : scheme === 'https' ? 443 : 80
   const inj = injector(cfg.inject)
-  const strip = [...new Set([...ALWAYS_STRIP, ...inj.headers, ...(cfg.strip ?? []).map((s) => s.toLowerCase())])]
+  // Each name with `_` read as `-` too: an agent's `X-Svc-Token` is the injected `X_Svc_Token` to
+  // a server that folds them together (CGI, WSGI), and could be read instead of it.
+  const strip = [...new Set([...ALWAYS_STRIP, ...inj.headers, ...(cfg.strip ?? []).map((s) => s.toLowerCase())].flatMap((n) => [n, n.replace(/_/g, '-')]))]
   return {
     id: cfg.id,
     audience: originKey(scheme, normaliseHost(url.hostname), port),

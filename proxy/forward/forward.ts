@@ -20,6 +20,14 @@ export type ForwardDone = (err: LatchkeyError | null) => void
  */
 export type Relocate = (location: string, target: Target, redirect: boolean) => string | null
 
+/**
+ * 103 Early Hints relayed per response; later ones are dropped. Each is written to the agent
+ * without back-pressure (the upstream may send them faster than the agent reads, and undici's
+ * header timer restarts with every byte), so an upstream streaming hints held an unbounded,
+ * growing buffer in the sidecar (measured: 70 MB/s against an agent not reading).
+ */
+const MAX_EARLY_HINTS = 8
+
 /** Reason phrases relayed as the upstream wrote them only when plain printable ASCII; else the standard one. */
 const PRINTABLE = /^[\t\x20-\x7e]*$/
 
@@ -28,6 +36,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
   private finished = false
   /** On a credentialed call: what the body passes through before the agent gets it. */
   private scrubber: BodyScrubber | null = null
+  /** 103s relayed so far (see MAX_EARLY_HINTS). */
+  private hints = 0
 
   constructor(
     private readonly ctx: CallContext,
@@ -63,6 +73,24 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     const clean = inboundResponseHeaders(headers)
     // 204 must not carry a Content-Length (RFC 9110 §8.6); relaying one invites a client to wait for a body.
     if (statusCode === 204 && clean['content-length'] !== undefined) delete clean['content-length']
+    // Relocated before the head is scrubbed: the URL parser reshapes what it resolves (drops tabs,
+    // resolves dot segments), and could put together a secret the scrub did not see whole.
+    const location = clean.location as string | string[] | undefined
+    if (location !== undefined) {
+      const redirect = statusCode >= 300 && statusCode < 400
+      if (redirect && (Array.isArray(location) ? location : [location]).some(readTwoWays)) {
+        this.ctx.status = 0
+        return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream redirected to a Location that clients read as different URLs (a backslash, or http: without //): not relayed'))
+      }
+      // Which of two a client follows is its own choice: a redirect names one place.
+      const relayed = Array.isArray(location) ? (redirect ? null : location.map((l) => this.relocate(l, this.ctx.target!, false) ?? l)) : this.relocate(location, this.ctx.target!, redirect)
+      if (relayed === null) {
+        this.ctx.status = 0
+        const why = Array.isArray(location) ? 'the upstream redirected to more than one Location' : "the upstream redirected to this sidecar's own address, where following it would make another call, with another credential"
+        return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `${why}: not relayed`))
+      }
+      ;(clean as Record<string, string | string[]>).location = relayed
+    }
     const { binding, credential } = this.ctx
     if (binding && credential) {
       scrubResponseHeaders(clean, binding, credential)
@@ -73,18 +101,6 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
         return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream sent a ${coding}-encoded body though the sidecar asked for none; it cannot be checked for the credential, so it is not relayed`))
       }
       this.scrubber = new BodyScrubber(bodyNeedlesFor(binding, credential))
-    }
-    const location = clean.location as string | string[] | undefined
-    if (location !== undefined) {
-      const redirect = statusCode >= 300 && statusCode < 400
-      // Which of two a client follows is its own choice: a redirect names one place.
-      const relayed = Array.isArray(location) ? (redirect ? null : location.map((l) => this.relocate(l, this.ctx.target!, false) ?? l)) : this.relocate(location, this.ctx.target!, redirect)
-      if (relayed === null) {
-        this.ctx.status = 0
-        const why = Array.isArray(location) ? 'the upstream redirected to more than one Location' : "the upstream redirected to this sidecar's own address, where following it would make another call, with another credential"
-        return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `${why}: not relayed`))
-      }
-      ;(clean as Record<string, string | string[]>).location = relayed
     }
     // node:http sends the head with the first chunk in one write, and ending a response with a
     // Content-Length writes nothing more. A chunked one ends with its own "0\r\n\r\n" write: as
@@ -114,10 +130,11 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
   /**
    * An interim response, before the final one. 103 Early Hints is passed on (scrubbed like any
    * head) to an HTTP/1.1 client; any other was not asked for by this agent (the sidecar answers
-   * `Expect` itself and never forwards it) and is dropped.
+   * `Expect` itself and never forwards it) and is dropped, as is a 103 past MAX_EARLY_HINTS.
    */
   private informational(statusCode: number, headers: IncomingHttpHeaders): void {
-    if (statusCode !== 103 || this.res.req.httpVersionMinor < 1 || this.res.headersSent) return
+    if (statusCode !== 103 || this.res.req.httpVersionMinor < 1 || this.res.headersSent || this.hints >= MAX_EARLY_HINTS) return
+    this.hints++
     const hints = inboundResponseHeaders(headers)
     const { binding, credential } = this.ctx
     if (binding && credential) scrubResponseHeaders(hints, binding, credential)
@@ -198,6 +215,17 @@ function encodedBody(headers: IncomingHttpHeaders, transferEncoding: string | st
     }
   }
   return null
+}
+
+/**
+ * A Location the sidecar's URL parser (WHATWG) and an RFC 3986 one (curl, Python) resolve to
+ * different places, so a redirect checked as one is followed as the other: WHATWG reads `\` as
+ * `/` where curl reads it as data (`http://a.test\@127.0.0.1:15001/x`: a.test to one, the
+ * sidecar to the other), and `http:/127.0.0.1:15001/x` as a path on the current origin where curl
+ * reads 127.0.0.1:15001 as its host.
+ */
+function readTwoWays(location: string): boolean {
+  return location.includes('\\') || /^\s*https?:(?!\/\/[^/])/i.test(location)
 }
 
 function uncork(res: ServerResponse): void {

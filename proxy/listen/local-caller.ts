@@ -33,7 +33,12 @@ function hostname(host: string): string {
 
 /** An IP literal (which no DNS answer can re-point), or a name that only ever means this machine. */
 function isLocalName(name: string): boolean {
-  return isIP(name) !== 0 || name === 'localhost' || name.endsWith('.localhost')
+  return isIP(name) !== 0 || isLocalhostName(name)
+}
+
+/** `localhost` and its subdomains (RFC 6761 §6.3): loopback to this sidecar's resolver, curl and browsers. */
+export function isLocalhostName(name: string): boolean {
+  return name === 'localhost' || name.endsWith('.localhost')
 }
 
 /**

@@ -150,7 +150,6 @@ export function compileGlob(glob: string, deny: boolean): RegExp {
   return new RegExp(src.endsWith(ANY_DEPTH) ? `^${src.slice(0, -ANY_DEPTH.length)}(?:${end}|/.*)$` : `^${src}${end}$`, 'i')
 }
 
-
 /** Characters the URL parser percent-encodes in a path (and `#`, which it would take for a fragment). */
 const ENCODED_IN_PATH = /[^\x21-\x7e]|["#<>`{}]/
 

@@ -129,3 +129,21 @@ t.test('normalised, never trusted', async (t) => {
   })
   assertNoCanary(t, s)
 })
+
+t.test('an injected header named with underscores: the agent\'s dashed spelling of it is removed', async (t) => {
+  const upstream = await startUpstream()
+  const s = await startTestSidecar({
+    ...loopbackPolicy([upstream.port]),
+    credentials: [{ id: 'svc', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'header', name: 'X_Svc_Token' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${upstream.port}/u HTTP/1.1\r\nHost: x\r\nX-Svc-Token: agent-dashed\r\nX-Svc_Token: agent-mixed\r\nConnection: close\r\n\r\n`)
+  const raw = upstream.requests.at(-1)!.rawHeaders
+  const names = raw.filter((_, i) => i % 2 === 0).map((n) => n.toLowerCase())
+  t.same(names.filter((n) => n.replace(/_/g, '-') === 'x-svc-token'), ['x_svc_token'], 'only the injected header, which a server folding _ into - could not tell from the agent\'s')
+  t.equal(upstream.requests.at(-1)!.headers.x_svc_token, CANARY)
+  assertNoCanary(t, s)
+})

@@ -129,6 +129,13 @@ t.test('every reflection of the credential in a response head is scrubbed, in an
         }).end('ok')
         return true
       }
+      case '/tabbed': {
+        // A tab inside the echoed secret hides it from the scrub; the URL parser, which resolves a
+        // route's Location, drops tabs.
+        const secret = auth.slice(7)
+        res.writeHead(302, { location: `/next?k=${secret.slice(0, 4)}\t${secret.slice(4)}` }).end()
+        return true
+      }
       case '/hints':
         res.writeEarlyHints({ link: '</style.css>; rel=preload; as=style', 'x-echo': auth })
         setTimeout(() => res.writeHead(200, { 'x-plain': 'kept' }).end('ok'), 20)
@@ -143,6 +150,7 @@ t.test('every reflection of the credential in a response head is scrubbed, in an
     {
       policy: { default: 'allow' },
       network: { allow: [{ cidr: '127.0.0.1/32', ports: [bearer.port, basic.port, query.port] }] },
+      routes: { echo: bearer.origin },
       credentials: [
         { id: 'bearer', audience: bearer.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } },
         { id: 'basic', audience: basic.origin, source: 'static', secret: 'CANARY', inject: { type: 'basic', username: 'svc' } },
@@ -207,6 +215,11 @@ t.test('every reflection of the credential in a response head is scrubbed, in an
     }
     t.equal(e.headers['x-plain'], 'kept', `${what}: unrelated headers kept`)
   }
+
+  const tabbed = await rawRequest(s.sidecar.port, `GET /echo/tabbed HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`)
+  seen.push(tabbed.raw)
+  t.equal(tabbed.status, 302)
+  t.equal(tabbed.headers.location, REMOVED, 'a route\'s Location is scrubbed as it is relayed, after the URL parser has reshaped it')
 
   const hints = await get(bearer.port, '/hints')
   seen.push(hints.raw)

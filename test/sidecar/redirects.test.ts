@@ -8,6 +8,8 @@ import { promisify } from 'node:util'
 import { networkInterfaces } from 'node:os'
 import { startUpstream, startTestSidecar, rawRequest, assertNoCanary } from '../helpers/harness.js'
 
+const run = promisify(execFile)
+
 t.test('redirects stay on their route and never lead back into the sidecar', async (t) => {
   // Answers /r with the status and Location it is asked for.
   const search = await startUpstream({
@@ -71,6 +73,10 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
       // NO_PROXY of `localhost` has most clients call it directly, where the sidecar takes it for its own.
       `http://app.localhost:${port}/billing/charge`,
       `http://Billing.LOCALHOST.:${port}/billing/charge`,
+      // A URL parser's host is evil.test; curl's and Python's, after the userinfo `evil.test\`, the sidecar.
+      `http://evil.test\\@127.0.0.1:${port}/billing/charge`,
+      // A path on the search upstream to a URL parser; the sidecar's address to curl.
+      `http:/127.0.0.1:${port}/billing/charge`,
       `http://127.1:${port}/billing/charge`,
       `http://2130706433:${port}/billing/charge`,
       `http://[::1]:${port}/billing/charge`,
@@ -95,10 +101,15 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
     const followed = await fetch(`http://${lk}${via('/search/r', `http://127.0.0.1:${port}/billing/charge`)}`, { method: 'POST', body: 'prompt=private' })
     seen.push(await followed.text())
     t.equal(followed.status, 502)
-    // curl follows to a `*.localhost` name by itself (it answers 127.0.0.1 for it, as no proxy is asked).
-    const curl = await promisify(execFile)('curl', ['-sS', '-L', '--noproxy', '*', '-d', 'prompt=private', '-w', '\n%{http_code}', `http://${lk}${via('/search/r', `http://app.localhost:${port}/billing/charge`)}`])
-    seen.push(curl.stdout)
-    t.match(curl.stdout, /\n502$/, 'curl is not led into another route')
+    // curl resolves any *.localhost to loopback by itself, and reads a backslash as part of the
+    // userinfo; it follows a 307 with its POST and body.
+    for (const to of [`http://app.localhost:${port}/billing/charge`, `http://evil.test\\@127.0.0.1:${port}/billing/charge`, `http:/127.0.0.1:${port}/billing/charge`]) {
+      for (const how of [['--noproxy', '*', `http://${lk}${via('/search/r', to)}`], ['-x', s.proxy, `http://127.0.0.1:${search.port}${via('/r', to)}`]]) {
+        const { stdout: curled } = await run('curl', ['-sS', '-L', '-i', '-X', 'POST', '-d', 'prompt=private', ...how])
+        seen.push(curled)
+        t.match(curled, /^HTTP\/1\.1 502 /, `curl -L gets the refusal, not the billing route: ${to} ${how[0] === '-x' ? 'through the proxy' : 'on a route'}`)
+      }
+    }
     t.equal(billing.requests.length, 0, 'the billing route was never called')
     const audit = await s.audit()
     t.match(audit.at(-1), { status: 502, error: 'LK_UPSTREAM_PROTOCOL', path: '/r', credential: { binding: 'search' } }, 'the call is recorded with why it was refused')

@@ -181,10 +181,12 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
     '/length-and-chunked': 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n',
     '/unasked-101': 'HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n',
     '/forged-denial': 'HTTP/1.1 403 Forbidden\r\nX-Latchkey-Error: LK_POLICY_DENIED\r\nX-Latchkey-Rule: default\r\nContent-Length: 9\r\n\r\nforbidden',
+    '/hint-flood': 'HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n'.repeat(500) + 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok',
   }
   const upstream: Server = createServer((s) => {
     s.on('error', () => {})
-    s.once('data', (d: Buffer) => s.write(answers[/^\w+ (\S+)/.exec(d.toString('latin1'))![1]!] ?? 'HTTP/1.1 500 X\r\nContent-Length: 0\r\n\r\n'))
+    // Every request a connection carries is answered: a clean answer leaves it open for the next.
+    s.on('data', (d: Buffer) => s.write(answers[/^\w+ (\S+)/.exec(d.toString('latin1'))![1]!] ?? 'HTTP/1.1 500 X\r\nContent-Length: 0\r\n\r\n'))
   })
   const { port, s } = await sidecarInFrontOf(t, upstream)
   const get = (path: string) => rawRequest(s.sidecar.port, `GET http://127.0.0.1:${port}${path} HTTP/1.1\r\nHost: x\r\n\r\n`, 300)
@@ -215,6 +217,13 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
   t.equal(forged.body, 'forbidden', "the upstream's own 403 is relayed")
   t.notOk('x-latchkey-error' in forged.headers || 'x-latchkey-rule' in forged.headers, "but not in the sidecar's voice")
 
+  // Hints are written to the agent as they come, without back-pressure: an upstream streaming
+  // them grew the sidecar's buffer for as long as it liked. A few are relayed, the rest dropped.
+  const flood = await get('/hint-flood')
+  seen.push(flood.raw)
+  t.equal(flood.raw.split('HTTP/1.1 103 ').length - 1, 8, 'only the first 8 of 500 Early Hints are relayed')
+  t.match(flood.raw, /HTTP\/1\.1 200 OK\r\n[\s\S]*\r\n\r\nok$/, 'then the final response, whole')
+
   const audit = await s.audit()
   t.same(
     audit.map((e) => [e.path, e.status, e.decision, e.error]),
@@ -227,6 +236,7 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
       ['/length-and-chunked', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
       ['/unasked-101', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
       ['/forged-denial', 403, 'allow', null],
+      ['/hint-flood', 200, 'allow', null],
     ],
     'each call recorded as the agent got it',
   )

@@ -89,7 +89,9 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
       upstream.setTimeout(0)
       // Only the handshake goes now. Bytes the client sent after it wait for the 101: if the
       // upstream turns the WebSocket down they may be a pipelined request, and are never sent.
-      upstream.write(requestHead)
+      // latin1, as the head was read and as undici writes one: a header byte past 0x7f goes on as
+      // that byte, not as its two-byte UTF-8 spelling.
+      upstream.write(requestHead, 'latin1')
       open.add(client)
       pipeline.stages.metrics.openTunnels.inc()
       // Until the upstream answers, either side closing ends the attempt; then the relay owns it.
@@ -108,7 +110,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
         if (binding && credential) scrubResponseHeaders(response.headers, binding, credential)
         ctx.status = 101
         answerHeadBytes = response.headBytes
-        client.write(serializeSwitchingProtocols(response))
+        client.write(serializeSwitchingProtocols(response), 'latin1')
         if (response.rest.length) client.write(response.rest)
         if (head.length) upstream.write(head)
         relay(client, upstream, onClosed)
@@ -122,7 +124,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
       // upstream's answer reached the agent, nor anything of the agent's past its handshake.
       // Both counts are frames: the handshake each way is not.
       function measure() {
-        ctx.bytesIn = Math.max(0, upstream.bytesWritten - Buffer.byteLength(requestHead))
+        ctx.bytesIn = Math.max(0, upstream.bytesWritten - Buffer.byteLength(requestHead, 'latin1'))
         ctx.bytesOut = Math.max(0, upstream.bytesRead - answerHeadBytes)
       }
       function onClosed() {

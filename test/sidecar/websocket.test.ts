@@ -76,6 +76,10 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
           socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\nX-${pct}: 1\r\nX-${Buffer.from(secret).toString('base64url')}: 2\r\nX-Plain: kept\r\nX-Latchkey-Error: LK_POLICY_DENIED\r\n\r\n`)
           break
         }
+        case '/latin1':
+          // A header byte past 0x7f, read as latin1 (as node:http reads a head), answered with another.
+          socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\nX-Back: ${req.headers['x-t'] === 'caf\xe9' ? 'intact' : 'mangled'} r\xe9sum\xe9\r\n\r\n`, 'latin1')
+          break
         case '/plain':
           // Not a WebSocket server: an ordinary keep-alive answer, echoing the credential.
           socket.write(`HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Echo-Auth: ${auth}\r\n\r\nok`)
@@ -103,6 +107,11 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
   const handshake = (path: string, method = 'GET', extra = '') =>
     `${method} http://127.0.0.1:${port}${path} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n${extra}\r\n`
   const seen: string[] = []
+
+  // Header bytes past 0x7f cross as the same bytes both ways, not re-encoded as UTF-8.
+  const latin1 = await rawRequest(s.sidecar.port, Buffer.from(handshake('/latin1', 'GET', 'X-T: caf\xe9\r\n'), 'latin1'))
+  t.equal(latin1.status, 101)
+  t.equal(latin1.headers['x-back'], 'intact r\xe9sum\xe9', 'the upstream got the byte 0xE9, and the agent got it back')
 
   const reflected = await rawRequest(s.sidecar.port, handshake('/reflect'))
   seen.push(reflected.raw)
@@ -147,7 +156,7 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
     t.match(JSON.parse(r.body).reason, why, `${name}: says why`)
   }
   const audit = await s.audit()
-  t.equal(audit.filter((e) => e.via === 'upgrade').length, 14, 'every handshake audited')
+  t.equal(audit.filter((e) => e.via === 'upgrade').length, 15, 'every handshake audited')
   const refusedByUpstream = audit.filter((e) => e.via === 'upgrade' && e.status === 502 && e.error === 'LK_UPSTREAM_PROTOCOL')
   t.same(
     refusedByUpstream.map((e) => [e.path, e.bytes_in, e.bytes_out]),

@@ -183,7 +183,7 @@ export class TokenExchange {
     let granted: string[]
     if (requested) {
       const notAllowed = requested.filter((s) => !allowed.includes(s))
-      if (notAllowed.length > 0) throw new OAuthError('invalid_scope', `agent type "${attestation.agentType}" may not receive scope ${notAllowed.join(' ')}`)
+      if (notAllowed.length > 0) throw new OAuthError('invalid_scope', `agent type "${attestation.agentType}" may not receive ${nameScopes(notAllowed, registry, subject.scopes)}`)
       const notHeld = requested.filter((s) => !ceiling.includes(s))
       if (notHeld.length > 0) throw new OAuthError('invalid_scope', `the subject_token does not grant scope ${notHeld.join(' ')}`)
       granted = [...new Set(requested)]
@@ -352,6 +352,20 @@ function namesAnAgent(sub: string): boolean {
     .replace(/[^\x20-\x7e]/g, (c) => LOOKALIKES[c] ?? c)
     .trim()
   return seen.startsWith('agent:')
+}
+
+/**
+ * Requested scopes as a refusal names them: those the registry or the subject_token knows, by
+ * name; any other only counted. `scope` takes any printable characters, so a client that put a
+ * token there (a swapped parameter) must not find it repeated in the error, the event or the log.
+ */
+function nameScopes(scopes: string[], registry: Registry, granted: string[] | undefined): string {
+  const known = new Set([...Object.values(registry.agents).flatMap((s) => Object.values(s.audiences).flat()), ...(granted ?? [])])
+  const named = scopes.filter((s) => known.has(s))
+  const unknown = scopes.length - named.length
+  const parts = named.length > 0 ? [`scope ${named.join(' ')}`] : []
+  if (unknown > 0) parts.push(`${unknown} requested scope${unknown === 1 ? '' : 's'} no agent type is granted (not repeated: it may be a token)`)
+  return parts.join(' and ')
 }
 
 function required(form: Form, name: string): string {

@@ -279,3 +279,25 @@ t.test('a token sent where its type belongs is not echoed in the error, the log 
   const saml = await b.exchange(delegatedRequest(user, await b.attest(AGENT), { subject_token_type: 'urn:ietf:params:oauth:token-type:saml2' }))
   t.equal(saml.body.error_description, 'subject_token_type "urn:ietf:params:oauth:token-type:saml2" is not accepted')
 })
+
+t.test('a token sent as a scope is not echoed in the error, the log or the event', async (t) => {
+  const b = await startTestBroker()
+  t.teardown(b.close)
+  // `scope` takes any printable characters: a client that swapped scope and subject_token sends a
+  // token there. Scopes the registry or the user's token names are still named.
+  const opaque = 'ghp_LKCANARY' + 'Zx9'.repeat(9) + 'Q'
+  const user = await b.userToken('u', 'read admin')
+  for (const scope of [opaque, user, `read ${opaque}`, `admin ${opaque} write`]) {
+    const res = await b.exchange(delegatedRequest(user, await b.attest(AGENT), { scope }))
+    t.equal(res.status, 400, why(res))
+    t.equal(res.body.error, 'invalid_scope')
+    t.notMatch(res.text, /LKCANARY/, 'the opaque token is not in the error')
+    t.notOk(res.text.includes(user.split('.')[1]!), 'nor the JWT')
+    t.match(res.body.error_description, /1 requested scope no agent type is granted \(not repeated: it may be a token\)/)
+  }
+  const named = await b.exchange(delegatedRequest(user, await b.attest(AGENT), { scope: `admin ${opaque}` }))
+  t.equal(named.body.error_description, 'agent type "summarizer" may not receive scope admin and 1 requested scope no agent type is granted (not repeated: it may be a token)')
+  t.notMatch(b.logs(), /LKCANARY/, 'the opaque token is in no log line')
+  t.notMatch(JSON.stringify(b.events), /LKCANARY/, 'nor in any event')
+  t.notOk(b.logs().includes(user.split('.')[1]!), 'nor the JWT')
+})

@@ -129,7 +129,6 @@ export class TokenExchange {
     const audience = targets[0]!
     if (audience.length === 0 || audience.length > 512) throw new OAuthError('invalid_target', 'audience must be 1 to 512 characters')
     if (form.all('resource').length === 1 && !isAbsoluteUri(audience)) throw new OAuthError('invalid_target', 'resource must be an absolute URI')
-    ev.audience = audience
 
     const scopeParam = form.one('scope')
     let requested: string[] | undefined
@@ -149,6 +148,9 @@ export class TokenExchange {
     }
 
     const registry = this.d.registry()
+    // Recorded only when it names a known audience: a client that swapped audience and
+    // subject_token sent a token here, and the event goes to the log.
+    if (audience === this.d.issuer || Object.values(registry.agents).some((s) => Object.hasOwn(s.audiences, audience))) ev.audience = audience
     // Who is acting: the actor's attestation, or the subject's when the agent acts for itself.
     const attestation = await this.attest(actorToken ?? subjectToken, actorType ?? subjectType, actorToken ? 'actor_token' : 'subject_token', registry)
     ev.agent = attestation.instanceId

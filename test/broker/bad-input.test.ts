@@ -301,3 +301,24 @@ t.test('a token sent as a scope is not echoed in the error, the log or the event
   t.notMatch(JSON.stringify(b.events), /LKCANARY/, 'nor in any event')
   t.notOk(b.logs().includes(user.split('.')[1]!), 'nor the JWT')
 })
+
+t.test('a token sent as the audience is not recorded in the event or the log', async (t) => {
+  const b = await startTestBroker()
+  t.teardown(b.close)
+  const opaque = 'ghp_LKCANARY' + 'Zx9'.repeat(9) + 'Q'
+  const user = await b.userToken('u', 'read')
+  for (const audience of [opaque, user]) {
+    const res = await b.exchange(delegatedRequest(user, await b.attest(AGENT), { audience }))
+    t.equal(res.status, 400, why(res))
+    t.equal(res.body.error, 'invalid_target')
+    t.notMatch(res.text, /LKCANARY/, 'not in the error')
+  }
+  t.notMatch(b.logs(), /LKCANARY/, 'the opaque token is in no log line')
+  t.notMatch(JSON.stringify(b.events), /LKCANARY/, 'nor in any event')
+  t.notOk(b.logs().includes(user.split('.')[1]!), 'nor the JWT')
+  t.match(b.events.at(-1), { type: 'token.exchange', error: 'invalid_target', audience: null })
+  // A known audience is still recorded, granted or refused.
+  const mail = await b.exchange(delegatedRequest(user, await b.attest('agent:helper:prod:h'), { audience: MAIL }))
+  t.equal(mail.body.error, 'invalid_target')
+  t.match(b.events.at(-1), { error: 'invalid_target', audience: MAIL })
+})

@@ -17,7 +17,7 @@ import type { KeyRing } from './keys.js'
 import type { RevocationList } from './revocations/list.js'
 import type { UserTokenVerifier } from './users.js'
 import type { BrokerEvents, ExchangeEvent } from './events.js'
-import { MAX_ACT_DEPTH, readActChain } from './act.js'
+import { MAX_ACT_DEPTH, readActChain, readAncestry, type Ancestor } from './act.js'
 
 export { TOKEN_EXCHANGE_GRANT as GRANT_TYPE } from '../lib/oauth.js'
 import { TOKEN_EXCHANGE_GRANT as GRANT_TYPE } from '../lib/oauth.js'
@@ -61,6 +61,8 @@ interface Subject {
   exp: number | undefined
   delegators: string[]
   isUser: boolean
+  /** The delegation tokens this subject rests on, oldest first (carried as `delegated_from`). */
+  ancestry: Ancestor[]
 }
 
 /** A short, non-reversible token fingerprint for events. */
@@ -160,7 +162,7 @@ export class TokenExchange {
 
     const subject: Subject = actorToken
       ? await this.subject(subjectToken, subjectType, attestation, registry)
-      : { sub: attestation.instanceId, scopes: undefined, exp: undefined, delegators: [], isUser: false }
+      : { sub: attestation.instanceId, scopes: undefined, exp: undefined, delegators: [], isUser: false, ancestry: [] }
     ev.delegated_by = subject.delegators
     ev.user = subject.isUser ? subject.sub : null
 
@@ -234,6 +236,7 @@ export class TokenExchange {
       client_id: attestation.instanceId,
       scope: granted.join(' '),
       task_id: task,
+      ...(subject.ancestry.length > 0 ? { delegated_from: subject.ancestry } : {}),
       iat: nowS,
       exp: nowS + lifetime,
       jti,
@@ -295,7 +298,7 @@ export class TokenExchange {
     if (user.mayAct !== null && user.mayAct !== actor.instanceId) {
       throw new OAuthError('invalid_request', `subject_token: its may_act names another actor than ${actor.instanceId}`)
     }
-    return { sub: user.sub, scopes: user.scopes, exp: user.exp, delegators: [], isUser: true }
+    return { sub: user.sub, scopes: user.scopes, exp: user.exp, delegators: [], isUser: true, ancestry: [] }
   }
 
   /** A broker-issued delegation token (aud = this broker) from an agent that may task the actor's type. */
@@ -321,13 +324,19 @@ export class TokenExchange {
     if (!spec || !spec.may_task.includes(actor.agentType)) {
       throw new OAuthError('unauthorized_client', `agent type "${delegatorType ?? '?'}" may not task agent type "${actor.agentType}"`)
     }
-    const revoked = this.d.revocations.check([], typeof p.task_id === 'string' ? p.task_id : undefined, p.jti)
-    if (revoked) throw new OAuthError('invalid_request', `subject_token: ${revoked.kind} ${revoked.value} is revoked`, 400, `revoked: ${revoked.kind} ${revoked.value}`)
+    const earlier = readAncestry(p.delegated_from)
+    if (!earlier) throw new OAuthError('invalid_request', 'subject_token: delegated_from claim is malformed')
+    // This delegation's task and jti, and those of every delegation it was itself exchanged from.
+    const ancestry: Ancestor[] = [...earlier, typeof p.task_id === 'string' ? { task_id: p.task_id, jti: p.jti! } : { jti: p.jti! }]
+    for (const a of ancestry) {
+      const revoked = this.d.revocations.check([], a.task_id, a.jti)
+      if (revoked) throw new OAuthError('invalid_request', `subject_token: ${revoked.kind} ${revoked.value} is revoked`, 400, `revoked: ${revoked.kind} ${revoked.value}`)
+    }
     const scopes = typeof p.scope === 'string' ? p.scope.split(' ').filter(Boolean) : []
     // The chain acts for p.sub: a user, or the first delegator itself when that agent started the
     // chain for itself. However deep the chain, an agent subject is never a user.
     const isUser = p.sub !== chain[0] && !namesAnAgent(p.sub!)
-    return { sub: p.sub!, scopes, exp: p.exp, delegators: chain, isUser }
+    return { sub: p.sub!, scopes, exp: p.exp, delegators: chain, isUser, ancestry }
   }
 }
 

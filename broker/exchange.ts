@@ -17,7 +17,7 @@ import type { KeyRing } from './keys.js'
 import type { RevocationList } from './revocations/list.js'
 import type { UserTokenVerifier } from './users.js'
 import type { BrokerEvents, ExchangeEvent } from './events.js'
-import { MAX_ACT_DEPTH, readActChain } from './act.js'
+import { MAX_ACT_DEPTH, readActChain, readAncestry, type Ancestor } from './act.js'
 
 export { TOKEN_EXCHANGE_GRANT as GRANT_TYPE } from '../lib/oauth.js'
 import { TOKEN_EXCHANGE_GRANT as GRANT_TYPE } from '../lib/oauth.js'
@@ -61,6 +61,8 @@ interface Subject {
   exp: number | undefined
   delegators: string[]
   isUser: boolean
+  /** The delegation tokens this subject rests on, oldest first (carried as `delegated_from`). */
+  ancestry: Ancestor[]
 }
 
 /** A short, non-reversible token fingerprint for events. */
@@ -129,7 +131,6 @@ export class TokenExchange {
     const audience = targets[0]!
     if (audience.length === 0 || audience.length > 512) throw new OAuthError('invalid_target', 'audience must be 1 to 512 characters')
     if (form.all('resource').length === 1 && !isAbsoluteUri(audience)) throw new OAuthError('invalid_target', 'resource must be an absolute URI')
-    ev.audience = audience
 
     const scopeParam = form.one('scope')
     let requested: string[] | undefined
@@ -149,6 +150,9 @@ export class TokenExchange {
     }
 
     const registry = this.d.registry()
+    // Recorded only when it names a known audience: a client that swapped audience and
+    // subject_token sent a token here, and the event goes to the log.
+    if (audience === this.d.issuer || Object.values(registry.agents).some((s) => Object.hasOwn(s.audiences, audience))) ev.audience = audience
     // Who is acting: the actor's attestation, or the subject's when the agent acts for itself.
     const attestation = await this.attest(actorToken ?? subjectToken, actorType ?? subjectType, actorToken ? 'actor_token' : 'subject_token', registry)
     ev.agent = attestation.instanceId
@@ -158,7 +162,7 @@ export class TokenExchange {
 
     const subject: Subject = actorToken
       ? await this.subject(subjectToken, subjectType, attestation, registry)
-      : { sub: attestation.instanceId, scopes: undefined, exp: undefined, delegators: [], isUser: false }
+      : { sub: attestation.instanceId, scopes: undefined, exp: undefined, delegators: [], isUser: false, ancestry: [] }
     ev.delegated_by = subject.delegators
     ev.user = subject.isUser ? subject.sub : null
 
@@ -183,7 +187,7 @@ export class TokenExchange {
     let granted: string[]
     if (requested) {
       const notAllowed = requested.filter((s) => !allowed.includes(s))
-      if (notAllowed.length > 0) throw new OAuthError('invalid_scope', `agent type "${attestation.agentType}" may not receive scope ${notAllowed.join(' ')}`)
+      if (notAllowed.length > 0) throw new OAuthError('invalid_scope', `agent type "${attestation.agentType}" may not receive ${nameScopes(notAllowed, registry, subject.scopes)}`)
       const notHeld = requested.filter((s) => !ceiling.includes(s))
       if (notHeld.length > 0) throw new OAuthError('invalid_scope', `the subject_token does not grant scope ${notHeld.join(' ')}`)
       granted = [...new Set(requested)]
@@ -232,6 +236,7 @@ export class TokenExchange {
       client_id: attestation.instanceId,
       scope: granted.join(' '),
       task_id: task,
+      ...(subject.ancestry.length > 0 ? { delegated_from: subject.ancestry } : {}),
       iat: nowS,
       exp: nowS + lifetime,
       jti,
@@ -293,7 +298,7 @@ export class TokenExchange {
     if (user.mayAct !== null && user.mayAct !== actor.instanceId) {
       throw new OAuthError('invalid_request', `subject_token: its may_act names another actor than ${actor.instanceId}`)
     }
-    return { sub: user.sub, scopes: user.scopes, exp: user.exp, delegators: [], isUser: true }
+    return { sub: user.sub, scopes: user.scopes, exp: user.exp, delegators: [], isUser: true, ancestry: [] }
   }
 
   /** A broker-issued delegation token (aud = this broker) from an agent that may task the actor's type. */
@@ -319,13 +324,19 @@ export class TokenExchange {
     if (!spec || !spec.may_task.includes(actor.agentType)) {
       throw new OAuthError('unauthorized_client', `agent type "${delegatorType ?? '?'}" may not task agent type "${actor.agentType}"`)
     }
-    const revoked = this.d.revocations.check([], typeof p.task_id === 'string' ? p.task_id : undefined, p.jti)
-    if (revoked) throw new OAuthError('invalid_request', `subject_token: ${revoked.kind} ${revoked.value} is revoked`, 400, `revoked: ${revoked.kind} ${revoked.value}`)
+    const earlier = readAncestry(p.delegated_from)
+    if (!earlier) throw new OAuthError('invalid_request', 'subject_token: delegated_from claim is malformed')
+    // This delegation's task and jti, and those of every delegation it was itself exchanged from.
+    const ancestry: Ancestor[] = [...earlier, typeof p.task_id === 'string' ? { task_id: p.task_id, jti: p.jti! } : { jti: p.jti! }]
+    for (const a of ancestry) {
+      const revoked = this.d.revocations.check([], a.task_id, a.jti)
+      if (revoked) throw new OAuthError('invalid_request', `subject_token: ${revoked.kind} ${revoked.value} is revoked`, 400, `revoked: ${revoked.kind} ${revoked.value}`)
+    }
     const scopes = typeof p.scope === 'string' ? p.scope.split(' ').filter(Boolean) : []
     // The chain acts for p.sub: a user, or the first delegator itself when that agent started the
     // chain for itself. However deep the chain, an agent subject is never a user.
     const isUser = p.sub !== chain[0] && !namesAnAgent(p.sub!)
-    return { sub: p.sub!, scopes, exp: p.exp, delegators: chain, isUser }
+    return { sub: p.sub!, scopes, exp: p.exp, delegators: chain, isUser, ancestry }
   }
 }
 
@@ -352,6 +363,20 @@ function namesAnAgent(sub: string): boolean {
     .replace(/[^\x20-\x7e]/g, (c) => LOOKALIKES[c] ?? c)
     .trim()
   return seen.startsWith('agent:')
+}
+
+/**
+ * Requested scopes as a refusal names them: those the registry or the subject_token knows, by
+ * name; any other only counted. `scope` takes any printable characters, so a client that put a
+ * token there (a swapped parameter) must not find it repeated in the error, the event or the log.
+ */
+function nameScopes(scopes: string[], registry: Registry, granted: string[] | undefined): string {
+  const known = new Set([...Object.values(registry.agents).flatMap((s) => Object.values(s.audiences).flat()), ...(granted ?? [])])
+  const named = scopes.filter((s) => known.has(s))
+  const unknown = scopes.length - named.length
+  const parts = named.length > 0 ? [`scope ${named.join(' ')}`] : []
+  if (unknown > 0) parts.push(`${unknown} requested scope${unknown === 1 ? '' : 's'} no agent type is granted (not repeated: it may be a token)`)
+  return parts.join(' and ')
 }
 
 function required(form: Form, name: string): string {

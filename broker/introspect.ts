@@ -6,7 +6,7 @@ import { jwtVerify, type JWTPayload } from 'jose'
 import type { KeyRing } from './keys.js'
 import type { RevocationList } from './revocations/list.js'
 import { MAX_SKEW_S, MAX_TOKEN_BYTES } from './jwt.js'
-import { readActChain } from './act.js'
+import { readActChain, readAncestry } from './act.js'
 
 /**
  * Every agent of the token's act chain, or undefined when the chain cannot be read whole
@@ -35,6 +35,9 @@ export class Introspection {
     const task = typeof p.task_id === 'string' ? p.task_id : undefined
     const agents = agentsInAct(p.act)
     if (!agents || this.revocations.check(agents, task, p.jti)) return { active: false }
+    // A token derived from a delegation falls with that delegation's task or jti.
+    const ancestry = readAncestry(p.delegated_from)
+    if (!ancestry || ancestry.some((a) => this.revocations.check([], a.task_id, a.jti))) return { active: false }
     return {
       active: true,
       iss: p.iss,

@@ -72,6 +72,8 @@ export interface VerifyOptions {
   requiredClaims?: string[]
   algorithms?: string[]
   maxTokenAgeS?: number
+  /** Workload evidence: `aud` must be this audience alone (see verifyJwt). */
+  soleAudience?: boolean
 }
 
 export async function verifyJwt(token: string, keys: JWTVerifyGetKey, opts: VerifyOptions): Promise<JWTPayload> {
@@ -91,5 +93,8 @@ export async function verifyJwt(token: string, keys: JWTVerifyGetKey, opts: Veri
   // refused everywhere, with the same skew as exp and nbf (RFC 8725 §3.10 spirit).
   if (payload.sub !== undefined && (typeof payload.sub !== 'string' || payload.sub.length === 0)) throw new TokenInvalid('claim "sub" must be a non-empty string')
   if (payload.iat !== undefined && payload.iat > Date.now() / 1000 + MAX_SKEW_S) throw new TokenInvalid('not yet valid (iat)')
+  // Evidence minted for several audiences was handed to each of them, and any of those could
+  // present it here as the workload: an attestation is for this broker only.
+  if (opts.soleAudience && Array.isArray(payload.aud) && payload.aud.length !== 1) throw new TokenInvalid('claim "aud" must name this broker alone, not several audiences')
   return payload
 }

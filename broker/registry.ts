@@ -119,6 +119,26 @@ export function parseRegistry(text: string, source = '<registry>'): Registry {
     for (const t of spec.may_task) if (!registry.agents[t]) problems.push(`agents.${type}.may_task: unknown agent type "${t}"`)
     for (const aud of Object.keys(spec.audiences)) if (aud.length === 0) problems.push(`agents.${type}.audiences: empty audience`)
   }
+  // Attestors take the first type whose match fits: two types matching one workload would make its
+  // type (what it may get) depend on the order of the file's keys, and a reload could switch it.
+  const accounts = new Map<string, string>()
+  const prefixes: [string, string][] = []
+  for (const [type, spec] of Object.entries(registry.agents)) {
+    const k = spec.match.kubernetes
+    if (k) {
+      const key = `${k.namespace}/${k.service_account}`
+      const other = accounts.get(key)
+      if (other) problems.push(`agents.${type}.match.kubernetes: service account ${key} is also matched by agent type "${other}"`)
+      else accounts.set(key, type)
+    }
+    const p = spec.match.spiffe?.path_prefix
+    if (p) {
+      const prefix = p.endsWith('/') ? p : p + '/'
+      const other = prefixes.find(([q]) => q.startsWith(prefix) || prefix.startsWith(q))
+      if (other) problems.push(`agents.${type}.match.spiffe.path_prefix: ${p} overlaps the path_prefix of agent type "${other[1]}"`)
+      else prefixes.push([prefix, type])
+    }
+  }
   if (problems.length > 0) throw new RegistryError(source, problems)
   return registry
 }

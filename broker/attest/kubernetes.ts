@@ -27,7 +27,7 @@ export class KubernetesVerifier implements AttestationVerifier {
   }
 
   async verify(token: string, registry: Registry): Promise<Attestation> {
-    const payload = await verifyJwt(token, this.keys, { issuer: this.issuer, audience: this.audience, requiredClaims: ['sub'] })
+    const payload = await verifyJwt(token, this.keys, { issuer: this.issuer, audience: this.audience, requiredClaims: ['sub'], soleAudience: true })
     const k8s = payload['kubernetes.io'] as KubernetesClaims | undefined
     const ns = k8s?.namespace
     const sa = k8s?.serviceaccount?.name

@@ -34,6 +34,7 @@ export class LocalVerifier implements AttestationVerifier {
       audience: this.audience,
       requiredClaims: ['sub', 'jti', 'iat'],
       maxTokenAgeS: LOCAL_MAX_AGE_S,
+      soleAudience: true,
     })
     // verifyJwt has checked sub is a non-empty string (an array would pass the pattern below,
     // exec coerces it); jti is this attestor's own: the replay cache keys on it.

@@ -30,7 +30,7 @@ export class SpiffeVerifier implements AttestationVerifier {
   }
 
   async verify(token: string, registry: Registry): Promise<Attestation> {
-    const payload = await verifyJwt(token, this.keys, { audience: this.audience, requiredClaims: ['sub'], algorithms: SVID_ALGS })
+    const payload = await verifyJwt(token, this.keys, { audience: this.audience, requiredClaims: ['sub'], algorithms: SVID_ALGS, soleAudience: true })
     const sub = payload.sub!
     if (!sub.startsWith(this.prefix)) throw new AttestationFailed(`SPIFFE ID is not in trust domain ${this.trustDomain}`)
     const path = sub.slice(this.prefix.length - 1)

@@ -39,6 +39,9 @@ const cases: Case[] = [
   { name: 'actor legacy service-account token (not pod-bound)', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.k8s.sign({ aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'x' } } }), { actor_token_type: TOKEN_TYPES.kubernetes }), error: 'invalid_request', says: /not bound to a pod/ },
   { name: 'actor from an unregistered service account', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.k8s.sign({ aud: b.issuer, sub: 'system:serviceaccount:default:default', 'kubernetes.io': { namespace: 'default', serviceaccount: { name: 'default', uid: 'x' }, pod: { name: 'p', uid: 'y' } } }), { actor_token_type: TOKEN_TYPES.kubernetes }), error: 'unauthorized_client', says: /no agent type matches/ },
   { name: 'actor unregistered local agent type', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.attest('agent:intruder:prod:1')), error: 'unauthorized_client', says: /not registered/ },
+  // Evidence minted for several audiences was handed to each: any of them could replay it here.
+  { name: 'actor for this broker and another audience', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.k8s.sign({ aud: [b.issuer, 'https://vault.example.com'], sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() }), { actor_token_type: TOKEN_TYPES.kubernetes }), error: 'invalid_request', says: /actor_token: claim "aud" must name this broker alone/ },
+  { name: 'actor SVID for this broker and another audience', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.spiffe.sign({ iss: null, aud: ['https://vault.example.com', b.issuer], sub: `spiffe://${TRUST_DOMAIN}/agents/summarizer/x` }), { actor_token_type: TOKEN_TYPES.spiffe }), error: 'invalid_request', says: /actor_token: claim "aud" must name this broker alone/ },
   { name: 'actor SPIFFE ID nested below the instance', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.spiffe.sign({ iss: null, aud: b.issuer, sub: `spiffe://${TRUST_DOMAIN}/agents/summarizer/team-a/b` }), { actor_token_type: TOKEN_TYPES.spiffe }), error: 'invalid_request', says: /one segment after \/agents\/summarizer/ },
   { name: 'actor SPIFFE ID from another trust domain', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.spiffe.sign({ iss: null, aud: b.issuer, sub: 'spiffe://evil.org/agents/summarizer/1' }), { actor_token_type: TOKEN_TYPES.spiffe }), error: 'invalid_request', says: /not in trust domain/ },
   { name: 'actor of an untrusted issuer as plain JWT', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.users.sign({ sub: AGENT, aud: b.issuer }), { actor_token_type: TOKEN_TYPES.jwt }), error: 'invalid_request', says: /not issued by a trusted workload attestor/ },
@@ -278,4 +281,47 @@ t.test('a token sent where its type belongs is not echoed in the error, the log 
   // A well-formed type the broker does not take is still named, so the client can see its mistake.
   const saml = await b.exchange(delegatedRequest(user, await b.attest(AGENT), { subject_token_type: 'urn:ietf:params:oauth:token-type:saml2' }))
   t.equal(saml.body.error_description, 'subject_token_type "urn:ietf:params:oauth:token-type:saml2" is not accepted')
+})
+
+t.test('a token sent as a scope is not echoed in the error, the log or the event', async (t) => {
+  const b = await startTestBroker()
+  t.teardown(b.close)
+  // `scope` takes any printable characters: a client that swapped scope and subject_token sends a
+  // token there. Scopes the registry or the user's token names are still named.
+  const opaque = 'ghp_LKCANARY' + 'Zx9'.repeat(9) + 'Q'
+  const user = await b.userToken('u', 'read admin')
+  for (const scope of [opaque, user, `read ${opaque}`, `admin ${opaque} write`]) {
+    const res = await b.exchange(delegatedRequest(user, await b.attest(AGENT), { scope }))
+    t.equal(res.status, 400, why(res))
+    t.equal(res.body.error, 'invalid_scope')
+    t.notMatch(res.text, /LKCANARY/, 'the opaque token is not in the error')
+    t.notOk(res.text.includes(user.split('.')[1]!), 'nor the JWT')
+    t.match(res.body.error_description, /1 requested scope no agent type is granted \(not repeated: it may be a token\)/)
+  }
+  const named = await b.exchange(delegatedRequest(user, await b.attest(AGENT), { scope: `admin ${opaque}` }))
+  t.equal(named.body.error_description, 'agent type "summarizer" may not receive scope admin and 1 requested scope no agent type is granted (not repeated: it may be a token)')
+  t.notMatch(b.logs(), /LKCANARY/, 'the opaque token is in no log line')
+  t.notMatch(JSON.stringify(b.events), /LKCANARY/, 'nor in any event')
+  t.notOk(b.logs().includes(user.split('.')[1]!), 'nor the JWT')
+})
+
+t.test('a token sent as the audience is not recorded in the event or the log', async (t) => {
+  const b = await startTestBroker()
+  t.teardown(b.close)
+  const opaque = 'ghp_LKCANARY' + 'Zx9'.repeat(9) + 'Q'
+  const user = await b.userToken('u', 'read')
+  for (const audience of [opaque, user]) {
+    const res = await b.exchange(delegatedRequest(user, await b.attest(AGENT), { audience }))
+    t.equal(res.status, 400, why(res))
+    t.equal(res.body.error, 'invalid_target')
+    t.notMatch(res.text, /LKCANARY/, 'not in the error')
+  }
+  t.notMatch(b.logs(), /LKCANARY/, 'the opaque token is in no log line')
+  t.notMatch(JSON.stringify(b.events), /LKCANARY/, 'nor in any event')
+  t.notOk(b.logs().includes(user.split('.')[1]!), 'nor the JWT')
+  t.match(b.events.at(-1), { type: 'token.exchange', error: 'invalid_target', audience: null })
+  // A known audience is still recorded, granted or refused.
+  const mail = await b.exchange(delegatedRequest(user, await b.attest('agent:helper:prod:h'), { audience: MAIL }))
+  t.equal(mail.body.error, 'invalid_target')
+  t.match(b.events.at(-1), { error: 'invalid_target', audience: MAIL })
 })

@@ -134,7 +134,7 @@ t.test('a leased secret is bound by the user consent as a JWT is', async (t) => 
   const asked = await withActor(await b.userToken('alice', 'read'), { scope: 'mail.send' })
   t.same(asked.body, { error: 'invalid_scope', error_description: 'the subject_token does not grant scope mail.send' }, 'a requested scope the user did not grant is refused')
   const beyond = await withActor(await b.userToken('alice', 'read mail.send'), { scope: 'admin' })
-  t.same(beyond.body, { error: 'invalid_scope', error_description: 'agent type "summarizer" may not receive scope admin' })
+  t.same(beyond.body, { error: 'invalid_scope', error_description: 'agent type "summarizer" may not receive 1 requested scope no agent type is granted (not repeated: it may be a token)' })
   for (const r of [readOnly, noScope, asked, beyond]) t.notOk(JSON.stringify(r.body).includes(MAIL_KEY), 'no secret in a refusal')
 
   const granted = await withActor(await b.userToken('alice', 'read mail.send'))
@@ -198,4 +198,34 @@ t.test('the longest instance ID an attestor issues can be revoked by ID', async 
   const long = structuredClone(TEST_REGISTRY) as { agents: Record<string, unknown> }
   long.agents['t'.repeat(64)] = { env: 'prod', match: { local: true }, audiences: { [API]: ['read'] }, max_lifetime_s: 60 }
   t.throws(() => parseRegistry(stringify(long)), { code: 'LK_REGISTRY_INVALID', message: /more than 63 characters/ }, 'an agent type name longer than a DNS label is refused by the registry')
+})
+
+t.test("revoking a delegation's task or jti reaches every token already derived from it", async (t) => {
+  const b = await startTestBroker({ registry: REGISTRY })
+  t.teardown(b.close)
+  const user = await b.userToken('u', 'read write')
+  const ok = (r: { status: number; body: Record<string, unknown> }) => {
+    t.equal(r.status, 200, why(r))
+    return r.body.access_token as string
+  }
+  // root (task root-task) delegates to mid (its own task), which delegates on; each leaf has its own task.
+  const root = ok(await b.exchange(delegatedRequest(user, await b.attest('agent:summarizer:prod:root'), { audience: b.issuer, task_id: 'root-task' })))
+  const mid = ok(await b.exchange(delegatedRequest(root, await b.attest('agent:summarizer:prod:mid'), { audience: b.issuer, task_id: 'mid-task' })))
+  const leaf = ok(await b.exchange(delegatedRequest(root, await b.attest('agent:helper:prod:leaf'), { task_id: 'leaf-task' })))
+  const deep = ok(await b.exchange(delegatedRequest(mid, await b.attest('agent:helper:prod:deep'), { task_id: 'deep-task' })))
+  const other = ok(await b.exchange(delegatedRequest(user, await b.attest('agent:summarizer:prod:other'), { audience: b.issuer, task_id: 'other-task' })))
+  const bystander = ok(await b.exchange(delegatedRequest(other, await b.attest('agent:helper:prod:by'), { task_id: 'by-task' })))
+  for (const tok of [leaf, deep, bystander]) t.equal((await introspect(b, tok)).active, true)
+
+  t.equal((await admin(b, 'POST', '/v1/revocations', { kind: 'task', value: 'root-task' })).status, 201)
+  t.same(await introspect(b, leaf), { active: false }, "a token derived from the root's delegation falls with the root's task")
+  t.same(await introspect(b, deep), { active: false }, 'and one derived two delegations down')
+  const again = await b.exchange(delegatedRequest(mid, await b.attest('agent:helper:prod:deep'), { task_id: 'deep-task-2' }))
+  t.equal(again.status, 400, why(again))
+  t.match(again.body.error_description, /task root-task is revoked/, "mid's delegation, resting on the revoked task, is refused too")
+  t.equal((await introspect(b, bystander)).active, true, 'another delegation is untouched')
+
+  // A jti revocation of the delegation token reaches its descendants the same way.
+  t.equal((await admin(b, 'POST', '/v1/revocations', { kind: 'jti', value: decodeJwt(other).jti })).status, 201)
+  t.same(await introspect(b, bystander), { active: false }, "a token derived from a revoked delegation token")
 })

@@ -4,6 +4,8 @@
 import t from 'tap'
 import { writeFileSync, renameSync } from 'node:fs'
 import { stringify } from 'yaml'
+import { decodeJwt } from 'jose'
+import { TOKEN_TYPES } from '../../broker/attest/attestor.js'
 import { startTestBroker, delegatedRequest, TEST_REGISTRY, API, why } from '../helpers/broker.js'
 import { setTimeout as sleep } from 'node:timers/promises'
 
@@ -155,4 +157,36 @@ t.test('a revocation that could never match anything is refused, naming the rule
     const again = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), await b.attest('agent:summarizer:prod:t1')))
     t.match(again.body, { error: 'invalid_request', error_description: 'task task-1 is revoked' }, `${name}: and it holds`)
   }
+})
+
+t.test('a registry in which two agent types match one workload is rejected whole', async (t) => {
+  const b = await startTestBroker()
+  t.teardown(b.close)
+  const sa = () =>
+    b.k8s.sign({
+      aud: b.issuer,
+      sub: 'system:serviceaccount:agents:summarizer',
+      'kubernetes.io': { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'u1' }, pod: { name: 'pod-1', uid: 'p1' } },
+    })
+  const typeOf = async () => {
+    const res = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), await sa(), { actor_token_type: TOKEN_TYPES.jwt }))
+    t.equal(res.status, 200, why(res))
+    return (decodeJwt(res.body.access_token as string).act as { sub: string }).sub
+  }
+  t.equal(await typeOf(), 'agent:summarizer:prod:pod-1')
+  // A type listed first, matching summarizer's service account: the first match would win, so the
+  // workload would have become an `aaa` (its policy, its revocations) on this reload.
+  const shared = { version: 1, agents: { aaa: { env: 'prod', match: { kubernetes: { namespace: 'agents', service_account: 'summarizer' } }, audiences: { [API]: ['read'] }, max_lifetime_s: 600 }, ...TEST_REGISTRY.agents } }
+  writeFileSync(b.registryFile + '.tmp', stringify(shared))
+  renameSync(b.registryFile + '.tmp', b.registryFile)
+  t.ok(await until(() => b.events.some((e) => e.type === 'policy.rejected')), 'rejected')
+  t.match(b.events.find((e) => e.type === 'policy.rejected'), { reason: /service account agents\/summarizer is also matched by agent type "aaa"/ })
+  t.equal(await typeOf(), 'agent:summarizer:prod:pod-1', 'the workload keeps its type')
+
+  // SPIFFE prefixes one inside the other: which type an ID under both gets would depend on the order.
+  const nested = { version: 1, agents: { aaa: { env: 'prod', match: { spiffe: { path_prefix: '/agents' } }, audiences: { [API]: ['read'] }, max_lifetime_s: 600 }, ...TEST_REGISTRY.agents } }
+  writeFileSync(b.registryFile + '.tmp', stringify(nested))
+  renameSync(b.registryFile + '.tmp', b.registryFile)
+  t.ok(await until(() => b.events.some((e) => e.type === 'policy.rejected' && /overlaps/.test(e.reason))), 'rejected')
+  t.match(b.events.filter((e) => e.type === 'policy.rejected').at(-1), { reason: /path_prefix: \/agents\/summarizer overlaps the path_prefix of agent type "aaa"/ })
 })

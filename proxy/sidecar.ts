@@ -267,6 +267,10 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   tasks.onOpen((t) => log.info({ task: t.id, purpose: t.purpose, user: t.userSub, expires_at: new Date(t.expiresAt).toISOString() }, 'task opened'))
 
   const policy = new PolicySwitch(pipeline.stages, initialPolicy?.version ?? 'config', sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES, log, metrics.registry)
+  policy.onSwap = (decider) => {
+    const cut = pipeline.cutDenied(decider)
+    if (cut > 0) log.warn({ version: policy.version, connections_cut: cut }, 'open tunnels and WebSockets the new policy denies were cut')
+  }
   const reloadPolicy = (): { ok: true; version: string } | { ok: false; reason: string } => {
     if (!sc.policy_file) return { ok: false, reason: 'no sidecar.policy_file is configured' }
     let text: string

@@ -128,6 +128,7 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
         finish()
       })
       const passThrough = (first: Buffer) => {
+        ctx.relayed = true
         upstream.write(first)
         upstream.pipe(client)
         client.pipe(upstream)

@@ -107,6 +107,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
         const { binding, credential } = ctx
         if (binding && credential) scrubResponseHeaders(response.headers, binding, credential)
         ctx.status = 101
+        ctx.relayed = true
         answerHeadBytes = response.headBytes
         client.write(serializeSwitchingProtocols(response))
         if (response.rest.length) client.write(response.rest)

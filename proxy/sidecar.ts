@@ -304,7 +304,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
 
   // Created (not yet listening) before the control stream starts: a revocation it delivers,
   // even one reloaded from the state file, closes this server's idle connections.
-  const { server, openStreams } = createListener(pipeline, {
+  const { server, openStreams, closeIdleConnections } = createListener(pipeline, {
     allowRemoteClients: sc.allow_remote_clients,
     clientHeadersTimeoutMs: sc.timeouts.client_headers_ms,
     connectTimeoutMs: sc.timeouts.connect_ms,
@@ -324,8 +324,9 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
         cut = pipeline.cut(() => true)
         // Every connection here is this agent's and none will be served again, so idle keep-alive
         // sockets go too: left open, a revoked agent kept holding the sidecar's descriptors, and
-        // only its next request on each learnt of the revocation.
-        server.closeIdleConnections()
+        // only its next request on each learnt of the revocation. Those in plaintext tunnels too
+        // (a tunnel to the sidecar itself is no call of its own, so no cut reaches it).
+        closeIdleConnections()
       } else if (r.kind === 'task') {
         tokens = brokerTokens?.describe(r.value).length ?? 0
         brokerTokens?.dropTask(r.value, 'revoked')

@@ -436,7 +436,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       clearTimeout(policyTimer)
       process.off('SIGHUP', onSighup)
       const closed = new Promise<void>((resolve) => server.close(() => resolve()))
-      server.closeIdleConnections()
+      closeIdleConnections()
       // drain_ms, or less when a second signal says not to wait (see close's `urgent`).
       const deadline = new Promise<false>((resolve) => {
         hurry = () => resolve(false)

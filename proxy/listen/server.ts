@@ -85,8 +85,11 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     open: openStreams,
     adoptPlaintext: (socket: Socket, origin: TunnelOrigin) => {
       tunnels.set(socket, origin)
-      adopted.add(socket)
-      socket.once('close', () => adopted.delete(socket))
+      // A tunnel to the sidecar itself is no admitted call (a cut cannot reach it): kept here.
+      if (pipeline.isOwnAddress(origin.target)) {
+        adopted.add(socket)
+        socket.once('close', () => adopted.delete(socket))
+      }
       inner.emit('connection', socket)
       socket.resume()
     },
@@ -94,8 +97,8 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   server.on('connect', (req, socket: Socket, head: Buffer) => handleConnect(pipeline, req, socket, head, tunnelOptions))
   server.on('upgrade', (req, socket: Socket, head: Buffer) => handleUpgrade(pipeline, req, socket, head, relayTimeouts, openStreams))
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => onClientError(err, socket, 'absolute'))
-  // Idle keep-alive connections, plaintext tunnels' too. The inner server never listens, so node
-  // tracks none of its connections (its closeIdleConnections does nothing): those are kept here.
+  // Idle keep-alive connections, those in tunnels to the sidecar itself too. The inner server never
+  // listens, so node tracks none of its connections (its closeIdleConnections does nothing).
   const closeIdleConnections = () => {
     server.closeIdleConnections()
     for (const socket of adopted) if (owedResponse(socket) === null) socket.destroy()

@@ -128,6 +128,8 @@ export interface CallContext {
   errorReason: string | null
   /** Times the credential turned up in the response body and was overwritten (forward/body-scrub.ts). */
   credentialInBody: number
+  /** An open byte relay (a dialled TLS tunnel, a WebSocket): judged again when the policy changes (Pipeline.cutDenied). */
+  relayed: boolean
   /** While admitted and unfinished: the client socket it holds, and its links in Pipeline.live (LiveCalls owns these three). */
   liveSocket: Socket | null
   livePrev: CallContext | null

@@ -110,6 +110,7 @@ export class Pipeline {
       errorCode: null,
       errorReason: null,
       credentialInBody: 0,
+      relayed: false,
       liveSocket: null,
       livePrev: null,
       liveNext: null,
@@ -144,7 +145,7 @@ export class Pipeline {
     ctx.identity = s.identifier.identify(proxyAuthorization)
     s.revocations?.check(ctx.identity)
     if (socket) this.live.add(ctx, socket)
-    // Read once: the whole call is judged by the policy in force now, even across a swap.
+    // Read once: the whole call is judged by the policy in force now, even across a swap (an open relay is judged again: cutDenied).
     const decider = s.decider
     this.judge(ctx, decider.decide(ctx.method, target))
     // Fail closed: no call goes out that the audit sink could not keep (spool full, on_full: refuse).
@@ -542,6 +543,33 @@ export class Pipeline {
       if (!ctx.errorCode) {
         ctx.errorCode = code
         ctx.errorReason = reason
+      }
+      socket.destroy()
+      n++
+    }
+    return n
+  }
+
+  /**
+   * A new policy is in force: every open relay (TLS tunnel, WebSocket) it refuses is cut, recorded
+   * LK_POLICY_DENIED with the rule. A request is judged by one policy, but a relay is no one
+   * request: left open, an agent's pooled tunnel kept reaching a host denied since, for as long
+   * as it was used. Returns how many.
+   */
+  cutDenied(decider: Decider): number {
+    let n = 0
+    for (const [ctx, socket] of this.live.entries()) {
+      const target = ctx.target
+      if (!ctx.relayed || target === null) continue
+      let d = decider.decide(ctx.method, target)
+      if (!(d.action === 'deny' && d.enforced) && decider.decidesByAddress && ctx.resolved && !target.hostIsIp) d = decider.decide(ctx.method, target, ctx.resolved.address)
+      // Inspectable or not: a relay's bytes are not read, so no request in it can be told apart.
+      if (d.action !== 'deny' || !d.enforced) continue
+      this.live.delete(ctx)
+      if (!ctx.errorCode) {
+        ctx.decision = d
+        ctx.errorCode = 'LK_POLICY_DENIED'
+        ctx.errorReason = `the policy changed: ${d.reason}`
       }
       socket.destroy()
       n++

@@ -267,6 +267,10 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   tasks.onOpen((t) => log.info({ task: t.id, purpose: t.purpose, user: t.userSub, expires_at: new Date(t.expiresAt).toISOString() }, 'task opened'))
 
   const policy = new PolicySwitch(pipeline.stages, initialPolicy?.version ?? 'config', sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES, log, metrics.registry)
+  policy.onSwap = (decider) => {
+    const cut = pipeline.cutDenied(decider)
+    if (cut > 0) log.warn({ version: policy.version, connections_cut: cut }, 'open tunnels and WebSockets the new policy denies were cut')
+  }
   const reloadPolicy = (): { ok: true; version: string } | { ok: false; reason: string } => {
     if (!sc.policy_file) return { ok: false, reason: 'no sidecar.policy_file is configured' }
     let text: string
@@ -300,7 +304,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
 
   // Created (not yet listening) before the control stream starts: a revocation it delivers,
   // even one reloaded from the state file, closes this server's idle connections.
-  const { server, openStreams } = createListener(pipeline, {
+  const { server, openStreams, closeIdleConnections } = createListener(pipeline, {
     allowRemoteClients: sc.allow_remote_clients,
     clientHeadersTimeoutMs: sc.timeouts.client_headers_ms,
     connectTimeoutMs: sc.timeouts.connect_ms,
@@ -320,8 +324,9 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
         cut = pipeline.cut(() => true)
         // Every connection here is this agent's and none will be served again, so idle keep-alive
         // sockets go too: left open, a revoked agent kept holding the sidecar's descriptors, and
-        // only its next request on each learnt of the revocation.
-        server.closeIdleConnections()
+        // only its next request on each learnt of the revocation. Those in plaintext tunnels too
+        // (a tunnel to the sidecar itself is no call of its own, so no cut reaches it).
+        closeIdleConnections()
       } else if (r.kind === 'task') {
         tokens = brokerTokens?.describe(r.value).length ?? 0
         brokerTokens?.dropTask(r.value, 'revoked')
@@ -431,7 +436,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       clearTimeout(policyTimer)
       process.off('SIGHUP', onSighup)
       const closed = new Promise<void>((resolve) => server.close(() => resolve()))
-      server.closeIdleConnections()
+      closeIdleConnections()
       // drain_ms, or less when a second signal says not to wait (see close's `urgent`).
       const deadline = new Promise<false>((resolve) => {
         hurry = () => resolve(false)

@@ -31,7 +31,7 @@ function isLoopback(address: string | undefined): boolean {
   return !!address && (address.startsWith('127.') || address === '::1' || address.startsWith('::ffff:127.'))
 }
 
-export function createListener(pipeline: Pipeline, opts: ListenerOptions): { server: Server; openStreams: Set<Socket> } {
+export function createListener(pipeline: Pipeline, opts: ListenerOptions): { server: Server; openStreams: Set<Socket>; closeIdleConnections: () => void } {
   const openStreams = new Set<Socket>()
   const relayTimeouts = { connectTimeoutMs: opts.connectTimeoutMs, idleMs: opts.tunnelIdleMs, headersMs: opts.upstreamHeadersMs }
   const serverOptions = {
@@ -62,6 +62,7 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   // Plain HTTP found inside a CONNECT tunnel is parsed by a second, never-listening server with
   // the same strict options; each socket remembers the origin its tunnel was opened for.
   const tunnels = new WeakMap<Socket, TunnelOrigin>()
+  const adopted = new Set<Socket>()
   const inner = createServer(serverOptions)
   inner.maxHeadersCount = 0
   inner.on('request', (req, res) => pipeline.handleRequest(req, res, false, tunnels.get(req.socket) ?? null))
@@ -84,6 +85,11 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     open: openStreams,
     adoptPlaintext: (socket: Socket, origin: TunnelOrigin) => {
       tunnels.set(socket, origin)
+      // A tunnel to the sidecar itself is no admitted call (a cut cannot reach it): kept here.
+      if (pipeline.isOwnAddress(origin.target)) {
+        adopted.add(socket)
+        socket.once('close', () => adopted.delete(socket))
+      }
       inner.emit('connection', socket)
       socket.resume()
     },
@@ -91,7 +97,13 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   server.on('connect', (req, socket: Socket, head: Buffer) => handleConnect(pipeline, req, socket, head, tunnelOptions))
   server.on('upgrade', (req, socket: Socket, head: Buffer) => handleUpgrade(pipeline, req, socket, head, relayTimeouts, openStreams))
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => onClientError(err, socket, 'absolute'))
-  return { server, openStreams }
+  // Idle keep-alive connections, those in tunnels to the sidecar itself too. The inner server never
+  // listens, so node tracks none of its connections (its closeIdleConnections does nothing).
+  const closeIdleConnections = () => {
+    server.closeIdleConnections()
+    for (const socket of adopted) if (owedResponse(socket) === null) socket.destroy()
+  }
+  return { server, openStreams, closeIdleConnections }
 
   function onClientError(err: NodeJS.ErrnoException, socket: Socket, via: 'absolute' | 'tunnelled'): void {
     if (err.code === 'ECONNRESET' || !socket.writable) {

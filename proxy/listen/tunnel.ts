@@ -44,6 +44,21 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
     pipeline.refuseSocket(ctx, client, err)
   }
   client.on('error', () => {})
+  let upstreamSocket: Socket | null = null
+  // The agent hanging up before the tunnel opens: the relay's watch starts at connect, after its
+  // FIN was read (the listener's sockets are half-open: no close follows by itself), so an
+  // upstream connection made then stayed open, unrecorded, until the upstream closed it.
+  const onEarlyEnd = () => client.destroy()
+  const onEarlyClose = () => {
+    upstreamSocket?.destroy()
+    refuse(new LatchkeyError('LK_CLIENT_CLOSED', 'the agent closed the connection before the tunnel opened'))
+  }
+  const stopEarlyWatch = () => {
+    client.removeListener('end', onEarlyEnd)
+    client.removeListener('close', onEarlyClose)
+  }
+  client.once('end', onEarlyEnd)
+  client.once('close', onEarlyClose)
   /** Set once the tunnel is open: the idle timer is the relay's until the HTTP parser takes over. */
   let stopIdle = () => {}
   /**
@@ -67,6 +82,7 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
    * refusal a TLS client reads at this point, and is recorded as the denial it is.
    */
   const openForPlainHttpOnly = (tlsRefusal: LatchkeyError) => {
+    stopEarlyWatch()
     client.write('HTTP/1.1 200 Connection Established\r\n\r\n')
     ctx.status = 200
     // Recorded as what happened: opened, for plain HTTP (each request inside decided on its own),
@@ -103,16 +119,19 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
     // is dialled; each request inside is a call to a route, identified, decided and audited alone.
     if (pipeline.isOwnAddress(ctx.target)) return openForPlainHttpOnly(new LatchkeyError('LK_BAD_REQUEST', 'the sidecar serves its routes over plain HTTP only'))
     await pipeline.admit(ctx, req.headers['proxy-authorization'], false, client)
+    if (finished) return
     const decision = ctx.decision!
     if (decision.action === 'deny' && decision.enforced) return openForPlainHttpOnly(new LatchkeyError('LK_POLICY_DENIED', decision.reason, decision.rule))
     const target = ctx.target
     const upstream = netConnect({ host: ctx.resolved!.address, port: target.port, noDelay: true })
+    upstreamSocket = upstream
     upstream.setTimeout(opts.connectTimeoutMs, () => upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'UND_ERR_CONNECT_TIMEOUT' })))
     upstream.once('error', (err) => {
       if (ctx.status === 0) refuse(upstreamError(err))
       else client.destroy()
     })
     upstream.once('connect', () => {
+      stopEarlyWatch()
       upstream.setTimeout(0)
       ctx.status = 200
       ctx.upstreamMs = performance.now() - ctx.t0
@@ -128,6 +147,7 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
         finish()
       })
       const passThrough = (first: Buffer) => {
+        ctx.relayed = true
         upstream.write(first)
         upstream.pipe(client)
         client.pipe(upstream)

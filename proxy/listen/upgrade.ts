@@ -28,8 +28,24 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
   const { connectTimeoutMs, idleMs, headersMs } = timeouts
   if (pipeline.refusePipelinedTakeover(req, client, 'upgrade')) return
   const ctx = pipeline.newContext('upgrade', req.method ?? 'GET')
-  const refuse = (err: unknown) => pipeline.refuseSocket(ctx, client, err)
+  let refused = false
+  const refuse = (err: unknown) => {
+    if (refused) return
+    refused = true
+    pipeline.refuseSocket(ctx, client, err)
+  }
   client.on('error', () => {})
+  let upstreamSocket: Socket | null = null
+  // The agent hanging up before the upstream is reached: the watch on both sides starts at
+  // connect, after its FIN was read (the listener's sockets are half-open), so the handshake,
+  // credential injected, still went out after it, and the relay outlived it.
+  const onEarlyEnd = () => client.destroy()
+  const onEarlyClose = () => {
+    upstreamSocket?.destroy()
+    refuse(new LatchkeyError('LK_CLIENT_CLOSED', 'the agent closed the connection before the WebSocket opened'))
+  }
+  client.once('end', onEarlyEnd)
+  client.once('close', onEarlyClose)
   const run = async () => {
     checkFraming(req)
     // Read first, so a refused upgrade is recorded with what it was for.
@@ -54,6 +70,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
       throw new LatchkeyError('LK_BAD_REQUEST', 'a WebSocket handshake carries exactly one Sec-WebSocket-Key: 16 bytes in base64')
     }
     await pipeline.admit(ctx, tunnel ? tunnel.proxyAuthorization : req.headers['proxy-authorization'], true, client)
+    if (refused) return
     const target = ctx.target!
     const headers = outboundRequestHeaders(req.headers, ctx.binding?.strip ?? null, KEEP_FOR_WEBSOCKET)
     headers.connection = 'Upgrade'
@@ -80,12 +97,15 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
             ...pipeline.stages.pools.tls,
           })
         : netConnect({ host: address, port: target.port })
+    upstreamSocket = upstream
     upstream.setTimeout(connectTimeoutMs, () => upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'UND_ERR_CONNECT_TIMEOUT' })))
     upstream.once('error', (err) => {
       if (ctx.status === 0) refuse(upstreamError(err))
       else client.destroy()
     })
     upstream.once(target.scheme === 'https' ? 'secureConnect' : 'connect', () => {
+      client.removeListener('end', onEarlyEnd)
+      client.removeListener('close', onEarlyClose)
       upstream.setTimeout(0)
       // Only the handshake goes now. Bytes the client sent after it wait for the 101: if the
       // upstream turns the WebSocket down they may be a pipelined request, and are never sent.
@@ -109,6 +129,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
         const { binding, credential } = ctx
         if (binding && credential) scrubResponseHeaders(response.headers, binding, credential)
         ctx.status = 101
+        ctx.relayed = true
         answerHeadBytes = response.headBytes
         client.write(serializeSwitchingProtocols(response), 'latin1')
         if (response.rest.length) client.write(response.rest)

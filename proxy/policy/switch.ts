@@ -5,12 +5,15 @@
 import { Counter, type Registry } from 'prom-client'
 import type { Logger } from '../../lib/log.js'
 import type { Stages } from '../pipeline.js'
+import type { Decider } from '../context.js'
 import { BundleError, compileBundle } from './bundle.js'
 
 export class PolicySwitch {
   /** The last bundle refused, and why; cleared when a bundle is accepted. */
   rejected: { source: string; version: string | null; reason: string } | null = null
   private readonly bundles: Counter
+  /** Runs after each swap, with the policy now in force (the sidecar cuts the relays it refuses). */
+  onSwap: ((decider: Decider) => void) | null = null
 
   constructor(
     private readonly stages: Stages,
@@ -33,6 +36,7 @@ export class PolicySwitch {
       this.rejected = null
       this.bundles.inc({ source, outcome: 'applied' })
       this.log.info({ source, version: b.version, previous, rules: b.policy.rules.length }, 'policy swapped')
+      this.onSwap?.(b.compiled)
       return { ok: true, version: b.version }
     } catch (err) {
       const reason = err instanceof BundleError ? err.message : `${label}: ${(err as Error).message}`

@@ -8,6 +8,11 @@ import { join } from 'node:path'
 import { stringify } from 'yaml'
 import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, until } from './rig.js'
 import { startTestSidecar } from '../helpers/harness.js'
+import { createServer as createNetServer, connect, type Socket, type AddressInfo } from 'node:net'
+import { createServer as createHttpServer, type IncomingMessage } from 'node:http'
+import type { Duplex } from 'node:stream'
+import { once } from 'node:events'
+import { createHash } from 'node:crypto'
 
 const bundle = (port: number, extra: object[] = []) => ({
   mode: 'enforce',
@@ -190,3 +195,90 @@ async function rawGet(proxy: string, url: string): Promise<number> {
     req.end()
   })
 }
+
+t.test('a new policy cuts the open TLS tunnels and WebSockets it denies; relays it still allows stay open', async (t) => {
+  // Echo upstreams: two for tunnels (one stays allowed), one answering WebSocket handshakes.
+  const upstreams: Socket[] = []
+  const echo = () => {
+    const srv = createNetServer((s) => {
+      upstreams.push(s)
+      s.on('error', () => {})
+      s.on('data', (d: Buffer) => s.write(d))
+    })
+    srv.listen(0, '127.0.0.1')
+    t.teardown(() => {
+      for (const s of upstreams) s.destroy()
+      srv.close()
+    })
+    return once(srv, 'listening').then(() => (srv.address() as AddressInfo).port)
+  }
+  const denied = await echo()
+  const kept = await echo()
+  const ws = createHttpServer((_req, res) => res.writeHead(426).end())
+  ws.on('upgrade', (req: IncomingMessage, socket: Duplex) => {
+    const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
+    socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`)
+    socket.on('data', (d: Buffer) => socket.write(d))
+    socket.on('error', () => {})
+  })
+  ws.listen(0, '127.0.0.1')
+  await once(ws, 'listening')
+  const wsPort = (ws.address() as AddressInfo).port
+  t.teardown(() => {
+    ws.closeAllConnections()
+    ws.close()
+  })
+  const ports = [denied, kept, wsPort]
+  const policyOf = (allowed: number[]) => ({ mode: 'enforce', default: 'deny', rules: [{ id: 'up', action: 'allow', hosts: ['127.0.0.1'], ports: allowed }] })
+  const dir = mkdtempSync(join(tmpdir(), 'lk-relay-policy-'))
+  const policyFile = join(dir, 'policy.yaml')
+  writeFileSync(policyFile, stringify(policyOf(ports)))
+  const s = await startTestSidecar({ network: { allow: [{ cidr: '127.0.0.1/32', ports }] }, policy: { default: 'deny', rules: [] }, sidecar: { policy_file: policyFile } })
+  t.teardown(s.close)
+
+  /** A relay through the sidecar, open once `opening` is answered with `status`; echoes `probe`. */
+  const relay = async (opening: string, status: number) => {
+    const sock = connect(s.sidecar.port, '127.0.0.1')
+    sock.on('error', () => {})
+    await once(sock, 'connect')
+    let got = Buffer.alloc(0)
+    sock.on('data', (d: Buffer) => (got = Buffer.concat([got, d])))
+    sock.write(opening)
+    await until('relay opened', () => got.includes('\r\n\r\n'))
+    t.match(got.toString('latin1'), new RegExp(`^HTTP/1\\.1 ${status} `))
+    const closed = once(sock, 'close').then(() => true)
+    // A TLS-looking first byte: the tunnel is an opaque relay, as for any HTTPS client.
+    const echoes = async (probe: Buffer) => {
+      got = Buffer.alloc(0)
+      sock.write(probe)
+      await until('echo', () => got.includes(probe))
+      return true
+    }
+    return { sock, closed, echoes }
+  }
+  const tls = Buffer.from([0x16, 0x03, 0x01, 0x00, 0x01, 0x01])
+  const tunnelTo = (port: number) => relay(`CONNECT 127.0.0.1:${port} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n\r\n`, 200)
+  const goes = await tunnelTo(denied)
+  const stays = await tunnelTo(kept)
+  const socket = await relay(`GET http://127.0.0.1:${wsPort}/feed HTTP/1.1\r\nHost: 127.0.0.1:${wsPort}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`, 101)
+  t.ok(await goes.echoes(tls), 'tunnel relays')
+  t.ok(await stays.echoes(tls))
+  t.ok(await socket.echoes(Buffer.from([0x81, 0x01, 0x61])), 'WebSocket relays')
+
+  const v1 = s.sidecar.policy.version
+  atomicWrite(policyFile, stringify(policyOf([kept])))
+  await until('new policy applied', () => s.sidecar.policy.version !== v1)
+  const cut = (c: Promise<boolean>) => Promise.race([c, new Promise<boolean>((r) => setTimeout(() => r(false), 2000))])
+  t.ok(await cut(goes.closed), 'the tunnel to a host now denied is cut')
+  t.ok(await cut(socket.closed), 'the WebSocket to a host now denied is cut')
+  t.ok(await stays.echoes(Buffer.from('still')), 'a tunnel the new policy allows stays open')
+  stays.sock.destroy()
+  await new Promise((r) => setTimeout(r, 200))
+  const events = await s.audit()
+  const cutEvents = events.filter((e) => e.error === 'LK_POLICY_DENIED').map((e) => [e.via, e.port, e.status, e.decision])
+  t.same(cutEvents.sort(), [
+    ['connect', denied, 200, 'deny'],
+    ['upgrade', wsPort, 101, 'deny'],
+  ], 'each cut relay is recorded as denied by the new policy, its status kept')
+  t.ok(s.logs.some((l) => l.includes('"connections_cut":2')), 'the cut is logged for the operator')
+})

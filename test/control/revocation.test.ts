@@ -13,7 +13,7 @@ t.test('revoking one agent: refused at once, tokens gone, streams cut; the other
   t.teardown(() => broker.close())
   const api = await startApi()
   t.teardown(api.close)
-  const victim = await startControlSidecar(broker, api, 'agent:summarizer:prod:victim')
+  const victim = await startControlSidecar(broker, api, 'agent:summarizer:prod:victim', { routes: { api: api.origin } })
   t.teardown(victim.close)
   const bystander = await startControlSidecar(broker, api, 'agent:summarizer:prod:bystander')
   t.teardown(bystander.close)
@@ -43,6 +43,17 @@ t.test('revoking one agent: refused at once, tokens gone, streams cut; the other
   idle.write(`GET ${api.origin}/idle HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\nProxy-Authorization: Bearer ${vt.handle}\r\n\r\n`)
   await until('the keep-alive call answered', () => idleHead.includes('"ok":true'))
   t.match(idleHead, /^HTTP\/1\.1 200 .*\r\n(?![\s\S]*connection: close)/i, 'and the connection kept open')
+  // A plaintext tunnel to the sidecar itself (Node's fetch calling a route), idle after one answer.
+  const own = connect(victim.sidecar.port, '127.0.0.1')
+  let ownHead = ''
+  let ownClosed = false
+  own.on('data', (d: Buffer) => (ownHead += d.toString('latin1')))
+  own.on('close', () => (ownClosed = true))
+  own.on('error', () => {})
+  t.teardown(() => void own.destroy())
+  own.write(`CONNECT 127.0.0.1:${victim.sidecar.port} HTTP/1.1\r\nHost: 127.0.0.1:${victim.sidecar.port}\r\nProxy-Authorization: Bearer ${vt.handle}\r\n\r\nGET /api/idle HTTP/1.1\r\nHost: 127.0.0.1:${victim.sidecar.port}\r\n\r\n`)
+  await until('the call in the tunnel answered', () => ownHead.includes('"ok":true'))
+  t.notMatch(ownHead, /connection: close/i, 'and the tunnel kept open')
 
   const r = await revoke(broker, 'agent', victim.agent)
   const returned = performance.now()
@@ -63,6 +74,8 @@ t.test('revoking one agent: refused at once, tokens gone, streams cut; the other
   t.ok(tunnel.destroyed, 'the CONNECT tunnel was closed')
   await until('the idle keep-alive connection closed', () => idleClosed, 2000).catch(() => {})
   t.ok(idleClosed, 'the agent\'s idle keep-alive connection was closed too: the sidecar serves it nothing more')
+  await until('the idle tunnel to the sidecar closed', () => ownClosed, 2000).catch(() => {})
+  t.ok(ownClosed, 'so was its idle plaintext tunnel to the sidecar itself')
   // A new task on the revoked sidecar gets nowhere either: it is refused at opening, with why.
   await t.rejects(victim.openTask(), /task not opened: 403 this agent is revoked \(revocation:agent\)/)
   t.match(await taskState(victim, vt.handle), { status: 200, body: { state: 'revoked', revoked_by: 'revocation:agent' } }, 'and its open task says it is revoked')

@@ -117,12 +117,13 @@ export async function startControlSidecar(
   broker: TestBroker & { controlUrl: string },
   api: Api,
   agent: string,
-  opts: { control?: Record<string, unknown>; sidecar?: Record<string, unknown>; token?: string; options?: Omit<SidecarOptions, 'env' | 'logDestination'>; policy?: Record<string, unknown> } = {},
+  opts: { control?: Record<string, unknown>; sidecar?: Record<string, unknown>; token?: string; options?: Omit<SidecarOptions, 'env' | 'logDestination'>; policy?: Record<string, unknown>; routes?: Record<string, string> } = {},
 ): Promise<ControlSidecar> {
   const s = await startTestSidecar(
     {
       ...loopbackPolicy([api.port]),
       ...(opts.policy ? { policy: opts.policy } : {}),
+      ...(opts.routes ? { routes: opts.routes } : {}),
       sidecar: {
         agent_id: agent,
         broker: { url: broker.url, timeout_ms: 2000 },

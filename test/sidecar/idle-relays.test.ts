@@ -5,6 +5,7 @@
 import t from 'tap'
 import { createServer, connect, type Socket, type AddressInfo } from 'node:net'
 import { once } from 'node:events'
+import { spawn } from 'node:child_process'
 import { startTestSidecar, startSlowCallRig, loopbackPolicy } from '../helpers/harness.js'
 
 const IDLE_MS = 300
@@ -184,4 +185,70 @@ t.test('an agent ending a tunnel it never used: the tunnel closes at once and is
   t.equal(audit.length, 3)
   const metrics = await (await fetch(`${s.sidecar.adminUrl}/metrics`)).text()
   t.match(metrics, /^latchkey_calls_in_flight 0$/m, 'nothing left in flight')
+})
+
+/**
+ * An upstream whose TCP connect stalls: a listener with a full accept queue drops SYNs (Linux),
+ * until `release()` accepts everything. Reports the bytes each accepted connection brings.
+ */
+async function startStalledUpstream(t: { teardown(fn: () => unknown): void }) {
+  const py = spawn('python3', ['-c', STALLED_PY], { stdio: ['pipe', 'pipe', 'inherit'] })
+  t.teardown(() => py.kill())
+  let out = ''
+  py.stdout.on('data', (d: Buffer) => (out += d.toString()))
+  while (!out.includes('\n')) await sleep(10)
+  return { port: Number(out.split('\n')[0]), release: () => py.stdin.write('go\n'), received: () => out.split('\n').slice(1).join('\n') }
+}
+const STALLED_PY = `
+import socket, sys, threading
+s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(0)
+port = s.getsockname()[1]
+fill = []
+for _ in range(3):
+    c = socket.socket(); c.setblocking(False); fill.append(c)
+    try: c.connect(('127.0.0.1', port))
+    except BlockingIOError: pass
+print(port, flush=True)
+sys.stdin.readline()
+def read(c):
+    while True:
+        d = c.recv(65536)
+        if not d: break
+        print(repr(d), flush=True)
+while True:
+    c, _ = s.accept(); threading.Thread(target=read, args=(c,), daemon=True).start()
+`
+
+t.test('an agent hanging up while the upstream is still being dialled: nothing is sent, the call is recorded, no relay is left', async (t) => {
+  const up = await startStalledUpstream(t)
+  const s = await startTestSidecar({
+    ...loopbackPolicy([up.port]),
+    credentials: [{ id: 'up', audience: `http://127.0.0.1:${up.port}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+    sidecar: { timeouts: { connect_ms: 20_000 } },
+  })
+  t.teardown(() => s.close())
+  const openings = {
+    connect: `CONNECT 127.0.0.1:${up.port} HTTP/1.1\r\nHost: 127.0.0.1:${up.port}\r\n\r\n`,
+    upgrade: `GET http://127.0.0.1:${up.port}/feed HTTP/1.1\r\nHost: 127.0.0.1:${up.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`,
+  }
+  for (const [via, opening] of Object.entries(openings)) {
+    for (const hangUp of ['end', 'destroy'] as const) {
+      const sock = connect(s.sidecar.port, '127.0.0.1')
+      sock.on('error', () => {})
+      await once(sock, 'connect')
+      sock.write(opening)
+      await sleep(200)
+      sock[hangUp]()
+      await sleep(300)
+      const events = (await s.audit()).filter((e) => e.via === via)
+      t.equal(events.length, hangUp === 'end' ? 1 : 2, `${via}, agent ${hangUp}s: recorded at once, not when the upstream answers`)
+      t.match(events.at(-1), { status: 499, error: 'LK_CLIENT_CLOSED' })
+    }
+  }
+  up.release()
+  await sleep(2500)
+  t.notMatch(up.received(), /GET|Authorization/i, 'no handshake (and no credential) went out for an agent already gone')
+  const metrics = await (await fetch(`${s.sidecar.adminUrl}/metrics`)).text()
+  t.match(metrics, /^latchkey_open_tunnels 0$/m, 'no relay left open')
+  t.match(metrics, /^latchkey_calls_in_flight 0$/m)
 })

@@ -285,3 +285,21 @@ t.test('a tunnel opened for plain HTTP only, cut, is recorded as opened, not as 
   )
   t.match(audit[1], { rule: 'no-admin', reason: /the sidecar shut down/ })
 })
+
+t.test('shutdown closes an idle plaintext tunnel to the sidecar itself at once, not at drain_ms', async (t) => {
+  const { upstream, s } = await startBearerRig(t, { fragment: (up) => ({ routes: { api: up.origin }, sidecar: { timeouts: { drain_ms: 5000 } } }) })
+  // Node's fetch with HTTP_PROXY set tunnels its calls to a route through a CONNECT to the sidecar.
+  const sock = connect(s.sidecar.port, '127.0.0.1')
+  await once(sock, 'connect')
+  let got = ''
+  sock.on('data', (d: Buffer) => (got += d.toString('latin1')))
+  sock.on('error', () => {})
+  sock.write(`CONNECT 127.0.0.1:${s.sidecar.port} HTTP/1.1\r\nHost: 127.0.0.1:${s.sidecar.port}\r\n\r\nGET /api/x HTTP/1.1\r\nHost: 127.0.0.1:${s.sidecar.port}\r\n\r\n`)
+  while (!/HTTP\/1\.1 200 OK[\s\S]*\r\n\r\n/.test(got)) await new Promise((r) => setTimeout(r, 10))
+  t.equal(upstream.requests.length, 1, 'the call in the tunnel was made; the tunnel is idle, kept alive')
+  const t0 = performance.now()
+  await s.close()
+  const ms = performance.now() - t0
+  t.ok(ms < 1500, `closed in ${Math.round(ms)} ms`)
+  t.ok(sock.destroyed || sock.readableEnded, 'the tunnel is closed')
+})

@@ -33,27 +33,17 @@ t.test('revoking one agent: refused at once, tokens gone, streams cut; the other
   t.match(head, /^HTTP\/1\.1 200/, 'tunnel open')
   const tunnelClosed = once(tunnel, 'close')
   // A keep-alive connection of the agent, idle between calls: its one call answered, nothing in flight.
-  const idle = connect(victim.sidecar.port, '127.0.0.1')
-  let idleHead = ''
-  let idleClosed = false
-  idle.on('data', (d: Buffer) => (idleHead += d.toString('latin1')))
-  idle.on('close', () => (idleClosed = true))
-  idle.on('error', () => {})
-  t.teardown(() => void idle.destroy())
-  idle.write(`GET ${api.origin}/idle HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\nProxy-Authorization: Bearer ${vt.handle}\r\n\r\n`)
-  await until('the keep-alive call answered', () => idleHead.includes('"ok":true'))
-  t.match(idleHead, /^HTTP\/1\.1 200 .*\r\n(?![\s\S]*connection: close)/i, 'and the connection kept open')
+  const idle = openRecorded(t, victim.sidecar.port, `GET ${api.origin}/idle HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\nProxy-Authorization: Bearer ${vt.handle}\r\n\r\n`)
+  await until('the keep-alive call answered', () => idle.received().includes('"ok":true'))
+  t.match(idle.received(), /^HTTP\/1\.1 200 .*\r\n(?![\s\S]*connection: close)/i, 'and the connection kept open')
   // A plaintext tunnel to the sidecar itself (Node's fetch calling a route), idle after one answer.
-  const own = connect(victim.sidecar.port, '127.0.0.1')
-  let ownHead = ''
-  let ownClosed = false
-  own.on('data', (d: Buffer) => (ownHead += d.toString('latin1')))
-  own.on('close', () => (ownClosed = true))
-  own.on('error', () => {})
-  t.teardown(() => void own.destroy())
-  own.write(`CONNECT 127.0.0.1:${victim.sidecar.port} HTTP/1.1\r\nHost: 127.0.0.1:${victim.sidecar.port}\r\nProxy-Authorization: Bearer ${vt.handle}\r\n\r\nGET /api/idle HTTP/1.1\r\nHost: 127.0.0.1:${victim.sidecar.port}\r\n\r\n`)
-  await until('the call in the tunnel answered', () => ownHead.includes('"ok":true'))
-  t.notMatch(ownHead, /connection: close/i, 'and the tunnel kept open')
+  const own = openRecorded(
+    t,
+    victim.sidecar.port,
+    `CONNECT 127.0.0.1:${victim.sidecar.port} HTTP/1.1\r\nHost: 127.0.0.1:${victim.sidecar.port}\r\nProxy-Authorization: Bearer ${vt.handle}\r\n\r\nGET /api/idle HTTP/1.1\r\nHost: 127.0.0.1:${victim.sidecar.port}\r\n\r\n`,
+  )
+  await until('the call in the tunnel answered', () => own.received().includes('"ok":true'))
+  t.notMatch(own.received(), /connection: close/i, 'and the tunnel kept open')
 
   const r = await revoke(broker, 'agent', victim.agent)
   const returned = performance.now()
@@ -72,10 +62,10 @@ t.test('revoking one agent: refused at once, tokens gone, streams cut; the other
   await until('the cut stream is audited as revoked', async () => (await victim.audit()).some((e) => e.task === vt.id && e.via === 'absolute' && e.status === 200 && e.error === 'LK_REVOKED'))
   await tunnelClosed
   t.ok(tunnel.destroyed, 'the CONNECT tunnel was closed')
-  await until('the idle keep-alive connection closed', () => idleClosed, 2000).catch(() => {})
-  t.ok(idleClosed, 'the agent\'s idle keep-alive connection was closed too: the sidecar serves it nothing more')
-  await until('the idle tunnel to the sidecar closed', () => ownClosed, 2000).catch(() => {})
-  t.ok(ownClosed, 'so was its idle plaintext tunnel to the sidecar itself')
+  await until('the idle keep-alive connection closed', () => idle.closed(), 2000).catch(() => {})
+  t.ok(idle.closed(), 'the agent\'s idle keep-alive connection was closed too: the sidecar serves it nothing more')
+  await until('the idle tunnel to the sidecar closed', () => own.closed(), 2000).catch(() => {})
+  t.ok(own.closed(), 'so was its idle plaintext tunnel to the sidecar itself')
   // A new task on the revoked sidecar gets nowhere either: it is refused at opening, with why.
   await t.rejects(victim.openTask(), /task not opened: 403 this agent is revoked \(revocation:agent\)/)
   t.match(await taskState(victim, vt.handle), { status: 200, body: { state: 'revoked', revoked_by: 'revocation:agent' } }, 'and its open task says it is revoked')
@@ -208,4 +198,17 @@ t.test('unauthenticated control streams are refused', async (t) => {
 async function taskState(s: { sidecar: { adminUrl: string } }, handle: string): Promise<{ status: number; body: Record<string, unknown> }> {
   const res = await fetch(`${s.sidecar.adminUrl}/v1/tasks/${handle}`)
   return { status: res.status, body: (await res.json()) as Record<string, unknown> }
+}
+
+/** A raw connection to `port` that has sent `request`: what it has received so far, and whether it has closed. */
+function openRecorded(t: { teardown(fn: () => unknown): void }, port: number, request: string) {
+  const sock = connect(port, '127.0.0.1')
+  let received = ''
+  let closed = false
+  sock.on('data', (d: Buffer) => (received += d.toString('latin1')))
+  sock.on('close', () => (closed = true))
+  sock.on('error', () => {})
+  t.teardown(() => void sock.destroy())
+  sock.write(request)
+  return { received: () => received, closed: () => closed }
 }

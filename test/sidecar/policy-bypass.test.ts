@@ -26,6 +26,15 @@ async function denyingSidecar(t: { teardown(fn: () => unknown): void }, deny: Re
   return { upstream, s, host: `127.0.0.1:${upstream.port}` }
 }
 
+/** Sends a raw request, keeping what came back in `seen`; the answer to the request itself: inside a tunnel, what follows the CONNECT's 200. */
+function sender(port: number, seen: string[]) {
+  return async (request: string) => {
+    const r = await rawRequest(port, request)
+    seen.push(r.raw)
+    return request.startsWith('CONNECT') ? parseRawResponse(r.raw.replace(/^HTTP\/1\.1 200 Connection Established\r\n\r\n/, '')) : r
+  }
+}
+
 t.test('a path starting with // is judged as a URL-reading upstream reads it', async (t) => {
   const { upstream, s, host } = await denyingSidecar(t, { id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin/**'] }, (up) => ({
     credentials: [{ id: 'up', audience: up.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
@@ -38,12 +47,7 @@ t.test('a path starting with // is judged as a URL-reading upstream reads it', a
   // Each is /admin/… to `new URL(path, base)`: the first segment is read as a host.
   const spellings = ['//evil.example/admin/x', '//127.0.0.1/admin', '///admin/admin/x', '/.//x/admin/y', '//x/ADMIN/y']
   const seen: string[] = []
-  // The answer to the request itself: inside a tunnel, what follows the CONNECT's 200.
-  const send = async (request: string) => {
-    const r = await rawRequest(s.sidecar.port, request)
-    seen.push(r.raw)
-    return request.startsWith('CONNECT') ? parseRawResponse(r.raw.replace(/^HTTP\/1\.1 200 Connection Established\r\n\r\n/, '')) : r
-  }
+  const send = sender(s.sidecar.port, seen)
   for (const [entry, request] of entries) {
     for (const spelling of spellings) {
       t.equal(new URL(spelling.replace(/^\/\.\//, '/'), 'http://base').pathname.toLowerCase().startsWith('/admin'), true, `${spelling} is /admin to a URL reader`)
@@ -72,11 +76,7 @@ t.test('a deny on an exact path is not dodged by a trailing slash or a format su
   // each from the handler of the path the deny names; Rails (`(.:format)`) the suffixed ones too.
   const spellings = ['/admin/', '/Admin/', '/admin//', '/admin/.', '/admin/;x', '/admin%2F', '/settings', '/admin.json', '/settings.xml/']
   const seen: string[] = []
-  const send = async (request: string) => {
-    const r = await rawRequest(s.sidecar.port, request)
-    seen.push(r.raw)
-    return request.startsWith('CONNECT') ? parseRawResponse(r.raw.replace(/^HTTP\/1\.1 200 Connection Established\r\n\r\n/, '')) : r
-  }
+  const send = sender(s.sidecar.port, seen)
   for (const [entry, request] of entries) {
     for (const spelling of spellings) {
       const r = await send(request(spelling))

@@ -23,6 +23,7 @@ import { classifyAddress } from './resolve/classify.js'
 import { formOverride, MAX_CHECKED_BODY, mayOverrideInBody, methodMatters, readCheckedBody } from './policy/body-override.js'
 import { tokenSha256 } from './audit/token-hash.js'
 import { newEventId } from './audit/event-id.js'
+import { isoTimestamp } from './audit/event-time.js'
 import { LiveCalls } from './live-calls.js'
 import type { PinnedPools } from './forward/pools.js'
 import type { SidecarMetrics } from './metrics.js'
@@ -53,20 +54,6 @@ export interface TunnelOrigin {
   proxyAuthorization: string | undefined
 }
 
-
-/**
- * An event's timestamp: many calls start within the same millisecond under load, and formatting
- * a date costs more than the rest of the event, so the last one is reused.
- */
-let lastTsMs = -1
-let lastTs = ''
-function isoTimestamp(ms: number): string {
-  if (ms !== lastTsMs) {
-    lastTsMs = ms
-    lastTs = new Date(ms).toISOString()
-  }
-  return lastTs
-}
 
 /** Query parameters by which frameworks act on another method than the request line's. */
 const METHOD_OVERRIDE_PARAMS = ['_method']

@@ -7,6 +7,7 @@ import { join } from 'node:path'
 import type { Socket } from 'node:net'
 import { JsonlAuditSink } from '../proxy/audit/jsonl-sink.js'
 import { newEventId } from '../proxy/audit/event-id.js'
+import { isoTimestamp } from '../proxy/audit/event-time.js'
 import { LiveCalls } from '../proxy/live-calls.js'
 import type { AuditEvent, CallContext } from '../proxy/context.js'
 
@@ -99,6 +100,16 @@ t.test('call ids are version 4 UUIDs, distinct across batches', async (t) => {
     seen.add(id)
   }
   t.equal(seen.size, 1000, 'no repeats over several 128-id batches')
+})
+
+t.test('event timestamps are what toISOString writes, across seconds, days and years, in any order', async (t) => {
+  const at = [0, 999, 1000, 1_800_000_000_000, 1_800_000_000_999, 1_800_000_001_000, 1_799_999_999_999, Date.UTC(2026, 11, 31, 23, 59, 59, 999), Date.UTC(2027, 0, 1), 253402300799999]
+  for (let i = 0; i < 2000; i++) at.push(1_800_000_000_000 + Math.floor(Math.random() * 5_000) * (i % 2 ? 1 : 997))
+  let wrong = 0
+  for (const ms of at) if (isoTimestamp(ms) !== new Date(ms).toISOString()) wrong++
+  t.equal(wrong, 0, `${at.length} instants, the second's prefix reused and replaced`)
+  // Outside 0000-9999 Date writes a signed six-digit year: handed to Date as it is.
+  for (const ms of [-1, -1001, 253402300800000, 1.5]) t.equal(isoTimestamp(ms), new Date(ms).toISOString(), `epoch ms ${ms}`)
 })
 
 t.test('live calls: linked and unlinked in any order; a walk survives cutting as it goes', async (t) => {

@@ -49,6 +49,23 @@ export function watchClose(client: Socket, upstream: Socket, onClosed: () => voi
 }
 
 /**
+ * Watches an agent socket from the moment it is taken over until its relay starts, which has a
+ * watch of its own. The listener's sockets are half-open (a FIN is read, no close follows by
+ * itself), so an agent hanging up while its upstream is dialled is destroyed here, and
+ * `onHangUp` runs: otherwise the upstream connection (and a WebSocket handshake, credential
+ * injected) went ahead for nobody, unrecorded. Returns the function that stops watching.
+ */
+export function watchEarlyHangUp(client: Socket, onHangUp: () => void): () => void {
+  const onEnd = () => client.destroy()
+  client.once('end', onEnd)
+  client.once('close', onHangUp)
+  return () => {
+    client.removeListener('end', onEnd)
+    client.removeListener('close', onHangUp)
+  }
+}
+
+/**
  * Closes a relay with no bytes either way for `idleMs`: the client socket sees both directions
  * (what the agent sends is read from it, what comes back is written to it), so its inactivity
  * timer is the relay's. The call is recorded as cut for idleness, its status kept (the 200 or

@@ -14,7 +14,7 @@ import { LatchkeyError } from '../errors.js'
 import { parseConnectTarget } from './target.js'
 import { checkFraming } from './framing.js'
 import { upstreamError } from '../forward/upstream-errors.js'
-import { closeWhenIdle, watchClose, type RelayTimeouts } from './relay.js'
+import { closeWhenIdle, watchClose, watchEarlyHangUp, type RelayTimeouts } from './relay.js'
 
 const TLS_HANDSHAKE = 0x16
 /** A TLS record: alert, TLS 1.2 record version, 2 bytes: fatal, access_denied (RFC 8446 §6.2). */
@@ -45,20 +45,10 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
   }
   client.on('error', () => {})
   let upstreamSocket: Socket | null = null
-  // The agent hanging up before the tunnel opens: the relay's watch starts at connect, after its
-  // FIN was read (the listener's sockets are half-open: no close follows by itself), so an
-  // upstream connection made then stayed open, unrecorded, until the upstream closed it.
-  const onEarlyEnd = () => client.destroy()
-  const onEarlyClose = () => {
+  const stopEarlyWatch = watchEarlyHangUp(client, () => {
     upstreamSocket?.destroy()
     refuse(new LatchkeyError('LK_CLIENT_CLOSED', 'the agent closed the connection before the tunnel opened'))
-  }
-  const stopEarlyWatch = () => {
-    client.removeListener('end', onEarlyEnd)
-    client.removeListener('close', onEarlyClose)
-  }
-  client.once('end', onEarlyEnd)
-  client.once('close', onEarlyClose)
+  })
   /** Set once the tunnel is open: the idle timer is the relay's until the HTTP parser takes over. */
   let stopIdle = () => {}
   /**

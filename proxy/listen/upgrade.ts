@@ -11,7 +11,7 @@ import { checkFraming } from './framing.js'
 import { outboundRequestHeaders } from '../forward/headers.js'
 import { stripQueryParams } from '../credentials/bindings.js'
 import { upstreamError } from '../forward/upstream-errors.js'
-import { closeWhenIdle, relay, watchClose, type RelayTimeouts } from './relay.js'
+import { closeWhenIdle, relay, watchClose, watchEarlyHangUp, type RelayTimeouts } from './relay.js'
 import { expectedAccept, readUpgradeResponse, serializeSwitchingProtocols } from './upgrade-response.js'
 import { scrubResponseHeaders } from '../forward/scrub.js'
 
@@ -36,16 +36,10 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
   }
   client.on('error', () => {})
   let upstreamSocket: Socket | null = null
-  // The agent hanging up before the upstream is reached: the watch on both sides starts at
-  // connect, after its FIN was read (the listener's sockets are half-open), so the handshake,
-  // credential injected, still went out after it, and the relay outlived it.
-  const onEarlyEnd = () => client.destroy()
-  const onEarlyClose = () => {
+  const stopEarlyWatch = watchEarlyHangUp(client, () => {
     upstreamSocket?.destroy()
     refuse(new LatchkeyError('LK_CLIENT_CLOSED', 'the agent closed the connection before the WebSocket opened'))
-  }
-  client.once('end', onEarlyEnd)
-  client.once('close', onEarlyClose)
+  })
   const run = async () => {
     checkFraming(req)
     // Read first, so a refused upgrade is recorded with what it was for.
@@ -104,8 +98,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
       else client.destroy()
     })
     upstream.once(target.scheme === 'https' ? 'secureConnect' : 'connect', () => {
-      client.removeListener('end', onEarlyEnd)
-      client.removeListener('close', onEarlyClose)
+      stopEarlyWatch()
       upstream.setTimeout(0)
       // Only the handshake goes now. Bytes the client sent after it wait for the 101: if the
       // upstream turns the WebSocket down they may be a pipelined request, and are never sent.

@@ -45,7 +45,9 @@ export function methodMatters(decider: Decider, target: Target, address: string 
     const d = decider.decide(m, target, address)
     return d.action !== post.action || d.rule !== post.rule
   }
-  return OVERRIDABLE.some(differs) || [...decider.methods].some(differs)
+  if (OVERRIDABLE.some(differs)) return true
+  for (const m of decider.methods) if (differs(m)) return true
+  return false
 }
 
 /**

@@ -187,11 +187,16 @@ function encodedBody(headers: IncomingHttpHeaders, transferEncoding: string | st
     // Sent twice, a header comes as a list: every value counts.
     for (const coding of (Array.isArray(value) ? value.join(',') : value).split(',')) {
       const c = coding.trim().toLowerCase()
-      if (c !== '' && c !== 'identity' && c !== passes) return c.replace(/[^\x21-\x7e]/g, '?').slice(0, 40)
+      // Named only when registered: the raw Transfer-Encoding is not scrubbed, and an upstream
+      // echoing the request there had the credential quoted in the 502, the audit and the log.
+      if (c !== '' && c !== 'identity' && c !== passes) return KNOWN_CODINGS.has(c) ? c : 'unregistered'
     }
   }
   return null
 }
+
+/** Content and transfer codings (IANA's registry and their x- aliases): the ones a refusal names. */
+const KNOWN_CODINGS = new Set(['gzip', 'x-gzip', 'deflate', 'br', 'zstd', 'compress', 'x-compress', 'dcb', 'dcz', 'aes128gcm', 'exi', 'pack200-gzip', 'chunked'])
 
 /**
  * A Location the sidecar's URL parser (WHATWG) and an RFC 3986 one (curl, Python) resolve to

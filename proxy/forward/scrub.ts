@@ -155,8 +155,8 @@ export function scrubResponseHeaders(headers: IncomingHttpHeaders, binding: Cred
   }
 }
 
-/** Headers clients read as URLs (and follow, or report as the response's URL). */
-const URL_VALUED = new Set(['location', 'content-location'])
+/** Headers clients read as URLs and follow (a redirect, a pagination Link's rel=next), or report as the response's URL. */
+const URL_VALUED = new Set(['location', 'content-location', 'link'])
 
 /**
  * A URL's value as clients read it too: WHATWG parsers (fetch) and Python's urlsplit drop every

@@ -58,3 +58,36 @@ t.test('a redirect echoing the credential with a tab in it is not relayed, for t
   assertNoCanary(t, s, ...seen)
   t.notOk(seen.some((o) => o.includes(CANARY.slice(4))), 'not even the part after the tab reached the agent')
 })
+
+t.test("a pagination Link echoing the credential with a tab in it is not relayed: clients follow rel=next as a URL", async (t) => {
+  // An API building its next-page link from the URL it was called with, query credential and all.
+  const upstream = await startUpstream({
+    handler: (req, res) => {
+      const url = new URL(req.url, 'http://x')
+      if (url.pathname !== '/page') return false
+      const secret = url.searchParams.get('key') ?? ''
+      res.writeHead(200, { link: `</page2?key=${secret.slice(0, 4)}\t${secret.slice(4)}>; rel="next"` }).end('[]')
+      return true
+    },
+  })
+  const s = await startTestSidecar({
+    ...loopbackPolicy([upstream.port]),
+    credentials: [{ id: 'query', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'query', name: 'key' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  // Octokit's paginate: the rel=next URL by regex, then fetched.
+  const script = `
+    const { EnvHttpProxyAgent, fetch } = await import('undici')
+    const first = await fetch(process.argv[1], { dispatcher: new EnvHttpProxyAgent() })
+    const next = /<([^<>]+)>;\\s*rel="next"/.exec(first.headers.get('link') ?? '')?.[1]
+    console.log(first.headers.get('link'))
+    if (next) console.log((await fetch(new URL(next, first.url), { dispatcher: new EnvHttpProxyAgent() })).url)`
+  const out = await run(process.execPath, ['--input-type=module', '-e', script, `${upstream.origin}/page`], { env: cleanEnv({ HTTP_PROXY: s.proxy }) })
+  t.match(out.stdout, /^\[removed by latchkey/, 'the Link is replaced')
+  t.notOk(upstream.requests.some((r) => r.url.startsWith('/page2')), 'no client followed the split secret')
+  assertNoCanary(t, s, out.stdout)
+  t.notOk(out.stdout.includes(CANARY.slice(4)), 'not even the part after the tab reached the agent')
+})

@@ -20,14 +20,6 @@ export type ForwardDone = (err: LatchkeyError | null) => void
  */
 export type Relocate = (location: string, target: Target, redirect: boolean) => string | null
 
-/**
- * 103 Early Hints relayed per response; later ones are dropped. Each is written to the agent
- * without back-pressure (the upstream may send them faster than the agent reads, and undici's
- * header timer restarts with every byte), so an upstream streaming hints held an unbounded,
- * growing buffer in the sidecar (measured: 70 MB/s against an agent not reading).
- */
-const MAX_EARLY_HINTS = 8
-
 /** Reason phrases relayed as the upstream wrote them only when plain printable ASCII; else the standard one. */
 const PRINTABLE = /^[\t\x20-\x7e]*$/
 
@@ -36,8 +28,6 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
   private finished = false
   /** On a credentialed call: what the body passes through before the agent gets it. */
   private scrubber: BodyScrubber | null = null
-  /** 103s relayed so far (see MAX_EARLY_HINTS). */
-  private hints = 0
 
   constructor(
     private readonly ctx: CallContext,
@@ -67,7 +57,11 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
   }
 
   onResponseStart(_c: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders, statusMessage?: string): void {
-    if (statusCode < 200) return this.informational(statusCode, headers)
+    // An interim response is never relayed. The sidecar answers `Expect` itself; and a 103 Early
+    // Hints desyncs Python's http.client (requests, urllib3), which takes any 1xx but 100 for the
+    // final answer: the real one was then read as the answer to the agent's next request on that
+    // proxy connection, whatever origin it went to.
+    if (statusCode < 200) return
     this.ctx.status = statusCode
     this.ctx.upstreamMs = performance.now() - this.ctx.t0
     const clean = inboundResponseHeaders(headers)
@@ -124,24 +118,6 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
       // never an exception inside undici's parser that would leave the call hanging unaudited.
       this.ctx.status = 0
       this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream sent a response head that cannot be relayed'))
-    }
-  }
-
-  /**
-   * An interim response, before the final one. 103 Early Hints is passed on (scrubbed like any
-   * head) to an HTTP/1.1 client; any other was not asked for by this agent (the sidecar answers
-   * `Expect` itself and never forwards it) and is dropped, as is a 103 past MAX_EARLY_HINTS.
-   */
-  private informational(statusCode: number, headers: IncomingHttpHeaders): void {
-    if (statusCode !== 103 || this.res.req.httpVersionMinor < 1 || this.res.headersSent || this.hints >= MAX_EARLY_HINTS) return
-    this.hints++
-    const hints = inboundResponseHeaders(headers)
-    const { binding, credential } = this.ctx
-    if (binding && credential) scrubResponseHeaders(hints, binding, credential)
-    try {
-      this.res.writeEarlyHints(hints as Record<string, string | string[]>)
-    } catch {
-      // Node refuses a Link value it cannot validate: the hint is dropped, the response goes on.
     }
   }
 
@@ -211,11 +187,16 @@ function encodedBody(headers: IncomingHttpHeaders, transferEncoding: string | st
     // Sent twice, a header comes as a list: every value counts.
     for (const coding of (Array.isArray(value) ? value.join(',') : value).split(',')) {
       const c = coding.trim().toLowerCase()
-      if (c !== '' && c !== 'identity' && c !== passes) return c.replace(/[^\x21-\x7e]/g, '?').slice(0, 40)
+      // Named only when registered: the raw Transfer-Encoding is not scrubbed, and an upstream
+      // echoing the request there had the credential quoted in the 502, the audit and the log.
+      if (c !== '' && c !== 'identity' && c !== passes) return KNOWN_CODINGS.has(c) ? c : 'unregistered'
     }
   }
   return null
 }
+
+/** Content and transfer codings (IANA's registry and their x- aliases): the ones a refusal names. */
+const KNOWN_CODINGS = new Set(['gzip', 'x-gzip', 'deflate', 'br', 'zstd', 'compress', 'x-compress', 'dcb', 'dcz', 'aes128gcm', 'exi', 'pack200-gzip', 'chunked'])
 
 /**
  * A Location the sidecar's URL parser (WHATWG) and an RFC 3986 one (curl, Python) resolve to

@@ -146,12 +146,24 @@ export function scrubResponseHeaders(headers: IncomingHttpHeaders, binding: Cred
     }
     const v = headers[name]
     if (v === undefined) continue
+    const hides = URL_VALUED.has(name) ? revealsAsUrl : reveals
     if (typeof v === 'string') {
-      if (reveals(v, n, false)) headers[name] = REMOVED
-    } else if (v.some((x) => reveals(x, n, false))) {
-      headers[name] = v.map((x) => (reveals(x, n, false) ? REMOVED : x))
+      if (hides(v, n, false)) headers[name] = REMOVED
+    } else if (v.some((x) => hides(x, n, false))) {
+      headers[name] = v.map((x) => (hides(x, n, false) ? REMOVED : x))
     }
   }
+}
+
+/** Headers clients read as URLs and follow (a redirect, a pagination Link's rel=next), or report as the response's URL. */
+const URL_VALUED = new Set(['location', 'content-location', 'link'])
+
+/**
+ * A URL's value as clients read it too: WHATWG parsers (fetch) and Python's urlsplit drop every
+ * tab, CR and LF, so `?key=LKCA<tab>NARY` hid the secret from the scrub and was followed as it.
+ */
+function revealsAsUrl(text: string, n: Needles, lowerCased: boolean): boolean {
+  return reveals(text, n, lowerCased) || (/[\t\n\r]/.test(text) && reveals(text.replace(/[\t\n\r]/g, ''), n, lowerCased))
 }
 
 /** The upstream's reason phrase, unless it reveals the credential (then the standard one is used). */

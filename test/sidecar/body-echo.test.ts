@@ -226,3 +226,50 @@ t.test('a body the sidecar cannot read whole is not relayed: transfer codings, a
   t.match(ranged.body, /^range=undefined if-range=undefined Bearer \*+$/, 'Range and If-Range are not sent: the body comes whole, and is checked whole')
   assertNoCanary(t, s, te.raw, twice.raw, ranged.raw)
 })
+
+t.test('a coding the upstream names is not quoted in the refusal: an echo there is the credential, for every injector', async (t) => {
+  // Echoes the credential it was given as the body's coding: the raw Transfer-Encoding is not
+  // scrubbed (undici has consumed it), and the refusal once quoted it, lower-cased.
+  const upstream = await startUpstream({
+    handler: (req, res) => {
+      const url = new URL(req.url, 'http://x')
+      const secret = url.searchParams.get('key') ?? String(req.headers.authorization ?? req.headers['x-key'] ?? '').replace(/^\w+ /, '')
+      const socket = res.socket!
+      if (url.pathname === '/te') socket.end(`HTTP/1.1 200 OK\r\nTransfer-Encoding: ${secret}, chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n`)
+      else socket.end(`HTTP/1.1 200 OK\r\nTransfer-Encoding: ${secret}\r\n\r\nbody`)
+      return true
+    },
+  })
+  const injectors = [{ type: 'query', name: 'key' }, { type: 'bearer' }, { type: 'header', name: 'X-Key', format: 'K {token}' }]
+  const s = await startTestSidecar({
+    policy: { default: 'allow' },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [upstream.port] }] },
+    credentials: [{ id: 'echo', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: injectors[0] }],
+  })
+  const others = await Promise.all(
+    injectors.slice(1).map((inject) =>
+      startTestSidecar({
+        policy: { default: 'allow' },
+        network: { allow: [{ cidr: '127.0.0.1/32', ports: [upstream.port] }] },
+        credentials: [{ id: 'echo', audience: upstream.origin, source: 'static', secret: 'CANARY', inject }],
+      }),
+    ),
+  )
+  t.teardown(async () => {
+    for (const x of [s, ...others]) await x.close()
+    await upstream.close()
+  })
+  const lower = CANARY.toLowerCase()
+  for (const [i, sidecar] of [s, ...others].entries()) {
+    const seen: string[] = []
+    for (const path of ['/te', '/te-chunked']) {
+      const r = await rawRequest(sidecar.sidecar.port, `GET ${upstream.origin}${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+      seen.push(r.raw)
+      t.equal(r.status, 502, `${injectors[i]!.type} ${path}: refused`)
+      t.match(JSON.parse(r.body), { code: 'LK_UPSTREAM_PROTOCOL', reason: /unregistered-encoded body/ }, `${injectors[i]!.type} ${path}: the coding is not quoted`)
+    }
+    const audit = JSON.stringify(await sidecar.audit())
+    t.notOk([...seen, audit, ...sidecar.logs].some((x) => x.toLowerCase().includes(lower)), `${injectors[i]!.type}: the credential, in any case, is in no response, audit event or log line`)
+    assertNoCanary(t, sidecar, ...seen)
+  }
+})

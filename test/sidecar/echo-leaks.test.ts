@@ -223,8 +223,7 @@ t.test('every reflection of the credential in a response head is scrubbed, in an
 
   const hints = await get(bearer.port, '/hints')
   seen.push(hints.raw)
-  t.match(hints.raw, /^HTTP\/1\.1 103 Early Hints\r\n[\s\S]*[Ll]ink: <\/style\.css>[\s\S]*HTTP\/1\.1 200 OK\r\n/, '103 Early Hints passed on, then the final response')
-  t.match(hints.raw, new RegExp(`x-echo: \\${REMOVED.slice(0, -1)}\\]`), 'the hint that echoed the credential is scrubbed')
+  t.match(hints.raw, /^HTTP\/1\.1 200 OK\r\n/, 'the hint that echoed the credential is not relayed; the final response is')
   const audit = await s.audit()
   t.match(audit.find((e) => e.path === '/hints'), { status: 200, error: null }, 'an interim response does not break the call')
   assertNoCanary(t, s, ...seen)

@@ -147,3 +147,39 @@ t.test('client credentials refused by the authorization server', async (t) => {
   t.equal(up.requests.length, 0)
   assertNoCanary(t, s, res.text)
 })
+
+t.test('an authorization server quoting the client secret in its refusal is not repeated to the agent, the audit or the log', async (t) => {
+  // As a sloppy AS does: the secret it was sent, back in error_description or error, in any encoding.
+  const as = await startAuthorizationServer((r) => {
+    const secret = r.form.get('client_secret') ?? Buffer.from(String(r.authorization).slice(6), 'base64').toString().split(':')[1] ?? ''
+    const quoted = r.form.get('scope') === 'plain' ? `client_secret '${secret}' is not valid` : r.form.get('scope') === 'header' ? `bad header ${String(r.authorization)}` : `bad ${[...secret].map((ch) => `%${ch.charCodeAt(0).toString(16).toUpperCase()}`).join('')}`
+    return { status: 401, body: r.form.get('scope') === 'code' ? { error: `invalid_client ${secret}` } : { error: 'invalid_client', error_description: quoted } }
+  })
+  const ups = await Promise.all([0, 1, 2, 3].map(() => startUpstream()))
+  const cases = [
+    ['plain', 'client_secret_post'],
+    ['header', 'client_secret_basic'],
+    ['encoded', 'client_secret_post'],
+    ['code', 'client_secret_basic'],
+  ] as const
+  const s = await startTestSidecar({
+    ...loopbackPolicy(ups.map((u) => u.port)),
+    credentials: cases.map(([scope, method], i) => ({ id: scope, audience: ups[i]!.origin, source: 'client_credentials', scopes: [scope], oauth: { token_url: as.url, client_id: 'c', client_secret: 'CANARY', auth_method: method }, inject: { type: 'bearer' } })),
+  })
+  t.teardown(async () => {
+    await s.close()
+    for (const u of ups) await u.close()
+    await as.close()
+  })
+  const seen: string[] = []
+  for (const [i, [scope]] of cases.entries()) {
+    const res = await get(s.proxy, `${ups[i]!.origin}/a`)
+    seen.push(res.text)
+    t.equal(res.status, 403, `${scope}: refused`)
+    t.match(res.body, { code: 'LK_CREDENTIAL_REFUSED', reason: /authorization server refused client credentials \(401/ }, `${scope}: the refusal is still explained`)
+  }
+  t.equal(as.seen.length, cases.length, 'every refusal came from the authorization server')
+  const b64 = Buffer.from(`c:${CANARY}`).toString('base64')
+  t.notOk([...seen, ...s.logs, JSON.stringify(await s.audit())].some((x) => x.includes(b64) || /%4c%4b/i.test(x)), 'no encoded form either')
+  assertNoCanary(t, s, ...seen)
+})

@@ -1,0 +1,93 @@
+// A Location that holds the credential split by a tab: the scrub reads it as written, but the
+// agent's client reads it as a URL, and URL parsers (fetch's WHATWG one, Python's urlsplit) drop
+// tabs, CR and LF. Followed, the secret came back to the agent as the response's URL.
+import t from 'tap'
+import { execFile } from 'node:child_process'
+import { promisify } from 'node:util'
+import { startUpstream, startTestSidecar, loopbackPolicy, assertNoCanary, CANARY } from '../helpers/harness.js'
+
+const run = promisify(execFile)
+
+const cleanEnv = (extra: NodeJS.ProcessEnv): NodeJS.ProcessEnv => {
+  const env = { ...process.env }
+  for (const k of ['HTTP_PROXY', 'HTTPS_PROXY', 'http_proxy', 'https_proxy', 'NO_PROXY', 'no_proxy', 'ALL_PROXY', 'all_proxy']) delete env[k]
+  return { ...env, ...extra }
+}
+
+t.test('a redirect echoing the credential with a tab in it is not relayed, for the query and the bearer injector', async (t) => {
+  // Echoes whatever credential it was given, as a query parameter or a bearer token, tab-split.
+  const handler: NonNullable<Parameters<typeof startUpstream>[0]>['handler'] = (req, res) => {
+    const url = new URL(req.url, 'http://x')
+    if (url.pathname !== '/tab') return false
+    const secret = url.searchParams.get('key') ?? req.headers.authorization?.slice('Bearer '.length) ?? ''
+    const split = `${secret.slice(0, 4)}\t${secret.slice(4)}`
+    res.writeHead(302, { location: `/landed?key=${split}`, 'content-location': `/cl?key=${split}` }).end()
+    return true
+  }
+  const query = await startUpstream({ handler })
+  const bearer = await startUpstream({ handler })
+  const s = await startTestSidecar({
+    ...loopbackPolicy([query.port, bearer.port]),
+    credentials: [
+      { id: 'query', audience: query.origin, source: 'static', secret: 'CANARY', inject: { type: 'query', name: 'key' } },
+      { id: 'bearer', audience: bearer.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } },
+    ],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await query.close()
+    await bearer.close()
+  })
+  const env = cleanEnv({ HTTP_PROXY: s.proxy, http_proxy: s.proxy })
+  const seen: string[] = []
+  for (const up of [query, bearer]) {
+    const fetchScript = `
+      const { EnvHttpProxyAgent, fetch } = await import('undici')
+      const res = await fetch(process.argv[1], { dispatcher: new EnvHttpProxyAgent(), redirect: 'manual' })
+      console.log(res.status, res.headers.get('location'), res.headers.get('content-location'))
+      const followed = await fetch(process.argv[1], { dispatcher: new EnvHttpProxyAgent() }).catch((e) => ({ url: 'failed: ' + e.message }))
+      console.log(followed.url)`
+    const fetched = await run(process.execPath, ['--input-type=module', '-e', fetchScript, `${up.origin}/tab`], { env })
+    seen.push(fetched.stdout)
+    t.match(fetched.stdout, /^302 \[removed by latchkey[^\n]*\[removed by latchkey/, `${up.origin}: fetch is given neither URL`)
+    const py = await run('python3', ['-c', 'import sys, urllib.request\ntry:\n  print(urllib.request.urlopen(sys.argv[1]).url)\nexcept Exception as e:\n  print("failed", e)', `${up.origin}/tab`], { env })
+    seen.push(py.stdout)
+    t.notMatch(py.stdout, /landed/, `${up.origin}: Python's urllib follows no secret`)
+    t.notOk(up.requests.some((r) => r.url.startsWith('/landed')), `${up.origin}: no client followed the split secret`)
+  }
+  assertNoCanary(t, s, ...seen)
+  t.notOk(seen.some((o) => o.includes(CANARY.slice(4))), 'not even the part after the tab reached the agent')
+})
+
+t.test("a pagination Link echoing the credential with a tab in it is not relayed: clients follow rel=next as a URL", async (t) => {
+  // An API building its next-page link from the URL it was called with, query credential and all.
+  const upstream = await startUpstream({
+    handler: (req, res) => {
+      const url = new URL(req.url, 'http://x')
+      if (url.pathname !== '/page') return false
+      const secret = url.searchParams.get('key') ?? ''
+      res.writeHead(200, { link: `</page2?key=${secret.slice(0, 4)}\t${secret.slice(4)}>; rel="next"` }).end('[]')
+      return true
+    },
+  })
+  const s = await startTestSidecar({
+    ...loopbackPolicy([upstream.port]),
+    credentials: [{ id: 'query', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'query', name: 'key' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  // Octokit's paginate: the rel=next URL by regex, then fetched.
+  const script = `
+    const { EnvHttpProxyAgent, fetch } = await import('undici')
+    const first = await fetch(process.argv[1], { dispatcher: new EnvHttpProxyAgent() })
+    const next = /<([^<>]+)>;\\s*rel="next"/.exec(first.headers.get('link') ?? '')?.[1]
+    console.log(first.headers.get('link'))
+    if (next) console.log((await fetch(new URL(next, first.url), { dispatcher: new EnvHttpProxyAgent() })).url)`
+  const out = await run(process.execPath, ['--input-type=module', '-e', script, `${upstream.origin}/page`], { env: cleanEnv({ HTTP_PROXY: s.proxy }) })
+  t.match(out.stdout, /^\[removed by latchkey/, 'the Link is replaced')
+  t.notOk(upstream.requests.some((r) => r.url.startsWith('/page2')), 'no client followed the split secret')
+  assertNoCanary(t, s, out.stdout)
+  t.notOk(out.stdout.includes(CANARY.slice(4)), 'not even the part after the tab reached the agent')
+})

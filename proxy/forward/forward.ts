@@ -262,6 +262,8 @@ export function forward(
   recordFirst = false,
   /** The whole body, already read (to be checked before it goes): sent as it is, with its length. */
   readBody: Buffer | null = null,
+  /** timeouts.body_ms: an agent's streamed request body silent this long ends the call (watchBodyStall). */
+  bodyGapMs = 0,
 ): void {
   const chunked = req.headers['content-length'] === undefined && req.headers['transfer-encoding'] !== undefined
   // bytes_in is what was sent on, not what the agent announced: an upload cut short says so.
@@ -271,6 +273,7 @@ export function forward(
   // A chunked body can turn out malformed after the head has gone: the listener must be able to
   // end this call with a 400 (abortChunkedForward). Only such bodies are tracked.
   if (chunked && !readBody) chunkedForwards.set(req, relay)
+  if (body && !readBody && bodyGapMs > 0) watchBodyStall(req, bodyGapMs, (err) => relay.abort(err))
   pool.dispatch(
     {
       path,
@@ -283,6 +286,31 @@ export function forward(
     },
     relay,
   )
+}
+
+/**
+ * Ends a call whose agent stops sending its request body for `gapMs` (body_ms, as for the
+ * upstream's body the other way): a body stalled mid-way held the call, the agent's connection
+ * and an upstream connection for ever (the proxy port has no request timeout, so long uploads
+ * work). Progress is the connection's bytes read, checked every `gapMs` (a cut comes between one
+ * and two gaps in); a body held back because the upstream is slow to take it (bytes buffered,
+ * unread) is not the agent's stall.
+ */
+function watchBodyStall(req: IncomingMessage, gapMs: number, stop: (err: Error) => void): void {
+  const socket = req.socket
+  let seen = socket.bytesRead
+  const timer = setInterval(() => {
+    if (req.complete || req.destroyed || socket.destroyed) return void clearInterval(timer)
+    if (socket.bytesRead !== seen || req.readableLength > 0) {
+      seen = socket.bytesRead
+      return
+    }
+    clearInterval(timer)
+    stop(new LatchkeyError('LK_IDLE_TIMEOUT', `the agent sent none of its request body for ${gapMs} ms (timeouts.body_ms)`))
+  }, gapMs)
+  timer.unref()
+  req.once('end', () => clearInterval(timer))
+  req.once('close', () => clearInterval(timer))
 }
 
 const chunkedForwards = new WeakMap<IncomingMessage, { abort(err: Error): void }>()

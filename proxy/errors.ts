@@ -25,7 +25,8 @@ export const ERRORS = {
   LK_CLIENT_CLOSED: { status: 499, error: 'client_closed', retryable: false },
   /**
    * A relay closed after timeouts.tunnel_idle_ms with no bytes either way (never rendered: its 200
-   * or 101 has gone), or an agent's request body silent for timeouts.body_ms (a 408 if no response began).
+   * or 101 has gone), or an agent's request body silent, or the response unread, for timeouts.body_ms
+   * (a 408 if no response began).
    */
   LK_IDLE_TIMEOUT: { status: 408, error: 'idle_timeout', retryable: true },
   LK_AUDIT_UNAVAILABLE: { status: 503, error: 'audit_unavailable', retryable: true },

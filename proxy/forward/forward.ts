@@ -46,6 +46,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     private readonly relocate: Relocate,
     /** Report (and so audit) before the response's last bytes are written: see AuditSink.recordBeforeResponse. */
     private readonly recordFirst = false,
+    /** timeouts.body_ms: an agent that takes none of the response this long is cut (onResponseData). */
+    private readonly bodyGapMs = 0,
   ) {
     res.once('close', () => {
       // The agent went away mid-response: stop the upstream too, and say whose doing it was.
@@ -154,7 +156,18 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     }
     if (!this.res.write(chunk)) {
       controller.pause()
-      this.res.once('drain', () => controller.resume())
+      // An agent that never reads held the call, and the upstream connection, for ever (memory
+      // stays bounded by the pause): one that takes nothing for body_ms is cut, as an upstream is.
+      const stalled =
+        this.bodyGapMs > 0
+          ? setTimeout(() => {
+              if (!this.finished) this.abort(new LatchkeyError('LK_IDLE_TIMEOUT', `the agent read none of the response for ${this.bodyGapMs} ms (timeouts.body_ms)`))
+            }, this.bodyGapMs).unref()
+          : null
+      this.res.once('drain', () => {
+        if (stalled) clearTimeout(stalled)
+        controller.resume()
+      })
     }
   }
 
@@ -269,7 +282,7 @@ export function forward(
   // bytes_in is what was sent on, not what the agent announced: an upload cut short says so.
   const body = readBody ?? (hasRequestBody(req) ? counted(req, ctx) : null)
   if (readBody) ctx.bytesIn = readBody.length
-  const relay = new ResponseRelay(ctx, res, done, relocate, recordFirst)
+  const relay = new ResponseRelay(ctx, res, done, relocate, recordFirst, bodyGapMs)
   // A chunked body can turn out malformed after the head has gone: the listener must be able to
   // end this call with a 400 (abortChunkedForward). Only such bodies are tracked.
   if (chunked && !readBody) chunkedForwards.set(req, relay)

@@ -53,3 +53,37 @@ t.test('a body trickled in pieces, each well within body_ms, is forwarded whole'
   t.equal(parseRawResponse(raw).status, 200)
   t.equal(upstream.requests[0]?.body, '0123456789', 'the upstream got it all')
 })
+
+t.test('an agent that reads none of a large response for body_ms is cut, audited, and the upstream let go', async (t) => {
+  let upstreamClosed = false
+  const chunk = Buffer.alloc(256 * 1024, 'x')
+  const { s, host } = await startBearerRig(t, {
+    handler: (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/octet-stream' })
+      res.once('close', () => (upstreamClosed = true))
+      // Endless: written as fast as the sidecar takes it.
+      const pump = () => {
+        while (!res.destroyed && res.write(chunk));
+        if (!res.destroyed) res.once('drain', pump)
+      }
+      pump()
+      return true
+    },
+    fragment: () => ({ sidecar: { timeouts: { body_ms: 300 } } }),
+  })
+  const sock = connect(s.sidecar.port, '127.0.0.1')
+  sock.on('error', () => {})
+  await once(sock, 'connect')
+  // Never read: the socket stays paused, so the kernel buffers fill and the sidecar must wait.
+  sock.pause()
+  sock.write(`GET http://${host}/endless HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  let audit: Record<string, unknown>[] = []
+  for (let i = 0; i < 100 && audit.length === 0; i++) {
+    await new Promise((r) => setTimeout(r, 50))
+    audit = await s.audit()
+  }
+  t.match(audit, [{ path: '/endless', status: 200, error: 'LK_IDLE_TIMEOUT', reason: /read none of the response/ }], 'recorded as the agent not reading')
+  for (let i = 0; i < 100 && !upstreamClosed; i++) await new Promise((r) => setTimeout(r, 20))
+  t.ok(upstreamClosed, 'the upstream connection is let go')
+  sock.destroy()
+})

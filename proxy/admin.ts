@@ -3,7 +3,7 @@
 // (no web page, see local-caller.ts); slow or idle clients are cut like the proxy port's, and the
 // number of connections is capped (by the sidecar, listen/cap.ts), so idle sockets cannot take the process's descriptors.
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
-import { headersCheckInterval } from './listen/server.js'
+import { headersCheckInterval, MAX_HEADER_BYTES } from './listen/server.js'
 import type { SidecarMetrics } from './metrics.js'
 import { checkLocalCaller } from './listen/local-caller.js'
 import { LatchkeyError, renderError } from './errors.js'
@@ -27,6 +27,7 @@ export function createAdminServer(metrics: SidecarMetrics, readiness: Readiness,
     connectionsCheckingInterval: headersCheckInterval(clientHeadersTimeoutMs),
     requestTimeout: Math.max(30_000, clientHeadersTimeoutMs),
     keepAliveTimeout: 5_000,
+    maxHeaderSize: MAX_HEADER_BYTES,
   }
   const server = createServer(serverOptions, (req, res) => {
     try {

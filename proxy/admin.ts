@@ -1,15 +1,15 @@
 // The admin port: /metrics (Prometheus), /healthz (the process answers), /readyz (listening,
 // not draining, audit sink writing). Loopback only, like the proxy port; only local programs
 // (no web page, see local-caller.ts); slow or idle clients are cut like the proxy port's, and the
-// number of connections is capped, so idle sockets cannot take the process's descriptors.
+// number of connections is capped (by the sidecar, listen/cap.ts), so idle sockets cannot take the process's descriptors.
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
-import { headersCheckInterval } from './listen/server.js'
+import { headersCheckInterval, MAX_HEADER_BYTES } from './listen/server.js'
 import type { SidecarMetrics } from './metrics.js'
 import { checkLocalCaller } from './listen/local-caller.js'
 import { LatchkeyError, renderError } from './errors.js'
 
-/** Scrapers, probes and a few agents opening tasks: far fewer than this at once. */
-const MAX_ADMIN_CONNECTIONS = 256
+/** Scrapers, probes and a few agents opening tasks: far fewer than this at once (see listen/cap.ts). */
+export const MAX_ADMIN_CONNECTIONS = 256
 
 export interface Readiness {
   ready(): { ok: boolean; reasons: string[] }
@@ -27,6 +27,7 @@ export function createAdminServer(metrics: SidecarMetrics, readiness: Readiness,
     connectionsCheckingInterval: headersCheckInterval(clientHeadersTimeoutMs),
     requestTimeout: Math.max(30_000, clientHeadersTimeoutMs),
     keepAliveTimeout: 5_000,
+    maxHeaderSize: MAX_HEADER_BYTES,
   }
   const server = createServer(serverOptions, (req, res) => {
     try {
@@ -58,6 +59,5 @@ export function createAdminServer(metrics: SidecarMetrics, readiness: Readiness,
       )
     }
   })
-  server.maxConnections = MAX_ADMIN_CONNECTIONS
   return server
 }

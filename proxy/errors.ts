@@ -23,7 +23,11 @@ export const ERRORS = {
   LK_DRAINING: { status: 503, error: 'draining', retryable: true },
   /** Never rendered (nobody is left to read it); 499 as nginx records it. */
   LK_CLIENT_CLOSED: { status: 499, error: 'client_closed', retryable: false },
-  /** Never rendered (the tunnel's 200 or the WebSocket's 101 has gone): a relay closed after timeouts.tunnel_idle_ms with no bytes either way. */
+  /**
+   * A relay closed after timeouts.tunnel_idle_ms with no bytes either way (never rendered: its 200
+   * or 101 has gone), or an agent's request body silent, or the response unread, for timeouts.body_ms
+   * (a 408 if no response began).
+   */
   LK_IDLE_TIMEOUT: { status: 408, error: 'idle_timeout', retryable: true },
   LK_AUDIT_UNAVAILABLE: { status: 503, error: 'audit_unavailable', retryable: true },
 } as const

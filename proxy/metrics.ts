@@ -59,6 +59,13 @@ export class SidecarMetrics {
     registers: [this.registry],
   })
 
+  readonly droppedConnections = new Counter({
+    name: 'latchkey_connections_dropped_total',
+    help: 'Connections closed unread because their port was at its connection limit (or could not be accepted), by port',
+    labelNames: ['port'] as const,
+    registers: [this.registry],
+  })
+
   readonly tokenExchanges = new Counter({
     name: 'latchkey_token_exchanges_total',
     help: 'Token exchanges with the broker, by outcome (granted, refused, unreachable, evidence)',

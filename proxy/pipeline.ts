@@ -451,6 +451,7 @@ export class Pipeline {
       this.relocate,
       this.stages.audit.recordBeforeResponse === true,
       body,
+      this.stages.pools.timeouts.body_ms,
     )
   }
 

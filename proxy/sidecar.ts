@@ -26,7 +26,8 @@ import { JsonlAuditSink } from './audit/jsonl-sink.js'
 import { SidecarMetrics } from './metrics.js'
 import { createListener } from './listen/server.js'
 import { ownHosts } from './listen/local-caller.js'
-import { createAdminServer } from './admin.js'
+import { createAdminServer, MAX_ADMIN_CONNECTIONS } from './admin.js'
+import { capConnections, openFileLimit } from './listen/cap.js'
 import { compileNetworkPolicy } from './resolve/network-policy.js'
 import { DnsResolver } from './resolve/resolver.js'
 import type { AuditSink, CredentialBinding, Resolver } from './context.js'
@@ -408,6 +409,12 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     admin.close()
     await audit.close()
     throw err
+  }
+  capConnections(server, sc.max_connections, 'proxy', 'sidecar.max_connections', metrics, log)
+  capConnections(admin, MAX_ADMIN_CONNECTIONS, 'admin', 'fixed', metrics, log)
+  const fileLimit = openFileLimit()
+  if (fileLimit !== null && fileLimit < 2 * sc.max_connections + MAX_ADMIN_CONNECTIONS + 64) {
+    log.warn({ open_file_limit: fileLimit, max_connections: sc.max_connections }, 'the open-file limit is below what sidecar.max_connections needs (two descriptors a connection): a flood can still exhaust it; raise the limit or lower the setting')
   }
   const port = (server.address() as AddressInfo).port
   const adminPort = (admin.address() as AddressInfo).port

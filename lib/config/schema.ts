@@ -65,6 +65,8 @@ export interface Config {
       tunnel_idle_ms: number
     }
     max_pools: number
+    /** Open connections to the proxy port at once; past it new ones are closed unread (listen/cap.ts). */
+    max_connections: number
     /**
      * Where task-scoped tokens come from. Required when any credential has source: broker.
      * https:// unless loopback or insecure_plaintext: workload evidence and user tokens go there.
@@ -480,6 +482,8 @@ export const configSchema = {
           },
         },
         max_pools: { type: 'integer', minimum: 1, maximum: 100_000, default: 256 },
+        // Far more than one agent opens; each holds two descriptors (the agent's and the upstream's).
+        max_connections: { type: 'integer', minimum: 1, maximum: 1_000_000, default: 1024 },
         broker: {
           type: 'object',
           additionalProperties: false,

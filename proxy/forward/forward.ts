@@ -36,6 +36,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     private readonly relocate: Relocate,
     /** Report (and so audit) before the response's last bytes are written: see AuditSink.recordBeforeResponse. */
     private readonly recordFirst = false,
+    /** timeouts.body_ms: an agent that takes none of the response this long is cut (onResponseData). */
+    private readonly bodyGapMs = 0,
   ) {
     res.once('close', () => {
       // The agent went away mid-response: stop the upstream too, and say whose doing it was.
@@ -130,7 +132,18 @@ class ResponseRelay implements Dispatcher.DispatchHandler {
     }
     if (!this.res.write(chunk)) {
       controller.pause()
-      this.res.once('drain', () => controller.resume())
+      // An agent that never reads held the call, and the upstream connection, for ever (memory
+      // stays bounded by the pause): one that takes nothing for body_ms is cut, as an upstream is.
+      const stalled =
+        this.bodyGapMs > 0
+          ? setTimeout(() => {
+              if (!this.finished) this.abort(new LatchkeyError('LK_IDLE_TIMEOUT', `the agent read none of the response for ${this.bodyGapMs} ms (timeouts.body_ms)`))
+            }, this.bodyGapMs).unref()
+          : null
+      this.res.once('drain', () => {
+        if (stalled) clearTimeout(stalled)
+        controller.resume()
+      })
     }
   }
 
@@ -243,15 +256,18 @@ export function forward(
   recordFirst = false,
   /** The whole body, already read (to be checked before it goes): sent as it is, with its length. */
   readBody: Buffer | null = null,
+  /** timeouts.body_ms: an agent's streamed request body silent this long ends the call (watchBodyStall). */
+  bodyGapMs = 0,
 ): void {
   const chunked = req.headers['content-length'] === undefined && req.headers['transfer-encoding'] !== undefined
   // bytes_in is what was sent on, not what the agent announced: an upload cut short says so.
   const body = readBody ?? (hasRequestBody(req) ? counted(req, ctx) : null)
   if (readBody) ctx.bytesIn = readBody.length
-  const relay = new ResponseRelay(ctx, res, done, relocate, recordFirst)
+  const relay = new ResponseRelay(ctx, res, done, relocate, recordFirst, bodyGapMs)
   // A chunked body can turn out malformed after the head has gone: the listener must be able to
   // end this call with a 400 (abortChunkedForward). Only such bodies are tracked.
   if (chunked && !readBody) chunkedForwards.set(req, relay)
+  if (body && !readBody && bodyGapMs > 0) watchBodyStall(req, bodyGapMs, (err) => relay.abort(err))
   pool.dispatch(
     {
       path,
@@ -264,6 +280,31 @@ export function forward(
     },
     relay,
   )
+}
+
+/**
+ * Ends a call whose agent stops sending its request body for `gapMs` (body_ms, as for the
+ * upstream's body the other way): a body stalled mid-way held the call, the agent's connection
+ * and an upstream connection for ever (the proxy port has no request timeout, so long uploads
+ * work). Progress is the connection's bytes read, checked every `gapMs` (a cut comes between one
+ * and two gaps in); a body held back because the upstream is slow to take it (bytes buffered,
+ * unread) is not the agent's stall.
+ */
+function watchBodyStall(req: IncomingMessage, gapMs: number, stop: (err: Error) => void): void {
+  const socket = req.socket
+  let seen = socket.bytesRead
+  const timer = setInterval(() => {
+    if (req.complete || req.destroyed || socket.destroyed) return void clearInterval(timer)
+    if (socket.bytesRead !== seen || req.readableLength > 0) {
+      seen = socket.bytesRead
+      return
+    }
+    clearInterval(timer)
+    stop(new LatchkeyError('LK_IDLE_TIMEOUT', `the agent sent none of its request body for ${gapMs} ms (timeouts.body_ms)`))
+  }, gapMs)
+  timer.unref()
+  req.once('end', () => clearInterval(timer))
+  req.once('close', () => clearInterval(timer))
 }
 
 const chunkedForwards = new WeakMap<IncomingMessage, { abort(err: Error): void }>()

@@ -9,6 +9,9 @@ import { handleConnect } from './tunnel.js'
 import { handleUpgrade } from './upgrade.js'
 import { abortChunkedForward } from '../forward/forward.js'
 
+/** Request line and headers, together: past it a 400 `request headers too large`, audited. */
+export const MAX_HEADER_BYTES = 16 * 1024
+
 export interface ListenerOptions {
   allowRemoteClients: boolean
   clientHeadersTimeoutMs: number
@@ -37,6 +40,9 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   const serverOptions = {
     // Explicit, so a process-wide --insecure-http-parser cannot loosen the sidecar's parser.
     insecureHTTPParser: false,
+    // node's default, pinned: --max-http-header-size (NODE_OPTIONS) would otherwise let one
+    // connection hand the parser megabytes of header lines, each held as a string.
+    maxHeaderSize: MAX_HEADER_BYTES,
     // Checked by checkFraming instead, so a missing Host gets the coded, audited 400.
     requireHostHeader: false,
     headersTimeout: opts.clientHeadersTimeoutMs,

@@ -104,6 +104,10 @@ export function upstreamError(err: unknown): LatchkeyError {
     case 'HPE_INVALID_HEADER_TOKEN':
     case 'UND_ERR_INFO':
       return new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream sent an invalid HTTP response')
+    // undici asserts what its parser hands it (a status below 100, which llhttp lets through):
+    // the same response would fail again, so not "unreachable, retry".
+    case 'ERR_ASSERTION':
+      return new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream sent an HTTP response the sidecar cannot read')
     case 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH':
       return new LatchkeyError('LK_UPSTREAM_PROTOCOL', "the upstream's response body did not match its Content-Length")
     case 'UND_ERR_HEADERS_OVERFLOW':

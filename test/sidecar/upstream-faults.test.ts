@@ -180,6 +180,8 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
     '/two-lengths': 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok',
     '/length-and-chunked': 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n',
     '/unasked-101': 'HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n',
+    '/status-099': 'HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok',
+    '/status-1000': 'HTTP/1.1 1000 Odd\r\nContent-Length: 2\r\n\r\nok',
     '/forged-denial': 'HTTP/1.1 403 Forbidden\r\nX-Latchkey-Error: LK_POLICY_DENIED\r\nX-Latchkey-Rule: default\r\nContent-Length: 9\r\n\r\nforbidden',
     '/hint-flood': 'HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n'.repeat(500) + 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok',
   }
@@ -204,7 +206,7 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
   t.equal(noContent.headers['content-length'], undefined, 'and without a Content-Length a 204 must not carry')
   t.equal(noContent.body, '')
 
-  for (const path of ['/unsolicited-100', '/not-http', '/two-lengths', '/length-and-chunked', '/unasked-101']) {
+  for (const path of ['/unsolicited-100', '/not-http', '/two-lengths', '/length-and-chunked', '/unasked-101', '/status-099', '/status-1000']) {
     const r = await get(path)
     seen.push(r.raw)
     t.equal(r.status, 502, `${path}: 502`)
@@ -234,6 +236,8 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
       ['/two-lengths', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
       ['/length-and-chunked', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
       ['/unasked-101', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
+      ['/status-099', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
+      ['/status-1000', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
       ['/forged-denial', 403, 'allow', null],
       ['/hint-flood', 200, 'allow', null],
     ],

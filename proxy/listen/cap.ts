@@ -13,27 +13,34 @@ const LOG_EVERY_MS = 10_000
 
 export function capConnections(server: Server, max: number, port: 'proxy' | 'admin', setting: string, metrics: SidecarMetrics, log: Logger): void {
   server.maxConnections = max
-  let lastDropLog = -Infinity
+  const dropLogDue = oncePer(LOG_EVERY_MS)
   let unlogged = 0
   server.on('drop', () => {
     metrics.droppedConnections.inc({ port })
     unlogged++
-    const now = performance.now()
-    if (now - lastDropLog < LOG_EVERY_MS) return
-    lastDropLog = now
+    if (!dropLogDue()) return
     log.warn({ port, max_connections: max, dropped: unlogged }, `${port} port at its limit of ${max} open connections (${setting}): new connections are closed unread`)
     unlogged = 0
   })
   // After listening, an 'error' is a failed accept (EMFILE when libuv's reserve descriptor is gone):
   // with no listener it would end the process. Logged once per burst; the listener stays open.
-  let lastAcceptLog = -Infinity
+  const acceptLogDue = oncePer(LOG_EVERY_MS)
   server.on('error', (err: NodeJS.ErrnoException) => {
     metrics.droppedConnections.inc({ port })
-    const now = performance.now()
-    if (now - lastAcceptLog < LOG_EVERY_MS) return
-    lastAcceptLog = now
+    if (!acceptLogDue()) return
     log.error({ port, code: err.code }, `${port} port could not accept a connection (${err.code ?? err.message}): the process is out of descriptors or memory`)
   })
+}
+
+/** A gate that opens at its first call and then at most once every `ms`. */
+function oncePer(ms: number): () => boolean {
+  let last = -Infinity
+  return () => {
+    const now = performance.now()
+    if (now - last < ms) return false
+    last = now
+    return true
+  }
 }
 
 /**

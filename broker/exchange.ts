@@ -18,6 +18,7 @@ import type { RevocationList } from './revocations/list.js'
 import type { UserTokenVerifier } from './users.js'
 import type { BrokerEvents, ExchangeEvent } from './events.js'
 import { MAX_ACT_DEPTH, readActChain, readAncestry, type Ancestor } from './act.js'
+import { readDelegationGrants, writeDelegationGrants, type DelegationGrants } from './delegation-grants.js'
 
 export { TOKEN_EXCHANGE_GRANT as GRANT_TYPE } from '../lib/oauth.js'
 import { TOKEN_EXCHANGE_GRANT as GRANT_TYPE } from '../lib/oauth.js'
@@ -58,6 +59,8 @@ interface Subject {
   sub: string
   /** The user's or delegator's scopes; undefined when the subject is the agent itself. */
   scopes: string[] | undefined
+  /** For a delegation: its scopes audience by audience, which bound it (scopes is their union). */
+  grants?: DelegationGrants
   exp: number | undefined
   delegators: string[]
   isUser: boolean
@@ -181,7 +184,13 @@ export class TokenExchange {
     const delegation = audience === this.d.issuer
     const allowed = delegation ? (spec.may_task.length > 0 ? [...new Set(Object.values(spec.audiences).flat())] : undefined) : spec.audiences[audience]
     if (!allowed) throw new OAuthError('invalid_target', `agent type "${attestation.agentType}" may not receive tokens for this audience`)
-    const ceiling = subject.scopes === undefined ? allowed : allowed.filter((s) => subject.scopes!.includes(s))
+    if (!delegation && subject.grants && !subject.grants.has(audience)) {
+      throw new OAuthError('invalid_target', 'the delegation in subject_token does not cover this audience')
+    }
+    // A delegation is bounded audience by audience (delegation-grants.ts); its ceiling is their union.
+    const delegated = delegation ? delegationCeiling(spec, subject) : undefined
+    const held = subject.grants ? subject.grants.get(audience) : subject.scopes
+    const ceiling = delegated ? [...new Set([...delegated.values()].flat())] : held === undefined ? allowed : allowed.filter((s) => held.includes(s))
     // A lent secret carries no scopes (what it can do is the audience's business), but it is lent
     // only where a JWT would be granted: the same ceiling, the same refusals.
     let granted: string[]
@@ -218,6 +227,17 @@ export class TokenExchange {
       // RFC 8693 §2.2.1: token_type N_A when what is issued is not an access token.
       return { access_token: secret, issued_token_type: TOKEN_TYPES.leasedSecret, token_type: 'N_A', expires_in: lifetime, scope: '', lease_id: jti }
     }
+    // What is delegated: each audience's ceiling, narrowed to the scopes asked for. An audience left
+    // with none of its registry's scopes is not delegated at all.
+    let details: ReturnType<typeof writeDelegationGrants> | undefined
+    if (delegated) {
+      const narrowed = new Map<string, string[]>()
+      for (const [aud, scopes] of delegated) {
+        const kept = requested ? scopes.filter((s) => granted.includes(s)) : scopes
+        if (kept.length > 0 || (!requested && spec.audiences[aud]!.length === 0)) narrowed.set(aud, kept)
+      }
+      details = writeDelegationGrants(narrowed)
+    }
     const act: Record<string, unknown> = { sub: attestation.instanceId }
     {
       // Innermost `act` is the first delegator (RFC 8693 §4.1: nested act = prior actors).
@@ -237,6 +257,7 @@ export class TokenExchange {
       scope: granted.join(' '),
       task_id: task,
       ...(subject.ancestry.length > 0 ? { delegated_from: subject.ancestry } : {}),
+      ...(details ? { authorization_details: details } : {}),
       iat: nowS,
       exp: nowS + lifetime,
       jti,
@@ -332,11 +353,13 @@ export class TokenExchange {
       const revoked = this.d.revocations.check([], a.task_id, a.jti)
       if (revoked) throw new OAuthError('invalid_request', `subject_token: ${revoked.kind} ${revoked.value} is revoked`, 400, `revoked: ${revoked.kind} ${revoked.value}`)
     }
-    const scopes = typeof p.scope === 'string' ? p.scope.split(' ').filter(Boolean) : []
+    const grants = readDelegationGrants(p.authorization_details)
+    if (!grants) throw new OAuthError('invalid_request', 'subject_token: authorization_details claim is missing or malformed')
+    const scopes = [...new Set([...grants.values()].flat())]
     // The chain acts for p.sub: a user, or the first delegator itself when that agent started the
     // chain for itself. However deep the chain, an agent subject is never a user.
     const isUser = p.sub !== chain[0] && !namesAnAgent(p.sub!)
-    return { sub: p.sub!, scopes, exp: p.exp, delegators: chain, isUser, ancestry }
+    return { sub: p.sub!, scopes, grants, exp: p.exp, delegators: chain, isUser, ancestry }
   }
 }
 
@@ -370,6 +393,23 @@ function namesAnAgent(sub: string): boolean {
  * name; any other only counted. `scope` takes any printable characters, so a client that put a
  * token there (a swapped parameter) must not find it repeated in the error, the event or the log.
  */
+/**
+ * A delegation's ceiling at each audience the delegating type may receive tokens for: its
+ * registry scopes there, bounded by what the subject holds there. Under a delegation, an audience
+ * it does not cover is left out: the chain never reaches further than its delegator did.
+ */
+function delegationCeiling(spec: AgentTypeSpec, subject: Subject): Map<string, string[]> {
+  const out = new Map<string, string[]>()
+  for (const [aud, scopes] of Object.entries(spec.audiences)) {
+    if (subject.grants && !subject.grants.has(aud)) continue
+    const held = subject.grants ? subject.grants.get(aud)! : subject.scopes
+    const kept = held === undefined ? scopes : scopes.filter((s) => held.includes(s))
+    // An audience whose registry names no scopes has nothing to consent to (a lent secret).
+    if (kept.length > 0 || scopes.length === 0) out.set(aud, kept)
+  }
+  return out
+}
+
 function nameScopes(scopes: string[], registry: Registry, granted: string[] | undefined): string {
   const known = new Set([...Object.values(registry.agents).flatMap((s) => Object.values(s.audiences).flat()), ...(granted ?? [])])
   const named = scopes.filter((s) => known.has(s))

@@ -46,6 +46,8 @@ export class Introspection {
       act: p.act,
       client_id: p.client_id,
       scope: p.scope,
+      // RFC 9396 §9.2: a delegation's per-audience scopes, as it carries them.
+      ...(p.authorization_details !== undefined ? { authorization_details: p.authorization_details } : {}),
       task_id: task,
       iat: p.iat,
       exp: p.exp,

@@ -229,3 +229,65 @@ t.test("revoking a delegation's task or jti reaches every token already derived 
   t.equal((await admin(b, 'POST', '/v1/revocations', { kind: 'jti', value: decodeJwt(other).jti })).status, 201)
   t.same(await introspect(b, bystander), { active: false }, "a token derived from a revoked delegation token")
 })
+
+t.test('a delegation is bounded audience by audience: a scope held at one audience is not delegated at another', async (t) => {
+  const BILLING = 'https://billing.example.com'
+  const registry = structuredClone(TEST_REGISTRY) as { version: number; agents: Record<string, unknown> }
+  // `admin` means one thing at MAIL and another at API: the planner holds it only at MAIL.
+  registry.agents = {
+    planner: { env: 'prod', match: { local: true }, audiences: { [API]: ['read'], [MAIL]: ['admin'] }, max_lifetime_s: 600, users: 'optional', may_task: ['worker'] },
+    worker: { env: 'prod', match: { local: true }, audiences: { [API]: ['read', 'admin'], [MAIL]: ['admin'], [BILLING]: ['read'] }, max_lifetime_s: 600, users: 'optional', may_task: ['worker'] },
+  }
+  const b = await startTestBroker({ registry: registry as typeof TEST_REGISTRY })
+  t.teardown(b.close)
+  const details = (token: string) => decodeJwt(token).authorization_details
+  const grant = (aud: string, actions: string[]) => ({ type: 'latchkey_delegation', locations: [aud], actions })
+
+  const del = await b.exchange(delegatedRequest(await b.userToken('alice', 'read admin'), await b.attest('agent:planner:prod:p'), { audience: b.issuer }))
+  t.equal(del.status, 200, why(del))
+  const token = del.body.access_token as string
+  t.same(details(token), [grant(API, ['read']), grant(MAIL, ['admin'])], 'the delegation names each audience with the scopes held there')
+  t.equal(del.body.scope, 'read admin', 'its scope is their union, as before')
+  t.same((await introspect(b, token)).authorization_details, details(token), 'introspection answers them (RFC 9396 §9.2)')
+
+  const worker = async (subject: string, extra: Record<string, string> = {}) => b.exchange(delegatedRequest(subject, await b.attest('agent:worker:prod:w'), extra))
+  const adminAtApi = await worker(token, { scope: 'admin' })
+  t.same(adminAtApi.body, { error: 'invalid_scope', error_description: 'the subject_token does not grant scope admin' }, 'admin, delegated at MAIL, is refused at API')
+  const plain = await worker(token)
+  t.equal(plain.status, 200, why(plain))
+  t.equal(plain.body.scope, 'read', 'unasked, the worker gets at API only what the planner held at API')
+  const atMail = await worker(token, { audience: MAIL })
+  t.equal(atMail.body.scope, 'admin', `at MAIL it gets admin: ${why(atMail)}`)
+  const billing = await worker(token, { audience: BILLING })
+  t.same(billing.body, { error: 'invalid_target', error_description: 'the delegation in subject_token does not cover this audience' }, 'an audience the planner holds nothing at is not reached through it')
+
+  // Narrowed by what the delegator asks for: an audience left with no scope is not delegated.
+  const narrow = await b.exchange(selfRequest(await b.attest('agent:planner:prod:p'), { audience: b.issuer, scope: 'read' }))
+  t.same(details(narrow.body.access_token as string), [grant(API, ['read'])], 'asking for read delegates API alone')
+  const mailNarrow = await worker(narrow.body.access_token as string, { audience: MAIL })
+  t.same(mailNarrow.body, { error: 'invalid_target', error_description: 'the delegation in subject_token does not cover this audience' })
+
+  // Delegated again, the worker's wider registry entry does not widen the chain.
+  const again = await b.exchange(delegatedRequest(token, await b.attest('agent:worker:prod:w'), { audience: b.issuer }))
+  t.equal(again.status, 200, why(again))
+  t.same(details(again.body.access_token as string), [grant(API, ['read']), grant(MAIL, ['admin'])], 'a second hop keeps each audience to the first')
+  const leaf = await worker(again.body.access_token as string, { scope: 'admin' })
+  t.same(leaf.body, { error: 'invalid_scope', error_description: 'the subject_token does not grant scope admin' })
+
+  // A delegation token without the claim (or with one that cannot be read whole) bounds nothing: refused.
+  const nowS = Math.floor(Date.now() / 1000)
+  const sign = (extra: Record<string, unknown>) =>
+    b.broker.keys.sign({ iss: b.issuer, sub: 'alice', aud: b.issuer, act: { sub: 'agent:planner:prod:p' }, client_id: 'agent:planner:prod:p', scope: 'read admin', task_id: 'task-1', iat: nowS, exp: nowS + 300, jti: `j-${Math.random()}`, ...extra }, 'at+jwt')
+  const malformed = 'subject_token: authorization_details claim is missing or malformed'
+  for (const [label, extra] of [
+    ['absent (a flat scope only)', {}],
+    ['not a list', { authorization_details: grant(API, ['read']) }],
+    ['another type', { authorization_details: [{ ...grant(API, ['read']), type: 'payment_initiation' }] }],
+    ['two locations in one entry', { authorization_details: [{ type: 'latchkey_delegation', locations: [API, BILLING], actions: ['read'] }] }],
+    ['one audience twice', { authorization_details: [grant(API, ['read']), grant(API, ['admin'])] }],
+    ['an action that is not a string', { authorization_details: [grant(API, [1 as unknown as string])] }],
+  ] as [string, Record<string, unknown>][]) {
+    const r = await worker(await sign(extra))
+    t.same(r.body, { error: 'invalid_request', error_description: malformed }, `refused: ${label}`)
+  }
+})

@@ -17,7 +17,8 @@ import type { KeyRing } from './keys.js'
 import type { RevocationList } from './revocations/list.js'
 import type { UserTokenVerifier } from './users.js'
 import type { BrokerEvents, ExchangeEvent } from './events.js'
-import { MAX_ACT_DEPTH, readActChain, readAncestry, type Ancestor } from './act.js'
+import { MAX_ACT_DEPTH, readActChain, type Ancestor } from './act.js'
+import { subjectAncestry } from '../lib/delegation.js'
 import { readDelegationGrants, writeDelegationGrants, type DelegationGrants } from './delegation-grants.js'
 
 export { TOKEN_EXCHANGE_GRANT as GRANT_TYPE } from '../lib/oauth.js'
@@ -345,10 +346,9 @@ export class TokenExchange {
     if (!spec || !spec.may_task.includes(actor.agentType)) {
       throw new OAuthError('unauthorized_client', `agent type "${delegatorType ?? '?'}" may not task agent type "${actor.agentType}"`)
     }
-    const earlier = readAncestry(p.delegated_from)
-    if (!earlier) throw new OAuthError('invalid_request', 'subject_token: delegated_from claim is malformed')
     // This delegation's task and jti, and those of every delegation it was itself exchanged from.
-    const ancestry: Ancestor[] = [...earlier, typeof p.task_id === 'string' ? { task_id: p.task_id, jti: p.jti! } : { jti: p.jti! }]
+    const ancestry = subjectAncestry(p)
+    if (!ancestry) throw new OAuthError('invalid_request', 'subject_token: delegated_from claim is malformed')
     for (const a of ancestry) {
       const revoked = this.d.revocations.check([], a.task_id, a.jti)
       if (revoked) throw new OAuthError('invalid_request', `subject_token: ${revoked.kind} ${revoked.value} is revoked`, 400, `revoked: ${revoked.kind} ${revoked.value}`)

@@ -2,6 +2,7 @@
 // the stages implement. See ARCHITECTURE.md for the lifecycle drawing.
 import type { Socket } from 'node:net'
 import type { AddressClass } from '../lib/config/schema.js'
+import type { Ancestor } from '../lib/delegation.js'
 
 /**
  * How the request reached the sidecar. `tunnelled`: plain HTTP sent inside a CONNECT tunnel
@@ -50,6 +51,11 @@ export interface TaskRef {
   readonly expiresAt: number
   /** The user's token (subject_token), held in memory only; null when the agent acts for itself. */
   readonly userToken: string | null
+  /**
+   * When userToken is a delegation token: the delegations it rests on, itself included (its
+   * `delegated_from`, task_id and jti). Revoking any of them stops this task (control/state.ts).
+   */
+  readonly delegatedFrom?: readonly Ancestor[]
   ended: boolean
 }
 

@@ -172,10 +172,10 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     })
 
   const now = opts.now ?? Date.now
-  // jose reads the user's `sub` from a task's token (unverified: the broker verifies), only where a broker is configured.
-  const readSub = sc.broker ? (await import('jose')).decodeJwt : undefined
+  // jose reads a task token's `sub` and delegation claims (unverified: the broker verifies), only where a broker is configured.
+  const readClaims = sc.broker ? (await import('jose')).decodeJwt : undefined
   const tasks = new TaskRegistry(sc.agent_id, {
-    readSub: readSub ? (token: string) => readSub(token).sub : undefined,
+    readClaims,
     maxDurationS: config.tasks.max_duration_s,
     default: config.tasks.default.enabled ? { durationS: config.tasks.default.duration_s, purpose: config.tasks.default.purpose } : undefined,
     now,
@@ -328,12 +328,17 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
         // only its next request on each learnt of the revocation. Those in plaintext tunnels too
         // (a tunnel to the sidecar itself is no call of its own, so no cut reaches it).
         closeIdleConnections()
-      } else if (r.kind === 'task') {
-        tokens = brokerTokens?.describe(r.value).length ?? 0
-        brokerTokens?.dropTask(r.value, 'revoked')
-        cut = pipeline.cut((id) => id.taskId === r.value)
       } else {
-        tokens = brokerTokens?.dropJti(r.value) ? 1 : 0
+        // The tasks it stops: the revoked task itself, and any opened with a token derived from the
+        // revoked task or jti (lib/delegation.ts); their tokens go and their calls are cut.
+        const stopped = new Set(tasks.derivedFrom(r.kind, r.value).map((t) => t.id))
+        if (r.kind === 'task') stopped.add(r.value)
+        else tokens = brokerTokens?.dropJti(r.value) ? 1 : 0
+        for (const id of stopped) {
+          tokens += brokerTokens?.describe(id).length ?? 0
+          brokerTokens?.dropTask(id, 'revoked')
+        }
+        if (stopped.size > 0) cut = pipeline.cut((id) => id.taskId !== null && stopped.has(id.taskId))
       }
       if (tokens > 0 || cut > 0 || r.kind === 'agent') log.warn({ kind: r.kind, value: r.value, tokens_dropped: tokens, connections_cut: cut, ms: Math.round((performance.now() - t0) * 1000) / 1000 }, 'revocation applied')
     }
@@ -394,7 +399,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
         describe: (id) => brokerTokens?.describe(id) ?? [],
         proxyUrl: (handle) => `http://task:${handle}@${proxyBase}`,
         checkCaller: callers ? async (req) => callers.check(await callers.resolve(req.socket)) : undefined,
-        revokedBy: (taskId) => control?.state.revokedBy(taskId) ?? null,
+        revokedBy: (task) => control?.state.revokedBy(task) ?? null,
       },
       req,
       res,

@@ -1,6 +1,6 @@
 // What the sidecar knows is revoked, from the control stream. Looked up on every request (after
 // identify): a revoked agent or task is refused with 403 LK_REVOKED, reason "revoked".
-import type { Identity } from '../context.js'
+import type { Identity, TaskRef } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 
 export type RevocationKind = 'agent' | 'task' | 'jti'
@@ -38,6 +38,7 @@ export function agentMatches(pattern: string, agent: string): boolean {
 export class RevocationState {
   private readonly entries = new Map<string, KnownRevocation>()
   private readonly tasks = new Set<string>()
+  private readonly jtis = new Set<string>()
   /** Whether this sidecar's own agent is revoked (by ID or pattern): every request is refused. */
   agentRevoked = false
   /** Called after every change (add, remove, replace): the state file is rewritten from it. */
@@ -90,6 +91,7 @@ export class RevocationState {
     if (this.entries.has(k)) return false
     this.entries.set(k, r)
     if (r.kind === 'task') this.tasks.add(r.value)
+    if (r.kind === 'jti') this.jtis.add(r.value)
     if (this.appliesToAgent(r)) this.agentRevoked = true
     return true
   }
@@ -97,19 +99,26 @@ export class RevocationState {
   private drop(kind: RevocationKind, value: string): boolean {
     if (!this.entries.delete(`${kind}\0${value}`)) return false
     if (kind === 'task') this.tasks.delete(value)
+    if (kind === 'jti') this.jtis.delete(value)
     if (kind === 'agent') this.agentRevoked = [...this.entries.values()].some((r) => this.appliesToAgent(r))
     return true
   }
 
-  /** Which revocation stops this agent's task (or the agent, for `null`), if any. */
-  revokedBy(taskId: string | null): 'revocation:agent' | 'revocation:task' | null {
+  /**
+   * Which revocation stops this agent's task (or the agent, for `null`), if any: the agent, the
+   * task, or a delegation the task's token was derived from (its task or its jti).
+   */
+  revokedBy(task: Pick<TaskRef, 'id' | 'delegatedFrom'> | null): 'revocation:agent' | 'revocation:task' | 'revocation:delegation' | null {
     if (this.agentRevoked) return 'revocation:agent'
-    if (taskId !== null && this.tasks.has(taskId)) return 'revocation:task'
+    if (task === null) return null
+    if (this.tasks.has(task.id)) return 'revocation:task'
+    const from = task.delegatedFrom
+    if (from) for (const a of from) if ((a.task_id !== undefined && this.tasks.has(a.task_id)) || this.jtis.has(a.jti)) return 'revocation:delegation'
     return null
   }
 
   check(identity: Identity): void {
-    const by = this.revokedBy(identity.taskId)
+    const by = this.revokedBy(identity.task ?? (identity.taskId === null ? null : { id: identity.taskId }))
     if (by !== null) throw new LatchkeyError('LK_REVOKED', 'revoked', by)
   }
 }

@@ -6,7 +6,7 @@
 // when none is asked for, so a user token the broker refuses is reported to the agent when it
 // opens the task, not on its first call.
 import type { IncomingMessage, ServerResponse } from 'node:http'
-import type { CredentialBinding, CredentialSource, Identity } from '../context.js'
+import type { CredentialBinding, CredentialSource, Identity, TaskRef } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import { TaskError, type TaskRegistry } from './registry.js'
 
@@ -25,7 +25,8 @@ export interface TaskApiDeps {
   /** When callers are restricted, the task API is too: only the agent may open tasks. */
   checkCaller?: ((req: IncomingMessage) => Promise<void>) | undefined
   /** The revocation (from the control stream) that stops this task, or the agent for `null`. */
-  revokedBy?: ((taskId: string | null) => string | null) | undefined
+  /** Which revocation stops this task (or, for null, the agent), if any. */
+  revokedBy?: ((task: TaskRef | null) => string | null) | undefined
 }
 
 function send(res: ServerResponse, status: number, body: unknown): void {
@@ -92,7 +93,7 @@ async function route(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse, 
   if (req.method === 'GET') {
     // A revoked task stays listed until it ends or expires (its calls are refused): an agent
     // polling it learns why, instead of a 404 that would read as "expired, open another".
-    const revokedBy = d.revokedBy?.(task.id) ?? null
+    const revokedBy = d.revokedBy?.(task) ?? null
     return send(res, 200, {
       id: task.id,
       state: revokedBy === null ? 'open' : 'revoked',

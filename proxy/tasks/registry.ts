@@ -5,6 +5,9 @@
 import { randomUUID } from 'node:crypto'
 import { newTaskHandle } from '../../lib/task-handle.js'
 import type { Identity, TaskRef } from '../context.js'
+import { subjectAncestry, type Ancestor } from '../../lib/delegation.js'
+
+const NO_ANCESTRY: readonly Ancestor[] = Object.freeze([])
 
 export interface Task extends TaskRef {
   readonly id: string
@@ -15,6 +18,7 @@ export interface Task extends TaskRef {
   readonly userToken: string | null
   /** The user's `sub`, read (not verified: the broker verifies) for audit attribution. */
   readonly userSub: string | null
+  readonly delegatedFrom: readonly Ancestor[]
   readonly audiences: readonly string[]
   /** Built once, so the request path allocates nothing to identify a caller. */
   readonly identity: Identity
@@ -46,8 +50,11 @@ export class TaskRegistry {
       maxDurationS: number
       default?: { durationS: number; purpose: string } | undefined
       now?: () => number
-      /** Reads a user token's `sub` for attribution (not verification); without it tasks record no user. */
-      readSub?: ((token: string) => unknown) | undefined
+      /**
+       * Reads a user token's claims, unverified (the broker verifies): its `sub` for attribution,
+       * and, for a delegation token, the delegations it rests on. Without it tasks record neither.
+       */
+      readClaims?: ((token: string) => Record<string, unknown>) | undefined
     },
   ) {}
 
@@ -67,13 +74,19 @@ export class TaskRegistry {
     if (!Number.isInteger(req.durationS) || req.durationS < 1) throw new TaskError('duration_s must be a whole number of seconds, at least 1')
     if (req.durationS > this.opts.maxDurationS) throw new TaskError(`duration_s ${req.durationS} exceeds the maximum of ${this.opts.maxDurationS}`)
     let userSub: string | null = null
-    if (req.userToken && this.opts.readSub) {
+    let delegatedFrom = NO_ANCESTRY
+    if (req.userToken && this.opts.readClaims) {
+      let claims: Record<string, unknown>
       try {
-        const sub = this.opts.readSub(req.userToken)
-        userSub = typeof sub === 'string' ? sub.slice(0, 256) : null
+        claims = this.opts.readClaims(req.userToken)
       } catch {
         throw new TaskError('user_token is not a JWT')
       }
+      userSub = typeof claims.sub === 'string' ? claims.sub.slice(0, 256) : null
+      const ancestry = subjectAncestry(claims)
+      // The broker would refuse it too; read in part, a revocation of what it hid would not stop the task.
+      if (!ancestry) throw new TaskError('user_token is a delegation token whose delegated_from, jti or task_id cannot be read')
+      if (ancestry.length > 0) delegatedFrom = Object.freeze(ancestry)
     }
     const createdAt = this.now()
     const id = randomUUID()
@@ -86,6 +99,7 @@ export class TaskRegistry {
       expiresAt: createdAt + req.durationS * 1000,
       userToken: req.userToken ?? null,
       userSub,
+      delegatedFrom,
       audiences: req.audiences ?? [],
       identity: undefined as unknown as Identity,
       ended: false,
@@ -148,5 +162,14 @@ export class TaskRegistry {
 
   get size(): number {
     return this.byHandle.size
+  }
+
+  /** Open tasks opened with a token derived from this delegation task or jti. */
+  derivedFrom(kind: 'task' | 'jti', value: string): Task[] {
+    const out: Task[] = []
+    for (const t of this.byHandle.values()) {
+      if (t.delegatedFrom.some((a) => (kind === 'task' ? a.task_id === value : a.jti === value))) out.push(t)
+    }
+    return out
   }
 }

@@ -6,6 +6,8 @@ import { credentials, Metadata } from '@grpc/grpc-js'
 import { once } from 'node:events'
 import { connect } from 'node:net'
 import { ControlServiceClient } from '../../protos/gen/latchkey/v1/control.js'
+import { decodeJwt } from 'jose'
+import { delegatedRequest, why } from '../helpers/broker.js'
 import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openTunnel, openWebSocket, revoke, until, CONTROL_TOKEN } from './rig.js'
 
 t.test('revoking one agent: refused at once, tokens gone, streams cut; the other agent untouched', async (t) => {
@@ -195,6 +197,69 @@ t.test('unauthenticated control streams are refused', async (t) => {
 })
 
 /** GET /v1/tasks/<handle> on the sidecar's admin port. */
+t.test("revoking a delegation's task or jti stops, within the second, the tasks another sidecar opened with tokens derived from it", async (t) => {
+  const broker = await startControlBroker()
+  t.teardown(() => broker.close())
+  const api = await startApi()
+  t.teardown(api.close)
+  // The helper is the child: summarizer (may_task: helper) hands it delegations.
+  const child = await startControlSidecar(broker, api, 'agent:helper:prod:child')
+  t.teardown(child.close)
+  await until('connected', () => child.sidecar.control!.connected)
+  const user = await broker.userToken('alice', 'read write')
+  const delegate = async (root: string, task: string) => {
+    const r = await broker.exchange(delegatedRequest(user, await broker.attest(root), { audience: broker.issuer, task_id: task }))
+    t.equal(r.status, 200, why(r))
+    return r.body.access_token as string
+  }
+  const openWith = async (token: string | null) => {
+    const res = await fetch(`${child.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ purpose: 'delegated', duration_s: 200, ...(token ? { user_token: token } : {}) }) })
+    const body = (await res.json()) as Record<string, unknown>
+    t.equal(res.status, 201, String(body.reason ?? ''))
+    return { handle: body.task as string, id: body.id as string }
+  }
+  const rootDelegation = await delegate('agent:summarizer:prod:root', 'root-task')
+  const otherDelegation = await delegate('agent:summarizer:prod:other', 'other-task')
+  const derived = await openWith(rootDelegation)
+  const sibling = await openWith(otherDelegation)
+  const own = await openWith(null)
+  for (const task of [derived, sibling, own]) t.equal((await viaProxy(child, task.handle, `${api.origin}/x`)).status, 200)
+  const injected = decodeJwt(api.tokens.at(-3)!)
+  t.match(injected, { sub: 'alice', act: { sub: 'agent:helper:prod:child', act: { sub: 'agent:summarizer:prod:root' } }, delegated_from: [{ task_id: 'root-task' }] }, 'the derived task injects a token resting on the root delegation')
+  t.equal(child.sidecar.brokerTokens!.describe(derived.id).length, 1, 'and holds it')
+
+  // The root's task: revoked at the broker, never named by the child's own task ID.
+  const revokedAt = Date.now()
+  t.equal((await revoke(broker, 'task', 'root-task')).status, 201)
+  await until('the derived task is refused', async () => (await viaProxy(child, derived.handle, `${api.origin}/x`)).status === 403, 1000)
+  t.ok(Date.now() - revokedAt < 1000, `refused ${Date.now() - revokedAt} ms after the revocation`)
+  t.match(await viaProxy(child, derived.handle, `${api.origin}/x`), { status: 403, body: { code: 'LK_REVOKED', reason: 'revoked', rule: 'revocation:delegation' } })
+  t.equal(child.sidecar.brokerTokens!.describe(derived.id).length, 0, 'its cached token is gone, not kept until it expires')
+  t.match(await taskState(child, derived.handle), { status: 200, body: { state: 'revoked', revoked_by: 'revocation:delegation' } }, 'the task API says why')
+  for (const task of [sibling, own]) t.equal((await viaProxy(child, task.handle, `${api.origin}/x`)).status, 200, 'a task from another delegation, and one of its own, still work')
+
+  // The other delegation by its jti: the same.
+  t.equal((await revoke(broker, 'jti', decodeJwt(otherDelegation).jti!)).status, 201)
+  await until('jti revocation applied', () => child.sidecar.control!.state.has('jti', decodeJwt(otherDelegation).jti!))
+  t.match(await viaProxy(child, sibling.handle, `${api.origin}/x`), { status: 403, body: { code: 'LK_REVOKED', rule: 'revocation:delegation' } })
+  t.equal(child.sidecar.brokerTokens!.describe(sibling.id).length, 0)
+  t.equal((await viaProxy(child, own.handle, `${api.origin}/x`)).status, 200, 'the task of its own is untouched')
+
+  // A task opened afterwards with the revoked delegation: the broker refuses it at once.
+  const late = await fetch(`${child.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ purpose: 'late', duration_s: 60, user_token: rootDelegation }) })
+  t.equal(late.status, 403)
+  t.match(await late.json(), { reason: /task root-task is revoked/ })
+  // A delegation token whose ancestry cannot be read is no task at all.
+  const res = await fetch(`${child.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ purpose: 'x', duration_s: 60, user_token: unsignedJwt({ sub: 'alice', act: { sub: 'agent:summarizer:prod:root' }, jti: 'j1', delegated_from: 'root-task' }) }) })
+  t.equal(res.status, 400)
+  t.match(await res.json(), { reason: /delegated_from, jti or task_id cannot be read/ })
+})
+
+function unsignedJwt(claims: Record<string, unknown>): string {
+  const part = (o: unknown) => Buffer.from(JSON.stringify(o)).toString('base64url')
+  return `${part({ alg: 'ES256', typ: 'JWT' })}.${part(claims)}.${Buffer.from('not a signature').toString('base64url')}`
+}
+
 async function taskState(s: { sidecar: { adminUrl: string } }, handle: string): Promise<{ status: number; body: Record<string, unknown> }> {
   const res = await fetch(`${s.sidecar.adminUrl}/v1/tasks/${handle}`)
   return { status: res.status, body: (await res.json()) as Record<string, unknown> }

@@ -6,6 +6,8 @@ export const ERRORS = {
   LK_NETWORK_DENIED: { status: 403, error: 'denied', retryable: false },
   LK_BAD_REQUEST: { status: 400, error: 'bad_request', retryable: false },
   LK_EXPECTATION_FAILED: { status: 417, error: 'expectation_failed', retryable: false },
+  /** Request line and headers past MAX_HEADER_BYTES (listen/server.ts): RFC 6585's 431, as node:http and nginx answer it. */
+  LK_HEADERS_TOO_LARGE: { status: 431, error: 'headers_too_large', retryable: false },
   LK_NO_ROUTE: { status: 404, error: 'no_route', retryable: false },
   LK_PROXY_AUTH: { status: 407, error: 'proxy_auth_required', retryable: false },
   LK_CALLER_DENIED: { status: 403, error: 'caller_denied', retryable: false },
@@ -95,6 +97,7 @@ const STATUS_TEXT: Record<number, string> = {
   404: 'Not Found',
   407: 'Proxy Authentication Required',
   417: 'Expectation Failed',
+  431: 'Request Header Fields Too Large',
   502: 'Bad Gateway',
   503: 'Service Unavailable',
   504: 'Gateway Timeout',

@@ -70,10 +70,17 @@ export function outboundRequestHeaders(
  * Response headers from upstream minus hop-by-hop and Connection-listed ones, and minus Latchkey's
  * own namespace: an upstream must not pass for the sidecar (a 403 with `X-Latchkey-Error:
  * LK_POLICY_DENIED` would read to the agent as a policy denial, not the upstream's answer).
+ * A Content-Length with leading zeros (`0005`, which undici's parser takes as 5) or trailing
+ * whitespace (`5  `, kept in the value) is written as the number it is: relayed as written, a
+ * client that reads it otherwise (a strict parser refusing it, an old one reading octal) would
+ * frame the body differently from the sidecar. undici's parser refuses every other spelling
+ * (`+5`, `5, 5`, two headers, `0x5`): a 502 LK_UPSTREAM_PROTOCOL.
  */
 export function inboundResponseHeaders(headers: IncomingHttpHeaders): IncomingHttpHeaders {
   const listed = connectionListed(headers.connection)
-  let clean = true
+  const length = headers['content-length']
+  const padded = typeof length === 'string' && length.length > 1 && (length.charCodeAt(0) === 0x30 || !isDigit(length.charCodeAt(length.length - 1)))
+  let clean = !padded
   for (const name in headers) {
     if (HOP_BY_HOP.has(name) || listed?.has(name) || name.startsWith('x-latchkey-')) {
       clean = false
@@ -86,5 +93,12 @@ export function inboundResponseHeaders(headers: IncomingHttpHeaders): IncomingHt
     if (HOP_BY_HOP.has(name) || listed?.has(name) || name.startsWith('x-latchkey-')) continue
     out[name] = headers[name]
   }
+  // Digits and whitespace only here (undici's parser refuses anything else); trimmed as text, so
+  // no length is too long for it.
+  if (padded && out['content-length'] !== undefined) out['content-length'] = length.trim().replace(/^0+(?=\d)/, '')
   return out
+}
+
+function isDigit(c: number): boolean {
+  return c >= 0x30 && c <= 0x39
 }

@@ -14,7 +14,7 @@ import { LatchkeyError } from '../errors.js'
  */
 export function checkLocalCaller(headers: IncomingHttpHeaders, namedHosts = false): void {
   const host = headers.host
-  if (!namedHosts && host !== undefined && !isLocalName(hostname(host))) {
+  if (!namedHosts && host !== undefined && !isLocalName(hostname(host) ?? '')) {
     throw new LatchkeyError('LK_FOREIGN_ORIGIN', 'the request names another host than this sidecar; address it by a loopback address or localhost (another name is what DNS rebinding looks like)')
   }
   const site = headers['sec-fetch-site']
@@ -23,11 +23,27 @@ export function checkLocalCaller(headers: IncomingHttpHeaders, namedHosts = fals
   }
 }
 
-function hostname(host: string): string {
+/**
+ * The host of a Host header, or null when it is no RFC 3986 authority (host, then `:port` at
+ * most): an IPv6 address must be bracketed (`[::1]:80`; a bare `::1` or `::1:80` has no one
+ * reading), and nothing may follow the bracket but a port (`[::1].evil` is not `[::1]`).
+ */
+function hostname(host: string): string | null {
   const h = host.trim().toLowerCase()
-  if (h.startsWith('[')) return h.slice(1, h.indexOf(']') === -1 ? undefined : h.indexOf(']'))
-  const colon = h.lastIndexOf(':')
-  const name = colon === -1 ? h : h.slice(0, colon)
+  let name: string
+  let rest: string
+  if (h.startsWith('[')) {
+    const end = h.indexOf(']')
+    if (end === -1) return null
+    name = h.slice(1, end)
+    if (isIP(name) !== 6) return null
+    rest = h.slice(end + 1)
+  } else {
+    const colon = h.indexOf(':')
+    name = colon === -1 ? h : h.slice(0, colon)
+    rest = colon === -1 ? '' : h.slice(colon)
+  }
+  if (rest !== '' && !/^:\d*$/.test(rest)) return null
   return name.endsWith('.') ? name.slice(0, -1) : name
 }
 

@@ -1,6 +1,6 @@
 // The listener: one node:http server, three entry paths. Absolute-form and origin-form requests
 // go to the pipeline; CONNECT to the tunnel; Upgrade to the WebSocket relay. Parser errors get
-// the same coded 400 as everything else, and are audited.
+// the same coded refusal as everything else (400; a head too large, 431), and are audited.
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import { owedResponse, type Pipeline, type TunnelOrigin } from '../pipeline.js'
@@ -9,7 +9,7 @@ import { handleConnect } from './tunnel.js'
 import { handleUpgrade } from './upgrade.js'
 import { abortChunkedForward } from '../forward/forward.js'
 
-/** Request line and headers, together: past it a 400 `request headers too large`, audited. */
+/** Request line and headers, together: past it a 431 LK_HEADERS_TOO_LARGE, audited. */
 export const MAX_HEADER_BYTES = 16 * 1024
 
 export interface ListenerOptions {
@@ -118,7 +118,7 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     }
     const e =
       err.code === 'HPE_HEADER_OVERFLOW'
-        ? new LatchkeyError('LK_BAD_REQUEST', 'request headers too large')
+        ? new LatchkeyError('LK_HEADERS_TOO_LARGE', `request headers too large (request line and headers over ${MAX_HEADER_BYTES} bytes)`)
         : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
           ? new LatchkeyError('LK_BAD_REQUEST', 'request headers not received in time')
           : new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (${err.code ?? 'parse error'})`)

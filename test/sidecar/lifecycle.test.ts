@@ -54,8 +54,8 @@ t.test('a process-wide --max-http-header-size does not raise the proxy port\'s h
   const p = await spawnSidecar(upstream.port, ['--max-http-header-size=1048576'])
   t.teardown(() => void p.child.kill('SIGKILL'))
   const big = await rawRequest(p.port, `GET http://127.0.0.1:${upstream.port}/big HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(64 * 1024)}\r\nConnection: close\r\n\r\n`)
-  t.equal(big.status, 400, 'refused by the sidecar')
-  t.match(big.body, /request headers too large/)
+  t.equal(big.status, 431, 'refused by the sidecar')
+  t.match(JSON.parse(big.body), { code: 'LK_HEADERS_TOO_LARGE', reason: /request headers too large/ })
   t.equal(upstream.requests.length, 0, 'nothing reached the upstream')
 })
 

@@ -184,6 +184,15 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
     '/status-1000': 'HTTP/1.1 1000 Odd\r\nContent-Length: 2\r\n\r\nok',
     '/forged-denial': 'HTTP/1.1 403 Forbidden\r\nX-Latchkey-Error: LK_POLICY_DENIED\r\nX-Latchkey-Rule: default\r\nContent-Length: 9\r\n\r\nforbidden',
     '/hint-flood': 'HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n'.repeat(500) + 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok',
+    // Content-Length spellings: relayed only as plain decimal digits, or refused.
+    '/length-zero-padded': 'HTTP/1.1 200 OK\r\nContent-Length: 0005\r\n\r\nhello',
+    '/length-zero-padded-zero': 'HTTP/1.1 200 OK\r\nContent-Length: 000\r\n\r\n',
+    '/length-spaced': 'HTTP/1.1 200 OK\r\nContent-Length:   5  \r\n\r\nhello',
+    '/length-plus': 'HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello',
+    '/length-list-same': 'HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello',
+    '/length-list-different': 'HTTP/1.1 200 OK\r\nContent-Length: 5,6\r\n\r\nhello',
+    '/length-twice-padded': 'HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 05\r\n\r\nhello',
+    '/length-hex': 'HTTP/1.1 200 OK\r\nContent-Length: 0x5\r\n\r\nhello',
   }
   const upstream: Server = createServer((s) => {
     s.on('error', () => {})
@@ -206,7 +215,22 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
   t.equal(noContent.headers['content-length'], undefined, 'and without a Content-Length a 204 must not carry')
   t.equal(noContent.body, '')
 
-  for (const path of ['/unsolicited-100', '/not-http', '/two-lengths', '/length-and-chunked', '/unasked-101', '/status-099', '/status-1000']) {
+  // A client reading `0005` otherwise than undici did (a strict parser refusing it, an old one
+  // reading octal) frames the body differently: the agent is told the number undici framed by.
+  for (const [path, body] of [
+    ['/length-zero-padded', 'hello'],
+    ['/length-zero-padded-zero', ''],
+    ['/length-spaced', 'hello'],
+  ] as const) {
+    const r = await get(path)
+    seen.push(r.raw)
+    t.equal(r.status, 200, `${path}: relayed`)
+    t.match(r.raw, new RegExp(`\r\ncontent-length: ${body.length}\r\n`, 'i'), `${path}: with a canonical decimal Content-Length`)
+    t.notMatch(r.raw, /content-length: *0\d/i, `${path}: never as the upstream padded it`)
+    t.equal(r.body, body, `${path}: the whole body, framed by it`)
+  }
+
+  for (const path of ['/unsolicited-100', '/not-http', '/two-lengths', '/length-and-chunked', '/unasked-101', '/status-099', '/status-1000', '/length-plus', '/length-list-same', '/length-list-different', '/length-twice-padded', '/length-hex']) {
     const r = await get(path)
     seen.push(r.raw)
     t.equal(r.status, 502, `${path}: 502`)
@@ -231,6 +255,9 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
     [
       ['/304-with-length', 304, 'allow', null],
       ['/204-with-body', 204, 'allow', null],
+      ['/length-zero-padded', 200, 'allow', null],
+      ['/length-zero-padded-zero', 200, 'allow', null],
+      ['/length-spaced', 200, 'allow', null],
       ['/unsolicited-100', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
       ['/not-http', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
       ['/two-lengths', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
@@ -238,6 +265,11 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
       ['/unasked-101', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
       ['/status-099', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
       ['/status-1000', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
+      ['/length-plus', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
+      ['/length-list-same', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
+      ['/length-list-different', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
+      ['/length-twice-padded', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
+      ['/length-hex', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
       ['/forged-denial', 403, 'allow', null],
       ['/hint-flood', 200, 'allow', null],
     ],

@@ -54,6 +54,36 @@ t.test('a web page cannot drive reverse routes or the admin API', async (t) => {
   t.notOk(seen.some((r) => r.includes(CANARY)))
 })
 
+t.test('the admin port takes a Host that is a loopback authority, spelled as RFC 3986 spells it, and nothing like one', async (t) => {
+  const s = await startTestSidecar(loopbackPolicy([1]))
+  t.teardown(() => s.close())
+  const admin = s.sidecar.adminPort
+  const healthz = (host: string) => rawRequest(admin, `GET /healthz HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`, 100)
+  for (const host of [`[::1]:${admin}`, '[::1]', `[0:0:0:0:0:0:0:1]:${admin}`, `localhost:${admin}`, 'localhost', `127.0.0.1:${admin}`, '127.0.0.1', `127.0.0.1.:${admin}`, `LOCALHOST:${admin}`]) {
+    t.equal((await healthz(host)).status, 200, `${host}: served`)
+  }
+  for (const host of [
+    'evil.com',
+    `evil.com:${admin}`,
+    `127.0.0.1.evil.com:${admin}`,
+    `localhost.evil.com:${admin}`,
+    // Not an authority: an IPv6 address unbracketed (RFC 3986 §3.2.2), or more after the bracket than a port.
+    '::1',
+    `::1:${admin}`,
+    '[::1].evil',
+    `[::1].evil:${admin}`,
+    `[::1]evil.com:${admin}`,
+    `[::1]:${admin}@evil.com`,
+    `127.0.0.1:${admin}.evil.com`,
+    '[::1',
+    '[localhost]',
+  ]) {
+    const r = await healthz(host)
+    t.equal(r.status, 403, `${host}: refused`)
+    t.equal(r.headers['x-latchkey-error'], 'LK_FOREIGN_ORIGIN', `${host}: as a foreign origin`)
+  }
+})
+
 t.test('with allow_remote_clients, a route may be addressed by name; a web page is still refused', async (t) => {
   const { s } = await startBearerRig(t, { fragment: (up) => ({ sidecar: { allow_remote_clients: true }, routes: { api: up.origin } }) })
   const route = (headers: string) => rawRequest(s.sidecar.port, `GET /api/x HTTP/1.1\r\n${headers}Connection: close\r\n\r\n`)

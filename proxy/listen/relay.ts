@@ -2,6 +2,7 @@
 // whole relay once pending writes flush: TLS and WebSocket close with their own handshakes, and
 // a half-open relay left waiting on a peer that never closes would hold sockets forever.
 import type { Socket } from 'node:net'
+import type { Writable } from 'node:stream'
 import type { CallContext } from '../context.js'
 
 /** What every relay (CONNECT tunnel, WebSocket) is timed by. */
@@ -14,9 +15,12 @@ export interface RelayTimeouts {
   headersMs: number
 }
 
-/** Pipes both ways; calls `onClosed` once, after both sockets have closed. */
-export function relay(client: Socket, upstream: Socket, onClosed: () => void): void {
-  upstream.pipe(client)
+/**
+ * Pipes both ways; calls `onClosed` once, after both sockets have closed. `inbound`, when given,
+ * is what the upstream's bytes go through on their way (already piped to the client).
+ */
+export function relay(client: Socket, upstream: Socket, onClosed: () => void, inbound?: Writable): void {
+  upstream.pipe(inbound ?? client)
   client.pipe(upstream)
   watchClose(client, upstream, onClosed)
 }

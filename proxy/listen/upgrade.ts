@@ -14,6 +14,8 @@ import { upstreamError } from '../forward/upstream-errors.js'
 import { closeWhenIdle, relay, watchClose, watchEarlyHangUp, type RelayTimeouts } from './relay.js'
 import { expectedAccept, readUpgradeResponse, serializeSwitchingProtocols } from './upgrade-response.js'
 import { scrubResponseHeaders } from '../forward/scrub.js'
+import { bodyNeedlesFor } from '../forward/body-scrub.js'
+import { WebSocketScrubber } from './websocket-scrub.js'
 
 const KEEP_FOR_WEBSOCKET = ['upgrade', 'connection'] as const
 /** 16 bytes in base64: 22 characters and `==`. */
@@ -73,6 +75,8 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
     if (ctx.binding && ctx.credential) {
       target.search = stripQueryParams(target.search, ctx.binding.stripQuery)
       ctx.binding.inject(headers, target, ctx.credential)
+      // Messages are checked for the credential (websocket-scrub.ts): none may come compressed.
+      delete headers['sec-websocket-extensions']
     }
     let requestHead = `${req.method} ${target.path}${target.search} HTTP/1.1\r\n`
     for (const [name, value] of Object.entries(headers)) {
@@ -110,6 +114,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
       // Until the upstream answers, either side closing ends the attempt; then the relay owns it.
       const stopEarly = watchClose(client, upstream, onClosed)
       let answerHeadBytes = 0
+      let relayScrubber: WebSocketScrubber | null = null
       readUpgradeResponse(upstream, expectedAccept(key), headersMs, (err, response) => {
         stopEarly()
         ctx.upstreamMs = performance.now() - ctx.t0
@@ -120,14 +125,38 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
           return
         }
         const { binding, credential } = ctx
-        if (binding && credential) scrubResponseHeaders(response.headers, binding, credential)
+        let scrubber: WebSocketScrubber | null = null
+        if (binding && credential) {
+          if (response.headers['sec-websocket-extensions'] !== undefined) {
+            upstream.destroy()
+            untrack()
+            refuse(new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream answered the WebSocket handshake with an extension none was offered: its messages could come compressed, and could not be checked for the credential'))
+            return
+          }
+          scrubResponseHeaders(response.headers, binding, credential)
+          scrubber = relayScrubber = new WebSocketScrubber(bodyNeedlesFor(binding, credential))
+          scrubber.once('error', (err) => {
+            if (err instanceof LatchkeyError && ctx.errorCode === null) {
+              ctx.errorCode = err.code
+              ctx.errorReason = err.reason
+            }
+            client.destroy()
+            upstream.destroy()
+          })
+        }
         ctx.status = 101
         ctx.relayed = true
         answerHeadBytes = response.headBytes
         client.write(serializeSwitchingProtocols(response), 'latin1')
-        if (response.rest.length) client.write(response.rest)
         if (head.length) upstream.write(head)
-        relay(client, upstream, onClosed)
+        if (scrubber) {
+          scrubber.pipe(client)
+          if (response.rest.length) scrubber.write(response.rest)
+          relay(client, upstream, onClosed, scrubber)
+        } else {
+          if (response.rest.length) client.write(response.rest)
+          relay(client, upstream, onClosed)
+        }
         closeWhenIdle(ctx, client, idleMs)
       })
       function untrack() {
@@ -142,6 +171,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
         ctx.bytesOut = Math.max(0, upstream.bytesRead - answerHeadBytes)
       }
       function onClosed() {
+        if (relayScrubber) ctx.credentialInBody = relayScrubber.found
         untrack()
         if (ctx.status === 0) ctx.status = 502
         else measure()

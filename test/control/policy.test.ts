@@ -13,6 +13,7 @@ import { createServer as createHttpServer, type IncomingMessage } from 'node:htt
 import type { Duplex } from 'node:stream'
 import { once } from 'node:events'
 import { createHash } from 'node:crypto'
+import { serverFrame } from '../helpers/websocket-frames.js'
 
 const bundle = (port: number, extra: object[] = []) => ({
   mode: 'enforce',
@@ -218,7 +219,7 @@ t.test('a new policy cuts the open TLS tunnels and WebSockets it denies; relays 
   ws.on('upgrade', (req: IncomingMessage, socket: Duplex) => {
     const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
     socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`)
-    socket.on('data', (d: Buffer) => socket.write(d))
+    socket.on('data', (d: Buffer) => socket.write(serverFrame(d)))
     socket.on('error', () => {})
   })
   ws.listen(0, '127.0.0.1')

@@ -13,6 +13,7 @@ import { startTestBroker, freePort, API, type TestBroker } from '../helpers/brok
 import { startTestSidecar, loopbackPolicy, type TestSidecar } from '../helpers/harness.js'
 import type { SidecarOptions } from '../../proxy/sidecar.js'
 import type { BrokerConfig } from '../../lib/config/schema.js'
+import { serverFrame } from '../helpers/websocket-frames.js'
 
 export const CONTROL_TOKEN = 'ctl-' + randomBytes(16).toString('hex')
 
@@ -80,11 +81,11 @@ export async function startApi(): Promise<Api> {
     }
     res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ ok: true, bearer: auth.startsWith('Bearer ') }))
   })
-  // A WebSocket endpoint that echoes (raw frames are fine: the relay does not parse them).
+  // A WebSocket endpoint that echoes what it reads, prefixed, in one text frame (the sidecar reads an upstream's frames).
   server.on('upgrade', (req: IncomingMessage, socket: import('node:net').Socket) => {
     const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
     socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`)
-    socket.on('data', (d: Buffer) => socket.write(Buffer.concat([Buffer.from('echo:'), d])))
+    socket.on('data', (d: Buffer) => socket.write(serverFrame(Buffer.concat([Buffer.from('echo:'), d]))))
     socket.on('error', () => socket.destroy())
     // node:http servers allow half-open sockets: close ours when the sidecar closes its side.
     socket.on('end', () => socket.end())

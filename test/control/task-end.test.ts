@@ -5,6 +5,7 @@ import t from 'tap'
 import { once } from 'node:events'
 import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openTunnel, openWebSocket, until } from './rig.js'
 import type { SidecarOptions } from '../../proxy/sidecar.js'
+import { framePayloads } from '../helpers/websocket-frames.js'
 
 /** A broker, an upstream API and one sidecar connected to both, all torn down with the test. */
 async function startRig(t: { teardown(fn: () => unknown): void }, agent: string, options?: Omit<SidecarOptions, 'env' | 'logDestination'>) {
@@ -50,7 +51,7 @@ t.test('ending a task cuts its open streams, tunnel and WebSocket; the other tas
 
   other.write('ping')
   const [echo] = (await once(other, 'data')) as [Buffer]
-  t.equal(echo.toString(), 'echo:ping', "the other task's WebSocket still relays")
+  t.equal(framePayloads(echo)[0]?.payload.toString(), 'echo:ping', "the other task's WebSocket still relays")
   t.notOk(otherClosed)
   t.equal((await viaProxy(s, staying.handle, `${api.origin}/x`)).status, 200, 'the other task still calls out')
   t.equal((await viaProxy(s, ending.handle, `${api.origin}/x`)).status, 407, 'the ended task is refused')
@@ -70,7 +71,7 @@ t.test('a task that expires has its WebSocket cut by the expiry sweep', async (t
   const ws = await openWebSocket(s, task.handle, api)
   const closed = once(ws, 'close')
   ws.write('ping')
-  t.equal(((await once(ws, 'data')) as [Buffer])[0].toString(), 'echo:ping', 'relaying while the task is open')
+  t.equal(framePayloads(((await once(ws, 'data')) as [Buffer])[0])[0]?.payload.toString(), 'echo:ping', 'relaying while the task is open')
   // The rig opens tasks for 200 s: move the sidecar's clock past that; the once-a-second sweep ends it.
   offset = 201_000
   await closed

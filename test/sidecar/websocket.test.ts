@@ -9,6 +9,7 @@ import { createHash } from 'node:crypto'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { startTestSidecar, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
+import { serverFrame, framePayloads } from '../helpers/websocket-frames.js'
 
 t.test('websocket through a reverse route and through absolute-form', async (t) => {
   const seen: Record<string, string | undefined>[] = []
@@ -17,7 +18,7 @@ t.test('websocket through a reverse route and through absolute-form', async (t) 
     (req, socket) => {
       seen.push({ url: req.url, authorization: req.headers.authorization, host: req.headers.host })
       socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${acceptFor(req)}\r\n\r\n`)
-      socket.on('data', (d: Buffer) => socket.write(Buffer.concat([Buffer.from('echo:'), d])))
+      socket.on('data', (d: Buffer) => socket.write(serverFrame(Buffer.concat([Buffer.from('echo:'), d]))))
     },
     { fragment: (port) => ({ routes: { live: `http://127.0.0.1:${port}` } }) },
   )
@@ -35,7 +36,7 @@ t.test('websocket through a reverse route and through absolute-form', async (t) 
     t.match(head.toString(), /Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK\+xOo=/)
     sock.write('ping')
     const [echo] = (await once(sock, 'data')) as [Buffer]
-    t.equal(echo.toString(), 'echo:ping', 'frames flow both ways')
+    t.equal(framePayloads(echo)[0]?.payload.toString(), 'echo:ping', 'frames flow both ways')
     sock.destroy()
   }
   const reached = { url: '/feed?x=1', authorization: `Bearer ${CANARY}`, host: `127.0.0.1:${port}` }
@@ -212,6 +213,81 @@ function proxyEnv(proxy: string): NodeJS.ProcessEnv {
   return { ...env, HTTP_PROXY: proxy }
 }
 
+t.test("an upstream's WebSocket messages are checked for the credential: whole, across fragments and control frames, never compressed", async (t) => {
+  const offered: (string | undefined)[] = []
+  const sent = new Map<string, Buffer>()
+  const { s } = await startWsRig(t, (req, socket) => {
+    offered.push(req.headers['sec-websocket-extensions'])
+    const secret = String(req.headers.authorization ?? '').slice('Bearer '.length)
+    const url = req.url ?? ''
+    const ext = url === '/deflate' ? 'Sec-WebSocket-Extensions: permessage-deflate\r\n' : ''
+    socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${acceptFor(req)}\r\n${ext}\r\n`)
+    let frames: Buffer
+    if (url === '/reflect') {
+      frames = Buffer.concat([
+        serverFrame(JSON.stringify({ you_sent: `Bearer ${secret}` })),
+        // One message in three fragments, the secret cut across the first two, with a ping
+        // between them (RFC 6455 §5.4) that carries the secret too.
+        serverFrame(`part one ${secret.slice(0, 9)}`, { fin: false }),
+        serverFrame(`ping ${secret}`, { opcode: 0x9 }),
+        serverFrame(`${secret.slice(9)} part two`, { opcode: 0x0, fin: false }),
+        serverFrame(' and the end', { opcode: 0x0 }),
+        serverFrame(Buffer.alloc(70_000, 'a')),
+        serverFrame(`${encodeURIComponent('token=' + secret)}`, { opcode: 0x2 }),
+      ])
+      // Byte by byte for the first 40, then the rest: frame headers cut anywhere.
+      for (let i = 0; i < 40; i++) socket.write(frames.subarray(i, i + 1))
+      socket.end(frames.subarray(40))
+    } else if (url === '/masked') {
+      frames = Buffer.from([0x81, 0x85, 1, 2, 3, 4, 0x69, 0x67, 0x6f, 0x68, 0x6e])
+      socket.write(frames)
+    } else if (url === '/reserved') {
+      frames = Buffer.from([0xc1, 0x02, 0x68, 0x69])
+      socket.write(frames)
+    } else return
+    sent.set(url, frames)
+  }, { fragment: (port) => ({ routes: { live: `http://127.0.0.1:${port}` } }) })
+  const open = async (path: string) => {
+    const sock = connect(s.sidecar.port, '127.0.0.1')
+    await once(sock, 'connect')
+    const chunks: Buffer[] = []
+    sock.on('data', (c: Buffer) => chunks.push(c))
+    const closed = once(sock, 'close')
+    sock.write(`GET /live${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n`)
+    await closed
+    const all = Buffer.concat(chunks)
+    const headEnd = all.indexOf('\r\n\r\n')
+    return { head: all.subarray(0, headEnd).toString('latin1'), frames: all.subarray(headEnd + 4) }
+  }
+
+  const reflected = await open('/reflect')
+  t.match(reflected.head, /^HTTP\/1\.1 101 /)
+  t.equal(offered[0], undefined, 'no extension is offered upstream on a credentialed WebSocket, whatever the agent offered')
+  t.notOk(reflected.frames.includes(CANARY), 'the secret reached the agent in no frame')
+  t.notOk(reflected.frames.includes(CANARY.slice(0, 9)) && reflected.frames.includes(CANARY.slice(9)), 'nor in pieces')
+  t.equal(reflected.frames.length, sent.get('/reflect')!.length, 'every frame keeps its length')
+  const got = framePayloads(reflected.frames)
+  const want = framePayloads(sent.get('/reflect')!)
+  t.same(got.map((f) => [f.opcode, f.fin, f.payload.length]), want.map((f) => [f.opcode, f.fin, f.payload.length]), 'the same frames, in the same order')
+  t.match(got[0]!.payload.toString(), /^\{"you_sent":"Bearer [^"]+"\}$/, 'around the match the message is as sent')
+  t.equal(Buffer.concat([got[1]!.payload, got[3]!.payload, got[4]!.payload]).toString().replace(/[^ a-z]/g, ''), 'part one  part two and the end', 'the fragmented message is intact but for the secret')
+  t.equal(got[5]!.payload.toString(), 'a'.repeat(70_000), 'a long message passes as it was')
+
+  const deflate = await rawRequest(s.sidecar.port, 'GET /live/deflate HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n')
+  t.equal(deflate.status, 502, 'an upstream that turns compression on anyway is refused')
+  t.match(deflate.body, /LK_UPSTREAM_PROTOCOL/)
+  for (const path of ['/masked', '/reserved']) {
+    const cut = await open(path)
+    t.match(cut.head, /^HTTP\/1\.1 101 /)
+    t.equal(cut.frames.length, 0, `${path}: a frame the sidecar cannot read is not relayed; the connection is closed`)
+  }
+  await new Promise((r) => setTimeout(r, 500))
+  const events = await s.audit()
+  t.match(events.filter((e) => e.path === '/masked' || e.path === '/reserved').map((e) => e.error), ['LK_UPSTREAM_PROTOCOL', 'LK_UPSTREAM_PROTOCOL'], 'and is recorded as the upstream failing the protocol')
+  t.ok(s.logs.some((l) => l.includes('sent the injected credential back')), 'the operator is told')
+  assertNoCanary(t, s, reflected.frames.toString('latin1'), deflate.raw)
+})
+
 /** The Sec-WebSocket-Accept an upstream answers a handshake with (RFC 6455 §4.2.2). */
 t.test('a WebSocket with no frames either way for tunnel_idle_ms is closed, recorded LK_IDLE_TIMEOUT', async (t) => {
   const upstreamEnded: Promise<unknown>[] = []
@@ -220,7 +296,7 @@ t.test('a WebSocket with no frames either way for tunnel_idle_ms is closed, reco
     (req, socket) => {
       upstreamEnded.push(once(socket, 'end'))
       socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${acceptFor(req)}\r\n\r\n`)
-      socket.on('data', (d: Buffer) => socket.write(d))
+      socket.on('data', (d: Buffer) => socket.write(serverFrame(d)))
     },
     { fragment: (port) => ({ routes: { live: `http://127.0.0.1:${port}` }, sidecar: { timeouts: { tunnel_idle_ms: 300 } } }) },
   )
@@ -244,7 +320,7 @@ t.test('a WebSocket with no frames either way for tunnel_idle_ms is closed, reco
   t.pass('the upstream side is ended with it')
   await new Promise((r) => setTimeout(r, 50))
   // Frames only, each way: six 4-byte pings sent and echoed; neither handshake counts.
-  t.match(await s.audit(), [{ via: 'upgrade', status: 101, error: 'LK_IDLE_TIMEOUT', bytes_in: 24, bytes_out: 24 }])
+  t.match(await s.audit(), [{ via: 'upgrade', status: 101, error: 'LK_IDLE_TIMEOUT', bytes_in: 24, bytes_out: 36 }], 'six frames of 4 bytes each way: the echo adds each its 2-byte frame header')
 })
 
 t.test('an upstream that never answers the handshake: 504 after timeouts.headers_ms, both sockets closed', async (t) => {

@@ -1,0 +1,177 @@
+// WebSocket messages from the upstream on a credentialed connection, checked for the credential
+// as response bodies are (forward/body-scrub.ts): an upstream that reflects what it was sent (a
+// debug socket echoing its handshake, an error message quoting the token) must not hand the
+// agent the secret. Frames are read as RFC 6455 §5.2 lays them out and each payload goes through
+// one BodyScrubber per message, so a match is overwritten in place and every frame keeps its
+// length: headers are relayed as they were, only payload bytes change.
+//
+// A match may cross the fragments of one message. The bytes at the end of a fragment that could
+// begin one wait, as in a body, and whatever comes after them on the wire (the next fragment's
+// header, a control frame between fragments, §5.4) waits behind them, in order. A message's
+// last fragment releases everything. Control frames (close reason, ping, pong) are checked whole.
+//
+// Messages cannot be read compressed: the handshake offers no extension (upgrade.ts), and a frame
+// with a reserved bit set, or masked (a server never masks, §5.1), ends the connection.
+import { Transform, type TransformCallback } from 'node:stream'
+import { BodyScrubber, type BodyNeedles } from '../forward/body-scrub.js'
+import { LatchkeyError } from '../errors.js'
+
+const enum At {
+  Header,
+  Payload,
+  Control,
+}
+
+export class WebSocketScrubber extends Transform {
+  private at = At.Header
+  /** Whether the data frame being read ends its message. */
+  private fin = false
+  /** Header bytes read so far (at most 2 + 8: a server frame carries no masking key). */
+  private readonly headerBytes = Buffer.alloc(10)
+  private headerLength = 0
+
+  /** Payload bytes of the current frame still to come. */
+  private left = 0
+  private control: Buffer[] = []
+  private controlHeader: Buffer | null = null
+  private readonly scrubber: BodyScrubber
+  /**
+   * What waits behind the bytes the scrubber holds, in wire order: once they are released,
+   * `after` of them are the held payload, then `bytes` go. Empty when nothing is held.
+   */
+  private readonly queued: { after: number; bytes: Buffer }[] = []
+  /** Payload bytes the scrubber holds now (it returns them, in order, before anything newer). */
+  private held = 0
+
+  constructor(private readonly needles: BodyNeedles) {
+    super()
+    this.scrubber = new BodyScrubber(needles)
+  }
+
+  /** The upstream closed mid-message: what is held is less than any needle, and goes as it is. */
+  override _flush(done: TransformCallback): void {
+    const rest = this.scrubber.end()
+    if (rest) this.release(rest)
+    for (const q of this.queued.splice(0)) this.push(q.bytes)
+    this.held = 0
+    done()
+  }
+
+  /** Matches overwritten so far, across messages. */
+  get found(): number {
+    return this.scrubber.found
+  }
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
+    try {
+      let i = 0
+      while (i < chunk.length) {
+        if (this.at === At.Header) i = this.readHeader(chunk, i)
+        else {
+          const n = Math.min(this.left, chunk.length - i)
+          const part = chunk.subarray(i, i + n)
+          i += n
+          this.left -= n
+          if (this.at === At.Payload) this.payload(part)
+          else this.control.push(part)
+          if (this.left === 0) this.frameEnd()
+        }
+      }
+      done()
+    } catch (err) {
+      done(err as Error)
+    }
+  }
+
+  /** Reads header bytes from `chunk` at `i`; returns where it stopped. */
+  private readHeader(chunk: Buffer, i: number): number {
+    const hb = this.headerBytes
+    while (i < chunk.length) {
+      const need = this.headerLength < 2 ? 2 : 2 + ((hb[1]! & 0x7f) === 126 ? 2 : (hb[1]! & 0x7f) === 127 ? 8 : 0)
+      if (this.headerLength === need) break
+      hb[this.headerLength++] = chunk[i++]!
+    }
+    const len7 = hb[1]! & 0x7f
+    if (this.headerLength < 2 || this.headerLength < 2 + (len7 === 126 ? 2 : len7 === 127 ? 8 : 0)) return i
+    const h = Buffer.from(hb.subarray(0, this.headerLength))
+    this.headerLength = 0
+    const b0 = h[0]!
+    const b1 = h[1]!
+    if (b0 & 0x70) throw protocolError('a frame with a reserved bit set, and no extension was negotiated')
+    if (b1 & 0x80) throw protocolError('a masked frame (a server never masks, RFC 6455 §5.1)')
+    let length = len7
+    if (len7 === 126) length = h.readUInt16BE(2)
+    else if (len7 === 127) {
+      const big = h.readBigUInt64BE(2)
+      if (big > BigInt(Number.MAX_SAFE_INTEGER)) throw protocolError('a frame longer than 2^53 bytes')
+      length = Number(big)
+    }
+    const opcode = b0 & 0x0f
+    this.left = length
+    if (opcode >= 0x8) {
+      if (length > 125 || !(b0 & 0x80)) throw protocolError('a control frame longer than 125 bytes or fragmented')
+      this.at = At.Control
+      this.controlHeader = h
+    } else {
+      this.at = At.Payload
+      this.fin = (b0 & 0x80) !== 0
+      this.sendOrQueue(h)
+    }
+    if (length === 0) this.frameEnd()
+    return i
+  }
+
+  private payload(part: Buffer): void {
+    const out = this.scrubber.push(part)
+    this.held += part.length - (out?.length ?? 0)
+    if (out) this.release(out)
+  }
+
+  private frameEnd(): void {
+    if (this.at === At.Control) {
+      // Checked whole, on its own (≤ 125 bytes): it is no part of the message around it.
+      const one = new BodyScrubber(this.needles)
+      const body = Buffer.concat(this.control)
+      const scrubbed = Buffer.concat([one.push(body) ?? Buffer.alloc(0), one.end() ?? Buffer.alloc(0)])
+      this.scrubber.found += one.found
+      this.control = []
+      this.sendOrQueue(Buffer.concat([this.controlHeader!, scrubbed]))
+      this.controlHeader = null
+    } else if (this.fin) {
+      const rest = this.scrubber.end()
+      if (rest) this.release(rest)
+      this.held = 0
+    }
+    this.at = At.Header
+  }
+
+  /** Sends payload bytes the scrubber released, with whatever was queued behind them. */
+  private release(out: Buffer): void {
+    let from = 0
+    while (this.queued.length > 0) {
+      const q = this.queued[0]!
+      const take = Math.min(q.after, out.length - from)
+      if (take > 0) this.push(out.subarray(from, from + take))
+      from += take
+      q.after -= take
+      if (q.after > 0) return
+      this.queued.shift()
+      this.push(q.bytes)
+    }
+    if (from < out.length) this.push(out.subarray(from))
+  }
+
+  /** Sends header or control-frame bytes now, or queues them behind the payload the scrubber holds. */
+  private sendOrQueue(bytes: Buffer): void {
+    if (this.held === 0 && this.queued.length === 0) {
+      this.push(bytes)
+      return
+    }
+    const ahead = this.queued.reduce((n, q) => n + q.after, 0)
+    this.queued.push({ after: this.held - ahead, bytes })
+  }
+}
+
+function protocolError(what: string): LatchkeyError {
+  return new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream's WebSocket sent ${what}`)
+}

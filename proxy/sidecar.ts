@@ -336,7 +336,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
         else tokens = brokerTokens?.dropJti(r.value) ? 1 : 0
         for (const id of stopped) {
           tokens += brokerTokens?.describe(id).length ?? 0
-          brokerTokens?.dropTask(id, 'revoked')
+          brokerTokens?.dropTask(id, r.kind === 'task' && id === r.value ? 'revoked' : 'revoked-delegation')
         }
         if (stopped.size > 0) cut = pipeline.cut((id) => id.taskId !== null && stopped.has(id.taskId))
       }

@@ -60,13 +60,15 @@ interface Ticket {
   voided: LatchkeyError | null
 }
 
-/** Why a task's tokens are dropped: what a request waiting on its exchange is told. */
-export type TaskDrop = 'ended' | 'revoked'
+/**
+ * Why a task's tokens are dropped: what a request waiting on its exchange is told. Revoked as a
+ * task, or through a delegation its token was derived from (control/state.ts names it the same).
+ */
+export type TaskDrop = 'ended' | 'revoked' | 'revoked-delegation'
 
 function taskDropError(why: TaskDrop): LatchkeyError {
-  return why === 'revoked'
-    ? new LatchkeyError('LK_REVOKED', 'revoked', 'revocation:task')
-    : new LatchkeyError('LK_TASK_ENDED', 'the task ended while its token was being fetched')
+  if (why === 'ended') return new LatchkeyError('LK_TASK_ENDED', 'the task ended while its token was being fetched')
+  return new LatchkeyError('LK_REVOKED', 'revoked', why === 'revoked' ? 'revocation:task' : 'revocation:delegation')
 }
 
 /** Epoch ms as ISO 8601, clamped to what a Date can hold: describing a task never throws. */

@@ -98,8 +98,9 @@ export class ClientCredentialsIssuer implements TokenIssuer {
     if (status !== 200) {
       const code = typeof body.error === 'string' ? body.error.slice(0, 64) : 'error'
       const why = typeof body.error_description === 'string' ? `: ${body.error_description.slice(0, 300)}` : ''
-      // An AS echoing what it was sent would have the agent, the audit and the log hold the client secret.
-      const said = quotesSecret(code + why, c) ? '; its error text quoted the client secret and is not repeated' : ` ${code}${why}`
+      // An AS echoing what it was sent would have the agent, the audit and the log hold the client
+      // secret. Looked for whole as well: a secret across the cut would be quoted in part.
+      const said = quotesSecret(code + why, c) || [body.error, body.error_description].some((w) => typeof w === 'string' && quotesSecret(w, c)) ? '; its error text quoted the client secret and is not repeated' : ` ${code}${why}`
       throw new ExchangeFailed(status >= 500 ? 'unreachable' : 'refused', `authorization server refused client credentials (${status}${said})`)
     }
     const token = body.access_token
@@ -114,7 +115,7 @@ export class ClientCredentialsIssuer implements TokenIssuer {
     const extra = binding.scopes.length > 0 ? granted.filter((s) => !binding.scopes.includes(s)) : []
     if (extra.length > 0) {
       const named = extra.join(' ').slice(0, 200)
-      throw new ExchangeFailed('invalid_response', `authorization server granted scopes not asked for (${quotesSecret(named, c) ? 'not repeated: they quote the client secret' : named})`)
+      throw new ExchangeFailed('invalid_response', `authorization server granted scopes not asked for (${quotesSecret(named, c) || (typeof body.scope === 'string' && quotesSecret(body.scope, c)) ? 'not repeated: they quote the client secret' : named})`)
     }
     return { token, jti: `cc:${binding.id}`, scopes: granted, expiresInMs: lifetimeS * 1000 }
   }

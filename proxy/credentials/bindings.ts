@@ -8,44 +8,13 @@ import { originKey } from '../listen/target.js'
 // Header values are formatted once per credential (one cache per injector: two bindings may write
 // the same credential differently), not once per request.
 import { perCredential } from './per-credential.js'
+import { reencodings } from '../forward/scrub.js'
 
 type Headers = Record<string, string | string[] | undefined>
 
 /** Agent-sent credentials replaced on every injected audience, whatever the injector writes. */
 const ALWAYS_STRIP = ['authorization', 'cookie', 'x-api-key', 'api-key', 'x-auth-token', 'proxy-authorization']
 
-/**
- * The secret as an upstream might re-encode it to echo it back: hex in either case (Java's
- * printHexBinary, .NET's Convert.ToHexString and Go's %X write upper case), for a secret beyond
- * ASCII its UTF-8 bytes as a response header carries them (header values reach the sidecar one
- * byte per character), and base64, standard or URL-safe, of any text that holds it: the header
- * the injector wrote (`Bearer <secret>`), a session cookie's JSON, `user:secret`.
- */
-function reencodings(text: string): string[] {
-  const bytes = Buffer.from(text)
-  const hex = bytes.toString('hex')
-  return [...new Set([...base64Cores(bytes), hex, hex.toUpperCase(), bytes.toString('latin1')])].filter((f) => f !== text)
-}
-
-/**
- * Base64 turns every 3 bytes into 4 characters, so the secret inside longer text is spelled one
- * of three ways, by where it falls in a group of three. For each, the characters that depend on
- * the secret's bytes alone (its whole groups) are what any such encoding contains. Shorter than
- * 12 characters, a core could turn up in unrelated text: the secret's own encoding is used then.
- */
-function base64Cores(bytes: Buffer): string[] {
-  const cores: string[] = []
-  for (let offset = 0; offset < 3; offset++) {
-    const b64 = Buffer.concat([Buffer.alloc(offset), bytes]).toString('base64')
-    const core = b64.slice(offset === 0 ? 0 : 4, 4 * Math.floor((offset + bytes.length) / 3))
-    if (core.length >= 12) cores.push(core, core.replace(/\+/g, '-').replace(/\//g, '_'))
-  }
-  if (cores.length === 0) {
-    const b64 = bytes.toString('base64')
-    cores.push(b64, b64.replace(/=+$/, ''), bytes.toString('base64url'))
-  }
-  return cores
-}
 const secretReencodings = perCredential((c) => reencodings(c.value))
 
 function injector(cfg: InjectConfig): {

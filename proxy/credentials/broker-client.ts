@@ -1,6 +1,7 @@
 // The sidecar's RFC 8693 client: one POST to the broker's token endpoint per exchange, with the
 // workload evidence as actor_token and the task's user token, if any, as subject_token. Every
-// failure becomes an ExchangeFailed whose reason names what went wrong and never a token.
+// failure becomes an ExchangeFailed whose reason names what went wrong and never a token: what
+// the broker says is quoted only if it does not reveal a token the sidecar sent it (revealsSecret).
 // The token's current actor (act.sub, outermost: broker/act.ts) must be the sidecar's agent_id:
 // read, not verified (the broker signs; this is a consistency check), and refused otherwise.
 import { Pool } from 'undici'
@@ -11,8 +12,13 @@ import { EvidenceUnavailable, type WorkloadEvidence } from '../attest/evidence.j
 import type { CredentialBinding, TaskRef } from '../context.js'
 import { ActorMismatch, type TokenIssuer } from './broker-source.js'
 import { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, readCapped, type IssuedToken } from './exchange-outcome.js'
+import { revealsSecret } from '../forward/scrub.js'
 
 export { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, type ExchangeOutcome, type IssuedToken } from './exchange-outcome.js'
+
+/** Said instead of text from the broker that reveals a token the sidecar sent it: its refusal, and a value it answered. */
+const WITHHELD = 'its error text quoted a credential the sidecar sent and is not repeated'
+const NOT_REPEATED = 'not repeated: it quotes a credential the sidecar sent'
 
 /** How far this clock may run ahead of the broker's before a JWT's exp shortens its use here. */
 const CLOCK_LEEWAY_MS = 60_000
@@ -69,6 +75,11 @@ export class BrokerClient implements TokenIssuer {
     form.set('requested_token_type', requestedType)
     form.set('task_id', task.id)
     form.set('task_duration', String(Math.max(1, durationS)))
+    // The secrets this request carries: a broker that echoes them back (in its refusal, a scope,
+    // an aud, an act.sub) would otherwise have the agent, the audit and the log hold them.
+    const sent = task.userToken ? [task.userToken, evidence] : [evidence]
+    /** Whether the broker's text reveals one, as quoted (`shown`) or whole: a token across the cut would be quoted in part. */
+    const quotes = (shown: string, ...whole: unknown[]) => revealsSecret(shown, sent) || whole.some((w) => typeof w === 'string' && revealsSecret(w, sent))
 
     let status: number
     let text: string
@@ -102,8 +113,9 @@ export class BrokerClient implements TokenIssuer {
     }
     if (status !== 200) {
       const code = typeof body.error === 'string' ? body.error.slice(0, 64) : 'error'
-      const why = typeof body.error_description === 'string' ? body.error_description.slice(0, 300) : ''
-      throw new ExchangeFailed(status >= 500 ? 'unreachable' : 'refused', `broker refused the exchange (${status} ${code}${why ? `: ${why}` : ''})`)
+      const why = typeof body.error_description === 'string' && body.error_description ? `: ${body.error_description.slice(0, 300)}` : ''
+      const said = quotes(code + why, body.error, body.error_description) ? `; ${WITHHELD}` : ` ${code}${why}`
+      throw new ExchangeFailed(status >= 500 ? 'unreachable' : 'refused', `broker refused the exchange (${status}${said})`)
     }
     const token = body.access_token
     const expiresIn = body.expires_in
@@ -119,7 +131,9 @@ export class BrokerClient implements TokenIssuer {
     // Asking for no scope asks for what the registry allows: only a request that names scopes bounds them.
     const extra = scopes.length > 0 ? granted.filter((g) => !scopes.includes(g)) : []
     if (extra.length > 0) {
-      throw new ExchangeFailed('invalid_response', `broker granted scope ${extra.map((g) => JSON.stringify(g.slice(0, 64))).join(' ')} beyond the ${scopes.join(' ')} asked for`)
+      const named = extra.map((g) => JSON.stringify(g.slice(0, 64))).join(' ')
+      // The whole answer is looked at too: split at its spaces, a token holding one would be quoted in parts.
+      throw new ExchangeFailed('invalid_response', `broker granted scope ${quotes(named, body.scope) ? `(${NOT_REPEATED})` : named} beyond the ${scopes.join(' ')} asked for`)
     }
     let expiresInMs = Math.min(expiresIn, MAX_EXPIRES_IN_S) * 1000
     let jti = typeof body.lease_id === 'string' ? body.lease_id.slice(0, 64) : 'unknown'
@@ -134,7 +148,8 @@ export class BrokerClient implements TokenIssuer {
         if (typeof claims.jti === 'string') jti = claims.jti.slice(0, 128)
         const aud = typeof claims.aud === 'string' ? [claims.aud] : Array.isArray(claims.aud) ? claims.aud : []
         if (!aud.includes(audience)) {
-          throw new ExchangeFailed('invalid_response', `broker issued a token for another audience (aud ${aud.map((a) => JSON.stringify(String(a).slice(0, 128))).join(', ') || 'missing'}, asked for ${audience})`)
+          const named = aud.map((a) => JSON.stringify(String(a).slice(0, 128))).join(', ') || 'missing'
+          throw new ExchangeFailed('invalid_response', `broker issued a token for another audience (aud ${quotes(named, ...aud.map(String)) ? `(${NOT_REPEATED})` : named}, asked for ${audience})`)
         }
         // Never past the token's own exp: bounded by its stated life (exp - iat, no clock involved)
         // and by exp on this clock, with a minute's leeway for skew (the API judges exp on its clock).
@@ -148,8 +163,9 @@ export class BrokerClient implements TokenIssuer {
         // The current actor is the outermost act.sub (RFC 8693 §4.1; broker/exchange.ts builds it so).
         if (agentId !== undefined) {
           const act = claims.act as { sub?: unknown } | undefined
-          const actor = typeof act === 'object' && act !== null && typeof act.sub === 'string' ? act.sub.slice(0, 256) : null
-          if (actor !== agentId) throw new ActorMismatch(agentId, actor)
+          const sub = typeof act === 'object' && act !== null ? act.sub : undefined
+          const actor = typeof sub === 'string' ? sub.slice(0, 256) : null
+          if (actor !== agentId) throw new ActorMismatch(agentId, actor !== null && quotes(actor, sub) ? `(${NOT_REPEATED})` : actor)
         }
       }
     }

@@ -4,11 +4,11 @@
 // set), so a route gets no more than it needs. Cached and refreshed by CachedTokenSource.
 import { Pool } from 'undici'
 import { createSecureContext } from 'node:tls'
-import { unescape } from 'node:querystring'
 import type { CredentialBinding, TaskRef } from '../context.js'
 import type { CredentialBindingConfig } from '../../lib/config/schema.js'
 import { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, readCapped, type IssuedToken } from './exchange-outcome.js'
 import type { TokenIssuer } from './broker-source.js'
+import { revealsSecret } from '../forward/scrub.js'
 
 interface Client {
   url: URL
@@ -22,18 +22,13 @@ interface Client {
 /** RFC 6749 §2.3.1: id and secret are form-urlencoded before they are joined and base64-encoded. */
 const formEncode = (s: string) => encodeURIComponent(s).replace(/%20/g, '+')
 
-/** Whether `text` holds the client secret: as sent (plain, form-encoded, in the Basic header) or percent-escaped over it, up to three times. */
+/**
+ * Whether `text` (an AS's refusal, a scope it granted) reveals the client secret, in any spelling
+ * forward/scrub.ts knows: as sent (plain, form-encoded, inside the Basic header) or escaped over it.
+ */
 function quotesSecret(text: string, c: Client): boolean {
-  const forms = [c.secret, formEncode(c.secret), Buffer.from(`${formEncode(c.clientId)}:${formEncode(c.secret)}`).toString('base64')]
-  let t = text
-  for (let round = 0; round < 4; round++) {
-    if (forms.some((f) => t.includes(f))) return true
-    // unescape (node:querystring) leaves malformed escapes as they are instead of throwing.
-    const next = unescape(t)
-    if (next === t) return false
-    t = next
-  }
-  return false
+  const basic = `${formEncode(c.clientId)}:${formEncode(c.secret)}`
+  return revealsSecret(text, [{ value: c.secret, within: [basic, Buffer.from(basic).toString('base64')] }])
 }
 
 export class ClientCredentialsIssuer implements TokenIssuer {
@@ -103,8 +98,9 @@ export class ClientCredentialsIssuer implements TokenIssuer {
     if (status !== 200) {
       const code = typeof body.error === 'string' ? body.error.slice(0, 64) : 'error'
       const why = typeof body.error_description === 'string' ? `: ${body.error_description.slice(0, 300)}` : ''
-      // An AS echoing what it was sent would have the agent, the audit and the log hold the client secret.
-      const said = quotesSecret(code + why, c) ? '; its error text quoted the client secret and is not repeated' : ` ${code}${why}`
+      // An AS echoing what it was sent would have the agent, the audit and the log hold the client
+      // secret. Looked for whole as well: a secret across the cut would be quoted in part.
+      const said = quotesSecret(code + why, c) || [body.error, body.error_description].some((w) => typeof w === 'string' && quotesSecret(w, c)) ? '; its error text quoted the client secret and is not repeated' : ` ${code}${why}`
       throw new ExchangeFailed(status >= 500 ? 'unreachable' : 'refused', `authorization server refused client credentials (${status}${said})`)
     }
     const token = body.access_token
@@ -119,7 +115,7 @@ export class ClientCredentialsIssuer implements TokenIssuer {
     const extra = binding.scopes.length > 0 ? granted.filter((s) => !binding.scopes.includes(s)) : []
     if (extra.length > 0) {
       const named = extra.join(' ').slice(0, 200)
-      throw new ExchangeFailed('invalid_response', `authorization server granted scopes not asked for (${quotesSecret(named, c) ? 'not repeated: they quote the client secret' : named})`)
+      throw new ExchangeFailed('invalid_response', `authorization server granted scopes not asked for (${quotesSecret(named, c) || (typeof body.scope === 'string' && quotesSecret(body.scope, c)) ? 'not repeated: they quote the client secret' : named})`)
     }
     return { token, jti: `cc:${binding.id}`, scopes: granted, expiresInMs: lifetimeS * 1000 }
   }

@@ -48,24 +48,79 @@ function needlesFor(binding: CredentialBinding, credential: Credential): Needles
   let byCredential = needlesByBinding.get(binding)
   if (!byCredential) needlesByBinding.set(binding, (byCredential = new WeakMap()))
   let n = byCredential.get(credential)
-  if (!n) {
-    const secret = credential.value
-    const forms = binding.encodedForms(credential)
-    n = {
-      secret,
-      wanted: spaceAsPlus(secret),
-      wantedAfter: unescapedRounds(secret),
-      lowerWantedAfter: unescapedRounds(secret).map((w) => w.toLowerCase()),
-      lowerSecret: secret.toLowerCase(),
-      lowerWanted: spaceAsPlus(secret.toLowerCase()),
-      forms,
-      lowerForms: forms.map((f) => f.toLowerCase()),
-      shortest: Math.min(secret.length, ...forms.map((f) => f.length)),
-      plusy: secret.includes(' ') || secret.includes('+'),
-    }
-    byCredential.set(credential, n)
-  }
+  if (!n) byCredential.set(credential, (n = needles(credential.value, binding.encodedForms(credential))))
   return n
+}
+
+function needles(secret: string, forms: readonly string[]): Needles {
+  return {
+    secret,
+    wanted: spaceAsPlus(secret),
+    wantedAfter: unescapedRounds(secret),
+    lowerWantedAfter: unescapedRounds(secret).map((w) => w.toLowerCase()),
+    lowerSecret: secret.toLowerCase(),
+    lowerWanted: spaceAsPlus(secret.toLowerCase()),
+    forms,
+    lowerForms: forms.map((f) => f.toLowerCase()),
+    shortest: Math.min(secret.length, ...forms.map((f) => f.length)),
+    plusy: secret.includes(' ') || secret.includes('+'),
+  }
+}
+
+/** A secret the sidecar sent, and the texts it was sent inside (Basic's `id:secret`, that header's base64), if any. */
+export type SentSecret = string | { value: string; within?: readonly string[] }
+
+/**
+ * Whether `text` reveals any of `secrets`, in every spelling revealsCredential catches: the
+ * secret, its base64 (standard or URL-safe, of any text that holds it) and hex, and the same
+ * re-encodings of each text it was sent `within`, as is or after undoing up to three rounds of
+ * percent-encoding (`+` for a space), JSON string escapes and HTML character references. For text
+ * a remote server chose after it was sent them (an authorization server's or the broker's
+ * refusal): quoting it would hand the agent, the audit and the log what was sent. The needles are
+ * worked out on each call, which is fine on a refusal and too slow per request (revealsCredential
+ * caches them). An empty secret reveals nothing.
+ */
+export function revealsSecret(text: string, secrets: readonly SentSecret[]): boolean {
+  for (const s of secrets) {
+    const { value, within = [] } = typeof s === 'string' ? { value: s } : s
+    if (value.length === 0) continue
+    const forms = [...new Set([...reencodings(value), ...within.flatMap((w) => reencodings(w))])].filter((f) => f.length > 0)
+    if (reveals(text, needles(value, forms), false)) return true
+  }
+  return false
+}
+
+/**
+ * The secret as an upstream might re-encode it to echo it back: hex in either case (Java's
+ * printHexBinary, .NET's Convert.ToHexString and Go's %X write upper case), for a secret beyond
+ * ASCII its UTF-8 bytes as a response header carries them (header values reach the sidecar one
+ * byte per character), and base64, standard or URL-safe, of any text that holds it: the header
+ * the injector wrote (`Bearer <secret>`), a session cookie's JSON, `user:secret`.
+ */
+export function reencodings(text: string): string[] {
+  const bytes = Buffer.from(text)
+  const hex = bytes.toString('hex')
+  return [...new Set([...base64Cores(bytes), hex, hex.toUpperCase(), bytes.toString('latin1')])].filter((f) => f !== text)
+}
+
+/**
+ * Base64 turns every 3 bytes into 4 characters, so the secret inside longer text is spelled one
+ * of three ways, by where it falls in a group of three. For each, the characters that depend on
+ * the secret's bytes alone (its whole groups) are what any such encoding contains. Shorter than
+ * 12 characters, a core could turn up in unrelated text: the secret's own encoding is used then.
+ */
+function base64Cores(bytes: Buffer): string[] {
+  const cores: string[] = []
+  for (let offset = 0; offset < 3; offset++) {
+    const b64 = Buffer.concat([Buffer.alloc(offset), bytes]).toString('base64')
+    const core = b64.slice(offset === 0 ? 0 : 4, 4 * Math.floor((offset + bytes.length) / 3))
+    if (core.length >= 12) cores.push(core, core.replace(/\+/g, '-').replace(/\//g, '_'))
+  }
+  if (cores.length === 0) {
+    const b64 = bytes.toString('base64')
+    cores.push(b64, b64.replace(/=+$/, ''), bytes.toString('base64url'))
+  }
+  return cores
 }
 
 /**

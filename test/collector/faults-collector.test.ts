@@ -13,6 +13,9 @@ import { authMetadata, ingestClient, sha256hex, sidecarIdentity, startTestCollec
 import { freePort, startCollectedSidecar } from './sidecar-helpers.js'
 import { loadGenerator, startChild, writeYaml } from './process-helpers.js'
 import { PG_URL, seqEvents, uniqueSchema } from './events.js'
+import { Server as GrpcServer, ServerCredentials, status as grpcStatus, type ServerDuplexStream } from '@grpc/grpc-js'
+import { AuditIngestServiceService } from '../../protos/gen/latchkey/v1/audit.js'
+import { SPELLINGS, holds } from '../helpers/spellings.js'
 
 const AGENT = 'agent:summarizer:test:a1'
 // Child processes, kills and restarts: slower than the 60 s default allows on a loaded 2-core CI.
@@ -152,4 +155,33 @@ t.test('duplicate and overlapping batches: each event stored once, chain intact'
   const ids = (await c.store.eventsByAgent({ agent: AGENT, since: new Date(0) })).map((e) => e.event.id).sort()
   t.same(ids, all.map((e) => e.event!.id).sort())
   t.same(await c.store.verify(), { ok: true, checked: 30, sidecars: 1, breaks: [] })
+})
+
+t.test('a collector that echoes the bearer token in its error: the log quotes none of it, in any spelling', async (t) => {
+  // The sidecar sends its collector token as a bearer; whatever answers logs its gRPC error text.
+  let spell: (s: string) => string = (s) => s
+  const server = new GrpcServer()
+  server.addService(AuditIngestServiceService, {
+    ingest: (call: ServerDuplexStream<unknown, unknown>) => {
+      const auth = String(call.metadata.get('authorization')[0] ?? '')
+      call.emit('error', { code: grpcStatus.UNAUTHENTICATED, details: spell(auth.replace(/^Bearer /, '')) })
+    },
+  })
+  const port = await new Promise<number>((resolve, reject) => server.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))))
+  t.teardown(() => server.forceShutdown())
+  const upstream = await startUpstream()
+  t.teardown(upstream.close)
+  for (const [name, spelling] of Object.entries(SPELLINGS)) {
+    spell = spelling
+    const id = sidecarIdentity()
+    const s = await startCollectedSidecar({ id, collector: `127.0.0.1:${port}`, upstreamPort: upstream.port })
+    const lost = () => s.logs.filter((l) => l.includes('audit stream to collector lost'))
+    const deadline = Date.now() + 3000
+    while (lost().length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20))
+    await s.close()
+    t.ok(lost().length > 0, `${name}: the lost stream was logged`)
+    t.ok(lost().every((l) => l.includes('its error text quoted a credential the sidecar sent and is not repeated')), `${name}: the log says the text is withheld`)
+    const quoted = spelling(id.token)
+    t.notOk(s.logs.some((l) => holds(l, quoted) || l.includes(id.token)), `${name}: not in the log`)
+  }
 })

@@ -3,6 +3,14 @@
 import t from 'tap'
 import { SqliteRevocationStore } from '../../broker/revocations/sqlite.js'
 import { startApi, startControlBroker, restartableBroker, startControlSidecar, viaProxy, revoke, until } from './rig.js'
+import { mkdtempSync, writeFileSync, readFileSync, existsSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { Server, ServerCredentials, status as grpcStatus, type ServerWritableStream } from '@grpc/grpc-js'
+import { ControlServiceService } from '../../protos/gen/latchkey/v1/control.js'
+import { startTestSidecar, loopbackPolicy, CANARY } from '../helpers/harness.js'
+import { freePort, API } from '../helpers/broker.js'
+import { SPELLINGS, holds } from '../helpers/spellings.js'
 
 t.test('broker restart: the sidecar reconnects and resyncs from the snapshot, missed revocations and unrevocations included', async (t) => {
   const broker = await restartableBroker(t, 'restart')
@@ -109,4 +117,53 @@ t.test('broker restart during a drill: traffic of the others never fails, and th
   running = false
   await Promise.all(loops)
   t.same(others.flatMap((x) => x.failed), [], 'zero failed requests for the other agents across the restart')
+})
+
+t.test('a control endpoint that echoes the bearer token in its error: the stale reason quotes none of it, in any spelling', async (t) => {
+  // Whatever answers at sidecar.control.url is sent the control token; its gRPC error text
+  // becomes the stale reason: a refused mint's reason (the agent), /readyz and the log.
+  const token = `ctl-${CANARY}`
+  let spell: (s: string) => string = (s) => s
+  const server = new Server()
+  server.addService(ControlServiceService, {
+    watch: (call: ServerWritableStream<unknown, unknown>) => {
+      const auth = String(call.metadata.get('authorization')[0] ?? '')
+      call.emit('error', { code: grpcStatus.UNAUTHENTICATED, details: spell(auth.replace(/^Bearer /, '')) })
+    },
+  })
+  const port = await new Promise<number>((resolve, reject) => server.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))))
+  t.teardown(() => server.forceShutdown())
+  const dir = mkdtempSync(join(tmpdir(), 'lk-ctl-echo-'))
+  writeFileSync(join(dir, 'token'), 'e30.e30.sig')
+  const api = await startApi()
+  t.teardown(api.close)
+  for (const [name, spelling] of Object.entries(SPELLINGS)) {
+    spell = spelling
+    const s = await startTestSidecar(
+      {
+        ...loopbackPolicy([api.port]),
+        sidecar: {
+          agent_id: 'agent:summarizer:prod:echo',
+          broker: { url: `http://127.0.0.1:${await freePort()}`, timeout_ms: 500 },
+          attestation: { kubernetes: { token_file: join(dir, 'token') } },
+          control: { url: `grpc://127.0.0.1:${port}`, token_secret: 'CONTROL', stale_after_ms: 400, backoff_min_ms: 20, backoff_max_ms: 100, state_file: join(dir, `state-${Object.keys(SPELLINGS).indexOf(name)}.json`) },
+        },
+        credentials: [{ id: 'api', audience: api.origin, source: 'broker', token_audience: API, scopes: ['read'], inject: { type: 'bearer' } }],
+      },
+      { LATCHKEY_SECRET_CONTROL: token },
+    )
+    await until('stale, with an error heard', () => s.sidecar.control!.staleReason() !== null && s.sidecar.control!.lastError !== null, 3000)
+    const task = s.sidecar.tasks.open({ purpose: name, durationS: 60 })
+    const res = await viaProxy(s, task.handle, `${api.origin}/x`)
+    const ready = await fetch(`${s.sidecar.adminUrl}/readyz`)
+    const readyText = await ready.text()
+    await s.close()
+    t.equal(res.status, 503, `${name}: no token is minted`)
+    t.match(res.body.reason, /control stream stale: .*last error: its error text quoted a credential the sidecar sent and is not repeated \(gRPC 16\)/, `${name}: the reason says the text is withheld`)
+    const quoted = spelling(token)
+    const leaked = (x: string) => holds(x, quoted) || x.includes(CANARY)
+    t.notOk(leaked(JSON.stringify(res)) || leaked(readyText), `${name}: not in the agent's response nor /readyz`)
+    t.notOk(leaked(existsSync(s.auditPath) ? readFileSync(s.auditPath, 'utf8') : ''), `${name}: not in the audit file`)
+    t.notOk(s.logs.some(leaked), `${name}: not in the log`)
+  }
 })

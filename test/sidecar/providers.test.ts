@@ -10,6 +10,8 @@ import { startTestBroker, LEGACY } from '../helpers/broker.js'
 import { startUpstream, startTestSidecar, loopbackPolicy, assertNoCanary, CANARY } from '../helpers/harness.js'
 import { TOKEN_TYPES } from '../../lib/oauth.js'
 import { AGENT } from '../helpers/tokens.js'
+import { SPELLINGS, holds } from '../helpers/spellings.js'
+import { existsSync, readFileSync } from 'node:fs'
 
 async function get(proxy: string, url: string, handle?: string) {
   const c = new Client(proxy)
@@ -182,4 +184,85 @@ t.test('an authorization server quoting the client secret in its refusal is not 
   const b64 = Buffer.from(`c:${CANARY}`).toString('base64')
   t.notOk([...seen, ...s.logs, JSON.stringify(await s.audit())].some((x) => x.includes(b64) || /%4c%4b/i.test(x)), 'no encoded form either')
   assertNoCanary(t, s, ...seen)
+})
+
+t.test('an authorization server echoing the client secret in any spelling: withheld from the agent, the audit and the log', async (t) => {
+  // Each row: the secret the AS was sent, spelled one way, put in one place of its answer.
+  const spacy = `${CANARY} +/`
+  let echo: (sent: { secret: string; raw: string }) => string = () => ''
+  let place: (quoted: string) => { status: number; body: unknown } = () => ({ status: 500, body: {} })
+  let quoted = ''
+  const as = await startAuthorizationServer((r) => {
+    const basic = r.authorization?.startsWith('Basic ') ? r.authorization : undefined
+    const secret = r.form.get('client_secret') ?? decodeURIComponent(Buffer.from(basic!.slice(6), 'base64').toString().split(':')[1]!.replace(/\+/g, ' '))
+    const raw = basic ?? new URLSearchParams({ client_secret: secret }).toString().slice('client_secret='.length)
+    quoted = echo({ secret, raw })
+    return place(quoted)
+  })
+  const ups = await Promise.all([0, 1].map(() => startUpstream()))
+  let clock = Date.now()
+  const s = await startTestSidecar(
+    {
+      ...loopbackPolicy(ups.map((u) => u.port)),
+      credentials: [
+        { id: 'basic', audience: ups[0]!.origin, source: 'client_credentials', scopes: ['read'], oauth: { token_url: as.url, client_id: 'agent client', client_secret: 'CANARY', auth_method: 'client_secret_basic' }, inject: { type: 'bearer' } },
+        { id: 'post', audience: ups[1]!.origin, source: 'client_credentials', scopes: ['read'], oauth: { token_url: as.url, client_id: 'c', client_secret: 'SPACY', auth_method: 'client_secret_post' }, inject: { type: 'bearer' } },
+      ],
+    },
+    { LATCHKEY_SECRET_SPACY: spacy },
+    // A failed fetch is answered from memory for half a second: each row moves the clock past that.
+    { now: () => clock },
+  )
+  t.teardown(async () => {
+    await s.close()
+    for (const u of ups) await u.close()
+    await as.close()
+  })
+  const withheld = /authorization server refused client credentials \(40[01]; its error text quoted the client secret and is not repeated\)/
+  const pad = 'x'.repeat(280)
+  const places: [string, (q: string) => { status: number; body: unknown }, (q: string) => string, RegExp][] = [
+    ['error_description', (q) => ({ status: 401, body: { error: 'invalid_client', error_description: q } }), (q) => q.slice(0, 300), withheld],
+    ['error_description, across the cut', (q) => ({ status: 400, body: { error: 'invalid_request', error_description: pad + q } }), (q) => (pad + q).slice(0, 300), withheld],
+    ['error', (q) => ({ status: 401, body: { error: q } }), (q) => q.slice(0, 64), withheld],
+    ['scope', (q) => ({ status: 200, body: { access_token: 'tok', token_type: 'Bearer', expires_in: 600, scope: `read ${q}` } }), (q) => q.slice(0, 200), /granted scopes not asked for \(not repeated: they quote the client secret\)/],
+  ]
+  const spellings: [string, (sent: { secret: string; raw: string }) => string][] = [
+    ...Object.entries(SPELLINGS).map(([name, spell]) => [name, (sent: { secret: string }) => spell(sent.secret)] as [string, (sent: { secret: string; raw: string }) => string]),
+    ['as sent (the form value, or the Basic header)', (sent) => sent.raw],
+    ['as sent, base64-encoded', (sent) => Buffer.from(sent.raw).toString('base64')],
+  ]
+  const leaked = (output: string, shown: string) => holds(output, shown) || output.includes(CANARY)
+  const auditText = () => (existsSync(s.auditPath) ? readFileSync(s.auditPath, 'utf8') : '')
+  let rows = 0
+  for (const [where, respond, shownOf, said] of places) {
+    for (const [name, spell] of spellings) {
+      for (const [i, method] of ['basic', 'post'].entries()) {
+        const row = `${method}: the secret ${name} in ${where}`
+        echo = spell
+        place = respond
+        clock += 1000
+        const before = as.seen.length
+        // Only what this row wrote is looked at: a row that leaked must not fail the rows after it.
+        await s.sidecar.audit.flush()
+        const auditFrom = auditText().length
+        const logFrom = s.logs.length
+        const c = new Client(s.proxy)
+        const res = await c.request({ method: 'GET', path: `${ups[i]!.origin}/a`, headers: { host: new URL(ups[i]!.origin).host } })
+        const text = await res.body.text()
+        await c.close()
+        t.equal(as.seen.length, before + 1, `${row}: the AS was asked`)
+        t.ok(res.statusCode === 403 || res.statusCode === 503, `${row}: refused (${res.statusCode})`)
+        t.match(text, said, `${row}: the reason says the text is withheld`)
+        await s.sidecar.audit.flush()
+        const shown = shownOf(quoted)
+        t.notOk(leaked(text, shown) || leaked(JSON.stringify(res.headers), shown), `${row}: not in the agent's response (body, headers)`)
+        t.notOk(leaked(auditText().slice(auditFrom), shown), `${row}: not in the audit file`)
+        t.notOk(s.logs.slice(logFrom).some((l) => leaked(l, shown)), `${row}: not in the log`)
+        rows++
+      }
+    }
+  }
+  t.equal(rows, places.length * spellings.length * 2, `${rows} rows`)
+  t.same(ups.map((u) => u.requests.length), [0, 0], 'nothing went upstream')
+  assertNoCanary(t, s)
 })

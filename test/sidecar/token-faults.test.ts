@@ -4,7 +4,7 @@ import t from 'tap'
 import { createServer as createNetServer, type Server as NetServer, type Socket } from 'node:net'
 import { createServer as createHttpServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
-import { mkdtempSync, writeFileSync, renameSync } from 'node:fs'
+import { mkdtempSync, writeFileSync, renameSync, readFileSync, existsSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Client, Pool } from 'undici'
@@ -16,6 +16,9 @@ import { LocalKeyEvidence } from '../../proxy/attest/local-key.js'
 import { KubernetesTokenFile } from '../../proxy/attest/kubernetes-token.js'
 import { compileBinding } from '../../proxy/credentials/bindings.js'
 import { TaskRegistry } from '../../proxy/tasks/registry.js'
+import { startTestSidecar, startUpstream, loopbackPolicy, assertNoCanary, CANARY } from '../helpers/harness.js'
+import { SPELLINGS, holds } from '../helpers/spellings.js'
+import { TOKEN_TYPES } from '../../lib/oauth.js'
 
 async function call(proxyUrl: string, url: string): Promise<{ status: number; body: Record<string, unknown>; headers: Record<string, unknown> }> {
   const u = new URL(proxyUrl)
@@ -259,4 +262,96 @@ t.test('a rotated service-account token file is re-read', async (t) => {
   t.same(agents, ['agent:summarizer:prod:pod-a', 'agent:summarizer:prod:pod-b'], 'the new token was presented after rotation')
   writeFileSync(file, 'not a token')
   await t.rejects(ev.get(), /does not hold a JWT/)
+})
+
+t.test('a broker that echoes the tokens it was sent: the agent, the audit and the log get none of them, in any spelling', async (t) => {
+  // The sidecar sends the broker secrets: the workload's evidence (here a service-account token)
+  // and a task's user token. A hostile or sloppy broker quotes them back; each spelling of each,
+  // in a refusal's error_description or error, or in a 200's scope, aud or act.sub.
+  const dir = mkdtempSync(join(tmpdir(), 'lk-echo-'))
+  const evidence = `e30.e30.${CANARY}`
+  writeFileSync(join(dir, 'token'), evidence)
+  const userToken = `e30.e30.${CANARY} +`
+  let answer: (form: URLSearchParams) => { status: number; body: unknown } = () => ({ status: 500, body: {} })
+  const forms: URLSearchParams[] = []
+  const srv = createHttpServer((req, res) => {
+    let raw = ''
+    req.on('data', (c: Buffer) => (raw += c.toString()))
+    req.on('end', () => {
+      const form = new URLSearchParams(raw)
+      forms.push(form)
+      const out = answer(form)
+      res.writeHead(out.status, { 'content-type': 'application/json' }).end(JSON.stringify(out.body))
+    })
+  })
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r))
+  const up = await startUpstream()
+  const s = await startTestSidecar({
+    ...loopbackPolicy([up.port]),
+    sidecar: { agent_id: AGENT, broker: { url: `http://127.0.0.1:${(srv.address() as AddressInfo).port}`, timeout_ms: 1000 }, attestation: { kubernetes: { token_file: join(dir, 'token') } } },
+    credentials: [{ id: 'api', audience: up.origin, source: 'broker', token_audience: API, scopes: ['read'], inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await up.close()
+    await new Promise<void>((r) => srv.close(() => r()))
+  })
+  const b64 = (o: unknown) => Buffer.from(JSON.stringify(o)).toString('base64url')
+  const jwt = (claims: Record<string, unknown>) => `${b64({ alg: 'none' })}.${b64({ exp: Math.floor(Date.now() / 1000) + 600, ...claims })}.`
+  const granted = (body: Record<string, unknown>) => ({ status: 200, body: { token_type: 'Bearer', issued_token_type: TOKEN_TYPES.accessToken, expires_in: 600, ...body } })
+  const withheld = /broker refused the exchange \(40[01]; its error text quoted a credential the sidecar sent and is not repeated\)/
+  const notRepeated = (before: string) => new RegExp(`${before} \\(not repeated: it quotes a credential the sidecar sent\\)`)
+  const pad = 'x'.repeat(280)
+  /** Where the echo goes, and what a sidecar quoting it would show (each field is cut: 300, 64, 128, 256 characters). */
+  const places: [string, (quoted: string) => { status: number; body: unknown }, (quoted: string) => string, RegExp][] = [
+    ['error_description', (q) => ({ status: 400, body: { error: 'invalid_request', error_description: q } }), (q) => q.slice(0, 300), withheld],
+    ['error_description, across the cut', (q) => ({ status: 400, body: { error: 'invalid_request', error_description: pad + q } }), (q) => (pad + q).slice(0, 300), withheld],
+    ['error', (q) => ({ status: 401, body: { error: q } }), (q) => q.slice(0, 64), withheld],
+    ['scope', (q) => granted({ access_token: jwt({ aud: API, act: { sub: AGENT } }), scope: `read ${q}` }), (q) => q.split(' ')[0]!.slice(0, 64), notRepeated('broker granted scope')],
+    ['aud', (q) => granted({ access_token: jwt({ aud: q, act: { sub: AGENT } }) }), (q) => q.slice(0, 128), notRepeated('another audience \\(aud')],
+    ['act.sub', (q) => granted({ access_token: jwt({ aud: API, act: { sub: q } }) }), (q) => q.slice(0, 256), notRepeated('the broker attested agent')],
+  ]
+  const leaked = (output: string, shown: string) => holds(output, shown) || output.includes(CANARY)
+  const auditText = () => (existsSync(s.auditPath) ? readFileSync(s.auditPath, 'utf8') : '')
+  let rows = 0
+  for (const [place, respond, shownOf, said] of places) {
+    for (const [name, spell] of Object.entries(SPELLINGS)) {
+      for (const sent of ['evidence', 'user token'] as const) {
+        const row = `${sent} echoed ${name} in ${place}`
+        const secret = sent === 'evidence' ? evidence : userToken
+        const quoted = spell(secret)
+        answer = () => respond(quoted)
+        // Through the proxy: the exchange for the agent's call is refused, and says why.
+        const task = s.sidecar.tasks.open({ purpose: row, durationS: 60, userToken: sent === 'user token' ? userToken : null })
+        const before = forms.length
+        // Only what this row wrote is looked at: a row that leaked must not fail the rows after it.
+        await s.sidecar.audit.flush()
+        const auditFrom = auditText().length
+        const logFrom = s.logs.length
+        const res = await call(`http://task:${task.handle}@${s.proxy.slice(7)}`, `${up.origin}/a`)
+        t.equal(forms.at(-1)?.get('subject_token'), secret, `${row}: the broker was sent it`)
+        t.equal(forms.length, before + 1, `${row}: one exchange`)
+        t.ok(res.status === 403 || res.status === 503, `${row}: refused (${res.status})`)
+        t.match(res.body.reason, said, `${row}: the reason says the text is withheld`)
+        const proxied = JSON.stringify(res)
+        // Opening a task for the user: the broker verifies the token first, and its answer is the refusal.
+        let opened = ''
+        if (sent === 'user token') {
+          const r = await fetch(`${s.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ purpose: row, duration_s: 60, user_token: userToken }) })
+          opened = JSON.stringify({ status: r.status, headers: Object.fromEntries(r.headers), body: await r.text() })
+          t.ok(r.status === 403 || r.status === 503, `${row}: the task does not open (${r.status})`)
+          t.match(opened, said, `${row}: and the reason says why`)
+        }
+        await s.sidecar.audit.flush()
+        const shown = shownOf(quoted)
+        t.notOk(leaked(proxied, shown) || leaked(opened, shown), `${row}: not in the agent's responses (bodies, headers)`)
+        t.notOk(leaked(auditText().slice(auditFrom), shown), `${row}: not in the audit file`)
+        t.notOk(s.logs.slice(logFrom).some((l) => leaked(l, shown)), `${row}: not in the log`)
+        rows++
+      }
+    }
+  }
+  t.equal(rows, places.length * Object.keys(SPELLINGS).length * 2, `${rows} rows`)
+  t.equal(up.requests.length, 0, 'no call went out without a token')
+  assertNoCanary(t, s)
 })

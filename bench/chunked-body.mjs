@@ -1,6 +1,7 @@
 // Many tiny chunks through the sidecar, both ways, and what they cost it.
 //
-//   npm run build && taskset -c 1 node bench/chunked-body.mjs [--chunks 200000] [--size 1] [--dir up|down|both]
+//   npm run build && taskset -c 1 node bench/chunked-body.mjs [--chunks 200000] [--size 1] [--dir up|down|both] [--repeat 1]
+//   (LK_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" passes node flags to the sidecar)
 //
 // Starts the real sidecar (dist/cli/latchkey.js, pinned with the rest to the CPU this script is
 // given), a raw-socket upstream on 127.0.0.1 that parses chunked framing itself (so it can count
@@ -21,6 +22,7 @@ import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
+let T0 = 0
 const here = dirname(fileURLToPath(import.meta.url))
 const root = join(here, '..')
 const arg = (name, dflt) => {
@@ -64,8 +66,10 @@ function upstreamConnection(sock) {
           continue
         }
         if (te) state = 'chunk-size'
-        else if (cl && Number(cl[1]) > 0) ((state = 'body-cl'), (left = Number(cl[1])))
-        else {
+        else if (cl && Number(cl[1]) > 0) {
+          state = 'body-cl'
+          left = Number(cl[1])
+        } else {
           finish()
           continue
         }
@@ -192,7 +196,13 @@ function getLoop(proxyPort, upPort) {
       const t = performance.now()
       const r = http.request({ host: '127.0.0.1', port: proxyPort, path: `http://127.0.0.1:${upPort}/ping`, agent }, (res) => {
         res.resume()
-        res.on('end', () => (lat.push(performance.now() - t), resolve()))
+        res.on('end', () => {
+          const took = performance.now() - t
+          lat.push(took)
+          // LK_TRACE=1: each GET's start (from the transfer's) and latency
+          if (process.env.LK_TRACE) console.log(`  GET at ${(t - T0).toFixed(0)} ms took ${took.toFixed(1)} ms`)
+          resolve()
+        })
       })
       r.on('error', reject)
       r.end()
@@ -293,7 +303,7 @@ audit:
 log: { level: warn }
 `,
   )
-  const lk = spawn(process.execPath, ['--no-maglev', join(root, 'dist/cli/latchkey.js'), 'sidecar', '--config', cfg], {
+  const lk = spawn(process.execPath, [...(process.env.LK_NODE_ARGS ? process.env.LK_NODE_ARGS.split(' ') : []), '--no-maglev', join(root, 'dist/cli/latchkey.js'), 'sidecar', '--config', cfg], {
     env: { ...process.env, NODE_OPTIONS: '--max-semi-space-size=4', MALLOC_ARENA_MAX: '2', MALLOC_MMAP_THRESHOLD_: '32768' },
     stdio: ['ignore', 'inherit', 'inherit'],
   })
@@ -314,6 +324,7 @@ log: { level: warn }
         await new Promise((r) => setTimeout(r, 100))
         const cpu0 = cpuSeconds(lk.pid)
         const t0 = performance.now()
+        T0 = t0
         const far = dir === 'up' ? await upload(proxyPort, upPort) : await download(proxyPort, upPort)
         const wall = (performance.now() - t0) / 1000
         const cpu = cpuSeconds(lk.pid) - cpu0

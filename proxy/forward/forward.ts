@@ -2,6 +2,7 @@
 // The handler follows undici's callback order (start → response start → data* → end | error)
 // and reports exactly once through `done`.
 import type { IncomingMessage, ServerResponse, IncomingHttpHeaders } from 'node:http'
+import { finished } from 'node:stream'
 import type { Dispatcher, Pool } from 'undici'
 import type { CallContext, Target } from '../context.js'
 import { LatchkeyError } from '../errors.js'
@@ -238,6 +239,103 @@ async function* counted(body: IncomingMessage, ctx: CallContext): AsyncIterable<
   }
 }
 
+/**
+ * A chunked request body as undici reads it: what arrives in one turn of the event loop handed on
+ * as one Buffer, counted as it is sent. node:http's parser calls into JavaScript once per chunk
+ * frame and drains the tick and microtask queues after each call, so a consumer that takes what
+ * it is woken for (as `counted` does) takes every frame by itself: 200,000 one-byte chunks were
+ * 183,618 upstream writes (each a syscall and a chunk frame of its own), 3 s of CPU, and 2 s of
+ * latency for every other call on the sidecar (bench/chunked-body.mjs).
+ *
+ * Here each chunk is read as it arrives and copied into the batch (holding the small Buffers
+ * themselves until the batch went cost more than copying them: 550 against 360 ms for 200,000,
+ * as they lived long enough to be promoted), and the batch goes when the turn ends (setImmediate:
+ * after the parser has gone through all that the socket's read held), when it reaches BATCH_BYTES
+ * (a first chunk that large goes as it came, uncopied), or when the body ends. The cost left is
+ * node's own, per frame (a Buffer and a call into JavaScript each). While undici holds a batch
+ * (the upstream is slow to take it) about one more is gathered; then nothing is read, the
+ * request's own buffer fills, the parser stops reading the socket, and the agent is held back,
+ * as before. The bytes so held are in the request's buffer, which watchBodyStall counts as not
+ * the agent's stall.
+ * Mirrors node's Readable async iterator otherwise (destroyOnReturn: false, see `counted`).
+ */
+async function* coalesced(body: IncomingMessage, ctx: CallContext): AsyncIterable<Buffer> {
+  // The batch: its first chunk as it came, then (from a second chunk) a copy buffer.
+  let first: Buffer | null = null
+  let copy: Buffer | null = null
+  let length = 0
+  // undefined while the body is open; null once it ended; the error that ended it otherwise.
+  let error: Error | null | undefined
+  let immediate: NodeJS.Immediate | null = null
+  let turnOver = false
+  let wake = noop
+  const signal = (): void => {
+    const w = wake
+    wake = noop
+    w()
+  }
+  const endTurn = (): void => {
+    immediate = null
+    if (length === 0) return
+    turnOver = true
+    signal()
+  }
+  const gather = (): void => {
+    while (length < BATCH_BYTES && !body.destroyed) {
+      const chunk = body.read() as Buffer | null
+      if (chunk === null) break
+      if (length === 0) first = chunk
+      else {
+        if (copy === null || length + chunk.length > copy.length) {
+          const grown = Buffer.allocUnsafe(Math.max(BATCH_BYTES, length + chunk.length))
+          if (copy === null) first!.copy(grown)
+          else copy.copy(grown, 0, 0, length)
+          copy = grown
+          first = null
+        }
+        chunk.copy(copy, length)
+      }
+      length += chunk.length
+    }
+    if (length >= BATCH_BYTES || (length > 0 && turnOver)) signal()
+    else if (length > 0 && immediate === null) immediate = setImmediate(endTurn)
+  }
+  const onReadable = (): void => {
+    if (length < BATCH_BYTES) gather()
+  }
+  body.on('readable', onReadable)
+  const cleanup = finished(body, { writable: false }, (err) => {
+    error = err ?? null
+    signal()
+  })
+  try {
+    for (;;) {
+      if (length < BATCH_BYTES) gather()
+      if (error) throw error
+      if (length > 0 && (length >= BATCH_BYTES || turnOver || error === null)) {
+        const batch = copy === null ? first! : (copy as Buffer).subarray(0, length)
+        first = copy = null
+        length = 0
+        turnOver = false
+        ctx.bytesIn += batch.length
+        yield batch
+        continue
+      }
+      if (error === null) return
+      await new Promise<void>((resolve) => (wake = resolve))
+    }
+  } finally {
+    body.off('readable', onReadable)
+    cleanup()
+    if (immediate !== null) clearImmediate(immediate)
+  }
+}
+
+/** A chunked body's batch goes once it holds this much (coalesced); a chunk this large goes by itself. */
+const BATCH_BYTES = 16 * 1024
+
+function noop(): void {}
+
 /** Whether a request carries a body: chunked, or a Content-Length above 0. */
 export function hasRequestBody(req: IncomingMessage): boolean {
   const contentLength = req.headers['content-length']
@@ -261,7 +359,9 @@ export function forward(
 ): void {
   const chunked = req.headers['content-length'] === undefined && req.headers['transfer-encoding'] !== undefined
   // bytes_in is what was sent on, not what the agent announced: an upload cut short says so.
-  const body = readBody ?? (hasRequestBody(req) ? counted(req, ctx) : null)
+  // A Content-Length body reaches the parser's callback one socket read at a time already: only a
+  // chunked one can come as many tiny frames.
+  const body = readBody ?? (chunked ? coalesced(req, ctx) : hasRequestBody(req) ? counted(req, ctx) : null)
   if (readBody) ctx.bytesIn = readBody.length
   const relay = new ResponseRelay(ctx, res, done, relocate, recordFirst, bodyGapMs)
   // A chunked body can turn out malformed after the head has gone: the listener must be able to

@@ -260,10 +260,7 @@ async function* counted(body: IncomingMessage, ctx: CallContext): AsyncIterable<
  * Mirrors node's Readable async iterator otherwise (destroyOnReturn: false, see `counted`).
  */
 async function* coalesced(body: IncomingMessage, ctx: CallContext): AsyncIterable<Buffer> {
-  // The batch: its first chunk as it came, then (from a second chunk) a copy buffer.
-  let first: Buffer | null = null
-  let copy: Buffer | null = null
-  let length = 0
+  const batch: Gathered = { first: null, copy: null, length: 0 }
   // undefined while the body is open; null once it ended; the error that ended it otherwise.
   let error: Error | null | undefined
   let immediate: NodeJS.Immediate | null = null
@@ -276,32 +273,21 @@ async function* coalesced(body: IncomingMessage, ctx: CallContext): AsyncIterabl
   }
   const endTurn = (): void => {
     immediate = null
-    if (length === 0) return
+    if (batch.length === 0) return
     turnOver = true
     signal()
   }
   const gather = (): void => {
-    while (length < BATCH_BYTES && !body.destroyed) {
+    while (batch.length < BATCH_BYTES && !body.destroyed) {
       const chunk = body.read() as Buffer | null
       if (chunk === null) break
-      if (length === 0) first = chunk
-      else {
-        if (copy === null || length + chunk.length > copy.length) {
-          const grown = Buffer.allocUnsafe(Math.max(BATCH_BYTES, length + chunk.length))
-          if (copy === null) first!.copy(grown)
-          else copy.copy(grown, 0, 0, length)
-          copy = grown
-          first = null
-        }
-        chunk.copy(copy, length)
-      }
-      length += chunk.length
+      gatherAdd(batch, chunk)
     }
-    if (length >= BATCH_BYTES || (length > 0 && turnOver)) signal()
-    else if (length > 0 && immediate === null) immediate = setImmediate(endTurn)
+    if (batch.length >= BATCH_BYTES || (batch.length > 0 && turnOver)) signal()
+    else if (batch.length > 0 && immediate === null) immediate = setImmediate(endTurn)
   }
   const onReadable = (): void => {
-    if (length < BATCH_BYTES) gather()
+    if (batch.length < BATCH_BYTES) gather()
   }
   body.on('readable', onReadable)
   const cleanup = finished(body, { writable: false }, (err) => {
@@ -310,15 +296,13 @@ async function* coalesced(body: IncomingMessage, ctx: CallContext): AsyncIterabl
   })
   try {
     for (;;) {
-      if (length < BATCH_BYTES) gather()
+      if (batch.length < BATCH_BYTES) gather()
       if (error) throw error
-      if (length > 0 && (length >= BATCH_BYTES || turnOver || error === null)) {
-        const batch = copy === null ? first! : (copy as Buffer).subarray(0, length)
-        first = copy = null
-        length = 0
+      if (batch.length > 0 && (batch.length >= BATCH_BYTES || turnOver || error === null)) {
+        const chunk = gatherTake(batch)
         turnOver = false
-        ctx.bytesIn += batch.length
-        yield batch
+        ctx.bytesIn += chunk.length
+        yield chunk
         continue
       }
       if (error === null) return
@@ -331,8 +315,39 @@ async function* coalesced(body: IncomingMessage, ctx: CallContext): AsyncIterabl
   }
 }
 
-/** A chunked body's batch goes once it holds this much (coalesced); a chunk this large goes by itself. */
+/** A batch of small chunks goes once it holds this much; a first chunk this large goes by itself. */
 const BATCH_BYTES = 16 * 1024
+
+/** Small chunks gathered into one: the first kept as it came, all copied into one buffer from the second on. */
+interface Gathered {
+  first: Buffer | null
+  copy: Buffer | null
+  length: number
+}
+
+function gatherAdd(g: Gathered, chunk: Buffer): void {
+  if (g.length === 0) g.first = chunk
+  else {
+    if (g.copy === null || g.length + chunk.length > g.copy.length) {
+      // At most one growth per batch: a batch that overflows its buffer is full.
+      const grown = Buffer.allocUnsafe(Math.max(BATCH_BYTES, g.length + chunk.length))
+      if (g.copy === null) g.first!.copy(grown)
+      else g.copy.copy(grown, 0, 0, g.length)
+      g.copy = grown
+      g.first = null
+    }
+    chunk.copy(g.copy, g.length)
+  }
+  g.length += chunk.length
+}
+
+/** What was gathered, as one Buffer; `g` is left empty. */
+function gatherTake(g: Gathered): Buffer {
+  const out = g.copy === null ? g.first! : g.copy.subarray(0, g.length)
+  g.first = g.copy = null
+  g.length = 0
+  return out
+}
 
 function noop(): void {}
 

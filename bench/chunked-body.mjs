@@ -1,6 +1,7 @@
 // Many tiny chunks through the sidecar, both ways, and what they cost it.
 //
-//   npm run build && taskset -c 1 node bench/chunked-body.mjs [--chunks 200000] [--size 1] [--dir up|down|both] [--repeat 1]
+//   npm run build && taskset -c 1 node bench/chunked-body.mjs [--chunks 200000] [--size 1] [--dir up|down|both|small] [--repeat 1]
+//   (--dir small: --chunks small chunked POSTs of one 18-byte chunk each, in sequence: the common case)
 //   (LK_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" passes node flags to the sidecar)
 //
 // Starts the real sidecar (dist/cli/latchkey.js, pinned with the rest to the CPU this script is
@@ -278,6 +279,35 @@ function download(proxyPort, upPort) {
   })
 }
 
+/** `n` small chunked POSTs (one 18-byte chunk each), one after another on one keep-alive connection: the common case. */
+async function smallPosts(proxyPort, upPort, n) {
+  const s = connect(proxyPort, '127.0.0.1')
+  await new Promise((r) => s.once('connect', r))
+  const body = '{"prompt":"hello"}'
+  const req = `POST http://127.0.0.1:${upPort}/small HTTP/1.1\r\nhost: 127.0.0.1:${upPort}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n`
+  let buf = ''
+  let answered = () => {}
+  s.on('data', (d) => {
+    buf += d.toString('latin1')
+    const end = buf.indexOf('\r\n\r\n')
+    if (end >= 0 && buf.length >= end + 6) {
+      buf = buf.slice(end + 6) // the upstream answers "ok", Content-Length 2
+      answered()
+    }
+  })
+  const lat = []
+  for (let i = 0; i < n; i++) {
+    const t = performance.now()
+    const done = new Promise((r) => (answered = r))
+    s.write(req)
+    await done
+    lat.push(performance.now() - t)
+  }
+  s.end()
+  lat.sort((a, b) => a - b)
+  return { p50: lat[Math.floor(n / 2)], p99: lat[Math.floor(n * 0.99)] }
+}
+
 async function main() {
   const upstream = createServer(upstreamConnection)
   await new Promise((r) => upstream.listen(0, '127.0.0.1', r))
@@ -314,6 +344,19 @@ log: { level: warn }
     await new Promise((r) => setTimeout(r, 300))
     await warm.stop()
     console.log(`sidecar pid ${lk.pid}; ${CHUNKS} chunks of ${SIZE} byte(s) (${((CHUNKS * SIZE) / 1024).toFixed(0)} KiB of data)`)
+    if (DIR === 'small') {
+      // The common case the coalescing must not slow: --chunks small chunked POSTs, in sequence.
+      await smallPosts(proxyPort, upPort, 500) // warm-up
+      for (let round = 0; round < REPEAT; round++) {
+        const cpu0 = cpuSeconds(lk.pid)
+        const t0 = performance.now()
+        const r = await smallPosts(proxyPort, upPort, CHUNKS)
+        const wall = (performance.now() - t0) / 1000
+        const cpu = cpuSeconds(lk.pid) - cpu0
+        console.log(`small ${CHUNKS} chunked POSTs: sidecar CPU ${((cpu / CHUNKS) * 1e6).toFixed(0)} µs each, ${(CHUNKS / wall).toFixed(0)}/s, latency p50 ${r.p50.toFixed(2)} ms p99 ${r.p99.toFixed(2)} ms`)
+      }
+      return
+    }
     for (let round = 0; round < REPEAT; round++) {
       for (const dir of DIR === 'both' ? ['up', 'down'] : [DIR]) {
         up.frames = up.reads = up.bytes = 0

@@ -46,6 +46,8 @@ export interface Stages {
   revocations?: { check(identity: Identity): void } | undefined
   /** sidecar.allow_remote_clients: reverse routes may be addressed by any host name. */
   namedHosts?: boolean
+  /** timeouts.body_ms: an agent's request body silent this long ends the call (forward/body-stall.ts); 0, never. */
+  bodyGapMs?: number
 }
 
 /** What a plaintext CONNECT tunnel was opened for, carried to each request inside it. */
@@ -422,7 +424,7 @@ export class Pipeline {
     // A form POSTed where the method matters: its body may name another (_method).
     const address = ctx.resolved!.address
     if (mayOverrideInBody(ctx.method, req) && methodMatters(this.stages.decider, target, address)) {
-      readCheckedBody(req, MAX_CHECKED_BODY)
+      readCheckedBody(req, MAX_CHECKED_BODY, this.stages.bodyGapMs ?? 0)
         .then((body) => {
           const method = formOverride(body)
           if (method !== null && method !== 'POST') this.judge(ctx, this.stages.decider.decide(method, target, address))
@@ -451,7 +453,7 @@ export class Pipeline {
       this.relocate,
       this.stages.audit.recordBeforeResponse === true,
       body,
-      this.stages.pools.timeouts.body_ms,
+      this.stages.bodyGapMs ?? 0,
     )
   }
 

@@ -252,6 +252,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     log,
     metrics,
     namedHosts: sc.allow_remote_clients,
+    bodyGapMs: sc.timeouts.body_ms,
   })
   metrics.liveCount = () => pipeline.live.size
 

@@ -6,6 +6,7 @@ import { finished } from 'node:stream'
 import type { Dispatcher, Pool } from 'undici'
 import type { CallContext, Target } from '../context.js'
 import { LatchkeyError } from '../errors.js'
+import { watchBodyStall } from './body-stall.js'
 import { inboundResponseHeaders, type OutboundHeaders } from './headers.js'
 import { upstreamError } from './upstream-errors.js'
 import { safeReasonPhrase, scrubResponseHeaders } from './scrub.js'
@@ -451,31 +452,6 @@ export function forward(
     },
     relay,
   )
-}
-
-/**
- * Ends a call whose agent stops sending its request body for `gapMs` (body_ms, as for the
- * upstream's body the other way): a body stalled mid-way held the call, the agent's connection
- * and an upstream connection for ever (the proxy port has no request timeout, so long uploads
- * work). Progress is the connection's bytes read, checked every `gapMs` (a cut comes between one
- * and two gaps in); a body held back because the upstream is slow to take it (bytes buffered,
- * unread) is not the agent's stall.
- */
-function watchBodyStall(req: IncomingMessage, gapMs: number, stop: (err: Error) => void): void {
-  const socket = req.socket
-  let seen = socket.bytesRead
-  const timer = setInterval(() => {
-    if (req.complete || req.destroyed || socket.destroyed) return void clearInterval(timer)
-    if (socket.bytesRead !== seen || req.readableLength > 0) {
-      seen = socket.bytesRead
-      return
-    }
-    clearInterval(timer)
-    stop(new LatchkeyError('LK_IDLE_TIMEOUT', `the agent sent none of its request body for ${gapMs} ms (timeouts.body_ms)`))
-  }, gapMs)
-  timer.unref()
-  req.once('end', () => clearInterval(timer))
-  req.once('close', () => clearInterval(timer))
 }
 
 const chunkedForwards = new WeakMap<IncomingMessage, { abort(err: Error): void }>()

@@ -55,7 +55,7 @@ export class PinnedPools {
   readonly tls: { rejectUnauthorized: true; checkServerIdentity: typeof checkUpstreamIdentity; secureContext?: SecureContext }
 
   constructor(
-    readonly timeouts: PoolTimeouts,
+    private readonly timeouts: PoolTimeouts,
     max: number,
     /** Trusted roots for upstream TLS; undefined means Node's defaults. */
     readonly ca?: string[],

@@ -13,6 +13,7 @@ import type { Decider, Target } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import { decodeBytewise, namesParameter } from '../credentials/bindings.js'
 import { hasRequestBody, trackChunkedBody } from '../forward/forward.js'
+import { watchBodyStall } from '../forward/body-stall.js'
 
 /** Forms read to look for an override: far above a form an API takes, far below memory. */
 export const MAX_CHECKED_BODY = 1024 * 1024
@@ -72,9 +73,10 @@ export function formOverride(body: Buffer): string | null {
 
 /**
  * The whole body of `req`, at most `max` bytes (LK_BAD_REQUEST beyond: it could not be checked).
- * A chunked body found malformed rejects with the listener's 400; an agent leaving, LK_CLIENT_CLOSED.
+ * A chunked body found malformed rejects with the listener's 400; an agent leaving, LK_CLIENT_CLOSED;
+ * one that stops sending for `gapMs` (timeouts.body_ms), LK_IDLE_TIMEOUT.
  */
-export function readCheckedBody(req: IncomingMessage, max: number): Promise<Buffer> {
+export function readCheckedBody(req: IncomingMessage, max: number, gapMs: number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = []
     let size = 0
@@ -95,6 +97,7 @@ export function readCheckedBody(req: IncomingMessage, max: number): Promise<Buff
       if (!req.complete) stop(new LatchkeyError('LK_CLIENT_CLOSED', 'the agent closed the connection before its request body was complete'))
     }
     trackChunkedBody(req, { abort: (err) => stop(err) })
+    if (gapMs > 0) watchBodyStall(req, gapMs, stop)
     req.on('data', onData)
     req.once('end', onEnd)
     req.once('close', onClose)

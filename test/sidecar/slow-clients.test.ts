@@ -47,6 +47,25 @@ t.test('a chunked request body that stops is cut the same way', async (t) => {
   t.match(await s.audit(), [{ path: '/chunks', status: 408, error: 'LK_IDLE_TIMEOUT' }])
 })
 
+t.test('a form read whole for its _method that stops is cut the same way, and never forwarded', async (t) => {
+  // A DELETE deny makes the method matter, so a POSTed form is read whole before anything is sent.
+  const { s, host, upstream } = await startBearerRig(t, {
+    fragment: (up) => ({
+      policy: { default: 'deny', rules: [{ id: 'no-delete', action: 'deny', hosts: ['127.0.0.1'], methods: ['DELETE'] }, { id: 'allow-upstream', action: 'allow', hosts: ['127.0.0.1'], ports: [up.port] }] },
+      sidecar: { timeouts: { body_ms: 300 } },
+    }),
+  })
+  const started = performance.now()
+  const raw = await send(s.sidecar.port, `POST http://${host}/form HTTP/1.1\r\nHost: ${host}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\n_method=DE`, [], 0, 4_000)
+  const r = parseRawResponse(raw)
+  t.equal(r.status, 408, 'answered 408, not held until the agent leaves')
+  t.match(r.body, /LK_IDLE_TIMEOUT/)
+  t.ok(performance.now() - started < 4_000)
+  t.match(await s.audit(), [{ path: '/form', status: 408, error: 'LK_IDLE_TIMEOUT' }])
+  t.equal(upstream.requests.length, 0, 'nothing reached the upstream')
+  assertNoCanary(t, s, raw)
+})
+
 t.test('a body trickled in pieces, each well within body_ms, is forwarded whole', async (t) => {
   const { s, host, upstream } = await startBearerRig(t, { fragment: () => ({ sidecar: { timeouts: { body_ms: 1_500 } } }) })
   const raw = await send(s.sidecar.port, `POST http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 10\r\nConnection: close\r\n\r\n`, ['01', '23', '45', '67', '89'], 100, 4_000)

@@ -1,0 +1,30 @@
+// An agent that stops sending its request body mid-way. The proxy port has no request timeout
+// (long uploads work), so without this a stalled body held the call, the agent's connection and,
+// once forwarding, an upstream connection for ever. Used where a body streams upstream
+// (forward.ts) and where one is read whole first (the _method check, policy/body-override.ts).
+import type { IncomingMessage } from 'node:http'
+import { LatchkeyError } from '../errors.js'
+
+/**
+ * Calls `stop` with a 408 LK_IDLE_TIMEOUT once the agent has sent none of `req`'s body for
+ * `gapMs` (timeouts.body_ms, as for the upstream's body the other way). Progress is the
+ * connection's bytes read, checked every `gapMs` (a cut comes between one and two gaps in); a
+ * body held back because the upstream is slow to take it (bytes buffered, unread) is not the
+ * agent's stall.
+ */
+export function watchBodyStall(req: IncomingMessage, gapMs: number, stop: (err: Error) => void): void {
+  const socket = req.socket
+  let seen = socket.bytesRead
+  const timer = setInterval(() => {
+    if (req.complete || req.destroyed || socket.destroyed) return void clearInterval(timer)
+    if (socket.bytesRead !== seen || req.readableLength > 0) {
+      seen = socket.bytesRead
+      return
+    }
+    clearInterval(timer)
+    stop(new LatchkeyError('LK_IDLE_TIMEOUT', `the agent sent none of its request body for ${gapMs} ms (timeouts.body_ms)`))
+  }, gapMs)
+  timer.unref()
+  req.once('end', () => clearInterval(timer))
+  req.once('close', () => clearInterval(timer))
+}

@@ -170,7 +170,7 @@ t.test('a 32 MiB body of small chunks streams: the upstream has its first part b
   sock.write(`POST http://${host}/big HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: chunked\r\n\r\n`)
   await writeAll(sock, framed(HALF / CHUNK, CHUNK))
   // A sidecar that gathered the whole body before sending it on would leave the upstream empty here.
-  const streamed = await Promise.race([firstHalfIn.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 10_000))])
+  const streamed = await Promise.race([firstHalfIn.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 10_000).unref())])
   t.ok(streamed, `the upstream had ${received} bytes while the agent held back the second half`)
   await writeAll(sock, framed(HALF / CHUNK, CHUNK, HALF))
   sock.write('0\r\n\r\n')
@@ -244,7 +244,7 @@ t.test('a chunked body of tiny chunks that stops is still cut after body_ms, wit
   const started = performance.now()
   sock.write(`POST http://${host}/stalls HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: chunked\r\n\r\n`)
   sock.write(framed(1000, 1))
-  const r = parseRawResponse(await Promise.race([response, new Promise<string>((res) => setTimeout(() => res(''), 4_000))]))
+  const r = parseRawResponse(await Promise.race([response, new Promise<string>((res) => setTimeout(() => res(''), 4_000).unref())]))
   sock.destroy()
   t.equal(r.status, 408, 'answered 408')
   t.match(r.body, /LK_IDLE_TIMEOUT/)
@@ -288,7 +288,9 @@ t.test('an upstream slow to take a body of tiny chunks is not the agent stalling
  */
 async function tinyChunkRig(t: { teardown(fn: () => unknown): void }, count: number, size: number, sidecar: Record<string, unknown> = {}, credentialed = false, ordered = true): Promise<{ s: TestSidecar; host: string; upstreamClosed: () => boolean }> {
   let closed = false
+  const conns = new Set<import('node:net').Socket>()
   const upstream = createNetServer((sock) => {
+    conns.add(sock)
     sock.on('error', () => {})
     sock.on('close', () => (closed = true))
     let head = ''
@@ -330,6 +332,8 @@ async function tinyChunkRig(t: { teardown(fn: () => unknown): void }, count: num
   })
   t.teardown(async () => {
     await s.close()
+    // Its sockets too: one still writing keeps the test process alive until it gives up.
+    for (const c of conns) c.destroy()
     upstream.close()
   })
   return { s, host: `127.0.0.1:${port}`, upstreamClosed: () => closed }
@@ -361,7 +365,7 @@ async function rawGet(port: number, host: string, path: string): Promise<Buffer>
     if (d.subarray(-7).toString('latin1') === '\r\n0\r\n\r\n' || d.toString('latin1') === '0\r\n\r\n') sock.end()
   })
   sock.write(`GET http://${host}${path} HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
-  await Promise.race([once(sock, 'close'), new Promise((r) => setTimeout(r, 20_000))])
+  await Promise.race([once(sock, 'close'), new Promise((r) => setTimeout(r, 20_000).unref())])
   sock.destroy()
   return Buffer.concat(got)
 }

@@ -31,7 +31,7 @@ async function closedUnread(port: number, ms: number): Promise<boolean> {
   sock.on('error', () => {})
   let got = 0
   sock.on('data', (d: Buffer) => (got += d.length))
-  const closed = await Promise.race([once(sock, 'close').then(() => true), new Promise<false>((r) => setTimeout(() => r(false), ms))])
+  const closed = await Promise.race([once(sock, 'close').then(() => true), new Promise<false>((r) => setTimeout(() => r(false), ms).unref())])
   sock.destroy()
   return closed && got === 0
 }

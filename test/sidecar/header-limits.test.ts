@@ -45,7 +45,7 @@ async function throughTunnel(port: number, host: string, request: string): Promi
   })
   sock.on('error', () => {})
   sock.write(request)
-  await Promise.race([complete, new Promise((r) => setTimeout(r, 3000))])
+  await Promise.race([complete, new Promise((r) => setTimeout(r, 3000).unref())])
   sock.destroy()
   return parseRawResponse(raw)
 }

@@ -22,7 +22,7 @@ async function send(port: number, head: string, parts: string[], gapMs: number, 
     await new Promise((r) => setTimeout(r, gapMs))
     sock.write(p)
   }
-  await Promise.race([once(sock, 'close'), new Promise((r) => setTimeout(r, untilMs))])
+  await Promise.race([once(sock, 'close'), new Promise((r) => setTimeout(r, untilMs).unref())])
   sock.destroy()
   return raw
 }

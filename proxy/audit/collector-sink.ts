@@ -25,7 +25,7 @@ import { Action, AuditIngestServiceService, IngestResponse, SequencedEvent, type
 import type { AuditEvent, AuditSink } from '../context.js'
 import { Spool, type Cursor } from './spool.js'
 import { FIELD_LIMITS, SCOPES_TOTAL_BYTES, fitUtf8 } from '../../lib/audit-limits.js'
-import { revealsSecret } from '../forward/scrub.js'
+import { revealsSecret, WITHHELD } from '../forward/scrub.js'
 
 export interface CollectorSinkOptions {
   /** host:port of the collector's gRPC ingest. */
@@ -425,7 +425,7 @@ export class CollectorAuditSink implements AuditSink {
     if (err && err.code !== status.CANCELLED) {
       const level = err.code === status.UNAUTHENTICATED || err.code === status.PERMISSION_DENIED || err.code === status.INVALID_ARGUMENT ? 'error' : 'warn'
       // Whatever answers at this address was sent the bearer token: its error text is logged only if it does not quote it.
-      const reason = this.o.token && err.details && revealsSecret(err.details, [this.o.token]) ? 'its error text quoted a credential the sidecar sent and is not repeated' : err.details
+      const reason = this.o.token && err.details && revealsSecret(err.details, [this.o.token]) ? WITHHELD : err.details
       this.log(level, { code: status[err.code], reason, unacked: this.spool.lastSeq - this.stats.acked, attempt: this.attempt }, 'audit stream to collector lost')
     }
     const delay = Math.min(this.o.backoffMaxMs, this.o.backoffMinMs * 2 ** this.attempt)

@@ -11,7 +11,7 @@ import { ControlServiceClient, RevocationKind as WireKind, type Revocation as Wi
 import type { Logger } from '../../lib/log.js'
 import { RevocationState, type KnownRevocation, type RevocationKind } from './state.js'
 import { readStateFile, StateFileWriter } from './persist.js'
-import { revealsSecret } from '../forward/scrub.js'
+import { revealsSecret, WITHHELD } from '../forward/scrub.js'
 
 export const SIDECAR_HEADER = 'x-latchkey-sidecar'
 
@@ -153,7 +153,7 @@ export class ControlClient {
     call.on('error', (err: { code?: number; details?: string }) => {
       // Whatever answers at this address was sent the bearer token; its error text becomes the
       // stale reason (a refused mint's reason to the agent, the audit, /readyz, the log).
-      const details = err.details && revealsSecret(err.details, [this.o.token]) ? 'its error text quoted a credential the sidecar sent and is not repeated' : err.details || 'stream error'
+      const details = err.details && revealsSecret(err.details, [this.o.token]) ? WITHHELD : err.details || 'stream error'
       this.lost(call, `${details} (gRPC ${err.code ?? '?'})`)
     })
     call.on('end', () => this.lost(call, 'the broker ended the stream'))

@@ -12,12 +12,11 @@ import { EvidenceUnavailable, type WorkloadEvidence } from '../attest/evidence.j
 import type { CredentialBinding, TaskRef } from '../context.js'
 import { ActorMismatch, type TokenIssuer } from './broker-source.js'
 import { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, readCapped, type IssuedToken } from './exchange-outcome.js'
-import { revealsSecret } from '../forward/scrub.js'
+import { revealsSecret, WITHHELD } from '../forward/scrub.js'
 
 export { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, type ExchangeOutcome, type IssuedToken } from './exchange-outcome.js'
 
-/** Said instead of text from the broker that reveals a token the sidecar sent it: its refusal, and a value it answered. */
-const WITHHELD = 'its error text quoted a credential the sidecar sent and is not repeated'
+/** Said instead of a value the broker answered that reveals a token the sidecar sent it (its refusal: WITHHELD). */
 const NOT_REPEATED = 'not repeated: it quotes a credential the sidecar sent'
 
 /** How far this clock may run ahead of the broker's before a JWT's exp shortens its use here. */

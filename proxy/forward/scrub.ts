@@ -8,6 +8,8 @@ import { unescape } from 'node:querystring'
 import type { Credential, CredentialBinding } from '../context.js'
 
 export const REMOVED = '[removed by latchkey: it contained the injected credential]'
+/** Said in place of a remote server's text that reveals a credential the sidecar sent it (revealsSecret). */
+export const WITHHELD = 'its error text quoted a credential the sidecar sent and is not repeated'
 
 /**
  * Whether `text` reveals the credential: the secret itself or one of its encoded forms (Basic's

@@ -35,8 +35,9 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
   /** The response is corked until the tick ends (onResponseStart). */
   private corked = false
   private tickPending = false
-  /** Waiting for the agent to take what was written (onResponseData). */
+  /** Waiting for the agent to take what was written (relay); `stalled` cuts it after body_ms. */
   private draining = false
+  private stalled: NodeJS.Timeout | null = null
   // Gathered: the small chunks not yet relayed.
   first: Buffer | null = null
   copy: Buffer | null = null
@@ -53,6 +54,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     private readonly bodyGapMs = 0,
   ) {
     res.once('close', () => {
+      // Not kept past the call: it would hold this relay, and the call with it, for body_ms.
+      this.clearStall()
       // The agent went away mid-response: stop the upstream too, and say whose doing it was.
       if (!this.finished) this.abort(new LatchkeyError('LK_CLIENT_CLOSED', 'the agent closed the connection before the response was complete'))
     })
@@ -161,28 +164,35 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
 
   /** Sends `chunk` on to the agent (through the scrubber), pausing the upstream while the agent's side is full. */
   relay(controller: Dispatcher.DispatchController, chunk: Buffer): void {
-    if (this.scrubber !== null) {
-      const checked = this.scrubber.push(chunk)
-      if (checked === null) return
-      chunk = checked
-    }
-    if (!this.res.write(chunk) && !this.draining) {
+    const checked = this.scrubbed(chunk)
+    if (checked === null) return
+    if (!this.res.write(checked) && !this.draining) {
       this.draining = true
       controller.pause()
       // An agent that never reads held the call, and the upstream connection, for ever (memory
       // stays bounded by the pause): one that takes nothing for body_ms is cut, as an upstream is.
-      const stalled =
-        this.bodyGapMs > 0
-          ? setTimeout(() => {
-              if (!this.finished) this.abort(new LatchkeyError('LK_IDLE_TIMEOUT', `the agent read none of the response for ${this.bodyGapMs} ms (timeouts.body_ms)`))
-            }, this.bodyGapMs).unref()
-          : null
+      if (this.bodyGapMs > 0) {
+        this.stalled = setTimeout(() => {
+          if (!this.finished) this.abort(new LatchkeyError('LK_IDLE_TIMEOUT', `the agent read none of the response for ${this.bodyGapMs} ms (timeouts.body_ms)`))
+        }, this.bodyGapMs).unref()
+      }
       this.res.once('drain', () => {
-        if (stalled) clearTimeout(stalled)
+        this.clearStall()
         this.draining = false
         controller.resume()
       })
     }
+  }
+
+  /** What of `chunk` may go to the agent now, past the credential scrubber on a credentialed call. */
+  private scrubbed(chunk: Buffer): Buffer | null {
+    return this.scrubber === null ? chunk : this.scrubber.push(chunk)
+  }
+
+  private clearStall(): void {
+    if (this.stalled === null) return
+    clearTimeout(this.stalled)
+    this.stalled = null
   }
 
   /** The tick in which chunks were gathered (or the head corked) is over: relay them, uncork. */
@@ -202,8 +212,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     this.finished = true
     if (this.length > 0) {
       // The last chunks gathered, written as relay() would (the agent's taking them is end()'s affair).
-      const gathered = gatherTake(this)
-      const checked = this.scrubber === null ? gathered : this.scrubber.push(gathered)
+      const checked = this.scrubbed(gatherTake(this))
       if (checked !== null) this.res.write(checked)
     }
     if (this.scrubber !== null) {

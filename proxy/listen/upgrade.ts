@@ -125,7 +125,6 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
           return
         }
         const { binding, credential } = ctx
-        let scrubber: WebSocketScrubber | null = null
         if (binding && credential) {
           if (response.headers['sec-websocket-extensions'] !== undefined) {
             upstream.destroy()
@@ -134,8 +133,8 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
             return
           }
           scrubResponseHeaders(response.headers, binding, credential)
-          scrubber = relayScrubber = new WebSocketScrubber(bodyNeedlesFor(binding, credential))
-          scrubber.once('error', (err) => {
+          relayScrubber = new WebSocketScrubber(bodyNeedlesFor(binding, credential))
+          relayScrubber.once('error', (err) => {
             if (err instanceof LatchkeyError && ctx.errorCode === null) {
               ctx.errorCode = err.code
               ctx.errorReason = err.reason
@@ -149,10 +148,10 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
         answerHeadBytes = response.headBytes
         client.write(serializeSwitchingProtocols(response), 'latin1')
         if (head.length) upstream.write(head)
-        if (scrubber) {
-          scrubber.pipe(client)
-          if (response.rest.length) scrubber.write(response.rest)
-          relay(client, upstream, onClosed, scrubber)
+        if (relayScrubber) {
+          relayScrubber.pipe(client)
+          if (response.rest.length) relayScrubber.write(response.rest)
+          relay(client, upstream, onClosed, relayScrubber)
         } else {
           if (response.rest.length) client.write(response.rest)
           relay(client, upstream, onClosed)

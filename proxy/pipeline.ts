@@ -28,6 +28,7 @@ import { LiveCalls } from './live-calls.js'
 import type { PinnedPools } from './forward/pools.js'
 import type { SidecarMetrics } from './metrics.js'
 import type { PeerProcessResolver } from './identify/peer-process.js'
+import { recordEnd } from './call-outcome.js'
 
 export interface Stages {
   identifier: Identifier
@@ -322,10 +323,7 @@ export class Pipeline {
         // The call being answered is cut with the connection: recorded as the sidecar's doing,
         // not as the agent hanging up.
         for (const [ctx, s] of this.live.entries()) {
-          if (s === socket && ctx.errorCode === null) {
-            ctx.errorCode = 'LK_BAD_REQUEST'
-            ctx.errorReason = `more than ${MAX_QUEUED_PER_CONNECTION} requests pipelined on one connection: it was closed`
-          }
+          if (s === socket) recordEnd(ctx, 'LK_BAD_REQUEST', `more than ${MAX_QUEUED_PER_CONNECTION} requests pipelined on one connection: it was closed`)
         }
         socket.destroy()
       }
@@ -462,10 +460,7 @@ export class Pipeline {
     const e = this.asLatchkeyError(err)
     // A call cut on purpose (see cut) keeps that as its outcome, not the abort the cut caused;
     // its status stays what the agent got: nothing (0) when the cut came before the response.
-    if (ctx.errorCode !== null) return e
-    ctx.status = e.status
-    ctx.errorCode = e.code
-    ctx.errorReason = e.reason
+    if (recordEnd(ctx, e.code, e.reason)) ctx.status = e.status
     return e
   }
 
@@ -530,10 +525,7 @@ export class Pipeline {
     for (const [ctx, socket] of this.live.entries()) {
       if (!matches(ctx.identity)) continue
       this.live.delete(ctx)
-      if (!ctx.errorCode) {
-        ctx.errorCode = code
-        ctx.errorReason = reason
-      }
+      recordEnd(ctx, code, reason)
       socket.destroy()
       n++
     }
@@ -556,11 +548,7 @@ export class Pipeline {
       // Inspectable or not: a relay's bytes are not read, so no request in it can be told apart.
       if (d.action !== 'deny' || !d.enforced) continue
       this.live.delete(ctx)
-      if (!ctx.errorCode) {
-        ctx.decision = d
-        ctx.errorCode = 'LK_POLICY_DENIED'
-        ctx.errorReason = `the policy changed: ${d.reason}`
-      }
+      if (recordEnd(ctx, 'LK_POLICY_DENIED', `the policy changed: ${d.reason}`)) ctx.decision = d
       socket.destroy()
       n++
     }

@@ -12,6 +12,7 @@ import { upstreamError } from './upstream-errors.js'
 import { safeReasonPhrase, scrubResponseHeaders } from './scrub.js'
 import { BodyScrubber, bodyNeedlesFor } from './body-scrub.js'
 import { lingerOnClose } from '../listen/linger.js'
+import { recordEnd } from '../call-outcome.js'
 
 export type ForwardDone = (err: LatchkeyError | null) => void
 
@@ -241,10 +242,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     if (this.res.headersSent) {
       // Part of the response is already with the agent: the only honest signal left is a cut.
       // A call cut on purpose (revoked, its task ended) keeps that reason, not the abort it caused.
-      if (!this.ctx.errorCode) {
-        this.ctx.errorCode = mapped.code
-        this.ctx.errorReason = mapped.reason
-      }
+      recordEnd(this.ctx, mapped.code, mapped.reason)
       this.res.destroy()
       this.done(null)
     } else {

@@ -4,6 +4,7 @@
 import type { Socket } from 'node:net'
 import type { Writable } from 'node:stream'
 import type { CallContext } from '../context.js'
+import { recordEnd } from '../call-outcome.js'
 
 /** What every relay (CONNECT tunnel, WebSocket) is timed by. */
 export interface RelayTimeouts {
@@ -77,10 +78,7 @@ export function watchEarlyHangUp(client: Socket, onHangUp: () => void): () => vo
  */
 export function closeWhenIdle(ctx: CallContext, client: Socket, idleMs: number): () => void {
   const onIdle = () => {
-    if (ctx.errorCode === null) {
-      ctx.errorCode = 'LK_IDLE_TIMEOUT'
-      ctx.errorReason = `no bytes either way for ${idleMs} ms (sidecar.timeouts.tunnel_idle_ms)`
-    }
+    recordEnd(ctx, 'LK_IDLE_TIMEOUT', `no bytes either way for ${idleMs} ms (sidecar.timeouts.tunnel_idle_ms)`)
     client.destroy()
   }
   client.setTimeout(idleMs, onIdle)

@@ -16,6 +16,7 @@ import { expectedAccept, readUpgradeResponse, serializeSwitchingProtocols } from
 import { scrubResponseHeaders } from '../forward/scrub.js'
 import { bodyNeedlesFor } from '../forward/body-scrub.js'
 import { WebSocketScrubber } from './websocket-scrub.js'
+import { recordEnd } from '../call-outcome.js'
 
 const KEEP_FOR_WEBSOCKET = ['upgrade', 'connection'] as const
 /** 16 bytes in base64: 22 characters and `==`. */
@@ -135,10 +136,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
           scrubResponseHeaders(response.headers, binding, credential)
           relayScrubber = new WebSocketScrubber(bodyNeedlesFor(binding, credential))
           relayScrubber.once('error', (err) => {
-            if (err instanceof LatchkeyError && ctx.errorCode === null) {
-              ctx.errorCode = err.code
-              ctx.errorReason = err.reason
-            }
+            if (err instanceof LatchkeyError) recordEnd(ctx, err.code, err.reason)
             client.destroy()
             upstream.destroy()
           })

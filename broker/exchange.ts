@@ -190,7 +190,7 @@ export class TokenExchange {
     }
     // A delegation is bounded audience by audience (delegation-grants.ts); its ceiling is their union.
     const delegated = delegation ? delegationCeiling(spec, subject) : undefined
-    const held = subject.grants ? subject.grants.get(audience) : subject.scopes
+    const held = heldAt(subject, audience)
     const ceiling = delegated ? [...new Set([...delegated.values()].flat())] : held === undefined ? allowed : allowed.filter((s) => held.includes(s))
     // A lent secret carries no scopes (what it can do is the audience's business), but it is lent
     // only where a JWT would be granted: the same ceiling, the same refusals.
@@ -388,11 +388,11 @@ function namesAnAgent(sub: string): boolean {
   return seen.startsWith('agent:')
 }
 
-/**
- * Requested scopes as a refusal names them: those the registry or the subject_token knows, by
- * name; any other only counted. `scope` takes any printable characters, so a client that put a
- * token there (a swapped parameter) must not find it repeated in the error, the event or the log.
- */
+/** What the subject holds at `aud`: its delegation's entry there, else the user's scopes; undefined for the agent itself. */
+function heldAt(subject: Subject, aud: string): readonly string[] | undefined {
+  return subject.grants ? subject.grants.get(aud) : subject.scopes
+}
+
 /**
  * A delegation's ceiling at each audience the delegating type may receive tokens for: its
  * registry scopes there, bounded by what the subject holds there. Under a delegation, an audience
@@ -402,7 +402,7 @@ function delegationCeiling(spec: AgentTypeSpec, subject: Subject): Map<string, s
   const out = new Map<string, string[]>()
   for (const [aud, scopes] of Object.entries(spec.audiences)) {
     if (subject.grants && !subject.grants.has(aud)) continue
-    const held = subject.grants ? subject.grants.get(aud)! : subject.scopes
+    const held = heldAt(subject, aud)
     const kept = held === undefined ? scopes : scopes.filter((s) => held.includes(s))
     // An audience whose registry names no scopes has nothing to consent to (a lent secret).
     if (kept.length > 0 || scopes.length === 0) out.set(aud, kept)
@@ -410,6 +410,11 @@ function delegationCeiling(spec: AgentTypeSpec, subject: Subject): Map<string, s
   return out
 }
 
+/**
+ * Requested scopes as a refusal names them: those the registry or the subject_token knows, by
+ * name; any other only counted. `scope` takes any printable characters, so a client that put a
+ * token there (a swapped parameter) must not find it repeated in the error, the event or the log.
+ */
 function nameScopes(scopes: string[], registry: Registry, granted: string[] | undefined): string {
   const known = new Set([...Object.values(registry.agents).flatMap((s) => Object.values(s.audiences).flat()), ...(granted ?? [])])
   const named = scopes.filter((s) => known.has(s))

@@ -215,7 +215,9 @@ export function startSlowCallRig(t: { teardown(fn: () => unknown): void }, delay
   return startBearerRig(t, {
     handler: (req, res) => {
       if (!req.url.startsWith('/slow')) return false
-      setTimeout(() => res.writeHead(200, { 'content-type': 'text/plain' }).end('late'), delayMs)
+      const answer = setTimeout(() => res.writeHead(200, { 'content-type': 'text/plain' }).end('late'), delayMs)
+      // A call cut before its answer: the test is over, and must not wait out delayMs to exit.
+      res.once('close', () => clearTimeout(answer))
       return true
     },
     fragment: () => ({ sidecar }),

@@ -120,3 +120,27 @@ t.test('instance names are kept exactly or refused', async (t) => {
   t.equal((await spiffe.verify(await id('w'.repeat(253)), registry)).instanceId, `agent:summarizer:prod:${'w'.repeat(253)}`)
   await t.rejects(spiffe.verify(await id('w'.repeat(254)), registry), /at most 253/, 'a SPIFFE instance segment is not cut to fit')
 })
+
+// The replay cache remembers every live jti. Full, it refuses new evidence rather than forget a
+// live jti (which would let that attestation be replayed); once they expire, room comes back.
+t.test('local attestor: a full replay cache refuses new evidence, never forgets a live jti', async (t) => {
+  const key = await ensureLocalAttestorKey(join(mkdtempSync(join(tmpdir(), 'lk-att-')), 'k'))
+  const { readFileSync } = await import('node:fs')
+  let clock = Date.now()
+  const verifier = new LocalVerifier(createLocalJWKSet(JSON.parse(readFileSync(key.jwksFile, 'utf8'))), BROKER, () => clock, 2)
+  // Evidence is minted and checked on the real clock (jose's); the cache runs on the fake one.
+  const mint = (lifetimeS: number) => {
+    const n = now()
+    return new SignJWT({ jti: crypto.randomUUID(), iat: n, exp: n + lifetimeS, sub: 'agent:summarizer:prod:local-1', aud: BROKER, iss: 'latchkey-local' }).setProtectedHeader({ alg: 'ES256', kid: key.kid }).sign(key.privateKey)
+  }
+  const first = await mint(60)
+  await verifier.verify(first, registry)
+  await verifier.verify(await mint(60), registry)
+  const third = await mint(60)
+  await t.rejects(verifier.verify(third, registry), { message: /more than 2 local attestations are live at once: refused rather than remember fewer/ }, 'full: refused')
+  await t.rejects(verifier.verify(first, registry), { message: /replayed/ }, 'the oldest jti is still remembered')
+  clock += 200_000 // the cache's clock: past both jtis' lives (60 s) and the allowed skew
+  const later = await mint(60)
+  t.ok(await verifier.verify(later, registry), 'their jtis expired: room again')
+  await t.rejects(verifier.verify(later, registry), { message: /replayed/ }, 'and the new jti is remembered')
+})

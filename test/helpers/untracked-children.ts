@@ -3,7 +3,8 @@
 // (process-on-spawn), so that coverage can follow them. The suite runs with coverage off, and
 // the tracker cost each sidecar, broker and CLI a test starts 0.2–0.6 s of CPU: on Node 20 it
 // routes every module load through a loader thread. Children start without it; the test
-// process itself keeps what tap gave it.
+// process keeps the tracker's process record, which tap reads (tracker-hooks-off.cts turns off
+// its module hooks there).
 import { addListener } from 'process-on-spawn'
 
 const tracker = /@tapjs[\\/]processinfo/

@@ -3,10 +3,11 @@
 // (no web page, see local-caller.ts); slow or idle clients are cut like the proxy port's, and the
 // number of connections is capped (by the sidecar, listen/cap.ts), so idle sockets cannot take the process's descriptors.
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
-import { headersCheckInterval, MAX_HEADER_BYTES } from './listen/server.js'
+import type { Socket } from 'node:net'
+import { headersCheckInterval, MAX_HEADER_BYTES, parserRefusal } from './listen/server.js'
 import type { SidecarMetrics } from './metrics.js'
 import { checkLocalCaller } from './listen/local-caller.js'
-import { LatchkeyError, renderError } from './errors.js'
+import { LatchkeyError, renderError, renderErrorRaw } from './errors.js'
 
 /** Scrapers, probes and a few agents opening tasks: far fewer than this at once (see listen/cap.ts). */
 export const MAX_ADMIN_CONNECTIONS = 256
@@ -58,6 +59,20 @@ export function createAdminServer(metrics: SidecarMetrics, readiness: Readiness,
         () => res.writeHead(500).end(),
       )
     }
+  })
+  // A head the parser refuses (too large, malformed, too slow) gets the coded JSON refusal the
+  // proxy port gives, not node:http's bare status line. Not audited: no call was asked for. With
+  // a response under way on the connection (pipelining), the connection just ends after it.
+  server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => {
+    const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
+    if (err.code === 'ECONNRESET' || !socket.writable || inFlight) {
+      if (inFlight && !inFlight.writableFinished) inFlight.once('finish', () => socket.destroy())
+      else socket.destroy()
+      return
+    }
+    socket.end(renderErrorRaw(parserRefusal(err)))
+    // A refusal written to a client that does not read it does not hold the socket.
+    setTimeout(() => socket.destroy(), 1_000).unref()
   })
   return server
 }

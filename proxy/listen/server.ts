@@ -116,12 +116,7 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
       socket.destroy()
       return
     }
-    const e =
-      err.code === 'HPE_HEADER_OVERFLOW'
-        ? new LatchkeyError('LK_HEADERS_TOO_LARGE', `request headers too large (request line and headers over ${MAX_HEADER_BYTES} bytes)`)
-        : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
-          ? new LatchkeyError('LK_BAD_REQUEST', 'request headers not received in time')
-          : new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (${err.code ?? 'parse error'})`)
+    const e = parserRefusal(err)
     const inFlight = owedResponse(socket)
     // A complete call still being answered, not a refusal: it ends in its own time (its timeouts
     // bound it), and only then the connection.
@@ -157,4 +152,11 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     const ctx = pipeline.newContext(via, 'UNKNOWN')
     pipeline.refuseSocket(ctx, socket, e)
   }
+}
+
+/** What node:http's parser refused (its clientError), as the coded refusal both ports answer with. */
+export function parserRefusal(err: NodeJS.ErrnoException): LatchkeyError {
+  if (err.code === 'HPE_HEADER_OVERFLOW') return new LatchkeyError('LK_HEADERS_TOO_LARGE', `request headers too large (request line and headers over ${MAX_HEADER_BYTES} bytes)`)
+  if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT') return new LatchkeyError('LK_BAD_REQUEST', 'request headers not received in time')
+  return new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (${err.code ?? 'parse error'})`)
 }

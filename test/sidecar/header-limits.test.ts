@@ -1,7 +1,7 @@
 // A request head past the sidecar's limit (MAX_HEADER_BYTES, 16 KiB) is answered 431 Request Header
 // Fields Too Large (RFC 6585), coded LK_HEADERS_TOO_LARGE with the JSON body of every refusal, and
-// audited: on the proxy port, inside a plaintext CONNECT tunnel, and (node:http's own 431) on the
-// admin port. node:http counts the bytes of the URL and of header names and values, not the `: `
+// audited: on the proxy port and inside a plaintext CONNECT tunnel; on the admin port the same
+// coded 431, not audited (no call was asked for). node:http counts the bytes of the URL and of header names and values, not the `: `
 // and line ends between them: the cases here are over the limit by that count.
 import t, { type Test } from 'tap'
 import { connect } from 'node:net'
@@ -94,8 +94,11 @@ t.test('the admin port answers a head too large with 431 too', async (t) => {
     ['one header just over the limit', oneBigHeader('GET /healthz HTTP/1.1', '/healthz', host)],
     ['many small headers', manySmallHeaders('GET /healthz HTTP/1.1', host)],
   ] as const) {
-    const r = await rawRequest(s.sidecar.adminPort, head)
-    t.equal(r.status, 431, `${name}: 431`)
+    assertRefusal(t, `admin port, ${name}`, await rawRequest(s.sidecar.adminPort, head))
   }
+  const malformed = await rawRequest(s.sidecar.adminPort, 'GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header: x\r\n\r\n')
+  t.equal(malformed.status, 400, 'a malformed head: 400')
+  t.same(JSON.parse(malformed.body), { error: 'bad_request', code: 'LK_BAD_REQUEST', rule: null, reason: 'malformed HTTP request (HPE_INVALID_HEADER_TOKEN)', retryable: false }, 'saying what the parser refused')
   t.equal((await rawRequest(s.sidecar.adminPort, underTheLimit('GET /healthz HTTP/1.1', host))).status, 200, 'within the limit: served')
+  t.same(await s.audit(), [], 'the admin port audits none of it: no call was asked for')
 })

@@ -136,6 +136,7 @@ export class BrokerClient implements TokenIssuer {
     }
     let expiresInMs = Math.min(expiresIn, MAX_EXPIRES_IN_S) * 1000
     let jti = typeof body.lease_id === 'string' ? body.lease_id.slice(0, 64) : 'unknown'
+    let jtiField: { name: string; whole: unknown } = { name: 'lease_id', whole: body.lease_id }
     if (requestedType !== TOKEN_TYPES.leasedSecret) {
       let claims: ReturnType<typeof decodeJwt> | null = null
       try {
@@ -144,7 +145,10 @@ export class BrokerClient implements TokenIssuer {
         // An opaque token is fine to inject; it just has no jti to audit, nor claims to check.
       }
       if (claims) {
-        if (typeof claims.jti === 'string') jti = claims.jti.slice(0, 128)
+        if (typeof claims.jti === 'string') {
+          jti = claims.jti.slice(0, 128)
+          jtiField = { name: 'jti', whole: claims.jti }
+        }
         const aud = typeof claims.aud === 'string' ? [claims.aud] : Array.isArray(claims.aud) ? claims.aud : []
         if (!aud.includes(audience)) {
           const named = aud.map((a) => JSON.stringify(String(a).slice(0, 128))).join(', ') || 'missing'
@@ -168,6 +172,9 @@ export class BrokerClient implements TokenIssuer {
         }
       }
     }
+    // The jti (or lease_id) is audited, logged and listed by the task API: one that quotes what the
+    // sidecar sent would put the user's token or the workload's evidence in all three.
+    if (quotes(jti, jtiField.whole)) throw new ExchangeFailed('invalid_response', `broker issued a token whose ${jtiField.name} is ${NOT_REPEATED}`)
     return { token, jti, scopes: granted, expiresInMs }
   }
 

@@ -267,7 +267,7 @@ t.test('a rotated service-account token file is re-read', async (t) => {
 t.test('a broker that echoes the tokens it was sent: the agent, the audit and the log get none of them, in any spelling', async (t) => {
   // The sidecar sends the broker secrets: the workload's evidence (here a service-account token)
   // and a task's user token. A hostile or sloppy broker quotes them back; each spelling of each,
-  // in a refusal's error_description or error, or in a 200's scope, aud or act.sub.
+  // in a refusal's error_description or error, or in a 200's scope, aud, act.sub or jti.
   const dir = mkdtempSync(join(tmpdir(), 'lk-echo-'))
   const evidence = `e30.e30.${CANARY}`
   writeFileSync(join(dir, 'token'), evidence)
@@ -310,6 +310,7 @@ t.test('a broker that echoes the tokens it was sent: the agent, the audit and th
     ['scope', (q) => granted({ access_token: jwt({ aud: API, act: { sub: AGENT } }), scope: `read ${q}` }), (q) => q.split(' ')[0]!.slice(0, 64), notRepeated('broker granted scope')],
     ['aud', (q) => granted({ access_token: jwt({ aud: q, act: { sub: AGENT } }) }), (q) => q.slice(0, 128), notRepeated('another audience \\(aud')],
     ['act.sub', (q) => granted({ access_token: jwt({ aud: API, act: { sub: q } }) }), (q) => q.slice(0, 256), notRepeated('the broker attested agent')],
+    ['jti', (q) => granted({ access_token: jwt({ aud: API, act: { sub: AGENT }, jti: q }) }), (q) => q.slice(0, 128), /broker issued a token whose jti is not repeated: it quotes a credential the sidecar sent/],
   ]
   const leaked = (output: string, shown: string) => holds(output, shown) || output.includes(CANARY)
   const auditText = () => (existsSync(s.auditPath) ? readFileSync(s.auditPath, 'utf8') : '')

@@ -172,8 +172,8 @@ export class BrokerClient implements TokenIssuer {
         }
       }
     }
-    // The jti (or lease_id) is audited, logged and listed by the task API: one that quotes what the
-    // sidecar sent would put the user's token or the workload's evidence in all three.
+    // The jti (or lease_id) is audited (file and collector) and listed by the task API: one that
+    // quotes what the sidecar sent would put the user's token or the workload's evidence there.
     if (quotes(jti, jtiField.whole)) throw new ExchangeFailed('invalid_response', `broker issued a token whose ${jtiField.name} is ${NOT_REPEATED}`)
     return { token, jti, scopes: granted, expiresInMs }
   }

@@ -24,8 +24,7 @@ export interface TaskApiDeps {
   proxyUrl(handle: string): string
   /** When callers are restricted, the task API is too: only the agent may open tasks. */
   checkCaller?: ((req: IncomingMessage) => Promise<void>) | undefined
-  /** The revocation (from the control stream) that stops this task, or the agent for `null`. */
-  /** Which revocation stops this task (or, for null, the agent), if any. */
+  /** The revocation (from the control stream) that stops this task, or the agent for `null`, if any. */
   revokedBy?: ((task: TaskRef | null) => string | null) | undefined
 }
 

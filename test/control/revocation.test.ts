@@ -197,7 +197,6 @@ t.test('unauthenticated control streams are refused', async (t) => {
   t.ok(broker.broker.control!.stats.refused >= 2)
 })
 
-/** GET /v1/tasks/<handle> on the sidecar's admin port. */
 t.test("revoking a delegation's task or jti stops, within the second, the tasks another sidecar opened with tokens derived from it", async (t) => {
   const broker = await startControlBroker()
   t.teardown(() => broker.close())
@@ -261,6 +260,7 @@ function unsignedJwt(claims: Record<string, unknown>): string {
   return `${part({ alg: 'ES256', typ: 'JWT' })}.${part(claims)}.${Buffer.from('not a signature').toString('base64url')}`
 }
 
+/** GET /v1/tasks/<handle> on the sidecar's admin port. */
 async function taskState(s: { sidecar: { adminUrl: string } }, handle: string): Promise<{ status: number; body: Record<string, unknown> }> {
   const res = await fetch(`${s.sidecar.adminUrl}/v1/tasks/${handle}`)
   return { status: res.status, body: (await res.json()) as Record<string, unknown> }

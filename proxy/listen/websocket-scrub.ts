@@ -86,13 +86,9 @@ export class WebSocketScrubber extends Transform {
   /** Reads header bytes from `chunk` at `i`; returns where it stopped. */
   private readHeader(chunk: Buffer, i: number): number {
     const hb = this.headerBytes
-    while (i < chunk.length) {
-      const need = this.headerLength < 2 ? 2 : 2 + ((hb[1]! & 0x7f) === 126 ? 2 : (hb[1]! & 0x7f) === 127 ? 8 : 0)
-      if (this.headerLength === need) break
-      hb[this.headerLength++] = chunk[i++]!
-    }
+    while (i < chunk.length && this.headerLength < this.headerSize()) hb[this.headerLength++] = chunk[i++]!
+    if (this.headerLength < this.headerSize()) return i
     const len7 = hb[1]! & 0x7f
-    if (this.headerLength < 2 || this.headerLength < 2 + (len7 === 126 ? 2 : len7 === 127 ? 8 : 0)) return i
     const h = Buffer.from(hb.subarray(0, this.headerLength))
     this.headerLength = 0
     const b0 = h[0]!
@@ -119,6 +115,13 @@ export class WebSocketScrubber extends Transform {
     }
     if (length === 0) this.frameEnd()
     return i
+  }
+
+  /** The size of the header being read, as far as its bytes tell: 2 until the length byte is in, then 2, 4 or 10. */
+  private headerSize(): number {
+    if (this.headerLength < 2) return 2
+    const len7 = this.headerBytes[1]! & 0x7f
+    return 2 + (len7 === 126 ? 2 : len7 === 127 ? 8 : 0)
   }
 
   private payload(part: Buffer): void {

@@ -1,7 +1,7 @@
 // The sidecar's RFC 8693 client: one POST to the broker's token endpoint per exchange, with the
 // workload evidence as actor_token and the task's user token, if any, as subject_token. Every
 // failure becomes an ExchangeFailed whose reason names what went wrong and never a token: what
-// the broker says is quoted only if it does not reveal a token the sidecar sent it (revealsSecret).
+// the broker says is quoted only if it does not reveal a token the sidecar sent it (quotesSent).
 // The token's current actor (act.sub, outermost: broker/act.ts) must be the sidecar's agent_id:
 // read, not verified (the broker signs; this is a consistency check), and refused otherwise.
 import { Pool } from 'undici'
@@ -12,7 +12,7 @@ import { EvidenceUnavailable, type WorkloadEvidence } from '../attest/evidence.j
 import type { CredentialBinding, TaskRef } from '../context.js'
 import { ActorMismatch, type TokenIssuer } from './broker-source.js'
 import { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, readCapped, type IssuedToken } from './exchange-outcome.js'
-import { revealsSecret, WITHHELD } from '../forward/scrub.js'
+import { quotesSent, WITHHELD } from '../forward/scrub.js'
 
 export { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, type ExchangeOutcome, type IssuedToken } from './exchange-outcome.js'
 
@@ -77,8 +77,7 @@ export class BrokerClient implements TokenIssuer {
     // The secrets this request carries: a broker that echoes them back (in its refusal, a scope,
     // an aud, an act.sub) would otherwise have the agent, the audit and the log hold them.
     const sent = task.userToken ? [task.userToken, evidence] : [evidence]
-    /** Whether the broker's text reveals one, as quoted (`shown`) or whole: a token across the cut would be quoted in part. */
-    const quotes = (shown: string, ...whole: unknown[]) => revealsSecret(shown, sent) || whole.some((w) => typeof w === 'string' && revealsSecret(w, sent))
+    const quotes = (shown: string, ...whole: unknown[]) => quotesSent(sent, shown, ...whole)
 
     let status: number
     let text: string

@@ -8,7 +8,7 @@ import type { CredentialBinding, TaskRef } from '../context.js'
 import type { CredentialBindingConfig } from '../../lib/config/schema.js'
 import { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, readCapped, type IssuedToken } from './exchange-outcome.js'
 import type { TokenIssuer } from './broker-source.js'
-import { revealsSecret } from '../forward/scrub.js'
+import { quotesSent } from '../forward/scrub.js'
 
 interface Client {
   url: URL
@@ -23,12 +23,13 @@ interface Client {
 const formEncode = (s: string) => encodeURIComponent(s).replace(/%20/g, '+')
 
 /**
- * Whether `text` (an AS's refusal, a scope it granted) reveals the client secret, in any spelling
- * forward/scrub.ts knows: as sent (plain, form-encoded, inside the Basic header) or escaped over it.
+ * Whether an AS's text (its refusal, a scope it granted), as quoted (`shown`) or whole, reveals
+ * the client secret in any spelling forward/scrub.ts knows: as sent (plain, form-encoded, inside
+ * the Basic header) or escaped over it.
  */
-function quotesSecret(text: string, c: Client): boolean {
+function quotesSecret(c: Client, shown: string, ...whole: unknown[]): boolean {
   const basic = `${formEncode(c.clientId)}:${formEncode(c.secret)}`
-  return revealsSecret(text, [{ value: c.secret, within: [basic, Buffer.from(basic).toString('base64')] }])
+  return quotesSent([{ value: c.secret, within: [basic, Buffer.from(basic).toString('base64')] }], shown, ...whole)
 }
 
 export class ClientCredentialsIssuer implements TokenIssuer {
@@ -100,7 +101,7 @@ export class ClientCredentialsIssuer implements TokenIssuer {
       const why = typeof body.error_description === 'string' ? `: ${body.error_description.slice(0, 300)}` : ''
       // An AS echoing what it was sent would have the agent, the audit and the log hold the client
       // secret. Looked for whole as well: a secret across the cut would be quoted in part.
-      const said = quotesSecret(code + why, c) || [body.error, body.error_description].some((w) => typeof w === 'string' && quotesSecret(w, c)) ? '; its error text quoted the client secret and is not repeated' : ` ${code}${why}`
+      const said = quotesSecret(c, code + why, body.error, body.error_description) ? '; its error text quoted the client secret and is not repeated' : ` ${code}${why}`
       throw new ExchangeFailed(status >= 500 ? 'unreachable' : 'refused', `authorization server refused client credentials (${status}${said})`)
     }
     const token = body.access_token
@@ -115,7 +116,7 @@ export class ClientCredentialsIssuer implements TokenIssuer {
     const extra = binding.scopes.length > 0 ? granted.filter((s) => !binding.scopes.includes(s)) : []
     if (extra.length > 0) {
       const named = extra.join(' ').slice(0, 200)
-      throw new ExchangeFailed('invalid_response', `authorization server granted scopes not asked for (${quotesSecret(named, c) || (typeof body.scope === 'string' && quotesSecret(body.scope, c)) ? 'not repeated: they quote the client secret' : named})`)
+      throw new ExchangeFailed('invalid_response', `authorization server granted scopes not asked for (${quotesSecret(c, named, body.scope) ? 'not repeated: they quote the client secret' : named})`)
     }
     return { token, jti: `cc:${binding.id}`, scopes: granted, expiresInMs: lifetimeS * 1000 }
   }

@@ -93,6 +93,15 @@ export function revealsSecret(text: string, secrets: readonly SentSecret[]): boo
 }
 
 /**
+ * Whether a remote server's text reveals any of `secrets` as the sidecar would quote it (`shown`:
+ * cut, or a part of it) or as it came (`whole`, each one that is a string): a secret across the
+ * cut would be quoted in part, and so found in neither part on its own.
+ */
+export function quotesSent(secrets: readonly SentSecret[], shown: string, ...whole: unknown[]): boolean {
+  return revealsSecret(shown, secrets) || whole.some((w) => typeof w === 'string' && revealsSecret(w, secrets))
+}
+
+/**
  * The secret as an upstream might re-encode it to echo it back: hex in either case (Java's
  * printHexBinary, .NET's Convert.ToHexString and Go's %X write upper case), for a secret beyond
  * ASCII its UTF-8 bytes as a response header carries them (header values reach the sidecar one

@@ -13,9 +13,9 @@ import { authMetadata, ingestClient, sha256hex, sidecarIdentity, startTestCollec
 import { freePort, startCollectedSidecar } from './sidecar-helpers.js'
 import { loadGenerator, startChild, writeYaml } from './process-helpers.js'
 import { PG_URL, seqEvents, uniqueSchema } from './events.js'
-import { Server as GrpcServer, ServerCredentials, status as grpcStatus, type ServerDuplexStream } from '@grpc/grpc-js'
 import { AuditIngestServiceService } from '../../protos/gen/latchkey/v1/audit.js'
 import { SPELLINGS, holds } from '../helpers/spellings.js'
+import { startBearerEcho } from '../helpers/bearer-echo.js'
 
 const AGENT = 'agent:summarizer:test:a1'
 // Child processes, kills and restarts: slower than the 60 s default allows on a loaded 2-core CI.
@@ -160,15 +160,8 @@ t.test('duplicate and overlapping batches: each event stored once, chain intact'
 t.test('a collector that echoes the bearer token in its error: the log quotes none of it, in any spelling', async (t) => {
   // The sidecar sends its collector token as a bearer; whatever answers logs its gRPC error text.
   let spell: (s: string) => string = (s) => s
-  const server = new GrpcServer()
-  server.addService(AuditIngestServiceService, {
-    ingest: (call: ServerDuplexStream<unknown, unknown>) => {
-      const auth = String(call.metadata.get('authorization')[0] ?? '')
-      call.emit('error', { code: grpcStatus.UNAUTHENTICATED, details: spell(auth.replace(/^Bearer /, '')) })
-    },
-  })
-  const port = await new Promise<number>((resolve, reject) => server.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))))
-  t.teardown(() => server.forceShutdown())
+  const { port, close } = await startBearerEcho(AuditIngestServiceService, 'ingest', () => spell)
+  t.teardown(close)
   const upstream = await startUpstream()
   t.teardown(upstream.close)
   for (const [name, spelling] of Object.entries(SPELLINGS)) {

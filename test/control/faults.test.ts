@@ -6,11 +6,11 @@ import { startApi, startControlBroker, restartableBroker, startControlSidecar, v
 import { mkdtempSync, writeFileSync, readFileSync, existsSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { Server, ServerCredentials, status as grpcStatus, type ServerWritableStream } from '@grpc/grpc-js'
 import { ControlServiceService } from '../../protos/gen/latchkey/v1/control.js'
 import { startTestSidecar, loopbackPolicy, CANARY } from '../helpers/harness.js'
 import { freePort, API } from '../helpers/broker.js'
 import { SPELLINGS, holds } from '../helpers/spellings.js'
+import { startBearerEcho } from '../helpers/bearer-echo.js'
 
 t.test('broker restart: the sidecar reconnects and resyncs from the snapshot, missed revocations and unrevocations included', async (t) => {
   const broker = await restartableBroker(t, 'restart')
@@ -126,15 +126,8 @@ t.test('a control endpoint that echoes the bearer token in its error: the stale 
   // becomes the stale reason: a refused mint's reason (the agent), /readyz and the log.
   const token = `ctl-${CANARY}`
   let spell: (s: string) => string = (s) => s
-  const server = new Server()
-  server.addService(ControlServiceService, {
-    watch: (call: ServerWritableStream<unknown, unknown>) => {
-      const auth = String(call.metadata.get('authorization')[0] ?? '')
-      call.emit('error', { code: grpcStatus.UNAUTHENTICATED, details: spell(auth.replace(/^Bearer /, '')) })
-    },
-  })
-  const port = await new Promise<number>((resolve, reject) => server.bindAsync('127.0.0.1:0', ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))))
-  t.teardown(() => server.forceShutdown())
+  const { port, close } = await startBearerEcho(ControlServiceService, 'watch', () => spell)
+  t.teardown(close)
   const dir = mkdtempSync(join(tmpdir(), 'lk-ctl-echo-'))
   writeFileSync(join(dir, 'token'), 'e30.e30.sig')
   const api = await startApi()

@@ -15,12 +15,13 @@ import { stripQueryParams } from './credentials/bindings.js'
 import { hostHeader, parseAbsoluteTarget, parseReverseTarget, parseTunnelledTarget, urlHostPort, type ReverseRoutes } from './listen/target.js'
 import { checkFraming } from './listen/framing.js'
 import { outboundRequestHeaders, type OutboundHeaders } from './forward/headers.js'
-import { forward } from './forward/forward.js'
+import { forward, type BodyInspector } from './forward/forward.js'
 import { locationThroughRoute, resolveLocation } from './forward/route-location.js'
 import { isIP } from 'node:net'
 import ipaddr from 'ipaddr.js'
 import { classifyAddress } from './resolve/classify.js'
 import { formOverride, MAX_CHECKED_BODY, mayOverrideInBody, methodMatters, readCheckedBody } from './policy/body-override.js'
+import { isJsonBody, JsonOverrideScanner } from './policy/json-override.js'
 import { tokenSha256 } from './audit/token-hash.js'
 import { newEventId } from './audit/event-id.js'
 import { isoTimestamp } from './audit/event-time.js'
@@ -431,11 +432,19 @@ export class Pipeline {
         .catch((err: unknown) => this.refuse(ctx, res, err))
       return
     }
-    this.send(ctx, req, res, headers, null)
+    // A JSON POST where the method matters: its `_method` is judged as the body streams past.
+    let inspect: BodyInspector | null = null
+    if (ctx.method === 'POST' && isJsonBody(req.headers['content-type']) && methodMatters(this.stages.decider, target, address)) {
+      const scanner = new JsonOverrideScanner((method) => {
+        if (method !== 'POST') this.judge(ctx, this.stages.decider.decide(method, target, address))
+      })
+      inspect = (chunk) => scanner.feed(chunk)
+    }
+    this.send(ctx, req, res, headers, null, inspect)
   }
 
-  /** The forward itself; `body` when it was read whole first, else the request streams. */
-  private send(ctx: CallContext, req: IncomingMessage, res: ServerResponse, headers: OutboundHeaders, body: Buffer | null): void {
+  /** The forward itself; `body` when it was read whole first, else the request streams (through `inspect`, if set). */
+  private send(ctx: CallContext, req: IncomingMessage, res: ServerResponse, headers: OutboundHeaders, body: Buffer | null, inspect: BodyInspector | null = null): void {
     const target = ctx.target!
     forward(
       this.stages.pools.get(target, ctx.resolved!),
@@ -452,6 +461,7 @@ export class Pipeline {
       this.stages.audit.recordBeforeResponse === true,
       body,
       this.stages.bodyGapMs ?? 0,
+      inspect,
     )
   }
 

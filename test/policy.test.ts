@@ -3,6 +3,7 @@ import { Policy } from '../proxy/policy/policy.js'
 import { pathReadings, compileGlob } from '../proxy/policy/paths.js'
 import { parseAbsoluteTarget, parseConnectTarget } from '../proxy/listen/target.js'
 import type { RuleConfig } from '../lib/config/schema.js'
+import { JsonOverrideScanner, isJsonBody } from '../proxy/policy/json-override.js'
 
 const policy = (rules: RuleConfig[], extra: Partial<{ mode: 'enforce' | 'report'; default: 'allow' | 'deny' }> = {}) =>
   new Policy({ mode: extra.mode ?? 'enforce', default: extra.default ?? 'deny', rules })
@@ -285,4 +286,49 @@ t.test('a segment-ending run of dots or spaces is trimmed in one pass, however l
   t.ok(s.includes(`/admin/x${spaces}y`), 'a run of encoded spaces ending a segment is dropped; one inside a segment is kept')
   const p = policy([{ id: 'no-admin', action: 'deny', hosts: ['x.com'], paths: ['/admin/**'] }], { default: 'allow' })
   t.equal(decide(p, 'GET', `https://x.com/admin${'.'.repeat(15_000)}/x`).rule, 'no-admin', 'and a deny still sees /admin in it')
+})
+
+t.test('a JSON body is scanned for top-level _method keys, however its chunks are cut', async (t) => {
+  /** The overrides found in `body` fed in the given pieces; the error's reason if it threw. */
+  const scan = (pieces: Buffer[]): string[] | string => {
+    const found: string[] = []
+    const scanner = new JsonOverrideScanner((m) => found.push(m))
+    try {
+      for (const p of pieces) scanner.feed(p)
+    } catch (err) {
+      return (err as { reason: string }).reason
+    }
+    return found
+  }
+  const table: [string, string[] | RegExp][] = [
+    ['{"_method":"DELETE"}', ['DELETE']],
+    ['{"\\u005F\\u006d\\u0065\\u0074\\u0068\\u006f\\u0064":"\\u0064elete"}', ['DELETE']],
+    ['{"a":"\\"}","_method":"PATCH"}', ['PATCH']],
+    ['{"a":{"_method":"DELETE"},"b":[{"_method":"PUT"}],"_Method":" put "}', ['PUT']],
+    ['{"_method":"PUT","_method":"DELETE"}', ['PUT', 'DELETE']],
+    ['{"_method":null,"_method":1,"_method":{"x":"DELETE"},"x":"DELETE"}', []],
+    ['[{"_method":"DELETE"}]', []],
+    ['{"a":1}{"_method":"DELETE"}', []],
+    ['"{\\"_method\\":\\"DELETE\\"}"', []],
+    ['\ufeff{"_method":"LINK"}', ['LINK']],
+    ['{"_method":"DE LETE"}', /not one method token/],
+    ['{"_method":""}', /not one method token/],
+    [`{"_method":"${'D'.repeat(300)}"}`, /not one method token/],
+    ['{"_method":"\\x"}', /not one method token/],
+    [`{"${'_'.repeat(300)}":"DELETE","_method":"PUT"}`, ['PUT']],
+  ]
+  for (const [text, want] of table) {
+    const body = Buffer.from(text)
+    const check = (got: string[] | string, how: string) => (want instanceof RegExp ? t.match(got, want, `${text.slice(0, 60)}: ${how}`) : t.same(got, want, `${text.slice(0, 60)}: ${how}`))
+    check(scan([body]), 'whole')
+    check(scan([...body].map((b) => Buffer.from([b]))), 'a byte at a time')
+    let cuts = 0
+    for (let i = 1; i < Math.min(body.length, 80); i++) {
+      const got = scan([body.subarray(0, i), body.subarray(i)])
+      if (JSON.stringify(got) === JSON.stringify(scan([body]))) cuts++
+    }
+    t.equal(cuts, Math.min(body.length, 80) - 1, `${text.slice(0, 60)}: the same, cut in two anywhere`)
+  }
+  t.same(['application/json', 'application/problem+json; charset=utf-8', 'TEXT/JSON', 'application/x-www-form-urlencoded;x=/json'].map(isJsonBody), [true, true, true, true], 'JSON as Laravel tells it, case-folded')
+  t.same([undefined, 'text/plain', 'application/jsonp'].map(isJsonBody), [false, false, true], '...and not otherwise (a "/json" prefix counts, as it does there)')
 })

@@ -17,6 +17,12 @@ import { recordEnd } from '../call-outcome.js'
 export type ForwardDone = (err: LatchkeyError | null) => void
 
 /**
+ * Looks at each chunk of the agent's request body before it is sent on; throwing ends the forward
+ * with that error, the chunk unsent (undici closes the upstream connection mid-body).
+ */
+export type BodyInspector = (chunk: Buffer) => void
+
+/**
  * A response's Location as the agent is to get it (`redirect`: the status is a 3xx, which
  * clients follow by themselves), or null when the response must not reach the agent: see
  * Pipeline.relocate.
@@ -296,8 +302,9 @@ function endOfTick(relay: ResponseRelay): void {
  * (the upstream answered early, or hung up), the agent's request is left as it is, not destroyed:
  * its connection must live on to carry that answer (see onResponseStart).
  */
-async function* counted(body: IncomingMessage, ctx: CallContext): AsyncIterable<Buffer> {
+async function* counted(body: IncomingMessage, ctx: CallContext, inspect: BodyInspector | null): AsyncIterable<Buffer> {
   for await (const chunk of body.iterator({ destroyOnReturn: false })) {
+    inspect?.(chunk as Buffer)
     ctx.bytesIn += (chunk as Buffer).length
     yield chunk as Buffer
   }
@@ -323,7 +330,7 @@ async function* counted(body: IncomingMessage, ctx: CallContext): AsyncIterable<
  * the agent's stall.
  * Mirrors node's Readable async iterator otherwise (destroyOnReturn: false, see `counted`).
  */
-async function* coalesced(body: IncomingMessage, ctx: CallContext): AsyncIterable<Buffer> {
+async function* coalesced(body: IncomingMessage, ctx: CallContext, inspect: BodyInspector | null): AsyncIterable<Buffer> {
   const batch: Gathered = { first: null, copy: null, length: 0 }
   // undefined while the body is open; null once it ended; the error that ended it otherwise.
   let error: Error | null | undefined
@@ -365,6 +372,7 @@ async function* coalesced(body: IncomingMessage, ctx: CallContext): AsyncIterabl
       if (batch.length > 0 && (batch.length >= BATCH_BYTES || turnOver || error === null)) {
         const chunk = gatherTake(batch)
         turnOver = false
+        inspect?.(chunk)
         ctx.bytesIn += chunk.length
         yield chunk
         continue
@@ -435,12 +443,14 @@ export function forward(
   readBody: Buffer | null = null,
   /** timeouts.body_ms: an agent's streamed request body silent this long ends the call (watchBodyStall). */
   bodyGapMs = 0,
+  /** Sees a streamed body's chunks before they go (not a body read whole: it was checked already). */
+  inspect: BodyInspector | null = null,
 ): void {
   const chunked = req.headers['content-length'] === undefined && req.headers['transfer-encoding'] !== undefined
   // bytes_in is what was sent on, not what the agent announced: an upload cut short says so.
   // A Content-Length body reaches the parser's callback one socket read at a time already: only a
   // chunked one can come as many tiny frames.
-  const body = readBody ?? (chunked ? coalesced(req, ctx) : hasRequestBody(req) ? counted(req, ctx) : null)
+  const body = readBody ?? (chunked ? coalesced(req, ctx, inspect) : hasRequestBody(req) ? counted(req, ctx, inspect) : null)
   if (readBody) ctx.bytesIn = readBody.length
   const relay = new ResponseRelay(ctx, res, done, relocate, recordFirst, bodyGapMs)
   // A chunked body can turn out malformed after the head has gone: the listener must be able to

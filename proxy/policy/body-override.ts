@@ -4,10 +4,9 @@
 // a body cannot be edited in flight, so where the method matters to the policy an urlencoded
 // form is read first and its override judged as the method it names.
 //
-// Forms only: they are small by nature, so reading one whole costs nothing an agent notices.
-// JSON (Laravel reads `_method` there too) and multipart bodies are not read: buffering every
-// JSON POST to an API whose policy names methods would hold model prompts of many megabytes
-// and stop uploads streaming (see ARCHITECTURE.md, "not caught").
+// Forms are small by nature, so reading one whole costs nothing an agent notices. A JSON body
+// (Laravel reads `_method` there too) is scanned as it streams instead (json-override.ts).
+// Multipart bodies are not read (see ARCHITECTURE.md, "not caught").
 import type { IncomingMessage } from 'node:http'
 import type { Decider, Target } from '../context.js'
 import { LatchkeyError } from '../errors.js'
@@ -21,7 +20,7 @@ const OVERRIDE_NAMES = ['_method']
 /** What the frameworks accept as an override (Symfony: any upper-case token; these are the ones in use). */
 const OVERRIDABLE = ['GET', 'HEAD', 'PUT', 'PATCH', 'DELETE', 'OPTIONS', 'PURGE']
 /** A method token (RFC 9110), as a framework would take it once upper-cased. */
-const TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$/
+export const OVERRIDE_TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$/
 
 /**
  * Whether a framework would read `_method` from this request's body: a POST of a form, with a
@@ -65,7 +64,7 @@ export function formOverride(body: Buffer): string | null {
   if (values.length === 0) return null
   // Frameworks disagree on which of several they take: all of them must be the same one.
   const methods = new Set(values)
-  if (methods.size > 1 || !TOKEN.test(values[0]!)) {
+  if (methods.size > 1 || !OVERRIDE_TOKEN.test(values[0]!)) {
     throw new LatchkeyError('LK_BAD_REQUEST', 'the form carries a method override (_method) that is not one method token')
   }
   return values[0]!

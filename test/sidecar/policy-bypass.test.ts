@@ -177,6 +177,54 @@ t.test('a method override in a POSTed form is judged as the method it names, whe
   assertNoCanary(t, s, ...seen)
 })
 
+t.test('a method override in a POSTed JSON body is judged as the method it names, as the body streams past', async (t) => {
+  const { upstream, s, host } = await denyingSidecar(t, { id: 'no-delete', action: 'deny', hosts: ['127.0.0.1'], methods: ['DELETE'] }, (up) => ({
+    credentials: [{ id: 'up', audience: up.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  }))
+  const json = (body: string, type = 'application/json') =>
+    `POST http://${host}/items/1 HTTP/1.1\r\nHost: ${host}\r\nContent-Type: ${type}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`
+  const chunked = (parts: string[]) =>
+    `POST /up/items/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n${parts.map((p) => `${p.length.toString(16)}\r\n${p}\r\n`).join('')}0\r\n\r\n`
+  const seen: string[] = []
+  // Each is DELETE to Laravel, whose input is the decoded JSON of any Content-Type with `/json` or `+json`.
+  for (const [name, request] of [
+    ['a top-level key', json('{"_method":"DELETE"}')],
+    ['after other keys, lower case', json('{"a":1,"b":{"c":[1,2,{"d":"}"}]},"_method":"delete"}')],
+    ['an escaped key', json('{"\\u005fmethod":"DELETE"}')],
+    ['an escaped value, the key in capitals', json('{"_METHOD":"\\u0044ELETE"}')],
+    ['white space everywhere', json(' \r\n{ "_method" :\t"DELETE" }\n')],
+    ['a byte-order mark', json('\ufeff{"_method":"DELETE"}')],
+    ['a charset parameter', json('{"_method":"DELETE"}', 'application/json; charset=utf-8')],
+    ['a +json media type', json('{"_method":"DELETE"}', 'application/vnd.api+json')],
+    ['a media type in capitals', json('{"_method":"DELETE"}', 'Application/JSON')],
+    ['the second of two', json('{"_method":"PUT","_method":"DELETE"}')],
+    ['after 2 MB of prompt', json(`{"prompt":"${'x'.repeat(2 * 1024 * 1024)}","_method":"DELETE"}`)],
+    ['chunked, on a route, cut inside the key and the value', chunked(['{"_me', 'thod":"DEL', 'ETE"}'])],
+  ] as const) {
+    const r = await rawRequest(s.sidecar.port, request)
+    seen.push(r.raw)
+    t.equal(r.status, 403, `${name}: refused`)
+    t.equal(r.headers['x-latchkey-rule'], 'no-delete', `${name}: by the rule on DELETE`)
+  }
+  t.equal(upstream.requests.length, 0, 'no whole request reached the upstream')
+  const badly = await rawRequest(s.sidecar.port, json('{"_method":"DE LETE"}'))
+  t.equal(badly.status, 400, 'an override that is no method token is refused, not guessed at')
+  t.match(JSON.parse(badly.body).reason, /JSON body carries a method override \(_method\) that is not one method token/)
+  // Overrides the policy allows, or none at the top level, go on intact, credential injected.
+  for (const body of ['{"_method":"PUT","a":1}', '{"data":{"_method":"DELETE"}}', '[{"_method":"DELETE"}]', '{"note":"\\"_method\\":\\"DELETE\\""}', '{"_method":["DELETE"]}', '{"methods":"DELETE"}', '"_method"']) {
+    const r = await rawRequest(s.sidecar.port, json(body))
+    seen.push(r.raw)
+    t.equal(r.status, 200, `${body}: forwarded`)
+    t.match(upstream.requests.at(-1), { method: 'POST', body, headers: { authorization: `Bearer ${CANARY}` } }, `${body}: the body as sent`)
+  }
+  const viaChunks = await rawRequest(s.sidecar.port, chunked(['{"a":', '"_method"}']))
+  t.equal(viaChunks.status, 200, 'a value that reads "_method" is no key')
+  t.equal(upstream.requests.at(-1)?.body, '{"a":"_method"}', 'a chunked body streams on intact')
+  const audit = await s.audit()
+  t.match(audit.find((e) => e.status === 403), { method: 'POST', decision: 'deny', rule: 'no-delete', error: 'LK_POLICY_DENIED' })
+  assertNoCanary(t, s, ...seen)
+})
+
 t.test('a form override naming a method beyond the usual ones is judged when a rule names that method', async (t) => {
   // Symfony takes any upper-case token as `_method`, Rack LINK and UNLINK too: a deny of a
   // WebDAV method holds against a POST that names it.
@@ -192,7 +240,7 @@ t.test('a form override naming a method beyond the usual ones is judged when a r
   t.same(upstream.requests.map((r) => r.body), ['_method=PUT'], 'only it reached the upstream')
 })
 
-t.test('where the method does not matter, a form is streamed as it comes, never read first', async (t) => {
+t.test('where the method does not matter, a form is streamed as it comes, never read first, and a JSON body never scanned', async (t) => {
   const upstream = await startUpstream()
   const s = await startTestSidecar({
     policy: { default: 'deny', rules: [{ id: 'any-method', action: 'allow', hosts: ['127.0.0.1'], ports: [upstream.port] }] },
@@ -208,6 +256,10 @@ t.test('where the method does not matter, a form is streamed as it comes, never 
   const r = await rawRequest(s.sidecar.port, `POST http://${host}/x HTTP/1.1\r\nHost: ${host}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`)
   t.equal(r.status, 200)
   t.equal(upstream.requests.at(-1)?.body.length, body.length)
+  const json = `{"_method":"DELETE","a":"${'x'.repeat(1024 * 1024)}"}`
+  const j = await rawRequest(s.sidecar.port, `POST http://${host}/x HTTP/1.1\r\nHost: ${host}\r\nContent-Type: application/json\r\nContent-Length: ${json.length}\r\nConnection: close\r\n\r\n${json}`)
+  t.equal(j.status, 200, 'nor is a JSON body scanned')
+  t.equal(upstream.requests.at(-1)?.body, json)
 })
 
 t.test('a method override in the query never reaches the upstream: the request line is the method policy judged', async (t) => {

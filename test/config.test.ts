@@ -52,6 +52,11 @@ t.test('errors name the path and the problem', async (t) => {
     problems('version: 1\ncredentials: [ { id: a, audience: "https://x.com", source: static, secret: S, inject: { type: bearer } }, { id: b, audience: "https://X.com:443", source: static, secret: S, inject: { type: bearer } } ]\n'),
     ['credentials[1].audience: audience https://x.com already bound by credential "a"'],
   )
+  t.same(
+    problems('version: 1\nroutes: { any: "https://*.example.com" }\ncredentials: [ { id: a, audience: "http://*.test:8080", source: static, secret: S, inject: { type: bearer } } ]\n'),
+    ['routes.any: must name one host: a wildcard (*) matches nothing here, origins are compared exactly', 'credentials[0].audience: must name one host: a wildcard (*) matches nothing here, origins are compared exactly'],
+    'a wildcard audience is refused: compared exactly, it would bind its credential to nothing',
+  )
   t.same(problems('version: 1\nversion: 1\n'), ['line 2: duplicate key "version"'], 'duplicate YAML keys are refused, by name')
   t.same(problems('version: 1\nsidecar:\n  listen: { port: 1, port: 2 }\n'), ['line 3: duplicate key "port"'])
   // A mapping of 30,000 keys (yaml's own check compared each with all before it: 2.3 s at 20,000).

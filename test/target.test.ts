@@ -51,8 +51,30 @@ t.test('absolute targets that could mislead are refused', async (t) => {
     'http://x.com.../',
     'http://x..com/',
     'http://.x.com/',
+    // Userinfo after no path, before the query or fragment.
+    'http://x.com@127.0.0.1?q',
+    'http://x.com@127.0.0.1#f',
+    // Port 0 names no server; names DNS could never answer for.
+    'http://x.com:0/',
+    'http://127.0.0.1:0/',
+    `http://${'a'.repeat(64)}.com/`,
+    `http://${'abcdefghi.'.repeat(26)}com/`,
   ]) {
     t.throws(() => parseAbsoluteTarget(bad), { code: 'LK_BAD_REQUEST' }, bad)
+  }
+  t.throws(() => parseAbsoluteTarget(`http://${'a'.repeat(5000)}.com/`), { code: 'LK_BAD_REQUEST', reason: 'request target host name is longer than DNS allows (253 characters, 63 a label)' }, 'a long name is refused without being quoted')
+})
+
+t.test('the authority ends at the path, the query or the fragment, as the URL parser ends it', async (t) => {
+  for (const [raw, host, port, search] of [
+    ['http://x.com?to=a@b.com', 'x.com', 80, '?to=a@b.com'],
+    ['http://x.com:8080?to=a@b.com&p=/x', 'x.com', 8080, '?to=a@b.com&p=/x'],
+    ['http://x.com?a=\\', 'x.com', 80, '?a=\\'],
+    ['http://127.0.0.1:019180/', '127.0.0.1', 19180, ''],
+    [`http://${'a'.repeat(63)}.${'b'.repeat(63)}.${'c'.repeat(63)}.${'d'.repeat(61)}/`, `${'a'.repeat(63)}.${'b'.repeat(63)}.${'c'.repeat(63)}.${'d'.repeat(61)}`, 80, ''],
+  ] as const) {
+    const target = parseAbsoluteTarget(raw)
+    t.same([target.host, target.port, target.path, target.search], [host, port, '/', search], raw)
   }
 })
 
@@ -74,7 +96,8 @@ t.test('CONNECT needs host:port and nothing more', async (t) => {
   t.same([c.host, c.port, c.path], ['example.com', 443, ''])
   t.equal(parseConnectTarget('[::1]:8443').host, '::1')
   t.equal(parseConnectTarget('0x7f.1:443').host, '127.0.0.1')
-  for (const bad of ['example.com', 'example.com:', 'example.com:443/path', 'user@example.com:443', 'example.com:99999', 'example.com:0', ':443', 'a b:443', 'example.com..:443', '.example.com:443']) {
+  t.equal(parseConnectTarget('example.com:0443').port, 443, 'leading zeros, as absolute-form takes them')
+  for (const bad of ['example.com', 'example.com:', 'example.com:443/path', 'user@example.com:443', 'example.com:99999', 'example.com:0', 'example.com:000', 'example.com:00000000000000000000000443x', 'example.com:1e3', 'example.com:+443', ':443', 'a b:443', 'example.com..:443', '.example.com:443', `${'a'.repeat(300)}:443`]) {
     t.throws(() => parseConnectTarget(bad), { code: 'LK_BAD_REQUEST' }, bad)
   }
 })

@@ -270,6 +270,9 @@ function semanticProblems(c: Config): ConfigProblem[] {
       return undefined
     }
     if (url.username || url.password) problems.push({ path, message: 'must not carry userinfo' })
+    // Compared exactly with each request's origin: a pattern would match no request, and a
+    // credential bound to one would silently never be injected.
+    if (url.hostname.includes('*')) problems.push({ path, message: 'must name one host: a wildcard (*) matches nothing here, origins are compared exactly' })
     if ((url.pathname !== '/' && url.pathname !== '') || url.search || url.hash) {
       problems.push({ path, message: 'must be an origin (scheme://host[:port]) with no path, query or fragment' })
     }

@@ -25,8 +25,21 @@ function fromUrl(url: URL): Target {
   if (host.charCodeAt(0) === 46 || host.charCodeAt(host.length - 1) === 46 || host.includes('..')) {
     throw new LatchkeyError('LK_BAD_REQUEST', 'request target host has an empty label (a leading dot, two dots in a row, or more than one trailing dot)')
   }
-  return { scheme, host, port, path: checkedPath(url.pathname || '/'), search: url.search, hostIsIp: isIP(host) !== 0, route: null }
+  const hostIsIp = isIP(host) !== 0
+  // No resolver answers for such a name: refused as the request's fault, not sent to DNS to
+  // come back a retryable 502 quoting thousands of characters in the reason.
+  if (!hostIsIp && (host.length > MAX_NAME || LONG_LABEL.test(host))) {
+    throw new LatchkeyError('LK_BAD_REQUEST', `request target host name is longer than DNS allows (${MAX_NAME} characters, ${MAX_LABEL} a label)`)
+  }
+  // Port 0 names no server: dialled, it fails as a refused connection would, and retries.
+  if (port === 0) throw new LatchkeyError('LK_BAD_REQUEST', 'request target port 0 is not a port a server listens on')
+  return { scheme, host, port, path: checkedPath(url.pathname || '/'), search: url.search, hostIsIp, route: null }
 }
+
+/** RFC 1035's limits, on the name as DNS gets it (IDN in punycode, no trailing dot). */
+const MAX_NAME = 253
+const MAX_LABEL = 63
+const LONG_LABEL = new RegExp(`[^.]{${MAX_LABEL + 1}}`)
 
 const ENCODED_CONTROL = /%(?:[01][0-9A-Fa-f]|7[Ff])/
 
@@ -62,8 +75,11 @@ export function parseAbsoluteTarget(raw: string, upgrade = false): Target {
   if (!lower.startsWith('http://') && !lower.startsWith('https://')) {
     throw new LatchkeyError('LK_BAD_REQUEST', upgrade ? 'absolute request target must use http://, https://, ws:// or wss://' : 'absolute request target must use http:// or https://')
   }
-  const authorityEnd = raw.indexOf('/', lower.startsWith('https') ? 8 : 7)
-  const authority = raw.slice(lower.startsWith('https') ? 8 : 7, authorityEnd === -1 ? undefined : authorityEnd)
+  // The authority ends where the URL parser ends it: at the path, the query or the fragment
+  // (`http://host?to=a@b` has a query with an `@` in it, and no userinfo).
+  const start = lower.startsWith('https') ? 8 : 7
+  const authorityEnd = raw.slice(start).search(/[/?#]/)
+  const authority = raw.slice(start, authorityEnd === -1 ? undefined : start + authorityEnd)
   // The URL parser skips extra slashes (http:///user@host/ is host, with userinfo): the text
   // checked below must be the authority it will read.
   if (authority === '') throw new LatchkeyError('LK_BAD_REQUEST', 'request target has an empty authority')
@@ -87,10 +103,11 @@ export function parseConnectTarget(raw: string): Target {
   if (raw.includes('/') || raw.includes('@') || raw.includes('?') || raw.includes('#') || /[\\\s]/.test(raw)) {
     throw new LatchkeyError('LK_BAD_REQUEST', 'CONNECT target must be host:port with no path, userinfo or query')
   }
-  const m = /^(\[[^\]]+\]|[^:[\]]+):(\d{1,5})$/.exec(raw)
+  // Digits only, leading zeros allowed (RFC 3986's port, and what the URL parser takes in absolute-form).
+  const m = /^(\[[^\]]+\]|[^:[\]]+):(\d+)$/.exec(raw)
   if (!m) throw new LatchkeyError('LK_BAD_REQUEST', 'CONNECT target must be host:port with an explicit port')
   const port = Number(m[2])
-  if (port < 1 || port > 65535) throw new LatchkeyError('LK_BAD_REQUEST', 'CONNECT port out of range')
+  if (port < 1 || port > 65535) throw new LatchkeyError('LK_BAD_REQUEST', 'CONNECT port out of range (1-65535)')
   let url: URL
   try {
     url = new URL(`https://${m[1]}/`)

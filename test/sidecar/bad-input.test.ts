@@ -37,6 +37,11 @@ t.test('refused framings', async (t) => {
     ['CONNECT with two Hosts', `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\nHost: 169.254.169.254:80\r\n\r\n`, /duplicate Host/],
     ['CONNECT with two Proxy-Authorizations', `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\nProxy-Authorization: Basic dGFzazph\r\nProxy-Authorization: Basic dGFzazpi\r\n\r\n`, /duplicate Proxy-Authorization/],
     ['CONNECT with a path', `CONNECT 127.0.0.1:${upstream.port}/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, /no path/],
+    ['CONNECT to port 0', `CONNECT 127.0.0.1:000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, /port out of range/],
+    ['port 0', `GET http://127.0.0.1:0/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /port 0/],
+    // Not sent to DNS, to come back a retryable 502 quoting all of it.
+    ['a host name longer than DNS allows', `GET http://${'a'.repeat(5000)}.example/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /^request target host name is longer than DNS allows \(253 characters, 63 a label\)$/],
+    ['CONNECT to a host name longer than DNS allows', `CONNECT ${'a.'.repeat(150)}example:443 HTTP/1.1\r\nHost: x\r\n\r\n`, /^request target host name is longer than DNS allows/],
     ['control character in a header', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A: a\x01b\r\n\r\n`, /malformed/],
     ['space before the colon', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A : b\r\n\r\n`, /malformed/],
     ['bare LF line endings', `GET ${target} HTTP/1.1\nHost: ${host}\nX: y\n\n`, /malformed/],
@@ -78,6 +83,17 @@ t.test('normalised, never trusted', async (t) => {
     await upstream.close()
   })
   const port = s.sidecar.port
+
+  await t.test('an @ in the query of a URI with no path is no userinfo: forwarded, credential injected', async (t) => {
+    for (const [uri, sent] of [
+      [`http://127.0.0.1:${upstream.port}?to=a@b.example`, '/?to=a@b.example'],
+      [`http://127.0.0.1:0${upstream.port}?x=1`, '/?x=1'],
+    ] as const) {
+      const res = await rawRequest(port, `GET ${uri} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+      t.equal(res.status, 200, uri)
+      t.match(upstream.requests.at(-1), { url: sent, headers: { host: `127.0.0.1:${upstream.port}`, authorization: `Bearer ${CANARY}` } }, `${uri}: reached the upstream as ${sent}`)
+    }
+  })
 
   await t.test('an absolute URI that disagrees with Host: the URI wins', async (t) => {
     const res = await rawRequest(port, `GET http://127.0.0.1:${upstream.port}/uri HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n`)

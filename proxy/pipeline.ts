@@ -15,13 +15,14 @@ import { stripQueryParams } from './credentials/bindings.js'
 import { hostHeader, parseAbsoluteTarget, parseReverseTarget, parseTunnelledTarget, urlHostPort, type ReverseRoutes } from './listen/target.js'
 import { checkFraming } from './listen/framing.js'
 import { outboundRequestHeaders, type OutboundHeaders } from './forward/headers.js'
-import { forward, type BodyInspector } from './forward/forward.js'
+import { forward, hasRequestBody, type BodyInspector } from './forward/forward.js'
 import { locationThroughRoute, resolveLocation } from './forward/route-location.js'
 import { isIP } from 'node:net'
 import ipaddr from 'ipaddr.js'
 import { classifyAddress } from './resolve/classify.js'
 import { formOverride, MAX_CHECKED_BODY, mayOverrideInBody, methodMatters, readCheckedBody } from './policy/body-override.js'
 import { isJsonBody, JsonOverrideScanner } from './policy/json-override.js'
+import { isMultipartBody, MultipartOverrideScanner } from './policy/multipart-override.js'
 import { tokenSha256 } from './audit/token-hash.js'
 import { newEventId } from './audit/event-id.js'
 import { isoTimestamp } from './audit/event-time.js'
@@ -432,15 +433,30 @@ export class Pipeline {
         .catch((err: unknown) => this.refuse(ctx, res, err))
       return
     }
-    // A JSON POST where the method matters: its `_method` is judged as the body streams past.
-    let inspect: BodyInspector | null = null
-    if (ctx.method === 'POST' && isJsonBody(req.headers['content-type']) && methodMatters(this.stages.decider, target, address)) {
-      const scanner = new JsonOverrideScanner((method) => {
-        if (method !== 'POST') this.judge(ctx, this.stages.decider.decide(method, target, address))
-      })
-      inspect = (chunk) => scanner.feed(chunk)
+    this.send(ctx, req, res, headers, null, this.overrideCheck(ctx, req, target, address))
+  }
+
+  /**
+   * For a JSON or multipart POST where the method matters: what judges the `_method` its body
+   * carries as the body streams past (both, for a Content-Type that is both to one framework or
+   * another). Null for any other request.
+   */
+  private overrideCheck(ctx: CallContext, req: IncomingMessage, target: Target, address: string): BodyInspector | null {
+    const type = req.headers['content-type']
+    if (ctx.method !== 'POST') return null
+    const json = isJsonBody(type)
+    const multipart = isMultipartBody(type)
+    if (!(json || multipart) || !hasRequestBody(req) || !methodMatters(this.stages.decider, target, address)) return null
+    const judge = (method: string) => {
+      if (method !== 'POST') this.judge(ctx, this.stages.decider.decide(method, target, address))
     }
-    this.send(ctx, req, res, headers, null, inspect)
+    const scanners = [json && new JsonOverrideScanner(judge), multipart && new MultipartOverrideScanner(judge)].filter((x) => x !== false)
+    return (chunk, last) => {
+      for (const scanner of scanners) {
+        scanner.feed(chunk)
+        if (last) scanner.end()
+      }
+    }
   }
 
   /** The forward itself; `body` when it was read whole first, else the request streams (through `inspect`, if set). */

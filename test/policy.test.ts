@@ -4,6 +4,7 @@ import { pathReadings, compileGlob } from '../proxy/policy/paths.js'
 import { parseAbsoluteTarget, parseConnectTarget } from '../proxy/listen/target.js'
 import type { RuleConfig } from '../lib/config/schema.js'
 import { JsonOverrideScanner, isJsonBody } from '../proxy/policy/json-override.js'
+import { MultipartOverrideScanner, isMultipartBody } from '../proxy/policy/multipart-override.js'
 
 const policy = (rules: RuleConfig[], extra: Partial<{ mode: 'enforce' | 'report'; default: 'allow' | 'deny' }> = {}) =>
   new Policy({ mode: extra.mode ?? 'enforce', default: extra.default ?? 'deny', rules })
@@ -331,4 +332,57 @@ t.test('a JSON body is scanned for top-level _method keys, however its chunks ar
   }
   t.same(['application/json', 'application/problem+json; charset=utf-8', 'TEXT/JSON', 'application/x-www-form-urlencoded;x=/json'].map(isJsonBody), [true, true, true, true], 'JSON as Laravel tells it, case-folded')
   t.same([undefined, 'text/plain', 'application/jsonp'].map(isJsonBody), [false, false, true], '...and not otherwise (a "/json" prefix counts, as it does there)')
+})
+
+t.test('a multipart body is scanned for fields named _method, as any framework might read one, however its chunks are cut', async (t) => {
+  const scan = (pieces: Buffer[]): string[] | string => {
+    const found: string[] = []
+    const scanner = new MultipartOverrideScanner((m) => found.push(m))
+    try {
+      for (const p of pieces) scanner.feed(p)
+      scanner.end()
+    } catch (err) {
+      return (err as { reason: string }).reason
+    }
+    return found
+  }
+  const part = (disposition: string, value: string, eol = '\r\n') => `--b${eol}${disposition}${eol}Content-Type: text/plain${eol}${eol}${value}${eol}`
+  const cd = (name: string) => `Content-Disposition: form-data; name=${name}`
+  const table: [string, string[] | RegExp][] = [
+    [part(cd('"_method"'), 'DELETE') + '--b--\r\n', ['DELETE']],
+    [part(cd('"file"; filename="a.txt"'), 'x'.repeat(5000) + '\r\n-- not a boundary\r\n' + 'y'.repeat(3000)) + part(cd('"_method"'), ' delete ') + '--b--', ['DELETE']],
+    [part(cd('_method'), 'PUT') + part(cd("'_METHOD'"), 'PATCH') + part(cd('".method"'), 'LINK') + part(cd('" _method[]"'), 'UNLINK') + '--b--', ['PUT', 'PATCH', 'LINK', 'UNLINK']],
+    [part(cd('"_method"'), 'DELETE', '\n') + '--b--\n', ['DELETE']],
+    [part('Content-Disposition: form-data;\r\n\tname="_method"', 'DELETE') + '--b--', ['DELETE']],
+    [part('content-disposition : form-data ; filename="x" ; name = "\\_m\\ethod"', 'DELETE') + '--b--', ['DELETE']],
+    [part("Content-Disposition: form-data; name*=utf-8''%5Fmethod", 'DELETE') + '--b--', ['DELETE']],
+    // No closing boundary: PHP takes the field as it stands.
+    [`--b\r\n${cd('"_method"')}\r\n\r\nDELETE`, ['DELETE']],
+    [part(cd('"methods"'), 'DELETE') + part(cd('"x"; filename="_method"'), 'DELETE') + part(cd('"_methodx"'), 'DELETE') + '--b--', []],
+    ['preamble ' + 'z'.repeat(3000) + '\r\n' + part(cd('"a"'), 'Content-Disposition: form-data; name="_method"') + '--b--', []],
+    [part(cd('"_method"'), 'DE LETE') + '--b--', /not one method token/],
+    [part(cd('"_method"'), 'DELETE\r\nmore') + '--b--', /not one method token/],
+    [part(cd('"_method"'), 'D'.repeat(300)) + '--b--', /not one method token/],
+    [`--b\r\nContent-Disposition: form-data; ${'x'.repeat(70 * 1024)}; name="_method"\r\n\r\nDELETE\r\n--b--`, /multipart header over 65536 bytes/],
+  ]
+  for (const [text, want] of table) {
+    const body = Buffer.from(text, 'latin1')
+    const label = text.replace(/\s+/g, ' ').slice(0, 70)
+    const check = (got: string[] | string, how: string) => (want instanceof RegExp ? t.match(got, want, `${label}: ${how}`) : t.same(got, want, `${label}: ${how}`))
+    check(scan([body]), 'whole')
+    check(scan([...body.subarray(0, 400)].map((b) => Buffer.from([b])).concat(body.subarray(400))), 'a byte at a time')
+    const whole = JSON.stringify(scan([body]))
+    let same = 0
+    const cuts = Array.from({ length: Math.min(body.length - 1, 150) }, (_, i) => i + 1).concat(body.length > 200 ? [body.length - 40, body.length - 7, body.length - 1] : [])
+    for (const i of cuts) if (JSON.stringify(scan([body.subarray(0, i), body.subarray(i)])) === whole) same++
+    t.equal(same, cuts.length, `${label}: the same, cut in two anywhere`)
+  }
+  // The override is judged before the chunk that completes it goes on.
+  const found: string[] = []
+  const scanner = new MultipartOverrideScanner((m) => found.push(m))
+  scanner.feed(Buffer.from(`--b\r\n${cd('"_method"')}\r\n\r\nDELETE\r\n-`))
+  t.same(found, [], 'not before its value has ended')
+  scanner.feed(Buffer.from('-b--'))
+  t.same(found, ['DELETE'], 'as soon as the -- after it arrives')
+  t.same(['multipart/form-data; boundary=b', 'Multipart/Mixed', 'text/plain'].map(isMultipartBody), [true, true, false])
 })

@@ -17,10 +17,15 @@ import { recordEnd } from '../call-outcome.js'
 export type ForwardDone = (err: LatchkeyError | null) => void
 
 /**
- * Looks at each chunk of the agent's request body before it is sent on; throwing ends the forward
- * with that error, the chunk unsent (undici closes the upstream connection mid-body).
+ * Looks at each chunk of the agent's request body before it is sent on, `last` set on the chunk
+ * that completes it (an empty one when the end comes after the last bytes); throwing ends the
+ * forward with that error, the chunk unsent: undici closes the upstream connection mid-body, and
+ * a body whose end is withheld is never whole upstream (a Content-Length short, or a chunked
+ * body's last chunk unsent).
  */
-export type BodyInspector = (chunk: Buffer) => void
+export type BodyInspector = (chunk: Buffer, last: boolean) => void
+
+const NO_BYTES = Buffer.alloc(0)
 
 /**
  * A response's Location as the agent is to get it (`redirect`: the status is a 3xx, which
@@ -303,8 +308,9 @@ function endOfTick(relay: ResponseRelay): void {
  * its connection must live on to carry that answer (see onResponseStart).
  */
 async function* counted(body: IncomingMessage, ctx: CallContext, inspect: BodyInspector | null): AsyncIterable<Buffer> {
+  const declared = Number(body.headers['content-length'])
   for await (const chunk of body.iterator({ destroyOnReturn: false })) {
-    inspect?.(chunk as Buffer)
+    inspect?.(chunk as Buffer, ctx.bytesIn + (chunk as Buffer).length >= declared)
     ctx.bytesIn += (chunk as Buffer).length
     yield chunk as Buffer
   }
@@ -372,12 +378,17 @@ async function* coalesced(body: IncomingMessage, ctx: CallContext, inspect: Body
       if (batch.length > 0 && (batch.length >= BATCH_BYTES || turnOver || error === null)) {
         const chunk = gatherTake(batch)
         turnOver = false
-        inspect?.(chunk)
+        // Once the body has ended (error null), all of it was read into the batch.
+        inspect?.(chunk, error === null)
         ctx.bytesIn += chunk.length
         yield chunk
         continue
       }
-      if (error === null) return
+      if (error === null) {
+        // Ended after its last bytes went: the last chunk of the chunked body upstream is still unsent.
+        inspect?.(NO_BYTES, true)
+        return
+      }
       await new Promise<void>((resolve) => (wake = resolve))
     }
   } finally {

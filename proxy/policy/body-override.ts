@@ -4,9 +4,9 @@
 // a body cannot be edited in flight, so where the method matters to the policy an urlencoded
 // form is read first and its override judged as the method it names.
 //
-// Forms are small by nature, so reading one whole costs nothing an agent notices. A JSON body
-// (Laravel reads `_method` there too) is scanned as it streams instead (json-override.ts).
-// Multipart bodies are not read (see ARCHITECTURE.md, "not caught").
+// Forms are small by nature, so reading one whole costs nothing an agent notices. JSON bodies
+// (Laravel reads `_method` there too) and multipart forms are scanned as they stream instead
+// (json-override.ts, multipart-override.ts).
 import type { IncomingMessage } from 'node:http'
 import type { Decider, Target } from '../context.js'
 import { LatchkeyError } from '../errors.js'

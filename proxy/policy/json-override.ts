@@ -114,6 +114,9 @@ export class JsonOverrideScanner {
     }
   }
 
+  /** The body has ended: an override is judged as soon as its string ends, so nothing is left to do. */
+  end(): void {}
+
   private stop(): void {
     this.done = true
   }

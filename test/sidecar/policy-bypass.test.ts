@@ -2,6 +2,8 @@
 // the real sidecar on every entry path. The upstream reads its request target the way Node's
 // documentation says to (`new URL(req.url, base)`): what it acts on must be what policy judged.
 import t from 'tap'
+import { connect } from 'node:net'
+import { once } from 'node:events'
 import { startUpstream, startTestSidecar, rawRequest, parseRawResponse, assertNoCanary, CANARY, type Upstream } from '../helpers/harness.js'
 import { validateConfig } from '../../lib/config/load.js'
 import { DnsResolver } from '../../proxy/resolve/resolver.js'
@@ -222,6 +224,58 @@ t.test('a method override in a POSTed JSON body is judged as the method it names
   t.equal(upstream.requests.at(-1)?.body, '{"a":"_method"}', 'a chunked body streams on intact')
   const audit = await s.audit()
   t.match(audit.find((e) => e.status === 403), { method: 'POST', decision: 'deny', rule: 'no-delete', error: 'LK_POLICY_DENIED' })
+  assertNoCanary(t, s, ...seen)
+})
+
+t.test('a method override in a POSTed multipart form is judged as the method it names, as the body streams past', async (t) => {
+  const { upstream, s, host } = await denyingSidecar(t, { id: 'no-delete', action: 'deny', hosts: ['127.0.0.1'], methods: ['DELETE'] }, (up) => ({
+    credentials: [{ id: 'up', audience: up.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  }))
+  const multipart = (body: string, type = 'multipart/form-data; boundary=b') =>
+    `POST http://${host}/items/1 HTTP/1.1\r\nHost: ${host}\r\nContent-Type: ${type}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`
+  const field = (name: string, value: string) => `--b\r\nContent-Disposition: form-data; name=${name}\r\n\r\n${value}\r\n`
+  const upload = `--b\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\nContent-Type: application/octet-stream\r\n\r\n${'u'.repeat(2 * 1024 * 1024)}\r\n`
+  const seen: string[] = []
+  // Each is DELETE to Rails (Rack::MethodOverride), PHP (Symfony, Laravel) or Spring.
+  for (const [name, request] of [
+    ['a field', multipart(field('"_method"', 'DELETE') + '--b--\r\n')],
+    ['after a 2 MB upload, lower case', multipart(upload + field('"_method"', 'delete') + '--b--\r\n')],
+    ['unquoted, the name in capitals', multipart(field('_METHOD', 'DELETE') + '--b--')],
+    ["PHP's mangling of a name", multipart(field('".method"', 'DELETE') + '--b--')],
+    ['LF line endings', multipart('--b\nContent-Disposition: form-data; name="_method"\n\nDELETE\n--b--\n')],
+    ['a folded header', multipart('--b\r\nContent-Disposition: form-data;\r\n name="_method"\r\n\r\nDELETE\r\n--b--')],
+    ['no closing boundary', multipart('--b\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE')],
+    ['multipart/mixed', multipart(field('"_method"', 'DELETE') + '--b--', 'multipart/mixed; boundary=b')],
+  ] as const) {
+    const r = await rawRequest(s.sidecar.port, request)
+    seen.push(r.raw)
+    t.equal(r.status, 403, `${name}: refused`)
+    t.equal(r.headers['x-latchkey-rule'], 'no-delete', `${name}: by the rule on DELETE`)
+  }
+  // A chunked form whose end comes after its last bytes: judged at the end, the end never sent on.
+  const socket = connect(s.sidecar.port, '127.0.0.1')
+  await once(socket, 'connect')
+  const body = '--b\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE'
+  socket.write(`POST /up/items/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n${body.length.toString(16)}\r\n${body}\r\n`)
+  await new Promise((resolve) => setTimeout(resolve, 150))
+  const answer: Buffer[] = []
+  socket.on('data', (c: Buffer) => answer.push(c))
+  socket.write('0\r\n\r\n')
+  await once(socket, 'close')
+  t.match(Buffer.concat(answer).toString(), /^HTTP\/1\.1 403 [^]*x-latchkey-rule: no-delete/, 'a chunked form ending later: refused at its end')
+  t.equal(upstream.requests.length, 0, 'no whole request reached the upstream')
+  const badly = await rawRequest(s.sidecar.port, multipart(field('"_method"', 'DE LETE') + '--b--'))
+  t.equal(badly.status, 400, 'an override that is no method token is refused, not guessed at')
+  t.match(JSON.parse(badly.body).reason, /multipart form carries a method override \(_method\) that is not one method token/)
+  for (const form of [field('"_method"', 'PUT') + '--b--\r\n', upload + field('"methods"', 'DELETE') + field('"x"; filename="_method"', 'DELETE') + '--b--\r\n']) {
+    const r = await rawRequest(s.sidecar.port, multipart(form))
+    seen.push(r.raw)
+    t.equal(r.status, 200, `${form.slice(0, 60)}: forwarded`)
+    t.equal(upstream.requests.at(-1)?.body, form, 'the body as sent')
+    t.equal(upstream.requests.at(-1)?.headers.authorization, `Bearer ${CANARY}`, 'the credential injected')
+  }
+  const audit = await s.audit()
+  t.match(audit.find((e) => e.status === 403 && e.via === 'reverse'), { method: 'POST', decision: 'deny', rule: 'no-delete', error: 'LK_POLICY_DENIED' })
   assertNoCanary(t, s, ...seen)
 })
 

@@ -39,14 +39,18 @@ export type ErrorCode = keyof typeof ERRORS
 export class LatchkeyError extends Error {
   override readonly name = 'LatchkeyError'
   readonly status: number
+  /** Whether the agent may simply send the call again: the code's, unless this call says otherwise (upstreamError). */
+  readonly retryable: boolean
   constructor(
     readonly code: ErrorCode,
     /** Safe to show the agent: never contains a credential or a header value. */
     readonly reason: string,
     readonly rule: string | null = null,
+    retryable?: boolean,
   ) {
     super(reason)
     this.status = ERRORS[code].status
+    this.retryable = retryable ?? ERRORS[code].retryable
   }
 }
 
@@ -61,9 +65,8 @@ export interface ErrorBody {
   retryable: boolean
 }
 
-export function errorBody(code: ErrorCode, reason: string, rule: string | null): ErrorBody {
-  const e = ERRORS[code]
-  return { error: e.error, code, rule, reason, retryable: e.retryable }
+export function errorBody(code: ErrorCode, reason: string, rule: string | null, retryable: boolean = ERRORS[code].retryable): ErrorBody {
+  return { error: ERRORS[code].error, code, rule, reason, retryable }
 }
 
 /**
@@ -73,7 +76,7 @@ export function errorBody(code: ErrorCode, reason: string, rule: string | null):
  * of a refused CONNECT nothing else at all.
  */
 export function renderError(err: LatchkeyError): { status: number; statusText: string; headers: Record<string, string>; body: string } {
-  const body = JSON.stringify(errorBody(err.code, err.reason, err.rule)) + '\n'
+  const body = JSON.stringify(errorBody(err.code, err.reason, err.rule, err.retryable)) + '\n'
   const headers: Record<string, string> = {
     'content-type': 'application/json',
     'content-length': String(Buffer.byteLength(body)),

@@ -249,7 +249,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       return this.onResponseEnd()
     }
     this.finished = true
-    const mapped = upstreamError(err)
+    const mapped = upstreamError(err, this.ctx.method)
     if (this.res.headersSent) {
       // Part of the response is already with the agent: the only honest signal left is a cut.
       // A call cut on purpose (revoked, its task ended) keeps that reason, not the abort it caused.

@@ -1,6 +1,6 @@
 // Maps undici and socket errors to coded refusals. The reason is built from the error's code,
 // never from its message: messages can carry URLs, and a URL can carry a query credential.
-import { LatchkeyError } from '../errors.js'
+import { LatchkeyError, type ErrorCode } from '../errors.js'
 
 /**
  * Node's names for an X.509 verification failure: the list in its crypto_common.cc
@@ -72,7 +72,22 @@ function tlsError(e: object, code: string): LatchkeyError | null {
   return null
 }
 
-export function upstreamError(err: unknown): LatchkeyError {
+/** Methods a client may repeat after a failure on its own (RFC 9110 §9.2.2): the same effect once or twice. */
+const IDEMPOTENT: ReadonlySet<string> = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE'])
+
+/**
+ * A failure that may come after the upstream received the request (the connection closed or
+ * reset under it, no answer in time): repeating a POST then could do twice what it asked for, so
+ * such a failure is retryable only for an idempotent method. One before anything was sent
+ * (refused, unresolvable, TLS) is retryable as its code says.
+ */
+function afterSending(code: ErrorCode, reason: string, method: string): LatchkeyError {
+  if (IDEMPOTENT.has(method)) return new LatchkeyError(code, reason)
+  return new LatchkeyError(code, `${reason}; the request may have reached it, and a ${method} is not safe to repeat`, null, false)
+}
+
+/** `method`: the request's, when the error ended a forwarded request (see afterSending). */
+export function upstreamError(err: unknown, method = 'GET'): LatchkeyError {
   if (err instanceof LatchkeyError) return err
   const e = err as { code?: string; name?: string; message?: string } | null
   const code = e?.code ?? 'UNKNOWN'
@@ -86,15 +101,15 @@ export function upstreamError(err: unknown): LatchkeyError {
     case 'UND_ERR_CONNECT_TIMEOUT':
       return new LatchkeyError('LK_UPSTREAM_TIMEOUT', 'connecting to the upstream timed out')
     case 'UND_ERR_HEADERS_TIMEOUT':
-      return new LatchkeyError('LK_UPSTREAM_TIMEOUT', 'the upstream did not send response headers in time')
+      return afterSending('LK_UPSTREAM_TIMEOUT', 'the upstream did not send response headers in time', method)
     case 'UND_ERR_BODY_TIMEOUT':
-      return new LatchkeyError('LK_UPSTREAM_TIMEOUT', 'the upstream stopped sending the response body')
+      return afterSending('LK_UPSTREAM_TIMEOUT', 'the upstream stopped sending the response body', method)
     case 'ECONNREFUSED':
       return new LatchkeyError('LK_UPSTREAM_UNREACHABLE', 'the upstream refused the connection')
     case 'ECONNRESET':
     case 'UND_ERR_SOCKET':
     case 'EPIPE':
-      return new LatchkeyError('LK_UPSTREAM_UNREACHABLE', 'the upstream closed the connection')
+      return afterSending('LK_UPSTREAM_UNREACHABLE', 'the upstream closed the connection', method)
     case 'EHOSTUNREACH':
     case 'ENETUNREACH':
       return new LatchkeyError('LK_UPSTREAM_UNREACHABLE', 'the upstream address is unreachable')
@@ -118,7 +133,7 @@ export function upstreamError(err: unknown): LatchkeyError {
       const tls = e ? tlsError(e, code) : null
       if (tls) return tls
       if (code.startsWith('HPE_')) return new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream sent an invalid HTTP response (${code})`)
-      return new LatchkeyError('LK_UPSTREAM_UNREACHABLE', `the upstream request failed (${code})`)
+      return afterSending('LK_UPSTREAM_UNREACHABLE', `the upstream request failed (${code})`, method)
     }
   }
 }

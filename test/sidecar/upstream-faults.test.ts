@@ -56,6 +56,19 @@ t.test('timeouts, resets and untrusted certificates', async (t) => {
   t.equal(reset.headers['x-latchkey-error'], 'LK_UPSTREAM_UNREACHABLE')
   t.equal(JSON.parse(reset.body).retryable, true)
 
+  // The same failures after a POST went out: it may have been acted on, so it is not to be sent again.
+  const post = (target: string) => rawRequest(s.sidecar.port, `POST ${target} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}`, 400)
+  const postReset = await post(`http://127.0.0.1:${rudePort}/orders`)
+  t.equal(postReset.status, 502)
+  t.same(JSON.parse(postReset.body), { error: 'upstream_unreachable', code: 'LK_UPSTREAM_UNREACHABLE', rule: null, reason: 'the upstream closed the connection; the request may have reached it, and a POST is not safe to repeat', retryable: false })
+  const postTimeout = await post(`http://127.0.0.1:${silentPort}/orders`)
+  t.equal(postTimeout.status, 504)
+  t.match(JSON.parse(postTimeout.body), { code: 'LK_UPSTREAM_TIMEOUT', reason: /in time; the request may have reached it, and a POST is not safe to repeat$/, retryable: false })
+  const patch = await rawRequest(s.sidecar.port, `PATCH http://127.0.0.1:${rudePort}/orders/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}`, 400)
+  t.match(JSON.parse(patch.body), { code: 'LK_UPSTREAM_UNREACHABLE', retryable: false }, 'PATCH is not idempotent either')
+  const put = await rawRequest(s.sidecar.port, `PUT http://127.0.0.1:${rudePort}/orders/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}`, 400)
+  t.same(JSON.parse(put.body), { error: 'upstream_unreachable', code: 'LK_UPSTREAM_UNREACHABLE', rule: null, reason: 'the upstream closed the connection', retryable: true }, 'PUT is idempotent: retryable as before')
+
   const tls = await rawRequest(s.sidecar.port, `GET /untrusted/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`, 400)
   t.equal(tls.status, 502)
   t.equal(tls.headers['x-latchkey-error'], 'LK_UPSTREAM_TLS')
@@ -66,10 +79,14 @@ t.test('timeouts, resets and untrusted certificates', async (t) => {
   t.same(audit.map((e) => [e.status, e.error]), [
     [504, 'LK_UPSTREAM_TIMEOUT'],
     [502, 'LK_UPSTREAM_UNREACHABLE'],
+    [502, 'LK_UPSTREAM_UNREACHABLE'],
+    [504, 'LK_UPSTREAM_TIMEOUT'],
+    [502, 'LK_UPSTREAM_UNREACHABLE'],
+    [502, 'LK_UPSTREAM_UNREACHABLE'],
     [502, 'LK_UPSTREAM_TLS'],
   ])
   t.notMatch(JSON.stringify(audit), /token=abc/, 'the query string is not audited')
-  assertNoCanary(t, s, timeout.raw, reset.raw, tls.raw)
+  assertNoCanary(t, s, timeout.raw, reset.raw, postReset.raw, postTimeout.raw, patch.raw, put.raw, tls.raw)
 })
 
 // Each TLS failure says what it is; none is "retry later", and no credential went out in any.

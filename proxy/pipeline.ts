@@ -20,7 +20,7 @@ import { locationThroughRoute, resolveLocation } from './forward/route-location.
 import { isIP } from 'node:net'
 import ipaddr from 'ipaddr.js'
 import { classifyAddress } from './resolve/classify.js'
-import { formOverride, MAX_CHECKED_BODY, mayOverrideInBody, methodMatters, readCheckedBody } from './policy/body-override.js'
+import { formOverride, formTooLarge, MAX_CHECKED_BODY, mayOverrideInBody, methodMatters, readCheckedBody } from './policy/body-override.js'
 import { isJsonBody, JsonOverrideScanner } from './policy/json-override.js'
 import { isMultipartBody, MultipartOverrideScanner } from './policy/multipart-override.js'
 import { tokenSha256 } from './audit/token-hash.js'
@@ -417,13 +417,16 @@ export class Pipeline {
         delete headers['if-range']
       }
     }
+    // A form POSTed where the method matters: its body may name another (_method), and is read first.
+    const address = ctx.resolved!.address
+    const readForm = mayOverrideInBody(ctx.method, req) && methodMatters(this.stages.decider, target, address)
+    // One announced too large to read is refused before the agent is asked for it (100-continue).
+    if (readForm && Number(req.headers['content-length']) > MAX_CHECKED_BODY) throw formTooLarge(MAX_CHECKED_BODY)
     // Policy has spoken; only now may the agent send its body.
     if (expectContinue) res.writeContinue()
     // Shutdown began while this call was being admitted: it is answered, then the connection ends.
     if (this.draining) res.shouldKeepAlive = false
-    // A form POSTed where the method matters: its body may name another (_method).
-    const address = ctx.resolved!.address
-    if (mayOverrideInBody(ctx.method, req) && methodMatters(this.stages.decider, target, address)) {
+    if (readForm) {
       readCheckedBody(req, MAX_CHECKED_BODY, this.stages.bodyGapMs ?? 0)
         .then((body) => {
           const method = formOverride(body)

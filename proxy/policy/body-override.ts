@@ -70,6 +70,10 @@ export function formOverride(body: Buffer): string | null {
   return values[0]!
 }
 
+export function formTooLarge(max: number): LatchkeyError {
+  return new LatchkeyError('LK_BAD_REQUEST', `a form (or a body with no Content-Type, which Rack reads as one) over ${max} bytes to an upstream whose policy depends on the method cannot be checked for a method override (_method)`)
+}
+
 /**
  * The whole body of `req`, at most `max` bytes (LK_BAD_REQUEST beyond: it could not be checked).
  * A chunked body found malformed rejects with the listener's 400; an agent leaving, LK_CLIENT_CLOSED;
@@ -88,7 +92,7 @@ export function readCheckedBody(req: IncomingMessage, max: number, gapMs: number
     }
     const onData = (chunk: Buffer) => {
       size += chunk.length
-      if (size > max) return stop(new LatchkeyError('LK_BAD_REQUEST', `a form (or a body with no Content-Type, which Rack reads as one) over ${max} bytes to an upstream whose policy depends on the method cannot be checked for a method override (_method)`))
+      if (size > max) return stop(formTooLarge(max))
       chunks.push(chunk)
     }
     const onEnd = () => stop(null)

@@ -132,9 +132,14 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     // chunked response in one write instead of two (strace: one writev per response either way).
     if (clean['content-length'] === undefined) {
       this.res.cork()
-      this.corked = this.coalescing = this.tickPending = true
-      process.nextTick(endOfTick, this)
+      this.corked = this.coalescing = true
     }
+    // undici parses all that one socket read holds in one synchronous run: by the end of this
+    // tick the body's first bytes or its end have come with the head, or the head goes alone
+    // (endOfTick), as the upstream sent it: a client may act on the status, or an API think long,
+    // before any body comes.
+    this.tickPending = true
+    process.nextTick(endOfTick, this)
     // Answered before the agent finished sending (an early 401 or 413): the rest of its body has
     // nowhere to go, and the connection cannot be trusted for a next request until it is read.
     if (!this.res.req.complete) {
@@ -214,6 +219,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       const gathered = gatherTake(this)
       if (!this.finished && this.controller !== null) this.relay(this.controller, gathered)
     }
+    // node:http writes a head with the body's first bytes: none came, so it is written by itself.
+    if (this.ctx.bytesOut === 0 && !this.finished && this.res.headersSent && !this.res.destroyed) this.res.flushHeaders()
     if (this.corked) {
       this.corked = false
       this.res.uncork()

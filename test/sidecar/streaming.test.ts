@@ -132,3 +132,41 @@ t.test('an agent that hangs up mid-upload is recorded as having done so, with th
     'both recorded as the agent leaving, bytes_in what was sent on rather than what was announced',
   )
 })
+
+t.test("a response head goes to the agent when it comes, not with the body's first bytes", async (t) => {
+  // An API that answers 200 at once and thinks before its body (an LLM, a long poll): the agent
+  // can act on the status meanwhile. The upstream sends its body only once the agent has the head.
+  const bodies: (() => void)[] = []
+  const upstream: Server = createServer((req, res) => {
+    res.writeHead(200, req.url === '/sized' ? { 'content-type': 'text/plain', 'content-length': '4' } : { 'content-type': 'text/plain' })
+    res.flushHeaders()
+    bodies.push(() => res.end('late'))
+  })
+  upstream.listen(0, '127.0.0.1')
+  await once(upstream, 'listening')
+  const port = (upstream.address() as AddressInfo).port
+  const s = await startTestSidecar({
+    policy: { default: 'allow' },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] },
+    credentials: [{ id: 'up', audience: `http://127.0.0.1:${port}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    upstream.closeAllConnections()
+    upstream.close()
+  })
+  const { connect } = await import('node:net')
+  for (const path of ['/sized', '/chunked']) {
+    const socket = connect(s.sidecar.port, '127.0.0.1')
+    await once(socket, 'connect')
+    socket.write(`GET http://127.0.0.1:${port}${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+    let got = ''
+    socket.on('data', (c: Buffer) => (got += c.toString('latin1')))
+    const deadline = Date.now() + 5000
+    while (!got.includes('\r\n\r\n') && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20))
+    t.match(got, /^HTTP\/1\.1 200 OK\r\n/, `${path}: the head came before the body was sent`)
+    bodies.shift()?.()
+    await once(socket, 'close')
+    t.match(got, /\r\n\r\n(4\r\nlate\r\n0\r\n\r\n|late)$/, `${path}: then the body`)
+  }
+})

@@ -186,6 +186,24 @@ t.test('a broken response head is the upstream protocol failing, not the upstrea
   t.match((await s.audit()).at(-1), { status: 502, error: 'LK_UPSTREAM_PROTOCOL' }, 'audited with its cause')
 })
 
+t.test('an upstream that hangs up after a sound head, before any of its body: the agent has the head, then a cut, and the trail says so', async (t) => {
+  const cut: Server = createServer((s) => {
+    s.on('error', () => {})
+    s.once('data', (d: Buffer) => {
+      const broken = d.toString('latin1').includes('/broken-chunk')
+      s.end(broken ? 'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Up: 1\r\n\r\nzz\r\nhello\r\n' : 'HTTP/1.1 200 OK\r\nContent-Length: 100\r\nX-Up: 1\r\n\r\n')
+    })
+  })
+  const { port, s } = await sidecarInFrontOf(t, cut)
+  for (const [path, error] of [['/closed', 'LK_UPSTREAM_UNREACHABLE'], ['/broken-chunk', 'LK_UPSTREAM_PROTOCOL']] as const) {
+    const r = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${port}${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`, 400)
+    t.equal(r.status, 200, `${path}: the head, as it came`)
+    t.equal(r.headers['x-up'], '1')
+    t.equal(r.body, '', `${path}: then nothing: the connection is cut, no body pretends to be whole`)
+    t.match((await s.audit()).at(-1), { path, status: 200, bytes_out: 0, error }, `${path}: audited as the agent got it, with the cause`)
+  }
+})
+
 // What a hostile or sloppy upstream can answer, and what the agent and the trail get for each.
 // The raw upstream writes each answer and keeps the connection open, so no fault here is a hang-up.
 t.test('hostile upstream answers: bodiless statuses complete, bad framing is a protocol error, no forged sidecar voice', async (t) => {

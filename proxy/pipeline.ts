@@ -20,7 +20,7 @@ import { locationThroughRoute, resolveLocation } from './forward/route-location.
 import { isIP } from 'node:net'
 import ipaddr from 'ipaddr.js'
 import { classifyAddress } from './resolve/classify.js'
-import { formOverride, formTooLarge, MAX_CHECKED_BODY, mayOverrideInBody, methodMatters, readCheckedBody } from './policy/body-override.js'
+import { FormOverrideScanner, isFormBody, methodMatters } from './policy/body-override.js'
 import { isJsonBody, JsonOverrideScanner } from './policy/json-override.js'
 import { isMultipartBody, MultipartOverrideScanner } from './policy/multipart-override.js'
 import { tokenSha256 } from './audit/token-hash.js'
@@ -417,43 +417,29 @@ export class Pipeline {
         delete headers['if-range']
       }
     }
-    // A form POSTed where the method matters: its body may name another (_method), and is read first.
-    const address = ctx.resolved!.address
-    const readForm = mayOverrideInBody(ctx.method, req) && methodMatters(this.stages.decider, target, address)
-    // One announced too large to read is refused before the agent is asked for it (100-continue).
-    if (readForm && Number(req.headers['content-length']) > MAX_CHECKED_BODY) throw formTooLarge(MAX_CHECKED_BODY)
     // Policy has spoken; only now may the agent send its body.
     if (expectContinue) res.writeContinue()
     // Shutdown began while this call was being admitted: it is answered, then the connection ends.
     if (this.draining) res.shouldKeepAlive = false
-    if (readForm) {
-      readCheckedBody(req, MAX_CHECKED_BODY, this.stages.bodyGapMs ?? 0)
-        .then((body) => {
-          const method = formOverride(body)
-          if (method !== null && method !== 'POST') this.judge(ctx, this.stages.decider.decide(method, target, address))
-          this.send(ctx, req, res, headers, body)
-        })
-        .catch((err: unknown) => this.refuse(ctx, res, err))
-      return
-    }
-    this.send(ctx, req, res, headers, null, this.overrideCheck(ctx, req, target, address))
+    this.send(ctx, req, res, headers, this.overrideCheck(ctx, req, target, ctx.resolved!.address))
   }
 
   /**
-   * For a JSON or multipart POST where the method matters: what judges the `_method` its body
-   * carries as the body streams past (both, for a Content-Type that is both to one framework or
-   * another). Null for any other request.
+   * For a form, JSON or multipart POST where the method matters: what judges the `_method` its
+   * body carries as the body streams past (each scan a Content-Type calls for, when it is more
+   * than one kind to one framework or another). Null for any other request.
    */
   private overrideCheck(ctx: CallContext, req: IncomingMessage, target: Target, address: string): BodyInspector | null {
+    if (ctx.method !== 'POST' || !hasRequestBody(req)) return null
     const type = req.headers['content-type']
-    if (ctx.method !== 'POST') return null
+    const form = isFormBody(type)
     const json = isJsonBody(type)
     const multipart = isMultipartBody(type)
-    if (!(json || multipart) || !hasRequestBody(req) || !methodMatters(this.stages.decider, target, address)) return null
+    if (!(form || json || multipart) || !methodMatters(this.stages.decider, target, address)) return null
     const judge = (method: string) => {
       if (method !== 'POST') this.judge(ctx, this.stages.decider.decide(method, target, address))
     }
-    const scanners = [json && new JsonOverrideScanner(judge), multipart && new MultipartOverrideScanner(judge)].filter((x) => x !== false)
+    const scanners = [form && new FormOverrideScanner(judge), json && new JsonOverrideScanner(judge), multipart && new MultipartOverrideScanner(judge)].filter((x) => x !== false)
     return (chunk, last) => {
       for (const scanner of scanners) {
         scanner.feed(chunk)
@@ -462,8 +448,8 @@ export class Pipeline {
     }
   }
 
-  /** The forward itself; `body` when it was read whole first, else the request streams (through `inspect`, if set). */
-  private send(ctx: CallContext, req: IncomingMessage, res: ServerResponse, headers: OutboundHeaders, body: Buffer | null, inspect: BodyInspector | null = null): void {
+  /** The forward itself: the request streams (through `inspect`, if set). */
+  private send(ctx: CallContext, req: IncomingMessage, res: ServerResponse, headers: OutboundHeaders, inspect: BodyInspector | null): void {
     const target = ctx.target!
     forward(
       this.stages.pools.get(target, ctx.resolved!),
@@ -478,7 +464,6 @@ export class Pipeline {
       },
       this.relocate,
       this.stages.audit.recordBeforeResponse === true,
-      body,
       this.stages.bodyGapMs ?? 0,
       inspect,
     )

@@ -5,6 +5,7 @@ import { parseAbsoluteTarget, parseConnectTarget } from '../proxy/listen/target.
 import type { RuleConfig } from '../lib/config/schema.js'
 import { JsonOverrideScanner, isJsonBody } from '../proxy/policy/json-override.js'
 import { MultipartOverrideScanner, isMultipartBody } from '../proxy/policy/multipart-override.js'
+import { FormOverrideScanner, isFormBody } from '../proxy/policy/body-override.js'
 
 const policy = (rules: RuleConfig[], extra: Partial<{ mode: 'enforce' | 'report'; default: 'allow' | 'deny' }> = {}) =>
   new Policy({ mode: extra.mode ?? 'enforce', default: extra.default ?? 'deny', rules })
@@ -385,4 +386,50 @@ t.test('a multipart body is scanned for fields named _method, as any framework m
   scanner.feed(Buffer.from('-b--'))
   t.same(found, ['DELETE'], 'as soon as the -- after it arrives')
   t.same(['multipart/form-data; boundary=b', 'Multipart/Mixed', 'text/plain'].map(isMultipartBody), [true, true, false])
+})
+
+t.test('an urlencoded form is scanned for _method fields in every spelling, however its chunks are cut', async (t) => {
+  const scan = (pieces: Buffer[]): string[] | string => {
+    const found: string[] = []
+    const scanner = new FormOverrideScanner((m) => found.push(m))
+    try {
+      for (const p of pieces) scanner.feed(p)
+      scanner.end()
+    } catch (err) {
+      return (err as { reason: string }).reason
+    }
+    return found
+  }
+  const table: [string, string[] | RegExp][] = [
+    ['name=x&_method=DELETE', ['DELETE']],
+    ['_method=delete;a=1', ['DELETE']],
+    ['_method=%44ELETE', ['DELETE']],
+    ['%5Fmethod=PUT&.method=PUT&_method%00%ff=PUT&+_method=PUT&_METHOD[]=PUT&_meth%6Fd=PUT', ['PUT', 'PUT', 'PUT', 'PUT', 'PUT', 'PUT']],
+    [`a=${'x'.repeat(5000)}&_method=LINK`, ['LINK']],
+    ['methods=DELETE&x=_method&&=DELETE', []],
+    ['_method=PUT&_method=PATCH', /two different method overrides/],
+    ['_method=DE+LETE', /not one method token/],
+    ['a=1&_method', /not one method token/],
+    [`_method=${'D'.repeat(2000)}`, /not one method token/],
+    [`${'+'.repeat(5000)}_method=DELETE`, /form field name over 4096 bytes/],
+  ]
+  for (const [text, want] of table) {
+    const body = Buffer.from(text, 'latin1')
+    const label = text.slice(0, 60)
+    const check = (got: string[] | string, how: string) => (want instanceof RegExp ? t.match(got, want, `${label}: ${how}`) : t.same(got, want, `${label}: ${how}`))
+    check(scan([body]), 'whole')
+    check(scan([...body.subarray(0, 200)].map((b) => Buffer.from([b])).concat(body.subarray(200))), 'a byte at a time')
+    const whole = JSON.stringify(scan([body]))
+    const cuts = Array.from({ length: Math.min(body.length - 1, 120) }, (_, i) => i + 1).concat(body.length > 200 ? [body.length - 20, body.length - 1] : [])
+    let same = 0
+    for (const i of cuts) if (JSON.stringify(scan([body.subarray(0, i), body.subarray(i)])) === whole) same++
+    t.equal(same, cuts.length, `${label}: the same, cut in two anywhere`)
+  }
+  const found: string[] = []
+  const scanner = new FormOverrideScanner((m) => found.push(m))
+  scanner.feed(Buffer.from('a=1&_method=DELETE'))
+  t.same(found, [], 'a last field is not judged before the body ends...')
+  scanner.end()
+  t.same(found, ['DELETE'], '...and is at its end, before its last chunk goes')
+  t.same([undefined, '', 'application/x-www-form-urlencoded; charset=utf-8', 'Application/X-WWW-Form-Urlencoded, text/plain', 'application/json'].map(isFormBody), [true, true, true, true, false])
 })

@@ -1,7 +1,6 @@
 // An agent that stops sending its request body mid-way. The proxy port has no request timeout
 // (long uploads work), so without this a stalled body held the call, the agent's connection and,
-// once forwarding, an upstream connection for ever. Used where a body streams upstream
-// (forward.ts) and where one is read whole first (the _method check, policy/body-override.ts).
+// once forwarding, an upstream connection for ever. Used where a body streams upstream (forward.ts).
 import type { IncomingMessage } from 'node:http'
 import { LatchkeyError } from '../errors.js'
 

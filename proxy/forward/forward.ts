@@ -457,24 +457,21 @@ export function forward(
   done: ForwardDone,
   relocate: Relocate,
   recordFirst = false,
-  /** The whole body, already read (to be checked before it goes): sent as it is, with its length. */
-  readBody: Buffer | null = null,
   /** timeouts.body_ms: an agent's streamed request body silent this long ends the call (watchBodyStall). */
   bodyGapMs = 0,
-  /** Sees a streamed body's chunks before they go (not a body read whole: it was checked already). */
+  /** Sees the body's chunks before they go. */
   inspect: BodyInspector | null = null,
 ): void {
   const chunked = req.headers['content-length'] === undefined && req.headers['transfer-encoding'] !== undefined
   // bytes_in is what was sent on, not what the agent announced: an upload cut short says so.
   // A Content-Length body reaches the parser's callback one socket read at a time already: only a
   // chunked one can come as many tiny frames.
-  const body = readBody ?? (chunked ? coalesced(req, ctx, inspect) : hasRequestBody(req) ? counted(req, ctx, inspect) : null)
-  if (readBody) ctx.bytesIn = readBody.length
+  const body = chunked ? coalesced(req, ctx, inspect) : hasRequestBody(req) ? counted(req, ctx, inspect) : null
   const relay = new ResponseRelay(ctx, res, done, relocate, recordFirst, bodyGapMs)
   // A chunked body can turn out malformed after the head has gone: the listener must be able to
   // end this call with a 400 (abortChunkedForward). Only such bodies are tracked.
-  if (chunked && !readBody) chunkedForwards.set(req, relay)
-  if (body && !readBody && bodyGapMs > 0) watchBodyStall(req, bodyGapMs, (err) => relay.abort(err))
+  if (chunked) chunkedForwards.set(req, relay)
+  if (body && bodyGapMs > 0) watchBodyStall(req, bodyGapMs, (err) => relay.abort(err))
   pool.dispatch(
     {
       path,
@@ -490,11 +487,6 @@ export function forward(
 }
 
 const chunkedForwards = new WeakMap<IncomingMessage, { abort(err: Error): void }>()
-
-/** Lets abortChunkedForward reach whatever consumes `req`'s chunked body before a forward does. */
-export function trackChunkedBody(req: IncomingMessage, consumer: { abort(err: Error): void }): void {
-  chunkedForwards.set(req, consumer)
-}
 
 /** Ends the forward of `req`, whose chunked body the parser found malformed, with `err`. */
 export function abortChunkedForward(req: IncomingMessage, err: Error): boolean {

@@ -1,21 +1,17 @@
 // A method override carried in a POST form: `_method=DELETE` makes the POST a DELETE to Laravel,
 // Symfony, Rails (Rack::MethodOverride), Spring's HiddenHttpMethodFilter and Express's
-// method-override. The query and header spellings are stripped (pipeline.ts, forward/headers.ts);
-// a body cannot be edited in flight, so where the method matters to the policy an urlencoded
-// form is read first and its override judged as the method it names.
-//
-// Forms are small by nature, so reading one whole costs nothing an agent notices. JSON bodies
-// (Laravel reads `_method` there too) and multipart forms are scanned as they stream instead
-// (json-override.ts, multipart-override.ts).
-import type { IncomingMessage } from 'node:http'
+// method-override. The query and header spellings are stripped (pipeline.ts, forward/headers.ts).
+// A body cannot be edited in flight, so where the method matters to the policy an urlencoded
+// form is scanned as it streams, each chunk before it is sent on, and an override the policy
+// refuses ends the forward with the chunk that completes it unsent (the body is never whole
+// upstream, and no framework routes a body it has not read whole). JSON bodies (Laravel reads
+// `_method` there too) and multipart forms are scanned the same way (json-override.ts,
+// multipart-override.ts). Nothing is held: `curl --data-binary`, which calls any upload a form,
+// streams a file of any size.
 import type { Decider, Target } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import { decodeBytewise, namesParameter } from '../credentials/bindings.js'
-import { hasRequestBody, trackChunkedBody } from '../forward/forward.js'
-import { watchBodyStall } from '../forward/body-stall.js'
 
-/** Forms read to look for an override: far above a form an API takes, far below memory. */
-export const MAX_CHECKED_BODY = 1024 * 1024
 const OVERRIDE_NAMES = ['_method']
 /** What the frameworks accept as an override (Symfony: any upper-case token; these are the ones in use). */
 const OVERRIDABLE = ['GET', 'HEAD', 'PUT', 'PATCH', 'DELETE', 'OPTIONS', 'PURGE']
@@ -23,19 +19,18 @@ const OVERRIDABLE = ['GET', 'HEAD', 'PUT', 'PATCH', 'DELETE', 'OPTIONS', 'PURGE'
 export const OVERRIDE_TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$/
 
 /**
- * Whether a framework would read `_method` from this request's body: a POST of a form, with a
- * body. A form as they tell one: PHP ends the media type at `;`, `,` or a space, Rack at `;` or
- * `,` (`application/x-www-form-urlencoded, text/plain` is a form to both), and Rack reads a POST
+ * Whether a framework would read a body of this Content-Type as an urlencoded form. A form as
+ * they tell one: PHP ends the media type at `;`, `,` or a space, Rack at `;` or `,`
+ * (`application/x-www-form-urlencoded, text/plain` is a form to both), and Rack reads a POST
  * with no media type at all as a form.
  */
-export function mayOverrideInBody(method: string, req: IncomingMessage): boolean {
-  if (method !== 'POST' || !hasRequestBody(req)) return false
-  const type = (req.headers['content-type'] ?? '').trim().split(/[;,\s]/, 1)[0]!.toLowerCase()
+export function isFormBody(contentType: string | undefined): boolean {
+  const type = (contentType ?? '').trim().split(/[;,\s]/, 1)[0]!.toLowerCase()
   return type === '' || type === 'application/x-www-form-urlencoded'
 }
 
 /**
- * Whether this POST's policy would change were it another method: only then is its body read.
+ * Whether this POST's policy would change were it another method: only then is its body scanned.
  * Every method a rule names is tried too: Symfony takes any upper-case token as an override, so
  * a deny of PROPFIND or LINK is as much at stake as one of DELETE.
  */
@@ -50,59 +45,84 @@ export function methodMatters(decider: Decider, target: Target, address: string 
   return false
 }
 
-/**
- * The method a form's `_method` names, upper-cased, or null when it names none. Throws
- * LK_BAD_REQUEST for a value that is not one method token (never guessed at).
- */
-export function formOverride(body: Buffer): string | null {
-  const values: string[] = []
-  for (const pair of body.toString('latin1').split(/[&;]/)) {
-    if (!namesParameter(pair, OVERRIDE_NAMES, false)) continue
-    const eq = pair.indexOf('=')
-    values.push(eq === -1 ? '' : decodeBytewise(pair.slice(eq + 1)).trim().toUpperCase())
-  }
-  if (values.length === 0) return null
-  // Frameworks disagree on which of several they take: all of them must be the same one.
-  const methods = new Set(values)
-  if (methods.size > 1 || !OVERRIDE_TOKEN.test(values[0]!)) {
-    throw new LatchkeyError('LK_BAD_REQUEST', 'the form carries a method override (_method) that is not one method token')
-  }
-  return values[0]!
-}
-
-export function formTooLarge(max: number): LatchkeyError {
-  return new LatchkeyError('LK_BAD_REQUEST', `a form (or a body with no Content-Type, which Rack reads as one) over ${max} bytes to an upstream whose policy depends on the method cannot be checked for a method override (_method)`)
-}
+/** A form field name longer than this, as sent, is refused: PHP drops a name's leading spaces, so `_method` can hide behind any number. */
+const MAX_FIELD_NAME = 4096
+/** An override value longer than this, as sent (percent-encoded: 3 bytes a letter), is no method. */
+const MAX_OVERRIDE_VALUE = 1024
+const FORM_DELIMITERS = /[=&;]/g
+const PAIR_END = /[&;]/g
 
 /**
- * The whole body of `req`, at most `max` bytes (LK_BAD_REQUEST beyond: it could not be checked).
- * A chunked body found malformed rejects with the listener's 400; an agent leaving, LK_CLIENT_CLOSED;
- * one that stops sending for `gapMs` (timeouts.body_ms), LK_IDLE_TIMEOUT.
+ * Reads an urlencoded form chunk by chunk for `_method` fields (any spelling namesParameter
+ * knows: case, percent-encoding, PHP's mangling) and calls `onOverride` with the method each
+ * names, upper-cased, as soon as its value ends: at the next `&` or `;`, or at `end` for the last
+ * field. Throws LK_BAD_REQUEST for an override that is not one method token, for two that differ
+ * (which one a framework takes is a guess), and for a field name too long to check.
  */
-export function readCheckedBody(req: IncomingMessage, max: number, gapMs: number): Promise<Buffer> {
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = []
-    let size = 0
-    const stop = (err: Error | null) => {
-      req.removeListener('data', onData)
-      req.removeListener('end', onEnd)
-      req.removeListener('close', onClose)
-      if (err) reject(err)
-      else resolve(Buffer.concat(chunks, size))
+export class FormOverrideScanner {
+  private name = ''
+  private value = ''
+  /** Past the current field's `=`. */
+  private inValue = false
+  /** In the value of a field that is no override: only its end is looked for. */
+  private skipping = false
+  private seen: string | null = null
+
+  constructor(private readonly onOverride: (method: string) => void) {}
+
+  feed(chunk: Buffer): void {
+    const text = chunk.toString('latin1')
+    let at = 0
+    while (at < text.length) {
+      if (this.skipping) {
+        PAIR_END.lastIndex = at
+        if (PAIR_END.exec(text) === null) return
+        this.skipping = this.inValue = false
+        this.name = ''
+        at = PAIR_END.lastIndex
+        continue
+      }
+      const delimiters = this.inValue ? PAIR_END : FORM_DELIMITERS
+      delimiters.lastIndex = at
+      const found = delimiters.exec(text)
+      const upto = found === null ? text.length : found.index
+      if (this.inValue) {
+        this.value += text.slice(at, upto)
+        if (this.value.length > MAX_OVERRIDE_VALUE) notAToken()
+      } else {
+        this.name += text.slice(at, upto)
+        if (this.name.length > MAX_FIELD_NAME) throw new LatchkeyError('LK_BAD_REQUEST', `a form field name over ${MAX_FIELD_NAME} bytes to an upstream whose policy depends on the method cannot be checked for a method override (_method)`)
+      }
+      if (found === null) return
+      at = upto + 1
+      if (found[0] !== '=') this.fieldEnded()
+      else if (namesParameter(this.name, OVERRIDE_NAMES, false)) this.inValue = true
+      else this.skipping = this.inValue = true
     }
-    const onData = (chunk: Buffer) => {
-      size += chunk.length
-      if (size > max) return stop(formTooLarge(max))
-      chunks.push(chunk)
-    }
-    const onEnd = () => stop(null)
-    const onClose = () => {
-      if (!req.complete) stop(new LatchkeyError('LK_CLIENT_CLOSED', 'the agent closed the connection before its request body was complete'))
-    }
-    trackChunkedBody(req, { abort: (err) => stop(err) })
-    if (gapMs > 0) watchBodyStall(req, gapMs, stop)
-    req.on('data', onData)
-    req.once('end', onEnd)
-    req.once('close', onClose)
-  })
+  }
+
+  /** The body has ended: its last field ends with it. */
+  end(): void {
+    if (!this.skipping && (this.inValue || this.name !== '')) this.fieldEnded()
+    this.skipping = this.inValue = false
+    this.name = this.value = ''
+  }
+
+  /** A field without its value skipped ended: judged if its name is `_method` (with no `=`, an empty value). */
+  private fieldEnded(): void {
+    const override = this.inValue || namesParameter(this.name, OVERRIDE_NAMES, false)
+    const method = this.inValue ? decodeBytewise(this.value).trim().toUpperCase() : ''
+    this.name = this.value = ''
+    this.inValue = false
+    if (!override) return
+    if (!OVERRIDE_TOKEN.test(method)) notAToken()
+    // Frameworks disagree on which of several they take: all of them must be the same one.
+    if (this.seen !== null && this.seen !== method) throw new LatchkeyError('LK_BAD_REQUEST', 'the form carries two different method overrides (_method)')
+    this.seen = method
+    this.onOverride(method)
+  }
+}
+
+function notAToken(): never {
+  throw new LatchkeyError('LK_BAD_REQUEST', 'the form carries a method override (_method) that is not one method token')
 }

@@ -2,8 +2,8 @@
 // any request whose Content-Type contains `/json` or `+json`, and Symfony's getMethod() takes a
 // POST's `_method` input as its method. So `{"_method":"DELETE"}` POSTed is a DELETE.
 //
-// Unlike a form, a JSON body is not read whole first: it is often large (a model's prompt), and
-// it streams. It is scanned as it passes, each chunk before it is sent on, and an override the
+// A JSON body is often large (a model's prompt), and streams. As a form is (body-override.ts),
+// it is scanned as it passes, each chunk before it is sent on, and an override the
 // policy refuses ends the forward there: the chunk that completes the override never goes, so the
 // upstream holds at most an unfinished body, which no framework dispatches (PHP and Laravel
 // decode the body whole before routing).

@@ -47,8 +47,8 @@ t.test('a chunked request body that stops is cut the same way', async (t) => {
   t.match(await s.audit(), [{ path: '/chunks', status: 408, error: 'LK_IDLE_TIMEOUT' }])
 })
 
-t.test('a form read whole for its _method that stops is cut the same way, and never forwarded', async (t) => {
-  // A DELETE deny makes the method matter, so a POSTed form is read whole before anything is sent.
+t.test('a form checked for its _method that stops is cut the same way, and never whole upstream', async (t) => {
+  // A DELETE deny makes the method matter, so a POSTed form is scanned for an override as it streams.
   const { s, host, upstream } = await startBearerRig(t, {
     fragment: (up) => ({
       policy: { default: 'deny', rules: [{ id: 'no-delete', action: 'deny', hosts: ['127.0.0.1'], methods: ['DELETE'] }, { id: 'allow-upstream', action: 'allow', hosts: ['127.0.0.1'], ports: [up.port] }] },
@@ -62,7 +62,7 @@ t.test('a form read whole for its _method that stops is cut the same way, and ne
   t.match(r.body, /LK_IDLE_TIMEOUT/)
   t.ok(performance.now() - started < 4_000)
   t.match(await s.audit(), [{ path: '/form', status: 408, error: 'LK_IDLE_TIMEOUT' }])
-  t.equal(upstream.requests.length, 0, 'nothing reached the upstream')
+  t.equal(upstream.requests.length, 0, 'no whole request reached the upstream')
   assertNoCanary(t, s, raw)
 })
 

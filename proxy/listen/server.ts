@@ -2,6 +2,7 @@
 // go to the pipeline; CONNECT to the tunnel; Upgrade to the WebSocket relay. Parser errors get
 // the same coded refusal as everything else (400; a head too large, 431), and are audited.
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
+import { headWithoutH2cOffer, offersOnlyH2c } from './h2c.js'
 import type { Socket } from 'node:net'
 import { owedResponse, type Pipeline, type TunnelOrigin } from '../pipeline.js'
 import { LatchkeyError } from '../errors.js'
@@ -83,7 +84,8 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     const origin = tunnels.get(socket)
     // Every socket the inner server sees was adopted with its origin; one without is not served.
     if (!origin) return void socket.destroy()
-    handleUpgrade(pipeline, req, socket, head, relayTimeouts, openStreams, origin)
+    if (offersOnlyH2c(req)) parseAgain(inner, req, socket, head)
+    else handleUpgrade(pipeline, req, socket, head, relayTimeouts, openStreams, origin)
   })
   inner.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => onClientError(err, socket, 'tunnelled'))
   const tunnelOptions = {
@@ -101,7 +103,7 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     },
   }
   server.on('connect', (req, socket: Socket, head: Buffer) => handleConnect(pipeline, req, socket, head, tunnelOptions))
-  server.on('upgrade', (req, socket: Socket, head: Buffer) => handleUpgrade(pipeline, req, socket, head, relayTimeouts, openStreams))
+  server.on('upgrade', (req, socket: Socket, head: Buffer) => (offersOnlyH2c(req) ? parseAgain(server, req, socket, head) : handleUpgrade(pipeline, req, socket, head, relayTimeouts, openStreams)))
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => onClientError(err, socket, 'absolute'))
   // Idle keep-alive connections, those in tunnels to the sidecar itself too. The inner server never
   // listens, so node tracks none of its connections (its closeIdleConnections does nothing).
@@ -110,6 +112,14 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     for (const socket of adopted) if (owedResponse(socket) === null) socket.destroy()
   }
   return { server, openStreams, closeIdleConnections }
+
+  /** An h2c offer declined (listen/h2c.ts): the request, without it, and what followed it, parsed again as plain HTTP/1.1 on the same connection. */
+  function parseAgain(into: Server, req: IncomingMessage, socket: Socket, head: Buffer): void {
+    socket.pause()
+    socket.unshift(Buffer.concat([headWithoutH2cOffer(req), head]))
+    into.emit('connection', socket)
+    socket.resume()
+  }
 
   function onClientError(err: NodeJS.ErrnoException, socket: Socket, via: 'absolute' | 'tunnelled'): void {
     if (err.code === 'ECONNRESET' || !socket.writable) {

@@ -1,6 +1,7 @@
 // WebSocket upgrades on allowed routes (absolute-form or reverse). The same admit stages run;
 // the handshake is written to exactly the checked address with the credential injected; only a
-// 101 answer (read, checked and scrubbed in upgrade-response.ts) opens the byte relay. h2c upgrades, and any other protocol, are refused.
+// 101 answer (read, checked and scrubbed in upgrade-response.ts) opens the byte relay. Any other
+// protocol is refused; an offer of h2c alone never comes here (listen/h2c.ts declines it).
 import { connect as netConnect, type Socket } from 'node:net'
 import { connect as tlsConnect } from 'node:tls'
 import type { IncomingMessage } from 'node:http'
@@ -49,7 +50,8 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
     // A browser's WebSocket always carries Origin: readTarget refuses a page's on a route.
     pipeline.readTarget(ctx, req, tunnel, true)
     const protocol = String(req.headers.upgrade ?? '').trim().toLowerCase()
-    if (protocol.includes('h2c')) throw new LatchkeyError('LK_BAD_REQUEST', 'h2c upgrades are refused; speak HTTP/1.1 to the sidecar')
+    // h2c alone is declined and the request served in HTTP/1.1 (listen/h2c.ts); offered with another, it is no WebSocket either.
+    if (protocol.includes('h2c')) throw new LatchkeyError('LK_BAD_REQUEST', 'an upgrade offering h2c with another protocol is refused; offer h2c alone (it is declined, the request served in HTTP/1.1) or websocket alone')
     if (protocol !== 'websocket') throw new LatchkeyError('LK_BAD_REQUEST', `upgrade to "${protocol.slice(0, 32)}" is not supported; only websocket`)
     // RFC 6455: the handshake is a GET without a body. Anything else (a TRACE that would echo the
     // injected credential, a body the relay would pass on unframed) is not a WebSocket.

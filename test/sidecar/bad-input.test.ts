@@ -48,7 +48,7 @@ t.test('refused framings', async (t) => {
     ['obsolete line folding', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A: a\r\n b\r\n\r\n`, /malformed/],
     ['non-http scheme', `GET ftp://127.0.0.1/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /http:\/\/ or https:\/\//],
     ['asterisk form', `OPTIONS * HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /asterisk-form/],
-    ['h2c upgrade', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n`, /h2c/],
+    ['h2c offered with another protocol', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: websocket, h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n`, /h2c/],
   ]
   for (const [name, request, reason] of table) {
     const res = await rawRequest(port, request)
@@ -93,6 +93,33 @@ t.test('normalised, never trusted', async (t) => {
       t.equal(res.status, 200, uri)
       t.match(upstream.requests.at(-1), { url: sent, headers: { host: `127.0.0.1:${upstream.port}`, authorization: `Bearer ${CANARY}` } }, `${uri}: reached the upstream as ${sent}`)
     }
+  })
+
+  await t.test('an h2c upgrade offer is declined and the request served in HTTP/1.1, on every entry path, the offer never sent on', async (t) => {
+    // As Java's HttpClient (HTTP/2 by default) and `curl --http2` send every http:// request.
+    const offer = 'Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n'
+    const routed = await startTestSidecar({ ...loopbackPolicy([upstream.port]), routes: { up: upstream.origin }, credentials: [{ id: 'plain', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }] })
+    t.teardown(() => routed.close())
+    const host = `127.0.0.1:${upstream.port}`
+    for (const [name, request, path] of [
+      ['absolute-form', `GET http://${host}/h2c-abs HTTP/1.1\r\nHost: ${host}\r\n${offer}Connection: close\r\n\r\n`, '/h2c-abs'],
+      ['a reverse route, with a body', `PUT /up/h2c-route HTTP/1.1\r\nHost: 127.0.0.1\r\n${offer}Content-Length: 5\r\nConnection: close\r\n\r\nhello`, '/h2c-route'],
+      ['inside a plaintext tunnel', `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\nGET /h2c-tunnel HTTP/1.1\r\nHost: ${host}\r\n${offer}Connection: close\r\n\r\n`, '/h2c-tunnel'],
+    ] as const) {
+      const res = await rawRequest(routed.sidecar.port, request)
+      t.match(res.raw, /HTTP\/1\.1 200 OK\r\n(?![^]*HTTP\/1\.1 101)/, `${name}: answered 200 in HTTP/1.1, no 101`)
+      const got = upstream.requests.at(-1)
+      t.equal(got?.url, path, `${name}: reached the upstream`)
+      t.equal(got?.headers.authorization, `Bearer ${CANARY}`, `${name}: with the credential`)
+      t.notOk(got && ('upgrade' in got.headers || 'http2-settings' in got.headers), `${name}: without the offer`)
+      t.notMatch(String(got?.headers.connection), /upgrade|http2-settings/i, `${name}: nor a Connection token naming it`)
+    }
+    t.equal(upstream.requests.at(-2)?.body, 'hello', 'the body went with it')
+    // Keep-alive: the request after an offer on the same connection is served too.
+    const two = await rawRequest(routed.sidecar.port, `GET http://${host}/h2c-first HTTP/1.1\r\nHost: ${host}\r\n${offer}\r\nGET http://${host}/h2c-second HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`)
+    t.equal(two.raw.match(/HTTP\/1\.1 200 OK/g)?.length, 2, 'a request pipelined behind an offer is answered as well')
+    t.same(upstream.requests.slice(-2).map((r) => r.url), ['/h2c-first', '/h2c-second'])
+    assertNoCanary(t, routed, two.raw)
   })
 
   await t.test('an absolute URI that disagrees with Host: the URI wins', async (t) => {

@@ -30,6 +30,7 @@ export async function runUp(opts: { config: string }): Promise<{ close(urgent?: 
   const upstreamPort = Number(demo.port || 80)
   let broker: RunningBroker | undefined
   let revokeHint = ''
+  let adminToken: string | undefined
   if (config.broker) {
     // The local default: one attestor key per installation, trusted by the broker.
     const local = await ensureLocalAttestorKey('.latchkey/local-attestor')
@@ -44,9 +45,9 @@ export async function runUp(opts: { config: string }): Promise<{ close(urgent?: 
     }
     if (!env[b.admin_token_env]) {
       // So `latchkey revoke` works out of the box: a fresh admin token per run, in a file only
-      // this user can read, never printed.
-      env[b.admin_token_env] = randomBytes(32).toString('base64url')
-      writeFileSync(ADMIN_TOKEN_FILE, env[b.admin_token_env] + '\n', { mode: 0o600 })
+      // this user can read, never printed. Written once all is up (below): a second `up` that
+      // fails on busy ports must not replace the token of the one running.
+      adminToken = env[b.admin_token_env] = randomBytes(32).toString('base64url')
       revokeHint = `${b.admin_token_env}=$(cat ${resolve(ADMIN_TOKEN_FILE)}) `
     }
     revokeHint += `npx latchkey revoke ${config.sidecar.agent_id}`
@@ -83,6 +84,7 @@ export async function runUp(opts: { config: string }): Promise<{ close(urgent?: 
     throw listenError('demo upstream (routes.demo)', '127.0.0.1', upstreamPort, err)
   })
   const sidecar = await startSidecar(config, { env })
+  if (adminToken !== undefined) writeFileSync(ADMIN_TOKEN_FILE, adminToken + '\n', { mode: 0o600 })
   const proxy = sidecar.proxyUrl
   const line = (label: string, value: string) => `  ${label.padEnd(22)}${value}\n`
   console.log(

@@ -104,6 +104,11 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
   const revoke = /revoke the agent\s+(.+)$/m.exec(out)?.[1]
   t.match(revoke, /^LATCHKEY_BROKER_ADMIN_TOKEN=\$\(cat \/.+\/\.latchkey\/broker-admin-token\) npx latchkey revoke agent:demo:dev:local$/, 'the banner says how to revoke the demo agent')
   t.equal(statSync(join(cwd, '.latchkey/broker-admin-token')).mode & 0o777, 0o600, 'from a token file only this user can read')
+  // A second `up` beside it fails on the busy ports, and leaves the running one's token be.
+  const tokenBefore = readFileSync(join(cwd, '.latchkey/broker-admin-token'), 'utf8')
+  const second = await run(process.execPath, [resolve('dist/cli/latchkey.js'), 'up'], { cwd, env }).then(() => 0, (err: { code?: number }) => err.code ?? -1)
+  t.equal(second, 1, 'a second latchkey up in the same place exits 1')
+  t.equal(readFileSync(join(cwd, '.latchkey/broker-admin-token'), 'utf8'), tokenBefore, "and the running system's admin token file is unchanged")
   await run('bash', ['-c', `${revoke!} --reason readme`], { env, cwd: resolve('.') })
   let refused = ''
   for (let i = 0; i < 100 && !refused.includes('LK_REVOKED'); i++) {

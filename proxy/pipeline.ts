@@ -2,11 +2,11 @@
 // Every entry path (absolute-form, reverse route, CONNECT, WebSocket upgrade) builds one
 // CallContext and runs the same `admit` front half; only the forward differs. ARCHITECTURE.md
 // draws this file.
-import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { IncomingMessage, Server, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Logger } from '../lib/log.js'
 import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Decision, Identifier, Identity, Resolution, Resolver, Target, Via } from './context.js'
-import { checkLocalCaller, isLocalhostName } from './listen/local-caller.js'
+import { checkLocalCaller, isLocalhostName, isLoopbackPeer } from './listen/local-caller.js'
 import { carriesTaskHandle } from './identify/proxy-authorization.js'
 import { lingerOnClose } from './listen/linger.js'
 import { LatchkeyError, renderError, renderErrorRaw, type ErrorCode } from './errors.js'
@@ -191,6 +191,13 @@ export class Pipeline {
         throw new LatchkeyError('LK_BAD_REQUEST', `${ctx.method} is not proxied: the upstream would echo the request, credentials included`)
       }
       this.readTarget(ctx, req, tunnel)
+      const target = ctx.target!
+      if (target.route === null && target.scheme === 'http' && this.isAdminAddress(target, req.socket.remoteAddress)) {
+        req.url = target.path + target.search
+        if (expectContinue) res.writeContinue()
+        this.admin!.emit('request', req, res)
+        return
+      }
       // Refused after the target is read, so the trail says which call the shutdown turned away.
       if (this.draining) throw new LatchkeyError('LK_DRAINING', 'the sidecar is shutting down; retry on a new connection')
       // Inside a tunnel the agent's proxy credential came with the CONNECT, not with each request.
@@ -252,6 +259,23 @@ export class Pipeline {
   /** Whether a target names the sidecar's own listener (a route's address, never an upstream). */
   isOwnAddress(target: Target): boolean {
     return target.port === this.ownAddress?.port && this.ownAddress.hosts.has(target.host)
+  }
+
+  /**
+   * The admin API's server, once it listens. An agent with HTTP_PROXY set sends its calls to the
+   * admin API (opening its task, /healthz) through the proxy: they are served as if made
+   * directly, the same checks applying (checkLocalCaller), and are no egress: nothing is dialled
+   * or audited. A CONNECT to it is handed over the same way (listen/tunnel.ts).
+   */
+  admin: Server | null = null
+
+  /**
+   * Whether a call to `target` from `peer` is one to the sidecar's admin API: its port, a spelling
+   * it takes for its own, from a loopback client (a proxy open to remote clients does not open
+   * the admin API to them).
+   */
+  isAdminAddress(target: Target, peer: string | undefined): boolean {
+    return this.admin !== null && target.port === this.ownAddress?.adminPort && this.ownAddress.adminHosts.has(target.host) && isLoopbackPeer(peer)
   }
 
   /**

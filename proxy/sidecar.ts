@@ -425,6 +425,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const port = (server.address() as AddressInfo).port
   const adminPort = (admin.address() as AddressInfo).port
   const hostAddresses = Object.values(networkInterfaces()).flatMap((list) => (list ?? []).map((i) => i.address))
+  pipeline.admin = admin
   pipeline.ownAddress = { hosts: ownHosts(sc.listen.host), port, adminHosts: ownHosts(sc.admin.host), adminPort, hostAddresses: new Set(hostAddresses.flatMap((a) => (ipaddr.isValid(a) ? [ipaddr.process(a).toNormalizedString()] : []))) }
   networkPolicy.protectSelf([port, adminPort], hostAddresses)
   const host = sc.listen.host.includes(':') ? `[${sc.listen.host}]` : sc.listen.host

@@ -67,3 +67,8 @@ export function ownHosts(listenHost: string): ReadonlySet<string> {
   if (host === '0.0.0.0' || host === '::' || loopback.includes(host)) return new Set([host, ...loopback])
   return new Set([host])
 }
+
+/** Whether a connection's peer address (as node reports it) is loopback. */
+export function isLoopbackPeer(address: string | undefined): boolean {
+  return !!address && (address.startsWith('127.') || address === '::1' || address.startsWith('::ffff:127.'))
+}

@@ -3,6 +3,7 @@
 // the same coded refusal as everything else (400; a head too large, 431), and are audited.
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import { headWithoutH2cOffer, offersOnlyH2c } from './h2c.js'
+import { isLoopbackPeer } from './local-caller.js'
 import type { Socket } from 'node:net'
 import { owedResponse, type Pipeline, type TunnelOrigin } from '../pipeline.js'
 import { LatchkeyError } from '../errors.js'
@@ -31,10 +32,6 @@ export function headersCheckInterval(clientHeadersTimeoutMs: number): number {
   return Math.min(30_000, Math.max(250, Math.floor(clientHeadersTimeoutMs / 4)))
 }
 
-function isLoopback(address: string | undefined): boolean {
-  return !!address && (address.startsWith('127.') || address === '::1' || address.startsWith('::ffff:127.'))
-}
-
 export function createListener(pipeline: Pipeline, opts: ListenerOptions): { server: Server; openStreams: Set<Socket>; closeIdleConnections: () => void } {
   const openStreams = new Set<Socket>()
   const relayTimeouts = { connectTimeoutMs: opts.connectTimeoutMs, idleMs: opts.tunnelIdleMs, headersMs: opts.upstreamHeadersMs }
@@ -57,7 +54,7 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   // included, and the body with it. The header size limit bounds them instead.
   server.maxHeadersCount = 0
   server.on('connection', (socket: Socket) => {
-    if (!opts.allowRemoteClients && !isLoopback(socket.remoteAddress)) socket.destroy()
+    if (!opts.allowRemoteClients && !isLoopbackPeer(socket.remoteAddress)) socket.destroy()
   })
   server.on('request', (req, res) => pipeline.handleRequest(req, res, false))
   // node:http takes any Expect that mentions 100-continue (`100-continue, foo`) for it: an

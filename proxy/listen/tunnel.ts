@@ -108,6 +108,18 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
     // A tunnel to the sidecar itself (Node's fetch calling a route with HTTP_PROXY set): nothing
     // is dialled; each request inside is a call to a route, identified, decided and audited alone.
     if (pipeline.isOwnAddress(ctx.target)) return openForPlainHttpOnly(new LatchkeyError('LK_BAD_REQUEST', 'the sidecar serves its routes over plain HTTP only'))
+    // A tunnel to the admin API (Node's fetch opening a task with HTTP_PROXY set): the connection
+    // is the admin server's, as if made directly. No egress: nothing dialled, nothing audited.
+    if (pipeline.isAdminAddress(ctx.target, client.remoteAddress)) {
+      stopEarlyWatch()
+      finished = true
+      client.write('HTTP/1.1 200 Connection Established\r\n\r\n')
+      client.pause()
+      if (head.length > 0) client.unshift(head)
+      pipeline.admin!.emit('connection', client)
+      client.resume()
+      return
+    }
     await pipeline.admit(ctx, req.headers['proxy-authorization'], false, client)
     if (finished) return
     const decision = ctx.decision!

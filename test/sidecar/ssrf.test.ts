@@ -93,7 +93,7 @@ t.test('an allow exception opens exactly its range and ports', async (t) => {
   t.equal(other.requests.length, 0)
 })
 
-t.test("an allow covering loopback never opens the sidecar's own ports: its admin API, or its listener by another spelling", async (t) => {
+t.test("an allow covering loopback never opens the sidecar's own ports: its admin API is served as itself, nothing dialled, and other spellings are refused", async (t) => {
   const upstream = await startUpstream()
   // The loosest allow an operator might write for a local upstream: all of loopback, any port.
   const s = await startTestSidecar({ policy: { default: 'allow' }, network: { allow: [{ cidr: '127.0.0.0/8' }, { cidr: '::1/128' }] } })
@@ -105,12 +105,16 @@ t.test("an allow covering loopback never opens the sidecar's own ports: its admi
   t.equal(ok.status, 200, 'the allow opens an upstream on loopback')
   const admin = s.sidecar.adminPort
   const listen = s.sidecar.port
+  // The admin API by a name it answers to: an agent with HTTP_PROXY set calling it (task-api.test.ts).
+  for (const target of [`http://127.0.0.1:${admin}/metrics`, `http://2130706433:${admin}/metrics`, `http://localhost:${admin}/metrics`]) {
+    const r = await rawRequest(listen, `GET ${target} HTTP/1.1\r\nHost: 127.0.0.1:${admin}\r\nConnection: close\r\n\r\n`)
+    t.equal(r.status, 200, `${target}: the admin API answers`)
+    t.match(r.body, /latchkey_calls_total/, `${target}: itself`)
+  }
   for (const target of [
-    `http://127.0.0.1:${admin}/metrics`,
     `http://127.0.0.2:${admin}/v1/tasks`,
     `http://[::ffff:127.0.0.1]:${admin}/healthz`,
-    `http://2130706433:${admin}/metrics`,
-    `http://localhost:${admin}/metrics`,
+    `https://127.0.0.1:${admin}/healthz`,
     `http://[::ffff:127.0.0.1]:${listen}/x`,
     `http://127.0.0.2:${listen}/x`,
     `https://127.0.0.1:${listen}/x`,
@@ -119,9 +123,12 @@ t.test("an allow covering loopback never opens the sidecar's own ports: its admi
     t.equal(r.status, 403, `${target}: refused`)
     t.equal(r.headers['x-latchkey-rule'], 'network:self', `${target}: as the sidecar's own port`)
   }
-  const tunnel = await rawRequest(listen, `CONNECT 127.0.0.1:${admin} HTTP/1.1\r\nHost: 127.0.0.1:${admin}\r\n\r\n`)
-  t.equal(tunnel.headers['x-latchkey-rule'], 'network:self', 'a tunnel to the admin port too')
+  const tunnel = await rawRequest(listen, `CONNECT 127.0.0.2:${admin} HTTP/1.1\r\nHost: 127.0.0.2:${admin}\r\n\r\n`)
+  t.equal(tunnel.headers['x-latchkey-rule'], 'network:self', 'a tunnel to the admin port by another spelling too')
+  const adminTunnel = await rawRequest(listen, `CONNECT 127.0.0.1:${admin} HTTP/1.1\r\nHost: 127.0.0.1:${admin}\r\n\r\nGET /healthz HTTP/1.1\r\nHost: 127.0.0.1:${admin}\r\nConnection: close\r\n\r\n`)
+  t.match(adminTunnel.raw, /^HTTP\/1\.1 200 Connection Established\r\n\r\nHTTP\/1\.1 200 OK\r\n[^]*\{"ok":true\}/, 'a tunnel to the admin API by its name is the admin API')
   t.equal(upstream.requests.length, 1)
+  t.same((await s.audit()).map((e) => e.status).filter((x) => x === 200).length, 1, 'none of the admin calls is audited: no egress')
 })
 
 t.test("an address of the sidecar's own host is loopback to it, whatever its class", async (t) => {
@@ -168,4 +175,27 @@ t.test('a policy deny written by address holds every name that resolves into it'
   t.equal((await get('localhost', '/ok')).status, 200, 'and keeps its path condition')
   t.same(upstream.requests.map((r) => r.url), ['/ok'], 'no /admin request reached the upstream')
   t.match((await s.audit()).filter((e) => e.status === 403), [{ host: '127.0.0.1' }, { host: 'localhost', address: '127.0.0.1', rule: 'no-admin-on-loopback' }, {}, {}])
+})
+
+t.test('a proxy open to remote clients does not open its loopback admin API to them', async (t) => {
+  const hostAddress = Object.values(networkInterfaces())
+    .flat()
+    .find((i) => i && i.family === 'IPv4' && !i.internal)?.address
+  if (!hostAddress) return t.pass('this machine has no non-loopback IPv4 interface: nothing to check')
+  const s = await startTestSidecar({ sidecar: { listen: { host: '0.0.0.0', port: 0 }, allow_remote_clients: true }, policy: { default: 'allow' }, network: { allow: [{ cidr: '127.0.0.0/8' }] } })
+  t.teardown(() => s.close())
+  const { connect } = await import('node:net')
+  const ask = async (from: string) => {
+    const socket = connect({ host: from, port: s.sidecar.port })
+    await once(socket, 'connect')
+    socket.end(`GET http://127.0.0.1:${s.sidecar.adminPort}/healthz HTTP/1.1\r\nHost: 127.0.0.1:${s.sidecar.adminPort}\r\nConnection: close\r\n\r\n`)
+    let got = ''
+    socket.on('data', (c: Buffer) => (got += c.toString('latin1')))
+    await once(socket, 'close')
+    return got
+  }
+  t.match(await ask('127.0.0.1'), /^HTTP\/1\.1 200 OK/, 'a loopback client reaches it through the proxy')
+  const remote = await ask(hostAddress)
+  t.match(remote, /^HTTP\/1\.1 403 /, 'a client on another address does not')
+  t.match(remote, /x-latchkey-rule: network:self/i)
 })

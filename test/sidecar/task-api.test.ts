@@ -97,3 +97,32 @@ t.test('a task handle in Authorization (the proxy_url used as a base URL) is ref
   const other = await rawRequest(s.sidecar.port, `GET ${upstream.origin}/z HTTP/1.1\r\nHost: 127.0.0.1:${upstream.port}\r\nAuthorization: Bearer lkt_is-not-quite-a-handle\r\nConnection: close\r\n\r\n`)
   t.equal(other.status, 200, 'an upstream token that merely starts like one is the agent\'s to send')
 })
+
+t.test('an agent with HTTP_PROXY set reaches the admin API through the proxy, as if directly: in absolute-form and through a tunnel, not audited', async (t) => {
+  const { upstream, s } = await startBearerRig(t)
+  const admin = new URL(s.sidecar.adminUrl)
+  const post = (body: string, extra = '') =>
+    rawRequest(s.sidecar.port, `POST ${admin.origin}/v1/tasks HTTP/1.1\r\nHost: ${admin.host}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n${extra}Connection: close\r\n\r\n${body}`)
+  const opened = await post('{"purpose":"via the proxy","duration_s":60}')
+  t.equal(opened.status, 201, 'POST /v1/tasks in absolute-form, as Python requests sends it with HTTP_PROXY set')
+  const task = JSON.parse(opened.body) as { task: string; proxy_url: string }
+  t.match(task.proxy_url, /^http:\/\/task:lkt_/)
+  t.match((await rawRequest(s.sidecar.port, `GET ${admin.origin}/healthz HTTP/1.1\r\nHost: ${admin.host}\r\nConnection: close\r\n\r\n`)).raw, /^HTTP\/1\.1 200 OK\r\n[^]*\{"ok":true\}/, '/healthz too')
+  // The admin API's own checks hold: a web page gets no task through the proxy either.
+  const page = await post('{"purpose":"x","duration_s":60}', 'Origin: https://evil.example\r\n')
+  t.equal(page.status, 403)
+  t.equal(page.headers['x-latchkey-error'], 'LK_FOREIGN_ORIGIN')
+  // Node's fetch with EnvHttpProxyAgent tunnels http:// through CONNECT.
+  const script = `
+    const { EnvHttpProxyAgent, fetch } = await import('undici')
+    const res = await fetch(process.argv[1], { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"purpose":"fetch","duration_s":60}', dispatcher: new EnvHttpProxyAgent() })
+    console.log(res.status, (await res.json()).proxy_url.slice(0, 16))`
+  const env = { ...process.env, HTTP_PROXY: `http://127.0.0.1:${s.sidecar.port}`, NO_PROXY: '' }
+  const fetched = await run(process.execPath, ['--input-type=module', '-e', script, `${admin.origin}/v1/tasks`], { env })
+  t.equal(fetched.stdout.trim(), '201 http://task:lkt_', "Node's fetch through HTTP_PROXY opens a task")
+  // The task works, and nothing of the admin calls is in the trail: they are no egress.
+  t.equal((await rawRequest(s.sidecar.port, `GET ${upstream.origin}/x HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic ${Buffer.from(`task:${task.task}`).toString('base64')}\r\nConnection: close\r\n\r\n`)).status, 200)
+  const audit = await s.audit()
+  t.same(audit.map((e) => e.path), ['/x'], 'only the egress call is audited')
+  t.equal(s.sidecar.tasks.size, 2, 'two tasks opened through the proxy')
+})

@@ -209,9 +209,10 @@ export class TokenExchange {
       if (granted.length === 0) throw new OAuthError('invalid_scope', 'the subject_token grants none of the scopes this agent may receive for this audience')
     }
 
-    if (duration > spec.max_lifetime_s) {
-      throw new OAuthError('invalid_request', `task_duration ${duration} s exceeds the maximum of ${spec.max_lifetime_s} s for agent type "${attestation.agentType}"`)
-    }
+    // A task may outlast the type's token lifetime: its tokens do not (max_lifetime_s: "no token
+    // of this type lives longer, whatever the task says"); the sidecar fetches the next one at
+    // half-life. Refusing such a task made a sidecar's default hour-long task fail for its first
+    // three quarters, then work once less than max_lifetime_s of it was left.
     const nowS = Math.floor(this.d.now() / 1000)
     let lifetime = Math.min(Math.max(Math.ceil(duration * 1.2), this.d.floorS), spec.max_lifetime_s)
     // Never outlive the delegation it rests on.

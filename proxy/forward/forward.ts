@@ -69,7 +69,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       // Not kept past the call: it would hold this relay, and the call with it, for body_ms.
       this.clearStall()
       // The agent went away mid-response: stop the upstream too, and say whose doing it was.
-      if (!this.finished) this.abort(new LatchkeyError('LK_CLIENT_CLOSED', 'the agent closed the connection before the response was complete'))
+      if (!this.finished) this.abort(new LatchkeyError('LK_CLIENT_CLOSED', res.req.complete ? 'the agent closed the connection before the response was complete' : 'the agent closed the connection before its request body was complete'))
     })
   }
 

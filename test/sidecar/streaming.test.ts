@@ -124,10 +124,10 @@ t.test('an agent that hangs up mid-upload is recorded as having done so, with th
   }
   await new Promise((r) => setTimeout(r, 300))
   t.same(
-    (await s.audit()).map((e) => [e.path, e.status, e.error, e.bytes_in]).sort(),
+    (await s.audit()).map((e) => [e.path, e.status, e.error, e.bytes_in, e.reason]).sort(),
     [
-      ['/chunked', 499, 'LK_CLIENT_CLOSED', 5120],
-      ['/cl', 499, 'LK_CLIENT_CLOSED', 5120],
+      ['/chunked', 499, 'LK_CLIENT_CLOSED', 5120, 'the agent closed the connection before its request body was complete'],
+      ['/cl', 499, 'LK_CLIENT_CLOSED', 5120, 'the agent closed the connection before its request body was complete'],
     ],
     'both recorded as the agent leaving, bytes_in what was sent on rather than what was announced',
   )

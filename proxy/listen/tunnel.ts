@@ -104,6 +104,12 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
     if (req.httpVersionMajor !== 1) throw new LatchkeyError('LK_BAD_REQUEST', 'CONNECT must be HTTP/1.x')
     // Two Host or two Proxy-Authorization headers: which authority, which task, would be a guess.
     checkFraming(req, false)
+    // RFC 9110 §9.3.6: a CONNECT has no content. Bytes announced as its body would be tunnel data
+    // to the sidecar and a body to a proxy in front of it: read one way by one and another by the other.
+    const length = req.headers['content-length']
+    if (req.headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0')) {
+      throw new LatchkeyError('LK_BAD_REQUEST', 'a CONNECT carries no body (no Content-Length above 0, no Transfer-Encoding)')
+    }
     ctx.target = parseConnectTarget(req.url ?? '')
     // A tunnel to the sidecar itself (Node's fetch calling a route with HTTP_PROXY set): nothing
     // is dialled; each request inside is a call to a route, identified, decided and audited alone.

@@ -37,6 +37,8 @@ t.test('refused framings', async (t) => {
     ['CONNECT with two Hosts', `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\nHost: 169.254.169.254:80\r\n\r\n`, /duplicate Host/],
     ['CONNECT with two Proxy-Authorizations', `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\nProxy-Authorization: Basic dGFzazph\r\nProxy-Authorization: Basic dGFzazpi\r\n\r\n`, /duplicate Proxy-Authorization/],
     ['CONNECT with a path', `CONNECT 127.0.0.1:${upstream.port}/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, /no path/],
+    ['CONNECT with a body', `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 28\r\n\r\nDELETE /x HTTP/1.1\r\nHost: a\r\n`, /CONNECT carries no body/],
+    ['CONNECT with a chunked body', `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`, /CONNECT carries no body|malformed/],
     ['CONNECT to port 0', `CONNECT 127.0.0.1:000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, /port out of range/],
     ['port 0', `GET http://127.0.0.1:0/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /port 0/],
     // Not sent to DNS, to come back a retryable 502 quoting all of it.

@@ -57,6 +57,9 @@ t.test('errors name the path and the problem', async (t) => {
     ['routes.any: must name one host: a wildcard (*) matches nothing here, origins are compared exactly', 'credentials[0].audience: must name one host: a wildcard (*) matches nothing here, origins are compared exactly'],
     'a wildcard audience is refused: compared exactly, it would bind its credential to nothing',
   )
+  t.same(problems('version: 1\npolicy: { rules: [ { id: a, action: allow, hosts: ["::1", "[::1]", "fd00::2"] }, { id: b, action: allow, hosts: ["::1:80", "http://x"] } ] }\n'), [
+    'policy.rules[1].hosts[1]: must be a host name or address, without scheme, port or path',
+  ], 'an IPv6 address is a host bare or bracketed (::1:80 is one too: an address, not ::1 with a port)')
   t.same(problems('version: 1\nversion: 1\n'), ['line 2: duplicate key "version"'], 'duplicate YAML keys are refused, by name')
   t.same(problems('version: 1\nsidecar:\n  listen: { port: 1, port: 2 }\n'), ['line 3: duplicate key "port"'])
   // A mapping of 30,000 keys (yaml's own check compared each with all before it: 2.3 s at 20,000).

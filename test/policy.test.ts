@@ -433,3 +433,11 @@ t.test('an urlencoded form is scanned for _method fields in every spelling, howe
   t.same(found, ['DELETE'], '...and is at its end, before its last chunk goes')
   t.same([undefined, '', 'application/x-www-form-urlencoded; charset=utf-8', 'Application/X-WWW-Form-Urlencoded, text/plain', 'application/json'].map(isFormBody), [true, true, true, true, false])
 })
+
+t.test('an IPv6 host in a rule, bare or bracketed, matches the target that names it', async (t) => {
+  const p = policy([{ id: 'bare', action: 'allow', hosts: ['::1'] }, { id: 'bracketed', action: 'allow', hosts: ['[FD00::2]'] }])
+  t.equal(decide(p, 'GET', 'http://[::1]:8080/x').rule, 'bare')
+  t.equal(decide(p, 'GET', 'http://[0:0::1]/x').rule, 'bare', 'however the target writes it')
+  t.equal(decide(p, 'GET', 'http://[fd00:0::2]/x').rule, 'bracketed')
+  t.equal(decide(p, 'GET', 'http://[::2]/x').rule, 'default')
+})

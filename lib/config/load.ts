@@ -353,7 +353,8 @@ function semanticProblems(c: Config): ConfigProblem[] {
       if (h.includes('*') && !/^\*\.[^*]+$/.test(h)) {
         problems.push({ path: `policy.rules[${i}].hosts[${j}]`, message: 'wildcards are only allowed as a leading "*." label' })
       }
-      if (/[/:@?#\s]/.test(h.replace(/^\[.*\]$/, ''))) {
+      // An IPv6 address is taken bare (`::1`) or bracketed (`[::1]`).
+      if (!ipaddr.IPv6.isValid(h) && /[/:@?#\s]/.test(h.replace(/^\[.*\]$/, ''))) {
         problems.push({ path: `policy.rules[${i}].hosts[${j}]`, message: 'must be a host name or address, without scheme, port or path' })
       } else if (ambiguousIPv4(h)) {
         problems.push({ path: `policy.rules[${i}].hosts[${j}]`, message: AMBIGUOUS })

@@ -95,6 +95,9 @@ async function listening(server: import('node:net').Server, host: string, port: 
   }
 }
 
+/** A static secret shorter than this is warned of at start-up (see the scrub). */
+const SHORT_SECRET = 16
+
 export async function startSidecar(config: Config, opts: SidecarOptions = {}): Promise<RunningSidecar> {
   const sc = config.sidecar
   const log = createLogger(config.log.level, 'latchkey-sidecar', opts.logDestination)
@@ -104,6 +107,14 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const staticBindings = config.credentials.filter((c) => c.source === 'static')
   const clientSecretNames = config.credentials.flatMap((c) => (c.source === 'client_credentials' && c.oauth ? [c.oauth.client_secret] : []))
   const secrets = new StaticSecretSource(config.secrets, [...staticBindings.map((c) => c.secret!), ...clientSecretNames], opts.env ?? process.env)
+  // Every response on a credential's origin is scrubbed of its secret wherever it appears: a short
+  // one (`abc`) is also ordinary text, masked in every body that happens to hold it.
+  for (const c of staticBindings) {
+    const length = secrets.secret(c.secret!)?.length ?? 0
+    if (length > 0 && length < SHORT_SECRET) {
+      log.warn({ credential: c.id, secret_name: c.secret, length }, `the secret of credential "${c.id}" is ${length} characters: responses from its origin have those characters masked wherever they occur, as they would the secret; use one of at least ${SHORT_SECRET}`)
+    }
+  }
   const missing = staticBindings.filter((c) => !secrets.has(c.secret!))
   if (missing.length > 0) {
     throw new StartupError(

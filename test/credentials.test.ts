@@ -77,3 +77,21 @@ t.test('static secrets come from the environment first, then the file', async (t
     t.notMatch((err as Error).message, /unclosed/, 'a parse error never echoes the file')
   }
 })
+
+t.test('a static secret short enough to be ordinary text is warned of at start-up, by name and length, never value', async (t) => {
+  const { startTestSidecar } = await import('./helpers/harness.js')
+  const s = await startTestSidecar(
+    {
+      credentials: [
+        { id: 'short', audience: 'http://127.0.0.1:9', source: 'static', secret: 'SHORT', inject: { type: 'bearer' } },
+        { id: 'long', audience: 'http://127.0.0.1:10', source: 'static', secret: 'LONG', inject: { type: 'bearer' } },
+      ],
+    },
+    { LATCHKEY_SECRET_SHORT: 'abc', LATCHKEY_SECRET_LONG: 'x'.repeat(40) },
+  )
+  t.teardown(() => s.close())
+  const warned = s.logs.filter((l) => l.includes('responses from its origin have those characters masked'))
+  t.equal(warned.length, 1, 'one warning, for the short one')
+  t.match(JSON.parse(warned[0]!), { level: 40, credential: 'short', secret_name: 'SHORT', length: 3 })
+  t.notOk(warned[0]!.includes('"abc"'), 'the value itself is not logged')
+})

@@ -13,7 +13,7 @@
 // base64 of any text holding it, hex, Basic's header), each as is and as an echo escapes it once
 // (JSON, with `\/` or without; percent-encoding, either hex case, `+` for a space; HTML). Compressed
 // bodies cannot be read this way: a credentialed call asks for `identity`, and one that comes
-// back encoded anyway is refused (see ResponseRelay).
+// back encoded anyway is decoded before it gets here, or refused (see ResponseRelay).
 import type { Credential, CredentialBinding } from '../context.js'
 
 export interface BodyNeedles {

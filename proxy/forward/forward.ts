@@ -2,7 +2,8 @@
 // The handler follows undici's callback order (start → response start → data* → end | error)
 // and reports exactly once through `done`.
 import type { IncomingMessage, ServerResponse, IncomingHttpHeaders } from 'node:http'
-import { finished } from 'node:stream'
+import { finished, type Transform } from 'node:stream'
+import { createBrotliDecompress, createGunzip, createInflate } from 'node:zlib'
 import type { Dispatcher, Pool } from 'undici'
 import type { CallContext, Target } from '../context.js'
 import { LatchkeyError } from '../errors.js'
@@ -50,6 +51,14 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
   /** Waiting for the agent to take what was written (relay); `stalled` cuts it after body_ms. */
   private draining = false
   private stalled: NodeJS.Timeout | null = null
+  /**
+   * A credentialed body the upstream encoded though asked for none (some APIs always compress):
+   * decoded here, so it can be checked for the credential, and relayed as identity.
+   */
+  private decoder: Transform | null = null
+  private decoderFull = false
+  private decoderPaused = false
+  private upstreamEnded = false
   // Gathered: the small chunks not yet relayed.
   first: Buffer | null = null
   copy: Buffer | null = null
@@ -82,6 +91,16 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
 
   /** Ends the call with `err` (reported through `done`), wherever the forward is. */
   abort(err: Error): void {
+    if (this.upstreamEnded && this.decoder !== null) {
+      // The upstream is done; only the decoding was left (the agent gone, or not reading): it ends here.
+      if (this.finished) return
+      this.finished = true
+      this.decoder.destroy()
+      const e = upstreamError(err, this.ctx.method)
+      recordEnd(this.ctx, e.code, e.reason)
+      this.res.destroy()
+      return this.done(null)
+    }
     if (this.controller) this.controller.abort(err)
     else this.abortedWith = err
   }
@@ -121,8 +140,12 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       statusMessage = safeReasonPhrase(statusMessage, binding, credential)
       const coding = encodedBody(clean, headers['transfer-encoding'], statusCode, this.res.req.method)
       if (coding !== null) {
-        this.ctx.status = 0
-        return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream sent a ${coding}-encoded body though the sidecar asked for none; it cannot be checked for the credential, so it is not relayed`))
+        const decoder = headers['transfer-encoding'] === undefined || String(headers['transfer-encoding']).trim().toLowerCase() === 'chunked' ? decoderFor(clean['content-encoding']) : null
+        if (decoder === null) {
+          this.ctx.status = 0
+          return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream sent a ${coding}-encoded body though the sidecar asked for none; it cannot be checked for the credential, so it is not relayed`))
+        }
+        this.decode(decoder, coding, clean)
       }
       this.scrubber = new BodyScrubber(bodyNeedlesFor(binding, credential))
     }
@@ -157,7 +180,60 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     }
   }
 
+  /**
+   * Relays the body decoded: its head says identity, with no Content-Length (the decoded length is
+   * not known) and a weak ETag (the same representation, other bytes). Back-pressure holds both
+   * ways: a full decoder pauses the upstream, an agent not reading pauses the decoder.
+   */
+  private decode(decoder: Transform, coding: string, clean: IncomingHttpHeaders): void {
+    delete clean['content-encoding']
+    delete clean['content-length']
+    delete clean['content-md5']
+    delete clean['accept-ranges']
+    const etag = clean.etag
+    if (typeof etag === 'string' && !etag.startsWith('W/')) clean.etag = `W/${etag}`
+    this.decoder = decoder
+    decoder.on('data', (d: Buffer) => this.decoded(d))
+    decoder.once('end', () => {
+      if (!this.finished) this.complete()
+    })
+    decoder.once('error', () => {
+      if (this.finished) return
+      this.finished = true
+      this.controller?.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'undecodable body'))
+      // The head has gone: the only honest signal left is a cut.
+      recordEnd(this.ctx, 'LK_UPSTREAM_PROTOCOL', `the upstream's ${coding}-encoded body does not decode`)
+      this.res.destroy()
+      this.done(null)
+    })
+  }
+
+  private decoded(d: Buffer): void {
+    if (this.finished || this.controller === null) return
+    this.ctx.bytesOut += d.length
+    this.relay(this.controller, d)
+    if (this.draining && !this.decoderPaused) {
+      this.decoderPaused = true
+      this.decoder!.pause()
+      this.res.once('drain', () => {
+        this.decoderPaused = false
+        this.decoder?.resume()
+      })
+    }
+  }
+
   onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
+    if (this.decoder !== null) {
+      if (!this.decoder.write(chunk) && !this.decoderFull) {
+        this.decoderFull = true
+        controller.pause()
+        this.decoder.once('drain', () => {
+          this.decoderFull = false
+          controller.resume()
+        })
+      }
+      return
+    }
     this.ctx.bytesOut += chunk.length
     // A chunked response comes to this handler one chunk frame at a time, all the frames of one
     // socket read in one synchronous run of undici's parser: relayed one by one, 200,000 one-byte
@@ -228,6 +304,14 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
   }
 
   onResponseEnd(): void {
+    this.upstreamEnded = true
+    // Complete once the decoder has given all it holds.
+    if (this.decoder !== null) return void this.decoder.end()
+    this.complete()
+  }
+
+  /** The whole response has been relayed: end it and report the call. */
+  private complete(): void {
     this.finished = true
     if (this.length > 0) {
       // The last chunks gathered, written as relay() would (the agent's taking them is end()'s affair).
@@ -256,6 +340,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       return this.onResponseEnd()
     }
     this.finished = true
+    this.decoder?.destroy()
     const mapped = upstreamError(err, this.ctx.method)
     if (this.res.headersSent) {
       // Part of the response is already with the agent: the only honest signal left is a cut.
@@ -289,6 +374,26 @@ function encodedBody(headers: IncomingHttpHeaders, transferEncoding: string | st
     }
   }
   return null
+}
+
+/**
+ * A decoder for a body whose Content-Encoding names exactly one coding the sidecar can undo
+ * (gzip, deflate, br), in one header line; null for anything else (a list, two lines, an unknown
+ * coding), which is refused as before: the more layers, the more ways to read them.
+ */
+function decoderFor(contentEncoding: string | string[] | undefined): Transform | null {
+  if (typeof contentEncoding !== 'string') return null
+  switch (contentEncoding.trim().toLowerCase()) {
+    case 'gzip':
+    case 'x-gzip':
+      return createGunzip()
+    case 'deflate':
+      return createInflate()
+    case 'br':
+      return createBrotliDecompress()
+    default:
+      return null
+  }
 }
 
 /** Content and transfer codings (IANA's registry and their x- aliases): the ones a refusal names. */

@@ -1,4 +1,4 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { Policy } from '../proxy/policy/policy.js'
 import { pathReadings, compileGlob } from '../proxy/policy/paths.js'
 import { parseAbsoluteTarget, parseConnectTarget } from '../proxy/listen/target.js'
@@ -290,18 +290,39 @@ t.test('a segment-ending run of dots or spaces is trimmed in one pass, however l
   t.equal(decide(p, 'GET', `https://x.com/admin${'.'.repeat(15_000)}/x`).rule, 'no-admin', 'and a deny still sees /admin in it')
 })
 
-t.test('a JSON body is scanned for top-level _method keys, however its chunks are cut', async (t) => {
-  /** The overrides found in `body` fed in the given pieces; the error's reason if it threw. */
-  const scan = (pieces: Buffer[]): string[] | string => {
-    const found: string[] = []
-    const scanner = new JsonOverrideScanner((m) => found.push(m))
-    try {
-      for (const p of pieces) scanner.feed(p)
-    } catch (err) {
-      return (err as { reason: string }).reason
-    }
-    return found
+/** What a body scanner (json-, multipart-, body-override.ts) makes of `pieces`: the overrides it found, or its refusal's reason. */
+type Scanner = { feed(chunk: Buffer): void; end(): void }
+function scanned(make: (onOverride: (m: string) => void) => Scanner, pieces: Buffer[]): string[] | string {
+  const found: string[] = []
+  const scanner = make((m) => found.push(m))
+  try {
+    for (const p of pieces) scanner.feed(p)
+    scanner.end()
+  } catch (err) {
+    return (err as { reason: string }).reason
   }
+  return found
+}
+
+/**
+ * Each body of `table` scanned whole, its first `bytewise` bytes one at a time, and cut in two
+ * at each of its first `cuts` positions and near its end: the same overrides, or the same
+ * refusal, every way.
+ */
+function scansAlike(t: Test, make: (onOverride: (m: string) => void) => Scanner, table: [string, string[] | RegExp][], encoding: BufferEncoding, bytewise: number, cuts: number): void {
+  for (const [text, want] of table) {
+    const body = Buffer.from(text, encoding)
+    const label = text.replace(/\s+/g, ' ').slice(0, 60)
+    const check = (got: string[] | string, how: string) => (want instanceof RegExp ? t.match(got, want, `${label}: ${how}`) : t.same(got, want, `${label}: ${how}`))
+    check(scanned(make, [body]), 'whole')
+    check(scanned(make, [...body.subarray(0, bytewise)].map((b) => Buffer.from([b])).concat(body.subarray(bytewise))), 'a byte at a time')
+    const whole = JSON.stringify(scanned(make, [body]))
+    const at = Array.from({ length: Math.min(body.length - 1, cuts) }, (_, i) => i + 1).concat(body.length > 200 ? [body.length - 40, body.length - 7, body.length - 1] : [])
+    t.equal(at.filter((i) => JSON.stringify(scanned(make, [body.subarray(0, i), body.subarray(i)])) === whole).length, at.length, `${label}: the same, cut in two anywhere`)
+  }
+}
+
+t.test('a JSON body is scanned for top-level _method keys, however its chunks are cut', async (t) => {
   const table: [string, string[] | RegExp][] = [
     ['{"_method":"DELETE"}', ['DELETE']],
     ['{"\\u005F\\u006d\\u0065\\u0074\\u0068\\u006f\\u0064":"\\u0064elete"}', ['DELETE']],
@@ -319,34 +340,12 @@ t.test('a JSON body is scanned for top-level _method keys, however its chunks ar
     ['{"_method":"\\x"}', /not one method token/],
     [`{"${'_'.repeat(300)}":"DELETE","_method":"PUT"}`, ['PUT']],
   ]
-  for (const [text, want] of table) {
-    const body = Buffer.from(text)
-    const check = (got: string[] | string, how: string) => (want instanceof RegExp ? t.match(got, want, `${text.slice(0, 60)}: ${how}`) : t.same(got, want, `${text.slice(0, 60)}: ${how}`))
-    check(scan([body]), 'whole')
-    check(scan([...body].map((b) => Buffer.from([b]))), 'a byte at a time')
-    let cuts = 0
-    for (let i = 1; i < Math.min(body.length, 80); i++) {
-      const got = scan([body.subarray(0, i), body.subarray(i)])
-      if (JSON.stringify(got) === JSON.stringify(scan([body]))) cuts++
-    }
-    t.equal(cuts, Math.min(body.length, 80) - 1, `${text.slice(0, 60)}: the same, cut in two anywhere`)
-  }
+  scansAlike(t, (on) => new JsonOverrideScanner(on), table, 'utf8', 400, 80)
   t.same(['application/json', 'application/problem+json; charset=utf-8', 'TEXT/JSON', 'application/x-www-form-urlencoded;x=/json'].map(isJsonBody), [true, true, true, true], 'JSON as Laravel tells it, case-folded')
   t.same([undefined, 'text/plain', 'application/jsonp'].map(isJsonBody), [false, false, true], '...and not otherwise (a "/json" prefix counts, as it does there)')
 })
 
 t.test('a multipart body is scanned for fields named _method, as any framework might read one, however its chunks are cut', async (t) => {
-  const scan = (pieces: Buffer[]): string[] | string => {
-    const found: string[] = []
-    const scanner = new MultipartOverrideScanner((m) => found.push(m))
-    try {
-      for (const p of pieces) scanner.feed(p)
-      scanner.end()
-    } catch (err) {
-      return (err as { reason: string }).reason
-    }
-    return found
-  }
   const part = (disposition: string, value: string, eol = '\r\n') => `--b${eol}${disposition}${eol}Content-Type: text/plain${eol}${eol}${value}${eol}`
   const cd = (name: string) => `Content-Disposition: form-data; name=${name}`
   const table: [string, string[] | RegExp][] = [
@@ -366,18 +365,7 @@ t.test('a multipart body is scanned for fields named _method, as any framework m
     [part(cd('"_method"'), 'D'.repeat(300)) + '--b--', /not one method token/],
     [`--b\r\nContent-Disposition: form-data; ${'x'.repeat(70 * 1024)}; name="_method"\r\n\r\nDELETE\r\n--b--`, /multipart header over 65536 bytes/],
   ]
-  for (const [text, want] of table) {
-    const body = Buffer.from(text, 'latin1')
-    const label = text.replace(/\s+/g, ' ').slice(0, 70)
-    const check = (got: string[] | string, how: string) => (want instanceof RegExp ? t.match(got, want, `${label}: ${how}`) : t.same(got, want, `${label}: ${how}`))
-    check(scan([body]), 'whole')
-    check(scan([...body.subarray(0, 400)].map((b) => Buffer.from([b])).concat(body.subarray(400))), 'a byte at a time')
-    const whole = JSON.stringify(scan([body]))
-    let same = 0
-    const cuts = Array.from({ length: Math.min(body.length - 1, 150) }, (_, i) => i + 1).concat(body.length > 200 ? [body.length - 40, body.length - 7, body.length - 1] : [])
-    for (const i of cuts) if (JSON.stringify(scan([body.subarray(0, i), body.subarray(i)])) === whole) same++
-    t.equal(same, cuts.length, `${label}: the same, cut in two anywhere`)
-  }
+  scansAlike(t, (on) => new MultipartOverrideScanner(on), table, 'latin1', 400, 150)
   // The override is judged before the chunk that completes it goes on.
   const found: string[] = []
   const scanner = new MultipartOverrideScanner((m) => found.push(m))
@@ -389,17 +377,6 @@ t.test('a multipart body is scanned for fields named _method, as any framework m
 })
 
 t.test('an urlencoded form is scanned for _method fields in every spelling, however its chunks are cut', async (t) => {
-  const scan = (pieces: Buffer[]): string[] | string => {
-    const found: string[] = []
-    const scanner = new FormOverrideScanner((m) => found.push(m))
-    try {
-      for (const p of pieces) scanner.feed(p)
-      scanner.end()
-    } catch (err) {
-      return (err as { reason: string }).reason
-    }
-    return found
-  }
   const table: [string, string[] | RegExp][] = [
     ['name=x&_method=DELETE', ['DELETE']],
     ['_method=delete;a=1', ['DELETE']],
@@ -413,18 +390,7 @@ t.test('an urlencoded form is scanned for _method fields in every spelling, howe
     [`_method=${'D'.repeat(2000)}`, /not one method token/],
     [`${'+'.repeat(5000)}_method=DELETE`, /form field name over 4096 bytes/],
   ]
-  for (const [text, want] of table) {
-    const body = Buffer.from(text, 'latin1')
-    const label = text.slice(0, 60)
-    const check = (got: string[] | string, how: string) => (want instanceof RegExp ? t.match(got, want, `${label}: ${how}`) : t.same(got, want, `${label}: ${how}`))
-    check(scan([body]), 'whole')
-    check(scan([...body.subarray(0, 200)].map((b) => Buffer.from([b])).concat(body.subarray(200))), 'a byte at a time')
-    const whole = JSON.stringify(scan([body]))
-    const cuts = Array.from({ length: Math.min(body.length - 1, 120) }, (_, i) => i + 1).concat(body.length > 200 ? [body.length - 20, body.length - 1] : [])
-    let same = 0
-    for (const i of cuts) if (JSON.stringify(scan([body.subarray(0, i), body.subarray(i)])) === whole) same++
-    t.equal(same, cuts.length, `${label}: the same, cut in two anywhere`)
-  }
+  scansAlike(t, (on) => new FormOverrideScanner(on), table, 'latin1', 200, 120)
   const found: string[] = []
   const scanner = new FormOverrideScanner((m) => found.push(m))
   scanner.feed(Buffer.from('a=1&_method=DELETE'))

@@ -2,7 +2,7 @@
 // in-process on port 0 with its logs captured, and raw-socket requests for framing tricks.
 import { createServer as createHttpServer, type IncomingHttpHeaders, type Server, type RequestListener } from 'node:http'
 import { createServer as createHttpsServer } from 'node:https'
-import { connect, type AddressInfo } from 'node:net'
+import { connect, type AddressInfo, type Server as NetServer } from 'node:net'
 import { once } from 'node:events'
 import { mkdtempSync, readFileSync, existsSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -222,4 +222,25 @@ export function startSlowCallRig(t: { teardown(fn: () => unknown): void }, delay
     },
     fragment: () => ({ sidecar }),
   })
+}
+
+/**
+ * Starts `upstream` on a free loopback port, and a sidecar that allows it and injects the canary
+ * as its bearer; both torn down with the test (the upstream's open connections with it).
+ */
+export async function sidecarInFrontOf(t: { teardown(fn: () => unknown): void }, upstream: Server | NetServer) {
+  upstream.listen(0, '127.0.0.1')
+  await once(upstream, 'listening')
+  const port = (upstream.address() as AddressInfo).port
+  const s = await startTestSidecar({
+    policy: { default: 'allow' },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] },
+    credentials: [{ id: 'up', audience: `http://127.0.0.1:${port}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    if ('closeAllConnections' in upstream) upstream.closeAllConnections()
+    upstream.close()
+  })
+  return { port, s }
 }

@@ -5,7 +5,7 @@ import { Readable } from 'node:stream'
 import { createServer, type Server } from 'node:http'
 import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
-import { startTestSidecar, startBearerRig } from '../helpers/harness.js'
+import { startTestSidecar, startBearerRig, sidecarInFrontOf } from '../helpers/harness.js'
 
 const SIZE = 16 * 1024 * 1024
 
@@ -142,19 +142,7 @@ t.test("a response head goes to the agent when it comes, not with the body's fir
     res.flushHeaders()
     bodies.push(() => res.end('late'))
   })
-  upstream.listen(0, '127.0.0.1')
-  await once(upstream, 'listening')
-  const port = (upstream.address() as AddressInfo).port
-  const s = await startTestSidecar({
-    policy: { default: 'allow' },
-    network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] },
-    credentials: [{ id: 'up', audience: `http://127.0.0.1:${port}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
-  })
-  t.teardown(async () => {
-    await s.close()
-    upstream.closeAllConnections()
-    upstream.close()
-  })
+  const { port, s } = await sidecarInFrontOf(t, upstream)
   const { connect } = await import('node:net')
   for (const path of ['/sized', '/chunked']) {
     const socket = connect(s.sidecar.port, '127.0.0.1')

@@ -3,13 +3,13 @@ import t from 'tap'
 import { createServer, type Server } from 'node:net'
 import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
-import { createServer as createHttpServer, type Server as HttpServer } from 'node:http'
+import { createServer as createHttpServer } from 'node:http'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { startUpstream, startTestSidecar, rawRequest, assertNoCanary, type Upstream } from '../helpers/harness.js'
+import { startUpstream, startTestSidecar, rawRequest, assertNoCanary, sidecarInFrontOf, type Upstream } from '../helpers/harness.js'
 import { testPki } from '../helpers/tls.js'
 import { upstreamError } from '../../proxy/forward/upstream-errors.js'
 
@@ -337,24 +337,3 @@ t.test('an upstream that answers before the upload ends and hangs up: the sideca
   for (const e of audit.slice(0, 6)) t.ok(e.status === 401 || (e.status === 502 && e.error === 'LK_UPSTREAM_UNREACHABLE'), `recorded as the agent got it: ${e.status} ${e.error}`)
   assertNoCanary(t, s, ...seen)
 })
-
-/**
- * Starts `upstream` on a free loopback port, and a sidecar that allows it and injects the canary
- * as its bearer; both torn down with the test (the upstream's open connections with it).
- */
-async function sidecarInFrontOf(t: { teardown(fn: () => unknown): void }, upstream: Server | HttpServer) {
-  upstream.listen(0, '127.0.0.1')
-  await once(upstream, 'listening')
-  const port = (upstream.address() as AddressInfo).port
-  const s = await startTestSidecar({
-    policy: { default: 'allow' },
-    network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] },
-    credentials: [{ id: 'up', audience: `http://127.0.0.1:${port}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
-  })
-  t.teardown(async () => {
-    await s.close()
-    if ('closeAllConnections' in upstream) upstream.closeAllConnections()
-    upstream.close()
-  })
-  return { port, s }
-}

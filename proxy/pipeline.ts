@@ -192,6 +192,7 @@ export class Pipeline {
       }
       this.readTarget(ctx, req, tunnel)
       const target = ctx.target!
+      // The admin API named through the proxy (an agent with HTTP_PROXY set opening its task): see `admin`.
       if (target.route === null && target.scheme === 'http' && this.isAdminAddress(target, req.socket.remoteAddress)) {
         req.url = target.path + target.search
         if (expectContinue) res.writeContinue()

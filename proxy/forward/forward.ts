@@ -197,7 +197,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     decoder.once('end', () => {
       if (!this.finished) this.complete()
     })
-    decoder.once('error', () => {
+    // `on`, not `once`: a second error (a write racing the destroy) must find a listener too.
+    decoder.on('error', () => {
       if (this.finished) return
       this.finished = true
       this.controller?.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'undecodable body'))
@@ -224,6 +225,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
 
   onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
     if (this.decoder !== null) {
+      if (this.finished) return
       if (!this.decoder.write(chunk) && !this.decoderFull) {
         this.decoderFull = true
         controller.pause()

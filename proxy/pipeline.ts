@@ -20,7 +20,7 @@ import { locationThroughRoute, resolveLocation } from './forward/route-location.
 import { isIP } from 'node:net'
 import ipaddr from 'ipaddr.js'
 import { classifyAddress } from './resolve/classify.js'
-import { FormOverrideScanner, isFormBody, methodMatters } from './policy/body-override.js'
+import { FormOverrideScanner, isFormBody, methodMatters, uncheckableBody } from './policy/body-override.js'
 import { isJsonBody, JsonOverrideScanner } from './policy/json-override.js'
 import { isMultipartBody, MultipartOverrideScanner } from './policy/multipart-override.js'
 import { tokenSha256 } from './audit/token-hash.js'
@@ -442,11 +442,13 @@ export class Pipeline {
         delete headers['if-range']
       }
     }
+    // Before any 100: a body that cannot be checked for `_method` is refused unsent.
+    const inspect = this.overrideCheck(ctx, req, target, ctx.resolved!.address)
     // Policy has spoken; only now may the agent send its body.
     if (expectContinue) res.writeContinue()
     // Shutdown began while this call was being admitted: it is answered, then the connection ends.
     if (this.draining) res.shouldKeepAlive = false
-    this.send(ctx, req, res, headers, this.overrideCheck(ctx, req, target, ctx.resolved!.address))
+    this.send(ctx, req, res, headers, inspect)
   }
 
   /**
@@ -461,6 +463,7 @@ export class Pipeline {
     const json = isJsonBody(type)
     const multipart = isMultipartBody(type)
     if (!(form || json || multipart) || !methodMatters(this.stages.decider, target, address)) return null
+    uncheckableBody(req.headers['content-encoding'], type)
     const judge = (method: string) => {
       if (method !== 'POST') this.judge(ctx, this.stages.decider.decide(method, target, address))
     }

@@ -129,6 +129,9 @@ export function namesParameter(part: string, lowerNames: readonly string[], drop
   const cut = name.search(/[[\0]/)
   const base = cut === -1 ? name : name.slice(0, cut)
   if (lowerNames.includes(base) || lowerNames.includes(base.replace(/^ +/, '').replace(/[ .]/g, '_'))) return true
+  // qs (Express) and Rack read a name in brackets as the name inside: `[_method]`, `]_method`.
+  const bracketed = /^[[\]]*([^[\]\0]*)/.exec(name)![1]!
+  if (bracketed !== base && lowerNames.includes(bracketed)) return true
   // A name other decoders refuse might be our parameter in disguise to one we do not know.
   return dropUndecodable && !decodesAsUtf8(rawName.replace(/\+/g, ' '))
 }

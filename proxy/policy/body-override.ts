@@ -29,6 +29,26 @@ export function isFormBody(contentType: string | undefined): boolean {
   return type === '' || type === 'application/x-www-form-urlencoded'
 }
 
+/** Charsets in which `_method` and its value are the bytes the scanners read (ASCII's, one byte a letter). */
+const ASCII_COMPATIBLE = new Set(['utf-8', 'utf8', 'us-ascii', 'ascii', 'iso-8859-1', 'latin1', 'iso-8859-15', 'windows-1252', 'cp1252'])
+
+/**
+ * Throws LK_BAD_REQUEST for a body the scanners cannot read as the upstream will, where its
+ * method override matters: compressed (Express's body-parser inflates gzip and deflate), or in a
+ * charset whose letters are other bytes (body-parser reads JSON in UTF-16 or UTF-32, Tomcat a
+ * form in UTF-16 or EBCDIC). Neither is what agents send.
+ */
+export function uncheckableBody(contentEncoding: string | undefined, contentType: string | undefined): void {
+  if (contentEncoding !== undefined && contentEncoding.trim().toLowerCase() !== 'identity') {
+    throw new LatchkeyError('LK_BAD_REQUEST', 'a compressed body (Content-Encoding) to an upstream whose policy depends on the method cannot be checked for a method override (_method)')
+  }
+  for (const m of (contentType ?? '').matchAll(/;\s*charset\s*=\s*"?([^";\s]*)/gi)) {
+    if (!ASCII_COMPATIBLE.has(m[1]!.toLowerCase())) {
+      throw new LatchkeyError('LK_BAD_REQUEST', `a body in charset "${m[1]!.slice(0, 40).replace(/[^\x21-\x7e]/g, '?')}" to an upstream whose policy depends on the method cannot be checked for a method override (_method); send it in UTF-8`)
+    }
+  }
+}
+
 /**
  * Whether this POST's policy would change were it another method: only then is its body scanned.
  * Every method a rule names is tried too: Symfony takes any upper-case token as an override, so
@@ -45,19 +65,30 @@ export function methodMatters(decider: Decider, target: Target, address: string 
   return false
 }
 
-/** A form field name longer than this, as sent, is refused: PHP drops a name's leading spaces, so `_method` can hide behind any number. */
-const MAX_FIELD_NAME = 4096
+/**
+ * How much of a field name is kept to be judged, once what frameworks drop from its start (PHP:
+ * spaces; qs and Rack: brackets) is gone: `_method` in any spelling fits many times over (21
+ * bytes percent-encoded). The rest of a longer name (an upload curl calls a form, a CSV with no
+ * `=`) is not held.
+ */
+const KEPT_NAME = 256
+/** What frameworks drop from a name's start, in any encoding; a `%` not yet complete waits for its next chunk. */
+const IGNORED_LEAD = /^(?:[ +[\]]|%(?:20|5[bBdD]))+/
+/** A name that could be `_method` holds those letters, or encodes some of them. */
+const MAYBE_OVERRIDE = /method|%/i
 /** An override value longer than this, as sent (percent-encoded: 3 bytes a letter), is no method. */
 const MAX_OVERRIDE_VALUE = 1024
 const FORM_DELIMITERS = /[=&;]/g
 const PAIR_END = /[&;]/g
+/** The next byte that can begin a field: runs of separators (`&&&&`) are skipped in one search. */
+const FIELD_START = /[^&;]/g
 
 /**
  * Reads an urlencoded form chunk by chunk for `_method` fields (any spelling namesParameter
- * knows: case, percent-encoding, PHP's mangling) and calls `onOverride` with the method each
- * names, upper-cased, as soon as its value ends: at the next `&` or `;`, or at `end` for the last
- * field. Throws LK_BAD_REQUEST for an override that is not one method token, for two that differ
- * (which one a framework takes is a guess), and for a field name too long to check.
+ * knows: case, percent-encoding, PHP's mangling, qs and Rack's brackets) and calls `onOverride`
+ * with the method each names, upper-cased, as soon as its value ends: at the next `&` or `;`, or
+ * at `end` for the last field. Throws LK_BAD_REQUEST for an override that is not one method
+ * token, and for two that differ (which one a framework takes is a guess).
  */
 export class FormOverrideScanner {
   private name = ''
@@ -82,6 +113,11 @@ export class FormOverrideScanner {
         at = PAIR_END.lastIndex
         continue
       }
+      if (!this.inValue && this.name === '') {
+        FIELD_START.lastIndex = at
+        if (FIELD_START.exec(text) === null) return
+        at = FIELD_START.lastIndex - 1
+      }
       const delimiters = this.inValue ? PAIR_END : FORM_DELIMITERS
       delimiters.lastIndex = at
       const found = delimiters.exec(text)
@@ -89,14 +125,14 @@ export class FormOverrideScanner {
       if (this.inValue) {
         this.value += text.slice(at, upto)
         if (this.value.length > MAX_OVERRIDE_VALUE) notAToken()
-      } else {
-        this.name += text.slice(at, upto)
-        if (this.name.length > MAX_FIELD_NAME) throw new LatchkeyError('LK_BAD_REQUEST', `a form field name over ${MAX_FIELD_NAME} bytes to an upstream whose policy depends on the method cannot be checked for a method override (_method)`)
+      } else if (this.name.length < KEPT_NAME) {
+        // At most a chunk's worth is looked at: what leads it is dropped first, then the kept part cut.
+        this.name = (this.name + text.slice(at, upto)).replace(IGNORED_LEAD, '').slice(0, KEPT_NAME)
       }
       if (found === null) return
       at = upto + 1
       if (found[0] !== '=') this.fieldEnded()
-      else if (namesParameter(this.name, OVERRIDE_NAMES, false)) this.inValue = true
+      else if (this.isOverride()) this.inValue = true
       else this.skipping = this.inValue = true
     }
   }
@@ -108,9 +144,13 @@ export class FormOverrideScanner {
     this.name = this.value = ''
   }
 
+  private isOverride(): boolean {
+    return MAYBE_OVERRIDE.test(this.name) && namesParameter(this.name, OVERRIDE_NAMES, false)
+  }
+
   /** A field without its value skipped ended: judged if its name is `_method` (with no `=`, an empty value). */
   private fieldEnded(): void {
-    const override = this.inValue || namesParameter(this.name, OVERRIDE_NAMES, false)
+    const override = this.inValue || this.isOverride()
     const method = this.inValue ? decodeBytewise(this.value).trim().toUpperCase() : ''
     this.name = this.value = ''
     this.inValue = false

@@ -5,26 +5,33 @@
 // with the chunk that completes it unsent.
 //
 // The scan over-approximates rather than parse as one framework does: the frameworks differ
-// (PHP takes LF line endings, folded header lines, a form with no closing boundary), and a field
-// one of them reads must not be missed. So any `Content-Disposition` header line, wherever it
-// is and whatever boundary it is under, that names `_method` (in any quoting, case or encoding,
-// with PHP's name mangling) makes what follows its part's blank line a value, up to the next line
-// that starts with `--`. A file that quotes such a part is read as one too: refused where its
-// "method" is refused, which no real upload meets.
+// (PHP takes LF line endings, folded header lines and lines with no colon as continuations, a
+// form with no closing boundary; Rack reads a name from any header's `name=`, or from a
+// Content-ID), and a field one of them reads must not be missed. So after any line that starts
+// with `--` (every boundary does, whichever the form's is), the lines up to the next empty one are
+// a part's headers, and if any `name` parameter in them, or a Content-ID, names `_method` (in
+// any quoting, case or encoding, with PHP's mangling or in brackets), what follows is its value,
+// up to the next line that starts with `--` or the body's end. A file that quotes such a part is
+// read as one too: refused where its "method" is refused, which no real upload meets.
 import { LatchkeyError } from '../errors.js'
 import { OVERRIDE_TOKEN } from './body-override.js'
 import { namesParameter } from '../credentials/bindings.js'
 
-/** A header line (folded lines joined) longer than this, naming a field, cannot be checked: refused. */
-const MAX_HEADER_LINE = 64 * 1024
 /** A `_method` value longer than this is no method. */
 const MAX_VALUE = 256
-/** A line that is no header and no value is not kept past this: only its end is looked for. */
+/** A line outside a part's headers or an override's value is not kept past this: only its end is looked for. */
 const KEPT_LINE = 1024
+/** Of a part's headers, this much of what came last is kept for the next piece to be read with: a `name=…` cut across reads or lines. */
+const HEADER_TAIL = 512
+/** A header line longer than this is judged in windows as it comes. */
+const KEPT_HEADER_LINE = 64 * 1024
+/** Headers that could name `_method` hold those letters, or escape or encode some of them. */
+const MAYBE_OVERRIDE = /method|%|\\/i
 
-const CONTENT_DISPOSITION = /^[ \t]*content-disposition[ \t]*:/i
-/** Each `name` (or `name*`) parameter of a Content-Disposition, quoted or not. */
+/** Each `name` (or `name*`) parameter in a part's headers, quoted or not, whatever header holds it. */
 const NAME_PARAM = /(?:^|[;\s:])name\*?\s*=\s*("(?:[^"\\]|\\.)*"?|'[^']*'?|[^;\s]*)/gi
+/** Rack names a part by its Content-ID when it has no name. */
+const CONTENT_ID = /(?:^|\n)[ \t]*content-id[ \t]*:[ \t]*([^\n]*)/gi
 
 /** Whether Rack or PHP would read this body as a multipart form (compared case-folded). */
 export function isMultipartBody(contentType: string | undefined): boolean {
@@ -35,101 +42,133 @@ export function isMultipartBody(contentType: string | undefined): boolean {
  * Reads a multipart body chunk by chunk for fields named `_method` and calls `onOverride` with
  * the method each names, upper-cased, as soon as its value ends (or, for the last field of a form
  * with no closing boundary, at `end`). Throws LK_BAD_REQUEST for a value that is not one method
- * token or a header line too long to check, and whatever `onOverride` throws.
+ * token, and whatever `onOverride` throws.
  */
 export class MultipartOverrideScanner {
-  /** The line being read, not yet ended by LF (only its start, for a line that cannot matter). */
+  /** Outside any part's headers; in a part's headers (after a `--` line); in an override's value. */
+  private state: 'body' | 'headers' | 'value' = 'body'
+  /** Outside headers: the line being read, not yet ended by LF (only its start, for a line that cannot matter). */
   private partial = ''
   /** The current line is past KEPT_LINE and cannot matter: its end is all that is looked for. */
   private skipping = false
-  /** A Content-Disposition header being read, folded lines joined; null when none is. */
-  private disposition: string | null = null
-  /** After a `_method` part's Content-Disposition: its headers, then its value. */
-  private state: 'scan' | 'headers' | 'value' = 'scan'
+  /** In headers: what came last of them (lines joined by LF), the current line, whether it has any text, and whether they name `_method`. */
+  private tail = ''
+  private current = ''
+  private lineHasContent = false
+  private named = false
   private value = ''
 
   constructor(private readonly onOverride: (method: string) => void) {}
 
   feed(chunk: Buffer): void {
     let text = chunk.toString('latin1')
-    let at = 0
-    if (this.skipping) {
-      const lf = text.indexOf('\n')
-      if (lf === -1) return
-      this.skipping = false
-      at = lf + 1
-    } else if (this.partial !== '') {
+    if (this.partial !== '') {
       text = this.partial + text
       this.partial = ''
     }
-    for (;;) {
+    let at = 0
+    while (at < text.length) {
       const lf = text.indexOf('\n', at)
-      if (lf === -1) break
-      this.line(text.slice(at, lf > at && text.charCodeAt(lf - 1) === 13 ? lf - 1 : lf))
+      if (this.state === 'headers') {
+        // Headers are read as they come, never held whole: a `--` line in a file followed by a long text is no part.
+        this.headerText(text.slice(at, lf === -1 ? text.length : lf))
+        if (lf === -1) return
+        this.headerLineEnded()
+      } else if (this.skipping) {
+        if (lf === -1) return
+        this.skipping = false
+      } else if (lf === -1) {
+        return this.unfinished(text.slice(at))
+      } else {
+        this.line(text.slice(at, lf > at && text.charCodeAt(lf - 1) === 13 ? lf - 1 : lf))
+      }
       at = lf + 1
     }
-    this.unfinished(text.slice(at))
   }
 
   /** The body has ended: a `_method` value still open is what PHP takes for it. */
   end(): void {
     if (this.partial !== '') this.line(this.partial.endsWith('\r') ? this.partial.slice(0, -1) : this.partial)
     this.partial = ''
-    if (this.disposition !== null) this.dispositionEnded()
     if (this.state === 'value') this.valueEnded()
+    this.state = 'body'
   }
 
   /** The start of a line not yet ended. A value ends as soon as its closing `--` arrives, before the rest of the delimiter. */
   private unfinished(rest: string): void {
     if (this.state === 'value') {
-      if (rest.startsWith('--')) this.valueEnded()
-      else if (this.value.length + rest.length > MAX_VALUE) notAToken()
+      if (rest.startsWith('--')) {
+        this.valueEnded()
+        // The rest of the delimiter line is read with the next part's headers: it names nothing.
+        this.startHeaders()
+        this.lineHasContent = true
+        return
+      }
+      if (this.value.length + rest.length > MAX_VALUE) notAToken()
     }
-    const header = this.disposition !== null || (this.state !== 'value' && CONTENT_DISPOSITION.test(rest.slice(0, KEPT_LINE)))
-    if (rest.length <= KEPT_LINE || header || this.state === 'value') {
-      if (header && (this.disposition ?? '').length + rest.length > MAX_HEADER_LINE) headerTooLong()
-      this.partial = rest
-      return
-    }
-    // A long line of a file's content: only where it ends matters. Had it begun a header, it was kept.
-    this.skipping = true
+    if (rest.length <= KEPT_LINE || this.state === 'value') this.partial = rest
+    // A long line of a file's content: only where it ends matters.
+    else this.skipping = true
   }
 
   private line(line: string): void {
-    if (this.disposition !== null) {
-      // A folded line continues the header (PHP unfolds them).
-      if (line.charCodeAt(0) === 32 || line.charCodeAt(0) === 9) {
-        this.disposition += ' ' + line.trim()
-        if (this.disposition.length > MAX_HEADER_LINE) headerTooLong()
-        return
-      }
-      this.dispositionEnded()
-    }
     if (this.state === 'value') {
-      if (line.startsWith('--')) return this.valueEnded()
+      if (line.startsWith('--')) {
+        this.valueEnded()
+        return this.startHeaders()
+      }
       this.value += (this.value === '' ? '' : '\r\n') + line
       if (this.value.length > MAX_VALUE) notAToken()
       return
     }
-    if (CONTENT_DISPOSITION.test(line)) {
-      if (line.length > MAX_HEADER_LINE) headerTooLong()
-      this.disposition = line
-      return
-    }
-    if (this.state === 'headers' && line === '') {
-      this.state = 'value'
-      this.value = ''
+    if (line.startsWith('--')) this.startHeaders()
+  }
+
+  private startHeaders(): void {
+    this.state = 'headers'
+    this.tail = this.current = ''
+    this.lineHasContent = this.named = false
+  }
+
+  /** More of the current header line. A line longer than KEPT_HEADER_LINE is read in windows, never held whole. */
+  private headerText(piece: string): void {
+    piece = piece.replace(/\r/g, '')
+    if (piece === '') return
+    // A `--` line where headers were expected begins another part: nothing before it names this one.
+    if (!this.lineHasContent && piece.startsWith('--')) this.startHeaders()
+    this.lineHasContent = true
+    this.current += piece
+    if (this.current.length > KEPT_HEADER_LINE) {
+      // Only what cannot still grow is judged: a name ending HEADER_TAIL from the window's end is whole.
+      this.judgeHeaders(this.tail + this.current, HEADER_TAIL)
+      this.tail = (this.tail + this.current).slice(-HEADER_TAIL)
+      this.current = ''
     }
   }
 
-  private dispositionEnded(): void {
-    const names = [...this.disposition!.matchAll(NAME_PARAM)].map((m) => unquoted(m[1]!))
-    this.disposition = null
-    this.state = names.some(isOverrideName) ? 'headers' : 'scan'
+  /** A header line ended; an empty one ends the part's headers, and what follows is a value, looked at if they name `_method`. */
+  private headerLineEnded(): void {
+    if (this.lineHasContent) {
+      this.judgeHeaders(this.tail + this.current, 0)
+      this.tail = (this.tail + this.current + '\n').slice(-HEADER_TAIL)
+      this.current = ''
+      this.lineHasContent = false
+      return
+    }
+    this.state = this.named ? 'value' : 'body'
+    this.value = this.tail = ''
+  }
+
+  /** Marks the part as `_method` if `text` names it, read as it stands and with its lines joined as PHP joins a line with no colon; `unsettled`: how much of its end may still grow. */
+  private judgeHeaders(text: string, unsettled: number): void {
+    // What was judged before cannot make a match alone: one that is new ends in the new text, and a
+    // `name=…` naming `_method` in any spelling is far shorter than the overlap kept.
+    if (this.named || !MAYBE_OVERRIDE.test(text.slice(-(this.current.length + 64)).replace(/\n/g, ''))) return
+    if (namesOverride(text, text.length - unsettled) || namesOverride(text.replace(/\n/g, ''), text.length - unsettled)) this.named = true
   }
 
   private valueEnded(): void {
-    this.state = 'scan'
+    this.state = 'body'
     const method = this.value.trim().toUpperCase()
     this.value = ''
     if (!OVERRIDE_TOKEN.test(method)) notAToken()
@@ -141,8 +180,12 @@ function notAToken(): never {
   throw new LatchkeyError('LK_BAD_REQUEST', 'the multipart form carries a method override (_method) that is not one method token')
 }
 
-function headerTooLong(): never {
-  throw new LatchkeyError('LK_BAD_REQUEST', `a multipart header over ${MAX_HEADER_LINE} bytes to an upstream whose policy depends on the method cannot be checked for a method override (_method)`)
+/** Whether a part's headers name it `_method`, by any `name` parameter or by a Content-ID, in a match ending by `settled`. */
+function namesOverride(headers: string, settled: number): boolean {
+  if (!MAYBE_OVERRIDE.test(headers)) return false
+  for (const m of headers.matchAll(NAME_PARAM)) if (m.index + m[0].length <= settled && isOverrideName(unquoted(m[1]!))) return true
+  for (const m of headers.matchAll(CONTENT_ID)) if (m.index + m[0].length <= settled && isOverrideName(unquoted(m[1]!.trim().replace(/^<(.*)>$/, '$1')))) return true
+  return false
 }
 
 /** A parameter value without its quotes and backslash escapes, and an RFC 2231 `charset''` prefix. */

@@ -4,6 +4,7 @@
 import t from 'tap'
 import { connect } from 'node:net'
 import { once } from 'node:events'
+import { deflateSync, gzipSync } from 'node:zlib'
 import { startUpstream, startTestSidecar, rawRequest, parseRawResponse, assertNoCanary, CANARY, type Upstream } from '../helpers/harness.js'
 import { validateConfig } from '../../lib/config/load.js'
 import { DnsResolver } from '../../proxy/resolve/resolver.js'
@@ -152,6 +153,10 @@ t.test('a method override in a POSTed form is judged as the method it names, whe
     // Rack reads a POST with no Content-Type as a form.
     ['no Content-Type', `POST http://${host}/items/1 HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 14\r\nConnection: close\r\n\r\n_method=DELETE`],
     ['a chunked form, on a route', chunked('a=1&_method=DELETE')],
+    // qs (Express) and Rack read a name in brackets as the name inside.
+    ['a name in brackets', form('[_method]=DELETE')],
+    ['a leading bracket', form(']_method=DELETE')],
+    ['PHP dropping a long run of spaces', form(`${'+'.repeat(6000)}_method=DELETE`)],
   ] as const) {
     const r = await rawRequest(s.sidecar.port, request)
     seen.push(r.raw)
@@ -220,7 +225,25 @@ t.test('a method override in a POSTed JSON body is judged as the method it names
   const badly = await rawRequest(s.sidecar.port, json('{"_method":"DE LETE"}'))
   t.equal(badly.status, 400, 'an override that is no method token is refused, not guessed at')
   t.match(JSON.parse(badly.body).reason, /JSON body carries a method override \(_method\) that is not one method token/)
+  // What the scan cannot read as the upstream will is refused before anything goes: Express's
+  // body-parser inflates a gzip body and reads JSON in UTF-16; Tomcat reads a form in EBCDIC.
+  const raw = (type: string, body: Buffer, extra = '') =>
+    Buffer.concat([Buffer.from(`POST http://${host}/items/1 HTTP/1.1\r\nHost: ${host}\r\nContent-Type: ${type}\r\n${extra}Content-Length: ${body.length}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n`), body])
+  for (const [name, request, reason] of [
+    ['a gzip JSON body', raw('application/json', gzipSync('{"_method":"DELETE"}'), 'Content-Encoding: gzip\r\n'), /compressed body \(Content-Encoding\)/],
+    ['a deflate form', raw('application/x-www-form-urlencoded', deflateSync('_method=DELETE'), 'Content-Encoding: deflate\r\n'), /compressed body/],
+    ['JSON in UTF-16', raw('application/json; charset=utf-16le', Buffer.from('{"_method":"DELETE"}', 'utf16le')), /charset "utf-16le" .* send it in UTF-8/],
+    ['a form in EBCDIC', raw('application/x-www-form-urlencoded; charset=IBM037', Buffer.from('%6D%94%85%A3%88%96%84=%C4%C5%D3%C5%E3%C5')), /charset "IBM037"/],
+  ] as const) {
+    const r = await rawRequest(s.sidecar.port, request)
+    seen.push(r.raw)
+    t.match(r.raw, /^HTTP\/1\.1 400 /, `${name}: refused, before any 100`)
+    t.match(JSON.parse(r.body).reason, reason, `${name}: saying why`)
+  }
+  t.equal(upstream.requests.length, 0, 'none of them reached the upstream')
   // Overrides the policy allows, or none at the top level, go on intact, credential injected.
+  const utf8 = await rawRequest(s.sidecar.port, json('{"_method":"PUT"}', 'application/json; charset="UTF-8"'))
+  t.equal(utf8.status, 200, 'JSON that says it is UTF-8 is read as such')
   for (const body of ['{"_method":"PUT","a":1}', '{"data":{"_method":"DELETE"}}', '[{"_method":"DELETE"}]', '{"note":"\\"_method\\":\\"DELETE\\""}', '{"_method":["DELETE"]}', '{"methods":"DELETE"}', '"_method"']) {
     const r = await rawRequest(s.sidecar.port, json(body))
     seen.push(r.raw)
@@ -254,6 +277,10 @@ t.test('a method override in a POSTed multipart form is judged as the method it 
     ['a folded header', multipart('--b\r\nContent-Disposition: form-data;\r\n name="_method"\r\n\r\nDELETE\r\n--b--')],
     ['no closing boundary', multipart('--b\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE')],
     ['multipart/mixed', multipart(field('"_method"', 'DELETE') + '--b--', 'multipart/mixed; boundary=b')],
+    ['two Content-Dispositions, the first naming it', multipart('--b\r\nContent-Disposition: form-data; name="_method"\r\nContent-Disposition: form-data; name="x"\r\n\r\nDELETE\r\n--b--\r\n')],
+    ['a header line PHP joins to the one before', multipart('--b\r\nContent-Disposition: form-data; na\r\nme="_method"\r\n\r\nDELETE\r\n--b--\r\n')],
+    ["Rack's Content-ID", multipart('--b\r\nContent-ID: _method\r\n\r\nDELETE\r\n--b--\r\n')],
+    ['a name in brackets', multipart(field('"[_method]"', 'DELETE') + '--b--')],
   ] as const) {
     const r = await rawRequest(s.sidecar.port, request)
     seen.push(r.raw)

@@ -272,11 +272,13 @@ export class Pipeline {
 
   /**
    * Whether a call to `target` from `peer` is one to the sidecar's admin API: its port, a spelling
-   * it takes for its own, from a loopback client (a proxy open to remote clients does not open
-   * the admin API to them).
+   * it takes for its own, from a loopback client, on a proxy port that takes no remote ones. A
+   * proxy open to remote clients (allow_remote_clients) never opens the admin API to them: behind
+   * a local forwarder (Istio's inbound passthrough, port-forward, ssh -L) a remote caller's
+   * connection comes from a loopback address too.
    */
   isAdminAddress(target: Target, peer: string | undefined): boolean {
-    return this.admin !== null && target.port === this.ownAddress?.adminPort && this.ownAddress.adminHosts.has(target.host) && isLoopbackPeer(peer)
+    return this.admin !== null && !this.stages.namedHosts && target.port === this.ownAddress?.adminPort && this.ownAddress.adminHosts.has(target.host) && isLoopbackPeer(peer)
   }
 
   /**

@@ -113,6 +113,17 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   /** An h2c offer declined (listen/h2c.ts): the request, without it, and what followed it, parsed again as plain HTTP/1.1 on the same connection. */
   function parseAgain(into: Server, req: IncomingMessage, socket: Socket, head: Buffer): void {
     socket.pause()
+    // Pipelined behind a response still being written, the offer waits for it: the connection's
+    // first parser owns that response until it ends, and two on one socket answer out of order
+    // (node asserts, and the process exits).
+    const owed = owedResponse(socket)
+    if (owed !== null && !owed.writableFinished) {
+      owed.once('finish', () => setImmediate(() => parseAgain(into, req, socket, head)))
+      return
+    }
+    if (socket.destroyed) return
+    // The first parser's keep-alive timer, set as that response ended, is not the new one's to keep.
+    socket.setTimeout(0)
     socket.unshift(Buffer.concat([headWithoutH2cOffer(req), head]))
     into.emit('connection', socket)
     socket.resume()

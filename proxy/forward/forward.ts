@@ -98,7 +98,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       this.decoder.destroy()
       const e = upstreamError(err, this.ctx.method)
       recordEnd(this.ctx, e.code, e.reason)
-      this.res.destroy()
+      cut(this.res)
       return this.done(null)
     }
     if (this.controller) this.controller.abort(err)
@@ -204,7 +204,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       this.controller?.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'undecodable body'))
       // The head has gone: the only honest signal left is a cut.
       recordEnd(this.ctx, 'LK_UPSTREAM_PROTOCOL', `the upstream's ${coding}-encoded body does not decode`)
-      this.res.destroy()
+      cut(this.res)
       this.done(null)
     })
   }
@@ -348,7 +348,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       // Part of the response is already with the agent: the only honest signal left is a cut.
       // A call cut on purpose (revoked, its task ended) keeps that reason, not the abort it caused.
       recordEnd(this.ctx, mapped.code, mapped.reason)
-      this.res.destroy()
+      cut(this.res)
       this.done(null)
     } else {
       this.done(mapped)
@@ -410,6 +410,18 @@ const KNOWN_CODINGS = new Set(['gzip', 'x-gzip', 'deflate', 'br', 'zstd', 'compr
  */
 function readTwoWays(location: string): boolean {
   return location.includes('\\') || /^\s*https?:(?!\/\/[^/])/i.test(location)
+}
+
+/**
+ * Ends a response cut part-way so the agent can tell: where its end is framed (a Content-Length,
+ * chunks), a close short of it is a cut; where it is not (an HTTP/1.0 agent reads to the close),
+ * a close reads as the whole response, and only a reset says otherwise.
+ */
+function cut(res: ServerResponse): void {
+  const framed = res.getHeader('content-length') !== undefined || (res as ServerResponse & { chunkedEncoding?: boolean }).chunkedEncoding === true
+  const socket = res.socket
+  if (!framed && socket !== null && !socket.destroyed) socket.resetAndDestroy()
+  else res.destroy()
 }
 
 function endOfTick(relay: ResponseRelay): void {

@@ -190,8 +190,9 @@ t.test('an upstream that hangs up after a sound head, before any of its body: th
   const cut: Server = createServer((s) => {
     s.on('error', () => {})
     s.once('data', (d: Buffer) => {
-      const broken = d.toString('latin1').includes('/broken-chunk')
-      s.end(broken ? 'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Up: 1\r\n\r\nzz\r\nhello\r\n' : 'HTTP/1.1 200 OK\r\nContent-Length: 100\r\nX-Up: 1\r\n\r\n')
+      const path = /^\w+ \S*?(\/[\w-]+) /.exec(d.toString('latin1'))?.[1]
+      const chunked = 'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Up: 1\r\n\r\n'
+      s.end(path === '/broken-chunk' ? chunked + 'zz\r\nhello\r\n' : path === '/closed-chunked' ? chunked : 'HTTP/1.1 200 OK\r\nContent-Length: 100\r\nX-Up: 1\r\n\r\n')
     })
   })
   const { port, s } = await sidecarInFrontOf(t, cut)
@@ -202,6 +203,19 @@ t.test('an upstream that hangs up after a sound head, before any of its body: th
     t.equal(r.body, '', `${path}: then nothing: the connection is cut, no body pretends to be whole`)
     t.match((await s.audit()).at(-1), { path, status: 200, bytes_out: 0, error }, `${path}: audited as the agent got it, with the cause`)
   }
+  // An HTTP/1.0 agent reads a body to the close: a close after the head would read as a whole,
+  // empty 200. It gets a reset instead.
+  const { connect } = await import('node:net')
+  const agent = connect(s.sidecar.port, '127.0.0.1')
+  await once(agent, 'connect')
+  agent.write(`GET http://127.0.0.1:${port}/closed-chunked HTTP/1.0\r\nHost: x\r\n\r\n`)
+  let got = ''
+  let code: string | undefined
+  agent.on('data', (c: Buffer) => (got += c.toString('latin1')))
+  agent.on('error', (err: NodeJS.ErrnoException) => (code = err.code))
+  await once(agent, 'close')
+  t.equal(code, 'ECONNRESET', 'an HTTP/1.0 agent sees the cut as a reset')
+  t.match(got, /^HTTP\/1\.1 200 OK\r\n/, 'after the head it had')
 })
 
 // What a hostile or sloppy upstream can answer, and what the agent and the trail get for each.

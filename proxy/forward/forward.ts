@@ -153,16 +153,20 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     // Content-Length writes nothing more. A chunked one ends with its own "0\r\n\r\n" write: as
     // undici usually delivers head, body and end in one tick, corking until the next sends a small
     // chunked response in one write instead of two (strace: one writev per response either way).
+    // undici parses all that one socket read holds in one synchronous run: by the end of it the
+    // body's first bytes or its end have come with the head, or the head goes alone, as the
+    // upstream sent it: a client may act on the status, or an API think long, before any body
+    // comes. A chunked response looks when its tick ends (endOfTick); one with a Content-Length,
+    // at the end of the event loop's turn, with every other response started in it (flushHeads:
+    // one setImmediate for all, not a tick of its own for each, which cost 4% CPU a call).
     if (clean['content-length'] === undefined) {
       this.res.cork()
-      this.corked = this.coalescing = true
+      this.corked = this.coalescing = this.tickPending = true
+      process.nextTick(endOfTick, this)
+    } else {
+      awaitingBody.push(this)
+      if (awaitingBody.length === 1) setImmediate(flushHeads)
     }
-    // undici parses all that one socket read holds in one synchronous run: by the end of this
-    // tick the body's first bytes or its end have come with the head, or the head goes alone
-    // (endOfTick), as the upstream sent it: a client may act on the status, or an API think long,
-    // before any body comes.
-    this.tickPending = true
-    process.nextTick(endOfTick, this)
     // Answered before the agent finished sending (an early 401 or 413): the rest of its body has
     // nowhere to go, and the connection cannot be trusted for a next request until it is read.
     if (!this.res.req.complete) {
@@ -290,6 +294,11 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     this.stalled = null
   }
 
+  /** node:http writes a head with the body's first bytes: when none came with it, it is written by itself. */
+  flushHeadAlone(): void {
+    if (this.ctx.bytesOut === 0 && !this.finished && this.res.headersSent && !this.res.destroyed) this.res.flushHeaders()
+  }
+
   /** The tick in which chunks were gathered (or the head corked) is over: relay them, uncork. */
   endOfTick(): void {
     this.tickPending = false
@@ -297,8 +306,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       const gathered = gatherTake(this)
       if (!this.finished && this.controller !== null) this.relay(this.controller, gathered)
     }
-    // node:http writes a head with the body's first bytes: none came, so it is written by itself.
-    if (this.ctx.bytesOut === 0 && !this.finished && this.res.headersSent && !this.res.destroyed) this.res.flushHeaders()
+    this.flushHeadAlone()
     if (this.corked) {
       this.corked = false
       this.res.uncork()
@@ -422,6 +430,14 @@ function cut(res: ServerResponse): void {
   const socket = res.socket
   if (!framed && socket !== null && !socket.destroyed) socket.resetAndDestroy()
   else res.destroy()
+}
+
+/** Responses with a Content-Length whose heads came in this turn of the event loop (see onResponseStart). */
+const awaitingBody: ResponseRelay[] = []
+
+function flushHeads(): void {
+  for (const relay of awaitingBody) relay.flushHeadAlone()
+  awaitingBody.length = 0
 }
 
 function endOfTick(relay: ResponseRelay): void {

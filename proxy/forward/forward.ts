@@ -6,7 +6,7 @@ import { finished, type Transform } from 'node:stream'
 import { createBrotliDecompress, createGunzip, createInflate } from 'node:zlib'
 import type { Dispatcher, Pool } from 'undici'
 import type { CallContext, Target } from '../context.js'
-import { LatchkeyError } from '../errors.js'
+import { LatchkeyError, type ErrorCode } from '../errors.js'
 import { watchBodyStall } from './body-stall.js'
 import { inboundResponseHeaders, type OutboundHeaders } from './headers.js'
 import { upstreamError } from './upstream-errors.js'
@@ -94,12 +94,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     if (this.upstreamEnded && this.decoder !== null) {
       // The upstream is done; only the decoding was left (the agent gone, or not reading): it ends here.
       if (this.finished) return
-      this.finished = true
-      this.decoder.destroy()
       const e = upstreamError(err, this.ctx.method)
-      recordEnd(this.ctx, e.code, e.reason)
-      cut(this.res)
-      return this.done(null)
+      return this.cutShort(e.code, e.reason)
     }
     if (this.controller) this.controller.abort(err)
     else this.abortedWith = err
@@ -206,10 +202,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       if (this.finished) return
       this.finished = true
       this.controller?.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'undecodable body'))
-      // The head has gone: the only honest signal left is a cut.
-      recordEnd(this.ctx, 'LK_UPSTREAM_PROTOCOL', `the upstream's ${coding}-encoded body does not decode`)
-      cut(this.res)
-      this.done(null)
+      // The head has gone.
+      this.cutShort('LK_UPSTREAM_PROTOCOL', `the upstream's ${coding}-encoded body does not decode`)
     })
   }
 
@@ -294,6 +288,19 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     this.stalled = null
   }
 
+  /**
+   * Ends the call with part of the response already with the agent: the only honest signal left is
+   * a cut (see `cut`). A call cut on purpose (revoked, its task ended) keeps that reason, not the
+   * abort it caused (recordEnd).
+   */
+  private cutShort(code: ErrorCode, reason: string): void {
+    this.finished = true
+    this.decoder?.destroy()
+    recordEnd(this.ctx, code, reason)
+    cut(this.res)
+    this.done(null)
+  }
+
   /** node:http writes a head with the body's first bytes: when none came with it, it is written by itself. */
   flushHeadAlone(): void {
     if (this.ctx.bytesOut === 0 && !this.finished && this.res.headersSent && !this.res.destroyed) this.res.flushHeaders()
@@ -353,11 +360,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     this.decoder?.destroy()
     const mapped = upstreamError(err, this.ctx.method)
     if (this.res.headersSent) {
-      // Part of the response is already with the agent: the only honest signal left is a cut.
-      // A call cut on purpose (revoked, its task ended) keeps that reason, not the abort it caused.
-      recordEnd(this.ctx, mapped.code, mapped.reason)
-      cut(this.res)
-      this.done(null)
+      this.cutShort(mapped.code, mapped.reason)
     } else {
       this.done(mapped)
     }

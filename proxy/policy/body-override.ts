@@ -16,7 +16,7 @@ const OVERRIDE_NAMES = ['_method']
 /** What the frameworks accept as an override (Symfony: any upper-case token; these are the ones in use). */
 const OVERRIDABLE = ['GET', 'HEAD', 'PUT', 'PATCH', 'DELETE', 'OPTIONS', 'PURGE']
 /** A method token (RFC 9110), as a framework would take it once upper-cased. */
-export const OVERRIDE_TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$/
+const OVERRIDE_TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$/
 
 /**
  * Whether a framework would read a body of this Content-Type as an urlencoded form. A form as
@@ -124,7 +124,7 @@ export class FormOverrideScanner {
       const upto = found === null ? text.length : found.index
       if (this.inValue) {
         this.value += text.slice(at, upto)
-        if (this.value.length > MAX_OVERRIDE_VALUE) notAToken()
+        if (this.value.length > MAX_OVERRIDE_VALUE) notAToken('form')
       } else if (this.name.length < KEPT_NAME) {
         // At most a chunk's worth is looked at: what leads it is dropped first, then the kept part cut.
         this.name = (this.name + text.slice(at, upto)).replace(IGNORED_LEAD, '').slice(0, KEPT_NAME)
@@ -145,17 +145,17 @@ export class FormOverrideScanner {
   }
 
   private isOverride(): boolean {
-    return MAYBE_OVERRIDE.test(this.name) && namesParameter(this.name, OVERRIDE_NAMES, false)
+    return isOverrideName(this.name)
   }
 
   /** A field without its value skipped ended: judged if its name is `_method` (with no `=`, an empty value). */
   private fieldEnded(): void {
     const override = this.inValue || this.isOverride()
-    const method = this.inValue ? decodeBytewise(this.value).trim().toUpperCase() : ''
+    const value = this.inValue ? decodeBytewise(this.value) : ''
     this.name = this.value = ''
     this.inValue = false
     if (!override) return
-    if (!OVERRIDE_TOKEN.test(method)) notAToken()
+    const method = overrideMethod(value, 'form')
     // Frameworks disagree on which of several they take: all of them must be the same one.
     if (this.seen !== null && this.seen !== method) throw new LatchkeyError('LK_BAD_REQUEST', 'the form carries two different method overrides (_method)')
     this.seen = method
@@ -163,6 +163,28 @@ export class FormOverrideScanner {
   }
 }
 
-function notAToken(): never {
-  throw new LatchkeyError('LK_BAD_REQUEST', 'the form carries a method override (_method) that is not one method token')
+/** The kind of body an override came in, as a refusal names it. */
+export type OverrideCarrier = 'form' | 'JSON body' | 'multipart form'
+
+/**
+ * The method an override's value names, upper-cased, as a framework takes it; LK_BAD_REQUEST for
+ * a value that is not one method token (never guessed at), or none that could be read (null).
+ */
+export function overrideMethod(value: string | null, carrier: OverrideCarrier): string {
+  const method = value?.trim().toUpperCase()
+  if (method === undefined || !OVERRIDE_TOKEN.test(method)) notAToken(carrier)
+  return method
+}
+
+export function notAToken(carrier: OverrideCarrier): never {
+  throw new LatchkeyError('LK_BAD_REQUEST', `the ${carrier} carries a method override (_method) that is not one method token`)
+}
+
+/**
+ * `_method` as a framework reads a field name: any case, percent-decoded, PHP's mangling
+ * (`.method`, ` _method`, `_method[]`, a NUL), qs and Rack's brackets. An `=` in it (a multipart
+ * name) is part of the name.
+ */
+export function isOverrideName(name: string): boolean {
+  return MAYBE_OVERRIDE.test(name) && namesParameter(name.replace(/=/g, '%3D'), OVERRIDE_NAMES, false)
 }

@@ -12,8 +12,7 @@
 // so the scan tracks nesting and strings, and decodes a top-level key or its value with
 // JSON.parse, never by hand. A full JSON parser would build every value of a large body to
 // answer the same question.
-import { LatchkeyError } from '../errors.js'
-import { OVERRIDE_TOKEN } from './body-override.js'
+import { overrideMethod } from './body-override.js'
 
 /** A key or value longer than this, as written, is not `_method` or a method (escapes included: 6 bytes a letter). */
 const MAX_CAPTURE = 256
@@ -133,12 +132,7 @@ export class JsonOverrideScanner {
       this.awaitingValue = !this.overflowed && decoded(this.captured.subarray(0, this.capturedLength))?.toLowerCase() === '_method'
       return
     }
-    const value = this.overflowed ? null : decoded(this.captured.subarray(0, this.capturedLength))
-    const method = value?.trim().toUpperCase()
-    if (method === undefined || !OVERRIDE_TOKEN.test(method)) {
-      throw new LatchkeyError('LK_BAD_REQUEST', 'the JSON body carries a method override (_method) that is not one method token')
-    }
-    this.onOverride(method)
+    this.onOverride(overrideMethod(this.overflowed ? null : decoded(this.captured.subarray(0, this.capturedLength)), 'JSON body'))
   }
 }
 

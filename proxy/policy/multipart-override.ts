@@ -13,9 +13,7 @@
 // any quoting, case or encoding, with PHP's mangling or in brackets), what follows is its value,
 // up to the next line that starts with `--` or the body's end. A file that quotes such a part is
 // read as one too: refused where its "method" is refused, which no real upload meets.
-import { LatchkeyError } from '../errors.js'
-import { OVERRIDE_TOKEN } from './body-override.js'
-import { namesParameter } from '../credentials/bindings.js'
+import { isOverrideName, notAToken, overrideMethod } from './body-override.js'
 
 /** A `_method` value longer than this is no method. */
 const MAX_VALUE = 256
@@ -104,7 +102,7 @@ export class MultipartOverrideScanner {
         this.lineHasContent = true
         return
       }
-      if (this.value.length + rest.length > MAX_VALUE) notAToken()
+      if (this.value.length + rest.length > MAX_VALUE) notAToken('multipart form')
     }
     if (rest.length <= KEPT_LINE || this.state === 'value') this.partial = rest
     // A long line of a file's content: only where it ends matters.
@@ -118,7 +116,7 @@ export class MultipartOverrideScanner {
         return this.startHeaders()
       }
       this.value += (this.value === '' ? '' : '\r\n') + line
-      if (this.value.length > MAX_VALUE) notAToken()
+      if (this.value.length > MAX_VALUE) notAToken('multipart form')
       return
     }
     if (line.startsWith('--')) this.startHeaders()
@@ -169,16 +167,12 @@ export class MultipartOverrideScanner {
 
   private valueEnded(): void {
     this.state = 'body'
-    const method = this.value.trim().toUpperCase()
+    const value = this.value
     this.value = ''
-    if (!OVERRIDE_TOKEN.test(method)) notAToken()
-    this.onOverride(method)
+    this.onOverride(overrideMethod(value, 'multipart form'))
   }
 }
 
-function notAToken(): never {
-  throw new LatchkeyError('LK_BAD_REQUEST', 'the multipart form carries a method override (_method) that is not one method token')
-}
 
 /** Whether a part's headers name it `_method`, by any `name` parameter or by a Content-ID, in a match ending by `settled`. */
 function namesOverride(headers: string, settled: number): boolean {
@@ -195,9 +189,4 @@ function unquoted(raw: string): string {
   else if (v.startsWith("'")) v = v.slice(1, v.endsWith("'") && v.length > 1 ? -1 : undefined)
   const charset = /^[A-Za-z0-9_-]*'[^']*'/.exec(v)
   return charset ? v.slice(charset[0].length) : v
-}
-
-/** `_method` as a framework reads a field name: any case, percent-decoded, PHP's mangling (`.method`, ` _method`, `_method[]`, a NUL). */
-function isOverrideName(name: string): boolean {
-  return namesParameter(name.replace(/=/g, '%3D'), ['_method'], false)
 }

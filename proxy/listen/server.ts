@@ -3,6 +3,7 @@
 // the same coded refusal as everything else (400; a head too large, 431), and are audited.
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import { headWithoutH2cOffer, offersOnlyH2c } from './h2c.js'
+import { serveOn } from './serve-on.js'
 import { isLoopbackPeer } from './local-caller.js'
 import type { Socket } from 'node:net'
 import { owedResponse, type Pipeline, type TunnelOrigin } from '../pipeline.js'
@@ -88,15 +89,14 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   const tunnelOptions = {
     ...relayTimeouts,
     open: openStreams,
-    adoptPlaintext: (socket: Socket, origin: TunnelOrigin) => {
+    adoptPlaintext: (socket: Socket, origin: TunnelOrigin, first: Buffer) => {
       tunnels.set(socket, origin)
       // A tunnel to the sidecar itself is no admitted call (a cut cannot reach it): kept here.
       if (pipeline.isOwnAddress(origin.target)) {
         adopted.add(socket)
         socket.once('close', () => adopted.delete(socket))
       }
-      inner.emit('connection', socket)
-      socket.resume()
+      serveOn(inner, socket, first)
     },
   }
   server.on('connect', (req, socket: Socket, head: Buffer) => handleConnect(pipeline, req, socket, head, tunnelOptions))
@@ -124,9 +124,7 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     if (socket.destroyed) return
     // The first parser's keep-alive timer, set as that response ended, is not the new one's to keep.
     socket.setTimeout(0)
-    socket.unshift(Buffer.concat([headWithoutH2cOffer(req), head]))
-    into.emit('connection', socket)
-    socket.resume()
+    serveOn(into, socket, Buffer.concat([headWithoutH2cOffer(req), head]))
   }
 
   function onClientError(err: NodeJS.ErrnoException, socket: Socket, via: 'absolute' | 'tunnelled'): void {

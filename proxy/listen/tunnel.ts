@@ -11,6 +11,7 @@ import { connect as netConnect, type Socket } from 'node:net'
 import type { IncomingMessage } from 'node:http'
 import type { Pipeline, TunnelOrigin } from '../pipeline.js'
 import { LatchkeyError } from '../errors.js'
+import { serveOn } from './serve-on.js'
 import { parseConnectTarget } from './target.js'
 import { checkFraming } from './framing.js'
 import { upstreamError } from '../forward/upstream-errors.js'
@@ -22,8 +23,8 @@ const TLS_ACCESS_DENIED = Buffer.from([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31]
 
 export interface TunnelOptions extends RelayTimeouts {
   open: Set<Socket>
-  /** Takes over a plaintext tunnel's socket and parses the HTTP inside it. */
-  adoptPlaintext(socket: Socket, origin: TunnelOrigin): void
+  /** Takes over a plaintext tunnel's socket and parses the HTTP inside it, `first` (what was read of it) first. */
+  adoptPlaintext(socket: Socket, origin: TunnelOrigin, first: Buffer): void
 }
 
 export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: Socket, head: Buffer, opts: TunnelOptions): void {
@@ -62,9 +63,7 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
     // A tunnel cut on purpose (revoked, its task ended, shutdown) is recorded with why; one the
     // agent closed is not a call of its own (the requests inside it were).
     client.once('close', () => (ctx.errorCode !== null ? pipeline.finish(ctx) : pipeline.live.delete(ctx)))
-    client.pause()
-    client.unshift(first)
-    opts.adoptPlaintext(client, { target: ctx.target!, proxyAuthorization: req.headers['proxy-authorization'] })
+    opts.adoptPlaintext(client, { target: ctx.target!, proxyAuthorization: req.headers['proxy-authorization'] }, first)
   }
   /**
    * Denied only for what TLS would hide (a rule on this host depends on method or path): the
@@ -120,11 +119,7 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
       stopEarlyWatch()
       finished = true
       client.write('HTTP/1.1 200 Connection Established\r\n\r\n')
-      client.pause()
-      if (head.length > 0) client.unshift(head)
-      pipeline.admin!.emit('connection', client)
-      client.resume()
-      return
+      return serveOn(pipeline.admin!, client, head)
     }
     await pipeline.admit(ctx, req.headers['proxy-authorization'], false, client)
     if (finished) return

@@ -29,6 +29,16 @@ async function denyingSidecar(t: { teardown(fn: () => unknown): void }, deny: Re
   return { upstream, s, host: `127.0.0.1:${upstream.port}` }
 }
 
+/** Sends each request, keeping what came back in `seen`: each refused (403) by the rule on DELETE. */
+async function refusedByNoDelete(t: { equal(a: unknown, b: unknown, m: string): unknown }, port: number, seen: string[], requests: readonly (readonly [string, string])[]): Promise<void> {
+  for (const [name, request] of requests) {
+    const r = await rawRequest(port, request)
+    seen.push(r.raw)
+    t.equal(r.status, 403, `${name}: refused`)
+    t.equal(r.headers['x-latchkey-rule'], 'no-delete', `${name}: by the rule on DELETE`)
+  }
+}
+
 /** Sends a raw request, keeping what came back in `seen`; the answer to the request itself: inside a tunnel, what follows the CONNECT's 200. */
 function sender(port: number, seen: string[]) {
   return async (request: string) => {
@@ -140,7 +150,7 @@ t.test('a method override in a POSTed form is judged as the method it names, whe
     `POST /up/items/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n`
   const seen: string[] = []
   // Each is DELETE to Laravel/Symfony (PHP reads `.` as `_` and cuts a name at a NUL), Rails or Spring.
-  for (const [name, request] of [
+  await refusedByNoDelete(t, s.sidecar.port, seen, [
     ['a form field', form('name=x&_method=DELETE')],
     ['lower case, first', form('_method=delete&name=x')],
     ['an encoded name', form('%5Fmethod=DELETE')],
@@ -157,12 +167,7 @@ t.test('a method override in a POSTed form is judged as the method it names, whe
     ['a name in brackets', form('[_method]=DELETE')],
     ['a leading bracket', form(']_method=DELETE')],
     ['PHP dropping a long run of spaces', form(`${'+'.repeat(6000)}_method=DELETE`)],
-  ] as const) {
-    const r = await rawRequest(s.sidecar.port, request)
-    seen.push(r.raw)
-    t.equal(r.status, 403, `${name}: refused`)
-    t.equal(r.headers['x-latchkey-rule'], 'no-delete', `${name}: by the rule on DELETE`)
-  }
+  ])
   t.equal(upstream.requests.length, 0, 'none reached the upstream')
   const refusedBadly = await rawRequest(s.sidecar.port, form('_method=PUT&_method=PATCH'))
   t.equal(refusedBadly.status, 400, 'two different overrides: which one a framework takes is a guess')
@@ -202,7 +207,7 @@ t.test('a method override in a POSTed JSON body is judged as the method it names
     `POST /up/items/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n${parts.map((p) => `${p.length.toString(16)}\r\n${p}\r\n`).join('')}0\r\n\r\n`
   const seen: string[] = []
   // Each is DELETE to Laravel, whose input is the decoded JSON of any Content-Type with `/json` or `+json`.
-  for (const [name, request] of [
+  await refusedByNoDelete(t, s.sidecar.port, seen, [
     ['a top-level key', json('{"_method":"DELETE"}')],
     ['after other keys, lower case', json('{"a":1,"b":{"c":[1,2,{"d":"}"}]},"_method":"delete"}')],
     ['an escaped key', json('{"\\u005fmethod":"DELETE"}')],
@@ -215,12 +220,7 @@ t.test('a method override in a POSTed JSON body is judged as the method it names
     ['the second of two', json('{"_method":"PUT","_method":"DELETE"}')],
     ['after 2 MB of prompt', json(`{"prompt":"${'x'.repeat(2 * 1024 * 1024)}","_method":"DELETE"}`)],
     ['chunked, on a route, cut inside the key and the value', chunked(['{"_me', 'thod":"DEL', 'ETE"}'])],
-  ] as const) {
-    const r = await rawRequest(s.sidecar.port, request)
-    seen.push(r.raw)
-    t.equal(r.status, 403, `${name}: refused`)
-    t.equal(r.headers['x-latchkey-rule'], 'no-delete', `${name}: by the rule on DELETE`)
-  }
+  ])
   t.equal(upstream.requests.length, 0, 'no whole request reached the upstream')
   const badly = await rawRequest(s.sidecar.port, json('{"_method":"DE LETE"}'))
   t.equal(badly.status, 400, 'an override that is no method token is refused, not guessed at')
@@ -268,7 +268,7 @@ t.test('a method override in a POSTed multipart form is judged as the method it 
   const upload = `--b\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\nContent-Type: application/octet-stream\r\n\r\n${'u'.repeat(2 * 1024 * 1024)}\r\n`
   const seen: string[] = []
   // Each is DELETE to Rails (Rack::MethodOverride), PHP (Symfony, Laravel) or Spring.
-  for (const [name, request] of [
+  await refusedByNoDelete(t, s.sidecar.port, seen, [
     ['a field', multipart(field('"_method"', 'DELETE') + '--b--\r\n')],
     ['after a 2 MB upload, lower case', multipart(upload + field('"_method"', 'delete') + '--b--\r\n')],
     ['unquoted, the name in capitals', multipart(field('_METHOD', 'DELETE') + '--b--')],
@@ -281,12 +281,7 @@ t.test('a method override in a POSTed multipart form is judged as the method it 
     ['a header line PHP joins to the one before', multipart('--b\r\nContent-Disposition: form-data; na\r\nme="_method"\r\n\r\nDELETE\r\n--b--\r\n')],
     ["Rack's Content-ID", multipart('--b\r\nContent-ID: _method\r\n\r\nDELETE\r\n--b--\r\n')],
     ['a name in brackets', multipart(field('"[_method]"', 'DELETE') + '--b--')],
-  ] as const) {
-    const r = await rawRequest(s.sidecar.port, request)
-    seen.push(r.raw)
-    t.equal(r.status, 403, `${name}: refused`)
-    t.equal(r.headers['x-latchkey-rule'], 'no-delete', `${name}: by the rule on DELETE`)
-  }
+  ])
   // A chunked form whose end comes after its last bytes: judged at the end, the end never sent on.
   const socket = connect(s.sidecar.port, '127.0.0.1')
   await once(socket, 'connect')

@@ -11,7 +11,7 @@ import { decodeJwt, type JWTPayload } from 'jose'
 import type { Form } from './http/form.js'
 import { OAuthError } from './oauth-error.js'
 import { AttestationFailed, TOKEN_TYPES, type Attestation, type AttestationVerifier } from './attest/attestor.js'
-import { describeJwtError, verifyJwt, TokenInvalid, MAX_TOKEN_BYTES } from './jwt.js'
+import { verifyFailure, verifyJwt, TokenInvalid, MAX_TOKEN_BYTES } from './jwt.js'
 import type { Registry, AgentTypeSpec } from './registry.js'
 import type { KeyRing } from './keys.js'
 import type { RevocationList } from './revocations/list.js'
@@ -286,7 +286,7 @@ export class TokenExchange {
         if (err.unregistered) throw new OAuthError('unauthorized_client', `${param}: ${err.message}`)
         throw new OAuthError('invalid_request', `${param}: ${err.message}`)
       }
-      throw new OAuthError('invalid_request', `${param}: ${describeJwtError(err)}`)
+      throw verifyFailure(param, err)
     }
   }
 
@@ -310,7 +310,7 @@ export class TokenExchange {
     try {
       user = await this.d.users.verify(token, this.d.now())
     } catch (err) {
-      throw new OAuthError('invalid_request', `subject_token: ${describeJwtError(err)}`)
+      throw verifyFailure('subject_token', err)
     }
     // agent:… is the namespace of instance IDs: a user so named would pass, in the issued token
     // and the trail, for an agent acting on its own behalf.
@@ -330,7 +330,7 @@ export class TokenExchange {
     try {
       p = await verifyJwt(token, this.d.keys.verifier, { issuer: this.d.issuer, audience: this.d.issuer, requiredClaims: ['sub', 'jti', 'act'] })
     } catch (err) {
-      throw new OAuthError('invalid_request', `subject_token: ${describeJwtError(err)}`)
+      throw verifyFailure('subject_token', err)
     }
     const read = readActChain(p.act)
     if (!read.ok) throw new OAuthError('invalid_request', `subject_token: ${read.problem}`)

@@ -3,6 +3,7 @@
 // at most 30 s of clock skew; reasons that say what was wrong without echoing the token.
 import { readFileSync, statSync } from 'node:fs'
 import { createLocalJWKSet, createRemoteJWKSet, errors, jwtVerify, type JSONWebKeySet, type JWTPayload, type JWTVerifyGetKey } from 'jose'
+import { OAuthError } from './oauth-error.js'
 
 export const ASYMMETRIC_ALGS = ['ES256', 'ES384', 'ES512', 'RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'EdDSA', 'Ed25519']
 export const MAX_SKEW_S = 30
@@ -54,6 +55,7 @@ export function describeJwtError(err: unknown): string {
   if (err instanceof TokenInvalid) return err.message
   if (err instanceof errors.JWTExpired) return 'expired'
   if (err instanceof errors.JWTClaimValidationFailed) {
+    if (err.reason === 'missing') return `claim "${err.claim}" is missing`
     if (err.claim === 'nbf' || err.claim === 'iat') return `not yet valid (${err.claim})`
     return `claim "${err.claim}" ${err.reason === 'missing' ? 'is missing' : 'is not acceptable'}`
   }
@@ -64,6 +66,32 @@ export function describeJwtError(err: unknown): string {
   if (err instanceof errors.JWKSTimeout) return 'key set could not be fetched in time'
   if (err instanceof errors.JWSInvalid || err instanceof errors.JWTInvalid || err instanceof errors.JOSENotSupported) return 'not a valid signed JWT'
   return 'could not be verified'
+}
+
+/**
+ * Whether verifying failed because a key set could not be had (the IdP's or an attestor's
+ * jwks_url refused, timed out, answered other than 200 or not a key set), not because of the
+ * token: jose throws its generic error only for those answers, and passes on fetch's own
+ * (`TypeError: fetch failed`) when nothing answered.
+ */
+export function keySetUnavailable(err: unknown): boolean {
+  if (err instanceof errors.JWKSTimeout || err instanceof errors.JWKSInvalid) return true
+  if (err instanceof errors.JOSEError) return err.code === 'ERR_JOSE_GENERIC'
+  return err instanceof TypeError && err.message === 'fetch failed'
+}
+
+/**
+ * The OAuth error for a token that did not verify: the client's fault (400 invalid_request)
+ * unless a key set could not be fetched, which is the broker's side and passes (503, so the
+ * sidecar retries later rather than refuse the agent for good). The cause goes to the event
+ * reason only; the key set's address is configuration, not the client's business.
+ */
+export function verifyFailure(param: string, err: unknown): OAuthError {
+  if (keySetUnavailable(err)) {
+    const cause = err instanceof errors.JWKSTimeout ? 'timed out' : err instanceof Error ? (((err.cause as { code?: string } | undefined)?.code ?? err.message) as string) : 'error'
+    return new OAuthError('temporarily_unavailable', `${param}: the key set to verify it could not be fetched; try again later`, 503, `${param}: key set unavailable (${cause})`)
+  }
+  return new OAuthError('invalid_request', `${param}: ${describeJwtError(err)}`)
 }
 
 export interface VerifyOptions {

@@ -8,12 +8,13 @@ export type OAuthErrorCode =
   | 'unsupported_grant_type'
   | 'invalid_scope'
   | 'invalid_target'
+  | 'temporarily_unavailable'
 
 export class OAuthError extends Error {
   constructor(
     readonly error: OAuthErrorCode,
     readonly description: string,
-    /** RFC 6749 §5.2: 400, or 401 when client authentication failed. */
+    /** RFC 6749 §5.2: 400, or 401 when client authentication failed; 503 when what failed is on the broker's side. */
     readonly status = 400,
     /** Internal reason for the audit event (never sent): e.g. "actor_token: expired". */
     readonly reason = description,

@@ -69,6 +69,17 @@ const cases: Case[] = [
     says: /subject_token: claim "sub" must be a non-empty string/,
   })),
   { name: 'subject issued in the future (iat beyond the skew)', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { iat: now() + 365 * 86400 }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: not yet valid \(iat\)/ },
+  // Missing is not "in the future": the description says which.
+  {
+    name: 'local attestation without iat',
+    params: async (b) =>
+      delegatedRequest(
+        await b.userToken('u', 'read'),
+        await new SignJWT({ jti: 'no-iat-1' }).setProtectedHeader({ alg: 'ES256', kid: b.localKey.kid, typ: 'JWT' }).setIssuer('latchkey-local').setSubject(AGENT).setAudience(b.issuer).setExpirationTime('60s').sign(b.localKey.privateKey),
+      ),
+    error: 'invalid_request',
+    says: /^actor_token: claim "iat" is missing$/,
+  },
   { name: 'actor issued in the future (iat beyond the skew)', params: async (b) => delegatedRequest(await b.userToken('u', 'read'), await b.k8s.sign({ aud: b.issuer, iat: now() + 3600, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() }), { actor_token_type: TOKEN_TYPES.kubernetes }), error: 'invalid_request', says: /actor_token: not yet valid \(iat\)/ },
   // RFC 8693 §4.4 and §4.1: the user's own restriction on who may act holds; a token that is
   // already a delegation would have its earlier actors dropped from the chain issued here.

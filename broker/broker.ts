@@ -141,7 +141,7 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
   const { server } = createBrokerServer({
     issuer: c.issuer,
     exchange,
-    introspection: new Introspection(keys, c.issuer, revocations),
+    introspection: new Introspection(keys, c.issuer, revocations, now),
     keys,
     revocations,
     maxBodyBytes: c.tokens.max_body_bytes,

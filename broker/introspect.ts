@@ -22,16 +22,21 @@ export class Introspection {
     private readonly keys: KeyRing,
     private readonly issuer: string,
     private readonly revocations: RevocationList,
+    private readonly now: () => number = Date.now,
   ) {}
 
   async introspect(token: string): Promise<Record<string, unknown>> {
     if (token.length === 0 || token.length > MAX_TOKEN_BYTES) return { active: false }
     let p: JWTPayload
     try {
-      ;({ payload: p } = await jwtVerify(token, this.keys.verifier, { issuer: this.issuer, algorithms: ['ES256', 'EdDSA'], clockTolerance: MAX_SKEW_S, requiredClaims: ['exp', 'jti', 'sub'] }))
+      // The skew allowed is for nbf and iat only (another replica's clock); see exp below.
+      ;({ payload: p } = await jwtVerify(token, this.keys.verifier, { issuer: this.issuer, algorithms: ['ES256', 'EdDSA'], clockTolerance: MAX_SKEW_S, currentDate: new Date(this.now()), requiredClaims: ['exp', 'jti', 'sub'] }))
     } catch {
       return { active: false }
     }
+    // This broker set exp and keeps the time it is judged by: a token is inactive from its exp
+    // (RFC 7662 §2.2), not 30 s after it, whatever skew a resource server allows itself.
+    if (p.exp! * 1000 <= this.now()) return { active: false }
     const task = typeof p.task_id === 'string' ? p.task_id : undefined
     const agents = agentsInAct(p.act)
     if (!agents || this.revocations.check(agents, task, p.jti)) return { active: false }

@@ -190,3 +190,27 @@ t.test('a registry in which two agent types match one workload is rejected whole
   t.ok(await until(() => b.events.some((e) => e.type === 'policy.rejected' && /overlaps/.test(e.reason))), 'rejected')
   t.match(b.events.filter((e) => e.type === 'policy.rejected').at(-1), { reason: /path_prefix: \/agents\/summarizer overlaps the path_prefix of agent type "aaa"/ })
 })
+
+t.test('introspection: active until the exp this broker set, inactive from it (no skew on its own clock)', async (t) => {
+  let clock = Date.now()
+  const b = await startTestBroker({ now: () => clock })
+  t.teardown(b.close)
+  const res = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), await b.attest('agent:summarizer:prod:exp'), { task_duration: '100' }))
+  t.equal(res.status, 200, why(res))
+  const expiresIn = res.body.expires_in as number
+  const introspect = async () => {
+    const r = await fetch(`${b.url}/oauth2/introspect`, {
+      method: 'POST',
+      headers: { authorization: 'Basic ' + Buffer.from(`api-server:${b.introspectionSecret}`).toString('base64') },
+      body: new URLSearchParams({ token: res.body.access_token as string }),
+    })
+    return ((await r.json()) as { active: boolean }).active
+  }
+  const issued = clock
+  clock = issued + (expiresIn - 1) * 1000
+  t.equal(await introspect(), true, 'a second before exp: active')
+  clock = issued + (expiresIn + 1) * 1000
+  t.equal(await introspect(), false, 'a second after exp: inactive (it was active for 30 s more)')
+  clock = issued + (expiresIn + 29) * 1000
+  t.equal(await introspect(), false, 'and within what the skew used to allow')
+})

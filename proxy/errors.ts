@@ -82,6 +82,10 @@ export function renderError(err: LatchkeyError): { status: number; statusText: s
     'content-length': String(Buffer.byteLength(body)),
     'cache-control': 'no-store',
     [ERROR_HEADER]: err.code,
+    // What `retryable` says, where SDKs look: the OpenAI and Anthropic clients (and every other
+    // Stainless-generated one) retry any 5xx unless told not to, and sent a POST the upstream may
+    // already have taken three times.
+    'x-should-retry': err.retryable ? 'true' : 'false',
   }
   if (err.rule) headers[RULE_HEADER] = err.rule
   if (err.status === 407) headers['proxy-authenticate'] = 'Basic realm="latchkey"'

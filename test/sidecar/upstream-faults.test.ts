@@ -55,15 +55,18 @@ t.test('timeouts, resets and untrusted certificates', async (t) => {
   t.equal(reset.status, 502)
   t.equal(reset.headers['x-latchkey-error'], 'LK_UPSTREAM_UNREACHABLE')
   t.equal(JSON.parse(reset.body).retryable, true)
+  t.equal(reset.headers['x-should-retry'], 'true', 'said where SDKs look too')
 
   // The same failures after a POST went out: it may have been acted on, so it is not to be sent again.
   const post = (target: string) => rawRequest(s.sidecar.port, `POST ${target} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}`, 400)
   const postReset = await post(`http://127.0.0.1:${rudePort}/orders`)
   t.equal(postReset.status, 502)
   t.same(JSON.parse(postReset.body), { error: 'upstream_unreachable', code: 'LK_UPSTREAM_UNREACHABLE', rule: null, reason: 'the upstream closed the connection; the request may have reached it, and a POST is not safe to repeat', retryable: false })
+  t.equal(postReset.headers['x-should-retry'], 'false', 'an SDK that retries any 5xx is told not to')
   const postTimeout = await post(`http://127.0.0.1:${silentPort}/orders`)
   t.equal(postTimeout.status, 504)
   t.match(JSON.parse(postTimeout.body), { code: 'LK_UPSTREAM_TIMEOUT', reason: /in time; the request may have reached it, and a POST is not safe to repeat$/, retryable: false })
+  t.equal(postTimeout.headers['x-should-retry'], 'false')
   const patch = await rawRequest(s.sidecar.port, `PATCH http://127.0.0.1:${rudePort}/orders/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}`, 400)
   t.match(JSON.parse(patch.body), { code: 'LK_UPSTREAM_UNREACHABLE', retryable: false }, 'PATCH is not idempotent either')
   const put = await rawRequest(s.sidecar.port, `PUT http://127.0.0.1:${rudePort}/orders/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}`, 400)

@@ -142,6 +142,10 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
           return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream sent a ${coding}-encoded body though the sidecar asked for none; it cannot be checked for the credential, so it is not relayed`))
         }
         this.decode(decoder, coding, clean)
+      } else if (clean['content-encoding'] !== undefined && DECODED_CODINGS.has(String(clean['content-encoding']).trim().toLowerCase()) && (this.res.req.method === 'HEAD' || statusCode === 304)) {
+        // No body, but the head of one that would be relayed decoded (a HEAD, a 304 revalidating
+        // such a GET): it describes what the agent gets, as that GET's head did.
+        describeDecoded(clean)
       }
       this.scrubber = new BodyScrubber(bodyNeedlesFor(binding, credential))
     }
@@ -186,12 +190,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
    * ways: a full decoder pauses the upstream, an agent not reading pauses the decoder.
    */
   private decode(decoder: Transform, coding: string, clean: IncomingHttpHeaders): void {
-    delete clean['content-encoding']
-    delete clean['content-length']
-    delete clean['content-md5']
-    delete clean['accept-ranges']
-    const etag = clean.etag
-    if (typeof etag === 'string' && !etag.startsWith('W/')) clean.etag = `W/${etag}`
+    describeDecoded(clean)
     this.decoder = decoder
     decoder.on('data', (d: Buffer) => this.decoded(d))
     decoder.once('end', () => {
@@ -394,6 +393,19 @@ function encodedBody(headers: IncomingHttpHeaders, transferEncoding: string | st
  * (gzip, deflate, br), in one header line; null for anything else (a list, two lines, an unknown
  * coding), which is refused as before: the more layers, the more ways to read them.
  */
+/** The codings decoderFor undoes. */
+const DECODED_CODINGS = new Set(['gzip', 'x-gzip', 'deflate', 'br'])
+
+/** A head rewritten for its body decoded: identity, length unknown, a weak ETag (the same representation, other bytes). */
+function describeDecoded(clean: IncomingHttpHeaders): void {
+  delete clean['content-encoding']
+  delete clean['content-length']
+  delete clean['content-md5']
+  delete clean['accept-ranges']
+  const etag = clean.etag
+  if (typeof etag === 'string' && !etag.startsWith('W/')) clean.etag = `W/${etag}`
+}
+
 function decoderFor(contentEncoding: string | string[] | undefined): Transform | null {
   if (typeof contentEncoding !== 'string') return null
   switch (contentEncoding.trim().toLowerCase()) {

@@ -157,6 +157,10 @@ t.test('a compressed body on a credentialed call is decoded, checked and relayed
   const big = Array.from({ length: 40_000 }, (_, i) => `line ${i} of a long answer\n`).join('')
   const echo = await startUpstream({
     handler: (req, res) => {
+      if (req.headers['if-none-match'] !== undefined) {
+        res.writeHead(304, { 'content-encoding': 'gzip', etag: '"v1"' }).end()
+        return true
+      }
       const text = `seen ${String(req.headers.authorization ?? 'nothing')}`
       const [coding, packed] =
         req.url === '/br' ? ['br', brotliCompressSync(text)]
@@ -206,6 +210,11 @@ t.test('a compressed body on a credentialed call is decoded, checked and relayed
   t.notMatch(corrupt.raw, /0\r\n\r\n$/, 'a body that does not decode is cut, never ended as if whole')
   const head = await rawRequest(s.sidecar.port, `HEAD http://127.0.0.1:${echo.port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
   t.equal(head.status, 200, 'a HEAD has no body to check: its head is relayed')
+  // As the GET's head would be: the agent's HEAD and GET agree, and a 304 revalidates what it got.
+  t.same([head.headers['content-encoding'], head.headers['content-length'], head.headers.etag], [undefined, undefined, 'W/"v1"'], 'HEAD: the head of the decoded GET')
+  const revalidated = await rawRequest(s.sidecar.port, `GET ${echo.origin}/gzip HTTP/1.1\r\nHost: x\r\nIf-None-Match: W/"v1"\r\nConnection: close\r\n\r\n`)
+  t.equal(revalidated.status, 304)
+  t.same([revalidated.headers['content-encoding'], revalidated.headers.etag], [undefined, 'W/"v1"'], '304: no coding the 200 it revalidates did not have')
 
   const passed = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${plain.port}/ HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n`)
   t.equal(passed.status, 200, 'no credential injected: nothing to check')
@@ -218,9 +227,10 @@ t.test('a compressed body on a credentialed call is decoded, checked and relayed
     ['/deflate', 200, null],
     ['/big', 200, null],
     ['/corrupt', 200, 'LK_UPSTREAM_PROTOCOL'],
+    ['/gzip', 304, null],
   ])
   t.equal(events.find((e) => e.path === '/big')?.bytes_out, largeBody.length, 'bytes_out counts what the agent got, decoded')
-  assertNoCanary(t, s, ...seen, head.raw)
+  assertNoCanary(t, s, ...seen, head.raw, revalidated.raw)
 })
 
 t.test('a body the sidecar cannot read whole is not relayed: transfer codings, a coding sent twice, a Range', async (t) => {

@@ -215,6 +215,11 @@ export interface AuditSink {
    * response. Default (false): the response goes first and the call is recorded right after.
    */
   readonly recordBeforeResponse?: boolean
+  /**
+   * With recordBeforeResponse: whether write() now puts the event where the sink promises (false
+   * while its spool cannot be written); the response of a call it cannot keep is cut short.
+   */
+  keepsNow?(): boolean
   /** When present and false, the pipeline refuses new egress (503 LK_AUDIT_UNAVAILABLE): the sink cannot keep more. */
   accepting?(): boolean
   /** Why it is not accepting, for the refusal and /readyz. */

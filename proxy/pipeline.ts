@@ -493,11 +493,14 @@ export class Pipeline {
         else this.finish(ctx)
       },
       this.relocate,
-      this.stages.audit.recordBeforeResponse === true,
+      this.stages.audit.recordBeforeResponse === true ? this.auditKeeps : null,
       this.stages.bodyGapMs ?? 0,
       inspect,
     )
   }
+
+  /** Whether the audit sink keeps what it is given now (AuditSink.keepsNow). */
+  private readonly auditKeeps = (): boolean => this.stages.audit.keepsNow?.() !== false
 
   /** Records a refusal on the call's context; returns it as a LatchkeyError. */
   private recordRefusal(ctx: CallContext, err: unknown): LatchkeyError {

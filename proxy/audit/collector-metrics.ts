@@ -25,6 +25,8 @@ export function registerCollectorSinkMetrics(registry: Registry, sink: Collector
     ['latchkey_audit_unacked_events', 'Spooled audit events the collector has not acknowledged yet', () => sink.spool.lastSeq - sink.stats.acked],
     ['latchkey_audit_spool_bytes', 'Bytes held in the audit spool', () => sink.spool.bytes],
     ['latchkey_audit_spool_full', '1 while the audit spool is full (egress refused, or events dropped, per on_full)', () => (sink.isFull ? 1 : 0)],
+    // The state /readyz reports, where alerts look: a disk full under the spool showed nowhere else.
+    ['latchkey_audit_spool_unwritable', '1 while appends to the audit spool fail (a full disk, a read-only directory): egress is refused, or events are held then dropped, per on_full', () => (sink.appendFailing ? 1 : 0)],
     ['latchkey_audit_spool_damaged_bytes', 'Bytes skipped when the spool was recovered because records failed their checksum', () => sink.spool.recovery.corruptBytes],
   ]
   for (const [name, help, read] of gauges) {

@@ -267,9 +267,19 @@ export class CollectorAuditSink implements AuditSink {
     return this.full
   }
 
+  /** Whether appends to the spool are failing now (retried every RETRY_MS). */
+  get appendFailing(): boolean {
+    return this.failing !== null
+  }
+
   /** False while the spool is full, or cannot be written, and the configured choice is to refuse new egress. */
   accepting(): boolean {
     return !((this.full || this.failing !== null) && this.o.onFull === 'refuse')
+  }
+
+  /** False while appends fail and the choice is to refuse: an event written now waits in memory, where a SIGKILL takes it. */
+  keepsNow(): boolean {
+    return this.failing === null || this.o.onFull !== 'refuse'
   }
 
   unavailableReason(): string {

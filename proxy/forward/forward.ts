@@ -69,8 +69,11 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     private readonly res: ServerResponse,
     private readonly done: ForwardDone,
     private readonly relocate: Relocate,
-    /** Report (and so audit) before the response's last bytes are written: see AuditSink.recordBeforeResponse. */
-    private readonly recordFirst = false,
+    /**
+     * Set when the call is reported (and so audited) before the response's last bytes are
+     * written (AuditSink.recordBeforeResponse): whether the sink keeps an event now.
+     */
+    private readonly recordFirst: (() => boolean) | null = null,
     /** timeouts.body_ms: an agent that takes none of the response this long is cut (onResponseData). */
     private readonly bodyGapMs = 0,
   ) {
@@ -328,23 +331,27 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
 
   /** The whole response has been relayed: end it and report the call. */
   private complete(): void {
+    // The last chunks gathered, written as relay() would (the agent's taking them is end()'s affair).
+    const checked = this.length > 0 ? this.scrubbed(gatherTake(this)) : null
+    const rest = this.scrubber !== null ? this.scrubber.end() : null
+    if (this.scrubber !== null) this.ctx.credentialInBody = this.scrubber.found
+    if (this.recordFirst !== null) {
+      // No agent holds a whole response the trail may not have: a sink that cannot keep the
+      // event now (the spool's disk full) has the call cut short instead, and recorded so.
+      if (!this.recordFirst()) return this.cutShort('LK_AUDIT_UNAVAILABLE', 'the audit spool could not take the call: its response was cut before its end')
+      this.finished = true
+      this.done(null)
+      // This very event's append failed: it waits in memory, and the response stops short of its end.
+      if (!this.recordFirst()) return cut(this.res)
+    }
     this.finished = true
-    if (this.length > 0) {
-      // The last chunks gathered, written as relay() would (the agent's taking them is end()'s affair).
-      const checked = this.scrubbed(gatherTake(this))
-      if (checked !== null) this.res.write(checked)
-    }
-    if (this.scrubber !== null) {
-      const rest = this.scrubber.end()
-      if (rest !== null) this.res.write(rest)
-      this.ctx.credentialInBody = this.scrubber.found
-    }
-    if (this.recordFirst) this.done(null)
+    if (checked !== null) this.res.write(checked)
+    if (rest !== null) this.res.write(rest)
     this.res.end()
     // Send the response now; the bookkeeping in `done` must not hold it back until the next tick.
     this.res.uncork()
     this.corked = false
-    if (!this.recordFirst) this.done(null)
+    if (this.recordFirst === null) this.done(null)
   }
 
   onResponseError(_c: Dispatcher.DispatchController, err: Error): void {
@@ -606,7 +613,7 @@ export function forward(
   headers: OutboundHeaders,
   done: ForwardDone,
   relocate: Relocate,
-  recordFirst = false,
+  recordFirst: (() => boolean) | null = null,
   /** timeouts.body_ms: an agent's streamed request body silent this long ends the call (watchBodyStall). */
   bodyGapMs = 0,
   /** Sees the body's chunks before they go. */

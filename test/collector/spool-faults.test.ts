@@ -130,17 +130,25 @@ t.test('a full disk under the collector sink refuses new egress (503) and loses 
   for (let i = 0; i < 5; i++) t.equal((await get(`/before/${i}`)).status, 200)
   const filler = fill(dir)
   const during: { status: number; body: string }[] = []
-  for (let i = 0; i < 20; i++) during.push(await get(`/during/${i}`))
-  // The segment's last page still took a few records; from the first append that failed on, every call is refused.
+  // A response cut short throws: status 0.
+  for (let i = 0; i < 20; i++) during.push(await get(`/during/${i}`).catch((err: Error) => ({ status: 0, body: err.message })))
+  // The segment's last page still took a few records. The call whose own event was the first
+  // append to fail has its response cut short of its end (no agent holds a whole response the
+  // trail may lose to a SIGKILL); every call after it is refused.
+  const cutAt = during.findIndex((r) => r.status !== 200)
+  t.ok(cutAt >= 0 && cutAt < 18, `an append failed (call ${cutAt})`)
+  t.equal(during[cutAt]?.status, 0, `that call's response was cut short: ${during[cutAt]?.body}`)
   const first = during.findIndex((r) => r.status === 503)
   const refused = during.filter((r) => r.status === 503)
-  t.ok(first >= 0 && first < 19, `refusals began once an append failed (call ${first})`)
+  t.equal(first, cutAt + 1, 'refusals began with the next call')
   t.equal(refused.length, during.length - first, 'and every call after it was refused too')
   t.match(JSON.parse(refused.at(-1)!.body), { code: 'LK_AUDIT_UNAVAILABLE', reason: /audit spool cannot be written \(ENOSPC\)/ })
   const readyz = await request(`${s.sidecar.adminUrl}/readyz`)
   t.equal(readyz.statusCode, 503)
   t.match(await readyz.body.text(), /ENOSPC/)
-  t.equal(upstream.requests.filter((r) => r.url.startsWith('/during/')).length, 20 - refused.length, 'nothing refused reached the upstream')
+  const metrics = async () => (await (await request(`${s.sidecar.adminUrl}/metrics`)).body.text()).match(/^latchkey_audit_spool_unwritable (\d)$/m)?.[1]
+  t.equal(await metrics(), '1', 'and /metrics, where alerts look')
+  t.equal(upstream.requests.filter((r) => r.url.startsWith('/during/')).length, 20 - refused.length, 'nothing refused reached the upstream (the cut call did)')
 
   rmSync(filler)
   let back = 0
@@ -149,6 +157,7 @@ t.test('a full disk under the collector sink refuses new egress (503) and loses 
     if ((await get(`/after/probe`)).status === 200) back = i
   }
   t.ok(back > 0, 'egress resumes once the spool can be written again (within the 1 s retry)')
+  t.equal(await metrics(), '0', 'the gauge is down again')
   t.ok(await s.sink.waitForAck(s.sink.spool.lastSeq, 10_000), 'the collector has everything spooled')
   const stored = await c.store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0), limit: 10_000 })
   const paths = stored.map((e) => e.event.call?.path ?? '')

@@ -170,6 +170,8 @@ export class CollectorAuditSink implements AuditSink {
   private dirty = false
   private syncing = false
   private readonly ackWaiters: Array<{ seq: number; resolve: () => void }> = []
+  /** The highest sequence sent on the current stream: no ack may go past it. */
+  private sentSeq = 0
   private readonly sidecarField: Uint8Array
   /** Set while appends fail: the last error. */
   private failing: NodeJS.ErrnoException | null = null
@@ -388,6 +390,7 @@ export class CollectorAuditSink implements AuditSink {
     const call = this.client.ingest(md)
     this.call = call
     this.cursor = this.spool.start()
+    this.sentSeq = this.stats.acked
     this.inflight = 0
     this.waitingSince = 0
     call.on('data', (ack: IngestResponse) => this.onAck(ack))
@@ -409,6 +412,16 @@ export class CollectorAuditSink implements AuditSink {
   }
 
   private onAck(ack: IngestResponse): void {
+    if (ack.ackedSequence > this.sentSeq) {
+      // Taken, it would let the spool delete what was never sent and stop sending what follows.
+      // A collector does not do this; something else at its address (on a plaintext loopback
+      // port, anything that binds it while the collector is down) might.
+      this.log('error', { acked: ack.ackedSequence, sent: this.sentSeq }, 'audit stream to collector: acknowledgement of events never sent; ignored, reconnecting (is the collector what answers at this address?)')
+      const call = this.call!
+      this.onStreamEnd(call, null)
+      call.cancel()
+      return
+    }
     this.attempt = 0
     this.inflight = Math.max(0, this.inflight - 1)
     this.waitingSince = this.inflight > 0 ? performance.now() : 0
@@ -477,6 +490,7 @@ export class CollectorAuditSink implements AuditSink {
         msg.set(r.payload, at)
         at += r.payload.length
       }
+      this.sentSeq = records[records.length - 1]!.seq
       if (this.inflight++ === 0) this.waitingSince = performance.now()
       if (!call.write(msg)) {
         call.once('drain', () => this.pump())

@@ -378,12 +378,16 @@ export class Pipeline {
     } catch {
       // Unreadable: recorded without one.
     }
-    this.recordRefused(
-      ctx,
-      this.draining
-        ? new LatchkeyError('LK_DRAINING', 'not sent: the sidecar is shutting down and the connection ended before its turn')
-        : new LatchkeyError('LK_BAD_REQUEST', 'not sent: the connection was closing before its turn (a request before it was refused or malformed)'),
-    )
+    // Whose it was, so it is in its task's history; a proxy credential that names nothing leaves it the sidecar's.
+    try {
+      ctx.identity = this.stages.identifier.identify(tunnel ? tunnel.proxyAuthorization : req.headers['proxy-authorization'])
+    } catch {
+      // Unidentified, as a refusal before identify is.
+    }
+    // Status 0: no response went, and none was seen (the agent got the one before it, then the close).
+    if (this.draining) recordEnd(ctx, 'LK_DRAINING', 'not sent: the sidecar is shutting down and the connection ended before its turn')
+    else recordEnd(ctx, 'LK_BAD_REQUEST', 'not sent: the connection was closing before its turn (a request before it was refused or malformed)')
+    this.finish(ctx)
   }
 
   /**

@@ -50,11 +50,27 @@ t.test('pipelined behind a refusal: not sent, not decided, audited as not sent',
     const events = (await s.audit()).slice(auditBefore)
     t.equal(events.length, 3, `${name}: three calls, three events`)
     const deleted = events.find((e) => e.method === 'DELETE')
-    t.match(deleted, { status: 400, error: 'LK_BAD_REQUEST', reason: /not sent: the connection was closing/, path: '/item/7' }, `${name}: the DELETE is recorded as not sent, with its target`)
+    t.match(deleted, { status: 0, error: 'LK_BAD_REQUEST', reason: /not sent: the connection was closing/, path: '/item/7' }, `${name}: the DELETE is recorded as not sent (status 0: no response went), with its target`)
     assertNoCanary(t, s, raw.raw)
   }
   const after = await rawRequest(s.sidecar.port, `GET http://${host}/ HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`)
   t.equal(after.status, 200, 'the sidecar is still serving')
+})
+
+t.test("a request not sent is in its task's history: recorded under the task its Proxy-Authorization names", async (t) => {
+  const { s, host } = await setup(t)
+  const opened = await fetch(`${s.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"purpose":"pipelined","duration_s":60}' })
+  const { task } = (await opened.json()) as { task: string }
+  const auth = `Proxy-Authorization: Basic ${Buffer.from(`task:${task}`).toString('base64')}\r\n`
+  const raw = await rawRequest(
+    s.sidecar.port,
+    `GET http://${host}/slow HTTP/1.1\r\nHost: ${host}\r\n${auth}\r\n` + `GET http://127.0.0.1:1/denied HTTP/1.1\r\nHost: 127.0.0.1:1\r\n${auth}\r\n` + `DELETE http://${host}/item/8 HTTP/1.1\r\nHost: ${host}\r\n${auth}\r\n`,
+  )
+  t.same(statuses(raw.raw), [200, 403])
+  const events = await s.audit()
+  const taskId = events.find((e) => e.path === '/slow')?.task
+  t.ok(taskId, 'the calls ran in the task')
+  t.match(events.find((e) => e.method === 'DELETE'), { task: taskId, status: 0, error: 'LK_BAD_REQUEST', path: '/item/8' }, 'the one not sent too')
 })
 
 t.test('a malformed request behind one still being answered is recorded; the connection ends after the owed response', async (t) => {
@@ -86,7 +102,7 @@ t.test('malformed bytes behind a queued request are recorded too', async (t) => 
   t.same(upstream.requests.map((r) => r.url), ['/slow'])
   const events = await s.audit()
   t.equal(events.length, 3, 'the answered call, the queued one not sent, the malformed bytes')
-  t.match(events.find((e) => e.path === '/good'), { status: 400, reason: /not sent/ })
+  t.match(events.find((e) => e.path === '/good'), { status: 0, reason: /not sent/ })
   t.match(events.find((e) => e.method === 'UNKNOWN'), { status: 400, reason: /malformed HTTP request/ })
 })
 
@@ -128,7 +144,7 @@ t.test('inside a plaintext CONNECT tunnel too', async (t) => {
   t.same(statuses(raw), [200, 400], 'the tunnel answers the first, refuses the other origin, and closes')
   t.same(upstream.requests.map((r) => r.url), ['/slow'])
   const events = await s.audit()
-  t.match(events.find((e) => e.method === 'DELETE'), { via: 'tunnelled', status: 400, reason: /not sent/, path: '/item' })
+  t.match(events.find((e) => e.method === 'DELETE'), { via: 'tunnelled', status: 0, reason: /not sent/, path: '/item' })
 })
 
 t.test('what node:http would answer by itself is refused by the sidecar, coded and audited', async (t) => {
@@ -223,5 +239,5 @@ t.test('a pipelining flood loses its connection instead of the sidecar holding i
   t.ok(upstream.requests.filter((r) => r.url === '/fast').length <= 64, 'of which only the few before the cap were sent')
   t.ok(s.logs.some((l) => l.includes('a client pipelined too many requests')), 'the operator is told')
   t.same(flooded.filter((e) => e.error === 'LK_CLIENT_CLOSED'), [], 'a call cut with the connection is not put down to the agent hanging up')
-  t.match(flooded.filter((e) => e.status !== 400 || !/not sent/.test(String(e.reason))).filter((e) => e.error !== null), [{ error: 'LK_BAD_REQUEST', reason: /more than 64 requests pipelined/ }], 'it is recorded as cut for the flood')
+  t.match(flooded.filter((e) => e.status !== 0 || !/not sent/.test(String(e.reason))).filter((e) => e.error !== null), [{ error: 'LK_BAD_REQUEST', reason: /more than 64 requests pipelined/ }], 'it is recorded as cut for the flood')
 })

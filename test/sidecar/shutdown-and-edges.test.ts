@@ -165,7 +165,7 @@ t.test('CONNECT and upgrades pipelined ahead of owed responses are not taken', a
     t.same(upstream.requests.slice(before).map((x) => x.url), expected[0] === 200 ? ['/slow'] : [], `${name}: nothing else reached the upstream`)
     const events = (await s.audit()).slice(auditBefore)
     t.equal(events.length, 2, `${name}: both audited`)
-    t.match(events.find((e) => e.via === 'upgrade' || e.via === 'connect'), { status: 400, reason: /not sent/ }, `${name}: recorded as not sent`)
+    t.match(events.find((e) => e.via === 'upgrade' || e.via === 'connect'), { status: 0, reason: /not sent/ }, `${name}: recorded as not sent`)
   }
   const gauge = (await (await fetch(`${s.sidecar.adminUrl}/metrics`)).text()).match(/^latchkey_open_tunnels (\d+)/m)?.[1]
   t.equal(gauge, '0', 'no tunnel was opened or leaked')

@@ -12,8 +12,8 @@ const statements = new WeakMap<Database.Database, Map<string, Database.Statement
 
 export type { Database }
 
-export function openDatabase(path: string): Database.Database {
-  const db = new Database(path)
+export function openDatabase(path: string, options?: Database.Options): Database.Database {
+  const db = new Database(path, options)
   keep.push(db)
   statements.set(db, new Map())
   return db

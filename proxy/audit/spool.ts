@@ -11,6 +11,7 @@
 import { close, closeSync, fdatasync, fdatasyncSync, fsyncSync, ftruncateSync, mkdirSync, renameSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeSync, writeFileSync, existsSync } from 'node:fs'
 import { join } from 'node:path'
 import { crc32 } from 'node:zlib'
+import { lockSpoolDir, type SpoolLock } from './spool-lock.js'
 
 const HEADER = 16
 const MAX_RECORD = 16 * 1024 * 1024
@@ -109,29 +110,39 @@ export class Spool {
   /** Reused by read(): sized for a sender's batch (1 MiB) and its last record's overhang. */
   private readonly readBuf = Buffer.allocUnsafe(2 * 1024 * 1024 + 64 * 1024)
 
+  /** Held until close(): see spool-lock.ts. */
+  private readonly lock: SpoolLock
+
   constructor(
     readonly dir: string,
     readonly sidecarId: string,
     private readonly segmentBytes: number,
   ) {
     mkdirSync(dir, { recursive: true, mode: 0o700 })
-    const meta = join(dir, 'spool.json')
-    if (existsSync(meta)) {
-      const owner = readOwner(meta)
-      if (owner !== sidecarId) {
-        throw new SpoolError(`spool ${dir} belongs to sidecar "${owner}", not "${sidecarId}": sequences would collide; give each sidecar its own spool_dir`)
+    this.lock = lockSpoolDir(dir, (path) => new SpoolError(`spool ${dir} is in use by another sidecar (${path} is locked): two processes appending to one spool corrupt it; give each sidecar its own spool_dir`))
+    try {
+      const meta = join(dir, 'spool.json')
+      if (existsSync(meta)) {
+        const owner = readOwner(meta)
+        if (owner !== sidecarId) {
+          throw new SpoolError(`spool ${dir} belongs to sidecar "${owner}", not "${sidecarId}": sequences would collide; give each sidecar its own spool_dir`)
+        }
+      } else {
+        // Written whole or not at all: a crash mid-write must not leave an empty spool.json that
+        // stops the next start.
+        const tmp = `${meta}.tmp`
+        writeFileSync(tmp, JSON.stringify({ sidecar: sidecarId }) + '\n', { mode: 0o600 })
+        const fd = openSync(tmp, 'r')
+        fsyncSync(fd)
+        closeSync(fd)
+        renameSync(tmp, meta)
       }
-    } else {
-      // Written whole or not at all: a crash mid-write must not leave an empty spool.json that
-      // stops the next start.
-      const tmp = `${meta}.tmp`
-      writeFileSync(tmp, JSON.stringify({ sidecar: sidecarId }) + '\n', { mode: 0o600 })
-      const fd = openSync(tmp, 'r')
-      fsyncSync(fd)
-      closeSync(fd)
-      renameSync(tmp, meta)
+      this.recover()
+    } catch (err) {
+      // Refused or unreadable: the directory is free for whoever comes next.
+      this.lock.release()
+      throw err
     }
-    this.recover()
   }
 
   private recover(): void {
@@ -461,5 +472,6 @@ export class Spool {
       closeSync(this.fd)
       this.fd = -1
     }
+    this.lock.release()
   }
 }

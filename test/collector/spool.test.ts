@@ -3,6 +3,7 @@ import t from 'tap'
 import { mkdtempSync, readdirSync, statSync, truncateSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { spawnSync } from 'node:child_process'
 import { Spool } from '../../proxy/audit/spool.js'
 
 const dir = () => mkdtempSync(join(tmpdir(), 'lk-spool-'))
@@ -79,7 +80,9 @@ t.test('a torn last record is cut off; every record before it is kept', async (t
   r.append(1, payload)
   t.same(all(r).map((x) => x[0]), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
   r.close()
-  t.same(all(new Spool(d, 'sc', 1 << 20)).length, 10, 'and it reads back after another restart')
+  const again = new Spool(d, 'sc', 1 << 20)
+  t.same(all(again).length, 10, 'and it reads back after another restart')
+  again.close()
 })
 
 t.test('a damaged record in an older segment is skipped, the records around it kept', async (t) => {
@@ -88,7 +91,9 @@ t.test('a damaged record in an older segment is skipped, the records around it k
   for (let i = 0; i < 10; i++) s.append(2, payload)
   s.close()
   const first = join(d, segs(d)[0]!)
-  const recs = all(new Spool(d, 'sc', 200))
+  const intact = new Spool(d, 'sc', 200)
+  const recs = all(intact)
+  intact.close()
   t.equal(recs.length, 20)
   // Flip one byte inside the second record's payload.
   const data = readFileSync(first)
@@ -107,4 +112,28 @@ t.test("a spool is tied to its sidecar: another sidecar's spool is refused", asy
   const d = dir()
   new Spool(d, 'sidecar-one', 1024).close()
   t.throws(() => new Spool(d, 'sidecar-two', 1024), { code: 'LK_SPOOL', message: /belongs to sidecar "sidecar-one", not "sidecar-two"/ })
+  const one = new Spool(d, 'sidecar-one', 1024)
+  t.equal(one.next, 1, 'the refusal left the directory free for its owner')
+  one.close()
+})
+
+t.test('one holder per spool directory: a second, in this process or another, is refused; a holder killed leaves none behind', async (t) => {
+  const d = dir()
+  const first = new Spool(d, 'sc', 1024)
+  first.append(2, payload)
+  const busy = { code: 'LK_SPOOL', message: `spool ${d} is in use by another sidecar (${join(d, 'spool.lock')} is locked): two processes appending to one spool corrupt it; give each sidecar its own spool_dir` }
+  t.throws(() => new Spool(d, 'sc', 1024), busy, 'a second spool on it in this process')
+  // Another process: the same module, as a second sidecar would load it.
+  const spoolModule = new URL('../../proxy/audit/spool.js', import.meta.url).href
+  const other = (script: string) => spawnSync(process.execPath, ['--input-type=module', '-e', `import { Spool } from '${spoolModule}'; ${script}`], { encoding: 'utf8' })
+  const refused = other(`try { new Spool(${JSON.stringify(d)}, 'sc', 1024); console.log('opened') } catch (e) { console.log(e.code, e.message) }`)
+  t.equal(refused.stdout.trim(), `${busy.code} ${busy.message}`, 'a second process')
+  t.same(readdirSync(d).filter((n) => n.endsWith('.seg')).length, 1, 'and it touched nothing')
+  first.close()
+  const after = other(`const s = new Spool(${JSON.stringify(d)}, 'sc', 1024); s.append(1, () => Buffer.from('x')); console.log(s.lastSeq); process.kill(process.pid, 'SIGKILL')`)
+  t.equal(after.stdout.trim(), '3', 'free once closed: another process opens it and appends')
+  t.equal(after.signal, 'SIGKILL', 'and dies without closing it')
+  const again = new Spool(d, 'sc', 1024)
+  t.equal(again.next, 4, 'its lock died with it: the directory opens again at once')
+  again.close()
 })

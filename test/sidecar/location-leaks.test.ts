@@ -59,6 +59,43 @@ t.test('a redirect echoing the credential with a tab in it is not relayed, for t
   t.notOk(seen.some((o) => o.includes(CANARY.slice(4))), 'not even the part after the tab reached the agent')
 })
 
+t.test('a pagination Link echoing a query credential is masked in place: a client follows rel=next through the sidecar, which puts the credential back', async (t) => {
+  // GitLab (private_token) and Canvas (access_token) repeat the caller's query in their Link header.
+  const upstream = await startUpstream({
+    handler: (req, res) => {
+      const url = new URL(req.url, 'http://x')
+      const key = url.searchParams.get('key') ?? ''
+      const page = Number(url.searchParams.get('page') ?? '1')
+      const next = page < 3 ? { link: `<${upstream.origin}/items?page=${page + 1}&key=${key}>; rel="next", <${upstream.origin}/items?page=3&key=${key}>; rel="last"` } : {}
+      res.writeHead(200, { 'content-type': 'application/json', ...next }).end(JSON.stringify({ page, keyed: key === CANARY }))
+      return true
+    },
+  })
+  const s = await startTestSidecar({
+    ...loopbackPolicy([upstream.port]),
+    credentials: [{ id: 'query', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'query', name: 'key' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  // Octokit's paginate: rel=next by regex, followed until there is none.
+  const script = `
+    const { EnvHttpProxyAgent, fetch } = await import('undici')
+    let url = process.argv[1]
+    while (url) {
+      const res = await fetch(url, { dispatcher: new EnvHttpProxyAgent() })
+      console.log(JSON.stringify({ body: await res.json(), link: res.headers.get('link') }))
+      url = /<([^<>]+)>;\\s*rel="next"/.exec(res.headers.get('link') ?? '')?.[1]
+    }`
+  const out = await run(process.execPath, ['--input-type=module', '-e', script, `${upstream.origin}/items`], { env: cleanEnv({ HTTP_PROXY: s.proxy }) })
+  const pages = out.stdout.trim().split('\n').map((l) => JSON.parse(l) as { body: { page: number; keyed: boolean }; link: string | null })
+  t.same(pages.map((p) => p.body), [1, 2, 3].map((page) => ({ page, keyed: true })), `every page followed, each with the credential injected: ${out.stderr}`)
+  const mask = '*'.repeat(CANARY.length)
+  t.equal(pages[0]?.link, `<${upstream.origin}/items?page=2&key=${mask}>; rel="next", <${upstream.origin}/items?page=3&key=${mask}>; rel="last"`, 'the credential masked where it was, the rest of the Link kept')
+  assertNoCanary(t, s, out.stdout)
+})
+
 t.test("a pagination Link echoing the credential with a tab in it is not relayed: clients follow rel=next as a URL", async (t) => {
   // An API building its next-page link from the URL it was called with, query credential and all.
   const upstream = await startUpstream({

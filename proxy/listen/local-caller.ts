@@ -18,7 +18,12 @@ export function checkLocalCaller(headers: IncomingHttpHeaders, namedHosts = fals
     throw new LatchkeyError('LK_FOREIGN_ORIGIN', 'the request names another host than this sidecar; address it by a loopback address or localhost (another name is what DNS rebinding looks like)')
   }
   const site = headers['sec-fetch-site']
-  if (headers.origin !== undefined || (site !== undefined && site !== 'none' && site !== 'same-origin')) {
+  if (headers.origin !== undefined) {
+    // Some programs send one of their own (Python's websocket-client, Netty's client handshake):
+    // told what to leave out, as a page cannot.
+    throw new LatchkeyError('LK_FOREIGN_ORIGIN', 'a request with an Origin header is taken for one from a web page and refused: reverse routes and the admin API serve local programs only (a program that sends Origin itself should not: websocket-client, suppress_origin=True)')
+  }
+  if (site !== undefined && site !== 'none' && site !== 'same-origin') {
     throw new LatchkeyError('LK_FOREIGN_ORIGIN', 'a request from a web page is refused: reverse routes and the admin API serve local programs only')
   }
 }

@@ -29,6 +29,7 @@ t.test('a web page cannot drive reverse routes or the admin API', async (t) => {
   const ws = await rawRequest(port, `GET /api/socket HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nOrigin: http://attacker.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`)
   seen.push(ws.raw)
   t.equal(ws.status, 403, "a page's WebSocket is refused")
+  t.match(JSON.parse(ws.body).reason, /^a request with an Origin header is taken for one from a web page and refused: .*suppress_origin=True\)$/, 'saying what a program that sends Origin itself should leave out')
   t.equal(upstream.requests.length, 0, 'none of them reached the upstream, so no credential was spent for a page')
 
   for (const headers of [`Host: 127.0.0.1:${port}\r\n`, `Host: localhost:${port}\r\n`, `Host: [::1]:${port}\r\n`, `Host: app.localhost\r\n`, `Host: 127.0.0.1\r\nSec-Fetch-Site: none\r\n`]) {

@@ -136,6 +136,16 @@ export interface CallContext {
   credentialInBody: number
   /** An open byte relay (a dialled TLS tunnel, a WebSocket): judged again when the policy changes (Pipeline.cutDenied). */
   relayed: boolean
+  /**
+   * The forward under way, once dispatched: a cut (revocation, task end) stops it at once, before
+   * undici can write the request on a connection that opens meanwhile; the client socket's close
+   * comes an event-loop turn later.
+   */
+  forward: { abort(err: Error): void } | null
+  /** Set while admission waits (DNS, a token exchange): a cut then is answered, not a bare close (Pipeline.cut). */
+  admitting: boolean
+  /** A cut that came while admission waited: the refusal it is answered with. */
+  cutWith: Error | null
   /** While admitted and unfinished: the client socket it holds, and its links in Pipeline.live (LiveCalls owns these three). */
   liveSocket: Socket | null
   livePrev: CallContext | null

@@ -103,6 +103,9 @@ export class Pipeline {
       errorReason: null,
       credentialInBody: 0,
       relayed: false,
+      forward: null,
+      admitting: false,
+      cutWith: null,
       liveSocket: null,
       livePrev: null,
       liveNext: null,
@@ -204,7 +207,13 @@ export class Pipeline {
       // Inside a tunnel the agent's proxy credential came with the CONNECT, not with each request.
       const admitted = this.admit(ctx, tunnel ? tunnel.proxyAuthorization : req.headers['proxy-authorization'], true, req.socket)
       if (admitted) {
-        admitted.then(() => this.dispatchAfterWait(ctx, req, res, expectContinue)).catch((err: unknown) => this.refuse(ctx, res, err))
+        ctx.admitting = true
+        admitted
+          .then(() => this.dispatchAfterWait(ctx, req, res, expectContinue))
+          .catch((err: unknown) => {
+            ctx.admitting = false
+            this.refuse(ctx, res, ctx.cutWith ?? err)
+          })
         return
       }
       this.dispatch(ctx, req, res, expectContinue)
@@ -385,7 +394,9 @@ export class Pipeline {
       // Unidentified, as a refusal before identify is.
     }
     // Status 0: no response went, and none was seen (the agent got the one before it, then the close).
-    if (this.draining) recordEnd(ctx, 'LK_DRAINING', 'not sent: the sidecar is shutting down and the connection ended before its turn')
+    const cut = req.socket ? this.cutSockets.get(req.socket) : undefined
+    if (cut) recordEnd(ctx, cut.code, `not sent: the connection was cut before its turn (${cut.reason})`)
+    else if (this.draining) recordEnd(ctx, 'LK_DRAINING', 'not sent: the sidecar is shutting down and the connection ended before its turn')
     else recordEnd(ctx, 'LK_BAD_REQUEST', 'not sent: the connection was closing before its turn (a request before it was refused or malformed)')
     this.finish(ctx)
   }
@@ -423,6 +434,8 @@ export class Pipeline {
    * (its socket gone) goes nowhere, the credential it was handed included. Either way it is recorded.
    */
   private dispatchAfterWait(ctx: CallContext, req: IncomingMessage, res: ServerResponse, expectContinue: boolean): void {
+    ctx.admitting = false
+    if (ctx.cutWith) throw ctx.cutWith
     this.stages.revocations?.check(ctx.identity)
     if (res.destroyed || req.socket === null || req.socket.destroyed) {
       throw new LatchkeyError('LK_CLIENT_CLOSED', 'the agent closed the connection before the call was sent')
@@ -575,12 +588,28 @@ export class Pipeline {
     let n = 0
     for (const [ctx, socket] of this.live.entries()) {
       if (!matches(ctx.identity)) continue
+      n++
+      if (ctx.admitting) {
+        // Nothing sent yet, either way: answered with the refusal when admission settles (an
+        // agent reads a 403 where a bare close told it nothing), and never dispatched.
+        ctx.cutWith ??= new LatchkeyError(code, reason)
+        continue
+      }
       this.live.delete(ctx)
       recordEnd(ctx, code, reason)
-      socket.destroy()
-      n++
+      this.cutSocket(ctx, socket, code, reason)
     }
     return n
+  }
+
+  /** Why a connection was cut on purpose: what its queued requests are recorded as (neverSent). */
+  private readonly cutSockets = new WeakMap<Socket, { code: ErrorCode; reason: string }>()
+
+  /** Ends a call's forward now, then its connection. */
+  private cutSocket(ctx: CallContext, socket: Socket, code: ErrorCode, reason: string): void {
+    this.cutSockets.set(socket, { code, reason })
+    ctx.forward?.abort(new LatchkeyError(code, reason))
+    socket.destroy()
   }
 
   /**
@@ -600,7 +629,7 @@ export class Pipeline {
       if (d.action !== 'deny' || !d.enforced) continue
       this.live.delete(ctx)
       if (recordEnd(ctx, 'LK_POLICY_DENIED', `the policy changed: ${d.reason}`)) ctx.decision = d
-      socket.destroy()
+      this.cutSocket(ctx, socket, 'LK_POLICY_DENIED', `the policy changed: ${d.reason}`)
       n++
     }
     return n

@@ -625,6 +625,7 @@ export function forward(
   // chunked one can come as many tiny frames.
   const body = chunked ? coalesced(req, ctx, inspect) : hasRequestBody(req) ? counted(req, ctx, inspect) : null
   const relay = new ResponseRelay(ctx, res, done, relocate, recordFirst, bodyGapMs)
+  ctx.forward = relay
   // A chunked body can turn out malformed after the head has gone: the listener must be able to
   // end this call with a 400 (abortChunkedForward). Only such bodies are tracked.
   if (chunked) chunkedForwards.set(req, relay)

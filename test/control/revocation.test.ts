@@ -48,6 +48,11 @@ t.test('revoking one agent: refused at once, tokens gone, streams cut; the other
   await until('the call in the tunnel answered', () => own.received().includes('"ok":true'))
   t.notMatch(own.received(), /connection: close/i, 'and the tunnel kept open')
 
+  // A request pipelined behind a streaming response on one connection: queued, never to be sent.
+  const auth = `Proxy-Authorization: Bearer ${vt.handle}\r\n`
+  const piped = openRecorded(t, victim.sidecar.port, `GET ${api.origin}/stream/piped HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\n${auth}\r\nGET ${api.origin}/queued HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\n${auth}\r\n`)
+  await until('the pipelined stream flowing', () => piped.received().startsWith('HTTP/1.1 200'))
+
   const r = await revoke(broker, 'agent', victim.agent)
   const returned = performance.now()
   t.equal(r.status, 201)
@@ -63,6 +68,14 @@ t.test('revoking one agent: refused at once, tokens gone, streams cut; the other
   t.not(await stream.ended, undefined, 'the streaming response was cut')
   // Recorded as revoked, not as the upstream failure the cut itself caused.
   await until('the cut stream is audited as revoked', async () => (await victim.audit()).some((e) => e.task === vt.id && e.via === 'absolute' && e.status === 200 && e.error === 'LK_REVOKED'))
+  // What was queued behind it is recorded as the revocation left it: not sent, under its task.
+  await until('the queued request is audited', async () => (await victim.audit()).some((e) => e.path === '/queued'))
+  t.match(
+    (await victim.audit()).find((e) => e.path === '/queued'),
+    { task: vt.id, status: 0, error: 'LK_REVOKED', reason: 'not sent: the connection was cut before its turn (revoked)' },
+    'the request queued behind the cut stream: not sent, revoked, in its task',
+  )
+  t.notOk(api.paths.includes('/queued'), 'and it never reached the API')
   await tunnelClosed
   t.ok(tunnel.destroyed, 'the CONNECT tunnel was closed')
   await until('the idle keep-alive connection closed', () => idle.closed(), 2000).catch(() => {})

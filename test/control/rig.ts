@@ -62,15 +62,19 @@ export interface Api {
   port: number
   /** Bearer tokens received, in order. */
   tokens: string[]
+  /** Request targets received, in order. */
+  paths: string[]
   close(): Promise<void>
 }
 
 /** /stream holds a response open, writing a chunk every 50 ms; anything else answers 200 {ok, bearer}. */
 export async function startApi(): Promise<Api> {
   const tokens: string[] = []
+  const paths: string[] = []
   const upgraded = new Set<import('node:net').Socket>()
   const server: Server = createServer((req, res) => {
     req.resume()
+    paths.push(req.url ?? '')
     const auth = req.headers.authorization ?? ''
     if (auth.startsWith('Bearer ')) tokens.push(auth.slice(7))
     if (req.url?.startsWith('/stream')) {
@@ -99,6 +103,7 @@ export async function startApi(): Promise<Api> {
     origin: `http://127.0.0.1:${port}`,
     port,
     tokens,
+    paths,
     close: () =>
       new Promise<void>((resolve) => {
         server.closeAllConnections()

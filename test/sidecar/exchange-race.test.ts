@@ -47,28 +47,33 @@ t.test('the token source: a task revoked or ended mid-exchange voids that exchan
   t.equal(src.describe(other.id).length, 1)
 })
 
-t.test('through the sidecar: a task revoked at the broker while its exchange is in flight gets 403 LK_REVOKED, and the API no token', async (t) => {
-  const broker = await startControlBroker()
-  t.teardown(() => broker.close())
-  const front = await startBrokerFront(broker.url)
-  t.teardown(front.close)
-  const api = await startApi()
-  t.teardown(api.close)
-  const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:race', { sidecar: { broker: { url: front.url, timeout_ms: 5000 } } })
-  t.teardown(s.close)
-  await until('connected', () => s.sidecar.control!.connected)
-  const task = await s.openTask()
-  front.mode = { mode: 'hold' }
-  const arrived = front.handled(front.requests + 1)
-  const reply = viaProxy(s, task.handle, `${api.origin}/race`).then((r) => ({ status: r.status, code: r.body.code }), (err: Error) => ({ status: 0, code: err.message }))
-  await arrived
-  t.equal((await revoke(broker, 'task', task.id)).status, 201)
-  await until('the revocation reached the sidecar', () => s.sidecar.control!.state.has('task', task.id))
-  front.release()
-  // The sidecar answers 403, or has already cut the call (it cuts a revoked task's calls): either
-  // way the minted token must not reach the API.
-  const got = await reply
-  t.ok((got.status === 403 && got.code === 'LK_REVOKED') || got.status === 0, `refused or cut (${got.status} ${String(got.code)})`)
-  await new Promise((r) => setTimeout(r, 300))
-  t.same(api.tokens, [], 'no token reached the API')
-})
+for (const kind of ['task', 'agent'] as const) {
+  t.test(`through the sidecar: ${kind === 'task' ? 'a task' : 'an agent'} revoked at the broker while its exchange is in flight gets 403 LK_REVOKED, and the API no token`, async (t) => {
+    const broker = await startControlBroker()
+    t.teardown(() => broker.close())
+    const front = await startBrokerFront(broker.url)
+    t.teardown(front.close)
+    const api = await startApi()
+    t.teardown(api.close)
+    const agent = `agent:summarizer:prod:race-${kind}`
+    const s = await startControlSidecar(broker, api, agent, { sidecar: { broker: { url: front.url, timeout_ms: 5000 } } })
+    t.teardown(s.close)
+    await until('connected', () => s.sidecar.control!.connected)
+    const task = await s.openTask()
+    front.mode = { mode: 'hold' }
+    const arrived = front.handled(front.requests + 1)
+    const reply = viaProxy(s, task.handle, `${api.origin}/race`).then((r) => ({ status: r.status, code: r.body.code }), (err: Error) => ({ status: 0, code: err.message }))
+    await arrived
+    t.equal((await revoke(broker, kind, kind === 'task' ? task.id : agent)).status, 201)
+    await until('the revocation reached the sidecar', () => (kind === 'task' ? s.sidecar.control!.state.has('task', task.id) : s.sidecar.control!.state.agentRevoked))
+    front.release()
+    // Nothing had been sent to the agent: it reads the refusal (the revocation's cut of its call
+    // gave it a bare close, "empty reply from server"), and the minted token reaches no API.
+    const got = await reply
+    t.same(got, { status: 403, code: 'LK_REVOKED' }, 'answered with the refusal, not cut')
+    await new Promise((r) => setTimeout(r, 300))
+    t.same(api.tokens, [], 'no token reached the API')
+    const event = (await s.audit()).find((e) => e.path === '/race')
+    t.match(event, { status: 403, error: 'LK_REVOKED' }, 'recorded as the agent saw it')
+  })
+}

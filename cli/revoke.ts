@@ -42,17 +42,25 @@ export async function revokeCommand(
     console.error(`${op}: cannot reach the broker at ${base}: ${String(cause?.code ?? cause?.message ?? (err as Error).message)}`)
     return 1
   }
-  const body = (await res.json().catch(() => ({}))) as { error_description?: string; created?: boolean; removed?: boolean }
+  const body = (await res.json().catch(() => ({}))) as { error_description?: string; created?: unknown; removed?: unknown; revocation?: { kind?: unknown; value?: unknown } }
   const ms = (performance.now() - started).toFixed(1)
+  // Success is the broker's own answer about this revocation, not any 2xx: another service at a
+  // mistyped --broker (or a proxy's page) answering 200 had an operator believe the agent stopped.
+  const notTheBroker = () => {
+    console.error(`${op}: the answer from ${base} (HTTP ${res.status}) is not a Latchkey broker's: nothing is known to be ${op === 'revoke' ? 'revoked' : 'unrevoked'}; check --broker`)
+    return 1
+  }
   if (op === 'revoke' && (res.status === 201 || res.status === 200)) {
+    if (typeof body.created !== 'boolean' || body.revocation?.kind !== kind || body.revocation.value !== value) return notTheBroker()
     console.log(`${kind} ${value} ${body.created ? 'revoked' : 'was already revoked'} (${ms} ms)`)
     return 0
   }
   if (op === 'unrevoke' && res.status === 200) {
+    if (body.removed !== true) return notTheBroker()
     console.log(`${kind} ${value} unrevoked (${ms} ms)`)
     return 0
   }
-  if (op === 'unrevoke' && res.status === 404) {
+  if (op === 'unrevoke' && res.status === 404 && body.removed === false) {
     console.error(`${kind} ${value} was not revoked`)
     return 1
   }

@@ -179,6 +179,21 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   await new Promise((ok) => probe.close(ok))
   const away = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'revoke', 'agent:demo:dev:local', '--broker', `http://127.0.0.1:${freePort}`], { encoding: 'utf8', env: { ...process.env, LATCHKEY_BROKER_ADMIN_TOKEN: 'not-a-real-token' } })
   t.same([away.status, away.stderr.trim()], [1, `revoke: cannot reach the broker at http://127.0.0.1:${freePort}: ECONNREFUSED`])
+  // Something else answering 200 at --broker (another service, a proxy's page) is no success.
+  const { createServer: createHttpServer } = await import('node:http')
+  const { promisify } = await import('node:util')
+  const { execFile } = await import('node:child_process')
+  const other = createHttpServer((_req, res) => void res.writeHead(200, { 'content-type': 'text/html' }).end('<html>welcome</html>')).listen(0, '127.0.0.1')
+  await new Promise((ok) => other.once('listening', ok))
+  const at = `http://127.0.0.1:${(other.address() as import('node:net').AddressInfo).port}`
+  for (const op of ['revoke', 'unrevoke']) {
+    const r = await promisify(execFile)(process.execPath, ['dist/cli/latchkey.js', op, 'agent:demo:dev:local', '--broker', at], { encoding: 'utf8', env: { ...process.env, LATCHKEY_BROKER_ADMIN_TOKEN: 'not-a-real-token' } }).then(
+      () => ({ code: 0, stderr: '' }),
+      (e: { code: number; stderr: string }) => ({ code: e.code, stderr: e.stderr }),
+    )
+    t.same([r.code, r.stderr.trim()], [1, `${op}: the answer from ${at} (HTTP 200) is not a Latchkey broker's: nothing is known to be ${op}d; check --broker`], `${op}: a 200 that is not the broker's fails`)
+  }
+  other.close()
   // `up` runs what README says npm start runs: broker + collector + sidecar + a demo upstream.
   t.match(spawnSync(process.execPath, ['dist/cli/latchkey.js', 'up', '--help'], { encoding: 'utf8' }).stdout.replace(/\s+/g, ' '), /start the local system: broker, collector, a sidecar/)
   const v = spawnSync(process.execPath, ['dist/cli/latchkey.js', '--version'], { encoding: 'utf8' })

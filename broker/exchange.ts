@@ -18,6 +18,7 @@ import type { RevocationList } from './revocations/list.js'
 import type { UserTokenVerifier } from './users.js'
 import type { BrokerEvents, ExchangeEvent } from './events.js'
 import { MAX_ACT_DEPTH, readActChain, type Ancestor } from './act.js'
+import { namesAnAgent } from './agent-name.js'
 import { subjectAncestry } from '../lib/delegation.js'
 import { readDelegationGrants, writeDelegationGrants, type DelegationGrants } from './delegation-grants.js'
 
@@ -366,28 +367,6 @@ export class TokenExchange {
 
 /** Control, format (zero-width, bidi, soft hyphen, word joiner) and default-ignorable characters. */
 const INVISIBLE = /[\p{Cc}\p{Cf}\p{Default_Ignorable_Code_Point}]/u
-
-/** Letters of other scripts drawn as a, g, e, n, t, and colons drawn as `:`: `аgent:…` in Cyrillic reads as agent:…. */
-const LOOKALIKES: Readonly<Record<string, string>> = {
-  '\u0430': 'a', '\u0251': 'a', '\u03b1': 'a', '\u0261': 'g', '\u0581': 'g', '\u0435': 'e', '\u04bd': 'e', '\u03b5': 'e',
-  '\u0578': 'n', '\u03b7': 'n', '\u043f': 'n', '\u0442': 't', '\u03c4': 't', '\u2236': ':', '\u02d0': ':', '\ua789': ':', '\u0589': ':', '\u05c3': ':', '\u0703': ':',
-}
-
-/**
- * Whether a subject reads as an agent instance ID. Compared as a reader would see it (Unicode
- * NFKC, no surrounding whitespace, any case, accents and look-alike letters of other scripts
- * read as the letters they resemble): ` AGENT:…`, `àgent:…`, `аgent:…` are refused as users.
- */
-function namesAnAgent(sub: string): boolean {
-  const seen = sub
-    .normalize('NFKD')
-    .replace(/\p{M}/gu, '')
-    .normalize('NFKC')
-    .toLowerCase()
-    .replace(/[^\x20-\x7e]/g, (c) => LOOKALIKES[c] ?? c)
-    .trim()
-  return seen.startsWith('agent:')
-}
 
 /** What the subject holds at `aud`: its delegation's entry there, else the user's scopes; undefined for the agent itself. */
 function heldAt(subject: Subject, aud: string): readonly string[] | undefined {

@@ -84,8 +84,9 @@ const cases: Case[] = [
   // RFC 8693 §4.4 and §4.1: the user's own restriction on who may act holds; a token that is
   // already a delegation would have its earlier actors dropped from the chain issued here.
   { name: 'subject whose sub is an agent instance ID', params: async (b) => delegatedRequest(await b.userToken('agent:helper:prod:h-1', 'read'), await b.attest(AGENT)), error: 'invalid_request', says: /its sub is an agent instance ID/ },
-  // Spelled to read as one: look-alike letters of other scripts, accents, other colons.
-  ...['\u0430gent:helper:prod:h-1', 'ag\u0435nt:helper:prod:h-1', '\u00e0gent:helper:prod:h-1', 'AGENT\u2236helper:prod:h-1', ' Agent:helper:prod:h-1'].map((sub) => ({
+  // Spelled to read as one: look-alike letters of other scripts, accents, small capitals, other
+  // colons (the whole category: test/broker/agent-lookalikes.test.ts).
+  ...['\u0430gent:helper:prod:h-1', 'ag\u0435nt:helper:prod:h-1', '\u00e0gent:helper:prod:h-1', 'AGENT\u2236helper:prod:h-1', ' Agent:helper:prod:h-1', '\u1d00\u0262\u1d07\u0274\u1d1b:helper:prod:h-1', 'agent\u02f8helper:prod:h-1'].map((sub) => ({
     name: `subject whose sub reads as an agent instance ID (${JSON.stringify(sub)})`,
     params: async (b: TestBroker) => delegatedRequest(await b.userToken(sub, 'read'), await b.attest(AGENT)),
     error: 'invalid_request',

@@ -1,12 +1,14 @@
 // Assembles the broker from its config: registry (watched), keys, attestors, user IdP, revocation
 // store, events, HTTP server. Everything is read and compiled here, once; the exchange path
-// does no file or database I/O.
+// does no file or database I/O but two bounded ones: a local attestation's jti recorded in the
+// store, and a signing key's file rewritten when a token outlives the bound it records (once
+// every few minutes).
 import type { AddressInfo } from 'node:net'
 import type { BrokerConfig } from '../lib/config/schema.js'
 import { createLogger, type Logger } from '../lib/log.js'
 import { RegistryHolder } from './registry.js'
 import { KeyRing } from './keys.js'
-import { keySetFrom } from './jwt.js'
+import { keySetFrom, MAX_SKEW_S } from './jwt.js'
 import { KubernetesVerifier } from './attest/kubernetes.js'
 import { SpiffeVerifier } from './attest/spiffe.js'
 import { LocalVerifier } from './attest/local.js'
@@ -82,21 +84,29 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     throw storeStartupError(setting, where, err)
   }
 
+  // A key file it cannot use stops the start in one line (KeyDirError), the store closed behind it.
+  let keys: KeyRing
+  try {
+    keys = await KeyRing.open({ dir: c.keys.dir, alg: c.keys.alg, rotateAfterS: c.keys.rotate_after_s, now })
+  } catch (err) {
+    await revocations.store.close().catch(() => {})
+    await events.close()
+    throw err
+  }
+
   const registry = new RegistryHolder(c.registry_file, (r) => {
     const ts = new Date(now()).toISOString()
     if (!r.ok) events.emit({ type: 'policy.rejected', ts, reason: r.error.message })
     else for (const w of r.widened) events.emit({ type: 'policy.widened', ts, agent_type: w.agent_type, audience: w.audience, added: w.added })
   })
   registry.watch()
-  const maxLifetime = () => Math.max(...Object.values(registry.current.agents).map((a) => a.max_lifetime_s), c.tokens.floor_s)
-  const keys = await KeyRing.open({ dir: c.keys.dir, alg: c.keys.alg, rotateAfterS: c.keys.rotate_after_s, maxLifetimeS: maxLifetime, now })
   keys.start()
 
   const attestors: AttestationVerifier[] = []
   const a = c.attestors
   if (a.kubernetes) attestors.push(new KubernetesVerifier(keySetFrom(a.kubernetes), a.kubernetes.issuer, a.kubernetes.audience ?? audience))
   if (a.spiffe) attestors.push(new SpiffeVerifier(keySetFrom(a.spiffe), a.spiffe.trust_domain, a.spiffe.audience ?? audience))
-  if (a.local) attestors.push(new LocalVerifier(keySetFrom({ jwks_file: a.local.keys_file }), audience, now))
+  if (a.local) attestors.push(new LocalVerifier(keySetFrom({ jwks_file: a.local.keys_file }), audience, revocations.store))
   const users = c.users ? new UserTokenVerifier(keySetFrom(c.users), c.users.issuer, c.users.audience, c.users.scope_claim) : undefined
 
   revocations.onChange((change) => {
@@ -107,11 +117,16 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     else events.emit({ type: 'revocation', ts, op: 'unrevoke', kind: change.kind, value: change.value, reason: change.expired ? 'expired' : null })
   })
   // jti and task revocations outlive every token they could match only so long (RevocationList.prune).
+  // So are the jtis of single-use local attestations, once no broker would take them (their exp
+  // + skew, recorded) and another replica's clock, up to the skew behind, would not either.
   const prune = () =>
-    revocations.prune(now()).then(
-      (n) => void (n > 0 && log.info({ pruned: n }, 'expired jti/task revocations forgotten')),
-      (err: unknown) => log.warn({ reason: storeCause(err) }, 'revocation pruning failed: store unavailable'),
-    )
+    Promise.all([
+      revocations.prune(now()).then(
+        (n) => void (n > 0 && log.info({ pruned: n }, 'expired jti/task revocations forgotten')),
+        (err: unknown) => log.warn({ reason: storeCause(err) }, 'revocation pruning failed: store unavailable'),
+      ),
+      revocations.store.pruneUsed(now() - MAX_SKEW_S * 1000).catch((err: unknown) => log.warn({ reason: storeCause(err) }, 'single-use jti pruning failed: store unavailable')),
+    ])
   await prune()
   const pruning = setInterval(() => void prune(), PRUNE_EVERY_MS)
   pruning.unref()

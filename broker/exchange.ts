@@ -10,7 +10,7 @@ import { createHash, randomUUID } from 'node:crypto'
 import { decodeJwt, type JWTPayload } from 'jose'
 import type { Form } from './http/form.js'
 import { OAuthError } from './oauth-error.js'
-import { AttestationFailed, TOKEN_TYPES, type Attestation, type AttestationVerifier } from './attest/attestor.js'
+import { AttestationFailed, AttestationUnavailable, TOKEN_TYPES, type Attestation, type AttestationVerifier } from './attest/attestor.js'
 import { verifyFailure, verifyJwt, TokenInvalid, MAX_TOKEN_BYTES } from './jwt.js'
 import type { Registry, AgentTypeSpec } from './registry.js'
 import type { KeyRing } from './keys.js'
@@ -265,7 +265,14 @@ export class TokenExchange {
       exp: nowS + lifetime,
       jti,
     }
-    const token = await this.d.keys.sign(claims, ACCESS_TOKEN_TYP)
+    let token: string
+    try {
+      token = await this.d.keys.sign(claims, ACCESS_TOKEN_TYP)
+    } catch (err) {
+      // The key ring could not record how long its key must stay (its directory unwritable): the
+      // broker's side, not the client's, so 503 and the sidecar retries.
+      throw new OAuthError('temporarily_unavailable', 'the token could not be signed; try again later', 503, `signing failed: ${err instanceof Error ? err.message : String(err)}`)
+    }
     ev.scopes = granted
     ev.jti = jti
     ev.exp = nowS + lifetime
@@ -287,6 +294,8 @@ export class TokenExchange {
         if (err.unregistered) throw new OAuthError('unauthorized_client', `${param}: ${err.message}`)
         throw new OAuthError('invalid_request', `${param}: ${err.message}`)
       }
+      // As for a key set that cannot be fetched: the broker's side, so 503 and the sidecar retries.
+      if (err instanceof AttestationUnavailable) throw new OAuthError('temporarily_unavailable', `${param}: could not be checked; try again later`, 503, `${param}: ${err.message}`)
       throw verifyFailure(param, err)
     }
   }

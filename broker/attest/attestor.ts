@@ -27,13 +27,16 @@ export class AttestationFailed extends Error {
   }
 }
 
+/** The evidence could not be checked for a reason on the broker's side (its store): try again later. */
+export class AttestationUnavailable extends Error {}
+
 export interface AttestationVerifier {
   readonly kind: AttestorKind
   /** The `actor_token_type` URN that names this evidence explicitly. */
   readonly tokenType: string
   /** For `urn:ietf:params:oauth:token-type:jwt`: does this (unverified) payload look like ours? */
   claims(unverified: { iss?: unknown; sub?: unknown }): boolean
-  /** Verifies the evidence and maps it to an instance; throws AttestationFailed or a jose error. */
+  /** Verifies the evidence and maps it to an instance; throws AttestationFailed, AttestationUnavailable or a jose error. */
   verify(token: string, registry: Registry): Promise<Attestation>
 }
 

@@ -1,40 +1,36 @@
 // The local attestor, for `latchkey up` and tests: a sidecar holding a key the broker trusts
 // signs a short JWT naming its instance (sub = agent:<type>:<env>:<instance>). Single-use: each
-// `jti` is accepted once while the token lives, so a copied attestation cannot be replayed.
-import { LRUCache } from 'lru-cache'
+// `jti` is accepted once while the token lives, so a copied attestation cannot be replayed. The
+// jti is recorded in the broker's store, not in memory: a restart would forget a memory, and
+// replicas behind one load balancer would each accept the same attestation once. Refusing
+// evidence issued before this process started was weighed and rejected: it fixes restarts only,
+// not replicas, and is sound only with a margin of the 30 s skew on each side (evidence with an
+// iat up to 30 s ahead may have been used just before the restart), which refuses every local
+// exchange for 30-60 s after each start. The price of the store is one insert per local
+// attestation; Kubernetes and SPIFFE evidence, the production path, still does no I/O.
 import type { JWTVerifyGetKey } from 'jose'
 import { verifyJwt, MAX_SKEW_S } from '../jwt.js'
 import type { Registry } from '../registry.js'
+import type { SingleUseJtis } from '../revocations/store.js'
+import { storeCause } from '../../lib/store-schema.js'
 import { LOCAL_ISSUER } from '../../lib/local-attestor.js'
-import { AttestationFailed, TOKEN_TYPES, type Attestation, type AttestationVerifier } from './attestor.js'
+import { AttestationFailed, AttestationUnavailable, TOKEN_TYPES, type Attestation, type AttestationVerifier } from './attestor.js'
 
-/** Local attestations are for the next request, not for keeping: at most this long. */
 export { LOCAL_ISSUER }
+/** Local attestations are for the next request, not for keeping: at most this long. */
 export const LOCAL_MAX_AGE_S = 300
-/**
- * The replay cache holds every jti until its token expires, up to this many. Past it, a new
- * attestation is refused rather than an unexpired jti forgotten (which would let that token be
- * replayed). Counted by size, not lru-cache's `max`, which allocates all its slots at start-up:
- * 41 MB and 0.2 s of CPU for each broker, before one attestation.
- */
-export const MAX_LIVE_JTIS = 1_000_000
 const INSTANCE_ID = /^agent:([a-z0-9][a-z0-9-]*):([a-z0-9][a-z0-9-]*):([A-Za-z0-9][A-Za-z0-9_.-]{0,127})$/
 
 export class LocalVerifier implements AttestationVerifier {
   readonly kind = 'local'
   readonly tokenType = TOKEN_TYPES.local
-  private readonly seen: LRUCache<string, true>
-  /** When a full cache was last swept of expired jtis: a sweep walks it all, so once a second at most. */
-  private sweptAt = -Infinity
 
   constructor(
     private readonly keys: JWTVerifyGetKey,
     private readonly audience: string,
-    private readonly now: () => number = Date.now,
-    maxLiveJtis = MAX_LIVE_JTIS,
-  ) {
-    this.seen = new LRUCache<string, true>({ maxSize: maxLiveJtis, sizeCalculation: () => 1, ttlAutopurge: false, perf: { now } })
-  }
+    /** Where used jtis are recorded: the revocation store, shared by every replica that shares it. */
+    private readonly jtis: SingleUseJtis,
+  ) {}
 
   claims(p: { iss?: unknown }): boolean {
     return p.iss === LOCAL_ISSUER
@@ -49,7 +45,7 @@ export class LocalVerifier implements AttestationVerifier {
       soleAudience: true,
     })
     // verifyJwt has checked sub is a non-empty string (an array would pass the pattern below,
-    // exec coerces it); jti is this attestor's own: the replay cache keys on it.
+    // exec coerces it); jti is this attestor's own: the single-use record keys on it.
     if (typeof payload.jti !== 'string' || payload.jti === '') throw new AttestationFailed('jti must be a string, not empty')
     const m = INSTANCE_ID.exec(payload.sub!)
     if (!m) throw new AttestationFailed('sub is not an agent instance ID (agent:<type>:<env>:<instance>)')
@@ -57,16 +53,17 @@ export class LocalVerifier implements AttestationVerifier {
     const spec = registry.agents[type!]
     if (!spec || !spec.match.local) throw new AttestationFailed(`agent type "${type}" is not registered for the local attestor`, true)
     if (spec.env !== env) throw new AttestationFailed(`agent type "${type}" runs in env "${spec.env}", not "${env}"`)
-    const nowS = Math.floor(this.now() / 1000)
     if (payload.exp! - payload.iat! > LOCAL_MAX_AGE_S) throw new AttestationFailed(`lifetime over ${LOCAL_MAX_AGE_S} s`)
-    const key = `${payload.jti}`
-    if (this.seen.has(key)) throw new AttestationFailed('replayed (single-use jti already seen)')
-    if (this.seen.size >= this.seen.maxSize && this.now() - this.sweptAt >= 1000) {
-      this.sweptAt = this.now()
-      this.seen.purgeStale()
+    // Recorded only once everything else holds: evidence that fails here burns no jti. Kept until
+    // no broker would take the token any more (exp + skew); see pruning in broker.ts.
+    let first: boolean
+    try {
+      first = await this.jtis.useOnce(payload.jti, (payload.exp! + MAX_SKEW_S) * 1000)
+    } catch (err) {
+      // Accepting without the record would let the attestation be replayed: refuse, retryably.
+      throw new AttestationUnavailable(`its single use could not be recorded (store unavailable: ${storeCause(err)})`)
     }
-    if (this.seen.size >= this.seen.maxSize) throw new AttestationFailed(`more than ${this.seen.maxSize} local attestations are live at once: refused rather than remember fewer and let one be replayed`)
-    this.seen.set(key, true, { ttl: Math.max(1, payload.exp! - nowS + MAX_SKEW_S) * 1000 })
+    if (!first) throw new AttestationFailed('replayed (single-use jti already seen)')
     return { kind: 'local', agentType: type!, instanceId: payload.sub!, subject: payload.sub!, expiresAt: payload.exp! }
   }
 }

@@ -15,7 +15,7 @@ import { OAuthError } from '../oauth-error.js'
 import { BodyTooLarge, parseForm, readBody } from './form.js'
 import type { TokenExchange } from '../exchange.js'
 import type { Introspection } from '../introspect.js'
-import type { KeyRing } from '../keys.js'
+import { JWKS_MAX_AGE_S, type KeyRing } from '../keys.js'
 import type { RevocationList } from '../revocations/list.js'
 import { REVOCATION_KINDS, type RevocationKind } from '../revocations/store.js'
 import { GRANT_TYPE, TASK_ID } from '../exchange.js'
@@ -192,7 +192,7 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
       case '/oauth2/introspect':
         return only('POST', () => introspect(req, res))
       case '/.well-known/jwks.json':
-        return only('GET', () => send(res, 200, JSON.stringify(d.keys.jwks()), { 'cache-control': 'max-age=60' }))
+        return only('GET', () => send(res, 200, JSON.stringify(d.keys.jwks()), { 'cache-control': `max-age=${JWKS_MAX_AGE_S}` }))
       case '/.well-known/oauth-authorization-server':
         return only('GET', () => send(res, 200, metadata, { 'cache-control': 'max-age=300' }))
       case '/healthz':

@@ -1,10 +1,11 @@
 import pg from 'pg'
 import { assertShape, postgresShape, refusedWrite } from '../../lib/store-schema.js'
-import { REVOCATION_KINDS, REVOCATIONS_SHAPE, type Revocation, type RevocationKind, type RevocationStore } from './store.js'
+import { REVOCATION_KINDS, REVOCATIONS_SHAPE, SINGLE_USE_SHAPE, type Revocation, type RevocationKind, type RevocationStore } from './store.js'
 
 export class PostgresRevocationStore implements RevocationStore {
   private readonly pool: pg.Pool
   private readonly table: string
+  private readonly used: string
 
   constructor(url: string, readonly schema: string) {
     if (!/^[a-z_][a-z0-9_]{0,62}$/.test(schema)) throw new Error(`invalid schema name ${JSON.stringify(schema)}`)
@@ -12,6 +13,7 @@ export class PostgresRevocationStore implements RevocationStore {
     // A pool error (server restart) must not crash the broker; the next query reconnects.
     this.pool.on('error', () => {})
     this.table = `"${schema}".revocations`
+    this.used = `"${schema}".single_use_jtis`
   }
 
   async init(): Promise<void> {
@@ -30,6 +32,9 @@ export class PostgresRevocationStore implements RevocationStore {
       // A table made by another version stays as it was: check it has what add() and list() need.
       const shape = await postgresShape(client, this.schema, 'revocations')
       if (shape) assertShape({ ...REVOCATIONS_SHAPE, name: `"${this.schema}".revocations` }, shape, 'broker.store.postgres')
+      await client.query(`CREATE TABLE IF NOT EXISTS ${this.used} (jti TEXT NOT NULL PRIMARY KEY, expires_at BIGINT NOT NULL)`)
+      const used = await postgresShape(client, this.schema, 'single_use_jtis')
+      if (used) assertShape({ ...SINGLE_USE_SHAPE, name: this.used }, used, 'broker.store.postgres')
       // Its constraints must take every kind this version revokes (an older CHECK knew no 'jti'):
       // one row of each, in a transaction rolled back.
       await client.query('BEGIN')
@@ -70,6 +75,16 @@ export class PostgresRevocationStore implements RevocationStore {
       `SELECT kind, value, reason, created_at FROM ${this.table} ORDER BY created_at, kind, value`,
     )
     return res.rows.map((r) => ({ kind: r.kind, value: r.value, reason: r.reason, created_at: Number(r.created_at) }))
+  }
+
+  async useOnce(jti: string, expiresAt: number): Promise<boolean> {
+    const res = await this.pool.query(`INSERT INTO ${this.used} (jti, expires_at) VALUES ($1, $2) ON CONFLICT (jti) DO NOTHING`, [jti, expiresAt])
+    return res.rowCount === 1
+  }
+
+  async pruneUsed(before: number): Promise<number> {
+    const res = await this.pool.query(`DELETE FROM ${this.used} WHERE expires_at < $1`, [before])
+    return res.rowCount ?? 0
   }
 
   async close(): Promise<void> {

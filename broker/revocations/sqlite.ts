@@ -2,7 +2,7 @@ import { mkdirSync } from 'node:fs'
 import { dirname } from 'node:path'
 import { openDatabase, pragma, statement, type Database } from '../../lib/sqlite.js'
 import { assertShape, refusedWrite, sqliteShape } from '../../lib/store-schema.js'
-import { REVOCATION_KINDS, REVOCATIONS_SHAPE, type Revocation, type RevocationKind, type RevocationStore } from './store.js'
+import { REVOCATION_KINDS, REVOCATIONS_SHAPE, SINGLE_USE_SHAPE, type Revocation, type RevocationKind, type RevocationStore } from './store.js'
 
 export class SqliteRevocationStore implements RevocationStore {
   private readonly db: Database.Database
@@ -25,6 +25,9 @@ export class SqliteRevocationStore implements RevocationStore {
     // A table made by another version stays as it was: check it has what add() and list() need.
     const shape = sqliteShape(this.db, 'revocations')
     if (shape) assertShape({ ...REVOCATIONS_SHAPE, name: 'revocations' }, shape, 'broker.store.sqlite')
+    this.db.exec('CREATE TABLE IF NOT EXISTS single_use_jtis (jti TEXT NOT NULL PRIMARY KEY, expires_at INTEGER NOT NULL)')
+    const used = sqliteShape(this.db, 'single_use_jtis')
+    if (used) assertShape({ ...SINGLE_USE_SHAPE, name: 'single_use_jtis' }, used, 'broker.store.sqlite')
     // Its constraints must take every kind this version revokes (an older CHECK knew no 'jti'):
     // one row of each, rolled back.
     const probe = statement(this.db, `INSERT INTO revocations (kind, value, reason, created_at) VALUES (?, 'latchkey:schema-check', 'schema check', 0) ON CONFLICT (kind, value) DO NOTHING`)
@@ -54,6 +57,14 @@ export class SqliteRevocationStore implements RevocationStore {
 
   async list(): Promise<Revocation[]> {
     return statement<[], Revocation>(this.db, 'SELECT kind, value, reason, created_at FROM revocations ORDER BY created_at, kind, value').all()
+  }
+
+  async useOnce(jti: string, expiresAt: number): Promise<boolean> {
+    return statement(this.db, 'INSERT INTO single_use_jtis (jti, expires_at) VALUES (?, ?) ON CONFLICT (jti) DO NOTHING').run(jti, expiresAt).changes === 1
+  }
+
+  async pruneUsed(before: number): Promise<number> {
+    return statement(this.db, 'DELETE FROM single_use_jtis WHERE expires_at < ?').run(before).changes
   }
 
   async close(): Promise<void> {

@@ -4,7 +4,8 @@
 import t from 'tap'
 import { generateKeyPair, SignJWT, createLocalJWKSet } from 'jose'
 import type { AttestationVerifier } from '../../broker/attest/attestor.js'
-import { AttestationFailed } from '../../broker/attest/attestor.js'
+import { AttestationFailed, AttestationUnavailable } from '../../broker/attest/attestor.js'
+import { SqliteRevocationStore } from '../../broker/revocations/sqlite.js'
 import { KubernetesVerifier } from '../../broker/attest/kubernetes.js'
 import { SpiffeVerifier } from '../../broker/attest/spiffe.js'
 import { LocalVerifier } from '../../broker/attest/local.js'
@@ -69,7 +70,7 @@ async function local(): Promise<Fixture> {
       .sign(signer)
   }
   return {
-    verifier: new LocalVerifier(createLocalJWKSet(jwks), BROKER),
+    verifier: new LocalVerifier(createLocalJWKSet(jwks), BROKER, await openStore()),
     expectedInstance: 'agent:summarizer:prod:local-1',
     mint,
     unregistered: () => signLocalAttestation(key, 'agent:stranger:prod:1', BROKER),
@@ -121,26 +122,25 @@ t.test('instance names are kept exactly or refused', async (t) => {
   await t.rejects(spiffe.verify(await id('w'.repeat(254)), registry), /at most 253/, 'a SPIFFE instance segment is not cut to fit')
 })
 
-// The replay cache remembers every live jti. Full, it refuses new evidence rather than forget a
-// live jti (which would let that attestation be replayed); once they expire, room comes back.
-t.test('local attestor: a full replay cache refuses new evidence, never forgets a live jti', async (t) => {
+// Single use is recorded in the store before the evidence counts: a store that cannot record it
+// refuses the evidence as retryable (the exchange answers 503), never accepts it unrecorded.
+t.test('local attestor: evidence whose single use cannot be recorded is refused, retryably', async (t) => {
   const key = await ensureLocalAttestorKey(join(mkdtempSync(join(tmpdir(), 'lk-att-')), 'k'))
   const { readFileSync } = await import('node:fs')
-  let clock = Date.now()
-  const verifier = new LocalVerifier(createLocalJWKSet(JSON.parse(readFileSync(key.jwksFile, 'utf8'))), BROKER, () => clock, 2)
-  // Evidence is minted and checked on the real clock (jose's); the cache runs on the fake one.
-  const mint = (lifetimeS: number) => {
-    const n = now()
-    return new SignJWT({ jti: crypto.randomUUID(), iat: n, exp: n + lifetimeS, sub: 'agent:summarizer:prod:local-1', aud: BROKER, iss: 'latchkey-local' }).setProtectedHeader({ alg: 'ES256', kid: key.kid }).sign(key.privateKey)
-  }
-  const first = await mint(60)
-  await verifier.verify(first, registry)
-  await verifier.verify(await mint(60), registry)
-  const third = await mint(60)
-  await t.rejects(verifier.verify(third, registry), { message: /more than 2 local attestations are live at once: refused rather than remember fewer/ }, 'full: refused')
-  await t.rejects(verifier.verify(first, registry), { message: /replayed/ }, 'the oldest jti is still remembered')
-  clock += 200_000 // the cache's clock: past both jtis' lives (60 s) and the allowed skew
-  const later = await mint(60)
-  t.ok(await verifier.verify(later, registry), 'their jtis expired: room again')
-  await t.rejects(verifier.verify(later, registry), { message: /replayed/ }, 'and the new jti is remembered')
+  const store = await openStore()
+  const verifier = new LocalVerifier(createLocalJWKSet(JSON.parse(readFileSync(key.jwksFile, 'utf8'))), BROKER, store)
+  const first = await signLocalAttestation(key, 'agent:summarizer:prod:local-1', BROKER)
+  t.ok(await verifier.verify(first, registry), 'accepted once')
+  await t.rejects(verifier.verify(first, registry), { message: /replayed/ }, 'not twice')
+  await store.close()
+  const err = await verifier.verify(await signLocalAttestation(key, 'agent:summarizer:prod:local-1', BROKER), registry).catch((e: unknown) => e)
+  t.ok(err instanceof AttestationUnavailable, 'store closed: refused as unavailable')
+  t.match((err as Error).message, /single use could not be recorded \(store unavailable: /)
 })
+
+/** A real store in a temp file, as the broker opens it. */
+async function openStore(): Promise<SqliteRevocationStore> {
+  const store = new SqliteRevocationStore(join(mkdtempSync(join(tmpdir(), 'lk-att-db-')), 'broker.db'))
+  await store.init()
+  return store
+}

@@ -1,47 +1,125 @@
-// Key rotation on a fake clock: a new key signs after rotate_after_s, the old one stays in the
-// JWKS until every token it signed has expired, then leaves; a reopened ring keeps them all.
+// Key rotation on a fake clock: the next key is in the JWKS a whole max-age before it signs, an
+// old one stays until the last token it signed has expired (whatever the registry says now),
+// then leaves; a reopened ring (a restart) keeps what its tokens need.
 import t from 'tap'
 import { mkdtempSync, readdirSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { createLocalJWKSet, jwtVerify } from 'jose'
-import { KeyRing } from '../../broker/keys.js'
+import { createLocalJWKSet, decodeProtectedHeader, jwtVerify } from 'jose'
+import { KeyRing, JWKS_MAX_AGE_S } from '../../broker/keys.js'
 
-t.test('rotation keeps old keys exactly as long as their tokens live', async (t) => {
-  const dir = join(mkdtempSync(join(tmpdir(), 'lk-keys-')), 'keys')
-  let clock = 1_800_000_000_000
-  const now = () => clock
-  const open = () => KeyRing.open({ dir, alg: 'ES256', rotateAfterS: 3600, maxLifetimeS: () => 900, now })
-  const ring = await open()
+const START = 1_800_000_000_000
+
+function ringAt(dir: string, clock: { ms: number }, rotateAfterS = 3600) {
+  return KeyRing.open({ dir, alg: 'ES256', rotateAfterS, now: () => clock.ms })
+}
+
+function tmpKeys(): string {
+  return join(mkdtempSync(join(tmpdir(), 'lk-keys-')), 'keys')
+}
+
+t.test('the key directory and its files are private; the JWKS has no private part', async (t) => {
+  const dir = tmpKeys()
+  const ring = await ringAt(dir, { ms: START })
   t.equal(ring.jwks().keys.length, 1)
   t.equal((statSync(dir).mode & 0o777).toString(8), '700', 'key directory is private')
   for (const f of readdirSync(dir)) t.equal((statSync(join(dir, f)).mode & 0o777).toString(8), '600', `${f} is private`)
   t.notOk('d' in ring.jwks().keys[0]!, 'the JWKS publishes no private part')
+})
 
+// A resource server that fetched the JWKS at any moment may use it for max-age seconds: every
+// token signed in that time must be signed by a key in what it fetched.
+t.test('a JWKS fetched at any time holds every key that signs during its max-age', async (t) => {
+  const dir = tmpKeys()
+  const clock = { ms: START }
+  const ring = await ringAt(dir, clock)
+  const fetched: Set<string>[] = []
+  const signer: string[] = []
+  // Two rotations, a tick phase that does not line up with them (every 60 s from +17 s).
+  for (let s = 0; s <= 2 * 3600 + 300; s++) {
+    clock.ms = START + s * 1000
+    if (s % 60 === 17) await ring.maintain()
+    fetched.push(new Set(ring.jwks().keys.map((k) => k.kid!)))
+    if (s % 5 === 0 || (s % 3600 > 3300 && s % 3600 < 3700) || s % 3600 < 100) {
+      const nowS = Math.floor(clock.ms / 1000)
+      signer[s] = decodeProtectedHeader(await ring.sign({ sub: 's', iat: nowS, exp: nowS + 60 }, 'at+jwt')).kid!
+    }
+  }
+  const kids = new Set(signer.filter(Boolean))
+  t.equal(kids.size, 3, 'two rotations happened: three keys signed')
+  let misses = 0
+  for (let s = 0; s < fetched.length; s++) {
+    for (let u = s; u <= s + JWKS_MAX_AGE_S && u < signer.length; u++) if (signer[u] !== undefined && !fetched[s]!.has(signer[u]!)) misses++
+  }
+  t.equal(misses, 0, 'no token was signed by a key missing from a JWKS fetched up to max-age before')
+  const first = signer[0]!
+  const second = signer.find((k) => k !== undefined && k !== first)!
+  t.equal(signer[3599], first, 'the first key signs until rotate_after_s')
+  t.equal(signer[3600], second, 'and its successor from then on')
+})
+
+t.test('a superseded key stays until the last token it signed has expired, not what the registry says now', async (t) => {
+  const dir = tmpKeys()
+  const clock = { ms: START }
+  const ring = await ringAt(dir, clock)
   const first = ring.active.kid
-  const nowS = Math.floor(clock / 1000)
-  const old = await ring.sign({ sub: 's', iat: nowS, exp: nowS + 900 }, 'at+jwt')
+  const nowS = () => Math.floor(clock.ms / 1000)
+  clock.ms = START + 3500_000
+  await ring.maintain() // the minute's tick that publishes the next key
+  // Signed with 600 s of life just before rotation; the registry may have been lowered since.
+  clock.ms = START + 3599_000
+  const iat = nowS()
+  const old = await ring.sign({ sub: 's', iat, exp: iat + 600 }, 'at+jwt')
+  clock.ms = START + 3600_000
+  await ring.maintain()
+  t.not(ring.active.kid, first, 'rotated')
+  t.ok(ring.jwks().keys.some((k) => k.kid === first), 'the old key is still published')
 
-  clock += 3599_000
-  await ring.maintain()
-  t.equal(ring.active.kid, first, 'no rotation before rotate_after_s')
-  clock += 1_000
-  await ring.maintain()
-  t.not(ring.active.kid, first, 'rotated at rotate_after_s')
-  t.same(ring.jwks().keys.map((k) => k.kid).sort(), [first, ring.active.kid].sort(), 'both keys published')
-  await t.resolves(jwtVerify(old, ring.verifier, { currentDate: new Date(clock - 3000_000) }), 'a token of the old key still verifies')
+  // A restart in between must not forget how long the old key's tokens live.
+  const reopened = await ringAt(dir, clock)
+  t.equal(reopened.active.kid, ring.active.kid, 'a restart keeps the active key')
 
-  // The reopened ring (a broker restart) has both.
-  const reopened = await open()
-  t.equal(reopened.jwks().keys.length, 2, 'a restart keeps both keys')
-  t.equal(reopened.active.kid, ring.active.kid, 'and the same active key')
-
-  clock += (900 + 30) * 1000
+  for (const r of [ring, reopened]) {
+    clock.ms = (iat + 600 + 30) * 1000
+    await r.maintain()
+    t.ok(r.jwks().keys.some((k) => k.kid === first), `${r === ring ? '' : 'reopened: '}kept until that token's exp + 30 s skew`)
+    await t.resolves(jwtVerify(old, r.verifier, { currentDate: new Date((iat + 599) * 1000) }), 'and its token verifies')
+  }
+  clock.ms = (iat + 600 + 31) * 1000
   await ring.maintain()
-  t.equal(ring.jwks().keys.length, 2, 'kept until max lifetime + skew has passed')
-  clock += 1000
-  await ring.maintain()
-  t.same(ring.jwks().keys.map((k) => k.kid), [ring.active.kid], 'then dropped')
+  t.same(ring.jwks().keys.map((k) => k.kid), [ring.active.kid], 'then dropped, to the second')
   t.equal(readdirSync(dir).length, 1, 'and its file deleted')
   await t.rejects(jwtVerify(old, createLocalJWKSet(ring.jwks())), 'the old key no longer verifies anything')
+})
+
+t.test('a key that signed nothing leaves as soon as it is superseded', async (t) => {
+  const dir = tmpKeys()
+  const clock = { ms: START }
+  const ring = await ringAt(dir, clock)
+  const first = ring.active.kid
+  clock.ms = START + 3500_000
+  await ring.maintain()
+  clock.ms = START + 3600_000
+  await ring.maintain()
+  t.not(ring.active.kid, first)
+  t.notOk(ring.jwks().keys.some((k) => k.kid === first), 'no token can need it')
+})
+
+t.test('a broker down at rotation time publishes the next key a max-age before it signs', async (t) => {
+  const dir = tmpKeys()
+  const clock = { ms: START }
+  const first = (await ringAt(dir, clock)).active.kid
+  clock.ms = START + 5 * 3600_000
+  const ring = await ringAt(dir, clock)
+  t.equal(ring.jwks().keys.length, 2, 'the next key is published at start')
+  t.equal(ring.active.kid, first, 'the old one signs on meanwhile')
+  clock.ms += (JWKS_MAX_AGE_S - 1) * 1000
+  t.equal(ring.active.kid, first, `for ${JWKS_MAX_AGE_S} s`)
+  clock.ms += 1000
+  t.not(ring.active.kid, first, 'then the new one signs')
+})
+
+t.test('a token without exp is not signed: its key could not be kept for it', async (t) => {
+  const ring = await ringAt(tmpKeys(), { ms: START })
+  await t.rejects(ring.sign({ sub: 's' }, 'at+jwt'), /without a numeric exp/)
 })

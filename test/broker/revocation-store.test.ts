@@ -84,6 +84,20 @@ for (const make of [sqlite, postgres]) {
     t.equal(await store.remove('task', 'task-9'), false, 'removing twice reports nothing removed')
     t.equal(await store.remove('agent', 'agent:a:prod:2'), false)
     await t.rejects(store.add({ kind: 'bogus' as 'agent', value: 'x', reason: 'r', created_at: 1 }), 'the kind is checked by the database too')
+
+    // Single-use jtis (local attestations): recorded once, atomically, until they expire.
+    t.equal(await store.useOnce('att-1', 5000), true, 'a jti is taken once')
+    t.equal(await store.useOnce('att-1', 9000), false, 'and not twice')
+    const raced = await Promise.all(Array.from({ length: 8 }, () => store.useOnce('att-race', 5000)))
+    t.equal(raced.filter(Boolean).length, 1, 'eight at once: exactly one takes it')
+    t.equal(await store.useOnce('att-late', 7000), true)
+    t.equal(await store.pruneUsed(5000), 0, 'nothing expired before 5000')
+    t.equal(await store.pruneUsed(5001), 2, 'att-1 and att-race expired')
+    t.equal(await store.useOnce('att-late', 7000), false, 'an unexpired jti is kept by pruning')
+    t.same(await store.list(), [
+      { kind: 'agent', value: 'agent:a:prod:1', reason: 'compromised', created_at: 1000 },
+      { kind: 'jti', value: 'j-1', reason: 'leaked', created_at: 1200 },
+    ], 'single-use jtis are not revocations')
     await store.close()
 
     // A restart forgets nothing.
@@ -93,6 +107,7 @@ for (const make of [sqlite, postgres]) {
     t.ok(list.check(['agent:a:prod:1'], undefined, undefined), 'agent revocation survived the restart')
     t.ok(list.check([], undefined, 'j-1'), 'jti revocation survived the restart')
     t.notOk(list.check(['agent:a:prod:2'], 'task-9', 'j-2'), 'nothing else is revoked')
+    t.equal(await again.useOnce('att-late', 7000), false, 'a used jti survived the restart')
     const changes: string[] = []
     list.onChange((c) => changes.push(c.op))
     await list.revoke('agent', 'agent:b:prod:1', 'drill')
@@ -134,6 +149,19 @@ const OLDER_SHAPES: [string, string, RegExp | null][] = [
   // What the code needs, said another way, is accepted.
   ['a unique constraint on (value, kind) and an extra column', `CREATE TABLE {t} (value TEXT NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL, created_at BIGINT NOT NULL, note TEXT, UNIQUE (value, kind))`, null],
 ]
+
+for (const make of [sqlite, postgres]) {
+  const impl = make()
+  t.test(`${impl.name} revocation store, a single_use_jtis table without its key: refused at init`, async (t) => {
+    t.teardown(impl.cleanup)
+    await impl.precreate(`CREATE TABLE ${impl.table.replace(/revocations$/, 'single_use_jtis')} (jti TEXT NOT NULL, expires_at BIGINT NOT NULL)`)
+    const store = impl.open()
+    const err = await store.init().then(() => null, (e: unknown) => e as Error & { code?: string })
+    await store.close()
+    t.equal(err?.code, 'LK_STARTUP')
+    t.match(err?.message, /^broker\.store\.(sqlite|postgres): table (\S*)single_use_jtis"? exists but is not the shape this version needs: no primary key or unique constraint on \(jti\)\. Move it aside/)
+  })
+}
 
 for (const make of [sqlite, postgres]) {
   for (const [what, ddl, refused] of OLDER_SHAPES) {

@@ -1,7 +1,8 @@
 // A Location that holds the credential split by a tab: the scrub reads it as written, but the
 // agent's client reads it as a URL, and URL parsers (fetch's WHATWG one, Python's urlsplit) drop
 // tabs, CR and LF. Followed, the secret came back to the agent as the response's URL.
-import t from 'tap'
+import t, { type Test } from 'tap'
+import type { ServerResponse } from 'node:http'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { startUpstream, startTestSidecar, loopbackPolicy, assertNoCanary, CANARY } from '../helpers/harness.js'
@@ -59,15 +60,11 @@ t.test('a redirect echoing the credential with a tab in it is not relayed, for t
   t.notOk(seen.some((o) => o.includes(CANARY.slice(4))), 'not even the part after the tab reached the agent')
 })
 
-t.test('a pagination Link echoing a query credential is masked in place: a client follows rel=next through the sidecar, which puts the credential back', async (t) => {
-  // GitLab (private_token) and Canvas (access_token) repeat the caller's query in their Link header.
+/** An upstream answering every call with `answer`, behind a sidecar that injects the credential as its `key` query parameter. */
+async function queryKeyed(t: Test, answer: (url: URL, res: ServerResponse, origin: string) => void) {
   const upstream = await startUpstream({
     handler: (req, res) => {
-      const url = new URL(req.url, 'http://x')
-      const key = url.searchParams.get('key') ?? ''
-      const page = Number(url.searchParams.get('page') ?? '1')
-      const next = page < 3 ? { link: `<${upstream.origin}/items?page=${page + 1}&key=${key}>; rel="next", <${upstream.origin}/items?page=3&key=${key}>; rel="last"` } : {}
-      res.writeHead(200, { 'content-type': 'application/json', ...next }).end(JSON.stringify({ page, keyed: key === CANARY }))
+      answer(new URL(req.url, 'http://x'), res, upstream.origin)
       return true
     },
   })
@@ -78,6 +75,17 @@ t.test('a pagination Link echoing a query credential is masked in place: a clien
   t.teardown(async () => {
     await s.close()
     await upstream.close()
+  })
+  return { upstream, s }
+}
+
+t.test('a pagination Link echoing a query credential is masked in place: a client follows rel=next through the sidecar, which puts the credential back', async (t) => {
+  // GitLab (private_token) and Canvas (access_token) repeat the caller's query in their Link header.
+  const { upstream, s } = await queryKeyed(t, (url, res, origin) => {
+    const key = url.searchParams.get('key') ?? ''
+    const page = Number(url.searchParams.get('page') ?? '1')
+    const next = page < 3 ? { link: `<${origin}/items?page=${page + 1}&key=${key}>; rel="next", <${origin}/items?page=3&key=${key}>; rel="last"` } : {}
+    res.writeHead(200, { 'content-type': 'application/json', ...next }).end(JSON.stringify({ page, keyed: key === CANARY }))
   })
   // Octokit's paginate: rel=next by regex, followed until there is none.
   const script = `
@@ -98,22 +106,10 @@ t.test('a pagination Link echoing a query credential is masked in place: a clien
 
 t.test("a pagination Link echoing the credential with a tab in it is not relayed: clients follow rel=next as a URL", async (t) => {
   // An API building its next-page link from the URL it was called with, query credential and all.
-  const upstream = await startUpstream({
-    handler: (req, res) => {
-      const url = new URL(req.url, 'http://x')
-      if (url.pathname !== '/page') return false
-      const secret = url.searchParams.get('key') ?? ''
-      res.writeHead(200, { link: `</page2?key=${secret.slice(0, 4)}\t${secret.slice(4)}>; rel="next"` }).end('[]')
-      return true
-    },
-  })
-  const s = await startTestSidecar({
-    ...loopbackPolicy([upstream.port]),
-    credentials: [{ id: 'query', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'query', name: 'key' } }],
-  })
-  t.teardown(async () => {
-    await s.close()
-    await upstream.close()
+  const { upstream, s } = await queryKeyed(t, (url, res) => {
+    const secret = url.searchParams.get('key') ?? ''
+    if (url.pathname === '/page') res.writeHead(200, { link: `</page2?key=${secret.slice(0, 4)}\t${secret.slice(4)}>; rel="next"` }).end('[]')
+    else res.writeHead(404).end()
   })
   // Octokit's paginate: the rel=next URL by regex, then fetched.
   const script = `

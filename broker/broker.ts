@@ -100,7 +100,7 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     else for (const w of r.widened) events.emit({ type: 'policy.widened', ts, agent_type: w.agent_type, audience: w.audience, added: w.added })
   })
   registry.watch()
-  keys.start()
+  keys.start((err) => log.error({ dir: c.keys.dir, reason: (err as NodeJS.ErrnoException).code ?? (err as Error).message }, 'signing key rotation failed: the active key signs on until it succeeds (retried every minute)'))
 
   const attestors: AttestationVerifier[] = []
   const a = c.attestors

@@ -4,7 +4,7 @@
 // until the latest exp of any token it signed (+ skew), a bound recorded in its own file before
 // such a token is handed out, so neither a registry that lowers max_lifetime_s nor a restart can
 // drop a key a live token needs. Keys live in a 0700 directory, one 0600 file each.
-import { chmodSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync, renameSync } from 'node:fs'
+import { chmodSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, renameSync } from 'node:fs'
 import { join } from 'node:path'
 import { calculateJwkThumbprint, createLocalJWKSet, type JWTVerifyGetKey, exportJWK, generateKeyPair, importJWK, SignJWT, type CryptoKey, type JWK, type JWTPayload } from 'jose'
 import { MAX_SKEW_S } from './jwt.js'
@@ -111,13 +111,13 @@ export class KeyRing {
   async maintain(): Promise<void> {
     const now = this.nowS()
     // The very first key signs at once: no resource server can hold a set of this broker's yet.
-    if (this.keys.length === 0) await this.add(now, now)
+    if (this.keys.length === 0) await this.add(now, true)
     const newest = this.keys[this.keys.length - 1]!
     const rotateAt = newest.active_from + this.rotateAfterS
     if (newest.active_from <= now && now >= rotateAt - JWKS_MAX_AGE_S - MAINTAIN_EVERY_S) {
       // Late (the broker was down at rotation time): the active key signs on until the new one has
       // been published for a whole max-age.
-      await this.add(now, Math.max(rotateAt, now + JWKS_MAX_AGE_S))
+      await this.add(now, false, rotateAt)
     }
     const active = this.active
     for (const k of [...this.keys]) {
@@ -129,28 +129,34 @@ export class KeyRing {
     }
   }
 
-  private async add(now: number, activeFrom: number): Promise<void> {
+  /**
+   * Makes and publishes a key. The first signs at once; a successor from `rotateAt`, and never
+   * sooner than a whole max-age after it is published, counted from after it is made and in whole
+   * seconds up (a second's fraction and the key's generation ate into the minute).
+   */
+  private async add(now: number, first: boolean, rotateAt = now): Promise<void> {
     const { privateKey } = await generateKeyPair(this.alg, { extractable: true })
     const jwk = await exportJWK(privateKey)
     const kid = await calculateJwkThumbprint(jwk)
+    const activeFrom = first ? now : Math.max(rotateAt, Math.ceil(this.now() / 1000) + JWKS_MAX_AGE_S)
     const key = loaded({ kid, alg: this.alg, created_at: now, active_from: activeFrom, jwk }, privateKey)
     this.write(key)
     this.keys.push(key)
     this.localSet = undefined
   }
 
-  private write(k: LoadedKey): void {
+  private write(k: LoadedKey, signedUntil = k.signed_until): void {
     const file = join(this.dir, `${k.kid}.json`)
     const tmp = `${file}.tmp`
     const body: StoredKey = { kid: k.kid, alg: k.alg, created_at: k.created_at, active_from: k.active_from, jwk: k.jwk }
-    if (k.signed_until !== undefined) body.signed_until = k.signed_until
+    if (signedUntil !== undefined) body.signed_until = signedUntil
     writeFileSync(tmp, JSON.stringify(body), { mode: 0o600 })
     renameSync(tmp, file)
   }
 
-  /** Checks rotation once a minute, off the request path. */
-  start(): void {
-    this.timer = setInterval(() => void this.maintain().catch(() => {}), MAINTAIN_EVERY_S * 1000)
+  /** Checks rotation once a minute, off the request path; a failure (the directory unwritable) is reported each time, not swallowed. */
+  start(onError: (err: unknown) => void): void {
+    this.timer = setInterval(() => void this.maintain().catch(onError), MAINTAIN_EVERY_S * 1000)
     this.timer.unref()
   }
 
@@ -175,9 +181,11 @@ export class KeyRing {
     // Before the first await: maintain() must not drop k between here and the token's return.
     if (k.latest_exp === undefined || claims.exp > k.latest_exp) k.latest_exp = claims.exp
     if (k.signed_until === undefined || claims.exp > k.signed_until) {
-      // Recorded before the token leaves: a restart must not forget a key a live token needs.
-      k.signed_until = claims.exp + SIGNED_UNTIL_STEP_S
-      this.write(k)
+      // Recorded before the token leaves: a restart must not forget a key a live token needs. The
+      // bound moves only once it is on disk: a write that fails refuses this token and the next.
+      const bound = claims.exp + SIGNED_UNTIL_STEP_S
+      this.write(k, bound)
+      k.signed_until = bound
     }
     return new SignJWT(claims).setProtectedHeader({ alg: k.alg, kid: k.kid, typ }).sign(k.privateKey)
   }
@@ -206,6 +214,14 @@ async function readKey(file: string, name: string): Promise<LoadedKey & { legacy
   const refuse = (what: string) =>
     new KeyDirError(`broker.keys.dir: ${file} is not a signing key this broker wrote: ${what}. Move it out of the directory (tokens signed with it, if any, will no longer verify) and start again.`)
   let text: string
+  let regular: boolean
+  try {
+    regular = statSync(file).isFile()
+  } catch (err) {
+    throw refuse(`cannot read it (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`)
+  }
+  // A FIFO or a device named *.json would block or never end the read: regular files only.
+  if (!regular) throw refuse('not a regular file')
   try {
     text = readFileSync(file, 'utf8')
   } catch (err) {

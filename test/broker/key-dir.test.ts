@@ -3,6 +3,7 @@
 // without a stack), not a TypeError from deep inside jose; and one it cannot write to refuses
 // to sign rather than hand out a token whose key a restart could drop.
 import t from 'tap'
+import { execFileSync } from 'node:child_process'
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -51,6 +52,17 @@ t.test('each kind of bad key file is named, with what is wrong', async (t) => {
     t.match(err?.message, c.says, `${c.name}: says what is wrong`)
     t.match(err?.message, /Move it out of the directory \(tokens signed with it, if any, will no longer verify\) and start again\.$/, `${c.name}: says what to do`)
   }
+})
+
+t.test('a FIFO named like a key is refused, not read for ever', async (t) => {
+  const { dir } = await keyDir()
+  execFileSync('mkfifo', [join(dir, 'zz.json')])
+  const err = await KeyRing.open({ dir, alg: 'ES256', rotateAfterS: 3600 }).then(
+    () => null,
+    (e: unknown) => e as Error & { code?: string },
+  )
+  t.equal(err?.code, 'LK_STARTUP')
+  t.match(err?.message, /zz\.json is not a signing key this broker wrote: not a regular file\./)
 })
 
 t.test('a directory that cannot be used is named too', async (t) => {

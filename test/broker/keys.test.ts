@@ -2,7 +2,7 @@
 // old one stays until the last token it signed has expired (whatever the registry says now),
 // then leaves; a reopened ring (a restart) keeps what its tokens need.
 import t from 'tap'
-import { mkdtempSync, readdirSync, statSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmdirSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { createLocalJWKSet, decodeProtectedHeader, jwtVerify } from 'jose'
@@ -122,4 +122,31 @@ t.test('a broker down at rotation time publishes the next key a max-age before i
 t.test('a token without exp is not signed: its key could not be kept for it', async (t) => {
   const ring = await ringAt(tmpKeys(), { ms: START })
   await t.rejects(ring.sign({ sub: 's' }, 'at+jwt'), /without a numeric exp/)
+})
+
+t.test('a bound that cannot be written refuses every token that needs it, until it can; then the file has it', async (t) => {
+  const dir = tmpKeys()
+  const clock = { ms: START }
+  const ring = await ringAt(dir, clock)
+  const kid = ring.jwks().keys[0]!.kid!
+  const exp = START / 1000 + 600
+  // The write goes through <kid>.json.tmp: a directory there makes it fail (EISDIR), as a full or read-only disk would.
+  mkdirSync(join(dir, `${kid}.json.tmp`))
+  await t.rejects(ring.sign({ sub: 'a', exp }, 'JWT'), { code: 'EISDIR' }, 'the first token is refused')
+  await t.rejects(ring.sign({ sub: 'b', exp }, 'JWT'), { code: 'EISDIR' }, 'and the next: the bound was not taken as written')
+  t.equal(JSON.parse(readFileSync(join(dir, `${kid}.json`), 'utf8')).signed_until, undefined, 'nothing recorded')
+  rmdirSync(join(dir, `${kid}.json.tmp`))
+  const token = await ring.sign({ sub: 'c', exp }, 'JWT')
+  t.equal(decodeProtectedHeader(token).kid, kid)
+  t.ok(JSON.parse(readFileSync(join(dir, `${kid}.json`), 'utf8')).signed_until >= exp, 'once it can be written, the bound is on disk before the token is out')
+})
+
+t.test('a successor is published a whole max-age before it signs, counted from when it is made, in whole seconds up', async (t) => {
+  const dir = tmpKeys()
+  // Half a second into a second, with rotation due at once (rotate_after_s 60 = the max-age): the
+  // successor made at start-up may sign only a whole minute after the next whole second.
+  const clock = { ms: START + 500 }
+  await ringAt(dir, clock, 60)
+  const files = readdirSync(dir).filter((f) => f.endsWith('.json')).map((f) => JSON.parse(readFileSync(join(dir, f), 'utf8')) as { active_from: number })
+  t.same(files.map((f) => f.active_from).sort(), [START / 1000, START / 1000 + 1 + JWKS_MAX_AGE_S], 'the first signs at once; its successor 61 s on, not 60 (the published key was half a second short of its minute)')
 })

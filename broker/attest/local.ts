@@ -8,6 +8,7 @@
 // iat up to 30 s ahead may have been used just before the restart), which refuses every local
 // exchange for 30-60 s after each start. The price of the store is one insert per local
 // attestation; Kubernetes and SPIFFE evidence, the production path, still does no I/O.
+import { createHash } from 'node:crypto'
 import type { JWTVerifyGetKey } from 'jose'
 import { verifyJwt, MAX_SKEW_S } from '../jwt.js'
 import type { Registry } from '../registry.js'
@@ -58,7 +59,9 @@ export class LocalVerifier implements AttestationVerifier {
     // no broker would take the token any more (exp + skew); see pruning in broker.ts.
     let first: boolean
     try {
-      first = await this.jtis.useOnce(payload.jti, (payload.exp! + MAX_SKEW_S) * 1000)
+      // By its SHA-256: any string a JWT may carry (a NUL, 8 KB, a lone surrogate) is one fixed-size
+      // key each store takes alike; and exp may be fractional (RFC 7519 NumericDate), kept in whole ms.
+      first = await this.jtis.useOnce(createHash('sha256').update(payload.jti).digest('hex'), Math.ceil((payload.exp! + MAX_SKEW_S) * 1000))
     } catch (err) {
       // Accepting without the record would let the attestation be replayed: refuse, retryably.
       throw new AttestationUnavailable(`its single use could not be recorded (store unavailable: ${storeCause(err)})`)

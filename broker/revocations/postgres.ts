@@ -9,7 +9,9 @@ export class PostgresRevocationStore implements RevocationStore {
 
   constructor(url: string, readonly schema: string) {
     if (!/^[a-z_][a-z0-9_]{0,62}$/.test(schema)) throw new Error(`invalid schema name ${JSON.stringify(schema)}`)
-    this.pool = new pg.Pool({ connectionString: url, max: 4 })
+    // A server that stops answering (not down: a black-holed route, a stalled failover) must not
+    // hold exchanges for ever: each wait is bounded, and the exchange answers 503.
+    this.pool = new pg.Pool({ connectionString: url, max: 4, connectionTimeoutMillis: 5_000, query_timeout: 5_000 })
     // A pool error (server restart) must not crash the broker; the next query reconnects.
     this.pool.on('error', () => {})
     this.table = `"${schema}".revocations`

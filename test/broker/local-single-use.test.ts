@@ -8,7 +8,8 @@ import { join } from 'node:path'
 import { randomBytes } from 'node:crypto'
 import pg from 'pg'
 import { startTestBroker, API, why, type TestBroker } from '../helpers/broker.js'
-import { ensureLocalAttestorKey, signLocalAttestation } from '../../lib/local-attestor.js'
+import { ensureLocalAttestorKey, signLocalAttestation, LOCAL_ISSUER } from '../../lib/local-attestor.js'
+import { SignJWT } from 'jose'
 import { GRANT_TYPE } from '../../broker/exchange.js'
 import { TOKEN_TYPES } from '../../broker/attest/attestor.js'
 import type { BrokerConfig } from '../../lib/config/schema.js'
@@ -23,7 +24,14 @@ async function setup() {
   const start = (store: BrokerConfig['store']) => startTestBroker({ store, broker: { issuer: ISSUER, attestors: { local: { keys_file: key.jwksFile } } } })
   // The agent acting for itself: no user IdP, whose test keys differ from broker to broker.
   const request = (attestation: string) => ({ grant_type: GRANT_TYPE, subject_token: attestation, subject_token_type: TOKEN_TYPES.local, audience: API, task_id: 'task-1' })
-  return { dir, start, request, attest: () => signLocalAttestation(key, AGENT, ISSUER) }
+  /** Evidence as the local attestor would sign it, with claims of a test's choosing. */
+  const attestWith = (claims: Record<string, unknown>) => {
+    const now = Math.floor(Date.now() / 1000)
+    return new SignJWT({ iss: LOCAL_ISSUER, sub: AGENT, aud: ISSUER, iat: now, exp: now + 60, jti: randomBytes(8).toString('hex'), ...claims })
+      .setProtectedHeader({ alg: 'ES256', kid: key.kid, typ: 'JWT' })
+      .sign(key.privateKey)
+  }
+  return { dir, start, request, attest: () => signLocalAttestation(key, AGENT, ISSUER), attestWith }
 }
 
 t.test('a local attestation used before a restart is refused after it', async (t) => {
@@ -64,6 +72,23 @@ t.test('replicas sharing a PostgreSQL store accept a local attestation once betw
   const elsewhere = await b.exchange(s.request(attestation))
   t.equal(elsewhere.status, 400, 'refused by the other replica')
   t.match(String(elsewhere.body.error_description), /replayed/)
+
+  // Any jti a JWT may carry, and a fractional exp (RFC 7519 NumericDate), is recorded as any
+  // other: PostgreSQL refused a NUL, a key over its index row size, and a non-integer BIGINT,
+  // each a 503 that sent the operator after a healthy database.
+  const now = Math.floor(Date.now() / 1000)
+  for (const [what, claims] of [
+    ['a NUL in the jti', { jti: `nul-${randomBytes(4).toString('hex')}\u0000x` }],
+    ['an 8,000-character jti', { jti: randomBytes(4000).toString('hex') }],
+    ['a lone surrogate in the jti', { jti: `s-${randomBytes(4).toString('hex')}\ud800` }],
+    ['a fractional exp', { exp: now + 60.0001 }],
+  ] as const) {
+    const odd = await s.attestWith(claims)
+    const once = await a.exchange(s.request(odd))
+    t.equal(once.status, 200, `${what}: taken (${why(once)})`)
+    const again = await b.exchange(s.request(odd))
+    t.match([again.status, again.body.error_description], [400, /replayed/], `${what}: and refused when replayed`)
+  }
 
   // Sent to both at once: one wins.
   const racing = await s.attest()

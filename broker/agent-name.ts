@@ -23,9 +23,20 @@ const CONFUSABLES: Readonly<Record<string, string>> = Object.fromEntries(
   ).flatMap(([to, from]) => [...from].map((c) => [c, to])),
 )
 
+/**
+ * Letters in boxes that no normalisation unboxes (confusables.txt does not list them either):
+ * negative circled (🅐), negative squared (🅰) and regional indicators (🇦, drawn as a boxed letter
+ * when not part of a flag). Each range runs A to Z.
+ */
+const BOXED_LETTER_RANGES = [0x1f150, 0x1f170, 0x1f1e6]
+
 function unconfuse(s: string): string {
   let out = ''
-  for (const c of s) out += CONFUSABLES[c] ?? CONFUSABLES[c.toLowerCase()] ?? CONFUSABLES[c.toUpperCase()] ?? c
+  for (const c of s) {
+    const cp = c.codePointAt(0)!
+    const box = BOXED_LETTER_RANGES.find((first) => cp >= first && cp < first + 26)
+    out += box !== undefined ? String.fromCharCode(0x61 + cp - box) : (CONFUSABLES[c] ?? CONFUSABLES[c.toLowerCase()] ?? CONFUSABLES[c.toUpperCase()] ?? c)
+  }
   return out
 }
 
@@ -41,12 +52,13 @@ const AGENT_PREFIX = /^agent(?::|;|\p{Lm}|[^\p{ASCII}\p{L}\p{N}])/u
  * Compared as a reader would see it: look-alikes of other scripts and small capitals read as the
  * Latin letters they resemble, accents dropped (NFKD, then nonspacing and enclosing marks
  * removed), compatibility forms folded (NFKC: fullwidth, mathematical, superscript letters), any
- * case, no whitespace. Non-ASCII names that read as nothing of the kind (josé@…, 用户@…) pass.
+ * case, no whitespace, letters in boxes read as the letters. Non-ASCII names that read as nothing of the kind (josé@…, 用户@…) pass.
  */
 export function namesAnAgent(sub: string): boolean {
   // Look-alikes are mapped before normalising too: NFKC turns some (︰) into something else (‥).
   const seen = unconfuse(unconfuse(sub).normalize('NFKD').replace(/[\p{Mn}\p{Me}]/gu, '').normalize('NFKC'))
     .toLowerCase()
-    .replace(/\s/gu, '')
+    // Whitespace, and the Braille blank (U+2800), drawn as a space and neither \s nor ignorable.
+    .replace(/[\s\u2800]/gu, '')
   return AGENT_PREFIX.test(seen)
 }

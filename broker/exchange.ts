@@ -374,8 +374,8 @@ export class TokenExchange {
   }
 }
 
-/** Control, format (zero-width, bidi, soft hyphen, word joiner) and default-ignorable characters. */
-const INVISIBLE = /[\p{Cc}\p{Cf}\p{Default_Ignorable_Code_Point}]/u
+/** Control, format (zero-width, bidi, soft hyphen, word joiner) and default-ignorable characters, and the Braille blank (drawn as a space). */
+const INVISIBLE = /[\p{Cc}\p{Cf}\p{Default_Ignorable_Code_Point}\u2800]/u
 
 /** What the subject holds at `aud`: its delegation's entry there, else the user's scopes; undefined for the agent itself. */
 function heldAt(subject: Subject, aud: string): readonly string[] | undefined {

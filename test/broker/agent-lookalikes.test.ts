@@ -52,6 +52,12 @@ t.test('every kind of look-alike of each letter and of the colon is read as agen
   t.ok(namesAnAgent(`\u1d00\u0262\u1d07\u0274\u1d1b:beta:dev:x`), 'all small capitals: ᴀɢᴇɴᴛ:beta:dev:x')
   t.ok(namesAnAgent(`\u13aa\u13c0\u13ac\ua4e0\u13a2\u02f8beta:dev:x`), 'every letter and the colon of other scripts at once')
   t.ok(namesAnAgent('AGENT:' + REST), 'upper case')
+  // Letters in boxes no normalisation unboxes, and a blank that is neither whitespace nor ignorable.
+  t.ok(namesAnAgent('\u{1f170}\u{1f176}\u{1f174}\u{1f17d}\u{1f183}:' + REST), 'negative squared: 🅰🅶🅴🅽🆃')
+  t.ok(namesAnAgent('\u{1f150}\u{1f156}\u{1f154}\u{1f15d}\u{1f163}:' + REST), 'negative circled: 🅐🅖🅔🅝🅣')
+  t.ok(namesAnAgent('\u{1f1e6}\u{1f1ec}\u{1f1ea}\u{1f1f3}\u{1f1f9}:' + REST), 'regional indicators: 🇦🇬🇪🇳🇹')
+  t.ok(namesAnAgent('\u2800agent:' + REST), 'a Braille blank before it')
+  t.ok(namesAnAgent('age\u2800nt:' + REST), 'and inside it')
   t.ok(checked > 50)
 })
 

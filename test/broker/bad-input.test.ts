@@ -92,8 +92,8 @@ const cases: Case[] = [
     error: 'invalid_request',
     says: /its sub is an agent instance ID/,
   })),
-  // Invisible characters: a zero-width space, a soft hyphen, a word joiner, a bidi override.
-  ...['\u200bagent:helper:prod:h-1', 'ag\u00adent:helper:prod:h-1', '\u2060agent:helper:prod:h-1', 'alice\u202e'].map((sub) => ({
+  // Invisible characters: a zero-width space, a soft hyphen, a word joiner, a bidi override, a Braille blank.
+  ...['\u200bagent:helper:prod:h-1', 'ag\u00adent:helper:prod:h-1', '\u2060agent:helper:prod:h-1', 'alice\u202e', 'alice\u2800'].map((sub) => ({
     name: `subject whose sub holds an invisible character (${JSON.stringify(sub)})`,
     params: async (b: TestBroker) => delegatedRequest(await b.userToken(sub, 'read'), await b.attest(AGENT)),
     error: 'invalid_request',

@@ -593,6 +593,7 @@ export class Pipeline {
         // Nothing sent yet, either way: answered with the refusal when admission settles (an
         // agent reads a 403 where a bare close told it nothing), and never dispatched.
         ctx.cutWith ??= new LatchkeyError(code, reason)
+        this.cutSockets.set(socket, { code, reason })
         continue
       }
       this.live.delete(ctx)
@@ -605,11 +606,15 @@ export class Pipeline {
   /** Why a connection was cut on purpose: what its queued requests are recorded as (neverSent). */
   private readonly cutSockets = new WeakMap<Socket, { code: ErrorCode; reason: string }>()
 
-  /** Ends a call's forward now, then its connection. */
+  /**
+   * Ends a call's connection, then its forward, now. In that order: the forward's end would
+   * answer the agent with the refusal, which reads as "never sent", for a request the upstream
+   * may already have (an agent retrying a POST on it did it twice). A cut is a cut.
+   */
   private cutSocket(ctx: CallContext, socket: Socket, code: ErrorCode, reason: string): void {
     this.cutSockets.set(socket, { code, reason })
-    ctx.forward?.abort(new LatchkeyError(code, reason))
     socket.destroy()
+    ctx.forward?.abort(new LatchkeyError(code, reason))
   }
 
   /**

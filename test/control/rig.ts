@@ -67,7 +67,7 @@ export interface Api {
   close(): Promise<void>
 }
 
-/** /stream holds a response open, writing a chunk every 50 ms; anything else answers 200 {ok, bearer}. */
+/** /stream holds a response open, writing a chunk every 50 ms; /hold never answers; anything else answers 200 {ok, bearer}. */
 export async function startApi(): Promise<Api> {
   const tokens: string[] = []
   const paths: string[] = []
@@ -77,6 +77,8 @@ export async function startApi(): Promise<Api> {
     paths.push(req.url ?? '')
     const auth = req.headers.authorization ?? ''
     if (auth.startsWith('Bearer ')) tokens.push(auth.slice(7))
+    // Holds the request unanswered, as an API thinking before its head.
+    if (req.url?.startsWith('/hold')) return
     if (req.url?.startsWith('/stream')) {
       res.writeHead(200, { 'content-type': 'text/plain' })
       const timer = setInterval(() => res.write('tick\n'), 50)

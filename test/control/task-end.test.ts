@@ -3,6 +3,7 @@
 // LK_TASK_ENDED; the agent's other tasks keep theirs. All real: broker, sidecar, upstream API.
 import t from 'tap'
 import { once } from 'node:events'
+import { connect } from 'node:net'
 import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openTunnel, openWebSocket, until } from './rig.js'
 import type { SidecarOptions } from '../../proxy/sidecar.js'
 import { framePayloads } from '../helpers/websocket-frames.js'
@@ -78,3 +79,22 @@ t.test('a task that expires has its WebSocket cut by the expiry sweep', async (t
   t.ok(ws.destroyed, 'the expired task\'s WebSocket was cut')
   await until('cut audited', async () => (await s.audit()).some((e) => e.error === 'LK_TASK_ENDED' && e.task === task.id))
 })
+
+t.test('a call the upstream has, cut by its task ending before any answer: the agent gets the cut, not a refusal that reads as never sent', async (t) => {
+  const { api, s } = await startRig(t, 'agent:summarizer:prod:sent')
+  const task = await s.openTask()
+  const sock = connect(s.sidecar.port, '127.0.0.1')
+  await once(sock, 'connect')
+  let received = ''
+  sock.on('data', (d: Buffer) => (received += d.toString('latin1')))
+  sock.on('error', () => {})
+  const closed = once(sock, 'close')
+  sock.write(`POST ${api.origin}/hold HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\nProxy-Authorization: Bearer ${task.handle}\r\nContent-Length: 5\r\n\r\norder`)
+  await until('the upstream has the POST', () => api.paths.includes('/hold'))
+  t.equal((await fetch(`${s.sidecar.adminUrl}/v1/tasks/${encodeURIComponent(task.handle)}`, { method: 'DELETE' })).status, 204)
+  await closed
+  t.equal(received, '', 'no response at all: a 407 would tell the agent its POST was never sent, and it was')
+  await until('audited', async () => (await s.audit()).some((e) => e.path === '/hold'))
+  t.match((await s.audit()).find((e) => e.path === '/hold'), { status: 0, error: 'LK_TASK_ENDED', method: 'POST' }, 'recorded as cut by the task ending, with no status')
+})
+

@@ -6,7 +6,6 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import { unescape } from 'node:querystring'
 import type { Credential, CredentialBinding } from '../context.js'
-import { BodyScrubber, bodyNeedlesFor } from './body-scrub.js'
 
 export const REMOVED = '[removed by latchkey: it contained the injected credential]'
 /** Said in place of a remote server's text that reveals a credential the sidecar sent it (revealsSecret). */
@@ -218,19 +217,21 @@ export function scrubResponseHeaders(headers: IncomingHttpHeaders, binding: Cred
     // A URL is masked where the credential is in it, as a body is, so a client can still follow
     // it (a query injector puts the credential back over the mask); anything else, or a URL the
     // mask does not make safe by every check, is replaced whole.
-    const clean = (x: string) => (!hides(x, n, false) ? x : url ? (maskedUrl(x, binding, credential, n) ?? REMOVED) : REMOVED)
+    const clean = (x: string) => (!hides(x, n, false) ? x : url ? (maskedUrl(x, credential, n) ?? REMOVED) : REMOVED)
     if (typeof v === 'string') headers[name] = clean(v)
     else if (v.some((x) => hides(x, n, false))) headers[name] = v.map(clean)
   }
 }
 
-/** `value` with each occurrence of the credential masked in place (BodyScrubber), or null when what is left still reveals it. */
-function maskedUrl(value: string, binding: CredentialBinding, credential: Credential, n: Needles): string | null {
-  const scrubber = new BodyScrubber(bodyNeedlesFor(binding, credential))
-  const head = scrubber.push(Buffer.from(value, 'latin1'))
-  const tail = scrubber.end()
-  const masked = (head === null ? '' : head.toString('latin1')) + (tail === null ? '' : tail.toString('latin1'))
-  return revealsAsUrl(masked, n, false) ? null : masked
+/**
+ * `value` with the credential masked in place where it is itself, plain or percent-encoded (a
+ * query credential echoed back), or null when anything of it is left: a masked base64 form, say,
+ * leaves its edge groups, which decode to the secret's first and last characters.
+ */
+function maskedUrl(value: string, credential: Credential, n: Needles): string | null {
+  let masked = value
+  for (const form of new Set([credential.value, encodeURIComponent(credential.value)])) masked = masked.split(form).join('*'.repeat(form.length))
+  return masked === value || revealsAsUrl(masked, n, false) ? null : masked
 }
 
 /** Headers clients read as URLs and follow (a redirect, a pagination Link's rel=next), or report as the response's URL. */

@@ -3,6 +3,8 @@
 // tabs, CR and LF. Followed, the secret came back to the agent as the response's URL.
 import t, { type Test } from 'tap'
 import type { ServerResponse } from 'node:http'
+import { ProxyAgent, fetch } from 'undici'
+import { REMOVED } from '../../proxy/forward/scrub.js'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { startUpstream, startTestSidecar, loopbackPolicy, assertNoCanary, CANARY } from '../helpers/harness.js'
@@ -102,6 +104,17 @@ t.test('a pagination Link echoing a query credential is masked in place: a clien
   const mask = '*'.repeat(CANARY.length)
   t.equal(pages[0]?.link, `<${upstream.origin}/items?page=2&key=${mask}>; rel="next", <${upstream.origin}/items?page=3&key=${mask}>; rel="last"`, 'the credential masked where it was, the rest of the Link kept')
   assertNoCanary(t, s, out.stdout)
+})
+
+t.test('a URL holding the credential in another form than itself (base64) is replaced whole: masking it would leave its edges', async (t) => {
+  const { upstream, s } = await queryKeyed(t, (url, res) => {
+    const key = url.searchParams.get('key') ?? ''
+    res.writeHead(302, { location: `/next?t=${Buffer.from(`Bearer ${key}`).toString('base64')}`, link: `</p2?key=${key}>; rel="next"` }).end()
+  })
+  const r = await fetch(`${upstream.origin}/go`, { dispatcher: new ProxyAgent(s.proxy), redirect: 'manual' })
+  t.equal(r.headers.get('location'), REMOVED, 'base64 of the secret: the whole Location goes (masked, "QmVhcmVyIGNh…Zg==" decoded to its first and last characters)')
+  t.equal(r.headers.get('link'), `</p2?key=${'*'.repeat(CANARY.length)}>; rel="next"`, 'the secret as itself is masked in place')
+  assertNoCanary(t, s, JSON.stringify([...r.headers]))
 })
 
 t.test("a pagination Link echoing the credential with a tab in it is not relayed: clients follow rel=next as a URL", async (t) => {

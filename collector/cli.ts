@@ -4,8 +4,8 @@
 import type { Command } from 'commander'
 import { request } from 'undici'
 import { Action, AuditEvent } from '../protos/gen/latchkey/v1/audit.js'
-import { MAX_ANSWER_BYTES, boundAnswer, eventToJson, parseSince, type EventJson } from './query.js'
-import type { AuditStore, VerifyResult } from './store/types.js'
+import { MAX_ANSWER_BYTES, MAX_LIMIT, MAX_PAGE_EVENTS, boundAnswer, eventToJson, parseSince, type EventJson } from './query.js'
+import type { AuditStore, EventCursor, VerifyResult } from './store/types.js'
 import type { CollectorConfig } from './config.js'
 
 const DEFAULT_URL = 'http://127.0.0.1:15101'
@@ -23,15 +23,26 @@ function fail(err: unknown): never {
 /** The query API's reader token, if the collector requires one: from the environment, never argv. */
 const TOKEN_ENV = 'LATCHKEY_COLLECTOR_READER_TOKEN'
 
+/** How long the CLI waits, in all, for a collector busy with other queries (503 LK_COLLECTOR_BUSY). */
+const BUSY_WAIT_MS = 60_000
+
 async function getJson<T>(base: string, path: string): Promise<{ status: number; body: T }> {
   let res
+  let body: T
   const token = process.env[TOKEN_ENV]
-  try {
-    res = await request(new URL(path, base), token ? { headers: { authorization: `Bearer ${token}` } } : {})
-  } catch (err) {
-    throw new CliError(`collector at ${base} unreachable: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
+  for (let waited = 0; ; ) {
+    try {
+      res = await request(new URL(path, base), token ? { headers: { authorization: `Bearer ${token}` } } : {})
+    } catch (err) {
+      throw new CliError(`collector at ${base} unreachable: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
+    }
+    body = (await res.body.json()) as T
+    // Busy with other queries: wait as it asks, then ask again.
+    if (res.statusCode !== 503 || (body as { code?: string }).code !== 'LK_COLLECTOR_BUSY' || waited >= BUSY_WAIT_MS) break
+    const ms = Math.min(Math.max(Number(res.headers['retry-after']) || 1, 1), 10) * 1000
+    await new Promise((resolve) => setTimeout(resolve, ms))
+    waited += ms
   }
-  const body = (await res.body.json()) as T
   if (res.statusCode === 401) throw new CliError(`collector at ${base}: ${token ? `the token in ${TOKEN_ENV} was refused` : `requires a reader token: set ${TOKEN_ENV}`}`)
   if (res.statusCode >= 400 && res.statusCode !== 409) throw new CliError(`collector at ${base}: ${(body as { error?: string }).error ?? `HTTP ${res.statusCode}`}`)
   return { status: res.statusCode, body }
@@ -130,32 +141,48 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
       try {
         if (!opts.agent) throw new CliError('--agent <id> is required (e.g. --agent agent:summarizer:prod:7a2c91)')
         const limit = Number(opts.limit)
-        if (!Number.isInteger(limit) || limit < 1 || limit > 100_000) throw new CliError(`--limit "${opts.limit}" must be an integer from 1 to 100000`)
-        let events: EventJson[]
-        let truncated: boolean
+        if (!Number.isInteger(limit) || limit < 1 || limit > MAX_LIMIT) throw new CliError(`--limit "${opts.limit}" must be an integer from 1 to ${MAX_LIMIT}`)
+        // Page by page (an answer holds at most MAX_PAGE_EVENTS), each printed as it comes, until
+        // the limit or the last page.
+        let shown = 0
+        let truncated = false
+        const print = (events: EventJson[]) => {
+          for (const e of events) console.log(opts.json ? JSON.stringify(e) : formatEvent(e))
+          shown += events.length
+        }
+        const since = parseSince(opts.since)
         if (opts.config) {
           const store = await openConfiguredStore(opts.config)
           try {
-            const since = parseSince(opts.since)
-            const answer = boundAnswer(await store.eventsByAgent({ agent: opts.agent, since, deniedOnly: !!opts.denied, limit: limit + 1, maxBytes: MAX_ANSWER_BYTES }), limit, MAX_ANSWER_BYTES)
-            events = answer.events.map(eventToJson)
-            truncated = answer.truncated
+            let after: EventCursor | undefined
+            do {
+              const page = Math.min(limit - shown, MAX_PAGE_EVENTS)
+              const answer = boundAnswer(await store.eventsByAgent({ agent: opts.agent, since, deniedOnly: !!opts.denied, limit: page + 1, maxBytes: MAX_ANSWER_BYTES, after }), page, MAX_ANSWER_BYTES)
+              print(answer.events.map(eventToJson))
+              truncated = answer.truncated
+              const last = answer.events[answer.events.length - 1]
+              after = last && { ts: last.event.timeUnixMs, sidecar: last.sidecar, position: last.position }
+            } while (truncated && after && shown < limit)
           } finally {
             await store.close()
           }
         } else {
           // Resolved here, as with -c: a time without a zone is the operator's local time, not
           // the collector host's (which the API would read it in).
-          const q = new URLSearchParams({ agent: opts.agent, since: parseSince(opts.since).toISOString(), limit: String(limit) })
-          if (opts.denied) q.set('denied', 'true')
-          const body = (await getJson<{ events: EventJson[]; truncated?: boolean }>(opts.url, `/v1/events?${q}`)).body
-          events = body.events
-          truncated = body.truncated === true
+          let cursor: string | undefined
+          do {
+            const q = new URLSearchParams({ agent: opts.agent, since: since.toISOString(), limit: String(limit - shown) })
+            if (opts.denied) q.set('denied', 'true')
+            if (cursor) q.set('cursor', cursor)
+            const body = (await getJson<{ events: EventJson[]; truncated?: boolean; next?: string }>(opts.url, `/v1/events?${q}`)).body
+            print(body.events)
+            truncated = body.truncated === true
+            cursor = body.next
+          } while (truncated && cursor && shown < limit)
         }
-        for (const e of events) console.log(opts.json ? JSON.stringify(e) : formatEvent(e))
         if (!opts.json) {
-          console.error(`${events.length} call(s) by ${opts.agent} since ${opts.since}${opts.denied ? ' (denied only)' : ''}`)
-          if (truncated) console.error(`more calls match: these are the oldest ${events.length}; narrow --since or raise --limit`)
+          console.error(`${shown} call(s) by ${opts.agent} since ${opts.since}${opts.denied ? ' (denied only)' : ''}`)
+          if (truncated) console.error(`more calls match: these are the oldest ${shown}; narrow --since or raise --limit`)
         }
       } catch (err) {
         fail(err)

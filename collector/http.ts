@@ -1,14 +1,15 @@
 // The collector's read-only HTTP query API (loopback by default):
-//   GET /v1/events?agent=<id>&since=24h[&until=<iso>][&denied=true][&limit=N]
+//   GET /v1/events?agent=<id>&since=24h[&until=<iso>][&denied=true][&limit=N][&cursor=<next>]
+//       at most MAX_PAGE_EVENTS events an answer; `next` continues where a cut answer ended
 //   GET /v1/inventory
 //   GET /v1/verify[?sidecar=<id>]
 //   GET /healthz   the process answers (liveness)
 //   GET /readyz    the store answers too: 503 while it does not (a wrong URL, a database down)
 import { createHash, timingSafeEqual } from 'node:crypto'
 import { createServer, type Server, type ServerResponse } from 'node:http'
-import type { AuditStore } from './store/types.js'
+import type { AuditStore, EventCursor, StoredEvent } from './store/types.js'
 import type { Logger } from '../lib/log.js'
-import { MAX_ANSWER_BYTES, boundAnswer, eventToJson, parseSince } from './query.js'
+import { MAX_ANSWER_BYTES, MAX_LIMIT, MAX_PAGE_EVENTS, boundAnswer, decodeCursor, encodeCursor, eventToJson, parseSince } from './query.js'
 
 function send(res: ServerResponse, status: number, body: unknown): void {
   const text = JSON.stringify(body)
@@ -18,6 +19,66 @@ function send(res: ServerResponse, status: number, body: unknown): void {
 
 class BadRequest extends Error {}
 
+/** The queue of reads is full: 503 with Retry-After. */
+class Busy extends Error {}
+
+/** How many reads of the store (events, inventory, verify) run at once, and how many may wait. */
+export interface QueryLimits {
+  /** Reads running at once (default 2). */
+  maxRunning?: number
+  /** Reads waiting for one to finish (default 8); past that a request is answered 503 LK_COLLECTOR_BUSY. */
+  maxQueued?: number
+  /** The most events one answer holds (default MAX_PAGE_EVENTS). */
+  maxPage?: number
+}
+
+/**
+ * Bounds the reads in progress: the store is shared with the ingest, and every reader (no token
+ * is needed on loopback) could otherwise start as many as it likes. A slot passes straight to the
+ * next waiter when a read ends.
+ */
+export class QueryGate {
+  private running = 0
+  private readonly waiting: Array<() => void> = []
+  constructor(
+    readonly maxRunning: number,
+    readonly maxQueued: number,
+  ) {}
+
+  async run<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.running < this.maxRunning) this.running++
+    else if (this.waiting.length < this.maxQueued) await new Promise<void>((resolve) => this.waiting.push(resolve))
+    else throw new Busy()
+    try {
+      return await fn()
+    } finally {
+      const next = this.waiting.shift()
+      if (next) next()
+      else this.running--
+    }
+  }
+}
+
+/** Events serialised a slice at a time, giving way to the ingest between slices: never one string of the whole answer. */
+const SLICE = 100
+
+async function serialiseEvents(events: StoredEvent[], aborted: () => boolean): Promise<string[] | null> {
+  const parts: string[] = []
+  for (let i = 0; i < events.length; i += SLICE) {
+    if (aborted()) return null
+    parts.push((i ? ',' : '') + events.slice(i, i + SLICE).map((e) => JSON.stringify(eventToJson(e))).join(','))
+    await new Promise<void>((resolve) => setImmediate(resolve))
+  }
+  return parts
+}
+
+function sendEvents(res: ServerResponse, head: Record<string, unknown>, parts: string[]): void {
+  res.writeHead(200, { 'content-type': 'application/json' })
+  res.write(`${JSON.stringify(head).slice(0, -1)},"events":[`)
+  for (const p of parts) res.write(p)
+  res.end(']}')
+}
+
 /**
  * No stored ID holds U+0000 (the ingest refuses it), and PostgreSQL cannot even be asked for one:
  * it fails the query, which would read as "store unavailable".
@@ -26,7 +87,9 @@ function noNul(name: string, value: string): void {
   if (value.includes('\u0000')) throw new BadRequest(`query parameter "${name}" contains a NUL character, which no stored ${name} holds`)
 }
 
-export function createQueryServer(store: AuditStore, log: Logger, readerTokensSha256: string[] = [], maxAnswerBytes = MAX_ANSWER_BYTES): Server {
+export function createQueryServer(store: AuditStore, log: Logger, readerTokensSha256: string[] = [], maxAnswerBytes = MAX_ANSWER_BYTES, limits: QueryLimits = {}): Server {
+  const gate = new QueryGate(limits.maxRunning ?? 2, limits.maxQueued ?? 8)
+  const maxPage = limits.maxPage ?? MAX_PAGE_EVENTS
   const readers = readerTokensSha256.map((h) => Buffer.from(h, 'hex'))
   const authorized = (header: string | undefined): boolean => {
     if (readers.length === 0) return true
@@ -50,6 +113,9 @@ export function createQueryServer(store: AuditStore, log: Logger, readerTokensSh
       return send(res, 401, { error: 'a reader token is required (Authorization: Bearer <token>)' })
     }
     if (req.method !== 'GET') return send(res, 405, { error: `method ${req.method} not allowed: the query API is read-only` })
+    // The client went away (while its read waited, or ran): the work left is not done.
+    let gone = false
+    res.on('close', () => (gone = true))
     const handle = async () => {
       switch (url.pathname) {
         case '/healthz':
@@ -77,25 +143,50 @@ export function createQueryServer(store: AuditStore, log: Logger, readerTokensSh
             throw new BadRequest((err as Error).message)
           }
           const limitText = url.searchParams.get('limit')
-          const limit = limitText === null ? 10_000 : Number(limitText)
-          if (!Number.isInteger(limit) || limit < 1 || limit > 100_000) throw new BadRequest(`limit "${limitText}" must be an integer from 1 to 100000`)
+          const asked = limitText === null ? maxPage : Number(limitText)
+          if (!Number.isInteger(asked) || asked < 1 || asked > MAX_LIMIT) throw new BadRequest(`limit "${limitText}" must be an integer from 1 to ${MAX_LIMIT}`)
+          // One answer holds at most maxPage events; a larger limit is cut to it, and the answer says so.
+          const limit = Math.min(asked, maxPage)
           const denied = url.searchParams.get('denied')
           if (denied !== null && denied !== 'true' && denied !== 'false') throw new BadRequest(`denied "${denied}" must be true or false`)
-          // One more than asked: whether the answer was cut short is then known, not guessed.
-          // And bounded in bytes: a few huge events must not make the answer a string no process can hold.
-          const { events, truncated } = boundAnswer(
-            await store.eventsByAgent({ agent, since, until, deniedOnly: denied === 'true', limit: limit + 1, maxBytes: maxAnswerBytes }),
-            limit,
-            maxAnswerBytes,
-          )
-          return send(res, 200, { agent, since: since.toISOString(), count: events.length, truncated, events: events.map(eventToJson) })
+          const cursorText = url.searchParams.get('cursor')
+          let after: EventCursor | undefined
+          if (cursorText !== null) {
+            try {
+              after = decodeCursor(cursorText)
+            } catch (err) {
+              throw new BadRequest((err as Error).message)
+            }
+          }
+          // A page goes on from its cursor, whatever `since` says: one given as a duration has moved
+          // on since the first page, and would skip what lies between.
+          const from = after ? new Date(after.ts) : since
+          const answer = await gate.run(async () => {
+            if (gone) return null
+            // One more than asked: whether the answer was cut short is then known, not guessed.
+            // And bounded in bytes: a few huge events must not make the answer a string no process can hold.
+            const cut = boundAnswer(
+              await store.eventsByAgent({ agent, since: from, until, deniedOnly: denied === 'true', limit: limit + 1, maxBytes: maxAnswerBytes, after }),
+              limit,
+              maxAnswerBytes,
+            )
+            const parts = await serialiseEvents(cut.events, () => gone)
+            return parts && { ...cut, parts }
+          })
+          if (!answer) return
+          const { events, truncated, parts } = answer
+          const head: Record<string, unknown> = { agent, since: since.toISOString(), count: events.length, truncated, limit }
+          if (asked > limit) head.limitCapped = `limit ${asked} is more than one answer holds (${maxPage}): ask again with cursor=<next> for the rest`
+          // Where the next page starts: present exactly when more may match.
+          if (truncated && events.length > 0) head.next = encodeCursor(events[events.length - 1]!)
+          return sendEvents(res, head, parts)
         }
         case '/v1/inventory':
-          return send(res, 200, await store.inventory())
+          return send(res, 200, await gate.run(() => store.inventory()))
         case '/v1/verify': {
           const sidecar = url.searchParams.get('sidecar') ?? undefined
           if (sidecar !== undefined) noNul('sidecar', sidecar)
-          const v = await store.verify(sidecar)
+          const v = await gate.run(() => store.verify(sidecar))
           // "verified: 0 events" would read as a clean chain for a sidecar the store never heard of.
           if (sidecar !== undefined && v.sidecars === 0 && v.ok) return send(res, 404, { error: `no sidecar "${sidecar.slice(0, 200)}" in the store` })
           return send(res, v.ok ? 200 : 409, v)
@@ -106,6 +197,10 @@ export function createQueryServer(store: AuditStore, log: Logger, readerTokensSh
     }
     handle().catch((err: unknown) => {
       if (err instanceof BadRequest) return send(res, 400, { error: err.message })
+      if (err instanceof Busy) {
+        res.setHeader('retry-after', '1')
+        return send(res, 503, { error: 'the collector is answering as many queries as it takes at once: retry after 1 s', code: 'LK_COLLECTOR_BUSY' })
+      }
       log.error({ err: { type: (err as Error)?.name, message: (err as Error)?.message } }, 'query failed')
       send(res, 503, { error: 'store unavailable' })
     })

@@ -1,6 +1,6 @@
 // Shared by the HTTP API and the CLI: parsing "since", and the JSON shape of a stored event.
 import { AuditEvent } from '../protos/gen/latchkey/v1/audit.js'
-import type { StoredEvent } from './store/types.js'
+import type { EventCursor, StoredEvent } from './store/types.js'
 
 const UNITS: Record<string, number> = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }
 
@@ -69,4 +69,40 @@ export function boundAnswer(events: StoredEvent[], limit: number, maxBytes: numb
     }
   }
   return { events, truncated }
+}
+
+/**
+ * The most events one answer of the HTTP API holds, whatever `limit` asks: the rest is a next
+ * page (`next`), so no single request makes the collector decode and serialise 100,000 events.
+ */
+export const MAX_PAGE_EVENTS = 1000
+
+/** `limit` as the API and the CLI take it: a total of at most this many. */
+export const MAX_LIMIT = 100_000
+
+/** The cursor after an event, as an answer's `next` gives it: opaque to clients. */
+export function encodeCursor(e: StoredEvent): string {
+  return Buffer.from(JSON.stringify([e.event.timeUnixMs, e.sidecar, e.position])).toString('base64url')
+}
+
+/** Throws (a message naming the parameter) when `text` is not a cursor this API gave. */
+export function decodeCursor(text: string): EventCursor {
+  let v: unknown
+  try {
+    v = JSON.parse(Buffer.from(text, 'base64url').toString('utf8'))
+  } catch {
+    v = null
+  }
+  if (
+    !Array.isArray(v) ||
+    v.length !== 3 ||
+    !Number.isSafeInteger(v[0]) ||
+    typeof v[1] !== 'string' ||
+    v[1].includes('\u0000') ||
+    !Number.isSafeInteger(v[2]) ||
+    (v[2] as number) < 0
+  ) {
+    throw new Error(`cursor "${text.slice(0, 64)}" is not one this API gave: pass the "next" of the previous answer as it is`)
+  }
+  return { ts: v[0] as number, sidecar: v[1], position: v[2] as number }
 }

@@ -6,7 +6,7 @@
 import pg from 'pg'
 import { Action, type SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
 import { GENESIS, INGEST_CURSOR, askableIds, checkAgainstCursors, chainRows, newEvents, rowToStored, toStored } from './chain.js'
-import { VERIFY_COLUMNS, mergeVerify, verifyRows, type DbRow } from './sqlite.js'
+import { VERIFY_COLUMNS, VERIFY_PAGE, VerifyFold, type DbRow } from './sqlite-reads.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
 import { AUDIT_CURSORS_SHAPE, AUDIT_EVENTS_SHAPE, StoreError } from './types.js'
 import { assertShape, postgresShape, StoreSchemaError } from '../../lib/store-schema.js'
@@ -226,16 +226,20 @@ export class PostgresAuditStore implements AuditStore {
 
   async eventsByAgent(q: EventQuery): Promise<StoredEvent[]> {
     await this.ensureReady()
+    const args: unknown[] = [q.agent, q.since.getTime(), q.until?.getTime() ?? Number.MAX_SAFE_INTEGER, q.limit ?? 10_000, q.maxBytes ?? Number.MAX_SAFE_INTEGER]
+    // After a cursor: the same order as the answer's, so a page boundary never repeats or skips a row.
+    const after = q.after ? 'AND ts >= $6 AND (ts > $6 OR sidecar > $7 OR (sidecar = $7 AND pos > $8))' : ''
+    if (q.after) args.push(q.after.ts, q.after.sidecar, q.after.position)
     const r = await this.pool.query<{ sidecar: string; seq: string; pos: string; payload: Buffer; hash: Buffer }>(
       // Picked by payload size first (octet_length reads the stored size, not the value), so a
       // few huge payloads cannot make one answer hold gigabytes.
       `SELECT e.sidecar, e.seq, e.pos, e.payload, e.hash FROM (
          SELECT sidecar AS s, pos AS p, ts AS t, sum(octet_length(payload)) OVER (ORDER BY ts, sidecar, pos ROWS UNBOUNDED PRECEDING) - octet_length(payload) AS before
-         FROM ${this.t} WHERE agent = $1 AND ts >= $2 AND ts < $3 ${q.deniedOnly ? `AND action IN ${DENIED}` : ''}
+         FROM ${this.t} WHERE agent = $1 AND ts >= $2 AND ts < $3 ${q.deniedOnly ? `AND action IN ${DENIED}` : ''} ${after}
          ORDER BY ts, sidecar, pos LIMIT $4
        ) AS k JOIN ${this.t} AS e ON e.sidecar = k.s AND e.pos = k.p
        WHERE k.before < $5 ORDER BY k.t, k.s, k.p`,
-      [q.agent, q.since.getTime(), q.until?.getTime() ?? Number.MAX_SAFE_INTEGER, q.limit ?? 10_000, q.maxBytes ?? Number.MAX_SAFE_INTEGER],
+      args,
     )
     return r.rows.map((x) => toStored(x.sidecar, { sequence: Number(x.seq), position: Number(x.pos), payload: x.payload, hash: x.hash }))
   }
@@ -274,15 +278,24 @@ export class PostgresAuditStore implements AuditStore {
     await this.ensureReady()
     // One sidecar at a time keeps memory bounded by the largest chain, not the whole table.
     const ids = sidecar ? [sidecar] : (await this.pool.query<{ sidecar: string }>(`SELECT DISTINCT sidecar FROM ${this.t} ORDER BY sidecar`)).rows.map((r) => r.sidecar)
-    const total: VerifyResult = { ok: true, checked: 0, sidecars: 0, breaks: [] }
+    // A page of links per query: memory stays bounded by a page whatever a chain holds, and the
+    // hashing (on this thread: pg is asynchronous, the CPU work is not) gives way to ingest and
+    // other requests between pages.
+    const fold = new VerifyFold()
     for (const id of ids) {
-      const r = await this.pool.query<Omit<DbRow, 'seq' | 'pos' | 'ts'> & { seq: string; pos: string; ts: string }>(
-        `SELECT ${VERIFY_COLUMNS} FROM ${this.t} WHERE sidecar = $1 ORDER BY pos`,
-        [id],
-      )
-      const rows: DbRow[] = r.rows.map((x) => ({ ...x, seq: Number(x.seq), pos: Number(x.pos), ts: Number(x.ts) }))
-      mergeVerify(total, verifyRows(rows))
+      let at = 0
+      for (;;) {
+        const r = await this.pool.query<Omit<DbRow, 'seq' | 'pos' | 'ts'> & { seq: string; pos: string; ts: string }>(
+          `SELECT ${VERIFY_COLUMNS} FROM ${this.t} WHERE sidecar = $1 AND pos > $2 ORDER BY pos LIMIT $3`,
+          [id, at, VERIFY_PAGE],
+        )
+        if (r.rows.length === 0) break
+        for (const x of r.rows) fold.add({ ...x, seq: Number(x.seq), pos: Number(x.pos), ts: Number(x.ts) })
+        at = Number(r.rows[r.rows.length - 1]!.pos)
+        await new Promise<void>((resolve) => setImmediate(resolve))
+      }
     }
+    const total = fold.result
     const cursors = await this.pool.query<{ name: string; sidecar: string; pos: string }>(`SELECT name, sidecar, pos FROM ${this.cursorsTable}`)
     checkAgainstCursors(total, await this.heads(), cursors.rows.map((c) => ({ ...c, pos: Number(c.pos) })), sidecar)
     return total

@@ -2,13 +2,17 @@
 // collector acks it). Append-only by construction: the only write path is append(), and triggers
 // refuse UPDATE and DELETE on the events table. Through lib/sqlite.ts: statements prepared once
 // and kept, no iterate(), so Node 24's garbage collector never destroys a better-sqlite3 object.
+// The heavy reads (events, inventory, verify) run in worker threads on connections of their own
+// (sqlite-reader.ts): better-sqlite3 is synchronous, and they held the ingest's event loop for seconds.
+import { Worker } from 'node:worker_threads'
 import { openDatabase, pragma, statement, type Database } from '../../lib/sqlite.js'
 import type { SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
-import { ChainVerifier, GENESIS, INGEST_CURSOR, askableIds, chainRows, checkAgainstCursors, isDenied, newEvents, rowToStored, toStored } from './chain.js'
-import type { AppendResult, AuditStore, EventQuery, Inventory, SequenceGap, StoredEvent, VerifyResult } from './types.js'
-import { AUDIT_CURSORS_SHAPE, AUDIT_EVENTS_SHAPE, MAX_LISTED_GAPS, StoreError } from './types.js'
+import { GENESIS, INGEST_CURSOR, askableIds, chainRows, isDenied, newEvents, rowToStored, toStored } from './chain.js'
+import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
+import { AUDIT_CURSORS_SHAPE, AUDIT_EVENTS_SHAPE, StoreError } from './types.js'
 import { assertShape, sqliteShape } from '../../lib/store-schema.js'
-import { Action } from '../../protos/gen/latchkey/v1/audit.js'
+import { packEvents, readEvents, readInventory, readVerify, unpackEvents, type PackedEvents } from './sqlite-reads.js'
+import type { ReadAnswer, ReadRequest } from './sqlite-reader.js'
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS audit_events (
@@ -48,26 +52,6 @@ CREATE TRIGGER IF NOT EXISTS audit_events_no_delete BEFORE DELETE ON audit_event
 BEGIN SELECT RAISE(ABORT, 'audit_events is append-only: DELETE refused'); END;
 `
 
-interface DbRow {
-  sidecar: string
-  seq: number
-  pos: number
-  id: string
-  ts: number
-  agent: string
-  agent_type: string
-  host: string
-  port: number
-  action: number
-  audience: string
-  payload: Buffer
-  prev: Buffer
-  hash: Buffer
-}
-
-/** The columns verify reads (both stores). */
-export const VERIFY_COLUMNS = 'sidecar, seq, pos, id, ts, agent, agent_type, host, port, action, audience, payload, prev, hash'
-
 export class SqliteAuditStore implements AuditStore {
   readonly kind = 'sqlite' as const
   readonly db: Database.Database
@@ -75,6 +59,8 @@ export class SqliteAuditStore implements AuditStore {
 
   constructor(readonly path: string) {
     this.db = openDatabase(path)
+    this.reader = new ReadWorker(path)
+    this.verifier = new ReadWorker(path)
     pragma(this.db, 'journal_mode = WAL')
     pragma(this.db, 'synchronous = FULL')
     pragma(this.db, 'busy_timeout = 5000')
@@ -142,92 +128,23 @@ export class SqliteAuditStore implements AuditStore {
     }
   }
 
+  /** The heavy reads, each in a worker thread on a connection of its own (sqlite-reader.ts). */
+  private readonly reader: ReadWorker
+  /** verify has a worker of its own: a long verify must not hold the queries up behind it. */
+  private readonly verifier: ReadWorker
+
   eventsByAgent(q: EventQuery): Promise<StoredEvent[]> {
-    const until = q.until?.getTime() ?? Number.MAX_SAFE_INTEGER
-    const denied = q.deniedOnly ? `AND action IN (${Action.ACTION_DENY}, ${Action.ACTION_REPORT})` : ''
-    // The rows are picked by their payload sizes first (length() reads no blob), so a few huge
-    // payloads cannot make one answer hold gigabytes.
-    const rows = statement<[string, number, number, number, number], { sidecar: string; seq: number; pos: number; payload: Buffer; hash: Buffer }>(
-      this.db,
-      `SELECT e.sidecar, e.seq, e.pos, e.payload, e.hash FROM (
-         SELECT sidecar AS s, pos AS p, ts AS t, sum(length(payload)) OVER (ORDER BY ts, sidecar, pos ROWS UNBOUNDED PRECEDING) - length(payload) AS before
-         FROM audit_events WHERE agent = ? AND ts >= ? AND ts < ? ${denied} ORDER BY ts, sidecar, pos LIMIT ?
-       ) AS k JOIN audit_events AS e ON e.sidecar = k.s AND e.pos = k.p
-       WHERE k.before < ? ORDER BY k.t, k.s, k.p`,
-    ).all(q.agent, q.since.getTime(), until, q.limit ?? 10_000, q.maxBytes ?? Number.MAX_SAFE_INTEGER)
-    return Promise.resolve(rows.map((r) => toStored(r.sidecar, { sequence: r.seq, position: r.pos, payload: r.payload, hash: r.hash })))
+    return this.reader.run<PackedEvents>({ op: 'events', query: q }, () => packEvents(readEvents(this.db, q))).then((packed) =>
+      unpackEvents(packed).map((r) => toStored(r.sidecar, { sequence: r.seq, position: r.pos, payload: r.payload, hash: r.hash })),
+    )
   }
 
   inventory(): Promise<Inventory> {
-    // As a JSON array: a name may hold any character, a comma included (group_concat's separator).
-    const names = (json: string) => (JSON.parse(json) as string[]).sort()
-    const agents = statement<[], { agent: string; sidecars: string; first: number; last: number; calls: number; denied: number }>(
-      this.db,
-      `SELECT agent, json_group_array(DISTINCT sidecar) AS sidecars, min(ts) AS first, max(ts) AS last, count(*) AS calls,
-              sum(CASE WHEN action IN (${Action.ACTION_DENY}, ${Action.ACTION_REPORT}) THEN 1 ELSE 0 END) AS denied
-       FROM audit_events GROUP BY agent ORDER BY agent`,
-    ).all()
-    const hosts = statement<[], { agent: string; hp: string }>(
-      this.db,
-      `SELECT DISTINCT agent, host || ':' || port AS hp FROM audit_events WHERE host <> '' AND action <> ${Action.ACTION_DENY} ORDER BY agent, hp`,
-    ).all()
-    const auds = statement<[], { agent: string; audience: string }>(
-      this.db,
-      `SELECT DISTINCT agent, audience FROM audit_events WHERE audience <> '' ORDER BY agent, audience`,
-    ).all()
-    const sidecars = statement<[], { sidecar: string; agents: string; last: number; events: number; seq: number }>(
-      this.db,
-      `SELECT sidecar, json_group_array(DISTINCT agent) AS agents, max(received) AS last, count(*) AS events, max(seq) AS seq
-       FROM audit_events GROUP BY sidecar ORDER BY sidecar`,
-    ).all()
-    const byAgent = <T extends { agent: string }>(rows: T[], pick: (r: T) => string) => {
-      const m = new Map<string, string[]>()
-      for (const r of rows) m.set(r.agent, [...(m.get(r.agent) ?? []), pick(r)])
-      return m
-    }
-    const h = byAgent(hosts, (r) => r.hp)
-    const a = byAgent(auds, (r) => r.audience)
-    return Promise.resolve({
-      agents: agents.map((r) => ({
-        agent: r.agent,
-        sidecars: names(r.sidecars),
-        firstSeen: new Date(r.first),
-        lastSeen: new Date(r.last),
-        calls: r.calls,
-        denied: r.denied,
-        hosts: h.get(r.agent) ?? [],
-        audiences: a.get(r.agent) ?? [],
-      })),
-      sidecars: sidecars.map((r) => ({ sidecar: r.sidecar, agents: names(r.agents), lastSeen: new Date(r.last), events: r.events, lastSequence: r.seq })),
-    })
+    return this.reader.run<Inventory>({ op: 'inventory' }, () => readInventory(this.db))
   }
 
   verify(sidecar?: string): Promise<VerifyResult> {
-    const ids = sidecar
-      ? [sidecar]
-      : statement<[], { sidecar: string }>(this.db, 'SELECT DISTINCT sidecar FROM audit_events ORDER BY sidecar')
-          .all()
-          .map((r) => r.sidecar)
-    const page = statement<[string, number], DbRow>(
-      this.db,
-      `SELECT ${VERIFY_COLUMNS} FROM audit_events WHERE sidecar = ? AND pos > ? ORDER BY pos LIMIT 10000`,
-    )
-    // Paged per sidecar: memory stays bounded by one page whatever the store holds.
-    function* rows(): Generator<DbRow> {
-      for (const id of ids) {
-        let at = 0
-        for (;;) {
-          const p = page.all(id, at)
-          if (p.length === 0) break
-          yield* p
-          at = p[p.length - 1]!.pos
-        }
-      }
-    }
-    const result = verifyRows(rows())
-    const heads = new Map(statement<[], { sidecar: string; pos: number }>(this.db, 'SELECT sidecar, max(pos) AS pos FROM audit_events GROUP BY sidecar').all().map((r) => [r.sidecar, r.pos]))
-    checkAgainstCursors(result, heads, statement<[], { name: string; sidecar: string; pos: number }>(this.db, 'SELECT name, sidecar, pos FROM audit_cursors').all(), sidecar)
-    return Promise.resolve(result)
+    return this.verifier.run<VerifyResult>({ op: 'verify', sidecar }, () => readVerify(this.db, sidecar))
   }
 
   after(sidecar: string, position: number, limit: number): Promise<StoredEvent[]> {
@@ -265,54 +182,85 @@ export class SqliteAuditStore implements AuditStore {
     }
   }
 
-  close(): Promise<void> {
+  async close(): Promise<void> {
+    await Promise.all([this.reader.close(), this.verifier.close()])
     this.db.close()
-    return Promise.resolve()
   }
 }
 
-/** Shared by both stores: rows ordered by (sidecar, pos). */
-export function verifyRows(rows: Iterable<DbRow>): VerifyResult {
-  const result: VerifyResult = { ok: true, checked: 0, sidecars: 0, breaks: [] }
-  let v: ChainVerifier | null = null
-  let broken = false
-  for (const r of rows) {
-    if (!v || v.sidecar !== r.sidecar) {
-      v = new ChainVerifier(r.sidecar)
-      result.sidecars++
-      broken = false
+type Distribute<T> = T extends unknown ? Omit<T, 'id'> : never
+
+/**
+ * A worker thread running sqlite-reader.ts, started on the first request (a store that is never
+ * queried starts none) and started again after it failed. Holds the process open only while a
+ * request is in flight. A store with no file (":memory:", "") cannot be opened a second time:
+ * its reads run in-process (`inline`).
+ */
+class ReadWorker {
+  private worker: Worker | null = null
+  private readonly pending = new Map<number, { resolve(v: unknown): void; reject(e: Error): void }>()
+  private next = 1
+  private closed = false
+  private readonly inProcess: boolean
+
+  constructor(private readonly path: string) {
+    this.inProcess = path === '' || path === ':memory:' || path.startsWith('file::memory:')
+  }
+
+  run<T>(request: Distribute<ReadRequest>, inline: () => T): Promise<T> {
+    if (this.closed) return Promise.reject(new StoreError('LK_STORE_UNAVAILABLE', 'sqlite store closed'))
+    if (this.inProcess) {
+      try {
+        return Promise.resolve(inline())
+      } catch (err) {
+        return Promise.reject(new StoreError('LK_STORE_UNAVAILABLE', `sqlite read failed: ${(err as Error).message}`))
+      }
     }
-    if (broken) continue
-    result.checked++
-    const reason = v.check({ ...r, sequence: r.seq, position: r.pos, agentType: r.agent_type })
-    if (reason) {
-      broken = true
-      result.ok = false
-      result.breaks.push({ sidecar: r.sidecar, position: r.pos, sequence: r.seq, reason })
-    } else if (v.gapAfter !== null) addGap(result, { sidecar: r.sidecar, position: r.pos, previous: v.gapAfter, sequence: r.seq })
+    const w = this.start()
+    const id = this.next++
+    return new Promise<T>((resolve, reject) => {
+      this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject })
+      w.ref()
+      w.postMessage({ ...request, id })
+    })
   }
-  return result
-}
 
-/** Adds one gap, listing at most MAX_LISTED_GAPS. */
-export function addGap(result: VerifyResult, gap: SequenceGap): void {
-  result.gapCount = (result.gapCount ?? 0) + 1
-  const list = (result.gaps ??= [])
-  if (list.length < MAX_LISTED_GAPS) list.push(gap)
-}
+  private start(): Worker {
+    if (this.worker) return this.worker
+    const w = new Worker(new URL('./sqlite-reader.js', import.meta.url), { workerData: { path: this.path, latchkeySqliteReader: true } })
+    w.unref()
+    w.on('message', (a: ReadAnswer) => {
+      const p = this.pending.get(a.id)
+      if (!p) return
+      this.pending.delete(a.id)
+      if (this.pending.size === 0) w.unref()
+      if (a.ok) p.resolve(a.value)
+      else p.reject(new StoreError('LK_STORE_UNAVAILABLE', `sqlite read failed: ${a.message}`))
+    })
+    const gone = (why: string) => {
+      if (this.worker !== w) return
+      this.worker = null
+      for (const p of this.pending.values()) p.reject(new StoreError('LK_STORE_UNAVAILABLE', `sqlite reader ${why}`))
+      this.pending.clear()
+    }
+    w.on('error', (err) => gone(`failed: ${err.message}`))
+    w.on('exit', (code) => gone(`exited (code ${code})`))
+    this.worker = w
+    return w
+  }
 
-/** Folds one sidecar's result into the total. */
-export function mergeVerify(total: VerifyResult, v: VerifyResult): void {
-  total.checked += v.checked
-  total.sidecars += v.sidecars
-  total.breaks.push(...v.breaks)
-  if (!v.ok) total.ok = false
-  if (v.gapCount) {
-    const listed = v.gaps ?? []
-    for (const g of listed) addGap(total, g)
-    total.gapCount! += v.gapCount - listed.length
+  async close(): Promise<void> {
+    this.closed = true
+    const w = this.worker
+    if (!w) return
+    // The worker closes its connection and ends; terminate() only if it does not.
+    const exited = new Promise<void>((resolve) => w.once('exit', () => resolve()))
+    w.ref()
+    w.postMessage({ op: 'close' })
+    const force = setTimeout(() => void w.terminate(), 2000)
+    await exited
+    clearTimeout(force)
   }
 }
 
-export type { DbRow }
 export { isDenied }

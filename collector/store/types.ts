@@ -57,6 +57,18 @@ export interface EventQuery {
    * (when the cut happened). Unset: rows alone bound it.
    */
   maxBytes?: number
+  /**
+   * Continue after this event (the last one of the previous page): an answer is ordered by
+   * (time, sidecar, position), and this is where in that order the page starts. `since` still applies.
+   */
+  after?: EventCursor
+}
+
+/** A place in the order of an events answer: an event's time (ms), sidecar and chain position. */
+export interface EventCursor {
+  ts: number
+  sidecar: string
+  position: number
 }
 
 export interface AgentInventory {

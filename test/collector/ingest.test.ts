@@ -91,15 +91,17 @@ t.test('acks the highest sequence once stored; resends are deduplicated', async 
   const client = ingestClient(c.grpcAddress)
   t.teardown(() => client.close())
   const call = client.ingest(authMetadata(s))
-  const counts: number[] = []
+  // Asked for when each ack arrives (SQLite answers from a reader thread, so an answer may come later).
+  const queried: Promise<number>[] = []
   call.on('data', (a: IngestResponse) => {
     seen.push(a.ackedSequence)
-    void c.store.eventsByAgent({ agent: AGENT, since: new Date(0) }).then((e) => counts.push(e.length))
+    queried.push(c.store.eventsByAgent({ agent: AGENT, since: new Date(0) }).then((e) => e.length))
   })
   call.write({ sidecarId: s.id, events: seqEvents(1, 100) })
   call.write({ sidecarId: s.id, events: seqEvents(50, 150) })
   call.end()
   await once(call, 'status')
+  const counts = await Promise.all(queried)
   t.same(seen, [100, 150])
   t.same(counts[0]! >= 100 && counts[1] === 150, true, `stored count at each ack: ${counts.join(',')}`)
   t.same(c.ingest.stats, { batches: 2, stored: 150, duplicates: 51, refused: 0 })

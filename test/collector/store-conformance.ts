@@ -335,6 +335,36 @@ export function conformance(t: Test, backend: Backend): void {
     t.equal((await store.eventsByAgent({ agent: 'agent:x:prod:1', since: new Date(0), limit: 2 })).length, 2)
   })
 
+  withStore('events by agent page after a cursor: every event exactly once, in order, ties in time included', async (t, { store }) => {
+    // Two sidecars, several events at one instant in each, pages of 3 cutting through the ties.
+    const now = Date.now()
+    const X = 'agent:x:prod:1'
+    const times = [now - 5000, now - 4000, now - 4000, now - 4000, now - 3000, now - 3000, now - 2000]
+    await store.append(A, seqEvents(1, times.length, (s) => ({ agent: X, ts: times[s - 1] })))
+    await store.append(B, seqEvents(1, times.length, (s) => ({ agent: X, ts: times[s - 1] }), B))
+    await store.append(A, seqEvents(times.length + 1, times.length + 1, () => ({ agent: 'agent:y:prod:1', ts: now - 4000 })))
+    const since = new Date(now - 60_000)
+    const whole = await store.eventsByAgent({ agent: X, since })
+    t.equal(whole.length, 14)
+    const key = (e: { sidecar: string; position: number }) => `${e.sidecar}#${e.position}`
+    const paged: string[] = []
+    let after: { ts: number; sidecar: string; position: number } | undefined
+    for (let pages = 0; pages < 20; pages++) {
+      const page = await store.eventsByAgent({ agent: X, since, limit: 3, after })
+      paged.push(...page.map(key))
+      if (page.length < 3) break
+      const last = page[page.length - 1]!
+      after = { ts: last.event.timeUnixMs, sidecar: last.sidecar, position: last.position }
+    }
+    t.same(paged, whole.map(key), 'the pages together are the whole answer, in its order, each event once')
+    t.same(
+      (await store.eventsByAgent({ agent: X, since, after: { ts: now - 3000, sidecar: A, position: 5 } })).map(key),
+      [`${A}#6`, `${B}#5`, `${B}#6`, `${A}#7`, `${B}#7`],
+      'after (time, sidecar, position): later times, then the same time in a later sidecar or position',
+    )
+    t.same(await store.eventsByAgent({ agent: X, since, after: { ts: now - 2000, sidecar: B, position: 7 } }), [], 'after the last event: nothing')
+  })
+
   withStore('inventory: agents, sidecars, last seen, hosts and audiences actually used', async (t, { store }) => {
     const now = Date.now()
     await store.append(A, [

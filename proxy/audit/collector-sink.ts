@@ -23,7 +23,7 @@ import { BinaryWriter } from '@bufbuild/protobuf/wire'
 import { credentials, makeGenericClientConstructor, Metadata, status, type ClientDuplexStream, type ServiceError } from '@grpc/grpc-js'
 import { Action, AuditIngestServiceService, IngestResponse, SequencedEvent, type AuditEvent as ProtoEvent } from '../../protos/gen/latchkey/v1/audit.js'
 import type { AuditEvent, AuditSink } from '../context.js'
-import { Spool, type Cursor } from './spool.js'
+import { Spool, SpoolError, type Cursor } from './spool.js'
 import { FIELD_LIMITS, SCOPES_TOTAL_BYTES, fitUtf8 } from '../../lib/audit-limits.js'
 import { revealsSecret, WITHHELD } from '../forward/scrub.js'
 
@@ -170,6 +170,8 @@ export class CollectorAuditSink implements AuditSink {
   private dirty = false
   private syncing = false
   private readonly ackWaiters: Array<{ seq: number; resolve: () => void }> = []
+  /** When 'cannot be read' was last logged (performance.now()). */
+  private readErrorLoggedAt = -Infinity
   /** The highest sequence sent on the current stream: no ack may go past it. */
   private sentSeq = 0
   private readonly sidecarField: Uint8Array
@@ -285,6 +287,7 @@ export class CollectorAuditSink implements AuditSink {
   }
 
   unavailableReason(): string {
+    if (this.failing instanceof SpoolError) return `${this.failing.message}; no new egress until then`
     if (this.failing) return `the audit spool cannot be written (${this.failing.code ?? 'error'}); no new egress until it can`
     return 'the audit spool is full; no new egress until the collector catches up'
   }
@@ -347,7 +350,7 @@ export class CollectorAuditSink implements AuditSink {
    * it, counted dropped), and tries again in RETRY_MS. accepting() is false meanwhile.
    */
   private appendFailed(err: NodeJS.ErrnoException, events: AuditEvent[]): void {
-    if (!this.failing) this.log('error', { code: err.code, dir: this.o.spoolDir, onFull: this.o.onFull }, this.o.onFull === 'refuse' ? 'audit spool cannot be written: refusing new egress until it can' : 'audit spool cannot be written: events kept in memory, then dropped (counted)')
+    if (!this.failing) this.log('error', { code: err.code, ...(err instanceof SpoolError ? { reason: err.message } : {}), dir: this.o.spoolDir, onFull: this.o.onFull }, this.o.onFull === 'refuse' ? 'audit spool cannot be written: refusing new egress until it can' : 'audit spool cannot be written: events kept in memory, then dropped (counted)')
     this.failing = err
     // Past MAX_UNWRITTEN, refusals go first (the newest of them): every call that went out stays.
     let kept = events.concat(this.pending)
@@ -470,7 +473,12 @@ export class CollectorAuditSink implements AuditSink {
         batch = this.spool.read(this.cursor, this.o.batchEvents, BATCH_BYTES, this.stats.acked, this.spool.syncedSeq)
       } catch (err) {
         // A segment that cannot be opened for reading (EMFILE): tried again on the next pump.
-        this.log('error', { code: (err as NodeJS.ErrnoException).code, dir: this.o.spoolDir }, 'audit spool cannot be read: sending paused')
+        // Said once a minute, not at every pump (a directory deleted under the sidecar gave 30 lines a second).
+        const now = performance.now()
+        if (now - this.readErrorLoggedAt >= 60_000) {
+          this.readErrorLoggedAt = now
+          this.log('error', { code: (err as NodeJS.ErrnoException).code, dir: this.o.spoolDir }, 'audit spool cannot be read: sending paused')
+        }
         this.schedulePump()
         return
       }

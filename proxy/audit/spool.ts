@@ -260,6 +260,26 @@ export class Spool {
     this.segments.push({ first, path, last: 0, size: 0, holes: new Map() })
   }
 
+  /** When the lock was last found held (performance.now()); set once it is found lost, for good. */
+  private lockCheckedAt = 0
+  private lockLost: SpoolError | null = null
+
+  /**
+   * Appends stop, for good, once the lock is no longer this directory's: another process may be
+   * appending there by then, and two writers corrupt a spool. Looked at once a second at most.
+   */
+  private assertHeld(): void {
+    if (this.lockLost) throw this.lockLost
+    const now = performance.now()
+    if (now - this.lockCheckedAt < 1000) return
+    if (this.lock.held()) {
+      this.lockCheckedAt = now
+      return
+    }
+    this.lockLost = new SpoolError(`the lock on spool ${this.dir} was removed (its spool.lock deleted or replaced, or the directory): another process may append there, so this one stops; restart it once the directory is its alone`)
+    throw this.lockLost
+  }
+
   /** Set when the active segment's end could not be put back after a failed append: the next append starts a new one. */
   private mustRotate = false
 
@@ -270,6 +290,7 @@ export class Spool {
    * is for that).
    */
   append(count: number, encode: (seq: number) => Uint8Array): number {
+    this.assertHeld()
     const active = this.segments[this.segments.length - 1]!
     if (this.mustRotate || active.size >= this.segmentBytes) {
       try {

@@ -87,8 +87,8 @@ t.test('a disk that fills mid-record: the append fails whole, and every record a
 })
 
 t.test('no inode for a new segment: appends go on in the active one, and nothing is closed twice', { skip: canMount }, async (t) => {
-  // Inodes: the root, spool/, spool.json and the first segment; a rotation needs one more.
-  const dir = tmpfs(t, 'size=4m,nr_inodes=4')
+  // Inodes: the root, spool/, spool.lock, spool.json and the first segment; a rotation needs one more.
+  const dir = tmpfs(t, 'size=4m,nr_inodes=5')
   const spool = new Spool(join(dir, 'spool'), 'sc-1', 4096)
   t.teardown(() => spool.close())
   let failures = 0

@@ -1,6 +1,6 @@
 // The spool on real files: order, restart, torn tails, damaged records, ownership.
 import t from 'tap'
-import { mkdtempSync, readdirSync, statSync, truncateSync, readFileSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readdirSync, rmSync, statSync, truncateSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { spawnSync } from 'node:child_process'
@@ -136,4 +136,24 @@ t.test('one holder per spool directory: a second, in this process or another, is
   const again = new Spool(d, 'sc', 1024)
   t.equal(again.next, 4, 'its lock died with it: the directory opens again at once')
   again.close()
+})
+
+t.test('a lock removed under a running spool (its file deleted, or the directory) stops its appends for good: another process may be appending there', async (t) => {
+  for (const how of ['spool.lock deleted', 'the directory deleted'] as const) {
+    const d = dir()
+    const s = new Spool(d, 'sc', 1024)
+    s.append(1, payload)
+    rmSync(how === 'spool.lock deleted' ? join(d, 'spool.lock') : d, { recursive: true, force: true })
+    // Looked at once a second at most.
+    await new Promise((r) => setTimeout(r, 1100))
+    t.throws(() => s.append(1, payload), { code: 'LK_SPOOL', message: new RegExp(`^the lock on spool ${d} was removed .*another process may append there, so this one stops`) }, `${how}: appends stop`)
+    t.throws(() => s.append(1, payload), { code: 'LK_SPOOL' }, `${how}: and stay stopped`)
+    if (how === 'spool.lock deleted') {
+      const other = new Spool(d, 'sc', 1024)
+      other.append(1, payload)
+      t.equal(other.lastSeq, 2, 'the process that holds the directory now appends alone')
+      other.close()
+    }
+    s.close()
+  }
 })

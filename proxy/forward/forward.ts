@@ -63,6 +63,13 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
   first: Buffer | null = null
   copy: Buffer | null = null
   length = 0
+  /**
+   * With recordFirst and a Content-Length: bytes of the body still to relay. Its last byte is held
+   * (lastByte) until the call is recorded: else a body relayed whole before the upstream's end
+   * arrived was the agent's before its event was in the kernel.
+   */
+  private toRelay = 0
+  private lastByte: Buffer | null = null
 
   constructor(
     private readonly ctx: CallContext,
@@ -162,6 +169,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     // comes. A chunked response looks when its tick ends (endOfTick); one with a Content-Length,
     // at the end of the event loop's turn, with every other response started in it (flushHeads:
     // one setImmediate for all, not a tick of its own for each, which cost 4% CPU a call).
+    if (this.recordFirst !== null && this.decoder === null && clean['content-length'] !== undefined) this.toRelay = Number(clean['content-length'])
     if (clean['content-length'] === undefined) {
       this.res.cork()
       this.corked = this.coalescing = this.tickPending = true
@@ -259,8 +267,19 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
 
   /** Sends `chunk` on to the agent (through the scrubber), pausing the upstream while the agent's side is full. */
   relay(controller: Dispatcher.DispatchController, chunk: Buffer): void {
-    const checked = this.scrubbed(chunk)
+    let checked = this.scrubbed(chunk)
     if (checked === null) return
+    if (this.toRelay > 0) {
+      this.toRelay -= checked.length
+      if (this.toRelay <= 0) {
+        this.lastByte = Buffer.from(checked.subarray(checked.length - 1))
+        checked = checked.subarray(0, checked.length - 1)
+        if (checked.length === 0) return
+        // The end follows at once (undici's parser reports it in the same run): corked, the rest
+        // and the held byte still leave in one write (complete() uncorks).
+        this.res.cork()
+      }
+    }
     if (!this.res.write(checked) && !this.draining) {
       this.draining = true
       controller.pause()
@@ -347,6 +366,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     this.finished = true
     if (checked !== null) this.res.write(checked)
     if (rest !== null) this.res.write(rest)
+    if (this.lastByte !== null) this.res.write(this.lastByte)
     this.res.end()
     // Send the response now; the bookkeeping in `done` must not hold it back until the next tick.
     this.res.uncork()

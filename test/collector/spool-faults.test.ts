@@ -168,6 +168,40 @@ t.test('a full disk under the collector sink refuses new egress (503) and loses 
   t.notOk(s.logs.some((l) => l.includes(CANARY)), 'no log line holds the credential')
 })
 
+t.test('a large response whose event the full disk refuses is not the agent whole: its last byte waits for the record', { skip: canMount }, async (t) => {
+  const dir = tmpfs(t, 'size=512k')
+  const body = Buffer.alloc(300_000, 'y')
+  const upstream = await startUpstream({
+    handler: (_req, res) => {
+      res.writeHead(200, { 'content-length': body.length }).end(body)
+      return true
+    },
+  })
+  t.teardown(() => upstream.close())
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  t.teardown(() => c.close())
+  const s = await startCollectedSidecar({ id, collector: c.grpcAddress, upstreamPort: upstream.port, spoolDir: join(dir, 'spool'), collectorOpts: { segment_bytes: 65536, spool_max_bytes: 262144 } })
+  t.teardown(() => s.close())
+  const agent = proxyAgent(s.sidecar.proxyUrl)
+  t.teardown(() => agent.close())
+  const get = async (path: string) => {
+    const r = await request(`${upstream.origin}${path}`, { dispatcher: agent })
+    return { status: r.statusCode, length: (await r.body.arrayBuffer()).byteLength }
+  }
+  t.same(await get('/before'), { status: 200, length: body.length }, 'whole while the spool takes events')
+  const filler = fill(dir)
+  t.teardown(() => rmSync(filler, { force: true }))
+  // The segment's last page may take a few more; the first call whose append fails is the one.
+  const during: string[] = []
+  for (let i = 0; i < 10 && !during.some((d) => d !== 'whole'); i++) {
+    during.push(await get(`/during/${i}`).then((r) => (r.length === body.length ? 'whole' : `short: ${r.length}`), (err: Error) => `cut: ${err.message}`))
+  }
+  const first = during.findIndex((d) => d !== 'whole')
+  t.ok(first >= 0, `a call's event failed to append (${JSON.stringify(during)})`)
+  t.match(during[first], /^cut: /, 'and its 300 KB response was cut short of its end, not delivered whole (relayed before the upstream ended, it was)')
+})
+
 t.test('a segment past segment_bytes, every record acked, is retired: the spool empties', async (t) => {
   const spool = new Spool(join(mkdtempSync(join(tmpdir(), 'lk-retire-')), 'spool'), 'sc-1', 4096)
   t.teardown(() => spool.close())

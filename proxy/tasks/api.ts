@@ -28,13 +28,20 @@ export interface TaskApiDeps {
   revokedBy?: ((task: TaskRef | null) => string | null) | undefined
 }
 
-function send(res: ServerResponse, status: number, body: unknown): void {
+function send(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
   const text = JSON.stringify(body)
-  res.writeHead(status, { 'content-type': 'application/json', 'cache-control': 'no-store', 'content-length': Buffer.byteLength(text) })
+  res.writeHead(status, { 'content-type': 'application/json', 'cache-control': 'no-store', 'content-length': Buffer.byteLength(text), ...headers })
   res.end(text)
 }
 
-const fail = (res: ServerResponse, status: number, error: string, reason: string) => send(res, status, { error, reason })
+/**
+ * A refusal of the task API, said as the proxy's are: `retryable`, and `x-should-retry` where SDKs
+ * look. Only an unavailable broker (503) passes by itself; the rest needs another request.
+ */
+const fail = (res: ServerResponse, status: number, error: string, reason: string) => {
+  const retryable = status === 503
+  send(res, status, { error, reason, retryable }, { 'x-should-retry': String(retryable) })
+}
 
 async function readJson(req: IncomingMessage): Promise<unknown> {
   const chunks: Buffer[] = []

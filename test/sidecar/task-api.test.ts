@@ -16,7 +16,8 @@ t.test('task API: clear refusals, a cap on open tasks, lifecycle in the log', as
 
   const big = await open({ purpose: 'x'.repeat(70_000), duration_s: 60 })
   t.equal(big.status, 413, 'a body over 64 KiB is 413')
-  t.match(await big.json(), { error: 'too_large', reason: 'body exceeds 65536 bytes' })
+  t.same(await big.json(), { error: 'too_large', reason: 'body exceeds 65536 bytes', retryable: false }, 'saying it is not worth repeating')
+  t.equal(big.headers.get('x-should-retry'), 'false', 'where SDKs look too')
 
   const user = await open({ purpose: 'for alice', duration_s: 60, user_token: 'eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSJ9.' })
   t.equal(user.status, 400, 'a user token nobody would use is refused, not dropped')

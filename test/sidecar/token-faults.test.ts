@@ -59,7 +59,7 @@ t.test('broker down: 503 that says why, audited, nothing forwarded', async (t) =
   // A task for a user cannot open: its token is the broker's to verify first.
   const forUser = await rig.openTask({ purpose: 'x', duration_s: 60, user_token: await broker.userToken('u', 'read') })
   t.equal(forUser.status, 503)
-  t.match(forUser.body, { error: 'broker_unavailable', reason: /broker unreachable/ })
+  t.match(forUser.body, { error: 'broker_unavailable', reason: /broker unreachable/, retryable: true }, 'a broker that is down passes: worth repeating')
   const task = await rig.openTask({ purpose: 'x', duration_s: 60 })
   const res = await call(task.body.proxy_url as string, `${rig.api.origin}/a`)
   t.equal(res.status, 503)

@@ -1,7 +1,7 @@
 // The audit spool when its disk fails it, for real: the spool lives on a small tmpfs that is
 // filled (ENOSPC mid-record) or out of inodes (no new segment can be created). Needs root for
 // mount(8), as CI runs; skipped, saying why, where mounting is not allowed.
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { execFileSync } from 'node:child_process'
 import { mkdtempSync, writeFileSync, rmSync, openSync, writeSync, closeSync, statSync, readdirSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -112,9 +112,10 @@ t.test('no inode for a new segment: appends go on in the active one, and nothing
   t.equal(records.length, 50, 'all 50 records read back')
 })
 
-t.test('a full disk under the collector sink refuses new egress (503) and loses nothing once it has room', { skip: canMount }, async (t) => {
+/** A sidecar whose spool is on a 512 KiB tmpfs (fill() it), a collector, an upstream (`handler`, else its default answer) and an agent, torn down with the test. */
+async function fullDiskRig(t: Test, handler?: NonNullable<Parameters<typeof startUpstream>[0]>['handler']) {
   const dir = tmpfs(t, 'size=512k')
-  const upstream = await startUpstream()
+  const upstream = await startUpstream(handler ? { handler } : {})
   t.teardown(() => upstream.close())
   const id = sidecarIdentity()
   const c = await startTestCollector([id])
@@ -123,6 +124,11 @@ t.test('a full disk under the collector sink refuses new egress (503) and loses 
   t.teardown(() => s.close())
   const agent = proxyAgent(s.sidecar.proxyUrl)
   t.teardown(() => agent.close())
+  return { dir, upstream, c, s, agent }
+}
+
+t.test('a full disk under the collector sink refuses new egress (503) and loses nothing once it has room', { skip: canMount }, async (t) => {
+  const { dir, upstream, c, s, agent } = await fullDiskRig(t)
   const get = async (path: string) => {
     const r = await request(`${upstream.origin}${path}`, { dispatcher: agent })
     return { status: r.statusCode, body: await r.body.text() }
@@ -169,22 +175,11 @@ t.test('a full disk under the collector sink refuses new egress (503) and loses 
 })
 
 t.test('a large response whose event the full disk refuses is not the agent whole: its last byte waits for the record', { skip: canMount }, async (t) => {
-  const dir = tmpfs(t, 'size=512k')
   const body = Buffer.alloc(300_000, 'y')
-  const upstream = await startUpstream({
-    handler: (_req, res) => {
-      res.writeHead(200, { 'content-length': body.length }).end(body)
-      return true
-    },
+  const { dir, upstream, agent } = await fullDiskRig(t, (_req, res) => {
+    res.writeHead(200, { 'content-length': body.length }).end(body)
+    return true
   })
-  t.teardown(() => upstream.close())
-  const id = sidecarIdentity()
-  const c = await startTestCollector([id])
-  t.teardown(() => c.close())
-  const s = await startCollectedSidecar({ id, collector: c.grpcAddress, upstreamPort: upstream.port, spoolDir: join(dir, 'spool'), collectorOpts: { segment_bytes: 65536, spool_max_bytes: 262144 } })
-  t.teardown(() => s.close())
-  const agent = proxyAgent(s.sidecar.proxyUrl)
-  t.teardown(() => agent.close())
   const get = async (path: string) => {
     const r = await request(`${upstream.origin}${path}`, { dispatcher: agent })
     return { status: r.statusCode, length: (await r.body.arrayBuffer()).byteLength }

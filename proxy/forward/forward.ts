@@ -415,11 +415,6 @@ function encodedBody(headers: IncomingHttpHeaders, transferEncoding: string | st
   return null
 }
 
-/**
- * A decoder for a body whose Content-Encoding names exactly one coding the sidecar can undo
- * (gzip, deflate, br), in one header line; null for anything else (a list, two lines, an unknown
- * coding), which is refused as before: the more layers, the more ways to read them.
- */
 /** The codings decoderFor undoes. */
 const DECODED_CODINGS = new Set(['gzip', 'x-gzip', 'deflate', 'br'])
 
@@ -433,6 +428,11 @@ function describeDecoded(clean: IncomingHttpHeaders): void {
   if (typeof etag === 'string' && !etag.startsWith('W/')) clean.etag = `W/${etag}`
 }
 
+/**
+ * A decoder for a body whose Content-Encoding names exactly one coding the sidecar can undo
+ * (gzip, deflate, br), in one header line; null for anything else (a list, two lines, an unknown
+ * coding), which is refused as before: the more layers, the more ways to read them.
+ */
 function decoderFor(contentEncoding: string | string[] | undefined): Transform | null {
   if (typeof contentEncoding !== 'string') return null
   switch (contentEncoding.trim().toLowerCase()) {

@@ -187,10 +187,11 @@ t.test('a large response whose event the full disk refuses is not the agent whol
   t.same(await get('/before'), { status: 200, length: body.length }, 'whole while the spool takes events')
   const filler = fill(dir)
   t.teardown(() => rmSync(filler, { force: true }))
-  // The segment's last page may take a few more; the first call whose append fails is the one.
+  // The segment's last page may take a few more (long paths make each event a few KB, so not
+  // many); the first call whose append fails is the one.
   const during: string[] = []
-  for (let i = 0; i < 10 && !during.some((d) => d !== 'whole'); i++) {
-    during.push(await get(`/during/${i}`).then((r) => (r.length === body.length ? 'whole' : `short: ${r.length}`), (err: Error) => `cut: ${err.message}`))
+  for (let i = 0; i < 40 && !during.some((d) => d !== 'whole'); i++) {
+    during.push(await get(`/during/${i}/${'p'.repeat(3000)}`).then((r) => (r.length === body.length ? 'whole' : `short: ${r.length}`), (err: Error) => `cut: ${err.message}`))
   }
   const first = during.findIndex((d) => d !== 'whole')
   t.ok(first >= 0, `a call's event failed to append (${JSON.stringify(during)})`)

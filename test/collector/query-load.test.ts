@@ -81,6 +81,12 @@ t.test('a limit above the page maximum is capped and says so; paging with next g
 })
 
 /** A store whose reads wait until released, saying when each one started. */
+/**
+ * A fake store, and the one fake here: its reads are held open until release(), for the fault a
+ * real store gives only by chance of timing (several slow reads in progress at once), so the
+ * bound on reads in progress can be checked by order, not by a clock. Every other check in this
+ * file runs on the real SQLite store.
+ */
 function heldStore(): { store: AuditStore; started: Promise<void>[]; release(): void; calls: () => number } {
   let release!: () => void
   const released = new Promise<void>((resolve) => (release = resolve))

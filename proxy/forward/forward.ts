@@ -152,7 +152,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
           return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream sent a ${coding}-encoded body though the sidecar asked for none; it cannot be checked for the credential, so it is not relayed`))
         }
         this.decode(decoder, coding, clean)
-      } else if (clean['content-encoding'] !== undefined && DECODED_CODINGS.has(String(clean['content-encoding']).trim().toLowerCase()) && (this.res.req.method === 'HEAD' || statusCode === 304)) {
+      } else if ((this.res.req.method === 'HEAD' || statusCode === 304) && decoderMaker(clean['content-encoding']) !== undefined) {
         // No body, but the head of one that would be relayed decoded (a HEAD, a 304 revalidating
         // such a GET): it describes what the agent gets, as that GET's head did.
         describeDecoded(clean)
@@ -415,9 +415,6 @@ function encodedBody(headers: IncomingHttpHeaders, transferEncoding: string | st
   return null
 }
 
-/** The codings decoderFor undoes. */
-const DECODED_CODINGS = new Set(['gzip', 'x-gzip', 'deflate', 'br'])
-
 /** A head rewritten for its body decoded: identity, length unknown, a weak ETag (the same representation, other bytes). */
 function describeDecoded(clean: IncomingHttpHeaders): void {
   delete clean['content-encoding']
@@ -434,19 +431,20 @@ function describeDecoded(clean: IncomingHttpHeaders): void {
  * coding), which is refused as before: the more layers, the more ways to read them.
  */
 function decoderFor(contentEncoding: string | string[] | undefined): Transform | null {
-  if (typeof contentEncoding !== 'string') return null
-  switch (contentEncoding.trim().toLowerCase()) {
-    case 'gzip':
-    case 'x-gzip':
-      return createGunzip()
-    case 'deflate':
-      return createInflate()
-    case 'br':
-      return createBrotliDecompress()
-    default:
-      return null
-  }
+  return decoderMaker(contentEncoding)?.() ?? null
 }
+
+/** What makes the decoder decoderFor gives, without making one (a HEAD or 304 asks only whether there would be one). */
+function decoderMaker(contentEncoding: string | string[] | undefined): (() => Transform) | undefined {
+  return typeof contentEncoding === 'string' ? DECODERS.get(contentEncoding.trim().toLowerCase()) : undefined
+}
+
+const DECODERS = new Map<string, () => Transform>([
+  ['gzip', createGunzip],
+  ['x-gzip', createGunzip],
+  ['deflate', createInflate],
+  ['br', createBrotliDecompress],
+])
 
 /** Content and transfer codings (IANA's registry and their x- aliases): the ones a refusal names. */
 const KNOWN_CODINGS = new Set(['gzip', 'x-gzip', 'deflate', 'br', 'zstd', 'compress', 'x-compress', 'dcb', 'dcz', 'aes128gcm', 'exi', 'pack200-gzip', 'chunked'])

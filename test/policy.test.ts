@@ -329,7 +329,12 @@ t.test('a JSON body is scanned for top-level _method keys, however its chunks ar
     ['{"a":"\\"}","_method":"PATCH"}', ['PATCH']],
     ['{"a":{"_method":"DELETE"},"b":[{"_method":"PUT"}],"_Method":" put "}', ['PUT']],
     ['{"_method":"PUT","_method":"DELETE"}', ['PUT', 'DELETE']],
-    ['{"_method":null,"_method":1,"_method":{"x":"DELETE"},"x":"DELETE"}', []],
+    ['{"_method":null,"_method":1,"x":"DELETE"}', []],
+    // An array's strings (Express's method-override takes the first); an object or a deeper array is no method.
+    ['{"_method":["put", 1, "DELETE"],"a":["PATCH"]}', ['PUT', 'DELETE']],
+    ['{"_method":[]}', []],
+    ['{"_method":{"x":"DELETE"}}', /not one method token/],
+    ['{"_method":["PUT",["DELETE"]]}', /not one method token/],
     ['[{"_method":"DELETE"}]', []],
     ['{"a":1}{"_method":"DELETE"}', []],
     ['"{\\"_method\\":\\"DELETE\\"}"', []],

@@ -12,7 +12,7 @@
 // so the scan tracks nesting and strings, and decodes a top-level key or its value with
 // JSON.parse, never by hand. A full JSON parser would build every value of a large body to
 // answer the same question.
-import { overrideMethod } from './body-override.js'
+import { notAToken, overrideMethod } from './body-override.js'
 
 /** A key or value longer than this, as written, is not `_method` or a method (escapes included: 6 bytes a letter). */
 const MAX_CAPTURE = 256
@@ -44,6 +44,8 @@ export class JsonOverrideScanner {
   private expectKey = false
   /** At depth 1: the last key was `_method`, and its value has not begun. */
   private awaitingValue = false
+  /** At depth 2: inside the array a `_method` key has as its value (method-override takes its first string). */
+  private inOverrideArray = false
   /** What the string being read is kept for, if anything. */
   private capturing: 'key' | 'value' | null = null
   private readonly captured = Buffer.allocUnsafe(MAX_CAPTURE)
@@ -69,7 +71,7 @@ export class JsonOverrideScanner {
       switch (b) {
         case QUOTE:
           this.inString = true
-          if (this.depth === 1 && (this.expectKey || this.awaitingValue)) {
+          if ((this.depth === 1 && (this.expectKey || this.awaitingValue)) || (this.depth === 2 && this.inOverrideArray)) {
             this.capturing = this.expectKey ? 'key' : 'value'
             this.capturedLength = 0
             this.overflowed = false
@@ -81,6 +83,13 @@ export class JsonOverrideScanner {
         case 0x7b: // {
         case 0x5b: // [
           if (this.depth === 0 && b === 0x5b) return this.stop()
+          // `{"_method":["DELETE"]}` is a DELETE to Express's method-override (an array's first
+          // value): each string in the array is judged. Anything deeper, or an object, is no
+          // method a framework should take, and cannot be judged: refused.
+          if (this.awaitingValue) {
+            if (b === 0x7b) notAToken('JSON body')
+            this.inOverrideArray = true
+          } else if (this.inOverrideArray) notAToken('JSON body')
           this.depth++
           this.expectKey = this.depth === 1
           this.awaitingValue = false
@@ -88,6 +97,7 @@ export class JsonOverrideScanner {
         case 0x7d: // }
         case 0x5d: // ]
           if (--this.depth <= 0) return this.stop()
+          if (this.depth === 1) this.inOverrideArray = false
           break
         case 0x2c: // ,
           if (this.depth === 1) {

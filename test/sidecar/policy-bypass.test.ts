@@ -218,6 +218,9 @@ t.test('a method override in a POSTed JSON body is judged as the method it names
     ['a +json media type', json('{"_method":"DELETE"}', 'application/vnd.api+json')],
     ['a media type in capitals', json('{"_method":"DELETE"}', 'Application/JSON')],
     ['the second of two', json('{"_method":"PUT","_method":"DELETE"}')],
+    // Express's method-override takes an array's first value.
+    ['in an array', json('{"_method":["DELETE"]}')],
+    ['the second in an array', json('{"_method":["PUT" , "delete"]}')],
     ['after 2 MB of prompt', json(`{"prompt":"${'x'.repeat(2 * 1024 * 1024)}","_method":"DELETE"}`)],
     ['chunked, on a route, cut inside the key and the value', chunked(['{"_me', 'thod":"DEL', 'ETE"}'])],
   ])
@@ -225,6 +228,11 @@ t.test('a method override in a POSTed JSON body is judged as the method it names
   const badly = await rawRequest(s.sidecar.port, json('{"_method":"DE LETE"}'))
   t.equal(badly.status, 400, 'an override that is no method token is refused, not guessed at')
   t.match(JSON.parse(badly.body).reason, /JSON body carries a method override \(_method\) that is not one method token/)
+  for (const body of ['{"_method":{"m":"DELETE"}}', '{"_method":[["DELETE"]]}', '{"_method":["PUT",{"m":"DELETE"}]}']) {
+    const r = await rawRequest(s.sidecar.port, json(body))
+    t.equal(r.status, 400, `${body}: an override no framework should read as a method, refused`)
+    t.match(JSON.parse(r.body).reason, /JSON body carries a method override \(_method\) that is not one method token/)
+  }
   // What the scan cannot read as the upstream will is refused before anything goes: Express's
   // body-parser inflates a gzip body and reads JSON in UTF-16; Tomcat reads a form in EBCDIC.
   const raw = (type: string, body: Buffer, extra = '') =>
@@ -244,7 +252,7 @@ t.test('a method override in a POSTed JSON body is judged as the method it names
   // Overrides the policy allows, or none at the top level, go on intact, credential injected.
   const utf8 = await rawRequest(s.sidecar.port, json('{"_method":"PUT"}', 'application/json; charset="UTF-8"'))
   t.equal(utf8.status, 200, 'JSON that says it is UTF-8 is read as such')
-  for (const body of ['{"_method":"PUT","a":1}', '{"data":{"_method":"DELETE"}}', '[{"_method":"DELETE"}]', '{"note":"\\"_method\\":\\"DELETE\\""}', '{"_method":["DELETE"]}', '{"methods":"DELETE"}', '"_method"']) {
+  for (const body of ['{"_method":"PUT","a":1}', '{"data":{"_method":"DELETE"}}', '[{"_method":"DELETE"}]', '{"note":"\\"_method\\":\\"DELETE\\""}', '{"_method":["PUT"],"a":[{"b":["DELETE"]}]}', '{"methods":"DELETE"}', '"_method"']) {
     const r = await rawRequest(s.sidecar.port, json(body))
     seen.push(r.raw)
     t.equal(r.status, 200, `${body}: forwarded`)

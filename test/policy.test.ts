@@ -95,6 +95,10 @@ t.test('a deny on a path is not dodged by any spelling of that path', async (t) 
     '/%EF%BD%81dmin/x',
     '/%EF%BC%A1DMIN/x',
     '/api/..%252f%EF%BD%81dmin/x',
+    // Dotless ı and dotted İ: i to Java's equalsIgnoreCase and Python's re.IGNORECASE.
+    '/adm%C4%B1n/users',
+    '/ADM%C4%B0N',
+    '/api/..%252fadm%C4%B1n',
     // Encoded twice with the escape's own digits encoded too: one decoding gives `%2F`, `%2e%2e`.
     '/api/x%25%32%46..%25%32%46..%25%32%46admin/y',
     '/api/%25%32%65%25%32%65/admin/y',

@@ -81,6 +81,10 @@ function readingsOf(path: string): string[] {
     }
     const folded = decoded?.normalize('NFKC')
     if (decoded !== null && folded !== decoded) add(folded!)
+    // Dotless ı and dotted İ: no normalisation makes them i, and a deny glob's case-blind match
+    // (JavaScript's, even with Unicode case folding) does not either; Java's equalsIgnoreCase and
+    // Python's re.IGNORECASE (Django's `(?i)` routes) take both for i: `/admın` is `/admin` to them.
+    if (decoded !== null && /[ıİ]/.test(folded!)) add(folded!.replace(/[ıİ]/g, 'i'))
   }
   for (let round = 0; round < 4; round++) {
     const before = readings.length

@@ -62,8 +62,8 @@ export interface TunnelOrigin {
 
 /** Query parameters by which frameworks act on another method than the request line's. */
 const METHOD_OVERRIDE_PARAMS = ['_method']
-/** "method" in any case, any letter of it percent-encoded: a query without it needs no look. */
-const MAYBE_METHOD_OVERRIDE = /(?:m|%6d)(?:e|%65)(?:t|%74)(?:h|%68)(?:o|%6f)(?:d|%64)/i
+/** "method" in any case, any letter of it percent-encoded (either case's code): a query without it needs no look. */
+const MAYBE_METHOD_OVERRIDE = /(?:m|%[46]d)(?:e|%[46]5)(?:t|%[57]4)(?:h|%[46]8)(?:o|%[46]f)(?:d|%[46]4)/i
 
 /** Pipelined requests one connection may have waiting for their turn; one more closes it. */
 const MAX_QUEUED_PER_CONNECTION = 64

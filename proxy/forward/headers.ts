@@ -25,7 +25,20 @@ const HOP_BY_HOP = new Set([
 function isSpoofable(name: string): boolean {
   return name.startsWith('x-forwarded-') || name === 'forwarded' || name === 'x-real-ip' || name.startsWith('x-latchkey-') || OVERRIDES.has(name)
 }
-const OVERRIDES = new Set(['x-http-method-override', 'x-http-method', 'x-method-override', 'x-original-url', 'x-rewrite-url', 'x-original-method'])
+const OVERRIDES = new Set([
+  'x-http-method-override',
+  'x-http-method',
+  'x-method-override',
+  'x-method',
+  'x-original-method',
+  'x-original-url',
+  'x-rewrite-url',
+  // The path a front proxy saw, which apps behind nginx (auth_request's $request_uri) and Envoy read as the request's.
+  'x-original-uri',
+  'x-original-path',
+  'x-envoy-original-path',
+  'x-override-url',
+])
 
 function connectionListed(value: string | string[] | undefined): Set<string> | null {
   if (!value) return null

@@ -365,7 +365,9 @@ t.test('a method override in the query never reaches the upstream: the request l
   // Each is `_method` to Symfony/Laravel (PHP reads `.` and ` ` in a name as `_`) or Express's method-override.
   const overrides = ['_method=DELETE', '_METHOD=delete', '%5Fmethod=DELETE', '_meth%6Fd=DELETE', '.method=DELETE', '%20_method=DELETE', '_method[]=DELETE',
     // Cut at the NUL by PHP, and not valid percent-encoded UTF-8 after it (PHP decodes byte by byte).
-    '_method%00%ff=DELETE', '_method%00%=DELETE', '%5Fmethod%00%zz=DELETE', '.method%00%c0=DELETE']
+    '_method%00%ff=DELETE', '_method%00%=DELETE', '%5Fmethod%00%zz=DELETE', '.method%00%c0=DELETE',
+    // Escapes of capitals: the look for "method" once missed them.
+    '_%4DETHOD=DELETE', '%5F%4D%45%54%48%4F%44=DELETE']
   // What Symfony's getMethod() would read as `_method` (PHP's name mangling: cut at a NUL or `[`), were it sent.
   const readsAsOverride = (url: string) =>
     [...new URL(url, 'http://base').searchParams.keys()].some((k) => k.toLowerCase().replace(/\0.*$/s, '').replace(/^ +/, '').replace(/\[.*$/, '').replace(/[ .]/g, '_') === '_method')

@@ -461,6 +461,7 @@ export class Pipeline {
         delete headers['if-range']
       }
     }
+    this.judgeDestination(ctx, req, target, ctx.resolved!.address)
     // Before any 100: a body that cannot be checked for `_method` is refused unsent.
     const inspect = this.overrideCheck(ctx, req, target, ctx.resolved!.address)
     // Policy has spoken; only now may the agent send its body.
@@ -468,6 +469,30 @@ export class Pipeline {
     // Shutdown began while this call was being admitted: it is answered, then the connection ends.
     if (this.draining) res.shouldKeepAlive = false
     this.send(ctx, req, res, headers, inspect)
+  }
+
+  /**
+   * WebDAV's COPY and MOVE write to the resource `Destination` names (RFC 4918 §10.3: an
+   * absolute URI or an absolute path), which the request line does not: `COPY /public/x` with
+   * `Destination: /admin/config` overwrote a path a deny covers (nginx's dav module). That path
+   * is judged as the request line's is, on the target's host (a server acts on its own
+   * resources), for any method that carries the header. A deny refuses the call; a value that
+   * cannot be read as a URL, or two of them, is refused rather than guessed at.
+   */
+  private judgeDestination(ctx: CallContext, req: IncomingMessage, target: Target, address: string): void {
+    const values = req.headersDistinct.destination
+    if (values === undefined) return
+    if (values.length !== 1) throw new LatchkeyError('LK_BAD_REQUEST', 'more than one Destination header: which one a WebDAV server acts on cannot be told')
+    const value = values[0]!.trim()
+    let destination: Target
+    try {
+      destination = parseAbsoluteTarget(value.startsWith('/') ? `${target.scheme}://${hostHeader(target)}${value}` : value)
+    } catch (err) {
+      const why = err instanceof LatchkeyError ? `: ${err.reason}` : ''
+      throw new LatchkeyError('LK_BAD_REQUEST', `the Destination header is neither an absolute URL nor an absolute path the policy can judge${why}`)
+    }
+    const decision = this.stages.decider.decide(ctx.method, { ...target, path: destination.path, search: destination.search }, address)
+    if (decision.action === 'deny') this.judge(ctx, { ...decision, reason: `the Destination header names a path the policy denies: ${decision.reason}` })
   }
 
   /**

@@ -76,6 +76,47 @@ t.test('a path starting with // is judged as a URL-reading upstream reads it', a
   assertNoCanary(t, s, ...seen)
 })
 
+t.test("a WebDAV COPY or MOVE is judged by the path its Destination writes to, not only by its request line", async (t) => {
+  const { upstream, s, host } = await denyingSidecar(t, { id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin/**'] }, (up) => ({
+    credentials: [{ id: 'up', audience: up.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  }))
+  const entries: [string, (method: string, destination: string[]) => string][] = [
+    ['absolute-form', (m, d) => `${m} http://${host}/public/a.txt HTTP/1.1\r\nHost: ${host}\r\n${d.map((v) => `Destination: ${v}\r\n`).join('')}Overwrite: T\r\nConnection: close\r\n\r\n`],
+    ['reverse route', (m, d) => `${m} /up/public/a.txt HTTP/1.1\r\nHost: 127.0.0.1\r\n${d.map((v) => `Destination: ${v}\r\n`).join('')}Connection: close\r\n\r\n`],
+    ['inside a plaintext tunnel', (m, d) => `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\n${m} /public/a.txt HTTP/1.1\r\nHost: ${host}\r\n${d.map((v) => `Destination: ${v}\r\n`).join('')}Connection: close\r\n\r\n`],
+  ]
+  // Each writes under /admin to nginx's dav module, which acts on the Destination's path.
+  const denied = [`http://${host}/admin/config.txt`, '/admin/moved.txt', '/public/../admin/x', '/%61dmin/x', '/ADMIN', '//x/admin/y', 'http://other.example/admin/x']
+  const seen: string[] = []
+  const send = sender(s.sidecar.port, seen)
+  for (const [entry, request] of entries) {
+    for (const method of ['COPY', 'MOVE']) {
+      for (const destination of denied) {
+        const r = await send(request(method, [destination]))
+        t.equal(r.status, 403, `${entry} ${method} to ${destination}: 403`)
+        t.equal(r.headers['x-latchkey-rule'], 'no-admin', `${entry} ${method} to ${destination}: by the path deny`)
+        t.match(JSON.parse(r.body).reason, /^the Destination header names a path the policy denies/, 'saying it was the Destination')
+      }
+    }
+    const ok = await send(request('MOVE', ['/public/b.txt']))
+    t.equal(ok.status, 200, `${entry}: a Destination no deny covers passes`)
+    t.equal(upstream.requests.at(-1)?.headers.destination, '/public/b.txt', `${entry}: and reaches the upstream as sent`)
+    for (const [destinations, why] of [
+      [['/public/b', '/admin/x'], /more than one Destination header/],
+      [['ftp://x/admin/x'], /Destination header is neither an absolute URL nor an absolute path/],
+      [['admin/x'], /Destination header is neither an absolute URL nor an absolute path/],
+    ] as const) {
+      const r = await send(request('COPY', [...destinations]))
+      t.equal(r.status, 400, `${entry} ${destinations.join(' + ')}: refused, not guessed at`)
+      t.match(JSON.parse(r.body).reason, why)
+    }
+  }
+  t.same(upstream.requests.map((q) => `${q.method} ${q.headers.destination}`), ['MOVE /public/b.txt', 'MOVE /public/b.txt', 'MOVE /public/b.txt'], 'only the allowed moves reached the upstream')
+  const audit = await s.audit()
+  t.match(audit.find((e) => e.status === 403), { method: 'COPY', decision: 'deny', rule: 'no-admin', error: 'LK_POLICY_DENIED' })
+  assertNoCanary(t, s, ...seen)
+})
+
 t.test('a deny on an exact path is not dodged by a trailing slash or a format suffix, which many routers ignore', async (t) => {
   const { upstream, s, host } = await denyingSidecar(t, { id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin', '/settings/'] }, (up) => ({
     credentials: [{ id: 'up', audience: up.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],

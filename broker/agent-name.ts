@@ -46,7 +46,28 @@ function unconfuse(s: string): string {
  * counts, so a colon look-alike missing from the table above is refused too, and so does ASCII `;`;
  * `.`, `-`, `_`, `+` and `@` (agent.smith@example.com) do not read as a colon and pass.
  */
-const AGENT_PREFIX = /^agent(?::|;|\p{Lm}|[^\p{ASCII}\p{L}\p{N}])/u
+const SEPARATOR = String.raw`(?::|;|\p{Lm}|[^\p{ASCII}\p{L}\p{N}])`
+const AGENT_PREFIX = new RegExp(`^agent${SEPARATOR}`, 'u')
+const IS_SEPARATOR = new RegExp(`^${SEPARATOR}$`, 'u')
+const NON_ASCII_LETTER = /^(?!\p{ASCII})\p{L}$/u
+
+/**
+ * The table above can never hold every look-alike (ǥ U+01E5 and ᥒ U+1952 were missing), so this
+ * fails closed on the shape instead: five characters, each the letter of "agent" at its place or
+ * any non-ASCII letter, at least three of them the ASCII letters, then a separator. A name in
+ * another script (агент@…, 用户@…) has too few ASCII letters, or no separator, and passes.
+ */
+function shapedLikeAgent(seen: string): boolean {
+  // Only the first six code points count (at most 12 UTF-16 units): a long sub is not spread whole.
+  const chars = [...seen.slice(0, 12)]
+  if (chars.length < 6 || !IS_SEPARATOR.test(chars[5]!)) return false
+  let ascii = 0
+  for (let i = 0; i < 5; i++) {
+    if (chars[i] === 'agent'[i]) ascii++
+    else if (!NON_ASCII_LETTER.test(chars[i]!)) return false
+  }
+  return ascii >= 3
+}
 
 /**
  * Compared as a reader would see it: look-alikes of other scripts and small capitals read as the
@@ -60,5 +81,5 @@ export function namesAnAgent(sub: string): boolean {
     .toLowerCase()
     // Whitespace, and the Braille blank (U+2800), drawn as a space and neither \s nor ignorable.
     .replace(/[\s\u2800]/gu, '')
-  return AGENT_PREFIX.test(seen)
+  return AGENT_PREFIX.test(seen) || shapedLikeAgent(seen)
 }

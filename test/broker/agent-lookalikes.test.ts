@@ -10,9 +10,10 @@ const REST = 'helper:prod:h-1'
 /** For each letter of "agent" and the colon: spellings drawn like it, of different kinds. */
 const LOOKALIKES: Record<string, [string, string][]> = {
   a: [['Cyrillic а', '\u0430'], ['Greek α', '\u03b1'], ['Latin ɑ', '\u0251'], ['small capital ᴀ', '\u1d00'], ['Cherokee Ꭺ', '\u13aa'], ['Cherokee small ꭺ', '\uab7a'], ['Lisu ꓮ', '\ua4ee'], ['fullwidth ａ', '\uff41'], ['mathematical 𝐚', '\u{1d41a}'], ['with a ring å', '\u00e5'], ['a + combining grave', 'a\u0300']],
-  g: [['script ɡ', '\u0261'], ['Armenian ց', '\u0581'], ['small capital ɢ', '\u0262'], ['Cyrillic Ԍ', '\u050c'], ['Lisu ꓖ', '\ua4d6'], ['mathematical 𝓰', '\u{1d4f0}']],
+  // Letters no table lists (ǥ, ᥒ) are caught by the shape: a non-ASCII letter where one of agent's goes.
+  g: [['Latin ǥ, in no table', '\u01e5'], ['script ɡ', '\u0261'], ['Armenian ց', '\u0581'], ['small capital ɢ', '\u0262'], ['Cyrillic Ԍ', '\u050c'], ['Lisu ꓖ', '\ua4d6'], ['mathematical 𝓰', '\u{1d4f0}']],
   e: [['Cyrillic е', '\u0435'], ['Cyrillic ҽ', '\u04bd'], ['small capital ᴇ', '\u1d07'], ['Greek Ε', '\u0395'], ['estimated ℮', '\u212e'], ['Lisu ꓰ', '\ua4f0'], ['accented é', '\u00e9']],
-  n: [['Armenian ո', '\u0578'], ['Cyrillic п', '\u043f'], ['small capital ɴ', '\u0274'], ['Greek Ν', '\u039d'], ['Greek η', '\u03b7'], ['Lisu ꓠ', '\ua4e0'], ['superscript ⁿ', '\u207f']],
+  n: [['Tai Le ᥒ, in no table', '\u1952'], ['Armenian ո', '\u0578'], ['Cyrillic п', '\u043f'], ['small capital ɴ', '\u0274'], ['Greek Ν', '\u039d'], ['Greek η', '\u03b7'], ['Lisu ꓠ', '\ua4e0'], ['superscript ⁿ', '\u207f']],
   t: [['Cyrillic т', '\u0442'], ['Greek τ', '\u03c4'], ['small capital ᴛ', '\u1d1b'], ['Cherokee Ꭲ', '\u13a2'], ['Cyrillic Т', '\u0422'], ['Lisu ꓔ', '\ua4d4'], ['down tack ⊤', '\u22a4']],
   ':': [
     ['modifier letter triangular colon ː', '\u02d0'],
@@ -58,6 +59,9 @@ t.test('every kind of look-alike of each letter and of the colon is read as agen
   t.ok(namesAnAgent('\u{1f1e6}\u{1f1ec}\u{1f1ea}\u{1f1f3}\u{1f1f9}:' + REST), 'regional indicators: 🇦🇬🇪🇳🇹')
   t.ok(namesAnAgent('\u2800agent:' + REST), 'a Braille blank before it')
   t.ok(namesAnAgent('age\u2800nt:' + REST), 'and inside it')
+  // The shape rule: each of the five a letter of "agent" at its place or any non-ASCII letter, at least three of them ASCII.
+  t.ok(namesAnAgent('a\u01e5e\u1952t:summarizer:prod:a1'), 'two letters no table lists: aǥeᥒt:')
+  t.ok(namesAnAgent('\u10d0g\u0561nt\u2236summarizer:prod:a1'), 'Georgian ა and Armenian ա, then a ratio sign for the colon')
   t.ok(checked > 50)
 })
 
@@ -69,6 +73,10 @@ t.test('names that only look foreign, or merely start with "agent", are users', 
     '\u0430\u0433\u0435\u043d\u0442@example.ru', // агент: Russian for "agent", not the Latin word
     '\u0627\u0644\u0639\u0645\u064a\u0644@example.com',
     'agent.smith@example.com',
+    '\u0430\u0431\u0432\u0433\u0434:x', // абвгд: only one of the five reads as its Latin letter
+    'a\u01e5e\u1952t@example.com', // the shape, but no separator after it
+    'a\u01e5e\u1952ts:x',
+    '\u01e5\u1952:summarizer:prod:a1', // too short to be the shape
     'agent-007',
     'agents:team-a',
     'reagent:helper:prod:h-1',
@@ -83,7 +91,7 @@ t.test('names that only look foreign, or merely start with "agent", are users', 
 t.test('through the broker: look-alikes refused, non-ASCII users served', async (t) => {
   const b = await startTestBroker()
   t.teardown(b.close)
-  for (const sub of ['\u1d00\u0262\u1d07\u0274\u1d1b:helper:prod:h-1', 'agent\u02f8helper:prod:h-1', 'agent\u205d' + REST]) {
+  for (const sub of ['\u1d00\u0262\u1d07\u0274\u1d1b:helper:prod:h-1', 'agent\u02f8helper:prod:h-1', 'agent\u205d' + REST, 'a\u01e5ent:summarizer:prod:a1', 'age\u1952t:summarizer:prod:a1']) {
     const res = await b.exchange(delegatedRequest(await b.userToken(sub, 'read'), await b.attest('agent:summarizer:prod:s')))
     t.equal(res.status, 400, `${JSON.stringify(sub)} refused`)
     t.match(String(res.body.error_description), /its sub is an agent instance ID/)

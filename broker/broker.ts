@@ -6,7 +6,7 @@
 import type { AddressInfo } from 'node:net'
 import type { BrokerConfig } from '../lib/config/schema.js'
 import { createLogger, type Logger } from '../lib/log.js'
-import { RegistryHolder } from './registry.js'
+import { RegistryError, RegistryHolder } from './registry.js'
 import { KeyRing } from './keys.js'
 import { keySetFrom, MAX_SKEW_S } from './jwt.js'
 import { KubernetesVerifier } from './attest/kubernetes.js'
@@ -94,18 +94,28 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     throw err
   }
 
-  const registry = new RegistryHolder(c.registry_file, (r) => {
-    const ts = new Date(now()).toISOString()
-    if (!r.ok) events.emit({ type: 'policy.rejected', ts, reason: r.error.message })
-    else for (const w of r.widened) events.emit({ type: 'policy.widened', ts, agent_type: w.agent_type, audience: w.audience, added: w.added })
-  })
+  // A registry it cannot load stops the start in one line naming the setting, the file and each
+  // problem (a reload keeps the previous registry instead), the store closed behind it.
+  let registry: RegistryHolder
+  try {
+    registry = new RegistryHolder(c.registry_file, (r) => {
+      const ts = new Date(now()).toISOString()
+      if (!r.ok) events.emit({ type: 'policy.rejected', ts, reason: r.error.message })
+      else for (const w of r.widened) events.emit({ type: 'policy.widened', ts, agent_type: w.agent_type, audience: w.audience, added: w.added })
+    })
+  } catch (err) {
+    await revocations.store.close().catch(() => {})
+    await events.close()
+    if (!(err instanceof RegistryError)) throw err
+    throw Object.assign(new Error(`broker.registry_file ${err.source}: ${err.problems.join('; ')}`), { code: 'LK_STARTUP' })
+  }
   registry.watch()
   keys.start((err) => log.error({ dir: c.keys.dir, reason: (err as NodeJS.ErrnoException).code ?? (err as Error).message }, 'signing key rotation failed: the active key signs on until it succeeds (retried every minute)'))
 
   const attestors: AttestationVerifier[] = []
   const a = c.attestors
-  if (a.kubernetes) attestors.push(new KubernetesVerifier(keySetFrom(a.kubernetes), a.kubernetes.issuer, a.kubernetes.audience ?? audience))
-  if (a.spiffe) attestors.push(new SpiffeVerifier(keySetFrom(a.spiffe), a.spiffe.trust_domain, a.spiffe.audience ?? audience))
+  if (a.kubernetes) attestors.push(new KubernetesVerifier(keySetFrom(a.kubernetes), a.kubernetes.issuer, a.kubernetes.audience ?? audience, a.kubernetes.max_token_age_s))
+  if (a.spiffe) attestors.push(new SpiffeVerifier(keySetFrom(a.spiffe), a.spiffe.trust_domain, a.spiffe.audience ?? audience, a.spiffe.max_lifetime_s))
   if (a.local) attestors.push(new LocalVerifier(keySetFrom({ jwks_file: a.local.keys_file }), audience, revocations.store))
   const users = c.users ? new UserTokenVerifier(keySetFrom(c.users), c.users.issuer, c.users.audience, c.users.scope_claim) : undefined
 

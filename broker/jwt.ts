@@ -99,6 +99,7 @@ export interface VerifyOptions {
   audience: string
   requiredClaims?: string[]
   algorithms?: string[]
+  /** Refuse a token whose iat is further back than this (iat then required). */
   maxTokenAgeS?: number
   /** Workload evidence: `aud` must be this audience alone (see verifyJwt). */
   soleAudience?: boolean
@@ -114,6 +115,10 @@ export async function verifyJwt(token: string, keys: JWTVerifyGetKey, opts: Veri
     clockTolerance: MAX_SKEW_S,
     requiredClaims: ['exp', ...(opts.requiredClaims ?? [])],
     ...(opts.maxTokenAgeS !== undefined ? { maxTokenAge: opts.maxTokenAgeS } : {}),
+  }).catch((err: unknown) => {
+    // jose reports a token too old by iat as JWTExpired ("expired"), which its exp may say it is not.
+    if (err instanceof errors.JWTExpired && err.claim === 'iat') throw new TokenInvalid(`issued more than ${opts.maxTokenAgeS} s ago (iat)`)
+    throw err
   })
   // jose checks that sub is present when required, not what it is; a number, an array or ""
   // would be copied into the issued token and the audit as someone's identity (RFC 7519 §4.1.2:

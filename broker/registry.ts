@@ -12,7 +12,10 @@ export type UserRule = 'required' | 'optional' | 'none'
 export interface AgentTypeSpec {
   /** `env` part of every instance ID of this type: agent:<type>:<env>:<instance>. */
   env: string
-  /** How attested evidence maps to this type; a type with no match can never be attested. */
+  /**
+   * How attested evidence maps to this type: one attestor at most (instance names from two would
+   * share one ID space); a type with no match can never be attested.
+   */
   match: {
     kubernetes?: { namespace: string; service_account: string }
     /** SPIFFE ID path prefix (after the trust domain); the instance is the remainder's last segment. */
@@ -119,6 +122,13 @@ export function parseRegistry(text: string, source = '<registry>'): Registry {
     for (const t of spec.may_task) if (!registry.agents[t]) problems.push(`agents.${type}.may_task: unknown agent type "${t}"`)
     for (const aud of Object.keys(spec.audiences)) if (aud.length === 0) problems.push(`agents.${type}.audiences: empty audience`)
   }
+  // Each attestor names instances from its own namespace (pod names, SPIFFE segments, the local
+  // key's sub) with no attestor in the ID: one type matched by two would give a pod named w1 and
+  // the SPIFFE ID …/w1 one instance ID (one revocation, one audit identity, one user's consent).
+  for (const [type, spec] of Object.entries(registry.agents)) {
+    const named = ATTESTORS.filter((k) => (k === 'local' ? spec.match.local === true : spec.match[k] !== undefined))
+    if (named.length > 1) problems.push(`agents.${type}.match: ${sharedIdSpace(type, spec, named)}`)
+  }
   // Attestors take the first type whose match fits: two types matching one workload would make its
   // type (what it may get) depend on the order of the file's keys, and a reload could switch it.
   const accounts = new Map<string, string>()
@@ -141,6 +151,21 @@ export function parseRegistry(text: string, source = '<registry>'): Registry {
   }
   if (problems.length > 0) throw new RegistryError(source, problems)
   return registry
+}
+
+const ATTESTORS = ['kubernetes', 'local', 'spiffe'] as const
+
+/** Why a type may not name several attestors, with the collision spelled out for this type. */
+function sharedIdSpace(type: string, spec: AgentTypeSpec, named: readonly (typeof ATTESTORS)[number][]): string {
+  const id = `agent:${type}:${spec.env}:w1`
+  const p = spec.match.spiffe?.path_prefix ?? ''
+  const prefix = p.endsWith('/') ? p.slice(0, -1) : p
+  const holders = named.map((k) => (k === 'kubernetes' ? 'a pod named w1' : k === 'spiffe' ? `the SPIFFE ID …${prefix}/w1` : `a local attestation of ${id}`))
+  const list = (xs: string[]) => `${xs.slice(0, -1).join(', ')} and ${xs.at(-1)!}`
+  return (
+    `names ${list([...named])}: instance names from ${named.length === 2 ? 'two' : 'three'} attestors share one ID space ` +
+    `(${list(holders)} would be one agent, ${id}): give each attestor its own agent type`
+  )
 }
 
 function withoutPrototype<T>(record: Record<string, T>): Record<string, T> {

@@ -60,6 +60,11 @@ t.test('errors name the path and the problem', async (t) => {
   t.same(problems('version: 1\npolicy: { rules: [ { id: a, action: allow, hosts: ["::1", "[::1]", "fd00::2"] }, { id: b, action: allow, hosts: ["::1:80", "http://x"] } ] }\n'), [
     'policy.rules[1].hosts[1]: must be a host name or address, without scheme, port or path',
   ], 'an IPv6 address is a host bare or bracketed (::1:80 is one too: an address, not ::1 with a port)')
+  const attestors = (k8s: string, spiffe: string) =>
+    `version: 1\nbroker: { issuer: "https://broker.example", registry_file: /agents.yaml, attestors: { kubernetes: { issuer: k8s, jwks_file: /k.json${k8s} }, spiffe: { trust_domain: example.org, jwks_file: /s.json${spiffe} } } }\n`
+  t.same(problems(attestors(', max_token_age_s: 30', ', max_lifetime_s: 1d')), ['broker.attestors.kubernetes.max_token_age_s: must be >= 60', 'broker.attestors.spiffe.max_lifetime_s: must be integer'])
+  const evidence = parseConfig(attestors('', '')).broker!.attestors
+  t.same([evidence.kubernetes!.max_token_age_s, evidence.spiffe!.max_lifetime_s], [86_400, 86_400], 'workload evidence older (k8s) or longer-lived (SPIFFE) than a day is refused by default')
   t.same(problems('version: 1\nversion: 1\n'), ['line 2: duplicate key "version"'], 'duplicate YAML keys are refused, by name')
   t.same(problems('version: 1\nsidecar:\n  listen: { port: 1, port: 2 }\n'), ['line 3: duplicate key "port"'])
   // A mapping of 30,000 keys (yaml's own check compared each with all before it: 2.3 s at 20,000).

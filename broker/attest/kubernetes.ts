@@ -1,6 +1,8 @@
 // Kubernetes projected service-account tokens: signature against the cluster's JWKS, `iss`, `aud`
 // (this broker), `exp`/`nbf` within 30 s, and the pod binding. A token not bound to a pod (the
-// legacy secret-based kind) is refused: it outlives the workload it names.
+// legacy secret-based kind) is refused: it outlives the workload it names. Its age is bounded by
+// `iat` (required), not by `exp`: the API server may extend exp to a year for clients that do
+// not re-read the file, while the kubelet replaces the file at 80% of the TTL or after 24 h.
 import type { JWTVerifyGetKey } from 'jose'
 import { verifyJwt } from '../jwt.js'
 import type { Registry } from '../registry.js'
@@ -20,6 +22,8 @@ export class KubernetesVerifier implements AttestationVerifier {
     private readonly keys: JWTVerifyGetKey,
     private readonly issuer: string,
     private readonly audience: string,
+    /** broker.attestors.kubernetes.max_token_age_s */
+    private readonly maxTokenAgeS: number,
   ) {}
 
   claims(p: { iss?: unknown }): boolean {
@@ -27,7 +31,13 @@ export class KubernetesVerifier implements AttestationVerifier {
   }
 
   async verify(token: string, registry: Registry): Promise<Attestation> {
-    const payload = await verifyJwt(token, this.keys, { issuer: this.issuer, audience: this.audience, requiredClaims: ['sub'], soleAudience: true })
+    const payload = await verifyJwt(token, this.keys, {
+      issuer: this.issuer,
+      audience: this.audience,
+      requiredClaims: ['sub', 'iat'],
+      maxTokenAgeS: this.maxTokenAgeS,
+      soleAudience: true,
+    })
     const k8s = payload['kubernetes.io'] as KubernetesClaims | undefined
     const ns = k8s?.namespace
     const sa = k8s?.serviceaccount?.name

@@ -3,9 +3,10 @@
 // The registry's path prefix picks the agent type; the one segment after it is the instance.
 // Anything deeper is refused rather than cut to its last segment, which made
 // .../summarizer/team-a/b and .../summarizer/team-c/b one agent instance (one revocation, one
-// audit identity) for two workloads.
+// audit identity) for two workloads. An SVID meant to live longer than max_lifetime_s is refused:
+// SPIRE mints them for minutes, and one minted for days is a copy worth stealing for days.
 import type { JWTVerifyGetKey } from 'jose'
-import { verifyJwt } from '../jwt.js'
+import { MAX_SKEW_S, verifyJwt } from '../jwt.js'
 import type { Registry } from '../registry.js'
 import { AttestationFailed, checkInstance, TOKEN_TYPES, type Attestation, type AttestationVerifier } from './attestor.js'
 
@@ -21,6 +22,8 @@ export class SpiffeVerifier implements AttestationVerifier {
     private readonly keys: JWTVerifyGetKey,
     readonly trustDomain: string,
     private readonly audience: string,
+    /** broker.attestors.spiffe.max_lifetime_s */
+    private readonly maxLifetimeS: number,
   ) {
     this.prefix = `spiffe://${trustDomain}/`
   }
@@ -31,6 +34,13 @@ export class SpiffeVerifier implements AttestationVerifier {
 
   async verify(token: string, registry: Registry): Promise<Attestation> {
     const payload = await verifyJwt(token, this.keys, { audience: this.audience, requiredClaims: ['sub'], algorithms: SVID_ALGS, soleAudience: true })
+    // iat is optional in a JWT-SVID (spec §3): without it the lifetime left counts, with the skew
+    // allowed for the issuer's clock running ahead of ours.
+    if (payload.iat !== undefined) {
+      if (payload.exp! - payload.iat > this.maxLifetimeS) throw new AttestationFailed(`lifetime (exp - iat) over ${this.maxLifetimeS} s`)
+    } else if (payload.exp! - Date.now() / 1000 > this.maxLifetimeS + MAX_SKEW_S) {
+      throw new AttestationFailed(`no iat, and exp is more than ${this.maxLifetimeS} s away`)
+    }
     const sub = payload.sub!
     if (!sub.startsWith(this.prefix)) throw new AttestationFailed(`SPIFFE ID is not in trust domain ${this.trustDomain}`)
     const path = sub.slice(this.prefix.length - 1)

@@ -134,8 +134,10 @@ export interface BrokerConfig {
   /** The user IdP whose tokens arrive as `subject_token`. Absent: no user tokens are accepted. */
   users?: JwksSourceConfig & { issuer: string; audience: string; scope_claim: string }
   attestors: {
-    kubernetes?: JwksSourceConfig & { issuer: string; audience?: string }
-    spiffe?: JwksSourceConfig & { trust_domain: string; audience?: string }
+    /** max_token_age_s: a service-account token issued longer ago (by its iat) is refused; exp is not the bound (the API server may extend it to a year). */
+    kubernetes?: JwksSourceConfig & { issuer: string; audience?: string; max_token_age_s: number }
+    /** max_lifetime_s: a JWT-SVID meant to live longer (exp − iat, or exp − now without iat) is refused. */
+    spiffe?: JwksSourceConfig & { trust_domain: string; audience?: string; max_lifetime_s: number }
     local?: { keys_file: string }
   }
   /** Revocation store; neither given: SQLite at `.latchkey/broker.db`. */
@@ -295,6 +297,13 @@ const jwksSource = {
   jwks_url: httpUrl,
 }
 
+/**
+ * How old (Kubernetes, from iat) or how long-lived (SPIFFE) workload evidence may be. A day by
+ * default: the kubelet replaces a projected token at 80% of its TTL or after 24 h, whichever is
+ * first; SPIRE's JWT-SVIDs live minutes. Evidence kept longer is a copy worth stealing.
+ */
+const evidenceAge = { type: 'integer', minimum: 60, maximum: 31_536_000, default: 86_400 }
+
 const broker = {
   type: 'object',
   additionalProperties: false,
@@ -349,13 +358,13 @@ const broker = {
           type: 'object',
           additionalProperties: false,
           required: ['issuer'],
-          properties: { issuer: nonEmpty, audience: nonEmpty, ...jwksSource },
+          properties: { issuer: nonEmpty, audience: nonEmpty, ...jwksSource, max_token_age_s: evidenceAge },
         },
         spiffe: {
           type: 'object',
           additionalProperties: false,
           required: ['trust_domain'],
-          properties: { trust_domain: { type: 'string', pattern: '^[a-z0-9._-]+$' }, audience: nonEmpty, ...jwksSource },
+          properties: { trust_domain: { type: 'string', pattern: '^[a-z0-9._-]+$' }, audience: nonEmpty, ...jwksSource, max_lifetime_s: evidenceAge },
         },
         local: {
           type: 'object',

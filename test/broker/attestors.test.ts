@@ -21,9 +21,13 @@ import { join } from 'node:path'
 const BROKER = 'https://broker.test'
 const registry = parseRegistry(stringify(TEST_REGISTRY))
 const now = () => Math.floor(Date.now() / 1000)
+/** The configured default of broker.attestors.kubernetes.max_token_age_s and spiffe.max_lifetime_s. */
+const DAY = 86_400
 
 interface Fixture {
   verifier: AttestationVerifier
+  /** The registry's type for this attestor's summarizer: one type per attestor. */
+  expectedType: string
   expectedInstance: string
   /** Evidence for the registered summarizer, with claim overrides. */
   mint(overrides?: Record<string, unknown>): Promise<string>
@@ -38,8 +42,9 @@ async function kubernetes(): Promise<Fixture> {
   const claims = (ns: string, sa: string) => ({ aud: BROKER, sub: `system:serviceaccount:${ns}:${sa}`, 'kubernetes.io': { namespace: ns, serviceaccount: { name: sa, uid: 'u' }, pod: { name: 'summarizer-abc', uid: 'p' } } })
   const other = await TestIssuer.create(K8S_ISSUER)
   return {
-    verifier: new KubernetesVerifier(createLocalJWKSet(iss.jwks), K8S_ISSUER, BROKER),
-    expectedInstance: 'agent:summarizer:prod:summarizer-abc',
+    verifier: new KubernetesVerifier(createLocalJWKSet(iss.jwks), K8S_ISSUER, BROKER, DAY),
+    expectedType: 'summarizer-k8s',
+    expectedInstance: 'agent:summarizer-k8s:prod:summarizer-abc',
     mint: (o = {}) => iss.sign({ ...claims('agents', 'summarizer'), ...o }),
     unregistered: () => iss.sign(claims('agents', 'stranger')),
     foreignKey: () => other.sign(claims('agents', 'summarizer')),
@@ -51,8 +56,9 @@ async function spiffe(): Promise<Fixture> {
   const other = await TestIssuer.create(`spiffe://${TRUST_DOMAIN}`)
   const claims = (path: string) => ({ iss: null, aud: [BROKER], sub: `spiffe://${TRUST_DOMAIN}${path}` })
   return {
-    verifier: new SpiffeVerifier(createLocalJWKSet(iss.jwks), TRUST_DOMAIN, BROKER),
-    expectedInstance: 'agent:summarizer:prod:w-7',
+    verifier: new SpiffeVerifier(createLocalJWKSet(iss.jwks), TRUST_DOMAIN, BROKER, DAY),
+    expectedType: 'summarizer-spiffe',
+    expectedInstance: 'agent:summarizer-spiffe:prod:w-7',
     mint: (o = {}) => iss.sign({ ...claims('/agents/summarizer/w-7'), ...o }),
     unregistered: () => iss.sign(claims('/agents/stranger/1')),
     foreignKey: () => other.sign(claims('/agents/summarizer/w-7')),
@@ -71,6 +77,7 @@ async function local(): Promise<Fixture> {
   }
   return {
     verifier: new LocalVerifier(createLocalJWKSet(jwks), BROKER, await openStore()),
+    expectedType: 'summarizer',
     expectedInstance: 'agent:summarizer:prod:local-1',
     mint,
     unregistered: () => signLocalAttestation(key, 'agent:stranger:prod:1', BROKER),
@@ -84,7 +91,7 @@ for (const [name, make] of [['kubernetes', kubernetes], ['spiffe', spiffe], ['lo
     const a = await f.verifier.verify(await f.mint(), registry)
     t.equal(a.kind, name)
     t.equal(a.instanceId, f.expectedInstance)
-    t.equal(a.agentType, 'summarizer')
+    t.equal(a.agentType, f.expectedType)
     t.ok(a.expiresAt > now(), 'carries the evidence expiry')
 
     await t.rejects(f.verifier.verify(await f.mint({ exp: now() - 120 }), registry), 'expired evidence is refused')
@@ -104,22 +111,38 @@ for (const [name, make] of [['kubernetes', kubernetes], ['spiffe', spiffe], ['lo
 // and a name outside the alphabet is refused, never rewritten onto another's.
 t.test('instance names are kept exactly or refused', async (t) => {
   const iss = await TestIssuer.create(K8S_ISSUER)
-  const k8s = new KubernetesVerifier(createLocalJWKSet(iss.jwks), K8S_ISSUER, BROKER)
+  const k8s = new KubernetesVerifier(createLocalJWKSet(iss.jwks), K8S_ISSUER, BROKER, DAY)
   const pod = (name: string) =>
     iss.sign({ aud: BROKER, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'u' }, pod: { name, uid: 'p' } } })
   const stem = 'summarizer-' + 'x'.repeat(230)
   const [a, b] = await Promise.all([k8s.verify(await pod(stem + '-0'), registry), k8s.verify(await pod(stem + '-1'), registry)])
-  t.equal(a.instanceId, `agent:summarizer:prod:${stem}-0`, 'a 243-character pod name is the instance, whole')
+  t.equal(a.instanceId, `agent:summarizer-k8s:prod:${stem}-0`, 'a 243-character pod name is the instance, whole')
   t.not(a.instanceId, b.instanceId, 'StatefulSet pods whose long names differ only at the end stay two instances')
   await t.rejects(k8s.verify(await pod('p' + 'x'.repeat(253)), registry), /254 characters; at most 253/, 'a name longer than a DNS name is refused')
   for (const bad of ['summarizer/abc', 'summarizer abc', '-summarizer', 'summarizer\u00e9'])
     await t.rejects(k8s.verify(await pod(bad), registry), /must start with a letter or digit and hold only/, `${JSON.stringify(bad)} is refused, not rewritten`)
 
   const svid = await TestIssuer.create(`spiffe://${TRUST_DOMAIN}`)
-  const spiffe = new SpiffeVerifier(createLocalJWKSet(svid.jwks), TRUST_DOMAIN, BROKER)
+  const spiffe = new SpiffeVerifier(createLocalJWKSet(svid.jwks), TRUST_DOMAIN, BROKER, DAY)
   const id = (instance: string) => svid.sign({ iss: null, aud: [BROKER], sub: `spiffe://${TRUST_DOMAIN}/agents/summarizer/${instance}` })
-  t.equal((await spiffe.verify(await id('w'.repeat(253)), registry)).instanceId, `agent:summarizer:prod:${'w'.repeat(253)}`)
+  t.equal((await spiffe.verify(await id('w'.repeat(253)), registry)).instanceId, `agent:summarizer-spiffe:prod:${'w'.repeat(253)}`)
   await t.rejects(spiffe.verify(await id('w'.repeat(254)), registry), /at most 253/, 'a SPIFFE instance segment is not cut to fit')
+})
+
+// The bounds are the configured ones, not a constant (the defaults are tested through the broker, exchange.test.ts).
+t.test('a configured max_token_age_s (kubernetes) and max_lifetime_s (spiffe) are the bounds', async (t) => {
+  const iss = await TestIssuer.create(K8S_ISSUER)
+  const k8s = new KubernetesVerifier(createLocalJWKSet(iss.jwks), K8S_ISSUER, BROKER, 600)
+  const sa = (iat: number) => iss.sign({ iat, aud: BROKER, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'u' }, pod: { name: 'p', uid: 'p' } } })
+  t.ok(await k8s.verify(await sa(now() - 500), registry), 'issued 500 s ago: taken')
+  await t.rejects(k8s.verify(await sa(now() - 700), registry), { message: 'issued more than 600 s ago (iat)' }, 'issued 700 s ago: refused')
+
+  const svid = await TestIssuer.create(`spiffe://${TRUST_DOMAIN}`)
+  const spiffe = new SpiffeVerifier(createLocalJWKSet(svid.jwks), TRUST_DOMAIN, BROKER, 600)
+  const id = (claims: Record<string, unknown>) => svid.sign({ iss: null, aud: BROKER, sub: `spiffe://${TRUST_DOMAIN}/agents/summarizer/w`, ...claims })
+  t.ok(await spiffe.verify(await id({ iat: now(), exp: now() + 600 }), registry), 'a 600 s lifetime: taken')
+  await t.rejects(spiffe.verify(await id({ iat: now(), exp: now() + 601 }), registry), { message: 'lifetime (exp - iat) over 600 s' })
+  await t.rejects(spiffe.verify(await id({ iat: null, exp: now() + 700 }), registry), { message: 'no iat, and exp is more than 600 s away' })
 })
 
 // Single use is recorded in the store before the evidence counts: a store that cannot record it

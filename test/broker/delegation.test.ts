@@ -173,8 +173,8 @@ t.test('the longest instance ID an attestor issues can be revoked by ID', async 
     delegatedRequest(await b.userToken('u', 'read'), await b.k8s.sign({ aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'u1' }, pod: { name: pod, uid: 'p1' } } }), { actor_token_type: TOKEN_TYPES.kubernetes })
   const first = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), sa, { actor_token_type: TOKEN_TYPES.kubernetes }))
   t.equal(first.status, 200, why(first))
-  const instance = `agent:summarizer:prod:${pod}`
-  t.equal(instance.length, 275)
+  const instance = `agent:summarizer-k8s:prod:${pod}`
+  t.equal(instance.length, 279)
   t.equal((decodeJwt(first.body.access_token as string).act as { sub: string }).sub, instance)
 
   const revoked = await admin(b, 'POST', '/v1/revocations', { kind: 'agent', value: instance })

@@ -111,13 +111,31 @@ t.test('kubernetes and SPIFFE evidence map to agent instances', async (t) => {
   const k = await b.exchange(delegatedRequest(await b.userToken('dan', 'read'), sa, { actor_token_type: TOKEN_TYPES.jwt }))
   t.equal(k.status, 200, why(k))
   const kp = JSON.parse(Buffer.from((k.body.access_token as string).split('.')[1]!, 'base64url').toString()) as { act: { sub: string } }
-  t.equal(kp.act.sub, 'agent:summarizer:prod:summarizer-5f7d-xk2', 'instance = pod name')
+  t.equal(kp.act.sub, 'agent:summarizer-k8s:prod:summarizer-5f7d-xk2', 'instance = pod name')
 
   const svid = await b.spiffe.sign({ iss: null, aud: [b.issuer], sub: 'spiffe://example.org/agents/summarizer/9f3e' })
   const s = await b.exchange(delegatedRequest(await b.userToken('dan', 'read'), svid, { actor_token_type: TOKEN_TYPES.spiffe }))
   t.equal(s.status, 200, why(s))
   const sp = JSON.parse(Buffer.from((s.body.access_token as string).split('.')[1]!, 'base64url').toString()) as { act: { sub: string } }
-  t.equal(sp.act.sub, 'agent:summarizer:prod:9f3e')
+  t.equal(sp.act.sub, 'agent:summarizer-spiffe:prod:9f3e')
+
+  // Evidence kept for days is refused (default bounds: a day). Kubernetes by age from iat, which
+  // it must carry; an exp years ahead (the API server's extension for legacy clients) is no bar.
+  const n = Math.floor(Date.now() / 1000)
+  const pod = { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'u1' }, pod: { name: 'summarizer-5f7d-xk2', uid: 'p1' } }
+  const viaK8s = async (claims: Record<string, unknown>) =>
+    b.exchange(delegatedRequest(await b.userToken('dan', 'read'), await b.k8s.sign({ aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': pod, ...claims }), { actor_token_type: TOKEN_TYPES.kubernetes }))
+  const viaSpiffe = async (claims: Record<string, unknown>) =>
+    b.exchange(delegatedRequest(await b.userToken('dan', 'read'), await b.spiffe.sign({ iss: null, aud: b.issuer, sub: 'spiffe://example.org/agents/summarizer/9f3e', ...claims }), { actor_token_type: TOKEN_TYPES.spiffe }))
+  const refused = (description: string) => ({ status: 400, body: { error: 'invalid_request', error_description: description } })
+  t.match(await viaK8s({ iat: n - 86_400 - 120, exp: n + 3600 }), refused('actor_token: issued more than 86400 s ago (iat)'), 'a service-account token issued over a day ago')
+  t.match(await viaK8s({ iat: null, exp: n + 10 * 365 * 86_400 }), refused('actor_token: claim "iat" is missing'), 'one without iat, exp 10 years ahead')
+  const extended = await viaK8s({ iat: n - 3600, exp: n + 365 * 86_400 })
+  t.equal(extended.status, 200, `issued an hour ago, exp extended a year: taken (${why(extended)})`)
+  t.match(await viaSpiffe({ iat: n, exp: n + 86_400 + 1 }), refused('actor_token: lifetime (exp - iat) over 86400 s'), 'an SVID minted to live over a day')
+  t.match(await viaSpiffe({ iat: null, exp: n + 86_400 + 120 }), refused('actor_token: no iat, and exp is more than 86400 s away'), 'and one without iat expiring over a day from now')
+  const short = await viaSpiffe({ iat: null, exp: n + 300 })
+  t.equal(short.status, 200, `an SVID without iat (optional in JWT-SVID) living 5 minutes: taken (${why(short)})`)
 })
 
 t.test('delegation: an agent may task only the types it is granted, and act chains nest', async (t) => {

@@ -173,15 +173,15 @@ t.test('a registry in which two agent types match one workload is rejected whole
     t.equal(res.status, 200, why(res))
     return (decodeJwt(res.body.access_token as string).act as { sub: string }).sub
   }
-  t.equal(await typeOf(), 'agent:summarizer:prod:pod-1')
-  // A type listed first, matching summarizer's service account: the first match would win, so the
-  // workload would have become an `aaa` (its policy, its revocations) on this reload.
+  t.equal(await typeOf(), 'agent:summarizer-k8s:prod:pod-1')
+  // A type listed first, matching summarizer-k8s's service account: the first match would win, so
+  // the workload would have become an `aaa` (its policy, its revocations) on this reload.
   const shared = { version: 1, agents: { aaa: { env: 'prod', match: { kubernetes: { namespace: 'agents', service_account: 'summarizer' } }, audiences: { [API]: ['read'] }, max_lifetime_s: 600 }, ...TEST_REGISTRY.agents } }
   writeFileSync(b.registryFile + '.tmp', stringify(shared))
   renameSync(b.registryFile + '.tmp', b.registryFile)
   t.ok(await until(() => b.events.some((e) => e.type === 'policy.rejected')), 'rejected')
   t.match(b.events.find((e) => e.type === 'policy.rejected'), { reason: /service account agents\/summarizer is also matched by agent type "aaa"/ })
-  t.equal(await typeOf(), 'agent:summarizer:prod:pod-1', 'the workload keeps its type')
+  t.equal(await typeOf(), 'agent:summarizer-k8s:prod:pod-1', 'the workload keeps its type')
 
   // SPIFFE prefixes one inside the other: which type an ID under both gets would depend on the order.
   const nested = { version: 1, agents: { aaa: { env: 'prod', match: { spiffe: { path_prefix: '/agents' } }, audiences: { [API]: ['read'] }, max_lifetime_s: 600 }, ...TEST_REGISTRY.agents } }

@@ -138,7 +138,7 @@ t.test('a control endpoint that echoes the bearer token in its error: the stale 
       {
         ...loopbackPolicy([api.port]),
         sidecar: {
-          agent_id: 'agent:summarizer:prod:echo',
+          agent_id: 'agent:summarizer-k8s:prod:echo',
           broker: { url: `http://127.0.0.1:${await freePort()}`, timeout_ms: 500 },
           attestation: { kubernetes: { token_file: join(dir, 'token') } },
           control: { url: `grpc://127.0.0.1:${port}`, token_secret: 'CONTROL', stale_after_ms: 400, backoff_min_ms: 20, backoff_max_ms: 100, state_file: join(dir, `state-${Object.keys(SPELLINGS).indexOf(name)}.json`) },

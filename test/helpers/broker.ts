@@ -25,17 +25,17 @@ export const USER_ISSUER = 'https://idp.example.com'
 export const K8S_ISSUER = 'https://kubernetes.default.svc.cluster.local'
 export const TRUST_DOMAIN = 'example.org'
 
+/** What the summarizer may get, whichever attestor vouches for it (a fresh copy each: a test may edit one). */
+const summarizer = () => ({ env: 'prod', audiences: { [API]: ['read', 'write'], [MAIL]: ['mail.send'], [LEGACY]: [] }, max_lifetime_s: 900, users: 'optional', may_task: ['helper'] })
+
+// One agent type per attestor (the registry refuses a type naming two): the summarizer attested
+// locally is agent:summarizer:…, from its pods agent:summarizer-k8s:…, by SPIFFE agent:summarizer-spiffe:….
 export const TEST_REGISTRY = {
   version: 1,
   agents: {
-    summarizer: {
-      env: 'prod',
-      match: { local: true, kubernetes: { namespace: 'agents', service_account: 'summarizer' }, spiffe: { path_prefix: '/agents/summarizer' } },
-      audiences: { [API]: ['read', 'write'], [MAIL]: ['mail.send'], [LEGACY]: [] },
-      max_lifetime_s: 900,
-      users: 'optional',
-      may_task: ['helper'],
-    },
+    summarizer: { ...summarizer(), match: { local: true } },
+    'summarizer-k8s': { ...summarizer(), match: { kubernetes: { namespace: 'agents', service_account: 'summarizer' } } },
+    'summarizer-spiffe': { ...summarizer(), match: { spiffe: { path_prefix: '/agents/summarizer' } } },
     helper: { env: 'prod', match: { local: true }, audiences: { [API]: ['read'] }, max_lifetime_s: 300, users: 'optional' },
     loner: { env: 'prod', match: { local: true }, audiences: { [API]: ['read'] }, max_lifetime_s: 600, users: 'none' },
     assistant: { env: 'prod', match: { local: true }, audiences: { [API]: ['read', 'write'] }, max_lifetime_s: 600, users: 'required' },

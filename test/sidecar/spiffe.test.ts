@@ -57,7 +57,7 @@ t.test('a SPIFFE-attested sidecar gets tokens for its instance', async (t) => {
   const api = await startResourceServer(broker)
   const s = await startTestSidecar({
     ...loopbackPolicy([api.port]),
-    sidecar: { agent_id: 'agent:summarizer:prod:w-1', broker: { url: broker.url }, attestation: { spiffe: { socket: spire.socket, audience: broker.issuer } } },
+    sidecar: { agent_id: 'agent:summarizer-spiffe:prod:w-1', broker: { url: broker.url }, attestation: { spiffe: { socket: spire.socket, audience: broker.issuer } } },
     credentials: [{ id: 'api', audience: api.origin, source: 'broker', token_audience: API, inject: { type: 'bearer' } }],
   })
   t.teardown(async () => {
@@ -72,7 +72,7 @@ t.test('a SPIFFE-attested sidecar gets tokens for its instance', async (t) => {
   const ra = await get(s.proxy, a.handle, `${api.origin}/x`)
   const rb = await get(s.proxy, b.handle, `${api.origin}/y`)
   t.equal(ra.status, 200)
-  t.same(ra.body, { sub: 'alice', act: { sub: 'agent:summarizer:prod:w-1' }, scope: 'read' }, 'the API sees the SPIFFE-attested instance')
+  t.same(ra.body, { sub: 'alice', act: { sub: 'agent:summarizer-spiffe:prod:w-1' }, scope: 'read' }, 'the API sees the SPIFFE-attested instance')
   t.equal(rb.status, 200)
   t.same(spire.calls, [{ audience: [broker.issuer], header: 'true', spiffeId: '' }], 'one fetch, for the broker audience, with the workload.spiffe.io header; the SVID is reused before its half-life')
   t.equal(broker.events.filter((e) => e.type === 'token.exchange' && e.attestor === 'spiffe').length, 2)
@@ -115,7 +115,7 @@ t.test('through the sidecar, a missing SPIRE socket is a 503 that says so', asyn
   const api = await startResourceServer(broker)
   const s = await startTestSidecar({
     ...loopbackPolicy([api.port]),
-    sidecar: { agent_id: 'agent:summarizer:prod:w-1', broker: { url: broker.url }, attestation: { spiffe: { socket: '/nonexistent/agent.sock' } } },
+    sidecar: { agent_id: 'agent:summarizer-spiffe:prod:w-1', broker: { url: broker.url }, attestation: { spiffe: { socket: '/nonexistent/agent.sock' } } },
     credentials: [{ id: 'api', audience: api.origin, source: 'broker', token_audience: API, inject: { type: 'bearer' } }],
   })
   t.teardown(async () => {
@@ -192,7 +192,7 @@ t.test('through the sidecar: several SVIDs are a 503 naming them; the chosen spi
   const api = await startResourceServer(broker)
   const fragment = (spiffe: Record<string, unknown>) => ({
     ...loopbackPolicy([api.port]),
-    sidecar: { agent_id: 'agent:summarizer:prod:w-1', broker: { url: broker.url }, attestation: { spiffe: { socket: spire.socket, audience: broker.issuer, ...spiffe } } },
+    sidecar: { agent_id: 'agent:summarizer-spiffe:prod:w-1', broker: { url: broker.url }, attestation: { spiffe: { socket: spire.socket, audience: broker.issuer, ...spiffe } } },
     credentials: [{ id: 'api', audience: api.origin, source: 'broker', token_audience: API, inject: { type: 'bearer' } }],
   })
   const unnamed = await startTestSidecar(fragment({}))
@@ -214,5 +214,5 @@ t.test('through the sidecar: several SVIDs are a 503 naming them; the chosen spi
   const b = named.sidecar.tasks.open({ purpose: 'b', durationS: 60 })
   const ok = await get(named.proxy, b.handle, `${api.origin}/y`)
   t.equal(ok.status, 200)
-  t.same(ok.body.act, { sub: 'agent:summarizer:prod:w-1' }, 'the API sees the configured workload, not the helper')
+  t.same(ok.body.act, { sub: 'agent:summarizer-spiffe:prod:w-1' }, 'the API sees the configured workload, not the helper')
 })

@@ -250,8 +250,8 @@ t.test('a rotated service-account token file is re-read', async (t) => {
   const src = new BrokerTokenSource(new BrokerClient(broker.url, 2000, ev), { minRemainingMs: 1000 })
   t.teardown(() => src.close())
   // Each pod's sidecar names the agent its token attests (a token for another agent is refused).
-  const podA = new TaskRegistry('agent:summarizer:prod:pod-a', { maxDurationS: 3600 })
-  const podB = new TaskRegistry('agent:summarizer:prod:pod-b', { maxDurationS: 3600 })
+  const podA = new TaskRegistry('agent:summarizer-k8s:prod:pod-a', { maxDurationS: 3600 })
+  const podB = new TaskRegistry('agent:summarizer-k8s:prod:pod-b', { maxDurationS: 3600 })
   const binding = compileBinding({ id: 'api', audience: 'https://api.example.com', source: 'broker', inject: { type: 'bearer' } })
   await src.get(binding, podA.open({ purpose: 'a', durationS: 60 }).identity)
   // The kubelet's atomic replace.
@@ -259,7 +259,7 @@ t.test('a rotated service-account token file is re-read', async (t) => {
   renameSync(join(dir, 'token.new'), file)
   await src.get(binding, podB.open({ purpose: 'b', durationS: 60 }).identity)
   const agents = broker.events.filter((e) => e.type === 'token.exchange').map((e) => (e as { agent: string }).agent)
-  t.same(agents, ['agent:summarizer:prod:pod-a', 'agent:summarizer:prod:pod-b'], 'the new token was presented after rotation')
+  t.same(agents, ['agent:summarizer-k8s:prod:pod-a', 'agent:summarizer-k8s:prod:pod-b'], 'the new token was presented after rotation')
   writeFileSync(file, 'not a token')
   await t.rejects(ev.get(), /does not hold a JWT/)
 })

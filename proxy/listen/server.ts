@@ -70,6 +70,12 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   const adopted = new Set<Socket>()
   const inner = createServer(serverOptions)
   inner.maxHeadersCount = 0
+  // node:http times request heads (headersTimeout, checked every connectionsCheckingInterval) only
+  // on a server that has listened: it tracks connections from its 'listening' event on. The inner
+  // server never listens, so a tunnel's half-sent head, or one trickled a byte a second, held its
+  // connection (and a slot of the listener's limit) for ever. Told it is listening, it times them
+  // as the listener does.
+  inner.emit('listening')
   inner.on('request', (req, res) => pipeline.handleRequest(req, res, false, tunnels.get(req.socket) ?? null))
   inner.on('checkContinue', (req, res) => onContinue(req, res, tunnels.get(req.socket) ?? null))
   inner.on('checkExpectation', (req, res) => pipeline.handleUnmetExpectation(req, res, tunnels.get(req.socket) ?? null))

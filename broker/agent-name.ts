@@ -49,12 +49,13 @@ function unconfuse(s: string): string {
 const SEPARATOR = String.raw`(?::|;|\p{Lm}|[^\p{ASCII}\p{L}\p{N}])`
 const AGENT_PREFIX = new RegExp(`^agent${SEPARATOR}`, 'u')
 const IS_SEPARATOR = new RegExp(`^${SEPARATOR}$`, 'u')
-const NON_ASCII_LETTER = /^(?!\p{ASCII})\p{L}$/u
+const NON_ASCII = /^\P{ASCII}$/u
 
 /**
  * The table above can never hold every look-alike (ǥ U+01E5 and ᥒ U+1952 were missing), so this
  * fails closed on the shape instead: five characters, each the letter of "agent" at its place or
- * any non-ASCII letter, at least three of them the ASCII letters, then a separator. A name in
+ * any non-ASCII character (a symbol drawn like a letter reads as one: age∩t, agen†), at least
+ * three of them the ASCII letters, then a separator. A name in
  * another script (агент@…, 用户@…) has too few ASCII letters, or no separator, and passes.
  */
 function shapedLikeAgent(seen: string): boolean {
@@ -64,7 +65,7 @@ function shapedLikeAgent(seen: string): boolean {
   let ascii = 0
   for (let i = 0; i < 5; i++) {
     if (chars[i] === 'agent'[i]) ascii++
-    else if (!NON_ASCII_LETTER.test(chars[i]!)) return false
+    else if (!NON_ASCII.test(chars[i]!)) return false
   }
   return ascii >= 3
 }

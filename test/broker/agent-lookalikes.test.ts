@@ -59,9 +59,11 @@ t.test('every kind of look-alike of each letter and of the colon is read as agen
   t.ok(namesAnAgent('\u{1f1e6}\u{1f1ec}\u{1f1ea}\u{1f1f3}\u{1f1f9}:' + REST), 'regional indicators: 🇦🇬🇪🇳🇹')
   t.ok(namesAnAgent('\u2800agent:' + REST), 'a Braille blank before it')
   t.ok(namesAnAgent('age\u2800nt:' + REST), 'and inside it')
-  // The shape rule: each of the five a letter of "agent" at its place or any non-ASCII letter, at least three of them ASCII.
+  // The shape rule: each of the five a letter of "agent" at its place or any non-ASCII character, at least three of them ASCII.
   t.ok(namesAnAgent('a\u01e5e\u1952t:summarizer:prod:a1'), 'two letters no table lists: aǥeᥒt:')
   t.ok(namesAnAgent('\u10d0g\u0561nt\u2236summarizer:prod:a1'), 'Georgian ა and Armenian ա, then a ratio sign for the colon')
+  // Symbols in a letter's place count as well as letters: drawn like one, they read as it.
+  for (const sub of ['age\u2229t', 'ag\u2208nt', 'agen\u2020', 'ag\u20acnt', '\u20b3gent', 'agen\u271d', 'agen\u2534']) t.ok(namesAnAgent(`${sub}:summarizer:prod:w1`), `${sub}: a symbol in a letter's place`)
   t.ok(checked > 50)
 })
 

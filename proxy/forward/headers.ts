@@ -38,6 +38,12 @@ const OVERRIDES = new Set([
   'x-original-path',
   'x-envoy-original-path',
   'x-override-url',
+  // CGI variables as headers: gunicorn takes SCRIPT_NAME (and, from 22, PATH_INFO) from a
+  // loopback peer's request and routes what follows the first match of it in the path:
+  // `SCRIPT_NAME: /public` made an allowed /public/admin/x Flask's /admin/x.
+  'script-name',
+  'path-info',
+  'x-script-name',
 ])
 
 function connectionListed(value: string | string[] | undefined): Set<string> | null {

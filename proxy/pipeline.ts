@@ -461,7 +461,8 @@ export class Pipeline {
         delete headers['if-range']
       }
     }
-    this.judgeDestination(ctx, req, target, ctx.resolved!.address)
+    const destination = this.judgeDestination(ctx, req, target, ctx.resolved!.address)
+    if (destination !== null) headers.destination = destination
     // Before any 100: a body that cannot be checked for `_method` is refused unsent.
     const inspect = this.overrideCheck(ctx, req, target, ctx.resolved!.address)
     // Policy has spoken; only now may the agent send its body.
@@ -477,22 +478,36 @@ export class Pipeline {
    * `Destination: /admin/config` overwrote a path a deny covers (nginx's dav module). That path
    * is judged as the request line's is, on the target's host (a server acts on its own
    * resources), for any method that carries the header. A deny refuses the call; a value that
-   * cannot be read as a URL, or two of them, is refused rather than guessed at.
+   * cannot be read one way only, or two of them, is refused rather than guessed at.
+   *
+   * On a route, the agent knows the route's URLs, not the upstream's: a Destination on the same
+   * route (its path, or the sidecar's own URL) is the upstream's path, judged as such and sent
+   * on rewritten, as the request line is. Returns the value to send, or null to send it as it came.
    */
-  private judgeDestination(ctx: CallContext, req: IncomingMessage, target: Target, address: string): void {
+  private judgeDestination(ctx: CallContext, req: IncomingMessage, target: Target, address: string): string | null {
     const values = req.headersDistinct.destination
-    if (values === undefined) return
+    if (values === undefined) return null
     if (values.length !== 1) throw new LatchkeyError('LK_BAD_REQUEST', 'more than one Destination header: which one a WebDAV server acts on cannot be told')
     const value = values[0]!.trim()
+    const unreadable = (why: string) => new LatchkeyError('LK_BAD_REQUEST', `the Destination header is not an absolute URL or absolute path the policy can judge: ${why}`)
+    const isPath = value.startsWith('/')
+    // nginx's path starts at the first `/` after `scheme://`; the URL parser ends the authority at
+    // `/`, `?`, `#` or `\`: `http://host?/admin/x` was `/` to the policy and /admin/x to nginx.
+    if (!isPath && /^[a-z][a-z0-9+.-]*:\/\/[^/?#\\]*[?#\\]/i.test(value)) throw unreadable('something other than a path follows its host')
     let destination: Target
     try {
-      destination = parseAbsoluteTarget(value.startsWith('/') ? `${target.scheme}://${hostHeader(target)}${value}` : value)
+      destination = this.parseTarget(isPath && target.route === null ? `${target.scheme}://${hostHeader(target)}${value}` : value, null)
     } catch (err) {
-      const why = err instanceof LatchkeyError ? `: ${err.reason}` : ''
-      throw new LatchkeyError('LK_BAD_REQUEST', `the Destination header is neither an absolute URL nor an absolute path the policy can judge${why}`)
+      throw unreadable(err instanceof LatchkeyError ? err.reason : String(err))
+    }
+    if (destination.route !== target.route && destination.route !== null) {
+      throw unreadable(target.route === null ? 'it names a route of the sidecar, and the request is not on one' : `it names route "${destination.route}", not this request's "${target.route}"`)
     }
     const decision = this.stages.decider.decide(ctx.method, { ...target, path: destination.path, search: destination.search }, address)
     if (decision.action === 'deny') this.judge(ctx, { ...decision, reason: `the Destination header names a path the policy denies: ${decision.reason}` })
+    if (destination.route === null) return null
+    const upstreamPath = destination.path + destination.search
+    return isPath ? upstreamPath : `${target.scheme}://${hostHeader(target)}${upstreamPath}`
   }
 
   /**

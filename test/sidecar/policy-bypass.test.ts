@@ -80,16 +80,25 @@ t.test("a WebDAV COPY or MOVE is judged by the path its Destination writes to, n
   const { upstream, s, host } = await denyingSidecar(t, { id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin/**'] }, (up) => ({
     credentials: [{ id: 'up', audience: up.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
   }))
-  const entries: [string, (method: string, destination: string[]) => string][] = [
-    ['absolute-form', (m, d) => `${m} http://${host}/public/a.txt HTTP/1.1\r\nHost: ${host}\r\n${d.map((v) => `Destination: ${v}\r\n`).join('')}Overwrite: T\r\nConnection: close\r\n\r\n`],
-    ['reverse route', (m, d) => `${m} /up/public/a.txt HTTP/1.1\r\nHost: 127.0.0.1\r\n${d.map((v) => `Destination: ${v}\r\n`).join('')}Connection: close\r\n\r\n`],
-    ['inside a plaintext tunnel', (m, d) => `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\n${m} /public/a.txt HTTP/1.1\r\nHost: ${host}\r\n${d.map((v) => `Destination: ${v}\r\n`).join('')}Connection: close\r\n\r\n`],
+  const sidecar = `127.0.0.1:${s.sidecar.port}`
+  const head = (d: string[]) => `${d.map((v) => `Destination: ${v}\r\n`).join('')}Overwrite: T\r\nConnection: close\r\n\r\n`
+  // Each entry, and how its agent writes a path of the upstream's: on the route, in the route's URLs.
+  const entries: [string, (method: string, destination: string[]) => string, (path: string) => string][] = [
+    ['absolute-form', (m, d) => `${m} http://${host}/public/a.txt HTTP/1.1\r\nHost: ${host}\r\n${head(d)}`, (p) => p],
+    ['reverse route', (m, d) => `${m} /up/public/a.txt HTTP/1.1\r\nHost: 127.0.0.1\r\n${head(d)}`, (p) => `/up${p}`],
+    ['inside a plaintext tunnel', (m, d) => `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\n${m} /public/a.txt HTTP/1.1\r\nHost: ${host}\r\n${head(d)}`, (p) => p],
   ]
-  // Each writes under /admin to nginx's dav module, which acts on the Destination's path.
-  const denied = [`http://${host}/admin/config.txt`, '/admin/moved.txt', '/public/../admin/x', '/%61dmin/x', '/ADMIN', '//x/admin/y', 'http://other.example/admin/x']
   const seen: string[] = []
   const send = sender(s.sidecar.port, seen)
-  for (const [entry, request] of entries) {
+  for (const [entry, request, written] of entries) {
+    const onRoute = entry === 'reverse route'
+    // Each writes under /admin to nginx's dav module, which acts on the Destination's path.
+    const denied = [
+      `http://${host}/admin/config.txt`,
+      'http://other.example/admin/x',
+      ...['/admin/moved.txt', '/public/../admin/x', '/%61dmin/x', '/ADMIN'].map(written),
+      ...(onRoute ? [`http://${sidecar}/up/admin/x`] : ['//x/admin/y']),
+    ]
     for (const method of ['COPY', 'MOVE']) {
       for (const destination of denied) {
         const r = await send(request(method, [destination]))
@@ -98,20 +107,34 @@ t.test("a WebDAV COPY or MOVE is judged by the path its Destination writes to, n
         t.match(JSON.parse(r.body).reason, /^the Destination header names a path the policy denies/, 'saying it was the Destination')
       }
     }
-    const ok = await send(request('MOVE', ['/public/b.txt']))
+    const ok = await send(request('MOVE', [written('/public/b.txt')]))
     t.equal(ok.status, 200, `${entry}: a Destination no deny covers passes`)
-    t.equal(upstream.requests.at(-1)?.headers.destination, '/public/b.txt', `${entry}: and reaches the upstream as sent`)
-    for (const [destinations, why] of [
-      [['/public/b', '/admin/x'], /more than one Destination header/],
-      [['ftp://x/admin/x'], /Destination header is neither an absolute URL nor an absolute path/],
-      [['admin/x'], /Destination header is neither an absolute URL nor an absolute path/],
-    ] as const) {
-      const r = await send(request('COPY', [...destinations]))
+    t.equal(upstream.requests.at(-1)?.headers.destination, '/public/b.txt', `${entry}: and reaches the upstream as its own path`)
+    if (onRoute) {
+      await send(request('COPY', [`http://${sidecar}/up/public/c.txt`]))
+      t.equal(upstream.requests.at(-1)?.headers.destination, `http://${host}/public/c.txt`, 'the route\'s own URL reaches the upstream as the upstream\'s')
+    }
+    const unreadable: [string[], RegExp][] = [
+      [['/public/b', '/admin/x'].map(written), /more than one Destination header/],
+      [['ftp://x/admin/x'], /Destination header is not an absolute URL or absolute path/],
+      [['admin/x'], /Destination header is not an absolute URL or absolute path/],
+      // nginx reads the path from the first `/` after the scheme; the URL parser ends the host at `?`.
+      [[`http://${host}?/admin/config.txt`], /something other than a path follows its host/],
+      [[`http://${host}#/admin/config.txt`], /something other than a path follows its host/],
+      [[`http://${host}\\admin\\x`], /something other than a path follows its host/],
+      onRoute ? [['/nope/x'], /no route named "nope"/] : [[`http://${sidecar}/up/x`], /names a route of the sidecar, and the request is not on one/],
+    ]
+    for (const [destinations, why] of unreadable) {
+      const r = await send(request('COPY', destinations))
       t.equal(r.status, 400, `${entry} ${destinations.join(' + ')}: refused, not guessed at`)
       t.match(JSON.parse(r.body).reason, why)
     }
   }
-  t.same(upstream.requests.map((q) => `${q.method} ${q.headers.destination}`), ['MOVE /public/b.txt', 'MOVE /public/b.txt', 'MOVE /public/b.txt'], 'only the allowed moves reached the upstream')
+  t.same(
+    upstream.requests.map((q) => `${q.method} ${q.headers.destination}`),
+    ['MOVE /public/b.txt', 'MOVE /public/b.txt', `COPY http://${host}/public/c.txt`, 'MOVE /public/b.txt'],
+    'only the allowed calls reached the upstream',
+  )
   const audit = await s.audit()
   t.match(audit.find((e) => e.status === 403), { method: 'COPY', decision: 'deny', rule: 'no-admin', error: 'LK_POLICY_DENIED' })
   assertNoCanary(t, s, ...seen)

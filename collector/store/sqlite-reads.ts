@@ -83,7 +83,12 @@ export function readInventory(db: Database.Database): Inventory {
   ).all()
   const byAgent = <T extends { agent: string }>(rows: T[], pick: (r: T) => string) => {
     const m = new Map<string, string[]>()
-    for (const r of rows) m.set(r.agent, [...(m.get(r.agent) ?? []), pick(r)])
+    // Appended in place: copying the list per row made 48k hosts of one agent 109 s of a reader worker.
+    for (const r of rows) {
+      const list = m.get(r.agent)
+      if (list) list.push(pick(r))
+      else m.set(r.agent, [pick(r)])
+    }
     return m
   }
   const h = byAgent(hosts, (r) => r.hp)

@@ -77,7 +77,8 @@ export function onShutdown(close: (urgent?: boolean) => Promise<void>): void {
       return
     }
     close().then(
-      () => process.exit(0),
+      // The drain a second signal cut short ends here too, on the same close: not clean.
+      () => process.exit(signals > 1 ? 1 : 0),
       (err) => {
         console.error(`shutdown after ${signal} failed:`, err)
         process.exit(1)

@@ -112,6 +112,25 @@ t.test('admin endpoints, strict parser under --insecure-http-parser, graceful SI
   t.notOk(p.stdout.some((l) => l.includes(CANARY)), 'no log line holds the credential')
 })
 
+t.test('a second SIGTERM cuts the drain short and the process exits 1, the call it cut recorded', async (t) => {
+  // /slow is never answered: only the second signal ends the drain (drain_ms is 5 s).
+  const upstream = await startUpstream({ handler: (req) => req.url === '/slow' })
+  t.teardown(() => upstream.close())
+  const p = await spawnSidecar(upstream.port)
+  t.teardown(() => void p.child.kill('SIGKILL'))
+  const slow = rawRequest(p.port, `GET http://127.0.0.1:${upstream.port}/slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`, 3000).catch(() => null)
+  while (upstream.requests.length === 0) await new Promise((r) => setTimeout(r, 10))
+  const exited = once(p.child, 'exit')
+  p.child.kill('SIGTERM')
+  await new Promise((r) => setTimeout(r, 100))
+  p.child.kill('SIGTERM')
+  const [code] = (await exited) as [number]
+  t.equal(code, 1, 'not a clean exit: the drain was cut')
+  await slow
+  const audit = readFileSync(p.auditPath, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { path: string | null; error: string | null })
+  t.match(audit, [{ path: '/slow', error: 'LK_DRAINING' }], 'the call it cut is recorded')
+})
+
 t.test('a binding whose secret is missing stops start-up with the reason', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'lk-life-'))
   const configPath = join(dir, 'c.yaml')

@@ -17,7 +17,6 @@ import { startDemoUpstream } from './demo-upstream.js'
 
 export const EXAMPLE_CONFIG = fileURLToPath(new URL('../../deploy/examples/up.yaml', import.meta.url))
 /** The collector's query API under `latchkey up`: where `latchkey audit` looks by default. */
-export const UP_COLLECTOR_HTTP_PORT = 15101
 const ADMIN_TOKEN_FILE = '.latchkey/broker-admin-token'
 
 export async function runUp(opts: { config: string }): Promise<{ close(urgent?: boolean): Promise<void> }> {
@@ -65,7 +64,9 @@ export async function runUp(opts: { config: string }): Promise<{ close(urgent?: 
         version: 1,
         collector: {
           grpc: { host, port },
-          http: { host: '127.0.0.1', port: UP_COLLECTOR_HTTP_PORT },
+          // The query API on the next port (15101 beside the example's 15100): moving the
+          // collector's address moves both, so two `up`s, or one confined to a port range, can run.
+          http: { host: '127.0.0.1', port: port + 1 },
           store: { kind: 'sqlite', path: '.latchkey/collector.db' },
           sidecars: [{ id: cc.sidecar_id, token_sha256: createHash('sha256').update(token).digest('hex') }],
         },

@@ -14,13 +14,13 @@ const run = promisify(execFile)
 
 t.test('latchkey up: `latchkey revoke agent:demo:dev:local` stops the demo agent', async (t) => {
   const cwd = mkdtempSync(join(tmpdir(), 'lk-up-control-'))
-  const [broker, control, upstream] = [await freePort(), await freePort(), await freePort()]
-  const move = (text: string) => text.replaceAll('15003', String(broker)).replaceAll('15004', String(control)).replaceAll('15080', String(upstream))
+  const [broker, control, upstream, ingest] = [await freePort(), await freePort(), await freePort(), await freePort()]
+  const move = (text: string) =>
+    text.replaceAll('15003', String(broker)).replaceAll('15004', String(control)).replaceAll('15080', String(upstream)).replaceAll('15100', String(ingest))
   writeFileSync(join(cwd, 'agents.yaml'), move(readFileSync('deploy/examples/agents.yaml', 'utf8')))
   const config = parse(move(readFileSync('deploy/examples/up.yaml', 'utf8'))) as Record<string, Record<string, unknown>>
   config.sidecar!.listen = { host: '127.0.0.1', port: 0 }
   config.sidecar!.admin = { host: '127.0.0.1', port: 0 }
-  config.audit = { jsonl: { path: join(cwd, 'audit.jsonl') } }
   writeFileSync(join(cwd, 'up.yaml'), stringify(config))
   t.ok((config.sidecar!.control as { url: string }).url.endsWith(`:${control}`), 'the example config turns the control stream on')
 
@@ -53,5 +53,15 @@ t.test('latchkey up: `latchkey revoke agent:demo:dev:local` stops the demo agent
     await new Promise((r) => setTimeout(r, 20))
   }
   t.match(body, { error: 'revoked', code: 'LK_REVOKED', reason: 'revoked' }, 'the next call is refused')
+  // The collector moved with its address: its query API is on the next port, and says what the agent did.
+  const queryUrl = `http://127.0.0.1:${ingest + 1}`
+  t.match(out, new RegExp(`collector\\s+${queryUrl}`), 'the printed query URL follows the configured address')
+  let trail = ''
+  for (let i = 0; i < 100 && !/LK_REVOKED/.test(trail); i++) {
+    trail = (await run(process.execPath, [resolve('dist/cli/latchkey.js'), 'audit', '--agent', 'agent:demo:dev:local', '--url', queryUrl], { env })).stdout
+    if (!/LK_REVOKED/.test(trail)) await new Promise((r) => setTimeout(r, 50))
+  }
+  t.match(trail, /\/hello/, 'the allowed call is in the trail')
+  t.match(trail, /LK_REVOKED/, 'and so is the refused one')
   t.notOk((out + err).includes(adminToken), 'the admin token is never printed')
 })

@@ -8,16 +8,21 @@ import { LatchkeyError } from '../errors.js'
  * Calls `stop` with a 408 LK_IDLE_TIMEOUT once the agent has sent none of `req`'s body for
  * `gapMs` (timeouts.body_ms, as for the upstream's body the other way). Progress is the
  * connection's bytes read, checked every `gapMs` (a cut comes between one and two gaps in); a
- * body held back because the upstream is slow to take it (bytes buffered, unread) is not the
- * agent's stall.
+ * body held back because the upstream is slow to take it is not the agent's stall: bytes buffered
+ * unread, or bytes sent on (`sent`) since the last look. The second closes a race: an upstream
+ * that took nothing for a whole gap, then took the buffer in the check's own turn, left the
+ * socket unread that gap and the buffer empty, and a call the agent had sent 4 MB of was cut as
+ * stalled (seen once in CI, under load).
  */
-export function watchBodyStall(req: IncomingMessage, gapMs: number, stop: (err: Error) => void): void {
+export function watchBodyStall(req: IncomingMessage, gapMs: number, stop: (err: Error) => void, sent: () => number): void {
   const socket = req.socket
   let seen = socket.bytesRead
+  let sentSeen = sent()
   const timer = setInterval(() => {
     if (req.complete || req.destroyed || socket.destroyed) return void clearInterval(timer)
-    if (socket.bytesRead !== seen || req.readableLength > 0) {
+    if (socket.bytesRead !== seen || req.readableLength > 0 || sent() !== sentSeen) {
       seen = socket.bytesRead
+      sentSeen = sent()
       return
     }
     clearInterval(timer)

@@ -647,7 +647,7 @@ export function forward(
   // A chunked body can turn out malformed after the head has gone: the listener must be able to
   // end this call with a 400 (abortChunkedForward). Only such bodies are tracked.
   if (chunked) chunkedForwards.set(req, relay)
-  if (body && bodyGapMs > 0) watchBodyStall(req, bodyGapMs, (err) => relay.abort(err))
+  if (body && bodyGapMs > 0) watchBodyStall(req, bodyGapMs, (err) => relay.abort(err), () => ctx.bytesIn)
   pool.dispatch(
     {
       path,

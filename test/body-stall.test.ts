@@ -1,0 +1,40 @@
+// watchBodyStall on its own. The request is a stand-in (an EventEmitter with the fields the
+// watcher reads): the fault is a race, an upstream taking the buffered body in the very turn the
+// check runs, which no real socket produces on demand. The real paths are in slow-clients and
+// chunked-bodies.
+import t from 'tap'
+import { EventEmitter } from 'node:events'
+import type { IncomingMessage } from 'node:http'
+import { watchBodyStall } from '../proxy/forward/body-stall.js'
+
+function standIn() {
+  return Object.assign(new EventEmitter(), { socket: { bytesRead: 100, destroyed: false }, readableLength: 0, complete: false, destroyed: false })
+}
+
+t.test('bytes sent on since the last look are progress, though the socket was not read and nothing is buffered', async (t) => {
+  const req = standIn()
+  let sent = 0
+  let stopped: Error | null = null
+  // The upstream takes what was held back, a little at a time; the agent's socket is not read meanwhile.
+  const taking = setInterval(() => (sent += 16_384), 5)
+  watchBodyStall(req as unknown as IncomingMessage, 30, (err) => (stopped = err), () => sent)
+  await new Promise((r) => setTimeout(r, 200))
+  t.equal(stopped, null, 'not cut while the body goes on upstream')
+  clearInterval(taking)
+  await new Promise((r) => setTimeout(r, 150))
+  t.match(stopped, { code: 'LK_IDLE_TIMEOUT', message: /sent none of its request body for 30 ms/ }, 'cut once nothing moves at all')
+})
+
+t.test('with nothing read, buffered or sent, the body is stalled; a buffered one is not', async (t) => {
+  const idle = standIn()
+  let stopped = 0
+  watchBodyStall(idle as unknown as IncomingMessage, 20, () => stopped++, () => 0)
+  const held = standIn()
+  held.readableLength = 1024
+  let heldStopped = 0
+  watchBodyStall(held as unknown as IncomingMessage, 20, () => heldStopped++, () => 0)
+  await new Promise((r) => setTimeout(r, 120))
+  t.equal(stopped, 1, 'cut, once')
+  t.equal(heldStopped, 0, 'bytes waiting in the request buffer are the upstream being slow')
+  held.complete = true
+})

@@ -61,6 +61,7 @@ export function formatEvent(e: EventJson): string {
     action.padEnd(6),
     String(c?.status ?? '-').padEnd(3),
     target,
+    c?.destination ? `destination=${printable(c.destination)}` : '',
     d?.rule ? `rule=${printable(d.rule)}` : '',
     ev.credential?.audience ? `aud=${printable(ev.credential.audience)}` : '',
     d?.error ? `error=${printable(d.error)}` : '',

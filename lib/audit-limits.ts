@@ -8,7 +8,7 @@
 // --max-http-header-size; the decision's reason may quote a policy's explanation; every other
 // field is a name, an ID, an address or a code. Megabyte fields (allowed under max_batch_bytes)
 // made every query of that agent fail.
-export const FIELD_LIMITS = { default: 4096, 'call.path': 65_536, 'decision.reason': 16_384, scopes: 256 } as const
+export const FIELD_LIMITS = { default: 4096, 'call.path': 65_536, 'call.destination': 65_536, 'decision.reason': 16_384, scopes: 256 } as const
 /** A whole event as received, unknown fields included: past the sum of the field limits. */
 export const MAX_EVENT_BYTES = 256 * 1024
 /** What the sidecar keeps of the scopes, all entries together: well inside MAX_EVENT_BYTES with every other field at its limit. */

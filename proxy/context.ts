@@ -119,6 +119,8 @@ export interface CallContext {
   t0: number
   method: string
   target: Target | null
+  /** The upstream's path a Destination header names (WebDAV COPY, MOVE), once judged; else null. */
+  destination: string | null
   identity: Identity
   caller: CallerProcess | null
   decision: Decision | null
@@ -201,6 +203,8 @@ export interface AuditEvent {
   host: string | null
   port: number | null
   path: string | null
+  /** A WebDAV COPY or MOVE's Destination, as the upstream's path (decided as the path is); null for any other call. */
+  destination: string | null
   address: string | null
   status: number
   bytes_in: number

@@ -88,6 +88,7 @@ export class Pipeline {
       t0: performance.now(),
       method,
       target: null,
+      destination: null,
       // Until identify runs, and for calls refused before it: the sidecar's agent, no task.
       identity: this.stages.identifier.unidentified,
       decision: null,
@@ -485,8 +486,9 @@ export class Pipeline {
    * on rewritten, as the request line is. Returns the value to send, or null to send it as it came.
    */
   private judgeDestination(ctx: CallContext, req: IncomingMessage, target: Target, address: string): string | null {
-    const values = req.headersDistinct.destination
-    if (values === undefined) return null
+    // headers first: headersDistinct builds a map of every header on first use, per request.
+    if (req.headers.destination === undefined) return null
+    const values = req.headersDistinct.destination!
     if (values.length !== 1) throw new LatchkeyError('LK_BAD_REQUEST', 'more than one Destination header: which one a WebDAV server acts on cannot be told')
     const value = values[0]!.trim()
     const unreadable = (why: string) => new LatchkeyError('LK_BAD_REQUEST', `the Destination header is not an absolute URL or absolute path the policy can judge: ${why}`)
@@ -503,6 +505,8 @@ export class Pipeline {
     if (destination.route !== target.route && destination.route !== null) {
       throw unreadable(target.route === null ? 'it names a route of the sidecar, and the request is not on one' : `it names route "${destination.route}", not this request's "${target.route}"`)
     }
+    // Recorded whatever the decision: the trail says where a COPY or MOVE wrote, or would have.
+    ctx.destination = destination.path
     const decision = this.stages.decider.decide(ctx.method, { ...target, path: destination.path, search: destination.search }, address)
     if (decision.action === 'deny') this.judge(ctx, { ...decision, reason: `the Destination header names a path the policy denies: ${decision.reason}` })
     if (destination.route === null) return null
@@ -714,6 +718,7 @@ export class Pipeline {
       host: t?.host ?? null,
       port: t?.port ?? null,
       path: t && ctx.via !== 'connect' ? t.path : null,
+      destination: ctx.destination,
       address: ctx.resolved?.address ?? null,
       status: ctx.status,
       bytes_in: ctx.bytesIn,

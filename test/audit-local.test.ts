@@ -24,6 +24,7 @@ function event(i: number, over: Partial<AuditEvent> = {}): AuditEvent {
     host: 'api.example.com',
     port: 80,
     path: `/v1/items/${i}`,
+    destination: null,
     address: '93.184.216.34',
     status: 200,
     bytes_in: 0,

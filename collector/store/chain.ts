@@ -70,6 +70,7 @@ const STRING_FIELDS: ReadonlyArray<readonly [string, (ev: AuditEvent) => string 
   ['call.scheme', (ev) => ev.call?.scheme],
   ['call.host', (ev) => ev.call?.host],
   ['call.path', (ev) => ev.call?.path],
+  ['call.destination', (ev) => ev.call?.destination],
   ['call.address', (ev) => ev.call?.address],
   ['call.trace_id', (ev) => ev.call?.traceId],
   ['call.via', (ev) => ev.call?.via],

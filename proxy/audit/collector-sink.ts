@@ -123,6 +123,7 @@ export function toProtoEvent(e: AuditEvent): ProtoEvent {
       host: f(e.host ?? ''),
       port: e.port ?? 0,
       path: fitUtf8(e.path ?? '', FIELD_LIMITS['call.path']),
+      destination: fitUtf8(e.destination ?? '', FIELD_LIMITS['call.destination']),
       address: f(e.address ?? ''),
       status: e.status,
       bytesIn: e.bytes_in,

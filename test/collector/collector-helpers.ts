@@ -105,6 +105,7 @@ export function sidecarEvent(n: number, o: Partial<SidecarAuditEvent> = {}): Sid
     host: '127.0.0.1',
     port: 80,
     path: `/call/${n}`,
+    destination: null,
     address: '127.0.0.1',
     status: 200,
     bytes_in: 0,

@@ -25,6 +25,7 @@ export function makeEvent(o: EventOpts = {}): AuditEvent {
       host: o.host ?? 'api.example.com',
       port: o.port ?? 443,
       path: o.path ?? '/v1/things',
+      destination: '',
       address: '93.184.216.34',
       status: o.status ?? 200,
       bytesIn: 10,

@@ -96,7 +96,7 @@ t.test('an event with fields past the collector limits is cut to them, not resen
   // What an agent can make the sidecar record: a 4,879-character host name (as curl sends one),
   // a path at node:http's limit and beyond, a caller's executable path, a thousand scopes.
   const host = Array.from({ length: 80 }, () => 'a'.repeat(60)).join('.')
-  const long = { ...event(1), host, path: '/' + 'p'.repeat(70_000), caller: { pid: 1, uid: 0, exe: '/' + 'x'.repeat(5000), sha256: null }, credential: { binding: 'b', id: 'static:b', audience: 'http://x', scopes: Array.from({ length: 1000 }, (_, i) => `scope-${i}-${'s'.repeat(40)}`) } }
+  const long = { ...event(1), host, path: '/' + 'p'.repeat(70_000), destination: '/' + 'd'.repeat(70_000), caller: { pid: 1, uid: 0, exe: '/' + 'x'.repeat(5000), sha256: null }, credential: { binding: 'b', id: 'static:b', audience: 'http://x', scopes: Array.from({ length: 1000 }, (_, i) => `scope-${i}-${'s'.repeat(40)}`) } }
   sink.write(long)
   sink.write(event(2))
   t.ok(await sink.waitForAck(2, 5000), 'both acked: the long one did not hold back the next')
@@ -104,6 +104,8 @@ t.test('an event with fields past the collector limits is cut to them, not resen
   const cut = stored.find((e) => e.sequence === 1)!.event
   t.ok(cut.call!.host.startsWith('a'.repeat(60) + '.') && cut.call!.host.endsWith('…(cut)'), 'the host kept its start, marked as cut')
   t.ok(Buffer.byteLength(cut.call!.host) <= 4096 && Buffer.byteLength(cut.call!.path) <= 65_536)
+  t.ok(cut.call!.destination.startsWith('/ddd') && cut.call!.destination.endsWith('…(cut)') && Buffer.byteLength(cut.call!.destination) <= 65_536, 'a WebDAV destination is cut to its limit too')
   t.ok(cut.credential!.scopes.length > 0 && cut.credential!.scopes.length <= 256)
   t.equal(stored.find((e) => e.sequence === 2)?.event.call?.path, '/call/2')
+  t.equal(stored.find((e) => e.sequence === 2)?.event.call?.destination, '', 'and none where there was none')
 })

@@ -136,7 +136,13 @@ t.test("a WebDAV COPY or MOVE is judged by the path its Destination writes to, n
     'only the allowed calls reached the upstream',
   )
   const audit = await s.audit()
-  t.match(audit.find((e) => e.status === 403), { method: 'COPY', decision: 'deny', rule: 'no-admin', error: 'LK_POLICY_DENIED' })
+  t.match(audit.find((e) => e.status === 403), { method: 'COPY', path: '/public/a.txt', destination: '/admin/config.txt', decision: 'deny', rule: 'no-admin', error: 'LK_POLICY_DENIED' })
+  t.same(
+    audit.filter((e) => e.status === 200).map((e) => `${e.method} ${e.path} ${e.destination}`),
+    ['MOVE /public/a.txt /public/b.txt', 'MOVE /public/a.txt /public/b.txt', 'COPY /public/a.txt /public/c.txt', 'MOVE /public/a.txt /public/b.txt'],
+    'the trail says where each COPY and MOVE wrote, as the upstream\'s path',
+  )
+  t.ok(audit.every((e) => e.method === 'COPY' || e.method === 'MOVE' || e.destination === null), 'and names no destination for other calls')
   assertNoCanary(t, s, ...seen)
 })
 

@@ -100,6 +100,11 @@ export interface Call {
   traceId: string;
   /** absolute, route, connect, tunnelled, upgrade */
   via: string;
+  /**
+   * Where the call writes besides its path: a WebDAV COPY or MOVE's Destination, as the upstream's
+   * path (judged as the path is); empty for any other call. Never the query.
+   */
+  destination: string;
 }
 
 export interface Decision {
@@ -280,6 +285,7 @@ function createBaseCall(): Call {
     upstreamMs: undefined,
     traceId: "",
     via: "",
+    destination: "",
   };
 }
 
@@ -323,6 +329,9 @@ export const Call: MessageFns<Call> = {
     }
     if (message.via !== "") {
       writer.uint32(106).string(message.via);
+    }
+    if (message.destination !== "") {
+      writer.uint32(114).string(message.destination);
     }
     return writer;
   },
@@ -444,6 +453,14 @@ export const Call: MessageFns<Call> = {
             message.via = reader.string();
             continue;
           }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.destination = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -491,6 +508,7 @@ export const Call: MessageFns<Call> = {
         ? globalThis.String(object.trace_id)
         : "",
       via: isSet(object.via) ? globalThis.String(object.via) : "",
+      destination: isSet(object.destination) ? globalThis.String(object.destination) : "",
     };
   },
 
@@ -535,6 +553,9 @@ export const Call: MessageFns<Call> = {
     if (message.via !== "") {
       obj.via = message.via;
     }
+    if (message.destination !== "") {
+      obj.destination = message.destination;
+    }
     return obj;
   },
 
@@ -556,6 +577,7 @@ export const Call: MessageFns<Call> = {
     message.upstreamMs = object.upstreamMs ?? undefined;
     message.traceId = object.traceId ?? "";
     message.via = object.via ?? "";
+    message.destination = object.destination ?? "";
     return message;
   },
 };

@@ -2,7 +2,8 @@
 // arrived and whether the credential the sidecar injected is genuine (the demo's static secret,
 // or a JWT the broker signed, checked against the broker's JWKS), without ever echoing the
 // credential: the agent must not see it, even here.
-import { createServer, type Server } from 'node:http'
+import type { Server } from 'node:http'
+import { createServer } from '../lib/node-http.js'
 import { timingSafeEqual } from 'node:crypto'
 import { once } from 'node:events'
 import { createRemoteJWKSet, jwtVerify } from 'jose'

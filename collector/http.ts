@@ -6,7 +6,8 @@
 //   GET /healthz   the process answers (liveness)
 //   GET /readyz    the store answers too: 503 while it does not (a wrong URL, a database down)
 import { createHash, timingSafeEqual } from 'node:crypto'
-import { createServer, type Server, type ServerResponse } from 'node:http'
+import type { Server, ServerResponse } from 'node:http'
+import { createServer } from '../lib/node-http.js'
 import type { AuditStore, EventCursor, StoredEvent } from './store/types.js'
 import type { Logger } from '../lib/log.js'
 import { MAX_ANSWER_BYTES, MAX_LIMIT, MAX_PAGE_EVENTS, boundAnswer, decodeCursor, encodeCursor, eventToJson, parseSince } from './query.js'

@@ -2,7 +2,8 @@
 // not draining, audit sink writing). Loopback only, like the proxy port; only local programs
 // (no web page, see local-caller.ts); slow or idle clients are cut like the proxy port's, and the
 // number of connections is capped (by the sidecar, listen/cap.ts), so idle sockets cannot take the process's descriptors.
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
+import type { IncomingMessage, Server, ServerResponse } from 'node:http'
+import { createServer } from '../lib/node-http.js'
 import type { Socket } from 'node:net'
 import { headersCheckInterval, MAX_HEADER_BYTES, parserRefusal } from './listen/server.js'
 import type { SidecarMetrics } from './metrics.js'

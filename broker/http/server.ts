@@ -7,7 +7,8 @@
 //   GET  /.well-known/oauth-authorization-server RFC 8414 metadata
 //   GET|POST /v1/revocations, DELETE /v1/revocations/<kind>/<value>   admin (Bearer)
 //   GET  /healthz /readyz /metrics
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
+import type { IncomingMessage, Server, ServerResponse } from 'node:http'
+import { createServer } from '../../lib/node-http.js'
 import { createServer as createHttpsServer } from 'node:https'
 import { timingSafeEqual, createHash } from 'node:crypto'
 import { Counter, Histogram, Registry as MetricsRegistry } from 'prom-client'

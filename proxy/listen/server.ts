@@ -1,7 +1,8 @@
 // The listener: one node:http server, three entry paths. Absolute-form and origin-form requests
 // go to the pipeline; CONNECT to the tunnel; Upgrade to the WebSocket relay. Parser errors get
 // the same coded refusal as everything else (400; a head too large, 431), and are audited.
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
+import type { IncomingMessage, Server, ServerResponse } from 'node:http'
+import { createServer } from '../../lib/node-http.js'
 import { headWithoutH2cOffer, offersOnlyH2c } from './h2c.js'
 import { serveOn } from './serve-on.js'
 import { isLoopbackPeer } from './local-caller.js'

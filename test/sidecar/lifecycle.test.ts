@@ -131,6 +131,24 @@ t.test('a second SIGTERM cuts the drain short and the process exits 1, the call 
   t.match(audit, [{ path: '/slow', error: 'LK_DRAINING' }], 'the call it cut is recorded')
 })
 
+t.test("Node's own bundled undici is never loaded (on Node 24, an ESM import of node:http loads it)", async (t) => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  // Asked (SIGUSR2), the process lists the builtins it has loaded.
+  const probe = `data:text/javascript,process.on('SIGUSR2', () => console.error('LOADED ' + JSON.stringify(process.moduleLoadList)))`
+  const p = await spawnSidecar(upstream.port, ['--import', probe])
+  t.teardown(() => void p.child.kill('SIGKILL'))
+  const r = await rawRequest(p.port, `GET http://127.0.0.1:${upstream.port}/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  t.equal(r.status, 200)
+  let stderr = ''
+  p.child.stderr!.on('data', (c: Buffer) => (stderr += c.toString()))
+  p.child.kill('SIGUSR2')
+  while (!/^LOADED .*$/m.test(stderr)) await new Promise((r) => setTimeout(r, 10))
+  const loaded = JSON.parse(/^LOADED (.*)$/m.exec(stderr)![1]!) as string[]
+  t.ok(loaded.includes('NativeModule http'), 'the list is the real one')
+  t.same(loaded.filter((m) => m.includes('deps/undici')), [], 'no internal/deps/undici')
+})
+
 t.test('a binding whose secret is missing stops start-up with the reason', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'lk-life-'))
   const configPath = join(dir, 'c.yaml')

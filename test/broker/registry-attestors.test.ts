@@ -3,13 +3,9 @@
 // revocation, one audit identity, one user's consent. The registry refuses such a type, saying
 // why, and the broker does not start on it.
 import t from 'tap'
-import { spawnSync } from 'node:child_process'
-import { mkdtempSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import { stringify } from 'yaml'
 import { parseRegistry } from '../../broker/registry.js'
-import { ensureLocalAttestorKey } from '../../lib/local-attestor.js'
+import { brokerCliStart } from '../helpers/broker.js'
 
 const MATCH = { kubernetes: { namespace: 'agents', service_account: 'summarizer' }, local: true, spiffe: { path_prefix: '/agents/summarizer/' } }
 const WHO = { kubernetes: 'a pod named w1', local: 'a local attestation of agent:summarizer:prod:w1', spiffe: 'the SPIFFE ID …/agents/summarizer/w1' }
@@ -37,28 +33,10 @@ t.test('a type whose match names two or three attestors is refused, naming them 
 })
 
 t.test('`latchkey broker` on such a registry: exit 1, one line naming the setting, the file and the reason', async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'lk-registry-'))
-  const file = join(dir, 'agents.yaml')
-  writeFileSync(file, registry({ kubernetes: MATCH.kubernetes, spiffe: MATCH.spiffe }))
-  const config = join(dir, 'broker.yaml')
-  writeFileSync(
-    config,
-    stringify({
-      version: 1,
-      broker: {
-        issuer: 'http://127.0.0.1:1',
-        listen: { host: '127.0.0.1', port: 0 },
-        registry_file: file,
-        keys: { dir: join(dir, 'keys') },
-        attestors: { local: { keys_file: (await ensureLocalAttestorKey(join(dir, 'local'))).jwksFile } },
-        store: { sqlite: { path: join(dir, 'broker.db') } },
-      },
-    }),
-  )
-  const r = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'broker', '-c', config], { encoding: 'utf8', timeout: 15_000 })
+  const r = await brokerCliStart(registry({ kubernetes: MATCH.kubernetes, spiffe: MATCH.spiffe }))
   t.equal(r.status, 1)
   t.equal(
     r.stderr,
-    `broker.registry_file ${file}: agents.summarizer.match: names kubernetes and spiffe: instance names from two attestors share one ID space (${WHO.kubernetes} and ${WHO.spiffe} would be one agent, agent:summarizer:prod:w1): give each attestor its own agent type\n`,
+    `broker.registry_file ${r.registryFile}: agents.summarizer.match: names kubernetes and spiffe: instance names from two attestors share one ID space (${WHO.kubernetes} and ${WHO.spiffe} would be one agent, agent:summarizer:prod:w1): give each attestor its own agent type\n`,
   )
 })

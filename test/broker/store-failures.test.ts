@@ -3,7 +3,6 @@
 // a broker that reports ready and then fails every revoke); a store that fails once running is
 // answered with a generic 500 and its cause in the log, never a credential.
 import t, { type Test } from 'tap'
-import { spawnSync } from 'node:child_process'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -11,8 +10,7 @@ import { randomBytes } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
 import pg from 'pg'
 import { stringify } from 'yaml'
-import { startTestBroker, TEST_REGISTRY } from '../helpers/broker.js'
-import { ensureLocalAttestorKey } from '../../lib/local-attestor.js'
+import { brokerCliStart, startTestBroker, TEST_REGISTRY } from '../helpers/broker.js'
 import type { BrokerConfig } from '../../lib/config/schema.js'
 
 const PG_URL = process.env.LATCHKEY_TEST_PG_URL ?? 'postgres://postgres@127.0.0.1:5432/test'
@@ -86,24 +84,7 @@ t.test('a SQLite store that cannot be opened stops the start naming its setting 
 t.test('`latchkey broker` on the older table: exit 1, one line on stderr, no stack', async (t) => {
   const schema = ownSchema(t)
   await sql(OLD_TABLE(schema))
-  const dir = mkdtempSync(join(tmpdir(), 'lk-broker-cli-'))
-  writeFileSync(join(dir, 'agents.yaml'), stringify(TEST_REGISTRY))
-  const config = join(dir, 'broker.yaml')
-  writeFileSync(
-    config,
-    stringify({
-      version: 1,
-      broker: {
-        issuer: 'http://127.0.0.1:1',
-        listen: { host: '127.0.0.1', port: 0 },
-        registry_file: join(dir, 'agents.yaml'),
-        keys: { dir: join(dir, 'keys') },
-        attestors: { local: { keys_file: (await ensureLocalAttestorKey(join(dir, 'local'))).jwksFile } },
-        store: { postgres: { url: PG_URL, schema } },
-      },
-    }),
-  )
-  const r = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'broker', '-c', config], { encoding: 'utf8', timeout: 15_000 })
+  const r = await brokerCliStart(stringify(TEST_REGISTRY), { postgres: { url: PG_URL, schema } })
   t.equal(r.status, 1)
   t.equal(r.stderr, `broker.store.postgres: table "${schema}".revocations exists but is not the shape this version needs: no primary key or unique constraint on (kind, value). Move it aside (or migrate it) and start again; nothing was changed.\n`)
 })

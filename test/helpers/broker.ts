@@ -1,6 +1,7 @@
 // A real broker for tests, started in-process on a real port with a real store, with test
 // issuers standing in for the user IdP, the cluster and the SPIFFE trust domain. Its log and
 // events are captured so tests can assert that no token ever reaches them.
+import { spawnSync } from 'node:child_process'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -40,6 +41,34 @@ export const TEST_REGISTRY = {
     loner: { env: 'prod', match: { local: true }, audiences: { [API]: ['read'] }, max_lifetime_s: 600, users: 'none' },
     assistant: { env: 'prod', match: { local: true }, audiences: { [API]: ['read', 'write'] }, max_lifetime_s: 600, users: 'required' },
   },
+}
+
+/**
+ * `latchkey broker` run as an operator runs it, on `registry` (YAML text) and a config of its own
+ * (a temp dir, the local attestor, SQLite unless `store` says otherwise), for a start-up expected
+ * to fail: its exit status and stderr, and where the registry was written.
+ */
+export async function brokerCliStart(registry: string, store?: Record<string, unknown>): Promise<{ status: number | null; stderr: string; registryFile: string }> {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-broker-cli-'))
+  const registryFile = join(dir, 'agents.yaml')
+  writeFileSync(registryFile, registry)
+  const config = join(dir, 'broker.yaml')
+  writeFileSync(
+    config,
+    stringify({
+      version: 1,
+      broker: {
+        issuer: 'http://127.0.0.1:1',
+        listen: { host: '127.0.0.1', port: 0 },
+        registry_file: registryFile,
+        keys: { dir: join(dir, 'keys') },
+        attestors: { local: { keys_file: (await ensureLocalAttestorKey(join(dir, 'local'))).jwksFile } },
+        store: store ?? { sqlite: { path: join(dir, 'broker.db') } },
+      },
+    }),
+  )
+  const r = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'broker', '-c', config], { encoding: 'utf8', timeout: 15_000 })
+  return { status: r.status, stderr: r.stderr, registryFile }
 }
 
 export async function freePort(): Promise<number> {

@@ -523,15 +523,10 @@ export class Pipeline {
     if (ctx.method !== 'POST' || !hasRequestBody(req)) return null
     const type = req.headers['content-type']
     const form = isFormBody(type)
-    const declaredJson = isJsonBody(type)
+    const json = isJsonBody(type)
     const multipart = isMultipartBody(type)
-    if (!methodMatters(this.stages.decider, target, address)) return null
-    // An app may read any body as JSON (`express.json({ type: '*/*' })`): a text/plain or
-    // octet-stream POST that opens as an object is scanned as JSON too. The scan stops at the
-    // first byte that is not `{` (or white space), so another body streams on unread.
-    const json = !multipart
-    // Only a body declared as one the scanners read is refused for what they cannot read in it.
-    if (form || declaredJson || multipart) uncheckableBody(req.headers['content-encoding'], type)
+    if (!(form || json || multipart) || !methodMatters(this.stages.decider, target, address)) return null
+    uncheckableBody(req.headers['content-encoding'], type)
     const judge = (method: string) => {
       if (method !== 'POST') this.judge(ctx, this.stages.decider.decide(method, target, address))
     }

@@ -291,9 +291,6 @@ t.test('a method override in a POSTed JSON body is judged as the method it names
     // Express's method-override takes an array's first value.
     ['in an array', json('{"_method":["DELETE"]}')],
     ['the second in an array', json('{"_method":["PUT" , "delete"]}')],
-    // Apps that read any body as JSON (express.json({ type: '*/*' })).
-    ['as text/plain', json('{"_method":"DELETE"}', 'text/plain')],
-    ['as application/octet-stream', json(' {"_method":"DELETE"}', 'application/octet-stream')],
     ['after 2 MB of prompt', json(`{"prompt":"${'x'.repeat(2 * 1024 * 1024)}","_method":"DELETE"}`)],
     ['chunked, on a route, cut inside the key and the value', chunked(['{"_me', 'thod":"DEL', 'ETE"}'])],
   ])
@@ -330,11 +327,6 @@ t.test('a method override in a POSTed JSON body is judged as the method it names
     seen.push(r.raw)
     t.equal(r.status, 200, `${body}: forwarded`)
     t.match(upstream.requests.at(-1), { method: 'POST', body, headers: { authorization: `Bearer ${CANARY}` } }, `${body}: the body as sent`)
-  }
-  for (const [body, type] of [['text that mentions {"_method":"DELETE"}', 'text/plain'], ['\u0000{"_method":"DELETE"}', 'application/octet-stream']]) {
-    const r = await rawRequest(s.sidecar.port, json(body!, type))
-    t.equal(r.status, 200, `${type} that is no JSON object: forwarded`)
-    t.equal(upstream.requests.at(-1)?.body, body, 'as sent')
   }
   const viaChunks = await rawRequest(s.sidecar.port, chunked(['{"a":', '"_method"}']))
   t.equal(viaChunks.status, 200, 'a value that reads "_method" is no key')

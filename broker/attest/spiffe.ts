@@ -34,15 +34,15 @@ export class SpiffeVerifier implements AttestationVerifier {
 
   async verify(token: string, registry: Registry): Promise<Attestation> {
     const payload = await verifyJwt(token, this.keys, { audience: this.audience, requiredClaims: ['sub'], algorithms: SVID_ALGS, soleAudience: true })
-    // iat is optional in a JWT-SVID (spec §3): without it the lifetime left counts, with the skew
-    // allowed for the issuer's clock running ahead of ours.
+    const sub = payload.sub!
+    if (!sub.startsWith(this.prefix)) throw new AttestationFailed(`SPIFFE ID is not in trust domain ${this.trustDomain}`)
+    // Whose SVID it is first, then how long it lives. iat is optional in a JWT-SVID (spec §3):
+    // without it the lifetime left counts, with the skew allowed for the issuer's clock running ahead.
     if (payload.iat !== undefined) {
       if (payload.exp! - payload.iat > this.maxLifetimeS) throw new AttestationFailed(`lifetime (exp - iat) over ${this.maxLifetimeS} s`)
     } else if (payload.exp! - Date.now() / 1000 > this.maxLifetimeS + MAX_SKEW_S) {
       throw new AttestationFailed(`no iat, and exp is more than ${this.maxLifetimeS} s away`)
     }
-    const sub = payload.sub!
-    if (!sub.startsWith(this.prefix)) throw new AttestationFailed(`SPIFFE ID is not in trust domain ${this.trustDomain}`)
     const path = sub.slice(this.prefix.length - 1)
     if (/[?#%]|\/\/|\/\.\.?(\/|$)|\/$/.test(path)) throw new AttestationFailed('SPIFFE ID path is not canonical')
     for (const [type, spec] of Object.entries(registry.agents)) {

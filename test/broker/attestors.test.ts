@@ -143,6 +143,9 @@ t.test('a configured max_token_age_s (kubernetes) and max_lifetime_s (spiffe) ar
   t.ok(await spiffe.verify(await id({ iat: now(), exp: now() + 600 }), registry), 'a 600 s lifetime: taken')
   await t.rejects(spiffe.verify(await id({ iat: now(), exp: now() + 601 }), registry), { message: 'lifetime (exp - iat) over 600 s' })
   await t.rejects(spiffe.verify(await id({ iat: null, exp: now() + 700 }), registry), { message: 'no iat, and exp is more than 600 s away' })
+  // Whose it is is said before how long it lives: the first thing an operator needs to read.
+  const foreign = await id({ sub: 'spiffe://other.example/agents/summarizer/w', iat: now(), exp: now() + 6000 })
+  await t.rejects(spiffe.verify(foreign, registry), { message: `SPIFFE ID is not in trust domain ${TRUST_DOMAIN}` }, 'a foreign, long-lived SVID: refused for its trust domain')
 })
 
 // Single use is recorded in the store before the evidence counts: a store that cannot record it

@@ -39,15 +39,21 @@ export interface EventRow {
 
 /**
  * The order of an events answer, and the condition that continues it after a cursor (the last
- * event of the previous page): both stores, so a page boundary never repeats or skips a row.
+ * event of the previous page), given the placeholders for the cursor's time, sidecar and
+ * position: both stores, so a page boundary never repeats or skips a row.
  */
 export const EVENT_ORDER = 'ts, sidecar, pos'
+
+export function afterCursor(ts: string, sidecar: string, pos: string): string {
+  return `AND ts >= ${ts} AND (ts > ${ts} OR sidecar > ${sidecar} OR (sidecar = ${sidecar} AND pos > ${pos}))`
+}
 
 export function readEvents(db: Database.Database, q: EventQuery): EventRow[] {
   const until = q.until?.getTime() ?? Number.MAX_SAFE_INTEGER
   const denied = q.deniedOnly ? `AND action IN (${Action.ACTION_DENY}, ${Action.ACTION_REPORT})` : ''
-  const after = q.after ? 'AND ts >= ? AND (ts > ? OR sidecar > ? OR (sidecar = ? AND pos > ?))' : ''
+  const after = q.after ? afterCursor('?', '?', '?') : ''
   const args: unknown[] = [q.agent, q.since.getTime(), until]
+  // Positional: each placeholder as often as afterCursor writes it, in its order.
   if (q.after) args.push(q.after.ts, q.after.ts, q.after.sidecar, q.after.sidecar, q.after.position)
   args.push(q.limit ?? 10_000, q.maxBytes ?? Number.MAX_SAFE_INTEGER)
   // The rows are picked by their payload sizes first (length() reads no blob), so a few huge
@@ -165,15 +171,8 @@ export class VerifyFold {
   }
 }
 
-/** Shared by both stores: rows ordered by (sidecar, pos). */
-export function verifyRows(rows: Iterable<DbRow>): VerifyResult {
-  const fold = new VerifyFold()
-  for (const r of rows) fold.add(r)
-  return fold.result
-}
-
 /** Adds one gap, listing at most MAX_LISTED_GAPS. */
-export function addGap(result: VerifyResult, gap: SequenceGap): void {
+function addGap(result: VerifyResult, gap: SequenceGap): void {
   result.gapCount = (result.gapCount ?? 0) + 1
   const list = (result.gaps ??= [])
   if (list.length < MAX_LISTED_GAPS) list.push(gap)

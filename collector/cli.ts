@@ -4,7 +4,7 @@
 import type { Command } from 'commander'
 import { request } from 'undici'
 import { Action, AuditEvent } from '../protos/gen/latchkey/v1/audit.js'
-import { MAX_ANSWER_BYTES, MAX_LIMIT, MAX_PAGE_EVENTS, boundAnswer, eventToJson, parseSince, type EventJson } from './query.js'
+import { MAX_ANSWER_BYTES, MAX_LIMIT, MAX_PAGE_EVENTS, boundAnswer, cursorAfter, eventToJson, parseSince, type EventJson } from './query.js'
 import type { AuditStore, EventCursor, VerifyResult } from './store/types.js'
 import type { CollectorConfig } from './config.js'
 
@@ -162,7 +162,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
               print(answer.events.map(eventToJson))
               truncated = answer.truncated
               const last = answer.events[answer.events.length - 1]
-              after = last && { ts: last.event.timeUnixMs, sidecar: last.sidecar, position: last.position }
+              after = last && cursorAfter(last)
             } while (truncated && after && shown < limit)
           } finally {
             await store.close()

@@ -80,9 +80,15 @@ export const MAX_PAGE_EVENTS = 1000
 /** `limit` as the API and the CLI take it: a total of at most this many. */
 export const MAX_LIMIT = 100_000
 
+/** Where a page that goes on after `e` starts (the stores' `after`). */
+export function cursorAfter(e: StoredEvent): EventCursor {
+  return { ts: e.event.timeUnixMs, sidecar: e.sidecar, position: e.position }
+}
+
 /** The cursor after an event, as an answer's `next` gives it: opaque to clients. */
 export function encodeCursor(e: StoredEvent): string {
-  return Buffer.from(JSON.stringify([e.event.timeUnixMs, e.sidecar, e.position])).toString('base64url')
+  const c = cursorAfter(e)
+  return Buffer.from(JSON.stringify([c.ts, c.sidecar, c.position])).toString('base64url')
 }
 
 /** Throws (a message naming the parameter) when `text` is not a cursor this API gave. */

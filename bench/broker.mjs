@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url'
 import { Pool } from 'undici'
 import { generateKeyPair, exportJWK, SignJWT } from 'jose'
 import { randomUUID } from 'node:crypto'
-import { createServer } from 'node:net'
+import { freePort, waitFor } from './ports.mjs'
 
 const here = dirname(fileURLToPath(import.meta.url))
 const root = join(here, '..')
@@ -32,21 +32,7 @@ try {
   console.error('taskset unavailable: cores are not pinned, figures are not comparable')
 }
 
-async function freePort() {
-  const s = createServer()
-  await new Promise((r) => s.listen(0, '127.0.0.1', r))
-  const p = s.address().port
-  await new Promise((r) => s.close(r))
-  return p
-}
 
-async function waitFor(url) {
-  for (let i = 0; i < 200; i++) {
-    if (await fetch(url).then((r) => r.ok, () => false)) return
-    await new Promise((r) => setTimeout(r, 50))
-  }
-  throw new Error(`${url} did not come up`)
-}
 
 function spawnPinned(args) {
   const child = spawn('taskset', ['-c', '0', process.execPath, ...args], { stdio: ['ignore', 'ignore', 'inherit'] })
@@ -151,8 +137,8 @@ const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s[Math.
 console.error(`broker bench: ${ROUNDS} rounds × (${SECONDS}s at 1, ${SECONDS}s at ${CONCURRENCY}); broker on CPU 0, load on CPU 1`)
 spawnPinned([join(root, 'dist/cli/latchkey.js'), 'broker', '-c', join(work, 'broker.yaml')])
 spawnPinned([floorSrc])
-await waitFor(`${issuer}/healthz`)
-await waitFor(`http://127.0.0.1:${floorPort}/`)
+await waitFor(`${issuer}/healthz`, (r) => r.ok)
+await waitFor(`http://127.0.0.1:${floorPort}/`, (r) => r.ok)
 
 const results = { broker: [], fresh: [], floor: [] }
 // Warm-up: keys, JWKS, JIT.

@@ -18,6 +18,7 @@
 import { spawn } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { createServer, connect } from 'node:net'
+import { freePort } from './ports.mjs'
 import http from 'node:http'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
@@ -165,14 +166,6 @@ function cpuSeconds(pid) {
 function rssMB(pid) {
   const m = /VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))
   return Number(m[1]) / 1024
-}
-
-async function freePort() {
-  const s = createServer()
-  await new Promise((r) => s.listen(0, '127.0.0.1', r))
-  const p = s.address().port
-  await new Promise((r) => s.close(r))
-  return p
 }
 
 async function waitFor(port) {

@@ -9,7 +9,7 @@ import { mkdtempSync, writeFileSync, readFileSync, mkdirSync, symlinkSync } from
 import { tmpdir } from 'node:os'
 import { join, dirname } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { createServer } from 'node:net'
+import { freePort } from './ports.mjs'
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const ref = process.argv[2]
@@ -34,7 +34,6 @@ execFileSync(process.execPath, [join(root, 'node_modules/typescript/bin/tsc'), '
 const commit = (dir) => execFileSync('git', ['-C', dir, 'rev-parse', '--short', 'HEAD']).toString().trim()
 const dirty = execFileSync('git', ['-C', root, 'status', '--porcelain', '--', 'proxy', 'lib', 'cli']).toString().trim() ? ' (with uncommitted changes)' : ''
 
-const freePort = () => new Promise((resolve) => { const s = createServer().listen(0, '127.0.0.1', () => { const { port } = s.address(); s.close(() => resolve(port)) }) })
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
 function start(cpu, cmd, args, env = {}) {
   const child = spawn('taskset', ['-c', cpu, cmd, ...args], { env: { ...process.env, ...env }, stdio: 'ignore', detached: true })

@@ -10,7 +10,7 @@ import { mkdtempSync, writeFileSync, mkdirSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, dirname } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { createServer as createNetServer } from 'node:net'
+import { freePort, waitFor } from './ports.mjs'
 import { randomBytes } from 'node:crypto'
 
 const here = dirname(fileURLToPath(import.meta.url))
@@ -29,20 +29,6 @@ process.on('exit', () => {
 process.on('SIGINT', () => process.exit(130))
 const now = () => performance.timeOrigin + performance.now()
 
-async function freePort() {
-  const s = createNetServer()
-  await new Promise((r) => s.listen(0, '127.0.0.1', r))
-  const p = s.address().port
-  await new Promise((r) => s.close(r))
-  return p
-}
-async function waitFor(url) {
-  for (let i = 0; i < 200; i++) {
-    if (await fetch(url).then((r) => r.status < 500, () => false)) return
-    await new Promise((r) => setTimeout(r, 50))
-  }
-  throw new Error(`${url} did not come up`)
-}
 
 const ports = { broker: await freePort(), control: await freePort(), upstream: await freePort() }
 const issuer = `http://127.0.0.1:${ports.broker}`

@@ -3,7 +3,8 @@
 // Not a test: it measures and reports. See bench/README.md for the layout and how to read it.
 import { spawn, execFileSync } from 'node:child_process'
 import { createServer } from 'node:http'
-import { createServer as createNetServer, connect } from 'node:net'
+import { connect } from 'node:net'
+import { freePort } from './ports.mjs'
 import { mkdtempSync, writeFileSync, readFileSync, mkdirSync, existsSync, rmSync } from 'node:fs'
 import { tmpdir, cpus, release } from 'node:os'
 import { join, dirname } from 'node:path'
@@ -84,17 +85,6 @@ function ensureTools() {
   const pkgs = need.map((n) => (n === 'nginx' ? 'nginx-light' : n)).join(' ')
   if (!apt(pkgs) && !(need.includes('nginx') && apt(pkgs.replace('nginx-light', 'nginx')))) throw new Error(`could not install ${need.join(', ')} with apt-get`)
   for (const n of need) if (!sh(`command -v ${n}`)) throw new Error(`${n} still missing after apt-get`)
-}
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = createNetServer()
-    s.once('error', reject)
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address()
-      s.close(() => resolve(port))
-    })
-  })
 }
 
 /** Starts a long-lived child pinned to `cpu`, in its own process group; it must not die. */

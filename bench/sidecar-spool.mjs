@@ -14,6 +14,7 @@ import { fileURLToPath } from 'node:url'
 import { createHash } from 'node:crypto'
 import { createServer } from 'node:http'
 import { Pool, request } from 'undici'
+import { freePort } from './ports.mjs'
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const cli = join(root, 'dist/cli/latchkey.js')
@@ -99,13 +100,6 @@ async function main() {
   const upstream = createServer((_req, res) => res.end('ok'))
   await new Promise((r) => upstream.listen(0, '127.0.0.1', r))
   const upstreamPort = upstream.address().port
-  const freePort = async () => {
-    const s = createServer()
-    await new Promise((r) => s.listen(0, '127.0.0.1', r))
-    const p = s.address().port
-    await new Promise((r) => s.close(r))
-    return p
-  }
   const grpcPort = await freePort()
   const httpPort = await freePort()
   const db = join(work, 'collector.db')

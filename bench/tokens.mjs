@@ -10,7 +10,7 @@ import { mkdtempSync, writeFileSync, mkdirSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, dirname } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { createServer as createNetServer } from 'node:net'
+import { freePort, waitFor } from './ports.mjs'
 import { Pool, Client } from 'undici'
 
 const here = dirname(fileURLToPath(import.meta.url))
@@ -31,20 +31,6 @@ try {
   console.error('taskset unavailable: cores are not pinned, figures are not comparable')
 }
 
-async function freePort() {
-  const s = createNetServer()
-  await new Promise((r) => s.listen(0, '127.0.0.1', r))
-  const p = s.address().port
-  await new Promise((r) => s.close(r))
-  return p
-}
-async function waitFor(url) {
-  for (let i = 0; i < 200; i++) {
-    if (await fetch(url).then((r) => r.status < 500, () => false)) return
-    await new Promise((r) => setTimeout(r, 50))
-  }
-  throw new Error(`${url} did not come up`)
-}
 function start(cpu, args, env = {}) {
   const child = spawn('taskset', ['-c', cpu, process.execPath, ...args], { stdio: ['ignore', 'ignore', 'inherit'], env: { ...process.env, ...env } })
   children.add(child)

@@ -543,7 +543,7 @@ export class Pipeline {
   private send(ctx: CallContext, req: IncomingMessage, res: ServerResponse, headers: OutboundHeaders, inspect: BodyInspector | null): void {
     const target = ctx.target!
     forward(
-      this.stages.pools.get(target, ctx.resolved!),
+      this.stages.pools.get(target, ctx.resolved!, ctx.identity),
       ctx,
       req,
       res,

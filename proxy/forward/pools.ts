@@ -1,7 +1,11 @@
-// One undici Pool per (origin, checked address). The pool's connector is pinned to the address
-// the resolve stage classified, so nothing between the check and the dial can re-resolve the
-// name (no DNS rebinding window). Pools are bounded; an evicted pool finishes its in-flight
-// requests and closes.
+// One undici Pool per (origin, checked address, task). The pool's connector is pinned to the
+// address the resolve stage classified, so nothing between the check and the dial can re-resolve
+// the name (no DNS rebinding window). A connection carries one task's calls only: an upstream that
+// leaves a request body unread (a CL.0 desync) reads it as the start of the next request on that
+// connection, and another task's call behind it, injected token and all, became the smuggled
+// request's body, stored where the first task read it back; a login an upstream ties to the
+// connection (NTLM, Negotiate) served whoever came next. Pools are bounded; an evicted pool
+// finishes its in-flight requests and closes.
 import { Pool } from './undici-pool.js'
 import type { buildConnector as BuildConnector } from 'undici'
 import buildConnectorModule from 'undici/lib/core/connect.js'
@@ -9,7 +13,7 @@ import { LRUCache } from 'lru-cache'
 import type { LookupFunction } from 'node:net'
 import { checkServerIdentity, createSecureContext, type PeerCertificate, type SecureContext, type TLSSocket } from 'node:tls'
 import { NO_SUBJECT_ALT_NAME } from './upstream-errors.js'
-import type { ResolvedAddress, Target } from '../context.js'
+import type { Identity, ResolvedAddress, Target } from '../context.js'
 import { originKey } from '../listen/target.js'
 
 export interface PoolTimeouts {
@@ -71,9 +75,10 @@ export class PinnedPools {
     })
   }
 
-  get(target: Target, resolved: ResolvedAddress): Pool {
+  /** The pool for calls to `target`, dialling `resolved`, made by `identity`'s task (or, for calls in no task, its agent). */
+  get(target: Target, resolved: ResolvedAddress, identity: Identity): Pool {
     const origin = originKey(target.scheme, target.host, target.port)
-    const key = origin + '|' + resolved.address
+    const key = origin + '|' + resolved.address + '|' + identity.agentId + '|' + (identity.taskId ?? '')
     let pool = this.pools.get(key)
     if (!pool) {
       const connector = buildConnector({

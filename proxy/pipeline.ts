@@ -2,7 +2,7 @@
 // Every entry path (absolute-form, reverse route, CONNECT, WebSocket upgrade) builds one
 // CallContext and runs the same `admit` front half; only the forward differs. ARCHITECTURE.md
 // draws this file.
-import type { IncomingMessage, Server, ServerResponse } from 'node:http'
+import type { IncomingHttpHeaders, IncomingMessage, Server, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Logger } from '../lib/log.js'
 import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Decision, Identifier, Identity, Resolution, Resolver, Target, Via } from './context.js'
@@ -57,6 +57,20 @@ export interface Stages {
 export interface TunnelOrigin {
   target: Target
   proxyAuthorization: string | undefined
+}
+
+/**
+ * The proxy credential a request runs under. Inside a tunnel it is the one its CONNECT carried:
+ * a request there naming another (another task's handle, or one where the CONNECT named none) is
+ * refused, not run in the tunnel's task under a name it did not ask for, with that task's token.
+ */
+export function proxyCredentialOf(headers: IncomingHttpHeaders, tunnel: TunnelOrigin | null): string | undefined {
+  const own = headers['proxy-authorization']
+  if (tunnel === null) return own
+  if (own !== undefined && own !== tunnel.proxyAuthorization) {
+    throw new LatchkeyError('LK_BAD_REQUEST', "a request inside a CONNECT tunnel names another proxy credential than the CONNECT did: the tunnel's requests run in the task it was opened for; open a tunnel with this one")
+  }
+  return tunnel.proxyAuthorization
 }
 
 
@@ -206,7 +220,7 @@ export class Pipeline {
       // Refused after the target is read, so the trail says which call the shutdown turned away.
       if (this.draining) throw new LatchkeyError('LK_DRAINING', 'the sidecar is shutting down; retry on a new connection')
       // Inside a tunnel the agent's proxy credential came with the CONNECT, not with each request.
-      const admitted = this.admit(ctx, tunnel ? tunnel.proxyAuthorization : req.headers['proxy-authorization'], true, req.socket)
+      const admitted = this.admit(ctx, proxyCredentialOf(req.headers, tunnel), true, req.socket)
       if (admitted) {
         ctx.admitting = true
         admitted

@@ -5,7 +5,7 @@
 import { connect as netConnect, type Socket } from 'node:net'
 import { connect as tlsConnect } from 'node:tls'
 import type { IncomingMessage } from 'node:http'
-import type { Pipeline, TunnelOrigin } from '../pipeline.js'
+import { proxyCredentialOf, type Pipeline, type TunnelOrigin } from '../pipeline.js'
 import { LatchkeyError } from '../errors.js'
 import { hostHeader } from './target.js'
 import { checkFraming } from './framing.js'
@@ -68,7 +68,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
     if (typeof key !== 'string' || !WEBSOCKET_KEY.test(key)) {
       throw new LatchkeyError('LK_BAD_REQUEST', 'a WebSocket handshake carries exactly one Sec-WebSocket-Key: 16 bytes in base64')
     }
-    await pipeline.admit(ctx, tunnel ? tunnel.proxyAuthorization : req.headers['proxy-authorization'], true, client)
+    await pipeline.admit(ctx, proxyCredentialOf(req.headers, tunnel), true, client)
     if (refused) return
     const target = ctx.target!
     const headers = outboundRequestHeaders(req.headers, ctx.binding?.strip ?? null, KEEP_FOR_WEBSOCKET)

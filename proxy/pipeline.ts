@@ -26,6 +26,7 @@ import { isMultipartBody, MultipartOverrideScanner } from './policy/multipart-ov
 import { tokenSha256 } from './audit/token-hash.js'
 import { newEventId } from './audit/event-id.js'
 import { isoTimestamp } from './audit/event-time.js'
+import { withoutTaskHandles } from '../lib/task-handle.js'
 import { LiveCalls } from './live-calls.js'
 import type { PinnedPools } from './forward/pools.js'
 import type { SidecarMetrics } from './metrics.js'
@@ -726,8 +727,9 @@ export class Pipeline {
       scheme: t ? (ctx.via === 'connect' ? 'tunnel' : t.scheme) : null,
       host: t?.host ?? null,
       port: t?.port ?? null,
-      path: t && ctx.via !== 'connect' ? t.path : null,
-      destination: ctx.destination,
+      // Handles removed: see withoutTaskHandles (a pass over the text only where `lkt_` or `%` is in it).
+      path: t && ctx.via !== 'connect' ? withoutTaskHandles(t.path) : null,
+      destination: ctx.destination === null ? null : withoutTaskHandles(ctx.destination),
       address: ctx.resolved?.address ?? null,
       status: ctx.status,
       bytes_in: ctx.bytesIn,
@@ -736,7 +738,7 @@ export class Pipeline {
       upstream_ms: ctx.upstreamMs === null ? null : round(ctx.upstreamMs),
       decision: d ? (d.action === 'deny' ? (d.enforced ? 'deny' : 'report') : 'allow') : null,
       rule: d?.rule ?? null,
-      reason: ctx.errorReason ?? (d && d.action === 'deny' ? d.reason : null),
+      reason: reasonOf(ctx, d),
       credential:
         ctx.binding && ctx.credential
           ? // One object shape for every event: the hash is undefined (and not serialized) where there is none.
@@ -765,6 +767,12 @@ export function owedResponse(socket: Socket): ServerResponse | null {
 
 function viaOf(url: string, tunnel: TunnelOrigin | null): Via {
   return tunnel ? 'tunnelled' : url.startsWith('/') ? 'reverse' : 'absolute'
+}
+
+/** What the trail says of why: the call's error, or its denial; without task handles (a route's name quoted in LK_NO_ROUTE can be one). */
+function reasonOf(ctx: CallContext, d: Decision | null): string | null {
+  const reason = ctx.errorReason ?? (d && d.action === 'deny' ? d.reason : null)
+  return reason === null ? null : withoutTaskHandles(reason)
 }
 
 function round(ms: number): number {

@@ -4,6 +4,7 @@
 import t from 'tap'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
+import { readFileSync } from 'node:fs'
 import { startBearerRig, rawRequest, assertNoCanary, startUpstream, startTestSidecar, loopbackPolicy } from '../helpers/harness.js'
 import { MAX_OPEN_TASKS } from '../../proxy/tasks/api.js'
 
@@ -126,4 +127,22 @@ t.test('an agent with HTTP_PROXY set reaches the admin API through the proxy, as
   const audit = await s.audit()
   t.same(audit.map((e) => e.path), ['/x'], 'only the egress call is audited')
   t.equal(s.sidecar.tasks.size, 2, 'two tasks opened through the proxy')
+})
+
+t.test('a task handle an agent writes into a path or a route name is never audited or logged', async (t) => {
+  const { upstream, s } = await startBearerRig(t)
+  const { task } = (await (await fetch(`${s.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ purpose: 'p', duration_s: 60 }) })).json()) as { task: string }
+  const get = (target: string) => rawRequest(s.sidecar.port, `GET ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  // The task API by a spelling the sidecar does not take for its own: an ordinary upstream call here.
+  t.equal((await get(`${upstream.origin}/v1/tasks/${task}`)).status, 200)
+  t.equal((await get(`${upstream.origin}/v1/tasks/%6Ckt%5F${task.slice(4)}`)).status, 200, 'percent-encoded')
+  t.equal((await get(`/${task}/x`)).status, 404, 'a route named by the handle')
+  await new Promise((r) => setTimeout(r, 100))
+  const audit = readFileSync(s.auditPath, 'utf8')
+  const secretPart = task.slice(4)
+  t.notOk(audit.includes(secretPart), 'no audit event holds the handle, plain or encoded')
+  t.notOk(s.logs.some((l) => l.includes(secretPart)), 'no log line does')
+  const events = audit.trim().split('\n').map((l) => JSON.parse(l) as { path: string | null; reason: string | null })
+  t.ok(events.some((e) => e.path === '/v1/tasks/lkt_[removed]'), 'the path is kept, the handle removed')
+  t.ok(events.some((e) => e.reason === 'no route named "lkt_[removed]"'), 'so is the reason quoting a route name')
 })

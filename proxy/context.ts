@@ -127,6 +127,8 @@ export interface CallContext {
   resolved: ResolvedAddress | null
   binding: CredentialBinding | null
   credential: Credential | null
+  /** Where `credential` came from: the response is checked for every value it holds for `binding` (CredentialSource.held). */
+  credentialSource: CredentialSource | null
   status: number
   bytesIn: number
   bytesOut: number
@@ -189,6 +191,15 @@ export interface Resolver {
 
 export interface CredentialSource {
   get(binding: CredentialBinding, identity: Identity): Promise<Credential> | Credential
+  /**
+   * Every credential value this source holds for the binding, or issued and not yet expired:
+   * each task's token and one a refresh superseded, not only the caller's. A credentialed call's
+   * response is checked for all of them (forward/scrub.ts, body-scrub.ts): an upstream that shows
+   * one request's token to another (a "last request" view, a cached echo) would otherwise hand
+   * one task another's. The same array while the set is unchanged (the scrubbers cache their
+   * needles by it), a new one when it changes; bounded as the source's cache is; never logged.
+   */
+  held(binding: CredentialBinding): readonly Credential[]
 }
 
 export interface AuditEvent {

@@ -110,6 +110,7 @@ export class Pipeline {
       resolved: null,
       binding: null,
       credential: null,
+      credentialSource: null,
       caller: null,
       status: 0,
       bytesIn: 0,
@@ -186,6 +187,7 @@ export class Pipeline {
     const binding = this.stages.bindings.match(ctx.target!)
     if (!binding) return
     ctx.binding = binding
+    ctx.credentialSource = this.stages.credentials
     const credential = this.stages.credentials.get(binding, ctx.identity)
     if (credential instanceof Promise) {
       return credential.then((c) => {

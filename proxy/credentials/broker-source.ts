@@ -13,6 +13,7 @@ import { LRUCache } from 'lru-cache'
 import type { Credential, CredentialBinding, CredentialSource, Identity, TaskRef } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import { ExchangeFailed, MAX_EXPIRES_IN_S, type ExchangeOutcome, type IssuedToken } from './exchange-outcome.js'
+import { HeldValues } from './held.js'
 
 /** Where a CachedTokenSource gets tokens. One interface; each provider implements it. */
 export interface TokenIssuer {
@@ -91,8 +92,19 @@ export interface BrokerSourceOptions {
   onActorMismatch?: (configured: string, attested: string | null, reason: string) => void
 }
 
+/** Tokens cached at once (one per task, audience and scopes). */
+const MAX_CACHED = 10_000
+
+/** A binding's part of the cache key: its tokens, across tasks, are what held() answers. */
+const bindingKeys = new WeakMap<CredentialBinding, string>()
+function bindingKey(binding: CredentialBinding): string {
+  let k = bindingKeys.get(binding)
+  if (k === undefined) bindingKeys.set(binding, (k = binding.tokenAudience + '\n' + binding.scopes.join(' ')))
+  return k
+}
+
 export class CachedTokenSource implements CredentialSource {
-  private readonly cache = new LRUCache<string, Entry>({ max: 10_000 })
+  private readonly cache = new LRUCache<string, Entry>({ max: MAX_CACHED })
   private readonly keysByTask = new Map<string, Set<string>>()
   /** Exchanges in flight, by task: a task's end or revocation voids them. */
   private readonly inflightByTask = new Map<string, Set<Ticket>>()
@@ -103,12 +115,25 @@ export class CachedTokenSource implements CredentialSource {
   private generation = 0
   /** Actor mismatches already reported, so a sidecar retrying every FAILURE_HOLD_MS logs one line, not thousands. */
   private readonly mismatchesReported = new Set<string>()
+  /** Tokens issued and not yet expired, by binding key (held). */
+  private readonly issued: HeldValues
 
   constructor(
     private readonly client: TokenIssuer,
     private readonly opts: BrokerSourceOptions,
   ) {
     this.now = opts.now ?? Date.now
+    // Twice the cache: a refresh at half life leaves the token it replaces valid as long again.
+    this.issued = new HeldValues(2 * MAX_CACHED, this.now)
+  }
+
+  /**
+   * Every token issued for the binding's audience and scopes and not yet expired, across tasks,
+   * those a refresh superseded and those of tasks since ended or revoked (the upstream may still
+   * accept them): a response to any call with one is checked for all of them.
+   */
+  held(binding: CredentialBinding): readonly Credential[] {
+    return this.issued.get(bindingKey(binding))
   }
 
   get(binding: CredentialBinding, identity: Identity): Credential | Promise<Credential> {
@@ -116,7 +141,7 @@ export class CachedTokenSource implements CredentialSource {
     if (!task || task.ended) {
       throw new LatchkeyError('LK_PROXY_AUTH', `credential ${binding.id} is task-scoped: name an open task in the proxy URL (POST /v1/tasks)`)
     }
-    const key = task.id + '\n' + binding.tokenAudience + '\n' + binding.scopes.join(' ')
+    const key = task.id + '\n' + bindingKey(binding)
     const now = this.now()
     const e = this.cache.get(key)
     const refusal = this.opts.mintRefusal?.() ?? null
@@ -170,6 +195,7 @@ export class CachedTokenSource implements CredentialSource {
         if (entry.usableUntil <= got) {
           throw new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `the broker issued a token for ${binding.tokenAudience} that expires within ${this.opts.minRemainingMs} ms`)
         }
+        this.issued.add(bindingKey(binding), credential)
         return credential
       },
       (err: unknown) => {
@@ -266,6 +292,7 @@ export class CachedTokenSource implements CredentialSource {
   close(): Promise<void> {
     this.cache.clear()
     this.keysByTask.clear()
+    this.issued.clear()
     return this.client.close()
   }
 }

@@ -5,6 +5,7 @@ import { parse } from 'yaml'
 import type { Config } from '../../lib/config/schema.js'
 import type { Credential, CredentialBinding, CredentialSource } from '../context.js'
 import { LatchkeyError } from '../errors.js'
+import { NONE_HELD } from './held.js'
 
 /** A start-up failure the CLI prints as one line for people (code LK_STARTUP), without a stack. */
 function startupError(message: string): Error {
@@ -13,6 +14,8 @@ function startupError(message: string): Error {
 
 export class StaticSecretSource implements CredentialSource {
   private readonly credentials = new Map<string, Credential>()
+  /** Each secret as held() answers it: one array per secret, made once. */
+  private readonly heldByName = new Map<string, readonly Credential[]>()
 
   constructor(secrets: Config['secrets'], names: Iterable<string>, env: NodeJS.ProcessEnv = process.env) {
     let fromFile: Record<string, unknown> = {}
@@ -34,7 +37,9 @@ export class StaticSecretSource implements CredentialSource {
         throw startupError(`secrets.file ${secrets.file}: secret ${name} is not a string (quote it)`)
       }
       if (typeof value === 'string' && value.length > 0) {
-        this.credentials.set(name, { value, id: `static:${name}`, expiresAt: null, scopes: [] })
+        const c: Credential = { value, id: `static:${name}`, expiresAt: null, scopes: [] }
+        this.credentials.set(name, c)
+        this.heldByName.set(name, Object.freeze([c]))
       }
     }
   }
@@ -53,5 +58,10 @@ export class StaticSecretSource implements CredentialSource {
     // Fail closed: an audience with a binding but no secret gets no request at all.
     if (!c) throw new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `no secret "${binding.secret}" is configured for credential ${binding.id}`)
     return c
+  }
+
+  /** The binding's one secret: nothing else is ever sent where it goes. */
+  held(binding: CredentialBinding): readonly Credential[] {
+    return this.heldByName.get(binding.secret) ?? NONE_HELD
   }
 }

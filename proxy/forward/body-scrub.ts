@@ -14,7 +14,18 @@
 // (JSON, with `\/` or without; percent-encoding, either hex case, `+` for a space; HTML). Compressed
 // bodies cannot be read this way: a credentialed call asks for `identity`, and one that comes
 // back encoded anyway is decoded before it gets here, or refused (see ResponseRelay).
+//
+// Not only the call's own credential: every one the source holds for the binding (another task's
+// token, one a refresh superseded: CredentialSource.held) is looked for, so an upstream that shows
+// one request's token to another (a "last request" view, a cached echo) hands no task another's.
+// The needles of a set are put together once per set (the source hands out the same array while
+// it is unchanged) from each credential's own, worked out once. A set of a few credentials is
+// scanned as one is, a native indexOf per needle; past INDEX_ABOVE needles (N tokens held: N
+// times some 60), one pass over the bytes with a rolling hash of each position's last k bytes
+// against the needles' last k bytes (their ends differ: one broker's JWTs share their header),
+// so the cost grows with the bytes, not with N.
 import type { Credential, CredentialBinding } from '../context.js'
+import { NONE_HELD } from '../credentials/held.js'
 
 export interface BodyNeedles {
   readonly needles: readonly Buffer[]
@@ -24,17 +35,90 @@ export interface BodyNeedles {
   readonly longest: number
   /** Written over a match: a byte no needle contains, so an overwrite never makes a new one. */
   readonly mask: number
+  /** Which byte values the needles use (1: used), for the mask of a set put together from several. */
+  readonly used: Uint8Array
+  /** For many needles: the one-pass index (see the top of the file); null: indexOf per needle. */
+  readonly index: NeedleIndex | null
 }
+
+interface NeedleIndex {
+  /** Bytes hashed at each position: the shortest needle's length, at most MAX_K. */
+  readonly k: number
+  /** 31^(k-1), to roll the oldest byte out. */
+  readonly pow: number
+  /** Needles by the hash of their last k bytes. */
+  readonly byHash: ReadonlyMap<number, readonly Buffer[]>
+  /** A bit per hash (modulo its size): most positions are passed over on one read. */
+  readonly filter: Uint32Array
+  readonly filterMask: number
+}
+
+/** Needles past which a set is scanned in one pass (one credential makes some 20 to 60). */
+const INDEX_ABOVE = 96
+const MAX_K = 16
 
 const byBinding = new WeakMap<CredentialBinding, WeakMap<Credential, BodyNeedles>>()
 
-/** Worked out once per (binding, credential): a token serves many calls. */
-export function bodyNeedlesFor(binding: CredentialBinding, credential: Credential): BodyNeedles {
+/** A held set's needles, put together when the set changes (see bodyNeedlesFor). */
+interface HeldNeedles {
+  members: ReadonlySet<Credential>
+  all: BodyNeedles
+  /** With a call's own credential added, for one the set lacks (it expired meanwhile). */
+  withOwn: WeakMap<Credential, BodyNeedles>
+}
+const heldByBinding = new WeakMap<CredentialBinding, WeakMap<readonly Credential[], HeldNeedles>>()
+
+/**
+ * What a credentialed call's body is checked for: its own credential and every other the source
+ * holds for the binding (`held`). One credential's needles are worked out once per (binding,
+ * credential): a token serves many calls. A set's are put together when the held array changes;
+ * a call whose set is its own credential alone (a static secret) gets that credential's needles.
+ */
+export function bodyNeedlesFor(binding: CredentialBinding, credential: Credential, held: readonly Credential[] = NONE_HELD): BodyNeedles {
+  if (held.length === 0 || (held.length === 1 && held[0] === credential)) return ownNeedles(binding, credential)
+  let byHeld = heldByBinding.get(binding)
+  if (!byHeld) heldByBinding.set(binding, (byHeld = new WeakMap()))
+  let h = byHeld.get(held)
+  if (!h) byHeld.set(held, (h = { members: new Set(held), all: combineNeedles(heldNeedles(binding, held)), withOwn: new WeakMap() }))
+  if (h.members.has(credential)) return h.all
+  let n = h.withOwn.get(credential)
+  if (!n) h.withOwn.set(credential, (n = combineNeedles([ownNeedles(binding, credential), h.all])))
+  return n
+}
+
+function ownNeedles(binding: CredentialBinding, credential: Credential): BodyNeedles {
   let byCredential = byBinding.get(binding)
   if (!byCredential) byBinding.set(binding, (byCredential = new WeakMap()))
   let n = byCredential.get(credential)
   if (!n) byCredential.set(credential, (n = compileNeedles([credential.value, ...binding.encodedForms(credential)])))
   return n
+}
+
+/**
+ * Several credentials' needles as one set, none worked out again: a change to a set of N costs
+ * some N × 60 references, not N credentials' spellings. Credentials of the same value are taken
+ * once (heldNeedles); two different ones share no needle but by chance, which costs only time.
+ */
+export function combineNeedles(parts: readonly BodyNeedles[]): BodyNeedles {
+  const needles: Buffer[] = []
+  const used = new Uint8Array(256)
+  for (const p of parts) {
+    for (const b of p.needles) needles.push(b)
+    for (let i = 0; i < 256; i++) used[i]! |= p.used[i]!
+  }
+  return assemble(needles, used)
+}
+
+/** One part per distinct value: a set may hold two credentials of one value (an issuer that answers the same token twice). */
+function heldNeedles(binding: CredentialBinding, held: readonly Credential[]): BodyNeedles[] {
+  const values = new Set<string>()
+  const parts: BodyNeedles[] = []
+  for (const c of held) {
+    if (values.has(c.value)) continue
+    values.add(c.value)
+    parts.push(ownNeedles(binding, c))
+  }
+  return parts
 }
 
 export function compileNeedles(texts: readonly string[]): BodyNeedles {
@@ -55,15 +139,48 @@ export function compileNeedles(texts: readonly string[]): BodyNeedles {
       }
     }
   }
+  const used = new Uint8Array(256)
+  for (const b of needles) for (const x of b) used[x] = 1
+  return assemble(needles, used)
+}
+
+function assemble(needles: Buffer[], used: Uint8Array): BodyNeedles {
   const byFirstByte: Buffer[][] = []
-  for (const b of needles) (byFirstByte[b[0]!] ??= []).push(b)
-  return {
-    needles,
-    byFirstByte,
-    shortest: Math.min(...needles.map((b) => b.length)),
-    longest: Math.max(...needles.map((b) => b.length)),
-    mask: maskByte(needles),
+  let shortest = Infinity
+  let longest = -Infinity
+  for (const b of needles) {
+    ;(byFirstByte[b[0]!] ??= []).push(b)
+    if (b.length < shortest) shortest = b.length
+    if (b.length > longest) longest = b.length
   }
+  return { needles, byFirstByte, shortest, longest, mask: maskByte(used), used, index: needles.length > INDEX_ABOVE ? indexNeedles(needles, shortest) : null }
+}
+
+/** Rolls the hash of `k` bytes ending at `end`: the same arithmetic as the scan (BodyScrubber.scanIndexed). */
+function hashOf(b: Buffer, end: number, k: number): number {
+  let h = 0
+  for (let i = end - k; i < end; i++) h = (Math.imul(h, 31) + b[i]!) | 0
+  return h
+}
+
+function indexNeedles(needles: readonly Buffer[], shortest: number): NeedleIndex {
+  const k = Math.min(shortest, MAX_K)
+  let pow = 1
+  for (let i = 1; i < k; i++) pow = Math.imul(pow, 31)
+  const byHash = new Map<number, Buffer[]>()
+  let bits = 1 << 12
+  while (bits < needles.length * 16 && bits < 1 << 24) bits <<= 1
+  const filter = new Uint32Array(bits >>> 5)
+  const filterMask = bits - 1
+  for (const b of needles) {
+    const h = hashOf(b, b.length, k)
+    const list = byHash.get(h)
+    if (list) list.push(b)
+    else byHash.set(h, [b])
+    const slot = h & filterMask
+    filter[slot >>> 5]! |= 1 << (slot & 31)
+  }
+  return { k, pow, byHash, filter, filterMask }
 }
 
 /**
@@ -95,13 +212,38 @@ const GO_HTML: Record<string, string> = { '&': '&amp;', '<': '&lt;', '>': '&gt;'
 const unicodeEscape = (c: string) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`
 const percentOf = (c: string) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`
 
-function maskByte(needles: readonly Buffer[]): number {
-  const used = new Uint8Array(256)
-  for (const b of needles) for (const x of b) used[x] = 1
+function maskByte(used: Uint8Array): number {
   for (const c of '*x#-_.~0') if (!used[c.charCodeAt(0)]) return c.charCodeAt(0)
   const free = used.indexOf(0)
   // Only needles using all 256 byte values leave none free; a match is then still overwritten.
   return free === -1 ? 0x2a : free
+}
+
+/**
+ * Every needle's place in `data`, as [start, end, start, end…] by end, or null: one pass, a
+ * rolling hash of the k bytes ending at each position, looked up (past a bit filter) among the
+ * hashes of the needles' last k bytes, and each candidate compared whole.
+ */
+function scanIndexed(data: Buffer, ix: NeedleIndex): number[] | null {
+  const { k, pow, byHash, filter, filterMask } = ix
+  const len = data.length
+  if (len < k) return null
+  let matches: number[] | null = null
+  let h = hashOf(data, k, k)
+  for (let end = k; ; end++) {
+    const slot = h & filterMask
+    if ((filter[slot >>> 5]! & (1 << (slot & 31))) !== 0) {
+      const candidates = byHash.get(h)
+      if (candidates !== undefined) {
+        for (const needle of candidates) {
+          const start = end - needle.length
+          if (start >= 0 && data.compare(needle, 0, needle.length, start, end) === 0) (matches ??= []).push(start, end)
+        }
+      }
+    }
+    if (end === len) return matches
+    h = (Math.imul(h - Math.imul(data[end - k]!, pow), 31) + data[end]!) | 0
+  }
 }
 
 /** One response body's pass: push() each chunk, end() once; what they return goes to the agent. */
@@ -119,7 +261,24 @@ export class BodyScrubber {
     let own = data !== chunk
     this.held = null
     const n = this.n
-    if (data.length >= n.shortest) {
+    if (data.length >= n.shortest && n.index !== null) {
+      const matches = scanIndexed(data, n.index)
+      if (matches !== null) {
+        if (!own) {
+          data = Buffer.from(data)
+          own = true
+        }
+        // Counted as indexOf would count them: one that overlaps the last counted is part of it.
+        let countedTo = 0
+        for (let m = 0; m < matches.length; m += 2) {
+          data.fill(n.mask, matches[m]!, matches[m + 1]!)
+          if (matches[m]! >= countedTo) {
+            this.found++
+            countedTo = matches[m + 1]!
+          }
+        }
+      }
+    } else if (data.length >= n.shortest) {
       for (const needle of n.needles) {
         let i = data.indexOf(needle)
         while (i !== -1) {

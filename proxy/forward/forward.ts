@@ -13,6 +13,7 @@ import { upstreamError } from './upstream-errors.js'
 import { safeReasonPhrase, scrubResponseHeaders } from './scrub.js'
 import { BodyScrubber, bodyNeedlesFor } from './body-scrub.js'
 import { lingerOnClose } from '../listen/linger.js'
+import { NONE_HELD } from '../credentials/held.js'
 import { recordEnd } from '../call-outcome.js'
 
 export type ForwardDone = (err: LatchkeyError | null) => void
@@ -142,8 +143,11 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     }
     const { binding, credential } = this.ctx
     if (binding && credential) {
-      scrubResponseHeaders(clean, binding, credential)
-      statusMessage = safeReasonPhrase(statusMessage, binding, credential)
+      // Every credential the source holds for the binding, not only this call's: an upstream that
+      // shows one request's token to another would hand this task another's (CredentialSource.held).
+      const held = this.ctx.credentialSource?.held(binding) ?? NONE_HELD
+      scrubResponseHeaders(clean, binding, credential, held)
+      statusMessage = safeReasonPhrase(statusMessage, binding, credential, held)
       const coding = encodedBody(clean, headers['transfer-encoding'], statusCode, this.res.req.method)
       if (coding !== null) {
         const decoder = headers['transfer-encoding'] === undefined || String(headers['transfer-encoding']).trim().toLowerCase() === 'chunked' ? decoderFor(clean['content-encoding']) : null
@@ -157,7 +161,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
         // such a GET): it describes what the agent gets, as that GET's head did.
         describeDecoded(clean)
       }
-      this.scrubber = new BodyScrubber(bodyNeedlesFor(binding, credential))
+      this.scrubber = new BodyScrubber(bodyNeedlesFor(binding, credential, held))
     }
     // node:http sends the head with the first chunk in one write, and ending a response with a
     // Content-Length writes nothing more. A chunked one ends with its own "0\r\n\r\n" write: as

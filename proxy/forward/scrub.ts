@@ -6,6 +6,7 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import { unescape } from 'node:querystring'
 import type { Credential, CredentialBinding } from '../context.js'
+import { NONE_HELD } from '../credentials/held.js'
 
 export const REMOVED = '[removed by latchkey: it contained the injected credential]'
 /** Said in place of a remote server's text that reveals a credential the sidecar sent it (revealsSecret). */
@@ -18,8 +19,9 @@ export const WITHHELD = 'its error text quoted a credential the sidecar sent and
  * case, `+` or `%20` for a space), JSON/JavaScript string escapes (`\/`, `\u002f`) and HTML
  * character references (`&#x2F;`, `&amp;`). Letter case is not folded.
  */
-export function revealsCredential(text: string, binding: CredentialBinding, credential: Credential): boolean {
-  return reveals(text, needlesFor(binding, credential), false)
+export function revealsCredential(text: string, binding: CredentialBinding, credential: Credential, held: readonly Credential[] = NONE_HELD): boolean {
+  for (const n of needleSet(binding, credential, held)) if (reveals(text, n, false)) return true
+  return false
 }
 
 /** What is looked for, worked out once per (binding, credential): a token serves many calls. */
@@ -42,6 +44,8 @@ interface Needles {
   shortest: number
   /** Whether the secret holds a space or `+`, which form-encoding swaps. */
   plusy: boolean
+  /** These needles as a set of one (needleSet), made once. */
+  alone: readonly Needles[]
 }
 
 const needlesByBinding = new WeakMap<CredentialBinding, WeakMap<Credential, Needles>>()
@@ -54,8 +58,46 @@ function needlesFor(binding: CredentialBinding, credential: Credential): Needles
   return n
 }
 
+/** The needles of a held set (CredentialSource.held), worked out when the set changes, not per call. */
+interface NeedleSet {
+  members: ReadonlySet<Credential>
+  set: readonly Needles[]
+  /** The set with a call's own credential first, for one the set lacks (it expired meanwhile). */
+  withOwn: WeakMap<Credential, readonly Needles[]>
+}
+
+const setsByBinding = new WeakMap<CredentialBinding, WeakMap<readonly Credential[], NeedleSet>>()
+
+/**
+ * What a credentialed call's response head is checked for: its own credential and every other
+ * the source holds for the binding (`held`: another task's token, one a refresh superseded).
+ * Cached by the held array, which a source keeps while its set is unchanged: a call allocates
+ * nothing, and a change costs a lookup per value (needlesFor caches each one's needles).
+ */
+function needleSet(binding: CredentialBinding, credential: Credential, held: readonly Credential[]): readonly Needles[] {
+  // The call's own credential alone (a static secret): its needles, as before sets were looked for.
+  if (held.length === 0 || (held.length === 1 && held[0] === credential)) return needlesFor(binding, credential).alone
+  let byHeld = setsByBinding.get(binding)
+  if (!byHeld) setsByBinding.set(binding, (byHeld = new WeakMap()))
+  let s = byHeld.get(held)
+  if (!s) byHeld.set(held, (s = { members: new Set(held), set: withShortest(held.map((c) => needlesFor(binding, c))), withOwn: new WeakMap() }))
+  if (s.members.has(credential)) return s.set
+  let own = s.withOwn.get(credential)
+  if (!own) s.withOwn.set(credential, (own = withShortest([needlesFor(binding, credential), ...s.set])))
+  return own
+}
+
+/** A set's shortest needle: a header value shorter (most are) is passed over without a test per credential. */
+const shortestOf = new WeakMap<readonly Needles[], number>()
+function withShortest(set: readonly Needles[]): readonly Needles[] {
+  let shortest = Infinity
+  for (const n of set) if (n.shortest < shortest) shortest = n.shortest
+  shortestOf.set(set, shortest)
+  return set
+}
+
 function needles(secret: string, forms: readonly string[]): Needles {
-  return {
+  const n: Needles = {
     secret,
     wanted: spaceAsPlus(secret),
     wantedAfter: unescapedRounds(secret),
@@ -66,7 +108,10 @@ function needles(secret: string, forms: readonly string[]): Needles {
     lowerForms: forms.map((f) => f.toLowerCase()),
     shortest: Math.min(secret.length, ...forms.map((f) => f.length)),
     plusy: secret.includes(' ') || secret.includes('+'),
+    alone: [],
   }
+  n.alone = [n]
+  return n
 }
 
 /** A secret the sidecar sent, and the texts it was sent inside (Basic's `id:secret`, that header's base64), if any. */
@@ -200,13 +245,14 @@ function contains(text: string, secret: string, forms: readonly string[]): boole
 }
 
 /**
- * Removes from a response head what reveals the credential: a header whose name does is dropped,
- * a value that does is replaced (one entry of a list, e.g. one Set-Cookie, not its neighbours).
+ * Removes from a response head what reveals the credential, or any other the source holds for
+ * the binding (`held`, see needleSet): a header whose name does is dropped, a value that does is
+ * replaced (one entry of a list, e.g. one Set-Cookie, not its neighbours).
  */
-export function scrubResponseHeaders(headers: IncomingHttpHeaders, binding: CredentialBinding, credential: Credential): void {
-  const n = needlesFor(binding, credential)
+export function scrubResponseHeaders(headers: IncomingHttpHeaders, binding: CredentialBinding, credential: Credential, held: readonly Credential[] = NONE_HELD): void {
+  const set = needleSet(binding, credential, held)
   for (const name in headers) {
-    if (reveals(name, n, true)) {
+    if (anyReveals(reveals, name, set, true)) {
       delete headers[name]
       continue
     }
@@ -217,21 +263,31 @@ export function scrubResponseHeaders(headers: IncomingHttpHeaders, binding: Cred
     // A URL is masked where the credential is in it, as a body is, so a client can still follow
     // it (a query injector puts the credential back over the mask); anything else, or a URL the
     // mask does not make safe by every check, is replaced whole.
-    const clean = (x: string) => (!hides(x, n, false) ? x : url ? (maskedUrl(x, credential, n) ?? REMOVED) : REMOVED)
+    const clean = (x: string) => (!anyReveals(hides, x, set, false) ? x : url ? (maskedUrl(x, set) ?? REMOVED) : REMOVED)
     if (typeof v === 'string') headers[name] = clean(v)
-    else if (v.some((x) => hides(x, n, false))) headers[name] = v.map(clean)
+    else if (v.some((x) => anyReveals(hides, x, set, false))) headers[name] = v.map(clean)
   }
 }
 
+function anyReveals(test: (text: string, n: Needles, lowerCased: boolean) => boolean, text: string, set: readonly Needles[], lowerCased: boolean): boolean {
+  if (set.length > 1 && text.length < (shortestOf.get(set) ?? 0)) return false
+  for (const n of set) if (test(text, n, lowerCased)) return true
+  return false
+}
+
 /**
- * `value` with the credential masked in place where it is itself, plain or percent-encoded (a
- * query credential echoed back), or null when anything of it is left: a masked base64 form, say,
- * leaves its edge groups, which decode to the secret's first and last characters.
+ * `value` with each credential of `set` masked in place where it is itself, plain or
+ * percent-encoded (a query credential echoed back), or null when anything of one is left: a
+ * masked base64 form, say, leaves its edge groups, which decode to the secret's first and last
+ * characters.
  */
-function maskedUrl(value: string, credential: Credential, n: Needles): string | null {
+function maskedUrl(value: string, set: readonly Needles[]): string | null {
   let masked = value
-  for (const form of new Set([credential.value, encodeURIComponent(credential.value)])) masked = masked.split(form).join('*'.repeat(form.length))
-  return masked === value || revealsAsUrl(masked, n, false) ? null : masked
+  for (const n of set) {
+    if (!revealsAsUrl(masked, n, false)) continue
+    for (const form of new Set([n.secret, encodeURIComponent(n.secret)])) masked = masked.split(form).join('*'.repeat(form.length))
+  }
+  return masked === value || anyReveals(revealsAsUrl, masked, set, false) ? null : masked
 }
 
 /** Headers clients read as URLs and follow (a redirect, a pagination Link's rel=next), or report as the response's URL. */
@@ -245,7 +301,7 @@ function revealsAsUrl(text: string, n: Needles, lowerCased: boolean): boolean {
   return reveals(text, n, lowerCased) || (/[\t\n\r]/.test(text) && reveals(text.replace(/[\t\n\r]/g, ''), n, lowerCased))
 }
 
-/** The upstream's reason phrase, unless it reveals the credential (then the standard one is used). */
-export function safeReasonPhrase(reason: string | undefined, binding: CredentialBinding, credential: Credential): string | undefined {
-  return reason && revealsCredential(reason, binding, credential) ? undefined : reason
+/** The upstream's reason phrase, unless it reveals the credential or another held for the binding (then the standard one is used). */
+export function safeReasonPhrase(reason: string | undefined, binding: CredentialBinding, credential: Credential, held: readonly Credential[] = NONE_HELD): string | undefined {
+  return reason && revealsCredential(reason, binding, credential, held) ? undefined : reason
 }

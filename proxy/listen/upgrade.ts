@@ -16,6 +16,7 @@ import { closeWhenIdle, relay, watchClose, watchEarlyHangUp, type RelayTimeouts 
 import { expectedAccept, readUpgradeResponse, serializeSwitchingProtocols } from './upgrade-response.js'
 import { scrubResponseHeaders } from '../forward/scrub.js'
 import { bodyNeedlesFor } from '../forward/body-scrub.js'
+import { NONE_HELD } from '../credentials/held.js'
 import { WebSocketScrubber } from './websocket-scrub.js'
 import { recordEnd } from '../call-outcome.js'
 
@@ -135,8 +136,10 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
             refuse(new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream answered the WebSocket handshake with an extension none was offered: its messages could come compressed, and could not be checked for the credential'))
             return
           }
-          scrubResponseHeaders(response.headers, binding, credential)
-          relayScrubber = new WebSocketScrubber(bodyNeedlesFor(binding, credential))
+          // Every credential the source holds for the binding, not only this call's (CredentialSource.held).
+          const held = ctx.credentialSource?.held(binding) ?? NONE_HELD
+          scrubResponseHeaders(response.headers, binding, credential, held)
+          relayScrubber = new WebSocketScrubber(bodyNeedlesFor(binding, credential, held))
           relayScrubber.once('error', (err) => {
             if (err instanceof LatchkeyError) recordEnd(ctx, err.code, err.reason)
             client.destroy()

@@ -17,6 +17,7 @@ import { checkFraming } from './listen/framing.js'
 import { outboundRequestHeaders, type OutboundHeaders } from './forward/headers.js'
 import { forward, hasRequestBody, type BodyInspector } from './forward/forward.js'
 import { locationThroughRoute, resolveLocation } from './forward/route-location.js'
+import { scopeRouteCookies } from './forward/route-cookie.js'
 import { isIP } from 'node:net'
 import ipaddr from 'ipaddr.js'
 import { classifyAddress } from './resolve/classify.js'
@@ -322,6 +323,24 @@ export class Pipeline {
     return upstream ? locationThroughRoute(location, resolved, target, upstream) : location
   }
 
+  /**
+   * A route's response's cookies put under `/<route>/` (forward/route-cookie.ts), in place; one
+   * that cannot be is dropped and the operator told why (never its name or value: an upstream
+   * chose them, and one may hold a session).
+   */
+  readonly scopeCookies = (headers: IncomingHttpHeaders, target: Target): void => {
+    if (target.route === null) return
+    const upstream = this.stages.routes.get(target.route)
+    if (!upstream) {
+      // A route no longer known (never so for a target parseReverseTarget made): nothing to scope them to.
+      delete headers['set-cookie']
+      delete (headers as Record<string, unknown>)['set-cookie2']
+      return
+    }
+    const dropped = scopeRouteCookies(headers, target, upstream)
+    if (dropped.length > 0) this.stages.log.warn({ route: target.route, dropped }, "a Set-Cookie from a route's upstream could not be scoped to the route and was not relayed")
+  }
+
   /** Whether a URL reaches the sidecar's listener or admin API: a spelling it takes for its own, or any loopback, unspecified or this host's address or localhost name on their ports. */
   private namesSidecar(url: URL): boolean {
     const own = this.ownAddress
@@ -571,6 +590,7 @@ export class Pipeline {
         else this.finish(ctx)
       },
       this.relocate,
+      this.scopeCookies,
       this.stages.audit.recordBeforeResponse === true ? this.auditKeeps : null,
       this.stages.bodyGapMs ?? 0,
       inspect,

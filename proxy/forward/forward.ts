@@ -36,6 +36,13 @@ const NO_BYTES = Buffer.alloc(0)
  */
 export type Relocate = (location: string, target: Target, redirect: boolean) => string | null
 
+/**
+ * Puts the response's Set-Cookie headers (`headers`, changed in place) under the reverse route
+ * `target` names, or drops them: see forward/route-cookie.ts and Pipeline.scopeCookies. Called
+ * only for a call on a route whose response sets a cookie.
+ */
+export type ScopeCookies = (headers: IncomingHttpHeaders, target: Target) => void
+
 /** Reason phrases relayed as the upstream wrote them only when plain printable ASCII; else the standard one. */
 const PRINTABLE = /^[\t\x20-\x7e]*$/
 
@@ -77,6 +84,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     private readonly res: ServerResponse,
     private readonly done: ForwardDone,
     private readonly relocate: Relocate,
+    private readonly scopeCookies: ScopeCookies,
     /**
      * Set when the call is reported (and so audited) before the response's last bytes are
      * written (AuditSink.recordBeforeResponse): whether the sink keeps an event now.
@@ -163,6 +171,12 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       }
       this.scrubber = new BodyScrubber(bodyNeedlesFor(binding, credential, held))
     }
+    // On a reverse route every cookie is put under `/<route>/` (forward/route-cookie.ts): all
+    // routes share the sidecar's host, and a jar would send one upstream's cookies to the others.
+    // After the scrub: scoping decodes nothing, so spells out no secret the scrub did not see,
+    // and a Set-Cookie the scrub replaced (no name=value left) is dropped, not set on the whole host.
+    const target = this.ctx.target!
+    if (target.route !== null && (clean['set-cookie'] !== undefined || clean['set-cookie2'] !== undefined)) this.scopeCookies(clean, target)
     // node:http sends the head with the first chunk in one write, and ending a response with a
     // Content-Length writes nothing more. A chunked one ends with its own "0\r\n\r\n" write: as
     // undici usually delivers head, body and end in one tick, corking until the next sends a small
@@ -635,6 +649,7 @@ export function forward(
   headers: OutboundHeaders,
   done: ForwardDone,
   relocate: Relocate,
+  scopeCookies: ScopeCookies,
   recordFirst: (() => boolean) | null = null,
   /** timeouts.body_ms: an agent's streamed request body silent this long ends the call (watchBodyStall). */
   bodyGapMs = 0,
@@ -646,7 +661,7 @@ export function forward(
   // A Content-Length body reaches the parser's callback one socket read at a time already: only a
   // chunked one can come as many tiny frames.
   const body = chunked ? coalesced(req, ctx, inspect) : hasRequestBody(req) ? counted(req, ctx, inspect) : null
-  const relay = new ResponseRelay(ctx, res, done, relocate, recordFirst, bodyGapMs)
+  const relay = new ResponseRelay(ctx, res, done, relocate, scopeCookies, recordFirst, bodyGapMs)
   ctx.forward = relay
   // A chunked body can turn out malformed after the head has gone: the listener must be able to
   // end this call with a 400 (abortChunkedForward). Only such bodies are tracked.

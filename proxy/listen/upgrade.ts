@@ -146,6 +146,8 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
             upstream.destroy()
           })
         }
+        // A cookie set on a route's WebSocket handshake is scoped to the route as any other (forward/route-cookie.ts).
+        if (target.route !== null && (response.headers['set-cookie'] !== undefined || response.headers['set-cookie2'] !== undefined)) pipeline.scopeCookies(response.headers, target)
         ctx.status = 101
         ctx.relayed = true
         answerHeadBytes = response.headBytes

@@ -8,6 +8,7 @@
 // a republish inside JetStream's duplicate window is dropped by the msgID).
 import { connect, RetentionPolicy, StorageType, type JetStreamClient, type NatsConnection } from 'nats'
 import type { Logger } from '../lib/log.js'
+import { withoutUserinfo } from '../lib/without-userinfo.js'
 import { agentType } from './store/chain.js'
 import type { AuditStore, StoredEvent } from './store/types.js'
 import type { FanOut } from './collector.js'
@@ -91,7 +92,8 @@ export class JetStreamFanOut implements FanOut {
     try {
       nc = await connect({ servers: config.servers, name: 'latchkey-collector', maxReconnectAttempts: -1 })
     } catch (err) {
-      throw new Error(`nats ${config.servers.join(',')}: cannot connect (${(err as { code?: string }).code ?? (err as Error).message})`)
+      // The servers without their userinfo (NATS credentials ride in the URL), and the client's code, not its message, which may quote one.
+      throw Object.assign(new Error(`collector.nats ${config.servers.map(withoutUserinfo).join(',')}: cannot connect (${(err as { code?: string }).code ?? 'error'})`), { code: 'LK_STARTUP' })
     }
     const jsm = await nc.jetstreamManager()
     const subjects = [`${config.subject_prefix}.>`]

@@ -6,6 +6,7 @@
 import { randomUUID } from 'node:crypto'
 import { connect, DeliverPolicy, RetentionPolicy, StorageType, type ConsumerMessages, type NatsConnection } from 'nats'
 import type { Logger } from '../../lib/log.js'
+import { withoutUserinfo } from '../../lib/without-userinfo.js'
 import type { RevocationList, RevocationChange } from '../revocations/list.js'
 import { REVOCATION_KINDS, type RevocationKind } from '../revocations/store.js'
 
@@ -36,7 +37,8 @@ export class RevocationBus {
     try {
       nc = await connect({ servers: cfg.servers, name: 'latchkey-broker', maxReconnectAttempts: -1 })
     } catch (err) {
-      throw new Error(`broker.control.nats ${cfg.servers.join(',')}: cannot connect (${(err as { code?: string }).code ?? (err as Error).message})`)
+      // The servers without their userinfo (NATS credentials ride in the URL), and the client's code, not its message, which may quote one.
+      throw Object.assign(new Error(`broker.control.nats ${cfg.servers.map(withoutUserinfo).join(',')}: cannot connect (${(err as { code?: string }).code ?? 'error'})`), { code: 'LK_STARTUP' })
     }
     const jsm = await nc.jetstreamManager()
     try {

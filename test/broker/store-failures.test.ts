@@ -124,3 +124,11 @@ t.test('a resync that fails is logged with its cause', async (t) => {
   t.ok(line, 'logged')
   t.match(JSON.parse(line ?? '{}'), { level: 40, reason: `relation "${schema}.revocations" does not exist`, msg: 'revocation resync failed: store unavailable' })
 })
+
+t.test('`latchkey broker` with its NATS unreachable: exit 1, one line naming the servers, never their password', async (t) => {
+  process.env.LATCHKEY_CONTROL_TOKEN ??= randomBytes(16).toString('hex')
+  const r = await brokerCliStart(stringify(TEST_REGISTRY), undefined, { control: { port: 0, insecure_plaintext: true, nats: { servers: ['nats://probe:NATS-PASSWORD-CANARY@127.0.0.1:1'] } } })
+  t.equal(r.status, 1)
+  t.equal(r.stderr, 'broker.control.nats nats://***@127.0.0.1:1: cannot connect (CONNECTION_REFUSED)\n')
+  t.notMatch(r.stderr, /NATS-PASSWORD-CANARY/)
+})

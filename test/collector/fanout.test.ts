@@ -60,11 +60,14 @@ t.test('stored events are published once each to <prefix>.<agent type>', async (
   await fan.close()
 })
 
-t.test('an unreachable NATS fails collector start-up, naming the server', async (t) => {
+t.test('an unreachable NATS fails collector start-up, naming the server, never its password', async (t) => {
   const id = sidecarIdentity()
-  await t.rejects(startTestCollector([id], { raw: { nats: { servers: ['nats://127.0.0.1:1'], stream: 'X', subject_prefix: 'x' } } }), {
-    message: /nats nats:\/\/127\.0\.0\.1:1: cannot connect/,
-  })
+  const err = (await startTestCollector([id], { raw: { nats: { servers: ['nats://probe:NATS-PASSWORD-CANARY@127.0.0.1:1', '127.0.0.1:2'], stream: 'X', subject_prefix: 'x' } } }).then(
+    () => null,
+    (e: unknown) => e,
+  )) as { message: string; code?: string } | null
+  t.match(err, { code: 'LK_STARTUP', message: /^collector\.nats nats:\/\/\*\*\*@127\.0\.0\.1:1,127\.0\.0\.1:2: cannot connect/ }, 'one line for the operator, the servers named')
+  t.notMatch(err?.message ?? '', /NATS-PASSWORD-CANARY|probe:/, 'the userinfo is not')
 })
 
 t.test('events stored but never published (a collector died in between) go out on the next start, once', async (t) => {

@@ -48,7 +48,7 @@ export const TEST_REGISTRY = {
  * (a temp dir, the local attestor, SQLite unless `store` says otherwise), for a start-up expected
  * to fail: its exit status and stderr, and where the registry was written.
  */
-export async function brokerCliStart(registry: string, store?: Record<string, unknown>): Promise<{ status: number | null; stderr: string; registryFile: string }> {
+export async function brokerCliStart(registry: string, store?: Record<string, unknown>, broker: Record<string, unknown> = {}): Promise<{ status: number | null; stderr: string; registryFile: string }> {
   const dir = mkdtempSync(join(tmpdir(), 'lk-broker-cli-'))
   const registryFile = join(dir, 'agents.yaml')
   writeFileSync(registryFile, registry)
@@ -64,6 +64,7 @@ export async function brokerCliStart(registry: string, store?: Record<string, un
         keys: { dir: join(dir, 'keys') },
         attestors: { local: { keys_file: (await ensureLocalAttestorKey(join(dir, 'local'))).jwksFile } },
         store: store ?? { sqlite: { path: join(dir, 'broker.db') } },
+        ...broker,
       },
     }),
   )

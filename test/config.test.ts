@@ -258,7 +258,7 @@ t.test('start-up failures are one line naming the setting: a port in use, an unr
   writeFileSync(badSecrets, 'S: "unterminated\n')
   const secrets = run(`version: 1\nsidecar: { listen: { port: 0 }, admin: { port: 0 } }\nsecrets: { file: ${badSecrets}, env_prefix: NOPE_ }\ncredentials: [{ id: c, audience: "http://127.0.0.1:1", source: static, secret: S, inject: { type: bearer } }]\naudit: { jsonl: { path: ${join(dir, 'b.jsonl')} } }\n`)
   t.equal(secrets.status, 1)
-  t.match(secrets.stderr, /secrets\.file .*: cannot read or parse/)
+  t.match(secrets.stderr, /secrets\.file .*: not YAML this sidecar reads \(\w+ at line \d+;/)
   t.notMatch(secrets.stderr, /\n\s+at /, 'no stack trace')
   t.notMatch(secrets.stderr, /unterminated/, "the file's content is not echoed")
   for (const [content, why] of [['S: 9837465', /secret S is not a string \(quote it\)/], ['- S', /must be a mapping of name to secret/]] as const) {

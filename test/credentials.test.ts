@@ -70,12 +70,38 @@ t.test('static secrets come from the environment first, then the file', async (t
   t.equal(src.get(binding('B')).id, 'static:B', 'the audit id names the secret, never its value')
   t.throws(() => src.get(binding('C')), { code: 'LK_CREDENTIAL_UNAVAILABLE' })
   writeFileSync(file, 'A: [unclosed\n')
-  t.throws(() => new StaticSecretSource({ file, env_prefix: 'LK_T_' }, ['A'], {}), /cannot read or parse/)
+  t.throws(() => new StaticSecretSource({ file, env_prefix: 'LK_T_' }, ['A'], {}), /not YAML this sidecar reads \(\w+ at line \d+;/)
   try {
     new StaticSecretSource({ file, env_prefix: 'LK_T_' }, ['A'], {})
   } catch (err) {
     t.notMatch((err as Error).message, /unclosed/, 'a parse error never echoes the file')
   }
+})
+
+t.test('a secrets file yaml would only warn about (an unknown tag, a directive) is refused, and nothing of it printed', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-secrets-'))
+  const file = join(dir, 'secrets.yaml')
+  const warnings: string[] = []
+  const onWarning = (w: Error) => warnings.push(`${w.name} ${w.message}`)
+  process.on('warning', onWarning)
+  t.teardown(() => process.off('warning', onWarning))
+  for (const [content, code, line] of [
+    ['A: ok\nGH: !secret SECRET-CANARY-7q\n', 'TAG_RESOLVE_FAILED', 2],
+    ['%FOO SECRET-CANARY-7q\n---\nA: ok\n', 'BAD_DIRECTIVE', 1],
+    ['A: ok\n---\nB: SECRET-CANARY-7q\n', 'MULTIPLE_DOCS', 2],
+  ] as const) {
+    writeFileSync(file, content)
+    let message = ''
+    try {
+      new StaticSecretSource({ file, env_prefix: 'LK_T_' }, ['A', 'GH', 'B'], {})
+    } catch (err) {
+      message = (err as Error).message
+    }
+    t.match(message, `not YAML this sidecar reads (${code} at line ${line};`, code)
+    t.notMatch(message, /SECRET-CANARY/, `${code}: the refusal quotes nothing of the file`)
+  }
+  await new Promise((r) => setImmediate(r))
+  t.same(warnings, [], 'and nothing went to process warnings (stderr)')
 })
 
 t.test('a static secret short enough to be ordinary text is warned of at start-up, by name and length, never value', async (t) => {

@@ -153,7 +153,8 @@ function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv, source: string)
       node = node[key] as Record<string, unknown>
     }
     try {
-      node[keys[keys.length - 1]!] = parseYamlScalar(value)
+      // logLevel error: parse() would print a warning (an unknown tag) quoting the value, which can be a secret.
+      node[keys[keys.length - 1]!] = parseYamlScalar(value, { logLevel: 'error' })
     } catch {
       // The value itself is not repeated: an override can carry a secret.
       throw new ConfigError(source, [{ path: name, message: 'not a valid YAML value' }])

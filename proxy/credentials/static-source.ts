@@ -1,7 +1,7 @@
 // The first CredentialSource: secrets read once at start-up from a YAML/JSON file of
 // name → value, or from environment variables `<env_prefix><NAME>`. They live in memory only.
 import { readFileSync } from 'node:fs'
-import { parse } from 'yaml'
+import { parseYamlDocument } from '../../lib/yaml-document.js'
 import type { Config } from '../../lib/config/schema.js'
 import type { Credential, CredentialBinding, CredentialSource } from '../context.js'
 import { LatchkeyError } from '../errors.js'
@@ -21,11 +21,25 @@ export class StaticSecretSource implements CredentialSource {
     let fromFile: Record<string, unknown> = {}
     if (secrets.file) {
       let parsed: unknown
+      // Never echo the file's content: it is full of secrets. yaml's parse() writes each warning
+      // (an unknown tag, a directive) to stderr with the line it is about, a secret in it: the
+      // document is parsed without that, and any error or warning refused by its code and line.
+      let text: string
       try {
-        parsed = parse(readFileSync(secrets.file, 'utf8'))
+        text = readFileSync(secrets.file, 'utf8')
       } catch (err) {
-        // Never echo the file's content: it is full of secrets.
-        throw startupError(`secrets.file ${secrets.file}: cannot read or parse (${(err as NodeJS.ErrnoException).code ?? 'invalid YAML'})`)
+        throw startupError(`secrets.file ${secrets.file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
+      }
+      const doc = parseYamlDocument(text)
+      const problem = doc.errors[0] ?? doc.warnings[0]
+      if (problem) {
+        const line = text.slice(0, problem.pos[0]).split('\n').length
+        throw startupError(`secrets.file ${secrets.file}: not YAML this sidecar reads (${problem.code} at line ${line}; the line is not quoted: it may hold a secret)`)
+      }
+      try {
+        parsed = doc.toJS()
+      } catch (err) {
+        throw startupError(`secrets.file ${secrets.file}: cannot be read as data (${(err as { code?: string }).code ?? 'invalid YAML'})`)
       }
       if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw startupError(`secrets.file ${secrets.file}: must be a mapping of name to secret`)
       fromFile = parsed as Record<string, unknown>

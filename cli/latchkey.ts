@@ -87,6 +87,10 @@ export function onShutdown(close: (urgent?: boolean) => Promise<void>): void {
   }
   process.on('SIGTERM', () => handler('SIGTERM'))
   process.on('SIGINT', () => handler('SIGINT'))
+  // SIGHUP: a sidecar reloads its policy and reopens its audit file (its own listener). A broker,
+  // a collector or `up` has nothing it reloads, and the default action ended it at once (exit
+  // 129), undrained, for the signal operators are taught to send a sidecar.
+  if (process.listenerCount('SIGHUP') === 0) process.on('SIGHUP', () => console.error('SIGHUP ignored: this process reloads nothing on it (SIGTERM stops it)'))
 }
 
 program

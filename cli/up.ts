@@ -49,8 +49,9 @@ export async function runUp(opts: { config: string }): Promise<{ close(urgent?: 
       adminToken = env[b.admin_token_env] = randomBytes(32).toString('base64url')
       revokeHint = `${b.admin_token_env}=$(cat ${resolve(ADMIN_TOKEN_FILE)}) `
     }
-    revokeHint += `npx latchkey revoke ${config.sidecar.agent_id}`
     broker = await startBroker(b, { logger: createLogger(config.log.level, 'latchkey-broker'), env })
+    // The CLI's defaults name the example's ports: a config that moves them is named, or the hint fails.
+    revokeHint += `npx latchkey revoke ${config.sidecar.agent_id}${broker.url === 'http://127.0.0.1:15003' ? '' : ` --broker ${broker.url}`}`
   }
   let collector: RunningCollector | undefined
   const cc = config.audit.collector
@@ -95,7 +96,7 @@ export async function runUp(opts: { config: string }): Promise<{ close(urgent?: 
       line('demo upstream', `http://127.0.0.1:${upstreamPort}`) +
       (broker ? line('broker', `${broker.url}  (RFC 8693 /oauth2/token, JWKS /.well-known/jwks.json)`) : '') +
       (collector ? line('collector', `${collector.httpUrl ?? ''}  (gRPC ingest ${collector.grpcAddress})`) : '') +
-      line('audit trail', collector ? `npx latchkey audit --agent ${config.sidecar.agent_id}` : config.audit.jsonl.path) +
+      line('audit trail', collector ? `npx latchkey audit --agent ${config.sidecar.agent_id}${!collector.httpUrl || collector.httpUrl === 'http://127.0.0.1:15101' ? '' : ` --url ${collector.httpUrl}`}` : config.audit.jsonl.path) +
       (revokeHint ? line('revoke the agent', revokeHint) : '') +
       `
 Try:

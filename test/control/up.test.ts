@@ -43,6 +43,9 @@ t.test('latchkey up: `latchkey revoke agent:demo:dev:local` stops the demo agent
   const hello = await run('curl', ['-sS', '-x', proxy, `http://127.0.0.1:${upstream}/hello`], { env })
   t.match(JSON.parse(hello.stdout), { upstream: 'latchkey demo', sub: 'agent:demo:dev:local' }, 'the demo agent works')
 
+  // The banner's hints name the moved ports (the CLI's defaults are the example's): as printed, they reach this system.
+  t.match(out, new RegExp(`revoke the agent\\s+npx latchkey revoke agent:demo:dev:local --broker http://127\\.0\\.0\\.1:${broker}$`, 'm'), 'the revoke hint names the broker')
+  t.match(out, new RegExp(`audit trail\\s+npx latchkey audit --agent agent:demo:dev:local --url http://127\\.0\\.0\\.1:${ingest + 1}$`, 'm'), 'the audit hint names the query API')
   const revoked = await run(process.execPath, [resolve('dist/cli/latchkey.js'), 'revoke', 'agent:demo:dev:local', '--broker', `http://127.0.0.1:${broker}`, '--reason', 'demo'], { env })
   t.match(revoked.stdout + revoked.stderr, /revoked|201/i)
   let body: Record<string, unknown> = {}

@@ -1,6 +1,7 @@
 // CLI commands of the collector: `latchkey collector -c collector.yaml`, and the operator's
 // `latchkey audit --agent <id> --since 24h [--denied] [--json]` and `latchkey audit verify`.
-// Queries go to a collector's HTTP API (--url), or straight to its store (-c collector.yaml).
+// Queries go to a collector's HTTP API (--url), or straight to its store (-c collector.yaml), opened
+// read-only: never created or migrated here, only by the collector that owns it.
 import type { Command } from 'commander'
 import { request } from 'undici'
 import { Action, AuditEvent } from '../protos/gen/latchkey/v1/audit.js'
@@ -108,9 +109,14 @@ async function loadConfig(file: string): Promise<CollectorConfig> {
   return (await import('./config.js')).loadCollectorConfig(file)
 }
 
+/**
+ * The store named in a collector config, opened read-only: one that is not there (a typo in the
+ * path or schema, a volume not mounted) is an error naming the setting, never an empty store
+ * created on the spot and reported on as "0 calls", "chain verified".
+ */
 async function openConfiguredStore(file: string): Promise<AuditStore> {
-  const [{ openStore }, config] = await Promise.all([import('./collector.js'), loadConfig(file)])
-  return openStore(config.collector.store)
+  const [{ openStoreReadOnly }, config] = await Promise.all([import('./collector.js'), loadConfig(file)])
+  return openStoreReadOnly(config.collector.store)
 }
 
 export function registerCollectorCommands(program: Command, onShutdown: (close: () => Promise<void>) => void): void {
@@ -137,7 +143,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
     .option('--json', 'one JSON object per line')
     .option('--limit <n>', 'at most this many events', '10000')
     .option('--url <url>', "the collector's HTTP query API", DEFAULT_URL)
-    .option('-c, --config <file>', 'read the store named in this collector config directly instead of --url')
+    .option('-c, --config <file>', 'read the store named in this collector config directly (read-only; it must exist) instead of --url')
     .action(async (opts: { agent?: string; since: string; denied?: boolean; json?: boolean; limit: string; url: string; config?: string }) => {
       try {
         if (!opts.agent) throw new CliError('--agent <id> is required (e.g. --agent agent:summarizer:prod:7a2c91)')

@@ -11,17 +11,28 @@ import type { CollectorConfig, StoreConfig } from './config.js'
 import { IngestService } from './ingest.js'
 import { decodeIngestRequest } from './wire.js'
 import { createQueryServer } from './http.js'
-import type { AuditStore, StoredEvent } from './store/types.js'
+import type { AuditStore, AuditStoreBackend, StoredEvent } from './store/types.js'
 import { SqliteAuditStore } from './store/sqlite.js'
-import { PostgresAuditStore } from './store/postgres.js'
+import { PostgresAuditStore, type PostgresStoreOptions } from './store/postgres.js'
 import { JetStreamFanOut } from './fanout.js'
 import { listenError } from '../lib/listen-error.js'
 
 /** How long start-up waits for the store to answer the schema check before going on without it. */
 const SCHEMA_CHECK_WAIT_MS = 5_000
 
+// Each backend opens both ways (AuditStoreBackend): the compiler holds them to it.
+const sqlite: AuditStoreBackend<string> = SqliteAuditStore
+const postgres: AuditStoreBackend<PostgresStoreOptions> = PostgresAuditStore
+const postgresOptions = (c: Extract<StoreConfig, { kind: 'postgres' }>): PostgresStoreOptions => ({ url: c.url, schema: c.schema, poolSize: c.pool_size, writerRole: c.writer_role, migrate: c.migrate })
+
+/** The collector's own store: created when missing, migrated (see AuditStoreBackend). */
 export function openStore(c: StoreConfig): AuditStore {
-  return c.kind === 'sqlite' ? new SqliteAuditStore(c.path) : new PostgresAuditStore({ url: c.url, schema: c.schema, poolSize: c.pool_size, writerRole: c.writer_role, migrate: c.migrate })
+  return c.kind === 'sqlite' ? new sqlite(c.path) : new postgres(postgresOptions(c))
+}
+
+/** A reader's (`latchkey audit -c`): an existing store only, read-only; nothing is created or changed. */
+export function openStoreReadOnly(c: StoreConfig): Promise<AuditStore> {
+  return c.kind === 'sqlite' ? sqlite.openReadOnly(c.path) : postgres.openReadOnly(postgresOptions(c))
 }
 
 export interface FanOut {

@@ -2,19 +2,21 @@
 // only write is append()) and by the database itself: a trigger refuses UPDATE, DELETE and
 // TRUNCATE for every role including the owner, and those privileges are revoked from PUBLIC.
 // Replicas serialise appends per sidecar with a transaction-scoped advisory lock, so each
-// sidecar's chain stays linear whichever replica its stream lands on.
+// sidecar's chain stays linear whichever replica its stream lands on. The collector opens it with
+// `new` (creates the schema, migrates unless `migrate: false`); a reader (`latchkey audit -c`)
+// with openReadOnly(): an existing schema only, no DDL, no writes.
 import pg from 'pg'
 import { Action, type SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
 import { GENESIS, INGEST_CURSOR, askableIds, checkAgainstCursors, chainRows, newEvents, rowToStored, toStored } from './chain.js'
 import { EVENT_ORDER, VERIFY_COLUMNS, VERIFY_PAGE, VerifyFold, afterCursor, type DbRow } from './sqlite-reads.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
 import { AUDIT_CURSORS_SHAPE, AUDIT_EVENTS_SHAPE, StoreError } from './types.js'
-import { assertShape, postgresShape, StoreSchemaError } from '../../lib/store-schema.js'
+import { assertShape, postgresShape, postgresWhere, storeStartupError, StoreSchemaError } from '../../lib/store-schema.js'
 
 export interface PostgresStoreOptions {
   /** libpq-style connection string, e.g. postgres://user@127.0.0.1:5432/latchkey */
   url: string
-  /** Schema holding the tables; created if missing. */
+  /** Schema holding the tables; created if missing (the collector's open; openReadOnly() never creates it). */
   schema?: string
   poolSize?: number
   /**
@@ -24,6 +26,8 @@ export interface PostgresStoreOptions {
   writerRole?: string
   /** Create or update the schema on start (default). False for a role that may only write. */
   migrate?: boolean
+  /** A reader's store: see PostgresAuditStore.openReadOnly(). */
+  readOnly?: boolean
 }
 
 const DENIED = `(${Action.ACTION_DENY}, ${Action.ACTION_REPORT})`
@@ -40,12 +44,36 @@ export class PostgresAuditStore implements AuditStore {
   private readonly t: string
   private readonly cursorsTable: string
   private ready: Promise<void>
+  /** Where the store is, without credentials (host:port/database), for messages. */
+  private readonly where: string
+
+  /**
+   * A reader's open: the schema and the store's tables must exist; no DDL is run (no schema,
+   * table, index, trigger or grant is created or changed: catalog SELECTs only) and append and
+   * saveCursors are refused before they reach the database. Rejects in one
+   * line naming the setting, the schema and host:port/database (never the credentials): no such
+   * schema or table (StoreError LK_STORE_MISSING), a table of the wrong shape (LK_STARTUP), the
+   * database unreachable (LK_STARTUP).
+   */
+  static async openReadOnly(opts: PostgresStoreOptions): Promise<PostgresAuditStore> {
+    const store = new PostgresAuditStore({ ...opts, readOnly: true })
+    try {
+      await store.ready
+    } catch (err) {
+      await store.close().catch(() => {})
+      if (err instanceof StoreError || err instanceof StoreSchemaError) throw err
+      throw storeStartupError('collector.store.url', store.where, err)
+    }
+    return store
+  }
 
   constructor(opts: PostgresStoreOptions) {
     this.schema = opts.schema ?? 'latchkey'
     const s = ident(this.schema)
     this.t = `${s}.audit_events`
     this.cursorsTable = `${s}.audit_cursors`
+    this.where = postgresWhere(opts.url)
+    this.readOnly = opts.readOnly ?? false
     this.pool = new pg.Pool({ connectionString: opts.url, max: opts.poolSize ?? 4 })
     // An idle client's connection error must not crash the collector; the next query reports it.
     this.pool.on('error', () => {})
@@ -53,12 +81,42 @@ export class PostgresAuditStore implements AuditStore {
     this.pool.on('connect', (client) => client.on('error', () => {}))
     this.writerRole = opts.writerRole ?? null
     this.migrate = opts.migrate ?? true
-    this.ready = this.init(s)
+    this.ready = this.setup()
     this.ready.catch(() => {})
   }
 
   private readonly writerRole: string | null
   private readonly migrate: boolean
+  readonly readOnly: boolean
+
+  private setup(): Promise<void> {
+    return this.readOnly ? this.inspect() : this.init(ident(this.schema))
+  }
+
+  /**
+   * A reader's check, catalog queries only: the schema and both tables exist, of the shape the
+   * reads need. Throws StoreError LK_STORE_MISSING naming the schema and where it was looked for.
+   */
+  private async inspect(): Promise<void> {
+    const ns = await this.pool.query('SELECT 1 FROM pg_namespace WHERE nspname = $1', [this.schema])
+    if (ns.rowCount === 0) {
+      throw new StoreError('LK_STORE_MISSING', `collector.store.schema: no audit store at ${this.where}: no schema "${this.schema}"; nothing was created (is the schema right, the database?)`)
+    }
+    const missing: string[] = []
+    for (const [table, shape] of [['audit_events', AUDIT_EVENTS_SHAPE], ['audit_cursors', AUDIT_CURSORS_SHAPE]] as const) {
+      const actual = await postgresShape(this.pool, this.schema, table)
+      if (actual) assertShape({ ...shape, name: `"${this.schema}".${table}` }, actual, 'collector.store')
+      else missing.push(table)
+    }
+    if (missing.length > 0) {
+      throw new StoreError('LK_STORE_MISSING', `collector.store.schema: schema "${this.schema}" at ${this.where} is not a Latchkey audit store: no table ${missing.join(', ')}; nothing was changed`)
+    }
+  }
+
+  /** Opened read-only: a write is refused before it reaches the database. */
+  private refuseWrite(what: string): never {
+    throw new StoreError('LK_STORE_UNAVAILABLE', `postgres store "${this.schema}" at ${this.where} is open read-only: ${what} refused`)
+  }
 
   private async init(s: string): Promise<void> {
     if (!this.migrate) {
@@ -143,13 +201,14 @@ export class PostgresAuditStore implements AuditStore {
       await this.ready
     } catch (err) {
       // Retry on the next call: the database may have been unreachable at start.
-      this.ready = this.init(ident(this.schema))
+      this.ready = this.setup()
       this.ready.catch(() => {})
       throw new StoreError('LK_STORE_UNAVAILABLE', `postgres schema setup failed: ${(err as Error).message}`)
     }
   }
 
   async append(sidecar: string, events: SequencedEvent[]): Promise<AppendResult> {
+    if (this.readOnly) this.refuseWrite('append')
     await this.ensureReady()
     let c: pg.PoolClient
     try {
@@ -323,6 +382,7 @@ export class PostgresAuditStore implements AuditStore {
   }
 
   async saveCursors(name: string, positions: Map<string, number>): Promise<void> {
+    if (this.readOnly) this.refuseWrite('saveCursors')
     if (positions.size === 0) return
     await this.ensureReady()
     await this.pool.query(

@@ -19,7 +19,9 @@ if (port && (workerData as Record<string, unknown> | null)?.[READER_MARK] === tr
   let db: ReturnType<typeof openDatabase> | null = null
   const open = () => {
     if (db) return db
-    db = openDatabase((workerData as { path: string }).path)
+    const { path, readOnly } = workerData as { path: string; readOnly: boolean }
+    // The store's file exists (its owner made it, or a reader found it): never create one here.
+    db = openDatabase(path, { fileMustExist: true, readonly: readOnly })
     pragma(db, 'busy_timeout = 5000')
     // A reader: nothing on this connection may write, whatever a bug asks of it.
     pragma(db, 'query_only = ON')

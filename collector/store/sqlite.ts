@@ -4,13 +4,17 @@
 // and kept, no iterate(), so Node 24's garbage collector never destroys a better-sqlite3 object.
 // The heavy reads (events, inventory, verify) run in worker threads on connections of their own
 // (sqlite-reader.ts): better-sqlite3 is synchronous, and they held the ingest's event loop for seconds.
+// The collector opens it with `new` (creates the file, migrates); a reader (`latchkey audit -c`)
+// with openReadOnly(): an existing file only, read-only, nothing created or written.
+import { statSync } from 'node:fs'
+import { dirname, resolve } from 'node:path'
 import { Worker } from 'node:worker_threads'
 import { openDatabase, pragma, statement, type Database } from '../../lib/sqlite.js'
 import type { SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
 import { GENESIS, INGEST_CURSOR, askableIds, chainRows, isDenied, newEvents, rowToStored, toStored } from './chain.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
 import { AUDIT_CURSORS_SHAPE, AUDIT_EVENTS_SHAPE, StoreError } from './types.js'
-import { assertShape, sqliteShape } from '../../lib/store-schema.js'
+import { assertShape, sqliteShape, storeStartupError } from '../../lib/store-schema.js'
 import { packEvents, readEvents, readInventory, readVerify, unpackEvents, type PackedEvents } from './sqlite-reads.js'
 import type { ReadAnswer, ReadRequest } from './sqlite-reader.js'
 
@@ -52,29 +56,77 @@ CREATE TRIGGER IF NOT EXISTS audit_events_no_delete BEFORE DELETE ON audit_event
 BEGIN SELECT RAISE(ABORT, 'audit_events is append-only: DELETE refused'); END;
 `
 
+/** The setting that names the file, for messages. */
+const PATH_SETTING = 'collector.store.path'
+
+/** The store's tables and the shape each must have. */
+const TABLES = [
+  ['audit_events', AUDIT_EVENTS_SHAPE],
+  ['audit_cursors', AUDIT_CURSORS_SHAPE],
+] as const
+
+/**
+ * Opens an existing file read-only (the reader's open): never creates it. A file that is not
+ * there, or cannot be opened, is said in one line naming the setting and the path.
+ */
+function openExisting(path: string): Database.Database {
+  try {
+    return openDatabase(path, { readonly: true, fileMustExist: true })
+  } catch (err) {
+    const st = statSync(path, { throwIfNoEntry: false })
+    if (!st) {
+      const dir = dirname(resolve(path))
+      const why = statSync(dir, { throwIfNoEntry: false }) ? 'no such file' : `no such directory ${dir}`
+      throw new StoreError('LK_STORE_MISSING', `${PATH_SETTING}: no audit store at ${path}: ${why}; nothing was created (is the path right, the volume mounted?)`)
+    }
+    if (st.isDirectory()) throw new StoreError('LK_STORE_MISSING', `${PATH_SETTING}: ${path} is a directory, not an audit store`)
+    throw storeStartupError(PATH_SETTING, path, err)
+  }
+}
+
 export class SqliteAuditStore implements AuditStore {
   readonly kind = 'sqlite' as const
   readonly db: Database.Database
   private readonly appendTx: (sidecar: string, events: SequencedEvent[]) => AppendResult
 
-  constructor(readonly path: string) {
-    this.db = openDatabase(path)
-    this.reader = new ReadWorker(path)
-    this.verifier = new ReadWorker(path)
-    pragma(this.db, 'journal_mode = WAL')
-    pragma(this.db, 'synchronous = FULL')
-    pragma(this.db, 'busy_timeout = 5000')
-    this.db.exec(SCHEMA)
+  /**
+   * A reader's open: the file must exist and hold the store's tables; opened read-only (the
+   * connection cannot write, nor can its reader threads'), nothing created, migrated or changed.
+   * Rejects (StoreError LK_STORE_MISSING) naming collector.store.path and the path otherwise.
+   */
+  static openReadOnly(path: string): Promise<SqliteAuditStore> {
     try {
-      for (const [table, shape] of [['audit_events', AUDIT_EVENTS_SHAPE], ['audit_cursors', AUDIT_CURSORS_SHAPE]] as const) {
-        const actual = sqliteShape(this.db, table)
-        if (actual) assertShape({ ...shape, name: `${table} in ${path}` }, actual, 'collector.store')
+      return Promise.resolve(new SqliteAuditStore(path, true))
+    } catch (err) {
+      return Promise.reject(err as Error)
+    }
+  }
+
+  /** The collector's open (creates the file and tables when missing); readOnly: see openReadOnly(). */
+  constructor(
+    readonly path: string,
+    readonly readOnly = false,
+  ) {
+    this.db = readOnly ? openExisting(path) : openDatabase(path)
+    this.reader = new ReadWorker(path, readOnly)
+    this.verifier = new ReadWorker(path, readOnly)
+    try {
+      if (readOnly) {
+        pragma(this.db, 'busy_timeout = 5000')
+        pragma(this.db, 'query_only = ON')
+        this.checkTables(true)
+      } else {
+        pragma(this.db, 'journal_mode = WAL')
+        pragma(this.db, 'synchronous = FULL')
+        pragma(this.db, 'busy_timeout = 5000')
+        this.db.exec(SCHEMA)
+        this.checkTables(false)
+        this.db.exec(GUARDS)
       }
     } catch (err) {
       this.db.close()
       throw err
     }
-    this.db.exec(GUARDS)
     const head = statement<[string], { pos: number; hash: Buffer }>(this.db, 'SELECT pos, hash FROM audit_events WHERE sidecar = ? ORDER BY pos DESC LIMIT 1')
     // The head each append reached, outside the chain: verify's anchor for a removed tail.
     const saveHead = statement(this.db, 'INSERT INTO audit_cursors (name, sidecar, pos) VALUES (?, ?, ?) ON CONFLICT (name, sidecar) DO UPDATE SET pos = max(pos, excluded.pos)')
@@ -115,12 +167,42 @@ export class SqliteAuditStore implements AuditStore {
     })
   }
 
+  /**
+   * Throws StoreSchemaError for an existing table that lacks what the code needs; read-only, also
+   * StoreError LK_STORE_MISSING when a table is not there at all (or the file is no database), and
+   * any other failure to read the file in one line naming the setting (LK_STARTUP).
+   */
+  private checkTables(mustExist: boolean): void {
+    const missing: string[] = []
+    try {
+      for (const [table, shape] of TABLES) {
+        const actual = sqliteShape(this.db, table)
+        if (actual) assertShape({ ...shape, name: `${table} in ${this.path}` }, actual, 'collector.store')
+        else missing.push(table)
+      }
+    } catch (err) {
+      if (!mustExist) throw err
+      if ((err as { code?: string }).code === 'SQLITE_NOTADB') throw new StoreError('LK_STORE_MISSING', `${PATH_SETTING}: ${this.path} is not an audit store: ${(err as Error).message}; nothing was changed`)
+      // A table of the wrong shape as it is; anything else (unreadable, locked) in one line naming the setting.
+      throw storeStartupError(PATH_SETTING, this.path, err)
+    }
+    if (mustExist && missing.length > 0) {
+      throw new StoreError('LK_STORE_MISSING', `${PATH_SETTING}: ${this.path} is not a Latchkey audit store: no table ${missing.join(', ')}; nothing was changed`)
+    }
+  }
+
+  /** Opened read-only: a write is refused before it reaches the database (which would refuse it too). */
+  private refuseWrite(what: string): Promise<never> {
+    return Promise.reject(new StoreError('LK_STORE_UNAVAILABLE', `sqlite store ${this.path} is open read-only: ${what} refused`))
+  }
+
   /** The constructor checked the tables (and threw); nothing is left to wait for. */
   checkSchema(): Promise<void> {
     return Promise.resolve()
   }
 
   append(sidecar: string, events: SequencedEvent[]): Promise<AppendResult> {
+    if (this.readOnly) return this.refuseWrite('append')
     try {
       return Promise.resolve(this.appendTx(sidecar, events))
     } catch (err) {
@@ -166,6 +248,7 @@ export class SqliteAuditStore implements AuditStore {
   }
 
   saveCursors(name: string, positions: Map<string, number>): Promise<void> {
+    if (this.readOnly) return this.refuseWrite('saveCursors')
     const up = statement(this.db, 'INSERT INTO audit_cursors (name, sidecar, pos) VALUES (?, ?, ?) ON CONFLICT (name, sidecar) DO UPDATE SET pos = max(pos, excluded.pos)')
     this.db.transaction(() => {
       for (const [sidecar, pos] of positions) up.run(name, sidecar, pos)
@@ -203,7 +286,11 @@ class ReadWorker {
   private closed = false
   private readonly inProcess: boolean
 
-  constructor(private readonly path: string) {
+  /** readOnly: the worker's connection is opened read-only too (it is `query_only` either way). */
+  constructor(
+    private readonly path: string,
+    private readonly readOnly: boolean,
+  ) {
     this.inProcess = path === '' || path === ':memory:' || path.startsWith('file::memory:')
   }
 
@@ -227,7 +314,7 @@ class ReadWorker {
 
   private start(): Worker {
     if (this.worker) return this.worker
-    const w = new Worker(new URL('./sqlite-reader.js', import.meta.url), { workerData: { path: this.path, latchkeySqliteReader: true } })
+    const w = new Worker(new URL('./sqlite-reader.js', import.meta.url), { workerData: { path: this.path, readOnly: this.readOnly, latchkeySqliteReader: true } })
     w.unref()
     w.on('message', (a: ReadAnswer) => {
       const p = this.pending.get(a.id)

@@ -164,10 +164,33 @@ export interface AuditStore {
   close(): Promise<void>
 }
 
-/** A write the store refused: append-only violations, malformed batches. */
+/**
+ * The two ways a store is opened: each backend is both (SqliteAuditStore, PostgresAuditStore;
+ * collector/collector.ts holds them to this). The collector owns its store: `new` creates it (the
+ * SQLite file, the PostgreSQL schema) when it is missing and migrates it. Everyone else only
+ * reads it (`latchkey audit -c`, `audit verify -c`): `openReadOnly` opens a store that exists and
+ * never creates, migrates or writes anything, so a path or schema with a typo in it is an error
+ * (LK_STORE_MISSING, naming the setting and the place) rather than an empty store reported on as
+ * "0 calls", "chain verified".
+ */
+export interface AuditStoreBackend<Options> {
+  new (options: Options): AuditStore
+  /**
+   * Resolves with a store whose reads work and whose writes (append, saveCursors) reject. Rejects,
+   * in one line for people, when there is no store there (LK_STORE_MISSING: no file, no schema, or
+   * one without the store's tables), when a table lacks what the reads need (LK_STARTUP), or when
+   * the store cannot be reached (LK_STARTUP).
+   */
+  openReadOnly(options: Options): Promise<AuditStore>
+}
+
+/**
+ * A write the store refused: append-only violations, malformed batches, a store opened read-only;
+ * or a store a reader asked for that is not there (LK_STORE_MISSING: nothing was created).
+ */
 export class StoreError extends Error {
   constructor(
-    readonly code: 'LK_STORE_APPEND_ONLY' | 'LK_STORE_BAD_BATCH' | 'LK_STORE_UNAVAILABLE',
+    readonly code: 'LK_STORE_APPEND_ONLY' | 'LK_STORE_BAD_BATCH' | 'LK_STORE_UNAVAILABLE' | 'LK_STORE_MISSING',
     message: string,
   ) {
     super(message)

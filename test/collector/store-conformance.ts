@@ -12,6 +12,8 @@ export interface Backing {
   store: AuditStore
   /** A second handle on the same data (another collector replica). */
   replica(): AuditStore
+  /** The same data opened as a reader does (`latchkey audit -c`): the backend's openReadOnly(). */
+  readOnly(): Promise<AuditStore>
   /** Raw SQL; rejects with the database's error. */
   raw(sql: string): Promise<void>
   /** What an attacker with owner rights does first: switch off the append-only guards. */
@@ -27,7 +29,22 @@ export interface Backend {
    * what an older version left. `open()` opens a store there as the collector does (the
    * constructor, then checkSchema()) and rejects as that does; `table(name)` is how the store names a table.
    */
-  preexisting(ddl: string): Promise<{ open(): Promise<AuditStore>; table(name: string): string; cleanup(): Promise<void> }>
+  preexisting(ddl: string): Promise<{ open(): Promise<AuditStore>; openReadOnly(): Promise<AuditStore>; table(name: string): string; cleanup(): Promise<void> }>
+  /** A place where no store is: a file, a schema that does not exist. */
+  missing(): Promise<Place>
+  /** A place that exists and holds no store: an empty database file, an empty schema. */
+  empty(): Promise<Place>
+}
+
+/** A place a reader is pointed at (`latchkey audit -c` with a typo in it). */
+export interface Place {
+  /** The backend's openReadOnly() there. */
+  openReadOnly(): Promise<AuditStore>
+  /** What is there now: null for nothing at all (no file, no schema), else the tables it holds. */
+  contents(): Promise<string[] | null>
+  /** What the error must name (the setting, the path or the schema and where). */
+  names: string[]
+  cleanup(): Promise<void>
 }
 
 /** The events table as this version makes it (types PostgreSQL and SQLite both take), less what a test leaves out. */
@@ -69,8 +86,19 @@ export function conformance(t: Test, backend: Backend): void {
         await store.saveCursors('fanout', new Map([[A, 3]]))
         t.same(await store.cursors('fanout'), new Map([[A, 3]]))
         t.same(await store.verify(), { ok: true, checked: 4, sidecars: 1, breaks: [] })
+        const reader = await place.openReadOnly()
+        t.teardown(() => reader.close())
+        t.same(await reader.verify(), { ok: true, checked: 4, sidecars: 1, breaks: [] }, 'and read, read-only')
         return
       }
+      const readErr = await place.openReadOnly().then(
+        async (s) => {
+          await s.close()
+          return null
+        },
+        (e: unknown) => e as Error & { code?: string },
+      )
+      t.equal(readErr?.message, `collector.store: ${want} Move it aside (or migrate it) and start again; nothing was changed.`, 'refused read-only too, naming it')
       const err = await place.open().then(
         async (s) => {
           await s.close()
@@ -83,6 +111,38 @@ export function conformance(t: Test, backend: Backend): void {
       t.equal(err?.code, 'LK_STARTUP', 'a message for people, printed without a stack')
     })
   }
+
+  // A reader pointed at a store that is not there (a typo, a volume not mounted) must say so, and
+  // must not create one: an empty store made on the spot answered "0 calls", "chain verified".
+  const refusal = async (t: Test, place: Place) => {
+    const err = await place.openReadOnly().then(
+      async (s) => {
+        await s.close()
+        return null
+      },
+      (e: unknown) => e as Error & { code?: string },
+    )
+    t.ok(err, 'refused')
+    t.equal(err?.code, 'LK_STORE_MISSING')
+    t.notMatch(err?.message ?? '', /\n/, 'one line')
+    for (const n of place.names) t.ok(err?.message.includes(n), `the error names ${n}: ${err?.message}`)
+    return err
+  }
+  t.test(`${backend.name}: a read-only open where no store is fails naming it, and creates nothing`, async (t) => {
+    const place = await backend.missing()
+    t.teardown(() => place.cleanup())
+    await refusal(t, place)
+    t.equal(await place.contents(), null, 'nothing was created')
+    await refusal(t, place)
+    t.equal(await place.contents(), null, 'nor the second time')
+  })
+  t.test(`${backend.name}: a read-only open of a place holding no store fails naming it, and creates no table`, async (t) => {
+    const place = await backend.empty()
+    t.teardown(() => place.cleanup())
+    const err = await refusal(t, place)
+    t.match(err?.message, /not a Latchkey audit store: no table audit_events, audit_cursors/)
+    t.same(await place.contents(), [], 'no table was created')
+  })
 
   const withStore = (name: string, fn: (t: Test, b: Backing) => Promise<void>) =>
     t.test(`${backend.name}: ${name}`, async (t) => {
@@ -417,6 +477,27 @@ export function conformance(t: Test, backend: Backend): void {
     await store.saveCursors('other', new Map([[A, 1]]))
     t.same([...(await store.cursors('nats'))].sort(), [[A, 5], [B, 2]])
     t.same([...(await store.cursors('other'))], [[A, 1]])
+  })
+
+  withStore('a read-only open reads what the collector wrote, while it writes, and writes nothing', async (t, b) => {
+    await b.store.append(A, seqEvents(1, 5))
+    await b.store.saveCursors('nats', new Map([[A, 4]]))
+    const reader = await b.readOnly()
+    t.teardown(() => reader.close())
+    const agent = { agent: 'agent:summarizer:test:a1', since: new Date(0) }
+    t.same((await reader.eventsByAgent(agent)).map((e) => [e.sequence, e.hash]), (await b.store.eventsByAgent(agent)).map((e) => [e.sequence, e.hash]))
+    t.same(await reader.verify(), { ok: true, checked: 5, sidecars: 1, breaks: [] })
+    t.same(await reader.inventory(), await b.store.inventory())
+    t.same(await reader.heads(), new Map([[A, 5]]))
+    t.same(await reader.cursors('nats'), new Map([[A, 4]]))
+    await reader.ping()
+    await t.rejects(reader.append(A, seqEvents(6, 6)), { code: 'LK_STORE_UNAVAILABLE', message: /open read-only: append refused/ })
+    await t.rejects(reader.saveCursors('nats', new Map([[A, 5]])), { code: 'LK_STORE_UNAVAILABLE', message: /open read-only: saveCursors refused/ })
+    t.same(await b.store.cursors('nats'), new Map([[A, 4]]), 'nothing was written')
+    // The collector goes on appending; the reader sees it.
+    await b.store.append(A, seqEvents(6, 8))
+    t.same(await reader.verify(), { ok: true, checked: 8, sidecars: 1, breaks: [] })
+    t.same((await reader.eventsByAgent(agent)).length, 8)
   })
 
   withStore('two replicas appending to one sidecar concurrently keep one linear chain', async (t, b) => {

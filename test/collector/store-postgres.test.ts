@@ -1,8 +1,33 @@
 import t from 'tap'
 import pg from 'pg'
 import { PostgresAuditStore } from '../../collector/store/postgres.js'
-import { conformance } from './store-conformance.js'
+import { conformance, type Place } from './store-conformance.js'
 import { PG_URL, uniqueSchema } from './events.js'
+
+/** A schema where a reader is pointed: `contents()` is null while there is no such schema. */
+async function place(schema: string): Promise<Place> {
+  const admin = new pg.Client({ connectionString: PG_URL })
+  await admin.connect()
+  const where = new URL(PG_URL)
+  return {
+    openReadOnly: () => PostgresAuditStore.openReadOnly({ url: PG_URL, schema }),
+    contents: async () => {
+      if ((await admin.query('SELECT 1 FROM pg_namespace WHERE nspname = $1', [schema])).rowCount === 0) return null
+      // Tables, and anything else the migration makes (its trigger function).
+      const objects = await admin.query<{ name: string }>(
+        `SELECT c.relname AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1
+         UNION ALL SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1`,
+        [schema],
+      )
+      return objects.rows.map((r) => r.name)
+    },
+    names: ['collector.store.schema', `"${schema}"`, `${where.hostname}:${where.port || '5432'}${where.pathname}`],
+    cleanup: async () => {
+      await admin.query(`DROP SCHEMA IF EXISTS ${schema} CASCADE`)
+      await admin.end()
+    },
+  }
+}
 
 conformance(t, {
   name: 'postgres',
@@ -16,6 +41,7 @@ conformance(t, {
     return {
       store,
       replica: () => new PostgresAuditStore({ url: PG_URL, schema }),
+      readOnly: () => PostgresAuditStore.openReadOnly({ url: PG_URL, schema }),
       raw: async (sql) => void (await admin.query(sql)),
       disableGuards: async () => void (await admin.query('ALTER TABLE audit_events DISABLE TRIGGER USER')),
       cleanup: async () => {
@@ -42,6 +68,7 @@ conformance(t, {
         }
         return store
       },
+      openReadOnly: () => PostgresAuditStore.openReadOnly({ url: PG_URL, schema }),
       table: (name) => `"${schema}".${name}`,
       cleanup: async () => {
         await admin.query(`DROP SCHEMA ${schema} CASCADE`)
@@ -49,6 +76,25 @@ conformance(t, {
       },
     }
   },
+  missing: () => place(uniqueSchema()),
+  async empty() {
+    const schema = uniqueSchema()
+    const p = await place(schema)
+    const admin = new pg.Client({ connectionString: PG_URL })
+    await admin.connect()
+    await admin.query(`CREATE SCHEMA ${schema}`)
+    await admin.end()
+    return p
+  },
+})
+
+t.test('postgres: a read-only open names an unreachable database without its credentials', async (t) => {
+  const err = await PostgresAuditStore.openReadOnly({ url: 'postgres://postgres:LKCANARYpw@127.0.0.1:1/test', schema: uniqueSchema() }).then(
+    (s) => s.close().then(() => null),
+    (e: unknown) => e as Error & { code?: string },
+  )
+  t.match(err, { code: 'LK_STARTUP', message: /^collector\.store\.url: cannot open the store at 127\.0\.0\.1:1\/test: .*ECONNREFUSED/ })
+  t.notMatch(err?.message, /LKCANARY/, 'no password in the message')
 })
 
 t.test('postgres: TRUNCATE is refused too', async (t) => {

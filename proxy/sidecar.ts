@@ -119,7 +119,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   if (missing.length > 0) {
     throw new StartupError(
       missing
-        .map((c) => `credential "${c.id}": secret ${c.secret!} is neither in env ${config.secrets.env_prefix}${c.secret!} nor in secrets.file`)
+        .map((c) => `credential "${c.id}": ${missingSecret(c.secret!, config.secrets.env_prefix)}`)
         .join('\n'),
     )
   }
@@ -143,7 +143,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   if (cc && !cc.token_secret && !cc.tls) throw new StartupError('audit.collector: needs token_secret, tls, or both, to authenticate to the collector')
   const collectorToken = cc?.token_secret ? new StaticSecretSource(config.secrets, [cc.token_secret], opts.env ?? process.env) : null
   if (cc?.token_secret && !collectorToken!.has(cc.token_secret)) {
-    throw new StartupError(`audit.collector: secret ${cc.token_secret} is neither in env ${config.secrets.env_prefix}${cc.token_secret} nor in secrets.file`)
+    throw new StartupError(`audit.collector: ${missingSecret(cc.token_secret, config.secrets.env_prefix)}`)
   }
   const readTls = (t: { ca_file: string; cert_file: string; key_file: string }) => ({
     ca: Buffer.from(loadCaFile('audit.collector.tls.ca_file', t.ca_file).join('\n')),
@@ -246,7 +246,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const initialPolicy: CompiledBundle | undefined = loadPolicyFile(config)
   const controlToken = sc.control ? new StaticSecretSource(config.secrets, [sc.control.token_secret], opts.env ?? process.env) : null
   if (sc.control && !controlToken!.has(sc.control.token_secret)) {
-    throw new StartupError(`sidecar.control: secret ${sc.control.token_secret} is neither in env ${config.secrets.env_prefix}${sc.control.token_secret} nor in secrets.file`)
+    throw new StartupError(`sidecar.control: ${missingSecret(sc.control.token_secret, config.secrets.env_prefix)}`)
   }
   const routes = new Map(Object.entries(config.routes).map(([name, origin]) => [name, new URL(origin)]))
   const networkPolicy = compileNetworkPolicy(config.network)
@@ -508,4 +508,14 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     reloadPolicy,
     close,
   }
+}
+
+/**
+ * Why a secret a setting names was not found, naming it only when it is written as a name is
+ * (`GITHUB_TOKEN`, `github_token`): anything else (mixed case, `-`, `.`, long) may be the secret
+ * itself, pasted where its name belongs, and a start-up error goes to the logs.
+ */
+function missingSecret(name: string, prefix: string): string {
+  if (/^(?:[A-Z][A-Z0-9_]{0,39}|[a-z][a-z0-9_]{0,39})$/.test(name)) return `secret ${name} is neither in env ${prefix}${name} nor in secrets.file`
+  return `the secret it names is neither in env ${prefix}<name> nor in secrets.file (the name is not repeated: it is not written as a name is, and may be a secret pasted in its place)`
 }

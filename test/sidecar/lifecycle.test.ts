@@ -161,6 +161,21 @@ t.test('a binding whose secret is missing stops start-up with the reason', async
   t.match(stderr, /credential "gh": secret NOPE is neither in env LATCHKEY_SECRET_NOPE nor in secrets.file/)
 })
 
+t.test('a secret pasted where its name belongs is not repeated in the start-up error', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-life-'))
+  const configPath = join(dir, 'c.yaml')
+  const pasted = 'ghp_Pasted-Token-CANARY.7f3a9c0b1d2e'
+  writeFileSync(configPath, `version: 1\ncredentials: [ { id: gh, audience: "https://api.github.com", source: static, secret: "${pasted}", inject: { type: bearer } } ]\n`)
+  const child = spawn(process.execPath, ['dist/cli/latchkey.js', 'sidecar', '--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] })
+  let output = ''
+  child.stdout!.on('data', (c: Buffer) => (output += c.toString()))
+  child.stderr!.on('data', (c: Buffer) => (output += c.toString()))
+  const [code] = (await once(child, 'exit')) as [number]
+  t.equal(code, 1)
+  t.match(output, /credential "gh": the secret it names is neither in env LATCHKEY_SECRET_<name> nor in secrets.file \(the name is not repeated/)
+  t.notMatch(output, /CANARY/, 'what was pasted is not on stdout or stderr')
+})
+
 t.test('a secret a header cannot carry stops start-up, naming the credential, not the secret', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'lk-life-'))
   const configPath = join(dir, 'c.yaml')

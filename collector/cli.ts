@@ -4,6 +4,7 @@
 // read-only: never created or migrated here, only by the collector that owns it.
 import type { Command } from 'commander'
 import { request } from 'undici'
+import { withoutUserinfo } from '../lib/without-userinfo.js'
 import { Action, AuditEvent } from '../protos/gen/latchkey/v1/audit.js'
 import { MAX_ANSWER_BYTES, MAX_LIMIT, MAX_PAGE_EVENTS, boundAnswer, cursorAfter, eventToJson, parseSince, type EventJson } from './query.js'
 import type { AuditStore, EventCursor, VerifyResult } from './store/types.js'
@@ -31,11 +32,13 @@ async function getJson<T>(base: string, path: string): Promise<{ status: number;
   let res
   let body: T
   const token = process.env[TOKEN_ENV]
+  // Named in errors without its userinfo (`--url http://user:password@host`); its code, not the client's message, which can quote it.
+  const shown = withoutUserinfo(base)
   for (let waited = 0; ; ) {
     try {
       res = await request(new URL(path, base), token ? { headers: { authorization: `Bearer ${token}` } } : {})
     } catch (err) {
-      throw new CliError(`collector at ${base} unreachable: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
+      throw new CliError(`collector at ${shown} unreachable: ${(err as NodeJS.ErrnoException).code ?? 'error'}`)
     }
     body = (await res.body.json()) as T
     // Busy with other queries: wait as it asks, then ask again.
@@ -44,8 +47,8 @@ async function getJson<T>(base: string, path: string): Promise<{ status: number;
     await new Promise((resolve) => setTimeout(resolve, ms))
     waited += ms
   }
-  if (res.statusCode === 401) throw new CliError(`collector at ${base}: ${token ? `the token in ${TOKEN_ENV} was refused` : `requires a reader token: set ${TOKEN_ENV}`}`)
-  if (res.statusCode >= 400 && res.statusCode !== 409) throw new CliError(`collector at ${base}: ${(body as { error?: string }).error ?? `HTTP ${res.statusCode}`}`)
+  if (res.statusCode === 401) throw new CliError(`collector at ${shown}: ${token ? `the token in ${TOKEN_ENV} was refused` : `requires a reader token: set ${TOKEN_ENV}`}`)
+  if (res.statusCode >= 400 && res.statusCode !== 409) throw new CliError(`collector at ${shown}: ${(body as { error?: string }).error ?? `HTTP ${res.statusCode}`}`)
   return { status: res.statusCode, body }
 }
 

@@ -26,7 +26,7 @@ import type { ControlServer } from './control/server.js'
 import type { PolicyBundleHolder } from './control/policy.js'
 import type { RevocationBus } from './control/nats.js'
 import { listenError } from '../lib/listen-error.js'
-import { readSettingFile } from '../lib/setting-file.js'
+import { readServerTls } from '../lib/tls-files.js'
 import { postgresWhere, storeCause, storeStartupError } from '../lib/store-schema.js'
 
 /** How often expired jti and task revocations are looked for (and once at start). */
@@ -114,10 +114,20 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
 
   const attestors: AttestationVerifier[] = []
   const a = c.attestors
-  if (a.kubernetes) attestors.push(new KubernetesVerifier(keySetFrom(a.kubernetes), a.kubernetes.issuer, a.kubernetes.audience ?? audience, a.kubernetes.max_token_age_s))
-  if (a.spiffe) attestors.push(new SpiffeVerifier(keySetFrom(a.spiffe), a.spiffe.trust_domain, a.spiffe.audience ?? audience, a.spiffe.max_lifetime_s))
-  if (a.local) attestors.push(new LocalVerifier(keySetFrom({ jwks_file: a.local.keys_file }), audience, revocations.store))
-  const users = c.users ? new UserTokenVerifier(keySetFrom(c.users), c.users.issuer, c.users.audience, c.users.scope_claim) : undefined
+  // A key file missing or not a JWK set stops the start in one line naming the setting (JwksFileError).
+  let users: UserTokenVerifier | undefined
+  try {
+    if (a.kubernetes) attestors.push(new KubernetesVerifier(keySetFrom(a.kubernetes, 'broker.attestors.kubernetes.jwks_file'), a.kubernetes.issuer, a.kubernetes.audience ?? audience, a.kubernetes.max_token_age_s))
+    if (a.spiffe) attestors.push(new SpiffeVerifier(keySetFrom(a.spiffe, 'broker.attestors.spiffe.jwks_file'), a.spiffe.trust_domain, a.spiffe.audience ?? audience, a.spiffe.max_lifetime_s))
+    if (a.local) attestors.push(new LocalVerifier(keySetFrom({ jwks_file: a.local.keys_file }, 'broker.attestors.local.keys_file'), audience, revocations.store))
+    users = c.users ? new UserTokenVerifier(keySetFrom(c.users, 'broker.users.jwks_file'), c.users.issuer, c.users.audience, c.users.scope_claim) : undefined
+  } catch (err) {
+    registry.close()
+    keys.stop()
+    await revocations.store.close().catch(() => {})
+    await events.close()
+    throw err
+  }
 
   revocations.onChange((change) => {
     const ts = new Date(now()).toISOString()
@@ -163,6 +173,7 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     if (secret) introspectionClients.set(id, secret)
   }
   let closing = false
+  const listenTls = c.listen.tls ? readServerTls('broker.listen.tls', c.listen.tls) : null
   const { server } = createBrokerServer({
     issuer: c.issuer,
     exchange,
@@ -173,7 +184,7 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     adminToken: env[c.admin_token_env] || undefined,
     introspectionClients,
     ready: () => !closing,
-    tls: c.listen.tls ? { cert: readSettingFile('broker.listen.tls.cert_file', c.listen.tls.cert_file), key: readSettingFile('broker.listen.tls.key_file', c.listen.tls.key_file) } : null,
+    tls: listenTls,
     log,
   })
   server.keepAliveTimeout = 5_000
@@ -222,8 +233,9 @@ async function startControl(c: BrokerConfig, env: NodeJS.ProcessEnv, log: Logger
   const cc = c.control!
   const { ControlServer } = await import('./control/server.js')
   const { PolicyBundleHolder } = await import('./control/policy.js')
+  const tls = cc.tls ? readServerTls('broker.control.tls', cc.tls) : null
   const policy = cc.policy_file
-    ? new PolicyBundleHolder(cc.policy_file, cc.max_bundle_bytes, (r) => {
+    ? policyHolder(() => new PolicyBundleHolder(cc.policy_file!, cc.max_bundle_bytes, (r) => {
         const ts = new Date(now()).toISOString()
         if (!r.ok) {
           events.emit({ type: 'policy.rejected', ts, reason: r.reason })
@@ -231,19 +243,13 @@ async function startControl(c: BrokerConfig, env: NodeJS.ProcessEnv, log: Logger
         }
         if (r.widened.length > 0) events.emit({ type: 'policy.widened', ts, agent_type: '*', audience: '(sidecar policy)', added: r.widened })
         server.broadcastPolicy({ version: r.bundle.version, document: r.document })
-      })
+      }))
     : undefined
   policy?.watch()
   const server: ControlServer = new ControlServer({
     host: cc.host,
     port: cc.port,
-    tls: cc.tls
-      ? {
-          cert: readSettingFile('broker.control.tls.cert_file', cc.tls.cert_file),
-          key: readSettingFile('broker.control.tls.key_file', cc.tls.key_file),
-          clientCa: cc.tls.client_ca_file ? readSettingFile('broker.control.tls.client_ca_file', cc.tls.client_ca_file) : null,
-        }
-      : null,
+    tls,
     token: env[cc.token_env] || undefined,
     heartbeatMs: cc.heartbeat_ms,
     revocations,
@@ -270,5 +276,15 @@ async function startControl(c: BrokerConfig, env: NodeJS.ProcessEnv, log: Logger
       await bus?.close()
       await server.close()
     },
+  }
+}
+
+/** broker.control.policy_file's first read: a file it cannot read or compile stops the start in one line naming the setting. */
+function policyHolder(open: () => PolicyBundleHolder): PolicyBundleHolder {
+  try {
+    return open()
+  } catch (err) {
+    if ((err as { code?: unknown }).code !== 'LK_POLICY_BUNDLE_INVALID') throw err
+    throw Object.assign(new Error(`broker.control.policy_file ${(err as Error).message}`), { code: 'LK_STARTUP' })
   }
 }

@@ -17,11 +17,48 @@ export interface JwksSource {
   jwks_url?: string | undefined
 }
 
+/** A JWK set file the broker cannot use at start. Code LK_STARTUP: the CLI prints the message, not a stack. */
+export class JwksFileError extends Error {
+  readonly code = 'LK_STARTUP'
+  constructor(
+    message: string,
+    /** Missing or unreadable here, rather than wrong (check-config only warns). */
+    readonly unreadable: boolean,
+  ) {
+    super(message)
+  }
+}
+
+/** A JWK set file, parsed; throws when it is unreadable, not JSON, or not a JWK set. */
+function readJwksFile(file: string): JWTVerifyGetKey {
+  const jwks = JSON.parse(readFileSync(file, 'utf8')) as JSONWebKeySet | null
+  if (typeof jwks !== 'object' || jwks === null || !Array.isArray(jwks.keys)) throw new Error('not a JWK set (no "keys" array)')
+  return createLocalJWKSet(jwks)
+}
+
+/** `<file>: <problem>`, never the file's content. */
+function jwksProblem(file: string, err: unknown): string {
+  const e = err as NodeJS.ErrnoException
+  if (e.syscall !== undefined) return `${file}: cannot read (${e.code ?? 'error'})`
+  if (err instanceof SyntaxError) return `${file}: not valid JSON`
+  return `${file}: ${e.message}`
+}
+
+/** What keySetFrom would say of a JWK set file at start: null when it is usable. */
+export function jwksFileProblem(file: string, setting: string): JwksFileError | null {
+  try {
+    readJwksFile(file)
+    return null
+  } catch (err) {
+    return new JwksFileError(`${setting} ${jwksProblem(file, err)}`, (err as NodeJS.ErrnoException).syscall !== undefined)
+  }
+}
+
 /**
  * A key set from a file (re-read when it changes, checked at most every 5 s and on an unknown
  * `kid`) or a URL (jose's remote set: cached, refreshed on an unknown `kid` with a cooldown).
  */
-export function keySetFrom(source: JwksSource): JWTVerifyGetKey {
+export function keySetFrom(source: JwksSource, setting = 'jwks_file'): JWTVerifyGetKey {
   if (source.jwks_url) return createRemoteJWKSet(new URL(source.jwks_url), { cacheMaxAge: 600_000, cooldownDuration: 30_000, timeoutDuration: 5_000 })
   const file = source.jwks_file!
   let mtime = 0
@@ -30,12 +67,15 @@ export function keySetFrom(source: JwksSource): JWTVerifyGetKey {
   const load = () => {
     const stat = statSync(file)
     if (stat.mtimeMs === mtime && set) return
-    const jwks = JSON.parse(readFileSync(file, 'utf8')) as JSONWebKeySet
-    if (!Array.isArray(jwks.keys)) throw new Error(`${file}: not a JWK set (no "keys" array)`)
-    set = createLocalJWKSet(jwks)
+    set = readJwksFile(file)
     mtime = stat.mtimeMs
   }
-  load()
+  // At start, a file missing or not a key set is said in one line naming the setting.
+  try {
+    load()
+  } catch (err) {
+    throw new JwksFileError(`${setting} ${jwksProblem(file, err)}`, (err as NodeJS.ErrnoException).syscall !== undefined)
+  }
   return async (header, token) => {
     const now = Date.now()
     if (now - checkedAt > 5_000) {

@@ -30,16 +30,18 @@ function packageVersion(): string {
 
 /**
  * What a file is, by its top-level keys: a collector's config (`collector`, no `sidecar`) and the
- * broker's agent registry (`agents`, no `sidecar`) are validated by their own schemas.
+ * broker's agent registry (`agents`, no `sidecar`) are validated by their own schemas. From the
+ * text already read: the file is read once (a pipe, /dev/stdin or <(…) can be read only once).
  */
-async function configKind(file: string): Promise<'collector' | 'registry' | 'config'> {
+async function configKind(text: string): Promise<'collector' | 'registry' | 'config'> {
   const { parse: parseYaml } = await import('yaml')
   try {
-    const doc = parseYaml(readFileSync(file, 'utf8')) as unknown
+    // logLevel error: parse() prints each warning (an unknown tag) with the line it is about, a password in it maybe.
+    const doc = parseYaml(text, { logLevel: 'error' }) as unknown
     if (typeof doc !== 'object' || doc === null || 'sidecar' in doc) return 'config'
     return 'collector' in doc ? 'collector' : 'agents' in doc ? 'registry' : 'config'
   } catch {
-    return 'config' // unreadable or not YAML: the sidecar loader says why
+    return 'config' // not YAML: the sidecar loader says why
   }
 }
 
@@ -52,11 +54,20 @@ async function configError(source: string, problems: ConfigProblem[]): Promise<E
 }
 
 function fail(err: unknown): never {
-  // ConfigError (LK_CONFIG_INVALID), the sidecar's StartupError (LK_STARTUP) and the registry's
-  // errors carry messages meant for people.
-  if (['LK_CONFIG_INVALID', 'LK_STARTUP', 'LK_REGISTRY_INVALID'].includes((err as { code?: unknown } | null)?.code as string)) console.error((err as Error).message)
-  else console.error(err instanceof Error ? (err.stack ?? err.message) : String(err))
+  // ConfigError (LK_CONFIG_INVALID), StartupError (LK_STARTUP) and the registry's errors carry
+  // messages meant for people; a system error left unwrapped is still one line.
+  console.error(describeFailure(err))
   process.exit(1)
+}
+
+/**
+ * An error as one line for people: ours with a code (LK_*) and Node's system errors (a `code` such
+ * as ENOENT, EACCES or ERR_INVALID_URL) by their message; a stack only for what has no code, an
+ * internal bug.
+ */
+function describeFailure(err: unknown): string {
+  if (!(err instanceof Error)) return String(err)
+  return typeof (err as { code?: unknown }).code === 'string' ? err.message : (err.stack ?? err.message)
 }
 
 /**
@@ -80,7 +91,7 @@ export function onShutdown(close: (urgent?: boolean) => Promise<void>): void {
       // The drain a second signal cut short ends here too, on the same close: not clean.
       () => process.exit(signals > 1 ? 1 : 0),
       (err) => {
-        console.error(`shutdown after ${signal} failed:`, err)
+        console.error(`shutdown after ${signal} failed: ${describeFailure(err)}`)
         process.exit(1)
       },
     )
@@ -148,24 +159,33 @@ program
   .argument('<file>', 'config file or agent registry (agents.yaml)')
   .action(async (file: string) => {
     try {
-      const kind = await configKind(file)
+      const { readConfigBytes, configText, parseConfig } = await import('../lib/config/load.js')
+      const bytes = readConfigBytes(file)
+      const kind = await configKind(bytes.toString('utf8'))
       if (kind === 'registry') {
-        const { loadRegistryFile } = await import('../broker/registry.js')
-        console.log(`${file}: valid agent registry (version 1, ${Object.keys(loadRegistryFile(file).agents).length} agent types)`)
+        // Decoded as the broker decodes it.
+        const { parseRegistry } = await import('../broker/registry.js')
+        console.log(`${file}: valid agent registry (version 1, ${Object.keys(parseRegistry(bytes.toString('utf8'), file).agents).length} agent types)`)
         return
       }
+      const text = configText(bytes, file)
       if (kind === 'collector') {
-        const { loadCollectorConfig } = await import('../collector/config.js')
-        const c = loadCollectorConfig(file).collector
-        console.log(`${file}: valid collector config (version 1, ${c.sidecars.length} sidecars, ${c.store.kind} store)`)
+        const { parseCollectorConfig, collectorPreflight } = await import('../collector/config.js')
+        const c = parseCollectorConfig(text, file)
+        const { errors, onThisMachine } = collectorPreflight(c)
+        if (errors.length > 0) throw await configError(file, errors)
+        for (const p of onThisMachine) console.error(`warning: ${p.path}: ${p.message} (the collector would not start on this machine)`)
+        console.log(`${file}: valid collector config (version 1, ${c.collector.sidecars.length} sidecars, ${c.collector.store.kind} store)`)
         return
       }
-      const config = await loadConfigFile(file)
+      const config = parseConfig(text, file, process.env)
       // What start-up reads besides the config: a policy file that does not compile makes the
-      // config invalid; a file or directory missing here is said (the sidecar would not start here).
-      const { errors, onThisMachine } = (await import('../proxy/preflight.js')).preflight(config)
-      if (errors.length > 0) throw await configError(file, errors)
+      // config invalid; a file or directory missing here is said (the process would not start here).
+      const { errors, onThisMachine } = await (await import('../proxy/preflight.js')).preflight(config)
+      const broker = config.broker ? await (await import('../broker/preflight.js')).brokerPreflight(config.broker) : { errors: [], onThisMachine: [] }
+      if (errors.length + broker.errors.length > 0) throw await configError(file, [...errors, ...broker.errors])
       for (const p of onThisMachine) console.error(`warning: ${p.path}: ${p.message} (the sidecar would not start on this machine)`)
+      for (const p of broker.onThisMachine) console.error(`warning: ${p.path}: ${p.message} (the broker would not start on this machine)`)
       console.log(`${file}: valid (version ${config.version}, ${config.policy.rules.length} rules, ${config.credentials.length} credentials, ${Object.keys(config.routes).length} routes)`)
     } catch (err) {
       fail(err)

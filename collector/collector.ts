@@ -1,7 +1,6 @@
 // Assembles a collector from its config: the store, the gRPC ingest server, the HTTP query API,
 // and (when configured) the JetStream fan-out.
 import { once } from 'node:events'
-import { readFileSync } from 'node:fs'
 import type { AddressInfo } from 'node:net'
 import { Server, ServerCredentials } from '@grpc/grpc-js'
 import type { DestinationStream } from 'pino'
@@ -16,6 +15,8 @@ import { SqliteAuditStore } from './store/sqlite.js'
 import { PostgresAuditStore, type PostgresStoreOptions } from './store/postgres.js'
 import { JetStreamFanOut } from './fanout.js'
 import { listenError } from '../lib/listen-error.js'
+import { readServerTls } from '../lib/tls-files.js'
+import { postgresWhere, storeStartupError } from '../lib/store-schema.js'
 
 /** How long start-up waits for the store to answer the schema check before going on without it. */
 const SCHEMA_CHECK_WAIT_MS = 5_000
@@ -62,24 +63,36 @@ export interface RunningCollector {
 export async function startCollector(config: CollectorConfig, opts: CollectorOptions = {}): Promise<RunningCollector> {
   const c = config.collector
   const log = createLogger(config.log.level, 'latchkey-collector', opts.logDestination)
-  const store = opts.store ?? openStore(c.store)
+  // The TLS files first: one missing, not PEM, or a key not the certificate's is said in one line naming the setting.
+  const tls = c.grpc.tls ? readServerTls('collector.grpc.tls', c.grpc.tls) : null
+  // A store that cannot be opened (not a database, a directory that cannot be written) is said in
+  // one line naming collector.store and where it is.
+  const where = c.store.kind === 'sqlite' ? c.store.path : postgresWhere(c.store.url)
+  let store: AuditStore
+  try {
+    store = opts.store ?? openStore(c.store)
+  } catch (err) {
+    throw storeStartupError('collector.store', where, err)
+  }
   let fanOut: FanOut | null
   try {
     // A table of the wrong shape stops the start; a database not reachable yet does not (it is
     // retried, and /readyz says so), nor may one that does not answer hold the start for long.
     let waited: NodeJS.Timeout | undefined
-    await Promise.race([store.checkSchema(), new Promise<void>((resolve) => (waited = setTimeout(resolve, SCHEMA_CHECK_WAIT_MS)))]).finally(() => clearTimeout(waited))
+    await Promise.race([
+      store.checkSchema().catch((err: unknown) => {
+        throw opts.store ? err : storeStartupError('collector.store', where, err)
+      }),
+      new Promise<void>((resolve) => (waited = setTimeout(resolve, SCHEMA_CHECK_WAIT_MS))),
+    ]).finally(() => clearTimeout(waited))
     fanOut = opts.fanOut ?? (c.nats ? await JetStreamFanOut.open(c.nats, log) : null)
     await fanOut?.catchUp?.(store)
   } catch (err) {
     if (!opts.store) await store.close()
     throw err
   }
-  const tls = c.grpc.tls
   const ingest = new IngestService(store, c.sidecars, log, fanOut ? (events) => fanOut.publish(events) : undefined, !!tls, c.grpc.max_clock_skew_ms)
-  const serverCreds = tls
-    ? ServerCredentials.createSsl(readFileSync(tls.client_ca_file), [{ cert_chain: readFileSync(tls.cert_file), private_key: readFileSync(tls.key_file) }], true)
-    : ServerCredentials.createInsecure()
+  const serverCreds = tls ? ServerCredentials.createSsl(tls.clientCa, [{ cert_chain: tls.cert, private_key: tls.key }], true) : ServerCredentials.createInsecure()
 
   const grpc = new Server({ 'grpc.max_receive_message_length': c.grpc.max_batch_bytes })
   // Requests decoded by collector/wire.ts: each event's bytes are stored as received.

@@ -1,6 +1,9 @@
 // The collector's own config file (YAML, `version: 1`), separate from the sidecar's: a collector
 // is its own deployment. Validated with ajv like the sidecar's; every problem names its path.
+import { accessSync, closeSync, constants, openSync, readSync, statSync } from 'node:fs'
+import { dirname } from 'node:path'
 import { Ajv, type ErrorObject } from 'ajv'
+import { checkServerTls } from '../lib/tls-files.js'
 import { parseYamlDocument } from '../lib/yaml-document.js'
 import { ConfigError, isLoopbackHost, plaintextProblem, readConfigText, type ConfigProblem } from '../lib/config/load.js'
 
@@ -102,7 +105,7 @@ const schema = {
               required: ['url'],
               properties: {
                 kind: { const: 'postgres' },
-                url: { type: 'string', minLength: 1 },
+                url: { type: 'string', pattern: '^postgres(ql)?://' },
                 schema: { type: 'string', pattern: '^[a-z_][a-z0-9_]{0,62}$', default: 'latchkey' },
                 pool_size: { type: 'integer', minimum: 1, default: 4 },
                 writer_role: { type: 'string', pattern: '^[a-z_][a-z0-9_]{0,62}$' },
@@ -198,12 +201,79 @@ export function validateCollectorConfig(raw: unknown, source = '<collector confi
   if (http && !isLoopbackHost(http.host) && !http.reader_tokens_sha256?.length) {
     problems.push({ path: 'collector.http.host', message: `${JSON.stringify(http.host)} is not a loopback address: set collector.http.reader_tokens_sha256, or anyone who reaches the port reads every agent's audit trail` })
   }
+  // What the PostgreSQL driver reads the URL with: one that does not parse is refused here, not at
+  // the first connection. The value is not repeated: it can carry a password.
+  if (c.collector.store.kind === 'postgres') {
+    try {
+      new URL(c.collector.store.url)
+    } catch {
+      problems.push({ path: 'collector.store.url', message: 'not a URL (postgres://user@host:port/database expected)' })
+    }
+  }
   if (problems.length) throw new ConfigError(source, problems)
   return c
 }
 
+/**
+ * What a collector's start-up reads besides its config, as check-config reports it: `errors`, a
+ * file's content is wrong (a certificate that is not PEM, a store file that is not a database);
+ * `onThisMachine`, a file missing or unreadable here.
+ */
+export function collectorPreflight(c: CollectorConfig): { errors: ConfigProblem[]; onThisMachine: ConfigProblem[] } {
+  const errors: ConfigProblem[] = []
+  const onThisMachine: ConfigProblem[] = []
+  const tls = c.collector.grpc.tls
+  if (tls) {
+    const r = checkServerTls('collector.grpc.tls', tls)
+    if ('problems' in r) for (const p of r.problems) (p.unreadable ? onThisMachine : errors).push({ path: p.path, message: p.message })
+  }
+  const store = c.collector.store
+  if (store.kind === 'sqlite') {
+    const problem = sqliteFileProblem(store.path)
+    if (problem) (problem.unreadable ? onThisMachine : errors).push({ path: 'collector.store.path', message: problem.message })
+  }
+  return { errors, onThisMachine }
+}
+
+/** An existing SQLite store file that is not a database (opened read-only: nothing is created or changed), or a missing directory. */
+function sqliteFileProblem(path: string): { message: string; unreadable: boolean } | null {
+  let st
+  try {
+    st = statSync(path)
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code
+    if (code !== 'ENOENT') return { message: `${path}: cannot be read (${code ?? 'error'})`, unreadable: true }
+    try {
+      if (!statSync(dirname(path)).isDirectory()) return { message: `${path}: ${dirname(path)} is not a directory`, unreadable: true }
+      accessSync(dirname(path), constants.W_OK)
+      return null
+    } catch (err) {
+      const c = (err as NodeJS.ErrnoException).code
+      return { message: `${path}: its directory ${dirname(path)} ${c === 'ENOENT' ? 'does not exist' : `cannot be written (${c ?? 'error'})`}`, unreadable: true }
+    }
+  }
+  if (st.isDirectory()) return { message: `${path}: is a directory`, unreadable: true }
+  if (st.size === 0) return null
+  // SQLite's own header: 16 bytes, "SQLite format 3\0". Anything else, SQLite refuses ("file is not a database").
+  let fd: number | undefined
+  try {
+    fd = openSync(path, 'r')
+    const header = Buffer.alloc(16)
+    const n = readSync(fd, header, 0, 16, 0)
+    if (n < 16 || header.toString('latin1') !== 'SQLite format 3\0') return { message: `${path}: not a SQLite database`, unreadable: false }
+    return null
+  } catch (err) {
+    return { message: `${path}: cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`, unreadable: true }
+  } finally {
+    if (fd !== undefined) closeSync(fd)
+  }
+}
+
 export function loadCollectorConfig(file: string): CollectorConfig {
-  const text = readConfigText(file)
+  return parseCollectorConfig(readConfigText(file), file)
+}
+
+export function parseCollectorConfig(text: string, file = '<collector config>'): CollectorConfig {
   let raw: unknown
   try {
     const doc = parseYamlDocument(text)

@@ -6,6 +6,7 @@ import type { Config } from '../lib/config/schema.js'
 import type { ConfigProblem } from '../lib/config/load.js'
 import { compileBundle, DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
 import { CaFileProblem, readCaFile, trustWith } from './tls-trust.js'
+import { StaticSecretSource } from './credentials/static-source.js'
 
 export class StartupError extends Error {
   readonly code = 'LK_STARTUP'
@@ -100,7 +101,7 @@ export function auditFileProblem(path: string): string | null {
  * file or directory it names is missing or unwritable here; the machine it is meant for may
  * have it (a container's volume), so it is said, not held against the config.
  */
-export function preflight(config: Config): { errors: ConfigProblem[]; onThisMachine: ConfigProblem[] } {
+export async function preflight(config: Config): Promise<{ errors: ConfigProblem[]; onThisMachine: ConfigProblem[] }> {
   const errors: ConfigProblem[] = []
   const onThisMachine: ConfigProblem[] = []
   const policy = readPolicyFile(config)
@@ -132,6 +133,95 @@ export function preflight(config: Config): { errors: ConfigProblem[]; onThisMach
   if (!config.audit.collector) {
     const audit = auditFileProblem(config.audit.jsonl.path)
     if (audit) onThisMachine.push({ path: 'audit.jsonl.path', message: audit })
+  } else {
+    const spool = spoolDirProblem(config.audit.collector.spool_dir)
+    if (spool) onThisMachine.push({ path: 'audit.collector.spool_dir', message: spool })
+  }
+  // secrets.file, read and parsed as the sidecar reads it (a duplicate key, a second document, a
+  // value that is not a string): its content is never repeated.
+  const secretsFile = config.secrets.file
+  if (secretsFile) {
+    let readable = true
+    try {
+      accessSync(secretsFile, constants.R_OK)
+    } catch (err) {
+      readable = false
+      onThisMachine.push({ path: 'secrets.file', message: `${secretsFile}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})` })
+    }
+    if (readable) {
+      try {
+        errors.push(...unsendableSecrets(config, new StaticSecretSource(config.secrets, secretNames(config), process.env)))
+      } catch (err) {
+        errors.push({ path: 'secrets.file', message: (err as Error).message.replace(/^secrets\.file /, '') })
+      }
+    }
+  }
+  // The revocations a sidecar with a control stream last knew: a file that is not one stops its start.
+  const control = config.sidecar.control
+  if (control) {
+    // Loaded here only: a sidecar without a control stream never carries it.
+    const { defaultStateFile, readStateFile, RevocationFileError } = await import('./control/persist.js')
+    const stateFile = control.state_file ?? defaultStateFile(config)
+    try {
+      readStateFile(stateFile, Date.now())
+    } catch (err) {
+      if (!(err instanceof RevocationFileError)) throw err
+      ;(err.unreadable ? onThisMachine : errors).push({ path: 'sidecar.control.state_file', message: err.message.replace(/^sidecar\.control\.state_file /, '') })
+    }
   }
   return { errors, onThisMachine }
+}
+
+/** Every secret name the sidecar looks up in secrets.file (or the environment). */
+function secretNames(config: Config): string[] {
+  const names: string[] = []
+  for (const c of config.credentials) {
+    if (c.source === 'static' && c.secret) names.push(c.secret)
+    if (c.source === 'client_credentials' && c.oauth) names.push(c.oauth.client_secret)
+  }
+  if (config.audit.collector?.token_secret) names.push(config.audit.collector.token_secret)
+  if (config.sidecar.control) names.push(config.sidecar.control.token_secret)
+  return names
+}
+
+/** Why audit.collector.spool_dir cannot hold the spool here (a file, a directory that cannot be written), or null. */
+export function spoolDirProblem(dir: string): string | null {
+  // The spool creates the directory (and its parents): the nearest one that exists must take it.
+  let at = dir
+  for (;;) {
+    let st
+    try {
+      st = statSync(at)
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code
+      if ((code === 'ENOENT' || code === 'ENOTDIR') && dirname(at) !== at) {
+        at = dirname(at)
+        continue
+      }
+      return `${dir}: cannot be read (${code ?? 'error'})`
+    }
+    if (!st.isDirectory()) return at === dir ? `${dir}: is not a directory` : `${dir}: ${at} is not a directory`
+    try {
+      accessSync(at, constants.W_OK | constants.X_OK)
+      return null
+    } catch (err) {
+      return `${dir}: ${at === dir ? 'cannot be written' : `its directory ${at} cannot be written`} (${(err as NodeJS.ErrnoException).code ?? 'error'})`
+    }
+  }
+}
+
+/**
+ * Static secrets a header cannot carry (undici refuses them: every call would fail instead of the
+ * start). A header carries bytes, not text; Basic base64-encodes and query percent-encodes any text.
+ */
+export function unsendableSecrets(config: Config, secrets: Pick<StaticSecretSource, 'secret'>): ConfigProblem[] {
+  const problems: ConfigProblem[] = []
+  config.credentials.forEach((c, i) => {
+    if (c.source !== 'static' || (c.inject.type !== 'bearer' && c.inject.type !== 'header')) return
+    const value = secrets.secret(c.secret!)
+    if (value !== undefined && !/^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$/.test(value)) {
+      problems.push({ path: `credentials[${i}].secret`, message: `credential "${c.id}": secret ${c.secret!} cannot be sent in a header: it holds characters outside printable ASCII or starts or ends with a space` })
+    }
+  })
+  return problems
 }

@@ -35,7 +35,7 @@ import { readFileSync as readPolicyFile, watch as watchDir, type FSWatcher } fro
 import { basename, dirname } from 'node:path'
 import { PolicySwitch } from './policy/switch.js'
 import { DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
-import { StartupError, auditFileProblem, loadCaFile, loadPolicyFile, loadUpstreamTrust } from './preflight.js'
+import { StartupError, auditFileProblem, loadCaFile, loadPolicyFile, loadUpstreamTrust, unsendableSecrets } from './preflight.js'
 import { listenError } from '../lib/listen-error.js'
 import type { ControlClient } from './control/client.js'
 import type { KnownRevocation } from './control/state.js'
@@ -125,12 +125,8 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   }
   // A header carries bytes, not text: a secret a header cannot hold would fail every call (undici
   // refuses it) instead of failing here. Basic base64-encodes and query percent-encodes any text.
-  const unsendable = staticBindings.filter((c) => (c.inject.type === 'bearer' || c.inject.type === 'header') && !/^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$/.test(secrets.secret(c.secret!)!))
-  if (unsendable.length > 0) {
-    throw new StartupError(
-      unsendable.map((c) => `credential "${c.id}": secret ${c.secret!} cannot be sent in a header: it holds characters outside printable ASCII or starts or ends with a space`).join('\n'),
-    )
-  }
+  const unsendable = unsendableSecrets(config, secrets)
+  if (unsendable.length > 0) throw new StartupError(unsendable.map((p) => p.message).join('\n'))
 
   // The trust for every TLS client of the sidecar's own (upstreams, the broker, token_url).
   const upstreamCa = loadUpstreamTrust(config)
@@ -155,7 +151,10 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     try {
       return new CollectorSink!(o)
     } catch (err) {
-      throw new StartupError(`audit.collector: ${(err as Error).message}`)
+      // The spool's own refusals name its directory; a file system's or SQLite's (the lock) do not.
+      const e = err as { code?: unknown; message?: string }
+      const system = typeof e.code === 'string' && e.code !== 'LK_SPOOL'
+      throw new StartupError(system ? `audit.collector.spool_dir ${o.spoolDir}: cannot use it as the audit spool (${e.message ?? e.code})` : `audit.collector: ${(err as Error).message}`)
     }
   }
   const audit: AuditSink =

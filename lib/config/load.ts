@@ -3,7 +3,7 @@ import type { ErrorObject, ValidateFunction } from 'ajv'
 import { parse as parseYamlScalar, type YAMLError } from 'yaml'
 import { parseYamlDocument } from '../yaml-document.js'
 import ipaddr from 'ipaddr.js'
-import { ADDRESS_CLASSES, type Config } from './schema.js'
+import { ADDRESS_CLASSES, PORT_PATTERN, type Config } from './schema.js'
 // The schema compiled ahead of time (scripts/config-validator.mjs; CI checks it is current):
 // compiling it here cost every process ~20 MB of RSS and start-up time.
 import { validate as generatedValidate } from './validate.generated.js'
@@ -63,12 +63,20 @@ export function firstNonUtf8Line(bytes: Uint8Array): number | null {
 
 /** A config file's text; unreadable or not UTF-8 is a ConfigError naming the file (and the line). */
 export function readConfigText(file: string): string {
-  let bytes: Buffer
+  return configText(readConfigBytes(file), file)
+}
+
+/** A config file's bytes, read once; unreadable is a ConfigError naming the file. */
+export function readConfigBytes(file: string): Buffer {
   try {
-    bytes = readFileSync(file)
+    return readFileSync(file)
   } catch (err) {
     throw new ConfigError(file, [{ path: '', message: `cannot read file: ${(err as NodeJS.ErrnoException).code ?? String(err)}` }])
   }
+}
+
+/** A config file's bytes as text; not UTF-8 is a ConfigError naming the file and the line. */
+export function configText(bytes: Buffer, file: string): string {
   const bad = firstNonUtf8Line(bytes)
   if (bad !== null) throw new ConfigError(file, [{ path: `line ${bad}`, message: 'not valid UTF-8 (save the file as UTF-8)' }])
   return bytes.toString('utf8')
@@ -124,7 +132,10 @@ export function validateConfig(raw: unknown, source = '<config>'): Config {
   return config
 }
 
-/** Applies LATCHKEY__… overrides; returns each variable applied with the config path it set. */
+/**
+ * Applies LATCHKEY__… overrides; returns each variable applied with the config path it answers for:
+ * the path it set or, where it created keys on the way there, the first key it created.
+ */
 function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv, source: string): Map<string, string> {
   const applied = new Map<string, string>()
   if (typeof raw !== 'object' || raw === null) return applied
@@ -137,6 +148,7 @@ function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv, source: string)
     let node = raw as Record<string, unknown>
     // The path as problems name it: `credentials[0].audience`.
     let path = ''
+    let created: string | undefined
     for (const [i, key] of keys.entries()) {
       path += Array.isArray(node) ? `[${key}]` : `${path ? '.' : ''}${key}`
       // Into a list only by an index it has: `x` would be ignored, and `length` would cut it.
@@ -146,8 +158,11 @@ function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv, source: string)
       }
       if (i === keys.length - 1) break
       const next = node[key]
-      if (next === undefined) node[key] = {}
-      else if (typeof next !== 'object' || next === null) {
+      // The first key the override creates: a problem there (a misspelt key, unknown) is the override's.
+      if (next === undefined) {
+        node[key] = {}
+        created ??= path
+      } else if (typeof next !== 'object' || next === null) {
         throw new ConfigError(source, [{ path: name, message: `cannot override inside non-object ${key}` }])
       }
       node = node[key] as Record<string, unknown>
@@ -159,7 +174,7 @@ function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv, source: string)
       // The value itself is not repeated: an override can carry a secret.
       throw new ConfigError(source, [{ path: name, message: 'not a valid YAML value' }])
     }
-    applied.set(name, path)
+    applied.set(name, created ?? path)
   }
   return applied
 }
@@ -204,6 +219,12 @@ function describeAjvError(e: ErrorObject): ConfigProblem {
       return { path, message: `must be one of ${(e.params as { allowedValues: unknown[] }).allowedValues.map((v) => JSON.stringify(v)).join(', ')}` }
     case 'const':
       return { path, message: `must be ${JSON.stringify((e.params as { allowedValue: unknown }).allowedValue)}` }
+    case 'pattern': {
+      // A port's pattern is unreadable as a pattern: said in words.
+      const pattern = (e.params as { pattern: string }).pattern
+      if (pattern.includes(PORT_PATTERN)) return { path, message: `must be ${pattern.startsWith('^grpc://') ? 'grpc://host:port' : 'host:port'} with a port from 1 to 65535` }
+      return { path, message: e.message ?? e.keyword }
+    }
     default:
       return { path, message: e.message ?? e.keyword }
   }
@@ -237,6 +258,12 @@ export function isLoopbackHost(host: string): boolean {
   const h = host.startsWith('[') && host.endsWith(']') ? host.slice(1, -1) : host
   if (!ipaddr.isValid(h) || ambiguousIPv4(h)) return false
   return ipaddr.process(h).range() === 'loopback'
+}
+
+/** 0.0.0.0 or ::, however written: a listener there takes the port on every address. */
+function isUnspecified(host: string): boolean {
+  const h = host.startsWith('[') && host.endsWith(']') ? host.slice(1, -1) : host
+  return ipaddr.isValid(h) && !ambiguousIPv4(h) && ipaddr.process(h).range() === 'unspecified'
 }
 
 /**
@@ -285,6 +312,12 @@ function semanticProblems(c: Config): ConfigProblem[] {
     if (!c.sidecar.allow_remote_clients && !isLoopbackHost(host)) {
       problems.push({ path, message: 'must be a loopback address (set sidecar.allow_remote_clients to override)' })
     }
+  }
+
+  // One port for both listeners: the second cannot listen, and the sidecar does not start.
+  const { listen, admin } = c.sidecar
+  if (listen.port !== 0 && listen.port === admin.port && (listen.host === admin.host || isUnspecified(listen.host) || isUnspecified(admin.host))) {
+    problems.push({ path: 'sidecar.admin.port', message: `the same as sidecar.listen.port (${listen.port}): each listener needs its own port` })
   }
 
   // The control stream carries the control token one way and policy and revocations the other:

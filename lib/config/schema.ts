@@ -291,6 +291,9 @@ const inject = {
   ],
 }
 
+/** A port to connect to, 1 to 65535, written without leading zeros (within a pattern). */
+export const PORT_PATTERN = '(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])'
+
 const httpUrl = { type: 'string', pattern: '^https?://[^\\s]+$' }
 const jwksSource = {
   jwks_file: nonEmpty,
@@ -509,7 +512,7 @@ export const configSchema = {
           additionalProperties: false,
           required: ['url', 'token_secret'],
           properties: {
-            url: { type: 'string', pattern: '^grpc://[^\\s/]+:[0-9]+/?$' },
+            url: { type: 'string', pattern: `^grpc://[^\\s/]+:${PORT_PATTERN}/?$` },
             token_secret: { type: 'string', pattern: '^[A-Za-z0-9_]+$' },
             stale_after_ms: ms(30_000, 50),
             backoff_min_ms: ms(100),
@@ -662,7 +665,7 @@ export const configSchema = {
           default: null,
           required: ['address', 'sidecar_id'],
           properties: {
-            address: { type: 'string', pattern: '^[^\\s/]+:[0-9]{1,5}$' },
+            address: { type: 'string', pattern: `^[^\\s/]+:${PORT_PATTERN}$` },
             sidecar_id: nonEmpty,
             token_secret: nonEmpty,
             tls: {

@@ -239,6 +239,10 @@ export class JsonlAuditSink implements AuditSink {
     for (const u of this.unwritten.splice(0)) this.failures += u.lines
     try {
       fsyncSync(this.fd)
+    } catch (err) {
+      // Said in one line naming the setting: what was written may not be on disk.
+      const code = (err as NodeJS.ErrnoException).code ?? 'error'
+      throw Object.assign(new Error(`audit.jsonl.path ${this.path}: cannot be synced to disk at close (${code}): the last events written may be lost`), { code: 'LK_AUDIT_SYNC' })
     } finally {
       closeSync(this.fd)
     }

@@ -28,7 +28,15 @@ export function defaultStateFile(config: Config): string {
   return join(dirname(path), `${basename(path, extname(path))}.revocations.json`)
 }
 
-export class RevocationFileError extends Error {}
+export class RevocationFileError extends Error {
+  constructor(
+    message: string,
+    /** The file is there but cannot be read here (not wrong): check-config only warns. */
+    readonly unreadable = false,
+  ) {
+    super(message)
+  }
+}
 
 interface Stored {
   kind: RevocationKind
@@ -63,7 +71,7 @@ export function readStateFile(path: string, nowMs: number): LoadedState | null {
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code ?? 'error'
     if (code === 'ENOENT') return null
-    throw new RevocationFileError(`sidecar.control.state_file ${path}: cannot read (${code}); the sidecar will not start without the revocations it last knew`)
+    throw new RevocationFileError(`sidecar.control.state_file ${path}: cannot read (${code}); the sidecar will not start without the revocations it last knew`, true)
   }
   const bad = (why: string) =>
     new RevocationFileError(

@@ -298,7 +298,11 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
         this.res.cork()
       }
     }
-    if (!this.res.write(checked) && !this.draining) {
+    // Not paused once the body's last byte is held: the end is already here, and the response is
+    // corked until complete() writes it. Paused on a corked response, it waited for a 'drain' that
+    // only an uncork brings: a body of 16 KiB or more arriving in one read (17-64 KB here) hung
+    // until the upstream's keep-alive timer cut it, and larger ones were cut at their last read.
+    if (!this.res.write(checked) && !this.draining && this.lastByte === null) {
       this.draining = true
       controller.pause()
       // An agent that never reads held the call, and the upstream connection, for ever (memory

@@ -15,26 +15,26 @@ export function newTaskHandle(): string {
 export const WHOLE_TASK_HANDLE = new RegExp(`^${TASK_HANDLE.source}$`)
 
 const EVERY_TASK_HANDLE = new RegExp(TASK_HANDLE.source, 'g')
-/** `lkt_` with any of its letters percent-encoded, in either case. */
-const MAYBE_ENCODED_PREFIX = /(?:l|%6c)(?:k|%6b)(?:t|%74)(?:_|%5f)/i
 /** What a trail keeps in place of a handle. */
 export const HANDLE_REMOVED = 'lkt_[removed]'
+/** Rounds of percent-decoding looked through (`%256C` is `l` after two). */
+const DECODING_ROUNDS = 3
 
 /**
  * `text` (a path, a host, a reason quoting either) with every task handle in it removed: what a
  * log or an audit event may keep of what an agent wrote. An agent calling its task API by a
  * spelling of the sidecar's address the sidecar does not take for its own (`0.0.0.0`,
  * `[::ffff:127.0.0.1]`) is refused by policy, and its path was recorded, handle and all. Text
- * that holds one only once percent-decoded is kept decoded, without it.
+ * that holds one only once percent-decoded (up to three rounds) is kept decoded, without it.
  */
 export function withoutTaskHandles(text: string): string {
   if (text.includes('lkt_')) text = text.replace(EVERY_TASK_HANDLE, HANDLE_REMOVED)
-  if (text.includes('%') && MAYBE_ENCODED_PREFIX.test(text)) {
-    let decoded: string
+  let decoded = text
+  for (let round = 0; round < DECODING_ROUNDS && decoded.includes('%'); round++) {
     try {
-      decoded = decodeURIComponent(text)
+      decoded = decodeURIComponent(decoded)
     } catch {
-      return text
+      break
     }
     if (TASK_HANDLE.test(decoded)) return decoded.replace(EVERY_TASK_HANDLE, HANDLE_REMOVED)
   }

@@ -136,6 +136,7 @@ t.test('a task handle an agent writes into a path or a route name is never audit
   // The task API by a spelling the sidecar does not take for its own: an ordinary upstream call here.
   t.equal((await get(`${upstream.origin}/v1/tasks/${task}`)).status, 200)
   t.equal((await get(`${upstream.origin}/v1/tasks/%6Ckt%5F${task.slice(4)}`)).status, 200, 'percent-encoded')
+  t.equal((await get(`${upstream.origin}/v2/tasks/%256Ckt_${task.slice(4)}`)).status, 200, 'percent-encoded twice')
   t.equal((await get(`/${task}/x`)).status, 404, 'a route named by the handle')
   await new Promise((r) => setTimeout(r, 100))
   const audit = readFileSync(s.auditPath, 'utf8')

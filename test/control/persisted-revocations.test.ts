@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Writable } from 'node:stream'
 import { startApi, startControlBroker, viaProxy, revoke, until, CONTROL_TOKEN, type Api } from './rig.js'
-import { startTestSidecar, loopbackPolicy, CANARY, type TestSidecar } from '../helpers/harness.js'
+import { startTestSidecar, loopbackPolicy, CANARY, openTask, type TestSidecar } from '../helpers/harness.js'
 import { API, freePort, type TestBroker } from '../helpers/broker.js'
 import { REVOCATION_RETENTION_MS } from '../../broker/revocations/list.js'
 import { RETENTION_MS } from '../../proxy/control/state.js'
@@ -47,11 +47,8 @@ function sidecar(
   )
 }
 
-async function openTask(s: TestSidecar): Promise<string> {
-  const res = await fetch(`${s.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ purpose: 'persist test', duration_s: 200 }) })
-  const body = (await res.json()) as Record<string, unknown>
-  if (res.status !== 201) throw new Error(`task not opened: ${res.status}`)
-  return body.task as string
+async function openPersistTask(s: TestSidecar): Promise<string> {
+  return (await openTask(s, 'persist test', 200)).handle
 }
 
 function stored(path: string): { revocations: { kind: string; value: string; created_at: number }[]; snapshot_at: string | null } {
@@ -80,7 +77,7 @@ t.test('revoked, broker stopped, sidecar restarted: the revoked agent stays refu
   let bystander = await sidecar(control, apis, bystanderAgent, bystanderFile)
   first.push(bystander)
   await until('connected', () => victim.sidecar.control!.connected && bystander.sidecar.control!.connected)
-  const vh = await openTask(victim)
+  const vh = await openPersistTask(victim)
   t.equal((await viaProxy(victim, vh, `${stat.origin}/before`)).status, 200, 'static call served before the revoke')
   t.equal((await viaProxy(victim, vh, `${minted.origin}/before`)).status, 200, 'minted call served before the revoke')
 
@@ -107,14 +104,14 @@ t.test('revoked, broker stopped, sidecar restarted: the revoked agent stays refu
 
   const check = async (when: string) => {
     // The revoked agent opens no task, and its calls without one are refused as revoked.
-    await t.rejects(openTask(victim), /task not opened: 403/, `${when}: the revoked agent opens no task`)
+    await t.rejects(openPersistTask(victim), /task not opened: 403/, `${when}: the revoked agent opens no task`)
     const s = await viaProxy(victim, null, `${stat.origin}/after-${when}`)
     t.equal(s.status, 403, `${when}: the revoked agent's static-secret call is refused`)
     t.match(s.body, { code: 'LK_REVOKED', rule: 'revocation:agent' })
     const m = await viaProxy(victim, null, `${minted.origin}/after-${when}`)
     t.equal(m.status, 403, `${when}: and its minted-token call`)
     t.match(m.body, { code: 'LK_REVOKED' })
-    const bh = await openTask(bystander)
+    const bh = await openPersistTask(bystander)
     const b = await viaProxy(bystander, bh, `${stat.origin}/after-${when}`)
     t.equal(b.status, 200, `${when}: the other agent's static-secret call is served`)
     t.equal(b.body.bearer, true, 'with its secret injected')
@@ -147,7 +144,7 @@ t.test('a fresh snapshot replaces what was loaded: an unrevoke made while the si
   t.teardown(() => s.close())
   await until('the snapshot arrived', () => s.sidecar.control!.connected)
   t.notOk(s.sidecar.control!.state.agentRevoked, 'the broker does not revoke it: lifted')
-  const h = await openTask(s)
+  const h = await openPersistTask(s)
   t.equal((await viaProxy(s, h, `${stat.origin}/x`)).status, 200)
   await until('the file follows', () => !stored(file).revocations.some((r) => r.value === agent))
 })

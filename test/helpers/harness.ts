@@ -244,3 +244,11 @@ export async function sidecarInFrontOf(t: { teardown(fn: () => unknown): void },
   })
   return { port, s }
 }
+
+/** A task opened on the sidecar's admin API: its handle, its ID, and the Proxy-Authorization naming it. */
+export async function openTask(s: TestSidecar, purpose = 'test', durationS = 60): Promise<{ handle: string; id: string; proxyAuthorization: string }> {
+  const res = await fetch(`${s.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ purpose, duration_s: durationS }) })
+  if (res.status !== 201) throw new Error(`task not opened: ${res.status}`)
+  const { task, id } = (await res.json()) as { task: string; id: string }
+  return { handle: task, id, proxyAuthorization: `Basic ${Buffer.from(`task:${task}`).toString('base64')}` }
+}

@@ -8,7 +8,7 @@ import t from 'tap'
 import { createServer, type Socket } from 'node:net'
 import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
-import { startTestSidecar, rawRequest, loopbackPolicy, assertNoCanary } from '../helpers/harness.js'
+import { startTestSidecar, rawRequest, loopbackPolicy, assertNoCanary, openTask } from '../helpers/harness.js'
 
 /** Answers each request with the connection it came on; `POST /ignore` leaves its body unread; `POST /comment` stores its body; `GET /comments` returns what was stored. */
 async function desyncUpstream() {
@@ -65,12 +65,7 @@ t.test("one task's calls never share an upstream connection with another's", asy
     await s.close()
     await closed
   })
-  const openTask = async (purpose: string) => {
-    const r = await fetch(`${s.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ purpose, duration_s: 60 }) })
-    const { task } = (await r.json()) as { task: string }
-    return `Basic ${Buffer.from(`task:${task}`).toString('base64')}`
-  }
-  const [alice, bob] = [await openTask('alice'), await openTask('bob')]
+  const [alice, bob] = [(await openTask(s, 'alice')).proxyAuthorization, (await openTask(s, 'bob')).proxyAuthorization]
   const call = (auth: string | null, method: string, path: string, body = '') =>
     rawRequest(
       s.sidecar.port,

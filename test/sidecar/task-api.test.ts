@@ -5,7 +5,7 @@ import t from 'tap'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { readFileSync } from 'node:fs'
-import { startBearerRig, rawRequest, assertNoCanary, startUpstream, startTestSidecar, loopbackPolicy } from '../helpers/harness.js'
+import { startBearerRig, rawRequest, assertNoCanary, startUpstream, startTestSidecar, loopbackPolicy, openTask } from '../helpers/harness.js'
 import { MAX_OPEN_TASKS } from '../../proxy/tasks/api.js'
 
 const run = promisify(execFile)
@@ -131,7 +131,7 @@ t.test('an agent with HTTP_PROXY set reaches the admin API through the proxy, as
 
 t.test('a task handle an agent writes into a path or a route name is never audited or logged', async (t) => {
   const { upstream, s } = await startBearerRig(t)
-  const { task } = (await (await fetch(`${s.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ purpose: 'p', duration_s: 60 }) })).json()) as { task: string }
+  const { handle: task } = await openTask(s, 'p')
   const get = (target: string) => rawRequest(s.sidecar.port, `GET ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
   // The task API by a spelling the sidecar does not take for its own: an ordinary upstream call here.
   t.equal((await get(`${upstream.origin}/v1/tasks/${task}`)).status, 200)

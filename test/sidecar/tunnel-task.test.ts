@@ -2,16 +2,13 @@
 // another proxy credential (another task's handle, or one where the CONNECT named none) is
 // refused: it ran, silently, in the tunnel's task, with that task's token and scopes.
 import t from 'tap'
-import { startBearerRig, rawRequest, parseRawResponse, assertNoCanary } from '../helpers/harness.js'
+import { startBearerRig, rawRequest, parseRawResponse, assertNoCanary, openTask } from '../helpers/harness.js'
 
 t.test("a request inside a tunnel runs in the tunnel's task, or not at all", async (t) => {
   const { upstream, s, host } = await startBearerRig(t)
-  const openTask = async (purpose: string) => {
-    const r = await fetch(`${s.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ purpose, duration_s: 60 }) })
-    const { task, id } = (await r.json()) as { task: string; id: string }
-    return { auth: `Basic ${Buffer.from(`task:${task}`).toString('base64')}`, id }
-  }
-  const [a, b] = [await openTask('a'), await openTask('b')]
+  const [{ proxyAuthorization: aAuth, id: aId }, { proxyAuthorization: bAuth }] = [await openTask(s, 'a'), await openTask(s, 'b')]
+  const a = { auth: aAuth, id: aId }
+  const b = { auth: bAuth }
   const header = (auth: string | null) => (auth ? `Proxy-Authorization: ${auth}\r\n` : '')
   /** The answer to `GET /<path>` sent inside a tunnel opened with `outer`, itself naming `inner`. */
   const inTunnel = async (outer: string | null, inner: string | null, path: string) => {

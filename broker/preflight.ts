@@ -3,7 +3,7 @@
 // TLS files and the control stream's policy file. Nothing is listened on or connected to.
 import { readFileSync } from 'node:fs'
 import type { BrokerConfig } from '../lib/config/schema.js'
-import type { ConfigProblem } from '../lib/config/load.js'
+import { PreflightFindings } from '../lib/config/preflight-findings.js'
 import { checkServerTls } from '../lib/tls-files.js'
 import { parseRegistry, RegistryError } from './registry.js'
 import { jwksFileProblem } from './jwt.js'
@@ -13,23 +13,21 @@ import { jwksFileProblem } from './jwt.js'
  * one, a certificate that is not PEM). `onThisMachine`: a file is missing or unreadable here,
  * which the machine the config is meant for may have (a mounted secret): said, not held against it.
  */
-export async function brokerPreflight(b: BrokerConfig): Promise<{ errors: ConfigProblem[]; onThisMachine: ConfigProblem[] }> {
-  const errors: ConfigProblem[] = []
-  const onThisMachine: ConfigProblem[] = []
-  const unreadable = (path: string, file: string, err: unknown) => onThisMachine.push({ path, message: `${file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})` })
+export async function brokerPreflight(b: BrokerConfig): Promise<PreflightFindings> {
+  const found = new PreflightFindings()
 
   let registry: string | null = null
   try {
     registry = readFileSync(b.registry_file, 'utf8')
   } catch (err) {
-    unreadable('broker.registry_file', b.registry_file, err)
+    found.cannotRead('broker.registry_file', b.registry_file, err)
   }
   if (registry !== null) {
     try {
       parseRegistry(registry, b.registry_file)
     } catch (err) {
       if (!(err instanceof RegistryError)) throw err
-      errors.push({ path: 'broker.registry_file', message: `${err.source}: ${err.problems.join('; ')}` })
+      found.add('broker.registry_file', `${err.source}: ${err.problems.join('; ')}`, false)
     }
   }
 
@@ -42,7 +40,7 @@ export async function brokerPreflight(b: BrokerConfig): Promise<{ errors: Config
   for (const [setting, file] of jwks) {
     if (file === undefined) continue
     const problem = jwksFileProblem(file, setting)
-    if (problem) (problem.unreadable ? onThisMachine : errors).push({ path: setting, message: problem.message.slice(setting.length + 1) })
+    if (problem) found.add(setting, problem.message.slice(setting.length + 1), problem.unreadable)
   }
 
   for (const [prefix, tls] of [
@@ -51,7 +49,7 @@ export async function brokerPreflight(b: BrokerConfig): Promise<{ errors: Config
   ] as const) {
     if (!tls) continue
     const r = checkServerTls(prefix, tls)
-    if ('problems' in r) for (const p of r.problems) (p.unreadable ? onThisMachine : errors).push({ path: p.path, message: p.message })
+    if ('problems' in r) for (const p of r.problems) found.add(p.path, p.message, p.unreadable)
   }
 
   const policyFile = b.control?.policy_file
@@ -61,7 +59,7 @@ export async function brokerPreflight(b: BrokerConfig): Promise<{ errors: Config
       readFileSync(policyFile)
     } catch (err) {
       readable = false
-      unreadable('broker.control.policy_file', policyFile, err)
+      found.cannotRead('broker.control.policy_file', policyFile, err)
     }
     if (readable) {
       const { PolicyBundleHolder } = await import('./control/policy.js')
@@ -69,9 +67,9 @@ export async function brokerPreflight(b: BrokerConfig): Promise<{ errors: Config
         new PolicyBundleHolder(policyFile, b.control.max_bundle_bytes, () => {})
       } catch (err) {
         if ((err as { code?: unknown }).code !== 'LK_POLICY_BUNDLE_INVALID') throw err
-        errors.push({ path: 'broker.control.policy_file', message: (err as Error).message })
+        found.add('broker.control.policy_file', (err as Error).message, false)
       }
     }
   }
-  return { errors, onThisMachine }
+  return found
 }

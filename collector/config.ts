@@ -4,6 +4,7 @@ import { accessSync, closeSync, constants, openSync, readSync, statSync } from '
 import { dirname } from 'node:path'
 import { Ajv, type ErrorObject } from 'ajv'
 import { checkServerTls } from '../lib/tls-files.js'
+import { PreflightFindings } from '../lib/config/preflight-findings.js'
 import { parseYamlDocument } from '../lib/yaml-document.js'
 import { ConfigError, isLoopbackHost, plaintextProblem, readConfigText, type ConfigProblem } from '../lib/config/load.js'
 
@@ -219,20 +220,19 @@ export function validateCollectorConfig(raw: unknown, source = '<collector confi
  * file's content is wrong (a certificate that is not PEM, a store file that is not a database);
  * `onThisMachine`, a file missing or unreadable here.
  */
-export function collectorPreflight(c: CollectorConfig): { errors: ConfigProblem[]; onThisMachine: ConfigProblem[] } {
-  const errors: ConfigProblem[] = []
-  const onThisMachine: ConfigProblem[] = []
+export function collectorPreflight(c: CollectorConfig): PreflightFindings {
+  const found = new PreflightFindings()
   const tls = c.collector.grpc.tls
   if (tls) {
     const r = checkServerTls('collector.grpc.tls', tls)
-    if ('problems' in r) for (const p of r.problems) (p.unreadable ? onThisMachine : errors).push({ path: p.path, message: p.message })
+    if ('problems' in r) for (const p of r.problems) found.add(p.path, p.message, p.unreadable)
   }
   const store = c.collector.store
   if (store.kind === 'sqlite') {
     const problem = sqliteFileProblem(store.path)
-    if (problem) (problem.unreadable ? onThisMachine : errors).push({ path: 'collector.store.path', message: problem.message })
+    if (problem) found.add('collector.store.path', problem.message, problem.unreadable)
   }
-  return { errors, onThisMachine }
+  return found
 }
 
 /** An existing SQLite store file that is not a database (opened read-only: nothing is created or changed), or a missing directory. */

@@ -4,6 +4,7 @@ import { accessSync, constants, readFileSync, statSync } from 'node:fs'
 import { dirname } from 'node:path'
 import type { Config } from '../lib/config/schema.js'
 import type { ConfigProblem } from '../lib/config/load.js'
+import { PreflightFindings } from '../lib/config/preflight-findings.js'
 import { compileBundle, DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
 import { CaFileProblem, readCaFile, trustWith } from './tls-trust.js'
 import { StaticSecretSource } from './credentials/static-source.js'
@@ -101,17 +102,16 @@ export function auditFileProblem(path: string): string | null {
  * file or directory it names is missing or unwritable here; the machine it is meant for may
  * have it (a container's volume), so it is said, not held against the config.
  */
-export async function preflight(config: Config): Promise<{ errors: ConfigProblem[]; onThisMachine: ConfigProblem[] }> {
-  const errors: ConfigProblem[] = []
-  const onThisMachine: ConfigProblem[] = []
+export async function preflight(config: Config): Promise<PreflightFindings> {
+  const found = new PreflightFindings()
   const policy = readPolicyFile(config)
-  if (!('bundle' in policy)) (policy.unreadable ? onThisMachine : errors).push({ path: 'sidecar.policy_file', message: policy.message })
+  if (!('bundle' in policy)) found.add('sidecar.policy_file', policy.message, policy.unreadable)
   for (const [setting, path] of caFiles(config)) {
     try {
       readCaFile(path)
     } catch (err) {
       if (!(err instanceof CaFileProblem)) throw err
-      ;(err.unreadable ? onThisMachine : errors).push({ path: setting, message: err.message })
+      found.add(setting, err.message, err.unreadable)
     }
   }
   const collectorTls = config.audit.collector?.tls
@@ -127,15 +127,15 @@ export async function preflight(config: Config): Promise<{ errors: ConfigProblem
     try {
       accessSync(path, constants.R_OK)
     } catch (err) {
-      onThisMachine.push({ path: setting, message: `${path}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})` })
+      found.cannotRead(setting, path, err)
     }
   }
   if (!config.audit.collector) {
     const audit = auditFileProblem(config.audit.jsonl.path)
-    if (audit) onThisMachine.push({ path: 'audit.jsonl.path', message: audit })
+    if (audit) found.add('audit.jsonl.path', audit, true)
   } else {
     const spool = spoolDirProblem(config.audit.collector.spool_dir)
-    if (spool) onThisMachine.push({ path: 'audit.collector.spool_dir', message: spool })
+    if (spool) found.add('audit.collector.spool_dir', spool, true)
   }
   // secrets.file, read and parsed as the sidecar reads it (a duplicate key, a second document, a
   // value that is not a string): its content is never repeated.
@@ -146,13 +146,13 @@ export async function preflight(config: Config): Promise<{ errors: ConfigProblem
       accessSync(secretsFile, constants.R_OK)
     } catch (err) {
       readable = false
-      onThisMachine.push({ path: 'secrets.file', message: `${secretsFile}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})` })
+      found.cannotRead('secrets.file', secretsFile, err)
     }
     if (readable) {
       try {
-        errors.push(...unsendableSecrets(config, new StaticSecretSource(config.secrets, secretNames(config), process.env)))
+        found.errors.push(...unsendableSecrets(config, new StaticSecretSource(config.secrets, secretNames(config), process.env)))
       } catch (err) {
-        errors.push({ path: 'secrets.file', message: (err as Error).message.replace(/^secrets\.file /, '') })
+        found.add('secrets.file', (err as Error).message.replace(/^secrets\.file /, ''), false)
       }
     }
   }
@@ -166,10 +166,10 @@ export async function preflight(config: Config): Promise<{ errors: ConfigProblem
       readStateFile(stateFile, Date.now())
     } catch (err) {
       if (!(err instanceof RevocationFileError)) throw err
-      ;(err.unreadable ? onThisMachine : errors).push({ path: 'sidecar.control.state_file', message: err.message.replace(/^sidecar\.control\.state_file /, '') })
+      found.add('sidecar.control.state_file', err.message.replace(/^sidecar\.control\.state_file /, ''), err.unreadable)
     }
   }
-  return { errors, onThisMachine }
+  return found
 }
 
 /** Every secret name the sidecar looks up in secrets.file (or the environment). */

@@ -24,6 +24,7 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import type { Target } from '../context.js'
 import { routeBase } from '../listen/target.js'
+import { pathUnderRoute } from './route-location.js'
 
 /** Why a Set-Cookie was not relayed; a fixed text, safe to log. */
 export type CookieDropReason =
@@ -130,7 +131,8 @@ export function defaultPath(requestPath: string): string {
  * through the route reaches.
  */
 export function pathThroughRoute(path: string, route: string, base: string): string | null {
-  if (base === '' || path === base || path.startsWith(`${base}/`)) return `/${route}${path.slice(base.length) || '/'}`
+  const under = pathUnderRoute(path, route, base)
+  if (under !== null) return under
   if (base.startsWith(path) && (path.endsWith('/') || base.charCodeAt(path.length) === 0x2f)) return `/${route}/`
   return null
 }

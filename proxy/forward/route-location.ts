@@ -28,8 +28,16 @@ export function locationThroughRoute(location: string, resolved: URL | null, tar
   if (resolved.protocol !== `${target.scheme}:` || resolved.username || resolved.password) return location
   const { host, port } = urlHostPort(resolved, target.scheme)
   if (host !== target.host || port !== target.port) return location
-  const base = routeBase(routeUpstream)
-  const path = resolved.pathname
-  if (base !== '' && path !== base && !path.startsWith(`${base}/`)) return resolved.href
-  return `/${target.route}${path.slice(base.length) || '/'}${resolved.search}${resolved.hash}`
+  const under = pathUnderRoute(resolved.pathname, target.route, routeBase(routeUpstream))
+  return under === null ? resolved.href : `${under}${resolved.search}${resolved.hash}`
+}
+
+/**
+ * An upstream path as the route's own URL path: inside the route's base path (`base`, routeBase;
+ * `''` for none), put under `/<route>`; null outside it, where no call through the route reaches.
+ * What Location and Set-Cookie paths are translated by (route-cookie.ts).
+ */
+export function pathUnderRoute(path: string, route: string, base: string): string | null {
+  if (base !== '' && path !== base && !path.startsWith(`${base}/`)) return null
+  return `/${route}${path.slice(base.length) || '/'}`
 }

@@ -15,6 +15,7 @@ import { BodyScrubber, bodyNeedlesFor } from './body-scrub.js'
 import { lingerOnClose } from '../listen/linger.js'
 import { NONE_HELD } from '../credentials/held.js'
 import { recordEnd } from '../call-outcome.js'
+import { resolveLocation } from './route-location.js'
 
 export type ForwardDone = (err: LatchkeyError | null) => void
 
@@ -136,9 +137,18 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     const location = clean.location as string | string[] | undefined
     if (location !== undefined) {
       const redirect = statusCode >= 300 && statusCode < 400
-      if (redirect && (Array.isArray(location) ? location : [location]).some(readTwoWays)) {
-        this.ctx.status = 0
-        return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream redirected to a Location that clients read as different URLs (a backslash, or http: without //): not relayed'))
+      if (redirect) {
+        const locations = Array.isArray(location) ? location : [location]
+        if (locations.some(readTwoWays)) {
+          this.ctx.status = 0
+          return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream redirected to a Location that clients read as different URLs (a backslash, three slashes, or http: without //): not relayed'))
+        }
+        // Where the sidecar's parser sees no URL, it cannot tell where a client's goes (`//:15001/x`
+        // is this host's port 15001 to Python's urllib).
+        if (locations.some((l) => resolveLocation(l, this.ctx.target!) === null)) {
+          this.ctx.status = 0
+          return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream redirected to a Location that is not a URL: not relayed'))
+        }
       }
       // Which of two a client follows is its own choice: a redirect names one place.
       const relayed = Array.isArray(location) ? (redirect ? null : location.map((l) => this.relocate(l, this.ctx.target!, false) ?? l)) : this.relocate(location, this.ctx.target!, redirect)
@@ -479,8 +489,15 @@ const KNOWN_CODINGS = new Set(['gzip', 'x-gzip', 'deflate', 'br', 'zstd', 'compr
  * reads 127.0.0.1:15001 as its host.
  */
 function readTwoWays(location: string): boolean {
-  return location.includes('\\') || /^\s*https?:(?!\/\/[^/])/i.test(location)
+  return location.includes('\\') || THIRD_SLASH.test(location) || /^\s*https?:(?!\/\/[^/])/i.test(location)
 }
+
+/**
+ * `///bank/x`: to WHATWG, host `bank`; to RFC 3986 an empty authority, which Python, Java and
+ * others fill with the URL they asked, so from a route's upstream it is the sidecar's route
+ * `bank`, with bank's credential.
+ */
+const THIRD_SLASH = /^\s*\/\/\//
 
 /**
  * Ends a response cut part-way so the agent can tell: where its end is framed (a Content-Length,

@@ -115,6 +115,33 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
     t.match(audit.at(-1), { status: 502, error: 'LK_UPSTREAM_PROTOCOL', path: '/r', credential: { binding: 'search' } }, 'the call is recorded with why it was refused')
   })
 
+  await t.test('a Location read as another host by the sidecar and as a path on the sidecar by clients is not relayed', async (t) => {
+    // To a URL parser `///billing/charge` names host `billing`; to RFC 3986 it has an empty
+    // authority, which Python and Java fill with the URL they asked: on a route, the sidecar's
+    // own billing route, with billing's credential.
+    const spellings = ['///billing/charge', '////billing/charge', 'http:///billing/charge', `//:${s.sidecar.port}/billing/charge`]
+    for (const to of spellings) {
+      for (const [path, how] of [
+        [via('/search/r', to), 'on a route'],
+        [`http://127.0.0.1:${search.port}${via('/r', to)}`, 'absolute-form'],
+      ] as const) {
+        const r = await rawRequest(s.sidecar.port, `GET ${path} HTTP/1.1\r\nHost: ${lk}\r\nConnection: close\r\n\r\n`)
+        seen.push(r.raw)
+        t.equal(r.status, 502, `${JSON.stringify(to)} ${how}`)
+        t.match(JSON.parse(r.body), { code: 'LK_UPSTREAM_PROTOCOL', reason: /clients read as different URLs|not a URL/ }, JSON.stringify(to))
+        t.notOk(r.headers.location, 'no Location reaches the agent')
+      }
+    }
+    // Python's urllib follows a 307 by itself, resolving the Location as RFC 3986 does.
+    const script = 'import sys, urllib.request, urllib.error\ntry:\n  r = urllib.request.urlopen(sys.argv[1]); print(r.status, r.read().decode())\nexcept urllib.error.HTTPError as e:\n  print(e.code, e.read().decode())\n'
+    for (const to of ['///billing/charge', '////billing/charge']) {
+      const { stdout } = await run('python3', ['-c', script, `http://${lk}${via('/search/r', to)}`], { env: { ...process.env, NO_PROXY: '*', no_proxy: '*' } })
+      seen.push(stdout)
+      t.match(stdout, /^502 /, `urllib gets the refusal, not the billing route: ${to}`)
+    }
+    t.equal(billing.requests.length, 0, 'the billing route was never called')
+  })
+
   await t.test('a redirect with more than one Location is not relayed', async (t) => {
     const two = await rawRequest(s.sidecar.port, `GET ${via('/search/two', `http://127.0.0.1:${s.sidecar.port}/billing/charge`, 302)} HTTP/1.1\r\nHost: ${lk}\r\nConnection: close\r\n\r\n`)
     seen.push(two.raw)

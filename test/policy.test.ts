@@ -120,6 +120,14 @@ t.test('a deny on a path is not dodged by any spelling of that path', async (t) 
     '/admin%23.css',
     '/admin%253F.php',
     '/api/..%2Fadmin%3F',
+    // Unicode spaces ending a segment, which Python's str.strip() and Java's String.strip() trim,
+    // and characters that show nothing.
+    '/admin%C2%A0/x',
+    '/admin%E3%80%80',
+    '/admin%E2%80%83%C2%A0/x',
+    '/adm%E2%80%8Bin/x',
+    '/admin%C2%AD',
+    '/%EF%BB%BFadmin/x',
   ]) {
     t.equal(decide(p, 'GET', `https://x.com${spelling}`).rule, 'no-admin', spelling)
   }

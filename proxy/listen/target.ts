@@ -5,6 +5,7 @@
 import { isIP } from 'node:net'
 import { LatchkeyError } from '../errors.js'
 import type { Target } from '../context.js'
+import { furtherDecodings } from '../policy/paths.js'
 
 const DEFAULT_PORT = { http: 80, https: 443 } as const
 
@@ -53,12 +54,30 @@ const ENCODED_CONTROL = /%(?:[01][0-9A-Fa-f]|7[Ff])/
 function checkedPath(path: string): string {
   if (!path.includes('%')) return path
   if (ENCODED_CONTROL.test(path)) throw new LatchkeyError('LK_BAD_REQUEST', 'request path contains an encoded control character')
-  try {
-    decodeURIComponent(path)
-  } catch {
-    throw new LatchkeyError('LK_BAD_REQUEST', 'request path has malformed percent-encoding, or encodes bytes that are not UTF-8')
+  if (!isUtf8Escapes(path)) throw new LatchkeyError('LK_BAD_REQUEST', 'request path has malformed percent-encoding, or encodes bytes that are not UTF-8')
+  // The same, as a server that decodes the path again reads it (the readings policy judges):
+  // `/admin%2500/x` is `/admin%00/x` to it, and then `/admin` to one that cuts at NUL.
+  if (path.includes('%25')) {
+    for (const p of furtherDecodings(path)) {
+      if (ENCODED_CONTROL.test(p)) throw new LatchkeyError('LK_BAD_REQUEST', 'request path contains a control character encoded more than once')
+      if (!(p.match(NON_ASCII_ESCAPES_G) ?? []).every(isUtf8Escapes)) {
+        throw new LatchkeyError('LK_BAD_REQUEST', 'request path encodes, more than once, bytes that are not UTF-8')
+      }
+    }
   }
   return path
+}
+
+/** Runs of escapes of bytes beyond ASCII: a further decoding's UTF-8 (or not) is judged by these alone, a lone `%` left by it being text. */
+const NON_ASCII_ESCAPES_G = /(?:%[89A-Fa-f][0-9A-Fa-f])+/g
+
+function isUtf8Escapes(s: string): boolean {
+  try {
+    decodeURIComponent(s)
+    return true
+  } catch {
+    return false
+  }
 }
 
 /**

@@ -21,6 +21,11 @@ const QUERY_OR_FRAGMENT = /%3F|%23|[?#]/
 /** The leading slashes and authority a URL parser reads at the start of `//host/path`. */
 const AUTHORITY = /^\/{2,}[^/]*/
 
+/** Default-ignorable characters a reader may drop: soft hyphen, zero-width and directional marks, word joiner, BOM. */
+const INVISIBLE = /[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]/g
+/** Whitespace, Unicode's included (JavaScript's `\s`), ending a segment; each run tried from its start only (see SEGMENT_END_RUNS). */
+const UNICODE_SPACE_ENDING_SEGMENT = /(?<!\s)\s+(\/|$)/g
+
 /** Decodes %XX only where it stands for an unreserved character; upper-cases the rest. */
 function decodeUnreserved(path: string): string {
   if (!path.includes('%')) return path
@@ -38,18 +43,23 @@ function decodeAsciiOnce(path: string): string {
   return path.replace(/%([2-7][0-9A-Fa-f])/g, (m, hex: string) => (hex.toLowerCase() === '7f' ? m : String.fromCharCode(parseInt(hex, 16))))
 }
 
+/**
+ * The path as servers that decode it again read it, one entry per further decoding. Each reads
+ * what one decoding of the WHOLE path gives, every escape at once: `%252F` is `%2F` to it, and so
+ * is `%25%32%46` (rewriting only `%25` followed by two hex digits missed the second). Only an
+ * encoded `%` can make a decoding say something new, so decodings go on while one remains.
+ */
+export function furtherDecodings(path: string): string[] {
+  const decodings: string[] = []
+  let p = path
+  for (let i = 0; i < MAX_EXTRA_DECODINGS && p.includes('%25'); i++) decodings.push((p = decodeAsciiOnce(p)))
+  return decodings
+}
+
 /** The distinct readings of a (URL-normalised) path. The first is the canonical one. */
 export function pathReadings(path: string): string[] {
   const readings = readingsOf(path)
-  // Encoded more than once: a server or framework that decodes again reads what one decoding of
-  // the WHOLE path gives, every escape at once: `%252F` is `%2F` to it, and so is `%25%32%46`
-  // (rewriting only `%25` followed by two hex digits missed the second). Only an encoded `%`
-  // can make a decoding say something new, so further decodings are tried while one remains.
-  let p = path
-  for (let i = 0; i < MAX_EXTRA_DECODINGS && p.includes('%25'); i++) {
-    p = decodeAsciiOnce(p)
-    for (const r of readingsOf(p)) if (!readings.includes(r)) readings.push(r)
-  }
+  if (path.includes('%25')) for (const p of furtherDecodings(path)) for (const r of readingsOf(p)) if (!readings.includes(r)) readings.push(r)
   return readings
 }
 
@@ -81,6 +91,11 @@ function readingsOf(path: string): string[] {
     }
     const folded = decoded?.normalize('NFKC')
     if (decoded !== null && folded !== decoded) add(folded!)
+    // Characters that show nothing (soft hyphen, zero-width, BOM) dropped, and Unicode spaces
+    // ending a segment trimmed, as Python's str.strip() and Java's String.strip() do:
+    // `/admin%C2%A0` and `/admin%E3%80%80` are `/admin` to a server that strips what it routes.
+    const bare = decoded === null ? null : folded!.replace(INVISIBLE, '').replace(UNICODE_SPACE_ENDING_SEGMENT, '$1')
+    if (bare !== null && bare !== folded) add(bare)
     // Dotless ı and dotted İ: no normalisation makes them i, and a deny glob's case-blind match
     // (JavaScript's, even with Unicode case folding) does not either; Java's equalsIgnoreCase and
     // Python's re.IGNORECASE (Django's `(?i)` routes) take both for i: `/admın` is `/admin` to them.

@@ -210,6 +210,39 @@ t.test('a path encoded more than once is judged as an upstream that decodes agai
   assertNoCanary(t, s, ...seen)
 })
 
+t.test('a path that is a denied one to an upstream cutting at NUL or stripping spaces is refused or denied, however encoded', async (t) => {
+  const { upstream, s, host } = await denyingSidecar(t, { id: 'no-secret', action: 'deny', hosts: ['127.0.0.1'], paths: ['/secret', '/admin/**'] }, (up) => ({
+    credentials: [{ id: 'up', audience: up.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  }))
+  const entries: [string, (path: string) => string][] = [
+    ['absolute-form', (p) => `GET http://${host}${p} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`],
+    ['reverse route', (p) => `GET /up${p} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`],
+    ['inside a plaintext tunnel', (p) => `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\nGET ${p} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`],
+  ]
+  // A control character encoded twice: one more decoding gives `/secret%00`, which C-backed
+  // servers cut at and others trim (`%0d`, `%0a`, `%0b`, `%0c`).
+  const refused = ['/secret%2500', '/secret%250d', '/secret%250a', '/secret%250b', '/secret%250c', '/admin%2500/x', '/secret%25%30%30']
+  // Unicode spaces, which str.strip() trims, and characters that show nothing.
+  const denied = ['/secret%C2%A0', '/secret%E3%80%80', '/secret%E2%80%8B', '/se%C2%ADcret', '/admin%C2%A0/x']
+  const seen: string[] = []
+  const send = sender(s.sidecar.port, seen)
+  for (const [entry, request] of entries) {
+    for (const spelling of refused) {
+      const r = await send(request(spelling))
+      t.equal(r.status, 400, `${entry} ${spelling}: 400`)
+      t.match(JSON.parse(r.body), { code: 'LK_BAD_REQUEST', reason: /control character encoded more than once/ }, `${entry} ${spelling}: says why`)
+    }
+    for (const spelling of denied) {
+      const r = await send(request(spelling))
+      t.equal(r.status, 403, `${entry} ${spelling}: 403`)
+      t.equal(r.headers['x-latchkey-rule'], 'no-secret', `${entry} ${spelling}: the path deny holds`)
+    }
+    t.equal((await send(request('/secretary%C2%A0x'))).status, 200, `${entry}: a space inside a segment is no path end`)
+  }
+  t.same(upstream.requests.map((q) => q.url), Array(3).fill('/secretary%C2%A0x'), 'nothing the deny names reached the upstream')
+  assertNoCanary(t, s, ...seen)
+})
+
 t.test('a method override in a POSTed form is judged as the method it names, where the method matters', async (t) => {
   const { upstream, s, host } = await denyingSidecar(t, { id: 'no-delete', action: 'deny', hosts: ['127.0.0.1'], methods: ['DELETE'] }, (up) => ({
     credentials: [{ id: 'up', audience: up.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],

@@ -38,3 +38,25 @@ t.test('with nothing read, buffered or sent, the body is stalled; a buffered one
   t.equal(heldStopped, 0, 'bytes waiting in the request buffer are the upstream being slow')
   held.complete = true
 })
+
+t.test('the cut comes one gap after the last byte, not up to two', async (t) => {
+  // Looked at once a gap, a byte just after a look was only seen at the next, and the cut came a
+  // whole gap later: up to twice timeouts.body_ms after the agent's last byte.
+  const req = standIn()
+  const gap = 1000
+  let stoppedAt = 0
+  const started = performance.now()
+  watchBodyStall(req as unknown as IncomingMessage, gap, () => (stoppedAt = performance.now()), () => 0)
+  // A byte half a gap in, then the last one just after the first full gap, where a look once a
+  // gap had just been and the next only saw it a whole gap later.
+  await new Promise((r) => setTimeout(r, gap / 2))
+  req.socket.bytesRead += 10
+  await new Promise((r) => setTimeout(r, gap / 2 + 30))
+  req.socket.bytesRead += 10
+  const lastByte = performance.now()
+  await new Promise((r) => setTimeout(r, 2.5 * gap))
+  t.ok(stoppedAt > 0, 'cut')
+  t.ok(stoppedAt - lastByte >= gap - 5, `not before a gap without a byte (${Math.round(stoppedAt - lastByte)} ms)`)
+  t.ok(stoppedAt - lastByte < 1.6 * gap, `within a gap and a half of the last byte (${Math.round(stoppedAt - lastByte)} ms), not two`)
+  t.ok(stoppedAt - started > gap, 'the byte counted as progress')
+})

@@ -15,6 +15,7 @@ export function checkFraming(req: IncomingMessage, requireHost = true): void {
   let te: string | null = null
   let teCount = 0
   let proxyAuths = 0
+  let connection: string | null = null
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i]!
     switch (name.length) {
@@ -26,6 +27,9 @@ export function checkFraming(req: IncomingMessage, requireHost = true): void {
         break
       case 19:
         if (name.toLowerCase() === 'proxy-authorization') proxyAuths++
+        break
+      case 10:
+        if (name.toLowerCase() === 'connection') connection = connection === null ? raw[i + 1]! : `${connection},${raw[i + 1]!}`
         break
       case 17:
         if (name.toLowerCase() === 'transfer-encoding') {
@@ -47,4 +51,16 @@ export function checkFraming(req: IncomingMessage, requireHost = true): void {
     }
     if (contentLengths > 0) throw new LatchkeyError('LK_BAD_REQUEST', 'Content-Length and Transfer-Encoding together')
   }
+  if (connection !== null && connection.length > 10) {
+    const named = BODY_HEADERS.exec(connection)
+    if (named !== null) throw new LatchkeyError('LK_BAD_REQUEST', `the Connection header names ${named[1]!.toLowerCase()}, which says how the body is read: it cannot be dropped on the way`)
+  }
 }
+
+/**
+ * Headers the body is read by. A proxy drops what Connection names, so a body judged by its
+ * Content-Type (a form's `_method`) would reach the upstream without one, where Rack takes a
+ * typeless POST for a form: `Connection: content-type` on a text/plain `_method=DELETE` ran a
+ * DELETE past a method deny.
+ */
+const BODY_HEADERS = /(?:^|,)[ \t]*(content-type|content-length|content-encoding)[ \t]*(?:,|$)/i

@@ -52,6 +52,10 @@ t.test('refused framings', async (t) => {
     ['obsolete line folding', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A: a\r\n b\r\n\r\n`, /malformed/],
     ['non-http scheme', `GET ftp://127.0.0.1/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /http:\/\/ or https:\/\//],
     ['asterisk form', `OPTIONS * HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /asterisk-form/],
+    // What the body is read by, dropped on the way: a typeless `_method=DELETE` POST is a form to Rack.
+    ['Connection naming Content-Type', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Type: text/plain\r\nConnection: content-type\r\nContent-Length: 14\r\n\r\n_method=DELETE`, /Connection header names content-type/],
+    ['Connection naming Content-Encoding among others', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Encoding: gzip\r\nConnection: keep-alive , Content-Encoding\r\nContent-Length: 1\r\n\r\nx`, /Connection header names content-encoding/],
+    ['Connection naming Content-Length, in a second Connection line', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nConnection: keep-alive\r\nConnection: CONTENT-LENGTH\r\nContent-Length: 1\r\n\r\nx`, /Connection header names content-length/],
     ['h2c offered with another protocol', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: websocket, h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n`, /h2c/],
   ]
   for (const [name, request, reason] of table) {

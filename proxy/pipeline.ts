@@ -8,7 +8,7 @@ import type { Logger } from '../lib/log.js'
 import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Decision, Identifier, Identity, Resolution, Resolver, Target, Via } from './context.js'
 import { checkLocalCaller, isLocalhostName, isLoopbackPeer } from './listen/local-caller.js'
 import { carriesTaskHandle } from './identify/proxy-authorization.js'
-import { lingerOnClose } from './listen/linger.js'
+import { closingSockets, lingerOnClose } from './listen/linger.js'
 import { LatchkeyError, renderError, renderErrorRaw, type ErrorCode } from './errors.js'
 import type { CredentialBindings } from './credentials/bindings.js'
 import { stripQueryParams } from './credentials/bindings.js'
@@ -85,8 +85,8 @@ const MAYBE_METHOD_OVERRIDE = /(?:m|%[46]d)(?:e|%[46]5)(?:t|%[57]4)(?:h|%[46]8)(
 const MAX_QUEUED_PER_CONNECTION = 64
 
 export class Pipeline {
-  /** Sockets already answered with a refusal and `Connection: close`: nothing more is read from them. */
-  readonly closingSockets = new WeakSet<Socket>()
+  /** Sockets being closed by a refusal or an early answer (listen/linger.ts): nothing more is taken from them. */
+  readonly closingSockets = closingSockets
   /** Calls admitted and not yet finished, with the client socket each one holds: what a revocation cuts. */
   readonly live = new LiveCalls()
   /** Pipelined requests waiting for the response before them, per connection (see awaitTurn). */
@@ -434,7 +434,7 @@ export class Pipeline {
     const cut = req.socket ? this.cutSockets.get(req.socket) : undefined
     if (cut) recordEnd(ctx, cut.code, `not sent: the connection was cut before its turn (${cut.reason})`)
     else if (this.draining) recordEnd(ctx, 'LK_DRAINING', 'not sent: the sidecar is shutting down and the connection ended before its turn')
-    else recordEnd(ctx, 'LK_BAD_REQUEST', 'not sent: the connection was closing before its turn (a request before it was refused or malformed)')
+    else recordEnd(ctx, 'LK_BAD_REQUEST', 'not sent: the connection was closing before its turn (a request before it was refused, malformed, or answered before its body was read)')
     this.finish(ctx)
   }
 

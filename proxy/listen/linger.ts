@@ -10,10 +10,19 @@ import type { Socket } from 'node:net'
 /** How long an agent that keeps sending after its answer is read from before the connection is cut. */
 const LINGER_MS = 2_000
 
+/**
+ * Connections that take no further request: a response is closing them (Pipeline.isTurnOf
+ * records what was pipelined behind as not sent, decided by nobody, never given a credential).
+ */
+export const closingSockets = new WeakSet<Socket>()
+
 /** Call before a response that will close the connection while `req`'s body is still arriving. */
 export function lingerOnClose(req: IncomingMessage): void {
   const socket = req.socket
   if (!socket || req.complete) return
+  // What node:http parses from the rest of the stream is not a request: the agent sent it
+  // expecting the body before it to be read (an early 401 or 413 left it unread).
+  closingSockets.add(socket)
   // Flowing with no listener: whatever more of the body arrives is read and dropped.
   req.resume()
   // node:http ends a connection it will not keep alive with destroySoon() once the response is

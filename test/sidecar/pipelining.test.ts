@@ -4,7 +4,8 @@
 import t, { type Test } from 'tap'
 import { connect } from 'node:net'
 import { once } from 'node:events'
-import { startSlowCallRig, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
+import { createServer } from 'node:http'
+import { startSlowCallRig, rawRequest, assertNoCanary, sidecarInFrontOf, CANARY } from '../helpers/harness.js'
 
 const setup = (t: Test) => startSlowCallRig(t, 150)
 
@@ -55,6 +56,43 @@ t.test('pipelined behind a refusal: not sent, not decided, audited as not sent',
   }
   const after = await rawRequest(s.sidecar.port, `GET http://${host}/ HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`)
   t.equal(after.status, 200, 'the sidecar is still serving')
+})
+
+t.test('pipelined behind an early answer that closes the connection: not sent, not decided', async (t) => {
+  // An upstream refusing an upload before reading it (a 413, a 401): the sidecar relays the answer
+  // with Connection: close while the agent's body is still arriving. What the agent pipelined
+  // behind the body was parsed, decided and sent off with the credential, and audited as a 403
+  // or a 499 the agent never saw.
+  const reached: string[] = []
+  const upstream = createServer((req, res) => {
+    reached.push(req.url!)
+    if (req.url === '/upload') res.writeHead(413, { connection: 'close', 'content-type': 'text/plain' }).end('too large')
+    else req.resume().once('end', () => res.end('ok'))
+  })
+  const { port, s } = await sidecarInFrontOf(t, upstream)
+  const host = `127.0.0.1:${port}`
+  for (const after of [`http://${host}/after`, 'http://127.0.0.1:1/denied']) {
+    const auditBefore = (await s.audit()).length
+    // Half-open, as Python's and curl's sockets are: it goes on sending after the sidecar's FIN.
+    const sock = connect({ port: s.sidecar.port, host: '127.0.0.1', allowHalfOpen: true })
+    await once(sock, 'connect')
+    let raw = ''
+    sock.on('data', (d: Buffer) => (raw += d.toString('latin1')))
+    sock.write(`POST http://${host}/upload HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 20\r\n\r\n0123456789`)
+    for (let i = 0; i < 200 && !raw.includes('\r\n\r\n'); i++) await new Promise((r) => setTimeout(r, 10))
+    t.match(raw, /^HTTP\/1\.1 413 /, 'the early answer is relayed')
+    sock.end(`0123456789GET ${after} HTTP/1.1\r\nHost: x\r\n\r\n`)
+    await once(sock, 'close')
+    t.same(statuses(raw), [413], `${after}: nothing answered after the early answer`)
+    let audit = (await s.audit()).slice(auditBefore)
+    for (let i = 0; i < 100 && audit.length < 2; i++) {
+      await new Promise((r) => setTimeout(r, 20))
+      audit = (await s.audit()).slice(auditBefore)
+    }
+    t.match(audit, [{ path: '/upload', status: 413 }, { path: new URL(after).pathname, status: 0, decision: null, error: 'LK_BAD_REQUEST', reason: /^not sent/ }], `${after}: recorded as not sent, decided by nobody`)
+  }
+  t.same(reached, ['/upload', '/upload'], 'nothing after the early answer reached the upstream')
+  assertNoCanary(t, s)
 })
 
 t.test("a request not sent is in its task's history: recorded under the task its Proxy-Authorization names", async (t) => {

@@ -46,6 +46,20 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
   const seen: string[] = []
   const lk = `127.0.0.1:${s.sidecar.port}`
   const via = (path: string, to: string, code = 307) => `${path}?code=${code}&to=${encodeURIComponent(to)}`
+  /** The search upstream's 307 to `to`, asked for on its route and in absolute-form: each way's response. */
+  const redirectedBothWays = async (to: string) => {
+    const ways = [
+      ['on a route', via('/search/r', to)],
+      ['absolute-form', `http://127.0.0.1:${search.port}${via('/r', to)}`],
+    ] as const
+    const answers: [string, Awaited<ReturnType<typeof rawRequest>>][] = []
+    for (const [how, path] of ways) {
+      const r = await rawRequest(s.sidecar.port, `GET ${path} HTTP/1.1\r\nHost: ${lk}\r\nConnection: close\r\n\r\n`)
+      seen.push(r.raw)
+      answers.push([how, r])
+    }
+    return answers
+  }
 
   await t.test('a Location climbing out of its route is put back under it', async (t) => {
     for (const to of ['/../billing/charge', '/%2e%2e/billing/charge', '/./../billing/charge', '../../billing/charge', `${search.origin}/../billing/charge`]) {
@@ -87,12 +101,7 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
       `http://127.0.0.1:${admin}/v1/tasks`,
     ]
     for (const to of spellings) {
-      for (const [path, how] of [
-        [via('/search/r', to), 'on a route'],
-        [`http://127.0.0.1:${search.port}${via('/r', to)}`, 'absolute-form'],
-      ] as const) {
-        const r = await rawRequest(s.sidecar.port, `GET ${path} HTTP/1.1\r\nHost: ${lk}\r\nConnection: close\r\n\r\n`)
-        seen.push(r.raw)
+      for (const [how, r] of await redirectedBothWays(to)) {
         t.equal(r.status, 502, `${to} ${how}`)
         t.equal(r.headers['x-latchkey-error'], 'LK_UPSTREAM_PROTOCOL', `${to} ${how}`)
         t.notOk(r.headers.location, 'no Location reaches the agent')
@@ -121,12 +130,7 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
     // own billing route, with billing's credential.
     const spellings = ['///billing/charge', '////billing/charge', 'http:///billing/charge', `//:${s.sidecar.port}/billing/charge`]
     for (const to of spellings) {
-      for (const [path, how] of [
-        [via('/search/r', to), 'on a route'],
-        [`http://127.0.0.1:${search.port}${via('/r', to)}`, 'absolute-form'],
-      ] as const) {
-        const r = await rawRequest(s.sidecar.port, `GET ${path} HTTP/1.1\r\nHost: ${lk}\r\nConnection: close\r\n\r\n`)
-        seen.push(r.raw)
+      for (const [how, r] of await redirectedBothWays(to)) {
         t.equal(r.status, 502, `${JSON.stringify(to)} ${how}`)
         t.match(JSON.parse(r.body), { code: 'LK_UPSTREAM_PROTOCOL', reason: /clients read as different URLs|not a URL/ }, JSON.stringify(to))
         t.notOk(r.headers.location, 'no Location reaches the agent')

@@ -76,7 +76,7 @@ export class SidecarMetrics {
   liveCount: () => number = () => 0
   readonly callsInFlight: Gauge = new Gauge({
     name: 'latchkey_calls_in_flight',
-    help: 'Calls admitted and not finished: requests being answered, open tunnels and WebSockets',
+    help: 'Calls admitted and not finished: requests being answered (in plaintext tunnels too), TLS relays, tunnels not yet used, WebSockets',
     registers: [this.registry],
     collect: (): void => this.callsInFlight.set(this.liveCount()),
   })

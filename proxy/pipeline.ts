@@ -684,6 +684,17 @@ export class Pipeline {
     return n
   }
 
+  /**
+   * A plaintext tunnel the sidecar closed while idle (shutdown, a revoked agent): its CONNECT, if
+   * still a live call, is recorded as cut with `code` once the socket closes (tunnel.ts, handOver),
+   * not taken for one its agent closed.
+   */
+  endHeldTunnel(ctx: CallContext, code: ErrorCode, reason: string): void {
+    if (ctx.liveSocket === null) return
+    this.live.delete(ctx)
+    recordEnd(ctx, code, reason)
+  }
+
   /** Why a connection was cut on purpose: what its queued requests are recorded as (neverSent). */
   private readonly cutSockets = new WeakMap<Socket, { code: ErrorCode; reason: string }>()
 

@@ -264,8 +264,6 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     namedHosts: sc.allow_remote_clients,
     bodyGapMs: sc.timeouts.body_ms,
   })
-  metrics.liveCount = () => pipeline.live.size
-
   // A task's egress ends with the task: streams, tunnels and WebSockets it opened are cut when it
   // is ended or expires, not left running on a credential that was scoped to it. (Not at shutdown:
   // the drain has already ended those.)
@@ -316,13 +314,15 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
 
   // Created (not yet listening) before the control stream starts: a revocation it delivers,
   // even one reloaded from the state file, closes this server's idle connections.
-  const { server, openStreams, closeIdleConnections } = createListener(pipeline, {
+  const { server, openStreams, closeIdleConnections, heldTunnels } = createListener(pipeline, {
     allowRemoteClients: sc.allow_remote_clients,
     clientHeadersTimeoutMs: sc.timeouts.client_headers_ms,
     connectTimeoutMs: sc.timeouts.connect_ms,
     tunnelIdleMs: sc.timeouts.tunnel_idle_ms,
     upstreamHeadersMs: sc.timeouts.headers_ms,
   })
+  // A plaintext tunnel's CONNECT stays live (a cut reaches it) but is no call in flight: the requests inside are.
+  metrics.liveCount = () => pipeline.live.size - heldTunnels()
   let control: ControlClient | undefined
   if (sc.control) {
     const { ControlClient } = await import('./control/client.js')
@@ -338,7 +338,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
         // sockets go too: left open, a revoked agent kept holding the sidecar's descriptors, and
         // only its next request on each learnt of the revocation. Those in plaintext tunnels too
         // (a tunnel to the sidecar itself is no call of its own, so no cut reaches it).
-        closeIdleConnections()
+        closeIdleConnections('LK_REVOKED', 'revoked')
       } else {
         // The tasks it stops: the revoked task itself, and any opened with a token derived from the
         // revoked task or jti (lib/delegation.ts); their tokens go and their calls are cut.
@@ -460,7 +460,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       clearTimeout(policyTimer)
       process.off('SIGHUP', onSighup)
       const closed = new Promise<void>((resolve) => server.close(() => resolve()))
-      closeIdleConnections()
+      closeIdleConnections('LK_DRAINING', 'the sidecar shut down while the tunnel was idle')
       // drain_ms, or less when a second signal says not to wait (see close's `urgent`).
       const deadline = new Promise<false>((resolve) => {
         hurry = () => resolve(false)

@@ -8,7 +8,8 @@ import { serveOn } from './serve-on.js'
 import { isLoopbackPeer } from './local-caller.js'
 import type { Socket } from 'node:net'
 import { owedResponse, type Pipeline, type TunnelOrigin } from '../pipeline.js'
-import { LatchkeyError } from '../errors.js'
+import { LatchkeyError, type ErrorCode } from '../errors.js'
+import type { CallContext } from '../context.js'
 import { handleConnect } from './tunnel.js'
 import { handleUpgrade } from './upgrade.js'
 import { abortChunkedForward } from '../forward/forward.js'
@@ -34,7 +35,19 @@ export function headersCheckInterval(clientHeadersTimeoutMs: number): number {
   return Math.min(30_000, Math.max(250, Math.floor(clientHeadersTimeoutMs / 4)))
 }
 
-export function createListener(pipeline: Pipeline, opts: ListenerOptions): { server: Server; openStreams: Set<Socket>; closeIdleConnections: () => void } {
+export interface Listener {
+  server: Server
+  openStreams: Set<Socket>
+  /**
+   * Closes the connections with no request being read or answered: the listener's keep-alive ones
+   * and idle plaintext tunnels (an admitted one recorded as cut with `code`: closed on purpose).
+   */
+  closeIdleConnections: (code: ErrorCode, reason: string) => void
+  /** Plaintext tunnels whose CONNECT is a live call (a cut reaches it), which is no call in flight: the requests inside are. */
+  heldTunnels: () => number
+}
+
+export function createListener(pipeline: Pipeline, opts: ListenerOptions): Listener {
   const openStreams = new Set<Socket>()
   const relayTimeouts = { connectTimeoutMs: opts.connectTimeoutMs, idleMs: opts.tunnelIdleMs, headersMs: opts.upstreamHeadersMs }
   const serverOptions = {
@@ -68,7 +81,8 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   // Plain HTTP found inside a CONNECT tunnel is parsed by a second, never-listening server with
   // the same strict options; each socket remembers the origin its tunnel was opened for.
   const tunnels = new WeakMap<Socket, TunnelOrigin>()
-  const adopted = new Set<Socket>()
+  // Every plaintext tunnel open, with its CONNECT's context (for the metrics and the shutdown).
+  const adopted = new Map<Socket, CallContext>()
   const inner = createServer(serverOptions)
   inner.maxHeadersCount = 0
   // node:http times request heads (headersTimeout, checked every connectionsCheckingInterval) only
@@ -96,26 +110,33 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
   const tunnelOptions = {
     ...relayTimeouts,
     open: openStreams,
-    adoptPlaintext: (socket: Socket, origin: TunnelOrigin, first: Buffer) => {
+    adoptPlaintext: (socket: Socket, origin: TunnelOrigin, first: Buffer, ctx: CallContext) => {
       tunnels.set(socket, origin)
-      // A tunnel to the sidecar itself is no admitted call (a cut cannot reach it): kept here.
-      if (pipeline.isOwnAddress(origin.target)) {
-        adopted.add(socket)
-        socket.once('close', () => adopted.delete(socket))
-      }
+      adopted.set(socket, ctx)
+      socket.once('close', () => adopted.delete(socket))
       serveOn(inner, socket, first)
     },
   }
   server.on('connect', (req, socket: Socket, head: Buffer) => handleConnect(pipeline, req, socket, head, tunnelOptions))
   server.on('upgrade', (req, socket: Socket, head: Buffer) => (offersOnlyH2c(req) ? parseAgain(server, req, socket, head) : handleUpgrade(pipeline, req, socket, head, relayTimeouts, openStreams)))
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => onClientError(err, socket, 'absolute'))
-  // Idle keep-alive connections, those in tunnels to the sidecar itself too. The inner server never
-  // listens, so node tracks none of its connections (its closeIdleConnections does nothing).
-  const closeIdleConnections = () => {
+  const closeIdleConnections = (code: ErrorCode, reason: string) => {
     server.closeIdleConnections()
-    for (const socket of adopted) if (owedResponse(socket) === null) socket.destroy()
+    // The inner server tracks its connections (it was told it listens): node's own test of idleness
+    // (no head or body being read, no response owed) picks the tunnels it destroys. A tunnel is an
+    // admitted call (a tunnel to the sidecar itself is not): closed by the sidecar, it is recorded
+    // so, where a tunnel its agent closed is not (tunnel.ts, handOver). Allocates only when called.
+    const open = [...adopted.keys()].filter((socket) => !socket.destroyed)
+    inner.closeIdleConnections()
+    for (const socket of open) if (socket.destroyed) pipeline.endHeldTunnel(adopted.get(socket)!, code, reason)
   }
-  return { server, openStreams, closeIdleConnections }
+  // Read at scrape time only: the hot path keeps no count of its own.
+  const heldTunnels = () => {
+    let n = 0
+    for (const ctx of adopted.values()) if (ctx.liveSocket !== null) n++
+    return n
+  }
+  return { server, openStreams, closeIdleConnections, heldTunnels }
 
   /** An h2c offer declined (listen/h2c.ts): the request, without it, and what followed it, parsed again as plain HTTP/1.1 on the same connection. */
   function parseAgain(into: Server, req: IncomingMessage, socket: Socket, head: Buffer): void {
@@ -144,17 +165,18 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     // A complete call still being answered, not a refusal: it ends in its own time (its timeouts
     // bound it), and only then the connection.
     const answering = inFlight !== null && inFlight.req.complete && !pipeline.closingSockets.has(socket)
+    let left = false
     if (inFlight && !pipeline.closingSockets.has(socket)) {
       if (!inFlight.req.complete) {
+        // The parser met the end of the stream mid-body: the agent left (a FIN: see "A client's
+        // FIN ends its calls in flight"). Its connection is closed now, which ends the call,
+        // forwarded or still being admitted, as the agent's hang-up, and stops the upstream at
+        // once (ResponseRelay, dispatchAfterWait); left to the timer below, a Content-Length
+        // upload, whose forward is not tracked, held the upstream a second longer.
+        if (err.code === 'HPE_INVALID_EOF_STATE') left = !inFlight.headersSent
         // The in-flight request's own chunked body is malformed, found after its head went to the
         // pipeline: its forward is aborted and it is refused with this 400 instead of hanging.
-        // A body that ends because the agent hung up (the parser meets the end of the stream
-        // mid-body) is the agent leaving, not a malformed request.
-        const cut =
-          err.code === 'HPE_INVALID_EOF_STATE'
-            ? new LatchkeyError('LK_CLIENT_CLOSED', 'the agent closed the connection before its request body was complete')
-            : new LatchkeyError('LK_BAD_REQUEST', `malformed request body (${err.code ?? 'parse error'})`)
-        if (!inFlight.headersSent) abortChunkedForward(inFlight.req, cut)
+        else if (!inFlight.headersSent) abortChunkedForward(inFlight.req, new LatchkeyError('LK_BAD_REQUEST', `malformed request body (${err.code ?? 'parse error'})`))
       } else if (!pipeline.queuedBodyIncomplete(socket)) {
         // A new request, malformed, behind one still being answered: it cannot be answered in
         // order, so it is recorded, and the connection ends after the owed response. (Bytes
@@ -165,6 +187,7 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): { ser
     // Otherwise the refusal of the request these bytes belong to is written or under way, and
     // audited. Whatever is still queued on this connection behind them is never sent.
     if (inFlight) pipeline.closingSockets.add(socket)
+    if (left) return void socket.destroy()
     if (pipeline.closingSockets.has(socket) || inFlight) {
       if (!inFlight || inFlight.writableFinished) socket.destroySoon()
       else inFlight.once('finish', () => socket.destroy())

@@ -10,6 +10,7 @@
 import { connect as netConnect, type Socket } from 'node:net'
 import type { IncomingMessage } from 'node:http'
 import type { Pipeline, TunnelOrigin } from '../pipeline.js'
+import type { CallContext } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import { serveOn } from './serve-on.js'
 import { parseConnectTarget } from './target.js'
@@ -23,8 +24,11 @@ const TLS_ACCESS_DENIED = Buffer.from([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31]
 
 export interface TunnelOptions extends RelayTimeouts {
   open: Set<Socket>
-  /** Takes over a plaintext tunnel's socket and parses the HTTP inside it, `first` (what was read of it) first. */
-  adoptPlaintext(socket: Socket, origin: TunnelOrigin, first: Buffer): void
+  /**
+   * Takes over a plaintext tunnel's socket and parses the HTTP inside it, `first` (what was read of
+   * it) first. `ctx` is its CONNECT's: live while the tunnel is (a cut reaches it), but no call in flight.
+   */
+  adoptPlaintext(socket: Socket, origin: TunnelOrigin, first: Buffer, ctx: CallContext): void
 }
 
 export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: Socket, head: Buffer, opts: TunnelOptions): void {
@@ -63,7 +67,7 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
     // A tunnel cut on purpose (revoked, its task ended, shutdown) is recorded with why; one the
     // agent closed is not a call of its own (the requests inside it were).
     client.once('close', () => (ctx.errorCode !== null ? pipeline.finish(ctx) : pipeline.live.delete(ctx)))
-    opts.adoptPlaintext(client, { target: ctx.target!, proxyAuthorization: req.headers['proxy-authorization'] }, first)
+    opts.adoptPlaintext(client, { target: ctx.target!, proxyAuthorization: req.headers['proxy-authorization'] }, first, ctx)
   }
   /**
    * Denied only for what TLS would hide (a rule on this host depends on method or path): the
@@ -80,8 +84,10 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
     if (denial) ctx.decision = { action: 'allow', rule: denial.rule, reason: `opened for plain HTTP only: ${tlsRefusal.reason}`, enforced: true }
     stopIdle = closeWhenIdle(ctx, client, opts.idleMs)
     opts.open.add(client)
+    pipeline.stages.metrics.openTunnels.inc()
     client.once('close', () => {
       opts.open.delete(client)
+      pipeline.stages.metrics.openTunnels.dec()
       finish()
     })
     // The agent ending the tunnel before a byte of it: nothing was dialled, so nothing else would
@@ -158,8 +164,11 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
       const adopt = (first: Buffer) => {
         stopWatching()
         upstream.destroy()
-        pipeline.stages.metrics.openTunnels.dec()
-        client.once('close', () => opts.open.delete(client))
+        // Still an open tunnel, though its requests are parsed here now: counted until it closes.
+        client.once('close', () => {
+          opts.open.delete(client)
+          pipeline.stages.metrics.openTunnels.dec()
+        })
         handOver(first)
       }
       const sniff = (first: Buffer) => (first[0] === TLS_HANDSHAKE ? passThrough(first) : adopt(first))

@@ -6,6 +6,7 @@ import { createServer, type Server } from 'node:net'
 import { connect, type Socket } from 'node:net'
 import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
+import { ProxyAgent, fetch as undiciFetch } from 'undici'
 import { startBearerRig, startSlowCallRig, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary, startUpstream } from '../helpers/harness.js'
 
 /** A sidecar (drain_ms `drainMs`) with one call in flight that its upstream answers after `delayMs`. */
@@ -333,4 +334,104 @@ t.test('shutdown closes an idle plaintext tunnel to the sidecar itself at once, 
   const ms = performance.now() - t0
   t.ok(ms < 1500, `closed in ${Math.round(ms)} ms`)
   t.ok(sock.destroyed || sock.readableEnded, 'the tunnel is closed')
+})
+
+/** A CONNECT on a raw connection, its 200 read; `raw` is what came after it. */
+async function openTunnel(port: number, authority: string): Promise<{ sock: Socket; raw: () => string }> {
+  const c = await openRaw(port)
+  c.sock.on('error', () => {})
+  c.sock.write(`CONNECT ${authority} HTTP/1.1\r\nHost: ${authority}\r\n\r\n`)
+  while (!c.raw().includes('\r\n\r\n')) await new Promise((r) => setTimeout(r, 5))
+  const opened = c.raw().indexOf('\r\n\r\n') + 4
+  return { sock: c.sock, raw: () => c.raw().slice(opened) }
+}
+
+/** Sends one request inside a tunnel and waits for the `n`th response there to be whole. */
+async function callIn(tunnel: { sock: Socket; raw: () => string }, path: string, host: string, n: number): Promise<void> {
+  tunnel.sock.write(`GET ${path} HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  // Its end: a chunked body's last chunk, or the last bytes of a short one with a Content-Length.
+  const whole = (raw: string) => raw.split(/HTTP\/1\.1 \d{3} /).length - 1 >= n && /(\r\n0\r\n\r\n|\r\n\r\n(ok|late))$/.test(raw)
+  const t0 = Date.now()
+  while (!whole(tunnel.raw())) {
+    if (Date.now() - t0 > 3000) throw new Error(`no whole response in the tunnel: ${JSON.stringify(tunnel.raw())}`)
+    await new Promise((r) => setTimeout(r, 5))
+  }
+}
+
+t.test('plaintext tunnels count as open tunnels, and a finished call in one is no call in flight', async (t) => {
+  // Node's fetch through HTTP_PROXY (undici's EnvHttpProxyAgent) tunnels http:// and keeps the
+  // tunnels open between calls: the gauges read 4 calls in flight and no tunnel after 4 calls.
+  const { upstream, s, host } = await startBearerRig(t, {
+    handler: (req, res) => {
+      if (!req.url.startsWith('/slow')) return false
+      const answer = setTimeout(() => res.writeHead(200, { 'content-type': 'text/plain', 'content-length': '4' }).end('late'), 400)
+      res.once('close', () => clearTimeout(answer))
+      return true
+    },
+    fragment: (up) => ({ routes: { api: up.origin } }),
+  })
+  const gauges = async () => {
+    const text = await (await fetch(`${s.sidecar.adminUrl}/metrics`)).text()
+    return [Number(/^latchkey_calls_in_flight (\d+)$/m.exec(text)?.[1]), Number(/^latchkey_open_tunnels (\d+)$/m.exec(text)?.[1])] as [number, number]
+  }
+  const own = `127.0.0.1:${s.sidecar.port}`
+  // Two dialled to the upstream, one to the sidecar itself (a route), each used for one call.
+  const tunnels = [await openTunnel(s.sidecar.port, host), await openTunnel(s.sidecar.port, host), await openTunnel(s.sidecar.port, own)]
+  await callIn(tunnels[0]!, '/a', host, 1)
+  await callIn(tunnels[1]!, '/b', host, 1)
+  await callIn(tunnels[2]!, '/api/c', own, 1)
+  t.same(await gauges(), [0, 3], 'three tunnels open, idle: no call in flight')
+  tunnels[0]!.sock.write(`GET /slow HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  while (!upstream.requests.some((r) => r.url === '/slow')) await new Promise((r) => setTimeout(r, 5))
+  t.same(await gauges(), [1, 3], 'a call under way in one of them is one call in flight')
+  while (!tunnels[0]!.raw().endsWith('late')) await new Promise((r) => setTimeout(r, 5))
+  for (const { sock } of tunnels) sock.destroy()
+  // A real client's pooled tunnels.
+  const agent = new ProxyAgent({ uri: s.proxy })
+  const bodies = await Promise.all([1, 2, 3, 4].map(async (i) => (await undiciFetch(`http://${host}/fetch?i=${i}`, { dispatcher: agent })).text()))
+  t.same(bodies, ['ok', 'ok', 'ok', 'ok'])
+  const [inFlight, open] = await gauges()
+  t.equal(inFlight, 0, "fetch's calls done, its tunnels idle in its pool: no call in flight")
+  t.ok(open >= 1 && open <= 4, `and its ${open} pooled tunnels are open tunnels`)
+  await agent.close()
+  const started = Date.now()
+  let after = await gauges()
+  while (after[1] !== 0 && Date.now() - started < 3000) {
+    await new Promise((r) => setTimeout(r, 20))
+    after = await gauges()
+  }
+  t.same(after, [0, 0], 'every tunnel closed: none counted open, nothing in flight')
+})
+
+t.test('shutdown closes an idle plaintext tunnel at once; one with a call under way drains like any call', async (t) => {
+  const { upstream, s, host } = await startSlowCallRig(t, 1500, { timeouts: { drain_ms: 6000 } })
+  const idle = await openTunnel(s.sidecar.port, host)
+  await callIn(idle, '/first', host, 1)
+  const busy = await openTunnel(s.sidecar.port, host)
+  busy.sock.write(`GET /slow HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  while (!upstream.requests.some((r) => r.url === '/slow')) await new Promise((r) => setTimeout(r, 5))
+  const order: string[] = []
+  idle.sock.once('close', () => order.push('idle tunnel closed'))
+  busy.sock.once('close', () => order.push(`busy tunnel closed, answered: ${/^HTTP\/1\.1 200 [^]*late/.test(busy.raw())}`))
+  const started = Date.now()
+  await s.close()
+  const ms = Date.now() - started
+  if (!busy.sock.destroyed) await once(busy.sock, 'close')
+  t.same(order, ['idle tunnel closed', 'busy tunnel closed, answered: true'], 'the idle tunnel closed before the call under way was answered; that one was answered, then closed')
+  t.match(busy.raw(), /\r\nconnection: close\r\n/i, 'telling its client the connection ends')
+  t.equal(idle.raw().split('HTTP/1.1 ').length - 1, 1, 'the idle tunnel got nothing more')
+  t.ok(ms < 4500, `stopped in ${ms} ms, with the call under way, not at drain_ms (6 s)`)
+  const audit = await s.audit()
+  t.same(
+    audit.filter((e) => e.via === 'tunnelled').map((e) => [e.path, e.status, e.error]),
+    [
+      ['/first', 200, null],
+      ['/slow', 200, null],
+    ],
+  )
+  t.match(
+    audit.filter((e) => e.via === 'connect'),
+    [{ status: 200, error: 'LK_DRAINING', reason: 'the sidecar shut down while the tunnel was idle' }],
+    'the idle tunnel recorded as closed by the shutdown',
+  )
 })

@@ -10,7 +10,7 @@ import { recordEnd } from '../call-outcome.js'
 export interface RelayTimeouts {
   /** TCP (and TLS) connect to the upstream. */
   connectTimeoutMs: number
-  /** timeouts.tunnel_idle_ms: an open relay with no bytes either way this long is closed. */
+  /** timeouts.tunnel_idle_ms: an open relay with no bytes to or from the agent this long is closed. */
   idleMs: number
   /** timeouts.headers_ms: the upstream's answer to a WebSocket handshake (a tunnel has none). */
   headersMs: number
@@ -75,10 +75,19 @@ export function watchEarlyHangUp(client: Socket, onHangUp: () => void): () => vo
  * (what the agent sends is read from it, what comes back is written to it), so its inactivity
  * timer is the relay's. The call is recorded as cut for idleness, its status kept (the 200 or
  * 101 went). Returns the function that stops watching (a tunnel handed to the HTTP parser).
+ * `waiting`, on a scrubbed WebSocket, is what the upstream sent that has not gone on
+ * (websocket-scrub.ts): then bytes did come, and the reason says so.
  */
-export function closeWhenIdle(ctx: CallContext, client: Socket, idleMs: number): () => void {
+export function closeWhenIdle(ctx: CallContext, client: Socket, idleMs: number, waiting?: () => number): () => void {
   const onIdle = () => {
-    recordEnd(ctx, 'LK_IDLE_TIMEOUT', `no bytes either way for ${idleMs} ms (sidecar.timeouts.tunnel_idle_ms)`)
+    const held = waiting?.() ?? 0
+    recordEnd(
+      ctx,
+      'LK_IDLE_TIMEOUT',
+      held === 0
+        ? `no bytes either way for ${idleMs} ms (sidecar.timeouts.tunnel_idle_ms)`
+        : `no bytes to or from the agent for ${idleMs} ms (sidecar.timeouts.tunnel_idle_ms), while ${held} bytes from the upstream waited: a frame not yet whole, or frames behind a message fragment that ended on bytes that could begin the credential`,
+    )
     client.destroy()
   }
   client.setTimeout(idleMs, onIdle)

@@ -161,7 +161,8 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
           if (response.rest.length) client.write(response.rest)
           relay(client, upstream, onClosed)
         }
-        closeWhenIdle(ctx, client, idleMs)
+        const scrubbing = relayScrubber
+        closeWhenIdle(ctx, client, idleMs, scrubbing ? () => scrubbing.waiting : undefined)
       })
       function untrack() {
         open.delete(client)

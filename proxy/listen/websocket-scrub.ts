@@ -10,11 +10,33 @@
 // header, a control frame between fragments, §5.4) waits behind them, in order. A message's
 // last fragment releases everything. Control frames (close reason, ping, pong) are checked whole.
 //
+// A control frame cannot go ahead of the held bytes: they are the tail of a frame whose header,
+// with its length, has gone, so the agent reads whatever comes next as that frame's payload
+// (§5.4 lets a control frame in between fragments, not into one). What waits is bounded: while
+// bytes are held, the frames behind them (control frames, the next fragment's header) are counted,
+// each at constant cost, and past MAX_WAITING_FRAMES or MAX_WAITING_BYTES the connection is cut,
+// LK_UPSTREAM_PROTOCOL. Without a bound an upstream that left a message on such a byte and then
+// sent pings (or empty fragments) grew the queue without end, none of it reaching the agent.
+//
 // Messages cannot be read compressed: the handshake offers no extension (upgrade.ts), and a frame
 // with a reserved bit set, or masked (a server never masks, §5.1), ends the connection.
 import { Transform, type TransformCallback } from 'node:stream'
 import { BodyScrubber, type BodyNeedles } from '../forward/body-scrub.js'
 import { LatchkeyError } from '../errors.js'
+
+/**
+ * At most this many frames wait behind held bytes. They wait only while a message stands
+ * mid-fragment on bytes that could begin the credential, and no payload comes to settle them:
+ * what a real server sends then is a keep-alive ping every few seconds and a pong for each of
+ * the agent's pings, a few a minute. 1024 is over a quarter of an hour of one a second.
+ */
+export const MAX_WAITING_FRAMES = 1024
+/**
+ * At most this many bytes of frames wait behind held bytes: a control frame is at most 127
+ * bytes and a fragment's header 10, and keep-alive pings carry a few bytes, so a real server's
+ * waiting frames come to a few KiB. (The held bytes themselves are fewer than the longest needle.)
+ */
+export const MAX_WAITING_BYTES = 64 * 1024
 
 const enum At {
   Header,
@@ -40,6 +62,10 @@ export class WebSocketScrubber extends Transform {
    * `after` of them are the held payload, then `bytes` go. Empty when nothing is held.
    */
   private readonly queued: { after: number; bytes: Buffer }[] = []
+  /** The sum of `after` over `queued`: kept, so queueing a frame costs the same however many wait. */
+  private queuedAfter = 0
+  /** The sum of `bytes.length` over `queued`. */
+  private queuedBytes = 0
   /** Payload bytes the scrubber holds now (it returns them, in order, before anything newer). */
   private held = 0
 
@@ -53,8 +79,19 @@ export class WebSocketScrubber extends Transform {
     const rest = this.scrubber.end()
     if (rest) this.release(rest)
     for (const q of this.queued.splice(0)) this.push(q.bytes)
-    this.held = 0
+    this.held = this.queuedAfter = this.queuedBytes = 0
     done()
+  }
+
+  /**
+   * Bytes read from the upstream and not yet passed on: held payload, the frames waiting behind
+   * it, and a header or control frame not yet whole. (Not a hot path: read when a relay idles.)
+   */
+  get waiting(): number {
+    let n = this.held + this.queuedBytes + this.headerLength
+    if (this.controlHeader) n += this.controlHeader.length
+    for (const c of this.control) n += c.length
+    return n
   }
 
   /** Matches overwritten so far, across messages. */
@@ -157,8 +194,10 @@ export class WebSocketScrubber extends Transform {
       if (take > 0) this.push(out.subarray(from, from + take))
       from += take
       q.after -= take
+      this.queuedAfter -= take
       if (q.after > 0) return
       this.queued.shift()
+      this.queuedBytes -= q.bytes.length
       this.push(q.bytes)
     }
     if (from < out.length) this.push(out.subarray(from))
@@ -170,8 +209,15 @@ export class WebSocketScrubber extends Transform {
       this.push(bytes)
       return
     }
-    const ahead = this.queued.reduce((n, q) => n + q.after, 0)
-    this.queued.push({ after: this.held - ahead, bytes })
+    const after = this.held - this.queuedAfter
+    this.queued.push({ after, bytes })
+    this.queuedAfter += after
+    this.queuedBytes += bytes.length
+    if (this.queued.length > MAX_WAITING_FRAMES || this.queuedBytes > MAX_WAITING_BYTES) {
+      throw protocolError(
+        `more than ${MAX_WAITING_FRAMES} frames or ${MAX_WAITING_BYTES / 1024} KiB after a message fragment that ended on bytes that could begin the credential, without going on: they wait behind those bytes, and none could reach the agent`,
+      )
+    }
   }
 }
 

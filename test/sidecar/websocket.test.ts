@@ -288,6 +288,115 @@ t.test("an upstream's WebSocket messages are checked for the credential: whole, 
   assertNoCanary(t, s, reflected.frames.toString('latin1'), deflate.raw)
 })
 
+// A message left mid-fragment on bytes that could begin the credential holds them back, and
+// every frame after them waits behind them (a control frame cannot go inside the frame they end).
+// An upstream that then floods pings, or empty fragments, grew that queue without end, each frame
+// re-summing it: the sidecar's one event loop spun, none of it reached the agent, and the call ran
+// until tunnel_idle_ms, recorded as "no bytes either way".
+t.test('frames behind a held fragment end: relayed in order once the message goes on, a flood of them cut LK_UPSTREAM_PROTOCOL', async (t) => {
+  const ping = (i: number) => serverFrame(`ping ${i}`.padEnd(120, '.'), { opcode: 0x9 })
+  const sent = new Map<string, Buffer>()
+  const seen: Buffer[] = []
+  const { port, s } = await startWsRig(
+    t,
+    (req, socket) => {
+      socket.on('error', () => {})
+      socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${acceptFor(req)}\r\n\r\n`)
+      const opening = serverFrame(`hello ${CANARY.slice(0, 1)}`, { fin: false })
+      let frames: Buffer
+      if (req.url === '/goes-on') {
+        // The held bytes grow ("L", then "LK") and the frames behind them come in between, then
+        // the message goes on with bytes that are no credential, releasing them all.
+        const pongs = Array.from({ length: 400 }, (_, i) => serverFrame(`pong ${i}`, { opcode: 0xa }))
+        frames = Buffer.concat([
+          opening,
+          ...Array.from({ length: 400 }, (_, i) => ping(i)),
+          serverFrame(CANARY.slice(1, 2), { opcode: 0x0, fin: false }),
+          ...pongs,
+          serverFrame('', { opcode: 0x0, fin: false }),
+          ping(400),
+          serverFrame('-not-it', { opcode: 0x0 }),
+          serverFrame('after'),
+        ])
+        socket.end(frames)
+      } else {
+        // 20,000 pings (2.5 MB), or 20,000 empty fragments, and the message never goes on.
+        const flood = req.url === '/pings' ? Buffer.concat(Array.from({ length: 20_000 }, (_, i) => ping(i))) : Buffer.alloc(40_000)
+        frames = Buffer.concat([opening, flood])
+        socket.write(frames)
+      }
+      sent.set(req.url ?? '', frames)
+    },
+    { fragment: (port) => ({ routes: { live: `http://127.0.0.1:${port}` } }) },
+  )
+  const open = async (path: string) => {
+    const sock = connect(s.sidecar.port, '127.0.0.1')
+    await once(sock, 'connect')
+    const chunks: Buffer[] = []
+    sock.on('data', (c: Buffer) => chunks.push(c))
+    sock.on('error', () => {})
+    const closed = once(sock, 'close').then(() => true)
+    sock.write(`GET /live${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`)
+    const frames = () => {
+      const all = Buffer.concat(chunks)
+      seen.push(all)
+      return all.subarray(all.indexOf('\r\n\r\n') + 4)
+    }
+    return { sock, closed, frames }
+  }
+  const within = (p: Promise<boolean>, ms: number) => Promise.race([p, new Promise<boolean>((r) => setTimeout(() => r(false), ms))])
+
+  const on = await open('/goes-on')
+  t.ok(await within(on.closed, 15_000), 'the upstream closed after its frames, and so did the agent side')
+  t.ok(on.frames().equals(sent.get('/goes-on')!), 'every frame reached the agent, byte for byte and in order: the 801 control frames and 3 fragment headers that waited behind the held bytes went once the message went on')
+
+  for (const path of ['/pings', '/empty-fragments']) {
+    const flood = await open(path)
+    // Another call, while the flood comes in.
+    const other = rawRequest(s.sidecar.port, `GET http://127.0.0.1:${port}/other HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nConnection: close\r\n\r\n`)
+    t.ok(await within(flood.closed, 15_000), `${path}: the connection is cut, not held until tunnel_idle_ms`)
+    t.equal((await other).status, 426, `${path}: an unrelated call through the sidecar is answered`)
+    const got = flood.frames()
+    t.ok(got.equals(sent.get(path)!.subarray(0, 2 + 'hello '.length)), `${path}: the agent got the fragment's header and the bytes before the held one, and nothing after them`)
+  }
+  await new Promise((r) => setTimeout(r, 300))
+  const events = (await s.audit()).filter((e) => e.via === 'upgrade')
+  t.match(
+    events.map((e) => [e.path, e.status, e.error]),
+    [['/goes-on', 101, undefined], ['/pings', 101, 'LK_UPSTREAM_PROTOCOL'], ['/empty-fragments', 101, 'LK_UPSTREAM_PROTOCOL']],
+    'the floods are recorded as the upstream failing the protocol',
+  )
+  for (const e of events.slice(1)) t.match(e.reason, /more than 1024 frames or 64 KiB after a message fragment that ended on bytes that could begin the credential/, `${String(e.path)}: and says why`)
+  assertNoCanary(t, s, ...seen.map((b) => b.toString('latin1')))
+})
+
+t.test('an idle WebSocket whose upstream frames wait behind a held fragment end says so, not "no bytes either way"', async (t) => {
+  const { s } = await startWsRig(
+    t,
+    (req, socket) => {
+      socket.on('error', () => {})
+      socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${acceptFor(req)}\r\n\r\n`)
+      // The fragment's last byte is held (1), three 4-byte pings wait behind it (3 × 6).
+      socket.write(Buffer.concat([serverFrame(`hello ${CANARY.slice(0, 1)}`, { fin: false }), ...[1, 2, 3].map((i) => serverFrame(`png${i}`, { opcode: 0x9 }))]))
+    },
+    { fragment: (port) => ({ routes: { live: `http://127.0.0.1:${port}` }, sidecar: { timeouts: { tunnel_idle_ms: 300 } } }) },
+  )
+  const sock = connect(s.sidecar.port, '127.0.0.1')
+  await once(sock, 'connect')
+  sock.on('error', () => {})
+  const chunks: Buffer[] = []
+  sock.on('data', (c: Buffer) => chunks.push(c))
+  sock.write('GET /live/feed HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n')
+  await once(sock, 'close')
+  const got = Buffer.concat(chunks)
+  t.equal(got.subarray(got.indexOf('\r\n\r\n') + 4).toString('latin1'), '\x01\x07hello ', 'the agent got the fragment up to the held byte, and nothing behind it')
+  await new Promise((r) => setTimeout(r, 50))
+  const [event] = await s.audit()
+  t.match(event, { via: 'upgrade', status: 101, error: 'LK_IDLE_TIMEOUT', bytes_out: 9 + 18, reason: /^no bytes to or from the agent for 300 ms \(sidecar\.timeouts\.tunnel_idle_ms\), while 19 bytes from the upstream waited/ })
+  t.notMatch(String(event?.reason), /either way/, 'bytes did come from the upstream')
+  assertNoCanary(t, s, got.toString('latin1'))
+})
+
 /** The Sec-WebSocket-Accept an upstream answers a handshake with (RFC 6455 §4.2.2). */
 t.test('a WebSocket with no frames either way for tunnel_idle_ms is closed, recorded LK_IDLE_TIMEOUT', async (t) => {
   const upstreamEnded: Promise<unknown>[] = []

@@ -489,6 +489,8 @@ const KNOWN_CODINGS = new Set(['gzip', 'x-gzip', 'deflate', 'br', 'zstd', 'compr
  * reads 127.0.0.1:15001 as its host.
  */
 function readTwoWays(location: string): boolean {
+  // Tabs first dropped, as both readers drop them anywhere in a URL: `/\t//bank/x` is `///bank/x` to each.
+  if (location.includes('\t')) location = location.replace(/\t/g, '')
   return location.includes('\\') || THIRD_SLASH.test(location) || /^\s*https?:(?!\/\/[^/])/i.test(location)
 }
 

@@ -129,6 +129,8 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
     // authority, which Python and Java fill with the URL they asked: on a route, the sidecar's
     // own billing route, with billing's credential.
     const spellings = ['///billing/charge', '////billing/charge', 'http:///billing/charge', `//:${s.sidecar.port}/billing/charge`]
+    // Tabs, which both parsers drop anywhere: each of these is `///billing/charge` to them.
+    spellings.push('/\t//billing/charge', '//\t/billing/charge', '/\t/\t/billing/charge', 'h\tttp:///billing/charge', 'http\t:///billing/charge')
     for (const to of spellings) {
       for (const [how, r] of await redirectedBothWays(to)) {
         t.equal(r.status, 502, `${JSON.stringify(to)} ${how}`)
@@ -138,7 +140,7 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
     }
     // Python's urllib follows a 307 by itself, resolving the Location as RFC 3986 does.
     const script = 'import sys, urllib.request, urllib.error\ntry:\n  r = urllib.request.urlopen(sys.argv[1]); print(r.status, r.read().decode())\nexcept urllib.error.HTTPError as e:\n  print(e.code, e.read().decode())\n'
-    for (const to of ['///billing/charge', '////billing/charge']) {
+    for (const to of ['///billing/charge', '////billing/charge', '/\t//billing/charge']) {
       const { stdout } = await run('python3', ['-c', script, `http://${lk}${via('/search/r', to)}`], { env: { ...process.env, NO_PROXY: '*', no_proxy: '*' } })
       seen.push(stdout)
       t.match(stdout, /^502 /, `urllib gets the refusal, not the billing route: ${to}`)

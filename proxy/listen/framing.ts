@@ -51,10 +51,7 @@ export function checkFraming(req: IncomingMessage, requireHost = true): void {
     }
     if (contentLengths > 0) throw new LatchkeyError('LK_BAD_REQUEST', 'Content-Length and Transfer-Encoding together')
   }
-  if (connection !== null && connection.length > 10) {
-    const named = BODY_HEADERS.exec(connection)
-    if (named !== null) throw new LatchkeyError('LK_BAD_REQUEST', `the Connection header names ${named[1]!.toLowerCase()}, which says how the body is read: it cannot be dropped on the way`)
-  }
+  if (connection !== null && connection.length > 10) checkConnectionTokens(connection)
 }
 
 /**
@@ -63,4 +60,20 @@ export function checkFraming(req: IncomingMessage, requireHost = true): void {
  * typeless POST for a form: `Connection: content-type` on a text/plain `_method=DELETE` ran a
  * DELETE past a method deny.
  */
-const BODY_HEADERS = /(?:^|,)[ \t]*(content-type|content-length|content-encoding)[ \t]*(?:,|$)/i
+const BODY_HEADERS = new Set(['content-type', 'content-length', 'content-encoding'])
+/** A header name (RFC 9110 §5.1). */
+const TOKEN = /^[!#$%&'*+.^_`|~0-9a-z-]+$/
+
+/**
+ * The names Connection lists, read as the forward reads them to drop them (headers.ts,
+ * connectionListed: split at commas, trimmed as JavaScript trims, so a no-break space around a
+ * name too): none may be a header the body is read by, and each must be a header name at all.
+ */
+function checkConnectionTokens(connection: string): void {
+  for (const part of connection.split(',')) {
+    const name = part.trim().toLowerCase()
+    if (name === '') continue
+    if (BODY_HEADERS.has(name)) throw new LatchkeyError('LK_BAD_REQUEST', `the Connection header names ${name}, which says how the body is read: it cannot be dropped on the way`)
+    if (!TOKEN.test(name)) throw new LatchkeyError('LK_BAD_REQUEST', 'the Connection header lists something that is not a header name')
+  }
+}

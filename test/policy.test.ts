@@ -128,6 +128,12 @@ t.test('a deny on a path is not dodged by any spelling of that path', async (t) 
     '/adm%E2%80%8Bin/x',
     '/admin%C2%AD',
     '/%EF%BB%BFadmin/x',
+    // Every default-ignorable character: variation selectors, fillers, isolates, tags.
+    '/admin%E2%81%A6',
+    '/admin%EF%B8%8F/x',
+    '/adm%CD%8Fin',
+    '/admin%E3%85%A4',
+    '/admin%F3%A0%80%A1/x',
   ]) {
     t.equal(decide(p, 'GET', `https://x.com${spelling}`).rule, 'no-admin', spelling)
   }

@@ -82,13 +82,17 @@ t.test('paths an upstream could read differently from the path rules are refused
   const bad = ['/admin%00/x', '/admin%0a/x', '/admin%0D/x', '/admin%0b/x', '/admin%09/x', '/admin%7f/x', '/admin%1F', '/admin%ff/x', '/%C0%AEadmin/x', '/%E0%80%AE/', '/100%/x', '/a%zz',
     // The same once a server decodes the path again, up to the readings policy judges.
     '/admin%2500/x', '/admin%250d', '/admin%250A/x', '/admin%250b', '/admin%250C', '/admin%2509', '/admin%257f', '/admin%25%30%30', '/admin%252500', '/admin%25252500',
-    '/%25C0%25AEadmin/x', '/a%25ff']
+    '/%25C0%25AEadmin/x', '/%25E0%2580%25AE/', '/%25c1%259c',
+    // C1 controls: NEL (U+0085) is a space to Python's strip().
+    '/admin%C2%85', '/admin%c2%80/x', '/admin%C2%9F', '/admin%25C2%2585',
+    // Past the decodings policy judges.
+    '/secret%2525252500', '/secre%2525252574']
   for (const path of bad) {
     t.throws(() => parseAbsoluteTarget(`http://x.com${path}`), { code: 'LK_BAD_REQUEST' }, `absolute ${path}`)
     t.throws(() => parseReverseTarget(`/svc${path}`, routes), { code: 'LK_BAD_REQUEST' }, `reverse ${path}`)
     t.throws(() => parseTunnelledTarget(path, parseConnectTarget('x.com:80')), { code: 'LK_BAD_REQUEST' }, `tunnelled ${path}`)
   }
-  for (const good of ['/caf%C3%A9', '/a%20b', '/%E2%9C%93', '/a%2Fb', '/%25', '/%EF%BD%81dmin', '/100%25%20sure', '/%25%20done', '/%25C3%25A9', '/%2525zz']) {
+  for (const good of ['/caf%C3%A9', '/a%20b', '/%E2%9C%93', '/a%2Fb', '/%25', '/%EF%BD%81dmin', '/100%25%20sure', '/%25%20done', '/%25C3%25A9', '/%2525zz', '/products/100%25Beef', '/50%25Cafe', '/a%25ff', '/%C2%A0', '/%C2%A9', '/%252525']) {
     t.equal(parseAbsoluteTarget(`http://x.com${good}`).path, good, `${good} is valid UTF-8 and no control character`)
   }
   t.throws(() => parseReverseTarget('/svc/a#frag', routes), { code: 'LK_BAD_REQUEST' }, 'a fragment is refused in origin-form too')

@@ -5,7 +5,7 @@
 import { isIP } from 'node:net'
 import { LatchkeyError } from '../errors.js'
 import type { Target } from '../context.js'
-import { furtherDecodings } from '../policy/paths.js'
+import { furtherDecodings, MAX_EXTRA_DECODINGS } from '../policy/paths.js'
 
 const DEFAULT_PORT = { http: 80, https: 443 } as const
 
@@ -42,7 +42,8 @@ const MAX_NAME = 253
 const MAX_LABEL = 63
 const LONG_LABEL = new RegExp(`[^.]{${MAX_LABEL + 1}}`)
 
-const ENCODED_CONTROL = /%(?:[01][0-9A-Fa-f]|7[Ff])/
+/** C0 controls, DEL and the C1 controls (U+0080-U+009F, UTF-8 `%C2%80`-`%C2%9F`: Python's strip() takes NEL for a space). */
+const ENCODED_CONTROL = /%(?:[01][0-9A-Fa-f]|7[Ff])|%[Cc]2%[89][0-9A-Fa-f]/
 
 /**
  * A path policy can judge as the upstream will read it. Encoded control characters and
@@ -56,20 +57,25 @@ function checkedPath(path: string): string {
   if (ENCODED_CONTROL.test(path)) throw new LatchkeyError('LK_BAD_REQUEST', 'request path contains an encoded control character')
   if (!isUtf8Escapes(path)) throw new LatchkeyError('LK_BAD_REQUEST', 'request path has malformed percent-encoding, or encodes bytes that are not UTF-8')
   // The same, as a server that decodes the path again reads it (the readings policy judges):
-  // `/admin%2500/x` is `/admin%00/x` to it, and then `/admin` to one that cuts at NUL.
+  // `/admin%2500/x` is `/admin%00/x` to it, and then `/admin` to one that cuts at NUL; and
+  // `%25C0%25AE` is the overlong `.` a lax decoder reads. (Not every escape a further decoding
+  // leaves need be UTF-8: `/100%25Beef` is a literal `%` to its server, and `%Be` no dot to any.)
   if (path.includes('%25')) {
-    for (const p of furtherDecodings(path)) {
+    const decodings = furtherDecodings(path)
+    for (const p of decodings) {
       if (ENCODED_CONTROL.test(p)) throw new LatchkeyError('LK_BAD_REQUEST', 'request path contains a control character encoded more than once')
-      if (!(p.match(NON_ASCII_ESCAPES_G) ?? []).every(isUtf8Escapes)) {
-        throw new LatchkeyError('LK_BAD_REQUEST', 'request path encodes, more than once, bytes that are not UTF-8')
-      }
+      if (OVERLONG.test(p)) throw new LatchkeyError('LK_BAD_REQUEST', 'request path encodes, more than once, an overlong UTF-8 sequence')
+    }
+    // Past the decodings policy judges, no reading can be sure of it.
+    if (decodings.length === MAX_EXTRA_DECODINGS && decodings[decodings.length - 1]!.includes('%25')) {
+      throw new LatchkeyError('LK_BAD_REQUEST', `request path is percent-encoded more than ${MAX_EXTRA_DECODINGS + 1} times`)
     }
   }
   return path
 }
 
-/** Runs of escapes of bytes beyond ASCII: a further decoding's UTF-8 (or not) is judged by these alone, a lone `%` left by it being text. */
-const NON_ASCII_ESCAPES_G = /(?:%[89A-Fa-f][0-9A-Fa-f])+/g
+/** Lead bytes of overlong UTF-8 (C0, C1; E0 then 80-9F; F0 then 80-8F): ASCII to a lax decoder, `%C0%AE` a dot. */
+const OVERLONG = /%[Cc][01]|%[Ee]0%[89][0-9A-Fa-f]|%[Ff]0%8[0-9A-Fa-f]/
 
 function isUtf8Escapes(s: string): boolean {
   try {

@@ -21,10 +21,10 @@ const QUERY_OR_FRAGMENT = /%3F|%23|[?#]/
 /** The leading slashes and authority a URL parser reads at the start of `//host/path`. */
 const AUTHORITY = /^\/{2,}[^/]*/
 
-/** Default-ignorable characters a reader may drop: soft hyphen, zero-width and directional marks, word joiner, BOM. */
-const INVISIBLE = /[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]/g
-/** Whitespace, Unicode's included (JavaScript's `\s`), ending a segment; each run tried from its start only (see SEGMENT_END_RUNS). */
-const UNICODE_SPACE_ENDING_SEGMENT = /(?<!\s)\s+(\/|$)/g
+/** Default-ignorable characters (Unicode's property: soft hyphen, zero-width and directional marks, variation selectors, fillers, tags), which NFKC_Casefold drops. */
+const INVISIBLE = /\p{Default_Ignorable_Code_Point}/gu
+/** Whitespace, Unicode's included (JavaScript's `\s`, and NEL, which Python's isspace() adds), ending a segment; each run tried from its start only (see SEGMENT_END_RUNS). */
+const UNICODE_SPACE_ENDING_SEGMENT = /(?<![\s\u0085])[\s\u0085]+(\/|$)/g
 
 /** Decodes %XX only where it stands for an unreserved character; upper-cases the rest. */
 function decodeUnreserved(path: string): string {
@@ -36,7 +36,7 @@ function decodeUnreserved(path: string): string {
 }
 
 /** Further decodings judged: a stack of proxies and frameworks each decoding once more. */
-const MAX_EXTRA_DECODINGS = 3
+export const MAX_EXTRA_DECODINGS = 3
 
 /** One decoding of every printable ASCII %XX (UTF-8 sequences stay encoded: see readingsOf). */
 function decodeAsciiOnce(path: string): string {

@@ -6,11 +6,12 @@
 //   GET /healthz   the process answers (liveness)
 //   GET /readyz    the store answers too: 503 while it does not (a wrong URL, a database down)
 import { createHash, timingSafeEqual } from 'node:crypto'
-import type { Server, ServerResponse } from 'node:http'
+import type { IncomingHttpHeaders, Server, ServerResponse } from 'node:http'
 import { createServer } from '../lib/node-http.js'
 import type { AuditStore, EventCursor, StoredEvent } from './store/types.js'
 import type { Logger } from '../lib/log.js'
 import { MAX_ANSWER_BYTES, MAX_LIMIT, MAX_PAGE_EVENTS, boundAnswer, decodeCursor, encodeCursor, eventToJson, parseSince } from './query.js'
+import { checkLocalCaller } from '../proxy/listen/local-caller.js'
 
 function send(res: ServerResponse, status: number, body: unknown): void {
   const text = JSON.stringify(body)
@@ -88,6 +89,15 @@ function noNul(name: string, value: string): void {
   if (value.includes('\u0000')) throw new BadRequest(`query parameter "${name}" contains a NUL character, which no stored ${name} holds`)
 }
 
+function isLocalCaller(headers: IncomingHttpHeaders): boolean {
+  try {
+    checkLocalCaller(headers)
+    return true
+  } catch {
+    return false
+  }
+}
+
 export function createQueryServer(store: AuditStore, log: Logger, readerTokensSha256: string[] = [], maxAnswerBytes = MAX_ANSWER_BYTES, limits: QueryLimits = {}): Server {
   const gate = new QueryGate(limits.maxRunning ?? 2, limits.maxQueued ?? 8)
   const maxPage = limits.maxPage ?? MAX_PAGE_EVENTS
@@ -108,6 +118,15 @@ export function createQueryServer(store: AuditStore, log: Logger, readerTokensSh
     } catch {
       // `GET //[` is a valid request line and an invalid URL: a 400, never a crash.
       return send(res, 400, { error: 'the request target is not a valid path' })
+    }
+    // Without reader tokens the API is open on loopback (config.ts refuses it elsewhere), so a web
+    // page must not reach it: by DNS rebinding (its own name re-pointed at 127.0.0.1) it read every
+    // agent's trail. Local programs address it by a loopback address or localhost, and send no Origin.
+    if (readers.length === 0 && !isLocalCaller(req.headers)) {
+      return send(res, 403, {
+        error: 'the query API without reader tokens serves local programs only: address it by a loopback address or localhost, without an Origin header (a web page, or DNS rebinding, is what else looks like this)',
+        code: 'LK_FOREIGN_ORIGIN',
+      })
     }
     if (url.pathname !== '/healthz' && url.pathname !== '/readyz' && !authorized(req.headers.authorization)) {
       res.setHeader('www-authenticate', 'Bearer realm="latchkey-collector"')

@@ -185,6 +185,37 @@ t.test('with reader tokens, the query API and the CLI need one', async (t) => {
   t.notMatch(c.logs.join(''), reader, 'the reader token is never logged')
 })
 
+t.test('without reader tokens, the query API answers local programs only: not a web page, by DNS rebinding or a cross-site request', async (t) => {
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  t.teardown(() => c.close())
+  await c.store.append(id.id, [{ sequence: 1, event: makeEvent({ agent: X }) }])
+  const port = new URL(c.httpUrl!).port
+  const refused: [string, Record<string, string>][] = [
+    ['a rebound name', { host: `rebind.attacker.example:${port}` }],
+    ['a rebound name with a trailing dot', { host: `rebind.attacker.example.:${port}` }],
+    ['an Origin', { host: `127.0.0.1:${port}`, origin: 'http://attacker.example' }],
+    ['a cross-site fetch', { host: `localhost:${port}`, 'sec-fetch-site': 'cross-site' }],
+  ]
+  for (const [what, headers] of refused) {
+    for (const path of ['/v1/inventory', `/v1/events?agent=${encodeURIComponent(X)}`, '/healthz']) {
+      const r = await request(`${c.httpUrl}${path}`, { headers })
+      const body = (await r.body.json()) as { code?: string; events?: unknown }
+      t.equal(r.statusCode, 403, `${what} ${path}: 403`)
+      t.equal(body.code, 'LK_FOREIGN_ORIGIN', `${what} ${path}: coded`)
+      t.notOk(body.events, `${what} ${path}: no events`)
+    }
+  }
+  for (const host of [`127.0.0.1:${port}`, `localhost:${port}`, `[::1]:${port}`]) {
+    const r = await request(`${c.httpUrl}/v1/events?agent=${encodeURIComponent(X)}`, { headers: { host } })
+    t.equal(r.statusCode, 200, `${host}: a local program is answered`)
+    t.equal(((await r.body.json()) as { count: number }).count, 1)
+  }
+  // The CLI, as an operator runs it.
+  const listed = await cli(['audit', '--agent', X, '--url', c.httpUrl!])
+  t.equal(listed.code, 0, 'latchkey audit still reads it')
+})
+
 t.test('a NUL in agent or sidecar is a 400 on both stores, not "store unavailable"', async (t) => {
   const { PostgresAuditStore } = await import('../../collector/store/postgres.js')
   const { PG_URL, uniqueSchema } = await import('./events.js')

@@ -43,7 +43,7 @@ t.test('the cut comes one gap after the last byte, not up to two', async (t) => 
   // Looked at once a gap, a byte just after a look was only seen at the next, and the cut came a
   // whole gap later: up to twice timeouts.body_ms after the agent's last byte.
   const req = standIn()
-  const gap = 1000
+  const gap = 600
   let stoppedAt = 0
   const started = performance.now()
   watchBodyStall(req as unknown as IncomingMessage, gap, () => (stoppedAt = performance.now()), () => 0)

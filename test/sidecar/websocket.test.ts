@@ -344,7 +344,11 @@ t.test('frames behind a held fragment end: relayed in order once the message goe
     }
     return { sock, closed, frames }
   }
-  const within = (p: Promise<boolean>, ms: number) => Promise.race([p, new Promise<boolean>((r) => setTimeout(() => r(false), ms))])
+  // The timer is not left to run out once `p` wins: it held the test's process 13 s past its last check.
+  const within = (p: Promise<boolean>, ms: number) => {
+    let timer: NodeJS.Timeout | undefined
+    return Promise.race([p, new Promise<boolean>((r) => (timer = setTimeout(() => r(false), ms)))]).finally(() => clearTimeout(timer))
+  }
 
   const on = await open('/goes-on')
   t.ok(await within(on.closed, 15_000), 'the upstream closed after its frames, and so did the agent side')

@@ -5,7 +5,8 @@
 // or the collector's code, which is memory the sidecar's RSS budget cannot spare, and an
 // operator's `latchkey audit` or `revoke` starts without the config loader, the logger or the
 // servers (0.2 s of CPU, not 0.6).
-import { readFileSync } from 'node:fs'
+import { existsSync, readFileSync } from 'node:fs'
+import { dirname, isAbsolute, resolve } from 'node:path'
 import { Command } from 'commander'
 import type { Config } from '../lib/config/schema.js'
 import type { ConfigProblem } from '../lib/config/load.js'
@@ -153,6 +154,20 @@ for (const [name, op] of [['revoke', 'revoke'], ['unrevoke', 'unrevoke']] as con
     })
 }
 
+/**
+ * The broker section with its registry file where a process would find it. `latchkey broker`
+ * reads a relative one from the working directory, and `latchkey up` from beside its config: one
+ * that is only beside the config is checked there, and said so, not reported missing.
+ */
+function registryAsFound(broker: NonNullable<Config['broker']>, configFile: string): NonNullable<Config['broker']> {
+  const file = broker.registry_file
+  if (isAbsolute(file) || existsSync(file)) return broker
+  const beside = resolve(dirname(configFile), file)
+  if (!existsSync(beside)) return broker
+  console.error(`note: broker.registry_file ${file}: not in this directory, where \`latchkey broker\` would read it; checked beside the config (${beside}), where \`latchkey up\` reads it`)
+  return { ...broker, registry_file: beside }
+}
+
 program
   .command('check-config')
   .description("validate a config file (sidecar, broker or collector) or the broker's agent registry and exit: 0 when valid, 1 with each problem named")
@@ -182,7 +197,7 @@ program
       // What start-up reads besides the config: a policy file that does not compile makes the
       // config invalid; a file or directory missing here is said (the process would not start here).
       const { errors, onThisMachine } = await (await import('../proxy/preflight.js')).preflight(config)
-      const broker = config.broker ? await (await import('../broker/preflight.js')).brokerPreflight(config.broker) : { errors: [], onThisMachine: [] }
+      const broker = config.broker ? await (await import('../broker/preflight.js')).brokerPreflight(registryAsFound(config.broker, file)) : { errors: [], onThisMachine: [] }
       if (errors.length + broker.errors.length > 0) throw await configError(file, [...errors, ...broker.errors])
       for (const p of onThisMachine) console.error(`warning: ${p.path}: ${p.message} (the sidecar would not start on this machine)`)
       for (const p of broker.onThisMachine) console.error(`warning: ${p.path}: ${p.message} (the broker would not start on this machine)`)

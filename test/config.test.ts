@@ -120,8 +120,20 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   const dir = mkdtempSync(join(tmpdir(), 'lk-cfg-'))
   const bad = join(dir, 'bad.yaml')
   writeFileSync(bad, 'version: 1\npolicy: { default: sometimes }\n')
-  const ok = execFileSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', 'deploy/examples/up.yaml'], { encoding: 'utf8' })
-  t.match(ok, /valid/)
+  const ok = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', 'deploy/examples/up.yaml'], { encoding: 'utf8' })
+  t.equal(ok.status, 0)
+  t.match(ok.stdout, /valid/)
+  // Its registry_file (agents.yaml) is beside it, where `latchkey up` reads it: checked there, not
+  // warned about as missing from this directory.
+  t.notMatch(ok.stderr, /warning: broker\.registry_file/, 'no false warning that the broker would not start')
+  t.match(ok.stderr, /note: broker\.registry_file agents\.yaml: not in this directory, .*checked beside the config \(.*deploy\/examples\/agents\.yaml\)/)
+  // And checked there: a registry that does not parse, beside a config that names it, is refused.
+  const beside = join(dir, 'up.yaml')
+  writeFileSync(beside, readFileSync('deploy/examples/up.yaml', 'utf8'))
+  writeFileSync(join(dir, 'agents.yaml'), 'version: 1\nagents: [\n')
+  const brokenBeside = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', beside], { encoding: 'utf8' })
+  t.equal(brokenBeside.status, 1, 'a broken registry beside the config is found and refused')
+  t.match(brokenBeside.stderr, /broker\.registry_file/)
   const r = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'check-config', bad], { encoding: 'utf8' })
   t.equal(r.status, 1)
   t.match(r.stderr, /policy\.default: must be one of "allow", "deny"/)

@@ -46,7 +46,11 @@ const OVERRIDES = new Set([
   'x-script-name',
 ])
 
-function connectionListed(value: string | string[] | undefined): Set<string> | null {
+/**
+ * The header names a Connection header lists (lower case), or null for none beyond keep-alive or
+ * close. The one reading of it: what the forward drops, and what checkFraming judges.
+ */
+export function connectionListed(value: string | string[] | undefined): Set<string> | null {
   if (!value) return null
   const joined = Array.isArray(value) ? value.join(',') : value
   if (joined.toLowerCase() === 'keep-alive' || joined.toLowerCase() === 'close') return null

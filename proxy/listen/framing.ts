@@ -3,6 +3,7 @@
 // might read differently, which is how requests are smuggled.
 import type { IncomingMessage } from 'node:http'
 import { LatchkeyError } from '../errors.js'
+import { connectionListed } from '../forward/headers.js'
 
 /** `requireHost` is off for CONNECT, whose target is its request line (RFC 9112 §3.2.3). */
 export function checkFraming(req: IncomingMessage, requireHost = true): void {
@@ -65,14 +66,12 @@ const BODY_HEADERS = new Set(['content-type', 'content-length', 'content-encodin
 const TOKEN = /^[!#$%&'*+.^_`|~0-9a-z-]+$/
 
 /**
- * The names Connection lists, read as the forward reads them to drop them (headers.ts,
- * connectionListed: split at commas, trimmed as JavaScript trims, so a no-break space around a
- * name too): none may be a header the body is read by, and each must be a header name at all.
+ * The names Connection lists, as the forward reads them to drop them (connectionListed, which
+ * trims as JavaScript does: a no-break space around a name too): none may be a header the body
+ * is read by, and each must be a header name at all.
  */
 function checkConnectionTokens(connection: string): void {
-  for (const part of connection.split(',')) {
-    const name = part.trim().toLowerCase()
-    if (name === '') continue
+  for (const name of connectionListed(connection) ?? []) {
     if (BODY_HEADERS.has(name)) throw new LatchkeyError('LK_BAD_REQUEST', `the Connection header names ${name}, which says how the body is read: it cannot be dropped on the way`)
     if (!TOKEN.test(name)) throw new LatchkeyError('LK_BAD_REQUEST', 'the Connection header lists something that is not a header name')
   }

@@ -121,6 +121,12 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     else this.abortedWith = err
   }
 
+  /** A response not relayed for its Location: a 502 saying `why`, its status not the upstream's. */
+  private refuseLocation(why: string): void {
+    this.ctx.status = 0
+    this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `${why}: not relayed`))
+  }
+
   onResponseStart(_c: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders, statusMessage?: string): void {
     // An interim response is never relayed. The sidecar answers `Expect` itself; and a 103 Early
     // Hints desyncs Python's http.client (requests, urllib3), which takes any 1xx but 100 for the
@@ -139,23 +145,15 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       const redirect = statusCode >= 300 && statusCode < 400
       if (redirect) {
         const locations = Array.isArray(location) ? location : [location]
-        if (locations.some(readTwoWays)) {
-          this.ctx.status = 0
-          return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream redirected to a Location that clients read as different URLs (a backslash, three slashes, or http: without //): not relayed'))
-        }
+        if (locations.some(readTwoWays)) return this.refuseLocation('the upstream redirected to a Location that clients read as different URLs (a backslash, three slashes, or http: without //)')
         // Where the sidecar's parser sees no URL, it cannot tell where a client's goes (`//:15001/x`
         // is this host's port 15001 to Python's urllib).
-        if (locations.some((l) => resolveLocation(l, this.ctx.target!) === null)) {
-          this.ctx.status = 0
-          return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream redirected to a Location that is not a URL: not relayed'))
-        }
+        if (locations.some((l) => resolveLocation(l, this.ctx.target!) === null)) return this.refuseLocation('the upstream redirected to a Location that is not a URL')
       }
       // Which of two a client follows is its own choice: a redirect names one place.
       const relayed = Array.isArray(location) ? (redirect ? null : location.map((l) => this.relocate(l, this.ctx.target!, false) ?? l)) : this.relocate(location, this.ctx.target!, redirect)
       if (relayed === null) {
-        this.ctx.status = 0
-        const why = Array.isArray(location) ? 'the upstream redirected to more than one Location' : "the upstream redirected to this sidecar's own address, where following it would make another call, with another credential"
-        return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `${why}: not relayed`))
+        return this.refuseLocation(Array.isArray(location) ? 'the upstream redirected to more than one Location' : "the upstream redirected to this sidecar's own address, where following it would make another call, with another credential")
       }
       ;(clean as Record<string, string | string[]>).location = relayed
     }

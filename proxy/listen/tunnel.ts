@@ -54,6 +54,14 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
     upstreamSocket?.destroy()
     refuse(new LatchkeyError('LK_CLIENT_CLOSED', 'the agent closed the connection before the tunnel opened'))
   })
+  /** The tunnel counted open (the drain's set, the gauge) until `closed`, which counts it down once however it ends. */
+  const opened = () => {
+    opts.open.add(client)
+    pipeline.stages.metrics.openTunnels.inc()
+  }
+  const closed = () => {
+    if (opts.open.delete(client)) pipeline.stages.metrics.openTunnels.dec()
+  }
   /** Set once the tunnel is open: the idle timer is the relay's until the HTTP parser takes over. */
   let stopIdle = () => {}
   /**
@@ -83,11 +91,9 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
     const denial = ctx.decision
     if (denial) ctx.decision = { action: 'allow', rule: denial.rule, reason: `opened for plain HTTP only: ${tlsRefusal.reason}`, enforced: true }
     stopIdle = closeWhenIdle(ctx, client, opts.idleMs)
-    opts.open.add(client)
-    pipeline.stages.metrics.openTunnels.inc()
+    opened()
     client.once('close', () => {
-      opts.open.delete(client)
-      pipeline.stages.metrics.openTunnels.dec()
+      closed()
       finish()
     })
     // The agent ending the tunnel before a byte of it: nothing was dialled, so nothing else would
@@ -146,11 +152,9 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
       ctx.upstreamMs = performance.now() - ctx.t0
       client.write('HTTP/1.1 200 Connection Established\r\n\r\n')
       stopIdle = closeWhenIdle(ctx, client, opts.idleMs)
-      opts.open.add(client)
-      pipeline.stages.metrics.openTunnels.inc()
+      opened()
       const stopWatching = watchClose(client, upstream, () => {
-        opts.open.delete(client)
-        pipeline.stages.metrics.openTunnels.dec()
+        closed()
         ctx.bytesIn = upstream.bytesWritten
         ctx.bytesOut = upstream.bytesRead
         finish()
@@ -165,10 +169,7 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
         stopWatching()
         upstream.destroy()
         // Still an open tunnel, though its requests are parsed here now: counted until it closes.
-        client.once('close', () => {
-          opts.open.delete(client)
-          pipeline.stages.metrics.openTunnels.dec()
-        })
+        client.once('close', closed)
         handOver(first)
       }
       const sniff = (first: Buffer) => (first[0] === TLS_HANDSHAKE ? passThrough(first) : adopt(first))

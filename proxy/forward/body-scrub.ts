@@ -6,8 +6,13 @@
 // Streaming without losing a match cut across chunks: the bytes at the end of a chunk that could
 // begin a needle are held back until the next chunk (or the end) says whether they do. Nothing
 // else is held, so a stream of events (SSE, NDJSON) flows as it comes: an event ends in a newline,
-// which begins no needle. Anything already relayed cannot be the start of a later match: it was
-// relayed because no needle could begin there.
+// which begins no needle. A stream of bare text (a model's tokens written as they come, no
+// framing) ends its chunks anywhere, and a token ending in a needle's first letter (every JWT
+// begins `e`) waited for the next, for as long as the model paused. So a held tail of at most
+// RELEASE_MAX bytes is let go when no more body comes for a moment (release(), timed by the
+// relay): at worst those first bytes of a needle reach the agent, never the rest, for the bytes
+// let go are kept, and a match beginning in them is overwritten from where the agent's copy
+// stops. A longer tail is a longer part of the secret: it waits, as before.
 //
 // What is looked for: the secret and the forms the header scrubber knows (binding.encodedForms:
 // base64 of any text holding it, hex, Basic's header), each as is and as an echo escapes it once
@@ -246,9 +251,14 @@ function scanIndexed(data: Buffer, ix: NeedleIndex): number[] | null {
   }
 }
 
+/** The most of a held tail let go by release(): the first bytes of a needle, never enough of a secret to matter. */
+export const RELEASE_MAX = 4
+
 /** One response body's pass: push() each chunk, end() once; what they return goes to the agent. */
 export class BodyScrubber {
   private held: Buffer | null = null
+  /** Bytes let go by release() that may begin a needle: the agent has them, the next chunk is checked with them. */
+  private released: Buffer | null = null
   /** Matches overwritten so far. */
   found = 0
 
@@ -256,7 +266,8 @@ export class BodyScrubber {
 
   /** What of `chunk` (after anything held) may go to the agent now, or null when all of it waits. */
   push(chunk: Buffer): Buffer | null {
-    let data = this.held === null ? chunk : Buffer.concat([this.held, chunk])
+    const sent = this.released === null ? 0 : this.released.length
+    let data = this.held === null && sent === 0 ? chunk : Buffer.concat(this.pending(chunk))
     // undici's chunk may be a view of its read buffer: it is copied before anything is written in it.
     let own = data !== chunk
     this.held = null
@@ -293,17 +304,47 @@ export class BodyScrubber {
       }
     }
     const from = this.mayBeginNeedle(data)
+    if (from < sent) {
+      // A needle may begin in what the agent already has: all that came since continues it.
+      this.released = from === 0 ? this.released : Buffer.from(data.subarray(from, sent))
+      this.held = data.length > sent ? Buffer.from(data.subarray(sent)) : null
+      return null
+    }
+    this.released = null
     if (from < data.length) {
       this.held = Buffer.from(data.subarray(from))
-      data = data.subarray(0, from)
-    }
+      data = data.subarray(sent, from)
+    } else if (sent > 0) data = data.subarray(sent)
     return data.length > 0 ? data : null
+  }
+
+  private pending(chunk: Buffer): Buffer[] {
+    const parts: Buffer[] = []
+    if (this.released !== null) parts.push(this.released)
+    if (this.held !== null) parts.push(this.held)
+    parts.push(chunk)
+    return parts
+  }
+
+  /** Whether release() would let the held tail go: some is held, and with what was let go before, at most RELEASE_MAX bytes. */
+  get releasable(): boolean {
+    return this.held !== null && this.held.length + (this.released === null ? 0 : this.released.length) <= RELEASE_MAX
+  }
+
+  /** The held tail, for the agent now (see the top of the file); null when not releasable. */
+  release(): Buffer | null {
+    if (!this.releasable) return null
+    const out = this.held!
+    this.held = null
+    this.released = this.released === null ? out : Buffer.concat([this.released, out])
+    return out
   }
 
   /** What was held back at the end of the body: less than any needle, so it is relayed as it is. */
   end(): Buffer | null {
     const rest = this.held
     this.held = null
+    this.released = null
     return rest
   }
 

@@ -30,6 +30,9 @@ export type BodyInspector = (chunk: Buffer, last: boolean) => void
 
 const NO_BYTES = Buffer.alloc(0)
 
+/** How long a paused body's short held tail waits for more before it goes to the agent (timeRelease). */
+const RELEASE_MS = 20
+
 /**
  * A response's Location as the agent is to get it (`redirect`: the status is a 3xx, which
  * clients follow by themselves), or null when the response must not reach the agent: see
@@ -60,6 +63,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
   /** Waiting for the agent to take what was written (relay); `stalled` cuts it after body_ms. */
   private draining = false
   private stalled: NodeJS.Timeout | null = null
+  /** Lets a short held tail go when the body pauses (timeRelease). */
+  private releaseTimer: NodeJS.Timeout | null = null
   /**
    * A credentialed body the upstream encoded though asked for none (some APIs always compress):
    * decoded here, so it can be checked for the credential, and relayed as identity.
@@ -293,8 +298,28 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
 
   /** Sends `chunk` on to the agent (through the scrubber), pausing the upstream while the agent's side is full. */
   relay(controller: Dispatcher.DispatchController, chunk: Buffer): void {
-    let checked = this.scrubbed(chunk)
-    if (checked === null) return
+    const checked = this.scrubbed(chunk)
+    if (this.scrubber !== null) this.timeRelease()
+    if (checked !== null) this.send(controller, checked)
+  }
+
+  /**
+   * A short tail the scrubber holds goes to the agent once no more body has come for RELEASE_MS
+   * (body-scrub.ts, "a stream of bare text"); a chunk in the meantime takes it along instead.
+   */
+  private timeRelease(): void {
+    if (this.releaseTimer !== null) clearTimeout(this.releaseTimer)
+    this.releaseTimer = this.scrubber!.releasable ? setTimeout(this.releaseHeld, RELEASE_MS).unref() : null
+  }
+
+  private readonly releaseHeld = (): void => {
+    this.releaseTimer = null
+    if (this.finished || this.controller === null || this.res.destroyed) return
+    const out = this.scrubber!.release()
+    if (out !== null) this.send(this.controller, out)
+  }
+
+  private send(controller: Dispatcher.DispatchController, checked: Buffer): void {
     if (this.toRelay > 0) {
       this.toRelay -= checked.length
       if (this.toRelay <= 0) {

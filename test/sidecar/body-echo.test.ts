@@ -6,7 +6,7 @@ import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { brotliCompressSync, deflateSync, gzipSync } from 'node:zlib'
 import { fetch, ProxyAgent } from 'undici'
-import { BodyScrubber, compileNeedles } from '../../proxy/forward/body-scrub.js'
+import { BodyScrubber, RELEASE_MAX, compileNeedles } from '../../proxy/forward/body-scrub.js'
 import { startUpstream, startTestSidecar, startBearerRig, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
 
 const run = promisify(execFile)
@@ -115,6 +115,83 @@ t.test('a credential echoed in a response body reaches no client, however spelle
   t.equal(warned.length, Object.keys(reflections).length + 1, 'each reflecting call is logged for the operator')
   t.match(JSON.parse(warned[0]!), { binding: 'echo', matches: 1 })
   assertNoCanary(t, s, ...seen)
+})
+
+t.test('a short held tail is let go when the body pauses; a match beginning in it is overwritten from where it stops', async (t) => {
+  const secret = 'Zq9-secret-value-XYZ'
+  const n = compileNeedles([secret])
+  const body = `text ${secret} more`
+  const at = body.indexOf(secret)
+  const wrong: string[] = []
+  let released = 0
+  for (let i = 1; i < body.length; i++) {
+    const s = new BodyScrubber(n)
+    const out: Buffer[] = []
+    const first = s.push(Buffer.from(body.slice(0, i)))
+    if (first) out.push(first)
+    const let_go = s.release()
+    if (let_go) {
+      out.push(let_go)
+      released++
+    }
+    const second = s.push(Buffer.from(body.slice(i)))
+    if (second) out.push(second)
+    const rest = s.end()
+    if (rest) out.push(rest)
+    // Let go only when the cut falls within the secret's first RELEASE_MAX bytes: the agent then
+    // has those bytes, and the rest of the secret is overwritten.
+    const shown = let_go ? i - at : 0
+    const expected = body.slice(0, at + shown) + '*'.repeat(secret.length - shown) + body.slice(at + secret.length)
+    if (Buffer.concat(out).toString() !== expected || s.found !== 1) wrong.push(`cut at ${i}: ${s.found} found, ${Buffer.concat(out).toString()}`)
+  }
+  t.same(wrong, [], 'every cut: the secret overwritten past what was let go, and found once')
+  t.equal(released, RELEASE_MAX, `a tail was let go at the ${RELEASE_MAX} cuts inside the secret's first ${RELEASE_MAX} bytes, and nowhere else`)
+
+  const s = new BodyScrubber(n)
+  t.equal(s.push(Buffer.from('a Zq9-secr'))?.toString(), 'a ')
+  t.notOk(s.releasable, 'a tail longer than RELEASE_MAX bytes is not let go: it is that much of the secret')
+  t.equal(s.release(), null)
+  const s2 = new BodyScrubber(n)
+  t.equal(s2.push(Buffer.from('a Zq'))?.toString(), 'a ')
+  t.equal(s2.release()?.toString(), 'Zq')
+  t.equal(s2.push(Buffer.from('9-s')), null, 'what continues a let-go tail waits')
+  t.notOk(s2.releasable, 'and is not let go once the two pass RELEASE_MAX bytes')
+  t.equal(s2.push(Buffer.from('ecret-value-XYZ and on'))?.toString(), `${'*'.repeat(secret.length - 2)} and on`, 'the secret overwritten past the two bytes let go')
+})
+
+t.test("a bare text stream (tokens with no framing) is not held at a token ending in the secret's first letter", async (t) => {
+  let sendRest: () => void = () => {}
+  const restWanted = new Promise<void>((resolve) => (sendRest = resolve))
+  const { upstream: echo, s } = await startBearerRig(t, {
+    handler: (req, res) => {
+      const secret = String(req.headers.authorization ?? '').slice('Bearer '.length)
+      res.writeHead(200, { 'content-type': 'text/plain' })
+      // The next token is written only once the client has this one: a sidecar holding the
+      // trailing letter waits for ever (the race below).
+      res.write(`Hello ${secret[0]}`)
+      void restWanted.then(() => res.end(`${secret.slice(1)} and on`))
+      return true
+    },
+  })
+  const agent = new ProxyAgent(s.proxy)
+  t.teardown(() => agent.close())
+  const r = await fetch(`http://127.0.0.1:${echo.port}/tokens`, { dispatcher: agent })
+  const reader = r.body!.getReader()
+  // The letter comes apart from what went before it (the part no needle begins goes at once).
+  let got = ''
+  const gaveUp = setTimeout(() => void reader.cancel(), 3000)
+  while (got.length < 'Hello L'.length) {
+    const c = await reader.read()
+    if (c.done) break
+    got += Buffer.from(c.value).toString()
+  }
+  clearTimeout(gaveUp)
+  t.equal(got, `Hello ${CANARY[0]}`, 'the token arrives though it ends in what could begin the secret')
+  sendRest()
+  let rest = ''
+  for (let c = await reader.read(); !c.done; c = await reader.read()) rest += Buffer.from(c.value).toString()
+  t.equal(rest, `${'*'.repeat(CANARY.length - 1)} and on`, "the secret it began is overwritten from where the agent's copy stops")
+  assertNoCanary(t, s, rest)
 })
 
 t.test('a reflection split across chunks is caught; a stream of events is not held back', async (t) => {

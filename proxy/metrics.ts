@@ -92,4 +92,23 @@ export class SidecarMetrics {
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: 'latchkey_' })
   }
+
+  /** The JSON-lines sink's backlog and losses, read at scrape time: a hung or slow audit disk shows as growing unwritten bytes. */
+  watchJsonlSink(sink: { readonly unwrittenBytes: number; readonly failures: number }): void {
+    const unwritten: Gauge = new Gauge({
+      name: 'latchkey_audit_unwritten_bytes',
+      help: 'Audit bytes encoded but not yet appended to the audit file (appends slow, hung or failing)',
+      registers: [this.registry],
+      collect: () => unwritten.set(sink.unwrittenBytes),
+    })
+    const dropped: Counter = new Counter({
+      name: 'latchkey_audit_events_dropped_total',
+      help: 'Audit events not written: past the unwritten budget while appends hung or failed, or still unwritten at close',
+      registers: [this.registry],
+      collect: () => {
+        dropped.reset()
+        dropped.inc(sink.failures)
+      },
+    })
+  }
 }

@@ -178,7 +178,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       : null) ??
     new JsonlAuditSink(config.audit.jsonl.path, config.audit.jsonl.flush_ms, (err) => {
       metrics.auditFailures.inc()
-      log.error({ code: err.code }, 'audit sink write failed')
+      log.error({ code: err.code, ...(err.code === 'LK_AUDIT_STALLED' ? { reason: err.message } : {}) }, 'audit sink write failed')
     })
 
   const now = opts.now ?? Date.now
@@ -241,6 +241,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       : undefined
   const credentialSources = new CredentialSources(secrets, brokerTokens, clientCredentials)
   if (CollectorSink && audit instanceof CollectorSink) (await import('./audit/collector-metrics.js')).registerCollectorSinkMetrics(metrics.registry, audit)
+  else if (audit instanceof JsonlAuditSink) metrics.watchJsonlSink(audit)
 
   const initialPolicy: CompiledBundle | undefined = loadPolicyFile(config)
   const controlToken = sc.control ? new StaticSecretSource(config.secrets, [sc.control.token_secret], opts.env ?? process.env) : null

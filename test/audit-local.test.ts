@@ -1,7 +1,8 @@
 // The sidecar's local audit machinery on its own: the JSON-lines sink against a real file, call
 // ids, and the list of live calls a revocation walks.
 import t from 'tap'
-import { mkdtempSync, readFileSync } from 'node:fs'
+import { closeSync, constants, mkdtempSync, openSync, readFileSync, readSync } from 'node:fs'
+import { execFileSync } from 'node:child_process'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { Socket } from 'node:net'
@@ -91,6 +92,88 @@ t.test('JSON lines: events recorded while close() writes the last batch are kept
     [0, 1, 2],
     'every event before close() resolved is on disk, in order',
   )
+})
+
+t.test('JSON lines: a write that hangs fails closed, holds a bounded backlog in one buffer, and loses nothing kept', async (t) => {
+  // A real hung write(2): the audit path is a FIFO whose reader reads nothing until told, so
+  // once its 64 KiB fill, the append blocks in the threadpool as on a hung disk.
+  const path = join(mkdtempSync(join(tmpdir(), 'lk-jsonl-')), 'audit.fifo')
+  execFileSync('mkfifo', [path])
+  const reader = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK)
+  t.teardown(() => closeSync(reader))
+  const errors: string[] = []
+  const sink = new JsonlAuditSink(path, 5, (err) => errors.push(`${err.code}: ${err.message}`), 300)
+  const sent: AuditEvent[] = []
+  const send = (e: AuditEvent) => {
+    sent.push(e)
+    sink.write(e)
+  }
+  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+  // Past the pipe's capacity: this append blocks.
+  for (let i = 0; i < 200; i++) send(event(i))
+  await sleep(100)
+  t.ok(sink.accepting(), 'accepting until the append has been outstanding for the stall bound')
+  await sleep(400)
+  t.notOk(sink.accepting(), 'refusing once it has not completed in the bound')
+  t.match(sink.unavailableReason(), /an append to the audit file has not completed in \d+ s/)
+  t.same(errors.length, 1, 'reported once')
+  t.match(errors[0], /^LK_AUDIT_STALLED: /)
+
+  // Many flush windows with an event each: appended into the buffer being filled, not a new buffer per window.
+  const arrayBuffersBefore = process.memoryUsage().arrayBuffers
+  const heldBefore = sink.unwrittenBytes
+  for (let i = 200; i < 300; i++) {
+    send(event(i, { error: 'LK_AUDIT_UNAVAILABLE', status: 503 }))
+    await sleep(7)
+  }
+  const grew = process.memoryUsage().arrayBuffers - arrayBuffersBefore
+  t.ok(grew < 4 * 1024 * 1024, `100 flush windows while hung: ${(grew / 1048576).toFixed(1)} MiB more array buffers (a 256 KiB buffer each would be 25 MiB)`)
+  t.ok(sink.unwrittenBytes - heldBefore < 100 * 1024, `the backlog grew by what was encoded: ${sink.unwrittenBytes - heldBefore} bytes`)
+
+  // Refusals past the budget are counted lost; a call that went out is still kept.
+  const big = 'r'.repeat(4000)
+  for (let i = 300; i < 5300; i++) {
+    send(event(i, { error: 'LK_AUDIT_UNAVAILABLE', status: 503, reason: big }))
+    if (i % 500 === 0) await new Promise((r) => setImmediate(r))
+  }
+  send(event(5300))
+  await sleep(20)
+  t.ok(sink.unwrittenBytes <= 16 * 1024 * 1024 + 8 * 1024, `the backlog stays within its budget: ${(sink.unwrittenBytes / 1048576).toFixed(2)} MiB`)
+  const lost = sink.failures
+  t.ok(lost > 0, `refusals past the budget counted lost: ${lost}`)
+  t.notOk(sink.accepting())
+
+  // Unhung: everything kept comes out, in order, and the sink accepts again.
+  const got: string[] = []
+  let rest = ''
+  const chunk = Buffer.allocUnsafe(1024 * 1024)
+  const want = sent.length - lost
+  for (let tries = 0; got.length < want && tries < 2000; tries++) {
+    let n = 0
+    try {
+      n = readSync(reader, chunk, 0, chunk.length, null)
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') throw err
+    }
+    if (n === 0) {
+      await sleep(5)
+      continue
+    }
+    const text = rest + chunk.toString('utf8', 0, n)
+    const parts = text.split('\n')
+    rest = parts.pop()!
+    for (const l of parts) got.push((JSON.parse(l) as AuditEvent).id)
+  }
+  t.equal(got.length, want, 'every event kept is written')
+  const keptIds = new Set(got)
+  t.same(got, sent.map((e) => e.id).filter((id) => keptIds.has(id)), 'in the order written, each once')
+  t.equal(got.at(-1), sent.at(-1)!.id, 'the call that went out after the budget was reached is kept')
+  t.same(sent.slice(0, 300).map((e) => e.id), got.slice(0, 300), 'nothing before the budget was reached is lost')
+  await sleep(20)
+  t.ok(sink.accepting(), 'accepting again once the append completed')
+  t.equal(sink.unwrittenBytes, 0, 'nothing left unwritten')
+  // A FIFO cannot be fsynced: close() says so, after writing everything.
+  await sink.close().catch(() => {})
 })
 
 t.test('call ids are version 4 UUIDs, distinct across batches', async (t) => {

@@ -3,10 +3,14 @@
 //   encode():  once per event-loop turn, serializes the turn's events in one tight loop into an
 //              off-heap buffer (cache-friendly, and nothing lingers on the V8 heap to be promoted);
 //   flush():   every flush_ms, one append of everything encoded, in order.
-// Fail closed: while appends fail (disk full, the directory gone), accepting() is false, so the
-// pipeline refuses new egress (503 LK_AUDIT_UNAVAILABLE) and /readyz says why; what failed is
-// kept (up to MAX_UNWRITTEN) and written first when appends work again. A file moved or deleted
-// (log rotation) is noticed within a second, or at reopen() (SIGHUP), and the path opened anew.
+// Fail closed: while appends fail (disk full, the directory gone), or one has not completed in
+// STALL_MS (a hung disk), accepting() is false, so the pipeline refuses new egress (503
+// LK_AUDIT_UNAVAILABLE) and /readyz says why. One append is under way at a time: what is encoded
+// meanwhile waits in the buffer being filled (no buffer per flush window), and everything not yet
+// written (waiting, being written, or kept from a failed append) is bounded by MAX_UNWRITTEN;
+// past half of it new egress is refused too. It is written, in order, when appends work again.
+// A file moved or deleted (log rotation) is noticed within a second, or at reopen() (SIGHUP),
+// and the path opened anew.
 // Lines are plain JSON.stringify: V8 writes them natively in one pass, with less than half the
 // garbage of a schema-compiled serializer (1.8 KB against 3.9 KB per event, measured), and an
 // event carries nothing extra to leak because Pipeline.finish builds it field by field.
@@ -15,19 +19,43 @@ import type { AuditEvent, AuditSink } from '../context.js'
 
 // 20 ms of a busy sidecar's events fit several times over; buffers are reused, never churned.
 const CHUNK = 256 * 1024
-/** Events kept while appends fail, for when they work again; beyond it they are counted lost. */
+/**
+ * Bytes encoded but not yet written (waiting while an append is slow, hung or failing); beyond
+ * it, refusals for want of audit are counted lost, and beyond twice it every event. The calls
+ * that went out fit: past ADMIT_BELOW no new egress is admitted, so only those under way end.
+ */
 const MAX_UNWRITTEN = 16 * 1024 * 1024
+/** Past this much not yet written, new egress is refused: appends are not keeping up. */
+const ADMIT_BELOW = MAX_UNWRITTEN / 2
+/** An append outstanding this long is taken for a hung disk, and fails closed like a failing one until it completes. */
+export const STALL_MS = 2000
 /** How soon appends that failed are tried again when nothing new comes to be written. */
 const RETRY_MS = 1000
 const EMPTY = Buffer.alloc(0)
 /** How often the path is checked for having been moved or deleted under the sidecar. */
 const ROTATION_CHECK_MS = 1000
 
+interface Batch {
+  buffer: Buffer
+  used: number
+  lines: number
+}
+
 export class JsonlAuditSink implements AuditSink {
   private fd: number
   /** Batches whose append failed, in order, written first once appends work again. */
   private readonly unwritten: { data: Buffer; lines: number }[] = []
-  private unwrittenBytes = 0
+  /** Full buffers waiting for the append under way to complete, in order. */
+  private readonly queued: Batch[] = []
+  /** Bytes encoded and not yet written: the buffer being filled, queued, being written, unwritten. */
+  private held = 0
+  /** Set while one append (the writer) is under way; the next waits for it. */
+  private writing = false
+  /** A flush came while the writer was busy: it takes the buffer being filled when done. */
+  private flushWanted = false
+  /** performance.now() when the write(2) under way began; 0 while none is. */
+  private writeStarted = 0
+  private stallTimer: NodeJS.Timeout | null = null
   /** Set while appends fail: the error of the last one. */
   private failing: NodeJS.ErrnoException | null = null
   private checkedPathAt = 0
@@ -49,6 +77,7 @@ export class JsonlAuditSink implements AuditSink {
     readonly path: string,
     private readonly flushMs: number,
     private readonly onError: (err: NodeJS.ErrnoException) => void = () => {},
+    private readonly stallMs = STALL_MS,
   ) {
     this.fd = openSync(path, 'a', 0o600)
   }
@@ -68,45 +97,58 @@ export class JsonlAuditSink implements AuditSink {
     if (events.length === 0) return
     this.events = []
     for (const e of events) {
+      // Appends hung or failing this long: counted lost, never held without bound. A call that
+      // went out is kept to twice the budget (new egress stopped at half of it).
+      if (this.held >= MAX_UNWRITTEN && (e.error === 'LK_AUDIT_UNAVAILABLE' || this.held >= 2 * MAX_UNWRITTEN)) {
+        this.failures++
+        continue
+      }
       const json = JSON.stringify(e)
       // Room for the worst case (3 UTF-8 bytes per UTF-16 unit, and the newline) is checked
       // instead of measuring each line: no second pass over it, no joined copy with its '\n'.
       const most = json.length * 3 + 1
       if (this.used + most > this.buffer.length) this.grow(most)
-      this.used += this.buffer.write(json, this.used)
-      this.buffer[this.used++] = 0x0a
+      const n = this.buffer.write(json, this.used) + 1
+      this.buffer[this.used + n - 1] = 0x0a
+      this.used += n
+      this.held += n
+      this.lines++
     }
-    this.lines += events.length
     if (!this.timer) this.timer = setTimeout(() => void this.flush(), this.flushMs)
   }
 
-  /** Hands the filled buffer to the writer and starts a fresh one big enough for `need`. */
+  /** Queues the filled buffer for the writer and starts a fresh one big enough for `need`. */
   private grow(need: number): void {
-    const full = this.buffer
-    const used = this.used
-    const lines = this.lines
-    this.lines = 0
+    if (this.used > 0) {
+      this.queued.push({ buffer: this.buffer, used: this.used, lines: this.lines })
+      this.used = 0
+      this.lines = 0
+    } else if (this.buffer.length === CHUNK && this.spare.length < 2) this.spare.push(this.buffer)
     this.buffer = need <= CHUNK ? this.nextBuffer() : Buffer.allocUnsafe(need)
-    this.used = 0
-    this.append(full, used, lines)
+    this.startWriter()
   }
 
+  /** The buffer being filled, handed over (it is not touched again until its append completes); a fresh one in its place. */
+  private take(): Batch {
+    const batch = { buffer: this.buffer, used: this.used, lines: this.lines }
+    this.buffer = this.nextBuffer()
+    this.used = 0
+    this.lines = 0
+    return batch
+  }
+
+  /**
+   * Appends everything encoded. While an append is under way nothing new is started: the writer
+   * takes what was encoded meanwhile when it is done. Resolves once that is written (or kept).
+   */
   flush(): Promise<void> {
     if (this.timer) {
       clearTimeout(this.timer)
       this.timer = null
     }
     this.encode()
-    if (this.used > 0) {
-      const data = this.buffer
-      const used = this.used
-      const lines = this.lines
-      this.lines = 0
-      // The buffer being written is not touched again until its append completes.
-      this.buffer = this.nextBuffer()
-      this.used = 0
-      this.append(data, used, lines)
-    }
+    if (this.used > 0) this.flushWanted = true
+    if (this.flushWanted || this.queued.length > 0) this.startWriter()
     return this.inFlight
   }
 
@@ -114,13 +156,20 @@ export class JsonlAuditSink implements AuditSink {
     return this.spare.pop() ?? Buffer.allocUnsafe(CHUNK)
   }
 
-  /** False while appends fail: the pipeline refuses new egress rather than make calls it cannot record. */
+  /** False while appends fail, hang or fall behind: the pipeline refuses new egress rather than make calls it cannot record. */
   accepting(): boolean {
-    return this.failing === null
+    return this.failing === null && this.held < ADMIT_BELOW
   }
 
   unavailableReason(): string {
-    return `the audit file cannot be written (${this.failing?.code ?? 'error'}); no new egress until it can`
+    if (this.failing?.code === 'LK_AUDIT_STALLED') return `${this.failing.message}; no new egress until it does`
+    if (this.failing) return `the audit file cannot be written (${this.failing.code ?? 'error'}); no new egress until it can`
+    return `appends to the audit file are ${Math.round(this.held / 1024)} KiB behind; no new egress until they catch up`
+  }
+
+  /** Bytes encoded and not yet written (a metric: it grows while appends are slow, hung or failing). */
+  get unwrittenBytes(): number {
+    return this.held
   }
 
   /** Opens the path anew on the next append (SIGHUP, after the file was rotated). */
@@ -128,43 +177,86 @@ export class JsonlAuditSink implements AuditSink {
     this.checkedPathAt = 0
   }
 
-  /** Appends are chained so batches land in order; a standard-size buffer is reused afterwards. */
-  private append(buffer: Buffer, used: number, lines: number): void {
-    const data = buffer.subarray(0, used)
-    this.inFlight = this.inFlight.then(async () => {
-      // The path no longer reaching a file that can be opened: nothing is written to the old one.
-      const reachable = this.reopenIfMoved()
-      // What failed before goes first: the file keeps the order calls ended in.
-      while (reachable && this.unwritten.length > 0) {
-        const first = this.unwritten[0]!
-        const n = await this.writeAll(first.data)
-        this.unwrittenBytes -= n
-        if (n < first.data.length) {
-          first.data = first.data.subarray(n)
-          break
+  private startWriter(): void {
+    if (this.writing) return
+    this.writing = true
+    this.inFlight = this.run()
+  }
+
+  /**
+   * The writer: one append at a time, so batches land in order. It goes on with what queued up
+   * meanwhile, and stops when an append fails (the retry, or the next flush, starts it again).
+   */
+  private async run(): Promise<void> {
+    try {
+      do {
+        let next = this.queued.shift() ?? null
+        if (!next && this.flushWanted && this.used > 0) {
+          this.flushWanted = false
+          next = this.take()
         }
-        this.unwritten.shift()
+        await this.append(next)
+      } while (this.unwritten.length === 0 && (this.queued.length > 0 || (this.flushWanted && this.used > 0)))
+    } finally {
+      this.writing = false
+    }
+  }
+
+  /** What failed before, then `batch` (none: only what failed); a standard-size buffer is reused afterwards. */
+  private async append(batch: Batch | null): Promise<void> {
+    const data = batch ? batch.buffer.subarray(0, batch.used) : EMPTY
+    // The path no longer reaching a file that can be opened: nothing is written to the old one.
+    const reachable = this.reopenIfMoved()
+    // What failed before goes first: the file keeps the order calls ended in.
+    while (reachable && this.unwritten.length > 0) {
+      const first = this.unwritten[0]!
+      const n = await this.writeAll(first.data)
+      this.held -= n
+      if (n < first.data.length) {
+        first.data = first.data.subarray(n)
+        break
       }
-      const n = reachable && this.unwritten.length === 0 ? await this.writeAll(data) : 0
-      if (n < data.length) this.keep(data.subarray(n), lines)
-      else if (this.unwritten.length === 0 && this.failing) this.failing = null
-      if (buffer.length === CHUNK && this.spare.length < 2) this.spare.push(buffer)
-      // With nothing new to write (no traffic: egress is refused meanwhile), tried again anyway.
-      if (this.unwritten.length > 0 && !this.retryTimer && !this.closed) {
-        this.retryTimer = setTimeout(() => {
-          this.retryTimer = null
-          this.append(EMPTY, 0, 0)
-        }, RETRY_MS)
-        this.retryTimer.unref()
-      }
-    })
+      this.unwritten.shift()
+    }
+    const n = reachable && this.unwritten.length === 0 ? await this.writeAll(data) : 0
+    this.held -= n
+    if (n < data.length) this.keep(data.subarray(n), batch?.lines ?? 0)
+    else if (this.unwritten.length === 0 && this.failing) this.failing = null
+    if (batch && batch.buffer.length === CHUNK && this.spare.length < 2) this.spare.push(batch.buffer)
+    // With nothing new to write (no traffic: egress is refused meanwhile), tried again anyway.
+    if (this.unwritten.length > 0 && !this.retryTimer && !this.closed) {
+      this.retryTimer = setTimeout(() => {
+        this.retryTimer = null
+        this.startWriter()
+      }, RETRY_MS)
+      this.retryTimer.unref()
+    }
+  }
+
+  /**
+   * A write outstanding for stallMs is reported once and fails closed until it completes. One
+   * timer at a time, armed as a write starts when none is, and again for what is left of stallMs.
+   */
+  private watchStall(): void {
+    if (this.stallTimer) return
+    this.stallTimer = setTimeout(() => {
+      this.stallTimer = null
+      if (this.writeStarted === 0 || this.closed) return
+      const age = performance.now() - this.writeStarted
+      if (age < this.stallMs) return this.watchStall()
+      this.fail(Object.assign(new Error(`an append to the audit file has not completed in ${Math.round(age / 1000)} s (a hung disk?)`), { code: 'LK_AUDIT_STALLED' }))
+    }, this.writeStarted === 0 ? this.stallMs : Math.max(1, this.stallMs - (performance.now() - this.writeStarted)))
+    this.stallTimer.unref()
   }
 
   /** Writes `data` at the end of the file; resolves with how many bytes were written (short on an error). */
   private writeAll(data: Buffer): Promise<number> {
     return new Promise((resolve) => {
-      const from = (offset: number) =>
+      const from = (offset: number) => {
+        this.writeStarted = performance.now()
+        this.watchStall()
         write(this.fd, data, offset, data.length - offset, null, (err, n) => {
+          this.writeStarted = 0
           if (err) {
             this.fail(err)
             return resolve(offset)
@@ -172,6 +264,7 @@ export class JsonlAuditSink implements AuditSink {
           if (offset + n < data.length) return from(offset + n)
           resolve(data.length)
         })
+      }
       from(0)
     })
   }
@@ -182,14 +275,9 @@ export class JsonlAuditSink implements AuditSink {
     this.failing = err
   }
 
-  /** Keeps a batch that could not be written (a copy: its buffer is reused), or counts it lost past MAX_UNWRITTEN. */
+  /** Keeps a batch that could not be written (a copy: its buffer is reused). It is within MAX_UNWRITTEN: encode() stopped taking refusals past it. */
   private keep(data: Buffer, lines: number): void {
-    if (this.unwrittenBytes + data.length > MAX_UNWRITTEN) {
-      this.failures += lines
-      return
-    }
     this.unwritten.push({ data: Buffer.from(data), lines })
-    this.unwrittenBytes += data.length
   }
 
   /**
@@ -232,11 +320,15 @@ export class JsonlAuditSink implements AuditSink {
     // the last append started is done, or that batch would be written to a closed descriptor.
     let written: Promise<void>
     do await (written = this.flush())
-    while (this.events.length > 0 || this.used > 0 || this.inFlight !== written)
+    while (this.events.length > 0 || this.used > 0 || this.queued.length > 0 || this.inFlight !== written)
     this.closed = true
     if (this.retryTimer) clearTimeout(this.retryTimer)
+    if (this.stallTimer) clearTimeout(this.stallTimer)
     // Still failing at the end: what could not be written is lost, and counted.
-    for (const u of this.unwritten.splice(0)) this.failures += u.lines
+    for (const u of this.unwritten.splice(0)) {
+      this.failures += u.lines
+      this.held -= u.data.length
+    }
     try {
       fsyncSync(this.fd)
     } catch (err) {

@@ -18,6 +18,10 @@ export const ERRORS = {
   /** The broker (or authorization server) answered, and refused: asking again gets the same answer. */
   LK_CREDENTIAL_REFUSED: { status: 403, error: 'credential_refused', retryable: false },
   LK_DNS_FAILED: { status: 502, error: 'upstream_unresolvable', retryable: true },
+  /** No answer within sidecar.timeouts.dns_ms (the lookup may go on; its failure is kept network.dns_negative_cache_ms). */
+  LK_DNS_TIMEOUT: { status: 504, error: 'upstream_unresolvable', retryable: true },
+  /** Not looked up: network.dns_max_lookups names in flight, or every lookup thread held by one past its deadline. */
+  LK_DNS_BUSY: { status: 503, error: 'dns_busy', retryable: true },
   LK_UPSTREAM_UNREACHABLE: { status: 502, error: 'upstream_unreachable', retryable: true },
   LK_UPSTREAM_TLS: { status: 502, error: 'upstream_tls', retryable: false },
   LK_UPSTREAM_TIMEOUT: { status: 504, error: 'upstream_timeout', retryable: true },

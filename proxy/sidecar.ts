@@ -254,7 +254,12 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     identifier: new TaskIdentifier(sc.agent_id, tasks, config.tasks.required),
     callers,
     decider: initialPolicy?.compiled ?? new Policy(config.policy),
-    resolver: opts.resolver ?? new DnsResolver(networkPolicy, { cacheMs: config.network.dns_cache_ms }),
+    resolver: opts.resolver ?? new DnsResolver(networkPolicy, {
+        cacheMs: config.network.dns_cache_ms,
+        negativeCacheMs: config.network.dns_negative_cache_ms,
+        timeoutMs: sc.timeouts.dns_ms,
+        maxLookups: config.network.dns_max_lookups,
+      }),
     bindings,
     credentials: credentialSources,
     pools: new PinnedPools(sc.timeouts, sc.max_pools, upstreamCa),

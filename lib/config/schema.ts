@@ -57,6 +57,8 @@ export interface Config {
     /** Extra CA certificates (PEM) trusted for upstream TLS, on top of the system roots. */
     upstream_ca_file?: string
     timeouts: {
+      /** A name's lookup, queued or in getaddrinfo; past it 504 LK_DNS_TIMEOUT. */
+      dns_ms: number
       connect_ms: number
       headers_ms: number
       body_ms: number
@@ -109,6 +111,10 @@ export interface Config {
     deny: string[]
     allow: NetworkRangeConfig[]
     dns_cache_ms: number
+    /** A failed lookup (a timeout included) is answered from memory this long; never longer than dns_cache_ms. */
+    dns_negative_cache_ms: number
+    /** Names being looked up at once (queued for a lookup thread included); past it 503 LK_DNS_BUSY. */
+    dns_max_lookups: number
   }
   routes: Record<string, string>
   credentials: CredentialBindingConfig[]
@@ -482,6 +488,9 @@ export const configSchema = {
           additionalProperties: false,
           default: {},
           properties: {
+            // A DNS server that never answers holds a getaddrinfo thread for glibc's 10 s and more;
+            // a call waits this long at most (resolve/resolver.ts).
+            dns_ms: ms(5_000),
             connect_ms: ms(5_000),
             // As long as the LLM SDKs wait (OpenAI, Anthropic: 10 minutes): a model still thinking is not a dead upstream.
             headers_ms: ms(600_000),
@@ -600,6 +609,10 @@ export const configSchema = {
           },
         },
         dns_cache_ms: ms(30_000, 0),
+        // Short: long enough that an agent retrying a dead name does not take a lookup thread each
+        // time, short enough that a name just created is soon found.
+        dns_negative_cache_ms: ms(5_000, 0),
+        dns_max_lookups: { type: 'integer', minimum: 1, maximum: 100_000, default: 64 },
       },
     },
     routes: {

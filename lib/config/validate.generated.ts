@@ -4,7 +4,7 @@
 "use strict";
 export const validate = validate10;
 export default validate10;
-const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000},"tunnel_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":900000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"max_connections":{"type":"integer","minimum":1,"maximum":1000000,"default":1024},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000},"insecure_plaintext":{"type":"boolean","default":false}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"state_file":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"server_name":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"spiffe_id":{"type":"string","pattern":"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$","maxLength":2048}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"max_token_age_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"max_lifetime_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"client_ca_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
+const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"dns_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000},"tunnel_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":900000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"max_connections":{"type":"integer","minimum":1,"maximum":1000000,"default":1024},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000},"insecure_plaintext":{"type":"boolean","default":false}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"state_file":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"server_name":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"spiffe_id":{"type":"string","pattern":"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$","maxLength":2048}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000},"dns_negative_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000},"dns_max_lookups":{"type":"integer","minimum":1,"maximum":100000,"default":64}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"max_token_age_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"max_lifetime_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"client_ca_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
 const func2 = Object.prototype.hasOwnProperty;
 import func4Module from "ajv/dist/runtime/ucs2length.js";
 const func4 = func4Module.default;
@@ -385,6 +385,9 @@ errors++;
 }
 let data11 = data1.timeouts;
 if(data11 && typeof data11 == "object" && !Array.isArray(data11)){
+if(data11.dns_ms === undefined){
+data11.dns_ms = 5000;
+}
 if(data11.connect_ms === undefined){
 data11.connect_ms = 5000;
 }
@@ -404,7 +407,7 @@ if(data11.tunnel_idle_ms === undefined){
 data11.tunnel_idle_ms = 900000;
 }
 for(const key4 in data11){
-if(!((((((key4 === "connect_ms") || (key4 === "headers_ms")) || (key4 === "body_ms")) || (key4 === "client_headers_ms")) || (key4 === "drain_ms")) || (key4 === "tunnel_idle_ms"))){
+if(!(((((((key4 === "dns_ms") || (key4 === "connect_ms")) || (key4 === "headers_ms")) || (key4 === "body_ms")) || (key4 === "client_headers_ms")) || (key4 === "drain_ms")) || (key4 === "tunnel_idle_ms"))){
 const err24 = {instancePath:instancePath+"/sidecar/timeouts",schemaPath:"#/properties/sidecar/properties/timeouts/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key4},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err24];
@@ -415,9 +418,9 @@ vErrors.push(err24);
 errors++;
 }
 }
-let data12 = data11.connect_ms;
+let data12 = data11.dns_ms;
 if(!(((typeof data12 == "number") && (!(data12 % 1) && !isNaN(data12))) && (isFinite(data12)))){
-const err25 = {instancePath:instancePath+"/sidecar/timeouts/connect_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/connect_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err25 = {instancePath:instancePath+"/sidecar/timeouts/dns_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/dns_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err25];
 }
@@ -428,7 +431,7 @@ errors++;
 }
 if((typeof data12 == "number") && (isFinite(data12))){
 if(data12 > 3600000 || isNaN(data12)){
-const err26 = {instancePath:instancePath+"/sidecar/timeouts/connect_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/connect_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err26 = {instancePath:instancePath+"/sidecar/timeouts/dns_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/dns_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err26];
 }
@@ -438,7 +441,7 @@ vErrors.push(err26);
 errors++;
 }
 if(data12 < 1 || isNaN(data12)){
-const err27 = {instancePath:instancePath+"/sidecar/timeouts/connect_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/connect_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err27 = {instancePath:instancePath+"/sidecar/timeouts/dns_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/dns_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err27];
 }
@@ -448,9 +451,9 @@ vErrors.push(err27);
 errors++;
 }
 }
-let data13 = data11.headers_ms;
+let data13 = data11.connect_ms;
 if(!(((typeof data13 == "number") && (!(data13 % 1) && !isNaN(data13))) && (isFinite(data13)))){
-const err28 = {instancePath:instancePath+"/sidecar/timeouts/headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/headers_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err28 = {instancePath:instancePath+"/sidecar/timeouts/connect_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/connect_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err28];
 }
@@ -461,7 +464,7 @@ errors++;
 }
 if((typeof data13 == "number") && (isFinite(data13))){
 if(data13 > 3600000 || isNaN(data13)){
-const err29 = {instancePath:instancePath+"/sidecar/timeouts/headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/headers_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err29 = {instancePath:instancePath+"/sidecar/timeouts/connect_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/connect_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err29];
 }
@@ -471,7 +474,7 @@ vErrors.push(err29);
 errors++;
 }
 if(data13 < 1 || isNaN(data13)){
-const err30 = {instancePath:instancePath+"/sidecar/timeouts/headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/headers_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err30 = {instancePath:instancePath+"/sidecar/timeouts/connect_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/connect_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err30];
 }
@@ -481,9 +484,9 @@ vErrors.push(err30);
 errors++;
 }
 }
-let data14 = data11.body_ms;
+let data14 = data11.headers_ms;
 if(!(((typeof data14 == "number") && (!(data14 % 1) && !isNaN(data14))) && (isFinite(data14)))){
-const err31 = {instancePath:instancePath+"/sidecar/timeouts/body_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/body_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err31 = {instancePath:instancePath+"/sidecar/timeouts/headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/headers_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err31];
 }
@@ -494,7 +497,7 @@ errors++;
 }
 if((typeof data14 == "number") && (isFinite(data14))){
 if(data14 > 3600000 || isNaN(data14)){
-const err32 = {instancePath:instancePath+"/sidecar/timeouts/body_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/body_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err32 = {instancePath:instancePath+"/sidecar/timeouts/headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/headers_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err32];
 }
@@ -504,7 +507,7 @@ vErrors.push(err32);
 errors++;
 }
 if(data14 < 1 || isNaN(data14)){
-const err33 = {instancePath:instancePath+"/sidecar/timeouts/body_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/body_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err33 = {instancePath:instancePath+"/sidecar/timeouts/headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/headers_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err33];
 }
@@ -514,9 +517,9 @@ vErrors.push(err33);
 errors++;
 }
 }
-let data15 = data11.client_headers_ms;
+let data15 = data11.body_ms;
 if(!(((typeof data15 == "number") && (!(data15 % 1) && !isNaN(data15))) && (isFinite(data15)))){
-const err34 = {instancePath:instancePath+"/sidecar/timeouts/client_headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/client_headers_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err34 = {instancePath:instancePath+"/sidecar/timeouts/body_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/body_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err34];
 }
@@ -527,7 +530,7 @@ errors++;
 }
 if((typeof data15 == "number") && (isFinite(data15))){
 if(data15 > 3600000 || isNaN(data15)){
-const err35 = {instancePath:instancePath+"/sidecar/timeouts/client_headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/client_headers_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err35 = {instancePath:instancePath+"/sidecar/timeouts/body_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/body_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err35];
 }
@@ -537,7 +540,7 @@ vErrors.push(err35);
 errors++;
 }
 if(data15 < 1 || isNaN(data15)){
-const err36 = {instancePath:instancePath+"/sidecar/timeouts/client_headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/client_headers_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err36 = {instancePath:instancePath+"/sidecar/timeouts/body_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/body_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err36];
 }
@@ -547,9 +550,9 @@ vErrors.push(err36);
 errors++;
 }
 }
-let data16 = data11.drain_ms;
+let data16 = data11.client_headers_ms;
 if(!(((typeof data16 == "number") && (!(data16 % 1) && !isNaN(data16))) && (isFinite(data16)))){
-const err37 = {instancePath:instancePath+"/sidecar/timeouts/drain_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/drain_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err37 = {instancePath:instancePath+"/sidecar/timeouts/client_headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/client_headers_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err37];
 }
@@ -560,7 +563,7 @@ errors++;
 }
 if((typeof data16 == "number") && (isFinite(data16))){
 if(data16 > 3600000 || isNaN(data16)){
-const err38 = {instancePath:instancePath+"/sidecar/timeouts/drain_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/drain_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err38 = {instancePath:instancePath+"/sidecar/timeouts/client_headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/client_headers_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err38];
 }
@@ -569,8 +572,8 @@ vErrors.push(err38);
 }
 errors++;
 }
-if(data16 < 0 || isNaN(data16)){
-const err39 = {instancePath:instancePath+"/sidecar/timeouts/drain_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/drain_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if(data16 < 1 || isNaN(data16)){
+const err39 = {instancePath:instancePath+"/sidecar/timeouts/client_headers_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/client_headers_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err39];
 }
@@ -580,9 +583,9 @@ vErrors.push(err39);
 errors++;
 }
 }
-let data17 = data11.tunnel_idle_ms;
+let data17 = data11.drain_ms;
 if(!(((typeof data17 == "number") && (!(data17 % 1) && !isNaN(data17))) && (isFinite(data17)))){
-const err40 = {instancePath:instancePath+"/sidecar/timeouts/tunnel_idle_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/tunnel_idle_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err40 = {instancePath:instancePath+"/sidecar/timeouts/drain_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/drain_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err40];
 }
@@ -593,7 +596,7 @@ errors++;
 }
 if((typeof data17 == "number") && (isFinite(data17))){
 if(data17 > 3600000 || isNaN(data17)){
-const err41 = {instancePath:instancePath+"/sidecar/timeouts/tunnel_idle_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/tunnel_idle_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err41 = {instancePath:instancePath+"/sidecar/timeouts/drain_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/drain_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err41];
 }
@@ -602,8 +605,8 @@ vErrors.push(err41);
 }
 errors++;
 }
-if(data17 < 1 || isNaN(data17)){
-const err42 = {instancePath:instancePath+"/sidecar/timeouts/tunnel_idle_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/tunnel_idle_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if(data17 < 0 || isNaN(data17)){
+const err42 = {instancePath:instancePath+"/sidecar/timeouts/drain_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/drain_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err42];
 }
@@ -613,9 +616,9 @@ vErrors.push(err42);
 errors++;
 }
 }
-}
-else {
-const err43 = {instancePath:instancePath+"/sidecar/timeouts",schemaPath:"#/properties/sidecar/properties/timeouts/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data18 = data11.tunnel_idle_ms;
+if(!(((typeof data18 == "number") && (!(data18 % 1) && !isNaN(data18))) && (isFinite(data18)))){
+const err43 = {instancePath:instancePath+"/sidecar/timeouts/tunnel_idle_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/tunnel_idle_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err43];
 }
@@ -624,9 +627,9 @@ vErrors.push(err43);
 }
 errors++;
 }
-let data18 = data1.max_pools;
-if(!(((typeof data18 == "number") && (!(data18 % 1) && !isNaN(data18))) && (isFinite(data18)))){
-const err44 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data18 == "number") && (isFinite(data18))){
+if(data18 > 3600000 || isNaN(data18)){
+const err44 = {instancePath:instancePath+"/sidecar/timeouts/tunnel_idle_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/tunnel_idle_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err44];
 }
@@ -635,9 +638,8 @@ vErrors.push(err44);
 }
 errors++;
 }
-if((typeof data18 == "number") && (isFinite(data18))){
-if(data18 > 100000 || isNaN(data18)){
-const err45 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/maximum",keyword:"maximum",params:{comparison: "<=", limit: 100000},message:"must be <= 100000"};
+if(data18 < 1 || isNaN(data18)){
+const err45 = {instancePath:instancePath+"/sidecar/timeouts/tunnel_idle_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/tunnel_idle_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err45];
 }
@@ -646,8 +648,10 @@ vErrors.push(err45);
 }
 errors++;
 }
-if(data18 < 1 || isNaN(data18)){
-const err46 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+}
+else {
+const err46 = {instancePath:instancePath+"/sidecar/timeouts",schemaPath:"#/properties/sidecar/properties/timeouts/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err46];
 }
@@ -656,10 +660,9 @@ vErrors.push(err46);
 }
 errors++;
 }
-}
-let data19 = data1.max_connections;
+let data19 = data1.max_pools;
 if(!(((typeof data19 == "number") && (!(data19 % 1) && !isNaN(data19))) && (isFinite(data19)))){
-const err47 = {instancePath:instancePath+"/sidecar/max_connections",schemaPath:"#/properties/sidecar/properties/max_connections/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err47 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err47];
 }
@@ -669,8 +672,8 @@ vErrors.push(err47);
 errors++;
 }
 if((typeof data19 == "number") && (isFinite(data19))){
-if(data19 > 1000000 || isNaN(data19)){
-const err48 = {instancePath:instancePath+"/sidecar/max_connections",schemaPath:"#/properties/sidecar/properties/max_connections/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1000000},message:"must be <= 1000000"};
+if(data19 > 100000 || isNaN(data19)){
+const err48 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/maximum",keyword:"maximum",params:{comparison: "<=", limit: 100000},message:"must be <= 100000"};
 if(vErrors === null){
 vErrors = [err48];
 }
@@ -680,7 +683,7 @@ vErrors.push(err48);
 errors++;
 }
 if(data19 < 1 || isNaN(data19)){
-const err49 = {instancePath:instancePath+"/sidecar/max_connections",schemaPath:"#/properties/sidecar/properties/max_connections/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err49 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err49];
 }
@@ -690,20 +693,9 @@ vErrors.push(err49);
 errors++;
 }
 }
-if(data1.broker !== undefined){
-let data20 = data1.broker;
-if(data20 && typeof data20 == "object" && !Array.isArray(data20)){
-if(data20.timeout_ms === undefined){
-data20.timeout_ms = 3000;
-}
-if(data20.min_remaining_ms === undefined){
-data20.min_remaining_ms = 5000;
-}
-if(data20.insecure_plaintext === undefined){
-data20.insecure_plaintext = false;
-}
-if(data20.url === undefined){
-const err50 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
+let data20 = data1.max_connections;
+if(!(((typeof data20 == "number") && (!(data20 % 1) && !isNaN(data20))) && (isFinite(data20)))){
+const err50 = {instancePath:instancePath+"/sidecar/max_connections",schemaPath:"#/properties/sidecar/properties/max_connections/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err50];
 }
@@ -712,9 +704,9 @@ vErrors.push(err50);
 }
 errors++;
 }
-for(const key5 in data20){
-if(!((((key5 === "url") || (key5 === "timeout_ms")) || (key5 === "min_remaining_ms")) || (key5 === "insecure_plaintext"))){
-const err51 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key5},message:"must NOT have additional properties"};
+if((typeof data20 == "number") && (isFinite(data20))){
+if(data20 > 1000000 || isNaN(data20)){
+const err51 = {instancePath:instancePath+"/sidecar/max_connections",schemaPath:"#/properties/sidecar/properties/max_connections/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1000000},message:"must be <= 1000000"};
 if(vErrors === null){
 vErrors = [err51];
 }
@@ -723,12 +715,8 @@ vErrors.push(err51);
 }
 errors++;
 }
-}
-if(data20.url !== undefined){
-let data21 = data20.url;
-if(typeof data21 === "string"){
-if(!pattern1.test(data21)){
-const err52 = {instancePath:instancePath+"/sidecar/broker/url",schemaPath:"#/properties/sidecar/properties/broker/properties/url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data20 < 1 || isNaN(data20)){
+const err52 = {instancePath:instancePath+"/sidecar/max_connections",schemaPath:"#/properties/sidecar/properties/max_connections/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err52];
 }
@@ -738,8 +726,20 @@ vErrors.push(err52);
 errors++;
 }
 }
-else {
-const err53 = {instancePath:instancePath+"/sidecar/broker/url",schemaPath:"#/properties/sidecar/properties/broker/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data1.broker !== undefined){
+let data21 = data1.broker;
+if(data21 && typeof data21 == "object" && !Array.isArray(data21)){
+if(data21.timeout_ms === undefined){
+data21.timeout_ms = 3000;
+}
+if(data21.min_remaining_ms === undefined){
+data21.min_remaining_ms = 5000;
+}
+if(data21.insecure_plaintext === undefined){
+data21.insecure_plaintext = false;
+}
+if(data21.url === undefined){
+const err53 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err53];
 }
@@ -748,10 +748,9 @@ vErrors.push(err53);
 }
 errors++;
 }
-}
-let data22 = data20.timeout_ms;
-if(!(((typeof data22 == "number") && (!(data22 % 1) && !isNaN(data22))) && (isFinite(data22)))){
-const err54 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+for(const key5 in data21){
+if(!((((key5 === "url") || (key5 === "timeout_ms")) || (key5 === "min_remaining_ms")) || (key5 === "insecure_plaintext"))){
+const err54 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key5},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err54];
 }
@@ -760,9 +759,12 @@ vErrors.push(err54);
 }
 errors++;
 }
-if((typeof data22 == "number") && (isFinite(data22))){
-if(data22 > 3600000 || isNaN(data22)){
-const err55 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+if(data21.url !== undefined){
+let data22 = data21.url;
+if(typeof data22 === "string"){
+if(!pattern1.test(data22)){
+const err55 = {instancePath:instancePath+"/sidecar/broker/url",schemaPath:"#/properties/sidecar/properties/broker/properties/url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err55];
 }
@@ -771,8 +773,9 @@ vErrors.push(err55);
 }
 errors++;
 }
-if(data22 < 1 || isNaN(data22)){
-const err56 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+else {
+const err56 = {instancePath:instancePath+"/sidecar/broker/url",schemaPath:"#/properties/sidecar/properties/broker/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err56];
 }
@@ -782,9 +785,9 @@ vErrors.push(err56);
 errors++;
 }
 }
-let data23 = data20.min_remaining_ms;
+let data23 = data21.timeout_ms;
 if(!(((typeof data23 == "number") && (!(data23 % 1) && !isNaN(data23))) && (isFinite(data23)))){
-const err57 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err57 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err57];
 }
@@ -795,7 +798,7 @@ errors++;
 }
 if((typeof data23 == "number") && (isFinite(data23))){
 if(data23 > 3600000 || isNaN(data23)){
-const err58 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err58 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err58];
 }
@@ -804,8 +807,8 @@ vErrors.push(err58);
 }
 errors++;
 }
-if(data23 < 0 || isNaN(data23)){
-const err59 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if(data23 < 1 || isNaN(data23)){
+const err59 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err59];
 }
@@ -815,8 +818,9 @@ vErrors.push(err59);
 errors++;
 }
 }
-if(typeof data20.insecure_plaintext !== "boolean"){
-const err60 = {instancePath:instancePath+"/sidecar/broker/insecure_plaintext",schemaPath:"#/properties/sidecar/properties/broker/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+let data24 = data21.min_remaining_ms;
+if(!(((typeof data24 == "number") && (!(data24 % 1) && !isNaN(data24))) && (isFinite(data24)))){
+const err60 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err60];
 }
@@ -825,9 +829,9 @@ vErrors.push(err60);
 }
 errors++;
 }
-}
-else {
-const err61 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data24 == "number") && (isFinite(data24))){
+if(data24 > 3600000 || isNaN(data24)){
+const err61 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err61];
 }
@@ -836,30 +840,8 @@ vErrors.push(err61);
 }
 errors++;
 }
-}
-if(data1.control !== undefined){
-let data25 = data1.control;
-if(data25 && typeof data25 == "object" && !Array.isArray(data25)){
-if(data25.stale_after_ms === undefined){
-data25.stale_after_ms = 30000;
-}
-if(data25.backoff_min_ms === undefined){
-data25.backoff_min_ms = 100;
-}
-if(data25.backoff_max_ms === undefined){
-data25.backoff_max_ms = 5000;
-}
-if(data25.max_bundle_bytes === undefined){
-data25.max_bundle_bytes = 262144;
-}
-if(data25.tls === undefined){
-data25.tls = null;
-}
-if(data25.insecure_plaintext === undefined){
-data25.insecure_plaintext = false;
-}
-if(data25.url === undefined){
-const err62 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
+if(data24 < 0 || isNaN(data24)){
+const err62 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err62];
 }
@@ -868,8 +850,9 @@ vErrors.push(err62);
 }
 errors++;
 }
-if(data25.token_secret === undefined){
-const err63 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "token_secret"},message:"must have required property '"+"token_secret"+"'"};
+}
+if(typeof data21.insecure_plaintext !== "boolean"){
+const err63 = {instancePath:instancePath+"/sidecar/broker/insecure_plaintext",schemaPath:"#/properties/sidecar/properties/broker/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err63];
 }
@@ -878,9 +861,9 @@ vErrors.push(err63);
 }
 errors++;
 }
-for(const key6 in data25){
-if(!(func2.call(schema11.properties.sidecar.properties.control.properties, key6))){
-const err64 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key6},message:"must NOT have additional properties"};
+}
+else {
+const err64 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err64];
 }
@@ -890,11 +873,29 @@ vErrors.push(err64);
 errors++;
 }
 }
-if(data25.url !== undefined){
-let data26 = data25.url;
-if(typeof data26 === "string"){
-if(!pattern2.test(data26)){
-const err65 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/pattern",keyword:"pattern",params:{pattern: "^grpc://[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/?$"},message:"must match pattern \""+"^grpc://[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/?$"+"\""};
+if(data1.control !== undefined){
+let data26 = data1.control;
+if(data26 && typeof data26 == "object" && !Array.isArray(data26)){
+if(data26.stale_after_ms === undefined){
+data26.stale_after_ms = 30000;
+}
+if(data26.backoff_min_ms === undefined){
+data26.backoff_min_ms = 100;
+}
+if(data26.backoff_max_ms === undefined){
+data26.backoff_max_ms = 5000;
+}
+if(data26.max_bundle_bytes === undefined){
+data26.max_bundle_bytes = 262144;
+}
+if(data26.tls === undefined){
+data26.tls = null;
+}
+if(data26.insecure_plaintext === undefined){
+data26.insecure_plaintext = false;
+}
+if(data26.url === undefined){
+const err65 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err65];
 }
@@ -903,9 +904,8 @@ vErrors.push(err65);
 }
 errors++;
 }
-}
-else {
-const err66 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data26.token_secret === undefined){
+const err66 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "token_secret"},message:"must have required property '"+"token_secret"+"'"};
 if(vErrors === null){
 vErrors = [err66];
 }
@@ -914,12 +914,9 @@ vErrors.push(err66);
 }
 errors++;
 }
-}
-if(data25.token_secret !== undefined){
-let data27 = data25.token_secret;
-if(typeof data27 === "string"){
-if(!pattern3.test(data27)){
-const err67 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_]+$"},message:"must match pattern \""+"^[A-Za-z0-9_]+$"+"\""};
+for(const key6 in data26){
+if(!(func2.call(schema11.properties.sidecar.properties.control.properties, key6))){
+const err67 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key6},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err67];
 }
@@ -929,8 +926,11 @@ vErrors.push(err67);
 errors++;
 }
 }
-else {
-const err68 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data26.url !== undefined){
+let data27 = data26.url;
+if(typeof data27 === "string"){
+if(!pattern2.test(data27)){
+const err68 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/pattern",keyword:"pattern",params:{pattern: "^grpc://[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/?$"},message:"must match pattern \""+"^grpc://[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/?$"+"\""};
 if(vErrors === null){
 vErrors = [err68];
 }
@@ -940,9 +940,8 @@ vErrors.push(err68);
 errors++;
 }
 }
-let data28 = data25.stale_after_ms;
-if(!(((typeof data28 == "number") && (!(data28 % 1) && !isNaN(data28))) && (isFinite(data28)))){
-const err69 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err69 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err69];
 }
@@ -951,9 +950,12 @@ vErrors.push(err69);
 }
 errors++;
 }
-if((typeof data28 == "number") && (isFinite(data28))){
-if(data28 > 3600000 || isNaN(data28)){
-const err70 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+if(data26.token_secret !== undefined){
+let data28 = data26.token_secret;
+if(typeof data28 === "string"){
+if(!pattern3.test(data28)){
+const err70 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_]+$"},message:"must match pattern \""+"^[A-Za-z0-9_]+$"+"\""};
 if(vErrors === null){
 vErrors = [err70];
 }
@@ -962,8 +964,9 @@ vErrors.push(err70);
 }
 errors++;
 }
-if(data28 < 50 || isNaN(data28)){
-const err71 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
+}
+else {
+const err71 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err71];
 }
@@ -973,9 +976,9 @@ vErrors.push(err71);
 errors++;
 }
 }
-let data29 = data25.backoff_min_ms;
+let data29 = data26.stale_after_ms;
 if(!(((typeof data29 == "number") && (!(data29 % 1) && !isNaN(data29))) && (isFinite(data29)))){
-const err72 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err72 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err72];
 }
@@ -986,7 +989,7 @@ errors++;
 }
 if((typeof data29 == "number") && (isFinite(data29))){
 if(data29 > 3600000 || isNaN(data29)){
-const err73 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err73 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err73];
 }
@@ -995,8 +998,8 @@ vErrors.push(err73);
 }
 errors++;
 }
-if(data29 < 1 || isNaN(data29)){
-const err74 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if(data29 < 50 || isNaN(data29)){
+const err74 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
 if(vErrors === null){
 vErrors = [err74];
 }
@@ -1006,9 +1009,9 @@ vErrors.push(err74);
 errors++;
 }
 }
-let data30 = data25.backoff_max_ms;
+let data30 = data26.backoff_min_ms;
 if(!(((typeof data30 == "number") && (!(data30 % 1) && !isNaN(data30))) && (isFinite(data30)))){
-const err75 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err75 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err75];
 }
@@ -1019,7 +1022,7 @@ errors++;
 }
 if((typeof data30 == "number") && (isFinite(data30))){
 if(data30 > 3600000 || isNaN(data30)){
-const err76 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err76 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err76];
 }
@@ -1029,7 +1032,7 @@ vErrors.push(err76);
 errors++;
 }
 if(data30 < 1 || isNaN(data30)){
-const err77 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err77 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err77];
 }
@@ -1039,9 +1042,9 @@ vErrors.push(err77);
 errors++;
 }
 }
-let data31 = data25.max_bundle_bytes;
+let data31 = data26.backoff_max_ms;
 if(!(((typeof data31 == "number") && (!(data31 % 1) && !isNaN(data31))) && (isFinite(data31)))){
-const err78 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err78 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err78];
 }
@@ -1051,8 +1054,8 @@ vErrors.push(err78);
 errors++;
 }
 if((typeof data31 == "number") && (isFinite(data31))){
-if(data31 > 3145728 || isNaN(data31)){
-const err79 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
+if(data31 > 3600000 || isNaN(data31)){
+const err79 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err79];
 }
@@ -1061,8 +1064,8 @@ vErrors.push(err79);
 }
 errors++;
 }
-if(data31 < 1024 || isNaN(data31)){
-const err80 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+if(data31 < 1 || isNaN(data31)){
+const err80 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err80];
 }
@@ -1072,11 +1075,9 @@ vErrors.push(err80);
 errors++;
 }
 }
-if(data25.state_file !== undefined){
-let data32 = data25.state_file;
-if(typeof data32 === "string"){
-if(func4(data32) < 1){
-const err81 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data32 = data26.max_bundle_bytes;
+if(!(((typeof data32 == "number") && (!(data32 % 1) && !isNaN(data32))) && (isFinite(data32)))){
+const err81 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err81];
 }
@@ -1085,9 +1086,9 @@ vErrors.push(err81);
 }
 errors++;
 }
-}
-else {
-const err82 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data32 == "number") && (isFinite(data32))){
+if(data32 > 3145728 || isNaN(data32)){
+const err82 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
 if(vErrors === null){
 vErrors = [err82];
 }
@@ -1096,10 +1097,8 @@ vErrors.push(err82);
 }
 errors++;
 }
-}
-let data33 = data25.tls;
-if((!(data33 && typeof data33 == "object" && !Array.isArray(data33))) && (data33 !== null)){
-const err83 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.sidecar.properties.control.properties.tls.type},message:"must be object,null"};
+if(data32 < 1024 || isNaN(data32)){
+const err83 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err83];
 }
@@ -1108,9 +1107,12 @@ vErrors.push(err83);
 }
 errors++;
 }
-if(data33 && typeof data33 == "object" && !Array.isArray(data33)){
-if(data33.ca_file === undefined){
-const err84 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
+}
+if(data26.state_file !== undefined){
+let data33 = data26.state_file;
+if(typeof data33 === "string"){
+if(func4(data33) < 1){
+const err84 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err84];
 }
@@ -1119,9 +1121,9 @@ vErrors.push(err84);
 }
 errors++;
 }
-for(const key7 in data33){
-if(!((((key7 === "ca_file") || (key7 === "cert_file")) || (key7 === "key_file")) || (key7 === "server_name"))){
-const err85 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
+}
+else {
+const err85 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err85];
 }
@@ -1131,11 +1133,9 @@ vErrors.push(err85);
 errors++;
 }
 }
-if(data33.ca_file !== undefined){
-let data34 = data33.ca_file;
-if(typeof data34 === "string"){
-if(func4(data34) < 1){
-const err86 = {instancePath:instancePath+"/sidecar/control/tls/ca_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data34 = data26.tls;
+if((!(data34 && typeof data34 == "object" && !Array.isArray(data34))) && (data34 !== null)){
+const err86 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.sidecar.properties.control.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err86];
 }
@@ -1144,9 +1144,9 @@ vErrors.push(err86);
 }
 errors++;
 }
-}
-else {
-const err87 = {instancePath:instancePath+"/sidecar/control/tls/ca_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data34 && typeof data34 == "object" && !Array.isArray(data34)){
+if(data34.ca_file === undefined){
+const err87 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
 if(vErrors === null){
 vErrors = [err87];
 }
@@ -1155,12 +1155,9 @@ vErrors.push(err87);
 }
 errors++;
 }
-}
-if(data33.cert_file !== undefined){
-let data35 = data33.cert_file;
-if(typeof data35 === "string"){
-if(func4(data35) < 1){
-const err88 = {instancePath:instancePath+"/sidecar/control/tls/cert_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key7 in data34){
+if(!((((key7 === "ca_file") || (key7 === "cert_file")) || (key7 === "key_file")) || (key7 === "server_name"))){
+const err88 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err88];
 }
@@ -1170,8 +1167,11 @@ vErrors.push(err88);
 errors++;
 }
 }
-else {
-const err89 = {instancePath:instancePath+"/sidecar/control/tls/cert_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data34.ca_file !== undefined){
+let data35 = data34.ca_file;
+if(typeof data35 === "string"){
+if(func4(data35) < 1){
+const err89 = {instancePath:instancePath+"/sidecar/control/tls/ca_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err89];
 }
@@ -1181,11 +1181,8 @@ vErrors.push(err89);
 errors++;
 }
 }
-if(data33.key_file !== undefined){
-let data36 = data33.key_file;
-if(typeof data36 === "string"){
-if(func4(data36) < 1){
-const err90 = {instancePath:instancePath+"/sidecar/control/tls/key_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err90 = {instancePath:instancePath+"/sidecar/control/tls/ca_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err90];
 }
@@ -1195,8 +1192,11 @@ vErrors.push(err90);
 errors++;
 }
 }
-else {
-const err91 = {instancePath:instancePath+"/sidecar/control/tls/key_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data34.cert_file !== undefined){
+let data36 = data34.cert_file;
+if(typeof data36 === "string"){
+if(func4(data36) < 1){
+const err91 = {instancePath:instancePath+"/sidecar/control/tls/cert_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err91];
 }
@@ -1206,11 +1206,8 @@ vErrors.push(err91);
 errors++;
 }
 }
-if(data33.server_name !== undefined){
-let data37 = data33.server_name;
-if(typeof data37 === "string"){
-if(func4(data37) < 1){
-const err92 = {instancePath:instancePath+"/sidecar/control/tls/server_name",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/server_name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err92 = {instancePath:instancePath+"/sidecar/control/tls/cert_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err92];
 }
@@ -1220,8 +1217,11 @@ vErrors.push(err92);
 errors++;
 }
 }
-else {
-const err93 = {instancePath:instancePath+"/sidecar/control/tls/server_name",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/server_name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data34.key_file !== undefined){
+let data37 = data34.key_file;
+if(typeof data37 === "string"){
+if(func4(data37) < 1){
+const err93 = {instancePath:instancePath+"/sidecar/control/tls/key_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err93];
 }
@@ -1231,9 +1231,8 @@ vErrors.push(err93);
 errors++;
 }
 }
-}
-if(typeof data25.insecure_plaintext !== "boolean"){
-const err94 = {instancePath:instancePath+"/sidecar/control/insecure_plaintext",schemaPath:"#/properties/sidecar/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err94 = {instancePath:instancePath+"/sidecar/control/tls/key_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err94];
 }
@@ -1243,8 +1242,11 @@ vErrors.push(err94);
 errors++;
 }
 }
-else {
-const err95 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data34.server_name !== undefined){
+let data38 = data34.server_name;
+if(typeof data38 === "string"){
+if(func4(data38) < 1){
+const err95 = {instancePath:instancePath+"/sidecar/control/tls/server_name",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/server_name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err95];
 }
@@ -1254,11 +1256,8 @@ vErrors.push(err95);
 errors++;
 }
 }
-if(data1.policy_file !== undefined){
-let data39 = data1.policy_file;
-if(typeof data39 === "string"){
-if(func4(data39) < 1){
-const err96 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err96 = {instancePath:instancePath+"/sidecar/control/tls/server_name",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/server_name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err96];
 }
@@ -1268,8 +1267,9 @@ vErrors.push(err96);
 errors++;
 }
 }
-else {
-const err97 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+}
+if(typeof data26.insecure_plaintext !== "boolean"){
+const err97 = {instancePath:instancePath+"/sidecar/control/insecure_plaintext",schemaPath:"#/properties/sidecar/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err97];
 }
@@ -1279,8 +1279,8 @@ vErrors.push(err97);
 errors++;
 }
 }
-if(typeof data1.policy_watch !== "boolean"){
-const err98 = {instancePath:instancePath+"/sidecar/policy_watch",schemaPath:"#/properties/sidecar/properties/policy_watch/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err98 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err98];
 }
@@ -1289,20 +1289,12 @@ vErrors.push(err98);
 }
 errors++;
 }
-let data41 = data1.callers;
-if(data41 && typeof data41 == "object" && !Array.isArray(data41)){
-if(data41.identify === undefined){
-data41.identify = false;
 }
-if(data41.allowed_uids === undefined){
-data41.allowed_uids = [];
-}
-if(data41.allowed_executables === undefined){
-data41.allowed_executables = [];
-}
-for(const key8 in data41){
-if(!(((key8 === "identify") || (key8 === "allowed_uids")) || (key8 === "allowed_executables"))){
-const err99 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
+if(data1.policy_file !== undefined){
+let data40 = data1.policy_file;
+if(typeof data40 === "string"){
+if(func4(data40) < 1){
+const err99 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err99];
 }
@@ -1312,8 +1304,8 @@ vErrors.push(err99);
 errors++;
 }
 }
-if(typeof data41.identify !== "boolean"){
-const err100 = {instancePath:instancePath+"/sidecar/callers/identify",schemaPath:"#/properties/sidecar/properties/callers/properties/identify/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err100 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err100];
 }
@@ -1322,13 +1314,9 @@ vErrors.push(err100);
 }
 errors++;
 }
-let data43 = data41.allowed_uids;
-if(Array.isArray(data43)){
-const len0 = data43.length;
-for(let i0=0; i0<len0; i0++){
-let data44 = data43[i0];
-if(!(((typeof data44 == "number") && (!(data44 % 1) && !isNaN(data44))) && (isFinite(data44)))){
-const err101 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(typeof data1.policy_watch !== "boolean"){
+const err101 = {instancePath:instancePath+"/sidecar/policy_watch",schemaPath:"#/properties/sidecar/properties/policy_watch/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err101];
 }
@@ -1337,9 +1325,20 @@ vErrors.push(err101);
 }
 errors++;
 }
-if((typeof data44 == "number") && (isFinite(data44))){
-if(data44 > 4294967295 || isNaN(data44)){
-const err102 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 4294967295},message:"must be <= 4294967295"};
+let data42 = data1.callers;
+if(data42 && typeof data42 == "object" && !Array.isArray(data42)){
+if(data42.identify === undefined){
+data42.identify = false;
+}
+if(data42.allowed_uids === undefined){
+data42.allowed_uids = [];
+}
+if(data42.allowed_executables === undefined){
+data42.allowed_executables = [];
+}
+for(const key8 in data42){
+if(!(((key8 === "identify") || (key8 === "allowed_uids")) || (key8 === "allowed_executables"))){
+const err102 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err102];
 }
@@ -1348,8 +1347,9 @@ vErrors.push(err102);
 }
 errors++;
 }
-if(data44 < 0 || isNaN(data44)){
-const err103 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+if(typeof data42.identify !== "boolean"){
+const err103 = {instancePath:instancePath+"/sidecar/callers/identify",schemaPath:"#/properties/sidecar/properties/callers/properties/identify/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err103];
 }
@@ -1358,20 +1358,13 @@ vErrors.push(err103);
 }
 errors++;
 }
-}
-}
-let i1 = data43.length;
-let j0;
-if(i1 > 1){
-const indices0 = {};
-for(;i1--;){
-let item0 = data43[i1];
-if(!(((typeof item0 == "number") && (!(item0 % 1) && !isNaN(item0))) && (isFinite(item0)))){
-continue;
-}
-if(typeof indices0[item0] == "number"){
-j0 = indices0[item0];
-const err104 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/uniqueItems",keyword:"uniqueItems",params:{i: i1, j: j0},message:"must NOT have duplicate items (items ## "+j0+" and "+i1+" are identical)"};
+let data44 = data42.allowed_uids;
+if(Array.isArray(data44)){
+const len0 = data44.length;
+for(let i0=0; i0<len0; i0++){
+let data45 = data44[i0];
+if(!(((typeof data45 == "number") && (!(data45 % 1) && !isNaN(data45))) && (isFinite(data45)))){
+const err104 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err104];
 }
@@ -1379,14 +1372,10 @@ else {
 vErrors.push(err104);
 }
 errors++;
-break;
 }
-indices0[item0] = i1;
-}
-}
-}
-else {
-const err105 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if((typeof data45 == "number") && (isFinite(data45))){
+if(data45 > 4294967295 || isNaN(data45)){
+const err105 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 4294967295},message:"must be <= 4294967295"};
 if(vErrors === null){
 vErrors = [err105];
 }
@@ -1395,14 +1384,8 @@ vErrors.push(err105);
 }
 errors++;
 }
-let data45 = data41.allowed_executables;
-if(Array.isArray(data45)){
-const len1 = data45.length;
-for(let i2=0; i2<len1; i2++){
-let data46 = data45[i2];
-if(typeof data46 === "string"){
-if(!pattern4.test(data46)){
-const err106 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
+if(data45 < 0 || isNaN(data45)){
+const err106 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err106];
 }
@@ -1412,8 +1395,19 @@ vErrors.push(err106);
 errors++;
 }
 }
-else {
-const err107 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+}
+let i1 = data44.length;
+let j0;
+if(i1 > 1){
+const indices0 = {};
+for(;i1--;){
+let item0 = data44[i1];
+if(!(((typeof item0 == "number") && (!(item0 % 1) && !isNaN(item0))) && (isFinite(item0)))){
+continue;
+}
+if(typeof indices0[item0] == "number"){
+j0 = indices0[item0];
+const err107 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/uniqueItems",keyword:"uniqueItems",params:{i: i1, j: j0},message:"must NOT have duplicate items (items ## "+j0+" and "+i1+" are identical)"};
 if(vErrors === null){
 vErrors = [err107];
 }
@@ -1421,20 +1415,14 @@ else {
 vErrors.push(err107);
 }
 errors++;
+break;
+}
+indices0[item0] = i1;
 }
 }
-let i3 = data45.length;
-let j1;
-if(i3 > 1){
-const indices1 = {};
-for(;i3--;){
-let item1 = data45[i3];
-if(typeof item1 !== "string"){
-continue;
 }
-if(typeof indices1[item1] == "number"){
-j1 = indices1[item1];
-const err108 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/uniqueItems",keyword:"uniqueItems",params:{i: i3, j: j1},message:"must NOT have duplicate items (items ## "+j1+" and "+i3+" are identical)"};
+else {
+const err108 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err108];
 }
@@ -1442,14 +1430,15 @@ else {
 vErrors.push(err108);
 }
 errors++;
-break;
 }
-indices1[item1] = i3;
-}
-}
-}
-else {
-const err109 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/type",keyword:"type",params:{type: "array"},message:"must be array"};
+let data46 = data42.allowed_executables;
+if(Array.isArray(data46)){
+const len1 = data46.length;
+for(let i2=0; i2<len1; i2++){
+let data47 = data46[i2];
+if(typeof data47 === "string"){
+if(!pattern4.test(data47)){
+const err109 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
 if(vErrors === null){
 vErrors = [err109];
 }
@@ -1460,7 +1449,7 @@ errors++;
 }
 }
 else {
-const err110 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err110 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err110];
 }
@@ -1469,10 +1458,19 @@ vErrors.push(err110);
 }
 errors++;
 }
-let data47 = data1.attestation;
-if(data47 && typeof data47 == "object" && !Array.isArray(data47)){
-if(Object.keys(data47).length > 1){
-const err111 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
+}
+let i3 = data46.length;
+let j1;
+if(i3 > 1){
+const indices1 = {};
+for(;i3--;){
+let item1 = data46[i3];
+if(typeof item1 !== "string"){
+continue;
+}
+if(typeof indices1[item1] == "number"){
+j1 = indices1[item1];
+const err111 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/uniqueItems",keyword:"uniqueItems",params:{i: i3, j: j1},message:"must NOT have duplicate items (items ## "+j1+" and "+i3+" are identical)"};
 if(vErrors === null){
 vErrors = [err111];
 }
@@ -1480,10 +1478,14 @@ else {
 vErrors.push(err111);
 }
 errors++;
+break;
 }
-for(const key9 in data47){
-if(!(((key9 === "kubernetes") || (key9 === "spiffe")) || (key9 === "local"))){
-const err112 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
+indices1[item1] = i3;
+}
+}
+}
+else {
+const err112 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err112];
 }
@@ -1493,11 +1495,8 @@ vErrors.push(err112);
 errors++;
 }
 }
-if(data47.kubernetes !== undefined){
-let data48 = data47.kubernetes;
-if(data48 && typeof data48 == "object" && !Array.isArray(data48)){
-if(data48.token_file === undefined){
-const err113 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/required",keyword:"required",params:{missingProperty: "token_file"},message:"must have required property '"+"token_file"+"'"};
+else {
+const err113 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err113];
 }
@@ -1506,9 +1505,10 @@ vErrors.push(err113);
 }
 errors++;
 }
-for(const key10 in data48){
-if(!(key10 === "token_file")){
-const err114 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key10},message:"must NOT have additional properties"};
+let data48 = data1.attestation;
+if(data48 && typeof data48 == "object" && !Array.isArray(data48)){
+if(Object.keys(data48).length > 1){
+const err114 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
 if(vErrors === null){
 vErrors = [err114];
 }
@@ -1517,12 +1517,9 @@ vErrors.push(err114);
 }
 errors++;
 }
-}
-if(data48.token_file !== undefined){
-let data49 = data48.token_file;
-if(typeof data49 === "string"){
-if(func4(data49) < 1){
-const err115 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key9 in data48){
+if(!(((key9 === "kubernetes") || (key9 === "spiffe")) || (key9 === "local"))){
+const err115 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err115];
 }
@@ -1532,8 +1529,11 @@ vErrors.push(err115);
 errors++;
 }
 }
-else {
-const err116 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data48.kubernetes !== undefined){
+let data49 = data48.kubernetes;
+if(data49 && typeof data49 == "object" && !Array.isArray(data49)){
+if(data49.token_file === undefined){
+const err116 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/required",keyword:"required",params:{missingProperty: "token_file"},message:"must have required property '"+"token_file"+"'"};
 if(vErrors === null){
 vErrors = [err116];
 }
@@ -1542,10 +1542,9 @@ vErrors.push(err116);
 }
 errors++;
 }
-}
-}
-else {
-const err117 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key10 in data49){
+if(!(key10 === "token_file")){
+const err117 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key10},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err117];
 }
@@ -1555,11 +1554,11 @@ vErrors.push(err117);
 errors++;
 }
 }
-if(data47.spiffe !== undefined){
-let data50 = data47.spiffe;
-if(data50 && typeof data50 == "object" && !Array.isArray(data50)){
-if(data50.socket === undefined){
-const err118 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/required",keyword:"required",params:{missingProperty: "socket"},message:"must have required property '"+"socket"+"'"};
+if(data49.token_file !== undefined){
+let data50 = data49.token_file;
+if(typeof data50 === "string"){
+if(func4(data50) < 1){
+const err118 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err118];
 }
@@ -1568,9 +1567,9 @@ vErrors.push(err118);
 }
 errors++;
 }
-for(const key11 in data50){
-if(!(((key11 === "socket") || (key11 === "audience")) || (key11 === "spiffe_id"))){
-const err119 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key11},message:"must NOT have additional properties"};
+}
+else {
+const err119 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err119];
 }
@@ -1580,11 +1579,9 @@ vErrors.push(err119);
 errors++;
 }
 }
-if(data50.socket !== undefined){
-let data51 = data50.socket;
-if(typeof data51 === "string"){
-if(func4(data51) < 1){
-const err120 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err120 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err120];
 }
@@ -1594,8 +1591,11 @@ vErrors.push(err120);
 errors++;
 }
 }
-else {
-const err121 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data48.spiffe !== undefined){
+let data51 = data48.spiffe;
+if(data51 && typeof data51 == "object" && !Array.isArray(data51)){
+if(data51.socket === undefined){
+const err121 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/required",keyword:"required",params:{missingProperty: "socket"},message:"must have required property '"+"socket"+"'"};
 if(vErrors === null){
 vErrors = [err121];
 }
@@ -1604,12 +1604,9 @@ vErrors.push(err121);
 }
 errors++;
 }
-}
-if(data50.audience !== undefined){
-let data52 = data50.audience;
-if(typeof data52 === "string"){
-if(func4(data52) < 1){
-const err122 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key11 in data51){
+if(!(((key11 === "socket") || (key11 === "audience")) || (key11 === "spiffe_id"))){
+const err122 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key11},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err122];
 }
@@ -1619,8 +1616,11 @@ vErrors.push(err122);
 errors++;
 }
 }
-else {
-const err123 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data51.socket !== undefined){
+let data52 = data51.socket;
+if(typeof data52 === "string"){
+if(func4(data52) < 1){
+const err123 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err123];
 }
@@ -1630,11 +1630,8 @@ vErrors.push(err123);
 errors++;
 }
 }
-if(data50.spiffe_id !== undefined){
-let data53 = data50.spiffe_id;
-if(typeof data53 === "string"){
-if(func4(data53) > 2048){
-const err124 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/maxLength",keyword:"maxLength",params:{limit: 2048},message:"must NOT have more than 2048 characters"};
+else {
+const err124 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err124];
 }
@@ -1643,8 +1640,12 @@ vErrors.push(err124);
 }
 errors++;
 }
-if(!pattern5.test(data53)){
-const err125 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/pattern",keyword:"pattern",params:{pattern: "^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"},message:"must match pattern \""+"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"+"\""};
+}
+if(data51.audience !== undefined){
+let data53 = data51.audience;
+if(typeof data53 === "string"){
+if(func4(data53) < 1){
+const err125 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err125];
 }
@@ -1655,7 +1656,7 @@ errors++;
 }
 }
 else {
-const err126 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err126 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err126];
 }
@@ -1665,9 +1666,11 @@ vErrors.push(err126);
 errors++;
 }
 }
-}
-else {
-const err127 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data51.spiffe_id !== undefined){
+let data54 = data51.spiffe_id;
+if(typeof data54 === "string"){
+if(func4(data54) > 2048){
+const err127 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/maxLength",keyword:"maxLength",params:{limit: 2048},message:"must NOT have more than 2048 characters"};
 if(vErrors === null){
 vErrors = [err127];
 }
@@ -1676,12 +1679,8 @@ vErrors.push(err127);
 }
 errors++;
 }
-}
-if(data47.local !== undefined){
-let data54 = data47.local;
-if(data54 && typeof data54 == "object" && !Array.isArray(data54)){
-if(data54.key_file === undefined){
-const err128 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+if(!pattern5.test(data54)){
+const err128 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/pattern",keyword:"pattern",params:{pattern: "^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"},message:"must match pattern \""+"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"+"\""};
 if(vErrors === null){
 vErrors = [err128];
 }
@@ -1690,9 +1689,9 @@ vErrors.push(err128);
 }
 errors++;
 }
-for(const key12 in data54){
-if(!((key12 === "key_file") || (key12 === "audience"))){
-const err129 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key12},message:"must NOT have additional properties"};
+}
+else {
+const err129 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err129];
 }
@@ -1702,11 +1701,9 @@ vErrors.push(err129);
 errors++;
 }
 }
-if(data54.key_file !== undefined){
-let data55 = data54.key_file;
-if(typeof data55 === "string"){
-if(func4(data55) < 1){
-const err130 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err130 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err130];
 }
@@ -1716,8 +1713,11 @@ vErrors.push(err130);
 errors++;
 }
 }
-else {
-const err131 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data48.local !== undefined){
+let data55 = data48.local;
+if(data55 && typeof data55 == "object" && !Array.isArray(data55)){
+if(data55.key_file === undefined){
+const err131 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err131];
 }
@@ -1726,12 +1726,9 @@ vErrors.push(err131);
 }
 errors++;
 }
-}
-if(data54.audience !== undefined){
-let data56 = data54.audience;
-if(typeof data56 === "string"){
-if(func4(data56) < 1){
-const err132 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key12 in data55){
+if(!((key12 === "key_file") || (key12 === "audience"))){
+const err132 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key12},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err132];
 }
@@ -1741,8 +1738,11 @@ vErrors.push(err132);
 errors++;
 }
 }
-else {
-const err133 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data55.key_file !== undefined){
+let data56 = data55.key_file;
+if(typeof data56 === "string"){
+if(func4(data56) < 1){
+const err133 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err133];
 }
@@ -1752,9 +1752,8 @@ vErrors.push(err133);
 errors++;
 }
 }
-}
 else {
-const err134 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err134 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err134];
 }
@@ -1764,9 +1763,11 @@ vErrors.push(err134);
 errors++;
 }
 }
-}
-else {
-const err135 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data55.audience !== undefined){
+let data57 = data55.audience;
+if(typeof data57 === "string"){
+if(func4(data57) < 1){
+const err135 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err135];
 }
@@ -1777,7 +1778,7 @@ errors++;
 }
 }
 else {
-const err136 = {instancePath:instancePath+"/sidecar",schemaPath:"#/properties/sidecar/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err136 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err136];
 }
@@ -1786,20 +1787,10 @@ vErrors.push(err136);
 }
 errors++;
 }
-let data57 = data.tasks;
-if(data57 && typeof data57 == "object" && !Array.isArray(data57)){
-if(data57.max_duration_s === undefined){
-data57.max_duration_s = 86400;
 }
-if(data57.required === undefined){
-data57.required = false;
 }
-if(data57.default === undefined){
-data57.default = {};
-}
-for(const key13 in data57){
-if(!(((key13 === "max_duration_s") || (key13 === "required")) || (key13 === "default"))){
-const err137 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key13},message:"must NOT have additional properties"};
+else {
+const err137 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err137];
 }
@@ -1809,9 +1800,9 @@ vErrors.push(err137);
 errors++;
 }
 }
-let data58 = data57.max_duration_s;
-if(!(((typeof data58 == "number") && (!(data58 % 1) && !isNaN(data58))) && (isFinite(data58)))){
-const err138 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err138 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err138];
 }
@@ -1820,9 +1811,9 @@ vErrors.push(err138);
 }
 errors++;
 }
-if((typeof data58 == "number") && (isFinite(data58))){
-if(data58 > 604800 || isNaN(data58)){
-const err139 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
+}
+else {
+const err139 = {instancePath:instancePath+"/sidecar",schemaPath:"#/properties/sidecar/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err139];
 }
@@ -1831,8 +1822,20 @@ vErrors.push(err139);
 }
 errors++;
 }
-if(data58 < 1 || isNaN(data58)){
-const err140 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+let data58 = data.tasks;
+if(data58 && typeof data58 == "object" && !Array.isArray(data58)){
+if(data58.max_duration_s === undefined){
+data58.max_duration_s = 86400;
+}
+if(data58.required === undefined){
+data58.required = false;
+}
+if(data58.default === undefined){
+data58.default = {};
+}
+for(const key13 in data58){
+if(!(((key13 === "max_duration_s") || (key13 === "required")) || (key13 === "default"))){
+const err140 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key13},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err140];
 }
@@ -1842,8 +1845,9 @@ vErrors.push(err140);
 errors++;
 }
 }
-if(typeof data57.required !== "boolean"){
-const err141 = {instancePath:instancePath+"/tasks/required",schemaPath:"#/properties/tasks/properties/required/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+let data59 = data58.max_duration_s;
+if(!(((typeof data59 == "number") && (!(data59 % 1) && !isNaN(data59))) && (isFinite(data59)))){
+const err141 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err141];
 }
@@ -1852,20 +1856,9 @@ vErrors.push(err141);
 }
 errors++;
 }
-let data60 = data57.default;
-if(data60 && typeof data60 == "object" && !Array.isArray(data60)){
-if(data60.enabled === undefined){
-data60.enabled = false;
-}
-if(data60.duration_s === undefined){
-data60.duration_s = 3600;
-}
-if(data60.purpose === undefined){
-data60.purpose = "default task";
-}
-for(const key14 in data60){
-if(!(((key14 === "enabled") || (key14 === "duration_s")) || (key14 === "purpose"))){
-const err142 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key14},message:"must NOT have additional properties"};
+if((typeof data59 == "number") && (isFinite(data59))){
+if(data59 > 604800 || isNaN(data59)){
+const err142 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
 if(vErrors === null){
 vErrors = [err142];
 }
@@ -1874,9 +1867,8 @@ vErrors.push(err142);
 }
 errors++;
 }
-}
-if(typeof data60.enabled !== "boolean"){
-const err143 = {instancePath:instancePath+"/tasks/default/enabled",schemaPath:"#/properties/tasks/properties/default/properties/enabled/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data59 < 1 || isNaN(data59)){
+const err143 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err143];
 }
@@ -1885,9 +1877,9 @@ vErrors.push(err143);
 }
 errors++;
 }
-let data62 = data60.duration_s;
-if(!(((typeof data62 == "number") && (!(data62 % 1) && !isNaN(data62))) && (isFinite(data62)))){
-const err144 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(typeof data58.required !== "boolean"){
+const err144 = {instancePath:instancePath+"/tasks/required",schemaPath:"#/properties/tasks/properties/required/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err144];
 }
@@ -1896,9 +1888,20 @@ vErrors.push(err144);
 }
 errors++;
 }
-if((typeof data62 == "number") && (isFinite(data62))){
-if(data62 > 604800 || isNaN(data62)){
-const err145 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
+let data61 = data58.default;
+if(data61 && typeof data61 == "object" && !Array.isArray(data61)){
+if(data61.enabled === undefined){
+data61.enabled = false;
+}
+if(data61.duration_s === undefined){
+data61.duration_s = 3600;
+}
+if(data61.purpose === undefined){
+data61.purpose = "default task";
+}
+for(const key14 in data61){
+if(!(((key14 === "enabled") || (key14 === "duration_s")) || (key14 === "purpose"))){
+const err145 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key14},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err145];
 }
@@ -1907,8 +1910,9 @@ vErrors.push(err145);
 }
 errors++;
 }
-if(data62 < 1 || isNaN(data62)){
-const err146 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+if(typeof data61.enabled !== "boolean"){
+const err146 = {instancePath:instancePath+"/tasks/default/enabled",schemaPath:"#/properties/tasks/properties/default/properties/enabled/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err146];
 }
@@ -1917,11 +1921,9 @@ vErrors.push(err146);
 }
 errors++;
 }
-}
-let data63 = data60.purpose;
-if(typeof data63 === "string"){
-if(func4(data63) > 256){
-const err147 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
+let data63 = data61.duration_s;
+if(!(((typeof data63 == "number") && (!(data63 % 1) && !isNaN(data63))) && (isFinite(data63)))){
+const err147 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err147];
 }
@@ -1930,9 +1932,9 @@ vErrors.push(err147);
 }
 errors++;
 }
-}
-else {
-const err148 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data63 == "number") && (isFinite(data63))){
+if(data63 > 604800 || isNaN(data63)){
+const err148 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
 if(vErrors === null){
 vErrors = [err148];
 }
@@ -1941,9 +1943,8 @@ vErrors.push(err148);
 }
 errors++;
 }
-}
-else {
-const err149 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data63 < 1 || isNaN(data63)){
+const err149 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err149];
 }
@@ -1953,8 +1954,10 @@ vErrors.push(err149);
 errors++;
 }
 }
-else {
-const err150 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data64 = data61.purpose;
+if(typeof data64 === "string"){
+if(func4(data64) > 256){
+const err150 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
 if(vErrors === null){
 vErrors = [err150];
 }
@@ -1963,20 +1966,9 @@ vErrors.push(err150);
 }
 errors++;
 }
-let data64 = data.policy;
-if(data64 && typeof data64 == "object" && !Array.isArray(data64)){
-if(data64.mode === undefined){
-data64.mode = "enforce";
 }
-if(data64.default === undefined){
-data64.default = "deny";
-}
-if(data64.rules === undefined){
-data64.rules = [];
-}
-for(const key15 in data64){
-if(!(((key15 === "mode") || (key15 === "default")) || (key15 === "rules"))){
-const err151 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key15},message:"must NOT have additional properties"};
+else {
+const err151 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err151];
 }
@@ -1986,9 +1978,8 @@ vErrors.push(err151);
 errors++;
 }
 }
-let data65 = data64.mode;
-if(!((data65 === "enforce") || (data65 === "report"))){
-const err152 = {instancePath:instancePath+"/policy/mode",schemaPath:"#/properties/policy/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.mode.enum},message:"must be equal to one of the allowed values"};
+else {
+const err152 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err152];
 }
@@ -1997,9 +1988,9 @@ vErrors.push(err152);
 }
 errors++;
 }
-let data66 = data64.default;
-if(!((data66 === "allow") || (data66 === "deny"))){
-const err153 = {instancePath:instancePath+"/policy/default",schemaPath:"#/properties/policy/properties/default/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.default.enum},message:"must be equal to one of the allowed values"};
+}
+else {
+const err153 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err153];
 }
@@ -2008,14 +1999,20 @@ vErrors.push(err153);
 }
 errors++;
 }
-let data67 = data64.rules;
-if(Array.isArray(data67)){
-const len2 = data67.length;
-for(let i4=0; i4<len2; i4++){
-let data68 = data67[i4];
-if(data68 && typeof data68 == "object" && !Array.isArray(data68)){
-if(data68.id === undefined){
-const err154 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
+let data65 = data.policy;
+if(data65 && typeof data65 == "object" && !Array.isArray(data65)){
+if(data65.mode === undefined){
+data65.mode = "enforce";
+}
+if(data65.default === undefined){
+data65.default = "deny";
+}
+if(data65.rules === undefined){
+data65.rules = [];
+}
+for(const key15 in data65){
+if(!(((key15 === "mode") || (key15 === "default")) || (key15 === "rules"))){
+const err154 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key15},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err154];
 }
@@ -2024,8 +2021,10 @@ vErrors.push(err154);
 }
 errors++;
 }
-if(data68.action === undefined){
-const err155 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "action"},message:"must have required property '"+"action"+"'"};
+}
+let data66 = data65.mode;
+if(!((data66 === "enforce") || (data66 === "report"))){
+const err155 = {instancePath:instancePath+"/policy/mode",schemaPath:"#/properties/policy/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.mode.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err155];
 }
@@ -2034,9 +2033,9 @@ vErrors.push(err155);
 }
 errors++;
 }
-for(const key16 in data68){
-if(!(func2.call(schema11.properties.policy.properties.rules.items.properties, key16))){
-const err156 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key16},message:"must NOT have additional properties"};
+let data67 = data65.default;
+if(!((data67 === "allow") || (data67 === "deny"))){
+const err156 = {instancePath:instancePath+"/policy/default",schemaPath:"#/properties/policy/properties/default/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.default.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err156];
 }
@@ -2045,12 +2044,14 @@ vErrors.push(err156);
 }
 errors++;
 }
-}
-if(data68.id !== undefined){
-let data69 = data68.id;
-if(typeof data69 === "string"){
-if(!pattern6.test(data69)){
-const err157 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
+let data68 = data65.rules;
+if(Array.isArray(data68)){
+const len2 = data68.length;
+for(let i4=0; i4<len2; i4++){
+let data69 = data68[i4];
+if(data69 && typeof data69 == "object" && !Array.isArray(data69)){
+if(data69.id === undefined){
+const err157 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err157];
 }
@@ -2059,9 +2060,8 @@ vErrors.push(err157);
 }
 errors++;
 }
-}
-else {
-const err158 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data69.action === undefined){
+const err158 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "action"},message:"must have required property '"+"action"+"'"};
 if(vErrors === null){
 vErrors = [err158];
 }
@@ -2070,11 +2070,9 @@ vErrors.push(err158);
 }
 errors++;
 }
-}
-if(data68.action !== undefined){
-let data70 = data68.action;
-if(!((data70 === "allow") || (data70 === "deny"))){
-const err159 = {instancePath:instancePath+"/policy/rules/" + i4+"/action",schemaPath:"#/properties/policy/properties/rules/items/properties/action/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.action.enum},message:"must be equal to one of the allowed values"};
+for(const key16 in data69){
+if(!(func2.call(schema11.properties.policy.properties.rules.items.properties, key16))){
+const err159 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key16},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err159];
 }
@@ -2084,10 +2082,11 @@ vErrors.push(err159);
 errors++;
 }
 }
-if(data68.mode !== undefined){
-let data71 = data68.mode;
-if(!((data71 === "enforce") || (data71 === "report"))){
-const err160 = {instancePath:instancePath+"/policy/rules/" + i4+"/mode",schemaPath:"#/properties/policy/properties/rules/items/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.mode.enum},message:"must be equal to one of the allowed values"};
+if(data69.id !== undefined){
+let data70 = data69.id;
+if(typeof data70 === "string"){
+if(!pattern6.test(data70)){
+const err160 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
 if(vErrors === null){
 vErrors = [err160];
 }
@@ -2097,11 +2096,8 @@ vErrors.push(err160);
 errors++;
 }
 }
-if(data68.hosts !== undefined){
-let data72 = data68.hosts;
-if(Array.isArray(data72)){
-if(data72.length < 1){
-const err161 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+else {
+const err161 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err161];
 }
@@ -2110,12 +2106,11 @@ vErrors.push(err161);
 }
 errors++;
 }
-const len3 = data72.length;
-for(let i5=0; i5<len3; i5++){
-let data73 = data72[i5];
-if(typeof data73 === "string"){
-if(func4(data73) < 1){
-const err162 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data69.action !== undefined){
+let data71 = data69.action;
+if(!((data71 === "allow") || (data71 === "deny"))){
+const err162 = {instancePath:instancePath+"/policy/rules/" + i4+"/action",schemaPath:"#/properties/policy/properties/rules/items/properties/action/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.action.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err162];
 }
@@ -2125,8 +2120,10 @@ vErrors.push(err162);
 errors++;
 }
 }
-else {
-const err163 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data69.mode !== undefined){
+let data72 = data69.mode;
+if(!((data72 === "enforce") || (data72 === "report"))){
+const err163 = {instancePath:instancePath+"/policy/rules/" + i4+"/mode",schemaPath:"#/properties/policy/properties/rules/items/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.mode.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err163];
 }
@@ -2136,9 +2133,11 @@ vErrors.push(err163);
 errors++;
 }
 }
-}
-else {
-const err164 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data69.hosts !== undefined){
+let data73 = data69.hosts;
+if(Array.isArray(data73)){
+if(data73.length < 1){
+const err164 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err164];
 }
@@ -2147,12 +2146,12 @@ vErrors.push(err164);
 }
 errors++;
 }
-}
-if(data68.cidrs !== undefined){
-let data74 = data68.cidrs;
-if(Array.isArray(data74)){
-if(data74.length < 1){
-const err165 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len3 = data73.length;
+for(let i5=0; i5<len3; i5++){
+let data74 = data73[i5];
+if(typeof data74 === "string"){
+if(func4(data74) < 1){
+const err165 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err165];
 }
@@ -2161,12 +2160,9 @@ vErrors.push(err165);
 }
 errors++;
 }
-const len4 = data74.length;
-for(let i6=0; i6<len4; i6++){
-let data75 = data74[i6];
-if(typeof data75 === "string"){
-if(func4(data75) < 1){
-const err166 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err166 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err166];
 }
@@ -2176,8 +2172,9 @@ vErrors.push(err166);
 errors++;
 }
 }
+}
 else {
-const err167 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err167 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err167];
 }
@@ -2187,9 +2184,11 @@ vErrors.push(err167);
 errors++;
 }
 }
-}
-else {
-const err168 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data69.cidrs !== undefined){
+let data75 = data69.cidrs;
+if(Array.isArray(data75)){
+if(data75.length < 1){
+const err168 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err168];
 }
@@ -2198,12 +2197,12 @@ vErrors.push(err168);
 }
 errors++;
 }
-}
-if(data68.ports !== undefined){
-let data76 = data68.ports;
-if(Array.isArray(data76)){
-if(data76.length < 1){
-const err169 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len4 = data75.length;
+for(let i6=0; i6<len4; i6++){
+let data76 = data75[i6];
+if(typeof data76 === "string"){
+if(func4(data76) < 1){
+const err169 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err169];
 }
@@ -2212,11 +2211,9 @@ vErrors.push(err169);
 }
 errors++;
 }
-const len5 = data76.length;
-for(let i7=0; i7<len5; i7++){
-let data77 = data76[i7];
-if(!(((typeof data77 == "number") && (!(data77 % 1) && !isNaN(data77))) && (isFinite(data77)))){
-const err170 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err170 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err170];
 }
@@ -2225,9 +2222,10 @@ vErrors.push(err170);
 }
 errors++;
 }
-if((typeof data77 == "number") && (isFinite(data77))){
-if(data77 > 65535 || isNaN(data77)){
-const err171 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+}
+else {
+const err171 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err171];
 }
@@ -2236,8 +2234,12 @@ vErrors.push(err171);
 }
 errors++;
 }
-if(data77 < 1 || isNaN(data77)){
-const err172 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+if(data69.ports !== undefined){
+let data77 = data69.ports;
+if(Array.isArray(data77)){
+if(data77.length < 1){
+const err172 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err172];
 }
@@ -2246,11 +2248,11 @@ vErrors.push(err172);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err173 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len5 = data77.length;
+for(let i7=0; i7<len5; i7++){
+let data78 = data77[i7];
+if(!(((typeof data78 == "number") && (!(data78 % 1) && !isNaN(data78))) && (isFinite(data78)))){
+const err173 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err173];
 }
@@ -2259,12 +2261,9 @@ vErrors.push(err173);
 }
 errors++;
 }
-}
-if(data68.methods !== undefined){
-let data78 = data68.methods;
-if(Array.isArray(data78)){
-if(data78.length < 1){
-const err174 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if((typeof data78 == "number") && (isFinite(data78))){
+if(data78 > 65535 || isNaN(data78)){
+const err174 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err174];
 }
@@ -2273,12 +2272,8 @@ vErrors.push(err174);
 }
 errors++;
 }
-const len6 = data78.length;
-for(let i8=0; i8<len6; i8++){
-let data79 = data78[i8];
-if(typeof data79 === "string"){
-if(!pattern7.test(data79)){
-const err175 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z]+$"},message:"must match pattern \""+"^[A-Za-z]+$"+"\""};
+if(data78 < 1 || isNaN(data78)){
+const err175 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err175];
 }
@@ -2288,8 +2283,10 @@ vErrors.push(err175);
 errors++;
 }
 }
+}
+}
 else {
-const err176 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err176 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err176];
 }
@@ -2299,9 +2296,11 @@ vErrors.push(err176);
 errors++;
 }
 }
-}
-else {
-const err177 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data69.methods !== undefined){
+let data79 = data69.methods;
+if(Array.isArray(data79)){
+if(data79.length < 1){
+const err177 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err177];
 }
@@ -2310,12 +2309,12 @@ vErrors.push(err177);
 }
 errors++;
 }
-}
-if(data68.paths !== undefined){
-let data80 = data68.paths;
-if(Array.isArray(data80)){
-if(data80.length < 1){
-const err178 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len6 = data79.length;
+for(let i8=0; i8<len6; i8++){
+let data80 = data79[i8];
+if(typeof data80 === "string"){
+if(!pattern7.test(data80)){
+const err178 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z]+$"},message:"must match pattern \""+"^[A-Za-z]+$"+"\""};
 if(vErrors === null){
 vErrors = [err178];
 }
@@ -2324,12 +2323,9 @@ vErrors.push(err178);
 }
 errors++;
 }
-const len7 = data80.length;
-for(let i9=0; i9<len7; i9++){
-let data81 = data80[i9];
-if(typeof data81 === "string"){
-if(!pattern8.test(data81)){
-const err179 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/pattern",keyword:"pattern",params:{pattern: "^/"},message:"must match pattern \""+"^/"+"\""};
+}
+else {
+const err179 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err179];
 }
@@ -2339,8 +2335,9 @@ vErrors.push(err179);
 errors++;
 }
 }
+}
 else {
-const err180 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err180 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err180];
 }
@@ -2350,9 +2347,11 @@ vErrors.push(err180);
 errors++;
 }
 }
-}
-else {
-const err181 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data69.paths !== undefined){
+let data81 = data69.paths;
+if(Array.isArray(data81)){
+if(data81.length < 1){
+const err181 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err181];
 }
@@ -2361,12 +2360,12 @@ vErrors.push(err181);
 }
 errors++;
 }
-}
-if(data68.schemes !== undefined){
-let data82 = data68.schemes;
-if(Array.isArray(data82)){
-if(data82.length < 1){
-const err182 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len7 = data81.length;
+for(let i9=0; i9<len7; i9++){
+let data82 = data81[i9];
+if(typeof data82 === "string"){
+if(!pattern8.test(data82)){
+const err182 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/pattern",keyword:"pattern",params:{pattern: "^/"},message:"must match pattern \""+"^/"+"\""};
 if(vErrors === null){
 vErrors = [err182];
 }
@@ -2375,11 +2374,9 @@ vErrors.push(err182);
 }
 errors++;
 }
-const len8 = data82.length;
-for(let i10=0; i10<len8; i10++){
-let data83 = data82[i10];
-if(!((data83 === "http") || (data83 === "https"))){
-const err183 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes/" + i10,schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/items/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.schemes.items.enum},message:"must be equal to one of the allowed values"};
+}
+else {
+const err183 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err183];
 }
@@ -2391,7 +2388,7 @@ errors++;
 }
 }
 else {
-const err184 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err184 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err184];
 }
@@ -2401,9 +2398,11 @@ vErrors.push(err184);
 errors++;
 }
 }
-}
-else {
-const err185 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data69.schemes !== undefined){
+let data83 = data69.schemes;
+if(Array.isArray(data83)){
+if(data83.length < 1){
+const err185 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err185];
 }
@@ -2412,10 +2411,11 @@ vErrors.push(err185);
 }
 errors++;
 }
-}
-}
-else {
-const err186 = {instancePath:instancePath+"/policy/rules",schemaPath:"#/properties/policy/properties/rules/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len8 = data83.length;
+for(let i10=0; i10<len8; i10++){
+let data84 = data83[i10];
+if(!((data84 === "http") || (data84 === "https"))){
+const err186 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes/" + i10,schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/items/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.schemes.items.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err186];
 }
@@ -2425,8 +2425,9 @@ vErrors.push(err186);
 errors++;
 }
 }
+}
 else {
-const err187 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err187 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err187];
 }
@@ -2435,20 +2436,10 @@ vErrors.push(err187);
 }
 errors++;
 }
-let data84 = data.network;
-if(data84 && typeof data84 == "object" && !Array.isArray(data84)){
-if(data84.deny === undefined){
-data84.deny = ["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"];
 }
-if(data84.allow === undefined){
-data84.allow = [];
 }
-if(data84.dns_cache_ms === undefined){
-data84.dns_cache_ms = 30000;
-}
-for(const key17 in data84){
-if(!(((key17 === "deny") || (key17 === "allow")) || (key17 === "dns_cache_ms"))){
-const err188 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key17},message:"must NOT have additional properties"};
+else {
+const err188 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err188];
 }
@@ -2458,14 +2449,9 @@ vErrors.push(err188);
 errors++;
 }
 }
-let data85 = data84.deny;
-if(Array.isArray(data85)){
-const len9 = data85.length;
-for(let i11=0; i11<len9; i11++){
-let data86 = data85[i11];
-if(typeof data86 === "string"){
-if(func4(data86) < 1){
-const err189 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err189 = {instancePath:instancePath+"/policy/rules",schemaPath:"#/properties/policy/properties/rules/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err189];
 }
@@ -2476,7 +2462,7 @@ errors++;
 }
 }
 else {
-const err190 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err190 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err190];
 }
@@ -2485,10 +2471,26 @@ vErrors.push(err190);
 }
 errors++;
 }
+let data85 = data.network;
+if(data85 && typeof data85 == "object" && !Array.isArray(data85)){
+if(data85.deny === undefined){
+data85.deny = ["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"];
 }
+if(data85.allow === undefined){
+data85.allow = [];
 }
-else {
-const err191 = {instancePath:instancePath+"/network/deny",schemaPath:"#/properties/network/properties/deny/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data85.dns_cache_ms === undefined){
+data85.dns_cache_ms = 30000;
+}
+if(data85.dns_negative_cache_ms === undefined){
+data85.dns_negative_cache_ms = 5000;
+}
+if(data85.dns_max_lookups === undefined){
+data85.dns_max_lookups = 64;
+}
+for(const key17 in data85){
+if(!(((((key17 === "deny") || (key17 === "allow")) || (key17 === "dns_cache_ms")) || (key17 === "dns_negative_cache_ms")) || (key17 === "dns_max_lookups"))){
+const err191 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key17},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err191];
 }
@@ -2497,14 +2499,15 @@ vErrors.push(err191);
 }
 errors++;
 }
-let data87 = data84.allow;
-if(Array.isArray(data87)){
-const len10 = data87.length;
-for(let i12=0; i12<len10; i12++){
-let data88 = data87[i12];
-if(data88 && typeof data88 == "object" && !Array.isArray(data88)){
-if(data88.cidr === undefined){
-const err192 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/required",keyword:"required",params:{missingProperty: "cidr"},message:"must have required property '"+"cidr"+"'"};
+}
+let data86 = data85.deny;
+if(Array.isArray(data86)){
+const len9 = data86.length;
+for(let i11=0; i11<len9; i11++){
+let data87 = data86[i11];
+if(typeof data87 === "string"){
+if(func4(data87) < 1){
+const err192 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err192];
 }
@@ -2513,9 +2516,9 @@ vErrors.push(err192);
 }
 errors++;
 }
-for(const key18 in data88){
-if(!((key18 === "cidr") || (key18 === "ports"))){
-const err193 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key18},message:"must NOT have additional properties"};
+}
+else {
+const err193 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err193];
 }
@@ -2525,11 +2528,9 @@ vErrors.push(err193);
 errors++;
 }
 }
-if(data88.cidr !== undefined){
-let data89 = data88.cidr;
-if(typeof data89 === "string"){
-if(func4(data89) < 1){
-const err194 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err194 = {instancePath:instancePath+"/network/deny",schemaPath:"#/properties/network/properties/deny/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err194];
 }
@@ -2538,9 +2539,14 @@ vErrors.push(err194);
 }
 errors++;
 }
-}
-else {
-const err195 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data88 = data85.allow;
+if(Array.isArray(data88)){
+const len10 = data88.length;
+for(let i12=0; i12<len10; i12++){
+let data89 = data88[i12];
+if(data89 && typeof data89 == "object" && !Array.isArray(data89)){
+if(data89.cidr === undefined){
+const err195 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/required",keyword:"required",params:{missingProperty: "cidr"},message:"must have required property '"+"cidr"+"'"};
 if(vErrors === null){
 vErrors = [err195];
 }
@@ -2549,12 +2555,9 @@ vErrors.push(err195);
 }
 errors++;
 }
-}
-if(data88.ports !== undefined){
-let data90 = data88.ports;
-if(Array.isArray(data90)){
-if(data90.length < 1){
-const err196 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+for(const key18 in data89){
+if(!((key18 === "cidr") || (key18 === "ports"))){
+const err196 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key18},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err196];
 }
@@ -2563,11 +2566,12 @@ vErrors.push(err196);
 }
 errors++;
 }
-const len11 = data90.length;
-for(let i13=0; i13<len11; i13++){
-let data91 = data90[i13];
-if(!(((typeof data91 == "number") && (!(data91 % 1) && !isNaN(data91))) && (isFinite(data91)))){
-const err197 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(data89.cidr !== undefined){
+let data90 = data89.cidr;
+if(typeof data90 === "string"){
+if(func4(data90) < 1){
+const err197 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err197];
 }
@@ -2576,9 +2580,9 @@ vErrors.push(err197);
 }
 errors++;
 }
-if((typeof data91 == "number") && (isFinite(data91))){
-if(data91 > 65535 || isNaN(data91)){
-const err198 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+else {
+const err198 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err198];
 }
@@ -2587,8 +2591,12 @@ vErrors.push(err198);
 }
 errors++;
 }
-if(data91 < 1 || isNaN(data91)){
-const err199 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+if(data89.ports !== undefined){
+let data91 = data89.ports;
+if(Array.isArray(data91)){
+if(data91.length < 1){
+const err199 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err199];
 }
@@ -2597,11 +2605,11 @@ vErrors.push(err199);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err200 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len11 = data91.length;
+for(let i13=0; i13<len11; i13++){
+let data92 = data91[i13];
+if(!(((typeof data92 == "number") && (!(data92 % 1) && !isNaN(data92))) && (isFinite(data92)))){
+const err200 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err200];
 }
@@ -2610,10 +2618,9 @@ vErrors.push(err200);
 }
 errors++;
 }
-}
-}
-else {
-const err201 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data92 == "number") && (isFinite(data92))){
+if(data92 > 65535 || isNaN(data92)){
+const err201 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err201];
 }
@@ -2622,10 +2629,8 @@ vErrors.push(err201);
 }
 errors++;
 }
-}
-}
-else {
-const err202 = {instancePath:instancePath+"/network/allow",schemaPath:"#/properties/network/properties/allow/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data92 < 1 || isNaN(data92)){
+const err202 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err202];
 }
@@ -2634,9 +2639,11 @@ vErrors.push(err202);
 }
 errors++;
 }
-let data92 = data84.dns_cache_ms;
-if(!(((typeof data92 == "number") && (!(data92 % 1) && !isNaN(data92))) && (isFinite(data92)))){
-const err203 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+}
+}
+else {
+const err203 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err203];
 }
@@ -2645,9 +2652,10 @@ vErrors.push(err203);
 }
 errors++;
 }
-if((typeof data92 == "number") && (isFinite(data92))){
-if(data92 > 3600000 || isNaN(data92)){
-const err204 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+}
+else {
+const err204 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err204];
 }
@@ -2656,8 +2664,10 @@ vErrors.push(err204);
 }
 errors++;
 }
-if(data92 < 0 || isNaN(data92)){
-const err205 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+}
+else {
+const err205 = {instancePath:instancePath+"/network/allow",schemaPath:"#/properties/network/properties/allow/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err205];
 }
@@ -2666,10 +2676,9 @@ vErrors.push(err205);
 }
 errors++;
 }
-}
-}
-else {
-const err206 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data93 = data85.dns_cache_ms;
+if(!(((typeof data93 == "number") && (!(data93 % 1) && !isNaN(data93))) && (isFinite(data93)))){
+const err206 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err206];
 }
@@ -2678,13 +2687,9 @@ vErrors.push(err206);
 }
 errors++;
 }
-let data93 = data.routes;
-if(data93 && typeof data93 == "object" && !Array.isArray(data93)){
-for(const key19 in data93){
-const _errs202 = errors;
-if(typeof key19 === "string"){
-if(!pattern9.test(key19)){
-const err207 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"+"\"",propertyName:key19};
+if((typeof data93 == "number") && (isFinite(data93))){
+if(data93 > 3600000 || isNaN(data93)){
+const err207 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err207];
 }
@@ -2693,10 +2698,8 @@ vErrors.push(err207);
 }
 errors++;
 }
-}
-var valid45 = _errs202 === errors;
-if(!valid45){
-const err208 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames",keyword:"propertyNames",params:{propertyName: key19},message:"property name must be valid"};
+if(data93 < 0 || isNaN(data93)){
+const err208 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err208];
 }
@@ -2706,11 +2709,9 @@ vErrors.push(err208);
 errors++;
 }
 }
-for(const key20 in data93){
-let data94 = data93[key20];
-if(typeof data94 === "string"){
-if(!pattern10.test(data94)){
-const err209 = {instancePath:instancePath+"/routes/" + key20.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
+let data94 = data85.dns_negative_cache_ms;
+if(!(((typeof data94 == "number") && (!(data94 % 1) && !isNaN(data94))) && (isFinite(data94)))){
+const err209 = {instancePath:instancePath+"/network/dns_negative_cache_ms",schemaPath:"#/properties/network/properties/dns_negative_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err209];
 }
@@ -2719,9 +2720,9 @@ vErrors.push(err209);
 }
 errors++;
 }
-}
-else {
-const err210 = {instancePath:instancePath+"/routes/" + key20.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data94 == "number") && (isFinite(data94))){
+if(data94 > 3600000 || isNaN(data94)){
+const err210 = {instancePath:instancePath+"/network/dns_negative_cache_ms",schemaPath:"#/properties/network/properties/dns_negative_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err210];
 }
@@ -2730,10 +2731,8 @@ vErrors.push(err210);
 }
 errors++;
 }
-}
-}
-else {
-const err211 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data94 < 0 || isNaN(data94)){
+const err211 = {instancePath:instancePath+"/network/dns_negative_cache_ms",schemaPath:"#/properties/network/properties/dns_negative_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err211];
 }
@@ -2742,14 +2741,10 @@ vErrors.push(err211);
 }
 errors++;
 }
-let data95 = data.credentials;
-if(Array.isArray(data95)){
-const len12 = data95.length;
-for(let i14=0; i14<len12; i14++){
-let data96 = data95[i14];
-if(data96 && typeof data96 == "object" && !Array.isArray(data96)){
-if(data96.id === undefined){
-const err212 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
+}
+let data95 = data85.dns_max_lookups;
+if(!(((typeof data95 == "number") && (!(data95 % 1) && !isNaN(data95))) && (isFinite(data95)))){
+const err212 = {instancePath:instancePath+"/network/dns_max_lookups",schemaPath:"#/properties/network/properties/dns_max_lookups/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err212];
 }
@@ -2758,8 +2753,9 @@ vErrors.push(err212);
 }
 errors++;
 }
-if(data96.audience === undefined){
-const err213 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+if((typeof data95 == "number") && (isFinite(data95))){
+if(data95 > 100000 || isNaN(data95)){
+const err213 = {instancePath:instancePath+"/network/dns_max_lookups",schemaPath:"#/properties/network/properties/dns_max_lookups/maximum",keyword:"maximum",params:{comparison: "<=", limit: 100000},message:"must be <= 100000"};
 if(vErrors === null){
 vErrors = [err213];
 }
@@ -2768,8 +2764,8 @@ vErrors.push(err213);
 }
 errors++;
 }
-if(data96.source === undefined){
-const err214 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "source"},message:"must have required property '"+"source"+"'"};
+if(data95 < 1 || isNaN(data95)){
+const err214 = {instancePath:instancePath+"/network/dns_max_lookups",schemaPath:"#/properties/network/properties/dns_max_lookups/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err214];
 }
@@ -2778,8 +2774,10 @@ vErrors.push(err214);
 }
 errors++;
 }
-if(data96.inject === undefined){
-const err215 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "inject"},message:"must have required property '"+"inject"+"'"};
+}
+}
+else {
+const err215 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err215];
 }
@@ -2788,9 +2786,13 @@ vErrors.push(err215);
 }
 errors++;
 }
-for(const key21 in data96){
-if(!(func2.call(schema11.properties.credentials.items.properties, key21))){
-const err216 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key21},message:"must NOT have additional properties"};
+let data96 = data.routes;
+if(data96 && typeof data96 == "object" && !Array.isArray(data96)){
+for(const key19 in data96){
+const _errs208 = errors;
+if(typeof key19 === "string"){
+if(!pattern9.test(key19)){
+const err216 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"+"\"",propertyName:key19};
 if(vErrors === null){
 vErrors = [err216];
 }
@@ -2800,11 +2802,9 @@ vErrors.push(err216);
 errors++;
 }
 }
-if(data96.id !== undefined){
-let data97 = data96.id;
-if(typeof data97 === "string"){
-if(!pattern6.test(data97)){
-const err217 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
+var valid45 = _errs208 === errors;
+if(!valid45){
+const err217 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames",keyword:"propertyNames",params:{propertyName: key19},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err217];
 }
@@ -2814,8 +2814,11 @@ vErrors.push(err217);
 errors++;
 }
 }
-else {
-const err218 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key20 in data96){
+let data97 = data96[key20];
+if(typeof data97 === "string"){
+if(!pattern10.test(data97)){
+const err218 = {instancePath:instancePath+"/routes/" + key20.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
 if(vErrors === null){
 vErrors = [err218];
 }
@@ -2825,11 +2828,8 @@ vErrors.push(err218);
 errors++;
 }
 }
-if(data96.audience !== undefined){
-let data98 = data96.audience;
-if(typeof data98 === "string"){
-if(!pattern10.test(data98)){
-const err219 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
+else {
+const err219 = {instancePath:instancePath+"/routes/" + key20.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err219];
 }
@@ -2839,8 +2839,9 @@ vErrors.push(err219);
 errors++;
 }
 }
+}
 else {
-const err220 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err220 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err220];
 }
@@ -2849,11 +2850,14 @@ vErrors.push(err220);
 }
 errors++;
 }
-}
-if(data96.source !== undefined){
-let data99 = data96.source;
-if(!((((data99 === "static") || (data99 === "broker")) || (data99 === "broker_secret")) || (data99 === "client_credentials"))){
-const err221 = {instancePath:instancePath+"/credentials/" + i14+"/source",schemaPath:"#/properties/credentials/items/properties/source/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.source.enum},message:"must be equal to one of the allowed values"};
+let data98 = data.credentials;
+if(Array.isArray(data98)){
+const len12 = data98.length;
+for(let i14=0; i14<len12; i14++){
+let data99 = data98[i14];
+if(data99 && typeof data99 == "object" && !Array.isArray(data99)){
+if(data99.id === undefined){
+const err221 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err221];
 }
@@ -2862,15 +2866,8 @@ vErrors.push(err221);
 }
 errors++;
 }
-}
-if(data96.oauth !== undefined){
-let data100 = data96.oauth;
-if(data100 && typeof data100 == "object" && !Array.isArray(data100)){
-if(data100.auth_method === undefined){
-data100.auth_method = "client_secret_basic";
-}
-if(data100.token_url === undefined){
-const err222 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "token_url"},message:"must have required property '"+"token_url"+"'"};
+if(data99.audience === undefined){
+const err222 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err222];
 }
@@ -2879,8 +2876,8 @@ vErrors.push(err222);
 }
 errors++;
 }
-if(data100.client_id === undefined){
-const err223 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_id"},message:"must have required property '"+"client_id"+"'"};
+if(data99.source === undefined){
+const err223 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "source"},message:"must have required property '"+"source"+"'"};
 if(vErrors === null){
 vErrors = [err223];
 }
@@ -2889,8 +2886,8 @@ vErrors.push(err223);
 }
 errors++;
 }
-if(data100.client_secret === undefined){
-const err224 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_secret"},message:"must have required property '"+"client_secret"+"'"};
+if(data99.inject === undefined){
+const err224 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "inject"},message:"must have required property '"+"inject"+"'"};
 if(vErrors === null){
 vErrors = [err224];
 }
@@ -2899,9 +2896,9 @@ vErrors.push(err224);
 }
 errors++;
 }
-for(const key22 in data100){
-if(!(((((key22 === "token_url") || (key22 === "client_id")) || (key22 === "client_secret")) || (key22 === "auth_method")) || (key22 === "resource"))){
-const err225 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key22},message:"must NOT have additional properties"};
+for(const key21 in data99){
+if(!(func2.call(schema11.properties.credentials.items.properties, key21))){
+const err225 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key21},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err225];
 }
@@ -2911,11 +2908,11 @@ vErrors.push(err225);
 errors++;
 }
 }
-if(data100.token_url !== undefined){
-let data101 = data100.token_url;
-if(typeof data101 === "string"){
-if(!pattern1.test(data101)){
-const err226 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data99.id !== undefined){
+let data100 = data99.id;
+if(typeof data100 === "string"){
+if(!pattern6.test(data100)){
+const err226 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
 if(vErrors === null){
 vErrors = [err226];
 }
@@ -2926,7 +2923,7 @@ errors++;
 }
 }
 else {
-const err227 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err227 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err227];
 }
@@ -2936,11 +2933,11 @@ vErrors.push(err227);
 errors++;
 }
 }
-if(data100.client_id !== undefined){
-let data102 = data100.client_id;
-if(typeof data102 === "string"){
-if(func4(data102) > 256){
-const err228 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
+if(data99.audience !== undefined){
+let data101 = data99.audience;
+if(typeof data101 === "string"){
+if(!pattern10.test(data101)){
+const err228 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
 if(vErrors === null){
 vErrors = [err228];
 }
@@ -2949,8 +2946,9 @@ vErrors.push(err228);
 }
 errors++;
 }
-if(func4(data102) < 1){
-const err229 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err229 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err229];
 }
@@ -2960,8 +2958,10 @@ vErrors.push(err229);
 errors++;
 }
 }
-else {
-const err230 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data99.source !== undefined){
+let data102 = data99.source;
+if(!((((data102 === "static") || (data102 === "broker")) || (data102 === "broker_secret")) || (data102 === "client_credentials"))){
+const err230 = {instancePath:instancePath+"/credentials/" + i14+"/source",schemaPath:"#/properties/credentials/items/properties/source/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.source.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err230];
 }
@@ -2971,11 +2971,14 @@ vErrors.push(err230);
 errors++;
 }
 }
-if(data100.client_secret !== undefined){
-let data103 = data100.client_secret;
-if(typeof data103 === "string"){
-if(!pattern14.test(data103)){
-const err231 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+if(data99.oauth !== undefined){
+let data103 = data99.oauth;
+if(data103 && typeof data103 == "object" && !Array.isArray(data103)){
+if(data103.auth_method === undefined){
+data103.auth_method = "client_secret_basic";
+}
+if(data103.token_url === undefined){
+const err231 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "token_url"},message:"must have required property '"+"token_url"+"'"};
 if(vErrors === null){
 vErrors = [err231];
 }
@@ -2984,9 +2987,8 @@ vErrors.push(err231);
 }
 errors++;
 }
-}
-else {
-const err232 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data103.client_id === undefined){
+const err232 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_id"},message:"must have required property '"+"client_id"+"'"};
 if(vErrors === null){
 vErrors = [err232];
 }
@@ -2995,10 +2997,8 @@ vErrors.push(err232);
 }
 errors++;
 }
-}
-let data104 = data100.auth_method;
-if(!((data104 === "client_secret_basic") || (data104 === "client_secret_post"))){
-const err233 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/auth_method",schemaPath:"#/properties/credentials/items/properties/oauth/properties/auth_method/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.oauth.properties.auth_method.enum},message:"must be equal to one of the allowed values"};
+if(data103.client_secret === undefined){
+const err233 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_secret"},message:"must have required property '"+"client_secret"+"'"};
 if(vErrors === null){
 vErrors = [err233];
 }
@@ -3007,11 +3007,9 @@ vErrors.push(err233);
 }
 errors++;
 }
-if(data100.resource !== undefined){
-let data105 = data100.resource;
-if(typeof data105 === "string"){
-if(func4(data105) < 1){
-const err234 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key22 in data103){
+if(!(((((key22 === "token_url") || (key22 === "client_id")) || (key22 === "client_secret")) || (key22 === "auth_method")) || (key22 === "resource"))){
+const err234 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key22},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err234];
 }
@@ -3021,8 +3019,11 @@ vErrors.push(err234);
 errors++;
 }
 }
-else {
-const err235 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data103.token_url !== undefined){
+let data104 = data103.token_url;
+if(typeof data104 === "string"){
+if(!pattern1.test(data104)){
+const err235 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err235];
 }
@@ -3032,9 +3033,8 @@ vErrors.push(err235);
 errors++;
 }
 }
-}
 else {
-const err236 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err236 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err236];
 }
@@ -3044,11 +3044,11 @@ vErrors.push(err236);
 errors++;
 }
 }
-if(data96.secret !== undefined){
-let data106 = data96.secret;
-if(typeof data106 === "string"){
-if(!pattern14.test(data106)){
-const err237 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+if(data103.client_id !== undefined){
+let data105 = data103.client_id;
+if(typeof data105 === "string"){
+if(func4(data105) > 256){
+const err237 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
 if(vErrors === null){
 vErrors = [err237];
 }
@@ -3057,9 +3057,8 @@ vErrors.push(err237);
 }
 errors++;
 }
-}
-else {
-const err238 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(func4(data105) < 1){
+const err238 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err238];
 }
@@ -3069,11 +3068,8 @@ vErrors.push(err238);
 errors++;
 }
 }
-if(data96.token_audience !== undefined){
-let data107 = data96.token_audience;
-if(typeof data107 === "string"){
-if(func4(data107) > 512){
-const err239 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters"};
+else {
+const err239 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err239];
 }
@@ -3082,8 +3078,12 @@ vErrors.push(err239);
 }
 errors++;
 }
-if(func4(data107) < 1){
-const err240 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data103.client_secret !== undefined){
+let data106 = data103.client_secret;
+if(typeof data106 === "string"){
+if(!pattern14.test(data106)){
+const err240 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err240];
 }
@@ -3094,7 +3094,7 @@ errors++;
 }
 }
 else {
-const err241 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err241 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err241];
 }
@@ -3104,15 +3104,9 @@ vErrors.push(err241);
 errors++;
 }
 }
-if(data96.scopes !== undefined){
-let data108 = data96.scopes;
-if(Array.isArray(data108)){
-const len13 = data108.length;
-for(let i15=0; i15<len13; i15++){
-let data109 = data108[i15];
-if(typeof data109 === "string"){
-if(!pattern16.test(data109)){
-const err242 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/pattern",keyword:"pattern",params:{pattern: "^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"},message:"must match pattern \""+"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"+"\""};
+let data107 = data103.auth_method;
+if(!((data107 === "client_secret_basic") || (data107 === "client_secret_post"))){
+const err242 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/auth_method",schemaPath:"#/properties/credentials/items/properties/oauth/properties/auth_method/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.oauth.properties.auth_method.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err242];
 }
@@ -3121,9 +3115,11 @@ vErrors.push(err242);
 }
 errors++;
 }
-}
-else {
-const err243 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data103.resource !== undefined){
+let data108 = data103.resource;
+if(typeof data108 === "string"){
+if(func4(data108) < 1){
+const err243 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err243];
 }
@@ -3133,18 +3129,8 @@ vErrors.push(err243);
 errors++;
 }
 }
-let i16 = data108.length;
-let j2;
-if(i16 > 1){
-const indices2 = {};
-for(;i16--;){
-let item2 = data108[i16];
-if(typeof item2 !== "string"){
-continue;
-}
-if(typeof indices2[item2] == "number"){
-j2 = indices2[item2];
-const err244 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/uniqueItems",keyword:"uniqueItems",params:{i: i16, j: j2},message:"must NOT have duplicate items (items ## "+j2+" and "+i16+" are identical)"};
+else {
+const err244 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err244];
 }
@@ -3152,14 +3138,11 @@ else {
 vErrors.push(err244);
 }
 errors++;
-break;
-}
-indices2[item2] = i16;
 }
 }
 }
 else {
-const err245 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err245 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err245];
 }
@@ -3169,15 +3152,11 @@ vErrors.push(err245);
 errors++;
 }
 }
-if(data96.inject !== undefined){
-let data110 = data96.inject;
-const _errs238 = errors;
-let valid54 = false;
-let passing0 = null;
-const _errs239 = errors;
-if(data110 && typeof data110 == "object" && !Array.isArray(data110)){
-if(data110.type === undefined){
-const err246 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+if(data99.secret !== undefined){
+let data109 = data99.secret;
+if(typeof data109 === "string"){
+if(!pattern14.test(data109)){
+const err246 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err246];
 }
@@ -3186,9 +3165,9 @@ vErrors.push(err246);
 }
 errors++;
 }
-for(const key23 in data110){
-if(!(key23 === "type")){
-const err247 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
+}
+else {
+const err247 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err247];
 }
@@ -3198,9 +3177,11 @@ vErrors.push(err247);
 errors++;
 }
 }
-if(data110.type !== undefined){
-if("bearer" !== data110.type){
-const err248 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
+if(data99.token_audience !== undefined){
+let data110 = data99.token_audience;
+if(typeof data110 === "string"){
+if(func4(data110) > 512){
+const err248 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters"};
 if(vErrors === null){
 vErrors = [err248];
 }
@@ -3209,17 +3190,8 @@ vErrors.push(err248);
 }
 errors++;
 }
-}
-}
-var _valid0 = _errs239 === errors;
-if(_valid0){
-valid54 = true;
-passing0 = 0;
-}
-const _errs242 = errors;
-if(data110 && typeof data110 == "object" && !Array.isArray(data110)){
-if(data110.type === undefined){
-const err249 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+if(func4(data110) < 1){
+const err249 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err249];
 }
@@ -3228,8 +3200,9 @@ vErrors.push(err249);
 }
 errors++;
 }
-if(data110.name === undefined){
-const err250 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
+}
+else {
+const err250 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err250];
 }
@@ -3238,9 +3211,16 @@ vErrors.push(err250);
 }
 errors++;
 }
-for(const key24 in data110){
-if(!(((key24 === "type") || (key24 === "name")) || (key24 === "format"))){
-const err251 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
+}
+if(data99.scopes !== undefined){
+let data111 = data99.scopes;
+if(Array.isArray(data111)){
+const len13 = data111.length;
+for(let i15=0; i15<len13; i15++){
+let data112 = data111[i15];
+if(typeof data112 === "string"){
+if(!pattern16.test(data112)){
+const err251 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/pattern",keyword:"pattern",params:{pattern: "^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"},message:"must match pattern \""+"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"+"\""};
 if(vErrors === null){
 vErrors = [err251];
 }
@@ -3250,9 +3230,8 @@ vErrors.push(err251);
 errors++;
 }
 }
-if(data110.type !== undefined){
-if("header" !== data110.type){
-const err252 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
+else {
+const err252 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err252];
 }
@@ -3262,11 +3241,18 @@ vErrors.push(err252);
 errors++;
 }
 }
-if(data110.name !== undefined){
-let data113 = data110.name;
-if(typeof data113 === "string"){
-if(!pattern17.test(data113)){
-const err253 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
+let i16 = data111.length;
+let j2;
+if(i16 > 1){
+const indices2 = {};
+for(;i16--;){
+let item2 = data111[i16];
+if(typeof item2 !== "string"){
+continue;
+}
+if(typeof indices2[item2] == "number"){
+j2 = indices2[item2];
+const err253 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/uniqueItems",keyword:"uniqueItems",params:{i: i16, j: j2},message:"must NOT have duplicate items (items ## "+j2+" and "+i16+" are identical)"};
 if(vErrors === null){
 vErrors = [err253];
 }
@@ -3274,10 +3260,14 @@ else {
 vErrors.push(err253);
 }
 errors++;
+break;
+}
+indices2[item2] = i16;
+}
 }
 }
 else {
-const err254 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err254 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err254];
 }
@@ -3287,11 +3277,15 @@ vErrors.push(err254);
 errors++;
 }
 }
-if(data110.format !== undefined){
-let data114 = data110.format;
-if(typeof data114 === "string"){
-if(!pattern18.test(data114)){
-const err255 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
+if(data99.inject !== undefined){
+let data113 = data99.inject;
+const _errs244 = errors;
+let valid54 = false;
+let passing0 = null;
+const _errs245 = errors;
+if(data113 && typeof data113 == "object" && !Array.isArray(data113)){
+if(data113.type === undefined){
+const err255 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err255];
 }
@@ -3300,9 +3294,9 @@ vErrors.push(err255);
 }
 errors++;
 }
-}
-else {
-const err256 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key23 in data113){
+if(!(key23 === "type")){
+const err256 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err256];
 }
@@ -3312,21 +3306,9 @@ vErrors.push(err256);
 errors++;
 }
 }
-}
-var _valid0 = _errs242 === errors;
-if(_valid0 && valid54){
-valid54 = false;
-passing0 = [passing0, 1];
-}
-else {
-if(_valid0){
-valid54 = true;
-passing0 = 1;
-}
-const _errs249 = errors;
-if(data110 && typeof data110 == "object" && !Array.isArray(data110)){
-if(data110.type === undefined){
-const err257 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+if(data113.type !== undefined){
+if("bearer" !== data113.type){
+const err257 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err257];
 }
@@ -3335,8 +3317,17 @@ vErrors.push(err257);
 }
 errors++;
 }
-if(data110.name === undefined){
-const err258 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
+}
+}
+var _valid0 = _errs245 === errors;
+if(_valid0){
+valid54 = true;
+passing0 = 0;
+}
+const _errs248 = errors;
+if(data113 && typeof data113 == "object" && !Array.isArray(data113)){
+if(data113.type === undefined){
+const err258 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err258];
 }
@@ -3345,9 +3336,8 @@ vErrors.push(err258);
 }
 errors++;
 }
-for(const key25 in data110){
-if(!((key25 === "type") || (key25 === "name"))){
-const err259 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
+if(data113.name === undefined){
+const err259 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err259];
 }
@@ -3356,10 +3346,9 @@ vErrors.push(err259);
 }
 errors++;
 }
-}
-if(data110.type !== undefined){
-if("query" !== data110.type){
-const err260 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
+for(const key24 in data113){
+if(!(((key24 === "type") || (key24 === "name")) || (key24 === "format"))){
+const err260 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err260];
 }
@@ -3369,11 +3358,9 @@ vErrors.push(err260);
 errors++;
 }
 }
-if(data110.name !== undefined){
-let data116 = data110.name;
-if(typeof data116 === "string"){
-if(func4(data116) < 1){
-const err261 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data113.type !== undefined){
+if("header" !== data113.type){
+const err261 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err261];
 }
@@ -3383,8 +3370,11 @@ vErrors.push(err261);
 errors++;
 }
 }
-else {
-const err262 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data113.name !== undefined){
+let data116 = data113.name;
+if(typeof data116 === "string"){
+if(!pattern17.test(data116)){
+const err262 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err262];
 }
@@ -3394,21 +3384,8 @@ vErrors.push(err262);
 errors++;
 }
 }
-}
-var _valid0 = _errs249 === errors;
-if(_valid0 && valid54){
-valid54 = false;
-passing0 = [passing0, 2];
-}
 else {
-if(_valid0){
-valid54 = true;
-passing0 = 2;
-}
-const _errs254 = errors;
-if(data110 && typeof data110 == "object" && !Array.isArray(data110)){
-if(data110.type === undefined){
-const err263 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+const err263 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err263];
 }
@@ -3417,8 +3394,12 @@ vErrors.push(err263);
 }
 errors++;
 }
-if(data110.username === undefined){
-const err264 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
+}
+if(data113.format !== undefined){
+let data117 = data113.format;
+if(typeof data117 === "string"){
+if(!pattern18.test(data117)){
+const err264 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
 if(vErrors === null){
 vErrors = [err264];
 }
@@ -3427,9 +3408,9 @@ vErrors.push(err264);
 }
 errors++;
 }
-for(const key26 in data110){
-if(!((key26 === "type") || (key26 === "username"))){
-const err265 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
+}
+else {
+const err265 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err265];
 }
@@ -3439,9 +3420,21 @@ vErrors.push(err265);
 errors++;
 }
 }
-if(data110.type !== undefined){
-if("basic" !== data110.type){
-const err266 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
+}
+var _valid0 = _errs248 === errors;
+if(_valid0 && valid54){
+valid54 = false;
+passing0 = [passing0, 1];
+}
+else {
+if(_valid0){
+valid54 = true;
+passing0 = 1;
+}
+const _errs255 = errors;
+if(data113 && typeof data113 == "object" && !Array.isArray(data113)){
+if(data113.type === undefined){
+const err266 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err266];
 }
@@ -3450,12 +3443,8 @@ vErrors.push(err266);
 }
 errors++;
 }
-}
-if(data110.username !== undefined){
-let data118 = data110.username;
-if(typeof data118 === "string"){
-if(!pattern19.test(data118)){
-const err267 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
+if(data113.name === undefined){
+const err267 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err267];
 }
@@ -3464,9 +3453,9 @@ vErrors.push(err267);
 }
 errors++;
 }
-}
-else {
-const err268 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key25 in data113){
+if(!((key25 === "type") || (key25 === "name"))){
+const err268 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err268];
 }
@@ -3476,8 +3465,127 @@ vErrors.push(err268);
 errors++;
 }
 }
+if(data113.type !== undefined){
+if("query" !== data113.type){
+const err269 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
+if(vErrors === null){
+vErrors = [err269];
 }
-var _valid0 = _errs254 === errors;
+else {
+vErrors.push(err269);
+}
+errors++;
+}
+}
+if(data113.name !== undefined){
+let data119 = data113.name;
+if(typeof data119 === "string"){
+if(func4(data119) < 1){
+const err270 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(vErrors === null){
+vErrors = [err270];
+}
+else {
+vErrors.push(err270);
+}
+errors++;
+}
+}
+else {
+const err271 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err271];
+}
+else {
+vErrors.push(err271);
+}
+errors++;
+}
+}
+}
+var _valid0 = _errs255 === errors;
+if(_valid0 && valid54){
+valid54 = false;
+passing0 = [passing0, 2];
+}
+else {
+if(_valid0){
+valid54 = true;
+passing0 = 2;
+}
+const _errs260 = errors;
+if(data113 && typeof data113 == "object" && !Array.isArray(data113)){
+if(data113.type === undefined){
+const err272 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+if(vErrors === null){
+vErrors = [err272];
+}
+else {
+vErrors.push(err272);
+}
+errors++;
+}
+if(data113.username === undefined){
+const err273 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
+if(vErrors === null){
+vErrors = [err273];
+}
+else {
+vErrors.push(err273);
+}
+errors++;
+}
+for(const key26 in data113){
+if(!((key26 === "type") || (key26 === "username"))){
+const err274 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
+if(vErrors === null){
+vErrors = [err274];
+}
+else {
+vErrors.push(err274);
+}
+errors++;
+}
+}
+if(data113.type !== undefined){
+if("basic" !== data113.type){
+const err275 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
+if(vErrors === null){
+vErrors = [err275];
+}
+else {
+vErrors.push(err275);
+}
+errors++;
+}
+}
+if(data113.username !== undefined){
+let data121 = data113.username;
+if(typeof data121 === "string"){
+if(!pattern19.test(data121)){
+const err276 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
+if(vErrors === null){
+vErrors = [err276];
+}
+else {
+vErrors.push(err276);
+}
+errors++;
+}
+}
+else {
+const err277 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err277];
+}
+else {
+vErrors.push(err277);
+}
+errors++;
+}
+}
+}
+var _valid0 = _errs260 === errors;
 if(_valid0 && valid54){
 valid54 = false;
 passing0 = [passing0, 3];
@@ -3491,135 +3599,7 @@ passing0 = 3;
 }
 }
 if(!valid54){
-const err269 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
-if(vErrors === null){
-vErrors = [err269];
-}
-else {
-vErrors.push(err269);
-}
-errors++;
-}
-else {
-errors = _errs238;
-if(vErrors !== null){
-if(_errs238){
-vErrors.length = _errs238;
-}
-else {
-vErrors = null;
-}
-}
-}
-if(data110 && typeof data110 == "object" && !Array.isArray(data110)){
-if(data110.type === undefined){
-const err270 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
-if(vErrors === null){
-vErrors = [err270];
-}
-else {
-vErrors.push(err270);
-}
-errors++;
-}
-}
-else {
-const err271 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
-if(vErrors === null){
-vErrors = [err271];
-}
-else {
-vErrors.push(err271);
-}
-errors++;
-}
-}
-if(data96.strip !== undefined){
-let data119 = data96.strip;
-if(Array.isArray(data119)){
-const len14 = data119.length;
-for(let i17=0; i17<len14; i17++){
-let data120 = data119[i17];
-if(typeof data120 === "string"){
-if(!pattern17.test(data120)){
-const err272 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
-if(vErrors === null){
-vErrors = [err272];
-}
-else {
-vErrors.push(err272);
-}
-errors++;
-}
-}
-else {
-const err273 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
-if(vErrors === null){
-vErrors = [err273];
-}
-else {
-vErrors.push(err273);
-}
-errors++;
-}
-}
-}
-else {
-const err274 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
-if(vErrors === null){
-vErrors = [err274];
-}
-else {
-vErrors.push(err274);
-}
-errors++;
-}
-}
-}
-else {
-const err275 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
-if(vErrors === null){
-vErrors = [err275];
-}
-else {
-vErrors.push(err275);
-}
-errors++;
-}
-}
-}
-else {
-const err276 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
-if(vErrors === null){
-vErrors = [err276];
-}
-else {
-vErrors.push(err276);
-}
-errors++;
-}
-let data121 = data.secrets;
-if(data121 && typeof data121 == "object" && !Array.isArray(data121)){
-if(data121.env_prefix === undefined){
-data121.env_prefix = "LATCHKEY_SECRET_";
-}
-for(const key27 in data121){
-if(!((key27 === "file") || (key27 === "env_prefix"))){
-const err277 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err277];
-}
-else {
-vErrors.push(err277);
-}
-errors++;
-}
-}
-if(data121.file !== undefined){
-let data122 = data121.file;
-if(typeof data122 === "string"){
-if(func4(data122) < 1){
-const err278 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err278 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
 if(vErrors === null){
 vErrors = [err278];
 }
@@ -3628,9 +3608,20 @@ vErrors.push(err278);
 }
 errors++;
 }
+else {
+errors = _errs244;
+if(vErrors !== null){
+if(_errs244){
+vErrors.length = _errs244;
 }
 else {
-const err279 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+vErrors = null;
+}
+}
+}
+if(data113 && typeof data113 == "object" && !Array.isArray(data113)){
+if(data113.type === undefined){
+const err279 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err279];
 }
@@ -3640,10 +3631,8 @@ vErrors.push(err279);
 errors++;
 }
 }
-let data123 = data121.env_prefix;
-if(typeof data123 === "string"){
-if(!pattern21.test(data123)){
-const err280 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
+else {
+const err280 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err280];
 }
@@ -3653,8 +3642,15 @@ vErrors.push(err280);
 errors++;
 }
 }
-else {
-const err281 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data99.strip !== undefined){
+let data122 = data99.strip;
+if(Array.isArray(data122)){
+const len14 = data122.length;
+for(let i17=0; i17<len14; i17++){
+let data123 = data122[i17];
+if(typeof data123 === "string"){
+if(!pattern17.test(data123)){
+const err281 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err281];
 }
@@ -3665,7 +3661,7 @@ errors++;
 }
 }
 else {
-const err282 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err282 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err282];
 }
@@ -3674,17 +3670,10 @@ vErrors.push(err282);
 }
 errors++;
 }
-let data124 = data.audit;
-if(data124 && typeof data124 == "object" && !Array.isArray(data124)){
-if(data124.jsonl === undefined){
-data124.jsonl = {};
 }
-if(data124.collector === undefined){
-data124.collector = null;
 }
-for(const key28 in data124){
-if(!((key28 === "jsonl") || (key28 === "collector"))){
-const err283 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
+else {
+const err283 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err283];
 }
@@ -3694,17 +3683,9 @@ vErrors.push(err283);
 errors++;
 }
 }
-let data125 = data124.jsonl;
-if(data125 && typeof data125 == "object" && !Array.isArray(data125)){
-if(data125.path === undefined){
-data125.path = "latchkey-audit.jsonl";
 }
-if(data125.flush_ms === undefined){
-data125.flush_ms = 20;
-}
-for(const key29 in data125){
-if(!((key29 === "path") || (key29 === "flush_ms"))){
-const err284 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
+else {
+const err284 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err284];
 }
@@ -3714,10 +3695,9 @@ vErrors.push(err284);
 errors++;
 }
 }
-let data126 = data125.path;
-if(typeof data126 === "string"){
-if(func4(data126) < 1){
-const err285 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err285 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err285];
 }
@@ -3726,9 +3706,14 @@ vErrors.push(err285);
 }
 errors++;
 }
+let data124 = data.secrets;
+if(data124 && typeof data124 == "object" && !Array.isArray(data124)){
+if(data124.env_prefix === undefined){
+data124.env_prefix = "LATCHKEY_SECRET_";
 }
-else {
-const err286 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key27 in data124){
+if(!((key27 === "file") || (key27 === "env_prefix"))){
+const err286 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err286];
 }
@@ -3737,9 +3722,12 @@ vErrors.push(err286);
 }
 errors++;
 }
-let data127 = data125.flush_ms;
-if(!(((typeof data127 == "number") && (!(data127 % 1) && !isNaN(data127))) && (isFinite(data127)))){
-const err287 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(data124.file !== undefined){
+let data125 = data124.file;
+if(typeof data125 === "string"){
+if(func4(data125) < 1){
+const err287 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err287];
 }
@@ -3748,9 +3736,9 @@ vErrors.push(err287);
 }
 errors++;
 }
-if((typeof data127 == "number") && (isFinite(data127))){
-if(data127 > 3600000 || isNaN(data127)){
-const err288 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+else {
+const err288 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err288];
 }
@@ -3759,8 +3747,11 @@ vErrors.push(err288);
 }
 errors++;
 }
-if(data127 < 1 || isNaN(data127)){
-const err289 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data126 = data124.env_prefix;
+if(typeof data126 === "string"){
+if(!pattern21.test(data126)){
+const err289 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err289];
 }
@@ -3770,9 +3761,8 @@ vErrors.push(err289);
 errors++;
 }
 }
-}
 else {
-const err290 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err290 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err290];
 }
@@ -3781,9 +3771,9 @@ vErrors.push(err290);
 }
 errors++;
 }
-let data128 = data124.collector;
-if((!(data128 && typeof data128 == "object" && !Array.isArray(data128))) && (data128 !== null)){
-const err291 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
+}
+else {
+const err291 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err291];
 }
@@ -3792,39 +3782,17 @@ vErrors.push(err291);
 }
 errors++;
 }
-if(data128 && typeof data128 == "object" && !Array.isArray(data128)){
-if(data128.tls === undefined){
-data128.tls = null;
+let data127 = data.audit;
+if(data127 && typeof data127 == "object" && !Array.isArray(data127)){
+if(data127.jsonl === undefined){
+data127.jsonl = {};
 }
-if(data128.insecure_plaintext === undefined){
-data128.insecure_plaintext = false;
+if(data127.collector === undefined){
+data127.collector = null;
 }
-if(data128.spool_dir === undefined){
-data128.spool_dir = "latchkey-spool";
-}
-if(data128.spool_max_bytes === undefined){
-data128.spool_max_bytes = 268435456;
-}
-if(data128.segment_bytes === undefined){
-data128.segment_bytes = 4194304;
-}
-if(data128.on_full === undefined){
-data128.on_full = "refuse";
-}
-if(data128.batch_events === undefined){
-data128.batch_events = 1000;
-}
-if(data128.backoff_min_ms === undefined){
-data128.backoff_min_ms = 100;
-}
-if(data128.backoff_max_ms === undefined){
-data128.backoff_max_ms = 5000;
-}
-if(data128.close_timeout_ms === undefined){
-data128.close_timeout_ms = 2000;
-}
-if(data128.address === undefined){
-const err292 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
+for(const key28 in data127){
+if(!((key28 === "jsonl") || (key28 === "collector"))){
+const err292 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err292];
 }
@@ -3833,8 +3801,18 @@ vErrors.push(err292);
 }
 errors++;
 }
-if(data128.sidecar_id === undefined){
-const err293 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
+}
+let data128 = data127.jsonl;
+if(data128 && typeof data128 == "object" && !Array.isArray(data128)){
+if(data128.path === undefined){
+data128.path = "latchkey-audit.jsonl";
+}
+if(data128.flush_ms === undefined){
+data128.flush_ms = 20;
+}
+for(const key29 in data128){
+if(!((key29 === "path") || (key29 === "flush_ms"))){
+const err293 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err293];
 }
@@ -3843,9 +3821,11 @@ vErrors.push(err293);
 }
 errors++;
 }
-for(const key30 in data128){
-if(!(func2.call(schema11.properties.audit.properties.collector.properties, key30))){
-const err294 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
+}
+let data129 = data128.path;
+if(typeof data129 === "string"){
+if(func4(data129) < 1){
+const err294 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err294];
 }
@@ -3855,11 +3835,8 @@ vErrors.push(err294);
 errors++;
 }
 }
-if(data128.address !== undefined){
-let data129 = data128.address;
-if(typeof data129 === "string"){
-if(!pattern22.test(data129)){
-const err295 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"},message:"must match pattern \""+"^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"+"\""};
+else {
+const err295 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err295];
 }
@@ -3868,9 +3845,9 @@ vErrors.push(err295);
 }
 errors++;
 }
-}
-else {
-const err296 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data130 = data128.flush_ms;
+if(!(((typeof data130 == "number") && (!(data130 % 1) && !isNaN(data130))) && (isFinite(data130)))){
+const err296 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err296];
 }
@@ -3879,12 +3856,9 @@ vErrors.push(err296);
 }
 errors++;
 }
-}
-if(data128.sidecar_id !== undefined){
-let data130 = data128.sidecar_id;
-if(typeof data130 === "string"){
-if(func4(data130) < 1){
-const err297 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if((typeof data130 == "number") && (isFinite(data130))){
+if(data130 > 3600000 || isNaN(data130)){
+const err297 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err297];
 }
@@ -3893,9 +3867,8 @@ vErrors.push(err297);
 }
 errors++;
 }
-}
-else {
-const err298 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data130 < 1 || isNaN(data130)){
+const err298 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err298];
 }
@@ -3905,11 +3878,9 @@ vErrors.push(err298);
 errors++;
 }
 }
-if(data128.token_secret !== undefined){
-let data131 = data128.token_secret;
-if(typeof data131 === "string"){
-if(func4(data131) < 1){
-const err299 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err299 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err299];
 }
@@ -3918,9 +3889,9 @@ vErrors.push(err299);
 }
 errors++;
 }
-}
-else {
-const err300 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data131 = data127.collector;
+if((!(data131 && typeof data131 == "object" && !Array.isArray(data131))) && (data131 !== null)){
+const err300 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err300];
 }
@@ -3929,10 +3900,39 @@ vErrors.push(err300);
 }
 errors++;
 }
+if(data131 && typeof data131 == "object" && !Array.isArray(data131)){
+if(data131.tls === undefined){
+data131.tls = null;
 }
-let data132 = data128.tls;
-if((!(data132 && typeof data132 == "object" && !Array.isArray(data132))) && (data132 !== null)){
-const err301 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
+if(data131.insecure_plaintext === undefined){
+data131.insecure_plaintext = false;
+}
+if(data131.spool_dir === undefined){
+data131.spool_dir = "latchkey-spool";
+}
+if(data131.spool_max_bytes === undefined){
+data131.spool_max_bytes = 268435456;
+}
+if(data131.segment_bytes === undefined){
+data131.segment_bytes = 4194304;
+}
+if(data131.on_full === undefined){
+data131.on_full = "refuse";
+}
+if(data131.batch_events === undefined){
+data131.batch_events = 1000;
+}
+if(data131.backoff_min_ms === undefined){
+data131.backoff_min_ms = 100;
+}
+if(data131.backoff_max_ms === undefined){
+data131.backoff_max_ms = 5000;
+}
+if(data131.close_timeout_ms === undefined){
+data131.close_timeout_ms = 2000;
+}
+if(data131.address === undefined){
+const err301 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
 if(vErrors === null){
 vErrors = [err301];
 }
@@ -3941,9 +3941,8 @@ vErrors.push(err301);
 }
 errors++;
 }
-if(data132 && typeof data132 == "object" && !Array.isArray(data132)){
-if(data132.ca_file === undefined){
-const err302 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
+if(data131.sidecar_id === undefined){
+const err302 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
 if(vErrors === null){
 vErrors = [err302];
 }
@@ -3952,8 +3951,9 @@ vErrors.push(err302);
 }
 errors++;
 }
-if(data132.cert_file === undefined){
-const err303 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+for(const key30 in data131){
+if(!(func2.call(schema11.properties.audit.properties.collector.properties, key30))){
+const err303 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err303];
 }
@@ -3962,8 +3962,12 @@ vErrors.push(err303);
 }
 errors++;
 }
-if(data132.key_file === undefined){
-const err304 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+}
+if(data131.address !== undefined){
+let data132 = data131.address;
+if(typeof data132 === "string"){
+if(!pattern22.test(data132)){
+const err304 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"},message:"must match pattern \""+"^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"+"\""};
 if(vErrors === null){
 vErrors = [err304];
 }
@@ -3972,9 +3976,9 @@ vErrors.push(err304);
 }
 errors++;
 }
-for(const key31 in data132){
-if(!(((key31 === "ca_file") || (key31 === "cert_file")) || (key31 === "key_file"))){
-const err305 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
+}
+else {
+const err305 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err305];
 }
@@ -3984,11 +3988,11 @@ vErrors.push(err305);
 errors++;
 }
 }
-if(data132.ca_file !== undefined){
-let data133 = data132.ca_file;
+if(data131.sidecar_id !== undefined){
+let data133 = data131.sidecar_id;
 if(typeof data133 === "string"){
 if(func4(data133) < 1){
-const err306 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err306 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err306];
 }
@@ -3999,7 +4003,7 @@ errors++;
 }
 }
 else {
-const err307 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err307 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err307];
 }
@@ -4009,11 +4013,11 @@ vErrors.push(err307);
 errors++;
 }
 }
-if(data132.cert_file !== undefined){
-let data134 = data132.cert_file;
+if(data131.token_secret !== undefined){
+let data134 = data131.token_secret;
 if(typeof data134 === "string"){
 if(func4(data134) < 1){
-const err308 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err308 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err308];
 }
@@ -4024,7 +4028,7 @@ errors++;
 }
 }
 else {
-const err309 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err309 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err309];
 }
@@ -4034,11 +4038,9 @@ vErrors.push(err309);
 errors++;
 }
 }
-if(data132.key_file !== undefined){
-let data135 = data132.key_file;
-if(typeof data135 === "string"){
-if(func4(data135) < 1){
-const err310 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data135 = data131.tls;
+if((!(data135 && typeof data135 == "object" && !Array.isArray(data135))) && (data135 !== null)){
+const err310 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err310];
 }
@@ -4047,9 +4049,9 @@ vErrors.push(err310);
 }
 errors++;
 }
-}
-else {
-const err311 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data135 && typeof data135 == "object" && !Array.isArray(data135)){
+if(data135.ca_file === undefined){
+const err311 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
 if(vErrors === null){
 vErrors = [err311];
 }
@@ -4058,10 +4060,8 @@ vErrors.push(err311);
 }
 errors++;
 }
-}
-}
-if(typeof data128.insecure_plaintext !== "boolean"){
-const err312 = {instancePath:instancePath+"/audit/collector/insecure_plaintext",schemaPath:"#/properties/audit/properties/collector/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data135.cert_file === undefined){
+const err312 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err312];
 }
@@ -4070,10 +4070,8 @@ vErrors.push(err312);
 }
 errors++;
 }
-let data137 = data128.spool_dir;
-if(typeof data137 === "string"){
-if(func4(data137) < 1){
-const err313 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data135.key_file === undefined){
+const err313 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err313];
 }
@@ -4082,9 +4080,9 @@ vErrors.push(err313);
 }
 errors++;
 }
-}
-else {
-const err314 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key31 in data135){
+if(!(((key31 === "ca_file") || (key31 === "cert_file")) || (key31 === "key_file"))){
+const err314 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err314];
 }
@@ -4093,9 +4091,12 @@ vErrors.push(err314);
 }
 errors++;
 }
-let data138 = data128.spool_max_bytes;
-if(!(((typeof data138 == "number") && (!(data138 % 1) && !isNaN(data138))) && (isFinite(data138)))){
-const err315 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(data135.ca_file !== undefined){
+let data136 = data135.ca_file;
+if(typeof data136 === "string"){
+if(func4(data136) < 1){
+const err315 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err315];
 }
@@ -4104,9 +4105,9 @@ vErrors.push(err315);
 }
 errors++;
 }
-if((typeof data138 == "number") && (isFinite(data138))){
-if(data138 < 65536 || isNaN(data138)){
-const err316 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
+}
+else {
+const err316 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err316];
 }
@@ -4116,9 +4117,11 @@ vErrors.push(err316);
 errors++;
 }
 }
-let data139 = data128.segment_bytes;
-if(!(((typeof data139 == "number") && (!(data139 % 1) && !isNaN(data139))) && (isFinite(data139)))){
-const err317 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data135.cert_file !== undefined){
+let data137 = data135.cert_file;
+if(typeof data137 === "string"){
+if(func4(data137) < 1){
+const err317 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err317];
 }
@@ -4127,9 +4130,9 @@ vErrors.push(err317);
 }
 errors++;
 }
-if((typeof data139 == "number") && (isFinite(data139))){
-if(data139 < 4096 || isNaN(data139)){
-const err318 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
+}
+else {
+const err318 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err318];
 }
@@ -4139,9 +4142,11 @@ vErrors.push(err318);
 errors++;
 }
 }
-let data140 = data128.on_full;
-if(!((data140 === "refuse") || (data140 === "drop"))){
-const err319 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
+if(data135.key_file !== undefined){
+let data138 = data135.key_file;
+if(typeof data138 === "string"){
+if(func4(data138) < 1){
+const err319 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err319];
 }
@@ -4150,9 +4155,9 @@ vErrors.push(err319);
 }
 errors++;
 }
-let data141 = data128.batch_events;
-if(!(((typeof data141 == "number") && (!(data141 % 1) && !isNaN(data141))) && (isFinite(data141)))){
-const err320 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err320 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err320];
 }
@@ -4161,9 +4166,10 @@ vErrors.push(err320);
 }
 errors++;
 }
-if((typeof data141 == "number") && (isFinite(data141))){
-if(data141 > 10000 || isNaN(data141)){
-const err321 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
+}
+}
+if(typeof data131.insecure_plaintext !== "boolean"){
+const err321 = {instancePath:instancePath+"/audit/collector/insecure_plaintext",schemaPath:"#/properties/audit/properties/collector/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err321];
 }
@@ -4172,8 +4178,10 @@ vErrors.push(err321);
 }
 errors++;
 }
-if(data141 < 1 || isNaN(data141)){
-const err322 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+let data140 = data131.spool_dir;
+if(typeof data140 === "string"){
+if(func4(data140) < 1){
+const err322 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err322];
 }
@@ -4183,9 +4191,8 @@ vErrors.push(err322);
 errors++;
 }
 }
-let data142 = data128.backoff_min_ms;
-if(!(((typeof data142 == "number") && (!(data142 % 1) && !isNaN(data142))) && (isFinite(data142)))){
-const err323 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err323 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err323];
 }
@@ -4194,9 +4201,9 @@ vErrors.push(err323);
 }
 errors++;
 }
-if((typeof data142 == "number") && (isFinite(data142))){
-if(data142 > 3600000 || isNaN(data142)){
-const err324 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+let data141 = data131.spool_max_bytes;
+if(!(((typeof data141 == "number") && (!(data141 % 1) && !isNaN(data141))) && (isFinite(data141)))){
+const err324 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err324];
 }
@@ -4205,8 +4212,9 @@ vErrors.push(err324);
 }
 errors++;
 }
-if(data142 < 1 || isNaN(data142)){
-const err325 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if((typeof data141 == "number") && (isFinite(data141))){
+if(data141 < 65536 || isNaN(data141)){
+const err325 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
 if(vErrors === null){
 vErrors = [err325];
 }
@@ -4216,9 +4224,9 @@ vErrors.push(err325);
 errors++;
 }
 }
-let data143 = data128.backoff_max_ms;
-if(!(((typeof data143 == "number") && (!(data143 % 1) && !isNaN(data143))) && (isFinite(data143)))){
-const err326 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+let data142 = data131.segment_bytes;
+if(!(((typeof data142 == "number") && (!(data142 % 1) && !isNaN(data142))) && (isFinite(data142)))){
+const err326 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err326];
 }
@@ -4227,9 +4235,9 @@ vErrors.push(err326);
 }
 errors++;
 }
-if((typeof data143 == "number") && (isFinite(data143))){
-if(data143 > 3600000 || isNaN(data143)){
-const err327 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if((typeof data142 == "number") && (isFinite(data142))){
+if(data142 < 4096 || isNaN(data142)){
+const err327 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
 if(vErrors === null){
 vErrors = [err327];
 }
@@ -4238,8 +4246,10 @@ vErrors.push(err327);
 }
 errors++;
 }
-if(data143 < 1 || isNaN(data143)){
-const err328 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data143 = data131.on_full;
+if(!((data143 === "refuse") || (data143 === "drop"))){
+const err328 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err328];
 }
@@ -4248,10 +4258,9 @@ vErrors.push(err328);
 }
 errors++;
 }
-}
-let data144 = data128.close_timeout_ms;
+let data144 = data131.batch_events;
 if(!(((typeof data144 == "number") && (!(data144 % 1) && !isNaN(data144))) && (isFinite(data144)))){
-const err329 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err329 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err329];
 }
@@ -4261,8 +4270,8 @@ vErrors.push(err329);
 errors++;
 }
 if((typeof data144 == "number") && (isFinite(data144))){
-if(data144 > 3600000 || isNaN(data144)){
-const err330 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data144 > 10000 || isNaN(data144)){
+const err330 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
 if(vErrors === null){
 vErrors = [err330];
 }
@@ -4271,8 +4280,8 @@ vErrors.push(err330);
 }
 errors++;
 }
-if(data144 < 0 || isNaN(data144)){
-const err331 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if(data144 < 1 || isNaN(data144)){
+const err331 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err331];
 }
@@ -4282,10 +4291,9 @@ vErrors.push(err331);
 errors++;
 }
 }
-}
-}
-else {
-const err332 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data145 = data131.backoff_min_ms;
+if(!(((typeof data145 == "number") && (!(data145 % 1) && !isNaN(data145))) && (isFinite(data145)))){
+const err332 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err332];
 }
@@ -4294,14 +4302,9 @@ vErrors.push(err332);
 }
 errors++;
 }
-let data145 = data.log;
-if(data145 && typeof data145 == "object" && !Array.isArray(data145)){
-if(data145.level === undefined){
-data145.level = "info";
-}
-for(const key32 in data145){
-if(!(key32 === "level")){
-const err333 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
+if((typeof data145 == "number") && (isFinite(data145))){
+if(data145 > 3600000 || isNaN(data145)){
+const err333 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err333];
 }
@@ -4310,10 +4313,8 @@ vErrors.push(err333);
 }
 errors++;
 }
-}
-let data146 = data145.level;
-if(!(((((((data146 === "fatal") || (data146 === "error")) || (data146 === "warn")) || (data146 === "info")) || (data146 === "debug")) || (data146 === "trace")) || (data146 === "silent"))){
-const err334 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
+if(data145 < 1 || isNaN(data145)){
+const err334 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err334];
 }
@@ -4323,8 +4324,9 @@ vErrors.push(err334);
 errors++;
 }
 }
-else {
-const err335 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data146 = data131.backoff_max_ms;
+if(!(((typeof data146 == "number") && (!(data146 % 1) && !isNaN(data146))) && (isFinite(data146)))){
+const err335 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err335];
 }
@@ -4333,38 +4335,9 @@ vErrors.push(err335);
 }
 errors++;
 }
-if(data.broker !== undefined){
-let data147 = data.broker;
-if(data147 && typeof data147 == "object" && !Array.isArray(data147)){
-if(data147.listen === undefined){
-data147.listen = {};
-}
-if(data147.keys === undefined){
-data147.keys = {};
-}
-if(data147.tokens === undefined){
-data147.tokens = {};
-}
-if(data147.attestors === undefined){
-data147.attestors = {};
-}
-if(data147.store === undefined){
-data147.store = {};
-}
-if(data147.admin_token_env === undefined){
-data147.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
-}
-if(data147.introspection_clients === undefined){
-data147.introspection_clients = {};
-}
-if(data147.leased_secrets === undefined){
-data147.leased_secrets = {};
-}
-if(data147.events === undefined){
-data147.events = {};
-}
-if(data147.issuer === undefined){
-const err336 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+if((typeof data146 == "number") && (isFinite(data146))){
+if(data146 > 3600000 || isNaN(data146)){
+const err336 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err336];
 }
@@ -4373,8 +4346,8 @@ vErrors.push(err336);
 }
 errors++;
 }
-if(data147.registry_file === undefined){
-const err337 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
+if(data146 < 1 || isNaN(data146)){
+const err337 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err337];
 }
@@ -4383,9 +4356,10 @@ vErrors.push(err337);
 }
 errors++;
 }
-for(const key33 in data147){
-if(!(func2.call(schema11.properties.broker.properties, key33))){
-const err338 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
+}
+let data147 = data131.close_timeout_ms;
+if(!(((typeof data147 == "number") && (!(data147 % 1) && !isNaN(data147))) && (isFinite(data147)))){
+const err338 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err338];
 }
@@ -4394,12 +4368,9 @@ vErrors.push(err338);
 }
 errors++;
 }
-}
-if(data147.issuer !== undefined){
-let data148 = data147.issuer;
-if(typeof data148 === "string"){
-if(!pattern1.test(data148)){
-const err339 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if((typeof data147 == "number") && (isFinite(data147))){
+if(data147 > 3600000 || isNaN(data147)){
+const err339 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err339];
 }
@@ -4408,9 +4379,8 @@ vErrors.push(err339);
 }
 errors++;
 }
-}
-else {
-const err340 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data147 < 0 || isNaN(data147)){
+const err340 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err340];
 }
@@ -4420,11 +4390,10 @@ vErrors.push(err340);
 errors++;
 }
 }
-if(data147.audience !== undefined){
-let data149 = data147.audience;
-if(typeof data149 === "string"){
-if(func4(data149) < 1){
-const err341 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+}
+else {
+const err341 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err341];
 }
@@ -4433,9 +4402,14 @@ vErrors.push(err341);
 }
 errors++;
 }
+let data148 = data.log;
+if(data148 && typeof data148 == "object" && !Array.isArray(data148)){
+if(data148.level === undefined){
+data148.level = "info";
 }
-else {
-const err342 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key32 in data148){
+if(!(key32 === "level")){
+const err342 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err342];
 }
@@ -4445,23 +4419,9 @@ vErrors.push(err342);
 errors++;
 }
 }
-let data150 = data147.listen;
-if(data150 && typeof data150 == "object" && !Array.isArray(data150)){
-if(data150.host === undefined){
-data150.host = "127.0.0.1";
-}
-if(data150.port === undefined){
-data150.port = 15003;
-}
-if(data150.tls === undefined){
-data150.tls = null;
-}
-if(data150.insecure_plaintext === undefined){
-data150.insecure_plaintext = false;
-}
-for(const key34 in data150){
-if(!((((key34 === "host") || (key34 === "port")) || (key34 === "tls")) || (key34 === "insecure_plaintext"))){
-const err343 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
+let data149 = data148.level;
+if(!(((((((data149 === "fatal") || (data149 === "error")) || (data149 === "warn")) || (data149 === "info")) || (data149 === "debug")) || (data149 === "trace")) || (data149 === "silent"))){
+const err343 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err343];
 }
@@ -4471,10 +4431,8 @@ vErrors.push(err343);
 errors++;
 }
 }
-let data151 = data150.host;
-if(typeof data151 === "string"){
-if(func4(data151) < 1){
-const err344 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err344 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err344];
 }
@@ -4483,9 +4441,38 @@ vErrors.push(err344);
 }
 errors++;
 }
+if(data.broker !== undefined){
+let data150 = data.broker;
+if(data150 && typeof data150 == "object" && !Array.isArray(data150)){
+if(data150.listen === undefined){
+data150.listen = {};
 }
-else {
-const err345 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data150.keys === undefined){
+data150.keys = {};
+}
+if(data150.tokens === undefined){
+data150.tokens = {};
+}
+if(data150.attestors === undefined){
+data150.attestors = {};
+}
+if(data150.store === undefined){
+data150.store = {};
+}
+if(data150.admin_token_env === undefined){
+data150.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
+}
+if(data150.introspection_clients === undefined){
+data150.introspection_clients = {};
+}
+if(data150.leased_secrets === undefined){
+data150.leased_secrets = {};
+}
+if(data150.events === undefined){
+data150.events = {};
+}
+if(data150.issuer === undefined){
+const err345 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err345];
 }
@@ -4494,9 +4481,8 @@ vErrors.push(err345);
 }
 errors++;
 }
-let data152 = data150.port;
-if(!(((typeof data152 == "number") && (!(data152 % 1) && !isNaN(data152))) && (isFinite(data152)))){
-const err346 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data150.registry_file === undefined){
+const err346 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
 if(vErrors === null){
 vErrors = [err346];
 }
@@ -4505,9 +4491,9 @@ vErrors.push(err346);
 }
 errors++;
 }
-if((typeof data152 == "number") && (isFinite(data152))){
-if(data152 > 65535 || isNaN(data152)){
-const err347 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+for(const key33 in data150){
+if(!(func2.call(schema11.properties.broker.properties, key33))){
+const err347 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err347];
 }
@@ -4516,8 +4502,12 @@ vErrors.push(err347);
 }
 errors++;
 }
-if(data152 < 0 || isNaN(data152)){
-const err348 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+if(data150.issuer !== undefined){
+let data151 = data150.issuer;
+if(typeof data151 === "string"){
+if(!pattern1.test(data151)){
+const err348 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err348];
 }
@@ -4527,9 +4517,8 @@ vErrors.push(err348);
 errors++;
 }
 }
-let data153 = data150.tls;
-if((!(data153 && typeof data153 == "object" && !Array.isArray(data153))) && (data153 !== null)){
-const err349 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.listen.properties.tls.type},message:"must be object,null"};
+else {
+const err349 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err349];
 }
@@ -4538,9 +4527,12 @@ vErrors.push(err349);
 }
 errors++;
 }
-if(data153 && typeof data153 == "object" && !Array.isArray(data153)){
-if(data153.cert_file === undefined){
-const err350 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+}
+if(data150.audience !== undefined){
+let data152 = data150.audience;
+if(typeof data152 === "string"){
+if(func4(data152) < 1){
+const err350 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err350];
 }
@@ -4549,8 +4541,9 @@ vErrors.push(err350);
 }
 errors++;
 }
-if(data153.key_file === undefined){
-const err351 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+}
+else {
+const err351 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err351];
 }
@@ -4559,9 +4552,24 @@ vErrors.push(err351);
 }
 errors++;
 }
-for(const key35 in data153){
-if(!((key35 === "cert_file") || (key35 === "key_file"))){
-const err352 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
+}
+let data153 = data150.listen;
+if(data153 && typeof data153 == "object" && !Array.isArray(data153)){
+if(data153.host === undefined){
+data153.host = "127.0.0.1";
+}
+if(data153.port === undefined){
+data153.port = 15003;
+}
+if(data153.tls === undefined){
+data153.tls = null;
+}
+if(data153.insecure_plaintext === undefined){
+data153.insecure_plaintext = false;
+}
+for(const key34 in data153){
+if(!((((key34 === "host") || (key34 === "port")) || (key34 === "tls")) || (key34 === "insecure_plaintext"))){
+const err352 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err352];
 }
@@ -4571,11 +4579,10 @@ vErrors.push(err352);
 errors++;
 }
 }
-if(data153.cert_file !== undefined){
-let data154 = data153.cert_file;
+let data154 = data153.host;
 if(typeof data154 === "string"){
 if(func4(data154) < 1){
-const err353 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err353 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err353];
 }
@@ -4586,7 +4593,7 @@ errors++;
 }
 }
 else {
-const err354 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err354 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err354];
 }
@@ -4595,12 +4602,9 @@ vErrors.push(err354);
 }
 errors++;
 }
-}
-if(data153.key_file !== undefined){
-let data155 = data153.key_file;
-if(typeof data155 === "string"){
-if(func4(data155) < 1){
-const err355 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data155 = data153.port;
+if(!(((typeof data155 == "number") && (!(data155 % 1) && !isNaN(data155))) && (isFinite(data155)))){
+const err355 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err355];
 }
@@ -4609,9 +4613,9 @@ vErrors.push(err355);
 }
 errors++;
 }
-}
-else {
-const err356 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data155 == "number") && (isFinite(data155))){
+if(data155 > 65535 || isNaN(data155)){
+const err356 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err356];
 }
@@ -4620,10 +4624,8 @@ vErrors.push(err356);
 }
 errors++;
 }
-}
-}
-if(typeof data150.insecure_plaintext !== "boolean"){
-const err357 = {instancePath:instancePath+"/broker/listen/insecure_plaintext",schemaPath:"#/properties/broker/properties/listen/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data155 < 0 || isNaN(data155)){
+const err357 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err357];
 }
@@ -4633,8 +4635,9 @@ vErrors.push(err357);
 errors++;
 }
 }
-else {
-const err358 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data156 = data153.tls;
+if((!(data156 && typeof data156 == "object" && !Array.isArray(data156))) && (data156 !== null)){
+const err358 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.listen.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err358];
 }
@@ -4643,20 +4646,9 @@ vErrors.push(err358);
 }
 errors++;
 }
-let data157 = data147.keys;
-if(data157 && typeof data157 == "object" && !Array.isArray(data157)){
-if(data157.dir === undefined){
-data157.dir = ".latchkey/broker-keys";
-}
-if(data157.alg === undefined){
-data157.alg = "ES256";
-}
-if(data157.rotate_after_s === undefined){
-data157.rotate_after_s = 86400;
-}
-for(const key36 in data157){
-if(!(((key36 === "dir") || (key36 === "alg")) || (key36 === "rotate_after_s"))){
-const err359 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
+if(data156 && typeof data156 == "object" && !Array.isArray(data156)){
+if(data156.cert_file === undefined){
+const err359 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err359];
 }
@@ -4665,11 +4657,8 @@ vErrors.push(err359);
 }
 errors++;
 }
-}
-let data158 = data157.dir;
-if(typeof data158 === "string"){
-if(func4(data158) < 1){
-const err360 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data156.key_file === undefined){
+const err360 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err360];
 }
@@ -4678,9 +4667,9 @@ vErrors.push(err360);
 }
 errors++;
 }
-}
-else {
-const err361 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key35 in data156){
+if(!((key35 === "cert_file") || (key35 === "key_file"))){
+const err361 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err361];
 }
@@ -4689,9 +4678,12 @@ vErrors.push(err361);
 }
 errors++;
 }
-let data159 = data157.alg;
-if(!((data159 === "ES256") || (data159 === "EdDSA"))){
-const err362 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
+}
+if(data156.cert_file !== undefined){
+let data157 = data156.cert_file;
+if(typeof data157 === "string"){
+if(func4(data157) < 1){
+const err362 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err362];
 }
@@ -4700,9 +4692,9 @@ vErrors.push(err362);
 }
 errors++;
 }
-let data160 = data157.rotate_after_s;
-if(!(((typeof data160 == "number") && (!(data160 % 1) && !isNaN(data160))) && (isFinite(data160)))){
-const err363 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err363 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err363];
 }
@@ -4711,9 +4703,12 @@ vErrors.push(err363);
 }
 errors++;
 }
-if((typeof data160 == "number") && (isFinite(data160))){
-if(data160 > 31536000 || isNaN(data160)){
-const err364 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+}
+if(data156.key_file !== undefined){
+let data158 = data156.key_file;
+if(typeof data158 === "string"){
+if(func4(data158) < 1){
+const err364 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err364];
 }
@@ -4722,8 +4717,9 @@ vErrors.push(err364);
 }
 errors++;
 }
-if(data160 < 60 || isNaN(data160)){
-const err365 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+}
+else {
+const err365 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err365];
 }
@@ -4734,8 +4730,8 @@ errors++;
 }
 }
 }
-else {
-const err366 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(typeof data153.insecure_plaintext !== "boolean"){
+const err366 = {instancePath:instancePath+"/broker/listen/insecure_plaintext",schemaPath:"#/properties/broker/properties/listen/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err366];
 }
@@ -4744,11 +4740,9 @@ vErrors.push(err366);
 }
 errors++;
 }
-if(data147.registry_file !== undefined){
-let data161 = data147.registry_file;
-if(typeof data161 === "string"){
-if(func4(data161) < 1){
-const err367 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err367 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err367];
 }
@@ -4757,9 +4751,20 @@ vErrors.push(err367);
 }
 errors++;
 }
+let data160 = data150.keys;
+if(data160 && typeof data160 == "object" && !Array.isArray(data160)){
+if(data160.dir === undefined){
+data160.dir = ".latchkey/broker-keys";
 }
-else {
-const err368 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data160.alg === undefined){
+data160.alg = "ES256";
+}
+if(data160.rotate_after_s === undefined){
+data160.rotate_after_s = 86400;
+}
+for(const key36 in data160){
+if(!(((key36 === "dir") || (key36 === "alg")) || (key36 === "rotate_after_s"))){
+const err368 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err368];
 }
@@ -4769,20 +4774,10 @@ vErrors.push(err368);
 errors++;
 }
 }
-let data162 = data147.tokens;
-if(data162 && typeof data162 == "object" && !Array.isArray(data162)){
-if(data162.floor_s === undefined){
-data162.floor_s = 60;
-}
-if(data162.default_duration_s === undefined){
-data162.default_duration_s = 300;
-}
-if(data162.max_body_bytes === undefined){
-data162.max_body_bytes = 65536;
-}
-for(const key37 in data162){
-if(!(((key37 === "floor_s") || (key37 === "default_duration_s")) || (key37 === "max_body_bytes"))){
-const err369 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
+let data161 = data160.dir;
+if(typeof data161 === "string"){
+if(func4(data161) < 1){
+const err369 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err369];
 }
@@ -4792,9 +4787,8 @@ vErrors.push(err369);
 errors++;
 }
 }
-let data163 = data162.floor_s;
-if(!(((typeof data163 == "number") && (!(data163 % 1) && !isNaN(data163))) && (isFinite(data163)))){
-const err370 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err370 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err370];
 }
@@ -4803,9 +4797,9 @@ vErrors.push(err370);
 }
 errors++;
 }
-if((typeof data163 == "number") && (isFinite(data163))){
-if(data163 > 86400 || isNaN(data163)){
-const err371 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+let data162 = data160.alg;
+if(!((data162 === "ES256") || (data162 === "EdDSA"))){
+const err371 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err371];
 }
@@ -4814,8 +4808,9 @@ vErrors.push(err371);
 }
 errors++;
 }
-if(data163 < 1 || isNaN(data163)){
-const err372 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+let data163 = data160.rotate_after_s;
+if(!(((typeof data163 == "number") && (!(data163 % 1) && !isNaN(data163))) && (isFinite(data163)))){
+const err372 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err372];
 }
@@ -4824,10 +4819,9 @@ vErrors.push(err372);
 }
 errors++;
 }
-}
-let data164 = data162.default_duration_s;
-if(!(((typeof data164 == "number") && (!(data164 % 1) && !isNaN(data164))) && (isFinite(data164)))){
-const err373 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data163 == "number") && (isFinite(data163))){
+if(data163 > 31536000 || isNaN(data163)){
+const err373 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err373];
 }
@@ -4836,9 +4830,8 @@ vErrors.push(err373);
 }
 errors++;
 }
-if((typeof data164 == "number") && (isFinite(data164))){
-if(data164 > 86400 || isNaN(data164)){
-const err374 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+if(data163 < 60 || isNaN(data163)){
+const err374 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err374];
 }
@@ -4847,8 +4840,10 @@ vErrors.push(err374);
 }
 errors++;
 }
-if(data164 < 1 || isNaN(data164)){
-const err375 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+}
+else {
+const err375 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err375];
 }
@@ -4857,10 +4852,11 @@ vErrors.push(err375);
 }
 errors++;
 }
-}
-let data165 = data162.max_body_bytes;
-if(!(((typeof data165 == "number") && (!(data165 % 1) && !isNaN(data165))) && (isFinite(data165)))){
-const err376 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data150.registry_file !== undefined){
+let data164 = data150.registry_file;
+if(typeof data164 === "string"){
+if(func4(data164) < 1){
+const err376 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err376];
 }
@@ -4869,9 +4865,9 @@ vErrors.push(err376);
 }
 errors++;
 }
-if((typeof data165 == "number") && (isFinite(data165))){
-if(data165 > 1048576 || isNaN(data165)){
-const err377 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
+}
+else {
+const err377 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err377];
 }
@@ -4880,8 +4876,21 @@ vErrors.push(err377);
 }
 errors++;
 }
-if(data165 < 1024 || isNaN(data165)){
-const err378 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+}
+let data165 = data150.tokens;
+if(data165 && typeof data165 == "object" && !Array.isArray(data165)){
+if(data165.floor_s === undefined){
+data165.floor_s = 60;
+}
+if(data165.default_duration_s === undefined){
+data165.default_duration_s = 300;
+}
+if(data165.max_body_bytes === undefined){
+data165.max_body_bytes = 65536;
+}
+for(const key37 in data165){
+if(!(((key37 === "floor_s") || (key37 === "default_duration_s")) || (key37 === "max_body_bytes"))){
+const err378 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err378];
 }
@@ -4891,9 +4900,9 @@ vErrors.push(err378);
 errors++;
 }
 }
-}
-else {
-const err379 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data166 = data165.floor_s;
+if(!(((typeof data166 == "number") && (!(data166 % 1) && !isNaN(data166))) && (isFinite(data166)))){
+const err379 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err379];
 }
@@ -4902,14 +4911,9 @@ vErrors.push(err379);
 }
 errors++;
 }
-if(data147.users !== undefined){
-let data166 = data147.users;
-if(data166 && typeof data166 == "object" && !Array.isArray(data166)){
-if(data166.scope_claim === undefined){
-data166.scope_claim = "scope";
-}
-if(data166.issuer === undefined){
-const err380 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+if((typeof data166 == "number") && (isFinite(data166))){
+if(data166 > 86400 || isNaN(data166)){
+const err380 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err380];
 }
@@ -4918,8 +4922,8 @@ vErrors.push(err380);
 }
 errors++;
 }
-if(data166.audience === undefined){
-const err381 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+if(data166 < 1 || isNaN(data166)){
+const err381 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err381];
 }
@@ -4928,9 +4932,10 @@ vErrors.push(err381);
 }
 errors++;
 }
-for(const key38 in data166){
-if(!(((((key38 === "issuer") || (key38 === "audience")) || (key38 === "scope_claim")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
-const err382 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
+}
+let data167 = data165.default_duration_s;
+if(!(((typeof data167 == "number") && (!(data167 % 1) && !isNaN(data167))) && (isFinite(data167)))){
+const err382 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err382];
 }
@@ -4939,12 +4944,9 @@ vErrors.push(err382);
 }
 errors++;
 }
-}
-if(data166.issuer !== undefined){
-let data167 = data166.issuer;
-if(typeof data167 === "string"){
-if(func4(data167) < 1){
-const err383 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if((typeof data167 == "number") && (isFinite(data167))){
+if(data167 > 86400 || isNaN(data167)){
+const err383 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err383];
 }
@@ -4953,9 +4955,8 @@ vErrors.push(err383);
 }
 errors++;
 }
-}
-else {
-const err384 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data167 < 1 || isNaN(data167)){
+const err384 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err384];
 }
@@ -4965,11 +4966,9 @@ vErrors.push(err384);
 errors++;
 }
 }
-if(data166.audience !== undefined){
-let data168 = data166.audience;
-if(typeof data168 === "string"){
-if(func4(data168) < 1){
-const err385 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data168 = data165.max_body_bytes;
+if(!(((typeof data168 == "number") && (!(data168 % 1) && !isNaN(data168))) && (isFinite(data168)))){
+const err385 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err385];
 }
@@ -4978,9 +4977,9 @@ vErrors.push(err385);
 }
 errors++;
 }
-}
-else {
-const err386 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data168 == "number") && (isFinite(data168))){
+if(data168 > 1048576 || isNaN(data168)){
+const err386 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
 if(vErrors === null){
 vErrors = [err386];
 }
@@ -4989,11 +4988,8 @@ vErrors.push(err386);
 }
 errors++;
 }
-}
-let data169 = data166.scope_claim;
-if(typeof data169 === "string"){
-if(func4(data169) < 1){
-const err387 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data168 < 1024 || isNaN(data168)){
+const err387 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err387];
 }
@@ -5003,8 +4999,9 @@ vErrors.push(err387);
 errors++;
 }
 }
+}
 else {
-const err388 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err388 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err388];
 }
@@ -5013,11 +5010,14 @@ vErrors.push(err388);
 }
 errors++;
 }
-if(data166.jwks_file !== undefined){
-let data170 = data166.jwks_file;
-if(typeof data170 === "string"){
-if(func4(data170) < 1){
-const err389 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data150.users !== undefined){
+let data169 = data150.users;
+if(data169 && typeof data169 == "object" && !Array.isArray(data169)){
+if(data169.scope_claim === undefined){
+data169.scope_claim = "scope";
+}
+if(data169.issuer === undefined){
+const err389 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err389];
 }
@@ -5026,9 +5026,8 @@ vErrors.push(err389);
 }
 errors++;
 }
-}
-else {
-const err390 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data169.audience === undefined){
+const err390 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err390];
 }
@@ -5037,12 +5036,9 @@ vErrors.push(err390);
 }
 errors++;
 }
-}
-if(data166.jwks_url !== undefined){
-let data171 = data166.jwks_url;
-if(typeof data171 === "string"){
-if(!pattern1.test(data171)){
-const err391 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+for(const key38 in data169){
+if(!(((((key38 === "issuer") || (key38 === "audience")) || (key38 === "scope_claim")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
+const err391 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err391];
 }
@@ -5052,8 +5048,11 @@ vErrors.push(err391);
 errors++;
 }
 }
-else {
-const err392 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data169.issuer !== undefined){
+let data170 = data169.issuer;
+if(typeof data170 === "string"){
+if(func4(data170) < 1){
+const err392 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err392];
 }
@@ -5063,9 +5062,8 @@ vErrors.push(err392);
 errors++;
 }
 }
-}
 else {
-const err393 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err393 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err393];
 }
@@ -5075,11 +5073,11 @@ vErrors.push(err393);
 errors++;
 }
 }
-let data172 = data147.attestors;
-if(data172 && typeof data172 == "object" && !Array.isArray(data172)){
-for(const key39 in data172){
-if(!(((key39 === "kubernetes") || (key39 === "spiffe")) || (key39 === "local"))){
-const err394 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
+if(data169.audience !== undefined){
+let data171 = data169.audience;
+if(typeof data171 === "string"){
+if(func4(data171) < 1){
+const err394 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err394];
 }
@@ -5089,14 +5087,8 @@ vErrors.push(err394);
 errors++;
 }
 }
-if(data172.kubernetes !== undefined){
-let data173 = data172.kubernetes;
-if(data173 && typeof data173 == "object" && !Array.isArray(data173)){
-if(data173.max_token_age_s === undefined){
-data173.max_token_age_s = 86400;
-}
-if(data173.issuer === undefined){
-const err395 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+else {
+const err395 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err395];
 }
@@ -5105,9 +5097,11 @@ vErrors.push(err395);
 }
 errors++;
 }
-for(const key40 in data173){
-if(!(((((key40 === "issuer") || (key40 === "audience")) || (key40 === "jwks_file")) || (key40 === "jwks_url")) || (key40 === "max_token_age_s"))){
-const err396 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
+}
+let data172 = data169.scope_claim;
+if(typeof data172 === "string"){
+if(func4(data172) < 1){
+const err396 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err396];
 }
@@ -5117,11 +5111,8 @@ vErrors.push(err396);
 errors++;
 }
 }
-if(data173.issuer !== undefined){
-let data174 = data173.issuer;
-if(typeof data174 === "string"){
-if(func4(data174) < 1){
-const err397 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err397 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err397];
 }
@@ -5130,9 +5121,11 @@ vErrors.push(err397);
 }
 errors++;
 }
-}
-else {
-const err398 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data169.jwks_file !== undefined){
+let data173 = data169.jwks_file;
+if(typeof data173 === "string"){
+if(func4(data173) < 1){
+const err398 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err398];
 }
@@ -5142,11 +5135,8 @@ vErrors.push(err398);
 errors++;
 }
 }
-if(data173.audience !== undefined){
-let data175 = data173.audience;
-if(typeof data175 === "string"){
-if(func4(data175) < 1){
-const err399 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err399 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err399];
 }
@@ -5156,8 +5146,11 @@ vErrors.push(err399);
 errors++;
 }
 }
-else {
-const err400 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data169.jwks_url !== undefined){
+let data174 = data169.jwks_url;
+if(typeof data174 === "string"){
+if(!pattern1.test(data174)){
+const err400 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err400];
 }
@@ -5167,11 +5160,8 @@ vErrors.push(err400);
 errors++;
 }
 }
-if(data173.jwks_file !== undefined){
-let data176 = data173.jwks_file;
-if(typeof data176 === "string"){
-if(func4(data176) < 1){
-const err401 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err401 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err401];
 }
@@ -5181,8 +5171,9 @@ vErrors.push(err401);
 errors++;
 }
 }
+}
 else {
-const err402 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err402 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err402];
 }
@@ -5192,11 +5183,11 @@ vErrors.push(err402);
 errors++;
 }
 }
-if(data173.jwks_url !== undefined){
-let data177 = data173.jwks_url;
-if(typeof data177 === "string"){
-if(!pattern1.test(data177)){
-const err403 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+let data175 = data150.attestors;
+if(data175 && typeof data175 == "object" && !Array.isArray(data175)){
+for(const key39 in data175){
+if(!(((key39 === "kubernetes") || (key39 === "spiffe")) || (key39 === "local"))){
+const err403 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err403];
 }
@@ -5206,8 +5197,14 @@ vErrors.push(err403);
 errors++;
 }
 }
-else {
-const err404 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data175.kubernetes !== undefined){
+let data176 = data175.kubernetes;
+if(data176 && typeof data176 == "object" && !Array.isArray(data176)){
+if(data176.max_token_age_s === undefined){
+data176.max_token_age_s = 86400;
+}
+if(data176.issuer === undefined){
+const err404 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err404];
 }
@@ -5216,10 +5213,9 @@ vErrors.push(err404);
 }
 errors++;
 }
-}
-let data178 = data173.max_token_age_s;
-if(!(((typeof data178 == "number") && (!(data178 % 1) && !isNaN(data178))) && (isFinite(data178)))){
-const err405 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+for(const key40 in data176){
+if(!(((((key40 === "issuer") || (key40 === "audience")) || (key40 === "jwks_file")) || (key40 === "jwks_url")) || (key40 === "max_token_age_s"))){
+const err405 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err405];
 }
@@ -5228,9 +5224,12 @@ vErrors.push(err405);
 }
 errors++;
 }
-if((typeof data178 == "number") && (isFinite(data178))){
-if(data178 > 31536000 || isNaN(data178)){
-const err406 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+}
+if(data176.issuer !== undefined){
+let data177 = data176.issuer;
+if(typeof data177 === "string"){
+if(func4(data177) < 1){
+const err406 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err406];
 }
@@ -5239,8 +5238,9 @@ vErrors.push(err406);
 }
 errors++;
 }
-if(data178 < 60 || isNaN(data178)){
-const err407 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+}
+else {
+const err407 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err407];
 }
@@ -5250,9 +5250,11 @@ vErrors.push(err407);
 errors++;
 }
 }
-}
-else {
-const err408 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data176.audience !== undefined){
+let data178 = data176.audience;
+if(typeof data178 === "string"){
+if(func4(data178) < 1){
+const err408 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err408];
 }
@@ -5262,14 +5264,8 @@ vErrors.push(err408);
 errors++;
 }
 }
-if(data172.spiffe !== undefined){
-let data179 = data172.spiffe;
-if(data179 && typeof data179 == "object" && !Array.isArray(data179)){
-if(data179.max_lifetime_s === undefined){
-data179.max_lifetime_s = 86400;
-}
-if(data179.trust_domain === undefined){
-const err409 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
+else {
+const err409 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err409];
 }
@@ -5278,9 +5274,12 @@ vErrors.push(err409);
 }
 errors++;
 }
-for(const key41 in data179){
-if(!(((((key41 === "trust_domain") || (key41 === "audience")) || (key41 === "jwks_file")) || (key41 === "jwks_url")) || (key41 === "max_lifetime_s"))){
-const err410 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
+}
+if(data176.jwks_file !== undefined){
+let data179 = data176.jwks_file;
+if(typeof data179 === "string"){
+if(func4(data179) < 1){
+const err410 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err410];
 }
@@ -5290,11 +5289,8 @@ vErrors.push(err410);
 errors++;
 }
 }
-if(data179.trust_domain !== undefined){
-let data180 = data179.trust_domain;
-if(typeof data180 === "string"){
-if(!pattern26.test(data180)){
-const err411 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
+else {
+const err411 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err411];
 }
@@ -5304,8 +5300,11 @@ vErrors.push(err411);
 errors++;
 }
 }
-else {
-const err412 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data176.jwks_url !== undefined){
+let data180 = data176.jwks_url;
+if(typeof data180 === "string"){
+if(!pattern1.test(data180)){
+const err412 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err412];
 }
@@ -5315,11 +5314,8 @@ vErrors.push(err412);
 errors++;
 }
 }
-if(data179.audience !== undefined){
-let data181 = data179.audience;
-if(typeof data181 === "string"){
-if(func4(data181) < 1){
-const err413 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err413 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err413];
 }
@@ -5329,8 +5325,9 @@ vErrors.push(err413);
 errors++;
 }
 }
-else {
-const err414 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data181 = data176.max_token_age_s;
+if(!(((typeof data181 == "number") && (!(data181 % 1) && !isNaN(data181))) && (isFinite(data181)))){
+const err414 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err414];
 }
@@ -5339,12 +5336,9 @@ vErrors.push(err414);
 }
 errors++;
 }
-}
-if(data179.jwks_file !== undefined){
-let data182 = data179.jwks_file;
-if(typeof data182 === "string"){
-if(func4(data182) < 1){
-const err415 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if((typeof data181 == "number") && (isFinite(data181))){
+if(data181 > 31536000 || isNaN(data181)){
+const err415 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err415];
 }
@@ -5353,9 +5347,8 @@ vErrors.push(err415);
 }
 errors++;
 }
-}
-else {
-const err416 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data181 < 60 || isNaN(data181)){
+const err416 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err416];
 }
@@ -5365,11 +5358,9 @@ vErrors.push(err416);
 errors++;
 }
 }
-if(data179.jwks_url !== undefined){
-let data183 = data179.jwks_url;
-if(typeof data183 === "string"){
-if(!pattern1.test(data183)){
-const err417 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+}
+else {
+const err417 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err417];
 }
@@ -5379,8 +5370,14 @@ vErrors.push(err417);
 errors++;
 }
 }
-else {
-const err418 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data175.spiffe !== undefined){
+let data182 = data175.spiffe;
+if(data182 && typeof data182 == "object" && !Array.isArray(data182)){
+if(data182.max_lifetime_s === undefined){
+data182.max_lifetime_s = 86400;
+}
+if(data182.trust_domain === undefined){
+const err418 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
 if(vErrors === null){
 vErrors = [err418];
 }
@@ -5389,10 +5386,9 @@ vErrors.push(err418);
 }
 errors++;
 }
-}
-let data184 = data179.max_lifetime_s;
-if(!(((typeof data184 == "number") && (!(data184 % 1) && !isNaN(data184))) && (isFinite(data184)))){
-const err419 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+for(const key41 in data182){
+if(!(((((key41 === "trust_domain") || (key41 === "audience")) || (key41 === "jwks_file")) || (key41 === "jwks_url")) || (key41 === "max_lifetime_s"))){
+const err419 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err419];
 }
@@ -5401,9 +5397,12 @@ vErrors.push(err419);
 }
 errors++;
 }
-if((typeof data184 == "number") && (isFinite(data184))){
-if(data184 > 31536000 || isNaN(data184)){
-const err420 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+}
+if(data182.trust_domain !== undefined){
+let data183 = data182.trust_domain;
+if(typeof data183 === "string"){
+if(!pattern26.test(data183)){
+const err420 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err420];
 }
@@ -5412,8 +5411,9 @@ vErrors.push(err420);
 }
 errors++;
 }
-if(data184 < 60 || isNaN(data184)){
-const err421 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+}
+else {
+const err421 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err421];
 }
@@ -5423,9 +5423,11 @@ vErrors.push(err421);
 errors++;
 }
 }
-}
-else {
-const err422 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data182.audience !== undefined){
+let data184 = data182.audience;
+if(typeof data184 === "string"){
+if(func4(data184) < 1){
+const err422 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err422];
 }
@@ -5435,11 +5437,8 @@ vErrors.push(err422);
 errors++;
 }
 }
-if(data172.local !== undefined){
-let data185 = data172.local;
-if(data185 && typeof data185 == "object" && !Array.isArray(data185)){
-if(data185.keys_file === undefined){
-const err423 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
+else {
+const err423 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err423];
 }
@@ -5448,9 +5447,12 @@ vErrors.push(err423);
 }
 errors++;
 }
-for(const key42 in data185){
-if(!(key42 === "keys_file")){
-const err424 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
+}
+if(data182.jwks_file !== undefined){
+let data185 = data182.jwks_file;
+if(typeof data185 === "string"){
+if(func4(data185) < 1){
+const err424 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err424];
 }
@@ -5460,11 +5462,8 @@ vErrors.push(err424);
 errors++;
 }
 }
-if(data185.keys_file !== undefined){
-let data186 = data185.keys_file;
-if(typeof data186 === "string"){
-if(func4(data186) < 1){
-const err425 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err425 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err425];
 }
@@ -5474,8 +5473,11 @@ vErrors.push(err425);
 errors++;
 }
 }
-else {
-const err426 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data182.jwks_url !== undefined){
+let data186 = data182.jwks_url;
+if(typeof data186 === "string"){
+if(!pattern1.test(data186)){
+const err426 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err426];
 }
@@ -5485,9 +5487,8 @@ vErrors.push(err426);
 errors++;
 }
 }
-}
 else {
-const err427 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err427 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err427];
 }
@@ -5497,9 +5498,9 @@ vErrors.push(err427);
 errors++;
 }
 }
-}
-else {
-const err428 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data187 = data182.max_lifetime_s;
+if(!(((typeof data187 == "number") && (!(data187 % 1) && !isNaN(data187))) && (isFinite(data187)))){
+const err428 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err428];
 }
@@ -5508,10 +5509,9 @@ vErrors.push(err428);
 }
 errors++;
 }
-let data187 = data147.store;
-if(data187 && typeof data187 == "object" && !Array.isArray(data187)){
-if(Object.keys(data187).length > 1){
-const err429 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
+if((typeof data187 == "number") && (isFinite(data187))){
+if(data187 > 31536000 || isNaN(data187)){
+const err429 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err429];
 }
@@ -5520,9 +5520,8 @@ vErrors.push(err429);
 }
 errors++;
 }
-for(const key43 in data187){
-if(!((key43 === "sqlite") || (key43 === "postgres"))){
-const err430 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
+if(data187 < 60 || isNaN(data187)){
+const err430 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err430];
 }
@@ -5532,11 +5531,9 @@ vErrors.push(err430);
 errors++;
 }
 }
-if(data187.sqlite !== undefined){
-let data188 = data187.sqlite;
-if(data188 && typeof data188 == "object" && !Array.isArray(data188)){
-if(data188.path === undefined){
-const err431 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+}
+else {
+const err431 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err431];
 }
@@ -5545,9 +5542,12 @@ vErrors.push(err431);
 }
 errors++;
 }
-for(const key44 in data188){
-if(!(key44 === "path")){
-const err432 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key44},message:"must NOT have additional properties"};
+}
+if(data175.local !== undefined){
+let data188 = data175.local;
+if(data188 && typeof data188 == "object" && !Array.isArray(data188)){
+if(data188.keys_file === undefined){
+const err432 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
 if(vErrors === null){
 vErrors = [err432];
 }
@@ -5556,12 +5556,9 @@ vErrors.push(err432);
 }
 errors++;
 }
-}
-if(data188.path !== undefined){
-let data189 = data188.path;
-if(typeof data189 === "string"){
-if(func4(data189) < 1){
-const err433 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key42 in data188){
+if(!(key42 === "keys_file")){
+const err433 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err433];
 }
@@ -5571,8 +5568,11 @@ vErrors.push(err433);
 errors++;
 }
 }
-else {
-const err434 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data188.keys_file !== undefined){
+let data189 = data188.keys_file;
+if(typeof data189 === "string"){
+if(func4(data189) < 1){
+const err434 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err434];
 }
@@ -5582,9 +5582,8 @@ vErrors.push(err434);
 errors++;
 }
 }
-}
 else {
-const err435 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err435 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err435];
 }
@@ -5594,14 +5593,9 @@ vErrors.push(err435);
 errors++;
 }
 }
-if(data187.postgres !== undefined){
-let data190 = data187.postgres;
-if(data190 && typeof data190 == "object" && !Array.isArray(data190)){
-if(data190.schema === undefined){
-data190.schema = "latchkey";
 }
-if(data190.url === undefined){
-const err436 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
+else {
+const err436 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err436];
 }
@@ -5610,9 +5604,10 @@ vErrors.push(err436);
 }
 errors++;
 }
-for(const key45 in data190){
-if(!((key45 === "url") || (key45 === "schema"))){
-const err437 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key45},message:"must NOT have additional properties"};
+}
+}
+else {
+const err437 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err437];
 }
@@ -5621,12 +5616,10 @@ vErrors.push(err437);
 }
 errors++;
 }
-}
-if(data190.url !== undefined){
-let data191 = data190.url;
-if(typeof data191 === "string"){
-if(!pattern28.test(data191)){
-const err438 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
+let data190 = data150.store;
+if(data190 && typeof data190 == "object" && !Array.isArray(data190)){
+if(Object.keys(data190).length > 1){
+const err438 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
 if(vErrors === null){
 vErrors = [err438];
 }
@@ -5635,9 +5628,9 @@ vErrors.push(err438);
 }
 errors++;
 }
-}
-else {
-const err439 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key43 in data190){
+if(!((key43 === "sqlite") || (key43 === "postgres"))){
+const err439 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err439];
 }
@@ -5647,10 +5640,11 @@ vErrors.push(err439);
 errors++;
 }
 }
-let data192 = data190.schema;
-if(typeof data192 === "string"){
-if(!pattern29.test(data192)){
-const err440 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
+if(data190.sqlite !== undefined){
+let data191 = data190.sqlite;
+if(data191 && typeof data191 == "object" && !Array.isArray(data191)){
+if(data191.path === undefined){
+const err440 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err440];
 }
@@ -5659,9 +5653,9 @@ vErrors.push(err440);
 }
 errors++;
 }
-}
-else {
-const err441 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key44 in data191){
+if(!(key44 === "path")){
+const err441 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key44},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err441];
 }
@@ -5671,8 +5665,11 @@ vErrors.push(err441);
 errors++;
 }
 }
-else {
-const err442 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data191.path !== undefined){
+let data192 = data191.path;
+if(typeof data192 === "string"){
+if(func4(data192) < 1){
+const err442 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err442];
 }
@@ -5682,9 +5679,8 @@ vErrors.push(err442);
 errors++;
 }
 }
-}
 else {
-const err443 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err443 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err443];
 }
@@ -5693,10 +5689,10 @@ vErrors.push(err443);
 }
 errors++;
 }
-let data193 = data147.admin_token_env;
-if(typeof data193 === "string"){
-if(!pattern30.test(data193)){
-const err444 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+}
+}
+else {
+const err444 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err444];
 }
@@ -5706,8 +5702,14 @@ vErrors.push(err444);
 errors++;
 }
 }
-else {
-const err445 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data190.postgres !== undefined){
+let data193 = data190.postgres;
+if(data193 && typeof data193 == "object" && !Array.isArray(data193)){
+if(data193.schema === undefined){
+data193.schema = "latchkey";
+}
+if(data193.url === undefined){
+const err445 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err445];
 }
@@ -5716,13 +5718,9 @@ vErrors.push(err445);
 }
 errors++;
 }
-let data194 = data147.introspection_clients;
-if(data194 && typeof data194 == "object" && !Array.isArray(data194)){
-for(const key46 in data194){
-const _errs427 = errors;
-if(typeof key46 === "string"){
-if(!pattern6.test(key46)){
-const err446 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key46};
+for(const key45 in data193){
+if(!((key45 === "url") || (key45 === "schema"))){
+const err446 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key45},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err446];
 }
@@ -5732,9 +5730,11 @@ vErrors.push(err446);
 errors++;
 }
 }
-var valid80 = _errs427 === errors;
-if(!valid80){
-const err447 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
+if(data193.url !== undefined){
+let data194 = data193.url;
+if(typeof data194 === "string"){
+if(!pattern28.test(data194)){
+const err447 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
 if(vErrors === null){
 vErrors = [err447];
 }
@@ -5744,11 +5744,8 @@ vErrors.push(err447);
 errors++;
 }
 }
-for(const key47 in data194){
-let data195 = data194[key47];
-if(typeof data195 === "string"){
-if(!pattern30.test(data195)){
-const err448 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+else {
+const err448 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err448];
 }
@@ -5758,8 +5755,10 @@ vErrors.push(err448);
 errors++;
 }
 }
-else {
-const err449 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data195 = data193.schema;
+if(typeof data195 === "string"){
+if(!pattern29.test(data195)){
+const err449 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
 if(vErrors === null){
 vErrors = [err449];
 }
@@ -5769,9 +5768,8 @@ vErrors.push(err449);
 errors++;
 }
 }
-}
 else {
-const err450 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err450 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err450];
 }
@@ -5780,13 +5778,9 @@ vErrors.push(err450);
 }
 errors++;
 }
-let data196 = data147.leased_secrets;
-if(data196 && typeof data196 == "object" && !Array.isArray(data196)){
-for(const key48 in data196){
-const _errs433 = errors;
-if(typeof key48 === "string"){
-if(func4(key48) > 512){
-const err451 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key48};
+}
+else {
+const err451 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err451];
 }
@@ -5795,8 +5789,10 @@ vErrors.push(err451);
 }
 errors++;
 }
-if(func4(key48) < 1){
-const err452 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key48};
+}
+}
+else {
+const err452 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err452];
 }
@@ -5805,10 +5801,10 @@ vErrors.push(err452);
 }
 errors++;
 }
-}
-var valid82 = _errs433 === errors;
-if(!valid82){
-const err453 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key48},message:"property name must be valid"};
+let data196 = data150.admin_token_env;
+if(typeof data196 === "string"){
+if(!pattern30.test(data196)){
+const err453 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err453];
 }
@@ -5818,11 +5814,8 @@ vErrors.push(err453);
 errors++;
 }
 }
-for(const key49 in data196){
-let data197 = data196[key49];
-if(typeof data197 === "string"){
-if(!pattern30.test(data197)){
-const err454 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+else {
+const err454 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err454];
 }
@@ -5831,9 +5824,13 @@ vErrors.push(err454);
 }
 errors++;
 }
-}
-else {
-const err455 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data197 = data150.introspection_clients;
+if(data197 && typeof data197 == "object" && !Array.isArray(data197)){
+for(const key46 in data197){
+const _errs433 = errors;
+if(typeof key46 === "string"){
+if(!pattern6.test(key46)){
+const err455 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key46};
 if(vErrors === null){
 vErrors = [err455];
 }
@@ -5843,9 +5840,9 @@ vErrors.push(err455);
 errors++;
 }
 }
-}
-else {
-const err456 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+var valid80 = _errs433 === errors;
+if(!valid80){
+const err456 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err456];
 }
@@ -5854,11 +5851,12 @@ vErrors.push(err456);
 }
 errors++;
 }
-let data198 = data147.events;
-if(data198 && typeof data198 == "object" && !Array.isArray(data198)){
-for(const key50 in data198){
-if(!(key50 === "jsonl")){
-const err457 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
+}
+for(const key47 in data197){
+let data198 = data197[key47];
+if(typeof data198 === "string"){
+if(!pattern30.test(data198)){
+const err457 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err457];
 }
@@ -5868,11 +5866,8 @@ vErrors.push(err457);
 errors++;
 }
 }
-if(data198.jsonl !== undefined){
-let data199 = data198.jsonl;
-if(data199 && typeof data199 == "object" && !Array.isArray(data199)){
-if(data199.path === undefined){
-const err458 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+else {
+const err458 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err458];
 }
@@ -5881,9 +5876,10 @@ vErrors.push(err458);
 }
 errors++;
 }
-for(const key51 in data199){
-if(!(key51 === "path")){
-const err459 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
+}
+}
+else {
+const err459 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err459];
 }
@@ -5892,12 +5888,13 @@ vErrors.push(err459);
 }
 errors++;
 }
-}
-if(data199.path !== undefined){
-let data200 = data199.path;
-if(typeof data200 === "string"){
-if(func4(data200) < 1){
-const err460 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data199 = data150.leased_secrets;
+if(data199 && typeof data199 == "object" && !Array.isArray(data199)){
+for(const key48 in data199){
+const _errs439 = errors;
+if(typeof key48 === "string"){
+if(func4(key48) > 512){
+const err460 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key48};
 if(vErrors === null){
 vErrors = [err460];
 }
@@ -5906,9 +5903,8 @@ vErrors.push(err460);
 }
 errors++;
 }
-}
-else {
-const err461 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(func4(key48) < 1){
+const err461 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key48};
 if(vErrors === null){
 vErrors = [err461];
 }
@@ -5918,9 +5914,9 @@ vErrors.push(err461);
 errors++;
 }
 }
-}
-else {
-const err462 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+var valid82 = _errs439 === errors;
+if(!valid82){
+const err462 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key48},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err462];
 }
@@ -5930,9 +5926,11 @@ vErrors.push(err462);
 errors++;
 }
 }
-}
-else {
-const err463 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key49 in data199){
+let data200 = data199[key49];
+if(typeof data200 === "string"){
+if(!pattern30.test(data200)){
+const err463 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err463];
 }
@@ -5941,36 +5939,9 @@ vErrors.push(err463);
 }
 errors++;
 }
-if(data147.control !== undefined){
-let data201 = data147.control;
-if(data201 && typeof data201 == "object" && !Array.isArray(data201)){
-if(data201.host === undefined){
-data201.host = "127.0.0.1";
 }
-if(data201.port === undefined){
-data201.port = 15004;
-}
-if(data201.token_env === undefined){
-data201.token_env = "LATCHKEY_CONTROL_TOKEN";
-}
-if(data201.heartbeat_ms === undefined){
-data201.heartbeat_ms = 1000;
-}
-if(data201.max_bundle_bytes === undefined){
-data201.max_bundle_bytes = 262144;
-}
-if(data201.resync_ms === undefined){
-data201.resync_ms = 5000;
-}
-if(data201.tls === undefined){
-data201.tls = null;
-}
-if(data201.insecure_plaintext === undefined){
-data201.insecure_plaintext = false;
-}
-for(const key52 in data201){
-if(!(func2.call(schema11.properties.broker.properties.control.properties, key52))){
-const err464 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key52},message:"must NOT have additional properties"};
+else {
+const err464 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err464];
 }
@@ -5980,10 +5951,9 @@ vErrors.push(err464);
 errors++;
 }
 }
-let data202 = data201.host;
-if(typeof data202 === "string"){
-if(func4(data202) < 1){
-const err465 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err465 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err465];
 }
@@ -5992,9 +5962,11 @@ vErrors.push(err465);
 }
 errors++;
 }
-}
-else {
-const err466 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data201 = data150.events;
+if(data201 && typeof data201 == "object" && !Array.isArray(data201)){
+for(const key50 in data201){
+if(!(key50 === "jsonl")){
+const err466 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err466];
 }
@@ -6003,9 +5975,12 @@ vErrors.push(err466);
 }
 errors++;
 }
-let data203 = data201.port;
-if(!(((typeof data203 == "number") && (!(data203 % 1) && !isNaN(data203))) && (isFinite(data203)))){
-const err467 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(data201.jsonl !== undefined){
+let data202 = data201.jsonl;
+if(data202 && typeof data202 == "object" && !Array.isArray(data202)){
+if(data202.path === undefined){
+const err467 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err467];
 }
@@ -6014,9 +5989,9 @@ vErrors.push(err467);
 }
 errors++;
 }
-if((typeof data203 == "number") && (isFinite(data203))){
-if(data203 > 65535 || isNaN(data203)){
-const err468 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+for(const key51 in data202){
+if(!(key51 === "path")){
+const err468 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err468];
 }
@@ -6025,8 +6000,12 @@ vErrors.push(err468);
 }
 errors++;
 }
-if(data203 < 0 || isNaN(data203)){
-const err469 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+if(data202.path !== undefined){
+let data203 = data202.path;
+if(typeof data203 === "string"){
+if(func4(data203) < 1){
+const err469 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err469];
 }
@@ -6036,10 +6015,8 @@ vErrors.push(err469);
 errors++;
 }
 }
-let data204 = data201.token_env;
-if(typeof data204 === "string"){
-if(!pattern30.test(data204)){
-const err470 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+else {
+const err470 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err470];
 }
@@ -6049,8 +6026,9 @@ vErrors.push(err470);
 errors++;
 }
 }
+}
 else {
-const err471 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err471 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err471];
 }
@@ -6059,9 +6037,10 @@ vErrors.push(err471);
 }
 errors++;
 }
-let data205 = data201.heartbeat_ms;
-if(!(((typeof data205 == "number") && (!(data205 % 1) && !isNaN(data205))) && (isFinite(data205)))){
-const err472 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+}
+else {
+const err472 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err472];
 }
@@ -6070,9 +6049,36 @@ vErrors.push(err472);
 }
 errors++;
 }
-if((typeof data205 == "number") && (isFinite(data205))){
-if(data205 > 3600000 || isNaN(data205)){
-const err473 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data150.control !== undefined){
+let data204 = data150.control;
+if(data204 && typeof data204 == "object" && !Array.isArray(data204)){
+if(data204.host === undefined){
+data204.host = "127.0.0.1";
+}
+if(data204.port === undefined){
+data204.port = 15004;
+}
+if(data204.token_env === undefined){
+data204.token_env = "LATCHKEY_CONTROL_TOKEN";
+}
+if(data204.heartbeat_ms === undefined){
+data204.heartbeat_ms = 1000;
+}
+if(data204.max_bundle_bytes === undefined){
+data204.max_bundle_bytes = 262144;
+}
+if(data204.resync_ms === undefined){
+data204.resync_ms = 5000;
+}
+if(data204.tls === undefined){
+data204.tls = null;
+}
+if(data204.insecure_plaintext === undefined){
+data204.insecure_plaintext = false;
+}
+for(const key52 in data204){
+if(!(func2.call(schema11.properties.broker.properties.control.properties, key52))){
+const err473 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key52},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err473];
 }
@@ -6081,8 +6087,11 @@ vErrors.push(err473);
 }
 errors++;
 }
-if(data205 < 20 || isNaN(data205)){
-const err474 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
+}
+let data205 = data204.host;
+if(typeof data205 === "string"){
+if(func4(data205) < 1){
+const err474 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err474];
 }
@@ -6092,11 +6101,8 @@ vErrors.push(err474);
 errors++;
 }
 }
-if(data201.policy_file !== undefined){
-let data206 = data201.policy_file;
-if(typeof data206 === "string"){
-if(func4(data206) < 1){
-const err475 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err475 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err475];
 }
@@ -6105,9 +6111,9 @@ vErrors.push(err475);
 }
 errors++;
 }
-}
-else {
-const err476 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data206 = data204.port;
+if(!(((typeof data206 == "number") && (!(data206 % 1) && !isNaN(data206))) && (isFinite(data206)))){
+const err476 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err476];
 }
@@ -6116,10 +6122,9 @@ vErrors.push(err476);
 }
 errors++;
 }
-}
-let data207 = data201.max_bundle_bytes;
-if(!(((typeof data207 == "number") && (!(data207 % 1) && !isNaN(data207))) && (isFinite(data207)))){
-const err477 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data206 == "number") && (isFinite(data206))){
+if(data206 > 65535 || isNaN(data206)){
+const err477 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err477];
 }
@@ -6128,9 +6133,8 @@ vErrors.push(err477);
 }
 errors++;
 }
-if((typeof data207 == "number") && (isFinite(data207))){
-if(data207 > 3145728 || isNaN(data207)){
-const err478 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
+if(data206 < 0 || isNaN(data206)){
+const err478 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err478];
 }
@@ -6139,8 +6143,11 @@ vErrors.push(err478);
 }
 errors++;
 }
-if(data207 < 1024 || isNaN(data207)){
-const err479 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+}
+let data207 = data204.token_env;
+if(typeof data207 === "string"){
+if(!pattern30.test(data207)){
+const err479 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err479];
 }
@@ -6150,9 +6157,8 @@ vErrors.push(err479);
 errors++;
 }
 }
-let data208 = data201.resync_ms;
-if(!(((typeof data208 == "number") && (!(data208 % 1) && !isNaN(data208))) && (isFinite(data208)))){
-const err480 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err480 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err480];
 }
@@ -6161,9 +6167,9 @@ vErrors.push(err480);
 }
 errors++;
 }
-if((typeof data208 == "number") && (isFinite(data208))){
-if(data208 > 3600000 || isNaN(data208)){
-const err481 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+let data208 = data204.heartbeat_ms;
+if(!(((typeof data208 == "number") && (!(data208 % 1) && !isNaN(data208))) && (isFinite(data208)))){
+const err481 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err481];
 }
@@ -6172,8 +6178,9 @@ vErrors.push(err481);
 }
 errors++;
 }
-if(data208 < 50 || isNaN(data208)){
-const err482 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
+if((typeof data208 == "number") && (isFinite(data208))){
+if(data208 > 3600000 || isNaN(data208)){
+const err482 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err482];
 }
@@ -6182,10 +6189,8 @@ vErrors.push(err482);
 }
 errors++;
 }
-}
-let data209 = data201.tls;
-if((!(data209 && typeof data209 == "object" && !Array.isArray(data209))) && (data209 !== null)){
-const err483 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.control.properties.tls.type},message:"must be object,null"};
+if(data208 < 20 || isNaN(data208)){
+const err483 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
 if(vErrors === null){
 vErrors = [err483];
 }
@@ -6194,9 +6199,12 @@ vErrors.push(err483);
 }
 errors++;
 }
-if(data209 && typeof data209 == "object" && !Array.isArray(data209)){
-if(data209.cert_file === undefined){
-const err484 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+}
+if(data204.policy_file !== undefined){
+let data209 = data204.policy_file;
+if(typeof data209 === "string"){
+if(func4(data209) < 1){
+const err484 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err484];
 }
@@ -6205,8 +6213,9 @@ vErrors.push(err484);
 }
 errors++;
 }
-if(data209.key_file === undefined){
-const err485 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+}
+else {
+const err485 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err485];
 }
@@ -6215,9 +6224,10 @@ vErrors.push(err485);
 }
 errors++;
 }
-for(const key53 in data209){
-if(!(((key53 === "cert_file") || (key53 === "key_file")) || (key53 === "client_ca_file"))){
-const err486 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key53},message:"must NOT have additional properties"};
+}
+let data210 = data204.max_bundle_bytes;
+if(!(((typeof data210 == "number") && (!(data210 % 1) && !isNaN(data210))) && (isFinite(data210)))){
+const err486 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err486];
 }
@@ -6226,12 +6236,9 @@ vErrors.push(err486);
 }
 errors++;
 }
-}
-if(data209.cert_file !== undefined){
-let data210 = data209.cert_file;
-if(typeof data210 === "string"){
-if(func4(data210) < 1){
-const err487 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if((typeof data210 == "number") && (isFinite(data210))){
+if(data210 > 3145728 || isNaN(data210)){
+const err487 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
 if(vErrors === null){
 vErrors = [err487];
 }
@@ -6240,9 +6247,8 @@ vErrors.push(err487);
 }
 errors++;
 }
-}
-else {
-const err488 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data210 < 1024 || isNaN(data210)){
+const err488 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err488];
 }
@@ -6252,11 +6258,9 @@ vErrors.push(err488);
 errors++;
 }
 }
-if(data209.key_file !== undefined){
-let data211 = data209.key_file;
-if(typeof data211 === "string"){
-if(func4(data211) < 1){
-const err489 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data211 = data204.resync_ms;
+if(!(((typeof data211 == "number") && (!(data211 % 1) && !isNaN(data211))) && (isFinite(data211)))){
+const err489 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err489];
 }
@@ -6265,9 +6269,9 @@ vErrors.push(err489);
 }
 errors++;
 }
-}
-else {
-const err490 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data211 == "number") && (isFinite(data211))){
+if(data211 > 3600000 || isNaN(data211)){
+const err490 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err490];
 }
@@ -6276,12 +6280,8 @@ vErrors.push(err490);
 }
 errors++;
 }
-}
-if(data209.client_ca_file !== undefined){
-let data212 = data209.client_ca_file;
-if(typeof data212 === "string"){
-if(func4(data212) < 1){
-const err491 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data211 < 50 || isNaN(data211)){
+const err491 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
 if(vErrors === null){
 vErrors = [err491];
 }
@@ -6291,8 +6291,9 @@ vErrors.push(err491);
 errors++;
 }
 }
-else {
-const err492 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data212 = data204.tls;
+if((!(data212 && typeof data212 == "object" && !Array.isArray(data212))) && (data212 !== null)){
+const err492 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.control.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err492];
 }
@@ -6301,10 +6302,9 @@ vErrors.push(err492);
 }
 errors++;
 }
-}
-}
-if(typeof data201.insecure_plaintext !== "boolean"){
-const err493 = {instancePath:instancePath+"/broker/control/insecure_plaintext",schemaPath:"#/properties/broker/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data212 && typeof data212 == "object" && !Array.isArray(data212)){
+if(data212.cert_file === undefined){
+const err493 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err493];
 }
@@ -6313,17 +6313,8 @@ vErrors.push(err493);
 }
 errors++;
 }
-if(data201.nats !== undefined){
-let data214 = data201.nats;
-if(data214 && typeof data214 == "object" && !Array.isArray(data214)){
-if(data214.stream === undefined){
-data214.stream = "LATCHKEY_CONTROL";
-}
-if(data214.subject === undefined){
-data214.subject = "latchkey.control.revocations";
-}
-if(data214.servers === undefined){
-const err494 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
+if(data212.key_file === undefined){
+const err494 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err494];
 }
@@ -6332,9 +6323,9 @@ vErrors.push(err494);
 }
 errors++;
 }
-for(const key54 in data214){
-if(!(((key54 === "servers") || (key54 === "stream")) || (key54 === "subject"))){
-const err495 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key54},message:"must NOT have additional properties"};
+for(const key53 in data212){
+if(!(((key53 === "cert_file") || (key53 === "key_file")) || (key53 === "client_ca_file"))){
+const err495 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key53},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err495];
 }
@@ -6344,11 +6335,11 @@ vErrors.push(err495);
 errors++;
 }
 }
-if(data214.servers !== undefined){
-let data215 = data214.servers;
-if(Array.isArray(data215)){
-if(data215.length < 1){
-const err496 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if(data212.cert_file !== undefined){
+let data213 = data212.cert_file;
+if(typeof data213 === "string"){
+if(func4(data213) < 1){
+const err496 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err496];
 }
@@ -6357,12 +6348,9 @@ vErrors.push(err496);
 }
 errors++;
 }
-const len15 = data215.length;
-for(let i18=0; i18<len15; i18++){
-let data216 = data215[i18];
-if(typeof data216 === "string"){
-if(func4(data216) < 1){
-const err497 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err497 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err497];
 }
@@ -6372,8 +6360,11 @@ vErrors.push(err497);
 errors++;
 }
 }
-else {
-const err498 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data212.key_file !== undefined){
+let data214 = data212.key_file;
+if(typeof data214 === "string"){
+if(func4(data214) < 1){
+const err498 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err498];
 }
@@ -6383,9 +6374,8 @@ vErrors.push(err498);
 errors++;
 }
 }
-}
 else {
-const err499 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err499 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err499];
 }
@@ -6395,10 +6385,11 @@ vErrors.push(err499);
 errors++;
 }
 }
-let data217 = data214.stream;
-if(typeof data217 === "string"){
-if(!pattern35.test(data217)){
-const err500 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
+if(data212.client_ca_file !== undefined){
+let data215 = data212.client_ca_file;
+if(typeof data215 === "string"){
+if(func4(data215) < 1){
+const err500 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err500];
 }
@@ -6409,7 +6400,7 @@ errors++;
 }
 }
 else {
-const err501 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err501 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err501];
 }
@@ -6418,10 +6409,10 @@ vErrors.push(err501);
 }
 errors++;
 }
-let data218 = data214.subject;
-if(typeof data218 === "string"){
-if(!pattern14.test(data218)){
-const err502 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+}
+}
+if(typeof data204.insecure_plaintext !== "boolean"){
+const err502 = {instancePath:instancePath+"/broker/control/insecure_plaintext",schemaPath:"#/properties/broker/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err502];
 }
@@ -6430,9 +6421,17 @@ vErrors.push(err502);
 }
 errors++;
 }
+if(data204.nats !== undefined){
+let data217 = data204.nats;
+if(data217 && typeof data217 == "object" && !Array.isArray(data217)){
+if(data217.stream === undefined){
+data217.stream = "LATCHKEY_CONTROL";
 }
-else {
-const err503 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data217.subject === undefined){
+data217.subject = "latchkey.control.revocations";
+}
+if(data217.servers === undefined){
+const err503 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
 if(vErrors === null){
 vErrors = [err503];
 }
@@ -6441,9 +6440,9 @@ vErrors.push(err503);
 }
 errors++;
 }
-}
-else {
-const err504 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key54 in data217){
+if(!(((key54 === "servers") || (key54 === "stream")) || (key54 === "subject"))){
+const err504 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key54},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err504];
 }
@@ -6453,9 +6452,11 @@ vErrors.push(err504);
 errors++;
 }
 }
-}
-else {
-const err505 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data217.servers !== undefined){
+let data218 = data217.servers;
+if(Array.isArray(data218)){
+if(data218.length < 1){
+const err505 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err505];
 }
@@ -6464,10 +6465,12 @@ vErrors.push(err505);
 }
 errors++;
 }
-}
-}
-else {
-const err506 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const len15 = data218.length;
+for(let i18=0; i18<len15; i18++){
+let data219 = data218[i18];
+if(typeof data219 === "string"){
+if(func4(data219) < 1){
+const err506 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err506];
 }
@@ -6477,14 +6480,119 @@ vErrors.push(err506);
 errors++;
 }
 }
-}
 else {
-const err507 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err507 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err507];
 }
 else {
 vErrors.push(err507);
+}
+errors++;
+}
+}
+}
+else {
+const err508 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(vErrors === null){
+vErrors = [err508];
+}
+else {
+vErrors.push(err508);
+}
+errors++;
+}
+}
+let data220 = data217.stream;
+if(typeof data220 === "string"){
+if(!pattern35.test(data220)){
+const err509 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
+if(vErrors === null){
+vErrors = [err509];
+}
+else {
+vErrors.push(err509);
+}
+errors++;
+}
+}
+else {
+const err510 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err510];
+}
+else {
+vErrors.push(err510);
+}
+errors++;
+}
+let data221 = data217.subject;
+if(typeof data221 === "string"){
+if(!pattern14.test(data221)){
+const err511 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+if(vErrors === null){
+vErrors = [err511];
+}
+else {
+vErrors.push(err511);
+}
+errors++;
+}
+}
+else {
+const err512 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err512];
+}
+else {
+vErrors.push(err512);
+}
+errors++;
+}
+}
+else {
+const err513 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err513];
+}
+else {
+vErrors.push(err513);
+}
+errors++;
+}
+}
+}
+else {
+const err514 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err514];
+}
+else {
+vErrors.push(err514);
+}
+errors++;
+}
+}
+}
+else {
+const err515 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err515];
+}
+else {
+vErrors.push(err515);
+}
+errors++;
+}
+}
+}
+else {
+const err516 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err516];
+}
+else {
+vErrors.push(err516);
 }
 errors++;
 }

@@ -3,7 +3,7 @@
 // binary, 12.3 s of the sidecar's CPU). Real files in a temp dir; `reads` counts the files read.
 import t from 'tap'
 import { createHash, randomBytes } from 'node:crypto'
-import { linkSync, mkdtempSync, rmSync, utimesSync, writeFileSync } from 'node:fs'
+import { linkSync, mkdtempSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { ExecutableHashes } from '../proxy/identify/peer-process.js'
@@ -66,4 +66,22 @@ t.test('distinct files are read at most maxRunning at a time', async (t) => {
   t.equal(h.reads, 4)
   t.ok(peak <= 1, `never more than one read at once (peak ${peak})`)
   t.equal(await h.hash(join(dir, 'missing')), null, 'a file that cannot be read: no hash')
+})
+
+t.test('a file rewritten in place, its size and mtime put back, is read again: the ctime is in the key', async (t) => {
+  const h = new ExecutableHashes()
+  const p = join(dir, 'swapped')
+  const allowed = randomBytes(64 * 1024)
+  writeFileSync(p, allowed)
+  // A whole second, so utimes can put it back exactly.
+  const mtime = new Date(Math.floor(Date.now() / 1000) * 1000 - 60_000)
+  utimesSync(p, mtime, mtime)
+  t.equal(await h.hash(p), createHash('sha256').update(allowed).digest('hex'))
+  const other = randomBytes(64 * 1024)
+  // The same inode, size and mtime: only the ctime (which utimes itself sets) tells.
+  writeFileSync(p, other)
+  utimesSync(p, mtime, mtime)
+  t.equal(statSync(p).mtimeMs, mtime.getTime(), 'the mtime is back where it was')
+  t.equal(await h.hash(p), createHash('sha256').update(other).digest('hex'), 'the new content hashed, not the cached hash of the old')
+  t.equal(h.reads, 2)
 })

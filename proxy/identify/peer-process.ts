@@ -92,13 +92,20 @@ async function findPid(inode: string): Promise<number | null> {
 }
 
 /**
- * sha256 of executables, kept per file (device, inode, size, mtime): a hard link is the same file
+ * sha256 of executables, kept per file (device, inode, size, mtime, ctime): a hard link is the same file
  * under another name, so any number of them cost one read, where a cache by path read a 500 MB
  * binary once per link (10 links: 12.3 s of the sidecar's CPU, another caller's first call 1.9 s
  * instead of 0.34). Bounded (an LRU), concurrent asks for one file share one read, and at most
  * `maxRunning` files are read at once: a caller touching its binary before every connection costs
- * a read each time, but only that many at once.
+ * a read each time, but only that many at once. The ctime is in the key because the owner cannot
+ * set it: a file rewritten in place with its size kept and its mtime put back (`touch -r`) was
+ * the allowed binary's cached hash for other content. A file that changes while it is read gets
+ * no hash (and so no allowed_executables match).
  */
+function fileKey(st: { dev: number; ino: number; size: number; mtimeMs: number; ctimeMs: number }): string {
+  return `${st.dev}:${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`
+}
+
 export class ExecutableHashes {
   private readonly done: LRUCache<string, string>
   private readonly pending = new Map<string, Promise<string | null>>()
@@ -118,7 +125,7 @@ export class ExecutableHashes {
   async hash(path: string): Promise<string | null> {
     const st = await stat(path).catch(() => null)
     if (!st) return null
-    const key = `${st.dev}:${st.ino}:${st.size}:${st.mtimeMs}`
+    const key = fileKey(st)
     const cached = this.done.get(key)
     if (cached) return cached
     let p = this.pending.get(key)
@@ -136,6 +143,8 @@ export class ExecutableHashes {
       this.reads++
       const h = createHash('sha256')
       await new Promise<void>((resolve, reject) => createReadStream(path).on('data', (c) => h.update(c)).on('end', resolve).on('error', reject))
+      const after = await stat(path)
+      if (fileKey(after) !== key) return null
       const sha256 = h.digest('hex')
       this.done.set(key, sha256)
       return sha256

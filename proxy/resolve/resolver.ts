@@ -165,14 +165,18 @@ export class DnsResolver implements Resolver {
     if (!(this.timeoutMs > 0)) return lookup
     return new Promise<Answer>((resolve, reject) => {
       const timer = setTimeout(() => {
-        const reason = `${host}: DNS lookup timed out after ${this.timeoutMs} ms (sidecar.timeouts.dns_ms)`
-        this.remember(host, 'LK_DNS_TIMEOUT', reason)
-        const err = new LatchkeyError('LK_DNS_TIMEOUT', reason)
         const queued = this.waiting.get(host)
+        // A name that waited out its deadline for a thread was never asked: nothing is known of
+        // it, so nothing is cached (else other names' dead lookups failed a working one for the
+        // whole negative-cache window). One whose lookup ran this long is remembered.
+        const reason = queued
+          ? `${host}: not looked up within ${this.timeoutMs} ms (sidecar.timeouts.dns_ms): every lookup thread was busy with other names`
+          : `${host}: DNS lookup timed out after ${this.timeoutMs} ms (sidecar.timeouts.dns_ms)`
+        const err = new LatchkeyError('LK_DNS_TIMEOUT', reason)
         if (queued) {
           this.waiting.delete(host)
           queued.drop(err)
-        }
+        } else this.remember(host, 'LK_DNS_TIMEOUT', reason)
         reject(err)
       }, this.timeoutMs)
       lookup.then(

@@ -27,6 +27,8 @@ export const ERRORS = {
   LK_UPSTREAM_TIMEOUT: { status: 504, error: 'upstream_timeout', retryable: true },
   LK_UPSTREAM_PROTOCOL: { status: 502, error: 'upstream_protocol', retryable: false },
   LK_DRAINING: { status: 503, error: 'draining', retryable: true },
+  /** No upstream connection could be opened: the sidecar's are at sidecar.max_connections, all in use (forward/pools.ts). */
+  LK_UPSTREAM_LIMIT: { status: 503, error: 'upstream_connection_limit', retryable: true },
   /** Never rendered (nobody is left to read it); 499 as nginx records it. */
   LK_CLIENT_CLOSED: { status: 499, error: 'client_closed', retryable: false },
   /**

@@ -80,6 +80,19 @@ export class SidecarMetrics {
     registers: [this.registry],
     collect: (): void => this.callsInFlight.set(this.liveCount()),
   })
+  /** Set by the sidecar: upstream sockets open, read at scrape time. */
+  upstreamCount: () => { pooled: number; relayed: number } = () => ({ pooled: 0, relayed: 0 })
+  readonly openUpstreamConnections: Gauge<'kind'> = new Gauge({
+    name: 'latchkey_open_upstream_connections',
+    help: 'Upstream connections open, by kind: pooled (in use or idle keep-alive) and relayed (CONNECT tunnels, WebSockets); together held to sidecar.max_connections',
+    labelNames: ['kind'] as const,
+    registers: [this.registry],
+    collect: (): void => {
+      const { pooled, relayed } = this.upstreamCount()
+      this.openUpstreamConnections.set({ kind: 'pooled' }, pooled)
+      this.openUpstreamConnections.set({ kind: 'relayed' }, relayed)
+    },
+  })
   /** Set by the sidecar: how many tasks are open, read at scrape time. */
   taskCount: () => number = () => 0
   readonly openTasks: Gauge = new Gauge({

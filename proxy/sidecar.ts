@@ -27,7 +27,7 @@ import { SidecarMetrics } from './metrics.js'
 import { createListener } from './listen/server.js'
 import { ownHosts } from './listen/local-caller.js'
 import { createAdminServer, MAX_ADMIN_CONNECTIONS } from './admin.js'
-import { capConnections, openFileLimit } from './listen/cap.js'
+import { capConnections, oncePer, openFileLimit } from './listen/cap.js'
 import { compileNetworkPolicy } from './resolve/network-policy.js'
 import { DnsResolver } from './resolve/resolver.js'
 import type { AuditSink, CredentialBinding, Resolver } from './context.js'
@@ -250,6 +250,16 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   }
   const routes = new Map(Object.entries(config.routes).map(([name, origin]) => [name, new URL(origin)]))
   const networkPolicy = compileNetworkPolicy(config.network)
+  // Upstream sockets share max_connections' budget: with the agents' own, two descriptors a
+  // connection, as the start-up check below assumes. A dial past it, none idle, is a 503.
+  const upstreamLimitLogDue = oncePer(10_000)
+  const pools = new PinnedPools(sc.timeouts, sc.max_pools, upstreamCa, {
+    max: sc.max_connections,
+    onRefused: (max) => {
+      if (upstreamLimitLogDue()) log.warn({ max_connections: max }, `upstream connections at their limit of ${max} (sidecar.max_connections), none idle: new dials are refused with 503 LK_UPSTREAM_LIMIT`)
+    },
+  })
+  metrics.upstreamCount = () => ({ pooled: pools.pooled, relayed: pools.relayed })
   const pipeline = new Pipeline({
     identifier: new TaskIdentifier(sc.agent_id, tasks, config.tasks.required),
     callers,
@@ -262,7 +272,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       }),
     bindings,
     credentials: credentialSources,
-    pools: new PinnedPools(sc.timeouts, sc.max_pools, upstreamCa),
+    pools,
     routes,
     audit,
     log,
@@ -436,7 +446,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   capConnections(admin, MAX_ADMIN_CONNECTIONS, 'admin', 'fixed', metrics, log)
   const fileLimit = openFileLimit()
   if (fileLimit !== null && fileLimit < 2 * sc.max_connections + MAX_ADMIN_CONNECTIONS + 64) {
-    log.warn({ open_file_limit: fileLimit, max_connections: sc.max_connections }, 'the open-file limit is below what sidecar.max_connections needs (two descriptors a connection): a flood can still exhaust it; raise the limit or lower the setting')
+    log.warn({ open_file_limit: fileLimit, max_connections: sc.max_connections }, 'the open-file limit is below what sidecar.max_connections needs (two descriptors a connection: the agent\'s, and its share of upstream sockets): a flood can still exhaust it; raise the limit or lower the setting')
   }
   const port = (server.address() as AddressInfo).port
   const adminPort = (admin.address() as AddressInfo).port

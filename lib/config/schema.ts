@@ -65,6 +65,8 @@ export interface Config {
       client_headers_ms: number
       drain_ms: number
       tunnel_idle_ms: number
+      /** The longest an idle upstream keep-alive connection is kept, whatever the upstream's Keep-Alive asks. */
+      upstream_idle_ms: number
     }
     max_pools: number
     /** Open connections to the proxy port at once; past it new ones are closed unread (listen/cap.ts). */
@@ -500,10 +502,14 @@ export const configSchema = {
             // A CONNECT tunnel or WebSocket with no bytes either way this long is closed. Longer than
             // headers_ms: inside TLS the sidecar cannot tell a model still thinking from a dead peer.
             tunnel_idle_ms: ms(900_000),
+            // An idle upstream keep-alive connection is closed after this, however long the upstream's
+            // `Keep-Alive: timeout=` offers (undici alone believed up to 600 s): each holds a descriptor.
+            upstream_idle_ms: ms(30_000),
           },
         },
         max_pools: { type: 'integer', minimum: 1, maximum: 100_000, default: 256 },
         // Far more than one agent opens; each holds two descriptors (the agent's and the upstream's).
+        // Also the limit on upstream sockets open at once, pooled and relayed (forward/pools.ts).
         max_connections: { type: 'integer', minimum: 1, maximum: 1_000_000, default: 1024 },
         broker: {
           type: 'object',

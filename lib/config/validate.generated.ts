@@ -4,7 +4,7 @@
 "use strict";
 export const validate = validate10;
 export default validate10;
-const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"dns_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000},"tunnel_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":900000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"max_connections":{"type":"integer","minimum":1,"maximum":1000000,"default":1024},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000},"insecure_plaintext":{"type":"boolean","default":false}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"state_file":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"server_name":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"spiffe_id":{"type":"string","pattern":"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$","maxLength":2048}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000},"dns_negative_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000},"dns_max_lookups":{"type":"integer","minimum":1,"maximum":100000,"default":64}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"max_token_age_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"max_lifetime_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"client_ca_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
+const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"dns_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000},"tunnel_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":900000},"upstream_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"max_connections":{"type":"integer","minimum":1,"maximum":1000000,"default":1024},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000},"insecure_plaintext":{"type":"boolean","default":false}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"state_file":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"server_name":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"spiffe_id":{"type":"string","pattern":"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$","maxLength":2048}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000},"dns_negative_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000},"dns_max_lookups":{"type":"integer","minimum":1,"maximum":100000,"default":64}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"max_token_age_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"max_lifetime_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"client_ca_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
 const func2 = Object.prototype.hasOwnProperty;
 import func4Module from "ajv/dist/runtime/ucs2length.js";
 const func4 = func4Module.default;
@@ -406,8 +406,11 @@ data11.drain_ms = 10000;
 if(data11.tunnel_idle_ms === undefined){
 data11.tunnel_idle_ms = 900000;
 }
+if(data11.upstream_idle_ms === undefined){
+data11.upstream_idle_ms = 30000;
+}
 for(const key4 in data11){
-if(!(((((((key4 === "dns_ms") || (key4 === "connect_ms")) || (key4 === "headers_ms")) || (key4 === "body_ms")) || (key4 === "client_headers_ms")) || (key4 === "drain_ms")) || (key4 === "tunnel_idle_ms"))){
+if(!((((((((key4 === "dns_ms") || (key4 === "connect_ms")) || (key4 === "headers_ms")) || (key4 === "body_ms")) || (key4 === "client_headers_ms")) || (key4 === "drain_ms")) || (key4 === "tunnel_idle_ms")) || (key4 === "upstream_idle_ms"))){
 const err24 = {instancePath:instancePath+"/sidecar/timeouts",schemaPath:"#/properties/sidecar/properties/timeouts/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key4},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err24];
@@ -649,9 +652,9 @@ vErrors.push(err45);
 errors++;
 }
 }
-}
-else {
-const err46 = {instancePath:instancePath+"/sidecar/timeouts",schemaPath:"#/properties/sidecar/properties/timeouts/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data19 = data11.upstream_idle_ms;
+if(!(((typeof data19 == "number") && (!(data19 % 1) && !isNaN(data19))) && (isFinite(data19)))){
+const err46 = {instancePath:instancePath+"/sidecar/timeouts/upstream_idle_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/upstream_idle_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err46];
 }
@@ -660,9 +663,9 @@ vErrors.push(err46);
 }
 errors++;
 }
-let data19 = data1.max_pools;
-if(!(((typeof data19 == "number") && (!(data19 % 1) && !isNaN(data19))) && (isFinite(data19)))){
-const err47 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data19 == "number") && (isFinite(data19))){
+if(data19 > 3600000 || isNaN(data19)){
+const err47 = {instancePath:instancePath+"/sidecar/timeouts/upstream_idle_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/upstream_idle_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err47];
 }
@@ -671,9 +674,8 @@ vErrors.push(err47);
 }
 errors++;
 }
-if((typeof data19 == "number") && (isFinite(data19))){
-if(data19 > 100000 || isNaN(data19)){
-const err48 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/maximum",keyword:"maximum",params:{comparison: "<=", limit: 100000},message:"must be <= 100000"};
+if(data19 < 1 || isNaN(data19)){
+const err48 = {instancePath:instancePath+"/sidecar/timeouts/upstream_idle_ms",schemaPath:"#/properties/sidecar/properties/timeouts/properties/upstream_idle_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err48];
 }
@@ -682,8 +684,10 @@ vErrors.push(err48);
 }
 errors++;
 }
-if(data19 < 1 || isNaN(data19)){
-const err49 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+}
+else {
+const err49 = {instancePath:instancePath+"/sidecar/timeouts",schemaPath:"#/properties/sidecar/properties/timeouts/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err49];
 }
@@ -692,10 +696,9 @@ vErrors.push(err49);
 }
 errors++;
 }
-}
-let data20 = data1.max_connections;
+let data20 = data1.max_pools;
 if(!(((typeof data20 == "number") && (!(data20 % 1) && !isNaN(data20))) && (isFinite(data20)))){
-const err50 = {instancePath:instancePath+"/sidecar/max_connections",schemaPath:"#/properties/sidecar/properties/max_connections/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err50 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err50];
 }
@@ -705,8 +708,8 @@ vErrors.push(err50);
 errors++;
 }
 if((typeof data20 == "number") && (isFinite(data20))){
-if(data20 > 1000000 || isNaN(data20)){
-const err51 = {instancePath:instancePath+"/sidecar/max_connections",schemaPath:"#/properties/sidecar/properties/max_connections/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1000000},message:"must be <= 1000000"};
+if(data20 > 100000 || isNaN(data20)){
+const err51 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/maximum",keyword:"maximum",params:{comparison: "<=", limit: 100000},message:"must be <= 100000"};
 if(vErrors === null){
 vErrors = [err51];
 }
@@ -716,7 +719,7 @@ vErrors.push(err51);
 errors++;
 }
 if(data20 < 1 || isNaN(data20)){
-const err52 = {instancePath:instancePath+"/sidecar/max_connections",schemaPath:"#/properties/sidecar/properties/max_connections/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err52 = {instancePath:instancePath+"/sidecar/max_pools",schemaPath:"#/properties/sidecar/properties/max_pools/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err52];
 }
@@ -726,20 +729,9 @@ vErrors.push(err52);
 errors++;
 }
 }
-if(data1.broker !== undefined){
-let data21 = data1.broker;
-if(data21 && typeof data21 == "object" && !Array.isArray(data21)){
-if(data21.timeout_ms === undefined){
-data21.timeout_ms = 3000;
-}
-if(data21.min_remaining_ms === undefined){
-data21.min_remaining_ms = 5000;
-}
-if(data21.insecure_plaintext === undefined){
-data21.insecure_plaintext = false;
-}
-if(data21.url === undefined){
-const err53 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
+let data21 = data1.max_connections;
+if(!(((typeof data21 == "number") && (!(data21 % 1) && !isNaN(data21))) && (isFinite(data21)))){
+const err53 = {instancePath:instancePath+"/sidecar/max_connections",schemaPath:"#/properties/sidecar/properties/max_connections/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err53];
 }
@@ -748,9 +740,9 @@ vErrors.push(err53);
 }
 errors++;
 }
-for(const key5 in data21){
-if(!((((key5 === "url") || (key5 === "timeout_ms")) || (key5 === "min_remaining_ms")) || (key5 === "insecure_plaintext"))){
-const err54 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key5},message:"must NOT have additional properties"};
+if((typeof data21 == "number") && (isFinite(data21))){
+if(data21 > 1000000 || isNaN(data21)){
+const err54 = {instancePath:instancePath+"/sidecar/max_connections",schemaPath:"#/properties/sidecar/properties/max_connections/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1000000},message:"must be <= 1000000"};
 if(vErrors === null){
 vErrors = [err54];
 }
@@ -759,12 +751,8 @@ vErrors.push(err54);
 }
 errors++;
 }
-}
-if(data21.url !== undefined){
-let data22 = data21.url;
-if(typeof data22 === "string"){
-if(!pattern1.test(data22)){
-const err55 = {instancePath:instancePath+"/sidecar/broker/url",schemaPath:"#/properties/sidecar/properties/broker/properties/url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data21 < 1 || isNaN(data21)){
+const err55 = {instancePath:instancePath+"/sidecar/max_connections",schemaPath:"#/properties/sidecar/properties/max_connections/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err55];
 }
@@ -774,8 +762,20 @@ vErrors.push(err55);
 errors++;
 }
 }
-else {
-const err56 = {instancePath:instancePath+"/sidecar/broker/url",schemaPath:"#/properties/sidecar/properties/broker/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data1.broker !== undefined){
+let data22 = data1.broker;
+if(data22 && typeof data22 == "object" && !Array.isArray(data22)){
+if(data22.timeout_ms === undefined){
+data22.timeout_ms = 3000;
+}
+if(data22.min_remaining_ms === undefined){
+data22.min_remaining_ms = 5000;
+}
+if(data22.insecure_plaintext === undefined){
+data22.insecure_plaintext = false;
+}
+if(data22.url === undefined){
+const err56 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err56];
 }
@@ -784,10 +784,9 @@ vErrors.push(err56);
 }
 errors++;
 }
-}
-let data23 = data21.timeout_ms;
-if(!(((typeof data23 == "number") && (!(data23 % 1) && !isNaN(data23))) && (isFinite(data23)))){
-const err57 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+for(const key5 in data22){
+if(!((((key5 === "url") || (key5 === "timeout_ms")) || (key5 === "min_remaining_ms")) || (key5 === "insecure_plaintext"))){
+const err57 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key5},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err57];
 }
@@ -796,9 +795,12 @@ vErrors.push(err57);
 }
 errors++;
 }
-if((typeof data23 == "number") && (isFinite(data23))){
-if(data23 > 3600000 || isNaN(data23)){
-const err58 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+if(data22.url !== undefined){
+let data23 = data22.url;
+if(typeof data23 === "string"){
+if(!pattern1.test(data23)){
+const err58 = {instancePath:instancePath+"/sidecar/broker/url",schemaPath:"#/properties/sidecar/properties/broker/properties/url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err58];
 }
@@ -807,8 +809,9 @@ vErrors.push(err58);
 }
 errors++;
 }
-if(data23 < 1 || isNaN(data23)){
-const err59 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+else {
+const err59 = {instancePath:instancePath+"/sidecar/broker/url",schemaPath:"#/properties/sidecar/properties/broker/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err59];
 }
@@ -818,9 +821,9 @@ vErrors.push(err59);
 errors++;
 }
 }
-let data24 = data21.min_remaining_ms;
+let data24 = data22.timeout_ms;
 if(!(((typeof data24 == "number") && (!(data24 % 1) && !isNaN(data24))) && (isFinite(data24)))){
-const err60 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err60 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err60];
 }
@@ -831,7 +834,7 @@ errors++;
 }
 if((typeof data24 == "number") && (isFinite(data24))){
 if(data24 > 3600000 || isNaN(data24)){
-const err61 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err61 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err61];
 }
@@ -840,8 +843,8 @@ vErrors.push(err61);
 }
 errors++;
 }
-if(data24 < 0 || isNaN(data24)){
-const err62 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if(data24 < 1 || isNaN(data24)){
+const err62 = {instancePath:instancePath+"/sidecar/broker/timeout_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err62];
 }
@@ -851,8 +854,9 @@ vErrors.push(err62);
 errors++;
 }
 }
-if(typeof data21.insecure_plaintext !== "boolean"){
-const err63 = {instancePath:instancePath+"/sidecar/broker/insecure_plaintext",schemaPath:"#/properties/sidecar/properties/broker/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+let data25 = data22.min_remaining_ms;
+if(!(((typeof data25 == "number") && (!(data25 % 1) && !isNaN(data25))) && (isFinite(data25)))){
+const err63 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err63];
 }
@@ -861,9 +865,9 @@ vErrors.push(err63);
 }
 errors++;
 }
-}
-else {
-const err64 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data25 == "number") && (isFinite(data25))){
+if(data25 > 3600000 || isNaN(data25)){
+const err64 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err64];
 }
@@ -872,30 +876,8 @@ vErrors.push(err64);
 }
 errors++;
 }
-}
-if(data1.control !== undefined){
-let data26 = data1.control;
-if(data26 && typeof data26 == "object" && !Array.isArray(data26)){
-if(data26.stale_after_ms === undefined){
-data26.stale_after_ms = 30000;
-}
-if(data26.backoff_min_ms === undefined){
-data26.backoff_min_ms = 100;
-}
-if(data26.backoff_max_ms === undefined){
-data26.backoff_max_ms = 5000;
-}
-if(data26.max_bundle_bytes === undefined){
-data26.max_bundle_bytes = 262144;
-}
-if(data26.tls === undefined){
-data26.tls = null;
-}
-if(data26.insecure_plaintext === undefined){
-data26.insecure_plaintext = false;
-}
-if(data26.url === undefined){
-const err65 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
+if(data25 < 0 || isNaN(data25)){
+const err65 = {instancePath:instancePath+"/sidecar/broker/min_remaining_ms",schemaPath:"#/properties/sidecar/properties/broker/properties/min_remaining_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err65];
 }
@@ -904,8 +886,9 @@ vErrors.push(err65);
 }
 errors++;
 }
-if(data26.token_secret === undefined){
-const err66 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "token_secret"},message:"must have required property '"+"token_secret"+"'"};
+}
+if(typeof data22.insecure_plaintext !== "boolean"){
+const err66 = {instancePath:instancePath+"/sidecar/broker/insecure_plaintext",schemaPath:"#/properties/sidecar/properties/broker/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err66];
 }
@@ -914,9 +897,9 @@ vErrors.push(err66);
 }
 errors++;
 }
-for(const key6 in data26){
-if(!(func2.call(schema11.properties.sidecar.properties.control.properties, key6))){
-const err67 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key6},message:"must NOT have additional properties"};
+}
+else {
+const err67 = {instancePath:instancePath+"/sidecar/broker",schemaPath:"#/properties/sidecar/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err67];
 }
@@ -926,11 +909,29 @@ vErrors.push(err67);
 errors++;
 }
 }
-if(data26.url !== undefined){
-let data27 = data26.url;
-if(typeof data27 === "string"){
-if(!pattern2.test(data27)){
-const err68 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/pattern",keyword:"pattern",params:{pattern: "^grpc://[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/?$"},message:"must match pattern \""+"^grpc://[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/?$"+"\""};
+if(data1.control !== undefined){
+let data27 = data1.control;
+if(data27 && typeof data27 == "object" && !Array.isArray(data27)){
+if(data27.stale_after_ms === undefined){
+data27.stale_after_ms = 30000;
+}
+if(data27.backoff_min_ms === undefined){
+data27.backoff_min_ms = 100;
+}
+if(data27.backoff_max_ms === undefined){
+data27.backoff_max_ms = 5000;
+}
+if(data27.max_bundle_bytes === undefined){
+data27.max_bundle_bytes = 262144;
+}
+if(data27.tls === undefined){
+data27.tls = null;
+}
+if(data27.insecure_plaintext === undefined){
+data27.insecure_plaintext = false;
+}
+if(data27.url === undefined){
+const err68 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err68];
 }
@@ -939,9 +940,8 @@ vErrors.push(err68);
 }
 errors++;
 }
-}
-else {
-const err69 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data27.token_secret === undefined){
+const err69 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/required",keyword:"required",params:{missingProperty: "token_secret"},message:"must have required property '"+"token_secret"+"'"};
 if(vErrors === null){
 vErrors = [err69];
 }
@@ -950,12 +950,9 @@ vErrors.push(err69);
 }
 errors++;
 }
-}
-if(data26.token_secret !== undefined){
-let data28 = data26.token_secret;
-if(typeof data28 === "string"){
-if(!pattern3.test(data28)){
-const err70 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_]+$"},message:"must match pattern \""+"^[A-Za-z0-9_]+$"+"\""};
+for(const key6 in data27){
+if(!(func2.call(schema11.properties.sidecar.properties.control.properties, key6))){
+const err70 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key6},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err70];
 }
@@ -965,8 +962,11 @@ vErrors.push(err70);
 errors++;
 }
 }
-else {
-const err71 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data27.url !== undefined){
+let data28 = data27.url;
+if(typeof data28 === "string"){
+if(!pattern2.test(data28)){
+const err71 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/pattern",keyword:"pattern",params:{pattern: "^grpc://[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/?$"},message:"must match pattern \""+"^grpc://[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/?$"+"\""};
 if(vErrors === null){
 vErrors = [err71];
 }
@@ -976,9 +976,8 @@ vErrors.push(err71);
 errors++;
 }
 }
-let data29 = data26.stale_after_ms;
-if(!(((typeof data29 == "number") && (!(data29 % 1) && !isNaN(data29))) && (isFinite(data29)))){
-const err72 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err72 = {instancePath:instancePath+"/sidecar/control/url",schemaPath:"#/properties/sidecar/properties/control/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err72];
 }
@@ -987,9 +986,12 @@ vErrors.push(err72);
 }
 errors++;
 }
-if((typeof data29 == "number") && (isFinite(data29))){
-if(data29 > 3600000 || isNaN(data29)){
-const err73 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+if(data27.token_secret !== undefined){
+let data29 = data27.token_secret;
+if(typeof data29 === "string"){
+if(!pattern3.test(data29)){
+const err73 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_]+$"},message:"must match pattern \""+"^[A-Za-z0-9_]+$"+"\""};
 if(vErrors === null){
 vErrors = [err73];
 }
@@ -998,8 +1000,9 @@ vErrors.push(err73);
 }
 errors++;
 }
-if(data29 < 50 || isNaN(data29)){
-const err74 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
+}
+else {
+const err74 = {instancePath:instancePath+"/sidecar/control/token_secret",schemaPath:"#/properties/sidecar/properties/control/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err74];
 }
@@ -1009,9 +1012,9 @@ vErrors.push(err74);
 errors++;
 }
 }
-let data30 = data26.backoff_min_ms;
+let data30 = data27.stale_after_ms;
 if(!(((typeof data30 == "number") && (!(data30 % 1) && !isNaN(data30))) && (isFinite(data30)))){
-const err75 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err75 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err75];
 }
@@ -1022,7 +1025,7 @@ errors++;
 }
 if((typeof data30 == "number") && (isFinite(data30))){
 if(data30 > 3600000 || isNaN(data30)){
-const err76 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err76 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err76];
 }
@@ -1031,8 +1034,8 @@ vErrors.push(err76);
 }
 errors++;
 }
-if(data30 < 1 || isNaN(data30)){
-const err77 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if(data30 < 50 || isNaN(data30)){
+const err77 = {instancePath:instancePath+"/sidecar/control/stale_after_ms",schemaPath:"#/properties/sidecar/properties/control/properties/stale_after_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
 if(vErrors === null){
 vErrors = [err77];
 }
@@ -1042,9 +1045,9 @@ vErrors.push(err77);
 errors++;
 }
 }
-let data31 = data26.backoff_max_ms;
+let data31 = data27.backoff_min_ms;
 if(!(((typeof data31 == "number") && (!(data31 % 1) && !isNaN(data31))) && (isFinite(data31)))){
-const err78 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err78 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err78];
 }
@@ -1055,7 +1058,7 @@ errors++;
 }
 if((typeof data31 == "number") && (isFinite(data31))){
 if(data31 > 3600000 || isNaN(data31)){
-const err79 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err79 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err79];
 }
@@ -1065,7 +1068,7 @@ vErrors.push(err79);
 errors++;
 }
 if(data31 < 1 || isNaN(data31)){
-const err80 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err80 = {instancePath:instancePath+"/sidecar/control/backoff_min_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err80];
 }
@@ -1075,9 +1078,9 @@ vErrors.push(err80);
 errors++;
 }
 }
-let data32 = data26.max_bundle_bytes;
+let data32 = data27.backoff_max_ms;
 if(!(((typeof data32 == "number") && (!(data32 % 1) && !isNaN(data32))) && (isFinite(data32)))){
-const err81 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err81 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err81];
 }
@@ -1087,8 +1090,8 @@ vErrors.push(err81);
 errors++;
 }
 if((typeof data32 == "number") && (isFinite(data32))){
-if(data32 > 3145728 || isNaN(data32)){
-const err82 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
+if(data32 > 3600000 || isNaN(data32)){
+const err82 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err82];
 }
@@ -1097,8 +1100,8 @@ vErrors.push(err82);
 }
 errors++;
 }
-if(data32 < 1024 || isNaN(data32)){
-const err83 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+if(data32 < 1 || isNaN(data32)){
+const err83 = {instancePath:instancePath+"/sidecar/control/backoff_max_ms",schemaPath:"#/properties/sidecar/properties/control/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err83];
 }
@@ -1108,11 +1111,9 @@ vErrors.push(err83);
 errors++;
 }
 }
-if(data26.state_file !== undefined){
-let data33 = data26.state_file;
-if(typeof data33 === "string"){
-if(func4(data33) < 1){
-const err84 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data33 = data27.max_bundle_bytes;
+if(!(((typeof data33 == "number") && (!(data33 % 1) && !isNaN(data33))) && (isFinite(data33)))){
+const err84 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err84];
 }
@@ -1121,9 +1122,9 @@ vErrors.push(err84);
 }
 errors++;
 }
-}
-else {
-const err85 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data33 == "number") && (isFinite(data33))){
+if(data33 > 3145728 || isNaN(data33)){
+const err85 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
 if(vErrors === null){
 vErrors = [err85];
 }
@@ -1132,10 +1133,8 @@ vErrors.push(err85);
 }
 errors++;
 }
-}
-let data34 = data26.tls;
-if((!(data34 && typeof data34 == "object" && !Array.isArray(data34))) && (data34 !== null)){
-const err86 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.sidecar.properties.control.properties.tls.type},message:"must be object,null"};
+if(data33 < 1024 || isNaN(data33)){
+const err86 = {instancePath:instancePath+"/sidecar/control/max_bundle_bytes",schemaPath:"#/properties/sidecar/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err86];
 }
@@ -1144,9 +1143,12 @@ vErrors.push(err86);
 }
 errors++;
 }
-if(data34 && typeof data34 == "object" && !Array.isArray(data34)){
-if(data34.ca_file === undefined){
-const err87 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
+}
+if(data27.state_file !== undefined){
+let data34 = data27.state_file;
+if(typeof data34 === "string"){
+if(func4(data34) < 1){
+const err87 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err87];
 }
@@ -1155,9 +1157,9 @@ vErrors.push(err87);
 }
 errors++;
 }
-for(const key7 in data34){
-if(!((((key7 === "ca_file") || (key7 === "cert_file")) || (key7 === "key_file")) || (key7 === "server_name"))){
-const err88 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
+}
+else {
+const err88 = {instancePath:instancePath+"/sidecar/control/state_file",schemaPath:"#/properties/sidecar/properties/control/properties/state_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err88];
 }
@@ -1167,11 +1169,9 @@ vErrors.push(err88);
 errors++;
 }
 }
-if(data34.ca_file !== undefined){
-let data35 = data34.ca_file;
-if(typeof data35 === "string"){
-if(func4(data35) < 1){
-const err89 = {instancePath:instancePath+"/sidecar/control/tls/ca_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data35 = data27.tls;
+if((!(data35 && typeof data35 == "object" && !Array.isArray(data35))) && (data35 !== null)){
+const err89 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.sidecar.properties.control.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err89];
 }
@@ -1180,9 +1180,9 @@ vErrors.push(err89);
 }
 errors++;
 }
-}
-else {
-const err90 = {instancePath:instancePath+"/sidecar/control/tls/ca_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data35 && typeof data35 == "object" && !Array.isArray(data35)){
+if(data35.ca_file === undefined){
+const err90 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
 if(vErrors === null){
 vErrors = [err90];
 }
@@ -1191,12 +1191,9 @@ vErrors.push(err90);
 }
 errors++;
 }
-}
-if(data34.cert_file !== undefined){
-let data36 = data34.cert_file;
-if(typeof data36 === "string"){
-if(func4(data36) < 1){
-const err91 = {instancePath:instancePath+"/sidecar/control/tls/cert_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key7 in data35){
+if(!((((key7 === "ca_file") || (key7 === "cert_file")) || (key7 === "key_file")) || (key7 === "server_name"))){
+const err91 = {instancePath:instancePath+"/sidecar/control/tls",schemaPath:"#/properties/sidecar/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err91];
 }
@@ -1206,8 +1203,11 @@ vErrors.push(err91);
 errors++;
 }
 }
-else {
-const err92 = {instancePath:instancePath+"/sidecar/control/tls/cert_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data35.ca_file !== undefined){
+let data36 = data35.ca_file;
+if(typeof data36 === "string"){
+if(func4(data36) < 1){
+const err92 = {instancePath:instancePath+"/sidecar/control/tls/ca_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err92];
 }
@@ -1217,11 +1217,8 @@ vErrors.push(err92);
 errors++;
 }
 }
-if(data34.key_file !== undefined){
-let data37 = data34.key_file;
-if(typeof data37 === "string"){
-if(func4(data37) < 1){
-const err93 = {instancePath:instancePath+"/sidecar/control/tls/key_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err93 = {instancePath:instancePath+"/sidecar/control/tls/ca_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err93];
 }
@@ -1231,8 +1228,11 @@ vErrors.push(err93);
 errors++;
 }
 }
-else {
-const err94 = {instancePath:instancePath+"/sidecar/control/tls/key_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data35.cert_file !== undefined){
+let data37 = data35.cert_file;
+if(typeof data37 === "string"){
+if(func4(data37) < 1){
+const err94 = {instancePath:instancePath+"/sidecar/control/tls/cert_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err94];
 }
@@ -1242,11 +1242,8 @@ vErrors.push(err94);
 errors++;
 }
 }
-if(data34.server_name !== undefined){
-let data38 = data34.server_name;
-if(typeof data38 === "string"){
-if(func4(data38) < 1){
-const err95 = {instancePath:instancePath+"/sidecar/control/tls/server_name",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/server_name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err95 = {instancePath:instancePath+"/sidecar/control/tls/cert_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err95];
 }
@@ -1256,8 +1253,11 @@ vErrors.push(err95);
 errors++;
 }
 }
-else {
-const err96 = {instancePath:instancePath+"/sidecar/control/tls/server_name",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/server_name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data35.key_file !== undefined){
+let data38 = data35.key_file;
+if(typeof data38 === "string"){
+if(func4(data38) < 1){
+const err96 = {instancePath:instancePath+"/sidecar/control/tls/key_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err96];
 }
@@ -1267,9 +1267,8 @@ vErrors.push(err96);
 errors++;
 }
 }
-}
-if(typeof data26.insecure_plaintext !== "boolean"){
-const err97 = {instancePath:instancePath+"/sidecar/control/insecure_plaintext",schemaPath:"#/properties/sidecar/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err97 = {instancePath:instancePath+"/sidecar/control/tls/key_file",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err97];
 }
@@ -1279,8 +1278,11 @@ vErrors.push(err97);
 errors++;
 }
 }
-else {
-const err98 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data35.server_name !== undefined){
+let data39 = data35.server_name;
+if(typeof data39 === "string"){
+if(func4(data39) < 1){
+const err98 = {instancePath:instancePath+"/sidecar/control/tls/server_name",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/server_name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err98];
 }
@@ -1290,11 +1292,8 @@ vErrors.push(err98);
 errors++;
 }
 }
-if(data1.policy_file !== undefined){
-let data40 = data1.policy_file;
-if(typeof data40 === "string"){
-if(func4(data40) < 1){
-const err99 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err99 = {instancePath:instancePath+"/sidecar/control/tls/server_name",schemaPath:"#/properties/sidecar/properties/control/properties/tls/properties/server_name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err99];
 }
@@ -1304,8 +1303,9 @@ vErrors.push(err99);
 errors++;
 }
 }
-else {
-const err100 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+}
+if(typeof data27.insecure_plaintext !== "boolean"){
+const err100 = {instancePath:instancePath+"/sidecar/control/insecure_plaintext",schemaPath:"#/properties/sidecar/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err100];
 }
@@ -1315,8 +1315,8 @@ vErrors.push(err100);
 errors++;
 }
 }
-if(typeof data1.policy_watch !== "boolean"){
-const err101 = {instancePath:instancePath+"/sidecar/policy_watch",schemaPath:"#/properties/sidecar/properties/policy_watch/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err101 = {instancePath:instancePath+"/sidecar/control",schemaPath:"#/properties/sidecar/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err101];
 }
@@ -1325,20 +1325,12 @@ vErrors.push(err101);
 }
 errors++;
 }
-let data42 = data1.callers;
-if(data42 && typeof data42 == "object" && !Array.isArray(data42)){
-if(data42.identify === undefined){
-data42.identify = false;
 }
-if(data42.allowed_uids === undefined){
-data42.allowed_uids = [];
-}
-if(data42.allowed_executables === undefined){
-data42.allowed_executables = [];
-}
-for(const key8 in data42){
-if(!(((key8 === "identify") || (key8 === "allowed_uids")) || (key8 === "allowed_executables"))){
-const err102 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
+if(data1.policy_file !== undefined){
+let data41 = data1.policy_file;
+if(typeof data41 === "string"){
+if(func4(data41) < 1){
+const err102 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err102];
 }
@@ -1348,8 +1340,8 @@ vErrors.push(err102);
 errors++;
 }
 }
-if(typeof data42.identify !== "boolean"){
-const err103 = {instancePath:instancePath+"/sidecar/callers/identify",schemaPath:"#/properties/sidecar/properties/callers/properties/identify/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err103 = {instancePath:instancePath+"/sidecar/policy_file",schemaPath:"#/properties/sidecar/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err103];
 }
@@ -1358,13 +1350,9 @@ vErrors.push(err103);
 }
 errors++;
 }
-let data44 = data42.allowed_uids;
-if(Array.isArray(data44)){
-const len0 = data44.length;
-for(let i0=0; i0<len0; i0++){
-let data45 = data44[i0];
-if(!(((typeof data45 == "number") && (!(data45 % 1) && !isNaN(data45))) && (isFinite(data45)))){
-const err104 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(typeof data1.policy_watch !== "boolean"){
+const err104 = {instancePath:instancePath+"/sidecar/policy_watch",schemaPath:"#/properties/sidecar/properties/policy_watch/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err104];
 }
@@ -1373,9 +1361,20 @@ vErrors.push(err104);
 }
 errors++;
 }
-if((typeof data45 == "number") && (isFinite(data45))){
-if(data45 > 4294967295 || isNaN(data45)){
-const err105 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 4294967295},message:"must be <= 4294967295"};
+let data43 = data1.callers;
+if(data43 && typeof data43 == "object" && !Array.isArray(data43)){
+if(data43.identify === undefined){
+data43.identify = false;
+}
+if(data43.allowed_uids === undefined){
+data43.allowed_uids = [];
+}
+if(data43.allowed_executables === undefined){
+data43.allowed_executables = [];
+}
+for(const key8 in data43){
+if(!(((key8 === "identify") || (key8 === "allowed_uids")) || (key8 === "allowed_executables"))){
+const err105 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err105];
 }
@@ -1384,8 +1383,9 @@ vErrors.push(err105);
 }
 errors++;
 }
-if(data45 < 0 || isNaN(data45)){
-const err106 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+if(typeof data43.identify !== "boolean"){
+const err106 = {instancePath:instancePath+"/sidecar/callers/identify",schemaPath:"#/properties/sidecar/properties/callers/properties/identify/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err106];
 }
@@ -1394,20 +1394,13 @@ vErrors.push(err106);
 }
 errors++;
 }
-}
-}
-let i1 = data44.length;
-let j0;
-if(i1 > 1){
-const indices0 = {};
-for(;i1--;){
-let item0 = data44[i1];
-if(!(((typeof item0 == "number") && (!(item0 % 1) && !isNaN(item0))) && (isFinite(item0)))){
-continue;
-}
-if(typeof indices0[item0] == "number"){
-j0 = indices0[item0];
-const err107 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/uniqueItems",keyword:"uniqueItems",params:{i: i1, j: j0},message:"must NOT have duplicate items (items ## "+j0+" and "+i1+" are identical)"};
+let data45 = data43.allowed_uids;
+if(Array.isArray(data45)){
+const len0 = data45.length;
+for(let i0=0; i0<len0; i0++){
+let data46 = data45[i0];
+if(!(((typeof data46 == "number") && (!(data46 % 1) && !isNaN(data46))) && (isFinite(data46)))){
+const err107 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err107];
 }
@@ -1415,14 +1408,10 @@ else {
 vErrors.push(err107);
 }
 errors++;
-break;
 }
-indices0[item0] = i1;
-}
-}
-}
-else {
-const err108 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if((typeof data46 == "number") && (isFinite(data46))){
+if(data46 > 4294967295 || isNaN(data46)){
+const err108 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 4294967295},message:"must be <= 4294967295"};
 if(vErrors === null){
 vErrors = [err108];
 }
@@ -1431,14 +1420,8 @@ vErrors.push(err108);
 }
 errors++;
 }
-let data46 = data42.allowed_executables;
-if(Array.isArray(data46)){
-const len1 = data46.length;
-for(let i2=0; i2<len1; i2++){
-let data47 = data46[i2];
-if(typeof data47 === "string"){
-if(!pattern4.test(data47)){
-const err109 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
+if(data46 < 0 || isNaN(data46)){
+const err109 = {instancePath:instancePath+"/sidecar/callers/allowed_uids/" + i0,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err109];
 }
@@ -1448,8 +1431,19 @@ vErrors.push(err109);
 errors++;
 }
 }
-else {
-const err110 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+}
+let i1 = data45.length;
+let j0;
+if(i1 > 1){
+const indices0 = {};
+for(;i1--;){
+let item0 = data45[i1];
+if(!(((typeof item0 == "number") && (!(item0 % 1) && !isNaN(item0))) && (isFinite(item0)))){
+continue;
+}
+if(typeof indices0[item0] == "number"){
+j0 = indices0[item0];
+const err110 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/uniqueItems",keyword:"uniqueItems",params:{i: i1, j: j0},message:"must NOT have duplicate items (items ## "+j0+" and "+i1+" are identical)"};
 if(vErrors === null){
 vErrors = [err110];
 }
@@ -1457,20 +1451,14 @@ else {
 vErrors.push(err110);
 }
 errors++;
+break;
+}
+indices0[item0] = i1;
 }
 }
-let i3 = data46.length;
-let j1;
-if(i3 > 1){
-const indices1 = {};
-for(;i3--;){
-let item1 = data46[i3];
-if(typeof item1 !== "string"){
-continue;
 }
-if(typeof indices1[item1] == "number"){
-j1 = indices1[item1];
-const err111 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/uniqueItems",keyword:"uniqueItems",params:{i: i3, j: j1},message:"must NOT have duplicate items (items ## "+j1+" and "+i3+" are identical)"};
+else {
+const err111 = {instancePath:instancePath+"/sidecar/callers/allowed_uids",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_uids/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err111];
 }
@@ -1478,14 +1466,15 @@ else {
 vErrors.push(err111);
 }
 errors++;
-break;
 }
-indices1[item1] = i3;
-}
-}
-}
-else {
-const err112 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/type",keyword:"type",params:{type: "array"},message:"must be array"};
+let data47 = data43.allowed_executables;
+if(Array.isArray(data47)){
+const len1 = data47.length;
+for(let i2=0; i2<len1; i2++){
+let data48 = data47[i2];
+if(typeof data48 === "string"){
+if(!pattern4.test(data48)){
+const err112 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
 if(vErrors === null){
 vErrors = [err112];
 }
@@ -1496,7 +1485,7 @@ errors++;
 }
 }
 else {
-const err113 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err113 = {instancePath:instancePath+"/sidecar/callers/allowed_executables/" + i2,schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err113];
 }
@@ -1505,10 +1494,19 @@ vErrors.push(err113);
 }
 errors++;
 }
-let data48 = data1.attestation;
-if(data48 && typeof data48 == "object" && !Array.isArray(data48)){
-if(Object.keys(data48).length > 1){
-const err114 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
+}
+let i3 = data47.length;
+let j1;
+if(i3 > 1){
+const indices1 = {};
+for(;i3--;){
+let item1 = data47[i3];
+if(typeof item1 !== "string"){
+continue;
+}
+if(typeof indices1[item1] == "number"){
+j1 = indices1[item1];
+const err114 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/uniqueItems",keyword:"uniqueItems",params:{i: i3, j: j1},message:"must NOT have duplicate items (items ## "+j1+" and "+i3+" are identical)"};
 if(vErrors === null){
 vErrors = [err114];
 }
@@ -1516,10 +1514,14 @@ else {
 vErrors.push(err114);
 }
 errors++;
+break;
 }
-for(const key9 in data48){
-if(!(((key9 === "kubernetes") || (key9 === "spiffe")) || (key9 === "local"))){
-const err115 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
+indices1[item1] = i3;
+}
+}
+}
+else {
+const err115 = {instancePath:instancePath+"/sidecar/callers/allowed_executables",schemaPath:"#/properties/sidecar/properties/callers/properties/allowed_executables/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err115];
 }
@@ -1529,11 +1531,8 @@ vErrors.push(err115);
 errors++;
 }
 }
-if(data48.kubernetes !== undefined){
-let data49 = data48.kubernetes;
-if(data49 && typeof data49 == "object" && !Array.isArray(data49)){
-if(data49.token_file === undefined){
-const err116 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/required",keyword:"required",params:{missingProperty: "token_file"},message:"must have required property '"+"token_file"+"'"};
+else {
+const err116 = {instancePath:instancePath+"/sidecar/callers",schemaPath:"#/properties/sidecar/properties/callers/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err116];
 }
@@ -1542,9 +1541,10 @@ vErrors.push(err116);
 }
 errors++;
 }
-for(const key10 in data49){
-if(!(key10 === "token_file")){
-const err117 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key10},message:"must NOT have additional properties"};
+let data49 = data1.attestation;
+if(data49 && typeof data49 == "object" && !Array.isArray(data49)){
+if(Object.keys(data49).length > 1){
+const err117 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
 if(vErrors === null){
 vErrors = [err117];
 }
@@ -1553,12 +1553,9 @@ vErrors.push(err117);
 }
 errors++;
 }
-}
-if(data49.token_file !== undefined){
-let data50 = data49.token_file;
-if(typeof data50 === "string"){
-if(func4(data50) < 1){
-const err118 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key9 in data49){
+if(!(((key9 === "kubernetes") || (key9 === "spiffe")) || (key9 === "local"))){
+const err118 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err118];
 }
@@ -1568,8 +1565,11 @@ vErrors.push(err118);
 errors++;
 }
 }
-else {
-const err119 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data49.kubernetes !== undefined){
+let data50 = data49.kubernetes;
+if(data50 && typeof data50 == "object" && !Array.isArray(data50)){
+if(data50.token_file === undefined){
+const err119 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/required",keyword:"required",params:{missingProperty: "token_file"},message:"must have required property '"+"token_file"+"'"};
 if(vErrors === null){
 vErrors = [err119];
 }
@@ -1578,10 +1578,9 @@ vErrors.push(err119);
 }
 errors++;
 }
-}
-}
-else {
-const err120 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key10 in data50){
+if(!(key10 === "token_file")){
+const err120 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key10},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err120];
 }
@@ -1591,11 +1590,11 @@ vErrors.push(err120);
 errors++;
 }
 }
-if(data48.spiffe !== undefined){
-let data51 = data48.spiffe;
-if(data51 && typeof data51 == "object" && !Array.isArray(data51)){
-if(data51.socket === undefined){
-const err121 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/required",keyword:"required",params:{missingProperty: "socket"},message:"must have required property '"+"socket"+"'"};
+if(data50.token_file !== undefined){
+let data51 = data50.token_file;
+if(typeof data51 === "string"){
+if(func4(data51) < 1){
+const err121 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err121];
 }
@@ -1604,9 +1603,9 @@ vErrors.push(err121);
 }
 errors++;
 }
-for(const key11 in data51){
-if(!(((key11 === "socket") || (key11 === "audience")) || (key11 === "spiffe_id"))){
-const err122 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key11},message:"must NOT have additional properties"};
+}
+else {
+const err122 = {instancePath:instancePath+"/sidecar/attestation/kubernetes/token_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/properties/token_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err122];
 }
@@ -1616,11 +1615,9 @@ vErrors.push(err122);
 errors++;
 }
 }
-if(data51.socket !== undefined){
-let data52 = data51.socket;
-if(typeof data52 === "string"){
-if(func4(data52) < 1){
-const err123 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err123 = {instancePath:instancePath+"/sidecar/attestation/kubernetes",schemaPath:"#/properties/sidecar/properties/attestation/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err123];
 }
@@ -1630,8 +1627,11 @@ vErrors.push(err123);
 errors++;
 }
 }
-else {
-const err124 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data49.spiffe !== undefined){
+let data52 = data49.spiffe;
+if(data52 && typeof data52 == "object" && !Array.isArray(data52)){
+if(data52.socket === undefined){
+const err124 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/required",keyword:"required",params:{missingProperty: "socket"},message:"must have required property '"+"socket"+"'"};
 if(vErrors === null){
 vErrors = [err124];
 }
@@ -1640,12 +1640,9 @@ vErrors.push(err124);
 }
 errors++;
 }
-}
-if(data51.audience !== undefined){
-let data53 = data51.audience;
-if(typeof data53 === "string"){
-if(func4(data53) < 1){
-const err125 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key11 in data52){
+if(!(((key11 === "socket") || (key11 === "audience")) || (key11 === "spiffe_id"))){
+const err125 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key11},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err125];
 }
@@ -1655,8 +1652,11 @@ vErrors.push(err125);
 errors++;
 }
 }
-else {
-const err126 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data52.socket !== undefined){
+let data53 = data52.socket;
+if(typeof data53 === "string"){
+if(func4(data53) < 1){
+const err126 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err126];
 }
@@ -1666,11 +1666,8 @@ vErrors.push(err126);
 errors++;
 }
 }
-if(data51.spiffe_id !== undefined){
-let data54 = data51.spiffe_id;
-if(typeof data54 === "string"){
-if(func4(data54) > 2048){
-const err127 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/maxLength",keyword:"maxLength",params:{limit: 2048},message:"must NOT have more than 2048 characters"};
+else {
+const err127 = {instancePath:instancePath+"/sidecar/attestation/spiffe/socket",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/socket/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err127];
 }
@@ -1679,8 +1676,12 @@ vErrors.push(err127);
 }
 errors++;
 }
-if(!pattern5.test(data54)){
-const err128 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/pattern",keyword:"pattern",params:{pattern: "^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"},message:"must match pattern \""+"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"+"\""};
+}
+if(data52.audience !== undefined){
+let data54 = data52.audience;
+if(typeof data54 === "string"){
+if(func4(data54) < 1){
+const err128 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err128];
 }
@@ -1691,7 +1692,7 @@ errors++;
 }
 }
 else {
-const err129 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err129 = {instancePath:instancePath+"/sidecar/attestation/spiffe/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err129];
 }
@@ -1701,9 +1702,11 @@ vErrors.push(err129);
 errors++;
 }
 }
-}
-else {
-const err130 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data52.spiffe_id !== undefined){
+let data55 = data52.spiffe_id;
+if(typeof data55 === "string"){
+if(func4(data55) > 2048){
+const err130 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/maxLength",keyword:"maxLength",params:{limit: 2048},message:"must NOT have more than 2048 characters"};
 if(vErrors === null){
 vErrors = [err130];
 }
@@ -1712,12 +1715,8 @@ vErrors.push(err130);
 }
 errors++;
 }
-}
-if(data48.local !== undefined){
-let data55 = data48.local;
-if(data55 && typeof data55 == "object" && !Array.isArray(data55)){
-if(data55.key_file === undefined){
-const err131 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+if(!pattern5.test(data55)){
+const err131 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/pattern",keyword:"pattern",params:{pattern: "^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"},message:"must match pattern \""+"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$"+"\""};
 if(vErrors === null){
 vErrors = [err131];
 }
@@ -1726,9 +1725,9 @@ vErrors.push(err131);
 }
 errors++;
 }
-for(const key12 in data55){
-if(!((key12 === "key_file") || (key12 === "audience"))){
-const err132 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key12},message:"must NOT have additional properties"};
+}
+else {
+const err132 = {instancePath:instancePath+"/sidecar/attestation/spiffe/spiffe_id",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/properties/spiffe_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err132];
 }
@@ -1738,11 +1737,9 @@ vErrors.push(err132);
 errors++;
 }
 }
-if(data55.key_file !== undefined){
-let data56 = data55.key_file;
-if(typeof data56 === "string"){
-if(func4(data56) < 1){
-const err133 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err133 = {instancePath:instancePath+"/sidecar/attestation/spiffe",schemaPath:"#/properties/sidecar/properties/attestation/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err133];
 }
@@ -1752,8 +1749,11 @@ vErrors.push(err133);
 errors++;
 }
 }
-else {
-const err134 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data49.local !== undefined){
+let data56 = data49.local;
+if(data56 && typeof data56 == "object" && !Array.isArray(data56)){
+if(data56.key_file === undefined){
+const err134 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err134];
 }
@@ -1762,12 +1762,9 @@ vErrors.push(err134);
 }
 errors++;
 }
-}
-if(data55.audience !== undefined){
-let data57 = data55.audience;
-if(typeof data57 === "string"){
-if(func4(data57) < 1){
-const err135 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key12 in data56){
+if(!((key12 === "key_file") || (key12 === "audience"))){
+const err135 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key12},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err135];
 }
@@ -1777,8 +1774,11 @@ vErrors.push(err135);
 errors++;
 }
 }
-else {
-const err136 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data56.key_file !== undefined){
+let data57 = data56.key_file;
+if(typeof data57 === "string"){
+if(func4(data57) < 1){
+const err136 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err136];
 }
@@ -1788,9 +1788,8 @@ vErrors.push(err136);
 errors++;
 }
 }
-}
 else {
-const err137 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err137 = {instancePath:instancePath+"/sidecar/attestation/local/key_file",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err137];
 }
@@ -1800,9 +1799,11 @@ vErrors.push(err137);
 errors++;
 }
 }
-}
-else {
-const err138 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data56.audience !== undefined){
+let data58 = data56.audience;
+if(typeof data58 === "string"){
+if(func4(data58) < 1){
+const err138 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err138];
 }
@@ -1813,7 +1814,7 @@ errors++;
 }
 }
 else {
-const err139 = {instancePath:instancePath+"/sidecar",schemaPath:"#/properties/sidecar/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err139 = {instancePath:instancePath+"/sidecar/attestation/local/audience",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err139];
 }
@@ -1822,20 +1823,10 @@ vErrors.push(err139);
 }
 errors++;
 }
-let data58 = data.tasks;
-if(data58 && typeof data58 == "object" && !Array.isArray(data58)){
-if(data58.max_duration_s === undefined){
-data58.max_duration_s = 86400;
 }
-if(data58.required === undefined){
-data58.required = false;
 }
-if(data58.default === undefined){
-data58.default = {};
-}
-for(const key13 in data58){
-if(!(((key13 === "max_duration_s") || (key13 === "required")) || (key13 === "default"))){
-const err140 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key13},message:"must NOT have additional properties"};
+else {
+const err140 = {instancePath:instancePath+"/sidecar/attestation/local",schemaPath:"#/properties/sidecar/properties/attestation/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err140];
 }
@@ -1845,9 +1836,9 @@ vErrors.push(err140);
 errors++;
 }
 }
-let data59 = data58.max_duration_s;
-if(!(((typeof data59 == "number") && (!(data59 % 1) && !isNaN(data59))) && (isFinite(data59)))){
-const err141 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err141 = {instancePath:instancePath+"/sidecar/attestation",schemaPath:"#/properties/sidecar/properties/attestation/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err141];
 }
@@ -1856,9 +1847,9 @@ vErrors.push(err141);
 }
 errors++;
 }
-if((typeof data59 == "number") && (isFinite(data59))){
-if(data59 > 604800 || isNaN(data59)){
-const err142 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
+}
+else {
+const err142 = {instancePath:instancePath+"/sidecar",schemaPath:"#/properties/sidecar/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err142];
 }
@@ -1867,8 +1858,20 @@ vErrors.push(err142);
 }
 errors++;
 }
-if(data59 < 1 || isNaN(data59)){
-const err143 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+let data59 = data.tasks;
+if(data59 && typeof data59 == "object" && !Array.isArray(data59)){
+if(data59.max_duration_s === undefined){
+data59.max_duration_s = 86400;
+}
+if(data59.required === undefined){
+data59.required = false;
+}
+if(data59.default === undefined){
+data59.default = {};
+}
+for(const key13 in data59){
+if(!(((key13 === "max_duration_s") || (key13 === "required")) || (key13 === "default"))){
+const err143 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key13},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err143];
 }
@@ -1878,8 +1881,9 @@ vErrors.push(err143);
 errors++;
 }
 }
-if(typeof data58.required !== "boolean"){
-const err144 = {instancePath:instancePath+"/tasks/required",schemaPath:"#/properties/tasks/properties/required/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+let data60 = data59.max_duration_s;
+if(!(((typeof data60 == "number") && (!(data60 % 1) && !isNaN(data60))) && (isFinite(data60)))){
+const err144 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err144];
 }
@@ -1888,20 +1892,9 @@ vErrors.push(err144);
 }
 errors++;
 }
-let data61 = data58.default;
-if(data61 && typeof data61 == "object" && !Array.isArray(data61)){
-if(data61.enabled === undefined){
-data61.enabled = false;
-}
-if(data61.duration_s === undefined){
-data61.duration_s = 3600;
-}
-if(data61.purpose === undefined){
-data61.purpose = "default task";
-}
-for(const key14 in data61){
-if(!(((key14 === "enabled") || (key14 === "duration_s")) || (key14 === "purpose"))){
-const err145 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key14},message:"must NOT have additional properties"};
+if((typeof data60 == "number") && (isFinite(data60))){
+if(data60 > 604800 || isNaN(data60)){
+const err145 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
 if(vErrors === null){
 vErrors = [err145];
 }
@@ -1910,9 +1903,8 @@ vErrors.push(err145);
 }
 errors++;
 }
-}
-if(typeof data61.enabled !== "boolean"){
-const err146 = {instancePath:instancePath+"/tasks/default/enabled",schemaPath:"#/properties/tasks/properties/default/properties/enabled/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data60 < 1 || isNaN(data60)){
+const err146 = {instancePath:instancePath+"/tasks/max_duration_s",schemaPath:"#/properties/tasks/properties/max_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err146];
 }
@@ -1921,9 +1913,9 @@ vErrors.push(err146);
 }
 errors++;
 }
-let data63 = data61.duration_s;
-if(!(((typeof data63 == "number") && (!(data63 % 1) && !isNaN(data63))) && (isFinite(data63)))){
-const err147 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(typeof data59.required !== "boolean"){
+const err147 = {instancePath:instancePath+"/tasks/required",schemaPath:"#/properties/tasks/properties/required/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err147];
 }
@@ -1932,9 +1924,20 @@ vErrors.push(err147);
 }
 errors++;
 }
-if((typeof data63 == "number") && (isFinite(data63))){
-if(data63 > 604800 || isNaN(data63)){
-const err148 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
+let data62 = data59.default;
+if(data62 && typeof data62 == "object" && !Array.isArray(data62)){
+if(data62.enabled === undefined){
+data62.enabled = false;
+}
+if(data62.duration_s === undefined){
+data62.duration_s = 3600;
+}
+if(data62.purpose === undefined){
+data62.purpose = "default task";
+}
+for(const key14 in data62){
+if(!(((key14 === "enabled") || (key14 === "duration_s")) || (key14 === "purpose"))){
+const err148 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key14},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err148];
 }
@@ -1943,8 +1946,9 @@ vErrors.push(err148);
 }
 errors++;
 }
-if(data63 < 1 || isNaN(data63)){
-const err149 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+if(typeof data62.enabled !== "boolean"){
+const err149 = {instancePath:instancePath+"/tasks/default/enabled",schemaPath:"#/properties/tasks/properties/default/properties/enabled/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err149];
 }
@@ -1953,11 +1957,9 @@ vErrors.push(err149);
 }
 errors++;
 }
-}
-let data64 = data61.purpose;
-if(typeof data64 === "string"){
-if(func4(data64) > 256){
-const err150 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
+let data64 = data62.duration_s;
+if(!(((typeof data64 == "number") && (!(data64 % 1) && !isNaN(data64))) && (isFinite(data64)))){
+const err150 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err150];
 }
@@ -1966,9 +1968,9 @@ vErrors.push(err150);
 }
 errors++;
 }
-}
-else {
-const err151 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data64 == "number") && (isFinite(data64))){
+if(data64 > 604800 || isNaN(data64)){
+const err151 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 604800},message:"must be <= 604800"};
 if(vErrors === null){
 vErrors = [err151];
 }
@@ -1977,9 +1979,8 @@ vErrors.push(err151);
 }
 errors++;
 }
-}
-else {
-const err152 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data64 < 1 || isNaN(data64)){
+const err152 = {instancePath:instancePath+"/tasks/default/duration_s",schemaPath:"#/properties/tasks/properties/default/properties/duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err152];
 }
@@ -1989,8 +1990,10 @@ vErrors.push(err152);
 errors++;
 }
 }
-else {
-const err153 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data65 = data62.purpose;
+if(typeof data65 === "string"){
+if(func4(data65) > 256){
+const err153 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
 if(vErrors === null){
 vErrors = [err153];
 }
@@ -1999,20 +2002,9 @@ vErrors.push(err153);
 }
 errors++;
 }
-let data65 = data.policy;
-if(data65 && typeof data65 == "object" && !Array.isArray(data65)){
-if(data65.mode === undefined){
-data65.mode = "enforce";
 }
-if(data65.default === undefined){
-data65.default = "deny";
-}
-if(data65.rules === undefined){
-data65.rules = [];
-}
-for(const key15 in data65){
-if(!(((key15 === "mode") || (key15 === "default")) || (key15 === "rules"))){
-const err154 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key15},message:"must NOT have additional properties"};
+else {
+const err154 = {instancePath:instancePath+"/tasks/default/purpose",schemaPath:"#/properties/tasks/properties/default/properties/purpose/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err154];
 }
@@ -2022,9 +2014,8 @@ vErrors.push(err154);
 errors++;
 }
 }
-let data66 = data65.mode;
-if(!((data66 === "enforce") || (data66 === "report"))){
-const err155 = {instancePath:instancePath+"/policy/mode",schemaPath:"#/properties/policy/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.mode.enum},message:"must be equal to one of the allowed values"};
+else {
+const err155 = {instancePath:instancePath+"/tasks/default",schemaPath:"#/properties/tasks/properties/default/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err155];
 }
@@ -2033,9 +2024,9 @@ vErrors.push(err155);
 }
 errors++;
 }
-let data67 = data65.default;
-if(!((data67 === "allow") || (data67 === "deny"))){
-const err156 = {instancePath:instancePath+"/policy/default",schemaPath:"#/properties/policy/properties/default/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.default.enum},message:"must be equal to one of the allowed values"};
+}
+else {
+const err156 = {instancePath:instancePath+"/tasks",schemaPath:"#/properties/tasks/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err156];
 }
@@ -2044,14 +2035,20 @@ vErrors.push(err156);
 }
 errors++;
 }
-let data68 = data65.rules;
-if(Array.isArray(data68)){
-const len2 = data68.length;
-for(let i4=0; i4<len2; i4++){
-let data69 = data68[i4];
-if(data69 && typeof data69 == "object" && !Array.isArray(data69)){
-if(data69.id === undefined){
-const err157 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
+let data66 = data.policy;
+if(data66 && typeof data66 == "object" && !Array.isArray(data66)){
+if(data66.mode === undefined){
+data66.mode = "enforce";
+}
+if(data66.default === undefined){
+data66.default = "deny";
+}
+if(data66.rules === undefined){
+data66.rules = [];
+}
+for(const key15 in data66){
+if(!(((key15 === "mode") || (key15 === "default")) || (key15 === "rules"))){
+const err157 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key15},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err157];
 }
@@ -2060,8 +2057,10 @@ vErrors.push(err157);
 }
 errors++;
 }
-if(data69.action === undefined){
-const err158 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "action"},message:"must have required property '"+"action"+"'"};
+}
+let data67 = data66.mode;
+if(!((data67 === "enforce") || (data67 === "report"))){
+const err158 = {instancePath:instancePath+"/policy/mode",schemaPath:"#/properties/policy/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.mode.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err158];
 }
@@ -2070,9 +2069,9 @@ vErrors.push(err158);
 }
 errors++;
 }
-for(const key16 in data69){
-if(!(func2.call(schema11.properties.policy.properties.rules.items.properties, key16))){
-const err159 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key16},message:"must NOT have additional properties"};
+let data68 = data66.default;
+if(!((data68 === "allow") || (data68 === "deny"))){
+const err159 = {instancePath:instancePath+"/policy/default",schemaPath:"#/properties/policy/properties/default/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.default.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err159];
 }
@@ -2081,12 +2080,14 @@ vErrors.push(err159);
 }
 errors++;
 }
-}
-if(data69.id !== undefined){
-let data70 = data69.id;
-if(typeof data70 === "string"){
-if(!pattern6.test(data70)){
-const err160 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
+let data69 = data66.rules;
+if(Array.isArray(data69)){
+const len2 = data69.length;
+for(let i4=0; i4<len2; i4++){
+let data70 = data69[i4];
+if(data70 && typeof data70 == "object" && !Array.isArray(data70)){
+if(data70.id === undefined){
+const err160 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err160];
 }
@@ -2095,9 +2096,8 @@ vErrors.push(err160);
 }
 errors++;
 }
-}
-else {
-const err161 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data70.action === undefined){
+const err161 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/required",keyword:"required",params:{missingProperty: "action"},message:"must have required property '"+"action"+"'"};
 if(vErrors === null){
 vErrors = [err161];
 }
@@ -2106,11 +2106,9 @@ vErrors.push(err161);
 }
 errors++;
 }
-}
-if(data69.action !== undefined){
-let data71 = data69.action;
-if(!((data71 === "allow") || (data71 === "deny"))){
-const err162 = {instancePath:instancePath+"/policy/rules/" + i4+"/action",schemaPath:"#/properties/policy/properties/rules/items/properties/action/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.action.enum},message:"must be equal to one of the allowed values"};
+for(const key16 in data70){
+if(!(func2.call(schema11.properties.policy.properties.rules.items.properties, key16))){
+const err162 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key16},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err162];
 }
@@ -2120,10 +2118,11 @@ vErrors.push(err162);
 errors++;
 }
 }
-if(data69.mode !== undefined){
-let data72 = data69.mode;
-if(!((data72 === "enforce") || (data72 === "report"))){
-const err163 = {instancePath:instancePath+"/policy/rules/" + i4+"/mode",schemaPath:"#/properties/policy/properties/rules/items/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.mode.enum},message:"must be equal to one of the allowed values"};
+if(data70.id !== undefined){
+let data71 = data70.id;
+if(typeof data71 === "string"){
+if(!pattern6.test(data71)){
+const err163 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
 if(vErrors === null){
 vErrors = [err163];
 }
@@ -2133,11 +2132,8 @@ vErrors.push(err163);
 errors++;
 }
 }
-if(data69.hosts !== undefined){
-let data73 = data69.hosts;
-if(Array.isArray(data73)){
-if(data73.length < 1){
-const err164 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+else {
+const err164 = {instancePath:instancePath+"/policy/rules/" + i4+"/id",schemaPath:"#/properties/policy/properties/rules/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err164];
 }
@@ -2146,12 +2142,11 @@ vErrors.push(err164);
 }
 errors++;
 }
-const len3 = data73.length;
-for(let i5=0; i5<len3; i5++){
-let data74 = data73[i5];
-if(typeof data74 === "string"){
-if(func4(data74) < 1){
-const err165 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data70.action !== undefined){
+let data72 = data70.action;
+if(!((data72 === "allow") || (data72 === "deny"))){
+const err165 = {instancePath:instancePath+"/policy/rules/" + i4+"/action",schemaPath:"#/properties/policy/properties/rules/items/properties/action/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.action.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err165];
 }
@@ -2161,8 +2156,10 @@ vErrors.push(err165);
 errors++;
 }
 }
-else {
-const err166 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data70.mode !== undefined){
+let data73 = data70.mode;
+if(!((data73 === "enforce") || (data73 === "report"))){
+const err166 = {instancePath:instancePath+"/policy/rules/" + i4+"/mode",schemaPath:"#/properties/policy/properties/rules/items/properties/mode/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.mode.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err166];
 }
@@ -2172,9 +2169,11 @@ vErrors.push(err166);
 errors++;
 }
 }
-}
-else {
-const err167 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data70.hosts !== undefined){
+let data74 = data70.hosts;
+if(Array.isArray(data74)){
+if(data74.length < 1){
+const err167 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err167];
 }
@@ -2183,12 +2182,12 @@ vErrors.push(err167);
 }
 errors++;
 }
-}
-if(data69.cidrs !== undefined){
-let data75 = data69.cidrs;
-if(Array.isArray(data75)){
-if(data75.length < 1){
-const err168 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len3 = data74.length;
+for(let i5=0; i5<len3; i5++){
+let data75 = data74[i5];
+if(typeof data75 === "string"){
+if(func4(data75) < 1){
+const err168 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err168];
 }
@@ -2197,12 +2196,9 @@ vErrors.push(err168);
 }
 errors++;
 }
-const len4 = data75.length;
-for(let i6=0; i6<len4; i6++){
-let data76 = data75[i6];
-if(typeof data76 === "string"){
-if(func4(data76) < 1){
-const err169 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err169 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts/" + i5,schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err169];
 }
@@ -2212,8 +2208,9 @@ vErrors.push(err169);
 errors++;
 }
 }
+}
 else {
-const err170 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err170 = {instancePath:instancePath+"/policy/rules/" + i4+"/hosts",schemaPath:"#/properties/policy/properties/rules/items/properties/hosts/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err170];
 }
@@ -2223,9 +2220,11 @@ vErrors.push(err170);
 errors++;
 }
 }
-}
-else {
-const err171 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data70.cidrs !== undefined){
+let data76 = data70.cidrs;
+if(Array.isArray(data76)){
+if(data76.length < 1){
+const err171 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err171];
 }
@@ -2234,12 +2233,12 @@ vErrors.push(err171);
 }
 errors++;
 }
-}
-if(data69.ports !== undefined){
-let data77 = data69.ports;
-if(Array.isArray(data77)){
-if(data77.length < 1){
-const err172 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len4 = data76.length;
+for(let i6=0; i6<len4; i6++){
+let data77 = data76[i6];
+if(typeof data77 === "string"){
+if(func4(data77) < 1){
+const err172 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err172];
 }
@@ -2248,11 +2247,9 @@ vErrors.push(err172);
 }
 errors++;
 }
-const len5 = data77.length;
-for(let i7=0; i7<len5; i7++){
-let data78 = data77[i7];
-if(!(((typeof data78 == "number") && (!(data78 % 1) && !isNaN(data78))) && (isFinite(data78)))){
-const err173 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err173 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs/" + i6,schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err173];
 }
@@ -2261,9 +2258,10 @@ vErrors.push(err173);
 }
 errors++;
 }
-if((typeof data78 == "number") && (isFinite(data78))){
-if(data78 > 65535 || isNaN(data78)){
-const err174 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+}
+else {
+const err174 = {instancePath:instancePath+"/policy/rules/" + i4+"/cidrs",schemaPath:"#/properties/policy/properties/rules/items/properties/cidrs/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err174];
 }
@@ -2272,8 +2270,12 @@ vErrors.push(err174);
 }
 errors++;
 }
-if(data78 < 1 || isNaN(data78)){
-const err175 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+if(data70.ports !== undefined){
+let data78 = data70.ports;
+if(Array.isArray(data78)){
+if(data78.length < 1){
+const err175 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err175];
 }
@@ -2282,11 +2284,11 @@ vErrors.push(err175);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err176 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len5 = data78.length;
+for(let i7=0; i7<len5; i7++){
+let data79 = data78[i7];
+if(!(((typeof data79 == "number") && (!(data79 % 1) && !isNaN(data79))) && (isFinite(data79)))){
+const err176 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err176];
 }
@@ -2295,12 +2297,9 @@ vErrors.push(err176);
 }
 errors++;
 }
-}
-if(data69.methods !== undefined){
-let data79 = data69.methods;
-if(Array.isArray(data79)){
-if(data79.length < 1){
-const err177 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if((typeof data79 == "number") && (isFinite(data79))){
+if(data79 > 65535 || isNaN(data79)){
+const err177 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err177];
 }
@@ -2309,12 +2308,8 @@ vErrors.push(err177);
 }
 errors++;
 }
-const len6 = data79.length;
-for(let i8=0; i8<len6; i8++){
-let data80 = data79[i8];
-if(typeof data80 === "string"){
-if(!pattern7.test(data80)){
-const err178 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z]+$"},message:"must match pattern \""+"^[A-Za-z]+$"+"\""};
+if(data79 < 1 || isNaN(data79)){
+const err178 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports/" + i7,schemaPath:"#/properties/policy/properties/rules/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err178];
 }
@@ -2324,8 +2319,10 @@ vErrors.push(err178);
 errors++;
 }
 }
+}
+}
 else {
-const err179 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err179 = {instancePath:instancePath+"/policy/rules/" + i4+"/ports",schemaPath:"#/properties/policy/properties/rules/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err179];
 }
@@ -2335,9 +2332,11 @@ vErrors.push(err179);
 errors++;
 }
 }
-}
-else {
-const err180 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data70.methods !== undefined){
+let data80 = data70.methods;
+if(Array.isArray(data80)){
+if(data80.length < 1){
+const err180 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err180];
 }
@@ -2346,12 +2345,12 @@ vErrors.push(err180);
 }
 errors++;
 }
-}
-if(data69.paths !== undefined){
-let data81 = data69.paths;
-if(Array.isArray(data81)){
-if(data81.length < 1){
-const err181 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len6 = data80.length;
+for(let i8=0; i8<len6; i8++){
+let data81 = data80[i8];
+if(typeof data81 === "string"){
+if(!pattern7.test(data81)){
+const err181 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z]+$"},message:"must match pattern \""+"^[A-Za-z]+$"+"\""};
 if(vErrors === null){
 vErrors = [err181];
 }
@@ -2360,12 +2359,9 @@ vErrors.push(err181);
 }
 errors++;
 }
-const len7 = data81.length;
-for(let i9=0; i9<len7; i9++){
-let data82 = data81[i9];
-if(typeof data82 === "string"){
-if(!pattern8.test(data82)){
-const err182 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/pattern",keyword:"pattern",params:{pattern: "^/"},message:"must match pattern \""+"^/"+"\""};
+}
+else {
+const err182 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods/" + i8,schemaPath:"#/properties/policy/properties/rules/items/properties/methods/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err182];
 }
@@ -2375,8 +2371,9 @@ vErrors.push(err182);
 errors++;
 }
 }
+}
 else {
-const err183 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err183 = {instancePath:instancePath+"/policy/rules/" + i4+"/methods",schemaPath:"#/properties/policy/properties/rules/items/properties/methods/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err183];
 }
@@ -2386,9 +2383,11 @@ vErrors.push(err183);
 errors++;
 }
 }
-}
-else {
-const err184 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data70.paths !== undefined){
+let data82 = data70.paths;
+if(Array.isArray(data82)){
+if(data82.length < 1){
+const err184 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err184];
 }
@@ -2397,12 +2396,12 @@ vErrors.push(err184);
 }
 errors++;
 }
-}
-if(data69.schemes !== undefined){
-let data83 = data69.schemes;
-if(Array.isArray(data83)){
-if(data83.length < 1){
-const err185 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const len7 = data82.length;
+for(let i9=0; i9<len7; i9++){
+let data83 = data82[i9];
+if(typeof data83 === "string"){
+if(!pattern8.test(data83)){
+const err185 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/pattern",keyword:"pattern",params:{pattern: "^/"},message:"must match pattern \""+"^/"+"\""};
 if(vErrors === null){
 vErrors = [err185];
 }
@@ -2411,11 +2410,9 @@ vErrors.push(err185);
 }
 errors++;
 }
-const len8 = data83.length;
-for(let i10=0; i10<len8; i10++){
-let data84 = data83[i10];
-if(!((data84 === "http") || (data84 === "https"))){
-const err186 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes/" + i10,schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/items/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.schemes.items.enum},message:"must be equal to one of the allowed values"};
+}
+else {
+const err186 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths/" + i9,schemaPath:"#/properties/policy/properties/rules/items/properties/paths/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err186];
 }
@@ -2427,7 +2424,7 @@ errors++;
 }
 }
 else {
-const err187 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err187 = {instancePath:instancePath+"/policy/rules/" + i4+"/paths",schemaPath:"#/properties/policy/properties/rules/items/properties/paths/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err187];
 }
@@ -2437,9 +2434,11 @@ vErrors.push(err187);
 errors++;
 }
 }
-}
-else {
-const err188 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data70.schemes !== undefined){
+let data84 = data70.schemes;
+if(Array.isArray(data84)){
+if(data84.length < 1){
+const err188 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err188];
 }
@@ -2448,10 +2447,11 @@ vErrors.push(err188);
 }
 errors++;
 }
-}
-}
-else {
-const err189 = {instancePath:instancePath+"/policy/rules",schemaPath:"#/properties/policy/properties/rules/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len8 = data84.length;
+for(let i10=0; i10<len8; i10++){
+let data85 = data84[i10];
+if(!((data85 === "http") || (data85 === "https"))){
+const err189 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes/" + i10,schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/items/enum",keyword:"enum",params:{allowedValues: schema11.properties.policy.properties.rules.items.properties.schemes.items.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err189];
 }
@@ -2461,8 +2461,9 @@ vErrors.push(err189);
 errors++;
 }
 }
+}
 else {
-const err190 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err190 = {instancePath:instancePath+"/policy/rules/" + i4+"/schemes",schemaPath:"#/properties/policy/properties/rules/items/properties/schemes/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err190];
 }
@@ -2471,26 +2472,10 @@ vErrors.push(err190);
 }
 errors++;
 }
-let data85 = data.network;
-if(data85 && typeof data85 == "object" && !Array.isArray(data85)){
-if(data85.deny === undefined){
-data85.deny = ["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"];
 }
-if(data85.allow === undefined){
-data85.allow = [];
 }
-if(data85.dns_cache_ms === undefined){
-data85.dns_cache_ms = 30000;
-}
-if(data85.dns_negative_cache_ms === undefined){
-data85.dns_negative_cache_ms = 5000;
-}
-if(data85.dns_max_lookups === undefined){
-data85.dns_max_lookups = 64;
-}
-for(const key17 in data85){
-if(!(((((key17 === "deny") || (key17 === "allow")) || (key17 === "dns_cache_ms")) || (key17 === "dns_negative_cache_ms")) || (key17 === "dns_max_lookups"))){
-const err191 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key17},message:"must NOT have additional properties"};
+else {
+const err191 = {instancePath:instancePath+"/policy/rules/" + i4,schemaPath:"#/properties/policy/properties/rules/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err191];
 }
@@ -2500,14 +2485,9 @@ vErrors.push(err191);
 errors++;
 }
 }
-let data86 = data85.deny;
-if(Array.isArray(data86)){
-const len9 = data86.length;
-for(let i11=0; i11<len9; i11++){
-let data87 = data86[i11];
-if(typeof data87 === "string"){
-if(func4(data87) < 1){
-const err192 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err192 = {instancePath:instancePath+"/policy/rules",schemaPath:"#/properties/policy/properties/rules/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err192];
 }
@@ -2518,7 +2498,7 @@ errors++;
 }
 }
 else {
-const err193 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err193 = {instancePath:instancePath+"/policy",schemaPath:"#/properties/policy/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err193];
 }
@@ -2527,10 +2507,26 @@ vErrors.push(err193);
 }
 errors++;
 }
+let data86 = data.network;
+if(data86 && typeof data86 == "object" && !Array.isArray(data86)){
+if(data86.deny === undefined){
+data86.deny = ["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"];
 }
+if(data86.allow === undefined){
+data86.allow = [];
 }
-else {
-const err194 = {instancePath:instancePath+"/network/deny",schemaPath:"#/properties/network/properties/deny/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data86.dns_cache_ms === undefined){
+data86.dns_cache_ms = 30000;
+}
+if(data86.dns_negative_cache_ms === undefined){
+data86.dns_negative_cache_ms = 5000;
+}
+if(data86.dns_max_lookups === undefined){
+data86.dns_max_lookups = 64;
+}
+for(const key17 in data86){
+if(!(((((key17 === "deny") || (key17 === "allow")) || (key17 === "dns_cache_ms")) || (key17 === "dns_negative_cache_ms")) || (key17 === "dns_max_lookups"))){
+const err194 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key17},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err194];
 }
@@ -2539,14 +2535,15 @@ vErrors.push(err194);
 }
 errors++;
 }
-let data88 = data85.allow;
-if(Array.isArray(data88)){
-const len10 = data88.length;
-for(let i12=0; i12<len10; i12++){
-let data89 = data88[i12];
-if(data89 && typeof data89 == "object" && !Array.isArray(data89)){
-if(data89.cidr === undefined){
-const err195 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/required",keyword:"required",params:{missingProperty: "cidr"},message:"must have required property '"+"cidr"+"'"};
+}
+let data87 = data86.deny;
+if(Array.isArray(data87)){
+const len9 = data87.length;
+for(let i11=0; i11<len9; i11++){
+let data88 = data87[i11];
+if(typeof data88 === "string"){
+if(func4(data88) < 1){
+const err195 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err195];
 }
@@ -2555,9 +2552,9 @@ vErrors.push(err195);
 }
 errors++;
 }
-for(const key18 in data89){
-if(!((key18 === "cidr") || (key18 === "ports"))){
-const err196 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key18},message:"must NOT have additional properties"};
+}
+else {
+const err196 = {instancePath:instancePath+"/network/deny/" + i11,schemaPath:"#/properties/network/properties/deny/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err196];
 }
@@ -2567,11 +2564,9 @@ vErrors.push(err196);
 errors++;
 }
 }
-if(data89.cidr !== undefined){
-let data90 = data89.cidr;
-if(typeof data90 === "string"){
-if(func4(data90) < 1){
-const err197 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err197 = {instancePath:instancePath+"/network/deny",schemaPath:"#/properties/network/properties/deny/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err197];
 }
@@ -2580,9 +2575,14 @@ vErrors.push(err197);
 }
 errors++;
 }
-}
-else {
-const err198 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data89 = data86.allow;
+if(Array.isArray(data89)){
+const len10 = data89.length;
+for(let i12=0; i12<len10; i12++){
+let data90 = data89[i12];
+if(data90 && typeof data90 == "object" && !Array.isArray(data90)){
+if(data90.cidr === undefined){
+const err198 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/required",keyword:"required",params:{missingProperty: "cidr"},message:"must have required property '"+"cidr"+"'"};
 if(vErrors === null){
 vErrors = [err198];
 }
@@ -2591,12 +2591,9 @@ vErrors.push(err198);
 }
 errors++;
 }
-}
-if(data89.ports !== undefined){
-let data91 = data89.ports;
-if(Array.isArray(data91)){
-if(data91.length < 1){
-const err199 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+for(const key18 in data90){
+if(!((key18 === "cidr") || (key18 === "ports"))){
+const err199 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key18},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err199];
 }
@@ -2605,11 +2602,12 @@ vErrors.push(err199);
 }
 errors++;
 }
-const len11 = data91.length;
-for(let i13=0; i13<len11; i13++){
-let data92 = data91[i13];
-if(!(((typeof data92 == "number") && (!(data92 % 1) && !isNaN(data92))) && (isFinite(data92)))){
-const err200 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+if(data90.cidr !== undefined){
+let data91 = data90.cidr;
+if(typeof data91 === "string"){
+if(func4(data91) < 1){
+const err200 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err200];
 }
@@ -2618,9 +2616,9 @@ vErrors.push(err200);
 }
 errors++;
 }
-if((typeof data92 == "number") && (isFinite(data92))){
-if(data92 > 65535 || isNaN(data92)){
-const err201 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+else {
+const err201 = {instancePath:instancePath+"/network/allow/" + i12+"/cidr",schemaPath:"#/properties/network/properties/allow/items/properties/cidr/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err201];
 }
@@ -2629,8 +2627,12 @@ vErrors.push(err201);
 }
 errors++;
 }
-if(data92 < 1 || isNaN(data92)){
-const err202 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+if(data90.ports !== undefined){
+let data92 = data90.ports;
+if(Array.isArray(data92)){
+if(data92.length < 1){
+const err202 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err202];
 }
@@ -2639,11 +2641,11 @@ vErrors.push(err202);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err203 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len11 = data92.length;
+for(let i13=0; i13<len11; i13++){
+let data93 = data92[i13];
+if(!(((typeof data93 == "number") && (!(data93 % 1) && !isNaN(data93))) && (isFinite(data93)))){
+const err203 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err203];
 }
@@ -2652,10 +2654,9 @@ vErrors.push(err203);
 }
 errors++;
 }
-}
-}
-else {
-const err204 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data93 == "number") && (isFinite(data93))){
+if(data93 > 65535 || isNaN(data93)){
+const err204 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err204];
 }
@@ -2664,10 +2665,8 @@ vErrors.push(err204);
 }
 errors++;
 }
-}
-}
-else {
-const err205 = {instancePath:instancePath+"/network/allow",schemaPath:"#/properties/network/properties/allow/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data93 < 1 || isNaN(data93)){
+const err205 = {instancePath:instancePath+"/network/allow/" + i12+"/ports/" + i13,schemaPath:"#/properties/network/properties/allow/items/properties/ports/items/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err205];
 }
@@ -2676,9 +2675,11 @@ vErrors.push(err205);
 }
 errors++;
 }
-let data93 = data85.dns_cache_ms;
-if(!(((typeof data93 == "number") && (!(data93 % 1) && !isNaN(data93))) && (isFinite(data93)))){
-const err206 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+}
+}
+else {
+const err206 = {instancePath:instancePath+"/network/allow/" + i12+"/ports",schemaPath:"#/properties/network/properties/allow/items/properties/ports/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err206];
 }
@@ -2687,9 +2688,10 @@ vErrors.push(err206);
 }
 errors++;
 }
-if((typeof data93 == "number") && (isFinite(data93))){
-if(data93 > 3600000 || isNaN(data93)){
-const err207 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+}
+else {
+const err207 = {instancePath:instancePath+"/network/allow/" + i12,schemaPath:"#/properties/network/properties/allow/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err207];
 }
@@ -2698,8 +2700,10 @@ vErrors.push(err207);
 }
 errors++;
 }
-if(data93 < 0 || isNaN(data93)){
-const err208 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+}
+else {
+const err208 = {instancePath:instancePath+"/network/allow",schemaPath:"#/properties/network/properties/allow/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err208];
 }
@@ -2708,10 +2712,9 @@ vErrors.push(err208);
 }
 errors++;
 }
-}
-let data94 = data85.dns_negative_cache_ms;
+let data94 = data86.dns_cache_ms;
 if(!(((typeof data94 == "number") && (!(data94 % 1) && !isNaN(data94))) && (isFinite(data94)))){
-const err209 = {instancePath:instancePath+"/network/dns_negative_cache_ms",schemaPath:"#/properties/network/properties/dns_negative_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err209 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err209];
 }
@@ -2722,7 +2725,7 @@ errors++;
 }
 if((typeof data94 == "number") && (isFinite(data94))){
 if(data94 > 3600000 || isNaN(data94)){
-const err210 = {instancePath:instancePath+"/network/dns_negative_cache_ms",schemaPath:"#/properties/network/properties/dns_negative_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err210 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err210];
 }
@@ -2732,7 +2735,7 @@ vErrors.push(err210);
 errors++;
 }
 if(data94 < 0 || isNaN(data94)){
-const err211 = {instancePath:instancePath+"/network/dns_negative_cache_ms",schemaPath:"#/properties/network/properties/dns_negative_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+const err211 = {instancePath:instancePath+"/network/dns_cache_ms",schemaPath:"#/properties/network/properties/dns_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err211];
 }
@@ -2742,9 +2745,9 @@ vErrors.push(err211);
 errors++;
 }
 }
-let data95 = data85.dns_max_lookups;
+let data95 = data86.dns_negative_cache_ms;
 if(!(((typeof data95 == "number") && (!(data95 % 1) && !isNaN(data95))) && (isFinite(data95)))){
-const err212 = {instancePath:instancePath+"/network/dns_max_lookups",schemaPath:"#/properties/network/properties/dns_max_lookups/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err212 = {instancePath:instancePath+"/network/dns_negative_cache_ms",schemaPath:"#/properties/network/properties/dns_negative_cache_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err212];
 }
@@ -2754,8 +2757,8 @@ vErrors.push(err212);
 errors++;
 }
 if((typeof data95 == "number") && (isFinite(data95))){
-if(data95 > 100000 || isNaN(data95)){
-const err213 = {instancePath:instancePath+"/network/dns_max_lookups",schemaPath:"#/properties/network/properties/dns_max_lookups/maximum",keyword:"maximum",params:{comparison: "<=", limit: 100000},message:"must be <= 100000"};
+if(data95 > 3600000 || isNaN(data95)){
+const err213 = {instancePath:instancePath+"/network/dns_negative_cache_ms",schemaPath:"#/properties/network/properties/dns_negative_cache_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err213];
 }
@@ -2764,8 +2767,8 @@ vErrors.push(err213);
 }
 errors++;
 }
-if(data95 < 1 || isNaN(data95)){
-const err214 = {instancePath:instancePath+"/network/dns_max_lookups",schemaPath:"#/properties/network/properties/dns_max_lookups/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+if(data95 < 0 || isNaN(data95)){
+const err214 = {instancePath:instancePath+"/network/dns_negative_cache_ms",schemaPath:"#/properties/network/properties/dns_negative_cache_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err214];
 }
@@ -2775,9 +2778,9 @@ vErrors.push(err214);
 errors++;
 }
 }
-}
-else {
-const err215 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data96 = data86.dns_max_lookups;
+if(!(((typeof data96 == "number") && (!(data96 % 1) && !isNaN(data96))) && (isFinite(data96)))){
+const err215 = {instancePath:instancePath+"/network/dns_max_lookups",schemaPath:"#/properties/network/properties/dns_max_lookups/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err215];
 }
@@ -2786,13 +2789,9 @@ vErrors.push(err215);
 }
 errors++;
 }
-let data96 = data.routes;
-if(data96 && typeof data96 == "object" && !Array.isArray(data96)){
-for(const key19 in data96){
-const _errs208 = errors;
-if(typeof key19 === "string"){
-if(!pattern9.test(key19)){
-const err216 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"+"\"",propertyName:key19};
+if((typeof data96 == "number") && (isFinite(data96))){
+if(data96 > 100000 || isNaN(data96)){
+const err216 = {instancePath:instancePath+"/network/dns_max_lookups",schemaPath:"#/properties/network/properties/dns_max_lookups/maximum",keyword:"maximum",params:{comparison: "<=", limit: 100000},message:"must be <= 100000"};
 if(vErrors === null){
 vErrors = [err216];
 }
@@ -2801,10 +2800,8 @@ vErrors.push(err216);
 }
 errors++;
 }
-}
-var valid45 = _errs208 === errors;
-if(!valid45){
-const err217 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames",keyword:"propertyNames",params:{propertyName: key19},message:"property name must be valid"};
+if(data96 < 1 || isNaN(data96)){
+const err217 = {instancePath:instancePath+"/network/dns_max_lookups",schemaPath:"#/properties/network/properties/dns_max_lookups/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err217];
 }
@@ -2814,11 +2811,9 @@ vErrors.push(err217);
 errors++;
 }
 }
-for(const key20 in data96){
-let data97 = data96[key20];
-if(typeof data97 === "string"){
-if(!pattern10.test(data97)){
-const err218 = {instancePath:instancePath+"/routes/" + key20.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
+}
+else {
+const err218 = {instancePath:instancePath+"/network",schemaPath:"#/properties/network/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err218];
 }
@@ -2827,9 +2822,13 @@ vErrors.push(err218);
 }
 errors++;
 }
-}
-else {
-const err219 = {instancePath:instancePath+"/routes/" + key20.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data97 = data.routes;
+if(data97 && typeof data97 == "object" && !Array.isArray(data97)){
+for(const key19 in data97){
+const _errs210 = errors;
+if(typeof key19 === "string"){
+if(!pattern9.test(key19)){
+const err219 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"+"\"",propertyName:key19};
 if(vErrors === null){
 vErrors = [err219];
 }
@@ -2839,9 +2838,9 @@ vErrors.push(err219);
 errors++;
 }
 }
-}
-else {
-const err220 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+var valid45 = _errs210 === errors;
+if(!valid45){
+const err220 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/propertyNames",keyword:"propertyNames",params:{propertyName: key19},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err220];
 }
@@ -2850,14 +2849,12 @@ vErrors.push(err220);
 }
 errors++;
 }
-let data98 = data.credentials;
-if(Array.isArray(data98)){
-const len12 = data98.length;
-for(let i14=0; i14<len12; i14++){
-let data99 = data98[i14];
-if(data99 && typeof data99 == "object" && !Array.isArray(data99)){
-if(data99.id === undefined){
-const err221 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
+}
+for(const key20 in data97){
+let data98 = data97[key20];
+if(typeof data98 === "string"){
+if(!pattern10.test(data98)){
+const err221 = {instancePath:instancePath+"/routes/" + key20.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
 if(vErrors === null){
 vErrors = [err221];
 }
@@ -2866,8 +2863,9 @@ vErrors.push(err221);
 }
 errors++;
 }
-if(data99.audience === undefined){
-const err222 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+}
+else {
+const err222 = {instancePath:instancePath+"/routes/" + key20.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/routes/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err222];
 }
@@ -2876,8 +2874,10 @@ vErrors.push(err222);
 }
 errors++;
 }
-if(data99.source === undefined){
-const err223 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "source"},message:"must have required property '"+"source"+"'"};
+}
+}
+else {
+const err223 = {instancePath:instancePath+"/routes",schemaPath:"#/properties/routes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err223];
 }
@@ -2886,8 +2886,14 @@ vErrors.push(err223);
 }
 errors++;
 }
-if(data99.inject === undefined){
-const err224 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "inject"},message:"must have required property '"+"inject"+"'"};
+let data99 = data.credentials;
+if(Array.isArray(data99)){
+const len12 = data99.length;
+for(let i14=0; i14<len12; i14++){
+let data100 = data99[i14];
+if(data100 && typeof data100 == "object" && !Array.isArray(data100)){
+if(data100.id === undefined){
+const err224 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err224];
 }
@@ -2896,9 +2902,8 @@ vErrors.push(err224);
 }
 errors++;
 }
-for(const key21 in data99){
-if(!(func2.call(schema11.properties.credentials.items.properties, key21))){
-const err225 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key21},message:"must NOT have additional properties"};
+if(data100.audience === undefined){
+const err225 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err225];
 }
@@ -2907,12 +2912,8 @@ vErrors.push(err225);
 }
 errors++;
 }
-}
-if(data99.id !== undefined){
-let data100 = data99.id;
-if(typeof data100 === "string"){
-if(!pattern6.test(data100)){
-const err226 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
+if(data100.source === undefined){
+const err226 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "source"},message:"must have required property '"+"source"+"'"};
 if(vErrors === null){
 vErrors = [err226];
 }
@@ -2921,9 +2922,8 @@ vErrors.push(err226);
 }
 errors++;
 }
-}
-else {
-const err227 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data100.inject === undefined){
+const err227 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/required",keyword:"required",params:{missingProperty: "inject"},message:"must have required property '"+"inject"+"'"};
 if(vErrors === null){
 vErrors = [err227];
 }
@@ -2932,12 +2932,9 @@ vErrors.push(err227);
 }
 errors++;
 }
-}
-if(data99.audience !== undefined){
-let data101 = data99.audience;
-if(typeof data101 === "string"){
-if(!pattern10.test(data101)){
-const err228 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
+for(const key21 in data100){
+if(!(func2.call(schema11.properties.credentials.items.properties, key21))){
+const err228 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key21},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err228];
 }
@@ -2947,8 +2944,11 @@ vErrors.push(err228);
 errors++;
 }
 }
-else {
-const err229 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data100.id !== undefined){
+let data101 = data100.id;
+if(typeof data101 === "string"){
+if(!pattern6.test(data101)){
+const err229 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\""};
 if(vErrors === null){
 vErrors = [err229];
 }
@@ -2958,10 +2958,8 @@ vErrors.push(err229);
 errors++;
 }
 }
-if(data99.source !== undefined){
-let data102 = data99.source;
-if(!((((data102 === "static") || (data102 === "broker")) || (data102 === "broker_secret")) || (data102 === "client_credentials"))){
-const err230 = {instancePath:instancePath+"/credentials/" + i14+"/source",schemaPath:"#/properties/credentials/items/properties/source/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.source.enum},message:"must be equal to one of the allowed values"};
+else {
+const err230 = {instancePath:instancePath+"/credentials/" + i14+"/id",schemaPath:"#/properties/credentials/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err230];
 }
@@ -2971,14 +2969,11 @@ vErrors.push(err230);
 errors++;
 }
 }
-if(data99.oauth !== undefined){
-let data103 = data99.oauth;
-if(data103 && typeof data103 == "object" && !Array.isArray(data103)){
-if(data103.auth_method === undefined){
-data103.auth_method = "client_secret_basic";
-}
-if(data103.token_url === undefined){
-const err231 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "token_url"},message:"must have required property '"+"token_url"+"'"};
+if(data100.audience !== undefined){
+let data102 = data100.audience;
+if(typeof data102 === "string"){
+if(!pattern10.test(data102)){
+const err231 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/pattern",keyword:"pattern",params:{pattern: "^https?://"},message:"must match pattern \""+"^https?://"+"\""};
 if(vErrors === null){
 vErrors = [err231];
 }
@@ -2987,8 +2982,9 @@ vErrors.push(err231);
 }
 errors++;
 }
-if(data103.client_id === undefined){
-const err232 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_id"},message:"must have required property '"+"client_id"+"'"};
+}
+else {
+const err232 = {instancePath:instancePath+"/credentials/" + i14+"/audience",schemaPath:"#/properties/credentials/items/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err232];
 }
@@ -2997,8 +2993,11 @@ vErrors.push(err232);
 }
 errors++;
 }
-if(data103.client_secret === undefined){
-const err233 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_secret"},message:"must have required property '"+"client_secret"+"'"};
+}
+if(data100.source !== undefined){
+let data103 = data100.source;
+if(!((((data103 === "static") || (data103 === "broker")) || (data103 === "broker_secret")) || (data103 === "client_credentials"))){
+const err233 = {instancePath:instancePath+"/credentials/" + i14+"/source",schemaPath:"#/properties/credentials/items/properties/source/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.source.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err233];
 }
@@ -3007,9 +3006,15 @@ vErrors.push(err233);
 }
 errors++;
 }
-for(const key22 in data103){
-if(!(((((key22 === "token_url") || (key22 === "client_id")) || (key22 === "client_secret")) || (key22 === "auth_method")) || (key22 === "resource"))){
-const err234 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key22},message:"must NOT have additional properties"};
+}
+if(data100.oauth !== undefined){
+let data104 = data100.oauth;
+if(data104 && typeof data104 == "object" && !Array.isArray(data104)){
+if(data104.auth_method === undefined){
+data104.auth_method = "client_secret_basic";
+}
+if(data104.token_url === undefined){
+const err234 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "token_url"},message:"must have required property '"+"token_url"+"'"};
 if(vErrors === null){
 vErrors = [err234];
 }
@@ -3018,12 +3023,8 @@ vErrors.push(err234);
 }
 errors++;
 }
-}
-if(data103.token_url !== undefined){
-let data104 = data103.token_url;
-if(typeof data104 === "string"){
-if(!pattern1.test(data104)){
-const err235 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data104.client_id === undefined){
+const err235 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_id"},message:"must have required property '"+"client_id"+"'"};
 if(vErrors === null){
 vErrors = [err235];
 }
@@ -3032,9 +3033,8 @@ vErrors.push(err235);
 }
 errors++;
 }
-}
-else {
-const err236 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data104.client_secret === undefined){
+const err236 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/required",keyword:"required",params:{missingProperty: "client_secret"},message:"must have required property '"+"client_secret"+"'"};
 if(vErrors === null){
 vErrors = [err236];
 }
@@ -3043,12 +3043,9 @@ vErrors.push(err236);
 }
 errors++;
 }
-}
-if(data103.client_id !== undefined){
-let data105 = data103.client_id;
-if(typeof data105 === "string"){
-if(func4(data105) > 256){
-const err237 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
+for(const key22 in data104){
+if(!(((((key22 === "token_url") || (key22 === "client_id")) || (key22 === "client_secret")) || (key22 === "auth_method")) || (key22 === "resource"))){
+const err237 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key22},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err237];
 }
@@ -3057,8 +3054,12 @@ vErrors.push(err237);
 }
 errors++;
 }
-if(func4(data105) < 1){
-const err238 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data104.token_url !== undefined){
+let data105 = data104.token_url;
+if(typeof data105 === "string"){
+if(!pattern1.test(data105)){
+const err238 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err238];
 }
@@ -3069,7 +3070,7 @@ errors++;
 }
 }
 else {
-const err239 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err239 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/token_url",schemaPath:"#/properties/credentials/items/properties/oauth/properties/token_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err239];
 }
@@ -3079,11 +3080,11 @@ vErrors.push(err239);
 errors++;
 }
 }
-if(data103.client_secret !== undefined){
-let data106 = data103.client_secret;
+if(data104.client_id !== undefined){
+let data106 = data104.client_id;
 if(typeof data106 === "string"){
-if(!pattern14.test(data106)){
-const err240 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+if(func4(data106) > 256){
+const err240 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/maxLength",keyword:"maxLength",params:{limit: 256},message:"must NOT have more than 256 characters"};
 if(vErrors === null){
 vErrors = [err240];
 }
@@ -3092,9 +3093,8 @@ vErrors.push(err240);
 }
 errors++;
 }
-}
-else {
-const err241 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(func4(data106) < 1){
+const err241 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err241];
 }
@@ -3104,9 +3104,8 @@ vErrors.push(err241);
 errors++;
 }
 }
-let data107 = data103.auth_method;
-if(!((data107 === "client_secret_basic") || (data107 === "client_secret_post"))){
-const err242 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/auth_method",schemaPath:"#/properties/credentials/items/properties/oauth/properties/auth_method/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.oauth.properties.auth_method.enum},message:"must be equal to one of the allowed values"};
+else {
+const err242 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_id",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err242];
 }
@@ -3115,11 +3114,12 @@ vErrors.push(err242);
 }
 errors++;
 }
-if(data103.resource !== undefined){
-let data108 = data103.resource;
-if(typeof data108 === "string"){
-if(func4(data108) < 1){
-const err243 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data104.client_secret !== undefined){
+let data107 = data104.client_secret;
+if(typeof data107 === "string"){
+if(!pattern14.test(data107)){
+const err243 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err243];
 }
@@ -3130,7 +3130,7 @@ errors++;
 }
 }
 else {
-const err244 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err244 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/client_secret",schemaPath:"#/properties/credentials/items/properties/oauth/properties/client_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err244];
 }
@@ -3140,9 +3140,9 @@ vErrors.push(err244);
 errors++;
 }
 }
-}
-else {
-const err245 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data108 = data104.auth_method;
+if(!((data108 === "client_secret_basic") || (data108 === "client_secret_post"))){
+const err245 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/auth_method",schemaPath:"#/properties/credentials/items/properties/oauth/properties/auth_method/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.oauth.properties.auth_method.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err245];
 }
@@ -3151,12 +3151,11 @@ vErrors.push(err245);
 }
 errors++;
 }
-}
-if(data99.secret !== undefined){
-let data109 = data99.secret;
+if(data104.resource !== undefined){
+let data109 = data104.resource;
 if(typeof data109 === "string"){
-if(!pattern14.test(data109)){
-const err246 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+if(func4(data109) < 1){
+const err246 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err246];
 }
@@ -3167,7 +3166,7 @@ errors++;
 }
 }
 else {
-const err247 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err247 = {instancePath:instancePath+"/credentials/" + i14+"/oauth/resource",schemaPath:"#/properties/credentials/items/properties/oauth/properties/resource/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err247];
 }
@@ -3177,11 +3176,9 @@ vErrors.push(err247);
 errors++;
 }
 }
-if(data99.token_audience !== undefined){
-let data110 = data99.token_audience;
-if(typeof data110 === "string"){
-if(func4(data110) > 512){
-const err248 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters"};
+}
+else {
+const err248 = {instancePath:instancePath+"/credentials/" + i14+"/oauth",schemaPath:"#/properties/credentials/items/properties/oauth/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err248];
 }
@@ -3190,8 +3187,12 @@ vErrors.push(err248);
 }
 errors++;
 }
-if(func4(data110) < 1){
-const err249 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data100.secret !== undefined){
+let data110 = data100.secret;
+if(typeof data110 === "string"){
+if(!pattern14.test(data110)){
+const err249 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err249];
 }
@@ -3202,7 +3203,7 @@ errors++;
 }
 }
 else {
-const err250 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err250 = {instancePath:instancePath+"/credentials/" + i14+"/secret",schemaPath:"#/properties/credentials/items/properties/secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err250];
 }
@@ -3212,15 +3213,11 @@ vErrors.push(err250);
 errors++;
 }
 }
-if(data99.scopes !== undefined){
-let data111 = data99.scopes;
-if(Array.isArray(data111)){
-const len13 = data111.length;
-for(let i15=0; i15<len13; i15++){
-let data112 = data111[i15];
-if(typeof data112 === "string"){
-if(!pattern16.test(data112)){
-const err251 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/pattern",keyword:"pattern",params:{pattern: "^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"},message:"must match pattern \""+"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"+"\""};
+if(data100.token_audience !== undefined){
+let data111 = data100.token_audience;
+if(typeof data111 === "string"){
+if(func4(data111) > 512){
+const err251 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters"};
 if(vErrors === null){
 vErrors = [err251];
 }
@@ -3229,9 +3226,8 @@ vErrors.push(err251);
 }
 errors++;
 }
-}
-else {
-const err252 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(func4(data111) < 1){
+const err252 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err252];
 }
@@ -3241,18 +3237,8 @@ vErrors.push(err252);
 errors++;
 }
 }
-let i16 = data111.length;
-let j2;
-if(i16 > 1){
-const indices2 = {};
-for(;i16--;){
-let item2 = data111[i16];
-if(typeof item2 !== "string"){
-continue;
-}
-if(typeof indices2[item2] == "number"){
-j2 = indices2[item2];
-const err253 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/uniqueItems",keyword:"uniqueItems",params:{i: i16, j: j2},message:"must NOT have duplicate items (items ## "+j2+" and "+i16+" are identical)"};
+else {
+const err253 = {instancePath:instancePath+"/credentials/" + i14+"/token_audience",schemaPath:"#/properties/credentials/items/properties/token_audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err253];
 }
@@ -3260,14 +3246,17 @@ else {
 vErrors.push(err253);
 }
 errors++;
-break;
-}
-indices2[item2] = i16;
 }
 }
-}
-else {
-const err254 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data100.scopes !== undefined){
+let data112 = data100.scopes;
+if(Array.isArray(data112)){
+const len13 = data112.length;
+for(let i15=0; i15<len13; i15++){
+let data113 = data112[i15];
+if(typeof data113 === "string"){
+if(!pattern16.test(data113)){
+const err254 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/pattern",keyword:"pattern",params:{pattern: "^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"},message:"must match pattern \""+"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"+"\""};
 if(vErrors === null){
 vErrors = [err254];
 }
@@ -3277,15 +3266,8 @@ vErrors.push(err254);
 errors++;
 }
 }
-if(data99.inject !== undefined){
-let data113 = data99.inject;
-const _errs244 = errors;
-let valid54 = false;
-let passing0 = null;
-const _errs245 = errors;
-if(data113 && typeof data113 == "object" && !Array.isArray(data113)){
-if(data113.type === undefined){
-const err255 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+else {
+const err255 = {instancePath:instancePath+"/credentials/" + i14+"/scopes/" + i15,schemaPath:"#/properties/credentials/items/properties/scopes/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err255];
 }
@@ -3294,9 +3276,19 @@ vErrors.push(err255);
 }
 errors++;
 }
-for(const key23 in data113){
-if(!(key23 === "type")){
-const err256 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
+}
+let i16 = data112.length;
+let j2;
+if(i16 > 1){
+const indices2 = {};
+for(;i16--;){
+let item2 = data112[i16];
+if(typeof item2 !== "string"){
+continue;
+}
+if(typeof indices2[item2] == "number"){
+j2 = indices2[item2];
+const err256 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/uniqueItems",keyword:"uniqueItems",params:{i: i16, j: j2},message:"must NOT have duplicate items (items ## "+j2+" and "+i16+" are identical)"};
 if(vErrors === null){
 vErrors = [err256];
 }
@@ -3304,11 +3296,14 @@ else {
 vErrors.push(err256);
 }
 errors++;
+break;
+}
+indices2[item2] = i16;
 }
 }
-if(data113.type !== undefined){
-if("bearer" !== data113.type){
-const err257 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
+}
+else {
+const err257 = {instancePath:instancePath+"/credentials/" + i14+"/scopes",schemaPath:"#/properties/credentials/items/properties/scopes/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err257];
 }
@@ -3318,16 +3313,15 @@ vErrors.push(err257);
 errors++;
 }
 }
-}
-var _valid0 = _errs245 === errors;
-if(_valid0){
-valid54 = true;
-passing0 = 0;
-}
-const _errs248 = errors;
-if(data113 && typeof data113 == "object" && !Array.isArray(data113)){
-if(data113.type === undefined){
-const err258 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+if(data100.inject !== undefined){
+let data114 = data100.inject;
+const _errs246 = errors;
+let valid54 = false;
+let passing0 = null;
+const _errs247 = errors;
+if(data114 && typeof data114 == "object" && !Array.isArray(data114)){
+if(data114.type === undefined){
+const err258 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err258];
 }
@@ -3336,8 +3330,9 @@ vErrors.push(err258);
 }
 errors++;
 }
-if(data113.name === undefined){
-const err259 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
+for(const key23 in data114){
+if(!(key23 === "type")){
+const err259 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err259];
 }
@@ -3346,9 +3341,10 @@ vErrors.push(err259);
 }
 errors++;
 }
-for(const key24 in data113){
-if(!(((key24 === "type") || (key24 === "name")) || (key24 === "format"))){
-const err260 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
+}
+if(data114.type !== undefined){
+if("bearer" !== data114.type){
+const err260 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err260];
 }
@@ -3358,9 +3354,16 @@ vErrors.push(err260);
 errors++;
 }
 }
-if(data113.type !== undefined){
-if("header" !== data113.type){
-const err261 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
+}
+var _valid0 = _errs247 === errors;
+if(_valid0){
+valid54 = true;
+passing0 = 0;
+}
+const _errs250 = errors;
+if(data114 && typeof data114 == "object" && !Array.isArray(data114)){
+if(data114.type === undefined){
+const err261 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err261];
 }
@@ -3369,12 +3372,8 @@ vErrors.push(err261);
 }
 errors++;
 }
-}
-if(data113.name !== undefined){
-let data116 = data113.name;
-if(typeof data116 === "string"){
-if(!pattern17.test(data116)){
-const err262 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
+if(data114.name === undefined){
+const err262 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err262];
 }
@@ -3383,9 +3382,9 @@ vErrors.push(err262);
 }
 errors++;
 }
-}
-else {
-const err263 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key24 in data114){
+if(!(((key24 === "type") || (key24 === "name")) || (key24 === "format"))){
+const err263 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err263];
 }
@@ -3395,11 +3394,9 @@ vErrors.push(err263);
 errors++;
 }
 }
-if(data113.format !== undefined){
-let data117 = data113.format;
-if(typeof data117 === "string"){
-if(!pattern18.test(data117)){
-const err264 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
+if(data114.type !== undefined){
+if("header" !== data114.type){
+const err264 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err264];
 }
@@ -3409,8 +3406,11 @@ vErrors.push(err264);
 errors++;
 }
 }
-else {
-const err265 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data114.name !== undefined){
+let data117 = data114.name;
+if(typeof data117 === "string"){
+if(!pattern17.test(data117)){
+const err265 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err265];
 }
@@ -3420,21 +3420,8 @@ vErrors.push(err265);
 errors++;
 }
 }
-}
-var _valid0 = _errs248 === errors;
-if(_valid0 && valid54){
-valid54 = false;
-passing0 = [passing0, 1];
-}
 else {
-if(_valid0){
-valid54 = true;
-passing0 = 1;
-}
-const _errs255 = errors;
-if(data113 && typeof data113 == "object" && !Array.isArray(data113)){
-if(data113.type === undefined){
-const err266 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+const err266 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err266];
 }
@@ -3443,8 +3430,12 @@ vErrors.push(err266);
 }
 errors++;
 }
-if(data113.name === undefined){
-const err267 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
+}
+if(data114.format !== undefined){
+let data118 = data114.format;
+if(typeof data118 === "string"){
+if(!pattern18.test(data118)){
+const err267 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
 if(vErrors === null){
 vErrors = [err267];
 }
@@ -3453,9 +3444,9 @@ vErrors.push(err267);
 }
 errors++;
 }
-for(const key25 in data113){
-if(!((key25 === "type") || (key25 === "name"))){
-const err268 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
+}
+else {
+const err268 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err268];
 }
@@ -3465,9 +3456,21 @@ vErrors.push(err268);
 errors++;
 }
 }
-if(data113.type !== undefined){
-if("query" !== data113.type){
-const err269 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
+}
+var _valid0 = _errs250 === errors;
+if(_valid0 && valid54){
+valid54 = false;
+passing0 = [passing0, 1];
+}
+else {
+if(_valid0){
+valid54 = true;
+passing0 = 1;
+}
+const _errs257 = errors;
+if(data114 && typeof data114 == "object" && !Array.isArray(data114)){
+if(data114.type === undefined){
+const err269 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err269];
 }
@@ -3476,12 +3479,8 @@ vErrors.push(err269);
 }
 errors++;
 }
-}
-if(data113.name !== undefined){
-let data119 = data113.name;
-if(typeof data119 === "string"){
-if(func4(data119) < 1){
-const err270 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data114.name === undefined){
+const err270 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err270];
 }
@@ -3490,9 +3489,9 @@ vErrors.push(err270);
 }
 errors++;
 }
-}
-else {
-const err271 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key25 in data114){
+if(!((key25 === "type") || (key25 === "name"))){
+const err271 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err271];
 }
@@ -3502,21 +3501,9 @@ vErrors.push(err271);
 errors++;
 }
 }
-}
-var _valid0 = _errs255 === errors;
-if(_valid0 && valid54){
-valid54 = false;
-passing0 = [passing0, 2];
-}
-else {
-if(_valid0){
-valid54 = true;
-passing0 = 2;
-}
-const _errs260 = errors;
-if(data113 && typeof data113 == "object" && !Array.isArray(data113)){
-if(data113.type === undefined){
-const err272 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+if(data114.type !== undefined){
+if("query" !== data114.type){
+const err272 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err272];
 }
@@ -3525,8 +3512,12 @@ vErrors.push(err272);
 }
 errors++;
 }
-if(data113.username === undefined){
-const err273 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
+}
+if(data114.name !== undefined){
+let data120 = data114.name;
+if(typeof data120 === "string"){
+if(func4(data120) < 1){
+const err273 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err273];
 }
@@ -3535,9 +3526,9 @@ vErrors.push(err273);
 }
 errors++;
 }
-for(const key26 in data113){
-if(!((key26 === "type") || (key26 === "username"))){
-const err274 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
+}
+else {
+const err274 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err274];
 }
@@ -3547,9 +3538,21 @@ vErrors.push(err274);
 errors++;
 }
 }
-if(data113.type !== undefined){
-if("basic" !== data113.type){
-const err275 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
+}
+var _valid0 = _errs257 === errors;
+if(_valid0 && valid54){
+valid54 = false;
+passing0 = [passing0, 2];
+}
+else {
+if(_valid0){
+valid54 = true;
+passing0 = 2;
+}
+const _errs262 = errors;
+if(data114 && typeof data114 == "object" && !Array.isArray(data114)){
+if(data114.type === undefined){
+const err275 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err275];
 }
@@ -3558,12 +3561,8 @@ vErrors.push(err275);
 }
 errors++;
 }
-}
-if(data113.username !== undefined){
-let data121 = data113.username;
-if(typeof data121 === "string"){
-if(!pattern19.test(data121)){
-const err276 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
+if(data114.username === undefined){
+const err276 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
 if(vErrors === null){
 vErrors = [err276];
 }
@@ -3572,9 +3571,9 @@ vErrors.push(err276);
 }
 errors++;
 }
-}
-else {
-const err277 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key26 in data114){
+if(!((key26 === "type") || (key26 === "username"))){
+const err277 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err277];
 }
@@ -3584,8 +3583,45 @@ vErrors.push(err277);
 errors++;
 }
 }
+if(data114.type !== undefined){
+if("basic" !== data114.type){
+const err278 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
+if(vErrors === null){
+vErrors = [err278];
 }
-var _valid0 = _errs260 === errors;
+else {
+vErrors.push(err278);
+}
+errors++;
+}
+}
+if(data114.username !== undefined){
+let data122 = data114.username;
+if(typeof data122 === "string"){
+if(!pattern19.test(data122)){
+const err279 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
+if(vErrors === null){
+vErrors = [err279];
+}
+else {
+vErrors.push(err279);
+}
+errors++;
+}
+}
+else {
+const err280 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err280];
+}
+else {
+vErrors.push(err280);
+}
+errors++;
+}
+}
+}
+var _valid0 = _errs262 === errors;
 if(_valid0 && valid54){
 valid54 = false;
 passing0 = [passing0, 3];
@@ -3599,58 +3635,7 @@ passing0 = 3;
 }
 }
 if(!valid54){
-const err278 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
-if(vErrors === null){
-vErrors = [err278];
-}
-else {
-vErrors.push(err278);
-}
-errors++;
-}
-else {
-errors = _errs244;
-if(vErrors !== null){
-if(_errs244){
-vErrors.length = _errs244;
-}
-else {
-vErrors = null;
-}
-}
-}
-if(data113 && typeof data113 == "object" && !Array.isArray(data113)){
-if(data113.type === undefined){
-const err279 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
-if(vErrors === null){
-vErrors = [err279];
-}
-else {
-vErrors.push(err279);
-}
-errors++;
-}
-}
-else {
-const err280 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
-if(vErrors === null){
-vErrors = [err280];
-}
-else {
-vErrors.push(err280);
-}
-errors++;
-}
-}
-if(data99.strip !== undefined){
-let data122 = data99.strip;
-if(Array.isArray(data122)){
-const len14 = data122.length;
-for(let i17=0; i17<len14; i17++){
-let data123 = data122[i17];
-if(typeof data123 === "string"){
-if(!pattern17.test(data123)){
-const err281 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
+const err281 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
 if(vErrors === null){
 vErrors = [err281];
 }
@@ -3659,9 +3644,20 @@ vErrors.push(err281);
 }
 errors++;
 }
+else {
+errors = _errs246;
+if(vErrors !== null){
+if(_errs246){
+vErrors.length = _errs246;
 }
 else {
-const err282 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+vErrors = null;
+}
+}
+}
+if(data114 && typeof data114 == "object" && !Array.isArray(data114)){
+if(data114.type === undefined){
+const err282 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err282];
 }
@@ -3671,9 +3667,8 @@ vErrors.push(err282);
 errors++;
 }
 }
-}
 else {
-const err283 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err283 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err283];
 }
@@ -3683,9 +3678,15 @@ vErrors.push(err283);
 errors++;
 }
 }
-}
-else {
-const err284 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data100.strip !== undefined){
+let data123 = data100.strip;
+if(Array.isArray(data123)){
+const len14 = data123.length;
+for(let i17=0; i17<len14; i17++){
+let data124 = data123[i17];
+if(typeof data124 === "string"){
+if(!pattern17.test(data124)){
+const err284 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err284];
 }
@@ -3695,9 +3696,8 @@ vErrors.push(err284);
 errors++;
 }
 }
-}
 else {
-const err285 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err285 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err285];
 }
@@ -3706,14 +3706,10 @@ vErrors.push(err285);
 }
 errors++;
 }
-let data124 = data.secrets;
-if(data124 && typeof data124 == "object" && !Array.isArray(data124)){
-if(data124.env_prefix === undefined){
-data124.env_prefix = "LATCHKEY_SECRET_";
 }
-for(const key27 in data124){
-if(!((key27 === "file") || (key27 === "env_prefix"))){
-const err286 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
+}
+else {
+const err286 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err286];
 }
@@ -3723,11 +3719,9 @@ vErrors.push(err286);
 errors++;
 }
 }
-if(data124.file !== undefined){
-let data125 = data124.file;
-if(typeof data125 === "string"){
-if(func4(data125) < 1){
-const err287 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err287 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err287];
 }
@@ -3737,8 +3731,9 @@ vErrors.push(err287);
 errors++;
 }
 }
+}
 else {
-const err288 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err288 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err288];
 }
@@ -3747,11 +3742,14 @@ vErrors.push(err288);
 }
 errors++;
 }
+let data125 = data.secrets;
+if(data125 && typeof data125 == "object" && !Array.isArray(data125)){
+if(data125.env_prefix === undefined){
+data125.env_prefix = "LATCHKEY_SECRET_";
 }
-let data126 = data124.env_prefix;
-if(typeof data126 === "string"){
-if(!pattern21.test(data126)){
-const err289 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
+for(const key27 in data125){
+if(!((key27 === "file") || (key27 === "env_prefix"))){
+const err289 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err289];
 }
@@ -3761,8 +3759,11 @@ vErrors.push(err289);
 errors++;
 }
 }
-else {
-const err290 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data125.file !== undefined){
+let data126 = data125.file;
+if(typeof data126 === "string"){
+if(func4(data126) < 1){
+const err290 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err290];
 }
@@ -3773,7 +3774,7 @@ errors++;
 }
 }
 else {
-const err291 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err291 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err291];
 }
@@ -3782,17 +3783,11 @@ vErrors.push(err291);
 }
 errors++;
 }
-let data127 = data.audit;
-if(data127 && typeof data127 == "object" && !Array.isArray(data127)){
-if(data127.jsonl === undefined){
-data127.jsonl = {};
 }
-if(data127.collector === undefined){
-data127.collector = null;
-}
-for(const key28 in data127){
-if(!((key28 === "jsonl") || (key28 === "collector"))){
-const err292 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
+let data127 = data125.env_prefix;
+if(typeof data127 === "string"){
+if(!pattern21.test(data127)){
+const err292 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err292];
 }
@@ -3802,17 +3797,8 @@ vErrors.push(err292);
 errors++;
 }
 }
-let data128 = data127.jsonl;
-if(data128 && typeof data128 == "object" && !Array.isArray(data128)){
-if(data128.path === undefined){
-data128.path = "latchkey-audit.jsonl";
-}
-if(data128.flush_ms === undefined){
-data128.flush_ms = 20;
-}
-for(const key29 in data128){
-if(!((key29 === "path") || (key29 === "flush_ms"))){
-const err293 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
+else {
+const err293 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err293];
 }
@@ -3822,10 +3808,8 @@ vErrors.push(err293);
 errors++;
 }
 }
-let data129 = data128.path;
-if(typeof data129 === "string"){
-if(func4(data129) < 1){
-const err294 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err294 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err294];
 }
@@ -3834,9 +3818,17 @@ vErrors.push(err294);
 }
 errors++;
 }
+let data128 = data.audit;
+if(data128 && typeof data128 == "object" && !Array.isArray(data128)){
+if(data128.jsonl === undefined){
+data128.jsonl = {};
 }
-else {
-const err295 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data128.collector === undefined){
+data128.collector = null;
+}
+for(const key28 in data128){
+if(!((key28 === "jsonl") || (key28 === "collector"))){
+const err295 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err295];
 }
@@ -3845,9 +3837,18 @@ vErrors.push(err295);
 }
 errors++;
 }
-let data130 = data128.flush_ms;
-if(!(((typeof data130 == "number") && (!(data130 % 1) && !isNaN(data130))) && (isFinite(data130)))){
-const err296 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data129 = data128.jsonl;
+if(data129 && typeof data129 == "object" && !Array.isArray(data129)){
+if(data129.path === undefined){
+data129.path = "latchkey-audit.jsonl";
+}
+if(data129.flush_ms === undefined){
+data129.flush_ms = 20;
+}
+for(const key29 in data129){
+if(!((key29 === "path") || (key29 === "flush_ms"))){
+const err296 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err296];
 }
@@ -3856,9 +3857,11 @@ vErrors.push(err296);
 }
 errors++;
 }
-if((typeof data130 == "number") && (isFinite(data130))){
-if(data130 > 3600000 || isNaN(data130)){
-const err297 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data130 = data129.path;
+if(typeof data130 === "string"){
+if(func4(data130) < 1){
+const err297 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err297];
 }
@@ -3867,8 +3870,9 @@ vErrors.push(err297);
 }
 errors++;
 }
-if(data130 < 1 || isNaN(data130)){
-const err298 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+else {
+const err298 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err298];
 }
@@ -3877,10 +3881,9 @@ vErrors.push(err298);
 }
 errors++;
 }
-}
-}
-else {
-const err299 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data131 = data129.flush_ms;
+if(!(((typeof data131 == "number") && (!(data131 % 1) && !isNaN(data131))) && (isFinite(data131)))){
+const err299 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err299];
 }
@@ -3889,9 +3892,9 @@ vErrors.push(err299);
 }
 errors++;
 }
-let data131 = data127.collector;
-if((!(data131 && typeof data131 == "object" && !Array.isArray(data131))) && (data131 !== null)){
-const err300 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
+if((typeof data131 == "number") && (isFinite(data131))){
+if(data131 > 3600000 || isNaN(data131)){
+const err300 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err300];
 }
@@ -3900,39 +3903,8 @@ vErrors.push(err300);
 }
 errors++;
 }
-if(data131 && typeof data131 == "object" && !Array.isArray(data131)){
-if(data131.tls === undefined){
-data131.tls = null;
-}
-if(data131.insecure_plaintext === undefined){
-data131.insecure_plaintext = false;
-}
-if(data131.spool_dir === undefined){
-data131.spool_dir = "latchkey-spool";
-}
-if(data131.spool_max_bytes === undefined){
-data131.spool_max_bytes = 268435456;
-}
-if(data131.segment_bytes === undefined){
-data131.segment_bytes = 4194304;
-}
-if(data131.on_full === undefined){
-data131.on_full = "refuse";
-}
-if(data131.batch_events === undefined){
-data131.batch_events = 1000;
-}
-if(data131.backoff_min_ms === undefined){
-data131.backoff_min_ms = 100;
-}
-if(data131.backoff_max_ms === undefined){
-data131.backoff_max_ms = 5000;
-}
-if(data131.close_timeout_ms === undefined){
-data131.close_timeout_ms = 2000;
-}
-if(data131.address === undefined){
-const err301 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
+if(data131 < 1 || isNaN(data131)){
+const err301 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err301];
 }
@@ -3941,8 +3913,10 @@ vErrors.push(err301);
 }
 errors++;
 }
-if(data131.sidecar_id === undefined){
-const err302 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
+}
+}
+else {
+const err302 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err302];
 }
@@ -3951,9 +3925,9 @@ vErrors.push(err302);
 }
 errors++;
 }
-for(const key30 in data131){
-if(!(func2.call(schema11.properties.audit.properties.collector.properties, key30))){
-const err303 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
+let data132 = data128.collector;
+if((!(data132 && typeof data132 == "object" && !Array.isArray(data132))) && (data132 !== null)){
+const err303 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err303];
 }
@@ -3962,12 +3936,39 @@ vErrors.push(err303);
 }
 errors++;
 }
+if(data132 && typeof data132 == "object" && !Array.isArray(data132)){
+if(data132.tls === undefined){
+data132.tls = null;
 }
-if(data131.address !== undefined){
-let data132 = data131.address;
-if(typeof data132 === "string"){
-if(!pattern22.test(data132)){
-const err304 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"},message:"must match pattern \""+"^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"+"\""};
+if(data132.insecure_plaintext === undefined){
+data132.insecure_plaintext = false;
+}
+if(data132.spool_dir === undefined){
+data132.spool_dir = "latchkey-spool";
+}
+if(data132.spool_max_bytes === undefined){
+data132.spool_max_bytes = 268435456;
+}
+if(data132.segment_bytes === undefined){
+data132.segment_bytes = 4194304;
+}
+if(data132.on_full === undefined){
+data132.on_full = "refuse";
+}
+if(data132.batch_events === undefined){
+data132.batch_events = 1000;
+}
+if(data132.backoff_min_ms === undefined){
+data132.backoff_min_ms = 100;
+}
+if(data132.backoff_max_ms === undefined){
+data132.backoff_max_ms = 5000;
+}
+if(data132.close_timeout_ms === undefined){
+data132.close_timeout_ms = 2000;
+}
+if(data132.address === undefined){
+const err304 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
 if(vErrors === null){
 vErrors = [err304];
 }
@@ -3976,9 +3977,8 @@ vErrors.push(err304);
 }
 errors++;
 }
-}
-else {
-const err305 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data132.sidecar_id === undefined){
+const err305 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
 if(vErrors === null){
 vErrors = [err305];
 }
@@ -3987,12 +3987,9 @@ vErrors.push(err305);
 }
 errors++;
 }
-}
-if(data131.sidecar_id !== undefined){
-let data133 = data131.sidecar_id;
-if(typeof data133 === "string"){
-if(func4(data133) < 1){
-const err306 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key30 in data132){
+if(!(func2.call(schema11.properties.audit.properties.collector.properties, key30))){
+const err306 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err306];
 }
@@ -4002,8 +3999,11 @@ vErrors.push(err306);
 errors++;
 }
 }
-else {
-const err307 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data132.address !== undefined){
+let data133 = data132.address;
+if(typeof data133 === "string"){
+if(!pattern22.test(data133)){
+const err307 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"},message:"must match pattern \""+"^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"+"\""};
 if(vErrors === null){
 vErrors = [err307];
 }
@@ -4013,11 +4013,8 @@ vErrors.push(err307);
 errors++;
 }
 }
-if(data131.token_secret !== undefined){
-let data134 = data131.token_secret;
-if(typeof data134 === "string"){
-if(func4(data134) < 1){
-const err308 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err308 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err308];
 }
@@ -4027,8 +4024,11 @@ vErrors.push(err308);
 errors++;
 }
 }
-else {
-const err309 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data132.sidecar_id !== undefined){
+let data134 = data132.sidecar_id;
+if(typeof data134 === "string"){
+if(func4(data134) < 1){
+const err309 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err309];
 }
@@ -4038,9 +4038,8 @@ vErrors.push(err309);
 errors++;
 }
 }
-let data135 = data131.tls;
-if((!(data135 && typeof data135 == "object" && !Array.isArray(data135))) && (data135 !== null)){
-const err310 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
+else {
+const err310 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err310];
 }
@@ -4049,9 +4048,12 @@ vErrors.push(err310);
 }
 errors++;
 }
-if(data135 && typeof data135 == "object" && !Array.isArray(data135)){
-if(data135.ca_file === undefined){
-const err311 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
+}
+if(data132.token_secret !== undefined){
+let data135 = data132.token_secret;
+if(typeof data135 === "string"){
+if(func4(data135) < 1){
+const err311 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err311];
 }
@@ -4060,8 +4062,9 @@ vErrors.push(err311);
 }
 errors++;
 }
-if(data135.cert_file === undefined){
-const err312 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+}
+else {
+const err312 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err312];
 }
@@ -4070,8 +4073,10 @@ vErrors.push(err312);
 }
 errors++;
 }
-if(data135.key_file === undefined){
-const err313 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+}
+let data136 = data132.tls;
+if((!(data136 && typeof data136 == "object" && !Array.isArray(data136))) && (data136 !== null)){
+const err313 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err313];
 }
@@ -4080,9 +4085,9 @@ vErrors.push(err313);
 }
 errors++;
 }
-for(const key31 in data135){
-if(!(((key31 === "ca_file") || (key31 === "cert_file")) || (key31 === "key_file"))){
-const err314 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
+if(data136 && typeof data136 == "object" && !Array.isArray(data136)){
+if(data136.ca_file === undefined){
+const err314 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
 if(vErrors === null){
 vErrors = [err314];
 }
@@ -4091,12 +4096,8 @@ vErrors.push(err314);
 }
 errors++;
 }
-}
-if(data135.ca_file !== undefined){
-let data136 = data135.ca_file;
-if(typeof data136 === "string"){
-if(func4(data136) < 1){
-const err315 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data136.cert_file === undefined){
+const err315 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err315];
 }
@@ -4105,9 +4106,8 @@ vErrors.push(err315);
 }
 errors++;
 }
-}
-else {
-const err316 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data136.key_file === undefined){
+const err316 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err316];
 }
@@ -4116,12 +4116,9 @@ vErrors.push(err316);
 }
 errors++;
 }
-}
-if(data135.cert_file !== undefined){
-let data137 = data135.cert_file;
-if(typeof data137 === "string"){
-if(func4(data137) < 1){
-const err317 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key31 in data136){
+if(!(((key31 === "ca_file") || (key31 === "cert_file")) || (key31 === "key_file"))){
+const err317 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err317];
 }
@@ -4131,8 +4128,11 @@ vErrors.push(err317);
 errors++;
 }
 }
-else {
-const err318 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data136.ca_file !== undefined){
+let data137 = data136.ca_file;
+if(typeof data137 === "string"){
+if(func4(data137) < 1){
+const err318 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err318];
 }
@@ -4142,11 +4142,8 @@ vErrors.push(err318);
 errors++;
 }
 }
-if(data135.key_file !== undefined){
-let data138 = data135.key_file;
-if(typeof data138 === "string"){
-if(func4(data138) < 1){
-const err319 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err319 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err319];
 }
@@ -4156,8 +4153,11 @@ vErrors.push(err319);
 errors++;
 }
 }
-else {
-const err320 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data136.cert_file !== undefined){
+let data138 = data136.cert_file;
+if(typeof data138 === "string"){
+if(func4(data138) < 1){
+const err320 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err320];
 }
@@ -4167,9 +4167,8 @@ vErrors.push(err320);
 errors++;
 }
 }
-}
-if(typeof data131.insecure_plaintext !== "boolean"){
-const err321 = {instancePath:instancePath+"/audit/collector/insecure_plaintext",schemaPath:"#/properties/audit/properties/collector/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err321 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err321];
 }
@@ -4178,10 +4177,12 @@ vErrors.push(err321);
 }
 errors++;
 }
-let data140 = data131.spool_dir;
-if(typeof data140 === "string"){
-if(func4(data140) < 1){
-const err322 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data136.key_file !== undefined){
+let data139 = data136.key_file;
+if(typeof data139 === "string"){
+if(func4(data139) < 1){
+const err322 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err322];
 }
@@ -4192,7 +4193,7 @@ errors++;
 }
 }
 else {
-const err323 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err323 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err323];
 }
@@ -4201,9 +4202,10 @@ vErrors.push(err323);
 }
 errors++;
 }
-let data141 = data131.spool_max_bytes;
-if(!(((typeof data141 == "number") && (!(data141 % 1) && !isNaN(data141))) && (isFinite(data141)))){
-const err324 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+}
+if(typeof data132.insecure_plaintext !== "boolean"){
+const err324 = {instancePath:instancePath+"/audit/collector/insecure_plaintext",schemaPath:"#/properties/audit/properties/collector/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err324];
 }
@@ -4212,9 +4214,10 @@ vErrors.push(err324);
 }
 errors++;
 }
-if((typeof data141 == "number") && (isFinite(data141))){
-if(data141 < 65536 || isNaN(data141)){
-const err325 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
+let data141 = data132.spool_dir;
+if(typeof data141 === "string"){
+if(func4(data141) < 1){
+const err325 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err325];
 }
@@ -4224,9 +4227,8 @@ vErrors.push(err325);
 errors++;
 }
 }
-let data142 = data131.segment_bytes;
-if(!(((typeof data142 == "number") && (!(data142 % 1) && !isNaN(data142))) && (isFinite(data142)))){
-const err326 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err326 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err326];
 }
@@ -4235,9 +4237,9 @@ vErrors.push(err326);
 }
 errors++;
 }
-if((typeof data142 == "number") && (isFinite(data142))){
-if(data142 < 4096 || isNaN(data142)){
-const err327 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
+let data142 = data132.spool_max_bytes;
+if(!(((typeof data142 == "number") && (!(data142 % 1) && !isNaN(data142))) && (isFinite(data142)))){
+const err327 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err327];
 }
@@ -4246,10 +4248,9 @@ vErrors.push(err327);
 }
 errors++;
 }
-}
-let data143 = data131.on_full;
-if(!((data143 === "refuse") || (data143 === "drop"))){
-const err328 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
+if((typeof data142 == "number") && (isFinite(data142))){
+if(data142 < 65536 || isNaN(data142)){
+const err328 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
 if(vErrors === null){
 vErrors = [err328];
 }
@@ -4258,9 +4259,10 @@ vErrors.push(err328);
 }
 errors++;
 }
-let data144 = data131.batch_events;
-if(!(((typeof data144 == "number") && (!(data144 % 1) && !isNaN(data144))) && (isFinite(data144)))){
-const err329 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data143 = data132.segment_bytes;
+if(!(((typeof data143 == "number") && (!(data143 % 1) && !isNaN(data143))) && (isFinite(data143)))){
+const err329 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err329];
 }
@@ -4269,9 +4271,9 @@ vErrors.push(err329);
 }
 errors++;
 }
-if((typeof data144 == "number") && (isFinite(data144))){
-if(data144 > 10000 || isNaN(data144)){
-const err330 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
+if((typeof data143 == "number") && (isFinite(data143))){
+if(data143 < 4096 || isNaN(data143)){
+const err330 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
 if(vErrors === null){
 vErrors = [err330];
 }
@@ -4280,8 +4282,10 @@ vErrors.push(err330);
 }
 errors++;
 }
-if(data144 < 1 || isNaN(data144)){
-const err331 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data144 = data132.on_full;
+if(!((data144 === "refuse") || (data144 === "drop"))){
+const err331 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err331];
 }
@@ -4290,10 +4294,9 @@ vErrors.push(err331);
 }
 errors++;
 }
-}
-let data145 = data131.backoff_min_ms;
+let data145 = data132.batch_events;
 if(!(((typeof data145 == "number") && (!(data145 % 1) && !isNaN(data145))) && (isFinite(data145)))){
-const err332 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err332 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err332];
 }
@@ -4303,8 +4306,8 @@ vErrors.push(err332);
 errors++;
 }
 if((typeof data145 == "number") && (isFinite(data145))){
-if(data145 > 3600000 || isNaN(data145)){
-const err333 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data145 > 10000 || isNaN(data145)){
+const err333 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
 if(vErrors === null){
 vErrors = [err333];
 }
@@ -4314,7 +4317,7 @@ vErrors.push(err333);
 errors++;
 }
 if(data145 < 1 || isNaN(data145)){
-const err334 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err334 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err334];
 }
@@ -4324,9 +4327,9 @@ vErrors.push(err334);
 errors++;
 }
 }
-let data146 = data131.backoff_max_ms;
+let data146 = data132.backoff_min_ms;
 if(!(((typeof data146 == "number") && (!(data146 % 1) && !isNaN(data146))) && (isFinite(data146)))){
-const err335 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err335 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err335];
 }
@@ -4337,7 +4340,7 @@ errors++;
 }
 if((typeof data146 == "number") && (isFinite(data146))){
 if(data146 > 3600000 || isNaN(data146)){
-const err336 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err336 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err336];
 }
@@ -4347,7 +4350,7 @@ vErrors.push(err336);
 errors++;
 }
 if(data146 < 1 || isNaN(data146)){
-const err337 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err337 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err337];
 }
@@ -4357,9 +4360,9 @@ vErrors.push(err337);
 errors++;
 }
 }
-let data147 = data131.close_timeout_ms;
+let data147 = data132.backoff_max_ms;
 if(!(((typeof data147 == "number") && (!(data147 % 1) && !isNaN(data147))) && (isFinite(data147)))){
-const err338 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err338 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err338];
 }
@@ -4370,7 +4373,7 @@ errors++;
 }
 if((typeof data147 == "number") && (isFinite(data147))){
 if(data147 > 3600000 || isNaN(data147)){
-const err339 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err339 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err339];
 }
@@ -4379,8 +4382,8 @@ vErrors.push(err339);
 }
 errors++;
 }
-if(data147 < 0 || isNaN(data147)){
-const err340 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if(data147 < 1 || isNaN(data147)){
+const err340 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err340];
 }
@@ -4390,10 +4393,9 @@ vErrors.push(err340);
 errors++;
 }
 }
-}
-}
-else {
-const err341 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data148 = data132.close_timeout_ms;
+if(!(((typeof data148 == "number") && (!(data148 % 1) && !isNaN(data148))) && (isFinite(data148)))){
+const err341 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err341];
 }
@@ -4402,14 +4404,9 @@ vErrors.push(err341);
 }
 errors++;
 }
-let data148 = data.log;
-if(data148 && typeof data148 == "object" && !Array.isArray(data148)){
-if(data148.level === undefined){
-data148.level = "info";
-}
-for(const key32 in data148){
-if(!(key32 === "level")){
-const err342 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
+if((typeof data148 == "number") && (isFinite(data148))){
+if(data148 > 3600000 || isNaN(data148)){
+const err342 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err342];
 }
@@ -4418,10 +4415,8 @@ vErrors.push(err342);
 }
 errors++;
 }
-}
-let data149 = data148.level;
-if(!(((((((data149 === "fatal") || (data149 === "error")) || (data149 === "warn")) || (data149 === "info")) || (data149 === "debug")) || (data149 === "trace")) || (data149 === "silent"))){
-const err343 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
+if(data148 < 0 || isNaN(data148)){
+const err343 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err343];
 }
@@ -4431,8 +4426,10 @@ vErrors.push(err343);
 errors++;
 }
 }
+}
+}
 else {
-const err344 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err344 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err344];
 }
@@ -4441,38 +4438,14 @@ vErrors.push(err344);
 }
 errors++;
 }
-if(data.broker !== undefined){
-let data150 = data.broker;
-if(data150 && typeof data150 == "object" && !Array.isArray(data150)){
-if(data150.listen === undefined){
-data150.listen = {};
+let data149 = data.log;
+if(data149 && typeof data149 == "object" && !Array.isArray(data149)){
+if(data149.level === undefined){
+data149.level = "info";
 }
-if(data150.keys === undefined){
-data150.keys = {};
-}
-if(data150.tokens === undefined){
-data150.tokens = {};
-}
-if(data150.attestors === undefined){
-data150.attestors = {};
-}
-if(data150.store === undefined){
-data150.store = {};
-}
-if(data150.admin_token_env === undefined){
-data150.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
-}
-if(data150.introspection_clients === undefined){
-data150.introspection_clients = {};
-}
-if(data150.leased_secrets === undefined){
-data150.leased_secrets = {};
-}
-if(data150.events === undefined){
-data150.events = {};
-}
-if(data150.issuer === undefined){
-const err345 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+for(const key32 in data149){
+if(!(key32 === "level")){
+const err345 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err345];
 }
@@ -4481,8 +4454,10 @@ vErrors.push(err345);
 }
 errors++;
 }
-if(data150.registry_file === undefined){
-const err346 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
+}
+let data150 = data149.level;
+if(!(((((((data150 === "fatal") || (data150 === "error")) || (data150 === "warn")) || (data150 === "info")) || (data150 === "debug")) || (data150 === "trace")) || (data150 === "silent"))){
+const err346 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err346];
 }
@@ -4491,9 +4466,9 @@ vErrors.push(err346);
 }
 errors++;
 }
-for(const key33 in data150){
-if(!(func2.call(schema11.properties.broker.properties, key33))){
-const err347 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
+}
+else {
+const err347 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err347];
 }
@@ -4502,12 +4477,38 @@ vErrors.push(err347);
 }
 errors++;
 }
+if(data.broker !== undefined){
+let data151 = data.broker;
+if(data151 && typeof data151 == "object" && !Array.isArray(data151)){
+if(data151.listen === undefined){
+data151.listen = {};
 }
-if(data150.issuer !== undefined){
-let data151 = data150.issuer;
-if(typeof data151 === "string"){
-if(!pattern1.test(data151)){
-const err348 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data151.keys === undefined){
+data151.keys = {};
+}
+if(data151.tokens === undefined){
+data151.tokens = {};
+}
+if(data151.attestors === undefined){
+data151.attestors = {};
+}
+if(data151.store === undefined){
+data151.store = {};
+}
+if(data151.admin_token_env === undefined){
+data151.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
+}
+if(data151.introspection_clients === undefined){
+data151.introspection_clients = {};
+}
+if(data151.leased_secrets === undefined){
+data151.leased_secrets = {};
+}
+if(data151.events === undefined){
+data151.events = {};
+}
+if(data151.issuer === undefined){
+const err348 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err348];
 }
@@ -4516,9 +4517,8 @@ vErrors.push(err348);
 }
 errors++;
 }
-}
-else {
-const err349 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data151.registry_file === undefined){
+const err349 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
 if(vErrors === null){
 vErrors = [err349];
 }
@@ -4527,12 +4527,9 @@ vErrors.push(err349);
 }
 errors++;
 }
-}
-if(data150.audience !== undefined){
-let data152 = data150.audience;
-if(typeof data152 === "string"){
-if(func4(data152) < 1){
-const err350 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key33 in data151){
+if(!(func2.call(schema11.properties.broker.properties, key33))){
+const err350 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err350];
 }
@@ -4542,8 +4539,11 @@ vErrors.push(err350);
 errors++;
 }
 }
-else {
-const err351 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data151.issuer !== undefined){
+let data152 = data151.issuer;
+if(typeof data152 === "string"){
+if(!pattern1.test(data152)){
+const err351 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err351];
 }
@@ -4553,23 +4553,8 @@ vErrors.push(err351);
 errors++;
 }
 }
-let data153 = data150.listen;
-if(data153 && typeof data153 == "object" && !Array.isArray(data153)){
-if(data153.host === undefined){
-data153.host = "127.0.0.1";
-}
-if(data153.port === undefined){
-data153.port = 15003;
-}
-if(data153.tls === undefined){
-data153.tls = null;
-}
-if(data153.insecure_plaintext === undefined){
-data153.insecure_plaintext = false;
-}
-for(const key34 in data153){
-if(!((((key34 === "host") || (key34 === "port")) || (key34 === "tls")) || (key34 === "insecure_plaintext"))){
-const err352 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
+else {
+const err352 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err352];
 }
@@ -4579,10 +4564,11 @@ vErrors.push(err352);
 errors++;
 }
 }
-let data154 = data153.host;
-if(typeof data154 === "string"){
-if(func4(data154) < 1){
-const err353 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data151.audience !== undefined){
+let data153 = data151.audience;
+if(typeof data153 === "string"){
+if(func4(data153) < 1){
+const err353 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err353];
 }
@@ -4593,7 +4579,7 @@ errors++;
 }
 }
 else {
-const err354 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err354 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err354];
 }
@@ -4602,9 +4588,24 @@ vErrors.push(err354);
 }
 errors++;
 }
-let data155 = data153.port;
-if(!(((typeof data155 == "number") && (!(data155 % 1) && !isNaN(data155))) && (isFinite(data155)))){
-const err355 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data154 = data151.listen;
+if(data154 && typeof data154 == "object" && !Array.isArray(data154)){
+if(data154.host === undefined){
+data154.host = "127.0.0.1";
+}
+if(data154.port === undefined){
+data154.port = 15003;
+}
+if(data154.tls === undefined){
+data154.tls = null;
+}
+if(data154.insecure_plaintext === undefined){
+data154.insecure_plaintext = false;
+}
+for(const key34 in data154){
+if(!((((key34 === "host") || (key34 === "port")) || (key34 === "tls")) || (key34 === "insecure_plaintext"))){
+const err355 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err355];
 }
@@ -4613,9 +4614,11 @@ vErrors.push(err355);
 }
 errors++;
 }
-if((typeof data155 == "number") && (isFinite(data155))){
-if(data155 > 65535 || isNaN(data155)){
-const err356 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+let data155 = data154.host;
+if(typeof data155 === "string"){
+if(func4(data155) < 1){
+const err356 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err356];
 }
@@ -4624,8 +4627,9 @@ vErrors.push(err356);
 }
 errors++;
 }
-if(data155 < 0 || isNaN(data155)){
-const err357 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+else {
+const err357 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err357];
 }
@@ -4634,10 +4638,9 @@ vErrors.push(err357);
 }
 errors++;
 }
-}
-let data156 = data153.tls;
-if((!(data156 && typeof data156 == "object" && !Array.isArray(data156))) && (data156 !== null)){
-const err358 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.listen.properties.tls.type},message:"must be object,null"};
+let data156 = data154.port;
+if(!(((typeof data156 == "number") && (!(data156 % 1) && !isNaN(data156))) && (isFinite(data156)))){
+const err358 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err358];
 }
@@ -4646,9 +4649,9 @@ vErrors.push(err358);
 }
 errors++;
 }
-if(data156 && typeof data156 == "object" && !Array.isArray(data156)){
-if(data156.cert_file === undefined){
-const err359 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+if((typeof data156 == "number") && (isFinite(data156))){
+if(data156 > 65535 || isNaN(data156)){
+const err359 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err359];
 }
@@ -4657,8 +4660,8 @@ vErrors.push(err359);
 }
 errors++;
 }
-if(data156.key_file === undefined){
-const err360 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+if(data156 < 0 || isNaN(data156)){
+const err360 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err360];
 }
@@ -4667,9 +4670,10 @@ vErrors.push(err360);
 }
 errors++;
 }
-for(const key35 in data156){
-if(!((key35 === "cert_file") || (key35 === "key_file"))){
-const err361 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
+}
+let data157 = data154.tls;
+if((!(data157 && typeof data157 == "object" && !Array.isArray(data157))) && (data157 !== null)){
+const err361 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.listen.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err361];
 }
@@ -4678,12 +4682,9 @@ vErrors.push(err361);
 }
 errors++;
 }
-}
-if(data156.cert_file !== undefined){
-let data157 = data156.cert_file;
-if(typeof data157 === "string"){
-if(func4(data157) < 1){
-const err362 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data157 && typeof data157 == "object" && !Array.isArray(data157)){
+if(data157.cert_file === undefined){
+const err362 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err362];
 }
@@ -4692,9 +4693,8 @@ vErrors.push(err362);
 }
 errors++;
 }
-}
-else {
-const err363 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data157.key_file === undefined){
+const err363 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err363];
 }
@@ -4703,12 +4703,9 @@ vErrors.push(err363);
 }
 errors++;
 }
-}
-if(data156.key_file !== undefined){
-let data158 = data156.key_file;
-if(typeof data158 === "string"){
-if(func4(data158) < 1){
-const err364 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key35 in data157){
+if(!((key35 === "cert_file") || (key35 === "key_file"))){
+const err364 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err364];
 }
@@ -4718,8 +4715,11 @@ vErrors.push(err364);
 errors++;
 }
 }
-else {
-const err365 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data157.cert_file !== undefined){
+let data158 = data157.cert_file;
+if(typeof data158 === "string"){
+if(func4(data158) < 1){
+const err365 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err365];
 }
@@ -4729,9 +4729,8 @@ vErrors.push(err365);
 errors++;
 }
 }
-}
-if(typeof data153.insecure_plaintext !== "boolean"){
-const err366 = {instancePath:instancePath+"/broker/listen/insecure_plaintext",schemaPath:"#/properties/broker/properties/listen/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err366 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err366];
 }
@@ -4741,8 +4740,11 @@ vErrors.push(err366);
 errors++;
 }
 }
-else {
-const err367 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data157.key_file !== undefined){
+let data159 = data157.key_file;
+if(typeof data159 === "string"){
+if(func4(data159) < 1){
+const err367 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err367];
 }
@@ -4751,20 +4753,9 @@ vErrors.push(err367);
 }
 errors++;
 }
-let data160 = data150.keys;
-if(data160 && typeof data160 == "object" && !Array.isArray(data160)){
-if(data160.dir === undefined){
-data160.dir = ".latchkey/broker-keys";
 }
-if(data160.alg === undefined){
-data160.alg = "ES256";
-}
-if(data160.rotate_after_s === undefined){
-data160.rotate_after_s = 86400;
-}
-for(const key36 in data160){
-if(!(((key36 === "dir") || (key36 === "alg")) || (key36 === "rotate_after_s"))){
-const err368 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
+else {
+const err368 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err368];
 }
@@ -4774,10 +4765,9 @@ vErrors.push(err368);
 errors++;
 }
 }
-let data161 = data160.dir;
-if(typeof data161 === "string"){
-if(func4(data161) < 1){
-const err369 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(typeof data154.insecure_plaintext !== "boolean"){
+const err369 = {instancePath:instancePath+"/broker/listen/insecure_plaintext",schemaPath:"#/properties/broker/properties/listen/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err369];
 }
@@ -4788,7 +4778,7 @@ errors++;
 }
 }
 else {
-const err370 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err370 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err370];
 }
@@ -4797,9 +4787,20 @@ vErrors.push(err370);
 }
 errors++;
 }
-let data162 = data160.alg;
-if(!((data162 === "ES256") || (data162 === "EdDSA"))){
-const err371 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
+let data161 = data151.keys;
+if(data161 && typeof data161 == "object" && !Array.isArray(data161)){
+if(data161.dir === undefined){
+data161.dir = ".latchkey/broker-keys";
+}
+if(data161.alg === undefined){
+data161.alg = "ES256";
+}
+if(data161.rotate_after_s === undefined){
+data161.rotate_after_s = 86400;
+}
+for(const key36 in data161){
+if(!(((key36 === "dir") || (key36 === "alg")) || (key36 === "rotate_after_s"))){
+const err371 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err371];
 }
@@ -4808,9 +4809,11 @@ vErrors.push(err371);
 }
 errors++;
 }
-let data163 = data160.rotate_after_s;
-if(!(((typeof data163 == "number") && (!(data163 % 1) && !isNaN(data163))) && (isFinite(data163)))){
-const err372 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data162 = data161.dir;
+if(typeof data162 === "string"){
+if(func4(data162) < 1){
+const err372 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err372];
 }
@@ -4819,9 +4822,9 @@ vErrors.push(err372);
 }
 errors++;
 }
-if((typeof data163 == "number") && (isFinite(data163))){
-if(data163 > 31536000 || isNaN(data163)){
-const err373 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+}
+else {
+const err373 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err373];
 }
@@ -4830,8 +4833,9 @@ vErrors.push(err373);
 }
 errors++;
 }
-if(data163 < 60 || isNaN(data163)){
-const err374 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+let data163 = data161.alg;
+if(!((data163 === "ES256") || (data163 === "EdDSA"))){
+const err374 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err374];
 }
@@ -4840,10 +4844,9 @@ vErrors.push(err374);
 }
 errors++;
 }
-}
-}
-else {
-const err375 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data164 = data161.rotate_after_s;
+if(!(((typeof data164 == "number") && (!(data164 % 1) && !isNaN(data164))) && (isFinite(data164)))){
+const err375 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err375];
 }
@@ -4852,11 +4855,9 @@ vErrors.push(err375);
 }
 errors++;
 }
-if(data150.registry_file !== undefined){
-let data164 = data150.registry_file;
-if(typeof data164 === "string"){
-if(func4(data164) < 1){
-const err376 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if((typeof data164 == "number") && (isFinite(data164))){
+if(data164 > 31536000 || isNaN(data164)){
+const err376 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err376];
 }
@@ -4865,9 +4866,8 @@ vErrors.push(err376);
 }
 errors++;
 }
-}
-else {
-const err377 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data164 < 60 || isNaN(data164)){
+const err377 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err377];
 }
@@ -4877,20 +4877,9 @@ vErrors.push(err377);
 errors++;
 }
 }
-let data165 = data150.tokens;
-if(data165 && typeof data165 == "object" && !Array.isArray(data165)){
-if(data165.floor_s === undefined){
-data165.floor_s = 60;
 }
-if(data165.default_duration_s === undefined){
-data165.default_duration_s = 300;
-}
-if(data165.max_body_bytes === undefined){
-data165.max_body_bytes = 65536;
-}
-for(const key37 in data165){
-if(!(((key37 === "floor_s") || (key37 === "default_duration_s")) || (key37 === "max_body_bytes"))){
-const err378 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
+else {
+const err378 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err378];
 }
@@ -4899,10 +4888,11 @@ vErrors.push(err378);
 }
 errors++;
 }
-}
-let data166 = data165.floor_s;
-if(!(((typeof data166 == "number") && (!(data166 % 1) && !isNaN(data166))) && (isFinite(data166)))){
-const err379 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data151.registry_file !== undefined){
+let data165 = data151.registry_file;
+if(typeof data165 === "string"){
+if(func4(data165) < 1){
+const err379 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err379];
 }
@@ -4911,9 +4901,9 @@ vErrors.push(err379);
 }
 errors++;
 }
-if((typeof data166 == "number") && (isFinite(data166))){
-if(data166 > 86400 || isNaN(data166)){
-const err380 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+}
+else {
+const err380 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err380];
 }
@@ -4922,8 +4912,21 @@ vErrors.push(err380);
 }
 errors++;
 }
-if(data166 < 1 || isNaN(data166)){
-const err381 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data166 = data151.tokens;
+if(data166 && typeof data166 == "object" && !Array.isArray(data166)){
+if(data166.floor_s === undefined){
+data166.floor_s = 60;
+}
+if(data166.default_duration_s === undefined){
+data166.default_duration_s = 300;
+}
+if(data166.max_body_bytes === undefined){
+data166.max_body_bytes = 65536;
+}
+for(const key37 in data166){
+if(!(((key37 === "floor_s") || (key37 === "default_duration_s")) || (key37 === "max_body_bytes"))){
+const err381 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err381];
 }
@@ -4933,9 +4936,9 @@ vErrors.push(err381);
 errors++;
 }
 }
-let data167 = data165.default_duration_s;
+let data167 = data166.floor_s;
 if(!(((typeof data167 == "number") && (!(data167 % 1) && !isNaN(data167))) && (isFinite(data167)))){
-const err382 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err382 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err382];
 }
@@ -4946,7 +4949,7 @@ errors++;
 }
 if((typeof data167 == "number") && (isFinite(data167))){
 if(data167 > 86400 || isNaN(data167)){
-const err383 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+const err383 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err383];
 }
@@ -4956,7 +4959,7 @@ vErrors.push(err383);
 errors++;
 }
 if(data167 < 1 || isNaN(data167)){
-const err384 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err384 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err384];
 }
@@ -4966,9 +4969,9 @@ vErrors.push(err384);
 errors++;
 }
 }
-let data168 = data165.max_body_bytes;
+let data168 = data166.default_duration_s;
 if(!(((typeof data168 == "number") && (!(data168 % 1) && !isNaN(data168))) && (isFinite(data168)))){
-const err385 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err385 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err385];
 }
@@ -4978,8 +4981,8 @@ vErrors.push(err385);
 errors++;
 }
 if((typeof data168 == "number") && (isFinite(data168))){
-if(data168 > 1048576 || isNaN(data168)){
-const err386 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
+if(data168 > 86400 || isNaN(data168)){
+const err386 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err386];
 }
@@ -4988,8 +4991,8 @@ vErrors.push(err386);
 }
 errors++;
 }
-if(data168 < 1024 || isNaN(data168)){
-const err387 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+if(data168 < 1 || isNaN(data168)){
+const err387 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err387];
 }
@@ -4999,9 +5002,9 @@ vErrors.push(err387);
 errors++;
 }
 }
-}
-else {
-const err388 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data169 = data166.max_body_bytes;
+if(!(((typeof data169 == "number") && (!(data169 % 1) && !isNaN(data169))) && (isFinite(data169)))){
+const err388 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err388];
 }
@@ -5010,14 +5013,9 @@ vErrors.push(err388);
 }
 errors++;
 }
-if(data150.users !== undefined){
-let data169 = data150.users;
-if(data169 && typeof data169 == "object" && !Array.isArray(data169)){
-if(data169.scope_claim === undefined){
-data169.scope_claim = "scope";
-}
-if(data169.issuer === undefined){
-const err389 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+if((typeof data169 == "number") && (isFinite(data169))){
+if(data169 > 1048576 || isNaN(data169)){
+const err389 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
 if(vErrors === null){
 vErrors = [err389];
 }
@@ -5026,8 +5024,8 @@ vErrors.push(err389);
 }
 errors++;
 }
-if(data169.audience === undefined){
-const err390 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+if(data169 < 1024 || isNaN(data169)){
+const err390 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err390];
 }
@@ -5036,9 +5034,10 @@ vErrors.push(err390);
 }
 errors++;
 }
-for(const key38 in data169){
-if(!(((((key38 === "issuer") || (key38 === "audience")) || (key38 === "scope_claim")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
-const err391 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
+}
+}
+else {
+const err391 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err391];
 }
@@ -5047,12 +5046,14 @@ vErrors.push(err391);
 }
 errors++;
 }
+if(data151.users !== undefined){
+let data170 = data151.users;
+if(data170 && typeof data170 == "object" && !Array.isArray(data170)){
+if(data170.scope_claim === undefined){
+data170.scope_claim = "scope";
 }
-if(data169.issuer !== undefined){
-let data170 = data169.issuer;
-if(typeof data170 === "string"){
-if(func4(data170) < 1){
-const err392 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data170.issuer === undefined){
+const err392 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err392];
 }
@@ -5061,9 +5062,8 @@ vErrors.push(err392);
 }
 errors++;
 }
-}
-else {
-const err393 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data170.audience === undefined){
+const err393 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err393];
 }
@@ -5072,12 +5072,9 @@ vErrors.push(err393);
 }
 errors++;
 }
-}
-if(data169.audience !== undefined){
-let data171 = data169.audience;
-if(typeof data171 === "string"){
-if(func4(data171) < 1){
-const err394 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key38 in data170){
+if(!(((((key38 === "issuer") || (key38 === "audience")) || (key38 === "scope_claim")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
+const err394 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err394];
 }
@@ -5087,8 +5084,11 @@ vErrors.push(err394);
 errors++;
 }
 }
-else {
-const err395 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data170.issuer !== undefined){
+let data171 = data170.issuer;
+if(typeof data171 === "string"){
+if(func4(data171) < 1){
+const err395 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err395];
 }
@@ -5098,10 +5098,8 @@ vErrors.push(err395);
 errors++;
 }
 }
-let data172 = data169.scope_claim;
-if(typeof data172 === "string"){
-if(func4(data172) < 1){
-const err396 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err396 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err396];
 }
@@ -5111,8 +5109,11 @@ vErrors.push(err396);
 errors++;
 }
 }
-else {
-const err397 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data170.audience !== undefined){
+let data172 = data170.audience;
+if(typeof data172 === "string"){
+if(func4(data172) < 1){
+const err397 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err397];
 }
@@ -5121,11 +5122,9 @@ vErrors.push(err397);
 }
 errors++;
 }
-if(data169.jwks_file !== undefined){
-let data173 = data169.jwks_file;
-if(typeof data173 === "string"){
-if(func4(data173) < 1){
-const err398 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err398 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err398];
 }
@@ -5135,8 +5134,10 @@ vErrors.push(err398);
 errors++;
 }
 }
-else {
-const err399 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data173 = data170.scope_claim;
+if(typeof data173 === "string"){
+if(func4(data173) < 1){
+const err399 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err399];
 }
@@ -5146,11 +5147,8 @@ vErrors.push(err399);
 errors++;
 }
 }
-if(data169.jwks_url !== undefined){
-let data174 = data169.jwks_url;
-if(typeof data174 === "string"){
-if(!pattern1.test(data174)){
-const err400 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+else {
+const err400 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err400];
 }
@@ -5159,9 +5157,11 @@ vErrors.push(err400);
 }
 errors++;
 }
-}
-else {
-const err401 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data170.jwks_file !== undefined){
+let data174 = data170.jwks_file;
+if(typeof data174 === "string"){
+if(func4(data174) < 1){
+const err401 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err401];
 }
@@ -5171,9 +5171,8 @@ vErrors.push(err401);
 errors++;
 }
 }
-}
 else {
-const err402 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err402 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err402];
 }
@@ -5183,11 +5182,11 @@ vErrors.push(err402);
 errors++;
 }
 }
-let data175 = data150.attestors;
-if(data175 && typeof data175 == "object" && !Array.isArray(data175)){
-for(const key39 in data175){
-if(!(((key39 === "kubernetes") || (key39 === "spiffe")) || (key39 === "local"))){
-const err403 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
+if(data170.jwks_url !== undefined){
+let data175 = data170.jwks_url;
+if(typeof data175 === "string"){
+if(!pattern1.test(data175)){
+const err403 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err403];
 }
@@ -5197,14 +5196,8 @@ vErrors.push(err403);
 errors++;
 }
 }
-if(data175.kubernetes !== undefined){
-let data176 = data175.kubernetes;
-if(data176 && typeof data176 == "object" && !Array.isArray(data176)){
-if(data176.max_token_age_s === undefined){
-data176.max_token_age_s = 86400;
-}
-if(data176.issuer === undefined){
-const err404 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+else {
+const err404 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err404];
 }
@@ -5213,9 +5206,10 @@ vErrors.push(err404);
 }
 errors++;
 }
-for(const key40 in data176){
-if(!(((((key40 === "issuer") || (key40 === "audience")) || (key40 === "jwks_file")) || (key40 === "jwks_url")) || (key40 === "max_token_age_s"))){
-const err405 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
+}
+}
+else {
+const err405 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err405];
 }
@@ -5225,11 +5219,11 @@ vErrors.push(err405);
 errors++;
 }
 }
-if(data176.issuer !== undefined){
-let data177 = data176.issuer;
-if(typeof data177 === "string"){
-if(func4(data177) < 1){
-const err406 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data176 = data151.attestors;
+if(data176 && typeof data176 == "object" && !Array.isArray(data176)){
+for(const key39 in data176){
+if(!(((key39 === "kubernetes") || (key39 === "spiffe")) || (key39 === "local"))){
+const err406 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err406];
 }
@@ -5239,8 +5233,14 @@ vErrors.push(err406);
 errors++;
 }
 }
-else {
-const err407 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data176.kubernetes !== undefined){
+let data177 = data176.kubernetes;
+if(data177 && typeof data177 == "object" && !Array.isArray(data177)){
+if(data177.max_token_age_s === undefined){
+data177.max_token_age_s = 86400;
+}
+if(data177.issuer === undefined){
+const err407 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err407];
 }
@@ -5249,12 +5249,9 @@ vErrors.push(err407);
 }
 errors++;
 }
-}
-if(data176.audience !== undefined){
-let data178 = data176.audience;
-if(typeof data178 === "string"){
-if(func4(data178) < 1){
-const err408 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key40 in data177){
+if(!(((((key40 === "issuer") || (key40 === "audience")) || (key40 === "jwks_file")) || (key40 === "jwks_url")) || (key40 === "max_token_age_s"))){
+const err408 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err408];
 }
@@ -5264,8 +5261,11 @@ vErrors.push(err408);
 errors++;
 }
 }
-else {
-const err409 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data177.issuer !== undefined){
+let data178 = data177.issuer;
+if(typeof data178 === "string"){
+if(func4(data178) < 1){
+const err409 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err409];
 }
@@ -5275,11 +5275,8 @@ vErrors.push(err409);
 errors++;
 }
 }
-if(data176.jwks_file !== undefined){
-let data179 = data176.jwks_file;
-if(typeof data179 === "string"){
-if(func4(data179) < 1){
-const err410 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err410 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err410];
 }
@@ -5289,8 +5286,11 @@ vErrors.push(err410);
 errors++;
 }
 }
-else {
-const err411 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data177.audience !== undefined){
+let data179 = data177.audience;
+if(typeof data179 === "string"){
+if(func4(data179) < 1){
+const err411 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err411];
 }
@@ -5300,11 +5300,8 @@ vErrors.push(err411);
 errors++;
 }
 }
-if(data176.jwks_url !== undefined){
-let data180 = data176.jwks_url;
-if(typeof data180 === "string"){
-if(!pattern1.test(data180)){
-const err412 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+else {
+const err412 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err412];
 }
@@ -5314,8 +5311,11 @@ vErrors.push(err412);
 errors++;
 }
 }
-else {
-const err413 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data177.jwks_file !== undefined){
+let data180 = data177.jwks_file;
+if(typeof data180 === "string"){
+if(func4(data180) < 1){
+const err413 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err413];
 }
@@ -5325,9 +5325,8 @@ vErrors.push(err413);
 errors++;
 }
 }
-let data181 = data176.max_token_age_s;
-if(!(((typeof data181 == "number") && (!(data181 % 1) && !isNaN(data181))) && (isFinite(data181)))){
-const err414 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err414 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err414];
 }
@@ -5336,9 +5335,12 @@ vErrors.push(err414);
 }
 errors++;
 }
-if((typeof data181 == "number") && (isFinite(data181))){
-if(data181 > 31536000 || isNaN(data181)){
-const err415 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+}
+if(data177.jwks_url !== undefined){
+let data181 = data177.jwks_url;
+if(typeof data181 === "string"){
+if(!pattern1.test(data181)){
+const err415 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err415];
 }
@@ -5347,8 +5349,9 @@ vErrors.push(err415);
 }
 errors++;
 }
-if(data181 < 60 || isNaN(data181)){
-const err416 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+}
+else {
+const err416 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err416];
 }
@@ -5358,9 +5361,9 @@ vErrors.push(err416);
 errors++;
 }
 }
-}
-else {
-const err417 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data182 = data177.max_token_age_s;
+if(!(((typeof data182 == "number") && (!(data182 % 1) && !isNaN(data182))) && (isFinite(data182)))){
+const err417 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err417];
 }
@@ -5369,15 +5372,9 @@ vErrors.push(err417);
 }
 errors++;
 }
-}
-if(data175.spiffe !== undefined){
-let data182 = data175.spiffe;
-if(data182 && typeof data182 == "object" && !Array.isArray(data182)){
-if(data182.max_lifetime_s === undefined){
-data182.max_lifetime_s = 86400;
-}
-if(data182.trust_domain === undefined){
-const err418 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
+if((typeof data182 == "number") && (isFinite(data182))){
+if(data182 > 31536000 || isNaN(data182)){
+const err418 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err418];
 }
@@ -5386,9 +5383,8 @@ vErrors.push(err418);
 }
 errors++;
 }
-for(const key41 in data182){
-if(!(((((key41 === "trust_domain") || (key41 === "audience")) || (key41 === "jwks_file")) || (key41 === "jwks_url")) || (key41 === "max_lifetime_s"))){
-const err419 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
+if(data182 < 60 || isNaN(data182)){
+const err419 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err419];
 }
@@ -5398,11 +5394,9 @@ vErrors.push(err419);
 errors++;
 }
 }
-if(data182.trust_domain !== undefined){
-let data183 = data182.trust_domain;
-if(typeof data183 === "string"){
-if(!pattern26.test(data183)){
-const err420 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
+}
+else {
+const err420 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err420];
 }
@@ -5412,8 +5406,14 @@ vErrors.push(err420);
 errors++;
 }
 }
-else {
-const err421 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data176.spiffe !== undefined){
+let data183 = data176.spiffe;
+if(data183 && typeof data183 == "object" && !Array.isArray(data183)){
+if(data183.max_lifetime_s === undefined){
+data183.max_lifetime_s = 86400;
+}
+if(data183.trust_domain === undefined){
+const err421 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
 if(vErrors === null){
 vErrors = [err421];
 }
@@ -5422,12 +5422,9 @@ vErrors.push(err421);
 }
 errors++;
 }
-}
-if(data182.audience !== undefined){
-let data184 = data182.audience;
-if(typeof data184 === "string"){
-if(func4(data184) < 1){
-const err422 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key41 in data183){
+if(!(((((key41 === "trust_domain") || (key41 === "audience")) || (key41 === "jwks_file")) || (key41 === "jwks_url")) || (key41 === "max_lifetime_s"))){
+const err422 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err422];
 }
@@ -5437,8 +5434,11 @@ vErrors.push(err422);
 errors++;
 }
 }
-else {
-const err423 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data183.trust_domain !== undefined){
+let data184 = data183.trust_domain;
+if(typeof data184 === "string"){
+if(!pattern26.test(data184)){
+const err423 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err423];
 }
@@ -5448,11 +5448,8 @@ vErrors.push(err423);
 errors++;
 }
 }
-if(data182.jwks_file !== undefined){
-let data185 = data182.jwks_file;
-if(typeof data185 === "string"){
-if(func4(data185) < 1){
-const err424 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err424 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err424];
 }
@@ -5462,8 +5459,11 @@ vErrors.push(err424);
 errors++;
 }
 }
-else {
-const err425 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data183.audience !== undefined){
+let data185 = data183.audience;
+if(typeof data185 === "string"){
+if(func4(data185) < 1){
+const err425 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err425];
 }
@@ -5473,11 +5473,8 @@ vErrors.push(err425);
 errors++;
 }
 }
-if(data182.jwks_url !== undefined){
-let data186 = data182.jwks_url;
-if(typeof data186 === "string"){
-if(!pattern1.test(data186)){
-const err426 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+else {
+const err426 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err426];
 }
@@ -5487,8 +5484,11 @@ vErrors.push(err426);
 errors++;
 }
 }
-else {
-const err427 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data183.jwks_file !== undefined){
+let data186 = data183.jwks_file;
+if(typeof data186 === "string"){
+if(func4(data186) < 1){
+const err427 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err427];
 }
@@ -5498,9 +5498,8 @@ vErrors.push(err427);
 errors++;
 }
 }
-let data187 = data182.max_lifetime_s;
-if(!(((typeof data187 == "number") && (!(data187 % 1) && !isNaN(data187))) && (isFinite(data187)))){
-const err428 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err428 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err428];
 }
@@ -5509,9 +5508,12 @@ vErrors.push(err428);
 }
 errors++;
 }
-if((typeof data187 == "number") && (isFinite(data187))){
-if(data187 > 31536000 || isNaN(data187)){
-const err429 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+}
+if(data183.jwks_url !== undefined){
+let data187 = data183.jwks_url;
+if(typeof data187 === "string"){
+if(!pattern1.test(data187)){
+const err429 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err429];
 }
@@ -5520,8 +5522,9 @@ vErrors.push(err429);
 }
 errors++;
 }
-if(data187 < 60 || isNaN(data187)){
-const err430 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+}
+else {
+const err430 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err430];
 }
@@ -5531,9 +5534,9 @@ vErrors.push(err430);
 errors++;
 }
 }
-}
-else {
-const err431 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data188 = data183.max_lifetime_s;
+if(!(((typeof data188 == "number") && (!(data188 % 1) && !isNaN(data188))) && (isFinite(data188)))){
+const err431 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err431];
 }
@@ -5542,12 +5545,9 @@ vErrors.push(err431);
 }
 errors++;
 }
-}
-if(data175.local !== undefined){
-let data188 = data175.local;
-if(data188 && typeof data188 == "object" && !Array.isArray(data188)){
-if(data188.keys_file === undefined){
-const err432 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
+if((typeof data188 == "number") && (isFinite(data188))){
+if(data188 > 31536000 || isNaN(data188)){
+const err432 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err432];
 }
@@ -5556,9 +5556,8 @@ vErrors.push(err432);
 }
 errors++;
 }
-for(const key42 in data188){
-if(!(key42 === "keys_file")){
-const err433 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
+if(data188 < 60 || isNaN(data188)){
+const err433 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err433];
 }
@@ -5568,11 +5567,9 @@ vErrors.push(err433);
 errors++;
 }
 }
-if(data188.keys_file !== undefined){
-let data189 = data188.keys_file;
-if(typeof data189 === "string"){
-if(func4(data189) < 1){
-const err434 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err434 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err434];
 }
@@ -5582,8 +5579,11 @@ vErrors.push(err434);
 errors++;
 }
 }
-else {
-const err435 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data176.local !== undefined){
+let data189 = data176.local;
+if(data189 && typeof data189 == "object" && !Array.isArray(data189)){
+if(data189.keys_file === undefined){
+const err435 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
 if(vErrors === null){
 vErrors = [err435];
 }
@@ -5592,10 +5592,9 @@ vErrors.push(err435);
 }
 errors++;
 }
-}
-}
-else {
-const err436 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key42 in data189){
+if(!(key42 === "keys_file")){
+const err436 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err436];
 }
@@ -5605,9 +5604,11 @@ vErrors.push(err436);
 errors++;
 }
 }
-}
-else {
-const err437 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data189.keys_file !== undefined){
+let data190 = data189.keys_file;
+if(typeof data190 === "string"){
+if(func4(data190) < 1){
+const err437 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err437];
 }
@@ -5616,10 +5617,9 @@ vErrors.push(err437);
 }
 errors++;
 }
-let data190 = data150.store;
-if(data190 && typeof data190 == "object" && !Array.isArray(data190)){
-if(Object.keys(data190).length > 1){
-const err438 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
+}
+else {
+const err438 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err438];
 }
@@ -5628,9 +5628,10 @@ vErrors.push(err438);
 }
 errors++;
 }
-for(const key43 in data190){
-if(!((key43 === "sqlite") || (key43 === "postgres"))){
-const err439 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
+}
+}
+else {
+const err439 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err439];
 }
@@ -5640,11 +5641,9 @@ vErrors.push(err439);
 errors++;
 }
 }
-if(data190.sqlite !== undefined){
-let data191 = data190.sqlite;
-if(data191 && typeof data191 == "object" && !Array.isArray(data191)){
-if(data191.path === undefined){
-const err440 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+}
+else {
+const err440 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err440];
 }
@@ -5653,9 +5652,10 @@ vErrors.push(err440);
 }
 errors++;
 }
-for(const key44 in data191){
-if(!(key44 === "path")){
-const err441 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key44},message:"must NOT have additional properties"};
+let data191 = data151.store;
+if(data191 && typeof data191 == "object" && !Array.isArray(data191)){
+if(Object.keys(data191).length > 1){
+const err441 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
 if(vErrors === null){
 vErrors = [err441];
 }
@@ -5664,12 +5664,9 @@ vErrors.push(err441);
 }
 errors++;
 }
-}
-if(data191.path !== undefined){
-let data192 = data191.path;
-if(typeof data192 === "string"){
-if(func4(data192) < 1){
-const err442 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key43 in data191){
+if(!((key43 === "sqlite") || (key43 === "postgres"))){
+const err442 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err442];
 }
@@ -5679,8 +5676,11 @@ vErrors.push(err442);
 errors++;
 }
 }
-else {
-const err443 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data191.sqlite !== undefined){
+let data192 = data191.sqlite;
+if(data192 && typeof data192 == "object" && !Array.isArray(data192)){
+if(data192.path === undefined){
+const err443 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err443];
 }
@@ -5689,10 +5689,9 @@ vErrors.push(err443);
 }
 errors++;
 }
-}
-}
-else {
-const err444 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key44 in data192){
+if(!(key44 === "path")){
+const err444 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key44},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err444];
 }
@@ -5702,14 +5701,11 @@ vErrors.push(err444);
 errors++;
 }
 }
-if(data190.postgres !== undefined){
-let data193 = data190.postgres;
-if(data193 && typeof data193 == "object" && !Array.isArray(data193)){
-if(data193.schema === undefined){
-data193.schema = "latchkey";
-}
-if(data193.url === undefined){
-const err445 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
+if(data192.path !== undefined){
+let data193 = data192.path;
+if(typeof data193 === "string"){
+if(func4(data193) < 1){
+const err445 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err445];
 }
@@ -5718,9 +5714,9 @@ vErrors.push(err445);
 }
 errors++;
 }
-for(const key45 in data193){
-if(!((key45 === "url") || (key45 === "schema"))){
-const err446 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key45},message:"must NOT have additional properties"};
+}
+else {
+const err446 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err446];
 }
@@ -5730,11 +5726,9 @@ vErrors.push(err446);
 errors++;
 }
 }
-if(data193.url !== undefined){
-let data194 = data193.url;
-if(typeof data194 === "string"){
-if(!pattern28.test(data194)){
-const err447 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
+}
+else {
+const err447 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err447];
 }
@@ -5744,8 +5738,14 @@ vErrors.push(err447);
 errors++;
 }
 }
-else {
-const err448 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data191.postgres !== undefined){
+let data194 = data191.postgres;
+if(data194 && typeof data194 == "object" && !Array.isArray(data194)){
+if(data194.schema === undefined){
+data194.schema = "latchkey";
+}
+if(data194.url === undefined){
+const err448 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err448];
 }
@@ -5754,11 +5754,9 @@ vErrors.push(err448);
 }
 errors++;
 }
-}
-let data195 = data193.schema;
-if(typeof data195 === "string"){
-if(!pattern29.test(data195)){
-const err449 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
+for(const key45 in data194){
+if(!((key45 === "url") || (key45 === "schema"))){
+const err449 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key45},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err449];
 }
@@ -5768,8 +5766,11 @@ vErrors.push(err449);
 errors++;
 }
 }
-else {
-const err450 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data194.url !== undefined){
+let data195 = data194.url;
+if(typeof data195 === "string"){
+if(!pattern28.test(data195)){
+const err450 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
 if(vErrors === null){
 vErrors = [err450];
 }
@@ -5780,7 +5781,7 @@ errors++;
 }
 }
 else {
-const err451 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err451 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err451];
 }
@@ -5790,9 +5791,10 @@ vErrors.push(err451);
 errors++;
 }
 }
-}
-else {
-const err452 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data196 = data194.schema;
+if(typeof data196 === "string"){
+if(!pattern29.test(data196)){
+const err452 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
 if(vErrors === null){
 vErrors = [err452];
 }
@@ -5801,10 +5803,9 @@ vErrors.push(err452);
 }
 errors++;
 }
-let data196 = data150.admin_token_env;
-if(typeof data196 === "string"){
-if(!pattern30.test(data196)){
-const err453 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+}
+else {
+const err453 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err453];
 }
@@ -5815,7 +5816,7 @@ errors++;
 }
 }
 else {
-const err454 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err454 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err454];
 }
@@ -5824,13 +5825,10 @@ vErrors.push(err454);
 }
 errors++;
 }
-let data197 = data150.introspection_clients;
-if(data197 && typeof data197 == "object" && !Array.isArray(data197)){
-for(const key46 in data197){
-const _errs433 = errors;
-if(typeof key46 === "string"){
-if(!pattern6.test(key46)){
-const err455 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key46};
+}
+}
+else {
+const err455 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err455];
 }
@@ -5839,10 +5837,10 @@ vErrors.push(err455);
 }
 errors++;
 }
-}
-var valid80 = _errs433 === errors;
-if(!valid80){
-const err456 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
+let data197 = data151.admin_token_env;
+if(typeof data197 === "string"){
+if(!pattern30.test(data197)){
+const err456 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err456];
 }
@@ -5852,11 +5850,8 @@ vErrors.push(err456);
 errors++;
 }
 }
-for(const key47 in data197){
-let data198 = data197[key47];
-if(typeof data198 === "string"){
-if(!pattern30.test(data198)){
-const err457 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+else {
+const err457 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err457];
 }
@@ -5865,9 +5860,13 @@ vErrors.push(err457);
 }
 errors++;
 }
-}
-else {
-const err458 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data198 = data151.introspection_clients;
+if(data198 && typeof data198 == "object" && !Array.isArray(data198)){
+for(const key46 in data198){
+const _errs435 = errors;
+if(typeof key46 === "string"){
+if(!pattern6.test(key46)){
+const err458 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key46};
 if(vErrors === null){
 vErrors = [err458];
 }
@@ -5877,9 +5876,9 @@ vErrors.push(err458);
 errors++;
 }
 }
-}
-else {
-const err459 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
+var valid80 = _errs435 === errors;
+if(!valid80){
+const err459 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err459];
 }
@@ -5888,13 +5887,12 @@ vErrors.push(err459);
 }
 errors++;
 }
-let data199 = data150.leased_secrets;
-if(data199 && typeof data199 == "object" && !Array.isArray(data199)){
-for(const key48 in data199){
-const _errs439 = errors;
-if(typeof key48 === "string"){
-if(func4(key48) > 512){
-const err460 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key48};
+}
+for(const key47 in data198){
+let data199 = data198[key47];
+if(typeof data199 === "string"){
+if(!pattern30.test(data199)){
+const err460 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err460];
 }
@@ -5903,8 +5901,9 @@ vErrors.push(err460);
 }
 errors++;
 }
-if(func4(key48) < 1){
-const err461 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key48};
+}
+else {
+const err461 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err461];
 }
@@ -5914,9 +5913,9 @@ vErrors.push(err461);
 errors++;
 }
 }
-var valid82 = _errs439 === errors;
-if(!valid82){
-const err462 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key48},message:"property name must be valid"};
+}
+else {
+const err462 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err462];
 }
@@ -5925,12 +5924,13 @@ vErrors.push(err462);
 }
 errors++;
 }
-}
-for(const key49 in data199){
-let data200 = data199[key49];
-if(typeof data200 === "string"){
-if(!pattern30.test(data200)){
-const err463 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+let data200 = data151.leased_secrets;
+if(data200 && typeof data200 == "object" && !Array.isArray(data200)){
+for(const key48 in data200){
+const _errs441 = errors;
+if(typeof key48 === "string"){
+if(func4(key48) > 512){
+const err463 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key48};
 if(vErrors === null){
 vErrors = [err463];
 }
@@ -5939,9 +5939,8 @@ vErrors.push(err463);
 }
 errors++;
 }
-}
-else {
-const err464 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(func4(key48) < 1){
+const err464 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key48};
 if(vErrors === null){
 vErrors = [err464];
 }
@@ -5951,9 +5950,9 @@ vErrors.push(err464);
 errors++;
 }
 }
-}
-else {
-const err465 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+var valid82 = _errs441 === errors;
+if(!valid82){
+const err465 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key48},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err465];
 }
@@ -5962,11 +5961,12 @@ vErrors.push(err465);
 }
 errors++;
 }
-let data201 = data150.events;
-if(data201 && typeof data201 == "object" && !Array.isArray(data201)){
-for(const key50 in data201){
-if(!(key50 === "jsonl")){
-const err466 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
+}
+for(const key49 in data200){
+let data201 = data200[key49];
+if(typeof data201 === "string"){
+if(!pattern30.test(data201)){
+const err466 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err466];
 }
@@ -5976,11 +5976,8 @@ vErrors.push(err466);
 errors++;
 }
 }
-if(data201.jsonl !== undefined){
-let data202 = data201.jsonl;
-if(data202 && typeof data202 == "object" && !Array.isArray(data202)){
-if(data202.path === undefined){
-const err467 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+else {
+const err467 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err467];
 }
@@ -5989,9 +5986,10 @@ vErrors.push(err467);
 }
 errors++;
 }
-for(const key51 in data202){
-if(!(key51 === "path")){
-const err468 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
+}
+}
+else {
+const err468 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err468];
 }
@@ -6000,12 +5998,11 @@ vErrors.push(err468);
 }
 errors++;
 }
-}
-if(data202.path !== undefined){
-let data203 = data202.path;
-if(typeof data203 === "string"){
-if(func4(data203) < 1){
-const err469 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data202 = data151.events;
+if(data202 && typeof data202 == "object" && !Array.isArray(data202)){
+for(const key50 in data202){
+if(!(key50 === "jsonl")){
+const err469 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err469];
 }
@@ -6015,8 +6012,11 @@ vErrors.push(err469);
 errors++;
 }
 }
-else {
-const err470 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data202.jsonl !== undefined){
+let data203 = data202.jsonl;
+if(data203 && typeof data203 == "object" && !Array.isArray(data203)){
+if(data203.path === undefined){
+const err470 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err470];
 }
@@ -6025,10 +6025,9 @@ vErrors.push(err470);
 }
 errors++;
 }
-}
-}
-else {
-const err471 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key51 in data203){
+if(!(key51 === "path")){
+const err471 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err471];
 }
@@ -6038,9 +6037,11 @@ vErrors.push(err471);
 errors++;
 }
 }
-}
-else {
-const err472 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data203.path !== undefined){
+let data204 = data203.path;
+if(typeof data204 === "string"){
+if(func4(data204) < 1){
+const err472 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err472];
 }
@@ -6049,36 +6050,9 @@ vErrors.push(err472);
 }
 errors++;
 }
-if(data150.control !== undefined){
-let data204 = data150.control;
-if(data204 && typeof data204 == "object" && !Array.isArray(data204)){
-if(data204.host === undefined){
-data204.host = "127.0.0.1";
 }
-if(data204.port === undefined){
-data204.port = 15004;
-}
-if(data204.token_env === undefined){
-data204.token_env = "LATCHKEY_CONTROL_TOKEN";
-}
-if(data204.heartbeat_ms === undefined){
-data204.heartbeat_ms = 1000;
-}
-if(data204.max_bundle_bytes === undefined){
-data204.max_bundle_bytes = 262144;
-}
-if(data204.resync_ms === undefined){
-data204.resync_ms = 5000;
-}
-if(data204.tls === undefined){
-data204.tls = null;
-}
-if(data204.insecure_plaintext === undefined){
-data204.insecure_plaintext = false;
-}
-for(const key52 in data204){
-if(!(func2.call(schema11.properties.broker.properties.control.properties, key52))){
-const err473 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key52},message:"must NOT have additional properties"};
+else {
+const err473 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err473];
 }
@@ -6088,10 +6062,9 @@ vErrors.push(err473);
 errors++;
 }
 }
-let data205 = data204.host;
-if(typeof data205 === "string"){
-if(func4(data205) < 1){
-const err474 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err474 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err474];
 }
@@ -6101,8 +6074,9 @@ vErrors.push(err474);
 errors++;
 }
 }
+}
 else {
-const err475 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err475 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err475];
 }
@@ -6111,9 +6085,36 @@ vErrors.push(err475);
 }
 errors++;
 }
-let data206 = data204.port;
-if(!(((typeof data206 == "number") && (!(data206 % 1) && !isNaN(data206))) && (isFinite(data206)))){
-const err476 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data151.control !== undefined){
+let data205 = data151.control;
+if(data205 && typeof data205 == "object" && !Array.isArray(data205)){
+if(data205.host === undefined){
+data205.host = "127.0.0.1";
+}
+if(data205.port === undefined){
+data205.port = 15004;
+}
+if(data205.token_env === undefined){
+data205.token_env = "LATCHKEY_CONTROL_TOKEN";
+}
+if(data205.heartbeat_ms === undefined){
+data205.heartbeat_ms = 1000;
+}
+if(data205.max_bundle_bytes === undefined){
+data205.max_bundle_bytes = 262144;
+}
+if(data205.resync_ms === undefined){
+data205.resync_ms = 5000;
+}
+if(data205.tls === undefined){
+data205.tls = null;
+}
+if(data205.insecure_plaintext === undefined){
+data205.insecure_plaintext = false;
+}
+for(const key52 in data205){
+if(!(func2.call(schema11.properties.broker.properties.control.properties, key52))){
+const err476 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key52},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err476];
 }
@@ -6122,9 +6123,11 @@ vErrors.push(err476);
 }
 errors++;
 }
-if((typeof data206 == "number") && (isFinite(data206))){
-if(data206 > 65535 || isNaN(data206)){
-const err477 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+let data206 = data205.host;
+if(typeof data206 === "string"){
+if(func4(data206) < 1){
+const err477 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err477];
 }
@@ -6133,8 +6136,9 @@ vErrors.push(err477);
 }
 errors++;
 }
-if(data206 < 0 || isNaN(data206)){
-const err478 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+else {
+const err478 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err478];
 }
@@ -6143,11 +6147,9 @@ vErrors.push(err478);
 }
 errors++;
 }
-}
-let data207 = data204.token_env;
-if(typeof data207 === "string"){
-if(!pattern30.test(data207)){
-const err479 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+let data207 = data205.port;
+if(!(((typeof data207 == "number") && (!(data207 % 1) && !isNaN(data207))) && (isFinite(data207)))){
+const err479 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err479];
 }
@@ -6156,9 +6158,9 @@ vErrors.push(err479);
 }
 errors++;
 }
-}
-else {
-const err480 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data207 == "number") && (isFinite(data207))){
+if(data207 > 65535 || isNaN(data207)){
+const err480 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err480];
 }
@@ -6167,9 +6169,8 @@ vErrors.push(err480);
 }
 errors++;
 }
-let data208 = data204.heartbeat_ms;
-if(!(((typeof data208 == "number") && (!(data208 % 1) && !isNaN(data208))) && (isFinite(data208)))){
-const err481 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data207 < 0 || isNaN(data207)){
+const err481 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err481];
 }
@@ -6178,9 +6179,11 @@ vErrors.push(err481);
 }
 errors++;
 }
-if((typeof data208 == "number") && (isFinite(data208))){
-if(data208 > 3600000 || isNaN(data208)){
-const err482 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data208 = data205.token_env;
+if(typeof data208 === "string"){
+if(!pattern30.test(data208)){
+const err482 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err482];
 }
@@ -6189,8 +6192,9 @@ vErrors.push(err482);
 }
 errors++;
 }
-if(data208 < 20 || isNaN(data208)){
-const err483 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
+}
+else {
+const err483 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err483];
 }
@@ -6199,12 +6203,9 @@ vErrors.push(err483);
 }
 errors++;
 }
-}
-if(data204.policy_file !== undefined){
-let data209 = data204.policy_file;
-if(typeof data209 === "string"){
-if(func4(data209) < 1){
-const err484 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data209 = data205.heartbeat_ms;
+if(!(((typeof data209 == "number") && (!(data209 % 1) && !isNaN(data209))) && (isFinite(data209)))){
+const err484 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err484];
 }
@@ -6213,9 +6214,9 @@ vErrors.push(err484);
 }
 errors++;
 }
-}
-else {
-const err485 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data209 == "number") && (isFinite(data209))){
+if(data209 > 3600000 || isNaN(data209)){
+const err485 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err485];
 }
@@ -6224,10 +6225,8 @@ vErrors.push(err485);
 }
 errors++;
 }
-}
-let data210 = data204.max_bundle_bytes;
-if(!(((typeof data210 == "number") && (!(data210 % 1) && !isNaN(data210))) && (isFinite(data210)))){
-const err486 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data209 < 20 || isNaN(data209)){
+const err486 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
 if(vErrors === null){
 vErrors = [err486];
 }
@@ -6236,9 +6235,12 @@ vErrors.push(err486);
 }
 errors++;
 }
-if((typeof data210 == "number") && (isFinite(data210))){
-if(data210 > 3145728 || isNaN(data210)){
-const err487 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
+}
+if(data205.policy_file !== undefined){
+let data210 = data205.policy_file;
+if(typeof data210 === "string"){
+if(func4(data210) < 1){
+const err487 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err487];
 }
@@ -6247,8 +6249,9 @@ vErrors.push(err487);
 }
 errors++;
 }
-if(data210 < 1024 || isNaN(data210)){
-const err488 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+}
+else {
+const err488 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err488];
 }
@@ -6258,9 +6261,9 @@ vErrors.push(err488);
 errors++;
 }
 }
-let data211 = data204.resync_ms;
+let data211 = data205.max_bundle_bytes;
 if(!(((typeof data211 == "number") && (!(data211 % 1) && !isNaN(data211))) && (isFinite(data211)))){
-const err489 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err489 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err489];
 }
@@ -6270,8 +6273,8 @@ vErrors.push(err489);
 errors++;
 }
 if((typeof data211 == "number") && (isFinite(data211))){
-if(data211 > 3600000 || isNaN(data211)){
-const err490 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data211 > 3145728 || isNaN(data211)){
+const err490 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
 if(vErrors === null){
 vErrors = [err490];
 }
@@ -6280,8 +6283,8 @@ vErrors.push(err490);
 }
 errors++;
 }
-if(data211 < 50 || isNaN(data211)){
-const err491 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
+if(data211 < 1024 || isNaN(data211)){
+const err491 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err491];
 }
@@ -6291,9 +6294,9 @@ vErrors.push(err491);
 errors++;
 }
 }
-let data212 = data204.tls;
-if((!(data212 && typeof data212 == "object" && !Array.isArray(data212))) && (data212 !== null)){
-const err492 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.control.properties.tls.type},message:"must be object,null"};
+let data212 = data205.resync_ms;
+if(!(((typeof data212 == "number") && (!(data212 % 1) && !isNaN(data212))) && (isFinite(data212)))){
+const err492 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err492];
 }
@@ -6302,9 +6305,9 @@ vErrors.push(err492);
 }
 errors++;
 }
-if(data212 && typeof data212 == "object" && !Array.isArray(data212)){
-if(data212.cert_file === undefined){
-const err493 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+if((typeof data212 == "number") && (isFinite(data212))){
+if(data212 > 3600000 || isNaN(data212)){
+const err493 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err493];
 }
@@ -6313,8 +6316,8 @@ vErrors.push(err493);
 }
 errors++;
 }
-if(data212.key_file === undefined){
-const err494 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+if(data212 < 50 || isNaN(data212)){
+const err494 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
 if(vErrors === null){
 vErrors = [err494];
 }
@@ -6323,9 +6326,10 @@ vErrors.push(err494);
 }
 errors++;
 }
-for(const key53 in data212){
-if(!(((key53 === "cert_file") || (key53 === "key_file")) || (key53 === "client_ca_file"))){
-const err495 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key53},message:"must NOT have additional properties"};
+}
+let data213 = data205.tls;
+if((!(data213 && typeof data213 == "object" && !Array.isArray(data213))) && (data213 !== null)){
+const err495 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.control.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err495];
 }
@@ -6334,12 +6338,9 @@ vErrors.push(err495);
 }
 errors++;
 }
-}
-if(data212.cert_file !== undefined){
-let data213 = data212.cert_file;
-if(typeof data213 === "string"){
-if(func4(data213) < 1){
-const err496 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data213 && typeof data213 == "object" && !Array.isArray(data213)){
+if(data213.cert_file === undefined){
+const err496 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err496];
 }
@@ -6348,9 +6349,8 @@ vErrors.push(err496);
 }
 errors++;
 }
-}
-else {
-const err497 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data213.key_file === undefined){
+const err497 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err497];
 }
@@ -6359,12 +6359,9 @@ vErrors.push(err497);
 }
 errors++;
 }
-}
-if(data212.key_file !== undefined){
-let data214 = data212.key_file;
-if(typeof data214 === "string"){
-if(func4(data214) < 1){
-const err498 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key53 in data213){
+if(!(((key53 === "cert_file") || (key53 === "key_file")) || (key53 === "client_ca_file"))){
+const err498 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key53},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err498];
 }
@@ -6374,8 +6371,11 @@ vErrors.push(err498);
 errors++;
 }
 }
-else {
-const err499 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data213.cert_file !== undefined){
+let data214 = data213.cert_file;
+if(typeof data214 === "string"){
+if(func4(data214) < 1){
+const err499 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err499];
 }
@@ -6385,11 +6385,8 @@ vErrors.push(err499);
 errors++;
 }
 }
-if(data212.client_ca_file !== undefined){
-let data215 = data212.client_ca_file;
-if(typeof data215 === "string"){
-if(func4(data215) < 1){
-const err500 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err500 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err500];
 }
@@ -6399,8 +6396,11 @@ vErrors.push(err500);
 errors++;
 }
 }
-else {
-const err501 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data213.key_file !== undefined){
+let data215 = data213.key_file;
+if(typeof data215 === "string"){
+if(func4(data215) < 1){
+const err501 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err501];
 }
@@ -6410,9 +6410,8 @@ vErrors.push(err501);
 errors++;
 }
 }
-}
-if(typeof data204.insecure_plaintext !== "boolean"){
-const err502 = {instancePath:instancePath+"/broker/control/insecure_plaintext",schemaPath:"#/properties/broker/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err502 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err502];
 }
@@ -6421,17 +6420,12 @@ vErrors.push(err502);
 }
 errors++;
 }
-if(data204.nats !== undefined){
-let data217 = data204.nats;
-if(data217 && typeof data217 == "object" && !Array.isArray(data217)){
-if(data217.stream === undefined){
-data217.stream = "LATCHKEY_CONTROL";
 }
-if(data217.subject === undefined){
-data217.subject = "latchkey.control.revocations";
-}
-if(data217.servers === undefined){
-const err503 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
+if(data213.client_ca_file !== undefined){
+let data216 = data213.client_ca_file;
+if(typeof data216 === "string"){
+if(func4(data216) < 1){
+const err503 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err503];
 }
@@ -6440,9 +6434,9 @@ vErrors.push(err503);
 }
 errors++;
 }
-for(const key54 in data217){
-if(!(((key54 === "servers") || (key54 === "stream")) || (key54 === "subject"))){
-const err504 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key54},message:"must NOT have additional properties"};
+}
+else {
+const err504 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err504];
 }
@@ -6452,11 +6446,9 @@ vErrors.push(err504);
 errors++;
 }
 }
-if(data217.servers !== undefined){
-let data218 = data217.servers;
-if(Array.isArray(data218)){
-if(data218.length < 1){
-const err505 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+}
+if(typeof data205.insecure_plaintext !== "boolean"){
+const err505 = {instancePath:instancePath+"/broker/control/insecure_plaintext",schemaPath:"#/properties/broker/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err505];
 }
@@ -6465,12 +6457,17 @@ vErrors.push(err505);
 }
 errors++;
 }
-const len15 = data218.length;
-for(let i18=0; i18<len15; i18++){
-let data219 = data218[i18];
-if(typeof data219 === "string"){
-if(func4(data219) < 1){
-const err506 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data205.nats !== undefined){
+let data218 = data205.nats;
+if(data218 && typeof data218 == "object" && !Array.isArray(data218)){
+if(data218.stream === undefined){
+data218.stream = "LATCHKEY_CONTROL";
+}
+if(data218.subject === undefined){
+data218.subject = "latchkey.control.revocations";
+}
+if(data218.servers === undefined){
+const err506 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
 if(vErrors === null){
 vErrors = [err506];
 }
@@ -6479,9 +6476,9 @@ vErrors.push(err506);
 }
 errors++;
 }
-}
-else {
-const err507 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key54 in data218){
+if(!(((key54 === "servers") || (key54 === "stream")) || (key54 === "subject"))){
+const err507 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key54},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err507];
 }
@@ -6491,9 +6488,11 @@ vErrors.push(err507);
 errors++;
 }
 }
-}
-else {
-const err508 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data218.servers !== undefined){
+let data219 = data218.servers;
+if(Array.isArray(data219)){
+if(data219.length < 1){
+const err508 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err508];
 }
@@ -6502,11 +6501,12 @@ vErrors.push(err508);
 }
 errors++;
 }
-}
-let data220 = data217.stream;
+const len15 = data219.length;
+for(let i18=0; i18<len15; i18++){
+let data220 = data219[i18];
 if(typeof data220 === "string"){
-if(!pattern35.test(data220)){
-const err509 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
+if(func4(data220) < 1){
+const err509 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err509];
 }
@@ -6517,7 +6517,7 @@ errors++;
 }
 }
 else {
-const err510 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err510 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err510];
 }
@@ -6526,10 +6526,10 @@ vErrors.push(err510);
 }
 errors++;
 }
-let data221 = data217.subject;
-if(typeof data221 === "string"){
-if(!pattern14.test(data221)){
-const err511 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+}
+}
+else {
+const err511 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err511];
 }
@@ -6539,8 +6539,10 @@ vErrors.push(err511);
 errors++;
 }
 }
-else {
-const err512 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data221 = data218.stream;
+if(typeof data221 === "string"){
+if(!pattern35.test(data221)){
+const err512 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err512];
 }
@@ -6551,7 +6553,7 @@ errors++;
 }
 }
 else {
-const err513 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err513 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err513];
 }
@@ -6560,10 +6562,10 @@ vErrors.push(err513);
 }
 errors++;
 }
-}
-}
-else {
-const err514 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data222 = data218.subject;
+if(typeof data222 === "string"){
+if(!pattern14.test(data222)){
+const err514 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err514];
 }
@@ -6573,9 +6575,8 @@ vErrors.push(err514);
 errors++;
 }
 }
-}
 else {
-const err515 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err515 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err515];
 }
@@ -6585,14 +6586,49 @@ vErrors.push(err515);
 errors++;
 }
 }
-}
 else {
-const err516 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err516 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err516];
 }
 else {
 vErrors.push(err516);
+}
+errors++;
+}
+}
+}
+else {
+const err517 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err517];
+}
+else {
+vErrors.push(err517);
+}
+errors++;
+}
+}
+}
+else {
+const err518 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err518];
+}
+else {
+vErrors.push(err518);
+}
+errors++;
+}
+}
+}
+else {
+const err519 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err519];
+}
+else {
+vErrors.push(err519);
 }
 errors++;
 }

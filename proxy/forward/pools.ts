@@ -6,13 +6,25 @@
 // request's body, stored where the first task read it back; a login an upstream ties to the
 // connection (NTLM, Negotiate) served whoever came next. Pools are bounded; an evicted pool
 // finishes its in-flight requests and closes.
+//
+// Upstream sockets are bounded too, process-wide: each holds a descriptor, and idle keep-alive
+// ones outlive the agent connections that opened them (undici kept one as long as the upstream's
+// `Keep-Alive: timeout=` asked, up to 600 s). With one pool per task and origin, bursts left
+// thousands open: at `ulimit -n 2200`, 2,126 idle sockets, and 6 minutes later calls failed with
+// 502 EMFILE or were reset unread by libuv. Now an idle socket is kept at most
+// timeouts.upstream_idle_ms, and pooled plus relayed (tunnel, WebSocket) upstream sockets stay
+// within one limit (sidecar.max_connections): a dial past it first closes idle pools, least
+// recently used first, and is refused (503 LK_UPSTREAM_LIMIT, retryable) only if all are busy.
+// Counted at dial time only: a request on an open connection costs nothing.
 import { Pool } from './undici-pool.js'
 import type { buildConnector as BuildConnector } from 'undici'
 import buildConnectorModule from 'undici/lib/core/connect.js'
 import { LRUCache } from 'lru-cache'
 import type { LookupFunction } from 'node:net'
 import { checkServerIdentity, createSecureContext, type PeerCertificate, type SecureContext, type TLSSocket } from 'node:tls'
+import type { Socket } from 'node:net'
 import { NO_SUBJECT_ALT_NAME } from './upstream-errors.js'
+import { LatchkeyError } from '../errors.js'
 import type { Identity, ResolvedAddress, Target } from '../context.js'
 import { originKey } from '../listen/target.js'
 
@@ -20,6 +32,15 @@ export interface PoolTimeouts {
   connect_ms: number
   headers_ms: number
   body_ms: number
+  /** The longest an idle upstream connection is kept, whatever its `Keep-Alive: timeout=` asks. */
+  upstream_idle_ms: number
+}
+
+export interface SocketLimit {
+  /** Upstream sockets open at once (pooled and relayed); the sidecar passes sidecar.max_connections. */
+  max: number
+  /** Told of each dial refused at the limit (the sidecar logs it, at most once per burst). */
+  onRefused?: (max: number) => void
 }
 
 function pinnedLookup(address: string, family: 4 | 6): LookupFunction {
@@ -55,6 +76,14 @@ function endAtTlsError(this: TLSSocket, err: { code?: unknown }): void {
 export class PinnedPools {
   private readonly pools: LRUCache<string, Pool>
   private closing = false
+  /** Pooled upstream sockets open (dialling or connected): a descriptor each. */
+  pooled = 0
+  /** Relayed upstream sockets open (CONNECT tunnels, WebSockets), counted by `relay`. */
+  relayed = 0
+  /** Dials waiting for room (see makeRoom). */
+  private waiting = 0
+  /** Idle pools being closed to make room; dials past the limit wait for it. */
+  private freeing: Promise<void> | null = null
   /** What every upstream TLS connection is verified with (the forward stage's pools, WebSocket handshakes). */
   readonly tls: { rejectUnauthorized: true; checkServerIdentity: typeof checkUpstreamIdentity; secureContext?: SecureContext }
 
@@ -63,6 +92,7 @@ export class PinnedPools {
     max: number,
     /** Trusted roots for upstream TLS; undefined means Node's defaults. */
     readonly ca?: string[],
+    private readonly limit: SocketLimit = { max: Infinity },
   ) {
     // One context for the list, built here: given `ca`, tls.connect builds a context per connection,
     // parsing every certificate again (Node's roots and NODE_EXTRA_CA_CERTS: 15-50 ms of CPU each).
@@ -89,21 +119,104 @@ export class PinnedPools {
         // Keep TLS SNI on the name, never the address we pinned.
         ...(target.hostIsIp ? {} : { servername: target.host }),
       } as BuildConnector.BuildOptions)
-      const connect: BuildConnector.connector = (options, callback) =>
-        connector(options, (...result) => {
-          if (result[1] && options.protocol === 'https:') result[1].prependListener('error', endAtTlsError)
-          callback(...result)
-        })
+      const dial: BuildConnector.connector = (options, callback) => {
+        this.pooled++
+        let socket: Socket
+        try {
+          // undici's connector returns the socket it dials (its type says void): counted from here.
+          socket = connector(options, (...result) => {
+            if (result[1] && options.protocol === 'https:') result[1].prependListener('error', endAtTlsError)
+            callback(...result)
+          }) as unknown as Socket
+        } catch (err) {
+          this.pooled--
+          throw err
+        }
+        // 'close' once the descriptor is released, connected or not.
+        socket.once('close', () => this.pooled--)
+      }
+      const connect: BuildConnector.connector = (options, callback) => {
+        if (this.pooled + this.relayed < this.limit.max) return dial(options, callback)
+        this.makeRoom()
+          .then((room) => {
+            if (room) return dial(options, callback)
+            this.limit.onRefused?.(this.limit.max)
+            callback(
+              new LatchkeyError('LK_UPSTREAM_LIMIT', `the sidecar has its limit of ${this.limit.max} upstream connections open (sidecar.max_connections), none of them idle; try again shortly`),
+              null,
+            )
+          })
+          // A dial that threw before it began (undici's connector checks its options).
+          .catch((err: Error) => callback(err, null))
+      }
+      const idleMs = this.timeouts.upstream_idle_ms
       pool = new Pool(origin, {
         connect,
         headersTimeout: this.timeouts.headers_ms,
         bodyTimeout: this.timeouts.body_ms,
-        keepAliveTimeout: 4_000,
+        // An upstream that names no Keep-Alive timeout: 4 s. One that does is believed up to
+        // upstream_idle_ms (undici's own cap was 600 s: every such socket a descriptor that long).
+        keepAliveTimeout: Math.min(4_000, idleMs),
+        keepAliveMaxTimeout: idleMs,
         // Redirects are returned to the agent, never followed: no interceptor is composed here.
       })
       this.pools.set(key, pool)
     }
     return pool
+  }
+
+  /**
+   * Counts an upstream socket the sidecar relays (a CONNECT tunnel, a WebSocket) against the same
+   * limit until it closes. Never refused (each belongs to an agent connection, which
+   * max_connections caps), but past the limit idle pools are closed to make up for it.
+   */
+  relay(socket: Socket): void {
+    this.relayed++
+    socket.once('close', () => this.relayed--)
+    if (this.pooled + this.relayed > this.limit.max && !this.freeing) {
+      const closes = this.closeIdle(this.pooled + this.relayed - this.limit.max)
+      if (closes.length > 0) this.freeing = Promise.all(closes).then(() => void (this.freeing = null))
+    }
+  }
+
+  /**
+   * Whether there is room for one more dial, once idle pools (nothing running or queued) are
+   * closed, least recently used first, enough of them for the dials waiting. False when every
+   * socket open is in use.
+   */
+  private async makeRoom(): Promise<boolean> {
+    this.waiting++
+    try {
+      while (this.pooled + this.relayed >= this.limit.max) {
+        if (this.closing) return false
+        if (!this.freeing) {
+          const closes = this.closeIdle(this.pooled + this.relayed + this.waiting - this.limit.max)
+          if (closes.length === 0) return false
+          this.freeing = Promise.all(closes).then(() => void (this.freeing = null))
+        }
+        await this.freeing
+      }
+      return true
+    } finally {
+      this.waiting--
+    }
+  }
+
+  /** Closes idle pools holding at least `sockets` sockets (or all there are); resolves as each has closed its sockets. */
+  private closeIdle(sockets: number): Promise<unknown>[] {
+    const idle: [string, Pool][] = []
+    let freed = 0
+    for (const [key, pool] of this.pools.rentries() as Generator<[string, Pool]>) {
+      if (freed >= sockets) break
+      const { connected, running, pending } = pool.stats
+      if (connected === 0 || running > 0 || pending > 0) continue
+      freed += connected
+      idle.push([key, pool])
+    }
+    // Out of the cache first (after the walk, not during it): no call is given these pools again.
+    // Dispose starts each one's close; this waits for the same close.
+    for (const [key] of idle) this.pools.delete(key)
+    return idle.map(([, pool]) => pool.close().catch(() => pool.destroy()).catch(() => {}))
   }
 
   async close(): Promise<void> {

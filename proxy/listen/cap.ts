@@ -33,7 +33,7 @@ export function capConnections(server: Server, max: number, port: 'proxy' | 'adm
 }
 
 /** A gate that opens at its first call and then at most once every `ms`. */
-function oncePer(ms: number): () => boolean {
+export function oncePer(ms: number): () => boolean {
   let last = -Infinity
   return () => {
     const now = performance.now()
@@ -45,7 +45,8 @@ function oncePer(ms: number): () => boolean {
 
 /**
  * The process's open-file limit (Linux), or null. Each proxied connection holds two descriptors
- * (the agent's and the upstream's): a cap the limit cannot hold is warned about at start-up.
+ * (the agent's and the upstream's; upstream sockets, idle keep-alive ones included, are held to
+ * max_connections too, by forward/pools.ts): a cap the limit cannot hold is warned about at start-up.
  */
 export function openFileLimit(): number | null {
   try {

@@ -139,6 +139,7 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
     if (decision.action === 'deny' && decision.enforced) return openForPlainHttpOnly(new LatchkeyError('LK_POLICY_DENIED', decision.reason, decision.rule))
     const target = ctx.target
     const upstream = netConnect({ host: ctx.resolved!.address, port: target.port, noDelay: true })
+    pipeline.stages.pools.relay(upstream)
     upstreamSocket = upstream
     upstream.setTimeout(opts.connectTimeoutMs, () => upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'UND_ERR_CONNECT_TIMEOUT' })))
     upstream.once('error', (err) => {

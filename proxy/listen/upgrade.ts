@@ -99,6 +99,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
             ...pipeline.stages.pools.tls,
           })
         : netConnect({ host: address, port: target.port })
+    pipeline.stages.pools.relay(upstream)
     upstreamSocket = upstream
     upstream.setTimeout(connectTimeoutMs, () => upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'UND_ERR_CONNECT_TIMEOUT' })))
     upstream.once('error', (err) => {

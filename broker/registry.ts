@@ -4,7 +4,7 @@
 // is reported so it can reach the audit trail.
 import { readFileSync, watch, type FSWatcher } from 'node:fs'
 import { basename, dirname } from 'node:path'
-import { Ajv, type ErrorObject } from 'ajv'
+import { Ajv, type ErrorObject, type ValidateFunction } from 'ajv'
 import { parseYamlDocument } from '../lib/yaml-document.js'
 
 export type UserRule = 'required' | 'optional' | 'none'
@@ -88,8 +88,12 @@ const registrySchema = {
   },
 } as const
 
-const ajv = new Ajv({ allErrors: true, useDefaults: true, strict: true })
-const validate = ajv.compile(registrySchema)
+// Compiled when first needed, not at import: a CLI that loads this module without reading a
+// registry (check-config, up) pays nothing. The schema is ours and fixed, so it is not itself
+// checked against Ajv's meta-schema at each start (compiling that took a tenth of a CLI's start).
+let validator: ValidateFunction | null = null
+const validate = (raw: unknown): boolean => (validator ??= new Ajv({ allErrors: true, useDefaults: true, strict: true, validateSchema: false }).compile(registrySchema))(raw)
+const validationErrors = () => validator?.errors ?? []
 
 export class RegistryError extends Error {
   readonly code = 'LK_REGISTRY_INVALID'
@@ -111,7 +115,7 @@ export function parseRegistry(text: string, source = '<registry>'): Registry {
   const doc = parseYamlDocument(text)
   if (doc.errors.length > 0) throw new RegistryError(source, doc.errors.map((e) => e.message.split('\n')[0] ?? e.message))
   const raw: unknown = doc.toJS({ maxAliasCount: 100 }) ?? {}
-  if (!validate(raw)) throw new RegistryError(source, (validate.errors ?? []).map(describe))
+  if (!validate(raw)) throw new RegistryError(source, validationErrors().map(describe))
   const registry = raw as unknown as Registry
   // Maps keyed by names that come from requests (an agent type, an audience) have no prototype:
   // `constructor` or `__proto__` must find nothing, not Object.prototype's members.

@@ -3,7 +3,6 @@
 // Queries go to a collector's HTTP API (--url), or straight to its store (-c collector.yaml), opened
 // read-only: never created or migrated here, only by the collector that owns it.
 import type { Command } from 'commander'
-import { request } from 'undici'
 import { withoutUserinfo } from '../lib/without-userinfo.js'
 import { Action, AuditEvent } from '../protos/gen/latchkey/v1/audit.js'
 import { MAX_ANSWER_BYTES, MAX_LIMIT, MAX_PAGE_EVENTS, boundAnswer, cursorAfter, eventToJson, parseSince, type EventJson } from './query.js'
@@ -34,6 +33,9 @@ async function getJson<T>(base: string, path: string): Promise<{ status: number;
   const token = process.env[TOKEN_ENV]
   // Named in errors without its userinfo (`--url http://user:password@host`); its code, not the client's message, which can quote it.
   const shown = withoutUserinfo(base)
+  // Loaded here, not at import: `audit -c` reads the store and never needs an HTTP client (undici
+  // was a fifth of its start).
+  const { request } = await import('undici')
   for (let waited = 0; ; ) {
     try {
       res = await request(new URL(path, base), token ? { headers: { authorization: `Bearer ${token}` } } : {})

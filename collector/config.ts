@@ -2,7 +2,7 @@
 // is its own deployment. Validated with ajv like the sidecar's; every problem names its path.
 import { accessSync, closeSync, constants, openSync, readSync, statSync } from 'node:fs'
 import { dirname } from 'node:path'
-import { Ajv, type ErrorObject } from 'ajv'
+import { Ajv, type ErrorObject, type ValidateFunction } from 'ajv'
 import { checkServerTls } from '../lib/tls-files.js'
 import { PreflightFindings } from '../lib/config/preflight-findings.js'
 import { parseYamlDocument } from '../lib/yaml-document.js'
@@ -150,8 +150,10 @@ const schema = {
   },
 } as const
 
-const ajv = new Ajv({ allErrors: true, useDefaults: true, strict: false, allowUnionTypes: true })
-const validate = ajv.compile(schema)
+// Compiled when first needed, not at import, and not checked against Ajv's meta-schema at each
+// start (the schema is ours and fixed): as broker/registry.ts.
+let validator: ValidateFunction | null = null
+const validate = (raw: unknown): boolean => (validator ??= new Ajv({ allErrors: true, useDefaults: true, strict: false, allowUnionTypes: true, validateSchema: false }).compile(schema))(raw)
 
 function problem(e: ErrorObject): ConfigProblem {
   const path = e.instancePath.split('/').slice(1).reduce((acc, seg) => (/^\d+$/.test(seg) ? `${acc}[${seg}]` : acc ? `${acc}.${seg}` : seg), '')
@@ -171,7 +173,7 @@ export function validateCollectorConfig(raw: unknown, source = '<collector confi
   if (!validate(raw)) {
     // oneOf failures repeat each branch's complaint; keep the distinct ones.
     const seen = new Set<string>()
-    const problems = (validate.errors ?? []).map(problem).filter((p) => !seen.has(p.path + p.message) && seen.add(p.path + p.message))
+    const problems = (validator?.errors ?? []).map(problem).filter((p) => !seen.has(p.path + p.message) && seen.add(p.path + p.message))
     throw new ConfigError(source, problems)
   }
   const c = raw as unknown as CollectorConfig

@@ -309,10 +309,10 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
    */
   private timeRelease(): void {
     if (this.releaseTimer !== null) clearTimeout(this.releaseTimer)
-    this.releaseTimer = this.scrubber!.releasable ? setTimeout(this.releaseHeld, RELEASE_MS).unref() : null
+    this.releaseTimer = this.scrubber!.releasable ? setTimeout(() => this.releaseHeld(), RELEASE_MS).unref() : null
   }
 
-  private readonly releaseHeld = (): void => {
+  private releaseHeld(): void {
     this.releaseTimer = null
     if (this.finished || this.controller === null || this.res.destroyed) return
     const out = this.scrubber!.release()

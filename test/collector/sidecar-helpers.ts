@@ -3,7 +3,6 @@ import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Writable } from 'node:stream'
-import { createServer, type AddressInfo } from 'node:net'
 import { request, ProxyAgent } from 'undici'
 import { validateConfig } from '../../lib/config/load.js'
 import type { Config } from '../../lib/config/schema.js'
@@ -11,6 +10,7 @@ import { startSidecar, type RunningSidecar } from '../../proxy/sidecar.js'
 import type { CollectorAuditSink } from '../../proxy/audit/collector-sink.js'
 import { CANARY, loopbackPolicy } from '../helpers/harness.js'
 import type { SidecarIdentity } from './collector-helpers.js'
+export { freePort } from '../helpers/free-port.js'
 
 export interface CollectedSidecar {
   sidecar: RunningSidecar
@@ -65,13 +65,6 @@ export async function startCollectedSidecar(o: Omit<Parameters<typeof sidecarCon
 }
 
 /** A port nothing listens on yet (for a collector that starts later). */
-export async function freePort(): Promise<number> {
-  const s = createServer()
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()))
-  const port = (s.address() as AddressInfo).port
-  await new Promise<void>((r) => s.close(() => r()))
-  return port
-}
 
 /** One call through the sidecar as an agent makes it (absolute-form, HTTP_PROXY); returns the status. */
 export async function call(agent: ProxyAgent, url: string): Promise<number> {

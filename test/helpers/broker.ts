@@ -5,7 +5,6 @@ import { spawnSync } from 'node:child_process'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { createServer, type AddressInfo } from 'node:net'
 import { Writable } from 'node:stream'
 import { stringify } from 'yaml'
 import { validateConfig } from '../../lib/config/load.js'
@@ -17,6 +16,8 @@ import { ensureLocalAttestorKey, signLocalAttestation, type LocalAttestorKey } f
 import { GRANT_TYPE } from '../../broker/exchange.js'
 import { TOKEN_TYPES } from '../../broker/attest/attestor.js'
 import { TestIssuer } from './issuer.js'
+import { freePort } from './free-port.js'
+export { freePort }
 
 export const API = 'https://api.example.com'
 export const MAIL = 'https://mail.example.com'
@@ -72,13 +73,6 @@ export async function brokerCliStart(registry: string, store?: Record<string, un
   return { status: r.status, stderr: r.stderr, registryFile }
 }
 
-export async function freePort(): Promise<number> {
-  const srv = createServer()
-  await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve))
-  const port = (srv.address() as AddressInfo).port
-  await new Promise<void>((resolve) => srv.close(() => resolve()))
-  return port
-}
 
 export interface TestBroker {
   broker: RunningBroker

@@ -14,6 +14,7 @@ COPY broker ./broker
 COPY collector ./collector
 COPY protos ./protos
 COPY deploy ./deploy
+COPY scripts ./scripts
 RUN npm run build && npm prune --omit=dev
 
 FROM node:24-bookworm-slim
@@ -39,5 +40,5 @@ EXPOSE 15001 15002 15003
 # Maglev, V8's mid-tier compiler (on by default since Node 22), held ~8 MB more RSS in a sidecar at
 # 1,000 req/s on Node 24 (97-100 MB against 89-91 MB) for no CPU per request we could measure at
 # 16 connections (0.99x, paired). It is not allowed in NODE_OPTIONS, so it is set here.
-ENTRYPOINT ["node", "--no-maglev", "/app/dist/cli/latchkey.js"]
+ENTRYPOINT ["node", "--no-maglev", "/app/dist/bin/latchkey.js"]
 CMD ["sidecar", "--config", "/etc/latchkey/latchkey.yaml"]

@@ -135,7 +135,7 @@ async function run(url, bodies, concurrency, seconds) {
 const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s[Math.floor(s.length / 2)] }
 
 console.error(`broker bench: ${ROUNDS} rounds × (${SECONDS}s at 1, ${SECONDS}s at ${CONCURRENCY}); broker on CPU 0, load on CPU 1`)
-spawnPinned([join(root, 'dist/cli/latchkey.js'), 'broker', '-c', join(work, 'broker.yaml')])
+spawnPinned([join(root, 'dist/bin/latchkey.js'), 'broker', '-c', join(work, 'broker.yaml')])
 spawnPinned([floorSrc])
 await waitFor(`${issuer}/healthz`, (r) => r.ok)
 await waitFor(`http://127.0.0.1:${floorPort}/`, (r) => r.ok)

@@ -4,7 +4,7 @@
 //   (--dir small: --chunks small chunked POSTs of one 18-byte chunk each, in sequence: the common case)
 //   (LK_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" passes node flags to the sidecar)
 //
-// Starts the real sidecar (dist/cli/latchkey.js, pinned with the rest to the CPU this script is
+// Starts the real sidecar (dist/bin/latchkey.js, pinned with the rest to the CPU this script is
 // given), a raw-socket upstream on 127.0.0.1 that parses chunked framing itself (so it can count
 // the frames and the reads it gets), and then, in each direction:
 //   up:   a raw client sends one POST whose chunked body is `--chunks` chunks of `--size` bytes,
@@ -326,7 +326,7 @@ audit:
 log: { level: warn }
 `,
   )
-  const lk = spawn(process.execPath, [...(process.env.LK_NODE_ARGS ? process.env.LK_NODE_ARGS.split(' ') : []), '--no-maglev', join(root, 'dist/cli/latchkey.js'), 'sidecar', '--config', cfg], {
+  const lk = spawn(process.execPath, [...(process.env.LK_NODE_ARGS ? process.env.LK_NODE_ARGS.split(' ') : []), '--no-maglev', join(root, 'dist/bin/latchkey.js'), 'sidecar', '--config', cfg], {
     env: { ...process.env, NODE_OPTIONS: '--max-semi-space-size=4', MALLOC_ARENA_MAX: '2', MALLOC_MMAP_THRESHOLD_: '32768' },
     stdio: ['ignore', 'inherit', 'inherit'],
   })

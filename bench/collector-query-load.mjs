@@ -49,7 +49,7 @@ writeFileSync(
   join(dir, 'collector.yaml'),
   `version: 1\ncollector:\n  grpc: { host: 127.0.0.1, port: ${grpcPort} }\n  http: { host: 127.0.0.1, port: ${httpPort} }\n  store: { kind: sqlite, path: ${db} }\n  sidecars: [{ id: ingest-1, token_sha256: ${createHash('sha256').update(token).digest('hex')} }]\nlog: { level: warn }\n`,
 )
-const child = spawn(process.execPath, [join(root, 'dist/cli/latchkey.js'), 'collector', '-c', join(dir, 'collector.yaml')], { stdio: ['ignore', 'ignore', 'inherit'] })
+const child = spawn(process.execPath, [join(root, 'dist/bin/latchkey.js'), 'collector', '-c', join(dir, 'collector.yaml')], { stdio: ['ignore', 'ignore', 'inherit'] })
 const base = `http://127.0.0.1:${httpPort}`
 for (;;) {
   try {

@@ -5,7 +5,7 @@
 // slices, reported as medians and as the per-cycle ratio of the two builds. Not a test.
 // Knobs: BENCH_PAIR_CYCLES (10), BENCH_PAIR_SECONDS (3). Needs Linux, taskset, wrk, nginx.
 import { spawn, execFileSync } from 'node:child_process'
-import { mkdtempSync, writeFileSync, readFileSync, mkdirSync, symlinkSync } from 'node:fs'
+import { existsSync, mkdtempSync, writeFileSync, readFileSync, mkdirSync, symlinkSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, dirname } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -31,6 +31,9 @@ execFileSync('git', ['-C', root, 'worktree', 'add', '--detach', '-f', other, ref
 process.on('exit', () => execFileSync('git', ['-C', root, 'worktree', 'remove', '--force', other], { stdio: 'ignore' }))
 symlinkSync(join(root, 'node_modules'), join(other, 'node_modules'))
 execFileSync(process.execPath, [join(root, 'node_modules/typescript/bin/tsc'), '-p', join(other, 'tsconfig.json')], { stdio: 'inherit' })
+// Since 2026-12-02 the CLI runs bundled (scripts/bundle.mjs, dist/bin/); a ref before that runs from tsc's output.
+const bundled = existsSync(join(other, 'scripts/bundle.mjs'))
+if (bundled) execFileSync(process.execPath, [join(other, 'scripts/bundle.mjs')], { stdio: 'inherit' })
 const commit = (dir) => execFileSync('git', ['-C', dir, 'rev-parse', '--short', 'HEAD']).toString().trim()
 const dirty = execFileSync('git', ['-C', root, 'status', '--porcelain', '--', 'proxy', 'lib', 'cli']).toString().trim() ? ' (with uncommitted changes)' : ''
 
@@ -52,7 +55,7 @@ http { access_log off; keepalive_requests 10000000; client_body_temp_path ${upDi
 start('1', 'nginx', ['-e', join(upDir, 'logs/error.log'), '-p', upDir, '-c', join(upDir, 'nginx.conf')])
 
 const token = Array.from({ length: 800 }, (_, i) => 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_'[(i * 7919) % 64]).join('')
-const sidecar = (dist, port, name) => {
+const sidecar = (dist, port, name, cli = 'bin/latchkey.js') => {
   const cfg = join(work, `${name}.yaml`)
   writeFileSync(cfg, `version: 1
 sidecar:
@@ -71,10 +74,10 @@ audit:
 log: { level: warn }
 `)
   // As the image runs it (see bench/README.md).
-  return start('0', process.execPath, ['--no-maglev', join(dist, 'cli/latchkey.js'), 'sidecar', '--config', cfg], { LATCHKEY_SECRET_BENCH_TOKEN: token, NODE_OPTIONS: '--max-semi-space-size=4', MALLOC_ARENA_MAX: '2', MALLOC_MMAP_THRESHOLD_: '32768' })
+  return start('0', process.execPath, ['--no-maglev', join(dist, cli), 'sidecar', '--config', cfg], { LATCHKEY_SECRET_BENCH_TOKEN: token, NODE_OPTIONS: '--max-semi-space-size=4', MALLOC_ARENA_MAX: '2', MALLOC_MMAP_THRESHOLD_: '32768' })
 }
 const contenders = [
-  { name: `latchkey ${ref} (${commit(other)})`, port: a, proc: sidecar(join(other, 'dist'), a, 'other') },
+  { name: `latchkey ${ref} (${commit(other)})`, port: a, proc: sidecar(join(other, 'dist'), a, 'other', bundled ? 'bin/latchkey.js' : 'cli/latchkey.js') },
   { name: `latchkey this checkout (${commit(root)})${dirty}`, port: b, proc: sidecar(join(root, 'dist'), b, 'this') },
   { name: 'undici-bare', port: bare, proc: start('0', process.execPath, [join(root, 'bench/baselines/undici-forwarder.mjs'), String(bare)], { BENCH_TOKEN: token }) },
 ]

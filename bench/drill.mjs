@@ -15,7 +15,7 @@ import { randomBytes } from 'node:crypto'
 
 const here = dirname(fileURLToPath(import.meta.url))
 const root = join(here, '..')
-const cli = join(root, 'dist/cli/latchkey.js')
+const cli = join(root, 'dist/bin/latchkey.js')
 const SIDECARS = Number(process.env.DRILL_SIDECARS ?? 50)
 const WORKERS = Number(process.env.DRILL_WORKERS ?? 2)
 const ROUNDS = Number(process.env.DRILL_ROUNDS ?? 20)

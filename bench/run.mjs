@@ -369,7 +369,7 @@ const version = (cmd) => {
 
 async function main() {
   ensureTools()
-  const cli = join(root, 'dist/cli/latchkey.js')
+  const cli = join(root, 'dist/bin/latchkey.js')
   if (!existsSync(cli)) throw new Error(`${cli} is missing: the sidecar is not built (npm run bench runs the build first; did it fail?)`)
   pin(process.pid, CPU_LOAD) // this orchestrator stays off the proxy's CPU
 

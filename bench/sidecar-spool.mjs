@@ -17,7 +17,7 @@ import { Pool, request } from 'undici'
 import { freePort } from './ports.mjs'
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
-const cli = join(root, 'dist/cli/latchkey.js')
+const cli = join(root, 'dist/bin/latchkey.js')
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 5)
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3)
 const TOKEN = 'bench-' + 'x'.repeat(794)

@@ -15,7 +15,7 @@ import { Pool, Client } from 'undici'
 
 const here = dirname(fileURLToPath(import.meta.url))
 const root = join(here, '..')
-const cli = join(root, 'dist/cli/latchkey.js')
+const cli = join(root, 'dist/bin/latchkey.js')
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3)
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 5)
 const COLD_TASKS = Number(process.env.BENCH_COLD_TASKS ?? 50)

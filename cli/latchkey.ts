@@ -29,23 +29,6 @@ function packageVersion(): string {
   return 'unknown'
 }
 
-/**
- * What a file is, by its top-level keys: a collector's config (`collector`, no `sidecar`) and the
- * broker's agent registry (`agents`, no `sidecar`) are validated by their own schemas. From the
- * text already read: the file is read once (a pipe, /dev/stdin or <(…) can be read only once).
- */
-async function configKind(text: string): Promise<'collector' | 'registry' | 'config'> {
-  const { parse: parseYaml } = await import('yaml')
-  try {
-    // logLevel error: parse() prints each warning (an unknown tag) with the line it is about, a password in it maybe.
-    const doc = parseYaml(text, { logLevel: 'error' }) as unknown
-    if (typeof doc !== 'object' || doc === null || 'sidecar' in doc) return 'config'
-    return 'collector' in doc ? 'collector' : 'agents' in doc ? 'registry' : 'config'
-  } catch {
-    return 'config' // not YAML: the sidecar loader says why
-  }
-}
-
 async function loadConfigFile(file: string): Promise<Config> {
   return (await import('../lib/config/load.js')).loadConfigFile(file)
 }
@@ -176,7 +159,7 @@ program
     try {
       const { readConfigBytes, configText, parseConfig } = await import('../lib/config/load.js')
       const bytes = readConfigBytes(file)
-      const kind = await configKind(bytes.toString('utf8'))
+      const kind = (await import('../lib/config/kind.js')).configKind(bytes.toString('utf8'))
       if (kind === 'registry') {
         // Decoded as the broker decodes it.
         const { parseRegistry } = await import('../broker/registry.js')

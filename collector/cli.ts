@@ -3,15 +3,14 @@
 // Queries go to a collector's HTTP API (--url), or straight to its store (-c collector.yaml), opened
 // read-only: never created or migrated here, only by the collector that owns it.
 import type { Command } from 'commander'
-import { withoutUserinfo } from '../lib/without-userinfo.js'
 import { Action, AuditEvent } from '../protos/gen/latchkey/v1/audit.js'
 import { MAX_ANSWER_BYTES, MAX_LIMIT, MAX_PAGE_EVENTS, boundAnswer, cursorAfter, eventToJson, parseSince, type EventJson } from './query.js'
 import type { AuditStore, EventCursor, VerifyResult } from './store/types.js'
 import type { CollectorConfig } from './config.js'
+import { CliError } from './cli-error.js'
 
 const DEFAULT_URL = 'http://127.0.0.1:15101'
 
-class CliError extends Error {}
 
 function fail(err: unknown): never {
   // LK_CONFIG_INVALID: a ConfigError, whose message names each problem (matched by code, so that
@@ -19,39 +18,6 @@ function fail(err: unknown): never {
   if (err instanceof CliError || (err as { code?: unknown } | null)?.code === 'LK_CONFIG_INVALID') console.error((err as Error).message)
   else console.error(err instanceof Error ? err.message : String(err))
   process.exit(1)
-}
-
-/** The query API's reader token, if the collector requires one: from the environment, never argv. */
-const TOKEN_ENV = 'LATCHKEY_COLLECTOR_READER_TOKEN'
-
-/** How long the CLI waits, in all, for a collector busy with other queries (503 LK_COLLECTOR_BUSY). */
-const BUSY_WAIT_MS = 60_000
-
-async function getJson<T>(base: string, path: string): Promise<{ status: number; body: T }> {
-  let res
-  let body: T
-  const token = process.env[TOKEN_ENV]
-  // Named in errors without its userinfo (`--url http://user:password@host`); its code, not the client's message, which can quote it.
-  const shown = withoutUserinfo(base)
-  // Loaded here, not at import: `audit -c` reads the store and never needs an HTTP client (undici
-  // was a fifth of its start).
-  const { request } = await import('undici')
-  for (let waited = 0; ; ) {
-    try {
-      res = await request(new URL(path, base), token ? { headers: { authorization: `Bearer ${token}` } } : {})
-    } catch (err) {
-      throw new CliError(`collector at ${shown} unreachable: ${(err as NodeJS.ErrnoException).code ?? 'error'}`)
-    }
-    body = (await res.body.json()) as T
-    // Busy with other queries: wait as it asks, then ask again.
-    if (res.statusCode !== 503 || (body as { code?: string }).code !== 'LK_COLLECTOR_BUSY' || waited >= BUSY_WAIT_MS) break
-    const ms = Math.min(Math.max(Number(res.headers['retry-after']) || 1, 1), 10) * 1000
-    await new Promise((resolve) => setTimeout(resolve, ms))
-    waited += ms
-  }
-  if (res.statusCode === 401) throw new CliError(`collector at ${shown}: ${token ? `the token in ${TOKEN_ENV} was refused` : `requires a reader token: set ${TOKEN_ENV}`}`)
-  if (res.statusCode >= 400 && res.statusCode !== 409) throw new CliError(`collector at ${shown}: ${(body as { error?: string }).error ?? `HTTP ${res.statusCode}`}`)
-  return { status: res.statusCode, body }
 }
 
 const ACTION_NAMES: Record<string, string> = { ACTION_ALLOW: 'allow', ACTION_DENY: 'deny', ACTION_REPORT: 'report', ACTION_UNSPECIFIED: '-' }
@@ -181,6 +147,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
         } else {
           // Resolved here, as with -c: a time without a zone is the operator's local time, not
           // the collector host's (which the API would read it in).
+          const { getJson } = await import('./query-client.js')
           let cursor: string | undefined
           do {
             const q = new URLSearchParams({ agent: opts.agent, since: since.toISOString(), limit: String(limit - shown) })
@@ -219,6 +186,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
           }
           if (opts.sidecar !== undefined && v.sidecars === 0 && v.ok) throw new CliError(`no sidecar "${printable(opts.sidecar)}" in the store`)
         } else {
+          const { getJson } = await import('./query-client.js')
           v = (await getJson<VerifyResult>(opts.url, `/v1/verify${opts.sidecar ? `?sidecar=${encodeURIComponent(opts.sidecar)}` : ''}`)).body
         }
         printVerify(v)

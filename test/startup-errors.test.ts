@@ -14,7 +14,7 @@ import { parseConfig, ConfigError } from '../lib/config/load.js'
 const dir = mkdtempSync(join(tmpdir(), 'lk-startup-'))
 const latchkey = (args: string[], env: NodeJS.ProcessEnv = {}) =>
   // SIGKILL at the timeout: a process that started (when it should not have) may not stop on SIGTERM.
-  spawnSync(process.execPath, ['dist/cli/latchkey.js', ...args], { encoding: 'utf8', timeout: 20_000, killSignal: 'SIGKILL', env: { ...process.env, ...env } })
+  spawnSync(process.execPath, ['dist/bin/latchkey.js', ...args], { encoding: 'utf8', timeout: 20_000, killSignal: 'SIGKILL', env: { ...process.env, ...env } })
 /** What a person reads: the process's own JSON log lines left out. */
 const said = (stderr: string) =>
   stderr
@@ -183,7 +183,7 @@ t.test('sidecar: ports, secrets.file, the state file and the spool, as check-con
 
 t.test('a sync that fails at shutdown is one line naming audit.jsonl.path', async (t) => {
   const config = writeYaml(join(dir, 's-dev-full.yaml'), { version: 1, sidecar: { listen: { port: 19721 }, admin: { port: 19722 } }, audit: { jsonl: { path: '/dev/full' } } })
-  const proc = spawn(process.execPath, ['dist/cli/latchkey.js', 'sidecar', '-c', config], { stdio: ['ignore', 'pipe', 'pipe'] })
+  const proc = spawn(process.execPath, ['dist/bin/latchkey.js', 'sidecar', '-c', config], { stdio: ['ignore', 'pipe', 'pipe'] })
   t.teardown(() => void (proc.exitCode === null && proc.signalCode === null && proc.kill('SIGKILL')))
   let out = ''
   proc.stdout.on('data', (d: Buffer) => (out += d.toString()))
@@ -254,11 +254,11 @@ t.test('check-config reads its file once: a pipe, /dev/stdin and <(…) work', a
     ['deploy/examples/collector.yaml', /^\/dev\/stdin: valid collector config/],
     ['deploy/examples/agents.yaml', /^\/dev\/stdin: valid agent registry/],
   ] as const) {
-    const r = spawnSync('bash', ['-c', `cat ${file} | ${process.execPath} dist/cli/latchkey.js check-config /dev/stdin`], { encoding: 'utf8', timeout: 20_000 })
+    const r = spawnSync('bash', ['-c', `cat ${file} | ${process.execPath} dist/bin/latchkey.js check-config /dev/stdin`], { encoding: 'utf8', timeout: 20_000 })
     t.equal(r.status, 0, `${file} through a pipe: ${r.stderr}`)
     t.match(r.stdout, what)
   }
-  const sub = spawnSync('bash', ['-c', `${process.execPath} dist/cli/latchkey.js check-config <(cat deploy/examples/collector.yaml)`], { encoding: 'utf8', timeout: 20_000 })
+  const sub = spawnSync('bash', ['-c', `${process.execPath} dist/bin/latchkey.js check-config <(cat deploy/examples/collector.yaml)`], { encoding: 'utf8', timeout: 20_000 })
   t.equal(sub.status, 0, `process substitution: ${sub.stderr}`)
   t.match(sub.stdout, /^\/dev\/fd\/\d+: valid collector config/)
 })

@@ -17,7 +17,7 @@ import { PG_URL, seqEvents, uniqueSchema } from './events.js'
 
 const run = promisify(execFile)
 const cli = (args: string[]) =>
-  run(process.execPath, ['dist/cli/latchkey.js', ...args], { encoding: 'utf8' }).then(
+  run(process.execPath, ['dist/bin/latchkey.js', ...args], { encoding: 'utf8' }).then(
     (r) => ({ code: 0, stdout: r.stdout, stderr: r.stderr }),
     (e: { code: number; stdout: string; stderr: string }) => ({ code: e.code, stdout: e.stdout, stderr: e.stderr }),
   )

@@ -11,7 +11,7 @@ export interface Child {
 
 /** Starts `latchkey <args>` and resolves once `ready` appears in its output. */
 export async function startChild(args: string[], ready: RegExp, env: NodeJS.ProcessEnv = {}, timeoutMs = 20_000): Promise<Child> {
-  const proc = spawn(process.execPath, ['dist/cli/latchkey.js', ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
+  const proc = spawn(process.execPath, ['dist/bin/latchkey.js', ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
   let out = ''
   proc.stdout!.on('data', (d: Buffer) => (out += d.toString()))
   proc.stderr!.on('data', (d: Buffer) => (out += d.toString()))

@@ -69,7 +69,7 @@ export async function brokerCliStart(registry: string, store?: Record<string, un
       },
     }),
   )
-  const r = spawnSync(process.execPath, ['dist/cli/latchkey.js', 'broker', '-c', config], { encoding: 'utf8', timeout: 15_000 })
+  const r = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'broker', '-c', config], { encoding: 'utf8', timeout: 15_000 })
   return { status: r.status, stderr: r.stderr, registryFile }
 }
 

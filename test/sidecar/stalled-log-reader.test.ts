@@ -29,7 +29,7 @@ log: { level: info }
 `,
   )
   // stdout piped and never read: the pipe (64 KiB) fills with the first hundred or so call lines.
-  const child = spawn(process.execPath, ['dist/cli/latchkey.js', 'sidecar', '-c', config], { stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(process.execPath, ['dist/bin/latchkey.js', 'sidecar', '-c', config], { stdio: ['ignore', 'pipe', 'pipe'] })
   child.stdout!.pause()
   t.teardown(() => {
     child.kill('SIGKILL')

@@ -15,7 +15,7 @@ import { TOKEN_TYPES } from '../../lib/oauth.js'
 import { AGENT } from '../helpers/tokens.js'
 
 const latchkey = (args: string[], env: NodeJS.ProcessEnv = {}) =>
-  spawnSync(process.execPath, ['dist/cli/latchkey.js', ...args], { encoding: 'utf8', timeout: 20_000, env: { ...process.env, ...env } })
+  spawnSync(process.execPath, ['dist/bin/latchkey.js', ...args], { encoding: 'utf8', timeout: 20_000, env: { ...process.env, ...env } })
 
 t.test('a CA file that is missing, not PEM, or a key: check-config names it, the sidecar refuses to start in one line', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'lk-ca-'))

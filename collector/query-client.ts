@@ -1,0 +1,37 @@
+// The operator CLI's client of a collector's query API (`latchkey audit --url`). Imported by
+// collector/cli.ts only for --url: `audit -c` reads the store and never needs an HTTP client
+// (undici was a fifth of its start). A module of its own, not `await import('undici')`: in the
+// bundled CLI (scripts/bundle.mjs) a dynamically imported CommonJS package has only a default export.
+import { request } from 'undici'
+import { withoutUserinfo } from '../lib/without-userinfo.js'
+import { CliError } from './cli-error.js'
+
+/** The query API's reader token, if the collector requires one: from the environment, never argv. */
+const TOKEN_ENV = 'LATCHKEY_COLLECTOR_READER_TOKEN'
+
+/** How long the CLI waits, in all, for a collector busy with other queries (503 LK_COLLECTOR_BUSY). */
+const BUSY_WAIT_MS = 60_000
+
+export async function getJson<T>(base: string, path: string): Promise<{ status: number; body: T }> {
+  let res
+  let body: T
+  const token = process.env[TOKEN_ENV]
+  // Named in errors without its userinfo (`--url http://user:password@host`); its code, not the client's message, which can quote it.
+  const shown = withoutUserinfo(base)
+  for (let waited = 0; ; ) {
+    try {
+      res = await request(new URL(path, base), token ? { headers: { authorization: `Bearer ${token}` } } : {})
+    } catch (err) {
+      throw new CliError(`collector at ${shown} unreachable: ${(err as NodeJS.ErrnoException).code ?? 'error'}`)
+    }
+    body = (await res.body.json()) as T
+    // Busy with other queries: wait as it asks, then ask again.
+    if (res.statusCode !== 503 || (body as { code?: string }).code !== 'LK_COLLECTOR_BUSY' || waited >= BUSY_WAIT_MS) break
+    const ms = Math.min(Math.max(Number(res.headers['retry-after']) || 1, 1), 10) * 1000
+    await new Promise((resolve) => setTimeout(resolve, ms))
+    waited += ms
+  }
+  if (res.statusCode === 401) throw new CliError(`collector at ${shown}: ${token ? `the token in ${TOKEN_ENV} was refused` : `requires a reader token: set ${TOKEN_ENV}`}`)
+  if (res.statusCode >= 400 && res.statusCode !== 409) throw new CliError(`collector at ${shown}: ${(body as { error?: string }).error ?? `HTTP ${res.statusCode}`}`)
+  return { status: res.statusCode, body }
+}

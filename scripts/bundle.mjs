@@ -37,6 +37,10 @@ const { metafile } = await build({
   metafile: true,
 })
 chmodSync(`${outdir}/latchkey.js`, 0o755)
+// tsc's entry stays executable too: npx keeps a checkout's bin link by the checkout's path
+// (~/.npm/_npx/<hash>) and never renews it, and one made before the CLI was bundled points at
+// dist/cli/latchkey.js: `npx latchkey` then failed with "Permission denied".
+chmodSync(`${root}dist/cli/latchkey.js`, 0o755)
 
 // `await import('pkg')` of a CommonJS package (yaml, undici) is, split, a chunk exporting only
 // `default`: its named exports are undefined in the bundle while Node gives them unbundled. Such a

@@ -2,7 +2,7 @@ import js from '@eslint/js'
 import tseslint from 'typescript-eslint'
 
 export default tseslint.config(
-  { ignores: ['dist/', 'node_modules/', 'bench/results/', 'protos/gen/', 'lib/config/validate.generated.ts', '.tap/'] },
+  { ignores: ['dist/', 'node_modules/', 'bench/results/', 'protos/gen/', '**/*.generated.ts', '.tap/'] },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {

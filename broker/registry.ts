@@ -4,7 +4,8 @@
 // is reported so it can reach the audit trail.
 import { readFileSync, watch, type FSWatcher } from 'node:fs'
 import { basename, dirname } from 'node:path'
-import { Ajv, type ErrorObject, type ValidateFunction } from 'ajv'
+import type { ErrorObject, ValidateFunction } from 'ajv'
+import { validate as generatedValidate } from './registry-validate.generated.js'
 import { parseYamlDocument } from '../lib/yaml-document.js'
 
 export type UserRule = 'required' | 'optional' | 'none'
@@ -36,64 +37,13 @@ export interface Registry {
   agents: Record<string, AgentTypeSpec>
 }
 
-const scopeToken = { type: 'string', pattern: '^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$' }
-/** No token this broker issues lives longer, whatever the registry says (its own maximum). */
-export const MAX_LIFETIME_S = 86_400
-/** An agent type's or env's name: a DNS label, so an instance ID has a known maximum length. */
-export const MAX_NAME = 63
-const name = { type: 'string', pattern: '^[a-z0-9][a-z0-9-]*$', maxLength: MAX_NAME }
+export { MAX_LIFETIME_S, MAX_NAME } from './registry-schema.js'
 
-const registrySchema = {
-  type: 'object',
-  additionalProperties: false,
-  required: ['version', 'agents'],
-  properties: {
-    version: { const: 1 },
-    agents: {
-      type: 'object',
-      propertyNames: name,
-      additionalProperties: {
-        type: 'object',
-        additionalProperties: false,
-        required: ['env', 'match', 'audiences', 'max_lifetime_s'],
-        properties: {
-          env: name,
-          match: {
-            type: 'object',
-            additionalProperties: false,
-            minProperties: 1,
-            properties: {
-              kubernetes: {
-                type: 'object',
-                additionalProperties: false,
-                required: ['namespace', 'service_account'],
-                properties: { namespace: { type: 'string', minLength: 1 }, service_account: { type: 'string', minLength: 1 } },
-              },
-              spiffe: {
-                type: 'object',
-                additionalProperties: false,
-                required: ['path_prefix'],
-                properties: { path_prefix: { type: 'string', pattern: '^/[^\\s]*$' } },
-              },
-              local: { type: 'boolean' },
-            },
-          },
-          audiences: { type: 'object', minProperties: 1, additionalProperties: { type: 'array', items: scopeToken, uniqueItems: true } },
-          max_lifetime_s: { type: 'integer', minimum: 1, maximum: MAX_LIFETIME_S },
-          users: { enum: ['required', 'optional', 'none'], default: 'optional' },
-          may_task: { type: 'array', items: name, uniqueItems: true, default: [] },
-        },
-      },
-    },
-  },
-} as const
 
-// Compiled when first needed, not at import: a CLI that loads this module without reading a
-// registry (check-config, up) pays nothing. The schema is ours and fixed, so it is not itself
-// checked against Ajv's meta-schema at each start (compiling that took a tenth of a CLI's start).
-let validator: ValidateFunction | null = null
-const validate = (raw: unknown): boolean => (validator ??= new Ajv({ allErrors: true, useDefaults: true, strict: true, validateSchema: false }).compile(registrySchema))(raw)
-const validationErrors = () => validator?.errors ?? []
+// Compiled ahead of time (scripts/config-validator.mjs), as the sidecar's config: compiling it
+// with Ajv at start took a tenth of a second of every broker and check-config start.
+const validate = generatedValidate as unknown as ValidateFunction<Registry>
+const validationErrors = () => validate.errors ?? []
 
 export class RegistryError extends Error {
   readonly code = 'LK_REGISTRY_INVALID'

@@ -1,0 +1,100 @@
+// The collector's config file's JSON Schema: compiled ahead of time into
+// collector/config-validate.generated.ts (scripts/config-validator.mjs; CI checks it is current),
+// read by collector/config.ts.
+
+const hostPort = (port: number) => ({
+  type: 'object',
+  additionalProperties: false,
+  default: {},
+  properties: { host: { type: 'string', minLength: 1, default: '127.0.0.1' }, port: { type: 'integer', minimum: 0, maximum: 65535, default: port } },
+})
+
+export const collectorConfigSchema = {
+  type: 'object',
+  additionalProperties: false,
+  required: ['version', 'collector'],
+  properties: {
+    version: { const: 1 },
+    collector: {
+      type: 'object',
+      additionalProperties: false,
+      required: ['sidecars'],
+      properties: {
+        grpc: {
+          ...hostPort(15100),
+          properties: {
+            ...hostPort(15100).properties,
+            max_batch_bytes: { type: 'integer', minimum: 1024, default: 8 * 1024 * 1024 },
+            max_clock_skew_ms: { type: 'integer', minimum: 0, maximum: 86_400_000, default: 300_000 },
+            tls: {
+              type: ['object', 'null'],
+              default: null,
+              additionalProperties: false,
+              required: ['cert_file', 'key_file', 'client_ca_file'],
+              properties: { cert_file: { type: 'string', minLength: 1 }, key_file: { type: 'string', minLength: 1 }, client_ca_file: { type: 'string', minLength: 1 } },
+            },
+            insecure_plaintext: { type: 'boolean', default: false },
+          },
+        },
+        http: {
+          ...hostPort(15101),
+          type: ['object', 'null'],
+          properties: { ...hostPort(15101).properties, reader_tokens_sha256: { type: 'array', items: { type: 'string', pattern: '^[0-9a-f]{64}$' } } },
+        },
+        store: {
+          type: 'object',
+          default: { kind: 'sqlite' },
+          required: ['kind'],
+          oneOf: [
+            {
+              additionalProperties: false,
+              properties: { kind: { const: 'sqlite' }, path: { type: 'string', minLength: 1, default: 'latchkey-audit.db' } },
+            },
+            {
+              additionalProperties: false,
+              required: ['url'],
+              properties: {
+                kind: { const: 'postgres' },
+                url: { type: 'string', pattern: '^postgres(ql)?://' },
+                schema: { type: 'string', pattern: '^[a-z_][a-z0-9_]{0,62}$', default: 'latchkey' },
+                pool_size: { type: 'integer', minimum: 1, default: 4 },
+                writer_role: { type: 'string', pattern: '^[a-z_][a-z0-9_]{0,62}$' },
+                migrate: { type: 'boolean', default: true },
+              },
+            },
+          ],
+        },
+        sidecars: {
+          type: 'array',
+          items: {
+            type: 'object',
+            additionalProperties: false,
+            required: ['id'],
+            properties: {
+              id: { type: 'string', minLength: 1 },
+              token_sha256: { type: 'string', pattern: '^[0-9a-f]{64}$' },
+              agents: { type: 'array', minItems: 1, items: { type: 'string', pattern: '^agent:[^*]*\\*?$' } },
+            },
+          },
+        },
+        nats: {
+          type: ['object', 'null'],
+          default: null,
+          additionalProperties: false,
+          required: ['servers'],
+          properties: {
+            servers: { type: 'array', minItems: 1, items: { type: 'string', minLength: 1 } },
+            stream: { type: 'string', pattern: '^[A-Za-z0-9_-]+$', default: 'LATCHKEY_AUDIT' },
+            subject_prefix: { type: 'string', pattern: '^[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*$', default: 'latchkey.audit' },
+          },
+        },
+      },
+    },
+    log: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      properties: { level: { enum: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], default: 'info' } },
+    },
+  },
+} as const

@@ -11,7 +11,6 @@ import { CliError } from './cli-error.js'
 
 const DEFAULT_URL = 'http://127.0.0.1:15101'
 
-
 function fail(err: unknown): never {
   // LK_CONFIG_INVALID: a ConfigError, whose message names each problem (matched by code, so that
   // a query command does not load the config loader to recognise one).

@@ -11,8 +11,7 @@ import { IngestService } from './ingest.js'
 import { decodeIngestRequest } from './wire.js'
 import { createQueryServer } from './http.js'
 import type { AuditStore, AuditStoreBackend, StoredEvent } from './store/types.js'
-import { SqliteAuditStore } from './store/sqlite.js'
-import { PostgresAuditStore, type PostgresStoreOptions } from './store/postgres.js'
+import type { PostgresStoreOptions } from './store/postgres.js'
 import { JetStreamFanOut } from './fanout.js'
 import { listenError } from '../lib/listen-error.js'
 import { readServerTls } from '../lib/tls-files.js'
@@ -21,19 +20,21 @@ import { postgresWhere, storeStartupError } from '../lib/store-schema.js'
 /** How long start-up waits for the store to answer the schema check before going on without it. */
 const SCHEMA_CHECK_WAIT_MS = 5_000
 
-// Each backend opens both ways (AuditStoreBackend): the compiler holds them to it.
-const sqlite: AuditStoreBackend<string> = SqliteAuditStore
-const postgres: AuditStoreBackend<PostgresStoreOptions> = PostgresAuditStore
+// Each backend opens both ways (AuditStoreBackend): the compiler holds them to it. Only the
+// configured one is loaded: pg, loaded for a SQLite store, took Node's fetch implementation in
+// with it (it looks for a Cloudflare runtime at import) on every `audit -c` and collector start.
+const sqlite = async (): Promise<AuditStoreBackend<string>> => (await import('./store/sqlite.js')).SqliteAuditStore
+const postgres = async (): Promise<AuditStoreBackend<PostgresStoreOptions>> => (await import('./store/postgres.js')).PostgresAuditStore
 const postgresOptions = (c: Extract<StoreConfig, { kind: 'postgres' }>): PostgresStoreOptions => ({ url: c.url, schema: c.schema, poolSize: c.pool_size, writerRole: c.writer_role, migrate: c.migrate })
 
 /** The collector's own store: created when missing, migrated (see AuditStoreBackend). */
-export function openStore(c: StoreConfig): AuditStore {
-  return c.kind === 'sqlite' ? new sqlite(c.path) : new postgres(postgresOptions(c))
+export async function openStore(c: StoreConfig): Promise<AuditStore> {
+  return c.kind === 'sqlite' ? new (await sqlite())(c.path) : new (await postgres())(postgresOptions(c))
 }
 
 /** A reader's (`latchkey audit -c`): an existing store only, read-only; nothing is created or changed. */
-export function openStoreReadOnly(c: StoreConfig): Promise<AuditStore> {
-  return c.kind === 'sqlite' ? sqlite.openReadOnly(c.path) : postgres.openReadOnly(postgresOptions(c))
+export async function openStoreReadOnly(c: StoreConfig): Promise<AuditStore> {
+  return c.kind === 'sqlite' ? (await sqlite()).openReadOnly(c.path) : (await postgres()).openReadOnly(postgresOptions(c))
 }
 
 export interface FanOut {
@@ -70,7 +71,7 @@ export async function startCollector(config: CollectorConfig, opts: CollectorOpt
   const where = c.store.kind === 'sqlite' ? c.store.path : postgresWhere(c.store.url)
   let store: AuditStore
   try {
-    store = opts.store ?? openStore(c.store)
+    store = opts.store ?? (await openStore(c.store))
   } catch (err) {
     throw storeStartupError('collector.store', where, err)
   }

@@ -39,11 +39,9 @@ export interface Registry {
 
 export { MAX_LIFETIME_S, MAX_NAME } from './registry-schema.js'
 
-
 // Compiled ahead of time (scripts/config-validator.mjs), as the sidecar's config: compiling it
 // with Ajv at start took a tenth of a second of every broker and check-config start.
 const validate = generatedValidate as unknown as ValidateFunction<Registry>
-const validationErrors = () => validate.errors ?? []
 
 export class RegistryError extends Error {
   readonly code = 'LK_REGISTRY_INVALID'
@@ -65,7 +63,7 @@ export function parseRegistry(text: string, source = '<registry>'): Registry {
   const doc = parseYamlDocument(text)
   if (doc.errors.length > 0) throw new RegistryError(source, doc.errors.map((e) => e.message.split('\n')[0] ?? e.message))
   const raw: unknown = doc.toJS({ maxAliasCount: 100 }) ?? {}
-  if (!validate(raw)) throw new RegistryError(source, validationErrors().map(describe))
+  if (!validate(raw)) throw new RegistryError(source, (validate.errors ?? []).map(describe))
   const registry = raw as unknown as Registry
   // Maps keyed by names that come from requests (an agent type, an audience) have no prototype:
   // `constructor` or `__proto__` must find nothing, not Object.prototype's members.

@@ -54,7 +54,6 @@ export interface CollectorConfig {
   log: { level: string }
 }
 
-
 // Compiled ahead of time (scripts/config-validator.mjs), as the sidecar's: compiling it with Ajv
 // took a tenth of a second of every `latchkey collector` and `audit -c` start.
 const validate = generatedValidate as unknown as ValidateFunction<CollectorConfig>

@@ -64,8 +64,6 @@ export async function startCollectedSidecar(o: Omit<Parameters<typeof sidecarCon
   return { sidecar, sink: sidecar.audit as CollectorAuditSink, config, logs, spoolDir, close: () => sidecar.close() }
 }
 
-/** A port nothing listens on yet (for a collector that starts later). */
-
 /** One call through the sidecar as an agent makes it (absolute-form, HTTP_PROXY); returns the status. */
 export async function call(agent: ProxyAgent, url: string): Promise<number> {
   const res = await request(url, { dispatcher: agent })

@@ -73,7 +73,6 @@ export async function brokerCliStart(registry: string, store?: Record<string, un
   return { status: r.status, stderr: r.stderr, registryFile }
 }
 
-
 export interface TestBroker {
   broker: RunningBroker
   url: string

@@ -259,14 +259,20 @@ export function scrubResponseHeaders(headers: IncomingHttpHeaders, binding: Cred
     const v = headers[name]
     if (v === undefined) continue
     const url = URL_VALUED.has(name)
-    const hides = url ? revealsAsUrl : reveals
-    // A URL is masked where the credential is in it, as a body is, so a client can still follow
-    // it (a query injector puts the credential back over the mask); anything else, or a URL the
-    // mask does not make safe by every check, is replaced whole.
-    const clean = (x: string) => (!anyReveals(hides, x, set, false) ? x : url ? (maskedUrl(x, set) ?? REMOVED) : REMOVED)
-    if (typeof v === 'string') headers[name] = clean(v)
-    else if (v.some((x) => anyReveals(hides, x, set, false))) headers[name] = v.map(clean)
+    if (typeof v === 'string') headers[name] = cleanValue(v, url, set)
+    else if (v.some((x) => anyReveals(url ? revealsAsUrl : reveals, x, set, false))) headers[name] = v.map((x) => cleanValue(x, url, set))
   }
+}
+
+/**
+ * A header value as relayed. A URL is masked where the credential is in it, as a body is, so a
+ * client can still follow it (a query injector puts the credential back over the mask); anything
+ * else, or a URL the mask does not make safe by every check, is replaced whole. A function of its
+ * own, not a closure made per header: every response's headers pass here.
+ */
+function cleanValue(value: string, url: boolean, set: readonly Needles[]): string {
+  if (!anyReveals(url ? revealsAsUrl : reveals, value, set, false)) return value
+  return url ? (maskedUrl(value, set) ?? REMOVED) : REMOVED
 }
 
 function anyReveals(test: (text: string, n: Needles, lowerCased: boolean) => boolean, text: string, set: readonly Needles[], lowerCased: boolean): boolean {

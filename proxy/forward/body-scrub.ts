@@ -191,7 +191,9 @@ function indexNeedles(needles: readonly Buffer[], shortest: number): NeedleIndex
 /**
  * `text` as is, and as the common echoes write it once, each the way a library of its kind does:
  * - JSON: JavaScript's JSON.stringify; with `\/` (PHP); `<`, `>`, `&` as `\u003c`… (Go's
- *   encoding/json, Rails); beyond ASCII as `\uXXXX` (Python's json.dumps);
+ *   encoding/json, Rails); beyond ASCII as `\uXXXX` (Python's json.dumps); `"`, `&`, `'`, `+`,
+ *   `<`, `>`, `` ` `` and beyond ASCII as `\u002B`…, in upper-case hex (.NET's System.Text.Json,
+ *   ASP.NET Core's default: a base64 secret's `+` is written `\u002B`);
  * - percent-encoding: JavaScript's encodeURIComponent (keeps `!*'()`); every reserved character
  *   (Python's quote(safe=''), Go's QueryEscape, PHP's rawurlencode); Python's quote(), which keeps
  *   `/`; each with `+` for a space, and in lower-case hex;
@@ -201,7 +203,7 @@ function indexNeedles(needles: readonly Buffer[], shortest: number): NeedleIndex
  */
 function echoSpellings(text: string): string[] {
   const json = JSON.stringify(text).slice(1, -1)
-  const out = [text, json, json.replace(/\//g, '\\/'), json.replace(/[<>&]/g, unicodeEscape), json.replace(/[^ -~]/g, unicodeEscape)]
+  const out = [text, json, json.replace(/\//g, '\\/'), json.replace(/[<>&]/g, unicodeEscape), json.replace(/[^ -~]/g, unicodeEscape), dotnetJson(text)]
   const js = encodeURIComponent(text)
   const strict = js.replace(/[!*'()]/g, percentOf)
   for (const p of [js, strict, strict.replace(/%2F/g, '/')]) {
@@ -215,6 +217,11 @@ function echoSpellings(text: string): string[] {
 const HTML: Record<string, string> = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }
 const GO_HTML: Record<string, string> = { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&#34;', "'": '&#39;', '+': '&#43;' }
 const unicodeEscape = (c: string) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`
+/** A JSON string's content as System.Text.Json's default encoder writes it (JavaScriptEncoder.Default). */
+function dotnetJson(text: string): string {
+  return text.replace(/[\\"<>&'+`]|[^ -~]/g, (c) => DOTNET_SHORT[c] ?? `\\u${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, '0')}`)
+}
+const DOTNET_SHORT: Record<string, string> = { '\\': '\\\\', '\n': '\\n', '\r': '\\r', '\t': '\\t', '\b': '\\b', '\f': '\\f' }
 const percentOf = (c: string) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`
 
 function maskByte(used: Uint8Array): number {

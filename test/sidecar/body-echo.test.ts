@@ -68,6 +68,8 @@ t.test('a credential echoed in a response body reaches no client, however spelle
     "Go's html/template (&#34; &#43;)": (_a, token) => token.replace(/[&<>"'+]/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&#34;', "'": '&#39;', '+': '&#43;' })[c]!),
     'HTML numeric references, decimal and hex': (_a, token) => token.replace(/[&"+/]/g, (c) => `&#${c.charCodeAt(0)};`) + ' ' + token.replace(/[&"+/]/g, (c) => `&#x${c.charCodeAt(0).toString(16)};`),
     "Go's encoding/json (\\u0026)": (auth) => JSON.stringify({ auth }).replace(/&/g, '\\u0026'),
+    // ASP.NET Core's default (JavaScriptEncoder.Default): upper-case hex, `+` and `"` escaped too.
+    ".NET's System.Text.Json (\\u002B \\u0022)": (auth) => `{"auth":"${auth.replace(/["<>&'+`]/g, (c) => '\\u' + c.charCodeAt(0).toString(16).toUpperCase().padStart(4, '0'))}"}`,
     'base64 of the header': (auth) => Buffer.from(auth).toString('base64'),
     'hex of the token': (_a, token) => Buffer.from(token).toString('hex').toUpperCase(),
   }

@@ -11,9 +11,14 @@ const range = (cidr: string, cls: AddressClass): Range => {
   return [addr, bits, cls]
 }
 
-/** Cloud metadata endpoints: AWS (IMDS, ECS, EKS pod identity, time, DNS), GCP, Azure, Alibaba, Oracle. */
+/**
+ * Cloud metadata endpoints: AWS (IMDS, ECS, EKS pod identity, time, DNS), GCP, Azure, Alibaba,
+ * Oracle. Azure's WireServer, 168.63.129.16, is a public address every Azure VM reaches: its host
+ * agent hands out extension settings (protected ones included) to whoever on the VM asks.
+ */
 const V4: Range[] = [
   range('169.254.169.254/32', 'metadata'),
+  range('168.63.129.16/32', 'metadata'),
   range('169.254.170.2/32', 'metadata'),
   range('169.254.170.23/32', 'metadata'),
   range('169.254.169.123/32', 'metadata'),

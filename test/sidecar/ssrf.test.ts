@@ -42,6 +42,8 @@ t.test('internal addresses are refused whatever their spelling', async (t) => {
     '[fd00:ec2::254]',
     '169.254.170.2',
     '100.100.100.200',
+    '168.63.129.16',
+    '[::ffff:a83f:8110]',
     '10.0.0.1',
     '012.0.0.1',
     '172.16.0.1',

@@ -4,6 +4,7 @@ import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseConfig, ConfigError, loadConfigFile } from '../lib/config/load.js'
+import { CLI } from './helpers/cli.js'
 
 const problems = (text: string, env: NodeJS.ProcessEnv = {}) => {
   try {
@@ -120,7 +121,7 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   const dir = mkdtempSync(join(tmpdir(), 'lk-cfg-'))
   const bad = join(dir, 'bad.yaml')
   writeFileSync(bad, 'version: 1\npolicy: { default: sometimes }\n')
-  const ok = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'check-config', 'deploy/examples/up.yaml'], { encoding: 'utf8' })
+  const ok = spawnSync(process.execPath, [CLI, 'check-config', 'deploy/examples/up.yaml'], { encoding: 'utf8' })
   t.equal(ok.status, 0)
   t.match(ok.stdout, /valid/)
   // Its registry_file (agents.yaml) is beside it, where `latchkey up` reads it: checked there, not
@@ -131,27 +132,27 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   const beside = join(dir, 'up.yaml')
   writeFileSync(beside, readFileSync('deploy/examples/up.yaml', 'utf8'))
   writeFileSync(join(dir, 'agents.yaml'), 'version: 1\nagents: [\n')
-  const brokenBeside = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'check-config', beside], { encoding: 'utf8' })
+  const brokenBeside = spawnSync(process.execPath, [CLI, 'check-config', beside], { encoding: 'utf8' })
   t.equal(brokenBeside.status, 1, 'a broken registry beside the config is found and refused')
   t.match(brokenBeside.stderr, /broker\.registry_file/)
-  const r = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'check-config', bad], { encoding: 'utf8' })
+  const r = spawnSync(process.execPath, [CLI, 'check-config', bad], { encoding: 'utf8' })
   t.equal(r.status, 1)
   t.match(r.stderr, /policy\.default: must be one of "allow", "deny"/)
   // What the sidecar reads at start besides the config is checked too: a config called valid starts.
   const pointsAtBad = join(dir, 'points.yaml')
   writeFileSync(join(dir, 'policy.yaml'), 'default: deny\nrules: [\n')
   writeFileSync(pointsAtBad, `version: 1\nsidecar: { policy_file: ${join(dir, 'policy.yaml')} }\naudit: { jsonl: { path: ${join(dir, 'no-such-dir', 'a.jsonl')} } }\n`)
-  const pb = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'check-config', pointsAtBad], { encoding: 'utf8' })
+  const pb = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8' })
   t.equal(pb.status, 1, 'a policy file that does not compile makes the config invalid')
   t.match(pb.stderr, /sidecar\.policy_file: .*policy\.yaml: policy bundle is not valid YAML\/JSON/)
   writeFileSync(join(dir, 'policy.yaml'), 'default: deny\nrules: []\n')
-  const pw = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'check-config', pointsAtBad], { encoding: 'utf8' })
+  const pw = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8' })
   t.equal(pw.status, 0, 'a directory missing on this machine is not held against the config')
   t.match(pw.stderr, /^warning: audit\.jsonl\.path: .*a\.jsonl: its directory .*no-such-dir does not exist \(the sidecar would not start on this machine\)$/m)
-  const started = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'sidecar', '--config', pointsAtBad], { encoding: 'utf8', timeout: 10_000 })
+  const started = spawnSync(process.execPath, [CLI, 'sidecar', '--config', pointsAtBad], { encoding: 'utf8', timeout: 10_000 })
   t.same([started.status, started.stderr.trim()], [1, `audit.jsonl.path ${join(dir, 'no-such-dir', 'a.jsonl')}: its directory ${join(dir, 'no-such-dir')} does not exist`], 'and the sidecar says the same in one line, not a stack trace')
   writeFileSync(pointsAtBad, `version: 1\nsidecar: { policy_file: ${join(dir, 'gone.yaml')} }\naudit: { jsonl: { path: ${dir} } }\n`)
-  const dirAsFile = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'check-config', pointsAtBad], { encoding: 'utf8' })
+  const dirAsFile = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8' })
   t.match(dirAsFile.stderr, /warning: sidecar\.policy_file: .*gone\.yaml: cannot read \(ENOENT\)/)
   t.match(dirAsFile.stderr, /warning: audit\.jsonl\.path: .* is a directory/)
   // A port in use is one line naming the setting, for every listener: no stack trace.
@@ -165,36 +166,36 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
     [`grpc: { host: 127.0.0.1, port: 0 }\n  http: { host: 127.0.0.1, port: ${takenPort} }`, `collector.http: cannot listen on 127.0.0.1:${takenPort}: the address is already in use`],
   ] as const) {
     writeFileSync(clash, `version: 1\ncollector:\n  ${where}\n  store: { kind: sqlite, path: ${join(dir, 'c.db')} }\n  sidecars: [{ id: s, token_sha256: "${'0'.repeat(64)}" }]\n`)
-    const r = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'collector', '--config', clash], { encoding: 'utf8', timeout: 20_000 })
+    const r = spawnSync(process.execPath, [CLI, 'collector', '--config', clash], { encoding: 'utf8', timeout: 20_000 })
     t.same([r.status, r.stderr.trim().split('\n').filter((l) => !l.startsWith('E '))], [1, [expected]], expected)
   }
   taken.close()
   // The shipped collector example is checked by the collector's own schema.
-  const collector = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'check-config', 'deploy/examples/collector.yaml'], { encoding: 'utf8' })
+  const collector = spawnSync(process.execPath, [CLI, 'check-config', 'deploy/examples/collector.yaml'], { encoding: 'utf8' })
   t.same([collector.status, collector.stdout.trim()], [0, 'deploy/examples/collector.yaml: valid collector config (version 1, 1 sidecars, sqlite store)'])
   const badCollector = join(dir, 'collector.yaml')
   writeFileSync(badCollector, 'version: 1\ncollector: { store: { kind: mongo } }\n')
-  const rc = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'check-config', badCollector], { encoding: 'utf8' })
+  const rc = spawnSync(process.execPath, [CLI, 'check-config', badCollector], { encoding: 'utf8' })
   t.equal(rc.status, 1)
   t.match(rc.stderr, /collector\.store/, 'a collector config is judged as one')
   // The broker's agent registry (deploy/examples/agents.yaml) is judged by its own schema, not as a sidecar config.
-  const registry = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'check-config', 'deploy/examples/agents.yaml'], { encoding: 'utf8' })
+  const registry = spawnSync(process.execPath, [CLI, 'check-config', 'deploy/examples/agents.yaml'], { encoding: 'utf8' })
   t.same([registry.status, registry.stdout.trim()], [0, 'deploy/examples/agents.yaml: valid agent registry (version 1, 1 agent types)'])
   const badRegistry = join(dir, 'agents.yaml')
   writeFileSync(badRegistry, 'version: 1\nagents:\n  demo: { env: dev, match: { local: true }, audiences: { "http://a": [x] }, max_lifetime_s: soon }\n')
-  const rr = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'check-config', badRegistry], { encoding: 'utf8' })
+  const rr = spawnSync(process.execPath, [CLI, 'check-config', badRegistry], { encoding: 'utf8' })
   t.same([rr.status, rr.stderr.trim()], [1, `${badRegistry}: invalid agent registry:\n  agents.demo.max_lifetime_s: must be integer`])
   // unrevoke has no --reason (the broker records none for it): refused, not silently dropped; revoke's is kept.
-  const unrevoke = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'unrevoke', 'agent:demo:dev:local', '--reason', 'done'], { encoding: 'utf8', env: { ...process.env, LATCHKEY_BROKER_URL: 'http://127.0.0.1:1' } })
+  const unrevoke = spawnSync(process.execPath, [CLI, 'unrevoke', 'agent:demo:dev:local', '--reason', 'done'], { encoding: 'utf8', env: { ...process.env, LATCHKEY_BROKER_URL: 'http://127.0.0.1:1' } })
   t.same([unrevoke.status, unrevoke.stderr.split('\n')[0]], [1, "error: unknown option '--reason'"])
-  t.match(spawnSync(process.execPath, ['dist/bin/latchkey.js', 'revoke', '--help'], { encoding: 'utf8' }).stdout, /--reason <text>/)
+  t.match(spawnSync(process.execPath, [CLI, 'revoke', '--help'], { encoding: 'utf8' }).stdout, /--reason <text>/)
   // A broker that is not there is named with why, not fetch's bare "fetch failed".
   const { createServer } = await import('node:net')
   const probe = createServer().listen(0, '127.0.0.1')
   await new Promise((ok) => probe.once('listening', ok))
   const freePort = (probe.address() as import('node:net').AddressInfo).port
   await new Promise((ok) => probe.close(ok))
-  const away = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'revoke', 'agent:demo:dev:local', '--broker', `http://127.0.0.1:${freePort}`], { encoding: 'utf8', env: { ...process.env, LATCHKEY_BROKER_ADMIN_TOKEN: 'not-a-real-token' } })
+  const away = spawnSync(process.execPath, [CLI, 'revoke', 'agent:demo:dev:local', '--broker', `http://127.0.0.1:${freePort}`], { encoding: 'utf8', env: { ...process.env, LATCHKEY_BROKER_ADMIN_TOKEN: 'not-a-real-token' } })
   t.same([away.status, away.stderr.trim()], [1, `revoke: cannot reach the broker at http://127.0.0.1:${freePort}: ECONNREFUSED`])
   // Something else answering 200 at --broker (another service, a proxy's page) is no success.
   const { createServer: createHttpServer } = await import('node:http')
@@ -204,7 +205,7 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   await new Promise((ok) => other.once('listening', ok))
   const at = `http://127.0.0.1:${(other.address() as import('node:net').AddressInfo).port}`
   for (const op of ['revoke', 'unrevoke']) {
-    const r = await promisify(execFile)(process.execPath, ['dist/bin/latchkey.js', op, 'agent:demo:dev:local', '--broker', at], { encoding: 'utf8', env: { ...process.env, LATCHKEY_BROKER_ADMIN_TOKEN: 'not-a-real-token' } }).then(
+    const r = await promisify(execFile)(process.execPath, [CLI, op, 'agent:demo:dev:local', '--broker', at], { encoding: 'utf8', env: { ...process.env, LATCHKEY_BROKER_ADMIN_TOKEN: 'not-a-real-token' } }).then(
       () => ({ code: 0, stderr: '' }),
       (e: { code: number; stderr: string }) => ({ code: e.code, stderr: e.stderr }),
     )
@@ -212,8 +213,8 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   }
   other.close()
   // `up` runs what README says npm start runs: broker + collector + sidecar + a demo upstream.
-  t.match(spawnSync(process.execPath, ['dist/bin/latchkey.js', 'up', '--help'], { encoding: 'utf8' }).stdout.replace(/\s+/g, ' '), /start the local system: broker, collector, a sidecar/)
-  const v = spawnSync(process.execPath, ['dist/bin/latchkey.js', '--version'], { encoding: 'utf8' })
+  t.match(spawnSync(process.execPath, [CLI, 'up', '--help'], { encoding: 'utf8' }).stdout.replace(/\s+/g, ' '), /start the local system: broker, collector, a sidecar/)
+  const v = spawnSync(process.execPath, [CLI, '--version'], { encoding: 'utf8' })
   t.same([v.status, v.stdout.trim()], [0, (JSON.parse(readFileSync('package.json', 'utf8')) as { version: string }).version])
 })
 
@@ -225,7 +226,7 @@ t.test('hostile YAML and overrides get a config error, never a stack trace or an
   const dir = mkdtempSync(join(tmpdir(), 'lk-cfg-'))
   const file = join(dir, 'bomb.yaml')
   writeFileSync(file, bomb)
-  const r = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'check-config', file], { encoding: 'utf8' })
+  const r = spawnSync(process.execPath, [CLI, 'check-config', file], { encoding: 'utf8' })
   t.equal(r.status, 1)
   t.match(r.stderr, new RegExp(`^${file.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}: invalid configuration:`))
   t.notMatch(r.stderr, /\n\s+at /, 'no stack trace')
@@ -238,7 +239,7 @@ t.test('a config file that is not UTF-8 is refused naming the line, not read wit
   const sidecar = join(dir, 'sidecar.yaml')
   writeFileSync(sidecar, latin1('version: 1\npolicy:\n  rules:\n    - { id: no-cafe, action: deny, hosts: ["api.example.com"], paths: ["/café/**"] }\n'))
   t.throws(() => loadConfigFile(sidecar), { code: 'LK_CONFIG_INVALID', problems: [{ path: 'line 4', message: 'not valid UTF-8 (save the file as UTF-8)' }] })
-  const r = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'check-config', sidecar], { encoding: 'utf8' })
+  const r = spawnSync(process.execPath, [CLI, 'check-config', sidecar], { encoding: 'utf8' })
   t.same([r.status, r.stderr.trim()], [1, `${sidecar}: invalid configuration:\n  line 4: not valid UTF-8 (save the file as UTF-8)`])
   const collector = join(dir, 'collector.yaml')
   writeFileSync(collector, latin1('version: 1\ncollector:\n  sidecars: [ { id: "sidecar-é", token_sha256: "' + 'a'.repeat(64) + '" } ]\n'))
@@ -260,7 +261,7 @@ t.test('start-up failures are one line naming the setting: a port in use, an unr
   const run = (yaml: string) => {
     const file = join(dir, `c${Math.random()}.yaml`)
     writeFileSync(file, yaml)
-    return spawnSync(process.execPath, ['dist/bin/latchkey.js', 'sidecar', '--config', file], { encoding: 'utf8', timeout: 10_000, env: { ...process.env, LATCHKEY_SECRET_S: 'x' } })
+    return spawnSync(process.execPath, [CLI, 'sidecar', '--config', file], { encoding: 'utf8', timeout: 10_000, env: { ...process.env, LATCHKEY_SECRET_S: 'x' } })
   }
   const inUse = run(`version: 1\nsidecar: { listen: { port: ${port} }, admin: { port: 0 } }\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
   t.equal(inUse.status, 1, 'exits, does not hang')
@@ -287,7 +288,7 @@ t.test('the longest client_headers_ms the schema allows starts a sidecar whose a
   const dir = mkdtempSync(join(tmpdir(), 'lk-cfg-'))
   // Above 30 s, node:http used to refuse the admin server's options: RangeError ERR_OUT_OF_RANGE and a stack trace.
   const file = writeYaml(join(dir, 'c.yaml'), { version: 1, sidecar: { listen: { port: 0 }, admin: { port: 0 }, timeouts: { client_headers_ms: 3_600_000 } }, audit: { jsonl: { path: join(dir, 'a.jsonl') } } })
-  t.match(execFileSync(process.execPath, ['dist/bin/latchkey.js', 'check-config', file], { encoding: 'utf8' }), /valid/)
+  t.match(execFileSync(process.execPath, [CLI, 'check-config', file], { encoding: 'utf8' }), /valid/)
   const child = await startChild(['sidecar', '--config', file], /sidecar listening/)
   t.teardown(() => child.kill('SIGTERM'))
   const adminPort = Number(/"adminPort":(\d+)/.exec(child.output())![1])

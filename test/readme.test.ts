@@ -7,6 +7,7 @@ import { mkdtempSync, readFileSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { once } from 'node:events'
+import { CLI } from './helpers/cli.js'
 
 const run = promisify(execFile)
 const readme = readFileSync('README.md', 'utf8')
@@ -20,7 +21,7 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
   const cwd = mkdtempSync(join(tmpdir(), 'lk-up-'))
   const env = { ...process.env }
   for (const k of ['HTTP_PROXY', 'http_proxy', 'HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'NO_PROXY']) delete env[k]
-  const child = spawn(process.execPath, [resolve('dist/bin/latchkey.js'), 'up'], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(process.execPath, [CLI, 'up'], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] })
   t.teardown(() => void child.kill('SIGKILL'))
   let out = ''
   await new Promise<void>((ok, fail) => {
@@ -106,7 +107,7 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
   t.equal(statSync(join(cwd, '.latchkey/broker-admin-token')).mode & 0o777, 0o600, 'from a token file only this user can read')
   // A second `up` beside it fails on the busy ports, and leaves the running one's token be.
   const tokenBefore = readFileSync(join(cwd, '.latchkey/broker-admin-token'), 'utf8')
-  const second = await run(process.execPath, [resolve('dist/bin/latchkey.js'), 'up'], { cwd, env }).then(() => 0, (err: { code?: number }) => err.code ?? -1)
+  const second = await run(process.execPath, [CLI, 'up'], { cwd, env }).then(() => 0, (err: { code?: number }) => err.code ?? -1)
   t.equal(second, 1, 'a second latchkey up in the same place exits 1')
   t.equal(readFileSync(join(cwd, '.latchkey/broker-admin-token'), 'utf8'), tokenBefore, "and the running system's admin token file is unchanged")
   await run('bash', ['-c', `${revoke!} --reason readme`], { env, cwd: resolve('.') })
@@ -132,7 +133,7 @@ t.test('README: every CLI line it shows runs from a fresh clone', async (t) => {
   const uses = [...shell.matchAll(/(^|[\s=(])(npx )?latchkey (\S+)/gm)]
   t.ok(uses.length >= 3, 'the README shows CLI commands')
   for (const m of uses) t.equal(m[2], 'npx ', `"${m[0].trim()}" runs from a clone`)
-  const help = (await run(process.execPath, ['dist/bin/latchkey.js', '--help'])).stdout
+  const help = (await run(process.execPath, [CLI, '--help'])).stdout
   for (const sub of new Set(uses.map((m) => m[3]!))) t.match(help, new RegExp(`^  ${sub} `, 'm'), `latchkey ${sub} exists`)
   // The check-config line, on the reference config the README points at.
   const check = /^npx latchkey check-config (\S+)/m.exec(shell)

@@ -1,6 +1,7 @@
 // Server addresses as errors and logs show them: userinfo removed in every spelling.
 import t from 'tap'
 import { withoutUserinfo } from '../lib/without-userinfo.js'
+import { CLI } from './helpers/cli.js'
 
 t.test('userinfo is removed, whatever else the address holds', async (t) => {
   const cases: [string, string][] = [
@@ -19,7 +20,7 @@ t.test('userinfo is removed, whatever else the address holds', async (t) => {
 
 t.test('latchkey audit --url with userinfo names the collector without it', async (t) => {
   const { spawnSync } = await import('node:child_process')
-  const r = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'audit', '--agent', 'agent:a:b:c', '--url', 'http://reader:PASSWORD-CANARY@127.0.0.1:1'], { encoding: 'utf8', timeout: 15_000 })
+  const r = spawnSync(process.execPath, [CLI, 'audit', '--agent', 'agent:a:b:c', '--url', 'http://reader:PASSWORD-CANARY@127.0.0.1:1'], { encoding: 'utf8', timeout: 15_000 })
   t.equal(r.status, 1)
   t.equal(r.stderr, 'collector at http://***@127.0.0.1:1 unreachable: ECONNREFUSED\n')
   t.notMatch(r.stdout + r.stderr, /PASSWORD-CANARY/)

@@ -14,10 +14,11 @@ import Database from 'better-sqlite3'
 import { SqliteAuditStore } from '../../collector/store/sqlite.js'
 import { PostgresAuditStore } from '../../collector/store/postgres.js'
 import { PG_URL, seqEvents, uniqueSchema } from './events.js'
+import { CLI } from '../helpers/cli.js'
 
 const run = promisify(execFile)
 const cli = (args: string[]) =>
-  run(process.execPath, ['dist/bin/latchkey.js', ...args], { encoding: 'utf8' }).then(
+  run(process.execPath, [CLI, ...args], { encoding: 'utf8' }).then(
     (r) => ({ code: 0, stdout: r.stdout, stderr: r.stderr }),
     (e: { code: number; stdout: string; stderr: string }) => ({ code: e.code, stdout: e.stdout, stderr: e.stderr }),
   )

@@ -2,6 +2,7 @@
 import { spawn, type ChildProcess } from 'node:child_process'
 import { writeFileSync } from 'node:fs'
 import { stringify } from 'yaml'
+import { CLI } from '../helpers/cli.js'
 
 export interface Child {
   proc: ChildProcess
@@ -11,7 +12,7 @@ export interface Child {
 
 /** Starts `latchkey <args>` and resolves once `ready` appears in its output. */
 export async function startChild(args: string[], ready: RegExp, env: NodeJS.ProcessEnv = {}, timeoutMs = 20_000): Promise<Child> {
-  const proc = spawn(process.execPath, ['dist/bin/latchkey.js', ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
+  const proc = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
   let out = ''
   proc.stdout!.on('data', (d: Buffer) => (out += d.toString()))
   proc.stderr!.on('data', (d: Buffer) => (out += d.toString()))

@@ -15,6 +15,7 @@ import { MAX_PAGE_EVENTS } from '../../collector/query.js'
 import { SqliteAuditStore } from '../../collector/store/sqlite.js'
 import { createLogger } from '../../lib/log.js'
 import type { AuditStore, EventQuery, StoredEvent, VerifyResult } from '../../collector/store/types.js'
+import { CLI } from '../helpers/cli.js'
 
 const run = promisify(execFile)
 const X = 'agent:load:prod:1'
@@ -67,11 +68,11 @@ t.test('a limit above the page maximum is capped and says so; paging with next g
   t.match(await get(url('&limit=100001')), { status: 400, body: { error: 'limit "100001" must be an integer from 1 to 100000' } })
 
   // The CLI pages until its --limit: over the API and straight from the store.
-  const cli = (args: string[]) => run(process.execPath, ['dist/bin/latchkey.js', 'audit', '--agent', X, '--since', '1h', '--json', ...args], { encoding: 'utf8', maxBuffer: 64 << 20 })
+  const cli = (args: string[]) => run(process.execPath, [CLI, 'audit', '--agent', X, '--since', '1h', '--json', ...args], { encoding: 'utf8', maxBuffer: 64 << 20 })
   const all = (await cli(['--limit', '100000', '--url', c.httpUrl!])).stdout.trim().split('\n')
   t.equal(all.length, 1500, 'the CLI fetches every page')
   t.equal(new Set(all.map((l) => JSON.parse(l) as { sidecar: string; position: number }).map((e) => `${e.sidecar}#${e.position}`)).size, 1500)
-  const some = await run(process.execPath, ['dist/bin/latchkey.js', 'audit', '--agent', X, '--since', '1h', '--limit', '1200', '--url', c.httpUrl!], { encoding: 'utf8', maxBuffer: 64 << 20 })
+  const some = await run(process.execPath, [CLI, 'audit', '--agent', X, '--since', '1h', '--limit', '1200', '--url', c.httpUrl!], { encoding: 'utf8', maxBuffer: 64 << 20 })
   t.equal(some.stdout.trim().split('\n').length, 1200, 'and stops at its limit')
   t.match(some.stderr, /1200 call\(s\) by .*\nmore calls match: these are the oldest 1200/)
   const cfg = join(c.dir, 'direct.yaml')

@@ -6,6 +6,7 @@ import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { makeEvent } from './events.js'
 import { sidecarIdentity, startTestCollector } from './collector-helpers.js'
+import { CLI } from '../helpers/cli.js'
 
 const run = promisify(execFile)
 const X = 'agent:x:prod:1'
@@ -27,7 +28,7 @@ async function collectorWithCalls(t: { teardown(fn: () => unknown): void }, path
 
 /** `latchkey audit …` run by an operator in time zone `tz`. */
 const auditIn = (tz: string, args: string[]) =>
-  run(process.execPath, ['dist/bin/latchkey.js', 'audit', ...args], { encoding: 'utf8', env: { ...process.env, TZ: tz } })
+  run(process.execPath, [CLI, 'audit', ...args], { encoding: 'utf8', env: { ...process.env, TZ: tz } })
 // The operator is at UTC+14 (the collector, in this process, is not): "today" starts at 10:00 UTC the day before.
 const KIRITIMATI = 'Etc/GMT-14'
 /** The path of each call `audit` printed, in order. */

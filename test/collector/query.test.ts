@@ -13,10 +13,11 @@ import { createQueryServer } from '../../collector/http.js'
 import { createLogger } from '../../lib/log.js'
 import { boundAnswer } from '../../collector/query.js'
 import type { AddressInfo } from 'node:net'
+import { CLI } from '../helpers/cli.js'
 
 const run = promisify(execFile)
 const cli = (args: string[]) =>
-  run(process.execPath, ['dist/bin/latchkey.js', ...args], { encoding: 'utf8' }).then(
+  run(process.execPath, [CLI, ...args], { encoding: 'utf8' }).then(
     (r) => ({ code: 0, stdout: r.stdout, stderr: r.stderr }),
     (e: { code: number; stdout: string; stderr: string }) => ({ code: e.code, stdout: e.stdout, stderr: e.stderr }),
   )
@@ -177,7 +178,7 @@ t.test('with reader tokens, the query API and the CLI need one', async (t) => {
   t.equal((await request(`${c.httpUrl}/healthz`)).statusCode, 200, 'health stays open')
   const denied = await cli(['audit', '--agent', X, '--url', c.httpUrl!])
   t.same([denied.code, denied.stderr.trim()], [1, `collector at ${c.httpUrl}: requires a reader token: set LATCHKEY_COLLECTOR_READER_TOKEN`])
-  const allowed = await run(process.execPath, ['dist/bin/latchkey.js', 'audit', '--agent', X, '--json', '--url', c.httpUrl!], {
+  const allowed = await run(process.execPath, [CLI, 'audit', '--agent', X, '--json', '--url', c.httpUrl!], {
     encoding: 'utf8',
     env: { ...process.env, LATCHKEY_COLLECTOR_READER_TOKEN: reader },
   })

@@ -10,6 +10,7 @@ import { request } from 'undici'
 import { PostgresAuditStore } from '../../collector/store/postgres.js'
 import { PG_URL, uniqueSchema } from './events.js'
 import { sha256hex, sidecarIdentity, startTestCollector } from './collector-helpers.js'
+import { CLI } from '../helpers/cli.js'
 
 const get = async (url: string) => {
   const r = await request(url)
@@ -71,7 +72,7 @@ t.test('an audit table it could not append to: the collector does not start (it 
   }
   const file = join(mkdtempSync(join(tmpdir(), 'lk-collector-cli-')), 'collector.yaml')
   writeFileSync(file, stringify({ version: 1, collector: { grpc: { host: '127.0.0.1', port: 0 }, store: { kind: 'postgres', url: PG_URL, schema }, sidecars: [{ id: 's1', token_sha256: sha256hex('t') }] } }))
-  const r = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'collector', '-c', file], { encoding: 'utf8', timeout: 20_000 })
+  const r = spawnSync(process.execPath, [CLI, 'collector', '-c', file], { encoding: 'utf8', timeout: 20_000 })
   t.equal(r.status, 1, '`latchkey collector` exits 1')
   t.equal(r.stderr, `${message}\n`, 'with that one line')
 })

@@ -6,9 +6,10 @@ import { spawn, execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
-import { join, resolve } from 'node:path'
+import { join } from 'node:path'
 import { parse, stringify } from 'yaml'
 import { freePort } from '../helpers/broker.js'
+import { CLI } from '../helpers/cli.js'
 
 const run = promisify(execFile)
 
@@ -27,7 +28,7 @@ t.test('latchkey up: `latchkey revoke agent:demo:dev:local` stops the demo agent
   const adminToken = 'admin-' + Math.random().toString(36).slice(2)
   const env: NodeJS.ProcessEnv = { ...process.env, LATCHKEY_BROKER_ADMIN_TOKEN: adminToken }
   for (const k of ['HTTP_PROXY', 'http_proxy', 'HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'NO_PROXY']) delete env[k]
-  const child = spawn(process.execPath, [resolve('dist/bin/latchkey.js'), 'up', '-c', join(cwd, 'up.yaml')], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(process.execPath, [CLI, 'up', '-c', join(cwd, 'up.yaml')], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] })
   t.teardown(() => void child.kill('SIGKILL'))
   let out = ''
   let err = ''
@@ -46,7 +47,7 @@ t.test('latchkey up: `latchkey revoke agent:demo:dev:local` stops the demo agent
   // The banner's hints name the moved ports (the CLI's defaults are the example's): as printed, they reach this system.
   t.match(out, new RegExp(`revoke the agent\\s+npx latchkey revoke agent:demo:dev:local --broker http://127\\.0\\.0\\.1:${broker}$`, 'm'), 'the revoke hint names the broker')
   t.match(out, new RegExp(`audit trail\\s+npx latchkey audit --agent agent:demo:dev:local --url http://127\\.0\\.0\\.1:${ingest + 1}$`, 'm'), 'the audit hint names the query API')
-  const revoked = await run(process.execPath, [resolve('dist/bin/latchkey.js'), 'revoke', 'agent:demo:dev:local', '--broker', `http://127.0.0.1:${broker}`, '--reason', 'demo'], { env })
+  const revoked = await run(process.execPath, [CLI, 'revoke', 'agent:demo:dev:local', '--broker', `http://127.0.0.1:${broker}`, '--reason', 'demo'], { env })
   t.match(revoked.stdout + revoked.stderr, /revoked|201/i)
   let body: Record<string, unknown> = {}
   for (let i = 0; i < 100; i++) {
@@ -61,7 +62,7 @@ t.test('latchkey up: `latchkey revoke agent:demo:dev:local` stops the demo agent
   t.match(out, new RegExp(`collector\\s+${queryUrl}`), 'the printed query URL follows the configured address')
   let trail = ''
   for (let i = 0; i < 100 && !/LK_REVOKED/.test(trail); i++) {
-    trail = (await run(process.execPath, [resolve('dist/bin/latchkey.js'), 'audit', '--agent', 'agent:demo:dev:local', '--url', queryUrl], { env })).stdout
+    trail = (await run(process.execPath, [CLI, 'audit', '--agent', 'agent:demo:dev:local', '--url', queryUrl], { env })).stdout
     if (!/LK_REVOKED/.test(trail)) await new Promise((r) => setTimeout(r, 50))
   }
   t.match(trail, /\/hello/, 'the allowed call is in the trail')

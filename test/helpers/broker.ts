@@ -17,6 +17,7 @@ import { GRANT_TYPE } from '../../broker/exchange.js'
 import { TOKEN_TYPES } from '../../broker/attest/attestor.js'
 import { TestIssuer } from './issuer.js'
 import { freePort } from './free-port.js'
+import { CLI } from './cli.js'
 export { freePort }
 
 export const API = 'https://api.example.com'
@@ -69,7 +70,7 @@ export async function brokerCliStart(registry: string, store?: Record<string, un
       },
     }),
   )
-  const r = spawnSync(process.execPath, ['dist/bin/latchkey.js', 'broker', '-c', config], { encoding: 'utf8', timeout: 15_000 })
+  const r = spawnSync(process.execPath, [CLI, 'broker', '-c', config], { encoding: 'utf8', timeout: 15_000 })
   return { status: r.status, stderr: r.stderr, registryFile }
 }
 

@@ -7,6 +7,7 @@ import { join } from 'node:path'
 import { once } from 'node:events'
 import { request } from 'undici'
 import { startUpstream, rawRequest, CANARY } from '../helpers/harness.js'
+import { CLI } from '../helpers/cli.js'
 
 interface Proc {
   child: ChildProcess
@@ -30,7 +31,7 @@ credentials: [ { id: up, audience: "http://127.0.0.1:${upstreamPort}", source: s
 audit: { jsonl: { path: ${auditPath} } }
 `,
   )
-  const child = spawn(process.execPath, [...nodeArgs, 'dist/bin/latchkey.js', 'sidecar', '--config', configPath], {
+  const child = spawn(process.execPath, [...nodeArgs, CLI, 'sidecar', '--config', configPath], {
     env: { ...process.env, LATCHKEY_SECRET_TOKEN: CANARY },
     stdio: ['ignore', 'pipe', 'pipe'],
   })
@@ -153,7 +154,7 @@ t.test('a binding whose secret is missing stops start-up with the reason', async
   const dir = mkdtempSync(join(tmpdir(), 'lk-life-'))
   const configPath = join(dir, 'c.yaml')
   writeFileSync(configPath, `version: 1\ncredentials: [ { id: gh, audience: "https://api.github.com", source: static, secret: NOPE, inject: { type: bearer } } ]\n`)
-  const child = spawn(process.execPath, ['dist/bin/latchkey.js', 'sidecar', '--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(process.execPath, [CLI, 'sidecar', '--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] })
   let stderr = ''
   child.stderr!.on('data', (c: Buffer) => (stderr += c.toString()))
   const [code] = (await once(child, 'exit')) as [number]
@@ -166,7 +167,7 @@ t.test('a secret pasted where its name belongs is not repeated in the start-up e
   const configPath = join(dir, 'c.yaml')
   const pasted = 'ghp_Pasted-Token-CANARY.7f3a9c0b1d2e'
   writeFileSync(configPath, `version: 1\ncredentials: [ { id: gh, audience: "https://api.github.com", source: static, secret: "${pasted}", inject: { type: bearer } } ]\n`)
-  const child = spawn(process.execPath, ['dist/bin/latchkey.js', 'sidecar', '--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(process.execPath, [CLI, 'sidecar', '--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] })
   let output = ''
   child.stdout!.on('data', (c: Buffer) => (output += c.toString()))
   child.stderr!.on('data', (c: Buffer) => (output += c.toString()))
@@ -183,7 +184,7 @@ t.test('a secret a header cannot carry stops start-up, naming the credential, no
     configPath,
     `version: 1\nsidecar: { listen: { port: 0 }, admin: { port: 0 } }\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\ncredentials:\n  - { id: euro, audience: "https://api.example.com", source: static, secret: EURO, inject: { type: bearer } }\n  - { id: basic-ok, audience: "https://b.example.com", source: static, secret: EURO, inject: { type: basic, username: u } }\n`,
   )
-  const child = spawn(process.execPath, ['dist/bin/latchkey.js', 'sidecar', '--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LATCHKEY_SECRET_EURO: 'price-9€-tag' } })
+  const child = spawn(process.execPath, [CLI, 'sidecar', '--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LATCHKEY_SECRET_EURO: 'price-9€-tag' } })
   let stderr = ''
   child.stderr!.on('data', (c: Buffer) => (stderr += c.toString()))
   const [code] = (await once(child, 'exit')) as [number]

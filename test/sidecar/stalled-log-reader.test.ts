@@ -11,6 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { ProxyAgent, request } from 'undici'
 import { startUpstream } from '../helpers/harness.js'
 import { freePort } from '../helpers/broker.js'
+import { CLI } from '../helpers/cli.js'
 
 t.test('a sidecar whose stdout nobody reads serves on, and exits on SIGTERM', async (t) => {
   const upstream = await startUpstream()
@@ -29,7 +30,7 @@ log: { level: info }
 `,
   )
   // stdout piped and never read: the pipe (64 KiB) fills with the first hundred or so call lines.
-  const child = spawn(process.execPath, ['dist/bin/latchkey.js', 'sidecar', '-c', config], { stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(process.execPath, [CLI, 'sidecar', '-c', config], { stdio: ['ignore', 'pipe', 'pipe'] })
   child.stdout!.pause()
   t.teardown(() => {
     child.kill('SIGKILL')

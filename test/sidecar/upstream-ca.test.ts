@@ -13,9 +13,10 @@ import { testPki } from '../helpers/tls.js'
 import type { WorkloadEvidence } from '../../proxy/attest/evidence.js'
 import { TOKEN_TYPES } from '../../lib/oauth.js'
 import { AGENT } from '../helpers/tokens.js'
+import { CLI } from '../helpers/cli.js'
 
 const latchkey = (args: string[], env: NodeJS.ProcessEnv = {}) =>
-  spawnSync(process.execPath, ['dist/bin/latchkey.js', ...args], { encoding: 'utf8', timeout: 20_000, env: { ...process.env, ...env } })
+  spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 20_000, env: { ...process.env, ...env } })
 
 t.test('a CA file that is missing, not PEM, or a key: check-config names it, the sidecar refuses to start in one line', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'lk-ca-'))

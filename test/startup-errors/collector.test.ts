@@ -7,6 +7,7 @@ import { join } from 'node:path'
 import { writeYaml } from '../collector/process-helpers.js'
 import { parseConfig, ConfigError } from '../../lib/config/load.js'
 import { dir, latchkey, refuses, checkRefuses, checkWarns, re } from './helpers.js'
+import { CLI } from '../helpers/cli.js'
 
 t.test('collector: TLS files, a store that is not a database, a directory that is not there, a PostgreSQL URL that does not parse', async (t) => {
   const collector = (name: string, grpc: Record<string, unknown>, store: Record<string, unknown>) =>
@@ -49,11 +50,11 @@ t.test('check-config reads its file once: a pipe, /dev/stdin and <(…) work', a
     ['deploy/examples/collector.yaml', /^\/dev\/stdin: valid collector config/],
     ['deploy/examples/agents.yaml', /^\/dev\/stdin: valid agent registry/],
   ] as const) {
-    const r = spawnSync('bash', ['-c', `cat ${file} | ${process.execPath} dist/bin/latchkey.js check-config /dev/stdin`], { encoding: 'utf8', timeout: 20_000 })
+    const r = spawnSync('bash', ['-c', `cat ${file} | ${process.execPath} ${CLI} check-config /dev/stdin`], { encoding: 'utf8', timeout: 20_000 })
     t.equal(r.status, 0, `${file} through a pipe: ${r.stderr}`)
     t.match(r.stdout, what)
   }
-  const sub = spawnSync('bash', ['-c', `${process.execPath} dist/bin/latchkey.js check-config <(cat deploy/examples/collector.yaml)`], { encoding: 'utf8', timeout: 20_000 })
+  const sub = spawnSync('bash', ['-c', `${process.execPath} ${CLI} check-config <(cat deploy/examples/collector.yaml)`], { encoding: 'utf8', timeout: 20_000 })
   t.equal(sub.status, 0, `process substitution: ${sub.stderr}`)
   t.match(sub.stdout, /^\/dev\/fd\/\d+: valid collector config/)
 })

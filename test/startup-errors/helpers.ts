@@ -10,11 +10,12 @@ import { spawnSync } from 'node:child_process'
 import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { CLI } from '../helpers/cli.js'
 
 export const dir = mkdtempSync(join(tmpdir(), 'lk-startup-'))
 export const latchkey = (args: string[], env: NodeJS.ProcessEnv = {}) =>
   // SIGKILL at the timeout: a process that started (when it should not have) may not stop on SIGTERM.
-  spawnSync(process.execPath, ['dist/bin/latchkey.js', ...args], { encoding: 'utf8', timeout: 20_000, killSignal: 'SIGKILL', env: { ...process.env, ...env } })
+  spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 20_000, killSignal: 'SIGKILL', env: { ...process.env, ...env } })
 /** What a person reads: the process's own JSON log lines left out. */
 export const said = (stderr: string) =>
   stderr

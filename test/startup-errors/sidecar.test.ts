@@ -5,6 +5,7 @@ import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { writeYaml } from '../collector/process-helpers.js'
 import { dir, latchkey, said, refuses, checkRefuses, checkWarns, re } from './helpers.js'
+import { CLI } from '../helpers/cli.js'
 
 t.test('sidecar: ports, secrets.file, the state file and the spool, as check-config says', async (t) => {
   const base = (name: string, extra: Record<string, unknown> = {}, sidecar: Record<string, unknown> = {}) =>
@@ -72,7 +73,7 @@ t.test('sidecar: ports, secrets.file, the state file and the spool, as check-con
 
 t.test('a sync that fails at shutdown is one line naming audit.jsonl.path', async (t) => {
   const config = writeYaml(join(dir, 's-dev-full.yaml'), { version: 1, sidecar: { listen: { port: 19721 }, admin: { port: 19722 } }, audit: { jsonl: { path: '/dev/full' } } })
-  const proc = spawn(process.execPath, ['dist/bin/latchkey.js', 'sidecar', '-c', config], { stdio: ['ignore', 'pipe', 'pipe'] })
+  const proc = spawn(process.execPath, [CLI, 'sidecar', '-c', config], { stdio: ['ignore', 'pipe', 'pipe'] })
   t.teardown(() => void (proc.exitCode === null && proc.signalCode === null && proc.kill('SIGKILL')))
   let out = ''
   proc.stdout.on('data', (d: Buffer) => (out += d.toString()))

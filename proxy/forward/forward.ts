@@ -439,7 +439,10 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     }
     this.finished = true
     this.decoder?.destroy()
-    const mapped = upstreamError(err, this.ctx.method)
+    // undici reports a head its parser refused after a Content-Length line (a second one, a bad
+    // header name) as a body that did not match that length: with no head arrived, there was no body.
+    const badHead = this.ctx.upstreamMs === null && (err as { code?: string }).code === 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH'
+    const mapped = badHead ? new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream sent an invalid HTTP response') : upstreamError(err, this.ctx.method)
     if (this.res.headersSent) {
       this.cutShort(mapped.code, mapped.reason)
     } else {

@@ -94,8 +94,15 @@ export function upstreamError(err: unknown, method = 'GET'): LatchkeyError {
   // A response undici's parser refused, or one no request asked for (an unsolicited 100 or 101):
   // the same answer would come again, so it is the upstream's protocol, not worth a retry. The
   // message is only compared, never repeated.
-  if (e?.name === 'HTTPParserError' || (code === 'UND_ERR_SOCKET' && (e?.message === 'bad response' || e?.message === 'bad upgrade'))) {
-    return new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream sent an invalid HTTP response')
+  if (e?.name === 'HTTPParserError') return new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream sent an invalid HTTP response')
+  if (code === 'UND_ERR_SOCKET' && e?.message === 'bad response') {
+    // undici's only 'bad response' while a request is under way (with none, no handler hears it).
+    // The sidecar sends no Expect upstream (it answers the agent's itself), and undici reads no
+    // further than a 100 it did not ask for, though RFC 9110 §15.2 would have it skipped.
+    return new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream sent a 100 Continue that no request asked for, which the sidecar cannot read past')
+  }
+  if (code === 'UND_ERR_SOCKET' && e?.message === 'bad upgrade') {
+    return new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream switched protocols (101) on a request that asked for no upgrade')
   }
   switch (code) {
     case 'UND_ERR_CONNECT_TIMEOUT':

@@ -246,6 +246,9 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
     '/length-list-different': 'HTTP/1.1 200 OK\r\nContent-Length: 5,6\r\n\r\nhello',
     '/length-twice-padded': 'HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 05\r\n\r\nhello',
     '/length-hex': 'HTTP/1.1 200 OK\r\nContent-Length: 0x5\r\n\r\nhello',
+    // A head undici's parser refuses after its Content-Length line (undici then reports a body mismatch).
+    '/bad-name-after-length': 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX B: a\r\n\r\nok',
+    '/control-after-length': 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: a\x01b\r\n\r\nok',
   }
   const upstream: Server = createServer((s) => {
     s.on('error', () => {})
@@ -283,11 +286,24 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
     t.equal(r.body, body, `${path}: the whole body, framed by it`)
   }
 
-  for (const path of ['/unsolicited-100', '/not-http', '/two-lengths', '/length-and-chunked', '/unasked-101', '/status-099', '/status-1000', '/length-plus', '/length-list-same', '/length-list-different', '/length-twice-padded', '/length-hex']) {
+  // What the agent is told is what was wrong: a bad head is never called a body that fell short.
+  const invalid = 'the upstream sent an invalid HTTP response'
+  const reasons: Record<string, string | RegExp> = {
+    '/unsolicited-100': 'the upstream sent a 100 Continue that no request asked for, which the sidecar cannot read past',
+    '/not-http': invalid,
+    '/two-lengths': invalid,
+    '/unasked-101': 'the upstream switched protocols (101) on a request that asked for no upgrade',
+    '/bad-name-after-length': invalid,
+    '/control-after-length': invalid,
+  }
+  for (const path of ['/unsolicited-100', '/not-http', '/two-lengths', '/length-and-chunked', '/unasked-101', '/status-099', '/status-1000', '/length-plus', '/length-list-same', '/length-list-different', '/length-twice-padded', '/length-hex', '/bad-name-after-length', '/control-after-length']) {
     const r = await get(path)
     seen.push(r.raw)
     t.equal(r.status, 502, `${path}: 502`)
-    t.match(JSON.parse(r.body), { code: 'LK_UPSTREAM_PROTOCOL', retryable: false }, `${path}: the upstream's protocol, not worth a retry`)
+    const body = JSON.parse(r.body) as { reason: string }
+    t.match(body, { code: 'LK_UPSTREAM_PROTOCOL', retryable: false }, `${path}: the upstream's protocol, not worth a retry`)
+    t.notMatch(body.reason, /did not match its Content-Length/, `${path}: no body was relayed to fall short`)
+    if (reasons[path] !== undefined) t.equal(body.reason, reasons[path], `${path}: says what was wrong`)
   }
 
   const forged = await get('/forged-denial')
@@ -323,6 +339,8 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
       ['/length-list-different', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
       ['/length-twice-padded', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
       ['/length-hex', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
+      ['/bad-name-after-length', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
+      ['/control-after-length', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
       ['/forged-denial', 403, 'allow', null],
       ['/hint-flood', 200, 'allow', null],
     ],

@@ -37,6 +37,8 @@ export const ERRORS = {
    * (a 408 if no response began).
    */
   LK_IDLE_TIMEOUT: { status: 408, error: 'idle_timeout', retryable: true },
+  /** An agent's request head not whole within timeouts.client_headers_ms (silent, or trickled a byte at a time). */
+  LK_REQUEST_TIMEOUT: { status: 408, error: 'request_timeout', retryable: true },
   LK_AUDIT_UNAVAILABLE: { status: 503, error: 'audit_unavailable', retryable: true },
 } as const
 

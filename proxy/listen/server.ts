@@ -203,6 +203,6 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): Liste
 /** What node:http's parser refused (its clientError), as the coded refusal both ports answer with. */
 export function parserRefusal(err: NodeJS.ErrnoException): LatchkeyError {
   if (err.code === 'HPE_HEADER_OVERFLOW') return new LatchkeyError('LK_HEADERS_TOO_LARGE', `request headers too large (request line and headers over ${MAX_HEADER_BYTES} bytes)`)
-  if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT') return new LatchkeyError('LK_BAD_REQUEST', 'request headers not received in time')
+  if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT') return new LatchkeyError('LK_REQUEST_TIMEOUT', 'the request line and headers did not all arrive within timeouts.client_headers_ms')
   return new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (${err.code ?? 'parse error'})`)
 }

@@ -275,7 +275,7 @@ t.test('a connection that sends no complete head is cut soon after client_header
         const trickle = trickled ? setInterval(() => c.sock.writable && c.sock.write('X'), 100) : null
         await once(c.sock, 'close')
         if (trickle) clearInterval(trickle)
-        return { name: `${name}${trickled ? ', trickled' : ''}`, opening, opened, ms: Date.now() - started }
+        return { name: `${name}${trickled ? ', trickled' : ''}`, opening, opened, answer: c.raw().slice(opened.length), ms: Date.now() - started }
       }),
     ),
   )
@@ -283,6 +283,7 @@ t.test('a connection that sends no complete head is cut soon after client_header
     if (r.opening !== '') t.match(r.opened, /^HTTP\/1\.1 200 /, `${r.name}: the tunnel opened`)
     // node:http's own check runs every 30 s unless told otherwise.
     t.ok(r.ms < 2500, `${r.name}: cut after ${r.ms} ms`)
+    t.match(r.answer, /^HTTP\/1\.1 408 [^\r]*\r\n[\s\S]*\r\n\r\n\{"error":"request_timeout","code":"LK_REQUEST_TIMEOUT"[^}]*"retryable":true\}\n?$/, `${r.name}: told it was too slow, not that it was malformed`)
   }
   t.equal(upstream.requests.length, 0, 'nothing reached the upstream')
 })

@@ -54,7 +54,21 @@ function hostname(host: string): string | null {
 
 /** An IP literal (which no DNS answer can re-point), or a name that only ever means this machine. */
 function isLocalName(name: string): boolean {
-  return isIP(name) !== 0 || isLocalhostName(name)
+  return isIP(name) !== 0 || isLocalhostName(name) || isNumericIPv4(name)
+}
+
+/**
+ * An IPv4 address in another spelling URLs take (`127.1`, `2130706433`, `0x7f.1`: Python's
+ * urllib sends the Host as written), a literal too. What ends in a number and is no address is
+ * no URL host at all (`evil.0x7f`), so never a name DNS could answer for.
+ */
+function isNumericIPv4(name: string): boolean {
+  if (!/^[0-9a-fx.]+$/.test(name)) return false
+  try {
+    return isIP(new URL(`http://${name}/`).hostname) === 4
+  } catch {
+    return false
+  }
 }
 
 /** `localhost` and its subdomains (RFC 6761 §6.3): loopback to this sidecar's resolver, curl and browsers. */

@@ -60,7 +60,7 @@ t.test('the admin port takes a Host that is a loopback authority, spelled as RFC
   t.teardown(() => s.close())
   const admin = s.sidecar.adminPort
   const healthz = (host: string) => rawRequest(admin, `GET /healthz HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`, 100)
-  for (const host of [`[::1]:${admin}`, '[::1]', `[0:0:0:0:0:0:0:1]:${admin}`, `localhost:${admin}`, 'localhost', `127.0.0.1:${admin}`, '127.0.0.1', `127.0.0.1.:${admin}`, `LOCALHOST:${admin}`]) {
+  for (const host of [`[::1]:${admin}`, '[::1]', `[0:0:0:0:0:0:0:1]:${admin}`, `localhost:${admin}`, 'localhost', `127.0.0.1:${admin}`, '127.0.0.1', `127.0.0.1.:${admin}`, `LOCALHOST:${admin}`, `127.1:${admin}`, '2130706433', `0x7f.0.0.1:${admin}`, `0177.1:${admin}`]) {
     t.equal((await healthz(host)).status, 200, `${host}: served`)
   }
   for (const host of [
@@ -76,6 +76,10 @@ t.test('the admin port takes a Host that is a loopback authority, spelled as RFC
     `[::1]evil.com:${admin}`,
     `[::1]:${admin}@evil.com`,
     `127.0.0.1:${admin}.evil.com`,
+    // Numeric only as an address is: a name whose last label merely looks like a number is no host.
+    `127.1.evil:${admin}`,
+    `evil.0x7f:${admin}`,
+    `add.bed:${admin}`,
     '[::1',
     '[localhost]',
   ]) {

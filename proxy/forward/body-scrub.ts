@@ -258,6 +258,19 @@ function scanIndexed(data: Buffer, ix: NeedleIndex): number[] | null {
   }
 }
 
+/** How many separate runs [start, end, start, end…] ranges make: overlapping matches are one echo, as the indexed scan counts them. */
+function countRuns(ranges: number[]): number {
+  if (ranges.length === 2) return 1
+  const order = Array.from({ length: ranges.length / 2 }, (_, i) => i).sort((a, b) => ranges[2 * a]! - ranges[2 * b]!)
+  let runs = 0
+  let to = -1
+  for (const i of order) {
+    if (ranges[2 * i]! >= to) runs++
+    to = Math.max(to, ranges[2 * i + 1]!)
+  }
+  return runs
+}
+
 /** The most of a held tail let go by release(): the first bytes of a needle, never enough of a secret to matter. */
 export const RELEASE_MAX = 4
 
@@ -297,17 +310,20 @@ export class BodyScrubber {
         }
       }
     } else if (data.length >= n.shortest) {
+      // Every needle is looked for in the bytes as they came, then all are overwritten: one
+      // overwritten first would hide a longer one overlapping it (a Basic header's base64 past the
+      // secret's base64 core: its last group, `…ZQ==`, went out and gave the last character away).
+      let matches: number[] | null = null
       for (const needle of n.needles) {
-        let i = data.indexOf(needle)
-        while (i !== -1) {
-          if (!own) {
-            data = Buffer.from(data)
-            own = true
-          }
-          data.fill(n.mask, i, i + needle.length)
-          this.found++
-          i = data.indexOf(needle, i + needle.length)
+        for (let i = data.indexOf(needle); i !== -1; i = data.indexOf(needle, i + needle.length)) (matches ??= []).push(i, i + needle.length)
+      }
+      if (matches !== null) {
+        if (!own) {
+          data = Buffer.from(data)
+          own = true
         }
+        for (let m = 0; m < matches.length; m += 2) data.fill(n.mask, matches[m]!, matches[m + 1]!)
+        this.found += countRuns(matches)
       }
     }
     const from = this.mayBeginNeedle(data)

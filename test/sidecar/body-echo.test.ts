@@ -6,7 +6,8 @@ import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { brotliCompressSync, deflateSync, gzipSync } from 'node:zlib'
 import { fetch, ProxyAgent } from 'undici'
-import { BodyScrubber, RELEASE_MAX, compileNeedles } from '../../proxy/forward/body-scrub.js'
+import { BodyScrubber, RELEASE_MAX, bodyNeedlesFor, compileNeedles } from '../../proxy/forward/body-scrub.js'
+import { compileBinding } from '../../proxy/credentials/bindings.js'
 import { startUpstream, startTestSidecar, startBearerRig, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
 
 const run = promisify(execFile)
@@ -39,6 +40,24 @@ t.test('the scrubber: a match anywhere, cut anywhere across chunks, is overwritt
   }
   t.same(wrong, [], `${checked} ways of cutting the body, each overwritten both matches and nothing else`)
   t.ok(checked > 200)
+})
+
+t.test("a Basic header's base64 echoed in a body is overwritten whole, its last group too", async (t) => {
+  // `svc:CANARY-9d41e` is 16 bytes: its base64 ends in a group of one byte, `ZQ==`, that the
+  // secret's own base64 core leaves out. Overwriting the core first hid the whole header's match.
+  for (const secret of ['CANARY-9d41e', 'CANARY-9d41ef', 'CANARY-9d41efg']) {
+    const binding = compileBinding({ id: 'b', audience: 'http://127.0.0.1:1', source: 'static', secret: 'B', inject: { type: 'basic', username: 'svc' } })
+    const credential = { value: secret, id: 'static:B', expiresAt: null, scopes: [] }
+    const header = Buffer.from(`svc:${secret}`).toString('base64')
+    for (const body of [`{"auth":"${header}"}`, `Basic ${header}`, header]) {
+      const s = new BodyScrubber(bodyNeedlesFor(binding, credential))
+      const out = Buffer.concat([s.push(Buffer.from(body)) ?? Buffer.alloc(0), s.end() ?? Buffer.alloc(0)]).toString()
+      const at = body.indexOf(header)
+      t.equal(out.slice(at, at + header.length), out[at]!.repeat(header.length), `${secret}, ${JSON.stringify(body)}: every byte of the header's base64 overwritten`)
+      t.equal(out.slice(0, at) + out.slice(at + header.length), body.slice(0, at) + body.slice(at + header.length), 'and nothing else')
+      t.equal(s.found, 1, 'counted once')
+    }
+  }
 })
 
 t.test('the scrubber holds back only what could begin a match, and never writes into the chunk it was given', async (t) => {

@@ -258,17 +258,19 @@ function scanIndexed(data: Buffer, ix: NeedleIndex): number[] | null {
   }
 }
 
-/** How many separate runs [start, end, start, end…] ranges make: overlapping matches are one echo, as the indexed scan counts them. */
-function countRuns(ranges: number[]): number {
-  if (ranges.length === 2) return 1
-  const order = Array.from({ length: ranges.length / 2 }, (_, i) => i).sort((a, b) => ranges[2 * a]! - ranges[2 * b]!)
-  let runs = 0
-  let to = -1
-  for (const i of order) {
-    if (ranges[2 * i]! >= to) runs++
-    to = Math.max(to, ranges[2 * i + 1]!)
+/**
+ * Every needle's place in `data`, as scanIndexed gives them ([start, end…] by end), or null: a
+ * native indexOf per needle, for a set of a few.
+ */
+function scanEach(data: Buffer, needles: readonly Buffer[]): number[] | null {
+  let matches: number[] | null = null
+  for (const needle of needles) {
+    for (let i = data.indexOf(needle); i !== -1; i = data.indexOf(needle, i + needle.length)) (matches ??= []).push(i, i + needle.length)
   }
-  return runs
+  if (matches === null || matches.length === 2) return matches
+  const pairs: [number, number][] = []
+  for (let m = 0; m < matches.length; m += 2) pairs.push([matches[m]!, matches[m + 1]!])
+  return pairs.sort((a, b) => a[1] - b[1] || a[0] - b[0]).flat()
 }
 
 /** The most of a held tail let go by release(): the first bytes of a needle, never enough of a secret to matter. */
@@ -288,18 +290,17 @@ export class BodyScrubber {
   push(chunk: Buffer): Buffer | null {
     const sent = this.released === null ? 0 : this.released.length
     let data = this.held === null && sent === 0 ? chunk : Buffer.concat(this.pending(chunk))
-    // undici's chunk may be a view of its read buffer: it is copied before anything is written in it.
-    let own = data !== chunk
     this.held = null
     const n = this.n
-    if (data.length >= n.shortest && n.index !== null) {
-      const matches = scanIndexed(data, n.index)
+    if (data.length >= n.shortest) {
+      // Every match is found in the bytes as they came, then all are overwritten: one overwritten
+      // first would hide a longer one overlapping it (a Basic header's base64 past the secret's
+      // base64 core: its last group, `…ZQ==`, went out and gave the last character away).
+      const matches = n.index !== null ? scanIndexed(data, n.index) : scanEach(data, n.needles)
       if (matches !== null) {
-        if (!own) {
-          data = Buffer.from(data)
-          own = true
-        }
-        // Counted as indexOf would count them: one that overlaps the last counted is part of it.
+        // undici's chunk may be a view of its read buffer: it is copied before anything is written in it.
+        if (data === chunk) data = Buffer.from(data)
+        // Counted as one echo where a match overlaps the last counted.
         let countedTo = 0
         for (let m = 0; m < matches.length; m += 2) {
           data.fill(n.mask, matches[m]!, matches[m + 1]!)
@@ -308,22 +309,6 @@ export class BodyScrubber {
             countedTo = matches[m + 1]!
           }
         }
-      }
-    } else if (data.length >= n.shortest) {
-      // Every needle is looked for in the bytes as they came, then all are overwritten: one
-      // overwritten first would hide a longer one overlapping it (a Basic header's base64 past the
-      // secret's base64 core: its last group, `…ZQ==`, went out and gave the last character away).
-      let matches: number[] | null = null
-      for (const needle of n.needles) {
-        for (let i = data.indexOf(needle); i !== -1; i = data.indexOf(needle, i + needle.length)) (matches ??= []).push(i, i + needle.length)
-      }
-      if (matches !== null) {
-        if (!own) {
-          data = Buffer.from(data)
-          own = true
-        }
-        for (let m = 0; m < matches.length; m += 2) data.fill(n.mask, matches[m]!, matches[m + 1]!)
-        this.found += countRuns(matches)
       }
     }
     const from = this.mayBeginNeedle(data)

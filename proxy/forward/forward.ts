@@ -439,10 +439,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     }
     this.finished = true
     this.decoder?.destroy()
-    // undici reports a head its parser refused after a Content-Length line (a second one, a bad
-    // header name) as a body that did not match that length: with no head arrived, there was no body.
-    const badHead = this.ctx.upstreamMs === null && (err as { code?: string }).code === 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH'
-    const mapped = badHead ? new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream sent an invalid HTTP response') : upstreamError(err, this.ctx.method)
+    // ctx.upstreamMs is set when the final head arrives (onResponseStart).
+    const mapped = upstreamError(err, this.ctx.method, this.ctx.upstreamMs !== null)
     if (this.res.headersSent) {
       this.cutShort(mapped.code, mapped.reason)
     } else {

@@ -86,8 +86,11 @@ function afterSending(code: ErrorCode, reason: string, method: string): Latchkey
   return new LatchkeyError(code, `${reason}; the request may have reached it, and a ${method} is not safe to repeat`, null, false)
 }
 
-/** `method`: the request's, when the error ended a forwarded request (see afterSending). */
-export function upstreamError(err: unknown, method = 'GET'): LatchkeyError {
+/**
+ * `method`: the request's, when the error ended a forwarded request (see afterSending).
+ * `headArrived`: whether the upstream's final response head had come when the error did.
+ */
+export function upstreamError(err: unknown, method = 'GET', headArrived = true): LatchkeyError {
   if (err instanceof LatchkeyError) return err
   const e = err as { code?: string; name?: string; message?: string } | null
   const code = e?.code ?? 'UNKNOWN'
@@ -131,6 +134,9 @@ export function upstreamError(err: unknown, method = 'GET'): LatchkeyError {
     case 'ERR_ASSERTION':
       return new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream sent an HTTP response the sidecar cannot read')
     case 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH':
+      // undici reports a head its parser refused after a Content-Length line (a second one, a bad
+      // header name) as a body that did not match that length: with no head arrived, there was no body.
+      if (!headArrived) return new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream sent an invalid HTTP response')
       return new LatchkeyError('LK_UPSTREAM_PROTOCOL', "the upstream's response body did not match its Content-Length")
     case 'UND_ERR_HEADERS_OVERFLOW':
       return new LatchkeyError('LK_UPSTREAM_PROTOCOL', "the upstream's response headers were too large")

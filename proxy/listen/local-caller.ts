@@ -6,6 +6,7 @@
 import { isIP } from 'node:net'
 import type { IncomingHttpHeaders } from 'node:http'
 import { LatchkeyError } from '../errors.js'
+import { normaliseHost } from '../policy/policy.js'
 
 /**
  * Throws LK_FOREIGN_ORIGIN unless the request looks like it came from a local program. With
@@ -60,15 +61,11 @@ function isLocalName(name: string): boolean {
 /**
  * An IPv4 address in another spelling URLs take (`127.1`, `2130706433`, `0x7f.1`: Python's
  * urllib sends the Host as written), a literal too. What ends in a number and is no address is
- * no URL host at all (`evil.0x7f`), so never a name DNS could answer for.
+ * no URL host at all (`evil.0x7f`), so never a name DNS could answer for. Read as targets and
+ * rules are (normaliseHost).
  */
 function isNumericIPv4(name: string): boolean {
-  if (!/^[0-9a-fx.]+$/.test(name)) return false
-  try {
-    return isIP(new URL(`http://${name}/`).hostname) === 4
-  } catch {
-    return false
-  }
+  return /^[0-9a-fx.]+$/.test(name) && isIP(normaliseHost(name)) === 4
 }
 
 /** `localhost` and its subdomains (RFC 6761 §6.3): loopback to this sidecar's resolver, curl and browsers. */

@@ -18,17 +18,21 @@
 // base64 of any text holding it, hex, Basic's header), each as is and as an echo escapes it once
 // (JSON, with `\/` or without; percent-encoding, either hex case, `+` for a space; HTML). Compressed
 // bodies cannot be read this way: a credentialed call asks for `identity`, and one that comes
-// back encoded anyway is decoded before it gets here, or refused (see ResponseRelay).
+// back encoded anyway is decoded before it gets here, or refused (see ResponseRelay). Not only a
+// whole copy: one cut short (or begun late) is overwritten too, once it shows enough of a needle
+// that what it leaves out could be guessed (leastShown).
 //
 // Not only the call's own credential: every one the source holds for the binding (another task's
 // token, one a refresh superseded: CredentialSource.held) is looked for, so an upstream that shows
 // one request's token to another (a "last request" view, a cached echo) hands no task another's.
 // The needles of a set are put together once per set (the source hands out the same array while
-// it is unchanged) from each credential's own, worked out once. A set of a few credentials is
-// scanned as one is, a native indexOf per needle; past INDEX_ABOVE needles (N tokens held: N
-// times some 60), one pass over the bytes with a rolling hash of each position's last k bytes
-// against the needles' last k bytes (their ends differ: one broker's JWTs share their header),
-// so the cost grows with the bytes, not with N.
+// it is unchanged) from each credential's own, worked out once. What the scan looks for is a
+// needle's anchors (anchorsOf): a few bytes of it that any copy long enough to matter holds, each
+// found copy then extended both ways as far as it agrees with its needle. A set of a few
+// credentials is scanned as one is, a native indexOf per anchor; past INDEX_ABOVE needles (N
+// tokens held: N times some 60), one pass over the bytes with a rolling hash of each position's
+// next k bytes against the anchors' (taken away from a needle's start: one broker's JWTs share
+// their header), so the cost grows with the bytes, not with N.
 import type { Credential, CredentialBinding } from '../context.js'
 import { NONE_HELD } from '../credentials/held.js'
 
@@ -36,8 +40,11 @@ export interface BodyNeedles {
   readonly needles: readonly Buffer[]
   /** Needles by their first byte: where a held-back tail may begin. */
   readonly byFirstByte: readonly (readonly Buffer[] | undefined)[]
-  readonly shortest: number
+  /** The fewest bytes a copy is overwritten at (the least of the needles' leastShown). */
+  readonly fewest: number
   readonly longest: number
+  /** Where the scan looks for each needle: every copy long enough to be overwritten holds one. */
+  readonly anchors: readonly Anchor[]
   /** Written over a match: a byte no needle contains, so an overwrite never makes a new one. */
   readonly mask: number
   /** Which byte values the needles use (1: used), for the mask of a set put together from several. */
@@ -46,13 +53,25 @@ export interface BodyNeedles {
   readonly index: NeedleIndex | null
 }
 
+/**
+ * Some bytes of a needle at `at` (see anchorsOf): a copy of `least` bytes or more holds
+ * one of its needle's anchors whole, wherever in the needle it begins (see anchorsOf).
+ */
+interface Anchor {
+  readonly needle: Buffer
+  readonly at: number
+  readonly bytes: Buffer
+  /** leastShown of the needle. */
+  readonly least: number
+}
+
 interface NeedleIndex {
-  /** Bytes hashed at each position: the shortest needle's length, at most MAX_K. */
+  /** Bytes hashed at each position: the shortest anchor's length. */
   readonly k: number
   /** 31^(k-1), to roll the oldest byte out. */
   readonly pow: number
-  /** Needles by the hash of their last k bytes. */
-  readonly byHash: ReadonlyMap<number, readonly Buffer[]>
+  /** Anchors by the hash of their first k bytes. */
+  readonly byHash: ReadonlyMap<number, readonly Anchor[]>
   /** A bit per hash (modulo its size): most positions are passed over on one read. */
   readonly filter: Uint32Array
   readonly filterMask: number
@@ -60,7 +79,24 @@ interface NeedleIndex {
 
 /** Needles past which a set is scanned in one pass (one credential makes some 20 to 60). */
 const INDEX_ABOVE = 96
-const MAX_K = 16
+/** An anchor's longest: rare in other text, and only one or two to a long needle. */
+const ANCHOR = 16
+/** A copy missing no more than this many of a needle's bytes is overwritten, however long the needle. */
+const MISSING_AT_MOST = 16
+
+/**
+ * The fewest bytes of a needle a copy shows to be overwritten: all but MISSING_AT_MOST of them, or
+ * two thirds, whichever is fewer, and at least 8 (a needle of 8 or fewer, only whole). An upstream
+ * that cuts what it quotes (a debug page that keeps a header's first 500 bytes, an error message
+ * that quotes "the token eyJ…" short of its end) would otherwise hand the agent all of a secret
+ * but its last characters: a JWT short of one is 64 guesses from whole. Copies shorter than this
+ * are the prefixes every token of a kind shares (`sk-proj-`, a JWT's header) and an upstream's own
+ * masking (`sk-…abcd`), which show too little to matter and are left as they are.
+ */
+export function leastShown(length: number): number {
+  if (length <= 8) return length
+  return Math.max(8, Math.min(Math.ceil((2 * length) / 3), length - MISSING_AT_MOST))
+}
 
 const byBinding = new WeakMap<CredentialBinding, WeakMap<Credential, BodyNeedles>>()
 
@@ -151,37 +187,54 @@ export function compileNeedles(texts: readonly string[]): BodyNeedles {
 
 function assemble(needles: Buffer[], used: Uint8Array): BodyNeedles {
   const byFirstByte: Buffer[][] = []
-  let shortest = Infinity
+  const anchors: Anchor[] = []
+  let fewest = Infinity
   let longest = -Infinity
   for (const b of needles) {
     ;(byFirstByte[b[0]!] ??= []).push(b)
-    if (b.length < shortest) shortest = b.length
+    const least = leastShown(b.length)
+    if (least < fewest) fewest = least
     if (b.length > longest) longest = b.length
+    anchorsOf(b, least, anchors)
   }
-  return { needles, byFirstByte, shortest, longest, mask: maskByte(used), used, index: needles.length > INDEX_ABOVE ? indexNeedles(needles, shortest) : null }
+  return { needles, byFirstByte, fewest, longest, anchors, mask: maskByte(used), used, index: needles.length > INDEX_ABOVE ? indexAnchors(anchors) : null }
 }
 
-/** Rolls the hash of `k` bytes ending at `end`: the same arithmetic as the scan (BodyScrubber.scanIndexed). */
-function hashOf(b: Buffer, end: number, k: number): number {
+/**
+ * Anchors of g bytes at step - 1, 2·step - 1… with step = least - g + 1: any `least` bytes of the
+ * needle, wherever they begin, hold one whole. A needle has one or two, and none at its start (the
+ * header a broker's JWTs share, a key's `sk-proj-`), so other tokens of the same kind are not
+ * candidates; but one whose `least` is 8 has an anchor per byte (it has at most 17).
+ */
+function anchorsOf(needle: Buffer, least: number, out: Anchor[]): void {
+  // Half of `least` (8 to ANCHOR bytes): a short needle then has two anchors, not one per byte.
+  const g = Math.min(least, ANCHOR, Math.max(8, Math.ceil(least / 2)))
+  const step = least - g + 1
+  for (let at = step - 1; at <= needle.length - g; at += step) out.push({ needle, at, bytes: needle.subarray(at, at + g), least })
+}
+
+/** Rolls the hash of `k` bytes from `start`: the same arithmetic as the scan (scanIndexed). */
+function hashOf(b: Buffer, start: number, k: number): number {
   let h = 0
-  for (let i = end - k; i < end; i++) h = (Math.imul(h, 31) + b[i]!) | 0
+  for (let i = start; i < start + k; i++) h = (Math.imul(h, 31) + b[i]!) | 0
   return h
 }
 
-function indexNeedles(needles: readonly Buffer[], shortest: number): NeedleIndex {
-  const k = Math.min(shortest, MAX_K)
+function indexAnchors(anchors: readonly Anchor[]): NeedleIndex {
+  let k = ANCHOR
+  for (const a of anchors) if (a.bytes.length < k) k = a.bytes.length
   let pow = 1
   for (let i = 1; i < k; i++) pow = Math.imul(pow, 31)
-  const byHash = new Map<number, Buffer[]>()
+  const byHash = new Map<number, Anchor[]>()
   let bits = 1 << 12
-  while (bits < needles.length * 16 && bits < 1 << 24) bits <<= 1
+  while (bits < anchors.length * 16 && bits < 1 << 24) bits <<= 1
   const filter = new Uint32Array(bits >>> 5)
   const filterMask = bits - 1
-  for (const b of needles) {
-    const h = hashOf(b, b.length, k)
+  for (const a of anchors) {
+    const h = hashOf(a.bytes, 0, k)
     const list = byHash.get(h)
-    if (list) list.push(b)
-    else byHash.set(h, [b])
+    if (list) list.push(a)
+    else byHash.set(h, [a])
     const slot = h & filterMask
     filter[slot >>> 5]! |= 1 << (slot & 31)
   }
@@ -231,46 +284,104 @@ function maskByte(used: Uint8Array): number {
   return free === -1 ? 0x2a : free
 }
 
+/** A copy found: its place in the data, and which needle at which alignment (to find it once). */
+interface Copy {
+  start: number
+  end: number
+  needle: Buffer
+  /** Where the needle's first byte falls in the data (may be before 0 or past the end). */
+  offset: number
+}
+
 /**
- * Every needle's place in `data`, as [start, end, start, end…] by end, or null: one pass, a
- * rolling hash of the k bytes ending at each position, looked up (past a bit filter) among the
- * hashes of the needles' last k bytes, and each candidate compared whole.
+ * The copy of `a`'s needle through an anchor found at data[i]: extended byte by byte both ways as
+ * far as data and needle agree, kept when it is at least `a.least` long. An alignment found
+ * before (another anchor of the same copy) is not extended again.
  */
-function scanIndexed(data: Buffer, ix: NeedleIndex): number[] | null {
+function copyAt(data: Buffer, a: Anchor, i: number, found: Copy[] | null): Copy[] | null {
+  const needle = a.needle
+  const offset = i - a.at
+  if (found !== null) for (const c of found) if (c.needle === needle && c.offset === offset) return found
+  let start = i
+  while (start > 0 && start > offset && data[start - 1] === needle[start - 1 - offset]) start--
+  let end = i + a.bytes.length
+  const needleEnd = offset + needle.length
+  while (end < data.length && end < needleEnd && data[end] === needle[end - offset]) end++
+  if (end - start < a.least) return found
+  ;(found ??= []).push({ start, end, needle, offset })
+  return found
+}
+
+/**
+ * Every copy in `data` long enough to be overwritten, by end, or null: one pass,
+ * a rolling hash of the k bytes from each position, looked up (past a bit filter) among the
+ * hashes of the anchors' first k bytes, and each candidate compared and extended.
+ */
+function scanIndexed(data: Buffer, ix: NeedleIndex): Copy[] | null {
   const { k, pow, byHash, filter, filterMask } = ix
   const len = data.length
   if (len < k) return null
-  let matches: number[] | null = null
-  let h = hashOf(data, k, k)
-  for (let end = k; ; end++) {
+  let found: Copy[] | null = null
+  let h = hashOf(data, 0, k)
+  for (let i = 0; ; i++) {
     const slot = h & filterMask
     if ((filter[slot >>> 5]! & (1 << (slot & 31))) !== 0) {
       const candidates = byHash.get(h)
       if (candidates !== undefined) {
-        for (const needle of candidates) {
-          const start = end - needle.length
-          if (start >= 0 && data.compare(needle, 0, needle.length, start, end) === 0) (matches ??= []).push(start, end)
+        for (const a of candidates) {
+          if (data.compare(a.needle, a.at, a.at + k, i, i + k) === 0) found = copyAt(data, a, i, found)
         }
       }
     }
-    if (end === len) return matches
-    h = (Math.imul(h - Math.imul(data[end - k]!, pow), 31) + data[end]!) | 0
+    if (i + k === len) return byEnd(found)
+    h = (Math.imul(h - Math.imul(data[i]!, pow), 31) + data[i + k]!) | 0
   }
 }
 
-/**
- * Every needle's place in `data`, as scanIndexed gives them ([start, end…] by end), or null: a
- * native indexOf per needle, for a set of a few.
- */
-function scanEach(data: Buffer, needles: readonly Buffer[]): number[] | null {
-  let matches: number[] | null = null
-  for (const needle of needles) {
-    for (let i = data.indexOf(needle); i !== -1; i = data.indexOf(needle, i + needle.length)) (matches ??= []).push(i, i + needle.length)
+/** Every copy in `data` long enough to be overwritten (as scanIndexed), or null: a native indexOf per anchor, for a set of a few needles. */
+function scanEach(data: Buffer, anchors: readonly Anchor[]): Copy[] | null {
+  let found: Copy[] | null = null
+  for (const a of anchors) {
+    for (let i = data.indexOf(a.bytes); i !== -1; i = data.indexOf(a.bytes, i + 1)) found = copyAt(data, a, i, found)
   }
-  if (matches === null || matches.length === 2) return matches
-  const pairs: [number, number][] = []
-  for (let m = 0; m < matches.length; m += 2) pairs.push([matches[m]!, matches[m + 1]!])
-  return pairs.sort((a, b) => a[1] - b[1] || a[0] - b[0]).flat()
+  return byEnd(found)
+}
+
+function byEnd(found: Copy[] | null): Copy[] | null {
+  if (found !== null && found.length > 1) found.sort((a, b) => a.end - b.end || a.start - b.start)
+  return found
+}
+
+/**
+ * Where what waits for the next chunk begins (`length`: nothing waits): at the first copy that
+ * reaches the end with its needle going on, and at any copy overlapping what waits, so no byte
+ * that waits is overwritten before the copy it is part of is whole.
+ */
+function waitingFrom(copies: readonly Copy[], length: number): number {
+  let from = length
+  for (const c of copies) if (c.end === length && c.end - c.offset < c.needle.length && c.start < from) from = c.start
+  if (from === length) return from
+  for (let moved = true; moved; ) {
+    moved = false
+    for (const c of copies) {
+      if (c.end > from && c.start < from) {
+        from = c.start
+        moved = true
+      }
+    }
+  }
+  return from
+}
+
+/**
+ * Whether `text` holds a copy of a needle long enough to be overwritten (whole, cut short or
+ * begun late: see leastShown): for text checked whole, a response head's value, a server's
+ * error text.
+ */
+export function holdsCopy(text: string, n: BodyNeedles): boolean {
+  if (text.length < n.fewest) return false
+  const b = Buffer.from(text, /[^\0-\xff]/.test(text) ? 'utf8' : 'latin1')
+  return (n.index !== null ? scanIndexed(b, n.index) : scanEach(b, n.anchors)) !== null
 }
 
 /** The most of a held tail let go by release(): the first bytes of a needle, never enough of a secret to matter. */
@@ -278,65 +389,67 @@ export const RELEASE_MAX = 4
 
 /** One response body's pass: push() each chunk, end() once; what they return goes to the agent. */
 export class BodyScrubber {
+  /** Bytes not yet given to the agent: what may begin a needle, or a copy that may go on. */
   private held: Buffer | null = null
-  /** Bytes let go by release() that may begin a needle: the agent has them, the next chunk is checked with them. */
-  private released: Buffer | null = null
-  /** Matches overwritten so far. */
+  /**
+   * The last bytes the agent has that needles use (see keepContext), checked again with what
+   * comes next: a copy begun in them that goes on is overwritten from where the agent's copy stops.
+   */
+  private context: Buffer | null = null
+  /** Bytes let go by release() since the agent was last sent more: at most RELEASE_MAX in all. */
+  private letGo = 0
+  /** Copies overwritten so far. */
   found = 0
 
   constructor(private readonly n: BodyNeedles) {}
 
   /** What of `chunk` (after anything held) may go to the agent now, or null when all of it waits. */
   push(chunk: Buffer): Buffer | null {
-    const sent = this.released === null ? 0 : this.released.length
+    const sent = this.context === null ? 0 : this.context.length
     let data = this.held === null && sent === 0 ? chunk : Buffer.concat(this.pending(chunk))
     this.held = null
-    const n = this.n
-    if (data.length >= n.shortest) {
-      // Every match is found in the bytes as they came, then all are overwritten: one overwritten
-      // first would hide a longer one overlapping it (a Basic header's base64 past the secret's
-      // base64 core: its last group, `…ZQ==`, went out and gave the last character away).
-      const matches = n.index !== null ? scanIndexed(data, n.index) : scanEach(data, n.needles)
-      if (matches !== null) {
-        // undici's chunk may be a view of its read buffer: it is copied before anything is written in it.
-        if (data === chunk) data = Buffer.from(data)
-        // Counted as one echo where a match overlaps the last counted.
-        let countedTo = 0
-        for (let m = 0; m < matches.length; m += 2) {
-          data.fill(n.mask, matches[m]!, matches[m + 1]!)
-          if (matches[m]! >= countedTo) {
-            this.found++
-            countedTo = matches[m + 1]!
-          }
-        }
+    // A copy reaching the end that its needle goes on past may go on in the next chunk: it waits
+    // (overwritten now, what came next would be a shorter copy), with every copy it touches.
+    let from = data.length
+    if (data.length >= this.n.fewest) {
+      const copies = this.n.index !== null ? scanIndexed(data, this.n.index) : scanEach(data, this.n.anchors)
+      if (copies !== null) {
+        from = waitingFrom(copies, data.length)
+        data = this.overwrite(data, chunk, copies, from, sent)
       }
     }
-    const from = this.mayBeginNeedle(data)
-    if (from < sent) {
-      // A needle may begin in what the agent already has: all that came since continues it.
-      this.released = from === 0 ? this.released : Buffer.from(data.subarray(from, sent))
-      this.held = data.length > sent ? Buffer.from(data.subarray(sent)) : null
-      return null
-    }
-    this.released = null
-    if (from < data.length) {
-      this.held = Buffer.from(data.subarray(from))
-      data = data.subarray(sent, from)
-    } else if (sent > 0) data = data.subarray(sent)
-    return data.length > 0 ? data : null
+    from = Math.min(from, this.mayBeginNeedle(data, from))
+    // A needle may begin in what the agent already has (a tail let go): all that came since continues it.
+    const cut = Math.max(from, sent)
+    if (from >= sent) this.letGo = 0
+    this.held = cut < data.length ? Buffer.from(data.subarray(cut)) : null
+    this.keepContext(data, cut)
+    return cut > sent ? data.subarray(sent, cut) : null
   }
 
   private pending(chunk: Buffer): Buffer[] {
     const parts: Buffer[] = []
-    if (this.released !== null) parts.push(this.released)
+    if (this.context !== null) parts.push(this.context)
     if (this.held !== null) parts.push(this.held)
     parts.push(chunk)
     return parts
   }
 
+  /**
+   * Keeps the end of data[0, cut) (what the agent now has) from after its last byte no needle
+   * uses: a copy going on into the next chunk is all needle bytes, so it begins there or later.
+   * Most bodies end in such a byte (a newline, a `}`): nothing is kept for them.
+   */
+  private keepContext(data: Buffer, cut: number): void {
+    const { used, longest } = this.n
+    let from = cut
+    while (from > 0 && cut - from < longest - 1 && used[data[from - 1]!] === 1) from--
+    this.context = from < cut ? Buffer.from(data.subarray(from, cut)) : null
+  }
+
   /** Whether release() would let the held tail go: some is held, and with what was let go before, at most RELEASE_MAX bytes. */
   get releasable(): boolean {
-    return this.held !== null && this.held.length + (this.released === null ? 0 : this.released.length) <= RELEASE_MAX
+    return this.held !== null && this.held.length + this.letGo <= RELEASE_MAX
   }
 
   /** The held tail, for the agent now (see the top of the file); null when not releasable. */
@@ -344,23 +457,55 @@ export class BodyScrubber {
     if (!this.releasable) return null
     const out = this.held!
     this.held = null
-    this.released = this.released === null ? out : Buffer.concat([this.released, out])
+    this.letGo += out.length
+    const had = this.context === null ? out : Buffer.concat([this.context, out])
+    this.keepContext(had, had.length)
     return out
   }
 
-  /** What was held back at the end of the body: less than any needle, so it is relayed as it is. */
+  /** What was held back at the end of the body, with any copy in it (now ended) overwritten. */
   end(): Buffer | null {
-    const rest = this.held
+    const held = this.held
+    if (held === null) return null
+    const sent = this.context === null ? 0 : this.context.length
+    let rest = sent === 0 ? held : Buffer.concat([this.context!, held])
     this.held = null
-    this.released = null
-    return rest
+    this.context = null
+    if (rest.length >= this.n.fewest) {
+      const copies = this.n.index !== null ? scanIndexed(rest, this.n.index) : scanEach(rest, this.n.anchors)
+      if (copies !== null) rest = this.overwrite(rest, null, copies, rest.length, sent)
+    }
+    return rest.subarray(sent)
   }
 
-  /** The first position from which the rest of `data` is the start of some needle (data.length if none). */
-  private mayBeginNeedle(data: Buffer): number {
+  /**
+   * `data` with every copy ending by `until` overwritten (the rest wait) from `sent` on (the agent
+   * has what is before), counted as one echo where it overlaps the last counted. Every copy is
+   * found in the bytes as they came before any is overwritten: one overwritten first would hide
+   * a longer one overlapping it (a Basic header's base64 past the secret's base64 core: its last
+   * group, `…ZQ==`, went out and gave the last character away).
+   */
+  private overwrite(data: Buffer, chunk: Buffer | null, copies: readonly Copy[], until: number, sent: number): Buffer {
+    let countedTo = 0
+    for (const c of copies) {
+      if (c.end > until) break
+      if (c.end <= sent) continue
+      // undici's chunk may be a view of its read buffer: it is copied before anything is written in it.
+      if (data === chunk) data = Buffer.from(data)
+      data.fill(this.n.mask, Math.max(c.start, sent), c.end)
+      if (c.start >= countedTo) {
+        this.found++
+        countedTo = c.end
+      }
+    }
+    return data
+  }
+
+  /** The first position before `before` from which the rest of `data` is the start of some needle (data.length if none). */
+  private mayBeginNeedle(data: Buffer, before: number): number {
     const { byFirstByte, longest } = this.n
     const len = data.length
-    for (let p = Math.max(0, len - longest + 1); p < len; p++) {
+    for (let p = Math.max(0, len - longest + 1); p < before; p++) {
       const candidates = byFirstByte[data[p]!]
       if (candidates === undefined) continue
       const rest = len - p

@@ -7,6 +7,7 @@ import type { IncomingHttpHeaders } from 'node:http'
 import { unescape } from 'node:querystring'
 import type { Credential, CredentialBinding } from '../context.js'
 import { NONE_HELD } from '../credentials/held.js'
+import { compileNeedles, holdsCopy, type BodyNeedles } from './body-scrub.js'
 
 export const REMOVED = '[removed by latchkey: it contained the injected credential]'
 /** Said in place of a remote server's text that reveals a credential the sidecar sent it (revealsSecret). */
@@ -40,10 +41,12 @@ interface Needles {
   lowerWanted: string
   forms: readonly string[]
   lowerForms: readonly string[]
-  /** No needle is shorter, and unescaping only shortens text: anything shorter cannot reveal it. */
+  /** No needle, nor a copy long enough to matter, is shorter, and unescaping only shortens text: anything shorter cannot reveal it. */
   shortest: number
   /** Whether the secret holds a space or `+`, which form-encoding swaps. */
   plusy: boolean
+  /** The body scrubber's needles for the same texts: a copy cut short or begun late (holdsCopy). */
+  copies: BodyNeedles
   /** These needles as a set of one (needleSet), made once. */
   alone: readonly Needles[]
 }
@@ -97,6 +100,7 @@ function withShortest(set: readonly Needles[]): readonly Needles[] {
 }
 
 function needles(secret: string, forms: readonly string[]): Needles {
+  const copies = compileNeedles([secret, ...forms])
   const n: Needles = {
     secret,
     wanted: spaceAsPlus(secret),
@@ -106,8 +110,9 @@ function needles(secret: string, forms: readonly string[]): Needles {
     lowerWanted: spaceAsPlus(secret.toLowerCase()),
     forms,
     lowerForms: forms.map((f) => f.toLowerCase()),
-    shortest: Math.min(secret.length, ...forms.map((f) => f.length)),
+    shortest: Math.min(secret.length, ...forms.map((f) => f.length), copies.fewest),
     plusy: secret.includes(' ') || secret.includes('+'),
+    copies,
     alone: [],
   }
   n.alone = [n]
@@ -188,6 +193,9 @@ function reveals(text: string, n: Needles, lowerCased: boolean): boolean {
   const secret = lowerCased ? n.lowerSecret : n.secret
   const forms = lowerCased ? n.lowerForms : n.forms
   if (contains(text, secret, forms)) return true
+  // A copy cut short or begun late, as is or escaped once as an echo does (the body's needles);
+  // a header name is only ever compared whole.
+  if (!lowerCased && holdsCopy(text, n.copies)) return true
   if (!ESCAPED.test(text) && !n.plusy) return false
   // Compared with every space read as `+`: a form encoder writes a space as `+` and a `+` as
   // %2B, so after decoding only this reading makes both sides agree.

@@ -10,7 +10,8 @@ import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { fetch, ProxyAgent } from 'undici'
 import { BodyScrubber, compileNeedles, leastShown } from '../../proxy/forward/body-scrub.js'
-import { startBearerRig, assertNoCanary, CANARY } from '../helpers/harness.js'
+import { REMOVED, revealsSecret } from '../../proxy/forward/scrub.js'
+import { startBearerRig, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
 
 const run = promisify(execFile)
 const token = (n: number) => randomBytes(n).toString('base64url').slice(0, n)
@@ -187,3 +188,44 @@ t.test('many credentials held (the one-pass scan): a copy cut short of any of th
   t.same(wrong, [], 'every copy of leastShown bytes or more of any held token overwritten, however cut; a shorter one untouched')
 })
 
+t.test('through the sidecar: a response head quoting the header cut short has that value replaced, the rest kept', async (t) => {
+  const least = leastShown(CANARY.length)
+  const { upstream, s } = await startBearerRig(t, {
+    handler: (req, res) => {
+      const m = /^\/head\/(\d+)$/.exec(req.url)
+      if (!m) return false
+      const cut = CANARY.slice(0, Number(m[1]))
+      res.statusMessage = `Refused ${cut}`
+      res.writeHead(401, {
+        'x-debug-auth': `Bearer ${cut}`,
+        'www-authenticate': `Bearer error="invalid_token", error_description="the token ${cut}... has expired"`,
+        'x-debug-pct': encodeURIComponent(`"${cut}"`),
+        location: `https://login.example/retry?last=${cut}`,
+        'x-plain': 'kept',
+      }).end()
+      return true
+    },
+  })
+  const seen: string[] = []
+  for (const shown of [CANARY.length - 1, least]) {
+    const r = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${upstream.port}/head/${shown} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+    seen.push(r.raw)
+    t.match(r.raw, /^HTTP\/1\.1 401 Unauthorized\r\n/, `${shown} shown: the reason phrase quoting it is replaced by the standard one`)
+    for (const h of ['x-debug-auth', 'www-authenticate', 'x-debug-pct', 'location']) t.equal(r.headers[h], REMOVED, `${shown} shown: ${h} replaced`)
+    t.equal(r.headers['x-plain'], 'kept')
+  }
+  const short = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${upstream.port}/head/${least - 1} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  t.equal(short.headers['x-debug-auth'], `Bearer ${CANARY.slice(0, least - 1)}`, `${least - 1} shown: relayed as sent`)
+  t.match(short.raw, /^HTTP\/1\.1 401 Refused /, 'the reason phrase too')
+  assertNoCanary(t, s, ...seen)
+  t.notOk(seen.some((b) => b.includes(CANARY.slice(0, least))), `no head the agent saw holds ${least} of the secret's bytes in a row`)
+})
+
+t.test("a server's error text quoting a secret the sidecar sent, cut short, is withheld like a whole one", async (t) => {
+  const secret = token(48)
+  const least = leastShown(48)
+  t.ok(revealsSecret(`invalid_client: secret ${secret.slice(0, 47)}`, [secret]), 'short of one character')
+  t.ok(revealsSecret(`{"error":"bad secret ${secret.slice(48 - least)}"}`, [secret]), `begun late, ${least} shown`)
+  t.ok(revealsSecret(`bad credentials ${Buffer.from(`svc:${secret}`).toString('base64').slice(0, 60)}`, [{ value: secret, within: [`svc:${secret}`] }]), 'the base64 of the text it was sent in, cut short')
+  t.notOk(revealsSecret(`invalid_client: secret ${secret.slice(0, least - 1)}…`, [secret]), `${least - 1} shown: not a reveal`)
+})

@@ -29,10 +29,11 @@
 // it is unchanged) from each credential's own, worked out once. What the scan looks for is a
 // needle's anchors (anchorsOf): a few bytes of it that any copy long enough to matter holds, each
 // found copy then extended both ways as far as it agrees with its needle. A set of a few
-// credentials is scanned as one is, a native indexOf per anchor; past INDEX_ABOVE needles (N
-// tokens held: N times some 60), one pass over the bytes with a rolling hash of each position's
-// next k bytes against the anchors' (taken away from a needle's start: one broker's JWTs share
-// their header), so the cost grows with the bytes, not with N.
+// credentials is scanned as one is, a native indexOf per anchor; where those would cost more
+// than one pass (ONE_PASS_AT: N tokens held, or a short secret's many short anchors), one pass
+// over the bytes with a rolling hash of each position's next k bytes against the anchors' (taken
+// away from a needle's start: one broker's JWTs share their header), so the cost grows with the
+// bytes, not with N.
 import type { Credential, CredentialBinding } from '../context.js'
 import { NONE_HELD } from '../credentials/held.js'
 
@@ -66,7 +67,7 @@ interface Anchor {
 }
 
 interface NeedleIndex {
-  /** Bytes hashed at each position: the shortest anchor's length. */
+  /** Bytes hashed at each position: the shortest anchor's length, at most MAX_K. */
   readonly k: number
   /** 31^(k-1), to roll the oldest byte out. */
   readonly pow: number
@@ -77,10 +78,16 @@ interface NeedleIndex {
   readonly filterMask: number
 }
 
-/** Needles past which a set is scanned in one pass (one credential makes some 20 to 60). */
-const INDEX_ABOVE = 96
-/** An anchor's longest: rare in other text, and only one or two to a long needle. */
-const ANCHOR = 16
+/**
+ * When a set is scanned in one pass: once the sum over its anchors of 1/length passes this. A
+ * native indexOf skips ahead by up to its pattern's length, and costs (measured, 16 KiB of JSON)
+ * some 4.5 / length ns a byte; the one pass some 3 ns a byte however many anchors it looks for.
+ */
+const ONE_PASS_AT = 3 / 4.5
+/** An anchor's longest: a native indexOf skips ahead by up to an anchor's length, so a long needle's is long. */
+const ANCHOR = 64
+/** The most bytes the one-pass scan hashes at each position. */
+const MAX_K = 16
 /** A copy missing no more than this many of a needle's bytes is overwritten, however long the needle. */
 const MISSING_AT_MOST = 16
 
@@ -197,7 +204,9 @@ function assemble(needles: Buffer[], used: Uint8Array): BodyNeedles {
     if (b.length > longest) longest = b.length
     anchorsOf(b, least, anchors)
   }
-  return { needles, byFirstByte, fewest, longest, anchors, mask: maskByte(used), used, index: needles.length > INDEX_ABOVE ? indexAnchors(anchors) : null }
+  let perByte = 0
+  for (const a of anchors) perByte += 1 / a.bytes.length
+  return { needles, byFirstByte, fewest, longest, anchors, mask: maskByte(used), used, index: perByte > ONE_PASS_AT ? indexAnchors(anchors) : null }
 }
 
 /**
@@ -207,7 +216,7 @@ function assemble(needles: Buffer[], used: Uint8Array): BodyNeedles {
  * candidates; but one whose `least` is 8 has an anchor per byte (it has at most 17).
  */
 function anchorsOf(needle: Buffer, least: number, out: Anchor[]): void {
-  // Half of `least` (8 to ANCHOR bytes): a short needle then has two anchors, not one per byte.
+  // Half of `least` (8 to ANCHOR bytes): a needle then has one or two anchors, not one per byte.
   const g = Math.min(least, ANCHOR, Math.max(8, Math.ceil(least / 2)))
   const step = least - g + 1
   for (let at = step - 1; at <= needle.length - g; at += step) out.push({ needle, at, bytes: needle.subarray(at, at + g), least })
@@ -221,7 +230,7 @@ function hashOf(b: Buffer, start: number, k: number): number {
 }
 
 function indexAnchors(anchors: readonly Anchor[]): NeedleIndex {
-  let k = ANCHOR
+  let k = MAX_K
   for (const a of anchors) if (a.bytes.length < k) k = a.bytes.length
   let pow = 1
   for (let i = 1; i < k; i++) pow = Math.imul(pow, 31)
@@ -294,17 +303,17 @@ interface Copy {
 }
 
 /**
- * The copy of `a`'s needle through an anchor found at data[i]: extended byte by byte both ways as
+ * The copy of `a`'s needle through an anchor found at data[i] (its first `matched` bytes compared): extended byte by byte both ways as
  * far as data and needle agree, kept when it is at least `a.least` long. An alignment found
  * before (another anchor of the same copy) is not extended again.
  */
-function copyAt(data: Buffer, a: Anchor, i: number, found: Copy[] | null): Copy[] | null {
+function copyAt(data: Buffer, a: Anchor, i: number, matched: number, found: Copy[] | null): Copy[] | null {
   const needle = a.needle
   const offset = i - a.at
   if (found !== null) for (const c of found) if (c.needle === needle && c.offset === offset) return found
   let start = i
   while (start > 0 && start > offset && data[start - 1] === needle[start - 1 - offset]) start--
-  let end = i + a.bytes.length
+  let end = i + matched
   const needleEnd = offset + needle.length
   while (end < data.length && end < needleEnd && data[end] === needle[end - offset]) end++
   if (end - start < a.least) return found
@@ -329,7 +338,7 @@ function scanIndexed(data: Buffer, ix: NeedleIndex): Copy[] | null {
       const candidates = byHash.get(h)
       if (candidates !== undefined) {
         for (const a of candidates) {
-          if (data.compare(a.needle, a.at, a.at + k, i, i + k) === 0) found = copyAt(data, a, i, found)
+          if (data.compare(a.needle, a.at, a.at + k, i, i + k) === 0) found = copyAt(data, a, i, k, found)
         }
       }
     }
@@ -342,9 +351,13 @@ function scanIndexed(data: Buffer, ix: NeedleIndex): Copy[] | null {
 function scanEach(data: Buffer, anchors: readonly Anchor[]): Copy[] | null {
   let found: Copy[] | null = null
   for (const a of anchors) {
-    for (let i = data.indexOf(a.bytes); i !== -1; i = data.indexOf(a.bytes, i + 1)) found = copyAt(data, a, i, found)
+    for (let i = data.indexOf(a.bytes); i !== -1; i = data.indexOf(a.bytes, i + 1)) found = copyAt(data, a, i, a.bytes.length, found)
   }
   return byEnd(found)
+}
+
+function scan(data: Buffer, n: BodyNeedles): Copy[] | null {
+  return n.index !== null ? scanIndexed(data, n.index) : scanEach(data, n.anchors)
 }
 
 function byEnd(found: Copy[] | null): Copy[] | null {
@@ -380,8 +393,7 @@ function waitingFrom(copies: readonly Copy[], length: number): number {
  */
 export function holdsCopy(text: string, n: BodyNeedles): boolean {
   if (text.length < n.fewest) return false
-  const b = Buffer.from(text, /[^\0-\xff]/.test(text) ? 'utf8' : 'latin1')
-  return (n.index !== null ? scanIndexed(b, n.index) : scanEach(b, n.anchors)) !== null
+  return scan(Buffer.from(text, /[^\0-\xff]/.test(text) ? 'utf8' : 'latin1'), n) !== null
 }
 
 /** The most of a held tail let go by release(): the first bytes of a needle, never enough of a secret to matter. */
@@ -405,46 +417,78 @@ export class BodyScrubber {
 
   /** What of `chunk` (after anything held) may go to the agent now, or null when all of it waits. */
   push(chunk: Buffer): Buffer | null {
-    const sent = this.context === null ? 0 : this.context.length
-    let data = this.held === null && sent === 0 ? chunk : Buffer.concat(this.pending(chunk))
+    let data = this.held === null ? chunk : Buffer.concat([this.held, chunk])
     this.held = null
+    const copies = this.copiesIn(data)
     // A copy reaching the end that its needle goes on past may go on in the next chunk: it waits
-    // (overwritten now, what came next would be a shorter copy), with every copy it touches.
-    let from = data.length
-    if (data.length >= this.n.fewest) {
-      const copies = this.n.index !== null ? scanIndexed(data, this.n.index) : scanEach(data, this.n.anchors)
-      if (copies !== null) {
-        from = waitingFrom(copies, data.length)
-        data = this.overwrite(data, chunk, copies, from, sent)
-      }
+    // (overwritten now, what came next would be a shorter copy), with every copy it touches. One
+    // begun in what the agent has (a negative start) holds back all that came since.
+    let from = copies === null ? data.length : waitingFrom(copies, data.length)
+    if (this.context !== null && data.length < this.n.longest) {
+      // So does a needle begun in a tail let go (release), if all that came since continues it.
+      const p = this.mayBeginNeedle(this.bridge(data), this.context.length) - this.context.length
+      if (p < 0 && p < from) from = p
     }
-    from = Math.min(from, this.mayBeginNeedle(data, from))
-    // A needle may begin in what the agent already has (a tail let go): all that came since continues it.
-    const cut = Math.max(from, sent)
-    if (from >= sent) this.letGo = 0
+    if (copies !== null) data = this.overwrite(data, chunk, copies, from)
+    if (from >= 0) {
+      from = Math.min(from, this.mayBeginNeedle(data, from))
+      this.letGo = 0
+    }
+    const cut = Math.max(from, 0)
     this.held = cut < data.length ? Buffer.from(data.subarray(cut)) : null
-    this.keepContext(data, cut)
-    return cut > sent ? data.subarray(sent, cut) : null
-  }
-
-  private pending(chunk: Buffer): Buffer[] {
-    const parts: Buffer[] = []
-    if (this.context !== null) parts.push(this.context)
-    if (this.held !== null) parts.push(this.held)
-    parts.push(chunk)
-    return parts
+    if (cut > 0) this.keepContext(data.subarray(0, cut))
+    return cut > 0 ? data.subarray(0, cut) : null
   }
 
   /**
-   * Keeps the end of data[0, cut) (what the agent now has) from after its last byte no needle
-   * uses: a copy going on into the next chunk is all needle bytes, so it begins there or later.
-   * Most bodies end in such a byte (a newline, a `}`): nothing is kept for them.
+   * Every copy in `data` long enough to be overwritten, by end, or null; with those begun in what
+   * the agent already has (the context: found in the bridge, their start before 0 here).
    */
-  private keepContext(data: Buffer, cut: number): void {
+  private copiesIn(data: Buffer): Copy[] | null {
+    const n = this.n
+    let copies = data.length >= n.fewest ? scan(data, n) : null
+    const ctx = this.context
+    if (ctx === null) return copies
+    const bridge = this.bridge(data)
+    const across = bridge.length >= n.fewest ? scan(bridge, n) : null
+    if (across === null) return copies
+    for (const c of across) {
+      if (c.start >= ctx.length || c.end <= ctx.length) continue
+      const start = c.start - ctx.length
+      const end = c.end - ctx.length
+      const offset = c.offset - ctx.length
+      // The same copy found in `data` alone (its part there long enough by itself) is this one, cut.
+      const same = copies?.findIndex((d) => d.needle === c.needle && d.offset === offset) ?? -1
+      if (same !== -1) copies!.splice(same, 1)
+      ;(copies ??= []).push({ start, end, needle: c.needle, offset })
+    }
+    return byEnd(copies)
+  }
+
+  /** The context and as much of `data` as a copy begun in the context can reach: a few KiB at most, however big the chunk. */
+  private bridge(data: Buffer): Buffer {
+    return Buffer.concat([this.context!, data.length > this.n.longest ? data.subarray(0, this.n.longest) : data])
+  }
+
+  /**
+   * Keeps the end of what the agent now has from after its last byte no needle uses (at most
+   * longest - 1 bytes, with the context before if `sent` is all needle bytes): a copy going on
+   * into the next chunk is all needle bytes, so it begins there or later. Most bodies end in such
+   * a byte (a newline, a `}`): nothing is kept for them.
+   */
+  private keepContext(sent: Buffer): void {
     const { used, longest } = this.n
-    let from = cut
-    while (from > 0 && cut - from < longest - 1 && used[data[from - 1]!] === 1) from--
-    this.context = from < cut ? Buffer.from(data.subarray(from, cut)) : null
+    const most = longest - 1
+    let from = sent.length
+    while (from > 0 && sent.length - from < most && used[sent[from - 1]!] === 1) from--
+    if (from === sent.length) this.context = null
+    else if (from > 0 || this.context === null || sent.length >= most) this.context = Buffer.from(sent.subarray(from))
+    else {
+      const before = this.context
+      let b = before.length
+      while (b > 0 && before.length - b + sent.length < most && used[before[b - 1]!] === 1) b--
+      this.context = Buffer.concat([before.subarray(b), sent])
+    }
   }
 
   /** Whether release() would let the held tail go: some is held, and with what was let go before, at most RELEASE_MAX bytes. */
@@ -458,41 +502,36 @@ export class BodyScrubber {
     const out = this.held!
     this.held = null
     this.letGo += out.length
-    const had = this.context === null ? out : Buffer.concat([this.context, out])
-    this.keepContext(had, had.length)
+    this.keepContext(out)
     return out
   }
 
   /** What was held back at the end of the body, with any copy in it (now ended) overwritten. */
   end(): Buffer | null {
-    const held = this.held
-    if (held === null) return null
-    const sent = this.context === null ? 0 : this.context.length
-    let rest = sent === 0 ? held : Buffer.concat([this.context!, held])
+    let rest = this.held
+    if (rest === null) return null
+    const copies = this.copiesIn(rest)
+    if (copies !== null) rest = this.overwrite(rest, null, copies, rest.length)
     this.held = null
     this.context = null
-    if (rest.length >= this.n.fewest) {
-      const copies = this.n.index !== null ? scanIndexed(rest, this.n.index) : scanEach(rest, this.n.anchors)
-      if (copies !== null) rest = this.overwrite(rest, null, copies, rest.length, sent)
-    }
-    return rest.subarray(sent)
+    return rest
   }
 
   /**
-   * `data` with every copy ending by `until` overwritten (the rest wait) from `sent` on (the agent
-   * has what is before), counted as one echo where it overlaps the last counted. Every copy is
-   * found in the bytes as they came before any is overwritten: one overwritten first would hide
-   * a longer one overlapping it (a Basic header's base64 past the secret's base64 core: its last
-   * group, `…ZQ==`, went out and gave the last character away).
+   * `data` with every copy ending by `until` overwritten (the rest wait) from 0 on (the agent has
+   * what is before: a copy begun there is overwritten from where the agent's part stops), counted
+   * as one echo where it overlaps the last counted. Every copy is found in the bytes as they came
+   * before any is overwritten: one overwritten first would hide a longer one overlapping it (a
+   * Basic header's base64 past the secret's base64 core: its last group, `…ZQ==`, went out and
+   * gave the last character away).
    */
-  private overwrite(data: Buffer, chunk: Buffer | null, copies: readonly Copy[], until: number, sent: number): Buffer {
-    let countedTo = 0
+  private overwrite(data: Buffer, chunk: Buffer | null, copies: readonly Copy[], until: number): Buffer {
+    let countedTo = -Infinity
     for (const c of copies) {
       if (c.end > until) break
-      if (c.end <= sent) continue
       // undici's chunk may be a view of its read buffer: it is copied before anything is written in it.
       if (data === chunk) data = Buffer.from(data)
-      data.fill(this.n.mask, Math.max(c.start, sent), c.end)
+      data.fill(this.n.mask, Math.max(c.start, 0), c.end)
       if (c.start >= countedTo) {
         this.found++
         countedTo = c.end

@@ -107,17 +107,25 @@ export class CredentialBindings {
  * Removes the named query parameters from a search string, in every spelling an upstream might
  * read as the same name: any percent-encoding or case, `+` for space, a PHP-style `name[...]`,
  * a name cut short by a NUL, or hidden after `;` (a separator to some frameworks), or as PHP
- * reads names (leading spaces skipped, then spaces and dots as `_`: `.method` is `_method`). A pair
- * that carries such a name after `;` is dropped whole, and so, unless `undecodable` is 'keep',
- * is one whose name cannot be decoded: fail closed.
+ * reads names (leading spaces skipped, then spaces and dots as `_`: `.method` is `_method`). Of a
+ * pair holding `;`, each part that names it goes and the others stay (to a framework that does
+ * not split there they are one value, now without the name in it); a part or pair whose name
+ * cannot be decoded goes too, unless `undecodable` is 'keep': fail closed.
  */
 export function stripQueryParams(search: string, names: readonly string[], undecodable: 'drop' | 'keep' = 'drop'): string {
   if (names.length === 0 || search.length < 2) return search
   const lower = names.map((n) => n.toLowerCase())
-  const kept = search
-    .slice(1)
-    .split('&')
-    .filter((pair) => !pair.split(';').some((part) => namesParameter(part, lower, undecodable === 'drop')))
+  const dropUndecodable = undecodable === 'drop'
+  const kept: string[] = []
+  for (const pair of search.slice(1).split('&')) {
+    if (!pair.includes(';')) {
+      if (!namesParameter(pair, lower, dropUndecodable)) kept.push(pair)
+      continue
+    }
+    // Only the `;`-separated parts that name it go: `a=1;key=x` keeps the agent's `a=1`.
+    const parts = pair.split(';').filter((part) => !namesParameter(part, lower, dropUndecodable))
+    if (parts.length > 0) kept.push(parts.join(';'))
+  }
   return kept.length ? '?' + kept.join('&') : ''
 }
 

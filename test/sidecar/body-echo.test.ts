@@ -9,6 +9,7 @@ import { fetch, ProxyAgent } from 'undici'
 import { BodyScrubber, RELEASE_MAX, bodyNeedlesFor, compileNeedles } from '../../proxy/forward/body-scrub.js'
 import { compileBinding } from '../../proxy/credentials/bindings.js'
 import { startUpstream, startTestSidecar, startBearerRig, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
+import { scrubParts } from '../helpers/scrub-parts.js'
 
 const run = promisify(execFile)
 // A secret holding characters each echo escapes its own way: `/` (JSON's `\/`), `+` and space
@@ -24,17 +25,8 @@ t.test('the scrubber: a match anywhere, cut anywhere across chunks, is overwritt
   const wrong: string[] = []
   for (let i = 0; i <= body.length; i++) {
     for (const j of [i, Math.min(body.length, i + 3), Math.min(body.length, i + 17)]) {
-      const s = new BodyScrubber(n)
-      const parts = [body.slice(0, i), body.slice(i, j), body.slice(j)].filter((p) => p.length > 0)
-      const out: Buffer[] = []
-      for (const p of parts) {
-        const o = s.push(Buffer.from(p))
-        if (o) out.push(o)
-      }
-      const rest = s.end()
-      if (rest) out.push(rest)
-      const got = Buffer.concat(out).toString()
-      if (got !== expected || s.found !== 2) wrong.push(`cut at ${i} and ${j}: ${s.found} found, ${got}`)
+      const { out: got, found } = scrubParts(n, [body.slice(0, i), body.slice(i, j), body.slice(j)])
+      if (got !== expected || found !== 2) wrong.push(`cut at ${i} and ${j}: ${found} found, ${got}`)
       checked++
     }
   }

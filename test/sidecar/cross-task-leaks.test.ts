@@ -10,9 +10,10 @@ import { join } from 'node:path'
 import { promisify } from 'node:util'
 import { startTestBroker, API } from '../helpers/broker.js'
 import { startTestSidecar, startUpstream, loopbackPolicy, type TestSidecar, type Upstream } from '../helpers/harness.js'
+import { scrubParts } from '../helpers/scrub-parts.js'
 import { AGENT } from '../helpers/tokens.js'
 import { REMOVED } from '../../proxy/forward/scrub.js'
-import { BodyScrubber, bodyNeedlesFor, compileNeedles } from '../../proxy/forward/body-scrub.js'
+import { bodyNeedlesFor, compileNeedles } from '../../proxy/forward/body-scrub.js'
 import { compileBinding } from '../../proxy/credentials/bindings.js'
 import { HeldValues } from '../../proxy/credentials/held.js'
 import type { Credential } from '../../proxy/context.js'
@@ -210,17 +211,8 @@ t.test('a held set: worked out once per set, the static case unchanged, many tok
   const reference = compileNeedles(shown.flatMap((v) => [v, ...binding.encodedForms(cred(v))]))
   t.equal(reference.index, null)
   const scrub = (n: typeof set, cuts: number[]) => {
-    const s = new BodyScrubber(n)
-    const out: Buffer[] = []
-    let from = 0
-    for (const cut of [...cuts, body.length]) {
-      const o = s.push(Buffer.from(body.slice(from, cut)))
-      if (o) out.push(o)
-      from = cut
-    }
-    const rest = s.end()
-    if (rest) out.push(rest)
-    return { text: Buffer.concat(out).toString(), found: s.found }
+    const { out, found } = scrubParts(n, [0, ...cuts].map((from, k) => body.slice(from, [...cuts, body.length][k])))
+    return { text: out, found }
   }
   const expected = scrub(reference, [])
   t.equal(expected.found, shown.length * 5, 'the reference finds each spelling of each token')

@@ -12,22 +12,13 @@ import { fetch, ProxyAgent } from 'undici'
 import { BodyScrubber, compileNeedles, leastShown } from '../../proxy/forward/body-scrub.js'
 import { REMOVED, revealsSecret } from '../../proxy/forward/scrub.js'
 import { startBearerRig, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
+import { scrubParts } from '../helpers/scrub-parts.js'
 
 const run = promisify(execFile)
 const token = (n: number) => randomBytes(n).toString('base64url').slice(0, n)
 
-/** The body through a fresh scrubber, pushed in `parts`; what the agent gets, and how many copies were counted. */
-function through(secret: string, parts: readonly string[]): { out: string; found: number } {
-  const s = new BodyScrubber(compileNeedles([secret]))
-  const out: Buffer[] = []
-  for (const p of parts) {
-    const o = s.push(Buffer.from(p))
-    if (o) out.push(o)
-  }
-  const rest = s.end()
-  if (rest) out.push(rest)
-  return { out: Buffer.concat(out).toString(), found: s.found }
-}
+/** The body through a fresh scrubber looking for `secret`, pushed in `parts`. */
+const through = (secret: string, parts: readonly string[]) => scrubParts(compileNeedles([secret]), parts)
 
 /** How many of the last bytes of `text` could begin `secret`: what the scrubber holds back at the end of a read. */
 function couldBegin(secret: string, text: string): number {
@@ -74,7 +65,7 @@ t.test('a copy cut short, begun late or both is overwritten from the fewest byte
             // (Less the end of that part that could begin the secret: it waits, as any such tail does.)
             const early = i > at && i < at + shown && i - at < least ? i - at - couldBegin(secret, copy.slice(0, i - at)) : 0
             const expected = overwritten ? body.slice(0, at + early) + '*'.repeat(shown - early) + body.slice(at + shown) : body
-            const got = through(secret, [body.slice(0, i), body.slice(i)].filter((p) => p.length > 0))
+            const got = through(secret, [body.slice(0, i), body.slice(i)])
             checked++
             if (got.out !== expected || got.found !== (overwritten ? 1 : 0)) wrong.push(`${length}-byte secret, ${cutName}, ${shown} shown, ${frameName}, cut at ${i}: ${got.found} found, ${got.out}`)
           }
@@ -176,12 +167,11 @@ t.test('many credentials held (the one-pass scan): a copy cut short of any of th
       const expected = overwritten ? `{"seen":"${'*'.repeat(copy.length)}"}` : body
       for (let i = 1; i < body.length; i += 5) {
         // As above: what came before a cut inside a copy not yet long enough goes, less what could begin a secret.
-        const s = new BodyScrubber(n)
-        const out = Buffer.concat([s.push(Buffer.from(body.slice(0, i))), s.push(Buffer.from(body.slice(i))), s.end()].filter((b): b is Buffer => b !== null)).toString()
+        const { out, found } = scrubParts(n, [body.slice(0, i), body.slice(i)])
         const first = copy.slice(0, Math.max(0, i - 9))
         const early = overwritten && first.length > 0 && first.length < Math.min(least, copy.length) ? first.length - Math.max(...secrets.map((x) => couldBegin(x, first))) : 0
         const want = overwritten ? `{"seen":"${copy.slice(0, early)}${'*'.repeat(copy.length - early)}"}` : expected
-        if (out !== want || s.found !== (overwritten ? 1 : 0)) wrong.push(`${copy.length} shown, cut at ${i}: ${s.found} found, ${out}`)
+        if (out !== want || found !== (overwritten ? 1 : 0)) wrong.push(`${copy.length} shown, cut at ${i}: ${found} found, ${out}`)
       }
     }
   }

@@ -410,6 +410,8 @@ export class BodyScrubber {
   private context: Buffer | null = null
   /** Bytes let go by release() since the agent was last sent more: at most RELEASE_MAX in all. */
   private letGo = 0
+  /** What is held continues a copy long enough to be overwritten: never let go, however short. */
+  private heldInCopy = false
   /** Copies overwritten so far. */
   found = 0
 
@@ -424,6 +426,7 @@ export class BodyScrubber {
     // (overwritten now, what came next would be a shorter copy), with every copy it touches. One
     // begun in what the agent has (a negative start) holds back all that came since.
     let from = copies === null ? data.length : waitingFrom(copies, data.length)
+    this.heldInCopy = from < data.length
     if (this.context !== null && data.length < this.n.longest) {
       // So does a needle begun in a tail let go (release), if all that came since continues it.
       const p = this.mayBeginNeedle(this.bridge(data), this.context.length) - this.context.length
@@ -491,9 +494,13 @@ export class BodyScrubber {
     }
   }
 
-  /** Whether release() would let the held tail go: some is held, and with what was let go before, at most RELEASE_MAX bytes. */
+  /**
+   * Whether release() would let the held tail go: some is held, only for what could begin a needle
+   * (a copy begun late, of which the agent has the start, is not let go: those bytes would make it
+   * long enough to matter), and with what was let go before, at most RELEASE_MAX bytes.
+   */
   get releasable(): boolean {
-    return this.held !== null && this.held.length + this.letGo <= RELEASE_MAX
+    return this.held !== null && !this.heldInCopy && this.held.length + this.letGo <= RELEASE_MAX
   }
 
   /** The held tail, for the agent now (see the top of the file); null when not releasable. */

@@ -47,6 +47,8 @@ interface Needles {
   plusy: boolean
   /** The body scrubber's needles for the same texts: a copy cut short or begun late (holdsCopy). */
   copies: BodyNeedles
+  /** The same, lower-cased, for header names: made when a name long enough to hold a copy comes. */
+  lowerCopies: BodyNeedles | null
   /** These needles as a set of one (needleSet), made once. */
   alone: readonly Needles[]
 }
@@ -113,6 +115,7 @@ function needles(secret: string, forms: readonly string[]): Needles {
     shortest: Math.min(secret.length, ...forms.map((f) => f.length), copies.fewest),
     plusy: secret.includes(' ') || secret.includes('+'),
     copies,
+    lowerCopies: null,
     alone: [],
   }
   n.alone = [n]
@@ -194,8 +197,8 @@ function reveals(text: string, n: Needles, lowerCased: boolean): boolean {
   const forms = lowerCased ? n.lowerForms : n.forms
   if (contains(text, secret, forms)) return true
   // A copy cut short or begun late, as is or escaped once as an echo does (the body's needles);
-  // a header name is only ever compared whole.
-  if (!lowerCased && holdsCopy(text, n.copies)) return true
+  // in a header name, lower-cased (a lower-cased copy of a mixed-case secret gives most of it away).
+  if (holdsCopy(text, lowerCased ? (n.lowerCopies ??= compileNeedles([n.lowerSecret, ...n.lowerForms])) : n.copies)) return true
   if (!ESCAPED.test(text) && !n.plusy) return false
   // Compared with every space read as `+`: a form encoder writes a space as `+` and a `+` as
   // %2B, so after decoding only this reading makes both sides agree.

@@ -219,3 +219,75 @@ t.test("a server's error text quoting a secret the sidecar sent, cut short, is w
   t.ok(revealsSecret(`bad credentials ${Buffer.from(`svc:${secret}`).toString('base64').slice(0, 60)}`, [{ value: secret, within: [`svc:${secret}`] }]), 'the base64 of the text it was sent in, cut short')
   t.notOk(revealsSecret(`invalid_client: secret ${secret.slice(0, least - 1)}…`, [secret]), `${least - 1} shown: not a reveal`)
 })
+
+/** The longest run of `secret`'s bytes, in order, anywhere in `text`: what the agent could read of it. */
+function longestRun(text: string, secret: string): number {
+  let best = 0
+  for (let i = 0; i < text.length; i++) {
+    for (let j = 0; j < secret.length; j++) {
+      let k = 0
+      while (i + k < text.length && j + k < secret.length && text[i + k] === secret[j + k]) k++
+      if (k > best) best = k
+    }
+  }
+  return best
+}
+
+t.test('a tail that continues a copy begun late is never let go by the pause timer', async (t) => {
+  const secret = token(32)
+  const least = leastShown(32)
+  const s = new BodyScrubber(compileNeedles([secret]))
+  // The start of the copy is one short of mattering, and not the secret's start: it goes.
+  t.equal(s.push(Buffer.from(`echo: ${secret.slice(1, least)}`))?.toString(), `echo: ${secret.slice(1, least)}`)
+  t.equal(s.push(Buffer.from(secret.slice(least, least + 3))), null, 'the bytes that make it long enough wait')
+  t.notOk(s.releasable, 'and are not let go when the body pauses, though fewer than RELEASE_MAX')
+  t.equal(s.release(), null)
+  t.equal(s.end()?.toString(), '***', 'at the end they are overwritten')
+
+  // Through the sidecar, a model-like stream: the secret from its second byte, one byte every 30 ms.
+  const { upstream, s: sidecar } = await startBearerRig(t, {
+    handler: (req, res) => {
+      if (req.url !== '/drip') return false
+      const auth = String(req.headers.authorization ?? '').slice('Bearer '.length)
+      res.writeHead(200, { 'content-type': 'text/plain' })
+      res.write('echo: ')
+      let i = 1
+      const drip = setInterval(() => {
+        if (i < auth.length) res.write(auth[i++]!)
+        else {
+          clearInterval(drip)
+          res.end(' done')
+        }
+      }, 30)
+      res.once('close', () => clearInterval(drip))
+      return true
+    },
+  })
+  const agent = new ProxyAgent(sidecar.proxy)
+  t.teardown(() => agent.close())
+  const body = await (await fetch(`http://127.0.0.1:${upstream.port}/drip`, { dispatcher: agent })).text()
+  const shown = longestRun(body, CANARY)
+  t.ok(shown < leastShown(CANARY.length), `the agent read ${shown} of the secret's bytes in a row, fewer than ${leastShown(CANARY.length)}`)
+  t.match(body, / done$/, 'and the body ends as sent')
+  assertNoCanary(t, sidecar, body)
+})
+
+t.test('a header name holding a copy cut short, in any letter case, is dropped', async (t) => {
+  const least = leastShown(CANARY.length)
+  const { upstream, s } = await startBearerRig(t, {
+    handler: (req, res) => {
+      const m = /^\/name\/(\d+)$/.exec(req.url)
+      if (!m) return false
+      // CANARY is `LKCANARY` and lower-case hex: node:http lower-cases the name the sidecar reads.
+      res.writeHead(200, { [`X-${CANARY.slice(0, Number(m[1]))}`]: '1', 'x-plain': 'kept' }).end()
+      return true
+    },
+  })
+  for (const shown of [CANARY.length - 1, least]) {
+    const r = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${upstream.port}/name/${shown} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+    t.same(Object.keys(r.headers).filter((h) => h.startsWith('x-')), ['x-plain'], `${shown} bytes of it in a name: that header is dropped, the rest kept`)
+    t.notOk(r.raw.toLowerCase().includes(CANARY.slice(0, least).toLowerCase()), 'nothing of it in the head')
+  }
+  const short = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${upstream.port}/name/${least - 1} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  t.ok(`x-${CANARY.slice(0, least - 1).toLowerCase()}` in short.headers, `${least - 1} bytes: relayed`)
+})

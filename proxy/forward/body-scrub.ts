@@ -60,6 +60,8 @@ export interface BodyNeedles {
  */
 interface Anchor {
   readonly needle: Buffer
+  /** The needle's place in its set: with the alignment, what names a copy (copyAt). */
+  readonly id: number
   readonly at: number
   readonly bytes: Buffer
   /** leastShown of the needle. */
@@ -92,17 +94,18 @@ const MAX_K = 16
 const MISSING_AT_MOST = 16
 
 /**
- * The fewest bytes of a needle a copy shows to be overwritten: all but MISSING_AT_MOST of them, or
- * two thirds, whichever is fewer, and at least 8 (a needle of 8 or fewer, only whole). An upstream
- * that cuts what it quotes (a debug page that keeps a header's first 500 bytes, an error message
- * that quotes "the token eyJ…" short of its end) would otherwise hand the agent all of a secret
- * but its last characters: a JWT short of one is 64 guesses from whole. Copies shorter than this
- * are the prefixes every token of a kind shares (`sk-proj-`, a JWT's header) and an upstream's own
- * masking (`sk-…abcd`), which show too little to matter and are left as they are.
+ * The fewest bytes of a needle a copy shows to be overwritten: all but MISSING_AT_MOST of them,
+ * and at least three quarters (and 8; a needle of 8 or fewer, only whole). An upstream that cuts
+ * what it quotes (a debug page that keeps a header's first 500 bytes, an error message that
+ * quotes "the token eyJ…" short of its end) would otherwise hand the agent all of a secret but
+ * its last characters: a JWT short of one is 64 guesses from whole. Copies shorter than this are
+ * the prefixes every token of a kind shares (`sk_live_`, a JWT's header and, for another token of
+ * the same user, its claims: a signature is longer than 16 bytes) and an upstream's own masking
+ * (`sk-…abcd`), which show too little to matter and are left as they are.
  */
 export function leastShown(length: number): number {
   if (length <= 8) return length
-  return Math.max(8, Math.min(Math.ceil((2 * length) / 3), length - MISSING_AT_MOST))
+  return Math.max(8, Math.ceil((3 * length) / 4), length - MISSING_AT_MOST)
 }
 
 const byBinding = new WeakMap<CredentialBinding, WeakMap<Credential, BodyNeedles>>()
@@ -202,7 +205,7 @@ function assemble(needles: Buffer[], used: Uint8Array): BodyNeedles {
     const least = leastShown(b.length)
     if (least < fewest) fewest = least
     if (b.length > longest) longest = b.length
-    anchorsOf(b, least, anchors)
+    anchorsOf(b, needles.indexOf(b), least, anchors)
   }
   let perByte = 0
   for (const a of anchors) perByte += 1 / a.bytes.length
@@ -215,11 +218,11 @@ function assemble(needles: Buffer[], used: Uint8Array): BodyNeedles {
  * header a broker's JWTs share, a key's `sk-proj-`), so other tokens of the same kind are not
  * candidates; but one whose `least` is 8 has an anchor per byte (it has at most 17).
  */
-function anchorsOf(needle: Buffer, least: number, out: Anchor[]): void {
+function anchorsOf(needle: Buffer, id: number, least: number, out: Anchor[]): void {
   // Half of `least` (8 to ANCHOR bytes): a needle then has one or two anchors, not one per byte.
   const g = Math.min(least, ANCHOR, Math.max(8, Math.ceil(least / 2)))
   const step = least - g + 1
-  for (let at = step - 1; at <= needle.length - g; at += step) out.push({ needle, at, bytes: needle.subarray(at, at + g), least })
+  for (let at = step - 1; at <= needle.length - g; at += step) out.push({ needle, id, at, bytes: needle.subarray(at, at + g), least })
 }
 
 /** Rolls the hash of `k` bytes from `start`: the same arithmetic as the scan (scanIndexed). */
@@ -302,24 +305,36 @@ interface Copy {
   offset: number
 }
 
+/** Copies found in one scan, and the alignments (needle, offset) already tried: each is extended once. */
+interface Found {
+  copies: Copy[]
+  tried: Set<number>
+}
+
 /**
- * The copy of `a`'s needle through an anchor found at data[i] (its first `matched` bytes compared): extended byte by byte both ways as
- * far as data and needle agree, kept when it is at least `a.least` long. An alignment found
- * before (another anchor of the same copy) is not extended again.
+ * The copy of `a`'s needle through an anchor found at data[i] (its first `matched` bytes
+ * compared): extended byte by byte both ways as far as data and needle agree, kept when it is at
+ * least `a.least` long. An alignment tried before (another anchor of the same copy) is not
+ * extended again: a body holding thousands of copies costs a lookup each, not a search.
  */
-function copyAt(data: Buffer, a: Anchor, i: number, matched: number, found: Copy[] | null): Copy[] | null {
+function copyAt(data: Buffer, a: Anchor, i: number, matched: number, found: Found | null): Found {
   const needle = a.needle
   const offset = i - a.at
-  if (found !== null) for (const c of found) if (c.needle === needle && c.offset === offset) return found
+  found ??= { copies: [], tried: new Set() }
+  const key = (offset + ALIGNMENT_BIAS) * ALIGNMENT_IDS + a.id
+  if (found.tried.has(key)) return found
+  found.tried.add(key)
   let start = i
   while (start > 0 && start > offset && data[start - 1] === needle[start - 1 - offset]) start--
   let end = i + matched
   const needleEnd = offset + needle.length
   while (end < data.length && end < needleEnd && data[end] === needle[end - offset]) end++
-  if (end - start < a.least) return found
-  ;(found ??= []).push({ start, end, needle, offset })
+  if (end - start >= a.least) found.copies.push({ start, end, needle, offset })
   return found
 }
+/** An alignment as one number: offset (at least minus the longest needle) and needle id (fewer than 2^20). */
+const ALIGNMENT_BIAS = 1 << 24
+const ALIGNMENT_IDS = 1 << 20
 
 /**
  * Every copy in `data` long enough to be overwritten, by end, or null: one pass,
@@ -330,7 +345,7 @@ function scanIndexed(data: Buffer, ix: NeedleIndex): Copy[] | null {
   const { k, pow, byHash, filter, filterMask } = ix
   const len = data.length
   if (len < k) return null
-  let found: Copy[] | null = null
+  let found: Found | null = null
   let h = hashOf(data, 0, k)
   for (let i = 0; ; i++) {
     const slot = h & filterMask
@@ -349,7 +364,7 @@ function scanIndexed(data: Buffer, ix: NeedleIndex): Copy[] | null {
 
 /** Every copy in `data` long enough to be overwritten (as scanIndexed), or null: a native indexOf per anchor, for a set of a few needles. */
 function scanEach(data: Buffer, anchors: readonly Anchor[]): Copy[] | null {
-  let found: Copy[] | null = null
+  let found: Found | null = null
   for (const a of anchors) {
     for (let i = data.indexOf(a.bytes); i !== -1; i = data.indexOf(a.bytes, i + 1)) found = copyAt(data, a, i, a.bytes.length, found)
   }
@@ -360,10 +375,12 @@ function scan(data: Buffer, n: BodyNeedles): Copy[] | null {
   return n.index !== null ? scanIndexed(data, n.index) : scanEach(data, n.anchors)
 }
 
-function byEnd(found: Copy[] | null): Copy[] | null {
-  if (found !== null && found.length > 1) found.sort((a, b) => a.end - b.end || a.start - b.start)
-  return found
+function byEnd(found: Found | null): Copy[] | null {
+  if (found === null || found.copies.length === 0) return null
+  return found.copies.length > 1 ? found.copies.sort(byEndThenStart) : found.copies
 }
+
+const byEndThenStart = (a: Copy, b: Copy) => a.end - b.end || a.start - b.start
 
 /**
  * Where what waits for the next chunk begins (`length`: nothing waits): at the first copy that
@@ -465,7 +482,7 @@ export class BodyScrubber {
       if (same !== -1) copies!.splice(same, 1)
       ;(copies ??= []).push({ start, end, needle: c.needle, offset })
     }
-    return byEnd(copies)
+    return copies === null ? null : copies.sort(byEndThenStart)
   }
 
   /** The context and as much of `data` as a copy begun in the context can reach: a few KiB at most, however big the chunk. */

@@ -34,7 +34,8 @@ export const MAX_WAITING_FRAMES = 1024
 /**
  * At most this many bytes of frames wait behind held bytes: a control frame is at most 127
  * bytes and a fragment's header 10, and keep-alive pings carry a few bytes, so a real server's
- * waiting frames come to a few KiB. (The held bytes themselves are fewer than the longest needle.)
+ * waiting frames come to a few KiB. (The held bytes themselves are about a needle's length: what
+ * may begin one, or a copy that may go on.)
  */
 export const MAX_WAITING_BYTES = 64 * 1024
 

@@ -200,12 +200,13 @@ function assemble(needles: Buffer[], used: Uint8Array): BodyNeedles {
   const anchors: Anchor[] = []
   let fewest = Infinity
   let longest = -Infinity
-  for (const b of needles) {
+  for (let id = 0; id < needles.length; id++) {
+    const b = needles[id]!
     ;(byFirstByte[b[0]!] ??= []).push(b)
     const least = leastShown(b.length)
     if (least < fewest) fewest = least
     if (b.length > longest) longest = b.length
-    anchorsOf(b, needles.indexOf(b), least, anchors)
+    anchorsOf(b, id, least, anchors)
   }
   let perByte = 0
   for (const a of anchors) perByte += 1 / a.bytes.length
@@ -216,7 +217,7 @@ function assemble(needles: Buffer[], used: Uint8Array): BodyNeedles {
  * Anchors of g bytes at step - 1, 2·step - 1… with step = least - g + 1: any `least` bytes of the
  * needle, wherever they begin, hold one whole. A needle has one or two, and none at its start (the
  * header a broker's JWTs share, a key's `sk-proj-`), so other tokens of the same kind are not
- * candidates; but one whose `least` is 8 has an anchor per byte (it has at most 17).
+ * candidates; but one whose `least` is 8 (a needle of 9 or 10 bytes) has an anchor per byte, 2 or 3.
  */
 function anchorsOf(needle: Buffer, id: number, least: number, out: Anchor[]): void {
   // Half of `least` (8 to ANCHOR bytes): a needle then has one or two anchors, not one per byte.
@@ -438,15 +439,16 @@ export class BodyScrubber {
   push(chunk: Buffer): Buffer | null {
     let data = this.held === null ? chunk : Buffer.concat([this.held, chunk])
     this.held = null
-    const copies = this.copiesIn(data)
+    const bridge = this.bridge(data)
+    const copies = this.copiesIn(data, bridge)
     // A copy reaching the end that its needle goes on past may go on in the next chunk: it waits
     // (overwritten now, what came next would be a shorter copy), with every copy it touches. One
     // begun in what the agent has (a negative start) holds back all that came since.
     let from = copies === null ? data.length : waitingFrom(copies, data.length)
     this.heldInCopy = from < data.length
-    if (this.context !== null && data.length < this.n.longest) {
+    if (bridge !== null && data.length < this.n.longest) {
       // So does a needle begun in a tail let go (release), if all that came since continues it.
-      const p = this.mayBeginNeedle(this.bridge(data), this.context.length) - this.context.length
+      const p = this.mayBeginNeedle(bridge, this.context!.length) - this.context!.length
       if (p < 0 && p < from) from = p
     }
     if (copies !== null) data = this.overwrite(data, chunk, copies, from)
@@ -464,12 +466,11 @@ export class BodyScrubber {
    * Every copy in `data` long enough to be overwritten, by end, or null; with those begun in what
    * the agent already has (the context: found in the bridge, their start before 0 here).
    */
-  private copiesIn(data: Buffer): Copy[] | null {
+  private copiesIn(data: Buffer, bridge: Buffer | null): Copy[] | null {
     const n = this.n
     let copies = data.length >= n.fewest ? scan(data, n) : null
     const ctx = this.context
-    if (ctx === null) return copies
-    const bridge = this.bridge(data)
+    if (ctx === null || bridge === null) return copies
     const across = bridge.length >= n.fewest ? scan(bridge, n) : null
     if (across === null) return copies
     for (const c of across) {
@@ -485,9 +486,9 @@ export class BodyScrubber {
     return copies === null ? null : copies.sort(byEndThenStart)
   }
 
-  /** The context and as much of `data` as a copy begun in the context can reach: a few KiB at most, however big the chunk. */
-  private bridge(data: Buffer): Buffer {
-    return Buffer.concat([this.context!, data.length > this.n.longest ? data.subarray(0, this.n.longest) : data])
+  /** The context and as much of `data` as a copy begun in the context can reach (a few KiB at most, however big the chunk), or null without a context. */
+  private bridge(data: Buffer): Buffer | null {
+    return this.context === null ? null : Buffer.concat([this.context, data.length > this.n.longest ? data.subarray(0, this.n.longest) : data])
   }
 
   /**
@@ -534,7 +535,7 @@ export class BodyScrubber {
   end(): Buffer | null {
     let rest = this.held
     if (rest === null) return null
-    const copies = this.copiesIn(rest)
+    const copies = this.copiesIn(rest, this.bridge(rest))
     if (copies !== null) rest = this.overwrite(rest, null, copies, rest.length)
     this.held = null
     this.context = null

@@ -10,6 +10,7 @@ import { dirname, isAbsolute, resolve } from 'node:path'
 import { Command } from 'commander'
 import type { Config } from '../lib/config/schema.js'
 import type { ConfigProblem } from '../lib/config/load.js'
+import { exitNow } from '../lib/stuck-io.js'
 
 const program = new Command()
 program
@@ -57,26 +58,29 @@ function describeFailure(err: unknown): string {
 /**
  * SIGTERM/SIGINT: stop accepting, drain, flush, exit. A second signal ends the drain at once:
  * what is still open is cut and recorded, the audit flushed, then exit (1); a third, or 5 s
- * more, exits there and then.
+ * more, exits there and then. While an append to a hung disk is stuck in the thread pool, the
+ * process ends by the signal instead of exit(1) (see lib/stuck-io.ts).
  */
 export function onShutdown(close: (urgent?: boolean) => Promise<void>): void {
   let signals = 0
-  const handler = (signal: string) => {
-    if (++signals === 3) process.exit(1)
+  // exitNow, not process.exit: with a thread of the pool stuck in a hung disk's write, exit would
+  // wait for it for ever (lib/stuck-io.ts); the process then ends by the signal it was sent.
+  const handler = (signal: NodeJS.Signals) => {
+    if (++signals === 3) return exitNow(1, signal)
     if (signals === 2) {
-      setTimeout(() => process.exit(1), 5_000).unref()
+      setTimeout(() => exitNow(1, signal), 5_000).unref()
       void close(true).then(
-        () => process.exit(1),
-        () => process.exit(1),
+        () => exitNow(1, signal),
+        () => exitNow(1, signal),
       )
       return
     }
     close().then(
       // The drain a second signal cut short ends here too, on the same close: not clean.
-      () => process.exit(signals > 1 ? 1 : 0),
+      () => exitNow(signals > 1 ? 1 : 0, signal),
       (err) => {
         console.error(`shutdown after ${signal} failed: ${describeFailure(err)}`)
-        process.exit(1)
+        exitNow(1, signal)
       },
     )
   }

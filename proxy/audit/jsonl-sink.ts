@@ -14,8 +14,9 @@
 // Lines are plain JSON.stringify: V8 writes them natively in one pass, with less than half the
 // garbage of a schema-compiled serializer (1.8 KB against 3.9 KB per event, measured), and an
 // event carries nothing extra to leak because Pipeline.finish builds it field by field.
-import { openSync, write, fsyncSync, closeSync, fstatSync, statSync, type Stats } from 'node:fs'
+import { openSync, write, fsync, closeSync, fstatSync, statSync, type Stats } from 'node:fs'
 import type { AuditEvent, AuditSink } from '../context.js'
+import { markStuck, unmarkStuck } from '../../lib/stuck-io.js'
 
 // 20 ms of a busy sidecar's events fit several times over; buffers are reused, never churned.
 const CHUNK = 256 * 1024
@@ -51,10 +52,14 @@ export class JsonlAuditSink implements AuditSink {
   private held = 0
   /** Set while one append (the writer) is under way; the next waits for it. */
   private writing = false
+  /** Events in the batch being appended now (lost with it if close gives up on a hung append). */
+  private writingLines = 0
   /** A flush came while the writer was busy: it takes the buffer being filled when done. */
   private flushWanted = false
   /** performance.now() when the write(2) under way began; 0 while none is. */
   private writeStarted = 0
+  /** The write under way is outstanding past stallMs: marked stuck (lib/stuck-io.ts) until it completes. */
+  private writeStuck = false
   private stallTimer: NodeJS.Timeout | null = null
   /** Set while appends fail: the error of the last one. */
   private failing: NodeJS.ErrnoException | null = null
@@ -195,7 +200,9 @@ export class JsonlAuditSink implements AuditSink {
           this.flushWanted = false
           next = this.take()
         }
+        this.writingLines = next?.lines ?? 0
         await this.append(next)
+        this.writingLines = 0
       } while (this.unwritten.length === 0 && (this.queued.length > 0 || (this.flushWanted && this.used > 0)))
     } finally {
       this.writing = false
@@ -244,6 +251,7 @@ export class JsonlAuditSink implements AuditSink {
       if (this.writeStarted === 0 || this.closed) return
       const age = performance.now() - this.writeStarted
       if (age < this.stallMs) return this.watchStall()
+      this.markWriteStuck()
       this.fail(Object.assign(new Error(`an append to the audit file has not completed in ${Math.round(age / 1000)} s (a hung disk?)`), { code: 'LK_AUDIT_STALLED' }))
     }, this.writeStarted === 0 ? this.stallMs : Math.max(1, this.stallMs - (performance.now() - this.writeStarted)))
     this.stallTimer.unref()
@@ -257,6 +265,10 @@ export class JsonlAuditSink implements AuditSink {
         this.watchStall()
         write(this.fd, data, offset, data.length - offset, null, (err, n) => {
           this.writeStarted = 0
+          if (this.writeStuck) {
+            this.writeStuck = false
+            unmarkStuck()
+          }
           if (err) {
             this.fail(err)
             return resolve(offset)
@@ -267,6 +279,13 @@ export class JsonlAuditSink implements AuditSink {
       }
       from(0)
     })
+  }
+
+  /** A thread of the pool is in the hung write: the shutdown must not wait on it (lib/stuck-io.ts). */
+  private markWriteStuck(): void {
+    if (this.writeStuck) return
+    this.writeStuck = true
+    markStuck()
   }
 
   private fail(err: NodeJS.ErrnoException): void {
@@ -312,6 +331,13 @@ export class JsonlAuditSink implements AuditSink {
     }
   }
 
+  /**
+   * Writes everything encoded, syncs and closes. On a hung disk it does not wait forever: once an
+   * append has been outstanding stallMs (the bound past which the sink already fails closed), or
+   * the sync takes that long, it stops waiting and rejects saying how many events were not
+   * written, so a SIGTERM ends the process with that said instead of hanging until a SIGKILL says
+   * nothing. The descriptor of a hung append is left open: the write may still land.
+   */
   async close(): Promise<void> {
     if (this.closed) return
     // Calls that end while the last batch is being written (those cut by the shutdown) are
@@ -319,24 +345,83 @@ export class JsonlAuditSink implements AuditSink {
     // The flush timer may append a batch while one is awaited here: the file is closed only once
     // the last append started is done, or that batch would be written to a closed descriptor.
     let written: Promise<void>
-    do await (written = this.flush())
-    while (this.events.length > 0 || this.used > 0 || this.queued.length > 0 || this.inFlight !== written)
-    this.closed = true
-    if (this.retryTimer) clearTimeout(this.retryTimer)
-    if (this.stallTimer) clearTimeout(this.stallTimer)
+    do {
+      written = this.flush()
+      if (!(await this.settlesUnlessHung(written))) {
+        const lost = this.unwrittenEvents()
+        this.markWriteStuck()
+        this.stopTaking()
+        this.failures += lost
+        const age = Math.round((performance.now() - this.writeStarted) / 1000)
+        throw Object.assign(new Error(`audit.jsonl.path ${this.path}: an append has not completed in ${age} s (a hung disk?); the sidecar stopped waiting for it at shutdown, and ${lost} audit event(s) not yet written are lost`), { code: 'LK_AUDIT_STALLED' })
+      }
+    } while (this.events.length > 0 || this.used > 0 || this.queued.length > 0 || this.inFlight !== written)
+    this.stopTaking()
     // Still failing at the end: what could not be written is lost, and counted.
     for (const u of this.unwritten.splice(0)) {
       this.failures += u.lines
       this.held -= u.data.length
     }
     try {
-      fsyncSync(this.fd)
+      await this.syncUnlessHung()
     } catch (err) {
-      // Said in one line naming the setting: what was written may not be on disk.
+      // Said in one line naming the setting: what was written may not be on disk. A sync still
+      // under way keeps its descriptor.
       const code = (err as NodeJS.ErrnoException).code ?? 'error'
-      throw Object.assign(new Error(`audit.jsonl.path ${this.path}: cannot be synced to disk at close (${code}): the last events written may be lost`), { code: 'LK_AUDIT_SYNC' })
-    } finally {
-      closeSync(this.fd)
+      if (code !== 'ETIMEDOUT') closeSync(this.fd)
+      const why = code === 'ETIMEDOUT' ? `it had not completed in ${Math.round(this.stallMs / 1000)} s` : code
+      throw Object.assign(new Error(`audit.jsonl.path ${this.path}: cannot be synced to disk at close (${why}): the last events written may be lost`), { code: 'LK_AUDIT_SYNC' })
     }
+    closeSync(this.fd)
+  }
+
+  private stopTaking(): void {
+    this.closed = true
+    if (this.timer) clearTimeout(this.timer)
+    if (this.retryTimer) clearTimeout(this.retryTimer)
+    if (this.stallTimer) clearTimeout(this.stallTimer)
+  }
+
+  /** Events taken and not (yet) written: waiting, encoded, queued, being appended, kept from a failed append. */
+  private unwrittenEvents(): number {
+    let n = this.events.length + this.lines + this.writingLines
+    for (const q of this.queued) n += q.lines
+    for (const u of this.unwritten) n += u.lines
+    return n
+  }
+
+  /** True once `p` settles; false if, before it does, the append under way has been outstanding stallMs. */
+  private settlesUnlessHung(p: Promise<void>): Promise<boolean> {
+    return new Promise((resolve) => {
+      let timer: NodeJS.Timeout | null = null
+      const check = () => {
+        const age = this.writeStarted === 0 ? 0 : performance.now() - this.writeStarted
+        if (this.writeStarted !== 0 && age >= this.stallMs) return resolve(false)
+        timer = setTimeout(check, Math.max(1, this.stallMs - age))
+      }
+      void p.then(() => {
+        if (timer) clearTimeout(timer)
+        resolve(true)
+      })
+      check()
+    })
+  }
+
+  /** fsync(2) off the event loop, given up (rejecting ETIMEDOUT) after stallMs: a hung disk hangs the sync too. */
+  private syncUnlessHung(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      let stuck = false
+      const timer = setTimeout(() => {
+        stuck = true
+        markStuck()
+        reject(Object.assign(new Error('fsync timed out'), { code: 'ETIMEDOUT' }))
+      }, this.stallMs)
+      fsync(this.fd, (err) => {
+        clearTimeout(timer)
+        if (stuck) return unmarkStuck()
+        if (err) reject(err)
+        else resolve()
+      })
+    })
   }
 }

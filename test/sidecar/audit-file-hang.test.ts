@@ -48,24 +48,22 @@ function metric(text: string, name: string): number | undefined {
 const cc = spawnSync('cc', ['--version'])
 const noCompiler = cc.error || cc.status !== 0 ? 'no C compiler (cc) on this machine: the hung write is made by an LD_PRELOAD shim compiled by the test' : false
 
-/** Compiles the shim into a fresh directory: the hang is made by write(2) itself, as a hung disk makes it. */
-function buildShim(t: { equal(a: unknown, b: unknown, m: string): unknown }): string {
+/**
+ * A sidecar whose write(2) to its audit file blocks while `flag` exists (the shim, compiled into
+ * a fresh directory): the hang is made by the system call itself, as a hung disk makes it.
+ */
+async function sidecarOnHungDisk(t: { equal(a: unknown, b: unknown, m: string): unknown; teardown(fn: () => unknown): void }, sidecar: Record<string, unknown> = {}) {
   const dir = realpathSync(mkdtempSync(join(tmpdir(), 'lk-audit-hang-')))
   writeFileSync(join(dir, 'shim.c'), SHIM)
   const built = spawnSync('cc', ['-shared', '-fPIC', '-O1', '-o', join(dir, 'shim.so'), join(dir, 'shim.c'), '-ldl'], { encoding: 'utf8' })
   t.equal(built.status, 0, `the shim compiles ${built.stderr}`)
-  return dir
-}
-
-t.test('a hung audit write: refused with the coded error and not ready within the bound, a bounded backlog, nothing lost once it completes', { skip: noCompiler }, async (t) => {
-  const dir = buildShim(t)
   const auditPath = join(dir, 'audit.jsonl')
   const flag = join(dir, 'hang')
   const up = await startUpstream()
   t.teardown(() => up.close())
   const file = writeYaml(join(dir, 'c.yaml'), {
     version: 1,
-    sidecar: { listen: { port: 0 }, admin: { port: 0 } },
+    sidecar: { listen: { port: 0 }, admin: { port: 0 }, ...sidecar },
     ...loopbackPolicy([up.port]),
     routes: { up: up.origin },
     audit: { jsonl: { path: auditPath } },
@@ -79,10 +77,15 @@ t.test('a hung audit write: refused with the coded error and not ready within th
   })
   t.teardown(async () => {
     rmSync(flag, { force: true })
-    await child.kill('SIGTERM')
+    await child.kill('SIGKILL')
   })
   const port = Number(/"port":(\d+)/.exec(child.output())![1])
   const admin = `http://127.0.0.1:${/"adminPort":(\d+)/.exec(child.output())![1]}`
+  return { auditPath, flag, up, child, port, admin }
+}
+
+t.test('a hung audit write: refused with the coded error and not ready within the bound, a bounded backlog, nothing lost once it completes', { skip: noCompiler }, async (t) => {
+  const { auditPath, flag, up, child, port, admin } = await sidecarOnHungDisk(t)
   const c = new Client(`http://127.0.0.1:${port}`)
   t.teardown(() => c.close())
   const calls: { path: string; status: number; at: number; code?: string; reason?: string }[] = []
@@ -157,24 +160,7 @@ t.test('a hung audit write: refused with the coded error and not ready within th
 })
 
 t.test('SIGTERM while the audit disk hangs: the sidecar ends within the stall bound, by the signal, saying how many events are lost', { skip: noCompiler }, async (t) => {
-  const dir = buildShim(t)
-  const auditPath = join(dir, 'audit.jsonl')
-  const flag = join(dir, 'hang')
-  const up = await startUpstream()
-  t.teardown(() => up.close())
-  const file = writeYaml(join(dir, 'c.yaml'), {
-    version: 1,
-    sidecar: { listen: { port: 0 }, admin: { port: 0 }, timeouts: { drain_ms: 300 } },
-    ...loopbackPolicy([up.port]),
-    routes: { up: up.origin },
-    audit: { jsonl: { path: auditPath } },
-  })
-  const child = await startChild(['sidecar', '--config', file], /sidecar listening/, { LD_PRELOAD: join(dir, 'shim.so'), LK_HANG_PATH: auditPath, LK_HANG_FLAG: flag, UV_USE_IO_URING: '0' })
-  t.teardown(async () => {
-    rmSync(flag, { force: true })
-    await child.kill('SIGKILL')
-  })
-  const port = Number(/"port":(\d+)/.exec(child.output())![1])
+  const { auditPath, flag, child, port } = await sidecarOnHungDisk(t, { timeouts: { drain_ms: 300 } })
   const c = new Client(`http://127.0.0.1:${port}`)
   const call = async (path: string) => {
     const r = await c.request({ method: 'GET', path: `/up${path}` })

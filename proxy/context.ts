@@ -61,7 +61,7 @@ export interface TaskRef {
 
 export interface Decision {
   action: 'allow' | 'deny'
-  /** Rule ID, `default`, or `network:<class>` for resolve-stage denials. */
+  /** Rule ID, `default`, `network:<class>` for resolve-stage denials, or `policy:path-readings` for a path too tangled to judge. */
   rule: string
   reason: string
   /** False when a deny rule is in report mode: logged as a would-be denial, not enforced. */

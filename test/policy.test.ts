@@ -1,6 +1,6 @@
 import t, { type Test } from 'tap'
 import { Policy } from '../proxy/policy/policy.js'
-import { pathReadings, compileGlob } from '../proxy/policy/paths.js'
+import { pathReadings, compileGlob, MAX_READINGS } from '../proxy/policy/paths.js'
 import { parseAbsoluteTarget, parseConnectTarget } from '../proxy/listen/target.js'
 import type { RuleConfig } from '../lib/config/schema.js'
 import { JsonOverrideScanner, isJsonBody } from '../proxy/policy/json-override.js'
@@ -190,8 +190,8 @@ t.test('globs', async (t) => {
   t.notOk(compileGlob('/v1.0/x', false).test('/v1X0/x'), 'dots are literal')
   t.same(pathReadings('/a'), ['/a'])
   t.same(pathReadings('/100%25/x'), ['/100%25/x', '/100%/x'], 'a literal % decodes once, and no further')
-  t.same(pathReadings('/a%2525252525252Fb').filter((r) => r.includes('/b')), [], 'no more than three further decodings')
-  t.ok(pathReadings('/a%2Fb').includes('/a/b'))
+  t.same(pathReadings('/a%2525252525252Fb')!.filter((r) => r.includes('/b')), [], 'no more than three further decodings')
+  t.ok(pathReadings('/a%2Fb')!.includes('/a/b'))
 })
 
 t.test('CIDR rules match IP-literal hosts, including IPv4-mapped IPv6', async (t) => {
@@ -283,6 +283,17 @@ t.test('CONNECT is decided by host and port; method or path rules fail closed', 
     inspectable: true,
   }, 'a method-limited allow passed over, then the default deny: open for plain HTTP only')
   t.equal(p.decide('CONNECT', parseConnectTarget('other.com:443')).inspectable, undefined, 'no rule on the host depends on method or path: a plain deny')
+  // A path deny on the host, and no rule allowing this port: nothing in the tunnel could ever go
+  // out, so it is not opened for plain HTTP (it was: a 200, recorded as allowed by the deny rule).
+  t.same(p.decide('CONNECT', parseConnectTarget('x.com:8443')), { action: 'deny', rule: 'default', reason: 'no rule allows this request and the default is deny', enforced: true }, 'a path deny passed over, then nothing allows the port: a plain deny by the default')
+  const w = policy([
+    { id: 'no-admin', action: 'deny', hosts: ['x.com'], paths: ['/admin/**'] },
+    { id: 'block-8443', action: 'deny', hosts: ['x.com'], ports: [8443] },
+    { id: 'x', action: 'allow', hosts: ['x.com'] },
+  ])
+  t.same(w.decide('CONNECT', parseConnectTarget('x.com:8443')), { action: 'deny', rule: 'block-8443', reason: 'denied by rule block-8443', enforced: true }, 'and by the whole-host deny that covers the port, named')
+  t.equal(w.decide('CONNECT', parseConnectTarget('x.com:443')).rule, 'no-admin', 'the allowed port still opens for plain HTTP only, under the path deny')
+  t.equal(w.decide('CONNECT', parseConnectTarget('x.com:443')).inspectable, true)
 
   const q = policy([
     { id: 'ro', action: 'allow', hosts: ['ro.com'], methods: ['GET'] },
@@ -294,15 +305,49 @@ t.test('CONNECT is decided by host and port; method or path rules fail closed', 
   t.equal(q.decide('CONNECT', parseConnectTarget('free.com:443')).inspectable, undefined)
 })
 
+t.test('a path whose reading begins with what a URL parser refuses as a host is judged, not an internal error', async (t) => {
+  // Resolving dot segments parsed a reading like `//%20../../x` as a URL reference, and the host
+  // it names threw: the call was a retryable 502 "internal error" with a stack in the log.
+  const p = policy([
+    { id: 'no-admin', action: 'deny', hosts: ['api.com'], paths: ['/admin/**'] },
+    { id: 'hosts', action: 'allow', hosts: ['api.com', 'other.com'] },
+  ])
+  for (const path of ['/%20/%20../..;/x', '/%5E/..;/x', '/..;x//%7C/..%20/x']) {
+    t.equal(decide(p, 'GET', `https://other.com${path}`).rule, 'hosts', `${path}: decided on a host with no path rule`)
+  }
+  for (const path of ['/%5c/%5E/..;/admin', '/..;x//%2f/..%20/admin', '/%20/%20../..;/admin']) {
+    t.equal(decide(p, 'GET', `https://api.com${path}`).rule, 'no-admin', `${path}: denied`)
+  }
+})
+
+t.test('readings are followed until nothing new appears, and a path with too many is denied, whatever the mode', async (t) => {
+  const p = policy([
+    { id: 'no-admin', action: 'deny', hosts: ['api.com'], paths: ['/admin/**'] },
+    { id: 'hosts', action: 'allow', hosts: ['api.com'] },
+  ])
+  // Five steps to /admin: trailing space trimmed, dot segments, ;params dropped, a trailing `..`
+  // dropped as Windows drops it, `//x` read as an authority. Four rounds stopped short of it.
+  t.ok(pathReadings('/x/..%20/..;/x/admin')!.includes('/admin'))
+  t.equal(decide(p, 'GET', 'https://api.com/x/..%20/..;/x/admin').rule, 'no-admin')
+  const tangled = '/%20/%20..%20/.%2F/.%252F%20/.%20/x%2F/..;%252F/%20..'
+  t.equal(pathReadings(tangled), null, `more than ${MAX_READINGS} readings: not judged on some of them`)
+  const refusal = { action: 'deny', rule: 'policy:path-readings', reason: `the path combines dot segments, doubled slashes, ;params or trailing dots and spaces into more than ${MAX_READINGS} readings a server might act on; it is not judged on some of them`, enforced: true }
+  t.same(decide(p, 'GET', `https://api.com${tangled}`), refusal, 'denied, saying why')
+  const lax = policy([{ id: 'no-admin', action: 'deny', hosts: ['api.com'], paths: ['/admin/**'] }], { default: 'allow', mode: 'report' })
+  t.same(decide(lax, 'GET', `https://api.com${tangled}`), refusal, 'enforced under a default allow in report mode too')
+  t.equal(decide(lax, 'GET', 'https://api.com/app;jsessionid=A1/../x/./y//z').action, 'allow', 'a servlet path with a session id, dot segments and a doubled slash is judged')
+  t.ok(pathReadings('/a//b///c/./d/../e;f=g/h%20/i.')!.length <= 32, 'such paths have a few dozen readings at most')
+})
+
 t.test('a segment-ending run of dots or spaces is trimmed in one pass, however long', async (t) => {
   // Tried from every dot of the run, the trim cost a 16 KB path 0.6 s of the event loop and grew
   // with the square of the run: a 1 MB run would not finish within this file's timeout.
   const dots = '.'.repeat(1_000_000)
   const spaces = '%20'.repeat(300_000)
-  const r = pathReadings(`/a${dots}x/b${dots}`)
+  const r = pathReadings(`/a${dots}x/b${dots}`)!
   t.same(r.map((p) => p.length), [dots.length * 2 + 5, dots.length + 5], 'two readings: as sent, and without the trailing run')
   t.equal(r[1], `/a${dots}x/b`)
-  const s = pathReadings(`/admin${spaces}/x${spaces}y`)
+  const s = pathReadings(`/admin${spaces}/x${spaces}y`)!
   t.ok(s.includes(`/admin/x${spaces}y`), 'a run of encoded spaces ending a segment is dropped; one inside a segment is kept')
   const p = policy([{ id: 'no-admin', action: 'deny', hosts: ['x.com'], paths: ['/admin/**'] }], { default: 'allow' })
   t.equal(decide(p, 'GET', `https://x.com/admin${'.'.repeat(15_000)}/x`).rule, 'no-admin', 'and a deny still sees /admin in it')

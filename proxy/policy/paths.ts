@@ -56,14 +56,29 @@ export function furtherDecodings(path: string): string[] {
   return decodings
 }
 
-/** The distinct readings of a (URL-normalised) path. The first is the canonical one. */
-export function pathReadings(path: string): string[] {
+/**
+ * Readings of one decoding of a path at most. The transforms are repeated until nothing new
+ * appears; a path with more readings than this (only a path built to combine dot segments,
+ * doubled slashes, `;params` and trailing dots or spaces has more than a few) is not judged on
+ * some of them: pathReadings answers null, and the policy denies it.
+ */
+export const MAX_READINGS = 256
+
+/** The distinct readings of a (URL-normalised) path, the first the canonical one; null when there are too many to judge (MAX_READINGS). */
+export function pathReadings(path: string): string[] | null {
   const readings = readingsOf(path)
-  if (path.includes('%25')) for (const p of furtherDecodings(path)) for (const r of readingsOf(p)) if (!readings.includes(r)) readings.push(r)
+  if (readings === null) return null
+  if (path.includes('%25')) {
+    for (const p of furtherDecodings(path)) {
+      const more = readingsOf(p)
+      if (more === null) return null
+      for (const r of more) if (!readings.includes(r)) readings.push(r)
+    }
+  }
   return readings
 }
 
-function readingsOf(path: string): string[] {
+function readingsOf(path: string): string[] | null {
   const canonical = decodeUnreserved(path)
   const readings = [canonical]
   const add = (p: string) => {
@@ -101,12 +116,14 @@ function readingsOf(path: string): string[] {
     // Python's re.IGNORECASE (Django's `(?i)` routes) take both for i: `/admın` is `/admin` to them.
     if (decoded !== null && /[ıİ]/.test(folded!)) add(folded!.replace(/[ıİ]/g, 'i'))
   }
-  for (let round = 0; round < 4; round++) {
+  for (;;) {
     const before = readings.length
     for (const p of [...readings]) {
       add(p.replace(/\/{2,}/g, '/'))
       if (p.includes(';')) add(p.replace(/;[^/]*/g, ''))
-      if (/(^|\/)\.\.?(\/|$)/.test(p)) add(new URL(p, 'http://x').pathname)
+      // Resolved as a path: `/.` first, so a reading that begins `//` is not parsed as an authority
+      // (a host the URL parser refuses, `//%20../`, threw here), which the rule below reads it as.
+      if (/(^|\/)\.\.?(\/|$)/.test(p)) add(new URL('/.' + p, 'http://x').pathname)
       if (SEGMENT_END_TRIMMABLE.test(p)) {
         add(p.replace(SEGMENT_END_RUNS, '$1'))
         // Spaces trimmed but dots kept, as a server trimming whitespace does: `..%20` is `..`.
@@ -119,9 +136,9 @@ function readingsOf(path: string): string[] {
       const cut = p.search(QUERY_OR_FRAGMENT)
       if (cut !== -1) add(p.slice(0, cut) || '/')
     }
-    if (readings.length === before) break
+    if (readings.length === before) return readings
+    if (readings.length > MAX_READINGS) return null
   }
-  return readings
 }
 
 /** What `/**` ending a glob compiles to: the path itself, or anything under it. */

@@ -5,7 +5,7 @@ import { isIP } from 'node:net'
 import ipaddr from 'ipaddr.js'
 import type { Config, RuleConfig, Mode } from '../../lib/config/schema.js'
 import type { Decider, Decision, Target } from '../context.js'
-import { compileGlob, pathReadings } from './paths.js'
+import { compileGlob, pathReadings, MAX_READINGS } from './paths.js'
 import { addressForms, type AddressForms } from '../resolve/classify.js'
 
 interface CompiledRule {
@@ -92,6 +92,14 @@ function hostMatches(r: CompiledRule, t: Target, address: AddressForms | null): 
   return false
 }
 
+/** A path with more readings than are judged (paths.ts MAX_READINGS): denied whatever the mode or default, as the network floor is. */
+const UNJUDGEABLE_PATH: Decision = {
+  action: 'deny',
+  rule: 'policy:path-readings',
+  reason: `the path combines dot segments, doubled slashes, ;params or trailing dots and spaces into more than ${MAX_READINGS} readings a server might act on; it is not judged on some of them`,
+  enforced: true,
+}
+
 export class Policy implements Decider {
   private readonly rules: CompiledRule[]
   private readonly needsPaths: boolean
@@ -116,10 +124,12 @@ export class Policy implements Decider {
   decide(method: string, target: Target, resolvedAddress?: string): Decision {
     const tunnel = method === 'CONNECT'
     const readings = this.needsPaths && !tunnel ? pathReadings(target.path) : null
+    if (readings === null && this.needsPaths && !tunnel) return UNJUDGEABLE_PATH
     const scheme = tunnel ? 'https' : target.scheme
     let address: AddressForms | null | undefined
-    // CONNECT: an allow on this host that depends on method or path was passed over.
+    // CONNECT: an allow, or a deny, on this host that depends on method or path was passed over.
     let conditionalAllow: CompiledRule | null = null
+    let conditionalDeny: CompiledRule | null = null
     for (const r of this.rules) {
       if (r.ports && !r.ports.has(target.port)) continue
       if (r.schemes && !r.schemes.has(scheme)) continue
@@ -131,18 +141,12 @@ export class Policy implements Decider {
       if (tunnel && (r.methods || r.paths)) {
         // A TLS tunnel's requests cannot be seen: an allow that depends on method or path cannot
         // be proven, and a deny that depends on them might apply, so the deny wins. A tunnel of
-        // plain HTTP can be seen: it may open, and each request in it is decided on its own.
-        if (!r.deny) {
-          conditionalAllow ??= r
-          continue
-        }
-        return {
-          action: 'deny',
-          rule: r.id,
-          reason: `rule ${r.id} restricts methods or paths on this host, which a TLS tunnel cannot show`,
-          enforced: r.decision.enforced,
-          inspectable: true,
-        }
+        // plain HTTP can be seen: it may open, and each request in it is decided on its own. Both
+        // are passed over to see what the rules after them say of this host and port: when
+        // nothing could ever be allowed in the tunnel, it is a plain denial by what denies it.
+        if (r.deny) conditionalDeny ??= r
+        else conditionalAllow ??= r
+        continue
       }
       if (r.methods && !r.methods.has(method)) continue
       if (r.paths && readings) {
@@ -150,10 +154,22 @@ export class Policy implements Decider {
         const all = (re: RegExp) => readings.every((p) => re.test(p))
         if (r.deny ? !r.paths.some(matches) : !r.paths.some(all)) continue
       }
-      if (conditionalAllow && r.deny) return this.inspectableDeny(r.decision, conditionalAllow)
-      return r.decision
+      return this.tunnelDecision(r.decision, conditionalAllow, conditionalDeny)
     }
-    return conditionalAllow && this.defaultDecision.action === 'deny' ? this.inspectableDeny(this.defaultDecision, conditionalAllow) : this.defaultDecision
+    return this.tunnelDecision(this.defaultDecision, conditionalAllow, conditionalDeny)
+  }
+
+  /**
+   * `d`, what the first rule without method or path conditions (or the default) decides, made
+   * inspectable when rules passed over for a CONNECT could decide otherwise for some request in
+   * it: an allow before a deny (the tunnel then opens for plain HTTP only), or a deny before an
+   * allow (it might apply). A deny with only denies passed over stays a plain denial.
+   */
+  private tunnelDecision(d: Decision, conditionalAllow: CompiledRule | null, conditionalDeny: CompiledRule | null): Decision {
+    if (d.action === 'deny') return conditionalAllow ? this.inspectableDeny(d, conditionalAllow) : d
+    if (!conditionalDeny) return d
+    const r = conditionalDeny
+    return { action: 'deny', rule: r.id, reason: `rule ${r.id} restricts methods or paths on this host, which a TLS tunnel cannot show`, enforced: r.decision.enforced, inspectable: true }
   }
 
   /** A tunnel denied only because an earlier allow's method or path rules cannot be seen in TLS. */

@@ -26,6 +26,8 @@ export const ERRORS = {
   LK_UPSTREAM_TLS: { status: 502, error: 'upstream_tls', retryable: false },
   LK_UPSTREAM_TIMEOUT: { status: 504, error: 'upstream_timeout', retryable: true },
   LK_UPSTREAM_PROTOCOL: { status: 502, error: 'upstream_protocol', retryable: false },
+  /** A fault in the sidecar itself (logged with its frames): not the upstream's, and the same request would meet it again. */
+  LK_INTERNAL: { status: 500, error: 'internal', retryable: false },
   LK_DRAINING: { status: 503, error: 'draining', retryable: true },
   /** No upstream connection could be opened: the sidecar's are at sidecar.max_connections, all in use (forward/pools.ts). */
   LK_UPSTREAM_LIMIT: { status: 503, error: 'upstream_connection_limit', retryable: true },
@@ -60,6 +62,25 @@ export class LatchkeyError extends Error {
     this.status = ERRORS[code].status
     this.retryable = retryable ?? ERRORS[code].retryable
   }
+}
+
+/** What of an unexpected error is logged: code, type and frames, never its message (it can quote a URL, and a URL can hold a credential). */
+export interface InternalErrorDetail {
+  code: string | undefined
+  type: string | undefined
+  frames: string | undefined
+}
+
+/**
+ * A LatchkeyError as is; anything else is a fault in the sidecar: `log` gets its detail for the
+ * operator, and the agent a 500 LK_INTERNAL saying only that it happened (not retryable, and not
+ * charged to the upstream, as the 502 it was before made it).
+ */
+export function asLatchkeyError(err: unknown, log: (detail: InternalErrorDetail) => void): LatchkeyError {
+  if (err instanceof LatchkeyError) return err
+  const e = err as { code?: unknown; name?: unknown; stack?: unknown } | null | undefined
+  log({ code: typeof e?.code === 'string' ? e.code : undefined, type: typeof e?.name === 'string' ? e.name : undefined, frames: typeof e?.stack === 'string' ? e.stack.split('\n').slice(1, 8).join('\n') : undefined })
+  return new LatchkeyError('LK_INTERNAL', 'internal error in the sidecar')
 }
 
 export const RULE_HEADER = 'x-latchkey-rule'

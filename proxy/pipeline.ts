@@ -9,7 +9,7 @@ import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Dec
 import { checkLocalCaller, isLocalhostName, isLoopbackPeer } from './listen/local-caller.js'
 import { carriesTaskHandle } from './identify/proxy-authorization.js'
 import { closingSockets, lingerOnClose } from './listen/linger.js'
-import { LatchkeyError, renderError, renderErrorRaw, type ErrorCode } from './errors.js'
+import { LatchkeyError, asLatchkeyError, renderError, renderErrorRaw, type ErrorCode } from './errors.js'
 import type { CredentialBindings } from './credentials/bindings.js'
 import { stripQueryParams } from './credentials/bindings.js'
 import { hostHeader, parseAbsoluteTarget, parseReverseTarget, parseTunnelledTarget, urlHostPort, type ReverseRoutes } from './listen/target.js'
@@ -652,12 +652,7 @@ export class Pipeline {
   }
 
   asLatchkeyError(err: unknown): LatchkeyError {
-    if (err instanceof LatchkeyError) return err
-    // Unexpected: log the detail for the operator, tell the agent only that it happened.
-    // Code, type and frames only: an error's message can quote a URL, and a URL can hold a credential.
-    const e = err as { code?: string; name?: string; stack?: string }
-    this.stages.log.error({ err: { code: e?.code, type: e?.name, frames: e?.stack?.split('\n').slice(1, 8).join('\n') } }, 'internal error in pipeline')
-    return new LatchkeyError('LK_UPSTREAM_UNREACHABLE', 'internal error in the sidecar')
+    return asLatchkeyError(err, (detail) => this.stages.log.error({ err: detail }, 'internal error in pipeline'))
   }
 
   /**

@@ -50,7 +50,8 @@ export class SidecarMetrics {
 
   readonly auditFailures = new Gauge({
     name: 'latchkey_audit_write_failures',
-    help: 'Audit events that could not be written to the local sink',
+    // A gauge that only goes up, kept under its name for the dashboards that read it.
+    help: 'Times appends to the audit file began to fail or hang (one per episode; latchkey_audit_events_dropped_total counts the events lost)',
     registers: [this.registry],
   })
   readonly openTunnels = new Gauge({

@@ -179,7 +179,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     new JsonlAuditSink(config.audit.jsonl.path, config.audit.jsonl.flush_ms, (err) => {
       metrics.auditFailures.inc()
       log.error({ code: err.code, ...(err.code === 'LK_AUDIT_STALLED' ? { reason: err.message } : {}) }, 'audit sink write failed')
-    })
+    }, undefined, () => log.info('audit sink writes again: what was kept meanwhile is written'))
 
   const now = opts.now ?? Date.now
   // jose reads a task token's `sub` and delegation claims (unverified: the broker verifies), only where a broker is configured.

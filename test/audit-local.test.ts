@@ -1,7 +1,7 @@
 // The sidecar's local audit machinery on its own: the JSON-lines sink against a real file, call
 // ids, and the list of live calls a revocation walks.
 import t from 'tap'
-import { closeSync, constants, mkdtempSync, openSync, readFileSync, readSync } from 'node:fs'
+import { closeSync, constants, mkdtempSync, openSync, readFileSync, readSync, writeFileSync } from 'node:fs'
 import { execFileSync } from 'node:child_process'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -92,6 +92,44 @@ t.test('JSON lines: events recorded while close() writes the last batch are kept
     [0, 1, 2],
     'every event before close() resolved is on disk, in order',
   )
+})
+
+t.test('JSON lines: a last line cut short by an earlier run (a full disk, a crash) does not swallow the next event', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-jsonl-'))
+  const path = join(dir, 'audit.jsonl')
+  const whole = JSON.stringify(event(0))
+  writeFileSync(path, `${whole}\n${whole.slice(0, 40)}`)
+  const sink = new JsonlAuditSink(path, 5)
+  sink.write(event(1))
+  await sink.close()
+  const text = readFileSync(path, 'utf8').split('\n')
+  t.same(text.slice(0, 2), [whole, whole.slice(0, 40)], 'what was there is kept as it was')
+  t.equal((JSON.parse(text[2]!) as AuditEvent).bytes_out, 1, 'the new event is a line of its own, that parses')
+  t.equal(text.length, 4, 'and the file ends with a newline')
+  // A file that ends well gets nothing added; an empty one neither.
+  const again = new JsonlAuditSink(path, 5)
+  again.write(event(2))
+  await again.close()
+  t.equal(readFileSync(path, 'utf8').split('\n').length, 5, 'no blank line after a whole one')
+  const empty = join(dir, 'empty.jsonl')
+  writeFileSync(empty, '')
+  const fresh = new JsonlAuditSink(empty, 5)
+  fresh.write(event(3))
+  await fresh.close()
+  t.ok(readFileSync(empty, 'utf8').startsWith('{"id":'), 'an empty file starts with the event')
+  t.same(lines(empty).map((e) => e.bytes_out), [3])
+})
+
+t.test('JSON lines: events that could not be written make close() fail, saying how many', async (t) => {
+  // /dev/full: every append fails with ENOSPC, as a full disk's does (and fsync with EINVAL).
+  const errors: string[] = []
+  const sink = new JsonlAuditSink('/dev/full', 5, (err) => errors.push(err.code ?? ''))
+  for (let i = 0; i < 3; i++) sink.write(event(i))
+  await new Promise((r) => setTimeout(r, 50))
+  t.same(errors, ['ENOSPC'], 'the failing append is reported once')
+  t.equal(sink.accepting(), false, 'and fails closed')
+  await t.rejects(sink.close(), { code: 'LK_AUDIT_LOST', message: /^audit\.jsonl\.path \/dev\/full: 3 audit event\(s\) of this run could not be written and are lost: 3 still unwritten at shutdown \(ENOSPC\); nor could the file be synced to disk \(E[A-Z]+\)$/ })
+  t.equal(sink.failures, 3, 'counted for the dropped-events metric too')
 })
 
 t.test('JSON lines: a write that hangs fails closed, holds a bounded backlog in one buffer, and loses nothing kept', async (t) => {

@@ -14,7 +14,7 @@
 // Lines are plain JSON.stringify: V8 writes them natively in one pass, with less than half the
 // garbage of a schema-compiled serializer (1.8 KB against 3.9 KB per event, measured), and an
 // event carries nothing extra to leak because Pipeline.finish builds it field by field.
-import { openSync, write, fsync, closeSync, fstatSync, statSync, type Stats } from 'node:fs'
+import { openSync, write, fsync, closeSync, fstatSync, statSync, readSync, type Stats } from 'node:fs'
 import type { AuditEvent, AuditSink } from '../context.js'
 import { markStuck, unmarkStuck } from '../../lib/stuck-io.js'
 
@@ -83,8 +83,32 @@ export class JsonlAuditSink implements AuditSink {
     private readonly flushMs: number,
     private readonly onError: (err: NodeJS.ErrnoException) => void = () => {},
     private readonly stallMs = STALL_MS,
+    /** Appends work again after failing (onError said when they began to): everything kept is written. */
+    private readonly onRecovered: () => void = () => {},
   ) {
-    this.fd = openSync(path, 'a', 0o600)
+    this.fd = this.open()
+  }
+
+  /**
+   * Opens the path for appending (read too, for its last byte). A file whose last line was cut
+   * short (a full disk or a crash mid-append in an earlier run) gets a newline before the next
+   * event, so that event is a line of its own, not joined to the fragment where no parser reads
+   * it. The newline goes first among what is unwritten: retried as any append is.
+   */
+  private open(): number {
+    const fd = openSync(this.path, 'a+', 0o600)
+    try {
+      const size = fstatSync(fd).size
+      const last = Buffer.alloc(1)
+      if (size > 0 && readSync(fd, last, 0, 1, size - 1) === 1 && last[0] !== 0x0a) {
+        this.unwritten.unshift({ data: Buffer.from('\n'), lines: 0 })
+        this.held += 1
+      }
+    } catch (err) {
+      closeSync(fd)
+      throw err
+    }
+    return fd
   }
 
   write(event: AuditEvent): void {
@@ -228,7 +252,10 @@ export class JsonlAuditSink implements AuditSink {
     const n = reachable && this.unwritten.length === 0 ? await this.writeAll(data) : 0
     this.held -= n
     if (n < data.length) this.keep(data.subarray(n), batch?.lines ?? 0)
-    else if (this.unwritten.length === 0 && this.failing) this.failing = null
+    else if (this.unwritten.length === 0 && this.failing) {
+      this.failing = null
+      this.onRecovered()
+    }
     if (batch && batch.buffer.length === CHUNK && this.spare.length < 2) this.spare.push(batch.buffer)
     // With nothing new to write (no traffic: egress is refused meanwhile), tried again anyway.
     if (this.unwritten.length > 0 && !this.retryTimer && !this.closed) {
@@ -320,7 +347,7 @@ export class JsonlAuditSink implements AuditSink {
       if (current && (current.isFIFO() || current.isSocket() || current.isDirectory())) {
         throw Object.assign(new Error('the audit path is not a file'), { code: 'ENOTFILE' })
       }
-      const fd = openSync(this.path, 'a', 0o600)
+      const fd = this.open()
       closeSync(this.fd)
       this.fd = fd
       return true
@@ -358,21 +385,31 @@ export class JsonlAuditSink implements AuditSink {
     } while (this.events.length > 0 || this.used > 0 || this.queued.length > 0 || this.inFlight !== written)
     this.stopTaking()
     // Still failing at the end: what could not be written is lost, and counted.
+    let lostNow = 0
     for (const u of this.unwritten.splice(0)) {
-      this.failures += u.lines
+      lostNow += u.lines
       this.held -= u.data.length
     }
+    this.failures += lostNow
+    const failing = this.failing
+    let unsynced: string | null = null
     try {
       await this.syncUnlessHung()
+      closeSync(this.fd)
     } catch (err) {
-      // Said in one line naming the setting: what was written may not be on disk. A sync still
-      // under way keeps its descriptor.
+      // A sync still under way keeps its descriptor.
       const code = (err as NodeJS.ErrnoException).code ?? 'error'
       if (code !== 'ETIMEDOUT') closeSync(this.fd)
-      const why = code === 'ETIMEDOUT' ? `it had not completed in ${Math.round(this.stallMs / 1000)} s` : code
-      throw Object.assign(new Error(`audit.jsonl.path ${this.path}: cannot be synced to disk at close (${why}): the last events written may be lost`), { code: 'LK_AUDIT_SYNC' })
+      unsynced = code === 'ETIMEDOUT' ? `it had not completed in ${Math.round(this.stallMs / 1000)} s` : code
     }
-    closeSync(this.fd)
+    // A run that lost events does not end as if it had not: said once, with the count, and the
+    // shutdown fails (exit 1) instead of ending 0 after "sidecar stopped". Said in one line naming
+    // the setting, as a failed sync is (what was written may not be on disk).
+    if (this.failures > 0) {
+      const why = lostNow > 0 ? `${lostNow} still unwritten at shutdown (${failing?.code ?? 'error'})` : 'dropped while appends failed'
+      throw Object.assign(new Error(`audit.jsonl.path ${this.path}: ${this.failures} audit event(s) of this run could not be written and are lost: ${why}${unsynced ? `; nor could the file be synced to disk (${unsynced})` : ''}`), { code: 'LK_AUDIT_LOST' })
+    }
+    if (unsynced) throw Object.assign(new Error(`audit.jsonl.path ${this.path}: cannot be synced to disk at close (${unsynced}): the last events written may be lost`), { code: 'LK_AUDIT_SYNC' })
   }
 
   private stopTaking(): void {

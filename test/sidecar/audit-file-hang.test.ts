@@ -144,6 +144,7 @@ t.test('a hung audit write: refused with the coded error and not ready within th
     readyAgain = (await fetch(`${admin}/readyz`)).status
   }
   t.equal(readyAgain, 200, 'ready again once the append completes')
+  t.equal(child.output().match(/"msg":"audit sink writes again: what was kept meanwhile is written"/g)?.length, 1, 'and says so, once')
   t.equal(await call('/after'), 200, 'calls succeed again')
   let recorded: string[] = []
   for (let i = 0; i < 40; i++) {

@@ -78,6 +78,17 @@ t.test('errors name the path and the problem', async (t) => {
   t.ok(problems('version: 1\ncredentials: [ { id: a, audience: "https://x.com", source: static, secret: S, inject: { type: header } } ]\n').length > 0, 'header injector needs a name')
 })
 
+t.test('a header injector names a header a credential can ride in', async (t) => {
+  const named = (name: string) => problems(`version: 1\ncredentials: [ { id: a, audience: "https://x.com", source: static, secret: S, inject: { type: header, name: ${name} } } ]\n`)
+  // Host put the secret where front ends log it; Content-Length and Transfer-Encoding made every
+  // call a retryable 502; Connection sent no credential at all, silently.
+  t.same(named('Host'), ['credentials[0].inject.name: Host routes, frames or is dropped with the request\'s hop (the upstream routes by it, and front ends log it): a credential cannot be injected there'])
+  for (const name of ['content-length', 'Transfer-Encoding', 'Connection', 'Keep-Alive', 'Upgrade', 'TE', 'Trailer', 'Expect', 'Proxy-Authorization', 'Proxy-Connection']) {
+    t.match(named(name), [new RegExp(`^credentials\\[0\\]\\.inject\\.name: ${name} routes, frames or is dropped`)], name)
+  }
+  for (const name of ['X-Api-Key', 'Cookie', 'Authorization', 'X-Host', 'Private-Token']) t.same(named(name), [], `${name} is fine`)
+})
+
 t.test('environment overrides apply before validation', async (t) => {
   const c = parseConfig('version: 1\n', 'x', { LATCHKEY__SIDECAR__LISTEN__PORT: '16001', LATCHKEY__POLICY__DEFAULT: 'allow' })
   t.equal(c.sidecar.listen.port, 16001)

@@ -274,6 +274,24 @@ function ambiguousIPv4(address: string): boolean {
   return NUMERIC_HOST.test(address) && !ipaddr.IPv4.isValidFourPartDecimal(address)
 }
 /** What a URL parser reads as IPv4: one to four parts, each decimal, octal or 0x hex. */
+/** Header names a credential cannot ride in, with why: the upstream, or the sidecar's own HTTP stack, reads or drops them first. */
+const NOT_A_CREDENTIAL_HEADER_WHY: Record<string, string> = {
+  host: 'the upstream routes by it, and front ends log it',
+  'content-length': 'it frames the body',
+  'transfer-encoding': 'it frames the body',
+  expect: 'it asks for an interim response',
+  upgrade: 'it switches protocols',
+  'http2-settings': 'it switches protocols',
+  connection: 'hop-by-hop',
+  'keep-alive': 'hop-by-hop',
+  'proxy-connection': 'hop-by-hop',
+  te: 'hop-by-hop',
+  trailer: 'hop-by-hop',
+  'proxy-authorization': 'meant for a proxy, consumed by the sidecar',
+  'proxy-authenticate': 'meant for a proxy',
+}
+const NOT_A_CREDENTIAL_HEADER = new Set(Object.keys(NOT_A_CREDENTIAL_HEADER_WHY))
+
 const NUMERIC_HOST = /^(?:0x[0-9a-f]*|\d+)(?:\.(?:0x[0-9a-f]*|\d+)){0,3}\.?$/i
 const AMBIGUOUS = 'write an IPv4 address as four decimal parts without leading zeros (010 is 8 to some parsers, 10 to others)'
 
@@ -420,6 +438,9 @@ function semanticProblems(c: Config): ConfigProblem[] {
     }
   })
   c.credentials.forEach((b, i) => {
+    if (b.inject.type === 'header' && NOT_A_CREDENTIAL_HEADER.has(b.inject.name.toLowerCase())) {
+      problems.push({ path: `credentials[${i}].inject.name`, message: `${b.inject.name} routes, frames or is dropped with the request's hop (${NOT_A_CREDENTIAL_HEADER_WHY[b.inject.name.toLowerCase()]}): a credential cannot be injected there` })
+    }
     if (b.source !== 'client_credentials' && b.oauth !== undefined) problems.push({ path: `credentials[${i}].oauth`, message: 'applies only to source: client_credentials' })
     if (b.source === 'static') {
       if (!b.secret) problems.push({ path: `credentials[${i}].secret`, message: 'required when source is static' })

@@ -1,5 +1,6 @@
 // The catalogue of coded errors the sidecar answers with. Every refusal an agent can see has a
 // stable code, an HTTP status and a JSON body of one shape, whichever way the request arrived.
+import { STATUS_CODES } from 'node:http'
 
 export const ERRORS = {
   LK_POLICY_DENIED: { status: 403, error: 'denied', retryable: false },
@@ -124,20 +125,9 @@ export function renderError(err: LatchkeyError): { status: number; statusText: s
 /** "Forbidden (LK_POLICY_DENIED, rule default: no rule allows this request)": printable ASCII, bounded. */
 function statusText(err: LatchkeyError): string {
   const said = `${err.code}${err.rule ? `, rule ${err.rule}` : ''}: ${err.reason}`.replace(/[^\x20-\x7e]/g, '?')
-  return `${STATUS_TEXT[err.status] ?? 'Error'} (${said.length > 200 ? said.slice(0, 197) + '...' : said})`
+  return `${STATUS_CODES[err.status] ?? 'Error'} (${said.length > 200 ? said.slice(0, 197) + '...' : said})`
 }
 
-const STATUS_TEXT: Record<number, string> = {
-  400: 'Bad Request',
-  403: 'Forbidden',
-  404: 'Not Found',
-  407: 'Proxy Authentication Required',
-  417: 'Expectation Failed',
-  431: 'Request Header Fields Too Large',
-  502: 'Bad Gateway',
-  503: 'Service Unavailable',
-  504: 'Gateway Timeout',
-}
 
 /** The same refusal as raw HTTP/1.1 bytes, for CONNECT, upgrades and parser errors on a bare socket. */
 export function renderErrorRaw(err: LatchkeyError): string {

@@ -29,3 +29,10 @@ t.test('a coded error passes as it is; a thrown non-Error still gets a coded ans
   t.equal(asLatchkeyError(null, (d) => logged.push(d)).code, 'LK_INTERNAL')
   t.same(logged, [{ code: undefined, type: undefined, frames: undefined }, { code: undefined, type: undefined, frames: undefined }])
 })
+
+t.test('the status line says the status in words, as node:http does, for every code', async (t) => {
+  // A 408 said "408 Error": the phrases were a hand-kept table that lacked it.
+  t.match(renderError(new LatchkeyError('LK_REQUEST_TIMEOUT', 'slow')).statusText, /^Request Timeout \(/)
+  t.match(renderError(new LatchkeyError('LK_INTERNAL', 'x')).statusText, /^Internal Server Error \(/)
+  t.match(renderError(new LatchkeyError('LK_POLICY_DENIED', 'x', 'r')).statusText, /^Forbidden \(LK_POLICY_DENIED, rule r: x\)$/)
+})

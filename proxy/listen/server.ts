@@ -204,5 +204,7 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): Liste
 export function parserRefusal(err: NodeJS.ErrnoException): LatchkeyError {
   if (err.code === 'HPE_HEADER_OVERFLOW') return new LatchkeyError('LK_HEADERS_TOO_LARGE', `request headers too large (request line and headers over ${MAX_HEADER_BYTES} bytes)`)
   if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT') return new LatchkeyError('LK_REQUEST_TIMEOUT', 'the request line and headers did not all arrive within timeouts.client_headers_ms')
+  // curl --http2-prior-knowledge, gRPC without TLS: said in words (the audit read llhttp's code).
+  if (err.code === 'HPE_PAUSED_H2_UPGRADE') return new LatchkeyError('LK_BAD_REQUEST', 'an HTTP/2 connection preface (prior knowledge): this sidecar serves HTTP/1.1 only, so send HTTP/1.1 (an h2c upgrade offer is answered in HTTP/1.1)')
   return new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (${err.code ?? 'parse error'})`)
 }

@@ -34,7 +34,7 @@ t.test('refused framings', async (t) => {
     ['CL and TE together', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`, /Content-Length|malformed/],
     ['two different Content-Lengths', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab`, /Content-Length|malformed/],
     ['request line claiming HTTP/2', `GET ${target} HTTP/2.0\r\nHost: ${host}\r\n\r\n`, /HTTP\/2|malformed/],
-    ['HTTP/2 preface', `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, /HTTP\/2|malformed/],
+    ['HTTP/2 preface', `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, /^an HTTP\/2 connection preface \(prior knowledge\): this sidecar serves HTTP\/1\.1 only/],
     ['CONNECT without a port', `CONNECT 127.0.0.1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, /explicit port/],
     ['CONNECT with two Hosts', `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\nHost: 169.254.169.254:80\r\n\r\n`, /duplicate Host/],
     ['CONNECT with two Proxy-Authorizations', `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\nProxy-Authorization: Basic dGFzazph\r\nProxy-Authorization: Basic dGFzazpi\r\n\r\n`, /duplicate Proxy-Authorization/],

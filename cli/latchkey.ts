@@ -183,12 +183,12 @@ program
       const config = parseConfig(text, file, process.env)
       // What start-up reads besides the config: a policy file that does not compile makes the
       // config invalid; a file or directory missing here is said (the process would not start here).
-      const { errors, onThisMachine } = await (await import('../proxy/preflight.js')).preflight(config)
+      const { errors, onThisMachine, rules } = await (await import('../proxy/preflight.js')).preflight(config)
       const broker = config.broker ? await (await import('../broker/preflight.js')).brokerPreflight(registryAsFound(config.broker, file)) : { errors: [], onThisMachine: [] }
       if (errors.length + broker.errors.length > 0) throw await configError(file, [...errors, ...broker.errors])
       for (const p of onThisMachine) console.error(`warning: ${p.path}: ${p.message} (the sidecar would not start on this machine)`)
       for (const p of broker.onThisMachine) console.error(`warning: ${p.path}: ${p.message} (the broker would not start on this machine)`)
-      console.log(`${file}: valid (version ${config.version}, ${config.policy.rules.length} rules, ${config.credentials.length} credentials, ${Object.keys(config.routes).length} routes)`)
+      console.log(`${file}: valid (version ${config.version}, ${rules ?? config.policy.rules.length} rules${rules === undefined ? '' : ' (sidecar.policy_file)'}, ${config.credentials.length} credentials, ${Object.keys(config.routes).length} routes)`)
     } catch (err) {
       fail(err)
     }

@@ -7,7 +7,7 @@ import type { ConfigProblem } from '../lib/config/load.js'
 import { PreflightFindings } from '../lib/config/preflight-findings.js'
 import { compileBundle, DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
 import { CaFileProblem, readCaFile, trustWith } from './tls-trust.js'
-import { StaticSecretSource } from './credentials/static-source.js'
+import { StaticSecretSource, missingSecret } from './credentials/static-source.js'
 
 export class StartupError extends Error {
   readonly code = 'LK_STARTUP'
@@ -106,6 +106,8 @@ export async function preflight(config: Config): Promise<PreflightFindings> {
   const found = new PreflightFindings()
   const policy = readPolicyFile(config)
   if (!('bundle' in policy)) found.add('sidecar.policy_file', policy.message, policy.unreadable)
+  // The rules the sidecar would start with: the policy file's, when one is configured (it replaces the config's).
+  else if (policy.bundle) found.rules = policy.bundle.policy.rules.length
   for (const [setting, path] of caFiles(config)) {
     try {
       readCaFile(path)
@@ -140,20 +142,26 @@ export async function preflight(config: Config): Promise<PreflightFindings> {
   // secrets.file, read and parsed as the sidecar reads it (a duplicate key, a second document, a
   // value that is not a string): its content is never repeated.
   const secretsFile = config.secrets.file
+  let readable = true
   if (secretsFile) {
-    let readable = true
     try {
       accessSync(secretsFile, constants.R_OK)
     } catch (err) {
       readable = false
       found.cannotRead('secrets.file', secretsFile, err)
     }
-    if (readable) {
-      try {
-        found.errors.push(...unsendableSecrets(config, new StaticSecretSource(config.secrets, secretNames(config), process.env)))
-      } catch (err) {
-        found.add('secrets.file', (err as Error).message.replace(/^secrets\.file /, ''), false)
-      }
+  }
+  if (readable) {
+    let secrets: StaticSecretSource | null = null
+    try {
+      secrets = new StaticSecretSource(config.secrets, secretNames(config).map((n) => n.name), process.env)
+    } catch (err) {
+      found.add('secrets.file', (err as Error).message.replace(/^secrets\.file /, ''), false)
+    }
+    if (secrets) {
+      found.errors.push(...unsendableSecrets(config, secrets))
+      // A secret in neither place here: the sidecar would not start (said as start-up says it).
+      for (const { path, name } of secretNames(config)) if (!secrets.has(name)) found.onThisMachine.push({ path, message: missingSecret(name, config.secrets.env_prefix) })
     }
   }
   // The revocations a sidecar with a control stream last knew: a file that is not one stops its start.
@@ -172,15 +180,15 @@ export async function preflight(config: Config): Promise<PreflightFindings> {
   return found
 }
 
-/** Every secret name the sidecar looks up in secrets.file (or the environment). */
-function secretNames(config: Config): string[] {
-  const names: string[] = []
-  for (const c of config.credentials) {
-    if (c.source === 'static' && c.secret) names.push(c.secret)
-    if (c.source === 'client_credentials' && c.oauth) names.push(c.oauth.client_secret)
-  }
-  if (config.audit.collector?.token_secret) names.push(config.audit.collector.token_secret)
-  if (config.sidecar.control) names.push(config.sidecar.control.token_secret)
+/** Every secret name the sidecar looks up in secrets.file (or the environment), with the setting that names it. */
+function secretNames(config: Config): { path: string; name: string }[] {
+  const names: { path: string; name: string }[] = []
+  config.credentials.forEach((c, i) => {
+    if (c.source === 'static' && c.secret) names.push({ path: `credentials[${i}].secret`, name: c.secret })
+    if (c.source === 'client_credentials' && c.oauth) names.push({ path: `credentials[${i}].oauth.client_secret`, name: c.oauth.client_secret })
+  })
+  if (config.audit.collector?.token_secret) names.push({ path: 'audit.collector.token_secret', name: config.audit.collector.token_secret })
+  if (config.sidecar.control) names.push({ path: 'sidecar.control.token_secret', name: config.sidecar.control.token_secret })
   return names
 }
 

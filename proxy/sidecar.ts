@@ -10,7 +10,7 @@ import { createLogger, type Logger } from '../lib/log.js'
 import { Pipeline } from './pipeline.js'
 import { Policy } from './policy/policy.js'
 import { CredentialBindings } from './credentials/bindings.js'
-import { StaticSecretSource } from './credentials/static-source.js'
+import { StaticSecretSource, missingSecret } from './credentials/static-source.js'
 import { TaskIdentifier } from './identify/proxy-authorization.js'
 import { TaskRegistry } from './tasks/registry.js'
 import { handleTaskApi } from './tasks/api.js'
@@ -456,7 +456,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   networkPolicy.protectSelf([port, adminPort], hostAddresses)
   const host = sc.listen.host.includes(':') ? `[${sc.listen.host}]` : sc.listen.host
   proxyBase = `${host}:${port}`
-  log.info({ port, adminPort, agent: sc.agent_id, rules: config.policy.rules.length, credentials: bindings.all().length }, 'sidecar listening')
+  log.info({ port, adminPort, agent: sc.agent_id, rules: (initialPolicy?.policy ?? config.policy).rules.length, credentials: bindings.all().length }, 'sidecar listening')
 
   let closing: Promise<void> | null = null
   let hurry: (() => void) | null = null
@@ -523,14 +523,4 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     reloadPolicy,
     close,
   }
-}
-
-/**
- * Why a secret a setting names was not found, naming it only when it is written as a name is
- * (`GITHUB_TOKEN`, `github_token`): anything else (mixed case, `-`, `.`, long) may be the secret
- * itself, pasted where its name belongs, and a start-up error goes to the logs.
- */
-function missingSecret(name: string, prefix: string): string {
-  if (/^(?:[A-Z][A-Z0-9_]{0,39}|[a-z][a-z0-9_]{0,39})$/.test(name)) return `secret ${name} is neither in env ${prefix}${name} nor in secrets.file`
-  return `the secret it names is neither in env ${prefix}<name> nor in secrets.file (the name is not repeated: it is not written as a name is, and may be a secret pasted in its place)`
 }

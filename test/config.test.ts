@@ -166,6 +166,21 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   const dirAsFile = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8' })
   t.match(dirAsFile.stderr, /warning: sidecar\.policy_file: .*gone\.yaml: cannot read \(ENOENT\)/)
   t.match(dirAsFile.stderr, /warning: audit\.jsonl\.path: .* is a directory/)
+  // A secret in neither the environment nor secrets.file: the sidecar would refuse to start, and
+  // check-config said "valid" without a word.
+  const needsSecret = join(dir, 'secret.yaml')
+  writeFileSync(needsSecret, `version: 1\ncredentials: [ { id: api, audience: "https://api.example.com", source: static, secret: NO_SUCH_TOKEN_X, inject: { type: bearer } } ]\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
+  const env = { ...process.env }
+  delete env.LATCHKEY_SECRET_NO_SUCH_TOKEN_X
+  const noSecret = spawnSync(process.execPath, [CLI, 'check-config', needsSecret], { encoding: 'utf8', env })
+  t.same([noSecret.status, noSecret.stderr.trim()], [0, 'warning: credentials[0].secret: secret NO_SUCH_TOKEN_X is neither in env LATCHKEY_SECRET_NO_SUCH_TOKEN_X nor in secrets.file (the sidecar would not start on this machine)'], 'a missing secret is said, naming where it was looked for')
+  const withSecret = spawnSync(process.execPath, [CLI, 'check-config', needsSecret], { encoding: 'utf8', env: { ...env, LATCHKEY_SECRET_NO_SUCH_TOKEN_X: 'x'.repeat(32) } })
+  t.same([withSecret.status, withSecret.stderr], [0, ''], 'and nothing is said once it is there')
+  // The rules counted are those the sidecar starts with: a policy file's replace the config's.
+  writeFileSync(join(dir, 'policy.yaml'), 'default: deny\nrules: [ { id: a, action: allow, hosts: [a.com] }, { id: b, action: allow, hosts: [b.com] } ]\n')
+  writeFileSync(pointsAtBad, `version: 1\nsidecar: { policy_file: ${join(dir, 'policy.yaml')} }\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
+  const counted = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8' })
+  t.match(counted.stdout, /: valid \(version 1, 2 rules \(sidecar\.policy_file\), 0 credentials, 0 routes\)$/m, 'a policy file\'s rules are counted')
   // A port in use is one line naming the setting, for every listener: no stack trace.
   const { createServer: netServer } = await import('node:net')
   const taken = netServer().listen(0, '127.0.0.1')

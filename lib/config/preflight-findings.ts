@@ -7,6 +7,8 @@ import type { ConfigProblem } from './load.js'
 export class PreflightFindings {
   readonly errors: ConfigProblem[] = []
   readonly onThisMachine: ConfigProblem[] = []
+  /** Policy rules in force at start when a file other than the config holds them (sidecar.policy_file). */
+  rules: number | undefined = undefined
 
   /** A problem with the file `path` (a setting) names: missing or unreadable here when `unreadable`, else wrong. */
   add(path: string, message: string, unreadable: boolean): void {

@@ -79,3 +79,13 @@ export class StaticSecretSource implements CredentialSource {
     return this.heldByName.get(binding.secret) ?? NONE_HELD
   }
 }
+
+/**
+ * Why a secret a setting names was not found, naming it only when it is written as a name is
+ * (`GITHUB_TOKEN`, `github_token`): anything else (mixed case, `-`, `.`, long) may be the secret
+ * itself, pasted where its name belongs, and a start-up error goes to the logs.
+ */
+export function missingSecret(name: string, prefix: string): string {
+  if (/^(?:[A-Z][A-Z0-9_]{0,39}|[a-z][a-z0-9_]{0,39})$/.test(name)) return `secret ${name} is neither in env ${prefix}${name} nor in secrets.file`
+  return `the secret it names is neither in env ${prefix}<name> nor in secrets.file (the name is not repeated: it is not written as a name is, and may be a secret pasted in its place)`
+}

@@ -273,7 +273,6 @@ function isUnspecified(host: string): boolean {
 function ambiguousIPv4(address: string): boolean {
   return NUMERIC_HOST.test(address) && !ipaddr.IPv4.isValidFourPartDecimal(address)
 }
-/** What a URL parser reads as IPv4: one to four parts, each decimal, octal or 0x hex. */
 /** Header names a credential cannot ride in, with why: the upstream, or the sidecar's own HTTP stack, reads or drops them first. */
 const NOT_A_CREDENTIAL_HEADER_WHY: Record<string, string> = {
   host: 'the upstream routes by it, and front ends log it',
@@ -292,6 +291,7 @@ const NOT_A_CREDENTIAL_HEADER_WHY: Record<string, string> = {
 }
 const NOT_A_CREDENTIAL_HEADER = new Set(Object.keys(NOT_A_CREDENTIAL_HEADER_WHY))
 
+/** What a URL parser reads as IPv4: one to four parts, each decimal, octal or 0x hex. */
 const NUMERIC_HOST = /^(?:0x[0-9a-f]*|\d+)(?:\.(?:0x[0-9a-f]*|\d+)){0,3}\.?$/i
 const AMBIGUOUS = 'write an IPv4 address as four decimal parts without leading zeros (010 is 8 to some parsers, 10 to others)'
 

@@ -9,3 +9,4 @@ import { createRequire } from 'node:module'
 const http = createRequire(import.meta.url)('node:http') as typeof import('node:http')
 
 export const createServer = http.createServer
+export const STATUS_CODES = http.STATUS_CODES

@@ -1,6 +1,6 @@
 // The catalogue of coded errors the sidecar answers with. Every refusal an agent can see has a
 // stable code, an HTTP status and a JSON body of one shape, whichever way the request arrived.
-import { STATUS_CODES } from 'node:http'
+import { STATUS_CODES } from '../lib/node-http.js'
 
 export const ERRORS = {
   LK_POLICY_DENIED: { status: 403, error: 'denied', retryable: false },

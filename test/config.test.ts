@@ -78,6 +78,18 @@ t.test('errors name the path and the problem', async (t) => {
   t.ok(problems('version: 1\ncredentials: [ { id: a, audience: "https://x.com", source: static, secret: S, inject: { type: header } } ]\n').length > 0, 'header injector needs a name')
 })
 
+t.test('a mistake under inject is one line, about the injector its type names', async (t) => {
+  // Judged against every branch of the oneOf, one unknown key was eleven lines that contradicted
+  // each other (`type: must be "header"`, `missing "username"`, ...).
+  const inject = (value: string) => problems(`version: 1\ncredentials: [ { id: a, audience: "https://x.com", source: static, secret: S, inject: ${value} } ]\n`)
+  t.same(inject('{ type: bearer, bogus: 1 }'), ['credentials[0].inject.bogus: unknown key'])
+  t.same(inject('{ type: header, name: X-Key, format: "Key" }'), ['credentials[0].inject.format: must match pattern "\\{token\\}"'])
+  t.same(inject('{ type: basic }'), ['credentials[0].inject: missing required key "username"'])
+  t.same(inject('{ type: cookie }'), ['credentials[0].inject.type: must be one of "bearer", "header", "query", "basic"'])
+  t.same(inject('{ name: X-Key }'), ['credentials[0].inject: missing required key "type"'])
+  t.same(inject('{ type: query, name: key }'), [], 'and a right one passes')
+})
+
 t.test('a header injector names a header a credential can ride in', async (t) => {
   const named = (name: string) => problems(`version: 1\ncredentials: [ { id: a, audience: "https://x.com", source: static, secret: S, inject: { type: header, name: ${name} } } ]\n`)
   // Host put the secret where front ends log it; Content-Length and Transfer-Encoding made every

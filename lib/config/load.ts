@@ -125,7 +125,9 @@ export function parseConfig(text: string, source = '<config>', env: NodeJS.Proce
 
 export function validateConfig(raw: unknown, source = '<config>'): Config {
   // A key that is not a valid name fails twice (its pattern, then propertyNames): said once, by the key.
-  if (!validate(raw)) throw new ConfigError(source, (validate.errors ?? []).filter((e) => e.keyword !== 'propertyNames').map(describeAjvError))
+  // A discriminator's own complaint (a type no branch has, or none) repeats what the enum or
+  // required error beside it says about `type`.
+  if (!validate(raw)) throw new ConfigError(source, (validate.errors ?? []).filter((e) => e.keyword !== 'propertyNames' && e.keyword !== 'discriminator').map(describeAjvError))
   const config = raw as unknown as Config
   const problems = semanticProblems(config)
   if (problems.length > 0) throw new ConfigError(source, problems)

@@ -272,9 +272,13 @@ const rule = {
   },
 }
 
+// The discriminator makes ajv judge only the branch `type` names: without it, one wrong key under
+// `inject` was eleven contradictory lines, one per branch (`type: must be "header"`, ...).
 const inject = {
   type: 'object',
   required: ['type'],
+  properties: { type: { enum: ['bearer', 'header', 'query', 'basic'] } },
+  discriminator: { propertyName: 'type' },
   oneOf: [
     { additionalProperties: false, properties: { type: { const: 'bearer' } }, required: ['type'] },
     {

@@ -4,7 +4,7 @@
 "use strict";
 export const validate = validate10;
 export default validate10;
-const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"dns_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000},"tunnel_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":900000},"upstream_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"max_connections":{"type":"integer","minimum":1,"maximum":1000000,"default":1024},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000},"insecure_plaintext":{"type":"boolean","default":false}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"state_file":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"server_name":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"spiffe_id":{"type":"string","pattern":"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$","maxLength":2048}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000},"dns_negative_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000},"dns_max_lookups":{"type":"integer","minimum":1,"maximum":100000,"default":64}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"max_token_age_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"max_lifetime_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"client_ca_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
+const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"dns_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000},"tunnel_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":900000},"upstream_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"max_connections":{"type":"integer","minimum":1,"maximum":1000000,"default":1024},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000},"insecure_plaintext":{"type":"boolean","default":false}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"state_file":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"server_name":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"spiffe_id":{"type":"string","pattern":"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$","maxLength":2048}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000},"dns_negative_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000},"dns_max_lookups":{"type":"integer","minimum":1,"maximum":100000,"default":64}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"properties":{"type":{"enum":["bearer","header","query","basic"]}},"discriminator":{"propertyName":"type"},"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"max_token_age_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"max_lifetime_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"client_ca_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
 const func2 = Object.prototype.hasOwnProperty;
 import func4Module from "ajv/dist/runtime/ucs2length.js";
 const func4 = func4Module.default;
@@ -3315,13 +3315,9 @@ errors++;
 }
 if(data100.inject !== undefined){
 let data114 = data100.inject;
-const _errs246 = errors;
-let valid54 = false;
-let passing0 = null;
-const _errs247 = errors;
 if(data114 && typeof data114 == "object" && !Array.isArray(data114)){
 if(data114.type === undefined){
-const err258 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+const err258 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err258];
 }
@@ -3330,9 +3326,10 @@ vErrors.push(err258);
 }
 errors++;
 }
-for(const key23 in data114){
-if(!(key23 === "type")){
-const err259 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
+if(data114.type !== undefined){
+let data115 = data114.type;
+if(!((((data115 === "bearer") || (data115 === "header")) || (data115 === "query")) || (data115 === "basic"))){
+const err259 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/properties/type/enum",keyword:"enum",params:{allowedValues: schema11.properties.credentials.items.properties.inject.properties.type.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err259];
 }
@@ -3342,9 +3339,12 @@ vErrors.push(err259);
 errors++;
 }
 }
-if(data114.type !== undefined){
-if("bearer" !== data114.type){
-const err260 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
+const tag0 = data114.type;
+if(typeof tag0 == "string"){
+if(tag0 === "bearer"){
+if(data114 && typeof data114 == "object" && !Array.isArray(data114)){
+if(data114.type === undefined){
+const err260 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err260];
 }
@@ -3353,17 +3353,9 @@ vErrors.push(err260);
 }
 errors++;
 }
-}
-}
-var _valid0 = _errs247 === errors;
-if(_valid0){
-valid54 = true;
-passing0 = 0;
-}
-const _errs250 = errors;
-if(data114 && typeof data114 == "object" && !Array.isArray(data114)){
-if(data114.type === undefined){
-const err261 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+for(const key23 in data114){
+if(!(key23 === "type")){
+const err261 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key23},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err261];
 }
@@ -3372,8 +3364,10 @@ vErrors.push(err261);
 }
 errors++;
 }
-if(data114.name === undefined){
-const err262 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
+}
+if(data114.type !== undefined){
+if("bearer" !== data114.type){
+const err262 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/0/properties/type/const",keyword:"const",params:{allowedValue: "bearer"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err262];
 }
@@ -3382,9 +3376,13 @@ vErrors.push(err262);
 }
 errors++;
 }
-for(const key24 in data114){
-if(!(((key24 === "type") || (key24 === "name")) || (key24 === "format"))){
-const err263 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
+}
+}
+}
+else if(tag0 === "header"){
+if(data114 && typeof data114 == "object" && !Array.isArray(data114)){
+if(data114.type === undefined){
+const err263 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err263];
 }
@@ -3393,10 +3391,8 @@ vErrors.push(err263);
 }
 errors++;
 }
-}
-if(data114.type !== undefined){
-if("header" !== data114.type){
-const err264 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
+if(data114.name === undefined){
+const err264 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err264];
 }
@@ -3405,12 +3401,9 @@ vErrors.push(err264);
 }
 errors++;
 }
-}
-if(data114.name !== undefined){
-let data117 = data114.name;
-if(typeof data117 === "string"){
-if(!pattern17.test(data117)){
-const err265 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
+for(const key24 in data114){
+if(!(((key24 === "type") || (key24 === "name")) || (key24 === "format"))){
+const err265 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key24},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err265];
 }
@@ -3420,8 +3413,9 @@ vErrors.push(err265);
 errors++;
 }
 }
-else {
-const err266 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data114.type !== undefined){
+if("header" !== data114.type){
+const err266 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/type/const",keyword:"const",params:{allowedValue: "header"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err266];
 }
@@ -3431,11 +3425,11 @@ vErrors.push(err266);
 errors++;
 }
 }
-if(data114.format !== undefined){
-let data118 = data114.format;
+if(data114.name !== undefined){
+let data118 = data114.name;
 if(typeof data118 === "string"){
-if(!pattern18.test(data118)){
-const err267 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
+if(!pattern17.test(data118)){
+const err267 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err267];
 }
@@ -3446,7 +3440,7 @@ errors++;
 }
 }
 else {
-const err268 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err268 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err268];
 }
@@ -3456,21 +3450,11 @@ vErrors.push(err268);
 errors++;
 }
 }
-}
-var _valid0 = _errs250 === errors;
-if(_valid0 && valid54){
-valid54 = false;
-passing0 = [passing0, 1];
-}
-else {
-if(_valid0){
-valid54 = true;
-passing0 = 1;
-}
-const _errs257 = errors;
-if(data114 && typeof data114 == "object" && !Array.isArray(data114)){
-if(data114.type === undefined){
-const err269 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+if(data114.format !== undefined){
+let data119 = data114.format;
+if(typeof data119 === "string"){
+if(!pattern18.test(data119)){
+const err269 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/pattern",keyword:"pattern",params:{pattern: "\\{token\\}"},message:"must match pattern \""+"\\{token\\}"+"\""};
 if(vErrors === null){
 vErrors = [err269];
 }
@@ -3479,8 +3463,9 @@ vErrors.push(err269);
 }
 errors++;
 }
-if(data114.name === undefined){
-const err270 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
+}
+else {
+const err270 = {instancePath:instancePath+"/credentials/" + i14+"/inject/format",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/1/properties/format/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err270];
 }
@@ -3489,9 +3474,13 @@ vErrors.push(err270);
 }
 errors++;
 }
-for(const key25 in data114){
-if(!((key25 === "type") || (key25 === "name"))){
-const err271 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
+}
+}
+}
+else if(tag0 === "query"){
+if(data114 && typeof data114 == "object" && !Array.isArray(data114)){
+if(data114.type === undefined){
+const err271 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err271];
 }
@@ -3500,10 +3489,8 @@ vErrors.push(err271);
 }
 errors++;
 }
-}
-if(data114.type !== undefined){
-if("query" !== data114.type){
-const err272 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
+if(data114.name === undefined){
+const err272 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/required",keyword:"required",params:{missingProperty: "name"},message:"must have required property '"+"name"+"'"};
 if(vErrors === null){
 vErrors = [err272];
 }
@@ -3512,12 +3499,9 @@ vErrors.push(err272);
 }
 errors++;
 }
-}
-if(data114.name !== undefined){
-let data120 = data114.name;
-if(typeof data120 === "string"){
-if(func4(data120) < 1){
-const err273 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key25 in data114){
+if(!((key25 === "type") || (key25 === "name"))){
+const err273 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key25},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err273];
 }
@@ -3527,8 +3511,9 @@ vErrors.push(err273);
 errors++;
 }
 }
-else {
-const err274 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data114.type !== undefined){
+if("query" !== data114.type){
+const err274 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/type/const",keyword:"const",params:{allowedValue: "query"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err274];
 }
@@ -3538,21 +3523,11 @@ vErrors.push(err274);
 errors++;
 }
 }
-}
-var _valid0 = _errs257 === errors;
-if(_valid0 && valid54){
-valid54 = false;
-passing0 = [passing0, 2];
-}
-else {
-if(_valid0){
-valid54 = true;
-passing0 = 2;
-}
-const _errs262 = errors;
-if(data114 && typeof data114 == "object" && !Array.isArray(data114)){
-if(data114.type === undefined){
-const err275 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+if(data114.name !== undefined){
+let data121 = data114.name;
+if(typeof data121 === "string"){
+if(func4(data121) < 1){
+const err275 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err275];
 }
@@ -3561,8 +3536,9 @@ vErrors.push(err275);
 }
 errors++;
 }
-if(data114.username === undefined){
-const err276 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
+}
+else {
+const err276 = {instancePath:instancePath+"/credentials/" + i14+"/inject/name",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/2/properties/name/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err276];
 }
@@ -3571,9 +3547,13 @@ vErrors.push(err276);
 }
 errors++;
 }
-for(const key26 in data114){
-if(!((key26 === "type") || (key26 === "username"))){
-const err277 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
+}
+}
+}
+else if(tag0 === "basic"){
+if(data114 && typeof data114 == "object" && !Array.isArray(data114)){
+if(data114.type === undefined){
+const err277 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
 if(vErrors === null){
 vErrors = [err277];
 }
@@ -3582,10 +3562,8 @@ vErrors.push(err277);
 }
 errors++;
 }
-}
-if(data114.type !== undefined){
-if("basic" !== data114.type){
-const err278 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
+if(data114.username === undefined){
+const err278 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/required",keyword:"required",params:{missingProperty: "username"},message:"must have required property '"+"username"+"'"};
 if(vErrors === null){
 vErrors = [err278];
 }
@@ -3594,12 +3572,9 @@ vErrors.push(err278);
 }
 errors++;
 }
-}
-if(data114.username !== undefined){
-let data122 = data114.username;
-if(typeof data122 === "string"){
-if(!pattern19.test(data122)){
-const err279 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
+for(const key26 in data114){
+if(!((key26 === "type") || (key26 === "username"))){
+const err279 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key26},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err279];
 }
@@ -3609,8 +3584,9 @@ vErrors.push(err279);
 errors++;
 }
 }
-else {
-const err280 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data114.type !== undefined){
+if("basic" !== data114.type){
+const err280 = {instancePath:instancePath+"/credentials/" + i14+"/inject/type",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/type/const",keyword:"const",params:{allowedValue: "basic"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err280];
 }
@@ -3620,22 +3596,11 @@ vErrors.push(err280);
 errors++;
 }
 }
-}
-var _valid0 = _errs262 === errors;
-if(_valid0 && valid54){
-valid54 = false;
-passing0 = [passing0, 3];
-}
-else {
-if(_valid0){
-valid54 = true;
-passing0 = 3;
-}
-}
-}
-}
-if(!valid54){
-const err281 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
+if(data114.username !== undefined){
+let data123 = data114.username;
+if(typeof data123 === "string"){
+if(!pattern19.test(data123)){
+const err281 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/pattern",keyword:"pattern",params:{pattern: "^[^:]*$"},message:"must match pattern \""+"^[^:]*$"+"\""};
 if(vErrors === null){
 vErrors = [err281];
 }
@@ -3644,20 +3609,9 @@ vErrors.push(err281);
 }
 errors++;
 }
-else {
-errors = _errs246;
-if(vErrors !== null){
-if(_errs246){
-vErrors.length = _errs246;
 }
 else {
-vErrors = null;
-}
-}
-}
-if(data114 && typeof data114 == "object" && !Array.isArray(data114)){
-if(data114.type === undefined){
-const err282 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/required",keyword:"required",params:{missingProperty: "type"},message:"must have required property '"+"type"+"'"};
+const err282 = {instancePath:instancePath+"/credentials/" + i14+"/inject/username",schemaPath:"#/properties/credentials/items/properties/inject/oneOf/3/properties/username/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err282];
 }
@@ -3667,8 +3621,10 @@ vErrors.push(err282);
 errors++;
 }
 }
+}
+}
 else {
-const err283 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err283 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/discriminator",keyword:"discriminator",params:{error: "mapping", tag: "type", tagValue: tag0},message:"value of tag \"type\" must be in oneOf"};
 if(vErrors === null){
 vErrors = [err283];
 }
@@ -3678,15 +3634,8 @@ vErrors.push(err283);
 errors++;
 }
 }
-if(data100.strip !== undefined){
-let data123 = data100.strip;
-if(Array.isArray(data123)){
-const len14 = data123.length;
-for(let i17=0; i17<len14; i17++){
-let data124 = data123[i17];
-if(typeof data124 === "string"){
-if(!pattern17.test(data124)){
-const err284 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
+else {
+const err284 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/discriminator",keyword:"discriminator",params:{error: "tag", tag: "type", tagValue: tag0},message:"tag \"type\" must be string"};
 if(vErrors === null){
 vErrors = [err284];
 }
@@ -3697,7 +3646,7 @@ errors++;
 }
 }
 else {
-const err285 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err285 = {instancePath:instancePath+"/credentials/" + i14+"/inject",schemaPath:"#/properties/credentials/items/properties/inject/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err285];
 }
@@ -3707,9 +3656,15 @@ vErrors.push(err285);
 errors++;
 }
 }
-}
-else {
-const err286 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data100.strip !== undefined){
+let data124 = data100.strip;
+if(Array.isArray(data124)){
+const len14 = data124.length;
+for(let i17=0; i17<len14; i17++){
+let data125 = data124[i17];
+if(typeof data125 === "string"){
+if(!pattern17.test(data125)){
+const err286 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/pattern",keyword:"pattern",params:{pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},message:"must match pattern \""+"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err286];
 }
@@ -3719,9 +3674,8 @@ vErrors.push(err286);
 errors++;
 }
 }
-}
 else {
-const err287 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err287 = {instancePath:instancePath+"/credentials/" + i14+"/strip/" + i17,schemaPath:"#/properties/credentials/items/properties/strip/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err287];
 }
@@ -3733,7 +3687,7 @@ errors++;
 }
 }
 else {
-const err288 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err288 = {instancePath:instancePath+"/credentials/" + i14+"/strip",schemaPath:"#/properties/credentials/items/properties/strip/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err288];
 }
@@ -3742,14 +3696,10 @@ vErrors.push(err288);
 }
 errors++;
 }
-let data125 = data.secrets;
-if(data125 && typeof data125 == "object" && !Array.isArray(data125)){
-if(data125.env_prefix === undefined){
-data125.env_prefix = "LATCHKEY_SECRET_";
 }
-for(const key27 in data125){
-if(!((key27 === "file") || (key27 === "env_prefix"))){
-const err289 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
+}
+else {
+const err289 = {instancePath:instancePath+"/credentials/" + i14,schemaPath:"#/properties/credentials/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err289];
 }
@@ -3759,11 +3709,9 @@ vErrors.push(err289);
 errors++;
 }
 }
-if(data125.file !== undefined){
-let data126 = data125.file;
-if(typeof data126 === "string"){
-if(func4(data126) < 1){
-const err290 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err290 = {instancePath:instancePath+"/credentials",schemaPath:"#/properties/credentials/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err290];
 }
@@ -3772,9 +3720,14 @@ vErrors.push(err290);
 }
 errors++;
 }
+let data126 = data.secrets;
+if(data126 && typeof data126 == "object" && !Array.isArray(data126)){
+if(data126.env_prefix === undefined){
+data126.env_prefix = "LATCHKEY_SECRET_";
 }
-else {
-const err291 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key27 in data126){
+if(!((key27 === "file") || (key27 === "env_prefix"))){
+const err291 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err291];
 }
@@ -3784,10 +3737,11 @@ vErrors.push(err291);
 errors++;
 }
 }
-let data127 = data125.env_prefix;
+if(data126.file !== undefined){
+let data127 = data126.file;
 if(typeof data127 === "string"){
-if(!pattern21.test(data127)){
-const err292 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
+if(func4(data127) < 1){
+const err292 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err292];
 }
@@ -3798,7 +3752,7 @@ errors++;
 }
 }
 else {
-const err293 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err293 = {instancePath:instancePath+"/secrets/file",schemaPath:"#/properties/secrets/properties/file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err293];
 }
@@ -3808,8 +3762,10 @@ vErrors.push(err293);
 errors++;
 }
 }
-else {
-const err294 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data128 = data126.env_prefix;
+if(typeof data128 === "string"){
+if(!pattern21.test(data128)){
+const err294 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err294];
 }
@@ -3818,17 +3774,9 @@ vErrors.push(err294);
 }
 errors++;
 }
-let data128 = data.audit;
-if(data128 && typeof data128 == "object" && !Array.isArray(data128)){
-if(data128.jsonl === undefined){
-data128.jsonl = {};
 }
-if(data128.collector === undefined){
-data128.collector = null;
-}
-for(const key28 in data128){
-if(!((key28 === "jsonl") || (key28 === "collector"))){
-const err295 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
+else {
+const err295 = {instancePath:instancePath+"/secrets/env_prefix",schemaPath:"#/properties/secrets/properties/env_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err295];
 }
@@ -3838,17 +3786,8 @@ vErrors.push(err295);
 errors++;
 }
 }
-let data129 = data128.jsonl;
-if(data129 && typeof data129 == "object" && !Array.isArray(data129)){
-if(data129.path === undefined){
-data129.path = "latchkey-audit.jsonl";
-}
-if(data129.flush_ms === undefined){
-data129.flush_ms = 20;
-}
-for(const key29 in data129){
-if(!((key29 === "path") || (key29 === "flush_ms"))){
-const err296 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
+else {
+const err296 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err296];
 }
@@ -3857,11 +3796,17 @@ vErrors.push(err296);
 }
 errors++;
 }
+let data129 = data.audit;
+if(data129 && typeof data129 == "object" && !Array.isArray(data129)){
+if(data129.jsonl === undefined){
+data129.jsonl = {};
 }
-let data130 = data129.path;
-if(typeof data130 === "string"){
-if(func4(data130) < 1){
-const err297 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data129.collector === undefined){
+data129.collector = null;
+}
+for(const key28 in data129){
+if(!((key28 === "jsonl") || (key28 === "collector"))){
+const err297 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err297];
 }
@@ -3871,8 +3816,17 @@ vErrors.push(err297);
 errors++;
 }
 }
-else {
-const err298 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data130 = data129.jsonl;
+if(data130 && typeof data130 == "object" && !Array.isArray(data130)){
+if(data130.path === undefined){
+data130.path = "latchkey-audit.jsonl";
+}
+if(data130.flush_ms === undefined){
+data130.flush_ms = 20;
+}
+for(const key29 in data130){
+if(!((key29 === "path") || (key29 === "flush_ms"))){
+const err298 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err298];
 }
@@ -3881,9 +3835,11 @@ vErrors.push(err298);
 }
 errors++;
 }
-let data131 = data129.flush_ms;
-if(!(((typeof data131 == "number") && (!(data131 % 1) && !isNaN(data131))) && (isFinite(data131)))){
-const err299 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data131 = data130.path;
+if(typeof data131 === "string"){
+if(func4(data131) < 1){
+const err299 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err299];
 }
@@ -3892,9 +3848,9 @@ vErrors.push(err299);
 }
 errors++;
 }
-if((typeof data131 == "number") && (isFinite(data131))){
-if(data131 > 3600000 || isNaN(data131)){
-const err300 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+else {
+const err300 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err300];
 }
@@ -3903,8 +3859,9 @@ vErrors.push(err300);
 }
 errors++;
 }
-if(data131 < 1 || isNaN(data131)){
-const err301 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+let data132 = data130.flush_ms;
+if(!(((typeof data132 == "number") && (!(data132 % 1) && !isNaN(data132))) && (isFinite(data132)))){
+const err301 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err301];
 }
@@ -3913,10 +3870,9 @@ vErrors.push(err301);
 }
 errors++;
 }
-}
-}
-else {
-const err302 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data132 == "number") && (isFinite(data132))){
+if(data132 > 3600000 || isNaN(data132)){
+const err302 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err302];
 }
@@ -3925,9 +3881,8 @@ vErrors.push(err302);
 }
 errors++;
 }
-let data132 = data128.collector;
-if((!(data132 && typeof data132 == "object" && !Array.isArray(data132))) && (data132 !== null)){
-const err303 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
+if(data132 < 1 || isNaN(data132)){
+const err303 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err303];
 }
@@ -3936,39 +3891,10 @@ vErrors.push(err303);
 }
 errors++;
 }
-if(data132 && typeof data132 == "object" && !Array.isArray(data132)){
-if(data132.tls === undefined){
-data132.tls = null;
 }
-if(data132.insecure_plaintext === undefined){
-data132.insecure_plaintext = false;
 }
-if(data132.spool_dir === undefined){
-data132.spool_dir = "latchkey-spool";
-}
-if(data132.spool_max_bytes === undefined){
-data132.spool_max_bytes = 268435456;
-}
-if(data132.segment_bytes === undefined){
-data132.segment_bytes = 4194304;
-}
-if(data132.on_full === undefined){
-data132.on_full = "refuse";
-}
-if(data132.batch_events === undefined){
-data132.batch_events = 1000;
-}
-if(data132.backoff_min_ms === undefined){
-data132.backoff_min_ms = 100;
-}
-if(data132.backoff_max_ms === undefined){
-data132.backoff_max_ms = 5000;
-}
-if(data132.close_timeout_ms === undefined){
-data132.close_timeout_ms = 2000;
-}
-if(data132.address === undefined){
-const err304 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
+else {
+const err304 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err304];
 }
@@ -3977,8 +3903,9 @@ vErrors.push(err304);
 }
 errors++;
 }
-if(data132.sidecar_id === undefined){
-const err305 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
+let data133 = data129.collector;
+if((!(data133 && typeof data133 == "object" && !Array.isArray(data133))) && (data133 !== null)){
+const err305 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err305];
 }
@@ -3987,9 +3914,39 @@ vErrors.push(err305);
 }
 errors++;
 }
-for(const key30 in data132){
-if(!(func2.call(schema11.properties.audit.properties.collector.properties, key30))){
-const err306 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
+if(data133 && typeof data133 == "object" && !Array.isArray(data133)){
+if(data133.tls === undefined){
+data133.tls = null;
+}
+if(data133.insecure_plaintext === undefined){
+data133.insecure_plaintext = false;
+}
+if(data133.spool_dir === undefined){
+data133.spool_dir = "latchkey-spool";
+}
+if(data133.spool_max_bytes === undefined){
+data133.spool_max_bytes = 268435456;
+}
+if(data133.segment_bytes === undefined){
+data133.segment_bytes = 4194304;
+}
+if(data133.on_full === undefined){
+data133.on_full = "refuse";
+}
+if(data133.batch_events === undefined){
+data133.batch_events = 1000;
+}
+if(data133.backoff_min_ms === undefined){
+data133.backoff_min_ms = 100;
+}
+if(data133.backoff_max_ms === undefined){
+data133.backoff_max_ms = 5000;
+}
+if(data133.close_timeout_ms === undefined){
+data133.close_timeout_ms = 2000;
+}
+if(data133.address === undefined){
+const err306 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
 if(vErrors === null){
 vErrors = [err306];
 }
@@ -3998,12 +3955,8 @@ vErrors.push(err306);
 }
 errors++;
 }
-}
-if(data132.address !== undefined){
-let data133 = data132.address;
-if(typeof data133 === "string"){
-if(!pattern22.test(data133)){
-const err307 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"},message:"must match pattern \""+"^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"+"\""};
+if(data133.sidecar_id === undefined){
+const err307 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
 if(vErrors === null){
 vErrors = [err307];
 }
@@ -4012,9 +3965,9 @@ vErrors.push(err307);
 }
 errors++;
 }
-}
-else {
-const err308 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key30 in data133){
+if(!(func2.call(schema11.properties.audit.properties.collector.properties, key30))){
+const err308 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err308];
 }
@@ -4024,11 +3977,11 @@ vErrors.push(err308);
 errors++;
 }
 }
-if(data132.sidecar_id !== undefined){
-let data134 = data132.sidecar_id;
+if(data133.address !== undefined){
+let data134 = data133.address;
 if(typeof data134 === "string"){
-if(func4(data134) < 1){
-const err309 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(!pattern22.test(data134)){
+const err309 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"},message:"must match pattern \""+"^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"+"\""};
 if(vErrors === null){
 vErrors = [err309];
 }
@@ -4039,7 +3992,7 @@ errors++;
 }
 }
 else {
-const err310 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err310 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err310];
 }
@@ -4049,11 +4002,11 @@ vErrors.push(err310);
 errors++;
 }
 }
-if(data132.token_secret !== undefined){
-let data135 = data132.token_secret;
+if(data133.sidecar_id !== undefined){
+let data135 = data133.sidecar_id;
 if(typeof data135 === "string"){
 if(func4(data135) < 1){
-const err311 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err311 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err311];
 }
@@ -4064,7 +4017,7 @@ errors++;
 }
 }
 else {
-const err312 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err312 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err312];
 }
@@ -4074,9 +4027,11 @@ vErrors.push(err312);
 errors++;
 }
 }
-let data136 = data132.tls;
-if((!(data136 && typeof data136 == "object" && !Array.isArray(data136))) && (data136 !== null)){
-const err313 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
+if(data133.token_secret !== undefined){
+let data136 = data133.token_secret;
+if(typeof data136 === "string"){
+if(func4(data136) < 1){
+const err313 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err313];
 }
@@ -4085,9 +4040,9 @@ vErrors.push(err313);
 }
 errors++;
 }
-if(data136 && typeof data136 == "object" && !Array.isArray(data136)){
-if(data136.ca_file === undefined){
-const err314 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
+}
+else {
+const err314 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err314];
 }
@@ -4096,8 +4051,10 @@ vErrors.push(err314);
 }
 errors++;
 }
-if(data136.cert_file === undefined){
-const err315 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+}
+let data137 = data133.tls;
+if((!(data137 && typeof data137 == "object" && !Array.isArray(data137))) && (data137 !== null)){
+const err315 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err315];
 }
@@ -4106,8 +4063,9 @@ vErrors.push(err315);
 }
 errors++;
 }
-if(data136.key_file === undefined){
-const err316 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+if(data137 && typeof data137 == "object" && !Array.isArray(data137)){
+if(data137.ca_file === undefined){
+const err316 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
 if(vErrors === null){
 vErrors = [err316];
 }
@@ -4116,9 +4074,8 @@ vErrors.push(err316);
 }
 errors++;
 }
-for(const key31 in data136){
-if(!(((key31 === "ca_file") || (key31 === "cert_file")) || (key31 === "key_file"))){
-const err317 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
+if(data137.cert_file === undefined){
+const err317 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err317];
 }
@@ -4127,12 +4084,8 @@ vErrors.push(err317);
 }
 errors++;
 }
-}
-if(data136.ca_file !== undefined){
-let data137 = data136.ca_file;
-if(typeof data137 === "string"){
-if(func4(data137) < 1){
-const err318 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data137.key_file === undefined){
+const err318 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err318];
 }
@@ -4141,9 +4094,9 @@ vErrors.push(err318);
 }
 errors++;
 }
-}
-else {
-const err319 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key31 in data137){
+if(!(((key31 === "ca_file") || (key31 === "cert_file")) || (key31 === "key_file"))){
+const err319 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err319];
 }
@@ -4153,11 +4106,11 @@ vErrors.push(err319);
 errors++;
 }
 }
-if(data136.cert_file !== undefined){
-let data138 = data136.cert_file;
+if(data137.ca_file !== undefined){
+let data138 = data137.ca_file;
 if(typeof data138 === "string"){
 if(func4(data138) < 1){
-const err320 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err320 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err320];
 }
@@ -4168,7 +4121,7 @@ errors++;
 }
 }
 else {
-const err321 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err321 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err321];
 }
@@ -4178,11 +4131,11 @@ vErrors.push(err321);
 errors++;
 }
 }
-if(data136.key_file !== undefined){
-let data139 = data136.key_file;
+if(data137.cert_file !== undefined){
+let data139 = data137.cert_file;
 if(typeof data139 === "string"){
 if(func4(data139) < 1){
-const err322 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err322 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err322];
 }
@@ -4193,7 +4146,7 @@ errors++;
 }
 }
 else {
-const err323 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err323 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err323];
 }
@@ -4203,9 +4156,11 @@ vErrors.push(err323);
 errors++;
 }
 }
-}
-if(typeof data132.insecure_plaintext !== "boolean"){
-const err324 = {instancePath:instancePath+"/audit/collector/insecure_plaintext",schemaPath:"#/properties/audit/properties/collector/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data137.key_file !== undefined){
+let data140 = data137.key_file;
+if(typeof data140 === "string"){
+if(func4(data140) < 1){
+const err324 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err324];
 }
@@ -4214,10 +4169,9 @@ vErrors.push(err324);
 }
 errors++;
 }
-let data141 = data132.spool_dir;
-if(typeof data141 === "string"){
-if(func4(data141) < 1){
-const err325 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err325 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err325];
 }
@@ -4227,8 +4181,9 @@ vErrors.push(err325);
 errors++;
 }
 }
-else {
-const err326 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+}
+if(typeof data133.insecure_plaintext !== "boolean"){
+const err326 = {instancePath:instancePath+"/audit/collector/insecure_plaintext",schemaPath:"#/properties/audit/properties/collector/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err326];
 }
@@ -4237,9 +4192,10 @@ vErrors.push(err326);
 }
 errors++;
 }
-let data142 = data132.spool_max_bytes;
-if(!(((typeof data142 == "number") && (!(data142 % 1) && !isNaN(data142))) && (isFinite(data142)))){
-const err327 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+let data142 = data133.spool_dir;
+if(typeof data142 === "string"){
+if(func4(data142) < 1){
+const err327 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err327];
 }
@@ -4248,9 +4204,9 @@ vErrors.push(err327);
 }
 errors++;
 }
-if((typeof data142 == "number") && (isFinite(data142))){
-if(data142 < 65536 || isNaN(data142)){
-const err328 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
+}
+else {
+const err328 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err328];
 }
@@ -4259,10 +4215,9 @@ vErrors.push(err328);
 }
 errors++;
 }
-}
-let data143 = data132.segment_bytes;
+let data143 = data133.spool_max_bytes;
 if(!(((typeof data143 == "number") && (!(data143 % 1) && !isNaN(data143))) && (isFinite(data143)))){
-const err329 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err329 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err329];
 }
@@ -4272,8 +4227,8 @@ vErrors.push(err329);
 errors++;
 }
 if((typeof data143 == "number") && (isFinite(data143))){
-if(data143 < 4096 || isNaN(data143)){
-const err330 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
+if(data143 < 65536 || isNaN(data143)){
+const err330 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
 if(vErrors === null){
 vErrors = [err330];
 }
@@ -4283,9 +4238,9 @@ vErrors.push(err330);
 errors++;
 }
 }
-let data144 = data132.on_full;
-if(!((data144 === "refuse") || (data144 === "drop"))){
-const err331 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
+let data144 = data133.segment_bytes;
+if(!(((typeof data144 == "number") && (!(data144 % 1) && !isNaN(data144))) && (isFinite(data144)))){
+const err331 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err331];
 }
@@ -4294,9 +4249,9 @@ vErrors.push(err331);
 }
 errors++;
 }
-let data145 = data132.batch_events;
-if(!(((typeof data145 == "number") && (!(data145 % 1) && !isNaN(data145))) && (isFinite(data145)))){
-const err332 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data144 == "number") && (isFinite(data144))){
+if(data144 < 4096 || isNaN(data144)){
+const err332 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
 if(vErrors === null){
 vErrors = [err332];
 }
@@ -4305,9 +4260,10 @@ vErrors.push(err332);
 }
 errors++;
 }
-if((typeof data145 == "number") && (isFinite(data145))){
-if(data145 > 10000 || isNaN(data145)){
-const err333 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
+}
+let data145 = data133.on_full;
+if(!((data145 === "refuse") || (data145 === "drop"))){
+const err333 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err333];
 }
@@ -4316,8 +4272,9 @@ vErrors.push(err333);
 }
 errors++;
 }
-if(data145 < 1 || isNaN(data145)){
-const err334 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+let data146 = data133.batch_events;
+if(!(((typeof data146 == "number") && (!(data146 % 1) && !isNaN(data146))) && (isFinite(data146)))){
+const err334 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err334];
 }
@@ -4326,10 +4283,9 @@ vErrors.push(err334);
 }
 errors++;
 }
-}
-let data146 = data132.backoff_min_ms;
-if(!(((typeof data146 == "number") && (!(data146 % 1) && !isNaN(data146))) && (isFinite(data146)))){
-const err335 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data146 == "number") && (isFinite(data146))){
+if(data146 > 10000 || isNaN(data146)){
+const err335 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
 if(vErrors === null){
 vErrors = [err335];
 }
@@ -4338,9 +4294,8 @@ vErrors.push(err335);
 }
 errors++;
 }
-if((typeof data146 == "number") && (isFinite(data146))){
-if(data146 > 3600000 || isNaN(data146)){
-const err336 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data146 < 1 || isNaN(data146)){
+const err336 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err336];
 }
@@ -4349,8 +4304,10 @@ vErrors.push(err336);
 }
 errors++;
 }
-if(data146 < 1 || isNaN(data146)){
-const err337 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data147 = data133.backoff_min_ms;
+if(!(((typeof data147 == "number") && (!(data147 % 1) && !isNaN(data147))) && (isFinite(data147)))){
+const err337 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err337];
 }
@@ -4359,10 +4316,9 @@ vErrors.push(err337);
 }
 errors++;
 }
-}
-let data147 = data132.backoff_max_ms;
-if(!(((typeof data147 == "number") && (!(data147 % 1) && !isNaN(data147))) && (isFinite(data147)))){
-const err338 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data147 == "number") && (isFinite(data147))){
+if(data147 > 3600000 || isNaN(data147)){
+const err338 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err338];
 }
@@ -4371,9 +4327,8 @@ vErrors.push(err338);
 }
 errors++;
 }
-if((typeof data147 == "number") && (isFinite(data147))){
-if(data147 > 3600000 || isNaN(data147)){
-const err339 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data147 < 1 || isNaN(data147)){
+const err339 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err339];
 }
@@ -4382,8 +4337,10 @@ vErrors.push(err339);
 }
 errors++;
 }
-if(data147 < 1 || isNaN(data147)){
-const err340 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data148 = data133.backoff_max_ms;
+if(!(((typeof data148 == "number") && (!(data148 % 1) && !isNaN(data148))) && (isFinite(data148)))){
+const err340 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err340];
 }
@@ -4392,10 +4349,9 @@ vErrors.push(err340);
 }
 errors++;
 }
-}
-let data148 = data132.close_timeout_ms;
-if(!(((typeof data148 == "number") && (!(data148 % 1) && !isNaN(data148))) && (isFinite(data148)))){
-const err341 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data148 == "number") && (isFinite(data148))){
+if(data148 > 3600000 || isNaN(data148)){
+const err341 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err341];
 }
@@ -4404,9 +4360,8 @@ vErrors.push(err341);
 }
 errors++;
 }
-if((typeof data148 == "number") && (isFinite(data148))){
-if(data148 > 3600000 || isNaN(data148)){
-const err342 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data148 < 1 || isNaN(data148)){
+const err342 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err342];
 }
@@ -4415,8 +4370,10 @@ vErrors.push(err342);
 }
 errors++;
 }
-if(data148 < 0 || isNaN(data148)){
-const err343 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+let data149 = data133.close_timeout_ms;
+if(!(((typeof data149 == "number") && (!(data149 % 1) && !isNaN(data149))) && (isFinite(data149)))){
+const err343 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err343];
 }
@@ -4425,11 +4382,9 @@ vErrors.push(err343);
 }
 errors++;
 }
-}
-}
-}
-else {
-const err344 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data149 == "number") && (isFinite(data149))){
+if(data149 > 3600000 || isNaN(data149)){
+const err344 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err344];
 }
@@ -4438,14 +4393,8 @@ vErrors.push(err344);
 }
 errors++;
 }
-let data149 = data.log;
-if(data149 && typeof data149 == "object" && !Array.isArray(data149)){
-if(data149.level === undefined){
-data149.level = "info";
-}
-for(const key32 in data149){
-if(!(key32 === "level")){
-const err345 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
+if(data149 < 0 || isNaN(data149)){
+const err345 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err345];
 }
@@ -4455,9 +4404,10 @@ vErrors.push(err345);
 errors++;
 }
 }
-let data150 = data149.level;
-if(!(((((((data150 === "fatal") || (data150 === "error")) || (data150 === "warn")) || (data150 === "info")) || (data150 === "debug")) || (data150 === "trace")) || (data150 === "silent"))){
-const err346 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
+}
+}
+else {
+const err346 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err346];
 }
@@ -4466,9 +4416,14 @@ vErrors.push(err346);
 }
 errors++;
 }
+let data150 = data.log;
+if(data150 && typeof data150 == "object" && !Array.isArray(data150)){
+if(data150.level === undefined){
+data150.level = "info";
 }
-else {
-const err347 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key32 in data150){
+if(!(key32 === "level")){
+const err347 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err347];
 }
@@ -4477,38 +4432,10 @@ vErrors.push(err347);
 }
 errors++;
 }
-if(data.broker !== undefined){
-let data151 = data.broker;
-if(data151 && typeof data151 == "object" && !Array.isArray(data151)){
-if(data151.listen === undefined){
-data151.listen = {};
 }
-if(data151.keys === undefined){
-data151.keys = {};
-}
-if(data151.tokens === undefined){
-data151.tokens = {};
-}
-if(data151.attestors === undefined){
-data151.attestors = {};
-}
-if(data151.store === undefined){
-data151.store = {};
-}
-if(data151.admin_token_env === undefined){
-data151.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
-}
-if(data151.introspection_clients === undefined){
-data151.introspection_clients = {};
-}
-if(data151.leased_secrets === undefined){
-data151.leased_secrets = {};
-}
-if(data151.events === undefined){
-data151.events = {};
-}
-if(data151.issuer === undefined){
-const err348 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+let data151 = data150.level;
+if(!(((((((data151 === "fatal") || (data151 === "error")) || (data151 === "warn")) || (data151 === "info")) || (data151 === "debug")) || (data151 === "trace")) || (data151 === "silent"))){
+const err348 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err348];
 }
@@ -4517,8 +4444,9 @@ vErrors.push(err348);
 }
 errors++;
 }
-if(data151.registry_file === undefined){
-const err349 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
+}
+else {
+const err349 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err349];
 }
@@ -4527,9 +4455,38 @@ vErrors.push(err349);
 }
 errors++;
 }
-for(const key33 in data151){
-if(!(func2.call(schema11.properties.broker.properties, key33))){
-const err350 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
+if(data.broker !== undefined){
+let data152 = data.broker;
+if(data152 && typeof data152 == "object" && !Array.isArray(data152)){
+if(data152.listen === undefined){
+data152.listen = {};
+}
+if(data152.keys === undefined){
+data152.keys = {};
+}
+if(data152.tokens === undefined){
+data152.tokens = {};
+}
+if(data152.attestors === undefined){
+data152.attestors = {};
+}
+if(data152.store === undefined){
+data152.store = {};
+}
+if(data152.admin_token_env === undefined){
+data152.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
+}
+if(data152.introspection_clients === undefined){
+data152.introspection_clients = {};
+}
+if(data152.leased_secrets === undefined){
+data152.leased_secrets = {};
+}
+if(data152.events === undefined){
+data152.events = {};
+}
+if(data152.issuer === undefined){
+const err350 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err350];
 }
@@ -4538,12 +4495,8 @@ vErrors.push(err350);
 }
 errors++;
 }
-}
-if(data151.issuer !== undefined){
-let data152 = data151.issuer;
-if(typeof data152 === "string"){
-if(!pattern1.test(data152)){
-const err351 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data152.registry_file === undefined){
+const err351 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
 if(vErrors === null){
 vErrors = [err351];
 }
@@ -4552,9 +4505,9 @@ vErrors.push(err351);
 }
 errors++;
 }
-}
-else {
-const err352 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key33 in data152){
+if(!(func2.call(schema11.properties.broker.properties, key33))){
+const err352 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err352];
 }
@@ -4564,11 +4517,11 @@ vErrors.push(err352);
 errors++;
 }
 }
-if(data151.audience !== undefined){
-let data153 = data151.audience;
+if(data152.issuer !== undefined){
+let data153 = data152.issuer;
 if(typeof data153 === "string"){
-if(func4(data153) < 1){
-const err353 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(!pattern1.test(data153)){
+const err353 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err353];
 }
@@ -4579,7 +4532,7 @@ errors++;
 }
 }
 else {
-const err354 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err354 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err354];
 }
@@ -4589,23 +4542,11 @@ vErrors.push(err354);
 errors++;
 }
 }
-let data154 = data151.listen;
-if(data154 && typeof data154 == "object" && !Array.isArray(data154)){
-if(data154.host === undefined){
-data154.host = "127.0.0.1";
-}
-if(data154.port === undefined){
-data154.port = 15003;
-}
-if(data154.tls === undefined){
-data154.tls = null;
-}
-if(data154.insecure_plaintext === undefined){
-data154.insecure_plaintext = false;
-}
-for(const key34 in data154){
-if(!((((key34 === "host") || (key34 === "port")) || (key34 === "tls")) || (key34 === "insecure_plaintext"))){
-const err355 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
+if(data152.audience !== undefined){
+let data154 = data152.audience;
+if(typeof data154 === "string"){
+if(func4(data154) < 1){
+const err355 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err355];
 }
@@ -4615,10 +4556,8 @@ vErrors.push(err355);
 errors++;
 }
 }
-let data155 = data154.host;
-if(typeof data155 === "string"){
-if(func4(data155) < 1){
-const err356 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err356 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err356];
 }
@@ -4628,8 +4567,23 @@ vErrors.push(err356);
 errors++;
 }
 }
-else {
-const err357 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data155 = data152.listen;
+if(data155 && typeof data155 == "object" && !Array.isArray(data155)){
+if(data155.host === undefined){
+data155.host = "127.0.0.1";
+}
+if(data155.port === undefined){
+data155.port = 15003;
+}
+if(data155.tls === undefined){
+data155.tls = null;
+}
+if(data155.insecure_plaintext === undefined){
+data155.insecure_plaintext = false;
+}
+for(const key34 in data155){
+if(!((((key34 === "host") || (key34 === "port")) || (key34 === "tls")) || (key34 === "insecure_plaintext"))){
+const err357 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err357];
 }
@@ -4638,9 +4592,11 @@ vErrors.push(err357);
 }
 errors++;
 }
-let data156 = data154.port;
-if(!(((typeof data156 == "number") && (!(data156 % 1) && !isNaN(data156))) && (isFinite(data156)))){
-const err358 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data156 = data155.host;
+if(typeof data156 === "string"){
+if(func4(data156) < 1){
+const err358 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err358];
 }
@@ -4649,9 +4605,9 @@ vErrors.push(err358);
 }
 errors++;
 }
-if((typeof data156 == "number") && (isFinite(data156))){
-if(data156 > 65535 || isNaN(data156)){
-const err359 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+else {
+const err359 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err359];
 }
@@ -4660,8 +4616,9 @@ vErrors.push(err359);
 }
 errors++;
 }
-if(data156 < 0 || isNaN(data156)){
-const err360 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+let data157 = data155.port;
+if(!(((typeof data157 == "number") && (!(data157 % 1) && !isNaN(data157))) && (isFinite(data157)))){
+const err360 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err360];
 }
@@ -4670,10 +4627,9 @@ vErrors.push(err360);
 }
 errors++;
 }
-}
-let data157 = data154.tls;
-if((!(data157 && typeof data157 == "object" && !Array.isArray(data157))) && (data157 !== null)){
-const err361 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.listen.properties.tls.type},message:"must be object,null"};
+if((typeof data157 == "number") && (isFinite(data157))){
+if(data157 > 65535 || isNaN(data157)){
+const err361 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err361];
 }
@@ -4682,9 +4638,8 @@ vErrors.push(err361);
 }
 errors++;
 }
-if(data157 && typeof data157 == "object" && !Array.isArray(data157)){
-if(data157.cert_file === undefined){
-const err362 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+if(data157 < 0 || isNaN(data157)){
+const err362 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err362];
 }
@@ -4693,8 +4648,10 @@ vErrors.push(err362);
 }
 errors++;
 }
-if(data157.key_file === undefined){
-const err363 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+}
+let data158 = data155.tls;
+if((!(data158 && typeof data158 == "object" && !Array.isArray(data158))) && (data158 !== null)){
+const err363 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.listen.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err363];
 }
@@ -4703,9 +4660,9 @@ vErrors.push(err363);
 }
 errors++;
 }
-for(const key35 in data157){
-if(!((key35 === "cert_file") || (key35 === "key_file"))){
-const err364 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
+if(data158 && typeof data158 == "object" && !Array.isArray(data158)){
+if(data158.cert_file === undefined){
+const err364 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err364];
 }
@@ -4714,12 +4671,8 @@ vErrors.push(err364);
 }
 errors++;
 }
-}
-if(data157.cert_file !== undefined){
-let data158 = data157.cert_file;
-if(typeof data158 === "string"){
-if(func4(data158) < 1){
-const err365 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data158.key_file === undefined){
+const err365 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err365];
 }
@@ -4728,9 +4681,9 @@ vErrors.push(err365);
 }
 errors++;
 }
-}
-else {
-const err366 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key35 in data158){
+if(!((key35 === "cert_file") || (key35 === "key_file"))){
+const err366 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err366];
 }
@@ -4740,11 +4693,11 @@ vErrors.push(err366);
 errors++;
 }
 }
-if(data157.key_file !== undefined){
-let data159 = data157.key_file;
+if(data158.cert_file !== undefined){
+let data159 = data158.cert_file;
 if(typeof data159 === "string"){
 if(func4(data159) < 1){
-const err367 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err367 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err367];
 }
@@ -4755,7 +4708,7 @@ errors++;
 }
 }
 else {
-const err368 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err368 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err368];
 }
@@ -4765,9 +4718,11 @@ vErrors.push(err368);
 errors++;
 }
 }
-}
-if(typeof data154.insecure_plaintext !== "boolean"){
-const err369 = {instancePath:instancePath+"/broker/listen/insecure_plaintext",schemaPath:"#/properties/broker/properties/listen/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data158.key_file !== undefined){
+let data160 = data158.key_file;
+if(typeof data160 === "string"){
+if(func4(data160) < 1){
+const err369 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err369];
 }
@@ -4778,7 +4733,7 @@ errors++;
 }
 }
 else {
-const err370 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err370 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err370];
 }
@@ -4787,20 +4742,10 @@ vErrors.push(err370);
 }
 errors++;
 }
-let data161 = data151.keys;
-if(data161 && typeof data161 == "object" && !Array.isArray(data161)){
-if(data161.dir === undefined){
-data161.dir = ".latchkey/broker-keys";
 }
-if(data161.alg === undefined){
-data161.alg = "ES256";
 }
-if(data161.rotate_after_s === undefined){
-data161.rotate_after_s = 86400;
-}
-for(const key36 in data161){
-if(!(((key36 === "dir") || (key36 === "alg")) || (key36 === "rotate_after_s"))){
-const err371 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
+if(typeof data155.insecure_plaintext !== "boolean"){
+const err371 = {instancePath:instancePath+"/broker/listen/insecure_plaintext",schemaPath:"#/properties/broker/properties/listen/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err371];
 }
@@ -4810,10 +4755,8 @@ vErrors.push(err371);
 errors++;
 }
 }
-let data162 = data161.dir;
-if(typeof data162 === "string"){
-if(func4(data162) < 1){
-const err372 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err372 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err372];
 }
@@ -4822,9 +4765,20 @@ vErrors.push(err372);
 }
 errors++;
 }
+let data162 = data152.keys;
+if(data162 && typeof data162 == "object" && !Array.isArray(data162)){
+if(data162.dir === undefined){
+data162.dir = ".latchkey/broker-keys";
 }
-else {
-const err373 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data162.alg === undefined){
+data162.alg = "ES256";
+}
+if(data162.rotate_after_s === undefined){
+data162.rotate_after_s = 86400;
+}
+for(const key36 in data162){
+if(!(((key36 === "dir") || (key36 === "alg")) || (key36 === "rotate_after_s"))){
+const err373 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err373];
 }
@@ -4833,9 +4787,11 @@ vErrors.push(err373);
 }
 errors++;
 }
-let data163 = data161.alg;
-if(!((data163 === "ES256") || (data163 === "EdDSA"))){
-const err374 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
+}
+let data163 = data162.dir;
+if(typeof data163 === "string"){
+if(func4(data163) < 1){
+const err374 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err374];
 }
@@ -4844,9 +4800,9 @@ vErrors.push(err374);
 }
 errors++;
 }
-let data164 = data161.rotate_after_s;
-if(!(((typeof data164 == "number") && (!(data164 % 1) && !isNaN(data164))) && (isFinite(data164)))){
-const err375 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err375 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err375];
 }
@@ -4855,9 +4811,9 @@ vErrors.push(err375);
 }
 errors++;
 }
-if((typeof data164 == "number") && (isFinite(data164))){
-if(data164 > 31536000 || isNaN(data164)){
-const err376 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+let data164 = data162.alg;
+if(!((data164 === "ES256") || (data164 === "EdDSA"))){
+const err376 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err376];
 }
@@ -4866,8 +4822,9 @@ vErrors.push(err376);
 }
 errors++;
 }
-if(data164 < 60 || isNaN(data164)){
-const err377 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+let data165 = data162.rotate_after_s;
+if(!(((typeof data165 == "number") && (!(data165 % 1) && !isNaN(data165))) && (isFinite(data165)))){
+const err377 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err377];
 }
@@ -4876,10 +4833,9 @@ vErrors.push(err377);
 }
 errors++;
 }
-}
-}
-else {
-const err378 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data165 == "number") && (isFinite(data165))){
+if(data165 > 31536000 || isNaN(data165)){
+const err378 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err378];
 }
@@ -4888,11 +4844,8 @@ vErrors.push(err378);
 }
 errors++;
 }
-if(data151.registry_file !== undefined){
-let data165 = data151.registry_file;
-if(typeof data165 === "string"){
-if(func4(data165) < 1){
-const err379 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data165 < 60 || isNaN(data165)){
+const err379 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err379];
 }
@@ -4902,8 +4855,9 @@ vErrors.push(err379);
 errors++;
 }
 }
+}
 else {
-const err380 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err380 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err380];
 }
@@ -4912,21 +4866,11 @@ vErrors.push(err380);
 }
 errors++;
 }
-}
-let data166 = data151.tokens;
-if(data166 && typeof data166 == "object" && !Array.isArray(data166)){
-if(data166.floor_s === undefined){
-data166.floor_s = 60;
-}
-if(data166.default_duration_s === undefined){
-data166.default_duration_s = 300;
-}
-if(data166.max_body_bytes === undefined){
-data166.max_body_bytes = 65536;
-}
-for(const key37 in data166){
-if(!(((key37 === "floor_s") || (key37 === "default_duration_s")) || (key37 === "max_body_bytes"))){
-const err381 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
+if(data152.registry_file !== undefined){
+let data166 = data152.registry_file;
+if(typeof data166 === "string"){
+if(func4(data166) < 1){
+const err381 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err381];
 }
@@ -4936,9 +4880,8 @@ vErrors.push(err381);
 errors++;
 }
 }
-let data167 = data166.floor_s;
-if(!(((typeof data167 == "number") && (!(data167 % 1) && !isNaN(data167))) && (isFinite(data167)))){
-const err382 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err382 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err382];
 }
@@ -4947,9 +4890,21 @@ vErrors.push(err382);
 }
 errors++;
 }
-if((typeof data167 == "number") && (isFinite(data167))){
-if(data167 > 86400 || isNaN(data167)){
-const err383 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+}
+let data167 = data152.tokens;
+if(data167 && typeof data167 == "object" && !Array.isArray(data167)){
+if(data167.floor_s === undefined){
+data167.floor_s = 60;
+}
+if(data167.default_duration_s === undefined){
+data167.default_duration_s = 300;
+}
+if(data167.max_body_bytes === undefined){
+data167.max_body_bytes = 65536;
+}
+for(const key37 in data167){
+if(!(((key37 === "floor_s") || (key37 === "default_duration_s")) || (key37 === "max_body_bytes"))){
+const err383 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err383];
 }
@@ -4958,8 +4913,10 @@ vErrors.push(err383);
 }
 errors++;
 }
-if(data167 < 1 || isNaN(data167)){
-const err384 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data168 = data167.floor_s;
+if(!(((typeof data168 == "number") && (!(data168 % 1) && !isNaN(data168))) && (isFinite(data168)))){
+const err384 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err384];
 }
@@ -4968,10 +4925,9 @@ vErrors.push(err384);
 }
 errors++;
 }
-}
-let data168 = data166.default_duration_s;
-if(!(((typeof data168 == "number") && (!(data168 % 1) && !isNaN(data168))) && (isFinite(data168)))){
-const err385 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data168 == "number") && (isFinite(data168))){
+if(data168 > 86400 || isNaN(data168)){
+const err385 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err385];
 }
@@ -4980,9 +4936,8 @@ vErrors.push(err385);
 }
 errors++;
 }
-if((typeof data168 == "number") && (isFinite(data168))){
-if(data168 > 86400 || isNaN(data168)){
-const err386 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+if(data168 < 1 || isNaN(data168)){
+const err386 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err386];
 }
@@ -4991,8 +4946,10 @@ vErrors.push(err386);
 }
 errors++;
 }
-if(data168 < 1 || isNaN(data168)){
-const err387 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data169 = data167.default_duration_s;
+if(!(((typeof data169 == "number") && (!(data169 % 1) && !isNaN(data169))) && (isFinite(data169)))){
+const err387 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err387];
 }
@@ -5001,10 +4958,9 @@ vErrors.push(err387);
 }
 errors++;
 }
-}
-let data169 = data166.max_body_bytes;
-if(!(((typeof data169 == "number") && (!(data169 % 1) && !isNaN(data169))) && (isFinite(data169)))){
-const err388 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data169 == "number") && (isFinite(data169))){
+if(data169 > 86400 || isNaN(data169)){
+const err388 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err388];
 }
@@ -5013,9 +4969,8 @@ vErrors.push(err388);
 }
 errors++;
 }
-if((typeof data169 == "number") && (isFinite(data169))){
-if(data169 > 1048576 || isNaN(data169)){
-const err389 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
+if(data169 < 1 || isNaN(data169)){
+const err389 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err389];
 }
@@ -5024,8 +4979,10 @@ vErrors.push(err389);
 }
 errors++;
 }
-if(data169 < 1024 || isNaN(data169)){
-const err390 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+}
+let data170 = data167.max_body_bytes;
+if(!(((typeof data170 == "number") && (!(data170 % 1) && !isNaN(data170))) && (isFinite(data170)))){
+const err390 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err390];
 }
@@ -5034,10 +4991,9 @@ vErrors.push(err390);
 }
 errors++;
 }
-}
-}
-else {
-const err391 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data170 == "number") && (isFinite(data170))){
+if(data170 > 1048576 || isNaN(data170)){
+const err391 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
 if(vErrors === null){
 vErrors = [err391];
 }
@@ -5046,14 +5002,8 @@ vErrors.push(err391);
 }
 errors++;
 }
-if(data151.users !== undefined){
-let data170 = data151.users;
-if(data170 && typeof data170 == "object" && !Array.isArray(data170)){
-if(data170.scope_claim === undefined){
-data170.scope_claim = "scope";
-}
-if(data170.issuer === undefined){
-const err392 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+if(data170 < 1024 || isNaN(data170)){
+const err392 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err392];
 }
@@ -5062,8 +5012,10 @@ vErrors.push(err392);
 }
 errors++;
 }
-if(data170.audience === undefined){
-const err393 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+}
+}
+else {
+const err393 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err393];
 }
@@ -5072,9 +5024,14 @@ vErrors.push(err393);
 }
 errors++;
 }
-for(const key38 in data170){
-if(!(((((key38 === "issuer") || (key38 === "audience")) || (key38 === "scope_claim")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
-const err394 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
+if(data152.users !== undefined){
+let data171 = data152.users;
+if(data171 && typeof data171 == "object" && !Array.isArray(data171)){
+if(data171.scope_claim === undefined){
+data171.scope_claim = "scope";
+}
+if(data171.issuer === undefined){
+const err394 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err394];
 }
@@ -5083,12 +5040,8 @@ vErrors.push(err394);
 }
 errors++;
 }
-}
-if(data170.issuer !== undefined){
-let data171 = data170.issuer;
-if(typeof data171 === "string"){
-if(func4(data171) < 1){
-const err395 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data171.audience === undefined){
+const err395 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err395];
 }
@@ -5097,9 +5050,9 @@ vErrors.push(err395);
 }
 errors++;
 }
-}
-else {
-const err396 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key38 in data171){
+if(!(((((key38 === "issuer") || (key38 === "audience")) || (key38 === "scope_claim")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
+const err396 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err396];
 }
@@ -5109,11 +5062,11 @@ vErrors.push(err396);
 errors++;
 }
 }
-if(data170.audience !== undefined){
-let data172 = data170.audience;
+if(data171.issuer !== undefined){
+let data172 = data171.issuer;
 if(typeof data172 === "string"){
 if(func4(data172) < 1){
-const err397 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err397 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err397];
 }
@@ -5124,7 +5077,7 @@ errors++;
 }
 }
 else {
-const err398 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err398 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err398];
 }
@@ -5134,10 +5087,11 @@ vErrors.push(err398);
 errors++;
 }
 }
-let data173 = data170.scope_claim;
+if(data171.audience !== undefined){
+let data173 = data171.audience;
 if(typeof data173 === "string"){
 if(func4(data173) < 1){
-const err399 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err399 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err399];
 }
@@ -5148,7 +5102,7 @@ errors++;
 }
 }
 else {
-const err400 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err400 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err400];
 }
@@ -5157,11 +5111,11 @@ vErrors.push(err400);
 }
 errors++;
 }
-if(data170.jwks_file !== undefined){
-let data174 = data170.jwks_file;
+}
+let data174 = data171.scope_claim;
 if(typeof data174 === "string"){
 if(func4(data174) < 1){
-const err401 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err401 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err401];
 }
@@ -5172,7 +5126,7 @@ errors++;
 }
 }
 else {
-const err402 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err402 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err402];
 }
@@ -5181,12 +5135,11 @@ vErrors.push(err402);
 }
 errors++;
 }
-}
-if(data170.jwks_url !== undefined){
-let data175 = data170.jwks_url;
+if(data171.jwks_file !== undefined){
+let data175 = data171.jwks_file;
 if(typeof data175 === "string"){
-if(!pattern1.test(data175)){
-const err403 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(func4(data175) < 1){
+const err403 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err403];
 }
@@ -5197,7 +5150,7 @@ errors++;
 }
 }
 else {
-const err404 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err404 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err404];
 }
@@ -5207,9 +5160,11 @@ vErrors.push(err404);
 errors++;
 }
 }
-}
-else {
-const err405 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data171.jwks_url !== undefined){
+let data176 = data171.jwks_url;
+if(typeof data176 === "string"){
+if(!pattern1.test(data176)){
+const err405 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err405];
 }
@@ -5219,11 +5174,8 @@ vErrors.push(err405);
 errors++;
 }
 }
-let data176 = data151.attestors;
-if(data176 && typeof data176 == "object" && !Array.isArray(data176)){
-for(const key39 in data176){
-if(!(((key39 === "kubernetes") || (key39 === "spiffe")) || (key39 === "local"))){
-const err406 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
+else {
+const err406 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err406];
 }
@@ -5233,14 +5185,9 @@ vErrors.push(err406);
 errors++;
 }
 }
-if(data176.kubernetes !== undefined){
-let data177 = data176.kubernetes;
-if(data177 && typeof data177 == "object" && !Array.isArray(data177)){
-if(data177.max_token_age_s === undefined){
-data177.max_token_age_s = 86400;
 }
-if(data177.issuer === undefined){
-const err407 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+else {
+const err407 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err407];
 }
@@ -5249,9 +5196,12 @@ vErrors.push(err407);
 }
 errors++;
 }
-for(const key40 in data177){
-if(!(((((key40 === "issuer") || (key40 === "audience")) || (key40 === "jwks_file")) || (key40 === "jwks_url")) || (key40 === "max_token_age_s"))){
-const err408 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
+}
+let data177 = data152.attestors;
+if(data177 && typeof data177 == "object" && !Array.isArray(data177)){
+for(const key39 in data177){
+if(!(((key39 === "kubernetes") || (key39 === "spiffe")) || (key39 === "local"))){
+const err408 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err408];
 }
@@ -5261,11 +5211,14 @@ vErrors.push(err408);
 errors++;
 }
 }
-if(data177.issuer !== undefined){
-let data178 = data177.issuer;
-if(typeof data178 === "string"){
-if(func4(data178) < 1){
-const err409 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data177.kubernetes !== undefined){
+let data178 = data177.kubernetes;
+if(data178 && typeof data178 == "object" && !Array.isArray(data178)){
+if(data178.max_token_age_s === undefined){
+data178.max_token_age_s = 86400;
+}
+if(data178.issuer === undefined){
+const err409 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err409];
 }
@@ -5274,9 +5227,9 @@ vErrors.push(err409);
 }
 errors++;
 }
-}
-else {
-const err410 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key40 in data178){
+if(!(((((key40 === "issuer") || (key40 === "audience")) || (key40 === "jwks_file")) || (key40 === "jwks_url")) || (key40 === "max_token_age_s"))){
+const err410 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err410];
 }
@@ -5286,11 +5239,11 @@ vErrors.push(err410);
 errors++;
 }
 }
-if(data177.audience !== undefined){
-let data179 = data177.audience;
+if(data178.issuer !== undefined){
+let data179 = data178.issuer;
 if(typeof data179 === "string"){
 if(func4(data179) < 1){
-const err411 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err411 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err411];
 }
@@ -5301,7 +5254,7 @@ errors++;
 }
 }
 else {
-const err412 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err412 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err412];
 }
@@ -5311,11 +5264,11 @@ vErrors.push(err412);
 errors++;
 }
 }
-if(data177.jwks_file !== undefined){
-let data180 = data177.jwks_file;
+if(data178.audience !== undefined){
+let data180 = data178.audience;
 if(typeof data180 === "string"){
 if(func4(data180) < 1){
-const err413 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err413 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err413];
 }
@@ -5326,7 +5279,7 @@ errors++;
 }
 }
 else {
-const err414 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err414 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err414];
 }
@@ -5336,11 +5289,11 @@ vErrors.push(err414);
 errors++;
 }
 }
-if(data177.jwks_url !== undefined){
-let data181 = data177.jwks_url;
+if(data178.jwks_file !== undefined){
+let data181 = data178.jwks_file;
 if(typeof data181 === "string"){
-if(!pattern1.test(data181)){
-const err415 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(func4(data181) < 1){
+const err415 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err415];
 }
@@ -5351,7 +5304,7 @@ errors++;
 }
 }
 else {
-const err416 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err416 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err416];
 }
@@ -5361,9 +5314,11 @@ vErrors.push(err416);
 errors++;
 }
 }
-let data182 = data177.max_token_age_s;
-if(!(((typeof data182 == "number") && (!(data182 % 1) && !isNaN(data182))) && (isFinite(data182)))){
-const err417 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data178.jwks_url !== undefined){
+let data182 = data178.jwks_url;
+if(typeof data182 === "string"){
+if(!pattern1.test(data182)){
+const err417 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err417];
 }
@@ -5372,9 +5327,9 @@ vErrors.push(err417);
 }
 errors++;
 }
-if((typeof data182 == "number") && (isFinite(data182))){
-if(data182 > 31536000 || isNaN(data182)){
-const err418 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+}
+else {
+const err418 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err418];
 }
@@ -5383,8 +5338,10 @@ vErrors.push(err418);
 }
 errors++;
 }
-if(data182 < 60 || isNaN(data182)){
-const err419 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+}
+let data183 = data178.max_token_age_s;
+if(!(((typeof data183 == "number") && (!(data183 % 1) && !isNaN(data183))) && (isFinite(data183)))){
+const err419 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err419];
 }
@@ -5393,10 +5350,9 @@ vErrors.push(err419);
 }
 errors++;
 }
-}
-}
-else {
-const err420 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data183 == "number") && (isFinite(data183))){
+if(data183 > 31536000 || isNaN(data183)){
+const err420 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err420];
 }
@@ -5405,15 +5361,8 @@ vErrors.push(err420);
 }
 errors++;
 }
-}
-if(data176.spiffe !== undefined){
-let data183 = data176.spiffe;
-if(data183 && typeof data183 == "object" && !Array.isArray(data183)){
-if(data183.max_lifetime_s === undefined){
-data183.max_lifetime_s = 86400;
-}
-if(data183.trust_domain === undefined){
-const err421 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
+if(data183 < 60 || isNaN(data183)){
+const err421 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err421];
 }
@@ -5422,9 +5371,10 @@ vErrors.push(err421);
 }
 errors++;
 }
-for(const key41 in data183){
-if(!(((((key41 === "trust_domain") || (key41 === "audience")) || (key41 === "jwks_file")) || (key41 === "jwks_url")) || (key41 === "max_lifetime_s"))){
-const err422 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
+}
+}
+else {
+const err422 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err422];
 }
@@ -5434,11 +5384,14 @@ vErrors.push(err422);
 errors++;
 }
 }
-if(data183.trust_domain !== undefined){
-let data184 = data183.trust_domain;
-if(typeof data184 === "string"){
-if(!pattern26.test(data184)){
-const err423 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
+if(data177.spiffe !== undefined){
+let data184 = data177.spiffe;
+if(data184 && typeof data184 == "object" && !Array.isArray(data184)){
+if(data184.max_lifetime_s === undefined){
+data184.max_lifetime_s = 86400;
+}
+if(data184.trust_domain === undefined){
+const err423 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
 if(vErrors === null){
 vErrors = [err423];
 }
@@ -5447,9 +5400,9 @@ vErrors.push(err423);
 }
 errors++;
 }
-}
-else {
-const err424 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key41 in data184){
+if(!(((((key41 === "trust_domain") || (key41 === "audience")) || (key41 === "jwks_file")) || (key41 === "jwks_url")) || (key41 === "max_lifetime_s"))){
+const err424 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err424];
 }
@@ -5459,11 +5412,11 @@ vErrors.push(err424);
 errors++;
 }
 }
-if(data183.audience !== undefined){
-let data185 = data183.audience;
+if(data184.trust_domain !== undefined){
+let data185 = data184.trust_domain;
 if(typeof data185 === "string"){
-if(func4(data185) < 1){
-const err425 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(!pattern26.test(data185)){
+const err425 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err425];
 }
@@ -5474,7 +5427,7 @@ errors++;
 }
 }
 else {
-const err426 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err426 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err426];
 }
@@ -5484,11 +5437,11 @@ vErrors.push(err426);
 errors++;
 }
 }
-if(data183.jwks_file !== undefined){
-let data186 = data183.jwks_file;
+if(data184.audience !== undefined){
+let data186 = data184.audience;
 if(typeof data186 === "string"){
 if(func4(data186) < 1){
-const err427 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err427 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err427];
 }
@@ -5499,7 +5452,7 @@ errors++;
 }
 }
 else {
-const err428 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err428 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err428];
 }
@@ -5509,11 +5462,11 @@ vErrors.push(err428);
 errors++;
 }
 }
-if(data183.jwks_url !== undefined){
-let data187 = data183.jwks_url;
+if(data184.jwks_file !== undefined){
+let data187 = data184.jwks_file;
 if(typeof data187 === "string"){
-if(!pattern1.test(data187)){
-const err429 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(func4(data187) < 1){
+const err429 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err429];
 }
@@ -5524,7 +5477,7 @@ errors++;
 }
 }
 else {
-const err430 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err430 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err430];
 }
@@ -5534,9 +5487,11 @@ vErrors.push(err430);
 errors++;
 }
 }
-let data188 = data183.max_lifetime_s;
-if(!(((typeof data188 == "number") && (!(data188 % 1) && !isNaN(data188))) && (isFinite(data188)))){
-const err431 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data184.jwks_url !== undefined){
+let data188 = data184.jwks_url;
+if(typeof data188 === "string"){
+if(!pattern1.test(data188)){
+const err431 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err431];
 }
@@ -5545,9 +5500,9 @@ vErrors.push(err431);
 }
 errors++;
 }
-if((typeof data188 == "number") && (isFinite(data188))){
-if(data188 > 31536000 || isNaN(data188)){
-const err432 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+}
+else {
+const err432 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err432];
 }
@@ -5556,8 +5511,10 @@ vErrors.push(err432);
 }
 errors++;
 }
-if(data188 < 60 || isNaN(data188)){
-const err433 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+}
+let data189 = data184.max_lifetime_s;
+if(!(((typeof data189 == "number") && (!(data189 % 1) && !isNaN(data189))) && (isFinite(data189)))){
+const err433 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err433];
 }
@@ -5566,10 +5523,9 @@ vErrors.push(err433);
 }
 errors++;
 }
-}
-}
-else {
-const err434 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if((typeof data189 == "number") && (isFinite(data189))){
+if(data189 > 31536000 || isNaN(data189)){
+const err434 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err434];
 }
@@ -5578,12 +5534,8 @@ vErrors.push(err434);
 }
 errors++;
 }
-}
-if(data176.local !== undefined){
-let data189 = data176.local;
-if(data189 && typeof data189 == "object" && !Array.isArray(data189)){
-if(data189.keys_file === undefined){
-const err435 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
+if(data189 < 60 || isNaN(data189)){
+const err435 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err435];
 }
@@ -5592,9 +5544,10 @@ vErrors.push(err435);
 }
 errors++;
 }
-for(const key42 in data189){
-if(!(key42 === "keys_file")){
-const err436 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
+}
+}
+else {
+const err436 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err436];
 }
@@ -5604,11 +5557,11 @@ vErrors.push(err436);
 errors++;
 }
 }
-if(data189.keys_file !== undefined){
-let data190 = data189.keys_file;
-if(typeof data190 === "string"){
-if(func4(data190) < 1){
-const err437 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data177.local !== undefined){
+let data190 = data177.local;
+if(data190 && typeof data190 == "object" && !Array.isArray(data190)){
+if(data190.keys_file === undefined){
+const err437 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
 if(vErrors === null){
 vErrors = [err437];
 }
@@ -5617,9 +5570,9 @@ vErrors.push(err437);
 }
 errors++;
 }
-}
-else {
-const err438 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key42 in data190){
+if(!(key42 === "keys_file")){
+const err438 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err438];
 }
@@ -5629,9 +5582,11 @@ vErrors.push(err438);
 errors++;
 }
 }
-}
-else {
-const err439 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data190.keys_file !== undefined){
+let data191 = data190.keys_file;
+if(typeof data191 === "string"){
+if(func4(data191) < 1){
+const err439 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err439];
 }
@@ -5641,9 +5596,8 @@ vErrors.push(err439);
 errors++;
 }
 }
-}
 else {
-const err440 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err440 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err440];
 }
@@ -5652,10 +5606,10 @@ vErrors.push(err440);
 }
 errors++;
 }
-let data191 = data151.store;
-if(data191 && typeof data191 == "object" && !Array.isArray(data191)){
-if(Object.keys(data191).length > 1){
-const err441 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
+}
+}
+else {
+const err441 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err441];
 }
@@ -5664,9 +5618,10 @@ vErrors.push(err441);
 }
 errors++;
 }
-for(const key43 in data191){
-if(!((key43 === "sqlite") || (key43 === "postgres"))){
-const err442 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
+}
+}
+else {
+const err442 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err442];
 }
@@ -5675,12 +5630,10 @@ vErrors.push(err442);
 }
 errors++;
 }
-}
-if(data191.sqlite !== undefined){
-let data192 = data191.sqlite;
+let data192 = data152.store;
 if(data192 && typeof data192 == "object" && !Array.isArray(data192)){
-if(data192.path === undefined){
-const err443 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+if(Object.keys(data192).length > 1){
+const err443 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
 if(vErrors === null){
 vErrors = [err443];
 }
@@ -5689,9 +5642,9 @@ vErrors.push(err443);
 }
 errors++;
 }
-for(const key44 in data192){
-if(!(key44 === "path")){
-const err444 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key44},message:"must NOT have additional properties"};
+for(const key43 in data192){
+if(!((key43 === "sqlite") || (key43 === "postgres"))){
+const err444 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err444];
 }
@@ -5701,11 +5654,11 @@ vErrors.push(err444);
 errors++;
 }
 }
-if(data192.path !== undefined){
-let data193 = data192.path;
-if(typeof data193 === "string"){
-if(func4(data193) < 1){
-const err445 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data192.sqlite !== undefined){
+let data193 = data192.sqlite;
+if(data193 && typeof data193 == "object" && !Array.isArray(data193)){
+if(data193.path === undefined){
+const err445 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err445];
 }
@@ -5714,9 +5667,9 @@ vErrors.push(err445);
 }
 errors++;
 }
-}
-else {
-const err446 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key44 in data193){
+if(!(key44 === "path")){
+const err446 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key44},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err446];
 }
@@ -5726,9 +5679,11 @@ vErrors.push(err446);
 errors++;
 }
 }
-}
-else {
-const err447 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data193.path !== undefined){
+let data194 = data193.path;
+if(typeof data194 === "string"){
+if(func4(data194) < 1){
+const err447 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err447];
 }
@@ -5738,14 +5693,8 @@ vErrors.push(err447);
 errors++;
 }
 }
-if(data191.postgres !== undefined){
-let data194 = data191.postgres;
-if(data194 && typeof data194 == "object" && !Array.isArray(data194)){
-if(data194.schema === undefined){
-data194.schema = "latchkey";
-}
-if(data194.url === undefined){
-const err448 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
+else {
+const err448 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err448];
 }
@@ -5754,9 +5703,10 @@ vErrors.push(err448);
 }
 errors++;
 }
-for(const key45 in data194){
-if(!((key45 === "url") || (key45 === "schema"))){
-const err449 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key45},message:"must NOT have additional properties"};
+}
+}
+else {
+const err449 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err449];
 }
@@ -5766,11 +5716,14 @@ vErrors.push(err449);
 errors++;
 }
 }
-if(data194.url !== undefined){
-let data195 = data194.url;
-if(typeof data195 === "string"){
-if(!pattern28.test(data195)){
-const err450 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
+if(data192.postgres !== undefined){
+let data195 = data192.postgres;
+if(data195 && typeof data195 == "object" && !Array.isArray(data195)){
+if(data195.schema === undefined){
+data195.schema = "latchkey";
+}
+if(data195.url === undefined){
+const err450 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err450];
 }
@@ -5779,9 +5732,9 @@ vErrors.push(err450);
 }
 errors++;
 }
-}
-else {
-const err451 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key45 in data195){
+if(!((key45 === "url") || (key45 === "schema"))){
+const err451 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key45},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err451];
 }
@@ -5791,10 +5744,11 @@ vErrors.push(err451);
 errors++;
 }
 }
-let data196 = data194.schema;
+if(data195.url !== undefined){
+let data196 = data195.url;
 if(typeof data196 === "string"){
-if(!pattern29.test(data196)){
-const err452 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
+if(!pattern28.test(data196)){
+const err452 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
 if(vErrors === null){
 vErrors = [err452];
 }
@@ -5805,7 +5759,7 @@ errors++;
 }
 }
 else {
-const err453 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err453 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err453];
 }
@@ -5815,8 +5769,10 @@ vErrors.push(err453);
 errors++;
 }
 }
-else {
-const err454 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data197 = data195.schema;
+if(typeof data197 === "string"){
+if(!pattern29.test(data197)){
+const err454 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
 if(vErrors === null){
 vErrors = [err454];
 }
@@ -5826,9 +5782,8 @@ vErrors.push(err454);
 errors++;
 }
 }
-}
 else {
-const err455 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err455 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err455];
 }
@@ -5837,10 +5792,9 @@ vErrors.push(err455);
 }
 errors++;
 }
-let data197 = data151.admin_token_env;
-if(typeof data197 === "string"){
-if(!pattern30.test(data197)){
-const err456 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+}
+else {
+const err456 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err456];
 }
@@ -5850,8 +5804,9 @@ vErrors.push(err456);
 errors++;
 }
 }
+}
 else {
-const err457 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err457 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err457];
 }
@@ -5860,13 +5815,10 @@ vErrors.push(err457);
 }
 errors++;
 }
-let data198 = data151.introspection_clients;
-if(data198 && typeof data198 == "object" && !Array.isArray(data198)){
-for(const key46 in data198){
-const _errs435 = errors;
-if(typeof key46 === "string"){
-if(!pattern6.test(key46)){
-const err458 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key46};
+let data198 = data152.admin_token_env;
+if(typeof data198 === "string"){
+if(!pattern30.test(data198)){
+const err458 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err458];
 }
@@ -5876,9 +5828,8 @@ vErrors.push(err458);
 errors++;
 }
 }
-var valid80 = _errs435 === errors;
-if(!valid80){
-const err459 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
+else {
+const err459 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err459];
 }
@@ -5887,12 +5838,13 @@ vErrors.push(err459);
 }
 errors++;
 }
-}
-for(const key47 in data198){
-let data199 = data198[key47];
-if(typeof data199 === "string"){
-if(!pattern30.test(data199)){
-const err460 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+let data199 = data152.introspection_clients;
+if(data199 && typeof data199 == "object" && !Array.isArray(data199)){
+for(const key46 in data199){
+const _errs436 = errors;
+if(typeof key46 === "string"){
+if(!pattern6.test(key46)){
+const err460 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key46};
 if(vErrors === null){
 vErrors = [err460];
 }
@@ -5902,8 +5854,9 @@ vErrors.push(err460);
 errors++;
 }
 }
-else {
-const err461 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+var valid85 = _errs436 === errors;
+if(!valid85){
+const err461 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err461];
 }
@@ -5913,9 +5866,11 @@ vErrors.push(err461);
 errors++;
 }
 }
-}
-else {
-const err462 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key47 in data199){
+let data200 = data199[key47];
+if(typeof data200 === "string"){
+if(!pattern30.test(data200)){
+const err462 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err462];
 }
@@ -5924,13 +5879,9 @@ vErrors.push(err462);
 }
 errors++;
 }
-let data200 = data151.leased_secrets;
-if(data200 && typeof data200 == "object" && !Array.isArray(data200)){
-for(const key48 in data200){
-const _errs441 = errors;
-if(typeof key48 === "string"){
-if(func4(key48) > 512){
-const err463 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key48};
+}
+else {
+const err463 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err463];
 }
@@ -5939,8 +5890,10 @@ vErrors.push(err463);
 }
 errors++;
 }
-if(func4(key48) < 1){
-const err464 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key48};
+}
+}
+else {
+const err464 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err464];
 }
@@ -5949,10 +5902,13 @@ vErrors.push(err464);
 }
 errors++;
 }
-}
-var valid82 = _errs441 === errors;
-if(!valid82){
-const err465 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key48},message:"property name must be valid"};
+let data201 = data152.leased_secrets;
+if(data201 && typeof data201 == "object" && !Array.isArray(data201)){
+for(const key48 in data201){
+const _errs442 = errors;
+if(typeof key48 === "string"){
+if(func4(key48) > 512){
+const err465 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key48};
 if(vErrors === null){
 vErrors = [err465];
 }
@@ -5961,12 +5917,8 @@ vErrors.push(err465);
 }
 errors++;
 }
-}
-for(const key49 in data200){
-let data201 = data200[key49];
-if(typeof data201 === "string"){
-if(!pattern30.test(data201)){
-const err466 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+if(func4(key48) < 1){
+const err466 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key48};
 if(vErrors === null){
 vErrors = [err466];
 }
@@ -5976,8 +5928,9 @@ vErrors.push(err466);
 errors++;
 }
 }
-else {
-const err467 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+var valid87 = _errs442 === errors;
+if(!valid87){
+const err467 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key48},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err467];
 }
@@ -5987,9 +5940,11 @@ vErrors.push(err467);
 errors++;
 }
 }
-}
-else {
-const err468 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key49 in data201){
+let data202 = data201[key49];
+if(typeof data202 === "string"){
+if(!pattern30.test(data202)){
+const err468 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err468];
 }
@@ -5998,11 +5953,9 @@ vErrors.push(err468);
 }
 errors++;
 }
-let data202 = data151.events;
-if(data202 && typeof data202 == "object" && !Array.isArray(data202)){
-for(const key50 in data202){
-if(!(key50 === "jsonl")){
-const err469 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
+}
+else {
+const err469 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err469];
 }
@@ -6012,11 +5965,9 @@ vErrors.push(err469);
 errors++;
 }
 }
-if(data202.jsonl !== undefined){
-let data203 = data202.jsonl;
-if(data203 && typeof data203 == "object" && !Array.isArray(data203)){
-if(data203.path === undefined){
-const err470 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+}
+else {
+const err470 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err470];
 }
@@ -6025,9 +5976,11 @@ vErrors.push(err470);
 }
 errors++;
 }
-for(const key51 in data203){
-if(!(key51 === "path")){
-const err471 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
+let data203 = data152.events;
+if(data203 && typeof data203 == "object" && !Array.isArray(data203)){
+for(const key50 in data203){
+if(!(key50 === "jsonl")){
+const err471 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err471];
 }
@@ -6037,11 +5990,11 @@ vErrors.push(err471);
 errors++;
 }
 }
-if(data203.path !== undefined){
-let data204 = data203.path;
-if(typeof data204 === "string"){
-if(func4(data204) < 1){
-const err472 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data203.jsonl !== undefined){
+let data204 = data203.jsonl;
+if(data204 && typeof data204 == "object" && !Array.isArray(data204)){
+if(data204.path === undefined){
+const err472 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err472];
 }
@@ -6050,9 +6003,9 @@ vErrors.push(err472);
 }
 errors++;
 }
-}
-else {
-const err473 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key51 in data204){
+if(!(key51 === "path")){
+const err473 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err473];
 }
@@ -6062,9 +6015,11 @@ vErrors.push(err473);
 errors++;
 }
 }
-}
-else {
-const err474 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data204.path !== undefined){
+let data205 = data204.path;
+if(typeof data205 === "string"){
+if(func4(data205) < 1){
+const err474 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err474];
 }
@@ -6074,9 +6029,8 @@ vErrors.push(err474);
 errors++;
 }
 }
-}
 else {
-const err475 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err475 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err475];
 }
@@ -6085,36 +6039,10 @@ vErrors.push(err475);
 }
 errors++;
 }
-if(data151.control !== undefined){
-let data205 = data151.control;
-if(data205 && typeof data205 == "object" && !Array.isArray(data205)){
-if(data205.host === undefined){
-data205.host = "127.0.0.1";
 }
-if(data205.port === undefined){
-data205.port = 15004;
 }
-if(data205.token_env === undefined){
-data205.token_env = "LATCHKEY_CONTROL_TOKEN";
-}
-if(data205.heartbeat_ms === undefined){
-data205.heartbeat_ms = 1000;
-}
-if(data205.max_bundle_bytes === undefined){
-data205.max_bundle_bytes = 262144;
-}
-if(data205.resync_ms === undefined){
-data205.resync_ms = 5000;
-}
-if(data205.tls === undefined){
-data205.tls = null;
-}
-if(data205.insecure_plaintext === undefined){
-data205.insecure_plaintext = false;
-}
-for(const key52 in data205){
-if(!(func2.call(schema11.properties.broker.properties.control.properties, key52))){
-const err476 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key52},message:"must NOT have additional properties"};
+else {
+const err476 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err476];
 }
@@ -6124,10 +6052,9 @@ vErrors.push(err476);
 errors++;
 }
 }
-let data206 = data205.host;
-if(typeof data206 === "string"){
-if(func4(data206) < 1){
-const err477 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err477 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err477];
 }
@@ -6136,9 +6063,36 @@ vErrors.push(err477);
 }
 errors++;
 }
+if(data152.control !== undefined){
+let data206 = data152.control;
+if(data206 && typeof data206 == "object" && !Array.isArray(data206)){
+if(data206.host === undefined){
+data206.host = "127.0.0.1";
 }
-else {
-const err478 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data206.port === undefined){
+data206.port = 15004;
+}
+if(data206.token_env === undefined){
+data206.token_env = "LATCHKEY_CONTROL_TOKEN";
+}
+if(data206.heartbeat_ms === undefined){
+data206.heartbeat_ms = 1000;
+}
+if(data206.max_bundle_bytes === undefined){
+data206.max_bundle_bytes = 262144;
+}
+if(data206.resync_ms === undefined){
+data206.resync_ms = 5000;
+}
+if(data206.tls === undefined){
+data206.tls = null;
+}
+if(data206.insecure_plaintext === undefined){
+data206.insecure_plaintext = false;
+}
+for(const key52 in data206){
+if(!(func2.call(schema11.properties.broker.properties.control.properties, key52))){
+const err478 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key52},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err478];
 }
@@ -6147,9 +6101,11 @@ vErrors.push(err478);
 }
 errors++;
 }
-let data207 = data205.port;
-if(!(((typeof data207 == "number") && (!(data207 % 1) && !isNaN(data207))) && (isFinite(data207)))){
-const err479 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data207 = data206.host;
+if(typeof data207 === "string"){
+if(func4(data207) < 1){
+const err479 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err479];
 }
@@ -6158,9 +6114,9 @@ vErrors.push(err479);
 }
 errors++;
 }
-if((typeof data207 == "number") && (isFinite(data207))){
-if(data207 > 65535 || isNaN(data207)){
-const err480 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+else {
+const err480 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err480];
 }
@@ -6169,8 +6125,9 @@ vErrors.push(err480);
 }
 errors++;
 }
-if(data207 < 0 || isNaN(data207)){
-const err481 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+let data208 = data206.port;
+if(!(((typeof data208 == "number") && (!(data208 % 1) && !isNaN(data208))) && (isFinite(data208)))){
+const err481 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err481];
 }
@@ -6179,11 +6136,9 @@ vErrors.push(err481);
 }
 errors++;
 }
-}
-let data208 = data205.token_env;
-if(typeof data208 === "string"){
-if(!pattern30.test(data208)){
-const err482 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+if((typeof data208 == "number") && (isFinite(data208))){
+if(data208 > 65535 || isNaN(data208)){
+const err482 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err482];
 }
@@ -6192,9 +6147,8 @@ vErrors.push(err482);
 }
 errors++;
 }
-}
-else {
-const err483 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data208 < 0 || isNaN(data208)){
+const err483 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err483];
 }
@@ -6203,9 +6157,11 @@ vErrors.push(err483);
 }
 errors++;
 }
-let data209 = data205.heartbeat_ms;
-if(!(((typeof data209 == "number") && (!(data209 % 1) && !isNaN(data209))) && (isFinite(data209)))){
-const err484 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data209 = data206.token_env;
+if(typeof data209 === "string"){
+if(!pattern30.test(data209)){
+const err484 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err484];
 }
@@ -6214,9 +6170,9 @@ vErrors.push(err484);
 }
 errors++;
 }
-if((typeof data209 == "number") && (isFinite(data209))){
-if(data209 > 3600000 || isNaN(data209)){
-const err485 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+else {
+const err485 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err485];
 }
@@ -6225,8 +6181,9 @@ vErrors.push(err485);
 }
 errors++;
 }
-if(data209 < 20 || isNaN(data209)){
-const err486 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
+let data210 = data206.heartbeat_ms;
+if(!(((typeof data210 == "number") && (!(data210 % 1) && !isNaN(data210))) && (isFinite(data210)))){
+const err486 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err486];
 }
@@ -6235,12 +6192,9 @@ vErrors.push(err486);
 }
 errors++;
 }
-}
-if(data205.policy_file !== undefined){
-let data210 = data205.policy_file;
-if(typeof data210 === "string"){
-if(func4(data210) < 1){
-const err487 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if((typeof data210 == "number") && (isFinite(data210))){
+if(data210 > 3600000 || isNaN(data210)){
+const err487 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err487];
 }
@@ -6249,9 +6203,8 @@ vErrors.push(err487);
 }
 errors++;
 }
-}
-else {
-const err488 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data210 < 20 || isNaN(data210)){
+const err488 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
 if(vErrors === null){
 vErrors = [err488];
 }
@@ -6261,9 +6214,11 @@ vErrors.push(err488);
 errors++;
 }
 }
-let data211 = data205.max_bundle_bytes;
-if(!(((typeof data211 == "number") && (!(data211 % 1) && !isNaN(data211))) && (isFinite(data211)))){
-const err489 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data206.policy_file !== undefined){
+let data211 = data206.policy_file;
+if(typeof data211 === "string"){
+if(func4(data211) < 1){
+const err489 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err489];
 }
@@ -6272,9 +6227,9 @@ vErrors.push(err489);
 }
 errors++;
 }
-if((typeof data211 == "number") && (isFinite(data211))){
-if(data211 > 3145728 || isNaN(data211)){
-const err490 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
+}
+else {
+const err490 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err490];
 }
@@ -6283,8 +6238,10 @@ vErrors.push(err490);
 }
 errors++;
 }
-if(data211 < 1024 || isNaN(data211)){
-const err491 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+}
+let data212 = data206.max_bundle_bytes;
+if(!(((typeof data212 == "number") && (!(data212 % 1) && !isNaN(data212))) && (isFinite(data212)))){
+const err491 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err491];
 }
@@ -6293,10 +6250,9 @@ vErrors.push(err491);
 }
 errors++;
 }
-}
-let data212 = data205.resync_ms;
-if(!(((typeof data212 == "number") && (!(data212 % 1) && !isNaN(data212))) && (isFinite(data212)))){
-const err492 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if((typeof data212 == "number") && (isFinite(data212))){
+if(data212 > 3145728 || isNaN(data212)){
+const err492 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
 if(vErrors === null){
 vErrors = [err492];
 }
@@ -6305,9 +6261,8 @@ vErrors.push(err492);
 }
 errors++;
 }
-if((typeof data212 == "number") && (isFinite(data212))){
-if(data212 > 3600000 || isNaN(data212)){
-const err493 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data212 < 1024 || isNaN(data212)){
+const err493 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err493];
 }
@@ -6316,8 +6271,10 @@ vErrors.push(err493);
 }
 errors++;
 }
-if(data212 < 50 || isNaN(data212)){
-const err494 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
+}
+let data213 = data206.resync_ms;
+if(!(((typeof data213 == "number") && (!(data213 % 1) && !isNaN(data213))) && (isFinite(data213)))){
+const err494 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err494];
 }
@@ -6326,10 +6283,9 @@ vErrors.push(err494);
 }
 errors++;
 }
-}
-let data213 = data205.tls;
-if((!(data213 && typeof data213 == "object" && !Array.isArray(data213))) && (data213 !== null)){
-const err495 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.control.properties.tls.type},message:"must be object,null"};
+if((typeof data213 == "number") && (isFinite(data213))){
+if(data213 > 3600000 || isNaN(data213)){
+const err495 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err495];
 }
@@ -6338,9 +6294,8 @@ vErrors.push(err495);
 }
 errors++;
 }
-if(data213 && typeof data213 == "object" && !Array.isArray(data213)){
-if(data213.cert_file === undefined){
-const err496 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+if(data213 < 50 || isNaN(data213)){
+const err496 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
 if(vErrors === null){
 vErrors = [err496];
 }
@@ -6349,8 +6304,10 @@ vErrors.push(err496);
 }
 errors++;
 }
-if(data213.key_file === undefined){
-const err497 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+}
+let data214 = data206.tls;
+if((!(data214 && typeof data214 == "object" && !Array.isArray(data214))) && (data214 !== null)){
+const err497 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.control.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err497];
 }
@@ -6359,9 +6316,9 @@ vErrors.push(err497);
 }
 errors++;
 }
-for(const key53 in data213){
-if(!(((key53 === "cert_file") || (key53 === "key_file")) || (key53 === "client_ca_file"))){
-const err498 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key53},message:"must NOT have additional properties"};
+if(data214 && typeof data214 == "object" && !Array.isArray(data214)){
+if(data214.cert_file === undefined){
+const err498 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err498];
 }
@@ -6370,12 +6327,8 @@ vErrors.push(err498);
 }
 errors++;
 }
-}
-if(data213.cert_file !== undefined){
-let data214 = data213.cert_file;
-if(typeof data214 === "string"){
-if(func4(data214) < 1){
-const err499 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data214.key_file === undefined){
+const err499 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err499];
 }
@@ -6384,9 +6337,9 @@ vErrors.push(err499);
 }
 errors++;
 }
-}
-else {
-const err500 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key53 in data214){
+if(!(((key53 === "cert_file") || (key53 === "key_file")) || (key53 === "client_ca_file"))){
+const err500 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key53},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err500];
 }
@@ -6396,11 +6349,11 @@ vErrors.push(err500);
 errors++;
 }
 }
-if(data213.key_file !== undefined){
-let data215 = data213.key_file;
+if(data214.cert_file !== undefined){
+let data215 = data214.cert_file;
 if(typeof data215 === "string"){
 if(func4(data215) < 1){
-const err501 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err501 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err501];
 }
@@ -6411,7 +6364,7 @@ errors++;
 }
 }
 else {
-const err502 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err502 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err502];
 }
@@ -6421,11 +6374,11 @@ vErrors.push(err502);
 errors++;
 }
 }
-if(data213.client_ca_file !== undefined){
-let data216 = data213.client_ca_file;
+if(data214.key_file !== undefined){
+let data216 = data214.key_file;
 if(typeof data216 === "string"){
 if(func4(data216) < 1){
-const err503 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err503 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err503];
 }
@@ -6436,7 +6389,7 @@ errors++;
 }
 }
 else {
-const err504 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err504 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err504];
 }
@@ -6446,9 +6399,11 @@ vErrors.push(err504);
 errors++;
 }
 }
-}
-if(typeof data205.insecure_plaintext !== "boolean"){
-const err505 = {instancePath:instancePath+"/broker/control/insecure_plaintext",schemaPath:"#/properties/broker/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data214.client_ca_file !== undefined){
+let data217 = data214.client_ca_file;
+if(typeof data217 === "string"){
+if(func4(data217) < 1){
+const err505 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err505];
 }
@@ -6457,17 +6412,9 @@ vErrors.push(err505);
 }
 errors++;
 }
-if(data205.nats !== undefined){
-let data218 = data205.nats;
-if(data218 && typeof data218 == "object" && !Array.isArray(data218)){
-if(data218.stream === undefined){
-data218.stream = "LATCHKEY_CONTROL";
 }
-if(data218.subject === undefined){
-data218.subject = "latchkey.control.revocations";
-}
-if(data218.servers === undefined){
-const err506 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
+else {
+const err506 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err506];
 }
@@ -6476,9 +6423,10 @@ vErrors.push(err506);
 }
 errors++;
 }
-for(const key54 in data218){
-if(!(((key54 === "servers") || (key54 === "stream")) || (key54 === "subject"))){
-const err507 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key54},message:"must NOT have additional properties"};
+}
+}
+if(typeof data206.insecure_plaintext !== "boolean"){
+const err507 = {instancePath:instancePath+"/broker/control/insecure_plaintext",schemaPath:"#/properties/broker/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err507];
 }
@@ -6487,12 +6435,17 @@ vErrors.push(err507);
 }
 errors++;
 }
+if(data206.nats !== undefined){
+let data219 = data206.nats;
+if(data219 && typeof data219 == "object" && !Array.isArray(data219)){
+if(data219.stream === undefined){
+data219.stream = "LATCHKEY_CONTROL";
 }
-if(data218.servers !== undefined){
-let data219 = data218.servers;
-if(Array.isArray(data219)){
-if(data219.length < 1){
-const err508 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if(data219.subject === undefined){
+data219.subject = "latchkey.control.revocations";
+}
+if(data219.servers === undefined){
+const err508 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
 if(vErrors === null){
 vErrors = [err508];
 }
@@ -6501,12 +6454,9 @@ vErrors.push(err508);
 }
 errors++;
 }
-const len15 = data219.length;
-for(let i18=0; i18<len15; i18++){
-let data220 = data219[i18];
-if(typeof data220 === "string"){
-if(func4(data220) < 1){
-const err509 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key54 in data219){
+if(!(((key54 === "servers") || (key54 === "stream")) || (key54 === "subject"))){
+const err509 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key54},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err509];
 }
@@ -6516,8 +6466,11 @@ vErrors.push(err509);
 errors++;
 }
 }
-else {
-const err510 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data219.servers !== undefined){
+let data220 = data219.servers;
+if(Array.isArray(data220)){
+if(data220.length < 1){
+const err510 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err510];
 }
@@ -6526,10 +6479,12 @@ vErrors.push(err510);
 }
 errors++;
 }
-}
-}
-else {
-const err511 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len15 = data220.length;
+for(let i18=0; i18<len15; i18++){
+let data221 = data220[i18];
+if(typeof data221 === "string"){
+if(func4(data221) < 1){
+const err511 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err511];
 }
@@ -6539,10 +6494,8 @@ vErrors.push(err511);
 errors++;
 }
 }
-let data221 = data218.stream;
-if(typeof data221 === "string"){
-if(!pattern35.test(data221)){
-const err512 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
+else {
+const err512 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err512];
 }
@@ -6552,8 +6505,9 @@ vErrors.push(err512);
 errors++;
 }
 }
+}
 else {
-const err513 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err513 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err513];
 }
@@ -6562,10 +6516,11 @@ vErrors.push(err513);
 }
 errors++;
 }
-let data222 = data218.subject;
+}
+let data222 = data219.stream;
 if(typeof data222 === "string"){
-if(!pattern14.test(data222)){
-const err514 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+if(!pattern35.test(data222)){
+const err514 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err514];
 }
@@ -6576,7 +6531,7 @@ errors++;
 }
 }
 else {
-const err515 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err515 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err515];
 }
@@ -6585,9 +6540,10 @@ vErrors.push(err515);
 }
 errors++;
 }
-}
-else {
-const err516 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data223 = data219.subject;
+if(typeof data223 === "string"){
+if(!pattern14.test(data223)){
+const err516 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err516];
 }
@@ -6597,9 +6553,8 @@ vErrors.push(err516);
 errors++;
 }
 }
-}
 else {
-const err517 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err517 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err517];
 }
@@ -6609,9 +6564,8 @@ vErrors.push(err517);
 errors++;
 }
 }
-}
 else {
-const err518 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err518 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err518];
 }
@@ -6623,12 +6577,36 @@ errors++;
 }
 }
 else {
-const err519 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err519 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err519];
 }
 else {
 vErrors.push(err519);
+}
+errors++;
+}
+}
+}
+else {
+const err520 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err520];
+}
+else {
+vErrors.push(err520);
+}
+errors++;
+}
+}
+}
+else {
+const err521 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err521];
+}
+else {
+vErrors.push(err521);
 }
 errors++;
 }

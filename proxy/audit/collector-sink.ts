@@ -549,9 +549,14 @@ export class CollectorAuditSink implements AuditSink {
       await new Promise((r) => setTimeout(r, 100))
       this.persist()
     }
+    let lostNow = 0
     if (this.pending.length > 0) {
-      this.stats.dropped += this.pending.length
-      this.log('error', { lost: this.pending.length, code: this.failing?.code, dir: this.o.spoolDir }, 'audit events lost at shutdown: the spool could not be written')
+      lostNow = this.pending.length
+      // Refusals for want of audit never left the sidecar; the rest are calls answered otherwise,
+      // most of them sent upstream: the operator's next question is how many of those.
+      const refused = this.pending.filter((e) => e.error === 'LK_AUDIT_UNAVAILABLE').length
+      this.stats.dropped += lostNow
+      this.log('error', { lost: lostNow, calls: lostNow - refused, refused_for_audit: refused, code: this.failing?.code, dir: this.o.spoolDir }, 'audit events lost at shutdown: the spool could not be written')
       this.pending = []
     }
     const last = this.spool.lastSeq
@@ -568,5 +573,10 @@ export class CollectorAuditSink implements AuditSink {
     this.call = null
     this.client.close()
     this.spool.close()
+    // A run that lost events fails its shutdown (exit 1), as the JSON-lines sink's does: said once,
+    // by count. Under on_full: drop, losing them when the spool is full was the operator's choice.
+    if (lostNow > 0 || (this.stats.dropped > 0 && this.o.onFull === 'refuse')) {
+      throw Object.assign(new Error(`audit.collector.spool_dir ${this.o.spoolDir}: ${this.stats.dropped} audit event(s) of this run could not be spooled and are lost${lostNow > 0 ? ` (${lostNow} at shutdown, ${this.failing?.code ?? 'the spool could not be written'})` : ''}`), { code: 'LK_AUDIT_LOST' })
+    }
   }
 }

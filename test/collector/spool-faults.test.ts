@@ -254,7 +254,7 @@ t.test('past the events kept in memory, refusals are let go first: a call that w
   const stored = await c.store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0), limit: 100_000 })
   t.ok(stored.some((e) => e.event.call?.path.startsWith('/call/20501/')), 'the call that went out is in the collector')
   t.equal(sink.stats.dropped, 500, 'what was let go is the 500 refusals past the 20,000, counted')
-  await t.rejects(sink.close(), { code: 'LK_AUDIT_LOST', message: /: 500 audit event\(s\) of this run could not be spooled and are lost$/ }, 'and the shutdown says so')
+  await t.resolves(sink.close(), 'refusals let go by design, and counted then, do not fail the shutdown')
 })
 
 t.test('stopping while the spool cannot be written says how many events are lost', { skip: canMount }, async (t) => {
@@ -263,7 +263,7 @@ t.test('stopping while the spool cannot be written says how many events are lost
   const { sink } = await sinkOn(t, dir, logs)
   fill(dir)
   for (let n = 1; n <= 12; n++) sink.write(auditEvent(n, n > 9 ? 'LK_AUDIT_UNAVAILABLE' : null))
-  await t.rejects(sink.close(), { code: 'LK_AUDIT_LOST', message: /^audit\.collector\.spool_dir \S+: 12 audit event\(s\) of this run could not be spooled and are lost \(12 at shutdown, ENOSPC\)$/ }, 'the shutdown fails, saying so')
+  await t.rejects(sink.close(), { code: 'LK_AUDIT_LOST', message: /^audit\.collector\.spool_dir \S+: 12 audit event\(s\) could not be spooled by shutdown and are lost \(ENOSPC\)$/ }, 'the shutdown fails, saying so')
   t.match(logs.find((l) => l.startsWith('audit events lost at shutdown')), /"lost":12,"calls":9,"refused_for_audit":3,"code":"ENOSPC"/, 'logged with the count, the calls among them, and why')
   t.equal(sink.stats.dropped, 12)
 })

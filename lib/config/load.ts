@@ -4,6 +4,7 @@ import { parse as parseYamlScalar, type YAMLError } from 'yaml'
 import { parseYamlDocument } from '../yaml-document.js'
 import ipaddr from 'ipaddr.js'
 import { ADDRESS_CLASSES, PORT_PATTERN, type Config } from './schema.js'
+import { isHopByHop } from '../../proxy/forward/headers.js'
 // The schema compiled ahead of time (scripts/config-validator.mjs; CI checks it is current):
 // compiling it here cost every process ~20 MB of RSS and start-up time.
 import { validate as generatedValidate } from './validate.generated.js'
@@ -275,23 +276,18 @@ function isUnspecified(host: string): boolean {
 function ambiguousIPv4(address: string): boolean {
   return NUMERIC_HOST.test(address) && !ipaddr.IPv4.isValidFourPartDecimal(address)
 }
-/** Header names a credential cannot ride in, with why: the upstream, or the sidecar's own HTTP stack, reads or drops them first. */
-const NOT_A_CREDENTIAL_HEADER_WHY: Record<string, string> = {
+/** End-to-end headers that route or frame the request, which the upstream or the sidecar's HTTP stack reads first. */
+const ROUTING_OR_FRAMING: Record<string, string> = {
   host: 'the upstream routes by it, and front ends log it',
   'content-length': 'it frames the body',
-  'transfer-encoding': 'it frames the body',
   expect: 'it asks for an interim response',
-  upgrade: 'it switches protocols',
-  'http2-settings': 'it switches protocols',
-  connection: 'hop-by-hop',
-  'keep-alive': 'hop-by-hop',
-  'proxy-connection': 'hop-by-hop',
-  te: 'hop-by-hop',
-  trailer: 'hop-by-hop',
-  'proxy-authorization': 'meant for a proxy, consumed by the sidecar',
-  'proxy-authenticate': 'meant for a proxy',
 }
-const NOT_A_CREDENTIAL_HEADER = new Set(Object.keys(NOT_A_CREDENTIAL_HEADER_WHY))
+
+/** Why a credential cannot ride in the header `name`, or null when it can: those above, and those removed with the hop (forward/headers.ts). */
+function notACredentialHeader(name: string): string | null {
+  const lower = name.toLowerCase()
+  return ROUTING_OR_FRAMING[lower] ?? (isHopByHop(lower) ? 'hop-by-hop: removed before the request goes on' : null)
+}
 
 /** What a URL parser reads as IPv4: one to four parts, each decimal, octal or 0x hex. */
 const NUMERIC_HOST = /^(?:0x[0-9a-f]*|\d+)(?:\.(?:0x[0-9a-f]*|\d+)){0,3}\.?$/i
@@ -440,8 +436,10 @@ function semanticProblems(c: Config): ConfigProblem[] {
     }
   })
   c.credentials.forEach((b, i) => {
-    if (b.inject.type === 'header' && NOT_A_CREDENTIAL_HEADER.has(b.inject.name.toLowerCase())) {
-      problems.push({ path: `credentials[${i}].inject.name`, message: `${b.inject.name} routes, frames or is dropped with the request's hop (${NOT_A_CREDENTIAL_HEADER_WHY[b.inject.name.toLowerCase()]}): a credential cannot be injected there` })
+    const inject = b.inject
+    if (inject.type === 'header') {
+      const why = notACredentialHeader(inject.name)
+      if (why) problems.push({ path: `credentials[${i}].inject.name`, message: `${inject.name} routes, frames or is dropped with the request's hop (${why}): a credential cannot be injected there` })
     }
     if (b.source !== 'client_credentials' && b.oauth !== undefined) problems.push({ path: `credentials[${i}].oauth`, message: 'applies only to source: client_credentials' })
     if (b.source === 'static') {

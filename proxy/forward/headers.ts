@@ -16,6 +16,11 @@ const HOP_BY_HOP = new Set([
   'http2-settings',
 ])
 
+/** A header removed with the hop (never forwarded), lower-cased name. */
+export function isHopByHop(name: string): boolean {
+  return HOP_BY_HOP.has(name)
+}
+
 /**
  * Headers an agent may not set: forwarding metadata, Latchkey's own namespace, and the overrides
  * by which some frameworks act on another method or path than the request line's (Rails,

@@ -15,17 +15,13 @@ export function unmarkStuck(): void {
   stuck = Math.max(0, stuck - 1)
 }
 
-/** Whether process.exit() may now wait for ever on a thread that does not return. */
-export function exitMayHang(): boolean {
-  return stuck > 0
-}
-
 /**
  * Ends the process with `code`; or, while thread-pool work is stuck, by `signal` with its
  * default action restored (exit status 128 + the signal's number), which waits on no thread.
  */
 export function exitNow(code: number, signal: NodeJS.Signals): void {
-  if (!exitMayHang()) process.exit(code)
+  // process.exit() would wait for ever on a thread that does not return.
+  if (stuck === 0) process.exit(code)
   process.removeAllListeners(signal)
   process.kill(process.pid, signal)
 }

@@ -128,7 +128,6 @@ function statusText(err: LatchkeyError): string {
   return `${STATUS_CODES[err.status] ?? 'Error'} (${said.length > 200 ? said.slice(0, 197) + '...' : said})`
 }
 
-
 /** The same refusal as raw HTTP/1.1 bytes, for CONNECT, upgrades and parser errors on a bare socket. */
 export function renderErrorRaw(err: LatchkeyError): string {
   const { status, statusText, headers, body } = renderError(err)

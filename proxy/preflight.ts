@@ -152,16 +152,17 @@ export async function preflight(config: Config): Promise<PreflightFindings> {
     }
   }
   if (readable) {
+    const named = secretNames(config)
     let secrets: StaticSecretSource | null = null
     try {
-      secrets = new StaticSecretSource(config.secrets, secretNames(config).map((n) => n.name), process.env)
+      secrets = new StaticSecretSource(config.secrets, named.map((n) => n.name), process.env)
     } catch (err) {
       found.add('secrets.file', (err as Error).message.replace(/^secrets\.file /, ''), false)
     }
     if (secrets) {
       found.errors.push(...unsendableSecrets(config, secrets))
       // A secret in neither place here: the sidecar would not start (said as start-up says it).
-      for (const { path, name } of secretNames(config)) if (!secrets.has(name)) found.onThisMachine.push({ path, message: missingSecret(name, config.secrets.env_prefix) })
+      for (const { path, name } of named) if (!secrets.has(name)) found.onThisMachine.push({ path, message: missingSecret(name, config.secrets.env_prefix) })
     }
   }
   // The revocations a sidecar with a control stream last knew: a file that is not one stops its start.

@@ -123,8 +123,9 @@ export class Policy implements Decider {
 
   decide(method: string, target: Target, resolvedAddress?: string): Decision {
     const tunnel = method === 'CONNECT'
-    const readings = this.needsPaths && !tunnel ? pathReadings(target.path) : null
-    if (readings === null && this.needsPaths && !tunnel) return UNJUDGEABLE_PATH
+    const judgesPaths = this.needsPaths && !tunnel
+    const readings = judgesPaths ? pathReadings(target.path) : null
+    if (judgesPaths && readings === null) return UNJUDGEABLE_PATH
     const scheme = tunnel ? 'https' : target.scheme
     let address: AddressForms | null | undefined
     // CONNECT: an allow, or a deny, on this host that depends on method or path was passed over.

@@ -6,7 +6,8 @@
 //     the pipeline, decided, credentialed and audited one by one, pinned to the tunnel's origin.
 // A CONNECT denied only because a rule on the host depends on method or path (which TLS hides)
 // opens for plain HTTP alone, without dialling: TLS gets an access_denied alert. So does a
-// CONNECT to the sidecar's own listener: the requests inside are calls to its routes.
+// CONNECT to the sidecar's own listener: the requests inside are calls to its routes, and a
+// denied CONNECT to port 80, so that Node's fetch of an http:// URL reads its denial.
 import { connect as netConnect, type Socket } from 'node:net'
 import type { IncomingMessage } from 'node:http'
 import type { Pipeline, TunnelOrigin } from '../pipeline.js'
@@ -17,6 +18,7 @@ import { parseConnectTarget } from './target.js'
 import { checkFraming } from './framing.js'
 import { upstreamError } from '../forward/upstream-errors.js'
 import { closeWhenIdle, watchClose, watchEarlyHangUp, type RelayTimeouts } from './relay.js'
+import { recordEnd } from '../call-outcome.js'
 
 const TLS_HANDSHAKE = 0x16
 /** A TLS record: alert, TLS 1.2 record version, 2 bytes: fatal, access_denied (RFC 8446 §6.2). */
@@ -82,18 +84,20 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
    * tunnel opens, undialled, for plain HTTP alone. TLS gets a fatal access_denied alert, the one
    * refusal a TLS client reads at this point, and is recorded as the denial it is.
    */
-  const openForPlainHttpOnly = (tlsRefusal: LatchkeyError) => {
+  const openForPlainHttpOnly = (tlsRefusal: LatchkeyError, denied = false) => {
     stopEarlyWatch()
     client.write('HTTP/1.1 200 Connection Established\r\n\r\n')
     ctx.status = 200
     // Recorded as what happened: opened, for plain HTTP (each request inside decided on its own),
-    // not as a denial with a 200; the denial stands if TLS is tried (see sniff).
+    // not as a denial with a 200; the denial stands if TLS is tried (see sniff). A tunnel opened
+    // only to answer with its denial (`denied`) keeps it, and is recorded refused if unused.
     const denial = ctx.decision
-    if (denial) ctx.decision = { action: 'allow', rule: denial.rule, reason: `opened for plain HTTP only: ${tlsRefusal.reason}`, enforced: true }
+    if (denial && !denied) ctx.decision = { action: 'allow', rule: denial.rule, reason: `opened for plain HTTP only: ${tlsRefusal.reason}`, enforced: true }
     stopIdle = closeWhenIdle(ctx, client, opts.idleMs)
     opened()
     client.once('close', () => {
       closed()
+      if (denied && !finished) recordEnd(ctx, tlsRefusal.code, tlsRefusal.reason)
       finish()
     })
     // The agent ending the tunnel before a byte of it: nothing was dialled, so nothing else would
@@ -133,7 +137,17 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
       client.write('HTTP/1.1 200 Connection Established\r\n\r\n')
       return serveOn(pipeline.admin!, client, head)
     }
-    await pipeline.admit(ctx, req.headers['proxy-authorization'], false, client)
+    try {
+      await pipeline.admit(ctx, req.headers['proxy-authorization'], false, client)
+    } catch (err) {
+      // Port 80 is plain HTTP's: there the refusal goes inside the tunnel, where the request is
+      // decided again and refused with the readable 403 any other path gives. Node's fetch
+      // tunnels http:// and shows a refused CONNECT only as "fetch failed". Nothing is dialled.
+      // Elsewhere the 403 stays on the CONNECT: TLS clients show its status line, and a
+      // protocol whose server speaks first would wait on an opened tunnel for ever.
+      if (!finished && ctx.target.port === 80 && err instanceof LatchkeyError && (err.code === 'LK_POLICY_DENIED' || err.code === 'LK_NETWORK_DENIED')) return openForPlainHttpOnly(err, true)
+      throw err
+    }
     if (finished) return
     const decision = ctx.decision!
     if (decision.action === 'deny' && decision.enforced) return openForPlainHttpOnly(new LatchkeyError('LK_POLICY_DENIED', decision.reason, decision.rule))

@@ -5,7 +5,7 @@ import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { connect } from 'node:net'
 import { once } from 'node:events'
-import { startUpstream, startTestSidecar, startBearerRig, loopbackPolicy, assertNoCanary, CANARY } from '../helpers/harness.js'
+import { startUpstream, startTestSidecar, startBearerRig, loopbackPolicy, assertNoCanary, rawRequest, CANARY } from '../helpers/harness.js'
 import { testPki } from '../helpers/tls.js'
 
 const run = promisify(execFile)
@@ -145,6 +145,8 @@ t.test('method and path rules: Node fetch of http:// is decided per request; TLS
       rules: [
         { id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], ports: [upstream.port], paths: ['/admin/**'] },
         { id: 'read-only', action: 'allow', hosts: ['127.0.0.1', 'localhost'], ports, methods: ['GET'] },
+        // Allowed by the policy, refused by the network floor (link-local, cloud metadata).
+        { id: 'metadata', action: 'allow', hosts: ['169.254.169.254'], ports: [80] },
       ],
     },
     network: { allow: [{ cidr: '127.0.0.1/32', ports }] },
@@ -174,20 +176,30 @@ t.test('method and path rules: Node fetch of http:// is decided per request; TLS
     ['GET', '/ok/again', `Bearer ${CANARY}`],
   ], 'only the allowed requests reached the upstream, each with the credential')
 
-  // A whole-host denial is the CONNECT's own 403, which fetch cannot show; with proxyTunnel: false
-  // undici sends http:// in absolute-form and the agent reads the denial (README, "Node's fetch").
+  // A whole-host denial on another port than 80 is the CONNECT's own 403, which fetch cannot
+  // show; with proxyTunnel: false undici sends http:// in absolute-form and the agent reads the
+  // denial (README, "Node's fetch"). On port 80, plain HTTP's, the tunnel opens undialled and
+  // the request inside gets the readable 403: the policy's, or the network floor's.
   const deniedScript = `
     const { EnvHttpProxyAgent, fetch } = await import('undici')
-    for (const proxyTunnel of [true, false]) {
+    for (const [url, proxyTunnel] of [['http://127.0.0.1:8/x', true], ['http://127.0.0.1:8/x', false], ['http://denied.example/x', true], ['http://169.254.169.254/latest/meta-data/', true]]) {
       try {
-        const res = await fetch(process.argv[1], { dispatcher: new EnvHttpProxyAgent({ proxyTunnel }) })
-        console.log(proxyTunnel, res.status, res.headers.get('x-latchkey-rule'))
+        const res = await fetch(url, { dispatcher: new EnvHttpProxyAgent({ proxyTunnel }) })
+        const body = await res.json()
+        console.log(proxyTunnel, res.status, res.headers.get('x-latchkey-rule'), body.code, body.retryable)
       } catch (e) { console.log(proxyTunnel, 'failed:', e.cause?.message) }
     }`
-  const denied = await run(process.execPath, ['--input-type=module', '-e', deniedScript, 'http://127.0.0.1:8/x'], { env: cleanEnv({ HTTP_PROXY: s.proxy }) })
-  const [tunnelled, absolute] = denied.stdout.trim().split('\n')
-  t.match(tunnelled, /^true failed: /, 'through CONNECT, fetch only fails')
-  t.equal(absolute, 'false 403 default', 'in absolute-form, fetch reads the denial and its rule')
+  const denied = await run(process.execPath, ['--input-type=module', '-e', deniedScript], { env: cleanEnv({ HTTP_PROXY: s.proxy }) })
+  const [tunnelled, absolute, port80, floor80] = denied.stdout.trim().split('\n')
+  t.match(tunnelled, /^true failed: /, 'through CONNECT to another port than 80, fetch only fails')
+  t.equal(absolute, 'false 403 default LK_POLICY_DENIED false', 'in absolute-form, fetch reads the denial and its rule')
+  t.equal(port80, 'true 403 default LK_POLICY_DENIED false', 'through CONNECT to port 80, fetch reads the denial inside the tunnel')
+  t.equal(floor80, 'true 403 network:metadata LK_NETWORK_DENIED false', "and the network floor's")
+  // TLS to a denied port 80 gets the alert; a tunnel opened and left unused is recorded refused.
+  const tls80 = await run('curl', ['-sS', '-x', s.proxy, 'https://denied.example:80/']).catch((e: { stderr: string }) => e)
+  t.match(tls80.stderr, /alert access denied/i, 'TLS in a denied tunnel to port 80 is refused')
+  const unused = await rawRequest(s.sidecar.port, 'CONNECT denied.example:80 HTTP/1.1\r\nHost: denied.example:80\r\n\r\n')
+  t.equal(unused.status, 200, 'the denied tunnel to port 80 opens, undialled')
 
   const curl = await run('curl', ['-sS', '--cacert', testPki().caFile, '-x', s.proxy, `https://localhost:${tlsUpstream.port}/`]).catch((e: { stderr: string }) => e)
   t.match(curl.stderr, /alert access denied/i, 'curl reads the refusal of a TLS tunnel it cannot be allowed')
@@ -203,11 +215,15 @@ t.test('method and path rules: Node fetch of http:// is decided per request; TLS
       ['tunnelled', 'GET', '/ok/again', 200, 'allow', 'read-only', null],
       ['connect', 'CONNECT', null, 403, 'deny', 'default', 'LK_POLICY_DENIED'],
       ['absolute', 'GET', '/x', 403, 'deny', 'default', 'LK_POLICY_DENIED'],
+      ['tunnelled', 'GET', '/x', 403, 'deny', 'default', 'LK_POLICY_DENIED'],
+      ['tunnelled', 'GET', '/latest/meta-data/', 403, 'deny', 'network:metadata', 'LK_NETWORK_DENIED'],
+      ['connect', 'CONNECT', null, 403, 'deny', 'default', 'LK_POLICY_DENIED'],
+      ['connect', 'CONNECT', null, 200, 'deny', 'default', 'LK_POLICY_DENIED'],
       ['connect', 'CONNECT', null, 403, 'deny', 'default', 'LK_POLICY_DENIED'],
     ],
     'every request in the tunnel is its own call; the refused TLS tunnel is recorded as denied',
   )
-  t.match((audit[6] as { reason: string }).reason, /rule read-only allows only some methods or paths on this host, which a TLS tunnel cannot show/)
+  t.match((audit[10] as { reason: string }).reason, /rule read-only allows only some methods or paths on this host, which a TLS tunnel cannot show/)
   const metrics = await (await fetch(`${s.sidecar.adminUrl}/metrics`)).text()
   t.match(metrics, /^latchkey_calls_in_flight 0$/m, 'closed tunnels leave no call behind')
   assertNoCanary(t, s, fetched.stdout, curl.stderr)

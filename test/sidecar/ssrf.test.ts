@@ -5,7 +5,7 @@ import { createServer } from 'node:http'
 import { networkInterfaces } from 'node:os'
 import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
-import { startUpstream, startTestSidecar, rawRequest } from '../helpers/harness.js'
+import { startUpstream, startTestSidecar, rawRequest, parseRawResponse } from '../helpers/harness.js'
 
 t.test('internal addresses are refused whatever their spelling', async (t) => {
   const upstream = await startUpstream()
@@ -65,10 +65,18 @@ t.test('internal addresses are refused whatever their spelling', async (t) => {
     const body = JSON.parse(res.body || '{}') as { error?: string; retryable?: boolean; rule?: string }
     t.same([body.error, body.retryable, body.rule], ['denied', false, res.headers['x-latchkey-rule']], `${authority}: structured denial`)
   }
-  for (const authority of [`127.0.0.1:${p}`, `localhost:${p}`, `2130706433:${p}`, `[::1]:${p}`, '169.254.169.254:80', `0x7f.1:${p}`]) {
+  for (const authority of [`127.0.0.1:${p}`, `localhost:${p}`, `2130706433:${p}`, `[::1]:${p}`, `0x7f.1:${p}`]) {
     const res = await rawRequest(s.sidecar.port, `CONNECT ${authority} HTTP/1.1\r\nHost: ${authority}\r\n\r\n`)
     t.equal(res.status, 403, `CONNECT ${authority}: 403`)
     t.match(res.headers['x-latchkey-rule'], /^network:/)
+  }
+  // Port 80: the tunnel opens undialled and the plain HTTP inside gets the network floor's 403.
+  for (const authority of ['169.254.169.254:80', '[::ffff:a9fe:a9fe]:80', '0xa9fea9fe:80']) {
+    const raw = await rawRequest(s.sidecar.port, `CONNECT ${authority} HTTP/1.1\r\nHost: ${authority}\r\n\r\nGET /latest/meta-data/ HTTP/1.1\r\nHost: ${authority}\r\nConnection: close\r\n\r\n`)
+    t.equal(raw.status, 200, `CONNECT ${authority}: opened, undialled`)
+    const inner = parseRawResponse(raw.raw.replace(/^HTTP\/1\.1 200 Connection Established\r\n\r\n/, ''))
+    t.equal(inner.status, 403, `CONNECT ${authority}: the request inside is refused`)
+    t.match(inner.headers['x-latchkey-rule'], /^network:/, `CONNECT ${authority}: by the network floor`)
   }
   const viaRoute = await rawRequest(s.sidecar.port, `GET /loop/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`)
   t.equal(viaRoute.status, 403, 'a reverse route to a denied address is refused too')

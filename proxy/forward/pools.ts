@@ -19,6 +19,7 @@
 import { Pool } from './undici-pool.js'
 import type { buildConnector as BuildConnector } from 'undici'
 import buildConnectorModule from 'undici/lib/core/connect.js'
+import { readPastPeerGone } from './early-answer.js'
 import { LRUCache } from 'lru-cache'
 import type { LookupFunction } from 'node:net'
 import { checkServerIdentity, createSecureContext, type PeerCertificate, type SecureContext, type TLSSocket } from 'node:tls'
@@ -128,6 +129,8 @@ export class PinnedPools {
             if (result[1] && options.protocol === 'https:') result[1].prependListener('error', endAtTlsError)
             callback(...result)
           }) as unknown as Socket
+          // An answer sent before the body was read is parsed, not lost to the failed write.
+          readPastPeerGone(socket)
         } catch (err) {
           this.pooled--
           throw err

@@ -177,18 +177,27 @@ export function compileNeedles(texts: readonly string[]): BodyNeedles {
   for (const text of texts) for (const v of echoSpellings(text)) spelled.add(v)
   const seen = new Set<string>()
   const needles: Buffer[] = []
+  const add = (b: Buffer) => {
+    const key = b.toString('hex')
+    if (b.length > 0 && !seen.has(key)) {
+      seen.add(key)
+      needles.push(b)
+    }
+  }
   for (const s of spelled) {
     // A form that is UTF-8 bytes read one per character (what a header carries) is those bytes
     // in a body; read as UTF-8 it is how a double-encoding echo writes them. Both are looked for.
-    const encodings: Buffer[] = [Buffer.from(s, 'utf8')]
-    if (/^[\0-\xff]*$/.test(s)) encodings.push(Buffer.from(s, 'latin1'))
-    for (const b of encodings) {
-      const key = b.toString('hex')
-      if (b.length > 0 && !seen.has(key)) {
-        seen.add(key)
-        needles.push(b)
-      }
-    }
+    add(Buffer.from(s, 'utf8'))
+    if (/^[\0-\xff]*$/.test(s)) add(Buffer.from(s, 'latin1'))
+  }
+  // An echo in UTF-16 (a body sent with `charset=utf-16le`, a Windows service's own text) holds
+  // each character in two bytes: the credential and the forms it is sent in are looked for in
+  // both byte orders too; not every echo spelling of them (those are an echo's, in UTF-8, and
+  // three times the needles would cost every credentialed body).
+  for (const text of texts) {
+    const le = Buffer.from(text, 'utf16le')
+    add(le)
+    add(Buffer.from(le).swap16())
   }
   const used = new Uint8Array(256)
   for (const b of needles) for (const x of b) used[x] = 1

@@ -208,8 +208,8 @@ t.test('a held set: worked out once per set, the static case unchanged, many tok
   const spellings = (v: string) => [v, `Bearer ${v}`, Buffer.from(`Bearer ${v}`).toString('base64'), Buffer.from(v).toString('hex'), encodeURIComponent(`"${v}"`)]
   const shown = [creds[0]!, creds[39]!, creds[21]!, outsider].map((c) => c.value)
   const body = shown.map((v, i) => `{"n":${i},"v":${JSON.stringify(spellings(v))}}\n`).join('')
-  const reference = compileNeedles(shown.flatMap((v) => [v, ...binding.encodedForms(cred(v))]))
-  t.equal(reference.index, null)
+  // The same needles scanned one by one (a native indexOf each): what the one-pass index must match.
+  const reference = { ...compileNeedles(shown.flatMap((v) => [v, ...binding.encodedForms(cred(v))])), index: null }
   const scrub = (n: typeof set, cuts: number[]) => {
     const { out, found } = scrubParts(n, [0, ...cuts].map((from, k) => body.slice(from, [...cuts, body.length][k])))
     return { text: out, found }

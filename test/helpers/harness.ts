@@ -142,6 +142,11 @@ export function parseRawResponse(raw: string): RawResponse {
   return { raw, status: Number(/^HTTP\/1\.[01] (\d{3})/.exec(statusLine ?? '')?.[1] ?? 0), headers, body: end === -1 ? '' : raw.slice(end + 4) }
 }
 
+/** The response to a request sent inside a plaintext tunnel: what follows its CONNECT's 200. */
+export function insideTunnel(r: RawResponse): RawResponse {
+  return parseRawResponse(r.raw.replace(/^HTTP\/1\.1 200 Connection Established\r\n\r\n/, ''))
+}
+
 /** Writes bytes to the sidecar and collects everything until it closes or goes quiet. */
 export async function rawRequest(port: number, data: string | Buffer, quietMs = 300): Promise<RawResponse> {
   const socket = connect(port, '127.0.0.1')

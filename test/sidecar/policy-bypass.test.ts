@@ -5,7 +5,7 @@ import t from 'tap'
 import { connect } from 'node:net'
 import { once } from 'node:events'
 import { deflateSync, gzipSync } from 'node:zlib'
-import { startUpstream, startTestSidecar, rawRequest, parseRawResponse, assertNoCanary, CANARY, type Upstream } from '../helpers/harness.js'
+import { startUpstream, startTestSidecar, rawRequest, insideTunnel, assertNoCanary, CANARY, type Upstream } from '../helpers/harness.js'
 import { validateConfig } from '../../lib/config/load.js'
 import { DnsResolver } from '../../proxy/resolve/resolver.js'
 import { compileNetworkPolicy } from '../../proxy/resolve/network-policy.js'
@@ -44,7 +44,7 @@ function sender(port: number, seen: string[]) {
   return async (request: string) => {
     const r = await rawRequest(port, request)
     seen.push(r.raw)
-    return request.startsWith('CONNECT') ? parseRawResponse(r.raw.replace(/^HTTP\/1\.1 200 Connection Established\r\n\r\n/, '')) : r
+    return request.startsWith('CONNECT') ? insideTunnel(r) : r
   }
 }
 

@@ -5,7 +5,7 @@ import { createServer } from 'node:http'
 import { networkInterfaces } from 'node:os'
 import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
-import { startUpstream, startTestSidecar, rawRequest, parseRawResponse } from '../helpers/harness.js'
+import { startUpstream, startTestSidecar, rawRequest, insideTunnel } from '../helpers/harness.js'
 
 t.test('internal addresses are refused whatever their spelling', async (t) => {
   const upstream = await startUpstream()
@@ -74,7 +74,7 @@ t.test('internal addresses are refused whatever their spelling', async (t) => {
   for (const authority of ['169.254.169.254:80', '[::ffff:a9fe:a9fe]:80', '0xa9fea9fe:80']) {
     const raw = await rawRequest(s.sidecar.port, `CONNECT ${authority} HTTP/1.1\r\nHost: ${authority}\r\n\r\nGET /latest/meta-data/ HTTP/1.1\r\nHost: ${authority}\r\nConnection: close\r\n\r\n`)
     t.equal(raw.status, 200, `CONNECT ${authority}: opened, undialled`)
-    const inner = parseRawResponse(raw.raw.replace(/^HTTP\/1\.1 200 Connection Established\r\n\r\n/, ''))
+    const inner = insideTunnel(raw)
     t.equal(inner.status, 403, `CONNECT ${authority}: the request inside is refused`)
     t.match(inner.headers['x-latchkey-rule'], /^network:/, `CONNECT ${authority}: by the network floor`)
   }

@@ -1,6 +1,18 @@
 // Prometheus metrics for the sidecar, on its own registry so several sidecars (in tests, or in
 // `latchkey up`) never collide. Labels are low-cardinality by construction: no hosts, no paths.
+import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { Registry, Counter, Histogram, Gauge, collectDefaultMetrics } from 'prom-client'
+
+/** How often the event loop's delay is sampled (latchkey_nodejs_eventloop_lag_{min,…,p99}_seconds). */
+export const EVENT_LOOP_SAMPLE_MS = 100
+/**
+ * prom-client's own loop-delay sampler cannot be left out of its default metrics. Its timer fired
+ * every 10 ms, which woke an idle sidecar ~98 times a second (1% of a core here, with nothing to
+ * do), and the gauges it feeds count the sampling interval as delay (prometheus/client_js#370: an
+ * idle loop read 0.010 s). Given this interval its timer never fires, and these gauges are ours.
+ */
+const NEVER_MS = 2 ** 31 - 1
+const LOOP_DELAY_STATS = ['min', 'max', 'mean', 'stddev', 'p50', 'p90', 'p99'] as const
 
 interface CallCount {
   readonly via: string
@@ -104,7 +116,41 @@ export class SidecarMetrics {
   })
 
   constructor() {
-    collectDefaultMetrics({ register: this.registry, prefix: 'latchkey_' })
+    collectDefaultMetrics({ register: this.registry, prefix: 'latchkey_', eventLoopMonitoringPrecision: NEVER_MS })
+    this.watchEventLoopDelay()
+  }
+
+  /**
+   * The loop's delay beyond the sampling interval, over the time since the last scrape. Sampling
+   * every 100 ms catches every stall of 100 ms or more, and shorter ones in proportion to their
+   * length; not one that begins in the 100 ms after a scrape (Node drops the first tick after a reset).
+   */
+  private watchEventLoopDelay(): void {
+    const histogram = monitorEventLoopDelay({ resolution: EVENT_LOOP_SAMPLE_MS })
+    histogram.enable()
+    const intervalNs = EVENT_LOOP_SAMPLE_MS * 1e6
+    const delay = (ns: number): number => Math.max(0, ns - intervalNs) / 1e9
+    const read = {
+      min: () => delay(histogram.min),
+      max: () => delay(histogram.max),
+      mean: () => delay(histogram.mean),
+      stddev: () => histogram.stddev / 1e9,
+      p50: () => delay(histogram.percentile(50)),
+      p90: () => delay(histogram.percentile(90)),
+      p99: () => delay(histogram.percentile(99)),
+    }
+    const gauges: Gauge[] = []
+    // The first gauge collected sets them all, then starts a new window; a window with no sample leaves them as they were.
+    const collect = (): void => {
+      if (histogram.count === 0) return
+      for (const [i, stat] of LOOP_DELAY_STATS.entries()) gauges[i]!.set(read[stat]())
+      histogram.reset()
+    }
+    for (const stat of LOOP_DELAY_STATS) {
+      const name = `latchkey_nodejs_eventloop_lag_${stat}_seconds`
+      this.registry.removeSingleMetric(name)
+      gauges.push(new Gauge({ name, help: `Event loop delay beyond the ${EVENT_LOOP_SAMPLE_MS} ms sampling interval, since the last scrape: ${stat}`, registers: [this.registry], collect: stat === 'min' ? collect : undefined }))
+    }
   }
 
   /** The JSON-lines sink's backlog and losses, read at scrape time: a hung or slow audit disk shows as growing unwritten bytes. */

@@ -132,6 +132,38 @@ t.test('a second SIGTERM cuts the drain short and the process exits 1, the call 
   t.match(audit, [{ path: '/slow', error: 'LK_DRAINING' }], 'the call it cut is recorded')
 })
 
+t.test('an idle sidecar sleeps, and its loop-delay gauges read delay, not the sampling interval', { skip: process.platform !== 'linux' && 'reads /proc' }, async (t) => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const p = await spawnSidecar(upstream.port)
+  t.teardown(() => void p.child.kill('SIGKILL'))
+  const pid = p.child.pid!
+  // The main thread's voluntary context switches: one per sleep in epoll_wait, that is per wake-up.
+  // prom-client's default 10 ms loop-delay timer alone made ~98 a second here; ~11 are left.
+  const wakeups = (): number => Number(/^voluntary_ctxt_switches:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/task/${pid}/status`, 'utf8'))![1])
+  const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms))
+  const gauge = async (stat: string): Promise<number> => {
+    const text = await (await request(`http://127.0.0.1:${p.adminPort}/metrics`)).body.text()
+    return Number(new RegExp(`^latchkey_nodejs_eventloop_lag_${stat}_seconds (\\S+)$`, 'm').exec(text)?.[1])
+  }
+  await gauge('p50') // a window starts
+  const before = wakeups()
+  await sleep(3000)
+  const perSecond = (wakeups() - before) / 3
+  t.ok(perSecond < 40, `woke ${perSecond.toFixed(0)} times a second with nothing to do (under 40 expected)`)
+  const idle = await gauge('p50')
+  t.ok(idle >= 0 && idle < 0.05, `an idle loop's median delay is near 0, the 100 ms interval not counted (${idle} s)`)
+  // A stall the sidecar cannot see coming: the whole process stopped for 400 ms. Not at once: the
+  // scrape began a new window, and Node drops the first tick after a reset (it has no tick before).
+  await sleep(300)
+  process.kill(pid, 'SIGSTOP')
+  await sleep(400)
+  process.kill(pid, 'SIGCONT')
+  await sleep(250)
+  const stall = await gauge('max')
+  t.ok(stall > 0.25 && stall < 2, `the stall is the window's max delay (${stall} s)`)
+})
+
 t.test("Node's own bundled undici is never loaded (on Node 24, an ESM import of node:http loads it)", async (t) => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())

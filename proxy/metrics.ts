@@ -115,6 +115,8 @@ export class SidecarMetrics {
     collect: (): void => this.openTasks.set(this.taskCount()),
   })
 
+  private readonly loopDelay = monitorEventLoopDelay({ resolution: EVENT_LOOP_SAMPLE_MS })
+
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: 'latchkey_', eventLoopMonitoringPrecision: NEVER_MS })
     this.watchEventLoopDelay()
@@ -126,7 +128,7 @@ export class SidecarMetrics {
    * length; not one that begins in the 100 ms after a scrape (Node drops the first tick after a reset).
    */
   private watchEventLoopDelay(): void {
-    const histogram = monitorEventLoopDelay({ resolution: EVENT_LOOP_SAMPLE_MS })
+    const histogram = this.loopDelay
     histogram.enable()
     const intervalNs = EVENT_LOOP_SAMPLE_MS * 1e6
     const delay = (ns: number): number => Math.max(0, ns - intervalNs) / 1e9
@@ -151,6 +153,11 @@ export class SidecarMetrics {
       this.registry.removeSingleMetric(name)
       gauges.push(new Gauge({ name, help: `Event loop delay beyond the ${EVENT_LOOP_SAMPLE_MS} ms sampling interval, since the last scrape: ${stat}`, registers: [this.registry], collect: stat === 'min' ? collect : undefined }))
     }
+  }
+
+  /** Stops the loop-delay sampler's timer (a sidecar stopped in a process that goes on: tests, `latchkey up`). */
+  close(): void {
+    this.loopDelay.disable()
   }
 
   /** The JSON-lines sink's backlog and losses, read at scrape time: a hung or slow audit disk shows as growing unwritten bytes. */

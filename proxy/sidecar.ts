@@ -439,6 +439,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   } catch (err) {
     server.close()
     admin.close()
+    metrics.close()
     await audit.close()
     throw err
   }
@@ -504,6 +505,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       const adminClosed = new Promise<void>((resolve) => admin.close(() => resolve()))
       admin.closeAllConnections()
       await adminClosed
+      metrics.close()
       log.info('sidecar stopped')
     })())
   }

@@ -1,11 +1,12 @@
 // What a sidecar's start-up reads besides its config: checked the same way by `check-config`,
 // so a config it calls valid is one the sidecar starts with.
-import { accessSync, constants, readFileSync, statSync } from 'node:fs'
+import { accessSync, constants, statSync } from 'node:fs'
 import { dirname } from 'node:path'
 import type { Config } from '../lib/config/schema.js'
 import type { ConfigProblem } from '../lib/config/load.js'
 import { PreflightFindings } from '../lib/config/preflight-findings.js'
 import { compileBundle, DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
+import { readPolicyText } from './policy/file.js'
 import { CaFileProblem, readCaFile, trustWith } from './tls-trust.js'
 import { StaticSecretSource, missingSecret } from './credentials/static-source.js'
 
@@ -20,14 +21,10 @@ export class StartupError extends Error {
 function readPolicyFile(config: Config): { bundle: CompiledBundle | undefined } | { unreadable: boolean; message: string } {
   const sc = config.sidecar
   if (!sc.policy_file) return { bundle: undefined }
-  let text: string
+  const read = readPolicyText(sc.policy_file)
+  if (!read.ok) return { unreadable: read.unreadable, message: read.reason }
   try {
-    text = readFileSync(sc.policy_file, 'utf8')
-  } catch (err) {
-    return { unreadable: true, message: `${sc.policy_file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})` }
-  }
-  try {
-    return { bundle: compileBundle(text, sc.policy_file, sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES) }
+    return { bundle: compileBundle(read.text, sc.policy_file, sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES) }
   } catch (err) {
     return { unreadable: false, message: (err as Error).message }
   }

@@ -31,10 +31,9 @@ import { capConnections, oncePer, openFileLimit } from './listen/cap.js'
 import { compileNetworkPolicy } from './resolve/network-policy.js'
 import { DnsResolver } from './resolve/resolver.js'
 import type { AuditSink, CredentialBinding, Resolver } from './context.js'
-import { readFileSync as readPolicyFile, watch as watchDir, type FSWatcher } from 'node:fs'
-import { basename, dirname } from 'node:path'
 import { PolicySwitch } from './policy/switch.js'
 import { DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
+import { readPolicyText, watchPolicyFile } from './policy/file.js'
 import { StartupError, auditFileProblem, loadCaFile, loadPolicyFile, loadUpstreamTrust, unsendableSecrets } from './preflight.js'
 import { listenError } from '../lib/listen-error.js'
 import type { ControlClient } from './control/client.js'
@@ -299,28 +298,15 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   }
   const reloadPolicy = (): { ok: true; version: string } | { ok: false; reason: string } => {
     if (!sc.policy_file) return { ok: false, reason: 'no sidecar.policy_file is configured' }
-    let text: string
-    try {
-      text = readPolicyFile(sc.policy_file, 'utf8')
-    } catch (err) {
-      const reason = `${sc.policy_file}: cannot read policy file (${(err as NodeJS.ErrnoException).code ?? 'error'})`
-      policy.rejected = { source: 'file', version: null, reason }
-      log.error({ reason }, 'policy file reload failed; the policy in force is kept')
-      return { ok: false, reason }
+    const read = readPolicyText(sc.policy_file)
+    if (!read.ok) {
+      policy.rejected = { source: 'file', version: null, reason: read.reason }
+      log.error({ reason: read.reason }, 'policy file reload failed; the policy in force is kept')
+      return { ok: false, reason: read.reason }
     }
-    return policy.offer(text, 'file', sc.policy_file)
+    return policy.offer(read.text, 'file', sc.policy_file)
   }
-  // The directory is watched, not the file: atomic renames and ConfigMap `..data` symlink swaps replace the inode.
-  let policyWatcher: FSWatcher | undefined
-  let policyTimer: NodeJS.Timeout | undefined
-  if (sc.policy_file && sc.policy_watch) {
-    const base = basename(sc.policy_file)
-    policyWatcher = watchDir(dirname(sc.policy_file), { persistent: false }, (_event, changed) => {
-      if (changed !== null && changed !== base && !String(changed).startsWith('..')) return
-      clearTimeout(policyTimer)
-      policyTimer = setTimeout(reloadPolicy, 50)
-    })
-  }
+  const policyWatcher = sc.policy_file && sc.policy_watch ? watchPolicyFile(sc.policy_file, () => void reloadPolicy()) : undefined
   // SIGHUP: the policy file read again, and the audit file opened anew (after a log rotation).
   const onSighup = () => {
     audit.reopen?.()
@@ -474,7 +460,6 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       log.info({ drainMs: sc.timeouts.drain_ms }, 'draining')
       await control?.close()
       policyWatcher?.close()
-      clearTimeout(policyTimer)
       process.off('SIGHUP', onSighup)
       const closed = new Promise<void>((resolve) => server.close(() => resolve()))
       closeIdleConnections('LK_DRAINING', 'the sidecar shut down while the tunnel was idle')

@@ -168,6 +168,11 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   const pb = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8' })
   t.equal(pb.status, 1, 'a policy file that does not compile makes the config invalid')
   t.match(pb.stderr, /sidecar\.policy_file: .*policy\.yaml: policy bundle is not valid YAML\/JSON/)
+  // Not UTF-8 (a Latin-1 `/café/` rule would load and never match): refused, naming the line, as the config itself is.
+  writeFileSync(join(dir, 'policy.yaml'), Buffer.from('default: deny\nrules: [ { id: c, action: deny, paths: ["/caf\u00e9/**"] } ]\n', 'latin1'))
+  const latin1 = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8' })
+  t.equal(latin1.status, 1)
+  t.match(latin1.stderr, `sidecar.policy_file: ${join(dir, 'policy.yaml')}: line 2: not valid UTF-8 (save the file as UTF-8)`)
   writeFileSync(join(dir, 'policy.yaml'), 'default: deny\nrules: []\n')
   const pw = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8' })
   t.equal(pw.status, 0, 'a directory missing on this machine is not held against the config')

@@ -1,18 +1,15 @@
 // The sidecar policy bundle the broker distributes: read from `broker.control.policy_file`,
 // validated whole with the sidecar's own rules (proxy/policy/bundle.ts) before it is offered to any
-// sidecar, and reloaded when the file changes (atomic rename and ConfigMap symlink swaps: the
-// directory is watched, not the inode). A bad file is rejected and the bundle in force kept.
-import { readFileSync, watch, type FSWatcher } from 'node:fs'
-import { basename, dirname } from 'node:path'
+// sidecar, and reloaded when the file changes, however it is replaced (proxy/policy/file.ts). A bad
+// file is rejected and the bundle in force kept.
 import { compileBundle, policyWidenings, BundleError, type CompiledBundle } from '../../proxy/policy/bundle.js'
-import { firstNonUtf8Line } from '../../lib/config/load.js'
+import { readPolicyText, watchPolicyFile } from '../../proxy/policy/file.js'
 
 export type BundleReload = { ok: true; bundle: CompiledBundle; document: string; widened: string[] } | { ok: false; reason: string }
 
 export class PolicyBundleHolder {
   current: { bundle: CompiledBundle; document: string } | undefined
-  private watcher: FSWatcher | undefined
-  private timer: NodeJS.Timeout | undefined
+  private watcher: { close(): void } | undefined
 
   constructor(
     readonly file: string,
@@ -25,16 +22,9 @@ export class PolicyBundleHolder {
   }
 
   private read(): BundleReload {
-    let bytes: Buffer
-    try {
-      bytes = readFileSync(this.file)
-    } catch (err) {
-      return { ok: false, reason: `${this.file}: cannot read policy file: ${(err as NodeJS.ErrnoException).code ?? 'error'}` }
-    }
-    // Read leniently, a Latin-1 `/café/**` deny rule would reach every sidecar and never match.
-    const bad = firstNonUtf8Line(bytes)
-    if (bad !== null) return { ok: false, reason: `${this.file}: line ${bad}: not valid UTF-8 (save the file as UTF-8)` }
-    const text = bytes.toString('utf8')
+    const read = readPolicyText(this.file)
+    if (!read.ok) return { ok: false, reason: read.reason }
+    const text = read.text
     try {
       const bundle = compileBundle(text, this.file, this.maxBytes)
       // Sidecars receive the validated policy as JSON (defaults applied), not the file's text.
@@ -54,16 +44,10 @@ export class PolicyBundleHolder {
   }
 
   watch(): void {
-    const base = basename(this.file)
-    this.watcher = watch(dirname(this.file), { persistent: false }, (_event, changed) => {
-      if (changed !== null && changed !== base && !String(changed).startsWith('..')) return
-      clearTimeout(this.timer)
-      this.timer = setTimeout(() => this.reload(), 50)
-    })
+    this.watcher = watchPolicyFile(this.file, () => this.reload())
   }
 
   close(): void {
-    clearTimeout(this.timer)
     this.watcher?.close()
   }
 }

@@ -184,6 +184,54 @@ t.test('policy_watch: false reloads on SIGHUP only', async (t) => {
   t.equal(s.sidecar.policy.version, v1)
 })
 
+t.test('a policy file whose directory is removed and made again, or renamed over, is still watched; one not in UTF-8 is refused', async (t) => {
+  const api = await startApi()
+  t.teardown(api.close)
+  const dir = mkdtempSync(join(tmpdir(), 'lk-policy-dir-'))
+  const policyDir = join(dir, 'policy')
+  const file = join(policyDir, 'policy.yaml')
+  mkdirSync(policyDir)
+  writeFileSync(file, stringify(bundle(api.port)))
+  const s = await startTestSidecar({ network: { allow: [{ cidr: '127.0.0.1/32', ports: [api.port] }] }, sidecar: { policy_file: file } })
+  t.teardown(s.close)
+  const get = (path: string) => rawGet(s.proxy, `${api.origin}${path}`)
+  const deny = (id: string) => stringify(bundle(api.port, [{ id, action: 'deny', paths: [`/${id}/**`] }]))
+  const applied = async (what: string, id: string) => {
+    const before = s.sidecar.policy.version
+    await until(what, () => s.sidecar.policy.version !== before)
+    t.equal(await get(`/${id}/1`), 403, what)
+  }
+  t.equal(await get('/a/1'), 200)
+
+  // The directory removed and made again (a volume remounted, a hand-run `rm -r; mkdir`): the
+  // watch died with it, and every later change went unseen, with nothing logged.
+  rmSync(policyDir, { recursive: true })
+  await new Promise((r) => setTimeout(r, 100))
+  mkdirSync(policyDir)
+  writeFileSync(file, deny('a'))
+  await applied('the file in the directory made again', 'a')
+  atomicWrite(file, deny('b'))
+  await applied('a later edit there', 'b')
+
+  // A new directory renamed into the old one's place (a deploy tool's swap).
+  mkdirSync(`${policyDir}.new`)
+  writeFileSync(join(`${policyDir}.new`, 'policy.yaml'), deny('c'))
+  renameSync(policyDir, `${policyDir}.old`)
+  renameSync(`${policyDir}.new`, policyDir)
+  await applied('the directory renamed over', 'c')
+  writeFileSync(file, deny('d'))
+  await applied('an edit in place in the new directory', 'd')
+
+  // Saved as Latin-1: read leniently, the deny rule for /café/ would load and never match.
+  const v = s.sidecar.policy.version
+  atomicWrite(file, '')
+  writeFileSync(file, Buffer.from(`default: allow\nrules:\n  - { id: cafe, action: deny, paths: ["/caf\u00e9/**"] }\n`, 'latin1'))
+  await until('refused', () => s.sidecar.policy.rejected !== null && s.sidecar.policy.rejected.reason.includes('UTF-8'))
+  t.match(s.sidecar.policy.rejected, { source: 'file', reason: `${file}: line 3: not valid UTF-8 (save the file as UTF-8)` })
+  t.equal(s.sidecar.policy.version, v, 'the policy in force is kept')
+  t.equal(await get('/d/1'), 403, 'and still enforced')
+})
+
 async function rawGet(proxy: string, url: string): Promise<number> {
   const { request } = await import('node:http')
   const p = new URL(proxy)

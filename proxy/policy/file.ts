@@ -1,0 +1,96 @@
+// A policy file on disk (sidecar.policy_file, broker.control.policy_file): read as strict UTF-8,
+// and watched however it is replaced. Shared by the sidecar, its preflight and the broker.
+import { readFileSync, statSync, watch, type FSWatcher } from 'node:fs'
+import { basename, dirname } from 'node:path'
+import { firstNonUtf8Line } from '../../lib/config/load.js'
+
+export type PolicyText = { ok: true; text: string } | { ok: false; unreadable: boolean; reason: string }
+
+/**
+ * The file's text. Not UTF-8 is refused, naming the line: read leniently, a Latin-1 `/café/**`
+ * deny rule would load, and never match the UTF-8 paths agents send. `unreadable`: the file is
+ * missing or cannot be read, rather than wrong.
+ */
+export function readPolicyText(file: string): PolicyText {
+  let bytes: Buffer
+  try {
+    bytes = readFileSync(file)
+  } catch (err) {
+    return { ok: false, unreadable: true, reason: `${file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})` }
+  }
+  const bad = firstNonUtf8Line(bytes)
+  if (bad !== null) return { ok: false, unreadable: false, reason: `${file}: line ${bad}: not valid UTF-8 (save the file as UTF-8)` }
+  return { ok: true, text: bytes.toString('utf8') }
+}
+
+/** How often the file and its directory are looked at, besides what fs.watch reports. */
+export const POLICY_CHECK_MS = 1000
+
+/**
+ * Calls `onChange` when the file may have changed. fs.watch on the directory (not the file's
+ * inode) reports an edit, an atomic rename and a ConfigMap `..data` symlink swap within ~50 ms;
+ * but a watch dies with its directory, and a directory removed and made again, or renamed over,
+ * left every later edit unseen, with nothing logged. So the file's identity (device, inode, size,
+ * times, through symlinks) is also looked at every POLICY_CHECK_MS, a change calls `onChange`,
+ * and a directory that is gone or no longer the one watched has its watch set up again.
+ */
+export function watchPolicyFile(file: string, onChange: () => void, checkMs = POLICY_CHECK_MS): { close(): void } {
+  const dir = dirname(file)
+  const base = basename(file)
+  let watcher: FSWatcher | null = null
+  let watchedDir: string | null = null
+  let debounce: NodeJS.Timeout | undefined
+  let seen = identity(file)
+  const changed = (): void => {
+    seen = identity(file)
+    onChange()
+  }
+  const arm = (): void => {
+    const current = identity(dir, true)
+    if (watcher && current === watchedDir) return
+    watcher?.close()
+    watcher = null
+    watchedDir = current
+    if (current.startsWith('error:')) return
+    try {
+      watcher = watch(dir, { persistent: false }, (_event, name) => {
+        if (name !== null && name !== base && !String(name).startsWith('..')) return
+        clearTimeout(debounce)
+        debounce = setTimeout(changed, 50)
+      })
+      // The directory went away under the watch: the next check sets one up on whatever is there.
+      watcher.on('error', () => {
+        watcher?.close()
+        watcher = null
+      })
+    } catch {
+      watcher = null
+    }
+  }
+  arm()
+  const check = setInterval(() => {
+    arm()
+    if (identity(file) !== seen) changed()
+  }, checkMs)
+  check.unref()
+  return {
+    close(): void {
+      clearInterval(check)
+      clearTimeout(debounce)
+      watcher?.close()
+    },
+  }
+}
+
+/**
+ * What changes when a file is written, replaced or removed, symlinks followed; for a directory
+ * (`which`), only which one it is: its times change with every file renamed in or out.
+ */
+function identity(path: string, which = false): string {
+  try {
+    const s = statSync(path, { bigint: true })
+    return which ? `${s.dev}:${s.ino}` : `${s.dev}:${s.ino}:${s.size}:${s.mtimeNs}:${s.ctimeNs}`
+  } catch (err) {
+    return `error:${(err as NodeJS.ErrnoException).code ?? 'unknown'}`
+  }
+}

@@ -193,6 +193,13 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   t.same([noSecret.status, noSecret.stderr.trim()], [0, 'warning: credentials[0].secret: secret NO_SUCH_TOKEN_X is neither in env LATCHKEY_SECRET_NO_SUCH_TOKEN_X nor in secrets.file (the sidecar would not start on this machine)'], 'a missing secret is said, naming where it was looked for')
   const withSecret = spawnSync(process.execPath, [CLI, 'check-config', needsSecret], { encoding: 'utf8', env: { ...env, LATCHKEY_SECRET_NO_SUCH_TOKEN_X: 'x'.repeat(32) } })
   t.same([withSecret.status, withSecret.stderr], [0, ''], 'and nothing is said once it is there')
+  // `policy` beside a policy file did nothing: an error, naming the variable when the environment set it.
+  const both = join(dir, 'both.yaml')
+  writeFileSync(both, `version: 1\nsidecar: { policy_file: ${join(dir, 'policy.yaml')} }\npolicy: { default: allow }\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
+  const bothRun = spawnSync(process.execPath, [CLI, 'check-config', both], { encoding: 'utf8' })
+  t.same([bothRun.status, bothRun.stderr.trim()], [1, `${both}: invalid configuration:\n  policy: set beside sidecar.policy_file, whose rules replace it: remove one of them`])
+  const byEnv = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8', env: { ...process.env, LATCHKEY__POLICY__DEFAULT: 'allow' } })
+  t.same([byEnv.status, byEnv.stderr.trim()], [1, `${pointsAtBad}: invalid configuration:\n  policy: set beside sidecar.policy_file, whose rules replace it: remove one of them (set by LATCHKEY__POLICY__DEFAULT)`])
   // The rules counted are those the sidecar starts with: a policy file's replace the config's.
   writeFileSync(join(dir, 'policy.yaml'), 'default: deny\nrules: [ { id: a, action: allow, hosts: [a.com] }, { id: b, action: allow, hosts: [b.com] } ]\n')
   writeFileSync(pointsAtBad, `version: 1\nsidecar: { policy_file: ${join(dir, 'policy.yaml')} }\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)

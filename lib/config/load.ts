@@ -109,8 +109,15 @@ export function parseConfig(text: string, source = '<config>', env: NodeJS.Proce
     throw new ConfigError(source, [{ path: '', message: `cannot expand YAML aliases: ${firstLine(err)}` }])
   }
   const overrides = applyEnvOverrides(raw, env, source)
+  // Read before validation fills in the defaults: whether the file (or the environment) wrote one.
+  const inlinePolicy = typeof raw === 'object' && raw !== null && 'policy' in raw
   try {
-    return validateConfig(raw, source)
+    const config = validateConfig(raw, source)
+    // Both: the policy file's rules are the ones in force, and edits to `policy` did nothing, silently.
+    if (inlinePolicy && config.sidecar.policy_file) {
+      throw new ConfigError(source, [{ path: 'policy', message: 'set beside sidecar.policy_file, whose rules replace it: remove one of them' }])
+    }
+    return config
   } catch (err) {
     // A problem in an overridden value is the environment's, not the file's: say which variable.
     if (!(err instanceof ConfigError) || overrides.size === 0) throw err

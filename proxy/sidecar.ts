@@ -177,7 +177,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       : null) ??
     new JsonlAuditSink(config.audit.jsonl.path, config.audit.jsonl.flush_ms, (err) => {
       metrics.auditFailures.inc()
-      log.error({ code: err.code, ...(err.code === 'LK_AUDIT_STALLED' ? { reason: err.message } : {}) }, 'audit sink write failed')
+      log.error({ code: err.code, path: config.audit.jsonl.path, ...(err.code === 'LK_AUDIT_STALLED' ? { reason: err.message } : {}) }, 'audit sink write failed')
     }, undefined, () => log.info('audit sink writes again: what was kept meanwhile is written'))
 
   const now = opts.now ?? Date.now
@@ -310,7 +310,9 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   // SIGHUP: the policy file read again, and the audit file opened anew (after a log rotation).
   const onSighup = () => {
     audit.reopen?.()
-    void reloadPolicy()
+    // Said either way: an operator who sent it learns it arrived, and what the policy file gave.
+    const reloaded = sc.policy_file ? reloadPolicy() : null
+    log.info({ audit_file: audit.reopen ? config.audit.jsonl.path : null, policy_file: sc.policy_file ?? null, policy_version: policy.version, policy_reload: reloaded === null ? null : reloaded.ok ? 'read' : reloaded.reason }, 'SIGHUP: the audit file opened anew and the policy file read again')
   }
   if (opts.reloadOnSighup) process.on('SIGHUP', onSighup)
 

@@ -175,6 +175,8 @@ t.test('policy_watch: false reloads on SIGHUP only', async (t) => {
   process.kill(process.pid, 'SIGHUP')
   await until('SIGHUP reload', () => s.sidecar.policy.version !== v0)
   t.equal(await rawGet(s.proxy, `${api.origin}/q/1`), 403)
+  const acknowledged = () => s.logs.flatMap((l) => l.split('\n')).filter((l) => l.includes('SIGHUP: the audit file opened anew')).map((l) => JSON.parse(l) as Record<string, unknown>)
+  t.match(acknowledged(), [{ level: 30, policy_file: file, policy_version: s.sidecar.policy.version, policy_reload: 'read' }], 'the signal is acknowledged, with what the policy file gave')
   // A bad file at SIGHUP: rejected, kept.
   const v1 = s.sidecar.policy.version
   atomicWrite(file, 'rules: 7\n')
@@ -182,6 +184,7 @@ t.test('policy_watch: false reloads on SIGHUP only', async (t) => {
   await until('rejected', () => s.sidecar.policy.rejected !== null)
   t.match(s.sidecar.policy.rejected, { source: 'file', reason: /rules/ })
   t.equal(s.sidecar.policy.version, v1)
+  t.match(acknowledged()[1], { policy_version: v1, policy_reload: /rules/ }, 'a rejected file is said in the acknowledgement too')
 })
 
 t.test('a policy file whose directory is removed and made again, or renamed over, is still watched; one not in UTF-8 is refused', async (t) => {

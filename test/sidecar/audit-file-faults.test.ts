@@ -74,7 +74,7 @@ t.test('an audit file that cannot be written refuses new egress, then recovers w
   const notReady = await readyz(s)
   t.equal(notReady.status, 503)
   t.match(notReady.body.reasons, [/audit file cannot be written \(ENOSPC\)/])
-  t.match(s.logs.join(''), /audit sink write failed/)
+  t.match(s.logs.join('').split('\n').filter((l) => l.includes('audit sink write failed')).map((l) => JSON.parse(l) as object), [{ code: 'ENOSPC', path: s.auditPath }], 'the line names the file')
 
   // Writable again: what failed is written first, and egress resumes, with no call in between.
   unlinkSync(s.auditPath)

@@ -222,6 +222,20 @@ export class PinnedPools {
     return idle.map(([, pool]) => pool.close().catch(() => pool.destroy()).catch(() => {}))
   }
 
+  /**
+   * A task has ended: its pools are closed now, each once its calls in flight are done (its
+   * streams the pipeline has cut), not left idle for upstream_idle_ms: nothing will use them
+   * again, and a burst of ended tasks held up to max_pools sockets for 30 s.
+   */
+  closeTask(taskId: string): number {
+    const suffix = '|' + taskId
+    const ended: string[] = []
+    for (const key of this.pools.keys()) if (key.endsWith(suffix)) ended.push(key)
+    // Out of the cache, after the walk: dispose closes each.
+    for (const key of ended) this.pools.delete(key)
+    return ended.length
+  }
+
   async close(): Promise<void> {
     this.closing = true
     const pools = [...this.pools.values()]

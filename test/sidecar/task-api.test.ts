@@ -61,7 +61,11 @@ t.test('tasks.required: a call that names no task gets no credential, so a task 
   t.match(JSON.parse(none.body), { code: 'LK_PROXY_AUTH', reason: 'this sidecar requires a task: open one with POST /v1/tasks and use its proxy_url' })
   const task = (await (await fetch(`${s.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"purpose":"p","duration_s":60}' })).json()) as { task: string }
   t.equal((await call(`Bearer ${task.task}`)).status, 200, 'with a task, the call is made')
+  const pooled = async () => Number(/^latchkey_open_upstream_connections\{kind="pooled"\} (\d+)$/m.exec(await (await fetch(`${s.sidecar.adminUrl}/metrics`)).text())?.[1])
+  t.equal(await pooled(), 1, 'its upstream connection is kept alive for the task')
   await fetch(`${s.sidecar.adminUrl}/v1/tasks/${task.task}`, { method: 'DELETE' })
+  for (let i = 0; i < 100 && (await pooled()) !== 0; i++) await new Promise((r) => setTimeout(r, 10))
+  t.equal(await pooled(), 0, 'and closed when the task ends, not upstream_idle_ms later')
   t.equal((await call(`Bearer ${task.task}`)).status, 407, 'the ended task is refused')
   t.equal((await call(null)).status, 407, 'and no fallback to the agent with no task')
   t.equal(upstream.requests.length, 1, 'the credential went out once, for the task')

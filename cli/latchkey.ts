@@ -161,7 +161,7 @@ program
   .argument('<file>', 'config file or agent registry (agents.yaml)')
   .action(async (file: string) => {
     try {
-      const { readConfigBytes, configText, parseConfig } = await import('../lib/config/load.js')
+      const { readConfigBytes, configText, parseConfig, envOverrides } = await import('../lib/config/load.js')
       const bytes = readConfigBytes(file)
       const kind = (await import('../lib/config/kind.js')).configKind(bytes.toString('utf8'))
       if (kind === 'registry') {
@@ -188,6 +188,8 @@ program
       if (errors.length + broker.errors.length > 0) throw await configError(file, [...errors, ...broker.errors])
       for (const p of onThisMachine) console.error(`warning: ${p.path}: ${p.message} (the sidecar would not start on this machine)`)
       for (const p of broker.onThisMachine) console.error(`warning: ${p.path}: ${p.message} (the broker would not start on this machine)`)
+      const overridden = envOverrides(config)
+      if (overridden.length > 0) console.error(`note: set by the environment, not the file: ${overridden.join(', ')}`)
       console.log(`${file}: valid (version ${config.version}, ${rules ?? config.policy.rules.length} rules${rules === undefined ? '' : ' (sidecar.policy_file)'}, ${config.credentials.length} credentials, ${Object.keys(config.routes).length} routes)`)
     } catch (err) {
       fail(err)

@@ -6,6 +6,7 @@ import { networkInterfaces } from 'node:os'
 import ipaddr from 'ipaddr.js'
 import type { DestinationStream } from 'pino'
 import type { Config } from '../lib/config/schema.js'
+import { envOverrides } from '../lib/config/load.js'
 import { createLogger, type Logger } from '../lib/log.js'
 import { Pipeline } from './pipeline.js'
 import { Policy } from './policy/policy.js'
@@ -446,7 +447,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   networkPolicy.protectSelf([port, adminPort], hostAddresses)
   const host = sc.listen.host.includes(':') ? `[${sc.listen.host}]` : sc.listen.host
   proxyBase = `${host}:${port}`
-  log.info({ port, adminPort, agent: sc.agent_id, rules: (initialPolicy?.policy ?? config.policy).rules.length, credentials: bindings.all().length }, 'sidecar listening')
+  log.info({ port, adminPort, agent: sc.agent_id, rules: (initialPolicy?.policy ?? config.policy).rules.length, credentials: bindings.all().length, env_overrides: envOverrides(config) }, 'sidecar listening')
 
   let closing: Promise<void> | null = null
   let hurry: (() => void) | null = null

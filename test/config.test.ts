@@ -200,6 +200,11 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   t.same([bothRun.status, bothRun.stderr.trim()], [1, `${both}: invalid configuration:\n  policy: set beside sidecar.policy_file, whose rules replace it: remove one of them`])
   const byEnv = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8', env: { ...process.env, LATCHKEY__POLICY__DEFAULT: 'allow' } })
   t.same([byEnv.status, byEnv.stderr.trim()], [1, `${pointsAtBad}: invalid configuration:\n  policy: set beside sidecar.policy_file, whose rules replace it: remove one of them (set by LATCHKEY__POLICY__DEFAULT)`])
+  // What the environment changed is said, by variable and setting: a widened default is not silent.
+  const plain = join(dir, 'plain.yaml')
+  writeFileSync(plain, `version: 1\npolicy: { default: deny, rules: [ { id: a, action: deny, methods: [POST] } ] }\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
+  const widened = spawnSync(process.execPath, [CLI, 'check-config', plain], { encoding: 'utf8', env: { ...process.env, LATCHKEY__POLICY__DEFAULT: 'allow', LATCHKEY__POLICY__RULES__0__ACTION: 'allow' } })
+  t.same([widened.status, widened.stderr.trim()], [0, 'note: set by the environment, not the file: LATCHKEY__POLICY__DEFAULT (policy.default), LATCHKEY__POLICY__RULES__0__ACTION (policy.rules[0].action)'])
   // The rules counted are those the sidecar starts with: a policy file's replace the config's.
   writeFileSync(join(dir, 'policy.yaml'), 'default: deny\nrules: [ { id: a, action: allow, hosts: [a.com] }, { id: b, action: allow, hosts: [b.com] } ]\n')
   writeFileSync(pointsAtBad, `version: 1\nsidecar: { policy_file: ${join(dir, 'policy.yaml')} }\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)

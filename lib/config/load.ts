@@ -83,6 +83,17 @@ export function configText(bytes: Buffer, file: string): string {
   return bytes.toString('utf8')
 }
 
+/** The LATCHKEY__… variables a parsed config took values from, with the setting each answers for. */
+const overridesOf = new WeakMap<Config, ReadonlyMap<string, string>>()
+
+/** What the environment set in `config` (as `NAME (setting)`), for start-up lines and check-config: nothing it changed goes unsaid. */
+export function envOverrides(config: Config): string[] {
+  return [...(overridesOf.get(config)?.keys() ?? [])].map((name) => {
+    const setting = name.slice(ENV_PREFIX.length).toLowerCase().split('__').map((k, i) => (/^[0-9]+$/.test(k) ? `[${k}]` : i === 0 ? k : `.${k}`)).join('')
+    return `${name} (${setting})`
+  })
+}
+
 export function parseConfig(text: string, source = '<config>', env: NodeJS.ProcessEnv = {}): Config {
   let doc
   try {
@@ -117,6 +128,7 @@ export function parseConfig(text: string, source = '<config>', env: NodeJS.Proce
     if (inlinePolicy && config.sidecar.policy_file) {
       throw new ConfigError(source, [{ path: 'policy', message: 'set beside sidecar.policy_file, whose rules replace it: remove one of them' }])
     }
+    if (overrides.size > 0) overridesOf.set(config, overrides)
     return config
   } catch (err) {
     // A problem in an overridden value is the environment's, not the file's: say which variable.

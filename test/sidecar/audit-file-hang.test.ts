@@ -134,7 +134,7 @@ t.test('a hung audit write: refused with the coded error and not ready within th
   const grew = metric(metrics, 'latchkey_nodejs_external_memory_bytes')! - externalBefore
   t.ok(grew < 8 * 1024 * 1024, `external memory grew ${(grew / 1048576).toFixed(1)} MiB while hung (a 256 KiB buffer per flush window: ~${Math.round(((STALL_MS + 1500) / 20) * 0.25)} MiB)`)
   t.equal(child.output().match(/audit sink write failed/g)?.length, 1, 'one log line')
-  t.match(child.output(), /"code":"LK_AUDIT_STALLED","reason":"an append to the audit file has not completed in \d+ s[^"]*","msg":"audit sink write failed"/)
+  t.match(child.output(), /"code":"LK_AUDIT_STALLED","path":"[^"]+","reason":"an append to the audit file has not completed in \d+ s[^"]*","msg":"audit sink write failed"/, 'naming the file and the stall')
 
   // The disk answers again: everything kept is written, in order, and calls succeed again.
   rmSync(flag)

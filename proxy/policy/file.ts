@@ -53,16 +53,17 @@ export function watchPolicyFile(file: string, onChange: () => void, checkMs = PO
     watchedDir = current
     if (current.startsWith('error:')) return
     try {
-      watcher = watch(dir, { persistent: false }, (_event, name) => {
+      const w = watch(dir, { persistent: false }, (_event, name) => {
         if (name !== null && name !== base && !String(name).startsWith('..')) return
         clearTimeout(debounce)
         debounce = setTimeout(changed, 50)
       })
       // The directory went away under the watch: the next check sets one up on whatever is there.
-      watcher.on('error', () => {
-        watcher?.close()
-        watcher = null
+      w.on('error', () => {
+        w.close()
+        if (watcher === w) watcher = null
       })
+      watcher = w
     } catch {
       watcher = null
     }

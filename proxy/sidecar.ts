@@ -293,7 +293,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   // The task's ID is what calls are audited under; these lines say what it was (never its handle).
   tasks.onOpen((t) => log.info({ task: t.id, purpose: t.purpose, user: t.userSub, expires_at: new Date(t.expiresAt).toISOString() }, 'task opened'))
 
-  const policy = new PolicySwitch(pipeline.stages, initialPolicy?.version ?? 'config', sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES, log, metrics.registry)
+  const policy = new PolicySwitch(pipeline.stages, initialPolicy?.version ?? 'config', sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES, log, metrics.registry, initialPolicy?.policy ?? config.policy)
   policy.onSwap = (decider) => {
     const cut = pipeline.cutDenied(decider)
     if (cut > 0) log.warn({ version: policy.version, connections_cut: cut }, 'open tunnels and WebSockets the new policy denies were cut')

@@ -6,7 +6,8 @@ import { Counter, type Registry } from 'prom-client'
 import type { Logger } from '../../lib/log.js'
 import type { Stages } from '../pipeline.js'
 import type { Decider } from '../context.js'
-import { BundleError, compileBundle } from './bundle.js'
+import type { Config } from '../../lib/config/schema.js'
+import { BundleError, compileBundle, policyWidenings } from './bundle.js'
 
 export class PolicySwitch {
   /** The last bundle refused, and why; cleared when a bundle is accepted. */
@@ -21,6 +22,8 @@ export class PolicySwitch {
     private readonly maxBytes: number,
     private readonly log: Logger,
     metrics: Registry,
+    /** The policy in force, as written: a swap is compared with it, so one that lets more through says so. */
+    private current: Config['policy'],
   ) {
     this.bundles = new Counter({ name: 'latchkey_policy_bundles_total', help: 'Policy bundles offered, by source and outcome (applied, rejected)', labelNames: ['source', 'outcome'], registers: [metrics] })
   }
@@ -35,7 +38,12 @@ export class PolicySwitch {
       this.version = b.version
       this.rejected = null
       this.bundles.inc({ source, outcome: 'applied' })
-      this.log.info({ source, version: b.version, previous, rules: b.policy.rules.length }, 'policy swapped')
+      // A swap that lets more through (default→allow, enforce→report, an allow added, a deny gone) is a warning, naming each.
+      const widened = policyWidenings(this.current, b.policy)
+      this.current = b.policy
+      const fields = { source, version: b.version, previous, mode: b.policy.mode, default: b.policy.default, rules: b.policy.rules.length }
+      if (widened.length > 0) this.log.warn({ ...fields, widened }, 'policy swapped: it lets more through')
+      else this.log.info(fields, 'policy swapped')
       this.onSwap?.(b.compiled)
       return { ok: true, version: b.version }
     } catch (err) {

@@ -185,6 +185,13 @@ t.test('policy_watch: false reloads on SIGHUP only', async (t) => {
   t.match(s.sidecar.policy.rejected, { source: 'file', reason: /rules/ })
   t.equal(s.sidecar.policy.version, v1)
   t.match(acknowledged()[1], { policy_version: v1, policy_reload: /rules/ }, 'a rejected file is said in the acknowledgement too')
+  // A swap that lets more through is a warning naming how; the narrowing one above was not.
+  const swaps = () => s.logs.flatMap((l) => l.split('\n')).filter((l) => l.includes('"msg":"policy swapped')).map((l) => JSON.parse(l) as Record<string, unknown>)
+  t.match(swaps(), [{ level: 30, msg: 'policy swapped', mode: 'enforce', default: 'deny' }])
+  atomicWrite(file, stringify({ default: 'allow', rules: [] }))
+  process.kill(process.pid, 'SIGHUP')
+  await until('widening swap', () => s.sidecar.policy.version !== v1)
+  t.match(swaps()[1], { level: 40, msg: 'policy swapped: it lets more through', default: 'allow', widened: ['default: deny→allow', 'deny rule no-admin removed', 'deny rule no-q removed'] })
 })
 
 t.test('a policy file whose directory is removed and made again, or renamed over, is still watched; one not in UTF-8 is refused', async (t) => {

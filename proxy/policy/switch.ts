@@ -38,8 +38,9 @@ export class PolicySwitch {
       this.version = b.version
       this.rejected = null
       this.bundles.inc({ source, outcome: 'applied' })
-      // A swap that lets more through (default→allow, enforce→report, an allow added, a deny gone) is a warning, naming each.
-      const widened = policyWidenings(this.current, b.policy)
+      // A swap that lets more through (default→allow, enforce→report, an allow added, a deny gone) is a warning, naming each;
+      // not the broker's first bundle replacing the config's start-up policy, which every start does.
+      const widened = previous === 'config' && source === 'control' ? [] : policyWidenings(this.current, b.policy)
       this.current = b.policy
       const fields = { source, version: b.version, previous, mode: b.policy.mode, default: b.policy.default, rules: b.policy.rules.length }
       if (widened.length > 0) this.log.warn({ ...fields, widened }, 'policy swapped: it lets more through')

@@ -54,6 +54,9 @@ t.test('bundles from the broker: applied on connect and on change; bad ones reje
   await until('new bundle at the sidecar', () => s.sidecar.policy.version !== v1 && s.sidecar.policy.version === brokerVersion())
   const widened = broker.events.find((e) => e.type === 'policy.widened')
   t.match(widened, { type: 'policy.widened', agent_type: '*', audience: '(sidecar policy)', added: ['allow rule wide'] }, 'scope widening recorded as an event')
+  // The sidecar says so too: the first bundle, replacing its start-up policy, at info; this one at warn.
+  const swaps = s.logs.flatMap((l) => l.split('\n')).filter((l) => l.includes('"msg":"policy swapped')).map((l) => JSON.parse(l) as Record<string, unknown>)
+  t.match(swaps, [{ level: 30, source: 'control', previous: 'config' }, { level: 40, source: 'control', widened: ['allow rule wide'] }])
   const before = stream.chunks()
   await until('stream still flowing after the swap', () => stream.chunks() > before + 2)
   t.match(await viaProxy(s, task.handle, `${api.origin}/stream/new`), { status: 403, body: { rule: 'stream-deny' } }, 'new requests see the new bundle')

@@ -167,7 +167,7 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   writeFileSync(pointsAtBad, `version: 1\nsidecar: { policy_file: ${join(dir, 'policy.yaml')} }\naudit: { jsonl: { path: ${join(dir, 'no-such-dir', 'a.jsonl')} } }\n`)
   const pb = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8' })
   t.equal(pb.status, 1, 'a policy file that does not compile makes the config invalid')
-  t.match(pb.stderr, /sidecar\.policy_file: .*policy\.yaml: policy bundle is not valid YAML\/JSON/)
+  t.match(pb.stderr, /sidecar\.policy_file: .*policy\.yaml: policy bundle is not valid YAML\/JSON: .* at line 3, column 1$/m, 'naming where')
   // Not UTF-8 (a Latin-1 `/café/` rule would load and never match): refused, naming the line, as the config itself is.
   writeFileSync(join(dir, 'policy.yaml'), Buffer.from('default: deny\nrules: [ { id: c, action: deny, paths: ["/caf\u00e9/**"] } ]\n', 'latin1'))
   const latin1 = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8' })

@@ -32,8 +32,9 @@ export function bundleVersion(text: string): string {
 export function compileBundle(text: string, source: string, maxBytes = DEFAULT_MAX_BUNDLE_BYTES, version?: string): CompiledBundle {
   const size = Buffer.byteLength(text)
   if (size > maxBytes) throw new BundleError(`${source}: policy bundle is ${size} bytes, over the limit of ${maxBytes}`)
-  const doc = parseYamlDocument(text)
-  if (doc.errors.length > 0) throw new BundleError(`${source}: policy bundle is not valid YAML/JSON: ${doc.errors[0]!.message.split('\n')[0]}`)
+  // prettyErrors: the message says where (`… at line 3, column 1`), as check-config's do for the config.
+  const doc = parseYamlDocument(text, { prettyErrors: true })
+  if (doc.errors.length > 0) throw new BundleError(`${source}: policy bundle is not valid YAML/JSON: ${doc.errors[0]!.message.split('\n')[0]!.replace(/:$/, '')}`)
   const raw: unknown = doc.toJS({ maxAliasCount: 100 })
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new BundleError(`${source}: policy bundle must be a mapping {mode, default, rules}`)
   let config: Config

@@ -478,7 +478,9 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       // closed too, a moment later: waited for, so it is recorded as it ended, not as cut.
       if (drained) await streamsClosed(openStreams, 1_000)
       // What is still open at the deadline is cut, and recorded as cut by the shutdown.
-      pipeline.cut(() => true, 'LK_DRAINING', 'the sidecar shut down before the call finished')
+      const cutAtDeadline = pipeline.cut(() => true, 'LK_DRAINING', 'the sidecar shut down before the call finished')
+      // Said once, with the count: the operator learns what the shutdown did not let finish.
+      if (cutAtDeadline > 0) log.warn({ calls_cut: cutAtDeadline, drain_ms: sc.timeouts.drain_ms, cut_short: urgently }, 'shutdown: calls still running at the drain deadline were cut (each recorded LK_DRAINING)')
       server.closeAllConnections()
       for (const s of openStreams) s.destroy()
       // The audit closes only once every relay cut has been recorded.

@@ -130,6 +130,8 @@ t.test('a second SIGTERM cuts the drain short and the process exits 1, the call 
   await slow
   const audit = readFileSync(p.auditPath, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { path: string | null; error: string | null })
   t.match(audit, [{ path: '/slow', error: 'LK_DRAINING' }], 'the call it cut is recorded')
+  const summary = p.stdout.map((l) => JSON.parse(l) as Record<string, unknown>).filter((l) => typeof l.msg === 'string' && l.msg.startsWith('shutdown: calls still running'))
+  t.match(summary, [{ level: 40, calls_cut: 1, cut_short: true }], 'and the shutdown says how many it cut, once')
 })
 
 t.test('an idle sidecar sleeps, and its loop-delay gauges read delay, not the sampling interval', { skip: process.platform !== 'linux' && 'reads /proc' }, async (t) => {

@@ -12,7 +12,6 @@ export const EVENT_LOOP_SAMPLE_MS = 100
  * idle loop read 0.010 s). Given this interval its timer never fires, and these gauges are ours.
  */
 const NEVER_MS = 2 ** 31 - 1
-const LOOP_DELAY_STATS = ['min', 'max', 'mean', 'stddev', 'p50', 'p90', 'p99'] as const
 
 interface CallCount {
   readonly via: string
@@ -141,18 +140,18 @@ export class SidecarMetrics {
       p90: () => delay(histogram.percentile(90)),
       p99: () => delay(histogram.percentile(99)),
     }
-    const gauges: Gauge[] = []
     // The first gauge collected sets them all, then starts a new window; a window with no sample leaves them as they were.
     const collect = (): void => {
       if (histogram.count === 0) return
-      for (const [i, stat] of LOOP_DELAY_STATS.entries()) gauges[i]!.set(read[stat]())
+      for (const { gauge, value } of gauges) gauge.set(value())
       histogram.reset()
     }
-    for (const stat of LOOP_DELAY_STATS) {
+    const gauges = Object.entries(read).map(([stat, value], i) => {
       const name = `latchkey_nodejs_eventloop_lag_${stat}_seconds`
       this.registry.removeSingleMetric(name)
-      gauges.push(new Gauge({ name, help: `Event loop delay beyond the ${EVENT_LOOP_SAMPLE_MS} ms sampling interval, since the last scrape: ${stat}`, registers: [this.registry], collect: stat === 'min' ? collect : undefined }))
-    }
+      const gauge = new Gauge({ name, help: `Event loop delay beyond the ${EVENT_LOOP_SAMPLE_MS} ms sampling interval, since the last scrape: ${stat}`, registers: [this.registry], collect: i === 0 ? collect : undefined })
+      return { gauge, value }
+    })
   }
 
   /** Stops the loop-delay sampler's timer (a sidecar stopped in a process that goes on: tests, `latchkey up`). */

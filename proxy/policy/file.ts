@@ -41,8 +41,8 @@ export function watchPolicyFile(file: string, onChange: () => void, checkMs = PO
   let watchedDir: string | null = null
   let debounce: NodeJS.Timeout | undefined
   let seen = identity(file)
-  const changed = (): void => {
-    seen = identity(file)
+  const changed = (now = identity(file)): void => {
+    seen = now
     onChange()
   }
   const arm = (): void => {
@@ -56,7 +56,7 @@ export function watchPolicyFile(file: string, onChange: () => void, checkMs = PO
       const w = watch(dir, { persistent: false }, (_event, name) => {
         if (name !== null && name !== base && !String(name).startsWith('..')) return
         clearTimeout(debounce)
-        debounce = setTimeout(changed, 50)
+        debounce = setTimeout(() => changed(), 50)
       })
       // The directory went away under the watch: the next check sets one up on whatever is there.
       w.on('error', () => {
@@ -71,7 +71,8 @@ export function watchPolicyFile(file: string, onChange: () => void, checkMs = PO
   arm()
   const check = setInterval(() => {
     arm()
-    if (identity(file) !== seen) changed()
+    const now = identity(file)
+    if (now !== seen) changed(now)
   }, checkMs)
   check.unref()
   return {

@@ -67,6 +67,14 @@ export function connectionListed(value: string | string[] | undefined): Set<stri
   return set
 }
 
+/**
+ * The largest response head (status line and headers) taken from an upstream, on a forwarded
+ * call as on a WebSocket handshake. Node's own 16 KiB (undici's default) refused heads that
+ * curl (100 KiB), Go (1 MiB) and Envoy (60 KiB) read, so a call that worked direct failed
+ * through the sidecar; the head is read whole before any of it is relayed.
+ */
+export const MAX_UPSTREAM_HEAD_BYTES = 64 * 1024
+
 export type OutboundHeaders = Record<string, string | string[] | undefined>
 
 /**

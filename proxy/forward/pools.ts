@@ -20,6 +20,7 @@ import { Pool } from './undici-pool.js'
 import type { buildConnector as BuildConnector } from 'undici'
 import buildConnectorModule from 'undici/lib/core/connect.js'
 import { readPastPeerGone } from './early-answer.js'
+import { MAX_UPSTREAM_HEAD_BYTES } from './headers.js'
 import { LRUCache } from 'lru-cache'
 import type { LookupFunction } from 'node:net'
 import { checkServerIdentity, createSecureContext, type PeerCertificate, type SecureContext, type TLSSocket } from 'node:tls'
@@ -161,6 +162,7 @@ export class PinnedPools {
         // upstream_idle_ms (undici's own cap was 600 s: every such socket a descriptor that long).
         keepAliveTimeout: Math.min(4_000, idleMs),
         keepAliveMaxTimeout: idleMs,
+        maxHeaderSize: MAX_UPSTREAM_HEAD_BYTES,
         // Redirects are returned to the agent, never followed: no interceptor is composed here.
       })
       this.pools.set(key, pool)

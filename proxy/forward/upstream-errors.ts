@@ -1,6 +1,7 @@
 // Maps undici and socket errors to coded refusals. The reason is built from the error's code,
 // never from its message: messages can carry URLs, and a URL can carry a query credential.
 import { LatchkeyError, type ErrorCode } from '../errors.js'
+import { MAX_UPSTREAM_HEAD_BYTES } from './headers.js'
 
 /**
  * Node's names for an X.509 verification failure: the list in its crypto_common.cc
@@ -139,7 +140,7 @@ export function upstreamError(err: unknown, method = 'GET', headArrived = true):
       if (!headArrived) return new LatchkeyError('LK_UPSTREAM_PROTOCOL', 'the upstream sent an invalid HTTP response')
       return new LatchkeyError('LK_UPSTREAM_PROTOCOL', "the upstream's response body did not match its Content-Length")
     case 'UND_ERR_HEADERS_OVERFLOW':
-      return new LatchkeyError('LK_UPSTREAM_PROTOCOL', "the upstream's response headers were too large")
+      return new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream's response headers were too large (over ${MAX_UPSTREAM_HEAD_BYTES / 1024} KiB)`)
     case 'UND_ERR_REQ_CONTENT_LENGTH_MISMATCH':
       return new LatchkeyError('LK_BAD_REQUEST', 'the request body did not match its Content-Length')
     default: {

@@ -7,6 +7,7 @@ import type { IncomingHttpHeaders } from 'node:http'
 import type { Socket } from 'node:net'
 import { createHash } from 'node:crypto'
 import { LatchkeyError } from '../errors.js'
+import { MAX_UPSTREAM_HEAD_BYTES } from '../forward/headers.js'
 
 /** RFC 6455 §1.3: the GUID the server appends to the client's key. */
 const WEBSOCKET_GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11'
@@ -20,8 +21,6 @@ export function expectedAccept(key: string): string {
   return createHash('sha1').update(key + WEBSOCKET_GUID).digest('base64')
 }
 
-/** Larger than any handshake answer; more than this without a blank line is not one. */
-const MAX_HEAD_BYTES = 64 * 1024
 const HEAD_END = Buffer.from('\r\n\r\n')
 const STATUS_LINE = /^HTTP\/1\.[01] (\d{3})(?: [^\r\n]*)?$/
 const TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/
@@ -48,7 +47,7 @@ export function readUpgradeResponse(upstream: Socket, accept: string, timeoutMs:
     buffered = buffered.length ? Buffer.concat([buffered, chunk]) : chunk
     const end = buffered.indexOf(HEAD_END)
     if (end === -1) {
-      if (buffered.length > MAX_HEAD_BYTES) finish(protocolError('its handshake answer has no end of head within 64 KiB'), null, 502)
+      if (buffered.length > MAX_UPSTREAM_HEAD_BYTES) finish(protocolError(`its handshake answer has no end of head within ${MAX_UPSTREAM_HEAD_BYTES / 1024} KiB`), null, 502)
       return
     }
     const parsed = parseHead(buffered.subarray(0, end).toString('latin1'), accept)

@@ -206,5 +206,7 @@ export function parserRefusal(err: NodeJS.ErrnoException): LatchkeyError {
   if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT') return new LatchkeyError('LK_REQUEST_TIMEOUT', 'the request line and headers did not all arrive within timeouts.client_headers_ms')
   // curl --http2-prior-knowledge, gRPC without TLS: said in words (the audit read llhttp's code).
   if (err.code === 'HPE_PAUSED_H2_UPGRADE') return new LatchkeyError('LK_BAD_REQUEST', 'an HTTP/2 connection preface (prior knowledge): this sidecar serves HTTP/1.1 only, so send HTTP/1.1 (an h2c upgrade offer is answered in HTTP/1.1)')
+  // curl percent-encodes a path for a server but sends a proxy raw UTF-8 (`?q=café`): the agent is told how to send it.
+  if (err.code === 'HPE_INVALID_URL') return new LatchkeyError('LK_BAD_REQUEST', 'malformed HTTP request (HPE_INVALID_URL): the request target holds a byte a URL may not carry as sent (beyond ASCII, or a control character); percent-encode it (é is %C3%A9)')
   return new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (${err.code ?? 'parse error'})`)
 }

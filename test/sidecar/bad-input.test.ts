@@ -52,6 +52,8 @@ t.test('refused framings', async (t) => {
     ['obsolete line folding', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A: a\r\n b\r\n\r\n`, /malformed/],
     ['non-http scheme', `GET ftp://127.0.0.1/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /http:\/\/ or https:\/\//],
     ['asterisk form', `OPTIONS * HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /asterisk-form/],
+    // curl sends a proxy raw UTF-8 (`?q=café`) that it percent-encodes for a server: told how to send it.
+    ['raw UTF-8 in the request target', `GET http://${host}/search?q=caf\xc3\xa9 HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /HPE_INVALID_URL\): the request target holds a byte .* percent-encode it/],
     // What the body is read by, dropped on the way: a typeless `_method=DELETE` POST is a form to Rack.
     ['Connection naming Content-Type', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Type: text/plain\r\nConnection: content-type\r\nContent-Length: 14\r\n\r\n_method=DELETE`, /Connection header names content-type/],
     ['Connection naming Content-Encoding among others', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Encoding: gzip\r\nConnection: keep-alive , Content-Encoding\r\nContent-Length: 1\r\n\r\nx`, /Connection header names content-encoding/],

@@ -9,7 +9,7 @@ import { promisify } from 'node:util'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { startUpstream, startTestSidecar, rawRequest, assertNoCanary, sidecarInFrontOf, type Upstream } from '../helpers/harness.js'
+import { startUpstream, startTestSidecar, rawRequest, assertNoCanary, sidecarInFrontOf, loopbackPolicy, type Upstream } from '../helpers/harness.js'
 import { testPki } from '../helpers/tls.js'
 import { upstreamError } from '../../proxy/forward/upstream-errors.js'
 
@@ -192,19 +192,18 @@ t.test('a broken response head is the upstream protocol failing, not the upstrea
 t.test('a response head larger than Node\'s 16 KiB and within 64 KiB is relayed whole, as curl reads it direct', async (t) => {
   // A long Content-Security-Policy, a paginated Link, many cookies: found by a real-client probe,
   // where such a call worked direct and failed through the sidecar (undici's default was Node's 16 KiB).
-  const upstream = createHttpServer((req, res) => {
-    const kb = Number(/\/kb\/(\d+)/.exec(req.url ?? '')?.[1] ?? 0)
-    res.setHeader('x-big', 'h'.repeat(kb * 1024 - 64))
-    res.setHeader('set-cookie', ['a=1', 'b=2'])
-    res.end('ok')
+  const upstream = await startUpstream({
+    handler: (req, res) => {
+      const kb = Number(/\/kb\/(\d+)/.exec(req.url)?.[1] ?? 0)
+      res.writeHead(200, { 'x-big': 'h'.repeat(kb * 1024 - 64), 'set-cookie': ['a=1', 'b=2'], 'content-length': '2' }).end('ok')
+      return true
+    },
   })
-  upstream.listen(0, '127.0.0.1')
-  await once(upstream, 'listening')
-  const port = (upstream.address() as AddressInfo).port
-  const s = await startTestSidecar({ policy: { default: 'allow' }, network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] } })
+  const port = upstream.port
+  const s = await startTestSidecar(loopbackPolicy([port]))
   t.teardown(async () => {
     await s.close()
-    upstream.close()
+    await upstream.close()
   })
   for (const kb of [17, 40, 63]) {
     const r = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${port}/kb/${kb} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`, 400)

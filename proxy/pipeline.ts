@@ -15,7 +15,7 @@ import { stripQueryParams } from './credentials/bindings.js'
 import { hostHeader, parseAbsoluteTarget, parseReverseTarget, parseTunnelledTarget, urlHostPort, type ReverseRoutes } from './listen/target.js'
 import { checkFraming } from './listen/framing.js'
 import { outboundRequestHeaders, type OutboundHeaders } from './forward/headers.js'
-import { forward, hasRequestBody, type BodyInspector } from './forward/forward.js'
+import { forward, hasRequestBody, type BodyInspector, type ForwardTimeouts } from './forward/forward.js'
 import { locationThroughRoute, resolveLocation } from './forward/route-location.js'
 import { scopeRouteCookies } from './forward/route-cookie.js'
 import { isIP } from 'node:net'
@@ -53,6 +53,8 @@ export interface Stages {
   namedHosts?: boolean
   /** timeouts.body_ms: an agent's request body silent this long ends the call (forward/body-stall.ts); 0, never. */
   bodyGapMs?: number
+  /** timeouts.headers_ms: also the most a final response may take once interim (1xx) ones began (forward.ts); 0, never. */
+  headersMs?: number
 }
 
 /** What a plaintext CONNECT tunnel was opened for, carried to each request inside it. */
@@ -94,7 +96,12 @@ export class Pipeline {
   /** Set when shutdown begins: new calls are refused (503) and connections are not kept alive. */
   draining = false
 
-  constructor(readonly stages: Stages) {}
+  /** What forward() is given for every call, built once. */
+  private readonly forwardTimeouts: ForwardTimeouts
+
+  constructor(readonly stages: Stages) {
+    this.forwardTimeouts = { bodyGapMs: stages.bodyGapMs ?? 0, headersMs: stages.headersMs ?? 0 }
+  }
 
   newContext(via: Via, method: string): CallContext {
     return {
@@ -592,7 +599,7 @@ export class Pipeline {
       this.relocate,
       this.scopeCookies,
       this.stages.audit.recordBeforeResponse === true ? this.auditKeeps : null,
-      this.stages.bodyGapMs ?? 0,
+      this.forwardTimeouts,
       inspect,
     )
   }

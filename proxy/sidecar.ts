@@ -279,6 +279,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     metrics,
     namedHosts: sc.allow_remote_clients,
     bodyGapMs: sc.timeouts.body_ms,
+    headersMs: sc.timeouts.headers_ms,
   })
   // A task's egress ends with the task: streams, tunnels and WebSockets it opened are cut when it
   // is ended or expires, not left running on a credential that was scoped to it. (Not at shutdown:

@@ -9,7 +9,7 @@ import type { CallContext, Target } from '../context.js'
 import { LatchkeyError, type ErrorCode } from '../errors.js'
 import { watchBodyStall } from './body-stall.js'
 import { inboundResponseHeaders, type OutboundHeaders } from './headers.js'
-import { upstreamError } from './upstream-errors.js'
+import { afterSending, upstreamError } from './upstream-errors.js'
 import { safeReasonPhrase, scrubResponseHeaders } from './scrub.js'
 import { BodyScrubber, bodyNeedlesFor } from './body-scrub.js'
 import { lingerOnClose } from '../listen/linger.js'
@@ -46,6 +46,31 @@ export type Relocate = (location: string, target: Target, redirect: boolean) => 
  * only for a call on a route whose response sets a cookie.
  */
 export type ScopeCookies = (headers: IncomingHttpHeaders, target: Target) => void
+
+export interface ForwardTimeouts {
+  /**
+   * timeouts.body_ms: an agent's streamed request body silent this long ends the call
+   * (watchBodyStall), as does an agent taking none of the response this long; 0, never.
+   */
+  bodyGapMs: number
+  /**
+   * timeouts.headers_ms, counted again from the first interim (1xx) response to the final one:
+   * undici restarts its own headers timer at each 1xx, so an upstream sending 102s without end
+   * held the call for ever (onInterim); 0, never.
+   */
+  headersMs: number
+}
+
+const NO_TIMEOUTS: ForwardTimeouts = { bodyGapMs: 0, headersMs: 0 }
+
+/**
+ * Interim responses taken before the final one, and their headers' bytes in all. Each is parsed
+ * and dropped, with no agent reading to slow the upstream: 1,000 heads of 55 KB cost a sidecar
+ * 10 s of CPU. A real server sends a few small ones (103 Early Hints, an old WebDAV server's 102
+ * Processing now and then).
+ */
+export const MAX_INTERIM_RESPONSES = 1000
+export const MAX_INTERIM_HEADER_BYTES = 256 * 1024
 
 /** Reason phrases relayed as the upstream wrote them only when plain printable ASCII; else the standard one. */
 const PRINTABLE = /^[\t\x20-\x7e]*$/
@@ -96,8 +121,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
      * written (AuditSink.recordBeforeResponse): whether the sink keeps an event now.
      */
     private readonly recordFirst: (() => boolean) | null = null,
-    /** timeouts.body_ms: an agent that takes none of the response this long is cut (onResponseData). */
-    private readonly bodyGapMs = 0,
+    private readonly timeouts: ForwardTimeouts = NO_TIMEOUTS,
   ) {
     res.once('close', () => {
       // Not kept past the call: it would hold this relay, and the call with it, for body_ms.
@@ -113,6 +137,10 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
   }
 
   private abortedWith: Error | null = null
+  /** Interim (1xx) responses dropped so far, and the deadline they started for the final one (onInterim). */
+  private interims = 0
+  private interimBytes = 0
+  private interimDeadline: NodeJS.Timeout | null = null
 
   /** Ends the call with `err` (reported through `done`), wherever the forward is. */
   abort(err: Error): void {
@@ -126,6 +154,37 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     else this.abortedWith = err
   }
 
+  /**
+   * An interim (1xx) response, dropped: counted, and the first starts the deadline for the final
+   * one (timeouts.headers_ms from then, or from the request body's end if it is still coming).
+   */
+  private onInterim(headers: IncomingHttpHeaders): void {
+    for (const name in headers) {
+      const value = headers[name]!
+      this.interimBytes += name.length + (typeof value === 'string' ? value.length : value.reduce((n, v) => n + v.length, 0))
+    }
+    if (++this.interims > MAX_INTERIM_RESPONSES || this.interimBytes > MAX_INTERIM_HEADER_BYTES) {
+      return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream sent more interim (1xx) responses than the sidecar takes before a final one (${MAX_INTERIM_RESPONSES}, or ${MAX_INTERIM_HEADER_BYTES / 1024} KiB of headers)`))
+    }
+    const ms = this.timeouts.headersMs
+    if (this.interims > 1 || ms <= 0) return
+    const start = () => {
+      if (this.finished || this.ctx.status !== 0) return
+      this.interimDeadline = setTimeout(() => {
+        this.interimDeadline = null
+        if (!this.finished) this.abort(afterSending('LK_UPSTREAM_TIMEOUT', `the upstream sent interim (1xx) responses but no final one within ${ms} ms (timeouts.headers_ms)`, this.ctx.method))
+      }, ms).unref()
+    }
+    const req = this.res.req
+    if (req.complete) start()
+    else req.once('end', start)
+  }
+
+  private clearInterimDeadline(): void {
+    clearTimeout(this.interimDeadline!)
+    this.interimDeadline = null
+  }
+
   /** A response not relayed for its Location: a 502 saying `why`, its status not the upstream's. */
   private refuseLocation(why: string): void {
     this.ctx.status = 0
@@ -137,7 +196,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     // Hints desyncs Python's http.client (requests, urllib3), which takes any 1xx but 100 for the
     // final answer: the real one was then read as the answer to the agent's next request on that
     // proxy connection, whatever origin it went to.
-    if (statusCode < 200) return
+    if (statusCode < 200) return this.onInterim(headers)
+    if (this.interimDeadline !== null) this.clearInterimDeadline()
     this.ctx.status = statusCode
     this.ctx.upstreamMs = performance.now() - this.ctx.t0
     const clean = inboundResponseHeaders(headers)
@@ -340,10 +400,11 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       controller.pause()
       // An agent that never reads held the call, and the upstream connection, for ever (memory
       // stays bounded by the pause): one that takes nothing for body_ms is cut, as an upstream is.
-      if (this.bodyGapMs > 0) {
+      const gapMs = this.timeouts.bodyGapMs
+      if (gapMs > 0) {
         this.stalled = setTimeout(() => {
-          if (!this.finished) this.abort(new LatchkeyError('LK_IDLE_TIMEOUT', `the agent read none of the response for ${this.bodyGapMs} ms (timeouts.body_ms)`))
-        }, this.bodyGapMs).unref()
+          if (!this.finished) this.abort(new LatchkeyError('LK_IDLE_TIMEOUT', `the agent read none of the response for ${gapMs} ms (timeouts.body_ms)`))
+        }, gapMs).unref()
       }
       this.res.once('drain', () => {
         this.clearStall()
@@ -430,6 +491,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
   }
 
   onResponseError(_c: Dispatcher.DispatchController, err: Error): void {
+    if (this.interimDeadline !== null) this.clearInterimDeadline()
     if (this.finished) return
     // A 204 or 304 has no body whatever its Content-Length says (a 304's may give the length of
     // the representation, RFC 9110 §8.6), yet undici faults the mismatch after the head: the
@@ -698,8 +760,7 @@ export function forward(
   relocate: Relocate,
   scopeCookies: ScopeCookies,
   recordFirst: (() => boolean) | null = null,
-  /** timeouts.body_ms: an agent's streamed request body silent this long ends the call (watchBodyStall). */
-  bodyGapMs = 0,
+  timeouts: ForwardTimeouts = NO_TIMEOUTS,
   /** Sees the body's chunks before they go. */
   inspect: BodyInspector | null = null,
 ): void {
@@ -708,7 +769,8 @@ export function forward(
   // A Content-Length body reaches the parser's callback one socket read at a time already: only a
   // chunked one can come as many tiny frames.
   const body = chunked ? coalesced(req, ctx, inspect) : hasRequestBody(req) ? counted(req, ctx, inspect) : null
-  const relay = new ResponseRelay(ctx, res, done, relocate, scopeCookies, recordFirst, bodyGapMs)
+  const relay = new ResponseRelay(ctx, res, done, relocate, scopeCookies, recordFirst, timeouts)
+  const bodyGapMs = timeouts.bodyGapMs
   ctx.forward = relay
   // A chunked body can turn out malformed after the head has gone: the listener must be able to
   // end this call with a 400 (abortChunkedForward). Only such bodies are tracked.

@@ -82,7 +82,7 @@ const IDEMPOTENT: ReadonlySet<string> = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT'
  * such a failure is retryable only for an idempotent method. One before anything was sent
  * (refused, unresolvable, TLS) is retryable as its code says.
  */
-function afterSending(code: ErrorCode, reason: string, method: string): LatchkeyError {
+export function afterSending(code: ErrorCode, reason: string, method: string): LatchkeyError {
   if (IDEMPOTENT.has(method)) return new LatchkeyError(code, reason)
   return new LatchkeyError(code, `${reason}; the request may have reached it, and a ${method} is not safe to repeat`, null, false)
 }

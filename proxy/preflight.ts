@@ -216,6 +216,9 @@ export function spoolDirProblem(dir: string): string | null {
   }
 }
 
+/** What a header value can carry: printable ASCII, no space at either end. */
+const SENDABLE = /^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$/
+
 /**
  * Static secrets a header cannot carry (undici refuses them: every call would fail instead of the
  * start). A header carries bytes, not text; Basic base64-encodes and query percent-encodes any text.
@@ -225,8 +228,10 @@ export function unsendableSecrets(config: Config, secrets: Pick<StaticSecretSour
   config.credentials.forEach((c, i) => {
     if (c.source !== 'static' || (c.inject.type !== 'bearer' && c.inject.type !== 'header')) return
     const value = secrets.secret(c.secret!)
-    if (value !== undefined && !/^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$/.test(value)) {
-      problems.push({ path: `credentials[${i}].secret`, message: `credential "${c.id}": secret ${c.secret!} cannot be sent in a header: it holds characters outside printable ASCII or starts or ends with a space` })
+    if (value !== undefined && !SENDABLE.test(value)) {
+      // The usual cause, said so: a secret written with `echo` (a Kubernetes Secret made from one, a file).
+      const why = SENDABLE.test(value.replace(/\r?\n$/, '')) ? 'it ends with a line break (as `echo` leaves one; `printf %s` does not): remove it' : 'it holds characters outside printable ASCII or starts or ends with a space'
+      problems.push({ path: `credentials[${i}].secret`, message: `credential "${c.id}": secret ${c.secret!} cannot be sent in a header: ${why}` })
     }
   })
   return problems

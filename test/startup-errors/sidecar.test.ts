@@ -52,6 +52,12 @@ t.test('sidecar: ports, secrets.file, the state file and the spool, as check-con
   const ctlConfig = base('secrets-control', { secrets: { file: ctlChar }, credentials: [{ id: 'c', audience: 'https://api.example', source: 'static', secret: 'S', inject: { type: 'bearer' } }] })
   refuses(t, latchkey(['sidecar', '-c', ctlConfig]), [/^credential "c": secret S cannot be sent in a header/], 'a control character in a header secret')
   checkRefuses(t, ctlConfig, /^ {2}credentials\[0\]\.secret: credential "c": secret S cannot be sent in a header/m)
+  const newline = join(dir, 'secrets-newline.yaml')
+  writeFileSync(newline, 'S: "a-secret-long-enough-1\\n"\n')
+  const newlineConfig = base('secrets-newline', { secrets: { file: newline }, credentials: [{ id: 'c', audience: 'https://api.example', source: 'static', secret: 'S', inject: { type: 'bearer' } }] })
+  const echoed = /credential "c": secret S cannot be sent in a header: it ends with a line break \(as `echo` leaves one; `printf %s` does not\): remove it$/
+  refuses(t, latchkey(['sidecar', '-c', newlineConfig]), [new RegExp(`^${echoed.source}`)], 'a secret ending in a line break, as echo writes it')
+  checkRefuses(t, newlineConfig, new RegExp(`^ {2}credentials\\[0\\]\\.secret: ${echoed.source}`, 'm'))
   const unreadable = base('secrets-missing', { secrets: { file: join(dir, 'no-secrets.yaml') } })
   checkWarns(t, unreadable, /^warning: secrets\.file: .*no-secrets\.yaml: cannot read \(ENOENT\) \(the sidecar would not start on this machine\)$/m)
 

@@ -12,6 +12,15 @@ import type { Config } from '../lib/config/schema.js'
 import type { ConfigProblem } from '../lib/config/load.js'
 import { exitNow } from '../lib/stuck-io.js'
 
+// SIGHUP: a sidecar reloads its policy and reopens its audit file (its own listener). A broker,
+// a collector or `up` has nothing it reloads, and the default action ended it at once (exit
+// 129), undrained, for the signal operators are taught to send a sidecar. Installed before any
+// command starts, and never removed: a SIGHUP while a sidecar started, or in the moments after
+// its own listener went at the end of its drain, ended it so too, its calls unrecorded.
+process.on('SIGHUP', () => {
+  if (process.listenerCount('SIGHUP') === 1) console.error('SIGHUP ignored: this process reloads nothing on it now (SIGTERM stops it)')
+})
+
 const program = new Command()
 program
   .name('latchkey')
@@ -86,10 +95,6 @@ export function onShutdown(close: (urgent?: boolean) => Promise<void>): void {
   }
   process.on('SIGTERM', () => handler('SIGTERM'))
   process.on('SIGINT', () => handler('SIGINT'))
-  // SIGHUP: a sidecar reloads its policy and reopens its audit file (its own listener). A broker,
-  // a collector or `up` has nothing it reloads, and the default action ended it at once (exit
-  // 129), undrained, for the signal operators are taught to send a sidecar.
-  if (process.listenerCount('SIGHUP') === 0) process.on('SIGHUP', () => console.error('SIGHUP ignored: this process reloads nothing on it (SIGTERM stops it)'))
 }
 
 program

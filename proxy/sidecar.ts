@@ -465,7 +465,6 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       log.info({ drainMs: sc.timeouts.drain_ms }, 'draining')
       await control?.close()
       policyWatcher?.close()
-      process.off('SIGHUP', onSighup)
       const closed = new Promise<void>((resolve) => server.close(() => resolve()))
       closeIdleConnections('LK_DRAINING', 'the sidecar shut down while the tunnel was idle')
       // drain_ms, or less when a second signal says not to wait (see close's `urgent`).
@@ -491,6 +490,10 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       tasks.close()
       await brokerTokens?.close()
       await clientCredentials?.close()
+      // Kept through the drain: a logrotate during a rolling deploy reopens the file the drain's
+      // events go to. (Removing it at the drain's start left no listener: SIGHUP's default action
+      // ended the process, exit 129, its calls in flight never recorded.)
+      process.off('SIGHUP', onSighup)
       await audit.close()
       // Connections are closed as the listener is: an idle or half-sent one on the admin port
       // would otherwise hold the shutdown open for as long as its client liked.

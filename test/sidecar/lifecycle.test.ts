@@ -1,7 +1,7 @@
 // The sidecar as an operator runs it: the CLI process, its admin port, and SIGTERM.
 import t from 'tap'
 import { spawn, type ChildProcess } from 'node:child_process'
-import { mkdtempSync, writeFileSync, readFileSync } from 'node:fs'
+import { mkdtempSync, writeFileSync, readFileSync, renameSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { once } from 'node:events'
@@ -132,6 +132,34 @@ t.test('a second SIGTERM cuts the drain short and the process exits 1, the call 
   t.match(audit, [{ path: '/slow', error: 'LK_DRAINING' }], 'the call it cut is recorded')
   const summary = p.stdout.map((l) => JSON.parse(l) as Record<string, unknown>).filter((l) => typeof l.msg === 'string' && l.msg.startsWith('shutdown: calls still running'))
   t.match(summary, [{ level: 40, calls_cut: 1, cut_short: true }], 'and the shutdown says how many it cut, once')
+})
+
+t.test('a SIGHUP during the drain (a logrotate in a rolling deploy) reopens the audit file and the drain goes on', async (t) => {
+  const upstream = await startUpstream({
+    handler: (req, res) => {
+      if (req.url !== '/slow') return false
+      setTimeout(() => res.writeHead(200, { 'content-length': '9' }).end('slow done'), 800)
+      return true
+    },
+  })
+  t.teardown(() => upstream.close())
+  const p = await spawnSidecar(upstream.port)
+  t.teardown(() => void p.child.kill('SIGKILL'))
+  const slow = rawRequest(p.port, `GET http://127.0.0.1:${upstream.port}/slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`, 2000)
+  while (upstream.requests.length === 0) await new Promise((r) => setTimeout(r, 10))
+  const exited = once(p.child, 'exit')
+  p.child.kill('SIGTERM')
+  await new Promise((r) => setTimeout(r, 100))
+  // As logrotate does: the file moved away, then SIGHUP.
+  renameSync(p.auditPath, `${p.auditPath}.1`)
+  p.child.kill('SIGHUP')
+  const slowRes = await slow
+  t.same([slowRes.status, slowRes.body], [200, 'slow done'], 'the call in flight finished (the old code died of the signal: an empty reply)')
+  const [code, signal] = (await exited) as [number | null, string | null]
+  t.same([code, signal], [0, null], 'a clean exit, not exit 129')
+  const reopened = readFileSync(p.auditPath, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { path: string | null; status: number })
+  t.match(reopened, [{ path: '/slow', status: 200 }], 'the drained call recorded, in the file opened anew')
+  t.ok(p.stdout.some((l) => l.includes('SIGHUP: the audit file opened anew')), 'and the SIGHUP acknowledged')
 })
 
 t.test('an idle sidecar sleeps, and its loop-delay gauges read delay, not the sampling interval', { skip: process.platform !== 'linux' && 'reads /proc' }, async (t) => {

@@ -33,17 +33,30 @@ export const POLICY_CHECK_MS = 1000
  * left every later edit unseen, with nothing logged. So the file's identity (device, inode, size,
  * times, through symlinks) is also looked at every POLICY_CHECK_MS, a change calls `onChange`,
  * and a directory that is gone or no longer the one watched has its watch set up again.
+ * Either way the file is read only once it has held still for `settleMs`: the look each second
+ * read a file being written in place, in pieces, half-written, and a prefix that parsed (a deny
+ * rule not yet written) was applied.
  */
-export function watchPolicyFile(file: string, onChange: () => void, checkMs = POLICY_CHECK_MS): { close(): void } {
+export function watchPolicyFile(file: string, onChange: () => void, checkMs = POLICY_CHECK_MS, settleMs = 50): { close(): void } {
   const dir = dirname(file)
   const base = basename(file)
   let watcher: FSWatcher | null = null
   let watchedDir: string | null = null
   let debounce: NodeJS.Timeout | undefined
   let seen = identity(file)
-  const changed = (now = identity(file)): void => {
-    seen = now
-    onChange()
+  /** Set while a change waits to hold still: the look each second leaves it be; a watch event starts it again. */
+  let settling = false
+  const settle = (): void => {
+    clearTimeout(debounce)
+    settling = true
+    const before = identity(file)
+    debounce = setTimeout(() => {
+      const now = identity(file)
+      if (now !== before) return settle()
+      settling = false
+      seen = now
+      onChange()
+    }, settleMs)
   }
   const arm = (): void => {
     const current = identity(dir, true)
@@ -55,8 +68,7 @@ export function watchPolicyFile(file: string, onChange: () => void, checkMs = PO
     try {
       const w = watch(dir, { persistent: false }, (_event, name) => {
         if (name !== null && name !== base && !String(name).startsWith('..')) return
-        clearTimeout(debounce)
-        debounce = setTimeout(() => changed(), 50)
+        settle()
       })
       // The directory went away under the watch: the next check sets one up on whatever is there.
       w.on('error', () => {
@@ -71,8 +83,7 @@ export function watchPolicyFile(file: string, onChange: () => void, checkMs = PO
   arm()
   const check = setInterval(() => {
     arm()
-    const now = identity(file)
-    if (now !== seen) changed(now)
+    if (!settling && identity(file) !== seen) settle()
   }, checkMs)
   check.unref()
   return {

@@ -21,6 +21,8 @@ import type { buildConnector as BuildConnector } from 'undici'
 import buildConnectorModule from 'undici/lib/core/connect.js'
 import { readPastPeerGone } from './early-answer.js'
 import { MAX_UPSTREAM_HEAD_BYTES } from './headers.js'
+import { kClients } from 'undici/lib/dispatcher/pool-base.js'
+import type { Client } from 'undici'
 import { LRUCache } from 'lru-cache'
 import type { LookupFunction } from 'node:net'
 import { checkServerIdentity, createSecureContext, type PeerCertificate, type SecureContext, type TLSSocket } from 'node:tls'
@@ -207,7 +209,13 @@ export class PinnedPools {
     }
   }
 
-  /** Closes idle pools holding at least `sockets` sockets (or all there are); resolves as each has closed its sockets. */
+  /**
+   * Closes idle sockets, at least `sockets` of them (or all there are); resolves as each has
+   * closed. Idle pools first, least recently used first; then, if that is not enough, the idle
+   * keep-alive sockets of pools with calls running: an upstream that asks for its sockets to be
+   * kept a minute left them holding the limit beside one busy one, and calls to other origins
+   * (or tasks) were refused, 503, with fewer calls in flight than the limit.
+   */
   private closeIdle(sockets: number): Promise<unknown>[] {
     const idle: [string, Pool][] = []
     let freed = 0
@@ -221,7 +229,24 @@ export class PinnedPools {
     // Out of the cache first (after the walk, not during it): no call is given these pools again.
     // Dispose starts each one's close; this waits for the same close.
     for (const [key] of idle) this.pools.delete(key)
-    return idle.map(([, pool]) => pool.close().catch(() => pool.destroy()).catch(() => {}))
+    const closes = idle.map(([, pool]) => pool.close().catch(() => pool.destroy()).catch(() => {}))
+    if (freed >= sockets) return closes
+    for (const pool of this.pools.rvalues() as Generator<Pool>) {
+      if (pool.stats.free === 0) continue
+      const clients = (pool as unknown as Record<typeof kClients, Client[]>)[kClients]
+      for (let i = clients.length - 1; i >= 0 && freed < sockets; i--) {
+        const client = clients[i]!
+        const { connected, size } = client.stats
+        if (!connected || size > 0 || client.closed || client.destroyed) continue
+        // Out of the pool before it closes, so no call is dispatched to it meanwhile (undici's
+        // own removal waits for the close); the pool dials anew when it needs a socket.
+        clients.splice(i, 1)
+        freed++
+        closes.push(client.close().catch(() => client.destroy()).catch(() => {}))
+      }
+      if (freed >= sockets) break
+    }
+    return closes
   }
 
   /**

@@ -3,6 +3,10 @@ declare module 'undici/lib/dispatcher/pool.js' {
   const Pool: unknown
   export default Pool
 }
+declare module 'undici/lib/dispatcher/pool-base.js' {
+  /** A pool's clients, one per socket it keeps (internal to undici: read and trimmed by PinnedPools.closeIdle). */
+  export const kClients: unique symbol
+}
 declare module 'undici/lib/core/connect.js' {
   const buildConnector: unknown
   export default buildConnector

@@ -170,3 +170,36 @@ t.test('a dial past the limit with no pool idle is refused with a retryable 503 
   t.equal(pools.pooled, 1, 'one pooled socket is counted')
   t.ok(await until(() => up.open() === 1, 1_000), 'the idle one was closed at the upstream')
 })
+
+t.test("a pool's idle keep-alive sockets make room too while it has a call running: only sockets all busy refuse a dial", async (t) => {
+  const up = await keepAliveUpstreams(2, 300)
+  const refused: number[] = []
+  const pools = new PinnedPools({ connect_ms: 2_000, headers_ms: 5_000, body_ms: 5_000, upstream_idle_ms: 30_000 }, 16, undefined, { max: 3, onRefused: (max) => refused.push(max) })
+  t.teardown(async () => {
+    await pools.close()
+    await up.close()
+  })
+  const identity = { agentId: 'agent:local:dev:0', taskId: null } as never
+  const resolved = { address: '127.0.0.1', family: 4 } as never
+  const get = async (port: number) => {
+    const r = await undiciRequest(`http://127.0.0.1:${port}/`, { dispatcher: pools.get({ scheme: 'http', host: '127.0.0.1', port, hostIsIp: true } as never, resolved, identity) })
+    await r.body.text()
+    return r.statusCode
+  }
+  const [a, b] = [up.ports[0]!, up.ports[1]!]
+  // Three calls at once to A leave it three idle keep-alive sockets: the limit.
+  t.same(await Promise.all([get(a), get(a), get(a)]), [200, 200, 200])
+  t.equal(pools.pooled, 3)
+  // (undici marks a socket free again a tick after its response: a call in the same tick dials.)
+  await new Promise((r) => setTimeout(r, 50))
+  // One call to A keeps that pool busy; a call to B needs a socket A holds idle.
+  const busy = get(a)
+  await new Promise((r) => setTimeout(r, 50))
+  t.equal(await get(b).catch((err: LatchkeyError) => err.code), 200, 'B is answered: an idle socket of the busy pool was closed for it (the old code: 503 LK_UPSTREAM_LIMIT)')
+  t.equal(await busy, 200, "and A's call, running meanwhile, is answered")
+  t.same(refused, [], 'nothing refused')
+  t.ok(pools.pooled <= 3, `within the limit (${pools.pooled})`)
+  t.ok(up.most() <= 3, `at most 3 open at the upstreams at once (saw ${up.most()})`)
+  // The busy pool goes on: calls to A again, as many at once as the limit leaves.
+  t.same(await Promise.all([get(a), get(a)]), [200, 200], 'the pool that gave up a socket serves on')
+})

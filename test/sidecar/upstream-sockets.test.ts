@@ -134,10 +134,10 @@ t.test('a CONNECT tunnel is counted as a relayed upstream connection', async (t)
   t.equal(relayed, 0, 'and 0 once it has closed')
 })
 
-t.test('a dial past the limit with no pool idle is refused with a retryable 503 LK_UPSTREAM_LIMIT naming the setting', async (t) => {
-  const up = await keepAliveUpstreams(2, 300)
+/** PinnedPools allowed `max` upstream sockets, torn down with the test; `get` calls an upstream port through them. */
+function limitedPools(t: { teardown(fn: () => unknown): void }, up: { close(): Promise<void> }, max: number) {
   const refused: number[] = []
-  const pools = new PinnedPools({ connect_ms: 2_000, headers_ms: 5_000, body_ms: 5_000, upstream_idle_ms: 30_000 }, 16, undefined, { max: 1, onRefused: (max) => refused.push(max) })
+  const pools = new PinnedPools({ connect_ms: 2_000, headers_ms: 5_000, body_ms: 5_000, upstream_idle_ms: 30_000 }, 16, undefined, { max, onRefused: (m) => refused.push(m) })
   t.teardown(async () => {
     await pools.close()
     await up.close()
@@ -146,6 +146,12 @@ t.test('a dial past the limit with no pool idle is refused with a retryable 503 
   const resolved = { address: '127.0.0.1', family: 4 } as never
   const get = (port: number) =>
     undiciRequest(`http://127.0.0.1:${port}/`, { dispatcher: pools.get({ scheme: 'http', host: '127.0.0.1', port, hostIsIp: true } as never, resolved, identity) })
+  return { pools, refused, get }
+}
+
+t.test('a dial past the limit with no pool idle is refused with a retryable 503 LK_UPSTREAM_LIMIT naming the setting', async (t) => {
+  const up = await keepAliveUpstreams(2, 300)
+  const { pools, refused, get } = limitedPools(t, up, 1)
   // One call in flight holds the only socket allowed; a call to another origin needs a second.
   const first = get(up.ports[0]!)
   await until(() => pools.pooled === 1, 1_000)
@@ -173,16 +179,10 @@ t.test('a dial past the limit with no pool idle is refused with a retryable 503 
 
 t.test("a pool's idle keep-alive sockets make room too while it has a call running: only sockets all busy refuse a dial", async (t) => {
   const up = await keepAliveUpstreams(2, 300)
-  const refused: number[] = []
-  const pools = new PinnedPools({ connect_ms: 2_000, headers_ms: 5_000, body_ms: 5_000, upstream_idle_ms: 30_000 }, 16, undefined, { max: 3, onRefused: (max) => refused.push(max) })
-  t.teardown(async () => {
-    await pools.close()
-    await up.close()
-  })
-  const identity = { agentId: 'agent:local:dev:0', taskId: null } as never
-  const resolved = { address: '127.0.0.1', family: 4 } as never
+  const limited = limitedPools(t, up, 3)
+  const { pools, refused } = limited
   const get = async (port: number) => {
-    const r = await undiciRequest(`http://127.0.0.1:${port}/`, { dispatcher: pools.get({ scheme: 'http', host: '127.0.0.1', port, hostIsIp: true } as never, resolved, identity) })
+    const r = await limited.get(port)
     await r.body.text()
     return r.statusCode
   }

@@ -234,7 +234,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
         const decoder = headers['transfer-encoding'] === undefined || String(headers['transfer-encoding']).trim().toLowerCase() === 'chunked' ? decoderFor(clean['content-encoding']) : null
         if (decoder === null) {
           this.ctx.status = 0
-          return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream sent a ${coding}-encoded body though the sidecar asked for none; it cannot be checked for the credential, so it is not relayed`))
+          const what = coding === 'chunked' ? 'a body chunked twice, which HTTP forbids' : `a ${coding}-encoded body though the sidecar asked for none`
+          return this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream sent ${what}; it cannot be checked for the credential, so it is not relayed`))
         }
         this.decode(decoder, coding, clean)
       } else if ((this.res.req.method === 'HEAD' || statusCode === 304) && decoderMaker(clean['content-encoding']) !== undefined) {
@@ -522,12 +523,19 @@ function encodedBody(headers: IncomingHttpHeaders, transferEncoding: string | st
   if ((content === undefined && transferEncoding === undefined) || method === 'HEAD' || status === 204 || status === 304 || headers['content-length'] === '0') return null
   for (const [value, passes] of [[content, 'identity'], [transferEncoding, 'chunked']] as const) {
     if (value === undefined) continue
+    let chunked = false
     // Sent twice, a header comes as a list: every value counts.
     for (const coding of (Array.isArray(value) ? value.join(',') : value).split(',')) {
       const c = coding.trim().toLowerCase()
       // Named only when registered: the raw Transfer-Encoding is not scrubbed, and an upstream
       // echoing the request there had the credential quoted in the 502, the audit and the log.
       if (c !== '' && c !== 'identity' && c !== passes) return KNOWN_CODINGS.has(c) ? c : 'unregistered'
+      // Chunked twice (RFC 9112 §7.1 forbids it): undici undoes one, and the other's framing
+      // would split the credential where the scrub looks for it whole.
+      if (c === 'chunked') {
+        if (chunked) return 'chunked'
+        chunked = true
+      }
     }
   }
   return null

@@ -148,6 +148,14 @@ t.test('an allow opens the address as dialled, never an IPv6 address that merely
   }
   t.match(floor.check('2001:0:7f00:1::5601:5601', 80), { allowed: false, rule: /^network:/ }, 'Teredo to the metadata address through an allowed server address')
   t.equal(network({ allow: [{ cidr: '2002:7f00:1::/48' }] }).check('2002:7f00:1:abcd::1', 80).allowed, true, 'an IPv6 allow written for the range opens it')
+  // Written as the mapped IPv6, an allow opens the IPv4 it dials too (it opened only the mapped
+  // spelling: 127.0.0.1 refused, [::ffff:127.0.0.1] allowed, one socket; found by an SSRF probe).
+  const mapped = network({ allow: [{ cidr: '::ffff:127.0.0.1/128', ports: [8080] }, { cidr: '::ffff:10.9.0.0/112' }] })
+  for (const address of ['127.0.0.1', '::ffff:127.0.0.1', '::ffff:7f00:1']) t.equal(mapped.check(address, 8080).allowed, true, `${address}: opened by the mapped allow`)
+  t.equal(mapped.check('127.0.0.1', 8081).allowed, false, 'its port only')
+  t.equal(mapped.check('10.9.3.4', 443).allowed, true, 'a mapped /112 opens the IPv4 /16')
+  t.equal(mapped.check('10.8.3.4', 443).allowed, false, 'and nothing beside it')
+  for (const address of ['64:ff9b::7f00:1', '2002:7f00:1::', '::7f00:1']) t.equal(mapped.check(address, 8080).allowed, false, `${address}: embeds it, dials elsewhere: not opened`)
 })
 
 t.test('numeric spellings reach the classifier as the address they mean', async (t) => {

@@ -90,7 +90,10 @@ type Address = ipaddr.IPv4 | ipaddr.IPv6
  * `dialled`, denies match `all`: fail closed both ways.
  */
 export interface AddressForms {
-  /** As dialled: itself, and an IPv4-mapped IPv6 address's IPv4 (the same socket destination). */
+  /**
+   * As dialled: itself, and its other spelling as the same socket destination (an IPv4-mapped
+   * IPv6 address's IPv4, an IPv4's mapped form), so an allow written either way opens both.
+   */
   dialled: Address[]
   /**
    * Those plus every IPv4 it embeds (NAT64, 6to4, Teredo, IPv4-compatible, IPv4-translated); for
@@ -100,7 +103,10 @@ export interface AddressForms {
 }
 
 export function addressForms(addr: Address): AddressForms {
-  if (addr.kind() === 'ipv4') return { dialled: [addr], all: [addr, (addr as ipaddr.IPv4).toIPv4MappedAddress()] }
+  if (addr.kind() === 'ipv4') {
+    const both = [addr, (addr as ipaddr.IPv4).toIPv4MappedAddress()]
+    return { dialled: both, all: both }
+  }
   const v6 = addr as ipaddr.IPv6
   const all = [v6, ...embeddedIPv4(v6)]
   return { dialled: v6.isIPv4MappedAddress() ? all : [v6], all }

@@ -16,7 +16,8 @@ import { normaliseHost } from '../policy/policy.js'
 export function checkLocalCaller(headers: IncomingHttpHeaders, namedHosts = false): void {
   const host = headers.host
   if (!namedHosts && host !== undefined && !isLocalName(hostname(host) ?? '')) {
-    throw new LatchkeyError('LK_FOREIGN_ORIGIN', 'the request names another host than this sidecar; address it by a loopback address or localhost (another name is what DNS rebinding looks like)')
+    // Named for the Host header: an absolute-form URL may say 127.0.0.1 and the Host another name.
+    throw new LatchkeyError('LK_FOREIGN_ORIGIN', 'the Host header names another host than this sidecar; send a loopback address or localhost there (another name is what DNS rebinding looks like)')
   }
   const site = headers['sec-fetch-site']
   if (headers.origin !== undefined) {

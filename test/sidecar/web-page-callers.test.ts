@@ -86,6 +86,7 @@ t.test('the admin port takes a Host that is a loopback authority, spelled as RFC
     const r = await healthz(host)
     t.equal(r.status, 403, `${host}: refused`)
     t.equal(r.headers['x-latchkey-error'], 'LK_FOREIGN_ORIGIN', `${host}: as a foreign origin`)
+    if (host === `evil.com:${admin}`) t.match(JSON.parse(r.body).reason, /^the Host header names another host than this sidecar/, 'the reason names the header that was wrong')
   }
 })
 

@@ -46,13 +46,13 @@ export function watchPolicyFile(file: string, onChange: () => void, checkMs = PO
   let seen = identity(file)
   /** Set while a change waits to hold still: the look each second leaves it be; a watch event starts it again. */
   let settling = false
-  const settle = (): void => {
+  const settle = (before = identity(file)): void => {
     clearTimeout(debounce)
     settling = true
-    const before = identity(file)
     debounce = setTimeout(() => {
       const now = identity(file)
-      if (now !== before) return settle()
+      // Still changing: the identity just read is the next look's starting point.
+      if (now !== before) return settle(now)
       settling = false
       seen = now
       onChange()
@@ -83,7 +83,9 @@ export function watchPolicyFile(file: string, onChange: () => void, checkMs = PO
   arm()
   const check = setInterval(() => {
     arm()
-    if (!settling && identity(file) !== seen) settle()
+    if (settling) return
+    const now = identity(file)
+    if (now !== seen) settle(now)
   }, checkMs)
   check.unref()
   return {

@@ -17,6 +17,19 @@ const ALWAYS_STRIP = ['authorization', 'cookie', 'x-api-key', 'api-key', 'x-auth
 
 const secretReencodings = perCredential((c) => reencodings(c.value))
 
+/**
+ * A query credential's forms: the secret's, and those of the secret as sent, percent-encoded. An
+ * upstream that encodes the URL it received again (a login link's `next=`, an OAuth `state`, a
+ * base64'd debug header) starts from the sent form, whose base64 and hex hold no trace of the
+ * secret's. A header is also read by decoding it (forward/scrub.ts); a body only by its needles.
+ */
+const wireReencodings = perCredential((c) => {
+  const wire = encodeURIComponent(c.value)
+  if (wire === c.value) return secretReencodings(c)
+  const lowerHex = wire.replace(/%[0-9A-F]{2}/g, (e) => e.toLowerCase())
+  return [...new Set([...secretReencodings(c), wire, lowerHex, ...reencodings(wire)])]
+})
+
 function injector(cfg: InjectConfig): {
   headers: string[]
   query: string[]
@@ -53,8 +66,7 @@ function injector(cfg: InjectConfig): {
           const sep = t.search.length > 1 ? '&' : '?'
           t.search = (t.search.length > 1 ? t.search : '') + sep + pair(c)
         },
-        // The percent-encoded secret is recognised by decoding (forward/scrub.ts), in any spelling.
-        encodedForms: secretReencodings,
+        encodedForms: wireReencodings,
       }
     }
   }

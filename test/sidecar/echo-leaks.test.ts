@@ -102,6 +102,21 @@ t.test('every reflection of the credential in a response head is scrubbed, in an
           'x-plain': 'kept',
         }).end('ok')
         return true
+      case '/wire': {
+        // The URL as the upstream got it (the secret percent-encoded), encoded again: a login
+        // link's `next=`, an OAuth `state`, a debug header. Each is one step from what it received.
+        const b64 = Buffer.from(req.url).toString('base64')
+        const body = `<a href="/login?next=${encodeURIComponent(req.url)}">log in</a> ${b64} ${Buffer.from(req.url).toString('hex')}`
+        res.writeHead(200, {
+          'content-length': Buffer.byteLength(body),
+          'x-url-b64': b64,
+          'x-url-hex': Buffer.from(req.url).toString('hex'),
+          'x-url-twice': encodeURIComponent(req.url),
+          'set-cookie': `state=${Buffer.from(req.url).toString('base64url')}`,
+          'x-plain': 'kept',
+        }).end(body)
+        return true
+      }
       case '/escaped': {
         // What echoes do to text: JSON and HTML escaping, encoding three times over, base64 and hex.
         const basic = auth.startsWith('Basic ')
@@ -202,6 +217,21 @@ t.test('every reflection of the credential in a response head is scrubbed, in an
   t.equal(new URL(query.requests[0]!.url, 'http://x').searchParams.get('key'), QSECRET, 'the upstream got the query credential')
   for (const h of ['x-form', 'x-lower-hex', 'x-twice', 'x-plus']) t.equal(q.headers[h], REMOVED, `${h}: a re-encoding of the secret is recognised`)
   t.equal(q.headers['x-plain'], 'kept')
+
+  const wire = await get(query.port, '/wire?a=1')
+  seen.push(wire.raw)
+  const sent = query.requests.at(-1)!.url
+  t.ok(sent.includes(encodeURIComponent(QSECRET)), 'the upstream got the secret percent-encoded')
+  for (const h of ['x-url-b64', 'x-url-hex', 'x-url-twice', 'set-cookie']) t.equal(wire.headers[h], REMOVED, `${h}: the URL as sent, encoded again, is recognised`)
+  t.equal(wire.headers['x-plain'], 'kept')
+  t.match(wire.body, /^<a href="\/login\?next=/, 'the body is relayed')
+  for (const [what, form] of [
+    ['percent-encoded again', encodeURIComponent(encodeURIComponent(QSECRET))],
+    ['base64', Buffer.from(sent).toString('base64').slice(8, -8)],
+    ['hex', Buffer.from(encodeURIComponent(QSECRET)).toString('hex')],
+  ]) {
+    t.notOk(wire.body.includes(form!), `the body holds no ${what} copy of the URL as sent`)
+  }
 
   for (const [upstream, path, what] of [
     [query, '/escaped?a=1', 'query'],

@@ -206,7 +206,25 @@ export function parserRefusal(err: NodeJS.ErrnoException): LatchkeyError {
   if (err.code === 'ERR_HTTP_REQUEST_TIMEOUT') return new LatchkeyError('LK_REQUEST_TIMEOUT', 'the request line and headers did not all arrive within timeouts.client_headers_ms')
   // curl --http2-prior-knowledge, gRPC without TLS: said in words (the audit read llhttp's code).
   if (err.code === 'HPE_PAUSED_H2_UPGRADE') return new LatchkeyError('LK_BAD_REQUEST', 'an HTTP/2 connection preface (prior knowledge): this sidecar serves HTTP/1.1 only, so send HTTP/1.1 (an h2c upgrade offer is answered in HTTP/1.1)')
-  // curl percent-encodes a path for a server but sends a proxy raw UTF-8 (`?q=café`): the agent is told how to send it.
-  if (err.code === 'HPE_INVALID_URL') return new LatchkeyError('LK_BAD_REQUEST', 'malformed HTTP request (HPE_INVALID_URL): the request target holds a byte a URL may not carry as sent (beyond ASCII, or a control character); percent-encode it (é is %C3%A9)')
+  if (err.code === 'HPE_INVALID_URL') return new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (HPE_INVALID_URL): ${invalidTargetReason(err as ParserError)}`)
   return new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (${err.code ?? 'parse error'})`)
+}
+
+/** What node:http's clientError carries: the chunk being parsed, and where in it the parser stopped. */
+type ParserError = NodeJS.ErrnoException & { rawPacket?: Buffer; bytesParsed?: number; reason?: string }
+
+/**
+ * Why llhttp refused the request target, told by the byte it stopped at. (Pure ASCII: the reason
+ * also goes into the status line, where anything else shows as `?`.)
+ */
+function invalidTargetReason(err: ParserError): string {
+  const at = err.rawPacket && err.bytesParsed !== undefined && err.bytesParsed < err.rawPacket.length ? err.rawPacket[err.bytesParsed]! : -1
+  // curl percent-encodes a path for a server but sends a proxy raw UTF-8 (`?q=café`): the agent is told how to send it.
+  if (at >= 0x80 || (at >= 0 && at < 0x20) || at === 0x7f) {
+    return 'the request target holds a byte a URL may not carry as sent (beyond ASCII, or a control character); percent-encode its UTF-8 bytes (U+00E9 is %C3%A9)'
+  }
+  if (at === 0x23) return 'the request target holds a fragment (#...), which is never sent to a server; leave it out'
+  // `http:/host`, `http:host`, `http//host`, `http:\\host`, `host/path`: llhttp's "Unexpected char in url schema".
+  if (err.reason?.includes('schema')) return 'the request target must be a path (/...) or an absolute URL beginning http:// or https://'
+  return 'the request target is not a path or an absolute http:// or https:// URL as HTTP/1.1 spells it (RFC 9112 section 3.2)'
 }

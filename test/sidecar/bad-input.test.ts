@@ -53,7 +53,12 @@ t.test('refused framings', async (t) => {
     ['non-http scheme', `GET ftp://127.0.0.1/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /http:\/\/ or https:\/\//],
     ['asterisk form', `OPTIONS * HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /asterisk-form/],
     // curl sends a proxy raw UTF-8 (`?q=café`) that it percent-encodes for a server: told how to send it.
-    ['raw UTF-8 in the request target', `GET http://${host}/search?q=caf\xc3\xa9 HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /HPE_INVALID_URL\): the request target holds a byte .* percent-encode it/],
+    ['raw UTF-8 in the request target', `GET http://${host}/search?q=caf\xc3\xa9 HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /HPE_INVALID_URL\): the request target holds a byte .* percent-encode its UTF-8 bytes \(U\+00E9 is %C3%A9\)$/],
+    // Other targets the parser refuses, each told what is wrong with it, not that it holds such a byte.
+    ['a fragment straight after the authority', `GET http://${host}#x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /HPE_INVALID_URL\): the request target holds a fragment \(#\.\.\.\), which is never sent/],
+    ['one slash after the scheme', `GET http:/${host}/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /HPE_INVALID_URL\): the request target must be a path \(\/\.\.\.\) or an absolute URL beginning http:\/\/ or https:\/\/$/],
+    ['no slashes after the scheme', `GET http:${host}/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /HPE_INVALID_URL\): the request target must be a path/],
+    ['backslashes after the scheme', `GET http:\\\\${host}\\x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /HPE_INVALID_URL\): the request target must be a path/],
     // What the body is read by, dropped on the way: a typeless `_method=DELETE` POST is a form to Rack.
     ['Connection naming Content-Type', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Type: text/plain\r\nConnection: content-type\r\nContent-Length: 14\r\n\r\n_method=DELETE`, /Connection header names content-type/],
     ['Connection naming Content-Encoding among others', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Encoding: gzip\r\nConnection: keep-alive , Content-Encoding\r\nContent-Length: 1\r\n\r\nx`, /Connection header names content-encoding/],

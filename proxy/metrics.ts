@@ -73,7 +73,7 @@ export class SidecarMetrics {
 
   readonly droppedConnections = new Counter({
     name: 'latchkey_connections_dropped_total',
-    help: 'Connections closed unread because their port was at its connection limit (or could not be accepted), by port',
+    help: 'Connections closed because their port was at its connection limit (the proxy port: new ones, unread; the admin port: the oldest not being answered), or that could not be accepted, by port',
     labelNames: ['port'] as const,
     registers: [this.registry],
   })

@@ -28,7 +28,7 @@ import { SidecarMetrics } from './metrics.js'
 import { createListener } from './listen/server.js'
 import { ownHosts } from './listen/local-caller.js'
 import { createAdminServer, MAX_ADMIN_CONNECTIONS } from './admin.js'
-import { capConnections, oncePer, openFileLimit } from './listen/cap.js'
+import { capConnections, capEvictingIdle, oncePer, openFileLimit } from './listen/cap.js'
 import { compileNetworkPolicy } from './resolve/network-policy.js'
 import { DnsResolver } from './resolve/resolver.js'
 import type { AuditSink, CredentialBinding, Resolver } from './context.js'
@@ -435,7 +435,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     throw err
   }
   capConnections(server, sc.max_connections, 'proxy', 'sidecar.max_connections', metrics, log)
-  capConnections(admin, MAX_ADMIN_CONNECTIONS, 'admin', 'fixed', metrics, log)
+  capEvictingIdle(admin, MAX_ADMIN_CONNECTIONS, metrics, log)
   const fileLimit = openFileLimit()
   if (fileLimit !== null && fileLimit < 2 * sc.max_connections + MAX_ADMIN_CONNECTIONS + 64) {
     log.warn({ open_file_limit: fileLimit, max_connections: sc.max_connections }, 'the open-file limit is below what sidecar.max_connections needs (two descriptors a connection: the agent\'s, and its share of upstream sockets): a flood can still exhaust it; raise the limit or lower the setting')

@@ -3,8 +3,11 @@
 // take the descriptors that upstream dials and the audit file need. Without it, at the process's
 // descriptor limit libuv accepted and closed connections itself, with no log line, and dials then
 // failed with EMFILE. Drops are counted, and logged at most once per burst, naming the limit.
+// The admin port's cap makes room instead (capEvictingIdle): there, the oldest connection not
+// being answered goes, so that a flood of held connections cannot keep its probes out.
 import { readFileSync } from 'node:fs'
-import type { Server } from 'node:net'
+import type { IncomingMessage, Server as HttpServer, ServerResponse } from 'node:http'
+import type { Server, Socket } from 'node:net'
 import type { Logger } from '../../lib/log.js'
 import type { SidecarMetrics } from '../metrics.js'
 
@@ -13,15 +16,68 @@ const LOG_EVERY_MS = 10_000
 
 export function capConnections(server: Server, max: number, port: 'proxy' | 'admin', setting: string, metrics: SidecarMetrics, log: Logger): void {
   server.maxConnections = max
+  server.on('drop', dropCounter(port, max, `${port} port at its limit of ${max} open connections (${setting}): new connections are closed unread`, metrics, log))
+  acceptErrors(server, port, metrics, log)
+}
+
+/** Counts each dropped connection; logs at most once per LOG_EVERY_MS, with how many went since. */
+function dropCounter(port: 'proxy' | 'admin', max: number, message: string, metrics: SidecarMetrics, log: Logger): () => void {
   const dropLogDue = oncePer(LOG_EVERY_MS)
   let unlogged = 0
-  server.on('drop', () => {
+  return () => {
     metrics.droppedConnections.inc({ port })
     unlogged++
     if (!dropLogDue()) return
-    log.warn({ port, max_connections: max, dropped: unlogged }, `${port} port at its limit of ${max} open connections (${setting}): new connections are closed unread`)
+    log.warn({ port, max_connections: max, dropped: unlogged }, message)
     unlogged = 0
+  }
+}
+
+/**
+ * The admin port's cap. Any local process reaches the admin port (an agent opens its tasks
+ * there), and with the proxy port's rule 256 connections held half-sent, each opened again as
+ * the headers timeout closed it, kept kubelet's probes and Prometheus out for as long as they
+ * were held. Here a connection past the cap closes the oldest one not being answered: idle
+ * between requests, or still sending its request (head or body). A probe's connection, the
+ * newest, sends its request at once and is answered in milliseconds: a flood cannot keep it
+ * out. Only when every connection holds a whole request being answered is the new one closed.
+ */
+export function capEvictingIdle(server: HttpServer, max: number, metrics: SidecarMetrics, log: Logger): void {
+  /** Open connections, oldest first (a Set keeps insertion order). */
+  const open = new Set<Socket>()
+  /** The request each connection is being answered for, until its response is done. */
+  const answering = new Map<Socket, IncomingMessage>()
+  const dropped = dropCounter('admin', max, `admin port at its limit of ${max} open connections (fixed): for each new one the oldest not being answered (idle, or still sending its request) is closed`, metrics, log)
+  server.on('request', (req: IncomingMessage, res: ServerResponse) => {
+    const socket = req.socket
+    answering.set(socket, req)
+    res.once('close', () => {
+      if (answering.get(socket) === req) answering.delete(socket)
+    })
   })
+  server.on('connection', (socket: Socket) => {
+    open.add(socket)
+    socket.once('close', () => {
+      open.delete(socket)
+      answering.delete(socket)
+    })
+    if (open.size <= max) return
+    let victim: Socket = socket
+    for (const s of open) {
+      // A request still arriving is not being answered yet: a slow-loris's body holds no place.
+      if (s !== socket && !answering.get(s)?.complete) {
+        victim = s
+        break
+      }
+    }
+    open.delete(victim)
+    victim.destroy()
+    dropped()
+  })
+  acceptErrors(server, 'admin', metrics, log)
+}
+
+function acceptErrors(server: Server, port: 'proxy' | 'admin', metrics: SidecarMetrics, log: Logger): void {
   // After listening, an 'error' is a failed accept (EMFILE when libuv's reserve descriptor is gone):
   // with no listener it would end the process. Logged once per burst; the listener stays open.
   const acceptLogDue = oncePer(LOG_EVERY_MS)

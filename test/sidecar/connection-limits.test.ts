@@ -4,6 +4,7 @@
 import t from 'tap'
 import { connect, type Socket } from 'node:net'
 import { once } from 'node:events'
+import { Client } from 'undici'
 import { startBearerRig } from '../helpers/harness.js'
 
 /** A keep-alive connection that has had one call answered: node has accepted and holds it. */
@@ -64,4 +65,43 @@ t.test('past sidecar.max_connections, new proxy connections are closed unread, l
   }
   t.ok(answered, 'a new connection is served once there is room')
   for (const c of held) c.destroy()
+})
+
+t.test('a flood of half-sent connections to the admin port cannot keep its probes out: the oldest not being answered makes room', async (t) => {
+  const { s } = await startBearerRig(t)
+  const admin = Number(new URL(s.sidecar.adminUrl).port)
+  /** A slow-loris's connection: a request head begun and never finished. */
+  const halfSent = async (): Promise<{ sock: Socket; closed: () => boolean }> => {
+    const sock = connect(admin, '127.0.0.1')
+    sock.on('error', () => {})
+    let closed = false
+    sock.once('close', () => (closed = true))
+    await once(sock, 'connect')
+    sock.write('GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n')
+    return { sock, closed: () => closed }
+  }
+  const held: { sock: Socket; closed: () => boolean }[] = []
+  t.teardown(() => held.forEach((h) => h.sock.destroy()))
+  for (let i = 0; i < 256; i++) held.push(await halfSent())
+  await new Promise((r) => setTimeout(r, 200))
+  t.equal(held.filter((h) => h.closed()).length, 0, '256 half-sent connections are held')
+  const probe = async (): Promise<number> => {
+    const c = new Client(s.sidecar.adminUrl)
+    try {
+      return (await c.request({ path: '/healthz', method: 'GET', headersTimeout: 3_000 })).statusCode
+    } catch {
+      return 0
+    } finally {
+      await c.destroy()
+    }
+  }
+  t.same(await Promise.all([probe(), probe(), probe()]), [200, 200, 200], 'probes are answered at the limit')
+  t.same(held.slice(0, 3).map((h) => h.closed()), [true, true, true], 'each closed the oldest half-sent connection')
+  t.equal(held.slice(3).filter((h) => h.closed()).length, 0, 'and no other')
+  // The flood opens more: each takes the place of the oldest, and a probe still gets in.
+  for (let i = 0; i < 20; i++) held.push(await halfSent())
+  t.equal(await probe(), 200, 'a probe is answered while the flood goes on')
+  const metrics = await new Client(s.sidecar.adminUrl).request({ path: '/metrics', method: 'GET' }).then((r) => r.body.text())
+  t.match(metrics, /latchkey_connections_dropped_total\{port="admin"\} 2[0-5]\n/, 'each connection closed to make room is counted')
+  t.ok(s.logs.some((l) => l.includes('admin port at its limit of 256 open connections (fixed): for each new one the oldest not being answered')), 'and logged')
 })

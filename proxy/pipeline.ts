@@ -760,9 +760,11 @@ export class Pipeline {
       via: ctx.via,
       method: ctx.method,
       scheme: t ? (ctx.via === 'connect' ? 'tunnel' : t.scheme) : null,
-      host: t?.host ?? null,
-      port: t?.port ?? null,
       // Handles removed: see withoutTaskHandles (a pass over the text only where `lkt_` or `%` is in it).
+      // A host is one of the texts: `<handle>.example` is a name an agent can ask for (lower-cased, the handle
+      // is still most of itself).
+      host: t ? withoutTaskHandles(t.host) : null,
+      port: t?.port ?? null,
       path: t && ctx.via !== 'connect' ? withoutTaskHandles(t.path) : null,
       destination: ctx.destination === null ? null : withoutTaskHandles(ctx.destination),
       address: ctx.resolved?.address ?? null,

@@ -92,7 +92,7 @@ export class Pipeline {
   /** Calls admitted and not yet finished, with the client socket each one holds: what a revocation cuts. */
   readonly live = new LiveCalls()
   /** Pipelined requests waiting for the response before them, per connection (see awaitTurn). */
-  private readonly waitingTurn = new WeakMap<Socket, { req: IncomingMessage; neverSent: () => void }[]>()
+  private readonly waitingTurn = new WeakMap<Socket, { req: IncomingMessage; neverSent: (agentLeft: boolean) => void }[]>()
   /** Set when shutdown begins: new calls are refused (503) and connections are not kept alive. */
   draining = false
 
@@ -387,11 +387,14 @@ export class Pipeline {
     // One close listener per connection, however many requests are queued on it.
     let queue = this.waitingTurn.get(socket)
     if (!queue) {
-      const q: { req: IncomingMessage; neverSent: () => void }[] = (queue = [])
+      const q: { req: IncomingMessage; neverSent: (agentLeft: boolean) => void }[] = (queue = [])
       this.waitingTurn.set(socket, q)
-      socket.once('close', () => {
+      // The agent's own close (its FIN, or a reset) is told from the sidecar's: what it had queued is its doing then.
+      let agentLeft = false
+      socket.once('end', () => (agentLeft = true))
+      socket.once('close', (hadError: boolean) => {
         this.waitingTurn.delete(socket)
-        for (const waiting of q.splice(0)) waiting.neverSent()
+        for (const waiting of q.splice(0)) waiting.neverSent(agentLeft || hadError)
       })
     }
     // node:http parses every pipelined request it is sent, and reads on as each response goes
@@ -412,7 +415,7 @@ export class Pipeline {
       this.neverSent(req, tunnel)
       return
     }
-    const entry = { req, neverSent: () => this.neverSent(req, tunnel) }
+    const entry = { req, neverSent: (agentLeft: boolean) => this.neverSent(req, tunnel, undefined, agentLeft) }
     queue.push(entry)
     res.once('socket', () => {
       const i = queue.indexOf(entry)
@@ -422,7 +425,7 @@ export class Pipeline {
   }
 
   /** Records a request that arrived on a connection already being closed: decided by nobody, sent nowhere. */
-  neverSent(req: IncomingMessage, tunnel: TunnelOrigin | null, via: Via = viaOf(req.url ?? '', tunnel)): void {
+  neverSent(req: IncomingMessage, tunnel: TunnelOrigin | null, via: Via = viaOf(req.url ?? '', tunnel), agentLeft = false): void {
     const ctx = this.newContext(via, req.method ?? 'GET')
     // The target, where it can be read, so the trail says what was not sent.
     const url = req.url ?? ''
@@ -441,6 +444,7 @@ export class Pipeline {
     const cut = req.socket ? this.cutSockets.get(req.socket) : undefined
     if (cut) recordEnd(ctx, cut.code, `not sent: the connection was cut before its turn (${cut.reason})`)
     else if (this.draining) recordEnd(ctx, 'LK_DRAINING', 'not sent: the sidecar is shutting down and the connection ended before its turn')
+    else if (agentLeft && !this.closingSockets.has(req.socket)) recordEnd(ctx, 'LK_CLIENT_CLOSED', 'not sent: the agent closed the connection before its turn')
     else recordEnd(ctx, 'LK_BAD_REQUEST', 'not sent: the connection was closing before its turn (a request before it was refused, malformed, or answered before its body was read)')
     this.finish(ctx)
   }
@@ -619,6 +623,12 @@ export class Pipeline {
   /** Whether a request waiting for its turn on this connection is still receiving its body. */
   queuedBodyIncomplete(socket: Socket): boolean {
     return this.waitingTurn.get(socket)?.at(-1)?.req.complete === false
+  }
+
+  /** Records a request nobody decided and nothing was sent for (status 0: no response went either). */
+  recordNotSent(ctx: CallContext, code: ErrorCode, reason: string): void {
+    recordEnd(ctx, code, reason)
+    this.finish(ctx)
   }
 
   /** Records a refused call that gets no response of its own (its connection is ending). */

@@ -160,8 +160,14 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): Liste
       socket.destroy()
       return
     }
-    const e = parserRefusal(err)
     const inFlight = owedResponse(socket)
+    if (err.code === 'HPE_CLOSED_CONNECTION') return void afterClose(err as ParserError, socket, inFlight, via)
+    // The agent left part-way through a request head: nothing to answer, and nothing malformed.
+    if (err.code === 'HPE_INVALID_EOF_STATE' && inFlight === null) {
+      pipeline.recordRefused(pipeline.newContext(via, 'UNKNOWN'), new LatchkeyError('LK_CLIENT_CLOSED', 'the agent closed the connection before its request head was complete'))
+      return void socket.destroy()
+    }
+    const e = parserRefusal(err)
     // A complete call still being answered, not a refusal: it ends in its own time (its timeouts
     // bound it), and only then the connection.
     const answering = inFlight !== null && inFlight.req.complete && !pipeline.closingSockets.has(socket)
@@ -181,7 +187,8 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): Liste
         // A new request, malformed, behind one still being answered: it cannot be answered in
         // order, so it is recorded, and the connection ends after the owed response. (Bytes
         // that are the body of a queued request are that request's: it is recorded as not sent.)
-        pipeline.recordRefused(pipeline.newContext(via, 'UNKNOWN'), e)
+        // Status 0: no 400 goes (the owed response goes, then the close).
+        pipeline.recordNotSent(pipeline.newContext(via, 'UNKNOWN'), e.code, `${e.reason}; not answered: it came behind a call still being answered, and the connection closes after that one`)
       }
     }
     // Otherwise the refusal of the request these bytes belong to is written or under way, and
@@ -198,7 +205,25 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): Liste
     const ctx = pipeline.newContext(via, 'UNKNOWN')
     pipeline.refuseSocket(ctx, socket, e)
   }
+
+  /**
+   * Bytes after a request that closes its connection (`Connection: close`, HTTP/1.0 without
+   * keep-alive): RFC 9112 §9.6, no further request is read there. What they began is recorded as
+   * not sent (status 0: no response goes), not as a malformed request answered 400, which it
+   * need not be and was not; a line break or two left after a body (RFC 9112 §2.2) not at all.
+   */
+  function afterClose(err: ParserError, socket: Socket, inFlight: ServerResponse | null, via: 'absolute' | 'tunnelled'): void {
+    const rest = err.rawPacket?.subarray(err.bytesParsed ?? 0)
+    if (rest === undefined || !ONLY_LINE_BREAKS.test(rest.toString('latin1'))) {
+      pipeline.recordNotSent(pipeline.newContext(via, 'UNKNOWN'), 'LK_BAD_REQUEST', 'not sent: it came after a request that closes the connection (Connection: close, or HTTP/1.0 without keep-alive)')
+    }
+    pipeline.closingSockets.add(socket)
+    if (!inFlight || inFlight.writableFinished) socket.destroySoon()
+    else inFlight.once('finish', () => socket.destroySoon())
+  }
 }
+
+const ONLY_LINE_BREAKS = /^[\r\n]*$/
 
 /** What node:http's parser refused (its clientError), as the coded refusal both ports answer with. */
 export function parserRefusal(err: NodeJS.ErrnoException): LatchkeyError {

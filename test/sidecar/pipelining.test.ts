@@ -118,7 +118,7 @@ t.test('a malformed request behind one still being answered is recorded; the con
   t.same(upstream.requests.map((r) => r.url), ['/slow'])
   const events = await s.audit()
   t.equal(events.length, 2, 'two calls, two events')
-  t.match(events.find((e) => e.method === 'UNKNOWN'), { status: 400, error: 'LK_BAD_REQUEST', reason: /malformed HTTP request/ })
+  t.match(events.find((e) => e.method === 'UNKNOWN'), { status: 0, error: 'LK_BAD_REQUEST', reason: /^malformed HTTP request \(HPE_INVALID_CONSTANT\); not answered: it came behind a call still being answered/ }, 'recorded with no status: no 400 went')
 })
 
 t.test('a malformed request behind a slow call does not cut it: the owed response is written in full', async (t) => {
@@ -130,7 +130,7 @@ t.test('a malformed request behind a slow call does not cut it: the owed respons
   t.same(upstream.requests.map((r) => r.url), ['/slow'])
   const events = await s.audit()
   t.match(events.find((e) => e.path === '/slow'), { status: 200, error: null }, 'recorded as answered, not as cut by the agent')
-  t.match(events.find((e) => e.method === 'UNKNOWN'), { status: 400, error: 'LK_BAD_REQUEST' })
+  t.match(events.find((e) => e.method === 'UNKNOWN'), { status: 0, error: 'LK_BAD_REQUEST' })
 })
 
 t.test('malformed bytes behind a queued request are recorded too', async (t) => {
@@ -141,7 +141,67 @@ t.test('malformed bytes behind a queued request are recorded too', async (t) => 
   const events = await s.audit()
   t.equal(events.length, 3, 'the answered call, the queued one not sent, the malformed bytes')
   t.match(events.find((e) => e.path === '/good'), { status: 0, reason: /not sent/ })
-  t.match(events.find((e) => e.method === 'UNKNOWN'), { status: 400, reason: /malformed HTTP request/ })
+  t.match(events.find((e) => e.method === 'UNKNOWN'), { status: 0, reason: /malformed HTTP request/ })
+})
+
+t.test('requests queued when the agent hangs up are recorded as its doing, not as refusals', async (t) => {
+  const { upstream, s, host } = await setup(t)
+  const sock = connect(s.sidecar.port, '127.0.0.1')
+  sock.on('error', () => {})
+  await once(sock, 'connect')
+  sock.write(['/slow', '/queued-1', '/queued-2'].map((p) => `GET http://${host}${p} HTTP/1.1\r\nHost: ${host}\r\n\r\n`).join(''))
+  await new Promise((r) => setTimeout(r, 50))
+  sock.destroy()
+  await new Promise((r) => setTimeout(r, 400))
+  t.same(upstream.requests.map((r) => r.url), ['/slow'], 'only the first was sent')
+  const events = await s.audit()
+  t.match(events.find((e) => e.path === '/slow'), { status: 499, error: 'LK_CLIENT_CLOSED' })
+  for (const path of ['/queued-1', '/queued-2']) {
+    t.match(events.find((e) => e.path === path), { status: 0, error: 'LK_CLIENT_CLOSED', reason: 'not sent: the agent closed the connection before its turn' }, `${path}: not sent, because the agent left`)
+  }
+  t.equal(events.filter((e) => e.error === 'LK_BAD_REQUEST').length, 0, 'nothing is recorded as a bad request')
+})
+
+t.test('bytes after a request that closes its connection are recorded as not sent, never as a 400', async (t) => {
+  const { upstream, s, host } = await setup(t)
+  const after = [
+    // Connection: close, then a well-formed request in the same write.
+    `GET http://${host}/closing HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\nGET http://${host}/after-close HTTP/1.1\r\nHost: ${host}\r\n\r\n`,
+    // HTTP/1.0 without keep-alive, then anything.
+    `GET http://${host}/one-oh HTTP/1.0\r\nHost: ${host}\r\n\r\nGARBAGE\r\n\r\n`,
+  ]
+  for (const raw of after) {
+    const r = await rawRequest(s.sidecar.port, raw)
+    t.same(statuses(r.raw), [200], 'the first is answered, nothing else')
+  }
+  // A line break left after a body (RFC 9112 section 2.2 lets a server ignore it): no event at all.
+  const body = await rawRequest(s.sidecar.port, `POST http://${host}/with-body HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi\r\n`)
+  t.same(statuses(body.raw), [200])
+  t.same(upstream.requests.map((r) => r.url), ['/closing', '/one-oh', '/with-body'], 'nothing after a closing request was sent')
+  await new Promise((r) => setTimeout(r, 100))
+  const events = await s.audit()
+  t.equal(events.length, 5, 'three calls, and one event for each request begun after a close')
+  const notSent = events.filter((e) => e.method === 'UNKNOWN')
+  t.equal(notSent.length, 2)
+  for (const e of notSent) t.match(e, { status: 0, error: 'LK_BAD_REQUEST', reason: 'not sent: it came after a request that closes the connection (Connection: close, or HTTP/1.0 without keep-alive)' })
+})
+
+t.test('an agent that hangs up part-way through a request head is recorded as having left, not as malformed', async (t) => {
+  const { upstream, s, host } = await setup(t)
+  const sock = connect(s.sidecar.port, '127.0.0.1')
+  sock.on('error', () => {})
+  await once(sock, 'connect')
+  sock.end(`GET http://${host}/partial HTTP/1.1\r\nHost: ${host}\r\n`)
+  let got = ''
+  sock.on('data', (d: Buffer) => (got += d.toString('latin1')))
+  await Promise.race([once(sock, 'close'), new Promise((r) => setTimeout(r, 2_000))])
+  sock.destroy()
+  t.equal(got, '', 'nothing is written to it')
+  await new Promise((r) => setTimeout(r, 100))
+  t.equal(upstream.requests.length, 0)
+  const events = await s.audit()
+  t.equal(events.length, 1, 'one event')
+  t.match(events[0], { method: 'UNKNOWN', status: 499, error: 'LK_CLIENT_CLOSED', reason: 'the agent closed the connection before its request head was complete' })
 })
 
 t.test('allowed pipelined requests are each decided and injected, answered in order', async (t) => {

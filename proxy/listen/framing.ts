@@ -43,6 +43,11 @@ export function checkFraming(req: IncomingMessage, requireHost = true): void {
   if (hosts > 1) throw new LatchkeyError('LK_BAD_REQUEST', 'duplicate Host header')
   if (hosts === 0 && requireHost && req.httpVersionMinor === 1) throw new LatchkeyError('LK_BAD_REQUEST', 'HTTP/1.1 request without a Host header')
   if (contentLengths > 1) throw new LatchkeyError('LK_BAD_REQUEST', 'duplicate Content-Length header')
+  // node:http frames the body by the exact 64-bit value; undici writes the header again from a
+  // JavaScript number, which past 2^53 is another one: the two would end the body in different places.
+  if (contentLengths === 1 && req.headers['content-length']!.length > 15 && Number(req.headers['content-length']) > Number.MAX_SAFE_INTEGER) {
+    throw new LatchkeyError('LK_BAD_REQUEST', 'Content-Length is larger than a body this sidecar can forward (2^53 - 1 bytes)')
+  }
   // Two task handles: which one the call runs under would be a guess.
   if (proxyAuths > 1) throw new LatchkeyError('LK_BAD_REQUEST', 'duplicate Proxy-Authorization header')
   if (teCount > 0) {

@@ -32,6 +32,9 @@ t.test('refused framings', async (t) => {
     ['TE identity', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: identity\r\n\r\n`, /exactly "chunked"|malformed/],
     ['TE on HTTP/1.0', `POST ${target} HTTP/1.0\r\nHost: ${host}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`, /HTTP\/1\.0|malformed/],
     ['CL and TE together', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`, /Content-Length|malformed/],
+    // Sent on, it would be written again from a JavaScript number: 9007199254740992, one byte less.
+    ['a Content-Length past 2^53', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 9007199254740993\r\n\r\nhello`, /^Content-Length is larger than a body this sidecar can forward \(2\^53 - 1 bytes\)$/],
+    ['a Content-Length of 2^64 - 1', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 18446744073709551615\r\n\r\nhello`, /^Content-Length is larger than/],
     ['two different Content-Lengths', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab`, /Content-Length|malformed/],
     ['request line claiming HTTP/2', `GET ${target} HTTP/2.0\r\nHost: ${host}\r\n\r\n`, /HTTP\/2|malformed/],
     ['HTTP/2 preface', `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, /^an HTTP\/2 connection preface \(prior knowledge\): this sidecar serves HTTP\/1\.1 only/],

@@ -1,10 +1,13 @@
 // Prometheus metrics for the sidecar, on its own registry so several sidecars (in tests, or in
 // `latchkey up`) never collide. Labels are low-cardinality by construction: no hosts, no paths.
-import { monitorEventLoopDelay } from 'node:perf_hooks'
+import { createHistogram, type RecordableHistogram } from 'node:perf_hooks'
 import { Registry, Counter, Histogram, Gauge, collectDefaultMetrics } from 'prom-client'
 
 /** How often the event loop's delay is sampled (latchkey_nodejs_eventloop_lag_{min,…,p99}_seconds). */
 export const EVENT_LOOP_SAMPLE_MS = 100
+/** Samples a window of the loop's delay holds (10 s), and the windows read together (the last minute: five whole, one filling). */
+const TICKS_PER_WINDOW = 100
+const WINDOWS = 6
 /**
  * prom-client's own loop-delay sampler cannot be left out of its default metrics. Its timer fired
  * every 10 ms, which woke an idle sidecar ~98 times a second (1% of a core here, with nothing to
@@ -114,7 +117,8 @@ export class SidecarMetrics {
     collect: (): void => this.openTasks.set(this.taskCount()),
   })
 
-  private readonly loopDelay = monitorEventLoopDelay({ resolution: EVENT_LOOP_SAMPLE_MS })
+  /** The loop-delay sampler's timer (watchEventLoopDelay). */
+  private loopTimer: NodeJS.Timeout | null = null
 
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: 'latchkey_', eventLoopMonitoringPrecision: NEVER_MS })
@@ -122,41 +126,57 @@ export class SidecarMetrics {
   }
 
   /**
-   * The loop's delay beyond the sampling interval, over the time since the last scrape. Sampling
+   * The loop's delay: how late a timer due every 100 ms fires, over the last minute. Sampling
    * every 100 ms catches every stall of 100 ms or more, and shorter ones in proportion to their
-   * length; not one that begins in the 100 ms after a scrape (Node drops the first tick after a reset).
+   * length. Kept in 10 s windows, the last six read together, so what a scrape sees does not
+   * depend on who else scrapes: read "since the last scrape", a second scraper (an HA pair of
+   * Prometheus servers, anyone's curl) emptied the window the first was to read, and a 54 ms
+   * stall read 0.3 ms. (Node's monitorEventLoopDelay histograms cannot be added together; these can.)
    */
   private watchEventLoopDelay(): void {
-    const histogram = this.loopDelay
-    histogram.enable()
-    const intervalNs = EVENT_LOOP_SAMPLE_MS * 1e6
-    const delay = (ns: number): number => Math.max(0, ns - intervalNs) / 1e9
+    const past: RecordableHistogram[] = []
+    let current = createHistogram()
+    let ticks = 0
+    let due = performance.now() + EVENT_LOOP_SAMPLE_MS
+    this.loopTimer = setInterval(() => {
+      const now = performance.now()
+      current.record(Math.max(1, Math.round((now - due) * 1e6)))
+      due = now + EVENT_LOOP_SAMPLE_MS
+      if (++ticks < TICKS_PER_WINDOW) return
+      ticks = 0
+      past.push(current)
+      if (past.length === WINDOWS) past.shift()
+      current = createHistogram()
+    }, EVENT_LOOP_SAMPLE_MS).unref()
+    const seconds = (ns: number): number => ns / 1e9
     const read = {
-      min: () => delay(histogram.min),
-      max: () => delay(histogram.max),
-      mean: () => delay(histogram.mean),
-      stddev: () => histogram.stddev / 1e9,
-      p50: () => delay(histogram.percentile(50)),
-      p90: () => delay(histogram.percentile(90)),
-      p99: () => delay(histogram.percentile(99)),
+      min: (h: RecordableHistogram) => seconds(h.min),
+      max: (h: RecordableHistogram) => seconds(h.max),
+      mean: (h: RecordableHistogram) => seconds(h.mean),
+      stddev: (h: RecordableHistogram) => seconds(h.stddev),
+      p50: (h: RecordableHistogram) => seconds(h.percentile(50)),
+      p90: (h: RecordableHistogram) => seconds(h.percentile(90)),
+      p99: (h: RecordableHistogram) => seconds(h.percentile(99)),
     }
-    // The first gauge collected sets them all, then starts a new window; a window with no sample leaves them as they were.
+    // The first gauge collected sets them all; with no sample yet (the first 100 ms) they stay as they were.
     const collect = (): void => {
-      if (histogram.count === 0) return
-      for (const { gauge, value } of gauges) gauge.set(value())
-      histogram.reset()
+      const minute = createHistogram()
+      for (const h of past) minute.add(h)
+      minute.add(current)
+      if (minute.count === 0) return
+      for (const { gauge, value } of gauges) gauge.set(value(minute))
     }
     const gauges = Object.entries(read).map(([stat, value], i) => {
       const name = `latchkey_nodejs_eventloop_lag_${stat}_seconds`
       this.registry.removeSingleMetric(name)
-      const gauge = new Gauge({ name, help: `Event loop delay beyond the ${EVENT_LOOP_SAMPLE_MS} ms sampling interval, since the last scrape: ${stat}`, registers: [this.registry], collect: i === 0 ? collect : undefined })
+      const gauge = new Gauge({ name, help: `Event loop delay (how late a timer due every ${EVENT_LOOP_SAMPLE_MS} ms fires) over the last minute: ${stat}`, registers: [this.registry], collect: i === 0 ? collect : undefined })
       return { gauge, value }
     })
   }
 
   /** Stops the loop-delay sampler's timer (a sidecar stopped in a process that goes on: tests, `latchkey up`). */
   close(): void {
-    this.loopDelay.disable()
+    if (this.loopTimer) clearInterval(this.loopTimer)
   }
 
   /** The JSON-lines sink's backlog and losses, read at scrape time: a hung or slow audit disk shows as growing unwritten bytes. */

@@ -186,6 +186,22 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
   }
 
   /** A response not relayed for its Location: a 502 saying `why`, its status not the upstream's. */
+  private relocateLinks(clean: Record<string, string | string[] | undefined>): void {
+    const target = this.ctx.target!
+    const contentLocation = clean['content-location']
+    if (typeof contentLocation === 'string') {
+      const relayed = this.relocate(contentLocation, target, true)
+      if (relayed === null) delete clean['content-location']
+      else clean['content-location'] = relayed
+    }
+    const link = clean.link
+    if (link !== undefined) {
+      const links = (Array.isArray(link) ? link : [link]).map((l) => relocateLinkValue(l, (uri) => this.relocate(uri, target, true))).filter((l) => l !== '')
+      if (links.length === 0) delete clean.link
+      else clean.link = links.length === 1 ? links[0]! : links
+    }
+  }
+
   private refuseLocation(why: string): void {
     this.ctx.status = 0
     this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `${why}: not relayed`))
@@ -222,6 +238,10 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       }
       ;(clean as Record<string, string | string[]>).location = relayed
     }
+    // The other URLs a client follows by itself: pagination's `Link: <…>; rel="next"` (Octokit,
+    // the GitLab and Stripe SDKs), and Content-Location. On a route they are put under it as a
+    // Location is; one naming the sidecar is dropped, as such a redirect is refused.
+    if (clean['content-location'] !== undefined || clean.link !== undefined) this.relocateLinks(clean as Record<string, string | string[] | undefined>)
     const { binding, credential } = this.ctx
     if (binding && credential) {
       // Every credential the source holds for the binding, not only this call's: an upstream that
@@ -605,6 +625,41 @@ function cut(res: ServerResponse): void {
   const socket = res.socket
   if (!framed && socket !== null && !socket.destroyed) socket.resetAndDestroy()
   else res.destroy()
+}
+
+/**
+ * A Link header (RFC 8288) with each `<URI-Reference>` put through `relocate`; a link-value whose
+ * URI it refuses (null) is left out whole. Quoted parameters (`title="<x>"`) are kept as they are.
+ */
+export function relocateLinkValue(value: string, relocate: (uri: string) => string | null): string {
+  const kept: string[] = []
+  let current = ''
+  let dropped = false
+  for (let i = 0; i < value.length; i++) {
+    const c = value[i]!
+    if (c === '"') {
+      let j = i + 1
+      while (j < value.length && value[j] !== '"') j += value[j] === '\\' ? 2 : 1
+      current += value.slice(i, j + 1)
+      i = j
+    } else if (c === '<') {
+      const end = value.indexOf('>', i)
+      if (end === -1) {
+        current += value.slice(i)
+        break
+      }
+      const uri = relocate(value.slice(i + 1, end))
+      if (uri === null) dropped = true
+      else current += `<${uri}>`
+      i = end
+    } else if (c === ',') {
+      if (!dropped) kept.push(current)
+      current = ''
+      dropped = false
+    } else current += c
+  }
+  if (!dropped) kept.push(current)
+  return kept.map((l) => l.trim()).filter((l) => l !== '').join(', ')
 }
 
 /** Responses with a Content-Length whose heads came in this turn of the event loop (see onResponseStart). */

@@ -21,6 +21,10 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
         res.writeHead(Number(u.searchParams.get('code') ?? 302)).end()
         return true
       }
+      if (u.pathname === '/links') {
+        res.writeHead(200, { link: u.searchParams.get('link')!, 'content-location': u.searchParams.get('cl')! }).end('[]')
+        return true
+      }
       if (u.pathname !== '/r') return false
       res.writeHead(Number(u.searchParams.get('code') ?? 302), { location: u.searchParams.get('to') ?? '/' }).end()
       return true
@@ -74,6 +78,26 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
     t.equal(followed.status, 200)
     t.equal(billing.requests.length, 0, 'the billing route was never called')
     t.match(search.requests.at(-1), { method: 'POST', url: '/billing/charge', body: 'prompt=private' }, 'the followed call went back to the search upstream')
+  })
+
+  await t.test('Link and Content-Location are put under their route as a Location is; a link naming the sidecar is dropped', async (t) => {
+    const port = s.sidecar.port
+    const link = `</../billing/charge?page=2>; rel="next", <http://127.0.0.1:${port}/billing/charge>; rel="prev", <${search.origin}/items?page=9>; rel="last"; title="a, <b>", <https://docs.example/x>; rel="help"`
+    const ask = (path: string) => rawRequest(s.sidecar.port, `GET ${path}?link=${encodeURIComponent(link)}&cl=${encodeURIComponent('/../billing/7')} HTTP/1.1\r\nHost: ${lk}\r\nConnection: close\r\n\r\n`)
+    const routed = await ask('/search/links')
+    seen.push(routed.raw)
+    t.equal(routed.status, 200)
+    t.equal(routed.headers.link, '</search/billing/charge?page=2>; rel="next", </search/items?page=9>; rel="last"; title="a, <b>", <https://docs.example/x>; rel="help"', "each of the upstream's own links put under the route, the one naming the sidecar dropped, the rest as written")
+    t.equal(routed.headers['content-location'], '/search/billing/7')
+    // In absolute-form the agent resolves them against the upstream itself: only the sidecar's is dropped.
+    const absolute = await ask(`http://127.0.0.1:${search.port}/links`)
+    seen.push(absolute.raw)
+    t.equal(absolute.headers.link, `</../billing/charge?page=2>; rel="next", <${search.origin}/items?page=9>; rel="last"; title="a, <b>", <https://docs.example/x>; rel="help"`)
+    t.equal(absolute.headers['content-location'], '/../billing/7')
+    // Octokit-style pagination through the route stays on it.
+    const next = await fetch(`http://${lk}/search/billing/charge?page=2`)
+    t.equal(next.status, 200)
+    t.equal(billing.requests.length, 0, 'the billing route was never called')
   })
 
   await t.test("a redirect naming the sidecar's own address is not relayed, in any spelling", async (t) => {

@@ -12,7 +12,7 @@ import { closingSockets, lingerOnClose } from './listen/linger.js'
 import { LatchkeyError, asLatchkeyError, renderError, renderErrorRaw, type ErrorCode } from './errors.js'
 import type { CredentialBindings } from './credentials/bindings.js'
 import { stripQueryParams } from './credentials/bindings.js'
-import { hostHeader, parseAbsoluteTarget, parseReverseTarget, parseTunnelledTarget, urlHostPort, type ReverseRoutes } from './listen/target.js'
+import { hostHeader, parseAbsoluteTarget, parseReverseTarget, parseTunnelledTarget, targetOfRefusal, urlHostPort, type ReverseRoutes } from './listen/target.js'
 import { checkFraming } from './listen/framing.js'
 import { outboundRequestHeaders, type OutboundHeaders } from './forward/headers.js'
 import { forward, hasRequestBody, type BodyInspector, type ForwardTimeouts } from './forward/forward.js'
@@ -246,7 +246,7 @@ export class Pipeline {
     } catch (err) {
       // A request a tunnel carried is at least recorded against the origin the tunnel was opened
       // for, as the plain HTTP it was.
-      if (tunnel && ctx.target === null) ctx.target = { ...tunnel.target, scheme: 'http' }
+      if (ctx.target === null) ctx.target = tunnel ? { ...tunnel.target, scheme: 'http' } : targetOfRefusal(err)
       this.refuse(ctx, res, err)
     }
   }

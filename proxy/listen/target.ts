@@ -34,7 +34,22 @@ function fromUrl(url: URL): Target {
   }
   // Port 0 names no server: dialled, it fails as a refused connection would, and retries.
   if (port === 0) throw new LatchkeyError('LK_BAD_REQUEST', 'request target port 0 is not a port a server listens on')
-  return { scheme, host, port, path: checkedPath(url.pathname || '/'), search: url.search, hostIsIp, route: null }
+  const target: Target = { scheme, host, port, path: url.pathname || '/', search: url.search, hostIsIp, route: null }
+  try {
+    target.path = checkedPath(target.path)
+  } catch (err) {
+    // The trail says where the refused path was bound: `/admin%00/drop` on which host.
+    refusedTargets.set(err as object, target)
+    throw err
+  }
+  return target
+}
+
+const refusedTargets = new WeakMap<object, Target>()
+
+/** The target a refusal was for, where its host and port were read before its path was refused. */
+export function targetOfRefusal(err: unknown): Target | null {
+  return (typeof err === 'object' && err !== null && refusedTargets.get(err)) || null
 }
 
 /** RFC 1035's limits, on the name as DNS gets it (IDN in punycode, no trailing dot). */

@@ -85,6 +85,9 @@ t.test('refused framings', async (t) => {
   t.equal(upstream.requests.length, 0, 'nothing was forwarded')
   const audit = await s.audit()
   t.equal(audit.filter((e) => e.error === 'LK_BAD_REQUEST' && e.status === 400).length, table.length, 'every refusal audited')
+  // A path refused once its host was read: the trail says where the agent was probing.
+  t.match(audit.find((e) => e.reason === 'request path contains an encoded control character'), { host: '127.0.0.1', port: upstream.port, path: '/admin%00/x' }, 'a refused path is recorded with the host and port it was for')
+  t.match(audit.find((e) => String(e.reason).includes('not UTF-8')), { host: '127.0.0.1', path: '/%C0%AE%C0%AE/admin' })
   assertNoCanary(t, s)
 })
 

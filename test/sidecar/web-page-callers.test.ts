@@ -98,7 +98,7 @@ t.test('with allow_remote_clients, a route may be addressed by name; a web page 
   t.equal((await rawRequest(s.sidecar.adminPort, 'GET /healthz HTTP/1.1\r\nHost: latchkey-admin\r\nConnection: close\r\n\r\n')).status, 200, 'the admin port too')
 })
 
-t.test('the admin port holds a bounded number of connections; idle ones cannot starve it', async (t) => {
+t.test('the admin port holds a bounded number of connections; idle ones cannot starve it: the oldest makes room', async (t) => {
   const s = await startTestSidecar(loopbackPolicy([1]))
   t.teardown(() => s.close())
   const admin = s.sidecar.adminPort
@@ -110,10 +110,12 @@ t.test('the admin port holds a bounded number of connections; idle ones cannot s
       return c
     }),
   )
-  const over = connect(admin, '127.0.0.1')
-  over.on('error', () => {})
-  await once(over, 'close')
-  t.pass('the 257th connection is closed at once')
+  const oldestClosed = once(idle[0]!, 'close')
+  // The 257th is answered: the oldest idle one makes room for it (listen/cap.ts, capEvictingIdle).
+  const over = await rawRequest(admin, `GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`)
+  t.equal(over.status, 200, 'the 257th connection is answered')
+  await oldestClosed
+  t.equal(idle.filter((c) => c.destroyed).length, 1, 'the oldest idle one, and only it, was closed for it')
   const proxy = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`)
   t.equal(proxy.status, 403, 'the proxy keeps answering meanwhile')
   for (const c of idle) c.destroy()

@@ -711,6 +711,21 @@ export class Pipeline {
   private readonly cutSockets = new WeakMap<Socket, { code: ErrorCode; reason: string }>()
 
   /**
+   * The enforced denial the policy in force now (or `decider`) gives a call already admitted, or
+   * null. Inspectable or not: a relay's bytes are not read, so no request in it can be told apart.
+   * A relay about to start (a tunnel's first TLS byte, a WebSocket's 101) is judged again by it:
+   * one opened under a policy since changed would otherwise relay to what is now denied, as long
+   * as it lasts (cutDenied judges only relays already running).
+   */
+  deniedNow(ctx: CallContext, decider: Decider = this.stages.decider): Decision | null {
+    const target = ctx.target
+    if (target === null) return null
+    let d = decider.decide(ctx.method, target)
+    if (!(d.action === 'deny' && d.enforced) && decider.decidesByAddress && ctx.resolved && !target.hostIsIp) d = decider.decide(ctx.method, target, ctx.resolved.address)
+    return d.action === 'deny' && d.enforced ? d : null
+  }
+
+  /**
    * Ends a call's connection, then its forward, now. In that order: the forward's end would
    * answer the agent with the refusal, which reads as "never sent", for a request the upstream
    * may already have (an agent retrying a POST on it did it twice). A cut is a cut.
@@ -730,12 +745,9 @@ export class Pipeline {
   cutDenied(decider: Decider): number {
     let n = 0
     for (const [ctx, socket] of this.live.entries()) {
-      const target = ctx.target
-      if (!ctx.relayed || target === null) continue
-      let d = decider.decide(ctx.method, target)
-      if (!(d.action === 'deny' && d.enforced) && decider.decidesByAddress && ctx.resolved && !target.hostIsIp) d = decider.decide(ctx.method, target, ctx.resolved.address)
-      // Inspectable or not: a relay's bytes are not read, so no request in it can be told apart.
-      if (d.action !== 'deny' || !d.enforced) continue
+      if (!ctx.relayed) continue
+      const d = this.deniedNow(ctx, decider)
+      if (d === null) continue
       this.live.delete(ctx)
       if (recordEnd(ctx, 'LK_POLICY_DENIED', `the policy changed: ${d.reason}`)) ctx.decision = d
       this.cutSocket(ctx, socket, 'LK_POLICY_DENIED', `the policy changed: ${d.reason}`)

@@ -175,6 +175,19 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
         finish()
       })
       const passThrough = (first: Buffer) => {
+        // Judged again by the policy in force now: it may have changed while the tunnel sat unused.
+        const denied = pipeline.deniedNow(ctx)
+        if (denied !== null) {
+          stopWatching()
+          stopIdle()
+          closed()
+          upstream.destroy()
+          finished = true
+          client.end(TLS_ACCESS_DENIED)
+          ctx.decision = denied
+          pipeline.recordRefused(ctx, new LatchkeyError('LK_POLICY_DENIED', `the policy changed: ${denied.reason}`, denied.rule))
+          return
+        }
         ctx.relayed = true
         upstream.write(first)
         upstream.pipe(client)

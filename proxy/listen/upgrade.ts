@@ -129,6 +129,15 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
           refuse(err)
           return
         }
+        // Judged again by the policy in force now: it may have changed while the upstream took its time.
+        const denied = pipeline.deniedNow(ctx)
+        if (denied !== null) {
+          upstream.destroy()
+          untrack()
+          ctx.decision = denied
+          refuse(new LatchkeyError('LK_POLICY_DENIED', `the policy changed: ${denied.reason}`, denied.rule))
+          return
+        }
         const { binding, credential } = ctx
         if (binding && credential) {
           if (response.headers['sec-websocket-extensions'] !== undefined) {

@@ -344,3 +344,74 @@ t.test('a new policy cuts the open TLS tunnels and WebSockets it denies; relays 
   ], 'each cut relay is recorded as denied by the new policy, its status kept')
   t.ok(s.logs.some((l) => l.includes('"connections_cut":2')), 'the cut is logged for the operator')
 })
+
+t.test('a tunnel not yet used and a WebSocket waiting for its 101 are judged again by the policy in force when their relay starts', async (t) => {
+  // A tunnel's upstream records what reaches it; the WebSocket upstream answers 101 only when told.
+  const reached: Buffer[] = []
+  const tunnelled = createNetServer((sock) => {
+    sock.on('error', () => {})
+    sock.on('data', (d: Buffer) => reached.push(d))
+  })
+  tunnelled.listen(0, '127.0.0.1')
+  await once(tunnelled, 'listening')
+  const tunnelPort = (tunnelled.address() as AddressInfo).port
+  let answer101: (() => void) | null = null
+  const ws = createHttpServer((_req, res) => res.writeHead(426).end())
+  ws.on('upgrade', (req: IncomingMessage, socket: Duplex) => {
+    socket.on('error', () => {})
+    const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
+    answer101 = () => socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`)
+  })
+  ws.listen(0, '127.0.0.1')
+  await once(ws, 'listening')
+  const wsPort = (ws.address() as AddressInfo).port
+  t.teardown(() => {
+    tunnelled.close()
+    ws.closeAllConnections()
+    ws.close()
+  })
+  const ports = [tunnelPort, wsPort]
+  const policyOf = (allowed: number[]) => ({ mode: 'enforce', default: 'deny', rules: [{ id: 'up', action: 'allow', hosts: ['127.0.0.1'], ports: allowed }] })
+  const dir = mkdtempSync(join(tmpdir(), 'lk-pending-relay-'))
+  const policyFile = join(dir, 'policy.yaml')
+  writeFileSync(policyFile, stringify(policyOf(ports)))
+  const s = await startTestSidecar({ network: { allow: [{ cidr: '127.0.0.1/32', ports }] }, policy: { default: 'deny', rules: [] }, sidecar: { policy_file: policyFile } })
+  t.teardown(s.close)
+  const open = async (opening: string) => {
+    const sock = connect(s.sidecar.port, '127.0.0.1')
+    sock.on('error', () => {})
+    await once(sock, 'connect')
+    const got = { bytes: Buffer.alloc(0) }
+    sock.on('data', (d: Buffer) => (got.bytes = Buffer.concat([got.bytes, d])))
+    sock.write(opening)
+    const closed = Promise.race([once(sock, 'close').then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 3_000))])
+    return { sock, got, closed }
+  }
+  const tunnel = await open(`CONNECT 127.0.0.1:${tunnelPort} HTTP/1.1\r\nHost: 127.0.0.1:${tunnelPort}\r\n\r\n`)
+  await until('tunnel opened', () => tunnel.got.bytes.toString('latin1').startsWith('HTTP/1.1 200 '))
+  const socket = await open(`GET http://127.0.0.1:${wsPort}/feed HTTP/1.1\r\nHost: 127.0.0.1:${wsPort}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`)
+  await until('handshake sent upstream', () => answer101 !== null)
+
+  const v1 = s.sidecar.policy.version
+  atomicWrite(policyFile, stringify(policyOf([1])))
+  await until('new policy applied', () => s.sidecar.policy.version !== v1)
+  // The tunnel's first bytes are TLS: refused with TLS's access_denied alert, nothing relayed.
+  tunnel.got.bytes = Buffer.alloc(0)
+  tunnel.sock.write(Buffer.from([0x16, 0x03, 0x01, 0x00, 0x01, 0x01]))
+  t.ok(await tunnel.closed, 'the tunnel is closed')
+  tunnel.sock.destroy()
+  t.equal(tunnel.got.bytes[0], 0x15, 'the tunnel answers TLS with an alert')
+  t.equal(Buffer.concat(reached).length, 0, 'nothing reached the upstream now denied')
+  // The upstream's 101 comes after the change: the agent gets the denial, not a WebSocket.
+  answer101!()
+  t.ok(await socket.closed, 'the handshake ends')
+  socket.sock.destroy()
+  t.match(socket.got.bytes.toString('latin1'), /^HTTP\/1\.1 403 /, 'the WebSocket is refused, 403')
+  await new Promise((r) => setTimeout(r, 100))
+  const events = (await s.audit()).filter((e) => e.error === 'LK_POLICY_DENIED')
+  t.same(events.map((e) => [e.via, e.port, e.decision]).sort(), [
+    ['connect', tunnelPort, 'deny'],
+    ['upgrade', wsPort, 'deny'],
+  ], 'each is recorded as denied by the new policy')
+  t.ok(events.every((e) => String(e.reason).startsWith('the policy changed: ')), 'saying why')
+})

@@ -137,6 +137,8 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
       client.write('HTTP/1.1 200 Connection Established\r\n\r\n')
       return serveOn(pipeline.admin!, client, head)
     }
+    // As a plain request is: refused once its target is read, so the trail says which one the shutdown turned away.
+    if (pipeline.draining) throw new LatchkeyError('LK_DRAINING', 'the sidecar is shutting down; retry on a new connection')
     try {
       await pipeline.admit(ctx, req.headers['proxy-authorization'], false, client)
     } catch (err) {

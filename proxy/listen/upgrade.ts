@@ -69,6 +69,8 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
     if (typeof key !== 'string' || !WEBSOCKET_KEY.test(key)) {
       throw new LatchkeyError('LK_BAD_REQUEST', 'a WebSocket handshake carries exactly one Sec-WebSocket-Key: 16 bytes in base64')
     }
+    // As a plain request is: refused once its target is read, so the trail says which one the shutdown turned away.
+    if (pipeline.draining) throw new LatchkeyError('LK_DRAINING', 'the sidecar is shutting down; retry on a new connection')
     await pipeline.admit(ctx, proxyCredentialOf(req.headers, tunnel), true, client)
     if (refused) return
     const target = ctx.target!

@@ -65,6 +65,43 @@ t.test('while draining, a request pipelined behind the call in flight is never s
   t.equal(audit.length, 2)
 })
 
+t.test('while draining, a CONNECT or a WebSocket upgrade on a connection kept alive is refused as a plain request is: 503 LK_DRAINING', async (t) => {
+  // A response whose head went before the drain began keeps its connection alive; the next request on it comes during the drain.
+  const upstream = await startUpstream({
+    handler: (req, res) => {
+      if (req.url !== '/stream') return false
+      res.writeHead(200, { 'content-type': 'text/plain' })
+      res.write('first ')
+      setTimeout(() => res.end('last'), 400)
+      return true
+    },
+  })
+  const s = await startTestSidecar({ ...loopbackPolicy([upstream.port]), sidecar: { timeouts: { drain_ms: 3000 } } })
+  t.teardown(() => upstream.close())
+  const host = `127.0.0.1:${upstream.port}`
+  const streams = await Promise.all([openRaw(s.sidecar.port), openRaw(s.sidecar.port)])
+  for (const c of streams) c.sock.write(`GET http://${host}/stream HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  while (!streams.every((c) => c.raw().includes('first'))) await new Promise((r) => setTimeout(r, 10))
+  const closing = s.close()
+  while (!streams.every((c) => c.raw().includes('last'))) await new Promise((r) => setTimeout(r, 10))
+  const [tunnel, ws] = streams.map((c) => ({ ...c, before: c.raw().length }))
+  tunnel!.sock.write(`CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  ws!.sock.write(`GET http://${host}/feed HTTP/1.1\r\nHost: ${host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`)
+  for (const [what, c] of [['CONNECT', tunnel!], ['upgrade', ws!]] as const) {
+    if (!c.sock.destroyed) await Promise.race([once(c.sock, 'close'), new Promise((r) => setTimeout(r, 2_000))])
+    const answer = c.raw().slice(c.before)
+    t.match(answer, /^HTTP\/1\.1 503 /, `${what}: refused`)
+    t.match(answer, /"code":"LK_DRAINING".*"retryable":true/, `${what}: saying why`)
+    c.sock.destroy()
+  }
+  await closing
+  t.same(upstream.requests.map((r) => r.url), ['/stream', '/stream'], 'nothing new reached the upstream')
+  t.match((await s.audit()).filter((e) => e.error === 'LK_DRAINING').map((e) => [e.via, e.status, e.port]).sort(), [
+    ['connect', 503, upstream.port],
+    ['upgrade', 503, upstream.port],
+  ], 'each audited with its target')
+})
+
 t.test('while draining, a plaintext tunnel opened before it takes no new call: 503, retryable, connection closed', async (t) => {
   const { upstream, s, host } = await startSlowCallRig(t, 300, { timeouts: { drain_ms: 3000 } })
   const { sock, raw } = await openRaw(s.sidecar.port)

@@ -305,6 +305,27 @@ t.test('CONNECT is decided by host and port; method or path rules fail closed', 
   t.equal(q.decide('CONNECT', parseConnectTarget('free.com:443')).inspectable, undefined)
 })
 
+t.test('CONNECT on a host allowed for http alone opens for plain HTTP only: Node fetch tunnels http:// on any port', async (t) => {
+  const p = policy([
+    { id: 'no-plain', action: 'deny', hosts: ['d.com'], schemes: ['http'] },
+    { id: 'plain', action: 'allow', hosts: ['p.com', 'd.com'], schemes: ['http'] },
+    { id: 'tls', action: 'allow', hosts: ['t.com'], schemes: ['https'] },
+  ])
+  t.same(p.decide('CONNECT', parseConnectTarget('p.com:8080')), {
+    action: 'deny',
+    rule: 'default',
+    reason: 'rule plain allows only plain http on this host, which a TLS tunnel is not',
+    enforced: true,
+    inspectable: true,
+  }, 'opened for plain HTTP only, each request inside judged as http')
+  t.equal(p.decide('GET', parseAbsoluteTarget('http://p.com:8080/x')).rule, 'plain', 'where the http allow applies')
+  t.equal(p.decide('GET', parseAbsoluteTarget('https://p.com:8080/x')).action, 'deny', 'and TLS is refused')
+  t.same(p.decide('CONNECT', parseConnectTarget('d.com:8080')).rule, 'default', 'an http-only deny is no condition on TLS: the host falls to what follows')
+  t.equal(p.decide('CONNECT', parseConnectTarget('d.com:8080')).inspectable, true)
+  t.same(p.decide('CONNECT', parseConnectTarget('t.com:443')).action, 'allow', 'an https allow still covers a tunnel')
+  t.equal(p.decide('CONNECT', parseConnectTarget('x.com:443')).inspectable, undefined, 'no rule on the host: a plain deny')
+})
+
 t.test('a path whose reading begins with what a URL parser refuses as a host is judged, not an internal error', async (t) => {
   // Resolving dot segments parsed a reading like `//%20../../x` as a URL reference, and the host
   // it names threw: the call was a retryable 502 "internal error" with a stack in the log.

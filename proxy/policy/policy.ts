@@ -133,13 +133,19 @@ export class Policy implements Decider {
     let conditionalDeny: CompiledRule | null = null
     for (const r of this.rules) {
       if (r.ports && !r.ports.has(target.port)) continue
-      if (r.schemes && !r.schemes.has(scheme)) continue
+      // A tunnel may carry plain HTTP, each request in it judged as http: an allow of http alone
+      // is one more condition TLS cannot meet (Node's fetch tunnels http:// on any port).
+      let plainOnly = false
+      if (r.schemes && !r.schemes.has(scheme)) {
+        if (!(tunnel && !r.deny && r.schemes.has('http'))) continue
+        plainOnly = true
+      }
       if (address === undefined && (r.cidrs || (r.deny && r.exactHosts))) {
         if (target.hostIsIp) address = addressForms(ipaddr.parse(target.host))
         else if (resolvedAddress !== undefined) address = addressForms(ipaddr.parse(resolvedAddress))
       }
       if (!hostMatches(r, target, address ?? null)) continue
-      if (tunnel && (r.methods || r.paths)) {
+      if (tunnel && (plainOnly || r.methods || r.paths)) {
         // A TLS tunnel's requests cannot be seen: an allow that depends on method or path cannot
         // be proven, and a deny that depends on them might apply, so the deny wins. A tunnel of
         // plain HTTP can be seen: it may open, and each request in it is decided on its own. Both
@@ -175,7 +181,7 @@ export class Policy implements Decider {
 
   /** A tunnel denied only because an earlier allow's method or path rules cannot be seen in TLS. */
   private inspectableDeny(d: Decision, passedOver: CompiledRule): Decision {
-    const reason = `rule ${passedOver.id} allows only some methods or paths on this host, which a TLS tunnel cannot show`
+    const reason = passedOver.methods || passedOver.paths ? `rule ${passedOver.id} allows only some methods or paths on this host, which a TLS tunnel cannot show` : `rule ${passedOver.id} allows only plain http on this host, which a TLS tunnel is not`
     return { action: 'deny', rule: d.rule, reason, enforced: d.enforced, inspectable: true }
   }
 }

@@ -132,6 +132,32 @@ t.test('HTTPS_PROXY: curl, Node fetch and Python tunnel through CONNECT, untouch
   t.match(curlDenied.stderr, /< HTTP\/1\.1 403 Forbidden \(LK_(POLICY|NETWORK)_DENIED/, 'and curl -v shows it')
 })
 
+// An allow for http alone, on another port than 80: Node's fetch tunnels http:// there too.
+t.test('an allow for plain http alone: Node fetch of http:// through its CONNECT is served, TLS there is refused', async (t) => {
+  const upstream = await startUpstream()
+  const s = await startTestSidecar({
+    policy: { default: 'deny', rules: [{ id: 'plain-only', action: 'allow', hosts: ['127.0.0.1'], ports: [upstream.port], schemes: ['http'] }] },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [upstream.port] }] },
+    credentials: [{ id: 'plain', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const fetchScript = `
+    const { EnvHttpProxyAgent, fetch } = await import('undici')
+    const res = await fetch(process.argv[1], { dispatcher: new EnvHttpProxyAgent() })
+    console.log(res.status, (await res.text()).trim())`
+  const fetched = await run(process.execPath, ['--input-type=module', '-e', fetchScript, `${upstream.origin}/plain`], { env: cleanEnv({ HTTP_PROXY: s.proxy }) }).catch((e: { stdout: string; stderr: string }) => e)
+  t.equal(fetched.stdout.trim(), '200 ok', 'the call goes through the tunnel')
+  t.same(upstream.requests.map((r) => [r.url, r.headers.authorization]), [['/plain', `Bearer ${CANARY}`]], 'with the credential')
+  const tls = await rawRequest(s.sidecar.port, `CONNECT 127.0.0.1:${upstream.port} HTTP/1.1\r\nHost: 127.0.0.1:${upstream.port}\r\n\r\n\x16\x03\x01\x00\x01\x01`)
+  t.match(tls.raw, /^HTTP\/1\.1 200 /, 'a tunnel opens')
+  t.equal(tls.raw.charCodeAt(tls.raw.indexOf('\r\n\r\n') + 4), 0x15, 'and TLS in it gets an alert')
+  const audit = await s.audit()
+  t.match(audit.find((e) => e.via === 'tunnelled'), { status: 200, rule: 'plain-only', path: '/plain' }, 'the request inside is judged by the http allow')
+})
+
 // Node's fetch tunnels http:// through CONNECT. A rule that depends on method or path cannot be
 // seen in a TLS tunnel, but can in plain HTTP: the tunnel opens for plain HTTP only, each request
 // inside is decided on its own, and TLS to that host gets an access_denied alert, recorded.

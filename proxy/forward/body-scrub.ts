@@ -16,7 +16,8 @@
 //
 // What is looked for: the secret and the forms the header scrubber knows (binding.encodedForms:
 // base64 of any text holding it, hex, Basic's header), each as is and as an echo escapes it once
-// (JSON, with `\/` or without; percent-encoding, either hex case, `+` for a space; HTML). Compressed
+// (JSON, with `\/` or without; percent-encoding, either hex case, `+` for a space; HTML), and the
+// secret with every byte percent-encoded. Compressed
 // bodies cannot be read this way: a credentialed call asks for `identity`, and one that comes
 // back encoded anyway is decoded before it gets here, or refused (see ResponseRelay). Not only a
 // whole copy: one cut short (or begun late) is overwritten too, once it shows enough of a needle
@@ -141,8 +142,19 @@ function ownNeedles(binding: CredentialBinding, credential: Credential): BodyNee
   let byCredential = byBinding.get(binding)
   if (!byCredential) byBinding.set(binding, (byCredential = new WeakMap()))
   let n = byCredential.get(credential)
-  if (!n) byCredential.set(credential, (n = compileNeedles([credential.value, ...binding.encodedForms(credential)])))
+  if (!n) byCredential.set(credential, (n = compileNeedles([credential.value, ...binding.encodedForms(credential)], everyBytePercentEncoded(credential.value))))
   return n
+}
+
+/**
+ * The secret with every byte percent-encoded, in either hex case: an echo that escapes all of it,
+ * which the head's scrub reads by decoding, a body's by these needles (the echo spellings escape
+ * only what encodeURIComponent does). The secret's alone: its forms so spelled are not looked for.
+ */
+function everyBytePercentEncoded(secret: string): string[] {
+  let upper = ''
+  for (const b of Buffer.from(secret)) upper += '%' + b.toString(16).toUpperCase().padStart(2, '0')
+  return [upper, upper.toLowerCase()]
 }
 
 /**
@@ -172,8 +184,8 @@ function heldNeedles(binding: CredentialBinding, held: readonly Credential[]): B
   return parts
 }
 
-export function compileNeedles(texts: readonly string[]): BodyNeedles {
-  const spelled = new Set<string>()
+export function compileNeedles(texts: readonly string[], literal: readonly string[] = []): BodyNeedles {
+  const spelled = new Set<string>(literal)
   for (const text of texts) for (const v of echoSpellings(text)) spelled.add(v)
   const seen = new Set<string>()
   const needles: Buffer[] = []

@@ -83,6 +83,8 @@ t.test('a credential echoed in a response body reaches no client, however spelle
     ".NET's System.Text.Json (\\u002B \\u0022)": (auth) => `{"auth":"${auth.replace(/["<>&'+`]/g, (c) => '\\u' + c.charCodeAt(0).toString(16).toUpperCase().padStart(4, '0'))}"}`,
     'base64 of the header': (auth) => Buffer.from(auth).toString('base64'),
     'hex of the token': (_a, token) => Buffer.from(token).toString('hex').toUpperCase(),
+    // A header scrub decodes it; a body's needles must hold it as is.
+    'every byte of the token percent-encoded, either hex case': (_a, token) => [...Buffer.from(token)].map((b) => '%' + b.toString(16).toUpperCase().padStart(2, '0')).join('') + ' ' + [...Buffer.from(token)].map((b) => '%' + b.toString(16).padStart(2, '0')).join(''),
     // The token is ASCII: a NUL beside each character is its UTF-16, little- or big-endian, in UTF-8 bytes.
     'the header in UTF-16LE': (auth) => [...auth].map((c) => c + '\0').join(''),
     'the token in UTF-16BE': (_a, token) => [...token].map((c) => '\0' + c).join(''),

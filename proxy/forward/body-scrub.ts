@@ -406,22 +406,17 @@ const byEndThenStart = (a: Copy, b: Copy) => a.end - b.end || a.start - b.start
 
 /**
  * Where what waits for the next chunk begins (`length`: nothing waits): at the first copy that
- * reaches the end with its needle going on, and at any copy overlapping what waits, so no byte
- * that waits is overwritten before the copy it is part of is whole.
+ * reaches the end with its needle going on. No byte that waits is overwritten before the copy it
+ * is part of is whole (overwrite stops there): a copy overlapping what waits from before it is
+ * overwritten up to it now, and its part in what waits lies inside the copy that waits, which is
+ * overwritten whole once it ends. What waits is at most a needle's length, whatever the body: held
+ * back from the first copy touching it, a body of copies each overlapping the next (UTF-16 copies,
+ * which both byte orders' needles match a byte apart) waited whole, and was scanned again at
+ * every chunk: 1 MiB of them held the event loop 25 s.
  */
 function waitingFrom(copies: readonly Copy[], length: number): number {
   let from = length
   for (const c of copies) if (c.end === length && c.end - c.offset < c.needle.length && c.start < from) from = c.start
-  if (from === length) return from
-  for (let moved = true; moved; ) {
-    moved = false
-    for (const c of copies) {
-      if (c.end > from && c.start < from) {
-        from = c.start
-        moved = true
-      }
-    }
-  }
   return from
 }
 
@@ -574,11 +569,12 @@ export class BodyScrubber {
   private overwrite(data: Buffer, chunk: Buffer | null, copies: readonly Copy[], until: number): Buffer {
     let countedTo = -Infinity
     for (const c of copies) {
-      if (c.end > until) break
+      // A copy reaching into what waits is overwritten up to it (see waitingFrom), and counted with the copy that waits.
+      if (c.start >= until) continue
       // undici's chunk may be a view of its read buffer: it is copied before anything is written in it.
       if (data === chunk) data = Buffer.from(data)
-      data.fill(this.n.mask, Math.max(c.start, 0), c.end)
-      if (c.start >= countedTo) {
+      data.fill(this.n.mask, Math.max(c.start, 0), Math.min(c.end, until))
+      if (c.end <= until && c.start >= countedTo) {
         this.found++
         countedTo = c.end
       }

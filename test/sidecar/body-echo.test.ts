@@ -52,6 +52,38 @@ t.test("a Basic header's base64 echoed in a body is overwritten whole, its last 
   }
 })
 
+t.test('copies of the secret that touch one another, cut by every chunk, hold back no more than one copy: no body grows what waits', async (t) => {
+  // UTF-16 copies back to back: the little- and big-endian needles match one byte apart, so each
+  // copy overlaps the next. Holding all that overlapped what waits held the whole body, rescanned
+  // at every chunk: 1 MiB of them took 25 s of the event loop (the resource probe).
+  const secret = 'LKCANARY-probe4-9f3c2a7d61e84b05'
+  const copy = Buffer.from(secret, 'utf16le')
+  for (const [what, body] of [
+    ['UTF-16 copies', Buffer.concat([Buffer.from(' '.repeat(14)), ...Array.from({ length: 4096 }, () => copy)])],
+    ['ASCII copies', Buffer.from(' '.repeat(14) + secret.repeat(8192))],
+  ] as const) {
+    const s = new BodyScrubber(compileNeedles([secret]))
+    let out = 0
+    let mostHeld = 0
+    const sent: Buffer[] = []
+    for (let at = 0; at < body.length; at += 4096) {
+      const chunk = body.subarray(at, at + 4096)
+      const got = s.push(chunk)
+      if (got) sent.push(got)
+      out += got?.length ?? 0
+      mostHeld = Math.max(mostHeld, at + chunk.length - out)
+    }
+    const rest = s.end()
+    if (rest) sent.push(rest)
+    const all = Buffer.concat(sent)
+    t.equal(all.length, body.length, `${what}: the whole body goes, at its length`)
+    t.ok(mostHeld <= 2 * copy.length, `${what}: at most ${mostHeld} bytes held back at once (one copy is ${copy.length})`)
+    t.equal(all.indexOf(copy), -1, `${what}: no UTF-16 copy is left`)
+    t.equal(all.indexOf(secret), -1, `${what}: no ASCII copy is left`)
+    t.equal(all.indexOf(secret.slice(0, 12)), -1, `${what}: nor a third of one`)
+  }
+})
+
 t.test('the scrubber holds back only what could begin a match, and never writes into the chunk it was given', async (t) => {
   const n = compileNeedles(['Zq9-secret-value-XYZ'])
   const s = new BodyScrubber(n)

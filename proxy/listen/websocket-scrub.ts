@@ -79,9 +79,29 @@ export class WebSocketScrubber extends Transform {
   override _flush(done: TransformCallback): void {
     const rest = this.scrubber.end()
     if (rest) this.release(rest)
-    for (const q of this.queued.splice(0)) this.push(q.bytes)
+    for (const q of this.queued.splice(0)) this.send(q.bytes)
     this.held = this.queuedAfter = this.queuedBytes = 0
+    this.sendAll()
     done()
+  }
+
+  /** What a chunk read from the upstream lets go, gathered: pushed once per chunk (sendAll). */
+  private outgoing: Buffer[] = []
+
+  private send(bytes: Buffer): void {
+    this.outgoing.push(bytes)
+  }
+
+  /**
+   * One push per chunk read, not one per frame piece: the relay writes each push to the agent's
+   * socket, and a flood of empty frames (2 bytes each) cost a write apiece, 61% of the CPU; the
+   * other agents' calls waited seconds (the resource probe).
+   */
+  private sendAll(): void {
+    const out = this.outgoing
+    if (out.length === 0) return
+    this.outgoing = []
+    this.push(out.length === 1 ? out[0] : Buffer.concat(out))
   }
 
   /**
@@ -115,8 +135,10 @@ export class WebSocketScrubber extends Transform {
           if (this.left === 0) this.frameEnd()
         }
       }
+      this.sendAll()
       done()
     } catch (err) {
+      this.sendAll()
       done(err as Error)
     }
   }
@@ -192,22 +214,22 @@ export class WebSocketScrubber extends Transform {
     while (this.queued.length > 0) {
       const q = this.queued[0]!
       const take = Math.min(q.after, out.length - from)
-      if (take > 0) this.push(out.subarray(from, from + take))
+      if (take > 0) this.send(out.subarray(from, from + take))
       from += take
       q.after -= take
       this.queuedAfter -= take
       if (q.after > 0) return
       this.queued.shift()
       this.queuedBytes -= q.bytes.length
-      this.push(q.bytes)
+      this.send(q.bytes)
     }
-    if (from < out.length) this.push(out.subarray(from))
+    if (from < out.length) this.send(out.subarray(from))
   }
 
   /** Sends header or control-frame bytes now, or queues them behind the payload the scrubber holds. */
   private sendOrQueue(bytes: Buffer): void {
     if (this.held === 0 && this.queued.length === 0) {
-      this.push(bytes)
+      this.send(bytes)
       return
     }
     const after = this.held - this.queuedAfter

@@ -10,6 +10,8 @@ import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { startTestSidecar, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
 import { serverFrame, framePayloads } from '../helpers/websocket-frames.js'
+import { WebSocketScrubber } from '../../proxy/listen/websocket-scrub.js'
+import { compileNeedles } from '../../proxy/forward/body-scrub.js'
 
 t.test('websocket through a reverse route and through absolute-form', async (t) => {
   const seen: Record<string, string | undefined>[] = []
@@ -493,3 +495,21 @@ async function startWsRig(
   })
   return { port, s }
 }
+
+t.test('a credentialed WebSocket passes on what each read lets go in one piece, however many frames it holds', async (t) => {
+  // A flood of empty frames: one write to the agent per frame piece cost a write call per 2 bytes,
+  // and held the other agents' calls for seconds (the resource probe).
+  const secret = 'LKCANARY-ws-flood-5e1d0c2b'
+  const s = new WebSocketScrubber(compileNeedles([secret]))
+  const pieces: Buffer[] = []
+  s.on('data', (d: Buffer) => pieces.push(d))
+  const flood = Buffer.concat([...Array.from({ length: 1000 }, () => Buffer.from([0x81, 0x00])), serverFrame(Buffer.from(`token ${secret}`)), Buffer.from([0x89, 0x00])])
+  s.write(flood)
+  await new Promise((r) => setImmediate(r))
+  t.equal(pieces.length, 1, 'one piece for the one chunk read')
+  const out = Buffer.concat(pieces)
+  t.equal(out.length, flood.length, 'every frame, at its length')
+  t.equal(out.indexOf(secret), -1, 'the credential overwritten')
+  t.equal(out.subarray(0, 2000).toString('hex'), '8100'.repeat(1000), 'the empty frames as they were')
+  t.equal(s.found, 1)
+})

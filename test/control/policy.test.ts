@@ -258,6 +258,23 @@ async function rawGet(proxy: string, url: string): Promise<number> {
   })
 }
 
+/** A WebSocket upstream: `onUpgrade` gets each handshake's socket and what answers it 101. */
+async function webSocketUpstream(t: { teardown(fn: () => unknown): void }, onUpgrade: (socket: Duplex, answer101: () => void) => void): Promise<number> {
+  const ws = createHttpServer((_req, res) => res.writeHead(426).end())
+  ws.on('upgrade', (req: IncomingMessage, socket: Duplex) => {
+    socket.on('error', () => {})
+    const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
+    onUpgrade(socket, () => socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`))
+  })
+  ws.listen(0, '127.0.0.1')
+  await once(ws, 'listening')
+  t.teardown(() => {
+    ws.closeAllConnections()
+    ws.close()
+  })
+  return (ws.address() as AddressInfo).port
+}
+
 t.test('a new policy cuts the open TLS tunnels and WebSockets it denies; relays it still allows stay open', async (t) => {
   // Echo upstreams: two for tunnels (one stays allowed), one answering WebSocket handshakes.
   const upstreams: Socket[] = []
@@ -276,19 +293,9 @@ t.test('a new policy cuts the open TLS tunnels and WebSockets it denies; relays 
   }
   const denied = await echo()
   const kept = await echo()
-  const ws = createHttpServer((_req, res) => res.writeHead(426).end())
-  ws.on('upgrade', (req: IncomingMessage, socket: Duplex) => {
-    const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
-    socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`)
+  const wsPort = await webSocketUpstream(t, (socket, answer101) => {
+    answer101()
     socket.on('data', (d: Buffer) => socket.write(serverFrame(d)))
-    socket.on('error', () => {})
-  })
-  ws.listen(0, '127.0.0.1')
-  await once(ws, 'listening')
-  const wsPort = (ws.address() as AddressInfo).port
-  t.teardown(() => {
-    ws.closeAllConnections()
-    ws.close()
   })
   const ports = [denied, kept, wsPort]
   const policyOf = (allowed: number[]) => ({ mode: 'enforce', default: 'deny', rules: [{ id: 'up', action: 'allow', hosts: ['127.0.0.1'], ports: allowed }] })
@@ -355,21 +362,9 @@ t.test('a tunnel not yet used and a WebSocket waiting for its 101 are judged aga
   tunnelled.listen(0, '127.0.0.1')
   await once(tunnelled, 'listening')
   const tunnelPort = (tunnelled.address() as AddressInfo).port
+  t.teardown(() => tunnelled.close())
   let answer101: (() => void) | null = null
-  const ws = createHttpServer((_req, res) => res.writeHead(426).end())
-  ws.on('upgrade', (req: IncomingMessage, socket: Duplex) => {
-    socket.on('error', () => {})
-    const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
-    answer101 = () => socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`)
-  })
-  ws.listen(0, '127.0.0.1')
-  await once(ws, 'listening')
-  const wsPort = (ws.address() as AddressInfo).port
-  t.teardown(() => {
-    tunnelled.close()
-    ws.closeAllConnections()
-    ws.close()
-  })
+  const wsPort = await webSocketUpstream(t, (_socket, answer) => (answer101 = answer))
   const ports = [tunnelPort, wsPort]
   const policyOf = (allowed: number[]) => ({ mode: 'enforce', default: 'deny', rules: [{ id: 'up', action: 'allow', hosts: ['127.0.0.1'], ports: allowed }] })
   const dir = mkdtempSync(join(tmpdir(), 'lk-pending-relay-'))

@@ -258,6 +258,21 @@ async function rawGet(proxy: string, url: string): Promise<number> {
   })
 }
 
+/** A sidecar whose policy file allows 127.0.0.1 on `ports`; `allowOnly` rewrites it to allow those given, and waits until it applies. */
+async function sidecarOnPolicyFile(t: { teardown(fn: () => unknown): void }, ports: number[]) {
+  const policyOf = (allowed: number[]) => ({ mode: 'enforce', default: 'deny', rules: [{ id: 'up', action: 'allow', hosts: ['127.0.0.1'], ports: allowed }] })
+  const policyFile = join(mkdtempSync(join(tmpdir(), 'lk-relay-policy-')), 'policy.yaml')
+  writeFileSync(policyFile, stringify(policyOf(ports)))
+  const s = await startTestSidecar({ network: { allow: [{ cidr: '127.0.0.1/32', ports }] }, policy: { default: 'deny', rules: [] }, sidecar: { policy_file: policyFile } })
+  t.teardown(s.close)
+  const allowOnly = async (allowed: number[]) => {
+    const before = s.sidecar.policy.version
+    atomicWrite(policyFile, stringify(policyOf(allowed)))
+    await until('new policy applied', () => s.sidecar.policy.version !== before)
+  }
+  return { s, allowOnly }
+}
+
 /** A WebSocket upstream: `onUpgrade` gets each handshake's socket and what answers it 101. */
 async function webSocketUpstream(t: { teardown(fn: () => unknown): void }, onUpgrade: (socket: Duplex, answer101: () => void) => void): Promise<number> {
   const ws = createHttpServer((_req, res) => res.writeHead(426).end())
@@ -297,13 +312,7 @@ t.test('a new policy cuts the open TLS tunnels and WebSockets it denies; relays 
     answer101()
     socket.on('data', (d: Buffer) => socket.write(serverFrame(d)))
   })
-  const ports = [denied, kept, wsPort]
-  const policyOf = (allowed: number[]) => ({ mode: 'enforce', default: 'deny', rules: [{ id: 'up', action: 'allow', hosts: ['127.0.0.1'], ports: allowed }] })
-  const dir = mkdtempSync(join(tmpdir(), 'lk-relay-policy-'))
-  const policyFile = join(dir, 'policy.yaml')
-  writeFileSync(policyFile, stringify(policyOf(ports)))
-  const s = await startTestSidecar({ network: { allow: [{ cidr: '127.0.0.1/32', ports }] }, policy: { default: 'deny', rules: [] }, sidecar: { policy_file: policyFile } })
-  t.teardown(s.close)
+  const { s, allowOnly } = await sidecarOnPolicyFile(t, [denied, kept, wsPort])
 
   /** A relay through the sidecar, open once `opening` is answered with `status`; echoes `probe`. */
   const relay = async (opening: string, status: number) => {
@@ -334,9 +343,7 @@ t.test('a new policy cuts the open TLS tunnels and WebSockets it denies; relays 
   t.ok(await stays.echoes(tls))
   t.ok(await socket.echoes(Buffer.from([0x81, 0x01, 0x61])), 'WebSocket relays')
 
-  const v1 = s.sidecar.policy.version
-  atomicWrite(policyFile, stringify(policyOf([kept])))
-  await until('new policy applied', () => s.sidecar.policy.version !== v1)
+  await allowOnly([kept])
   const cut = (c: Promise<boolean>) => Promise.race([c, new Promise<boolean>((r) => setTimeout(() => r(false), 2000))])
   t.ok(await cut(goes.closed), 'the tunnel to a host now denied is cut')
   t.ok(await cut(socket.closed), 'the WebSocket to a host now denied is cut')
@@ -365,13 +372,7 @@ t.test('a tunnel not yet used and a WebSocket waiting for its 101 are judged aga
   t.teardown(() => tunnelled.close())
   let answer101: (() => void) | null = null
   const wsPort = await webSocketUpstream(t, (_socket, answer) => (answer101 = answer))
-  const ports = [tunnelPort, wsPort]
-  const policyOf = (allowed: number[]) => ({ mode: 'enforce', default: 'deny', rules: [{ id: 'up', action: 'allow', hosts: ['127.0.0.1'], ports: allowed }] })
-  const dir = mkdtempSync(join(tmpdir(), 'lk-pending-relay-'))
-  const policyFile = join(dir, 'policy.yaml')
-  writeFileSync(policyFile, stringify(policyOf(ports)))
-  const s = await startTestSidecar({ network: { allow: [{ cidr: '127.0.0.1/32', ports }] }, policy: { default: 'deny', rules: [] }, sidecar: { policy_file: policyFile } })
-  t.teardown(s.close)
+  const { s, allowOnly } = await sidecarOnPolicyFile(t, [tunnelPort, wsPort])
   const open = async (opening: string) => {
     const sock = connect(s.sidecar.port, '127.0.0.1')
     sock.on('error', () => {})
@@ -387,9 +388,7 @@ t.test('a tunnel not yet used and a WebSocket waiting for its 101 are judged aga
   const socket = await open(`GET http://127.0.0.1:${wsPort}/feed HTTP/1.1\r\nHost: 127.0.0.1:${wsPort}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`)
   await until('handshake sent upstream', () => answer101 !== null)
 
-  const v1 = s.sidecar.policy.version
-  atomicWrite(policyFile, stringify(policyOf([1])))
-  await until('new policy applied', () => s.sidecar.policy.version !== v1)
+  await allowOnly([1])
   // The tunnel's first bytes are TLS: refused with TLS's access_denied alert, nothing relayed.
   tunnel.got.bytes = Buffer.alloc(0)
   tunnel.sock.write(Buffer.from([0x16, 0x03, 0x01, 0x00, 0x01, 0x01]))

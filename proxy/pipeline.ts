@@ -278,7 +278,7 @@ export class Pipeline {
   parseTarget(url: string, tunnel: TunnelOrigin | null, upgrade = false): Target {
     if (tunnel) {
       // Node's fetch tunnels http:// too, so its calls to a route arrive in a CONNECT to the sidecar itself.
-      const target = parseTunnelledTarget(url, tunnel.target)
+      const target = parseTunnelledTarget(url, tunnel.target, upgrade)
       return this.isOwnAddress(tunnel.target) ? parseReverseTarget(target.path + target.search, this.stages.routes) : target
     }
     if (url.startsWith('/')) return parseReverseTarget(url, this.stages.routes)

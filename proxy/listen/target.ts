@@ -221,9 +221,10 @@ export function originKey(scheme: string, host: string, port: number): string {
  * decided, so it wins: origin-form paths are placed on it, and an absolute URI naming any other
  * origin is refused rather than followed.
  */
-export function parseTunnelledTarget(raw: string, tunnel: Target): Target {
+export function parseTunnelledTarget(raw: string, tunnel: Target, upgrade = false): Target {
   if (raw.startsWith('/')) return { ...tunnel, scheme: 'http', ...parseOriginForm(raw) }
-  const t = parseAbsoluteTarget(raw)
+  // ws:// on an upgrade, as outside a tunnel (parseAbsoluteTarget).
+  const t = parseAbsoluteTarget(raw, upgrade)
   if (t.host !== tunnel.host || t.port !== tunnel.port || t.scheme !== 'http') {
     throw new LatchkeyError('LK_BAD_REQUEST', 'a request inside a CONNECT tunnel must be for the tunnel\'s own origin')
   }

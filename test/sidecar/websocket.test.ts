@@ -208,6 +208,27 @@ t.test("undici's WebSocket through EnvHttpProxyAgent: ws:// in a CONNECT tunnel,
   assertNoCanary(t, s, stdout)
 })
 
+t.test('inside a plaintext tunnel a WebSocket may name its target ws://, as outside one', async (t) => {
+  const { port, s } = await startWsRig(t, (req, socket) => {
+    socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${acceptFor(req)}\r\n\r\n`)
+    socket.write(Buffer.from([0x81, 5, ...Buffer.from('hello')]))
+  })
+  const sock = connect(s.sidecar.port, '127.0.0.1')
+  sock.on('error', () => {})
+  await once(sock, 'connect')
+  let got = ''
+  sock.on('data', (d: Buffer) => (got += d.toString('latin1')))
+  sock.write(`CONNECT 127.0.0.1:${port} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n\r\n`)
+  while (!got.includes('\r\n\r\n')) await new Promise((r) => setTimeout(r, 10))
+  t.match(got, /^HTTP\/1\.1 200 /)
+  got = ''
+  sock.write(`GET ws://127.0.0.1:${port}/feed HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`)
+  for (let i = 0; i < 200 && !got.includes('hello') && !got.includes('\r\n\r\n{'); i++) await new Promise((r) => setTimeout(r, 10))
+  sock.destroy()
+  t.match(got, /^HTTP\/1\.1 101 /, 'the WebSocket opens')
+  t.ok(got.includes('hello'), 'and talks')
+})
+
 /** The environment with HTTP_PROXY set to `proxy` and every other proxy variable removed (an empty http_proxy would win over it). */
 function proxyEnv(proxy: string): NodeJS.ProcessEnv {
   const env = { ...process.env }

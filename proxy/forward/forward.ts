@@ -186,6 +186,12 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
   }
 
   /** A response not relayed for its Location: a 502 saying `why`, its status not the upstream's. */
+  private refuseLocation(why: string): void {
+    this.ctx.status = 0
+    this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `${why}: not relayed`))
+  }
+
+  /** Content-Location and each Link URI relayed as relocate gives them (see onResponseStart); one it refuses is dropped. */
   private relocateLinks(clean: Record<string, string | string[] | undefined>): void {
     const target = this.ctx.target!
     const contentLocation = clean['content-location']
@@ -200,11 +206,6 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       if (links.length === 0) delete clean.link
       else clean.link = links.length === 1 ? links[0]! : links
     }
-  }
-
-  private refuseLocation(why: string): void {
-    this.ctx.status = 0
-    this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `${why}: not relayed`))
   }
 
   onResponseStart(_c: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders, statusMessage?: string): void {

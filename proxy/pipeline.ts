@@ -228,8 +228,7 @@ export class Pipeline {
         this.admin!.emit('request', req, res)
         return
       }
-      // Refused after the target is read, so the trail says which call the shutdown turned away.
-      if (this.draining) throw new LatchkeyError('LK_DRAINING', 'the sidecar is shutting down; retry on a new connection')
+      this.refuseIfDraining()
       // Inside a tunnel the agent's proxy credential came with the CONNECT, not with each request.
       const admitted = this.admit(ctx, proxyCredentialOf(req.headers, tunnel), true, req.socket)
       if (admitted) {
@@ -711,6 +710,22 @@ export class Pipeline {
   private readonly cutSockets = new WeakMap<Socket, { code: ErrorCode; reason: string }>()
 
   /**
+   * While draining, a new call (a request, a CONNECT, an upgrade) is refused, 503 LK_DRAINING.
+   * Called once its target is read, so the trail says which call the shutdown turned away.
+   */
+  refuseIfDraining(): void {
+    if (this.draining) throw new LatchkeyError('LK_DRAINING', 'the sidecar is shutting down; retry on a new connection')
+  }
+
+  /** A relay about to start, refused when the policy in force now denies it (see deniedNow); its decision recorded. Null when it may go on. */
+  refusalNow(ctx: CallContext): LatchkeyError | null {
+    const d = this.deniedNow(ctx)
+    if (d === null) return null
+    ctx.decision = d
+    return new LatchkeyError('LK_POLICY_DENIED', policyChanged(d), d.rule)
+  }
+
+  /**
    * The enforced denial the policy in force now (or `decider`) gives a call already admitted, or
    * null. Inspectable or not: a relay's bytes are not read, so no request in it can be told apart.
    * A relay about to start (a tunnel's first TLS byte, a WebSocket's 101) is judged again by it:
@@ -749,8 +764,8 @@ export class Pipeline {
       const d = this.deniedNow(ctx, decider)
       if (d === null) continue
       this.live.delete(ctx)
-      if (recordEnd(ctx, 'LK_POLICY_DENIED', `the policy changed: ${d.reason}`)) ctx.decision = d
-      this.cutSocket(ctx, socket, 'LK_POLICY_DENIED', `the policy changed: ${d.reason}`)
+      if (recordEnd(ctx, 'LK_POLICY_DENIED', policyChanged(d))) ctx.decision = d
+      this.cutSocket(ctx, socket, 'LK_POLICY_DENIED', policyChanged(d))
       n++
     }
     return n
@@ -832,6 +847,11 @@ function viaOf(url: string, tunnel: TunnelOrigin | null): Via {
 function reasonOf(ctx: CallContext, d: Decision | null): string | null {
   const reason = ctx.errorReason ?? (d && d.action === 'deny' ? d.reason : null)
   return reason === null ? null : withoutTaskHandles(reason)
+}
+
+/** Why a call admitted under one policy was refused or cut under the next. */
+function policyChanged(d: Decision): string {
+  return `the policy changed: ${d.reason}`
 }
 
 function round(ms: number): number {

@@ -64,6 +64,12 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
   const closed = () => {
     if (opts.open.delete(client)) pipeline.stages.metrics.openTunnels.dec()
   }
+  /** TLS refused in an open tunnel: a fatal access_denied alert, the one refusal a TLS client reads there; recorded with `ctx.decision`. */
+  const refuseTls = (err: LatchkeyError) => {
+    finished = true
+    client.end(TLS_ACCESS_DENIED)
+    pipeline.recordRefused(ctx, err)
+  }
   /** Set once the tunnel is open: the idle timer is the relay's until the HTTP parser takes over. */
   let stopIdle = () => {}
   /**
@@ -107,10 +113,8 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
     const sniff = (first: Buffer) => {
       client.removeListener('end', onEnd)
       if (first[0] !== TLS_HANDSHAKE) return handOver(first)
-      finished = true
-      client.end(TLS_ACCESS_DENIED)
       ctx.decision = denial
-      pipeline.recordRefused(ctx, tlsRefusal)
+      refuseTls(tlsRefusal)
     }
     if (head.length > 0) sniff(head)
     else client.once('data', sniff)
@@ -137,8 +141,7 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
       client.write('HTTP/1.1 200 Connection Established\r\n\r\n')
       return serveOn(pipeline.admin!, client, head)
     }
-    // As a plain request is: refused once its target is read, so the trail says which one the shutdown turned away.
-    if (pipeline.draining) throw new LatchkeyError('LK_DRAINING', 'the sidecar is shutting down; retry on a new connection')
+    pipeline.refuseIfDraining()
     try {
       await pipeline.admit(ctx, req.headers['proxy-authorization'], false, client)
     } catch (err) {
@@ -178,17 +181,13 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
       })
       const passThrough = (first: Buffer) => {
         // Judged again by the policy in force now: it may have changed while the tunnel sat unused.
-        const denied = pipeline.deniedNow(ctx)
-        if (denied !== null) {
+        const refusal = pipeline.refusalNow(ctx)
+        if (refusal !== null) {
           stopWatching()
           stopIdle()
           closed()
           upstream.destroy()
-          finished = true
-          client.end(TLS_ACCESS_DENIED)
-          ctx.decision = denied
-          pipeline.recordRefused(ctx, new LatchkeyError('LK_POLICY_DENIED', `the policy changed: ${denied.reason}`, denied.rule))
-          return
+          return refuseTls(refusal)
         }
         ctx.relayed = true
         upstream.write(first)

@@ -69,8 +69,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
     if (typeof key !== 'string' || !WEBSOCKET_KEY.test(key)) {
       throw new LatchkeyError('LK_BAD_REQUEST', 'a WebSocket handshake carries exactly one Sec-WebSocket-Key: 16 bytes in base64')
     }
-    // As a plain request is: refused once its target is read, so the trail says which one the shutdown turned away.
-    if (pipeline.draining) throw new LatchkeyError('LK_DRAINING', 'the sidecar is shutting down; retry on a new connection')
+    pipeline.refuseIfDraining()
     await pipeline.admit(ctx, proxyCredentialOf(req.headers, tunnel), true, client)
     if (refused) return
     const target = ctx.target!
@@ -132,12 +131,11 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
           return
         }
         // Judged again by the policy in force now: it may have changed while the upstream took its time.
-        const denied = pipeline.deniedNow(ctx)
-        if (denied !== null) {
+        const refusal = pipeline.refusalNow(ctx)
+        if (refusal !== null) {
           upstream.destroy()
           untrack()
-          ctx.decision = denied
-          refuse(new LatchkeyError('LK_POLICY_DENIED', `the policy changed: ${denied.reason}`, denied.rule))
+          refuse(refusal)
           return
         }
         const { binding, credential } = ctx

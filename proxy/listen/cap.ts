@@ -6,10 +6,11 @@
 // The admin port's cap makes room instead (capEvictingIdle): there, the oldest connection not
 // being answered goes, so that a flood of held connections cannot keep its probes out.
 import { readFileSync } from 'node:fs'
-import type { IncomingMessage, Server as HttpServer, ServerResponse } from 'node:http'
+import type { Server as HttpServer } from 'node:http'
 import type { Server, Socket } from 'node:net'
 import type { Logger } from '../../lib/log.js'
 import type { SidecarMetrics } from '../metrics.js'
+import { owedResponse } from '../pipeline.js'
 
 /** One warn line per this many ms at most, however many connections a flood brings. */
 const LOG_EVERY_MS = 10_000
@@ -45,27 +46,16 @@ function dropCounter(port: 'proxy' | 'admin', max: number, message: string, metr
 export function capEvictingIdle(server: HttpServer, max: number, metrics: SidecarMetrics, log: Logger): void {
   /** Open connections, oldest first (a Set keeps insertion order). */
   const open = new Set<Socket>()
-  /** The request each connection is being answered for, until its response is done. */
-  const answering = new Map<Socket, IncomingMessage>()
   const dropped = dropCounter('admin', max, `admin port at its limit of ${max} open connections (fixed): for each new one the oldest not being answered (idle, or still sending its request) is closed`, metrics, log)
-  server.on('request', (req: IncomingMessage, res: ServerResponse) => {
-    const socket = req.socket
-    answering.set(socket, req)
-    res.once('close', () => {
-      if (answering.get(socket) === req) answering.delete(socket)
-    })
-  })
   server.on('connection', (socket: Socket) => {
     open.add(socket)
-    socket.once('close', () => {
-      open.delete(socket)
-      answering.delete(socket)
-    })
+    socket.once('close', () => open.delete(socket))
     if (open.size <= max) return
     let victim: Socket = socket
     for (const s of open) {
-      // A request still arriving is not being answered yet: a slow-loris's body holds no place.
-      if (s !== socket && !answering.get(s)?.complete) {
+      // Being answered: a response owed on it, to a request whole. A request still arriving is
+      // not being answered yet: a slow-loris's head or body holds no place.
+      if (s !== socket && !owedResponse(s)?.req.complete) {
         victim = s
         break
       }

@@ -74,9 +74,12 @@ export interface Decision {
 }
 
 export interface ResolvedAddress {
+  /** The address dialled: the answer's first (every one of them passed the network floor). */
   address: string
   family: 4 | 6
   cls: AddressClass
+  /** Every address of the answer, the dialled one first: a deny by address holds a name any of them is in. */
+  answer: readonly { address: string }[]
 }
 
 export interface Credential {
@@ -168,10 +171,11 @@ export interface Identifier {
 
 export interface Decider {
   /**
-   * `resolvedAddress`: for a target named by DNS, the address it resolved to, which deny rules
-   * written by address (CIDRs, IP literals) are also matched against.
+   * `resolved`: for a target named by DNS, what it resolved to. Deny rules written by address
+   * (CIDRs, IP literals) are also matched against every address of the answer, so which one comes
+   * first (round-robin DNS reorders them) never decides; allows by CIDR, against the one dialled.
    */
-  decide(method: string, target: Target, resolvedAddress?: string): Decision
+  decide(method: string, target: Target, resolved?: Pick<ResolvedAddress, 'address' | 'answer'>): Decision
   /** Whether a name's resolved address can change a decision (the policy has such deny rules). */
   readonly decidesByAddress: boolean
   /** Every method a rule names (upper-cased): the only ones decided otherwise than a method no rule names. */

@@ -5,7 +5,7 @@
 import type { IncomingHttpHeaders, IncomingMessage, Server, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Logger } from '../lib/log.js'
-import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Decision, Identifier, Identity, Resolution, Resolver, Target, Via } from './context.js'
+import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Decision, Identifier, Identity, Resolution, ResolvedAddress, Resolver, Target, Via } from './context.js'
 import { checkLocalCaller, isLocalhostName, isLoopbackPeer } from './listen/local-caller.js'
 import { carriesTaskHandle } from './identify/proxy-authorization.js'
 import { closingSockets, lingerOnClose } from './listen/linger.js'
@@ -19,7 +19,7 @@ import { forward, hasRequestBody, type BodyInspector, type ForwardTimeouts } fro
 import { locationThroughRoute, resolveLocation } from './forward/route-location.js'
 import { scopeRouteCookies } from './forward/route-cookie.js'
 import { isIP } from 'node:net'
-import ipaddr from 'ipaddr.js'
+import { processIp } from '../lib/ip-address.js'
 import { classifyAddress } from './resolve/classify.js'
 import { FormOverrideScanner, isFormBody, methodMatters, uncheckableBody } from './policy/body-override.js'
 import { isJsonBody, JsonOverrideScanner } from './policy/json-override.js'
@@ -190,7 +190,7 @@ export class Pipeline {
     }
     ctx.resolved = resolved.address
     // A deny written by address holds the names that resolve into it: decided again, knowing it.
-    if (decider.decidesByAddress && !ctx.target!.hostIsIp) this.judge(ctx, decider.decide(ctx.method, ctx.target!, resolved.address.address))
+    if (decider.decidesByAddress && !ctx.target!.hostIsIp) this.judge(ctx, decider.decide(ctx.method, ctx.target!, resolved.address))
     if (!withCredential) return
     const binding = this.stages.bindings.match(ctx.target!)
     if (!binding) return
@@ -362,7 +362,7 @@ export class Pipeline {
     const cls = classifyAddress(host)
     // This host's own address reaches a sidecar listening on every address (allow_remote_clients),
     // and a client follows it without the proxy wherever NO_PROXY covers the network.
-    return cls === 'loopback' || cls === 'unspecified' || own.hostAddresses.has(ipaddr.process(host).toNormalizedString())
+    return cls === 'loopback' || cls === 'unspecified' || own.hostAddresses.has(processIp(host).toNormalizedString())
   }
 
   /**
@@ -508,10 +508,10 @@ export class Pipeline {
         delete headers['if-range']
       }
     }
-    const destination = this.judgeDestination(ctx, req, target, ctx.resolved!.address)
+    const destination = this.judgeDestination(ctx, req, target, ctx.resolved!)
     if (destination !== null) headers.destination = destination
     // Before any 100: a body that cannot be checked for `_method` is refused unsent.
-    const inspect = this.overrideCheck(ctx, req, target, ctx.resolved!.address)
+    const inspect = this.overrideCheck(ctx, req, target, ctx.resolved!)
     // Policy has spoken; only now may the agent send its body.
     if (expectContinue) res.writeContinue()
     // Shutdown began while this call was being admitted: it is answered, then the connection ends.
@@ -531,7 +531,7 @@ export class Pipeline {
    * route (its path, or the sidecar's own URL) is the upstream's path, judged as such and sent
    * on rewritten, as the request line is. Returns the value to send, or null to send it as it came.
    */
-  private judgeDestination(ctx: CallContext, req: IncomingMessage, target: Target, address: string): string | null {
+  private judgeDestination(ctx: CallContext, req: IncomingMessage, target: Target, address: ResolvedAddress): string | null {
     // headers first: headersDistinct builds a map of every header on first use, per request.
     if (req.headers.destination === undefined) return null
     const values = req.headersDistinct.destination!
@@ -565,7 +565,7 @@ export class Pipeline {
    * body carries as the body streams past (each scan a Content-Type calls for, when it is more
    * than one kind to one framework or another). Null for any other request.
    */
-  private overrideCheck(ctx: CallContext, req: IncomingMessage, target: Target, address: string): BodyInspector | null {
+  private overrideCheck(ctx: CallContext, req: IncomingMessage, target: Target, address: ResolvedAddress): BodyInspector | null {
     if (ctx.method !== 'POST' || !hasRequestBody(req)) return null
     const type = req.headers['content-type']
     const form = isFormBody(type)
@@ -736,7 +736,7 @@ export class Pipeline {
     const target = ctx.target
     if (target === null) return null
     let d = decider.decide(ctx.method, target)
-    if (!(d.action === 'deny' && d.enforced) && decider.decidesByAddress && ctx.resolved && !target.hostIsIp) d = decider.decide(ctx.method, target, ctx.resolved.address)
+    if (!(d.action === 'deny' && d.enforced) && decider.decidesByAddress && ctx.resolved && !target.hostIsIp) d = decider.decide(ctx.method, target, ctx.resolved)
     return d.action === 'deny' && d.enforced ? d : null
   }
 

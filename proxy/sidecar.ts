@@ -4,6 +4,7 @@ import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
 import { networkInterfaces } from 'node:os'
 import ipaddr from 'ipaddr.js'
+import { processIp } from '../lib/ip-address.js'
 import type { DestinationStream } from 'pino'
 import type { Config } from '../lib/config/schema.js'
 import { envOverrides } from '../lib/config/load.js'
@@ -444,7 +445,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const adminPort = (admin.address() as AddressInfo).port
   const hostAddresses = Object.values(networkInterfaces()).flatMap((list) => (list ?? []).map((i) => i.address))
   pipeline.admin = admin
-  pipeline.ownAddress = { hosts: ownHosts(sc.listen.host), port, adminHosts: ownHosts(sc.admin.host), adminPort, hostAddresses: new Set(hostAddresses.flatMap((a) => (ipaddr.isValid(a) ? [ipaddr.process(a).toNormalizedString()] : []))) }
+  pipeline.ownAddress = { hosts: ownHosts(sc.listen.host), port, adminHosts: ownHosts(sc.admin.host), adminPort, hostAddresses: new Set(hostAddresses.flatMap((a) => (ipaddr.isValid(a) ? [processIp(a).toNormalizedString()] : []))) }
   networkPolicy.protectSelf([port, adminPort], hostAddresses)
   const host = sc.listen.host.includes(':') ? `[${sc.listen.host}]` : sc.listen.host
   proxyBase = `${host}:${port}`

@@ -215,7 +215,7 @@ t.test('a deny written by address holds names resolving into it; an allow by add
     { default: 'allow' },
   )
   t.ok(p.decidesByAddress)
-  const at = (url: string, address: string, method = 'GET') => p.decide(method, parseAbsoluteTarget(url), address).rule
+  const at = (url: string, address: string, method = 'GET') => p.decide(method, parseAbsoluteTarget(url), { address, answer: [{ address }] }).rule
   t.equal(at('http://localhost/admin/x', '127.0.0.1'), 'no-admin-on-loopback', 'a name resolving to loopback meets the loopback deny')
   t.equal(at('http://foo.localhost/admin/x', '::ffff:127.0.0.1'), 'no-admin-on-loopback', 'by any form of the address')
   t.equal(at('http://localhost/ok', '127.0.0.1'), 'default', 'the deny keeps its path condition')
@@ -224,6 +224,25 @@ t.test('a deny written by address holds names resolving into it; an allow by add
   t.equal(at('http://other.example/', '10.1.2.3'), 'default', 'an allow by CIDR does not open a name that resolves into it')
   t.equal(decide(p, 'GET', 'http://localhost/admin/x').rule, 'default', 'before resolution the name alone is judged')
   t.notOk(policy([{ id: 'i', action: 'allow', cidrs: ['10.0.0.0/8'] }, { id: 'n', action: 'deny', hosts: ['evil.example'] }]).decidesByAddress, 'no deny by address: nothing to decide again')
+})
+
+t.test('a deny by address holds a name any address of its answer is in, in any order', async (t) => {
+  const p = policy(
+    [
+      { id: 'deny-ten', action: 'deny', cidrs: ['10.0.0.0/8'] },
+      { id: 'no-box', action: 'deny', hosts: ['192.0.2.9'] },
+      { id: 'lab', action: 'allow', cidrs: ['198.51.100.0/24'] },
+    ],
+    { default: 'deny' },
+  )
+  const at = (url: string, ...answer: string[]) => p.decide('GET', parseAbsoluteTarget(url), { address: answer[0]!, answer: answer.map((address) => ({ address })) }).rule
+  // Round-robin DNS hands the same answer back in another order: the order never decides.
+  t.equal(at('http://mixed.example/', '10.1.2.3', '127.0.0.1'), 'deny-ten')
+  t.equal(at('http://mixed.example/', '127.0.0.1', '10.1.2.3'), 'deny-ten', 'the denied address second')
+  t.equal(at('http://mixed.example/', '127.0.0.1', '::ffff:a01:203'), 'deny-ten', 'the denied address second, in another spelling')
+  t.equal(at('http://mixed.example/', '127.0.0.1', '192.0.2.9'), 'no-box', 'a deny by exact address too')
+  t.equal(at('http://lab.example/', '198.51.100.7'), 'default', 'an allow by CIDR still opens no name')
+  t.equal(at('http://198.51.100.7/', '198.51.100.7'), 'lab', 'only the address itself')
 })
 
 t.test('a deny matches every IPv4 an address carries; an allow only the address as dialled', async (t) => {
@@ -257,6 +276,18 @@ t.test('a deny written as an IPv4-mapped address holds the IPv4 address', async 
   t.equal(decide(p, 'GET', 'http://10.1.2.3/').rule, 'no-range')
   t.equal(decide(p, 'GET', 'http://[::ffff:10.1.2.3]/').rule, 'no-range')
   t.equal(decide(p, 'GET', 'http://10.2.0.1/').rule, 'rest')
+})
+
+t.test('::a.b.c.d in a rule is the IPv4-compatible address it spells, not the mapped one', async (t) => {
+  // ipaddr.js alone reads ::127.0.0.1 as ::ffff:7f00:1 (lib/ip-address.ts).
+  const p = policy([
+    { id: 'no-compat-box', action: 'deny', hosts: ['::127.0.0.1'] },
+    { id: 'compat-range', action: 'allow', cidrs: ['::10.20.0.0/112'] },
+  ], { default: 'deny' })
+  t.equal(decide(p, 'GET', 'http://[::7f00:1]/').rule, 'no-compat-box', 'the same address, written in hex')
+  t.equal(decide(p, 'GET', 'http://[::a14:5]/').rule, 'compat-range')
+  t.equal(decide(p, 'GET', 'http://10.20.0.5/').rule, 'default', 'an allow of ::10.20.0.0/112 opens no IPv4 address')
+  t.equal(decide(p, 'GET', 'http://[::ffff:10.20.0.5]/').rule, 'default')
 })
 
 t.test('report mode logs a denial without enforcing it', async (t) => {

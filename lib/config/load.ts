@@ -3,6 +3,7 @@ import type { ErrorObject, ValidateFunction } from 'ajv'
 import { parse as parseYamlScalar, type YAMLError } from 'yaml'
 import { parseYamlDocument } from '../yaml-document.js'
 import ipaddr from 'ipaddr.js'
+import { parseCidr, processIp } from '../ip-address.js'
 import { ADDRESS_CLASSES, PORT_PATTERN, type Config } from './schema.js'
 import { isHopByHop } from '../../proxy/forward/headers.js'
 // The schema compiled ahead of time (scripts/config-validator.mjs; CI checks it is current):
@@ -279,13 +280,13 @@ export function isLoopbackHost(host: string): boolean {
   if (host === 'localhost') return true
   const h = host.startsWith('[') && host.endsWith(']') ? host.slice(1, -1) : host
   if (!ipaddr.isValid(h) || ambiguousIPv4(h)) return false
-  return ipaddr.process(h).range() === 'loopback'
+  return processIp(h).range() === 'loopback'
 }
 
 /** 0.0.0.0 or ::, however written: a listener there takes the port on every address. */
 function isUnspecified(host: string): boolean {
   const h = host.startsWith('[') && host.endsWith(']') ? host.slice(1, -1) : host
-  return ipaddr.isValid(h) && !ambiguousIPv4(h) && ipaddr.process(h).range() === 'unspecified'
+  return ipaddr.isValid(h) && !ambiguousIPv4(h) && processIp(h).range() === 'unspecified'
 }
 
 /**
@@ -316,7 +317,7 @@ function semanticProblems(c: Config): ConfigProblem[] {
   const problems: ConfigProblem[] = []
   const checkCidr = (path: string, value: string) => {
     try {
-      ipaddr.parseCIDR(value)
+      parseCidr(value)
     } catch {
       problems.push({ path, message: `not a CIDR range: ${JSON.stringify(value.slice(0, 100))}` })
       return

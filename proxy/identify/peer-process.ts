@@ -8,6 +8,7 @@ import { createReadStream } from 'node:fs'
 import { readFile, readdir, readlink, stat } from 'node:fs/promises'
 import type { Socket } from 'node:net'
 import ipaddr from 'ipaddr.js'
+import { processIp } from '../../lib/ip-address.js'
 import { LRUCache } from 'lru-cache'
 import type { CallerProcess } from '../context.js'
 import { LatchkeyError } from '../errors.js'
@@ -41,7 +42,7 @@ function parseProcAddress(hex: string): { address: string; port: number } | null
 
 function canonical(address: string): string {
   try {
-    const a = ipaddr.process(address)
+    const a = processIp(address)
     return a.toString()
   } catch {
     return address

@@ -8,7 +8,7 @@
 // `_method` there too) and multipart forms are scanned the same way (json-override.ts,
 // multipart-override.ts). Nothing is held: `curl --data-binary`, which calls any upload a form,
 // streams a file of any size.
-import type { Decider, Target } from '../context.js'
+import type { Decider, ResolvedAddress, Target } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import { decodeBytewise, namesParameter } from '../credentials/bindings.js'
 
@@ -54,7 +54,7 @@ export function uncheckableBody(contentEncoding: string | undefined, contentType
  * Every method a rule names is tried too: Symfony takes any upper-case token as an override, so
  * a deny of PROPFIND or LINK is as much at stake as one of DELETE.
  */
-export function methodMatters(decider: Decider, target: Target, address: string | undefined): boolean {
+export function methodMatters(decider: Decider, target: Target, address: ResolvedAddress | undefined): boolean {
   const post = decider.decide('POST', target, address)
   const differs = (m: string) => {
     const d = decider.decide(m, target, address)

@@ -3,8 +3,9 @@
 import { domainToASCII } from 'node:url'
 import { isIP } from 'node:net'
 import ipaddr from 'ipaddr.js'
+import { parseCidr, parseIp } from '../../lib/ip-address.js'
 import type { Config, RuleConfig, Mode } from '../../lib/config/schema.js'
-import type { Decider, Decision, Target } from '../context.js'
+import type { Decider, Decision, ResolvedAddress, Target } from '../context.js'
 import { compileGlob, pathReadings, MAX_READINGS } from './paths.js'
 import { addressForms, type AddressForms } from '../resolve/classify.js'
 
@@ -26,7 +27,7 @@ export function normaliseHost(host: string): string {
   let h = host.trim().toLowerCase()
   if (h.startsWith('[') && h.endsWith(']')) h = h.slice(1, -1)
   if (h.endsWith('.')) h = h.slice(0, -1)
-  if (isIP(h) === 6) return ipaddr.parse(h).toString()
+  if (isIP(h) === 6) return parseIp(h).toString()
   if (isIP(h) === 4) return h
   try {
     // Gives numeric spellings their dotted meaning and IDN its punycode, as for targets.
@@ -61,7 +62,7 @@ function compileRule(rule: RuleConfig, mode: Mode): CompiledRule {
     deny,
     exactHosts,
     wildcardSuffixes,
-    cidrs: rule.cidrs ? rule.cidrs.map((c) => ipaddr.parseCIDR(c)) : null,
+    cidrs: rule.cidrs ? rule.cidrs.map((c) => parseCidr(c)) : null,
     ports: rule.ports ? new Set(rule.ports) : null,
     methods: rule.methods ? methodSet(rule.methods, deny) : null,
     // Deny globs ignore case: some upstreams do, and a deny must not be dodged by /ADMIN.
@@ -90,6 +91,13 @@ function hostMatches(r: CompiledRule, t: Target, address: AddressForms | null): 
     }
   }
   return false
+}
+
+/** A resolved name's readings: allows match the address dialled, denies every address of the answer. */
+function answerForms(resolved: Pick<ResolvedAddress, 'address' | 'answer'>): AddressForms {
+  const dialled = addressForms(parseIp(resolved.address))
+  if (resolved.answer.length <= 1) return dialled
+  return { dialled: dialled.dialled, all: resolved.answer.flatMap((a) => addressForms(parseIp(a.address)).all) }
 }
 
 /** A path with more readings than are judged (paths.ts MAX_READINGS): denied whatever the mode or default, as the network floor is. */
@@ -121,7 +129,7 @@ export class Policy implements Decider {
     }
   }
 
-  decide(method: string, target: Target, resolvedAddress?: string): Decision {
+  decide(method: string, target: Target, resolved?: Pick<ResolvedAddress, 'address' | 'answer'>): Decision {
     const tunnel = method === 'CONNECT'
     const judgesPaths = this.needsPaths && !tunnel
     const readings = judgesPaths ? pathReadings(target.path) : null
@@ -141,8 +149,8 @@ export class Policy implements Decider {
         plainOnly = true
       }
       if (address === undefined && (r.cidrs || (r.deny && r.exactHosts))) {
-        if (target.hostIsIp) address = addressForms(ipaddr.parse(target.host))
-        else if (resolvedAddress !== undefined) address = addressForms(ipaddr.parse(resolvedAddress))
+        if (target.hostIsIp) address = addressForms(parseIp(target.host))
+        else if (resolved !== undefined) address = answerForms(resolved)
       }
       if (!hostMatches(r, target, address ?? null)) continue
       if (tunnel && (plainOnly || r.methods || r.paths)) {

@@ -2,12 +2,13 @@
 // first, so a reviewer can read exactly what is judged internal. IPv6 forms that carry an IPv4
 // address (mapped, compatible, translated, NAT64, 6to4, Teredo) are judged by that IPv4.
 import ipaddr from 'ipaddr.js'
+import { parseCidr, parseIp } from '../../lib/ip-address.js'
 import type { AddressClass } from '../../lib/config/schema.js'
 
 type Range = [ipaddr.IPv4 | ipaddr.IPv6, number, AddressClass]
 
 const range = (cidr: string, cls: AddressClass): Range => {
-  const [addr, bits] = ipaddr.parseCIDR(cidr)
+  const [addr, bits] = parseCidr(cidr)
   return [addr, bits, cls]
 }
 
@@ -60,12 +61,12 @@ const V6: Range[] = [
   range('fc00::/7', 'unique-local'),
   range('ff00::/8', 'multicast'),
 ]
-const GLOBAL_UNICAST = ipaddr.parseCIDR('2000::/3')
-const NAT64 = ipaddr.parseCIDR('64:ff9b::/96')
-const SIX_TO_FOUR = ipaddr.parseCIDR('2002::/16')
-const TEREDO = ipaddr.parseCIDR('2001::/32')
-const TRANSLATED = ipaddr.parseCIDR('::ffff:0:0:0/96')
-const COMPATIBLE = ipaddr.parseCIDR('::/96')
+const GLOBAL_UNICAST = parseCidr('2000::/3')
+const NAT64 = parseCidr('64:ff9b::/96')
+const SIX_TO_FOUR = parseCidr('2002::/16')
+const TEREDO = parseCidr('2001::/32')
+const TRANSLATED = parseCidr('::ffff:0:0:0/96')
+const COMPATIBLE = parseCidr('::/96')
 
 function v4FromParts(hi: number, lo: number): ipaddr.IPv4 {
   return new ipaddr.IPv4([hi >> 8, hi & 0xff, lo >> 8, lo & 0xff])
@@ -133,5 +134,5 @@ export function classifyParsed(addr: ipaddr.IPv4 | ipaddr.IPv6): AddressClass {
 
 /** Classifies an IP literal (no brackets). Throws on anything that is not an address. */
 export function classifyAddress(address: string): AddressClass {
-  return classifyParsed(ipaddr.parse(address))
+  return classifyParsed(parseIp(address))
 }

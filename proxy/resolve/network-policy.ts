@@ -5,6 +5,7 @@
 // IPv4-mapped address (::ffff:10.0.0.1) is its IPv4; a 6to4 or Teredo address whose embedded
 // IPv4 happens to be allowed is not.
 import ipaddr from 'ipaddr.js'
+import { parseCidr, parseIp, processIp } from '../../lib/ip-address.js'
 import { ADDRESS_CLASSES, type AddressClass, type Config } from '../../lib/config/schema.js'
 import { addressForms, classifyParsed } from './classify.js'
 
@@ -43,8 +44,8 @@ export class NetworkPolicy {
 
   constructor(network: Config['network']) {
     this.deniedClasses = new Set(network.deny.filter((d): d is AddressClass => (ADDRESS_CLASSES as readonly string[]).includes(d)))
-    this.deniedCidrs = network.deny.filter((d) => d.includes('/')).map((d) => [ipaddr.parseCIDR(d), d])
-    this.allowed = network.allow.map((a) => ({ cidr: ipaddr.parseCIDR(a.cidr), ports: a.ports ? new Set(a.ports) : null }))
+    this.deniedCidrs = network.deny.filter((d) => d.includes('/')).map((d) => [parseCidr(d), d])
+    this.allowed = network.allow.map((a) => ({ cidr: parseCidr(a.cidr), ports: a.ports ? new Set(a.ports) : null }))
   }
 
   /** Verdicts are pure functions of (address, port): remembered, bounded, cleared when full. */
@@ -62,7 +63,7 @@ export class NetworkPolicy {
    */
   protectSelf(ports: readonly number[], localAddresses: readonly string[]): void {
     this.selfPorts = new Set(ports)
-    this.localAddresses = new Set(localAddresses.flatMap((a) => (ipaddr.isValid(a) ? [ipaddr.process(a).toNormalizedString()] : [])))
+    this.localAddresses = new Set(localAddresses.flatMap((a) => (ipaddr.isValid(a) ? [processIp(a).toNormalizedString()] : [])))
     this.verdicts.clear()
   }
 
@@ -78,7 +79,7 @@ export class NetworkPolicy {
   }
 
   private judge(address: string, port: number): NetworkVerdict {
-    const addr = ipaddr.parse(address)
+    const addr = parseIp(address)
     const cls = classifyParsed(addr)
     const { dialled, all } = addressForms(addr)
     const thisHost = dialled.some((f) => this.localAddresses.has(f.toNormalizedString()))

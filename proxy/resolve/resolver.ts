@@ -101,7 +101,7 @@ export class DnsResolver implements Resolver {
         const reason = target.hostIsIp ? verdict.reason : `${target.host} resolves to ${a.address}, ${verdict.what}`
         return { denied: { action: 'deny', rule: verdict.rule, reason, enforced: true } }
       }
-      first ??= { address: a.address, family: a.family, cls: verdict.cls }
+      first ??= { address: a.address, family: a.family, cls: verdict.cls, answer }
     }
     return { address: first! }
   }

@@ -524,6 +524,36 @@ t.test('a host name with an empty label is refused, not judged as another name t
   t.notOk((await s.audit()).some((e) => e.decision === 'allow'), 'none was judged allowed')
 })
 
+t.test('a deny by address holds a name whatever the order of its answer', async (t) => {
+  // Round-robin DNS reorders an answer from one lookup to the next: only the first address was
+  // judged, so a name with 10.1.2.3 second passed a deny of 10.0.0.0/8 (host-policy probe).
+  const upstream = await startUpstream()
+  const fragment = {
+    policy: { default: 'allow', rules: [{ id: 'deny-ten', action: 'deny', cidrs: ['10.0.0.0/8'] }] },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [upstream.port] }, { cidr: '10.0.0.0/8' }] },
+  }
+  const answers: Record<string, string[]> = { 'mixed.test': ['127.0.0.1', '10.1.2.3'], 'mapped.test': ['127.0.0.1', '::ffff:a01:203'], 'plain.test': ['127.0.0.1'] }
+  const network = compileNetworkPolicy(validateConfig({ version: 1, ...fragment }).network)
+  const resolver = new DnsResolver(network, { cacheMs: 0, lookup: async (host) => (answers[host] ?? []).map((address) => ({ address, family: address.includes(':') ? 6 : 4 })) })
+  const s = await startTestSidecar(fragment, {}, { resolver })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const p = upstream.port
+  for (const host of ['mixed.test', 'mapped.test']) {
+    for (const [form, request] of [
+      ['absolute-form', `GET http://${host}:${p}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`],
+      ['CONNECT', `CONNECT ${host}:${p} HTTP/1.1\r\nHost: ${host}:${p}\r\n\r\n`],
+    ]) {
+      const r = await rawRequest(s.sidecar.port, request!)
+      t.equal(r.headers['x-latchkey-rule'], 'deny-ten', `${form} ${host}: denied by the range its second address is in`)
+    }
+  }
+  t.equal(upstream.requests.length, 0, 'nothing reached the upstream at the first address')
+  t.equal((await rawRequest(s.sidecar.port, `GET http://plain.test:${p}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)).status, 200, 'a name outside the range passes')
+})
+
 t.test('a request line full of dots is judged like any other', async (t) => {
   // `/admin....../x` is /admin/x to a server that drops a segment's trailing dots. Such runs are
   // trimmed in one pass now (a 16 KB run used to hold the event loop 0.6 s: see test/policy.test.ts).

@@ -51,13 +51,29 @@ t.test('errors name the path and the problem', async (t) => {
   t.same(leaky, ['credentials[0].audience: not a URL (scheme://host[:port] expected)'], 'a mistyped URL is not repeated: it can carry a credential')
   t.same(
     problems('version: 1\ncredentials: [ { id: a, audience: "https://x.com", source: static, secret: S, inject: { type: bearer } }, { id: b, audience: "https://X.com:443", source: static, secret: S, inject: { type: bearer } } ]\n'),
-    ['credentials[1].audience: audience https://x.com already bound by credential "a"'],
+    ['credentials[1].audience: audience https://x.com:443 already bound by credential "a"'],
   )
   t.same(
     problems('version: 1\nroutes: { any: "https://*.example.com" }\ncredentials: [ { id: a, audience: "http://*.test:8080", source: static, secret: S, inject: { type: bearer } } ]\n'),
     ['routes.any: must name one host: a wildcard (*) matches nothing here, origins are compared exactly', 'credentials[0].audience: must name one host: a wildcard (*) matches nothing here, origins are compared exactly'],
     'a wildcard audience is refused: compared exactly, it would bind its credential to nothing',
   )
+  // Two spellings of one origin (host-policy probe): one credential was silently dropped, its strip list with it.
+  t.same(
+    problems('version: 1\ncredentials: [ { id: a, audience: "http://api.example:8080", source: static, secret: S, inject: { type: bearer } }, { id: b, audience: "http://API.EXAMPLE.:8080", source: static, secret: S, inject: { type: bearer } } ]\n'),
+    ['credentials[1].audience: audience http://api.example:8080 already bound by credential "a"'],
+  )
+  // A host no request can name: the deny silently matched nothing (`api.example..`, `a..b`), or another host (`twin\lk.test` read as `twin`).
+  const EMPTY_LABEL = 'has an empty label (a leading dot, two dots in a row, or more than one trailing dot): no request names it, and the rule would match nothing or another host'
+  t.same(problems('version: 1\npolicy: { rules: [ { id: a, action: deny, hosts: ["api.example..", "a..b", "*.x..y", ".lead.example", "twin\\\\lk.test", "%61pi.example", "ok.example.", "*.Fine.Example", "bücher.example"] } ] }\nroutes: { r: "http://api.example..:8080" }\n'), [
+    `policy.rules[0].hosts[0]: "api.example.." ${EMPTY_LABEL}`,
+    `policy.rules[0].hosts[1]: "a..b" ${EMPTY_LABEL}`,
+    `policy.rules[0].hosts[2]: "*.x..y" ${EMPTY_LABEL}`,
+    `policy.rules[0].hosts[3]: ".lead.example" ${EMPTY_LABEL}`,
+    'policy.rules[0].hosts[4]: "twin\\\\lk.test" holds a character no host name has (\\, %, /, @, ?, # or a space): no request names it, and the rule would match nothing or another host',
+    'policy.rules[0].hosts[5]: "%61pi.example" holds a character no host name has (\\, %, /, @, ?, # or a space): no request names it, and the rule would match nothing or another host',
+    'routes.r: its host has an empty label (a leading dot, two dots in a row, or more than one trailing dot)',
+  ], 'one trailing dot, case and IDN are the same host, and pass')
   t.same(problems('version: 1\npolicy: { rules: [ { id: a, action: allow, hosts: ["::1", "[::1]", "fd00::2"] }, { id: b, action: allow, hosts: ["::1:80", "http://x"] } ] }\n'), [
     'policy.rules[1].hosts[1]: must be a host name or address, without scheme, port or path',
   ], 'an IPv6 address is a host bare or bracketed (::1:80 is one too: an address, not ::1 with a port)')

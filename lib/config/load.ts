@@ -6,6 +6,8 @@ import ipaddr from 'ipaddr.js'
 import { parseCidr, processIp } from '../ip-address.js'
 import { ADDRESS_CLASSES, PORT_PATTERN, type Config } from './schema.js'
 import { isHopByHop } from '../../proxy/forward/headers.js'
+import { hostNameProblem } from '../../proxy/listen/target.js'
+import { audienceOf } from '../../proxy/credentials/bindings.js'
 // The schema compiled ahead of time (scripts/config-validator.mjs; CI checks it is current):
 // compiling it here cost every process ~20 MB of RSS and start-up time.
 import { validate as generatedValidate } from './validate.generated.js'
@@ -337,6 +339,10 @@ function semanticProblems(c: Config): ConfigProblem[] {
     // Compared exactly with each request's origin: a pattern would match no request, and a
     // credential bound to one would silently never be injected.
     if (url.hostname.includes('*')) problems.push({ path, message: 'must name one host: a wildcard (*) matches nothing here, origins are compared exactly' })
+    else {
+      const problem = hostNameProblem(url.hostname)
+      if (problem) problems.push({ path, message: `its host ${problem}` })
+    }
     if ((url.pathname !== '/' && url.pathname !== '') || url.search || url.hash) {
       problems.push({ path, message: 'must be an origin (scheme://host[:port]) with no path, query or fragment' })
     }
@@ -428,6 +434,9 @@ function semanticProblems(c: Config): ConfigProblem[] {
         problems.push({ path: `policy.rules[${i}].hosts[${j}]`, message: 'must be a host name or address, without scheme, port or path' })
       } else if (ambiguousIPv4(h)) {
         problems.push({ path: `policy.rules[${i}].hosts[${j}]`, message: AMBIGUOUS })
+      } else if (!ipaddr.IPv6.isValid(h)) {
+        const problem = hostNameProblem(h.startsWith('*.') ? h.slice(2) : h)
+        if (problem) problems.push({ path: `policy.rules[${i}].hosts[${j}]`, message: `${JSON.stringify(h.slice(0, 100))} ${problem}: no request names it, and the rule would match nothing or another host` })
       }
     })
   })
@@ -449,10 +458,12 @@ function semanticProblems(c: Config): ConfigProblem[] {
     bindingIds.add(b.id)
     const url = checkOrigin(`credentials[${i}].audience`, b.audience)
     if (url) {
-      if (audiences.has(url.origin)) {
-        problems.push({ path: `credentials[${i}].audience`, message: `audience ${url.origin} already bound by credential "${audiences.get(url.origin)}"` })
+      // Compared as requests are: `http://API.EXAMPLE.:80` is `http://api.example:80`, one origin, one credential.
+      const audience = audienceOf(url)
+      if (audiences.has(audience)) {
+        problems.push({ path: `credentials[${i}].audience`, message: `audience ${audience} already bound by credential "${audiences.get(audience)}"` })
       }
-      audiences.set(url.origin, b.id)
+      audiences.set(audience, b.id)
     }
   })
   c.credentials.forEach((b, i) => {

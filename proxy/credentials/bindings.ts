@@ -72,17 +72,21 @@ function injector(cfg: InjectConfig): {
   }
 }
 
+/** The origin a credential is bound to, as requests' origins are compared with it: `API.Example.:443` is `https://api.example:443`. */
+export function audienceOf(audience: URL): string {
+  const scheme = audience.protocol === 'https:' ? 'https' : 'http'
+  const port = audience.port ? Number(audience.port) : scheme === 'https' ? 443 : 80
+  return originKey(scheme, normaliseHost(audience.hostname), port)
+}
+
 export function compileBinding(cfg: CredentialBindingConfig): CredentialBinding {
-  const url = new URL(cfg.audience)
-  const scheme = url.protocol === 'https:' ? 'https' : 'http'
-  const port = url.port ? Number(url.port) : scheme === 'https' ? 443 : 80
   const inj = injector(cfg.inject)
   // Each name with `_` read as `-` too: an agent's `X-Svc-Token` is the injected `X_Svc_Token` to
   // a server that folds them together (CGI, WSGI), and could be read instead of it.
   const strip = [...new Set([...ALWAYS_STRIP, ...inj.headers, ...(cfg.strip ?? []).map((s) => s.toLowerCase())].flatMap((n) => [n, n.replace(/_/g, '-')]))]
   return {
     id: cfg.id,
-    audience: originKey(scheme, normaliseHost(url.hostname), port),
+    audience: audienceOf(new URL(cfg.audience)),
     source: cfg.source,
     tokenAudience: cfg.token_audience ?? cfg.audience,
     scopes: cfg.scopes ?? [],

@@ -52,6 +52,28 @@ export function targetOfRefusal(err: unknown): Target | null {
   return (typeof err === 'object' && err !== null && refusedTargets.get(err)) || null
 }
 
+/**
+ * Why a host written in the config (a rule's, a route's, an audience's) is not one a request can
+ * name, or null: judged as a request's host is, so that a rule never silently matches nothing or
+ * another host (`api.example..`; `twin\lk.test`, which the URL parser reads as `twin`).
+ */
+export function hostNameProblem(host: string): string | null {
+  if (/[\\%/@?#\s]/.test(host)) return 'holds a character no host name has (\\, %, /, @, ?, # or a space)'
+  let url: URL
+  try {
+    url = new URL(`http://${host}/`)
+  } catch {
+    return 'is not a valid host name or address'
+  }
+  try {
+    fromUrl(url)
+  } catch (err) {
+    if (err instanceof LatchkeyError) return err.reason.replace(/^request target (host )?/, '')
+    throw err
+  }
+  return null
+}
+
 /** RFC 1035's limits, on the name as DNS gets it (IDN in punycode, no trailing dot). */
 const MAX_NAME = 253
 const MAX_LABEL = 63

@@ -16,8 +16,10 @@
 //
 // What is looked for: the secret and the forms the header scrubber knows (binding.encodedForms:
 // base64 of any text holding it, hex, Basic's header), each as is and as an echo escapes it once
-// (JSON, with `\/` or without; percent-encoding, either hex case, `+` for a space; HTML), and the
-// secret with every byte percent-encoded. Compressed
+// (JSON, with `\/` or without; percent-encoding, either hex case, `+` for a space; HTML), the
+// secret with every byte percent-encoded, and each of those texts with any of its characters
+// other than letters and digits escaped and the rest not (escaped-copy.ts: Go's html/template's
+// `\u002b` beside `\/`, matched escape by escape). Compressed
 // bodies cannot be read this way: a credentialed call asks for `identity`, and one that comes
 // back encoded anyway is decoded before it gets here, or refused (see ResponseRelay). Not only a
 // whole copy: one cut short (or begun late) is overwritten too, once it shows enough of a needle
@@ -37,6 +39,7 @@
 // bytes, not with N.
 import type { Credential, CredentialBinding } from '../context.js'
 import { NONE_HELD } from '../credentials/held.js'
+import { beginsEscaped, escapedNeedle, extendEscaped, type EscapedNeedle } from './escaped-copy.js'
 
 export interface BodyNeedles {
   readonly needles: readonly Buffer[]
@@ -53,6 +56,10 @@ export interface BodyNeedles {
   readonly used: Uint8Array
   /** For many needles: the one-pass index (see the top of the file); null: indexOf per needle. */
   readonly index: NeedleIndex | null
+  /** The texts matched escape by escape (escaped-copy.ts): an echo that escaped some of their characters and not others. */
+  readonly escaped: readonly EscapedNeedle[]
+  /** Bytes an escaped copy can begin with (1: can): where a held-back tail may begin one. */
+  readonly escapedFirst: Uint8Array
 }
 
 /**
@@ -67,6 +74,8 @@ interface Anchor {
   readonly bytes: Buffer
   /** leastShown of the needle. */
   readonly least: number
+  /** An anchor of an escaped needle (`needle` is then its secret): its copies are extended escape by escape. */
+  readonly escaped?: EscapedNeedle
 }
 
 interface NeedleIndex {
@@ -164,12 +173,14 @@ function everyBytePercentEncoded(secret: string): string[] {
  */
 export function combineNeedles(parts: readonly BodyNeedles[]): BodyNeedles {
   const needles: Buffer[] = []
+  const escaped: EscapedNeedle[] = []
   const used = new Uint8Array(256)
   for (const p of parts) {
     for (const b of p.needles) needles.push(b)
+    for (const e of p.escaped) escaped.push(e)
     for (let i = 0; i < 256; i++) used[i]! |= p.used[i]!
   }
-  return assemble(needles, used)
+  return assemble(needles, used, escaped)
 }
 
 /** One part per distinct value: a set may hold two credentials of one value (an issuer that answers the same token twice). */
@@ -211,12 +222,18 @@ export function compileNeedles(texts: readonly string[], literal: readonly strin
     add(le)
     add(Buffer.from(le).swap16())
   }
+  const escaped: EscapedNeedle[] = []
+  for (const text of texts) {
+    const e = escapedNeedle(text, leastShown(Buffer.byteLength(text)))
+    if (e !== null) escaped.push(e)
+  }
   const used = new Uint8Array(256)
   for (const b of needles) for (const x of b) used[x] = 1
-  return assemble(needles, used)
+  for (const e of escaped) for (const forms of e.spellings) if (forms) for (const f of forms) for (const x of f) used[x] = 1
+  return assemble(needles, used, escaped)
 }
 
-function assemble(needles: Buffer[], used: Uint8Array): BodyNeedles {
+function assemble(needles: Buffer[], used: Uint8Array, escaped: readonly EscapedNeedle[]): BodyNeedles {
   const byFirstByte: Buffer[][] = []
   const anchors: Anchor[] = []
   let fewest = Infinity
@@ -229,9 +246,20 @@ function assemble(needles: Buffer[], used: Uint8Array): BodyNeedles {
     if (b.length > longest) longest = b.length
     anchorsOf(b, id, least, anchors)
   }
+  const escapedFirst = new Uint8Array(256)
+  for (let j = 0; j < escaped.length; j++) {
+    const e = escaped[j]!
+    const least = leastShown(e.secret.length)
+    if (least < fewest) fewest = least
+    if (e.longestCopy > longest) longest = e.longestCopy
+    const first = e.spellings[e.secret[0]!]
+    if (first) for (const f of first) escapedFirst[f[0]!] = 1
+    else escapedFirst[e.secret[0]!] = 1
+    for (const a of e.anchors) anchors.push({ needle: e.secret, id: needles.length + j, at: a.at, bytes: a.bytes, least, escaped: e })
+  }
   let perByte = 0
   for (const a of anchors) perByte += 1 / a.bytes.length
-  return { needles, byFirstByte, fewest, longest, anchors, mask: maskByte(used), used, index: perByte > ONE_PASS_AT ? indexAnchors(anchors) : null }
+  return { needles, byFirstByte, fewest, longest, anchors, mask: maskByte(used), used, index: perByte > ONE_PASS_AT ? indexAnchors(anchors) : null, escaped, escapedFirst }
 }
 
 /**
@@ -331,6 +359,8 @@ interface Copy {
 interface Found {
   copies: Copy[]
   tried: Set<number>
+  /** By escaped anchor: where the last copy found through it ends (its later hits inside that copy are not extended again). */
+  escapedTo?: Map<Anchor, number>
 }
 
 /**
@@ -339,7 +369,8 @@ interface Found {
  * least `a.least` long. An alignment tried before (another anchor of the same copy) is not
  * extended again: a body holding thousands of copies costs a lookup each, not a search.
  */
-function copyAt(data: Buffer, a: Anchor, i: number, matched: number, found: Found | null): Found {
+function copyAt(data: Buffer, a: Anchor, i: number, matched: number, found: Found | null): Found | null {
+  if (a.escaped !== undefined) return escapedCopyAt(data, a, a.escaped, i, matched, found)
   const needle = a.needle
   const offset = i - a.at
   found ??= { copies: [], tried: new Set() }
@@ -354,6 +385,30 @@ function copyAt(data: Buffer, a: Anchor, i: number, matched: number, found: Foun
   if (end - start >= a.least) found.copies.push({ start, end, needle, offset })
   return found
 }
+/**
+ * copyAt for an escaped needle's anchor: the copy's extent found escape by escape, kept when it
+ * spells at least `a.least` characters of the secret. Its `offset` is where the secret would begin
+ * were the copy unescaped up to its end, so that whether the secret goes on past the end (what
+ * makes a copy wait) reads as for any copy. Tried once per start (a copy holds several anchors).
+ */
+function escapedCopyAt(data: Buffer, a: Anchor, e: EscapedNeedle, i: number, matched: number, found: Found | null): Found | null {
+  // An anchor's hits come in order: one inside the stretch its last hit extended over is that
+  // stretch again, unless the secret repeats itself (an anchor twice in it), whose other alignments
+  // its plain needles find. Not extending it again keeps a body of such repeats linear: 1 MiB of
+  // a repetitive secret's runs cost 1.3 s more otherwise.
+  const to = found?.escapedTo?.get(a)
+  if (to !== undefined && i < to) return found
+  const x = extendEscaped(data, e, i, a.at, matched)
+  found ??= { copies: [], tried: new Set() }
+  ;(found.escapedTo ??= new Map()).set(a, x.end)
+  if (x.to - x.from < a.least) return found
+  const key = (x.start + ALIGNMENT_BIAS) * ALIGNMENT_IDS + a.id
+  if (found.tried.has(key)) return found
+  found.tried.add(key)
+  found.copies.push({ start: x.start, end: x.end, needle: a.needle, offset: x.end - x.to })
+  return found
+}
+
 /** An alignment as one number: offset (at least minus the longest needle) and needle id (fewer than 2^20). */
 const ALIGNMENT_BIAS = 1 << 24
 const ALIGNMENT_IDS = 1 << 20
@@ -584,9 +639,10 @@ export class BodyScrubber {
 
   /** The first position before `before` from which the rest of `data` is the start of some needle (data.length if none). */
   private mayBeginNeedle(data: Buffer, before: number): number {
-    const { byFirstByte, longest } = this.n
+    const { byFirstByte, longest, escaped, escapedFirst } = this.n
     const len = data.length
     for (let p = Math.max(0, len - longest + 1); p < before; p++) {
+      if (escapedFirst[data[p]!] === 1) for (const e of escaped) if (beginsEscaped(data, p, e)) return p
       const candidates = byFirstByte[data[p]!]
       if (candidates === undefined) continue
       const rest = len - p

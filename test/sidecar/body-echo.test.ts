@@ -34,6 +34,75 @@ t.test('the scrubber: a match anywhere, cut anywhere across chunks, is overwritt
   t.ok(checked > 200)
 })
 
+t.test('a copy some of whose characters an echo escaped, and not others, is overwritten, cut anywhere across chunks', async (t) => {
+  // Go's html/template writes `+` as `\u002b` and `/` as `\/` in a <script> string: a mixed
+  // spelling no whole-spelling needle matched, which went to the agent whole (injector probe).
+  const secret = 'q7Xr2mVt9LpA4sKd8NwZ+hF3jC6yB1eU/oG0iTxy=='
+  const n = compileNeedles([secret])
+  const spellings = [
+    'q7Xr2mVt9LpA4sKd8NwZ\\u002bhF3jC6yB1eU\\/oG0iTxy==', // Go html/template
+    'q7Xr2mVt9LpA4sKd8NwZ+hF3jC6yB1eU\\u002foG0iTxy==', // `/` alone as \u002f
+    'q7Xr2mVt9LpA4sKd8NwZ&#x2b;hF3jC6yB1eU/oG0iTxy==', // `+` alone as an HTML reference
+    'q7Xr2mVt9LpA4sKd8NwZ\\u002BhF3jC6yB1eU\\u002FoG0iTxy\\u003D\\u003D', // every special, upper-case hex
+    'q7Xr2mVt9LpA4sKd8NwZ\\x2bhF3jC6yB1eU\\x2foG0iTxy\\x3d\\x3d', // \x escapes
+    'q7Xr2mVt9LpA4sKd8NwZ%252BhF3jC6yB1eU%252FoG0iTxy%253D%253D', // percent-encoded twice
+    'q7Xr2mVt9LpA4sKd8NwZ%2bhF3jC6yB1eU/oG0iTxy&#61;=', // two styles in one copy
+  ]
+  const wrong: string[] = []
+  let checked = 0
+  for (const copy of spellings) {
+    const body = `<script>var session = {token: "${copy}"};</script>\n`
+    const at = body.indexOf(copy)
+    for (let i = 0; i <= body.length; i++) {
+      for (const j of [i, Math.min(body.length, i + 5)]) {
+        const { out, found } = scrubParts(n, [body.slice(0, i), body.slice(i, j), body.slice(j)])
+        const masked = out.slice(at, at + copy.length)
+        if (out.length !== body.length || found !== 1 || /[A-Za-z0-9]{4}/.test(masked) || out.slice(0, at) + out.slice(at + copy.length) !== body.slice(0, at) + body.slice(at + copy.length)) {
+          wrong.push(`${copy} cut at ${i} and ${j}: ${found} found, ${out}`)
+        }
+        checked++
+      }
+    }
+  }
+  t.same(wrong.slice(0, 5), [], `${checked} ways of cutting ${spellings.length} spellings: each copy overwritten, nothing else`)
+  const clean = 'q7Xr2mVt9LpA4sKd8NwZ and hF3jC6yB1eU are runs of it; ' + 'a/b+c=d '.repeat(20)
+  t.equal(scrubParts(n, [clean]).out, clean, 'runs of it too short to matter, and escapes elsewhere, pass untouched')
+})
+
+t.test('through the sidecar: a secret echoed with some of its characters escaped reaches no client', async (t) => {
+  // No run of it between + / = is the three quarters a copy must show: only matched escape by escape.
+  const secret = `LKCANARY+${CANARY.slice(8, 20)}/${CANARY.slice(20, 32)}+${CANARY.slice(8, 20)}=`
+  const mixed: Record<string, (token: string) => string> = {
+    "Go's html/template in a <script> string (\\u002b, \\/)": (token) => `<script>var s = "${token.replace(/[+/]/g, (c) => (c === '/' ? '\\/' : '\\u002b'))}";</script>`,
+    '+ alone as an HTML hex reference': (token) => token.replace(/\+/g, '&#x2b;'),
+    'percent-encoded twice': (token) => encodeURIComponent(encodeURIComponent(token)),
+  }
+  const echo = await startUpstream({
+    handler: (req, res) => {
+      const body = `before ${mixed[decodeURIComponent(req.url.slice(1))]!(String(req.headers.authorization).slice(7))} after`
+      res.writeHead(200, { 'content-type': 'text/html', 'content-length': Buffer.byteLength(body) }).end(body)
+      return true
+    },
+  })
+  const s = await startTestSidecar(
+    { policy: { default: 'allow' }, network: { allow: [{ cidr: '127.0.0.1/32', ports: [echo.port] }] }, credentials: [{ id: 'echo', audience: echo.origin, source: 'static', secret: 'MIXED', inject: { type: 'bearer' } }] },
+    { LATCHKEY_SECRET_MIXED: secret },
+  )
+  const agent = new ProxyAgent(s.proxy)
+  t.teardown(async () => {
+    await agent.close()
+    await s.close()
+    await echo.close()
+  })
+  for (const [name, spell] of Object.entries(mixed)) {
+    const body = await (await fetch(`http://127.0.0.1:${echo.port}/${encodeURIComponent(name)}`, { dispatcher: agent })).text()
+    const copy = spell(secret)
+    t.equal(body.length, `before ${copy} after`.length, `${name}: relayed at its length`)
+    t.notOk(/[0-9a-f]{6}/.test(body.slice(7, -6)), `${name}: no run of the secret is left (${body})`)
+  }
+  t.equal(echo.requests.at(-1)?.headers.authorization, `Bearer ${secret}`, 'the upstream did get the credential')
+})
+
 t.test("a Basic header's base64 echoed in a body is overwritten whole, its last group too", async (t) => {
   // `svc:CANARY-9d41e` is 16 bytes: its base64 ends in a group of one byte, `ZQ==`, that the
   // secret's own base64 core leaves out. Overwriting the core first hid the whole header's match.

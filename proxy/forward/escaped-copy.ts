@@ -1,0 +1,186 @@
+// A copy of a secret some of whose characters an echo escaped, and not others: Go's html/template
+// writes a base64 secret's `+` as `\u002b` and its `/` as `\/` inside a <script> string, and
+// encoders differ in which characters they escape (one `\u002f`, another `&#x2b;` only, a
+// proxy `%252B`). Whole spellings (body-scrub.ts echoSpellings) cover an encoder that escapes
+// what a known library does; a mixed one cut the secret into runs each shorter than the least
+// overwritten (leastShown) and went to the agent whole. Here a secret is matched character by
+// character: a letter or digit as itself, any other ASCII character as itself or any escape of
+// it. Found from its runs of letters and digits (which no encoder escapes), extended both ways.
+
+/** A secret matched escape by escape: its bytes, and for each byte an escape can stand for, the escapes. */
+export interface EscapedNeedle {
+  readonly secret: Buffer
+  /**
+   * By byte value: the spellings of that character, longest first, or undefined for a letter or
+   * digit. Longest first: `\/` read backwards ends in `/`, and taken as the character itself it
+   * left its backslash to stop the copy short.
+   */
+  readonly spellings: readonly (readonly Buffer[] | undefined)[]
+  /** The most bytes a copy can take in a body: every escapable character in its longest escape. */
+  readonly longestCopy: number
+  /** Runs of the secret no escape touches, where copies are found (positions in the secret). */
+  readonly anchors: readonly { at: number; bytes: Buffer }[]
+}
+
+const HTML_NAMED: Record<string, string[]> = { '&': ['&amp;'], '<': ['&lt;'], '>': ['&gt;'], '"': ['&quot;'], "'": ['&apos;'], '+': ['&plus;'], '/': ['&sol;'], '=': ['&equals;'] }
+
+/** Itself and every escape of it a body may hold: JSON and JavaScript (`\u002b`, `\x2b`, `\/`), HTML references, percent-encoding once or twice, `+` for a space. */
+function spellingsOf(byte: number): Buffer[] {
+  const ch = String.fromCharCode(byte)
+  const h = byte.toString(16).padStart(2, '0')
+  const H = h.toUpperCase()
+  const all = [ch, `\\u00${h}`, `\\u00${H}`, `\\x${h}`, `\\x${H}`, `\\${ch}`, `&#${byte};`, `&#x${h};`, `&#x${H};`, `%${H}`, `%${h}`, `%25${H}`, `%25${h}`, ...(HTML_NAMED[ch] ?? [])]
+  if (ch === ' ') all.push('+')
+  return [...new Set(all)].sort((a, b) => b.length - a.length).map((s) => Buffer.from(s, 'latin1'))
+}
+
+const ALNUM = /[A-Za-z0-9]/
+/** An anchor's length: a run of letters and digits shorter than this shows too little to find copies by. */
+const ANCHOR = 8
+
+/**
+ * The escaped needle of `text`, whose copies are overwritten from `least` characters of it (see
+ * body-scrub.ts leastShown), or null when no escape could change it (only letters, digits and
+ * bytes beyond ASCII) or no run of it is long enough to find a copy by.
+ */
+export function escapedNeedle(text: string, least: number): EscapedNeedle | null {
+  const secret = Buffer.from(text, 'utf8')
+  const spellings: (Buffer[] | undefined)[] = []
+  let longestCopy = 0
+  let escapable = false
+  for (const b of secret) {
+    if (b < 0x80 && !ALNUM.test(String.fromCharCode(b))) {
+      escapable = true
+      const s = (spellings[b] ??= spellingsOf(b))
+      longestCopy += Math.max(...s.map((x) => x.length))
+    } else longestCopy++
+  }
+  if (!escapable) return null
+  // Where an anchor may be: ANCHOR bytes of which no escape changes one.
+  const fits: number[] = []
+  let run = 0
+  for (let i = 0; i < secret.length; i++) {
+    run = spellings[secret[i]!] === undefined ? run + 1 : 0
+    if (run >= ANCHOR) fits.push(i - ANCHOR + 1)
+  }
+  // As few anchors as cover every `least` characters of the secret (the copies that matter),
+  // each as late as the first window not yet covered allows: a long token needs one or two, and
+  // a body is scanned for those alone. A window no anchor fits (escapable characters every few
+  // bytes) is left to the whole spellings.
+  const anchors: { at: number; bytes: Buffer }[] = []
+  let k = 0
+  for (let s = 0; s + least <= secret.length; ) {
+    while (k < fits.length && fits[k]! < s) k++
+    let best = -1
+    for (let j = k; j < fits.length && fits[j]! + ANCHOR <= s + least; j++) best = fits[j]!
+    if (best === -1) {
+      // The first window the next place fits, if any (it lies past this one's end: later than s).
+      if (k === fits.length) break
+      s = fits[k]! + ANCHOR - least
+      continue
+    }
+    anchors.push({ at: best, bytes: secret.subarray(best, best + ANCHOR) })
+    s = best + 1
+  }
+  if (anchors.length === 0) return null
+  return { secret, spellings, longestCopy, anchors }
+}
+
+/** A copy's extent: data[start, end) holds secret[from, to); `cut`: data ended inside an escape of secret[to]. */
+export interface EscapedExtent {
+  start: number
+  end: number
+  from: number
+  to: number
+}
+
+/**
+ * The copy through an anchor: secret[at, at + len) is at data[i, i + len). Extended both ways as
+ * far as data spells the secret; forward, data ending part-way through an escape takes those bytes
+ * into the copy (the escape may go on in the next chunk, and they wait with the copy).
+ */
+export function extendEscaped(data: Buffer, n: EscapedNeedle, i: number, at: number, len: number): EscapedExtent {
+  const { secret, spellings } = n
+  let end = i + len
+  let to = at + len
+  forward: while (to < secret.length && end < data.length) {
+    const b = secret[to]!
+    const forms = spellings[b]
+    if (forms === undefined) {
+      if (data[end] !== b) break
+      end++
+      to++
+      continue
+    }
+    for (const f of forms) {
+      const room = data.length - end
+      if (f.length > room) {
+        // Data ends inside what may be this escape: its bytes so far belong to the copy.
+        if (data.compare(f, 0, room, end, data.length) === 0) {
+          end = data.length
+          break forward
+        }
+        continue
+      }
+      if (data.compare(f, 0, f.length, end, end + f.length) === 0) {
+        end += f.length
+        to++
+        continue forward
+      }
+    }
+    break
+  }
+  let start = i
+  let from = at
+  backward: while (from > 0 && start > 0) {
+    const b = secret[from - 1]!
+    const forms = spellings[b]
+    if (forms === undefined) {
+      if (data[start - 1] !== b) break
+      start--
+      from--
+      continue
+    }
+    for (const f of forms) {
+      if (f.length > start) continue
+      if (data.compare(f, 0, f.length, start - f.length, start) === 0) {
+        start -= f.length
+        from--
+        continue backward
+      }
+    }
+    break
+  }
+  return { start, end, from, to }
+}
+
+/** Whether data[p..] is, to its end, the start of a copy (escapes included, the last perhaps cut): what must wait for the next chunk. */
+export function beginsEscaped(data: Buffer, p: number, n: EscapedNeedle): boolean {
+  const { secret, spellings } = n
+  let d = p
+  for (let s = 0; s < secret.length; s++) {
+    if (d === data.length) return true
+    const b = secret[s]!
+    const forms = spellings[b]
+    if (forms === undefined) {
+      if (data[d] !== b) return false
+      d++
+      continue
+    }
+    let matched = false
+    for (const f of forms) {
+      const room = data.length - d
+      if (f.length > room) {
+        if (data.compare(f, 0, room, d, data.length) === 0) return true
+        continue
+      }
+      if (data.compare(f, 0, f.length, d, d + f.length) === 0) {
+        d += f.length
+        matched = true
+        break
+      }
+    }
+    if (!matched) return false
+  }
+  return false
+}

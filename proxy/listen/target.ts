@@ -219,7 +219,9 @@ export function routeBase(upstream: URL): string {
 function parseOriginForm(raw: string): { path: string; search: string } {
   let url: URL
   try {
-    url = new URL(raw, 'http://origin-form.invalid')
+    // Appended, not resolved against a base: `//x/y` is a path here, as in absolute-form (resolved,
+    // it was the authority `x`, and a tunnelled `GET //x/y` was refused where one outside passed).
+    url = new URL('http://origin-form.invalid' + raw)
   } catch {
     throw new LatchkeyError('LK_BAD_REQUEST', 'request path is not valid')
   }

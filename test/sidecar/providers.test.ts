@@ -266,3 +266,73 @@ t.test('an authorization server echoing the client secret in any spelling: withh
   t.same(ups.map((u) => u.requests.length), [0, 0], 'nothing went upstream')
   assertNoCanary(t, s)
 })
+
+t.test('granted scopes are checked whether or not the binding names any: none quoting the client secret, each a scope-token, bounded', async (t) => {
+  // With no `scopes:` configured, an AS's scope text went into every audit event and log line of
+  // the calls its token served, unchecked: the client secret it was sent, or anything it chose.
+  let scope: (secret: string) => unknown = () => 'read'
+  let quoted = ''
+  const as = await startAuthorizationServer((r) => {
+    const secret = r.form.get('client_secret') ?? ''
+    const s = scope(secret)
+    quoted = typeof s === 'string' ? s : ''
+    return { status: 200, body: { access_token: 'ACCESStokenOK1234567890', token_type: 'Bearer', expires_in: 600, ...(s === undefined ? {} : { scope: s }) } }
+  })
+  const up = await startUpstream()
+  let clock = Date.now()
+  const s = await startTestSidecar(
+    {
+      ...loopbackPolicy([up.port]),
+      credentials: [{ id: 'unscoped', audience: up.origin, source: 'client_credentials', oauth: { token_url: as.url, client_id: 'c', client_secret: 'CANARY', auth_method: 'client_secret_post' }, inject: { type: 'bearer' } }],
+    },
+    {},
+    // A failed fetch is answered from memory for half a second: each row moves the clock past that.
+    { now: () => clock },
+  )
+  t.teardown(async () => {
+    await s.close()
+    await up.close()
+    await as.close()
+  })
+  const auditText = () => (existsSync(s.auditPath) ? readFileSync(s.auditPath, 'utf8') : '')
+  const refused: [string, (secret: string) => unknown, RegExp][] = [
+    ...Object.entries(SPELLINGS).map(([name, spell]) => [`the client secret ${name}`, (secret: string) => `read ${spell(secret)}`, /authorization server granted scopes that quote the client secret \(not repeated\)/] as [string, (secret: string) => unknown, RegExp]),
+    ['a line break', () => 'read\r\nX-Injected: yes', /granted a scope that is not a scope-token/],
+    ['a quote', () => 'read "x"', /granted a scope that is not a scope-token/],
+    ['a backslash', () => 'read a\\b', /granted a scope that is not a scope-token/],
+    ['a character beyond ASCII', () => 'read ключ', /granted a scope that is not a scope-token/],
+    ['a tab', () => 'read\twrite', /granted a scope that is not a scope-token/],
+    ['300 scopes', () => Array.from({ length: 300 }, (_, i) => `s${i}`).join(' '), /granted 300 scopes, more than the 256 taken/],
+    ['a scope of 300 characters', () => `read ${'a'.repeat(300)}`, /granted a scope over 256 characters/],
+    ['20,000 characters', () => 'ab '.repeat(7000), /granted scope text over 16384 characters/],
+    ['a number', () => 42, /answered 200 with a scope that is not a string/],
+  ]
+  for (const [name, answer, said] of refused) {
+    scope = answer
+    clock += 1000
+    await s.sidecar.audit.flush()
+    const auditFrom = auditText().length
+    const logFrom = s.logs.length
+    const res = await get(s.proxy, `${up.origin}/a`)
+    t.equal(res.status, 503, `${name}: refused`)
+    t.match(res.body, { code: 'LK_CREDENTIAL_UNAVAILABLE', reason: said }, `${name}: an invalid answer, said so`)
+    await s.sidecar.audit.flush()
+    const out = [res.text, auditText().slice(auditFrom), ...s.logs.slice(logFrom)]
+    t.notOk(out.some((o) => o.includes(CANARY) || (quoted.length > 0 && quoted !== 'read' && holds(o, quoted.slice(5, 205)))), `${name}: the scope text is not repeated`)
+  }
+  t.equal(up.requests.length, 0, 'no token from those answers was used')
+
+  // A well-formed grant is taken as it is, and audited.
+  for (const [name, answer, audited] of [
+    ['two scopes, spaced twice', () => 'read  https://api.example/write', ['read', 'https://api.example/write']],
+    ['no scope', () => undefined, []],
+  ] as [string, () => unknown, string[]][]) {
+    scope = answer
+    clock += 601_000
+    const ok = await get(s.proxy, `${up.origin}/b`)
+    t.equal(ok.status, 200, `${name}: taken`)
+    const last = (await s.audit()).at(-1) as { credential: { scopes: string[] } }
+    t.same(last.credential.scopes, audited, `${name}: audited as granted`)
+  }
+  assertNoCanary(t, s)
+})

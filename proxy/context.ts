@@ -112,6 +112,12 @@ export interface CredentialBinding {
    * and the secret re-encoded as base64 (padded or not, URL-safe) or hex.
    */
   encodedForms(credential: Credential): readonly string[]
+  /**
+   * Why the injector cannot write `value` as the upstream should get it (words following "it"),
+   * or null: a header carries printable ASCII only, a query parameter or Basic's base64 any
+   * well-formed text. Issued tokens are checked with it before they are cached.
+   */
+  cannotCarry(value: string): string | null
 }
 
 export interface CallContext {

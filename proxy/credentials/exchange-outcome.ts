@@ -25,6 +25,21 @@ export const MAX_TOKEN_RESPONSE_BYTES = 1024 * 1024
 /** The longest lifetime taken from expires_in, whatever the issuer says (a day). */
 export const MAX_EXPIRES_IN_S = 24 * 60 * 60
 
+/** The longest token taken from an issuer: past most servers' limit for all of a request's headers. */
+export const MAX_ISSUED_TOKEN_CHARS = 16 * 1024
+
+/**
+ * Why an issued token (an access token, a leased secret) cannot be injected as it is, as words
+ * following "it", or null. `cannotCarry` is the injector's own judgement (CredentialBinding):
+ * a header carries printable ASCII only. Never quotes the token.
+ */
+export function issuedTokenProblem(token: string, cannotCarry: (value: string) => string | null): string | null {
+  if (token.length === 0) return 'is empty'
+  if (token.length > MAX_ISSUED_TOKEN_CHARS) return `is over ${MAX_ISSUED_TOKEN_CHARS} characters`
+  if (/^\s|\s$/.test(token)) return 'starts or ends with whitespace'
+  return cannotCarry(token)
+}
+
 /** RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ), printable ASCII but `"` and `\`. */
 const SCOPE_TOKEN = /^[\x21\x23-\x5b\x5d-\x7e]+$/
 /** The most of an issuer's `scope` text taken, in characters: a grant of a couple of hundred scopes fits. */

@@ -336,3 +336,96 @@ t.test('granted scopes are checked whether or not the binding names any: none qu
   }
   assertNoCanary(t, s)
 })
+
+t.test('a token its injector cannot send is an invalid answer, not cached: the next fetch after the AS recovers is used', async (t) => {
+  // Once cached, such a token failed every call in undici (502 LK_UPSTREAM_UNREACHABLE, "retry")
+  // for its whole life, up to a day, however soon the AS was mended; or went out padded.
+  const GOOD = 'ACCESStokenOK1234567890'
+  let token = GOOD
+  const as = await startAuthorizationServer(() => ({ status: 200, body: { access_token: token, token_type: 'Bearer', expires_in: 600 } }))
+  const up = await startUpstream()
+  const up2 = await startUpstream()
+  let clock = Date.now()
+  const s = await startTestSidecar(
+    {
+      ...loopbackPolicy([up.port, up2.port]),
+      credentials: [
+        { id: 'bearer', audience: up.origin, source: 'client_credentials', oauth: { token_url: as.url, client_id: 'c', client_secret: 'CANARY' }, inject: { type: 'bearer' } },
+        { id: 'query', audience: up2.origin, source: 'client_credentials', oauth: { token_url: as.url, client_id: 'c', client_secret: 'CANARY' }, inject: { type: 'query', name: 'key' } },
+      ],
+    },
+    {},
+    { now: () => clock },
+  )
+  t.teardown(async () => {
+    await s.close()
+    await up.close()
+    await up2.close()
+    await as.close()
+  })
+  const rows: [string, string, string, RegExp | null][] = [
+    ['bearer', 'a line break', 'ACCESSbad\r\nX-Injected: yes', /it holds characters a header cannot carry/],
+    ['bearer', 'text beyond ASCII', 'ACCESSbadé秘密token', /it holds characters a header cannot carry/],
+    ['bearer', 'padding', ' ACCESSbadpadded ', /it starts or ends with whitespace/],
+    ['bearer', 'a trailing line break', 'ACCESSbadecho\n', /it starts or ends with whitespace/],
+    ['bearer', '20,000 characters', 'ACCESSbad' + 'x'.repeat(20_000), /it is over 16384 characters/],
+    ['query', 'a lone surrogate', 'ACCESSbad\ud800', /it is not well-formed text/],
+    ['query', 'padding', ' ACCESSbadpadded ', /it starts or ends with whitespace/],
+    // A query parameter is percent-encoded: text beyond ASCII is carried, as a static secret's is.
+    ['query', 'text beyond ASCII', 'ACCESSé秘密token', null],
+  ]
+  for (const [binding, name, bad, said] of rows) {
+    const upstream = binding === 'bearer' ? up : up2
+    clock += 601_000
+    token = bad
+    const asked = as.seen.length
+    const sent = upstream.requests.length
+    const logFrom = s.logs.length
+    const res = await get(s.proxy, `${upstream.origin}/a`)
+    t.equal(as.seen.length, asked + 1, `${binding}, ${name}: the AS was asked`)
+    if (said === null) {
+      t.equal(res.status, 200, `${binding}, ${name}: sent`)
+      t.equal(new URL(upstream.requests.at(-1)!.url, upstream.origin).searchParams.get('key'), bad, `${binding}, ${name}: as issued, percent-encoded`)
+      continue
+    }
+    t.equal(res.status, 503, `${binding}, ${name}: refused`)
+    t.match(res.body, { code: 'LK_CREDENTIAL_UNAVAILABLE', reason: /the authorization server issued a token that cannot be sent: / }, `${binding}, ${name}: an invalid answer`)
+    t.match(res.body.reason, said, `${binding}, ${name}: saying why`)
+    t.equal(upstream.requests.length, sent, `${binding}, ${name}: nothing went upstream`)
+    await s.sidecar.audit.flush()
+    t.notOk([res.text, ...s.logs.slice(logFrom)].some((o) => o.includes('ACCESSbad')), `${binding}, ${name}: the token is not quoted`)
+
+    // The AS mended: the next fetch (past the half second a failure is answered from memory) is used.
+    token = GOOD
+    clock += 1000
+    const again = await get(s.proxy, `${upstream.origin}/b`)
+    t.equal(again.status, 200, `${binding}, ${name}: not cached, the mended token is fetched`)
+    const got = upstream.requests.at(-1)!
+    t.equal(binding === 'bearer' ? got.headers.authorization : new URL(got.url, upstream.origin).searchParams.get('key'), binding === 'bearer' ? `Bearer ${GOOD}` : GOOD, `${binding}, ${name}: and sent`)
+  }
+  const audit = readFileSync(s.auditPath, 'utf8')
+  t.notOk(audit.includes('ACCESSbad'), 'no audit event quotes a refused token')
+  assertNoCanary(t, s)
+})
+
+t.test('a leased secret a header cannot carry (as `echo` leaves it) is refused by the sidecar, not sent', async (t) => {
+  const broker = await startTestBroker({ broker: { leased_secrets: { [LEGACY]: 'LK_TEST_LEGACY_KEY' } }, env: { LK_TEST_LEGACY_KEY: `${CANARY}\n` } })
+  const up = await startUpstream()
+  const s = await startTestSidecar({
+    ...loopbackPolicy([up.port]),
+    sidecar: { agent_id: AGENT, broker: { url: broker.url }, attestation: { local: { key_file: join(broker.dir, 'local', 'local-attestor.key.json'), audience: broker.issuer } } },
+    credentials: [{ id: 'legacy', audience: up.origin, source: 'broker_secret', token_audience: LEGACY, inject: { type: 'header', name: 'X-Api-Key' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await up.close()
+    await broker.close()
+  })
+  const task = s.sidecar.tasks.open({ purpose: 'legacy', durationS: 120, userToken: await broker.userToken('u', 'read') })
+  const res = await get(s.proxy, `${up.origin}/a`, task.handle)
+  t.equal(res.status, 503)
+  t.match(res.body, { code: 'LK_CREDENTIAL_UNAVAILABLE', reason: /the broker issued a leased secret that cannot be sent: it starts or ends with whitespace \(not repeated\)/ })
+  t.equal(up.requests.length, 0, 'nothing went upstream')
+  t.same(s.sidecar.brokerTokens!.describe(task.id), [], 'nothing cached')
+  assertNoCanary(t, s, res.text)
+})

@@ -109,7 +109,8 @@ export interface CredentialBinding {
   /**
    * Forms of the credential that do not contain the secret as plain text, so a response
    * reflecting one can be recognised: what the injector writes (Basic's base64 of `user:secret`)
-   * and the secret re-encoded as base64 (padded or not, URL-safe) or hex.
+   * and the secret re-encoded as base64 (padded or not, URL-safe) or hex; for a JWS compact
+   * token, its signature segment alone (the header and payload are not secret).
    */
   encodedForms(credential: Credential): readonly string[]
   /**

@@ -15,7 +15,23 @@ type Headers = Record<string, string | string[] | undefined>
 /** Agent-sent credentials replaced on every injected audience, whatever the injector writes. */
 const ALWAYS_STRIP = ['authorization', 'cookie', 'x-api-key', 'api-key', 'x-auth-token', 'proxy-authorization']
 
-const secretReencodings = perCredential((c) => reencodings(c.value))
+/**
+ * A JWS compact token (RFC 7515 §7.1: three base64url segments): its signature. The header and
+ * payload are base64url of JSON anyone may read, and an upstream that echoes them decoded, beside
+ * the signature segment, hands the agent the token in three pieces: the signature, short beside
+ * the whole token, showed too little of it to be overwritten as a copy (body-scrub.ts leastShown).
+ * It is the one secret part, so it is a needle of its own, as sent (and so in each spelling an
+ * echo gives it: body-scrub.ts echoSpellings). Shorter than 16 characters it is no signature worth
+ * the name, and would match unrelated text.
+ */
+const JWS = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.([A-Za-z0-9_-]{16,})$/
+
+function jwsSignature(value: string): string[] {
+  const signature = JWS.exec(value)?.[1]
+  return signature === undefined ? [] : [signature]
+}
+
+const secretReencodings = perCredential((c) => [...reencodings(c.value), ...jwsSignature(c.value)])
 
 /**
  * A query credential's forms: the secret's, and those of the secret as sent, percent-encoded. An

@@ -109,9 +109,16 @@ export interface CredentialBinding {
   /**
    * Forms of the credential that do not contain the secret as plain text, so a response
    * reflecting one can be recognised: what the injector writes (Basic's base64 of `user:secret`)
-   * and the secret re-encoded as base64 (padded or not, URL-safe) or hex.
+   * and the secret re-encoded as base64 (padded or not, URL-safe) or hex; for a JWS compact
+   * token, its signature segment alone (the header and payload are not secret).
    */
   encodedForms(credential: Credential): readonly string[]
+  /**
+   * Why the injector cannot write `value` as the upstream should get it (words following "it"),
+   * or null: a header carries printable ASCII only, a query parameter or Basic's base64 any
+   * well-formed text. Issued tokens are checked with it before they are cached.
+   */
+  cannotCarry(value: string): string | null
 }
 
 export interface CallContext {

@@ -9,6 +9,7 @@ import { compileBundle, DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './
 import { readPolicyText } from './policy/file.js'
 import { CaFileProblem, readCaFile, trustWith } from './tls-trust.js'
 import { StaticSecretSource, missingSecret } from './credentials/static-source.js'
+import { HEADER_SENDABLE } from './credentials/bindings.js'
 
 export class StartupError extends Error {
   readonly code = 'LK_STARTUP'
@@ -216,8 +217,6 @@ export function spoolDirProblem(dir: string): string | null {
   }
 }
 
-/** What a header value can carry: printable ASCII, no space at either end. */
-const SENDABLE = /^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$/
 
 /**
  * Static secrets a header cannot carry (undici refuses them: every call would fail instead of the
@@ -228,9 +227,9 @@ export function unsendableSecrets(config: Config, secrets: Pick<StaticSecretSour
   config.credentials.forEach((c, i) => {
     if (c.source !== 'static' || (c.inject.type !== 'bearer' && c.inject.type !== 'header')) return
     const value = secrets.secret(c.secret!)
-    if (value !== undefined && !SENDABLE.test(value)) {
+    if (value !== undefined && !HEADER_SENDABLE.test(value)) {
       // The usual cause, said so: a secret written with `echo` (a Kubernetes Secret made from one, a file).
-      const why = SENDABLE.test(value.replace(/\r?\n$/, '')) ? 'it ends with a line break (as `echo` leaves one; `printf %s` does not): remove it' : 'it holds characters outside printable ASCII or starts or ends with a space'
+      const why = HEADER_SENDABLE.test(value.replace(/\r?\n$/, '')) ? 'it ends with a line break (as `echo` leaves one; `printf %s` does not): remove it' : 'it holds characters outside printable ASCII or starts or ends with a space'
       problems.push({ path: `credentials[${i}].secret`, message: `credential "${c.id}": secret ${c.secret!} cannot be sent in a header: ${why}` })
     }
   })

@@ -117,6 +117,36 @@ t.test('a header injector names a header a credential can ride in', async (t) =>
   for (const name of ['X-Api-Key', 'Cookie', 'Authorization', 'X-Host', 'Private-Token']) t.same(named(name), [], `${name} is fine`)
 })
 
+t.test('a header injector\'s format holds {token} once, in text a header can carry', async (t) => {
+  const formatted = (format: string) => problems(`version: 1\ncredentials: [ { id: a, audience: "https://x.com", source: static, secret: S, inject: { type: header, name: X-Key, format: ${format} } } ]\n`)
+  // Two placeholders passed and sent the header cut short at the second: `{token}-{token}` was `SECRET-`.
+  t.same(formatted('"{token}-{token}"'), ['credentials[0].inject.format: must hold {token} exactly once: it holds it 2 times, and the credential is written only where the first is (the header would be cut short at the second)'])
+  // Text a header cannot carry passed check-config and start-up, then failed every call (502, retryable).
+  const cannot = 'credentials[0].inject.format: holds characters outside printable ASCII (a line break, NUL, tab or text beyond ASCII): a header carries printable ASCII, as the secret must be'
+  for (const [name, format] of [
+    ['Cyrillic', '"Ключ {token}"'],
+    ['a NUL', '"{token}\\0"'],
+    ['a header of its own', '"K\\r\\nX-Evil: 1 {token}"'],
+    ['a tab', '"K\\t{token}"'],
+    ['Latin-1', '"Clé {token}"'],
+  ]) t.same(formatted(format!), [cannot], name!)
+  t.same(formatted('"Key {token} "'), ['credentials[0].inject.format: starts or ends with a space, which a header cannot carry (a server trims it): remove it'])
+  for (const format of ['"{token}"', '"Key {token}"', '"Token token={token}, realm=api"', '"{token}:x"']) t.same(formatted(format), [], `${format} is fine`)
+  // The name is a token (RFC 9110 §5.1) already: the schema refuses any other.
+  for (const name of ['"X Key"', '"X-Key:"', '"Ключ"', '"X\\r\\nY"']) {
+    t.match(problems(`version: 1\ncredentials: [ { id: a, audience: "https://x.com", source: static, secret: S, inject: { type: header, name: ${name} } } ]\n`), [/^credentials\[0\]\.inject\.name: must match pattern/], `name ${name} is refused`)
+  }
+  // As check-config says it, naming the setting.
+  const dir = mkdtempSync(join(tmpdir(), 'lk-cfg-'))
+  const file = join(dir, 'format.yaml')
+  writeFileSync(file, `version: 1\ncredentials: [ { id: a, audience: "https://x.com", source: static, secret: S, inject: { type: header, name: X-Key, format: "{token}-{token}" } }, { id: b, audience: "https://y.com", source: static, secret: S, inject: { type: header, name: X-Key, format: "K\\r\\nX-Evil: 1 {token}" } } ]\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
+  const r = spawnSync(process.execPath, [CLI, 'check-config', file], { encoding: 'utf8', env: { ...process.env, LATCHKEY_SECRET_S: 'x' } })
+  t.equal(r.status, 1, 'check-config refuses it')
+  t.match(r.stderr, /credentials\[0\]\.inject\.format: must hold \{token\} exactly once/)
+  t.match(r.stderr, /credentials\[1\]\.inject\.format: holds characters outside printable ASCII/)
+  t.notMatch(r.stderr, /X-Evil/, 'the format is not quoted')
+})
+
 t.test('environment overrides apply before validation', async (t) => {
   const c = parseConfig('version: 1\n', 'x', { LATCHKEY__SIDECAR__LISTEN__PORT: '16001', LATCHKEY__POLICY__DEFAULT: 'allow' })
   t.equal(c.sidecar.listen.port, 16001)

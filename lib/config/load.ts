@@ -7,7 +7,7 @@ import { parseCidr, processIp } from '../ip-address.js'
 import { ADDRESS_CLASSES, PORT_PATTERN, type Config } from './schema.js'
 import { isHopByHop } from '../../proxy/forward/headers.js'
 import { hostNameProblem } from '../../proxy/listen/target.js'
-import { audienceOf } from '../../proxy/credentials/bindings.js'
+import { audienceOf, HEADER_SENDABLE } from '../../proxy/credentials/bindings.js'
 // The schema compiled ahead of time (scripts/config-validator.mjs; CI checks it is current):
 // compiling it here cost every process ~20 MB of RSS and start-up time.
 import { validate as generatedValidate } from './validate.generated.js'
@@ -311,6 +311,24 @@ function notACredentialHeader(name: string): string | null {
   return ROUTING_OR_FRAMING[lower] ?? (isHopByHop(lower) ? 'hop-by-hop: removed before the request goes on' : null)
 }
 
+/**
+ * What is wrong with a header injector's `format`, or null. The credential is written once, in
+ * place of `{token}`: a second one cut the header short there (`{token}-{token}` sent `SECRET-`).
+ * The rest is held to the secret's rule (printable ASCII, no space at either end): a line break,
+ * a NUL or text beyond Latin-1 passed the check and start-up, then every call failed in undici, a
+ * retryable 502. The format is not quoted: it may hold those characters.
+ */
+function headerFormatProblem(format: string): string | null {
+  const placeholders = format.split('{token}').length - 1
+  if (placeholders !== 1) return `must hold {token} exactly once: it holds it ${placeholders} times, and the credential is written only where the first is (the header would be cut short at the second)`
+  if (!HEADER_SENDABLE.test(format.replace('{token}', 'x'))) {
+    return /^[\x20-\x7e]*$/.test(format)
+      ? 'starts or ends with a space, which a header cannot carry (a server trims it): remove it'
+      : 'holds characters outside printable ASCII (a line break, NUL, tab or text beyond ASCII): a header carries printable ASCII, as the secret must be'
+  }
+  return null
+}
+
 /** What a URL parser reads as IPv4: one to four parts, each decimal, octal or 0x hex. */
 const NUMERIC_HOST = /^(?:0x[0-9a-f]*|\d+)(?:\.(?:0x[0-9a-f]*|\d+)){0,3}\.?$/i
 const AMBIGUOUS = 'write an IPv4 address as four decimal parts without leading zeros (010 is 8 to some parsers, 10 to others)'
@@ -471,6 +489,8 @@ function semanticProblems(c: Config): ConfigProblem[] {
     if (inject.type === 'header') {
       const why = notACredentialHeader(inject.name)
       if (why) problems.push({ path: `credentials[${i}].inject.name`, message: `${inject.name} routes, frames or is dropped with the request's hop (${why}): a credential cannot be injected there` })
+      const format = inject.format === undefined ? null : headerFormatProblem(inject.format)
+      if (format) problems.push({ path: `credentials[${i}].inject.format`, message: format })
     }
     if (b.source !== 'client_credentials' && b.oauth !== undefined) problems.push({ path: `credentials[${i}].oauth`, message: 'applies only to source: client_credentials' })
     if (b.source === 'static') {

@@ -15,7 +15,23 @@ type Headers = Record<string, string | string[] | undefined>
 /** Agent-sent credentials replaced on every injected audience, whatever the injector writes. */
 const ALWAYS_STRIP = ['authorization', 'cookie', 'x-api-key', 'api-key', 'x-auth-token', 'proxy-authorization']
 
-const secretReencodings = perCredential((c) => reencodings(c.value))
+/**
+ * A JWS compact token (RFC 7515 §7.1: three base64url segments): its signature. The header and
+ * payload are base64url of JSON anyone may read, and an upstream that echoes them decoded, beside
+ * the signature segment, hands the agent the token in three pieces: the signature, short beside
+ * the whole token, showed too little of it to be overwritten as a copy (body-scrub.ts leastShown).
+ * It is the one secret part, so it is a needle of its own, as sent (and so in each spelling an
+ * echo gives it: body-scrub.ts echoSpellings). Shorter than 16 characters it is no signature worth
+ * the name, and would match unrelated text.
+ */
+const JWS = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.([A-Za-z0-9_-]{16,})$/
+
+function jwsSignature(value: string): string[] {
+  const signature = JWS.exec(value)?.[1]
+  return signature === undefined ? [] : [signature]
+}
+
+const secretReencodings = perCredential((c) => [...reencodings(c.value), ...jwsSignature(c.value)])
 
 /**
  * A query credential's forms: the secret's, and those of the secret as sent, percent-encoded. An
@@ -30,16 +46,35 @@ const wireReencodings = perCredential((c) => {
   return [...new Set([...secretReencodings(c), wire, lowerHex, ...reencodings(wire)])]
 })
 
+/**
+ * What a header value carries, as the sidecar holds it: printable ASCII, no space at either end.
+ * undici refuses a line break, a NUL or text beyond Latin-1 (every call fails); servers trim the
+ * spaces and read the other bytes each their own way.
+ */
+export const HEADER_SENDABLE = /^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$/
+
+function headerCannotCarry(value: string): string | null {
+  return HEADER_SENDABLE.test(value) ? null : 'holds characters a header cannot carry (outside printable ASCII) or starts or ends with a space'
+}
+
+/** A lone UTF-16 surrogate (JSON's `"\ud800"`): encodeURIComponent throws on one, Buffer.from writes U+FFFD for it. */
+const LONE_SURROGATE = /[\ud800-\udfff]/u
+
+function textCannotCarry(value: string): string | null {
+  return LONE_SURROGATE.test(value) ? 'is not well-formed text (it holds a lone UTF-16 surrogate)' : null
+}
+
 function injector(cfg: InjectConfig): {
   headers: string[]
   query: string[]
   inject: (h: Headers, t: Target, c: Credential) => void
   encodedForms: (c: Credential) => readonly string[]
+  cannotCarry: (value: string) => string | null
 } {
   switch (cfg.type) {
     case 'bearer': {
       const value = perCredential((c) => `Bearer ${c.value}`)
-      return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = value(c)), encodedForms: secretReencodings }
+      return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = value(c)), encodedForms: secretReencodings, cannotCarry: headerCannotCarry }
     }
     case 'basic': {
       const user = cfg.username
@@ -48,13 +83,13 @@ function injector(cfg: InjectConfig): {
       // Lower-cased too: a header's name arrives lower-cased. The header's own base64 re-encoded
       // (an echo of the whole header, base64'd) holds no plain trace of the secret: looked for too.
       const forms = perCredential((c) => [...new Set([...reencodings(`${user}:${c.value}`), encoded(c), encoded(c).toLowerCase(), ...reencodings(encoded(c)), ...secretReencodings(c)])])
-      return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = value(c)), encodedForms: forms }
+      return { headers: ['authorization'], query: [], inject: (h, _t, c) => void (h.authorization = value(c)), encodedForms: forms, cannotCarry: textCannotCarry }
     }
     case 'header': {
       const name = cfg.name.toLowerCase()
       const [before, after] = (cfg.format ?? '{token}').split('{token}') as [string, string]
       const value = perCredential((c) => before + c.value + after)
-      return { headers: [name], query: [], inject: (h, _t, c) => void (h[name] = value(c)), encodedForms: secretReencodings }
+      return { headers: [name], query: [], inject: (h, _t, c) => void (h[name] = value(c)), encodedForms: secretReencodings, cannotCarry: headerCannotCarry }
     }
     case 'query': {
       const param = cfg.name
@@ -67,6 +102,7 @@ function injector(cfg: InjectConfig): {
           t.search = (t.search.length > 1 ? t.search : '') + sep + pair(c)
         },
         encodedForms: wireReencodings,
+        cannotCarry: textCannotCarry,
       }
     }
   }
@@ -95,6 +131,7 @@ export function compileBinding(cfg: CredentialBindingConfig): CredentialBinding 
     stripQuery: inj.query,
     inject: inj.inject,
     encodedForms: inj.encodedForms,
+    cannotCarry: inj.cannotCarry,
   }
 }
 

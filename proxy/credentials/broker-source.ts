@@ -12,7 +12,7 @@
 import { LRUCache } from 'lru-cache'
 import type { Credential, CredentialBinding, CredentialSource, Identity, TaskRef } from '../context.js'
 import { LatchkeyError } from '../errors.js'
-import { ExchangeFailed, MAX_EXPIRES_IN_S, type ExchangeOutcome, type IssuedToken } from './exchange-outcome.js'
+import { ExchangeFailed, issuedTokenProblem, MAX_EXPIRES_IN_S, type ExchangeOutcome, type IssuedToken } from './exchange-outcome.js'
 import { HeldValues } from './held.js'
 
 /** Where a CachedTokenSource gets tokens. One interface; each provider implements it. */
@@ -90,6 +90,20 @@ export interface BrokerSourceOptions {
   mintRefusal?: () => string | null
   /** The broker attested another agent than sidecar.agent_id: called once per (configured, attested) pair, to log at error level. */
   onActorMismatch?: (configured: string, attested: string | null, reason: string) => void
+}
+
+/**
+ * An issued token the binding's injector cannot send (a line break, text beyond ASCII in a
+ * header, padding, nothing) refused as an invalid answer, before it is cached: once cached, every
+ * call failed in undici, a retryable 502, for the token's whole life. The reason never quotes it.
+ */
+function sendableBy(binding: CredentialBinding): (issued: IssuedToken) => IssuedToken {
+  return (issued) => {
+    const problem = issuedTokenProblem(issued.token, (v) => binding.cannotCarry(v))
+    if (problem === null) return issued
+    const who = binding.source === 'client_credentials' ? 'the authorization server' : 'the broker'
+    throw new ExchangeFailed('invalid_response', `${who} issued ${binding.source === 'broker_secret' ? 'a leased secret' : 'a token'} that cannot be sent: it ${problem} (not repeated)`)
+  }
 }
 
 /** Tokens cached at once (one per task, audience and scopes). */
@@ -176,7 +190,7 @@ export class CachedTokenSource implements CredentialSource {
       set.delete(ticket)
       if (set.size === 0) this.inflightByTask.delete(task.id)
     }
-    const p = this.client.issue(task === NO_TASK ? null : task, binding, durationS, agentId).then(
+    const p = this.client.issue(task === NO_TASK ? null : task, binding, durationS, agentId).then(sendableBy(binding)).then(
       (issued) => {
         landed()
         entry.inflight = null

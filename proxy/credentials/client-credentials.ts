@@ -6,7 +6,7 @@ import { Pool } from 'undici'
 import { createSecureContext } from 'node:tls'
 import type { CredentialBinding, TaskRef } from '../context.js'
 import type { CredentialBindingConfig } from '../../lib/config/schema.js'
-import { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, readCapped, type IssuedToken } from './exchange-outcome.js'
+import { ExchangeFailed, grantedScopesProblem, MAX_EXPIRES_IN_S, MAX_SCOPE_TEXT, MAX_TOKEN_RESPONSE_BYTES, readCapped, type IssuedToken } from './exchange-outcome.js'
 import type { TokenIssuer } from './broker-source.js'
 import { quotesSent } from '../forward/scrub.js'
 
@@ -111,7 +111,18 @@ export class ClientCredentialsIssuer implements TokenIssuer {
     }
     // RFC 6749 §5.1: expires_in is RECOMMENDED, not required; without it, assume a short life.
     const lifetimeS = typeof expiresIn === 'number' && expiresIn > 0 ? Math.min(expiresIn, MAX_EXPIRES_IN_S) : 300
-    const granted = typeof body.scope === 'string' ? body.scope.split(' ').filter(Boolean) : [...binding.scopes]
+    // The granted scopes go into the audit and the log of every call the token serves: checked
+    // whether or not the binding names scopes. Bounded before it is searched; a text that quotes
+    // the client secret (in any spelling quotesSecret knows) is refused without repeating it.
+    const scope = body.scope ?? undefined
+    if (scope !== undefined && typeof scope !== 'string') throw new ExchangeFailed('invalid_response', 'authorization server answered 200 with a scope that is not a string')
+    if (scope !== undefined && scope.length > MAX_SCOPE_TEXT) throw new ExchangeFailed('invalid_response', `authorization server granted scope text over ${MAX_SCOPE_TEXT} characters`)
+    if (scope !== undefined && quotesSecret(c, scope)) {
+      throw new ExchangeFailed('invalid_response', `authorization server granted scopes ${binding.scopes.length > 0 ? 'not asked for (not repeated: they quote the client secret)' : 'that quote the client secret (not repeated)'}`)
+    }
+    const granted = scope !== undefined ? scope.split(' ').filter(Boolean) : [...binding.scopes]
+    const malformed = grantedScopesProblem(granted)
+    if (malformed) throw new ExchangeFailed('invalid_response', `authorization server granted ${malformed}`)
     // Narrowed to the route: a server that grants more than was asked is not trusted with it.
     const extra = binding.scopes.length > 0 ? granted.filter((s) => !binding.scopes.includes(s)) : []
     if (extra.length > 0) {

@@ -266,3 +266,166 @@ t.test('an authorization server echoing the client secret in any spelling: withh
   t.same(ups.map((u) => u.requests.length), [0, 0], 'nothing went upstream')
   assertNoCanary(t, s)
 })
+
+t.test('granted scopes are checked whether or not the binding names any: none quoting the client secret, each a scope-token, bounded', async (t) => {
+  // With no `scopes:` configured, an AS's scope text went into every audit event and log line of
+  // the calls its token served, unchecked: the client secret it was sent, or anything it chose.
+  let scope: (secret: string) => unknown = () => 'read'
+  let quoted = ''
+  const as = await startAuthorizationServer((r) => {
+    const secret = r.form.get('client_secret') ?? ''
+    const s = scope(secret)
+    quoted = typeof s === 'string' ? s : ''
+    return { status: 200, body: { access_token: 'ACCESStokenOK1234567890', token_type: 'Bearer', expires_in: 600, ...(s === undefined ? {} : { scope: s }) } }
+  })
+  const up = await startUpstream()
+  let clock = Date.now()
+  const s = await startTestSidecar(
+    {
+      ...loopbackPolicy([up.port]),
+      credentials: [{ id: 'unscoped', audience: up.origin, source: 'client_credentials', oauth: { token_url: as.url, client_id: 'c', client_secret: 'CANARY', auth_method: 'client_secret_post' }, inject: { type: 'bearer' } }],
+    },
+    {},
+    // A failed fetch is answered from memory for half a second: each row moves the clock past that.
+    { now: () => clock },
+  )
+  t.teardown(async () => {
+    await s.close()
+    await up.close()
+    await as.close()
+  })
+  const auditText = () => (existsSync(s.auditPath) ? readFileSync(s.auditPath, 'utf8') : '')
+  const refused: [string, (secret: string) => unknown, RegExp][] = [
+    ...Object.entries(SPELLINGS).map(([name, spell]) => [`the client secret ${name}`, (secret: string) => `read ${spell(secret)}`, /authorization server granted scopes that quote the client secret \(not repeated\)/] as [string, (secret: string) => unknown, RegExp]),
+    ['a line break', () => 'read\r\nX-Injected: yes', /granted a scope that is not a scope-token/],
+    ['a quote', () => 'read "x"', /granted a scope that is not a scope-token/],
+    ['a backslash', () => 'read a\\b', /granted a scope that is not a scope-token/],
+    ['a character beyond ASCII', () => 'read ключ', /granted a scope that is not a scope-token/],
+    ['a tab', () => 'read\twrite', /granted a scope that is not a scope-token/],
+    ['300 scopes', () => Array.from({ length: 300 }, (_, i) => `s${i}`).join(' '), /granted 300 scopes, more than the 256 taken/],
+    ['a scope of 300 characters', () => `read ${'a'.repeat(300)}`, /granted a scope over 256 characters/],
+    ['20,000 characters', () => 'ab '.repeat(7000), /granted scope text over 16384 characters/],
+    ['a number', () => 42, /answered 200 with a scope that is not a string/],
+  ]
+  for (const [name, answer, said] of refused) {
+    scope = answer
+    clock += 1000
+    await s.sidecar.audit.flush()
+    const auditFrom = auditText().length
+    const logFrom = s.logs.length
+    const res = await get(s.proxy, `${up.origin}/a`)
+    t.equal(res.status, 503, `${name}: refused`)
+    t.match(res.body, { code: 'LK_CREDENTIAL_UNAVAILABLE', reason: said }, `${name}: an invalid answer, said so`)
+    await s.sidecar.audit.flush()
+    const out = [res.text, auditText().slice(auditFrom), ...s.logs.slice(logFrom)]
+    t.notOk(out.some((o) => o.includes(CANARY) || (quoted.length > 0 && quoted !== 'read' && holds(o, quoted.slice(5, 205)))), `${name}: the scope text is not repeated`)
+  }
+  t.equal(up.requests.length, 0, 'no token from those answers was used')
+
+  // A well-formed grant is taken as it is, and audited.
+  for (const [name, answer, audited] of [
+    ['two scopes, spaced twice', () => 'read  https://api.example/write', ['read', 'https://api.example/write']],
+    ['no scope', () => undefined, []],
+  ] as [string, () => unknown, string[]][]) {
+    scope = answer
+    clock += 601_000
+    const ok = await get(s.proxy, `${up.origin}/b`)
+    t.equal(ok.status, 200, `${name}: taken`)
+    const last = (await s.audit()).at(-1) as { credential: { scopes: string[] } }
+    t.same(last.credential.scopes, audited, `${name}: audited as granted`)
+  }
+  assertNoCanary(t, s)
+})
+
+t.test('a token its injector cannot send is an invalid answer, not cached: the next fetch after the AS recovers is used', async (t) => {
+  // Once cached, such a token failed every call in undici (502 LK_UPSTREAM_UNREACHABLE, "retry")
+  // for its whole life, up to a day, however soon the AS was mended; or went out padded.
+  const GOOD = 'ACCESStokenOK1234567890'
+  let token = GOOD
+  const as = await startAuthorizationServer(() => ({ status: 200, body: { access_token: token, token_type: 'Bearer', expires_in: 600 } }))
+  const up = await startUpstream()
+  const up2 = await startUpstream()
+  let clock = Date.now()
+  const s = await startTestSidecar(
+    {
+      ...loopbackPolicy([up.port, up2.port]),
+      credentials: [
+        { id: 'bearer', audience: up.origin, source: 'client_credentials', oauth: { token_url: as.url, client_id: 'c', client_secret: 'CANARY' }, inject: { type: 'bearer' } },
+        { id: 'query', audience: up2.origin, source: 'client_credentials', oauth: { token_url: as.url, client_id: 'c', client_secret: 'CANARY' }, inject: { type: 'query', name: 'key' } },
+      ],
+    },
+    {},
+    { now: () => clock },
+  )
+  t.teardown(async () => {
+    await s.close()
+    await up.close()
+    await up2.close()
+    await as.close()
+  })
+  const rows: [string, string, string, RegExp | null][] = [
+    ['bearer', 'a line break', 'ACCESSbad\r\nX-Injected: yes', /it holds characters a header cannot carry/],
+    ['bearer', 'text beyond ASCII', 'ACCESSbadé秘密token', /it holds characters a header cannot carry/],
+    ['bearer', 'padding', ' ACCESSbadpadded ', /it starts or ends with whitespace/],
+    ['bearer', 'a trailing line break', 'ACCESSbadecho\n', /it starts or ends with whitespace/],
+    ['bearer', '20,000 characters', 'ACCESSbad' + 'x'.repeat(20_000), /it is over 16384 characters/],
+    ['query', 'a lone surrogate', 'ACCESSbad\ud800', /it is not well-formed text/],
+    ['query', 'padding', ' ACCESSbadpadded ', /it starts or ends with whitespace/],
+    // A query parameter is percent-encoded: text beyond ASCII is carried, as a static secret's is.
+    ['query', 'text beyond ASCII', 'ACCESSé秘密token', null],
+  ]
+  for (const [binding, name, bad, said] of rows) {
+    const upstream = binding === 'bearer' ? up : up2
+    clock += 601_000
+    token = bad
+    const asked = as.seen.length
+    const sent = upstream.requests.length
+    const logFrom = s.logs.length
+    const res = await get(s.proxy, `${upstream.origin}/a`)
+    t.equal(as.seen.length, asked + 1, `${binding}, ${name}: the AS was asked`)
+    if (said === null) {
+      t.equal(res.status, 200, `${binding}, ${name}: sent`)
+      t.equal(new URL(upstream.requests.at(-1)!.url, upstream.origin).searchParams.get('key'), bad, `${binding}, ${name}: as issued, percent-encoded`)
+      continue
+    }
+    t.equal(res.status, 503, `${binding}, ${name}: refused`)
+    t.match(res.body, { code: 'LK_CREDENTIAL_UNAVAILABLE', reason: /the authorization server issued a token that cannot be sent: / }, `${binding}, ${name}: an invalid answer`)
+    t.match(res.body.reason, said, `${binding}, ${name}: saying why`)
+    t.equal(upstream.requests.length, sent, `${binding}, ${name}: nothing went upstream`)
+    await s.sidecar.audit.flush()
+    t.notOk([res.text, ...s.logs.slice(logFrom)].some((o) => o.includes('ACCESSbad')), `${binding}, ${name}: the token is not quoted`)
+
+    // The AS mended: the next fetch (past the half second a failure is answered from memory) is used.
+    token = GOOD
+    clock += 1000
+    const again = await get(s.proxy, `${upstream.origin}/b`)
+    t.equal(again.status, 200, `${binding}, ${name}: not cached, the mended token is fetched`)
+    const got = upstream.requests.at(-1)!
+    t.equal(binding === 'bearer' ? got.headers.authorization : new URL(got.url, upstream.origin).searchParams.get('key'), binding === 'bearer' ? `Bearer ${GOOD}` : GOOD, `${binding}, ${name}: and sent`)
+  }
+  const audit = readFileSync(s.auditPath, 'utf8')
+  t.notOk(audit.includes('ACCESSbad'), 'no audit event quotes a refused token')
+  assertNoCanary(t, s)
+})
+
+t.test('a leased secret a header cannot carry (as `echo` leaves it) is refused by the sidecar, not sent', async (t) => {
+  const broker = await startTestBroker({ broker: { leased_secrets: { [LEGACY]: 'LK_TEST_LEGACY_KEY' } }, env: { LK_TEST_LEGACY_KEY: `${CANARY}\n` } })
+  const up = await startUpstream()
+  const s = await startTestSidecar({
+    ...loopbackPolicy([up.port]),
+    sidecar: { agent_id: AGENT, broker: { url: broker.url }, attestation: { local: { key_file: join(broker.dir, 'local', 'local-attestor.key.json'), audience: broker.issuer } } },
+    credentials: [{ id: 'legacy', audience: up.origin, source: 'broker_secret', token_audience: LEGACY, inject: { type: 'header', name: 'X-Api-Key' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await up.close()
+    await broker.close()
+  })
+  const task = s.sidecar.tasks.open({ purpose: 'legacy', durationS: 120, userToken: await broker.userToken('u', 'read') })
+  const res = await get(s.proxy, `${up.origin}/a`, task.handle)
+  t.equal(res.status, 503)
+  t.match(res.body, { code: 'LK_CREDENTIAL_UNAVAILABLE', reason: /the broker issued a leased secret that cannot be sent: it starts or ends with whitespace \(not repeated\)/ })
+  t.equal(up.requests.length, 0, 'nothing went upstream')
+  t.same(s.sidecar.brokerTokens!.describe(task.id), [], 'nothing cached')
+  assertNoCanary(t, s, res.text)
+})

@@ -194,6 +194,57 @@ t.test('globs', async (t) => {
   t.ok(pathReadings('/a%2Fb')!.includes('/a/b'))
 })
 
+t.test('a ** segment stands for any number of segments, none included, in a deny and in an allow', async (t) => {
+  const p = policy([
+    { id: 'no-admin', action: 'deny', hosts: ['x.com'], paths: ['/**/admin', '/orgs/**/settings/**', '/a/**/b/**/c'] },
+    { id: 'open', action: 'allow', hosts: ['x.com'], paths: ['/**/public', '/v1/**/items', '/docs/**/'] },
+  ])
+  const table: [path: string, rule: string][] = [
+    // "admin anywhere" holds /admin itself, which it left open.
+    ['/admin', 'no-admin'],
+    ['/ADMIN', 'no-admin'],
+    ['/admin/', 'no-admin'],
+    ['/admin.json', 'no-admin'],
+    ['//admin', 'no-admin'],
+    ['/x/admin', 'no-admin'],
+    ['/x/y/admin', 'no-admin'],
+    ['/administrator', 'default'],
+    ['/xadmin', 'default'],
+    ['/x/admin/y', 'default'],
+    ['/orgs/settings', 'no-admin'],
+    ['/orgs/settings/x', 'no-admin'],
+    ['/orgs/o/settings', 'no-admin'],
+    ['/orgs/o/t/settings/x/y', 'no-admin'],
+    ['/ORGS/SETTINGS.json', 'no-admin'],
+    ['/orgssettings', 'default'],
+    ['/orgs/xsettings', 'default'],
+    ['/orgs', 'default'],
+    ['/a/b/c', 'no-admin'],
+    ['/a/x/b/c', 'no-admin'],
+    ['/a/b/y/c', 'no-admin'],
+    ['/a/x/b/y/z/c', 'no-admin'],
+    ['/a/bc', 'default'],
+    ['/ab/c', 'default'],
+    // An allow opens what it was written for, and no more.
+    ['/public', 'open'],
+    ['/x/public', 'open'],
+    ['/v1/items', 'open'],
+    ['/v1/x/y/items', 'open'],
+    ['/docs/', 'open'],
+    ['/docs/x/', 'open'],
+    ['/xpublic', 'default'],
+    ['/v1items', 'default'],
+    ['/v1/xitems', 'default'],
+    ['/v1/items/x', 'default'],
+    ['/docs', 'default'],
+  ]
+  for (const [path, rule] of table) t.equal(decide(p, 'GET', `https://x.com${path}`).rule, rule, path)
+  // Within a segment, ** is as it was: anything, slashes included.
+  t.ok(compileGlob('/a**', false).test('/a/b/c'))
+  t.ok(compileGlob('/a/**.json', false).test('/a/b/c.json'))
+  t.notOk(compileGlob('/a/**.json', false).test('/a.json'))
+})
+
 t.test('a path is judged in time linear in its length, however a glob\'s wildcards could share it', async (t) => {
   // Paths near the 16 KB a request head may hold, built so that a backtracking matcher tries
   // every way of sharing them among the wildcards: /files/*.*.* took 20 s on the first (at

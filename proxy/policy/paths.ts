@@ -148,9 +148,9 @@ export interface PathMatcher {
 
 /**
  * A glob as a sequence: literal characters (each in the spellings a reading may give it), `?`,
- * `*` (`[^/]*`: within a segment), `**` (`.*`: across segments), and `/**` ending the glob
- * (`(?:/.*)?`: the path itself or anything under it). A deny glob also ends in an optional format
- * suffix and trailing slash, with `/.*` as a further ending where it ended in `/**`.
+ * `*` (`[^/]*`: within a segment), `**` within a segment (`.*`: across segments), and `/**` as a
+ * whole segment (`(?:/.*)?`: nothing, or a `/` and anything). A deny glob also ends in an
+ * optional format suffix and trailing slash, with `/.*` as a further ending where it ended in `/**`.
  */
 type GlobPart = { kind: 'literal'; spellings: string[] } | { kind: 'one' } | { kind: 'segment' } | { kind: 'any' } | { kind: 'anyDepth' }
 type GlobEnd = 'exact' | 'deny' | 'denyAnyDepth'
@@ -166,8 +166,11 @@ function parseGlob(glob: string, deny: boolean): ParsedGlob {
   for (let i = 0; i < chars.length; i++) {
     const c = chars[i]!
     if (c === '*' && chars[i + 1] === '*') {
-      const atEndAfterSlash = chars[i - 1] === '/' && i + 2 === chars.length
-      if (atEndAfterSlash) {
+      // A whole segment (`/**` ending the glob or followed by `/`) is any depth, none included:
+      // `/x/**` is `/x` too, and `/**/admin` is `/admin`, `/a/**/b` is `/a/b` (as gitignore,
+      // Ant and minimatch have it), so "admin anywhere" leaves no `/admin` open.
+      const segment = chars[i - 1] === '/' && (i + 2 === chars.length || chars[i + 2] === '/')
+      if (segment) {
         parts.pop() // the `/`, which is part of what ANY_DEPTH matches
         parts.push({ kind: 'anyDepth' })
       } else parts.push({ kind: 'any' })
@@ -208,7 +211,7 @@ function spellingsOf(c: string, anyCase: boolean): string[] {
   return [...spellings]
 }
 
-/** What `/**` ending a glob compiles to: the path itself, or anything under it. */
+/** What `/**` as a whole segment compiles to: nothing (the path itself, `/a/b` for `/a/**` + `/b`), or anything under it. */
 const ANY_DEPTH = '(?:/.*)?'
 /** One character as readings spell it: itself, an escape, or a UTF-8 sequence of escapes (é is %C3%A9). */
 const ONE = '(?:%[0-9A-Fa-f]{2}(?:%[89ABab][0-9A-Fa-f]){0,3}|[^/])'
@@ -251,8 +254,9 @@ export function globAsAutomaton(glob: string, deny: boolean): PathMatcher {
 }
 
 /**
- * Compiles a glob: `*` one segment's worth, `?` one character (encoded or not), `**` any depth; `/x/**` also
- * matches `/x`. Readings are URL-encoded (the parser writes `é` as `%C3%A9`, a space as `%20`),
+ * Compiles a glob: `*` one segment's worth, `?` one character (encoded or not), `**` any depth,
+ * none included where it is a whole segment (parseGlob): `/x/**` also matches `/x`, and a `**`
+ * segment between two others may stand for none. Readings are URL-encoded (the parser writes `é` as `%C3%A9`, a space as `%20`),
  * so a glob written as a person writes it (`/café/**`, `/my docs/**`) or half-encoded
  * (`/%73ecret`) is brought to that form, as each of its characters may be spelled in a reading.
  * A deny glob ignores case (letters beyond ASCII too), a trailing slash (Express, Rails, Spring
@@ -272,9 +276,9 @@ export function compileGlob(glob: string, deny: boolean): PathMatcher {
   const parsed = parseGlob(glob, deny)
   const { parts } = parsed
   const slash = (p: GlobPart | undefined) => p?.kind === 'literal' && p.spellings.length === 1 && p.spellings[0] === '/'
-  const plain = parts.every(
-    (p, i) => (p.kind === 'literal' && p.spellings.length === 1) || (p.kind === 'segment' && slash(parts[i + 1])) || (p.kind === 'anyDepth' && i === parts.length - 1),
-  )
+  // (A deny's `/**` ending is its DENY_END: one left before it, as in `/a/**/**`, would be a second.)
+  const ending = (i: number) => i === parts.length - 1 && parsed.end === 'exact'
+  const plain = parts.every((p, i) => (p.kind === 'literal' && p.spellings.length === 1) || (p.kind === 'segment' && slash(parts[i + 1])) || (p.kind === 'anyDepth' && ending(i)))
   return plain ? regExpOf(parsed) : new GlobAutomaton(parsed, deny)
 }
 

@@ -1,12 +1,12 @@
 // The compiled policy: rules in order, first match wins, else the default. Compiled once at
-// start-up (and on reload) so a decision is a few set lookups and regex tests, with no I/O.
+// start-up (and on reload) so a decision is a few set lookups and glob tests, with no I/O.
 import { domainToASCII } from 'node:url'
 import { isIP } from 'node:net'
 import ipaddr from 'ipaddr.js'
 import { parseCidr, parseIp } from '../../lib/ip-address.js'
 import type { Config, RuleConfig, Mode } from '../../lib/config/schema.js'
 import type { Decider, Decision, ResolvedAddress, Target } from '../context.js'
-import { compileGlob, pathReadings, MAX_READINGS } from './paths.js'
+import { compileGlob, pathReadings, MAX_READINGS, type PathMatcher } from './paths.js'
 import { addressForms, type AddressForms } from '../resolve/classify.js'
 
 interface CompiledRule {
@@ -17,7 +17,7 @@ interface CompiledRule {
   cidrs: [ipaddr.IPv4 | ipaddr.IPv6, number][] | null
   ports: Set<number> | null
   methods: Set<string> | null
-  paths: RegExp[] | null
+  paths: PathMatcher[] | null
   schemes: Set<string> | null
   decision: Decision
 }
@@ -165,8 +165,8 @@ export class Policy implements Decider {
       }
       if (r.methods && !r.methods.has(method)) continue
       if (r.paths && readings) {
-        const matches = (re: RegExp) => readings.some((p) => re.test(p))
-        const all = (re: RegExp) => readings.every((p) => re.test(p))
+        const matches = (glob: PathMatcher) => readings.some((p) => glob.test(p))
+        const all = (glob: PathMatcher) => readings.every((p) => glob.test(p))
         if (r.deny ? !r.paths.some(matches) : !r.paths.some(all)) continue
       }
       return this.tunnelDecision(r.decision, conditionalAllow, conditionalDeny)

@@ -4,6 +4,7 @@
 import t from 'tap'
 import { connect } from 'node:net'
 import { once } from 'node:events'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { deflateSync, gzipSync } from 'node:zlib'
 import { startUpstream, startTestSidecar, rawRequest, insideTunnel, assertNoCanary, CANARY, type Upstream } from '../helpers/harness.js'
 import { validateConfig } from '../../lib/config/load.js'
@@ -574,6 +575,40 @@ t.test('a request line full of dots is judged like any other', async (t) => {
   t.equal((await get(`/admin${run}/x`)).headers['x-latchkey-rule'], 'no-admin', 'a run ending a segment is trimmed')
   t.equal((await get(`/admin${run}x/y`)).status, 200, 'a run inside a segment is part of its name')
   t.same(upstream.requests.map((r) => r.url.length), [`/admin${run}x/y`.length])
+})
+
+t.test('a path built against a glob\'s wildcards is decided, and other calls are not kept waiting', async (t) => {
+  // allow /files/*.*.* once spent 20 s of the event loop on /files/a.a.a…/ (8 KB), trying every
+  // way to share its dots among the stars, and every other call waited. Globs are matched in
+  // time linear in the path now (see test/policy.test.ts).
+  const upstream = await startUpstream()
+  const s = await startTestSidecar({
+    policy: {
+      default: 'deny',
+      rules: [
+        { id: 'no-key-deletes', action: 'deny', hosts: ['127.0.0.1'], paths: ['/**/users/**/keys/**/delete'] },
+        { id: 'files', action: 'allow', hosts: ['127.0.0.1'], paths: ['/files/*.*.*', '/ok'] },
+      ],
+    },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [upstream.port] }] },
+  })
+  t.teardown(async () => {
+    await s.close()
+    await upstream.close()
+  })
+  const get = (path: string) => rawRequest(s.sidecar.port, `GET http://127.0.0.1:${upstream.port}${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  const hostile = [get(`/files/${'a.'.repeat(7_500)}/`), get(`/${'users/keys/'.repeat(1_350)}`)]
+  await sleep(20)
+  const started = performance.now()
+  const ok = await get('/ok')
+  const waited = performance.now() - started
+  t.equal(ok.status, 200, 'a call made meanwhile passes')
+  t.ok(waited < 1000, `without waiting on them: answered in ${waited.toFixed(0)} ms`)
+  const [files, keys] = await Promise.all(hostile)
+  t.equal(files!.headers['x-latchkey-rule'], 'default', '/files/a.a.…/ is decided: no file name, so nothing allows it')
+  t.equal(keys!.headers['x-latchkey-rule'], 'default', '/users/keys/… is decided: no delete in it, so the deny passes it by')
+  t.equal((await get(`/files/${'a.'.repeat(7_500)}a`)).status, 200, 'and a file name with dots in it is allowed')
+  t.equal((await get(`/${'users/keys/'.repeat(1_350)}delete`)).headers['x-latchkey-rule'], 'no-key-deletes', 'a key deletion under it is denied')
 })
 
 t.test('a deny of GET holds HEAD, which frameworks answer with the GET handler', async (t) => {

@@ -23,8 +23,9 @@ async function get(proxy: string, url: string, handle?: string) {
   return { status: res.statusCode, text, body: (() => { try { return JSON.parse(text) as Record<string, unknown> } catch { return {} } })() }
 }
 
-t.test('a broker-leased secret: injected for the task, never seen by the agent, gone with the task', async (t) => {
-  const broker = await startTestBroker({ broker: { leased_secrets: { [LEGACY]: 'LK_TEST_LEGACY_KEY' } }, env: { LK_TEST_LEGACY_KEY: CANARY } })
+/** A broker lending `secret` as LEGACY's leased secret, a sidecar injecting it as X-Api-Key, and a task opened on it. */
+async function leasedSecretRig(t: { teardown(fn: () => unknown): void }, secret: string) {
+  const broker = await startTestBroker({ broker: { leased_secrets: { [LEGACY]: 'LK_TEST_LEGACY_KEY' } }, env: { LK_TEST_LEGACY_KEY: secret } })
   const up = await startUpstream()
   const s = await startTestSidecar({
     ...loopbackPolicy([up.port]),
@@ -37,6 +38,11 @@ t.test('a broker-leased secret: injected for the task, never seen by the agent, 
     await broker.close()
   })
   const task = s.sidecar.tasks.open({ purpose: 'legacy', durationS: 120, userToken: await broker.userToken('u', 'read') })
+  return { broker, up, s, task }
+}
+
+t.test('a broker-leased secret: injected for the task, never seen by the agent, gone with the task', async (t) => {
+  const { broker, up, s, task } = await leasedSecretRig(t, CANARY)
   const a = await get(s.proxy, `${up.origin}/a`, task.handle)
   const b = await get(s.proxy, `${up.origin}/b`, task.handle)
   t.equal(a.status, 200)
@@ -409,19 +415,7 @@ t.test('a token its injector cannot send is an invalid answer, not cached: the n
 })
 
 t.test('a leased secret a header cannot carry (as `echo` leaves it) is refused by the sidecar, not sent', async (t) => {
-  const broker = await startTestBroker({ broker: { leased_secrets: { [LEGACY]: 'LK_TEST_LEGACY_KEY' } }, env: { LK_TEST_LEGACY_KEY: `${CANARY}\n` } })
-  const up = await startUpstream()
-  const s = await startTestSidecar({
-    ...loopbackPolicy([up.port]),
-    sidecar: { agent_id: AGENT, broker: { url: broker.url }, attestation: { local: { key_file: join(broker.dir, 'local', 'local-attestor.key.json'), audience: broker.issuer } } },
-    credentials: [{ id: 'legacy', audience: up.origin, source: 'broker_secret', token_audience: LEGACY, inject: { type: 'header', name: 'X-Api-Key' } }],
-  })
-  t.teardown(async () => {
-    await s.close()
-    await up.close()
-    await broker.close()
-  })
-  const task = s.sidecar.tasks.open({ purpose: 'legacy', durationS: 120, userToken: await broker.userToken('u', 'read') })
+  const { up, s, task } = await leasedSecretRig(t, `${CANARY}\n`)
   const res = await get(s.proxy, `${up.origin}/a`, task.handle)
   t.equal(res.status, 503)
   t.match(res.body, { code: 'LK_CREDENTIAL_UNAVAILABLE', reason: /the broker issued a leased secret that cannot be sent: it starts or ends with whitespace \(not repeated\)/ })

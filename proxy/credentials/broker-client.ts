@@ -11,7 +11,7 @@ import { TOKEN_EXCHANGE_GRANT, TOKEN_TYPES } from '../../lib/oauth.js'
 import { EvidenceUnavailable, type WorkloadEvidence } from '../attest/evidence.js'
 import type { CredentialBinding, TaskRef } from '../context.js'
 import { ActorMismatch, type TokenIssuer } from './broker-source.js'
-import { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, readCapped, type IssuedToken } from './exchange-outcome.js'
+import { ExchangeFailed, grantedScopesProblem, MAX_EXPIRES_IN_S, MAX_SCOPE_TEXT, MAX_TOKEN_RESPONSE_BYTES, readCapped, type IssuedToken } from './exchange-outcome.js'
 import { quotesSent, WITHHELD } from '../forward/scrub.js'
 
 export { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, type ExchangeOutcome, type IssuedToken } from './exchange-outcome.js'
@@ -125,7 +125,13 @@ export class BrokerClient implements TokenIssuer {
     // What the broker says is checked, not trusted: no more scope than asked, no other audience,
     // no lifetime past a day nor past the token's own exp. Reasons never quote the token.
     if (body.scope !== undefined && typeof body.scope !== 'string') throw new ExchangeFailed('invalid_response', 'broker answered 200 with a scope that is not a string')
+    // Asked for none, what it grants is taken (below): still bounded, and never text quoting what
+    // the exchange sent, for granted scopes go into every audit event and log line of the task.
+    if (typeof body.scope === 'string' && body.scope.length > MAX_SCOPE_TEXT) throw new ExchangeFailed('invalid_response', `broker granted scope text over ${MAX_SCOPE_TEXT} characters`)
+    if (typeof body.scope === 'string' && quotes(body.scope, body.scope)) throw new ExchangeFailed('invalid_response', `broker granted scope text that quotes what the exchange sent (${NOT_REPEATED})`)
     const granted = typeof body.scope === 'string' ? body.scope.split(' ').filter(Boolean) : [...scopes]
+    const malformed = grantedScopesProblem(granted)
+    if (malformed) throw new ExchangeFailed('invalid_response', `broker granted ${malformed}`)
     // Asking for no scope asks for what the registry allows: only a request that names scopes bounds them.
     const extra = scopes.length > 0 ? granted.filter((g) => !scopes.includes(g)) : []
     if (extra.length > 0) {

@@ -67,7 +67,7 @@ export interface TokenRig {
 }
 
 export async function startTokenRig(
-  opts: { sidecar?: Record<string, unknown>; sidecarOptions?: Omit<SidecarOptions, 'env' | 'logDestination'>; broker?: TestBroker; brokerUrl?: string } = {},
+  opts: { sidecar?: Record<string, unknown>; sidecarOptions?: Omit<SidecarOptions, 'env' | 'logDestination'>; broker?: TestBroker; brokerUrl?: string; /** The binding's scopes: ['read'] unless given; none asks for what the registry allows. */ scopes?: string[] } = {},
 ): Promise<TokenRig> {
   const broker = opts.broker ?? (await startTestBroker())
   const api = await startResourceServer(broker)
@@ -81,7 +81,7 @@ export async function startTokenRig(
         broker: { url: opts.brokerUrl ?? broker.url, timeout_ms: 1000, ...((sidecarFragment.sidecar as { broker?: object } | undefined)?.broker ?? {}) },
         attestation: { local: { key_file: join(broker.dir, 'local', 'local-attestor.key.json'), audience: broker.issuer } },
       },
-      credentials: [{ id: 'api', audience: api.origin, source: 'broker', token_audience: API, scopes: ['read'], inject: { type: 'bearer' } }],
+      credentials: [{ id: 'api', audience: api.origin, source: 'broker', token_audience: API, ...((opts.scopes ?? ['read']).length > 0 ? { scopes: opts.scopes ?? ['read'] } : {}), inject: { type: 'bearer' } }],
     },
     {},
     opts.sidecarOptions ?? {},

@@ -3,6 +3,7 @@
 // past 1 MB. Each refusal is a 503 that says why and quotes no token; nothing reaches the API. A
 // real broker behind a front that rewrites or makes up its answers (faults a real broker lacks).
 import t from 'tap'
+import { readFileSync } from 'node:fs'
 import { startTestBroker, API } from '../helpers/broker.js'
 import { startBrokerFront, type BrokerFront } from '../helpers/broker-front.js'
 import { startTokenRig, type TokenRig } from '../helpers/tokens.js'
@@ -15,10 +16,10 @@ const fakeJwt = (claims: Record<string, unknown>) => `${b64({ alg: 'ES256', typ:
 const nowS = () => Math.floor(Date.now() / 1000)
 const answer = (token: string, extra: Record<string, unknown> = {}) => JSON.stringify({ access_token: token, token_type: 'Bearer', expires_in: 300, issued_token_type: AT, ...extra })
 
-async function rig(t: { teardown(fn: () => unknown): void }): Promise<{ rig: TokenRig; front: BrokerFront; call(path: string): Promise<{ status: number; body: Record<string, unknown>; handle: string }> }> {
+async function rig(t: { teardown(fn: () => unknown): void }, scopes?: string[]): Promise<{ rig: TokenRig; front: BrokerFront; call(path: string): Promise<{ status: number; body: Record<string, unknown>; handle: string }> }> {
   const broker = await startTestBroker()
   const front = await startBrokerFront(broker.url)
-  const r = await startTokenRig({ broker, brokerUrl: front.url, sidecar: { sidecar: { broker: { timeout_ms: 5000 } } } })
+  const r = await startTokenRig({ broker, brokerUrl: front.url, sidecar: { sidecar: { broker: { timeout_ms: 5000 } } }, scopes })
   t.teardown(async () => {
     await r.close()
     await front.close()
@@ -52,6 +53,22 @@ t.test('refused: more scope than asked, another audience, a JWT already expired'
   const expired = await call('/expired')
   t.match(expired, { status: 503, body: { code: 'LK_CREDENTIAL_UNAVAILABLE', reason: /broker issued a token that expired 3\d{3} s ago/ } })
   t.equal(r.api.tokens.length, 0, 'nothing reached the API')
+})
+
+t.test('asked for no scope, what the broker grants is still checked: bounded scope-tokens, none quoting what was sent', async (t) => {
+  // Asking for none takes what the registry allows: the grant was taken as the broker wrote it,
+  // into every audit event and log line of the task (injector probe, for the OAuth source).
+  const { rig: r, front, call } = await rig(t, [])
+  front.mode = { mode: 'patch', patch: { scope: 'read "x\\y"' } }
+  t.match(await call('/quoted'), { status: 503, body: { code: 'LK_CREDENTIAL_UNAVAILABLE', reason: /broker granted a scope that is not a scope-token/ } })
+  front.mode = { mode: 'patch', patch: { scope: 'read '.repeat(4000) } }
+  t.match(await call('/long'), { status: 503, body: { code: 'LK_CREDENTIAL_UNAVAILABLE', reason: /broker granted scope text over 16384 characters/ } })
+  front.mode = { mode: 'patch', patch: { scope: Array.from({ length: 300 }, (_, i) => `s${i}`).join(' ') } }
+  t.match(await call('/many'), { status: 503, body: { code: 'LK_CREDENTIAL_UNAVAILABLE', reason: /broker granted 300 scopes, more than the 256 taken/ } })
+  t.equal(r.api.tokens.length, 0, 'nothing reached the API')
+  front.mode = { mode: 'patch', patch: { scope: 'read write' } }
+  t.equal((await call('/fine')).status, 200, 'a grant of scope-tokens is taken')
+  t.notOk(readFileSync(r.sidecar.auditPath, 'utf8').includes('"x\\\\y"'), 'the refused grant is in no audit event')
 })
 
 t.test('an absurd expires_in is clamped: to the JWT\'s own exp, or to a day; the task API still describes it', async (t) => {

@@ -6,7 +6,7 @@ import { readFileSync, watch, type FSWatcher } from 'node:fs'
 import { basename, dirname } from 'node:path'
 import type { ErrorObject, ValidateFunction } from 'ajv'
 import { validate as generatedValidate } from './registry-validate.generated.js'
-import { parseYamlDocument } from '../lib/yaml-document.js'
+import { parseYamlDocument, yamlData, yamlErrorMessage } from '../lib/yaml-document.js'
 
 export type UserRule = 'required' | 'optional' | 'none'
 
@@ -61,8 +61,13 @@ function describe(e: ErrorObject): string {
 
 export function parseRegistry(text: string, source = '<registry>'): Registry {
   const doc = parseYamlDocument(text)
-  if (doc.errors.length > 0) throw new RegistryError(source, doc.errors.map((e) => e.message.split('\n')[0] ?? e.message))
-  const raw: unknown = doc.toJS({ maxAliasCount: 100 }) ?? {}
+  if (doc.errors.length > 0) throw new RegistryError(source, doc.errors.map((e) => `${e.linePos ? `line ${e.linePos[0].line}: ` : ''}${yamlErrorMessage(e)}`))
+  let raw: unknown
+  try {
+    raw = yamlData(doc) ?? {}
+  } catch (err) {
+    throw new RegistryError(source, [(err as Error).message])
+  }
   if (!validate(raw)) throw new RegistryError(source, (validate.errors ?? []).map(describe))
   const registry = raw as unknown as Registry
   // Maps keyed by names that come from requests (an agent type, an audience) have no prototype:

@@ -6,7 +6,7 @@ import type { ErrorObject, ValidateFunction } from 'ajv'
 import { validate as generatedValidate } from './config-validate.generated.js'
 import { checkServerTls } from '../lib/tls-files.js'
 import { PreflightFindings } from '../lib/config/preflight-findings.js'
-import { parseYamlDocument } from '../lib/yaml-document.js'
+import { parseYamlDocument, yamlData, yamlErrorMessage } from '../lib/yaml-document.js'
 import { ConfigError, isLoopbackHost, plaintextProblem, readConfigText, type ConfigProblem } from '../lib/config/load.js'
 
 export interface SidecarCredential {
@@ -180,12 +180,20 @@ export function loadCollectorConfig(file: string): CollectorConfig {
 
 export function parseCollectorConfig(text: string, file = '<collector config>'): CollectorConfig {
   let raw: unknown
+  let doc
   try {
-    const doc = parseYamlDocument(text)
-    if (doc.errors.length > 0) throw doc.errors[0]!
-    raw = doc.toJS({ maxAliasCount: 100 })
+    doc = parseYamlDocument(text)
   } catch (err) {
-    throw new ConfigError(file, [{ path: '', message: (err as Error).message.split('\n')[0] ?? 'invalid YAML' }])
+    // The parser recurses per nesting level: thousands of levels exhaust the stack.
+    if (err instanceof RangeError) throw new ConfigError(file, [{ path: '', message: 'the YAML nests too deeply' }])
+    throw err
+  }
+  const e = doc.errors[0]
+  if (e) throw new ConfigError(file, [{ path: e.linePos ? `line ${e.linePos[0].line}` : '', message: yamlErrorMessage(e) }])
+  try {
+    raw = yamlData(doc)
+  } catch (err) {
+    throw new ConfigError(file, [{ path: '', message: (err as Error).message }])
   }
   return validateCollectorConfig(raw ?? {}, file)
 }

@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs'
 import type { ErrorObject, ValidateFunction } from 'ajv'
 import { parse as parseYamlScalar, type YAMLError } from 'yaml'
-import { parseYamlDocument } from '../yaml-document.js'
+import { parseYamlDocument, yamlData, yamlErrorMessage } from '../yaml-document.js'
 import ipaddr from 'ipaddr.js'
 import { parseCidr, processIp } from '../ip-address.js'
 import { ADDRESS_CLASSES, PORT_PATTERN, type Config } from './schema.js'
@@ -100,7 +100,7 @@ export function envOverrides(config: Config): string[] {
 export function parseConfig(text: string, source = '<config>', env: NodeJS.ProcessEnv = {}): Config {
   let doc
   try {
-    doc = parseYamlDocument(text, { prettyErrors: true })
+    doc = parseYamlDocument(text)
   } catch (err) {
     // The parser recurses per nesting level: thousands of levels exhaust the stack.
     if (err instanceof RangeError) throw new ConfigError(source, [{ path: '', message: 'the YAML nests too deeply' }])
@@ -117,10 +117,10 @@ export function parseConfig(text: string, source = '<config>', env: NodeJS.Proce
   }
   let raw: unknown
   try {
-    raw = doc.toJS({ maxAliasCount: 100 }) ?? {}
+    raw = yamlData(doc) ?? {}
   } catch (err) {
-    // yaml refuses excessive alias expansion (an alias bomb) and unresolved aliases by throwing.
-    throw new ConfigError(source, [{ path: '', message: `cannot expand YAML aliases: ${firstLine(err)}` }])
+    // yaml refuses excessive alias expansion (an alias bomb) by throwing.
+    throw new ConfigError(source, [{ path: '', message: (err as Error).message }])
   }
   const overrides = applyEnvOverrides(raw, env, source)
   // Read before validation fills in the defaults: whether the file (or the environment) wrote one.
@@ -204,11 +204,7 @@ function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv, source: string)
   return applied
 }
 
-function firstLine(err: unknown): string {
-  return (err instanceof Error ? err.message : String(err)).split('\n')[0] ?? ''
-}
-
-/** yaml's errors in words about the file: the duplicated key named, no pointers to its own API. */
+/** yaml's errors in words about the file, quoting none of its values: the duplicated key named, no pointers to its own API. */
 function describeYamlError(e: YAMLError, text: string): ConfigProblem {
   const path = e.linePos ? `line ${e.linePos[0].line}` : ''
   switch (e.code) {
@@ -221,8 +217,7 @@ function describeYamlError(e: YAMLError, text: string): ConfigProblem {
     case 'MULTIPLE_DOCS':
       return { path, message: 'a config file holds one YAML document; remove the second (after ---)' }
     default:
-      // The first line, without the position yaml repeats at its end (the path says it).
-      return { path, message: (e.message.split('\n')[0] ?? e.message).replace(/ at line \d+, column \d+:?$/, '') }
+      return { path, message: yamlErrorMessage(e) }
   }
 }
 

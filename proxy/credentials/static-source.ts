@@ -1,7 +1,7 @@
 // The first CredentialSource: secrets read once at start-up from a YAML/JSON file of
 // name → value, or from environment variables `<env_prefix><NAME>`. They live in memory only.
 import { readFileSync } from 'node:fs'
-import { parseYamlDocument } from '../../lib/yaml-document.js'
+import { parseYamlDocument, yamlErrorMessage } from '../../lib/yaml-document.js'
 import type { Config } from '../../lib/config/schema.js'
 import type { Credential, CredentialBinding, CredentialSource } from '../context.js'
 import { LatchkeyError } from '../errors.js'
@@ -34,7 +34,8 @@ export class StaticSecretSource implements CredentialSource {
       const problem = doc.errors[0] ?? doc.warnings[0]
       if (problem) {
         const line = text.slice(0, problem.pos[0]).split('\n').length
-        throw startupError(`secrets.file ${secrets.file}: not YAML this sidecar reads (${problem.code} at line ${line}; the line is not quoted: it may hold a secret)`)
+        // What is wrong in yaml's words where they quote nothing of the file (yamlErrorMessage).
+        throw startupError(`secrets.file ${secrets.file}: not YAML this sidecar reads (${problem.code} at line ${line}; the line is not quoted: it may hold a secret): ${yamlErrorMessage(problem)}`)
       }
       try {
         parsed = doc.toJS()

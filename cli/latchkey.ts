@@ -138,9 +138,10 @@ for (const [name, op] of [['revoke', 'revoke'], ['unrevoke', 'unrevoke']] as con
     .option('--jti <id>', 'a token ID instead of an agent')
   if (op === 'revoke') command.option('--reason <text>', 'why (recorded in the audit trail)')
   command
-    .option('--broker <url>', 'broker base URL', process.env.LATCHKEY_BROKER_URL ?? 'http://127.0.0.1:15003')
+    // Not the environment's value as commander's default: --help prints a default, and a URL can carry a password.
+    .option('--broker <url>', 'broker base URL (default: $LATCHKEY_BROKER_URL, else http://127.0.0.1:15003)')
     .option('--token-env <name>', 'environment variable holding the admin token', 'LATCHKEY_BROKER_ADMIN_TOKEN')
-    .action(async (agent: string | undefined, opts: { task?: string; jti?: string; reason?: string; broker: string; tokenEnv: string }) => {
+    .action(async (agent: string | undefined, opts: { task?: string; jti?: string; reason?: string; broker?: string; tokenEnv: string }) => {
       const { revokeCommand } = await import('./revoke.js')
       process.exitCode = await revokeCommand(op, agent, opts)
     })

@@ -8,7 +8,7 @@ import { PreflightFindings } from '../lib/config/preflight-findings.js'
 import { compileBundle, DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
 import { readPolicyText } from './policy/file.js'
 import { CaFileProblem, readCaFile, trustWith } from './tls-trust.js'
-import { StaticSecretSource, missingSecret } from './credentials/static-source.js'
+import { StaticSecretSource } from './credentials/static-source.js'
 
 export class StartupError extends Error {
   readonly code = 'LK_STARTUP'
@@ -159,7 +159,7 @@ export async function preflight(config: Config): Promise<PreflightFindings> {
     if (secrets) {
       found.errors.push(...unsendableSecrets(config, secrets))
       // A secret in neither place here: the sidecar would not start (said as start-up says it).
-      for (const { path, name } of named) if (!secrets.has(name)) found.onThisMachine.push({ path, message: missingSecret(name, config.secrets.env_prefix) })
+      for (const { path, name } of named) if (!secrets.has(name)) found.onThisMachine.push({ path, message: secrets.missing(name) })
     }
   }
   // The revocations a sidecar with a control stream last knew: a file that is not one stops its start.

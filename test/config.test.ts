@@ -209,6 +209,17 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   t.same([noSecret.status, noSecret.stderr.trim()], [0, 'warning: credentials[0].secret: secret NO_SUCH_TOKEN_X is neither in env LATCHKEY_SECRET_NO_SUCH_TOKEN_X nor in secrets.file (the sidecar would not start on this machine)'], 'a missing secret is said, naming where it was looked for')
   const withSecret = spawnSync(process.execPath, [CLI, 'check-config', needsSecret], { encoding: 'utf8', env: { ...env, LATCHKEY_SECRET_NO_SUCH_TOKEN_X: 'x'.repeat(32) } })
   t.same([withSecret.status, withSecret.stderr], [0, ''], 'and nothing is said once it is there')
+  // Set but empty, in the environment or the file: said so, as the sidecar says it, not "in neither place".
+  const secretsFile = join(dir, 'secrets.yaml')
+  writeFileSync(secretsFile, 'NO_SUCH_TOKEN_X: canaryFILESECRET0014\n')
+  writeFileSync(needsSecret, `version: 1\nsecrets: { file: ${secretsFile} }\ncredentials: [ { id: api, audience: "https://api.example.com", source: static, secret: NO_SUCH_TOKEN_X, inject: { type: bearer } } ]\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
+  const emptyEnv = spawnSync(process.execPath, [CLI, 'check-config', needsSecret], { encoding: 'utf8', env: { ...env, LATCHKEY_SECRET_NO_SUCH_TOKEN_X: '' } })
+  t.same([emptyEnv.status, emptyEnv.stderr.trim()], [0, 'warning: credentials[0].secret: secret NO_SUCH_TOKEN_X: env LATCHKEY_SECRET_NO_SUCH_TOKEN_X is set but empty (it is read before secrets.file: unset it, or set it to the secret) (the sidecar would not start on this machine)'])
+  const refused = spawnSync(process.execPath, [CLI, 'sidecar', '--config', needsSecret], { encoding: 'utf8', timeout: 10_000, env: { ...env, LATCHKEY_SECRET_NO_SUCH_TOKEN_X: '' } })
+  t.same([refused.status, refused.stderr.trim()], [1, 'credential "api": secret NO_SUCH_TOKEN_X: env LATCHKEY_SECRET_NO_SUCH_TOKEN_X is set but empty (it is read before secrets.file: unset it, or set it to the secret)'], 'the sidecar refuses it in the same words')
+  writeFileSync(secretsFile, 'NO_SUCH_TOKEN_X: ""\n')
+  const emptyInFile = spawnSync(process.execPath, [CLI, 'check-config', needsSecret], { encoding: 'utf8', env })
+  t.same([emptyInFile.status, emptyInFile.stderr.trim()], [0, 'warning: credentials[0].secret: secret NO_SUCH_TOKEN_X is empty in secrets.file (the sidecar would not start on this machine)'])
   // `policy` beside a policy file did nothing: an error, naming the variable when the environment set it.
   const both = join(dir, 'both.yaml')
   writeFileSync(both, `version: 1\nsidecar: { policy_file: ${join(dir, 'policy.yaml')} }\npolicy: { default: allow }\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)

@@ -16,8 +16,12 @@ export class StaticSecretSource implements CredentialSource {
   private readonly credentials = new Map<string, Credential>()
   /** Each secret as held() answers it: one array per secret, made once. */
   private readonly heldByName = new Map<string, readonly Credential[]>()
+  /** Names found but empty, and where: said so by missing(), not "in neither place". */
+  private readonly emptyIn = new Map<string, 'env' | 'file'>()
+  private readonly prefix: string
 
   constructor(secrets: Config['secrets'], names: Iterable<string>, env: NodeJS.ProcessEnv = process.env) {
+    this.prefix = secrets.env_prefix
     let fromFile: Record<string, unknown> = {}
     if (secrets.file) {
       let parsed: unknown
@@ -46,11 +50,20 @@ export class StaticSecretSource implements CredentialSource {
       fromFile = parsed as Record<string, unknown>
     }
     for (const name of names) {
-      const value = env[secrets.env_prefix + name] ?? fromFile[name]
+      // An empty variable is set, and read first: it is not passed over for the file's value (an
+      // operator who emptied it meant something), and the refusal says it is empty, not absent.
+      const fromEnv = env[secrets.env_prefix + name]
+      const value = fromEnv ?? fromFile[name]
+      if (fromEnv === undefined && value === null) {
+        // `NAME:` with nothing after it: present, and empty.
+        this.emptyIn.set(name, 'file')
+        continue
+      }
       // Present but unusable says so, and never what it held: YAML reads 12345 as a number.
       if (value !== undefined && typeof value !== 'string') {
-        throw startupError(`secrets.file ${secrets.file}: secret ${name} is not a string (quote it)`)
+        throw startupError(`secrets.file ${secrets.file}: ${secretNamed(name)} is not a string (quote it)`)
       }
+      if (value === '') this.emptyIn.set(name, fromEnv === undefined ? 'file' : 'env')
       if (typeof value === 'string' && value.length > 0) {
         const c: Credential = { value, id: `static:${name}`, expiresAt: null, scopes: [] }
         this.credentials.set(name, c)
@@ -66,6 +79,17 @@ export class StaticSecretSource implements CredentialSource {
 
   has(name: string): boolean {
     return this.credentials.has(name)
+  }
+
+  /** Why a secret this source was asked for is not held: empty where it was found, or in neither place. */
+  missing(name: string): string {
+    const where = this.emptyIn.get(name)
+    const shown = nameShown(name)
+    const env = `${this.prefix}${shown ?? '<name>'}`
+    const unnamed = shown === null ? ` ${NOT_REPEATED}` : ''
+    if (where === 'env') return `${secretNamed(name)}: env ${env} is set but empty (it is read before secrets.file: unset it, or set it to the secret)${unnamed}`
+    if (where === 'file') return `${secretNamed(name)} is empty in secrets.file${unnamed}`
+    return missingSecret(name, this.prefix)
   }
 
   get(binding: CredentialBinding): Credential {
@@ -86,7 +110,20 @@ export class StaticSecretSource implements CredentialSource {
  * (`GITHUB_TOKEN`, `github_token`): anything else (mixed case, `-`, `.`, long) may be the secret
  * itself, pasted where its name belongs, and a start-up error goes to the logs.
  */
-export function missingSecret(name: string, prefix: string): string {
-  if (/^(?:[A-Z][A-Z0-9_]{0,39}|[a-z][a-z0-9_]{0,39})$/.test(name)) return `secret ${name} is neither in env ${prefix}${name} nor in secrets.file`
-  return `the secret it names is neither in env ${prefix}<name> nor in secrets.file (the name is not repeated: it is not written as a name is, and may be a secret pasted in its place)`
+function missingSecret(name: string, prefix: string): string {
+  if (nameShown(name) !== null) return `secret ${name} is neither in env ${prefix}${name} nor in secrets.file`
+  return `the secret it names is neither in env ${prefix}<name> nor in secrets.file ${NOT_REPEATED}`
+}
+
+const NOT_REPEATED = '(the name is not repeated: it is not written as a name is, and may be a secret pasted in its place)'
+
+/** `name` when it is written as a name is, else null: it may be the secret itself. */
+function nameShown(name: string): string | null {
+  return /^(?:[A-Z][A-Z0-9_]{0,39}|[a-z][a-z0-9_]{0,39})$/.test(name) ? name : null
+}
+
+/** "secret NAME", or "the secret it names" when the name may be a secret (see missingSecret). */
+function secretNamed(name: string): string {
+  const shown = nameShown(name)
+  return shown === null ? 'the secret it names' : `secret ${shown}`
 }

@@ -150,7 +150,7 @@ export function validateConfig(raw: unknown, source = '<config>'): Config {
   // A key that is not a valid name fails twice (its pattern, then propertyNames): said once, by the key.
   // A discriminator's own complaint (a type no branch has, or none) repeats what the enum or
   // required error beside it says about `type`.
-  if (!validate(raw)) throw new ConfigError(source, (validate.errors ?? []).filter((e) => e.keyword !== 'propertyNames' && e.keyword !== 'discriminator').map(describeAjvError))
+  if (!validate(raw)) throw new ConfigError(source, schemaProblems(validate.errors))
   const config = raw as unknown as Config
   const problems = semanticProblems(config)
   if (problems.length > 0) throw new ConfigError(source, problems)
@@ -221,7 +221,18 @@ function describeYamlError(e: YAMLError, text: string): ConfigProblem {
   }
 }
 
-function describeAjvError(e: ErrorObject): ConfigProblem {
+/**
+ * ajv's errors as problems, one per mistake: a key that is not a valid name fails twice (its
+ * pattern, then propertyNames), said once, by the key; a discriminator's own complaint (a type
+ * no branch has, or none) repeats what the enum or required error beside it says. For every
+ * config judged by a schema compiled with discriminators (the sidecar's, the collector's).
+ */
+export function schemaProblems(errors: ErrorObject[] | null | undefined): ConfigProblem[] {
+  return (errors ?? []).filter((e) => e.keyword !== 'propertyNames' && e.keyword !== 'discriminator').map(describeAjvError)
+}
+
+/** One ajv error in words: the path as problems name it, the key for an unknown or missing one. */
+export function describeAjvError(e: ErrorObject): ConfigProblem {
   const path = pointerToPath(e.instancePath)
   if (e.propertyName !== undefined) {
     const key = /^[A-Za-z0-9_.-]+$/.test(e.propertyName) ? e.propertyName : JSON.stringify(e.propertyName.slice(0, 64))

@@ -25,6 +25,22 @@ t.test('mistakes are named by path', async (t) => {
   t.throws(() => loadCollectorConfig('/nonexistent/collector.yaml'), { message: /cannot read file: ENOENT/ })
 })
 
+t.test("a store mistake is judged by the branch its kind names: one line, not every branch's complaint", async (t) => {
+  const said = (store: Record<string, unknown>) => {
+    try {
+      validateCollectorConfig({ version: 1, collector: { sidecars: [], store } }, 'c.yaml')
+    } catch (err) {
+      return (err as { problems: { path: string; message: string }[] }).problems.map((p) => `${p.path}: ${p.message}`)
+    }
+    return []
+  }
+  t.same(said({ kind: 'sqlite', path: 'x.db', pool_size: 4 }), ['collector.store.pool_size: unknown key'], "a postgres key under sqlite: that, not postgres's missing url")
+  t.same(said({ kind: 'postgres', url: 'postgres://h/db', path: 'x.db', pool_size: 0 }), ['collector.store.path: unknown key', 'collector.store.pool_size: must be >= 1'])
+  t.same(said({ kind: 'mongo', path: 'x.db' }), ['collector.store.kind: must be one of "sqlite", "postgres"'], 'an unknown kind names the kinds')
+  t.same(said({ path: 'x.db' }), ['collector.store: missing required key "kind"'])
+  t.same(said({ kind: 'sqlite', path: 'x.db' }), [])
+})
+
 t.test('a query API open to the network needs reader tokens', async (t) => {
   const http = (h: Record<string, unknown>) => () => validateCollectorConfig({ version: 1, collector: { sidecars: [], http: { port: 0, ...h } } }, 'c.yaml')
   for (const host of ['0.0.0.0', '::', '10.1.2.3', 'collector.internal']) {

@@ -179,10 +179,12 @@ program
       const text = configText(bytes, file)
       if (kind === 'collector') {
         const { parseCollectorConfig, collectorPreflight } = await import('../collector/config.js')
-        const c = parseCollectorConfig(text, file)
+        const c = parseCollectorConfig(text, file, process.env)
         const { errors, onThisMachine } = collectorPreflight(c)
         if (errors.length > 0) throw await configError(file, errors)
         for (const p of onThisMachine) console.error(`warning: ${p.path}: ${p.message} (the collector would not start on this machine)`)
+        const overridden = envOverrides(c)
+        if (overridden.length > 0) console.error(`note: set by the environment, not the file: ${overridden.join(', ')}`)
         console.log(`${file}: valid collector config (version 1, ${c.collector.sidecars.length} sidecars, ${c.collector.store.kind} store)`)
         return
       }

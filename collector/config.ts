@@ -7,7 +7,7 @@ import { validate as generatedValidate } from './config-validate.generated.js'
 import { checkServerTls } from '../lib/tls-files.js'
 import { PreflightFindings } from '../lib/config/preflight-findings.js'
 import { parseYamlDocument, yamlData, yamlErrorMessage } from '../lib/yaml-document.js'
-import { ConfigError, isLoopbackHost, plaintextProblem, readConfigText, schemaProblems, type ConfigProblem } from '../lib/config/load.js'
+import { ConfigError, isLoopbackHost, plaintextProblem, readConfigText, schemaProblems, validateWithOverrides, type ConfigProblem } from '../lib/config/load.js'
 
 export interface SidecarCredential {
   /** With mTLS, the CN of the sidecar's client certificate. */
@@ -166,11 +166,12 @@ function sqliteFileProblem(path: string): { message: string; unreadable: boolean
   }
 }
 
-export function loadCollectorConfig(file: string): CollectorConfig {
-  return parseCollectorConfig(readConfigText(file), file)
+/** The collector's config file, with LATCHKEY__COLLECTOR__… overrides from `env` applied as the sidecar's are. */
+export function loadCollectorConfig(file: string, env: NodeJS.ProcessEnv = process.env): CollectorConfig {
+  return parseCollectorConfig(readConfigText(file), file, env)
 }
 
-export function parseCollectorConfig(text: string, file = '<collector config>'): CollectorConfig {
+export function parseCollectorConfig(text: string, file = '<collector config>', env: NodeJS.ProcessEnv = {}): CollectorConfig {
   let raw: unknown
   let doc
   try {
@@ -187,5 +188,5 @@ export function parseCollectorConfig(text: string, file = '<collector config>'):
   } catch (err) {
     throw new ConfigError(file, [{ path: '', message: (err as Error).message }])
   }
-  return validateCollectorConfig(raw ?? {}, file)
+  return validateWithOverrides(raw ?? {}, env, file, (r) => validateCollectorConfig(r, file))
 }

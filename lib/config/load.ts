@@ -30,7 +30,7 @@ export class ConfigError extends Error {
 
 const validate = generatedValidate as unknown as ValidateFunction<Config>
 
-/** Environment overrides: LATCHKEY__SIDECAR__LISTEN__PORT=16001 sets sidecar.listen.port. */
+/** Environment overrides: LATCHKEY__SIDECAR__LISTEN__PORT=16001 sets sidecar.listen.port (LATCHKEY__COLLECTOR__GRPC__PORT, in a collector's config, collector.grpc.port). */
 export const ENV_PREFIX = 'LATCHKEY__'
 
 export function loadConfigFile(file: string, env: NodeJS.ProcessEnv = process.env): Config {
@@ -86,11 +86,11 @@ export function configText(bytes: Buffer, file: string): string {
   return bytes.toString('utf8')
 }
 
-/** The LATCHKEY__… variables a parsed config took values from, with the setting each answers for. */
-const overridesOf = new WeakMap<Config, ReadonlyMap<string, string>>()
+/** The LATCHKEY__… variables a parsed config (the sidecar's, the collector's) took values from, with the setting each answers for. */
+const overridesOf = new WeakMap<object, ReadonlyMap<string, string>>()
 
 /** What the environment set in `config` (as `NAME (setting)`), for start-up lines and check-config: nothing it changed goes unsaid. */
-export function envOverrides(config: Config): string[] {
+export function envOverrides(config: object): string[] {
   return [...(overridesOf.get(config)?.keys() ?? [])].map((name) => {
     const setting = name.slice(ENV_PREFIX.length).toLowerCase().split('__').map((k, i) => (/^[0-9]+$/.test(k) ? `[${k}]` : i === 0 ? k : `.${k}`)).join('')
     return `${name} (${setting})`
@@ -122,15 +122,28 @@ export function parseConfig(text: string, source = '<config>', env: NodeJS.Proce
     // yaml refuses excessive alias expansion (an alias bomb) by throwing.
     throw new ConfigError(source, [{ path: '', message: (err as Error).message }])
   }
-  const overrides = applyEnvOverrides(raw, env, source)
-  // Read before validation fills in the defaults: whether the file (or the environment) wrote one.
-  const inlinePolicy = typeof raw === 'object' && raw !== null && 'policy' in raw
-  try {
-    const config = validateConfig(raw, source)
+  return validateWithOverrides(raw, env, source, (data) => {
+    // Read before validation fills in the defaults: whether the file (or the environment) wrote one.
+    const inlinePolicy = typeof data === 'object' && data !== null && 'policy' in data
+    const config = validateConfig(data, source)
     // Both: the policy file's rules are the ones in force, and edits to `policy` did nothing, silently.
     if (inlinePolicy && config.sidecar.policy_file) {
       throw new ConfigError(source, [{ path: 'policy', message: 'set beside sidecar.policy_file, whose rules replace it: remove one of them' }])
     }
+    return config
+  })
+}
+
+/**
+ * `raw` (a config file's data) with the environment's LATCHKEY__… overrides applied, then judged
+ * by `validate`: a problem in an overridden value is the environment's, not the file's, and is
+ * said with the variable's name. What was set is kept for envOverrides. The one path for the
+ * sidecar's (and broker's) config and the collector's.
+ */
+export function validateWithOverrides<T extends object>(raw: unknown, env: NodeJS.ProcessEnv, source: string, validate: (raw: unknown) => T): T {
+  const overrides = applyEnvOverrides(raw, env, source)
+  try {
+    const config = validate(raw)
     if (overrides.size > 0) overridesOf.set(config, overrides)
     return config
   } catch (err) {

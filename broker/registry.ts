@@ -2,7 +2,8 @@
 // and what each type may ever be given. One YAML file (version: 1), validated whole; a reload
 // that fails validation keeps the previous registry, and a reload that widens any type's scopes
 // is reported so it can reach the audit trail.
-import { readFileSync, watch, type FSWatcher } from 'node:fs'
+import { watch, type FSWatcher } from 'node:fs'
+import { byteSize, FileTooLarge, MAX_CONFIG_BYTES, readFileBounded } from '../lib/bounded-read.js'
 import { basename, dirname } from 'node:path'
 import type { ErrorObject, ValidateFunction } from 'ajv'
 import { validate as generatedValidate } from './registry-validate.generated.js'
@@ -132,11 +133,22 @@ function withoutPrototype<T>(record: Record<string, T>): Record<string, T> {
 export function loadRegistryFile(file: string): Registry {
   let text: string
   try {
-    text = readFileSync(file, 'utf8')
+    text = readRegistryText(file)
   } catch (err) {
+    if (err instanceof RegistryError) throw err
     throw new RegistryError(file, [`cannot read file: ${(err as NodeJS.ErrnoException).code ?? String(err)}`])
   }
   return parseRegistry(text, file)
+}
+
+/** The registry file's text, at most MAX_CONFIG_BYTES (as check-config reads it); over is a RegistryError, unreadable the fs error. */
+export function readRegistryText(file: string): string {
+  try {
+    return readFileBounded(file, MAX_CONFIG_BYTES).toString('utf8')
+  } catch (err) {
+    if (err instanceof FileTooLarge) throw new RegistryError(file, [`larger than ${byteSize(MAX_CONFIG_BYTES)}, the most a config file may be`])
+    throw err
+  }
 }
 
 export interface ScopeWidening {

@@ -21,10 +21,11 @@ export class StartupError extends Error {
 function readPolicyFile(config: Config): { bundle: CompiledBundle | undefined } | { unreadable: boolean; message: string } {
   const sc = config.sidecar
   if (!sc.policy_file) return { bundle: undefined }
-  const read = readPolicyText(sc.policy_file)
+  const maxBytes = sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES
+  const read = readPolicyText(sc.policy_file, maxBytes)
   if (!read.ok) return { unreadable: read.unreadable, message: read.reason }
   try {
-    return { bundle: compileBundle(read.text, sc.policy_file, sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES) }
+    return { bundle: compileBundle(read.text, sc.policy_file, maxBytes) }
   } catch (err) {
     return { unreadable: false, message: (err as Error).message }
   }

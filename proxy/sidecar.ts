@@ -300,7 +300,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   }
   const reloadPolicy = (): { ok: true; version: string } | { ok: false; reason: string } => {
     if (!sc.policy_file) return { ok: false, reason: 'no sidecar.policy_file is configured' }
-    const read = readPolicyText(sc.policy_file)
+    const read = readPolicyText(sc.policy_file, sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES)
     if (!read.ok) {
       policy.rejected = { source: 'file', version: null, reason: read.reason }
       log.error({ reason: read.reason }, 'policy file reload failed; the policy in force is kept')

@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs'
+import { byteSize, FileTooLarge, MAX_CONFIG_BYTES, readFileBounded } from '../bounded-read.js'
 import type { ErrorObject, ValidateFunction } from 'ajv'
 import { parse as parseYamlScalar, type YAMLError } from 'yaml'
 import { parseYamlDocument, yamlData, yamlErrorMessage } from '../yaml-document.js'
@@ -70,11 +70,12 @@ export function readConfigText(file: string): string {
   return configText(readConfigBytes(file), file)
 }
 
-/** A config file's bytes, read once; unreadable is a ConfigError naming the file. */
+/** A config file's bytes, read once; unreadable or over MAX_CONFIG_BYTES is a ConfigError naming the file. */
 export function readConfigBytes(file: string): Buffer {
   try {
-    return readFileSync(file)
+    return readFileBounded(file, MAX_CONFIG_BYTES)
   } catch (err) {
+    if (err instanceof FileTooLarge) throw new ConfigError(file, [{ path: '', message: `larger than ${byteSize(MAX_CONFIG_BYTES)}, the most a config file may be` }])
     throw new ConfigError(file, [{ path: '', message: `cannot read file: ${(err as NodeJS.ErrnoException).code ?? String(err)}` }])
   }
 }

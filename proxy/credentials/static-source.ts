@@ -1,11 +1,14 @@
 // The first CredentialSource: secrets read once at start-up from a YAML/JSON file of
 // name → value, or from environment variables `<env_prefix><NAME>`. They live in memory only.
-import { readFileSync } from 'node:fs'
+import { byteSize, FileTooLarge, readFileBounded } from '../../lib/bounded-read.js'
 import { parseYamlDocument, yamlErrorMessage } from '../../lib/yaml-document.js'
 import type { Config } from '../../lib/config/schema.js'
 import type { Credential, CredentialBinding, CredentialSource } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import { NONE_HELD } from './held.js'
+
+/** The most secrets.file may be: a mapping of names to secrets is some KiB; /dev/zero is refused at this, not read without end. */
+export const MAX_SECRETS_FILE_BYTES = 1024 * 1024
 
 /** A start-up failure the CLI prints as one line for people (code LK_STARTUP), without a stack. */
 function startupError(message: string): Error {
@@ -30,8 +33,9 @@ export class StaticSecretSource implements CredentialSource {
       // document is parsed without that, and any error or warning refused by its code and line.
       let text: string
       try {
-        text = readFileSync(secrets.file, 'utf8')
+        text = readFileBounded(secrets.file, MAX_SECRETS_FILE_BYTES).toString('utf8')
       } catch (err) {
+        if (err instanceof FileTooLarge) throw startupError(`secrets.file ${secrets.file}: larger than ${byteSize(MAX_SECRETS_FILE_BYTES)}, the most a secrets file may be`)
         throw startupError(`secrets.file ${secrets.file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
       }
       const doc = parseYamlDocument(text)

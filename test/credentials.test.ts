@@ -97,6 +97,21 @@ t.test('a secret set but empty is said to be empty, where: an empty variable is 
   t.equal(noFile.missing('Hunter2-pasted'), 'the secret it names: env LK_T_<name> is set but empty (it is read before secrets.file: unset it, or set it to the secret) (the name is not repeated: it is not written as a name is, and may be a secret pasted in its place)')
 })
 
+t.test('a secrets file that is not UTF-8 is refused naming the line, never quoting it', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-secrets-'))
+  const file = join(dir, 'secrets.yaml')
+  writeFileSync(file, Buffer.concat([Buffer.from('A: ok-secret-value\nB: '), Buffer.from('caf\u00e9-CANARY-secret', 'latin1'), Buffer.from('\n')]))
+  let message = ''
+  try {
+    new StaticSecretSource({ file, env_prefix: 'LK_T_' }, ['A', 'B'], {})
+  } catch (err) {
+    message = (err as Error).message
+  }
+  t.equal(message, `secrets.file ${file}: line 2: not valid UTF-8 (save the file as UTF-8; the line is not quoted: it may hold a secret)`)
+  writeFileSync(file, 'A: ok-secret-value\nB: caf\u00e9-secret\n')
+  t.equal(new StaticSecretSource({ file, env_prefix: 'LK_T_' }, ['B'], {}).secret('B'), 'caf\u00e9-secret', 'the same as UTF-8 is read')
+})
+
 t.test('a secrets file yaml would only warn about (an unknown tag, a directive) is refused, and nothing of it printed', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'lk-secrets-'))
   const file = join(dir, 'secrets.yaml')

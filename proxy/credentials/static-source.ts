@@ -1,6 +1,7 @@
 // The first CredentialSource: secrets read once at start-up from a YAML/JSON file of
 // name → value, or from environment variables `<env_prefix><NAME>`. They live in memory only.
 import { byteSize, FileTooLarge, readFileBounded } from '../../lib/bounded-read.js'
+import { firstNonUtf8Line } from '../../lib/config/load.js'
 import { parseYamlDocument, yamlErrorMessage } from '../../lib/yaml-document.js'
 import type { Config } from '../../lib/config/schema.js'
 import type { Credential, CredentialBinding, CredentialSource } from '../context.js'
@@ -31,13 +32,18 @@ export class StaticSecretSource implements CredentialSource {
       // Never echo the file's content: it is full of secrets. yaml's parse() writes each warning
       // (an unknown tag, a directive) to stderr with the line it is about, a secret in it: the
       // document is parsed without that, and any error or warning refused by its code and line.
-      let text: string
+      let bytes: Buffer
       try {
-        text = readFileBounded(secrets.file, MAX_SECRETS_FILE_BYTES).toString('utf8')
+        bytes = readFileBounded(secrets.file, MAX_SECRETS_FILE_BYTES)
       } catch (err) {
         if (err instanceof FileTooLarge) throw startupError(`secrets.file ${secrets.file}: larger than ${byteSize(MAX_SECRETS_FILE_BYTES)}, the most a secrets file may be`)
         throw startupError(`secrets.file ${secrets.file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
       }
+      // Not UTF-8 is refused by line, as the config is: read leniently, a Latin-1 secret would be
+      // sent with U+FFFD in place of its bytes, and refused upstream as a wrong credential.
+      const bad = firstNonUtf8Line(bytes)
+      if (bad !== null) throw startupError(`secrets.file ${secrets.file}: line ${bad}: not valid UTF-8 (save the file as UTF-8; the line is not quoted: it may hold a secret)`)
+      const text = bytes.toString('utf8')
       const doc = parseYamlDocument(text)
       const problem = doc.errors[0] ?? doc.warnings[0]
       if (problem) {

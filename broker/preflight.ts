@@ -1,11 +1,11 @@
 // What a broker's start-up reads besides its config, checked the same way by `check-config` so a
 // config it calls valid is one the broker starts with: the agent registry, the JWK set files, the
 // TLS files and the control stream's policy file. Nothing is listened on or connected to.
-import { readFileSync } from 'node:fs'
+import { accessSync, constants } from 'node:fs'
 import type { BrokerConfig } from '../lib/config/schema.js'
 import { PreflightFindings } from '../lib/config/preflight-findings.js'
 import { checkServerTls } from '../lib/tls-files.js'
-import { parseRegistry, RegistryError } from './registry.js'
+import { parseRegistry, readRegistryText, RegistryError } from './registry.js'
 import { jwksFileProblem } from './jwt.js'
 
 /**
@@ -18,9 +18,10 @@ export async function brokerPreflight(b: BrokerConfig): Promise<PreflightFinding
 
   let registry: string | null = null
   try {
-    registry = readFileSync(b.registry_file, 'utf8')
+    registry = readRegistryText(b.registry_file)
   } catch (err) {
-    found.cannotRead('broker.registry_file', b.registry_file, err)
+    if (err instanceof RegistryError) found.add('broker.registry_file', `${err.source}: ${err.problems.join('; ')}`, false)
+    else found.cannotRead('broker.registry_file', b.registry_file, err)
   }
   if (registry !== null) {
     try {
@@ -56,7 +57,8 @@ export async function brokerPreflight(b: BrokerConfig): Promise<PreflightFinding
   if (b.control && policyFile) {
     let readable = true
     try {
-      readFileSync(policyFile)
+      // Readable: what it holds (and how much) is the holder's to judge, reading no more than its limit.
+      accessSync(policyFile, constants.R_OK)
     } catch (err) {
       readable = false
       found.cannotRead('broker.control.policy_file', policyFile, err)

@@ -2,11 +2,12 @@
 // and what each type may ever be given. One YAML file (version: 1), validated whole; a reload
 // that fails validation keeps the previous registry, and a reload that widens any type's scopes
 // is reported so it can reach the audit trail.
-import { readFileSync, watch, type FSWatcher } from 'node:fs'
+import { watch, type FSWatcher } from 'node:fs'
+import { byteSize, FileTooLarge, MAX_CONFIG_BYTES, readFileBounded } from '../lib/bounded-read.js'
 import { basename, dirname } from 'node:path'
 import type { ErrorObject, ValidateFunction } from 'ajv'
 import { validate as generatedValidate } from './registry-validate.generated.js'
-import { parseYamlDocument } from '../lib/yaml-document.js'
+import { parseYamlDocument, yamlData, yamlErrorMessage } from '../lib/yaml-document.js'
 
 export type UserRule = 'required' | 'optional' | 'none'
 
@@ -61,8 +62,13 @@ function describe(e: ErrorObject): string {
 
 export function parseRegistry(text: string, source = '<registry>'): Registry {
   const doc = parseYamlDocument(text)
-  if (doc.errors.length > 0) throw new RegistryError(source, doc.errors.map((e) => e.message.split('\n')[0] ?? e.message))
-  const raw: unknown = doc.toJS({ maxAliasCount: 100 }) ?? {}
+  if (doc.errors.length > 0) throw new RegistryError(source, doc.errors.map((e) => `${e.linePos ? `line ${e.linePos[0].line}: ` : ''}${yamlErrorMessage(e)}`))
+  let raw: unknown
+  try {
+    raw = yamlData(doc) ?? {}
+  } catch (err) {
+    throw new RegistryError(source, [(err as Error).message])
+  }
   if (!validate(raw)) throw new RegistryError(source, (validate.errors ?? []).map(describe))
   const registry = raw as unknown as Registry
   // Maps keyed by names that come from requests (an agent type, an audience) have no prototype:
@@ -127,11 +133,22 @@ function withoutPrototype<T>(record: Record<string, T>): Record<string, T> {
 export function loadRegistryFile(file: string): Registry {
   let text: string
   try {
-    text = readFileSync(file, 'utf8')
+    text = readRegistryText(file)
   } catch (err) {
+    if (err instanceof RegistryError) throw err
     throw new RegistryError(file, [`cannot read file: ${(err as NodeJS.ErrnoException).code ?? String(err)}`])
   }
   return parseRegistry(text, file)
+}
+
+/** The registry file's text, at most MAX_CONFIG_BYTES (as check-config reads it); over is a RegistryError, unreadable the fs error. */
+export function readRegistryText(file: string): string {
+  try {
+    return readFileBounded(file, MAX_CONFIG_BYTES).toString('utf8')
+  } catch (err) {
+    if (err instanceof FileTooLarge) throw new RegistryError(file, [`larger than ${byteSize(MAX_CONFIG_BYTES)}, the most a config file may be`])
+    throw err
+  }
 }
 
 export interface ScopeWidening {

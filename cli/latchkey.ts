@@ -138,9 +138,10 @@ for (const [name, op] of [['revoke', 'revoke'], ['unrevoke', 'unrevoke']] as con
     .option('--jti <id>', 'a token ID instead of an agent')
   if (op === 'revoke') command.option('--reason <text>', 'why (recorded in the audit trail)')
   command
-    .option('--broker <url>', 'broker base URL', process.env.LATCHKEY_BROKER_URL ?? 'http://127.0.0.1:15003')
+    // Not the environment's value as commander's default: --help prints a default, and a URL can carry a password.
+    .option('--broker <url>', 'broker base URL (default: $LATCHKEY_BROKER_URL, else http://127.0.0.1:15003)')
     .option('--token-env <name>', 'environment variable holding the admin token', 'LATCHKEY_BROKER_ADMIN_TOKEN')
-    .action(async (agent: string | undefined, opts: { task?: string; jti?: string; reason?: string; broker: string; tokenEnv: string }) => {
+    .action(async (agent: string | undefined, opts: { task?: string; jti?: string; reason?: string; broker?: string; tokenEnv: string }) => {
       const { revokeCommand } = await import('./revoke.js')
       process.exitCode = await revokeCommand(op, agent, opts)
     })
@@ -178,10 +179,12 @@ program
       const text = configText(bytes, file)
       if (kind === 'collector') {
         const { parseCollectorConfig, collectorPreflight } = await import('../collector/config.js')
-        const c = parseCollectorConfig(text, file)
+        const c = parseCollectorConfig(text, file, process.env)
         const { errors, onThisMachine } = collectorPreflight(c)
         if (errors.length > 0) throw await configError(file, errors)
         for (const p of onThisMachine) console.error(`warning: ${p.path}: ${p.message} (the collector would not start on this machine)`)
+        const overridden = envOverrides(c)
+        if (overridden.length > 0) console.error(`note: set by the environment, not the file: ${overridden.join(', ')}`)
         console.log(`${file}: valid collector config (version 1, ${c.collector.sidecars.length} sidecars, ${c.collector.store.kind} store)`)
         return
       }

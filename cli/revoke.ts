@@ -1,11 +1,14 @@
 // `latchkey revoke|unrevoke`: the operator's side of the broker's admin API. Exit 0 when the
 // broker confirmed, 1 with the broker's reason otherwise; prints the time the broker took.
 import type { RevocationKind } from '../broker/revocations/store.js'
+import { withoutUserinfo } from '../lib/without-userinfo.js'
+
+const DEFAULT_BROKER_URL = 'http://127.0.0.1:15003'
 
 export async function revokeCommand(
   op: 'revoke' | 'unrevoke',
   agent: string | undefined,
-  opts: { task?: string; jti?: string; reason?: string; broker: string; tokenEnv: string },
+  opts: { task?: string; jti?: string; reason?: string; broker?: string; tokenEnv: string },
   env: NodeJS.ProcessEnv = process.env,
 ): Promise<number> {
   const targets: [RevocationKind, string | undefined][] = [
@@ -24,7 +27,23 @@ export async function revokeCommand(
     console.error(`${op}: set ${opts.tokenEnv} to the broker's admin token`)
     return 2
   }
-  const base = opts.broker.replace(/\/$/, '')
+  // --broker, else LATCHKEY_BROKER_URL: named in errors by where it was given, and shown without
+  // userinfo. fetch refuses a URL that carries some, in an error that quoted it whole (password
+  // and all), and one that does not parse in an error quoting it too: both are said here instead.
+  const [brokerUrl, where] = opts.broker !== undefined ? [opts.broker, '--broker'] : env.LATCHKEY_BROKER_URL !== undefined ? [env.LATCHKEY_BROKER_URL, 'LATCHKEY_BROKER_URL'] : [DEFAULT_BROKER_URL, '--broker']
+  let url: URL
+  try {
+    url = new URL(brokerUrl)
+  } catch {
+    console.error(`${op}: ${where} is not a URL (http://host:port expected)`)
+    return 2
+  }
+  if (url.username || url.password) {
+    // Shown as the URL parser read it, its userinfo masked.
+    console.error(`${op}: ${where} ${url.protocol}//***@${url.host}: must not carry userinfo (user:password@): the broker takes the admin token from ${opts.tokenEnv}`)
+    return 2
+  }
+  const base = brokerUrl.replace(/\/$/, '')
   const started = performance.now()
   let res: Response
   try {
@@ -38,8 +57,10 @@ export async function revokeCommand(
         : await fetch(`${base}/v1/revocations/${kind}/${encodeURIComponent(value)}`, { method: 'DELETE', headers: { authorization: `Bearer ${token}` } })
   } catch (err) {
     // fetch says only "fetch failed"; why (ECONNREFUSED, ENOTFOUND, …) is in its cause.
+    // Its message can quote the URL: any userinfo in a word of it is masked.
     const cause = (err as { cause?: { code?: unknown; message?: unknown } }).cause
-    console.error(`${op}: cannot reach the broker at ${base}: ${String(cause?.code ?? cause?.message ?? (err as Error).message)}`)
+    const why = String(cause?.code ?? cause?.message ?? (err as Error).message).split(/\s+/).map(withoutUserinfo).join(' ')
+    console.error(`${op}: cannot reach the broker at ${base}: ${why}`)
     return 1
   }
   const body = (await res.json().catch(() => ({}))) as { error_description?: string; created?: unknown; removed?: unknown; revocation?: { kind?: unknown; value?: unknown } }

@@ -16,6 +16,7 @@ import { JetStreamFanOut } from './fanout.js'
 import { listenError } from '../lib/listen-error.js'
 import { readServerTls } from '../lib/tls-files.js'
 import { postgresWhere, storeStartupError } from '../lib/store-schema.js'
+import { envOverrides } from '../lib/config/load.js'
 
 /** How long start-up waits for the store to answer the schema check before going on without it. */
 const SCHEMA_CHECK_WAIT_MS = 5_000
@@ -116,7 +117,7 @@ export async function startCollector(config: CollectorConfig, opts: CollectorOpt
     }
     httpUrl = `http://${c.http.host}:${(http.address() as AddressInfo).port}`
   }
-  log.info({ grpcPort, httpUrl, store: store.kind, sidecars: c.sidecars.length, nats: !!fanOut }, 'collector listening')
+  log.info({ grpcPort, httpUrl, store: store.kind, sidecars: c.sidecars.length, nats: !!fanOut, env_overrides: envOverrides(config) }, 'collector listening')
 
   let closing: Promise<void> | null = null
   return {

@@ -41,10 +41,14 @@ export const collectorConfigSchema = {
           type: ['object', 'null'],
           properties: { ...hostPort(15101).properties, reader_tokens_sha256: { type: 'array', items: { type: 'string', pattern: '^[0-9a-f]{64}$' } } },
         },
+        // The discriminator makes ajv judge only the branch `kind` names (as the sidecar's `inject`):
+        // without it, `pool_size` under a sqlite store was five lines, one per branch's complaint.
         store: {
           type: 'object',
           default: { kind: 'sqlite' },
           required: ['kind'],
+          properties: { kind: { enum: ['sqlite', 'postgres'] } },
+          discriminator: { propertyName: 'kind' },
           oneOf: [
             {
               additionalProperties: false,

@@ -4,7 +4,7 @@
 "use strict";
 export const validate = validate10;
 export default validate10;
-const schema11 = {"type":"object","additionalProperties":false,"required":["version","collector"],"properties":{"version":{"const":1},"collector":{"type":"object","additionalProperties":false,"required":["sidecars"],"properties":{"grpc":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15100},"max_batch_bytes":{"type":"integer","minimum":1024,"default":8388608},"max_clock_skew_ms":{"type":"integer","minimum":0,"maximum":86400000,"default":300000},"tls":{"type":["object","null"],"default":null,"additionalProperties":false,"required":["cert_file","key_file","client_ca_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"client_ca_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"http":{"type":["object","null"],"additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15101},"reader_tokens_sha256":{"type":"array","items":{"type":"string","pattern":"^[0-9a-f]{64}$"}}}},"store":{"type":"object","default":{"kind":"sqlite"},"required":["kind"],"oneOf":[{"additionalProperties":false,"properties":{"kind":{"const":"sqlite"},"path":{"type":"string","minLength":1,"default":"latchkey-audit.db"}}},{"additionalProperties":false,"required":["url"],"properties":{"kind":{"const":"postgres"},"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"},"pool_size":{"type":"integer","minimum":1,"default":4},"writer_role":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$"},"migrate":{"type":"boolean","default":true}}}]},"sidecars":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id"],"properties":{"id":{"type":"string","minLength":1},"token_sha256":{"type":"string","pattern":"^[0-9a-f]{64}$"},"agents":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^agent:[^*]*\\*?$"}}}}},"nats":{"type":["object","null"],"default":null,"additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_AUDIT"},"subject_prefix":{"type":"string","pattern":"^[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*$","default":"latchkey.audit"}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}}}};
+const schema11 = {"type":"object","additionalProperties":false,"required":["version","collector"],"properties":{"version":{"const":1},"collector":{"type":"object","additionalProperties":false,"required":["sidecars"],"properties":{"grpc":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15100},"max_batch_bytes":{"type":"integer","minimum":1024,"default":8388608},"max_clock_skew_ms":{"type":"integer","minimum":0,"maximum":86400000,"default":300000},"tls":{"type":["object","null"],"default":null,"additionalProperties":false,"required":["cert_file","key_file","client_ca_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"client_ca_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"http":{"type":["object","null"],"additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15101},"reader_tokens_sha256":{"type":"array","items":{"type":"string","pattern":"^[0-9a-f]{64}$"}}}},"store":{"type":"object","default":{"kind":"sqlite"},"required":["kind"],"properties":{"kind":{"enum":["sqlite","postgres"]}},"discriminator":{"propertyName":"kind"},"oneOf":[{"additionalProperties":false,"properties":{"kind":{"const":"sqlite"},"path":{"type":"string","minLength":1,"default":"latchkey-audit.db"}}},{"additionalProperties":false,"required":["url"],"properties":{"kind":{"const":"postgres"},"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"},"pool_size":{"type":"integer","minimum":1,"default":4},"writer_role":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$"},"migrate":{"type":"boolean","default":true}}}]},"sidecars":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id"],"properties":{"id":{"type":"string","minLength":1},"token_sha256":{"type":"string","pattern":"^[0-9a-f]{64}$"},"agents":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^agent:[^*]*\\*?$"}}}}},"nats":{"type":["object","null"],"default":null,"additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_AUDIT"},"subject_prefix":{"type":"string","pattern":"^[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*$","default":"latchkey.audit"}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}}}};
 import func2Module from "ajv/dist/runtime/ucs2length.js";
 const func2 = func2Module.default;
 const pattern0 = new RegExp("^[0-9a-f]{64}$", "u");
@@ -526,14 +526,9 @@ errors++;
 }
 }
 let data17 = data1.store;
-const _errs41 = errors;
-let valid7 = false;
-let passing0 = null;
-const _errs42 = errors;
 if(data17 && typeof data17 == "object" && !Array.isArray(data17)){
-for(const key5 in data17){
-if(!((key5 === "kind") || (key5 === "path"))){
-const err40 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key5},message:"must NOT have additional properties"};
+if(data17.kind === undefined){
+const err40 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/required",keyword:"required",params:{missingProperty: "kind"},message:"must have required property '"+"kind"+"'"};
 if(vErrors === null){
 vErrors = [err40];
 }
@@ -542,10 +537,10 @@ vErrors.push(err40);
 }
 errors++;
 }
-}
 if(data17.kind !== undefined){
-if("sqlite" !== data17.kind){
-const err41 = {instancePath:instancePath+"/collector/store/kind",schemaPath:"#/properties/collector/properties/store/oneOf/0/properties/kind/const",keyword:"const",params:{allowedValue: "sqlite"},message:"must be equal to constant"};
+let data18 = data17.kind;
+if(!((data18 === "sqlite") || (data18 === "postgres"))){
+const err41 = {instancePath:instancePath+"/collector/store/kind",schemaPath:"#/properties/collector/properties/store/properties/kind/enum",keyword:"enum",params:{allowedValues: schema11.properties.collector.properties.store.properties.kind.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err41];
 }
@@ -555,11 +550,16 @@ vErrors.push(err41);
 errors++;
 }
 }
-if(data17.path !== undefined){
-let data19 = data17.path;
-if(typeof data19 === "string"){
-if(func2(data19) < 1){
-const err42 = {instancePath:instancePath+"/collector/store/path",schemaPath:"#/properties/collector/properties/store/oneOf/0/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const tag0 = data17.kind;
+if(typeof tag0 == "string"){
+if(tag0 === "sqlite"){
+if(data17 && typeof data17 == "object" && !Array.isArray(data17)){
+if(data17.path === undefined){
+data17.path = "latchkey-audit.db";
+}
+for(const key5 in data17){
+if(!((key5 === "kind") || (key5 === "path"))){
+const err42 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key5},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err42];
 }
@@ -569,8 +569,9 @@ vErrors.push(err42);
 errors++;
 }
 }
-else {
-const err43 = {instancePath:instancePath+"/collector/store/path",schemaPath:"#/properties/collector/properties/store/oneOf/0/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data17.kind !== undefined){
+if("sqlite" !== data17.kind){
+const err43 = {instancePath:instancePath+"/collector/store/kind",schemaPath:"#/properties/collector/properties/store/oneOf/0/properties/kind/const",keyword:"const",params:{allowedValue: "sqlite"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err43];
 }
@@ -580,16 +581,10 @@ vErrors.push(err43);
 errors++;
 }
 }
-}
-var _valid0 = _errs42 === errors;
-if(_valid0){
-valid7 = true;
-passing0 = 0;
-}
-const _errs47 = errors;
-if(data17 && typeof data17 == "object" && !Array.isArray(data17)){
-if(data17.url === undefined){
-const err44 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/oneOf/1/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
+let data20 = data17.path;
+if(typeof data20 === "string"){
+if(func2(data20) < 1){
+const err44 = {instancePath:instancePath+"/collector/store/path",schemaPath:"#/properties/collector/properties/store/oneOf/0/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err44];
 }
@@ -598,9 +593,9 @@ vErrors.push(err44);
 }
 errors++;
 }
-for(const key6 in data17){
-if(!((((((key6 === "kind") || (key6 === "url")) || (key6 === "schema")) || (key6 === "pool_size")) || (key6 === "writer_role")) || (key6 === "migrate"))){
-const err45 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key6},message:"must NOT have additional properties"};
+}
+else {
+const err45 = {instancePath:instancePath+"/collector/store/path",schemaPath:"#/properties/collector/properties/store/oneOf/0/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err45];
 }
@@ -610,9 +605,20 @@ vErrors.push(err45);
 errors++;
 }
 }
-if(data17.kind !== undefined){
-if("postgres" !== data17.kind){
-const err46 = {instancePath:instancePath+"/collector/store/kind",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/kind/const",keyword:"const",params:{allowedValue: "postgres"},message:"must be equal to constant"};
+}
+else if(tag0 === "postgres"){
+if(data17 && typeof data17 == "object" && !Array.isArray(data17)){
+if(data17.schema === undefined){
+data17.schema = "latchkey";
+}
+if(data17.pool_size === undefined){
+data17.pool_size = 4;
+}
+if(data17.migrate === undefined){
+data17.migrate = true;
+}
+if(data17.url === undefined){
+const err46 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/oneOf/1/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err46];
 }
@@ -621,12 +627,9 @@ vErrors.push(err46);
 }
 errors++;
 }
-}
-if(data17.url !== undefined){
-let data21 = data17.url;
-if(typeof data21 === "string"){
-if(!pattern1.test(data21)){
-const err47 = {instancePath:instancePath+"/collector/store/url",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
+for(const key6 in data17){
+if(!((((((key6 === "kind") || (key6 === "url")) || (key6 === "schema")) || (key6 === "pool_size")) || (key6 === "writer_role")) || (key6 === "migrate"))){
+const err47 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key6},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err47];
 }
@@ -636,8 +639,9 @@ vErrors.push(err47);
 errors++;
 }
 }
-else {
-const err48 = {instancePath:instancePath+"/collector/store/url",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data17.kind !== undefined){
+if("postgres" !== data17.kind){
+const err48 = {instancePath:instancePath+"/collector/store/kind",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/kind/const",keyword:"const",params:{allowedValue: "postgres"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err48];
 }
@@ -647,11 +651,11 @@ vErrors.push(err48);
 errors++;
 }
 }
-if(data17.schema !== undefined){
-let data22 = data17.schema;
+if(data17.url !== undefined){
+let data22 = data17.url;
 if(typeof data22 === "string"){
-if(!pattern2.test(data22)){
-const err49 = {instancePath:instancePath+"/collector/store/schema",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
+if(!pattern1.test(data22)){
+const err49 = {instancePath:instancePath+"/collector/store/url",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
 if(vErrors === null){
 vErrors = [err49];
 }
@@ -662,7 +666,7 @@ errors++;
 }
 }
 else {
-const err50 = {instancePath:instancePath+"/collector/store/schema",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err50 = {instancePath:instancePath+"/collector/store/url",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err50];
 }
@@ -672,10 +676,10 @@ vErrors.push(err50);
 errors++;
 }
 }
-if(data17.pool_size !== undefined){
-let data23 = data17.pool_size;
-if(!((typeof data23 == "number") && (!(data23 % 1) && !isNaN(data23)))){
-const err51 = {instancePath:instancePath+"/collector/store/pool_size",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/pool_size/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+let data23 = data17.schema;
+if(typeof data23 === "string"){
+if(!pattern2.test(data23)){
+const err51 = {instancePath:instancePath+"/collector/store/schema",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
 if(vErrors === null){
 vErrors = [err51];
 }
@@ -684,9 +688,9 @@ vErrors.push(err51);
 }
 errors++;
 }
-if(typeof data23 == "number"){
-if(data23 < 1 || isNaN(data23)){
-const err52 = {instancePath:instancePath+"/collector/store/pool_size",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/pool_size/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+else {
+const err52 = {instancePath:instancePath+"/collector/store/schema",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err52];
 }
@@ -695,13 +699,9 @@ vErrors.push(err52);
 }
 errors++;
 }
-}
-}
-if(data17.writer_role !== undefined){
-let data24 = data17.writer_role;
-if(typeof data24 === "string"){
-if(!pattern2.test(data24)){
-const err53 = {instancePath:instancePath+"/collector/store/writer_role",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/writer_role/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
+let data24 = data17.pool_size;
+if(!((typeof data24 == "number") && (!(data24 % 1) && !isNaN(data24)))){
+const err53 = {instancePath:instancePath+"/collector/store/pool_size",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/pool_size/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err53];
 }
@@ -710,9 +710,9 @@ vErrors.push(err53);
 }
 errors++;
 }
-}
-else {
-const err54 = {instancePath:instancePath+"/collector/store/writer_role",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/writer_role/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(typeof data24 == "number"){
+if(data24 < 1 || isNaN(data24)){
+const err54 = {instancePath:instancePath+"/collector/store/pool_size",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/pool_size/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err54];
 }
@@ -722,9 +722,11 @@ vErrors.push(err54);
 errors++;
 }
 }
-if(data17.migrate !== undefined){
-if(typeof data17.migrate !== "boolean"){
-const err55 = {instancePath:instancePath+"/collector/store/migrate",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/migrate/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data17.writer_role !== undefined){
+let data25 = data17.writer_role;
+if(typeof data25 === "string"){
+if(!pattern2.test(data25)){
+const err55 = {instancePath:instancePath+"/collector/store/writer_role",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/writer_role/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
 if(vErrors === null){
 vErrors = [err55];
 }
@@ -734,20 +736,8 @@ vErrors.push(err55);
 errors++;
 }
 }
-}
-var _valid0 = _errs47 === errors;
-if(_valid0 && valid7){
-valid7 = false;
-passing0 = [passing0, 1];
-}
 else {
-if(_valid0){
-valid7 = true;
-passing0 = 1;
-}
-}
-if(!valid7){
-const err56 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/oneOf",keyword:"oneOf",params:{passingSchemas: passing0},message:"must match exactly one schema in oneOf"};
+const err56 = {instancePath:instancePath+"/collector/store/writer_role",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/writer_role/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err56];
 }
@@ -756,20 +746,9 @@ vErrors.push(err56);
 }
 errors++;
 }
-else {
-errors = _errs41;
-if(vErrors !== null){
-if(_errs41){
-vErrors.length = _errs41;
 }
-else {
-vErrors = null;
-}
-}
-}
-if(data17 && typeof data17 == "object" && !Array.isArray(data17)){
-if(data17.kind === undefined){
-const err57 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/required",keyword:"required",params:{missingProperty: "kind"},message:"must have required property '"+"kind"+"'"};
+if(typeof data17.migrate !== "boolean"){
+const err57 = {instancePath:instancePath+"/collector/store/migrate",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/migrate/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err57];
 }
@@ -779,8 +758,9 @@ vErrors.push(err57);
 errors++;
 }
 }
+}
 else {
-const err58 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err58 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/discriminator",keyword:"discriminator",params:{error: "mapping", tag: "kind", tagValue: tag0},message:"value of tag \"kind\" must be in oneOf"};
 if(vErrors === null){
 vErrors = [err58];
 }
@@ -789,15 +769,9 @@ vErrors.push(err58);
 }
 errors++;
 }
-if(data1.sidecars !== undefined){
-let data26 = data1.sidecars;
-if(Array.isArray(data26)){
-const len1 = data26.length;
-for(let i1=0; i1<len1; i1++){
-let data27 = data26[i1];
-if(data27 && typeof data27 == "object" && !Array.isArray(data27)){
-if(data27.id === undefined){
-const err59 = {instancePath:instancePath+"/collector/sidecars/" + i1,schemaPath:"#/properties/collector/properties/sidecars/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
+}
+else {
+const err59 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/discriminator",keyword:"discriminator",params:{error: "tag", tag: "kind", tagValue: tag0},message:"tag \"kind\" must be string"};
 if(vErrors === null){
 vErrors = [err59];
 }
@@ -806,9 +780,9 @@ vErrors.push(err59);
 }
 errors++;
 }
-for(const key7 in data27){
-if(!(((key7 === "id") || (key7 === "token_sha256")) || (key7 === "agents"))){
-const err60 = {instancePath:instancePath+"/collector/sidecars/" + i1,schemaPath:"#/properties/collector/properties/sidecars/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
+}
+else {
+const err60 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err60];
 }
@@ -817,12 +791,15 @@ vErrors.push(err60);
 }
 errors++;
 }
-}
-if(data27.id !== undefined){
-let data28 = data27.id;
-if(typeof data28 === "string"){
-if(func2(data28) < 1){
-const err61 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/id",schemaPath:"#/properties/collector/properties/sidecars/items/properties/id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data1.sidecars !== undefined){
+let data27 = data1.sidecars;
+if(Array.isArray(data27)){
+const len1 = data27.length;
+for(let i1=0; i1<len1; i1++){
+let data28 = data27[i1];
+if(data28 && typeof data28 == "object" && !Array.isArray(data28)){
+if(data28.id === undefined){
+const err61 = {instancePath:instancePath+"/collector/sidecars/" + i1,schemaPath:"#/properties/collector/properties/sidecars/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err61];
 }
@@ -831,9 +808,9 @@ vErrors.push(err61);
 }
 errors++;
 }
-}
-else {
-const err62 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/id",schemaPath:"#/properties/collector/properties/sidecars/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key7 in data28){
+if(!(((key7 === "id") || (key7 === "token_sha256")) || (key7 === "agents"))){
+const err62 = {instancePath:instancePath+"/collector/sidecars/" + i1,schemaPath:"#/properties/collector/properties/sidecars/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err62];
 }
@@ -843,11 +820,11 @@ vErrors.push(err62);
 errors++;
 }
 }
-if(data27.token_sha256 !== undefined){
-let data29 = data27.token_sha256;
+if(data28.id !== undefined){
+let data29 = data28.id;
 if(typeof data29 === "string"){
-if(!pattern0.test(data29)){
-const err63 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/token_sha256",schemaPath:"#/properties/collector/properties/sidecars/items/properties/token_sha256/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
+if(func2(data29) < 1){
+const err63 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/id",schemaPath:"#/properties/collector/properties/sidecars/items/properties/id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err63];
 }
@@ -858,7 +835,7 @@ errors++;
 }
 }
 else {
-const err64 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/token_sha256",schemaPath:"#/properties/collector/properties/sidecars/items/properties/token_sha256/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err64 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/id",schemaPath:"#/properties/collector/properties/sidecars/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err64];
 }
@@ -868,11 +845,11 @@ vErrors.push(err64);
 errors++;
 }
 }
-if(data27.agents !== undefined){
-let data30 = data27.agents;
-if(Array.isArray(data30)){
-if(data30.length < 1){
-const err65 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/agents",schemaPath:"#/properties/collector/properties/sidecars/items/properties/agents/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if(data28.token_sha256 !== undefined){
+let data30 = data28.token_sha256;
+if(typeof data30 === "string"){
+if(!pattern0.test(data30)){
+const err65 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/token_sha256",schemaPath:"#/properties/collector/properties/sidecars/items/properties/token_sha256/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
 if(vErrors === null){
 vErrors = [err65];
 }
@@ -881,12 +858,9 @@ vErrors.push(err65);
 }
 errors++;
 }
-const len2 = data30.length;
-for(let i2=0; i2<len2; i2++){
-let data31 = data30[i2];
-if(typeof data31 === "string"){
-if(!pattern5.test(data31)){
-const err66 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/agents/" + i2,schemaPath:"#/properties/collector/properties/sidecars/items/properties/agents/items/pattern",keyword:"pattern",params:{pattern: "^agent:[^*]*\\*?$"},message:"must match pattern \""+"^agent:[^*]*\\*?$"+"\""};
+}
+else {
+const err66 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/token_sha256",schemaPath:"#/properties/collector/properties/sidecars/items/properties/token_sha256/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err66];
 }
@@ -896,8 +870,11 @@ vErrors.push(err66);
 errors++;
 }
 }
-else {
-const err67 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/agents/" + i2,schemaPath:"#/properties/collector/properties/sidecars/items/properties/agents/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data28.agents !== undefined){
+let data31 = data28.agents;
+if(Array.isArray(data31)){
+if(data31.length < 1){
+const err67 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/agents",schemaPath:"#/properties/collector/properties/sidecars/items/properties/agents/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err67];
 }
@@ -906,10 +883,12 @@ vErrors.push(err67);
 }
 errors++;
 }
-}
-}
-else {
-const err68 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/agents",schemaPath:"#/properties/collector/properties/sidecars/items/properties/agents/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len2 = data31.length;
+for(let i2=0; i2<len2; i2++){
+let data32 = data31[i2];
+if(typeof data32 === "string"){
+if(!pattern5.test(data32)){
+const err68 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/agents/" + i2,schemaPath:"#/properties/collector/properties/sidecars/items/properties/agents/items/pattern",keyword:"pattern",params:{pattern: "^agent:[^*]*\\*?$"},message:"must match pattern \""+"^agent:[^*]*\\*?$"+"\""};
 if(vErrors === null){
 vErrors = [err68];
 }
@@ -919,9 +898,8 @@ vErrors.push(err68);
 errors++;
 }
 }
-}
 else {
-const err69 = {instancePath:instancePath+"/collector/sidecars/" + i1,schemaPath:"#/properties/collector/properties/sidecars/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err69 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/agents/" + i2,schemaPath:"#/properties/collector/properties/sidecars/items/properties/agents/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err69];
 }
@@ -933,7 +911,7 @@ errors++;
 }
 }
 else {
-const err70 = {instancePath:instancePath+"/collector/sidecars",schemaPath:"#/properties/collector/properties/sidecars/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err70 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/agents",schemaPath:"#/properties/collector/properties/sidecars/items/properties/agents/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err70];
 }
@@ -943,9 +921,9 @@ vErrors.push(err70);
 errors++;
 }
 }
-let data32 = data1.nats;
-if((!(data32 && typeof data32 == "object" && !Array.isArray(data32))) && (data32 !== null)){
-const err71 = {instancePath:instancePath+"/collector/nats",schemaPath:"#/properties/collector/properties/nats/type",keyword:"type",params:{type: schema11.properties.collector.properties.nats.type},message:"must be object,null"};
+}
+else {
+const err71 = {instancePath:instancePath+"/collector/sidecars/" + i1,schemaPath:"#/properties/collector/properties/sidecars/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err71];
 }
@@ -954,15 +932,10 @@ vErrors.push(err71);
 }
 errors++;
 }
-if(data32 && typeof data32 == "object" && !Array.isArray(data32)){
-if(data32.stream === undefined){
-data32.stream = "LATCHKEY_AUDIT";
 }
-if(data32.subject_prefix === undefined){
-data32.subject_prefix = "latchkey.audit";
 }
-if(data32.servers === undefined){
-const err72 = {instancePath:instancePath+"/collector/nats",schemaPath:"#/properties/collector/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
+else {
+const err72 = {instancePath:instancePath+"/collector/sidecars",schemaPath:"#/properties/collector/properties/sidecars/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err72];
 }
@@ -971,9 +944,10 @@ vErrors.push(err72);
 }
 errors++;
 }
-for(const key8 in data32){
-if(!(((key8 === "servers") || (key8 === "stream")) || (key8 === "subject_prefix"))){
-const err73 = {instancePath:instancePath+"/collector/nats",schemaPath:"#/properties/collector/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
+}
+let data33 = data1.nats;
+if((!(data33 && typeof data33 == "object" && !Array.isArray(data33))) && (data33 !== null)){
+const err73 = {instancePath:instancePath+"/collector/nats",schemaPath:"#/properties/collector/properties/nats/type",keyword:"type",params:{type: schema11.properties.collector.properties.nats.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err73];
 }
@@ -982,12 +956,15 @@ vErrors.push(err73);
 }
 errors++;
 }
+if(data33 && typeof data33 == "object" && !Array.isArray(data33)){
+if(data33.stream === undefined){
+data33.stream = "LATCHKEY_AUDIT";
 }
-if(data32.servers !== undefined){
-let data33 = data32.servers;
-if(Array.isArray(data33)){
-if(data33.length < 1){
-const err74 = {instancePath:instancePath+"/collector/nats/servers",schemaPath:"#/properties/collector/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if(data33.subject_prefix === undefined){
+data33.subject_prefix = "latchkey.audit";
+}
+if(data33.servers === undefined){
+const err74 = {instancePath:instancePath+"/collector/nats",schemaPath:"#/properties/collector/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
 if(vErrors === null){
 vErrors = [err74];
 }
@@ -996,12 +973,9 @@ vErrors.push(err74);
 }
 errors++;
 }
-const len3 = data33.length;
-for(let i3=0; i3<len3; i3++){
-let data34 = data33[i3];
-if(typeof data34 === "string"){
-if(func2(data34) < 1){
-const err75 = {instancePath:instancePath+"/collector/nats/servers/" + i3,schemaPath:"#/properties/collector/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key8 in data33){
+if(!(((key8 === "servers") || (key8 === "stream")) || (key8 === "subject_prefix"))){
+const err75 = {instancePath:instancePath+"/collector/nats",schemaPath:"#/properties/collector/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err75];
 }
@@ -1011,8 +985,11 @@ vErrors.push(err75);
 errors++;
 }
 }
-else {
-const err76 = {instancePath:instancePath+"/collector/nats/servers/" + i3,schemaPath:"#/properties/collector/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data33.servers !== undefined){
+let data34 = data33.servers;
+if(Array.isArray(data34)){
+if(data34.length < 1){
+const err76 = {instancePath:instancePath+"/collector/nats/servers",schemaPath:"#/properties/collector/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err76];
 }
@@ -1021,10 +998,12 @@ vErrors.push(err76);
 }
 errors++;
 }
-}
-}
-else {
-const err77 = {instancePath:instancePath+"/collector/nats/servers",schemaPath:"#/properties/collector/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len3 = data34.length;
+for(let i3=0; i3<len3; i3++){
+let data35 = data34[i3];
+if(typeof data35 === "string"){
+if(func2(data35) < 1){
+const err77 = {instancePath:instancePath+"/collector/nats/servers/" + i3,schemaPath:"#/properties/collector/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err77];
 }
@@ -1034,10 +1013,8 @@ vErrors.push(err77);
 errors++;
 }
 }
-let data35 = data32.stream;
-if(typeof data35 === "string"){
-if(!pattern6.test(data35)){
-const err78 = {instancePath:instancePath+"/collector/nats/stream",schemaPath:"#/properties/collector/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
+else {
+const err78 = {instancePath:instancePath+"/collector/nats/servers/" + i3,schemaPath:"#/properties/collector/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err78];
 }
@@ -1047,8 +1024,9 @@ vErrors.push(err78);
 errors++;
 }
 }
+}
 else {
-const err79 = {instancePath:instancePath+"/collector/nats/stream",schemaPath:"#/properties/collector/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err79 = {instancePath:instancePath+"/collector/nats/servers",schemaPath:"#/properties/collector/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err79];
 }
@@ -1057,10 +1035,11 @@ vErrors.push(err79);
 }
 errors++;
 }
-let data36 = data32.subject_prefix;
+}
+let data36 = data33.stream;
 if(typeof data36 === "string"){
-if(!pattern7.test(data36)){
-const err80 = {instancePath:instancePath+"/collector/nats/subject_prefix",schemaPath:"#/properties/collector/properties/nats/properties/subject_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*$"+"\""};
+if(!pattern6.test(data36)){
+const err80 = {instancePath:instancePath+"/collector/nats/stream",schemaPath:"#/properties/collector/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err80];
 }
@@ -1071,7 +1050,7 @@ errors++;
 }
 }
 else {
-const err81 = {instancePath:instancePath+"/collector/nats/subject_prefix",schemaPath:"#/properties/collector/properties/nats/properties/subject_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err81 = {instancePath:instancePath+"/collector/nats/stream",schemaPath:"#/properties/collector/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err81];
 }
@@ -1080,10 +1059,10 @@ vErrors.push(err81);
 }
 errors++;
 }
-}
-}
-else {
-const err82 = {instancePath:instancePath+"/collector",schemaPath:"#/properties/collector/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data37 = data33.subject_prefix;
+if(typeof data37 === "string"){
+if(!pattern7.test(data37)){
+const err82 = {instancePath:instancePath+"/collector/nats/subject_prefix",schemaPath:"#/properties/collector/properties/nats/properties/subject_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*$"+"\""};
 if(vErrors === null){
 vErrors = [err82];
 }
@@ -1093,14 +1072,8 @@ vErrors.push(err82);
 errors++;
 }
 }
-let data37 = data.log;
-if(data37 && typeof data37 == "object" && !Array.isArray(data37)){
-if(data37.level === undefined){
-data37.level = "info";
-}
-for(const key9 in data37){
-if(!(key9 === "level")){
-const err83 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
+else {
+const err83 = {instancePath:instancePath+"/collector/nats/subject_prefix",schemaPath:"#/properties/collector/properties/nats/properties/subject_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err83];
 }
@@ -1110,9 +1083,9 @@ vErrors.push(err83);
 errors++;
 }
 }
-let data38 = data37.level;
-if(!(((((((data38 === "fatal") || (data38 === "error")) || (data38 === "warn")) || (data38 === "info")) || (data38 === "debug")) || (data38 === "trace")) || (data38 === "silent"))){
-const err84 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
+}
+else {
+const err84 = {instancePath:instancePath+"/collector",schemaPath:"#/properties/collector/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err84];
 }
@@ -1122,8 +1095,14 @@ vErrors.push(err84);
 errors++;
 }
 }
-else {
-const err85 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data38 = data.log;
+if(data38 && typeof data38 == "object" && !Array.isArray(data38)){
+if(data38.level === undefined){
+data38.level = "info";
+}
+for(const key9 in data38){
+if(!(key9 === "level")){
+const err85 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err85];
 }
@@ -1133,13 +1112,36 @@ vErrors.push(err85);
 errors++;
 }
 }
-else {
-const err86 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data39 = data38.level;
+if(!(((((((data39 === "fatal") || (data39 === "error")) || (data39 === "warn")) || (data39 === "info")) || (data39 === "debug")) || (data39 === "trace")) || (data39 === "silent"))){
+const err86 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err86];
 }
 else {
 vErrors.push(err86);
+}
+errors++;
+}
+}
+else {
+const err87 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err87];
+}
+else {
+vErrors.push(err87);
+}
+errors++;
+}
+}
+else {
+const err88 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err88];
+}
+else {
+vErrors.push(err88);
 }
 errors++;
 }

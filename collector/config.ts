@@ -6,8 +6,8 @@ import type { ErrorObject, ValidateFunction } from 'ajv'
 import { validate as generatedValidate } from './config-validate.generated.js'
 import { checkServerTls } from '../lib/tls-files.js'
 import { PreflightFindings } from '../lib/config/preflight-findings.js'
-import { parseYamlDocument } from '../lib/yaml-document.js'
-import { ConfigError, isLoopbackHost, plaintextProblem, readConfigText, type ConfigProblem } from '../lib/config/load.js'
+import { parseYamlDocument, yamlData, yamlErrorMessage } from '../lib/yaml-document.js'
+import { ConfigError, isLoopbackHost, plaintextProblem, readConfigText, schemaProblems, validateWithOverrides, type ConfigProblem } from '../lib/config/load.js'
 
 export interface SidecarCredential {
   /** With mTLS, the CN of the sidecar's client certificate. */
@@ -58,27 +58,19 @@ export interface CollectorConfig {
 // took a tenth of a second of every `latchkey collector` and `audit -c` start.
 const validate = generatedValidate as unknown as ValidateFunction<CollectorConfig>
 
-function problem(e: ErrorObject): ConfigProblem {
-  const path = e.instancePath.split('/').slice(1).reduce((acc, seg) => (/^\d+$/.test(seg) ? `${acc}[${seg}]` : acc ? `${acc}.${seg}` : seg), '')
-  if (e.keyword === 'additionalProperties') {
-    const key = (e.params as { additionalProperty: string }).additionalProperty
-    return { path: path ? `${path}.${key}` : key, message: 'unknown key' }
-  }
-  if (e.keyword === 'required') return { path, message: `missing required key "${(e.params as { missingProperty: string }).missingProperty}"` }
-  if (e.keyword === 'pattern' && /token_sha256|tokens_sha256\[\d+\]$/.test(path)) return { path, message: 'must be the hex SHA-256 of the token (64 lowercase hex digits), never the token' }
-  return { path, message: e.message ?? e.keyword }
+/** In words as the sidecar's config's are (schemaProblems); a token where its hash belongs is said so. */
+function describeErrors(errors: ErrorObject[] | null | undefined): ConfigProblem[] {
+  return schemaProblems(errors).map((p) =>
+    /token_sha256|tokens_sha256\[\d+\]$/.test(p.path) && p.message.startsWith('must match pattern') ? { path: p.path, message: 'must be the hex SHA-256 of the token (64 lowercase hex digits), never the token' } : p,
+  )
 }
 
 export function validateCollectorConfig(raw: unknown, source = '<collector config>'): CollectorConfig {
   if (raw && typeof raw === 'object' && (raw as { collector?: { http?: unknown } }).collector && !('http' in (raw as { collector: object }).collector)) {
     ;(raw as { collector: { http: unknown } }).collector.http = {}
   }
-  if (!validate(raw)) {
-    // oneOf failures repeat each branch's complaint; keep the distinct ones.
-    const seen = new Set<string>()
-    const problems = (validate.errors ?? []).map(problem).filter((p) => !seen.has(p.path + p.message) && seen.add(p.path + p.message))
-    throw new ConfigError(source, problems)
-  }
+  // The store is judged by the branch its kind names (a discriminator): one line per mistake.
+  if (!validate(raw)) throw new ConfigError(source, describeErrors(validate.errors))
   const c = raw as unknown as CollectorConfig
   // ajv does not apply defaults inside oneOf branches: the store's are filled here.
   const st = c.collector.store as { kind: string; path?: string; schema?: string; pool_size?: number }
@@ -174,18 +166,27 @@ function sqliteFileProblem(path: string): { message: string; unreadable: boolean
   }
 }
 
-export function loadCollectorConfig(file: string): CollectorConfig {
-  return parseCollectorConfig(readConfigText(file), file)
+/** The collector's config file, with LATCHKEY__COLLECTOR__… overrides from `env` applied as the sidecar's are. */
+export function loadCollectorConfig(file: string, env: NodeJS.ProcessEnv = process.env): CollectorConfig {
+  return parseCollectorConfig(readConfigText(file), file, env)
 }
 
-export function parseCollectorConfig(text: string, file = '<collector config>'): CollectorConfig {
+export function parseCollectorConfig(text: string, file = '<collector config>', env: NodeJS.ProcessEnv = {}): CollectorConfig {
   let raw: unknown
+  let doc
   try {
-    const doc = parseYamlDocument(text)
-    if (doc.errors.length > 0) throw doc.errors[0]!
-    raw = doc.toJS({ maxAliasCount: 100 })
+    doc = parseYamlDocument(text)
   } catch (err) {
-    throw new ConfigError(file, [{ path: '', message: (err as Error).message.split('\n')[0] ?? 'invalid YAML' }])
+    // The parser recurses per nesting level: thousands of levels exhaust the stack.
+    if (err instanceof RangeError) throw new ConfigError(file, [{ path: '', message: 'the YAML nests too deeply' }])
+    throw err
   }
-  return validateCollectorConfig(raw ?? {}, file)
+  const e = doc.errors[0]
+  if (e) throw new ConfigError(file, [{ path: e.linePos ? `line ${e.linePos[0].line}` : '', message: yamlErrorMessage(e) }])
+  try {
+    raw = yamlData(doc)
+  } catch (err) {
+    throw new ConfigError(file, [{ path: '', message: (err as Error).message }])
+  }
+  return validateWithOverrides(raw ?? {}, env, file, (r) => validateCollectorConfig(r, file))
 }

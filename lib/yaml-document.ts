@@ -1,31 +1,124 @@
 // YAML parsed with a duplicate-key check that is linear. yaml's own (`uniqueKeys`) compares each
 // key of a mapping with every key before it: 20,000 keys took 2.3 s (40,000: 18 s), on the
 // sidecar's event loop when a policy bundle arrives. The same DUPLICATE_KEY error, at the same place.
-import { LineCounter, parseDocument, visit, isScalar, YAMLParseError, type Document } from 'yaml'
+//
+// Every file read with it (the config, a policy file or bundle, the secrets file, the agent
+// registry, the collector's config) can hold secrets, and its errors go to terminals and logs: an
+// error is said with yamlErrorMessage, which never quotes the document. yaml's own messages
+// quote it in places: an unresolved alias by its name (`secret: *Hunter2` is an alias named
+// `Hunter2`), a tag, a block scalar header, an escape sequence, an unexpected token.
+import { LineCounter, parseDocument, visit, isAlias, isMap, isNode, isScalar, YAMLParseError, type Document, type YAMLError } from 'yaml'
 
-export function parseYamlDocument(text: string, opts: { prettyErrors?: boolean } = {}): Document.Parsed {
+/** The error an alias with no anchor before it gets: its name is not repeated, it may be a value that begins with `*`. */
+export const UNRESOLVED_ALIAS = 'unresolved alias *… (an alias names an anchor (&name) set before it; quote a value that begins with *)'
+
+/**
+ * The document, with any error in `doc.errors` (not thrown by toJS later, as an unresolved alias
+ * was) and every error and warning carrying its position (`linePos`).
+ */
+export function parseYamlDocument(text: string): Document.Parsed {
   const lineCounter = new LineCounter()
-  const doc = parseDocument(text, { uniqueKeys: false, prettyErrors: opts.prettyErrors ?? false, lineCounter })
-  if (doc.errors.length > 0) return doc
-  visit(doc, {
-    Map(_, map) {
+  // logLevel error: toJS would otherwise warn on stderr (a key that is a collection), quoting it.
+  const doc = parseDocument(text, { uniqueKeys: false, prettyErrors: false, lineCounter, logLevel: 'error' })
+  // Where it is, in linePos (set below), not in the message.
+  const fail = (code: 'DUPLICATE_KEY' | 'BAD_ALIAS', range: readonly number[] | null | undefined, message: string) => {
+    const [start = 0, end = start] = range ?? []
+    doc.errors.push(new YAMLParseError([start, end], code, message))
+    return visit.BREAK
+  }
+  if (doc.errors.length === 0) {
+    // An alias names the last anchor before it in document order, which is the order visit walks in.
+    const anchors = new Set<string>()
+    visit(doc, (_, node) => {
+      if (isAlias(node)) {
+        if (!anchors.has(node.source)) return fail('BAD_ALIAS', node.range, UNRESOLVED_ALIAS)
+        return undefined
+      }
+      if (isNode(node) && node.anchor !== undefined) anchors.add(node.anchor)
+      if (!isMap(node)) return undefined
       const seen = new Set<unknown>()
-      for (const pair of map.items) {
+      for (const pair of node.items) {
         // Scalars by value, as yaml compares them (`1` and `"1"` differ); anything else by node.
         const key = isScalar(pair.key) ? pair.key.value : pair.key
         if (!seen.has(key)) {
           seen.add(key)
           continue
         }
-        const [start, end] = (pair.key as { range?: [number, number, number] } | null)?.range ?? [0, 0]
-        const at = lineCounter.linePos(start)
-        const err = new YAMLParseError([start, end], 'DUPLICATE_KEY', `Map keys must be unique at line ${at.line}, column ${at.col}`)
-        err.linePos = [at, lineCounter.linePos(end)]
-        doc.errors.push(err)
-        return visit.BREAK
+        return fail('DUPLICATE_KEY', (pair.key as { range?: number[] } | null)?.range, 'Map keys must be unique')
       }
       return undefined
-    },
-  })
+    })
+  }
+  for (const e of [...doc.errors, ...doc.warnings]) e.linePos ??= [lineCounter.linePos(e.pos[0]), lineCounter.linePos(e.pos[1])]
   return doc
+}
+
+/**
+ * yaml's messages that quote nothing of the document (only its own words, token types, an
+ * indicator character), matched whole. Anything else is said by its code alone: a message that
+ * a yaml upgrade adds is not repeated until it is seen to be safe.
+ */
+const QUOTES_NOTHING: readonly RegExp[] = [
+  /^An alias node must not specify any properties$/,
+  /^(Alias|Anchor) (cannot be an empty string|ending in : is ambiguous)$/,
+  /^A (block sequence may not be used as an implicit map key|node can have at most one (anchor|tag))$/,
+  /^All sequence items must start at the same column$/,
+  /^Anchors and tags must be after the [?:-] indicator$/,
+  /^Block (scalars?|collection) [a-z -]+$/,
+  /^Comments must be separated from other tokens by white space characters$/,
+  /^Excessive alias count indicates a resource exhaustion attack$/,
+  /^Expected a flow scalar value, but found: [a-z-]+$/,
+  /^Flow (map|sequence|end indicator) [a-z ]+(a [\]}])?$/,
+  /^Implicit (map keys|keys)[a-z ]+$/,
+  /^Map keys must be unique$/,
+  /^Maximum call stack size exceeded$/,
+  /^Missing [a-z ,:'"/-]+$/,
+  /^Nested mappings are not allowed in compact mappings$/,
+  /^Plain value cannot start with (block scalar indicator|reserved character|directive indicator character) [^\sA-Za-z0-9]$/,
+  /^Sequence item without - indicator$/,
+  /^Source contains multiple documents; please use YAML\.parseAllDocuments\(\)$/,
+  /^Tabs are not allowed as indentation$/,
+  /^Tags and anchors must be separated from the next token by white space$/,
+  /^The : indicator must be at most 1024 chars after the start of an implicit (block mapping|flow sequence) key$/,
+  /^Unexpected [a-z-]+ (token( in YAML (stream|document))?|at node end)$/,
+  /^Unexpected [^\sA-Za-z0-9] in [a-z ]+$/,
+  /^Unexpected (empty item in [a-z ]+|doc-end without preceding document|block-seq-ind on same line with key|token in block scalar header: [a-z-]+)$/,
+  /^Unsupported token( \(type: [a-z-]+\)| [a-z-]+)$/,
+  /^Verbatim tags must end with a >$/,
+  /^(%TAG directive should contain exactly two parts|%YAML directive should contain exactly one part)$/,
+  /^With stringKeys, all keys must be strings$/,
+  new RegExp('^' + UNRESOLVED_ALIAS.replace(/[.*+?^${}()|[\]\\]/g, '\\$&') + '$'),
+]
+
+/** What yaml says in words of its own for the codes whose messages quote the document. */
+const REWORDED: Partial<Record<string, (message: string) => string>> = {
+  TAG_RESOLVE_FAILED: () => 'a tagged value (!…) this reader does not take: quote a value that begins with !',
+  BAD_DQ_ESCAPE: () => 'an escape sequence a double-quoted string does not have: write \\\\ for a backslash, or single-quote the value',
+  BAD_DIRECTIVE: () => 'a directive (a line beginning with %) this reader does not take: quote a value that begins with %',
+  UNEXPECTED_TOKEN: (m) =>
+    m.startsWith('Block scalar header includes extra characters')
+      ? 'a block scalar header (| or >) followed by other characters: quote a value that begins with | or >'
+      : 'an unexpected token',
+}
+
+/**
+ * What a yaml error or warning says, its first line without the position (`linePos` has it), in
+ * words that quote nothing of the document.
+ */
+export function yamlErrorMessage(e: Pick<YAMLError, 'code' | 'message'>): string {
+  // The position yaml appends (prettyErrors), and the token it quotes after an error token's message.
+  const message = (e.message.split('\n')[0] ?? '').replace(/ at line \d+, column \d+:?$/, '').replace(/: ".*"$/, '')
+  if (QUOTES_NOTHING.some((safe) => safe.test(message))) return message
+  return REWORDED[e.code]?.(message) ?? `not YAML this reader takes (${e.code})`
+}
+
+/** `doc` as data; what toJS throws (an alias bomb) as an Error whose message quotes nothing of the document. */
+export function yamlData(doc: Document.Parsed, maxAliasCount = 100): unknown {
+  try {
+    return doc.toJS({ maxAliasCount })
+  } catch (err) {
+    const message = err instanceof Error ? err.message : ''
+    if (/^Excessive alias count/.test(message)) throw new Error(`cannot expand YAML aliases: ${message}`)
+    throw new Error(err instanceof RangeError ? 'the YAML nests too deeply' : 'cannot be read as data')
+  }
 }

@@ -8,7 +8,7 @@ import { PreflightFindings } from '../lib/config/preflight-findings.js'
 import { compileBundle, DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
 import { readPolicyText } from './policy/file.js'
 import { CaFileProblem, readCaFile, trustWith } from './tls-trust.js'
-import { StaticSecretSource, missingSecret } from './credentials/static-source.js'
+import { StaticSecretSource } from './credentials/static-source.js'
 import { HEADER_SENDABLE } from './credentials/bindings.js'
 
 export class StartupError extends Error {
@@ -22,10 +22,11 @@ export class StartupError extends Error {
 function readPolicyFile(config: Config): { bundle: CompiledBundle | undefined } | { unreadable: boolean; message: string } {
   const sc = config.sidecar
   if (!sc.policy_file) return { bundle: undefined }
-  const read = readPolicyText(sc.policy_file)
+  const maxBytes = sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES
+  const read = readPolicyText(sc.policy_file, maxBytes)
   if (!read.ok) return { unreadable: read.unreadable, message: read.reason }
   try {
-    return { bundle: compileBundle(read.text, sc.policy_file, sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES) }
+    return { bundle: compileBundle(read.text, sc.policy_file, maxBytes) }
   } catch (err) {
     return { unreadable: false, message: (err as Error).message }
   }
@@ -160,7 +161,7 @@ export async function preflight(config: Config): Promise<PreflightFindings> {
     if (secrets) {
       found.errors.push(...unsendableSecrets(config, secrets))
       // A secret in neither place here: the sidecar would not start (said as start-up says it).
-      for (const { path, name } of named) if (!secrets.has(name)) found.onThisMachine.push({ path, message: missingSecret(name, config.secrets.env_prefix) })
+      for (const { path, name } of named) if (!secrets.has(name)) found.onThisMachine.push({ path, message: secrets.missing(name) })
     }
   }
   // The revocations a sidecar with a control stream last knew: a file that is not one stops its start.

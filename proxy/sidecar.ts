@@ -12,7 +12,7 @@ import { createLogger, type Logger } from '../lib/log.js'
 import { Pipeline } from './pipeline.js'
 import { Policy } from './policy/policy.js'
 import { CredentialBindings } from './credentials/bindings.js'
-import { StaticSecretSource, missingSecret } from './credentials/static-source.js'
+import { StaticSecretSource } from './credentials/static-source.js'
 import { TaskIdentifier } from './identify/proxy-authorization.js'
 import { TaskRegistry } from './tasks/registry.js'
 import { handleTaskApi } from './tasks/api.js'
@@ -116,14 +116,12 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       log.warn({ credential: c.id, secret_name: c.secret, length }, `the secret of credential "${c.id}" is ${length} characters: responses from its origin have those characters masked wherever they occur, as they would the secret; use one of at least ${SHORT_SECRET}`)
     }
   }
-  const missing = staticBindings.filter((c) => !secrets.has(c.secret!))
-  if (missing.length > 0) {
-    throw new StartupError(
-      missing
-        .map((c) => `credential "${c.id}": ${missingSecret(c.secret!, config.secrets.env_prefix)}`)
-        .join('\n'),
-    )
-  }
+  // A client secret too: said as a static one is (empty, or in neither place), before its issuer is made.
+  const missing = [
+    ...staticBindings.map((c) => [c.id, c.secret!] as const),
+    ...config.credentials.flatMap((c) => (c.source === 'client_credentials' && c.oauth ? [[c.id, c.oauth.client_secret] as const] : [])),
+  ].filter(([, name]) => !secrets.has(name))
+  if (missing.length > 0) throw new StartupError(missing.map(([id, name]) => `credential "${id}": ${secrets.missing(name)}`).join('\n'))
   // A header carries bytes, not text: a secret a header cannot hold would fail every call (undici
   // refuses it) instead of failing here. Basic base64-encodes and query percent-encodes any text.
   const unsendable = unsendableSecrets(config, secrets)
@@ -140,7 +138,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   if (cc && !cc.token_secret && !cc.tls) throw new StartupError('audit.collector: needs token_secret, tls, or both, to authenticate to the collector')
   const collectorToken = cc?.token_secret ? new StaticSecretSource(config.secrets, [cc.token_secret], opts.env ?? process.env) : null
   if (cc?.token_secret && !collectorToken!.has(cc.token_secret)) {
-    throw new StartupError(`audit.collector: ${missingSecret(cc.token_secret, config.secrets.env_prefix)}`)
+    throw new StartupError(`audit.collector: ${collectorToken!.missing(cc.token_secret)}`)
   }
   const readTls = (t: { ca_file: string; cert_file: string; key_file: string }) => ({
     ca: Buffer.from(loadCaFile('audit.collector.tls.ca_file', t.ca_file).join('\n')),
@@ -247,7 +245,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const initialPolicy: CompiledBundle | undefined = loadPolicyFile(config)
   const controlToken = sc.control ? new StaticSecretSource(config.secrets, [sc.control.token_secret], opts.env ?? process.env) : null
   if (sc.control && !controlToken!.has(sc.control.token_secret)) {
-    throw new StartupError(`sidecar.control: ${missingSecret(sc.control.token_secret, config.secrets.env_prefix)}`)
+    throw new StartupError(`sidecar.control: ${controlToken!.missing(sc.control.token_secret)}`)
   }
   const routes = new Map(Object.entries(config.routes).map(([name, origin]) => [name, new URL(origin)]))
   const networkPolicy = compileNetworkPolicy(config.network)
@@ -302,7 +300,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   }
   const reloadPolicy = (): { ok: true; version: string } | { ok: false; reason: string } => {
     if (!sc.policy_file) return { ok: false, reason: 'no sidecar.policy_file is configured' }
-    const read = readPolicyText(sc.policy_file)
+    const read = readPolicyText(sc.policy_file, sc.control?.max_bundle_bytes ?? DEFAULT_MAX_BUNDLE_BYTES)
     if (!read.ok) {
       policy.rejected = { source: 'file', version: null, reason: read.reason }
       log.error({ reason: read.reason }, 'policy file reload failed; the policy in force is kept')

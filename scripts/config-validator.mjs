@@ -15,7 +15,7 @@ import { registrySchema } from '../broker/registry-schema.ts'
 // Each with the options its loader used when it compiled at run time.
 const targets = [
   { schema: configSchema, from: 'lib/config/schema.ts', out: 'lib/config/validate.generated.ts', options: { strict: true, allowUnionTypes: true, discriminator: true } },
-  { schema: collectorConfigSchema, from: 'collector/config-schema.ts', out: 'collector/config-validate.generated.ts', options: { strict: false, allowUnionTypes: true } },
+  { schema: collectorConfigSchema, from: 'collector/config-schema.ts', out: 'collector/config-validate.generated.ts', options: { strict: false, allowUnionTypes: true, discriminator: true } },
   { schema: registrySchema, from: 'broker/registry-schema.ts', out: 'broker/registry-validate.generated.ts', options: { strict: true } },
 ]
 

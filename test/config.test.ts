@@ -239,6 +239,17 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   t.same([noSecret.status, noSecret.stderr.trim()], [0, 'warning: credentials[0].secret: secret NO_SUCH_TOKEN_X is neither in env LATCHKEY_SECRET_NO_SUCH_TOKEN_X nor in secrets.file (the sidecar would not start on this machine)'], 'a missing secret is said, naming where it was looked for')
   const withSecret = spawnSync(process.execPath, [CLI, 'check-config', needsSecret], { encoding: 'utf8', env: { ...env, LATCHKEY_SECRET_NO_SUCH_TOKEN_X: 'x'.repeat(32) } })
   t.same([withSecret.status, withSecret.stderr], [0, ''], 'and nothing is said once it is there')
+  // Set but empty, in the environment or the file: said so, as the sidecar says it, not "in neither place".
+  const secretsFile = join(dir, 'secrets.yaml')
+  writeFileSync(secretsFile, 'NO_SUCH_TOKEN_X: canaryFILESECRET0014\n')
+  writeFileSync(needsSecret, `version: 1\nsecrets: { file: ${secretsFile} }\ncredentials: [ { id: api, audience: "https://api.example.com", source: static, secret: NO_SUCH_TOKEN_X, inject: { type: bearer } } ]\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
+  const emptyEnv = spawnSync(process.execPath, [CLI, 'check-config', needsSecret], { encoding: 'utf8', env: { ...env, LATCHKEY_SECRET_NO_SUCH_TOKEN_X: '' } })
+  t.same([emptyEnv.status, emptyEnv.stderr.trim()], [0, 'warning: credentials[0].secret: secret NO_SUCH_TOKEN_X: env LATCHKEY_SECRET_NO_SUCH_TOKEN_X is set but empty (it is read before secrets.file: unset it, or set it to the secret) (the sidecar would not start on this machine)'])
+  const refused = spawnSync(process.execPath, [CLI, 'sidecar', '--config', needsSecret], { encoding: 'utf8', timeout: 10_000, env: { ...env, LATCHKEY_SECRET_NO_SUCH_TOKEN_X: '' } })
+  t.same([refused.status, refused.stderr.trim()], [1, 'credential "api": secret NO_SUCH_TOKEN_X: env LATCHKEY_SECRET_NO_SUCH_TOKEN_X is set but empty (it is read before secrets.file: unset it, or set it to the secret)'], 'the sidecar refuses it in the same words')
+  writeFileSync(secretsFile, 'NO_SUCH_TOKEN_X: ""\n')
+  const emptyInFile = spawnSync(process.execPath, [CLI, 'check-config', needsSecret], { encoding: 'utf8', env })
+  t.same([emptyInFile.status, emptyInFile.stderr.trim()], [0, 'warning: credentials[0].secret: secret NO_SUCH_TOKEN_X is empty in secrets.file (the sidecar would not start on this machine)'])
   // `policy` beside a policy file did nothing: an error, naming the variable when the environment set it.
   const both = join(dir, 'both.yaml')
   writeFileSync(both, `version: 1\nsidecar: { policy_file: ${join(dir, 'policy.yaml')} }\npolicy: { default: allow }\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
@@ -331,6 +342,66 @@ t.test('hostile YAML and overrides get a config error, never a stack trace or an
   t.equal(r.status, 1)
   t.match(r.stderr, new RegExp(`^${file.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}: invalid configuration:`))
   t.notMatch(r.stderr, /\n\s+at /, 'no stack trace')
+})
+
+t.test('a value yaml reads as an alias, a tag or a block header is refused naming the line, never quoting it: in every file read as YAML', async (t) => {
+  const { compileBundle } = await import('../proxy/policy/bundle.js')
+  const { parseRegistry } = await import('../broker/registry.js')
+  const { parseCollectorConfig } = await import('../collector/config.js')
+  const { StaticSecretSource } = await import('../proxy/credentials/static-source.js')
+  const { UNRESOLVED_ALIAS } = await import('../lib/yaml-document.js')
+  const said = (f: () => unknown) => {
+    try {
+      f()
+    } catch (err) {
+      return (err as Error).message
+    }
+    return '(accepted)'
+  }
+  // A password pasted in: to yaml, `*…` is an alias, `!…!…` a tag, `|…` a block scalar header.
+  t.same(problems('version: 1\nsidecar:\n  agent_id: *Hunter2PastedPassword!\n'), [`line 3: ${UNRESOLVED_ALIAS}`], 'the alias is not named: it is the value')
+  t.same(problems('version: 1\nx: &a 1\nsidecar: { agent_id: [*a, *CanaryB] }\n'), [`line 3: ${UNRESOLVED_ALIAS}`], 'an alias after another that resolves')
+  t.same(problems('version: 1\nsidecar: { agent_id: *CanaryC }\nx: &CanaryC 1\n'), [`line 2: ${UNRESOLVED_ALIAS}`], 'an anchor set after it does not resolve it')
+  t.same(problems('version: 1\nsidecar: { agent_id: !Canary!D }\n'), ['line 2: a tagged value (!…) this reader does not take: quote a value that begins with !'])
+  t.same(problems('version: 1\nsidecar:\n  agent_id: |CanaryE\n'), ['line 3: a block scalar header (| or >) followed by other characters: quote a value that begins with | or >'])
+  t.same(problems('version: 1\nsidecar: { agent_id: "Canary\\qF" }\n'), ['line 2: an escape sequence a double-quoted string does not have: write \\\\ for a backslash, or single-quote the value'])
+  t.same(problems('version: 1\nx: &a [1]\ny: *a\n'), ['x: unknown key', 'y: unknown key'], 'an alias that resolves is read (and its keys judged)')
+  const bundle = said(() => compileBundle('default: deny\nrules:\n  - { id: a, action: allow, hosts: [*PolicyCanary1] }\n', '/etc/policy.yaml'))
+  t.equal(bundle, `/etc/policy.yaml: policy bundle is not valid YAML/JSON: ${UNRESOLVED_ALIAS} at line 3, column 37`, 'a policy file: the line, not the name')
+  t.equal(said(() => parseRegistry('version: 1\nagents:\n  a: *RegistryCanary\n', 'agents.yaml')), `agents.yaml: invalid agent registry:\n  line 3: ${UNRESOLVED_ALIAS}`, 'the agent registry')
+  t.match(said(() => parseCollectorConfig('version: 1\ncollector:\n  store: { kind: postgres, url: *CollectorCanary }\n', 'collector.yaml')), `collector.yaml: invalid configuration:\n  line 3: ${UNRESOLVED_ALIAS}`, "the collector's config")
+  const dir = mkdtempSync(join(tmpdir(), 'lk-alias-'))
+  const secretsFile = join(dir, 'secrets.yaml')
+  writeFileSync(secretsFile, 'A: ok\nB: *SecretCanary\n')
+  t.equal(
+    said(() => new StaticSecretSource({ file: secretsFile, env_prefix: 'LK_T_' }, ['A', 'B'], {})),
+    `secrets.file ${secretsFile}: not YAML this sidecar reads (BAD_ALIAS at line 2; the line is not quoted: it may hold a secret): ${UNRESOLVED_ALIAS}`,
+    'the secrets file',
+  )
+  // And through the CLI: check-config prints nothing of it.
+  const file = join(dir, 'c.yaml')
+  writeFileSync(file, 'version: 1\nsidecar:\n  agent_id: *Hunter2PastedPassword!\n')
+  const r = spawnSync(process.execPath, [CLI, 'check-config', file], { encoding: 'utf8' })
+  t.same([r.status, r.stderr.trim()], [1, `${file}: invalid configuration:\n  line 3: ${UNRESOLVED_ALIAS}`])
+  // yaml's own texts that would quote a value: none gets through, whatever the file.
+  for (const text of ['a: !<!> CanaryG\n', 'a: !CanaryH!\n', '%CanaryI x\n---\na: 1\n', 'a: 1\n...\nCanaryJ\n', 'a: "\\xZZCanaryL"\n']) {
+    for (const [what, message] of [
+      ['config', problems(text).join('\n')],
+      ['bundle', said(() => compileBundle(text, 'b.yaml'))],
+      ['registry', said(() => parseRegistry(text, 'r.yaml'))],
+      ['collector', said(() => parseCollectorConfig(text, 'c.yaml'))],
+    ]) {
+      t.notMatch(message, /Canary|ZZ/, `${what}: ${JSON.stringify(text)} → ${message}`)
+    }
+  }
+  // A key that is a collection: yaml's toJS warned of it on stderr (process warnings), quoting it.
+  const warnings: string[] = []
+  const onWarning = (w: Error) => warnings.push(w.message)
+  process.on('warning', onWarning)
+  t.teardown(() => process.off('warning', onWarning))
+  problems('version: 1\n? [CanaryK]\n: 1\n')
+  await new Promise((r) => setImmediate(r))
+  t.same(warnings, [], 'nothing of the file goes to process warnings')
 })
 
 t.test('a config file that is not UTF-8 is refused naming the line, not read with U+FFFD in it', async (t) => {

@@ -80,6 +80,38 @@ t.test('static secrets come from the environment first, then the file', async (t
   }
 })
 
+t.test('a secret set but empty is said to be empty, where: an empty variable is not passed over for the file', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-secrets-'))
+  const file = join(dir, 'secrets.yaml')
+  writeFileSync(file, 'UPTOKEN: canaryFILESECRET0014\nBLANK: ""\nNOTHING:\nMixed-Name.x: ""\n')
+  const src = new StaticSecretSource({ file, env_prefix: 'LK_T_' }, ['UPTOKEN', 'BLANK', 'NOTHING', 'ABSENT', 'Mixed-Name.x'], { LK_T_UPTOKEN: '' })
+  t.notOk(src.has('UPTOKEN'), "an empty variable is read first, as a set one is: the file's value is not used in its place")
+  t.equal(src.missing('UPTOKEN'), 'secret UPTOKEN: env LK_T_UPTOKEN is set but empty (it is read before secrets.file: unset it, or set it to the secret)')
+  t.equal(src.missing('BLANK'), 'secret BLANK is empty in secrets.file')
+  t.equal(src.missing('NOTHING'), 'secret NOTHING is empty in secrets.file', '`NAME:` with nothing after it is empty, not "not a string"')
+  t.equal(src.missing('ABSENT'), 'secret ABSENT is neither in env LK_T_ABSENT nor in secrets.file')
+  t.equal(src.missing('Mixed-Name.x'), 'the secret it names is empty in secrets.file (the name is not repeated: it is not written as a name is, and may be a secret pasted in its place)')
+  const unset = new StaticSecretSource({ file, env_prefix: 'LK_T_' }, ['UPTOKEN'], {})
+  t.equal(unset.secret('UPTOKEN'), 'canaryFILESECRET0014', 'unset, the file has it')
+  const noFile = new StaticSecretSource({ env_prefix: 'LK_T_' }, ['Hunter2-pasted'], { 'LK_T_Hunter2-pasted': '' })
+  t.equal(noFile.missing('Hunter2-pasted'), 'the secret it names: env LK_T_<name> is set but empty (it is read before secrets.file: unset it, or set it to the secret) (the name is not repeated: it is not written as a name is, and may be a secret pasted in its place)')
+})
+
+t.test('a secrets file that is not UTF-8 is refused naming the line, never quoting it', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-secrets-'))
+  const file = join(dir, 'secrets.yaml')
+  writeFileSync(file, Buffer.concat([Buffer.from('A: ok-secret-value\nB: '), Buffer.from('caf\u00e9-CANARY-secret', 'latin1'), Buffer.from('\n')]))
+  let message = ''
+  try {
+    new StaticSecretSource({ file, env_prefix: 'LK_T_' }, ['A', 'B'], {})
+  } catch (err) {
+    message = (err as Error).message
+  }
+  t.equal(message, `secrets.file ${file}: line 2: not valid UTF-8 (save the file as UTF-8; the line is not quoted: it may hold a secret)`)
+  writeFileSync(file, 'A: ok-secret-value\nB: caf\u00e9-secret\n')
+  t.equal(new StaticSecretSource({ file, env_prefix: 'LK_T_' }, ['B'], {}).secret('B'), 'caf\u00e9-secret', 'the same as UTF-8 is read')
+})
+
 t.test('a secrets file yaml would only warn about (an unknown tag, a directive) is refused, and nothing of it printed', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'lk-secrets-'))
   const file = join(dir, 'secrets.yaml')

@@ -25,3 +25,21 @@ t.test('latchkey audit --url with userinfo names the collector without it', asyn
   t.equal(r.stderr, 'collector at http://***@127.0.0.1:1 unreachable: ECONNREFUSED\n')
   t.notMatch(r.stdout + r.stderr, /PASSWORD-CANARY/)
 })
+
+t.test('latchkey revoke refuses a broker URL with userinfo, from --broker or LATCHKEY_BROKER_URL, without printing it', async (t) => {
+  const { spawnSync } = await import('node:child_process')
+  const run = (args: string[], env: NodeJS.ProcessEnv = {}) => spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 15_000, env: { ...process.env, LATCHKEY_BROKER_ADMIN_TOKEN: 'x', ...env } })
+  const flag = run(['revoke', '--broker', 'http://u:BROKERURLPASS@127.0.0.1:23203', 'agent:x'])
+  t.same([flag.status, flag.stderr], [2, 'revoke: --broker http://***@127.0.0.1:23203: must not carry userinfo (user:password@): the broker takes the admin token from LATCHKEY_BROKER_ADMIN_TOKEN\n'])
+  const fromEnv = run(['unrevoke', 'agent:x'], { LATCHKEY_BROKER_URL: 'http://u:BROKERURLPASS@127.0.0.1:23203' })
+  t.same([fromEnv.status, fromEnv.stderr], [2, 'unrevoke: LATCHKEY_BROKER_URL http://***@127.0.0.1:23203: must not carry userinfo (user:password@): the broker takes the admin token from LATCHKEY_BROKER_ADMIN_TOKEN\n'])
+  // Read as userinfo by the URL parser, however spelt.
+  const bare = run(['revoke', '--broker', 'http:u:BROKERURLPASS@127.0.0.1:23203', 'agent:x'])
+  t.same([bare.status, bare.stderr], [2, 'revoke: --broker http://***@127.0.0.1:23203: must not carry userinfo (user:password@): the broker takes the admin token from LATCHKEY_BROKER_ADMIN_TOKEN\n'])
+  const notUrl = run(['revoke', '--broker', 'http://u:BROKERURLPASS@[bad', 'agent:x'])
+  t.same([notUrl.status, notUrl.stderr], [2, 'revoke: --broker is not a URL (http://host:port expected)\n'])
+  // --help prints the option's default: the environment's URL is not it.
+  const help = run(['revoke', '--help'], { LATCHKEY_BROKER_URL: 'http://u:BROKERURLPASS@127.0.0.1:23203' })
+  t.match(help.stdout, /--broker <url>/)
+  for (const r of [flag, fromEnv, bare, notUrl, help]) t.notMatch(r.stdout + r.stderr, /BROKERURLPASS/)
+})

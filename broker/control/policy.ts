@@ -22,7 +22,7 @@ export class PolicyBundleHolder {
   }
 
   private read(): BundleReload {
-    const read = readPolicyText(this.file)
+    const read = readPolicyText(this.file, this.maxBytes)
     if (!read.ok) return { ok: false, reason: read.reason }
     const text = read.text
     try {

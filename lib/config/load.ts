@@ -1,7 +1,7 @@
-import { readFileSync } from 'node:fs'
+import { byteSize, FileTooLarge, MAX_CONFIG_BYTES, readFileBounded } from '../bounded-read.js'
 import type { ErrorObject, ValidateFunction } from 'ajv'
 import { parse as parseYamlScalar, type YAMLError } from 'yaml'
-import { parseYamlDocument } from '../yaml-document.js'
+import { parseYamlDocument, yamlData, yamlErrorMessage } from '../yaml-document.js'
 import ipaddr from 'ipaddr.js'
 import { parseCidr, processIp } from '../ip-address.js'
 import { ADDRESS_CLASSES, PORT_PATTERN, type Config } from './schema.js'
@@ -30,7 +30,7 @@ export class ConfigError extends Error {
 
 const validate = generatedValidate as unknown as ValidateFunction<Config>
 
-/** Environment overrides: LATCHKEY__SIDECAR__LISTEN__PORT=16001 sets sidecar.listen.port. */
+/** Environment overrides: LATCHKEY__SIDECAR__LISTEN__PORT=16001 sets sidecar.listen.port (LATCHKEY__COLLECTOR__GRPC__PORT, in a collector's config, collector.grpc.port). */
 export const ENV_PREFIX = 'LATCHKEY__'
 
 export function loadConfigFile(file: string, env: NodeJS.ProcessEnv = process.env): Config {
@@ -70,11 +70,12 @@ export function readConfigText(file: string): string {
   return configText(readConfigBytes(file), file)
 }
 
-/** A config file's bytes, read once; unreadable is a ConfigError naming the file. */
+/** A config file's bytes, read once; unreadable or over MAX_CONFIG_BYTES is a ConfigError naming the file. */
 export function readConfigBytes(file: string): Buffer {
   try {
-    return readFileSync(file)
+    return readFileBounded(file, MAX_CONFIG_BYTES)
   } catch (err) {
+    if (err instanceof FileTooLarge) throw new ConfigError(file, [{ path: '', message: `larger than ${byteSize(MAX_CONFIG_BYTES)}, the most a config file may be` }])
     throw new ConfigError(file, [{ path: '', message: `cannot read file: ${(err as NodeJS.ErrnoException).code ?? String(err)}` }])
   }
 }
@@ -86,11 +87,11 @@ export function configText(bytes: Buffer, file: string): string {
   return bytes.toString('utf8')
 }
 
-/** The LATCHKEY__… variables a parsed config took values from, with the setting each answers for. */
-const overridesOf = new WeakMap<Config, ReadonlyMap<string, string>>()
+/** The LATCHKEY__… variables a parsed config (the sidecar's, the collector's) took values from, with the setting each answers for. */
+const overridesOf = new WeakMap<object, ReadonlyMap<string, string>>()
 
 /** What the environment set in `config` (as `NAME (setting)`), for start-up lines and check-config: nothing it changed goes unsaid. */
-export function envOverrides(config: Config): string[] {
+export function envOverrides(config: object): string[] {
   return [...(overridesOf.get(config)?.keys() ?? [])].map((name) => {
     const setting = name.slice(ENV_PREFIX.length).toLowerCase().split('__').map((k, i) => (/^[0-9]+$/.test(k) ? `[${k}]` : i === 0 ? k : `.${k}`)).join('')
     return `${name} (${setting})`
@@ -100,7 +101,7 @@ export function envOverrides(config: Config): string[] {
 export function parseConfig(text: string, source = '<config>', env: NodeJS.ProcessEnv = {}): Config {
   let doc
   try {
-    doc = parseYamlDocument(text, { prettyErrors: true })
+    doc = parseYamlDocument(text)
   } catch (err) {
     // The parser recurses per nesting level: thousands of levels exhaust the stack.
     if (err instanceof RangeError) throw new ConfigError(source, [{ path: '', message: 'the YAML nests too deeply' }])
@@ -117,20 +118,33 @@ export function parseConfig(text: string, source = '<config>', env: NodeJS.Proce
   }
   let raw: unknown
   try {
-    raw = doc.toJS({ maxAliasCount: 100 }) ?? {}
+    raw = yamlData(doc) ?? {}
   } catch (err) {
-    // yaml refuses excessive alias expansion (an alias bomb) and unresolved aliases by throwing.
-    throw new ConfigError(source, [{ path: '', message: `cannot expand YAML aliases: ${firstLine(err)}` }])
+    // yaml refuses excessive alias expansion (an alias bomb) by throwing.
+    throw new ConfigError(source, [{ path: '', message: (err as Error).message }])
   }
-  const overrides = applyEnvOverrides(raw, env, source)
-  // Read before validation fills in the defaults: whether the file (or the environment) wrote one.
-  const inlinePolicy = typeof raw === 'object' && raw !== null && 'policy' in raw
-  try {
-    const config = validateConfig(raw, source)
+  return validateWithOverrides(raw, env, source, (data) => {
+    // Read before validation fills in the defaults: whether the file (or the environment) wrote one.
+    const inlinePolicy = typeof data === 'object' && data !== null && 'policy' in data
+    const config = validateConfig(data, source)
     // Both: the policy file's rules are the ones in force, and edits to `policy` did nothing, silently.
     if (inlinePolicy && config.sidecar.policy_file) {
       throw new ConfigError(source, [{ path: 'policy', message: 'set beside sidecar.policy_file, whose rules replace it: remove one of them' }])
     }
+    return config
+  })
+}
+
+/**
+ * `raw` (a config file's data) with the environment's LATCHKEY__… overrides applied, then judged
+ * by `validate`: a problem in an overridden value is the environment's, not the file's, and is
+ * said with the variable's name. What was set is kept for envOverrides. The one path for the
+ * sidecar's (and broker's) config and the collector's.
+ */
+export function validateWithOverrides<T extends object>(raw: unknown, env: NodeJS.ProcessEnv, source: string, validate: (raw: unknown) => T): T {
+  const overrides = applyEnvOverrides(raw, env, source)
+  try {
+    const config = validate(raw)
     if (overrides.size > 0) overridesOf.set(config, overrides)
     return config
   } catch (err) {
@@ -150,7 +164,7 @@ export function validateConfig(raw: unknown, source = '<config>'): Config {
   // A key that is not a valid name fails twice (its pattern, then propertyNames): said once, by the key.
   // A discriminator's own complaint (a type no branch has, or none) repeats what the enum or
   // required error beside it says about `type`.
-  if (!validate(raw)) throw new ConfigError(source, (validate.errors ?? []).filter((e) => e.keyword !== 'propertyNames' && e.keyword !== 'discriminator').map(describeAjvError))
+  if (!validate(raw)) throw new ConfigError(source, schemaProblems(validate.errors))
   const config = raw as unknown as Config
   const problems = semanticProblems(config)
   if (problems.length > 0) throw new ConfigError(source, problems)
@@ -204,11 +218,7 @@ function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv, source: string)
   return applied
 }
 
-function firstLine(err: unknown): string {
-  return (err instanceof Error ? err.message : String(err)).split('\n')[0] ?? ''
-}
-
-/** yaml's errors in words about the file: the duplicated key named, no pointers to its own API. */
+/** yaml's errors in words about the file, quoting none of its values: the duplicated key named, no pointers to its own API. */
 function describeYamlError(e: YAMLError, text: string): ConfigProblem {
   const path = e.linePos ? `line ${e.linePos[0].line}` : ''
   switch (e.code) {
@@ -221,12 +231,22 @@ function describeYamlError(e: YAMLError, text: string): ConfigProblem {
     case 'MULTIPLE_DOCS':
       return { path, message: 'a config file holds one YAML document; remove the second (after ---)' }
     default:
-      // The first line, without the position yaml repeats at its end (the path says it).
-      return { path, message: (e.message.split('\n')[0] ?? e.message).replace(/ at line \d+, column \d+:?$/, '') }
+      return { path, message: yamlErrorMessage(e) }
   }
 }
 
-function describeAjvError(e: ErrorObject): ConfigProblem {
+/**
+ * ajv's errors as problems, one per mistake: a key that is not a valid name fails twice (its
+ * pattern, then propertyNames), said once, by the key; a discriminator's own complaint (a type
+ * no branch has, or none) repeats what the enum or required error beside it says. For every
+ * config judged by a schema compiled with discriminators (the sidecar's, the collector's).
+ */
+export function schemaProblems(errors: ErrorObject[] | null | undefined): ConfigProblem[] {
+  return (errors ?? []).filter((e) => e.keyword !== 'propertyNames' && e.keyword !== 'discriminator').map(describeAjvError)
+}
+
+/** One ajv error in words: the path as problems name it, the key for an unknown or missing one. */
+export function describeAjvError(e: ErrorObject): ConfigProblem {
   const path = pointerToPath(e.instancePath)
   if (e.propertyName !== undefined) {
     const key = /^[A-Za-z0-9_.-]+$/.test(e.propertyName) ? e.propertyName : JSON.stringify(e.propertyName.slice(0, 64))

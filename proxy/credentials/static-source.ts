@@ -1,11 +1,15 @@
 // The first CredentialSource: secrets read once at start-up from a YAML/JSON file of
 // name → value, or from environment variables `<env_prefix><NAME>`. They live in memory only.
-import { readFileSync } from 'node:fs'
-import { parseYamlDocument } from '../../lib/yaml-document.js'
+import { byteSize, FileTooLarge, readFileBounded } from '../../lib/bounded-read.js'
+import { firstNonUtf8Line } from '../../lib/config/load.js'
+import { parseYamlDocument, yamlErrorMessage } from '../../lib/yaml-document.js'
 import type { Config } from '../../lib/config/schema.js'
 import type { Credential, CredentialBinding, CredentialSource } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import { NONE_HELD } from './held.js'
+
+/** The most secrets.file may be: a mapping of names to secrets is some KiB; /dev/zero is refused at this, not read without end. */
+export const MAX_SECRETS_FILE_BYTES = 1024 * 1024
 
 /** A start-up failure the CLI prints as one line for people (code LK_STARTUP), without a stack. */
 function startupError(message: string): Error {
@@ -16,25 +20,36 @@ export class StaticSecretSource implements CredentialSource {
   private readonly credentials = new Map<string, Credential>()
   /** Each secret as held() answers it: one array per secret, made once. */
   private readonly heldByName = new Map<string, readonly Credential[]>()
+  /** Names found but empty, and where: said so by missing(), not "in neither place". */
+  private readonly emptyIn = new Map<string, 'env' | 'file'>()
+  private readonly prefix: string
 
   constructor(secrets: Config['secrets'], names: Iterable<string>, env: NodeJS.ProcessEnv = process.env) {
+    this.prefix = secrets.env_prefix
     let fromFile: Record<string, unknown> = {}
     if (secrets.file) {
       let parsed: unknown
       // Never echo the file's content: it is full of secrets. yaml's parse() writes each warning
       // (an unknown tag, a directive) to stderr with the line it is about, a secret in it: the
       // document is parsed without that, and any error or warning refused by its code and line.
-      let text: string
+      let bytes: Buffer
       try {
-        text = readFileSync(secrets.file, 'utf8')
+        bytes = readFileBounded(secrets.file, MAX_SECRETS_FILE_BYTES)
       } catch (err) {
+        if (err instanceof FileTooLarge) throw startupError(`secrets.file ${secrets.file}: larger than ${byteSize(MAX_SECRETS_FILE_BYTES)}, the most a secrets file may be`)
         throw startupError(`secrets.file ${secrets.file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
       }
+      // Not UTF-8 is refused by line, as the config is: read leniently, a Latin-1 secret would be
+      // sent with U+FFFD in place of its bytes, and refused upstream as a wrong credential.
+      const bad = firstNonUtf8Line(bytes)
+      if (bad !== null) throw startupError(`secrets.file ${secrets.file}: line ${bad}: not valid UTF-8 (save the file as UTF-8; the line is not quoted: it may hold a secret)`)
+      const text = bytes.toString('utf8')
       const doc = parseYamlDocument(text)
       const problem = doc.errors[0] ?? doc.warnings[0]
       if (problem) {
         const line = text.slice(0, problem.pos[0]).split('\n').length
-        throw startupError(`secrets.file ${secrets.file}: not YAML this sidecar reads (${problem.code} at line ${line}; the line is not quoted: it may hold a secret)`)
+        // What is wrong in yaml's words where they quote nothing of the file (yamlErrorMessage).
+        throw startupError(`secrets.file ${secrets.file}: not YAML this sidecar reads (${problem.code} at line ${line}; the line is not quoted: it may hold a secret): ${yamlErrorMessage(problem)}`)
       }
       try {
         parsed = doc.toJS()
@@ -45,11 +60,20 @@ export class StaticSecretSource implements CredentialSource {
       fromFile = parsed as Record<string, unknown>
     }
     for (const name of names) {
-      const value = env[secrets.env_prefix + name] ?? fromFile[name]
+      // An empty variable is set, and read first: it is not passed over for the file's value (an
+      // operator who emptied it meant something), and the refusal says it is empty, not absent.
+      const fromEnv = env[secrets.env_prefix + name]
+      const value = fromEnv ?? fromFile[name]
+      if (fromEnv === undefined && value === null) {
+        // `NAME:` with nothing after it: present, and empty.
+        this.emptyIn.set(name, 'file')
+        continue
+      }
       // Present but unusable says so, and never what it held: YAML reads 12345 as a number.
       if (value !== undefined && typeof value !== 'string') {
-        throw startupError(`secrets.file ${secrets.file}: secret ${name} is not a string (quote it)`)
+        throw startupError(`secrets.file ${secrets.file}: ${secretNamed(name)} is not a string (quote it)`)
       }
+      if (value === '') this.emptyIn.set(name, fromEnv === undefined ? 'file' : 'env')
       if (typeof value === 'string' && value.length > 0) {
         const c: Credential = { value, id: `static:${name}`, expiresAt: null, scopes: [] }
         this.credentials.set(name, c)
@@ -65,6 +89,17 @@ export class StaticSecretSource implements CredentialSource {
 
   has(name: string): boolean {
     return this.credentials.has(name)
+  }
+
+  /** Why a secret this source was asked for is not held: empty where it was found, or in neither place. */
+  missing(name: string): string {
+    const where = this.emptyIn.get(name)
+    const shown = nameShown(name)
+    const env = `${this.prefix}${shown ?? '<name>'}`
+    const unnamed = shown === null ? ` ${NOT_REPEATED}` : ''
+    if (where === 'env') return `${secretNamed(name)}: env ${env} is set but empty (it is read before secrets.file: unset it, or set it to the secret)${unnamed}`
+    if (where === 'file') return `${secretNamed(name)} is empty in secrets.file${unnamed}`
+    return missingSecret(name, this.prefix)
   }
 
   get(binding: CredentialBinding): Credential {
@@ -85,7 +120,20 @@ export class StaticSecretSource implements CredentialSource {
  * (`GITHUB_TOKEN`, `github_token`): anything else (mixed case, `-`, `.`, long) may be the secret
  * itself, pasted where its name belongs, and a start-up error goes to the logs.
  */
-export function missingSecret(name: string, prefix: string): string {
-  if (/^(?:[A-Z][A-Z0-9_]{0,39}|[a-z][a-z0-9_]{0,39})$/.test(name)) return `secret ${name} is neither in env ${prefix}${name} nor in secrets.file`
-  return `the secret it names is neither in env ${prefix}<name> nor in secrets.file (the name is not repeated: it is not written as a name is, and may be a secret pasted in its place)`
+function missingSecret(name: string, prefix: string): string {
+  if (nameShown(name) !== null) return `secret ${name} is neither in env ${prefix}${name} nor in secrets.file`
+  return `the secret it names is neither in env ${prefix}<name> nor in secrets.file ${NOT_REPEATED}`
+}
+
+const NOT_REPEATED = '(the name is not repeated: it is not written as a name is, and may be a secret pasted in its place)'
+
+/** `name` when it is written as a name is, else null: it may be the secret itself. */
+function nameShown(name: string): string | null {
+  return /^(?:[A-Z][A-Z0-9_]{0,39}|[a-z][a-z0-9_]{0,39})$/.test(name) ? name : null
+}
+
+/** "secret NAME", or "the secret it names" when the name may be a secret (see missingSecret). */
+function secretNamed(name: string): string {
+  const shown = nameShown(name)
+  return shown === null ? 'the secret it names' : `secret ${shown}`
 }

@@ -3,7 +3,7 @@
 // bundle (the config schema and its semantic checks, then compilation) and only then swap it in;
 // a bundle with any problem is rejected whole and the policy in force is kept.
 import { createHash } from 'node:crypto'
-import { parseYamlDocument } from '../../lib/yaml-document.js'
+import { parseYamlDocument, yamlData, yamlErrorMessage } from '../../lib/yaml-document.js'
 import type { Config, RuleConfig } from '../../lib/config/schema.js'
 import { ConfigError, validateConfig } from '../../lib/config/load.js'
 import { Policy } from './policy.js'
@@ -32,10 +32,16 @@ export function bundleVersion(text: string): string {
 export function compileBundle(text: string, source: string, maxBytes = DEFAULT_MAX_BUNDLE_BYTES, version?: string): CompiledBundle {
   const size = Buffer.byteLength(text)
   if (size > maxBytes) throw new BundleError(`${source}: policy bundle is ${size} bytes, over the limit of ${maxBytes}`)
-  // prettyErrors: the message says where (`… at line 3, column 1`), as check-config's do for the config.
-  const doc = parseYamlDocument(text, { prettyErrors: true })
-  if (doc.errors.length > 0) throw new BundleError(`${source}: policy bundle is not valid YAML/JSON: ${doc.errors[0]!.message.split('\n')[0]!.replace(/:$/, '')}`)
-  const raw: unknown = doc.toJS({ maxAliasCount: 100 })
+  // Said where (`… at line 3, column 1`), and in words that quote nothing of the bundle.
+  const doc = parseYamlDocument(text)
+  const e = doc.errors[0]
+  if (e) throw new BundleError(`${source}: policy bundle is not valid YAML/JSON: ${yamlErrorMessage(e)}${e.linePos ? ` at line ${e.linePos[0].line}, column ${e.linePos[0].col}` : ''}`)
+  let raw: unknown
+  try {
+    raw = yamlData(doc)
+  } catch (err) {
+    throw new BundleError(`${source}: policy bundle is not valid YAML/JSON: ${(err as Error).message}`)
+  }
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new BundleError(`${source}: policy bundle must be a mapping {mode, default, rules}`)
   let config: Config
   try {

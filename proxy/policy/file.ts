@@ -1,21 +1,24 @@
 // A policy file on disk (sidecar.policy_file, broker.control.policy_file): read as strict UTF-8,
 // and watched however it is replaced. Shared by the sidecar, its preflight and the broker.
-import { readFileSync, statSync, watch, type FSWatcher } from 'node:fs'
+import { statSync, watch, type FSWatcher } from 'node:fs'
 import { basename, dirname } from 'node:path'
 import { firstNonUtf8Line } from '../../lib/config/load.js'
+import { FileTooLarge, readFileBounded } from '../../lib/bounded-read.js'
 
 export type PolicyText = { ok: true; text: string } | { ok: false; unreadable: boolean; reason: string }
 
 /**
  * The file's text. Not UTF-8 is refused, naming the line: read leniently, a Latin-1 `/café/**`
  * deny rule would load, and never match the UTF-8 paths agents send. `unreadable`: the file is
- * missing or cannot be read, rather than wrong.
+ * missing or cannot be read, rather than wrong. Over `maxBytes` (the bundle limit the reader
+ * applies, max_bundle_bytes) is refused as compileBundle would, but without reading past it.
  */
-export function readPolicyText(file: string): PolicyText {
+export function readPolicyText(file: string, maxBytes: number): PolicyText {
   let bytes: Buffer
   try {
-    bytes = readFileSync(file)
+    bytes = readFileBounded(file, maxBytes)
   } catch (err) {
+    if (err instanceof FileTooLarge) return { ok: false, unreadable: false, reason: `${file}: policy bundle is over the limit of ${maxBytes} bytes` }
     return { ok: false, unreadable: true, reason: `${file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})` }
   }
   const bad = firstNonUtf8Line(bytes)

@@ -1,6 +1,7 @@
 // The collector's config file: the example validates, and every mistake is named by its path.
 import t from 'tap'
-import { loadCollectorConfig, validateCollectorConfig } from '../../collector/config.js'
+import { loadCollectorConfig, parseCollectorConfig, validateCollectorConfig } from '../../collector/config.js'
+import { envOverrides } from '../../lib/config/load.js'
 
 const hash = 'a'.repeat(64)
 
@@ -23,6 +24,48 @@ t.test('mistakes are named by path', async (t) => {
   t.throws(bad({ sidecars: [], store: { kind: 'postgres' } }), { message: /collector\.store: missing required key "url"/ })
   t.throws(bad({}), { message: /collector: missing required key "sidecars"/ })
   t.throws(() => loadCollectorConfig('/nonexistent/collector.yaml'), { message: /cannot read file: ENOENT/ })
+})
+
+t.test("a store mistake is judged by the branch its kind names: one line, not every branch's complaint", async (t) => {
+  const said = (store: Record<string, unknown>) => {
+    try {
+      validateCollectorConfig({ version: 1, collector: { sidecars: [], store } }, 'c.yaml')
+    } catch (err) {
+      return (err as { problems: { path: string; message: string }[] }).problems.map((p) => `${p.path}: ${p.message}`)
+    }
+    return []
+  }
+  t.same(said({ kind: 'sqlite', path: 'x.db', pool_size: 4 }), ['collector.store.pool_size: unknown key'], "a postgres key under sqlite: that, not postgres's missing url")
+  t.same(said({ kind: 'postgres', url: 'postgres://h/db', path: 'x.db', pool_size: 0 }), ['collector.store.path: unknown key', 'collector.store.pool_size: must be >= 1'])
+  t.same(said({ kind: 'mongo', path: 'x.db' }), ['collector.store.kind: must be one of "sqlite", "postgres"'], 'an unknown kind names the kinds')
+  t.same(said({ path: 'x.db' }), ['collector.store: missing required key "kind"'])
+  t.same(said({ kind: 'sqlite', path: 'x.db' }), [])
+})
+
+t.test('LATCHKEY__COLLECTOR__… overrides the collector config as LATCHKEY__SIDECAR__… does the sidecar\'s, a problem named by its variable', async (t) => {
+  const file = 'version: 1\ncollector: { sidecars: [], grpc: { port: 15100 } }\n'
+  const said = (env: NodeJS.ProcessEnv) => {
+    try {
+      parseCollectorConfig(file, 'c.yaml', env)
+    } catch (err) {
+      return (err as { problems: { path: string; message: string }[] }).problems.map((p) => `${p.path}: ${p.message}`)
+    }
+    return []
+  }
+  t.same(said({ LATCHKEY__COLLECTOR__GRPC__PORT: 'abc' }), ['collector.grpc.port: must be integer (set by LATCHKEY__COLLECTOR__GRPC__PORT)'])
+  t.same(said({ LATCHKEY__COLLECTOR__GRPC__PROT: '1' }), ['collector.grpc.prot: unknown key (set by LATCHKEY__COLLECTOR__GRPC__PROT)'])
+  t.same(said({ LATCHKEY__COLLECTOR__STORE__KIND: 'mongo' }), ['collector.store.kind: must be one of "sqlite", "postgres" (set by LATCHKEY__COLLECTOR__STORE__KIND)'])
+  // Set before the defaults are: a store the file does not have is the variables' to complete.
+  t.same(said({ LATCHKEY__COLLECTOR__STORE__PATH: '/var/lib/a.db' }), ['collector.store: missing required key "kind" (set by LATCHKEY__COLLECTOR__STORE__PATH)'])
+  const c = parseCollectorConfig(file, 'c.yaml', { LATCHKEY__COLLECTOR__GRPC__PORT: '16100', LATCHKEY__COLLECTOR__STORE__KIND: 'sqlite', LATCHKEY__COLLECTOR__STORE__PATH: '/var/lib/a.db' })
+  t.same([c.collector.grpc.port, c.collector.store], [16100, { kind: 'sqlite', path: '/var/lib/a.db' }])
+  t.same(envOverrides(c), ['LATCHKEY__COLLECTOR__GRPC__PORT (collector.grpc.port)', 'LATCHKEY__COLLECTOR__STORE__KIND (collector.store.kind)', 'LATCHKEY__COLLECTOR__STORE__PATH (collector.store.path)'], 'what the environment set is said')
+  const { spawnSync } = await import('node:child_process')
+  const { CLI } = await import('../helpers/cli.js')
+  const r = spawnSync(process.execPath, [CLI, 'check-config', 'deploy/examples/collector.yaml'], { encoding: 'utf8', env: { ...process.env, LATCHKEY__COLLECTOR__GRPC__PORT: 'abc' } })
+  t.same([r.status, r.stderr.trim()], [1, 'deploy/examples/collector.yaml: invalid configuration:\n  collector.grpc.port: must be integer (set by LATCHKEY__COLLECTOR__GRPC__PORT)'], 'check-config judges it')
+  const ok = spawnSync(process.execPath, [CLI, 'check-config', 'deploy/examples/collector.yaml'], { encoding: 'utf8', env: { ...process.env, LATCHKEY__COLLECTOR__GRPC__PORT: '16100' } })
+  t.same([ok.status, ok.stderr.trim()], [0, 'note: set by the environment, not the file: LATCHKEY__COLLECTOR__GRPC__PORT (collector.grpc.port)'], 'and says what the environment set')
 })
 
 t.test('a query API open to the network needs reader tokens', async (t) => {

@@ -1,0 +1,53 @@
+// A file read whole at start-up (a config, the secrets file, a policy file, the agent registry),
+// read with a cap: readFileSync reads until the end, and a path that names /dev/zero, a FIFO fed
+// without end, or a file gone wrong grew the process without limit (check-config of /dev/zero
+// reached 7 GB). At most `limit` + 1 bytes are ever read: one more than the limit says it is over.
+import { closeSync, openSync, readSync } from 'node:fs'
+
+/**
+ * The most a config file (the sidecar's, the broker's, the collector's, the agent registry) may
+ * be: the largest real one is some KiB.
+ */
+export const MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+/** A file over the limit its reader sets; `limit` in bytes. */
+export class FileTooLarge extends Error {
+  readonly code = 'LK_FILE_TOO_LARGE'
+  constructor(
+    readonly path: string,
+    readonly limit: number,
+  ) {
+    super(`${path}: larger than ${byteSize(limit)}`)
+  }
+}
+
+/** `bytes` for people: 4 MiB, 256 KiB, 1000 bytes. */
+export function byteSize(bytes: number): string {
+  if (bytes >= 1024 * 1024 && bytes % (1024 * 1024) === 0) return `${bytes / (1024 * 1024)} MiB`
+  if (bytes >= 1024 && bytes % 1024 === 0) return `${bytes / 1024} KiB`
+  return `${bytes} bytes`
+}
+
+/**
+ * The file's bytes, at most `limit` of them, else FileTooLarge. A pipe (`<(cat file)`) is read to
+ * its end as a file is. Errors opening or reading (ENOENT, EACCES, EISDIR) are thrown as they are.
+ */
+export function readFileBounded(path: string, limit: number): Buffer {
+  const fd = openSync(path, 'r')
+  try {
+    const chunks: Buffer[] = []
+    let total = 0
+    for (;;) {
+      // Never more than one byte past the limit, however much the source has.
+      const chunk = Buffer.allocUnsafe(Math.min(64 * 1024, limit + 1 - total))
+      const n = readSync(fd, chunk, 0, chunk.length, null)
+      if (n === 0) break
+      chunks.push(n === chunk.length ? chunk : chunk.subarray(0, n))
+      total += n
+      if (total > limit) throw new FileTooLarge(path, limit)
+    }
+    return Buffer.concat(chunks, total)
+  } finally {
+    closeSync(fd)
+  }
+}

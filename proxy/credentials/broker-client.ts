@@ -125,13 +125,8 @@ export class BrokerClient implements TokenIssuer {
     // What the broker says is checked, not trusted: no more scope than asked, no other audience,
     // no lifetime past a day nor past the token's own exp. Reasons never quote the token.
     if (body.scope !== undefined && typeof body.scope !== 'string') throw new ExchangeFailed('invalid_response', 'broker answered 200 with a scope that is not a string')
-    // Asked for none, what it grants is taken (below): still bounded, and never text quoting what
-    // the exchange sent, for granted scopes go into every audit event and log line of the task.
     if (typeof body.scope === 'string' && body.scope.length > MAX_SCOPE_TEXT) throw new ExchangeFailed('invalid_response', `broker granted scope text over ${MAX_SCOPE_TEXT} characters`)
-    if (typeof body.scope === 'string' && quotes(body.scope, body.scope)) throw new ExchangeFailed('invalid_response', `broker granted scope text that quotes what the exchange sent (${NOT_REPEATED})`)
     const granted = typeof body.scope === 'string' ? body.scope.split(' ').filter(Boolean) : [...scopes]
-    const malformed = grantedScopesProblem(granted)
-    if (malformed) throw new ExchangeFailed('invalid_response', `broker granted ${malformed}`)
     // Asking for no scope asks for what the registry allows: only a request that names scopes bounds them.
     const extra = scopes.length > 0 ? granted.filter((g) => !scopes.includes(g)) : []
     if (extra.length > 0) {
@@ -139,6 +134,11 @@ export class BrokerClient implements TokenIssuer {
       // The whole answer is looked at too: split at its spaces, a token holding one would be quoted in parts.
       throw new ExchangeFailed('invalid_response', `broker granted scope ${quotes(named, body.scope) ? `(${NOT_REPEATED})` : named} beyond the ${scopes.join(' ')} asked for`)
     }
+    // Asked for none, what it grants is taken: still never text quoting what the exchange sent,
+    // and bounded scope-tokens, for granted scopes go into every audit event and log line of the task.
+    if (scopes.length === 0 && typeof body.scope === 'string' && quotes(body.scope, body.scope)) throw new ExchangeFailed('invalid_response', `broker granted scope (${NOT_REPEATED})`)
+    const malformed = grantedScopesProblem(granted)
+    if (malformed) throw new ExchangeFailed('invalid_response', `broker granted ${malformed}`)
     let expiresInMs = Math.min(expiresIn, MAX_EXPIRES_IN_S) * 1000
     let jti = typeof body.lease_id === 'string' ? body.lease_id.slice(0, 64) : 'unknown'
     let jtiField: { name: string; whole: unknown } = { name: 'lease_id', whole: body.lease_id }

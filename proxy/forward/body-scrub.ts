@@ -17,9 +17,9 @@
 // What is looked for: the secret and the forms the header scrubber knows (binding.encodedForms:
 // base64 of any text holding it, hex, Basic's header), each as is and as an echo escapes it once
 // (JSON, with `\/` or without; percent-encoding, either hex case, `+` for a space; HTML), the
-// secret with every byte percent-encoded, and each of those texts with any of its characters
-// other than letters and digits escaped and the rest not (escaped-copy.ts: Go's html/template's
-// `\u002b` beside `\/`, matched escape by escape). Compressed
+// secret with every byte percent-encoded, and each of those texts holding a character encoders
+// escape with any of its characters other than letters and digits escaped and the rest not
+// (escaped-copy.ts: Go's html/template's `\u002b` beside `\/`, matched escape by escape). Compressed
 // bodies cannot be read this way: a credentialed call asks for `identity`, and one that comes
 // back encoded anyway is decoded before it gets here, or refused (see ResponseRelay). Not only a
 // whole copy: one cut short (or begun late) is overwritten too, once it shows enough of a needle

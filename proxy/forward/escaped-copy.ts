@@ -35,13 +35,21 @@ function spellingsOf(byte: number): Buffer[] {
 }
 
 const ALNUM = /[A-Za-z0-9]/
-/** An anchor's length: a run of letters and digits shorter than this shows too little to find copies by. */
-const ANCHOR = 8
+/** What percent-encoding, JSON and HTML leave as it is, every encoder of theirs (RFC 3986's unreserved, less letters and digits). */
+const UNRESERVED = /[-._~]/
+/**
+ * Anchor lengths tried, longest first: the longest whose anchors cover every copy that matters is
+ * taken (a longer anchor is a rarer candidate, and a set of needles stays cheap enough for a native
+ * indexOf each: body-scrub.ts ONE_PASS_AT). Shorter than the last shows too little to find copies by.
+ */
+const ANCHOR_LENGTHS = [16, 12, 8]
 
 /**
  * The escaped needle of `text`, whose copies are overwritten from `least` characters of it (see
- * body-scrub.ts leastShown), or null when no escape could change it (only letters, digits and
- * bytes beyond ASCII) or no run of it is long enough to find a copy by.
+ * body-scrub.ts leastShown), or null when no run of it is long enough to find a copy by, or when
+ * no encoder escapes some of its characters and not others: it holds nothing but letters, digits,
+ * bytes beyond ASCII and the characters no JSON, HTML or URL encoder escapes (`-._~`: a JWT, a
+ * base64url key), which an encoder escaping everything else spells whole, or not at all.
  */
 export function escapedNeedle(text: string, least: number): EscapedNeedle | null {
   const secret = Buffer.from(text, 'utf8')
@@ -50,40 +58,53 @@ export function escapedNeedle(text: string, least: number): EscapedNeedle | null
   let escapable = false
   for (const b of secret) {
     if (b < 0x80 && !ALNUM.test(String.fromCharCode(b))) {
-      escapable = true
+      if (!UNRESERVED.test(String.fromCharCode(b))) escapable = true
       const s = (spellings[b] ??= spellingsOf(b))
       longestCopy += Math.max(...s.map((x) => x.length))
     } else longestCopy++
   }
   if (!escapable) return null
-  // Where an anchor may be: ANCHOR bytes of which no escape changes one.
+  let anchors: { at: number; bytes: Buffer }[] = []
+  for (const length of ANCHOR_LENGTHS) {
+    const { chosen, covered } = anchorsOf(secret, spellings, least, length)
+    anchors = chosen
+    if (covered) break
+  }
+  if (anchors.length === 0) return null
+  return { secret, spellings, longestCopy, anchors }
+}
+
+/**
+ * As few anchors of `length` bytes no escape changes as cover every `least` characters of the
+ * secret (the copies that matter), each as late as the first window not yet covered allows: a
+ * long token needs one or two, and a body is scanned for those alone. `covered`: no window was
+ * left without one (one with escapable characters every few bytes is left to the whole spellings).
+ */
+function anchorsOf(secret: Buffer, spellings: readonly (readonly Buffer[] | undefined)[], least: number, length: number): { chosen: { at: number; bytes: Buffer }[]; covered: boolean } {
   const fits: number[] = []
   let run = 0
   for (let i = 0; i < secret.length; i++) {
     run = spellings[secret[i]!] === undefined ? run + 1 : 0
-    if (run >= ANCHOR) fits.push(i - ANCHOR + 1)
+    if (run >= length) fits.push(i - length + 1)
   }
-  // As few anchors as cover every `least` characters of the secret (the copies that matter),
-  // each as late as the first window not yet covered allows: a long token needs one or two, and
-  // a body is scanned for those alone. A window no anchor fits (escapable characters every few
-  // bytes) is left to the whole spellings.
-  const anchors: { at: number; bytes: Buffer }[] = []
+  const chosen: { at: number; bytes: Buffer }[] = []
+  let covered = true
   let k = 0
   for (let s = 0; s + least <= secret.length; ) {
     while (k < fits.length && fits[k]! < s) k++
     let best = -1
-    for (let j = k; j < fits.length && fits[j]! + ANCHOR <= s + least; j++) best = fits[j]!
+    for (let j = k; j < fits.length && fits[j]! + length <= s + least; j++) best = fits[j]!
     if (best === -1) {
+      covered = false
       // The first window the next place fits, if any (it lies past this one's end: later than s).
       if (k === fits.length) break
-      s = fits[k]! + ANCHOR - least
+      s = fits[k]! + length - least
       continue
     }
-    anchors.push({ at: best, bytes: secret.subarray(best, best + ANCHOR) })
+    chosen.push({ at: best, bytes: secret.subarray(best, best + length) })
     s = best + 1
   }
-  if (anchors.length === 0) return null
-  return { secret, spellings, longestCopy, anchors }
+  return { chosen, covered }
 }
 
 /** A copy's extent: data[start, end) holds secret[from, to); `cut`: data ended inside an escape of secret[to]. */

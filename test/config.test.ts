@@ -39,6 +39,11 @@ t.test('errors name the path and the problem', async (t) => {
   t.same(problems('version: 1\ntasks: { required: true, default: { enabled: true } }\n'), ['tasks.required: contradicts tasks.default.enabled: a default task names every call'])
   t.same(problems('version: 1\nsidecar: { admin: { host: 0.0.0.0 } }\n'), ['sidecar.admin.host: must be a loopback address (set sidecar.allow_remote_clients to override)'], 'the admin port too')
   t.same(problems('version: 1\nsidecar: { listen: { host: 127.attacker.example } }\n').length, 1, 'a name that merely starts with 127. is not loopback')
+  // Config probe: `127.1` was refused as "must be a loopback address", which it is.
+  t.same(problems('version: 1\nsidecar: { listen: { host: "127.1" }, admin: { host: "0177.0.0.1" } }\n'), [
+    'sidecar.listen.host: write an IPv4 address as four decimal parts without leading zeros (010 is 8 to some parsers, 10 to others)',
+    'sidecar.admin.host: write an IPv4 address as four decimal parts without leading zeros (010 is 8 to some parsers, 10 to others)',
+  ], 'a loopback address written ambiguously is refused for that')
   for (const host of ['127.0.0.2', '::1', '"0:0:0:0:0:0:0:1"', '"::ffff:127.0.0.1"', 'localhost']) t.same(problems(`version: 1\nsidecar: { listen: { host: ${host} }, admin: { host: ${host} } }\n`), [], `${host} is loopback`)
   const AMBIGUOUS = 'write an IPv4 address as four decimal parts without leading zeros (010 is 8 to some parsers, 10 to others)'
   t.same(problems('version: 1\npolicy: { rules: [ { id: a, action: deny, cidrs: ["127.000.000.010/32"], hosts: ["010.0.0.1", "2130706433", "cafe.beef"] } ] }\nnetwork: { allow: [ { cidr: 010.0.0.0/8 } ] }\n'), [

@@ -389,7 +389,9 @@ function semanticProblems(c: Config): ConfigProblem[] {
 
   // Both ports: the admin port opens tasks and serves metrics, the proxy port spends credentials.
   for (const [path, host] of [['sidecar.listen.host', c.sidecar.listen.host], ['sidecar.admin.host', c.sidecar.admin.host]] as const) {
-    if (!c.sidecar.allow_remote_clients && !isLoopbackHost(host)) {
+    // `127.1` is loopback, written a way parsers read differently: said so, not "must be loopback".
+    if (ambiguousIPv4(host)) problems.push({ path, message: AMBIGUOUS })
+    else if (!c.sidecar.allow_remote_clients && !isLoopbackHost(host)) {
       problems.push({ path, message: 'must be a loopback address (set sidecar.allow_remote_clients to override)' })
     }
   }

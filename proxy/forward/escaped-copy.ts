@@ -107,7 +107,7 @@ function anchorsOf(secret: Buffer, spellings: readonly (readonly Buffer[] | unde
   return { chosen, covered }
 }
 
-/** A copy's extent: data[start, end) holds secret[from, to); `cut`: data ended inside an escape of secret[to]. */
+/** A copy's extent: data[start, end) holds secret[from, to) (and, where data ended inside an escape, the start of secret[to]'s). */
 export interface EscapedExtent {
   start: number
   end: number
@@ -122,35 +122,7 @@ export interface EscapedExtent {
  */
 export function extendEscaped(data: Buffer, n: EscapedNeedle, i: number, at: number, len: number): EscapedExtent {
   const { secret, spellings } = n
-  let end = i + len
-  let to = at + len
-  forward: while (to < secret.length && end < data.length) {
-    const b = secret[to]!
-    const forms = spellings[b]
-    if (forms === undefined) {
-      if (data[end] !== b) break
-      end++
-      to++
-      continue
-    }
-    for (const f of forms) {
-      const room = data.length - end
-      if (f.length > room) {
-        // Data ends inside what may be this escape: its bytes so far belong to the copy.
-        if (data.compare(f, 0, room, end, data.length) === 0) {
-          end = data.length
-          break forward
-        }
-        continue
-      }
-      if (data.compare(f, 0, f.length, end, end + f.length) === 0) {
-        end += f.length
-        to++
-        continue forward
-      }
-    }
-    break
-  }
+  const { end, to } = forwardEscaped(data, n, i + len, at + len)
   let start = i
   let from = at
   backward: while (from > 0 && start > 0) {
@@ -177,31 +149,41 @@ export function extendEscaped(data: Buffer, n: EscapedNeedle, i: number, at: num
 
 /** Whether data[p..] is, to its end, the start of a copy (escapes included, the last perhaps cut): what must wait for the next chunk. */
 export function beginsEscaped(data: Buffer, p: number, n: EscapedNeedle): boolean {
+  if (p >= data.length) return false
+  const { end, to } = forwardEscaped(data, n, p, 0)
+  return end === data.length && to < n.secret.length
+}
+
+/**
+ * How far data[end..] spells secret[to..], escape by escape: where data and the secret part, the
+ * secret ends, or data does. Data ending part-way through what may be an escape takes those bytes
+ * in (`end` is then data's length, `to` short of the character they may spell).
+ */
+function forwardEscaped(data: Buffer, n: EscapedNeedle, end: number, to: number): { end: number; to: number } {
   const { secret, spellings } = n
-  let d = p
-  for (let s = 0; s < secret.length; s++) {
-    if (d === data.length) return true
-    const b = secret[s]!
+  forward: while (to < secret.length && end < data.length) {
+    const b = secret[to]!
     const forms = spellings[b]
     if (forms === undefined) {
-      if (data[d] !== b) return false
-      d++
+      if (data[end] !== b) break
+      end++
+      to++
       continue
     }
-    let matched = false
     for (const f of forms) {
-      const room = data.length - d
+      const room = data.length - end
       if (f.length > room) {
-        if (data.compare(f, 0, room, d, data.length) === 0) return true
+        // Data ends inside what may be this escape: its bytes so far belong to the copy.
+        if (data.compare(f, 0, room, end, data.length) === 0) return { end: data.length, to }
         continue
       }
-      if (data.compare(f, 0, f.length, d, d + f.length) === 0) {
-        d += f.length
-        matched = true
-        break
+      if (data.compare(f, 0, f.length, end, end + f.length) === 0) {
+        end += f.length
+        to++
+        continue forward
       }
     }
-    if (!matched) return false
+    break
   }
-  return false
+  return { end, to }
 }

@@ -457,7 +457,7 @@ class GlobAutomaton implements PathMatcher {
 
   /** Whether `path` from `i` on takes the NFA from `set` to a match: the DFA without keeping its states, for a path that meets more of them than are kept. */
   private simulate(set: Int32Array, path: string, i: number): boolean {
-    const { kind, arg, out, seen, caseBlind } = this
+    const { kind, arg, out, caseBlind } = this
     let current = this.found
     let next = this.spare
     current.set(set)
@@ -468,13 +468,7 @@ class GlobAutomaton implements PathMatcher {
       let nextCount = 0
       for (let j = 0; j < count; j++) {
         const s = current[j]!
-        if (!reads(kind[s]!, arg[s]!, u)) continue
-        const t = out[s]!
-        if (kind[t] === SPLIT) nextCount = this.enter(next, nextCount, t, generation)
-        else if (seen[t] !== generation) {
-          seen[t] = generation
-          next[nextCount++] = t
-        }
+        if (reads(kind[s]!, arg[s]!, u)) nextCount = this.enter(next, nextCount, out[s]!, generation)
       }
       if (nextCount === 0) return false
       ;[current, next] = [next, current]

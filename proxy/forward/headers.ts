@@ -78,8 +78,8 @@ export const MAX_UPSTREAM_HEAD_BYTES = 64 * 1024
 export type OutboundHeaders = Record<string, string | string[] | undefined>
 
 /**
- * Copies the agent's headers minus hop-by-hop, Connection-listed, spoofable, Host, Expect and
- * the binding's strip list. `keep` names hop-by-hop headers to preserve (for WebSocket upgrades).
+ * Copies the agent's headers minus hop-by-hop, Connection-listed, spoofable, Host, Expect and,
+ * on a credentialed origin, the binding's strip list and any API-key header (isApiKeyHeader). `keep` names hop-by-hop headers to preserve (for WebSocket upgrades).
  */
 export function outboundRequestHeaders(
   incoming: IncomingHttpHeaders,
@@ -96,10 +96,22 @@ export function outboundRequestHeaders(
     // underscores_in_headers fold `_` and `-` together, and would read the agent's value.
     const dashed = name.includes('_') ? name.replace(/_/g, '-') : name
     if (isSpoofable(dashed)) continue
-    if (strip && (strip.includes(name) || (dashed !== name && strip.includes(dashed)))) continue
+    if (strip && (strip.includes(name) || (dashed !== name && strip.includes(dashed)) || isApiKeyHeader(dashed))) continue
     out[name] = incoming[name]
   }
   return out
+}
+
+/**
+ * An API key's header by its name, as SDKs write their own: `x-goog-api-key` (Google's GenAI
+ * SDKs), `xi-api-key` (ElevenLabs), `x-rapidapi-key`, `apikey` (Supabase), besides the
+ * `x-api-key` and `api-key` the strip list names. Removed on an origin the sidecar injects into,
+ * as Authorization is: Google's SDK sent the agent's placeholder key there beside the injected
+ * `?key=`, so the upstream was given two keys and the audit named only the sidecar's. Given the
+ * name with `_` read as `-`.
+ */
+function isApiKeyHeader(dashed: string): boolean {
+  return dashed.endsWith('api-key') || dashed.endsWith('apikey')
 }
 
 /**

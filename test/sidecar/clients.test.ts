@@ -341,3 +341,30 @@ t.test("Node's fetch with HTTP_PROXY set tunnels its call to a reverse route int
   ])
   assertNoCanary(t, s, fetched.stdout)
 })
+
+t.test("an SDK's own API key, in the header its vendor reads, is not sent beside the injected credential", async (t) => {
+  // Google's GenAI SDK given a base URL: its key goes in x-goog-api-key, and the credential is
+  // the route's `?key=`. Other SDKs name theirs xi-api-key (ElevenLabs), apikey (Supabase).
+  const injected = await startUpstream()
+  const open = await startUpstream()
+  const s = await startTestSidecar({
+    ...loopbackPolicy([injected.port, open.port]),
+    routes: { gemini: injected.origin, open: open.origin },
+    credentials: [{ id: 'gemini', audience: injected.origin, source: 'static', secret: 'CANARY', inject: { type: 'query', name: 'key' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await injected.close()
+    await open.close()
+  })
+  const sdkHeaders = ['-H', 'x-goog-api-key: AIza-agents-own', '-H', 'xi-api-key: agents-own', '-H', 'apikey: agents-own', '-H', 'X_RapidAPI_Key: agents-own', '-H', 'x-goog-api-client: genai-js/1']
+  const out = await run('curl', ['-sS', '-i', ...sdkHeaders, '-d', '{}', `${s.proxy}/gemini/v1beta/models/m:generateContent?key=agents-own`])
+  t.match(out.stdout, /^HTTP\/1\.1 200 /)
+  const seen = injected.requests[0]!
+  t.equal(seen.url, `/v1beta/models/m:generateContent?key=${CANARY}`, 'the injected key alone in the query')
+  t.same(Object.keys(seen.headers).filter((h) => /key/.test(h)), [], 'no API-key header of the agent reached the credentialed upstream')
+  t.equal(seen.headers['x-goog-api-client'], 'genai-js/1', 'an SDK header that is no key goes on')
+  await run('curl', ['-sS', ...sdkHeaders, `${s.proxy}/open/x`])
+  t.equal(open.requests[0]?.headers['x-goog-api-key'], 'AIza-agents-own', 'where nothing is injected, the agent sends its own key')
+  assertNoCanary(t, s, out.stdout)
+})

@@ -79,7 +79,7 @@ export type OutboundHeaders = Record<string, string | string[] | undefined>
 
 /**
  * Copies the agent's headers minus hop-by-hop, Connection-listed, spoofable, Host, Expect and,
- * on a credentialed origin, the binding's strip list and any API-key header (isApiKeyHeader). `keep` names hop-by-hop headers to preserve (for WebSocket upgrades).
+ * on a credentialed origin, the binding's strip list and any header a credential's name is written in (isCredentialHeader). `keep` names hop-by-hop headers to preserve (for WebSocket upgrades).
  */
 export function outboundRequestHeaders(
   incoming: IncomingHttpHeaders,
@@ -96,22 +96,30 @@ export function outboundRequestHeaders(
     // underscores_in_headers fold `_` and `-` together, and would read the agent's value.
     const dashed = name.includes('_') ? name.replace(/_/g, '-') : name
     if (isSpoofable(dashed)) continue
-    if (strip && (strip.includes(name) || (dashed !== name && strip.includes(dashed)) || isApiKeyHeader(dashed))) continue
+    if (strip && (strip.includes(name) || (dashed !== name && strip.includes(dashed)) || isCredentialHeader(dashed))) continue
     out[name] = incoming[name]
   }
   return out
 }
 
 /**
- * An API key's header by its name, as SDKs write their own: `x-goog-api-key` (Google's GenAI
- * SDKs), `xi-api-key` (ElevenLabs), `x-rapidapi-key`, `apikey` (Supabase), besides the
- * `x-api-key` and `api-key` the strip list names. Removed on an origin the sidecar injects into,
- * as Authorization is: Google's SDK sent the agent's placeholder key there beside the injected
- * `?key=`, so the upstream was given two keys and the audit named only the sidecar's. Given the
- * name with `_` read as `-`.
+ * A credential's header by its name, as SDKs and APIs write their own: any `*api-key`/`*apikey`
+ * (`x-goog-api-key` of Google's GenAI SDKs, `xi-api-key`, `x-rapidapi-key`, `apikey`), any
+ * `*token` (`private-token` of GitLab, `x-amz-security-token`, `x-vault-token`), `*secret`,
+ * `*password`, a named kind of key (`ocp-apim-subscription-key` of Azure API Management,
+ * `x-functions-key`, `dd-application-key`, `x-master-key`), `authorization` as a word of the name
+ * (`x-authorization`, `x-ms-authorization-auxiliary`), `*-auth`, `*-credential(s)` and `cookie2`.
+ * Removed on an origin the sidecar injects into, as Authorization is: Google's SDK sent the
+ * agent's placeholder key there beside the injected `?key=`, so the upstream was given two keys
+ * and the audit named only the sidecar's. A key that is no credential keeps its way
+ * (`idempotency-key`, `sec-websocket-key`, `x-goog-api-client`). Given the name lowercased, with
+ * `_` read as `-`.
  */
-function isApiKeyHeader(dashed: string): boolean {
-  return dashed.endsWith('api-key') || dashed.endsWith('apikey')
+const CREDENTIAL_HEADER =
+  /(?:api-?key|token|secret|password|passwd|(?:^|-)(?:subscription|functions|access|secret|auth|private|master|account|application|app|client|license|session)-?key|(?:^|-)auth|(?:^|-)credentials?|(?:^|-)cookie2?)$|(?:^|-)authorization(?:-|$)/
+
+export function isCredentialHeader(dashed: string): boolean {
+  return CREDENTIAL_HEADER.test(dashed)
 }
 
 /**

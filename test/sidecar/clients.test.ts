@@ -342,7 +342,7 @@ t.test("Node's fetch with HTTP_PROXY set tunnels its call to a reverse route int
   assertNoCanary(t, s, fetched.stdout)
 })
 
-t.test("an SDK's own API key, in the header its vendor reads, is not sent beside the injected credential", async (t) => {
+t.test("an SDK's own API key or token, in the header its vendor reads, is not sent beside the injected credential", async (t) => {
   // Google's GenAI SDK given a base URL: its key goes in x-goog-api-key, and the credential is
   // the route's `?key=`. Other SDKs name theirs xi-api-key (ElevenLabs), apikey (Supabase).
   const injected = await startUpstream()
@@ -357,14 +357,24 @@ t.test("an SDK's own API key, in the header its vendor reads, is not sent beside
     await injected.close()
     await open.close()
   })
-  const sdkHeaders = ['-H', 'x-goog-api-key: AIza-agents-own', '-H', 'xi-api-key: agents-own', '-H', 'apikey: agents-own', '-H', 'X_RapidAPI_Key: agents-own', '-H', 'x-goog-api-client: genai-js/1']
+  // And the other ways APIs name a credential's header: GitLab's private-token, Azure API
+  // Management's subscription key and Functions key, an AWS session token, a client secret.
+  const otherCredentials = ['private-token', 'Ocp-Apim-Subscription-Key', 'x-functions-key', 'x-amz-security-token', 'x-client-secret', 'x-ms-authorization-auxiliary', 'X-Authorization', 'DD-Application-Key', 'cookie2']
+  // Keys that are no credential: Stripe's idempotency key, an SDK's own descriptive headers.
+  const notCredentials = { 'idempotency-key': 'idem-1', 'x-goog-api-client': 'genai-js/1', 'anthropic-version': '2023-06-01', 'x-stainless-retry-count': '0' }
+  const sdkHeaders = [
+    ...['x-goog-api-key: AIza-agents-own', 'xi-api-key: agents-own', 'apikey: agents-own', 'X_RapidAPI_Key: agents-own'].flatMap((h) => ['-H', h]),
+    ...otherCredentials.flatMap((h) => ['-H', `${h}: agents-own`]),
+    ...Object.entries(notCredentials).flatMap(([h, v]) => ['-H', `${h}: ${v}`]),
+  ]
   const out = await run('curl', ['-sS', '-i', ...sdkHeaders, '-d', '{}', `${s.proxy}/gemini/v1beta/models/m:generateContent?key=agents-own`])
   t.match(out.stdout, /^HTTP\/1\.1 200 /)
   const seen = injected.requests[0]!
   t.equal(seen.url, `/v1beta/models/m:generateContent?key=${CANARY}`, 'the injected key alone in the query')
-  t.same(Object.keys(seen.headers).filter((h) => /key/.test(h)), [], 'no API-key header of the agent reached the credentialed upstream')
-  t.equal(seen.headers['x-goog-api-client'], 'genai-js/1', 'an SDK header that is no key goes on')
+  t.same(Object.entries(seen.headers).filter(([, v]) => String(v).includes('agents-own')), [], "no credential header of the agent's reached the credentialed upstream")
+  for (const [h, v] of Object.entries(notCredentials)) t.equal(seen.headers[h], v, `${h}, no credential, goes on`)
   await run('curl', ['-sS', ...sdkHeaders, `${s.proxy}/open/x`])
   t.equal(open.requests[0]?.headers['x-goog-api-key'], 'AIza-agents-own', 'where nothing is injected, the agent sends its own key')
+  t.equal(open.requests[0]?.headers['private-token'], 'agents-own', 'nor is its token removed there')
   assertNoCanary(t, s, out.stdout)
 })

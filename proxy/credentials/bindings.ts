@@ -16,6 +16,15 @@ type Headers = Record<string, string | string[] | undefined>
 const ALWAYS_STRIP = ['authorization', 'cookie', 'x-api-key', 'api-key', 'x-auth-token', 'proxy-authorization']
 
 /**
+ * Query parameters that carry a credential wherever they appear, removed on every injected
+ * audience as the headers above are: RFC 6750's `access_token` (a bearer token in the URI, which
+ * some servers prefer to the Authorization header), GitLab's `private_token`, Azure API
+ * Management's `subscription-key`, and the usual API-key names. `key` and `token` alone are
+ * left: many APIs name other things so (`pageToken`, an object's key).
+ */
+const ALWAYS_STRIP_QUERY = ['access_token', 'api_key', 'apikey', 'api-key', 'private_token', 'client_secret', 'subscription-key']
+
+/**
  * A JWS compact token (RFC 7515 §7.1: three base64url segments): its signature. The header and
  * payload are base64url of JSON anyone may read, and an upstream that echoes them decoded, beside
  * the signature segment, hands the agent the token in three pieces: the signature, short beside
@@ -128,7 +137,7 @@ export function compileBinding(cfg: CredentialBindingConfig): CredentialBinding 
     scopes: cfg.scopes ?? [],
     secret: cfg.secret ?? '',
     strip,
-    stripQuery: inj.query,
+    stripQuery: [...new Set([...ALWAYS_STRIP_QUERY, ...inj.query])],
     inject: inj.inject,
     encodedForms: inj.encodedForms,
     cannotCarry: inj.cannotCarry,

@@ -367,10 +367,11 @@ t.test("an SDK's own API key or token, in the header its vendor reads, is not se
     ...otherCredentials.flatMap((h) => ['-H', `${h}: agents-own`]),
     ...Object.entries(notCredentials).flatMap(([h, v]) => ['-H', `${h}: ${v}`]),
   ]
-  const out = await run('curl', ['-sS', '-i', ...sdkHeaders, '-d', '{}', `${s.proxy}/gemini/v1beta/models/m:generateContent?key=agents-own`])
+  const out = await run('curl', ['-sS', '-i', ...sdkHeaders, '-d', '{}', `${s.proxy}/gemini/v1beta/models/m:generateContent?key=agents-own&access_token=agents-own&API_KEY=agents-own&private%5Ftoken=agents-own&pageToken=p1`])
   t.match(out.stdout, /^HTTP\/1\.1 200 /)
   const seen = injected.requests[0]!
-  t.equal(seen.url, `/v1beta/models/m:generateContent?key=${CANARY}`, 'the injected key alone in the query')
+  // As in the query: RFC 6750's access_token, an API key, GitLab's private_token; a page token is no credential.
+  t.equal(seen.url, `/v1beta/models/m:generateContent?pageToken=p1&key=${CANARY}`, 'the injected key alone in the query')
   t.same(Object.entries(seen.headers).filter(([, v]) => String(v).includes('agents-own')), [], "no credential header of the agent's reached the credentialed upstream")
   for (const [h, v] of Object.entries(notCredentials)) t.equal(seen.headers[h], v, `${h}, no credential, goes on`)
   await run('curl', ['-sS', ...sdkHeaders, `${s.proxy}/open/x`])

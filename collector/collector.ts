@@ -17,6 +17,7 @@ import { listenError } from '../lib/listen-error.js'
 import { readServerTls } from '../lib/tls-files.js'
 import { postgresWhere, storeStartupError } from '../lib/store-schema.js'
 import { envOverrides } from '../lib/config/load.js'
+import { watchStoreAtStart } from './store-watch.js'
 
 /** How long start-up waits for the store to answer the schema check before going on without it. */
 const SCHEMA_CHECK_WAIT_MS = 5_000
@@ -50,6 +51,8 @@ export interface CollectorOptions {
   /** Use this store instead of opening the configured one (tests, `latchkey up`). */
   store?: AuditStore
   fanOut?: FanOut
+  /** How often a store that did not answer at start is asked again (tests shorten it). */
+  storeRetryMs?: number
 }
 
 export interface RunningCollector {
@@ -118,6 +121,7 @@ export async function startCollector(config: CollectorConfig, opts: CollectorOpt
     httpUrl = `http://${c.http.host}:${(http.address() as AddressInfo).port}`
   }
   log.info({ grpcPort, httpUrl, store: store.kind, sidecars: c.sidecars.length, nats: !!fanOut, env_overrides: envOverrides(config) }, 'collector listening')
+  const stopWatch = watchStoreAtStart(store, log, opts.storeRetryMs)
 
   let closing: Promise<void> | null = null
   return {
@@ -129,6 +133,7 @@ export async function startCollector(config: CollectorConfig, opts: CollectorOpt
     log,
     close: () =>
       (closing ??= (async () => {
+        stopWatch()
         ingest.closeStreams()
         await new Promise<void>((resolve) => {
           const force = setTimeout(() => grpc.forceShutdown(), 2000)

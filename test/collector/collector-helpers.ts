@@ -33,7 +33,7 @@ export interface TestCollector extends RunningCollector {
 
 export async function startTestCollector(
   sidecars: SidecarIdentity[],
-  o: { store?: CollectorOptions['store']; dbPath?: string; grpcPort?: number; fanOut?: CollectorOptions['fanOut']; raw?: Record<string, unknown> } = {},
+  o: { store?: CollectorOptions['store']; dbPath?: string; grpcPort?: number; fanOut?: CollectorOptions['fanOut']; storeRetryMs?: number; raw?: Record<string, unknown> } = {},
 ): Promise<TestCollector> {
   const dir = mkdtempSync(join(tmpdir(), 'lk-collector-'))
   const config = validateCollectorConfig({
@@ -54,7 +54,7 @@ export async function startTestCollector(
       cb()
     },
   })
-  const c = await startCollector(config, { logDestination: dest, store: o.store, fanOut: o.fanOut })
+  const c = await startCollector(config, { logDestination: dest, store: o.store, fanOut: o.fanOut, storeRetryMs: o.storeRetryMs })
   return { ...c, logs, dir, config }
 }
 

@@ -1,6 +1,7 @@
 // The collector's probes: /healthz says the process answers, /readyz that its store does too.
 import t from 'tap'
 import { spawnSync } from 'node:child_process'
+import { connect, createServer, type AddressInfo } from 'node:net'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -11,6 +12,14 @@ import { PostgresAuditStore } from '../../collector/store/postgres.js'
 import { PG_URL, uniqueSchema } from './events.js'
 import { sha256hex, sidecarIdentity, startTestCollector } from './collector-helpers.js'
 import { CLI } from '../helpers/cli.js'
+
+/** Waits for a condition the collector reaches by itself (a log line), for at most 5 s. */
+async function until(ok: () => boolean): Promise<void> {
+  for (const stop = Date.now() + 5_000; !ok(); ) {
+    if (Date.now() > stop) throw new Error('not reached within 5 s')
+    await new Promise((r) => setTimeout(r, 20))
+  }
+}
 
 const get = async (url: string) => {
   const r = await request(url)
@@ -25,11 +34,43 @@ t.test('/readyz is 503 while the store does not answer, and /healthz still 200',
     await c.close()
     await down.close()
   })
+  // Said at start, before anyone asks /readyz: at 2 am the log is where one looks first.
+  await until(() => c.logs.some((l) => l.includes('the store does not answer: audit batches are refused')))
+  t.match(c.logs.join(''), /"level":50,.*"reason":"postgres schema setup failed: connect ECONNREFUSED 127.0.0.1:1".*"msg":"the store does not answer: audit batches are refused/, 'the start says so, and why')
   t.same(await get(`${c.httpUrl}/healthz`), { status: 200, body: { ok: true, store: 'postgres' } }, 'alive')
   t.same(await get(`${c.httpUrl}/readyz`), { status: 503, body: { ready: false, store: 'postgres', code: 'LK_STORE_UNAVAILABLE', reason: 'the store does not answer; the collector log says why' } }, 'not ready, without a reader token')
   const logs = c.logs.join('')
   t.match(logs, /"reason":"postgres schema setup failed: connect ECONNREFUSED 127.0.0.1:1","msg":"not ready: the store does not answer"/, 'the log says why')
   t.notMatch(logs, /LKCANARYPW/, 'and not the password in the URL')
+})
+
+t.test('a store that comes up after the collector: asked again until it answers, and said once when it does', async (t) => {
+  // A port where PostgreSQL is not yet, then is: a relay to the real one opens there later.
+  const port = await new Promise<number>((resolve) => {
+    const probe = createServer().listen(0, '127.0.0.1', () => {
+      const p = (probe.address() as AddressInfo).port
+      probe.close(() => resolve(p))
+    })
+  })
+  const late = new PostgresAuditStore({ url: `postgres://postgres@127.0.0.1:${port}/test`, schema: uniqueSchema() })
+  const c = await startTestCollector([sidecarIdentity()], { store: late, storeRetryMs: 100 })
+  const relay = createServer((client) => {
+    const db = connect(5432, '127.0.0.1')
+    client.pipe(db).pipe(client)
+    client.on('error', () => db.destroy())
+    db.on('error', () => client.destroy())
+  })
+  t.teardown(async () => {
+    await c.close()
+    await late.dropSchema().catch(() => {})
+    await late.close()
+    relay.close()
+  })
+  await until(() => c.logs.some((l) => l.includes('the store does not answer')))
+  await new Promise<void>((resolve) => relay.listen(port, '127.0.0.1', resolve))
+  await until(() => c.logs.some((l) => l.includes('the store answers: audit batches are stored again')))
+  t.equal(c.logs.filter((l) => l.includes('the store does not answer')).length, 1, 'the outage is said once, not at every retry')
+  t.same(await get(`${c.httpUrl}/readyz`), { status: 200, body: { ready: true, store: 'postgres' } }, 'and it is ready')
 })
 
 t.test('/readyz is 200 when the store answers: PostgreSQL and SQLite', async (t) => {

@@ -4,11 +4,14 @@
 import t from 'tap'
 import { spawn, type ChildProcess } from 'node:child_process'
 import { mkdirSync, mkdtempSync, renameSync, symlinkSync, writeFileSync } from 'node:fs'
-import { request as httpRequest } from 'node:http'
+import { createServer, request as httpRequest } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { once } from 'node:events'
+import { Client } from 'undici'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes } from 'node:crypto'
-import { startUpstream, type Upstream } from '../helpers/harness.js'
+import { loopbackPolicy, startTestSidecar, startUpstream, type Upstream } from '../helpers/harness.js'
 import { CLI } from '../helpers/cli.js'
 
 const canary = (tag: string) => `LKROT${tag}${randomBytes(10).toString('hex')}`
@@ -192,4 +195,52 @@ t.test('reload_interval_ms: 0 reads the file again on SIGHUP only', async (t) =>
   p.child.kill('SIGHUP')
   t.ok(await until(async () => (await reloads(p)).unchanged === 1), 'a SIGHUP with nothing new is counted unchanged')
   t.same(await reloads(p), { changed: 1, unchanged: 1 })
+})
+
+t.test('a rotated OAuth client secret is sent from the next token request', async (t) => {
+  const OLD = canary('OLDCLIENT')
+  const NEW = canary('NEWCLIENT')
+  const sent: string[] = []
+  let skew = 0
+  // An authorization server answering client_secret_post with a token usable for 1 s (6 s, less
+  // the 5 s the cache wants left): the clock is moved past that, so the next call asks again.
+  const as = createServer((req, res) => {
+    let body = ''
+    req.on('data', (c: Buffer) => (body += c.toString()))
+    req.on('end', () => {
+      sent.push(new URLSearchParams(body).get('client_secret') ?? '')
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ access_token: `tok${sent.length}`, token_type: 'Bearer', expires_in: 6 }))
+    })
+  })
+  as.listen(0, '127.0.0.1')
+  await once(as, 'listening')
+  const asUrl = `http://127.0.0.1:${(as.address() as AddressInfo).port}/token`
+  const up = await startUpstream()
+  const mount = new SecretMount(`CLIENT_SECRET: ${OLD}\n`)
+  const s = await startTestSidecar({
+    ...loopbackPolicy([up.port]),
+    secrets: { file: mount.file, reload_interval_ms: 0 },
+    credentials: [{ id: 'cc', audience: up.origin, source: 'client_credentials', oauth: { token_url: asUrl, client_id: 'c', client_secret: 'CLIENT_SECRET', auth_method: 'client_secret_post' }, inject: { type: 'bearer' } }],
+  }, {}, { now: () => Date.now() + skew })
+  t.teardown(async () => {
+    await s.close()
+    await up.close()
+    as.closeAllConnections()
+    as.close()
+  })
+  const call = async () => {
+    const c = new Client(s.proxy)
+    const res = await c.request({ method: 'GET', path: `${up.origin}/r`, headers: { host: `127.0.0.1:${up.port}` } })
+    await res.body.text()
+    await c.close()
+    return res.statusCode
+  }
+  t.equal(await call(), 200)
+  t.same(sent, [OLD], 'the first token asked for with the first secret')
+  mount.rotate(`CLIENT_SECRET: ${NEW}\n`)
+  t.match(await s.sidecar.reloadSecrets(), { outcome: 'changed' })
+  skew = 2000
+  t.equal(await call(), 200)
+  t.equal(sent.length, 2, 'a new token was asked for')
+  t.equal(sent.at(-1), NEW, 'with the rotated secret')
 })

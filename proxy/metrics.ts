@@ -81,6 +81,13 @@ export class SidecarMetrics {
     registers: [this.registry],
   })
 
+  readonly secretsReloads = new Counter({
+    name: 'latchkey_secrets_reloads_total',
+    help: 'Reads of secrets.file after start-up (a change seen, or SIGHUP), by outcome: changed (the new set swapped in), unchanged, rejected (the set in force kept)',
+    labelNames: ['outcome'] as const,
+    registers: [this.registry],
+  })
+
   readonly tokenExchanges = new Counter({
     name: 'latchkey_token_exchanges_total',
     help: 'Token exchanges with the broker, by outcome (granted, refused, unreachable, evidence)',

@@ -12,7 +12,8 @@ import { createLogger, type Logger } from '../lib/log.js'
 import { Pipeline } from './pipeline.js'
 import { Policy } from './policy/policy.js'
 import { CredentialBindings } from './credentials/bindings.js'
-import { StaticSecretSource } from './credentials/static-source.js'
+import { StaticSecretSource, type SecretsReload } from './credentials/static-source.js'
+import { SecretsFileWatcher } from './credentials/secrets-reload.js'
 import { TaskIdentifier } from './identify/proxy-authorization.js'
 import { TaskRegistry } from './tasks/registry.js'
 import { handleTaskApi } from './tasks/api.js'
@@ -71,6 +72,8 @@ export interface RunningSidecar {
   policy: PolicySwitch
   /** Re-reads sidecar.policy_file (what a change or SIGHUP does): validated, then swapped, or rejected whole. */
   reloadPolicy(): { ok: true; version: string } | { ok: false; reason: string }
+  /** Re-reads secrets.file (what a change or SIGHUP does): swapped whole, or rejected and the set in force kept. */
+  reloadSecrets(): Promise<SecretsReload>
   /**
    * Stop accepting, let in-flight calls finish (up to drain_ms), flush the audit, close.
    * `urgent` (again or at once): no more waiting for calls; what is open is cut, recorded, flushed.
@@ -308,12 +311,27 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     }
     return policy.offer(read.text, 'file', sc.policy_file)
   }
+  // secrets.file read again when its stat changes (a Kubernetes Secret's `..data` swap) and on
+  // SIGHUP: swapped whole, or refused with one line (start-up's reason, quoting nothing of the file).
+  const onSecretsReload = (r: SecretsReload, why: 'changed' | 'sighup') => {
+    metrics.secretsReloads.inc({ outcome: r.outcome })
+    if (r.outcome === 'rejected') log.warn({ secrets_file: config.secrets.file, trigger: why, reason: r.reason }, 'secrets.file reload rejected; the secrets in force are kept')
+    else if (r.outcome === 'changed') log.info({ secrets_file: config.secrets.file, trigger: why, secrets_changed: r.changed }, 'secrets.file reloaded: changed secrets are sent from the next call')
+  }
+  // Started once the sidecar listens (a start-up that fails leaves no timer behind).
+  let secretsWatcher: SecretsFileWatcher | undefined = undefined
+  const reloadSecrets = async (): Promise<SecretsReload> => {
+    if (secretsWatcher) return secretsWatcher.reloadNow()
+    return { outcome: 'rejected', reason: 'no secrets.file is configured' }
+  }
   const policyWatcher = sc.policy_file && sc.policy_watch ? watchPolicyFile(sc.policy_file, () => void reloadPolicy()) : undefined
   // SIGHUP: the policy file read again, and the audit file opened anew (after a log rotation).
   const onSighup = () => {
     audit.reopen?.()
     // Said either way: an operator who sent it learns it arrived, and what the policy file gave.
     const reloaded = sc.policy_file ? reloadPolicy() : null
+    // Logged by onSecretsReload when it is done (a read after any poll's in progress).
+    if (secretsWatcher) void secretsWatcher.reloadNow()
     log.info({ audit_file: audit.reopen ? config.audit.jsonl.path : null, policy_file: sc.policy_file ?? null, policy_version: policy.version, policy_reload: reloaded === null ? null : reloaded.ok ? 'read' : reloaded.reason }, 'SIGHUP: the audit file opened anew and the policy file read again')
   }
   if (opts.reloadOnSighup) process.on('SIGHUP', onSighup)
@@ -433,6 +451,9 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     await audit.close()
     throw err
   }
+  secretsWatcher = config.secrets.file
+    ? new SecretsFileWatcher(config.secrets.file, secrets, (candidate) => unsendableSecrets(config, candidate)[0]?.message ?? null, onSecretsReload, config.secrets.reload_interval_ms)
+    : undefined
   capConnections(server, sc.max_connections, 'proxy', 'sidecar.max_connections', metrics, log)
   capEvictingIdle(admin, MAX_ADMIN_CONNECTIONS, metrics, log)
   const fileLimit = openFileLimit()
@@ -464,6 +485,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       log.info({ drainMs: sc.timeouts.drain_ms }, 'draining')
       await control?.close()
       policyWatcher?.close()
+      secretsWatcher?.close()
       const closed = new Promise<void>((resolve) => server.close(() => resolve()))
       closeIdleConnections('LK_DRAINING', 'the sidecar shut down while the tunnel was idle')
       // drain_ms, or less when a second signal says not to wait (see close's `urgent`).
@@ -517,6 +539,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     control,
     policy,
     reloadPolicy,
+    reloadSecrets,
     close,
   }
 }

@@ -472,3 +472,12 @@ t.test('the longest client_headers_ms the schema allows starts a sidecar whose a
   const res = await fetch(`http://127.0.0.1:${adminPort}/healthz`)
   t.same([res.status, await res.json()], [200, { ok: true }])
 })
+
+t.test('secrets.reload_interval_ms: 2000 by default, 0 for SIGHUP only, a whole number of ms up to an hour', async (t) => {
+  t.equal(parseConfig('version: 1\n').secrets.reload_interval_ms, 2000, 'checked every 2 s unless said')
+  t.equal(parseConfig('version: 1\nsecrets: { reload_interval_ms: 0 }\n').secrets.reload_interval_ms, 0, '0: reloaded on SIGHUP only')
+  t.same(problems('version: 1\nsecrets: { reload_interval_ms: -1 }\n'), ['secrets.reload_interval_ms: must be >= 0'])
+  t.same(problems('version: 1\nsecrets: { reload_interval_ms: 1.5 }\n'), ['secrets.reload_interval_ms: must be integer'])
+  t.same(problems('version: 1\nsecrets: { reload_interval_ms: 3600001 }\n'), ['secrets.reload_interval_ms: must be <= 3600000'])
+  t.same(problems('version: 1\nsecrets: { reload_interval_ms: soon }\n'), ['secrets.reload_interval_ms: must be integer'])
+})

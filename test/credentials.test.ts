@@ -155,3 +155,58 @@ t.test('a static secret short enough to be ordinary text is warned of at start-u
   t.match(JSON.parse(warned[0]!), { level: 40, credential: 'short', secret_name: 'SHORT', length: 3 })
   t.notOk(warned[0]!.includes('"abc"'), 'the value itself is not logged')
 })
+
+t.test('a secret named as an Object.prototype member is found only when the file has it', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-secrets-'))
+  const file = join(dir, 'secrets.yaml')
+  writeFileSync(file, 'toString: own-value-of-toString\n')
+  const src = new StaticSecretSource({ file, env_prefix: 'LK_T_' }, ['constructor', 'toString', '__proto__', 'hasOwnProperty'], {})
+  t.notOk(src.has('constructor'), 'constructor is not Object.prototype.constructor')
+  t.notOk(src.has('hasOwnProperty'))
+  t.notOk(src.has('__proto__'))
+  t.equal(src.secret('toString'), 'own-value-of-toString', 'an own key is found')
+  t.match(src.missing('constructor'), /neither in env LK_T_constructor nor in secrets.file/, 'missing, as any other absent secret')
+  const envOnly = new StaticSecretSource({ env_prefix: 'LK_T_' }, ['constructor'], process.env)
+  t.notOk(envOnly.has('constructor'), 'nor on the environment object\'s prototype')
+})
+
+t.test('reload swaps the whole set, keeps the last two previous values held (never sent), and refuses a bad file keeping the set', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-secrets-'))
+  const file = join(dir, 'secrets.yaml')
+  writeFileSync(file, 'A: value-one-aaaaaaaa\nB: bee-stays-bbbbbbbb\n')
+  const src = new StaticSecretSource({ file, env_prefix: 'LK_T_' }, ['A', 'B', 'E'], { LK_T_E: 'from-env-eeeeeeee' })
+  const binding = (secret: string) => compileBinding({ ...base, secret, inject: { type: 'bearer' } })
+  const values = (name: string) => src.held(binding(name)).map((c) => c.value)
+  t.same(src.reload(), { outcome: 'unchanged' }, 'the same file: unchanged')
+  const heldB = src.held(binding('B'))
+  writeFileSync(file, 'A: value-two-aaaaaaaa\nB: bee-stays-bbbbbbbb\nE: file-loses-to-env\n')
+  t.same(src.reload(), { outcome: 'changed', changed: 1 })
+  t.equal(src.get(binding('A')).value, 'value-two-aaaaaaaa', 'the new value is sent')
+  t.same(values('A'), ['value-two-aaaaaaaa', 'value-one-aaaaaaaa'], 'the old one still held for the scrub')
+  t.equal(src.held(binding('B')), heldB, 'an unchanged secret keeps the same held array (scrubbers cache by it)')
+  t.equal(src.secret('E'), 'from-env-eeeeeeee', 'the environment still wins over the file')
+  for (const v of ['three', 'four']) {
+    writeFileSync(file, `A: value-${v}-aaaaaaaa\nB: bee-stays-bbbbbbbb\n`)
+    t.equal(src.reload().outcome, 'changed')
+  }
+  t.same(values('A'), ['value-four-aaaaaaaa', 'value-three-aaaaaaaa', 'value-two-aaaaaaaa'], 'the current one, and the last two before it')
+  const before = src.held(binding('A'))
+  const bad: [string, RegExp][] = [
+    ['A: [unclosed\n', /not YAML this sidecar reads/],
+    ['- a list\n', /must be a mapping of name to secret/],
+    ['A: 12345\nB: bee-stays-bbbbbbbb\n', /secret A is not a string \(quote it\)/],
+    ['B: bee-stays-bbbbbbbb\n', /secret A is neither in env LK_T_A nor in secrets.file \(a credential needs it\)/],
+    ['A: ""\nB: bee-stays-bbbbbbbb\n', /secret A is empty in secrets.file/],
+  ]
+  for (const [text, why] of bad) {
+    writeFileSync(file, text)
+    const r = src.reload()
+    t.match(r, { outcome: 'rejected', reason: why }, `refused: ${why.source}`)
+    t.notMatch(JSON.stringify(r), /aaaaaaaa|bbbbbbbb|unclosed|12345/, 'the reason quotes no secret and nothing of the file')
+    t.equal(src.held(binding('A')), before, 'the set in force is kept')
+  }
+  writeFileSync(file, 'A: value-five-aaaaaaaa\nB: bee-stays-bbbbbbbb\n')
+  t.match(src.reload(() => 'not sendable'), { outcome: 'rejected', reason: 'not sendable' }, 'the sidecar\'s check can refuse a set')
+  t.equal(src.secret('A'), 'value-four-aaaaaaaa')
+  t.equal(src.reload().outcome, 'changed', 'and a good file after all that is taken')
+})

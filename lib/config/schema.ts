@@ -120,7 +120,12 @@ export interface Config {
   }
   routes: Record<string, string>
   credentials: CredentialBindingConfig[]
-  secrets: { file?: string; env_prefix: string }
+  secrets: {
+    file?: string
+    env_prefix: string
+    /** How often secrets.file is checked for a change (stat: its resolved path, mtime, size, inode), in ms; 0: reloaded on SIGHUP only. */
+    reload_interval_ms: number
+  }
   audit: { jsonl: { path: string; flush_ms: number }; collector: AuditCollectorConfig | null }
   log: { level: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent' }
   /** Present only where this file configures a broker (`latchkey broker`, `latchkey up`). */
@@ -669,6 +674,7 @@ export const configSchema = {
       properties: {
         file: nonEmpty,
         env_prefix: { type: 'string', pattern: '^[A-Z0-9_]*$', default: 'LATCHKEY_SECRET_' },
+        reload_interval_ms: ms(2000, 0),
       },
     },
     audit: {

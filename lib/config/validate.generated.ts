@@ -4,7 +4,7 @@
 "use strict";
 export const validate = validate10;
 export default validate10;
-const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"dns_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000},"tunnel_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":900000},"upstream_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"max_connections":{"type":"integer","minimum":1,"maximum":1000000,"default":1024},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000},"insecure_plaintext":{"type":"boolean","default":false}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"state_file":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"server_name":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"spiffe_id":{"type":"string","pattern":"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$","maxLength":2048}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000},"dns_negative_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000},"dns_max_lookups":{"type":"integer","minimum":1,"maximum":100000,"default":64}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"properties":{"type":{"enum":["bearer","header","query","basic"]}},"discriminator":{"propertyName":"type"},"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"max_token_age_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"max_lifetime_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"client_ca_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
+const schema11 = {"type":"object","additionalProperties":false,"required":["version"],"properties":{"version":{"const":1},"sidecar":{"type":"object","additionalProperties":false,"default":{},"properties":{"agent_id":{"type":"string","pattern":"^agent:[a-z0-9][a-z0-9-]*:[a-z0-9][a-z0-9-]*:[A-Za-z0-9][A-Za-z0-9_.-]*$","maxLength":512,"default":"agent:local:dev:0"},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15001}}},"admin":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15002}}},"allow_remote_clients":{"type":"boolean","default":false},"upstream_ca_file":{"type":"string","minLength":1},"timeouts":{"type":"object","additionalProperties":false,"default":{},"properties":{"dns_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"connect_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":600000},"body_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":300000},"client_headers_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000},"drain_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":10000},"tunnel_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":900000},"upstream_idle_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":30000}}},"max_pools":{"type":"integer","minimum":1,"maximum":100000,"default":256},"max_connections":{"type":"integer","minimum":1,"maximum":1000000,"default":1024},"broker":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^https?://[^\\s]+$"},"timeout_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":3000},"min_remaining_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000},"insecure_plaintext":{"type":"boolean","default":false}}},"control":{"type":"object","additionalProperties":false,"required":["url","token_secret"],"properties":{"url":{"type":"string","pattern":"^grpc://[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/?$"},"token_secret":{"type":"string","pattern":"^[A-Za-z0-9_]+$"},"stale_after_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":30000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"state_file":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"server_name":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"policy_file":{"type":"string","minLength":1},"policy_watch":{"type":"boolean","default":true},"callers":{"type":"object","additionalProperties":false,"default":{},"properties":{"identify":{"type":"boolean","default":false},"allowed_uids":{"type":"array","uniqueItems":true,"items":{"type":"integer","minimum":0,"maximum":4294967295},"default":[]},"allowed_executables":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[0-9a-f]{64}$"},"default":[]}}},"attestation":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["token_file"],"properties":{"token_file":{"type":"string","minLength":1}}},"spiffe":{"type":"object","additionalProperties":false,"required":["socket"],"properties":{"socket":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"spiffe_id":{"type":"string","pattern":"^spiffe://[a-z0-9._-]+(/[^\\s/]+)*$","maxLength":2048}}},"local":{"type":"object","additionalProperties":false,"required":["key_file"],"properties":{"key_file":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1}}}}}}},"tasks":{"type":"object","additionalProperties":false,"default":{},"properties":{"max_duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":86400},"required":{"type":"boolean","default":false},"default":{"type":"object","additionalProperties":false,"default":{},"properties":{"enabled":{"type":"boolean","default":false},"duration_s":{"type":"integer","minimum":1,"maximum":604800,"default":3600},"purpose":{"type":"string","maxLength":256,"default":"default task"}}}}},"policy":{"type":"object","additionalProperties":false,"default":{},"properties":{"mode":{"enum":["enforce","report"],"default":"enforce"},"default":{"enum":["allow","deny"],"default":"deny"},"rules":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id","action"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"action":{"enum":["allow","deny"]},"mode":{"enum":["enforce","report"]},"hosts":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"cidrs":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}},"methods":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^[A-Za-z]+$"}},"paths":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^/"}},"schemes":{"type":"array","minItems":1,"items":{"enum":["http","https"]}}}},"default":[]}}},"network":{"type":"object","additionalProperties":false,"default":{},"properties":{"deny":{"type":"array","items":{"type":"string","minLength":1},"default":["unspecified","loopback","private","link-local","metadata","cgnat","multicast","broadcast","reserved","documentation","benchmarking","unique-local","site-local"]},"allow":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["cidr"],"properties":{"cidr":{"type":"string","minLength":1},"ports":{"type":"array","minItems":1,"items":{"type":"integer","minimum":1,"maximum":65535}}}}},"dns_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":30000},"dns_negative_cache_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":5000},"dns_max_lookups":{"type":"integer","minimum":1,"maximum":100000,"default":64}}},"routes":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},"additionalProperties":{"type":"string","pattern":"^https?://"}},"credentials":{"type":"array","default":[],"items":{"type":"object","additionalProperties":false,"required":["id","audience","source","inject"],"properties":{"id":{"type":"string","pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"audience":{"type":"string","pattern":"^https?://"},"source":{"enum":["static","broker","broker_secret","client_credentials"]},"oauth":{"type":"object","additionalProperties":false,"required":["token_url","client_id","client_secret"],"properties":{"token_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"client_id":{"type":"string","minLength":1,"maxLength":256},"client_secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"auth_method":{"enum":["client_secret_basic","client_secret_post"],"default":"client_secret_basic"},"resource":{"type":"string","minLength":1}}},"secret":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$"},"token_audience":{"type":"string","minLength":1,"maxLength":512},"scopes":{"type":"array","uniqueItems":true,"items":{"type":"string","pattern":"^[\\x21\\x23-\\x5B\\x5D-\\x7E]+$"}},"inject":{"type":"object","required":["type"],"properties":{"type":{"enum":["bearer","header","query","basic"]}},"discriminator":{"propertyName":"type"},"oneOf":[{"additionalProperties":false,"properties":{"type":{"const":"bearer"}},"required":["type"]},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"header"},"name":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},"format":{"type":"string","pattern":"\\{token\\}"}}},{"additionalProperties":false,"required":["type","name"],"properties":{"type":{"const":"query"},"name":{"type":"string","minLength":1}}},{"additionalProperties":false,"required":["type","username"],"properties":{"type":{"const":"basic"},"username":{"type":"string","pattern":"^[^:]*$"}}}]},"strip":{"type":"array","items":{"type":"string","pattern":"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"}}}}},"secrets":{"type":"object","additionalProperties":false,"default":{},"properties":{"file":{"type":"string","minLength":1},"env_prefix":{"type":"string","pattern":"^[A-Z0-9_]*$","default":"LATCHKEY_SECRET_"},"reload_interval_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}},"audit":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"default":{},"properties":{"path":{"type":"string","minLength":1,"default":"latchkey-audit.jsonl"},"flush_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":20}}},"collector":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["address","sidecar_id"],"properties":{"address":{"type":"string","pattern":"^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"},"sidecar_id":{"type":"string","minLength":1},"token_secret":{"type":"string","minLength":1},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["ca_file","cert_file","key_file"],"properties":{"ca_file":{"type":"string","minLength":1},"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"spool_dir":{"type":"string","minLength":1,"default":"latchkey-spool"},"spool_max_bytes":{"type":"integer","minimum":65536,"default":268435456},"segment_bytes":{"type":"integer","minimum":4096,"default":4194304},"on_full":{"enum":["refuse","drop"],"default":"refuse"},"batch_events":{"type":"integer","minimum":1,"maximum":10000,"default":1000},"backoff_min_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":100},"backoff_max_ms":{"type":"integer","minimum":1,"maximum":3600000,"default":5000},"close_timeout_ms":{"type":"integer","minimum":0,"maximum":3600000,"default":2000}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}},"broker":{"type":"object","additionalProperties":false,"required":["issuer","registry_file"],"properties":{"issuer":{"type":"string","pattern":"^https?://[^\\s]+$"},"audience":{"type":"string","minLength":1},"listen":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15003},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"keys":{"type":"object","additionalProperties":false,"default":{},"properties":{"dir":{"type":"string","minLength":1,"default":".latchkey/broker-keys"},"alg":{"enum":["ES256","EdDSA"],"default":"ES256"},"rotate_after_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"registry_file":{"type":"string","minLength":1},"tokens":{"type":"object","additionalProperties":false,"default":{},"properties":{"floor_s":{"type":"integer","minimum":1,"maximum":86400,"default":60},"default_duration_s":{"type":"integer","minimum":1,"maximum":86400,"default":300},"max_body_bytes":{"type":"integer","minimum":1024,"maximum":1048576,"default":65536}}},"users":{"type":"object","additionalProperties":false,"required":["issuer","audience"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"scope_claim":{"type":"string","minLength":1,"default":"scope"},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"}}},"attestors":{"type":"object","additionalProperties":false,"default":{},"properties":{"kubernetes":{"type":"object","additionalProperties":false,"required":["issuer"],"properties":{"issuer":{"type":"string","minLength":1},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"max_token_age_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"spiffe":{"type":"object","additionalProperties":false,"required":["trust_domain"],"properties":{"trust_domain":{"type":"string","pattern":"^[a-z0-9._-]+$"},"audience":{"type":"string","minLength":1},"jwks_file":{"type":"string","minLength":1},"jwks_url":{"type":"string","pattern":"^https?://[^\\s]+$"},"max_lifetime_s":{"type":"integer","minimum":60,"maximum":31536000,"default":86400}}},"local":{"type":"object","additionalProperties":false,"required":["keys_file"],"properties":{"keys_file":{"type":"string","minLength":1}}}}},"store":{"type":"object","additionalProperties":false,"default":{},"maxProperties":1,"properties":{"sqlite":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}},"postgres":{"type":"object","additionalProperties":false,"required":["url"],"properties":{"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"}}}}},"admin_token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_BROKER_ADMIN_TOKEN"},"introspection_clients":{"type":"object","default":{},"propertyNames":{"pattern":"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"leased_secrets":{"type":"object","default":{},"propertyNames":{"minLength":1,"maxLength":512},"additionalProperties":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$"}},"events":{"type":"object","additionalProperties":false,"default":{},"properties":{"jsonl":{"type":"object","additionalProperties":false,"required":["path"],"properties":{"path":{"type":"string","minLength":1}}}}},"control":{"type":"object","additionalProperties":false,"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15004},"token_env":{"type":"string","pattern":"^[A-Z_][A-Z0-9_]*$","default":"LATCHKEY_CONTROL_TOKEN"},"heartbeat_ms":{"type":"integer","minimum":20,"maximum":3600000,"default":1000},"policy_file":{"type":"string","minLength":1},"max_bundle_bytes":{"type":"integer","minimum":1024,"maximum":3145728,"default":262144},"resync_ms":{"type":"integer","minimum":50,"maximum":3600000,"default":5000},"tls":{"type":["object","null"],"additionalProperties":false,"default":null,"required":["cert_file","key_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"client_ca_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false},"nats":{"type":"object","additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_CONTROL"},"subject":{"type":"string","pattern":"^[A-Za-z0-9_.-]+$","default":"latchkey.control.revocations"}}}}}}}}};
 const func2 = Object.prototype.hasOwnProperty;
 import func4Module from "ajv/dist/runtime/ucs2length.js";
 const func4 = func4Module.default;
@@ -3725,8 +3725,11 @@ if(data126 && typeof data126 == "object" && !Array.isArray(data126)){
 if(data126.env_prefix === undefined){
 data126.env_prefix = "LATCHKEY_SECRET_";
 }
+if(data126.reload_interval_ms === undefined){
+data126.reload_interval_ms = 2000;
+}
 for(const key27 in data126){
-if(!((key27 === "file") || (key27 === "env_prefix"))){
+if(!(((key27 === "file") || (key27 === "env_prefix")) || (key27 === "reload_interval_ms"))){
 const err291 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key27},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err291];
@@ -3785,9 +3788,9 @@ vErrors.push(err295);
 }
 errors++;
 }
-}
-else {
-const err296 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data129 = data126.reload_interval_ms;
+if(!(((typeof data129 == "number") && (!(data129 % 1) && !isNaN(data129))) && (isFinite(data129)))){
+const err296 = {instancePath:instancePath+"/secrets/reload_interval_ms",schemaPath:"#/properties/secrets/properties/reload_interval_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err296];
 }
@@ -3796,17 +3799,9 @@ vErrors.push(err296);
 }
 errors++;
 }
-let data129 = data.audit;
-if(data129 && typeof data129 == "object" && !Array.isArray(data129)){
-if(data129.jsonl === undefined){
-data129.jsonl = {};
-}
-if(data129.collector === undefined){
-data129.collector = null;
-}
-for(const key28 in data129){
-if(!((key28 === "jsonl") || (key28 === "collector"))){
-const err297 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
+if((typeof data129 == "number") && (isFinite(data129))){
+if(data129 > 3600000 || isNaN(data129)){
+const err297 = {instancePath:instancePath+"/secrets/reload_interval_ms",schemaPath:"#/properties/secrets/properties/reload_interval_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err297];
 }
@@ -3815,18 +3810,8 @@ vErrors.push(err297);
 }
 errors++;
 }
-}
-let data130 = data129.jsonl;
-if(data130 && typeof data130 == "object" && !Array.isArray(data130)){
-if(data130.path === undefined){
-data130.path = "latchkey-audit.jsonl";
-}
-if(data130.flush_ms === undefined){
-data130.flush_ms = 20;
-}
-for(const key29 in data130){
-if(!((key29 === "path") || (key29 === "flush_ms"))){
-const err298 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
+if(data129 < 0 || isNaN(data129)){
+const err298 = {instancePath:instancePath+"/secrets/reload_interval_ms",schemaPath:"#/properties/secrets/properties/reload_interval_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err298];
 }
@@ -3836,10 +3821,9 @@ vErrors.push(err298);
 errors++;
 }
 }
-let data131 = data130.path;
-if(typeof data131 === "string"){
-if(func4(data131) < 1){
-const err299 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err299 = {instancePath:instancePath+"/secrets",schemaPath:"#/properties/secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err299];
 }
@@ -3848,9 +3832,17 @@ vErrors.push(err299);
 }
 errors++;
 }
+let data130 = data.audit;
+if(data130 && typeof data130 == "object" && !Array.isArray(data130)){
+if(data130.jsonl === undefined){
+data130.jsonl = {};
 }
-else {
-const err300 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data130.collector === undefined){
+data130.collector = null;
+}
+for(const key28 in data130){
+if(!((key28 === "jsonl") || (key28 === "collector"))){
+const err300 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key28},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err300];
 }
@@ -3859,9 +3851,18 @@ vErrors.push(err300);
 }
 errors++;
 }
-let data132 = data130.flush_ms;
-if(!(((typeof data132 == "number") && (!(data132 % 1) && !isNaN(data132))) && (isFinite(data132)))){
-const err301 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data131 = data130.jsonl;
+if(data131 && typeof data131 == "object" && !Array.isArray(data131)){
+if(data131.path === undefined){
+data131.path = "latchkey-audit.jsonl";
+}
+if(data131.flush_ms === undefined){
+data131.flush_ms = 20;
+}
+for(const key29 in data131){
+if(!((key29 === "path") || (key29 === "flush_ms"))){
+const err301 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key29},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err301];
 }
@@ -3870,9 +3871,11 @@ vErrors.push(err301);
 }
 errors++;
 }
-if((typeof data132 == "number") && (isFinite(data132))){
-if(data132 > 3600000 || isNaN(data132)){
-const err302 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data132 = data131.path;
+if(typeof data132 === "string"){
+if(func4(data132) < 1){
+const err302 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err302];
 }
@@ -3881,8 +3884,9 @@ vErrors.push(err302);
 }
 errors++;
 }
-if(data132 < 1 || isNaN(data132)){
-const err303 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+else {
+const err303 = {instancePath:instancePath+"/audit/jsonl/path",schemaPath:"#/properties/audit/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err303];
 }
@@ -3891,10 +3895,9 @@ vErrors.push(err303);
 }
 errors++;
 }
-}
-}
-else {
-const err304 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data133 = data131.flush_ms;
+if(!(((typeof data133 == "number") && (!(data133 % 1) && !isNaN(data133))) && (isFinite(data133)))){
+const err304 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err304];
 }
@@ -3903,9 +3906,9 @@ vErrors.push(err304);
 }
 errors++;
 }
-let data133 = data129.collector;
-if((!(data133 && typeof data133 == "object" && !Array.isArray(data133))) && (data133 !== null)){
-const err305 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
+if((typeof data133 == "number") && (isFinite(data133))){
+if(data133 > 3600000 || isNaN(data133)){
+const err305 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err305];
 }
@@ -3914,39 +3917,8 @@ vErrors.push(err305);
 }
 errors++;
 }
-if(data133 && typeof data133 == "object" && !Array.isArray(data133)){
-if(data133.tls === undefined){
-data133.tls = null;
-}
-if(data133.insecure_plaintext === undefined){
-data133.insecure_plaintext = false;
-}
-if(data133.spool_dir === undefined){
-data133.spool_dir = "latchkey-spool";
-}
-if(data133.spool_max_bytes === undefined){
-data133.spool_max_bytes = 268435456;
-}
-if(data133.segment_bytes === undefined){
-data133.segment_bytes = 4194304;
-}
-if(data133.on_full === undefined){
-data133.on_full = "refuse";
-}
-if(data133.batch_events === undefined){
-data133.batch_events = 1000;
-}
-if(data133.backoff_min_ms === undefined){
-data133.backoff_min_ms = 100;
-}
-if(data133.backoff_max_ms === undefined){
-data133.backoff_max_ms = 5000;
-}
-if(data133.close_timeout_ms === undefined){
-data133.close_timeout_ms = 2000;
-}
-if(data133.address === undefined){
-const err306 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
+if(data133 < 1 || isNaN(data133)){
+const err306 = {instancePath:instancePath+"/audit/jsonl/flush_ms",schemaPath:"#/properties/audit/properties/jsonl/properties/flush_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err306];
 }
@@ -3955,8 +3927,10 @@ vErrors.push(err306);
 }
 errors++;
 }
-if(data133.sidecar_id === undefined){
-const err307 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
+}
+}
+else {
+const err307 = {instancePath:instancePath+"/audit/jsonl",schemaPath:"#/properties/audit/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err307];
 }
@@ -3965,9 +3939,9 @@ vErrors.push(err307);
 }
 errors++;
 }
-for(const key30 in data133){
-if(!(func2.call(schema11.properties.audit.properties.collector.properties, key30))){
-const err308 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
+let data134 = data130.collector;
+if((!(data134 && typeof data134 == "object" && !Array.isArray(data134))) && (data134 !== null)){
+const err308 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err308];
 }
@@ -3976,12 +3950,39 @@ vErrors.push(err308);
 }
 errors++;
 }
+if(data134 && typeof data134 == "object" && !Array.isArray(data134)){
+if(data134.tls === undefined){
+data134.tls = null;
 }
-if(data133.address !== undefined){
-let data134 = data133.address;
-if(typeof data134 === "string"){
-if(!pattern22.test(data134)){
-const err309 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"},message:"must match pattern \""+"^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"+"\""};
+if(data134.insecure_plaintext === undefined){
+data134.insecure_plaintext = false;
+}
+if(data134.spool_dir === undefined){
+data134.spool_dir = "latchkey-spool";
+}
+if(data134.spool_max_bytes === undefined){
+data134.spool_max_bytes = 268435456;
+}
+if(data134.segment_bytes === undefined){
+data134.segment_bytes = 4194304;
+}
+if(data134.on_full === undefined){
+data134.on_full = "refuse";
+}
+if(data134.batch_events === undefined){
+data134.batch_events = 1000;
+}
+if(data134.backoff_min_ms === undefined){
+data134.backoff_min_ms = 100;
+}
+if(data134.backoff_max_ms === undefined){
+data134.backoff_max_ms = 5000;
+}
+if(data134.close_timeout_ms === undefined){
+data134.close_timeout_ms = 2000;
+}
+if(data134.address === undefined){
+const err309 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "address"},message:"must have required property '"+"address"+"'"};
 if(vErrors === null){
 vErrors = [err309];
 }
@@ -3990,9 +3991,8 @@ vErrors.push(err309);
 }
 errors++;
 }
-}
-else {
-const err310 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data134.sidecar_id === undefined){
+const err310 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/required",keyword:"required",params:{missingProperty: "sidecar_id"},message:"must have required property '"+"sidecar_id"+"'"};
 if(vErrors === null){
 vErrors = [err310];
 }
@@ -4001,12 +4001,9 @@ vErrors.push(err310);
 }
 errors++;
 }
-}
-if(data133.sidecar_id !== undefined){
-let data135 = data133.sidecar_id;
-if(typeof data135 === "string"){
-if(func4(data135) < 1){
-const err311 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key30 in data134){
+if(!(func2.call(schema11.properties.audit.properties.collector.properties, key30))){
+const err311 = {instancePath:instancePath+"/audit/collector",schemaPath:"#/properties/audit/properties/collector/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key30},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err311];
 }
@@ -4016,8 +4013,11 @@ vErrors.push(err311);
 errors++;
 }
 }
-else {
-const err312 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data134.address !== undefined){
+let data135 = data134.address;
+if(typeof data135 === "string"){
+if(!pattern22.test(data135)){
+const err312 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/pattern",keyword:"pattern",params:{pattern: "^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"},message:"must match pattern \""+"^[^\\s/]+:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"+"\""};
 if(vErrors === null){
 vErrors = [err312];
 }
@@ -4027,11 +4027,8 @@ vErrors.push(err312);
 errors++;
 }
 }
-if(data133.token_secret !== undefined){
-let data136 = data133.token_secret;
-if(typeof data136 === "string"){
-if(func4(data136) < 1){
-const err313 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err313 = {instancePath:instancePath+"/audit/collector/address",schemaPath:"#/properties/audit/properties/collector/properties/address/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err313];
 }
@@ -4041,8 +4038,11 @@ vErrors.push(err313);
 errors++;
 }
 }
-else {
-const err314 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data134.sidecar_id !== undefined){
+let data136 = data134.sidecar_id;
+if(typeof data136 === "string"){
+if(func4(data136) < 1){
+const err314 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err314];
 }
@@ -4052,9 +4052,8 @@ vErrors.push(err314);
 errors++;
 }
 }
-let data137 = data133.tls;
-if((!(data137 && typeof data137 == "object" && !Array.isArray(data137))) && (data137 !== null)){
-const err315 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
+else {
+const err315 = {instancePath:instancePath+"/audit/collector/sidecar_id",schemaPath:"#/properties/audit/properties/collector/properties/sidecar_id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err315];
 }
@@ -4063,9 +4062,12 @@ vErrors.push(err315);
 }
 errors++;
 }
-if(data137 && typeof data137 == "object" && !Array.isArray(data137)){
-if(data137.ca_file === undefined){
-const err316 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
+}
+if(data134.token_secret !== undefined){
+let data137 = data134.token_secret;
+if(typeof data137 === "string"){
+if(func4(data137) < 1){
+const err316 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err316];
 }
@@ -4074,8 +4076,9 @@ vErrors.push(err316);
 }
 errors++;
 }
-if(data137.cert_file === undefined){
-const err317 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+}
+else {
+const err317 = {instancePath:instancePath+"/audit/collector/token_secret",schemaPath:"#/properties/audit/properties/collector/properties/token_secret/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err317];
 }
@@ -4084,8 +4087,10 @@ vErrors.push(err317);
 }
 errors++;
 }
-if(data137.key_file === undefined){
-const err318 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+}
+let data138 = data134.tls;
+if((!(data138 && typeof data138 == "object" && !Array.isArray(data138))) && (data138 !== null)){
+const err318 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/type",keyword:"type",params:{type: schema11.properties.audit.properties.collector.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err318];
 }
@@ -4094,9 +4099,9 @@ vErrors.push(err318);
 }
 errors++;
 }
-for(const key31 in data137){
-if(!(((key31 === "ca_file") || (key31 === "cert_file")) || (key31 === "key_file"))){
-const err319 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
+if(data138 && typeof data138 == "object" && !Array.isArray(data138)){
+if(data138.ca_file === undefined){
+const err319 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "ca_file"},message:"must have required property '"+"ca_file"+"'"};
 if(vErrors === null){
 vErrors = [err319];
 }
@@ -4105,12 +4110,8 @@ vErrors.push(err319);
 }
 errors++;
 }
-}
-if(data137.ca_file !== undefined){
-let data138 = data137.ca_file;
-if(typeof data138 === "string"){
-if(func4(data138) < 1){
-const err320 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data138.cert_file === undefined){
+const err320 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err320];
 }
@@ -4119,9 +4120,8 @@ vErrors.push(err320);
 }
 errors++;
 }
-}
-else {
-const err321 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data138.key_file === undefined){
+const err321 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err321];
 }
@@ -4130,12 +4130,9 @@ vErrors.push(err321);
 }
 errors++;
 }
-}
-if(data137.cert_file !== undefined){
-let data139 = data137.cert_file;
-if(typeof data139 === "string"){
-if(func4(data139) < 1){
-const err322 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key31 in data138){
+if(!(((key31 === "ca_file") || (key31 === "cert_file")) || (key31 === "key_file"))){
+const err322 = {instancePath:instancePath+"/audit/collector/tls",schemaPath:"#/properties/audit/properties/collector/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key31},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err322];
 }
@@ -4145,8 +4142,11 @@ vErrors.push(err322);
 errors++;
 }
 }
-else {
-const err323 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data138.ca_file !== undefined){
+let data139 = data138.ca_file;
+if(typeof data139 === "string"){
+if(func4(data139) < 1){
+const err323 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err323];
 }
@@ -4156,11 +4156,8 @@ vErrors.push(err323);
 errors++;
 }
 }
-if(data137.key_file !== undefined){
-let data140 = data137.key_file;
-if(typeof data140 === "string"){
-if(func4(data140) < 1){
-const err324 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err324 = {instancePath:instancePath+"/audit/collector/tls/ca_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err324];
 }
@@ -4170,8 +4167,11 @@ vErrors.push(err324);
 errors++;
 }
 }
-else {
-const err325 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data138.cert_file !== undefined){
+let data140 = data138.cert_file;
+if(typeof data140 === "string"){
+if(func4(data140) < 1){
+const err325 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err325];
 }
@@ -4181,9 +4181,8 @@ vErrors.push(err325);
 errors++;
 }
 }
-}
-if(typeof data133.insecure_plaintext !== "boolean"){
-const err326 = {instancePath:instancePath+"/audit/collector/insecure_plaintext",schemaPath:"#/properties/audit/properties/collector/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err326 = {instancePath:instancePath+"/audit/collector/tls/cert_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err326];
 }
@@ -4192,10 +4191,12 @@ vErrors.push(err326);
 }
 errors++;
 }
-let data142 = data133.spool_dir;
-if(typeof data142 === "string"){
-if(func4(data142) < 1){
-const err327 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(data138.key_file !== undefined){
+let data141 = data138.key_file;
+if(typeof data141 === "string"){
+if(func4(data141) < 1){
+const err327 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err327];
 }
@@ -4206,7 +4207,7 @@ errors++;
 }
 }
 else {
-const err328 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err328 = {instancePath:instancePath+"/audit/collector/tls/key_file",schemaPath:"#/properties/audit/properties/collector/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err328];
 }
@@ -4215,9 +4216,10 @@ vErrors.push(err328);
 }
 errors++;
 }
-let data143 = data133.spool_max_bytes;
-if(!(((typeof data143 == "number") && (!(data143 % 1) && !isNaN(data143))) && (isFinite(data143)))){
-const err329 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+}
+if(typeof data134.insecure_plaintext !== "boolean"){
+const err329 = {instancePath:instancePath+"/audit/collector/insecure_plaintext",schemaPath:"#/properties/audit/properties/collector/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err329];
 }
@@ -4226,9 +4228,10 @@ vErrors.push(err329);
 }
 errors++;
 }
-if((typeof data143 == "number") && (isFinite(data143))){
-if(data143 < 65536 || isNaN(data143)){
-const err330 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
+let data143 = data134.spool_dir;
+if(typeof data143 === "string"){
+if(func4(data143) < 1){
+const err330 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err330];
 }
@@ -4238,9 +4241,8 @@ vErrors.push(err330);
 errors++;
 }
 }
-let data144 = data133.segment_bytes;
-if(!(((typeof data144 == "number") && (!(data144 % 1) && !isNaN(data144))) && (isFinite(data144)))){
-const err331 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err331 = {instancePath:instancePath+"/audit/collector/spool_dir",schemaPath:"#/properties/audit/properties/collector/properties/spool_dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err331];
 }
@@ -4249,9 +4251,9 @@ vErrors.push(err331);
 }
 errors++;
 }
-if((typeof data144 == "number") && (isFinite(data144))){
-if(data144 < 4096 || isNaN(data144)){
-const err332 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
+let data144 = data134.spool_max_bytes;
+if(!(((typeof data144 == "number") && (!(data144 % 1) && !isNaN(data144))) && (isFinite(data144)))){
+const err332 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err332];
 }
@@ -4260,10 +4262,9 @@ vErrors.push(err332);
 }
 errors++;
 }
-}
-let data145 = data133.on_full;
-if(!((data145 === "refuse") || (data145 === "drop"))){
-const err333 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
+if((typeof data144 == "number") && (isFinite(data144))){
+if(data144 < 65536 || isNaN(data144)){
+const err333 = {instancePath:instancePath+"/audit/collector/spool_max_bytes",schemaPath:"#/properties/audit/properties/collector/properties/spool_max_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 65536},message:"must be >= 65536"};
 if(vErrors === null){
 vErrors = [err333];
 }
@@ -4272,9 +4273,10 @@ vErrors.push(err333);
 }
 errors++;
 }
-let data146 = data133.batch_events;
-if(!(((typeof data146 == "number") && (!(data146 % 1) && !isNaN(data146))) && (isFinite(data146)))){
-const err334 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data145 = data134.segment_bytes;
+if(!(((typeof data145 == "number") && (!(data145 % 1) && !isNaN(data145))) && (isFinite(data145)))){
+const err334 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err334];
 }
@@ -4283,9 +4285,9 @@ vErrors.push(err334);
 }
 errors++;
 }
-if((typeof data146 == "number") && (isFinite(data146))){
-if(data146 > 10000 || isNaN(data146)){
-const err335 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
+if((typeof data145 == "number") && (isFinite(data145))){
+if(data145 < 4096 || isNaN(data145)){
+const err335 = {instancePath:instancePath+"/audit/collector/segment_bytes",schemaPath:"#/properties/audit/properties/collector/properties/segment_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 4096},message:"must be >= 4096"};
 if(vErrors === null){
 vErrors = [err335];
 }
@@ -4294,8 +4296,10 @@ vErrors.push(err335);
 }
 errors++;
 }
-if(data146 < 1 || isNaN(data146)){
-const err336 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data146 = data134.on_full;
+if(!((data146 === "refuse") || (data146 === "drop"))){
+const err336 = {instancePath:instancePath+"/audit/collector/on_full",schemaPath:"#/properties/audit/properties/collector/properties/on_full/enum",keyword:"enum",params:{allowedValues: schema11.properties.audit.properties.collector.properties.on_full.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err336];
 }
@@ -4304,10 +4308,9 @@ vErrors.push(err336);
 }
 errors++;
 }
-}
-let data147 = data133.backoff_min_ms;
+let data147 = data134.batch_events;
 if(!(((typeof data147 == "number") && (!(data147 % 1) && !isNaN(data147))) && (isFinite(data147)))){
-const err337 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err337 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err337];
 }
@@ -4317,8 +4320,8 @@ vErrors.push(err337);
 errors++;
 }
 if((typeof data147 == "number") && (isFinite(data147))){
-if(data147 > 3600000 || isNaN(data147)){
-const err338 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data147 > 10000 || isNaN(data147)){
+const err338 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/maximum",keyword:"maximum",params:{comparison: "<=", limit: 10000},message:"must be <= 10000"};
 if(vErrors === null){
 vErrors = [err338];
 }
@@ -4328,7 +4331,7 @@ vErrors.push(err338);
 errors++;
 }
 if(data147 < 1 || isNaN(data147)){
-const err339 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err339 = {instancePath:instancePath+"/audit/collector/batch_events",schemaPath:"#/properties/audit/properties/collector/properties/batch_events/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err339];
 }
@@ -4338,9 +4341,9 @@ vErrors.push(err339);
 errors++;
 }
 }
-let data148 = data133.backoff_max_ms;
+let data148 = data134.backoff_min_ms;
 if(!(((typeof data148 == "number") && (!(data148 % 1) && !isNaN(data148))) && (isFinite(data148)))){
-const err340 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err340 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err340];
 }
@@ -4351,7 +4354,7 @@ errors++;
 }
 if((typeof data148 == "number") && (isFinite(data148))){
 if(data148 > 3600000 || isNaN(data148)){
-const err341 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err341 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err341];
 }
@@ -4361,7 +4364,7 @@ vErrors.push(err341);
 errors++;
 }
 if(data148 < 1 || isNaN(data148)){
-const err342 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err342 = {instancePath:instancePath+"/audit/collector/backoff_min_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_min_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err342];
 }
@@ -4371,9 +4374,9 @@ vErrors.push(err342);
 errors++;
 }
 }
-let data149 = data133.close_timeout_ms;
+let data149 = data134.backoff_max_ms;
 if(!(((typeof data149 == "number") && (!(data149 % 1) && !isNaN(data149))) && (isFinite(data149)))){
-const err343 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err343 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err343];
 }
@@ -4384,7 +4387,7 @@ errors++;
 }
 if((typeof data149 == "number") && (isFinite(data149))){
 if(data149 > 3600000 || isNaN(data149)){
-const err344 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+const err344 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err344];
 }
@@ -4393,8 +4396,8 @@ vErrors.push(err344);
 }
 errors++;
 }
-if(data149 < 0 || isNaN(data149)){
-const err345 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if(data149 < 1 || isNaN(data149)){
+const err345 = {instancePath:instancePath+"/audit/collector/backoff_max_ms",schemaPath:"#/properties/audit/properties/collector/properties/backoff_max_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err345];
 }
@@ -4404,10 +4407,9 @@ vErrors.push(err345);
 errors++;
 }
 }
-}
-}
-else {
-const err346 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data150 = data134.close_timeout_ms;
+if(!(((typeof data150 == "number") && (!(data150 % 1) && !isNaN(data150))) && (isFinite(data150)))){
+const err346 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err346];
 }
@@ -4416,14 +4418,9 @@ vErrors.push(err346);
 }
 errors++;
 }
-let data150 = data.log;
-if(data150 && typeof data150 == "object" && !Array.isArray(data150)){
-if(data150.level === undefined){
-data150.level = "info";
-}
-for(const key32 in data150){
-if(!(key32 === "level")){
-const err347 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
+if((typeof data150 == "number") && (isFinite(data150))){
+if(data150 > 3600000 || isNaN(data150)){
+const err347 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err347];
 }
@@ -4432,10 +4429,8 @@ vErrors.push(err347);
 }
 errors++;
 }
-}
-let data151 = data150.level;
-if(!(((((((data151 === "fatal") || (data151 === "error")) || (data151 === "warn")) || (data151 === "info")) || (data151 === "debug")) || (data151 === "trace")) || (data151 === "silent"))){
-const err348 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
+if(data150 < 0 || isNaN(data150)){
+const err348 = {instancePath:instancePath+"/audit/collector/close_timeout_ms",schemaPath:"#/properties/audit/properties/collector/properties/close_timeout_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err348];
 }
@@ -4445,8 +4440,10 @@ vErrors.push(err348);
 errors++;
 }
 }
+}
+}
 else {
-const err349 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err349 = {instancePath:instancePath+"/audit",schemaPath:"#/properties/audit/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err349];
 }
@@ -4455,38 +4452,14 @@ vErrors.push(err349);
 }
 errors++;
 }
-if(data.broker !== undefined){
-let data152 = data.broker;
-if(data152 && typeof data152 == "object" && !Array.isArray(data152)){
-if(data152.listen === undefined){
-data152.listen = {};
+let data151 = data.log;
+if(data151 && typeof data151 == "object" && !Array.isArray(data151)){
+if(data151.level === undefined){
+data151.level = "info";
 }
-if(data152.keys === undefined){
-data152.keys = {};
-}
-if(data152.tokens === undefined){
-data152.tokens = {};
-}
-if(data152.attestors === undefined){
-data152.attestors = {};
-}
-if(data152.store === undefined){
-data152.store = {};
-}
-if(data152.admin_token_env === undefined){
-data152.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
-}
-if(data152.introspection_clients === undefined){
-data152.introspection_clients = {};
-}
-if(data152.leased_secrets === undefined){
-data152.leased_secrets = {};
-}
-if(data152.events === undefined){
-data152.events = {};
-}
-if(data152.issuer === undefined){
-const err350 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+for(const key32 in data151){
+if(!(key32 === "level")){
+const err350 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key32},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err350];
 }
@@ -4495,8 +4468,10 @@ vErrors.push(err350);
 }
 errors++;
 }
-if(data152.registry_file === undefined){
-const err351 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
+}
+let data152 = data151.level;
+if(!(((((((data152 === "fatal") || (data152 === "error")) || (data152 === "warn")) || (data152 === "info")) || (data152 === "debug")) || (data152 === "trace")) || (data152 === "silent"))){
+const err351 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err351];
 }
@@ -4505,9 +4480,9 @@ vErrors.push(err351);
 }
 errors++;
 }
-for(const key33 in data152){
-if(!(func2.call(schema11.properties.broker.properties, key33))){
-const err352 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
+}
+else {
+const err352 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err352];
 }
@@ -4516,12 +4491,38 @@ vErrors.push(err352);
 }
 errors++;
 }
+if(data.broker !== undefined){
+let data153 = data.broker;
+if(data153 && typeof data153 == "object" && !Array.isArray(data153)){
+if(data153.listen === undefined){
+data153.listen = {};
 }
-if(data152.issuer !== undefined){
-let data153 = data152.issuer;
-if(typeof data153 === "string"){
-if(!pattern1.test(data153)){
-const err353 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+if(data153.keys === undefined){
+data153.keys = {};
+}
+if(data153.tokens === undefined){
+data153.tokens = {};
+}
+if(data153.attestors === undefined){
+data153.attestors = {};
+}
+if(data153.store === undefined){
+data153.store = {};
+}
+if(data153.admin_token_env === undefined){
+data153.admin_token_env = "LATCHKEY_BROKER_ADMIN_TOKEN";
+}
+if(data153.introspection_clients === undefined){
+data153.introspection_clients = {};
+}
+if(data153.leased_secrets === undefined){
+data153.leased_secrets = {};
+}
+if(data153.events === undefined){
+data153.events = {};
+}
+if(data153.issuer === undefined){
+const err353 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err353];
 }
@@ -4530,9 +4531,8 @@ vErrors.push(err353);
 }
 errors++;
 }
-}
-else {
-const err354 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data153.registry_file === undefined){
+const err354 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/required",keyword:"required",params:{missingProperty: "registry_file"},message:"must have required property '"+"registry_file"+"'"};
 if(vErrors === null){
 vErrors = [err354];
 }
@@ -4541,12 +4541,9 @@ vErrors.push(err354);
 }
 errors++;
 }
-}
-if(data152.audience !== undefined){
-let data154 = data152.audience;
-if(typeof data154 === "string"){
-if(func4(data154) < 1){
-const err355 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key33 in data153){
+if(!(func2.call(schema11.properties.broker.properties, key33))){
+const err355 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key33},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err355];
 }
@@ -4556,8 +4553,11 @@ vErrors.push(err355);
 errors++;
 }
 }
-else {
-const err356 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data153.issuer !== undefined){
+let data154 = data153.issuer;
+if(typeof data154 === "string"){
+if(!pattern1.test(data154)){
+const err356 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err356];
 }
@@ -4567,23 +4567,8 @@ vErrors.push(err356);
 errors++;
 }
 }
-let data155 = data152.listen;
-if(data155 && typeof data155 == "object" && !Array.isArray(data155)){
-if(data155.host === undefined){
-data155.host = "127.0.0.1";
-}
-if(data155.port === undefined){
-data155.port = 15003;
-}
-if(data155.tls === undefined){
-data155.tls = null;
-}
-if(data155.insecure_plaintext === undefined){
-data155.insecure_plaintext = false;
-}
-for(const key34 in data155){
-if(!((((key34 === "host") || (key34 === "port")) || (key34 === "tls")) || (key34 === "insecure_plaintext"))){
-const err357 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
+else {
+const err357 = {instancePath:instancePath+"/broker/issuer",schemaPath:"#/properties/broker/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err357];
 }
@@ -4593,10 +4578,11 @@ vErrors.push(err357);
 errors++;
 }
 }
-let data156 = data155.host;
-if(typeof data156 === "string"){
-if(func4(data156) < 1){
-const err358 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data153.audience !== undefined){
+let data155 = data153.audience;
+if(typeof data155 === "string"){
+if(func4(data155) < 1){
+const err358 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err358];
 }
@@ -4607,7 +4593,7 @@ errors++;
 }
 }
 else {
-const err359 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err359 = {instancePath:instancePath+"/broker/audience",schemaPath:"#/properties/broker/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err359];
 }
@@ -4616,9 +4602,24 @@ vErrors.push(err359);
 }
 errors++;
 }
-let data157 = data155.port;
-if(!(((typeof data157 == "number") && (!(data157 % 1) && !isNaN(data157))) && (isFinite(data157)))){
-const err360 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data156 = data153.listen;
+if(data156 && typeof data156 == "object" && !Array.isArray(data156)){
+if(data156.host === undefined){
+data156.host = "127.0.0.1";
+}
+if(data156.port === undefined){
+data156.port = 15003;
+}
+if(data156.tls === undefined){
+data156.tls = null;
+}
+if(data156.insecure_plaintext === undefined){
+data156.insecure_plaintext = false;
+}
+for(const key34 in data156){
+if(!((((key34 === "host") || (key34 === "port")) || (key34 === "tls")) || (key34 === "insecure_plaintext"))){
+const err360 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key34},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err360];
 }
@@ -4627,9 +4628,11 @@ vErrors.push(err360);
 }
 errors++;
 }
-if((typeof data157 == "number") && (isFinite(data157))){
-if(data157 > 65535 || isNaN(data157)){
-const err361 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+let data157 = data156.host;
+if(typeof data157 === "string"){
+if(func4(data157) < 1){
+const err361 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err361];
 }
@@ -4638,8 +4641,9 @@ vErrors.push(err361);
 }
 errors++;
 }
-if(data157 < 0 || isNaN(data157)){
-const err362 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+else {
+const err362 = {instancePath:instancePath+"/broker/listen/host",schemaPath:"#/properties/broker/properties/listen/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err362];
 }
@@ -4648,10 +4652,9 @@ vErrors.push(err362);
 }
 errors++;
 }
-}
-let data158 = data155.tls;
-if((!(data158 && typeof data158 == "object" && !Array.isArray(data158))) && (data158 !== null)){
-const err363 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.listen.properties.tls.type},message:"must be object,null"};
+let data158 = data156.port;
+if(!(((typeof data158 == "number") && (!(data158 % 1) && !isNaN(data158))) && (isFinite(data158)))){
+const err363 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err363];
 }
@@ -4660,9 +4663,9 @@ vErrors.push(err363);
 }
 errors++;
 }
-if(data158 && typeof data158 == "object" && !Array.isArray(data158)){
-if(data158.cert_file === undefined){
-const err364 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+if((typeof data158 == "number") && (isFinite(data158))){
+if(data158 > 65535 || isNaN(data158)){
+const err364 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err364];
 }
@@ -4671,8 +4674,8 @@ vErrors.push(err364);
 }
 errors++;
 }
-if(data158.key_file === undefined){
-const err365 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+if(data158 < 0 || isNaN(data158)){
+const err365 = {instancePath:instancePath+"/broker/listen/port",schemaPath:"#/properties/broker/properties/listen/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err365];
 }
@@ -4681,9 +4684,10 @@ vErrors.push(err365);
 }
 errors++;
 }
-for(const key35 in data158){
-if(!((key35 === "cert_file") || (key35 === "key_file"))){
-const err366 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
+}
+let data159 = data156.tls;
+if((!(data159 && typeof data159 == "object" && !Array.isArray(data159))) && (data159 !== null)){
+const err366 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.listen.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err366];
 }
@@ -4692,12 +4696,9 @@ vErrors.push(err366);
 }
 errors++;
 }
-}
-if(data158.cert_file !== undefined){
-let data159 = data158.cert_file;
-if(typeof data159 === "string"){
-if(func4(data159) < 1){
-const err367 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data159 && typeof data159 == "object" && !Array.isArray(data159)){
+if(data159.cert_file === undefined){
+const err367 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err367];
 }
@@ -4706,9 +4707,8 @@ vErrors.push(err367);
 }
 errors++;
 }
-}
-else {
-const err368 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data159.key_file === undefined){
+const err368 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err368];
 }
@@ -4717,12 +4717,9 @@ vErrors.push(err368);
 }
 errors++;
 }
-}
-if(data158.key_file !== undefined){
-let data160 = data158.key_file;
-if(typeof data160 === "string"){
-if(func4(data160) < 1){
-const err369 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key35 in data159){
+if(!((key35 === "cert_file") || (key35 === "key_file"))){
+const err369 = {instancePath:instancePath+"/broker/listen/tls",schemaPath:"#/properties/broker/properties/listen/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key35},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err369];
 }
@@ -4732,8 +4729,11 @@ vErrors.push(err369);
 errors++;
 }
 }
-else {
-const err370 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data159.cert_file !== undefined){
+let data160 = data159.cert_file;
+if(typeof data160 === "string"){
+if(func4(data160) < 1){
+const err370 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err370];
 }
@@ -4743,9 +4743,8 @@ vErrors.push(err370);
 errors++;
 }
 }
-}
-if(typeof data155.insecure_plaintext !== "boolean"){
-const err371 = {instancePath:instancePath+"/broker/listen/insecure_plaintext",schemaPath:"#/properties/broker/properties/listen/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err371 = {instancePath:instancePath+"/broker/listen/tls/cert_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err371];
 }
@@ -4755,8 +4754,11 @@ vErrors.push(err371);
 errors++;
 }
 }
-else {
-const err372 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data159.key_file !== undefined){
+let data161 = data159.key_file;
+if(typeof data161 === "string"){
+if(func4(data161) < 1){
+const err372 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err372];
 }
@@ -4765,20 +4767,9 @@ vErrors.push(err372);
 }
 errors++;
 }
-let data162 = data152.keys;
-if(data162 && typeof data162 == "object" && !Array.isArray(data162)){
-if(data162.dir === undefined){
-data162.dir = ".latchkey/broker-keys";
 }
-if(data162.alg === undefined){
-data162.alg = "ES256";
-}
-if(data162.rotate_after_s === undefined){
-data162.rotate_after_s = 86400;
-}
-for(const key36 in data162){
-if(!(((key36 === "dir") || (key36 === "alg")) || (key36 === "rotate_after_s"))){
-const err373 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
+else {
+const err373 = {instancePath:instancePath+"/broker/listen/tls/key_file",schemaPath:"#/properties/broker/properties/listen/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err373];
 }
@@ -4788,10 +4779,9 @@ vErrors.push(err373);
 errors++;
 }
 }
-let data163 = data162.dir;
-if(typeof data163 === "string"){
-if(func4(data163) < 1){
-const err374 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+if(typeof data156.insecure_plaintext !== "boolean"){
+const err374 = {instancePath:instancePath+"/broker/listen/insecure_plaintext",schemaPath:"#/properties/broker/properties/listen/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err374];
 }
@@ -4802,7 +4792,7 @@ errors++;
 }
 }
 else {
-const err375 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err375 = {instancePath:instancePath+"/broker/listen",schemaPath:"#/properties/broker/properties/listen/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err375];
 }
@@ -4811,9 +4801,20 @@ vErrors.push(err375);
 }
 errors++;
 }
-let data164 = data162.alg;
-if(!((data164 === "ES256") || (data164 === "EdDSA"))){
-const err376 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
+let data163 = data153.keys;
+if(data163 && typeof data163 == "object" && !Array.isArray(data163)){
+if(data163.dir === undefined){
+data163.dir = ".latchkey/broker-keys";
+}
+if(data163.alg === undefined){
+data163.alg = "ES256";
+}
+if(data163.rotate_after_s === undefined){
+data163.rotate_after_s = 86400;
+}
+for(const key36 in data163){
+if(!(((key36 === "dir") || (key36 === "alg")) || (key36 === "rotate_after_s"))){
+const err376 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key36},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err376];
 }
@@ -4822,9 +4823,11 @@ vErrors.push(err376);
 }
 errors++;
 }
-let data165 = data162.rotate_after_s;
-if(!(((typeof data165 == "number") && (!(data165 % 1) && !isNaN(data165))) && (isFinite(data165)))){
-const err377 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+let data164 = data163.dir;
+if(typeof data164 === "string"){
+if(func4(data164) < 1){
+const err377 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err377];
 }
@@ -4833,9 +4836,9 @@ vErrors.push(err377);
 }
 errors++;
 }
-if((typeof data165 == "number") && (isFinite(data165))){
-if(data165 > 31536000 || isNaN(data165)){
-const err378 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+}
+else {
+const err378 = {instancePath:instancePath+"/broker/keys/dir",schemaPath:"#/properties/broker/properties/keys/properties/dir/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err378];
 }
@@ -4844,8 +4847,9 @@ vErrors.push(err378);
 }
 errors++;
 }
-if(data165 < 60 || isNaN(data165)){
-const err379 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+let data165 = data163.alg;
+if(!((data165 === "ES256") || (data165 === "EdDSA"))){
+const err379 = {instancePath:instancePath+"/broker/keys/alg",schemaPath:"#/properties/broker/properties/keys/properties/alg/enum",keyword:"enum",params:{allowedValues: schema11.properties.broker.properties.keys.properties.alg.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err379];
 }
@@ -4854,10 +4858,9 @@ vErrors.push(err379);
 }
 errors++;
 }
-}
-}
-else {
-const err380 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data166 = data163.rotate_after_s;
+if(!(((typeof data166 == "number") && (!(data166 % 1) && !isNaN(data166))) && (isFinite(data166)))){
+const err380 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err380];
 }
@@ -4866,11 +4869,9 @@ vErrors.push(err380);
 }
 errors++;
 }
-if(data152.registry_file !== undefined){
-let data166 = data152.registry_file;
-if(typeof data166 === "string"){
-if(func4(data166) < 1){
-const err381 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if((typeof data166 == "number") && (isFinite(data166))){
+if(data166 > 31536000 || isNaN(data166)){
+const err381 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err381];
 }
@@ -4879,9 +4880,8 @@ vErrors.push(err381);
 }
 errors++;
 }
-}
-else {
-const err382 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data166 < 60 || isNaN(data166)){
+const err382 = {instancePath:instancePath+"/broker/keys/rotate_after_s",schemaPath:"#/properties/broker/properties/keys/properties/rotate_after_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err382];
 }
@@ -4891,20 +4891,9 @@ vErrors.push(err382);
 errors++;
 }
 }
-let data167 = data152.tokens;
-if(data167 && typeof data167 == "object" && !Array.isArray(data167)){
-if(data167.floor_s === undefined){
-data167.floor_s = 60;
 }
-if(data167.default_duration_s === undefined){
-data167.default_duration_s = 300;
-}
-if(data167.max_body_bytes === undefined){
-data167.max_body_bytes = 65536;
-}
-for(const key37 in data167){
-if(!(((key37 === "floor_s") || (key37 === "default_duration_s")) || (key37 === "max_body_bytes"))){
-const err383 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
+else {
+const err383 = {instancePath:instancePath+"/broker/keys",schemaPath:"#/properties/broker/properties/keys/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err383];
 }
@@ -4913,10 +4902,11 @@ vErrors.push(err383);
 }
 errors++;
 }
-}
-let data168 = data167.floor_s;
-if(!(((typeof data168 == "number") && (!(data168 % 1) && !isNaN(data168))) && (isFinite(data168)))){
-const err384 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data153.registry_file !== undefined){
+let data167 = data153.registry_file;
+if(typeof data167 === "string"){
+if(func4(data167) < 1){
+const err384 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err384];
 }
@@ -4925,9 +4915,9 @@ vErrors.push(err384);
 }
 errors++;
 }
-if((typeof data168 == "number") && (isFinite(data168))){
-if(data168 > 86400 || isNaN(data168)){
-const err385 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+}
+else {
+const err385 = {instancePath:instancePath+"/broker/registry_file",schemaPath:"#/properties/broker/properties/registry_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err385];
 }
@@ -4936,8 +4926,21 @@ vErrors.push(err385);
 }
 errors++;
 }
-if(data168 < 1 || isNaN(data168)){
-const err386 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+}
+let data168 = data153.tokens;
+if(data168 && typeof data168 == "object" && !Array.isArray(data168)){
+if(data168.floor_s === undefined){
+data168.floor_s = 60;
+}
+if(data168.default_duration_s === undefined){
+data168.default_duration_s = 300;
+}
+if(data168.max_body_bytes === undefined){
+data168.max_body_bytes = 65536;
+}
+for(const key37 in data168){
+if(!(((key37 === "floor_s") || (key37 === "default_duration_s")) || (key37 === "max_body_bytes"))){
+const err386 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key37},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err386];
 }
@@ -4947,9 +4950,9 @@ vErrors.push(err386);
 errors++;
 }
 }
-let data169 = data167.default_duration_s;
+let data169 = data168.floor_s;
 if(!(((typeof data169 == "number") && (!(data169 % 1) && !isNaN(data169))) && (isFinite(data169)))){
-const err387 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err387 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err387];
 }
@@ -4960,7 +4963,7 @@ errors++;
 }
 if((typeof data169 == "number") && (isFinite(data169))){
 if(data169 > 86400 || isNaN(data169)){
-const err388 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
+const err388 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err388];
 }
@@ -4970,7 +4973,7 @@ vErrors.push(err388);
 errors++;
 }
 if(data169 < 1 || isNaN(data169)){
-const err389 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+const err389 = {instancePath:instancePath+"/broker/tokens/floor_s",schemaPath:"#/properties/broker/properties/tokens/properties/floor_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err389];
 }
@@ -4980,9 +4983,9 @@ vErrors.push(err389);
 errors++;
 }
 }
-let data170 = data167.max_body_bytes;
+let data170 = data168.default_duration_s;
 if(!(((typeof data170 == "number") && (!(data170 % 1) && !isNaN(data170))) && (isFinite(data170)))){
-const err390 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err390 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err390];
 }
@@ -4992,8 +4995,8 @@ vErrors.push(err390);
 errors++;
 }
 if((typeof data170 == "number") && (isFinite(data170))){
-if(data170 > 1048576 || isNaN(data170)){
-const err391 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
+if(data170 > 86400 || isNaN(data170)){
+const err391 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400},message:"must be <= 86400"};
 if(vErrors === null){
 vErrors = [err391];
 }
@@ -5002,8 +5005,8 @@ vErrors.push(err391);
 }
 errors++;
 }
-if(data170 < 1024 || isNaN(data170)){
-const err392 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+if(data170 < 1 || isNaN(data170)){
+const err392 = {instancePath:instancePath+"/broker/tokens/default_duration_s",schemaPath:"#/properties/broker/properties/tokens/properties/default_duration_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err392];
 }
@@ -5013,9 +5016,9 @@ vErrors.push(err392);
 errors++;
 }
 }
-}
-else {
-const err393 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data171 = data168.max_body_bytes;
+if(!(((typeof data171 == "number") && (!(data171 % 1) && !isNaN(data171))) && (isFinite(data171)))){
+const err393 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err393];
 }
@@ -5024,14 +5027,9 @@ vErrors.push(err393);
 }
 errors++;
 }
-if(data152.users !== undefined){
-let data171 = data152.users;
-if(data171 && typeof data171 == "object" && !Array.isArray(data171)){
-if(data171.scope_claim === undefined){
-data171.scope_claim = "scope";
-}
-if(data171.issuer === undefined){
-const err394 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+if((typeof data171 == "number") && (isFinite(data171))){
+if(data171 > 1048576 || isNaN(data171)){
+const err394 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 1048576},message:"must be <= 1048576"};
 if(vErrors === null){
 vErrors = [err394];
 }
@@ -5040,8 +5038,8 @@ vErrors.push(err394);
 }
 errors++;
 }
-if(data171.audience === undefined){
-const err395 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
+if(data171 < 1024 || isNaN(data171)){
+const err395 = {instancePath:instancePath+"/broker/tokens/max_body_bytes",schemaPath:"#/properties/broker/properties/tokens/properties/max_body_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err395];
 }
@@ -5050,9 +5048,10 @@ vErrors.push(err395);
 }
 errors++;
 }
-for(const key38 in data171){
-if(!(((((key38 === "issuer") || (key38 === "audience")) || (key38 === "scope_claim")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
-const err396 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
+}
+}
+else {
+const err396 = {instancePath:instancePath+"/broker/tokens",schemaPath:"#/properties/broker/properties/tokens/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err396];
 }
@@ -5061,12 +5060,14 @@ vErrors.push(err396);
 }
 errors++;
 }
+if(data153.users !== undefined){
+let data172 = data153.users;
+if(data172 && typeof data172 == "object" && !Array.isArray(data172)){
+if(data172.scope_claim === undefined){
+data172.scope_claim = "scope";
 }
-if(data171.issuer !== undefined){
-let data172 = data171.issuer;
-if(typeof data172 === "string"){
-if(func4(data172) < 1){
-const err397 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data172.issuer === undefined){
+const err397 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err397];
 }
@@ -5075,9 +5076,8 @@ vErrors.push(err397);
 }
 errors++;
 }
-}
-else {
-const err398 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data172.audience === undefined){
+const err398 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/required",keyword:"required",params:{missingProperty: "audience"},message:"must have required property '"+"audience"+"'"};
 if(vErrors === null){
 vErrors = [err398];
 }
@@ -5086,12 +5086,9 @@ vErrors.push(err398);
 }
 errors++;
 }
-}
-if(data171.audience !== undefined){
-let data173 = data171.audience;
-if(typeof data173 === "string"){
-if(func4(data173) < 1){
-const err399 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key38 in data172){
+if(!(((((key38 === "issuer") || (key38 === "audience")) || (key38 === "scope_claim")) || (key38 === "jwks_file")) || (key38 === "jwks_url"))){
+const err399 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key38},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err399];
 }
@@ -5101,8 +5098,11 @@ vErrors.push(err399);
 errors++;
 }
 }
-else {
-const err400 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data172.issuer !== undefined){
+let data173 = data172.issuer;
+if(typeof data173 === "string"){
+if(func4(data173) < 1){
+const err400 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err400];
 }
@@ -5112,10 +5112,8 @@ vErrors.push(err400);
 errors++;
 }
 }
-let data174 = data171.scope_claim;
-if(typeof data174 === "string"){
-if(func4(data174) < 1){
-const err401 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err401 = {instancePath:instancePath+"/broker/users/issuer",schemaPath:"#/properties/broker/properties/users/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err401];
 }
@@ -5125,8 +5123,11 @@ vErrors.push(err401);
 errors++;
 }
 }
-else {
-const err402 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data172.audience !== undefined){
+let data174 = data172.audience;
+if(typeof data174 === "string"){
+if(func4(data174) < 1){
+const err402 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err402];
 }
@@ -5135,11 +5136,9 @@ vErrors.push(err402);
 }
 errors++;
 }
-if(data171.jwks_file !== undefined){
-let data175 = data171.jwks_file;
-if(typeof data175 === "string"){
-if(func4(data175) < 1){
-const err403 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err403 = {instancePath:instancePath+"/broker/users/audience",schemaPath:"#/properties/broker/properties/users/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err403];
 }
@@ -5149,8 +5148,10 @@ vErrors.push(err403);
 errors++;
 }
 }
-else {
-const err404 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data175 = data172.scope_claim;
+if(typeof data175 === "string"){
+if(func4(data175) < 1){
+const err404 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err404];
 }
@@ -5160,11 +5161,8 @@ vErrors.push(err404);
 errors++;
 }
 }
-if(data171.jwks_url !== undefined){
-let data176 = data171.jwks_url;
-if(typeof data176 === "string"){
-if(!pattern1.test(data176)){
-const err405 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+else {
+const err405 = {instancePath:instancePath+"/broker/users/scope_claim",schemaPath:"#/properties/broker/properties/users/properties/scope_claim/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err405];
 }
@@ -5173,9 +5171,11 @@ vErrors.push(err405);
 }
 errors++;
 }
-}
-else {
-const err406 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data172.jwks_file !== undefined){
+let data176 = data172.jwks_file;
+if(typeof data176 === "string"){
+if(func4(data176) < 1){
+const err406 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err406];
 }
@@ -5185,9 +5185,8 @@ vErrors.push(err406);
 errors++;
 }
 }
-}
 else {
-const err407 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err407 = {instancePath:instancePath+"/broker/users/jwks_file",schemaPath:"#/properties/broker/properties/users/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err407];
 }
@@ -5197,11 +5196,11 @@ vErrors.push(err407);
 errors++;
 }
 }
-let data177 = data152.attestors;
-if(data177 && typeof data177 == "object" && !Array.isArray(data177)){
-for(const key39 in data177){
-if(!(((key39 === "kubernetes") || (key39 === "spiffe")) || (key39 === "local"))){
-const err408 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
+if(data172.jwks_url !== undefined){
+let data177 = data172.jwks_url;
+if(typeof data177 === "string"){
+if(!pattern1.test(data177)){
+const err408 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err408];
 }
@@ -5211,14 +5210,8 @@ vErrors.push(err408);
 errors++;
 }
 }
-if(data177.kubernetes !== undefined){
-let data178 = data177.kubernetes;
-if(data178 && typeof data178 == "object" && !Array.isArray(data178)){
-if(data178.max_token_age_s === undefined){
-data178.max_token_age_s = 86400;
-}
-if(data178.issuer === undefined){
-const err409 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
+else {
+const err409 = {instancePath:instancePath+"/broker/users/jwks_url",schemaPath:"#/properties/broker/properties/users/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err409];
 }
@@ -5227,9 +5220,10 @@ vErrors.push(err409);
 }
 errors++;
 }
-for(const key40 in data178){
-if(!(((((key40 === "issuer") || (key40 === "audience")) || (key40 === "jwks_file")) || (key40 === "jwks_url")) || (key40 === "max_token_age_s"))){
-const err410 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
+}
+}
+else {
+const err410 = {instancePath:instancePath+"/broker/users",schemaPath:"#/properties/broker/properties/users/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err410];
 }
@@ -5239,11 +5233,11 @@ vErrors.push(err410);
 errors++;
 }
 }
-if(data178.issuer !== undefined){
-let data179 = data178.issuer;
-if(typeof data179 === "string"){
-if(func4(data179) < 1){
-const err411 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data178 = data153.attestors;
+if(data178 && typeof data178 == "object" && !Array.isArray(data178)){
+for(const key39 in data178){
+if(!(((key39 === "kubernetes") || (key39 === "spiffe")) || (key39 === "local"))){
+const err411 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key39},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err411];
 }
@@ -5253,8 +5247,14 @@ vErrors.push(err411);
 errors++;
 }
 }
-else {
-const err412 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data178.kubernetes !== undefined){
+let data179 = data178.kubernetes;
+if(data179 && typeof data179 == "object" && !Array.isArray(data179)){
+if(data179.max_token_age_s === undefined){
+data179.max_token_age_s = 86400;
+}
+if(data179.issuer === undefined){
+const err412 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/required",keyword:"required",params:{missingProperty: "issuer"},message:"must have required property '"+"issuer"+"'"};
 if(vErrors === null){
 vErrors = [err412];
 }
@@ -5263,12 +5263,9 @@ vErrors.push(err412);
 }
 errors++;
 }
-}
-if(data178.audience !== undefined){
-let data180 = data178.audience;
-if(typeof data180 === "string"){
-if(func4(data180) < 1){
-const err413 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key40 in data179){
+if(!(((((key40 === "issuer") || (key40 === "audience")) || (key40 === "jwks_file")) || (key40 === "jwks_url")) || (key40 === "max_token_age_s"))){
+const err413 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key40},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err413];
 }
@@ -5278,8 +5275,11 @@ vErrors.push(err413);
 errors++;
 }
 }
-else {
-const err414 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data179.issuer !== undefined){
+let data180 = data179.issuer;
+if(typeof data180 === "string"){
+if(func4(data180) < 1){
+const err414 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err414];
 }
@@ -5289,11 +5289,8 @@ vErrors.push(err414);
 errors++;
 }
 }
-if(data178.jwks_file !== undefined){
-let data181 = data178.jwks_file;
-if(typeof data181 === "string"){
-if(func4(data181) < 1){
-const err415 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err415 = {instancePath:instancePath+"/broker/attestors/kubernetes/issuer",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/issuer/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err415];
 }
@@ -5303,8 +5300,11 @@ vErrors.push(err415);
 errors++;
 }
 }
-else {
-const err416 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data179.audience !== undefined){
+let data181 = data179.audience;
+if(typeof data181 === "string"){
+if(func4(data181) < 1){
+const err416 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err416];
 }
@@ -5314,11 +5314,8 @@ vErrors.push(err416);
 errors++;
 }
 }
-if(data178.jwks_url !== undefined){
-let data182 = data178.jwks_url;
-if(typeof data182 === "string"){
-if(!pattern1.test(data182)){
-const err417 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+else {
+const err417 = {instancePath:instancePath+"/broker/attestors/kubernetes/audience",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err417];
 }
@@ -5328,8 +5325,11 @@ vErrors.push(err417);
 errors++;
 }
 }
-else {
-const err418 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data179.jwks_file !== undefined){
+let data182 = data179.jwks_file;
+if(typeof data182 === "string"){
+if(func4(data182) < 1){
+const err418 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err418];
 }
@@ -5339,9 +5339,8 @@ vErrors.push(err418);
 errors++;
 }
 }
-let data183 = data178.max_token_age_s;
-if(!(((typeof data183 == "number") && (!(data183 % 1) && !isNaN(data183))) && (isFinite(data183)))){
-const err419 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err419 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err419];
 }
@@ -5350,9 +5349,12 @@ vErrors.push(err419);
 }
 errors++;
 }
-if((typeof data183 == "number") && (isFinite(data183))){
-if(data183 > 31536000 || isNaN(data183)){
-const err420 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+}
+if(data179.jwks_url !== undefined){
+let data183 = data179.jwks_url;
+if(typeof data183 === "string"){
+if(!pattern1.test(data183)){
+const err420 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err420];
 }
@@ -5361,8 +5363,9 @@ vErrors.push(err420);
 }
 errors++;
 }
-if(data183 < 60 || isNaN(data183)){
-const err421 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+}
+else {
+const err421 = {instancePath:instancePath+"/broker/attestors/kubernetes/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err421];
 }
@@ -5372,9 +5375,9 @@ vErrors.push(err421);
 errors++;
 }
 }
-}
-else {
-const err422 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data184 = data179.max_token_age_s;
+if(!(((typeof data184 == "number") && (!(data184 % 1) && !isNaN(data184))) && (isFinite(data184)))){
+const err422 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err422];
 }
@@ -5383,15 +5386,9 @@ vErrors.push(err422);
 }
 errors++;
 }
-}
-if(data177.spiffe !== undefined){
-let data184 = data177.spiffe;
-if(data184 && typeof data184 == "object" && !Array.isArray(data184)){
-if(data184.max_lifetime_s === undefined){
-data184.max_lifetime_s = 86400;
-}
-if(data184.trust_domain === undefined){
-const err423 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
+if((typeof data184 == "number") && (isFinite(data184))){
+if(data184 > 31536000 || isNaN(data184)){
+const err423 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err423];
 }
@@ -5400,9 +5397,8 @@ vErrors.push(err423);
 }
 errors++;
 }
-for(const key41 in data184){
-if(!(((((key41 === "trust_domain") || (key41 === "audience")) || (key41 === "jwks_file")) || (key41 === "jwks_url")) || (key41 === "max_lifetime_s"))){
-const err424 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
+if(data184 < 60 || isNaN(data184)){
+const err424 = {instancePath:instancePath+"/broker/attestors/kubernetes/max_token_age_s",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/properties/max_token_age_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err424];
 }
@@ -5412,11 +5408,9 @@ vErrors.push(err424);
 errors++;
 }
 }
-if(data184.trust_domain !== undefined){
-let data185 = data184.trust_domain;
-if(typeof data185 === "string"){
-if(!pattern26.test(data185)){
-const err425 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
+}
+else {
+const err425 = {instancePath:instancePath+"/broker/attestors/kubernetes",schemaPath:"#/properties/broker/properties/attestors/properties/kubernetes/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err425];
 }
@@ -5426,8 +5420,14 @@ vErrors.push(err425);
 errors++;
 }
 }
-else {
-const err426 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data178.spiffe !== undefined){
+let data185 = data178.spiffe;
+if(data185 && typeof data185 == "object" && !Array.isArray(data185)){
+if(data185.max_lifetime_s === undefined){
+data185.max_lifetime_s = 86400;
+}
+if(data185.trust_domain === undefined){
+const err426 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/required",keyword:"required",params:{missingProperty: "trust_domain"},message:"must have required property '"+"trust_domain"+"'"};
 if(vErrors === null){
 vErrors = [err426];
 }
@@ -5436,12 +5436,9 @@ vErrors.push(err426);
 }
 errors++;
 }
-}
-if(data184.audience !== undefined){
-let data186 = data184.audience;
-if(typeof data186 === "string"){
-if(func4(data186) < 1){
-const err427 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key41 in data185){
+if(!(((((key41 === "trust_domain") || (key41 === "audience")) || (key41 === "jwks_file")) || (key41 === "jwks_url")) || (key41 === "max_lifetime_s"))){
+const err427 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key41},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err427];
 }
@@ -5451,8 +5448,11 @@ vErrors.push(err427);
 errors++;
 }
 }
-else {
-const err428 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data185.trust_domain !== undefined){
+let data186 = data185.trust_domain;
+if(typeof data186 === "string"){
+if(!pattern26.test(data186)){
+const err428 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/pattern",keyword:"pattern",params:{pattern: "^[a-z0-9._-]+$"},message:"must match pattern \""+"^[a-z0-9._-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err428];
 }
@@ -5462,11 +5462,8 @@ vErrors.push(err428);
 errors++;
 }
 }
-if(data184.jwks_file !== undefined){
-let data187 = data184.jwks_file;
-if(typeof data187 === "string"){
-if(func4(data187) < 1){
-const err429 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err429 = {instancePath:instancePath+"/broker/attestors/spiffe/trust_domain",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/trust_domain/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err429];
 }
@@ -5476,8 +5473,11 @@ vErrors.push(err429);
 errors++;
 }
 }
-else {
-const err430 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data185.audience !== undefined){
+let data187 = data185.audience;
+if(typeof data187 === "string"){
+if(func4(data187) < 1){
+const err430 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err430];
 }
@@ -5487,11 +5487,8 @@ vErrors.push(err430);
 errors++;
 }
 }
-if(data184.jwks_url !== undefined){
-let data188 = data184.jwks_url;
-if(typeof data188 === "string"){
-if(!pattern1.test(data188)){
-const err431 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
+else {
+const err431 = {instancePath:instancePath+"/broker/attestors/spiffe/audience",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/audience/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err431];
 }
@@ -5501,8 +5498,11 @@ vErrors.push(err431);
 errors++;
 }
 }
-else {
-const err432 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data185.jwks_file !== undefined){
+let data188 = data185.jwks_file;
+if(typeof data188 === "string"){
+if(func4(data188) < 1){
+const err432 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err432];
 }
@@ -5512,9 +5512,8 @@ vErrors.push(err432);
 errors++;
 }
 }
-let data189 = data184.max_lifetime_s;
-if(!(((typeof data189 == "number") && (!(data189 % 1) && !isNaN(data189))) && (isFinite(data189)))){
-const err433 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+else {
+const err433 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_file",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err433];
 }
@@ -5523,9 +5522,12 @@ vErrors.push(err433);
 }
 errors++;
 }
-if((typeof data189 == "number") && (isFinite(data189))){
-if(data189 > 31536000 || isNaN(data189)){
-const err434 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
+}
+if(data185.jwks_url !== undefined){
+let data189 = data185.jwks_url;
+if(typeof data189 === "string"){
+if(!pattern1.test(data189)){
+const err434 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/pattern",keyword:"pattern",params:{pattern: "^https?://[^\\s]+$"},message:"must match pattern \""+"^https?://[^\\s]+$"+"\""};
 if(vErrors === null){
 vErrors = [err434];
 }
@@ -5534,8 +5536,9 @@ vErrors.push(err434);
 }
 errors++;
 }
-if(data189 < 60 || isNaN(data189)){
-const err435 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
+}
+else {
+const err435 = {instancePath:instancePath+"/broker/attestors/spiffe/jwks_url",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/jwks_url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err435];
 }
@@ -5545,9 +5548,9 @@ vErrors.push(err435);
 errors++;
 }
 }
-}
-else {
-const err436 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data190 = data185.max_lifetime_s;
+if(!(((typeof data190 == "number") && (!(data190 % 1) && !isNaN(data190))) && (isFinite(data190)))){
+const err436 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err436];
 }
@@ -5556,12 +5559,9 @@ vErrors.push(err436);
 }
 errors++;
 }
-}
-if(data177.local !== undefined){
-let data190 = data177.local;
-if(data190 && typeof data190 == "object" && !Array.isArray(data190)){
-if(data190.keys_file === undefined){
-const err437 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
+if((typeof data190 == "number") && (isFinite(data190))){
+if(data190 > 31536000 || isNaN(data190)){
+const err437 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/maximum",keyword:"maximum",params:{comparison: "<=", limit: 31536000},message:"must be <= 31536000"};
 if(vErrors === null){
 vErrors = [err437];
 }
@@ -5570,9 +5570,8 @@ vErrors.push(err437);
 }
 errors++;
 }
-for(const key42 in data190){
-if(!(key42 === "keys_file")){
-const err438 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
+if(data190 < 60 || isNaN(data190)){
+const err438 = {instancePath:instancePath+"/broker/attestors/spiffe/max_lifetime_s",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/properties/max_lifetime_s/minimum",keyword:"minimum",params:{comparison: ">=", limit: 60},message:"must be >= 60"};
 if(vErrors === null){
 vErrors = [err438];
 }
@@ -5582,11 +5581,9 @@ vErrors.push(err438);
 errors++;
 }
 }
-if(data190.keys_file !== undefined){
-let data191 = data190.keys_file;
-if(typeof data191 === "string"){
-if(func4(data191) < 1){
-const err439 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err439 = {instancePath:instancePath+"/broker/attestors/spiffe",schemaPath:"#/properties/broker/properties/attestors/properties/spiffe/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err439];
 }
@@ -5596,8 +5593,11 @@ vErrors.push(err439);
 errors++;
 }
 }
-else {
-const err440 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data178.local !== undefined){
+let data191 = data178.local;
+if(data191 && typeof data191 == "object" && !Array.isArray(data191)){
+if(data191.keys_file === undefined){
+const err440 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/required",keyword:"required",params:{missingProperty: "keys_file"},message:"must have required property '"+"keys_file"+"'"};
 if(vErrors === null){
 vErrors = [err440];
 }
@@ -5606,10 +5606,9 @@ vErrors.push(err440);
 }
 errors++;
 }
-}
-}
-else {
-const err441 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key42 in data191){
+if(!(key42 === "keys_file")){
+const err441 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key42},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err441];
 }
@@ -5619,9 +5618,11 @@ vErrors.push(err441);
 errors++;
 }
 }
-}
-else {
-const err442 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data191.keys_file !== undefined){
+let data192 = data191.keys_file;
+if(typeof data192 === "string"){
+if(func4(data192) < 1){
+const err442 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err442];
 }
@@ -5630,10 +5631,9 @@ vErrors.push(err442);
 }
 errors++;
 }
-let data192 = data152.store;
-if(data192 && typeof data192 == "object" && !Array.isArray(data192)){
-if(Object.keys(data192).length > 1){
-const err443 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
+}
+else {
+const err443 = {instancePath:instancePath+"/broker/attestors/local/keys_file",schemaPath:"#/properties/broker/properties/attestors/properties/local/properties/keys_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err443];
 }
@@ -5642,9 +5642,10 @@ vErrors.push(err443);
 }
 errors++;
 }
-for(const key43 in data192){
-if(!((key43 === "sqlite") || (key43 === "postgres"))){
-const err444 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
+}
+}
+else {
+const err444 = {instancePath:instancePath+"/broker/attestors/local",schemaPath:"#/properties/broker/properties/attestors/properties/local/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err444];
 }
@@ -5654,11 +5655,9 @@ vErrors.push(err444);
 errors++;
 }
 }
-if(data192.sqlite !== undefined){
-let data193 = data192.sqlite;
-if(data193 && typeof data193 == "object" && !Array.isArray(data193)){
-if(data193.path === undefined){
-const err445 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+}
+else {
+const err445 = {instancePath:instancePath+"/broker/attestors",schemaPath:"#/properties/broker/properties/attestors/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err445];
 }
@@ -5667,9 +5666,10 @@ vErrors.push(err445);
 }
 errors++;
 }
-for(const key44 in data193){
-if(!(key44 === "path")){
-const err446 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key44},message:"must NOT have additional properties"};
+let data193 = data153.store;
+if(data193 && typeof data193 == "object" && !Array.isArray(data193)){
+if(Object.keys(data193).length > 1){
+const err446 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/maxProperties",keyword:"maxProperties",params:{limit: 1},message:"must NOT have more than 1 properties"};
 if(vErrors === null){
 vErrors = [err446];
 }
@@ -5678,12 +5678,9 @@ vErrors.push(err446);
 }
 errors++;
 }
-}
-if(data193.path !== undefined){
-let data194 = data193.path;
-if(typeof data194 === "string"){
-if(func4(data194) < 1){
-const err447 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key43 in data193){
+if(!((key43 === "sqlite") || (key43 === "postgres"))){
+const err447 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key43},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err447];
 }
@@ -5693,8 +5690,11 @@ vErrors.push(err447);
 errors++;
 }
 }
-else {
-const err448 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data193.sqlite !== undefined){
+let data194 = data193.sqlite;
+if(data194 && typeof data194 == "object" && !Array.isArray(data194)){
+if(data194.path === undefined){
+const err448 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err448];
 }
@@ -5703,10 +5703,9 @@ vErrors.push(err448);
 }
 errors++;
 }
-}
-}
-else {
-const err449 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key44 in data194){
+if(!(key44 === "path")){
+const err449 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key44},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err449];
 }
@@ -5716,14 +5715,11 @@ vErrors.push(err449);
 errors++;
 }
 }
-if(data192.postgres !== undefined){
-let data195 = data192.postgres;
-if(data195 && typeof data195 == "object" && !Array.isArray(data195)){
-if(data195.schema === undefined){
-data195.schema = "latchkey";
-}
-if(data195.url === undefined){
-const err450 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
+if(data194.path !== undefined){
+let data195 = data194.path;
+if(typeof data195 === "string"){
+if(func4(data195) < 1){
+const err450 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err450];
 }
@@ -5732,9 +5728,9 @@ vErrors.push(err450);
 }
 errors++;
 }
-for(const key45 in data195){
-if(!((key45 === "url") || (key45 === "schema"))){
-const err451 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key45},message:"must NOT have additional properties"};
+}
+else {
+const err451 = {instancePath:instancePath+"/broker/store/sqlite/path",schemaPath:"#/properties/broker/properties/store/properties/sqlite/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err451];
 }
@@ -5744,11 +5740,9 @@ vErrors.push(err451);
 errors++;
 }
 }
-if(data195.url !== undefined){
-let data196 = data195.url;
-if(typeof data196 === "string"){
-if(!pattern28.test(data196)){
-const err452 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
+}
+else {
+const err452 = {instancePath:instancePath+"/broker/store/sqlite",schemaPath:"#/properties/broker/properties/store/properties/sqlite/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err452];
 }
@@ -5758,8 +5752,14 @@ vErrors.push(err452);
 errors++;
 }
 }
-else {
-const err453 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data193.postgres !== undefined){
+let data196 = data193.postgres;
+if(data196 && typeof data196 == "object" && !Array.isArray(data196)){
+if(data196.schema === undefined){
+data196.schema = "latchkey";
+}
+if(data196.url === undefined){
+const err453 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err453];
 }
@@ -5768,11 +5768,9 @@ vErrors.push(err453);
 }
 errors++;
 }
-}
-let data197 = data195.schema;
-if(typeof data197 === "string"){
-if(!pattern29.test(data197)){
-const err454 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
+for(const key45 in data196){
+if(!((key45 === "url") || (key45 === "schema"))){
+const err454 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key45},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err454];
 }
@@ -5782,8 +5780,11 @@ vErrors.push(err454);
 errors++;
 }
 }
-else {
-const err455 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data196.url !== undefined){
+let data197 = data196.url;
+if(typeof data197 === "string"){
+if(!pattern28.test(data197)){
+const err455 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
 if(vErrors === null){
 vErrors = [err455];
 }
@@ -5794,7 +5795,7 @@ errors++;
 }
 }
 else {
-const err456 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err456 = {instancePath:instancePath+"/broker/store/postgres/url",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err456];
 }
@@ -5804,9 +5805,10 @@ vErrors.push(err456);
 errors++;
 }
 }
-}
-else {
-const err457 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data198 = data196.schema;
+if(typeof data198 === "string"){
+if(!pattern29.test(data198)){
+const err457 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
 if(vErrors === null){
 vErrors = [err457];
 }
@@ -5815,10 +5817,9 @@ vErrors.push(err457);
 }
 errors++;
 }
-let data198 = data152.admin_token_env;
-if(typeof data198 === "string"){
-if(!pattern30.test(data198)){
-const err458 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+}
+else {
+const err458 = {instancePath:instancePath+"/broker/store/postgres/schema",schemaPath:"#/properties/broker/properties/store/properties/postgres/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err458];
 }
@@ -5829,7 +5830,7 @@ errors++;
 }
 }
 else {
-const err459 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err459 = {instancePath:instancePath+"/broker/store/postgres",schemaPath:"#/properties/broker/properties/store/properties/postgres/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err459];
 }
@@ -5838,13 +5839,10 @@ vErrors.push(err459);
 }
 errors++;
 }
-let data199 = data152.introspection_clients;
-if(data199 && typeof data199 == "object" && !Array.isArray(data199)){
-for(const key46 in data199){
-const _errs436 = errors;
-if(typeof key46 === "string"){
-if(!pattern6.test(key46)){
-const err460 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key46};
+}
+}
+else {
+const err460 = {instancePath:instancePath+"/broker/store",schemaPath:"#/properties/broker/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err460];
 }
@@ -5853,10 +5851,10 @@ vErrors.push(err460);
 }
 errors++;
 }
-}
-var valid85 = _errs436 === errors;
-if(!valid85){
-const err461 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
+let data199 = data153.admin_token_env;
+if(typeof data199 === "string"){
+if(!pattern30.test(data199)){
+const err461 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err461];
 }
@@ -5866,11 +5864,8 @@ vErrors.push(err461);
 errors++;
 }
 }
-for(const key47 in data199){
-let data200 = data199[key47];
-if(typeof data200 === "string"){
-if(!pattern30.test(data200)){
-const err462 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+else {
+const err462 = {instancePath:instancePath+"/broker/admin_token_env",schemaPath:"#/properties/broker/properties/admin_token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err462];
 }
@@ -5879,9 +5874,13 @@ vErrors.push(err462);
 }
 errors++;
 }
-}
-else {
-const err463 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data200 = data153.introspection_clients;
+if(data200 && typeof data200 == "object" && !Array.isArray(data200)){
+for(const key46 in data200){
+const _errs438 = errors;
+if(typeof key46 === "string"){
+if(!pattern6.test(key46)){
+const err463 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"},message:"must match pattern \""+"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"+"\"",propertyName:key46};
 if(vErrors === null){
 vErrors = [err463];
 }
@@ -5891,9 +5890,9 @@ vErrors.push(err463);
 errors++;
 }
 }
-}
-else {
-const err464 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
+var valid85 = _errs438 === errors;
+if(!valid85){
+const err464 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/propertyNames",keyword:"propertyNames",params:{propertyName: key46},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err464];
 }
@@ -5902,13 +5901,12 @@ vErrors.push(err464);
 }
 errors++;
 }
-let data201 = data152.leased_secrets;
-if(data201 && typeof data201 == "object" && !Array.isArray(data201)){
-for(const key48 in data201){
-const _errs442 = errors;
-if(typeof key48 === "string"){
-if(func4(key48) > 512){
-const err465 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key48};
+}
+for(const key47 in data200){
+let data201 = data200[key47];
+if(typeof data201 === "string"){
+if(!pattern30.test(data201)){
+const err465 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err465];
 }
@@ -5917,8 +5915,9 @@ vErrors.push(err465);
 }
 errors++;
 }
-if(func4(key48) < 1){
-const err466 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key48};
+}
+else {
+const err466 = {instancePath:instancePath+"/broker/introspection_clients/" + key47.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/introspection_clients/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err466];
 }
@@ -5928,9 +5927,9 @@ vErrors.push(err466);
 errors++;
 }
 }
-var valid87 = _errs442 === errors;
-if(!valid87){
-const err467 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key48},message:"property name must be valid"};
+}
+else {
+const err467 = {instancePath:instancePath+"/broker/introspection_clients",schemaPath:"#/properties/broker/properties/introspection_clients/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err467];
 }
@@ -5939,12 +5938,13 @@ vErrors.push(err467);
 }
 errors++;
 }
-}
-for(const key49 in data201){
-let data202 = data201[key49];
-if(typeof data202 === "string"){
-if(!pattern30.test(data202)){
-const err468 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+let data202 = data153.leased_secrets;
+if(data202 && typeof data202 == "object" && !Array.isArray(data202)){
+for(const key48 in data202){
+const _errs444 = errors;
+if(typeof key48 === "string"){
+if(func4(key48) > 512){
+const err468 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/maxLength",keyword:"maxLength",params:{limit: 512},message:"must NOT have more than 512 characters",propertyName:key48};
 if(vErrors === null){
 vErrors = [err468];
 }
@@ -5953,9 +5953,8 @@ vErrors.push(err468);
 }
 errors++;
 }
-}
-else {
-const err469 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(func4(key48) < 1){
+const err469 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters",propertyName:key48};
 if(vErrors === null){
 vErrors = [err469];
 }
@@ -5965,9 +5964,9 @@ vErrors.push(err469);
 errors++;
 }
 }
-}
-else {
-const err470 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
+var valid87 = _errs444 === errors;
+if(!valid87){
+const err470 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/propertyNames",keyword:"propertyNames",params:{propertyName: key48},message:"property name must be valid"};
 if(vErrors === null){
 vErrors = [err470];
 }
@@ -5976,11 +5975,12 @@ vErrors.push(err470);
 }
 errors++;
 }
-let data203 = data152.events;
-if(data203 && typeof data203 == "object" && !Array.isArray(data203)){
-for(const key50 in data203){
-if(!(key50 === "jsonl")){
-const err471 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
+}
+for(const key49 in data202){
+let data203 = data202[key49];
+if(typeof data203 === "string"){
+if(!pattern30.test(data203)){
+const err471 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err471];
 }
@@ -5990,11 +5990,8 @@ vErrors.push(err471);
 errors++;
 }
 }
-if(data203.jsonl !== undefined){
-let data204 = data203.jsonl;
-if(data204 && typeof data204 == "object" && !Array.isArray(data204)){
-if(data204.path === undefined){
-const err472 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
+else {
+const err472 = {instancePath:instancePath+"/broker/leased_secrets/" + key49.replace(/~/g, "~0").replace(/\//g, "~1"),schemaPath:"#/properties/broker/properties/leased_secrets/additionalProperties/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err472];
 }
@@ -6003,9 +6000,10 @@ vErrors.push(err472);
 }
 errors++;
 }
-for(const key51 in data204){
-if(!(key51 === "path")){
-const err473 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
+}
+}
+else {
+const err473 = {instancePath:instancePath+"/broker/leased_secrets",schemaPath:"#/properties/broker/properties/leased_secrets/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err473];
 }
@@ -6014,12 +6012,11 @@ vErrors.push(err473);
 }
 errors++;
 }
-}
-if(data204.path !== undefined){
-let data205 = data204.path;
-if(typeof data205 === "string"){
-if(func4(data205) < 1){
-const err474 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data204 = data153.events;
+if(data204 && typeof data204 == "object" && !Array.isArray(data204)){
+for(const key50 in data204){
+if(!(key50 === "jsonl")){
+const err474 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key50},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err474];
 }
@@ -6029,8 +6026,11 @@ vErrors.push(err474);
 errors++;
 }
 }
-else {
-const err475 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data204.jsonl !== undefined){
+let data205 = data204.jsonl;
+if(data205 && typeof data205 == "object" && !Array.isArray(data205)){
+if(data205.path === undefined){
+const err475 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/required",keyword:"required",params:{missingProperty: "path"},message:"must have required property '"+"path"+"'"};
 if(vErrors === null){
 vErrors = [err475];
 }
@@ -6039,10 +6039,9 @@ vErrors.push(err475);
 }
 errors++;
 }
-}
-}
-else {
-const err476 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
+for(const key51 in data205){
+if(!(key51 === "path")){
+const err476 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key51},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err476];
 }
@@ -6052,9 +6051,11 @@ vErrors.push(err476);
 errors++;
 }
 }
-}
-else {
-const err477 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(data205.path !== undefined){
+let data206 = data205.path;
+if(typeof data206 === "string"){
+if(func4(data206) < 1){
+const err477 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err477];
 }
@@ -6063,36 +6064,9 @@ vErrors.push(err477);
 }
 errors++;
 }
-if(data152.control !== undefined){
-let data206 = data152.control;
-if(data206 && typeof data206 == "object" && !Array.isArray(data206)){
-if(data206.host === undefined){
-data206.host = "127.0.0.1";
 }
-if(data206.port === undefined){
-data206.port = 15004;
-}
-if(data206.token_env === undefined){
-data206.token_env = "LATCHKEY_CONTROL_TOKEN";
-}
-if(data206.heartbeat_ms === undefined){
-data206.heartbeat_ms = 1000;
-}
-if(data206.max_bundle_bytes === undefined){
-data206.max_bundle_bytes = 262144;
-}
-if(data206.resync_ms === undefined){
-data206.resync_ms = 5000;
-}
-if(data206.tls === undefined){
-data206.tls = null;
-}
-if(data206.insecure_plaintext === undefined){
-data206.insecure_plaintext = false;
-}
-for(const key52 in data206){
-if(!(func2.call(schema11.properties.broker.properties.control.properties, key52))){
-const err478 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key52},message:"must NOT have additional properties"};
+else {
+const err478 = {instancePath:instancePath+"/broker/events/jsonl/path",schemaPath:"#/properties/broker/properties/events/properties/jsonl/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err478];
 }
@@ -6102,10 +6076,9 @@ vErrors.push(err478);
 errors++;
 }
 }
-let data207 = data206.host;
-if(typeof data207 === "string"){
-if(func4(data207) < 1){
-const err479 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+}
+else {
+const err479 = {instancePath:instancePath+"/broker/events/jsonl",schemaPath:"#/properties/broker/properties/events/properties/jsonl/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err479];
 }
@@ -6115,8 +6088,9 @@ vErrors.push(err479);
 errors++;
 }
 }
+}
 else {
-const err480 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err480 = {instancePath:instancePath+"/broker/events",schemaPath:"#/properties/broker/properties/events/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err480];
 }
@@ -6125,9 +6099,36 @@ vErrors.push(err480);
 }
 errors++;
 }
-let data208 = data206.port;
-if(!(((typeof data208 == "number") && (!(data208 % 1) && !isNaN(data208))) && (isFinite(data208)))){
-const err481 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data153.control !== undefined){
+let data207 = data153.control;
+if(data207 && typeof data207 == "object" && !Array.isArray(data207)){
+if(data207.host === undefined){
+data207.host = "127.0.0.1";
+}
+if(data207.port === undefined){
+data207.port = 15004;
+}
+if(data207.token_env === undefined){
+data207.token_env = "LATCHKEY_CONTROL_TOKEN";
+}
+if(data207.heartbeat_ms === undefined){
+data207.heartbeat_ms = 1000;
+}
+if(data207.max_bundle_bytes === undefined){
+data207.max_bundle_bytes = 262144;
+}
+if(data207.resync_ms === undefined){
+data207.resync_ms = 5000;
+}
+if(data207.tls === undefined){
+data207.tls = null;
+}
+if(data207.insecure_plaintext === undefined){
+data207.insecure_plaintext = false;
+}
+for(const key52 in data207){
+if(!(func2.call(schema11.properties.broker.properties.control.properties, key52))){
+const err481 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key52},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err481];
 }
@@ -6136,9 +6137,11 @@ vErrors.push(err481);
 }
 errors++;
 }
-if((typeof data208 == "number") && (isFinite(data208))){
-if(data208 > 65535 || isNaN(data208)){
-const err482 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+}
+let data208 = data207.host;
+if(typeof data208 === "string"){
+if(func4(data208) < 1){
+const err482 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err482];
 }
@@ -6147,8 +6150,9 @@ vErrors.push(err482);
 }
 errors++;
 }
-if(data208 < 0 || isNaN(data208)){
-const err483 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+}
+else {
+const err483 = {instancePath:instancePath+"/broker/control/host",schemaPath:"#/properties/broker/properties/control/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err483];
 }
@@ -6157,11 +6161,9 @@ vErrors.push(err483);
 }
 errors++;
 }
-}
-let data209 = data206.token_env;
-if(typeof data209 === "string"){
-if(!pattern30.test(data209)){
-const err484 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
+let data209 = data207.port;
+if(!(((typeof data209 == "number") && (!(data209 % 1) && !isNaN(data209))) && (isFinite(data209)))){
+const err484 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err484];
 }
@@ -6170,9 +6172,9 @@ vErrors.push(err484);
 }
 errors++;
 }
-}
-else {
-const err485 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data209 == "number") && (isFinite(data209))){
+if(data209 > 65535 || isNaN(data209)){
+const err485 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err485];
 }
@@ -6181,9 +6183,8 @@ vErrors.push(err485);
 }
 errors++;
 }
-let data210 = data206.heartbeat_ms;
-if(!(((typeof data210 == "number") && (!(data210 % 1) && !isNaN(data210))) && (isFinite(data210)))){
-const err486 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data209 < 0 || isNaN(data209)){
+const err486 = {instancePath:instancePath+"/broker/control/port",schemaPath:"#/properties/broker/properties/control/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err486];
 }
@@ -6192,9 +6193,11 @@ vErrors.push(err486);
 }
 errors++;
 }
-if((typeof data210 == "number") && (isFinite(data210))){
-if(data210 > 3600000 || isNaN(data210)){
-const err487 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+}
+let data210 = data207.token_env;
+if(typeof data210 === "string"){
+if(!pattern30.test(data210)){
+const err487 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/pattern",keyword:"pattern",params:{pattern: "^[A-Z_][A-Z0-9_]*$"},message:"must match pattern \""+"^[A-Z_][A-Z0-9_]*$"+"\""};
 if(vErrors === null){
 vErrors = [err487];
 }
@@ -6203,8 +6206,9 @@ vErrors.push(err487);
 }
 errors++;
 }
-if(data210 < 20 || isNaN(data210)){
-const err488 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
+}
+else {
+const err488 = {instancePath:instancePath+"/broker/control/token_env",schemaPath:"#/properties/broker/properties/control/properties/token_env/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err488];
 }
@@ -6213,12 +6217,9 @@ vErrors.push(err488);
 }
 errors++;
 }
-}
-if(data206.policy_file !== undefined){
-let data211 = data206.policy_file;
-if(typeof data211 === "string"){
-if(func4(data211) < 1){
-const err489 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+let data211 = data207.heartbeat_ms;
+if(!(((typeof data211 == "number") && (!(data211 % 1) && !isNaN(data211))) && (isFinite(data211)))){
+const err489 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err489];
 }
@@ -6227,9 +6228,9 @@ vErrors.push(err489);
 }
 errors++;
 }
-}
-else {
-const err490 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if((typeof data211 == "number") && (isFinite(data211))){
+if(data211 > 3600000 || isNaN(data211)){
+const err490 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err490];
 }
@@ -6238,10 +6239,8 @@ vErrors.push(err490);
 }
 errors++;
 }
-}
-let data212 = data206.max_bundle_bytes;
-if(!(((typeof data212 == "number") && (!(data212 % 1) && !isNaN(data212))) && (isFinite(data212)))){
-const err491 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data211 < 20 || isNaN(data211)){
+const err491 = {instancePath:instancePath+"/broker/control/heartbeat_ms",schemaPath:"#/properties/broker/properties/control/properties/heartbeat_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 20},message:"must be >= 20"};
 if(vErrors === null){
 vErrors = [err491];
 }
@@ -6250,9 +6249,12 @@ vErrors.push(err491);
 }
 errors++;
 }
-if((typeof data212 == "number") && (isFinite(data212))){
-if(data212 > 3145728 || isNaN(data212)){
-const err492 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
+}
+if(data207.policy_file !== undefined){
+let data212 = data207.policy_file;
+if(typeof data212 === "string"){
+if(func4(data212) < 1){
+const err492 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err492];
 }
@@ -6261,8 +6263,9 @@ vErrors.push(err492);
 }
 errors++;
 }
-if(data212 < 1024 || isNaN(data212)){
-const err493 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
+}
+else {
+const err493 = {instancePath:instancePath+"/broker/control/policy_file",schemaPath:"#/properties/broker/properties/control/properties/policy_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err493];
 }
@@ -6272,9 +6275,9 @@ vErrors.push(err493);
 errors++;
 }
 }
-let data213 = data206.resync_ms;
+let data213 = data207.max_bundle_bytes;
 if(!(((typeof data213 == "number") && (!(data213 % 1) && !isNaN(data213))) && (isFinite(data213)))){
-const err494 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+const err494 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err494];
 }
@@ -6284,8 +6287,8 @@ vErrors.push(err494);
 errors++;
 }
 if((typeof data213 == "number") && (isFinite(data213))){
-if(data213 > 3600000 || isNaN(data213)){
-const err495 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
+if(data213 > 3145728 || isNaN(data213)){
+const err495 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3145728},message:"must be <= 3145728"};
 if(vErrors === null){
 vErrors = [err495];
 }
@@ -6294,8 +6297,8 @@ vErrors.push(err495);
 }
 errors++;
 }
-if(data213 < 50 || isNaN(data213)){
-const err496 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
+if(data213 < 1024 || isNaN(data213)){
+const err496 = {instancePath:instancePath+"/broker/control/max_bundle_bytes",schemaPath:"#/properties/broker/properties/control/properties/max_bundle_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1024},message:"must be >= 1024"};
 if(vErrors === null){
 vErrors = [err496];
 }
@@ -6305,9 +6308,9 @@ vErrors.push(err496);
 errors++;
 }
 }
-let data214 = data206.tls;
-if((!(data214 && typeof data214 == "object" && !Array.isArray(data214))) && (data214 !== null)){
-const err497 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.control.properties.tls.type},message:"must be object,null"};
+let data214 = data207.resync_ms;
+if(!(((typeof data214 == "number") && (!(data214 % 1) && !isNaN(data214))) && (isFinite(data214)))){
+const err497 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err497];
 }
@@ -6316,9 +6319,9 @@ vErrors.push(err497);
 }
 errors++;
 }
-if(data214 && typeof data214 == "object" && !Array.isArray(data214)){
-if(data214.cert_file === undefined){
-const err498 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+if((typeof data214 == "number") && (isFinite(data214))){
+if(data214 > 3600000 || isNaN(data214)){
+const err498 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 3600000},message:"must be <= 3600000"};
 if(vErrors === null){
 vErrors = [err498];
 }
@@ -6327,8 +6330,8 @@ vErrors.push(err498);
 }
 errors++;
 }
-if(data214.key_file === undefined){
-const err499 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+if(data214 < 50 || isNaN(data214)){
+const err499 = {instancePath:instancePath+"/broker/control/resync_ms",schemaPath:"#/properties/broker/properties/control/properties/resync_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 50},message:"must be >= 50"};
 if(vErrors === null){
 vErrors = [err499];
 }
@@ -6337,9 +6340,10 @@ vErrors.push(err499);
 }
 errors++;
 }
-for(const key53 in data214){
-if(!(((key53 === "cert_file") || (key53 === "key_file")) || (key53 === "client_ca_file"))){
-const err500 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key53},message:"must NOT have additional properties"};
+}
+let data215 = data207.tls;
+if((!(data215 && typeof data215 == "object" && !Array.isArray(data215))) && (data215 !== null)){
+const err500 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/type",keyword:"type",params:{type: schema11.properties.broker.properties.control.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err500];
 }
@@ -6348,12 +6352,9 @@ vErrors.push(err500);
 }
 errors++;
 }
-}
-if(data214.cert_file !== undefined){
-let data215 = data214.cert_file;
-if(typeof data215 === "string"){
-if(func4(data215) < 1){
-const err501 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data215 && typeof data215 == "object" && !Array.isArray(data215)){
+if(data215.cert_file === undefined){
+const err501 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err501];
 }
@@ -6362,9 +6363,8 @@ vErrors.push(err501);
 }
 errors++;
 }
-}
-else {
-const err502 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data215.key_file === undefined){
+const err502 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err502];
 }
@@ -6373,12 +6373,9 @@ vErrors.push(err502);
 }
 errors++;
 }
-}
-if(data214.key_file !== undefined){
-let data216 = data214.key_file;
-if(typeof data216 === "string"){
-if(func4(data216) < 1){
-const err503 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key53 in data215){
+if(!(((key53 === "cert_file") || (key53 === "key_file")) || (key53 === "client_ca_file"))){
+const err503 = {instancePath:instancePath+"/broker/control/tls",schemaPath:"#/properties/broker/properties/control/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key53},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err503];
 }
@@ -6388,8 +6385,11 @@ vErrors.push(err503);
 errors++;
 }
 }
-else {
-const err504 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data215.cert_file !== undefined){
+let data216 = data215.cert_file;
+if(typeof data216 === "string"){
+if(func4(data216) < 1){
+const err504 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err504];
 }
@@ -6399,11 +6399,8 @@ vErrors.push(err504);
 errors++;
 }
 }
-if(data214.client_ca_file !== undefined){
-let data217 = data214.client_ca_file;
-if(typeof data217 === "string"){
-if(func4(data217) < 1){
-const err505 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err505 = {instancePath:instancePath+"/broker/control/tls/cert_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err505];
 }
@@ -6413,8 +6410,11 @@ vErrors.push(err505);
 errors++;
 }
 }
-else {
-const err506 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data215.key_file !== undefined){
+let data217 = data215.key_file;
+if(typeof data217 === "string"){
+if(func4(data217) < 1){
+const err506 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err506];
 }
@@ -6424,9 +6424,8 @@ vErrors.push(err506);
 errors++;
 }
 }
-}
-if(typeof data206.insecure_plaintext !== "boolean"){
-const err507 = {instancePath:instancePath+"/broker/control/insecure_plaintext",schemaPath:"#/properties/broker/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err507 = {instancePath:instancePath+"/broker/control/tls/key_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err507];
 }
@@ -6435,17 +6434,12 @@ vErrors.push(err507);
 }
 errors++;
 }
-if(data206.nats !== undefined){
-let data219 = data206.nats;
-if(data219 && typeof data219 == "object" && !Array.isArray(data219)){
-if(data219.stream === undefined){
-data219.stream = "LATCHKEY_CONTROL";
 }
-if(data219.subject === undefined){
-data219.subject = "latchkey.control.revocations";
-}
-if(data219.servers === undefined){
-const err508 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
+if(data215.client_ca_file !== undefined){
+let data218 = data215.client_ca_file;
+if(typeof data218 === "string"){
+if(func4(data218) < 1){
+const err508 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err508];
 }
@@ -6454,9 +6448,9 @@ vErrors.push(err508);
 }
 errors++;
 }
-for(const key54 in data219){
-if(!(((key54 === "servers") || (key54 === "stream")) || (key54 === "subject"))){
-const err509 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key54},message:"must NOT have additional properties"};
+}
+else {
+const err509 = {instancePath:instancePath+"/broker/control/tls/client_ca_file",schemaPath:"#/properties/broker/properties/control/properties/tls/properties/client_ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err509];
 }
@@ -6466,11 +6460,9 @@ vErrors.push(err509);
 errors++;
 }
 }
-if(data219.servers !== undefined){
-let data220 = data219.servers;
-if(Array.isArray(data220)){
-if(data220.length < 1){
-const err510 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+}
+if(typeof data207.insecure_plaintext !== "boolean"){
+const err510 = {instancePath:instancePath+"/broker/control/insecure_plaintext",schemaPath:"#/properties/broker/properties/control/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err510];
 }
@@ -6479,12 +6471,17 @@ vErrors.push(err510);
 }
 errors++;
 }
-const len15 = data220.length;
-for(let i18=0; i18<len15; i18++){
-let data221 = data220[i18];
-if(typeof data221 === "string"){
-if(func4(data221) < 1){
-const err511 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data207.nats !== undefined){
+let data220 = data207.nats;
+if(data220 && typeof data220 == "object" && !Array.isArray(data220)){
+if(data220.stream === undefined){
+data220.stream = "LATCHKEY_CONTROL";
+}
+if(data220.subject === undefined){
+data220.subject = "latchkey.control.revocations";
+}
+if(data220.servers === undefined){
+const err511 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
 if(vErrors === null){
 vErrors = [err511];
 }
@@ -6493,9 +6490,9 @@ vErrors.push(err511);
 }
 errors++;
 }
-}
-else {
-const err512 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key54 in data220){
+if(!(((key54 === "servers") || (key54 === "stream")) || (key54 === "subject"))){
+const err512 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key54},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err512];
 }
@@ -6505,9 +6502,11 @@ vErrors.push(err512);
 errors++;
 }
 }
-}
-else {
-const err513 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(data220.servers !== undefined){
+let data221 = data220.servers;
+if(Array.isArray(data221)){
+if(data221.length < 1){
+const err513 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err513];
 }
@@ -6516,11 +6515,12 @@ vErrors.push(err513);
 }
 errors++;
 }
-}
-let data222 = data219.stream;
+const len15 = data221.length;
+for(let i18=0; i18<len15; i18++){
+let data222 = data221[i18];
 if(typeof data222 === "string"){
-if(!pattern35.test(data222)){
-const err514 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
+if(func4(data222) < 1){
+const err514 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err514];
 }
@@ -6531,7 +6531,7 @@ errors++;
 }
 }
 else {
-const err515 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err515 = {instancePath:instancePath+"/broker/control/nats/servers/" + i18,schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err515];
 }
@@ -6540,10 +6540,10 @@ vErrors.push(err515);
 }
 errors++;
 }
-let data223 = data219.subject;
-if(typeof data223 === "string"){
-if(!pattern14.test(data223)){
-const err516 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
+}
+}
+else {
+const err516 = {instancePath:instancePath+"/broker/control/nats/servers",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err516];
 }
@@ -6553,8 +6553,10 @@ vErrors.push(err516);
 errors++;
 }
 }
-else {
-const err517 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data223 = data220.stream;
+if(typeof data223 === "string"){
+if(!pattern35.test(data223)){
+const err517 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err517];
 }
@@ -6565,7 +6567,7 @@ errors++;
 }
 }
 else {
-const err518 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err518 = {instancePath:instancePath+"/broker/control/nats/stream",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err518];
 }
@@ -6574,10 +6576,10 @@ vErrors.push(err518);
 }
 errors++;
 }
-}
-}
-else {
-const err519 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data224 = data220.subject;
+if(typeof data224 === "string"){
+if(!pattern14.test(data224)){
+const err519 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_.-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_.-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err519];
 }
@@ -6587,9 +6589,8 @@ vErrors.push(err519);
 errors++;
 }
 }
-}
 else {
-const err520 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err520 = {instancePath:instancePath+"/broker/control/nats/subject",schemaPath:"#/properties/broker/properties/control/properties/nats/properties/subject/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err520];
 }
@@ -6599,14 +6600,49 @@ vErrors.push(err520);
 errors++;
 }
 }
-}
 else {
-const err521 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err521 = {instancePath:instancePath+"/broker/control/nats",schemaPath:"#/properties/broker/properties/control/properties/nats/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err521];
 }
 else {
 vErrors.push(err521);
+}
+errors++;
+}
+}
+}
+else {
+const err522 = {instancePath:instancePath+"/broker/control",schemaPath:"#/properties/broker/properties/control/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err522];
+}
+else {
+vErrors.push(err522);
+}
+errors++;
+}
+}
+}
+else {
+const err523 = {instancePath:instancePath+"/broker",schemaPath:"#/properties/broker/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err523];
+}
+else {
+vErrors.push(err523);
+}
+errors++;
+}
+}
+}
+else {
+const err524 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err524];
+}
+else {
+vErrors.push(err524);
 }
 errors++;
 }

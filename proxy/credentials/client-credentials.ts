@@ -14,7 +14,8 @@ interface Client {
   url: URL
   pool: Pool
   clientId: string
-  secret: string
+  /** Read at each use, not once: a rotated client secret is sent from the next token request. */
+  readonly secret: string
   method: 'client_secret_basic' | 'client_secret_post'
   resource: string | undefined
 }
@@ -50,11 +51,15 @@ export class ClientCredentialsIssuer implements TokenIssuer {
       const secret = secretOf(c.oauth.client_secret)
       if (!secret) throw new Error(`credential "${c.id}": client secret ${c.oauth.client_secret} is not configured`)
       const url = new URL(c.oauth.token_url)
+      const name = c.oauth.client_secret
       this.clients.set(c.id, {
         url,
         pool: new Pool(url.origin, { connections: 2, headersTimeout: timeoutMs, bodyTimeout: timeoutMs, connectTimeout: timeoutMs, ...(secureContext ? { connect: { secureContext } } : {}) }),
         clientId: c.oauth.client_id,
-        secret,
+        // A reload never leaves a secret a credential needs missing (it is refused): the last one otherwise.
+        get secret() {
+          return secretOf(name) ?? secret
+        },
         method: c.oauth.auth_method,
         resource: c.oauth.resource,
       })
@@ -62,8 +67,10 @@ export class ClientCredentialsIssuer implements TokenIssuer {
   }
 
   async issue(_task: TaskRef | null, binding: CredentialBinding): Promise<IssuedToken> {
-    const c = this.clients.get(binding.id)
-    if (!c) throw new ExchangeFailed('refused', `credential ${binding.id} has no client-credentials registration`)
+    const registered = this.clients.get(binding.id)
+    if (!registered) throw new ExchangeFailed('refused', `credential ${binding.id} has no client-credentials registration`)
+    // The secret as it is now, kept for this request: what is sent is what its answer is checked for.
+    const c: Client = { ...registered, secret: registered.secret }
     const form = new URLSearchParams({ grant_type: 'client_credentials' })
     if (binding.scopes.length > 0) form.set('scope', binding.scopes.join(' '))
     if (c.resource) form.set('resource', c.resource)

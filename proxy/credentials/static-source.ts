@@ -1,5 +1,6 @@
-// The first CredentialSource: secrets read once at start-up from a YAML/JSON file of
-// name → value, or from environment variables `<env_prefix><NAME>`. They live in memory only.
+// The first CredentialSource: secrets read at start-up from a YAML/JSON file of name → value, or
+// from environment variables `<env_prefix><NAME>`. They live in memory only. The file is read
+// again on reload() (secrets-reload.ts: a change seen by stat, or SIGHUP), swapped whole or not at all.
 import { byteSize, FileTooLarge, readFileBounded } from '../../lib/bounded-read.js'
 import { firstNonUtf8Line } from '../../lib/config/load.js'
 import { parseYamlDocument, yamlErrorMessage } from '../../lib/yaml-document.js'
@@ -16,17 +17,71 @@ function startupError(message: string): Error {
   return Object.assign(new Error(message), { code: 'LK_STARTUP' })
 }
 
-export class StaticSecretSource implements CredentialSource {
-  private readonly credentials = new Map<string, Credential>()
-  /** Each secret as held() answers it: one array per secret, made once. */
-  private readonly heldByName = new Map<string, readonly Credential[]>()
+/** One complete set of secrets: what a read of env and secrets.file gave, swapped whole. */
+interface SecretSet {
+  readonly credentials: Map<string, Credential>
+  /** Each secret as held() answers it: one array per secret (its value, then up to PREVIOUS_HELD before it), made once. */
+  readonly heldByName: Map<string, readonly Credential[]>
   /** Names found but empty, and where: said so by missing(), not "in neither place". */
-  private readonly emptyIn = new Map<string, 'env' | 'file'>()
-  private readonly prefix: string
+  readonly emptyIn: Map<string, 'env' | 'file'>
+}
 
-  constructor(secrets: Config['secrets'], names: Iterable<string>, env: NodeJS.ProcessEnv = process.env) {
+/** Values a secret had before a reload, still scrubbed from responses (an upstream may echo the old key), never sent. */
+export const PREVIOUS_HELD = 2
+
+/** What a reload of secrets.file did: `changed` swapped the set; `rejected` kept it (reason: one line, no secret in it). */
+export type SecretsReload = { outcome: 'changed'; changed: number } | { outcome: 'unchanged' } | { outcome: 'rejected'; reason: string }
+
+export class StaticSecretSource implements CredentialSource {
+  /** The set in force: replaced whole by a reload, so a lookup sees one set or the other, never a mix. */
+  private set: SecretSet
+  private readonly prefix: string
+  private readonly names: readonly string[]
+
+  constructor(
+    private readonly secrets: Pick<Config['secrets'], 'file' | 'env_prefix'>,
+    names: Iterable<string>,
+    private readonly env: NodeJS.ProcessEnv = process.env,
+  ) {
     this.prefix = secrets.env_prefix
-    let fromFile: Record<string, unknown> = {}
+    this.names = [...new Set(names)]
+    this.set = this.read(null)
+  }
+
+  /**
+   * Reads secrets.file again with start-up's checks and swaps the whole set, or keeps the one in
+   * force: when the file is refused (its reason is start-up's, quoting nothing of the file), when a
+   * secret this source was built for is now missing or empty (start-up would have refused it), or
+   * when `check` (the sidecar's: a value a header cannot carry) says why the new set cannot be used.
+   * The environment still wins over the file, as at start-up.
+   */
+  reload(check?: (candidate: Pick<StaticSecretSource, 'secret'>) => string | null): SecretsReload {
+    let next: SecretSet
+    try {
+      next = this.read(this.set)
+    } catch (err) {
+      return { outcome: 'rejected', reason: (err as Error).message }
+    }
+    for (const name of this.names) {
+      if (this.set.credentials.has(name) && !next.credentials.has(name)) return { outcome: 'rejected', reason: `${this.missingIn(next, name)} (a credential needs it)` }
+    }
+    const problem = check?.({ secret: (name) => next.credentials.get(name)?.value }) ?? null
+    if (problem !== null) return { outcome: 'rejected', reason: problem }
+    let changed = 0
+    for (const name of this.names) if (this.set.credentials.get(name)?.value !== next.credentials.get(name)?.value) changed++
+    if (changed === 0) return { outcome: 'unchanged' }
+    this.set = next
+    return { outcome: 'changed', changed }
+  }
+
+  /** A set from env and secrets.file; `prior`'s values stay held (not sent) behind a changed one, and an unchanged secret keeps its objects. */
+  private read(prior: SecretSet | null): SecretSet {
+    const secrets = this.secrets
+    const env = this.env
+    const set: SecretSet = { credentials: new Map(), heldByName: new Map(), emptyIn: new Map() }
+    // Own keys only (a null-prototype object): a secret named `constructor` or `toString` is not
+    // found on Object.prototype.
+    let fromFile: Record<string, unknown> = Object.create(null) as Record<string, unknown>
     if (secrets.file) {
       let parsed: unknown
       // Never echo the file's content: it is full of secrets. yaml's parse() writes each warning
@@ -57,43 +112,61 @@ export class StaticSecretSource implements CredentialSource {
         throw startupError(`secrets.file ${secrets.file}: cannot be read as data (${(err as { code?: string }).code ?? 'invalid YAML'})`)
       }
       if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw startupError(`secrets.file ${secrets.file}: must be a mapping of name to secret`)
-      fromFile = parsed as Record<string, unknown>
+      fromFile = Object.assign(fromFile, parsed)
     }
-    for (const name of names) {
+    for (const name of this.names) {
       // An empty variable is set, and read first: it is not passed over for the file's value (an
       // operator who emptied it meant something), and the refusal says it is empty, not absent.
-      const fromEnv = env[secrets.env_prefix + name]
+      const fromEnv = Object.hasOwn(env, secrets.env_prefix + name) ? env[secrets.env_prefix + name] : undefined
       const value = fromEnv ?? fromFile[name]
       if (fromEnv === undefined && value === null) {
         // `NAME:` with nothing after it: present, and empty.
-        this.emptyIn.set(name, 'file')
+        set.emptyIn.set(name, 'file')
         continue
       }
       // Present but unusable says so, and never what it held: YAML reads 12345 as a number.
       if (value !== undefined && typeof value !== 'string') {
         throw startupError(`secrets.file ${secrets.file}: ${secretNamed(name)} is not a string (quote it)`)
       }
-      if (value === '') this.emptyIn.set(name, fromEnv === undefined ? 'file' : 'env')
+      if (value === '') set.emptyIn.set(name, fromEnv === undefined ? 'file' : 'env')
       if (typeof value === 'string' && value.length > 0) {
+        const was = prior?.heldByName.get(name)
+        if (was !== undefined && was[0]!.value === value) {
+          // Unchanged: the same objects, so a scrubber's needles cached by the array stay good.
+          set.credentials.set(name, was[0]!)
+          set.heldByName.set(name, was)
+          continue
+        }
         const c: Credential = { value, id: `static:${name}`, expiresAt: null, scopes: [] }
-        this.credentials.set(name, c)
-        this.heldByName.set(name, Object.freeze([c]))
+        set.credentials.set(name, c)
+        // The values before it stay held, the last PREVIOUS_HELD of them, none twice: still scrubbed.
+        const previous = (was ?? []).filter((p) => p.value !== value).slice(0, PREVIOUS_HELD)
+        set.heldByName.set(name, Object.freeze([c, ...previous]))
+      } else {
+        // Gone or emptied (a reload refuses it for a name a binding needs): what it was stays scrubbed.
+        const was = prior?.heldByName.get(name)
+        if (was !== undefined) set.heldByName.set(name, Object.freeze(was.slice(0, PREVIOUS_HELD)))
       }
     }
+    return set
   }
 
   /** A named secret's value, for providers that hold one (a client secret). */
   secret(name: string): string | undefined {
-    return this.credentials.get(name)?.value
+    return this.set.credentials.get(name)?.value
   }
 
   has(name: string): boolean {
-    return this.credentials.has(name)
+    return this.set.credentials.has(name)
   }
 
   /** Why a secret this source was asked for is not held: empty where it was found, or in neither place. */
   missing(name: string): string {
-    const where = this.emptyIn.get(name)
+    return this.missingIn(this.set, name)
+  }
+
+  private missingIn(set: SecretSet, name: string): string {
+    const where = set.emptyIn.get(name)
     const shown = nameShown(name)
     const env = `${this.prefix}${shown ?? '<name>'}`
     const unnamed = shown === null ? ` ${NOT_REPEATED}` : ''
@@ -103,7 +176,7 @@ export class StaticSecretSource implements CredentialSource {
   }
 
   get(binding: CredentialBinding): Credential {
-    const c = this.credentials.get(binding.secret)
+    const c = this.set.credentials.get(binding.secret)
     // Fail closed: an audience with a binding but no secret gets no request at all.
     if (!c) throw new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `no secret "${binding.secret}" is configured for credential ${binding.id}`)
     return c
@@ -111,7 +184,7 @@ export class StaticSecretSource implements CredentialSource {
 
   /** The binding's one secret: nothing else is ever sent where it goes. */
   held(binding: CredentialBinding): readonly Credential[] {
-    return this.heldByName.get(binding.secret) ?? NONE_HELD
+    return this.set.heldByName.get(binding.secret) ?? NONE_HELD
   }
 }
 

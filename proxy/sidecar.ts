@@ -13,7 +13,7 @@ import { Pipeline } from './pipeline.js'
 import { Policy } from './policy/policy.js'
 import { CredentialBindings } from './credentials/bindings.js'
 import { StaticSecretSource, type SecretsReload } from './credentials/static-source.js'
-import { SecretsFileWatcher } from './credentials/secrets-reload.js'
+import { SecretsFileWatcher, signature as secretsSignature } from './credentials/secrets-reload.js'
 import { TaskIdentifier } from './identify/proxy-authorization.js'
 import { TaskRegistry } from './tasks/registry.js'
 import { handleTaskApi } from './tasks/api.js'
@@ -110,6 +110,8 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const bindings = new CredentialBindings(config.credentials)
   const staticBindings = config.credentials.filter((c) => c.source === 'static')
   const clientSecretNames = config.credentials.flatMap((c) => (c.source === 'client_credentials' && c.oauth ? [c.oauth.client_secret] : []))
+  // Taken before the file is read: a change while the sidecar starts is read at the first poll.
+  const secretsAtStart = config.secrets.file ? await secretsSignature(config.secrets.file) : ''
   const secrets = new StaticSecretSource(config.secrets, [...staticBindings.map((c) => c.secret!), ...clientSecretNames], opts.env ?? process.env)
   // Every response on a credential's origin is scrubbed of its secret wherever it appears: a short
   // one (`abc`) is also ordinary text, masked in every body that happens to hold it.
@@ -452,7 +454,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     throw err
   }
   secretsWatcher = config.secrets.file
-    ? new SecretsFileWatcher(config.secrets.file, secrets, (candidate) => unsendableSecrets(config, candidate)[0]?.message ?? null, onSecretsReload, config.secrets.reload_interval_ms)
+    ? new SecretsFileWatcher(config.secrets.file, secrets, (candidate) => unsendableSecrets(config, candidate)[0]?.message ?? null, onSecretsReload, config.secrets.reload_interval_ms, secretsAtStart)
     : undefined
   capConnections(server, sc.max_connections, 'proxy', 'sidecar.max_connections', metrics, log)
   capEvictingIdle(admin, MAX_ADMIN_CONNECTIONS, metrics, log)

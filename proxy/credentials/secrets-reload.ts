@@ -10,7 +10,7 @@ import type { SecretsReload, StaticSecretSource } from './static-source.js'
 export const SETTLE_MS = 50
 
 /** What identifies one version of the file: a change to any part is read again. */
-async function signature(file: string): Promise<string> {
+export async function signature(file: string): Promise<string> {
   try {
     const [real, st] = await Promise.all([realpath(file), stat(file)])
     return `${real}\0${st.mtimeMs}\0${st.size}\0${st.ino}`
@@ -22,7 +22,7 @@ async function signature(file: string): Promise<string> {
 
 export class SecretsFileWatcher {
   private timer: NodeJS.Timeout | undefined
-  private last: string | undefined
+  private last: string
   /** One reload at a time: a SIGHUP during a poll's read waits for it, then reads again. */
   private running: Promise<unknown> = Promise.resolve()
   private closed = false
@@ -37,9 +37,10 @@ export class SecretsFileWatcher {
     /** Told each reload's outcome (the metric, the log line). */
     private readonly onReload: (r: SecretsReload, why: 'changed' | 'sighup') => void,
     intervalMs: number,
+    /** The file's signature taken before start-up read it: a change after that is read at the first poll. */
+    atStart: string,
   ) {
-    // The version read at start-up (near enough: taken just after it).
-    void signature(file).then((s) => (this.last ??= s))
+    this.last = atStart
     if (intervalMs > 0) {
       this.timer = setInterval(() => void this.poll(), intervalMs)
       this.timer.unref()
@@ -65,10 +66,7 @@ export class SecretsFileWatcher {
     this.polling = true
     return this.serially(async () => {
       const seen = await signature(this.file)
-      if (this.last === undefined || seen === this.last || this.closed) {
-        this.last ??= seen
-        return
-      }
+      if (seen === this.last || this.closed) return
       await new Promise((resolve) => setTimeout(resolve, SETTLE_MS).unref())
       // What is read is at least as new as this: a change during the settle is read now, or at the next poll.
       this.last = await signature(this.file)

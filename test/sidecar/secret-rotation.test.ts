@@ -13,6 +13,8 @@ import { join } from 'node:path'
 import { randomBytes } from 'node:crypto'
 import { loopbackPolicy, startTestSidecar, startUpstream, type Upstream } from '../helpers/harness.js'
 import { CLI } from '../helpers/cli.js'
+import { SecretsFileWatcher, signature } from '../../proxy/credentials/secrets-reload.js'
+import { StaticSecretSource } from '../../proxy/credentials/static-source.js'
 
 const canary = (tag: string) => `LKROT${tag}${randomBytes(10).toString('hex')}`
 
@@ -243,4 +245,18 @@ t.test('a rotated OAuth client secret is sent from the next token request', asyn
   t.equal(await call(), 200)
   t.equal(sent.length, 2, 'a new token was asked for')
   t.equal(sent.at(-1), NEW, 'with the rotated secret')
+})
+
+t.test('a rotation while the sidecar starts, after it read the file and before its first poll, is read at that poll', async (t) => {
+  const m = new SecretMount('S: "before-LKROT-0123456789"\n')
+  // What start-up does: the signature first, then the read.
+  const atStart = await signature(m.file)
+  const source = new StaticSecretSource({ file: m.file, env_prefix: 'LK_ROT_UNSET_' }, ['S'], {})
+  m.rotate('S: "after-LKROT-0123456789"\n')
+  const outcomes: string[] = []
+  const watcher = new SecretsFileWatcher(m.file, source, undefined, (r) => outcomes.push(r.outcome), 20, atStart)
+  t.teardown(() => watcher.close())
+  for (const stop = Date.now() + 3_000; outcomes.length === 0 && Date.now() < stop; ) await new Promise((r) => setTimeout(r, 10))
+  t.same(outcomes, ['changed'], 'the first poll saw the change')
+  t.equal(source.secret('S'), 'after-LKROT-0123456789', 'and the new value is the one sent')
 })

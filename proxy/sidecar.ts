@@ -33,7 +33,7 @@ import { createAdminServer, MAX_ADMIN_CONNECTIONS } from './admin.js'
 import { capConnections, capEvictingIdle, oncePer, openFileLimit } from './listen/cap.js'
 import { compileNetworkPolicy } from './resolve/network-policy.js'
 import { DnsResolver } from './resolve/resolver.js'
-import type { AuditSink, CredentialBinding, Resolver } from './context.js'
+import type { AuditSink, Resolver } from './context.js'
 import { PolicySwitch } from './policy/switch.js'
 import { DEFAULT_MAX_BUNDLE_BYTES, type CompiledBundle } from './policy/bundle.js'
 import { readPolicyText, watchPolicyFile } from './policy/file.js'
@@ -112,7 +112,10 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   const clientSecretNames = config.credentials.flatMap((c) => (c.source === 'client_credentials' && c.oauth ? [c.oauth.client_secret] : []))
   // Taken before the file is read: a change while the sidecar starts is read at the first poll.
   const secretsAtStart = config.secrets.file ? await secretsSignature(config.secrets.file) : ''
-  const secrets = new StaticSecretSource(config.secrets, [...staticBindings.map((c) => c.secret!), ...clientSecretNames], opts.env ?? process.env)
+  // The collector's and the control stream's tokens come from the same source: a reload swaps them
+  // with the credentials' secrets, and each new stream sends the token in force.
+  const tokenNames = [config.audit.collector?.token_secret, sc.control?.token_secret].filter((n): n is string => !!n)
+  const secrets = new StaticSecretSource(config.secrets, [...staticBindings.map((c) => c.secret!), ...clientSecretNames, ...tokenNames], opts.env ?? process.env)
   // Every response on a credential's origin is scrubbed of its secret wherever it appears: a short
   // one (`abc`) is also ordinary text, masked in every body that happens to hold it.
   for (const c of staticBindings) {
@@ -141,10 +144,8 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     if (problem) throw new StartupError(`audit.jsonl.path ${problem}`)
   }
   if (cc && !cc.token_secret && !cc.tls) throw new StartupError('audit.collector: needs token_secret, tls, or both, to authenticate to the collector')
-  const collectorToken = cc?.token_secret ? new StaticSecretSource(config.secrets, [cc.token_secret], opts.env ?? process.env) : null
-  if (cc?.token_secret && !collectorToken!.has(cc.token_secret)) {
-    throw new StartupError(`audit.collector: ${collectorToken!.missing(cc.token_secret)}`)
-  }
+  const collectorTokenName = cc?.token_secret
+  if (collectorTokenName && !secrets.has(collectorTokenName)) throw new StartupError(`audit.collector: ${secrets.missing(collectorTokenName)}`)
   const readTls = (t: { ca_file: string; cert_file: string; key_file: string }) => ({
     ca: Buffer.from(loadCaFile('audit.collector.tls.ca_file', t.ca_file).join('\n')),
     cert: readSettingFile('audit.collector.tls.cert_file', t.cert_file),
@@ -167,7 +168,8 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       ? openCollectorSink({
           address: cc.address,
           sidecarId: cc.sidecar_id,
-          token: cc.token_secret ? collectorToken!.get({ secret: cc.token_secret, id: 'audit.collector' } as CredentialBinding).value : null,
+          // Read at each connect; a reload never leaves it missing (one that would is refused).
+          token: collectorTokenName ? () => secrets.secret(collectorTokenName)! : null,
           tls: cc.tls ? readTls(cc.tls) : null,
           spoolDir: cc.spool_dir,
           segmentBytes: cc.segment_bytes,
@@ -248,10 +250,8 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   else if (audit instanceof JsonlAuditSink) metrics.watchJsonlSink(audit)
 
   const initialPolicy: CompiledBundle | undefined = loadPolicyFile(config)
-  const controlToken = sc.control ? new StaticSecretSource(config.secrets, [sc.control.token_secret], opts.env ?? process.env) : null
-  if (sc.control && !controlToken!.has(sc.control.token_secret)) {
-    throw new StartupError(`sidecar.control: ${controlToken!.missing(sc.control.token_secret)}`)
-  }
+  const controlTokenName = sc.control?.token_secret
+  if (controlTokenName && !secrets.has(controlTokenName)) throw new StartupError(`sidecar.control: ${secrets.missing(controlTokenName)}`)
   const routes = new Map(Object.entries(config.routes).map(([name, origin]) => [name, new URL(origin)]))
   const networkPolicy = compileNetworkPolicy(config.network)
   // Upstream sockets share max_connections' budget: with the agents' own, two descriptors a
@@ -392,7 +392,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
               serverName: t.server_name ?? null,
             }
           : null,
-        token: controlToken!.get({ secret: sc.control.token_secret, id: 'sidecar.control' } as CredentialBinding).value,
+        token: () => secrets.secret(controlTokenName!)!,
         agentId: sc.agent_id,
         staleAfterMs: sc.control.stale_after_ms,
         backoffMinMs: sc.control.backoff_min_ms,

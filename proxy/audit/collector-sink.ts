@@ -31,8 +31,8 @@ export interface CollectorSinkOptions {
   /** host:port of the collector's gRPC ingest. */
   address: string
   sidecarId: string
-  /** Shared token, sent as a bearer; null when mTLS alone authenticates. */
-  token: string | null
+  /** Shared token, sent as a bearer; null when mTLS alone authenticates. Read at each connect: a rotated one is sent from the next stream. */
+  token: (() => string) | null
   /** mTLS: the collector's CA, and this sidecar's certificate and key (CN = sidecarId). */
   tls: { ca: Buffer; cert: Buffer; key: Buffer } | null
   spoolDir: string
@@ -183,6 +183,9 @@ export class CollectorAuditSink implements AuditSink {
   private waitingSince = 0
   private readonly watchdog: NodeJS.Timeout
   private readonly ackTimeoutMs: number
+
+  /** The token the stream in progress was opened with: what an error text is checked for. */
+  private sentToken: string | null = null
 
   constructor(private readonly o: CollectorSinkOptions) {
     if (o.maxBytes < 2 * o.segmentBytes) {
@@ -390,7 +393,8 @@ export class CollectorAuditSink implements AuditSink {
     if (this.closed || this.call) return
     const md = new Metadata()
     md.set('x-latchkey-sidecar', this.o.sidecarId)
-    if (this.o.token) md.set('authorization', `Bearer ${this.o.token}`)
+    this.sentToken = this.o.token?.() ?? null
+    if (this.sentToken) md.set('authorization', `Bearer ${this.sentToken}`)
     const call = this.client.ingest(md)
     this.call = call
     this.cursor = this.spool.start()
@@ -452,7 +456,7 @@ export class CollectorAuditSink implements AuditSink {
     if (err && err.code !== status.CANCELLED) {
       const level = err.code === status.UNAUTHENTICATED || err.code === status.PERMISSION_DENIED || err.code === status.INVALID_ARGUMENT ? 'error' : 'warn'
       // Whatever answers at this address was sent the bearer token: its error text is logged only if it does not quote it.
-      const reason = this.o.token && err.details && revealsSecret(err.details, [this.o.token]) ? WITHHELD : err.details
+      const reason = this.sentToken && err.details && revealsSecret(err.details, [this.sentToken]) ? WITHHELD : err.details
       this.log(level, { code: status[err.code], reason, unacked: this.spool.lastSeq - this.stats.acked, attempt: this.attempt }, 'audit stream to collector lost')
     }
     const delay = Math.min(this.o.backoffMaxMs, this.o.backoffMinMs * 2 ** this.attempt)

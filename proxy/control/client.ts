@@ -47,7 +47,8 @@ export interface ControlClientOptions {
   address: string
   /** TLS to the broker (sidecar.control.tls, files read): null only where the config allows plaintext. */
   tls: { ca: Buffer; cert: Buffer | null; key: Buffer | null; serverName: string | null } | null
-  token: string
+  /** The control token, read at each connect: a rotated one is sent from the next stream. */
+  token: () => string
   agentId: string
   staleAfterMs: number
   backoffMinMs: number
@@ -140,7 +141,8 @@ export class ControlClient {
     if (this.closed) return
     this.m.reconnects.inc()
     const md = new Metadata()
-    md.set('authorization', `Bearer ${this.o.token}`)
+    const token = this.o.token()
+    md.set('authorization', `Bearer ${token}`)
     md.set(SIDECAR_HEADER, this.o.agentId)
     this.expected = 1
     const call = this.client.watch({ agentId: this.o.agentId, policyVersion: this.o.policyVersion() }, md)
@@ -153,7 +155,7 @@ export class ControlClient {
     call.on('error', (err: { code?: number; details?: string }) => {
       // Whatever answers at this address was sent the bearer token; its error text becomes the
       // stale reason (a refused mint's reason to the agent, the audit, /readyz, the log).
-      const details = err.details && revealsSecret(err.details, [this.o.token]) ? WITHHELD : err.details || 'stream error'
+      const details = err.details && revealsSecret(err.details, [token]) ? WITHHELD : err.details || 'stream error'
       this.lost(call, `${details} (gRPC ${err.code ?? '?'})`)
     })
     call.on('end', () => this.lost(call, 'the broker ended the stream'))

@@ -77,7 +77,7 @@ export function testSink(id: SidecarIdentity, address: string, o: Partial<Collec
   return new CollectorAuditSink({
     address,
     sidecarId: id.id,
-    token: id.token,
+    token: () => id.token,
     tls: null,
     spoolDir: join(mkdtempSync(join(tmpdir(), 'lk-sink-')), 'spool'),
     segmentBytes: 1 << 20,

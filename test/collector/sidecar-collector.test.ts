@@ -1,12 +1,17 @@
 // The sidecar with the real gRPC sink and spool, against a real collector: every call arrives,
 // through outages, and a full spool does what it is configured to do.
 import t from 'tap'
-import { readFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, renameSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { randomBytes } from 'node:crypto'
+import { Writable } from 'node:stream'
+import { startSidecar } from '../../proxy/sidecar.js'
+import type { CollectorAuditSink } from '../../proxy/audit/collector-sink.js'
 import { Action } from '../../protos/gen/latchkey/v1/audit.js'
 import { CANARY, startUpstream } from '../helpers/harness.js'
 import { sidecarIdentity, startTestCollector } from './collector-helpers.js'
-import { call, freePort, proxyAgent, startCollectedSidecar } from './sidecar-helpers.js'
+import { call, freePort, proxyAgent, sidecarConfig, startCollectedSidecar } from './sidecar-helpers.js'
 
 const AGENT = 'agent:summarizer:test:a1'
 
@@ -159,3 +164,39 @@ async function fetchThrough(proxyUrl: string, url: string): Promise<{ status: nu
     await a.close()
   }
 }
+
+t.test('a collector token rotated in secrets.file is sent from the next stream: refused with the old one, delivered with the new', async (t) => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const old = sidecarIdentity()
+  const rotated = { ...old, token: `LKCANARYNEW${randomBytes(16).toString('hex')}` }
+  // The collector already knows only the new token: the operator rotated its side first.
+  const c = await startTestCollector([rotated])
+  t.teardown(() => c.close())
+  const dir = mkdtempSync(join(tmpdir(), 'lk-rot-collector-'))
+  const file = join(dir, 'secrets.yaml')
+  const write = (token: string) => {
+    writeFileSync(join(dir, 'next.yaml'), `CANARY: "${CANARY}"\nCOLLECTOR: "${token}"\n`)
+    renameSync(join(dir, 'next.yaml'), file)
+  }
+  write(old.token)
+  const config = sidecarConfig({ id: old, collector: c.grpcAddress, upstreamPort: upstream.port, spoolDir: join(dir, 'spool') })
+  config.secrets = { file, env_prefix: 'LATCHKEY_SECRET_', reload_interval_ms: 50 }
+  const logs: string[] = []
+  const logDestination = new Writable({ write: (chunk: Buffer, _enc, cb) => void (logs.push(chunk.toString()), cb()) })
+  const sidecar = await startSidecar(config, { env: {}, logDestination })
+  const sink = sidecar.audit as CollectorAuditSink
+  const agent = proxyAgent(sidecar.proxyUrl)
+  t.teardown(async () => {
+    await agent.close()
+    await sidecar.close()
+  })
+  for (let i = 0; i < 5; i++) t.equal(await call(agent, `${upstream.origin}/rotation/${i}`), 200)
+  for (const stop = Date.now() + 5_000; !logs.some((l) => l.includes('UNAUTHENTICATED')) && Date.now() < stop; ) await new Promise((r) => setTimeout(r, 20))
+  t.match(logs.join(''), /"code":"UNAUTHENTICATED".*audit stream to collector lost/, 'the old token is refused')
+  t.equal(sink.stats.acked, 0, 'and nothing is stored with it')
+  write(rotated.token)
+  t.ok(await sink.waitForAck(sink.spool.lastSeq, 10_000), 'the spooled calls are delivered with the new token, no restart')
+  t.same((await pathsAt(c.store)).sort(), Array.from({ length: 5 }, (_, i) => `/rotation/${i}`))
+  t.notOk(logs.join('').includes(old.token) || logs.join('').includes(rotated.token), 'no log line holds either token')
+})

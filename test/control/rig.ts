@@ -125,13 +125,23 @@ export async function startControlSidecar(
   broker: TestBroker & { controlUrl: string },
   api: Api,
   agent: string,
-  opts: { control?: Record<string, unknown>; sidecar?: Record<string, unknown>; token?: string; options?: Omit<SidecarOptions, 'env' | 'logDestination'>; policy?: Record<string, unknown>; routes?: Record<string, string> } = {},
+  opts: {
+    control?: Record<string, unknown>
+    sidecar?: Record<string, unknown>
+    token?: string
+    /** A `secrets` section: the control token is then read from its file, not the environment. */
+    secrets?: Record<string, unknown>
+    options?: Omit<SidecarOptions, 'env' | 'logDestination'>
+    policy?: Record<string, unknown>
+    routes?: Record<string, string>
+  } = {},
 ): Promise<ControlSidecar> {
   const s = await startTestSidecar(
     {
       ...loopbackPolicy([api.port]),
       ...(opts.policy ? { policy: opts.policy } : {}),
       ...(opts.routes ? { routes: opts.routes } : {}),
+      ...(opts.secrets ? { secrets: opts.secrets } : {}),
       sidecar: {
         agent_id: agent,
         broker: { url: broker.url, timeout_ms: 2000 },
@@ -141,7 +151,7 @@ export async function startControlSidecar(
       },
       credentials: [{ id: 'api', audience: api.origin, source: 'broker', token_audience: API, scopes: ['read'], inject: { type: 'bearer' } }],
     },
-    { LATCHKEY_SECRET_CONTROL: opts.token ?? CONTROL_TOKEN },
+    opts.secrets ? {} : { LATCHKEY_SECRET_CONTROL: opts.token ?? CONTROL_TOKEN },
     opts.options ?? {},
   )
   return Object.assign(s, {

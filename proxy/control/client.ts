@@ -180,7 +180,8 @@ export class ControlClient {
     if (call !== this.call) return
     this.call = undefined
     clearTimeout(this.watchdog)
-    if (this.connected) this.o.log.warn({ reason }, 'control stream lost; reconnecting')
+    // The sidecar's own shutdown cancels the stream (closed): nothing was lost, nothing reconnects.
+    if (this.connected && !this.closed) this.o.log.warn({ reason }, 'control stream lost; reconnecting')
     else if (!this.closed && (this.logged?.reason !== reason || this.now() - this.logged.at >= NOT_OPEN_LOG_EVERY_MS)) {
       // A stream that never opens (a wrong token, a broker down or not yet up, a certificate that
       // does not verify) was said nowhere but /readyz, once stale: the log, where an operator

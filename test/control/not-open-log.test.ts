@@ -36,3 +36,20 @@ t.test('a control stream refused or unreachable from the start is logged once, w
   await until('logged', () => lines(nowhere.logs).some((l) => l.msg.startsWith('control stream not open')))
   t.match(lines(nowhere.logs).find((l) => l.msg.startsWith('control stream not open')), { level: 40, reason: /UNAVAILABLE|ECONNREFUSED|gRPC 14/ }, 'no broker at the address is said too')
 })
+
+t.test('the sidecar\'s own shutdown is not logged as a lost control stream', async (t) => {
+  const broker = await startControlBroker()
+  t.teardown(() => broker.close())
+  const api = await startApi()
+  t.teardown(api.close)
+  const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:leaving')
+  await until('connected', () => s.sidecar.control!.connected)
+  await s.close()
+  await new Promise((r) => setTimeout(r, 100))
+  const warned = lines(s.logs).filter((l) => l.msg.startsWith('control stream'))
+  t.same(
+    warned.map((l) => l.msg),
+    ['control stream synchronised'],
+    'no "control stream lost; reconnecting" warning (reason "Cancelled on client") at shutdown',
+  )
+})

@@ -6,7 +6,7 @@
 import type { AddressInfo } from 'node:net'
 import type { BrokerConfig } from '../lib/config/schema.js'
 import { createLogger, type Logger } from '../lib/log.js'
-import { RegistryError, RegistryHolder } from './registry.js'
+import { RegistryError, RegistryHolder, type Registry } from './registry.js'
 import { KeyRing } from './keys.js'
 import { keySetFrom, MAX_SKEW_S } from './jwt.js'
 import { KubernetesVerifier } from './attest/kubernetes.js'
@@ -186,8 +186,10 @@ export async function startBroker(c: BrokerConfig, opts: BrokerOptions = {}): Pr
     ready: () => !closing,
     tls: listenTls,
     log,
+    agentReach: (value) => ({ registered: registryHas(registry.current, value), connected: ctl ? ctl.server.connectedFor(value) : null }),
   })
   server.keepAliveTimeout = 5_000
+  // Set before the server listens: agentReach reads it only when answering.
   const ctl = c.control ? await startControl(c, env, log, revocations, events, now) : undefined
   try {
     await new Promise<void>((resolve, reject) => {
@@ -277,6 +279,15 @@ async function startControl(c: BrokerConfig, env: NodeJS.ProcessEnv, log: Logger
       await server.close()
     },
   }
+}
+
+/**
+ * Whether any type of the registry can have an instance the agent value (an ID or a pattern with
+ * `*` segments) names: its type and env segments, agent:<type>:<env>:<instance>.
+ */
+export function registryHas(registry: Registry, value: string): boolean {
+  const [, type, env] = value.split(':')
+  return Object.entries(registry.agents).some(([name, spec]) => (type === '*' || type === name) && (env === '*' || env === spec.env))
 }
 
 /** broker.control.policy_file's first read: a file it cannot read or compile stops the start in one line naming the setting. */

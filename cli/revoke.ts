@@ -63,7 +63,14 @@ export async function revokeCommand(
     console.error(`${op}: cannot reach the broker at ${base}: ${why}`)
     return 1
   }
-  const body = (await res.json().catch(() => ({}))) as { error_description?: string; created?: unknown; removed?: unknown; revocation?: { kind?: unknown; value?: unknown } }
+  const body = (await res.json().catch(() => ({}))) as {
+    error_description?: string
+    created?: unknown
+    removed?: unknown
+    revocation?: { kind?: unknown; value?: unknown }
+    registered?: unknown
+    connected?: unknown
+  }
   const ms = (performance.now() - started).toFixed(1)
   // Success is the broker's own answer about this revocation, not any 2xx: another service at a
   // mistyped --broker (or a proxy's page) answering 200 had an operator believe the agent stopped.
@@ -74,6 +81,15 @@ export async function revokeCommand(
   if (op === 'revoke' && (res.status === 201 || res.status === 200)) {
     if (typeof body.created !== 'boolean' || body.revocation?.kind !== kind || body.revocation.value !== value) return notTheBroker()
     console.log(`${kind} ${value} ${body.created ? 'revoked' : 'was already revoked'} (${ms} ms)`)
+    // A mistyped ID is revoked as readily as the right one, and the agent meant runs on: say what
+    // the broker knows of it (an older broker says nothing, and neither is this).
+    if (body.registered === false) {
+      console.error(`warning: no agent type in the broker's registry has instances like ${value} (agent:<type>:<env>:<instance>): check the ID; the revocation stands`)
+    } else if (body.connected === 0) {
+      console.error(
+        `warning: no sidecar of ${value} has a control stream open to this broker: check the ID; a sidecar connected to another replica, or connecting later, is still told`,
+      )
+    }
     return 0
   }
   if (op === 'unrevoke' && res.status === 200) {

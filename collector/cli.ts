@@ -56,6 +56,47 @@ function printable(s: string): string {
 }
 const MAX_FIELD = 512
 
+/** At most this many agent IDs are named when an answer is explained. */
+const MAX_NAMED_AGENTS = 10
+
+function named(agents: string[]): string {
+  const shown = agents.slice(0, MAX_NAMED_AGENTS).map(printable).join(', ')
+  return agents.length > MAX_NAMED_AGENTS ? `${shown} and ${agents.length - MAX_NAMED_AGENTS} more` : shown
+}
+
+/**
+ * `--agent agent:demo:*:*`, revoke's pattern syntax: the store is asked for one instance ID, and
+ * answered "0 call(s)" for the pattern, read as "these agents did nothing". Refused, naming the
+ * agents it matches.
+ */
+function notAPattern(pattern: string, agents: string[]): string {
+  const p = pattern.split(':')
+  const matching = agents.filter((a) => {
+    const s = a.split(':')
+    return s.length === p.length && p.every((seg, i) => seg === '*' || seg === s[i])
+  })
+  return (
+    `--agent takes one agent instance ID, not a pattern (${printable(pattern)}): ` +
+    (matching.length ? `the store holds calls by ${matching.length} agent(s) it matches: ${named(matching)}` : 'the store holds no call by any agent it matches')
+  )
+}
+
+/**
+ * No call in the window: say so when the store holds none by this agent at any time (a mistyped ID
+ * reads exactly as an idle agent), naming the agents it does hold. On stderr; a store that cannot
+ * say (a busy collector) adds nothing.
+ */
+async function unseen(agent: string, knownAgents: () => Promise<string[]>): Promise<void> {
+  let agents: string[]
+  try {
+    agents = await knownAgents()
+  } catch {
+    return
+  }
+  if (agents.includes(agent)) return
+  console.error(`no call by ${printable(agent)} is in the store at any time: check the ID; ${agents.length ? `the store holds calls by ${named(agents)}` : 'the store holds no call yet'}`)
+}
+
 function printVerify(v: VerifyResult): void {
   // Gaps first: the chain holds, but what the sidecar numbered under them is not on record.
   for (const g of v.gaps ?? []) {
@@ -128,9 +169,14 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
           shown += events.length
         }
         const since = parseSince(opts.since)
+        const agent = opts.agent
+        // The agents the store holds any call by: asked only to explain an empty or impossible answer.
+        let knownAgents: () => Promise<string[]>
         if (opts.config) {
           const store = await openConfiguredStore(opts.config)
+          knownAgents = async () => (await store.inventory()).agents.map((a) => a.agent)
           try {
+            if (agent.includes('*')) throw new CliError(notAPattern(agent, await knownAgents()))
             let after: EventCursor | undefined
             do {
               const page = Math.min(limit - shown, MAX_PAGE_EVENTS)
@@ -140,6 +186,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
               const last = answer.events[answer.events.length - 1]
               after = last && cursorAfter(last)
             } while (truncated && after && shown < limit)
+            if (shown === 0) await unseen(agent, knownAgents)
           } finally {
             await store.close()
           }
@@ -147,6 +194,8 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
           // Resolved here, as with -c: a time without a zone is the operator's local time, not
           // the collector host's (which the API would read it in).
           const { getJson } = await import('./query-client.js')
+          knownAgents = async () => (await getJson<{ agents: { agent: string }[] }>(opts.url, '/v1/inventory')).body.agents.map((a) => a.agent)
+          if (agent.includes('*')) throw new CliError(notAPattern(agent, await knownAgents()))
           let cursor: string | undefined
           do {
             const q = new URLSearchParams({ agent: opts.agent, since: since.toISOString(), limit: String(limit - shown) })
@@ -157,6 +206,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
             truncated = body.truncated === true
             cursor = body.next
           } while (truncated && cursor && shown < limit)
+          if (shown === 0) await unseen(agent, knownAgents)
         }
         if (!opts.json) {
           console.error(`${shown} call(s) by ${opts.agent} since ${opts.since}${opts.denied ? ' (denied only)' : ''}`)

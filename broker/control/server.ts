@@ -13,7 +13,7 @@ import {
   type WatchResponse,
 } from '../../protos/gen/latchkey/v1/control.js'
 import type { Logger } from '../../lib/log.js'
-import type { RevocationList, RevocationChange } from '../revocations/list.js'
+import { agentMatches, type RevocationList, type RevocationChange } from '../revocations/list.js'
 import type { Revocation, RevocationKind } from '../revocations/store.js'
 import { listenError } from '../../lib/listen-error.js'
 
@@ -66,6 +66,13 @@ export class ControlServer {
 
   get connected(): number {
     return this.watchers.size
+  }
+
+  /** Sidecars with a stream open here whose agent the value (an instance ID or a pattern) names. */
+  connectedFor(value: string): number {
+    let n = 0
+    for (const w of this.watchers) if (agentMatches(value, w.agent)) n++
+    return n
   }
 
   async start(): Promise<number> {

@@ -44,6 +44,12 @@ export interface BrokerHttpDeps {
   tls: { cert: Buffer; key: Buffer } | null
   /** Where a request that fails unexpectedly is said, with its cause (never the request's credentials). */
   log: Logger
+  /**
+   * What the broker knows of an agent value just revoked: whether any registry type could have
+   * such an instance, and how many sidecars of it have a control stream open here (null: no
+   * control stream). Told to the operator, so a mistyped ID is not taken for a stopped agent.
+   */
+  agentReach?: (value: string) => { registered: boolean; connected: number | null }
 }
 
 const NO_STORE = { 'cache-control': 'no-store', pragma: 'no-cache' }
@@ -151,7 +157,8 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
         return
       }
       const { revocation, created } = await d.revocations.revoke(input.kind as RevocationKind, input.value as string, (input.reason as string | undefined) ?? 'revoked by operator')
-      send(res, created ? 201 : 200, JSON.stringify({ revocation, created }), NO_STORE)
+      const reach = revocation.kind === 'agent' ? d.agentReach?.(revocation.value) : undefined
+      send(res, created ? 201 : 200, JSON.stringify({ revocation, created, ...reach }), NO_STORE)
       return
     }
     const m = /^\/v1\/revocations\/(agent|task|jti)\/(.+)$/.exec(path)

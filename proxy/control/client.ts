@@ -70,6 +70,9 @@ export interface ControlClientOptions {
   stateFile?: string
 }
 
+/** A stream that keeps failing to open for one reason is logged this often, not at each attempt. */
+const NOT_OPEN_LOG_EVERY_MS = 60_000
+
 export class ControlClient {
   readonly state: RevocationState
   private readonly client: ControlServiceClient
@@ -84,6 +87,8 @@ export class ControlClient {
   lastHeard: number
   connected = false
   lastError: string | null = null
+  /** The failure to open a stream last logged, and when: logged again when it changes, or a minute on. */
+  private logged: { reason: string; at: number } | undefined
   private readonly m: { connected: Gauge; stale: Gauge; age: Gauge; reconnects: Counter; revocations: Counter; stateWrites: Counter }
   /** Writes the state file, when there is one. */
   readonly stateFile: StateFileWriter | undefined
@@ -177,7 +182,15 @@ export class ControlClient {
     if (call !== this.call) return
     this.call = undefined
     clearTimeout(this.watchdog)
-    if (this.connected) this.o.log.warn({ reason }, 'control stream lost; reconnecting')
+    // The sidecar's own shutdown cancels the stream (closed): nothing was lost, nothing reconnects.
+    if (this.connected && !this.closed) this.o.log.warn({ reason }, 'control stream lost; reconnecting')
+    else if (!this.closed && (this.logged?.reason !== reason || this.now() - this.logged.at >= NOT_OPEN_LOG_EVERY_MS)) {
+      // A stream that never opens (a wrong token, a broker down or not yet up, a certificate that
+      // does not verify) was said nowhere but /readyz, once stale: the log, where an operator
+      // looks first, showed only "sidecar listening".
+      this.o.log.warn({ reason, attempt: this.attempt + 1 }, 'control stream not open; retrying (no new token is minted once stale)')
+      this.logged = { reason, at: this.now() }
+    }
     this.connected = false
     this.lastError = reason
     if (this.closed) return
@@ -203,6 +216,7 @@ export class ControlClient {
       case 'snapshot': {
         if (!this.connected) this.o.log.info({ revocations: c.value.revocations.length, policy: c.value.policy?.version ?? null }, 'control stream synchronised')
         this.connected = true
+        this.logged = undefined
         this.attempt = 0
         this.lastError = null
         const all = c.value.revocations.flatMap((r) => this.known(r))

@@ -1,0 +1,55 @@
+// `latchkey revoke` of an ID no sidecar serves: a mistyped instance or type is revoked as readily
+// as the right one, and printed "revoked", exit 0, while the agent meant ran on. The broker now
+// says what it knows of the value (a registry type that can have such an instance, sidecars of it
+// connected to its control stream) and the CLI warns. All real: the broker and its control
+// stream, a sidecar connected to it, the CLI as a process.
+import t from 'tap'
+import { execFile } from 'node:child_process'
+import { promisify } from 'node:util'
+import { startApi, startControlBroker, startControlSidecar, until } from './rig.js'
+import { CLI } from '../helpers/cli.js'
+
+const run = promisify(execFile)
+
+t.test('latchkey revoke warns when the ID names no registry type, or no connected sidecar', async (t) => {
+  const broker = await startControlBroker()
+  t.teardown(() => broker.close())
+  const api = await startApi()
+  t.teardown(api.close)
+  const agent = 'agent:summarizer:prod:reach'
+  const sidecar = await startControlSidecar(broker, api, agent)
+  t.teardown(sidecar.close)
+  await until('the sidecar connected', () => sidecar.sidecar.control!.connected)
+
+  const env: NodeJS.ProcessEnv = { ...process.env, LATCHKEY_BROKER_ADMIN_TOKEN: broker.adminToken }
+  for (const k of ['HTTP_PROXY', 'http_proxy', 'HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'NO_PROXY']) delete env[k]
+  const revoke = async (value: string) => {
+    const r = await run(process.execPath, [CLI, 'revoke', value, '--broker', broker.url], { env })
+    await run(process.execPath, [CLI, 'unrevoke', value, '--broker', broker.url], { env })
+    return r
+  }
+
+  const right = await revoke(agent)
+  t.match(right.stdout, `agent ${agent} revoked`)
+  t.equal(right.stderr, '', 'the connected agent: no warning')
+
+  const pattern = await revoke('agent:summarizer:*:*')
+  t.equal(pattern.stderr, '', 'a pattern matching the connected agent: no warning')
+
+  const instanceTypo = await revoke('agent:summarizer:prod:raech')
+  t.match(instanceTypo.stdout, 'agent agent:summarizer:prod:raech revoked', 'the revocation is still made')
+  t.match(instanceTypo.stderr, /warning: no sidecar of agent:summarizer:prod:raech has a control stream open to this broker/, 'a mistyped instance is said to reach no sidecar')
+
+  const typeTypo = await revoke('agent:sumarizer:prod:reach')
+  t.match(typeTypo.stderr, /warning: no agent type in the broker's registry has instances like agent:sumarizer:prod:reach/, 'a mistyped type is said to be in no registry')
+  const envTypo = await revoke('agent:summarizer:dev:reach')
+  t.match(envTypo.stderr, /no agent type in the broker's registry has instances like agent:summarizer:dev:reach/, 'so is an env the type does not have')
+
+  // The admin API's own answer, for other clients.
+  const res = await fetch(`${broker.url}/v1/revocations`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${broker.adminToken}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ kind: 'agent', value: agent }),
+  })
+  t.match(await res.json(), { created: true, registered: true, connected: 1 })
+})

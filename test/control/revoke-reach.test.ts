@@ -23,18 +23,25 @@ t.test('latchkey revoke warns when the ID names no registry type, or no connecte
 
   const env: NodeJS.ProcessEnv = { ...process.env, LATCHKEY_BROKER_ADMIN_TOKEN: broker.adminToken }
   for (const k of ['HTTP_PROXY', 'http_proxy', 'HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'NO_PROXY']) delete env[k]
+  const admin = { authorization: `Bearer ${broker.adminToken}`, 'content-type': 'application/json' }
+  // Lifted through the admin API (the CLI's unrevoke is tested elsewhere): one process per case.
+  const unrevoke = (value: string) => fetch(`${broker.url}/v1/revocations/agent/${encodeURIComponent(value)}`, { method: 'DELETE', headers: admin }).then((r) => t.equal(r.status, 200, `${value} lifted`))
   const revoke = async (value: string) => {
     const r = await run(process.execPath, [CLI, 'revoke', value, '--broker', broker.url], { env })
-    await run(process.execPath, [CLI, 'unrevoke', value, '--broker', broker.url], { env })
+    await unrevoke(value)
     return r
+  }
+  // The admin API's own answer, for other clients, and what the CLI's warnings are made from.
+  const answer = async (value: string) => {
+    const res = await fetch(`${broker.url}/v1/revocations`, { method: 'POST', headers: admin, body: JSON.stringify({ kind: 'agent', value }) })
+    const body = (await res.json()) as Record<string, unknown>
+    await unrevoke(value)
+    return body
   }
 
   const right = await revoke(agent)
   t.match(right.stdout, `agent ${agent} revoked`)
   t.equal(right.stderr, '', 'the connected agent: no warning')
-
-  const pattern = await revoke('agent:summarizer:*:*')
-  t.equal(pattern.stderr, '', 'a pattern matching the connected agent: no warning')
 
   const instanceTypo = await revoke('agent:summarizer:prod:raech')
   t.match(instanceTypo.stdout, 'agent agent:summarizer:prod:raech revoked', 'the revocation is still made')
@@ -42,14 +49,8 @@ t.test('latchkey revoke warns when the ID names no registry type, or no connecte
 
   const typeTypo = await revoke('agent:sumarizer:prod:reach')
   t.match(typeTypo.stderr, /warning: no agent type in the broker's registry has instances like agent:sumarizer:prod:reach/, 'a mistyped type is said to be in no registry')
-  const envTypo = await revoke('agent:summarizer:dev:reach')
-  t.match(envTypo.stderr, /no agent type in the broker's registry has instances like agent:summarizer:dev:reach/, 'so is an env the type does not have')
 
-  // The admin API's own answer, for other clients.
-  const res = await fetch(`${broker.url}/v1/revocations`, {
-    method: 'POST',
-    headers: { authorization: `Bearer ${broker.adminToken}`, 'content-type': 'application/json' },
-    body: JSON.stringify({ kind: 'agent', value: agent }),
-  })
-  t.match(await res.json(), { created: true, registered: true, connected: 1 })
+  t.match(await answer('agent:summarizer:dev:reach'), { created: true, registered: false }, 'an env the type does not have is in no registry either')
+  t.match(await answer('agent:summarizer:*:*'), { created: true, registered: true, connected: 1 }, 'a pattern matching the connected agent reaches it')
+  t.match(await answer(agent), { created: true, registered: true, connected: 1 })
 })

@@ -1,11 +1,21 @@
-// A sidecar whose control stream never opens says so in its log, at once and once per reason.
+// A sidecar whose control stream does not open says so in its log, at once and once per reason,
+// and opens it with a control token rotated in its secrets.file.
 // With a wrong control token (or no broker at the address) the log showed "sidecar listening" and
 // nothing else: the reason reached only /readyz, stale_after_ms later, and "control stream lost"
 // was logged only for a stream that had been open. All real: the broker's control server, the
 // sidecar, gRPC over loopback.
 import t from 'tap'
+import { mkdtempSync, renameSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { freePort } from '../helpers/broker.js'
-import { startApi, startControlBroker, startControlSidecar, until } from './rig.js'
+import { startApi, startControlBroker, startControlSidecar, until, CONTROL_TOKEN } from './rig.js'
+
+// One broker and API for every case: each sidecar has an agent of its own.
+const broker = await startControlBroker()
+t.teardown(() => broker.close())
+const api = await startApi()
+t.teardown(api.close)
 
 const lines = (logs: string[]) =>
   logs
@@ -15,11 +25,6 @@ const lines = (logs: string[]) =>
     .map((l) => JSON.parse(l) as { level: number; msg: string; reason?: string })
 
 t.test('a control stream refused or unreachable from the start is logged once, with the reason', async (t) => {
-  const broker = await startControlBroker()
-  t.teardown(() => broker.close())
-  const api = await startApi()
-  t.teardown(api.close)
-
   const wrong = await startControlSidecar(broker, api, 'agent:summarizer:prod:wrong', { token: 'not-the-token', control: { stale_after_ms: 60_000 } })
   t.teardown(wrong.close)
   await until('refused a few times', () => (wrong.sidecar.control!.lastError ?? '').includes('control token does not match'))
@@ -38,10 +43,6 @@ t.test('a control stream refused or unreachable from the start is logged once, w
 })
 
 t.test('the sidecar\'s own shutdown is not logged as a lost control stream', async (t) => {
-  const broker = await startControlBroker()
-  t.teardown(() => broker.close())
-  const api = await startApi()
-  t.teardown(api.close)
   const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:leaving')
   await until('connected', () => s.sidecar.control!.connected)
   await s.close()
@@ -52,4 +53,21 @@ t.test('the sidecar\'s own shutdown is not logged as a lost control stream', asy
     ['control stream synchronised'],
     'no "control stream lost; reconnecting" warning (reason "Cancelled on client") at shutdown',
   )
+})
+
+t.test('a control token rotated in secrets.file is sent from the next stream, no restart', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-rot-control-'))
+  const file = join(dir, 'secrets.yaml')
+  const write = (token: string) => {
+    writeFileSync(join(dir, 'next.yaml'), `CONTROL: "${token}"\n`)
+    renameSync(join(dir, 'next.yaml'), file)
+  }
+  write('ctl-the-one-before-rotation')
+  const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:rotating', { secrets: { file, reload_interval_ms: 50 } })
+  t.teardown(s.close)
+  await until('the old token refused', () => (s.sidecar.control!.lastError ?? '').includes('control token does not match'))
+  write(CONTROL_TOKEN)
+  await until('connected with the rotated token', () => s.sidecar.control!.connected)
+  t.ok(s.sidecar.control!.connected, 'the stream opened with the token now in the file')
+  t.notOk(s.logs.join('').includes(CONTROL_TOKEN) || s.logs.join('').includes('ctl-the-one-before-rotation'), 'neither token is logged')
 })

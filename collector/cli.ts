@@ -149,7 +149,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
     .command('audit')
     .description("what an agent did: its calls since a time, from the collector")
     .option('--agent <id>', 'agent instance ID, e.g. agent:summarizer:prod:7a2c91')
-    .option('--since <when>', 'duration back from now (24h, 30m, 7d) or an ISO-8601 time', '24h')
+    .option('--since <when>', 'duration back from now (24h, 30m, 7d), today or yesterday (from local midnight), or an ISO-8601 time', '24h')
     .option('--denied', 'only calls policy denied (enforced or report-only)')
     .option('--json', 'one JSON object per line')
     .option('--limit <n>', 'at most this many events', '10000')

@@ -20,16 +20,31 @@ function parseIso(value: string): number {
   return Date.parse(m[4] === undefined ? `${value}T00:00` : value)
 }
 
-/** A time bound: a duration before now (24h, 30m, 7d) or an ISO-8601 time; `name` is the parameter, for the error. */
+/**
+ * A time bound: a duration before now (24h, 30m, 7d), `today` or `yesterday` (local midnight, as a
+ * date alone is: "what did agent X do today" is since this midnight, not the last 24 hours), or an
+ * ISO-8601 time; `name` is the parameter, for the error.
+ */
 export function parseSince(value: string, now = Date.now(), name = 'since'): Date {
-  const m = /^(\d+)([smhd])$/.exec(value.trim())
-  const t = m ? now - Number(m[1]) * UNITS[m[2]!]! : parseIso(value.trim())
+  const v = value.trim()
+  const day = DAYS_BACK[v.toLowerCase()]
+  if (day !== undefined) {
+    const midnight = new Date(now)
+    // setDate, not 24 h: a day across a daylight-saving change is 23 or 25 hours.
+    midnight.setHours(0, 0, 0, 0)
+    midnight.setDate(midnight.getDate() - day)
+    return midnight
+  }
+  const m = /^(\d+)([smhd])$/.exec(v)
+  const t = m ? now - Number(m[1]) * UNITS[m[2]!]! : parseIso(v)
   // A Date holds ±8.64e15 ms; a duration reaching past that is a mistake, not "all of time".
   if (Number.isNaN(t) || Math.abs(t) > 8.64e15) {
-    throw new Error(`${name} "${value.slice(0, 64)}" is neither a duration (like 24h, 30m, 7d) nor an ISO-8601 time within range`)
+    throw new Error(`${name} "${value.slice(0, 64)}" is neither a duration (like 24h, 30m, 7d), today, yesterday, nor an ISO-8601 time within range`)
   }
   return new Date(t)
 }
+
+const DAYS_BACK: Record<string, number> = Object.assign(Object.create(null) as Record<string, number>, { today: 0, yesterday: 1 })
 
 export interface EventJson {
   sidecar: string

@@ -7,6 +7,7 @@ import { join } from 'node:path'
 import { makeEvent } from './events.js'
 import { sidecarIdentity, startTestCollector } from './collector-helpers.js'
 import { CLI } from '../helpers/cli.js'
+import { parseSince } from '../../collector/query.js'
 
 const run = promisify(execFile)
 const X = 'agent:x:prod:1'
@@ -53,4 +54,23 @@ t.test('`audit --since <date>` is that day from the operator\'s midnight ("today
   t.same(paths(viaUrl.stdout), paths(viaStore.stdout), 'the same answer through the API')
   const inHonolulu = await auditIn('Etc/GMT+10', ['--agent', X, '--since', '2026-11-29', '-c', configFile])
   t.same(paths(inHonolulu.stdout), ['/today-in-kiritimati', '/after-midnight-utc'], 'at UTC-10, 2026-11-29 starts at 10:00Z: the event at 08:00Z was the day before')
+})
+
+t.test('`--since today` and `yesterday` start at the local midnight, across a daylight-saving change too', async (t) => {
+  // In this process, as the CLI resolves --since in its own (the API is sent the instant).
+  const was = process.env.TZ
+  t.teardown(() => {
+    if (was === undefined) delete process.env.TZ
+    else process.env.TZ = was
+  })
+  process.env.TZ = KIRITIMATI
+  const evening = Date.parse('2026-11-30T05:00:00Z') // 19:00 on 11-30 at UTC+14
+  t.equal(parseSince('today', evening).toISOString(), '2026-11-29T10:00:00.000Z', "today: since this day's midnight there, not the last 24 hours")
+  t.equal(parseSince(' Yesterday ', evening).toISOString(), '2026-11-28T10:00:00.000Z', 'yesterday: the midnight before')
+  // New York leaves daylight saving at 02:00 on 2026-11-01: that day is 25 hours long.
+  process.env.TZ = 'America/New_York'
+  const afternoon = Date.parse('2026-11-01T18:00:00Z') // 13:00 EST
+  t.equal(parseSince('today', afternoon).toISOString(), '2026-11-01T04:00:00.000Z', 'midnight was still EDT (UTC-4)')
+  t.equal(parseSince('yesterday', afternoon).toISOString(), '2026-10-31T04:00:00.000Z', 'a day back by the calendar, not 24 hours')
+  t.throws(() => parseSince('tomorrow', afternoon), /since "tomorrow" is neither a duration \(like 24h, 30m, 7d\), today, yesterday, nor an ISO-8601 time/)
 })

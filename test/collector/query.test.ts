@@ -46,10 +46,10 @@ t.test('HTTP API and CLI answer what an agent did', async (t) => {
   const denied = await get(`/v1/events?agent=${encodeURIComponent(X)}&since=24h&denied=true`)
   t.same((denied.body.events as { sequence: number }[]).map((e) => e.sequence), [3])
   t.same(await get('/v1/events?since=24h'), { status: 400, body: { error: 'query parameter "agent" is required' } })
-  t.same(await get(`/v1/events?agent=${X}&since=yesterday`), { status: 400, body: { error: 'since "yesterday" is neither a duration (like 24h, 30m, 7d) nor an ISO-8601 time within range' } })
+  t.same(await get(`/v1/events?agent=${X}&since=lastweek`), { status: 400, body: { error: 'since "lastweek" is neither a duration (like 24h, 30m, 7d), today, yesterday, nor an ISO-8601 time within range' } })
   t.same((await get(`/v1/events?agent=${X}&limit=0`)).status, 400)
-  t.same(await get(`/v1/events?agent=${X}&since=99999999999999d`), { status: 400, body: { error: 'since "99999999999999d" is neither a duration (like 24h, 30m, 7d) nor an ISO-8601 time within range' } })
-  t.same(await get(`/v1/events?agent=${X}&until=99999999999999d`), { status: 400, body: { error: 'until "99999999999999d" is neither a duration (like 24h, 30m, 7d) nor an ISO-8601 time within range' } })
+  t.same(await get(`/v1/events?agent=${X}&since=99999999999999d`), { status: 400, body: { error: 'since "99999999999999d" is neither a duration (like 24h, 30m, 7d), today, yesterday, nor an ISO-8601 time within range' } })
+  t.same(await get(`/v1/events?agent=${X}&until=99999999999999d`), { status: 400, body: { error: 'until "99999999999999d" is neither a duration (like 24h, 30m, 7d), today, yesterday, nor an ISO-8601 time within range' } })
   t.match(await get(`/v1/events?agent=${X}&until=nope`), { status: 400, body: { error: /^until "nope"/ } }, 'the error names the parameter that was wrong')
   // Dates that do not exist, and spellings Date.parse would guess at, are refused, not rolled over.
   for (const bad of ['2024-02-30', '2023-02-29T00:00:00Z', '2026-13-01', '2026-11-30T24:00:00Z', '2026-11-30T10:60Z', 'March 7, 2026', '2026/11/30', '1']) {

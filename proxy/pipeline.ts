@@ -11,7 +11,7 @@ import { carriesTaskHandle } from './identify/proxy-authorization.js'
 import { closingSockets, lingerOnClose } from './listen/linger.js'
 import { LatchkeyError, asLatchkeyError, renderError, renderErrorRaw, type ErrorCode } from './errors.js'
 import type { CredentialBindings } from './credentials/bindings.js'
-import { stripQueryParams } from './credentials/bindings.js'
+import { credentialedQuery, stripQueryParams } from './credentials/bindings.js'
 import { hostHeader, parseAbsoluteTarget, parseReverseTarget, parseTunnelledTarget, targetOfRefusal, urlHostPort, type ReverseRoutes } from './listen/target.js'
 import { checkFraming } from './listen/framing.js'
 import { outboundRequestHeaders, type OutboundHeaders } from './forward/headers.js'
@@ -496,7 +496,7 @@ export class Pipeline {
     // The URI wins over whatever Host the agent sent.
     headers.host = hostHeader(target)
     if (ctx.binding && ctx.credential) {
-      target.search = stripQueryParams(target.search, ctx.binding.stripQuery)
+      target.search = credentialedQuery(target.search, ctx.binding)
       ctx.binding.inject(headers, target, ctx.credential)
       // The response body is checked for the credential as it streams, which needs it readable
       // (see forward/body-scrub.ts), and whole: a Range of an echo hands the secret over in

@@ -2,7 +2,7 @@ import t from 'tap'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { compileBinding, CredentialBindings, stripQueryParams } from '../proxy/credentials/bindings.js'
+import { compileBinding, credentialedQuery, CredentialBindings, stripQueryParams } from '../proxy/credentials/bindings.js'
 import { StaticSecretSource } from '../proxy/credentials/static-source.js'
 import { parseAbsoluteTarget } from '../proxy/listen/target.js'
 import type { Credential } from '../proxy/context.js'
@@ -43,6 +43,18 @@ t.test('bindings match the exact origin only', async (t) => {
   t.equal(b.match(parseAbsoluteTarget('https://api.example.com.evil.com/x')), null)
   t.equal(b.match(parseAbsoluteTarget('https://xapi.example.com/x')), null)
   t.equal(b.match(parseAbsoluteTarget('http://[0:0::1]:8080/x'))?.id, 'c', 'IPv6 spelled another way')
+})
+
+t.test("a credentialed origin's query loses the agent's own credential parameters, and the injector's", async (t) => {
+  const bearer = compileBinding({ ...base, inject: { type: 'bearer' } })
+  t.equal(
+    credentialedQuery('?a=1&access_token=x&API.KEY=y&Private%5FToken=z&subscription-key=w&%FF=2&pageToken=p&key=k', bearer),
+    '?a=1&%FF=2&pageToken=p&key=k',
+    "RFC 6750's access_token and the usual key names go in every spelling; a page token, a key that is not the injector's, and a name no decoder reads stay",
+  )
+  t.equal(credentialedQuery('', bearer), '')
+  const query = compileBinding({ ...base, inject: { type: 'query', name: 'key' } })
+  t.equal(credentialedQuery('?key=a&%FF=2&api_key=z&b=1', query), '?b=1', "beside the injector's own name an undecodable one goes: it may be that name in disguise")
 })
 
 t.test('stripQueryParams removes every spelling of the name', async (t) => {

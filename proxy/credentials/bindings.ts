@@ -137,7 +137,7 @@ export function compileBinding(cfg: CredentialBindingConfig): CredentialBinding 
     scopes: cfg.scopes ?? [],
     secret: cfg.secret ?? '',
     strip,
-    stripQuery: [...new Set([...ALWAYS_STRIP_QUERY, ...inj.query])],
+    stripQuery: inj.query,
     inject: inj.inject,
     encodedForms: inj.encodedForms,
     cannotCarry: inj.cannotCarry,
@@ -163,6 +163,17 @@ export class CredentialBindings {
   all(): CredentialBinding[] {
     return [...this.byAudience.values()]
   }
+}
+
+/**
+ * The query as it goes to a credentialed origin: without the agent's own credential parameters
+ * (ALWAYS_STRIP_QUERY; a name no decoder reads as UTF-8 stays, as it could be anything), and
+ * without the one the binding's injector writes (there an undecodable name goes too: it may be
+ * that name in disguise to a decoder we do not know).
+ */
+export function credentialedQuery(search: string, binding: CredentialBinding): string {
+  if (search.length < 2) return search
+  return stripQueryParams(stripQueryParams(search, ALWAYS_STRIP_QUERY, 'keep'), binding.stripQuery)
 }
 
 /**

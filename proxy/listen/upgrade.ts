@@ -10,7 +10,7 @@ import { LatchkeyError } from '../errors.js'
 import { hostHeader } from './target.js'
 import { checkFraming } from './framing.js'
 import { outboundRequestHeaders } from '../forward/headers.js'
-import { stripQueryParams } from '../credentials/bindings.js'
+import { credentialedQuery } from '../credentials/bindings.js'
 import { upstreamError } from '../forward/upstream-errors.js'
 import { closeWhenIdle, relay, watchClose, watchEarlyHangUp, type RelayTimeouts } from './relay.js'
 import { expectedAccept, readUpgradeResponse, serializeSwitchingProtocols } from './upgrade-response.js'
@@ -78,7 +78,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
     headers.upgrade = 'websocket'
     headers.host = hostHeader(target)
     if (ctx.binding && ctx.credential) {
-      target.search = stripQueryParams(target.search, ctx.binding.stripQuery)
+      target.search = credentialedQuery(target.search, ctx.binding)
       ctx.binding.inject(headers, target, ctx.credential)
       // Messages are checked for the credential (websocket-scrub.ts): none may come compressed.
       delete headers['sec-websocket-extensions']

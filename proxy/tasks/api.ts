@@ -1,5 +1,6 @@
 // The sidecar's local task API, on its admin port (loopback):
 //   POST   /v1/tasks            {purpose, duration_s, user_token?, audiences?} → 201 {task, id, proxy_url, …}
+//   GET    /v1/tasks            the open tasks, by ID (never their handles): what an operator revokes by
 //   GET    /v1/tasks/<handle>   the task (state: open | revoked) and the audiences it holds tokens for (never the tokens)
 //   DELETE /v1/tasks/<handle>   ends it: every token it held is dropped
 // Asking for audiences fetches their tokens now, and a user token is verified by the broker even
@@ -8,7 +9,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { CredentialBinding, CredentialSource, Identity, TaskRef } from '../context.js'
 import { LatchkeyError } from '../errors.js'
-import { TaskError, type TaskRegistry } from './registry.js'
+import { TaskError, type Task, type TaskRegistry } from './registry.js'
 
 const MAX_BODY = 65_536
 /** Open tasks one sidecar holds at most: far more than one agent's work, far less than its memory. */
@@ -77,9 +78,10 @@ async function route(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse, 
     }
   }
   if (path === '/v1/tasks') {
+    if (req.method === 'GET') return send(res, 200, { tasks: d.tasks.list().map((task) => described(d, task, false)) })
     if (req.method !== 'POST') {
-      res.setHeader('allow', 'POST')
-      return fail(res, 405, 'method_not_allowed', 'use POST to open a task')
+      res.setHeader('allow', 'GET, POST')
+      return fail(res, 405, 'method_not_allowed', 'use POST to open a task, GET to list the open ones')
     }
     // Every call of a revoked agent is refused: a task it opened would only be a handle to refusals.
     if (d.revokedBy?.(null) != null) {
@@ -96,22 +98,7 @@ async function route(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse, 
   }
   const task = d.tasks.get(handle)
   if (!task) return fail(res, 404, 'unknown_task', 'no open task has this handle (unknown, ended or expired)')
-  if (req.method === 'GET') {
-    // A revoked task stays listed until it ends or expires (its calls are refused): an agent
-    // polling it learns why, instead of a 404 that would read as "expired, open another".
-    const revokedBy = d.revokedBy?.(task) ?? null
-    return send(res, 200, {
-      id: task.id,
-      state: revokedBy === null ? 'open' : 'revoked',
-      ...(revokedBy === null ? {} : { revoked_by: revokedBy }),
-      purpose: task.purpose,
-      user: task.userSub,
-      created_at: new Date(task.createdAt).toISOString(),
-      expires_at: new Date(task.expiresAt).toISOString(),
-      audiences: task.audiences,
-      tokens: d.describe(task.id),
-    })
-  }
+  if (req.method === 'GET') return send(res, 200, described(d, task, true))
   if (req.method === 'DELETE') {
     d.tasks.end(handle)
     res.writeHead(204).end()
@@ -119,6 +106,26 @@ async function route(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse, 
   }
   res.setHeader('allow', 'GET, DELETE')
   return fail(res, 405, 'method_not_allowed', 'use GET or DELETE on a task')
+}
+
+/**
+ * A task as GET answers it: by ID, never its handle (a proxy credential). A revoked task stays
+ * listed until it ends or expires (its calls are refused): an agent polling it learns why, instead
+ * of a 404 that would read as "expired, open another". `tokens`: the audiences it holds tokens for.
+ */
+function described(d: TaskApiDeps, task: Task, tokens: boolean): Record<string, unknown> {
+  const revokedBy = d.revokedBy?.(task) ?? null
+  return {
+    id: task.id,
+    state: revokedBy === null ? 'open' : 'revoked',
+    ...(revokedBy === null ? {} : { revoked_by: revokedBy }),
+    purpose: task.purpose,
+    user: task.userSub,
+    created_at: new Date(task.createdAt).toISOString(),
+    expires_at: new Date(task.expiresAt).toISOString(),
+    audiences: task.audiences,
+    ...(tokens ? { tokens: d.describe(task.id) } : {}),
+  }
 }
 
 async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): Promise<void> {

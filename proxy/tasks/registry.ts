@@ -160,6 +160,17 @@ export class TaskRegistry {
     for (const t of [...this.byHandle.values()]) this.endTask(t, 'shutdown')
   }
 
+  /** Every open task, oldest first; expired ones are ended on the way, as get() does. */
+  list(): Task[] {
+    const now = this.now()
+    const out: Task[] = []
+    for (const t of [...this.byHandle.values()]) {
+      if (t.expiresAt <= now) this.endTask(t, 'expired')
+      else out.push(t)
+    }
+    return out
+  }
+
   get size(): number {
     return this.byHandle.size
   }

@@ -39,7 +39,18 @@ t.test('task API: clear refusals, a cap on open tasks, lifecycle in the log', as
   const wrong = await via(basic(task.task, 'lkt_wrong'))
   t.equal(wrong.status, 407, 'a wrong password is wrong, even when the user field holds a handle')
 
+  // What an operator at 2 am asks first: which tasks are open here, by the ID a revocation takes.
+  const listed = await fetch(`${admin}/v1/tasks`)
+  t.equal(listed.status, 200)
+  const listing = await listed.text()
+  const open1 = (JSON.parse(listing) as { tasks: { id: string; purpose: string; state: string; expires_at: string }[] }).tasks
+  t.match(open1.find((x) => x.id === task.id), { purpose: 'probe', state: 'open', expires_at: /^\d{4}-/ }, 'GET /v1/tasks lists the open task by its ID')
+  t.notOk(listing.includes(task.task), 'never by its handle, a proxy credential')
+  const put = await fetch(`${admin}/v1/tasks`, { method: 'PUT' })
+  t.same([put.status, put.headers.get('allow')], [405, 'GET, POST'])
   t.equal((await fetch(`${admin}/v1/tasks/${task.task}`, { method: 'DELETE' })).status, 204)
+  const after = (await (await fetch(`${admin}/v1/tasks`)).json()) as { tasks: { id: string }[] }
+  t.notOk(after.tasks.some((x) => x.id === task.id), 'an ended task is no longer listed')
   t.ok(s.logs.some((l) => l.includes('"msg":"task opened"') && l.includes(`"task":"${task.id}"`) && l.includes('"purpose":"probe"')), 'opening is logged by ID and purpose')
   t.ok(s.logs.some((l) => l.includes('"msg":"task ended"') && l.includes(`"task":"${task.id}"`) && l.includes('"why":"ended"')), 'ending is logged with why')
   t.notOk(s.logs.some((l) => l.includes(task.task)), 'the handle, a proxy credential, is never logged')

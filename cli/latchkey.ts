@@ -21,6 +21,12 @@ process.on('SIGHUP', () => {
   if (process.listenerCount('SIGHUP') === 1) console.error('SIGHUP ignored: this process reloads nothing on it now (SIGTERM stops it)')
 })
 
+// grpc-js writes its own line to stderr before our error (`E No address added out of total 1
+// resolved` above "collector.grpc: cannot listen on …: the address is already in use"); every
+// failure it sees reaches us as an error we say in our words. GRPC_VERBOSITY set by the operator
+// (ERROR, DEBUG) brings its lines back. Read when grpc-js loads, so set before any command does.
+process.env.GRPC_VERBOSITY ??= 'NONE'
+
 const program = new Command()
 program
   .name('latchkey')

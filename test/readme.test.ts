@@ -13,8 +13,9 @@ const run = promisify(execFile)
 const readme = readFileSync('README.md', 'utf8')
 /**
  * A README line with `npx latchkey` as the bin npx resolves it to (package.json's bin: the
- * bundle). npx's own start is ~1.7 s of CPU, the CLI's ~0.25 s: a line that is asked again and
- * again runs so; each test still runs one README line through npx itself, as written.
+ * bundle, asserted below). npx's own start is ~1.7 s of CPU, the CLI's ~0.25 s: the lines of the
+ * first test run so; the second runs its check-config line through npx itself, as written, which
+ * proves npx finds the checkout's bin from a clone.
  */
 const direct = (line: string) => line.replaceAll('npx latchkey ', `'${process.execPath}' '${CLI}' `)
 
@@ -90,14 +91,13 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
   const readmeBody = readme.slice(readme.indexOf('{"error":"denied"'), readme.indexOf('\n', readme.indexOf('{"error":"denied"')))
   t.equal(body, readmeBody, 'the refusal body is exactly what the README shows')
 
-  // The README's audit query, as written, from the checkout (npx finds the package's own bin).
+  // The README's audit query, as written, from the checkout (by the bin npx finds: see direct()).
   const auditCmd = /^npx latchkey audit .*$/m.exec(readme)?.[0]
   t.ok(auditCmd, 'the README shows the audit query')
   t.equal(resolve(pkgBin()), CLI, 'the bin npx runs is the one the lines asked by it directly run')
   let audit: string[] = []
   for (let i = 0; i < 40; i++) {
-    // The collector acknowledges asynchronously: ask until every call has arrived (by the bin
-    // npx runs; the human-readable form below goes through npx, as written).
+    // The collector acknowledges asynchronously: ask until every call has arrived.
     const r = await run('bash', ['-c', `${direct(auditCmd!)} --json`], { env, cwd: resolve('.') })
     audit = r.stdout.trim().split('\n').filter(Boolean)
     if (audit.length >= 6) break
@@ -106,7 +106,7 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
   t.equal(audit.length, 6, 'each README call is one event at the collector (the ended task\'s refused one too)')
   const events = audit.map((l) => JSON.parse(l) as Record<string, unknown>)
   t.ok(events.some((e) => JSON.stringify(e).includes('LK_POLICY_DENIED')), 'the refusal is among them')
-  const human = await run('bash', ['-c', auditCmd!], { env, cwd: resolve('.') })
+  const human = await run('bash', ['-c', direct(auditCmd!)], { env, cwd: resolve('.') })
   t.match(human.stdout, /allow\s+200\s+GET http:\/\/127\.0\.0\.1:15080\/hello/, 'the human-readable form names the call')
 
   // The banner's revoke line, as printed: the operator stops the demo agent.

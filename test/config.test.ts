@@ -6,6 +6,7 @@ import { join } from 'node:path'
 import { parseConfig, ConfigError, loadConfigFile } from '../lib/config/load.js'
 import { CLI } from './helpers/cli.js'
 import { checkConfig } from '../cli/check-config.js'
+import { describeFailure } from '../cli/describe-failure.js'
 
 // `latchkey check-config` in-process: what it would exit with and print, for the table of files
 // judged below (a CLI start is ~0.25 s of CPU, and this file checked ~30). A few cases still run
@@ -13,6 +14,24 @@ import { checkConfig } from '../cli/check-config.js'
 const check = async (file: string, env: NodeJS.ProcessEnv = process.env) => {
   const { code, stdout, stderr } = await checkConfig(file, env)
   return { status: code, stdout, stderr }
+}
+
+/**
+ * `latchkey sidecar --config <file>` in-process, as cli/latchkey.ts runs it (the config loaded
+ * with the environment's overrides, then started): the code it would exit with and its stderr,
+ * the failure said as the CLI says it. For configs refused before anything listens; the cases
+ * that prove the command's wiring (a port in use, an unreadable secrets file) start the CLI.
+ */
+const sidecarStart = async (file: string, env: NodeJS.ProcessEnv = process.env) => {
+  const { startSidecar } = await import('../proxy/sidecar.js')
+  const logs: string[] = []
+  try {
+    const sidecar = await startSidecar(loadConfigFile(file, env), { env, logDestination: { write: (line: string) => void logs.push(line) } })
+    await sidecar.close()
+    return { status: 0, stdout: logs.join(''), stderr: '' }
+  } catch (err) {
+    return { status: 1, stdout: logs.join(''), stderr: `${describeFailure(err)}\n` }
+  }
 }
 
 const problems = (text: string, env: NodeJS.ProcessEnv = {}) => {
@@ -259,7 +278,7 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   writeFileSync(needsSecret, `version: 1\nsecrets: { file: ${secretsFile} }\ncredentials: [ { id: api, audience: "https://api.example.com", source: static, secret: NO_SUCH_TOKEN_X, inject: { type: bearer } } ]\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
   const emptyEnv = await check(needsSecret, { ...env, LATCHKEY_SECRET_NO_SUCH_TOKEN_X: '' })
   t.same([emptyEnv.status, emptyEnv.stderr.trim()], [0, 'warning: credentials[0].secret: secret NO_SUCH_TOKEN_X: env LATCHKEY_SECRET_NO_SUCH_TOKEN_X is set but empty (it is read before secrets.file: unset it, or set it to the secret) (the sidecar would not start on this machine)'])
-  const refused = spawnSync(process.execPath, [CLI, 'sidecar', '--config', needsSecret], { encoding: 'utf8', timeout: 10_000, env: { ...env, LATCHKEY_SECRET_NO_SUCH_TOKEN_X: '' } })
+  const refused = await sidecarStart(needsSecret, { ...env, LATCHKEY_SECRET_NO_SUCH_TOKEN_X: '' })
   t.same([refused.status, refused.stderr.trim()], [1, 'credential "api": secret NO_SUCH_TOKEN_X: env LATCHKEY_SECRET_NO_SUCH_TOKEN_X is set but empty (it is read before secrets.file: unset it, or set it to the secret)'], 'the sidecar refuses it in the same words')
   writeFileSync(secretsFile, 'NO_SUCH_TOKEN_X: ""\n')
   const emptyInFile = await check(needsSecret, env)
@@ -444,11 +463,12 @@ t.test('start-up failures are one line naming the setting: a port in use, an unr
   t.teardown(() => void taken.close())
   const port = (taken.address() as import('node:net').AddressInfo).port
   const dir = mkdtempSync(join(tmpdir(), 'lk-cfg-'))
-  const run = (yaml: string) => {
+  const write = (yaml: string) => {
     const file = join(dir, `c${Math.random()}.yaml`)
     writeFileSync(file, yaml)
-    return spawnSync(process.execPath, [CLI, 'sidecar', '--config', file], { encoding: 'utf8', timeout: 10_000, env: { ...process.env, LATCHKEY_SECRET_S: 'x' } })
+    return file
   }
+  const run = (yaml: string) => spawnSync(process.execPath, [CLI, 'sidecar', '--config', write(yaml)], { encoding: 'utf8', timeout: 10_000, env: { ...process.env, LATCHKEY_SECRET_S: 'x' } })
   const inUse = run(`version: 1\nsidecar: { listen: { port: ${port} }, admin: { port: 0 } }\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
   t.equal(inUse.status, 1, 'exits, does not hang')
   t.match(inUse.stderr, `sidecar.listen: cannot listen on 127.0.0.1:${port}: the address is already in use`)
@@ -462,7 +482,8 @@ t.test('start-up failures are one line naming the setting: a port in use, an unr
   t.notMatch(secrets.stderr, /unterminated/, "the file's content is not echoed")
   for (const [content, why] of [['S: 9837465', /secret S is not a string \(quote it\)/], ['- S', /must be a mapping of name to secret/]] as const) {
     writeFileSync(badSecrets, content + '\n')
-    const r = run(`version: 1\nsidecar: { listen: { port: 0 }, admin: { port: 0 } }\nsecrets: { file: ${badSecrets}, env_prefix: NOPE_ }\ncredentials: [{ id: c, audience: "http://127.0.0.1:1", source: static, secret: S, inject: { type: bearer } }]\naudit: { jsonl: { path: ${join(dir, 'c.jsonl')} } }\n`)
+    // The same refusal as above, of other content: in-process.
+    const r = await sidecarStart(write(`version: 1\nsidecar: { listen: { port: 0 }, admin: { port: 0 } }\nsecrets: { file: ${badSecrets}, env_prefix: NOPE_ }\ncredentials: [{ id: c, audience: "http://127.0.0.1:1", source: static, secret: S, inject: { type: bearer } }]\naudit: { jsonl: { path: ${join(dir, 'c.jsonl')} } }\n`), { ...process.env, LATCHKEY_SECRET_S: 'x' })
     t.equal(r.status, 1)
     t.match(r.stderr, why, `${JSON.stringify(content)}: says what is wrong with it`)
     t.notMatch(r.stderr, /9837465/, 'and never what it held')

@@ -5,12 +5,12 @@
 // or the collector's code, which is memory the sidecar's RSS budget cannot spare, and an
 // operator's `latchkey audit` or `revoke` starts without the config loader, the logger or the
 // servers (0.2 s of CPU, not 0.6).
-import { existsSync, readFileSync } from 'node:fs'
-import { dirname, isAbsolute, resolve } from 'node:path'
+import { readFileSync } from 'node:fs'
 import { Command } from 'commander'
 import type { Config } from '../lib/config/schema.js'
 import type { ConfigProblem } from '../lib/config/load.js'
 import { exitNow } from '../lib/stuck-io.js'
+import { describeFailure } from './describe-failure.js'
 
 // SIGHUP: a sidecar reloads its policy and reopens its audit file (its own listener). A broker,
 // a collector or `up` has nothing it reloads, and the default action ended it at once (exit
@@ -58,16 +58,6 @@ function fail(err: unknown): never {
   // messages meant for people; a system error left unwrapped is still one line.
   console.error(describeFailure(err))
   process.exit(1)
-}
-
-/**
- * An error as one line for people: ours with a code (LK_*) and Node's system errors (a `code` such
- * as ENOENT, EACCES or ERR_INVALID_URL) by their message; a stack only for what has no code, an
- * internal bug.
- */
-function describeFailure(err: unknown): string {
-  if (!(err instanceof Error)) return String(err)
-  return typeof (err as { code?: unknown }).code === 'string' ? err.message : (err.stack ?? err.message)
 }
 
 /**
@@ -153,61 +143,17 @@ for (const [name, op] of [['revoke', 'revoke'], ['unrevoke', 'unrevoke']] as con
     })
 }
 
-/**
- * The broker section with its registry file where a process would find it. `latchkey broker`
- * reads a relative one from the working directory, and `latchkey up` from beside its config: one
- * that is only beside the config is checked there, and said so, not reported missing.
- */
-function registryAsFound(broker: NonNullable<Config['broker']>, configFile: string): NonNullable<Config['broker']> {
-  const file = broker.registry_file
-  if (isAbsolute(file) || existsSync(file)) return broker
-  const beside = resolve(dirname(configFile), file)
-  if (!existsSync(beside)) return broker
-  console.error(`note: broker.registry_file ${file}: not in this directory, where \`latchkey broker\` would read it; checked beside the config (${beside}), where \`latchkey up\` reads it`)
-  return { ...broker, registry_file: beside }
-}
-
 program
   .command('check-config')
   .description("validate a config file (sidecar, broker or collector) or the broker's agent registry and exit: 0 when valid, 1 with each problem named")
   .argument('<file>', 'config file or agent registry (agents.yaml)')
   .action(async (file: string) => {
-    try {
-      const { readConfigBytes, configText, parseConfig, envOverrides } = await import('../lib/config/load.js')
-      const bytes = readConfigBytes(file)
-      const kind = (await import('../lib/config/kind.js')).configKind(bytes.toString('utf8'))
-      if (kind === 'registry') {
-        // Decoded as the broker decodes it.
-        const { parseRegistry } = await import('../broker/registry.js')
-        console.log(`${file}: valid agent registry (version 1, ${Object.keys(parseRegistry(bytes.toString('utf8'), file).agents).length} agent types)`)
-        return
-      }
-      const text = configText(bytes, file)
-      if (kind === 'collector') {
-        const { parseCollectorConfig, collectorPreflight } = await import('../collector/config.js')
-        const c = parseCollectorConfig(text, file, process.env)
-        const { errors, onThisMachine } = collectorPreflight(c)
-        if (errors.length > 0) throw await configError(file, errors)
-        for (const p of onThisMachine) console.error(`warning: ${p.path}: ${p.message} (the collector would not start on this machine)`)
-        const overridden = envOverrides(c)
-        if (overridden.length > 0) console.error(`note: set by the environment, not the file: ${overridden.join(', ')}`)
-        console.log(`${file}: valid collector config (version 1, ${c.collector.sidecars.length} sidecars, ${c.collector.store.kind} store)`)
-        return
-      }
-      const config = parseConfig(text, file, process.env)
-      // What start-up reads besides the config: a policy file that does not compile makes the
-      // config invalid; a file or directory missing here is said (the process would not start here).
-      const { errors, onThisMachine, rules } = await (await import('../proxy/preflight.js')).preflight(config)
-      const broker = config.broker ? await (await import('../broker/preflight.js')).brokerPreflight(registryAsFound(config.broker, file)) : { errors: [], onThisMachine: [] }
-      if (errors.length + broker.errors.length > 0) throw await configError(file, [...errors, ...broker.errors])
-      for (const p of onThisMachine) console.error(`warning: ${p.path}: ${p.message} (the sidecar would not start on this machine)`)
-      for (const p of broker.onThisMachine) console.error(`warning: ${p.path}: ${p.message} (the broker would not start on this machine)`)
-      const overridden = envOverrides(config)
-      if (overridden.length > 0) console.error(`note: set by the environment, not the file: ${overridden.join(', ')}`)
-      console.log(`${file}: valid (version ${config.version}, ${rules ?? config.policy.rules.length} rules${rules === undefined ? '' : ' (sidecar.policy_file)'}, ${config.credentials.length} credentials, ${Object.keys(config.routes).length} routes)`)
-    } catch (err) {
-      fail(err)
-    }
+    // The work is cli/check-config.ts's; this prints its result and exits with its code.
+    const { checkConfig } = await import('./check-config.js')
+    const { code, stdout, stderr } = await checkConfig(file, process.env)
+    if (stderr) process.stderr.write(stderr)
+    if (stdout) process.stdout.write(stdout)
+    if (code !== 0) process.exit(code)
   })
 
 program

@@ -11,12 +11,37 @@ import { CliError } from './cli-error.js'
 
 const DEFAULT_URL = 'http://127.0.0.1:15101'
 
-function fail(err: unknown): never {
-  // LK_CONFIG_INVALID: a ConfigError, whose message names each problem (matched by code, so that
-  // a query command does not load the config loader to recognise one).
-  if (err instanceof CliError || (err as { code?: unknown } | null)?.code === 'LK_CONFIG_INVALID') console.error((err as Error).message)
-  else console.error(err instanceof Error ? err.message : String(err))
-  process.exit(1)
+/**
+ * Where the operator's commands print and how they end. The process's own (CONSOLE) prints to
+ * stdout and stderr and exits; a test passes its own to run `audit` in-process, and reads what
+ * it printed and the code it would have exited with.
+ */
+export interface CliIo {
+  /** A line for standard output. */
+  out(line: string): void
+  /** A line for standard error. */
+  err(line: string): void
+  /** The command ends with this exit code once it returns (verify: 1 when a chain is broken). */
+  exitCode(code: number): void
+  /** The command failed: its error said in one line, then exit 1 at once. */
+  fail(err: unknown): void
+}
+
+/** The error as the operator reads it: a CliError or a ConfigError (LK_CONFIG_INVALID) by its message, which names each problem. */
+export function failureLine(err: unknown): string {
+  // LK_CONFIG_INVALID is matched by code, so that a query command does not load the config loader to recognise one.
+  if (err instanceof CliError || (err as { code?: unknown } | null)?.code === 'LK_CONFIG_INVALID') return (err as Error).message
+  return err instanceof Error ? err.message : String(err)
+}
+
+const CONSOLE: CliIo = {
+  out: (line) => console.log(line),
+  err: (line) => console.error(line),
+  exitCode: (code) => void (process.exitCode = code),
+  fail: (err) => {
+    console.error(failureLine(err))
+    process.exit(1)
+  },
 }
 
 const ACTION_NAMES: Record<string, string> = { ACTION_ALLOW: 'allow', ACTION_DENY: 'deny', ACTION_REPORT: 'report', ACTION_UNSPECIFIED: '-' }
@@ -86,7 +111,7 @@ function notAPattern(pattern: string, agents: string[]): string {
  * reads exactly as an idle agent), naming the agents it does hold. On stderr; a store that cannot
  * say (a busy collector) adds nothing.
  */
-async function unseen(agent: string, knownAgents: () => Promise<string[]>): Promise<void> {
+async function unseen(agent: string, knownAgents: () => Promise<string[]>, io: CliIo): Promise<void> {
   let agents: string[]
   try {
     agents = await knownAgents()
@@ -94,23 +119,23 @@ async function unseen(agent: string, knownAgents: () => Promise<string[]>): Prom
     return
   }
   if (agents.includes(agent)) return
-  console.error(`no call by ${printable(agent)} is in the store at any time: check the ID; ${agents.length ? `the store holds calls by ${named(agents)}` : 'the store holds no call yet'}`)
+  io.err(`no call by ${printable(agent)} is in the store at any time: check the ID; ${agents.length ? `the store holds calls by ${named(agents)}` : 'the store holds no call yet'}`)
 }
 
-function printVerify(v: VerifyResult): void {
+function printVerify(v: VerifyResult, io: CliIo): void {
   // Gaps first: the chain holds, but what the sidecar numbered under them is not on record.
   for (const g of v.gaps ?? []) {
-    console.log(
+    io.out(
       g.sequence > g.previous
         ? `GAP: sidecar ${printable(g.sidecar)} at position ${g.position}: sequence ${g.sequence} follows ${g.previous}; ${g.sequence - g.previous - 1} sequence(s) never received`
         : `GAP: sidecar ${printable(g.sidecar)} at position ${g.position}: sequence ${g.sequence} follows ${g.previous}, stored below its chain's head`,
     )
   }
-  if (v.gapCount && v.gapCount > (v.gaps?.length ?? 0)) console.log(`… ${v.gapCount - (v.gaps?.length ?? 0)} more gap(s)`)
-  if (v.ok) console.log(`chain verified: ${v.checked} events across ${v.sidecars} sidecars${v.gapCount ? `; ${v.gapCount} sequence gap(s), listed above` : ''}`)
+  if (v.gapCount && v.gapCount > (v.gaps?.length ?? 0)) io.out(`… ${v.gapCount - (v.gaps?.length ?? 0)} more gap(s)`)
+  if (v.ok) io.out(`chain verified: ${v.checked} events across ${v.sidecars} sidecars${v.gapCount ? `; ${v.gapCount} sequence gap(s), listed above` : ''}`)
   else {
-    for (const b of v.breaks) console.log(`BROKEN: sidecar ${b.sidecar} at position ${b.position} (sequence ${b.sequence}): ${b.reason}`)
-    console.log(`${v.breaks.length} chain(s) broken; ${v.checked} events checked across ${v.sidecars} sidecars`)
+    for (const b of v.breaks) io.out(`BROKEN: sidecar ${b.sidecar} at position ${b.position} (sequence ${b.sequence}): ${b.reason}`)
+    io.out(`${v.breaks.length} chain(s) broken; ${v.checked} events checked across ${v.sidecars} sidecars`)
   }
 }
 
@@ -130,7 +155,7 @@ async function openConfiguredStore(file: string): Promise<AuditStore> {
   return openStoreReadOnly(config.collector.store)
 }
 
-export function registerCollectorCommands(program: Command, onShutdown: (close: () => Promise<void>) => void): void {
+export function registerCollectorCommands(program: Command, onShutdown: (close: () => Promise<void>) => void, io: CliIo = CONSOLE): void {
   program
     .command('collector')
     .description('run the audit collector: gRPC ingest from sidecars, the store, the query API')
@@ -141,7 +166,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
         const running = await startCollector(config)
         onShutdown(running.close)
       } catch (err) {
-        fail(err)
+        io.fail(err)
       }
     })
 
@@ -165,7 +190,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
         let shown = 0
         let truncated = false
         const print = (events: EventJson[]) => {
-          for (const e of events) console.log(opts.json ? JSON.stringify(e) : formatEvent(e))
+          for (const e of events) io.out(opts.json ? JSON.stringify(e) : formatEvent(e))
           shown += events.length
         }
         const since = parseSince(opts.since)
@@ -186,7 +211,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
               const last = answer.events[answer.events.length - 1]
               after = last && cursorAfter(last)
             } while (truncated && after && shown < limit)
-            if (shown === 0) await unseen(agent, knownAgents)
+            if (shown === 0) await unseen(agent, knownAgents, io)
           } finally {
             await store.close()
           }
@@ -206,14 +231,14 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
             truncated = body.truncated === true
             cursor = body.next
           } while (truncated && cursor && shown < limit)
-          if (shown === 0) await unseen(agent, knownAgents)
+          if (shown === 0) await unseen(agent, knownAgents, io)
         }
         if (!opts.json) {
-          console.error(`${shown} call(s) by ${opts.agent} since ${opts.since}${opts.denied ? ' (denied only)' : ''}`)
-          if (truncated) console.error(`more calls match: these are the oldest ${shown}; narrow --since or raise --limit`)
+          io.err(`${shown} call(s) by ${opts.agent} since ${opts.since}${opts.denied ? ' (denied only)' : ''}`)
+          if (truncated) io.err(`more calls match: these are the oldest ${shown}; narrow --since or raise --limit`)
         }
       } catch (err) {
-        fail(err)
+        io.fail(err)
       }
     })
 
@@ -238,10 +263,10 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
           const { getJson } = await import('./query-client.js')
           v = (await getJson<VerifyResult>(opts.url, `/v1/verify${opts.sidecar ? `?sidecar=${encodeURIComponent(opts.sidecar)}` : ''}`)).body
         }
-        printVerify(v)
-        process.exitCode = v.ok ? 0 : 1
+        printVerify(v, io)
+        io.exitCode(v.ok ? 0 : 1)
       } catch (err) {
-        fail(err)
+        io.fail(err)
       }
     })
 }

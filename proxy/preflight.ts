@@ -99,9 +99,10 @@ export function auditFileProblem(path: string): string | null {
  * What start-up would meet in what the config points at, as check-config reports it. `errors`:
  * the config's own content is wrong (a policy file that does not compile). `onThisMachine`: a
  * file or directory it names is missing or unwritable here; the machine it is meant for may
- * have it (a container's volume), so it is said, not held against the config.
+ * have it (a container's volume), so it is said, not held against the config. Secrets are looked
+ * up in `env` (LATCHKEY_SECRET_…), as the sidecar looks them up in its environment.
  */
-export async function preflight(config: Config): Promise<PreflightFindings> {
+export async function preflight(config: Config, env: NodeJS.ProcessEnv = process.env): Promise<PreflightFindings> {
   const found = new PreflightFindings()
   const policy = readPolicyFile(config)
   if (!('bundle' in policy)) found.add('sidecar.policy_file', policy.message, policy.unreadable)
@@ -154,7 +155,7 @@ export async function preflight(config: Config): Promise<PreflightFindings> {
     const named = secretNames(config)
     let secrets: StaticSecretSource | null = null
     try {
-      secrets = new StaticSecretSource(config.secrets, named.map((n) => n.name), process.env)
+      secrets = new StaticSecretSource(config.secrets, named.map((n) => n.name), env)
     } catch (err) {
       found.add('secrets.file', (err as Error).message.replace(/^secrets\.file /, ''), false)
     }

@@ -5,6 +5,34 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseConfig, ConfigError, loadConfigFile } from '../lib/config/load.js'
 import { CLI } from './helpers/cli.js'
+import { checkConfig } from '../cli/check-config.js'
+import { describeFailure } from '../cli/describe-failure.js'
+
+// `latchkey check-config` in-process: what it would exit with and print, for the table of files
+// judged below (a CLI start is ~0.25 s of CPU, and this file checked ~30). A few cases still run
+// the CLI itself, proving its wiring: exit 0 and 1, stdout and stderr, the environment read.
+const check = async (file: string, env: NodeJS.ProcessEnv = process.env) => {
+  const { code, stdout, stderr } = await checkConfig(file, env)
+  return { status: code, stdout, stderr }
+}
+
+/**
+ * `latchkey sidecar --config <file>` in-process, as cli/latchkey.ts runs it (the config loaded
+ * with the environment's overrides, then started): the code it would exit with and its stderr,
+ * the failure said as the CLI says it. For configs refused before anything listens; the cases
+ * that prove the command's wiring (a port in use, an unreadable secrets file) start the CLI.
+ */
+const sidecarStart = async (file: string, env: NodeJS.ProcessEnv = process.env) => {
+  const { startSidecar } = await import('../proxy/sidecar.js')
+  const logs: string[] = []
+  try {
+    const sidecar = await startSidecar(loadConfigFile(file, env), { env, logDestination: { write: (line: string) => void logs.push(line) } })
+    await sidecar.close()
+    return { status: 0, stdout: logs.join(''), stderr: '' }
+  } catch (err) {
+    return { status: 1, stdout: logs.join(''), stderr: `${describeFailure(err)}\n` }
+  }
+}
 
 const problems = (text: string, env: NodeJS.ProcessEnv = {}) => {
   try {
@@ -145,7 +173,7 @@ t.test('a header injector\'s format holds {token} once, in text a header can car
   const dir = mkdtempSync(join(tmpdir(), 'lk-cfg-'))
   const file = join(dir, 'format.yaml')
   writeFileSync(file, `version: 1\ncredentials: [ { id: a, audience: "https://x.com", source: static, secret: S, inject: { type: header, name: X-Key, format: "{token}-{token}" } }, { id: b, audience: "https://y.com", source: static, secret: S, inject: { type: header, name: X-Key, format: "K\\r\\nX-Evil: 1 {token}" } } ]\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
-  const r = spawnSync(process.execPath, [CLI, 'check-config', file], { encoding: 'utf8', env: { ...process.env, LATCHKEY_SECRET_S: 'x' } })
+  const r = await check(file, { ...process.env, LATCHKEY_SECRET_S: 'x' })
   t.equal(r.status, 1, 'check-config refuses it')
   t.match(r.stderr, /credentials\[0\]\.inject\.format: must hold \{token\} exactly once/)
   t.match(r.stderr, /credentials\[1\]\.inject\.format: holds characters outside printable ASCII/)
@@ -206,7 +234,7 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   const beside = join(dir, 'up.yaml')
   writeFileSync(beside, readFileSync('deploy/examples/up.yaml', 'utf8'))
   writeFileSync(join(dir, 'agents.yaml'), 'version: 1\nagents: [\n')
-  const brokenBeside = spawnSync(process.execPath, [CLI, 'check-config', beside], { encoding: 'utf8' })
+  const brokenBeside = await check(beside)
   t.equal(brokenBeside.status, 1, 'a broken registry beside the config is found and refused')
   t.match(brokenBeside.stderr, /broker\.registry_file/)
   const r = spawnSync(process.execPath, [CLI, 'check-config', bad], { encoding: 'utf8' })
@@ -216,22 +244,22 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   const pointsAtBad = join(dir, 'points.yaml')
   writeFileSync(join(dir, 'policy.yaml'), 'default: deny\nrules: [\n')
   writeFileSync(pointsAtBad, `version: 1\nsidecar: { policy_file: ${join(dir, 'policy.yaml')} }\naudit: { jsonl: { path: ${join(dir, 'no-such-dir', 'a.jsonl')} } }\n`)
-  const pb = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8' })
+  const pb = await check(pointsAtBad)
   t.equal(pb.status, 1, 'a policy file that does not compile makes the config invalid')
   t.match(pb.stderr, /sidecar\.policy_file: .*policy\.yaml: policy bundle is not valid YAML\/JSON: .* at line 3, column 1$/m, 'naming where')
   // Not UTF-8 (a Latin-1 `/café/` rule would load and never match): refused, naming the line, as the config itself is.
   writeFileSync(join(dir, 'policy.yaml'), Buffer.from('default: deny\nrules: [ { id: c, action: deny, paths: ["/caf\u00e9/**"] } ]\n', 'latin1'))
-  const latin1 = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8' })
+  const latin1 = await check(pointsAtBad)
   t.equal(latin1.status, 1)
   t.match(latin1.stderr, `sidecar.policy_file: ${join(dir, 'policy.yaml')}: line 2: not valid UTF-8 (save the file as UTF-8)`)
   writeFileSync(join(dir, 'policy.yaml'), 'default: deny\nrules: []\n')
-  const pw = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8' })
+  const pw = await check(pointsAtBad)
   t.equal(pw.status, 0, 'a directory missing on this machine is not held against the config')
   t.match(pw.stderr, /^warning: audit\.jsonl\.path: .*a\.jsonl: its directory .*no-such-dir does not exist \(the sidecar would not start on this machine\)$/m)
   const started = spawnSync(process.execPath, [CLI, 'sidecar', '--config', pointsAtBad], { encoding: 'utf8', timeout: 10_000 })
   t.same([started.status, started.stderr.trim()], [1, `audit.jsonl.path ${join(dir, 'no-such-dir', 'a.jsonl')}: its directory ${join(dir, 'no-such-dir')} does not exist`], 'and the sidecar says the same in one line, not a stack trace')
   writeFileSync(pointsAtBad, `version: 1\nsidecar: { policy_file: ${join(dir, 'gone.yaml')} }\naudit: { jsonl: { path: ${dir} } }\n`)
-  const dirAsFile = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8' })
+  const dirAsFile = await check(pointsAtBad)
   t.match(dirAsFile.stderr, /warning: sidecar\.policy_file: .*gone\.yaml: cannot read \(ENOENT\)/)
   t.match(dirAsFile.stderr, /warning: audit\.jsonl\.path: .* is a directory/)
   // A secret in neither the environment nor secrets.file: the sidecar would refuse to start, and
@@ -240,27 +268,27 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   writeFileSync(needsSecret, `version: 1\ncredentials: [ { id: api, audience: "https://api.example.com", source: static, secret: NO_SUCH_TOKEN_X, inject: { type: bearer } } ]\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
   const env = { ...process.env }
   delete env.LATCHKEY_SECRET_NO_SUCH_TOKEN_X
-  const noSecret = spawnSync(process.execPath, [CLI, 'check-config', needsSecret], { encoding: 'utf8', env })
+  const noSecret = await check(needsSecret, env)
   t.same([noSecret.status, noSecret.stderr.trim()], [0, 'warning: credentials[0].secret: secret NO_SUCH_TOKEN_X is neither in env LATCHKEY_SECRET_NO_SUCH_TOKEN_X nor in secrets.file (the sidecar would not start on this machine)'], 'a missing secret is said, naming where it was looked for')
-  const withSecret = spawnSync(process.execPath, [CLI, 'check-config', needsSecret], { encoding: 'utf8', env: { ...env, LATCHKEY_SECRET_NO_SUCH_TOKEN_X: 'x'.repeat(32) } })
+  const withSecret = await check(needsSecret, { ...env, LATCHKEY_SECRET_NO_SUCH_TOKEN_X: 'x'.repeat(32) })
   t.same([withSecret.status, withSecret.stderr], [0, ''], 'and nothing is said once it is there')
   // Set but empty, in the environment or the file: said so, as the sidecar says it, not "in neither place".
   const secretsFile = join(dir, 'secrets.yaml')
   writeFileSync(secretsFile, 'NO_SUCH_TOKEN_X: canaryFILESECRET0014\n')
   writeFileSync(needsSecret, `version: 1\nsecrets: { file: ${secretsFile} }\ncredentials: [ { id: api, audience: "https://api.example.com", source: static, secret: NO_SUCH_TOKEN_X, inject: { type: bearer } } ]\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
-  const emptyEnv = spawnSync(process.execPath, [CLI, 'check-config', needsSecret], { encoding: 'utf8', env: { ...env, LATCHKEY_SECRET_NO_SUCH_TOKEN_X: '' } })
+  const emptyEnv = await check(needsSecret, { ...env, LATCHKEY_SECRET_NO_SUCH_TOKEN_X: '' })
   t.same([emptyEnv.status, emptyEnv.stderr.trim()], [0, 'warning: credentials[0].secret: secret NO_SUCH_TOKEN_X: env LATCHKEY_SECRET_NO_SUCH_TOKEN_X is set but empty (it is read before secrets.file: unset it, or set it to the secret) (the sidecar would not start on this machine)'])
-  const refused = spawnSync(process.execPath, [CLI, 'sidecar', '--config', needsSecret], { encoding: 'utf8', timeout: 10_000, env: { ...env, LATCHKEY_SECRET_NO_SUCH_TOKEN_X: '' } })
+  const refused = await sidecarStart(needsSecret, { ...env, LATCHKEY_SECRET_NO_SUCH_TOKEN_X: '' })
   t.same([refused.status, refused.stderr.trim()], [1, 'credential "api": secret NO_SUCH_TOKEN_X: env LATCHKEY_SECRET_NO_SUCH_TOKEN_X is set but empty (it is read before secrets.file: unset it, or set it to the secret)'], 'the sidecar refuses it in the same words')
   writeFileSync(secretsFile, 'NO_SUCH_TOKEN_X: ""\n')
-  const emptyInFile = spawnSync(process.execPath, [CLI, 'check-config', needsSecret], { encoding: 'utf8', env })
+  const emptyInFile = await check(needsSecret, env)
   t.same([emptyInFile.status, emptyInFile.stderr.trim()], [0, 'warning: credentials[0].secret: secret NO_SUCH_TOKEN_X is empty in secrets.file (the sidecar would not start on this machine)'])
   // `policy` beside a policy file did nothing: an error, naming the variable when the environment set it.
   const both = join(dir, 'both.yaml')
   writeFileSync(both, `version: 1\nsidecar: { policy_file: ${join(dir, 'policy.yaml')} }\npolicy: { default: allow }\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
-  const bothRun = spawnSync(process.execPath, [CLI, 'check-config', both], { encoding: 'utf8' })
+  const bothRun = await check(both)
   t.same([bothRun.status, bothRun.stderr.trim()], [1, `${both}: invalid configuration:\n  policy: set beside sidecar.policy_file, whose rules replace it: remove one of them`])
-  const byEnv = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8', env: { ...process.env, LATCHKEY__POLICY__DEFAULT: 'allow' } })
+  const byEnv = await check(pointsAtBad, { ...process.env, LATCHKEY__POLICY__DEFAULT: 'allow' })
   t.same([byEnv.status, byEnv.stderr.trim()], [1, `${pointsAtBad}: invalid configuration:\n  policy: set beside sidecar.policy_file, whose rules replace it: remove one of them (set by LATCHKEY__POLICY__DEFAULT)`])
   // What the environment changed is said, by variable and setting: a widened default is not silent.
   const plain = join(dir, 'plain.yaml')
@@ -270,7 +298,7 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   // The rules counted are those the sidecar starts with: a policy file's replace the config's.
   writeFileSync(join(dir, 'policy.yaml'), 'default: deny\nrules: [ { id: a, action: allow, hosts: [a.com] }, { id: b, action: allow, hosts: [b.com] } ]\n')
   writeFileSync(pointsAtBad, `version: 1\nsidecar: { policy_file: ${join(dir, 'policy.yaml')} }\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
-  const counted = spawnSync(process.execPath, [CLI, 'check-config', pointsAtBad], { encoding: 'utf8' })
+  const counted = await check(pointsAtBad)
   t.match(counted.stdout, /: valid \(version 1, 2 rules \(sidecar\.policy_file\), 0 credentials, 0 routes\)$/m, 'a policy file\'s rules are counted')
   // A port in use is one line naming the setting, for every listener: no stack trace.
   const { createServer: netServer } = await import('node:net')
@@ -288,19 +316,19 @@ t.test('latchkey check-config exits 0 on valid and 1 naming the problem', async 
   }
   taken.close()
   // The shipped collector example is checked by the collector's own schema.
-  const collector = spawnSync(process.execPath, [CLI, 'check-config', 'deploy/examples/collector.yaml'], { encoding: 'utf8' })
+  const collector = await check('deploy/examples/collector.yaml')
   t.same([collector.status, collector.stdout.trim()], [0, 'deploy/examples/collector.yaml: valid collector config (version 1, 1 sidecars, sqlite store)'])
   const badCollector = join(dir, 'collector.yaml')
   writeFileSync(badCollector, 'version: 1\ncollector: { store: { kind: mongo } }\n')
-  const rc = spawnSync(process.execPath, [CLI, 'check-config', badCollector], { encoding: 'utf8' })
+  const rc = await check(badCollector)
   t.equal(rc.status, 1)
   t.match(rc.stderr, /collector\.store/, 'a collector config is judged as one')
   // The broker's agent registry (deploy/examples/agents.yaml) is judged by its own schema, not as a sidecar config.
-  const registry = spawnSync(process.execPath, [CLI, 'check-config', 'deploy/examples/agents.yaml'], { encoding: 'utf8' })
+  const registry = await check('deploy/examples/agents.yaml')
   t.same([registry.status, registry.stdout.trim()], [0, 'deploy/examples/agents.yaml: valid agent registry (version 1, 1 agent types)'])
   const badRegistry = join(dir, 'agents.yaml')
   writeFileSync(badRegistry, 'version: 1\nagents:\n  demo: { env: dev, match: { local: true }, audiences: { "http://a": [x] }, max_lifetime_s: soon }\n')
-  const rr = spawnSync(process.execPath, [CLI, 'check-config', badRegistry], { encoding: 'utf8' })
+  const rr = await check(badRegistry)
   t.same([rr.status, rr.stderr.trim()], [1, `${badRegistry}: invalid agent registry:\n  agents.demo.max_lifetime_s: must be integer`])
   // unrevoke has no --reason (the broker records none for it): refused, not silently dropped; revoke's is kept.
   const unrevoke = spawnSync(process.execPath, [CLI, 'unrevoke', 'agent:demo:dev:local', '--reason', 'done'], { encoding: 'utf8', env: { ...process.env, LATCHKEY_BROKER_URL: 'http://127.0.0.1:1' } })
@@ -386,7 +414,7 @@ t.test('a value yaml reads as an alias, a tag or a block header is refused namin
   // And through the CLI: check-config prints nothing of it.
   const file = join(dir, 'c.yaml')
   writeFileSync(file, 'version: 1\nsidecar:\n  agent_id: *Hunter2PastedPassword!\n')
-  const r = spawnSync(process.execPath, [CLI, 'check-config', file], { encoding: 'utf8' })
+  const r = await check(file)
   t.same([r.status, r.stderr.trim()], [1, `${file}: invalid configuration:\n  line 3: ${UNRESOLVED_ALIAS}`])
   // yaml's own texts that would quote a value: none gets through, whatever the file.
   for (const text of ['a: !<!> CanaryG\n', 'a: !CanaryH!\n', '%CanaryI x\n---\na: 1\n', 'a: 1\n...\nCanaryJ\n', 'a: "\\xZZCanaryL"\n']) {
@@ -416,7 +444,7 @@ t.test('a config file that is not UTF-8 is refused naming the line, not read wit
   const sidecar = join(dir, 'sidecar.yaml')
   writeFileSync(sidecar, latin1('version: 1\npolicy:\n  rules:\n    - { id: no-cafe, action: deny, hosts: ["api.example.com"], paths: ["/café/**"] }\n'))
   t.throws(() => loadConfigFile(sidecar), { code: 'LK_CONFIG_INVALID', problems: [{ path: 'line 4', message: 'not valid UTF-8 (save the file as UTF-8)' }] })
-  const r = spawnSync(process.execPath, [CLI, 'check-config', sidecar], { encoding: 'utf8' })
+  const r = await check(sidecar)
   t.same([r.status, r.stderr.trim()], [1, `${sidecar}: invalid configuration:\n  line 4: not valid UTF-8 (save the file as UTF-8)`])
   const collector = join(dir, 'collector.yaml')
   writeFileSync(collector, latin1('version: 1\ncollector:\n  sidecars: [ { id: "sidecar-é", token_sha256: "' + 'a'.repeat(64) + '" } ]\n'))
@@ -435,11 +463,12 @@ t.test('start-up failures are one line naming the setting: a port in use, an unr
   t.teardown(() => void taken.close())
   const port = (taken.address() as import('node:net').AddressInfo).port
   const dir = mkdtempSync(join(tmpdir(), 'lk-cfg-'))
-  const run = (yaml: string) => {
+  const write = (yaml: string) => {
     const file = join(dir, `c${Math.random()}.yaml`)
     writeFileSync(file, yaml)
-    return spawnSync(process.execPath, [CLI, 'sidecar', '--config', file], { encoding: 'utf8', timeout: 10_000, env: { ...process.env, LATCHKEY_SECRET_S: 'x' } })
+    return file
   }
+  const run = (yaml: string) => spawnSync(process.execPath, [CLI, 'sidecar', '--config', write(yaml)], { encoding: 'utf8', timeout: 10_000, env: { ...process.env, LATCHKEY_SECRET_S: 'x' } })
   const inUse = run(`version: 1\nsidecar: { listen: { port: ${port} }, admin: { port: 0 } }\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`)
   t.equal(inUse.status, 1, 'exits, does not hang')
   t.match(inUse.stderr, `sidecar.listen: cannot listen on 127.0.0.1:${port}: the address is already in use`)
@@ -453,7 +482,8 @@ t.test('start-up failures are one line naming the setting: a port in use, an unr
   t.notMatch(secrets.stderr, /unterminated/, "the file's content is not echoed")
   for (const [content, why] of [['S: 9837465', /secret S is not a string \(quote it\)/], ['- S', /must be a mapping of name to secret/]] as const) {
     writeFileSync(badSecrets, content + '\n')
-    const r = run(`version: 1\nsidecar: { listen: { port: 0 }, admin: { port: 0 } }\nsecrets: { file: ${badSecrets}, env_prefix: NOPE_ }\ncredentials: [{ id: c, audience: "http://127.0.0.1:1", source: static, secret: S, inject: { type: bearer } }]\naudit: { jsonl: { path: ${join(dir, 'c.jsonl')} } }\n`)
+    // The same refusal as above, of other content: in-process.
+    const r = await sidecarStart(write(`version: 1\nsidecar: { listen: { port: 0 }, admin: { port: 0 } }\nsecrets: { file: ${badSecrets}, env_prefix: NOPE_ }\ncredentials: [{ id: c, audience: "http://127.0.0.1:1", source: static, secret: S, inject: { type: bearer } }]\naudit: { jsonl: { path: ${join(dir, 'c.jsonl')} } }\n`), { ...process.env, LATCHKEY_SECRET_S: 'x' })
     t.equal(r.status, 1)
     t.match(r.stderr, why, `${JSON.stringify(content)}: says what is wrong with it`)
     t.notMatch(r.stderr, /9837465/, 'and never what it held')

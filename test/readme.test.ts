@@ -11,6 +11,13 @@ import { CLI } from './helpers/cli.js'
 
 const run = promisify(execFile)
 const readme = readFileSync('README.md', 'utf8')
+/**
+ * A README line with `npx latchkey` as the bin npx resolves it to (package.json's bin: the
+ * bundle, asserted below). npx's own start is ~1.7 s of CPU, the CLI's ~0.25 s: the lines of the
+ * first test run so; the second runs its check-config line through npx itself, as written, which
+ * proves npx finds the checkout's bin from a clone.
+ */
+const direct = (line: string) => line.replaceAll('npx latchkey ', `'${process.execPath}' '${CLI}' `)
 
 t.test('README: npm start, then the curl commands it shows', async (t) => {
   t.match(readme, /npm install && npm start/)
@@ -84,13 +91,14 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
   const readmeBody = readme.slice(readme.indexOf('{"error":"denied"'), readme.indexOf('\n', readme.indexOf('{"error":"denied"')))
   t.equal(body, readmeBody, 'the refusal body is exactly what the README shows')
 
-  // The README's audit query, as written, from the checkout (npx finds the package's own bin).
+  // The README's audit query, as written, from the checkout (by the bin npx finds: see direct()).
   const auditCmd = /^npx latchkey audit .*$/m.exec(readme)?.[0]
   t.ok(auditCmd, 'the README shows the audit query')
+  t.equal(resolve(pkgBin()), CLI, 'the bin npx runs is the one the lines asked by it directly run')
   let audit: string[] = []
   for (let i = 0; i < 40; i++) {
     // The collector acknowledges asynchronously: ask until every call has arrived.
-    const r = await run('bash', ['-c', `${auditCmd!} --json`], { env, cwd: resolve('.') })
+    const r = await run('bash', ['-c', `${direct(auditCmd!)} --json`], { env, cwd: resolve('.') })
     audit = r.stdout.trim().split('\n').filter(Boolean)
     if (audit.length >= 6) break
     await new Promise((r2) => setTimeout(r2, 100))
@@ -98,7 +106,7 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
   t.equal(audit.length, 6, 'each README call is one event at the collector (the ended task\'s refused one too)')
   const events = audit.map((l) => JSON.parse(l) as Record<string, unknown>)
   t.ok(events.some((e) => JSON.stringify(e).includes('LK_POLICY_DENIED')), 'the refusal is among them')
-  const human = await run('bash', ['-c', auditCmd!], { env, cwd: resolve('.') })
+  const human = await run('bash', ['-c', direct(auditCmd!)], { env, cwd: resolve('.') })
   t.match(human.stdout, /allow\s+200\s+GET http:\/\/127\.0\.0\.1:15080\/hello/, 'the human-readable form names the call')
 
   // The banner's revoke line, as printed: the operator stops the demo agent.
@@ -110,7 +118,7 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
   const second = await run(process.execPath, [CLI, 'up'], { cwd, env }).then(() => 0, (err: { code?: number }) => err.code ?? -1)
   t.equal(second, 1, 'a second latchkey up in the same place exits 1')
   t.equal(readFileSync(join(cwd, '.latchkey/broker-admin-token'), 'utf8'), tokenBefore, "and the running system's admin token file is unchanged")
-  await run('bash', ['-c', `${revoke!} --reason readme`], { env, cwd: resolve('.') })
+  await run('bash', ['-c', `${direct(revoke!)} --reason readme`], { env, cwd: resolve('.') })
   let refused = ''
   for (let i = 0; i < 100 && !refused.includes('LK_REVOKED'); i++) {
     refused = (await run('curl', ['-sS', ...commands[0]!.split(' ').slice(1)], { env })).stdout
@@ -126,6 +134,10 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
   t.notMatch(audit.join('\n') + out, /eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\./, 'no token appears in any output')
   t.notMatch(audit.join('\n') + out, /lkt_/, 'nor a task handle')
 })
+
+function pkgBin(): string {
+  return (JSON.parse(readFileSync('package.json', 'utf8')) as { bin: { latchkey: string } }).bin.latchkey
+}
 
 t.test('README: every CLI line it shows runs from a fresh clone', async (t) => {
   const shell = [...readme.matchAll(/```sh\n([^]*?)```/g)].map((m) => m[1]!).join('\n')

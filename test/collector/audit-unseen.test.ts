@@ -10,9 +10,11 @@ import { join } from 'node:path'
 import { makeEvent } from './events.js'
 import { sidecarIdentity, startTestCollector } from './collector-helpers.js'
 import { CLI } from '../helpers/cli.js'
+import { auditInProcess } from '../helpers/audit-cli.js'
 
 const run = promisify(execFile)
-const cli = (args: string[]) =>
+/** `latchkey …` as a process: the first question (over --url), proving the wiring; the rest in-process (helpers/audit-cli.ts). */
+const cliProcess = (args: string[]) =>
   run(process.execPath, [CLI, ...args], { encoding: 'utf8' }).then(
     (r) => ({ code: 0, stdout: r.stdout, stderr: r.stderr }),
     (e: { code: number; stdout: string; stderr: string }) => ({ code: e.code, stdout: e.stdout, stderr: e.stderr }),
@@ -40,23 +42,23 @@ t.test('an unseen agent ID or a pattern is said to be one, over the API and from
     ['--url', c.httpUrl!],
     ['-c', cfg],
   ] as const) {
-    const typo = await cli(['audit', '--agent', 'agent:demo:dev:oen', how, where])
+    const typo = await (how === '--url' ? cliProcess : auditInProcess)(['audit', '--agent', 'agent:demo:dev:oen', how, where])
     t.equal(typo.code, 0, `${how}: a query that ran`)
     t.equal(typo.stdout, '')
     t.match(typo.stderr, `no call by agent:demo:dev:oen is in the store at any time: check the ID; the store holds calls by ${OTHER}, ${ONE}, ${TWO}`, `${how}: a mistyped ID is said to be unseen`)
     t.match(typo.stderr, '0 call(s) by agent:demo:dev:oen since 24h')
 
-    const pattern = await cli(['audit', '--agent', 'agent:demo:*:*', how, where])
+    const pattern = await auditInProcess(['audit', '--agent', 'agent:demo:*:*', how, where])
     t.equal(pattern.code, 1, `${how}: a pattern is refused`)
     t.match(pattern.stderr, `--agent takes one agent instance ID, not a pattern (agent:demo:*:*): the store holds calls by 2 agent(s) it matches: ${ONE}, ${TWO}`)
     t.notMatch(pattern.stderr, '0 call(s)')
 
     // What is new is said the same both ways; an answer that was right before, over the API only.
     if (how === '-c') continue
-    const idle = await cli(['audit', '--agent', ONE, how, where])
+    const idle = await auditInProcess(['audit', '--agent', ONE, how, where])
     t.same([idle.code, idle.stderr.trim()], [0, `0 call(s) by ${ONE} since 24h`], `${how}: an agent seen before, idle today, is just 0 calls`)
 
-    const found = await cli(['audit', '--agent', TWO, how, where])
+    const found = await auditInProcess(['audit', '--agent', TWO, how, where])
     t.same([found.code, found.stdout.split('\n').length, found.stderr.trim()], [0, 2, `1 call(s) by ${TWO} since 24h`], `${how}: a query with calls is as it was`)
   }
 })

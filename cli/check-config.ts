@@ -55,6 +55,11 @@ export async function checkConfig(file: string, env: NodeJS.ProcessEnv): Promise
     for (const p of broker.onThisMachine) err.push(`warning: ${p.path}: ${p.message} (the broker would not start on this machine)`)
     const overridden = envOverrides(config)
     if (overridden.length > 0) err.push(`note: set by the environment, not the file: ${overridden.join(', ')}`)
+    // A broker's file alone is said as one: "0 rules, 0 credentials, 0 routes" read as a sidecar's with nothing in it.
+    if (config.broker && !(await import('../lib/config/kind.js')).configuresSidecar(text)) {
+      out.push(`${file}: valid broker config (version ${config.version}, issuer ${config.broker.issuer}, ${config.broker.control ? 'control stream on' : 'no control stream'})`)
+      return result(0)
+    }
     out.push(`${file}: valid (version ${config.version}, ${rules ?? config.policy.rules.length} rules${rules === undefined ? '' : ' (sidecar.policy_file)'}, ${config.credentials.length} credentials, ${Object.keys(config.routes).length} routes)`)
     return result(0)
   } catch (e) {

@@ -512,3 +512,17 @@ t.test('secrets.reload_interval_ms: 2000 by default, 0 for SIGHUP only, a whole 
   t.same(problems('version: 1\nsecrets: { reload_interval_ms: 3600001 }\n'), ['secrets.reload_interval_ms: must be <= 3600000'])
   t.same(problems('version: 1\nsecrets: { reload_interval_ms: soon }\n'), ['secrets.reload_interval_ms: must be integer'])
 })
+
+t.test('check-config says a broker-only file is a broker config, not a sidecar one with nothing in it', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-broker-only-'))
+  const registry = join(process.cwd(), 'deploy/examples/agents.yaml')
+  const jwks = join(dir, 'k8s.jwks.json')
+  writeFileSync(jwks, '{"keys":[]}')
+  const broker = (control: string) => `version: 1\nbroker:\n  issuer: https://broker.example\n  registry_file: ${registry}\n  keys: { dir: ${join(dir, 'keys')} }\n  attestors: { kubernetes: { issuer: https://k8s.example, jwks_file: ${jwks} } }\n${control}`
+  writeFileSync(join(dir, 'broker.yaml'), broker(''))
+  writeFileSync(join(dir, 'broker-control.yaml'), broker('  control: { port: 0 }\n'))
+  writeFileSync(join(dir, 'both.yaml'), `${broker('')}policy: { default: deny }\n`)
+  t.match(await check(join(dir, 'broker.yaml')), { status: 0, stdout: `${join(dir, 'broker.yaml')}: valid broker config (version 1, issuer https://broker.example, no control stream)\n` })
+  t.match(await check(join(dir, 'broker-control.yaml')), { status: 0, stdout: /valid broker config \(version 1, issuer https:\/\/broker\.example, control stream on\)\n$/ })
+  t.match(await check(join(dir, 'both.yaml')), { status: 0, stdout: /: valid \(version 1, 0 rules, 0 credentials, 0 routes\)\n$/ }, 'with a sidecar part, judged as a sidecar config as before')
+})

@@ -17,3 +17,16 @@ export function configKind(text: string): 'collector' | 'registry' | 'config' {
     return 'config' // not YAML: the sidecar loader says why
   }
 }
+
+/** The top-level keys that configure a sidecar: a file with none of them (a broker's alone) is not judged as one. */
+const SIDECAR_KEYS = ['sidecar', 'policy', 'network', 'routes', 'credentials', 'secrets', 'audit', 'tasks']
+
+/** Whether the file configures a sidecar, by its top-level keys (a broker-only file does not). */
+export function configuresSidecar(text: string): boolean {
+  try {
+    const doc = parseYaml(text, { logLevel: 'error' }) as unknown
+    return typeof doc !== 'object' || doc === null || SIDECAR_KEYS.some((k) => k in doc)
+  } catch {
+    return true
+  }
+}

@@ -142,10 +142,6 @@ export class StaticSecretSource implements CredentialSource {
         // The values before it stay held, the last PREVIOUS_HELD of them, none twice: still scrubbed.
         const previous = (was ?? []).filter((p) => p.value !== value).slice(0, PREVIOUS_HELD)
         set.heldByName.set(name, Object.freeze([c, ...previous]))
-      } else {
-        // Gone or emptied (a reload refuses it for a name a binding needs): what it was stays scrubbed.
-        const was = prior?.heldByName.get(name)
-        if (was !== undefined) set.heldByName.set(name, Object.freeze(was.slice(0, PREVIOUS_HELD)))
       }
     }
     return set

@@ -148,11 +148,13 @@ export class TaskRegistry {
 
   /** Ends expired tasks once a second, so their tokens go even if nobody asks. */
   start(): void {
-    this.sweeper = setInterval(() => {
-      const now = this.now()
-      for (const t of this.byHandle.values()) if (t.expiresAt <= now) this.endTask(t, 'expired')
-    }, 1000)
+    this.sweeper = setInterval(() => this.sweep(), 1000)
     this.sweeper.unref()
+  }
+
+  private sweep(): void {
+    const now = this.now()
+    for (const t of this.byHandle.values()) if (t.expiresAt <= now) this.endTask(t, 'expired')
   }
 
   close(): void {
@@ -160,15 +162,10 @@ export class TaskRegistry {
     for (const t of [...this.byHandle.values()]) this.endTask(t, 'shutdown')
   }
 
-  /** Every open task, oldest first; expired ones are ended on the way, as get() does. */
+  /** Every open task, oldest first; expired ones are ended first, as the sweeper would. */
   list(): Task[] {
-    const now = this.now()
-    const out: Task[] = []
-    for (const t of [...this.byHandle.values()]) {
-      if (t.expiresAt <= now) this.endTask(t, 'expired')
-      else out.push(t)
-    }
-    return out
+    this.sweep()
+    return [...this.byHandle.values()]
   }
 
   get size(): number {

@@ -8,6 +8,7 @@ import { MAX_ANSWER_BYTES, MAX_LIMIT, MAX_PAGE_EVENTS, boundAnswer, cursorAfter,
 import type { AuditStore, EventCursor, VerifyResult } from './store/types.js'
 import type { CollectorConfig } from './config.js'
 import { CliError } from './cli-error.js'
+import { agentMatches } from '../lib/agent-pattern.js'
 
 const DEFAULT_URL = 'http://127.0.0.1:15101'
 
@@ -95,11 +96,7 @@ function named(agents: string[]): string {
  * agents it matches.
  */
 function notAPattern(pattern: string, agents: string[]): string {
-  const p = pattern.split(':')
-  const matching = agents.filter((a) => {
-    const s = a.split(':')
-    return s.length === p.length && p.every((seg, i) => seg === '*' || seg === s[i])
-  })
+  const matching = agents.filter((a) => agentMatches(pattern, a))
   return (
     `--agent takes one agent instance ID, not a pattern (${printable(pattern)}): ` +
     (matching.length ? `the store holds calls by ${matching.length} agent(s) it matches: ${named(matching)}` : 'the store holds no call by any agent it matches')

@@ -13,7 +13,8 @@ import {
   type WatchResponse,
 } from '../../protos/gen/latchkey/v1/control.js'
 import type { Logger } from '../../lib/log.js'
-import { agentMatches, type RevocationList, type RevocationChange } from '../revocations/list.js'
+import type { RevocationList, RevocationChange } from '../revocations/list.js'
+import { agentMatches } from '../../lib/agent-pattern.js'
 import type { Revocation, RevocationKind } from '../revocations/store.js'
 import { listenError } from '../../lib/listen-error.js'
 

@@ -4,6 +4,7 @@
 import type { Revocation, RevocationKind, RevocationStore } from './store.js'
 import { MAX_LIFETIME_S } from '../registry.js'
 import { MAX_SKEW_S } from '../jwt.js'
+import { agentMatches } from '../../lib/agent-pattern.js'
 
 /** The sidecar config schema's ceiling on sidecar.tasks.max_duration_s. */
 const MAX_TASK_DURATION_S = 604_800
@@ -30,13 +31,6 @@ export const REVOCATION_RETENTION_MS: Readonly<Record<'jti' | 'task', number>> =
 /** An agent value with `*` segments (agent:coder:*:*) revokes every instance it matches. */
 export function isAgentPattern(value: string): boolean {
   return value.split(':').includes('*')
-}
-
-/** Matches an agent instance ID against an agent pattern, segment by segment. */
-export function agentMatches(pattern: string, agent: string): boolean {
-  const p = pattern.split(':')
-  const a = agent.split(':')
-  return p.length === a.length && p.every((seg, i) => seg === '*' || seg === a[i])
 }
 
 export class RevocationList {

@@ -2,6 +2,7 @@
 // identify): a revoked agent or task is refused with 403 LK_REVOKED, reason "revoked".
 import type { Identity, TaskRef } from '../context.js'
 import { LatchkeyError } from '../errors.js'
+import { agentMatches } from '../../lib/agent-pattern.js'
 
 export type RevocationKind = 'agent' | 'task' | 'jti'
 
@@ -28,12 +29,6 @@ export function isExpired(r: KnownRevocation, nowMs: number): boolean {
   return r.kind !== 'agent' && (r.createdAt ?? 0) > 0 && nowMs - r.createdAt! > RETENTION_MS[r.kind]
 }
 
-/** `*` stands for one whole segment: agent:coder:*:* matches every coder instance. */
-export function agentMatches(pattern: string, agent: string): boolean {
-  const p = pattern.split(':')
-  const a = agent.split(':')
-  return p.length === a.length && p.every((seg, i) => seg === '*' || seg === a[i])
-}
 
 export class RevocationState {
   private readonly entries = new Map<string, KnownRevocation>()

@@ -10,6 +10,7 @@ import type { CollectorConfig, StoreConfig } from './config.js'
 import { IngestService } from './ingest.js'
 import { decodeIngestRequest } from './wire.js'
 import { createQueryServer } from './http.js'
+import { createCollectorMetrics } from './metrics.js'
 import type { AuditStore, AuditStoreBackend, StoredEvent } from './store/types.js'
 import type { PostgresStoreOptions } from './store/postgres.js'
 import { JetStreamFanOut } from './fanout.js'
@@ -109,7 +110,7 @@ export async function startCollector(config: CollectorConfig, opts: CollectorOpt
   )
 
   let httpUrl: string | null = null
-  const http = c.http ? createQueryServer(store, log, c.http.reader_tokens_sha256) : null
+  const http = c.http ? createQueryServer(store, log, c.http.reader_tokens_sha256, undefined, undefined, createCollectorMetrics(ingest, store)) : null
   if (http && c.http) {
     http.listen(c.http.port, c.http.host)
     try {

@@ -5,11 +5,13 @@
 //   GET /v1/verify[?sidecar=<id>]
 //   GET /healthz   the process answers (liveness)
 //   GET /readyz    the store answers too: 503 while it does not (a wrong URL, a database down)
+//   GET /metrics   Prometheus (collector/metrics.ts): counts and sidecar IDs, no event; no token needed, as /readyz
 import { createHash, timingSafeEqual } from 'node:crypto'
 import type { IncomingHttpHeaders, Server, ServerResponse } from 'node:http'
 import { createServer } from '../lib/node-http.js'
 import type { AuditStore, EventCursor, StoredEvent } from './store/types.js'
 import type { Logger } from '../lib/log.js'
+import type { Registry } from 'prom-client'
 import { MAX_ANSWER_BYTES, MAX_LIMIT, MAX_PAGE_EVENTS, boundAnswer, decodeCursor, encodeCursor, eventToJson, parseSince } from './query.js'
 import { checkLocalCaller } from '../proxy/listen/local-caller.js'
 
@@ -33,6 +35,9 @@ export interface QueryLimits {
   /** The most events one answer holds (default MAX_PAGE_EVENTS). */
   maxPage?: number
 }
+
+/** Paths any caller the port admits may read without a reader token: probes and scrapers. */
+const OPEN_PATHS = new Set(['/healthz', '/readyz', '/metrics'])
 
 /**
  * Bounds the reads in progress: the store is shared with the ingest, and every reader (no token
@@ -98,7 +103,14 @@ function isLocalCaller(headers: IncomingHttpHeaders): boolean {
   }
 }
 
-export function createQueryServer(store: AuditStore, log: Logger, readerTokensSha256: string[] = [], maxAnswerBytes = MAX_ANSWER_BYTES, limits: QueryLimits = {}): Server {
+export function createQueryServer(
+  store: AuditStore,
+  log: Logger,
+  readerTokensSha256: string[] = [],
+  maxAnswerBytes = MAX_ANSWER_BYTES,
+  limits: QueryLimits = {},
+  metrics?: Registry,
+): Server {
   const gate = new QueryGate(limits.maxRunning ?? 2, limits.maxQueued ?? 8)
   const maxPage = limits.maxPage ?? MAX_PAGE_EVENTS
   const readers = readerTokensSha256.map((h) => Buffer.from(h, 'hex'))
@@ -128,7 +140,7 @@ export function createQueryServer(store: AuditStore, log: Logger, readerTokensSh
         code: 'LK_FOREIGN_ORIGIN',
       })
     }
-    if (url.pathname !== '/healthz' && url.pathname !== '/readyz' && !authorized(req.headers.authorization)) {
+    if (!OPEN_PATHS.has(url.pathname) && !authorized(req.headers.authorization)) {
       res.setHeader('www-authenticate', 'Bearer realm="latchkey-collector"')
       return send(res, 401, { error: 'a reader token is required (Authorization: Bearer <token>)' })
     }
@@ -149,6 +161,12 @@ export function createQueryServer(store: AuditStore, log: Logger, readerTokensSh
             log.warn({ reason: (err as Error)?.message }, 'not ready: the store does not answer')
             return send(res, 503, { ready: false, store: store.kind, code: 'LK_STORE_UNAVAILABLE', reason: 'the store does not answer; the collector log says why' })
           }
+        case '/metrics': {
+          if (!metrics) return send(res, 404, { error: `no such endpoint: ${url.pathname}` })
+          const text = await metrics.metrics()
+          res.writeHead(200, { 'content-type': metrics.contentType })
+          return res.end(text)
+        }
         case '/v1/events': {
           const agent = url.searchParams.get('agent')
           if (!agent) throw new BadRequest('query parameter "agent" is required')

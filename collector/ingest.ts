@@ -24,6 +24,18 @@ export interface IngestStats {
   refused: number
 }
 
+/** Why a stream or a batch was not taken: the label of latchkey_collector_refusals_total. */
+export type RefusalReason = 'unauthenticated' | 'wrong_sidecar' | 'too_many_events' | 'foreign_agent' | 'clock_ahead' | 'bad_batch' | 'store_unavailable' | 'internal'
+
+/** One configured sidecar as the collector has seen it (latchkey_collector_sidecar_*). */
+export interface SidecarSeen {
+  /** Its ingest streams open now. */
+  streams: number
+  stored: number
+  /** When a batch of its was last stored (ms since the epoch; 0: never since start). */
+  lastBatchMs: number
+}
+
 /**
  * A name the peer sent, as quoted in a refusal (the status details and the log line): a batch of
  * up to max_batch_bytes could otherwise make both megabytes long, and grpc-js clients never see a
@@ -42,6 +54,10 @@ export class IngestService {
   /** Per sidecar, whether it may report an agent: absent when its config lists no agents. */
   private readonly mayReport: Map<string, (agent: string) => boolean>
   readonly stats: IngestStats = { batches: 0, stored: 0, duplicates: 0, refused: 0 }
+  /** Refusals by reason, for /metrics. */
+  readonly refusals = new Map<RefusalReason, number>()
+  /** Per configured sidecar: the IDs come from config, so the map (and the metrics' labels) stays that size. */
+  readonly sidecars: ReadonlyMap<string, SidecarSeen>
   private readonly streams = new Set<ServerDuplexStream<IngestRequest, IngestResponse>>()
 
   constructor(
@@ -57,6 +73,17 @@ export class IngestService {
   ) {
     this.tokens = new Map(sidecars.map((s) => [s.id, s.token_sha256 ? Buffer.from(s.token_sha256, 'hex') : null]))
     this.mayReport = new Map(sidecars.filter((s) => s.agents).map((s) => [s.id, agentMatcher(s.agents!)]))
+    this.sidecars = new Map(sidecars.map((s) => [s.id, { streams: 0, stored: 0, lastBatchMs: 0 }]))
+  }
+
+  /** A stream or batch refused for what it is (stats.refused counts these, not the store's failures). */
+  private refuse(reason: RefusalReason): void {
+    this.stats.refused++
+    this.count(reason)
+  }
+
+  private count(reason: RefusalReason): void {
+    this.refusals.set(reason, (this.refusals.get(reason) ?? 0) + 1)
   }
 
   /** Returns the authenticated sidecar id, or the reason it is refused (never quoting the token). */
@@ -96,13 +123,22 @@ export class IngestService {
     const cn = call.getAuthContext()?.sslPeerCertificate?.subject?.CN
     const auth = this.authenticate(call.metadata, Array.isArray(cn) ? undefined : cn)
     if ('refused' in auth) {
-      this.stats.refused++
+      this.refuse('unauthenticated')
       this.log.warn({ peer: call.getPeer(), reason: auth.refused }, 'ingest stream refused')
       call.emit('error', grpcError(status.UNAUTHENTICATED, auth.refused))
       return
     }
     const id = auth.id
+    const seen = this.sidecars.get(id)!
     this.streams.add(call)
+    seen.streams++
+    // Once per stream, however it ends (end, error, cancel, or the collector closing it).
+    let open = true
+    const closed = () => {
+      this.streams.delete(call)
+      if (open) seen.streams--
+      open = false
+    }
     this.log.info({ sidecar: id, peer: call.getPeer() }, 'ingest stream open')
     // Strictly one batch at a time: the stream is paused while a batch is being stored.
     let chain: Promise<void> = Promise.resolve()
@@ -110,7 +146,7 @@ export class IngestService {
     const fail = (err: unknown) => {
       if (failed) return
       failed = true
-      this.streams.delete(call)
+      closed()
       if (call.cancelled || call.destroyed) return
       call.emit('error', this.toStatus(id, err))
     }
@@ -120,19 +156,19 @@ export class IngestService {
         if (failed) return
         try {
           if (req.sidecarId !== id) {
-            this.stats.refused++
+            this.refuse('wrong_sidecar')
             throw grpcError(status.PERMISSION_DENIED, `batch names sidecar "${clip(req.sidecarId)}" but the stream authenticated as "${id}"`)
           }
           const oversized = (req as ReceivedBatch).oversized
           if (oversized !== undefined) {
-            this.stats.refused++
+            this.refuse('too_many_events')
             throw grpcError(status.INVALID_ARGUMENT, `batch of ${oversized} events: at most ${MAX_BATCH_EVENTS} per batch (a sidecar's audit.collector.batch_events cannot be more)`)
           }
           const may = this.mayReport.get(id)
           const foreign = may ? req.events.find((e) => !may(e.event?.delegation?.agent ?? '')) : undefined
           if (foreign) {
             // A sidecar's token vouches for its own agents only: another's calls are not its to report.
-            this.stats.refused++
+            this.refuse('foreign_agent')
             throw grpcError(status.PERMISSION_DENIED, `sequence ${foreign.sequence} names agent "${(foreign.event?.delegation?.agent ?? '').slice(0, 200)}", which sidecar "${id}" may not report (collector.sidecars[].agents)`)
           }
           // An event from the future would show in every "since" query until that day comes (one
@@ -141,7 +177,7 @@ export class IngestService {
           const limit = Date.now() + this.maxClockSkewMs
           const ahead = req.events.find((e) => (e.event?.timeUnixMs ?? 0) > limit && (e.event?.timeUnixMs ?? 0) <= MAX_DATE_MS)
           if (ahead) {
-            this.stats.refused++
+            this.refuse('clock_ahead')
             const ts = ahead.event!.timeUnixMs
             throw grpcError(
               status.INVALID_ARGUMENT,
@@ -152,6 +188,8 @@ export class IngestService {
           this.stats.batches++
           this.stats.stored += r.stored
           this.stats.duplicates += r.duplicates
+          seen.stored += r.stored
+          seen.lastBatchMs = Date.now()
           if (r.events.length > 0) this.onStored(r.events)
           if (call.cancelled || call.destroyed) return
           call.write({ sidecarId: id, ackedSequence: r.highest, stored: r.stored, duplicates: r.duplicates })
@@ -163,16 +201,17 @@ export class IngestService {
     })
     call.on('end', () => {
       void chain.then(() => {
-        this.streams.delete(call)
+        closed()
         if (!failed && !call.cancelled) call.end()
       })
     })
-    call.on('error', () => this.streams.delete(call))
-    call.on('cancelled', () => this.streams.delete(call))
+    call.on('error', closed)
+    call.on('cancelled', closed)
   }
 
   private toStatus(id: string, err: unknown): Partial<ServiceError> {
     if (err instanceof StoreError) {
+      this.count(err.code === 'LK_STORE_BAD_BATCH' ? 'bad_batch' : 'store_unavailable')
       this.log.error({ sidecar: id, code: err.code, err: err.message }, 'ingest batch not stored')
       return grpcError(err.code === 'LK_STORE_BAD_BATCH' ? status.INVALID_ARGUMENT : status.UNAVAILABLE, err.message)
     }
@@ -181,6 +220,7 @@ export class IngestService {
       this.log.warn({ sidecar: id, code: e.code, reason: e.details }, 'ingest stream refused')
       return e
     }
+    this.count('internal')
     this.log.error({ sidecar: id, err: { type: (err as Error)?.name, message: (err as Error)?.message } }, 'ingest failed')
     return grpcError(status.INTERNAL, 'collector error')
   }

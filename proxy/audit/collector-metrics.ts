@@ -27,6 +27,9 @@ export function registerCollectorSinkMetrics(registry: Registry, sink: Collector
     ['latchkey_audit_spool_full', '1 while the audit spool is full (egress refused, or events dropped, per on_full)', () => (sink.isFull ? 1 : 0)],
     // The state /readyz reports, where alerts look: a disk full under the spool showed nowhere else.
     ['latchkey_audit_spool_unwritable', '1 while appends to the audit spool fail (a full disk, a read-only directory): egress is refused, or events are held then dropped, per on_full', () => (sink.appendFailing ? 1 : 0)],
+    // A refusal is the collector's own answer, so this is honest where "connected" would not be
+    // (an idle stream hears nothing back): a stale token after a rotation shows here at once.
+    ['latchkey_audit_collector_refusing', '1 while the collector refuses this sidecar (a wrong or stale token, an unknown sidecar ID, an agent it may not report, a clock ahead): calls go on and are spooled; the log says why', () => (sink.refusedCode === null ? 0 : 1)],
     ['latchkey_audit_spool_damaged_bytes', 'Bytes skipped when the spool was recovered because records failed their checksum', () => sink.spool.recovery.corruptBytes],
   ]
   for (const [name, help, read] of gauges) {

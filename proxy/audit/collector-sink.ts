@@ -164,6 +164,13 @@ export class CollectorAuditSink implements AuditSink {
   private cursor: Cursor
   private inflight = 0
   private attempt = 0
+  /**
+   * The gRPC status name of the collector's last refusal of this sidecar (a wrong or stale token,
+   * an ID it does not know, an agent it may not report, a clock ahead of its own), until a batch
+   * is acknowledged again; null otherwise. Calls go on and are spooled meanwhile, so /readyz
+   * stays OK: latchkey_audit_collector_refusing is where it shows.
+   */
+  refusedCode: string | null = null
   private retryTimer: NodeJS.Timeout | null = null
   private pumpTimer: NodeJS.Timeout | null = null
   /** A sync of what was appended, due LINGER_MS after the append: records are sent once synced (Spool.syncedSeq). */
@@ -431,6 +438,7 @@ export class CollectorAuditSink implements AuditSink {
       return
     }
     this.attempt = 0
+    this.refusedCode = null
     this.inflight = Math.max(0, this.inflight - 1)
     this.waitingSince = this.inflight > 0 ? performance.now() : 0
     this.stats.batches++
@@ -454,7 +462,9 @@ export class CollectorAuditSink implements AuditSink {
     this.call = null
     if (this.closed) return
     if (err && err.code !== status.CANCELLED) {
-      const level = err.code === status.UNAUTHENTICATED || err.code === status.PERMISSION_DENIED || err.code === status.INVALID_ARGUMENT ? 'error' : 'warn'
+      const refused = err.code === status.UNAUTHENTICATED || err.code === status.PERMISSION_DENIED || err.code === status.INVALID_ARGUMENT
+      if (refused) this.refusedCode = status[err.code]
+      const level = refused ? 'error' : 'warn'
       // Whatever answers at this address was sent the bearer token: its error text is logged only if it does not quote it.
       const reason = this.sentToken && err.details && revealsSecret(err.details, [this.sentToken]) ? WITHHELD : err.details
       this.log(level, { code: status[err.code], reason, unacked: this.spool.lastSeq - this.stats.acked, attempt: this.attempt }, 'audit stream to collector lost')

@@ -6,6 +6,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes } from 'node:crypto'
 import { Writable } from 'node:stream'
+import { request } from 'undici'
 import { startSidecar } from '../../proxy/sidecar.js'
 import type { CollectorAuditSink } from '../../proxy/audit/collector-sink.js'
 import { Action } from '../../protos/gen/latchkey/v1/audit.js'
@@ -144,7 +145,6 @@ t.test('full spool, on_full drop: keeps serving and counts the drops, and says s
   t.ok(s.sink.stats.dropped > 0, `dropped ${s.sink.stats.dropped}`)
   t.equal(s.sink.stats.spooled + s.sink.stats.dropped, 600, 'every event is either spooled or counted as dropped')
   t.match(s.logs.join(''), /audit spool full: dropping audit events \(counted\)/)
-  const { request } = await import('undici')
   const metrics = await (await request(`${s.sidecar.adminUrl}/metrics`)).body.text()
   t.match(metrics, new RegExp(`^latchkey_audit_events_dropped_total ${s.sink.stats.dropped}$`, 'm'), 'the metric says so')
   t.match(metrics, /^latchkey_audit_spool_full 1$/m)
@@ -195,8 +195,14 @@ t.test('a collector token rotated in secrets.file is sent from the next stream: 
   for (const stop = Date.now() + 5_000; !logs.some((l) => l.includes('UNAUTHENTICATED')) && Date.now() < stop; ) await new Promise((r) => setTimeout(r, 20))
   t.match(logs.join(''), /"code":"UNAUTHENTICATED".*audit stream to collector lost/, 'the old token is refused')
   t.equal(sink.stats.acked, 0, 'and nothing is stored with it')
+  const scrape = async () => (await (await request(`${sidecar.adminUrl}/metrics`)).body.text()).match(/^latchkey_audit_collector_refusing (\d)$/m)?.[1]
+  t.equal(await scrape(), '1', 'the refusal shows on /metrics')
+  const ready = await request(`${sidecar.adminUrl}/readyz`)
+  t.equal(ready.statusCode, 200, 'while calls go on, spooled: still ready')
+  await ready.body.dump()
   write(rotated.token)
   t.ok(await sink.waitForAck(sink.spool.lastSeq, 10_000), 'the spooled calls are delivered with the new token, no restart')
+  t.equal(await scrape(), '0', 'and the refusal is over once a batch is acknowledged')
   t.same((await pathsAt(c.store)).sort(), Array.from({ length: 5 }, (_, i) => `/rotation/${i}`))
   t.notOk(logs.join('').includes(old.token) || logs.join('').includes(rotated.token), 'no log line holds either token')
 })

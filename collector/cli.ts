@@ -108,6 +108,15 @@ function notAPattern(pattern: string, agents: string[]): string {
  * reads exactly as an idle agent), naming the agents it does hold. On stderr; a store that cannot
  * say (a busy collector) adds nothing.
  */
+/**
+ * Why an answer is empty, when the question says: a --since in the future (a mistyped year, an
+ * ISO time read in the wrong zone) matches nothing by any agent, and "0 call(s)" read as an idle one.
+ */
+async function nothingShown(agent: string, since: Date, asked: string, knownAgents: () => Promise<string[]>, io: CliIo): Promise<void> {
+  if (since.getTime() > Date.now()) io.err(`--since ${printable(asked)} is ${since.toISOString()}, in the future: no call is recorded after now`)
+  else await unseen(agent, knownAgents, io)
+}
+
 async function unseen(agent: string, knownAgents: () => Promise<string[]>, io: CliIo): Promise<void> {
   let agents: string[]
   try {
@@ -208,7 +217,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
               const last = answer.events[answer.events.length - 1]
               after = last && cursorAfter(last)
             } while (truncated && after && shown < limit)
-            if (shown === 0) await unseen(agent, knownAgents, io)
+            if (shown === 0) await nothingShown(agent, since, opts.since, knownAgents, io)
           } finally {
             await store.close()
           }
@@ -228,7 +237,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
             truncated = body.truncated === true
             cursor = body.next
           } while (truncated && cursor && shown < limit)
-          if (shown === 0) await unseen(agent, knownAgents, io)
+          if (shown === 0) await nothingShown(agent, since, opts.since, knownAgents, io)
         }
         if (!opts.json) {
           io.err(`${shown} call(s) by ${opts.agent} since ${opts.since}${opts.denied ? ' (denied only)' : ''}`)

@@ -58,6 +58,11 @@ t.test('an unseen agent ID or a pattern is said to be one, over the API and from
     const idle = await auditInProcess(['audit', '--agent', ONE, how, where])
     t.same([idle.code, idle.stderr.trim()], [0, `0 call(s) by ${ONE} since 24h`], `${how}: an agent seen before, idle today, is just 0 calls`)
 
+    // A year mistyped: no call can be that recent, whoever the agent.
+    const future = await auditInProcess(['audit', '--agent', TWO, '--since', '2206-12-04', how, where])
+    t.same([future.code, future.stdout], [0, ''], `${how}: a --since in the future is a query that ran`)
+    t.match(future.stderr, /^--since 2206-12-04 is 2206-12-0[34]T\d\d:00:00\.000Z, in the future: no call is recorded after now\n0 call\(s\) by agent:demo:dev:two since 2206-12-04\n$/, `${how}: and says so, not that the agent is unseen`)
+
     const found = await auditInProcess(['audit', '--agent', TWO, how, where])
     t.same([found.code, found.stdout.split('\n').length, found.stderr.trim()], [0, 2, `1 call(s) by ${TWO} since 24h`], `${how}: a query with calls is as it was`)
   }

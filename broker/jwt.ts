@@ -1,9 +1,10 @@
 // Verifying JWTs from others (workload attestations, user tokens): asymmetric algorithms only,
 // so `alg: none` and HS256-signed-with-a-public-key are refused before any key is looked at;
 // at most 30 s of clock skew; reasons that say what was wrong without echoing the token.
-import { readFileSync, statSync } from 'node:fs'
+import { statSync } from 'node:fs'
 import { createLocalJWKSet, createRemoteJWKSet, errors, jwtVerify, type JSONWebKeySet, type JWTPayload, type JWTVerifyGetKey } from 'jose'
 import { OAuthError } from './oauth-error.js'
+import { byteSize, FileTooLarge, readSettingText } from '../lib/bounded-read.js'
 
 export const ASYMMETRIC_ALGS = ['ES256', 'ES384', 'ES512', 'RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'EdDSA', 'Ed25519']
 export const MAX_SKEW_S = 30
@@ -31,7 +32,7 @@ export class JwksFileError extends Error {
 
 /** A JWK set file, parsed; throws when it is unreadable, not JSON, or not a JWK set. */
 function readJwksFile(file: string): JWTVerifyGetKey {
-  const jwks = JSON.parse(readFileSync(file, 'utf8')) as JSONWebKeySet | null
+  const jwks = JSON.parse(readSettingText(file)) as JSONWebKeySet | null
   if (typeof jwks !== 'object' || jwks === null || !Array.isArray(jwks.keys)) throw new Error('not a JWK set (no "keys" array)')
   return createLocalJWKSet(jwks)
 }
@@ -39,6 +40,7 @@ function readJwksFile(file: string): JWTVerifyGetKey {
 /** `<file>: <problem>`, never the file's content. */
 function jwksProblem(file: string, err: unknown): string {
   const e = err as NodeJS.ErrnoException
+  if (err instanceof FileTooLarge) return `${file}: larger than ${byteSize(err.limit)}`
   if (e.syscall !== undefined) return `${file}: cannot read (${e.code ?? 'error'})`
   if (err instanceof SyntaxError) return `${file}: not valid JSON`
   return `${file}: ${e.message}`

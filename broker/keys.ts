@@ -4,11 +4,12 @@
 // until the latest exp of any token it signed (+ skew), a bound recorded in its own file before
 // such a token is handed out, so neither a registry that lowers max_lifetime_s nor a restart can
 // drop a key a live token needs. Keys live in a 0700 directory, one 0600 file each.
-import { chmodSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, renameSync } from 'node:fs'
+import { chmodSync, mkdirSync, readdirSync, rmSync, statSync, writeFileSync, renameSync } from 'node:fs'
 import { join } from 'node:path'
 import { calculateJwkThumbprint, createLocalJWKSet, type JWTVerifyGetKey, exportJWK, generateKeyPair, importJWK, SignJWT, type CryptoKey, type JWK, type JWTPayload } from 'jose'
 import { MAX_SKEW_S } from './jwt.js'
 import { MAX_LIFETIME_S } from './registry.js'
+import { readFailure, readSettingText } from '../lib/bounded-read.js'
 
 export type SigningAlg = 'ES256' | 'EdDSA'
 const ALGS: readonly string[] = ['ES256', 'EdDSA']
@@ -223,9 +224,9 @@ async function readKey(file: string, name: string): Promise<LoadedKey & { legacy
   // A FIFO or a device named *.json would block or never end the read: regular files only.
   if (!regular) throw refuse('not a regular file')
   try {
-    text = readFileSync(file, 'utf8')
+    text = readSettingText(file)
   } catch (err) {
-    throw refuse(`cannot read it (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`)
+    throw refuse(`cannot read it (${readFailure(err)})`)
   }
   let s: unknown
   try {

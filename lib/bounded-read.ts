@@ -51,3 +51,22 @@ export function readFileBounded(path: string, limit: number): Buffer {
     closeSync(fd)
   }
 }
+
+/**
+ * The most any other file a setting names may be: a certificate, a CA bundle, a key, a JWK set, a
+ * token, the sidecar's revocation state. The largest real ones (a distribution's CA bundle, a
+ * state file with thousands of revocations) are some hundreds of KiB; the cap is for the file
+ * that never ends (/dev/zero, a FIFO), which grew the process until it died.
+ */
+export const MAX_SETTING_FILE_BYTES = 16 * 1024 * 1024
+
+/** Why a read failed, for a message that names the file itself: `ENOENT`, or `larger than 16 MiB`. */
+export function readFailure(err: unknown): string {
+  if (err instanceof FileTooLarge) return `larger than ${byteSize(err.limit)}`
+  return (err as NodeJS.ErrnoException)?.code ?? (err as Error)?.message ?? 'error'
+}
+
+/** readFileBounded at MAX_SETTING_FILE_BYTES, as text. */
+export function readSettingText(path: string, encoding: BufferEncoding = 'utf8'): string {
+  return readFileBounded(path, MAX_SETTING_FILE_BYTES).toString(encoding)
+}

@@ -2,9 +2,10 @@
 // trusts its public half (a JWK set file), the sidecar signs single-use attestations with the
 // private half. Kept in a 0700 directory; the private file is 0600.
 import { randomUUID } from 'node:crypto'
-import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { chmodSync, existsSync, mkdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { calculateJwkThumbprint, exportJWK, generateKeyPair, importJWK, SignJWT, type CryptoKey, type JWK } from 'jose'
+import { readSettingText } from './bounded-read.js'
 
 
 /** `iss` of local attestations; the broker's local verifier expects exactly this. */
@@ -19,7 +20,7 @@ export interface LocalAttestorKey {
 
 /** Loads the private key a sidecar signs with (the file `ensureLocalAttestorKey` wrote). */
 export async function loadLocalAttestorKey(file: string): Promise<{ kid: string; privateKey: CryptoKey }> {
-  const jwk = JSON.parse(readFileSync(file, 'utf8')) as JWK
+  const jwk = JSON.parse(readSettingText(file)) as JWK
   if (!jwk.d || !jwk.kid) throw new Error(`${file}: not a private JWK with a kid`)
   return { kid: jwk.kid, privateKey: (await importJWK(jwk, 'ES256')) as CryptoKey }
 }
@@ -30,7 +31,7 @@ export async function ensureLocalAttestorKey(dir: string): Promise<LocalAttestor
   const privFile = join(dir, 'local-attestor.key.json')
   const jwksFile = join(dir, 'local-attestor.jwks.json')
   let jwk: JWK
-  if (existsSync(privFile)) jwk = JSON.parse(readFileSync(privFile, 'utf8')) as JWK
+  if (existsSync(privFile)) jwk = JSON.parse(readSettingText(privFile)) as JWK
   else {
     const { privateKey } = await generateKeyPair('ES256', { extractable: true })
     jwk = await exportJWK(privateKey)

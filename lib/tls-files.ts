@@ -3,7 +3,7 @@
 // certificate's is said in one line naming the setting and the path (code LK_STARTUP), not as an
 // OpenSSL error code (`error:0480006C:PEM routines::no start line`) with a stack trace. The same
 // checks serve `check-config`, which reads the files without listening.
-import { readFileSync } from 'node:fs'
+import { MAX_SETTING_FILE_BYTES, readFailure, readFileBounded } from './bounded-read.js'
 import { createSecureContext } from 'node:tls'
 import { readCaFile, CaFileProblem } from '../proxy/tls-trust.js'
 
@@ -39,9 +39,9 @@ export function checkServerTls(prefix: string, t: TlsFileSettings): { tls: Serve
   const problems: TlsFileProblem[] = []
   const read = (key: string, path: string): Buffer | null => {
     try {
-      return readFileSync(path)
+      return readFileBounded(path, MAX_SETTING_FILE_BYTES)
     } catch (err) {
-      problems.push({ path: `${prefix}.${key}`, message: `${path}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})`, unreadable: true })
+      problems.push({ path: `${prefix}.${key}`, message: `${path}: cannot read (${readFailure(err)})`, unreadable: true })
       return null
     }
   }

@@ -2,7 +2,7 @@
 // token_url, the audit collector), read and checked at start-up. A CA file that names nothing
 // usable is refused there, naming the file: Node takes a `ca` it cannot parse without a word, and
 // every call would then fail 502 with the cause hidden.
-import { readFileSync } from 'node:fs'
+import { readFailure, readSettingText } from '../lib/bounded-read.js'
 import { X509Certificate } from 'node:crypto'
 import * as tls from 'node:tls'
 
@@ -32,9 +32,9 @@ function pemBlocks(text: string): { label: string; endLabel: string; pem: string
 export function readCaFile(path: string): string[] {
   let text: string
   try {
-    text = readFileSync(path, 'latin1')
+    text = readSettingText(path, 'latin1')
   } catch (err) {
-    throw new CaFileProblem(`${path}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})`, true)
+    throw new CaFileProblem(`${path}: cannot read (${readFailure(err)})`, true)
   }
   const blocks = pemBlocks(text)
   const begun = text.split('-----BEGIN ').length - 1
@@ -72,7 +72,7 @@ export function defaultCaCertificates(env: NodeJS.ProcessEnv = process.env): str
   const file = env.NODE_EXTRA_CA_CERTS
   if (file) {
     try {
-      for (const b of pemBlocks(readFileSync(file, 'latin1'))) {
+      for (const b of pemBlocks(readSettingText(file, 'latin1'))) {
         if (b.label !== 'CERTIFICATE') continue
         try {
           new X509Certificate(b.pem)

@@ -12,6 +12,7 @@ import { close, closeSync, fdatasync, fdatasyncSync, fsyncSync, ftruncateSync, m
 import { join } from 'node:path'
 import { crc32 } from 'node:zlib'
 import { lockSpoolDir, type SpoolLock } from './spool-lock.js'
+import { readFailure, readSettingText } from '../../lib/bounded-read.js'
 
 const HEADER = 16
 const MAX_RECORD = 16 * 1024 * 1024
@@ -57,9 +58,9 @@ export class SpoolError extends Error {
 function readOwner(meta: string): string | undefined {
   let parsed: unknown
   try {
-    parsed = JSON.parse(readFileSync(meta, 'utf8'))
+    parsed = JSON.parse(readSettingText(meta))
   } catch (err) {
-    throw new SpoolError(`${meta} cannot be read (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}): it names the sidecar this spool belongs to; if the spool holds nothing to keep, delete the directory`)
+    throw new SpoolError(`${meta} cannot be read (${readFailure(err)}): it names the sidecar this spool belongs to; if the spool holds nothing to keep, delete the directory`)
   }
   const owner = (parsed as { sidecar?: unknown } | null)?.sidecar
   if (typeof owner !== 'string') throw new SpoolError(`${meta} names no sidecar ("sidecar" missing or not a string); if the spool holds nothing to keep, delete the directory`)

@@ -5,12 +5,13 @@
 // from a timer and never on the request path, coalesced: a burst of deltas is one or two writes.
 // A file that cannot be read or parsed fails start-up (fail closed); deleting it is the override,
 // and the sidecar then starts knowing no revocation until the broker's first snapshot.
-import { closeSync, fsyncSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs'
+import { closeSync, fsyncSync, openSync, renameSync, unlinkSync, writeSync } from 'node:fs'
 import { open, rename, unlink } from 'node:fs/promises'
 import { basename, dirname, extname, join } from 'node:path'
 import type { Config } from '../../lib/config/schema.js'
 import type { Logger } from '../../lib/log.js'
 import { isExpired, type KnownRevocation, type RevocationKind } from './state.js'
+import { readFailure, readSettingText } from '../../lib/bounded-read.js'
 
 export const STATE_FORMAT = 'latchkey-sidecar-revocations'
 
@@ -67,11 +68,10 @@ const KINDS: ReadonlySet<string> = new Set(['agent', 'task', 'jti'])
 export function readStateFile(path: string, nowMs: number): LoadedState | null {
   let text: string
   try {
-    text = readFileSync(path, 'utf8')
+    text = readSettingText(path)
   } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code ?? 'error'
-    if (code === 'ENOENT') return null
-    throw new RevocationFileError(`sidecar.control.state_file ${path}: cannot read (${code}); the sidecar will not start without the revocations it last knew`, true)
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null
+    throw new RevocationFileError(`sidecar.control.state_file ${path}: cannot read (${readFailure(err)}); the sidecar will not start without the revocations it last knew`, true)
   }
   const bad = (why: string) =>
     new RevocationFileError(

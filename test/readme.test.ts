@@ -108,6 +108,12 @@ t.test('README: npm start, then the curl commands it shows', async (t) => {
   t.ok(events.some((e) => JSON.stringify(e).includes('LK_POLICY_DENIED')), 'the refusal is among them')
   const human = await run('bash', ['-c', direct(auditCmd!)], { env, cwd: resolve('.') })
   t.match(human.stdout, /allow\s+200\s+GET http:\/\/127\.0\.0\.1:15080\/hello/, 'the human-readable form names the call')
+  // The collector's metrics, where the README says: the demo sidecar is connected and has delivered.
+  const collectorMetrics = /the collector's at `(http:\/\/[^`]+\/metrics)`/.exec(readme)?.[1]
+  t.equal(collectorMetrics, 'http://127.0.0.1:15101/metrics', "the README says where the collector's metrics are")
+  const scraped = await (await fetch(collectorMetrics!)).text()
+  t.match(scraped, /^latchkey_collector_sidecar_streams\{sidecar="[^"]+"\} 1$/m, 'the demo sidecar is connected')
+  t.match(scraped, /^latchkey_collector_sidecar_events_stored_total\{sidecar="[^"]+"\} [6-9]$/m, 'and its calls are stored')
 
   // The banner's revoke line, as printed: the operator stops the demo agent.
   const revoke = /revoke the agent\s+(.+)$/m.exec(out)?.[1]

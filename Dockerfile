@@ -15,7 +15,10 @@ COPY collector ./collector
 COPY protos ./protos
 COPY deploy ./deploy
 COPY scripts ./scripts
-RUN npm run build && npm prune --omit=dev
+# The runtime's files, laid out in /app: the bundled CLI, and of node_modules only the native
+# addon the bundle cannot hold (scripts/image-layout.mjs; test/image-layout.test.ts runs the CLI
+# from such a layout).
+RUN npm run build && node scripts/image-layout.mjs /app
 
 FROM node:24-bookworm-slim
 ENV NODE_ENV=production
@@ -26,11 +29,7 @@ ENV NODE_ENV=production
 # without the young-generation cap, against 97 MB with it. Broker and collector deployments
 # should set NODE_OPTIONS= (empty) to get V8's defaults.
 ENV NODE_OPTIONS=--max-semi-space-size=4 MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=32768
-WORKDIR /app
-COPY --from=build /src/package.json ./
-COPY --from=build /src/node_modules ./node_modules
-COPY --from=build /src/dist ./dist
-COPY --from=build /src/deploy ./deploy
+COPY --from=build /app /app
 # The audit spool and local state live here; mount a volume in production.
 RUN mkdir -p /var/lib/latchkey && chown node:node /var/lib/latchkey
 USER node

@@ -18,6 +18,8 @@ export { ExchangeFailed, MAX_EXPIRES_IN_S, MAX_TOKEN_RESPONSE_BYTES, type Exchan
 
 /** Said instead of a value the broker answered that reveals a token the sidecar sent it (its refusal: WITHHELD). */
 const NOT_REPEATED = 'not repeated: it quotes a credential the sidecar sent'
+/** Said instead of a value the broker answered that reveals the token it issued in the same answer. */
+const NOT_REPEATED_ISSUED = 'not repeated: it quotes the token it issued'
 
 /** How far this clock may run ahead of the broker's before a JWT's exp shortens its use here. */
 const CLOCK_LEEWAY_MS = 60_000
@@ -126,6 +128,10 @@ export class BrokerClient implements TokenIssuer {
     // no lifetime past a day nor past the token's own exp. Reasons never quote the token.
     if (body.scope !== undefined && typeof body.scope !== 'string') throw new ExchangeFailed('invalid_response', 'broker answered 200 with a scope that is not a string')
     if (typeof body.scope === 'string' && body.scope.length > MAX_SCOPE_TEXT) throw new ExchangeFailed('invalid_response', `broker granted scope text over ${MAX_SCOPE_TEXT} characters`)
+    // Nor the token itself: a scope beyond the one asked is quoted in the agent's 503, and the
+    // grant is kept for every audit event, log line and task description the token serves. The
+    // agent holding it could call the API without the sidecar, refused here or not.
+    if (typeof body.scope === 'string' && quotesSent([token], body.scope)) throw new ExchangeFailed('invalid_response', `broker granted scope (${NOT_REPEATED_ISSUED})`)
     const granted = typeof body.scope === 'string' ? body.scope.split(' ').filter(Boolean) : [...scopes]
     // Asking for no scope asks for what the registry allows: only a request that names scopes bounds them.
     const extra = scopes.length > 0 ? granted.filter((g) => !scopes.includes(g)) : []
@@ -180,6 +186,8 @@ export class BrokerClient implements TokenIssuer {
     // The jti (or lease_id) is audited (file and collector) and listed by the task API: one that
     // quotes what the sidecar sent would put the user's token or the workload's evidence there.
     if (quotes(jti, jtiField.whole)) throw new ExchangeFailed('invalid_response', `broker issued a token whose ${jtiField.name} is ${NOT_REPEATED}`)
+    // A lease_id is the broker's text beside the token (a JWT's jti cannot hold its own signature).
+    if (quotesSent([token], jti, jtiField.whole)) throw new ExchangeFailed('invalid_response', `broker issued a token whose ${jtiField.name} is ${NOT_REPEATED_ISSUED}`)
     return { token, jti, scopes: granted, expiresInMs }
   }
 

@@ -127,6 +127,10 @@ export class ClientCredentialsIssuer implements TokenIssuer {
     if (scope !== undefined && quotesSecret(c, scope)) {
       throw new ExchangeFailed('invalid_response', `authorization server granted scopes ${binding.scopes.length > 0 ? 'not asked for (not repeated: they quote the client secret)' : 'that quote the client secret (not repeated)'}`)
     }
+    // Nor the token it issued: a scope not asked for is quoted in the agent's 503, and asked for
+    // none the scope is taken into every audit event and log line the token serves. The agent
+    // holding the token could call the API without the sidecar, refused here or not.
+    if (scope !== undefined && quotesSent([token], scope)) throw new ExchangeFailed('invalid_response', 'authorization server granted scopes that quote the access token it issued (not repeated)')
     const granted = scope !== undefined ? scope.split(' ').filter(Boolean) : [...binding.scopes]
     const malformed = grantedScopesProblem(granted)
     if (malformed) throw new ExchangeFailed('invalid_response', `authorization server granted ${malformed}`)

@@ -250,9 +250,13 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       const held = this.ctx.credentialSource?.held(binding) ?? NONE_HELD
       scrubResponseHeaders(clean, binding, credential, held)
       statusMessage = safeReasonPhrase(statusMessage, binding, credential, held)
-      const coding = encodedBody(clean, headers['transfer-encoding'], statusCode, this.res.req.method)
+      // The upstream's own Content-Encoding, even where its Connection lists it (dropped from the
+      // head as hop-by-hop): the body is in that coding all the same, and relayed unlabelled it
+      // went past the scrub compressed, for the agent to gunzip.
+      const contentEncoding = headers['content-encoding']
+      const coding = encodedBody(clean, contentEncoding, headers['transfer-encoding'], statusCode, this.res.req.method)
       if (coding !== null) {
-        const decoder = headers['transfer-encoding'] === undefined || String(headers['transfer-encoding']).trim().toLowerCase() === 'chunked' ? decoderFor(clean['content-encoding']) : null
+        const decoder = headers['transfer-encoding'] === undefined || String(headers['transfer-encoding']).trim().toLowerCase() === 'chunked' ? decoderFor(contentEncoding) : null
         if (decoder === null) {
           this.ctx.status = 0
           const what = coding === 'chunked' ? 'a body chunked twice, which HTTP forbids' : `a ${coding}-encoded body though the sidecar asked for none`
@@ -536,11 +540,10 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
 /**
  * The content or transfer coding of a body that is coming, when it is not `identity` (or, for a
  * transfer coding, `chunked`, which undici undoes): such a body cannot be read for the
- * credential. None comes with a HEAD, a 204 or 304, or a Content-Length of 0. `transferEncoding`
- * is the upstream's own, before hop-by-hop headers are dropped.
+ * credential. None comes with a HEAD, a 204 or 304, or a Content-Length of 0. `content` and
+ * `transferEncoding` are the upstream's own, before hop-by-hop and Connection-listed headers are dropped.
  */
-function encodedBody(headers: IncomingHttpHeaders, transferEncoding: string | string[] | undefined, status: number, method: string | undefined): string | null {
-  const content = headers['content-encoding'] as string | string[] | undefined
+function encodedBody(headers: IncomingHttpHeaders, content: string | string[] | undefined, transferEncoding: string | string[] | undefined, status: number, method: string | undefined): string | null {
   if ((content === undefined && transferEncoding === undefined) || method === 'HEAD' || status === 204 || status === 304 || headers['content-length'] === '0') return null
   for (const [value, passes] of [[content, 'identity'], [transferEncoding, 'chunked']] as const) {
     if (value === undefined) continue

@@ -4,7 +4,7 @@
 import t from 'tap'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
-import { brotliCompressSync, deflateSync, gzipSync } from 'node:zlib'
+import { brotliCompressSync, deflateSync, gunzipSync, gzipSync } from 'node:zlib'
 import { fetch, ProxyAgent } from 'undici'
 import { BodyScrubber, RELEASE_MAX, bodyNeedlesFor, compileNeedles } from '../../proxy/forward/body-scrub.js'
 import { compileBinding } from '../../proxy/credentials/bindings.js'
@@ -427,6 +427,40 @@ t.test('a compressed body on a credentialed call is decoded, checked and relayed
   ])
   t.equal(events.find((e) => e.path === '/big')?.bytes_out, largeBody.length, 'bytes_out counts what the agent got, decoded')
   assertNoCanary(t, s, ...seen, head.raw, revalidated.raw)
+})
+
+t.test('a Content-Encoding its Connection lists is still the body\'s coding: decoded and checked, never relayed unlabelled', async (t) => {
+  // Connection-listed headers are dropped as hop-by-hop: the gzip label went, the gzip bytes did
+  // not, so the scrub read compressed bytes (no credential in them) and the agent, told nothing,
+  // had only to gunzip its body to hold the credential.
+  const echo = await startUpstream({
+    handler: (req, res) => {
+      const packed = gzipSync(`seen ${String(req.headers.authorization ?? 'nothing')}`)
+      res.writeHead(200, { 'content-encoding': 'gzip', connection: 'content-encoding', 'content-length': packed.length }).end(packed)
+      return true
+    },
+  })
+  const s = await startTestSidecar({
+    policy: { default: 'allow' },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [echo.port] }] },
+    credentials: [{ id: 'echo', audience: echo.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await echo.close()
+  })
+  const r = await fetch(`${echo.origin}/`, { dispatcher: new ProxyAgent(s.proxy) })
+  const bytes = Buffer.from(await r.arrayBuffer())
+  t.equal(r.status, 200)
+  t.equal(r.headers.get('content-encoding'), null, 'relayed as identity')
+  t.match(bytes.toString('latin1'), /^seen Bearer \*+$/, 'decoded, the credential in it masked')
+  let unpacked = ''
+  try {
+    unpacked = gunzipSync(bytes).toString()
+  } catch {
+    // Not gzip: what the agent has is the decoded body.
+  }
+  assertNoCanary(t, s, bytes.toString('latin1'), unpacked)
 })
 
 t.test('a body the sidecar cannot read whole is not relayed: transfer codings, a coding sent twice, a Range', async (t) => {

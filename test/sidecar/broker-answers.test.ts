@@ -4,6 +4,7 @@
 // real broker behind a front that rewrites or makes up its answers (faults a real broker lacks).
 import t from 'tap'
 import { readFileSync } from 'node:fs'
+import { randomBytes } from 'node:crypto'
 import { startTestBroker, API } from '../helpers/broker.js'
 import { startBrokerFront, type BrokerFront } from '../helpers/broker-front.js'
 import { startTokenRig, type TokenRig } from '../helpers/tokens.js'
@@ -105,4 +106,28 @@ t.test('isoTime never throws', async (t) => {
   t.equal(isoTime(1e300), '+275760-09-13T00:00:00.000Z')
   t.equal(isoTime(-1e300), '-271821-04-20T00:00:00.000Z')
   t.equal(isoTime(Number.NaN), '1970-01-01T00:00:00.000Z')
+})
+
+t.test('a broker echoing the token it issued into `scope` or `lease_id`: the agent, the task API, the audit and the log get none of it', async (t) => {
+  // An opaque token (no claims to read) and its own text echoed where the sidecar quotes or keeps
+  // what the broker says: a scope beyond the one asked (quoted in the 503), a scope asked for none
+  // (kept for every audit event, log line and GET /v1/tasks/<handle> the token serves), the
+  // lease_id (kept as its jti, the same places). Held, the agent could call the API without the sidecar.
+  const issued = `ISSUEDbk${randomBytes(16).toString('hex')}`
+  const cases: [string, string[] | undefined, Record<string, unknown>, RegExp][] = [
+    ['a scope beyond the one asked', undefined, { scope: `read ${issued}` }, /broker granted scope \(not repeated: it quotes the token it issued\)/],
+    ['a scope asked for none', [], { scope: `read ${issued}` }, /broker granted scope \(not repeated: it quotes the token it issued\)/],
+    ['the lease_id', undefined, { scope: 'read', lease_id: issued }, /broker issued a token whose lease_id is not repeated: it quotes the token it issued/],
+  ]
+  for (const [name, scopes, extra, said] of cases) {
+    const { rig: r, front, call } = await rig(t, scopes)
+    front.mode = { mode: 'raw', text: answer(issued, extra) }
+    const res = await call(`/echo`)
+    const described = await (await fetch(`${r.sidecar.sidecar.adminUrl}/v1/tasks/${res.handle}`)).text()
+    t.match(res, { status: 503, body: { code: 'LK_CREDENTIAL_UNAVAILABLE', reason: said } }, `${name}: an invalid answer, said so`)
+    await r.sidecar.sidecar.audit.flush()
+    const audit = readFileSync(r.sidecar.auditPath, 'utf8')
+    t.notOk([JSON.stringify(res.body), described, audit, ...r.sidecar.logs].some((o) => o.includes(issued)), `${name}: the issued token is in no response, task description, audit event or log line`)
+    t.equal(r.api.tokens.length, 0, `${name}: the token was not used`)
+  }
 })

@@ -12,6 +12,7 @@ import { TOKEN_TYPES } from '../../lib/oauth.js'
 import { AGENT } from '../helpers/tokens.js'
 import { SPELLINGS, holds } from '../helpers/spellings.js'
 import { existsSync, readFileSync } from 'node:fs'
+import { randomBytes } from 'node:crypto'
 
 async function get(proxy: string, url: string, handle?: string) {
   const c = new Client(proxy)
@@ -422,4 +423,39 @@ t.test('a leased secret a header cannot carry (as `echo` leaves it) is refused b
   t.equal(up.requests.length, 0, 'nothing went upstream')
   t.same(s.sidecar.brokerTokens!.describe(task.id), [], 'nothing cached')
   assertNoCanary(t, s, res.text)
+})
+
+t.test('an authorization server echoing the token it issued into `scope`: neither the agent, the audit nor the log gets it', async (t) => {
+  // The agent holding the token could call the API without the sidecar: quoted in the 503 for a
+  // scope not asked for, or, asked for none, taken into every audit event and log line it serves.
+  const issued = `ISSUEDcc${randomBytes(16).toString('hex')}`
+  const as = await startAuthorizationServer((r) => {
+    const asked = r.form.get('scope')
+    return { status: 200, body: { access_token: issued, token_type: 'Bearer', expires_in: 600, scope: asked ? `${asked} ${issued}` : issued } }
+  })
+  const up = await startUpstream()
+  const up2 = await startUpstream()
+  const s = await startTestSidecar({
+    ...loopbackPolicy([up.port, up2.port]),
+    credentials: [
+      { id: 'scoped', audience: up.origin, source: 'client_credentials', scopes: ['read'], oauth: { token_url: as.url, client_id: 'c', client_secret: 'CANARY' }, inject: { type: 'bearer' } },
+      { id: 'unscoped', audience: up2.origin, source: 'client_credentials', oauth: { token_url: as.url, client_id: 'c', client_secret: 'CANARY' }, inject: { type: 'bearer' } },
+    ],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await up.close()
+    await up2.close()
+    await as.close()
+  })
+  const scoped = await get(s.proxy, `${up.origin}/a`)
+  const unscoped = await get(s.proxy, `${up2.origin}/a`)
+  for (const [name, res] of [['a scope not asked for', scoped], ['asked for none', unscoped]] as const) {
+    t.equal(res.status, 503, `${name}: refused`)
+    t.match(res.body, { code: 'LK_CREDENTIAL_UNAVAILABLE', reason: /authorization server granted scopes that quote the access token it issued \(not repeated\)/ }, `${name}: an invalid answer, said so`)
+  }
+  await s.sidecar.audit.flush()
+  const audit = existsSync(s.auditPath) ? readFileSync(s.auditPath, 'utf8') : ''
+  t.notOk([scoped.text, unscoped.text, audit, ...s.logs].some((o) => o.includes(issued)), 'the issued token is in no response, audit event or log line')
+  t.equal(up.requests.length + up2.requests.length, 0, 'the token was not used')
 })

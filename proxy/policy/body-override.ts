@@ -78,6 +78,12 @@ const IGNORED_LEAD = /^(?:[ +[\]]|%(?:20|5[bBdD]))+/
 const MAYBE_OVERRIDE = /method|%/i
 /** An override value longer than this, as sent (percent-encoded: 3 bytes a letter), is no method. */
 const MAX_OVERRIDE_VALUE = 1024
+/**
+ * A UTF-8 BOM leading the body, read as latin1: body-parser (Express) decodes a form with
+ * iconv-lite, which drops it, so `\ufeff_method=DELETE` is a `_method` to method-override's body
+ * getter; PHP, Rack and Tomcat keep it in the name. Cut across chunks, it waits in the name whole.
+ */
+const LEADING_BOM = /^\xEF\xBB\xBF/
 const FORM_DELIMITERS = /[=&;]/g
 const PAIR_END = /[&;]/g
 /** The next byte that can begin a field: runs of separators (`&&&&`) are skipped in one search. */
@@ -97,6 +103,8 @@ export class FormOverrideScanner {
   private inValue = false
   /** In the value of a field that is no override: only its end is looked for. */
   private skipping = false
+  /** Still in the body's first field's name, where a UTF-8 BOM may lead it (LEADING_BOM). */
+  private first = true
   private seen: string | null = null
 
   constructor(private readonly onOverride: (method: string) => void) {}
@@ -127,9 +135,12 @@ export class FormOverrideScanner {
         if (this.value.length > MAX_OVERRIDE_VALUE) notAToken('form')
       } else if (this.name.length < KEPT_NAME) {
         // At most a chunk's worth is looked at: what leads it is dropped first, then the kept part cut.
-        this.name = (this.name + text.slice(at, upto)).replace(IGNORED_LEAD, '').slice(0, KEPT_NAME)
+        let name = this.name + text.slice(at, upto)
+        if (this.first) name = name.replace(LEADING_BOM, '')
+        this.name = name.replace(IGNORED_LEAD, '').slice(0, KEPT_NAME)
       }
       if (found === null) return
+      this.first = false
       at = upto + 1
       if (found[0] !== '=') this.fieldEnded()
       else if (this.isOverride()) this.inValue = true

@@ -16,6 +16,7 @@ import { lingerOnClose } from '../listen/linger.js'
 import { NONE_HELD } from '../credentials/held.js'
 import { recordEnd } from '../call-outcome.js'
 import { resolveLocation } from './route-location.js'
+import { flagCloseAfter, RequestLineScanner } from './body-request-line.js'
 
 export type ForwardDone = (err: LatchkeyError | null) => void
 
@@ -685,8 +686,13 @@ function endOfTick(relay: ResponseRelay): void {
  */
 async function* counted(body: IncomingMessage, ctx: CallContext, inspect: BodyInspector | null): AsyncIterable<Buffer> {
   const declared = Number(body.headers['content-length'])
+  let requestLine: RequestLineScanner | null = new RequestLineScanner()
   for await (const chunk of body.iterator({ destroyOnReturn: false })) {
     inspect?.(chunk as Buffer, ctx.bytesIn + (chunk as Buffer).length >= declared)
+    if (requestLine?.feed(chunk as Buffer)) {
+      flagCloseAfter(chunk as Buffer)
+      requestLine = null
+    }
     ctx.bytesIn += (chunk as Buffer).length
     yield chunk as Buffer
   }
@@ -714,6 +720,7 @@ async function* counted(body: IncomingMessage, ctx: CallContext, inspect: BodyIn
  */
 async function* coalesced(body: IncomingMessage, ctx: CallContext, inspect: BodyInspector | null): AsyncIterable<Buffer> {
   const batch: Gathered = { first: null, copy: null, length: 0 }
+  let requestLine: RequestLineScanner | null = new RequestLineScanner()
   // undefined while the body is open; null once it ended; the error that ended it otherwise.
   let error: Error | null | undefined
   let immediate: NodeJS.Immediate | null = null
@@ -756,6 +763,10 @@ async function* coalesced(body: IncomingMessage, ctx: CallContext, inspect: Body
         turnOver = false
         // Once the body has ended (error null), all of it was read into the batch.
         inspect?.(chunk, error === null)
+        if (requestLine?.feed(chunk)) {
+          flagCloseAfter(chunk)
+          requestLine = null
+        }
         ctx.bytesIn += chunk.length
         yield chunk
         continue

@@ -20,6 +20,7 @@ import { Pool } from './undici-pool.js'
 import type { buildConnector as BuildConnector } from 'undici'
 import buildConnectorModule from 'undici/lib/core/connect.js'
 import { readPastPeerGone } from './early-answer.js'
+import { closeAfterFlaggedBody } from './body-request-line.js'
 import { MAX_UPSTREAM_HEAD_BYTES } from './headers.js'
 import { kClients } from 'undici/lib/dispatcher/pool-base.js'
 import type { Client } from 'undici'
@@ -134,6 +135,8 @@ export class PinnedPools {
           }) as unknown as Socket
           // An answer sent before the body was read is parsed, not lost to the failed write.
           readPastPeerGone(socket)
+          // A body that could hold a smuggled request ends the connection's use (body-request-line.ts).
+          closeAfterFlaggedBody(socket)
         } catch (err) {
           this.pooled--
           throw err

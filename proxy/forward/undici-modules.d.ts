@@ -11,3 +11,8 @@ declare module 'undici/lib/core/connect.js' {
   const buildConnector: unknown
   export default buildConnector
 }
+declare module 'undici/lib/core/symbols.js' {
+  /** undici's internal symbols (CommonJS: read from the default export); kReset, set on a socket, closes it once its responses complete (see body-request-line.ts). */
+  const symbols: { readonly kReset: symbol }
+  export default symbols
+}

@@ -1,0 +1,43 @@
+// RequestLineScanner: finds `HTTP/` in any case, however a body is cut into chunks (see
+// proxy/forward/body-request-line.ts and test/sidecar/pool-isolation.test.ts, where a CL.0
+// upstream is sent the bodies it would read as a request).
+import t from 'tap'
+import { RequestLineScanner } from '../proxy/forward/body-request-line.js'
+
+const found = (chunks: Buffer[]): boolean => {
+  const s = new RequestLineScanner()
+  return chunks.some((c) => s.feed(c))
+}
+
+t.test('found in any case, at any cut, in chunks of any size', async (t) => {
+  const table: Array<[string, boolean]> = [
+    ['DELETE /admin HTTP/1.1\r\nX: ', true],
+    ['delete /admin http/1.1\r\n', true],
+    ['GET / HtTp/1.0', true],
+    ['HTTP/', true],
+    ['xHTTP/', true],
+    ['{"url": "https://example.com/a/b", "note": "HTTP 1.1"}', false],
+    ['HTTP', false],
+    ['HTTP /1.1', false],
+    ['H/TTP/', false],
+    ['//////', false],
+    ['', false],
+    // Bytes that agree with `http` in the low five bits only: a case fold by masking would take them.
+    ['\x08\x14\x14\x10/', false],
+    ['(4401/', false],
+  ]
+  for (const [text, want] of table) {
+    const bytes = Buffer.from(text, 'latin1')
+    t.equal(found([bytes]), want, `${JSON.stringify(text)} whole`)
+    for (let cut = 1; cut < bytes.length; cut++) t.equal(found([bytes.subarray(0, cut), bytes.subarray(cut)]), want, `${JSON.stringify(text)} cut at ${cut}`)
+    t.equal(found([...bytes].map((b) => Buffer.from([b]))), want, `${JSON.stringify(text)} a byte at a time`)
+    t.equal(found([Buffer.alloc(0), bytes.subarray(0, 2), Buffer.alloc(0), bytes.subarray(2)]), want, `${JSON.stringify(text)} with empty chunks between`)
+  }
+})
+
+t.test('found deep in a large body, and not in one without it', async (t) => {
+  const body = Buffer.alloc(1 << 20, '/a/')
+  t.notOk(found([body]), 'a megabyte of slashes')
+  body.write('http/', 700_000, 'latin1')
+  t.ok(found([body.subarray(0, 700_002), body.subarray(700_002)]), 'cut in the middle of it, deep in the body')
+})

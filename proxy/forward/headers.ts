@@ -49,6 +49,19 @@ const OVERRIDES = new Set([
   'script-name',
   'path-info',
   'x-script-name',
+  // Next.js's own, set by its router for its render workers: taken from outside, `x-invoke-path`
+  // and `x-matched-path` chose the page that answered (another path than the one judged), and
+  // `x-middleware-subrequest` skipped its middleware, where apps check authorization
+  // (CVE-2025-29927; Vercel's advice is that a proxy in front strip it).
+  'x-invoke-path',
+  'x-invoke-query',
+  'x-invoke-output',
+  'x-matched-path',
+  'x-middleware-subrequest',
+  // The host a front proxy saw, which some frameworks route virtual hosts by (ASP.NET's
+  // X-Original-Host): another site on the address than the host the policy judged.
+  'x-original-host',
+  'x-host',
 ])
 
 /**

@@ -3,7 +3,7 @@
 // batch for them. Labels are the configured sidecar IDs and a fixed set of reasons, never an
 // agent, a host or anything a sidecar sent.
 import { Counter, Gauge, Registry } from 'prom-client'
-import type { IngestService } from './ingest.js'
+import type { IngestService, SidecarSeen } from './ingest.js'
 import type { AuditStore } from './store/types.js'
 
 /** How long a scrape waits for the store to answer before latchkey_collector_store_up says 0. */
@@ -37,34 +37,31 @@ export function createCollectorMetrics(ingest: IngestService, store: AuditStore)
       for (const [reason, n] of ingest.refusals) refusals.inc({ reason }, n)
     },
   })
-  const streams: Gauge<'sidecar'> = new Gauge({
-    name: 'latchkey_collector_sidecar_streams',
-    help: 'Ingest streams open now, per configured sidecar (0: it is not connected)',
-    labelNames: ['sidecar'],
-    registers: [registry],
-    collect: () => {
-      for (const [sidecar, seen] of ingest.sidecars) streams.set({ sidecar }, seen.streams)
-    },
-  })
-  const stored: Counter<'sidecar'> = new Counter({
-    name: 'latchkey_collector_sidecar_events_stored_total',
-    help: 'Audit events stored, per configured sidecar',
-    labelNames: ['sidecar'],
-    registers: [registry],
-    collect: () => {
-      stored.reset()
-      for (const [sidecar, seen] of ingest.sidecars) stored.inc({ sidecar }, seen.stored)
-    },
-  })
-  const last: Gauge<'sidecar'> = new Gauge({
-    name: 'latchkey_collector_sidecar_last_batch_timestamp_seconds',
-    help: 'When a batch from this sidecar was last stored (Unix seconds; 0: none since the collector started)',
-    labelNames: ['sidecar'],
-    registers: [registry],
-    collect: () => {
-      for (const [sidecar, seen] of ingest.sidecars) last.set({ sidecar }, seen.lastBatchMs / 1000)
-    },
-  })
+  // One series per configured sidecar, set at each scrape from what the ingest saw of it.
+  const perSidecar = (kind: 'gauge' | 'counter', name: string, help: string, read: (seen: SidecarSeen) => number) => {
+    if (kind === 'gauge') {
+      const g: Gauge<'sidecar'> = new Gauge({ name, help, labelNames: ['sidecar'], registers: [registry], collect: () => ingest.sidecars.forEach((seen, sidecar) => g.set({ sidecar }, read(seen))) })
+    } else {
+      const c: Counter<'sidecar'> = new Counter({
+        name,
+        help,
+        labelNames: ['sidecar'],
+        registers: [registry],
+        collect: () => {
+          c.reset()
+          ingest.sidecars.forEach((seen, sidecar) => c.inc({ sidecar }, read(seen)))
+        },
+      })
+    }
+  }
+  perSidecar('gauge', 'latchkey_collector_sidecar_streams', 'Ingest streams open now, per configured sidecar (0: it is not connected)', (seen) => seen.streams)
+  perSidecar('counter', 'latchkey_collector_sidecar_events_stored_total', 'Audit events stored, per configured sidecar', (seen) => seen.stored)
+  perSidecar(
+    'gauge',
+    'latchkey_collector_sidecar_last_batch_timestamp_seconds',
+    'When a batch from this sidecar was last stored (Unix seconds; 0: none since the collector started)',
+    (seen) => seen.lastBatchMs / 1000,
+  )
   const storeUp: Gauge = new Gauge({
     name: 'latchkey_collector_store_up',
     help: `1 if the store answered a ping at this scrape (within ${STORE_PING_MS} ms), else 0: batches are refused and stay spooled on the sidecars`,

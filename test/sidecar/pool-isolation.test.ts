@@ -69,18 +69,27 @@ async function desyncUpstream() {
   return { port, origin: `http://127.0.0.1:${port}`, seen, close: () => new Promise<void>((r) => server.close(() => r())) }
 }
 
-t.test("one task's calls never share an upstream connection with another's", async (t) => {
+/**
+ * The desync upstream and a sidecar injecting the canary into calls to it (`policy`: the
+ * sidecar's policy and network fragment; by default, loopback allowed whole). Both close at the
+ * test's end, the upstream first: the sidecar's pooled connections to it end with it.
+ */
+async function sidecarBefore(t: { teardown: (fn: () => Promise<void>) => void }, policy?: (port: number) => Record<string, unknown>) {
   const upstream = await desyncUpstream()
   const s = await startTestSidecar({
-    ...loopbackPolicy([upstream.port]),
+    ...(policy ? policy(upstream.port) : loopbackPolicy([upstream.port])),
     credentials: [{ id: 'up', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
   })
   t.teardown(async () => {
-    // The upstream first: the sidecar's pooled connections to it end with it.
     const closed = upstream.close()
     await s.close()
     await closed
   })
+  return { upstream, s }
+}
+
+t.test("one task's calls never share an upstream connection with another's", async (t) => {
+  const { upstream, s } = await sidecarBefore(t)
   const [alice, bob] = [(await openTask(s, 'alice')).proxyAuthorization, (await openTask(s, 'bob')).proxyAuthorization]
   const call = (auth: string | null, method: string, path: string, body = '') =>
     rawRequest(
@@ -114,23 +123,16 @@ t.test("one task's calls never share an upstream connection with another's", asy
 })
 
 t.test('a request smuggled in a body past a CL.0 upstream never takes the next call: the connection that carried it closes after it', async (t) => {
-  const upstream = await desyncUpstream()
-  const s = await startTestSidecar({
+  const { upstream, s } = await sidecarBefore(t, (port) => ({
     policy: {
       default: 'deny',
       rules: [
         { id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin/**'] },
-        { id: 'allow-upstream', action: 'allow', hosts: ['127.0.0.1'], ports: [upstream.port] },
+        { id: 'allow-upstream', action: 'allow', hosts: ['127.0.0.1'], ports: [port] },
       ],
     },
-    network: { allow: [{ cidr: '127.0.0.1/32', ports: [upstream.port] }] },
-    credentials: [{ id: 'up', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
-  })
-  t.teardown(async () => {
-    const closed = upstream.close()
-    await s.close()
-    await closed
-  })
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [port] }] },
+  }))
   const head = (method: string, path: string, length: number | null) =>
     `${method} ${upstream.origin}${path} HTTP/1.1\r\nHost: x\r\n${length !== null ? `Content-Length: ${length}\r\n` : ''}Connection: close\r\n\r\n`
   const call = (method: string, path: string, body = '') => rawRequest(s.sidecar.port, head(method, path, body ? Buffer.byteLength(body) : null) + body)
@@ -189,16 +191,7 @@ t.test('a request smuggled in a body past a CL.0 upstream never takes the next c
 })
 
 t.test('on an origin the policy allows whole, a smuggled request does not run unaudited in place of the next call', async (t) => {
-  const upstream = await desyncUpstream()
-  const s = await startTestSidecar({
-    ...loopbackPolicy([upstream.port]),
-    credentials: [{ id: 'up', audience: upstream.origin, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }],
-  })
-  t.teardown(async () => {
-    const closed = upstream.close()
-    await s.close()
-    await closed
-  })
+  const { upstream, s } = await sidecarBefore(t)
   const call = (method: string, path: string, body = '') =>
     rawRequest(s.sidecar.port, `${method} ${upstream.origin}${path} HTTP/1.1\r\nHost: x\r\n${body ? `Content-Length: ${Buffer.byteLength(body)}\r\n` : ''}Connection: close\r\n\r\n${body}`)
   await call('POST', '/ignore', 'DELETE /unaudited HTTP/1.1\r\nX-Ignore: ')

@@ -216,8 +216,11 @@ export class TokenExchange {
     // three quarters, then work once less than max_lifetime_s of it was left.
     const nowS = Math.floor(this.d.now() / 1000)
     let lifetime = Math.min(Math.max(Math.ceil(duration * 1.2), this.d.floorS), spec.max_lifetime_s)
-    // Never outlive the delegation it rests on.
-    if (subject.exp !== undefined) lifetime = Math.min(lifetime, subject.exp - nowS)
+    // Never outlive the delegation it rests on. Its exp may be fractional (RFC 7519 NumericDate):
+    // taken down to the whole second, so exp and expires_in stay whole numbers, which RFC 6749
+    // clients read as integers (Go's x/oauth2 refuses 100.5), and a subject with under a second
+    // left is refused rather than lent a token living a fraction of one.
+    if (subject.exp !== undefined) lifetime = Math.min(lifetime, Math.floor(subject.exp) - nowS)
     if (lifetime <= 0) throw new OAuthError('invalid_request', 'subject_token: expired')
 
     const jti = randomUUID()

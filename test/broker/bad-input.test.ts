@@ -193,8 +193,8 @@ t.test('bad input table', async (t) => {
 t.test('malformed and oversized bodies', async (t) => {
   const b = await startTestBroker()
   t.teardown(b.close)
-  const post = (body: string | Buffer, type = 'application/x-www-form-urlencoded', extra: Record<string, string> = {}) =>
-    fetch(`${b.url}/oauth2/token`, { method: 'POST', body: typeof body === 'string' ? body : new Uint8Array(body), headers: { 'content-type': type, ...extra } }).then(async (r) => ({ status: r.status, body: (await r.json()) as Record<string, string> }))
+  const post = (body: string | Buffer, type = 'application/x-www-form-urlencoded', extra: Record<string, string> = {}, path = '/oauth2/token') =>
+    fetch(`${b.url}${path}`, { method: 'POST', body: typeof body === 'string' ? body : new Uint8Array(body), headers: { 'content-type': type, ...extra } }).then(async (r) => ({ status: r.status, body: (await r.json()) as Record<string, string> }))
 
   const big = await post('grant_type=' + GRANT_TYPE + '&subject_token=' + 'a'.repeat(70_000))
   t.equal(big.status, 413)
@@ -211,6 +211,19 @@ t.test('malformed and oversized bodies', async (t) => {
 
   const pctBad = await post('grant_type=%FF%FE')
   t.equal(pctBad.status, 400, 'percent-encoded invalid UTF-8 is refused too')
+
+  // A bare token posted twice (`curl -d "$TOKEN" -d "$TOKEN"`) is a repeated parameter *name*:
+  // refused without quoting it, at the token endpoint and at introspection.
+  const canary = 'CANARY-' + 'k'.repeat(40)
+  const bare = await post(`${canary}&${canary}`)
+  t.equal(bare.status, 400)
+  t.match(bare.body.error_description, /a parameter is repeated/)
+  t.notOk(JSON.stringify(bare.body).includes('CANARY'), 'the repeated name is not echoed')
+  const basic = 'Basic ' + Buffer.from(`api-server:${b.introspectionSecret}`).toString('base64')
+  const bareIntro = await post(`${canary}&${canary}`, 'application/x-www-form-urlencoded', { authorization: basic }, '/oauth2/introspect')
+  t.equal(bareIntro.status, 400)
+  t.notOk(JSON.stringify(bareIntro.body).includes('CANARY'), 'nor at introspection')
+  t.notMatch(b.logs(), /CANARY/, 'nor in the log')
 
   const get = await fetch(`${b.url}/oauth2/token`)
   t.equal(get.status, 405)

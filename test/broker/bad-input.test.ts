@@ -57,6 +57,27 @@ const cases: Case[] = [
   // --- the user's subject token
   { name: 'subject alg none', params: async (b) => delegatedRequest(b.users.unsigned({ sub: 'u', aud: 'latchkey', scope: 'read' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: (signing algorithm not allowed|not a valid signed JWT)/ },
   { name: 'subject HS256 keyed with the public key', params: async (b) => delegatedRequest(b.users.hs256WithPublicKey({ sub: 'u', aud: 'latchkey', scope: 'read' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: signing algorithm not allowed/ },
+  // RFC 7515 compact form only: jose's decoder skips whitespace and takes padding in the
+  // signature, so one genuine token verified under endless spellings (each a new cache entry).
+  ...([['a space', (s: string) => `${s.slice(0, 10)} ${s.slice(10)}`], ['a newline', (s: string) => `${s.slice(0, 10)}\n${s.slice(10)}`], ['trailing whitespace', (s: string) => s + ' '.repeat(100)]] as const).map(([what, spell]) => ({
+    name: `subject whose signature holds ${what}`,
+    params: async (b: TestBroker) => {
+      const [h, p, sig] = (await b.userToken('u', 'read')).split('.')
+      return delegatedRequest(`${h}.${p}.${spell(sig!)}`, await b.attest(AGENT))
+    },
+    error: 'invalid_request',
+    says: /subject_token: not a valid signed JWT/,
+  })),
+  {
+    name: 'actor whose signature is padded',
+    params: async (b) => {
+      // An ES256 signature is 86 base64url characters: with "==" it is well-formed padded base64.
+      const attestation = await b.attest(AGENT)
+      return delegatedRequest(await b.userToken('u', 'read'), attestation + '==')
+    },
+    error: 'invalid_request',
+    says: /actor_token: not a valid signed JWT/,
+  },
   { name: 'subject for another audience', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { aud: 'some-other-app' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: claim "aud"/ },
   { name: 'subject from another issuer', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { iss: 'https://evil-idp' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: issuer is not the configured user identity provider/ },
   { name: 'subject expired beyond the 30 s skew', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { exp: now() - 31 - 5 }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: expired/ },

@@ -63,6 +63,7 @@ t.test('revocation via the admin API, introspection, and a restart', async (t) =
   t.equal(unauth.body.error, 'invalid_client')
   t.notOk('sub' in unauth.body, 'nothing about the token without authentication')
   t.same((await introspect('garbage')).body, { active: false })
+  t.same((await introspect(`${token.slice(0, -10)}\n${token.slice(-10)}`)).body, { active: false }, 'nor another spelling of the token (whitespace in its signature)')
 
   const admin = (method: string, path: string, body?: unknown, token = b.adminToken) =>
     fetch(`${b.url}${path}`, { method, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' }, ...(body ? { body: JSON.stringify(body) } : {}) })

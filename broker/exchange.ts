@@ -68,6 +68,8 @@ interface Subject {
   isUser: boolean
   /** The delegation tokens this subject rests on, oldest first (carried as `delegated_from`). */
   ancestry: Ancestor[]
+  /** The user token's may_act (RFC 8693 §4.4): the one agent the user lets act for them. */
+  mayAct?: string
 }
 
 /** A short, non-reversible token fingerprint for events. */
@@ -184,6 +186,13 @@ export class TokenExchange {
 
     // A token for the broker itself is a delegation token: only agents that may task others get one.
     const delegation = audience === this.d.issuer
+    // A delegation token lets another agent act for the user, which a user token naming its one
+    // actor (may_act) forbids: the agent it names acts for the user itself, or nobody does. A
+    // delegation token carries no may_act: issued, it let the agent tasked with it act for the
+    // user, whom the user never named.
+    if (delegation && subject.mayAct !== undefined) {
+      throw new OAuthError('invalid_request', 'subject_token: its may_act lets only the agent it names act for the user; it may not be delegated to others')
+    }
     const allowed = delegation ? (spec.may_task.length > 0 ? [...new Set(Object.values(spec.audiences).flat())] : undefined) : spec.audiences[audience]
     if (!allowed) throw new OAuthError('invalid_target', `agent type "${attestation.agentType}" may not receive tokens for this audience`)
     if (!delegation && subject.grants && !subject.grants.has(audience)) {
@@ -216,8 +225,11 @@ export class TokenExchange {
     // three quarters, then work once less than max_lifetime_s of it was left.
     const nowS = Math.floor(this.d.now() / 1000)
     let lifetime = Math.min(Math.max(Math.ceil(duration * 1.2), this.d.floorS), spec.max_lifetime_s)
-    // Never outlive the delegation it rests on.
-    if (subject.exp !== undefined) lifetime = Math.min(lifetime, subject.exp - nowS)
+    // Never outlive the delegation it rests on. Its exp may be fractional (RFC 7519 NumericDate):
+    // taken down to the whole second, so exp and expires_in stay whole numbers, which RFC 6749
+    // clients read as integers (Go's x/oauth2 refuses 100.5), and a subject with under a second
+    // left is refused rather than lent a token living a fraction of one.
+    if (subject.exp !== undefined) lifetime = Math.min(lifetime, Math.floor(subject.exp) - nowS)
     if (lifetime <= 0) throw new OAuthError('invalid_request', 'subject_token: expired')
 
     const jti = randomUUID()
@@ -331,7 +343,7 @@ export class TokenExchange {
     if (user.mayAct !== null && user.mayAct !== actor.instanceId) {
       throw new OAuthError('invalid_request', `subject_token: its may_act names another actor than ${actor.instanceId}`)
     }
-    return { sub: user.sub, scopes: user.scopes, exp: user.exp, delegators: [], isUser: true, ancestry: [] }
+    return { sub: user.sub, scopes: user.scopes, exp: user.exp, delegators: [], isUser: true, ancestry: [], ...(user.mayAct !== null ? { mayAct: user.mayAct } : {}) }
   }
 
   /** A broker-issued delegation token (aud = this broker) from an agent that may task the actor's type. */

@@ -13,6 +13,15 @@ export const MAX_TOKEN_BYTES = 16_384
 
 export class TokenInvalid extends Error {}
 
+/**
+ * A JWS in compact serialization (RFC 7515 §7.1): three base64url segments, unpadded (§2), and
+ * nothing else. jose's decoder skips whitespace (and takes `=` padding) in the signature, so one
+ * token verified under endless spellings: each a new key of the verified-user-token cache (up to
+ * 10,000 of 16 KB each from one token and any reusable attestation) and a new fingerprint in the
+ * trail for the same token.
+ */
+export const COMPACT_JWS = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/
+
 export interface JwksSource {
   jwks_file?: string | undefined
   jwks_url?: string | undefined
@@ -150,6 +159,7 @@ export interface VerifyOptions {
 export async function verifyJwt(token: string, keys: JWTVerifyGetKey, opts: VerifyOptions): Promise<JWTPayload> {
   if (token.length === 0) throw new TokenInvalid('is empty')
   if (token.length > MAX_TOKEN_BYTES) throw new TokenInvalid(`is longer than ${MAX_TOKEN_BYTES} bytes`)
+  if (!COMPACT_JWS.test(token)) throw new TokenInvalid('not a valid signed JWT (three base64url segments, no padding or whitespace)')
   const { payload } = await jwtVerify(token, keys, {
     algorithms: opts.algorithms ?? ASYMMETRIC_ALGS,
     audience: opts.audience,

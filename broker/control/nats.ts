@@ -9,6 +9,7 @@ import type { Logger } from '../../lib/log.js'
 import { withoutUserinfo } from '../../lib/without-userinfo.js'
 import type { RevocationList, RevocationChange } from '../revocations/list.js'
 import { REVOCATION_KINDS, type RevocationKind } from '../revocations/store.js'
+import { storeCause } from '../../lib/store-schema.js'
 
 interface BusMessage {
   replica: string
@@ -71,6 +72,23 @@ export class RevocationBus {
         if (!REVOCATION_KINDS.includes(msg.kind) || typeof msg.value !== 'string') {
           this.log.warn({ kind: String(msg.kind) }, 'control bus: malformed revocation message; ignored')
           continue
+        }
+        // The bus is a hint, the shared store the record: an unrevoke is applied only once the
+        // store no longer holds the revocation (the replica that lifted it removed the row before
+        // publishing). Taken on the bus's word, anyone able to publish on the subject lifted any
+        // revocation on every replica, and again after each resync restored it.
+        if (msg.op !== 'revoke') {
+          let held: boolean
+          try {
+            held = await this.list.store.holds(msg.kind, msg.value)
+          } catch (err) {
+            this.log.warn({ kind: msg.kind, reason: storeCause(err) }, 'control bus: unrevoke not checked (store unavailable); left to the next resync')
+            continue
+          }
+          if (held) {
+            this.log.warn({ kind: msg.kind }, 'control bus: unrevoke of a revocation the store still holds; ignored')
+            continue
+          }
         }
         this.stats.applied++
         this.list.applyRemote(

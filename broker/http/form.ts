@@ -6,6 +6,8 @@ import { OAuthError } from '../oauth-error.js'
 
 /** Parameters that RFC 8693 allows to repeat. */
 const MULTI = new Set(['audience', 'resource'])
+/** The parameters of the token (RFC 8693, ours) and introspection (RFC 7662) endpoints: the names a refusal may quote. */
+const KNOWN = new Set(['grant_type', 'subject_token', 'subject_token_type', 'actor_token', 'actor_token_type', 'requested_token_type', 'scope', 'task_id', 'task_duration', 'token', 'token_type_hint', 'client_id', 'client_secret'])
 
 export interface Form {
   one(name: string): string | undefined
@@ -51,7 +53,11 @@ export function parseForm(req: IncomingMessage, body: Buffer): Form {
   for (const [key, value] of params) {
     const list = seen.get(key)
     if (list) {
-      if (!MULTI.has(key)) throw new OAuthError('invalid_request', `parameter "${key.slice(0, 64)}" is repeated`)
+      if (!MULTI.has(key)) {
+        // Named only when it is a parameter these endpoints read: a name is whatever precedes "=",
+        // and a client that posted a bare token twice (`curl -d "$TOKEN" -d "$TOKEN"`) sent it as one.
+        throw new OAuthError('invalid_request', KNOWN.has(key) ? `parameter "${key}" is repeated` : 'a parameter is repeated (its name is not repeated: it may be a token)')
+      }
       list.push(value)
     } else seen.set(key, [value])
   }

@@ -38,6 +38,8 @@ export class RevocationList {
   private readonly listeners: ((c: RevocationChange) => void)[] = []
   /** Agent patterns among the entries, checked one by one (there are few). */
   private patterns: Revocation[] = []
+  /** For each resync awaiting the store: the keys changed in memory meanwhile (see resync). */
+  private readonly resyncing = new Set<Set<string>>()
 
   constructor(readonly store: RevocationStore) {}
 
@@ -46,6 +48,11 @@ export class RevocationList {
     this.entries.clear()
     for (const r of await this.store.list()) this.entries.set(`${r.kind}\0${r.value}`, r)
     this.reindex()
+  }
+
+  /** Notes a change to `key` for every resync whose store read it may postdate. */
+  private touched(key: string): void {
+    for (const keys of this.resyncing) keys.add(key)
   }
 
   private reindex(): void {
@@ -57,11 +64,22 @@ export class RevocationList {
    * up with revocations made elsewhere that it did not hear about (NATS away, or missed).
    */
   async resync(): Promise<number> {
-    const stored = await this.store.list()
+    // The store's answer is a snapshot taken when the query ran; a revoke or unrevoke made here
+    // while it was on its way is newer than it, and is kept. Diffed blindly, a revocation
+    // acknowledged (201) during a slow list (a large store) was dropped again, announced to every
+    // sidecar as lifted, and its agent served tokens until the next resync.
+    const changedMeanwhile = new Set<string>()
+    this.resyncing.add(changedMeanwhile)
+    let stored: Revocation[]
+    try {
+      stored = await this.store.list()
+    } finally {
+      this.resyncing.delete(changedMeanwhile)
+    }
     const next = new Map(stored.map((r) => [`${r.kind}\0${r.value}`, r]))
     const changes: RevocationChange[] = []
-    for (const [k, r] of next) if (!this.entries.has(k)) changes.push({ op: 'revoke', revocation: r, remote: true })
-    for (const [k, r] of this.entries) if (!next.has(k)) changes.push({ op: 'unrevoke', kind: r.kind, value: r.value, remote: true })
+    for (const [k, r] of next) if (!this.entries.has(k) && !changedMeanwhile.has(k)) changes.push({ op: 'revoke', revocation: r, remote: true })
+    for (const [k, r] of this.entries) if (!next.has(k) && !changedMeanwhile.has(k)) changes.push({ op: 'unrevoke', kind: r.kind, value: r.value, remote: true })
     for (const c of changes) this.applyRemote(c)
     return changes.length
   }
@@ -72,7 +90,12 @@ export class RevocationList {
       const k = `${change.revocation.kind}\0${change.revocation.value}`
       if (this.entries.has(k)) return
       this.entries.set(k, change.revocation)
-    } else if (!this.entries.delete(`${change.kind}\0${change.value}`)) return
+      this.touched(k)
+    } else {
+      const k = `${change.kind}\0${change.value}`
+      if (!this.entries.delete(k)) return
+      this.touched(k)
+    }
     this.reindex()
     for (const l of this.listeners) l({ ...change, remote: true })
   }
@@ -100,6 +123,7 @@ export class RevocationList {
     const created = await this.store.add(revocation)
     const stored = created ? revocation : (this.get(kind, value) ?? revocation)
     this.entries.set(`${kind}\0${value}`, stored)
+    this.touched(`${kind}\0${value}`)
     this.reindex()
     if (created) for (const l of this.listeners) l({ op: 'revoke', revocation })
     return { revocation: stored, created }
@@ -108,6 +132,7 @@ export class RevocationList {
   async unrevoke(kind: RevocationKind, value: string): Promise<boolean> {
     const removed = await this.store.remove(kind, value)
     const had = this.entries.delete(`${kind}\0${value}`)
+    this.touched(`${kind}\0${value}`)
     this.reindex()
     if (removed || had) for (const l of this.listeners) l({ op: 'unrevoke', kind, value })
     return removed || had
@@ -123,6 +148,7 @@ export class RevocationList {
       if (r.kind === 'agent' || nowMs - r.created_at <= REVOCATION_RETENTION_MS[r.kind]) continue
       await this.store.remove(r.kind, r.value)
       if (!this.entries.delete(`${r.kind}\0${r.value}`)) continue
+      this.touched(`${r.kind}\0${r.value}`)
       pruned++
       for (const l of this.listeners) l({ op: 'unrevoke', kind: r.kind, value: r.value, expired: true })
     }

@@ -79,6 +79,11 @@ export class PostgresRevocationStore implements RevocationStore {
     return res.rows.map((r) => ({ kind: r.kind, value: r.value, reason: r.reason, created_at: Number(r.created_at) }))
   }
 
+  async holds(kind: RevocationKind, value: string): Promise<boolean> {
+    const res = await this.pool.query(`SELECT 1 FROM ${this.table} WHERE kind = $1 AND value = $2`, [kind, value])
+    return res.rowCount === 1
+  }
+
   async useOnce(jti: string, expiresAt: number): Promise<boolean> {
     const res = await this.pool.query(`INSERT INTO ${this.used} (jti, expires_at) VALUES ($1, $2) ON CONFLICT (jti) DO NOTHING`, [jti, expiresAt])
     return res.rowCount === 1

@@ -59,6 +59,10 @@ export class SqliteRevocationStore implements RevocationStore {
     return statement<[], Revocation>(this.db, 'SELECT kind, value, reason, created_at FROM revocations ORDER BY created_at, kind, value').all()
   }
 
+  async holds(kind: RevocationKind, value: string): Promise<boolean> {
+    return statement<[RevocationKind, string], { one: number }>(this.db, 'SELECT 1 AS one FROM revocations WHERE kind = ? AND value = ?').get(kind, value) !== undefined
+  }
+
   async useOnce(jti: string, expiresAt: number): Promise<boolean> {
     return statement(this.db, 'INSERT INTO single_use_jtis (jti, expires_at) VALUES (?, ?) ON CONFLICT (jti) DO NOTHING').run(jti, expiresAt).changes === 1
   }

@@ -40,6 +40,8 @@ export interface RevocationStore extends SingleUseJtis {
   /** Returns whether something was revoked. */
   remove(kind: RevocationKind, value: string): Promise<boolean>
   list(): Promise<Revocation[]>
+  /** Whether (kind, value) is revoked in the store now: what a replica checks an unrevoke heard on the bus against. */
+  holds(kind: RevocationKind, value: string): Promise<boolean>
   /** Forgets single-use jtis that expired before `before` (epoch ms); returns how many. */
   pruneUsed(before: number): Promise<number>
   close(): Promise<void>

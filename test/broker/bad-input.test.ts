@@ -57,6 +57,27 @@ const cases: Case[] = [
   // --- the user's subject token
   { name: 'subject alg none', params: async (b) => delegatedRequest(b.users.unsigned({ sub: 'u', aud: 'latchkey', scope: 'read' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: (signing algorithm not allowed|not a valid signed JWT)/ },
   { name: 'subject HS256 keyed with the public key', params: async (b) => delegatedRequest(b.users.hs256WithPublicKey({ sub: 'u', aud: 'latchkey', scope: 'read' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: signing algorithm not allowed/ },
+  // RFC 7515 compact form only: jose's decoder skips whitespace and takes padding in the
+  // signature, so one genuine token verified under endless spellings (each a new cache entry).
+  ...([['a space', (s: string) => `${s.slice(0, 10)} ${s.slice(10)}`], ['a newline', (s: string) => `${s.slice(0, 10)}\n${s.slice(10)}`], ['trailing whitespace', (s: string) => s + ' '.repeat(100)]] as const).map(([what, spell]) => ({
+    name: `subject whose signature holds ${what}`,
+    params: async (b: TestBroker) => {
+      const [h, p, sig] = (await b.userToken('u', 'read')).split('.')
+      return delegatedRequest(`${h}.${p}.${spell(sig!)}`, await b.attest(AGENT))
+    },
+    error: 'invalid_request',
+    says: /subject_token: not a valid signed JWT/,
+  })),
+  {
+    name: 'actor whose signature is padded',
+    params: async (b) => {
+      // An ES256 signature is 86 base64url characters: with "==" it is well-formed padded base64.
+      const attestation = await b.attest(AGENT)
+      return delegatedRequest(await b.userToken('u', 'read'), attestation + '==')
+    },
+    error: 'invalid_request',
+    says: /actor_token: not a valid signed JWT/,
+  },
   { name: 'subject for another audience', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { aud: 'some-other-app' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: claim "aud"/ },
   { name: 'subject from another issuer', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { iss: 'https://evil-idp' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: issuer is not the configured user identity provider/ },
   { name: 'subject expired beyond the 30 s skew', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { exp: now() - 31 - 5 }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: expired/ },
@@ -193,8 +214,8 @@ t.test('bad input table', async (t) => {
 t.test('malformed and oversized bodies', async (t) => {
   const b = await startTestBroker()
   t.teardown(b.close)
-  const post = (body: string | Buffer, type = 'application/x-www-form-urlencoded', extra: Record<string, string> = {}) =>
-    fetch(`${b.url}/oauth2/token`, { method: 'POST', body: typeof body === 'string' ? body : new Uint8Array(body), headers: { 'content-type': type, ...extra } }).then(async (r) => ({ status: r.status, body: (await r.json()) as Record<string, string> }))
+  const post = (body: string | Buffer, type = 'application/x-www-form-urlencoded', extra: Record<string, string> = {}, path = '/oauth2/token') =>
+    fetch(`${b.url}${path}`, { method: 'POST', body: typeof body === 'string' ? body : new Uint8Array(body), headers: { 'content-type': type, ...extra } }).then(async (r) => ({ status: r.status, body: (await r.json()) as Record<string, string> }))
 
   const big = await post('grant_type=' + GRANT_TYPE + '&subject_token=' + 'a'.repeat(70_000))
   t.equal(big.status, 413)
@@ -211,6 +232,19 @@ t.test('malformed and oversized bodies', async (t) => {
 
   const pctBad = await post('grant_type=%FF%FE')
   t.equal(pctBad.status, 400, 'percent-encoded invalid UTF-8 is refused too')
+
+  // A bare token posted twice (`curl -d "$TOKEN" -d "$TOKEN"`) is a repeated parameter *name*:
+  // refused without quoting it, at the token endpoint and at introspection.
+  const canary = 'CANARY-' + 'k'.repeat(40)
+  const bare = await post(`${canary}&${canary}`)
+  t.equal(bare.status, 400)
+  t.match(bare.body.error_description, /a parameter is repeated/)
+  t.notOk(JSON.stringify(bare.body).includes('CANARY'), 'the repeated name is not echoed')
+  const basic = 'Basic ' + Buffer.from(`api-server:${b.introspectionSecret}`).toString('base64')
+  const bareIntro = await post(`${canary}&${canary}`, 'application/x-www-form-urlencoded', { authorization: basic }, '/oauth2/introspect')
+  t.equal(bareIntro.status, 400)
+  t.notOk(JSON.stringify(bareIntro.body).includes('CANARY'), 'nor at introspection')
+  t.notMatch(b.logs(), /CANARY/, 'nor in the log')
 
   const get = await fetch(`${b.url}/oauth2/token`)
   t.equal(get.status, 405)

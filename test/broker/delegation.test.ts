@@ -291,3 +291,24 @@ t.test('a delegation is bounded audience by audience: a scope held at one audien
     t.same(r.body, { error: 'invalid_request', error_description: malformed }, `refused: ${label}`)
   }
 })
+
+// RFC 8693 §4.4: a user token's may_act names the one agent allowed to act for the user. A
+// delegation token carries no may_act, so one issued from such a user token let the agent tasked
+// with it act for the user (sub = the user, act = the tasked agent), whom the user never named.
+t.test("a user token's may_act is not delegated away: no delegation token is issued from it", async (t) => {
+  const b = await startTestBroker({ registry: REGISTRY })
+  t.teardown(b.close)
+  const named = 'agent:summarizer:prod:named'
+  const user = await b.userToken('u', 'read', { may_act: { sub: named } })
+  const own = await b.exchange(delegatedRequest(user, await b.attest(named)))
+  t.equal(own.status, 200, `the named agent acts for the user itself (${why(own)})`)
+  const d = await b.exchange(delegatedRequest(user, await b.attest(named), { audience: b.issuer }))
+  t.equal(d.status, 400, why(d))
+  t.match(d.body, { error: 'invalid_request', error_description: /may_act lets only the agent it names act for the user/ })
+  t.notOk('access_token' in d.body, 'no delegation token')
+  // Without may_act the same delegation is served, and its child acts for the user.
+  const free = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), await b.attest(named), { audience: b.issuer }))
+  t.equal(free.status, 200, why(free))
+  const child = await b.exchange(delegatedRequest(free.body.access_token as string, await b.attest('agent:helper:prod:tasked')))
+  t.equal(child.status, 200, why(child))
+})

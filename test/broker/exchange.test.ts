@@ -100,6 +100,27 @@ t.test('lifetime: floor, policy maximum, and never beyond the user token', async
   t.ok((capped.body.expires_in as number) <= 100 && (capped.body.expires_in as number) >= 95, `capped at the user token's expiry (${String(capped.body.expires_in)})`)
 })
 
+// RFC 7519 lets a user token's exp be fractional; the token issued from it must still carry whole
+// seconds: RFC 6749 clients read expires_in as an integer (Go's x/oauth2 fails on 100.5).
+t.test('a user token with a fractional exp yields whole-second exp and expires_in, never past it', async (t) => {
+  const b = await startTestBroker()
+  t.teardown(b.close)
+  const agent = 'agent:summarizer:prod:frac'
+  const exp = Math.floor(Date.now() / 1000) + 100.75
+  const res = await b.exchange(delegatedRequest(await b.userToken('carol', 'read', { exp }), await b.attest(agent), { task_duration: '600' }))
+  t.equal(res.status, 200, why(res))
+  const issued = JSON.parse(Buffer.from((res.body.access_token as string).split('.')[1]!, 'base64url').toString()) as { exp: number; iat: number }
+  t.ok(Number.isInteger(res.body.expires_in), `expires_in is whole (${String(res.body.expires_in)})`)
+  t.ok(Number.isInteger(issued.exp), `exp is whole (${issued.exp})`)
+  t.ok(issued.exp <= exp, 'not past the user token')
+  // Under a second left (and still within the skew jose allows): refused, not a token living a fraction of one.
+  const nearly = await b.userToken('carol', 'read', { exp: Math.floor(Date.now() / 1000) + 0.5 })
+  const r2 = await b.exchange(delegatedRequest(nearly, await b.attest(agent)))
+  t.equal(r2.status, 400, why(r2))
+  t.match(String(r2.body.error_description), /subject_token: expired/)
+  t.notOk('access_token' in r2.body)
+})
+
 t.test('kubernetes and SPIFFE evidence map to agent instances', async (t) => {
   const b = await startTestBroker()
   t.teardown(b.close)

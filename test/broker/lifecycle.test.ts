@@ -63,6 +63,7 @@ t.test('revocation via the admin API, introspection, and a restart', async (t) =
   t.equal(unauth.body.error, 'invalid_client')
   t.notOk('sub' in unauth.body, 'nothing about the token without authentication')
   t.same((await introspect('garbage')).body, { active: false })
+  t.same((await introspect(`${token.slice(0, -10)}\n${token.slice(-10)}`)).body, { active: false }, 'nor another spelling of the token (whitespace in its signature)')
 
   const admin = (method: string, path: string, body?: unknown, token = b.adminToken) =>
     fetch(`${b.url}${path}`, { method, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' }, ...(body ? { body: JSON.stringify(body) } : {}) })
@@ -94,6 +95,55 @@ t.test('revocation via the admin API, introspection, and a restart', async (t) =
   t.equal(del.status, 200, 'unrevoke')
   const back = await b2.exchange(delegatedRequest(await b2.userToken('u', 'read'), await b2.attest(agent)))
   t.equal(back.status, 200, why(back))
+})
+
+// A resync diffs the store's answer against memory. The answer is a snapshot from when its query
+// ran: a revocation acknowledged while it was on its way (a large store answers slowly) was
+// dropped again, told to every sidecar as lifted, and its agent served tokens until the next
+// resync; on PostgreSQL with 30,000 rows, 213 of 400 acknowledged revocations were. Here the
+// store's answer is held back, as a slow one is, while the admin API revokes and unrevokes.
+t.test('a revoke or unrevoke acknowledged while a resync reads the store is not undone by it', async (t) => {
+  const b = await startTestBroker()
+  t.teardown(b.close)
+  const list = b.broker.revocations
+  const store = list.store
+  const agent = 'agent:summarizer:prod:mid-resync'
+  const lifted = 'agent:summarizer:prod:lifted-mid-resync'
+  const admin = (method: string, path: string, body?: unknown) =>
+    fetch(`${b.url}${path}`, { method, headers: { authorization: `Bearer ${b.adminToken}`, 'content-type': 'application/json' }, ...(body ? { body: JSON.stringify(body) } : {}) })
+  t.equal((await admin('POST', '/v1/revocations', { kind: 'agent', value: lifted })).status, 201)
+  const announced: string[] = []
+  list.onChange((c) => announced.push(`${c.op} ${c.op === 'revoke' ? c.revocation.value : c.value}${c.remote ? ' (resync)' : ''}`))
+
+  const read = store.list.bind(store)
+  let release!: () => void
+  const held = new Promise<void>((resolve) => (release = resolve))
+  let snapshotTaken!: () => void
+  const taken = new Promise<void>((resolve) => (snapshotTaken = resolve))
+  store.list = async () => {
+    const snapshot = await read()
+    snapshotTaken()
+    await held
+    return snapshot
+  }
+  t.teardown(() => void (store.list = read))
+  const resync = list.resync()
+  await taken
+  t.equal((await admin('POST', '/v1/revocations', { kind: 'agent', value: agent })).status, 201, 'revoked while the resync reads')
+  t.equal((await admin('DELETE', `/v1/revocations/agent/${encodeURIComponent(lifted)}`)).status, 200, 'unrevoked while the resync reads')
+  release()
+  await resync
+
+  t.ok(list.get('agent', agent), 'the revocation is still in force')
+  t.notOk(list.get('agent', lifted), 'the lifted one stays lifted')
+  t.same(announced, [`revoke ${agent}`, `unrevoke ${lifted}`], 'and sidecars were told each once, never the reverse')
+  const res = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), await b.attest(agent)))
+  t.equal(res.status, 400, why(res))
+  t.match(res.body, { error: 'invalid_request', error_description: `agent ${agent} is revoked` }, 'its exchanges are refused')
+  t.notOk('access_token' in res.body, 'no token')
+  // Once nothing is in flight, a resync still catches up with what the store says.
+  store.list = read
+  t.equal(await list.resync(), 0, 'nothing left to reconcile')
 })
 
 t.test('metadata and JWKS', async (t) => {

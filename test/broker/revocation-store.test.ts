@@ -83,6 +83,9 @@ for (const make of [sqlite, postgres]) {
     t.equal(await store.remove('task', 'task-9'), true)
     t.equal(await store.remove('task', 'task-9'), false, 'removing twice reports nothing removed')
     t.equal(await store.remove('agent', 'agent:a:prod:2'), false)
+    t.equal(await store.holds('agent', 'agent:a:prod:1'), true, 'holds: what is revoked')
+    t.equal(await store.holds('task', 'task-9'), false, 'not what was removed')
+    t.equal(await store.holds('task', 'agent:a:prod:1'), false, 'nor a value of another kind')
     await t.rejects(store.add({ kind: 'bogus' as 'agent', value: 'x', reason: 'r', created_at: 1 }), 'the kind is checked by the database too')
 
     // Single-use jtis (local attestations): recorded once, atomically, until they expire.

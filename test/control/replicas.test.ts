@@ -6,6 +6,7 @@ import { randomBytes } from 'node:crypto'
 import pg from 'pg'
 import { connect } from 'nats'
 import { startApi, startControlBroker, startControlSidecar, viaProxy, revoke, until } from './rig.js'
+import { delegatedRequest, why } from '../helpers/broker.js'
 
 const PG_URL = 'postgres://postgres@127.0.0.1:5432/test'
 const NATS = 'nats://127.0.0.1:4222'
@@ -73,4 +74,52 @@ t.test('a revocation on replica 1 reaches sidecars on replica 2 (NATS) and repli
   await until('unrevoke reached replica 1', () => !one.broker.revocations.get('agent', onTwo.agent))
   await until('and the sidecar', () => !onTwo.sidecar.control!.state.agentRevoked)
   t.equal((await viaProxy(onTwo, t2.handle, `${api.origin}/x`)).status, 200)
+})
+
+// The bus is a hint and the shared store the record. An unrevoke published by anyone who can
+// publish on the subject (NATS credentials shared with other consumers, a stray tool) was applied
+// on every replica and told to its sidecars; a resync restored it, and the next such message
+// lifted it again. Now an unrevoke counts only once the store no longer holds the revocation.
+t.test('an unrevoke heard on the bus for a revocation the store still holds is ignored', async (t) => {
+  const id = randomBytes(6).toString('hex')
+  const schema = `lk_ctl_${id}`
+  const stream = `LK_CTL_${id}`
+  const subject = `lk.test.${id}.revocations`
+  t.teardown(async () => {
+    const c = new pg.Client(PG_URL)
+    await c.connect()
+    await c.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`)
+    await c.end()
+    const nc = await connect({ servers: NATS })
+    await (await nc.jetstreamManager()).streams.delete(stream).catch(() => {})
+    await nc.close()
+  })
+  const b = await startControlBroker({ store: { postgres: { url: PG_URL, schema } }, control: { nats: { servers: [NATS], stream, subject }, resync_ms: 60_000 } })
+  t.teardown(() => b.close())
+  const agent = 'agent:summarizer:prod:forged-unrevoke'
+  t.equal((await revoke(b, 'agent', agent)).status, 201)
+
+  const nc = await connect({ servers: NATS })
+  t.teardown(() => nc.close())
+  const js = nc.jetstream()
+  const forged = (op: string, value: string) => js.publish(subject, JSON.stringify({ replica: 'someone-else', op, kind: 'agent', value, reason: null, created_at: Date.now() }))
+  await forged('unrevoke', agent)
+  // Messages are applied in order: once this later one is in, the unrevoke has been handled.
+  const marker = 'agent:summarizer:prod:marker'
+  await forged('revoke', marker)
+  await until('the bus delivered both', () => !!b.broker.revocations.get('agent', marker))
+
+  t.ok(b.broker.revocations.get('agent', agent), 'the revocation is still in force')
+  const res = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), await b.attest(agent)))
+  t.equal(res.status, 400, why(res))
+  t.notOk('access_token' in res.body, 'no token for the revoked agent')
+  t.match(b.logs(), /unrevoke of a revocation the store still holds; ignored/)
+
+  // A real unrevoke (the row gone from the store first) is still heard.
+  const c = new pg.Client(PG_URL)
+  await c.connect()
+  await c.query(`DELETE FROM "${schema}".revocations WHERE kind = 'agent' AND value = $1`, [agent])
+  await c.end()
+  await forged('unrevoke', agent)
+  await until('a genuine unrevoke applies', () => !b.broker.revocations.get('agent', agent))
 })

@@ -5,7 +5,8 @@
 import { jwtVerify, type JWTPayload } from 'jose'
 import type { KeyRing } from './keys.js'
 import type { RevocationList } from './revocations/list.js'
-import { COMPACT_JWS, MAX_SKEW_S, MAX_TOKEN_BYTES } from './jwt.js'
+import { MAX_SKEW_S, MAX_TOKEN_BYTES } from './jwt.js'
+import { COMPACT_JWS } from '../lib/oauth.js'
 import { readActChain, readAncestry } from './act.js'
 
 /**

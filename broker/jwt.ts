@@ -4,6 +4,7 @@
 import { statSync } from 'node:fs'
 import { createLocalJWKSet, createRemoteJWKSet, errors, jwtVerify, type JSONWebKeySet, type JWTPayload, type JWTVerifyGetKey } from 'jose'
 import { OAuthError } from './oauth-error.js'
+import { COMPACT_JWS } from '../lib/oauth.js'
 import { byteSize, FileTooLarge, readSettingText } from '../lib/bounded-read.js'
 
 export const ASYMMETRIC_ALGS = ['ES256', 'ES384', 'ES512', 'RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'EdDSA', 'Ed25519']
@@ -13,14 +14,6 @@ export const MAX_TOKEN_BYTES = 16_384
 
 export class TokenInvalid extends Error {}
 
-/**
- * A JWS in compact serialization (RFC 7515 §7.1): three base64url segments, unpadded (§2), and
- * nothing else. jose's decoder skips whitespace (and takes `=` padding) in the signature, so one
- * token verified under endless spellings: each a new key of the verified-user-token cache (up to
- * 10,000 of 16 KB each from one token and any reusable attestation) and a new fingerprint in the
- * trail for the same token.
- */
-export const COMPACT_JWS = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/
 
 export interface JwksSource {
   jwks_file?: string | undefined

@@ -10,3 +10,13 @@ export const TOKEN_TYPES = {
   /** A static secret the broker holds and lends to a sidecar for one task (never to the agent). */
   leasedSecret: 'urn:latchkey:token-type:leased-secret',
 } as const
+
+/**
+ * A JWS in compact serialization (RFC 7515 §7.1): three base64url segments, unpadded (§2), and
+ * nothing else. jose's decoder skips whitespace (and takes `=` padding) in the signature, so one
+ * token verified under endless spellings: each a new key of the verified-user-token cache (up to
+ * 10,000 of 16 KB each from one token and any reusable attestation) and a new fingerprint in the
+ * trail for the same token. The sidecar's task API holds a user token to it too, so a token
+ * the broker would refuse is refused when the task opens, not at each call's exchange.
+ */
+export const COMPACT_JWS = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/

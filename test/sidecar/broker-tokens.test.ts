@@ -84,6 +84,27 @@ t.test('a task for a user: the API receives the delegated, narrowed, task-bound 
   t.equal(rig.api.seen.length, 3, 'the ended task\'s request never reached the API')
 })
 
+t.test('a user token is taken as the broker takes it: its newline dropped, any other spelling refused when the task opens', async (t) => {
+  const rig = await startTokenRig()
+  t.teardown(rig.close)
+  const userToken = await rig.broker.userToken('carol@example.com', 'read')
+  // Read from a file, with its newline: the same token.
+  const withNewline = await rig.openTask({ purpose: 'from a file', duration_s: 60, user_token: `${userToken}\n`, audiences: [API] })
+  t.equal(withNewline.status, 201, JSON.stringify(withNewline.body.reason ?? ''))
+  t.equal(withNewline.body.user, 'carol@example.com')
+  const [head, payload, signature] = userToken.split('.')
+  for (const [how, spelling] of [
+    ['padded', `${userToken}==`],
+    ['whitespace inside', `${head}.${payload}.${signature!.slice(0, 10)} ${signature!.slice(10)}`],
+    ['standard base64', `${head}.${payload}.${signature!.replace(/-/g, '+').replace(/_/g, '/')}+/`],
+    ['no signature', `${head}.${payload}.`],
+  ] as const) {
+    const r = await rig.openTask({ purpose: how, duration_s: 60, user_token: spelling, audiences: [API] })
+    t.same([r.status, r.body.reason], [400, 'user_token must be a signed JWT in compact form: three base64url segments joined by dots, without padding'], `${how}: refused at once, naming what is wrong`)
+    t.notOk(JSON.stringify(r.body).includes(signature!.slice(0, 20)), `${how}: the answer does not quote the token`)
+  }
+})
+
 t.test('Node fetch and Python with the proxy URL', async (t) => {
   const rig = await startTokenRig()
   t.teardown(rig.close)

@@ -135,9 +135,12 @@ t.test('a user token the broker refuses: at task open, and at first use', async 
   t.match(unnamed.body, { error: 'task_refused', reason: /invalid_scope/ })
   // A forged token (no signature) claiming a user: no task is recorded as acting for them.
   const b64 = (o: unknown) => Buffer.from(JSON.stringify(o)).toString('base64url')
-  const forged = await rig.openTask({ purpose: 'x', duration_s: 60, user_token: `${b64({ alg: 'none' })}.${b64({ sub: 'alice@example.com' })}.` })
+  const forged = await rig.openTask({ purpose: 'x', duration_s: 60, user_token: `${b64({ alg: 'none' })}.${b64({ sub: 'alice@example.com' })}.AAAA` })
   t.equal(forged.status, 403)
   t.match(forged.body, { error: 'task_refused' })
+  // Unsigned outright (no third segment): not a JWS the broker takes, refused before it is asked.
+  const unsigned = await rig.openTask({ purpose: 'x', duration_s: 60, user_token: `${b64({ alg: 'none' })}.${b64({ sub: 'alice@example.com' })}.` })
+  t.same([unsigned.status, unsigned.body.error], [400, 'bad_request'])
   t.equal(rig.sidecar.sidecar.tasks.size, 0, 'neither task stayed open')
   // A token the broker accepts opens; a refusal at first use (a task longer than the agent may
   // have, here) is a 403 the agent is told not to retry.
@@ -335,13 +338,14 @@ t.test('a broker that echoes the tokens it was sent: the agent, the audit and th
         t.ok(res.status === 403 || res.status === 503, `${row}: refused (${res.status})`)
         t.match(res.body.reason, said, `${row}: the reason says the text is withheld`)
         const proxied = JSON.stringify(res)
-        // Opening a task for the user: the broker verifies the token first, and its answer is the refusal.
+        // Opening a task for the user through the API: this token (its space and `+` are there to
+        // be spelled) is no compact JWS, so it is refused before any broker sees it.
         let opened = ''
         if (sent === 'user token') {
           const r = await fetch(`${s.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ purpose: row, duration_s: 60, user_token: userToken }) })
           opened = JSON.stringify({ status: r.status, headers: Object.fromEntries(r.headers), body: await r.text() })
-          t.ok(r.status === 403 || r.status === 503, `${row}: the task does not open (${r.status})`)
-          t.match(opened, said, `${row}: and the reason says why`)
+          t.equal(r.status, 400, `${row}: the task does not open`)
+          t.match(opened, /user_token must be a signed JWT in compact form/, `${row}: and the reason says why`)
         }
         await s.sidecar.audit.flush()
         const shown = shownOf(quoted)

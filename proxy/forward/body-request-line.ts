@@ -33,7 +33,7 @@ export class RequestLineScanner {
   /** The last four bytes fed, lower-cased, oldest first. */
   private readonly tail = [0, 0, 0, 0]
 
-  /** Whether `chunk` completes an `HTTP/`; once it has, flagCloseAfter(chunk) and feed no more. */
+  /** Whether `chunk` completes an `HTTP/` (see watchRequestLine). */
   feed(chunk: Buffer): boolean {
     for (let at = chunk.indexOf(SLASH); at !== -1; at = chunk.indexOf(SLASH, at + 1)) {
       let k = 0
@@ -56,9 +56,15 @@ export class RequestLineScanner {
   }
 }
 
-/** The connection that writes `chunk` closes after its response (see above). */
-export function flagCloseAfter(chunk: Buffer): void {
+/**
+ * A body's next chunk, as it goes: fed to `scanner`, and once it completes an `HTTP/`, flagged so
+ * that the connection writing it closes after its response. Returns the scanner to feed the next
+ * chunk to, or null once the body has been flagged (nothing more to look for).
+ */
+export function watchRequestLine(scanner: RequestLineScanner | null, chunk: Buffer): RequestLineScanner | null {
+  if (scanner === null || !scanner.feed(chunk)) return scanner
   flagged.add(chunk)
+  return null
 }
 
 /** Makes `socket` close after the response to a request whose body held a flagged chunk. */

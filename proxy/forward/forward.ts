@@ -16,7 +16,7 @@ import { lingerOnClose } from '../listen/linger.js'
 import { NONE_HELD } from '../credentials/held.js'
 import { recordEnd } from '../call-outcome.js'
 import { resolveLocation } from './route-location.js'
-import { flagCloseAfter, RequestLineScanner } from './body-request-line.js'
+import { RequestLineScanner, watchRequestLine } from './body-request-line.js'
 
 export type ForwardDone = (err: LatchkeyError | null) => void
 
@@ -689,10 +689,7 @@ async function* counted(body: IncomingMessage, ctx: CallContext, inspect: BodyIn
   let requestLine: RequestLineScanner | null = new RequestLineScanner()
   for await (const chunk of body.iterator({ destroyOnReturn: false })) {
     inspect?.(chunk as Buffer, ctx.bytesIn + (chunk as Buffer).length >= declared)
-    if (requestLine?.feed(chunk as Buffer)) {
-      flagCloseAfter(chunk as Buffer)
-      requestLine = null
-    }
+    requestLine = watchRequestLine(requestLine, chunk as Buffer)
     ctx.bytesIn += (chunk as Buffer).length
     yield chunk as Buffer
   }
@@ -763,10 +760,7 @@ async function* coalesced(body: IncomingMessage, ctx: CallContext, inspect: Body
         turnOver = false
         // Once the body has ended (error null), all of it was read into the batch.
         inspect?.(chunk, error === null)
-        if (requestLine?.feed(chunk)) {
-          flagCloseAfter(chunk)
-          requestLine = null
-        }
+        requestLine = watchRequestLine(requestLine, chunk)
         ctx.bytesIn += chunk.length
         yield chunk
         continue

@@ -245,6 +245,38 @@ t.test('a NUL in agent or sidecar is a 400 on both stores, not "store unavailabl
   }
 })
 
+t.test('a cursor whose time no Date holds is a 400 on both stores, never sent to the store', async (t) => {
+  const { PostgresAuditStore } = await import('../../collector/store/postgres.js')
+  const { PG_URL, uniqueSchema } = await import('./events.js')
+  const pg = new PostgresAuditStore({ url: PG_URL, schema: uniqueSchema() })
+  t.teardown(async () => {
+    await pg.dropSchema()
+    await pg.close()
+  })
+  for (const store of [undefined, pg]) {
+    const id = sidecarIdentity()
+    const c = await startTestCollector([id], { store })
+    t.teardown(() => c.close())
+    await c.store.append(id.id, [{ sequence: 1, event: makeEvent({ agent: X, ts: Date.now() - hour }) }])
+    const get = async (path: string) => {
+      const r = await request(c.httpUrl + path)
+      return { status: r.statusCode, body: (await r.body.json()) as Record<string, unknown> }
+    }
+    // Cursors as the API encodes them (base64url of [time, sidecar, position]), with times a
+    // Date cannot hold (±8.64e15 ms is its range) though they are safe integers, or not finite.
+    const forged = (ts: string) => Buffer.from(`[${ts},${JSON.stringify(id.id)},1]`).toString('base64url')
+    const events = (cursor: string) => get(`/v1/events?agent=${encodeURIComponent(X)}&since=7d&cursor=${cursor}`)
+    for (const ts of ['8640000000000001', '9000000000000000', '-9000000000000000', '9007199254740991', '1e999']) {
+      const cursor = forged(ts)
+      t.same(await events(cursor), { status: 400, body: { error: `cursor "${cursor}" is not one this API gave: pass the "next" of the previous answer as it is` } }, `${c.store.kind}: time ${ts}`)
+    }
+    // The last instants a Date holds are still cursors (nothing lies after the one, all after the other).
+    t.match(await events(forged('8640000000000000')), { status: 200, body: { count: 0 } }, `${c.store.kind}: the last instant a Date holds`)
+    t.match(await events(forged('-8640000000000000')), { status: 200, body: { count: 1 } }, `${c.store.kind}: the first`)
+    t.notMatch(c.logs.join(''), /query failed/, `${c.store.kind}: nothing was sent to the store to fail`)
+  }
+})
+
 t.test('the events answer is bounded in bytes as well as rows, and says truncated when cut', async (t) => {
   const id = sidecarIdentity()
   const c = await startTestCollector([id])

@@ -163,6 +163,24 @@ t.test('`audit verify --sidecar` for a sidecar the store never heard of fails, o
   t.same([gaps.code, gaps.stdout.trim().split('\n')], [0, [`GAP: sidecar ${id.id} at position 3: sequence 9 follows 2; 6 sequence(s) never received`, 'chain verified: 3 events across 1 sidecars; 1 sequence gap(s), listed above']])
 })
 
+t.test('an empty --sidecar names a sidecar, none the store holds: 404 over the API, exit 1 from the CLI, both ways', async (t) => {
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  await c.store.append(id.id, [1, 2, 3].map((sequence) => ({ sequence, event: makeEvent({ agent: X }) })))
+  // Given and empty is a filter that matches nothing, never "every sidecar".
+  const api = await request(`${c.httpUrl!}/v1/verify?sidecar=`)
+  t.same([api.statusCode, await api.body.json()], [404, { error: 'no sidecar "" in the store' }], 'the API: ?sidecar= is a sidecar named ""')
+  const all = await request(`${c.httpUrl!}/v1/verify`)
+  t.match([all.statusCode, await all.body.json()], [200, { ok: true, checked: 3, sidecars: 1 }], 'without the parameter: every sidecar')
+  const overApi = await cliProcess(['audit', 'verify', '--url', c.httpUrl!, '--sidecar', ''])
+  t.same([overApi.code, overApi.stdout, overApi.stderr.trim()], [1, '', `collector at ${c.httpUrl!}: no sidecar "" in the store`], 'the CLI over the API')
+  await c.close()
+  const cfg = join(c.dir, 'collector.yaml')
+  writeFileSync(cfg, `version: 1\ncollector:\n  store: { kind: sqlite, path: ${join(c.dir, 'audit.db')} }\n  sidecars: []\n`)
+  const fromStore = await cliProcess(['audit', 'verify', '-c', cfg, '--sidecar', ''])
+  t.same([fromStore.code, fromStore.stdout, fromStore.stderr.trim()], [1, '', 'no sidecar "" in the store'], 'the CLI from the store says the same')
+})
+
 t.test('with reader tokens, the query API and the CLI need one', async (t) => {
   const id = sidecarIdentity()
   const reader = 'LKCANARY' + 'reader'.repeat(4)

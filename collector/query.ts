@@ -2,6 +2,9 @@
 import { AuditEvent } from '../protos/gen/latchkey/v1/audit.js'
 import type { EventCursor, StoredEvent } from './store/types.js'
 
+/** The last instant a JavaScript Date can hold, either side of 1970 (ECMA-262 §21.4.1.1). */
+const MAX_DATE_MS = 8.64e15
+
 const UNITS: Record<string, number> = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }
 
 /** ISO-8601 as the API documents it: a date, optionally a time, optionally a zone. */
@@ -38,7 +41,7 @@ export function parseSince(value: string, now = Date.now(), name = 'since'): Dat
   const m = /^(\d+)([smhd])$/.exec(v)
   const t = m ? now - Number(m[1]) * UNITS[m[2]!]! : parseIso(v)
   // A Date holds ±8.64e15 ms; a duration reaching past that is a mistake, not "all of time".
-  if (Number.isNaN(t) || Math.abs(t) > 8.64e15) {
+  if (Number.isNaN(t) || Math.abs(t) > MAX_DATE_MS) {
     throw new Error(`${name} "${value.slice(0, 64)}" is neither a duration (like 24h, 30m, 7d), today, yesterday, nor an ISO-8601 time within range`)
   }
   return new Date(t)
@@ -118,6 +121,8 @@ export function decodeCursor(text: string): EventCursor {
     !Array.isArray(v) ||
     v.length !== 3 ||
     !Number.isSafeInteger(v[0]) ||
+    // A time no Date holds: SQLite answered it an empty page, PostgreSQL "store unavailable".
+    Math.abs(v[0] as number) > MAX_DATE_MS ||
     typeof v[1] !== 'string' ||
     v[1].includes('\u0000') ||
     !Number.isSafeInteger(v[2]) ||

@@ -44,6 +44,26 @@ export function agentType(agent: string): string {
 /** The last instant a JavaScript Date can hold (ECMA-262 §21.4.1.1). */
 const MAX_DATE_MS = 8.64e15
 
+/** The highest TCP port; the sidecar sends 0 for a call that had none (refused before one was known). */
+const MAX_PORT = 65_535
+
+/**
+ * The actions the protocol defines (protos' `Action`, without ts-proto's UNRECOGNIZED): proto3
+ * enums are open, so an int32 on the wire can carry any other number, which no query's "denied"
+ * filter knows and PostgreSQL's smallint column may not hold.
+ */
+const ACTIONS: ReadonlySet<number> = new Set(Object.values(Action).filter((v): v is number => typeof v === 'number' && v !== Action.UNRECOGNIZED))
+const MAX_ACTION = Math.max(...ACTIONS)
+
+/** The numeric fields stored in columns of their own, out of their range; null when both fit. */
+function outOfRange(ev: AuditEvent): string | null {
+  const port = ev.call?.port ?? 0
+  if (!Number.isInteger(port) || port < 0 || port > MAX_PORT) return `call.port ${port} is not a TCP port (1 to ${MAX_PORT}, or 0 for none)`
+  const action = ev.decision?.action ?? 0
+  if (!ACTIONS.has(action)) return `decision.action ${action} is not an action the protocol defines (0 to ${MAX_ACTION})`
+  return null
+}
+
 /** The event fields stored in text columns besides the payload, by the name a refusal gives. */
 const NUL_CHECKED: ReadonlyArray<readonly [string, (ev: AuditEvent) => string]> = [
   ['id', (ev) => ev.id],
@@ -155,6 +175,11 @@ export function newEvents(
     // if the store were down, and the sidecar would retry it for ever), so neither store takes one.
     const nul = NUL_CHECKED.find(([, get]) => get(e.event!).includes('\u0000'))
     if (nul) throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${e.sequence}: ${nul[0]} contains a NUL character`)
+    // Port and action have columns of their own (the inventory's host:port, the "denied" filter):
+    // a value the sidecar never sends is refused, as PostgreSQL's integer and smallint would
+    // refuse the larger ones as if the store were down, and the sidecar would retry for ever.
+    const range = outOfRange(e.event)
+    if (range) throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${e.sequence}: ${range}`)
     const raw = (e as { raw?: Uint8Array }).raw
     const big = oversizedField(e.event, raw ? raw.byteLength : AuditEvent.encode(e.event).finish().byteLength)
     if (big) throw new StoreError('LK_STORE_BAD_BATCH', `sidecar ${sidecar}: sequence ${e.sequence}: ${big}`)

@@ -336,7 +336,8 @@ export class PostgresAuditStore implements AuditStore {
   async verify(sidecar?: string): Promise<VerifyResult> {
     await this.ensureReady()
     // One sidecar at a time keeps memory bounded by the largest chain, not the whole table.
-    const ids = sidecar ? [sidecar] : (await this.pool.query<{ sidecar: string }>(`SELECT DISTINCT sidecar FROM ${this.t} ORDER BY sidecar`)).rows.map((r) => r.sidecar)
+    // Given, even empty, it is a filter: "" names a sidecar no chain belongs to, not every one.
+    const ids = sidecar !== undefined ? [sidecar] : (await this.pool.query<{ sidecar: string }>(`SELECT DISTINCT sidecar FROM ${this.t} ORDER BY sidecar`)).rows.map((r) => r.sidecar)
     // A page of links per query: memory stays bounded by a page whatever a chain holds, and the
     // hashing (on this thread: pg is asynchronous, the CPU work is not) gives way to ingest and
     // other requests between pages.

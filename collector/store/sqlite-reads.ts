@@ -123,11 +123,13 @@ export const VERIFY_PAGE = 2000
  */
 export function readVerify(db: Database.Database, sidecar?: string): VerifyResult {
   const run = db.transaction((): VerifyResult => {
-    const ids = sidecar
-      ? [sidecar]
-      : statement<[], { sidecar: string }>(db, 'SELECT DISTINCT sidecar FROM audit_events ORDER BY sidecar')
-          .all()
-          .map((r) => r.sidecar)
+    // Given, even empty, it is a filter: "" names a sidecar no chain belongs to, not every one.
+    const ids =
+      sidecar !== undefined
+        ? [sidecar]
+        : statement<[], { sidecar: string }>(db, 'SELECT DISTINCT sidecar FROM audit_events ORDER BY sidecar')
+            .all()
+            .map((r) => r.sidecar)
     const page = statement<[string, number, number], DbRow>(db, `SELECT ${VERIFY_COLUMNS} FROM audit_events WHERE sidecar = ? AND pos > ? ORDER BY pos LIMIT ?`)
     const fold = new VerifyFold()
     for (const id of ids) {

@@ -4,7 +4,8 @@ import { once } from 'node:events'
 import { Metadata, status, type ServiceError } from '@grpc/grpc-js'
 import type { IngestResponse, IngestRequest } from '../../protos/gen/latchkey/v1/audit.js'
 import type { ClientDuplexStream } from '@grpc/grpc-js'
-import { seqEvents } from './events.js'
+import { seqEvents, type EventOpts } from './events.js'
+import { Action } from '../../protos/gen/latchkey/v1/audit.js'
 import type { SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
 import { authMetadata, ingestClient, sha256hex, sidecarIdentity, startTestCollector } from './collector-helpers.js'
 
@@ -216,6 +217,47 @@ t.test('a malformed batch is refused as INVALID_ARGUMENT naming the event', asyn
     t.match(before.error?.details, /sequence 1 has no time \(time_unix_ms must be a positive epoch time\)/)
   }
   t.same((await c.store.inventory()).agents, [], 'nothing the inventory would count and a query never return')
+})
+
+t.test('a port outside 0..65535 or an action the protocol does not define is refused as a bad batch, on both stores', async (t) => {
+  const { request } = await import('undici')
+  const { PostgresAuditStore } = await import('../../collector/store/postgres.js')
+  const { PG_URL, uniqueSchema } = await import('./events.js')
+  for (const kind of ['sqlite', 'postgres'] as const) {
+    const store = kind === 'postgres' ? new PostgresAuditStore({ url: PG_URL, schema: uniqueSchema() }) : undefined
+    const s = sidecarIdentity()
+    const c = await startTestCollector([s], { store })
+    t.teardown(async () => {
+      await c.close()
+      if (store) {
+        await store.dropSchema()
+        await store.close()
+      }
+    })
+    // The sidecar sends 0 for a call with no port (a refusal before one was known), and one of
+    // Action's four values; a uint32 port and an int32 action can carry anything else.
+    const ok = await exchange(c.grpcAddress, authMetadata(s), [
+      { sidecarId: s.id, events: [...seqEvents(1, 1, () => ({ port: 0, action: Action.ACTION_UNSPECIFIED })), ...seqEvents(2, 2, () => ({ port: 65535, action: Action.ACTION_REPORT }))] },
+    ])
+    t.same([ok.error, ok.acks.map((a) => a.ackedSequence)], [null, [2]], `${kind}: port 0 and 65535, actions 0 and 3 are stored`)
+    const bad: Array<[string, EventOpts, string]> = [
+      ['port 65536', { port: 65536 }, 'call.port 65536 is not a TCP port (1 to 65535, or 0 for none)'],
+      ['port 2^32-1', { port: 4294967295 }, 'call.port 4294967295 is not a TCP port (1 to 65535, or 0 for none)'],
+      ['action 4', { action: 4 as Action }, 'decision.action 4 is not an action the protocol defines (0 to 3)'],
+      ['action -1', { action: -1 as Action }, 'decision.action -1 is not an action the protocol defines (0 to 3)'],
+      ['action 40000', { action: 40000 as Action }, 'decision.action 40000 is not an action the protocol defines (0 to 3)'],
+    ]
+    // Each under a sequence of its own, so each is judged on its own (not as a resend of the last).
+    for (const [i, [what, o, why]] of bad.entries()) {
+      const seq = 4 + i
+      const r = await exchange(c.grpcAddress, authMetadata(s), [{ sidecarId: s.id, events: [...seqEvents(3, 3), ...seqEvents(seq, seq, () => o)] }])
+      t.equal(r.error?.code, status.INVALID_ARGUMENT, `${kind}, ${what}: INVALID_ARGUMENT, not the UNAVAILABLE a sidecar retries for ever`)
+      t.equal(r.error?.details, `sidecar ${s.id}: sequence ${seq}: ${why}`, `${kind}, ${what}: the refusal names the field`)
+    }
+    t.equal((await c.store.verify()).checked, 2, `${kind}: nothing of the refused batches was stored`)
+    const text = await (await request(`${c.httpUrl}/metrics`)).body.text()
+    t.match(text, /^latchkey_collector_refusals_total\{reason="bad_batch"\} 5$/m, `${kind}: each refusal counted as a bad batch`)
+  }
 })
 
 t.test('on PostgreSQL, a NUL in an indexed field is INVALID_ARGUMENT, not the UNAVAILABLE a sidecar retries for ever', async (t) => {

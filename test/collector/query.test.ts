@@ -163,6 +163,24 @@ t.test('`audit verify --sidecar` for a sidecar the store never heard of fails, o
   t.same([gaps.code, gaps.stdout.trim().split('\n')], [0, [`GAP: sidecar ${id.id} at position 3: sequence 9 follows 2; 6 sequence(s) never received`, 'chain verified: 3 events across 1 sidecars; 1 sequence gap(s), listed above']])
 })
 
+t.test('an empty --sidecar names a sidecar, none the store holds: 404 over the API, exit 1 from the CLI, both ways', async (t) => {
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  await c.store.append(id.id, [1, 2, 3].map((sequence) => ({ sequence, event: makeEvent({ agent: X }) })))
+  // Given and empty is a filter that matches nothing, never "every sidecar".
+  const api = await request(`${c.httpUrl!}/v1/verify?sidecar=`)
+  t.same([api.statusCode, await api.body.json()], [404, { error: 'no sidecar "" in the store' }], 'the API: ?sidecar= is a sidecar named ""')
+  const all = await request(`${c.httpUrl!}/v1/verify`)
+  t.match([all.statusCode, await all.body.json()], [200, { ok: true, checked: 3, sidecars: 1 }], 'without the parameter: every sidecar')
+  const overApi = await cliProcess(['audit', 'verify', '--url', c.httpUrl!, '--sidecar', ''])
+  t.same([overApi.code, overApi.stdout, overApi.stderr.trim()], [1, '', `collector at ${c.httpUrl!}: no sidecar "" in the store`], 'the CLI over the API')
+  await c.close()
+  const cfg = join(c.dir, 'collector.yaml')
+  writeFileSync(cfg, `version: 1\ncollector:\n  store: { kind: sqlite, path: ${join(c.dir, 'audit.db')} }\n  sidecars: []\n`)
+  const fromStore = await cliProcess(['audit', 'verify', '-c', cfg, '--sidecar', ''])
+  t.same([fromStore.code, fromStore.stdout, fromStore.stderr.trim()], [1, '', 'no sidecar "" in the store'], 'the CLI from the store says the same')
+})
+
 t.test('with reader tokens, the query API and the CLI need one', async (t) => {
   const id = sidecarIdentity()
   const reader = 'LKCANARY' + 'reader'.repeat(4)
@@ -241,6 +259,38 @@ t.test('a NUL in agent or sidecar is a 400 on both stores, not "store unavailabl
     t.same(await get(`/v1/events?agent=${encodeURIComponent(X)}%00`), { status: 400, body: { error: 'query parameter "agent" contains a NUL character, which no stored agent holds' } }, c.store.kind)
     t.same(await get(`/v1/verify?sidecar=${id.id}%00`), { status: 400, body: { error: 'query parameter "sidecar" contains a NUL character, which no stored sidecar holds' } }, c.store.kind)
     t.equal((await get(`/v1/events?agent=${encodeURIComponent(X)}`)).body.count, 1, `${c.store.kind}: the agent without the NUL is found`)
+    t.notMatch(c.logs.join(''), /query failed/, `${c.store.kind}: nothing was sent to the store to fail`)
+  }
+})
+
+t.test('a cursor whose time no Date holds is a 400 on both stores, never sent to the store', async (t) => {
+  const { PostgresAuditStore } = await import('../../collector/store/postgres.js')
+  const { PG_URL, uniqueSchema } = await import('./events.js')
+  const pg = new PostgresAuditStore({ url: PG_URL, schema: uniqueSchema() })
+  t.teardown(async () => {
+    await pg.dropSchema()
+    await pg.close()
+  })
+  for (const store of [undefined, pg]) {
+    const id = sidecarIdentity()
+    const c = await startTestCollector([id], { store })
+    t.teardown(() => c.close())
+    await c.store.append(id.id, [{ sequence: 1, event: makeEvent({ agent: X, ts: Date.now() - hour }) }])
+    const get = async (path: string) => {
+      const r = await request(c.httpUrl + path)
+      return { status: r.statusCode, body: (await r.body.json()) as Record<string, unknown> }
+    }
+    // Cursors as the API encodes them (base64url of [time, sidecar, position]), with times a
+    // Date cannot hold (±8.64e15 ms is its range) though they are safe integers, or not finite.
+    const forged = (ts: string) => Buffer.from(`[${ts},${JSON.stringify(id.id)},1]`).toString('base64url')
+    const events = (cursor: string) => get(`/v1/events?agent=${encodeURIComponent(X)}&since=7d&cursor=${cursor}`)
+    for (const ts of ['8640000000000001', '9000000000000000', '-9000000000000000', '9007199254740991', '1e999']) {
+      const cursor = forged(ts)
+      t.same(await events(cursor), { status: 400, body: { error: `cursor "${cursor}" is not one this API gave: pass the "next" of the previous answer as it is` } }, `${c.store.kind}: time ${ts}`)
+    }
+    // The last instants a Date holds are still cursors (nothing lies after the one, all after the other).
+    t.match(await events(forged('8640000000000000')), { status: 200, body: { count: 0 } }, `${c.store.kind}: the last instant a Date holds`)
+    t.match(await events(forged('-8640000000000000')), { status: 200, body: { count: 1 } }, `${c.store.kind}: the first`)
     t.notMatch(c.logs.join(''), /query failed/, `${c.store.kind}: nothing was sent to the store to fail`)
   }
 })

@@ -213,6 +213,7 @@ export function conformance(t: Test, backend: Backend): void {
     const all = await store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0) })
     t.same(all.map((e) => [e.sequence, e.position]), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12].map((n) => [n, n]))
     t.same(await store.verify(A), { ok: true, checked: 12, sidecars: 1, breaks: [] })
+    t.same(await store.verify(''), { ok: true, checked: 0, sidecars: 0, breaks: [] }, 'a sidecar named "" is one no chain belongs to, not every sidecar')
   })
 
   withStore('an unseen sequence below the chain head is refused (no backdating into a gap); verify lists the gap', async (t, { store }) => {

@@ -10,7 +10,7 @@ import { Action, type SequencedEvent } from '../../protos/gen/latchkey/v1/audit.
 import { GENESIS, INGEST_CURSOR, askableIds, checkAgainstCursors, chainRows, newEvents, rowToStored, toStored } from './chain.js'
 import { EVENT_ORDER, VERIFY_COLUMNS, VERIFY_PAGE, VerifyFold, afterCursor, type DbRow } from './sqlite-reads.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
-import { AUDIT_CURSORS_SHAPE, AUDIT_EVENTS_SHAPE, StoreError } from './types.js'
+import { AUDIT_CURSORS_SHAPE, AUDIT_EVENTS_SHAPE, MAX_INVENTORY_HOSTS, StoreError } from './types.js'
 import { assertShape, postgresShape, postgresWhere, storeStartupError, StoreSchemaError } from '../../lib/store-schema.js'
 
 export interface PostgresStoreOptions {
@@ -305,12 +305,13 @@ export class PostgresAuditStore implements AuditStore {
 
   async inventory(): Promise<Inventory> {
     await this.ensureReady()
-    const agents = await this.pool.query<{ agent: string; sidecars: string[]; first: string; last: string; calls: string; denied: string; hosts: string[]; audiences: string[] }>(
+    const agents = await this.pool.query<{ agent: string; sidecars: string[]; first: string; last: string; calls: string; denied: string; hosts: string[]; host_count: string; audiences: string[] }>(
       `SELECT agent,
               array_agg(DISTINCT sidecar ORDER BY sidecar) AS sidecars,
               min(ts) AS first, max(ts) AS last, count(*) AS calls,
               count(*) FILTER (WHERE action IN ${DENIED}) AS denied,
-              coalesce(array_agg(DISTINCT host || ':' || port ORDER BY host || ':' || port) FILTER (WHERE host <> '' AND action <> ${Action.ACTION_DENY}), '{}') AS hosts,
+              coalesce((array_agg(DISTINCT (host || ':' || port) COLLATE "C" ORDER BY (host || ':' || port) COLLATE "C") FILTER (WHERE host <> '' AND action <> ${Action.ACTION_DENY}))[1:${MAX_INVENTORY_HOSTS}], '{}') AS hosts,
+              count(DISTINCT host || ':' || port) FILTER (WHERE host <> '' AND action <> ${Action.ACTION_DENY}) AS host_count,
               coalesce(array_agg(DISTINCT audience ORDER BY audience) FILTER (WHERE audience <> ''), '{}') AS audiences
        FROM ${this.t} GROUP BY agent ORDER BY agent`,
     )
@@ -327,6 +328,7 @@ export class PostgresAuditStore implements AuditStore {
         calls: Number(r.calls),
         denied: Number(r.denied),
         hosts: r.hosts,
+        hostCount: Number(r.host_count),
         audiences: r.audiences,
       })),
       sidecars: sidecars.rows.map((r) => ({ sidecar: r.sidecar, agents: r.agents, lastSeen: new Date(Number(r.last)), events: Number(r.events), lastSequence: Number(r.seq) })),

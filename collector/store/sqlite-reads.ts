@@ -5,7 +5,7 @@
 import { statement, type Database } from '../../lib/sqlite.js'
 import { Action } from '../../protos/gen/latchkey/v1/audit.js'
 import { ChainVerifier, checkAgainstCursors } from './chain.js'
-import type { EventQuery, Inventory, SequenceGap, VerifyResult } from './types.js'
+import { MAX_INVENTORY_HOSTS, type EventQuery, type Inventory, type SequenceGap, type VerifyResult } from './types.js'
 import { MAX_LISTED_GAPS } from './types.js'
 
 export interface DbRow {
@@ -77,9 +77,13 @@ export function readInventory(db: Database.Database): Inventory {
             sum(CASE WHEN action IN (${Action.ACTION_DENY}, ${Action.ACTION_REPORT}) THEN 1 ELSE 0 END) AS denied
      FROM audit_events GROUP BY agent ORDER BY agent`,
   ).all()
-  const hosts = statement<[], { agent: string; hp: string }>(
+  // Each agent's first MAX_INVENTORY_HOSTS, and how many in all: the rest never leave SQLite.
+  const hosts = statement<[], { agent: string; hp: string; n: number }>(
     db,
-    `SELECT DISTINCT agent, host || ':' || port AS hp FROM audit_events WHERE host <> '' AND action <> ${Action.ACTION_DENY} ORDER BY agent, hp`,
+    `SELECT agent, hp, n FROM (
+       SELECT agent, hp, row_number() OVER (PARTITION BY agent ORDER BY hp) AS r, count(*) OVER (PARTITION BY agent) AS n
+       FROM (SELECT DISTINCT agent, host || ':' || port AS hp FROM audit_events WHERE host <> '' AND action <> ${Action.ACTION_DENY})
+     ) WHERE r <= ${MAX_INVENTORY_HOSTS} ORDER BY agent, hp`,
   ).all()
   const auds = statement<[], { agent: string; audience: string }>(db, `SELECT DISTINCT agent, audience FROM audit_events WHERE audience <> '' ORDER BY agent, audience`).all()
   const sidecars = statement<[], { sidecar: string; agents: string; last: number; events: number; seq: number }>(
@@ -98,6 +102,7 @@ export function readInventory(db: Database.Database): Inventory {
     return m
   }
   const h = byAgent(hosts, (r) => r.hp)
+  const hostCount = new Map(hosts.map((r) => [r.agent, r.n]))
   const a = byAgent(auds, (r) => r.audience)
   return {
     agents: agents.map((r) => ({
@@ -108,6 +113,7 @@ export function readInventory(db: Database.Database): Inventory {
       calls: r.calls,
       denied: r.denied,
       hosts: h.get(r.agent) ?? [],
+      hostCount: hostCount.get(r.agent) ?? 0,
       audiences: a.get(r.agent) ?? [],
     })),
     sidecars: sidecars.map((r) => ({ sidecar: r.sidecar, agents: names(r.agents), lastSeen: new Date(r.last), events: r.events, lastSequence: r.seq })),

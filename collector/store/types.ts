@@ -78,11 +78,20 @@ export interface AgentInventory {
   lastSeen: Date
   calls: number
   denied: number
-  /** host:port pairs actually called, sorted. */
+  /**
+   * host:port pairs actually called (allowed), sorted bytewise: the first MAX_INVENTORY_HOSTS of
+   * them. An agent's hosts grow with what it does (a wildcard rule lets it call a new subdomain
+   * each time), and listed whole they made one agent's 48,000 an answer of megabytes.
+   */
   hosts: string[]
+  /** How many distinct host:port pairs there are in all; more than `hosts` lists when it was cut. */
+  hostCount: number
   /** credential audiences actually used, sorted. */
   audiences: string[]
 }
+
+/** At most this many of an agent's host:port pairs are listed in the inventory; `hostCount` counts them all. */
+export const MAX_INVENTORY_HOSTS = 100
 
 export interface SidecarInventory {
   sidecar: string

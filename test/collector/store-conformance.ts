@@ -4,7 +4,7 @@
 import type { Test } from 'tap'
 import { Action } from '../../protos/gen/latchkey/v1/audit.js'
 import type { AuditStore } from '../../collector/store/types.js'
-import { StoreError } from '../../collector/store/types.js'
+import { MAX_INVENTORY_HOSTS, StoreError } from '../../collector/store/types.js'
 import { seqEvents, makeEvent } from './events.js'
 import { randomUUID } from 'node:crypto'
 
@@ -447,15 +447,38 @@ export function conformance(t: Test, backend: Backend): void {
         calls: 4,
         denied: 1,
         hosts: ['api.github.com:443', 'uploads.github.com:443'],
+        hostCount: 2,
         audiences: ['https://api.github.com'],
       },
-      { agent: 'agent:y:dev:9', sidecars: [B], firstSeen: now - 2000, lastSeen: now - 2000, calls: 1, denied: 0, hosts: ['slack.com:443'], audiences: ['slack'] },
+      { agent: 'agent:y:dev:9', sidecars: [B], firstSeen: now - 2000, lastSeen: now - 2000, calls: 1, denied: 0, hosts: ['slack.com:443'], hostCount: 1, audiences: ['slack'] },
     ])
     t.same(inv.sidecars.map((s) => ({ sidecar: s.sidecar, agents: s.agents, events: s.events, lastSequence: s.lastSequence })), [
       { sidecar: A, agents: ['agent:x:prod:1'], events: 3, lastSequence: 3 },
       { sidecar: B, agents: ['agent:x:prod:1', 'agent:y:dev:9'], events: 2, lastSequence: 2 },
     ])
     for (const s of inv.sidecars) t.ok(Math.abs(s.lastSeen.getTime() - Date.now()) < 60_000, `${s.sidecar} last seen is the receive time`)
+  })
+
+  withStore('inventory lists an agent\'s first MAX_INVENTORY_HOSTS host:port pairs, bytewise, and counts them all', async (t, { store }) => {
+    const now = Date.now()
+    // Spellings whose order differs between a byte order and a locale's (punctuation, case, digits).
+    const odd = ['a-b.test', 'a.test', 'a_b.test', 'ab.test', 'A.test', '0.test', 'a.test.b']
+    const many = [...odd, ...Array.from({ length: MAX_INVENTORY_HOSTS + 43 - odd.length }, (_, i) => `h${String(i).padStart(3, '0')}.wild.example`)]
+    await store.append(A, [
+      ...many.map((host, i) => ({ sequence: i + 1, event: makeEvent({ agent: 'agent:busy:prod:1', ts: now - 10_000 + i, host }) })),
+      // Called twice: one pair. Denied: not called.
+      { sequence: many.length + 1, event: makeEvent({ agent: 'agent:busy:prod:1', ts: now - 100, host: 'a.test' }) },
+      { sequence: many.length + 2, event: makeEvent({ agent: 'agent:busy:prod:1', ts: now - 99, host: 'denied.test', action: Action.ACTION_DENY, status: 403 }) },
+      { sequence: many.length + 3, event: makeEvent({ agent: 'agent:quiet:prod:1', ts: now - 98, host: 'one.test' }) },
+    ])
+    const inv = await store.inventory()
+    const busy = inv.agents.find((a) => a.agent === 'agent:busy:prod:1')!
+    const sorted = many.map((h) => `${h}:443`).sort()
+    t.equal(busy.hostCount, MAX_INVENTORY_HOSTS + 43, 'every distinct pair counted, the denied one not')
+    t.same(busy.hosts, sorted.slice(0, MAX_INVENTORY_HOSTS), 'the first ones in byte order, as both stores sort')
+    t.equal(busy.calls, many.length + 2)
+    const quiet = inv.agents.find((a) => a.agent === 'agent:quiet:prod:1')!
+    t.same([quiet.hosts, quiet.hostCount], [['one.test:443'], 1], 'another agent lists its own, uncut')
   })
 
   withStore('the credential is kept as audience, scopes, jti and token hash only', async (t, { store }) => {

@@ -3,7 +3,7 @@
 // a proxy credential: 128 random bits, never logged or audited (the task's separate ID is). Ending
 // a task, or its expiry, drops every token it held.
 import { randomUUID } from 'node:crypto'
-import { newTaskHandle } from '../../lib/task-handle.js'
+import { newTaskHandle, withoutTaskHandles } from '../../lib/task-handle.js'
 import type { Identity, TaskRef } from '../context.js'
 import { subjectAncestry, type Ancestor } from '../../lib/delegation.js'
 
@@ -94,7 +94,9 @@ export class TaskRegistry {
     const task: Task = {
       id,
       handle,
-      purpose: req.purpose,
+      // The agent's words, logged and listed to anyone who asks GET /v1/tasks: a handle it wrote
+      // there ("subtask of lkt_…") would be a proxy credential in both. Kept without it.
+      purpose: withoutTaskHandles(req.purpose),
       createdAt,
       expiresAt: createdAt + req.durationS * 1000,
       userToken: req.userToken ?? null,

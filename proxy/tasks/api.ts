@@ -184,7 +184,7 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
   }
   let task
   try {
-    task = d.tasks.open({ purpose, durationS: duration_s, userToken, audiences: wanted })
+    task = d.tasks.open({ purpose, durationS: duration_s, userToken, audiences: wanted, pending: true })
   } catch (err) {
     return fail(res, 400, 'bad_request', (err as Error).message)
   }
@@ -205,6 +205,7 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
     const refused = err instanceof LatchkeyError && err.code === 'LK_CREDENTIAL_REFUSED'
     return fail(res, refused ? 403 : 503, refused ? 'task_refused' : 'broker_unavailable', reason)
   }
+  d.tasks.confirm(task)
   send(res, 201, {
     task: task.handle,
     id: task.id,

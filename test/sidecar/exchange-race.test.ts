@@ -100,6 +100,8 @@ t.test('an agent revoked while its task opens: 403 revoked, no task left open', 
     body: JSON.stringify({ purpose: 'race', duration_s: 200, audiences: [API] }),
   })
   await arrived
+  // Not yet open: the broker has not answered for it, so it is not listed (nor logged as opened).
+  t.same(((await (await fetch(`${s.sidecar.adminUrl}/v1/tasks`)).json()) as { tasks: unknown[] }).tasks, [], 'a task still opening is not listed')
   t.equal((await revoke(broker, 'agent', agent)).status, 201)
   await until('the revocation reached the sidecar', () => s.sidecar.control!.state.agentRevoked)
   front.release()

@@ -24,6 +24,7 @@ import { readDelegationGrants, writeDelegationGrants, type DelegationGrants } fr
 
 export { TOKEN_EXCHANGE_GRANT as GRANT_TYPE } from '../lib/oauth.js'
 import { TOKEN_EXCHANGE_GRANT as GRANT_TYPE } from '../lib/oauth.js'
+import { TASK_HANDLE } from '../lib/task-handle.js'
 /** RFC 9068's media type for JWT access tokens. */
 export const ACCESS_TOKEN_TYP = 'at+jwt'
 const SCOPE_TOKEN = /^[\x21\x23-\x5B\x5D-\x7E]+$/
@@ -148,6 +149,10 @@ export class TokenExchange {
 
     const task = required(form, 'task_id')
     if (!TASK_ID.test(task)) throw new OAuthError('invalid_request', 'task_id must be 1-128 characters of A-Z a-z 0-9 . _ : -')
+    // A sidecar's task handle is its proxy credential, never a task ID: taken, it would be in the
+    // event, the log and the token's task_id claim every API receives, and its task could never be
+    // revoked (the admin API refuses a task value holding a handle, for the same reason).
+    if (TASK_HANDLE.test(task)) throw new OAuthError('invalid_request', "task_id must be the task's id, not its handle (lkt_…, a proxy credential; not repeated)")
     ev.task = task
     const durationParam = form.one('task_duration')
     let duration = this.d.defaultDurationS

@@ -293,7 +293,8 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     if (stopping) return
     const cut = pipeline.cut((id) => id.taskId === t.id, 'LK_TASK_ENDED', 'the task ended')
     const pools = pipeline.stages.pools.closeTask(t.id)
-    log.info({ task: t.id, why, connections_cut: cut, pools_closed: pools }, 'task ended')
+    // One the broker refused as it opened was never announced: no "ended" for it either.
+    if (!t.pending) log.info({ task: t.id, why, connections_cut: cut, pools_closed: pools }, 'task ended')
   })
   // The task's ID is what calls are audited under; these lines say what it was (never its handle).
   tasks.onOpen((t) => log.info({ task: t.id, purpose: t.purpose, user: t.userSub, expires_at: new Date(t.expiresAt).toISOString() }, 'task opened'))

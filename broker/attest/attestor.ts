@@ -3,6 +3,7 @@
 // proves, using the registry's `match` rules. One interface; one conformance suite runs against
 // every implementation (test/broker/attestors.test.ts).
 import { MAX_NAME, type Registry } from '../registry.js'
+import { TASK_HANDLE } from '../../lib/task-handle.js'
 
 export type AttestorKind = 'kubernetes' | 'spiffe' | 'local'
 
@@ -52,6 +53,9 @@ export { TOKEN_TYPES } from '../../lib/oauth.js'
 export function checkInstance(raw: string): string {
   if (raw.length > MAX_INSTANCE) throw new AttestationFailed(`the instance name is ${raw.length} characters; at most ${MAX_INSTANCE} are accepted`)
   if (!INSTANCE.test(raw)) throw new AttestationFailed('the instance name must start with a letter or digit and hold only A-Z a-z 0-9 . _ -')
+  // The admin API refuses any revocation value holding a task handle (an operator's paste of a
+  // proxy credential): an instance named so could be revoked only with every other of its type.
+  if (TASK_HANDLE.test(raw)) throw new AttestationFailed("the instance name holds a task handle's shape (lkt_ and 22 characters), which no revocation may name")
   return raw
 }
 export const MAX_INSTANCE = 253

@@ -15,7 +15,7 @@ import type { Registry } from '../registry.js'
 import type { SingleUseJtis } from '../revocations/store.js'
 import { storeCause } from '../../lib/store-schema.js'
 import { LOCAL_ISSUER } from '../../lib/local-attestor.js'
-import { AttestationFailed, AttestationUnavailable, TOKEN_TYPES, type Attestation, type AttestationVerifier } from './attestor.js'
+import { AttestationFailed, AttestationUnavailable, checkInstance, TOKEN_TYPES, type Attestation, type AttestationVerifier } from './attestor.js'
 
 export { LOCAL_ISSUER }
 /** Local attestations are for the next request, not for keeping: at most this long. */
@@ -50,7 +50,8 @@ export class LocalVerifier implements AttestationVerifier {
     if (typeof payload.jti !== 'string' || payload.jti === '') throw new AttestationFailed('jti must be a string, not empty')
     const m = INSTANCE_ID.exec(payload.sub!)
     if (!m) throw new AttestationFailed('sub is not an agent instance ID (agent:<type>:<env>:<instance>)')
-    const [, type, env] = m
+    const [, type, env, instance] = m
+    checkInstance(instance!)
     const spec = registry.agents[type!]
     if (!spec || !spec.match.local) throw new AttestationFailed(`agent type "${type}" is not registered for the local attestor`, true)
     if (spec.env !== env) throw new AttestationFailed(`agent type "${type}" runs in env "${spec.env}", not "${env}"`)

@@ -73,9 +73,16 @@ async function findSocket(peer: { address: string; port: number }, local: { addr
   return null
 }
 
-async function findPid(inode: string): Promise<number | null> {
+/**
+ * Every process holding this socket, lowest pid first. All of them, not the first found: a socket
+ * may be held by several (inherited across fork and exec, or passed over a unix socket), and the
+ * first in /proc's order is only the lowest pid. A caller spawning an allowed executable with the
+ * connection inherited, then writing on it from a later process, was that executable.
+ */
+async function findPids(inode: string): Promise<number[]> {
   const target = `socket:[${inode}]`
   const pids = (await readdir('/proc')).filter((d) => /^\d+$/.test(d))
+  const holders: number[] = []
   for (const pid of pids) {
     if (Number(pid) === process.pid) continue
     let fds: string[]
@@ -86,10 +93,13 @@ async function findPid(inode: string): Promise<number | null> {
     }
     for (const fd of fds) {
       const link = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '')
-      if (link === target) return Number(pid)
+      if (link === target) {
+        holders.push(Number(pid))
+        break
+      }
     }
   }
-  return null
+  return holders
 }
 
 /**
@@ -189,13 +199,23 @@ export class PeerProcessResolver {
     if (!socket.remoteAddress || !socket.remotePort || !socket.localAddress || !socket.localPort) return null
     const found = await findSocket({ address: socket.remoteAddress, port: socket.remotePort }, { address: socket.localAddress, port: socket.localPort })
     if (!found) return null
-    const pid = await findPid(found.inode)
+    const pids = await findPids(found.inode)
+    let pid: number | null = null
     let exe: string | null = null
     let sha256: string | null = null
-    if (pid !== null) {
-      exe = await readlink(`/proc/${pid}/exe`).catch(() => null)
+    for (const holder of pids) {
+      const path = await readlink(`/proc/${holder}/exe`).catch(() => null)
       // Hashed through /proc: the file the process runs, even if its path now names another.
-      if (exe) sha256 = await this.hashes.hash(`/proc/${pid}/exe`)
+      const hash = path ? await this.hashes.hash(`/proc/${holder}/exe`) : null
+      if (pid === null) {
+        pid = holder
+        exe = path
+        sha256 = hash
+        continue
+      }
+      // Held by processes running different executables (or one not known): no one of them is the
+      // caller, and none may lend its name to the others. Unidentified, which an allow-list refuses.
+      if (hash === null || hash !== sha256) return { pid: null, uid: found.uid, exe: null, sha256: null }
     }
     return { pid, uid: found.uid, exe, sha256 }
   }

@@ -184,7 +184,7 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
   }
   let task
   try {
-    task = d.tasks.open({ purpose, durationS: duration_s, userToken, audiences: wanted })
+    task = d.tasks.open({ purpose, durationS: duration_s, userToken, audiences: wanted, pending: true })
   } catch (err) {
     return fail(res, 400, 'bad_request', (err as Error).message)
   }
@@ -196,10 +196,16 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
     if (user_token !== undefined && bindings.length === 0) await verifiedByBroker(d, task.identity)
   } catch (err) {
     d.tasks.end(task.handle)
+    // Revoked while its exchange was in flight (the waiters are told LK_REVOKED, never the token):
+    // what a POST after the revocation is told, not a retryable "broker unavailable".
+    if (err instanceof LatchkeyError && err.code === 'LK_REVOKED') {
+      return fail(res, 403, 'revoked', `revoked (${err.rule ?? 'revocation:agent'}) while the task's token was being fetched: the task is not opened`)
+    }
     const reason = err instanceof LatchkeyError ? err.message : 'token exchange failed'
     const refused = err instanceof LatchkeyError && err.code === 'LK_CREDENTIAL_REFUSED'
     return fail(res, refused ? 403 : 503, refused ? 'task_refused' : 'broker_unavailable', reason)
   }
+  d.tasks.confirm(task)
   send(res, 201, {
     task: task.handle,
     id: task.id,

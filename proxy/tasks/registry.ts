@@ -3,7 +3,7 @@
 // a proxy credential: 128 random bits, never logged or audited (the task's separate ID is). Ending
 // a task, or its expiry, drops every token it held.
 import { randomUUID } from 'node:crypto'
-import { newTaskHandle } from '../../lib/task-handle.js'
+import { newTaskHandle, withoutTaskHandles } from '../../lib/task-handle.js'
 import type { Identity, TaskRef } from '../context.js'
 import { subjectAncestry, type Ancestor } from '../../lib/delegation.js'
 
@@ -23,6 +23,12 @@ export interface Task extends TaskRef {
   /** Built once, so the request path allocates nothing to identify a caller. */
   readonly identity: Identity
   ended: boolean
+  /**
+   * Opened on the API, and the broker has not yet taken its user token (or fetched the audiences
+   * it asked for): not announced (onOpen), not listed. Until `confirm`, who it acts for is only
+   * what an unverified token claims, and a refused one never opened.
+   */
+  pending: boolean
 }
 
 export interface OpenTask {
@@ -30,6 +36,8 @@ export interface OpenTask {
   durationS: number
   userToken?: string | null | undefined
   audiences?: readonly string[] | undefined
+  /** Held back from onOpen and list() until `confirm` (the task API's checks with the broker). */
+  pending?: boolean | undefined
 }
 
 export class TaskError extends Error {}
@@ -94,7 +102,9 @@ export class TaskRegistry {
     const task: Task = {
       id,
       handle,
-      purpose: req.purpose,
+      // The agent's words, logged and listed to anyone who asks GET /v1/tasks: a handle it wrote
+      // there ("subtask of lkt_…") would be a proxy credential in both. Kept without it.
+      purpose: withoutTaskHandles(req.purpose),
       createdAt,
       expiresAt: createdAt + req.durationS * 1000,
       userToken: req.userToken ?? null,
@@ -103,11 +113,19 @@ export class TaskRegistry {
       audiences: req.audiences ?? [],
       identity: undefined as unknown as Identity,
       ended: false,
+      pending: req.pending ?? false,
     }
     ;(task as { identity: Identity }).identity = Object.freeze({ agentId: this.agentId, taskId: id, userSub, task })
     this.byHandle.set(handle, task)
-    for (const l of this.openListeners) l(task)
+    if (!task.pending) for (const l of this.openListeners) l(task)
     return task
+  }
+
+  /** A pending task the broker has accepted: now it is open, announced and listed. */
+  confirm(task: Task): void {
+    if (!task.pending || task.ended) return
+    task.pending = false
+    for (const l of this.openListeners) l(task)
   }
 
   /** The open task for a handle; an expired one is ended on the way. */
@@ -165,7 +183,7 @@ export class TaskRegistry {
   /** Every open task, oldest first; expired ones are ended first, as the sweeper would. */
   list(): Task[] {
     this.sweep()
-    return [...this.byHandle.values()]
+    return [...this.byHandle.values()].filter((t) => !t.pending)
   }
 
   get size(): number {

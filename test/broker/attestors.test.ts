@@ -129,6 +129,20 @@ t.test('instance names are kept exactly or refused', async (t) => {
   await t.rejects(spiffe.verify(await id('w'.repeat(254)), registry), /at most 253/, 'a SPIFFE instance segment is not cut to fit')
 })
 
+// The admin API refuses a revocation value holding a task handle (a pasted proxy credential): an
+// instance named like one could be stopped only by a pattern stopping every instance of its type.
+t.test('an instance name shaped like a task handle is refused: no revocation could name it', async (t) => {
+  const handleShaped = 'lkt_' + 'A'.repeat(22)
+  const svid = await TestIssuer.create(`spiffe://${TRUST_DOMAIN}`)
+  const spiffe = new SpiffeVerifier(createLocalJWKSet(svid.jwks), TRUST_DOMAIN, BROKER, DAY)
+  const id = (instance: string) => svid.sign({ iss: null, aud: [BROKER], sub: `spiffe://${TRUST_DOMAIN}/agents/summarizer/${instance}` })
+  await t.rejects(spiffe.verify(await id(handleShaped), registry), /task handle's shape/, 'SPIFFE')
+  await t.rejects(spiffe.verify(await id(`w-${handleShaped}-1`), registry), /task handle's shape/, 'SPIFFE, inside the name')
+  t.equal((await spiffe.verify(await id('lkt_short'), registry)).instanceId, 'agent:summarizer-spiffe:prod:lkt_short', 'a name merely starting lkt_ is kept')
+  const l = await local()
+  await t.rejects(l.verifier.verify(await l.mint({ sub: `agent:summarizer:prod:${handleShaped}` }), registry), /task handle's shape/, 'local')
+})
+
 // The bounds are the configured ones, not a constant (the defaults are tested through the broker, exchange.test.ts).
 t.test('a configured max_token_age_s (kubernetes) and max_lifetime_s (spiffe) are the bounds', async (t) => {
   const iss = await TestIssuer.create(K8S_ISSUER)

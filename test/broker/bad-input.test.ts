@@ -370,3 +370,25 @@ t.test('a token sent as the audience is not recorded in the event or the log', a
   t.equal(mail.body.error, 'invalid_target')
   t.match(b.events.at(-1), { error: 'invalid_target', audience: MAIL })
 })
+
+t.test("a task handle sent as task_id is refused, and recorded nowhere", async (t) => {
+  const b = await startTestBroker()
+  t.teardown(b.close)
+  // A client that put the proxy credential where the task's id goes (the admin API refuses to
+  // revoke such a value: a task under it could never be revoked by task).
+  const handle = 'lkt_' + 'LKCANARYq9Zx'.repeat(2).slice(0, 22)
+  for (const task_id of [handle, `task:${handle}`, `${handle}.1`]) {
+    const res = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT), { task_id }))
+    t.equal(res.status, 400, why(res))
+    t.equal(res.body.error, 'invalid_request')
+    t.match(res.body.error_description, /task_id must be the task's id, not its handle/)
+    t.notOk('access_token' in res.body, 'no token')
+    t.notMatch(res.text, /LKCANARY/, 'the handle is not in the error')
+  }
+  t.notMatch(b.logs(), /LKCANARY/, 'nor in any log line')
+  t.notMatch(JSON.stringify(b.events), /LKCANARY/, 'nor in any event')
+  t.match(b.events.at(-1), { type: 'token.exchange', outcome: 'refused', task: null })
+  // A task's id is taken as ever.
+  const ok = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT), { task_id: '0b7e4c1e-0d7a-4a43-9b57-3a1f2e6c9d10' }))
+  t.equal(ok.status, 200, why(ok))
+})

@@ -74,3 +74,54 @@ t.test('a uid allow-list that excludes the caller refuses it', async (t) => {
   t.match(res.stdout, new RegExp(`uid ${process.getuid!()} may not use this sidecar`))
   t.equal(up.requests.length, 0)
 })
+
+t.test('a connection an allowed executable also holds is not that executable\'s', async (t) => {
+  // python3 connects, starts the allowed executable (sleep) with the connection inherited, and
+  // writes its call from a process forked after it: sleep is then the lowest pid holding the
+  // socket, the first /proc names. It lent python its name, and python's call went through.
+  const up = await startUpstream()
+  const sleep = await which('sleep')
+  const s = await startTestSidecar({ ...loopbackPolicy([up.port]), sidecar: { callers: { allowed_executables: [sha(sleep)] } } })
+  t.teardown(async () => {
+    await s.close()
+    await up.close()
+  })
+  const spoof = [
+    'import os, socket, subprocess, sys',
+    's = socket.create_connection(("127.0.0.1", int(sys.argv[1])))',
+    'os.set_inheritable(s.fileno(), True)',
+    'held = subprocess.Popen(["sleep", "30"], pass_fds=[s.fileno()])',
+    'pid = os.fork()',
+    'if pid == 0:',
+    '    s.sendall(("GET " + sys.argv[2] + " HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n").encode())',
+    '    data = b""',
+    '    while True:',
+    '        c = s.recv(65536)',
+    '        if not c: break',
+    '        data += c',
+    '    print(data.decode().split("\\r\\n")[0])',
+    '    os._exit(0)',
+    's.close()',
+    'os.waitpid(pid, 0)',
+    'held.kill()',
+  ].join('\n')
+  const res = await run('python3', ['-c', spoof, new URL(s.proxy).port, `http://127.0.0.1:${up.port}/spoofed`], { env: env() })
+  t.match(res.stdout, /^HTTP\/1\.1 403 /, 'refused: the connection is not only sleep\'s')
+  t.same(up.requests, [], 'nothing reached the upstream')
+  const audit = await s.audit()
+  t.match(audit[0], { status: 403, error: 'LK_CALLER_DENIED', caller: { pid: null, exe: null, sha256: null } })
+  // sleep alone, holding a connection another process made and then let go of, is still sleep.
+  const alone = [
+    'import os, socket, subprocess, sys, time',
+    's = socket.create_connection(("127.0.0.1", int(sys.argv[1])))',
+    'os.set_inheritable(s.fileno(), True)',
+    'held = subprocess.Popen(["sleep", "30"], pass_fds=[s.fileno()])',
+    's.sendall(("GET " + sys.argv[2] + " HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n").encode())',
+    's.close()',
+    'time.sleep(1.5)',
+    'held.kill()',
+  ].join('\n')
+  await run('python3', ['-c', alone, new URL(s.proxy).port, `http://127.0.0.1:${up.port}/held`], { env: env() })
+  const second = (await s.audit())[1]
+  t.match(second, { path: '/held', caller: { exe: sleep, sha256: sha(sleep) } }, 'one holder, one executable: named')
+})

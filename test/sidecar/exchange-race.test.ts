@@ -77,3 +77,38 @@ for (const kind of ['task', 'agent'] as const) {
     t.match(event, { status: 403, error: 'LK_REVOKED' }, 'recorded as the agent saw it')
   })
 }
+
+// The agent revoked while POST /v1/tasks waits on the exchange its audiences asked for: the task
+// API says it is revoked (403, not retryable), as it does for a POST after the revocation, not
+// that the broker is unavailable (503, retryable): an SDK told to retry came back to a 403.
+t.test('an agent revoked while its task opens: 403 revoked, no task left open', async (t) => {
+  const broker = await startControlBroker()
+  t.teardown(() => broker.close())
+  const front = await startBrokerFront(broker.url)
+  t.teardown(front.close)
+  const api = await startApi()
+  t.teardown(api.close)
+  const agent = 'agent:summarizer:prod:open-race'
+  const s = await startControlSidecar(broker, api, agent, { sidecar: { broker: { url: front.url, timeout_ms: 5000 } } })
+  t.teardown(s.close)
+  await until('connected', () => s.sidecar.control!.connected)
+  front.mode = { mode: 'hold' }
+  const arrived = front.handled(front.requests + 1)
+  const opening = fetch(`${s.sidecar.adminUrl}/v1/tasks`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ purpose: 'race', duration_s: 200, audiences: [API] }),
+  })
+  await arrived
+  // Not yet open: the broker has not answered for it, so it is not listed (nor logged as opened).
+  t.same(((await (await fetch(`${s.sidecar.adminUrl}/v1/tasks`)).json()) as { tasks: unknown[] }).tasks, [], 'a task still opening is not listed')
+  t.equal((await revoke(broker, 'agent', agent)).status, 201)
+  await until('the revocation reached the sidecar', () => s.sidecar.control!.state.agentRevoked)
+  front.release()
+  const res = await opening
+  const body = (await res.json()) as Record<string, unknown>
+  t.equal(res.status, 403, 'refused as revoked')
+  t.match(body, { error: 'revoked', reason: /revocation:agent/, retryable: false })
+  t.equal(res.headers.get('x-should-retry'), 'false')
+  t.equal(s.sidecar.tasks.size, 0, 'no task left open')
+})

@@ -166,3 +166,16 @@ t.test('a task handle an agent writes into a path or a route name is never audit
   t.ok(events.some((e) => e.path === '/v1/tasks/lkt_[removed]'), 'the path is kept, the handle removed')
   t.ok(events.some((e) => e.reason === 'no route named "lkt_[removed]"'), 'so is the reason quoting a route name')
 })
+
+t.test("a task handle an agent writes into another task's purpose is neither listed nor logged", async (t) => {
+  const { s } = await startBearerRig(t)
+  const { handle: parent } = await openTask(s, 'parent')
+  // An agent naming the task a subtask belongs to by what it has of it: its handle, plain or encoded.
+  await openTask(s, `subtask of ${parent}`)
+  await openTask(s, `subtask of %6Ckt_${parent.slice(4)}`)
+  const secretPart = parent.slice(4)
+  const listed = await (await fetch(`${s.sidecar.adminUrl}/v1/tasks`)).text()
+  t.notOk(listed.includes(secretPart), 'GET /v1/tasks lists tasks, never a handle')
+  t.same((JSON.parse(listed) as { tasks: { purpose: string }[] }).tasks.map((x) => x.purpose), ['parent', 'subtask of lkt_[removed]', 'subtask of lkt_[removed]'])
+  t.notOk(s.logs.some((l) => l.includes(secretPart)), 'no log line holds it')
+})

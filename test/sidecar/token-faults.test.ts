@@ -142,11 +142,15 @@ t.test('a user token the broker refuses: at task open, and at first use', async 
   const unsigned = await rig.openTask({ purpose: 'x', duration_s: 60, user_token: `${b64({ alg: 'none' })}.${b64({ sub: 'alice@example.com' })}.` })
   t.same([unsigned.status, unsigned.body.error], [400, 'bad_request'])
   t.equal(rig.sidecar.sidecar.tasks.size, 0, 'neither task stayed open')
+  // Nor logged as opened (and ended) for the user it claimed: the broker never took it.
+  t.notOk(rig.sidecar.logs.some((l) => l.includes('alice@example.com')), 'no log line names the user a forged token claims')
+  t.notOk(rig.sidecar.logs.some((l) => /"msg":"task (opened|ended)"/.test(l)), 'no task refused as it opened is logged as opened or ended')
   // A token the broker accepts opens; a refusal at first use (a task longer than the agent may
   // have, here) is a 403 the agent is told not to retry.
   const ok = await rig.openTask({ purpose: 'x', duration_s: 60, user_token: await rig.broker.userToken('u', 'read') })
   t.equal(ok.status, 201)
   t.equal(ok.body.user, 'u')
+  t.ok(rig.sidecar.logs.some((l) => l.includes('"msg":"task opened"') && l.includes('"user":"u"')), 'the task the broker took is logged as opened, for its user')
   t.equal(rig.api.seen.length, 0)
 })
 

@@ -4,7 +4,7 @@
 // read-only: never created or migrated here, only by the collector that owns it.
 import type { Command } from 'commander'
 import { Action, AuditEvent } from '../protos/gen/latchkey/v1/audit.js'
-import { MAX_ANSWER_BYTES, MAX_LIMIT, MAX_PAGE_EVENTS, boundAnswer, cursorAfter, eventToJson, parseSince, type EventJson } from './query.js'
+import { MAX_ANSWER_BYTES, MAX_PAGE_EVENTS, boundAnswer, cursorAfter, eventToJson, parseLimit, parseSince, type EventJson } from './query.js'
 import type { AuditStore, EventCursor, VerifyResult } from './store/types.js'
 import type { CollectorConfig } from './config.js'
 import { CliError } from './cli-error.js'
@@ -189,8 +189,12 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
     .action(async (opts: { agent?: string; since: string; denied?: boolean; json?: boolean; limit: string; url: string; config?: string }) => {
       try {
         if (!opts.agent) throw new CliError('--agent <id> is required (e.g. --agent agent:summarizer:prod:7a2c91)')
-        const limit = Number(opts.limit)
-        if (!Number.isInteger(limit) || limit < 1 || limit > MAX_LIMIT) throw new CliError(`--limit "${opts.limit}" must be an integer from 1 to ${MAX_LIMIT}`)
+        let limit: number
+        try {
+          limit = parseLimit(opts.limit, '--limit')
+        } catch (err) {
+          throw new CliError((err as Error).message)
+        }
         // Page by page (an answer holds at most MAX_PAGE_EVENTS), each printed as it comes, until
         // the limit or the last page.
         let shown = 0

@@ -12,7 +12,7 @@ import { createServer } from '../lib/node-http.js'
 import type { AuditStore, EventCursor, StoredEvent } from './store/types.js'
 import type { Logger } from '../lib/log.js'
 import type { Registry } from 'prom-client'
-import { MAX_ANSWER_BYTES, MAX_LIMIT, MAX_PAGE_EVENTS, boundAnswer, decodeCursor, encodeCursor, eventToJson, parseSince } from './query.js'
+import { MAX_ANSWER_BYTES, MAX_PAGE_EVENTS, boundAnswer, decodeCursor, encodeCursor, eventToJson, parseLimit, parseSince } from './query.js'
 import { checkLocalCaller } from '../proxy/listen/local-caller.js'
 
 function send(res: ServerResponse, status: number, body: unknown): void {
@@ -173,16 +173,21 @@ export function createQueryServer(
           noNul('agent', agent)
           let since: Date
           let until: Date | undefined
+          let asked: number
           try {
             since = parseSince(url.searchParams.get('since') ?? '24h')
             const u = url.searchParams.get('until')
             until = u === null ? undefined : parseSince(u, Date.now(), 'until')
+            const limitText = url.searchParams.get('limit')
+            asked = limitText === null ? maxPage : parseLimit(limitText)
           } catch (err) {
             throw new BadRequest((err as Error).message)
           }
-          const limitText = url.searchParams.get('limit')
-          const asked = limitText === null ? maxPage : Number(limitText)
-          if (!Number.isInteger(asked) || asked < 1 || asked > MAX_LIMIT) throw new BadRequest(`limit "${limitText}" must be an integer from 1 to ${MAX_LIMIT}`)
+          // An empty window is a mistake (the two swapped, a wrong day), not "no calls": an empty
+          // 200 would read as an agent that did nothing.
+          if (until && until.getTime() <= since.getTime()) {
+            throw new BadRequest(`until (${until.toISOString()}) must be after since (${since.toISOString()})`)
+          }
           // One answer holds at most maxPage events; a larger limit is cut to it, and the answer says so.
           const limit = Math.min(asked, maxPage)
           const denied = url.searchParams.get('denied')

@@ -98,6 +98,16 @@ export const MAX_PAGE_EVENTS = 1000
 /** `limit` as the API and the CLI take it: a total of at most this many. */
 export const MAX_LIMIT = 100_000
 
+/**
+ * A `limit` as typed: decimal digits only. Number() alone also took `0x10`, `1e3`, `5.0` and
+ * ` 5`, so a typo'd or script-built value was read as some other count without a word.
+ */
+export function parseLimit(text: string, name = 'limit'): number {
+  const n = /^[0-9]{1,7}$/.test(text) ? Number(text) : NaN
+  if (!(n >= 1 && n <= MAX_LIMIT)) throw new Error(`${name} "${text.slice(0, 40)}" must be a whole number from 1 to ${MAX_LIMIT}, in decimal digits`)
+  return n
+}
+
 /** Where a page that goes on after `e` starts (the stores' `after`). */
 export function cursorAfter(e: StoredEvent): EventCursor {
   return { ts: e.event.timeUnixMs, sidecar: e.sidecar, position: e.position }

@@ -66,7 +66,7 @@ t.test('a limit above the page maximum is capped and says so; paging with next g
   t.equal(paged.length, 1500)
 
   t.match(await get(url('&cursor=bm90LWEtY3Vyc29y')), { status: 400, body: { error: /^cursor "bm90LWEtY3Vyc29y" is not one this API gave/ } }, 'a forged cursor is a 400')
-  t.match(await get(url('&limit=100001')), { status: 400, body: { error: 'limit "100001" must be an integer from 1 to 100000' } })
+  t.match(await get(url('&limit=100001')), { status: 400, body: { error: 'limit "100001" must be a whole number from 1 to 100000, in decimal digits' } })
 
   // The CLI pages until its --limit: over the API and straight from the store. The first as a
   // process (every page through its stdout); the others in-process (helpers/audit-cli.ts), the

@@ -52,6 +52,16 @@ t.test('HTTP API and CLI answer what an agent did', async (t) => {
   t.same(await get('/v1/events?since=24h'), { status: 400, body: { error: 'query parameter "agent" is required' } })
   t.same(await get(`/v1/events?agent=${X}&since=lastweek`), { status: 400, body: { error: 'since "lastweek" is neither a duration (like 24h, 30m, 7d), today, yesterday, nor an ISO-8601 time within range' } })
   t.same((await get(`/v1/events?agent=${X}&limit=0`)).status, 400)
+  // Only decimal digits: Number() read each of these as some count, silently.
+  for (const bad of ['0x10', '1e3', '5.0', '+5', ' 5', '5 ', '0b11', '1_000', '']) {
+    t.same(await get(`/v1/events?agent=${X}&limit=${encodeURIComponent(bad)}`), { status: 400, body: { error: `limit "${bad}" must be a whole number from 1 to 100000, in decimal digits` } }, `limit=${JSON.stringify(bad)} is refused`)
+  }
+  t.equal((await get(`/v1/events?agent=${X}&limit=0005`)).status, 200, 'leading zeros are still decimal')
+  // An empty or backwards window is refused: an empty 200 reads as an agent that did nothing.
+  t.same(await get(`/v1/events?agent=${X}&since=2026-11-30T10:00:00Z&until=2026-11-30T09:00:00Z`), { status: 400, body: { error: 'until (2026-11-30T09:00:00.000Z) must be after since (2026-11-30T10:00:00.000Z)' } })
+  t.equal((await get(`/v1/events?agent=${X}&since=2026-11-30T10:00:00Z&until=2026-11-30T10:00:00Z`)).status, 400, 'until equal to since is empty too')
+  t.equal((await get(`/v1/events?agent=${X}&since=2h&until=3h`)).status, 400, 'until 3h ago is before since 2h ago')
+  t.same(((await get(`/v1/events?agent=${encodeURIComponent(X)}&since=24h&until=90m`)).body.events as { sequence: number }[]).map((e) => e.sequence), [2], 'a window the right way round answers what lies in it')
   t.same(await get(`/v1/events?agent=${X}&since=99999999999999d`), { status: 400, body: { error: 'since "99999999999999d" is neither a duration (like 24h, 30m, 7d), today, yesterday, nor an ISO-8601 time within range' } })
   t.same(await get(`/v1/events?agent=${X}&until=99999999999999d`), { status: 400, body: { error: 'until "99999999999999d" is neither a duration (like 24h, 30m, 7d), today, yesterday, nor an ISO-8601 time within range' } })
   t.match(await get(`/v1/events?agent=${X}&until=nope`), { status: 400, body: { error: /^until "nope"/ } }, 'the error names the parameter that was wrong')
@@ -126,8 +136,10 @@ t.test('`audit` prints stored fields so no event can draw a line of its own', as
   t.match(forgedFields, /\/x\\u0020\\u0020rule=readonly\\u0020\\u0020\[sc-b#7\]\\\\u001b/, 'shown escaped, the backslash too')
   t.match(forgedFields, /…\(\d+ more characters\)/, 'a long field is cut')
   t.ok(forgedFields.length < 1200, 'so the fields after it stay on the screen')
+  const hexLimit = await cli(['audit', '--agent', X, '--limit', '0x10', '--url', c.httpUrl!])
+  t.same([hexLimit.code, hexLimit.stderr.trim()], [1, '--limit "0x10" must be a whole number from 1 to 100000, in decimal digits'], 'the CLI refuses a limit that is not decimal digits')
   const badLimit = await cli(['audit', '--agent', X, '--limit', '0', '-c', '/nonexistent.yaml'])
-  t.same([badLimit.code, badLimit.stderr.trim()], [1, '--limit "0" must be an integer from 1 to 100000'], 'the limit is checked the same way against a store')
+  t.same([badLimit.code, badLimit.stderr.trim()], [1, '--limit "0" must be a whole number from 1 to 100000, in decimal digits'], 'the limit is checked the same way against a store')
 })
 
 t.test('`audit verify -c` reads the store directly and names the first break', async (t) => {

@@ -10,7 +10,8 @@ import { createRequire } from 'node:module'
 import { runInNewContext } from 'node:vm'
 import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
-import { join, posix } from 'node:path'
+import { dirname, join, posix } from 'node:path'
+import { fileURLToPath, pathToFileURL } from 'node:url'
 import { parse as parseYaml, parseAllDocuments } from 'yaml'
 import { createLocalJWKSet, jwtVerify } from 'jose'
 import { checkConfig } from '../cli/check-config.js'
@@ -207,6 +208,7 @@ async function checkEmbedded(t: Test, label: string, text: string, env: Record<s
   writeFileSync(file, text)
   const r = await checkConfig(file, env)
   t.equal(r.code, 0, `${label}: check-config calls it valid`, { stderr: r.stderr })
+  if (r.code !== 0) return
   const overrides = Object.keys(env).filter((k) => k.startsWith('LATCHKEY__'))
   for (const line of r.stderr.split('\n').filter(Boolean)) {
     const note = /^note: set by the environment, not the file: (.*)$/.exec(line)
@@ -223,6 +225,59 @@ async function checkEmbedded(t: Test, label: string, text: string, env: Record<s
     else t.ok(writable.some((d) => under(path, d)), `${label}: ${path}, which it writes, is on a writable volume`)
   }
   if (overrides.length > 0) t.match(r.stderr, /^note: set by the environment/m, `${label}: its LATCHKEY__ variables are settings`)
+}
+
+/**
+ * The fields of `value` that its Kubernetes type does not have, as paths. kubernetes-models'
+ * validators follow the OpenAPI schema, which lets unknown fields through (the API server drops
+ * them, and `kubectl apply` refuses them): a misspelt `readOnlyRootFileSystem` would pass them
+ * and do nothing. The fields are read from the package's type declarations, generated from the
+ * same OpenAPI document: one interface per file, one `"field"?: Type;` per line.
+ */
+function unknownFields(value: unknown, specifier: string, path: string, cache = new Map<string, DeclaredType | null>()): string[] {
+  const type = declaredType(specifier, cache)
+  if (!type || typeof value !== 'object' || value === null || Array.isArray(value)) return []
+  const out: string[] = []
+  for (const [key, v] of Object.entries(value)) {
+    const field = type.fields.get(key)
+    if (field === undefined) {
+      out.push(`${path}.${key}`)
+      continue
+    }
+    // Array<X>, X, or a map { [key: string]: X }: X checked where it is a declared type.
+    const m = /^(?:Array<(\w+)>|(\w+)|\{ \[key: string\]: (\w+); \})$/.exec(field)
+    const name = m?.[1] ?? m?.[2] ?? m?.[3]
+    const next = name ? type.imports.get(name) : undefined
+    if (!next) continue
+    const items = m?.[1] ? (Array.isArray(v) ? v.map((x, i) => [`${path}.${key}[${i}]`, x] as const) : []) : m?.[3] ? Object.entries(v as object).map(([k, x]) => [`${path}.${key}.${k}`, x] as const) : [[`${path}.${key}`, v] as const]
+    for (const [p, x] of items) out.push(...unknownFields(x, next, p, cache))
+  }
+  return out
+}
+
+interface DeclaredType {
+  /** field → its type, as declared (an inline map flattened to one line). */
+  fields: Map<string, string>
+  /** imported type name → module specifier */
+  imports: Map<string, string>
+}
+
+function declaredType(specifier: string, cache: Map<string, DeclaredType | null>): DeclaredType | null {
+  if (cache.has(specifier)) return cache.get(specifier)!
+  const file = fileURLToPath(import.meta.resolve(specifier)).replace(/\.js$/, '.d.ts')
+  const text = readFileSync(file, 'utf8').replace(/\{\n +(\[key: string\]: \w+;)\n +\}/g, '{ $1 }')
+  const body = /^export interface \w+(?: extends [\w, ]+)? \{\n([\s\S]*?)^\}/m.exec(text)?.[1]
+  let type: DeclaredType | null = null
+  if (body !== undefined) {
+    const imports = new Map<string, string>()
+    for (const m of text.matchAll(/^import \{ (\w+) \} from "([^"]+)";$/gm)) {
+      imports.set(m[1]!, m[2]!.startsWith('.') ? pathToFileURL(join(dirname(file), m[2]!)).href : m[2]!)
+    }
+    // A field's type on its line; one declared inline over several lines (`Array<{`) is not looked into.
+    type = { fields: new Map([...body.matchAll(/^ {4}"([^"]+)"\??: (.*?);?$/gm)].map((m) => [m[1]!, m[2]!])), imports }
+  }
+  cache.set(specifier, type)
+  return type
 }
 
 // ---- Kubernetes ----
@@ -250,6 +305,7 @@ t.test('deploy/kubernetes', async (t) => {
         problem = (err as Error).message
       }
       t.equal(problem, '', `${o.kind} ${o.metadata.name} validates`)
+      t.same(unknownFields(o, `kubernetes-models/${o.apiVersion}/${o.kind}`, o.kind), [], `${o.kind} ${o.metadata.name}: no field its type does not have`)
       t.notOk(o.metadata.namespace, `${o.kind} ${o.metadata.name}: the namespace comes from kustomization.yaml alone`)
     }
   })

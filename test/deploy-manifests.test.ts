@@ -114,6 +114,9 @@ const dockerfile = readFileSync('Dockerfile', 'utf8')
 const entrypoint = JSON.parse(/^ENTRYPOINT (\[.*\])$/m.exec(dockerfile)![1]!) as string[]
 const cmd = JSON.parse(/^CMD (\[.*\])$/m.exec(dockerfile)![1]!) as string[]
 const imageUser = /^USER (\S+)$/m.exec(dockerfile)![1]!
+/** The CLI's subcommands that take `-c, --config <file>`, from its sources (cli/latchkey.ts, collector/cli.ts). */
+const cliSource = readFileSync('cli/latchkey.ts', 'utf8') + readFileSync('collector/cli.ts', 'utf8')
+const configCommands = new Set([...cliSource.matchAll(/\.command\('(\w+)'\)\s*\.description\([^\n]*\)\s*\.requiredOption\('-c, --config <file>'/g)].map((m) => m[1]!))
 
 /** `64Mi`, `1Gi`, `256M` in bytes. */
 function bytes(q: string): number {
@@ -282,6 +285,12 @@ function declaredType(specifier: string, cache: Map<string, DeclaredType | null>
 
 // ---- Kubernetes ----
 
+t.test('the Dockerfile runs the CLI, `sidecar --config <file>` by default', async (t) => {
+  t.match(entrypoint.at(-1), /\/latchkey\.js$/, 'ENTRYPOINT is the latchkey CLI')
+  t.same(cmd.slice(0, 2), ['sidecar', '--config'], 'CMD is <subcommand> --config <file>')
+  t.same([...configCommands].sort(), ['broker', 'collector', 'sidecar'], 'the CLI takes --config for sidecar, broker and collector (this test reads its sources right)')
+})
+
 t.test('deploy/kubernetes', async (t) => {
   const files = readdirSync(K8S).filter((f) => f.endsWith('.yaml') && f !== 'kustomization.yaml')
   t.same([...kustomization.resources].sort(), files.sort(), 'kustomization.yaml lists every manifest, and only those')
@@ -399,6 +408,7 @@ t.test('deploy/kubernetes', async (t) => {
     const args = c.args ?? cmd
     t.equal(args.length, 3, `${label}: args are <subcommand> --config <file>, as the Dockerfile's CMD`)
     t.equal(args[1], cmd[1], `${label}: ${cmd[1]} as the Dockerfile's CMD says it`)
+    t.ok(configCommands.has(args[0]!), `${label}: \`latchkey ${args[0]}\` is a command that requires --config`)
     const pod = w.spec!.template!.spec
     const mounts = mountsOf(c, pod, (w.spec!.volumeClaimTemplates ?? []).map((v) => v.metadata.name), configMaps)
     t.same(mounts.unknown, [], `${label}: every mounted file is known by name`)
@@ -626,6 +636,7 @@ t.test('deploy/compose.yaml', async (t) => {
     t.equal(s.image?.split(':')[0], 'latchkey', `${name}: the Latchkey image`)
     t.notOk(s.entrypoint, `${name}: runs the image's ENTRYPOINT`)
     t.same(s.command?.slice(0, 2), [subcommand, cmd[1]], `${name}: latchkey ${subcommand} ${cmd[1]} <file>`)
+    t.ok(configCommands.has(subcommand), `${name}: \`latchkey ${subcommand}\` is a command that requires --config`)
     t.equal(s.read_only, true, `${name}: read-only root filesystem`)
     const target = s.command?.[2]
     const source = s.configs?.find((c) => c.target === target)?.source

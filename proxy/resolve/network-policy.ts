@@ -82,7 +82,9 @@ export class NetworkPolicy {
     const addr = parseIp(address)
     const cls = classifyParsed(addr)
     const { dialled, all } = addressForms(addr)
-    const thisHost = dialled.some((f) => this.localAddresses.has(f.toNormalizedString()))
+    // Judged as a deny is, by every address it carries: `[64:ff9b::<this host's IPv4>]` is this
+    // host to a NAT64 network, as `[::ffff:<it>]` is to the kernel.
+    const thisHost = all.some((f) => this.localAddresses.has(f.toNormalizedString()))
     if (this.selfPorts.has(port) && (cls === 'loopback' || cls === 'unspecified' || thisHost)) {
       const what = "the sidecar's own port on this host"
       return { allowed: false, cls, rule: 'network:self', reason: `${address}:${port} is ${what}`, what }

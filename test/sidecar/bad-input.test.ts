@@ -3,6 +3,8 @@
 import t from 'tap'
 import { connect } from 'node:net'
 import { once } from 'node:events'
+import { createServer } from 'node:http'
+import type { AddressInfo } from 'node:net'
 import { startUpstream, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
 
 t.test('refused framings', async (t) => {
@@ -236,5 +238,43 @@ t.test('an injected header named with underscores: the agent\'s dashed spelling 
   const names = raw.filter((_, i) => i % 2 === 0).map((n) => n.toLowerCase())
   t.same(names.filter((n) => n.replace(/_/g, '-') === 'x-svc-token'), ['x_svc_token'], 'only the injected header, which a server folding _ into - could not tell from the agent\'s')
   t.equal(upstream.requests.at(-1)!.headers.x_svc_token, CANARY)
+  assertNoCanary(t, s)
+})
+
+t.test('a chunked body\'s trailers never reach the upstream: not an Authorization beside the injected one, nor a Host', async (t) => {
+  // node:http, which hands a handler the trailers it was sent (startUpstream records headers only).
+  const got: { headers: Record<string, unknown>; trailers: string[]; body: string }[] = []
+  const upstream = createServer((req, res) => {
+    let body = ''
+    req.on('data', (c: Buffer) => (body += c.toString()))
+    req.on('end', () => {
+      got.push({ headers: req.headers, trailers: req.rawTrailers, body })
+      res.end('ok')
+    })
+  })
+  upstream.listen(0, '127.0.0.1')
+  await once(upstream, 'listening')
+  const port = (upstream.address() as AddressInfo).port
+  const host = `127.0.0.1:${port}`
+  const s = await startTestSidecar({ ...loopbackPolicy([port]), routes: { up: `http://${host}` }, credentials: [{ id: 'plain', audience: `http://${host}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }] })
+  t.teardown(async () => {
+    await s.close()
+    upstream.closeAllConnections()
+    upstream.close()
+  })
+  const trailers = 'Authorization: Bearer agent\r\nHost: evil.example\r\nX-Api-Key: agent\r\nX-Latchkey-Rule: x\r\n'
+  const body = `5\r\nhello\r\n0\r\n${trailers}\r\n`
+  for (const [name, request] of [
+    ['absolute-form', `POST http://${host}/t HTTP/1.1\r\nHost: ${host}\r\nTrailer: Authorization, Host\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n${body}`],
+    ['a reverse route', `POST /up/t HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n${body}`],
+    ['inside a plaintext tunnel', `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\nPOST /t HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n${body}`],
+  ] as const) {
+    const before = got.length
+    const r = await rawRequest(s.sidecar.port, request)
+    t.match(r.raw, /HTTP\/1\.1 200 OK/, `${name}: forwarded`)
+    t.equal(got.length, before + 1, `${name}: one request upstream`)
+    t.match(got.at(-1), { headers: { authorization: `Bearer ${CANARY}`, host }, trailers: [], body: 'hello' }, `${name}: the body, the injected credential, no trailer`)
+    t.notOk('trailer' in got.at(-1)!.headers || 'te' in got.at(-1)!.headers, `${name}: nor a Trailer or TE announcing one`)
+  }
   assertNoCanary(t, s)
 })

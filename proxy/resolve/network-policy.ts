@@ -95,7 +95,9 @@ export class NetworkPolicy {
     // An address of this host's own interfaces reaches whatever listens on 0.0.0.0 here, as
     // loopback does: denied with it, whatever class the address has (a public IP on eth0).
     if (thisHost && cls !== 'loopback' && this.deniedClasses.has('loopback')) {
-      const what = "an address of the sidecar's own host (as good as loopback)"
+      const what = dialled.some((f) => this.localAddresses.has(f.toNormalizedString()))
+        ? "an address of the sidecar's own host (as good as loopback)"
+        : "an IPv6 address carrying an address of the sidecar's own host (as good as loopback)"
       return { allowed: false, cls, rule: 'network:loopback', reason: `${address} is ${what}`, what }
     }
     if (this.deniedClasses.has(cls)) {

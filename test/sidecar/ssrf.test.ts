@@ -167,6 +167,7 @@ t.test("an address of the sidecar's own host is loopback to it, whatever its cla
     const viaV6 = await rawRequest(s.sidecar.port, `GET http://${carrier}:${port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
     t.equal(viaV6.status, 403, `${carrier} carries this host's address: refused`)
     t.equal(viaV6.headers['x-latchkey-rule'], 'network:loopback', `${carrier}: as this host`)
+    t.match(JSON.parse(viaV6.body).reason, carrier === `[::ffff:${hostAddress}]` ? /is an address of the sidecar's own host/ : /is an IPv6 address carrying an address of the sidecar's own host/, `${carrier}: saying so`)
   }
   // An operator's explicit exception still opens it.
   const opened = await startTestSidecar({ policy: { default: 'allow' }, network: { deny: ['loopback'], allow: [{ cidr: `${hostAddress}/32`, ports: [port] }] } })

@@ -256,7 +256,16 @@ export class Pipeline {
    * target it was for. Throws as parseTarget does, and LK_FOREIGN_ORIGIN.
    */
   readTarget(ctx: CallContext, req: IncomingMessage, tunnel: TunnelOrigin | null, upgrade = false): void {
-    const target = (ctx.target = this.parseTarget(req.url ?? '', tunnel, upgrade))
+    let target: Target
+    try {
+      target = ctx.target = this.parseTarget(req.url ?? '', tunnel, upgrade)
+    } catch (err) {
+      // A call to a route that does not exist is addressed to the sidecar all the same: a web page
+      // is refused it as one to a route that does. Told 404 here and 403 there, a rebound page
+      // (which reads the answers) listed the routes configured, name by name.
+      if (err instanceof LatchkeyError && err.code === 'LK_NO_ROUTE') checkLocalCaller(req.headers, this.stages.namedHosts)
+      throw err
+    }
     // `?_method=DELETE` makes a POST a DELETE to Laravel, Symfony and Express's method-override: a
     // method policy never judged. Removed in every spelling, as the override headers are.
     if (target.search.length > 1 && MAYBE_METHOD_OVERRIDE.test(target.search)) target.search = stripQueryParams(target.search, METHOD_OVERRIDE_PARAMS, 'keep')

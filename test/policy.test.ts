@@ -363,6 +363,12 @@ t.test('a deny written as an IPv4-mapped address holds the IPv4 address', async 
   t.equal(decide(p, 'GET', 'http://10.1.2.3/').rule, 'no-range')
   t.equal(decide(p, 'GET', 'http://[::ffff:10.1.2.3]/').rule, 'no-range')
   t.equal(decide(p, 'GET', 'http://10.2.0.1/').rule, 'rest')
+  // And every IPv6 address carrying it, as a deny written in IPv4 holds them (these went to `rest`).
+  const carriers = (v4: string, hi: string, lo: string) => [`[64:ff9b::${v4}]`, `[::${v4}]`, `[::ffff:0:${v4}]`, `[2002:${hi}:${lo}::1]`, `[2001:0:4136:e378:8000:63bf:${(parseInt(hi, 16) ^ 0xffff).toString(16)}:${(parseInt(lo, 16) ^ 0xffff).toString(16)}]`]
+  for (const [v4, hi, lo, rule] of [['10.0.0.5', 'a00', '5', 'no-admin-box'], ['10.1.2.3', 'a01', '203', 'no-range']] as const) {
+    for (const host of carriers(v4, hi, lo)) t.equal(decide(p, 'GET', `http://${host}/`).rule, rule, `${host} carries ${v4}: ${rule} holds it`)
+    for (const host of carriers(v4, hi, lo)) t.equal(p.decide('GET', parseAbsoluteTarget('http://box.example/'), { address: host.slice(1, -1), answer: [{ address: host.slice(1, -1) }] }).rule, rule, `a name resolving to ${host}: ${rule} holds it`)
+  }
 })
 
 t.test('::a.b.c.d in a rule is the IPv4-compatible address it spells, not the mapped one', async (t) => {

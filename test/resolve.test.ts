@@ -136,6 +136,11 @@ t.test('the network floor: defaults, deny CIDRs and allow exceptions', async (t)
   t.equal(mapped.check('10.200.1.1', 80).allowed, false, 'a mapped /104 is the IPv4 /8')
   t.equal(mapped.check('8.8.4.5', 53).allowed, true, 'and nothing beside it')
   t.equal(network({ deny: ['::/0'] }).check('1.1.1.1', 443).allowed, false, 'an IPv6 range holding every mapped address holds every IPv4 one')
+  // As a deny written `8.8.4.4` does, one written mapped holds every IPv6 address carrying 8.8.4.4 (all were allowed).
+  for (const address of ['::8.8.4.4', '64:ff9b::8.8.4.4', '::ffff:0:8.8.4.4', '2002:808:404::1', '2001:0:4136:e378:8000:63bf:f7f7:fbfb']) {
+    t.match(mapped.check(address, 53), { allowed: false, rule: 'network:::ffff:8.8.4.4/128' }, `${address} carries 8.8.4.4: denied by the mapped deny`)
+    t.match(mapped.check(address.replace('8.8.4.4', '10.200.1.1').replace('808:404', 'ac8:101').replace('f7f7:fbfb', 'f537:fefe'), 80), { allowed: false, rule: 'network:::ffff:10.0.0.0/104' }, `${address}, carrying 10.200.1.1: denied by the mapped /104`)
+  }
 })
 
 t.test('an allow opens the address as dialled, never an IPv6 address that merely embeds it', async (t) => {

@@ -182,7 +182,7 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): Liste
         if (err.code === 'HPE_INVALID_EOF_STATE') left = !inFlight.headersSent
         // The in-flight request's own chunked body is malformed, found after its head went to the
         // pipeline: its forward is aborted and it is refused with this 400 instead of hanging.
-        else if (!inFlight.headersSent) abortChunkedForward(inFlight.req, new LatchkeyError('LK_BAD_REQUEST', `malformed request body (${err.code ?? 'parse error'})`))
+        else if (!inFlight.headersSent) abortChunkedForward(inFlight.req, new LatchkeyError('LK_BAD_REQUEST', `malformed request body (${err.code ?? 'parse error'})${parserReason(err as ParserError)}`))
       } else if (!pipeline.queuedBodyIncomplete(socket)) {
         // A new request, malformed, behind one still being answered: it cannot be answered in
         // order, so it is recorded, and the connection ends after the owed response. (Bytes
@@ -232,7 +232,19 @@ export function parserRefusal(err: NodeJS.ErrnoException): LatchkeyError {
   // curl --http2-prior-knowledge, gRPC without TLS: said in words (the audit read llhttp's code).
   if (err.code === 'HPE_PAUSED_H2_UPGRADE') return new LatchkeyError('LK_BAD_REQUEST', 'an HTTP/2 connection preface (prior knowledge): this sidecar serves HTTP/1.1 only, so send HTTP/1.1 (an h2c upgrade offer is answered in HTTP/1.1)')
   if (err.code === 'HPE_INVALID_URL') return new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (HPE_INVALID_URL): ${invalidTargetReason(err as ParserError)}`)
-  return new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (${err.code ?? 'parse error'})`)
+  return new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (${err.code ?? 'parse error'})${parserReason(err as ParserError)}`)
+}
+
+/**
+ * What llhttp says it refused, after the code: one code stands for several faults
+ * (HPE_INVALID_HEADER_TOKEN is a NUL in a value, a space before the colon and a folded line;
+ * HPE_INVALID_CONTENT_LENGTH is `5, 5` and a Content-Length beside Transfer-Encoding), and the
+ * agent was told only the code. llhttp's reasons are fixed texts, never the request's bytes;
+ * kept to printable ASCII all the same (the reason goes into the status line too).
+ */
+function parserReason(err: ParserError): string {
+  const text = typeof err.reason === 'string' ? err.reason.replace(/[^\x20-\x7e]/g, '').trim().slice(0, 120) : ''
+  return text === '' ? '' : `: ${text}`
 }
 
 /** What node:http's clientError carries: the chunk being parsed, and where in it the parser stopped. */

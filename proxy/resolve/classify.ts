@@ -97,8 +97,10 @@ export interface AddressForms {
    */
   dialled: Address[]
   /**
-   * Those plus every IPv4 it embeds (NAT64, 6to4, Teredo, IPv4-compatible, IPv4-translated); for
-   * IPv4, its mapped form, so a deny written `::ffff:10.0.0.1` denies 10.0.0.1 too.
+   * Those plus every IPv4 it embeds (NAT64, 6to4, Teredo, IPv4-compatible, IPv4-translated), each
+   * also in its mapped form; for IPv4, its mapped form. A deny written `::ffff:10.0.0.1` is
+   * 10.0.0.1, so it denies 10.0.0.1 and every IPv6 address carrying it, as a deny written
+   * `10.0.0.1` does (it missed `[64:ff9b::10.0.0.1]`, `[::10.0.0.1]`, 6to4 and Teredo).
    */
   all: Address[]
 }
@@ -109,8 +111,12 @@ export function addressForms(addr: Address): AddressForms {
     return { dialled: both, all: both }
   }
   const v6 = addr as ipaddr.IPv6
-  const all = [v6, ...embeddedIPv4(v6)]
-  return { dialled: v6.isIPv4MappedAddress() ? all : [v6], all }
+  const embedded = embeddedIPv4(v6)
+  if (v6.isIPv4MappedAddress()) {
+    const both = [v6, ...embedded]
+    return { dialled: both, all: both }
+  }
+  return { dialled: [v6], all: [v6, ...embedded.flatMap((v4) => [v4, v4.toIPv4MappedAddress()])] }
 }
 
 function lookup(table: Range[], addr: ipaddr.IPv4 | ipaddr.IPv6): AddressClass | null {

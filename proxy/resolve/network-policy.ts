@@ -82,7 +82,9 @@ export class NetworkPolicy {
     const addr = parseIp(address)
     const cls = classifyParsed(addr)
     const { dialled, all } = addressForms(addr)
-    const thisHost = dialled.some((f) => this.localAddresses.has(f.toNormalizedString()))
+    // Judged as a deny is, by every address it carries: `[64:ff9b::<this host's IPv4>]` is this
+    // host to a NAT64 network, as `[::ffff:<it>]` is to the kernel.
+    const thisHost = all.some((f) => this.localAddresses.has(f.toNormalizedString()))
     if (this.selfPorts.has(port) && (cls === 'loopback' || cls === 'unspecified' || thisHost)) {
       const what = "the sidecar's own port on this host"
       return { allowed: false, cls, rule: 'network:self', reason: `${address}:${port} is ${what}`, what }
@@ -93,7 +95,9 @@ export class NetworkPolicy {
     // An address of this host's own interfaces reaches whatever listens on 0.0.0.0 here, as
     // loopback does: denied with it, whatever class the address has (a public IP on eth0).
     if (thisHost && cls !== 'loopback' && this.deniedClasses.has('loopback')) {
-      const what = "an address of the sidecar's own host (as good as loopback)"
+      const what = dialled.some((f) => this.localAddresses.has(f.toNormalizedString()))
+        ? "an address of the sidecar's own host (as good as loopback)"
+        : "an IPv6 address carrying an address of the sidecar's own host (as good as loopback)"
       return { allowed: false, cls, rule: 'network:loopback', reason: `${address} is ${what}`, what }
     }
     if (this.deniedClasses.has(cls)) {

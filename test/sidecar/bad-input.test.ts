@@ -3,6 +3,8 @@
 import t from 'tap'
 import { connect } from 'node:net'
 import { once } from 'node:events'
+import { createServer } from 'node:http'
+import type { AddressInfo } from 'node:net'
 import { startUpstream, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
 
 t.test('refused framings', async (t) => {
@@ -31,7 +33,14 @@ t.test('refused framings', async (t) => {
     ['TE twice', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`, /exactly "chunked"|malformed/],
     ['TE identity', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: identity\r\n\r\n`, /exactly "chunked"|malformed/],
     ['TE on HTTP/1.0', `POST ${target} HTTP/1.0\r\nHost: ${host}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`, /HTTP\/1\.0|malformed/],
-    ['CL and TE together', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`, /Content-Length|malformed/],
+    // llhttp refuses these before checkFraming sees them: its own reason is given after its code, which stands for several faults.
+    ['CL and TE together', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`, /^malformed HTTP request \(HPE_INVALID_TRANSFER_ENCODING\): Transfer-Encoding can't be present with Content-Length$/],
+    ['TE before CL', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n`, /^malformed HTTP request \(HPE_INVALID_CONTENT_LENGTH\): Content-Length can't be present with Transfer-Encoding$/],
+    ['two agreeing Content-Lengths in one line', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 5, 5\r\n\r\nhello`, /^malformed HTTP request \(HPE_INVALID_CONTENT_LENGTH\): Invalid character in Content-Length$/],
+    ['a signed Content-Length', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Length: +5\r\n\r\nhello`, /^malformed HTTP request \(HPE_INVALID_CONTENT_LENGTH\): Invalid character in Content-Length$/],
+    ['TE ending in a comma', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: chunked,\r\n\r\n0\r\n\r\n`, /^malformed HTTP request \(HPE_INVALID_TRANSFER_ENCODING\): Invalid `Transfer-Encoding` header value$/],
+    ['a NUL in a header value', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A: a\x00b\r\n\r\n`, /^malformed HTTP request \(HPE_INVALID_HEADER_TOKEN\): Invalid header value char$/],
+    ['a bare CR in a header value', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A: a\rb\r\n\r\n`, /^malformed HTTP request \(HPE_LF_EXPECTED\): Missing expected LF after header value$/],
     // Sent on, it would be written again from a JavaScript number: 9007199254740992, one byte less.
     ['a Content-Length past 2^53', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 9007199254740993\r\n\r\nhello`, /^Content-Length is larger than a body this sidecar can forward \(2\^53 - 1 bytes\)$/],
     ['a Content-Length of 2^64 - 1', `POST ${target} HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 18446744073709551615\r\n\r\nhello`, /^Content-Length is larger than/],
@@ -49,10 +58,12 @@ t.test('refused framings', async (t) => {
     // Not sent to DNS, to come back a retryable 502 quoting all of it.
     ['a host name longer than DNS allows', `GET http://${'a'.repeat(5000)}.example/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /^request target host name is longer than DNS allows \(253 characters, 63 a label\)$/],
     ['CONNECT to a host name longer than DNS allows', `CONNECT ${'a.'.repeat(150)}example:443 HTTP/1.1\r\nHost: x\r\n\r\n`, /^request target host name is longer than DNS allows/],
-    ['control character in a header', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A: a\x01b\r\n\r\n`, /malformed/],
-    ['space before the colon', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A : b\r\n\r\n`, /malformed/],
+    ['control character in a header', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A: a\x01b\r\n\r\n`, /^malformed HTTP request \(HPE_INVALID_HEADER_TOKEN\): Invalid header value char$/],
+    ['space before the colon', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A : b\r\n\r\n`, /^malformed HTTP request \(HPE_INVALID_HEADER_TOKEN\): Invalid header token$/],
+    ['a space in a header name', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nAuthor ization: b\r\n\r\n`, /^malformed HTTP request \(HPE_INVALID_HEADER_TOKEN\): Invalid header token$/],
     ['bare LF line endings', `GET ${target} HTTP/1.1\nHost: ${host}\nX: y\n\n`, /malformed/],
-    ['obsolete line folding', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A: a\r\n b\r\n\r\n`, /malformed/],
+    ['obsolete line folding', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nX-A: a\r\n b\r\n\r\n`, /^malformed HTTP request \(HPE_INVALID_HEADER_TOKEN\): Unexpected whitespace after header value$/],
+    ['a folded Host', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\n evil.example\r\n\r\n`, /^malformed HTTP request \(HPE_INVALID_HEADER_TOKEN\): Unexpected whitespace after header value$/],
     ['non-http scheme', `GET ftp://127.0.0.1/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /http:\/\/ or https:\/\//],
     ['asterisk form', `OPTIONS * HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /asterisk-form/],
     // curl sends a proxy raw UTF-8 (`?q=café`) that it percent-encodes for a server: told how to send it.
@@ -227,5 +238,43 @@ t.test('an injected header named with underscores: the agent\'s dashed spelling 
   const names = raw.filter((_, i) => i % 2 === 0).map((n) => n.toLowerCase())
   t.same(names.filter((n) => n.replace(/_/g, '-') === 'x-svc-token'), ['x_svc_token'], 'only the injected header, which a server folding _ into - could not tell from the agent\'s')
   t.equal(upstream.requests.at(-1)!.headers.x_svc_token, CANARY)
+  assertNoCanary(t, s)
+})
+
+t.test('a chunked body\'s trailers never reach the upstream: not an Authorization beside the injected one, nor a Host', async (t) => {
+  // node:http, which hands a handler the trailers it was sent (startUpstream records headers only).
+  const got: { headers: Record<string, unknown>; trailers: string[]; body: string }[] = []
+  const upstream = createServer((req, res) => {
+    let body = ''
+    req.on('data', (c: Buffer) => (body += c.toString()))
+    req.on('end', () => {
+      got.push({ headers: req.headers, trailers: req.rawTrailers, body })
+      res.end('ok')
+    })
+  })
+  upstream.listen(0, '127.0.0.1')
+  await once(upstream, 'listening')
+  const port = (upstream.address() as AddressInfo).port
+  const host = `127.0.0.1:${port}`
+  const s = await startTestSidecar({ ...loopbackPolicy([port]), routes: { up: `http://${host}` }, credentials: [{ id: 'plain', audience: `http://${host}`, source: 'static', secret: 'CANARY', inject: { type: 'bearer' } }] })
+  t.teardown(async () => {
+    await s.close()
+    upstream.closeAllConnections()
+    upstream.close()
+  })
+  const trailers = 'Authorization: Bearer agent\r\nHost: evil.example\r\nX-Api-Key: agent\r\nX-Latchkey-Rule: x\r\n'
+  const body = `5\r\nhello\r\n0\r\n${trailers}\r\n`
+  for (const [name, request] of [
+    ['absolute-form', `POST http://${host}/t HTTP/1.1\r\nHost: ${host}\r\nTrailer: Authorization, Host\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n${body}`],
+    ['a reverse route', `POST /up/t HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n${body}`],
+    ['inside a plaintext tunnel', `CONNECT ${host} HTTP/1.1\r\nHost: ${host}\r\n\r\nPOST /t HTTP/1.1\r\nHost: ${host}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n${body}`],
+  ] as const) {
+    const before = got.length
+    const r = await rawRequest(s.sidecar.port, request)
+    t.match(r.raw, /HTTP\/1\.1 200 OK/, `${name}: forwarded`)
+    t.equal(got.length, before + 1, `${name}: one request upstream`)
+    t.match(got.at(-1), { headers: { authorization: `Bearer ${CANARY}`, host }, trailers: [], body: 'hello' }, `${name}: the body, the injected credential, no trailer`)
+    t.notOk('trailer' in got.at(-1)!.headers || 'te' in got.at(-1)!.headers, `${name}: nor a Trailer or TE announcing one`)
+  }
   assertNoCanary(t, s)
 })

@@ -98,7 +98,7 @@ t.test('the admin port answers a head too large with 431 too', async (t) => {
   }
   const malformed = await rawRequest(s.sidecar.adminPort, 'GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header: x\r\n\r\n')
   t.equal(malformed.status, 400, 'a malformed head: 400')
-  t.same(JSON.parse(malformed.body), { error: 'bad_request', code: 'LK_BAD_REQUEST', rule: null, reason: 'malformed HTTP request (HPE_INVALID_HEADER_TOKEN)', retryable: false }, 'saying what the parser refused')
+  t.same(JSON.parse(malformed.body), { error: 'bad_request', code: 'LK_BAD_REQUEST', rule: null, reason: 'malformed HTTP request (HPE_INVALID_HEADER_TOKEN): Invalid header token', retryable: false }, 'saying what the parser refused')
   t.equal((await rawRequest(s.sidecar.adminPort, underTheLimit('GET /healthz HTTP/1.1', host))).status, 200, 'within the limit: served')
   t.same(await s.audit(), [], 'the admin port audits none of it: no call was asked for')
 })

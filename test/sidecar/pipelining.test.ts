@@ -118,7 +118,7 @@ t.test('a malformed request behind one still being answered is recorded; the con
   t.same(upstream.requests.map((r) => r.url), ['/slow'])
   const events = await s.audit()
   t.equal(events.length, 2, 'two calls, two events')
-  t.match(events.find((e) => e.method === 'UNKNOWN'), { status: 0, error: 'LK_BAD_REQUEST', reason: /^malformed HTTP request \(HPE_INVALID_CONSTANT\); not answered: it came behind a call still being answered/ }, 'recorded with no status: no 400 went')
+  t.match(events.find((e) => e.method === 'UNKNOWN'), { status: 0, error: 'LK_BAD_REQUEST', reason: /^malformed HTTP request \(HPE_INVALID_CONSTANT\)(: [^;]*)?; not answered: it came behind a call still being answered/ }, 'recorded with no status: no 400 went')
 })
 
 t.test('a malformed request behind a slow call does not cut it: the owed response is written in full', async (t) => {

@@ -159,6 +159,16 @@ t.test("an address of the sidecar's own host is loopback to it, whatever its cla
   t.equal(r.status, 403, `${hostAddress} (this host) is refused`)
   t.equal(r.headers['x-latchkey-rule'], 'network:loopback')
   t.match(JSON.parse(r.body).reason, /address of the sidecar's own host/)
+  // So is every IPv6 address carrying it (a NAT64 network takes the first to it): they were judged
+  // by the embedded address's class alone, allowed here, and dialled.
+  const [a, b, c, d] = hostAddress.split('.').map(Number) as [number, number, number, number]
+  const hex = `${((a << 8) | b).toString(16)}:${((c << 8) | d).toString(16)}`
+  for (const carrier of [`[64:ff9b::${hostAddress}]`, `[::ffff:0:${hostAddress}]`, `[::${hostAddress}]`, `[2002:${hex}::1]`, `[::ffff:${hostAddress}]`]) {
+    const viaV6 = await rawRequest(s.sidecar.port, `GET http://${carrier}:${port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+    t.equal(viaV6.status, 403, `${carrier} carries this host's address: refused`)
+    t.equal(viaV6.headers['x-latchkey-rule'], 'network:loopback', `${carrier}: as this host`)
+    t.match(JSON.parse(viaV6.body).reason, carrier === `[::ffff:${hostAddress}]` ? /is an address of the sidecar's own host/ : /is an IPv6 address carrying an address of the sidecar's own host/, `${carrier}: saying so`)
+  }
   // An operator's explicit exception still opens it.
   const opened = await startTestSidecar({ policy: { default: 'allow' }, network: { deny: ['loopback'], allow: [{ cidr: `${hostAddress}/32`, ports: [port] }] } })
   t.teardown(() => opened.close())

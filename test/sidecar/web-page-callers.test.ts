@@ -26,6 +26,24 @@ t.test('a web page cannot drive reverse routes or the admin API', async (t) => {
     t.equal(r.status, 403, `${name}: 403`)
     t.equal(r.headers['x-latchkey-error'], 'LK_FOREIGN_ORIGIN', `${name}: says why`)
   }
+  // A route that does not exist, asked for the same ways: the same 403 (a 404 told a rebound page,
+  // which reads the answers, which route names are configured), on every way to the sidecar itself.
+  const foreign = [['a rebound name', 'Host: rebind.attacker.example\r\n'], ['a cross-site fetch', `Host: 127.0.0.1:${port}\r\nOrigin: http://attacker.example\r\n`], ['a same-site subresource', `Host: localhost:${port}\r\nSec-Fetch-Site: same-site\r\n`]] as const
+  const asked: [string, (path: string, headers: string) => string][] = [
+    ['origin-form', (path, headers) => `GET ${path} HTTP/1.1\r\n${headers}Connection: close\r\n\r\n`],
+    ['absolute-form to the sidecar', (path, headers) => `GET http://127.0.0.1:${port}${path} HTTP/1.1\r\n${headers}Connection: close\r\n\r\n`],
+    ['a WebSocket', (path, headers) => `GET ${path} HTTP/1.1\r\n${headers}Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`],
+    ['in a tunnel to the sidecar', (path, headers) => `CONNECT 127.0.0.1:${port} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n\r\nGET ${path} HTTP/1.1\r\n${headers}Connection: close\r\n\r\n`],
+  ]
+  for (const [way, request] of asked) {
+    for (const [name, headers] of foreign) {
+      for (const path of ['/api/x', '/nope/x', '/']) {
+        const raw = (await rawRequest(port, request(path, headers))).raw.replace(/^HTTP\/1\.1 200 Connection Established\r\n\r\n/, '')
+        seen.push(raw)
+        t.match(raw, /^HTTP\/1\.1 403 [^]*x-latchkey-error: LK_FOREIGN_ORIGIN\r\n/i, `${way}, ${name}, ${path}: refused as a page's call`)
+      }
+    }
+  }
   const ws = await rawRequest(port, `GET /api/socket HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nOrigin: http://attacker.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`)
   seen.push(ws.raw)
   t.equal(ws.status, 403, "a page's WebSocket is refused")
@@ -49,7 +67,7 @@ t.test('a web page cannot drive reverse routes or the admin API', async (t) => {
   t.equal(ok.status, 200)
 
   const audit = await s.audit()
-  t.equal(audit.filter((e) => e.error === 'LK_FOREIGN_ORIGIN').length, 7, 'each refused route call is audited')
+  t.equal(audit.filter((e) => e.error === 'LK_FOREIGN_ORIGIN').length, 7 + 4 * 3 * 3, 'each refused route call is audited')
   t.match(audit[0], { via: 'reverse', status: 403, host: '127.0.0.1', port: upstream.port, path: '/x' })
   assertNoCanary(t, s, ...seen, metrics.raw, task.raw)
   t.notOk(seen.some((r) => r.includes(CANARY)))

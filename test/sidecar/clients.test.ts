@@ -434,3 +434,29 @@ t.test("an SDK's own API key or token, in the header its vendor reads, is not se
   t.equal(open.requests[0]?.headers['private-token'], 'agents-own', 'nor is its token removed there')
   assertNoCanary(t, s, out.stdout)
 })
+
+// aiohttp (3.8 to this day) builds its proxy headers from a ClientSession's default headers and
+// moves an Authorization among them to Proxy-Authorization: a session made with
+// headers={'Authorization': ...} and a proxy sends its upstream key twice, and every call was
+// refused 407 as naming no open task. aiohttp is not on CI's machines: these are its bytes, as
+// 3.8.4 sent them through HTTP_PROXY (captured on the wire).
+t.test("aiohttp's copy of a session's Authorization into Proxy-Authorization is no proxy credential; a task handle there still is", async (t) => {
+  const { upstream, s, host } = await startBearerRig(t)
+  const aiohttp = (auth: string, path: string) =>
+    `GET http://${host}${path} HTTP/1.1\r\nHost: ${host}\r\nAuthorization: ${auth}\r\nAccept: */*\r\nAccept-Encoding: gzip, deflate\r\nUser-Agent: Python/3.11 aiohttp/3.8.4\r\nProxy-Authorization: ${auth}\r\nConnection: close\r\n\r\n`
+  const copied = await rawRequest(s.sidecar.port, aiohttp('Bearer agents-own-key', '/aiohttp'))
+  t.equal(copied.status, 200, 'the call is made, as the agent with no task')
+  t.same(upstream.requests.map((r) => [r.url, r.headers.authorization, r.headers['proxy-authorization']]), [['/aiohttp', `Bearer ${CANARY}`, undefined]], 'with the injected credential, neither copy sent on')
+  // Another value there is a proxy credential, judged as ever; its reason says what it lacks.
+  const other = await rawRequest(s.sidecar.port, aiohttp('Bearer agents-own-key', '/other').replace('Proxy-Authorization: Bearer agents-own-key', 'Proxy-Authorization: Bearer not-a-handle'))
+  t.equal(other.status, 407)
+  t.match(JSON.parse(other.body).reason, /holds no task handle[^]*aiohttp/, 'a 407 for a value with no task handle says so, and names the likely cause')
+  // An ended task's handle in both is refused (a handle in Authorization is), never run as no task.
+  const task = s.sidecar.tasks.open({ purpose: 'ended', durationS: 60 })
+  s.sidecar.tasks.end(task.handle)
+  const ended = await rawRequest(s.sidecar.port, aiohttp(`Bearer ${task.handle}`, '/ended'))
+  t.equal(ended.status, 400, "an ended task's handle is refused")
+  t.match(JSON.parse(ended.body).reason, /the Authorization header carries a task handle/)
+  t.equal(upstream.requests.length, 1, 'neither refused call reached the upstream')
+  assertNoCanary(t, s, copied.raw, other.raw, ended.raw)
+})

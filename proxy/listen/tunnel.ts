@@ -79,10 +79,13 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
   const closed = () => {
     if (opts.open.delete(client)) pipeline.stages.metrics.openTunnels.dec()
   }
-  /** TLS refused in an open tunnel: a fatal access_denied alert, the one refusal a TLS client reads there; recorded with `ctx.decision`. */
+  /**
+   * TLS refused in an open tunnel: a fatal alert, the one refusal a TLS client reads there
+   * (access_denied; internal_error for an upstream that could not be reached); recorded with `ctx.decision`.
+   */
   const refuseTls = (err: LatchkeyError) => {
     finished = true
-    client.end(err.status === 403 ? TLS_ACCESS_DENIED : TLS_INTERNAL_ERROR)
+    client.end(err.status >= 500 ? TLS_INTERNAL_ERROR : TLS_ACCESS_DENIED)
     pipeline.recordRefused(ctx, err)
   }
   /** Set once the tunnel is open: the idle timer is the relay's until the HTTP parser takes over. */

@@ -67,10 +67,17 @@ export interface TunnelOrigin {
  * The proxy credential a request runs under. Inside a tunnel it is the one its CONNECT carried:
  * a request there naming another (another task's handle, or one where the CONNECT named none) is
  * refused, not run in the tunnel's task under a name it did not ask for, with that task's token.
+ *
+ * A Proxy-Authorization that is the request's own Authorization, byte for byte, and holds no task
+ * handle is no proxy credential: it is what aiohttp sends when a ClientSession's default headers
+ * carry the upstream's Authorization (it copies it to the proxy, for every plain-http request
+ * through a proxy), and every such call was refused 407 as naming no open task. It is taken as no
+ * header (the default task, the agent with no task, or with tasks.required a 407). A task
+ * handle in it is still judged as one: an ended task stays refused, never downgraded.
  */
 export function proxyCredentialOf(headers: IncomingHttpHeaders, tunnel: TunnelOrigin | null): string | undefined {
   const own = headers['proxy-authorization']
-  if (tunnel === null) return own
+  if (tunnel === null) return own !== undefined && own === headers.authorization && !carriesTaskHandle(own) ? undefined : own
   if (own !== undefined && own !== tunnel.proxyAuthorization) {
     throw new LatchkeyError('LK_BAD_REQUEST', "a request inside a CONNECT tunnel names another proxy credential than the CONNECT did: the tunnel's requests run in the task it was opened for; open a tunnel with this one")
   }

@@ -46,7 +46,14 @@ export class TaskIdentifier implements Identifier {
       const handle = password.length > 0 ? password : user
       task = handle.length > 0 ? this.tasks.get(handle) : undefined
     } else throw new LatchkeyError('LK_PROXY_AUTH', 'Proxy-Authorization must be Basic or Bearer with a task handle')
-    if (!task) throw new LatchkeyError('LK_PROXY_AUTH', 'the proxy credential names no open task (unknown, ended or expired): open one with POST /v1/tasks')
+    if (!task) {
+      // No task handle in it at all: most likely no proxy credential, but a client library's
+      // (aiohttp sends a ClientSession's default Authorization header to the proxy as this one).
+      if (!carriesTaskHandle(proxyAuthorization)) {
+        throw new LatchkeyError('LK_PROXY_AUTH', 'the proxy credential names no open task: it holds no task handle (send none, or use the proxy_url of a task opened with POST /v1/tasks; aiohttp sends a ClientSession\'s default Authorization header as Proxy-Authorization: pass that header per request instead)')
+      }
+      throw new LatchkeyError('LK_PROXY_AUTH', 'the proxy credential names no open task (unknown, ended or expired): open one with POST /v1/tasks')
+    }
     return task.identity
   }
 }

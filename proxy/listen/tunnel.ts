@@ -7,7 +7,9 @@
 // A CONNECT denied only because a rule on the host depends on method or path (which TLS hides)
 // opens for plain HTTP alone, without dialling: TLS gets an access_denied alert. So does a
 // CONNECT to the sidecar's own listener: the requests inside are calls to its routes, and a
-// denied CONNECT to port 80, so that Node's fetch of an http:// URL reads its denial.
+// denied CONNECT to port 80, so that Node's fetch of an http:// URL reads its denial; and a
+// CONNECT to port 80 whose name does not resolve or whose upstream cannot be dialled, so that
+// it reads the 502/504 and its reason (TLS there gets an internal_error alert).
 import { connect as netConnect, type Socket } from 'node:net'
 import type { IncomingMessage } from 'node:http'
 import type { Pipeline, TunnelOrigin } from '../pipeline.js'
@@ -23,6 +25,19 @@ import { recordEnd } from '../call-outcome.js'
 const TLS_HANDSHAKE = 0x16
 /** A TLS record: alert, TLS 1.2 record version, 2 bytes: fatal, access_denied (RFC 8446 §6.2). */
 const TLS_ACCESS_DENIED = Buffer.from([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31])
+/** The same, internal_error (80): the tunnel's upstream could not be reached, which TLS has no alert of its own for. */
+const TLS_INTERNAL_ERROR = Buffer.from([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x50])
+
+/**
+ * What a CONNECT to port 80, plain HTTP's, answers inside the tunnel rather than on the CONNECT's
+ * status line: Node's fetch (undici's EnvHttpProxyAgent, Node 24's NODE_USE_ENV_PROXY) tunnels
+ * an http:// URL and shows a refused CONNECT only as "fetch failed", where the request inside
+ * reads the refusal's JSON. The request is decided, resolved and dialled again there, and meets
+ * the same refusal or failure (or, a moment later, none).
+ */
+const ANSWERED_INSIDE_ON_PORT_80 = new Set(['LK_POLICY_DENIED', 'LK_NETWORK_DENIED', 'LK_DNS_FAILED', 'LK_DNS_TIMEOUT', 'LK_UPSTREAM_UNREACHABLE', 'LK_UPSTREAM_TIMEOUT'])
+const answeredInside = (target: { port: number }, err: unknown): err is LatchkeyError =>
+  target.port === 80 && err instanceof LatchkeyError && ANSWERED_INSIDE_ON_PORT_80.has(err.code)
 
 export interface TunnelOptions extends RelayTimeouts {
   open: Set<Socket>
@@ -64,10 +79,13 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
   const closed = () => {
     if (opts.open.delete(client)) pipeline.stages.metrics.openTunnels.dec()
   }
-  /** TLS refused in an open tunnel: a fatal access_denied alert, the one refusal a TLS client reads there; recorded with `ctx.decision`. */
+  /**
+   * TLS refused in an open tunnel: a fatal alert, the one refusal a TLS client reads there
+   * (access_denied; internal_error for an upstream that could not be reached); recorded with `ctx.decision`.
+   */
   const refuseTls = (err: LatchkeyError) => {
     finished = true
-    client.end(TLS_ACCESS_DENIED)
+    client.end(err.status >= 500 ? TLS_INTERNAL_ERROR : TLS_ACCESS_DENIED)
     pipeline.recordRefused(ctx, err)
   }
   /** Set once the tunnel is open: the idle timer is the relay's until the HTTP parser takes over. */
@@ -145,12 +163,13 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
     try {
       await pipeline.admit(ctx, req.headers['proxy-authorization'], false, client)
     } catch (err) {
-      // Port 80 is plain HTTP's: there the refusal goes inside the tunnel, where the request is
-      // decided again and refused with the readable 403 any other path gives. Node's fetch
-      // tunnels http:// and shows a refused CONNECT only as "fetch failed". Nothing is dialled.
-      // Elsewhere the 403 stays on the CONNECT: TLS clients show its status line, and a
-      // protocol whose server speaks first would wait on an opened tunnel for ever.
-      if (!finished && ctx.target.port === 80 && err instanceof LatchkeyError && (err.code === 'LK_POLICY_DENIED' || err.code === 'LK_NETWORK_DENIED')) return openForPlainHttpOnly(err, true)
+      // Port 80 is plain HTTP's: there the refusal (or a name that does not resolve) goes inside
+      // the tunnel, where the request is decided again and refused with the readable 403 (502,
+      // 504) any other path gives. Node's fetch tunnels http:// and shows a refused CONNECT only
+      // as "fetch failed". Nothing is dialled. Elsewhere the refusal stays on the CONNECT: TLS
+      // clients show its status line, and a protocol whose server speaks first would wait on an
+      // opened tunnel for ever.
+      if (!finished && answeredInside(ctx.target, err)) return openForPlainHttpOnly(err, true)
       throw err
     }
     if (finished) return
@@ -162,8 +181,14 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
     upstreamSocket = upstream
     upstream.setTimeout(opts.connectTimeoutMs, () => upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'UND_ERR_CONNECT_TIMEOUT' })))
     upstream.once('error', (err) => {
-      if (ctx.status === 0) refuse(upstreamError(err))
-      else client.destroy()
+      if (ctx.status !== 0) return client.destroy()
+      const failure = upstreamError(err)
+      // Port 80: an upstream that refused or did not answer the dial is told inside the tunnel (above).
+      if (!finished && answeredInside(target, failure)) {
+        upstreamSocket = null
+        return openForPlainHttpOnly(failure, true)
+      }
+      refuse(failure)
     })
     upstream.once('connect', () => {
       stopEarlyWatch()

@@ -7,6 +7,9 @@ import { connect } from 'node:net'
 import { once } from 'node:events'
 import { startUpstream, startTestSidecar, startBearerRig, loopbackPolicy, assertNoCanary, rawRequest, CANARY } from '../helpers/harness.js'
 import { testPki } from '../helpers/tls.js'
+import { validateConfig } from '../../lib/config/load.js'
+import { compileNetworkPolicy } from '../../proxy/resolve/network-policy.js'
+import { DnsResolver } from '../../proxy/resolve/resolver.js'
 
 const run = promisify(execFile)
 const cleanEnv = (extra: NodeJS.ProcessEnv): NodeJS.ProcessEnv => {
@@ -255,6 +258,58 @@ t.test('method and path rules: Node fetch of http:// is decided per request; TLS
   assertNoCanary(t, s, fetched.stdout, curl.stderr)
 })
 
+// Node's fetch (undici's EnvHttpProxyAgent, and Node 24's own with NODE_USE_ENV_PROXY=1) tunnels
+// an http:// URL through CONNECT, and shows a CONNECT answered 502 only as "fetch failed: Request
+// was cancelled": an upstream down or a name gone, on port 80, lost its status and reason.
+t.test("Node's fetch of an http:// URL on port 80 whose upstream is down or whose name is gone reads the 502 and its reason", async (t) => {
+  // Nothing may listen on port 80 here: the refused dial is the upstream being down.
+  const probe = connect(80, '127.0.0.1')
+  const listening = await new Promise<boolean>((resolve) => {
+    probe.once('connect', () => resolve(true))
+    probe.once('error', () => resolve(false))
+  })
+  probe.destroy()
+  if (listening) return t.test('the refused dial', { skip: 'something listens on 127.0.0.1:80 on this machine' }, () => {})
+  const fragment = {
+    policy: { default: 'deny', rules: [{ id: 'plain-80', action: 'allow', hosts: ['down.test', 'gone.test'], ports: [80] }] },
+    network: { allow: [{ cidr: '127.0.0.1/32', ports: [80] }] },
+  }
+  // This machine has no DNS: down.test is 127.0.0.1, where nothing listens; gone.test is no name.
+  const network = compileNetworkPolicy(validateConfig({ version: 1, ...fragment }).network)
+  const resolver = new DnsResolver(network, {
+    cacheMs: 0,
+    lookup: async (host) => {
+      if (host === 'down.test') return [{ address: '127.0.0.1', family: 4 }]
+      throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${host}`), { code: 'ENOTFOUND' })
+    },
+  })
+  const s = await startTestSidecar(fragment, {}, { resolver })
+  t.teardown(() => s.close())
+  const fetchScript = `
+    const { EnvHttpProxyAgent, fetch } = await import('undici')
+    const dispatcher = new EnvHttpProxyAgent()
+    for (const url of process.argv.slice(1)) {
+      try {
+        const res = await fetch(url, { dispatcher })
+        const body = await res.json()
+        console.log(res.status, res.headers.get('x-latchkey-error'), body.reason, body.retryable)
+      } catch (e) { console.log('failed:', e.cause?.message) }
+    }`
+  const fetched = await run(process.execPath, ['--input-type=module', '-e', fetchScript, 'http://down.test/x', 'http://gone.test/y'], { env: cleanEnv({ HTTP_PROXY: s.proxy }) })
+  t.same(fetched.stdout.trim().split('\n'), [
+    '502 LK_UPSTREAM_UNREACHABLE the upstream refused the connection true',
+    '502 LK_DNS_FAILED gone.test: name not found true',
+  ], 'fetch reads each failure, its reason and that it may be retried')
+  // TLS to port 80 there has no status line to read: an internal_error alert, not access_denied.
+  const tls = await run('curl', ['-sS', '-x', s.proxy, 'https://down.test:80/']).catch((e: { stderr: string }) => e)
+  t.match(tls.stderr, /alert internal error/i, 'TLS in that tunnel is refused with internal_error')
+  t.match(await s.audit(), [
+    { via: 'tunnelled', method: 'GET', host: 'down.test', port: 80, path: '/x', status: 502, decision: 'allow', error: 'LK_UPSTREAM_UNREACHABLE' },
+    { via: 'tunnelled', method: 'GET', host: 'gone.test', port: 80, path: '/y', status: 502, decision: 'allow', error: 'LK_DNS_FAILED' },
+    { via: 'connect', method: 'CONNECT', host: 'down.test', port: 80, status: 502, decision: 'allow', error: 'LK_UPSTREAM_UNREACHABLE' },
+  ], 'each request in the tunnels is recorded with its failure, and the TLS refused')
+})
+
 t.test('a request a plain tunnel refuses is recorded against the tunnel origin', async (t) => {
   const { upstream, s } = await startBearerRig(t)
   const sock = connect(s.sidecar.port, '127.0.0.1')
@@ -378,4 +433,30 @@ t.test("an SDK's own API key or token, in the header its vendor reads, is not se
   t.equal(open.requests[0]?.headers['x-goog-api-key'], 'AIza-agents-own', 'where nothing is injected, the agent sends its own key')
   t.equal(open.requests[0]?.headers['private-token'], 'agents-own', 'nor is its token removed there')
   assertNoCanary(t, s, out.stdout)
+})
+
+// aiohttp (3.8 to this day) builds its proxy headers from a ClientSession's default headers and
+// moves an Authorization among them to Proxy-Authorization: a session made with
+// headers={'Authorization': ...} and a proxy sends its upstream key twice, and every call was
+// refused 407 as naming no open task. aiohttp is not on CI's machines: these are its bytes, as
+// 3.8.4 sent them through HTTP_PROXY (captured on the wire).
+t.test("aiohttp's copy of a session's Authorization into Proxy-Authorization is no proxy credential; a task handle there still is", async (t) => {
+  const { upstream, s, host } = await startBearerRig(t)
+  const aiohttp = (auth: string, path: string) =>
+    `GET http://${host}${path} HTTP/1.1\r\nHost: ${host}\r\nAuthorization: ${auth}\r\nAccept: */*\r\nAccept-Encoding: gzip, deflate\r\nUser-Agent: Python/3.11 aiohttp/3.8.4\r\nProxy-Authorization: ${auth}\r\nConnection: close\r\n\r\n`
+  const copied = await rawRequest(s.sidecar.port, aiohttp('Bearer agents-own-key', '/aiohttp'))
+  t.equal(copied.status, 200, 'the call is made, as the agent with no task')
+  t.same(upstream.requests.map((r) => [r.url, r.headers.authorization, r.headers['proxy-authorization']]), [['/aiohttp', `Bearer ${CANARY}`, undefined]], 'with the injected credential, neither copy sent on')
+  // Another value there is a proxy credential, judged as ever; its reason says what it lacks.
+  const other = await rawRequest(s.sidecar.port, aiohttp('Bearer agents-own-key', '/other').replace('Proxy-Authorization: Bearer agents-own-key', 'Proxy-Authorization: Bearer not-a-handle'))
+  t.equal(other.status, 407)
+  t.match(JSON.parse(other.body).reason, /holds no task handle[^]*aiohttp/, 'a 407 for a value with no task handle says so, and names the likely cause')
+  // An ended task's handle in both is refused (a handle in Authorization is), never run as no task.
+  const task = s.sidecar.tasks.open({ purpose: 'ended', durationS: 60 })
+  s.sidecar.tasks.end(task.handle)
+  const ended = await rawRequest(s.sidecar.port, aiohttp(`Bearer ${task.handle}`, '/ended'))
+  t.equal(ended.status, 400, "an ended task's handle is refused")
+  t.match(JSON.parse(ended.body).reason, /the Authorization header carries a task handle/)
+  t.equal(upstream.requests.length, 1, 'neither refused call reached the upstream')
+  assertNoCanary(t, s, copied.raw, other.raw, ended.raw)
 })

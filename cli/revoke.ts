@@ -4,6 +4,7 @@ import type { RevocationKind } from '../broker/revocations/store.js'
 import { withoutUserinfo } from '../lib/without-userinfo.js'
 
 const DEFAULT_BROKER_URL = 'http://127.0.0.1:15003'
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
 
 export async function revokeCommand(
   op: 'revoke' | 'unrevoke',
@@ -85,6 +86,10 @@ export async function revokeCommand(
     // the broker knows of it (an older broker says nothing, and neither is this).
     if (body.registered === false) {
       console.error(`warning: no agent type in the broker's registry has instances like ${value} (agent:<type>:<env>:<instance>): check the ID; the revocation stands`)
+    } else if (kind === 'task' && UUID.test(value) && value !== value.toLowerCase()) {
+      // Task IDs are opaque and matched exactly, and the sidecar's are lowercase UUIDs: one copied
+      // through something that upper-cased it was "revoked" while the task it meant ran on.
+      console.error(`warning: ${value} has upper-case letters; task IDs are matched exactly and a sidecar's are lower-case (${value.toLowerCase()}): check the ID; the revocation stands`)
     } else if (body.connected === 0) {
       console.error(
         `warning: no sidecar of ${value} has a control stream open to this broker: check the ID; a sidecar connected to another replica, or connecting later, is still told`,

@@ -50,6 +50,17 @@ t.test('latchkey revoke warns when the ID names no registry type, or no connecte
   const typeTypo = await revoke('agent:sumarizer:prod:reach')
   t.match(typeTypo.stderr, /warning: no agent type in the broker's registry has instances like agent:sumarizer:prod:reach/, 'a mistyped type is said to be in no registry')
 
+  // A task ID upper-cased on its way to the operator: revoked as given, matching no task.
+  const liftTask = (value: string) => fetch(`${broker.url}/v1/revocations/task/${value}`, { method: 'DELETE', headers: admin }).then((r) => t.equal(r.status, 200, `task ${value} lifted`))
+  const upper = '3F2504E0-4F89-41D3-9A0C-0305E82C3301'
+  const upperTask = await run(process.execPath, [CLI, 'revoke', '--task', upper, '--broker', broker.url], { env })
+  await liftTask(upper)
+  t.match(upperTask.stdout, `task ${upper} revoked`, 'the revocation is still made')
+  t.match(upperTask.stderr, `warning: ${upper} has upper-case letters; task IDs are matched exactly and a sidecar's are lower-case (${upper.toLowerCase()})`, 'an upper-cased task UUID is warned of')
+  const lowerTask = await run(process.execPath, [CLI, 'revoke', '--task', upper.toLowerCase(), '--broker', broker.url], { env })
+  await liftTask(upper.toLowerCase())
+  t.equal(lowerTask.stderr, '', 'a task UUID as a sidecar writes it: no warning')
+
   t.match(await answer('agent:summarizer:dev:reach'), { created: true, registered: false }, 'an env the type does not have is in no registry either')
   t.match(await answer('agent:summarizer:*:*'), { created: true, registered: true, connected: 1 }, 'a pattern matching the connected agent reaches it')
   t.match(await answer(agent), { created: true, registered: true, connected: 1 })

@@ -4,7 +4,7 @@
 import { statSync } from 'node:fs'
 import { createLocalJWKSet, createRemoteJWKSet, errors, jwtVerify, type JSONWebKeySet, type JWTPayload, type JWTVerifyGetKey } from 'jose'
 import { OAuthError } from './oauth-error.js'
-import { COMPACT_JWS } from '../lib/oauth.js'
+import { isCompactJws } from '../lib/oauth.js'
 import { byteSize, FileTooLarge, readSettingText } from '../lib/bounded-read.js'
 
 export const ASYMMETRIC_ALGS = ['ES256', 'ES384', 'ES512', 'RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'EdDSA', 'Ed25519']
@@ -152,7 +152,7 @@ export interface VerifyOptions {
 export async function verifyJwt(token: string, keys: JWTVerifyGetKey, opts: VerifyOptions): Promise<JWTPayload> {
   if (token.length === 0) throw new TokenInvalid('is empty')
   if (token.length > MAX_TOKEN_BYTES) throw new TokenInvalid(`is longer than ${MAX_TOKEN_BYTES} bytes`)
-  if (!COMPACT_JWS.test(token)) throw new TokenInvalid('not a valid signed JWT (three base64url segments, no padding or whitespace)')
+  if (!isCompactJws(token)) throw new TokenInvalid('not a valid signed JWT (three base64url segments, canonical, no padding or whitespace)')
   const { payload } = await jwtVerify(token, keys, {
     algorithms: opts.algorithms ?? ASYMMETRIC_ALGS,
     audience: opts.audience,

@@ -78,6 +78,10 @@ const cases: Case[] = [
     error: 'invalid_request',
     says: /actor_token: not a valid signed JWT/,
   },
+  // Each segment in its one spelling (RFC 4648 §3.5: the bits past the last whole byte are zero).
+  // An ES256 or RS256 signature's last character carries 4 spare bits: 16 spellings verified.
+  { name: "subject whose signature's spare bits are set", params: async (b) => delegatedRequest(spareBitSet(await b.userToken('u', 'read')), await b.attest(AGENT)), error: 'invalid_request', says: /^subject_token: not a valid signed JWT/ },
+  { name: "actor whose signature's spare bits are set", params: async (b) => delegatedRequest(await b.userToken('u', 'read'), spareBitSet(await b.attest(AGENT))), error: 'invalid_request', says: /^actor_token: not a valid signed JWT/ },
   { name: 'subject for another audience', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { aud: 'some-other-app' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: claim "aud"/ },
   { name: 'subject from another issuer', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { iss: 'https://evil-idp' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: issuer is not the configured user identity provider/ },
   { name: 'subject expired beyond the 30 s skew', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { exp: now() - 31 - 5 }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: expired/ },
@@ -282,6 +286,13 @@ t.test('clock skew: up to 30 s is tolerated, beyond is not', async (t) => {
 
 function k8sClaims() {
   return { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'u' }, pod: { name: 'pod-1', uid: 'p' } }
+}
+
+const B64URL = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_'
+/** The same token, its signature's last character with a spare bit set: decoders read the same bytes. */
+function spareBitSet(token: string): string {
+  if (token.split('.')[2]!.length % 4 === 0) throw new Error('setup: expected a signature with spare bits')
+  return token.slice(0, -1) + B64URL[B64URL.indexOf(token.at(-1)!) ^ 1]
 }
 
 function stripSignature(token: string): string {

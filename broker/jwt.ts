@@ -100,6 +100,8 @@ export function describeJwtError(err: unknown): string {
   if (err instanceof errors.JWTExpired) return 'expired'
   if (err instanceof errors.JWTClaimValidationFailed) {
     if (err.reason === 'missing') return `claim "${err.claim}" is missing`
+    // jose's "invalid": exp, nbf or iat that is no number (a string, null); not a time to wait for.
+    if (err.reason === 'invalid') return `claim "${err.claim}" must be a number of seconds (NumericDate)`
     if (err.claim === 'nbf' || err.claim === 'iat') return `not yet valid (${err.claim})`
     return `claim "${err.claim}" ${err.reason === 'missing' ? 'is missing' : 'is not acceptable'}`
   }
@@ -174,5 +176,14 @@ export async function verifyJwt(token: string, keys: JWTVerifyGetKey, opts: Veri
   // Evidence minted for several audiences was handed to each of them, and any of those could
   // present it here as the workload: an attestation is for this broker only.
   if (opts.soleAudience && Array.isArray(payload.aud) && payload.aud.length !== 1) throw new TokenInvalid('claim "aud" must name this broker alone, not several audiences')
+  // jose compares times as numbers: an exp of 1e400 (JSON.parse gives Infinity) or 1e20 passed as a
+  // token that never expires, and an nbf of -1e400 as one always valid. No date is that far.
+  for (const claim of ['exp', 'nbf', 'iat'] as const) {
+    const v = payload[claim]
+    if (v !== undefined && !(Math.abs(v) <= MAX_DATE_S)) throw new TokenInvalid(`claim "${claim}" is beyond any date (more than ${MAX_DATE_S} s from 1970)`)
+  }
   return payload
 }
+
+/** Seconds from 1970 to the last time a Date can hold (8.64e15 ms). */
+export const MAX_DATE_S = 8.64e12

@@ -82,6 +82,25 @@ const cases: Case[] = [
   // An ES256 or RS256 signature's last character carries 4 spare bits: 16 spellings verified.
   { name: "subject whose signature's spare bits are set", params: async (b) => delegatedRequest(spareBitSet(await b.userToken('u', 'read')), await b.attest(AGENT)), error: 'invalid_request', says: /^subject_token: not a valid signed JWT/ },
   { name: "actor whose signature's spare bits are set", params: async (b) => delegatedRequest(await b.userToken('u', 'read'), spareBitSet(await b.attest(AGENT))), error: 'invalid_request', says: /^actor_token: not a valid signed JWT/ },
+  ...(
+    [
+      // A time that is no number is malformed, not "not yet valid"; one beyond any date never comes.
+      ['subject whose nbf is a string', 'subject', (b: TestBroker) => b.userToken('u', 'read', { nbf: String(now()) }), /^subject_token: claim "nbf" must be a number of seconds/],
+      ['actor (kubernetes) whose iat is null', 'kubernetes', (b: TestBroker) => b.k8s.signRaw(b.k8s.headerText, b.k8s.claimsText({ iat: null, aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() })), /^actor_token: claim "iat" must be a number of seconds/],
+      ['actor (SPIFFE) whose exp is a string', 'spiffe', (b: TestBroker) => b.spiffe.sign({ iss: null, exp: String(now() + 300), aud: b.issuer, sub: `spiffe://${TRUST_DOMAIN}/agents/summarizer/x` }), /^actor_token: claim "exp" must be a number of seconds/],
+      ['subject whose exp is 1e400 (Infinity to JSON.parse)', 'subject', (b: TestBroker) => b.users.signRaw(b.users.headerText, b.users.claimsText({ sub: 'u', aud: 'latchkey', scope: 'read' }).replace(/"exp":\d+/, '"exp":1e400')), /^subject_token: claim "exp" is beyond any date/],
+      ['subject whose nbf is -1e400', 'subject', (b: TestBroker) => b.users.signRaw(b.users.headerText, b.users.claimsText({ sub: 'u', aud: 'latchkey', scope: 'read', nbf: 0 }).replace('"nbf":0', '"nbf":-1e400')), /^subject_token: claim "nbf" is beyond any date/],
+      ['actor (kubernetes) whose exp is 1e20', 'kubernetes', (b: TestBroker) => b.k8s.sign({ exp: 1e20, aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() }), /^actor_token: claim "exp" is beyond any date/],
+    ] as const
+  ).map(([name, who, token, says]) => ({
+    name,
+    params: async (b: TestBroker) =>
+      who === 'subject'
+        ? delegatedRequest(await token(b), await b.attest(AGENT))
+        : delegatedRequest(await b.userToken('u', 'read'), await token(b), { actor_token_type: TOKEN_TYPES[who] }),
+    error: 'invalid_request',
+    says,
+  })),
   { name: 'subject for another audience', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { aud: 'some-other-app' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: claim "aud"/ },
   { name: 'subject from another issuer', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { iss: 'https://evil-idp' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: issuer is not the configured user identity provider/ },
   { name: 'subject expired beyond the 30 s skew', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { exp: now() - 31 - 5 }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: expired/ },

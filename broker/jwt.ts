@@ -182,8 +182,52 @@ export async function verifyJwt(token: string, keys: JWTVerifyGetKey, opts: Veri
     const v = payload[claim]
     if (v !== undefined && !(Math.abs(v) <= MAX_DATE_S)) throw new TokenInvalid(`claim "${claim}" is beyond any date (more than ${MAX_DATE_S} s from 1970)`)
   }
+  // jose (JSON.parse) lets the last of two same-named members win, and drops a leading byte order
+  // mark; a parser elsewhere (the issuer's, a resource server's) may take the first or refuse. What
+  // the signer meant is then unknown: `{"sub":"mallory",…,"sub":"alice"}` is alice here.
+  const [header, claims] = token.split('.') as [string, string]
+  const problem = notPlainJson(header, 'header') ?? notPlainJson(claims, 'claims')
+  if (problem) throw new TokenInvalid(problem)
   return payload
 }
 
 /** Seconds from 1970 to the last time a Date can hold (8.64e15 ms). */
 export const MAX_DATE_S = 8.64e12
+
+/** Why a verified JWT segment is not plain JSON (a byte order mark, a member named twice), or undefined. */
+function notPlainJson(segment: string, what: 'header' | 'claims'): string | undefined {
+  const text = Buffer.from(segment, 'base64url').toString('utf8')
+  if (text.charCodeAt(0) === 0xfeff) return what === 'header' ? 'its header begins with a byte order mark' : 'its claims begin with a byte order mark'
+  const twice = memberNamedTwice(text)
+  if (twice === undefined) return undefined
+  // Named when it reads as a claim name; anything else is not repeated.
+  const name = /^[A-Za-z0-9_.:-]{1,64}$/.test(twice) ? `"${twice}"` : 'a member'
+  return `its ${what} ${what === 'header' ? 'names' : 'name'} ${name} twice (which one counts is ambiguous)`
+}
+
+/**
+ * The first member name that appears twice in one object of a JSON text, compared unescaped
+ * (`"sub"` and `"\u0073ub"` are one name). The text is valid JSON (jose parsed it): strings are
+ * read whole, so braces inside them are not structure.
+ */
+function memberNamedTwice(json: string): string | undefined {
+  const objects: (Set<string> | undefined)[] = []
+  const token = /"(?:[^"\\]|\\.)*"|[{}[\]]/g
+  for (let m = token.exec(json); m !== null; m = token.exec(json)) {
+    const t = m[0]
+    if (t === '{') objects.push(new Set())
+    else if (t === '[') objects.push(undefined)
+    else if (t === '}' || t === ']') objects.pop()
+    else {
+      const names = objects[objects.length - 1]
+      if (!names) continue
+      let i = token.lastIndex
+      while (json[i] === ' ' || json[i] === '\t' || json[i] === '\n' || json[i] === '\r') i++
+      if (json[i] !== ':') continue
+      const name = JSON.parse(t) as string
+      if (names.has(name)) return name
+      names.add(name)
+    }
+  }
+  return undefined
+}

@@ -6,6 +6,7 @@ import { generateKeyPair, SignJWT } from 'jose'
 import { startTestBroker, delegatedRequest, API, MAIL, TRUST_DOMAIN, why, type TestBroker } from '../helpers/broker.js'
 import { GRANT_TYPE } from '../../broker/exchange.js'
 import { TOKEN_TYPES } from '../../broker/attest/attestor.js'
+import { signRawJws } from '../helpers/issuer.js'
 
 const now = () => Math.floor(Date.now() / 1000)
 const AGENT = 'agent:summarizer:prod:bad'
@@ -82,8 +83,17 @@ const cases: Case[] = [
   // An ES256 or RS256 signature's last character carries 4 spare bits: 16 spellings verified.
   { name: "subject whose signature's spare bits are set", params: async (b) => delegatedRequest(spareBitSet(await b.userToken('u', 'read')), await b.attest(AGENT)), error: 'invalid_request', says: /^subject_token: not a valid signed JWT/ },
   { name: "actor whose signature's spare bits are set", params: async (b) => delegatedRequest(await b.userToken('u', 'read'), spareBitSet(await b.attest(AGENT))), error: 'invalid_request', says: /^actor_token: not a valid signed JWT/ },
+  // A member named twice: jose takes the last, another parser the first. Genuinely signed, each attestor and the user's token.
   ...(
     [
+      ['subject whose claims name sub twice', 'subject', (b: TestBroker) => b.users.signRaw(b.users.headerText, '{"sub":"mallory",' + b.users.claimsText({ sub: 'u', aud: 'latchkey', scope: 'read' }).slice(1)), /^subject_token: its claims name "sub" twice/],
+      ['subject whose header names alg twice', 'subject', (b: TestBroker) => b.users.signRaw('{"alg":"none",' + b.users.headerText.slice(1), b.users.claimsText({ sub: 'u', aud: 'latchkey', scope: 'read' })), /^subject_token: its header names "alg" twice/],
+      ['subject whose claims begin with a byte order mark', 'subject', (b: TestBroker) => b.users.signRaw(b.users.headerText, '\ufeff' + b.users.claimsText({ sub: 'u', aud: 'latchkey', scope: 'read' })), /^subject_token: its claims begin with a byte order mark/],
+      ['actor (kubernetes) naming its namespace twice', 'kubernetes', (b: TestBroker) => b.k8s.signRaw(b.k8s.headerText, b.k8s.claimsText({ aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() }).replace('"namespace":"agents"', '"namespace":"default","namespace":"agents"')), /^actor_token: its claims name "namespace" twice/],
+      ['actor (kubernetes) whose header begins with a byte order mark', 'kubernetes', (b: TestBroker) => b.k8s.signRaw('\ufeff' + b.k8s.headerText, b.k8s.claimsText({ aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() })), /^actor_token: its header begins with a byte order mark/],
+      ['actor (SPIFFE) naming aud twice', 'spiffe', (b: TestBroker) => b.spiffe.signRaw(b.spiffe.headerText, '{"aud":"https://vault.example.com",' + b.spiffe.claimsText({ aud: b.issuer, sub: `spiffe://${TRUST_DOMAIN}/agents/summarizer/x` }).slice(1)), /^actor_token: its claims name "aud" twice/],
+      // Compared unescaped: "\u0073ub" is "sub".
+      ['actor (local) naming sub twice, once escaped', 'local', (b: TestBroker) => signRawJws(JSON.stringify({ alg: 'ES256', kid: b.localKey.kid }), '{"\\u0073ub":"agent:helper:prod:h",' + JSON.stringify({ iss: 'latchkey-local', sub: AGENT, aud: b.issuer, iat: now(), exp: now() + 60, jti: crypto.randomUUID() }).slice(1), b.localKey.privateKey, 'ES256'), /^actor_token: its claims name "sub" twice/],
       // A time that is no number is malformed, not "not yet valid"; one beyond any date never comes.
       ['subject whose nbf is a string', 'subject', (b: TestBroker) => b.userToken('u', 'read', { nbf: String(now()) }), /^subject_token: claim "nbf" must be a number of seconds/],
       ['actor (kubernetes) whose iat is null', 'kubernetes', (b: TestBroker) => b.k8s.signRaw(b.k8s.headerText, b.k8s.claimsText({ iat: null, aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() })), /^actor_token: claim "iat" must be a number of seconds/],

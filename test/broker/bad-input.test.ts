@@ -153,6 +153,13 @@ const cases: Case[] = [
     error: 'invalid_request',
     says: /its sub holds an invisible, format or control character/,
   })),
+  // Half a surrogate pair: a resource server's decoder reads each as U+FFFD, making these one user there.
+  ...['alice\ud800', 'alice\udc00'].map((sub) => ({
+    name: `subject whose sub holds half a surrogate pair (${JSON.stringify(sub)})`,
+    params: async (b: TestBroker) => delegatedRequest(await b.userToken(sub, 'read'), await b.attest(AGENT)),
+    error: 'invalid_request',
+    says: /^subject_token: its sub holds half a surrogate pair/,
+  })),
   { name: 'subject whose may_act names another agent', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { may_act: { sub: 'agent:summarizer:prod:someone-else' } }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: its may_act names another actor/ },
   { name: 'subject whose may_act is not an object with a sub', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { may_act: AGENT }), await b.attest(AGENT)), error: 'invalid_request', says: /claim "may_act" must be an object/ },
   { name: 'subject already delegated (act)', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { act: { sub: 'agent:other:prod:1' } }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: carries an act claim/ },

@@ -2,7 +2,7 @@
 // so `alg: none` and HS256-signed-with-a-public-key are refused before any key is looked at;
 // at most 30 s of clock skew; reasons that say what was wrong without echoing the token.
 import { statSync } from 'node:fs'
-import { createLocalJWKSet, createRemoteJWKSet, errors, jwtVerify, type JSONWebKeySet, type JWTPayload, type JWTVerifyGetKey } from 'jose'
+import { createLocalJWKSet, createRemoteJWKSet, decodeProtectedHeader, errors, jwtVerify, type JSONWebKeySet, type JWTPayload, type JWTVerifyGetKey } from 'jose'
 import { OAuthError } from './oauth-error.js'
 import { isCompactJws } from '../lib/oauth.js'
 import { byteSize, FileTooLarge, readSettingText } from '../lib/bounded-read.js'
@@ -165,6 +165,12 @@ export async function verifyJwt(token: string, keys: JWTVerifyGetKey, opts: Veri
   }).catch((err: unknown) => {
     // jose reports a token too old by iat as JWTExpired ("expired"), which its exp may say it is not.
     if (err instanceof errors.JWTExpired && err.claim === 'iat') throw new TokenInvalid(`issued more than ${opts.maxTokenAgeS} s ago (iat)`)
+    // Which key was meant, when the set cannot say: jose's own words are "multiple matching keys".
+    if (err instanceof errors.JWKSMultipleMatchingKeys) {
+      throw new TokenInvalid(decodeProtectedHeader(token).kid === undefined ? 'names no key (no kid), and the key set holds several it could be' : 'its kid names several keys of the key set')
+    }
+    // jose refuses an RSA key under 2048 bits (RFC 7518 §3.3) with a bare TypeError: "could not be verified".
+    if (err instanceof TypeError && /modulusLength/.test(err.message)) throw new TokenInvalid('its key is an RSA key shorter than 2048 bits, which is not accepted')
     throw err
   })
   // jose checks that sub is present when required, not what it is; a number, an array or ""

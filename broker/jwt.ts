@@ -110,6 +110,9 @@ export function describeJwtError(err: unknown): string {
   if (err instanceof errors.JWKSMultipleMatchingKeys) return 'key id matches several keys'
   if (err instanceof errors.JWSSignatureVerificationFailed) return 'signature does not verify'
   if (err instanceof errors.JWKSTimeout) return 'key set could not be fetched in time'
+  // RFC 7515 §4.1.11: an extension marked critical that is not understood refuses the token.
+  if (err instanceof errors.JOSENotSupported && err.message.startsWith('Extension Header Parameter')) return 'its header marks as critical (crit) an extension this broker does not understand'
+  if (err instanceof errors.JWTInvalid && err.message.includes('unencoded payload')) return 'its payload is not base64url-encoded (b64: false), which no JWT may be'
   if (err instanceof errors.JWSInvalid || err instanceof errors.JWTInvalid || err instanceof errors.JOSENotSupported) return 'not a valid signed JWT'
   return 'could not be verified'
 }

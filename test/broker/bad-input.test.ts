@@ -100,6 +100,9 @@ const cases: Case[] = [
       ['actor (SPIFFE) whose exp is a string', 'spiffe', (b: TestBroker) => b.spiffe.sign({ iss: null, exp: String(now() + 300), aud: b.issuer, sub: `spiffe://${TRUST_DOMAIN}/agents/summarizer/x` }), /^actor_token: claim "exp" must be a number of seconds/],
       ['subject whose exp is 1e400 (Infinity to JSON.parse)', 'subject', (b: TestBroker) => b.users.signRaw(b.users.headerText, b.users.claimsText({ sub: 'u', aud: 'latchkey', scope: 'read' }).replace(/"exp":\d+/, '"exp":1e400')), /^subject_token: claim "exp" is beyond any date/],
       ['subject whose nbf is -1e400', 'subject', (b: TestBroker) => b.users.signRaw(b.users.headerText, b.users.claimsText({ sub: 'u', aud: 'latchkey', scope: 'read', nbf: 0 }).replace('"nbf":0', '"nbf":-1e400')), /^subject_token: claim "nbf" is beyond any date/],
+      // Critical extensions (RFC 7515 §4.1.11) refuse the token unless understood: b64 is, and no JWT may use it.
+      ['actor (kubernetes) with a critical extension not understood', 'kubernetes', (b: TestBroker) => b.k8s.signRaw(JSON.stringify({ alg: 'ES256', kid: b.k8s.kid, crit: ['x-binding'], 'x-binding': 1 }), b.k8s.claimsText({ aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() })), /^actor_token: its header marks as critical \(crit\) an extension/],
+      ['subject with an unencoded payload (b64: false)', 'subject', (b: TestBroker) => b.users.signRaw(JSON.stringify({ alg: 'RS256', kid: b.users.kid, b64: false, crit: ['b64'] }), b.users.claimsText({ sub: 'u', aud: 'latchkey', scope: 'read' })), /^subject_token: its payload is not base64url-encoded \(b64: false\)/],
       ['actor (kubernetes) whose exp is 1e20', 'kubernetes', (b: TestBroker) => b.k8s.sign({ exp: 1e20, aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() }), /^actor_token: claim "exp" is beyond any date/],
     ] as const
   ).map(([name, who, token, says]) => ({

@@ -344,6 +344,10 @@ export class TokenExchange {
     if (namesAnAgent(user.sub)) throw new OAuthError('invalid_request', 'subject_token: its sub is an agent instance ID (agent:…), not a user')
     // Invisible characters in an identifier only serve to make two read as one (`\u200bagent:…`).
     if (INVISIBLE.test(user.sub)) throw new OAuthError('invalid_request', 'subject_token: its sub holds an invisible, format or control character')
+    // Half a surrogate pair is no character: UTF-8 cannot carry it, and a resource server's decoder
+    // (Go's encoding/json, for one) reads each as U+FFFD, so "alice\ud800", "alice\udc00" and
+    // "alice\ufffd", three users here, are one user there.
+    if (/\p{Cs}/u.test(user.sub)) throw new OAuthError('invalid_request', 'subject_token: its sub holds half a surrogate pair (\\ud800-\\udfff alone), which is no character')
     // The user named who may act for them (RFC 8693 §4.4): any other agent is refused.
     if (user.mayAct !== null && user.mayAct !== actor.instanceId) {
       throw new OAuthError('invalid_request', `subject_token: its may_act names another actor than ${actor.instanceId}`)

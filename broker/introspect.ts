@@ -6,7 +6,7 @@ import { jwtVerify, type JWTPayload } from 'jose'
 import type { KeyRing } from './keys.js'
 import type { RevocationList } from './revocations/list.js'
 import { MAX_SKEW_S, MAX_TOKEN_BYTES } from './jwt.js'
-import { COMPACT_JWS } from '../lib/oauth.js'
+import { isCompactJws } from '../lib/oauth.js'
 import { readActChain, readAncestry } from './act.js'
 
 /**
@@ -27,8 +27,8 @@ export class Introspection {
   ) {}
 
   async introspect(token: string): Promise<Record<string, unknown>> {
-    // Only the spelling this broker issued: a whitespace variant is not this token (see COMPACT_JWS).
-    if (token.length === 0 || token.length > MAX_TOKEN_BYTES || !COMPACT_JWS.test(token)) return { active: false }
+    // Only the spelling this broker issued: a whitespace or trailing-bits variant is not this token (see isCompactJws).
+    if (token.length === 0 || token.length > MAX_TOKEN_BYTES || !isCompactJws(token)) return { active: false }
     let p: JWTPayload
     try {
       // The skew allowed is for nbf and iat only (another replica's clock); see exp below.

@@ -2,9 +2,9 @@
 // so `alg: none` and HS256-signed-with-a-public-key are refused before any key is looked at;
 // at most 30 s of clock skew; reasons that say what was wrong without echoing the token.
 import { statSync } from 'node:fs'
-import { createLocalJWKSet, createRemoteJWKSet, errors, jwtVerify, type JSONWebKeySet, type JWTPayload, type JWTVerifyGetKey } from 'jose'
+import { createLocalJWKSet, createRemoteJWKSet, decodeProtectedHeader, errors, jwtVerify, type JSONWebKeySet, type JWTPayload, type JWTVerifyGetKey } from 'jose'
 import { OAuthError } from './oauth-error.js'
-import { COMPACT_JWS } from '../lib/oauth.js'
+import { isCompactJws } from '../lib/oauth.js'
 import { byteSize, FileTooLarge, readSettingText } from '../lib/bounded-read.js'
 
 export const ASYMMETRIC_ALGS = ['ES256', 'ES384', 'ES512', 'RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'EdDSA', 'Ed25519']
@@ -100,6 +100,8 @@ export function describeJwtError(err: unknown): string {
   if (err instanceof errors.JWTExpired) return 'expired'
   if (err instanceof errors.JWTClaimValidationFailed) {
     if (err.reason === 'missing') return `claim "${err.claim}" is missing`
+    // jose's "invalid": exp, nbf or iat that is no number (a string, null); not a time to wait for.
+    if (err.reason === 'invalid') return `claim "${err.claim}" must be a number of seconds (NumericDate)`
     if (err.claim === 'nbf' || err.claim === 'iat') return `not yet valid (${err.claim})`
     return `claim "${err.claim}" ${err.reason === 'missing' ? 'is missing' : 'is not acceptable'}`
   }
@@ -108,6 +110,9 @@ export function describeJwtError(err: unknown): string {
   if (err instanceof errors.JWKSMultipleMatchingKeys) return 'key id matches several keys'
   if (err instanceof errors.JWSSignatureVerificationFailed) return 'signature does not verify'
   if (err instanceof errors.JWKSTimeout) return 'key set could not be fetched in time'
+  // RFC 7515 §4.1.11: an extension marked critical that is not understood refuses the token.
+  if (err instanceof errors.JOSENotSupported && err.message.startsWith('Extension Header Parameter')) return 'its header marks as critical (crit) an extension this broker does not understand'
+  if (err instanceof errors.JWTInvalid && err.message.includes('unencoded payload')) return 'its payload is not base64url-encoded (b64: false), which no JWT may be'
   if (err instanceof errors.JWSInvalid || err instanceof errors.JWTInvalid || err instanceof errors.JOSENotSupported) return 'not a valid signed JWT'
   return 'could not be verified'
 }
@@ -152,7 +157,7 @@ export interface VerifyOptions {
 export async function verifyJwt(token: string, keys: JWTVerifyGetKey, opts: VerifyOptions): Promise<JWTPayload> {
   if (token.length === 0) throw new TokenInvalid('is empty')
   if (token.length > MAX_TOKEN_BYTES) throw new TokenInvalid(`is longer than ${MAX_TOKEN_BYTES} bytes`)
-  if (!COMPACT_JWS.test(token)) throw new TokenInvalid('not a valid signed JWT (three base64url segments, no padding or whitespace)')
+  if (!isCompactJws(token)) throw new TokenInvalid('not a valid signed JWT (three base64url segments, canonical, no padding or whitespace)')
   const { payload } = await jwtVerify(token, keys, {
     algorithms: opts.algorithms ?? ASYMMETRIC_ALGS,
     audience: opts.audience,
@@ -163,6 +168,12 @@ export async function verifyJwt(token: string, keys: JWTVerifyGetKey, opts: Veri
   }).catch((err: unknown) => {
     // jose reports a token too old by iat as JWTExpired ("expired"), which its exp may say it is not.
     if (err instanceof errors.JWTExpired && err.claim === 'iat') throw new TokenInvalid(`issued more than ${opts.maxTokenAgeS} s ago (iat)`)
+    // Which key was meant, when the set cannot say: jose's own words are "multiple matching keys".
+    if (err instanceof errors.JWKSMultipleMatchingKeys) {
+      throw new TokenInvalid(decodeProtectedHeader(token).kid === undefined ? 'names no key (no kid), and the key set holds several it could be' : 'its kid names several keys of the key set')
+    }
+    // jose refuses an RSA key under 2048 bits (RFC 7518 §3.3) with a bare TypeError: "could not be verified".
+    if (err instanceof TypeError && /modulusLength/.test(err.message)) throw new TokenInvalid('its key is an RSA key shorter than 2048 bits, which is not accepted')
     throw err
   })
   // jose checks that sub is present when required, not what it is; a number, an array or ""
@@ -174,5 +185,58 @@ export async function verifyJwt(token: string, keys: JWTVerifyGetKey, opts: Veri
   // Evidence minted for several audiences was handed to each of them, and any of those could
   // present it here as the workload: an attestation is for this broker only.
   if (opts.soleAudience && Array.isArray(payload.aud) && payload.aud.length !== 1) throw new TokenInvalid('claim "aud" must name this broker alone, not several audiences')
+  // jose compares times as numbers: an exp of 1e400 (JSON.parse gives Infinity) or 1e20 passed as a
+  // token that never expires, and an nbf of -1e400 as one always valid. No date is that far.
+  for (const claim of ['exp', 'nbf', 'iat'] as const) {
+    const v = payload[claim]
+    if (v !== undefined && !(Math.abs(v) <= MAX_DATE_S)) throw new TokenInvalid(`claim "${claim}" is beyond any date (more than ${MAX_DATE_S} s from 1970)`)
+  }
+  // jose (JSON.parse) lets the last of two same-named members win, and drops a leading byte order
+  // mark; a parser elsewhere (the issuer's, a resource server's) may take the first or refuse. What
+  // the signer meant is then unknown: `{"sub":"mallory",…,"sub":"alice"}` is alice here.
+  const [header, claims] = token.split('.') as [string, string]
+  const problem = notPlainJson(header, 'header') ?? notPlainJson(claims, 'claims')
+  if (problem) throw new TokenInvalid(problem)
   return payload
+}
+
+/** Seconds from 1970 to the last time a Date can hold (8.64e15 ms). */
+export const MAX_DATE_S = 8.64e12
+
+/** Why a verified JWT segment is not plain JSON (a byte order mark, a member named twice), or undefined. */
+function notPlainJson(segment: string, what: 'header' | 'claims'): string | undefined {
+  const text = Buffer.from(segment, 'base64url').toString('utf8')
+  if (text.charCodeAt(0) === 0xfeff) return what === 'header' ? 'its header begins with a byte order mark' : 'its claims begin with a byte order mark'
+  const twice = memberNamedTwice(text)
+  if (twice === undefined) return undefined
+  // Named when it reads as a claim name; anything else is not repeated.
+  const name = /^[A-Za-z0-9_.:-]{1,64}$/.test(twice) ? `"${twice}"` : 'a member'
+  return `its ${what} ${what === 'header' ? 'names' : 'name'} ${name} twice (which one counts is ambiguous)`
+}
+
+/**
+ * The first member name that appears twice in one object of a JSON text, compared unescaped
+ * (`"sub"` and `"\u0073ub"` are one name). The text is valid JSON (jose parsed it): strings are
+ * read whole, so braces inside them are not structure.
+ */
+function memberNamedTwice(json: string): string | undefined {
+  const objects: (Set<string> | undefined)[] = []
+  const token = /"(?:[^"\\]|\\.)*"|[{}[\]]/g
+  for (let m = token.exec(json); m !== null; m = token.exec(json)) {
+    const t = m[0]
+    if (t === '{') objects.push(new Set())
+    else if (t === '[') objects.push(undefined)
+    else if (t === '}' || t === ']') objects.pop()
+    else {
+      const names = objects[objects.length - 1]
+      if (!names) continue
+      let i = token.lastIndex
+      while (json[i] === ' ' || json[i] === '\t' || json[i] === '\n' || json[i] === '\r') i++
+      if (json[i] !== ':') continue
+      const name = JSON.parse(t) as string
+      if (names.has(name)) return name
+      names.add(name)
+    }
+  }
+  return undefined
 }

@@ -10,7 +10,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { CredentialBinding, CredentialSource, Identity, TaskRef } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import { TaskError, type Task, type TaskRegistry } from './registry.js'
-import { COMPACT_JWS } from '../../lib/oauth.js'
+import { isCompactJws } from '../../lib/oauth.js'
 
 const MAX_BODY = 65_536
 /** Open tasks one sidecar holds at most: far more than one agent's work, far less than its memory. */
@@ -163,11 +163,11 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
   if (user_token !== undefined && !d.bindings.some((b) => b.source === 'broker')) {
     return fail(res, 400, 'bad_request', 'user_token given, but no broker credential is configured to act for the user with it')
   }
-  // What the broker takes (COMPACT_JWS), refused here at once rather than at each call's exchange.
+  // What the broker takes (isCompactJws), refused here at once rather than at each call's exchange.
   // The whitespace around it (a token read from a file, its newline kept) is not part of it.
   const userToken = typeof user_token === 'string' ? user_token.trim() : null
-  if (userToken !== null && !COMPACT_JWS.test(userToken)) {
-    return fail(res, 400, 'bad_request', 'user_token must be a signed JWT in compact form: three base64url segments joined by dots, without padding')
+  if (userToken !== null && !isCompactJws(userToken)) {
+    return fail(res, 400, 'bad_request', 'user_token must be a signed JWT in compact form: three base64url segments joined by dots, without padding, each spelled canonically (no spare bits set)')
   }
   if (audiences !== undefined && (!Array.isArray(audiences) || audiences.some((a) => typeof a !== 'string') || audiences.length > 32)) {
     return fail(res, 400, 'bad_request', 'audiences must be a list of at most 32 strings')

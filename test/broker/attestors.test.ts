@@ -2,7 +2,9 @@
 // right agent instance, and refuses expired, mis-addressed, tampered, foreign-key and
 // unregistered evidence. Each implementation supplies only how to mint its evidence.
 import t from 'tap'
-import { generateKeyPair, SignJWT, createLocalJWKSet } from 'jose'
+import { generateKeyPair, SignJWT, createLocalJWKSet, exportJWK, type JWK } from 'jose'
+import { generateKeyPairSync, sign as signBytes } from 'node:crypto'
+import { describeJwtError } from '../../broker/jwt.js'
 import type { AttestationVerifier } from '../../broker/attest/attestor.js'
 import { AttestationFailed, AttestationUnavailable } from '../../broker/attest/attestor.js'
 import { SqliteRevocationStore } from '../../broker/revocations/sqlite.js'
@@ -184,3 +186,23 @@ async function openStore(): Promise<SqliteRevocationStore> {
   await store.init()
   return store
 }
+
+// A refusal for the key set's sake says which: the operator reads it, not jose's words.
+t.test('a token whose key the set cannot give is refused, saying why', async (t) => {
+  const n = now()
+  const claims = { iss: K8S_ISSUER, aud: BROKER, sub: 'system:serviceaccount:agents:summarizer', iat: n, exp: n + 60, 'kubernetes.io': { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'u' }, pod: { name: 'p', uid: 'p' } } }
+  const weak = generateKeyPairSync('rsa', { modulusLength: 512 })
+  const weakInput = `${Buffer.from(JSON.stringify({ alg: 'RS256', kid: 'weak' })).toString('base64url')}.${Buffer.from(JSON.stringify(claims)).toString('base64url')}`
+  const a = await generateKeyPair('ES256', { extractable: true })
+  const b = await generateKeyPair('ES256', { extractable: true })
+  const jwk = async (k: CryptoKey, kid: string): Promise<JWK> => ({ ...(await exportJWK(k)), kid, alg: 'ES256' })
+  const cases: [string, JWK[], Promise<string> | string, string][] = [
+    ['an RSA key of 512 bits', [{ ...(weak.publicKey.export({ format: 'jwk' }) as JWK), kid: 'weak', alg: 'RS256' }], `${weakInput}.${signBytes('sha256', Buffer.from(weakInput), weak.privateKey).toString('base64url')}`, 'its key is an RSA key shorter than 2048 bits, which is not accepted'],
+    ['no kid, two keys in the set', [await jwk(a.publicKey, 'a'), await jwk(b.publicKey, 'b')], new SignJWT(claims).setProtectedHeader({ alg: 'ES256' }).sign(b.privateKey), 'names no key (no kid), and the key set holds several it could be'],
+    ['a kid two keys of the set carry', [await jwk(a.publicKey, 'a'), await jwk(b.publicKey, 'a')], new SignJWT(claims).setProtectedHeader({ alg: 'ES256', kid: 'a' }).sign(b.privateKey), 'its kid names several keys of the key set'],
+  ]
+  for (const [what, keys, token, says] of cases) {
+    const err = await new KubernetesVerifier(createLocalJWKSet({ keys }), K8S_ISSUER, BROKER, DAY).verify(await token, registry).catch((e: unknown) => e)
+    t.equal(describeJwtError(err), says, what)
+  }
+})

@@ -6,6 +6,7 @@ import { generateKeyPair, SignJWT } from 'jose'
 import { startTestBroker, delegatedRequest, API, MAIL, TRUST_DOMAIN, why, type TestBroker } from '../helpers/broker.js'
 import { GRANT_TYPE } from '../../broker/exchange.js'
 import { TOKEN_TYPES } from '../../broker/attest/attestor.js'
+import { signRawJws } from '../helpers/issuer.js'
 
 const now = () => Math.floor(Date.now() / 1000)
 const AGENT = 'agent:summarizer:prod:bad'
@@ -78,6 +79,41 @@ const cases: Case[] = [
     error: 'invalid_request',
     says: /actor_token: not a valid signed JWT/,
   },
+  // Each segment in its one spelling (RFC 4648 §3.5: the bits past the last whole byte are zero).
+  // An ES256 or RS256 signature's last character carries 4 spare bits: 16 spellings verified.
+  { name: "subject whose signature's spare bits are set", params: async (b) => delegatedRequest(spareBitSet(await b.userToken('u', 'read')), await b.attest(AGENT)), error: 'invalid_request', says: /^subject_token: not a valid signed JWT/ },
+  { name: "actor whose signature's spare bits are set", params: async (b) => delegatedRequest(await b.userToken('u', 'read'), spareBitSet(await b.attest(AGENT))), error: 'invalid_request', says: /^actor_token: not a valid signed JWT/ },
+  // A member named twice: jose takes the last, another parser the first. Genuinely signed, each attestor and the user's token.
+  ...(
+    [
+      ['subject whose claims name sub twice', 'subject', (b: TestBroker) => b.users.signRaw(b.users.headerText, '{"sub":"mallory",' + b.users.claimsText({ sub: 'u', aud: 'latchkey', scope: 'read' }).slice(1)), /^subject_token: its claims name "sub" twice/],
+      ['subject whose header names alg twice', 'subject', (b: TestBroker) => b.users.signRaw('{"alg":"none",' + b.users.headerText.slice(1), b.users.claimsText({ sub: 'u', aud: 'latchkey', scope: 'read' })), /^subject_token: its header names "alg" twice/],
+      ['subject whose claims begin with a byte order mark', 'subject', (b: TestBroker) => b.users.signRaw(b.users.headerText, '\ufeff' + b.users.claimsText({ sub: 'u', aud: 'latchkey', scope: 'read' })), /^subject_token: its claims begin with a byte order mark/],
+      ['actor (kubernetes) naming its namespace twice', 'kubernetes', (b: TestBroker) => b.k8s.signRaw(b.k8s.headerText, b.k8s.claimsText({ aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() }).replace('"namespace":"agents"', '"namespace":"default","namespace":"agents"')), /^actor_token: its claims name "namespace" twice/],
+      ['actor (kubernetes) whose header begins with a byte order mark', 'kubernetes', (b: TestBroker) => b.k8s.signRaw('\ufeff' + b.k8s.headerText, b.k8s.claimsText({ aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() })), /^actor_token: its header begins with a byte order mark/],
+      ['actor (SPIFFE) naming aud twice', 'spiffe', (b: TestBroker) => b.spiffe.signRaw(b.spiffe.headerText, '{"aud":"https://vault.example.com",' + b.spiffe.claimsText({ aud: b.issuer, sub: `spiffe://${TRUST_DOMAIN}/agents/summarizer/x` }).slice(1)), /^actor_token: its claims name "aud" twice/],
+      // Compared unescaped: "\u0073ub" is "sub".
+      ['actor (local) naming sub twice, once escaped', 'local', (b: TestBroker) => signRawJws(JSON.stringify({ alg: 'ES256', kid: b.localKey.kid }), '{"\\u0073ub":"agent:helper:prod:h",' + JSON.stringify({ iss: 'latchkey-local', sub: AGENT, aud: b.issuer, iat: now(), exp: now() + 60, jti: crypto.randomUUID() }).slice(1), b.localKey.privateKey, 'ES256'), /^actor_token: its claims name "sub" twice/],
+      // A time that is no number is malformed, not "not yet valid"; one beyond any date never comes.
+      ['subject whose nbf is a string', 'subject', (b: TestBroker) => b.userToken('u', 'read', { nbf: String(now()) }), /^subject_token: claim "nbf" must be a number of seconds/],
+      ['actor (kubernetes) whose iat is null', 'kubernetes', (b: TestBroker) => b.k8s.signRaw(b.k8s.headerText, b.k8s.claimsText({ iat: null, aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() })), /^actor_token: claim "iat" must be a number of seconds/],
+      ['actor (SPIFFE) whose exp is a string', 'spiffe', (b: TestBroker) => b.spiffe.sign({ iss: null, exp: String(now() + 300), aud: b.issuer, sub: `spiffe://${TRUST_DOMAIN}/agents/summarizer/x` }), /^actor_token: claim "exp" must be a number of seconds/],
+      ['subject whose exp is 1e400 (Infinity to JSON.parse)', 'subject', (b: TestBroker) => b.users.signRaw(b.users.headerText, b.users.claimsText({ sub: 'u', aud: 'latchkey', scope: 'read' }).replace(/"exp":\d+/, '"exp":1e400')), /^subject_token: claim "exp" is beyond any date/],
+      ['subject whose nbf is -1e400', 'subject', (b: TestBroker) => b.users.signRaw(b.users.headerText, b.users.claimsText({ sub: 'u', aud: 'latchkey', scope: 'read', nbf: 0 }).replace('"nbf":0', '"nbf":-1e400')), /^subject_token: claim "nbf" is beyond any date/],
+      // Critical extensions (RFC 7515 §4.1.11) refuse the token unless understood: b64 is, and no JWT may use it.
+      ['actor (kubernetes) with a critical extension not understood', 'kubernetes', (b: TestBroker) => b.k8s.signRaw(JSON.stringify({ alg: 'ES256', kid: b.k8s.kid, crit: ['x-binding'], 'x-binding': 1 }), b.k8s.claimsText({ aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() })), /^actor_token: its header marks as critical \(crit\) an extension/],
+      ['subject with an unencoded payload (b64: false)', 'subject', (b: TestBroker) => b.users.signRaw(JSON.stringify({ alg: 'RS256', kid: b.users.kid, b64: false, crit: ['b64'] }), b.users.claimsText({ sub: 'u', aud: 'latchkey', scope: 'read' })), /^subject_token: its payload is not base64url-encoded \(b64: false\)/],
+      ['actor (kubernetes) whose exp is 1e20', 'kubernetes', (b: TestBroker) => b.k8s.sign({ exp: 1e20, aud: b.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': k8sClaims() }), /^actor_token: claim "exp" is beyond any date/],
+    ] as const
+  ).map(([name, who, token, says]) => ({
+    name,
+    params: async (b: TestBroker) =>
+      who === 'subject'
+        ? delegatedRequest(await token(b), await b.attest(AGENT))
+        : delegatedRequest(await b.userToken('u', 'read'), await token(b), { actor_token_type: TOKEN_TYPES[who] }),
+    error: 'invalid_request',
+    says,
+  })),
   { name: 'subject for another audience', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { aud: 'some-other-app' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: claim "aud"/ },
   { name: 'subject from another issuer', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { iss: 'https://evil-idp' }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: issuer is not the configured user identity provider/ },
   { name: 'subject expired beyond the 30 s skew', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { exp: now() - 31 - 5 }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: expired/ },
@@ -119,6 +155,13 @@ const cases: Case[] = [
     params: async (b: TestBroker) => delegatedRequest(await b.userToken(sub, 'read'), await b.attest(AGENT)),
     error: 'invalid_request',
     says: /its sub holds an invisible, format or control character/,
+  })),
+  // Half a surrogate pair: a resource server's decoder reads each as U+FFFD, making these one user there.
+  ...['alice\ud800', 'alice\udc00'].map((sub) => ({
+    name: `subject whose sub holds half a surrogate pair (${JSON.stringify(sub)})`,
+    params: async (b: TestBroker) => delegatedRequest(await b.userToken(sub, 'read'), await b.attest(AGENT)),
+    error: 'invalid_request',
+    says: /^subject_token: its sub holds half a surrogate pair/,
   })),
   { name: 'subject whose may_act names another agent', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { may_act: { sub: 'agent:summarizer:prod:someone-else' } }), await b.attest(AGENT)), error: 'invalid_request', says: /subject_token: its may_act names another actor/ },
   { name: 'subject whose may_act is not an object with a sub', params: async (b) => delegatedRequest(await b.userToken('u', 'read', { may_act: AGENT }), await b.attest(AGENT)), error: 'invalid_request', says: /claim "may_act" must be an object/ },
@@ -282,6 +325,13 @@ t.test('clock skew: up to 30 s is tolerated, beyond is not', async (t) => {
 
 function k8sClaims() {
   return { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'u' }, pod: { name: 'pod-1', uid: 'p' } }
+}
+
+const B64URL = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_'
+/** The same token, its signature's last character with a spare bit set: decoders read the same bytes. */
+function spareBitSet(token: string): string {
+  if (token.split('.')[2]!.length % 4 === 0) throw new Error('setup: expected a signature with spare bits')
+  return token.slice(0, -1) + B64URL[B64URL.indexOf(token.at(-1)!) ^ 1]
 }
 
 function stripSignature(token: string): string {

@@ -1,7 +1,7 @@
 // A token issuer for tests: a real key pair, its JWK set (as a file and over HTTP), and signed
 // tokens with any claims, plus the classic forgeries (alg none, HS256 keyed with the public key,
 // a foreign key under a known kid) built by hand as an attacker would.
-import { createHmac, randomUUID } from 'node:crypto'
+import { createHmac, KeyObject, randomUUID, sign as signBytes } from 'node:crypto'
 import { createServer, type Server } from 'node:http'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -42,6 +42,22 @@ export class TestIssuer {
     return new SignJWT(body as JWTPayload).setProtectedHeader({ alg: this.alg, kid: this.kid, typ: 'JWT', ...header }).sign(this.privateKey)
   }
 
+  /** Genuinely signed, from header and claims as JSON text (a member named twice, a byte order mark: what SignJWT cannot write). */
+  signRaw(header: string, claims: string): string {
+    return signRawJws(header, claims, this.privateKey, this.alg)
+  }
+
+  /** The usual claims (iss, iat, exp +300 s, jti) and these, as JSON text to splice into. */
+  claimsText(claims: Record<string, unknown>): string {
+    const now = Math.floor(Date.now() / 1000)
+    return JSON.stringify({ iss: this.issuer, iat: now, exp: now + 300, jti: randomUUID(), ...claims })
+  }
+
+  /** The usual header, as JSON text. */
+  get headerText(): string {
+    return JSON.stringify({ alg: this.alg, kid: this.kid, typ: 'JWT' })
+  }
+
   /** An unsigned token, `alg: none`. */
   unsigned(claims: Record<string, unknown>): string {
     const now = Math.floor(Date.now() / 1000)
@@ -67,6 +83,14 @@ export class TestIssuer {
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
     return { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/jwks`, server, hits: () => hits }
   }
+}
+
+/** A compact JWS over header and claims exactly as given (JSON text, any bytes), signed with an ES256, RS256 or EdDSA key. */
+export function signRawJws(header: string, claims: string, privateKey: CryptoKey, alg: string): string {
+  const input = `${Buffer.from(header).toString('base64url')}.${Buffer.from(claims).toString('base64url')}`
+  const key = KeyObject.from(privateKey)
+  const sig = alg === 'ES256' ? signBytes('sha256', Buffer.from(input), { key, dsaEncoding: 'ieee-p1363' }) : signBytes(alg === 'RS256' ? 'sha256' : null, Buffer.from(input), key)
+  return `${input}.${sig.toString('base64url')}`
 }
 
 function b64(o: unknown): string {

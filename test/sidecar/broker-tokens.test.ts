@@ -84,6 +84,8 @@ t.test('a task for a user: the API receives the delegated, narrowed, task-bound 
   t.equal(rig.api.seen.length, 3, 'the ended task\'s request never reached the API')
 })
 
+const B64URL = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_'
+
 t.test('a user token is taken as the broker takes it: its newline dropped, any other spelling refused when the task opens', async (t) => {
   const rig = await startTokenRig()
   t.teardown(rig.close)
@@ -98,9 +100,11 @@ t.test('a user token is taken as the broker takes it: its newline dropped, any o
     ['whitespace inside', `${head}.${payload}.${signature!.slice(0, 10)} ${signature!.slice(10)}`],
     ['standard base64', `${head}.${payload}.${signature!.replace(/-/g, '+').replace(/_/g, '/')}+/`],
     ['no signature', `${head}.${payload}.`],
+    // The bits past the signature's last whole byte: decoders drop them, so 16 spellings read alike.
+    ['a spare bit set', `${userToken.slice(0, -1)}${B64URL[B64URL.indexOf(userToken.at(-1)!) ^ 1]}`],
   ] as const) {
     const r = await rig.openTask({ purpose: how, duration_s: 60, user_token: spelling, audiences: [API] })
-    t.same([r.status, r.body.reason], [400, 'user_token must be a signed JWT in compact form: three base64url segments joined by dots, without padding'], `${how}: refused at once, naming what is wrong`)
+    t.same([r.status, r.body.reason], [400, 'user_token must be a signed JWT in compact form: three base64url segments joined by dots, without padding, each spelled canonically (no spare bits set)'], `${how}: refused at once, naming what is wrong`)
     t.notOk(JSON.stringify(r.body).includes(signature!.slice(0, 20)), `${how}: the answer does not quote the token`)
   }
 })

@@ -6,6 +6,7 @@ import { createLocalJWKSet, createRemoteJWKSet, decodeProtectedHeader, errors, j
 import { OAuthError } from './oauth-error.js'
 import { isCompactJws } from '../lib/oauth.js'
 import { byteSize, FileTooLarge, readSettingText } from '../lib/bounded-read.js'
+import { MAX_DATE_MS } from '../lib/max-date.js'
 
 export const ASYMMETRIC_ALGS = ['ES256', 'ES384', 'ES512', 'RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'EdDSA', 'Ed25519']
 export const MAX_SKEW_S = 30
@@ -200,8 +201,8 @@ export async function verifyJwt(token: string, keys: JWTVerifyGetKey, opts: Veri
   return payload
 }
 
-/** Seconds from 1970 to the last time a Date can hold (8.64e15 ms). */
-export const MAX_DATE_S = 8.64e12
+/** Seconds from 1970 to the last time a Date can hold. */
+const MAX_DATE_S = MAX_DATE_MS / 1000
 
 /** Why a verified JWT segment is not plain JSON (a byte order mark, a member named twice), or undefined. */
 function notPlainJson(segment: string, what: 'header' | 'claims'): string | undefined {

@@ -11,11 +11,10 @@ import type { AuditStore, StoredEvent } from './store/types.js'
 import { StoreError } from './store/types.js'
 import type { SidecarCredential } from './config.js'
 import { MAX_BATCH_EVENTS, type ReceivedBatch } from './wire.js'
+import { MAX_DATE_MS } from '../lib/max-date.js'
 
 export const SIDECAR_ID_HEADER = 'x-latchkey-sidecar'
 
-/** The last instant a Date holds: later times are the store's to refuse (it names them so). */
-const MAX_DATE_MS = 8.64e15
 
 export interface IngestStats {
   batches: number
@@ -175,6 +174,7 @@ export class IngestService {
           // dated 2076 in every `--since 24h`). Past times stay allowed: spools drain late. A
           // refused batch stays spooled, and is taken once the collector's clock is near its time.
           const limit = Date.now() + this.maxClockSkewMs
+          // Times past the last a Date holds are the store's to refuse (it names them so).
           const ahead = req.events.find((e) => (e.event?.timeUnixMs ?? 0) > limit && (e.event?.timeUnixMs ?? 0) <= MAX_DATE_MS)
           if (ahead) {
             this.refuse('clock_ahead')

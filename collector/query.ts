@@ -1,9 +1,8 @@
 // Shared by the HTTP API and the CLI: parsing "since", and the JSON shape of a stored event.
 import { AuditEvent } from '../protos/gen/latchkey/v1/audit.js'
 import type { EventCursor, StoredEvent } from './store/types.js'
+import { MAX_DATE_MS } from '../lib/max-date.js'
 
-/** The last instant a JavaScript Date can hold, either side of 1970 (ECMA-262 §21.4.1.1). */
-const MAX_DATE_MS = 8.64e15
 
 const UNITS: Record<string, number> = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }
 

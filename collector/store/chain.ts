@@ -6,6 +6,7 @@
 import { createHash } from 'node:crypto'
 import { Action, AuditEvent, type SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
 import { StoreError, type StoredEvent, type VerifyResult } from './types.js'
+import { MAX_DATE_MS } from '../../lib/max-date.js'
 
 export const GENESIS = Buffer.alloc(32)
 const DOMAIN = Buffer.from('latchkey.audit.v1\0')
@@ -41,8 +42,6 @@ export function agentType(agent: string): string {
   return parts.length >= 4 && parts[0] === 'agent' && parts[1] ? parts[1] : 'unknown'
 }
 
-/** The last instant a JavaScript Date can hold (ECMA-262 §21.4.1.1). */
-const MAX_DATE_MS = 8.64e15
 
 /** The highest TCP port; the sidecar sends 0 for a call that had none (refused before one was known). */
 const MAX_PORT = 65_535

@@ -80,8 +80,11 @@ export interface TestSidecar {
   logs: string[]
   auditPath: string
   proxy: string
-  /** Audit events written so far (flushes first). */
-  audit(): Promise<Record<string, unknown>[]>
+  /**
+   * Audit events written so far (flushes first). With atLeast, waits up to 2 s for that many:
+   * a tunnel's event is written when the sidecar sees it close, which can trail the client's exit.
+   */
+  audit(atLeast?: number): Promise<Record<string, unknown>[]>
   close(): Promise<void>
 }
 
@@ -111,13 +114,19 @@ export async function startTestSidecar(fragment: Record<string, unknown>, env: N
     logs,
     auditPath,
     proxy: sidecar.proxyUrl,
-    audit: async () => {
-      await sidecar.audit.flush()
-      if (!existsSync(auditPath)) return []
-      return readFileSync(auditPath, 'utf8')
-        .split('\n')
-        .filter(Boolean)
-        .map((l) => JSON.parse(l) as Record<string, unknown>)
+    audit: async (atLeast = 0) => {
+      const deadline = Date.now() + 2000
+      for (;;) {
+        await sidecar.audit.flush()
+        const events = existsSync(auditPath)
+          ? readFileSync(auditPath, 'utf8')
+              .split('\n')
+              .filter(Boolean)
+              .map((l) => JSON.parse(l) as Record<string, unknown>)
+          : []
+        if (events.length >= atLeast || Date.now() > deadline) return events
+        await new Promise((r) => setTimeout(r, 10))
+      }
     },
     close: () => sidecar.close(),
   }

@@ -311,8 +311,11 @@ async function tinyChunkRig(t: { teardown(fn: () => unknown): void }, count: num
         for (let sent = 0; sent < count && !sock.destroyed; sent += per) {
           if (!sock.write(same ?? framed(Math.min(per, count - sent), size, sent * size))) {
             await new Promise<void>((r) => {
-              sock.once('drain', r)
-              sock.once('close', r)
+              const done = (): void => {
+                sock.off('drain', done).off('close', done)
+                r()
+              }
+              sock.on('drain', done).on('close', done)
             })
           }
         }

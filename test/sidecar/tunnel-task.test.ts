@@ -41,8 +41,7 @@ t.test("a request inside a tunnel runs in the tunnel's task, or not at all", asy
   t.equal(plain.inner.status, 200, "a request naming none runs in the tunnel's task")
 
   // Both went upstream with the credential, recorded under task A.
-  await new Promise((r) => setTimeout(r, 100))
-  const events = (await import('node:fs')).readFileSync(s.auditPath, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { path: string | null; task: string | null; status: number })
+  const events = await s.audit(4)
   for (const path of ['/a-names-a', '/a-names-none']) t.match(events.find((e) => e.path === path), { task: a.id, status: 200 }, `${path} is recorded in task A`)
   t.match(events.find((e) => e.path === '/a-names-b'), { status: 400 }, 'the refusal is recorded')
   assertNoCanary(t, s, ...seen)

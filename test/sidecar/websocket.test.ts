@@ -51,8 +51,7 @@ t.test('websocket through a reverse route and through absolute-form', async (t) 
   const notUpgrade = await rawRequest(s.sidecar.port, `GET ws://127.0.0.1:${port}/feed HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`)
   t.equal(notUpgrade.status, 400, 'ws:// names a WebSocket handshake, nothing else')
   t.equal(seen.length, 4, 'the denied upgrades never reached the upstream')
-  await new Promise((r) => setTimeout(r, 1000))
-  const audit = await s.audit()
+  const audit = await s.audit(7)
   t.same(audit.map((e) => [e.via, e.status]).sort(), [['absolute', 400], ['upgrade', 101], ['upgrade', 101], ['upgrade', 101], ['upgrade', 101], ['upgrade', 403], ['upgrade', 403]])
   assertNoCanary(t, s, denied.raw, deniedOwn.raw, notUpgrade.raw)
 })
@@ -158,7 +157,7 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
     t.equal(r.status, 400, `${name}: 400`)
     t.match(JSON.parse(r.body).reason, why, `${name}: says why`)
   }
-  const audit = await s.audit()
+  const audit = await s.audit(15)
   t.equal(audit.filter((e) => e.via === 'upgrade').length, 15, 'every handshake audited')
   const refusedByUpstream = audit.filter((e) => e.via === 'upgrade' && e.status === 502 && e.error === 'LK_UPSTREAM_PROTOCOL')
   t.same(
@@ -202,8 +201,7 @@ t.test("undici's WebSocket through EnvHttpProxyAgent: ws:// in a CONNECT tunnel,
   })
   t.same(stdout.trim().split('\n'), ['message hello', 'error'], 'the allowed WebSocket opens and talks; the one a path rule denies does not')
   t.same(seen, [`Bearer ${CANARY}`], 'the handshake carried the injected credential; the denied one never arrived')
-  await new Promise((r) => setTimeout(r, 300))
-  const upgrades = (await s.audit()).filter((e) => e.via === 'upgrade')
+  const upgrades = (await s.audit(2)).filter((e) => e.via === 'upgrade')
   t.same(upgrades.map((e) => [e.path, e.status, e.rule]).sort(), [['/admin/feed', 403, 'no-admin'], ['/feed', 101, 'ws']])
   assertNoCanary(t, s, stdout)
 })
@@ -304,8 +302,7 @@ t.test("an upstream's WebSocket messages are checked for the credential: whole, 
     t.match(cut.head, /^HTTP\/1\.1 101 /)
     t.equal(cut.frames.length, 0, `${path}: a frame the sidecar cannot read is not relayed; the connection is closed`)
   }
-  await new Promise((r) => setTimeout(r, 500))
-  const events = await s.audit()
+  const events = await s.audit(4)
   t.match(events.filter((e) => e.path === '/masked' || e.path === '/reserved').map((e) => e.error), ['LK_UPSTREAM_PROTOCOL', 'LK_UPSTREAM_PROTOCOL'], 'and is recorded as the upstream failing the protocol')
   t.ok(s.logs.some((l) => l.includes('sent the injected credential back')), 'the operator is told')
   assertNoCanary(t, s, reflected.frames.toString('latin1'), deflate.raw)
@@ -386,8 +383,7 @@ t.test('frames behind a held fragment end: relayed in order once the message goe
     const got = flood.frames()
     t.ok(got.equals(sent.get(path)!.subarray(0, 2 + 'hello '.length)), `${path}: the agent got the fragment's header and the bytes before the held one, and nothing after them`)
   }
-  await new Promise((r) => setTimeout(r, 300))
-  const events = (await s.audit()).filter((e) => e.via === 'upgrade')
+  const events = (await s.audit(4)).filter((e) => e.via === 'upgrade')
   t.match(
     events.map((e) => [e.path, e.status, e.error]),
     [['/goes-on', 101, undefined], ['/pings', 101, 'LK_UPSTREAM_PROTOCOL'], ['/empty-fragments', 101, 'LK_UPSTREAM_PROTOCOL']],
@@ -417,8 +413,7 @@ t.test('an idle WebSocket whose upstream frames wait behind a held fragment end 
   await once(sock, 'close')
   const got = Buffer.concat(chunks)
   t.equal(got.subarray(got.indexOf('\r\n\r\n') + 4).toString('latin1'), '\x01\x07hello ', 'the agent got the fragment up to the held byte, and nothing behind it')
-  await new Promise((r) => setTimeout(r, 50))
-  const [event] = await s.audit()
+  const [event] = await s.audit(1)
   t.match(event, { via: 'upgrade', status: 101, error: 'LK_IDLE_TIMEOUT', bytes_out: 9 + 18, reason: /^no bytes to or from the agent for 300 ms \(sidecar\.timeouts\.tunnel_idle_ms\), while 19 bytes from the upstream waited/ })
   t.notMatch(String(event?.reason), /either way/, 'bytes did come from the upstream')
   assertNoCanary(t, s, got.toString('latin1'))
@@ -454,9 +449,8 @@ t.test('a WebSocket with no frames either way for tunnel_idle_ms is closed, reco
   t.ok(quiet >= 280 && quiet < 2000, `closed once quiet for the idle time (${Math.round(quiet)} ms)`)
   await upstreamEnded[0]
   t.pass('the upstream side is ended with it')
-  await new Promise((r) => setTimeout(r, 50))
   // Frames only, each way: six 4-byte pings sent and echoed; neither handshake counts.
-  t.match(await s.audit(), [{ via: 'upgrade', status: 101, error: 'LK_IDLE_TIMEOUT', bytes_in: 24, bytes_out: 36 }], 'six frames of 4 bytes each way: the echo adds each its 2-byte frame header')
+  t.match(await s.audit(1), [{ via: 'upgrade', status: 101, error: 'LK_IDLE_TIMEOUT', bytes_in: 24, bytes_out: 36 }], 'six frames of 4 bytes each way: the echo adds each its 2-byte frame header')
 })
 
 t.test('an upstream that never answers the handshake: 504 after timeouts.headers_ms, both sockets closed', async (t) => {
@@ -479,8 +473,7 @@ t.test('an upstream that never answers the handshake: 504 after timeouts.headers
   t.equal(upstreamEnded.length, 1, 'the handshake reached the upstream')
   await upstreamEnded[0]
   t.pass('the sidecar closed its connection to the upstream, not left waiting')
-  await new Promise((r) => setTimeout(r, 50))
-  t.match(await s.audit(), [{ via: 'upgrade', status: 504, error: 'LK_UPSTREAM_TIMEOUT', bytes_in: 0, bytes_out: 0 }])
+  t.match(await s.audit(1), [{ via: 'upgrade', status: 504, error: 'LK_UPSTREAM_TIMEOUT', bytes_in: 0, bytes_out: 0 }])
   assertNoCanary(t, s, r.raw)
 })
 

@@ -46,6 +46,12 @@ export function parseForm(req: IncomingMessage, body: Buffer): Form {
   if (type !== 'application/x-www-form-urlencoded') {
     throw new OAuthError('invalid_request', 'the request body must be application/x-www-form-urlencoded')
   }
+  // RFC 6749 §3.2: the parameters are the body's. One sent in the query was never read: a `scope`
+  // there, meant to narrow the token, was dropped and a broader one issued. Not quoted: it may be a token.
+  const query = (req.url ?? '').indexOf('?')
+  if (query !== -1 && query < (req.url ?? '').length - 1) {
+    throw new OAuthError('invalid_request', 'parameters go in the request body (application/x-www-form-urlencoded), not in the URL query, which is not read')
+  }
   const text = body.toString('utf8')
   if (text.includes('\uFFFD')) throw new OAuthError('invalid_request', 'the request body is not valid UTF-8')
   const params = new URLSearchParams(text)

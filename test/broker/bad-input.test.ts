@@ -289,6 +289,17 @@ t.test('malformed and oversized bodies', async (t) => {
   t.notOk(JSON.stringify(bareIntro.body).includes('CANARY'), 'nor at introspection')
   t.notMatch(b.logs(), /CANARY/, 'nor in the log')
 
+  // RFC 6749 §3.2: parameters are the body's. The query was not read: a scope sent there to narrow
+  // the token was dropped and the broader one issued, and a token sent there was taken for none.
+  const queryScope = await post(new URLSearchParams(delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT))).toString(), 'application/x-www-form-urlencoded', {}, '/oauth2/token?scope=read')
+  t.equal(queryScope.status, 400, 'a parameter in the query is refused, not dropped')
+  t.equal(queryScope.body.error, 'invalid_request')
+  t.match(queryScope.body.error_description, /not in the URL query/)
+  const queryToken = await post('', 'application/x-www-form-urlencoded', { authorization: basic }, `/oauth2/introspect?token=${canary}`)
+  t.equal(queryToken.status, 400, 'at introspection too')
+  t.match(queryToken.body.error_description, /not in the URL query/)
+  t.notOk(JSON.stringify(queryToken.body).includes('CANARY'), 'the query is not echoed')
+
   const get = await fetch(`${b.url}/oauth2/token`)
   t.equal(get.status, 405)
   t.equal(get.headers.get('allow'), 'POST')

@@ -275,6 +275,23 @@ t.test('malformed and oversized bodies', async (t) => {
 
   const pctBad = await post('grant_type=%FF%FE')
   t.equal(pctBad.status, 400, 'percent-encoded invalid UTF-8 is refused too')
+  t.equal(pctBad.body.error_description, 'parameter "grant_type" is not valid percent-encoded UTF-8', 'said as such, not as an unsupported grant type')
+  // A malformed escape is not kept as text, nor bytes that are no UTF-8 read as U+FFFD: each was
+  // checked as a value nobody sent and refused for another reason (or, unread, not at all).
+  const form = async (extra: string) => new URLSearchParams(delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT))).toString() + extra
+  for (const [what, extra, says] of [
+    ['a malformed escape', '&scope=read%zz', /^parameter "scope" is not valid percent-encoded UTF-8$/],
+    ['an overlong UTF-8 "/"', '&scope=%C0%AF', /^parameter "scope" is not valid percent-encoded UTF-8$/],
+    ['a lone surrogate', '&scope=read%ED%A0%80', /^parameter "scope" is not valid percent-encoded UTF-8$/],
+    ['a name that is no UTF-8', '&%FFCANARY=1', /^a parameter name is not valid percent-encoded UTF-8/],
+    ['an unknown parameter whose value is no UTF-8', '&CANARY=%FF', /^a parameter is not valid percent-encoded UTF-8/],
+  ] as const) {
+    const res = await post(await form(extra))
+    t.equal(res.status, 400, what)
+    t.equal(res.body.error, 'invalid_request', what)
+    t.match(res.body.error_description, says, what)
+    t.notOk(JSON.stringify(res.body).includes('CANARY'), `${what}: no name echoed`)
+  }
 
   // A bare token posted twice (`curl -d "$TOKEN" -d "$TOKEN"`) is a repeated parameter *name*:
   // refused without quoting it, at the token endpoint and at introspection.
@@ -291,7 +308,7 @@ t.test('malformed and oversized bodies', async (t) => {
 
   // RFC 6749 §3.2: parameters are the body's. The query was not read: a scope sent there to narrow
   // the token was dropped and the broader one issued, and a token sent there was taken for none.
-  const queryScope = await post(new URLSearchParams(delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT))).toString(), 'application/x-www-form-urlencoded', {}, '/oauth2/token?scope=read')
+  const queryScope = await post(await form(''), 'application/x-www-form-urlencoded', {}, '/oauth2/token?scope=read')
   t.equal(queryScope.status, 400, 'a parameter in the query is refused, not dropped')
   t.equal(queryScope.body.error, 'invalid_request')
   t.match(queryScope.body.error_description, /not in the URL query/)

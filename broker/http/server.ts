@@ -185,12 +185,13 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
     const only = (m: string, fn: () => unknown) => {
       if (method !== m) {
         req.resume()
-        send(res, 405, JSON.stringify({ error: 'invalid_request', error_description: `use ${m}` }), { allow: m })
+        // A refusal like any other of the OAuth endpoints: no-store (RFC 6749 §5.1, §5.2).
+        send(res, 405, JSON.stringify({ error: 'invalid_request', error_description: `use ${m}` }), { allow: m, ...NO_STORE })
         return
       }
       void Promise.resolve(fn()).catch((err: unknown) => {
         d.log.error({ method, path, reason: storeCause(err) }, 'request failed')
-        if (!res.headersSent) send(res, 500, JSON.stringify({ error: 'server_error', error_description: 'internal error' }))
+        if (!res.headersSent) send(res, 500, JSON.stringify({ error: 'server_error', error_description: 'internal error' }), NO_STORE)
         else res.destroy()
       })
     }

@@ -320,6 +320,10 @@ t.test('malformed and oversized bodies', async (t) => {
   const get = await fetch(`${b.url}/oauth2/token`)
   t.equal(get.status, 405)
   t.equal(get.headers.get('allow'), 'POST')
+  t.equal(get.headers.get('cache-control'), 'no-store', 'a refusal of the token endpoint like any other')
+  const introGet = await fetch(`${b.url}/oauth2/introspect`, { method: 'PUT', headers: { authorization: basic } })
+  t.equal(introGet.status, 405)
+  t.equal(introGet.headers.get('cache-control'), 'no-store', 'and of introspection')
 
   // A token longer than any JWT we accept is refused before parsing.
   const huge = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), 'eyJ' + 'a'.repeat(20_000) + '.b.c', { actor_token_type: TOKEN_TYPES.jwt }))

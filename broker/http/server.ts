@@ -124,7 +124,9 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
       if (!token) throw new OAuthError('invalid_request', 'missing token')
       send(res, 200, JSON.stringify(await d.introspection.introspect(token)), NO_STORE)
     } catch (err) {
-      oauthError(res, asOAuthError(err, d.maxBodyBytes))
+      const e = asOAuthError(err, d.maxBodyBytes)
+      // As the token endpoint: the rest of an oversized body is not read on a kept-alive connection.
+      oauthError(res, e, e.status === 413 ? { connection: 'close' } : {})
     }
   }
 

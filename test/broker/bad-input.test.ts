@@ -324,6 +324,10 @@ t.test('malformed and oversized bodies', async (t) => {
   const introGet = await fetch(`${b.url}/oauth2/introspect`, { method: 'PUT', headers: { authorization: basic } })
   t.equal(introGet.status, 405)
   t.equal(introGet.headers.get('cache-control'), 'no-store', 'and of introspection')
+  // An oversized body ends its connection at introspection too: the rest was being read and thrown away.
+  const bigIntro = await fetch(`${b.url}/oauth2/introspect`, { method: 'POST', body: 'token=' + 'a'.repeat(70_000), headers: { 'content-type': 'application/x-www-form-urlencoded', authorization: basic } })
+  t.equal(bigIntro.status, 413)
+  t.equal(bigIntro.headers.get('connection'), 'close', 'the connection is not kept for the rest of it')
 
   // A token longer than any JWT we accept is refused before parsing.
   const huge = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), 'eyJ' + 'a'.repeat(20_000) + '.b.c', { actor_token_type: TOKEN_TYPES.jwt }))

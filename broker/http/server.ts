@@ -185,10 +185,12 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
     const path = (req.url ?? '/').split('?')[0]!
     const method = req.method ?? 'GET'
     const only = (m: string, fn: () => unknown) => {
-      if (method !== m) {
+      // RFC 9110 §9.1: where GET is served, so is HEAD (node:http sends its head, not its body).
+      const allowed = m === 'GET' ? ['GET', 'HEAD'] : [m]
+      if (!allowed.includes(method)) {
         req.resume()
         // A refusal like any other of the OAuth endpoints: no-store (RFC 6749 §5.1, §5.2).
-        send(res, 405, JSON.stringify({ error: 'invalid_request', error_description: `use ${m}` }), { allow: m, ...NO_STORE })
+        send(res, 405, JSON.stringify({ error: 'invalid_request', error_description: `use ${allowed.join(' or ')}` }), { allow: allowed.join(', '), ...NO_STORE })
         return
       }
       void Promise.resolve(fn()).catch((err: unknown) => {

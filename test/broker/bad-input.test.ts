@@ -324,6 +324,15 @@ t.test('malformed and oversized bodies', async (t) => {
   const introGet = await fetch(`${b.url}/oauth2/introspect`, { method: 'PUT', headers: { authorization: basic } })
   t.equal(introGet.status, 405)
   t.equal(introGet.headers.get('cache-control'), 'no-store', 'and of introspection')
+  // RFC 9110 §9.1: what answers GET answers HEAD (an uptime checker's probe), its head only.
+  for (const path of ['/.well-known/jwks.json', '/.well-known/oauth-authorization-server', '/healthz', '/readyz', '/metrics']) {
+    const head = await fetch(`${b.url}${path}`, { method: 'HEAD' })
+    t.equal(head.status, 200, `HEAD ${path}`)
+    t.equal(await head.text(), '', 'no body')
+  }
+  const postKeys = await fetch(`${b.url}/.well-known/jwks.json`, { method: 'POST' })
+  t.equal(postKeys.status, 405)
+  t.equal(postKeys.headers.get('allow'), 'GET, HEAD')
   // An oversized body ends its connection at introspection too: the rest was being read and thrown away.
   const bigIntro = await fetch(`${b.url}/oauth2/introspect`, { method: 'POST', body: 'token=' + 'a'.repeat(70_000), headers: { 'content-type': 'application/x-www-form-urlencoded', authorization: basic } })
   t.equal(bigIntro.status, 413)

@@ -120,6 +120,12 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
     }
     try {
       const form = parseForm(req, await readBody(req, d.maxBodyBytes))
+      // RFC 6749 §2.3, §5.2: one authentication method a request. A client_secret in the body too,
+      // or a client_id naming another client than Basic's, leaves which client asked in doubt.
+      const bodyId = form.one('client_id')
+      if (form.one('client_secret') !== undefined || (bodyId !== undefined && bodyId !== client!.id)) {
+        throw new OAuthError('invalid_request', 'the client authenticates one way: client_secret_basic, with no client_secret (nor another client_id) in the body')
+      }
       const token = form.one('token')
       if (!token) throw new OAuthError('invalid_request', 'missing token')
       send(res, 200, JSON.stringify(await d.introspection.introspect(token)), NO_STORE)

@@ -305,6 +305,18 @@ t.test('malformed and oversized bodies', async (t) => {
   t.equal(bareIntro.status, 400)
   t.notOk(JSON.stringify(bareIntro.body).includes('CANARY'), 'nor at introspection')
   t.notMatch(b.logs(), /CANARY/, 'nor in the log')
+  // RFC 6749 §2.3 and §5.2: one way of authenticating the client a request, else invalid_request.
+  for (const [what, extra] of [
+    ['client_secret in the body too', `&client_id=api-server&client_secret=${b.introspectionSecret}`],
+    ['another client_id in the body', '&client_id=other-client'],
+  ] as const) {
+    const res = await post(`token=x${extra}`, 'application/x-www-form-urlencoded', { authorization: basic }, '/oauth2/introspect')
+    t.equal(res.status, 400, what)
+    t.equal(res.body.error, 'invalid_request', what)
+    t.match(res.body.error_description, /authenticates one way: client_secret_basic/, what)
+    t.notOk(JSON.stringify(res.body).includes(b.introspectionSecret), `${what}: the secret is not echoed`)
+  }
+  t.equal((await post('token=x&client_id=api-server', 'application/x-www-form-urlencoded', { authorization: basic }, '/oauth2/introspect')).status, 200, "Basic's own client_id in the body is the same client")
 
   // RFC 6749 §3.2: parameters are the body's. The query was not read: a scope sent there to narrow
   // the token was dropped and the broader one issued, and a token sent there was taken for none.

@@ -8,7 +8,8 @@
 //   GET|POST /v1/revocations, DELETE /v1/revocations/<kind>/<value>   admin (Bearer)
 //   GET  /healthz /readyz /metrics
 import type { IncomingMessage, Server, ServerResponse } from 'node:http'
-import { createServer } from '../../lib/node-http.js'
+import { createServer, STATUS_CODES } from '../../lib/node-http.js'
+import type { Socket } from 'node:net'
 import { createServer as createHttpsServer } from 'node:https'
 import { timingSafeEqual, createHash } from 'node:crypto'
 import { Counter, Histogram, Registry as MetricsRegistry } from 'prom-client'
@@ -238,6 +239,30 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
     send(res, 404, JSON.stringify({ error: 'not_found', error_description: `no endpoint ${method} ${path.slice(0, 100)}` }))
   }
   const server: Server = d.tls ? createHttpsServer({ ...options, ...d.tls }, handler) : createServer(options, handler)
+  // A request node:http's parser refuses (Content-Length and Transfer-Encoding together, a bad
+  // Content-Length, headers too large, too slow) is told what was wrong as every other refusal
+  // here is, not with node's bare status line. A response under way on the connection (pipelining)
+  // is finished first; the connection ends after it.
+  server.on('clientError', (err: NodeJS.ErrnoException & { reason?: unknown }, socket: Socket) => {
+    const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
+    if (err.code === 'ECONNRESET' || !socket.writable || inFlight) {
+      if (inFlight && !inFlight.writableFinished) inFlight.once('finish', () => socket.destroy())
+      else socket.destroy()
+      return
+    }
+    // llhttp's reasons are fixed texts, never the request's bytes; kept to printable ASCII all the same.
+    const reason = typeof err.reason === 'string' ? err.reason.replace(/[^\x20-\x7e]/g, '').trim().slice(0, 120) : ''
+    const [status, description] =
+      err.code === 'HPE_HEADER_OVERFLOW'
+        ? [431, `the request line and headers are over ${options.maxHeaderSize} bytes`]
+        : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+          ? [408, 'the request did not all arrive in time']
+          : [400, `malformed HTTP request (${err.code ?? 'parse error'})${reason === '' ? '' : `: ${reason}`}`]
+    const body = JSON.stringify({ error: 'invalid_request', error_description: description })
+    socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\ncontent-type: application/json\r\ncache-control: no-store\r\npragma: no-cache\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`)
+    // A refusal written to a client that does not read it does not hold the socket.
+    setTimeout(() => socket.destroy(), 1_000).unref()
+  })
   return { server, metrics }
 }
 

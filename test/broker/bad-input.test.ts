@@ -7,6 +7,7 @@ import { startTestBroker, delegatedRequest, API, MAIL, TRUST_DOMAIN, why, type T
 import { GRANT_TYPE } from '../../broker/exchange.js'
 import { TOKEN_TYPES } from '../../broker/attest/attestor.js'
 import { signRawJws } from '../helpers/issuer.js'
+import { rawRequest } from '../helpers/harness.js'
 
 const now = () => Math.floor(Date.now() / 1000)
 const AGENT = 'agent:summarizer:prod:bad'
@@ -345,6 +346,20 @@ t.test('malformed and oversized bodies', async (t) => {
   const postKeys = await fetch(`${b.url}/.well-known/jwks.json`, { method: 'POST' })
   t.equal(postKeys.status, 405)
   t.equal(postKeys.headers.get('allow'), 'GET, HEAD')
+  // A request node:http's parser refuses is told what was wrong, as JSON, not with a bare status line.
+  const port = Number(new URL(b.url).port)
+  for (const [what, head, status, says] of [
+    ['Content-Length and Transfer-Encoding', 'Content-Length: 5\r\nTransfer-Encoding: chunked\r\n', 400, /^malformed HTTP request \(HPE_INVALID_TRANSFER_ENCODING\): Transfer-Encoding can't be present with Content-Length$/],
+    ['a Content-Length past any number', 'Content-Length: 99999999999999999999\r\n', 400, /^malformed HTTP request \(HPE_INVALID_CONTENT_LENGTH\)/],
+    ['headers too large', `X-Pad: ${'a'.repeat(40_000)}\r\n`, 431, /^the request line and headers are over 32768 bytes$/],
+  ] as const) {
+    const res = await rawRequest(port, `POST /oauth2/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n${head}\r\n0\r\n\r\n`, 100)
+    t.equal(res.status, status, what)
+    t.equal(res.headers['cache-control'], 'no-store', what)
+    const body = JSON.parse(res.body || '{}') as Record<string, string>
+    t.equal(body.error, 'invalid_request', what)
+    t.match(body.error_description, says, what)
+  }
   // An oversized body ends its connection at introspection too: the rest was being read and thrown away.
   const bigIntro = await fetch(`${b.url}/oauth2/introspect`, { method: 'POST', body: 'token=' + 'a'.repeat(70_000), headers: { 'content-type': 'application/x-www-form-urlencoded', authorization: basic } })
   t.equal(bigIntro.status, 413)

@@ -26,6 +26,10 @@ import { TASK_HANDLE } from '../../lib/task-handle.js'
 import type { Logger } from '../../lib/log.js'
 import { storeCause } from '../../lib/store-schema.js'
 
+/** What a 404 lists, so a client that misspelled a path sees the right one. */
+const ENDPOINTS = 'POST /oauth2/token, POST /oauth2/introspect, GET /.well-known/jwks.json, GET /.well-known/oauth-authorization-server, GET /healthz, GET /readyz, GET /metrics, and the admin API under /v1/revocations'
+const ADMIN_ENDPOINTS = 'GET /v1/revocations, POST /v1/revocations, DELETE /v1/revocations/<agent|task|jti>/<value>'
+
 /** A task ID or jti to revoke: at most this long. */
 const MAX_REVOCATION_VALUE = 256
 
@@ -184,7 +188,8 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
       return
     }
     req.resume()
-    send(res, 404, JSON.stringify({ error: 'not_found', error_description: `no admin endpoint ${req.method} ${path.slice(0, 100)}` }), NO_STORE)
+    // The path is not quoted: a DELETE's holds whatever was pasted after the kind, which may be a credential.
+    send(res, 404, JSON.stringify({ error: 'not_found', error_description: `no admin endpoint ${req.method} at this path (not repeated: it may hold a token); the admin endpoints are ${ADMIN_ENDPOINTS}` }), NO_STORE)
   }
 
   const options = { requestTimeout: 30_000, headersTimeout: 10_000, maxHeaderSize: 32_768 }
@@ -236,7 +241,8 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
       return
     }
     req.resume()
-    send(res, 404, JSON.stringify({ error: 'not_found', error_description: `no endpoint ${method} ${path.slice(0, 100)}` }))
+    // The path is not quoted: a client that put a token in it (`/oauth2/token/<token>`) would have it echoed.
+    send(res, 404, JSON.stringify({ error: 'not_found', error_description: `no endpoint ${method} at this path (not repeated: it may hold a token); the endpoints are ${ENDPOINTS}` }), NO_STORE)
   }
   const server: Server = d.tls ? createHttpsServer({ ...options, ...d.tls }, handler) : createServer(options, handler)
   // A request node:http's parser refuses (Content-Length and Transfer-Encoding together, a bad

@@ -360,6 +360,15 @@ t.test('malformed and oversized bodies', async (t) => {
     t.equal(body.error, 'invalid_request', what)
     t.match(body.error_description, says, what)
   }
+  // A path is not echoed in a 404: a client that put a token there would have it in the answer.
+  for (const [path, auth] of [[`/oauth2/token/${canary}`, undefined], [`/v1/revocations/token/${canary}`, `Bearer ${b.adminToken}`]] as const) {
+    const res = await fetch(`${b.url}${path}`, { method: 'DELETE', headers: auth ? { authorization: auth } : {} })
+    const text = await res.text()
+    t.equal(res.status, 404, path.slice(0, 20))
+    t.match(JSON.parse(text).error_description, /at this path \(not repeated: it may hold a token\); the (admin )?endpoints are .*\/v1\/revocations/)
+    t.notOk(text.includes('CANARY'), 'the path is not echoed')
+    t.equal(res.headers.get('cache-control'), 'no-store')
+  }
   // An oversized body ends its connection at introspection too: the rest was being read and thrown away.
   const bigIntro = await fetch(`${b.url}/oauth2/introspect`, { method: 'POST', body: 'token=' + 'a'.repeat(70_000), headers: { 'content-type': 'application/x-www-form-urlencoded', authorization: basic } })
   t.equal(bigIntro.status, 413)

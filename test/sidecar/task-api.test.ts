@@ -5,7 +5,7 @@ import t from 'tap'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { readFileSync } from 'node:fs'
-import { startBearerRig, rawRequest, assertNoCanary, startUpstream, startTestSidecar, loopbackPolicy, openTask } from '../helpers/harness.js'
+import { startBearerRig, rawRequest, assertNoCanary, startUpstream, startTestSidecar, loopbackPolicy, openTask, CANARY } from '../helpers/harness.js'
 import { MAX_OPEN_TASKS } from '../../proxy/tasks/api.js'
 
 const run = promisify(execFile)
@@ -27,6 +27,15 @@ t.test('task API: clear refusals, a cap on open tasks, lifecycle in the log', as
   const emoji = '\u{1F600}'
   t.equal((await open({ purpose: emoji.repeat(256), duration_s: 60 })).status, 201, '256 characters, counted as a person counts them')
   t.equal((await open({ purpose: emoji.repeat(257), duration_s: 60 })).status, 400)
+
+  // An audience that is no URL may be a token put in its place: not quoted back (an agent's error
+  // text often lands in its model's context). One spelled as audiences are is named.
+  const tokenAsAudience = await open({ purpose: 'p', duration_s: 60, audiences: [`ghp_${CANARY}`] })
+  t.equal(tokenAsAudience.status, 400)
+  const said = await tokenAsAudience.text()
+  t.match(said, /no broker credential is configured for audience \(not repeated: it is no http\(s\) URL, and may be a token/)
+  t.notOk(said.includes(CANARY), 'the token is not echoed')
+  t.match(await (await open({ purpose: 'p', duration_s: 60, audiences: ['https://unknown.example.com'] })).json(), { reason: 'no broker credential is configured for audience "https://unknown.example.com"' })
 
   const post404 = await fetch(`${admin}/v1/task`, { method: 'POST' })
   t.equal(post404.status, 404, 'an unknown admin path is 404 whatever the method')

@@ -18,6 +18,8 @@ export const MAX_OPEN_TASKS = 10_000
 
 class BodyTooLarge extends TaskError {}
 
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
+
 /**
  * An audience as configured ones are spelled (an http(s) origin or path, no userinfo, query or
  * fragment, at most 200 characters): quoted back when unknown. Anything else may be a token put in
@@ -61,8 +63,16 @@ async function readJson(req: IncomingMessage): Promise<unknown> {
     if (size > MAX_BODY) throw new BodyTooLarge(`body exceeds ${MAX_BODY} bytes`)
     chunks.push(c)
   }
+  // RFC 8259 §8.1: UTF-8. toString('utf8') read other bytes as U+FFFD, so a task opened with a
+  // purpose (or a user token) the agent never sent. A byte order mark is kept, and is not JSON.
+  let text: string
   try {
-    return JSON.parse(Buffer.concat(chunks).toString('utf8'))
+    text = UTF8.decode(Buffer.concat(chunks))
+  } catch {
+    throw new TaskError('body is not valid UTF-8')
+  }
+  try {
+    return JSON.parse(text)
   } catch {
     throw new TaskError('body is not JSON')
   }

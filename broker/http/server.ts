@@ -30,6 +30,8 @@ import { storeCause } from '../../lib/store-schema.js'
 const ENDPOINTS = 'POST /oauth2/token, POST /oauth2/introspect, GET /.well-known/jwks.json, GET /.well-known/oauth-authorization-server, GET /healthz, GET /readyz, GET /metrics, and the admin API under /v1/revocations'
 const ADMIN_ENDPOINTS = 'GET /v1/revocations, POST /v1/revocations, DELETE /v1/revocations/<agent|task|jti>/<value>'
 
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
+
 /** A task ID or jti to revoke: at most this long. */
 const MAX_REVOCATION_VALUE = 256
 
@@ -158,10 +160,13 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
     if (path === '/v1/revocations' && req.method === 'POST') {
       let input: { kind?: unknown; value?: unknown; reason?: unknown }
       try {
-        input = JSON.parse((await readBody(req, d.maxBodyBytes)).toString('utf8')) as typeof input
+        // RFC 8259 §8.1: UTF-8, strictly (toString read other bytes as U+FFFD: a reason stored that
+        // the operator never wrote). A byte order mark is kept, and is not JSON.
+        input = JSON.parse(UTF8.decode(await readBody(req, d.maxBodyBytes))) as typeof input
       } catch (err) {
         const tooBig = err instanceof BodyTooLarge
-        send(res, tooBig ? 413 : 400, JSON.stringify({ error: 'invalid_request', error_description: tooBig ? 'body too large' : 'body is not JSON' }), NO_STORE)
+        const notUtf8 = (err as NodeJS.ErrnoException).code === 'ERR_ENCODING_INVALID_ENCODED_DATA'
+        send(res, tooBig ? 413 : 400, JSON.stringify({ error: 'invalid_request', error_description: tooBig ? 'body too large' : notUtf8 ? 'body is not valid UTF-8' : 'body is not JSON' }), NO_STORE)
         return
       }
       const problem = revocationProblem(input)

@@ -65,7 +65,7 @@ export function parseForm(req: IncomingMessage, body: Buffer): Form {
     const value = decodeFormPart(eq === -1 ? '' : pair.slice(eq + 1))
     if (key === undefined) throw new OAuthError('invalid_request', 'a parameter name is not valid percent-encoded UTF-8 (not repeated: it may be a token)')
     if (value === undefined) {
-      throw new OAuthError('invalid_request', KNOWN.has(key) ? `parameter "${key}" is not valid percent-encoded UTF-8` : 'a parameter is not valid percent-encoded UTF-8 (its name is not repeated: it may be a token)')
+      throw new OAuthError('invalid_request', KNOWN.has(key) || MULTI.has(key) ? `parameter "${key}" is not valid percent-encoded UTF-8` : 'a parameter is not valid percent-encoded UTF-8 (its name is not repeated: it may be a token)')
     }
     const list = seen.get(key)
     if (list) {

@@ -284,6 +284,7 @@ t.test('malformed and oversized bodies', async (t) => {
     ['a malformed escape', '&scope=read%zz', /^parameter "scope" is not valid percent-encoded UTF-8$/],
     ['an overlong UTF-8 "/"', '&scope=%C0%AF', /^parameter "scope" is not valid percent-encoded UTF-8$/],
     ['a lone surrogate', '&scope=read%ED%A0%80', /^parameter "scope" is not valid percent-encoded UTF-8$/],
+    ['a malformed escape in a resource', '&resource=https%3A%2F%2Fapi.example.com%zz', /^parameter "resource" is not valid percent-encoded UTF-8$/],
     ['a name that is no UTF-8', '&%FFCANARY=1', /^a parameter name is not valid percent-encoded UTF-8/],
     ['an unknown parameter whose value is no UTF-8', '&CANARY=%FF', /^a parameter is not valid percent-encoded UTF-8/],
   ] as const) {

@@ -46,11 +46,27 @@ export function parseForm(req: IncomingMessage, body: Buffer): Form {
   if (type !== 'application/x-www-form-urlencoded') {
     throw new OAuthError('invalid_request', 'the request body must be application/x-www-form-urlencoded')
   }
+  // RFC 6749 §3.2: the parameters are the body's. One sent in the query was never read: a `scope`
+  // there, meant to narrow the token, was dropped and a broader one issued. Not quoted: it may be a token.
+  const query = (req.url ?? '').indexOf('?')
+  if (query !== -1 && query < (req.url ?? '').length - 1) {
+    throw new OAuthError('invalid_request', 'parameters go in the request body (application/x-www-form-urlencoded), not in the URL query, which is not read')
+  }
   const text = body.toString('utf8')
   if (text.includes('\uFFFD')) throw new OAuthError('invalid_request', 'the request body is not valid UTF-8')
-  const params = new URLSearchParams(text)
   const seen = new Map<string, string[]>()
-  for (const [key, value] of params) {
+  for (const pair of text.split('&')) {
+    if (pair === '') continue
+    // Parsed as URLSearchParams does, but strictly: it keeps a malformed escape (`%zz`) as text and
+    // reads percent-encoded bytes that are not UTF-8 (`%FF`, overlong `%C0%AF`, a lone surrogate's
+    // `%ED%A0%80`) as U+FFFD, so a value nobody sent was checked and refused for the wrong reason.
+    const eq = pair.indexOf('=')
+    const key = decodeFormPart(eq === -1 ? pair : pair.slice(0, eq))
+    const value = decodeFormPart(eq === -1 ? '' : pair.slice(eq + 1))
+    if (key === undefined) throw new OAuthError('invalid_request', 'a parameter name is not valid percent-encoded UTF-8 (not repeated: it may be a token)')
+    if (value === undefined) {
+      throw new OAuthError('invalid_request', KNOWN.has(key) || MULTI.has(key) ? `parameter "${key}" is not valid percent-encoded UTF-8` : 'a parameter is not valid percent-encoded UTF-8 (its name is not repeated: it may be a token)')
+    }
     const list = seen.get(key)
     if (list) {
       if (!MULTI.has(key)) {
@@ -64,5 +80,14 @@ export function parseForm(req: IncomingMessage, body: Buffer): Form {
   return {
     one: (name) => seen.get(name)?.[0],
     all: (name) => seen.get(name) ?? [],
+  }
+}
+
+/** One name or value of a form body, `+` a space, percent-decoded; undefined when an escape is malformed or the bytes are not UTF-8. */
+function decodeFormPart(raw: string): string | undefined {
+  try {
+    return decodeURIComponent(raw.replace(/\+/g, ' '))
+  } catch {
+    return undefined
   }
 }

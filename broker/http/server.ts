@@ -8,7 +8,8 @@
 //   GET|POST /v1/revocations, DELETE /v1/revocations/<kind>/<value>   admin (Bearer)
 //   GET  /healthz /readyz /metrics
 import type { IncomingMessage, Server, ServerResponse } from 'node:http'
-import { createServer } from '../../lib/node-http.js'
+import { createServer, STATUS_CODES } from '../../lib/node-http.js'
+import type { Socket } from 'node:net'
 import { createServer as createHttpsServer } from 'node:https'
 import { timingSafeEqual, createHash } from 'node:crypto'
 import { Counter, Histogram, Registry as MetricsRegistry } from 'prom-client'
@@ -24,6 +25,12 @@ import { MAX_AGENT_ID } from '../attest/attestor.js'
 import { TASK_HANDLE } from '../../lib/task-handle.js'
 import type { Logger } from '../../lib/log.js'
 import { storeCause } from '../../lib/store-schema.js'
+
+/** What a 404 lists, so a client that misspelled a path sees the right one. */
+const ENDPOINTS = 'POST /oauth2/token, POST /oauth2/introspect, GET /.well-known/jwks.json, GET /.well-known/oauth-authorization-server, GET /healthz, GET /readyz, GET /metrics, and the admin API under /v1/revocations'
+const ADMIN_ENDPOINTS = 'GET /v1/revocations, POST /v1/revocations, DELETE /v1/revocations/<agent|task|jti>/<value>'
+
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 
 /** A task ID or jti to revoke: at most this long. */
 const MAX_REVOCATION_VALUE = 256
@@ -120,11 +127,19 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
     }
     try {
       const form = parseForm(req, await readBody(req, d.maxBodyBytes))
+      // RFC 6749 §2.3, §5.2: one authentication method a request. A client_secret in the body too,
+      // or a client_id naming another client than Basic's, leaves which client asked in doubt.
+      const bodyId = form.one('client_id')
+      if (form.one('client_secret') !== undefined || (bodyId !== undefined && bodyId !== client!.id)) {
+        throw new OAuthError('invalid_request', 'the client authenticates one way: client_secret_basic, with no client_secret (nor another client_id) in the body')
+      }
       const token = form.one('token')
       if (!token) throw new OAuthError('invalid_request', 'missing token')
       send(res, 200, JSON.stringify(await d.introspection.introspect(token)), NO_STORE)
     } catch (err) {
-      oauthError(res, asOAuthError(err, d.maxBodyBytes))
+      const e = asOAuthError(err, d.maxBodyBytes)
+      // As the token endpoint: the rest of an oversized body is not read on a kept-alive connection.
+      oauthError(res, e, e.status === 413 ? { connection: 'close' } : {})
     }
   }
 
@@ -145,10 +160,13 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
     if (path === '/v1/revocations' && req.method === 'POST') {
       let input: { kind?: unknown; value?: unknown; reason?: unknown }
       try {
-        input = JSON.parse((await readBody(req, d.maxBodyBytes)).toString('utf8')) as typeof input
+        // RFC 8259 §8.1: UTF-8, strictly (toString read other bytes as U+FFFD: a reason stored that
+        // the operator never wrote). A byte order mark is kept, and is not JSON.
+        input = JSON.parse(UTF8.decode(await readBody(req, d.maxBodyBytes))) as typeof input
       } catch (err) {
         const tooBig = err instanceof BodyTooLarge
-        send(res, tooBig ? 413 : 400, JSON.stringify({ error: 'invalid_request', error_description: tooBig ? 'body too large' : 'body is not JSON' }), NO_STORE)
+        const notUtf8 = (err as NodeJS.ErrnoException).code === 'ERR_ENCODING_INVALID_ENCODED_DATA'
+        send(res, tooBig ? 413 : 400, JSON.stringify({ error: 'invalid_request', error_description: tooBig ? 'body too large' : notUtf8 ? 'body is not valid UTF-8' : 'body is not JSON' }), NO_STORE)
         return
       }
       const problem = revocationProblem(input)
@@ -175,7 +193,8 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
       return
     }
     req.resume()
-    send(res, 404, JSON.stringify({ error: 'not_found', error_description: `no admin endpoint ${req.method} ${path.slice(0, 100)}` }), NO_STORE)
+    // The path is not quoted: a DELETE's holds whatever was pasted after the kind, which may be a credential.
+    send(res, 404, JSON.stringify({ error: 'not_found', error_description: `no admin endpoint ${req.method} at this path (not repeated: it may hold a token); the admin endpoints are ${ADMIN_ENDPOINTS}` }), NO_STORE)
   }
 
   const options = { requestTimeout: 30_000, headersTimeout: 10_000, maxHeaderSize: 32_768 }
@@ -183,14 +202,17 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
     const path = (req.url ?? '/').split('?')[0]!
     const method = req.method ?? 'GET'
     const only = (m: string, fn: () => unknown) => {
-      if (method !== m) {
+      // RFC 9110 §9.1: where GET is served, so is HEAD (node:http sends its head, not its body).
+      const allowed = m === 'GET' ? ['GET', 'HEAD'] : [m]
+      if (!allowed.includes(method)) {
         req.resume()
-        send(res, 405, JSON.stringify({ error: 'invalid_request', error_description: `use ${m}` }), { allow: m })
+        // A refusal like any other of the OAuth endpoints: no-store (RFC 6749 §5.1, §5.2).
+        send(res, 405, JSON.stringify({ error: 'invalid_request', error_description: `use ${allowed.join(' or ')}` }), { allow: allowed.join(', '), ...NO_STORE })
         return
       }
       void Promise.resolve(fn()).catch((err: unknown) => {
         d.log.error({ method, path, reason: storeCause(err) }, 'request failed')
-        if (!res.headersSent) send(res, 500, JSON.stringify({ error: 'server_error', error_description: 'internal error' }))
+        if (!res.headersSent) send(res, 500, JSON.stringify({ error: 'server_error', error_description: 'internal error' }), NO_STORE)
         else res.destroy()
       })
     }
@@ -224,9 +246,34 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
       return
     }
     req.resume()
-    send(res, 404, JSON.stringify({ error: 'not_found', error_description: `no endpoint ${method} ${path.slice(0, 100)}` }))
+    // The path is not quoted: a client that put a token in it (`/oauth2/token/<token>`) would have it echoed.
+    send(res, 404, JSON.stringify({ error: 'not_found', error_description: `no endpoint ${method} at this path (not repeated: it may hold a token); the endpoints are ${ENDPOINTS}` }), NO_STORE)
   }
   const server: Server = d.tls ? createHttpsServer({ ...options, ...d.tls }, handler) : createServer(options, handler)
+  // A request node:http's parser refuses (Content-Length and Transfer-Encoding together, a bad
+  // Content-Length, headers too large, too slow) is told what was wrong as every other refusal
+  // here is, not with node's bare status line. A response under way on the connection (pipelining)
+  // is finished first; the connection ends after it.
+  server.on('clientError', (err: NodeJS.ErrnoException & { reason?: unknown }, socket: Socket) => {
+    const inFlight = (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage
+    if (err.code === 'ECONNRESET' || !socket.writable || inFlight) {
+      if (inFlight && !inFlight.writableFinished) inFlight.once('finish', () => socket.destroy())
+      else socket.destroy()
+      return
+    }
+    // llhttp's reasons are fixed texts, never the request's bytes; kept to printable ASCII all the same.
+    const reason = typeof err.reason === 'string' ? err.reason.replace(/[^\x20-\x7e]/g, '').trim().slice(0, 120) : ''
+    const [status, description] =
+      err.code === 'HPE_HEADER_OVERFLOW'
+        ? [431, `the request line and headers are over ${options.maxHeaderSize} bytes`]
+        : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+          ? [408, 'the request did not all arrive in time']
+          : [400, `malformed HTTP request (${err.code ?? 'parse error'})${reason === '' ? '' : `: ${reason}`}`]
+    const body = JSON.stringify({ error: 'invalid_request', error_description: description })
+    socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\ncontent-type: application/json\r\ncache-control: no-store\r\npragma: no-cache\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`)
+    // A refusal written to a client that does not read it does not hold the socket.
+    setTimeout(() => socket.destroy(), 1_000).unref()
+  })
   return { server, metrics }
 }
 

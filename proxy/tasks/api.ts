@@ -18,6 +18,16 @@ export const MAX_OPEN_TASKS = 10_000
 
 class BodyTooLarge extends TaskError {}
 
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
+
+/**
+ * An audience as configured ones are spelled (an http(s) origin or path, no userinfo, query or
+ * fragment, at most 200 characters): quoted back when unknown. Anything else may be a token put in
+ * its place (`audiences: [userToken]`), and an agent's error text often lands in its model's context.
+ */
+const AUDIENCE_SHAPE = /^https?:\/\/[A-Za-z0-9.:[\]-]+(\/[A-Za-z0-9._~%/-]*)?$/
+const MAX_QUOTED_AUDIENCE = 200
+
 export interface TaskApiDeps {
   tasks: TaskRegistry
   bindings: readonly CredentialBinding[]
@@ -53,8 +63,16 @@ async function readJson(req: IncomingMessage): Promise<unknown> {
     if (size > MAX_BODY) throw new BodyTooLarge(`body exceeds ${MAX_BODY} bytes`)
     chunks.push(c)
   }
+  // RFC 8259 §8.1: UTF-8. toString('utf8') read other bytes as U+FFFD, so a task opened with a
+  // purpose (or a user token) the agent never sent. A byte order mark is kept, and is not JSON.
+  let text: string
   try {
-    return JSON.parse(Buffer.concat(chunks).toString('utf8'))
+    text = UTF8.decode(Buffer.concat(chunks))
+  } catch {
+    throw new TaskError('body is not valid UTF-8')
+  }
+  try {
+    return JSON.parse(text)
   } catch {
     throw new TaskError('body is not JSON')
   }
@@ -176,7 +194,7 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
   const bindings: CredentialBinding[] = []
   for (const aud of wanted) {
     const b = d.bindings.find((x) => x.source === 'broker' && (x.tokenAudience === aud || x.audience === aud))
-    if (!b) return fail(res, 400, 'bad_request', `no broker credential is configured for audience ${JSON.stringify(aud.slice(0, 200))}`)
+    if (!b) return fail(res, 400, 'bad_request', `no broker credential is configured for audience ${aud.length <= MAX_QUOTED_AUDIENCE && AUDIENCE_SHAPE.test(aud) ? JSON.stringify(aud) : '(not repeated: it is no http(s) URL, and may be a token put in its place)'}`)
     bindings.push(b)
   }
   if (d.tasks.size >= MAX_OPEN_TASKS) {

@@ -7,6 +7,7 @@ import { startTestBroker, delegatedRequest, API, MAIL, TRUST_DOMAIN, why, type T
 import { GRANT_TYPE } from '../../broker/exchange.js'
 import { TOKEN_TYPES } from '../../broker/attest/attestor.js'
 import { signRawJws } from '../helpers/issuer.js'
+import { rawRequest } from '../helpers/harness.js'
 
 const now = () => Math.floor(Date.now() / 1000)
 const AGENT = 'agent:summarizer:prod:bad'
@@ -275,6 +276,24 @@ t.test('malformed and oversized bodies', async (t) => {
 
   const pctBad = await post('grant_type=%FF%FE')
   t.equal(pctBad.status, 400, 'percent-encoded invalid UTF-8 is refused too')
+  t.equal(pctBad.body.error_description, 'parameter "grant_type" is not valid percent-encoded UTF-8', 'said as such, not as an unsupported grant type')
+  // A malformed escape is not kept as text, nor bytes that are no UTF-8 read as U+FFFD: each was
+  // checked as a value nobody sent and refused for another reason (or, unread, not at all).
+  const form = async (extra: string) => new URLSearchParams(delegatedRequest(await b.userToken('u', 'read'), await b.attest(AGENT))).toString() + extra
+  for (const [what, extra, says] of [
+    ['a malformed escape', '&scope=read%zz', /^parameter "scope" is not valid percent-encoded UTF-8$/],
+    ['an overlong UTF-8 "/"', '&scope=%C0%AF', /^parameter "scope" is not valid percent-encoded UTF-8$/],
+    ['a lone surrogate', '&scope=read%ED%A0%80', /^parameter "scope" is not valid percent-encoded UTF-8$/],
+    ['a malformed escape in a resource', '&resource=https%3A%2F%2Fapi.example.com%zz', /^parameter "resource" is not valid percent-encoded UTF-8$/],
+    ['a name that is no UTF-8', '&%FFCANARY=1', /^a parameter name is not valid percent-encoded UTF-8/],
+    ['an unknown parameter whose value is no UTF-8', '&CANARY=%FF', /^a parameter is not valid percent-encoded UTF-8/],
+  ] as const) {
+    const res = await post(await form(extra))
+    t.equal(res.status, 400, what)
+    t.equal(res.body.error, 'invalid_request', what)
+    t.match(res.body.error_description, says, what)
+    t.notOk(JSON.stringify(res.body).includes('CANARY'), `${what}: no name echoed`)
+  }
 
   // A bare token posted twice (`curl -d "$TOKEN" -d "$TOKEN"`) is a repeated parameter *name*:
   // refused without quoting it, at the token endpoint and at introspection.
@@ -288,10 +307,73 @@ t.test('malformed and oversized bodies', async (t) => {
   t.equal(bareIntro.status, 400)
   t.notOk(JSON.stringify(bareIntro.body).includes('CANARY'), 'nor at introspection')
   t.notMatch(b.logs(), /CANARY/, 'nor in the log')
+  // RFC 6749 §2.3 and §5.2: one way of authenticating the client a request, else invalid_request.
+  for (const [what, extra] of [
+    ['client_secret in the body too', `&client_id=api-server&client_secret=${b.introspectionSecret}`],
+    ['another client_id in the body', '&client_id=other-client'],
+  ] as const) {
+    const res = await post(`token=x${extra}`, 'application/x-www-form-urlencoded', { authorization: basic }, '/oauth2/introspect')
+    t.equal(res.status, 400, what)
+    t.equal(res.body.error, 'invalid_request', what)
+    t.match(res.body.error_description, /authenticates one way: client_secret_basic/, what)
+    t.notOk(JSON.stringify(res.body).includes(b.introspectionSecret), `${what}: the secret is not echoed`)
+  }
+  t.equal((await post('token=x&client_id=api-server', 'application/x-www-form-urlencoded', { authorization: basic }, '/oauth2/introspect')).status, 200, "Basic's own client_id in the body is the same client")
+
+  // RFC 6749 §3.2: parameters are the body's. The query was not read: a scope sent there to narrow
+  // the token was dropped and the broader one issued, and a token sent there was taken for none.
+  const queryScope = await post(await form(''), 'application/x-www-form-urlencoded', {}, '/oauth2/token?scope=read')
+  t.equal(queryScope.status, 400, 'a parameter in the query is refused, not dropped')
+  t.equal(queryScope.body.error, 'invalid_request')
+  t.match(queryScope.body.error_description, /not in the URL query/)
+  const queryToken = await post('', 'application/x-www-form-urlencoded', { authorization: basic }, `/oauth2/introspect?token=${canary}`)
+  t.equal(queryToken.status, 400, 'at introspection too')
+  t.match(queryToken.body.error_description, /not in the URL query/)
+  t.notOk(JSON.stringify(queryToken.body).includes('CANARY'), 'the query is not echoed')
 
   const get = await fetch(`${b.url}/oauth2/token`)
   t.equal(get.status, 405)
   t.equal(get.headers.get('allow'), 'POST')
+  t.equal(get.headers.get('cache-control'), 'no-store', 'a refusal of the token endpoint like any other')
+  const introGet = await fetch(`${b.url}/oauth2/introspect`, { method: 'PUT', headers: { authorization: basic } })
+  t.equal(introGet.status, 405)
+  t.equal(introGet.headers.get('cache-control'), 'no-store', 'and of introspection')
+  // RFC 9110 §9.1: what answers GET answers HEAD (an uptime checker's probe), its head only.
+  for (const path of ['/.well-known/jwks.json', '/.well-known/oauth-authorization-server', '/healthz', '/readyz', '/metrics']) {
+    const head = await fetch(`${b.url}${path}`, { method: 'HEAD' })
+    t.equal(head.status, 200, `HEAD ${path}`)
+    t.equal(await head.text(), '', 'no body')
+  }
+  const postKeys = await fetch(`${b.url}/.well-known/jwks.json`, { method: 'POST' })
+  t.equal(postKeys.status, 405)
+  t.equal(postKeys.headers.get('allow'), 'GET, HEAD')
+  // A request node:http's parser refuses is told what was wrong, as JSON, not with a bare status line.
+  const port = Number(new URL(b.url).port)
+  for (const [what, head, status, says] of [
+    ['Content-Length and Transfer-Encoding', 'Content-Length: 5\r\nTransfer-Encoding: chunked\r\n', 400, /^malformed HTTP request \(HPE_INVALID_TRANSFER_ENCODING\): Transfer-Encoding can't be present with Content-Length$/],
+    ['a Content-Length past any number', 'Content-Length: 99999999999999999999\r\n', 400, /^malformed HTTP request \(HPE_INVALID_CONTENT_LENGTH\)/],
+    ['headers too large', `X-Pad: ${'a'.repeat(40_000)}\r\n`, 431, /^the request line and headers are over 32768 bytes$/],
+  ] as const) {
+    const res = await rawRequest(port, `POST /oauth2/token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n${head}\r\n0\r\n\r\n`, 100)
+    t.equal(res.status, status, what)
+    t.equal(res.headers['cache-control'], 'no-store', what)
+    const body = JSON.parse(res.body || '{}') as Record<string, string>
+    t.equal(body.error, 'invalid_request', what)
+    t.match(body.error_description, says, what)
+  }
+  // A path is not echoed in a 404: a client that put a token there would have it in the answer.
+  for (const [path, auth] of [[`/oauth2/token/${canary}`, undefined], [`/v1/revocations/token/${canary}`, `Bearer ${b.adminToken}`]] as const) {
+    const res = await fetch(`${b.url}${path}`, { method: 'DELETE', headers: auth ? { authorization: auth } : {} })
+    const text = await res.text()
+    t.equal(res.status, 404, auth ? 'an admin path' : 'an OAuth path')
+    t.match(JSON.parse(text).error_description, /at this path \(not repeated: it may hold a token\); the (admin )?endpoints are .*\/v1\/revocations/)
+    t.notOk(text.includes('CANARY'), 'the path is not echoed')
+    t.equal(res.headers.get('cache-control'), 'no-store')
+  }
+  // An oversized body ends its connection at introspection too: the rest was being read and thrown away.
+  const bigIntro = await fetch(`${b.url}/oauth2/introspect`, { method: 'POST', body: 'token=' + 'a'.repeat(70_000), headers: { 'content-type': 'application/x-www-form-urlencoded', authorization: basic } })
+  t.equal(bigIntro.status, 413)
+  t.equal(bigIntro.headers.get('connection'), 'close', 'the connection is not kept for the rest of it')
 
   // A token longer than any JWT we accept is refused before parsing.
   const huge = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), 'eyJ' + 'a'.repeat(20_000) + '.b.c', { actor_token_type: TOKEN_TYPES.jwt }))

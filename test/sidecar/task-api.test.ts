@@ -5,7 +5,7 @@ import t from 'tap'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { readFileSync } from 'node:fs'
-import { startBearerRig, rawRequest, assertNoCanary, startUpstream, startTestSidecar, loopbackPolicy, openTask } from '../helpers/harness.js'
+import { startBearerRig, rawRequest, assertNoCanary, startUpstream, startTestSidecar, loopbackPolicy, openTask, CANARY } from '../helpers/harness.js'
 import { MAX_OPEN_TASKS } from '../../proxy/tasks/api.js'
 
 const run = promisify(execFile)
@@ -13,7 +13,7 @@ const run = promisify(execFile)
 t.test('task API: clear refusals, a cap on open tasks, lifecycle in the log', async (t) => {
   const { upstream, s } = await startBearerRig(t)
   const admin = s.sidecar.adminUrl
-  const open = (body: unknown) => fetch(`${admin}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: typeof body === 'string' ? body : JSON.stringify(body) })
+  const open = (body: unknown) => fetch(`${admin}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: typeof body === 'string' ? body : body instanceof Uint8Array ? new Uint8Array(body) : JSON.stringify(body) })
 
   const big = await open({ purpose: 'x'.repeat(70_000), duration_s: 60 })
   t.equal(big.status, 413, 'a body over 64 KiB is 413')
@@ -27,6 +27,23 @@ t.test('task API: clear refusals, a cap on open tasks, lifecycle in the log', as
   const emoji = '\u{1F600}'
   t.equal((await open({ purpose: emoji.repeat(256), duration_s: 60 })).status, 201, '256 characters, counted as a person counts them')
   t.equal((await open({ purpose: emoji.repeat(257), duration_s: 60 })).status, 400)
+
+  // An audience that is no URL may be a token put in its place: not quoted back (an agent's error
+  // text often lands in its model's context). One spelled as audiences are is named.
+  const tokenAsAudience = await open({ purpose: 'p', duration_s: 60, audiences: [`ghp_${CANARY}`] })
+  t.equal(tokenAsAudience.status, 400)
+  const said = await tokenAsAudience.text()
+  t.match(said, /no broker credential is configured for audience \(not repeated: it is no http\(s\) URL, and may be a token/)
+  t.notOk(said.includes(CANARY), 'the token is not echoed')
+  t.match(await (await open({ purpose: 'p', duration_s: 60, audiences: ['https://unknown.example.com'] })).json(), { reason: 'no broker credential is configured for audience "https://unknown.example.com"' })
+
+  // RFC 8259 §8.1: JSON is UTF-8. Other bytes were read as U+FFFD: a task opened with a purpose never sent.
+  for (const bytes of [[0xff], [0xc0, 0xaf], [0xed, 0xa0, 0x80]]) {
+    const notUtf8 = await open(Buffer.concat([Buffer.from('{"purpose":"p'), Buffer.from(bytes), Buffer.from('","duration_s":60}')]))
+    t.equal(notUtf8.status, 400, `bytes ${bytes.join(' ')}`)
+    t.match(await notUtf8.json(), { error: 'bad_request', reason: 'body is not valid UTF-8' })
+  }
+  t.match(await (await open('\ufeff{"purpose":"p","duration_s":60}')).json(), { reason: 'body is not JSON' }, 'a byte order mark is still no JSON')
 
   const post404 = await fetch(`${admin}/v1/task`, { method: 'POST' })
   t.equal(post404.status, 404, 'an unknown admin path is 404 whatever the method')

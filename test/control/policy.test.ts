@@ -14,6 +14,7 @@ import type { Duplex } from 'node:stream'
 import { once } from 'node:events'
 import { createHash } from 'node:crypto'
 import { serverFrame } from '../helpers/websocket-frames.js'
+import { clientHello } from '../helpers/client-hello.js'
 
 const bundle = (port: number, extra: object[] = []) => ({
   mode: 'enforce',
@@ -334,7 +335,8 @@ t.test('a new policy cuts the open TLS tunnels and WebSockets it denies; relays 
     }
     return { sock, closed, echoes }
   }
-  const tls = Buffer.from([0x16, 0x03, 0x01, 0x00, 0x01, 0x01])
+  // A ClientHello naming no server (the tunnels are to an address): the relay starts.
+  const tls = clientHello(null)
   const tunnelTo = (port: number) => relay(`CONNECT 127.0.0.1:${port} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n\r\n`, 200)
   const goes = await tunnelTo(denied)
   const stays = await tunnelTo(kept)

@@ -3,10 +3,10 @@
 // the agent kept it. Bytes in either direction keep it open; a plaintext tunnel, once its HTTP
 // is parsed, is timed by the HTTP server instead.
 import t from 'tap'
-import { createServer, connect, type Socket, type AddressInfo } from 'node:net'
+import { connect, type Socket } from 'node:net'
 import { once } from 'node:events'
 import { spawn } from 'node:child_process'
-import { startTestSidecar, startSlowCallRig, loopbackPolicy } from '../helpers/harness.js'
+import { startTestSidecar, startSlowCallRig, loopbackPolicy, startTcpUpstream, openTunnel } from '../helpers/harness.js'
 import { clientHello } from '../helpers/client-hello.js'
 
 /** A ClientHello naming no server, as a TLS client's to an address is: what opens these tunnels' relays. */
@@ -15,45 +15,10 @@ const HELLO = clientHello(null)
 const IDLE_MS = 300
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 
-/** A TCP upstream that keeps every connection it accepts, and says when each one closed. */
-async function startTcpUpstream(t: { teardown(fn: () => unknown): void }, onSocket: (s: Socket) => void = () => {}) {
-  const sockets: Socket[] = []
-  const closed: Socket[] = []
-  const server = createServer((s) => {
-    sockets.push(s)
-    s.on('error', () => {})
-    s.on('close', () => closed.push(s))
-    onSocket(s)
-  })
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  const port = (server.address() as AddressInfo).port
-  t.teardown(() => {
-    for (const s of sockets) s.destroy()
-    server.close()
-  })
-  return { port, sockets, closed }
-}
-
 async function sidecarFor(t: { teardown(fn: () => unknown): void }, port: number) {
   const s = await startTestSidecar({ ...loopbackPolicy([port]), sidecar: { timeouts: { tunnel_idle_ms: IDLE_MS } } })
   t.teardown(() => s.close())
   return s
-}
-
-/** Opens a CONNECT tunnel to 127.0.0.1:`port`; resolves once the 200 is read. */
-async function openTunnel(sidecarPort: number, port: number): Promise<{ sock: Socket; received: () => Buffer }> {
-  const sock = connect(sidecarPort, '127.0.0.1')
-  await once(sock, 'connect')
-  const chunks: Buffer[] = []
-  sock.on('data', (d: Buffer) => chunks.push(d))
-  sock.on('error', () => {})
-  sock.write(`CONNECT 127.0.0.1:${port} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n\r\n`)
-  while (!Buffer.concat(chunks).includes('\r\n\r\n')) await sleep(5)
-  const head = Buffer.concat(chunks).toString('latin1')
-  if (!head.startsWith('HTTP/1.1 200 ')) throw new Error(`tunnel refused: ${head}`)
-  const start = Buffer.concat(chunks).indexOf('\r\n\r\n') + 4
-  return { sock, received: () => Buffer.concat(chunks).subarray(start) }
 }
 
 async function closedWithin(sock: Socket, ms: number): Promise<boolean> {

@@ -1,6 +1,12 @@
 // CONNECT (HTTPS_PROXY): decided by host and port, dialled to exactly the checked address.
 // The first bytes the agent sends decide what the tunnel is:
-//   - a TLS ClientHello (0x16): relayed untouched; no credential can be injected into it;
+//   - a TLS ClientHello (0x16): read whole first (client-hello.ts: across records and reads,
+//     bounded, strict), its server name held to the CONNECT's host (none to an IP literal), else
+//     an access_denied alert, the upstream closed having been sent nothing, recorded
+//     LK_TLS_NAME_MISMATCH (LK_BAD_REQUEST for a ClientHello that cannot be read): a CDN routes
+//     by that name, so another would be domain fronting past the policy. Enforced in report mode
+//     too, as the network floor is. ECH's inner name is not seen (see client-hello.ts). Then
+//     relayed untouched; no credential can be injected into it;
 //   - anything else is plain HTTP (undici's ProxyAgent tunnels http:// targets by default):
 //     the socket is handed to the sidecar's own HTTP parser and every request inside re-enters
 //     the pipeline, decided, credentialed and audited one by one, pinned to the tunnel's origin.

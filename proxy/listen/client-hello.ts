@@ -8,7 +8,8 @@
 // then the ClientHello (§4.1.2), its extensions (§4.2) and the server_name extension (RFC 6066
 // §3). Refused: any other record type before the ClientHello is whole, a zero-length or
 // over-long record, a first handshake message that is not a ClientHello, a length that overruns
-// what holds it or leaves bytes unaccounted for, a ClientHello over MAX_CLIENT_HELLO, any
+// what holds it or leaves bytes unaccounted for, a ClientHello over MAX_CLIENT_HELLO or across
+// more than MAX_HELLO_RECORDS records, any
 // extension twice (RFC 8446 §4.2; OpenSSL refuses it too), a server_name extension with other
 // than exactly one host_name, and a host_name with bytes no DNS name has.
 // Not read: anything past the ClientHello's last record (0-RTT data may follow it in the same
@@ -19,8 +20,13 @@
 
 /** The largest ClientHello (handshake message, header included) read; past it the tunnel is refused. Chromium's, post-quantum key share and all, is under 2 KiB. */
 export const MAX_CLIENT_HELLO = 16 * 1024
-/** Bytes buffered before the ClientHello must be whole: it, and a 5-byte header for each of up to 64 records it is split across. */
-export const MAX_HELLO_BUFFER = MAX_CLIENT_HELLO + 64 * 5
+/**
+ * The most TLS records a ClientHello is read across. Real clients use one; an
+ * evasion splits it into many, each of which costs the tunnel a read of all before it again.
+ */
+export const MAX_HELLO_RECORDS = 64
+/** Bytes buffered before the ClientHello must be whole: it, and a 5-byte header for each record it is split across. */
+export const MAX_HELLO_BUFFER = MAX_CLIENT_HELLO + MAX_HELLO_RECORDS * 5
 
 const RECORD_HANDSHAKE = 22
 const HANDSHAKE_CLIENT_HELLO = 1
@@ -75,6 +81,7 @@ export function readClientHello(bytes: Buffer): ClientHelloRead {
     if (length === 0 || length > MAX_RECORD) return malformed(`is in a TLS record of ${length} bytes (1 to ${MAX_RECORD})`)
     if (at + 5 + length > MAX_HELLO_BUFFER) return tooSplit
     if (bytes.length - at - 5 < length) return partial(at + 5 + length)
+    if (fragments.length === MAX_HELLO_RECORDS) return malformed(`is split across more than ${MAX_HELLO_RECORDS} TLS records`)
     fragments.push(bytes.subarray(at + 5, at + 5 + length))
     at += 5 + length
     held += length

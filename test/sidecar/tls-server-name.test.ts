@@ -69,6 +69,7 @@ t.test('the ClientHello framings a fronting agent would try are refused with an 
     t.ok(String(got.event?.reason).length < 300, `${name}: the reason is bounded`)
   }
   t.equal(raw.sockets.length, cases.length, 'each was dialled (the CONNECT was allowed) and closed unsent')
+  t.ok(s.logs.some((l) => l.includes('"error":"LK_TLS_NAME_MISMATCH"') && l.includes(`not the CONNECT's host \\"localhost\\"`)), 'and logged for the operator, code and reason')
   t.ok(
     s.logs.join('').split('\n').filter(Boolean).every((l) => !l.includes('forged":1') && JSON.parse(l) !== null),
     'every log line is whole JSON; the agent-chosen name forged nothing into one',
@@ -141,4 +142,14 @@ t.test('real clients: curl and Node naming the host go through; Node and openssl
     [`the TLS server name "other.example" is not the CONNECT's host "localhost"`, ...(which === null ? [] : [`the TLS server name "evil.example" is not the CONNECT's host "localhost"`])],
     'each refusal is audited naming both names',
   )
+})
+
+t.test('in report mode too: the policy lets a denied host through as "report", but not a tunnel naming another server', async (t) => {
+  const raw = await startTcpUpstream(t)
+  const s = await startTestSidecar({ policy: { mode: 'report', default: 'deny' }, network: { allow: [{ cidr: '127.0.0.1/32', ports: [raw.port] }] } })
+  t.teardown(() => s.close())
+  const got = await refusedTunnel(s, raw, 'localhost', [clientHello('other.example')], 0)
+  t.same(got.answer, ACCESS_DENIED, 'the alert')
+  t.equal(got.upstreamBytes, 0, 'nothing sent upstream')
+  t.match(got.event, { host: 'localhost', decision: 'report', error: 'LK_TLS_NAME_MISMATCH', reason: /"other\.example" is not the CONNECT's host "localhost"/ }, 'recorded with the policy\'s report decision and the refusal')
 })

@@ -252,7 +252,11 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
         const judge = (bytes: Buffer): number => {
           const hello = readClientHello(bytes)
           if (hello.kind === 'partial') return hello.need
-          const problem = hello.kind === 'malformed' ? new LatchkeyError('LK_BAD_REQUEST', hello.reason) : serverNameMismatch(target, hello.serverName)
+          const problem =
+            hello.kind === 'malformed'
+              ? new LatchkeyError('LK_BAD_REQUEST', hello.reason)
+              : // Gathered over several reads: the policy may have changed meanwhile, and a relay not started is not among those a change cuts.
+                (serverNameMismatch(target, hello.serverName) ?? (bytes === first ? null : pipeline.refusalNow(ctx)))
           if (problem !== null) refuseUnrelayed(problem)
           else relay(bytes)
           return 0
@@ -260,14 +264,16 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
         let need = judge(first)
         if (need === 0) return
         // Split across TCP reads: gathered, and read again only once enough is in to say more.
-        const chunks = [first]
+        let chunks = [first]
         let held = first.length
         const more = (chunk: Buffer) => {
           chunks.push(chunk)
           held += chunk.length
           if (held < need) return
           client.removeListener('data', more)
-          need = judge(Buffer.concat(chunks, held))
+          const gathered = Buffer.concat(chunks, held)
+          chunks = [gathered]
+          need = judge(gathered)
           if (need !== 0) client.on('data', more)
         }
         client.on('data', more)

@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { stringify } from 'yaml'
 import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, until } from './rig.js'
-import { startTestSidecar } from '../helpers/harness.js'
+import { startTestSidecar, startTcpUpstream, openTunnel } from '../helpers/harness.js'
 import { createServer as createNetServer, connect, type Socket, type AddressInfo } from 'node:net'
 import { createServer as createHttpServer, type IncomingMessage } from 'node:http'
 import type { Duplex } from 'node:stream'
@@ -409,4 +409,20 @@ t.test('a tunnel not yet used and a WebSocket waiting for its 101 are judged aga
     ['upgrade', wsPort, 'deny'],
   ], 'each is recorded as denied by the new policy')
   t.ok(events.every((e) => String(e.reason).startsWith('the policy changed: ')), 'saying why')
+})
+
+t.test('a ClientHello gathered over several reads is judged by the policy in force once it is whole', async (t) => {
+  // A relay not yet started is not among those a policy change cuts: the tunnel judges it again.
+  const upstream = await startTcpUpstream(t)
+  const { s, allowOnly } = await sidecarOnPolicyFile(t, [upstream.port])
+  const { sock, received } = await openTunnel(s.sidecar.port, upstream.port)
+  const hello = clientHello(null)
+  sock.write(hello.subarray(0, 10))
+  await allowOnly([1])
+  const closed = once(sock, 'close')
+  sock.write(hello.subarray(10))
+  await Promise.race([closed, new Promise((r) => setTimeout(r, 1500))])
+  t.equal(received()[0], 0x15, 'the tunnel answers TLS with an alert')
+  t.equal(upstream.bytes(), 0, 'nothing reached the upstream now denied')
+  t.match(await s.audit(1), [{ via: 'connect', port: upstream.port, decision: 'deny', error: 'LK_POLICY_DENIED', reason: /^the policy changed: / }])
 })

@@ -5,6 +5,11 @@ import { STATUS_CODES } from '../lib/node-http.js'
 export const ERRORS = {
   LK_POLICY_DENIED: { status: 403, error: 'denied', retryable: false },
   LK_NETWORK_DENIED: { status: 403, error: 'denied', retryable: false },
+  /**
+   * A TLS tunnel whose ClientHello names another server than the CONNECT's host (or any, for a
+   * CONNECT to an address): domain fronting past the host the policy decided (listen/tunnel.ts).
+   */
+  LK_TLS_NAME_MISMATCH: { status: 403, error: 'tls_name_mismatch', retryable: false },
   LK_BAD_REQUEST: { status: 400, error: 'bad_request', retryable: false },
   LK_EXPECTATION_FAILED: { status: 417, error: 'expectation_failed', retryable: false },
   /** Request line and headers past MAX_HEADER_BYTES (listen/server.ts): RFC 6585's 431, as node:http and nginx answer it. */

@@ -1,6 +1,12 @@
 // CONNECT (HTTPS_PROXY): decided by host and port, dialled to exactly the checked address.
 // The first bytes the agent sends decide what the tunnel is:
-//   - a TLS ClientHello (0x16): relayed untouched; no credential can be injected into it;
+//   - a TLS ClientHello (0x16): read whole first (client-hello.ts: across records and reads,
+//     bounded, strict), its server name held to the CONNECT's host (none to an IP literal), else
+//     an access_denied alert, the upstream closed having been sent nothing, recorded
+//     LK_TLS_NAME_MISMATCH (LK_BAD_REQUEST for a ClientHello that cannot be read): a CDN routes
+//     by that name, so another would be domain fronting past the policy. Enforced in report mode
+//     too, as the network floor is. ECH's inner name is not seen (see client-hello.ts). Then
+//     relayed untouched; no credential can be injected into it;
 //   - anything else is plain HTTP (undici's ProxyAgent tunnels http:// targets by default):
 //     the socket is handed to the sidecar's own HTTP parser and every request inside re-enters
 //     the pipeline, decided, credentialed and audited one by one, pinned to the tunnel's origin.
@@ -13,7 +19,7 @@
 import { connect as netConnect, type Socket } from 'node:net'
 import type { IncomingMessage } from 'node:http'
 import type { Pipeline, TunnelOrigin } from '../pipeline.js'
-import type { CallContext } from '../context.js'
+import type { CallContext, Target } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import { serveOn } from './serve-on.js'
 import { parseConnectTarget } from './target.js'
@@ -21,6 +27,8 @@ import { checkFraming } from './framing.js'
 import { upstreamError } from '../forward/upstream-errors.js'
 import { closeWhenIdle, watchClose, watchEarlyHangUp, type RelayTimeouts } from './relay.js'
 import { recordEnd } from '../call-outcome.js'
+import { readClientHello, shownName } from './client-hello.js'
+import { normaliseHost } from '../policy/policy.js'
 
 const TLS_HANDSHAKE = 0x16
 /** A TLS record: alert, TLS 1.2 record version, 2 bytes: fatal, access_denied (RFC 8446 §6.2). */
@@ -38,6 +46,23 @@ const TLS_INTERNAL_ERROR = Buffer.from([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x50
 const ANSWERED_INSIDE_ON_PORT_80 = new Set(['LK_POLICY_DENIED', 'LK_NETWORK_DENIED', 'LK_DNS_FAILED', 'LK_DNS_TIMEOUT', 'LK_UPSTREAM_UNREACHABLE', 'LK_UPSTREAM_TIMEOUT'])
 const answeredInside = (target: { port: number }, err: unknown): err is LatchkeyError =>
   target.port === 80 && err instanceof LatchkeyError && ANSWERED_INSIDE_ON_PORT_80.has(err.code)
+
+/**
+ * Why a TLS tunnel's server name (SNI) is not what its CONNECT was decided for, or null. A name
+ * must be the CONNECT's host, compared as the policy compares hosts (case, a trailing dot,
+ * punycode: normaliseHost); a CONNECT to an address expects none, being decided for the address,
+ * not a name. Otherwise an allowed CDN-fronted host carries a ClientHello for another tenant of
+ * the same addresses, one the policy denies (domain fronting). ECH hides its inner name: the
+ * outer one is judged (see client-hello.ts).
+ */
+function serverNameMismatch(target: Target, serverName: string | null): LatchkeyError | null {
+  if (target.hostIsIp) {
+    return serverName === null ? null : new LatchkeyError('LK_TLS_NAME_MISMATCH', `the TLS server name ${shownName(serverName)} is not the CONNECT's host "${target.host}", an address (a tunnel to an address carries no server name)`)
+  }
+  if (serverName === null) return new LatchkeyError('LK_TLS_NAME_MISMATCH', `the TLS ClientHello names no server; the CONNECT's host is "${target.host}"`)
+  if (normaliseHost(serverName) === target.host) return null
+  return new LatchkeyError('LK_TLS_NAME_MISMATCH', `the TLS server name ${shownName(serverName)} is not the CONNECT's host "${target.host}"`)
+}
 
 export interface TunnelOptions extends RelayTimeouts {
   open: Set<Socket>
@@ -204,20 +229,54 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
         ctx.bytesOut = upstream.bytesRead
         finish()
       })
-      const passThrough = (first: Buffer) => {
-        // Judged again by the policy in force now: it may have changed while the tunnel sat unused.
-        const refusal = pipeline.refusalNow(ctx)
-        if (refusal !== null) {
-          stopWatching()
-          stopIdle()
-          closed()
-          upstream.destroy()
-          return refuseTls(refusal)
-        }
+      /** TLS refused before a byte of it was relayed: the upstream, dialled, is closed having been sent nothing. */
+      const refuseUnrelayed = (refusal: LatchkeyError) => {
+        stopWatching()
+        stopIdle()
+        closed()
+        upstream.destroy()
+        refuseTls(refusal)
+      }
+      const relay = (first: Buffer) => {
         ctx.relayed = true
         upstream.write(first)
         upstream.pipe(client)
         client.pipe(upstream)
+      }
+      const passThrough = (first: Buffer) => {
+        // Judged again by the policy in force now: it may have changed while the tunnel sat unused.
+        const refusal = pipeline.refusalNow(ctx)
+        if (refusal !== null) return refuseUnrelayed(refusal)
+        // The ClientHello is read whole before anything goes on: its server name must be the
+        // CONNECT's host. The idle timer bounds the time it takes, MAX_HELLO_BUFFER the bytes.
+        const judge = (bytes: Buffer): number => {
+          const hello = readClientHello(bytes)
+          if (hello.kind === 'partial') return hello.need
+          const problem =
+            hello.kind === 'malformed'
+              ? new LatchkeyError('LK_BAD_REQUEST', hello.reason)
+              : // Gathered over several reads: the policy may have changed meanwhile, and a relay not started is not among those a change cuts.
+                (serverNameMismatch(target, hello.serverName) ?? (bytes === first ? null : pipeline.refusalNow(ctx)))
+          if (problem !== null) refuseUnrelayed(problem)
+          else relay(bytes)
+          return 0
+        }
+        let need = judge(first)
+        if (need === 0) return
+        // Split across TCP reads: gathered, and read again only once enough is in to say more.
+        let chunks = [first]
+        let held = first.length
+        const more = (chunk: Buffer) => {
+          chunks.push(chunk)
+          held += chunk.length
+          if (held < need) return
+          client.removeListener('data', more)
+          const gathered = Buffer.concat(chunks, held)
+          chunks = [gathered]
+          need = judge(gathered)
+          if (need !== 0) client.on('data', more)
+        }
+        client.on('data', more)
       }
       const adopt = (first: Buffer) => {
         stopWatching()

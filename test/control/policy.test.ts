@@ -7,13 +7,14 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { stringify } from 'yaml'
 import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, until } from './rig.js'
-import { startTestSidecar } from '../helpers/harness.js'
+import { startTestSidecar, startTcpUpstream, openTunnel } from '../helpers/harness.js'
 import { createServer as createNetServer, connect, type Socket, type AddressInfo } from 'node:net'
 import { createServer as createHttpServer, type IncomingMessage } from 'node:http'
 import type { Duplex } from 'node:stream'
 import { once } from 'node:events'
 import { createHash } from 'node:crypto'
 import { serverFrame } from '../helpers/websocket-frames.js'
+import { clientHello } from '../helpers/client-hello.js'
 
 const bundle = (port: number, extra: object[] = []) => ({
   mode: 'enforce',
@@ -334,7 +335,8 @@ t.test('a new policy cuts the open TLS tunnels and WebSockets it denies; relays 
     }
     return { sock, closed, echoes }
   }
-  const tls = Buffer.from([0x16, 0x03, 0x01, 0x00, 0x01, 0x01])
+  // A ClientHello naming no server (the tunnels are to an address): the relay starts.
+  const tls = clientHello(null)
   const tunnelTo = (port: number) => relay(`CONNECT 127.0.0.1:${port} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n\r\n`, 200)
   const goes = await tunnelTo(denied)
   const stays = await tunnelTo(kept)
@@ -407,4 +409,20 @@ t.test('a tunnel not yet used and a WebSocket waiting for its 101 are judged aga
     ['upgrade', wsPort, 'deny'],
   ], 'each is recorded as denied by the new policy')
   t.ok(events.every((e) => String(e.reason).startsWith('the policy changed: ')), 'saying why')
+})
+
+t.test('a ClientHello gathered over several reads is judged by the policy in force once it is whole', async (t) => {
+  // A relay not yet started is not among those a policy change cuts: the tunnel judges it again.
+  const upstream = await startTcpUpstream(t)
+  const { s, allowOnly } = await sidecarOnPolicyFile(t, [upstream.port])
+  const { sock, received } = await openTunnel(s.sidecar.port, upstream.port)
+  const hello = clientHello(null)
+  sock.write(hello.subarray(0, 10))
+  await allowOnly([1])
+  const closed = once(sock, 'close')
+  sock.write(hello.subarray(10))
+  await Promise.race([closed, new Promise((r) => setTimeout(r, 1500))])
+  t.equal(received()[0], 0x15, 'the tunnel answers TLS with an alert')
+  t.equal(upstream.bytes(), 0, 'nothing reached the upstream now denied')
+  t.match(await s.audit(1), [{ via: 'connect', port: upstream.port, decision: 'deny', error: 'LK_POLICY_DENIED', reason: /^the policy changed: / }])
 })

@@ -2,7 +2,7 @@
 // in-process on port 0 with its logs captured, and raw-socket requests for framing tricks.
 import { createServer as createHttpServer, type IncomingHttpHeaders, type Server, type RequestListener } from 'node:http'
 import { createServer as createHttpsServer } from 'node:https'
-import { connect, type AddressInfo, type Server as NetServer } from 'node:net'
+import { connect, createServer as createNetServer, type AddressInfo, type Server as NetServer, type Socket } from 'node:net'
 import { once } from 'node:events'
 import { mkdtempSync, readFileSync, existsSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -130,6 +130,43 @@ export async function startTestSidecar(fragment: Record<string, unknown>, env: N
     },
     close: () => sidecar.close(),
   }
+}
+
+/** A TCP upstream that keeps every connection it accepts, says when each one closed, and counts the bytes all of them were sent. */
+export async function startTcpUpstream(t: { teardown(fn: () => unknown): void }, onSocket: (s: Socket) => void = () => {}) {
+  const sockets: Socket[] = []
+  const closed: Socket[] = []
+  let bytes = 0
+  const server = createNetServer((s) => {
+    sockets.push(s)
+    s.on('error', () => {})
+    s.on('close', () => closed.push(s))
+    s.on('data', (d: Buffer) => (bytes += d.length))
+    onSocket(s)
+  })
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  const port = (server.address() as AddressInfo).port
+  t.teardown(() => {
+    for (const s of sockets) s.destroy()
+    server.close()
+  })
+  return { port, sockets, closed, bytes: () => bytes }
+}
+
+/** Opens a CONNECT tunnel to `host`:`port` (127.0.0.1 unless named); resolves once the 200 is read. */
+export async function openTunnel(sidecarPort: number, port: number, host = '127.0.0.1'): Promise<{ sock: Socket; received: () => Buffer }> {
+  const sock = connect(sidecarPort, '127.0.0.1')
+  await once(sock, 'connect')
+  const chunks: Buffer[] = []
+  sock.on('data', (d: Buffer) => chunks.push(d))
+  sock.on('error', () => {})
+  sock.write(`CONNECT ${host}:${port} HTTP/1.1\r\nHost: ${host}:${port}\r\n\r\n`)
+  while (!Buffer.concat(chunks).includes('\r\n\r\n')) await new Promise((r) => setTimeout(r, 5))
+  const head = Buffer.concat(chunks).toString('latin1')
+  if (!head.startsWith('HTTP/1.1 200 ')) throw new Error(`tunnel refused: ${head}`)
+  const start = Buffer.concat(chunks).indexOf('\r\n\r\n') + 4
+  return { sock, received: () => Buffer.concat(chunks).subarray(start) }
 }
 
 export interface RawResponse {

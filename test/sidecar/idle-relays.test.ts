@@ -3,53 +3,22 @@
 // the agent kept it. Bytes in either direction keep it open; a plaintext tunnel, once its HTTP
 // is parsed, is timed by the HTTP server instead.
 import t from 'tap'
-import { createServer, connect, type Socket, type AddressInfo } from 'node:net'
+import { connect, type Socket } from 'node:net'
 import { once } from 'node:events'
 import { spawn } from 'node:child_process'
-import { startTestSidecar, startSlowCallRig, loopbackPolicy } from '../helpers/harness.js'
+import { startTestSidecar, startSlowCallRig, loopbackPolicy, startTcpUpstream, openTunnel } from '../helpers/harness.js'
+import { clientHello } from '../helpers/client-hello.js'
+
+/** A ClientHello naming no server, as a TLS client's to an address is: what opens these tunnels' relays. */
+const HELLO = clientHello(null)
 
 const IDLE_MS = 300
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
-
-/** A TCP upstream that keeps every connection it accepts, and says when each one closed. */
-async function startTcpUpstream(t: { teardown(fn: () => unknown): void }, onSocket: (s: Socket) => void = () => {}) {
-  const sockets: Socket[] = []
-  const closed: Socket[] = []
-  const server = createServer((s) => {
-    sockets.push(s)
-    s.on('error', () => {})
-    s.on('close', () => closed.push(s))
-    onSocket(s)
-  })
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  const port = (server.address() as AddressInfo).port
-  t.teardown(() => {
-    for (const s of sockets) s.destroy()
-    server.close()
-  })
-  return { port, sockets, closed }
-}
 
 async function sidecarFor(t: { teardown(fn: () => unknown): void }, port: number) {
   const s = await startTestSidecar({ ...loopbackPolicy([port]), sidecar: { timeouts: { tunnel_idle_ms: IDLE_MS } } })
   t.teardown(() => s.close())
   return s
-}
-
-/** Opens a CONNECT tunnel to 127.0.0.1:`port`; resolves once the 200 is read. */
-async function openTunnel(sidecarPort: number, port: number): Promise<{ sock: Socket; received: () => Buffer }> {
-  const sock = connect(sidecarPort, '127.0.0.1')
-  await once(sock, 'connect')
-  const chunks: Buffer[] = []
-  sock.on('data', (d: Buffer) => chunks.push(d))
-  sock.on('error', () => {})
-  sock.write(`CONNECT 127.0.0.1:${port} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n\r\n`)
-  while (!Buffer.concat(chunks).includes('\r\n\r\n')) await sleep(5)
-  const head = Buffer.concat(chunks).toString('latin1')
-  if (!head.startsWith('HTTP/1.1 200 ')) throw new Error(`tunnel refused: ${head}`)
-  const start = Buffer.concat(chunks).indexOf('\r\n\r\n') + 4
-  return { sock, received: () => Buffer.concat(chunks).subarray(start) }
 }
 
 async function closedWithin(sock: Socket, ms: number): Promise<boolean> {
@@ -75,11 +44,11 @@ t.test('a TLS-looking relay that goes quiet is closed too, counting the bytes it
   const up = await startTcpUpstream(t, (s) => s.once('data', () => s.write('server-hello')))
   const s = await sidecarFor(t, up.port)
   const { sock, received } = await openTunnel(s.sidecar.port, up.port)
-  sock.write(Buffer.from([0x16, 0x03, 0x01, 0x00]))
+  sock.write(HELLO)
   while (received().length < 12) await sleep(5)
   t.equal(received().toString(), 'server-hello', 'relayed both ways')
   t.ok(await closedWithin(sock, IDLE_MS * 6), 'closed once quiet')
-  t.match(await s.audit(1), [{ via: 'connect', status: 200, error: 'LK_IDLE_TIMEOUT', bytes_in: 4, bytes_out: 12 }])
+  t.match(await s.audit(1), [{ via: 'connect', status: 200, error: 'LK_IDLE_TIMEOUT', bytes_in: HELLO.length, bytes_out: 12 }])
 })
 
 t.test('bytes either way keep a relay open: the agent sending, or only the upstream sending', async (t) => {
@@ -99,18 +68,18 @@ t.test('bytes either way keep a relay open: the agent sending, or only the upstr
   const s = await sidecarFor(t, up.port)
 
   const talker = await openTunnel(s.sidecar.port, up.port)
-  talker.sock.write(Buffer.from([0x16]))
+  talker.sock.write(HELLO)
   for (let i = 0; i < 10; i++) {
     await sleep(100)
     talker.sock.write('x')
   }
   t.notOk(talker.sock.destroyed, 'an agent sending every 100 ms keeps its tunnel past 3 idle periods')
-  for (let i = 0; i < 50 && talker.received().length < 11; i++) await sleep(10)
-  t.equal(talker.received().length, 11, 'and every byte came back')
+  for (let i = 0; i < 50 && talker.received().length < HELLO.length + 10; i++) await sleep(10)
+  t.equal(talker.received().length, HELLO.length + 10, 'and every byte came back')
   talker.sock.destroy()
 
   const listener = await openTunnel(s.sidecar.port, up.port)
-  listener.sock.write(Buffer.concat([Buffer.from([0x16]), Buffer.from('push')]))
+  listener.sock.write(Buffer.concat([HELLO, Buffer.from('push')]))
   await sleep(IDLE_MS * 3)
   t.notOk(listener.sock.destroyed, 'an upstream sending every 100 ms keeps the tunnel open, the agent silent')
   t.ok(listener.received().length >= 5, 'its bytes arrive')

@@ -8,6 +8,7 @@ import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
 import { ProxyAgent, fetch as undiciFetch } from 'undici'
 import { startBearerRig, startSlowCallRig, startTestSidecar, loopbackPolicy, rawRequest, assertNoCanary, startUpstream } from '../helpers/harness.js'
+import { clientHello } from '../helpers/client-hello.js'
 
 /** A sidecar (drain_ms `drainMs`) with one call in flight that its upstream answers after `delayMs`. */
 async function slowCallInFlight(t: { teardown(fn: () => unknown): void }, delayMs: number, drainMs: number) {
@@ -230,9 +231,10 @@ t.test('relays are recorded once at shutdown: one the agent ends during the drai
     sock.on('error', () => {})
     sock.write(`CONNECT 127.0.0.1:${port} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n\r\n`)
     while (!raw().includes('\r\n\r\n')) await new Promise((r) => setTimeout(r, 5))
-    // A TLS record's first bytes: relayed as they are, not read as HTTP.
-    sock.write(Buffer.from([0x16, 3, 1, 0, 1, 0]))
-    while (raw().length < 45) await new Promise((r) => setTimeout(r, 5))
+    // A ClientHello (naming no server, as to an address): relayed as it is, not read as HTTP, and echoed after the 200's 39 bytes.
+    const hello = clientHello(null)
+    sock.write(hello)
+    while (raw().length < 39 + hello.length) await new Promise((r) => setTimeout(r, 5))
     return sock
   }
   const endedByAgent = await tunnel()

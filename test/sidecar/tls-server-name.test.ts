@@ -1,0 +1,155 @@
+// Domain fronting through CONNECT: a tunnel is decided by its host, so the TLS server name (SNI)
+// its ClientHello asks the upstream for must be that host (or none, to an address). Real
+// clients, and the framings an evasion would use, each through the real sidecar.
+import t from 'tap'
+import { execFile } from 'node:child_process'
+import { promisify } from 'node:util'
+import { connect as tlsConnect } from 'node:tls'
+import { startTestSidecar, startUpstream, startTcpUpstream, openTunnel, loopbackPolicy, type TestSidecar } from '../helpers/harness.js'
+import { testPki } from '../helpers/tls.js'
+import { clientHello, extension, handshake, helloBody, records, serverNameExtension } from '../helpers/client-hello.js'
+
+const run = promisify(execFile)
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+/** The fatal access_denied alert the sidecar answers refused TLS with. */
+const ACCESS_DENIED = Buffer.from([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31])
+const named = (...names: string[]) => handshake(helloBody([serverNameExtension(...names)]))
+
+async function rig(t: { teardown(fn: () => unknown): void }) {
+  const tlsUpstream = await startUpstream({ tls: true })
+  const raw = await startTcpUpstream(t)
+  const s = await startTestSidecar(loopbackPolicy([tlsUpstream.port, raw.port]))
+  t.teardown(async () => {
+    await s.close()
+    await tlsUpstream.close()
+  })
+  return { s, tlsUpstream, raw }
+}
+
+/**
+ * Sends `writes` (a pause between them) in a tunnel to `host`:raw.port and, once the sidecar has
+ * closed the tunnel, what came back and the upstream's byte count; the tunnel's audit event.
+ */
+async function refusedTunnel(s: TestSidecar, raw: Awaited<ReturnType<typeof startTcpUpstream>>, host: string, writes: Buffer[], eventsBefore: number) {
+  const { sock, received } = await openTunnel(s.sidecar.port, raw.port, host)
+  const closed = new Promise((r) => sock.once('close', r))
+  for (const [i, w] of writes.entries()) {
+    if (i > 0) await sleep(30)
+    sock.write(w)
+  }
+  await Promise.race([closed, sleep(1500)])
+  const events = await s.audit(eventsBefore + 1)
+  return { closed: sock.destroyed, answer: received(), upstreamBytes: raw.bytes(), event: events[eventsBefore] }
+}
+
+t.test('the ClientHello framings a fronting agent would try are refused with an alert, nothing sent upstream, audited with why', async (t) => {
+  const { s, raw } = await rig(t)
+  const huge = handshake(helloBody([serverNameExtension('localhost'), extension(21, Buffer.alloc(17000))]))
+  const cases: [string, string, Buffer[], string, RegExp][] = [
+    ['another name', 'localhost', [clientHello('other.example')], 'LK_TLS_NAME_MISMATCH', /^the TLS server name "other\.example" is not the CONNECT's host "localhost"$/],
+    ['another name, split across two records', 'localhost', [records(named('other.example'), [20])], 'LK_TLS_NAME_MISMATCH', /"other\.example" is not the CONNECT's host "localhost"/],
+    ['another name, split across two TCP writes with a pause', 'localhost', [clientHello('other.example').subarray(0, 30), clientHello('other.example').subarray(30)], 'LK_TLS_NAME_MISMATCH', /"other\.example"/],
+    ['no name, to a host name', 'localhost', [clientHello(null)], 'LK_TLS_NAME_MISMATCH', /names no server; the CONNECT's host is "localhost"/],
+    ['a name, to an address', '127.0.0.1', [clientHello('localhost')], 'LK_TLS_NAME_MISMATCH', /"localhost" is not the CONNECT's host "127\.0\.0\.1", an address/],
+    ['two server_name extensions, the allowed one first', 'localhost', [records(handshake(helloBody([serverNameExtension('localhost'), serverNameExtension('other.example')])))], 'LK_BAD_REQUEST', /extension of type 0 twice/],
+    ['two names in one list', 'localhost', [records(named('localhost', 'other.example'))], 'LK_BAD_REQUEST', /names more than one server/],
+    ['a length that overruns', 'localhost', [records(handshake(Buffer.concat([helloBody(null), Buffer.from([0, 60]), serverNameExtension('localhost')])))], 'LK_BAD_REQUEST', /extensions length that does not end/],
+    ['a ClientHello bigger than the bound', 'localhost', [records(huge, [16384])], 'LK_BAD_REQUEST', /longer than the 16384 bytes read/],
+    ['a handshake record that is not a ClientHello', 'localhost', [records(handshake(helloBody([]), 2))], 'LK_BAD_REQUEST', /first handshake message is of type 2/],
+    ['a name with control characters, thousands long', 'localhost', [records(named(`localhost\r\n{"forged":1}${'x'.repeat(5000)}`))], 'LK_BAD_REQUEST', /^the tunnel's TLS ClientHello names the server "localhost\\x0d\\x0a\{\\x22forged\\x22:1\}x+\.\.\.", not a DNS host name/],
+  ]
+  let before = 0
+  for (const [name, host, writes, code, reason] of cases) {
+    const got = await refusedTunnel(s, raw, host, writes, before)
+    before++
+    t.ok(got.closed, `${name}: the tunnel is closed`)
+    t.same(got.answer, ACCESS_DENIED, `${name}: the agent gets the access_denied alert, nothing else`)
+    t.equal(got.upstreamBytes, 0, `${name}: the upstream was sent nothing`)
+    t.match(got.event, { via: 'connect', host, port: raw.port, status: code === 'LK_BAD_REQUEST' ? 400 : 403, error: code, reason }, `${name}: audited with the code and why`)
+    t.ok(String(got.event?.reason).length < 300, `${name}: the reason is bounded`)
+  }
+  t.equal(raw.sockets.length, cases.length, 'each was dialled (the CONNECT was allowed) and closed unsent')
+  t.ok(s.logs.some((l) => l.includes('"error":"LK_TLS_NAME_MISMATCH"') && l.includes(`not the CONNECT's host \\"localhost\\"`)), 'and logged for the operator, code and reason')
+  t.ok(
+    s.logs.join('').split('\n').filter(Boolean).every((l) => !l.includes('forged":1') && JSON.parse(l) !== null),
+    'every log line is whole JSON; the agent-chosen name forged nothing into one',
+  )
+})
+
+t.test('framings of the right name go through, bytes untouched: split records, split writes, case and a trailing dot', async (t) => {
+  const { s, raw } = await rig(t)
+  const cases: [string, string, Buffer[]][] = [
+    ['split across two records', 'localhost', [records(named('localhost'), [20])]],
+    ['split across two TCP writes with a pause', 'localhost', [clientHello('localhost').subarray(0, 3), clientHello('localhost').subarray(3)]],
+    ['upper case and a trailing dot', 'localhost', [clientHello('LocalHost.')]],
+    ['the CONNECT upper case and dotted, the name plain', 'LOCALHOST.', [clientHello('localhost')]],
+    ['no name, to an address', '127.0.0.1', [clientHello(null)]],
+  ]
+  let sent = 0
+  for (const [name, host, writes] of cases) {
+    const { sock } = await openTunnel(s.sidecar.port, raw.port, host)
+    for (const [i, w] of writes.entries()) {
+      if (i > 0) {
+        await sleep(30)
+        t.equal(raw.bytes(), sent, `${name}: nothing reached the upstream before the ClientHello was whole`)
+      }
+      sock.write(w)
+    }
+    sent += writes.reduce((n, w) => n + w.length, 0)
+    for (let i = 0; i < 100 && raw.bytes() < sent; i++) await sleep(10)
+    t.equal(raw.bytes(), sent, `${name}: every byte reached the upstream`)
+    sock.destroy()
+  }
+  const events = await s.audit(cases.length)
+  t.same(events.map((e) => [e.via, e.error]), cases.map(() => ['connect', null]), 'each recorded as an allowed tunnel')
+})
+
+t.test('real clients: curl and Node naming the host go through; Node and openssl naming another get the alert, nothing sent', async (t) => {
+  const { s, tlsUpstream, raw } = await rig(t)
+  const ca = testPki().ca
+
+  const curl = await run('curl', ['-sS', '--cacert', testPki().caFile, '-x', s.proxy, `https://localhost:${tlsUpstream.port}/curl`])
+  t.equal(curl.stdout, 'ok', 'curl through -x (SNI localhost) is answered')
+
+  /** Node's TLS over a tunnel; resolves with the response, or the error TLS ended on. */
+  const nodeTls = async (host: string, port: number, servername: string | undefined) => {
+    const { sock } = await openTunnel(s.sidecar.port, port, host)
+    return new Promise<string>((resolve) => {
+      setTimeout(() => resolve('timeout'), 1500).unref()
+      const tls = tlsConnect({ socket: sock, ca, host, ...(servername === undefined ? {} : { servername }) })
+      let body = ''
+      tls.on('secureConnect', () => tls.write(`GET /node HTTP/1.1\r\nHost: ${host}:${port}\r\nConnection: close\r\n\r\n`))
+      tls.on('data', (d: Buffer) => (body += d.toString()))
+      tls.on('end', () => resolve(body))
+      tls.on('error', (err: Error) => resolve(`error: ${err.message}`))
+    })
+  }
+  t.match(await nodeTls('localhost', raw.port, 'other.example'), /^error: .*alert access denied/, "Node's tls.connect naming another server gets access_denied")
+  t.equal(raw.bytes(), 0, 'and the upstream was sent nothing')
+  t.match(await nodeTls('127.0.0.1', tlsUpstream.port, undefined), /^HTTP\/1\.1 200 [\s\S]*\r\n\r\n2\r\nok\r\n/, 'Node to an address sends no server name, and is answered')
+  t.match(await nodeTls('localhost', tlsUpstream.port, 'localhost'), /^HTTP\/1\.1 200 [\s\S]*\r\n\r\n2\r\nok\r\n/, 'Node naming the host is answered (given a socket, it sends a name only when told one)')
+
+  const which = await run('which', ['openssl']).catch(() => null)
+  if (which === null) t.comment('SKIP: openssl is not installed: s_client -proxy not tried')
+  else {
+    const openssl = await run('openssl', ['s_client', '-proxy', `127.0.0.1:${s.sidecar.port}`, '-connect', `localhost:${raw.port}`, '-servername', 'evil.example'], { timeout: 2000 }).catch((e: { stdout: string; stderr: string }) => e)
+    t.match(openssl.stdout + openssl.stderr, /alert access denied/, 'openssl s_client -servername evil.example gets access_denied')
+    t.equal(raw.bytes(), 0, 'and the upstream was sent nothing')
+  }
+  const events = await s.audit(5)
+  t.same(
+    events.filter((e) => e.error === 'LK_TLS_NAME_MISMATCH').map((e) => e.reason),
+    [`the TLS server name "other.example" is not the CONNECT's host "localhost"`, ...(which === null ? [] : [`the TLS server name "evil.example" is not the CONNECT's host "localhost"`])],
+    'each refusal is audited naming both names',
+  )
+})
+
+t.test('in report mode too: the policy lets a denied host through as "report", but not a tunnel naming another server', async (t) => {
+  const raw = await startTcpUpstream(t)
+  const s = await startTestSidecar({ policy: { mode: 'report', default: 'deny' }, network: { allow: [{ cidr: '127.0.0.1/32', ports: [raw.port] }] } })
+  t.teardown(() => s.close())
+  const got = await refusedTunnel(s, raw, 'localhost', [clientHello('other.example')], 0)
+  t.same(got.answer, ACCESS_DENIED, 'the alert')
+  t.equal(got.upstreamBytes, 0, 'nothing sent upstream')
+  t.match(got.event, { host: 'localhost', decision: 'report', error: 'LK_TLS_NAME_MISMATCH', reason: /"other\.example" is not the CONNECT's host "localhost"/ }, 'recorded with the policy\'s report decision and the refusal')
+})

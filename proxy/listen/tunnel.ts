@@ -1,7 +1,7 @@
 // CONNECT (HTTPS_PROXY): decided by host and port, dialled to exactly the checked address.
 // The first bytes the agent sends decide what the tunnel is:
 //   - a TLS ClientHello (0x16): read whole first (client-hello.ts: across records and reads,
-//     bounded, strict), its server name held to the CONNECT's host (none to an IP literal), else
+//     bounded, strict), its server name held to the CONNECT's host (none to an IP literal; may be absent for a dotless name), else
 //     an access_denied alert, the upstream closed having been sent nothing, recorded
 //     LK_TLS_NAME_MISMATCH (LK_BAD_REQUEST for a ClientHello that cannot be read): a CDN routes
 //     by that name, so another would be domain fronting past the policy. Enforced in report mode
@@ -50,8 +50,8 @@ const answeredInside = (target: { port: number }, err: unknown): err is Latchkey
 /**
  * Why a TLS tunnel's server name (SNI) is not what its CONNECT was decided for, or null. A name
  * must be the CONNECT's host, compared as the policy compares hosts (case, a trailing dot,
- * punycode: normaliseHost); a CONNECT to an address expects none, being decided for the address,
- * not a name. Otherwise an allowed CDN-fronted host carries a ClientHello for another tenant of
+ * punycode: normaliseHost), and is required for a host with a dot; a CONNECT to an address
+ * expects none, being decided for the address, not a name. Otherwise an allowed CDN-fronted host carries a ClientHello for another tenant of
  * the same addresses, one the policy denies (domain fronting). ECH hides its inner name: the
  * outer one is judged (see client-hello.ts).
  */
@@ -59,7 +59,12 @@ function serverNameMismatch(target: Target, serverName: string | null): Latchkey
   if (target.hostIsIp) {
     return serverName === null ? null : new LatchkeyError('LK_TLS_NAME_MISMATCH', `the TLS server name ${shownName(serverName)} is not the CONNECT's host "${target.host}", an address (a tunnel to an address carries no server name)`)
   }
-  if (serverName === null) return new LatchkeyError('LK_TLS_NAME_MISMATCH', `the TLS ClientHello names no server; the CONNECT's host is "${target.host}"`)
+  // No name to a dotless host (`localhost`, a Kubernetes service's short name): Java's JSSE, under
+  // HttpsURLConnection and Apache's client, sends SNI only for names with a dot (RFC 6066 asks for
+  // a fully qualified one). Such a name's addresses are its own service's, not a CDN's tenants.
+  if (serverName === null) {
+    return target.host.includes('.') ? new LatchkeyError('LK_TLS_NAME_MISMATCH', `the TLS ClientHello names no server; the CONNECT's host is "${target.host}"`) : null
+  }
   if (normaliseHost(serverName) === target.host) return null
   return new LatchkeyError('LK_TLS_NAME_MISMATCH', `the TLS server name ${shownName(serverName)} is not the CONNECT's host "${target.host}"`)
 }

@@ -8,6 +8,9 @@ import { connect as tlsConnect } from 'node:tls'
 import { startTestSidecar, startUpstream, startTcpUpstream, openTunnel, loopbackPolicy, type TestSidecar } from '../helpers/harness.js'
 import { testPki } from '../helpers/tls.js'
 import { clientHello, extension, handshake, helloBody, records, serverNameExtension } from '../helpers/client-hello.js'
+import { validateConfig } from '../../lib/config/load.js'
+import { compileNetworkPolicy } from '../../proxy/resolve/network-policy.js'
+import { DnsResolver } from '../../proxy/resolve/resolver.js'
 
 const run = promisify(execFile)
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
@@ -18,7 +21,18 @@ const named = (...names: string[]) => handshake(helloBody([serverNameExtension(.
 async function rig(t: { teardown(fn: () => unknown): void }) {
   const tlsUpstream = await startUpstream({ tls: true })
   const raw = await startTcpUpstream(t)
-  const s = await startTestSidecar(loopbackPolicy([tlsUpstream.port, raw.port]))
+  // This machine has no DNS: svc.lk.test, a name with a dot, is 127.0.0.1 here.
+  const fragment = loopbackPolicy([tlsUpstream.port, raw.port])
+  ;(fragment.policy as { rules: { hosts: string[] }[] }).rules[0]!.hosts.push('svc.lk.test')
+  const network = compileNetworkPolicy(validateConfig({ version: 1, ...fragment }).network)
+  const resolver = new DnsResolver(network, {
+    cacheMs: 0,
+    lookup: async (host) => {
+      if (host === 'svc.lk.test' || host === 'localhost') return [{ address: '127.0.0.1', family: 4 }]
+      throw Object.assign(new Error(`getaddrinfo ENOTFOUND ${host}`), { code: 'ENOTFOUND' })
+    },
+  })
+  const s = await startTestSidecar(fragment, {}, { resolver })
   t.teardown(async () => {
     await s.close()
     await tlsUpstream.close()
@@ -49,7 +63,8 @@ t.test('the ClientHello framings a fronting agent would try are refused with an 
     ['another name', 'localhost', [clientHello('other.example')], 'LK_TLS_NAME_MISMATCH', /^the TLS server name "other\.example" is not the CONNECT's host "localhost"$/],
     ['another name, split across two records', 'localhost', [records(named('other.example'), [20])], 'LK_TLS_NAME_MISMATCH', /"other\.example" is not the CONNECT's host "localhost"/],
     ['another name, split across two TCP writes with a pause', 'localhost', [clientHello('other.example').subarray(0, 30), clientHello('other.example').subarray(30)], 'LK_TLS_NAME_MISMATCH', /"other\.example"/],
-    ['no name, to a host name', 'localhost', [clientHello(null)], 'LK_TLS_NAME_MISMATCH', /names no server; the CONNECT's host is "localhost"/],
+    ['no name, to a host name with a dot', 'svc.lk.test', [clientHello(null)], 'LK_TLS_NAME_MISMATCH', /names no server; the CONNECT's host is "svc\.lk\.test"/],
+    ['another name, to a host name with a dot', 'svc.lk.test', [clientHello('other.lk.test')], 'LK_TLS_NAME_MISMATCH', /"other\.lk\.test" is not the CONNECT's host "svc\.lk\.test"/],
     ['a name, to an address', '127.0.0.1', [clientHello('localhost')], 'LK_TLS_NAME_MISMATCH', /"localhost" is not the CONNECT's host "127\.0\.0\.1", an address/],
     ['two server_name extensions, the allowed one first', 'localhost', [records(handshake(helloBody([serverNameExtension('localhost'), serverNameExtension('other.example')])))], 'LK_BAD_REQUEST', /extension of type 0 twice/],
     ['two names in one list', 'localhost', [records(named('localhost', 'other.example'))], 'LK_BAD_REQUEST', /names more than one server/],
@@ -84,6 +99,9 @@ t.test('framings of the right name go through, bytes untouched: split records, s
     ['upper case and a trailing dot', 'localhost', [clientHello('LocalHost.')]],
     ['the CONNECT upper case and dotted, the name plain', 'LOCALHOST.', [clientHello('localhost')]],
     ['no name, to an address', '127.0.0.1', [clientHello(null)]],
+    // Java's JSSE (HttpsURLConnection, Apache's client) sends SNI only for names with a dot.
+    ['no name, to a host name without a dot', 'localhost', [clientHello(null)]],
+    ['the name, to a host name with a dot', 'svc.lk.test', [clientHello('SVC.lk.test.')]],
   ]
   let sent = 0
   for (const [name, host, writes] of cases) {

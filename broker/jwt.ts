@@ -7,6 +7,7 @@ import { OAuthError } from './oauth-error.js'
 import { isCompactJws } from '../lib/oauth.js'
 import { byteSize, FileTooLarge, readSettingText } from '../lib/bounded-read.js'
 import { MAX_DATE_MS } from '../lib/max-date.js'
+import { memberNamedTwice, shownMemberName } from '../lib/json-members.js'
 
 export const ASYMMETRIC_ALGS = ['ES256', 'ES384', 'ES512', 'RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'EdDSA', 'Ed25519']
 export const MAX_SKEW_S = 30
@@ -210,34 +211,5 @@ function notPlainJson(segment: string, what: 'header' | 'claims'): string | unde
   if (text.charCodeAt(0) === 0xfeff) return what === 'header' ? 'its header begins with a byte order mark' : 'its claims begin with a byte order mark'
   const twice = memberNamedTwice(text)
   if (twice === undefined) return undefined
-  // Named when it reads as a claim name; anything else is not repeated.
-  const name = /^[A-Za-z0-9_.:-]{1,64}$/.test(twice) ? `"${twice}"` : 'a member'
-  return `its ${what} ${what === 'header' ? 'names' : 'name'} ${name} twice (which one counts is ambiguous)`
-}
-
-/**
- * The first member name that appears twice in one object of a JSON text, compared unescaped
- * (`"sub"` and `"\u0073ub"` are one name). The text is valid JSON (jose parsed it): strings are
- * read whole, so braces inside them are not structure.
- */
-function memberNamedTwice(json: string): string | undefined {
-  const objects: (Set<string> | undefined)[] = []
-  const token = /"(?:[^"\\]|\\.)*"|[{}[\]]/g
-  for (let m = token.exec(json); m !== null; m = token.exec(json)) {
-    const t = m[0]
-    if (t === '{') objects.push(new Set())
-    else if (t === '[') objects.push(undefined)
-    else if (t === '}' || t === ']') objects.pop()
-    else {
-      const names = objects[objects.length - 1]
-      if (!names) continue
-      let i = token.lastIndex
-      while (json[i] === ' ' || json[i] === '\t' || json[i] === '\n' || json[i] === '\r') i++
-      if (json[i] !== ':') continue
-      const name = JSON.parse(t) as string
-      if (names.has(name)) return name
-      names.add(name)
-    }
-  }
-  return undefined
+  return `its ${what} ${what === 'header' ? 'names' : 'name'} ${shownMemberName(twice)} twice (which one counts is ambiguous)`
 }

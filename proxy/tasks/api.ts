@@ -11,6 +11,7 @@ import type { CredentialBinding, CredentialSource, Identity, TaskRef } from '../
 import { LatchkeyError } from '../errors.js'
 import { TaskError, type Task, type TaskRegistry } from './registry.js'
 import { isCompactJws } from '../../lib/oauth.js'
+import { memberNamedTwice, shownMemberName } from '../../lib/json-members.js'
 
 const MAX_BODY = 65_536
 /** Open tasks one sidecar holds at most: far more than one agent's work, far less than its memory. */
@@ -19,6 +20,9 @@ export const MAX_OPEN_TASKS = 10_000
 class BodyTooLarge extends TaskError {}
 
 const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
+
+/** What a task is opened with: anything else is refused, by name when it reads as one. */
+const TASK_FIELDS: ReadonlySet<string> = new Set(['purpose', 'duration_s', 'user_token', 'audiences'])
 
 /**
  * An audience as configured ones are spelled (an http(s) origin or path, no userinfo, query or
@@ -71,11 +75,16 @@ async function readJson(req: IncomingMessage): Promise<unknown> {
   } catch {
     throw new TaskError('body is not valid UTF-8')
   }
+  let body: unknown
   try {
-    return JSON.parse(text)
+    body = JSON.parse(text)
   } catch {
     throw new TaskError('body is not JSON')
   }
+  // {"user_token": A, …, "user_token": B}: JSON.parse takes B; which one the agent meant is a guess.
+  const twice = memberNamedTwice(text)
+  if (twice !== undefined) throw new TaskError(`body names ${shownMemberName(twice, TASK_FIELDS)} twice (which one counts is ambiguous)`)
+  return body
 }
 
 /** Handles /v1/tasks…; returns false for any other path. */
@@ -165,9 +174,8 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
     }
     return fail(res, 400, 'bad_request', (err as Error).message)
   }
-  const known = new Set(['purpose', 'duration_s', 'user_token', 'audiences'])
-  const unknown = Object.keys(body).filter((k) => !known.has(k))
-  if (unknown.length > 0) return fail(res, 400, 'bad_request', `unknown field ${JSON.stringify(unknown[0]!.slice(0, 64))}`)
+  const unknown = Object.keys(body).filter((k) => !TASK_FIELDS.has(k))
+  if (unknown.length > 0) return fail(res, 400, 'bad_request', `unknown field ${/^[a-z][a-z0-9_]{0,31}$/.test(unknown[0]!) ? JSON.stringify(unknown[0]) : '(not repeated: it is no field name, and may be a token)'}; the fields are ${[...TASK_FIELDS].join(', ')}`)
   const { purpose, duration_s, user_token, audiences } = body
   // Counted in characters as a person counts them (code points), not UTF-16 units.
   if (typeof purpose !== 'string' || purpose.length === 0 || purpose.length > 512 || [...purpose].length > 256) {

@@ -205,6 +205,8 @@ t.test('a revocation that could never match anything is refused, naming the rule
     // RFC 8259 §8.1: UTF-8. A 0xFF byte was read as U+FFFD and stored in a reason the operator never wrote.
     const notUtf8 = await fetch(`${b.url}/v1/revocations`, { method: 'POST', headers: { authorization: `Bearer ${b.adminToken}`, 'content-type': 'application/json' }, body: new Uint8Array(Buffer.from('{"kind":"task","value":"task-1","reason":"ops \xff"}', 'latin1')) })
     t.same({ status: notUtf8.status, body: await notUtf8.json() }, { status: 400, body: { error: 'invalid_request', error_description: 'body is not valid UTF-8' } }, `${name}: a body that is not UTF-8`)
+    const twice = await fetch(`${b.url}/v1/revocations`, { method: 'POST', headers: { authorization: `Bearer ${b.adminToken}`, 'content-type': 'application/json' }, body: '{"kind":"task","value":"task-1","value":"task-2"}' })
+    t.same({ status: twice.status, body: await twice.json() }, { status: 400, body: { error: 'invalid_request', error_description: 'body names "value" twice (which one counts is ambiguous)' } }, `${name}: a member named twice`)
     t.same(b.broker.revocations.all(), [], `${name}: nothing was revoked`)
     const ok = await revoke({ kind: 'task', value: 'task-1', reason: 'ended early\n\tby ops' })
     t.equal(ok.status, 201, `${name}: a real task ID is revoked`)

@@ -44,6 +44,16 @@ t.test('task API: clear refusals, a cap on open tasks, lifecycle in the log', as
     t.match(await notUtf8.json(), { error: 'bad_request', reason: 'body is not valid UTF-8' })
   }
   t.match(await (await open('\ufeff{"purpose":"p","duration_s":60}')).json(), { reason: 'body is not JSON' }, 'a byte order mark is still no JSON')
+  // A member named twice: JSON.parse takes the last, another reader the first. A token as the name is not quoted.
+  t.match(await (await open('{"purpose":"p","duration_s":60,"purpose":"q"}')).json(), { error: 'bad_request', reason: 'body names "purpose" twice (which one counts is ambiguous)' })
+  t.match(await (await open('{"purpose":"p","duration_s":60,"\\u0064uration_s":3600}')).json(), { reason: 'body names "duration_s" twice (which one counts is ambiguous)' }, 'an escaped spelling is the same name')
+  const tokenTwice = await (await open(`{"purpose":"p","duration_s":60,"x":{"ghp_${CANARY}":1,"ghp_${CANARY}":2}}`)).text()
+  t.match(tokenTwice, /body names a member twice/)
+  t.notOk(tokenTwice.includes(CANARY), 'a name that may be a token is not echoed')
+  t.match(await (await open({ purpose: 'p', duration_s: 60, audience: ['https://x.example'] })).json(), { reason: 'unknown field "audience"; the fields are purpose, duration_s, user_token, audiences' }, 'a misspelt field is named, and the right ones')
+  const tokenField = await (await open({ purpose: 'p', duration_s: 60, [`ghp_${CANARY}`]: 1 })).text()
+  t.match(tokenField, /unknown field \(not repeated: it is no field name, and may be a token\)/)
+  t.notOk(tokenField.includes(CANARY), 'an unknown name that may be a token is not echoed')
 
   const post404 = await fetch(`${admin}/v1/task`, { method: 'POST' })
   t.equal(post404.status, 404, 'an unknown admin path is 404 whatever the method')

@@ -371,6 +371,7 @@ t.test('hostile YAML and overrides get a config error, never a stack trace or an
   t.match(problems(bomb), [/cannot expand YAML aliases: Excessive alias count/])
   t.same(problems('version: 1\n', { LATCHKEY__SIDECAR__AGENT_ID: '"SECRETISH-unterminated' }), ['LATCHKEY__SIDECAR__AGENT_ID: not a valid YAML value'], 'the value is not repeated')
   t.same(problems('version: 1\n', { LATCHKEY__SIDECAR__LISTEN__PORT: '*nothing' }), ['LATCHKEY__SIDECAR__LISTEN__PORT: not a valid YAML value'])
+  t.same(problems('version: 1\n', { LATCHKEY__SIDECAR__AGENT_ID: '!env agent:a:b:c' }), ['LATCHKEY__SIDECAR__AGENT_ID: not a valid YAML value'], 'a tag yaml does not resolve: the value was read as the text after it')
   const dir = mkdtempSync(join(tmpdir(), 'lk-cfg-'))
   const file = join(dir, 'bomb.yaml')
   writeFileSync(file, bomb)

@@ -12,6 +12,12 @@ import { LineCounter, parseDocument, visit, isAlias, isMap, isNode, isScalar, YA
 /** The error an alias with no anchor before it gets: its name is not repeated, it may be a value that begins with `*`. */
 export const UNRESOLVED_ALIAS = 'unresolved alias *… (an alias names an anchor (&name) set before it; quote a value that begins with *)'
 
+/** The error a `%YAML 1.1` directive gets: under it `yes`, `017` and `1:30` are true, 15 and 90, and `<<` merges. */
+export const YAML_1_1 = 'a %YAML 1.1 directive: this reader reads YAML 1.2, where yes, 017 and 1:30 are not the true, 15 and 90 that 1.1 makes them: remove the directive'
+
+/** A warning kept as a warning (a style nit that reads one way); any other (a tag or directive not taken, an ambiguous alias) is an error. */
+const HARMLESS_WARNINGS = new Set(['BAD_INDENT'])
+
 /**
  * The document, with any error in `doc.errors` (not thrown by toJS later, as an unresolved alias
  * was) and every error and warning carrying its position (`linePos`).
@@ -19,7 +25,16 @@ export const UNRESOLVED_ALIAS = 'unresolved alias *… (an alias names an anchor
 export function parseYamlDocument(text: string): Document.Parsed {
   const lineCounter = new LineCounter()
   // logLevel error: toJS would otherwise warn on stderr (a key that is a collection), quoting it.
-  const doc = parseDocument(text, { uniqueKeys: false, prettyErrors: false, lineCounter, logLevel: 'error' })
+  // resolveKnownTags false: !!omap, !!pairs and !!set became a Map, an array of Maps or a Set (a Map
+  // or Set passes as an object with none of its keys: `sidecar: !!omap [...]` loaded the
+  // defaults), !!binary bytes and !!timestamp a Date. Unresolved, they are refused below.
+  const doc = parseDocument(text, { uniqueKeys: false, prettyErrors: false, lineCounter, logLevel: 'error', resolveKnownTags: false })
+  // A tag yaml does not resolve (`secret: !env API_KEY`) was only a warning, and the value read as
+  // the string after it (the secret was `API_KEY`); a directive it does not take (%YAML 1.3), too.
+  for (const w of doc.warnings.filter((w) => !HARMLESS_WARNINGS.has(w.code))) doc.errors.push(new YAMLParseError(w.pos, w.code, w.message))
+  doc.warnings = doc.warnings.filter((w) => HARMLESS_WARNINGS.has(w.code))
+  // The same text is read otherwise under 1.1 (as yaml does when the file says so): one reading.
+  if (doc.directives?.yaml.explicit && doc.directives.yaml.version !== '1.2') doc.errors.push(new YAMLParseError([0, 0], 'BAD_DIRECTIVE', YAML_1_1))
   // Where it is, in linePos (set below), not in the message.
   const fail = (code: 'DUPLICATE_KEY' | 'BAD_ALIAS', range: readonly number[] | null | undefined, message: string) => {
     const [start = 0, end = start] = range ?? []
@@ -38,8 +53,10 @@ export function parseYamlDocument(text: string): Document.Parsed {
       if (!isMap(node)) return undefined
       const seen = new Set<unknown>()
       for (const pair of node.items) {
-        // Scalars by value, as yaml compares them (`1` and `"1"` differ); anything else by node.
-        const key = isScalar(pair.key) ? pair.key.value : pair.key
+        // Scalars as the key they become in the data (yaml's toJS: null is "", anything else
+        // String()): `1` and `"1"` are one key there, and the second's value replaced the first's.
+        // Anything else by node.
+        const key = isScalar(pair.key) ? (pair.key.value === null ? '' : String(pair.key.value)) : pair.key
         if (!seen.has(key)) {
           seen.add(key)
           continue
@@ -87,7 +104,7 @@ const QUOTES_NOTHING: readonly RegExp[] = [
   /^Verbatim tags must end with a >$/,
   /^(%TAG directive should contain exactly two parts|%YAML directive should contain exactly one part)$/,
   /^With stringKeys, all keys must be strings$/,
-  new RegExp('^' + UNRESOLVED_ALIAS.replace(/[.*+?^${}()|[\]\\]/g, '\\$&') + '$'),
+  ...[UNRESOLVED_ALIAS, YAML_1_1].map((m) => new RegExp('^' + m.replace(/[.*+?^${}()|[\]\\]/g, '\\$&') + '$')),
 ]
 
 /** What yaml says in words of its own for the codes whose messages quote the document. */

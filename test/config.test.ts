@@ -120,7 +120,9 @@ t.test('errors name the path and the problem', async (t) => {
   // A mapping of 30,000 keys (yaml's own check compared each with all before it: 2.3 s at 20,000).
   const many = Array.from({ length: 30_000 }, (_, i) => `  k${i}: 1\n`).join('')
   t.same(problems(`version: 1\nextra:\n${many}  k17: 2\n`), ['line 30003: duplicate key "k17"'], 'found in a large mapping, by line')
-  t.notOk(problems('version: 1\nsidecar:\n  listen: { 1: a, "1": b }\n').some((p) => p.includes('duplicate')), 'a number key and a string key are different keys, as to yaml')
+  // Different keys to yaml, one key in the data: the second's value replaced the first's.
+  t.same(problems('version: 1\nroutes: { 1: "http://a.example", "1": "http://b.example" }\n'), ['line 2: duplicate key "\\"1\\""'], 'a number key and a string key that become one key')
+  t.same(problems('version: 1\nroutes: { ~: "http://a.example", "": "http://b.example" }\n'), ['line 2: duplicate key "\\"\\""'], 'null and "" become one key')
   t.same(problems('version: 1\n---\nversion: 1\n'), ['line 2: a config file holds one YAML document; remove the second (after ---)'])
   t.same(problems('['.repeat(20_000)), [': the YAML nests too deeply'], 'deep nesting is one clear line, not a stack overflow per level')
   t.same(problems('version: 1\nsidecar:\n  admin: { <<: { host: x } }\n'), ['sidecar.admin.<<: unknown key (YAML merge keys are not supported: repeat the keys)'])
@@ -369,6 +371,7 @@ t.test('hostile YAML and overrides get a config error, never a stack trace or an
   t.match(problems(bomb), [/cannot expand YAML aliases: Excessive alias count/])
   t.same(problems('version: 1\n', { LATCHKEY__SIDECAR__AGENT_ID: '"SECRETISH-unterminated' }), ['LATCHKEY__SIDECAR__AGENT_ID: not a valid YAML value'], 'the value is not repeated')
   t.same(problems('version: 1\n', { LATCHKEY__SIDECAR__LISTEN__PORT: '*nothing' }), ['LATCHKEY__SIDECAR__LISTEN__PORT: not a valid YAML value'])
+  t.same(problems('version: 1\n', { LATCHKEY__SIDECAR__AGENT_ID: '!env agent:a:b:c' }), ['LATCHKEY__SIDECAR__AGENT_ID: not a valid YAML value'], 'a tag yaml does not resolve: the value was read as the text after it')
   const dir = mkdtempSync(join(tmpdir(), 'lk-cfg-'))
   const file = join(dir, 'bomb.yaml')
   writeFileSync(file, bomb)
@@ -383,7 +386,7 @@ t.test('a value yaml reads as an alias, a tag or a block header is refused namin
   const { parseRegistry } = await import('../broker/registry.js')
   const { parseCollectorConfig } = await import('../collector/config.js')
   const { StaticSecretSource } = await import('../proxy/credentials/static-source.js')
-  const { UNRESOLVED_ALIAS } = await import('../lib/yaml-document.js')
+  const { UNRESOLVED_ALIAS, YAML_1_1 } = await import('../lib/yaml-document.js')
   const said = (f: () => unknown) => {
     try {
       f()
@@ -397,6 +400,16 @@ t.test('a value yaml reads as an alias, a tag or a block header is refused namin
   t.same(problems('version: 1\nx: &a 1\nsidecar: { agent_id: [*a, *CanaryB] }\n'), [`line 3: ${UNRESOLVED_ALIAS}`], 'an alias after another that resolves')
   t.same(problems('version: 1\nsidecar: { agent_id: *CanaryC }\nx: &CanaryC 1\n'), [`line 2: ${UNRESOLVED_ALIAS}`], 'an anchor set after it does not resolve it')
   t.same(problems('version: 1\nsidecar: { agent_id: !Canary!D }\n'), ['line 2: a tagged value (!…) this reader does not take: quote a value that begins with !'])
+  // A tag yaml did not resolve was a warning, the value read as the text after it; yaml's 1.1
+  // tags made a Map or Set, which passed as an object with none of its keys (the defaults loaded).
+  const TAG = 'a tagged value (!…) this reader does not take: quote a value that begins with !'
+  for (const tagged of ['agent_id: !env AGENT', 'agent_id: !!binary aGVsbG8=', 'agent_id: !!timestamp 2001-12-14', 'listen: !!omap [ { port: 1 } ]', 'listen: !!set { port: null }', 'listen: !!pairs [ { port: 1 } ]']) {
+    t.same(problems(`version: 1\nsidecar:\n  ${tagged}\n`), [`line 3: ${TAG}`], tagged)
+  }
+  t.same(problems('version: 1\nsidecar: { listen: !!map { port: !!int 1 }, agent_id: !!str "agent:a:b:c" }\n'), [], "YAML 1.2's own tags are read")
+  t.same(problems('%YAML 1.1\n---\nversion: 1\nsidecar: { listen: { port: 017 } }\n'), [`line 1: ${YAML_1_1}`], '017 is 15 in YAML 1.1, 17 in 1.2: one reading')
+  t.same(problems('%YAML 1.3\n---\nversion: 1\n'), ['line 1: a directive (a line beginning with %) this reader does not take: quote a value that begins with %'], 'a version yaml does not know (read as 1.2, with a warning)')
+  t.match(said(() => compileBundle('default: deny\nrules:\n  - { id: a, action: deny, paths: !!set { /admin/**: null } }\n', '/etc/policy.yaml')), /policy bundle is not valid YAML\/JSON: a tagged value/, 'a policy file')
   t.same(problems('version: 1\nsidecar:\n  agent_id: |CanaryE\n'), ['line 3: a block scalar header (| or >) followed by other characters: quote a value that begins with | or >'])
   t.same(problems('version: 1\nsidecar: { agent_id: "Canary\\qF" }\n'), ['line 2: an escape sequence a double-quoted string does not have: write \\\\ for a backslash, or single-quote the value'])
   t.same(problems('version: 1\nx: &a [1]\ny: *a\n'), ['x: unknown key', 'y: unknown key'], 'an alias that resolves is read (and its keys judged)')

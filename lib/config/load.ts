@@ -1,6 +1,6 @@
 import { byteSize, FileTooLarge, MAX_CONFIG_BYTES, readFileBounded } from '../bounded-read.js'
 import type { ErrorObject, ValidateFunction } from 'ajv'
-import { parse as parseYamlScalar, type YAMLError } from 'yaml'
+import type { YAMLError } from 'yaml'
 import { parseYamlDocument, yamlData, yamlErrorMessage } from '../yaml-document.js'
 import ipaddr from 'ipaddr.js'
 import { parseCidr, processIp } from '../ip-address.js'
@@ -207,8 +207,10 @@ function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv, source: string)
       node = node[key] as Record<string, unknown>
     }
     try {
-      // logLevel error: parse() would print a warning (an unknown tag) quoting the value, which can be a secret.
-      node[keys[keys.length - 1]!] = parseYamlScalar(value, { logLevel: 'error' })
+      // Read as a file is (parseYamlDocument): parse() took `!env KEY` as `KEY`, an unknown tag being only a warning.
+      const doc = parseYamlDocument(value)
+      if (doc.errors.length > 0) throw new Error()
+      node[keys[keys.length - 1]!] = yamlData(doc)
     } catch {
       // The value itself is not repeated: an override can carry a secret.
       throw new ConfigError(source, [{ path: name, message: 'not a valid YAML value' }])

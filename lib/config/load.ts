@@ -7,6 +7,7 @@ import { parseCidr, processIp } from '../ip-address.js'
 import { ADDRESS_CLASSES, PORT_PATTERN, type Config } from './schema.js'
 import { isHopByHop } from '../../proxy/forward/headers.js'
 import { hostNameProblem } from '../../proxy/listen/target.js'
+import { globWildcards, MAX_GLOB_WILDCARDS } from '../../proxy/policy/paths.js'
 import { audienceOf, HEADER_SENDABLE } from '../../proxy/credentials/bindings.js'
 // The schema compiled ahead of time (scripts/config-validator.mjs; CI checks it is current):
 // compiling it here cost every process ~20 MB of RSS and start-up time.
@@ -467,6 +468,12 @@ function semanticProblems(c: Config): ConfigProblem[] {
     if (ruleIds.has(r.id)) problems.push({ path: `policy.rules[${i}].id`, message: `duplicate rule id "${r.id}"` })
     ruleIds.add(r.id)
     r.cidrs?.forEach((cidr, j) => checkCidr(`policy.rules[${i}].cidrs[${j}]`, cidr))
+    r.paths?.forEach((p, j) => {
+      const wildcards = globWildcards(p)
+      if (wildcards > MAX_GLOB_WILDCARDS) {
+        problems.push({ path: `policy.rules[${i}].paths[${j}]`, message: `has ${wildcards} wildcards (*, ** and ?), more than ${MAX_GLOB_WILDCARDS}: each makes every request's path slower to judge` })
+      }
+    })
     r.hosts?.forEach((h, j) => {
       if (h.includes('*') && !/^\*\.[^*]+$/.test(h)) {
         problems.push({ path: `policy.rules[${i}].hosts[${j}]`, message: 'wildcards are only allowed as a leading "*." label' })

@@ -124,8 +124,10 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
     const ok = sameSecret(client?.secret ?? '', secret ?? '\0no-client') && secret !== undefined
     if (!ok) {
       req.resume()
+      // The connection ends with the refusal: an unauthenticated body is not read to its end.
       oauthError(res, new OAuthError('invalid_client', 'introspection requires client authentication (client_secret_basic)', 401), {
         'www-authenticate': 'Basic realm="latchkey-broker"',
+        connection: 'close',
       })
       return
     }

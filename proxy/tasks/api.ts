@@ -60,6 +60,8 @@ const fail = (res: ServerResponse, status: number, error: string, reason: string
 }
 
 async function readJson(req: IncomingMessage): Promise<unknown> {
+  // Declared too large: said now, not after 64 KiB of it have been read (or never, if they never come).
+  if (Number(req.headers['content-length']) > MAX_BODY) throw new BodyTooLarge(`body exceeds ${MAX_BODY} bytes`)
   const chunks: Buffer[] = []
   let size = 0
   for await (const c of req as AsyncIterable<Buffer>) {
@@ -181,6 +183,8 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
   if (typeof purpose !== 'string' || purpose.length === 0 || purpose.length > 512 || [...purpose].length > 256) {
     return fail(res, 400, 'bad_request', 'purpose must be a string of 1 to 256 characters')
   }
+  // The purpose is what the trail says a task was for: blank says nothing.
+  if (purpose.trim() === '') return fail(res, 400, 'bad_request', 'purpose must say what the task is for: it is only whitespace')
   if (typeof duration_s !== 'number') return fail(res, 400, 'bad_request', 'duration_s must be a number of seconds')
   if (user_token !== undefined && (typeof user_token !== 'string' || user_token.length === 0 || user_token.length > 16_384)) {
     return fail(res, 400, 'bad_request', 'user_token must be a JWT string')

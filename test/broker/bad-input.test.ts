@@ -374,6 +374,10 @@ t.test('malformed and oversized bodies', async (t) => {
   const bigIntro = await fetch(`${b.url}/oauth2/introspect`, { method: 'POST', body: 'token=' + 'a'.repeat(70_000), headers: { 'content-type': 'application/x-www-form-urlencoded', authorization: basic } })
   t.equal(bigIntro.status, 413)
   t.equal(bigIntro.headers.get('connection'), 'close', 'the connection is not kept for the rest of it')
+  // So does a refused client authentication: its body is not read to its end.
+  const unauthIntro = await fetch(`${b.url}/oauth2/introspect`, { method: 'POST', body: 'token=x', headers: { 'content-type': 'application/x-www-form-urlencoded', authorization: 'Basic bm86bm8=' } })
+  t.equal(unauthIntro.status, 401)
+  t.equal(unauthIntro.headers.get('connection'), 'close', 'an unauthenticated request does not keep its connection')
 
   // A token longer than any JWT we accept is refused before parsing.
   const huge = await b.exchange(delegatedRequest(await b.userToken('u', 'read'), 'eyJ' + 'a'.repeat(20_000) + '.b.c', { actor_token_type: TOKEN_TYPES.jwt }))

@@ -19,6 +19,10 @@ t.test('task API: clear refusals, a cap on open tasks, lifecycle in the log', as
   t.equal(big.status, 413, 'a body over 64 KiB is 413')
   t.same(await big.json(), { error: 'too_large', reason: 'body exceeds 65536 bytes', retryable: false }, 'saying it is not worth repeating')
   t.equal(big.headers.get('x-should-retry'), 'false', 'where SDKs look too')
+  // Declared over 64 KiB, and only 10 bytes sent: refused at once, not once 64 KiB have come.
+  const declared = await rawRequest(s.sidecar.adminPort, `POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"purpose"`)
+  t.equal(declared.status, 413, 'a declared Content-Length over 64 KiB is 413 before the body arrives')
+  t.match(await (await open({ purpose: ' \t\n ', duration_s: 60 })).json(), { error: 'bad_request', reason: 'purpose must say what the task is for: it is only whitespace' })
 
   const user = await open({ purpose: 'for alice', duration_s: 60, user_token: 'eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSJ9.' })
   t.equal(user.status, 400, 'a user token nobody would use is refused, not dropped')

@@ -10,3 +10,15 @@ const http = createRequire(import.meta.url)('node:http') as typeof import('node:
 
 export const createServer = http.createServer
 export const STATUS_CODES = http.STATUS_CODES
+
+/**
+ * What llhttp says it refused (node:http's clientError carries it as `reason`), to follow its
+ * code: `: <reason>`, or '' when there is none. One code stands for several faults
+ * (HPE_INVALID_HEADER_TOKEN is a NUL in a value, a space before the colon and a folded line).
+ * llhttp's reasons are fixed texts, never the request's bytes; kept to printable ASCII all the
+ * same (they go into status lines).
+ */
+export function parserReason(err: { reason?: unknown }): string {
+  const text = typeof err.reason === 'string' ? err.reason.replace(/[^\x20-\x7e]/g, '').trim().slice(0, 120) : ''
+  return text === '' ? '' : `: ${text}`
+}

@@ -8,7 +8,7 @@
 //   GET|POST /v1/revocations, DELETE /v1/revocations/<kind>/<value>   admin (Bearer)
 //   GET  /healthz /readyz /metrics
 import type { IncomingMessage, Server, ServerResponse } from 'node:http'
-import { createServer, STATUS_CODES } from '../../lib/node-http.js'
+import { createServer, parserReason, STATUS_CODES } from '../../lib/node-http.js'
 import type { Socket } from 'node:net'
 import { createServer as createHttpsServer } from 'node:https'
 import { timingSafeEqual, createHash } from 'node:crypto'
@@ -271,14 +271,12 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
       else socket.destroy()
       return
     }
-    // llhttp's reasons are fixed texts, never the request's bytes; kept to printable ASCII all the same.
-    const reason = typeof err.reason === 'string' ? err.reason.replace(/[^\x20-\x7e]/g, '').trim().slice(0, 120) : ''
     const [status, description] =
       err.code === 'HPE_HEADER_OVERFLOW'
         ? [431, `the request line and headers are over ${options.maxHeaderSize} bytes`]
         : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
           ? [408, 'the request did not all arrive in time']
-          : [400, `malformed HTTP request (${err.code ?? 'parse error'})${reason === '' ? '' : `: ${reason}`}`]
+          : [400, `malformed HTTP request (${err.code ?? 'parse error'})${parserReason(err)}`]
     const body = JSON.stringify({ error: 'invalid_request', error_description: description })
     socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\ncontent-type: application/json\r\ncache-control: no-store\r\npragma: no-cache\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`)
     // A refusal written to a client that does not read it does not hold the socket.

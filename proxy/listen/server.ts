@@ -2,7 +2,7 @@
 // go to the pipeline; CONNECT to the tunnel; Upgrade to the WebSocket relay. Parser errors get
 // the same coded refusal as everything else (400; a head too large, 431), and are audited.
 import type { IncomingMessage, Server, ServerResponse } from 'node:http'
-import { createServer } from '../../lib/node-http.js'
+import { createServer, parserReason } from '../../lib/node-http.js'
 import { headWithoutH2cOffer, offersOnlyH2c } from './h2c.js'
 import { serveOn } from './serve-on.js'
 import { isLoopbackPeer } from './local-caller.js'
@@ -233,18 +233,6 @@ export function parserRefusal(err: NodeJS.ErrnoException): LatchkeyError {
   if (err.code === 'HPE_PAUSED_H2_UPGRADE') return new LatchkeyError('LK_BAD_REQUEST', 'an HTTP/2 connection preface (prior knowledge): this sidecar serves HTTP/1.1 only, so send HTTP/1.1 (an h2c upgrade offer is answered in HTTP/1.1)')
   if (err.code === 'HPE_INVALID_URL') return new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (HPE_INVALID_URL): ${invalidTargetReason(err as ParserError)}`)
   return new LatchkeyError('LK_BAD_REQUEST', `malformed HTTP request (${err.code ?? 'parse error'})${parserReason(err as ParserError)}`)
-}
-
-/**
- * What llhttp says it refused, after the code: one code stands for several faults
- * (HPE_INVALID_HEADER_TOKEN is a NUL in a value, a space before the colon and a folded line;
- * HPE_INVALID_CONTENT_LENGTH is `5, 5` and a Content-Length beside Transfer-Encoding), and the
- * agent was told only the code. llhttp's reasons are fixed texts, never the request's bytes;
- * kept to printable ASCII all the same (the reason goes into the status line too).
- */
-function parserReason(err: ParserError): string {
-  const text = typeof err.reason === 'string' ? err.reason.replace(/[^\x20-\x7e]/g, '').trim().slice(0, 120) : ''
-  return text === '' ? '' : `: ${text}`
 }
 
 /** What node:http's clientError carries: the chunk being parsed, and where in it the parser stopped. */

@@ -1,12 +1,12 @@
 // CONNECT (HTTPS_PROXY): decided by host and port, dialled to exactly the checked address.
 // The first bytes the agent sends decide what the tunnel is:
 //   - a TLS ClientHello (0x16): read whole first (client-hello.ts: across records and reads,
-//     bounded, strict), its server name held to the CONNECT's host (none to an IP literal; may be absent for a dotless name), else
-//     an access_denied alert, the upstream closed having been sent nothing, recorded
-//     LK_TLS_NAME_MISMATCH (LK_BAD_REQUEST for a ClientHello that cannot be read): a CDN routes
-//     by that name, so another would be domain fronting past the policy. Enforced in report mode
-//     too, as the network floor is. ECH's inner name is not seen (see client-hello.ts). Then
-//     relayed untouched; no credential can be injected into it;
+//     bounded, strict), its server name held to the CONNECT's host (none to an IP literal; may
+//     be absent for a dotless name), else an access_denied alert, the upstream closed having
+//     been sent nothing, recorded LK_TLS_NAME_MISMATCH (LK_BAD_REQUEST for a ClientHello that
+//     cannot be read): a CDN routes by that name, so another would be domain fronting past the
+//     policy. Enforced in report mode too, as the network floor is. ECH's inner name is not
+//     seen (see client-hello.ts). Then relayed untouched; no credential can be injected into it;
 //   - anything else is plain HTTP (undici's ProxyAgent tunnels http:// targets by default):
 //     the socket is handed to the sidecar's own HTTP parser and every request inside re-enters
 //     the pipeline, decided, credentialed and audited one by one, pinned to the tunnel's origin.
@@ -51,9 +51,9 @@ const answeredInside = (target: { port: number }, err: unknown): err is Latchkey
  * Why a TLS tunnel's server name (SNI) is not what its CONNECT was decided for, or null. A name
  * must be the CONNECT's host, compared as the policy compares hosts (case, a trailing dot,
  * punycode: normaliseHost), and is required for a host with a dot; a CONNECT to an address
- * expects none, being decided for the address, not a name. Otherwise an allowed CDN-fronted host carries a ClientHello for another tenant of
- * the same addresses, one the policy denies (domain fronting). ECH hides its inner name: the
- * outer one is judged (see client-hello.ts).
+ * expects none, being decided for the address, not a name. Otherwise an allowed CDN-fronted
+ * host carries a ClientHello for another tenant of the same addresses, one the policy denies
+ * (domain fronting). ECH hides its inner name: the outer one is judged (see client-hello.ts).
  */
 function serverNameMismatch(target: Target, serverName: string | null): LatchkeyError | null {
   if (target.hostIsIp) {

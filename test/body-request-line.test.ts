@@ -25,6 +25,12 @@ t.test('found in any case, at any cut, in chunks of any size', async (t) => {
     // Bytes that agree with `http` in the low five bits only: a case fold by masking would take them.
     ['\x08\x14\x14\x10/', false],
     ['(4401/', false],
+    // The other protocols llhttp reads a request line's version in, headers and all.
+    ['GET /admin RTSP/1.0\r\nX: ', true],
+    ['SOURCE /admin ice/1.0\r\n', true],
+    ['RTSP', false],
+    ['ICE /', false],
+    ['(CE/', false],
   ]
   for (const [text, want] of table) {
     const bytes = Buffer.from(text, 'latin1')

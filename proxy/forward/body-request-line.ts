@@ -6,8 +6,8 @@
 // the audit recorded the next call in its place (on an origin allowed whole, a request the audit
 // never saw). A connection carries one task's calls only (pools.ts), so this is the task's own
 // next call.
-// A request line names its HTTP version (`HTTP/1.1`), so a body holding `HTTP/` (in any case)
-// may smuggle one. So may a body whose first line is a request line without a version, HTTP/0.9's
+// A request line names its HTTP version (`HTTP/1.1`; llhttp, Node's parser, also takes `RTSP/1.0`
+// and `ICE/1.0`), so a body holding `HTTP/`, `RTSP/` or `ICE/` (in any case) may smuggle one. So may a body whose first line is a request line without a version, HTTP/0.9's
 // `GET /admin/x`: Python's http.server (BaseHTTPRequestHandler, and what is built on it) reads
 // headers after it all the same, and a body of `GET /admin/x\r\nX: ` made the next call's request
 // line and headers, injected credential included, that request's (a POST it left unread, on
@@ -23,8 +23,16 @@ import undiciSymbols from 'undici/lib/core/symbols.js'
 /** undici's: set on a socket, it is closed once its responses complete. */
 const { kReset } = undiciSymbols
 const SLASH = 0x2f
-/** `h`, `t`, `t`, `p` (lower case: a letter's byte | 0x20, which maps no other byte to them). */
-const HTTP = [0x68, 0x74, 0x74, 0x70] as const
+/**
+ * The protocol names a request line's version is spelled with, lower case (a letter's byte | 0x20,
+ * which maps no other byte to them): `HTTP/`, and the `RTSP/` and `ICE/` llhttp also reads a
+ * request with headers by (Node's http server answers `GET /admin RTSP/1.0` as HTTP/1.0).
+ */
+const VERSION_NAMES: readonly (readonly number[])[] = [
+  [0x68, 0x74, 0x74, 0x70],
+  [0x72, 0x74, 0x73, 0x70],
+  [0x69, 0x63, 0x65],
+]
 
 const LF = 0x0a
 
@@ -54,8 +62,9 @@ for (const c of "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijkl
 const flagged = new WeakSet<object>()
 
 /**
- * Finds `HTTP/` (any case) in a body fed chunk by chunk, across chunk boundaries. Looks only at
- * each `/` and the four bytes before it: a pass of indexOf over bodies that hold none.
+ * Finds `HTTP/`, `RTSP/` or `ICE/` (any case) in a body fed chunk by chunk, across chunk
+ * boundaries. Looks only at each `/` and the four bytes before it: a pass of indexOf over bodies
+ * that hold none.
  */
 export class RequestLineScanner {
   /** The last four bytes fed, lower-cased, oldest first. */
@@ -63,13 +72,16 @@ export class RequestLineScanner {
   /** Where the body's first line stands as a request line without a version (firstLine); Done once it cannot be one. */
   private line = Line.Lead
 
-  /** Whether `chunk` completes an `HTTP/`, or a first line that is a request line without a version (see watchRequestLine). */
+  /** Whether `chunk` completes a version (`HTTP/`, `RTSP/`, `ICE/`), or a first line that is a request line without a version (see watchRequestLine). */
   feed(chunk: Buffer): boolean {
     if (this.line !== Line.Done && this.firstLine(chunk)) return true
     for (let at = chunk.indexOf(SLASH); at !== -1; at = chunk.indexOf(SLASH, at + 1)) {
-      let k = 0
-      while (k < 4 && (at - 4 + k >= 0 ? chunk[at - 4 + k]! | 0x20 : this.tail[k + at]!) === HTTP[k]) k++
-      if (k === 4) return true
+      for (const name of VERSION_NAMES) {
+        const n = name.length
+        let k = 0
+        while (k < n && (at - n + k >= 0 ? chunk[at - n + k]! | 0x20 : this.tail[4 - n + k + at]!) === name[k]) k++
+        if (k === n) return true
+      }
     }
     this.keepTail(chunk)
     return false
@@ -134,9 +146,10 @@ export class RequestLineScanner {
 }
 
 /**
- * A body's next chunk, as it goes: fed to `scanner`, and once it completes an `HTTP/` or a
- * versionless request line, flagged so that the connection writing it closes after its response. Returns the scanner to feed the next
- * chunk to, or null once the body has been flagged (nothing more to look for).
+ * A body's next chunk, as it goes: fed to `scanner`, and once it completes a version or a
+ * versionless request line, flagged so that the connection writing it closes after its response.
+ * Returns the scanner to feed the next chunk to, or null once the body has been flagged (nothing
+ * more to look for).
  */
 export function watchRequestLine(scanner: RequestLineScanner | null, chunk: Buffer): RequestLineScanner | null {
   if (scanner === null || !scanner.feed(chunk)) return scanner

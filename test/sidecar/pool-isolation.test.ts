@@ -162,6 +162,8 @@ t.test('a request smuggled in a body past a CL.0 upstream never takes the next c
     // anyway, and ran it with the next call's (the injected credential's) as its own.
     ['without a version', ['GET /admin/nine\r\nX-Ignore: ']],
     ['without a version, cut inside its line', ['GET /admin/', 'nine-cut\r\nX-Ignore: ']],
+    // A version llhttp (Node's http server) reads as HTTP/1.0, headers and all.
+    ['as RTSP/1.0', ['GET /admin/rtsp RTSP/1.0\r\nX-Ignore: ']],
   ]
   for (const [how, parts] of smuggles) {
     const body = parts.join('')

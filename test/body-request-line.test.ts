@@ -80,6 +80,9 @@ t.test('a first line that is a request line without a version (HTTP/0.9), split 
   // Read as far as the first line: a body of a megabyte with no line end costs its first bytes only.
   const s = new RequestLineScanner()
   t.notOk(s.feed(Buffer.from('{"x": "' + 'a'.repeat(1 << 20) + '"}')), 'JSON: not a request line, and not read past its first byte for one')
+  t.notOk(new RequestLineScanner().feed(Buffer.from('A'.repeat(1 << 20) + ' /x\n')), 'a word longer than any method is none')
+  t.notOk(new RequestLineScanner().feed(Buffer.from('GET /' + 'a'.repeat(70_000) + '\n')), 'a line longer than a server reads as a request line is none')
+  t.ok(new RequestLineScanner().feed(Buffer.from('GET /' + 'a'.repeat(60_000) + '\n')), 'a long one within it is')
 })
 
 t.test('found deep in a large body, and not in one without it', async (t) => {

@@ -35,6 +35,10 @@ const VERSION_NAMES: readonly (readonly number[])[] = [
 ]
 
 const LF = 0x0a
+/** Bytes of a body's first line read for a versionless request line: Python's http.server reads at most 65,536 (then 414). */
+const MAX_LINE_BYTES = 65_537
+/** A method longer than this is none any server knows (llhttp's longest is 13). */
+const MAX_METHOD_BYTES = 32
 
 /** States of a body's first line read as a request line without a version (RequestLineScanner.firstLine). */
 const enum Line {
@@ -71,6 +75,8 @@ export class RequestLineScanner {
   private readonly tail = [0, 0, 0, 0]
   /** Where the body's first line stands as a request line without a version (firstLine); Done once it cannot be one. */
   private line = Line.Lead
+  private lineBytes = 0
+  private methodBytes = 0
 
   /** Whether `chunk` completes a version (`HTTP/`, `RTSP/`, `ICE/`), or a first line that is a request line without a version (see watchRequestLine). */
   feed(chunk: Buffer): boolean {
@@ -99,16 +105,19 @@ export class RequestLineScanner {
     for (let i = 0; i < chunk.length; i++) {
       const b = chunk[i]!
       const space = isLineSpace(b)
+      // Past what any server reads as a request line (Python's is 64 KiB), or a method longer than any: no request line.
+      if (++this.lineBytes > MAX_LINE_BYTES) return this.done()
       switch (this.line) {
         case Line.Lead:
           if (space || b === LF) continue
           if (!isTokenByte(b)) return this.done()
           this.line = Line.Method
+          this.methodBytes = 1
           continue
         case Line.Method:
           if (b === LF) return this.done()
           if (space) this.line = Line.AfterMethod
-          else if (!isTokenByte(b)) return this.done()
+          else if (!isTokenByte(b) || ++this.methodBytes > MAX_METHOD_BYTES) return this.done()
           continue
         case Line.AfterMethod:
           if (b === LF) return this.done()

@@ -31,6 +31,9 @@ t.test('found in any case, at any cut, in chunks of any size', async (t) => {
     ['RTSP', false],
     ['ICE /', false],
     ['(CE/', false],
+    // ICE only as a version, after its space: bodies name /service/ and /device/ all the time.
+    ['{"url": "/api/service/device/price/"}', false],
+    ['xICE/1.0', false],
   ]
   for (const [text, want] of table) {
     const bytes = Buffer.from(text, 'latin1')

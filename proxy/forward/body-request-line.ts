@@ -26,12 +26,14 @@ const SLASH = 0x2f
 /**
  * The protocol names a request line's version is spelled with, lower case (a letter's byte | 0x20,
  * which maps no other byte to them): `HTTP/`, and the `RTSP/` and `ICE/` llhttp also reads a
- * request with headers by (Node's http server answers `GET /admin RTSP/1.0` as HTTP/1.0).
+ * request with headers by (Node's http server answers `GET /admin RTSP/1.0` as HTTP/1.0). `ICE/`
+ * only after the space that comes before a version: bare, it ends `service/`, `device/`, `price/`,
+ * which bodies hold all the time, and each would have cost its connection.
  */
 const VERSION_NAMES: readonly (readonly number[])[] = [
   [0x68, 0x74, 0x74, 0x70],
   [0x72, 0x74, 0x73, 0x70],
-  [0x69, 0x63, 0x65],
+  [0x20, 0x69, 0x63, 0x65],
 ]
 
 const LF = 0x0a
@@ -66,7 +68,7 @@ for (const c of "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijkl
 const flagged = new WeakSet<object>()
 
 /**
- * Finds `HTTP/`, `RTSP/` or `ICE/` (any case) in a body fed chunk by chunk, across chunk
+ * Finds `HTTP/`, `RTSP/` or ` ICE/` (any case) in a body fed chunk by chunk, across chunk
  * boundaries. Looks only at each `/` and the four bytes before it: a pass of indexOf over bodies
  * that hold none.
  */

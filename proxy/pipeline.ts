@@ -666,7 +666,10 @@ export class Pipeline {
     if (!res.headersSent && !res.destroyed) {
       const { status, statusText, headers, body } = renderError(e)
       // After a framing error, or with a request body left unread, the connection's remaining
-      // bytes cannot be trusted as the next request: close it.
+      // bytes cannot be trusted as the next request: close it. A refusal answers before the
+      // request is read (`readableEnded` is false even for a GET's empty body), so in practice
+      // every refusal closes its connection, and what was pipelined behind it is recorded as not
+      // sent (pipelining.test): an agent reconnects after a 403, which its HTTP client does.
       if (e.status === 400 || !res.req.readableEnded || this.draining) {
         headers.connection = 'close'
         // The request's socket: a pipelined response has none of its own until the one before it

@@ -15,7 +15,7 @@ import { BodyScrubber, bodyNeedlesFor } from './body-scrub.js'
 import { lingerOnClose } from '../listen/linger.js'
 import { NONE_HELD } from '../credentials/held.js'
 import { recordEnd } from '../call-outcome.js'
-import { resolveLocation } from './route-location.js'
+import { FOLLOWED_URLS, resolveLocation } from './route-location.js'
 import { RequestLineScanner, watchRequestLine } from './body-request-line.js'
 
 export type ForwardDone = (err: LatchkeyError | null) => void
@@ -192,14 +192,15 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     this.abort(new LatchkeyError('LK_UPSTREAM_PROTOCOL', `${why}: not relayed`))
   }
 
-  /** Content-Location and each Link URI relayed as relocate gives them (see onResponseStart); one it refuses is dropped. */
+  /** Each URL of FOLLOWED_URLS and each Link URI relayed as relocate gives them (see onResponseStart); one it refuses is dropped. */
   private relocateLinks(clean: Record<string, string | string[] | undefined>): void {
     const target = this.ctx.target!
-    const contentLocation = clean['content-location']
-    if (typeof contentLocation === 'string') {
-      const relayed = this.relocate(contentLocation, target, true)
-      if (relayed === null) delete clean['content-location']
-      else clean['content-location'] = relayed
+    for (const name of FOLLOWED_URLS) {
+      const url = clean[name]
+      if (typeof url !== 'string') continue
+      const relayed = this.relocate(url, target, true)
+      if (relayed === null) delete clean[name]
+      else clean[name] = relayed
     }
     const link = clean.link
     if (link !== undefined) {
@@ -241,9 +242,10 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       ;(clean as Record<string, string | string[]>).location = relayed
     }
     // The other URLs a client follows by itself: pagination's `Link: <…>; rel="next"` (Octokit,
-    // the GitLab and Stripe SDKs), and Content-Location. On a route they are put under it as a
-    // Location is; one naming the sidecar is dropped, as such a redirect is refused.
-    if (clean['content-location'] !== undefined || clean.link !== undefined) this.relocateLinks(clean as Record<string, string | string[] | undefined>)
+    // the GitLab and Stripe SDKs), Content-Location, and a long-running operation's status URL
+    // (FOLLOWED_URLS). On a route they are put under it as a Location is; one naming the sidecar
+    // is dropped, as such a redirect is refused.
+    if (clean.link !== undefined || FOLLOWED_URLS.some((name) => clean[name] !== undefined)) this.relocateLinks(clean as Record<string, string | string[] | undefined>)
     const { binding, credential } = this.ctx
     if (binding && credential) {
       // Every credential the source holds for the binding, not only this call's: an upstream that

@@ -9,6 +9,14 @@
 import type { Target } from '../context.js'
 import { hostHeader, routeBase, urlHostPort } from '../listen/target.js'
 
+/**
+ * Headers besides Location and Link whose one URL a client follows by itself: Content-Location,
+ * and a long-running operation's status URL, which the Azure SDKs' pollers call
+ * (`Operation-Location`, `Azure-AsyncOperation`). Relocated as a Location is (ResponseRelay), and
+ * looked through as URLs by the scrub.
+ */
+export const FOLLOWED_URLS = ['content-location', 'operation-location', 'azure-asyncoperation'] as const
+
 /** The URL a client following `location` would ask for, or null when it is no URL at all. */
 export function resolveLocation(location: string, target: Target): URL | null {
   try {

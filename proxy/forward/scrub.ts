@@ -8,6 +8,7 @@ import { unescape } from 'node:querystring'
 import type { Credential, CredentialBinding } from '../context.js'
 import { NONE_HELD } from '../credentials/held.js'
 import { compileNeedles, holdsCopy, type BodyNeedles } from './body-scrub.js'
+import { FOLLOWED_URLS } from './route-location.js'
 
 export const REMOVED = '[removed by latchkey: it contained the injected credential]'
 /** Said in place of a remote server's text that reveals a credential the sidecar sent it (revealsSecret). */
@@ -308,7 +309,7 @@ function maskedUrl(value: string, set: readonly Needles[]): string | null {
 }
 
 /** Headers clients read as URLs and follow (a redirect, a pagination Link's rel=next), or report as the response's URL. */
-const URL_VALUED = new Set(['location', 'content-location', 'link'])
+const URL_VALUED = new Set<string>(['location', 'link', ...FOLLOWED_URLS])
 
 /**
  * A URL's value as clients read it too: WHATWG parsers (fetch) and Python's urlsplit drop every

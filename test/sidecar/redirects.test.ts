@@ -22,7 +22,8 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
         return true
       }
       if (u.pathname === '/links') {
-        res.writeHead(200, { link: u.searchParams.get('link')!, 'content-location': u.searchParams.get('cl')! }).end('[]')
+        const lro = { 'operation-location': u.searchParams.get('op')!, 'azure-asyncoperation': u.searchParams.get('async')! }
+        res.writeHead(200, { link: u.searchParams.get('link')!, 'content-location': u.searchParams.get('cl')!, ...lro }).end('[]')
         return true
       }
       if (u.pathname !== '/r') return false
@@ -80,20 +81,31 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
     t.match(search.requests.at(-1), { method: 'POST', url: '/billing/charge', body: 'prompt=private' }, 'the followed call went back to the search upstream')
   })
 
-  await t.test('Link and Content-Location are put under their route as a Location is; a link naming the sidecar is dropped', async (t) => {
+  await t.test("Link, Content-Location and an operation's status URL are put under their route as a Location is; one naming the sidecar is dropped", async (t) => {
     const port = s.sidecar.port
     const link = `</../billing/charge?page=2>; rel="next", <http://127.0.0.1:${port}/billing/charge>; rel="prev", <${search.origin}/items?page=9>; rel="last"; title="a, <b>", <https://docs.example/x>; rel="help"`
-    const ask = (path: string) => rawRequest(s.sidecar.port, `GET ${path}?link=${encodeURIComponent(link)}&cl=${encodeURIComponent('/../billing/7')} HTTP/1.1\r\nHost: ${lk}\r\nConnection: close\r\n\r\n`)
+    // An Azure SDK's poller calls Operation-Location (or Azure-AsyncOperation) by itself: on a
+    // route, the upstream's absolute status URL would take it past the route and its credential,
+    // and one naming the sidecar into another route's.
+    const op = `${search.origin}/operations/41?api-version=2024-10-21`
+    const ask = (path: string, async = `http://localhost:${port}/billing/charge`) =>
+      rawRequest(s.sidecar.port, `GET ${path}?link=${encodeURIComponent(link)}&cl=${encodeURIComponent('/../billing/7')}&op=${encodeURIComponent(op)}&async=${encodeURIComponent(async)} HTTP/1.1\r\nHost: ${lk}\r\nConnection: close\r\n\r\n`)
     const routed = await ask('/search/links')
     seen.push(routed.raw)
     t.equal(routed.status, 200)
     t.equal(routed.headers.link, '</search/billing/charge?page=2>; rel="next", </search/items?page=9>; rel="last"; title="a, <b>", <https://docs.example/x>; rel="help"', "each of the upstream's own links put under the route, the one naming the sidecar dropped, the rest as written")
     t.equal(routed.headers['content-location'], '/search/billing/7')
+    t.equal(routed.headers['operation-location'], '/search/operations/41?api-version=2024-10-21', "the upstream's absolute status URL put under the route")
+    t.equal(routed.headers['azure-asyncoperation'], undefined, "a status URL naming the sidecar's own address is dropped")
+    const routedAsync = await ask('/search/links', `${search.origin}/../billing/operations/9`)
+    t.equal(routedAsync.headers['azure-asyncoperation'], '/search/billing/operations/9', 'Azure-AsyncOperation climbing out of its route is put back under it')
     // In absolute-form the agent resolves them against the upstream itself: only the sidecar's is dropped.
     const absolute = await ask(`http://127.0.0.1:${search.port}/links`)
     seen.push(absolute.raw)
     t.equal(absolute.headers.link, `</../billing/charge?page=2>; rel="next", <${search.origin}/items?page=9>; rel="last"; title="a, <b>", <https://docs.example/x>; rel="help"`)
     t.equal(absolute.headers['content-location'], '/../billing/7')
+    t.equal(absolute.headers['operation-location'], op, 'in absolute-form the status URL is left as the upstream wrote it')
+    t.equal(absolute.headers['azure-asyncoperation'], undefined, "in absolute-form too, one naming the sidecar's own address is dropped")
     // Octokit-style pagination through the route stays on it.
     const next = await fetch(`http://${lk}/search/billing/charge?page=2`)
     t.equal(next.status, 200)

@@ -245,7 +245,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     // the GitLab and Stripe SDKs), Content-Location, and a long-running operation's status URL
     // (FOLLOWED_URLS). On a route they are put under it as a Location is; one naming the sidecar
     // is dropped, as such a redirect is refused.
-    if (clean.link !== undefined || FOLLOWED_URLS.some((name) => clean[name] !== undefined)) this.relocateLinks(clean as Record<string, string | string[] | undefined>)
+    if (clean.link !== undefined || namesFollowedUrl(clean)) this.relocateLinks(clean as Record<string, string | string[] | undefined>)
     const { binding, credential } = this.ctx
     if (binding && credential) {
       // Every credential the source holds for the binding, not only this call's: an upstream that
@@ -632,6 +632,12 @@ function cut(res: ServerResponse): void {
   const socket = res.socket
   if (!framed && socket !== null && !socket.destroyed) socket.resetAndDestroy()
   else res.destroy()
+}
+
+/** Whether a response head holds one of FOLLOWED_URLS (a loop, not `some`: no closure made per response). */
+function namesFollowedUrl(head: IncomingHttpHeaders): boolean {
+  for (let i = 0; i < FOLLOWED_URLS.length; i++) if (head[FOLLOWED_URLS[i]!] !== undefined) return true
+  return false
 }
 
 /**

@@ -143,14 +143,18 @@ export function toProtoEvent(e: AuditEvent): ProtoEvent {
 /** Scopes within FIELD_LIMITS.scopes entries and SCOPES_TOTAL_BYTES in all; the rest are left out. */
 function fitScopes(scopes: string[]): string[] {
   let total = 0
+  let same = true
   const kept: string[] = []
   for (const s of scopes) {
     const one = fitUtf8(s, FIELD_LIMITS.default)
     total += Buffer.byteLength(one)
     if (kept.length === FIELD_LIMITS.scopes || total > SCOPES_TOTAL_BYTES) break
+    // A scope cut to the limit changes the list even when every one is kept: the uncut list was
+    // sent then, and the collector refused it at every resend.
+    if (one !== s) same = false
     kept.push(one)
   }
-  return kept.length === scopes.length ? scopes : kept
+  return same && kept.length === scopes.length ? scopes : kept
 }
 
 export class CollectorAuditSink implements AuditSink {

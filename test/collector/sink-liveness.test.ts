@@ -109,3 +109,20 @@ t.test('an event with fields past the collector limits is cut to them, not resen
   t.equal(stored.find((e) => e.sequence === 2)?.event.call?.path, '/call/2')
   t.equal(stored.find((e) => e.sequence === 2)?.event.call?.destination, '', 'and none where there was none')
 })
+
+t.test('a scope past the field limit is cut too when every scope fits the count: not resent for ever', async (t) => {
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  t.teardown(() => c.close())
+  const sink = testSink(id, c.grpcAddress)
+  t.teardown(() => sink.close())
+  // One scope of 5,000 characters: within the count and the total, so the list was sent as it was,
+  // uncut, and the collector refused the batch (INVALID_ARGUMENT) at every resend.
+  sink.write({ ...event(1), credential: { binding: 'b', id: 'static:b', audience: 'http://x', scopes: ['read', 's'.repeat(5000)] } })
+  sink.write(event(2))
+  t.ok(await sink.waitForAck(2, 5000), 'both acked: the long scope did not hold back the next event')
+  const stored = await c.store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0), limit: 10 })
+  const scopes = stored.find((e) => e.sequence === 1)!.event.credential!.scopes
+  t.equal(scopes[0], 'read')
+  t.ok(scopes[1]!.startsWith('sss') && scopes[1]!.endsWith('…(cut)') && Buffer.byteLength(scopes[1]!) <= 4096, 'the long scope kept its start, marked as cut')
+})

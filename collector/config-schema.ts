@@ -24,7 +24,10 @@ export const collectorConfigSchema = {
           ...hostPort(15100),
           properties: {
             ...hostPort(15100).properties,
-            max_batch_bytes: { type: 'integer', minimum: 1024, default: 8 * 1024 * 1024 },
+            // At least twice the largest event the collector takes (MAX_EVENT_BYTES, 256 KiB): a sidecar
+            // sends smaller batches to a collector that refuses one as too large, but never less than
+            // one event, and one event past the limit was refused at every resend.
+            max_batch_bytes: { type: 'integer', minimum: 512 * 1024, default: 8 * 1024 * 1024 },
             max_clock_skew_ms: { type: 'integer', minimum: 0, maximum: 86_400_000, default: 300_000 },
             tls: {
               type: ['object', 'null'],

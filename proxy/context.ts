@@ -131,6 +131,12 @@ export interface CallContext {
   target: Target | null
   /** The upstream's path a Destination header names (WebDAV COPY, MOVE), once judged; else null. */
   destination: string | null
+  /**
+   * The methods a POSTed form, JSON or multipart body names as `_method` (what Laravel, Rails or
+   * Express act on instead), each judged as itself where the method matters; null for none. The
+   * trail records them with the method: an allowed `_method=DELETE` was recorded as a plain POST.
+   */
+  methodOverrides: string[] | null
   identity: Identity
   caller: CallerProcess | null
   decision: Decision | null

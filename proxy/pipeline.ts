@@ -119,6 +119,7 @@ export class Pipeline {
       method,
       target: null,
       destination: null,
+      methodOverrides: null,
       // Until identify runs, and for calls refused before it: the sidecar's agent, no task.
       identity: this.stages.identifier.unidentified,
       decision: null,
@@ -590,7 +591,11 @@ export class Pipeline {
     if (!(form || json || multipart) || !methodMatters(this.stages.decider, target, address)) return null
     uncheckableBody(req.headers['content-encoding'], type)
     const judge = (method: string) => {
-      if (method !== 'POST') this.judge(ctx, this.stages.decider.decide(method, target, address))
+      if (method === 'POST') return
+      // Recorded before it is judged: a refusal names it too.
+      if (!ctx.methodOverrides) ctx.methodOverrides = [method]
+      else if (!ctx.methodOverrides.includes(method)) ctx.methodOverrides.push(method)
+      this.judge(ctx, this.stages.decider.decide(method, target, address))
     }
     const scanners = [form && new FormOverrideScanner(judge), json && new JsonOverrideScanner(judge), multipart && new MultipartOverrideScanner(judge)].filter((x) => x !== false)
     return (chunk, last) => {
@@ -814,7 +819,8 @@ export class Pipeline {
       task: ctx.identity.taskId,
       user: ctx.identity.userSub,
       via: ctx.via,
-      method: ctx.method,
+      // `POST;_method=DELETE`: the upstream's framework acted on the body's method, judged as that.
+      method: ctx.methodOverrides ? `${ctx.method};_method=${ctx.methodOverrides.join(',')}` : ctx.method,
       scheme: t ? (ctx.via === 'connect' ? 'tunnel' : t.scheme) : null,
       // Handles removed: see withoutTaskHandles (a pass over the text only where `lkt_` or `%` is in it).
       // A host is one of the texts: `<handle>.example` is a name an agent can ask for (lower-cased, the handle

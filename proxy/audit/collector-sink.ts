@@ -61,6 +61,11 @@ export interface CollectorSinkStats {
 const WINDOW = 4
 const LINGER_MS = 20
 const BATCH_BYTES = 1024 * 1024
+/**
+ * The least a batch is cut to when the collector refuses one as too large: a record larger than
+ * the budget still goes alone (Spool.read), so this bounds only how small batches get.
+ */
+const MIN_BATCH_BYTES = 16 * 1024
 /** Events kept in memory while the spool cannot be written; past it refusals are counted dropped. */
 const MAX_UNWRITTEN = 20_000
 /** Events per append: what one all-or-nothing write must find room for. */
@@ -143,14 +148,18 @@ export function toProtoEvent(e: AuditEvent): ProtoEvent {
 /** Scopes within FIELD_LIMITS.scopes entries and SCOPES_TOTAL_BYTES in all; the rest are left out. */
 function fitScopes(scopes: string[]): string[] {
   let total = 0
+  let same = true
   const kept: string[] = []
   for (const s of scopes) {
     const one = fitUtf8(s, FIELD_LIMITS.default)
     total += Buffer.byteLength(one)
     if (kept.length === FIELD_LIMITS.scopes || total > SCOPES_TOTAL_BYTES) break
+    // A scope cut to the limit changes the list even when every one is kept: the uncut list was
+    // sent then, and the collector refused it at every resend.
+    if (one !== s) same = false
     kept.push(one)
   }
-  return kept.length === scopes.length ? scopes : kept
+  return same && kept.length === scopes.length ? scopes : kept
 }
 
 export class CollectorAuditSink implements AuditSink {
@@ -190,6 +199,13 @@ export class CollectorAuditSink implements AuditSink {
   private waitingSince = 0
   private readonly watchdog: NodeJS.Timeout
   private readonly ackTimeoutMs: number
+  /**
+   * A batch's byte budget: BATCH_BYTES, halved each time the collector refuses a message as larger
+   * than it takes (its collector.grpc.max_batch_bytes). A batch is BATCH_BYTES of records and a
+   * little more; a collector set to take 1 MiB refused it (RESOURCE_EXHAUSTED) at every resend,
+   * and nothing after it was delivered.
+   */
+  private batchBytes = BATCH_BYTES
 
   /** The token the stream in progress was opened with: what an error text is checked for. */
   private sentToken: string | null = null
@@ -461,8 +477,12 @@ export class CollectorAuditSink implements AuditSink {
     if (this.call !== call) return
     this.call = null
     if (this.closed) return
+    if (err && err.code === status.RESOURCE_EXHAUSTED && this.batchBytes > MIN_BATCH_BYTES) {
+      this.batchBytes = Math.max(MIN_BATCH_BYTES, Math.floor(this.batchBytes / 2))
+      this.log('error', { code: status[err.code], reason: err.details, batch_bytes: this.batchBytes }, 'audit stream to collector: a batch was refused as too large (collector.grpc.max_batch_bytes); sending smaller ones')
+    }
     if (err && err.code !== status.CANCELLED) {
-      const refused = err.code === status.UNAUTHENTICATED || err.code === status.PERMISSION_DENIED || err.code === status.INVALID_ARGUMENT
+      const refused = err.code === status.UNAUTHENTICATED || err.code === status.PERMISSION_DENIED || err.code === status.INVALID_ARGUMENT || err.code === status.RESOURCE_EXHAUSTED
       if (refused) this.refusedCode = status[err.code]
       const level = refused ? 'error' : 'warn'
       // Whatever answers at this address was sent the bearer token: its error text is logged only if it does not quote it.
@@ -485,7 +505,7 @@ export class CollectorAuditSink implements AuditSink {
     while (this.inflight < WINDOW) {
       let batch: ReturnType<Spool['read']>
       try {
-        batch = this.spool.read(this.cursor, this.o.batchEvents, BATCH_BYTES, this.stats.acked, this.spool.syncedSeq)
+        batch = this.spool.read(this.cursor, this.o.batchEvents, this.batchBytes, this.stats.acked, this.spool.syncedSeq)
       } catch (err) {
         // A segment that cannot be opened for reading (EMFILE): tried again on the next pump.
         // Said once a minute, not at every pump (a directory deleted under the sidecar gave 30 lines a second).

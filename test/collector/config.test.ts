@@ -23,6 +23,9 @@ t.test('mistakes are named by path', async (t) => {
   t.throws(bad({ sidecars: [{ id: 's', token_sha256: hash }, { id: 's', token_sha256: hash }] }), { message: /collector\.sidecars\[1\]\.id: duplicate sidecar id "s"/ })
   t.throws(bad({ sidecars: [], store: { kind: 'postgres' } }), { message: /collector\.store: missing required key "url"/ })
   t.throws(bad({}), { message: /collector: missing required key "sidecars"/ })
+  // Less than an event may be (256 KiB): the sidecar cannot send one such event in a batch the collector takes.
+  t.throws(bad({ sidecars: [], grpc: { max_batch_bytes: 256 * 1024 } }), { code: 'LK_CONFIG_INVALID', message: /collector\.grpc\.max_batch_bytes/ })
+  t.doesNotThrow(bad({ sidecars: [], grpc: { max_batch_bytes: 1024 * 1024 } }), '1 MiB is taken: the sidecar sends smaller batches to it')
   t.throws(() => loadCollectorConfig('/nonexistent/collector.yaml'), { message: /cannot read file: ENOENT/ })
 })
 

@@ -34,7 +34,7 @@ async function blackHoleRelay(target: number) {
   }
 }
 
-const event = (n: number) => sidecarEvent(n)
+const event = (n: number, o: Parameters<typeof sidecarEvent>[1] = {}) => sidecarEvent(n, o)
 
 t.test('a collector connection gone silent (no FIN, no RST): the sink notices, reconnects and delivers', async (t) => {
   const id = sidecarIdentity()
@@ -108,4 +108,37 @@ t.test('an event with fields past the collector limits is cut to them, not resen
   t.ok(cut.credential!.scopes.length > 0 && cut.credential!.scopes.length <= 256)
   t.equal(stored.find((e) => e.sequence === 2)?.event.call?.path, '/call/2')
   t.equal(stored.find((e) => e.sequence === 2)?.event.call?.destination, '', 'and none where there was none')
+})
+
+t.test('a scope past the field limit is cut too when every scope fits the count: not resent for ever', async (t) => {
+  const id = sidecarIdentity()
+  const c = await startTestCollector([id])
+  t.teardown(() => c.close())
+  const sink = testSink(id, c.grpcAddress)
+  t.teardown(() => sink.close())
+  // One scope of 5,000 characters: within the count and the total, so the list was sent as it was,
+  // uncut, and the collector refused the batch (INVALID_ARGUMENT) at every resend.
+  sink.write({ ...event(1), credential: { binding: 'b', id: 'static:b', audience: 'http://x', scopes: ['read', 's'.repeat(5000)] } })
+  sink.write(event(2))
+  t.ok(await sink.waitForAck(2, 5000), 'both acked: the long scope did not hold back the next event')
+  const stored = await c.store.eventsByAgent({ agent: 'agent:summarizer:test:a1', since: new Date(0), limit: 10 })
+  const scopes = stored.find((e) => e.sequence === 1)!.event.credential!.scopes
+  t.equal(scopes[0], 'read')
+  t.ok(scopes[1]!.startsWith('sss') && scopes[1]!.endsWith('…(cut)') && Buffer.byteLength(scopes[1]!) <= 4096, 'the long scope kept its start, marked as cut')
+})
+
+t.test('a collector that takes smaller batches than the sidecar sends (max_batch_bytes) gets smaller ones, not the same one for ever', async (t) => {
+  const id = sidecarIdentity()
+  // 1 MiB: what a sidecar's batch holds in records, and a little less than its message.
+  const c = await startTestCollector([id], { raw: { grpc: { host: '127.0.0.1', port: 0, max_batch_bytes: 1 << 20 } } })
+  t.teardown(() => c.close())
+  const logs: string[] = []
+  const sink = testSink(id, c.grpcAddress, { onLog: (_level, _fields, msg) => void logs.push(msg) })
+  t.teardown(() => sink.close())
+  // An agent's burst of calls with paths near node:http's 16 KiB limit: spooled before the first sync, sent as one batch.
+  for (let n = 1; n <= 100; n++) sink.write(event(n, { path: `/${'p'.repeat(15_000)}/${n}` }))
+  t.ok(await sink.waitForAck(100, 8000), 'every event acked')
+  t.equal(c.ingest.stats.stored, 100)
+  t.ok(logs.some((m) => m.includes('refused as too large')), 'the refusal is said, at error level')
+  t.equal(sink.refusedCode, null, 'and no longer refused once a batch is acked')
 })

@@ -304,6 +304,10 @@ t.test('a method override in a POSTed form is judged as the method it names, whe
   t.equal(upstream.requests.length, before, 'and that form never reached the upstream whole')
   const audit = await s.audit()
   t.match(audit.find((e) => e.status === 403), { method: 'POST', decision: 'deny', rule: 'no-delete', bytes_in: 0 })
+  // The trail says which method the framework acted on: an allowed override was a plain POST in it
+  // (`latchkey audit | grep DELETE` found nothing), and a refused one a POST denied by a DELETE rule.
+  t.equal(audit.find((e) => e.status === 403)?.method, 'POST;_method=DELETE', 'the refused override is recorded with the method')
+  t.same(audit.filter((e) => e.status === 200).map((e) => e.method), ['POST;_method=PUT', 'POST', 'POST', 'POST', 'POST'], 'so is an allowed one; a form naming none is a POST')
   assertNoCanary(t, s, ...seen)
 })
 

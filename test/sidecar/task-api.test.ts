@@ -198,6 +198,23 @@ t.test('a task handle an agent writes into a path or a route name is never audit
   t.ok(events.some((e) => e.reason === 'no route named "lkt_[removed]"'), 'so is the reason quoting a route name')
 })
 
+t.test('a path holding an encoded handle is recorded as it was sent, the handle alone removed', async (t) => {
+  const { upstream, s } = await startBearerRig(t)
+  const { handle: task } = await openTask(s, 'p')
+  const get = (target: string) => rawRequest(s.sidecar.port, `GET ${target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  // Anything handle-shaped made the whole path recorded decoded: `%2F` as `/`, an encoded
+  // Cyrillic `а` as the letter, which reads as "admin"; never what the upstream got.
+  const fake = `/x%2F..%2Fy/%6Ckt_${'A'.repeat(22)}/%D0%B0dmin`
+  t.equal((await get(`${upstream.origin}${fake}`)).status, 200)
+  // A second handle, encoded three times: the decoding that found the first left it encoded twice.
+  t.equal((await get(`${upstream.origin}/a/%6Ckt_${task.slice(4)}/b/%25256Ckt_${task.slice(4)}/c%3F`)).status, 200)
+  await new Promise((r) => setTimeout(r, 100))
+  const audit = readFileSync(s.auditPath, 'utf8')
+  const paths = audit.trim().split('\n').map((l) => (JSON.parse(l) as { path: string | null }).path)
+  t.same(paths, ['/x%2F..%2Fy/lkt_[removed]/%D0%B0dmin', '/a/lkt_[removed]/b/lkt_[removed]/c%3F'], 'each path as sent, its handles removed')
+  t.notOk(audit.toLowerCase().includes(task.slice(4).toLowerCase()), 'no event holds the handle')
+})
+
 t.test("a task handle an agent writes into another task's purpose is neither listed nor logged", async (t) => {
   const { s } = await startBearerRig(t)
   const { handle: parent } = await openTask(s, 'parent')

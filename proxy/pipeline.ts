@@ -333,15 +333,16 @@ export class Pipeline {
   }
 
   /**
-   * A response's Location as relayed to the agent (see forward/route-location.ts), or null for a
-   * redirect back to the sidecar itself: the agent's client follows redirects on its own (fetch
-   * does, and keeps the method and body on a 307 or 308), so an upstream could have it make a
-   * call it never chose, on a route, with that route's credential. No upstream has cause to name
-   * the sidecar: it is never told the sidecar's address.
+   * A URL a response names (a Location, a Link's, an operation's status URL) as relayed to the
+   * agent (see forward/route-location.ts), or null for one back to the sidecar itself: the agent's
+   * client follows redirects on its own (fetch does, and keeps the method and body on a 307 or
+   * 308), and pollers and paginators follow the others, so an upstream could have it make a call
+   * it never chose, on a route, with that route's credential. No upstream has cause to name the
+   * sidecar: it is never told the sidecar's address.
    */
-  readonly relocate = (location: string, target: Target, redirect: boolean): string | null => {
+  readonly relocate = (location: string, target: Target): string | null => {
     const resolved = resolveLocation(location, target)
-    if (redirect && resolved !== null && this.namesSidecar(resolved)) return null
+    if (resolved !== null && this.namesSidecar(resolved)) return null
     const upstream = target.route === null ? undefined : this.stages.routes.get(target.route)
     return upstream ? locationThroughRoute(location, resolved, target, upstream) : location
   }

@@ -35,11 +35,11 @@ const NO_BYTES = Buffer.alloc(0)
 const RELEASE_MS = 20
 
 /**
- * A response's Location as the agent is to get it (`redirect`: the status is a 3xx, which
- * clients follow by themselves), or null when the response must not reach the agent: see
+ * A URL a response names (a Location, a Link's, FOLLOWED_URLS') as the agent is to get it, or
+ * null when it names the sidecar itself (a redirect is then refused, any other dropped): see
  * Pipeline.relocate.
  */
-export type Relocate = (location: string, target: Target, redirect: boolean) => string | null
+export type Relocate = (location: string, target: Target) => string | null
 
 /**
  * Puts the response's Set-Cookie headers (`headers`, changed in place) under the reverse route
@@ -198,13 +198,13 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     for (const name of FOLLOWED_URLS) {
       const url = clean[name]
       if (typeof url !== 'string') continue
-      const relayed = this.relocate(url, target, true)
+      const relayed = this.relocate(url, target)
       if (relayed === null) delete clean[name]
       else clean[name] = relayed
     }
     const link = clean.link
     if (link !== undefined) {
-      const links = (Array.isArray(link) ? link : [link]).map((l) => relocateLinkValue(l, (uri) => this.relocate(uri, target, true))).filter((l) => l !== '')
+      const links = (Array.isArray(link) ? link : [link]).map((l) => relocateLinkValue(l, (uri) => this.relocate(uri, target))).filter((l) => l !== '')
       if (links.length === 0) delete clean.link
       else clean.link = links.length === 1 ? links[0]! : links
     }
@@ -234,12 +234,20 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
         // is this host's port 15001 to Python's urllib).
         if (locations.some((l) => resolveLocation(l, this.ctx.target!) === null)) return this.refuseLocation('the upstream redirected to a Location that is not a URL')
       }
-      // Which of two a client follows is its own choice: a redirect names one place.
-      const relayed = Array.isArray(location) ? (redirect ? null : location.map((l) => this.relocate(l, this.ctx.target!, false) ?? l)) : this.relocate(location, this.ctx.target!, redirect)
-      if (relayed === null) {
-        return this.refuseLocation(Array.isArray(location) ? 'the upstream redirected to more than one Location' : "the upstream redirected to this sidecar's own address, where following it would make another call, with another credential")
+      if (redirect) {
+        // Which of two a client follows is its own choice: a redirect names one place.
+        const relayed = Array.isArray(location) ? null : this.relocate(location, this.ctx.target!)
+        if (relayed === null) {
+          return this.refuseLocation(Array.isArray(location) ? 'the upstream redirected to more than one Location' : "the upstream redirected to this sidecar's own address, where following it would make another call, with another credential")
+        }
+        ;(clean as Record<string, string>).location = relayed
+      } else {
+        // Outside a redirect a Location is followed by the clients that choose to (an Azure SDK's
+        // poller, on a 202): one naming the sidecar is dropped, as such a Link is, the call answered.
+        const kept = (Array.isArray(location) ? location : [location]).map((l) => this.relocate(l, this.ctx.target!)).filter((l) => l !== null)
+        if (kept.length === 0) delete clean.location
+        else (clean as Record<string, string | string[]>).location = kept.length === 1 ? kept[0]! : kept
       }
-      ;(clean as Record<string, string | string[]>).location = relayed
     }
     // The other URLs a client follows by itself: pagination's `Link: <…>; rel="next"` (Octokit,
     // the GitLab and Stripe SDKs), Content-Location, and a long-running operation's status URL

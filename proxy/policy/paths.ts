@@ -254,6 +254,18 @@ export function globAsAutomaton(glob: string, deny: boolean): PathMatcher {
 }
 
 /**
+ * Wildcards (`*`, `**`, `?`) a path glob may hold. A path is judged in linear time, but past the
+ * states a GlobAutomaton keeps each wildcard adds a pass over it: on a 16 KB path 64 `?*` pairs
+ * took 29 ms a reading and 200 `*a` 89 ms, where 32 stay under a millisecond.
+ */
+export const MAX_GLOB_WILDCARDS = 32
+
+/** The wildcards of a glob as parseGlob reads them (`**` is one). */
+export function globWildcards(glob: string): number {
+  return glob.match(/\*\*|\*|\?/g)?.length ?? 0
+}
+
+/**
  * Compiles a glob: `*` one segment's worth, `?` one character (encoded or not), `**` any depth,
  * none included where it is a whole segment (parseGlob): `/x/**` also matches `/x`, and a `**`
  * segment between two others may stand for none. Readings are URL-encoded (the parser writes `é` as `%C3%A9`, a space as `%20`),
@@ -272,18 +284,6 @@ export function globAsAutomaton(glob: string, deny: boolean): PathMatcher {
  * backtracking finds at the cost of that segment at most, and an ending is tried once. Any other
  * glob is a GlobAutomaton, which follows every way of matching at once.
  */
-/**
- * Wildcards (`*`, `**`, `?`) a path glob may hold. A path is judged in linear time, but past the
- * states a GlobAutomaton keeps each wildcard adds a pass over it: on a 16 KB path 64 `?*` pairs
- * took 29 ms a reading and 200 `*a` 89 ms, where 32 stay under a millisecond.
- */
-export const MAX_GLOB_WILDCARDS = 32
-
-/** The wildcards of a glob as parseGlob reads them (`**` is one). */
-export function globWildcards(glob: string): number {
-  return glob.match(/\*\*|\*|\?/g)?.length ?? 0
-}
-
 export function compileGlob(glob: string, deny: boolean): PathMatcher {
   const parsed = parseGlob(glob, deny)
   const { parts } = parsed

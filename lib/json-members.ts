@@ -2,6 +2,7 @@
 // value, while another reader (Go's encoding/json takes the last too, others the first or refuse)
 // may take another, so a text that could be read two ways is refused where it matters (signed
 // tokens, the task API, the broker's revocations).
+import { STRICT_UTF8 } from './strict-utf8.js'
 
 /**
  * The first member name that appears twice in one object of a JSON text, compared unescaped
@@ -37,4 +38,27 @@ export function memberNamedTwice(json: string): string | undefined {
 export function shownMemberName(name: string, known?: ReadonlySet<string>): string {
   const shown = known ? known.has(name) : /^[A-Za-z0-9_.:-]{1,64}$/.test(name)
   return shown ? `"${name}"` : 'a member'
+}
+
+/**
+ * A request body read as one JSON text, or what is wrong with it, said as a refusal says it: not
+ * UTF-8 (RFC 8259 §8.1; a byte order mark is kept, and is not JSON), not JSON, or a member named
+ * twice in one object, which JSON.parse takes the last of while the sender may have meant the
+ * first (`fields`: the names such an error may quote).
+ */
+export function parseJsonBody(body: Uint8Array, fields: ReadonlySet<string>): { value: unknown } | { problem: string } {
+  let text: string
+  try {
+    text = STRICT_UTF8.decode(body)
+  } catch {
+    return { problem: 'body is not valid UTF-8' }
+  }
+  let value: unknown
+  try {
+    value = JSON.parse(text)
+  } catch {
+    return { problem: 'body is not JSON' }
+  }
+  const twice = memberNamedTwice(text)
+  return twice === undefined ? { value } : { problem: `body names ${shownMemberName(twice, fields)} twice (which one counts is ambiguous)` }
 }

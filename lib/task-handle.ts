@@ -2,6 +2,7 @@
 // sidecar's task registry, recognised by the sidecar (never sent upstream) and by the broker
 // (never stored as a task ID): one definition of its shape for all three.
 import { randomBytes } from 'node:crypto'
+import { STRICT_UTF8 } from './strict-utf8.js'
 
 /** `lkt_` and 128 random bits in base64url (22 characters). */
 export const TASK_HANDLE = /lkt_[A-Za-z0-9_-]{22}/
@@ -78,8 +79,6 @@ function removeSpans(text: string, decoded: string, from: number[]): string {
   return out + text.slice(at)
 }
 
-const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
-
 /**
  * One round of decodeURIComponent (null where it would throw), with where each decoded UTF-16
  * unit starts in `text` (`from[text.length]`: its end).
@@ -106,7 +105,7 @@ function decodeMapped(text: string): { text: string; from: number[] } | null {
     }
     let run: string
     try {
-      run = UTF8.decode(Uint8Array.from(bytes))
+      run = STRICT_UTF8.decode(Uint8Array.from(bytes))
     } catch {
       return null
     }

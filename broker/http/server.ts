@@ -25,13 +25,11 @@ import { MAX_AGENT_ID } from '../attest/attestor.js'
 import { TASK_HANDLE } from '../../lib/task-handle.js'
 import type { Logger } from '../../lib/log.js'
 import { storeCause } from '../../lib/store-schema.js'
-import { memberNamedTwice, shownMemberName } from '../../lib/json-members.js'
+import { parseJsonBody } from '../../lib/json-members.js'
 
 /** What a 404 lists, so a client that misspelled a path sees the right one. */
 const ENDPOINTS = 'POST /oauth2/token, POST /oauth2/introspect, GET /.well-known/jwks.json, GET /.well-known/oauth-authorization-server, GET /healthz, GET /readyz, GET /metrics, and the admin API under /v1/revocations'
 const ADMIN_ENDPOINTS = 'GET /v1/revocations, POST /v1/revocations, DELETE /v1/revocations/<agent|task|jti>/<value>'
-
-const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 
 /** What a revocation is posted with. */
 const REVOCATION_FIELDS: ReadonlySet<string> = new Set(['kind', 'value', 'reason'])
@@ -164,22 +162,18 @@ export function createBrokerServer(d: BrokerHttpDeps): { server: Server; metrics
       return
     }
     if (path === '/v1/revocations' && req.method === 'POST') {
-      let input: { kind?: unknown; value?: unknown; reason?: unknown }
-      let text: string
+      let parsed: ReturnType<typeof parseJsonBody>
       try {
-        // RFC 8259 §8.1: UTF-8, strictly (toString read other bytes as U+FFFD: a reason stored that
-        // the operator never wrote). A byte order mark is kept, and is not JSON.
-        text = UTF8.decode(await readBody(req, d.maxBodyBytes))
-        input = JSON.parse(text) as typeof input
+        // Strict UTF-8 (a reason the operator never wrote was stored from other bytes as U+FFFD),
+        // and no member named twice ({"kind":"task","value":A,…,"value":B}: which was meant is a guess).
+        parsed = parseJsonBody(await readBody(req, d.maxBodyBytes), REVOCATION_FIELDS)
       } catch (err) {
         const tooBig = err instanceof BodyTooLarge
-        const notUtf8 = (err as NodeJS.ErrnoException).code === 'ERR_ENCODING_INVALID_ENCODED_DATA'
-        send(res, tooBig ? 413 : 400, JSON.stringify({ error: 'invalid_request', error_description: tooBig ? 'body too large' : notUtf8 ? 'body is not valid UTF-8' : 'body is not JSON' }), NO_STORE)
+        send(res, tooBig ? 413 : 400, JSON.stringify({ error: 'invalid_request', error_description: tooBig ? 'body too large' : 'body is not JSON' }), NO_STORE)
         return
       }
-      // {"kind":"task","value":A,…,"value":B}: the revocation an operator meant is a guess.
-      const twice = memberNamedTwice(text)
-      const problem = twice !== undefined ? `body names ${shownMemberName(twice, REVOCATION_FIELDS)} twice (which one counts is ambiguous)` : revocationProblem(input)
+      const input = ('value' in parsed ? parsed.value : undefined) as { kind?: unknown; value?: unknown; reason?: unknown }
+      const problem = 'problem' in parsed ? parsed.problem : revocationProblem(input)
       if (problem) {
         send(res, 400, JSON.stringify({ error: 'invalid_request', error_description: problem }), NO_STORE)
         return

@@ -11,15 +11,13 @@ import type { CredentialBinding, CredentialSource, Identity, TaskRef } from '../
 import { LatchkeyError } from '../errors.js'
 import { TaskError, type Task, type TaskRegistry } from './registry.js'
 import { isCompactJws } from '../../lib/oauth.js'
-import { memberNamedTwice, shownMemberName } from '../../lib/json-members.js'
+import { parseJsonBody } from '../../lib/json-members.js'
 
 const MAX_BODY = 65_536
 /** Open tasks one sidecar holds at most: far more than one agent's work, far less than its memory. */
 export const MAX_OPEN_TASKS = 10_000
 
 class BodyTooLarge extends TaskError {}
-
-const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 
 /** What a task is opened with: anything else is refused, by name when it reads as one. */
 const TASK_FIELDS: ReadonlySet<string> = new Set(['purpose', 'duration_s', 'user_token', 'audiences'])
@@ -69,24 +67,11 @@ async function readJson(req: IncomingMessage): Promise<unknown> {
     if (size > MAX_BODY) throw new BodyTooLarge(`body exceeds ${MAX_BODY} bytes`)
     chunks.push(c)
   }
-  // RFC 8259 §8.1: UTF-8. toString('utf8') read other bytes as U+FFFD, so a task opened with a
-  // purpose (or a user token) the agent never sent. A byte order mark is kept, and is not JSON.
-  let text: string
-  try {
-    text = UTF8.decode(Buffer.concat(chunks))
-  } catch {
-    throw new TaskError('body is not valid UTF-8')
-  }
-  let body: unknown
-  try {
-    body = JSON.parse(text)
-  } catch {
-    throw new TaskError('body is not JSON')
-  }
-  // {"user_token": A, …, "user_token": B}: JSON.parse takes B; which one the agent meant is a guess.
-  const twice = memberNamedTwice(text)
-  if (twice !== undefined) throw new TaskError(`body names ${shownMemberName(twice, TASK_FIELDS)} twice (which one counts is ambiguous)`)
-  return body
+  // Strict UTF-8 (a purpose or user token the agent never sent was read from other bytes as
+  // U+FFFD), and no member named twice ({"user_token": A, …, "user_token": B}: which one it meant is a guess).
+  const parsed = parseJsonBody(Buffer.concat(chunks), TASK_FIELDS)
+  if ('problem' in parsed) throw new TaskError(parsed.problem)
+  return parsed.value
 }
 
 /** Handles /v1/tasks…; returns false for any other path. */

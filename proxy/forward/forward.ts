@@ -194,20 +194,22 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
 
   /** Each URL of FOLLOWED_URLS and each Link URI relayed as relocate gives them (see onResponseStart); one it refuses is dropped. */
   private relocateLinks(clean: Record<string, string | string[] | undefined>): void {
-    const target = this.ctx.target!
-    for (const name of FOLLOWED_URLS) {
-      const url = clean[name]
-      if (typeof url !== 'string') continue
-      const relayed = this.relocate(url, target)
-      if (relayed === null) delete clean[name]
-      else clean[name] = relayed
-    }
+    for (const name of FOLLOWED_URLS) if (clean[name] !== undefined) this.relocateEach(clean, name)
     const link = clean.link
     if (link !== undefined) {
+      const target = this.ctx.target!
       const links = (Array.isArray(link) ? link : [link]).map((l) => relocateLinkValue(l, (uri) => this.relocate(uri, target))).filter((l) => l !== '')
       if (links.length === 0) delete clean.link
       else clean.link = links.length === 1 ? links[0]! : links
     }
+  }
+
+  /** `clean[name]`, one URL or several, as relocate gives each: one it refuses is left out, the header dropped when none is left. */
+  private relocateEach(clean: Record<string, string | string[] | undefined>, name: string): void {
+    const value = clean[name]!
+    const kept = (Array.isArray(value) ? value : [value]).map((url) => this.relocate(url, this.ctx.target!)).filter((url) => url !== null)
+    if (kept.length === 0) delete clean[name]
+    else clean[name] = kept.length === 1 ? kept[0]! : kept
   }
 
   onResponseStart(_c: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders, statusMessage?: string): void {
@@ -244,16 +246,14 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
       } else {
         // Outside a redirect a Location is followed by the clients that choose to (an Azure SDK's
         // poller, on a 202): one naming the sidecar is dropped, as such a Link is, the call answered.
-        const kept = (Array.isArray(location) ? location : [location]).map((l) => this.relocate(l, this.ctx.target!)).filter((l) => l !== null)
-        if (kept.length === 0) delete clean.location
-        else (clean as Record<string, string | string[]>).location = kept.length === 1 ? kept[0]! : kept
+        this.relocateEach(clean as Record<string, string | string[] | undefined>, 'location')
       }
     }
     // The other URLs a client follows by itself: pagination's `Link: <…>; rel="next"` (Octokit,
     // the GitLab and Stripe SDKs), Content-Location, and a long-running operation's status URL
     // (FOLLOWED_URLS). On a route they are put under it as a Location is; one naming the sidecar
     // is dropped, as such a redirect is refused.
-    if (clean.link !== undefined || namesFollowedUrl(clean)) this.relocateLinks(clean as Record<string, string | string[] | undefined>)
+    this.relocateLinks(clean as Record<string, string | string[] | undefined>)
     const { binding, credential } = this.ctx
     if (binding && credential) {
       // Every credential the source holds for the binding, not only this call's: an upstream that
@@ -640,12 +640,6 @@ function cut(res: ServerResponse): void {
   const socket = res.socket
   if (!framed && socket !== null && !socket.destroyed) socket.resetAndDestroy()
   else res.destroy()
-}
-
-/** Whether a response head holds one of FOLLOWED_URLS (a loop, not `some`: no closure made per response). */
-function namesFollowedUrl(head: IncomingHttpHeaders): boolean {
-  for (let i = 0; i < FOLLOWED_URLS.length; i++) if (head[FOLLOWED_URLS[i]!] !== undefined) return true
-  return false
 }
 
 /**

@@ -22,7 +22,7 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
         return true
       }
       if (u.pathname === '/links') {
-        const lro = { 'operation-location': u.searchParams.get('op')!, 'azure-asyncoperation': u.searchParams.get('async')! }
+        const lro = { 'operation-location': u.searchParams.getAll('op'), 'azure-asyncoperation': u.searchParams.get('async')! }
         res.writeHead(200, { link: u.searchParams.get('link')!, 'content-location': u.searchParams.get('cl')!, ...lro }).end('[]')
         return true
       }
@@ -99,6 +99,10 @@ t.test('redirects stay on their route and never lead back into the sidecar', asy
     t.equal(routed.headers['azure-asyncoperation'], undefined, "a status URL naming the sidecar's own address is dropped")
     const routedAsync = await ask('/search/links', `${search.origin}/../billing/operations/9`)
     t.equal(routedAsync.headers['azure-asyncoperation'], '/search/billing/operations/9', 'Azure-AsyncOperation climbing out of its route is put back under it')
+    // Sent twice, each is looked at: one naming the sidecar is dropped, the other put under the route.
+    const twice = await rawRequest(s.sidecar.port, `GET /search/links?op=${encodeURIComponent(`http://localhost:${port}/billing/charge`)}&op=${encodeURIComponent(op)}&link=x&cl=x&async=x HTTP/1.1\r\nHost: ${lk}\r\nConnection: close\r\n\r\n`)
+    seen.push(twice.raw)
+    t.same(twice.raw.split('\r\n').filter((l) => /^operation-location:/i.test(l)).map((l) => l.slice(20)), ['/search/operations/41?api-version=2024-10-21'], 'of two Operation-Locations, the one naming the sidecar is dropped')
     // In absolute-form the agent resolves them against the upstream itself: only the sidecar's is dropped.
     const absolute = await ask(`http://127.0.0.1:${search.port}/links`)
     seen.push(absolute.raw)

@@ -76,7 +76,7 @@ export class SidecarMetrics {
 
   readonly droppedConnections = new Counter({
     name: 'latchkey_connections_dropped_total',
-    help: 'Connections closed because their port was at its connection limit (the proxy port: new ones, unread; the admin port: the oldest not being answered), or that could not be accepted, by port',
+    help: 'Connections closed because their port was at its connection limit (the oldest holding no call on the proxy port, not being answered on the admin port, else the new one, unread), or that could not be accepted, by port',
     labelNames: ['port'] as const,
     registers: [this.registry],
   })

@@ -30,7 +30,7 @@ import { SidecarMetrics } from './metrics.js'
 import { createListener } from './listen/server.js'
 import { ownHosts } from './listen/local-caller.js'
 import { createAdminServer, MAX_ADMIN_CONNECTIONS } from './admin.js'
-import { capConnections, capEvictingIdle, oncePer, openFileLimit } from './listen/cap.js'
+import { capEvictingIdle, capProxyConnections, oncePer, openFileLimit } from './listen/cap.js'
 import { compileNetworkPolicy } from './resolve/network-policy.js'
 import { DnsResolver } from './resolve/resolver.js'
 import type { AuditSink, Resolver } from './context.js'
@@ -341,7 +341,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
 
   // Created (not yet listening) before the control stream starts: a revocation it delivers,
   // even one reloaded from the state file, closes this server's idle connections.
-  const { server, openStreams, closeIdleConnections, heldTunnels } = createListener(pipeline, {
+  const { server, openStreams, closeIdleConnections, heldTunnels, inTunnel } = createListener(pipeline, {
     allowRemoteClients: sc.allow_remote_clients,
     clientHeadersTimeoutMs: sc.timeouts.client_headers_ms,
     connectTimeoutMs: sc.timeouts.connect_ms,
@@ -457,7 +457,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   secretsWatcher = config.secrets.file
     ? new SecretsFileWatcher(config.secrets.file, secrets, (candidate) => unsendableSecrets(config, candidate)[0]?.message ?? null, onSecretsReload, config.secrets.reload_interval_ms, secretsAtStart)
     : undefined
-  capConnections(server, sc.max_connections, 'proxy', 'sidecar.max_connections', metrics, log)
+  capProxyConnections(server, sc.max_connections, inTunnel, metrics, log)
   capEvictingIdle(admin, MAX_ADMIN_CONNECTIONS, metrics, log)
   const fileLimit = openFileLimit()
   if (fileLimit !== null && fileLimit < 2 * sc.max_connections + MAX_ADMIN_CONNECTIONS + 64) {

@@ -69,7 +69,7 @@ export interface Config {
       upstream_idle_ms: number
     }
     max_pools: number
-    /** Open connections to the proxy port at once; past it new ones are closed unread (listen/cap.ts). */
+    /** Open connections to the proxy port at once; past it a new one closes the oldest carrying no call, or is closed unread (listen/cap.ts). */
     max_connections: number
     /**
      * Where task-scoped tokens come from. Required when any credential has source: broker.

@@ -1,25 +1,20 @@
-// A cap on a listening port's open connections, shared by the proxy and admin ports. Past it node
-// closes a new connection before reading a byte (its 'drop' event): a flood of idle sockets cannot
-// take the descriptors that upstream dials and the audit file need. Without it, at the process's
-// descriptor limit libuv accepted and closed connections itself, with no log line, and dials then
-// failed with EMFILE. Drops are counted, and logged at most once per burst, naming the limit.
-// The admin port's cap makes room instead (capEvictingIdle): there, the oldest connection not
-// being answered goes, so that a flood of held connections cannot keep its probes out.
+// A cap on a listening port's open connections, shared by the proxy and admin ports: a flood of
+// sockets cannot take the descriptors that upstream dials and the audit file need. Without it, at
+// the process's descriptor limit libuv accepted and closed connections itself, with no log line,
+// and dials then failed with EMFILE. At the cap a new connection makes room by closing the oldest
+// one that holds nothing (capMakingRoom), so that a flood of idle or half-sent sockets cannot keep
+// the agent's calls, or the admin port's probes, out; with none, the new one is closed unread.
+// Each closed is counted, and logged at most once per burst, naming the limit.
 import { readFileSync } from 'node:fs'
 import type { Server as HttpServer } from 'node:http'
 import type { Server, Socket } from 'node:net'
 import type { Logger } from '../../lib/log.js'
 import type { SidecarMetrics } from '../metrics.js'
 import { owedResponse } from '../pipeline.js'
+import { closingSockets } from './linger.js'
 
 /** One warn line per this many ms at most, however many connections a flood brings. */
 const LOG_EVERY_MS = 10_000
-
-export function capConnections(server: Server, max: number, port: 'proxy' | 'admin', setting: string, metrics: SidecarMetrics, log: Logger): void {
-  server.maxConnections = max
-  server.on('drop', dropCounter(port, max, `${port} port at its limit of ${max} open connections (${setting}): new connections are closed unread`, metrics, log))
-  acceptErrors(server, port, metrics, log)
-}
 
 /** Counts each dropped connection; logs at most once per LOG_EVERY_MS, with how many went since. */
 function dropCounter(port: 'proxy' | 'admin', max: number, message: string, metrics: SidecarMetrics, log: Logger): () => void {
@@ -35,27 +30,44 @@ function dropCounter(port: 'proxy' | 'admin', max: number, message: string, metr
 }
 
 /**
- * The admin port's cap. Any local process reaches the admin port (an agent opens its tasks
- * there), and with the proxy port's rule 256 connections held half-sent, each opened again as
- * the headers timeout closed it, kept kubelet's probes and Prometheus out for as long as they
- * were held. Here a connection past the cap closes the oldest one not being answered: idle
- * between requests, or still sending its request (head or body). A probe's connection, the
- * newest, sends its request at once and is answered in milliseconds: a flood cannot keep it
- * out. Only when every connection holds a whole request being answered is the new one closed.
+ * The proxy port's cap. Any local process reaches the port, and closing the new connection at the
+ * cap let 1,024 connections held half-sent (each opened again as the headers timeout closed it),
+ * or kept alive idle by an agent's own oversized pool, keep every call out for as long as they
+ * were held. Here a connection past the cap closes the oldest one carrying no call: idle between
+ * requests, or its request head still arriving. A call being answered (its body still arriving
+ * too: it was admitted), one answered and closing (linger.ts: cut, its answer could be lost to the
+ * reset) and a connection taken over (a tunnel, a WebSocket: `parser` gone, or `inTunnel`, a
+ * plaintext tunnel read by another parser) are calls, and keep their place.
+ */
+export function capProxyConnections(server: HttpServer, max: number, inTunnel: (s: Socket) => boolean, metrics: SidecarMetrics, log: Logger): void {
+  const holdsNoCall = (s: Socket) => (s as Socket & { parser?: unknown }).parser != null && owedResponse(s) === null && !closingSockets.has(s) && !inTunnel(s)
+  capMakingRoom(server, max, 'proxy', holdsNoCall, `proxy port at its limit of ${max} open connections (sidecar.max_connections): for each new one the oldest carrying no call (idle, or its request head still arriving) is closed; with none, the new one is closed unread`, metrics, log)
+}
+
+/**
+ * The admin port's cap: past it the oldest connection not being answered goes (idle between
+ * requests, or still sending its request, head or body). A probe's connection, the newest, sends
+ * its request at once and is answered in milliseconds: a flood cannot keep kubelet's probes and
+ * Prometheus out. Only when every connection holds a whole request being answered is the new one closed.
  */
 export function capEvictingIdle(server: HttpServer, max: number, metrics: SidecarMetrics, log: Logger): void {
+  const notAnswered = (s: Socket) => !owedResponse(s)?.req.complete
+  capMakingRoom(server, max, 'admin', notAnswered, `admin port at its limit of ${max} open connections (fixed): for each new one the oldest not being answered (idle, or still sending its request) is closed`, metrics, log)
+}
+
+function capMakingRoom(server: HttpServer, max: number, port: 'proxy' | 'admin', closable: (s: Socket) => boolean, message: string, metrics: SidecarMetrics, log: Logger): void {
   /** Open connections, oldest first (a Set keeps insertion order). */
   const open = new Set<Socket>()
-  const dropped = dropCounter('admin', max, `admin port at its limit of ${max} open connections (fixed): for each new one the oldest not being answered (idle, or still sending its request) is closed`, metrics, log)
+  const dropped = dropCounter(port, max, message, metrics, log)
   server.on('connection', (socket: Socket) => {
+    // Refused already (the proxy port's remote peers): it takes no place.
+    if (socket.destroyed) return
     open.add(socket)
     socket.once('close', () => open.delete(socket))
     if (open.size <= max) return
     let victim: Socket = socket
     for (const s of open) {
-      // Being answered: a response owed on it, to a request whole. A request still arriving is
-      // not being answered yet: a slow-loris's head or body holds no place.
-      if (s !== socket && !owedResponse(s)?.req.complete) {
+      if (s !== socket && closable(s)) {
         victim = s
         break
       }
@@ -64,7 +76,7 @@ export function capEvictingIdle(server: HttpServer, max: number, metrics: Sideca
     victim.destroy()
     dropped()
   })
-  acceptErrors(server, 'admin', metrics, log)
+  acceptErrors(server, port, metrics, log)
 }
 
 function acceptErrors(server: Server, port: 'proxy' | 'admin', metrics: SidecarMetrics, log: Logger): void {

@@ -45,6 +45,8 @@ export interface Listener {
   closeIdleConnections: (code: ErrorCode, reason: string) => void
   /** Plaintext tunnels whose CONNECT is a live call (a cut reaches it), which is no call in flight: the requests inside are. */
   heldTunnels: () => number
+  /** Whether the socket is a plaintext tunnel's, read by the inner server (a call, whatever its parser holds). */
+  inTunnel: (socket: Socket) => boolean
 }
 
 export function createListener(pipeline: Pipeline, opts: ListenerOptions): Listener {
@@ -136,7 +138,7 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): Liste
     for (const ctx of adopted.values()) if (ctx.liveSocket !== null) n++
     return n
   }
-  return { server, openStreams, closeIdleConnections, heldTunnels }
+  return { server, openStreams, closeIdleConnections, heldTunnels, inTunnel: (socket) => tunnels.has(socket) }
 
   /** An h2c offer declined (listen/h2c.ts): the request, without it, and what followed it, parsed again as plain HTTP/1.1 on the same connection. */
   function parseAgain(into: Server, req: IncomingMessage, socket: Socket, head: Buffer): void {

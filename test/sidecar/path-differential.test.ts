@@ -104,13 +104,13 @@ function climbs(from: string, to: readonly string[], separators = SEPARATORS): s
   return out
 }
 
-/** Sends each request, a few at a time, each on its own connection closed after its answer. */
+/** Sends each request, a few at a time, each on its own connection closed after its answer (a generous quiet wait: only a sidecar that fails to close waits it out). */
 async function sendAll(port: number, requests: readonly string[], inTunnel: boolean): Promise<RawResponse[]> {
   const answers: RawResponse[] = new Array(requests.length)
   let next = 0
   const worker = async () => {
     for (let i = next++; i < requests.length; i = next++) {
-      const r = await rawRequest(port, requests[i]!, 2_000)
+      const r = await rawRequest(port, requests[i]!, 5_000)
       answers[i] = inTunnel ? insideTunnel(r) : r
     }
   }

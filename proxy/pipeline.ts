@@ -85,8 +85,12 @@ export function proxyCredentialOf(headers: IncomingHttpHeaders, tunnel: TunnelOr
 }
 
 
-/** Query parameters by which frameworks act on another method than the request line's. */
-const METHOD_OVERRIDE_PARAMS = ['_method']
+/**
+ * Query parameters by which frameworks act on another method than the request line's: Laravel's,
+ * Symfony's and Express's `_method`, and Salesforce's REST API's `_HttpMethod` (a POST with
+ * `?_HttpMethod=DELETE` deletes the record).
+ */
+const METHOD_OVERRIDE_PARAMS = ['_method', '_httpmethod']
 /** "method" in any case, any letter of it percent-encoded (either case's code): a query without it needs no look. */
 const MAYBE_METHOD_OVERRIDE = /(?:m|%[46]d)(?:e|%[46]5)(?:t|%[57]4)(?:h|%[46]8)(?:o|%[46]f)(?:d|%[46]4)/i
 
@@ -274,8 +278,9 @@ export class Pipeline {
       if (err instanceof LatchkeyError && err.code === 'LK_NO_ROUTE') checkLocalCaller(req.headers, this.stages.namedHosts)
       throw err
     }
-    // `?_method=DELETE` makes a POST a DELETE to Laravel, Symfony and Express's method-override: a
-    // method policy never judged. Removed in every spelling, as the override headers are.
+    // `?_method=DELETE` makes a POST a DELETE to Laravel, Symfony and Express's method-override
+    // (`?_HttpMethod=DELETE` to Salesforce): a method policy never judged. Removed in every
+    // spelling, as the override headers are.
     if (target.search.length > 1 && MAYBE_METHOD_OVERRIDE.test(target.search)) target.search = stripQueryParams(target.search, METHOD_OVERRIDE_PARAMS, 'keep')
     if (target.route !== null) checkLocalCaller(req.headers, this.stages.namedHosts)
     // A proxy credential in the upstream's header would be passed on (on an origin no credential

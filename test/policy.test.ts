@@ -134,6 +134,17 @@ t.test('a deny on a path is not dodged by any spelling of that path', async (t) 
     '/adm%CD%8Fin',
     '/admin%E3%85%A4',
     '/admin%F3%A0%80%A1/x',
+    // A backslash a decoding leaves plain is a separator in every reading, the folded ones too:
+    // `%5C` beside fullwidth letters, a fullwidth backslash, a dotless ı or a soft hyphen.
+    '/api%5C..%5C%EF%BD%81dmin/x',
+    '/api/%EF%BC%BC..%EF%BC%BCadmin',
+    '/api/%EF%BC%8E%EF%BC%8E%5Cadmin',
+    '/api%5C..%5Cadm%C4%B1n',
+    '/api%5C..%5Cadm%C2%ADin/x',
+    // And whitespace ending a segment once that backslash is a separator.
+    '/admin%20%EF%BC%BCx',
+    '/admin%C2%A0%EF%B9%A8x',
+    '/x/..%20%EF%BC%BCadmin',
   ]) {
     t.equal(decide(p, 'GET', `https://x.com${spelling}`).rule, 'no-admin', spelling)
   }

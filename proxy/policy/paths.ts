@@ -25,6 +25,8 @@ const AUTHORITY = /^\/{2,}[^/]*/
 const INVISIBLE = /\p{Default_Ignorable_Code_Point}/gu
 /** Whitespace, Unicode's included (JavaScript's `\s`, and NEL, which Python's isspace() adds), ending a segment; each run tried from its start only (see SEGMENT_END_RUNS). */
 const UNICODE_SPACE_ENDING_SEGMENT = /(?<![\s\u0085])[\s\u0085]+(\/|$)/g
+/** Whitespace as itself, not percent-encoded: only a decoded reading holds any. */
+const PLAIN_SPACE = /[\s\u0085]/
 
 /** Decodes %XX only where it stands for an unreserved character; upper-cases the rest. */
 function decodeUnreserved(path: string): string {
@@ -119,6 +121,13 @@ function readingsOf(path: string): string[] | null {
   for (;;) {
     const before = readings.length
     for (const p of [...readings]) {
+      // A backslash left plain by a decoding (`%5C`, or fullwidth `＼` folded) is a separator to
+      // the servers the %5C reading is for (IIS), whatever else that reading decoded or folded:
+      // `/x%5C..%5C%EF%BD%81dmin` is `/admin` to one that also folds Unicode.
+      if (p.includes('\\')) add(p.replace(/\\/g, '/'))
+      // Whitespace a decoding left plain is trimmed where it ends a segment, in every reading: it
+      // may come to end one only once a `\` is a separator (`/admin%20%EF%BC%BCx`: `/admin /x`).
+      if (PLAIN_SPACE.test(p)) add(p.replace(UNICODE_SPACE_ENDING_SEGMENT, '$1'))
       add(p.replace(/\/{2,}/g, '/'))
       if (p.includes(';')) add(p.replace(/;[^/]*/g, ''))
       // Resolved as a path: `/.` first, so a reading that begins `//` is not parsed as an authority

@@ -481,13 +481,15 @@ t.test('a method override in the query never reaches the upstream: the request l
     // Cut at the NUL by PHP, and not valid percent-encoded UTF-8 after it (PHP decodes byte by byte).
     '_method%00%ff=DELETE', '_method%00%=DELETE', '%5Fmethod%00%zz=DELETE', '.method%00%c0=DELETE',
     // Escapes of capitals: the look for "method" once missed them.
-    '_%4DETHOD=DELETE', '%5F%4D%45%54%48%4F%44=DELETE']
-  // What Symfony's getMethod() would read as `_method` (PHP's name mangling: cut at a NUL or `[`), were it sent.
+    '_%4DETHOD=DELETE', '%5F%4D%45%54%48%4F%44=DELETE',
+    // Salesforce's REST API: a POST with `?_HttpMethod=DELETE` deletes the record (it went on untouched).
+    '_HttpMethod=DELETE', '_httpmethod=DELETE', '%5FHttp%4Dethod=DELETE', '_HTTPMETHOD=delete']
+  // What Symfony's getMethod() would read as `_method` (PHP's name mangling: cut at a NUL or `[`), or Salesforce as `_HttpMethod`, were it sent.
   const readsAsOverride = (url: string) =>
-    [...new URL(url, 'http://base').searchParams.keys()].some((k) => k.toLowerCase().replace(/\0.*$/s, '').replace(/^ +/, '').replace(/\[.*$/, '').replace(/[ .]/g, '_') === '_method')
+    [...new URL(url, 'http://base').searchParams.keys()].some((k) => ['_method', '_httpmethod'].includes(k.toLowerCase().replace(/\0.*$/s, '').replace(/^ +/, '').replace(/\[.*$/, '').replace(/[ .]/g, '_')))
   for (const [entry, request] of entries) {
     for (const override of overrides) {
-      t.ok(readsAsOverride(`/x?${override}`), `${override} is an override to a PHP framework`)
+      t.ok(readsAsOverride(`/x?${override}`), `${override} is an override to a framework`)
       const r = await rawRequest(s.sidecar.port, request(`/x?a=1&${override}&b=2`))
       t.match(r.raw, /HTTP\/1\.1 200 OK/, `${entry} ${override}: forwarded as the POST it is`)
       const got = upstream.requests.at(-1)!

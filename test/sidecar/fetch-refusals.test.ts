@@ -85,3 +85,35 @@ t.test('tasks.required: fetch on a route, or tunnelled to one, reads why it was 
   )
   assertNoCanary(t, s, ...bodies)
 })
+
+t.test('tasks.required, HTTP_PROXY naming no task: fetch of an http:// URL on port 80 reads the refusal inside its tunnel', async (t) => {
+  const { upstream, s } = await startBearerRig(t, { fragment: () => ({ tasks: { required: true } }) })
+  const dispatcher = new EnvHttpProxyAgent({ httpProxy: s.proxy, noProxy: '' })
+  t.teardown(() => dispatcher.close())
+  // Port 80, plain HTTP's: undici tunnels it, and the CONNECT's own 407 was only "fetch failed".
+  const port80 = await seen(undiciFetch('http://api.example/v1/chat/completions', { method: 'POST', headers: SDK_HEADERS, body: BODY, dispatcher }))
+  t.same([port80.status, port80.error, port80.shouldRetry, port80.thrown], [403, 'LK_PROXY_AUTH', 'false', null], 'a response fetch hands over, saying not to retry')
+  t.match(port80.body ? JSON.parse(port80.body) : {}, { reason: /requires a task/ })
+
+  // Nothing is dialled for it, and TLS there is refused: the tunnel carries no call of a task.
+  const tls = await rawRequest(s.sidecar.port, 'CONNECT api.example:80 HTTP/1.1\r\nHost: api.example:80\r\n\r\n\x16\x03\x01\x00\x01\x01')
+  t.match(tls.raw, /^HTTP\/1\.1 200 /, 'the tunnel opens, undialled')
+  t.equal(tls.raw.charCodeAt(tls.raw.indexOf('\r\n\r\n') + 4), 0x15, 'and TLS in it gets an alert')
+  // Another port keeps the CONNECT's 407, for a client that sends its credential when challenged.
+  const other = await rawRequest(s.sidecar.port, `CONNECT 127.0.0.1:${upstream.port} HTTP/1.1\r\nHost: 127.0.0.1:${upstream.port}\r\n\r\n`)
+  t.equal(other.status, 407)
+  t.equal(other.headers['proxy-authenticate'], 'Basic realm="latchkey"')
+
+  t.equal(upstream.requests.length, 0)
+  const audit = await s.audit(3)
+  t.same(
+    audit.map((e) => [e.via, e.method, e.status, e.error]),
+    [
+      ['tunnelled', 'POST', 403, 'LK_PROXY_AUTH'],
+      ['connect', 'CONNECT', 407, 'LK_PROXY_AUTH'],
+      ['connect', 'CONNECT', 407, 'LK_PROXY_AUTH'],
+    ],
+    'the request inside recorded with the status it got; TLS refused, and the other port, as the 407s they are',
+  )
+  assertNoCanary(t, s, port80.body, tls.raw, other.raw)
+})

@@ -63,11 +63,25 @@ export class LatchkeyError extends Error {
     readonly reason: string,
     readonly rule: string | null = null,
     retryable?: boolean,
+    /** The code's, unless the agent's client could not read that one (asOriginRefusal). */
+    status?: number,
   ) {
     super(reason)
-    this.status = ERRORS[code].status
+    this.status = status ?? ERRORS[code].status
     this.retryable = retryable ?? ERRORS[code].retryable
   }
+}
+
+/**
+ * A refusal as the sidecar answers it where the agent's client takes it for the origin (a reverse
+ * route, a request inside a tunnel), not for a proxy: a 407 there is a 403, same code and body.
+ * Node's fetch (undici, so the OpenAI and Anthropic SDKs) turns any 407 into a network error when
+ * there is no browser window (Fetch §4.5): the agent read "Connection error.", never the reason,
+ * and the SDK retried it as one, `x-should-retry` unread. A 401 would owe a WWW-Authenticate
+ * challenge, and the only one the sidecar takes is Proxy-Authorization's.
+ */
+export function asOriginRefusal(err: LatchkeyError): LatchkeyError {
+  return err.status === 407 ? new LatchkeyError(err.code, err.reason, err.rule, err.retryable, 403) : err
 }
 
 /** What of an unexpected error is logged: code, type and frames, never its message (it can quote a URL, and a URL can hold a credential). */

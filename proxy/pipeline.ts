@@ -9,7 +9,7 @@ import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Dec
 import { checkLocalCaller, isLocalhostName, isLoopbackPeer } from './listen/local-caller.js'
 import { carriesTaskHandle } from './identify/proxy-authorization.js'
 import { closingSockets, lingerOnClose } from './listen/linger.js'
-import { LatchkeyError, asLatchkeyError, renderError, renderErrorRaw, type ErrorCode } from './errors.js'
+import { LatchkeyError, asLatchkeyError, asOriginRefusal, renderError, renderErrorRaw, type ErrorCode } from './errors.js'
 import type { CredentialBindings } from './credentials/bindings.js'
 import { credentialedQuery, stripQueryParams } from './credentials/bindings.js'
 import { hostHeader, parseAbsoluteTarget, parseReverseTarget, parseTunnelledTarget, targetOfRefusal, urlHostPort, type ReverseRoutes } from './listen/target.js'
@@ -638,8 +638,8 @@ export class Pipeline {
   private readonly auditKeeps = (): boolean => this.stages.audit.keepsNow?.() !== false
 
   /** Records a refusal on the call's context; returns it as a LatchkeyError. */
-  private recordRefusal(ctx: CallContext, err: unknown): LatchkeyError {
-    const e = this.asLatchkeyError(err)
+  private recordRefusal(ctx: CallContext, err: unknown, asOrigin = false): LatchkeyError {
+    const e = asOrigin ? asOriginRefusal(this.asLatchkeyError(err)) : this.asLatchkeyError(err)
     // A call cut on purpose (see cut) keeps that as its outcome, not the abort the cut caused;
     // its status stays what the agent got: nothing (0) when the cut came before the response.
     if (recordEnd(ctx, e.code, e.reason)) ctx.status = e.status
@@ -673,7 +673,8 @@ export class Pipeline {
 
   /** Answers with a coded refusal (if nothing was sent yet) and records the call. */
   refuse(ctx: CallContext, res: ServerResponse, err: unknown): void {
-    const e = this.recordRefusal(ctx, err)
+    // On a route or inside a tunnel the agent's client is talking to the origin: no 407 (asOriginRefusal).
+    const e = this.recordRefusal(ctx, err, ctx.via === 'reverse' || ctx.via === 'tunnelled')
     if (!res.headersSent && !res.destroyed) {
       const { status, statusText, headers, body } = renderError(e)
       // After a framing error, or with a request body left unread, the connection's remaining

@@ -341,7 +341,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
 
   // Created (not yet listening) before the control stream starts: a revocation it delivers,
   // even one reloaded from the state file, closes this server's idle connections.
-  const { server, openStreams, closeIdleConnections, heldTunnels, inTunnel } = createListener(pipeline, {
+  const { server, openStreams, closeIdleConnections, closeUnused, heldTunnels, inTunnel } = createListener(pipeline, {
     allowRemoteClients: sc.allow_remote_clients,
     clientHeadersTimeoutMs: sc.timeouts.client_headers_ms,
     connectTimeoutMs: sc.timeouts.connect_ms,
@@ -491,6 +491,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       secretsWatcher?.close()
       const closed = new Promise<void>((resolve) => server.close(() => resolve()))
       closeIdleConnections('LK_DRAINING', 'the sidecar shut down while the tunnel was idle')
+      closeUnused()
       // drain_ms, or less when a second signal says not to wait (see close's `urgent`).
       const deadline = new Promise<false>((resolve) => {
         hurry = () => resolve(false)

@@ -4,7 +4,7 @@
 // A bare http://<handle>@… and Bearer <handle> are accepted too. The header is
 // consumed here and never forwarded. No header: the default task when configured, else the
 // sidecar's agent with no task (or, with tasks.required, a 407). A malformed header, or a handle
-// of no open task, is a 407.
+// of no open task, is a 407 (a 403 on a route or in a tunnel: errors.ts asOriginRefusal).
 import type { Identifier, Identity } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import type { TaskRegistry } from '../tasks/registry.js'

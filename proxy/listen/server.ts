@@ -43,6 +43,8 @@ export interface Listener {
    * and idle plaintext tunnels (an admitted one recorded as cut with `code`: closed on purpose).
    */
   closeIdleConnections: (code: ErrorCode, reason: string) => void
+  /** Closes the listener's connections that never sent a byte (shutdown only: closeIdleConnections leaves them). */
+  closeUnused: () => void
   /** Plaintext tunnels whose CONNECT is a live call (a cut reaches it), which is no call in flight: the requests inside are. */
   heldTunnels: () => number
   /** Whether the socket is a plaintext tunnel's, read by the inner server (a call, whatever its parser holds). */
@@ -70,8 +72,14 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): Liste
   // node:http keeps the first 2,000 header lines and silently drops the rest, Content-Length
   // included, and the body with it. The header size limit bounds them instead.
   server.maxHeadersCount = 0
+  // Every open connection, for closeUnused at shutdown: node's closeIdleConnections (Node 20) takes
+  // a connection for idle only once a request has been read on it, so one opened and never used
+  // (Node's fetch opens a fresh one after an agent aborts a stream) held the drain to drain_ms.
+  const connections = new Set<Socket>()
   server.on('connection', (socket: Socket) => {
-    if (!opts.allowRemoteClients && !isLoopbackPeer(socket.remoteAddress)) socket.destroy()
+    if (!opts.allowRemoteClients && !isLoopbackPeer(socket.remoteAddress)) return void socket.destroy()
+    connections.add(socket)
+    socket.once('close', () => connections.delete(socket))
   })
   server.on('request', (req, res) => pipeline.handleRequest(req, res, false))
   // node:http takes any Expect that mentions 100-continue (`100-continue, foo`) for it: an
@@ -132,13 +140,17 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): Liste
     inner.closeIdleConnections()
     for (const socket of open) if (socket.destroyed) pipeline.endHeldTunnel(adopted.get(socket)!, code, reason)
   }
+  /** Closes the connections that have not sent a byte: no request is being read or answered on them. */
+  const closeUnused = () => {
+    for (const socket of connections) if (socket.bytesRead === 0) socket.destroy()
+  }
   // Read at scrape time only: the hot path keeps no count of its own.
   const heldTunnels = () => {
     let n = 0
     for (const ctx of adopted.values()) if (ctx.liveSocket !== null) n++
     return n
   }
-  return { server, openStreams, closeIdleConnections, heldTunnels, inTunnel: (socket) => tunnels.has(socket) }
+  return { server, openStreams, closeIdleConnections, closeUnused, heldTunnels, inTunnel: (socket) => tunnels.has(socket) }
 
   /** An h2c offer declined (listen/h2c.ts): the request, without it, and what followed it, parsed again as plain HTTP/1.1 on the same connection. */
   function parseAgain(into: Server, req: IncomingMessage, socket: Socket, head: Buffer): void {

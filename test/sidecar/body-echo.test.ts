@@ -4,8 +4,8 @@
 import t from 'tap'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
-import { brotliCompressSync, deflateSync, gunzipSync, gzipSync } from 'node:zlib'
-import { fetch, ProxyAgent } from 'undici'
+import { brotliCompressSync, constants as zlibConstants, createGzip, deflateSync, gunzipSync, gzipSync } from 'node:zlib'
+import { Agent, fetch, ProxyAgent } from 'undici'
 import { BodyScrubber, RELEASE_MAX, bodyNeedlesFor, compileNeedles } from '../../proxy/forward/body-scrub.js'
 import { compileBinding } from '../../proxy/credentials/bindings.js'
 import { startUpstream, startTestSidecar, startBearerRig, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
@@ -346,6 +346,72 @@ t.test('a reflection split across chunks is caught; a stream of events is not he
   for (let c = await reader.read(); !c.done; c = await reader.read()) rest += Buffer.from(c.value).toString()
   t.equal(rest, 'data: second\n\n')
   assertNoCanary(t, s, split)
+})
+
+t.test('a compressed event stream on a credentialed route is decoded event by event; an agent leaving mid-stream closes the upstream', async (t) => {
+  // An API that compresses whatever it is asked, flushing each event (compression middleware
+  // over SSE), read as the OpenAI and Anthropic SDKs read it: fetch on a route.
+  let sendRest: () => void = () => {}
+  const restWanted = new Promise<void>((resolve) => (sendRest = resolve))
+  let endlessClosed: () => void = () => {}
+  const upstreamClosed = new Promise<void>((resolve) => (endlessClosed = resolve))
+  const { s } = await startBearerRig(t, {
+    handler: (req, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream', 'content-encoding': 'gzip' })
+      const z = createGzip()
+      z.pipe(res)
+      const event = (data: string) => {
+        z.write(`data: ${data}\n\n`)
+        z.flush(zlibConstants.Z_SYNC_FLUSH)
+      }
+      if (req.url === '/endless') {
+        const tick = setInterval(() => event('more'), 50)
+        res.once('close', () => {
+          clearInterval(tick)
+          endlessClosed()
+        })
+        event('first')
+        return true
+      }
+      // The rest is sent only once the agent has the first event: one held back waits for ever.
+      event('first')
+      void restWanted.then(() => {
+        event(String(req.headers.authorization))
+        z.end()
+      })
+      return true
+    },
+    fragment: (up) => ({ routes: { api: up.origin } }),
+  })
+  const client = new Agent()
+  t.teardown(() => client.destroy())
+  const r = await fetch(`${s.proxy}/api/events`, { dispatcher: client,  method: 'POST', headers: { authorization: 'Bearer sk-agent-placeholder', 'content-type': 'application/json' }, body: '{"stream":true}' })
+  t.equal(r.headers.get('content-encoding'), null, 'relayed as identity')
+  const reader = r.body!.getReader()
+  const first = await Promise.race([reader.read(), new Promise<{ value: Uint8Array }>((resolve) => setTimeout(() => resolve({ value: Buffer.from('nothing within 5 s') }), 5000))])
+  t.equal(Buffer.from(first.value!).toString(), 'data: first\n\n', 'the first event, decoded, arrives before the upstream sends the next')
+  sendRest()
+  let rest = ''
+  for (let c = await reader.read(); !c.done; c = await reader.read()) rest += Buffer.from(c.value).toString()
+  t.equal(rest, `data: Bearer ${'*'.repeat(CANARY.length)}\n\n`, 'then the rest, the echoed credential overwritten')
+
+  const controller = new AbortController()
+  const endless = await fetch(`${s.proxy}/api/endless`, { dispatcher: client, signal: controller.signal })
+  const endlessReader = endless.body!.getReader()
+  t.equal(Buffer.from((await endlessReader.read()).value!).toString(), 'data: first\n\n')
+  controller.abort()
+  const closed = await Promise.race([upstreamClosed.then(() => true), new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 5000))])
+  t.ok(closed, 'the agent aborting closes the upstream response')
+  const audit = await s.audit(2)
+  t.same(
+    audit.map((e) => [e.path, e.status, e.error]),
+    [
+      ['/events', 200, null],
+      ['/endless', 200, 'LK_CLIENT_CLOSED'],
+    ],
+    'the aborted stream recorded as the agent leaving',
+  )
+  assertNoCanary(t, s, first.value ? Buffer.from(first.value).toString() : '', rest)
 })
 
 t.test('a compressed body on a credentialed call is decoded, checked and relayed as identity; elsewhere it passes as sent', async (t) => {

@@ -267,6 +267,26 @@ t.test('an idle or half-sent connection on the admin port does not hold the shut
   t.ok(idle.sock.destroyed || (await Promise.race([once(idle.sock, 'close').then(() => true), new Promise((r) => setTimeout(() => r(false), 1000).unref())])), 'their connections were closed')
 })
 
+t.test('a connection on the proxy port that never sent a byte does not hold the shutdown to drain_ms', async (t) => {
+  // Node's fetch opens a fresh connection after an agent aborts a stream, and may never use it;
+  // node:http's closeIdleConnections leaves a connection alone until a request has been read on it.
+  const { s, host } = await startBearerRig(t, { fragment: () => ({ sidecar: { timeouts: { drain_ms: 10_000 } } }) })
+  const unused = await openRaw(s.sidecar.port)
+  const used = await openRaw(s.sidecar.port)
+  for (const c of [unused, used]) c.sock.on('error', () => {})
+  used.sock.write(`GET http://${host}/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`)
+  // Answered, and kept alive: idle, which node:http's own closeIdleConnections closes.
+  for (let i = 0; i < 500 && !used.raw().endsWith('\r\n0\r\n\r\n'); i++) await new Promise((r) => setTimeout(r, 10))
+  t.match(used.raw(), /^HTTP\/1\.1 200 /)
+  const unusedClosed = once(unused.sock, 'close')
+  const started = Date.now()
+  await s.sidecar.close()
+  const took = Date.now() - started
+  t.ok(took < 5000, `stopped in ${took} ms, not at drain_ms (10 s)`)
+  t.ok(await Promise.race([unusedClosed.then(() => true), new Promise((r) => setTimeout(() => r(false), 1000).unref())]), 'the unused connection was closed')
+  t.equal(unused.raw(), '', 'and sent nothing')
+})
+
 t.test('asked to close urgently (a second SIGTERM), the drain ends now and what was open is recorded as cut', async (t) => {
   const { s } = await slowCallInFlight(t, 10_000, 10_000)
   const started = Date.now()

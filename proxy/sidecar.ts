@@ -341,7 +341,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
 
   // Created (not yet listening) before the control stream starts: a revocation it delivers,
   // even one reloaded from the state file, closes this server's idle connections.
-  const { server, openStreams, closeIdleConnections, closeUnused, heldTunnels, inTunnel } = createListener(pipeline, {
+  const { server, openStreams, closeIdleConnections, closeUnused, connections, heldTunnels, inTunnel } = createListener(pipeline, {
     allowRemoteClients: sc.allow_remote_clients,
     clientHeadersTimeoutMs: sc.timeouts.client_headers_ms,
     connectTimeoutMs: sc.timeouts.connect_ms,
@@ -457,7 +457,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
   secretsWatcher = config.secrets.file
     ? new SecretsFileWatcher(config.secrets.file, secrets, (candidate) => unsendableSecrets(config, candidate)[0]?.message ?? null, onSecretsReload, config.secrets.reload_interval_ms, secretsAtStart)
     : undefined
-  capProxyConnections(server, sc.max_connections, inTunnel, metrics, log)
+  capProxyConnections(server, connections, sc.max_connections, inTunnel, metrics, log)
   capEvictingIdle(admin, MAX_ADMIN_CONNECTIONS, metrics, log)
   const fileLimit = openFileLimit()
   if (fileLimit !== null && fileLimit < 2 * sc.max_connections + MAX_ADMIN_CONNECTIONS + 64) {

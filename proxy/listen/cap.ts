@@ -39,9 +39,9 @@ function dropCounter(port: 'proxy' | 'admin', max: number, message: string, metr
  * reset) and a connection taken over (a tunnel, a WebSocket: `parser` gone, or `inTunnel`, a
  * plaintext tunnel read by another parser) are calls, and keep their place.
  */
-export function capProxyConnections(server: HttpServer, max: number, inTunnel: (s: Socket) => boolean, metrics: SidecarMetrics, log: Logger): void {
+export function capProxyConnections(server: HttpServer, open: Set<Socket>, max: number, inTunnel: (s: Socket) => boolean, metrics: SidecarMetrics, log: Logger): void {
   const holdsNoCall = (s: Socket) => (s as Socket & { parser?: unknown }).parser != null && owedResponse(s) === null && !closingSockets.has(s) && !inTunnel(s)
-  capMakingRoom(server, max, 'proxy', holdsNoCall, `proxy port at its limit of ${max} open connections (sidecar.max_connections): for each new one the oldest carrying no call (idle, or its request head still arriving) is closed; with none, the new one is closed unread`, metrics, log)
+  capMakingRoom(server, open, max, 'proxy', holdsNoCall, `proxy port at its limit of ${max} open connections (sidecar.max_connections): for each new one the oldest carrying no call (idle, or its request head still arriving) is closed; with none, the new one is closed unread`, metrics, log)
 }
 
 /**
@@ -52,19 +52,28 @@ export function capProxyConnections(server: HttpServer, max: number, inTunnel: (
  */
 export function capEvictingIdle(server: HttpServer, max: number, metrics: SidecarMetrics, log: Logger): void {
   const notAnswered = (s: Socket) => !owedResponse(s)?.req.complete
-  capMakingRoom(server, max, 'admin', notAnswered, `admin port at its limit of ${max} open connections (fixed): for each new one the oldest not being answered (idle, or still sending its request) is closed`, metrics, log)
+  capMakingRoom(server, trackConnections(server), max, 'admin', notAnswered, `admin port at its limit of ${max} open connections (fixed): for each new one the oldest not being answered (idle, or still sending its request) is closed`, metrics, log)
 }
 
-function capMakingRoom(server: HttpServer, max: number, port: 'proxy' | 'admin', closable: (s: Socket) => boolean, message: string, metrics: SidecarMetrics, log: Logger): void {
-  /** Open connections, oldest first (a Set keeps insertion order). */
+/**
+ * A server's open connections, oldest first (a Set keeps insertion order). One refused on arrival
+ * by a handler registered before this one (the proxy port's remote peers) takes no place.
+ */
+export function trackConnections(server: Server): Set<Socket> {
   const open = new Set<Socket>()
-  const dropped = dropCounter(port, max, message, metrics, log)
   server.on('connection', (socket: Socket) => {
-    // Refused already (the proxy port's remote peers): it takes no place.
     if (socket.destroyed) return
     open.add(socket)
     socket.once('close', () => open.delete(socket))
-    if (open.size <= max) return
+  })
+  return open
+}
+
+/** `open` is trackConnections', registered on `server` before this. */
+function capMakingRoom(server: HttpServer, open: Set<Socket>, max: number, port: 'proxy' | 'admin', closable: (s: Socket) => boolean, message: string, metrics: SidecarMetrics, log: Logger): void {
+  const dropped = dropCounter(port, max, message, metrics, log)
+  server.on('connection', (socket: Socket) => {
+    if (socket.destroyed || open.size <= max) return
     let victim: Socket = socket
     for (const s of open) {
       if (s !== socket && closable(s)) {

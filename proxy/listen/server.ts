@@ -6,6 +6,7 @@ import { createServer, parserReason } from '../../lib/node-http.js'
 import { headWithoutH2cOffer, offersOnlyH2c } from './h2c.js'
 import { serveOn } from './serve-on.js'
 import { isLoopbackPeer } from './local-caller.js'
+import { trackConnections } from './cap.js'
 import type { Socket } from 'node:net'
 import { owedResponse, type Pipeline, type TunnelOrigin } from '../pipeline.js'
 import { LatchkeyError, type ErrorCode } from '../errors.js'
@@ -45,6 +46,8 @@ export interface Listener {
   closeIdleConnections: (code: ErrorCode, reason: string) => void
   /** Closes the listener's connections that never sent a byte (shutdown only: closeIdleConnections leaves them). */
   closeUnused: () => void
+  /** The proxy port's open connections, oldest first (cap.ts trackConnections). */
+  connections: Set<Socket>
   /** Plaintext tunnels whose CONNECT is a live call (a cut reaches it), which is no call in flight: the requests inside are. */
   heldTunnels: () => number
   /** Whether the socket is a plaintext tunnel's, read by the inner server (a call, whatever its parser holds). */
@@ -72,15 +75,14 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): Liste
   // node:http keeps the first 2,000 header lines and silently drops the rest, Content-Length
   // included, and the body with it. The header size limit bounds them instead.
   server.maxHeadersCount = 0
-  // Every open connection, for closeUnused at shutdown: node's closeIdleConnections (Node 20) takes
-  // a connection for idle only once a request has been read on it, so one opened and never used
-  // (Node's fetch opens a fresh one after an agent aborts a stream) held the drain to drain_ms.
-  const connections = new Set<Socket>()
   server.on('connection', (socket: Socket) => {
-    if (!opts.allowRemoteClients && !isLoopbackPeer(socket.remoteAddress)) return void socket.destroy()
-    connections.add(socket)
-    socket.once('close', () => connections.delete(socket))
+    if (!opts.allowRemoteClients && !isLoopbackPeer(socket.remoteAddress)) socket.destroy()
   })
+  // Every open connection: for the cap (oldest first), and for closeUnused at shutdown: node's
+  // closeIdleConnections (Node 20) takes a connection for idle only once a request has been read
+  // on it, so one opened and never used (Node's fetch opens a fresh one after an agent aborts a
+  // stream) held the drain to drain_ms.
+  const connections = trackConnections(server)
   server.on('request', (req, res) => pipeline.handleRequest(req, res, false))
   // node:http takes any Expect that mentions 100-continue (`100-continue, foo`) for it: an
   // expectation besides it cannot be met either, so only the exact value is.
@@ -150,7 +152,7 @@ export function createListener(pipeline: Pipeline, opts: ListenerOptions): Liste
     for (const ctx of adopted.values()) if (ctx.liveSocket !== null) n++
     return n
   }
-  return { server, openStreams, closeIdleConnections, closeUnused, heldTunnels, inTunnel: (socket) => tunnels.has(socket) }
+  return { server, openStreams, closeIdleConnections, closeUnused, connections, heldTunnels, inTunnel: (socket) => tunnels.has(socket) }
 
   /** An h2c offer declined (listen/h2c.ts): the request, without it, and what followed it, parsed again as plain HTTP/1.1 on the same connection. */
   function parseAgain(into: Server, req: IncomingMessage, socket: Socket, head: Buffer): void {

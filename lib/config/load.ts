@@ -1,4 +1,4 @@
-import { byteSize, FileTooLarge, MAX_CONFIG_BYTES, readFileBounded } from '../bounded-read.js'
+import { byteSize, FileTooLarge, MAX_CONFIG_BYTES, readFailure, readFileBounded } from '../bounded-read.js'
 import type { ErrorObject, ValidateFunction } from 'ajv'
 import type { YAMLError } from 'yaml'
 import { parseYamlDocument, yamlData, yamlErrorMessage } from '../yaml-document.js'
@@ -77,7 +77,7 @@ export function readConfigBytes(file: string): Buffer {
     return readFileBounded(file, MAX_CONFIG_BYTES)
   } catch (err) {
     if (err instanceof FileTooLarge) throw new ConfigError(file, [{ path: '', message: `larger than ${byteSize(MAX_CONFIG_BYTES)}, the most a config file may be` }])
-    throw new ConfigError(file, [{ path: '', message: `cannot read file: ${(err as NodeJS.ErrnoException).code ?? String(err)}` }])
+    throw new ConfigError(file, [{ path: '', message: `cannot read file: ${readFailure(err)}` }])
   }
 }
 

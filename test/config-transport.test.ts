@@ -43,7 +43,8 @@ t.test('broker.control and broker.listen', async (t) => {
 })
 
 t.test('sidecar.broker: the token exchange', async (t) => {
-  const withBroker = (b: Record<string, unknown>) => sidecar({ broker: b })
+  // With workload evidence, which a sidecar asking a broker needs (config.test.ts): only the URL is judged here.
+  const withBroker = (b: Record<string, unknown>) => sidecar({ broker: b, attestation: { local: { key_file: '/k.json' } } })
   t.match(problems(withBroker({ url: 'http://latchkey-broker:15003' })), [/^sidecar\.broker\.url: must be TLS off loopback \(latchkey-broker\).*use https:\/\//])
   t.same(problems(withBroker({ url: 'https://latchkey-broker:15003' })), [])
   t.same(problems(withBroker({ url: 'http://latchkey-broker:15003', insecure_plaintext: true })), [])

@@ -430,6 +430,11 @@ function semanticProblems(c: Config): ConfigProblem[] {
     // `::1:15100` reads as loopback here but is no address to gRPC, which would read it whole.
     if (host.includes(':') && !(host.startsWith('[') && host.endsWith(']'))) problems.push({ path: 'audit.collector.address', message: `an IPv6 address is written in brackets: [${host.slice(0, 100)}]:${ac.address.slice(ac.address.lastIndexOf(':') + 1)}` })
     else checkPlaintext('audit.collector', host, ac.tls, ac.insecure_plaintext, 'the collector, which holds the audit trail, cannot be told from an impostor, and its token crosses in clear text')
+    // Here, not only where the sidecar starts: check-config called these valid, and the sidecar refused them.
+    if (!ac.token_secret && !ac.tls) problems.push({ path: 'audit.collector', message: 'needs token_secret, tls, or both, to authenticate to the collector' })
+    if (ac.spool_max_bytes < 2 * ac.segment_bytes) {
+      problems.push({ path: 'audit.collector.spool_max_bytes', message: `must be at least twice segment_bytes (${ac.segment_bytes}): acked segments are deleted only once a newer one exists` })
+    }
   }
   // RFC 6749 §3.2: a token endpoint is reached over TLS. Keys fetched in clear text could be
   // replaced on the way: whoever did so could sign tokens that are then accepted.
@@ -537,6 +542,11 @@ function semanticProblems(c: Config): ConfigProblem[] {
       if (!a.kubernetes && !a.spiffe && !a.local) problems.push({ path: 'sidecar.attestation', message: `required: credential "${b.id}" needs workload evidence for the broker (kubernetes, spiffe or local)` })
     }
   })
+  // A broker credential says this itself, above. Without one the sidecar still makes its broker client, from that evidence: check-config called it valid, and the sidecar did not start.
+  const a = c.sidecar.attestation
+  if (c.sidecar.broker && !a.kubernetes && !a.spiffe && !a.local && c.credentials.every((b) => b.source === 'static' || b.source === 'client_credentials')) {
+    problems.push({ path: 'sidecar.attestation', message: 'required when sidecar.broker is set: the broker is asked with workload evidence (kubernetes, spiffe or local)' })
+  }
   if (c.tasks.default.duration_s > c.tasks.max_duration_s) problems.push({ path: 'tasks.default.duration_s', message: 'exceeds tasks.max_duration_s' })
 
   if (c.broker) {

@@ -73,3 +73,30 @@ t.test('OAuth token endpoints and JWKS are https:// off loopback', async (t) => 
   t.same(problems(broker({ users: { issuer: 'https://idp.example', audience: 'latchkey', jwks_url: 'https://idp.example/jwks.json' } })), [])
   t.same(problems(broker({ users: { issuer: 'https://idp.example', audience: 'latchkey', jwks_url: 'http://localhost:8080/jwks.json' } })), [])
 })
+
+t.test('userinfo in a URL or address the sidecar dials is refused by setting, the password never quoted', async (t) => {
+  // The clients drop it (the broker's and the token endpoint's dial the origin, the control
+  // stream and the collector a host:port): a password written there was never sent, and a
+  // problem about the address quoted it.
+  const pw = 'pw-CANARY-7f3a'
+  const notSent = 'must not carry userinfo (user:password@): it is not sent as a credential, and'
+  const cases: [string, Record<string, unknown>, string][] = [
+    ['sidecar.broker.url', sidecar({ broker: { url: `http://u:${pw}@127.0.0.1:15003` }, attestation: { local: { key_file: '/k.json' } } }), `${notSent} the broker takes workload evidence (sidecar.attestation)`],
+    ['sidecar.control.url', sidecar({ control: { url: `grpc://u:${pw}@127.0.0.1:15004`, token_secret: 'CONTROL' } }), `${notSent} the broker takes the control token (token_secret)`],
+    [
+      'credentials[0].oauth.token_url',
+      sidecar({}, { credentials: [{ id: 'cc', audience: 'https://api.example.com', source: 'client_credentials', oauth: { token_url: `https://c:${pw}@auth.example.com/token`, client_id: 'c', client_secret: 'SECRET' }, inject: { type: 'bearer' } }] }),
+      `${notSent} the token endpoint takes oauth.client_id and oauth.client_secret`,
+    ],
+  ]
+  const address = 'must be host:port, without userinfo (user:password@): a gRPC address has none, and the collector takes token_secret or tls'
+  // Loopback and not (the plaintext line quoted the host), IPv6 (the brackets line quoted it whole), a password alone.
+  for (const a of [`u:${pw}@127.0.0.1:15100`, `u:${pw}@collector.internal:15100`, `u:${pw}@[::1]:15100`, `${pw}@localhost:15100`]) {
+    cases.push(['audit.collector.address', sidecar({}, { audit: { collector: { address: a, sidecar_id: 'sc-1', token_secret: 'COLLECTOR', insecure_plaintext: true } } }), address])
+  }
+  for (const [path, config, message] of cases) {
+    const got = problems(config)
+    t.same(got, [`${path}: ${message}`], `${path}: refused, naming the setting`)
+    t.notOk(got.join('\n').includes(pw), `${path}: the password is not quoted`)
+  }
+})

@@ -3,7 +3,7 @@
 // that fails validation keeps the previous registry, and a reload that widens any type's scopes
 // is reported so it can reach the audit trail.
 import { watch, type FSWatcher } from 'node:fs'
-import { byteSize, FileTooLarge, MAX_CONFIG_BYTES, readFileBounded } from '../lib/bounded-read.js'
+import { byteSize, FileTooLarge, MAX_CONFIG_BYTES, readFailure, readFileBounded } from '../lib/bounded-read.js'
 import { basename, dirname } from 'node:path'
 import type { ErrorObject, ValidateFunction } from 'ajv'
 import { validate as generatedValidate } from './registry-validate.generated.js'
@@ -136,7 +136,7 @@ export function loadRegistryFile(file: string): Registry {
     text = readRegistryText(file)
   } catch (err) {
     if (err instanceof RegistryError) throw err
-    throw new RegistryError(file, [`cannot read file: ${(err as NodeJS.ErrnoException).code ?? String(err)}`])
+    throw new RegistryError(file, [`cannot read file: ${readFailure(err)}`])
   }
   return parseRegistry(text, file)
 }

@@ -4,6 +4,39 @@ import type { RevocationKind } from '../broker/revocations/store.js'
 import { withoutUserinfo } from '../lib/without-userinfo.js'
 
 const DEFAULT_BROKER_URL = 'http://127.0.0.1:15003'
+/**
+ * How long the broker has to answer, in all. It answers a revocation at once; a service at a
+ * mistyped --broker that never answered held the command five minutes (undici's own timeout), in
+ * the incident it was run for.
+ */
+const ANSWER_MS = 30_000
+/** The most of an answer read: the broker's is some hundred bytes; another service's can be without end (2.5 GB in 20 s). */
+const MAX_ANSWER_BYTES = 1024 * 1024
+
+/** The answer as a JSON object, at most MAX_ANSWER_BYTES of it; `{}` when it is not one, null when it is larger. */
+async function answerOf(res: Response): Promise<Record<string, unknown> | null> {
+  const reader = res.body?.getReader()
+  if (!reader) return {}
+  const chunks: Uint8Array[] = []
+  let total = 0
+  for (;;) {
+    const { done, value } = await reader.read()
+    if (done) break
+    total += value.length
+    if (total > MAX_ANSWER_BYTES) {
+      await reader.cancel()
+      return null
+    }
+    chunks.push(value)
+  }
+  try {
+    const v: unknown = JSON.parse(Buffer.concat(chunks, total).toString('utf8'))
+    return typeof v === 'object' && v !== null && !Array.isArray(v) ? (v as Record<string, unknown>) : {}
+  } catch {
+    return {}
+  }
+}
+
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
 
 export async function revokeCommand(
@@ -11,6 +44,7 @@ export async function revokeCommand(
   agent: string | undefined,
   opts: { task?: string; jti?: string; reason?: string; broker?: string; tokenEnv: string },
   env: NodeJS.ProcessEnv = process.env,
+  answerMs = ANSWER_MS,
 ): Promise<number> {
   const targets: [RevocationKind, string | undefined][] = [
     ['agent', agent],
@@ -46,6 +80,11 @@ export async function revokeCommand(
   }
   const base = brokerUrl.replace(/\/$/, '')
   const started = performance.now()
+  const signal = AbortSignal.timeout(answerMs)
+  const late = () => {
+    console.error(`${op}: the broker at ${base} did not answer within ${answerMs / 1000} s: nothing is known to be ${op === 'revoke' ? 'revoked' : 'unrevoked'}; check --broker, and run it again (twice is harmless)`)
+    return 1
+  }
   let res: Response
   try {
     res =
@@ -54,9 +93,11 @@ export async function revokeCommand(
             method: 'POST',
             headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
             body: JSON.stringify({ kind, value, ...(opts.reason ? { reason: opts.reason } : {}) }),
+            signal,
           })
-        : await fetch(`${base}/v1/revocations/${kind}/${encodeURIComponent(value)}`, { method: 'DELETE', headers: { authorization: `Bearer ${token}` } })
+        : await fetch(`${base}/v1/revocations/${kind}/${encodeURIComponent(value)}`, { method: 'DELETE', headers: { authorization: `Bearer ${token}` }, signal })
   } catch (err) {
+    if (signal.aborted) return late()
     // fetch says only "fetch failed"; why (ECONNREFUSED, ENOTFOUND, …) is in its cause.
     // Its message can quote the URL: any userinfo in a word of it is masked.
     const cause = (err as { cause?: { code?: unknown; message?: unknown } }).cause
@@ -64,7 +105,15 @@ export async function revokeCommand(
     console.error(`${op}: cannot reach the broker at ${base}: ${why}`)
     return 1
   }
-  const body = (await res.json().catch(() => ({}))) as {
+  let answer: Record<string, unknown> | null
+  try {
+    answer = await answerOf(res)
+  } catch {
+    // Cut off mid-answer: by the timeout, or the connection.
+    if (signal.aborted) return late()
+    answer = {}
+  }
+  const body = (answer ?? {}) as {
     error_description?: string
     created?: unknown
     removed?: unknown
@@ -79,6 +128,7 @@ export async function revokeCommand(
     console.error(`${op}: the answer from ${base} (HTTP ${res.status}) is not a Latchkey broker's: nothing is known to be ${op === 'revoke' ? 'revoked' : 'unrevoked'}; check --broker`)
     return 1
   }
+  if (answer === null) return notTheBroker()
   if (op === 'revoke' && (res.status === 201 || res.status === 200)) {
     if (typeof body.created !== 'boolean' || body.revocation?.kind !== kind || body.revocation.value !== value) return notTheBroker()
     console.log(`${kind} ${value} ${body.created ? 'revoked' : 'was already revoked'} (${ms} ms)`)

@@ -228,16 +228,22 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
         } else {
           // Resolved here, as with -c: a time without a zone is the operator's local time, not
           // the collector host's (which the API would read it in).
-          const { getJson } = await import('./query-client.js')
-          knownAgents = async () => (await getJson<{ agents: { agent: string }[] }>(opts.url, '/v1/inventory')).body.agents.map((a) => a.agent)
+          const { getJson, notACollector } = await import('./query-client.js')
+          // Each answer's shape checked before use: another service's JSON at a mistyped --url was a TypeError ("not iterable").
+          knownAgents = async () => {
+            const { status, body, shown: at } = await getJson<{ agents?: unknown }>(opts.url, '/v1/inventory')
+            if (!Array.isArray(body.agents)) throw notACollector(at, status, 'holds no agents list')
+            return (body.agents as { agent: string }[]).map((a) => a.agent)
+          }
           if (agent.includes('*')) throw new CliError(notAPattern(agent, await knownAgents()))
           let cursor: string | undefined
           do {
             const q = new URLSearchParams({ agent: opts.agent, since: since.toISOString(), limit: String(limit - shown) })
             if (opts.denied) q.set('denied', 'true')
             if (cursor) q.set('cursor', cursor)
-            const body = (await getJson<{ events: EventJson[]; truncated?: boolean; next?: string }>(opts.url, `/v1/events?${q}`)).body
-            print(body.events)
+            const { status, body, shown: at } = await getJson<{ events?: unknown; truncated?: boolean; next?: string }>(opts.url, `/v1/events?${q}`)
+            if (!Array.isArray(body.events)) throw notACollector(at, status, 'holds no events list')
+            print(body.events as EventJson[])
             truncated = body.truncated === true
             cursor = body.next
           } while (truncated && cursor && shown < limit)
@@ -270,9 +276,12 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
           }
           if (opts.sidecar !== undefined && v.sidecars === 0 && v.ok) throw new CliError(`no sidecar "${printable(opts.sidecar)}" in the store`)
         } else {
-          const { getJson } = await import('./query-client.js')
+          const { getJson, notACollector } = await import('./query-client.js')
           // `--sidecar ''` is asked about as given (the API answers 404, as the store's path does): never dropped into "every sidecar".
-          v = (await getJson<VerifyResult>(opts.url, `/v1/verify${opts.sidecar !== undefined ? `?${new URLSearchParams({ sidecar: opts.sidecar })}` : ''}`)).body
+          const { status, body, shown } = await getJson<VerifyResult>(opts.url, `/v1/verify${opts.sidecar !== undefined ? `?${new URLSearchParams({ sidecar: opts.sidecar })}` : ''}`)
+          // Not a verdict: "chain verified" or "broken" printed from another service's JSON would be believed.
+          if (typeof body.ok !== 'boolean' || !Array.isArray(body.breaks) || typeof body.checked !== 'number') throw notACollector(shown, status, 'is no verification result')
+          v = body
         }
         printVerify(v, io)
         io.exitCode(v.ok ? 0 : 1)

@@ -143,7 +143,6 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
     const problem = auditFileProblem(config.audit.jsonl.path)
     if (problem) throw new StartupError(`audit.jsonl.path ${problem}`)
   }
-  if (cc && !cc.token_secret && !cc.tls) throw new StartupError('audit.collector: needs token_secret, tls, or both, to authenticate to the collector')
   const collectorTokenName = cc?.token_secret
   if (collectorTokenName && !secrets.has(collectorTokenName)) throw new StartupError(`audit.collector: ${secrets.missing(collectorTokenName)}`)
   const readTls = (t: { ca_file: string; cert_file: string; key_file: string }) => ({

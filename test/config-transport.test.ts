@@ -43,7 +43,8 @@ t.test('broker.control and broker.listen', async (t) => {
 })
 
 t.test('sidecar.broker: the token exchange', async (t) => {
-  const withBroker = (b: Record<string, unknown>) => sidecar({ broker: b })
+  // With workload evidence, which a sidecar asking a broker needs (config.test.ts): only the URL is judged here.
+  const withBroker = (b: Record<string, unknown>) => sidecar({ broker: b, attestation: { local: { key_file: '/k.json' } } })
   t.match(problems(withBroker({ url: 'http://latchkey-broker:15003' })), [/^sidecar\.broker\.url: must be TLS off loopback \(latchkey-broker\).*use https:\/\//])
   t.same(problems(withBroker({ url: 'https://latchkey-broker:15003' })), [])
   t.same(problems(withBroker({ url: 'http://latchkey-broker:15003', insecure_plaintext: true })), [])
@@ -71,4 +72,31 @@ t.test('OAuth token endpoints and JWKS are https:// off loopback', async (t) => 
   t.match(problems(broker({ attestors: { kubernetes: { issuer: 'https://k8s', jwks_url: 'http://k8s.internal/openid/v1/jwks' } } })), [/^broker\.attestors\.kubernetes\.jwks_url: must be https:\/\//])
   t.same(problems(broker({ users: { issuer: 'https://idp.example', audience: 'latchkey', jwks_url: 'https://idp.example/jwks.json' } })), [])
   t.same(problems(broker({ users: { issuer: 'https://idp.example', audience: 'latchkey', jwks_url: 'http://localhost:8080/jwks.json' } })), [])
+})
+
+t.test('userinfo in a URL or address the sidecar dials is refused by setting, the password never quoted', async (t) => {
+  // The clients drop it (the broker's and the token endpoint's dial the origin, the control
+  // stream and the collector a host:port): a password written there was never sent, and a
+  // problem about the address quoted it.
+  const pw = 'pw-CANARY-7f3a'
+  const notSent = 'must not carry userinfo (user:password@): it is not sent as a credential, and'
+  const cases: [string, Record<string, unknown>, string][] = [
+    ['sidecar.broker.url', sidecar({ broker: { url: `http://u:${pw}@127.0.0.1:15003` }, attestation: { local: { key_file: '/k.json' } } }), `${notSent} the broker takes workload evidence (sidecar.attestation)`],
+    ['sidecar.control.url', sidecar({ control: { url: `grpc://u:${pw}@127.0.0.1:15004`, token_secret: 'CONTROL' } }), `${notSent} the broker takes the control token (token_secret)`],
+    [
+      'credentials[0].oauth.token_url',
+      sidecar({}, { credentials: [{ id: 'cc', audience: 'https://api.example.com', source: 'client_credentials', oauth: { token_url: `https://c:${pw}@auth.example.com/token`, client_id: 'c', client_secret: 'SECRET' }, inject: { type: 'bearer' } }] }),
+      `${notSent} the token endpoint takes oauth.client_id and oauth.client_secret`,
+    ],
+  ]
+  const address = 'must be host:port, without userinfo (user:password@): a gRPC address has none, and the collector takes token_secret or tls'
+  // Loopback and not (the plaintext line quoted the host), IPv6 (the brackets line quoted it whole), a password alone.
+  for (const a of [`u:${pw}@127.0.0.1:15100`, `u:${pw}@collector.internal:15100`, `u:${pw}@[::1]:15100`, `${pw}@localhost:15100`]) {
+    cases.push(['audit.collector.address', sidecar({}, { audit: { collector: { address: a, sidecar_id: 'sc-1', token_secret: 'COLLECTOR', insecure_plaintext: true } } }), address])
+  }
+  for (const [path, config, message] of cases) {
+    const got = problems(config)
+    t.same(got, [`${path}: ${message}`], `${path}: refused, naming the setting`)
+    t.notOk(got.join('\n').includes(pw), `${path}: the password is not quoted`)
+  }
 })

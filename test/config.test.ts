@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseConfig, ConfigError, loadConfigFile } from '../lib/config/load.js'
 import { CLI } from './helpers/cli.js'
+import { CANARY } from './helpers/harness.js'
 import { checkConfig } from '../cli/check-config.js'
 import { describeFailure } from '../cli/describe-failure.js'
 
@@ -507,6 +508,35 @@ t.test('start-up failures are one line naming the setting: a port in use, an unr
     t.match(r.stderr, why, `${JSON.stringify(content)}: says what is wrong with it`)
     t.notMatch(r.stderr, /9837465/, 'and never what it held')
   }
+})
+
+t.test('a config the sidecar would refuse at start, whatever the machine, is invalid to check-config too', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'lk-cfg-agree-'))
+  const env = { ...process.env, LATCHKEY_SECRET_COL: CANARY }
+  const collector = (extra: string) => `version: 1\nsidecar: { listen: { port: 0 }, admin: { port: 0 } }\naudit: { collector: { address: "127.0.0.1:1", sidecar_id: s1, spool_dir: ${join(dir, 'spool')}${extra} } }\n`
+  const cases: [string, string, string][] = [
+    ['no-auth', collector(''), 'audit.collector: needs token_secret, tls, or both, to authenticate to the collector'],
+    ['spool', collector(', token_secret: COL, spool_max_bytes: 65536, segment_bytes: 65536'), 'audit.collector.spool_max_bytes: must be at least twice segment_bytes (65536): acked segments are deleted only once a newer one exists'],
+    [
+      'evidence',
+      `version: 1\nsidecar: { listen: { port: 0 }, admin: { port: 0 }, broker: { url: "http://127.0.0.1:1" } }\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`,
+      'sidecar.attestation: required when sidecar.broker is set: the broker is asked with workload evidence (kubernetes, spiffe or local)',
+    ],
+  ]
+  for (const [name, text, problem] of cases) {
+    const file = join(dir, `${name}.yaml`)
+    writeFileSync(file, text)
+    const checked = await check(file, env)
+    t.same([checked.status, checked.stderr.trim()], [1, `${file}: invalid configuration:\n  ${problem}`], `${name}: check-config says it, naming the setting`)
+    const started = await sidecarStart(file, env)
+    t.same([started.status, started.stderr.trim()], [1, `${file}: invalid configuration:\n  ${problem}`], `${name}: the sidecar refuses it in the same words`)
+    t.notOk((checked.stderr + started.stderr + started.stdout).includes(CANARY), `${name}: the collector token is in neither`)
+  }
+  // Twice segment_bytes is enough, and a broker credential's own line is not said twice.
+  t.same(problems(collector(', token_secret: COL, spool_max_bytes: 131072, segment_bytes: 65536')), [])
+  t.same(problems('version: 1\nsidecar: { broker: { url: "http://127.0.0.1:1" } }\ncredentials: [{ id: b, audience: "https://api.example", source: broker, token_audience: x, inject: { type: bearer } }]\n'), [
+    'sidecar.attestation: required: credential "b" needs workload evidence for the broker (kubernetes, spiffe or local)',
+  ])
 })
 
 t.test('the longest client_headers_ms the schema allows starts a sidecar whose admin port answers', async (t) => {

@@ -1,4 +1,4 @@
-import { byteSize, FileTooLarge, MAX_CONFIG_BYTES, readFileBounded } from '../bounded-read.js'
+import { byteSize, FileTooLarge, MAX_CONFIG_BYTES, readFailure, readFileBounded } from '../bounded-read.js'
 import type { ErrorObject, ValidateFunction } from 'ajv'
 import type { YAMLError } from 'yaml'
 import { parseYamlDocument, yamlData, yamlErrorMessage } from '../yaml-document.js'
@@ -77,7 +77,7 @@ export function readConfigBytes(file: string): Buffer {
     return readFileBounded(file, MAX_CONFIG_BYTES)
   } catch (err) {
     if (err instanceof FileTooLarge) throw new ConfigError(file, [{ path: '', message: `larger than ${byteSize(MAX_CONFIG_BYTES)}, the most a config file may be` }])
-    throw new ConfigError(file, [{ path: '', message: `cannot read file: ${(err as NodeJS.ErrnoException).code ?? String(err)}` }])
+    throw new ConfigError(file, [{ path: '', message: `cannot read file: ${readFailure(err)}` }])
   }
 }
 
@@ -410,7 +410,9 @@ function semanticProblems(c: Config): ConfigProblem[] {
   const sc = c.sidecar.control
   if (sc) {
     // A URL that does not parse: the schema's pattern has already said what is wrong with it.
-    const host = urlOf(sc.url)?.hostname ?? ''
+    const url = urlOf(sc.url)
+    noUserinfo('sidecar.control.url', url, 'the broker takes the control token (token_secret)')
+    const host = url?.hostname ?? ''
     checkPlaintext('sidecar.control', host, sc.tls, sc.insecure_plaintext, 'the broker, whose control token this sidecar sends and whose policy and revocations it applies, cannot be told from an impostor at that address')
     if (sc.tls && (sc.tls.cert_file === undefined) !== (sc.tls.key_file === undefined)) problems.push({ path: 'sidecar.control.tls', message: 'cert_file and key_file go together' })
   }
@@ -420,6 +422,8 @@ function semanticProblems(c: Config): ConfigProblem[] {
   const sb = c.sidecar.broker
   if (sb) {
     const url = urlOf(sb.url)
+    // Its password also went, as text, into the evidence's default audience (the URL whole).
+    noUserinfo('sidecar.broker.url', url, 'the broker takes workload evidence (sidecar.attestation)')
     if (url?.protocol === 'http:') checkPlaintext('sidecar.broker', url.hostname, null, sb.insecure_plaintext, 'the workload evidence and user tokens this sidecar sends, and the tokens it gets back, cross in clear text to whoever answers (use https://)', 'url')
     else if (url?.protocol === 'https:' && sb.insecure_plaintext) problems.push({ path: 'sidecar.broker.insecure_plaintext', message: 'contradicts an https:// url: remove one' })
   }
@@ -427,14 +431,22 @@ function semanticProblems(c: Config): ConfigProblem[] {
   const ac = c.audit.collector
   if (ac) {
     const host = ac.address.slice(0, ac.address.lastIndexOf(':'))
+    // Not quoted, nor the address in the lines below: `user:password@host:port` carries a password.
+    if (host.includes('@')) problems.push({ path: 'audit.collector.address', message: 'must be host:port, without userinfo (user:password@): a gRPC address has none, and the collector takes token_secret or tls' })
     // `::1:15100` reads as loopback here but is no address to gRPC, which would read it whole.
-    if (host.includes(':') && !(host.startsWith('[') && host.endsWith(']'))) problems.push({ path: 'audit.collector.address', message: `an IPv6 address is written in brackets: [${host.slice(0, 100)}]:${ac.address.slice(ac.address.lastIndexOf(':') + 1)}` })
+    else if (host.includes(':') && !(host.startsWith('[') && host.endsWith(']'))) problems.push({ path: 'audit.collector.address', message: `an IPv6 address is written in brackets: [${host.slice(0, 100)}]:${ac.address.slice(ac.address.lastIndexOf(':') + 1)}` })
     else checkPlaintext('audit.collector', host, ac.tls, ac.insecure_plaintext, 'the collector, which holds the audit trail, cannot be told from an impostor, and its token crosses in clear text')
+    // Here, not only where the sidecar starts: check-config called these valid, and the sidecar refused them.
+    if (!ac.token_secret && !ac.tls) problems.push({ path: 'audit.collector', message: 'needs token_secret, tls, or both, to authenticate to the collector' })
+    if (ac.spool_max_bytes < 2 * ac.segment_bytes) {
+      problems.push({ path: 'audit.collector.spool_max_bytes', message: `must be at least twice segment_bytes (${ac.segment_bytes}): acked segments are deleted only once a newer one exists` })
+    }
   }
   // RFC 6749 §3.2: a token endpoint is reached over TLS. Keys fetched in clear text could be
   // replaced on the way: whoever did so could sign tokens that are then accepted.
   c.credentials.forEach((b, i) => {
     const url = b.oauth ? urlOf(b.oauth.token_url) : null
+    noUserinfo(`credentials[${i}].oauth.token_url`, url, 'the token endpoint takes oauth.client_id and oauth.client_secret')
     if (url?.protocol === 'http:' && !isLoopbackHost(url.hostname)) problems.push({ path: `credentials[${i}].oauth.token_url`, message: 'must be https:// off loopback (RFC 6749 §3.2): the client secret and the tokens would cross in clear text' })
   })
   for (const [path, src] of [
@@ -444,6 +456,11 @@ function semanticProblems(c: Config): ConfigProblem[] {
   ] as const) {
     const url = src?.jwks_url ? urlOf(src.jwks_url) : null
     if (url?.protocol === 'http:' && !isLoopbackHost(url.hostname)) problems.push({ path: `${path}.jwks_url`, message: 'must be https:// off loopback: keys fetched in clear text could be replaced on the way, and tokens signed with the replacement accepted (or use jwks_file)' })
+  }
+
+  /** A URL's userinfo, which the client it is given to drops: the operator who wrote a password there believes it is sent. The URL is not quoted. */
+  function noUserinfo(path: string, url: URL | null, instead: string): void {
+    if (url && (url.username || url.password)) problems.push({ path, message: `must not carry userinfo (user:password@): it is not sent as a credential, and ${instead}` })
   }
 
   function checkPlaintext(path: string, host: string, tls: object | null, insecure: boolean, why: string, what = 'tls'): void {
@@ -537,6 +554,11 @@ function semanticProblems(c: Config): ConfigProblem[] {
       if (!a.kubernetes && !a.spiffe && !a.local) problems.push({ path: 'sidecar.attestation', message: `required: credential "${b.id}" needs workload evidence for the broker (kubernetes, spiffe or local)` })
     }
   })
+  // A broker credential says this itself, above. Without one the sidecar still makes its broker client, from that evidence: check-config called it valid, and the sidecar did not start.
+  const a = c.sidecar.attestation
+  if (c.sidecar.broker && !a.kubernetes && !a.spiffe && !a.local && c.credentials.every((b) => b.source === 'static' || b.source === 'client_credentials')) {
+    problems.push({ path: 'sidecar.attestation', message: 'required when sidecar.broker is set: the broker is asked with workload evidence (kubernetes, spiffe or local)' })
+  }
   if (c.tasks.default.duration_s > c.tasks.max_duration_s) problems.push({ path: 'tasks.default.duration_s', message: 'exceeds tasks.max_duration_s' })
 
   if (c.broker) {

@@ -3,6 +3,7 @@
 // (the config is invalid); `onThisMachine`, a file is missing or unreadable here, which the machine
 // the config is meant for may have (a mounted secret): said, not held against the config.
 import type { ConfigProblem } from './load.js'
+import { readFailure } from '../bounded-read.js'
 
 export class PreflightFindings {
   readonly errors: ConfigProblem[] = []
@@ -17,6 +18,6 @@ export class PreflightFindings {
 
   /** `file`, which the setting `path` names, could not be read here. */
   cannotRead(path: string, file: string, err: unknown): void {
-    this.onThisMachine.push({ path, message: `${file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})` })
+    this.onThisMachine.push({ path, message: `${file}: cannot read (${readFailure(err)})` })
   }
 }

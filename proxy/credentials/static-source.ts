@@ -1,7 +1,7 @@
 // The first CredentialSource: secrets read at start-up from a YAML/JSON file of name → value, or
 // from environment variables `<env_prefix><NAME>`. They live in memory only. The file is read
 // again on reload() (secrets-reload.ts: a change seen by stat, or SIGHUP), swapped whole or not at all.
-import { byteSize, FileTooLarge, readFileBounded } from '../../lib/bounded-read.js'
+import { byteSize, FileTooLarge, readFailure, readFileBounded } from '../../lib/bounded-read.js'
 import { firstNonUtf8Line } from '../../lib/config/load.js'
 import { parseYamlDocument, yamlErrorMessage } from '../../lib/yaml-document.js'
 import type { Config } from '../../lib/config/schema.js'
@@ -92,7 +92,7 @@ export class StaticSecretSource implements CredentialSource {
         bytes = readFileBounded(secrets.file, MAX_SECRETS_FILE_BYTES)
       } catch (err) {
         if (err instanceof FileTooLarge) throw startupError(`secrets.file ${secrets.file}: larger than ${byteSize(MAX_SECRETS_FILE_BYTES)}, the most a secrets file may be`)
-        throw startupError(`secrets.file ${secrets.file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
+        throw startupError(`secrets.file ${secrets.file}: cannot read (${readFailure(err)})`)
       }
       // Not UTF-8 is refused by line, as the config is: read leniently, a Latin-1 secret would be
       // sent with U+FFFD in place of its bytes, and refused upstream as a wrong credential.

@@ -3,7 +3,7 @@
 import { statSync, watch, type FSWatcher } from 'node:fs'
 import { basename, dirname } from 'node:path'
 import { firstNonUtf8Line } from '../../lib/config/load.js'
-import { FileTooLarge, readFileBounded } from '../../lib/bounded-read.js'
+import { FileTooLarge, readFailure, readFileBounded } from '../../lib/bounded-read.js'
 
 export type PolicyText = { ok: true; text: string } | { ok: false; unreadable: boolean; reason: string }
 
@@ -19,7 +19,7 @@ export function readPolicyText(file: string, maxBytes: number): PolicyText {
     bytes = readFileBounded(file, maxBytes)
   } catch (err) {
     if (err instanceof FileTooLarge) return { ok: false, unreadable: false, reason: `${file}: policy bundle is over the limit of ${maxBytes} bytes` }
-    return { ok: false, unreadable: true, reason: `${file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})` }
+    return { ok: false, unreadable: true, reason: `${file}: cannot read (${readFailure(err)})` }
   }
   const bad = firstNonUtf8Line(bytes)
   if (bad !== null) return { ok: false, unreadable: false, reason: `${file}: line ${bad}: not valid UTF-8 (save the file as UTF-8)` }

@@ -1,0 +1,72 @@
+// `latchkey audit --url` pointed at something that is not a collector's query API (a mistyped
+// port, a web server, another JSON service): said so in one line naming the URL, never a
+// JSON.parse or TypeError message quoting the other service's body, and never read without end.
+import t, { type Test } from 'tap'
+import { createServer, type Server, type ServerResponse } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { auditInProcess } from '../helpers/audit-cli.js'
+import { getJson } from '../../collector/query-client.js'
+import { CliError } from '../../collector/cli-error.js'
+
+async function serve(t: Test, answer: (path: string, res: ServerResponse) => void): Promise<string> {
+  const server: Server = createServer((req, res) => answer(req.url ?? '/', res))
+  server.listen(0, '127.0.0.1')
+  await new Promise((resolve) => server.once('listening', resolve))
+  t.teardown(() => new Promise((resolve) => server.close(resolve)))
+  return `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+}
+
+const json = (res: ServerResponse, body: unknown, status = 200) => {
+  res.writeHead(status, { 'content-type': 'application/json' })
+  res.end(JSON.stringify(body))
+}
+
+t.test('a web page is not a collector: said so, naming the URL, the page not quoted', async (t) => {
+  const url = await serve(t, (_, res) => {
+    res.writeHead(200, { 'content-type': 'text/html' })
+    res.end('<!DOCTYPE html><html>SECRET-PAGE</html>')
+  })
+  for (const args of [['audit', '--agent', 'agent:a:b:c'], ['audit', 'verify']]) {
+    const r = await auditInProcess([...args, '--url', url])
+    t.same([r.code, r.stderr.trim()], [1, `collector at ${url}: the answer (HTTP 200) is not JSON: not a Latchkey collector's query API; check --url`], args.join(' '))
+  }
+})
+
+t.test("another service's JSON is not taken for events, agents or a verdict", async (t) => {
+  // Each path answers 200 with JSON of its own: no events list, no agents list, no verification.
+  const url = await serve(t, (path, res) => json(res, path.startsWith('/v1/verify') ? { ok: 'yes' } : { status: 'ok' }))
+  const events = await auditInProcess(['audit', '--agent', 'agent:a:b:c', '--url', url])
+  t.same([events.code, events.stderr.trim()], [1, `collector at ${url}: the answer (HTTP 200) holds no events list: not a Latchkey collector's query API; check --url`])
+  const pattern = await auditInProcess(['audit', '--agent', 'agent:a:*:*', '--url', url])
+  t.same([pattern.code, pattern.stderr.trim()], [1, `collector at ${url}: the answer (HTTP 200) holds no agents list: not a Latchkey collector's query API; check --url`])
+  const verify = await auditInProcess(['audit', 'verify', '--url', url])
+  t.same([verify.code, verify.stdout, verify.stderr.trim()], [1, '', `collector at ${url}: the answer (HTTP 200) is no verification result: not a Latchkey collector's query API; check --url`], 'no "chain verified" or "broken" line')
+})
+
+t.test('an answer without end is read no further than the cap', async (t) => {
+  // 64 MiB in all, then the end: read whole (as before) it is not JSON; cut at the cap, it is never all sent.
+  const TOTAL = 64 * 1024 * 1024
+  let sent = 0
+  let closedEarly = false
+  const url = await serve(t, (_, res) => {
+    res.writeHead(200, { 'content-type': 'application/json' })
+    const chunk = Buffer.alloc(64 * 1024, '[')
+    res.on('close', () => (closedEarly = sent < TOTAL))
+    const write = () => {
+      while (sent < TOTAL) {
+        sent += chunk.length
+        if (!res.write(chunk)) return void res.once('drain', write)
+      }
+      res.end()
+    }
+    write()
+  })
+  const err = await getJson(url, '/v1/events?agent=x', 1024 * 1024).then(
+    () => null,
+    (e: unknown) => e,
+  )
+  t.ok(err instanceof CliError, 'a CliError: one line for the operator')
+  t.equal((err as Error).message, `collector at ${url}: the answer (HTTP 200) is larger than 1048576 bytes: not a Latchkey collector's query API; check --url`)
+  await new Promise((resolve) => setTimeout(resolve, 200))
+  t.ok(closedEarly, `the client went away before the end (${sent} of ${TOTAL} bytes sent)`)
+})

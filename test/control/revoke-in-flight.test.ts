@@ -1,0 +1,73 @@
+// Revocation reaching work already in flight when it lands: a call still waiting on its token
+// exchange. All real: the broker with its control stream, a front holding the broker's answers
+// back (a slow broker is the point), a sidecar, an upstream API.
+import t from 'tap'
+import { connect, type Socket } from 'node:net'
+import { startApi, startControlBroker, startControlSidecar, revoke, until } from './rig.js'
+import { startBrokerFront } from '../helpers/broker-front.js'
+
+/** A raw connection to `port` that has sent `request`: what it has received, and when it closed. */
+function openRaw(t: { teardown(fn: () => unknown): void }, port: number, request: string) {
+  const sock: Socket = connect(port, '127.0.0.1')
+  let received = ''
+  let closed = false
+  sock.on('data', (d: Buffer) => (received += d.toString('latin1')))
+  sock.on('close', () => (closed = true))
+  sock.on('error', () => {})
+  t.teardown(() => void sock.destroy())
+  sock.write(request)
+  return { sock, received: () => received, closed: () => closed }
+}
+
+t.test('a call waiting on a slow broker when its task is revoked is answered 403 at once, not when the broker answers', async (t) => {
+  const broker = await startControlBroker()
+  t.teardown(() => broker.close())
+  const front = await startBrokerFront(broker.url)
+  t.teardown(front.close)
+  const api = await startApi()
+  t.teardown(api.close)
+  // The broker may take up to 20 s: a refusal held until then is what the test is about.
+  const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:slow-broker', { sidecar: { broker: { url: front.url, timeout_ms: 20_000 } } })
+  t.teardown(s.close)
+  await until('connected', () => s.sidecar.control!.connected)
+  const revoked = await s.openTask()
+  const other = await s.openTask()
+
+  front.mode = { mode: 'hold' }
+  // One exchange per task: the revoked task's two calls wait on the same one.
+  const arrived = front.handled(front.requests + 2)
+  const request = (handle: string, path: string, extra = '') => `GET ${api.origin}${path} HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\nProxy-Authorization: Bearer ${handle}\r\n${extra}\r\n`
+  const get = openRaw(t, s.sidecar.port, request(revoked.handle, '/waiting'))
+  // An upload waiting for its 100 (curl sends Expect: 100-continue for a body over 1 KiB).
+  const upload = openRaw(t, s.sidecar.port, request(revoked.handle, '/upload', 'Expect: 100-continue\r\nContent-Length: 5\r\n').replace(/^GET/, 'POST'))
+  const bystander = openRaw(t, s.sidecar.port, request(other.handle, '/bystander'))
+  await arrived
+
+  t.equal((await revoke(broker, 'task', revoked.id)).status, 201)
+  await until('the revocation applied', () => s.sidecar.control!.state.has('task', revoked.id))
+  const applied = performance.now()
+  // The broker still holds every answer: the agent is told now, or only when the broker answers.
+  await until('both calls of the revoked task answered', () => get.closed() && upload.closed(), 5000).catch(() => {})
+  const ms = performance.now() - applied
+  for (const [name, call] of [['the waiting call', get], ['the upload waiting for its 100', upload]] as const) {
+    t.match(call.received(), /^HTTP\/1\.1 403 [^\r]*\r\n/, `${name} is answered 403 while the broker still holds its exchange`)
+    t.match(call.received(), /"code":"LK_REVOKED"/)
+    t.match(call.received(), /"rule":"revocation:task"/, 'naming the revocation, as a refusal at admission does')
+  }
+  t.notMatch(upload.received(), /^HTTP\/1\.1 100/, 'the upload was never told to send its body')
+  t.ok(ms < 2000, `answered ${ms.toFixed(0)} ms after the revocation applied, the broker's answer still held`)
+  // Recorded now, as the agent saw it: the trail does not wait on the broker either.
+  const events = await s.audit()
+  t.match(events.find((e) => e.path === '/waiting'), { task: revoked.id, status: 403, error: 'LK_REVOKED' })
+  t.match(events.find((e) => e.path === '/upload'), { task: revoked.id, status: 403, error: 'LK_REVOKED' })
+  t.equal(bystander.received(), '', "the other task's call still waits on its own exchange")
+  t.notOk(bystander.closed())
+
+  front.release()
+  await until('the other task answered', () => bystander.received().includes('"ok":true'))
+  t.match(bystander.received(), /^HTTP\/1\.1 200/, 'and is served once its token comes')
+  await new Promise((r) => setTimeout(r, 200))
+  t.same(api.paths, ['/bystander'], 'nothing of the revoked task reached the API, once its tokens came either')
+  t.equal(api.tokens.length, 1)
+  t.same((await s.audit()).filter((e) => e.path === '/waiting' || e.path === '/upload').length, 2, 'each cut call recorded once, not again when its exchange landed')
+})

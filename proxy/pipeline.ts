@@ -701,12 +701,13 @@ export class Pipeline {
   /**
    * Cuts every admitted call whose identity matches (a revoked agent or task, a task that ended):
    * keep-alive connections, streaming responses, tunnels and WebSockets end now, recorded with
-   * `code`. Returns how many.
+   * `code`. `matches` is also given the call (a revoked token is told by the credential it carries).
+   * Returns how many.
    */
-  cut(matches: (identity: Identity) => boolean, code: ErrorCode = 'LK_REVOKED', reason = 'revoked'): number {
+  cut(matches: (identity: Identity, ctx: CallContext) => boolean, code: ErrorCode = 'LK_REVOKED', reason = 'revoked'): number {
     let n = 0
     for (const [ctx, socket] of this.live.entries()) {
-      if (!matches(ctx.identity)) continue
+      if (!matches(ctx.identity, ctx)) continue
       n++
       const answer = ctx.admitting
       if (answer) {

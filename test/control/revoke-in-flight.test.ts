@@ -1,9 +1,11 @@
 // Revocation reaching work already in flight when it lands: a call still waiting on its token
-// exchange. All real: the broker with its control stream, a front holding the broker's answers
-// back (a slow broker is the point), a sidecar, an upstream API.
+// exchange, calls open on a token revoked by its jti. All real: the broker with its control
+// stream, a front holding the broker's answers back where a slow broker is the point, a sidecar,
+// an upstream API.
 import t from 'tap'
+import { once } from 'node:events'
 import { connect, type Socket } from 'node:net'
-import { startApi, startControlBroker, startControlSidecar, revoke, until } from './rig.js'
+import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openWebSocket, revoke, until } from './rig.js'
 import { startBrokerFront } from '../helpers/broker-front.js'
 
 /** A raw connection to `port` that has sent `request`: what it has received, and when it closed. */
@@ -70,4 +72,46 @@ t.test('a call waiting on a slow broker when its task is revoked is answered 403
   t.same(api.paths, ['/bystander'], 'nothing of the revoked task reached the API, once its tokens came either')
   t.equal(api.tokens.length, 1)
   t.same((await s.audit()).filter((e) => e.path === '/waiting' || e.path === '/upload').length, 2, 'each cut call recorded once, not again when its exchange landed')
+})
+
+t.test('revoking a token by its jti cuts the calls still open on it; the same task goes on with a fresh token, other tokens untouched', async (t) => {
+  const broker = await startControlBroker()
+  t.teardown(() => broker.close())
+  const api = await startApi()
+  t.teardown(api.close)
+  const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:jti-reach')
+  t.teardown(s.close)
+  await until('connected', () => s.sidecar.control!.connected)
+  const task = await s.openTask()
+  const other = await s.openTask()
+
+  const stream = await openStream(s, task.handle, `${api.origin}/stream`)
+  await until('stream flowing', () => stream.chunks() > 0)
+  const ws = await openWebSocket(s, task.handle, api)
+  const wsClosed = once(ws, 'close')
+  const otherStream = await openStream(s, other.handle, `${api.origin}/stream/other`)
+  let otherEnded = false
+  void otherStream.ended.then(() => (otherEnded = true))
+  await until('the other stream flowing', () => otherStream.chunks() > 0)
+  const jti = s.sidecar.brokerTokens!.describe(task.id)[0]!.jti
+  t.not(s.sidecar.brokerTokens!.describe(other.id)[0]!.jti, jti, 'the other task holds another token')
+
+  t.equal((await revoke(broker, 'jti', jti)).status, 201)
+  await until('the token dropped', () => s.sidecar.brokerTokens!.describe(task.id).length === 0)
+  const dropped = performance.now()
+  const cut = await Promise.race([Promise.all([stream.ended, wsClosed]).then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 3000))])
+  t.ok(cut, `the stream and the WebSocket sent with the revoked token were cut (${(performance.now() - dropped).toFixed(0)} ms after it was dropped)`)
+  t.ok(ws.destroyed)
+
+  const before = otherStream.chunks()
+  await until('the other stream still flowing', () => otherStream.chunks() > before + 2)
+  t.notOk(otherEnded, "a stream on the other task's token is untouched")
+  t.equal((await viaProxy(s, task.handle, `${api.origin}/next`)).status, 200, 'the task itself is not revoked: its next call goes, with a fresh token')
+  t.not(s.sidecar.brokerTokens!.describe(task.id)[0]?.jti, jti)
+
+  await until('the cuts recorded', async () => (await s.audit()).filter((e) => e.task === task.id && e.error === 'LK_REVOKED').length === 2)
+  const cuts = (await s.audit()).filter((e) => e.task === task.id && e.error === 'LK_REVOKED')
+  t.same(cuts.map((e) => e.via).sort(), ['absolute', 'upgrade'], 'the stream and the WebSocket, each recorded as revoked')
+  t.ok(cuts.every((e) => e.status !== 0 && /jti/.test(String(e.reason)) && (e.credential as { id: string }).id === jti), 'with what they had been answered, and why: the token they were sent with')
+  t.notOk((await s.audit()).some((e) => e.task === other.id && e.error !== null), 'nothing of the other task was cut')
 })

@@ -1,7 +1,7 @@
 // Revocation reaching work already in flight when it lands: a call still waiting on its token
-// exchange, calls open on a token revoked by its jti. All real: the broker with its control
-// stream, a front holding the broker's answers back where a slow broker is the point, a sidecar,
-// an upstream API.
+// exchange, calls open on a token revoked by its jti, a task whose POST is still being read. All
+// real: the broker with its control stream, a front holding the broker's answers back where a slow
+// broker is the point, sidecars, an upstream API.
 import t from 'tap'
 import { once } from 'node:events'
 import { connect, type Socket } from 'node:net'
@@ -114,4 +114,30 @@ t.test('revoking a token by its jti cuts the calls still open on it; the same ta
   t.same(cuts.map((e) => e.via).sort(), ['absolute', 'upgrade'], 'the stream and the WebSocket, each recorded as revoked')
   t.ok(cuts.every((e) => e.status !== 0 && /jti/.test(String(e.reason)) && (e.credential as { id: string }).id === jti), 'with what they had been answered, and why: the token they were sent with')
   t.notOk((await s.audit()).some((e) => e.task === other.id && e.error !== null), 'nothing of the other task was cut')
+})
+
+t.test('a task whose POST is still being read when the agent is revoked is refused, not opened', async (t) => {
+  const broker = await startControlBroker()
+  t.teardown(() => broker.close())
+  const api = await startApi()
+  t.teardown(api.close)
+  const agent = 'agent:summarizer:prod:slow-post'
+  const s = await startControlSidecar(broker, api, agent)
+  t.teardown(s.close)
+  await until('connected', () => s.sidecar.control!.connected)
+  // No audiences and no user token: nothing is exchanged as it opens, so no exchange is there to void.
+  const body = JSON.stringify({ purpose: 'opened as the revocation lands', duration_s: 60 })
+  const admin = new URL(s.sidecar.adminUrl)
+  const post = openRaw(t, Number(admin.port), `POST /v1/tasks HTTP/1.1\r\nHost: ${admin.host}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body.slice(0, 10)}`)
+  await new Promise((r) => setTimeout(r, 100))
+  t.equal((await revoke(broker, 'agent', agent)).status, 201)
+  await until('the revocation applied', () => s.sidecar.control!.state.agentRevoked)
+  post.sock.write(body.slice(10))
+  await until('answered', () => /\r\n\r\n[\s\S]*\}/.test(post.received()))
+  t.match(post.received(), /^HTTP\/1\.1 403 /, 'refused')
+  t.match(post.received(), /"error":"revoked"/)
+  t.match(post.received(), /revocation:agent/)
+  t.match(post.received(), /"retryable":false/)
+  t.equal(s.sidecar.tasks.size, 0, 'no task left open')
+  t.same(((await (await fetch(`${s.sidecar.adminUrl}/v1/tasks`)).json()) as { tasks: unknown[] }).tasks, [], 'none listed')
 })

@@ -190,6 +190,8 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
       return serveOn(pipeline.admin!, client, head)
     }
     pipeline.refuseIfDraining()
+    // Cut while admission waits (DNS): answered with the refusal now, as a request is (Pipeline.cut).
+    ctx.admitting = refuse
     try {
       await pipeline.admit(ctx, req.headers['proxy-authorization'], false, client)
     } catch (err) {
@@ -201,6 +203,8 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
       // opened tunnel for ever.
       if (!finished && answeredInside(ctx.target, err)) return openForPlainHttpOnly(err, true)
       throw err
+    } finally {
+      ctx.admitting = null
     }
     if (finished) return
     const decision = ctx.decision!

@@ -21,7 +21,7 @@ function openRaw(t: { teardown(fn: () => unknown): void }, port: number, request
   return { sock, received: () => received, closed: () => closed }
 }
 
-t.test('a call waiting on a slow broker when its task is revoked is answered 403 at once, not when the broker answers', async (t) => {
+t.test('calls waiting on a slow broker when their task is revoked are answered 403 at once, not when the broker answers', async (t) => {
   const broker = await startControlBroker()
   t.teardown(() => broker.close())
   const front = await startBrokerFront(broker.url)
@@ -42,6 +42,8 @@ t.test('a call waiting on a slow broker when its task is revoked is answered 403
   const get = openRaw(t, s.sidecar.port, request(revoked.handle, '/waiting'))
   // An upload waiting for its 100 (curl sends Expect: 100-continue for a body over 1 KiB).
   const upload = openRaw(t, s.sidecar.port, request(revoked.handle, '/upload', 'Expect: 100-continue\r\nContent-Length: 5\r\n').replace(/^GET/, 'POST'))
+  // A WebSocket handshake, which waits on the same exchange.
+  const ws = openRaw(t, s.sidecar.port, request(revoked.handle, '/ws', 'Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n'))
   const bystander = openRaw(t, s.sidecar.port, request(other.handle, '/bystander'))
   await arrived
 
@@ -49,9 +51,9 @@ t.test('a call waiting on a slow broker when its task is revoked is answered 403
   await until('the revocation applied', () => s.sidecar.control!.state.has('task', revoked.id))
   const applied = performance.now()
   // The broker still holds every answer: the agent is told now, or only when the broker answers.
-  await until('both calls of the revoked task answered', () => get.closed() && upload.closed(), 5000).catch(() => {})
+  await until('the calls of the revoked task answered', () => get.closed() && upload.closed() && ws.closed(), 5000).catch(() => {})
   const ms = performance.now() - applied
-  for (const [name, call] of [['the waiting call', get], ['the upload waiting for its 100', upload]] as const) {
+  for (const [name, call] of [['the waiting call', get], ['the upload waiting for its 100', upload], ['the WebSocket handshake', ws]] as const) {
     t.match(call.received(), /^HTTP\/1\.1 403 [^\r]*\r\n/, `${name} is answered 403 while the broker still holds its exchange`)
     t.match(call.received(), /"code":"LK_REVOKED"/)
     t.match(call.received(), /"rule":"revocation:task"/, 'naming the revocation, as a refusal at admission does')
@@ -62,6 +64,7 @@ t.test('a call waiting on a slow broker when its task is revoked is answered 403
   const events = await s.audit()
   t.match(events.find((e) => e.path === '/waiting'), { task: revoked.id, status: 403, error: 'LK_REVOKED' })
   t.match(events.find((e) => e.path === '/upload'), { task: revoked.id, status: 403, error: 'LK_REVOKED' })
+  t.match(events.find((e) => e.path === '/ws'), { task: revoked.id, via: 'upgrade', status: 403, error: 'LK_REVOKED' })
   t.equal(bystander.received(), '', "the other task's call still waits on its own exchange")
   t.notOk(bystander.closed())
 
@@ -71,7 +74,7 @@ t.test('a call waiting on a slow broker when its task is revoked is answered 403
   await new Promise((r) => setTimeout(r, 200))
   t.same(api.paths, ['/bystander'], 'nothing of the revoked task reached the API, once its tokens came either')
   t.equal(api.tokens.length, 1)
-  t.same((await s.audit()).filter((e) => e.path === '/waiting' || e.path === '/upload').length, 2, 'each cut call recorded once, not again when its exchange landed')
+  t.same((await s.audit()).filter((e) => e.path === '/waiting' || e.path === '/upload' || e.path === '/ws').length, 3, 'each cut call recorded once, not again when its exchange landed')
 })
 
 t.test('revoking a token by its jti cuts the calls still open on it; the same task goes on with a fresh token, other tokens untouched', async (t) => {

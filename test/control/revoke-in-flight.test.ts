@@ -7,6 +7,9 @@ import { once } from 'node:events'
 import { connect, type Socket } from 'node:net'
 import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openWebSocket, revoke, until } from './rig.js'
 import { startBrokerFront } from '../helpers/broker-front.js'
+import { DnsResolver, type LookupFn } from '../../proxy/resolve/resolver.js'
+import { NetworkPolicy } from '../../proxy/resolve/network-policy.js'
+import { parseConfig } from '../../lib/config/load.js'
 
 /** A raw connection to `port` that has sent `request`: what it has received, and when it closed. */
 function openRaw(t: { teardown(fn: () => unknown): void }, port: number, request: string) {
@@ -143,4 +146,45 @@ t.test('a task whose POST is still being read when the agent is revoked is refus
   t.match(post.received(), /"retryable":false/)
   t.equal(s.sidecar.tasks.size, 0, 'no task left open')
   t.same(((await (await fetch(`${s.sidecar.adminUrl}/v1/tasks`)).json()) as { tasks: unknown[] }).tasks, [], 'none listed')
+})
+
+t.test('a CONNECT waiting on DNS when its task is revoked is answered 403 at once, not closed bare', async (t) => {
+  const broker = await startControlBroker()
+  t.teardown(() => broker.close())
+  const api = await startApi()
+  t.teardown(api.close)
+  // A lookup held until released: one that never answers cannot be caused on this machine (its
+  // resolver is the system's), so the resolver's own injection point holds it (as dns-faults.test).
+  const held: (() => void)[] = []
+  const lookup: LookupFn = (host) =>
+    host === 'api.test' ? new Promise((resolve) => held.push(() => resolve([{ address: '127.0.0.1', family: 4 }]))) : Promise.reject(Object.assign(new Error('getaddrinfo ENOTFOUND'), { code: 'ENOTFOUND' }))
+  t.teardown(() => held.splice(0).forEach((go) => go()))
+  const network = new NetworkPolicy(parseConfig(`version: 1\nnetwork:\n  allow:\n    - cidr: 127.0.0.1/32\n      ports: [${api.port}]\n`).network)
+  const resolver = new DnsResolver(network, { cacheMs: 0, negativeCacheMs: 0, timeoutMs: 20_000, maxLookups: 8, lookup })
+  const policy = { default: 'deny', rules: [{ id: 'allow-api', action: 'allow', hosts: ['api.test'], ports: [api.port] }] }
+  const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:dns-wait', { policy, options: { resolver } })
+  t.teardown(s.close)
+  await until('connected', () => s.sidecar.control!.connected)
+  const revoked = await s.openTask()
+  const other = await s.openTask()
+  const connectTo = (handle: string) => openRaw(t, s.sidecar.port, `CONNECT api.test:${api.port} HTTP/1.1\r\nHost: api.test:${api.port}\r\nProxy-Authorization: Bearer ${handle}\r\n\r\n`)
+  const tunnel = connectTo(revoked.handle)
+  const bystander = connectTo(other.handle)
+  // One lookup for the name, both CONNECTs waiting on it.
+  await until('the lookup held', () => held.length === 1)
+  await new Promise((r) => setTimeout(r, 200))
+
+  t.equal((await revoke(broker, 'task', revoked.id)).status, 201)
+  await until('the revocation applied', () => s.sidecar.control!.state.has('task', revoked.id))
+  await until('the CONNECT answered', () => tunnel.closed(), 3000).catch(() => {})
+  t.match(tunnel.received(), /^HTTP\/1\.1 403 [^\r]*\r\n/, 'answered 403 while its lookup is still held')
+  t.match(tunnel.received(), /"code":"LK_REVOKED"/)
+  t.match(tunnel.received(), /"rule":"revocation:task"/)
+  t.match((await s.audit()).find((e) => e.task === revoked.id), { via: 'connect', status: 403, error: 'LK_REVOKED' }, 'recorded as the agent saw it')
+  t.equal(bystander.received(), '', "the other task's CONNECT still waits on its lookup")
+
+  held.splice(0).forEach((go) => go())
+  await until('the other tunnel opened', () => bystander.received().startsWith('HTTP/1.1 200'))
+  await new Promise((r) => setTimeout(r, 200))
+  t.equal((await s.audit()).filter((e) => e.task === revoked.id).length, 1, 'the cut CONNECT recorded once, and nothing dialled for it once its lookup answered')
 })

@@ -42,7 +42,8 @@ t.test('calls waiting on a slow broker when their task is revoked are answered 4
   // One exchange per task: the revoked task's two calls wait on the same one.
   const arrived = front.handled(front.requests + 2)
   const request = (handle: string, path: string, extra = '') => `GET ${api.origin}${path} HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\nProxy-Authorization: Bearer ${handle}\r\n${extra}\r\n`
-  const get = openRaw(t, s.sidecar.port, request(revoked.handle, '/waiting'))
+  // With a request pipelined behind it, which waits for its turn.
+  const get = openRaw(t, s.sidecar.port, request(revoked.handle, '/waiting') + request(revoked.handle, '/queued'))
   // An upload waiting for its 100 (curl sends Expect: 100-continue for a body over 1 KiB).
   const upload = openRaw(t, s.sidecar.port, request(revoked.handle, '/upload', 'Expect: 100-continue\r\nContent-Length: 5\r\n').replace(/^GET/, 'POST'))
   // A WebSocket handshake, which waits on the same exchange.
@@ -67,6 +68,8 @@ t.test('calls waiting on a slow broker when their task is revoked are answered 4
   const events = await s.audit()
   t.match(events.find((e) => e.path === '/waiting'), { task: revoked.id, status: 403, error: 'LK_REVOKED' })
   t.match(events.find((e) => e.path === '/upload'), { task: revoked.id, status: 403, error: 'LK_REVOKED' })
+  t.match(events.find((e) => e.path === '/queued'), { task: revoked.id, status: 0, error: 'LK_REVOKED', reason: 'not sent: the connection was cut before its turn (revoked)' }, 'the request pipelined behind it: not sent, and why')
+  t.equal(get.received().match(/^HTTP\/1\.1 /gm)?.length, 1, 'one answer on that connection, then its close')
   t.match(events.find((e) => e.path === '/ws'), { task: revoked.id, via: 'upgrade', status: 403, error: 'LK_REVOKED' })
   t.equal(bystander.received(), '', "the other task's call still waits on its own exchange")
   t.notOk(bystander.closed())

@@ -162,9 +162,12 @@ export interface CallContext {
    * comes an event-loop turn later.
    */
   forward: { abort(err: Error): void } | null
-  /** Set while admission waits (DNS, a token exchange): a cut then is answered, not a bare close (Pipeline.cut). */
-  admitting: boolean
-  /** A cut that came while admission waited: the refusal it is answered with. */
+  /**
+   * Set while admission waits (DNS, a token exchange): how a cut then answers the call, at once and
+   * with the refusal, not a bare close (Pipeline.cut).
+   */
+  admitting: ((cut: Error) => void) | null
+  /** A cut that came while admission waited, already answered: once admission settles the call goes nowhere. */
   cutWith: Error | null
   /** While admitted and unfinished: the client socket it holds, and its links in Pipeline.live (LiveCalls owns these three). */
   liveSocket: Socket | null

@@ -141,7 +141,7 @@ export class Pipeline {
       credentialInBody: 0,
       relayed: false,
       forward: null,
-      admitting: false,
+      admitting: null,
       cutWith: null,
       liveSocket: null,
       livePrev: null,
@@ -244,12 +244,13 @@ export class Pipeline {
       // Inside a tunnel the agent's proxy credential came with the CONNECT, not with each request.
       const admitted = this.admit(ctx, proxyCredentialOf(req.headers, tunnel), true, req.socket)
       if (admitted) {
-        ctx.admitting = true
+        ctx.admitting = (cut) => this.refuse(ctx, res, cut)
         admitted
           .then(() => this.dispatchAfterWait(ctx, req, res, expectContinue))
           .catch((err: unknown) => {
-            ctx.admitting = false
-            this.refuse(ctx, res, ctx.cutWith ?? err)
+            ctx.admitting = null
+            // Cut while it waited: answered then.
+            if (ctx.cutWith === null) this.refuse(ctx, res, err)
           })
         return
       }
@@ -504,8 +505,9 @@ export class Pipeline {
    * (its socket gone) goes nowhere, the credential it was handed included. Either way it is recorded.
    */
   private dispatchAfterWait(ctx: CallContext, req: IncomingMessage, res: ServerResponse, expectContinue: boolean): void {
-    ctx.admitting = false
-    if (ctx.cutWith) throw ctx.cutWith
+    ctx.admitting = null
+    // Cut while it waited, and answered with the refusal then: the credential it was handed goes nowhere.
+    if (ctx.cutWith) return
     this.stages.revocations?.check(ctx.identity)
     if (res.destroyed || req.socket === null || req.socket.destroyed) {
       throw new LatchkeyError('LK_CLIENT_CLOSED', 'the agent closed the connection before the call was sent')
@@ -705,18 +707,24 @@ export class Pipeline {
   /**
    * Cuts every admitted call whose identity matches (a revoked agent or task, a task that ended):
    * keep-alive connections, streaming responses, tunnels and WebSockets end now, recorded with
-   * `code`. Returns how many.
+   * `code`. `matches` is also given the call (a revoked token is told by the credential it carries).
+   * Returns how many.
    */
-  cut(matches: (identity: Identity) => boolean, code: ErrorCode = 'LK_REVOKED', reason = 'revoked'): number {
+  cut(matches: (identity: Identity, ctx: CallContext) => boolean, code: ErrorCode = 'LK_REVOKED', reason = 'revoked'): number {
     let n = 0
     for (const [ctx, socket] of this.live.entries()) {
-      if (!matches(ctx.identity)) continue
+      if (!matches(ctx.identity, ctx)) continue
       n++
-      if (ctx.admitting) {
-        // Nothing sent yet, either way: answered with the refusal when admission settles (an
-        // agent reads a 403 where a bare close told it nothing), and never dispatched.
-        ctx.cutWith ??= new LatchkeyError(code, reason)
+      const answer = ctx.admitting
+      if (answer) {
+        // Nothing sent yet: answered with the refusal now (an agent reads a 403 where a bare
+        // close told it nothing), and never dispatched once admission settles. Answered then, a
+        // call waiting on a slow broker was held, and recorded, only as long as the broker took
+        // (timeout_ms), where the revocation is to stop it within the second.
+        ctx.admitting = null
+        ctx.cutWith = this.cutRefusal(ctx, code, reason)
         this.cutSockets.set(socket, { code, reason })
+        answer(ctx.cutWith)
         continue
       }
       this.live.delete(ctx)
@@ -724,6 +732,18 @@ export class Pipeline {
       this.cutSocket(ctx, socket, code, reason)
     }
     return n
+  }
+
+  /** What a call cut while admission waited is answered: a revoked agent's or task's refusal as admit gives it (its rule named), else the cut's. */
+  private cutRefusal(ctx: CallContext, code: ErrorCode, reason: string): LatchkeyError {
+    if (code === 'LK_REVOKED') {
+      try {
+        this.stages.revocations?.check(ctx.identity)
+      } catch (err) {
+        if (err instanceof LatchkeyError) return err
+      }
+    }
+    return new LatchkeyError(code, reason)
   }
 
   /**

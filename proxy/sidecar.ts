@@ -370,12 +370,18 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
         // revoked task or jti (lib/delegation.ts); their tokens go and their calls are cut.
         const stopped = new Set(tasks.derivedFrom(r.kind, r.value).map((t) => t.id))
         if (r.kind === 'task') stopped.add(r.value)
-        else tokens = brokerTokens?.dropJti(r.value) ? 1 : 0
+        else {
+          tokens = brokerTokens?.dropJti(r.value) ? 1 : 0
+          // The calls still open on that token stop with it (a stream, an upload, a WebSocket the
+          // upstream authenticated by it): left running, they went on sending under a revoked
+          // token until they ended by themselves. Only the broker's tokens carry a jti.
+          cut = pipeline.cut((_, ctx) => ctx.credential?.id === r.value && (ctx.binding?.source === 'broker' || ctx.binding?.source === 'broker_secret'), 'LK_REVOKED', 'revoked: the token it was sent with (jti) was revoked')
+        }
         for (const id of stopped) {
           tokens += brokerTokens?.describe(id).length ?? 0
           brokerTokens?.dropTask(id, r.kind === 'task' && id === r.value ? 'revoked' : 'revoked-delegation')
         }
-        if (stopped.size > 0) cut = pipeline.cut((id) => id.taskId !== null && stopped.has(id.taskId))
+        if (stopped.size > 0) cut += pipeline.cut((id) => id.taskId !== null && stopped.has(id.taskId))
       }
       if (tokens > 0 || cut > 0 || r.kind === 'agent') log.warn({ kind: r.kind, value: r.value, tokens_dropped: tokens, connections_cut: cut, ms: Math.round((performance.now() - t0) * 1000) / 1000 }, 'revocation applied')
     }

@@ -191,6 +191,8 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
       return serveOn(pipeline.admin!, client, head)
     }
     pipeline.refuseIfDraining()
+    // Cut while admission waits (DNS): answered with the refusal now, as a request is (Pipeline.cut).
+    ctx.admitting = refuse
     try {
       await pipeline.admit(ctx, req.headers['proxy-authorization'], false, client)
     } catch (err) {
@@ -200,8 +202,12 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
       // as "fetch failed". Nothing is dialled. Elsewhere the refusal stays on the CONNECT: TLS
       // clients show its status line, and a protocol whose server speaks first would wait on an
       // opened tunnel for ever.
-      if (!finished && answeredInside(ctx.target, err)) return openForPlainHttpOnly(err, true)
+      // Refused meanwhile (a cut answered it): its refusal is written, and stands.
+      if (finished) return
+      if (answeredInside(ctx.target, err)) return openForPlainHttpOnly(err, true)
       throw err
+    } finally {
+      ctx.admitting = null
     }
     if (finished) return
     const decision = ctx.decision!

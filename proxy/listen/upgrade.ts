@@ -70,7 +70,14 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
       throw new LatchkeyError('LK_BAD_REQUEST', 'a WebSocket handshake carries exactly one Sec-WebSocket-Key: 16 bytes in base64')
     }
     pipeline.refuseIfDraining()
-    await pipeline.admit(ctx, proxyCredentialOf(req.headers, tunnel), true, client)
+    // Cut while admission waits (a token exchange): answered with the refusal now, as a request is
+    // (Pipeline.cut), where the bare close told the agent nothing; nothing was dialled yet.
+    ctx.admitting = refuse
+    try {
+      await pipeline.admit(ctx, proxyCredentialOf(req.headers, tunnel), true, client)
+    } finally {
+      ctx.admitting = null
+    }
     if (refused) return
     const target = ctx.target!
     const headers = outboundRequestHeaders(req.headers, ctx.binding?.strip ?? null, KEEP_FOR_WEBSOCKET)

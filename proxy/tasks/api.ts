@@ -203,6 +203,16 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
   } catch (err) {
     return fail(res, 400, 'bad_request', (err as Error).message)
   }
+  // Judged again now the body is read: a revocation that landed while it came (the agent's, or a
+  // delegation's its user token rests on) refuses the task as one before the POST would. Judged
+  // only before it, a task opened with no exchange to void was answered 201 after the agent's
+  // revocation; and a revoked delegation the sidecar already knows of needs no broker to say so
+  // (down, it made the refusal a retryable 503).
+  const revokedBy = d.revokedBy?.(task) ?? null
+  if (revokedBy !== null) {
+    d.tasks.end(task.handle)
+    return fail(res, 403, 'revoked', revokedBy === 'revocation:agent' ? 'this agent is revoked (revocation:agent): no task can be opened' : `the user token rests on a revoked delegation (${revokedBy}): the task is not opened`)
+  }
   try {
     await Promise.all(bindings.map((b) => d.credentials.get(b, task.identity)))
     // A user token is the broker's to verify, not the sidecar's: until it has, the task would be

@@ -241,6 +241,13 @@ t.test("revoking a delegation's task or jti stops, within the second, the tasks 
   t.match(injected, { sub: 'alice', act: { sub: 'agent:helper:prod:child', act: { sub: 'agent:summarizer:prod:root' } }, delegated_from: [{ task_id: 'root-task' }] }, 'the derived task injects a token resting on the root delegation')
   t.equal(child.sidecar.brokerTokens!.describe(derived.id).length, 1, 'and holds it')
 
+  // Streams open on the derived task and on the sibling's, when the root's task is revoked.
+  const derivedStream = await openStream(child, derived.handle, `${api.origin}/stream/derived`)
+  const siblingStream = await openStream(child, sibling.handle, `${api.origin}/stream/sibling`)
+  let siblingEnded = false
+  void siblingStream.ended.then(() => (siblingEnded = true))
+  await until('both streams flowing', () => derivedStream.chunks() > 0 && siblingStream.chunks() > 0)
+
   // The root's task: revoked at the broker, never named by the child's own task ID.
   const revokedAt = Date.now()
   t.equal((await revoke(broker, 'task', 'root-task')).status, 201)
@@ -250,6 +257,12 @@ t.test("revoking a delegation's task or jti stops, within the second, the tasks 
   t.equal(child.sidecar.brokerTokens!.describe(derived.id).length, 0, 'its cached token is gone, not kept until it expires')
   t.match(await taskState(child, derived.handle), { status: 200, body: { state: 'revoked', revoked_by: 'revocation:delegation' } }, 'the task API says why')
   for (const task of [sibling, own]) t.equal((await viaProxy(child, task.handle, `${api.origin}/x`)).status, 200, 'a task from another delegation, and one of its own, still work')
+  t.not(await derivedStream.ended, undefined, "the derived task's stream was cut")
+  await until('the cut stream recorded', async () => (await child.audit()).some((e) => e.path === '/stream/derived'))
+  t.match((await child.audit()).find((e) => e.path === '/stream/derived'), { task: derived.id, status: 200, error: 'LK_REVOKED' }, 'recorded as revoked')
+  const flowed = siblingStream.chunks()
+  await until("the sibling's stream still flowing", () => siblingStream.chunks() > flowed + 2)
+  t.notOk(siblingEnded, 'a stream of a task from another delegation is untouched')
 
   // The other delegation by its jti: the same.
   t.equal((await revoke(broker, 'jti', decodeJwt(otherDelegation).jti!)).status, 201)
@@ -258,10 +271,11 @@ t.test("revoking a delegation's task or jti stops, within the second, the tasks 
   t.equal(child.sidecar.brokerTokens!.describe(sibling.id).length, 0)
   t.equal((await viaProxy(child, own.handle, `${api.origin}/x`)).status, 200, 'the task of its own is untouched')
 
-  // A task opened afterwards with the revoked delegation: the broker refuses it at once.
+  // A task opened afterwards with the revoked delegation: refused at once.
   const late = await fetch(`${child.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ purpose: 'late', duration_s: 60, user_token: rootDelegation }) })
   t.equal(late.status, 403)
-  t.match(await late.json(), { reason: /task root-task is revoked/ })
+  // Refused by the sidecar, which knows the delegation revoked: no broker need say so (down, it made this a retryable 503).
+  t.match(await late.json(), { error: 'revoked', reason: /rests on a revoked delegation \(revocation:delegation\)/, retryable: false })
   // A delegation token whose ancestry cannot be read is no task at all.
   const res = await fetch(`${child.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ purpose: 'x', duration_s: 60, user_token: unsignedJwt({ sub: 'alice', act: { sub: 'agent:summarizer:prod:root' }, jti: 'j1', delegated_from: 'root-task' }) }) })
   t.equal(res.status, 400)

@@ -203,7 +203,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
           for (const e of events) io.out(opts.json ? JSON.stringify(e) : formatEvent(e))
           shown += events.length
         }
-        const since = parseSince(opts.since)
+        const since = parseSince(opts.since, Date.now(), '--since')
         const agent = opts.agent
         // The agents the store holds any call by: asked only to explain an empty or impossible answer.
         let knownAgents: () => Promise<string[]>

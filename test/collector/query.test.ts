@@ -138,6 +138,8 @@ t.test('`audit` prints stored fields so no event can draw a line of its own', as
   t.ok(forgedFields.length < 1200, 'so the fields after it stay on the screen')
   const hexLimit = await cli(['audit', '--agent', X, '--limit', '0x10', '--url', c.httpUrl!])
   t.same([hexLimit.code, hexLimit.stderr.trim()], [1, '--limit "0x10" must be a whole number from 1 to 100000, in decimal digits'], 'the CLI refuses a limit that is not decimal digits')
+  const badSince = await cli(['audit', '--agent', X, '--since', 'lastweek', '--url', c.httpUrl!])
+  t.same([badSince.code, badSince.stderr.trim()], [1, '--since "lastweek" is neither a duration (like 24h, 30m, 7d), today, yesterday, nor an ISO-8601 time within range'], 'the CLI names its flag, as for --limit')
   const badLimit = await cli(['audit', '--agent', X, '--limit', '0', '-c', '/nonexistent.yaml'])
   t.same([badLimit.code, badLimit.stderr.trim()], [1, '--limit "0" must be a whole number from 1 to 100000, in decimal digits'], 'the limit is checked the same way against a store')
 })

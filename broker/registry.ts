@@ -7,7 +7,7 @@ import { byteSize, FileTooLarge, MAX_CONFIG_BYTES, readFailure, readFileBounded 
 import { basename, dirname } from 'node:path'
 import type { ErrorObject, ValidateFunction } from 'ajv'
 import { validate as generatedValidate } from './registry-validate.generated.js'
-import { parseYamlDocument, yamlData, yamlErrorMessage } from '../lib/yaml-document.js'
+import { describeYamlProblem, parseYamlDocument, yamlData } from '../lib/yaml-document.js'
 
 export type UserRule = 'required' | 'optional' | 'none'
 
@@ -62,7 +62,7 @@ function describe(e: ErrorObject): string {
 
 export function parseRegistry(text: string, source = '<registry>'): Registry {
   const doc = parseYamlDocument(text)
-  if (doc.errors.length > 0) throw new RegistryError(source, doc.errors.map((e) => `${e.linePos ? `line ${e.linePos[0].line}: ` : ''}${yamlErrorMessage(e)}`))
+  if (doc.errors.length > 0) throw new RegistryError(source, doc.errors.map((e) => describeYamlProblem(e, text)).map(({ line, message }) => `${line === null ? '' : `line ${line}: `}${message}`))
   let raw: unknown
   try {
     raw = yamlData(doc) ?? {}

@@ -6,7 +6,7 @@ import type { ErrorObject, ValidateFunction } from 'ajv'
 import { validate as generatedValidate } from './config-validate.generated.js'
 import { checkServerTls } from '../lib/tls-files.js'
 import { PreflightFindings } from '../lib/config/preflight-findings.js'
-import { parseYamlDocument, yamlData, yamlErrorMessage } from '../lib/yaml-document.js'
+import { describeYamlProblem, parseYamlDocument, yamlData } from '../lib/yaml-document.js'
 import { ConfigError, isLoopbackHost, plaintextProblem, readConfigText, schemaProblems, validateWithOverrides, type ConfigProblem } from '../lib/config/load.js'
 
 export interface SidecarCredential {
@@ -182,7 +182,10 @@ export function parseCollectorConfig(text: string, file = '<collector config>', 
     throw err
   }
   const e = doc.errors[0]
-  if (e) throw new ConfigError(file, [{ path: e.linePos ? `line ${e.linePos[0].line}` : '', message: yamlErrorMessage(e) }])
+  if (e) {
+    const { line, message } = describeYamlProblem(e, text)
+    throw new ConfigError(file, [{ path: line === null ? '' : `line ${line}`, message }])
+  }
   try {
     raw = yamlData(doc)
   } catch (err) {

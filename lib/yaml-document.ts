@@ -129,6 +129,26 @@ export function yamlErrorMessage(e: Pick<YAMLError, 'code' | 'message'>): string
   return REWORDED[e.code]?.(message) ?? `not YAML this reader takes (${e.code})`
 }
 
+/**
+ * A yaml error as its line and words that quote none of the document's values: a duplicated key
+ * is named (what the reported line holds before its colon: a key, never a value), a second
+ * document pointed at; the rest as yamlErrorMessage says them. One wording for every file read.
+ */
+export function describeYamlProblem(e: YAMLError, text: string): { line: number | null; message: string } {
+  const line = e.linePos ? e.linePos[0].line : null
+  switch (e.code) {
+    case 'DUPLICATE_KEY': {
+      const held = line === null ? '' : (text.split('\n')[line - 1] ?? '')
+      const key = held.slice((e.linePos?.[0].col ?? 1) - 1).split(':')[0]!.trim()
+      return { line, message: key ? `duplicate key ${JSON.stringify(key.slice(0, 64))}` : 'duplicate key' }
+    }
+    case 'MULTIPLE_DOCS':
+      return { line, message: 'a config file holds one YAML document; remove the second (after ---)' }
+    default:
+      return { line, message: yamlErrorMessage(e) }
+  }
+}
+
 /** `doc` as data; what toJS throws (an alias bomb) as an Error whose message quotes nothing of the document. */
 export function yamlData(doc: Document.Parsed, maxAliasCount = 100): unknown {
   try {

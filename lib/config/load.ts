@@ -1,7 +1,7 @@
 import { byteSize, FileTooLarge, MAX_CONFIG_BYTES, readFailure, readFileBounded } from '../bounded-read.js'
 import type { ErrorObject, ValidateFunction } from 'ajv'
 import type { YAMLError } from 'yaml'
-import { parseYamlDocument, yamlData, yamlErrorMessage } from '../yaml-document.js'
+import { describeYamlProblem, parseYamlDocument, yamlData } from '../yaml-document.js'
 import ipaddr from 'ipaddr.js'
 import { parseCidr, processIp } from '../ip-address.js'
 import { ADDRESS_CLASSES, PORT_PATTERN, type Config } from './schema.js'
@@ -221,21 +221,10 @@ function applyEnvOverrides(raw: unknown, env: NodeJS.ProcessEnv, source: string)
   return applied
 }
 
-/** yaml's errors in words about the file, quoting none of its values: the duplicated key named, no pointers to its own API. */
+/** yaml's errors in words about the file, quoting none of its values (yaml-document.ts describeYamlError). */
 function describeYamlError(e: YAMLError, text: string): ConfigProblem {
-  const path = e.linePos ? `line ${e.linePos[0].line}` : ''
-  switch (e.code) {
-    case 'DUPLICATE_KEY': {
-      // The key is what the reported line holds before its colon.
-      const line = e.linePos ? (text.split('\n')[e.linePos[0].line - 1] ?? '') : ''
-      const key = line.slice((e.linePos?.[0].col ?? 1) - 1).split(':')[0]!.trim()
-      return { path, message: key ? `duplicate key ${JSON.stringify(key.slice(0, 64))}` : 'duplicate key' }
-    }
-    case 'MULTIPLE_DOCS':
-      return { path, message: 'a config file holds one YAML document; remove the second (after ---)' }
-    default:
-      return { path, message: yamlErrorMessage(e) }
-  }
+  const { line, message } = describeYamlProblem(e, text)
+  return { path: line === null ? '' : `line ${line}`, message }
 }
 
 /**

@@ -40,3 +40,7 @@ t.test('`latchkey broker` on such a registry: exit 1, one line naming the settin
     `broker.registry_file ${r.registryFile}: agents.summarizer.match: names kubernetes and spiffe: instance names from two attestors share one ID space (${WHO.kubernetes} and ${WHO.spiffe} would be one agent, agent:summarizer:prod:w1): give each attestor its own agent type\n`,
   )
 })
+
+t.test("a YAML problem in the registry is said as in the sidecar's config: a duplicated key named", async (t) => {
+  t.throws(() => parseRegistry('version: 1\nagents:\n  a: {}\n  a: {}\n', 'agents.yaml'), { code: 'LK_REGISTRY_INVALID', message: 'agents.yaml: invalid agent registry:\n  line 4: duplicate key "a"' })
+})

@@ -92,3 +92,16 @@ t.test('an ingest listener open to the network needs TLS, or says insecure_plain
   t.throws(grpc({ host: '0.0.0.0', tls, insecure_plaintext: true }), { code: 'LK_CONFIG_INVALID', problems: [{ path: 'collector.grpc.insecure_plaintext' }] }, 'both: a contradiction')
   for (const host of ['127.0.0.1', '::1', 'localhost']) t.doesNotThrow(grpc({ host }), `${host} is loopback`)
 })
+
+t.test("a YAML problem in the collector's config is said as in the sidecar's: a duplicated key named", async (t) => {
+  const said = (text: string) => {
+    try {
+      parseCollectorConfig(text, 'c.yaml', {})
+    } catch (err) {
+      return (err as { problems: { path: string; message: string }[] }).problems.map((p) => `${p.path}: ${p.message}`)
+    }
+    return []
+  }
+  t.same(said('version: 1\ncollector:\n  sidecars: []\n  sidecars: []\n'), ['line 4: duplicate key "sidecars"'])
+  t.same(said('version: 1\n---\nversion: 1\n'), ['line 2: a config file holds one YAML document; remove the second (after ---)'])
+})

@@ -2,6 +2,7 @@
 // broker confirmed, 1 with the broker's reason otherwise; prints the time the broker took.
 import type { RevocationKind } from '../broker/revocations/store.js'
 import { withoutUserinfo } from '../lib/without-userinfo.js'
+import { readJsonObject } from '../lib/json-answer.js'
 
 const DEFAULT_BROKER_URL = 'http://127.0.0.1:15003'
 /**
@@ -12,30 +13,6 @@ const DEFAULT_BROKER_URL = 'http://127.0.0.1:15003'
 const ANSWER_MS = 30_000
 /** The most of an answer read: the broker's is some hundred bytes; another service's can be without end (2.5 GB in 20 s). */
 const MAX_ANSWER_BYTES = 1024 * 1024
-
-/** The answer as a JSON object, at most MAX_ANSWER_BYTES of it; `{}` when it is not one, null when it is larger. */
-async function answerOf(res: Response): Promise<Record<string, unknown> | null> {
-  const reader = res.body?.getReader()
-  if (!reader) return {}
-  const chunks: Uint8Array[] = []
-  let total = 0
-  for (;;) {
-    const { done, value } = await reader.read()
-    if (done) break
-    total += value.length
-    if (total > MAX_ANSWER_BYTES) {
-      await reader.cancel()
-      return null
-    }
-    chunks.push(value)
-  }
-  try {
-    const v: unknown = JSON.parse(Buffer.concat(chunks, total).toString('utf8'))
-    return typeof v === 'object' && v !== null && !Array.isArray(v) ? (v as Record<string, unknown>) : {}
-  } catch {
-    return {}
-  }
-}
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
 
@@ -105,15 +82,15 @@ export async function revokeCommand(
     console.error(`${op}: cannot reach the broker at ${base}: ${why}`)
     return 1
   }
-  let answer: Record<string, unknown> | null
+  let answer: Record<string, unknown> | undefined | 'too large'
   try {
-    answer = await answerOf(res)
+    answer = res.body ? await readJsonObject(res.body, MAX_ANSWER_BYTES) : undefined
   } catch {
     // Cut off mid-answer: by the timeout, or the connection.
     if (signal.aborted) return late()
-    answer = {}
+    answer = undefined
   }
-  const body = (answer ?? {}) as {
+  const body = (typeof answer === 'object' ? answer : {}) as {
     error_description?: string
     created?: unknown
     removed?: unknown
@@ -128,7 +105,7 @@ export async function revokeCommand(
     console.error(`${op}: the answer from ${base} (HTTP ${res.status}) is not a Latchkey broker's: nothing is known to be ${op === 'revoke' ? 'revoked' : 'unrevoked'}; check --broker`)
     return 1
   }
-  if (answer === null) return notTheBroker()
+  if (answer === 'too large') return notTheBroker()
   if (op === 'revoke' && (res.status === 201 || res.status === 200)) {
     if (typeof body.created !== 'boolean' || body.revocation?.kind !== kind || body.revocation.value !== value) return notTheBroker()
     console.log(`${kind} ${value} ${body.created ? 'revoked' : 'was already revoked'} (${ms} ms)`)

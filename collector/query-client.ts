@@ -4,6 +4,7 @@
 // bundled CLI (scripts/bundle.mjs) a dynamically imported CommonJS package has only a default export.
 import { request } from 'undici'
 import { withoutUserinfo } from '../lib/without-userinfo.js'
+import { readJsonObject } from '../lib/json-answer.js'
 import { CliError } from './cli-error.js'
 
 /** The query API's reader token, if the collector requires one: from the environment, never argv. */
@@ -18,26 +19,6 @@ const BUSY_WAIT_MS = 60_000
  * end, and the whole body was read into memory (1.4 GB in 30 s) before it was found not to be JSON.
  */
 export const MAX_ANSWER_READ_BYTES = 256 * 1024 * 1024
-
-/** `res`'s body as JSON, at most `max` bytes of it; undefined when it is not JSON, or not an object. */
-async function readObject(body: AsyncIterable<Buffer> & { destroy(): unknown }, max: number): Promise<object | undefined | 'too large'> {
-  const chunks: Buffer[] = []
-  let total = 0
-  for await (const chunk of body) {
-    total += chunk.length
-    if (total > max) {
-      body.destroy()
-      return 'too large'
-    }
-    chunks.push(chunk)
-  }
-  try {
-    const v: unknown = JSON.parse(Buffer.concat(chunks, total).toString('utf8'))
-    return typeof v === 'object' && v !== null && !Array.isArray(v) ? v : undefined
-  } catch {
-    return undefined
-  }
-}
 
 /** What is said when the answer at `shown` is not one a collector's query API gives: never the body, which is another service's. */
 export function notACollector(shown: string, status: number, why = 'is not JSON'): CliError {
@@ -58,7 +39,7 @@ export async function getJson<T>(base: string, path: string, maxBytes = MAX_ANSW
     }
     let read
     try {
-      read = await readObject(res.body, maxBytes)
+      read = await readJsonObject(res.body, maxBytes)
     } catch (err) {
       throw new CliError(`collector at ${shown}: the answer was cut short: ${(err as NodeJS.ErrnoException).code ?? 'error'}`)
     }

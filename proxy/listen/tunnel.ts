@@ -42,9 +42,10 @@ const TLS_INTERNAL_ERROR = Buffer.from([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x50
  * an http:// URL and shows a refused CONNECT only as "fetch failed", where the request inside
  * reads the refusal's JSON. The request is identified, decided, resolved and dialled again there,
  * and meets the same refusal or failure (or, a moment later, none): a proxy credential naming no
- * open task too, as a 403 (errors.ts asOriginRefusal), where the SDK on fetch retried "fetch failed".
+ * open task too, as a 403 (errors.ts asOriginRefusal), where the SDK on fetch retried "fetch failed";
+ * and a revoked agent or task, which read "fetch failed" where it is to read that it is stopped.
  */
-const ANSWERED_INSIDE_ON_PORT_80 = new Set(['LK_PROXY_AUTH', 'LK_POLICY_DENIED', 'LK_NETWORK_DENIED', 'LK_DNS_FAILED', 'LK_DNS_TIMEOUT', 'LK_UPSTREAM_UNREACHABLE', 'LK_UPSTREAM_TIMEOUT'])
+const ANSWERED_INSIDE_ON_PORT_80 = new Set(['LK_PROXY_AUTH', 'LK_REVOKED', 'LK_POLICY_DENIED', 'LK_NETWORK_DENIED', 'LK_DNS_FAILED', 'LK_DNS_TIMEOUT', 'LK_UPSTREAM_UNREACHABLE', 'LK_UPSTREAM_TIMEOUT'])
 const answeredInside = (target: { port: number }, err: unknown): err is LatchkeyError =>
   target.port === 80 && err instanceof LatchkeyError && ANSWERED_INSIDE_ON_PORT_80.has(err.code)
 

@@ -10,6 +10,7 @@ import { decodeJwt } from 'jose'
 import { delegatedRequest, why } from '../helpers/broker.js'
 import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openTunnel, openWebSocket, revoke, until, CONTROL_TOKEN } from './rig.js'
 import { framePayloads } from '../helpers/websocket-frames.js'
+import { EnvHttpProxyAgent, fetch as undiciFetch } from 'undici'
 
 t.test('revoking one agent: refused at once, tokens gone, streams cut; the other agent untouched', async (t) => {
   const broker = await startControlBroker()
@@ -305,3 +306,42 @@ function openRecorded(t: { teardown(fn: () => unknown): void }, port: number, re
   sock.write(request)
   return { received: () => received, closed: () => closed }
 }
+
+t.test("a revoked task's fetch of an http:// URL on port 80 reads its 403 inside the tunnel, not \"fetch failed\"", async (t) => {
+  const broker = await startControlBroker()
+  t.teardown(() => broker.close())
+  const api = await startApi()
+  t.teardown(api.close)
+  const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:port-80')
+  t.teardown(s.close)
+  await until('connected', () => s.sidecar.control!.connected)
+  const task = await s.openTask()
+  t.equal((await revoke(broker, 'task', task.id)).status, 201)
+  await until('the revocation applied', () => s.sidecar.control!.state.has('task', task.id))
+
+  // HTTP_PROXY naming the task, as an SDK on Node's fetch is given it: undici tunnels http:// on
+  // port 80, and a CONNECT refused on its status line was only "fetch failed", retried by the SDK.
+  const proxy = new URL(s.proxy)
+  proxy.username = 'task'
+  proxy.password = task.handle
+  const dispatcher = new EnvHttpProxyAgent({ httpProxy: proxy.href, noProxy: '' })
+  t.teardown(() => dispatcher.close())
+  let seen: { status: number; error: string | null; body: Record<string, unknown> } | string
+  try {
+    const res = await undiciFetch('http://api.example/v1/messages', { method: 'POST', body: '{}', dispatcher })
+    seen = { status: res.status, error: res.headers.get('x-latchkey-error'), body: (await res.json()) as Record<string, unknown> }
+  } catch (err) {
+    seen = String((err as Error).message)
+  }
+  t.match(seen, { status: 403, error: 'LK_REVOKED', body: { error: 'revoked', retryable: false } }, 'a refusal fetch hands over, saying not to retry')
+  // Another port keeps the CONNECT's own refusal.
+  const other = await new Promise<string>((resolve) => {
+    const sock = connect(s.sidecar.port, '127.0.0.1', () => sock.write(`CONNECT 127.0.0.1:${api.port} HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\nProxy-Authorization: Bearer ${task.handle}\r\n\r\n`))
+    let got = ''
+    sock.on('data', (d: Buffer) => (got += d.toString('latin1')))
+    sock.on('close', () => resolve(got))
+    sock.on('error', () => resolve(got))
+  })
+  t.match(other, /^HTTP\/1\.1 403 /, 'a CONNECT elsewhere is refused on its status line')
+  t.same(api.paths, [], 'nothing reached the API')
+})

@@ -3,19 +3,21 @@
 // whose answer had no end was read whole into memory (2.5 GB in 20 s). Real servers; the command
 // in-process, its lines to stderr caught.
 import t, { type Test } from 'tap'
-import { createServer, type ServerResponse } from 'node:http'
-import type { AddressInfo } from 'node:net'
+import type { ServerResponse } from 'node:http'
+import { startUpstream } from './helpers/harness.js'
+import { endlessAnswer } from './helpers/endless-answer.js'
 import { revokeCommand } from '../cli/revoke.js'
 
+/** A server answering each request with `answer`, closed at the test's end. */
 async function serve(t: Test, answer: (res: ServerResponse) => void): Promise<string> {
-  const server = createServer((_req, res) => answer(res))
-  server.listen(0, '127.0.0.1')
-  await new Promise((resolve) => server.once('listening', resolve))
-  t.teardown(() => {
-    server.closeAllConnections()
-    return new Promise((resolve) => server.close(resolve))
+  const server = await startUpstream({
+    handler: (_req, res) => {
+      answer(res)
+      return true
+    },
   })
-  return `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+  t.teardown(server.close)
+  return server.origin
 }
 
 /** The command's exit code and what it printed to stderr; `null` when it had not ended within `withinMs`. */
@@ -48,25 +50,11 @@ t.test('a --broker that never answers is given up on at the deadline, saying not
 })
 
 t.test('an answer without end is read no further than 1 MiB, and is no broker\'s', async (t) => {
-  // 64 MiB in all, then the end: read whole (as before) it is no JSON either; cut, it is never all sent.
-  const TOTAL = 64 * 1024 * 1024
-  let sent = 0
-  let closedEarly = false
-  const endless = await serve(t, (res) => {
-    res.writeHead(201, { 'content-type': 'application/json' })
-    const chunk = Buffer.alloc(64 * 1024, '[')
-    res.on('close', () => (closedEarly = sent < TOTAL))
-    const write = () => {
-      while (sent < TOTAL) {
-        sent += chunk.length
-        if (!res.write(chunk)) return void res.once('drain', write)
-      }
-      res.end()
-    }
-    write()
-  })
-  const r = await run('revoke', endless, 20_000, 30_000)
-  t.same(r, { code: 1, stderr: `revoke: the answer from ${endless} (HTTP 201) is not a Latchkey broker's: nothing is known to be revoked; check --broker` })
+  const endless = endlessAnswer(201)
+  const url = await serve(t, endless.answer)
+  const r = await run('revoke', url, 20_000, 30_000)
+  t.same(r, { code: 1, stderr: `revoke: the answer from ${url} (HTTP 201) is not a Latchkey broker's: nothing is known to be revoked; check --broker` })
   await new Promise((resolve) => setTimeout(resolve, 200))
-  t.ok(closedEarly, `the command went away before the end (${sent} of ${TOTAL} bytes sent)`)
+  const { closedEarly, sent, total } = endless.outcome()
+  t.ok(closedEarly, `the command went away before the end (${sent} of ${total} bytes sent)`)
 })

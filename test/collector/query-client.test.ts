@@ -2,18 +2,23 @@
 // port, a web server, another JSON service): said so in one line naming the URL, never a
 // JSON.parse or TypeError message quoting the other service's body, and never read without end.
 import t, { type Test } from 'tap'
-import { createServer, type Server, type ServerResponse } from 'node:http'
-import type { AddressInfo } from 'node:net'
+import type { ServerResponse } from 'node:http'
+import { startUpstream } from '../helpers/harness.js'
+import { endlessAnswer } from '../helpers/endless-answer.js'
 import { auditInProcess } from '../helpers/audit-cli.js'
 import { getJson } from '../../collector/query-client.js'
 import { CliError } from '../../collector/cli-error.js'
 
+/** A server answering each request with `answer`, closed at the test's end. */
 async function serve(t: Test, answer: (path: string, res: ServerResponse) => void): Promise<string> {
-  const server: Server = createServer((req, res) => answer(req.url ?? '/', res))
-  server.listen(0, '127.0.0.1')
-  await new Promise((resolve) => server.once('listening', resolve))
-  t.teardown(() => new Promise((resolve) => server.close(resolve)))
-  return `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+  const server = await startUpstream({
+    handler: (req, res) => {
+      answer(req.url, res)
+      return true
+    },
+  })
+  t.teardown(server.close)
+  return server.origin
 }
 
 const json = (res: ServerResponse, body: unknown, status = 200) => {
@@ -44,23 +49,8 @@ t.test("another service's JSON is not taken for events, agents or a verdict", as
 })
 
 t.test('an answer without end is read no further than the cap', async (t) => {
-  // 64 MiB in all, then the end: read whole (as before) it is not JSON; cut at the cap, it is never all sent.
-  const TOTAL = 64 * 1024 * 1024
-  let sent = 0
-  let closedEarly = false
-  const url = await serve(t, (_, res) => {
-    res.writeHead(200, { 'content-type': 'application/json' })
-    const chunk = Buffer.alloc(64 * 1024, '[')
-    res.on('close', () => (closedEarly = sent < TOTAL))
-    const write = () => {
-      while (sent < TOTAL) {
-        sent += chunk.length
-        if (!res.write(chunk)) return void res.once('drain', write)
-      }
-      res.end()
-    }
-    write()
-  })
+  const endless = endlessAnswer(200)
+  const url = await serve(t, (_, res) => endless.answer(res))
   const err = await getJson(url, '/v1/events?agent=x', 1024 * 1024).then(
     () => null,
     (e: unknown) => e,
@@ -68,5 +58,6 @@ t.test('an answer without end is read no further than the cap', async (t) => {
   t.ok(err instanceof CliError, 'a CliError: one line for the operator')
   t.equal((err as Error).message, `collector at ${url}: the answer (HTTP 200) is larger than 1048576 bytes: not a Latchkey collector's query API; check --url`)
   await new Promise((resolve) => setTimeout(resolve, 200))
-  t.ok(closedEarly, `the client went away before the end (${sent} of ${TOTAL} bytes sent)`)
+  const { closedEarly, sent, total } = endless.outcome()
+  t.ok(closedEarly, `the client went away before the end (${sent} of ${total} bytes sent)`)
 })

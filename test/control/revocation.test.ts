@@ -4,11 +4,10 @@
 import t from 'tap'
 import { credentials, Metadata } from '@grpc/grpc-js'
 import { once } from 'node:events'
-import { connect } from 'node:net'
 import { ControlServiceClient } from '../../protos/gen/latchkey/v1/control.js'
 import { decodeJwt } from 'jose'
 import { delegatedRequest, why } from '../helpers/broker.js'
-import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openTunnel, openWebSocket, revoke, until, CONTROL_TOKEN } from './rig.js'
+import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openTunnel, openWebSocket, openRecorded, revoke, until, CONTROL_TOKEN } from './rig.js'
 import { framePayloads } from '../helpers/websocket-frames.js'
 import { EnvHttpProxyAgent, fetch as undiciFetch } from 'undici'
 
@@ -294,18 +293,6 @@ async function taskState(s: { sidecar: { adminUrl: string } }, handle: string): 
   return { status: res.status, body: (await res.json()) as Record<string, unknown> }
 }
 
-/** A raw connection to `port` that has sent `request`: what it has received so far, and whether it has closed. */
-function openRecorded(t: { teardown(fn: () => unknown): void }, port: number, request: string) {
-  const sock = connect(port, '127.0.0.1')
-  let received = ''
-  let closed = false
-  sock.on('data', (d: Buffer) => (received += d.toString('latin1')))
-  sock.on('close', () => (closed = true))
-  sock.on('error', () => {})
-  t.teardown(() => void sock.destroy())
-  sock.write(request)
-  return { received: () => received, closed: () => closed }
-}
 
 t.test("a revoked task's fetch of an http:// URL on port 80 reads its 403 inside the tunnel, not \"fetch failed\"", async (t) => {
   const broker = await startControlBroker()
@@ -335,13 +322,8 @@ t.test("a revoked task's fetch of an http:// URL on port 80 reads its 403 inside
   }
   t.match(seen, { status: 403, error: 'LK_REVOKED', body: { error: 'revoked', retryable: false } }, 'a refusal fetch hands over, saying not to retry')
   // Another port keeps the CONNECT's own refusal.
-  const other = await new Promise<string>((resolve) => {
-    const sock = connect(s.sidecar.port, '127.0.0.1', () => sock.write(`CONNECT 127.0.0.1:${api.port} HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\nProxy-Authorization: Bearer ${task.handle}\r\n\r\n`))
-    let got = ''
-    sock.on('data', (d: Buffer) => (got += d.toString('latin1')))
-    sock.on('close', () => resolve(got))
-    sock.on('error', () => resolve(got))
-  })
-  t.match(other, /^HTTP\/1\.1 403 /, 'a CONNECT elsewhere is refused on its status line')
+  const other = openRecorded(t, s.sidecar.port, `CONNECT 127.0.0.1:${api.port} HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\nProxy-Authorization: Bearer ${task.handle}\r\n\r\n`)
+  await until('the CONNECT answered and closed', () => other.closed())
+  t.match(other.received(), /^HTTP\/1\.1 403 /, 'a CONNECT elsewhere is refused on its status line')
   t.same(api.paths, [], 'nothing reached the API')
 })

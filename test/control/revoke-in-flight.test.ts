@@ -4,25 +4,11 @@
 // broker is the point, sidecars, an upstream API.
 import t from 'tap'
 import { once } from 'node:events'
-import { connect, type Socket } from 'node:net'
-import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openWebSocket, revoke, until } from './rig.js'
+import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openWebSocket, openRecorded, revoke, until } from './rig.js'
 import { startBrokerFront } from '../helpers/broker-front.js'
 import { DnsResolver, type LookupFn } from '../../proxy/resolve/resolver.js'
 import { NetworkPolicy } from '../../proxy/resolve/network-policy.js'
 import { parseConfig } from '../../lib/config/load.js'
-
-/** A raw connection to `port` that has sent `request`: what it has received, and when it closed. */
-function openRaw(t: { teardown(fn: () => unknown): void }, port: number, request: string) {
-  const sock: Socket = connect(port, '127.0.0.1')
-  let received = ''
-  let closed = false
-  sock.on('data', (d: Buffer) => (received += d.toString('latin1')))
-  sock.on('close', () => (closed = true))
-  sock.on('error', () => {})
-  t.teardown(() => void sock.destroy())
-  sock.write(request)
-  return { sock, received: () => received, closed: () => closed }
-}
 
 t.test('calls waiting on a slow broker when their task is revoked are answered 403 at once, not when the broker answers', async (t) => {
   const broker = await startControlBroker()
@@ -43,12 +29,12 @@ t.test('calls waiting on a slow broker when their task is revoked are answered 4
   const arrived = front.handled(front.requests + 2)
   const request = (handle: string, path: string, extra = '') => `GET ${api.origin}${path} HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\nProxy-Authorization: Bearer ${handle}\r\n${extra}\r\n`
   // With a request pipelined behind it, which waits for its turn.
-  const get = openRaw(t, s.sidecar.port, request(revoked.handle, '/waiting') + request(revoked.handle, '/queued'))
+  const get = openRecorded(t, s.sidecar.port, request(revoked.handle, '/waiting') + request(revoked.handle, '/queued'))
   // An upload waiting for its 100 (curl sends Expect: 100-continue for a body over 1 KiB).
-  const upload = openRaw(t, s.sidecar.port, request(revoked.handle, '/upload', 'Expect: 100-continue\r\nContent-Length: 5\r\n').replace(/^GET/, 'POST'))
+  const upload = openRecorded(t, s.sidecar.port, request(revoked.handle, '/upload', 'Expect: 100-continue\r\nContent-Length: 5\r\n').replace(/^GET/, 'POST'))
   // A WebSocket handshake, which waits on the same exchange.
-  const ws = openRaw(t, s.sidecar.port, request(revoked.handle, '/ws', 'Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n'))
-  const bystander = openRaw(t, s.sidecar.port, request(other.handle, '/bystander'))
+  const ws = openRecorded(t, s.sidecar.port, request(revoked.handle, '/ws', 'Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n'))
+  const bystander = openRecorded(t, s.sidecar.port, request(other.handle, '/bystander'))
   await arrived
 
   t.equal((await revoke(broker, 'task', revoked.id)).status, 201)
@@ -137,7 +123,7 @@ t.test('a task whose POST is still being read when the agent is revoked is refus
   // No audiences and no user token: nothing is exchanged as it opens, so no exchange is there to void.
   const body = JSON.stringify({ purpose: 'opened as the revocation lands', duration_s: 60 })
   const admin = new URL(s.sidecar.adminUrl)
-  const post = openRaw(t, Number(admin.port), `POST /v1/tasks HTTP/1.1\r\nHost: ${admin.host}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body.slice(0, 10)}`)
+  const post = openRecorded(t, Number(admin.port), `POST /v1/tasks HTTP/1.1\r\nHost: ${admin.host}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body.slice(0, 10)}`)
   await new Promise((r) => setTimeout(r, 100))
   t.equal((await revoke(broker, 'agent', agent)).status, 201)
   await until('the revocation applied', () => s.sidecar.control!.state.agentRevoked)
@@ -170,7 +156,7 @@ t.test('a CONNECT waiting on DNS when its task is revoked is answered 403 at onc
   await until('connected', () => s.sidecar.control!.connected)
   const revoked = await s.openTask()
   const other = await s.openTask()
-  const connectTo = (handle: string) => openRaw(t, s.sidecar.port, `CONNECT api.test:${api.port} HTTP/1.1\r\nHost: api.test:${api.port}\r\nProxy-Authorization: Bearer ${handle}\r\n\r\n`)
+  const connectTo = (handle: string) => openRecorded(t, s.sidecar.port, `CONNECT api.test:${api.port} HTTP/1.1\r\nHost: api.test:${api.port}\r\nProxy-Authorization: Bearer ${handle}\r\n\r\n`)
   const tunnel = connectTo(revoked.handle)
   const bystander = connectTo(other.handle)
   // One lookup for the name, both CONNECTs waiting on it.

@@ -281,3 +281,16 @@ export async function refuser(port: number): Promise<{ attempts: number[]; next(
     close: () => new Promise<void>((r) => srv.close(() => r())),
   }
 }
+
+/** A raw connection to `port` that has sent `request`: the socket, what it has received so far, and whether it has closed. */
+export function openRecorded(t: { teardown(fn: () => unknown): void }, port: number, request: string) {
+  const sock = netConnect(port, '127.0.0.1')
+  let received = ''
+  let closed = false
+  sock.on('data', (d: Buffer) => (received += d.toString('latin1')))
+  sock.on('close', () => (closed = true))
+  sock.on('error', () => {})
+  t.teardown(() => void sock.destroy())
+  sock.write(request)
+  return { sock, received: () => received, closed: () => closed }
+}

@@ -5,18 +5,20 @@ import { createServer, type AddressInfo } from 'node:net'
 import { connect as tlsConnect } from 'node:tls'
 import { once } from 'node:events'
 import { readClientHello, shownName, MAX_CLIENT_HELLO, MAX_HELLO_BUFFER } from '../proxy/listen/client-hello.js'
+import { HelloRetryWatch } from '../proxy/listen/hello-retry.js'
+import { LatchkeyError } from '../proxy/errors.js'
 import { clientHello, extension, handshake, helloBody, records, serverNameExtension } from './helpers/client-hello.js'
 
 const named = (name: string) => handshake(helloBody([serverNameExtension(name)]))
 
-const cases: [string, Buffer, { kind: string; serverName?: string | null; reason?: RegExp; need?: number }][] = [
+const cases: [string, Buffer, { kind: string; serverName?: string | null; reason?: RegExp; need?: number; end?: number }][] = [
   ['one record, a name', clientHello('api.example'), { kind: 'hello', serverName: 'api.example' }],
   ['no server_name extension', clientHello(null), { kind: 'hello', serverName: null }],
   ['no extensions block at all (TLS 1.2)', records(handshake(helloBody(null))), { kind: 'hello', serverName: null }],
   ['the name as sent: case and trailing dot kept (the tunnel normalises)', clientHello('API.Example.'), { kind: 'hello', serverName: 'API.Example.' }],
   ['split across two records', records(named('a.example'), [10]), { kind: 'hello', serverName: 'a.example' }],
   ['split across three records, the handshake header itself split', records(named('a.example'), [2, 1]), { kind: 'hello', serverName: 'a.example' }],
-  ['0-RTT data after the last record is not read', Buffer.concat([clientHello('a.example'), Buffer.from([23, 3, 3, 0, 1, 0])]), { kind: 'hello', serverName: 'a.example' }],
+  ['0-RTT data after the last record is not read, and where the ClientHello ends is said', Buffer.concat([clientHello('a.example'), Buffer.from([23, 3, 3, 0, 1, 0])]), { kind: 'hello', serverName: 'a.example', end: clientHello('a.example').length }],
   ['the record header only', clientHello('a.example').subarray(0, 5), { kind: 'partial', need: clientHello('a.example').length }],
   ['one byte', Buffer.from([22]), { kind: 'partial', need: 5 }],
   ['first of two records', records(named('a.example'), [10]).subarray(0, 15), { kind: 'partial', need: 20 }],
@@ -94,4 +96,44 @@ t.test('shownName keeps an attacker-chosen name to one printable, bounded, quote
   t.equal(shownName('a.example'), '"a.example"')
   t.equal(shownName('a"b\\c\r\n\u0085'), '"a\\x22b\\x5cc\\x0d\\x0a\\x85"')
   t.equal(shownName('x'.repeat(1000)), `"${'x'.repeat(64)}..."`)
+})
+
+t.test("the watch past the first ClientHello: what the server's first answer lets through, and what a second ClientHello must name", async (t) => {
+  const judge = (name: string | null) => (name === 'a.example' ? null : new LatchkeyError('LK_TLS_NAME_MISMATCH', `named ${name}`))
+  const serverHello = (random: Buffer) => records(handshake(Buffer.concat([Buffer.from([3, 3]), random, Buffer.from([0, 0x13, 1, 0])]), 2))
+  const retry = serverHello(Buffer.from('cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c', 'hex'))
+  const changeCipherSpec = Buffer.from([20, 3, 3, 0, 1, 1])
+  const earlyData = Buffer.from([23, 3, 3, 0, 3, 7, 7, 7])
+  const second = clientHello('a.example')
+
+  let w = new HelloRetryWatch(judge)
+  t.same(w.client(Buffer.concat([changeCipherSpec, earlyData])), { send: Buffer.concat([changeCipherSpec, earlyData]), done: false }, 'before the answer: a ChangeCipherSpec and 0-RTT data go on')
+  t.same(w.client(Buffer.concat([earlyData.subarray(0, 6), earlyData.subarray(6), second.subarray(0, 3)])), { send: earlyData, done: false }, 'a handshake record is held, from its first byte')
+  t.same(w.server(serverHello(Buffer.alloc(32, 1)).subarray(0, 20)), { send: Buffer.alloc(0), done: false }, 'a ServerHello is read to the end of its random')
+  t.same(w.server(serverHello(Buffer.alloc(32, 1)).subarray(20)), { send: second.subarray(0, 3), done: true }, 'an ordinary ServerHello ends the watch, the held bytes go on')
+
+  w = new HelloRetryWatch(judge)
+  w.client(second)
+  t.same(w.server(Buffer.from([21, 3, 3, 0, 2, 2, 40])), { send: second, done: true }, 'an alert for an answer ends the watch too')
+
+  w = new HelloRetryWatch(judge)
+  const oneByteRecords = Buffer.concat([...retry.subarray(5)].map((b) => Buffer.from([22, 3, 3, 0, 1, b])))
+  t.match(w.server(oneByteRecords), { code: 'LK_UPSTREAM_PROTOCOL', reason: /more than 8 records/ }, "a server head spread thin is refused: its being a retry request cannot be ruled out")
+
+  w = new HelloRetryWatch(judge)
+  t.match(w.client(Buffer.alloc(MAX_HELLO_BUFFER + 1, 22)), { code: 'LK_BAD_REQUEST', reason: /before the server's first answer/ }, 'what is held is bounded')
+
+  w = new HelloRetryWatch(judge)
+  t.same(w.server(retry), { send: Buffer.alloc(0), done: false }, 'a retry request: the watch reads the second ClientHello')
+  t.same(w.client(Buffer.concat([changeCipherSpec, second.subarray(0, 10)])), { send: changeCipherSpec, done: false }, 'its ChangeCipherSpec goes on, the ClientHello is held till whole')
+  t.same(w.client(second.subarray(10)), { send: second, done: true }, 'whole, naming the host: it goes on and the watch ends')
+
+  w = new HelloRetryWatch(judge)
+  w.server(retry)
+  t.match(w.client(clientHello('b.example')), { code: 'LK_TLS_NAME_MISMATCH', reason: /^in the ClientHello after the server's HelloRetryRequest, named b\.example$/ }, 'naming another: refused')
+  w = new HelloRetryWatch(judge)
+  w.server(retry)
+  t.same(w.client(Buffer.from([23, 3, 3, 0, 1, 0, 21, 3, 3])), { send: Buffer.from([23, 3, 3, 0, 1, 0]), done: false }, 'other records pass while the second ClientHello is awaited')
+  t.same(w.client(Buffer.from([0, 2])), { send: Buffer.from([21, 3, 3, 0, 2]), done: false }, 'their headers read across writes')
+  t.match(w.client(Buffer.from([2, 40, 22, 3, 3, 0, 4, 2, 0, 0, 0])), { code: 'LK_BAD_REQUEST', reason: /after the server's HelloRetryRequest, the tunnel's TLS ClientHello is not one/ }, 'a handshake record that is no ClientHello: refused')
 })

@@ -12,8 +12,9 @@
 // more than MAX_HELLO_RECORDS records, any
 // extension twice (RFC 8446 §4.2; OpenSSL refuses it too), a server_name extension with other
 // than exactly one host_name, and a host_name with bytes no DNS name has.
-// Not read: anything past the ClientHello's last record (0-RTT data may follow it in the same
-// segment) and every other extension. encrypted_client_hello (0xfe0d) is not looked into:
+// Not read here: anything past the ClientHello's last record (0-RTT data may follow it in the
+// same segment; a second ClientHello after a HelloRetryRequest is hello-retry.ts's) and every
+// other extension. encrypted_client_hello (0xfe0d) is not looked into:
 // Chromium sends a GREASE one in every ClientHello, indistinguishable from real ECH, so its
 // presence refuses nothing; the outer SNI is judged, and real ECH's (the provider's public name)
 // then fails to match. What the inner ClientHello names cannot be seen; that is the residual.
@@ -42,8 +43,8 @@ const HOST_NAME_BYTES = /^[A-Za-z0-9._-]+$/
 export type ClientHelloRead =
   /** More bytes are needed: nothing new can be read before the tunnel has sent `need` in all (within the bound). */
   | { kind: 'partial'; need: number }
-  /** The ClientHello, whole: its server name, or null if it sent none. */
-  | { kind: 'hello'; serverName: string | null }
+  /** The ClientHello, whole: its server name, or null if it sent none; `end`, where its last record ends in the bytes read. */
+  | { kind: 'hello'; serverName: string | null; end: number }
   /** Not a ClientHello this reads without guessing: why, for the operator. */
   | { kind: 'malformed'; reason: string }
 
@@ -71,7 +72,7 @@ export function readClientHello(bytes: Buffer): ClientHelloRead {
       // A ClientHello is alone in its flight (RFC 8446 §4): nothing else shares its records.
       if (held > whole) return malformed('shares its last TLS record with other bytes')
       const hello = fragments.length === 1 ? fragments[0]! : Buffer.concat(fragments, held)
-      return readBody(hello.subarray(4))
+      return readBody(hello.subarray(4), at)
     }
     if (bytes.length - at < 5) return partial(at + 5)
     if (bytes[at] !== RECORD_HANDSHAKE) return malformed(`is interrupted by a TLS record of type ${bytes[at]}`)
@@ -92,7 +93,7 @@ const tooSplit = malformed(`is not whole within ${MAX_HELLO_BUFFER} bytes (split
 const partial = (need: number): ClientHelloRead => (need > MAX_HELLO_BUFFER ? tooSplit : { kind: 'partial', need })
 
 /** The ClientHello's body (RFC 8446 §4.1.2; TLS 1.2's, RFC 5246 §7.4.1.2, has the same shape). */
-function readBody(b: Buffer): ClientHelloRead {
+function readBody(b: Buffer, end: number): ClientHelloRead {
   let at = 2 + 32 // legacy_version, random
   if (b.length < at + 1) return malformed('ends inside its random')
   const sessionId = b[at]!
@@ -108,7 +109,7 @@ function readBody(b: Buffer): ClientHelloRead {
   at += 1 + compressions
   if (b.length < at) return malformed('ends inside its compression methods')
   // TLS 1.2 allows a ClientHello without extensions: it names no server.
-  if (b.length === at) return { kind: 'hello', serverName: null }
+  if (b.length === at) return { kind: 'hello', serverName: null, end }
   if (b.length < at + 2) return malformed('ends inside its extensions length')
   const extensionsEnd = at + 2 + b.readUInt16BE(at)
   if (extensionsEnd !== b.length) return malformed('has an extensions length that does not end where it does')
@@ -130,7 +131,7 @@ function readBody(b: Buffer): ClientHelloRead {
     }
     at += length
   }
-  return { kind: 'hello', serverName }
+  return { kind: 'hello', serverName, end }
 }
 
 /** RFC 6066 §3: ServerNameList, held to exactly one entry, a host_name. */

@@ -28,6 +28,7 @@ import { upstreamError } from '../forward/upstream-errors.js'
 import { closeWhenIdle, watchClose, watchEarlyHangUp, type RelayTimeouts } from './relay.js'
 import { recordEnd } from '../call-outcome.js'
 import { readClientHello, shownName } from './client-hello.js'
+import { HelloRetryWatch, type WatchStep } from './hello-retry.js'
 import { normaliseHost } from '../policy/policy.js'
 
 const TLS_HANDSHAKE = 0x16
@@ -242,7 +243,10 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
         ctx.bytesOut = upstream.bytesRead
         finish()
       })
-      /** TLS refused before a byte of it was relayed: the upstream, dialled, is closed having been sent nothing. */
+      /**
+       * TLS refused: before a byte of it was relayed, the upstream, dialled, is closed having been
+       * sent nothing; after a HelloRetryRequest, before the second ClientHello reached it.
+       */
       const refuseUnrelayed = (refusal: LatchkeyError) => {
         stopWatching()
         stopIdle()
@@ -250,11 +254,36 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
         upstream.destroy()
         refuseTls(refusal)
       }
-      const relay = (first: Buffer) => {
+      /** The ClientHello (`bytes` up to `end`) goes on; what follows it is watched for a second one (hello-retry.ts). */
+      const relay = (bytes: Buffer, end: number) => {
         ctx.relayed = true
-        upstream.write(first)
-        upstream.pipe(client)
-        client.pipe(upstream)
+        upstream.write(end === bytes.length ? bytes : bytes.subarray(0, end))
+        const watch = new HelloRetryWatch((serverName) => serverNameMismatch(target, serverName))
+        const unwatch = () => {
+          client.removeListener('data', fromClient)
+          upstream.removeListener('data', fromServer)
+        }
+        const step = (next: WatchStep) => {
+          if (next instanceof LatchkeyError) {
+            unwatch()
+            ctx.bytesIn = upstream.bytesWritten
+            ctx.bytesOut = upstream.bytesRead
+            return refuseUnrelayed(next)
+          }
+          if (next.send.length > 0) upstream.write(next.send)
+          if (!next.done) return
+          unwatch()
+          upstream.pipe(client)
+          client.pipe(upstream)
+        }
+        const fromClient = (chunk: Buffer) => step(watch.client(chunk))
+        const fromServer = (chunk: Buffer) => {
+          client.write(chunk)
+          step(watch.server(chunk))
+        }
+        client.on('data', fromClient)
+        upstream.on('data', fromServer)
+        if (end < bytes.length) step(watch.client(bytes.subarray(end)))
       }
       const passThrough = (first: Buffer) => {
         // Judged again by the policy in force now: it may have changed while the tunnel sat unused.
@@ -271,7 +300,7 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
               : // Gathered over several reads: the policy may have changed meanwhile, and a relay not started is not among those a change cuts.
                 (serverNameMismatch(target, hello.serverName) ?? (bytes === first ? null : pipeline.refusalNow(ctx)))
           if (problem !== null) refuseUnrelayed(problem)
-          else relay(bytes)
+          else relay(bytes, hello.kind === 'hello' ? hello.end : bytes.length)
           return 0
         }
         let need = judge(first)

@@ -4,7 +4,10 @@
 import t from 'tap'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
-import { connect as tlsConnect } from 'node:tls'
+import { connect as tlsConnect, createServer as createTlsServer, type SecureContext } from 'node:tls'
+import { connect as netConnect, type AddressInfo } from 'node:net'
+import { once } from 'node:events'
+import { createECDH } from 'node:crypto'
 import { startTestSidecar, startUpstream, startTcpUpstream, openTunnel, loopbackPolicy, type TestSidecar } from '../helpers/harness.js'
 import { testPki } from '../helpers/tls.js'
 import { clientHello, extension, handshake, helloBody, records, serverNameExtension } from '../helpers/client-hello.js'
@@ -170,4 +173,104 @@ t.test('in report mode too: the policy lets a denied host through as "report", b
   t.same(got.answer, ACCESS_DENIED, 'the alert')
   t.equal(got.upstreamBytes, 0, 'nothing sent upstream')
   t.match(got.event, { host: 'localhost', decision: 'report', error: 'LK_TLS_NAME_MISMATCH', reason: /"other\.example" is not the CONNECT's host "localhost"/ }, 'recorded with the policy\'s report decision and the refusal')
+})
+
+/**
+ * A real TLS server (Node's OpenSSL) behind a counting relay: what reached it, and every server
+ * name its TLS stack was asked for. `ecdhCurve` P-384 alone, so a client whose key share is
+ * X25519's is asked to retry (a HelloRetryRequest).
+ */
+async function retryingServer(t: { teardown(fn: () => unknown): void }) {
+  const pki = testPki()
+  const asked: string[] = []
+  const server = createTlsServer({
+    key: pki.key,
+    cert: pki.cert,
+    ecdhCurve: 'P-384',
+    SNICallback: (name, done) => {
+      asked.push(name)
+      done(null, null as unknown as SecureContext)
+    },
+  }, (s) => s.end('HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok'))
+  server.on('tlsClientError', () => {})
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  const relay = await startTcpUpstream(t, (s) => {
+    const up = netConnect((server.address() as AddressInfo).port, '127.0.0.1')
+    up.on('error', () => s.destroy())
+    s.pipe(up).pipe(s)
+  })
+  const s = await startTestSidecar(loopbackPolicy([relay.port]))
+  t.teardown(async () => {
+    await s.close()
+    server.close()
+  })
+  return { s, relay, asked }
+}
+
+/**
+ * A TLS 1.3 ClientHello naming `name`, offering X25519 and P-384, with a P-384 key share or
+ * (`share` false) none, which asks the server to pick: a HelloRetryRequest for P-384.
+ */
+const tls13Hello = (name: string, share: boolean) => {
+  const p384 = share ? createECDH('secp384r1').generateKeys() : Buffer.alloc(0)
+  const u16 = (n: number) => Buffer.from([n >> 8, n & 0xff])
+  const keyShare = share ? Buffer.concat([u16(4 + p384.length), Buffer.from([0, 0x18]), u16(p384.length), p384]) : Buffer.from([0, 0])
+  return records(
+    handshake(
+      helloBody([
+        serverNameExtension(name),
+        extension(43, Buffer.from([2, 3, 4])), // supported_versions: TLS 1.3
+        extension(10, Buffer.from([0, 4, 0, 0x1d, 0, 0x18])), // supported_groups: x25519, secp384r1
+        extension(13, Buffer.from([0, 4, 0x04, 0x03, 0x08, 0x04])), // signature_algorithms
+        extension(51, keyShare), // key_share
+      ]),
+    ),
+  )
+}
+const HELLO_RETRY_RANDOM = Buffer.from('cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c', 'hex')
+
+t.test("a second ClientHello after the server's HelloRetryRequest is held to the CONNECT's host as the first is", async (t) => {
+  const { s, relay, asked } = await retryingServer(t)
+  const { sock, received } = await openTunnel(s.sidecar.port, relay.port, 'localhost')
+  const first = tls13Hello('localhost', false)
+  sock.write(first)
+  for (let i = 0; i < 200 && received().length < 43; i++) await sleep(5)
+  t.same(received().subarray(11, 43), HELLO_RETRY_RANDOM, 'the real server asked for another ClientHello (a HelloRetryRequest), relayed to the agent')
+  const retryAnswer = received().length
+  const closed = once(sock, 'close')
+  sock.write(tls13Hello('other.example', true))
+  await Promise.race([closed, sleep(1500)])
+  t.same(received().subarray(retryAnswer), ACCESS_DENIED, 'the second ClientHello naming another server gets the access_denied alert')
+  t.equal(relay.bytes(), first.length, 'the server got the first ClientHello and not a byte of the second')
+  t.same(asked, ['localhost'], "the server's TLS stack was never asked for the other name")
+  const [event] = await s.audit(1)
+  t.match(event, { via: 'connect', host: 'localhost', status: 403, error: 'LK_TLS_NAME_MISMATCH', reason: /^in the ClientHello after the server's HelloRetryRequest, the TLS server name "other\.example" is not the CONNECT's host "localhost"$/ }, 'audited with why')
+
+  // The second ClientHello sent unasked, in the same write as the first: held until the server answered.
+  const ahead = await openTunnel(s.sidecar.port, relay.port, 'localhost')
+  const aheadClosed = once(ahead.sock, 'close')
+  ahead.sock.write(Buffer.concat([first, tls13Hello('other.example', true)]))
+  await Promise.race([aheadClosed, sleep(1500)])
+  t.same(ahead.received().subarray(11, 43), HELLO_RETRY_RANDOM, 'sent ahead: the server still asked for a retry')
+  t.same(ahead.received().subarray(-ACCESS_DENIED.length), ACCESS_DENIED, 'and the second ClientHello, held till then, got the alert')
+  t.equal(relay.bytes(), 2 * first.length, 'the server got only the first ClientHello of it')
+  t.same(asked, ['localhost', 'localhost'], 'and was never asked for the other name')
+})
+
+t.test('a real client asked to retry completes its handshake through the tunnel, its second ClientHello passed', async (t) => {
+  const { s, relay, asked } = await retryingServer(t)
+  const { sock } = await openTunnel(s.sidecar.port, relay.port, 'localhost')
+  const tls = tlsConnect({ socket: sock, ca: testPki().ca, servername: 'localhost', ecdhCurve: 'X25519:P-384' })
+  tls.on('error', () => {})
+  await once(tls, 'secureConnect')
+  t.match(tls.getEphemeralKeyInfo(), { name: /384/ }, 'P-384 was agreed: the client offered a key share for X25519 alone, so the server asked it to retry')
+  tls.write('GET / HTTP/1.1\r\nHost: localhost\r\n\r\n')
+  let body = ''
+  tls.on('data', (d: Buffer) => (body += d.toString()))
+  await once(tls, 'end')
+  t.match(body, /^HTTP\/1\.1 200 OK[\s\S]*\r\n\r\nok$/, 'and its request was answered')
+  t.same(asked, ['localhost'], 'the server was asked for the host')
+  const [event] = await s.audit(1)
+  t.match(event, { via: 'connect', host: 'localhost', status: 200, error: null }, 'recorded as an allowed tunnel')
 })

@@ -14,9 +14,15 @@ import type { WorkloadEvidence } from '../../proxy/attest/evidence.js'
 import { TOKEN_TYPES } from '../../lib/oauth.js'
 import { AGENT } from '../helpers/tokens.js'
 import { CLI } from '../helpers/cli.js'
+import { checkConfig } from '../../cli/check-config.js'
 
 const latchkey = (args: string[], env: NodeJS.ProcessEnv = {}) =>
   spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 20_000, env: { ...process.env, ...env } })
+/** `latchkey check-config <file>` in-process: the code it exits with and its stderr (config.test runs the command itself; a start is ~0.3 s of CPU). */
+const checkConfigOf = async (file: string) => {
+  const { code, stderr } = await checkConfig(file, process.env)
+  return { status: code, stderr }
+}
 
 t.test('a CA file that is missing, not PEM, or a key: check-config names it, the sidecar refuses to start in one line', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'lk-ca-'))
@@ -38,7 +44,7 @@ t.test('a CA file that is missing, not PEM, or a key: check-config names it, the
 
   // Missing here: said, not held against the config (as a missing policy file is); start-up names it.
   const missing = config('missing', { upstream_ca_file: files.missing })
-  const checkMissing = latchkey(['check-config', missing])
+  const checkMissing = await checkConfigOf(missing)
   t.equal(checkMissing.status, 0)
   t.match(checkMissing.stderr, `warning: sidecar.upstream_ca_file: ${files.missing}: cannot read (ENOENT) (the sidecar would not start on this machine)`)
   const startMissing = latchkey(['sidecar', '--config', missing])
@@ -51,7 +57,7 @@ t.test('a CA file that is missing, not PEM, or a key: check-config names it, the
     ['unended', 'holds a PEM block that does not end'],
   ] as const) {
     const file = config(name, { upstream_ca_file: files[name] })
-    const check = latchkey(['check-config', file])
+    const check = await checkConfigOf(file)
     t.same([check.status, check.stderr.trim()], [1, `${file}: invalid configuration:\n  sidecar.upstream_ca_file: ${files[name]}: ${why}`], `${name}: check-config calls the config invalid`)
     const start = latchkey(['sidecar', '--config', file])
     t.same([start.status, start.stderr.trim()], [1, `sidecar.upstream_ca_file ${files[name]}: ${why}`], `${name}: the sidecar does not start`)
@@ -64,7 +70,7 @@ t.test('a CA file that is missing, not PEM, or a key: check-config names it, the
     sidecar: { listen: { port: 0 }, admin: { port: 0 } },
     audit: { collector: { address: '127.0.0.1:1', sidecar_id: 's', spool_dir: join(dir, 'spool'), tls: { ca_file: files.garbage, cert_file: join(pki.dir, 'leaf.pem'), key_file: join(pki.dir, 'leaf.key') } } },
   })
-  const checkCollector = latchkey(['check-config', collector])
+  const checkCollector = await checkConfigOf(collector)
   t.same([checkCollector.status, checkCollector.stderr.trim()], [1, `${collector}: invalid configuration:\n  audit.collector.tls.ca_file: ${files.garbage}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)`])
   const startCollector = latchkey(['sidecar', '--config', collector])
   t.same([startCollector.status, startCollector.stderr.trim()], [1, `audit.collector.tls.ca_file ${files.garbage}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)`])
@@ -74,7 +80,7 @@ t.test('a CA file that is missing, not PEM, or a key: check-config names it, the
     sidecar: { listen: { port: 0 }, admin: { port: 0 } },
     audit: { collector: { address: '127.0.0.1:1', sidecar_id: 's', spool_dir: join(dir, 'spool'), tls: { ca_file: pki.caFile, cert_file: join(pki.dir, 'leaf.pem'), key_file: files.missing } } },
   })
-  const checkKeyGone = latchkey(['check-config', collectorKeyGone])
+  const checkKeyGone = await checkConfigOf(collectorKeyGone)
   t.same([checkKeyGone.status, checkKeyGone.stderr.trim()], [0, `warning: audit.collector.tls.key_file: ${files.missing}: cannot read (ENOENT) (the sidecar would not start on this machine)`])
 
   // A bundle with comments between its certificates, one of them in OpenSSL's trusted form (Node takes both).
@@ -82,7 +88,7 @@ t.test('a CA file that is missing, not PEM, or a key: check-config names it, the
   const trusted = execFileSync('openssl', ['x509', '-in', pki.caFile, '-trustout', '-addtrust', 'serverAuth'], { encoding: 'utf8' })
   writeFileSync(bundle, `# internal CA\n${pki.ca}\n# the same, with trust settings\n${trusted}`)
   for (const file of [pki.caFile, bundle]) {
-    const checkGood = latchkey(['check-config', config('good', { upstream_ca_file: file })])
+    const checkGood = await checkConfigOf(config('good', { upstream_ca_file: file }))
     t.same([checkGood.status, checkGood.stderr], [0, ''], 'a real CA file is valid and not warned about')
   }
 })

@@ -37,23 +37,23 @@ t.test('broker: key files, the policy file, TLS files and the registry, each nam
 
   const localMissing = broker('local-missing', { attestors: { local: { keys_file: missing('keys.json') } } })
   refuses(t, latchkey(['broker', '-c', localMissing]), [re(`broker.attestors.local.keys_file ${missing('keys.json')}: cannot read (ENOENT)`)], 'local attestor keys_file missing')
-  checkWarns(t, localMissing, re(`warning: broker.attestors.local.keys_file: ${missing('keys.json')}: cannot read (ENOENT) (the broker would not start on this machine)`))
+  await checkWarns(t, localMissing, re(`warning: broker.attestors.local.keys_file: ${missing('keys.json')}: cannot read (ENOENT) (the broker would not start on this machine)`))
 
   const usersMissing = broker('users-missing', { users: { issuer: 'https://idp.example', audience: 'latchkey', jwks_file: missing('users.json') } })
   refuses(t, latchkey(['broker', '-c', usersMissing]), [re(`broker.users.jwks_file ${missing('users.json')}: cannot read (ENOENT)`)], 'users.jwks_file missing')
-  checkWarns(t, usersMissing, /^warning: broker\.users\.jwks_file: .*missing-users\.json: cannot read \(ENOENT\)/m)
+  await checkWarns(t, usersMissing, /^warning: broker\.users\.jwks_file: .*missing-users\.json: cannot read \(ENOENT\)/m)
 
   const usersBad = broker('users-bad', { users: { issuer: 'https://idp.example', audience: 'latchkey', jwks_file: notJson } })
   refuses(t, latchkey(['broker', '-c', usersBad]), [re(`broker.users.jwks_file ${notJson}: not valid JSON`)], 'users.jwks_file not JSON')
-  checkRefuses(t, usersBad, re(`  broker.users.jwks_file: ${notJson}: not valid JSON`))
+  await checkRefuses(t, usersBad, re(`  broker.users.jwks_file: ${notJson}: not valid JSON`))
 
   const policyMissing = broker('policy-missing', { control: { host: '127.0.0.1', port: 19702, policy_file: missing('policy.yaml') } })
   refuses(t, latchkey(['broker', '-c', policyMissing]), [re(`broker.control.policy_file ${missing('policy.yaml')}: cannot read (ENOENT)`)], 'control.policy_file missing')
-  checkWarns(t, policyMissing, /^warning: broker\.control\.policy_file: .*missing-policy\.yaml: cannot read \(ENOENT\)/m)
+  await checkWarns(t, policyMissing, /^warning: broker\.control\.policy_file: .*missing-policy\.yaml: cannot read \(ENOENT\)/m)
 
   const policyBad = broker('policy-bad', { control: { host: '127.0.0.1', port: 19702, policy_file: badPolicy } })
   refuses(t, latchkey(['broker', '-c', policyBad]), [/^broker\.control\.policy_file .*bad-policy\.yaml: policy bundle is not valid YAML\/JSON/], 'control.policy_file that does not compile')
-  checkRefuses(t, policyBad, /^ {2}broker\.control\.policy_file: .*bad-policy\.yaml: policy bundle is not valid YAML\/JSON/m)
+  await checkRefuses(t, policyBad, /^ {2}broker\.control\.policy_file: .*bad-policy\.yaml: policy bundle is not valid YAML\/JSON/m)
 
   const tlsGarbage = broker('tls-garbage', {}, { tls: { cert_file: garbage, key_file: garbage } })
   refuses(
@@ -62,12 +62,12 @@ t.test('broker: key files, the policy file, TLS files and the registry, each nam
     [re(`broker.listen.tls.cert_file ${garbage}: not a usable PEM certificate (no start line)`), /^broker\.listen\.tls\.key_file .*garbage\.pem: not a usable PEM private key/],
     'listen.tls not PEM',
   )
-  checkRefuses(t, tlsGarbage, re(`  broker.listen.tls.cert_file: ${garbage}: not a usable PEM certificate (no start line)`))
+  await checkRefuses(t, tlsGarbage, re(`  broker.listen.tls.cert_file: ${garbage}: not a usable PEM certificate (no start line)`))
 
   const registryBad = broker('registry-bad', { registry_file: badRegistry })
   refuses(t, latchkey(['broker', '-c', registryBad]), [/^broker\.registry_file .*bad-agents\.yaml: .*colour/], 'registry that does not validate')
-  checkRefuses(t, registryBad, /^ {2}broker\.registry_file: .*bad-agents\.yaml: .*colour/m)
+  await checkRefuses(t, registryBad, /^ {2}broker\.registry_file: .*bad-agents\.yaml: .*colour/m)
   const registryMissing = broker('registry-missing', { registry_file: missing('agents.yaml') })
   refuses(t, latchkey(['broker', '-c', registryMissing]), [/^broker\.registry_file .*missing-agents\.yaml: cannot read file: ENOENT$/], 'registry missing')
-  checkWarns(t, registryMissing, /^warning: broker\.registry_file: .*missing-agents\.yaml: cannot read \(ENOENT\)/m)
+  await checkWarns(t, registryMissing, /^warning: broker\.registry_file: .*missing-agents\.yaml: cannot read \(ENOENT\)/m)
 })

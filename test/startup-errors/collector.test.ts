@@ -24,24 +24,24 @@ t.test('collector: TLS files, a store that is not a database, a directory that i
     [/^collector\.grpc\.tls\.cert_file .*missing-cert\.pem: cannot read \(ENOENT\)$/, /^collector\.grpc\.tls\.key_file .*missing-key\.pem: cannot read \(ENOENT\)$/, re(`collector.grpc.tls.client_ca_file ${ca}: cannot read (ENOENT)`)],
     'TLS files missing',
   )
-  checkWarns(t, tls, re(`warning: collector.grpc.tls.client_ca_file: ${ca}: cannot read (ENOENT) (the collector would not start on this machine)`))
+  await checkWarns(t, tls, re(`warning: collector.grpc.tls.client_ca_file: ${ca}: cannot read (ENOENT) (the collector would not start on this machine)`))
 
   const notDb = join(dir, 'not-a-db.db')
   writeFileSync(notDb, 'this is not a SQLite database, and it is longer than its header\n')
   const store = collector('not-db', {}, { kind: 'sqlite', path: notDb })
   refuses(t, latchkey(['collector', '-c', store]), [re(`collector.store: cannot open the store at ${notDb}: file is not a database`)], 'a store file that is not a database')
-  checkRefuses(t, store, re(`  collector.store.path: ${notDb}: not a SQLite database`))
+  await checkRefuses(t, store, re(`  collector.store.path: ${notDb}: not a SQLite database`))
 
   const nowhere = join(dir, 'no-such-dir', 'audit.db')
   const noDir = collector('no-dir', {}, { kind: 'sqlite', path: nowhere })
   refuses(t, latchkey(['collector', '-c', noDir]), [new RegExp(`^collector\\.store: cannot open the store at ${nowhere.replace(/[.]/g, '\\.')}: `)], 'a store in a directory that is not there')
-  checkWarns(t, noDir, /^warning: collector\.store\.path: .*audit\.db: its directory .*no-such-dir does not exist \(the collector would not start on this machine\)$/m)
+  await checkWarns(t, noDir, /^warning: collector\.store\.path: .*audit\.db: its directory .*no-such-dir does not exist \(the collector would not start on this machine\)$/m)
 
   const badUrl = collector('bad-url', {}, { kind: 'postgres', url: 'postgres://u@[::1/db' })
   refuses(t, latchkey(['collector', '-c', badUrl]), [/invalid configuration:$/, re('  collector.store.url: not a URL (postgres://user@host:port/database expected)')], 'a PostgreSQL URL that does not parse')
-  checkRefuses(t, badUrl, /collector\.store\.url: not a URL/)
+  await checkRefuses(t, badUrl, /collector\.store\.url: not a URL/)
   const notPostgres = collector('not-postgres', {}, { kind: 'postgres', url: 'mysql://db/x' })
-  checkRefuses(t, notPostgres, /collector\.store\.url: must match pattern "\^postgres\(ql\)\?:\/\/"/)
+  await checkRefuses(t, notPostgres, /collector\.store\.url: must match pattern "\^postgres\(ql\)\?:\/\/"/)
 })
 
 t.test('check-config reads its file once: a pipe, /dev/stdin and <(…) work', async (t) => {

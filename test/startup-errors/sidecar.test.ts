@@ -19,15 +19,15 @@ t.test('sidecar: ports, secrets.file, the state file and the spool, as check-con
 
   const controlPort = base('control-port', {}, { control: { url: 'grpc://127.0.0.1:999999', token_secret: 'CTL' } })
   refuses(t, latchkey(['sidecar', '-c', controlPort], env), [/invalid configuration:$/, re('  sidecar.control.url: must be grpc://host:port with a port from 1 to 65535')], 'control.url port out of range')
-  checkRefuses(t, controlPort, /sidecar\.control\.url: must be grpc:\/\/host:port with a port from 1 to 65535/)
+  await checkRefuses(t, controlPort, /sidecar\.control\.url: must be grpc:\/\/host:port with a port from 1 to 65535/)
 
   const collectorPort = base('collector-port', { audit: { collector: { address: '127.0.0.1:99999', sidecar_id: 's', token_secret: 'COL' } } })
   refuses(t, latchkey(['sidecar', '-c', collectorPort], env), [/invalid configuration:$/, re('  audit.collector.address: must be host:port with a port from 1 to 65535')], 'audit.collector.address port out of range')
-  checkRefuses(t, collectorPort, /audit\.collector\.address: must be host:port with a port from 1 to 65535/)
+  await checkRefuses(t, collectorPort, /audit\.collector\.address: must be host:port with a port from 1 to 65535/)
 
   const samePort = base('same-port', {}, { admin: { port: 19711 } })
   refuses(t, latchkey(['sidecar', '-c', samePort]), [/invalid configuration:$/, re('  sidecar.admin.port: the same as sidecar.listen.port (19711): each listener needs its own port')], 'listen.port == admin.port')
-  checkRefuses(t, samePort, /sidecar\.admin\.port: the same as sidecar\.listen\.port/)
+  await checkRefuses(t, samePort, /sidecar\.admin\.port: the same as sidecar\.listen\.port/)
   t.equal(latchkey(['check-config', base('both-zero', {}, { listen: { port: 0 }, admin: { port: 0 } })]).status, 0, 'port 0 twice is two ports')
 
   const secretFiles: [string, string, RegExp][] = [
@@ -45,36 +45,36 @@ t.test('sidecar: ports, secrets.file, the state file and the spool, as check-con
     })
     const r = latchkey(['sidecar', '-c', config])
     refuses(t, r, [new RegExp(`^secrets\\.file ${file.replace(/[.]/g, '\\.')}: ${why.source}`)], `secrets.file ${name}`)
-    checkRefuses(t, config, new RegExp(`^  secrets\\.file: ${file.replace(/[.]/g, '\\.')}: ${why.source}`, 'm'))
+    await checkRefuses(t, config, new RegExp(`^  secrets\\.file: ${file.replace(/[.]/g, '\\.')}: ${why.source}`, 'm'))
   }
   const ctlChar = join(dir, 'secrets-control.yaml')
   writeFileSync(ctlChar, 'S: "a-secret-long\\u0001-enough"\n')
   const ctlConfig = base('secrets-control', { secrets: { file: ctlChar }, credentials: [{ id: 'c', audience: 'https://api.example', source: 'static', secret: 'S', inject: { type: 'bearer' } }] })
   refuses(t, latchkey(['sidecar', '-c', ctlConfig]), [/^credential "c": secret S cannot be sent in a header/], 'a control character in a header secret')
-  checkRefuses(t, ctlConfig, /^ {2}credentials\[0\]\.secret: credential "c": secret S cannot be sent in a header/m)
+  await checkRefuses(t, ctlConfig, /^ {2}credentials\[0\]\.secret: credential "c": secret S cannot be sent in a header/m)
   const newline = join(dir, 'secrets-newline.yaml')
   writeFileSync(newline, 'S: "a-secret-long-enough-1\\n"\n')
   const newlineConfig = base('secrets-newline', { secrets: { file: newline }, credentials: [{ id: 'c', audience: 'https://api.example', source: 'static', secret: 'S', inject: { type: 'bearer' } }] })
   const echoed = /credential "c": secret S cannot be sent in a header: it ends with a line break \(as `echo` leaves one; `printf %s` does not\): remove it$/
   refuses(t, latchkey(['sidecar', '-c', newlineConfig]), [new RegExp(`^${echoed.source}`)], 'a secret ending in a line break, as echo writes it')
-  checkRefuses(t, newlineConfig, new RegExp(`^ {2}credentials\\[0\\]\\.secret: ${echoed.source}`, 'm'))
+  await checkRefuses(t, newlineConfig, new RegExp(`^ {2}credentials\\[0\\]\\.secret: ${echoed.source}`, 'm'))
   const unreadable = base('secrets-missing', { secrets: { file: join(dir, 'no-secrets.yaml') } })
-  checkWarns(t, unreadable, /^warning: secrets\.file: .*no-secrets\.yaml: cannot read \(ENOENT\) \(the sidecar would not start on this machine\)$/m)
+  await checkWarns(t, unreadable, /^warning: secrets\.file: .*no-secrets\.yaml: cannot read \(ENOENT\) \(the sidecar would not start on this machine\)$/m)
 
   const state = join(dir, 'corrupt-state.json')
   writeFileSync(state, '{"format": ')
   const corrupt = base('state', {}, { control: { url: 'grpc://127.0.0.1:19713', token_secret: 'CTL', state_file: state } })
   refuses(t, latchkey(['sidecar', '-c', corrupt], env), [/^sidecar\.control\.state_file .*corrupt-state\.json: not a usable revocation state file/], 'a corrupt state file')
-  checkRefuses(t, corrupt, /^ {2}sidecar\.control\.state_file: .*corrupt-state\.json: not a usable revocation state file/m)
+  await checkRefuses(t, corrupt, /^ {2}sidecar\.control\.state_file: .*corrupt-state\.json: not a usable revocation state file/m)
 
   const aFile = join(dir, 'a-file')
   writeFileSync(aFile, 'x')
   const spool = base('spool', { audit: { collector: { address: '127.0.0.1:19714', sidecar_id: 's', token_secret: 'COL', spool_dir: join(aFile, 'spool') } } })
   refuses(t, latchkey(['sidecar', '-c', spool], env), [re(`audit.collector.spool_dir ${join(aFile, 'spool')}: cannot use it as the audit spool (ENOTDIR: not a directory, mkdir '${join(aFile, 'spool')}')`)], 'a spool_dir under a file')
-  checkWarns(t, spool, re(`warning: audit.collector.spool_dir: ${join(aFile, 'spool')}: ${aFile} is not a directory (the sidecar would not start on this machine)`))
+  await checkWarns(t, spool, re(`warning: audit.collector.spool_dir: ${join(aFile, 'spool')}: ${aFile} is not a directory (the sidecar would not start on this machine)`))
   const spoolIsFile = base('spool-file', { audit: { collector: { address: '127.0.0.1:19714', sidecar_id: 's', token_secret: 'COL', spool_dir: aFile } } })
   refuses(t, latchkey(['sidecar', '-c', spoolIsFile], env), [/^audit\.collector\.spool_dir .*a-file: cannot use it as the audit spool \(EEXIST/], 'a spool_dir that is a file')
-  checkWarns(t, spoolIsFile, re(`warning: audit.collector.spool_dir: ${aFile}: is not a directory (the sidecar would not start on this machine)`))
+  await checkWarns(t, spoolIsFile, re(`warning: audit.collector.spool_dir: ${aFile}: is not a directory (the sidecar would not start on this machine)`))
 })
 
 t.test('a sync that fails at shutdown is one line naming audit.jsonl.path', async (t) => {

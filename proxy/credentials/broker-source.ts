@@ -109,11 +109,20 @@ function sendableBy(binding: CredentialBinding): (issued: IssuedToken) => Issued
 /** Tokens cached at once (one per task, audience and scopes). */
 const MAX_CACHED = 10_000
 
-/** A binding's part of the cache key: its tokens, across tasks, are what held() answers. */
+/**
+ * A binding's part of the cache key (audience first: describe() reads it there): what its token
+ * is asked for with, so two bindings share a token only when the issuer would answer them alike.
+ * Its tokens, across tasks, are what held() answers. The source is part of it (a broker JWT and a
+ * leased secret for one audience are different credentials), and for client credentials the
+ * binding itself: each has its own registration (token_url, client_id, resource).
+ */
 const bindingKeys = new WeakMap<CredentialBinding, string>()
 function bindingKey(binding: CredentialBinding): string {
   let k = bindingKeys.get(binding)
-  if (k === undefined) bindingKeys.set(binding, (k = binding.tokenAudience + '\n' + binding.scopes.join(' ')))
+  if (k === undefined) {
+    const issuedFor = binding.source === 'client_credentials' ? `client_credentials:${binding.id}` : binding.source
+    bindingKeys.set(binding, (k = binding.tokenAudience + '\n' + binding.scopes.join(' ') + '\n' + issuedFor))
+  }
   return k
 }
 

@@ -187,7 +187,10 @@ export class CachedTokenSource implements CredentialSource {
 
   private start(key: string, entry: Entry, task: TaskRef, binding: CredentialBinding, agentId: string): Promise<Credential> {
     this.exchanges++
-    const durationS = Math.ceil((task.expiresAt - this.now()) / 1000)
+    // A lifetime counts from here, before the evidence is fetched and the request sent: the
+    // issuer's clock started it no earlier, and a slow answer must not lengthen it.
+    const started = this.now()
+    const durationS = Math.ceil((task.expiresAt - started) / 1000)
     const generation = this.generation
     const ticket: Ticket = { voided: null }
     let tickets = this.inflightByTask.get(task.id)
@@ -211,10 +214,10 @@ export class CachedTokenSource implements CredentialSource {
         const got = this.now()
         // Issuers clamp already; this bounds any issuer (a lifetime past a day, or NaN, is never trusted).
         const lifeMs = Math.min(issued.expiresInMs, MAX_EXPIRES_IN_S * 1000) || 0
-        const credential: Credential = { value: issued.token, id: issued.jti, expiresAt: got + lifeMs, scopes: issued.scopes }
+        const credential: Credential = { value: issued.token, id: issued.jti, expiresAt: started + lifeMs, scopes: issued.scopes }
         entry.credential = credential
-        entry.usableUntil = got + lifeMs - this.opts.minRemainingMs
-        entry.refreshAt = got + lifeMs / 2
+        entry.usableUntil = started + lifeMs - this.opts.minRemainingMs
+        entry.refreshAt = started + lifeMs / 2
         if (entry.usableUntil <= got) {
           throw new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `the broker issued a token for ${binding.tokenAudience} that expires within ${this.opts.minRemainingMs} ms`)
         }

@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Client, Pool } from 'undici'
 import { startTestBroker, API, freePort } from '../helpers/broker.js'
+import { startBrokerFront } from '../helpers/broker-front.js'
 import { startTokenRig, AGENT } from '../helpers/tokens.js'
 import { BrokerClient } from '../../proxy/credentials/broker-client.js'
 import { BrokerTokenSource } from '../../proxy/credentials/broker-source.js'
@@ -243,6 +244,30 @@ t.test('refresh at half-life, never a stale token, clock skew harmless (fake clo
   tasks.onEnd((x) => src.dropTask(x.id))
   tasks.end(task.handle)
   t.same(src.describe(task.id), [])
+})
+
+t.test('a lifetime counts from the exchange\'s start: an answer 4 s late is not held 4 s longer (fake clock)', async (t) => {
+  const broker = await startTestBroker()
+  t.teardown(broker.close)
+  const front = await startBrokerFront(broker.url)
+  t.teardown(front.close)
+  let clock = Date.now()
+  const now = () => clock
+  const src = new BrokerTokenSource(new BrokerClient(front.url, 2000, new LocalKeyEvidence(join(broker.dir, 'local', 'local-attestor.key.json'), AGENT, broker.issuer)), { minRemainingMs: 1000, now })
+  t.teardown(() => src.close())
+  const task = new TaskRegistry(AGENT, { maxDurationS: 3600, now }).open({ purpose: 'slow', durationS: 100 })
+  const binding = compileBinding({ id: 'api', audience: 'https://api.example.com', source: 'broker', scopes: ['read'], inject: { type: 'bearer' } })
+  front.mode = { mode: 'hold' }
+  const start = clock
+  const pending = Promise.resolve(src.get(binding, task.identity))
+  await front.handled(1)
+  clock += 4000
+  front.release()
+  const late = await pending
+  t.equal(late.expiresAt! - start, 120_000, 'expires 120 s (its expires_in) after the exchange began, not after the answer came')
+  front.mode = { mode: 'pass' }
+  clock = start + 119_500
+  t.not((await src.get(binding, task.identity)).id, late.id, 'not injected within min_remaining_ms of its real expiry')
 })
 
 t.test('a rotated service-account token file is re-read', async (t) => {

@@ -215,12 +215,20 @@ export class CachedTokenSource implements CredentialSource {
         // Issuers clamp already; this bounds any issuer (a lifetime past a day, or NaN, is never trusted).
         const lifeMs = Math.min(issued.expiresInMs, MAX_EXPIRES_IN_S * 1000) || 0
         const credential: Credential = { value: issued.token, id: issued.jti, expiresAt: started + lifeMs, scopes: issued.scopes }
+        if (started + lifeMs - this.opts.minRemainingMs <= got) {
+          // Too short to use: a failed exchange like any other. A refresh keeps the token it was to
+          // replace (it replaced it, and the task got 503s with most of a valid token's life left),
+          // and a first exchange's failure is held, not asked again by every call.
+          const error = new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `the broker issued a token for ${binding.tokenAudience} that expires within ${this.opts.minRemainingMs} ms`)
+          if (entry.credential && got < entry.usableUntil) {
+            entry.refreshAt = got + 1000
+            this.opts.onRefreshFailed?.(error.message)
+          } else entry.failure = { error, until: got + FAILURE_HOLD_MS }
+          throw error
+        }
         entry.credential = credential
         entry.usableUntil = started + lifeMs - this.opts.minRemainingMs
         entry.refreshAt = started + lifeMs / 2
-        if (entry.usableUntil <= got) {
-          throw new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `the broker issued a token for ${binding.tokenAudience} that expires within ${this.opts.minRemainingMs} ms`)
-        }
         this.issued.add(bindingKey(binding), credential)
         return credential
       },

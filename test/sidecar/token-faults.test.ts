@@ -246,14 +246,22 @@ t.test('refresh at half-life, never a stale token, clock skew harmless (fake clo
   t.same(src.describe(task.id), [])
 })
 
-t.test('a lifetime counts from the exchange\'s start: an answer 4 s late is not held 4 s longer (fake clock)', async (t) => {
+t.test('a lifetime counts from the exchange\'s start; a token too short to use is a failed exchange (fake clock)', async (t) => {
   const broker = await startTestBroker()
   t.teardown(broker.close)
   const front = await startBrokerFront(broker.url)
   t.teardown(front.close)
   let clock = Date.now()
   const now = () => clock
-  const src = new BrokerTokenSource(new BrokerClient(front.url, 2000, new LocalKeyEvidence(join(broker.dir, 'local', 'local-attestor.key.json'), AGENT, broker.issuer)), { minRemainingMs: 1000, now })
+  // Each exchange's landing, and each failed refresh's reason, as the source reports them.
+  let landed: () => void = () => {}
+  const refreshFailures: string[] = []
+  const src = new BrokerTokenSource(new BrokerClient(front.url, 2000, new LocalKeyEvidence(join(broker.dir, 'local', 'local-attestor.key.json'), AGENT, broker.issuer)), {
+    minRemainingMs: 1000,
+    now,
+    onExchange: () => landed(),
+    onRefreshFailed: (reason) => refreshFailures.push(reason),
+  })
   t.teardown(() => src.close())
   const task = new TaskRegistry(AGENT, { maxDurationS: 3600, now }).open({ purpose: 'slow', durationS: 100 })
   const binding = compileBinding({ id: 'api', audience: 'https://api.example.com', source: 'broker', scopes: ['read'], inject: { type: 'bearer' } })
@@ -265,9 +273,22 @@ t.test('a lifetime counts from the exchange\'s start: an answer 4 s late is not 
   front.release()
   const late = await pending
   t.equal(late.expiresAt! - start, 120_000, 'expires 120 s (its expires_in) after the exchange began, not after the answer came')
-  front.mode = { mode: 'pass' }
+
+  // The broker answers the refresh at half-life with a token of 1 s: none of it is usable.
+  front.mode = { mode: 'patch', patch: { expires_in: 1 } }
+  clock = start + 61_000
+  const before = front.requests
+  const refreshed = new Promise<void>((resolve) => (landed = resolve))
+  t.equal((src.get(binding, task.identity) as { id: string }).id, late.id, 'at half-life the current token serves')
+  await refreshed
+  await new Promise((r) => setImmediate(r))
+  t.match(refreshFailures, [/expires within 1000 ms/], 'the refresh is said to have failed')
+  t.equal((src.get(binding, task.identity) as { id: string }).id, late.id, 'and still does once the refresh brought a token too short to use')
   clock = start + 119_500
-  t.not((await src.get(binding, task.identity)).id, late.id, 'not injected within min_remaining_ms of its real expiry')
+  for (let i = 0; i < 5; i++) {
+    await t.rejects(Promise.resolve().then(() => src.get(binding, task.identity)), { code: 'LK_CREDENTIAL_UNAVAILABLE', message: /expires within 1000 ms/ }, 'not injected within min_remaining_ms of its real expiry')
+  }
+  t.equal(front.requests - before, 2, 'five calls past it: one exchange, its failure held for the rest')
 })
 
 t.test('a rotated service-account token file is re-read', async (t) => {

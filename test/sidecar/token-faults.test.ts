@@ -296,10 +296,11 @@ t.test('a rotated service-account token file is re-read', async (t) => {
   t.teardown(broker.close)
   const dir = mkdtempSync(join(tmpdir(), 'lk-sa-'))
   const file = join(dir, 'token')
-  const mint = (pod: string) =>
-    broker.k8s.sign({ aud: broker.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'u' }, pod: { name: pod, uid: pod } } })
+  const mint = (pod: string, times: { iat?: number; exp?: number } = {}) =>
+    broker.k8s.sign({ aud: broker.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'u' }, pod: { name: pod, uid: pod } }, ...times })
   writeFileSync(file, await mint('pod-a'))
-  const ev = new KubernetesTokenFile(file)
+  let clock = Date.now()
+  const ev = new KubernetesTokenFile(file, { now: () => clock })
   const src = new BrokerTokenSource(new BrokerClient(broker.url, 2000, ev), { minRemainingMs: 1000 })
   t.teardown(() => src.close())
   // Each pod's sidecar names the agent its token attests (a token for another agent is refused).
@@ -313,6 +314,18 @@ t.test('a rotated service-account token file is re-read', async (t) => {
   await src.get(binding, podB.open({ purpose: 'b', durationS: 60 }).identity)
   const agents = broker.events.filter((e) => e.type === 'token.exchange').map((e) => (e as { agent: string }).agent)
   t.same(agents, ['agent:summarizer-k8s:prod:pod-a', 'agent:summarizer-k8s:prod:pod-b'], 'the new token was presented after rotation')
+
+  // Not replaced in time: an expired token is not presented. The broker would refuse it (400), a
+  // 403 to the agent, not retryable, naming no file; it is a 503 naming the file.
+  const expired = new RegExp(`service-account token file ${file}: the token in it expired \\d+ s ago and has not been replaced`)
+  clock += 301_000
+  await t.rejects(ev.get(), expired, 'the token read earlier, once its exp passes')
+  clock = Date.now()
+  const nowS = Math.floor(clock / 1000)
+  writeFileSync(file, await mint('pod-c', { iat: nowS - 400, exp: nowS - 100 }))
+  const podC = new TaskRegistry('agent:summarizer-k8s:prod:pod-c', { maxDurationS: 3600 })
+  await t.rejects(Promise.resolve().then(() => src.get(binding, podC.open({ purpose: 'c', durationS: 60 }).identity)), { code: 'LK_CREDENTIAL_UNAVAILABLE', message: expired }, 'a file holding an expired one')
+  t.equal(broker.events.filter((e) => e.type === 'token.exchange').length, 2, 'neither was presented to the broker')
   writeFileSync(file, 'not a token')
   await t.rejects(ev.get(), /does not hold a JWT/)
 })

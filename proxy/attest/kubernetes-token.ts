@@ -2,6 +2,7 @@
 // the ..data directory), so it is re-read whenever its mtime or inode changes; the file is the
 // truth, never a copy kept past its replacement.
 import { readFile, stat } from 'node:fs/promises'
+import { decodeJwt } from 'jose'
 import { TOKEN_TYPES } from '../../lib/oauth.js'
 import { EvidenceUnavailable, type WorkloadEvidence } from './evidence.js'
 
@@ -11,9 +12,15 @@ const MAX_TOKEN_FILE_BYTES = 64 * 1024
 export class KubernetesTokenFile implements WorkloadEvidence {
   readonly kind = 'kubernetes'
   readonly tokenType = TOKEN_TYPES.kubernetes
-  private cached: { token: string; mtimeMs: number; ino: number } | undefined
+  private cached: { token: string; mtimeMs: number; ino: number; expMs: number | null } | undefined
+  private readonly now: () => number
 
-  constructor(private readonly file: string) {}
+  constructor(
+    private readonly file: string,
+    opts: { now?: () => number } = {},
+  ) {
+    this.now = opts.now ?? Date.now
+  }
 
   async get(): Promise<string> {
     let st
@@ -22,7 +29,7 @@ export class KubernetesTokenFile implements WorkloadEvidence {
     } catch (err) {
       throw new EvidenceUnavailable(`service-account token file ${this.file}: ${(err as NodeJS.ErrnoException).code ?? 'unreadable'}`)
     }
-    if (this.cached && this.cached.mtimeMs === st.mtimeMs && this.cached.ino === st.ino) return this.cached.token
+    if (this.cached && this.cached.mtimeMs === st.mtimeMs && this.cached.ino === st.ino) return this.unexpired(this.cached)
     // Read whole, and on a call's path: a device or FIFO would never end, a huge file would stall it.
     if (!st.isFile()) throw new EvidenceUnavailable(`service-account token file ${this.file}: not a regular file`)
     if (st.size > MAX_TOKEN_FILE_BYTES) throw new EvidenceUnavailable(`service-account token file ${this.file}: ${st.size} bytes, more than a token (${MAX_TOKEN_FILE_BYTES})`)
@@ -30,8 +37,28 @@ export class KubernetesTokenFile implements WorkloadEvidence {
       throw new EvidenceUnavailable(`service-account token file ${this.file}: ${err.code ?? 'unreadable'}`)
     })).trim()
     if (!/^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/.test(token)) throw new EvidenceUnavailable(`service-account token file ${this.file} does not hold a JWT`)
-    this.cached = { token, mtimeMs: st.mtimeMs, ino: st.ino }
-    return token
+    // exp read, not verified (the broker verifies): only so an expired token is not presented.
+    let exp: unknown
+    try {
+      exp = decodeJwt(token).exp
+    } catch {
+      throw new EvidenceUnavailable(`service-account token file ${this.file} does not hold a JWT`)
+    }
+    this.cached = { token, mtimeMs: st.mtimeMs, ino: st.ino, expMs: typeof exp === 'number' && Number.isFinite(exp) ? exp * 1000 : null }
+    return this.unexpired(this.cached)
+  }
+
+  /**
+   * The token, unless its exp has passed on this clock: a kubelet that stopped replacing the file
+   * (the pod's projection gone, the node's kubelet down) left it to the broker to refuse, a 400
+   * the agent read as a refusal of its task (403, not retryable) naming no file.
+   */
+  private unexpired(c: { token: string; expMs: number | null }): string {
+    const now = this.now()
+    if (c.expMs !== null && c.expMs <= now) {
+      throw new EvidenceUnavailable(`service-account token file ${this.file}: the token in it expired ${Math.ceil((now - c.expMs) / 1000)} s ago and has not been replaced (the kubelet rotates it; is the projected volume mounted?)`)
+    }
+    return c.token
   }
 
   close(): void {}

@@ -1,6 +1,7 @@
 // JWT-SVIDs from the SPIFFE Workload API (the SPIRE agent's unix socket), over gRPC with the
 // `workload.spiffe.io: true` metadata the API requires. An SVID is reused until half its life
-// has passed (SPIRE's own rotation point), then fetched anew.
+// has passed (SPIRE's own rotation point), then fetched anew; while the agent does not answer,
+// the one in hand serves out the rest of its life.
 //
 // Which SVID: a workload may hold several (a pod whose registration entries match more than one
 // SPIFFE ID), and the first is not necessarily this sidecar's agent. With `spiffeId` set, that ID
@@ -27,7 +28,7 @@ export class SpiffeWorkloadEvidence implements WorkloadEvidence {
   private readonly client: SpiffeWorkloadAPIClient
   private readonly spiffeId: string | undefined
   private readonly now: () => number
-  private cached: { svid: string; renewAt: number } | undefined
+  private cached: { svid: string; renewAt: number; expMs: number } | undefined
 
   constructor(
     private readonly socket: string,
@@ -44,12 +45,19 @@ export class SpiffeWorkloadEvidence implements WorkloadEvidence {
     if (this.cached && this.now() < this.cached.renewAt) return this.cached.svid
     const md = new Metadata()
     md.set('workload.spiffe.io', 'true')
-    const res = await new Promise<JWTSVIDResponse>((resolve, reject) => {
-      this.client.fetchJwtsvid({ audience: [this.audience], spiffeId: this.spiffeId ?? '' }, md, { deadline: Date.now() + this.timeoutMs }, (err, r) => (err ? reject(err) : resolve(r)))
-    }).catch((err: ServiceError) => {
-      const code = grpcStatus[err.code] ?? String(err.code)
+    let res: JWTSVIDResponse
+    try {
+      res = await new Promise<JWTSVIDResponse>((resolve, reject) => {
+        this.client.fetchJwtsvid({ audience: [this.audience], spiffeId: this.spiffeId ?? '' }, md, { deadline: Date.now() + this.timeoutMs }, (err, r) => (err ? reject(err) : resolve(r)))
+      })
+    } catch (err) {
+      // Renewed at half-life so that an agent restarting or briefly unreachable costs nothing: the
+      // SVID in hand serves until an exchange could no longer reach the broker before its exp.
+      // Only when the agent did not answer: what it answers (another ID, several) is taken.
+      if (this.cached && this.now() < this.cached.expMs - this.timeoutMs) return this.cached.svid
+      const code = grpcStatus[(err as ServiceError).code] ?? String((err as ServiceError).code)
       throw new EvidenceUnavailable(`SPIFFE Workload API at ${this.socket}: ${code}`)
-    })
+    }
     const svids = res.svids ?? []
     if (svids.length === 0) throw new EvidenceUnavailable(`SPIFFE Workload API at ${this.socket} returned no JWT-SVID`)
     const offered = () => svids.slice(0, 8).map((s) => quote(s.spiffeId)).join(', ') + (svids.length > 8 ? `, and ${svids.length - 8} more` : '')
@@ -80,7 +88,7 @@ export class SpiffeWorkloadEvidence implements WorkloadEvidence {
     const expMs = (exp ?? 0) * 1000
     if (expMs <= nowMs) throw new EvidenceUnavailable(`SPIFFE Workload API at ${this.socket} returned an expired JWT-SVID`)
     const startMs = iat !== undefined ? Math.min(iat * 1000, nowMs) : nowMs
-    this.cached = { svid, renewAt: startMs + (expMs - startMs) / 2 }
+    this.cached = { svid, renewAt: startMs + (expMs - startMs) / 2, expMs }
     return svid
   }
 

@@ -165,14 +165,21 @@ export class BrokerClient implements TokenIssuer {
           const named = aud.map((a) => JSON.stringify(String(a).slice(0, 128))).join(', ') || 'missing'
           throw new ExchangeFailed('invalid_response', `broker issued a token for another audience (aud ${quotes(named, ...aud.map(String)) ? `(${NOT_REPEATED})` : named}, asked for ${audience})`)
         }
-        // Never past the token's own exp: bounded by its stated life (exp - iat, no clock involved)
-        // and by exp on this clock, with a minute's leeway for skew (the API judges exp on its clock).
+        // Never past the token's own exp. With an iat, by its stated life (exp - iat, no clock
+        // involved), and by exp on this clock with a minute's leeway, for this clock running
+        // ahead (the API judges exp on its own). Without one, exp on this clock is the only bound:
+        // taken as it is, for a leeway there would inject the token up to a minute past its exp.
         if (claims.exp !== undefined) {
           if (typeof claims.exp !== 'number' || !Number.isFinite(claims.exp)) throw new ExchangeFailed('invalid_response', 'broker issued a token whose exp is not a number')
-          const left = claims.exp * 1000 - Date.now() + CLOCK_LEEWAY_MS
-          if (left <= 0) throw new ExchangeFailed('invalid_response', `broker issued a token that expired ${Math.round((CLOCK_LEEWAY_MS - left) / 1000)} s ago`)
+          const stated = typeof claims.iat === 'number' && claims.iat < claims.exp
+          const leeway = stated ? CLOCK_LEEWAY_MS : 0
+          const left = claims.exp * 1000 - Date.now() + leeway
+          if (left <= 0) {
+            const ago = Math.round((leeway - left) / 1000)
+            throw new ExchangeFailed('invalid_response', `broker issued a token that expired ${ago} s ago${stated ? '' : ' by this host\'s clock (it has no iat)'}`)
+          }
           expiresInMs = Math.min(expiresInMs, left)
-          if (typeof claims.iat === 'number' && claims.iat < claims.exp) expiresInMs = Math.min(expiresInMs, (claims.exp - claims.iat) * 1000)
+          if (stated) expiresInMs = Math.min(expiresInMs, (claims.exp - (claims.iat as number)) * 1000)
         }
         // The current actor is the outermost act.sub (RFC 8693 §4.1; broker/exchange.ts builds it so).
         if (agentId !== undefined) {

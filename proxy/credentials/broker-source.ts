@@ -109,11 +109,20 @@ function sendableBy(binding: CredentialBinding): (issued: IssuedToken) => Issued
 /** Tokens cached at once (one per task, audience and scopes). */
 const MAX_CACHED = 10_000
 
-/** A binding's part of the cache key: its tokens, across tasks, are what held() answers. */
+/**
+ * A binding's part of the cache key (audience first: describe() reads it there): what its token
+ * is asked for with, so two bindings share a token only when the issuer would answer them alike.
+ * Its tokens, across tasks, are what held() answers. The source is part of it (a broker JWT and a
+ * leased secret for one audience are different credentials), and for client credentials the
+ * binding itself: each has its own registration (token_url, client_id, resource).
+ */
 const bindingKeys = new WeakMap<CredentialBinding, string>()
 function bindingKey(binding: CredentialBinding): string {
   let k = bindingKeys.get(binding)
-  if (k === undefined) bindingKeys.set(binding, (k = binding.tokenAudience + '\n' + binding.scopes.join(' ')))
+  if (k === undefined) {
+    const issuedFor = binding.source === 'client_credentials' ? `client_credentials:${binding.id}` : binding.source
+    bindingKeys.set(binding, (k = binding.tokenAudience + '\n' + binding.scopes.join(' ') + '\n' + issuedFor))
+  }
   return k
 }
 
@@ -178,7 +187,10 @@ export class CachedTokenSource implements CredentialSource {
 
   private start(key: string, entry: Entry, task: TaskRef, binding: CredentialBinding, agentId: string): Promise<Credential> {
     this.exchanges++
-    const durationS = Math.ceil((task.expiresAt - this.now()) / 1000)
+    // A lifetime counts from here, before the evidence is fetched and the request sent: the
+    // issuer's clock started it no earlier, and a slow answer must not lengthen it.
+    const started = this.now()
+    const durationS = Math.ceil((task.expiresAt - started) / 1000)
     const generation = this.generation
     const ticket: Ticket = { voided: null }
     let tickets = this.inflightByTask.get(task.id)
@@ -202,13 +214,21 @@ export class CachedTokenSource implements CredentialSource {
         const got = this.now()
         // Issuers clamp already; this bounds any issuer (a lifetime past a day, or NaN, is never trusted).
         const lifeMs = Math.min(issued.expiresInMs, MAX_EXPIRES_IN_S * 1000) || 0
-        const credential: Credential = { value: issued.token, id: issued.jti, expiresAt: got + lifeMs, scopes: issued.scopes }
-        entry.credential = credential
-        entry.usableUntil = got + lifeMs - this.opts.minRemainingMs
-        entry.refreshAt = got + lifeMs / 2
-        if (entry.usableUntil <= got) {
-          throw new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `the broker issued a token for ${binding.tokenAudience} that expires within ${this.opts.minRemainingMs} ms`)
+        const credential: Credential = { value: issued.token, id: issued.jti, expiresAt: started + lifeMs, scopes: issued.scopes }
+        if (started + lifeMs - this.opts.minRemainingMs <= got) {
+          // Too short to use: a failed exchange like any other. A refresh keeps the token it was to
+          // replace (it replaced it, and the task got 503s with most of a valid token's life left),
+          // and a first exchange's failure is held, not asked again by every call.
+          const error = new LatchkeyError('LK_CREDENTIAL_UNAVAILABLE', `the broker issued a token for ${binding.tokenAudience} that expires within ${this.opts.minRemainingMs} ms`)
+          if (entry.credential && got < entry.usableUntil) {
+            entry.refreshAt = got + 1000
+            this.opts.onRefreshFailed?.(error.message)
+          } else entry.failure = { error, until: got + FAILURE_HOLD_MS }
+          throw error
         }
+        entry.credential = credential
+        entry.usableUntil = started + lifeMs - this.opts.minRemainingMs
+        entry.refreshAt = started + lifeMs / 2
         this.issued.add(bindingKey(binding), credential)
         return credential
       },

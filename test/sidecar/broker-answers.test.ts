@@ -7,7 +7,7 @@ import { readFileSync } from 'node:fs'
 import { randomBytes } from 'node:crypto'
 import { startTestBroker, API } from '../helpers/broker.js'
 import { startBrokerFront, type BrokerFront } from '../helpers/broker-front.js'
-import { startTokenRig, type TokenRig } from '../helpers/tokens.js'
+import { startTokenRig, AGENT, type TokenRig } from '../helpers/tokens.js'
 import { isoTime } from '../../proxy/credentials/broker-source.js'
 import { viaProxy } from '../control/rig.js'
 
@@ -89,6 +89,22 @@ t.test('an absurd expires_in is clamped: to the JWT\'s own exp, or to a day; the
   t.equal(res.status, 200, 'GET /v1/tasks/<handle> answers')
   const body = (await res.json()) as { tokens: { expires_at: string }[] }
   t.ok(Date.parse(body.tokens[0]!.expires_at) <= Date.now() + 24 * 3600 * 1000 + 1000, `lifetime clamped to a day (${body.tokens[0]!.expires_at})`)
+})
+
+t.test('a JWT without iat is held to its exp on this clock, with no leeway: never past it, and one already past it is refused', async (t) => {
+  // expires_in (300) says longer than the token's exp: the exp wins. A minute's leeway for skew
+  // held such a token 60 s past its exp, and took one that had expired 30 s before.
+  const { rig: r, front, call } = await rig(t)
+  const exp = nowS() + 30
+  front.mode = { mode: 'raw', text: answer(fakeJwt({ sub: 'x', aud: API, scope: 'read', exp, jti: 'no-iat', act: { sub: AGENT } }), { scope: 'read' }) }
+  const soon = await call('/no-iat')
+  t.equal(r.api.tokens.length, 1, 'injected while its exp is ahead')
+  const described = (await (await fetch(`${r.sidecar.sidecar.adminUrl}/v1/tasks/${soon.handle}`)).json()) as { tokens: { expires_at: string }[] }
+  t.ok(Date.parse(described.tokens[0]!.expires_at) <= exp * 1000, `held until ${described.tokens[0]!.expires_at}, not past its exp ${new Date(exp * 1000).toISOString()}`)
+
+  front.mode = { mode: 'raw', text: answer(fakeJwt({ sub: 'x', aud: API, scope: 'read', exp: nowS() - 30, jti: 'no-iat-expired', act: { sub: AGENT } }), { scope: 'read' }) }
+  t.match(await call('/no-iat-expired'), { status: 503, body: { code: 'LK_CREDENTIAL_UNAVAILABLE', reason: /broker issued a token that expired 3\d s ago by this host's clock \(it has no iat\)/ } })
+  t.equal(r.api.tokens.length, 1, 'the expired one reached nothing')
 })
 
 t.test('a body past 1 MB is refused without reading it all', async (t) => {

@@ -6,7 +6,7 @@ import { createServer, type IncomingMessage } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { join } from 'node:path'
 import { Client } from 'undici'
-import { startTestBroker, LEGACY } from '../helpers/broker.js'
+import { startTestBroker, API, LEGACY } from '../helpers/broker.js'
 import { startUpstream, startTestSidecar, loopbackPolicy, assertNoCanary, CANARY } from '../helpers/harness.js'
 import { TOKEN_TYPES } from '../../lib/oauth.js'
 import { AGENT } from '../helpers/tokens.js'
@@ -69,6 +69,38 @@ t.test('a broker-leased secret: injected for the task, never seen by the agent, 
   })
   t.equal(other.body.error, 'invalid_target', 'helper may not reach the legacy audience')
   t.notOk(other.text.includes(CANARY))
+})
+
+t.test('a leased secret and a broker JWT for one token audience are two credentials: neither is sent for the other', async (t) => {
+  // One cache holds both (source broker and broker_secret); keyed by audience and scopes alone,
+  // whichever was fetched first was injected for the other: the lent key as a bearer token.
+  const broker = await startTestBroker({ broker: { leased_secrets: { [API]: 'LK_TEST_LEGACY_KEY' } }, env: { LK_TEST_LEGACY_KEY: CANARY } })
+  const keyed = await startUpstream()
+  const bearer = await startUpstream()
+  const s = await startTestSidecar({
+    ...loopbackPolicy([keyed.port, bearer.port]),
+    sidecar: { agent_id: AGENT, broker: { url: broker.url }, attestation: { local: { key_file: join(broker.dir, 'local', 'local-attestor.key.json'), audience: broker.issuer } } },
+    credentials: [
+      { id: 'api-key', audience: keyed.origin, source: 'broker_secret', token_audience: API, scopes: ['read'], inject: { type: 'header', name: 'X-Api-Key' } },
+      { id: 'api-jwt', audience: bearer.origin, source: 'broker', token_audience: API, scopes: ['read'], inject: { type: 'bearer' } },
+    ],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await keyed.close()
+    await bearer.close()
+    await broker.close()
+  })
+  const leaseFirst = s.sidecar.tasks.open({ purpose: 'lease first', durationS: 120 })
+  const jwtFirst = s.sidecar.tasks.open({ purpose: 'jwt first', durationS: 120 })
+  for (const [task, order] of [[leaseFirst, [keyed, bearer]], [jwtFirst, [bearer, keyed]]] as const) {
+    for (const up of order) t.equal((await get(s.proxy, `${up.origin}/x`, task.handle)).status, 200)
+  }
+  t.same(keyed.requests.map((r) => r.headers['x-api-key']), [CANARY, CANARY], 'the keyed API got the lent key, both times')
+  const bearers = bearer.requests.map((r) => String(r.headers.authorization))
+  t.equal(bearers.filter((a) => /^Bearer eyJ[\w-]+\.[\w-]+\.[\w-]+$/.test(a)).length, 2, 'the bearer API got a broker JWT, both times')
+  t.notOk(bearers.some((a) => a.includes(CANARY)), 'the lent key never went as a bearer token')
+  t.equal(broker.events.filter((e) => e.type === 'token.exchange' && e.outcome === 'granted').length, 4, 'a lease and a token per task')
 })
 
 interface AsRequest {
@@ -134,6 +166,33 @@ t.test('OAuth client credentials: basic auth, narrowed to the route, cached, ref
   t.match(greedy.body.reason, /granted scopes not asked for \(admin\)/)
   t.equal(up2.requests.length, 0, 'a token broader than the route is not used')
   assertNoCanary(t, s, a.text, b.text, greedy.text)
+})
+
+t.test('two client-credentials registrations naming one token_audience each get their own client\'s token', async (t) => {
+  // The token_audience only named the cache entry: a second client (another client_id, another
+  // resource) was sent the first one's token.
+  const as = await startAuthorizationServer((r) => ({ status: 200, body: { access_token: `cc-${r.form.get('resource')}`, token_type: 'Bearer', expires_in: 600, scope: 'read' } }))
+  const eu = await startUpstream()
+  const us = await startUpstream()
+  const oauth = (resource: string) => ({ token_url: as.url, client_id: `client-${resource}`, client_secret: 'CANARY', auth_method: 'client_secret_post', resource })
+  const s = await startTestSidecar({
+    ...loopbackPolicy([eu.port, us.port]),
+    credentials: [
+      { id: 'eu', audience: eu.origin, source: 'client_credentials', token_audience: 'https://api.example', scopes: ['read'], oauth: oauth('eu'), inject: { type: 'bearer' } },
+      { id: 'us', audience: us.origin, source: 'client_credentials', token_audience: 'https://api.example', scopes: ['read'], oauth: oauth('us'), inject: { type: 'bearer' } },
+    ],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await eu.close()
+    await us.close()
+    await as.close()
+  })
+  t.equal((await get(s.proxy, `${eu.origin}/a`)).status, 200)
+  t.equal((await get(s.proxy, `${us.origin}/a`)).status, 200)
+  t.same(eu.requests.map((r) => r.headers.authorization), ['Bearer cc-eu'])
+  t.same(us.requests.map((r) => r.headers.authorization), ['Bearer cc-us'], 'not the other registration\'s token')
+  t.same(as.seen.map((r) => r.form.get('client_id')), ['client-eu', 'client-us'], 'each client asked once')
 })
 
 t.test('client credentials refused by the authorization server', async (t) => {

@@ -78,7 +78,7 @@ t.test('a SPIFFE-attested sidecar gets tokens for its instance', async (t) => {
   t.equal(broker.events.filter((e) => e.type === 'token.exchange' && e.attestor === 'spiffe').length, 2)
 })
 
-t.test('Workload API faults: missing socket, garbage on the socket, a non-JWT answer, a refusal', async (t) => {
+t.test('Workload API faults: missing socket, garbage on the socket, a non-JWT answer, a refusal, the agent gone past half-life', async (t) => {
   const broker = await startTestBroker()
   t.teardown(broker.close)
   const missing = new SpiffeWorkloadEvidence('/nonexistent/spire/agent.sock', broker.issuer, 500)
@@ -108,6 +108,20 @@ t.test('Workload API faults: missing socket, garbage on the socket, a non-JWT an
   await t.rejects(ev2.get(), /returned no JWT-SVID/)
   ev2.close()
   await empty.close()
+
+  // The agent gone past half-life (restarting, say): the SVID in hand serves out its life, as
+  // SPIRE's renewal at half-life intends, but never into its last timeout_ms.
+  let clock = Date.now()
+  const agent = await startWorkloadApi(broker)
+  const held = new SpiffeWorkloadEvidence(agent.socket, broker.issuer, 500, { now: () => clock })
+  t.teardown(() => held.close())
+  const svid = await held.get()
+  await agent.close()
+  const expMs = decodeJwt(svid).exp! * 1000
+  clock = expMs - 140_000
+  t.equal(await held.get(), svid, 'past half its life, the agent gone: the SVID in hand')
+  clock = expMs - 500
+  await t.rejects(held.get(), /SPIFFE Workload API at .*agent\.sock: UNAVAILABLE/, 'not with 500 ms (timeout_ms) left')
 })
 
 t.test('through the sidecar, a missing SPIRE socket is a 503 that says so', async (t) => {

@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Client, Pool } from 'undici'
 import { startTestBroker, API, freePort } from '../helpers/broker.js'
+import { startBrokerFront } from '../helpers/broker-front.js'
 import { startTokenRig, AGENT } from '../helpers/tokens.js'
 import { BrokerClient } from '../../proxy/credentials/broker-client.js'
 import { BrokerTokenSource } from '../../proxy/credentials/broker-source.js'
@@ -245,15 +246,61 @@ t.test('refresh at half-life, never a stale token, clock skew harmless (fake clo
   t.same(src.describe(task.id), [])
 })
 
+t.test('a lifetime counts from the exchange\'s start; a token too short to use is a failed exchange (fake clock)', async (t) => {
+  const broker = await startTestBroker()
+  t.teardown(broker.close)
+  const front = await startBrokerFront(broker.url)
+  t.teardown(front.close)
+  let clock = Date.now()
+  const now = () => clock
+  // Each exchange's landing, and each failed refresh's reason, as the source reports them.
+  let landed: () => void = () => {}
+  const refreshFailures: string[] = []
+  const src = new BrokerTokenSource(new BrokerClient(front.url, 2000, new LocalKeyEvidence(join(broker.dir, 'local', 'local-attestor.key.json'), AGENT, broker.issuer)), {
+    minRemainingMs: 1000,
+    now,
+    onExchange: () => landed(),
+    onRefreshFailed: (reason) => refreshFailures.push(reason),
+  })
+  t.teardown(() => src.close())
+  const task = new TaskRegistry(AGENT, { maxDurationS: 3600, now }).open({ purpose: 'slow', durationS: 100 })
+  const binding = compileBinding({ id: 'api', audience: 'https://api.example.com', source: 'broker', scopes: ['read'], inject: { type: 'bearer' } })
+  front.mode = { mode: 'hold' }
+  const start = clock
+  const pending = Promise.resolve(src.get(binding, task.identity))
+  await front.handled(1)
+  clock += 4000
+  front.release()
+  const late = await pending
+  t.equal(late.expiresAt! - start, 120_000, 'expires 120 s (its expires_in) after the exchange began, not after the answer came')
+
+  // The broker answers the refresh at half-life with a token of 1 s: none of it is usable.
+  front.mode = { mode: 'patch', patch: { expires_in: 1 } }
+  clock = start + 61_000
+  const before = front.requests
+  const refreshed = new Promise<void>((resolve) => (landed = resolve))
+  t.equal((src.get(binding, task.identity) as { id: string }).id, late.id, 'at half-life the current token serves')
+  await refreshed
+  await new Promise((r) => setImmediate(r))
+  t.match(refreshFailures, [/expires within 1000 ms/], 'the refresh is said to have failed')
+  t.equal((src.get(binding, task.identity) as { id: string }).id, late.id, 'and still does once the refresh brought a token too short to use')
+  clock = start + 119_500
+  for (let i = 0; i < 5; i++) {
+    await t.rejects(Promise.resolve().then(() => src.get(binding, task.identity)), { code: 'LK_CREDENTIAL_UNAVAILABLE', message: /expires within 1000 ms/ }, 'not injected within min_remaining_ms of its real expiry')
+  }
+  t.equal(front.requests - before, 2, 'five calls past it: one exchange, its failure held for the rest')
+})
+
 t.test('a rotated service-account token file is re-read', async (t) => {
   const broker = await startTestBroker()
   t.teardown(broker.close)
   const dir = mkdtempSync(join(tmpdir(), 'lk-sa-'))
   const file = join(dir, 'token')
-  const mint = (pod: string) =>
-    broker.k8s.sign({ aud: broker.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'u' }, pod: { name: pod, uid: pod } } })
+  const mint = (pod: string, times: { iat?: number; exp?: number } = {}) =>
+    broker.k8s.sign({ aud: broker.issuer, sub: 'system:serviceaccount:agents:summarizer', 'kubernetes.io': { namespace: 'agents', serviceaccount: { name: 'summarizer', uid: 'u' }, pod: { name: pod, uid: pod } }, ...times })
   writeFileSync(file, await mint('pod-a'))
-  const ev = new KubernetesTokenFile(file)
+  let clock = Date.now()
+  const ev = new KubernetesTokenFile(file, { now: () => clock })
   const src = new BrokerTokenSource(new BrokerClient(broker.url, 2000, ev), { minRemainingMs: 1000 })
   t.teardown(() => src.close())
   // Each pod's sidecar names the agent its token attests (a token for another agent is refused).
@@ -267,6 +314,18 @@ t.test('a rotated service-account token file is re-read', async (t) => {
   await src.get(binding, podB.open({ purpose: 'b', durationS: 60 }).identity)
   const agents = broker.events.filter((e) => e.type === 'token.exchange').map((e) => (e as { agent: string }).agent)
   t.same(agents, ['agent:summarizer-k8s:prod:pod-a', 'agent:summarizer-k8s:prod:pod-b'], 'the new token was presented after rotation')
+
+  // Not replaced in time: an expired token is not presented. The broker would refuse it (400), a
+  // 403 to the agent, not retryable, naming no file; it is a 503 naming the file.
+  const expired = new RegExp(`service-account token file ${file}: the token in it expired \\d+ s ago and has not been replaced`)
+  clock += 301_000
+  await t.rejects(ev.get(), expired, 'the token read earlier, once its exp passes')
+  clock = Date.now()
+  const nowS = Math.floor(clock / 1000)
+  writeFileSync(file, await mint('pod-c', { iat: nowS - 400, exp: nowS - 100 }))
+  const podC = new TaskRegistry('agent:summarizer-k8s:prod:pod-c', { maxDurationS: 3600 })
+  await t.rejects(Promise.resolve().then(() => src.get(binding, podC.open({ purpose: 'c', durationS: 60 }).identity)), { code: 'LK_CREDENTIAL_UNAVAILABLE', message: expired }, 'a file holding an expired one')
+  t.equal(broker.events.filter((e) => e.type === 'token.exchange').length, 2, 'neither was presented to the broker')
   writeFileSync(file, 'not a token')
   await t.rejects(ev.get(), /does not hold a JWT/)
 })

@@ -12,7 +12,7 @@ import { startTestBroker, API, freePort } from '../helpers/broker.js'
 import { startBrokerFront } from '../helpers/broker-front.js'
 import { startTokenRig, AGENT } from '../helpers/tokens.js'
 import { BrokerClient } from '../../proxy/credentials/broker-client.js'
-import { BrokerTokenSource } from '../../proxy/credentials/broker-source.js'
+import { BrokerTokenSource, FAILURE_HOLD_MS } from '../../proxy/credentials/broker-source.js'
 import { LocalKeyEvidence } from '../../proxy/attest/local-key.js'
 import { KubernetesTokenFile } from '../../proxy/attest/kubernetes-token.js'
 import { compileBinding } from '../../proxy/credentials/bindings.js'
@@ -68,11 +68,15 @@ t.test('broker down: 503 that says why, audited, nothing forwarded', async (t) =
   t.equal(rig.api.seen.length, 0, 'no unauthenticated forward')
   const audit = await rig.sidecar.audit()
   t.match(audit.at(-1), { status: 503, error: 'LK_CREDENTIAL_UNAVAILABLE', task: task.body.id })
-  // A burst against a dead broker does not hammer it: one failed exchange answers the burst.
+  // A burst against a dead broker does not hammer it: one failed exchange answers the calls
+  // within its hold (FAILURE_HOLD_MS), so a slow host's longer burst may see one more per hold.
   const before = rig.sidecar.sidecar.brokerTokens!.exchanges
+  const started = performance.now()
   const burst = await Promise.all(Array.from({ length: 50 }, () => call(task.body.proxy_url as string, `${rig.api.origin}/b`)))
+  const windows = 1 + Math.ceil((performance.now() - started) / FAILURE_HOLD_MS)
   t.ok(burst.every((r) => r.status === 503), 'all refused')
-  t.ok(rig.sidecar.sidecar.brokerTokens!.exchanges - before <= 2, `a 50-request burst caused ${rig.sidecar.sidecar.brokerTokens!.exchanges - before} exchange attempt(s)`)
+  const attempts = rig.sidecar.sidecar.brokerTokens!.exchanges - before
+  t.ok(attempts <= Math.min(windows, 25), `a 50-request burst caused ${attempts} exchange attempt(s) over ${windows} failure holds`)
 })
 
 t.test('broker hangs: the timeout answers, not the agent\'s patience', async (t) => {

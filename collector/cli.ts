@@ -184,9 +184,10 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
     .option('--denied', 'only calls policy denied (enforced or report-only)')
     .option('--json', 'one JSON object per line')
     .option('--limit <n>', 'at most this many events', '10000')
+    .option('--newest', 'newest first (the latest calls, when more than --limit match); default oldest first')
     .option('--url <url>', "the collector's HTTP query API", DEFAULT_URL)
     .option('-c, --config <file>', 'read the store named in this collector config directly (read-only; it must exist) instead of --url')
-    .action(async (opts: { agent?: string; since: string; denied?: boolean; json?: boolean; limit: string; url: string; config?: string }) => {
+    .action(async (opts: { agent?: string; since: string; denied?: boolean; json?: boolean; limit: string; newest?: boolean; url: string; config?: string }) => {
       try {
         if (!opts.agent) throw new CliError('--agent <id> is required (e.g. --agent agent:summarizer:prod:7a2c91)')
         let limit: number
@@ -215,7 +216,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
             let after: EventCursor | undefined
             do {
               const page = Math.min(limit - shown, MAX_PAGE_EVENTS)
-              const answer = boundAnswer(await store.eventsByAgent({ agent: opts.agent, since, deniedOnly: !!opts.denied, limit: page + 1, maxBytes: MAX_ANSWER_BYTES, after }), page, MAX_ANSWER_BYTES)
+              const answer = boundAnswer(await store.eventsByAgent({ agent: opts.agent, since, deniedOnly: !!opts.denied, limit: page + 1, maxBytes: MAX_ANSWER_BYTES, after, newest: !!opts.newest }), page, MAX_ANSWER_BYTES)
               print(answer.events.map(eventToJson))
               truncated = answer.truncated
               const last = answer.events[answer.events.length - 1]
@@ -240,6 +241,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
           do {
             const q = new URLSearchParams({ agent: opts.agent, since: since.toISOString(), limit: String(limit - shown) })
             if (opts.denied) q.set('denied', 'true')
+            if (opts.newest) q.set('order', 'newest')
             if (cursor) q.set('cursor', cursor)
             const { status, body, shown: at } = await getJson<{ events?: unknown; truncated?: boolean; next?: string }>(opts.url, `/v1/events?${q}`)
             if (!Array.isArray(body.events)) throw notACollector(at, status, 'holds no events list')
@@ -251,7 +253,7 @@ export function registerCollectorCommands(program: Command, onShutdown: (close: 
         }
         if (!opts.json) {
           io.err(`${shown} call(s) by ${opts.agent} since ${opts.since}${opts.denied ? ' (denied only)' : ''}`)
-          if (truncated) io.err(`more calls match: these are the oldest ${shown}; narrow --since or raise --limit`)
+          if (truncated) io.err(`more calls match: these are the ${opts.newest ? 'newest' : 'oldest'} ${shown}; narrow --since or raise --limit${opts.newest ? '' : ', or ask for the newest (--newest)'}`)
         }
       } catch (err) {
         io.fail(err)

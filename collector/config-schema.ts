@@ -26,8 +26,11 @@ export const collectorConfigSchema = {
             ...hostPort(15100).properties,
             // At least twice the largest event the collector takes (MAX_EVENT_BYTES, 256 KiB): a sidecar
             // sends smaller batches to a collector that refuses one as too large, but never less than
-            // one event, and one event past the limit was refused at every resend.
-            max_batch_bytes: { type: 'integer', minimum: 512 * 1024, default: 8 * 1024 * 1024 },
+            // one event, and one event past the limit was refused at every resend. At most 64 MiB:
+            // a sidecar sends 2 MiB messages at most (its grpc.max_send_message_length), and grpc-js
+            // holds a message whole before the batch is judged, so more only lets one stream make
+            // the collector hold more (unbounded, any size a typo made, up to gRPC's 4 GiB prefix).
+            max_batch_bytes: { type: 'integer', minimum: 512 * 1024, maximum: 64 * 1024 * 1024, default: 8 * 1024 * 1024 },
             max_clock_skew_ms: { type: 'integer', minimum: 0, maximum: 86_400_000, default: 300_000 },
             tls: {
               type: ['object', 'null'],
@@ -64,7 +67,10 @@ export const collectorConfigSchema = {
                 kind: { const: 'postgres' },
                 url: { type: 'string', pattern: '^postgres(ql)?://' },
                 schema: { type: 'string', pattern: '^[a-z_][a-z0-9_]{0,62}$', default: 'latchkey' },
-                pool_size: { type: 'integer', minimum: 1, default: 4 },
+                // Connections to PostgreSQL, whose max_connections is 100 by default (and shared with
+                // every other client): a pool past it is never filled, and the collector runs two
+                // reads at once and one write per batch.
+                pool_size: { type: 'integer', minimum: 1, maximum: 100, default: 4 },
                 writer_role: { type: 'string', pattern: '^[a-z_][a-z0-9_]{0,62}$' },
                 migrate: { type: 'boolean', default: true },
               },

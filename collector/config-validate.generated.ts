@@ -4,7 +4,7 @@
 "use strict";
 export const validate = validate10;
 export default validate10;
-const schema11 = {"type":"object","additionalProperties":false,"required":["version","collector"],"properties":{"version":{"const":1},"collector":{"type":"object","additionalProperties":false,"required":["sidecars"],"properties":{"grpc":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15100},"max_batch_bytes":{"type":"integer","minimum":524288,"default":8388608},"max_clock_skew_ms":{"type":"integer","minimum":0,"maximum":86400000,"default":300000},"tls":{"type":["object","null"],"default":null,"additionalProperties":false,"required":["cert_file","key_file","client_ca_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"client_ca_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"http":{"type":["object","null"],"additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15101},"reader_tokens_sha256":{"type":"array","items":{"type":"string","pattern":"^[0-9a-f]{64}$"}}}},"store":{"type":"object","default":{"kind":"sqlite"},"required":["kind"],"properties":{"kind":{"enum":["sqlite","postgres"]}},"discriminator":{"propertyName":"kind"},"oneOf":[{"additionalProperties":false,"properties":{"kind":{"const":"sqlite"},"path":{"type":"string","minLength":1,"default":"latchkey-audit.db"}}},{"additionalProperties":false,"required":["url"],"properties":{"kind":{"const":"postgres"},"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"},"pool_size":{"type":"integer","minimum":1,"default":4},"writer_role":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$"},"migrate":{"type":"boolean","default":true}}}]},"sidecars":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id"],"properties":{"id":{"type":"string","minLength":1},"token_sha256":{"type":"string","pattern":"^[0-9a-f]{64}$"},"agents":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^agent:[^*]*\\*?$"}}}}},"nats":{"type":["object","null"],"default":null,"additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_AUDIT"},"subject_prefix":{"type":"string","pattern":"^[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*$","default":"latchkey.audit"}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}}}};
+const schema11 = {"type":"object","additionalProperties":false,"required":["version","collector"],"properties":{"version":{"const":1},"collector":{"type":"object","additionalProperties":false,"required":["sidecars"],"properties":{"grpc":{"type":"object","additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15100},"max_batch_bytes":{"type":"integer","minimum":524288,"maximum":67108864,"default":8388608},"max_clock_skew_ms":{"type":"integer","minimum":0,"maximum":86400000,"default":300000},"tls":{"type":["object","null"],"default":null,"additionalProperties":false,"required":["cert_file","key_file","client_ca_file"],"properties":{"cert_file":{"type":"string","minLength":1},"key_file":{"type":"string","minLength":1},"client_ca_file":{"type":"string","minLength":1}}},"insecure_plaintext":{"type":"boolean","default":false}}},"http":{"type":["object","null"],"additionalProperties":false,"default":{},"properties":{"host":{"type":"string","minLength":1,"default":"127.0.0.1"},"port":{"type":"integer","minimum":0,"maximum":65535,"default":15101},"reader_tokens_sha256":{"type":"array","items":{"type":"string","pattern":"^[0-9a-f]{64}$"}}}},"store":{"type":"object","default":{"kind":"sqlite"},"required":["kind"],"properties":{"kind":{"enum":["sqlite","postgres"]}},"discriminator":{"propertyName":"kind"},"oneOf":[{"additionalProperties":false,"properties":{"kind":{"const":"sqlite"},"path":{"type":"string","minLength":1,"default":"latchkey-audit.db"}}},{"additionalProperties":false,"required":["url"],"properties":{"kind":{"const":"postgres"},"url":{"type":"string","pattern":"^postgres(ql)?://"},"schema":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$","default":"latchkey"},"pool_size":{"type":"integer","minimum":1,"maximum":100,"default":4},"writer_role":{"type":"string","pattern":"^[a-z_][a-z0-9_]{0,62}$"},"migrate":{"type":"boolean","default":true}}}]},"sidecars":{"type":"array","items":{"type":"object","additionalProperties":false,"required":["id"],"properties":{"id":{"type":"string","minLength":1},"token_sha256":{"type":"string","pattern":"^[0-9a-f]{64}$"},"agents":{"type":"array","minItems":1,"items":{"type":"string","pattern":"^agent:[^*]*\\*?$"}}}}},"nats":{"type":["object","null"],"default":null,"additionalProperties":false,"required":["servers"],"properties":{"servers":{"type":"array","minItems":1,"items":{"type":"string","minLength":1}},"stream":{"type":"string","pattern":"^[A-Za-z0-9_-]+$","default":"LATCHKEY_AUDIT"},"subject_prefix":{"type":"string","pattern":"^[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*$","default":"latchkey.audit"}}}}},"log":{"type":"object","additionalProperties":false,"default":{},"properties":{"level":{"enum":["fatal","error","warn","info","debug","trace","silent"],"default":"info"}}}}};
 import func2Module from "ajv/dist/runtime/ucs2length.js";
 const func2 = func2Module.default;
 const pattern0 = new RegExp("^[0-9a-f]{64}$", "u");
@@ -202,8 +202,8 @@ vErrors.push(err12);
 errors++;
 }
 if(typeof data5 == "number"){
-if(data5 < 524288 || isNaN(data5)){
-const err13 = {instancePath:instancePath+"/collector/grpc/max_batch_bytes",schemaPath:"#/properties/collector/properties/grpc/properties/max_batch_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 524288},message:"must be >= 524288"};
+if(data5 > 67108864 || isNaN(data5)){
+const err13 = {instancePath:instancePath+"/collector/grpc/max_batch_bytes",schemaPath:"#/properties/collector/properties/grpc/properties/max_batch_bytes/maximum",keyword:"maximum",params:{comparison: "<=", limit: 67108864},message:"must be <= 67108864"};
 if(vErrors === null){
 vErrors = [err13];
 }
@@ -212,10 +212,8 @@ vErrors.push(err13);
 }
 errors++;
 }
-}
-let data6 = data2.max_clock_skew_ms;
-if(!((typeof data6 == "number") && (!(data6 % 1) && !isNaN(data6)))){
-const err14 = {instancePath:instancePath+"/collector/grpc/max_clock_skew_ms",schemaPath:"#/properties/collector/properties/grpc/properties/max_clock_skew_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+if(data5 < 524288 || isNaN(data5)){
+const err14 = {instancePath:instancePath+"/collector/grpc/max_batch_bytes",schemaPath:"#/properties/collector/properties/grpc/properties/max_batch_bytes/minimum",keyword:"minimum",params:{comparison: ">=", limit: 524288},message:"must be >= 524288"};
 if(vErrors === null){
 vErrors = [err14];
 }
@@ -224,9 +222,10 @@ vErrors.push(err14);
 }
 errors++;
 }
-if(typeof data6 == "number"){
-if(data6 > 86400000 || isNaN(data6)){
-const err15 = {instancePath:instancePath+"/collector/grpc/max_clock_skew_ms",schemaPath:"#/properties/collector/properties/grpc/properties/max_clock_skew_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400000},message:"must be <= 86400000"};
+}
+let data6 = data2.max_clock_skew_ms;
+if(!((typeof data6 == "number") && (!(data6 % 1) && !isNaN(data6)))){
+const err15 = {instancePath:instancePath+"/collector/grpc/max_clock_skew_ms",schemaPath:"#/properties/collector/properties/grpc/properties/max_clock_skew_ms/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err15];
 }
@@ -235,8 +234,9 @@ vErrors.push(err15);
 }
 errors++;
 }
-if(data6 < 0 || isNaN(data6)){
-const err16 = {instancePath:instancePath+"/collector/grpc/max_clock_skew_ms",schemaPath:"#/properties/collector/properties/grpc/properties/max_clock_skew_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if(typeof data6 == "number"){
+if(data6 > 86400000 || isNaN(data6)){
+const err16 = {instancePath:instancePath+"/collector/grpc/max_clock_skew_ms",schemaPath:"#/properties/collector/properties/grpc/properties/max_clock_skew_ms/maximum",keyword:"maximum",params:{comparison: "<=", limit: 86400000},message:"must be <= 86400000"};
 if(vErrors === null){
 vErrors = [err16];
 }
@@ -245,10 +245,8 @@ vErrors.push(err16);
 }
 errors++;
 }
-}
-let data7 = data2.tls;
-if((!(data7 && typeof data7 == "object" && !Array.isArray(data7))) && (data7 !== null)){
-const err17 = {instancePath:instancePath+"/collector/grpc/tls",schemaPath:"#/properties/collector/properties/grpc/properties/tls/type",keyword:"type",params:{type: schema11.properties.collector.properties.grpc.properties.tls.type},message:"must be object,null"};
+if(data6 < 0 || isNaN(data6)){
+const err17 = {instancePath:instancePath+"/collector/grpc/max_clock_skew_ms",schemaPath:"#/properties/collector/properties/grpc/properties/max_clock_skew_ms/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
 if(vErrors === null){
 vErrors = [err17];
 }
@@ -257,9 +255,10 @@ vErrors.push(err17);
 }
 errors++;
 }
-if(data7 && typeof data7 == "object" && !Array.isArray(data7)){
-if(data7.cert_file === undefined){
-const err18 = {instancePath:instancePath+"/collector/grpc/tls",schemaPath:"#/properties/collector/properties/grpc/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
+}
+let data7 = data2.tls;
+if((!(data7 && typeof data7 == "object" && !Array.isArray(data7))) && (data7 !== null)){
+const err18 = {instancePath:instancePath+"/collector/grpc/tls",schemaPath:"#/properties/collector/properties/grpc/properties/tls/type",keyword:"type",params:{type: schema11.properties.collector.properties.grpc.properties.tls.type},message:"must be object,null"};
 if(vErrors === null){
 vErrors = [err18];
 }
@@ -268,8 +267,9 @@ vErrors.push(err18);
 }
 errors++;
 }
-if(data7.key_file === undefined){
-const err19 = {instancePath:instancePath+"/collector/grpc/tls",schemaPath:"#/properties/collector/properties/grpc/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
+if(data7 && typeof data7 == "object" && !Array.isArray(data7)){
+if(data7.cert_file === undefined){
+const err19 = {instancePath:instancePath+"/collector/grpc/tls",schemaPath:"#/properties/collector/properties/grpc/properties/tls/required",keyword:"required",params:{missingProperty: "cert_file"},message:"must have required property '"+"cert_file"+"'"};
 if(vErrors === null){
 vErrors = [err19];
 }
@@ -278,8 +278,8 @@ vErrors.push(err19);
 }
 errors++;
 }
-if(data7.client_ca_file === undefined){
-const err20 = {instancePath:instancePath+"/collector/grpc/tls",schemaPath:"#/properties/collector/properties/grpc/properties/tls/required",keyword:"required",params:{missingProperty: "client_ca_file"},message:"must have required property '"+"client_ca_file"+"'"};
+if(data7.key_file === undefined){
+const err20 = {instancePath:instancePath+"/collector/grpc/tls",schemaPath:"#/properties/collector/properties/grpc/properties/tls/required",keyword:"required",params:{missingProperty: "key_file"},message:"must have required property '"+"key_file"+"'"};
 if(vErrors === null){
 vErrors = [err20];
 }
@@ -288,9 +288,8 @@ vErrors.push(err20);
 }
 errors++;
 }
-for(const key3 in data7){
-if(!(((key3 === "cert_file") || (key3 === "key_file")) || (key3 === "client_ca_file"))){
-const err21 = {instancePath:instancePath+"/collector/grpc/tls",schemaPath:"#/properties/collector/properties/grpc/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key3},message:"must NOT have additional properties"};
+if(data7.client_ca_file === undefined){
+const err21 = {instancePath:instancePath+"/collector/grpc/tls",schemaPath:"#/properties/collector/properties/grpc/properties/tls/required",keyword:"required",params:{missingProperty: "client_ca_file"},message:"must have required property '"+"client_ca_file"+"'"};
 if(vErrors === null){
 vErrors = [err21];
 }
@@ -299,12 +298,9 @@ vErrors.push(err21);
 }
 errors++;
 }
-}
-if(data7.cert_file !== undefined){
-let data8 = data7.cert_file;
-if(typeof data8 === "string"){
-if(func2(data8) < 1){
-const err22 = {instancePath:instancePath+"/collector/grpc/tls/cert_file",schemaPath:"#/properties/collector/properties/grpc/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key3 in data7){
+if(!(((key3 === "cert_file") || (key3 === "key_file")) || (key3 === "client_ca_file"))){
+const err22 = {instancePath:instancePath+"/collector/grpc/tls",schemaPath:"#/properties/collector/properties/grpc/properties/tls/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key3},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err22];
 }
@@ -314,8 +310,11 @@ vErrors.push(err22);
 errors++;
 }
 }
-else {
-const err23 = {instancePath:instancePath+"/collector/grpc/tls/cert_file",schemaPath:"#/properties/collector/properties/grpc/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data7.cert_file !== undefined){
+let data8 = data7.cert_file;
+if(typeof data8 === "string"){
+if(func2(data8) < 1){
+const err23 = {instancePath:instancePath+"/collector/grpc/tls/cert_file",schemaPath:"#/properties/collector/properties/grpc/properties/tls/properties/cert_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err23];
 }
@@ -325,11 +324,8 @@ vErrors.push(err23);
 errors++;
 }
 }
-if(data7.key_file !== undefined){
-let data9 = data7.key_file;
-if(typeof data9 === "string"){
-if(func2(data9) < 1){
-const err24 = {instancePath:instancePath+"/collector/grpc/tls/key_file",schemaPath:"#/properties/collector/properties/grpc/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err24 = {instancePath:instancePath+"/collector/grpc/tls/cert_file",schemaPath:"#/properties/collector/properties/grpc/properties/tls/properties/cert_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err24];
 }
@@ -339,8 +335,11 @@ vErrors.push(err24);
 errors++;
 }
 }
-else {
-const err25 = {instancePath:instancePath+"/collector/grpc/tls/key_file",schemaPath:"#/properties/collector/properties/grpc/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data7.key_file !== undefined){
+let data9 = data7.key_file;
+if(typeof data9 === "string"){
+if(func2(data9) < 1){
+const err25 = {instancePath:instancePath+"/collector/grpc/tls/key_file",schemaPath:"#/properties/collector/properties/grpc/properties/tls/properties/key_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err25];
 }
@@ -350,11 +349,8 @@ vErrors.push(err25);
 errors++;
 }
 }
-if(data7.client_ca_file !== undefined){
-let data10 = data7.client_ca_file;
-if(typeof data10 === "string"){
-if(func2(data10) < 1){
-const err26 = {instancePath:instancePath+"/collector/grpc/tls/client_ca_file",schemaPath:"#/properties/collector/properties/grpc/properties/tls/properties/client_ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+else {
+const err26 = {instancePath:instancePath+"/collector/grpc/tls/key_file",schemaPath:"#/properties/collector/properties/grpc/properties/tls/properties/key_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err26];
 }
@@ -364,8 +360,11 @@ vErrors.push(err26);
 errors++;
 }
 }
-else {
-const err27 = {instancePath:instancePath+"/collector/grpc/tls/client_ca_file",schemaPath:"#/properties/collector/properties/grpc/properties/tls/properties/client_ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data7.client_ca_file !== undefined){
+let data10 = data7.client_ca_file;
+if(typeof data10 === "string"){
+if(func2(data10) < 1){
+const err27 = {instancePath:instancePath+"/collector/grpc/tls/client_ca_file",schemaPath:"#/properties/collector/properties/grpc/properties/tls/properties/client_ca_file/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err27];
 }
@@ -375,9 +374,8 @@ vErrors.push(err27);
 errors++;
 }
 }
-}
-if(typeof data2.insecure_plaintext !== "boolean"){
-const err28 = {instancePath:instancePath+"/collector/grpc/insecure_plaintext",schemaPath:"#/properties/collector/properties/grpc/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+else {
+const err28 = {instancePath:instancePath+"/collector/grpc/tls/client_ca_file",schemaPath:"#/properties/collector/properties/grpc/properties/tls/properties/client_ca_file/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err28];
 }
@@ -387,8 +385,9 @@ vErrors.push(err28);
 errors++;
 }
 }
-else {
-const err29 = {instancePath:instancePath+"/collector/grpc",schemaPath:"#/properties/collector/properties/grpc/type",keyword:"type",params:{type: "object"},message:"must be object"};
+}
+if(typeof data2.insecure_plaintext !== "boolean"){
+const err29 = {instancePath:instancePath+"/collector/grpc/insecure_plaintext",schemaPath:"#/properties/collector/properties/grpc/properties/insecure_plaintext/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err29];
 }
@@ -397,14 +396,25 @@ vErrors.push(err29);
 }
 errors++;
 }
-let data12 = data1.http;
-if((!(data12 && typeof data12 == "object" && !Array.isArray(data12))) && (data12 !== null)){
-const err30 = {instancePath:instancePath+"/collector/http",schemaPath:"#/properties/collector/properties/http/type",keyword:"type",params:{type: schema11.properties.collector.properties.http.type},message:"must be object,null"};
+}
+else {
+const err30 = {instancePath:instancePath+"/collector/grpc",schemaPath:"#/properties/collector/properties/grpc/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err30];
 }
 else {
 vErrors.push(err30);
+}
+errors++;
+}
+let data12 = data1.http;
+if((!(data12 && typeof data12 == "object" && !Array.isArray(data12))) && (data12 !== null)){
+const err31 = {instancePath:instancePath+"/collector/http",schemaPath:"#/properties/collector/properties/http/type",keyword:"type",params:{type: schema11.properties.collector.properties.http.type},message:"must be object,null"};
+if(vErrors === null){
+vErrors = [err31];
+}
+else {
+vErrors.push(err31);
 }
 errors++;
 }
@@ -417,20 +427,7 @@ data12.port = 15101;
 }
 for(const key4 in data12){
 if(!(((key4 === "host") || (key4 === "port")) || (key4 === "reader_tokens_sha256"))){
-const err31 = {instancePath:instancePath+"/collector/http",schemaPath:"#/properties/collector/properties/http/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key4},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err31];
-}
-else {
-vErrors.push(err31);
-}
-errors++;
-}
-}
-let data13 = data12.host;
-if(typeof data13 === "string"){
-if(func2(data13) < 1){
-const err32 = {instancePath:instancePath+"/collector/http/host",schemaPath:"#/properties/collector/properties/http/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err32 = {instancePath:instancePath+"/collector/http",schemaPath:"#/properties/collector/properties/http/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key4},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err32];
 }
@@ -440,8 +437,10 @@ vErrors.push(err32);
 errors++;
 }
 }
-else {
-const err33 = {instancePath:instancePath+"/collector/http/host",schemaPath:"#/properties/collector/properties/http/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data13 = data12.host;
+if(typeof data13 === "string"){
+if(func2(data13) < 1){
+const err33 = {instancePath:instancePath+"/collector/http/host",schemaPath:"#/properties/collector/properties/http/properties/host/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err33];
 }
@@ -450,9 +449,9 @@ vErrors.push(err33);
 }
 errors++;
 }
-let data14 = data12.port;
-if(!((typeof data14 == "number") && (!(data14 % 1) && !isNaN(data14)))){
-const err34 = {instancePath:instancePath+"/collector/http/port",schemaPath:"#/properties/collector/properties/http/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err34 = {instancePath:instancePath+"/collector/http/host",schemaPath:"#/properties/collector/properties/http/properties/host/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err34];
 }
@@ -461,9 +460,9 @@ vErrors.push(err34);
 }
 errors++;
 }
-if(typeof data14 == "number"){
-if(data14 > 65535 || isNaN(data14)){
-const err35 = {instancePath:instancePath+"/collector/http/port",schemaPath:"#/properties/collector/properties/http/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
+let data14 = data12.port;
+if(!((typeof data14 == "number") && (!(data14 % 1) && !isNaN(data14)))){
+const err35 = {instancePath:instancePath+"/collector/http/port",schemaPath:"#/properties/collector/properties/http/properties/port/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err35];
 }
@@ -472,13 +471,24 @@ vErrors.push(err35);
 }
 errors++;
 }
-if(data14 < 0 || isNaN(data14)){
-const err36 = {instancePath:instancePath+"/collector/http/port",schemaPath:"#/properties/collector/properties/http/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if(typeof data14 == "number"){
+if(data14 > 65535 || isNaN(data14)){
+const err36 = {instancePath:instancePath+"/collector/http/port",schemaPath:"#/properties/collector/properties/http/properties/port/maximum",keyword:"maximum",params:{comparison: "<=", limit: 65535},message:"must be <= 65535"};
 if(vErrors === null){
 vErrors = [err36];
 }
 else {
 vErrors.push(err36);
+}
+errors++;
+}
+if(data14 < 0 || isNaN(data14)){
+const err37 = {instancePath:instancePath+"/collector/http/port",schemaPath:"#/properties/collector/properties/http/properties/port/minimum",keyword:"minimum",params:{comparison: ">=", limit: 0},message:"must be >= 0"};
+if(vErrors === null){
+vErrors = [err37];
+}
+else {
+vErrors.push(err37);
 }
 errors++;
 }
@@ -491,18 +501,7 @@ for(let i0=0; i0<len0; i0++){
 let data16 = data15[i0];
 if(typeof data16 === "string"){
 if(!pattern0.test(data16)){
-const err37 = {instancePath:instancePath+"/collector/http/reader_tokens_sha256/" + i0,schemaPath:"#/properties/collector/properties/http/properties/reader_tokens_sha256/items/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
-if(vErrors === null){
-vErrors = [err37];
-}
-else {
-vErrors.push(err37);
-}
-errors++;
-}
-}
-else {
-const err38 = {instancePath:instancePath+"/collector/http/reader_tokens_sha256/" + i0,schemaPath:"#/properties/collector/properties/http/properties/reader_tokens_sha256/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err38 = {instancePath:instancePath+"/collector/http/reader_tokens_sha256/" + i0,schemaPath:"#/properties/collector/properties/http/properties/reader_tokens_sha256/items/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
 if(vErrors === null){
 vErrors = [err38];
 }
@@ -512,9 +511,8 @@ vErrors.push(err38);
 errors++;
 }
 }
-}
 else {
-const err39 = {instancePath:instancePath+"/collector/http/reader_tokens_sha256",schemaPath:"#/properties/collector/properties/http/properties/reader_tokens_sha256/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err39 = {instancePath:instancePath+"/collector/http/reader_tokens_sha256/" + i0,schemaPath:"#/properties/collector/properties/http/properties/reader_tokens_sha256/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err39];
 }
@@ -525,10 +523,8 @@ errors++;
 }
 }
 }
-let data17 = data1.store;
-if(data17 && typeof data17 == "object" && !Array.isArray(data17)){
-if(data17.kind === undefined){
-const err40 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/required",keyword:"required",params:{missingProperty: "kind"},message:"must have required property '"+"kind"+"'"};
+else {
+const err40 = {instancePath:instancePath+"/collector/http/reader_tokens_sha256",schemaPath:"#/properties/collector/properties/http/properties/reader_tokens_sha256/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err40];
 }
@@ -537,15 +533,29 @@ vErrors.push(err40);
 }
 errors++;
 }
-if(data17.kind !== undefined){
-let data18 = data17.kind;
-if(!((data18 === "sqlite") || (data18 === "postgres"))){
-const err41 = {instancePath:instancePath+"/collector/store/kind",schemaPath:"#/properties/collector/properties/store/properties/kind/enum",keyword:"enum",params:{allowedValues: schema11.properties.collector.properties.store.properties.kind.enum},message:"must be equal to one of the allowed values"};
+}
+}
+let data17 = data1.store;
+if(data17 && typeof data17 == "object" && !Array.isArray(data17)){
+if(data17.kind === undefined){
+const err41 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/required",keyword:"required",params:{missingProperty: "kind"},message:"must have required property '"+"kind"+"'"};
 if(vErrors === null){
 vErrors = [err41];
 }
 else {
 vErrors.push(err41);
+}
+errors++;
+}
+if(data17.kind !== undefined){
+let data18 = data17.kind;
+if(!((data18 === "sqlite") || (data18 === "postgres"))){
+const err42 = {instancePath:instancePath+"/collector/store/kind",schemaPath:"#/properties/collector/properties/store/properties/kind/enum",keyword:"enum",params:{allowedValues: schema11.properties.collector.properties.store.properties.kind.enum},message:"must be equal to one of the allowed values"};
+if(vErrors === null){
+vErrors = [err42];
+}
+else {
+vErrors.push(err42);
 }
 errors++;
 }
@@ -559,19 +569,7 @@ data17.path = "latchkey-audit.db";
 }
 for(const key5 in data17){
 if(!((key5 === "kind") || (key5 === "path"))){
-const err42 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key5},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err42];
-}
-else {
-vErrors.push(err42);
-}
-errors++;
-}
-}
-if(data17.kind !== undefined){
-if("sqlite" !== data17.kind){
-const err43 = {instancePath:instancePath+"/collector/store/kind",schemaPath:"#/properties/collector/properties/store/oneOf/0/properties/kind/const",keyword:"const",params:{allowedValue: "sqlite"},message:"must be equal to constant"};
+const err43 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/oneOf/0/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key5},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err43];
 }
@@ -581,10 +579,9 @@ vErrors.push(err43);
 errors++;
 }
 }
-let data20 = data17.path;
-if(typeof data20 === "string"){
-if(func2(data20) < 1){
-const err44 = {instancePath:instancePath+"/collector/store/path",schemaPath:"#/properties/collector/properties/store/oneOf/0/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+if(data17.kind !== undefined){
+if("sqlite" !== data17.kind){
+const err44 = {instancePath:instancePath+"/collector/store/kind",schemaPath:"#/properties/collector/properties/store/oneOf/0/properties/kind/const",keyword:"const",params:{allowedValue: "sqlite"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err44];
 }
@@ -594,13 +591,26 @@ vErrors.push(err44);
 errors++;
 }
 }
-else {
-const err45 = {instancePath:instancePath+"/collector/store/path",schemaPath:"#/properties/collector/properties/store/oneOf/0/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data20 = data17.path;
+if(typeof data20 === "string"){
+if(func2(data20) < 1){
+const err45 = {instancePath:instancePath+"/collector/store/path",schemaPath:"#/properties/collector/properties/store/oneOf/0/properties/path/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err45];
 }
 else {
 vErrors.push(err45);
+}
+errors++;
+}
+}
+else {
+const err46 = {instancePath:instancePath+"/collector/store/path",schemaPath:"#/properties/collector/properties/store/oneOf/0/properties/path/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err46];
+}
+else {
+vErrors.push(err46);
 }
 errors++;
 }
@@ -618,18 +628,7 @@ if(data17.migrate === undefined){
 data17.migrate = true;
 }
 if(data17.url === undefined){
-const err46 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/oneOf/1/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
-if(vErrors === null){
-vErrors = [err46];
-}
-else {
-vErrors.push(err46);
-}
-errors++;
-}
-for(const key6 in data17){
-if(!((((((key6 === "kind") || (key6 === "url")) || (key6 === "schema")) || (key6 === "pool_size")) || (key6 === "writer_role")) || (key6 === "migrate"))){
-const err47 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key6},message:"must NOT have additional properties"};
+const err47 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/oneOf/1/required",keyword:"required",params:{missingProperty: "url"},message:"must have required property '"+"url"+"'"};
 if(vErrors === null){
 vErrors = [err47];
 }
@@ -638,10 +637,9 @@ vErrors.push(err47);
 }
 errors++;
 }
-}
-if(data17.kind !== undefined){
-if("postgres" !== data17.kind){
-const err48 = {instancePath:instancePath+"/collector/store/kind",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/kind/const",keyword:"const",params:{allowedValue: "postgres"},message:"must be equal to constant"};
+for(const key6 in data17){
+if(!((((((key6 === "kind") || (key6 === "url")) || (key6 === "schema")) || (key6 === "pool_size")) || (key6 === "writer_role")) || (key6 === "migrate"))){
+const err48 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/oneOf/1/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key6},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err48];
 }
@@ -651,11 +649,9 @@ vErrors.push(err48);
 errors++;
 }
 }
-if(data17.url !== undefined){
-let data22 = data17.url;
-if(typeof data22 === "string"){
-if(!pattern1.test(data22)){
-const err49 = {instancePath:instancePath+"/collector/store/url",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
+if(data17.kind !== undefined){
+if("postgres" !== data17.kind){
+const err49 = {instancePath:instancePath+"/collector/store/kind",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/kind/const",keyword:"const",params:{allowedValue: "postgres"},message:"must be equal to constant"};
 if(vErrors === null){
 vErrors = [err49];
 }
@@ -665,8 +661,11 @@ vErrors.push(err49);
 errors++;
 }
 }
-else {
-const err50 = {instancePath:instancePath+"/collector/store/url",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data17.url !== undefined){
+let data22 = data17.url;
+if(typeof data22 === "string"){
+if(!pattern1.test(data22)){
+const err50 = {instancePath:instancePath+"/collector/store/url",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/url/pattern",keyword:"pattern",params:{pattern: "^postgres(ql)?://"},message:"must match pattern \""+"^postgres(ql)?://"+"\""};
 if(vErrors === null){
 vErrors = [err50];
 }
@@ -676,10 +675,8 @@ vErrors.push(err50);
 errors++;
 }
 }
-let data23 = data17.schema;
-if(typeof data23 === "string"){
-if(!pattern2.test(data23)){
-const err51 = {instancePath:instancePath+"/collector/store/schema",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
+else {
+const err51 = {instancePath:instancePath+"/collector/store/url",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/url/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err51];
 }
@@ -689,8 +686,10 @@ vErrors.push(err51);
 errors++;
 }
 }
-else {
-const err52 = {instancePath:instancePath+"/collector/store/schema",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
+let data23 = data17.schema;
+if(typeof data23 === "string"){
+if(!pattern2.test(data23)){
+const err52 = {instancePath:instancePath+"/collector/store/schema",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/schema/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
 if(vErrors === null){
 vErrors = [err52];
 }
@@ -699,9 +698,9 @@ vErrors.push(err52);
 }
 errors++;
 }
-let data24 = data17.pool_size;
-if(!((typeof data24 == "number") && (!(data24 % 1) && !isNaN(data24)))){
-const err53 = {instancePath:instancePath+"/collector/store/pool_size",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/pool_size/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
+}
+else {
+const err53 = {instancePath:instancePath+"/collector/store/schema",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/schema/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err53];
 }
@@ -710,9 +709,9 @@ vErrors.push(err53);
 }
 errors++;
 }
-if(typeof data24 == "number"){
-if(data24 < 1 || isNaN(data24)){
-const err54 = {instancePath:instancePath+"/collector/store/pool_size",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/pool_size/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
+let data24 = data17.pool_size;
+if(!((typeof data24 == "number") && (!(data24 % 1) && !isNaN(data24)))){
+const err54 = {instancePath:instancePath+"/collector/store/pool_size",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/pool_size/type",keyword:"type",params:{type: "integer"},message:"must be integer"};
 if(vErrors === null){
 vErrors = [err54];
 }
@@ -721,12 +720,9 @@ vErrors.push(err54);
 }
 errors++;
 }
-}
-if(data17.writer_role !== undefined){
-let data25 = data17.writer_role;
-if(typeof data25 === "string"){
-if(!pattern2.test(data25)){
-const err55 = {instancePath:instancePath+"/collector/store/writer_role",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/writer_role/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
+if(typeof data24 == "number"){
+if(data24 > 100 || isNaN(data24)){
+const err55 = {instancePath:instancePath+"/collector/store/pool_size",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/pool_size/maximum",keyword:"maximum",params:{comparison: "<=", limit: 100},message:"must be <= 100"};
 if(vErrors === null){
 vErrors = [err55];
 }
@@ -735,9 +731,8 @@ vErrors.push(err55);
 }
 errors++;
 }
-}
-else {
-const err56 = {instancePath:instancePath+"/collector/store/writer_role",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/writer_role/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data24 < 1 || isNaN(data24)){
+const err56 = {instancePath:instancePath+"/collector/store/pool_size",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/pool_size/minimum",keyword:"minimum",params:{comparison: ">=", limit: 1},message:"must be >= 1"};
 if(vErrors === null){
 vErrors = [err56];
 }
@@ -747,8 +742,11 @@ vErrors.push(err56);
 errors++;
 }
 }
-if(typeof data17.migrate !== "boolean"){
-const err57 = {instancePath:instancePath+"/collector/store/migrate",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/migrate/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
+if(data17.writer_role !== undefined){
+let data25 = data17.writer_role;
+if(typeof data25 === "string"){
+if(!pattern2.test(data25)){
+const err57 = {instancePath:instancePath+"/collector/store/writer_role",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/writer_role/pattern",keyword:"pattern",params:{pattern: "^[a-z_][a-z0-9_]{0,62}$"},message:"must match pattern \""+"^[a-z_][a-z0-9_]{0,62}$"+"\""};
 if(vErrors === null){
 vErrors = [err57];
 }
@@ -758,9 +756,8 @@ vErrors.push(err57);
 errors++;
 }
 }
-}
 else {
-const err58 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/discriminator",keyword:"discriminator",params:{error: "mapping", tag: "kind", tagValue: tag0},message:"value of tag \"kind\" must be in oneOf"};
+const err58 = {instancePath:instancePath+"/collector/store/writer_role",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/writer_role/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err58];
 }
@@ -770,8 +767,8 @@ vErrors.push(err58);
 errors++;
 }
 }
-else {
-const err59 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/discriminator",keyword:"discriminator",params:{error: "tag", tag: "kind", tagValue: tag0},message:"tag \"kind\" must be string"};
+if(typeof data17.migrate !== "boolean"){
+const err59 = {instancePath:instancePath+"/collector/store/migrate",schemaPath:"#/properties/collector/properties/store/oneOf/1/properties/migrate/type",keyword:"type",params:{type: "boolean"},message:"must be boolean"};
 if(vErrors === null){
 vErrors = [err59];
 }
@@ -781,13 +778,36 @@ vErrors.push(err59);
 errors++;
 }
 }
+}
 else {
-const err60 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err60 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/discriminator",keyword:"discriminator",params:{error: "mapping", tag: "kind", tagValue: tag0},message:"value of tag \"kind\" must be in oneOf"};
 if(vErrors === null){
 vErrors = [err60];
 }
 else {
 vErrors.push(err60);
+}
+errors++;
+}
+}
+else {
+const err61 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/discriminator",keyword:"discriminator",params:{error: "tag", tag: "kind", tagValue: tag0},message:"tag \"kind\" must be string"};
+if(vErrors === null){
+vErrors = [err61];
+}
+else {
+vErrors.push(err61);
+}
+errors++;
+}
+}
+else {
+const err62 = {instancePath:instancePath+"/collector/store",schemaPath:"#/properties/collector/properties/store/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err62];
+}
+else {
+vErrors.push(err62);
 }
 errors++;
 }
@@ -799,32 +819,7 @@ for(let i1=0; i1<len1; i1++){
 let data28 = data27[i1];
 if(data28 && typeof data28 == "object" && !Array.isArray(data28)){
 if(data28.id === undefined){
-const err61 = {instancePath:instancePath+"/collector/sidecars/" + i1,schemaPath:"#/properties/collector/properties/sidecars/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
-if(vErrors === null){
-vErrors = [err61];
-}
-else {
-vErrors.push(err61);
-}
-errors++;
-}
-for(const key7 in data28){
-if(!(((key7 === "id") || (key7 === "token_sha256")) || (key7 === "agents"))){
-const err62 = {instancePath:instancePath+"/collector/sidecars/" + i1,schemaPath:"#/properties/collector/properties/sidecars/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err62];
-}
-else {
-vErrors.push(err62);
-}
-errors++;
-}
-}
-if(data28.id !== undefined){
-let data29 = data28.id;
-if(typeof data29 === "string"){
-if(func2(data29) < 1){
-const err63 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/id",schemaPath:"#/properties/collector/properties/sidecars/items/properties/id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+const err63 = {instancePath:instancePath+"/collector/sidecars/" + i1,schemaPath:"#/properties/collector/properties/sidecars/items/required",keyword:"required",params:{missingProperty: "id"},message:"must have required property '"+"id"+"'"};
 if(vErrors === null){
 vErrors = [err63];
 }
@@ -833,9 +828,9 @@ vErrors.push(err63);
 }
 errors++;
 }
-}
-else {
-const err64 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/id",schemaPath:"#/properties/collector/properties/sidecars/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
+for(const key7 in data28){
+if(!(((key7 === "id") || (key7 === "token_sha256")) || (key7 === "agents"))){
+const err64 = {instancePath:instancePath+"/collector/sidecars/" + i1,schemaPath:"#/properties/collector/properties/sidecars/items/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key7},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err64];
 }
@@ -845,11 +840,11 @@ vErrors.push(err64);
 errors++;
 }
 }
-if(data28.token_sha256 !== undefined){
-let data30 = data28.token_sha256;
-if(typeof data30 === "string"){
-if(!pattern0.test(data30)){
-const err65 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/token_sha256",schemaPath:"#/properties/collector/properties/sidecars/items/properties/token_sha256/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
+if(data28.id !== undefined){
+let data29 = data28.id;
+if(typeof data29 === "string"){
+if(func2(data29) < 1){
+const err65 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/id",schemaPath:"#/properties/collector/properties/sidecars/items/properties/id/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err65];
 }
@@ -860,7 +855,7 @@ errors++;
 }
 }
 else {
-const err66 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/token_sha256",schemaPath:"#/properties/collector/properties/sidecars/items/properties/token_sha256/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err66 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/id",schemaPath:"#/properties/collector/properties/sidecars/items/properties/id/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err66];
 }
@@ -870,11 +865,11 @@ vErrors.push(err66);
 errors++;
 }
 }
-if(data28.agents !== undefined){
-let data31 = data28.agents;
-if(Array.isArray(data31)){
-if(data31.length < 1){
-const err67 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/agents",schemaPath:"#/properties/collector/properties/sidecars/items/properties/agents/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+if(data28.token_sha256 !== undefined){
+let data30 = data28.token_sha256;
+if(typeof data30 === "string"){
+if(!pattern0.test(data30)){
+const err67 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/token_sha256",schemaPath:"#/properties/collector/properties/sidecars/items/properties/token_sha256/pattern",keyword:"pattern",params:{pattern: "^[0-9a-f]{64}$"},message:"must match pattern \""+"^[0-9a-f]{64}$"+"\""};
 if(vErrors === null){
 vErrors = [err67];
 }
@@ -883,12 +878,9 @@ vErrors.push(err67);
 }
 errors++;
 }
-const len2 = data31.length;
-for(let i2=0; i2<len2; i2++){
-let data32 = data31[i2];
-if(typeof data32 === "string"){
-if(!pattern5.test(data32)){
-const err68 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/agents/" + i2,schemaPath:"#/properties/collector/properties/sidecars/items/properties/agents/items/pattern",keyword:"pattern",params:{pattern: "^agent:[^*]*\\*?$"},message:"must match pattern \""+"^agent:[^*]*\\*?$"+"\""};
+}
+else {
+const err68 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/token_sha256",schemaPath:"#/properties/collector/properties/sidecars/items/properties/token_sha256/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err68];
 }
@@ -898,8 +890,11 @@ vErrors.push(err68);
 errors++;
 }
 }
-else {
-const err69 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/agents/" + i2,schemaPath:"#/properties/collector/properties/sidecars/items/properties/agents/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data28.agents !== undefined){
+let data31 = data28.agents;
+if(Array.isArray(data31)){
+if(data31.length < 1){
+const err69 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/agents",schemaPath:"#/properties/collector/properties/sidecars/items/properties/agents/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err69];
 }
@@ -908,10 +903,12 @@ vErrors.push(err69);
 }
 errors++;
 }
-}
-}
-else {
-const err70 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/agents",schemaPath:"#/properties/collector/properties/sidecars/items/properties/agents/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len2 = data31.length;
+for(let i2=0; i2<len2; i2++){
+let data32 = data31[i2];
+if(typeof data32 === "string"){
+if(!pattern5.test(data32)){
+const err70 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/agents/" + i2,schemaPath:"#/properties/collector/properties/sidecars/items/properties/agents/items/pattern",keyword:"pattern",params:{pattern: "^agent:[^*]*\\*?$"},message:"must match pattern \""+"^agent:[^*]*\\*?$"+"\""};
 if(vErrors === null){
 vErrors = [err70];
 }
@@ -921,9 +918,8 @@ vErrors.push(err70);
 errors++;
 }
 }
-}
 else {
-const err71 = {instancePath:instancePath+"/collector/sidecars/" + i1,schemaPath:"#/properties/collector/properties/sidecars/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err71 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/agents/" + i2,schemaPath:"#/properties/collector/properties/sidecars/items/properties/agents/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err71];
 }
@@ -935,7 +931,7 @@ errors++;
 }
 }
 else {
-const err72 = {instancePath:instancePath+"/collector/sidecars",schemaPath:"#/properties/collector/properties/sidecars/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const err72 = {instancePath:instancePath+"/collector/sidecars/" + i1+"/agents",schemaPath:"#/properties/collector/properties/sidecars/items/properties/agents/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err72];
 }
@@ -945,14 +941,38 @@ vErrors.push(err72);
 errors++;
 }
 }
-let data33 = data1.nats;
-if((!(data33 && typeof data33 == "object" && !Array.isArray(data33))) && (data33 !== null)){
-const err73 = {instancePath:instancePath+"/collector/nats",schemaPath:"#/properties/collector/properties/nats/type",keyword:"type",params:{type: schema11.properties.collector.properties.nats.type},message:"must be object,null"};
+}
+else {
+const err73 = {instancePath:instancePath+"/collector/sidecars/" + i1,schemaPath:"#/properties/collector/properties/sidecars/items/type",keyword:"type",params:{type: "object"},message:"must be object"};
 if(vErrors === null){
 vErrors = [err73];
 }
 else {
 vErrors.push(err73);
+}
+errors++;
+}
+}
+}
+else {
+const err74 = {instancePath:instancePath+"/collector/sidecars",schemaPath:"#/properties/collector/properties/sidecars/type",keyword:"type",params:{type: "array"},message:"must be array"};
+if(vErrors === null){
+vErrors = [err74];
+}
+else {
+vErrors.push(err74);
+}
+errors++;
+}
+}
+let data33 = data1.nats;
+if((!(data33 && typeof data33 == "object" && !Array.isArray(data33))) && (data33 !== null)){
+const err75 = {instancePath:instancePath+"/collector/nats",schemaPath:"#/properties/collector/properties/nats/type",keyword:"type",params:{type: schema11.properties.collector.properties.nats.type},message:"must be object,null"};
+if(vErrors === null){
+vErrors = [err75];
+}
+else {
+vErrors.push(err75);
 }
 errors++;
 }
@@ -964,32 +984,7 @@ if(data33.subject_prefix === undefined){
 data33.subject_prefix = "latchkey.audit";
 }
 if(data33.servers === undefined){
-const err74 = {instancePath:instancePath+"/collector/nats",schemaPath:"#/properties/collector/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
-if(vErrors === null){
-vErrors = [err74];
-}
-else {
-vErrors.push(err74);
-}
-errors++;
-}
-for(const key8 in data33){
-if(!(((key8 === "servers") || (key8 === "stream")) || (key8 === "subject_prefix"))){
-const err75 = {instancePath:instancePath+"/collector/nats",schemaPath:"#/properties/collector/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err75];
-}
-else {
-vErrors.push(err75);
-}
-errors++;
-}
-}
-if(data33.servers !== undefined){
-let data34 = data33.servers;
-if(Array.isArray(data34)){
-if(data34.length < 1){
-const err76 = {instancePath:instancePath+"/collector/nats/servers",schemaPath:"#/properties/collector/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
+const err76 = {instancePath:instancePath+"/collector/nats",schemaPath:"#/properties/collector/properties/nats/required",keyword:"required",params:{missingProperty: "servers"},message:"must have required property '"+"servers"+"'"};
 if(vErrors === null){
 vErrors = [err76];
 }
@@ -998,12 +993,9 @@ vErrors.push(err76);
 }
 errors++;
 }
-const len3 = data34.length;
-for(let i3=0; i3<len3; i3++){
-let data35 = data34[i3];
-if(typeof data35 === "string"){
-if(func2(data35) < 1){
-const err77 = {instancePath:instancePath+"/collector/nats/servers/" + i3,schemaPath:"#/properties/collector/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
+for(const key8 in data33){
+if(!(((key8 === "servers") || (key8 === "stream")) || (key8 === "subject_prefix"))){
+const err77 = {instancePath:instancePath+"/collector/nats",schemaPath:"#/properties/collector/properties/nats/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key8},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err77];
 }
@@ -1013,8 +1005,11 @@ vErrors.push(err77);
 errors++;
 }
 }
-else {
-const err78 = {instancePath:instancePath+"/collector/nats/servers/" + i3,schemaPath:"#/properties/collector/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(data33.servers !== undefined){
+let data34 = data33.servers;
+if(Array.isArray(data34)){
+if(data34.length < 1){
+const err78 = {instancePath:instancePath+"/collector/nats/servers",schemaPath:"#/properties/collector/properties/nats/properties/servers/minItems",keyword:"minItems",params:{limit: 1},message:"must NOT have fewer than 1 items"};
 if(vErrors === null){
 vErrors = [err78];
 }
@@ -1023,10 +1018,12 @@ vErrors.push(err78);
 }
 errors++;
 }
-}
-}
-else {
-const err79 = {instancePath:instancePath+"/collector/nats/servers",schemaPath:"#/properties/collector/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
+const len3 = data34.length;
+for(let i3=0; i3<len3; i3++){
+let data35 = data34[i3];
+if(typeof data35 === "string"){
+if(func2(data35) < 1){
+const err79 = {instancePath:instancePath+"/collector/nats/servers/" + i3,schemaPath:"#/properties/collector/properties/nats/properties/servers/items/minLength",keyword:"minLength",params:{limit: 1},message:"must NOT have fewer than 1 characters"};
 if(vErrors === null){
 vErrors = [err79];
 }
@@ -1036,10 +1033,8 @@ vErrors.push(err79);
 errors++;
 }
 }
-let data36 = data33.stream;
-if(typeof data36 === "string"){
-if(!pattern6.test(data36)){
-const err80 = {instancePath:instancePath+"/collector/nats/stream",schemaPath:"#/properties/collector/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
+else {
+const err80 = {instancePath:instancePath+"/collector/nats/servers/" + i3,schemaPath:"#/properties/collector/properties/nats/properties/servers/items/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err80];
 }
@@ -1049,8 +1044,9 @@ vErrors.push(err80);
 errors++;
 }
 }
+}
 else {
-const err81 = {instancePath:instancePath+"/collector/nats/stream",schemaPath:"#/properties/collector/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err81 = {instancePath:instancePath+"/collector/nats/servers",schemaPath:"#/properties/collector/properties/nats/properties/servers/type",keyword:"type",params:{type: "array"},message:"must be array"};
 if(vErrors === null){
 vErrors = [err81];
 }
@@ -1059,10 +1055,11 @@ vErrors.push(err81);
 }
 errors++;
 }
-let data37 = data33.subject_prefix;
-if(typeof data37 === "string"){
-if(!pattern7.test(data37)){
-const err82 = {instancePath:instancePath+"/collector/nats/subject_prefix",schemaPath:"#/properties/collector/properties/nats/properties/subject_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*$"+"\""};
+}
+let data36 = data33.stream;
+if(typeof data36 === "string"){
+if(!pattern6.test(data36)){
+const err82 = {instancePath:instancePath+"/collector/nats/stream",schemaPath:"#/properties/collector/properties/nats/properties/stream/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+$"+"\""};
 if(vErrors === null){
 vErrors = [err82];
 }
@@ -1073,7 +1070,7 @@ errors++;
 }
 }
 else {
-const err83 = {instancePath:instancePath+"/collector/nats/subject_prefix",schemaPath:"#/properties/collector/properties/nats/properties/subject_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
+const err83 = {instancePath:instancePath+"/collector/nats/stream",schemaPath:"#/properties/collector/properties/nats/properties/stream/type",keyword:"type",params:{type: "string"},message:"must be string"};
 if(vErrors === null){
 vErrors = [err83];
 }
@@ -1082,15 +1079,38 @@ vErrors.push(err83);
 }
 errors++;
 }
-}
-}
-else {
-const err84 = {instancePath:instancePath+"/collector",schemaPath:"#/properties/collector/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data37 = data33.subject_prefix;
+if(typeof data37 === "string"){
+if(!pattern7.test(data37)){
+const err84 = {instancePath:instancePath+"/collector/nats/subject_prefix",schemaPath:"#/properties/collector/properties/nats/properties/subject_prefix/pattern",keyword:"pattern",params:{pattern: "^[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*$"},message:"must match pattern \""+"^[A-Za-z0-9_-]+(\\.[A-Za-z0-9_-]+)*$"+"\""};
 if(vErrors === null){
 vErrors = [err84];
 }
 else {
 vErrors.push(err84);
+}
+errors++;
+}
+}
+else {
+const err85 = {instancePath:instancePath+"/collector/nats/subject_prefix",schemaPath:"#/properties/collector/properties/nats/properties/subject_prefix/type",keyword:"type",params:{type: "string"},message:"must be string"};
+if(vErrors === null){
+vErrors = [err85];
+}
+else {
+vErrors.push(err85);
+}
+errors++;
+}
+}
+}
+else {
+const err86 = {instancePath:instancePath+"/collector",schemaPath:"#/properties/collector/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err86];
+}
+else {
+vErrors.push(err86);
 }
 errors++;
 }
@@ -1102,30 +1122,7 @@ data38.level = "info";
 }
 for(const key9 in data38){
 if(!(key9 === "level")){
-const err85 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
-if(vErrors === null){
-vErrors = [err85];
-}
-else {
-vErrors.push(err85);
-}
-errors++;
-}
-}
-let data39 = data38.level;
-if(!(((((((data39 === "fatal") || (data39 === "error")) || (data39 === "warn")) || (data39 === "info")) || (data39 === "debug")) || (data39 === "trace")) || (data39 === "silent"))){
-const err86 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
-if(vErrors === null){
-vErrors = [err86];
-}
-else {
-vErrors.push(err86);
-}
-errors++;
-}
-}
-else {
-const err87 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
+const err87 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/additionalProperties",keyword:"additionalProperties",params:{additionalProperty: key9},message:"must NOT have additional properties"};
 if(vErrors === null){
 vErrors = [err87];
 }
@@ -1135,13 +1132,36 @@ vErrors.push(err87);
 errors++;
 }
 }
-else {
-const err88 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+let data39 = data38.level;
+if(!(((((((data39 === "fatal") || (data39 === "error")) || (data39 === "warn")) || (data39 === "info")) || (data39 === "debug")) || (data39 === "trace")) || (data39 === "silent"))){
+const err88 = {instancePath:instancePath+"/log/level",schemaPath:"#/properties/log/properties/level/enum",keyword:"enum",params:{allowedValues: schema11.properties.log.properties.level.enum},message:"must be equal to one of the allowed values"};
 if(vErrors === null){
 vErrors = [err88];
 }
 else {
 vErrors.push(err88);
+}
+errors++;
+}
+}
+else {
+const err89 = {instancePath:instancePath+"/log",schemaPath:"#/properties/log/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err89];
+}
+else {
+vErrors.push(err89);
+}
+errors++;
+}
+}
+else {
+const err90 = {instancePath,schemaPath:"#/type",keyword:"type",params:{type: "object"},message:"must be object"};
+if(vErrors === null){
+vErrors = [err90];
+}
+else {
+vErrors.push(err90);
 }
 errors++;
 }

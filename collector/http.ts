@@ -1,5 +1,5 @@
 // The collector's read-only HTTP query API (loopback by default):
-//   GET /v1/events?agent=<id>&since=24h[&until=<iso>][&denied=true][&limit=N][&cursor=<next>]
+//   GET /v1/events?agent=<id>&since=24h[&until=<iso>][&denied=true][&limit=N][&order=oldest|newest][&cursor=<next>]
 //       at most MAX_PAGE_EVENTS events an answer; `next` continues where a cut answer ended
 //   GET /v1/inventory
 //   GET /v1/verify[?sidecar=<id>]
@@ -12,7 +12,7 @@ import { createServer } from '../lib/node-http.js'
 import type { AuditStore, EventCursor, StoredEvent } from './store/types.js'
 import type { Logger } from '../lib/log.js'
 import type { Registry } from 'prom-client'
-import { MAX_ANSWER_BYTES, MAX_PAGE_EVENTS, boundAnswer, decodeCursor, encodeCursor, eventToJson, parseLimit, parseSince } from './query.js'
+import { MAX_ANSWER_BYTES, MAX_PAGE_EVENTS, boundAnswer, decodeCursor, encodeCursor, eventToJson, parseLimit, parseOrder, parseSince } from './query.js'
 import { checkLocalCaller } from '../proxy/listen/local-caller.js'
 
 function send(res: ServerResponse, status: number, body: unknown): void {
@@ -174,7 +174,9 @@ export function createQueryServer(
           let since: Date
           let until: Date | undefined
           let asked: number
+          let newest: boolean
           try {
+            newest = parseOrder(url.searchParams.get('order'))
             since = parseSince(url.searchParams.get('since') ?? '24h')
             const u = url.searchParams.get('until')
             until = u === null ? undefined : parseSince(u, Date.now(), 'until')
@@ -200,16 +202,19 @@ export function createQueryServer(
             } catch (err) {
               throw new BadRequest((err as Error).message)
             }
+            // Read in the other order, it would skip or repeat: the order is the cursor's to say.
+            if (!!after.newest !== newest) throw new BadRequest(`cursor continues an answer ${after.newest ? 'newest' : 'oldest'} first: ask with order=${after.newest ? 'newest' : 'oldest'}, as that answer was asked`)
           }
           // A page goes on from its cursor, whatever `since` says: one given as a duration has moved
-          // on since the first page, and would skip what lies between.
-          const from = after ? new Date(after.ts) : since
+          // on since the first page, and would skip what lies between. Newest first, the cursor
+          // bounds the page from above, and `since` stays the floor.
+          const from = after && !newest ? new Date(after.ts) : since
           const answer = await gate.run(async () => {
             if (gone) return null
             // One more than asked: whether the answer was cut short is then known, not guessed.
             // And bounded in bytes: a few huge events must not make the answer a string no process can hold.
             const cut = boundAnswer(
-              await store.eventsByAgent({ agent, since: from, until, deniedOnly: denied === 'true', limit: limit + 1, maxBytes: maxAnswerBytes, after }),
+              await store.eventsByAgent({ agent, since: from, until, deniedOnly: denied === 'true', limit: limit + 1, maxBytes: maxAnswerBytes, after, newest }),
               limit,
               maxAnswerBytes,
             )
@@ -221,7 +226,8 @@ export function createQueryServer(
           const head: Record<string, unknown> = { agent, since: since.toISOString(), count: events.length, truncated, limit }
           if (asked > limit) head.limitCapped = `limit ${asked} is more than one answer holds (${maxPage}): ask again with cursor=<next> for the rest`
           // Where the next page starts: present exactly when more may match.
-          if (truncated && events.length > 0) head.next = encodeCursor(events[events.length - 1]!)
+          if (newest) head.order = 'newest'
+          if (truncated && events.length > 0) head.next = encodeCursor(events[events.length - 1]!, newest)
           return sendEvents(res, head, parts)
         }
         case '/v1/inventory':

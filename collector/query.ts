@@ -112,10 +112,17 @@ export function cursorAfter(e: StoredEvent): EventCursor {
   return { ts: e.event.timeUnixMs, sidecar: e.sidecar, position: e.position }
 }
 
-/** The cursor after an event, as an answer's `next` gives it: opaque to clients. */
-export function encodeCursor(e: StoredEvent): string {
+/** The cursor after an event, as an answer's `next` gives it: opaque to clients. A newest-first answer's says so. */
+export function encodeCursor(e: StoredEvent, newest = false): string {
   const c = cursorAfter(e)
-  return Buffer.from(JSON.stringify([c.ts, c.sidecar, c.position])).toString('base64url')
+  return Buffer.from(JSON.stringify(newest ? [c.ts, c.sidecar, c.position, 'newest'] : [c.ts, c.sidecar, c.position])).toString('base64url')
+}
+
+/** `order` as the API takes it: oldest first (the default) or newest first. */
+export function parseOrder(text: string | null): boolean {
+  if (text === null || text === 'oldest') return false
+  if (text === 'newest') return true
+  throw new Error(`order "${text.slice(0, 40)}" must be oldest or newest`)
 }
 
 /** Throws (a message naming the parameter) when `text` is not a cursor this API gave. */
@@ -128,7 +135,7 @@ export function decodeCursor(text: string): EventCursor {
   }
   if (
     !Array.isArray(v) ||
-    v.length !== 3 ||
+    !(v.length === 3 || (v.length === 4 && v[3] === 'newest')) ||
     !Number.isSafeInteger(v[0]) ||
     // A time no Date holds: SQLite answered it an empty page, PostgreSQL "store unavailable".
     Math.abs(v[0] as number) > MAX_DATE_MS ||
@@ -139,5 +146,5 @@ export function decodeCursor(text: string): EventCursor {
   ) {
     throw new Error(`cursor "${text.slice(0, 64)}" is not one this API gave: pass the "next" of the previous answer as it is`)
   }
-  return { ts: v[0] as number, sidecar: v[1], position: v[2] as number }
+  return { ts: v[0] as number, sidecar: v[1], position: v[2] as number, ...(v.length === 4 ? { newest: true } : {}) }
 }

@@ -517,6 +517,8 @@ t.test('a config the sidecar would refuse at start, whatever the machine, is inv
   const cases: [string, string, string][] = [
     ['no-auth', collector(''), 'audit.collector: needs token_secret, tls, or both, to authenticate to the collector'],
     ['spool', collector(', token_secret: COL, spool_max_bytes: 65536, segment_bytes: 65536'), 'audit.collector.spool_max_bytes: must be at least twice segment_bytes (65536): acked segments are deleted only once a newer one exists'],
+    // A restart reads each segment whole, and Node reads no file past 2 GiB: 3 GiB segments made every restart fail.
+    ['spool-sizes', collector(', token_secret: COL, spool_max_bytes: 1e300, segment_bytes: 3221225472'), 'audit.collector.spool_max_bytes: must be <= 1099511627776\n  audit.collector.segment_bytes: must be <= 268435456'],
     [
       'evidence',
       `version: 1\nsidecar: { listen: { port: 0 }, admin: { port: 0 }, broker: { url: "http://127.0.0.1:1" } }\naudit: { jsonl: { path: ${join(dir, 'a.jsonl')} } }\n`,
@@ -534,6 +536,7 @@ t.test('a config the sidecar would refuse at start, whatever the machine, is inv
   }
   // Twice segment_bytes is enough, and a broker credential's own line is not said twice.
   t.same(problems(collector(', token_secret: COL, spool_max_bytes: 131072, segment_bytes: 65536')), [])
+  t.same(problems(collector(', token_secret: COL, spool_max_bytes: 1099511627776, segment_bytes: 268435456')), [], 'the largest of each is taken')
   t.same(problems('version: 1\nsidecar: { broker: { url: "http://127.0.0.1:1" } }\ncredentials: [{ id: b, audience: "https://api.example", source: broker, token_audience: x, inject: { type: bearer } }]\n'), [
     'sidecar.attestation: required: credential "b" needs workload evidence for the broker (kubernetes, spiffe or local)',
   ])

@@ -8,7 +8,7 @@
 import pg from 'pg'
 import { Action, type SequencedEvent } from '../../protos/gen/latchkey/v1/audit.js'
 import { GENESIS, INGEST_CURSOR, askableIds, checkAgainstCursors, chainRows, newEvents, rowToStored, toStored } from './chain.js'
-import { EVENT_ORDER, VERIFY_COLUMNS, VERIFY_PAGE, VerifyFold, afterCursor, type DbRow } from './sqlite-reads.js'
+import { eventOrder, VERIFY_COLUMNS, VERIFY_PAGE, VerifyFold, afterCursor, type DbRow } from './sqlite-reads.js'
 import type { AppendResult, AuditStore, EventQuery, Inventory, StoredEvent, VerifyResult } from './types.js'
 import { AUDIT_CURSORS_SHAPE, AUDIT_EVENTS_SHAPE, MAX_INVENTORY_HOSTS, StoreError } from './types.js'
 import { assertShape, postgresShape, postgresWhere, storeStartupError, StoreSchemaError } from '../../lib/store-schema.js'
@@ -287,17 +287,17 @@ export class PostgresAuditStore implements AuditStore {
     await this.ensureReady()
     const args: unknown[] = [q.agent, q.since.getTime(), q.until?.getTime() ?? Number.MAX_SAFE_INTEGER, q.limit ?? 10_000, q.maxBytes ?? Number.MAX_SAFE_INTEGER]
     // After a cursor: the same order as the answer's, so a page boundary never repeats or skips a row.
-    const after = q.after ? afterCursor('$6', '$7', '$8') : ''
+    const after = q.after ? afterCursor('$6', '$7', '$8', q.newest) : ''
     if (q.after) args.push(q.after.ts, q.after.sidecar, q.after.position)
     const r = await this.pool.query<{ sidecar: string; seq: string; pos: string; payload: Buffer; hash: Buffer }>(
       // Picked by payload size first (octet_length reads the stored size, not the value), so a
       // few huge payloads cannot make one answer hold gigabytes.
       `SELECT e.sidecar, e.seq, e.pos, e.payload, e.hash FROM (
-         SELECT sidecar AS s, pos AS p, ts AS t, sum(octet_length(payload)) OVER (ORDER BY ${EVENT_ORDER} ROWS UNBOUNDED PRECEDING) - octet_length(payload) AS before
+         SELECT sidecar AS s, pos AS p, ts AS t, sum(octet_length(payload)) OVER (ORDER BY ${eventOrder(q.newest)} ROWS UNBOUNDED PRECEDING) - octet_length(payload) AS before
          FROM ${this.t} WHERE agent = $1 AND ts >= $2 AND ts < $3 ${q.deniedOnly ? `AND action IN ${DENIED}` : ''} ${after}
-         ORDER BY ${EVENT_ORDER} LIMIT $4
+         ORDER BY ${eventOrder(q.newest)} LIMIT $4
        ) AS k JOIN ${this.t} AS e ON e.sidecar = k.s AND e.pos = k.p
-       WHERE k.before < $5 ORDER BY k.t, k.s, k.p`,
+       WHERE k.before < $5 ORDER BY ${eventOrder(q.newest, 'k')}`,
       args,
     )
     return r.rows.map((x) => toStored(x.sidecar, { sequence: Number(x.seq), position: Number(x.pos), payload: x.payload, hash: x.hash }))

@@ -44,14 +44,21 @@ export interface EventRow {
  */
 export const EVENT_ORDER = 'ts, sidecar, pos'
 
-export function afterCursor(ts: string, sidecar: string, pos: string): string {
-  return `AND ts >= ${ts} AND (ts > ${ts} OR sidecar > ${sidecar} OR (sidecar = ${sidecar} AND pos > ${pos}))`
+/** The order reversed (EventQuery.newest), for the inner query; `k` columns for the outer one. */
+export function eventOrder(newest: boolean | undefined, k = ''): string {
+  const dir = newest ? ' DESC' : ''
+  return k ? `${k}.t${dir}, ${k}.s${dir}, ${k}.p${dir}` : newest ? 'ts DESC, sidecar DESC, pos DESC' : EVENT_ORDER
+}
+
+export function afterCursor(ts: string, sidecar: string, pos: string, newest = false): string {
+  const [op, eq] = newest ? ['<', '<='] : ['>', '>=']
+  return `AND ts ${eq} ${ts} AND (ts ${op} ${ts} OR sidecar ${op} ${sidecar} OR (sidecar = ${sidecar} AND pos ${op} ${pos}))`
 }
 
 export function readEvents(db: Database.Database, q: EventQuery): EventRow[] {
   const until = q.until?.getTime() ?? Number.MAX_SAFE_INTEGER
   const denied = q.deniedOnly ? `AND action IN (${Action.ACTION_DENY}, ${Action.ACTION_REPORT})` : ''
-  const after = q.after ? afterCursor('?', '?', '?') : ''
+  const after = q.after ? afterCursor('?', '?', '?', q.newest) : ''
   const args: unknown[] = [q.agent, q.since.getTime(), until]
   // Positional: each placeholder as often as afterCursor writes it, in its order.
   if (q.after) args.push(q.after.ts, q.after.ts, q.after.sidecar, q.after.sidecar, q.after.position)
@@ -61,10 +68,10 @@ export function readEvents(db: Database.Database, q: EventQuery): EventRow[] {
   return statement<unknown[], EventRow>(
     db,
     `SELECT e.sidecar, e.seq, e.pos, e.payload, e.hash FROM (
-       SELECT sidecar AS s, pos AS p, ts AS t, sum(length(payload)) OVER (ORDER BY ${EVENT_ORDER} ROWS UNBOUNDED PRECEDING) - length(payload) AS before
-       FROM audit_events WHERE agent = ? AND ts >= ? AND ts < ? ${denied} ${after} ORDER BY ${EVENT_ORDER} LIMIT ?
+       SELECT sidecar AS s, pos AS p, ts AS t, sum(length(payload)) OVER (ORDER BY ${eventOrder(q.newest)} ROWS UNBOUNDED PRECEDING) - length(payload) AS before
+       FROM audit_events WHERE agent = ? AND ts >= ? AND ts < ? ${denied} ${after} ORDER BY ${eventOrder(q.newest)} LIMIT ?
      ) AS k JOIN audit_events AS e ON e.sidecar = k.s AND e.pos = k.p
-     WHERE k.before < ? ORDER BY k.t, k.s, k.p`,
+     WHERE k.before < ? ORDER BY ${eventOrder(q.newest, 'k')}`,
   ).all(...args)
 }
 

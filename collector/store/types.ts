@@ -62,6 +62,11 @@ export interface EventQuery {
    * (time, sidecar, position), and this is where in that order the page starts. `since` still applies.
    */
   after?: EventCursor
+  /**
+   * Newest first: the order reversed, and `after` continues towards older events. "What did
+   * agent X do today" wants the latest calls, which oldest-first gave only past the limit.
+   */
+  newest?: boolean
 }
 
 /** A place in the order of an events answer: an event's time (ms), sidecar and chain position. */
@@ -69,6 +74,8 @@ export interface EventCursor {
   ts: number
   sidecar: string
   position: number
+  /** Given by a newest-first answer: it continues only one (read by the API, not the stores). */
+  newest?: boolean
 }
 
 export interface AgentInventory {

@@ -706,8 +706,12 @@ export const configSchema = {
             },
             insecure_plaintext: { type: 'boolean', default: false },
             spool_dir: { ...nonEmpty, default: 'latchkey-spool' },
-            spool_max_bytes: { type: 'integer', minimum: 65536, default: 256 * 1024 * 1024 },
-            segment_bytes: { type: 'integer', minimum: 4096, default: 4 * 1024 * 1024 },
+            // At most 1 TiB: no disk a spool is given holds more, and a value past 2^53 is no byte count.
+            spool_max_bytes: { type: 'integer', minimum: 65536, maximum: 2 ** 40, default: 256 * 1024 * 1024 },
+            // At most 256 MiB: a restart reads each segment whole (spool.ts recover), into memory,
+            // and Node reads no file past 2 GiB at once (ERR_FS_FILE_TOO_LARGE): larger segments
+            // made every restart fail.
+            segment_bytes: { type: 'integer', minimum: 4096, maximum: 256 * 1024 * 1024, default: 4 * 1024 * 1024 },
             on_full: { enum: ['refuse', 'drop'], default: 'refuse' },
             batch_events: { type: 'integer', minimum: 1, maximum: 10000, default: 1000 },
             backoff_min_ms: ms(100),

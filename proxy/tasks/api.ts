@@ -1,6 +1,7 @@
 // The sidecar's local task API, on its admin port (loopback):
 //   POST   /v1/tasks            {purpose, duration_s, user_token?, audiences?} → 201 {task, id, proxy_url, …}
-//   GET    /v1/tasks            the open tasks, by ID (never their handles): what an operator revokes by
+//   GET    /v1/tasks            the open tasks, by ID (never their handles): what an operator revokes by;
+//                               a page at a time (?limit=, ?cursor=: listing.ts), in the order they were opened
 //   GET    /v1/tasks/<handle>   the task (state: open | revoked) and the audiences it holds tokens for (never the tokens)
 //   DELETE /v1/tasks/<handle>   ends it: every token it held is dropped
 // Asking for audiences fetches their tokens now, and a user token is verified by the broker even
@@ -12,6 +13,7 @@ import { LatchkeyError } from '../errors.js'
 import { TaskError, type Task, type TaskRegistry } from './registry.js'
 import { isCompactJws } from '../../lib/oauth.js'
 import { parseJsonBody } from '../../lib/json-members.js'
+import { cursorAfter, ListQueryError, readListQuery } from './listing.js'
 
 const MAX_BODY = 65_536
 /** Open tasks one sidecar holds at most: far more than one agent's work, far less than its memory. */
@@ -93,7 +95,7 @@ async function route(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse, 
     }
   }
   if (path === '/v1/tasks') {
-    if (req.method === 'GET') return send(res, 200, { tasks: d.tasks.list().map((task) => described(d, task, false)) })
+    if (req.method === 'GET') return list(d, req, res)
     if (req.method !== 'POST') {
       res.setHeader('allow', 'GET, POST')
       return fail(res, 405, 'method_not_allowed', 'use POST to open a task, GET to list the open ones')
@@ -121,6 +123,24 @@ async function route(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse, 
   }
   res.setHeader('allow', 'GET, DELETE')
   return fail(res, 405, 'method_not_allowed', 'use GET or DELETE on a task')
+}
+
+function list(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): void {
+  let asked
+  try {
+    asked = readListQuery(req.url ?? '', d.tasks)
+  } catch (err) {
+    if (err instanceof ListQueryError) return fail(res, 400, 'bad_request', err.message)
+    throw err
+  }
+  const page = d.tasks.page(asked.after, asked.limit)
+  const last = page.tasks.at(-1)
+  const next = page.more && last ? cursorAfter(d.tasks, last.listedAs) : null
+  send(res, 200, {
+    tasks: page.tasks.map((task) => described(d, task, false)),
+    next_cursor: next,
+    next: next === null ? null : `/v1/tasks?limit=${asked.limit}&cursor=${next}`,
+  })
 }
 
 /**

@@ -2,7 +2,7 @@
 // gets a handle; requests name it in Proxy-Authorization (the proxy URL's userinfo). The handle is
 // a proxy credential: 128 random bits, never logged or audited (the task's separate ID is). Ending
 // a task, or its expiry, drops every token it held.
-import { randomUUID } from 'node:crypto'
+import { randomBytes, randomUUID } from 'node:crypto'
 import { newTaskHandle, withoutTaskHandles } from '../../lib/task-handle.js'
 import type { Identity, TaskRef } from '../context.js'
 import { subjectAncestry, type Ancestor } from '../../lib/delegation.js'
@@ -29,6 +29,11 @@ export interface Task extends TaskRef {
    * what an unverified token claims, and a refused one never opened.
    */
   pending: boolean
+  /**
+   * Where the task stands in GET /v1/tasks: given when it is first listed (opened, or confirmed
+   * when pending), counting up, so a page's cursor is the last one it showed. 0 until then.
+   */
+  listedAs: number
 }
 
 export interface OpenTask {
@@ -45,8 +50,23 @@ export class TaskError extends Error {}
 /** Why a task ended: the agent ended it, its time ran out, or the sidecar shut down. */
 export type TaskEnd = 'ended' | 'expired' | 'shutdown'
 
+/** A page of the listing: `more` when tasks listed after the last one shown remain. */
+export interface TaskPage {
+  tasks: Task[]
+  more: boolean
+}
+
 export class TaskRegistry {
   private readonly byHandle = new Map<string, Task>()
+  /**
+   * The listed tasks in the order they were listed (Map order is insertion order): a page starts
+   * after the last one the previous page showed, so a task ended meanwhile shifts nothing and one
+   * listed meanwhile comes last, never on a page already read.
+   */
+  private readonly listed = new Map<number, Task>()
+  private lastListed = 0
+  /** This registry's run (tasks live in memory): a listing cursor names it, so one from before a restart is refused, not read against a new numbering. */
+  readonly run = randomBytes(6).toString('base64url')
   private readonly endListeners: ((t: Task, why: TaskEnd) => void)[] = []
   private readonly openListeners: ((t: Task) => void)[] = []
   private sweeper: NodeJS.Timeout | undefined
@@ -114,10 +134,11 @@ export class TaskRegistry {
       identity: undefined as unknown as Identity,
       ended: false,
       pending: req.pending ?? false,
+      listedAs: 0,
     }
     ;(task as { identity: Identity }).identity = Object.freeze({ agentId: this.agentId, taskId: id, userSub, task })
     this.byHandle.set(handle, task)
-    if (!task.pending) for (const l of this.openListeners) l(task)
+    if (!task.pending) this.announce(task)
     return task
   }
 
@@ -125,6 +146,12 @@ export class TaskRegistry {
   confirm(task: Task): void {
     if (!task.pending || task.ended) return
     task.pending = false
+    this.announce(task)
+  }
+
+  private announce(task: Task): void {
+    task.listedAs = ++this.lastListed
+    this.listed.set(task.listedAs, task)
     for (const l of this.openListeners) l(task)
   }
 
@@ -161,6 +188,7 @@ export class TaskRegistry {
     if (task.ended) return
     task.ended = true
     this.byHandle.delete(task.handle)
+    this.listed.delete(task.listedAs)
     for (const l of this.endListeners) l(task, why)
   }
 
@@ -180,10 +208,19 @@ export class TaskRegistry {
     for (const t of [...this.byHandle.values()]) this.endTask(t, 'shutdown')
   }
 
-  /** Every open task, oldest first; expired ones are ended first, as the sweeper would. */
-  list(): Task[] {
+  /**
+   * At most `limit` open tasks listed after `after` (a task's `listedAs`; 0 from the start), in
+   * the order they were listed; expired ones are ended first, as the sweeper would.
+   */
+  page(after: number, limit: number): TaskPage {
     this.sweep()
-    return [...this.byHandle.values()].filter((t) => !t.pending)
+    const tasks: Task[] = []
+    for (const t of this.listed.values()) {
+      if (t.listedAs <= after) continue
+      if (tasks.length === limit) return { tasks, more: true }
+      tasks.push(t)
+    }
+    return { tasks, more: false }
   }
 
   get size(): number {

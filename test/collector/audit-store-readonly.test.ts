@@ -177,6 +177,8 @@ t.test('postgres: an existing store is read as before', async (t) => {
   writeFileSync(cfg, `version: 1\ncollector:\n  store: { kind: postgres, url: ${JSON.stringify(PG_URL)}, schema: ${schema} }\n  sidecars: []\n`)
   const calls = await cli(['audit', '--agent', AGENT, '-c', cfg, '--json'])
   t.same([calls.code, calls.stdout.trim().split('\n').map((l) => (JSON.parse(l) as { sequence: number }).sequence)], [0, [1, 2, 3]], 'audit')
+  const latest = await cli(['audit', '--agent', AGENT, '-c', cfg, '--json', '--newest', '--limit', '2'])
+  t.same([latest.code, latest.stdout.trim().split('\n').map((l) => (JSON.parse(l) as { sequence: number }).sequence)], [0, [3, 2]], 'audit --newest: the latest, newest first')
   const verify = await cli(['audit', 'verify', '-c', cfg])
   t.same([verify.code, verify.stdout], [0, 'chain verified: 3 events across 1 sidecars\n'], 'audit verify')
 })

@@ -26,7 +26,24 @@ t.test('mistakes are named by path', async (t) => {
   // Less than an event may be (256 KiB): the sidecar cannot send one such event in a batch the collector takes.
   t.throws(bad({ sidecars: [], grpc: { max_batch_bytes: 256 * 1024 } }), { code: 'LK_CONFIG_INVALID', message: /collector\.grpc\.max_batch_bytes/ })
   t.doesNotThrow(bad({ sidecars: [], grpc: { max_batch_bytes: 1024 * 1024 } }), '1 MiB is taken: the sidecar sends smaller batches to it')
+  t.doesNotThrow(bad({ sidecars: [], grpc: { max_batch_bytes: 64 * 1024 * 1024 }, store: { kind: 'postgres', url: 'postgres://h/db', pool_size: 100 } }), 'the largest of each is taken')
   t.throws(() => loadCollectorConfig('/nonexistent/collector.yaml'), { message: /cannot read file: ENOENT/ })
+})
+
+t.test('a batch size or pool past what it sizes is refused, by check-config and the collector alike, naming the setting', async (t) => {
+  const { spawnSync } = await import('node:child_process')
+  const { mkdtempSync, writeFileSync } = await import('node:fs')
+  const { tmpdir } = await import('node:os')
+  const { join } = await import('node:path')
+  const { CLI } = await import('../helpers/cli.js')
+  const file = join(mkdtempSync(join(tmpdir(), 'lk-collector-cfg-')), 'c.yaml')
+  // Above a sidecar's largest message (2 MiB) 32 times over; a pool past PostgreSQL's default max_connections.
+  writeFileSync(file, `version: 1\ncollector:\n  grpc: { port: 0, max_batch_bytes: ${64 * 1024 * 1024 + 1} }\n  http: null\n  store: { kind: postgres, url: "postgres://127.0.0.1:1/none", pool_size: 101 }\n  sidecars: []\n`)
+  const said = `${file}: invalid configuration:\n  collector.grpc.max_batch_bytes: must be <= 67108864\n  collector.store.pool_size: must be <= 100`
+  for (const command of [['check-config', file], ['collector', '-c', file]]) {
+    const r = spawnSync(process.execPath, [CLI, ...command], { encoding: 'utf8', timeout: 20_000 })
+    t.same([r.status, r.stderr.trim()], [1, said], `${command[0]} refuses it`)
+  }
 })
 
 t.test("a store mistake is judged by the branch its kind names: one line, not every branch's complaint", async (t) => {

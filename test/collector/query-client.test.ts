@@ -3,6 +3,7 @@
 // JSON.parse or TypeError message quoting the other service's body, and never read without end.
 import t, { type Test } from 'tap'
 import type { ServerResponse } from 'node:http'
+import { createServer, type AddressInfo, type Socket } from 'node:net'
 import { startUpstream } from '../helpers/harness.js'
 import { endlessAnswer } from '../helpers/endless-answer.js'
 import { auditInProcess } from '../helpers/audit-cli.js'
@@ -51,7 +52,7 @@ t.test("another service's JSON is not taken for events, agents or a verdict", as
 t.test('an answer without end is read no further than the cap', async (t) => {
   const endless = endlessAnswer(200)
   const url = await serve(t, (_, res) => endless.answer(res))
-  const err = await getJson(url, '/v1/events?agent=x', 1024 * 1024).then(
+  const err = await getJson(url, '/v1/events?agent=x', { maxBytes: 1024 * 1024 }).then(
     () => null,
     (e: unknown) => e,
   )
@@ -60,4 +61,36 @@ t.test('an answer without end is read no further than the cap', async (t) => {
   await new Promise((resolve) => setTimeout(resolve, 200))
   const { closedEarly, sent, total } = endless.outcome()
   t.ok(closedEarly, `the client went away before the end (${sent} of ${total} bytes sent)`)
+})
+
+t.test('a --url that takes the connection and says nothing fails in seconds; a collector slow to verify is waited for', async (t) => {
+  // Reads what it is sent and never answers: a wrong service, a stuck proxy.
+  const silent = createServer((socket) => socket.resume())
+  const sockets = new Set<Socket>()
+  silent.on('connection', (s) => (sockets.add(s), s.on('close', () => sockets.delete(s))))
+  await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => {
+    for (const s of sockets) s.destroy()
+    silent.close()
+  })
+  const url = `http://127.0.0.1:${(silent.address() as AddressInfo).port}`
+  const started = Date.now()
+  const within3s = (asked: Promise<unknown>) => Promise.race([asked.catch((e: unknown) => e), new Promise((r) => setTimeout(() => r('still waiting after 3 s'), 3000).unref())])
+  const err = await within3s(getJson(url, '/v1/verify', { silentPeerMs: 300 }))
+  t.ok(err instanceof CliError, `a CliError, after ${Date.now() - started} ms`)
+  t.equal((err as Error).message, `collector at ${url}: no answer to GET /healthz within 0.3 s (headers timeout; the connection was taken, nothing was said); check --url`)
+
+  // A collector answers /healthz at once and sends a verify's head only with its verdict.
+  const verdict = { ok: true, sidecars: 1, checked: 5, breaks: [] }
+  const slow = await serve(t, (path, res) => (path === '/healthz' ? json(res, { ok: true, store: 'postgres' }) : void setTimeout(() => json(res, verdict), 800)))
+  t.same((await getJson(slow, '/v1/verify', { silentPeerMs: 300 })).body, verdict, 'a verify answered after longer than the wait for /healthz is read')
+
+  // A head, then a body that stops part-way.
+  const stalled = await serve(t, (path, res) => {
+    if (path === '/healthz') return json(res, { ok: true, store: 'sqlite' })
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.write('{"ok":')
+  })
+  const cut = await within3s(getJson(stalled, '/v1/verify', { silentPeerMs: 300, stallMs: 300 }))
+  t.equal((cut as Error).message, `collector at ${stalled}: the answer to GET /v1/verify stopped for 0.3 s part-way (body timeout); check --url`)
 })

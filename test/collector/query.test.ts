@@ -112,6 +112,21 @@ t.test('HTTP API and CLI answer what an agent did', async (t) => {
   t.match((await get(`/v1/events?agent=${encodeURIComponent(X)}&since=24h&limit=2`)).body, { count: 2, truncated: false }, 'exactly the limit is not cut')
   const cutCli = await cli(['audit', '--agent', X, '--since', '24h', '--limit', '1', '--url', c.httpUrl!])
   t.match(cutCli.stderr, /1 call\(s\) by .*\nmore calls match: these are the oldest 1; narrow --since or raise --limit/)
+
+  // Newest first: what an operator asking about today usually wants, when more match than --limit.
+  const seqs = (body: Record<string, unknown>) => (body.events as { sequence: number }[]).map((e) => e.sequence)
+  const oldestFirst = seqs((await get(`/v1/events?agent=${encodeURIComponent(X)}&since=24h`)).body)
+  const newestPage = await get(`/v1/events?agent=${encodeURIComponent(X)}&since=24h&order=newest&limit=1`)
+  t.match(newestPage.body, { count: 1, truncated: true, order: 'newest' })
+  t.same(seqs(newestPage.body), oldestFirst.slice(-1), 'order=newest&limit=1 is the latest call')
+  const rest = await get(`/v1/events?agent=${encodeURIComponent(X)}&since=24h&order=newest&cursor=${newestPage.body.next as string}`)
+  t.same([...seqs(newestPage.body), ...seqs(rest.body)], [...oldestFirst].reverse(), 'its next page goes on to older calls, each once')
+  t.same(await get(`/v1/events?agent=${X}&order=latest`), { status: 400, body: { error: 'order "latest" must be oldest or newest' } })
+  t.same((await get(`/v1/events?agent=${X}&cursor=${newestPage.body.next as string}`)).body, { error: 'cursor continues an answer newest first: ask with order=newest, as that answer was asked' }, 'a cursor read in the other order would skip or repeat')
+  const newestCli = await cli(['audit', '--agent', X, '--since', '24h', '--limit', '1', '--newest', '--json', '--url', c.httpUrl!])
+  t.same(newestCli.stdout.trim().split('\n').map((l) => (JSON.parse(l) as { sequence: number }).sequence), oldestFirst.slice(-1), 'latchkey audit --newest prints the latest')
+  const newestText = await cli(['audit', '--agent', X, '--since', '24h', '--limit', '1', '--newest', '--url', c.httpUrl!])
+  t.match(newestText.stderr, /more calls match: these are the newest 1; narrow --since or raise --limit\n/)
 })
 
 t.test('`audit` prints stored fields so no event can draw a line of its own', async (t) => {

@@ -424,6 +424,26 @@ export function conformance(t: Test, backend: Backend): void {
       'after (time, sidecar, position): later times, then the same time in a later sidecar or position',
     )
     t.same(await store.eventsByAgent({ agent: X, since, after: { ts: now - 2000, sidecar: B, position: 7 } }), [], 'after the last event: nothing')
+
+    // Newest first: the same events reversed, paged the same way through the ties, each once.
+    const newest = await store.eventsByAgent({ agent: X, since, newest: true })
+    t.same(newest.map(key), whole.map(key).reverse(), 'newest first is the whole answer reversed')
+    const back: string[] = []
+    after = undefined
+    for (let pages = 0; pages < 20; pages++) {
+      const page = await store.eventsByAgent({ agent: X, since, limit: 3, after, newest: true })
+      back.push(...page.map(key))
+      if (page.length < 3) break
+      const last = page[page.length - 1]!
+      after = { ts: last.event.timeUnixMs, sidecar: last.sidecar, position: last.position }
+    }
+    t.same(back, newest.map(key), 'its pages together are the whole answer, each event once')
+    t.same(
+      (await store.eventsByAgent({ agent: X, since, after: { ts: now - 3000, sidecar: B, position: 5 }, newest: true })).map(key),
+      [`${A}#6`, `${A}#5`, `${B}#4`, `${B}#3`, `${B}#2`, `${A}#4`, `${A}#3`, `${A}#2`, `${B}#1`, `${A}#1`],
+      'newest first, after (time, sidecar, position): the same time in an earlier sidecar or position, then earlier times',
+    )
+    t.same((await store.eventsByAgent({ agent: X, since: new Date(now - 4500), newest: true, limit: 2 })).map(key), [`${B}#7`, `${A}#7`], 'the limit keeps the newest')
   })
 
   withStore('inventory: agents, sidecars, last seen, hosts and audiences actually used', async (t, { store }) => {

@@ -7,6 +7,7 @@ import { promisify } from 'node:util'
 import { readFileSync } from 'node:fs'
 import { startBearerRig, rawRequest, assertNoCanary, startUpstream, startTestSidecar, loopbackPolicy, openTask, CANARY } from '../helpers/harness.js'
 import { MAX_OPEN_TASKS } from '../../proxy/tasks/api.js'
+import { DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT } from '../../proxy/tasks/listing.js'
 
 const run = promisify(execFile)
 
@@ -88,6 +89,12 @@ t.test('task API: clear refusals, a cap on open tasks, lifecycle in the log', as
 
   // Fill the registry to its cap directly (10,000 POSTs would only slow the test), then ask once more.
   while (s.sidecar.tasks.size < MAX_OPEN_TASKS) s.sidecar.tasks.open({ purpose: 'filler', durationS: 60 })
+  // Listed a page at a time: all 10,000 in one answer were 12 MB, written holding the event loop half a second.
+  const byDefault = await (await fetch(`${admin}/v1/tasks`)).text()
+  const page1 = JSON.parse(byDefault) as { tasks: unknown[]; next: string | null }
+  t.equal(page1.tasks.length, DEFAULT_LIST_LIMIT, `10,000 open: an answer without limit holds ${DEFAULT_LIST_LIMIT}`)
+  t.ok(byDefault.length < 100_000 && page1.next !== null, `in ${byDefault.length} bytes, with a next page`)
+  t.equal(((await (await fetch(`${admin}/v1/tasks?limit=${MAX_LIST_LIMIT}`)).json()) as { tasks: unknown[] }).tasks.length, MAX_LIST_LIMIT, `limit=${MAX_LIST_LIMIT} is the most one answer holds`)
   const full = await open({ purpose: 'one too many', duration_s: 60 })
   t.equal(full.status, 429)
   t.match(await full.json(), { error: 'too_many_tasks', reason: /10000 tasks are open; end one/ })
@@ -226,4 +233,59 @@ t.test("a task handle an agent writes into another task's purpose is neither lis
   t.notOk(listed.includes(secretPart), 'GET /v1/tasks lists tasks, never a handle')
   t.same((JSON.parse(listed) as { tasks: { purpose: string }[] }).tasks.map((x) => x.purpose), ['parent', 'subtask of lkt_[removed]', 'subtask of lkt_[removed]'])
   t.notOk(s.logs.some((l) => l.includes(secretPart)), 'no log line holds it')
+})
+
+t.test('GET /v1/tasks pages: a sane default, a maximum, a cursor that neither doubles nor skips a task opened or ended between pages', async (t) => {
+  const { s } = await startBearerRig(t)
+  const admin = s.sidecar.adminUrl
+  type Page = { tasks: { id: string }[]; next_cursor: string | null; next: string | null }
+  const get = async (query: string) => {
+    const res = await fetch(`${admin}/v1/tasks${query}`)
+    return { status: res.status, text: await res.text() }
+  }
+  const opened = [] as { handle: string; id: string }[]
+  for (let i = 0; i < 5; i++) opened.push(await openTask(s, `task ${i}`))
+  const handles = () => opened.map((o) => o.handle.slice(4))
+
+  const first = await get('?limit=2')
+  t.equal(first.status, 200)
+  const p1 = JSON.parse(first.text) as Page
+  t.same(p1.tasks.map((x) => x.id), [opened[0]!.id, opened[1]!.id], 'limit=2: the first two, in the order they were opened')
+  t.equal(p1.next, `/v1/tasks?limit=2&cursor=${p1.next_cursor}`, 'next is the request for the rest, as it is')
+  // Between pages: one already shown and one not yet shown end, a pending task is confirmed (it
+  // was opened before the first page), and a new task opens.
+  const pending = s.sidecar.tasks.open({ purpose: 'pending', durationS: 60, pending: true })
+  s.sidecar.tasks.end(opened[0]!.handle)
+  s.sidecar.tasks.end(opened[3]!.handle)
+  s.sidecar.tasks.confirm(pending)
+  const late = await openTask(s, 'late')
+  const rest: Page[] = []
+  for (let next = p1.next; next !== null; next = rest.at(-1)!.next) {
+    const r = await get(next.slice('/v1/tasks'.length))
+    t.notOk(handles().some((h) => r.text.includes(h)) || r.text.includes(late.handle.slice(4)), 'no page holds a handle')
+    rest.push(JSON.parse(r.text) as Page)
+  }
+  t.same(rest.map((r) => r.tasks.length), [2, 2], 'pages of two, the last saying there is no next')
+  t.same(rest.flatMap((r) => r.tasks.map((x) => x.id)), [opened[2]!.id, opened[4]!.id, pending.id, late.id], 'the rest once each: no task shown twice, none still open skipped, the one ended unshown not listed')
+  t.notOk(handles().some((h) => first.text.includes(h) || String(p1.next_cursor).includes(h)), 'nor does the first page or its cursor')
+
+  // What is refused, naming the parameter; never repeating a value (a cursor may be anything pasted).
+  const refusals: [string, RegExp][] = [
+    [`?limit=${MAX_LIST_LIMIT + 1}`, /^limit must be a whole number from 1 to 1000, in decimal digits$/],
+    ['?limit=0', /^limit must be/],
+    ['?limit=1e2', /^limit must be/],
+    ['?limit=', /^limit must be/],
+    [`?cursor=${opened[1]!.handle}`, /^cursor is not one this API gave: pass the next_cursor of the previous answer as it is$/],
+    ['?cursor=', /^cursor is not one this API gave/],
+    [`?cursor=${Buffer.from('t1:AAAAAAAA:5').toString('base64url')}`, /^cursor is from before the sidecar restarted .* list again without cursor$/],
+    ['?limt=5', /^unknown query parameter "limt"; the parameters are limit, cursor$/],
+    [`?${opened[1]!.handle}=1`, /^unknown query parameter \(not repeated\)/],
+    ['?limit=5&limit=6', /^query parameter "limit" is given twice/],
+  ]
+  for (const [query, reason] of refusals) {
+    const r = await get(query)
+    t.equal(r.status, 400, query)
+    t.match(JSON.parse(r.text), { error: 'bad_request', reason, retryable: false })
+    t.notOk(r.text.includes(opened[1]!.handle.slice(4)), 'the value is not repeated')
+  }
 })

@@ -3,7 +3,8 @@
 // and reports exactly once through `done`.
 import type { IncomingMessage, ServerResponse, IncomingHttpHeaders } from 'node:http'
 import { finished, type Transform } from 'node:stream'
-import { createBrotliDecompress, createGunzip, createInflate } from 'node:zlib'
+import { createBrotliDecompress, createGunzip } from 'node:zlib'
+import { createDeflateDecoder } from './deflate.js'
 import type { Dispatcher, Pool } from 'undici'
 import type { CallContext, Target } from '../context.js'
 import { LatchkeyError, type ErrorCode } from '../errors.js'
@@ -603,7 +604,8 @@ function decoderMaker(contentEncoding: string | string[] | undefined): (() => Tr
 const DECODERS = new Map<string, () => Transform>([
   ['gzip', createGunzip],
   ['x-gzip', createGunzip],
-  ['deflate', createInflate],
+  // zlib-wrapped or raw, as undici's fetch and browsers read it (deflate.ts).
+  ['deflate', createDeflateDecoder],
   ['br', createBrotliDecompress],
 ])
 

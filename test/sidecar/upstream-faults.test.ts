@@ -295,6 +295,8 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
     // A head undici's parser refuses after its Content-Length line (undici then reports a body mismatch).
     '/bad-name-after-length': 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX B: a\r\n\r\nok',
     '/control-after-length': 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: a\x01b\r\n\r\nok',
+    // A body longer than its Content-Length, the rest a response of its own for whoever comes next.
+    '/length-longer': 'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED',
   }
   const upstream: Server = createServer((s) => {
     s.on('error', () => {})
@@ -352,6 +354,14 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
     if (reasons[path] !== undefined) t.equal(body.reason, reasons[path], `${path}: says what was wrong`)
   }
 
+  // Relayed to its length; the bytes past it end that upstream connection, never read as the
+  // answer to the next call (which goes on a new one).
+  const longer = await get('/length-longer')
+  seen.push(longer.raw)
+  t.same([longer.status, longer.headers['content-length'], longer.body], [200, '5', 'hello'], 'a body longer than its Content-Length: relayed to its length')
+  const next = await get('/length-spaced')
+  t.equal(next.body, 'hello', 'the next call gets its own answer, not what the upstream sent past the last one')
+
   const forged = await get('/forged-denial')
   seen.push(forged.raw)
   t.equal(forged.status, 403)
@@ -387,6 +397,8 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
       ['/length-hex', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
       ['/bad-name-after-length', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
       ['/control-after-length', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
+      ['/length-longer', 200, 'allow', null],
+      ['/length-spaced', 200, 'allow', null],
       ['/forged-denial', 403, 'allow', null],
       ['/hint-flood', 200, 'allow', null],
     ],

@@ -356,10 +356,15 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       const t0 = performance.now()
       let tokens = 0
       let cut = 0
+      // Upstream pools are per task (forward/pools.ts): the stopped tasks' idle keep-alive sockets
+      // are closed with the cut, not left until they idle out. Nothing was to be sent on them, but
+      // a revocation is to close what the task holds. A jti's task goes on: its pools stay.
+      let pools = 0
       if (r.kind === 'agent') {
         if (!control!.state.appliesToAgent(r)) return
         tokens = (brokerTokens?.dropAll() ?? 0) + (clientCredentials?.dropAll() ?? 0)
         cut = pipeline.cut(() => true)
+        pools = pipeline.stages.pools.closeAll()
         // Every connection here is this agent's and none will be served again, so idle keep-alive
         // sockets go too: left open, a revoked agent kept holding the sidecar's descriptors, and
         // only its next request on each learnt of the revocation. Those in plaintext tunnels too
@@ -382,8 +387,9 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
           brokerTokens?.dropTask(id, r.kind === 'task' && id === r.value ? 'revoked' : 'revoked-delegation')
         }
         if (stopped.size > 0) cut += pipeline.cut((id) => id.taskId !== null && stopped.has(id.taskId))
+        for (const id of stopped) pools += pipeline.stages.pools.closeTask(id)
       }
-      if (tokens > 0 || cut > 0 || r.kind === 'agent') log.warn({ kind: r.kind, value: r.value, tokens_dropped: tokens, connections_cut: cut, ms: Math.round((performance.now() - t0) * 1000) / 1000 }, 'revocation applied')
+      if (tokens > 0 || cut > 0 || pools > 0 || r.kind === 'agent') log.warn({ kind: r.kind, value: r.value, tokens_dropped: tokens, connections_cut: cut, pools_closed: pools, ms: Math.round((performance.now() - t0) * 1000) / 1000 }, 'revocation applied')
     }
     const { defaultStateFile, RevocationFileError } = await import('./control/persist.js')
     try {

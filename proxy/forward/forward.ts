@@ -3,13 +3,14 @@
 // and reports exactly once through `done`.
 import type { IncomingMessage, ServerResponse, IncomingHttpHeaders } from 'node:http'
 import { finished, type Transform } from 'node:stream'
-import { createBrotliDecompress, createGunzip, createInflate } from 'node:zlib'
+import { createBrotliDecompress, createGunzip } from 'node:zlib'
+import { createDeflateDecoder } from './deflate.js'
 import type { Dispatcher, Pool } from 'undici'
 import type { CallContext, Target } from '../context.js'
 import { LatchkeyError, type ErrorCode } from '../errors.js'
 import { watchBodyStall } from './body-stall.js'
 import { inboundResponseHeaders, type OutboundHeaders } from './headers.js'
-import { afterSending, upstreamError } from './upstream-errors.js'
+import { afterSending, bodyError, upstreamError } from './upstream-errors.js'
 import { safeReasonPhrase, scrubResponseHeaders } from './scrub.js'
 import { BodyScrubber, bodyNeedlesFor } from './body-scrub.js'
 import { lingerOnClose } from '../listen/linger.js'
@@ -538,8 +539,8 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     }
     this.finished = true
     this.decoder?.destroy()
-    // ctx.upstreamMs is set when the final head arrives (onResponseStart).
-    const mapped = upstreamError(err, this.ctx.method, this.ctx.upstreamMs !== null)
+    // ctx.upstreamMs is set when the final head arrives (onResponseStart): past it, a close is a body cut short.
+    const mapped = this.ctx.upstreamMs !== null ? bodyError(err, this.ctx.method) : upstreamError(err, this.ctx.method, false)
     if (this.res.headersSent) {
       this.cutShort(mapped.code, mapped.reason)
     } else {
@@ -603,7 +604,8 @@ function decoderMaker(contentEncoding: string | string[] | undefined): (() => Tr
 const DECODERS = new Map<string, () => Transform>([
   ['gzip', createGunzip],
   ['x-gzip', createGunzip],
-  ['deflate', createInflate],
+  // zlib-wrapped or raw, as undici's fetch and browsers read it (deflate.ts).
+  ['deflate', createDeflateDecoder],
   ['br', createBrotliDecompress],
 ])
 

@@ -266,6 +266,17 @@ export class PinnedPools {
     return ended.length
   }
 
+  /**
+   * Every pool closed as closeTask closes a task's (a revoked agent: every call here was its own,
+   * and none will be made again). Not a shutdown: a pool may be made anew afterwards.
+   */
+  closeAll(): number {
+    const n = this.pools.size
+    // Dispose closes each.
+    this.pools.clear()
+    return n
+  }
+
   async close(): Promise<void> {
     this.closing = true
     const pools = [...this.pools.values()]

@@ -151,3 +151,21 @@ export function upstreamError(err: unknown, method = 'GET', headArrived = true):
     }
   }
 }
+
+/** The upstream's connection ending under a call: closed (undici's "other side closed") or reset. */
+const CLOSED_UNDER = new Set(['UND_ERR_SOCKET', 'ECONNRESET', 'EPIPE'])
+
+/**
+ * A failure once the final response head has arrived (its body under way). A body read to the
+ * close ends without error, so a close or reset here ends one its head framed (a Content-Length
+ * not reached, chunks with no last one): the upstream broke the framing it chose, a protocol
+ * fault, not an upstream out of reach (ARCHITECTURE.md, the forward stage's outcomes).
+ */
+export function bodyError(err: unknown, method: string): LatchkeyError {
+  const e = err as { code?: unknown; message?: unknown } | null
+  const code = typeof e?.code === 'string' ? e.code : ''
+  if (CLOSED_UNDER.has(code) && !(code === 'UND_ERR_SOCKET' && (e?.message === 'bad response' || e?.message === 'bad upgrade'))) {
+    return new LatchkeyError('LK_UPSTREAM_PROTOCOL', `the upstream ${code === 'UND_ERR_SOCKET' ? 'closed' : 'reset'} the connection before the end of the body its response head announced`)
+  }
+  return upstreamError(err, method, true)
+}

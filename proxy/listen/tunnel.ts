@@ -13,14 +13,14 @@
 // A CONNECT denied only because a rule on the host depends on method or path (which TLS hides)
 // opens for plain HTTP alone, without dialling: TLS gets an access_denied alert. So does a
 // CONNECT to the sidecar's own listener: the requests inside are calls to its routes, and a
-// denied CONNECT to port 80, so that Node's fetch of an http:// URL reads its denial; and a
-// CONNECT to port 80 whose name does not resolve or whose upstream cannot be dialled, so that
-// it reads the 502/504 and its reason (TLS there gets an internal_error alert).
+// CONNECT to port 80 refused for anything but its own bytes or a fault (ON_PORT_80: whose, what,
+// where, the sidecar's state), so that Node's fetch of an http:// URL reads the refusal's status
+// and reason (TLS there gets access_denied, or internal_error for a 5xx).
 import { connect as netConnect, type Socket } from 'node:net'
 import type { IncomingMessage } from 'node:http'
 import type { Pipeline, TunnelOrigin } from '../pipeline.js'
 import type { CallContext, Target } from '../context.js'
-import { LatchkeyError } from '../errors.js'
+import { LatchkeyError, type ErrorCode } from '../errors.js'
 import { serveOn } from './serve-on.js'
 import { parseConnectTarget } from './target.js'
 import { checkFraming } from './framing.js'
@@ -38,17 +38,56 @@ const TLS_ACCESS_DENIED = Buffer.from([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31]
 const TLS_INTERNAL_ERROR = Buffer.from([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x50])
 
 /**
- * What a CONNECT to port 80, plain HTTP's, answers inside the tunnel rather than on the CONNECT's
- * status line: Node's fetch (undici's EnvHttpProxyAgent, Node 24's NODE_USE_ENV_PROXY) tunnels
- * an http:// URL and shows a refused CONNECT only as "fetch failed", where the request inside
- * reads the refusal's JSON. The request is identified, decided, resolved and dialled again there,
- * and meets the same refusal or failure (or, a moment later, none): a proxy credential naming no
- * open task too, as a 403 (errors.ts asOriginRefusal), where the SDK on fetch retried "fetch failed";
- * and a revoked agent or task, which read "fetch failed" where it is to read that it is stopped.
+ * Where a CONNECT to port 80, plain HTTP's, is answered each refusal it can meet: `inside` the
+ * tunnel or on the CONNECT's status `line`. Node's fetch (undici's EnvHttpProxyAgent, Node 24's
+ * NODE_USE_ENV_PROXY) tunnels an http:// URL and shows a refused CONNECT only as "fetch failed",
+ * which the SDKs on it retry; inside, the tunnel opens undialled and each request in it is
+ * identified, decided, resolved and dialled again, meeting the same refusal (or, a moment later,
+ * none) as a readable JSON answer. Every code is decided here (a Record over them: a new one does
+ * not compile until it is).
+ *   inside: whose (LK_PROXY_AUTH, LK_CALLER_DENIED, LK_REVOKED, LK_TASK_ENDED: a cut while DNS
+ *     waited, read inside as the ended task's 403), what (LK_POLICY_DENIED, LK_NETWORK_DENIED),
+ *     where (LK_DNS_*, LK_UPSTREAM_UNREACHABLE, LK_UPSTREAM_TIMEOUT), and the sidecar's state
+ *     (LK_AUDIT_UNAVAILABLE; LK_DRAINING: the request inside reads it with `Connection: close`,
+ *     and the tunnel ends with it). Nothing in them is about the CONNECT's own bytes.
+ *   line: a CONNECT that cannot be read as one (LK_BAD_REQUEST, LK_HEADERS_TOO_LARGE,
+ *     LK_REQUEST_TIMEOUT: no tunnel is owed to bytes that are no CONNECT), and a fault in the
+ *     sidecar (LK_INTERNAL: nothing says the request inside would meet it; not turned into a tunnel).
+ *   line, never met by a CONNECT (no body, route, credential or HTTP response is read for one) or
+ *     never rendered (after the 200, or nobody to read it): the rest.
  */
-const ANSWERED_INSIDE_ON_PORT_80 = new Set(['LK_PROXY_AUTH', 'LK_REVOKED', 'LK_POLICY_DENIED', 'LK_NETWORK_DENIED', 'LK_DNS_FAILED', 'LK_DNS_TIMEOUT', 'LK_UPSTREAM_UNREACHABLE', 'LK_UPSTREAM_TIMEOUT'])
+const ON_PORT_80: Record<ErrorCode, 'inside' | 'line'> = {
+  LK_PROXY_AUTH: 'inside',
+  LK_CALLER_DENIED: 'inside',
+  LK_REVOKED: 'inside',
+  LK_TASK_ENDED: 'inside',
+  LK_POLICY_DENIED: 'inside',
+  LK_NETWORK_DENIED: 'inside',
+  LK_DNS_FAILED: 'inside',
+  LK_DNS_TIMEOUT: 'inside',
+  LK_DNS_BUSY: 'inside',
+  LK_UPSTREAM_UNREACHABLE: 'inside',
+  LK_UPSTREAM_TIMEOUT: 'inside',
+  LK_AUDIT_UNAVAILABLE: 'inside',
+  LK_DRAINING: 'inside',
+  LK_BAD_REQUEST: 'line',
+  LK_HEADERS_TOO_LARGE: 'line',
+  LK_REQUEST_TIMEOUT: 'line',
+  LK_INTERNAL: 'line',
+  LK_EXPECTATION_FAILED: 'line',
+  LK_NO_ROUTE: 'line',
+  LK_FOREIGN_ORIGIN: 'line',
+  LK_CREDENTIAL_UNAVAILABLE: 'line',
+  LK_CREDENTIAL_REFUSED: 'line',
+  LK_UPSTREAM_TLS: 'line',
+  LK_UPSTREAM_PROTOCOL: 'line',
+  LK_UPSTREAM_LIMIT: 'line',
+  LK_TLS_NAME_MISMATCH: 'line',
+  LK_IDLE_TIMEOUT: 'line',
+  LK_CLIENT_CLOSED: 'line',
+}
 const answeredInside = (target: { port: number }, err: unknown): err is LatchkeyError =>
-  target.port === 80 && err instanceof LatchkeyError && ANSWERED_INSIDE_ON_PORT_80.has(err.code)
+  target.port === 80 && err instanceof LatchkeyError && ON_PORT_80[err.code] === 'inside'
 
 /**
  * Why a TLS tunnel's server name (SNI) is not what its CONNECT was decided for, or null. A name
@@ -192,29 +231,30 @@ export function handleConnect(pipeline: Pipeline, req: IncomingMessage, client: 
       client.write('HTTP/1.1 200 Connection Established\r\n\r\n')
       return serveOn(pipeline.admin!, client, head)
     }
-    pipeline.refuseIfDraining()
-    // Cut while admission waits (DNS): answered with the refusal now, as a request is (Pipeline.cut).
-    ctx.admitting = refuse
+    const target = ctx.target
+    // Cut while admission waits (DNS): answered with the refusal now, as a request is (Pipeline.cut);
+    // on port 80 inside the tunnel, as below, but for the drain's deadline (nothing is answered after it).
+    ctx.admitting = (cut) => (answeredInside(target, cut) && cut.code !== 'LK_DRAINING' ? openForPlainHttpOnly(cut, true) : refuse(cut))
     try {
+      pipeline.refuseIfDraining()
       await pipeline.admit(ctx, req.headers['proxy-authorization'], false, client)
     } catch (err) {
       // Port 80 is plain HTTP's: there the refusal (or a name that does not resolve) goes inside
       // the tunnel, where the request is decided again and refused with the readable 403 (502,
-      // 504) any other path gives. Node's fetch tunnels http:// and shows a refused CONNECT only
-      // as "fetch failed". Nothing is dialled. Elsewhere the refusal stays on the CONNECT: TLS
-      // clients show its status line, and a protocol whose server speaks first would wait on an
-      // opened tunnel for ever.
-      // Refused meanwhile (a cut answered it): its refusal is written, and stands.
-      if (finished) return
-      if (answeredInside(ctx.target, err)) return openForPlainHttpOnly(err, true)
+      // 503, 504) any other path gives (ON_PORT_80). Node's fetch tunnels http:// and shows a
+      // refused CONNECT only as "fetch failed". Nothing is dialled. Elsewhere the refusal stays on
+      // the CONNECT: TLS clients show its status line, and a protocol whose server speaks first
+      // would wait on an opened tunnel for ever.
+      // Refused meanwhile (a cut answered it, on the line or inside): that answer stands.
+      if (finished || ctx.cutWith !== null) return
+      if (answeredInside(target, err)) return openForPlainHttpOnly(err, true)
       throw err
     } finally {
       ctx.admitting = null
     }
-    if (finished) return
+    if (finished || ctx.cutWith !== null) return
     const decision = ctx.decision!
     if (decision.action === 'deny' && decision.enforced) return openForPlainHttpOnly(new LatchkeyError('LK_POLICY_DENIED', decision.reason, decision.rule))
-    const target = ctx.target
     const upstream = netConnect({ host: ctx.resolved!.address, port: target.port, noDelay: true })
     pipeline.stages.pools.relay(upstream)
     upstreamSocket = upstream

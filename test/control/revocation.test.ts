@@ -141,8 +141,13 @@ t.test('task, jti and agent-type pattern revocations; an unknown agent is accept
   let ws2Closed = false
   ws2.on('close', () => (ws2Closed = true))
   const tokensBefore = a.sidecar.brokerTokens!.size
+  // Each task's calls keep their own upstream socket alive (pools are per task); the API asks for 30 s.
+  const pooled = (s: typeof a) => s.sidecar.metrics.upstreamCount().pooled
+  t.equal(pooled(a), 2, "one idle keep-alive upstream socket for each task's calls")
   t.equal((await revoke(broker, 'task', t1.id)).status, 201)
   await until('task revocation applied', () => a.sidecar.control!.state.has('task', t1.id))
+  await until("the revoked task's idle upstream socket closed", () => pooled(a) === 1, 1000).catch(() => {})
+  t.equal(pooled(a), 1, "the revoked task's idle upstream socket is closed at the cut, the other task's kept")
   const refused = await viaProxy(a, t1.handle, `${api.origin}/x`)
   t.match(refused, { status: 403, body: { code: 'LK_REVOKED', reason: 'revoked', rule: 'revocation:task' } })
   t.equal(a.sidecar.brokerTokens!.describe(t1.id).length, 0, 'the task\'s token is gone')
@@ -170,6 +175,8 @@ t.test('task, jti and agent-type pattern revocations; an unknown agent is accept
   // An agent-type pattern: every helper, no summarizer.
   t.equal((await revoke(broker, 'agent', 'agent:helper:*:*')).status, 201)
   await until('pattern applied', () => h.sidecar.control!.state.agentRevoked)
+  await until("the revoked agent's idle upstream socket closed", () => pooled(h) === 0, 1000).catch(() => {})
+  t.equal(pooled(h), 0, "a revoked agent's idle upstream sockets are closed at the cut")
   t.equal((await viaProxy(h, ht.handle, `${api.origin}/x`)).status, 403)
   t.equal((await viaProxy(a, t2.handle, `${api.origin}/x`)).status, 200)
   t.notOk(a.sidecar.control!.state.agentRevoked)

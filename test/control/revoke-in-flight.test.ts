@@ -3,6 +3,7 @@
 // real: the broker with its control stream, a front holding the broker's answers back where a slow
 // broker is the point, sidecars, an upstream API.
 import t from 'tap'
+import { EnvHttpProxyAgent, fetch as undiciFetch } from 'undici'
 import { once } from 'node:events'
 import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openWebSocket, openRecorded, revoke, until } from './rig.js'
 import { startBrokerFront } from '../helpers/broker-front.js'
@@ -150,7 +151,7 @@ t.test('a CONNECT waiting on DNS when its task is revoked is answered 403 at onc
   t.teardown(() => held.splice(0).forEach((go) => go()))
   const network = new NetworkPolicy(parseConfig(`version: 1\nnetwork:\n  allow:\n    - cidr: 127.0.0.1/32\n      ports: [${api.port}]\n`).network)
   const resolver = new DnsResolver(network, { cacheMs: 0, negativeCacheMs: 0, timeoutMs: 20_000, maxLookups: 8, lookup })
-  const policy = { default: 'deny', rules: [{ id: 'allow-api', action: 'allow', hosts: ['api.test'], ports: [api.port] }] }
+  const policy = { default: 'deny', rules: [{ id: 'allow-api', action: 'allow', hosts: ['api.test'], ports: [api.port, 80] }] }
   const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:dns-wait', { policy, options: { resolver } })
   t.teardown(s.close)
   await until('connected', () => s.sidecar.control!.connected)
@@ -159,6 +160,17 @@ t.test('a CONNECT waiting on DNS when its task is revoked is answered 403 at onc
   const connectTo = (handle: string) => openRecorded(t, s.sidecar.port, `CONNECT api.test:${api.port} HTTP/1.1\r\nHost: api.test:${api.port}\r\nProxy-Authorization: Bearer ${handle}\r\n\r\n`)
   const tunnel = connectTo(revoked.handle)
   const bystander = connectTo(other.handle)
+  // Node's fetch of http://api.test/ (port 80) for the same task, its CONNECT on the same lookup:
+  // cut, it reads the 403 inside the tunnel, where the CONNECT's own was "fetch failed".
+  const proxy = new URL(s.proxy)
+  proxy.username = 'task'
+  proxy.password = revoked.handle
+  const dispatcher = new EnvHttpProxyAgent({ httpProxy: proxy.href, noProxy: '' })
+  t.teardown(() => dispatcher.close())
+  const port80 = undiciFetch('http://api.test/v1/messages', { method: 'POST', body: '{}', dispatcher }).then(
+    async (r) => [r.status, r.headers.get('x-latchkey-error'), ((await r.json()) as { retryable: boolean }).retryable],
+    (err: Error) => [`fetch threw: ${err.message}`],
+  )
   // One lookup for the name, both CONNECTs waiting on it.
   await until('the lookup held', () => held.length === 1)
   await new Promise((r) => setTimeout(r, 200))
@@ -169,11 +181,15 @@ t.test('a CONNECT waiting on DNS when its task is revoked is answered 403 at onc
   t.match(tunnel.received(), /^HTTP\/1\.1 403 [^\r]*\r\n/, 'answered 403 while its lookup is still held')
   t.match(tunnel.received(), /"code":"LK_REVOKED"/)
   t.match(tunnel.received(), /"rule":"revocation:task"/)
-  t.match((await s.audit()).find((e) => e.task === revoked.id), { via: 'connect', status: 403, error: 'LK_REVOKED' }, 'recorded as the agent saw it')
+  t.match((await s.audit()).find((e) => e.task === revoked.id && e.via === 'connect'), { status: 403, error: 'LK_REVOKED' }, 'recorded as the agent saw it')
   t.equal(bystander.received(), '', "the other task's CONNECT still waits on its lookup")
+  t.same(await port80, [403, 'LK_REVOKED', false], 'fetch on port 80 reads the revocation inside its tunnel, while the lookup is still held')
 
   held.splice(0).forEach((go) => go())
   await until('the other tunnel opened', () => bystander.received().startsWith('HTTP/1.1 200'))
   await new Promise((r) => setTimeout(r, 200))
-  t.equal((await s.audit()).filter((e) => e.task === revoked.id).length, 1, 'the cut CONNECT recorded once, and nothing dialled for it once its lookup answered')
+  t.same((await s.audit()).filter((e) => e.task === revoked.id).map((e) => [e.via, e.port, e.status, e.error]), [
+    ['connect', api.port, 403, 'LK_REVOKED'],
+    ['tunnelled', 80, 403, 'LK_REVOKED'],
+  ], 'the cut CONNECT and the request inside the other recorded once each, and nothing dialled for them once the lookup answered')
 })

@@ -2,6 +2,7 @@
 // record), keeps what it could not write, and writes it once it can; a rotated file is noticed.
 // The faults are real: the path is pointed at /dev/full (every write is ENOSPC), then at a file.
 import t from 'tap'
+import { EnvHttpProxyAgent, fetch as undiciFetch } from 'undici'
 import { mkdirSync, readFileSync, renameSync, rmSync, symlinkSync, unlinkSync } from 'node:fs'
 import { dirname } from 'node:path'
 import { execFileSync } from 'node:child_process'
@@ -70,6 +71,15 @@ t.test('an audit file that cannot be written refuses new egress, then recovers w
   t.match(JSON.parse(refused.body), { code: 'LK_AUDIT_UNAVAILABLE', retryable: true, reason: /audit file cannot be written \(ENOSPC\)/ })
   const sentWhileFailing = up.requests.length
   t.equal((await call('/4')).status, 503)
+  // Node's fetch of an http:// URL tunnels it (CONNECT to port 80): the CONNECT's 503 was only
+  // "fetch failed" to it; the request inside reads the 503 and that it may retry.
+  const dispatcher = new EnvHttpProxyAgent({ httpProxy: s.proxy, noProxy: '' })
+  t.teardown(() => dispatcher.close())
+  const port80 = await undiciFetch('http://api.example/4-tunnelled', { dispatcher }).then(
+    async (r) => [r.status, r.headers.get('x-latchkey-error'), r.headers.get('x-should-retry'), ((await r.json()) as { reason: string }).reason],
+    (err: Error) => [`fetch threw: ${err.message}`],
+  )
+  t.match(port80, [503, 'LK_AUDIT_UNAVAILABLE', 'true', /audit file cannot be written \(ENOSPC\)/], 'fetch on port 80 reads the refusal inside the tunnel')
   t.equal(up.requests.length, sentWhileFailing, 'nothing more reaches the upstream')
   const notReady = await readyz(s)
   t.equal(notReady.status, 503)
@@ -88,6 +98,7 @@ t.test('an audit file that cannot be written refuses new egress, then recovers w
   t.equal(paths[0], '/2', 'the event that failed comes first')
   t.equal(paths.at(-1), '/5')
   t.ok(paths.includes('/4'), 'refusals made while failing are recorded too')
+  t.match(current.find((e) => e.path === '/4-tunnelled'), { via: 'tunnelled', host: 'api.example', port: 80, status: 503, error: 'LK_AUDIT_UNAVAILABLE' }, 'the request inside the tunnel too')
   t.equal(new Set(paths).size, paths.length, 'each event once')
   const recorded = new Set([...rotated.map((e) => e.path), ...paths])
   t.same(up.requests.map((r) => r.url).filter((u) => !recorded.has(u)), [], 'every call that went out is recorded')

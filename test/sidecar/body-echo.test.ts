@@ -4,7 +4,7 @@
 import t from 'tap'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
-import { brotliCompressSync, constants as zlibConstants, createGzip, deflateSync, gunzipSync, gzipSync } from 'node:zlib'
+import { brotliCompressSync, constants as zlibConstants, createGzip, deflateRawSync, deflateSync, gunzipSync, gzipSync } from 'node:zlib'
 import { Agent, fetch, ProxyAgent } from 'undici'
 import { BodyScrubber, RELEASE_MAX, bodyNeedlesFor, compileNeedles } from '../../proxy/forward/body-scrub.js'
 import { compileBinding } from '../../proxy/credentials/bindings.js'
@@ -433,9 +433,19 @@ t.test('a compressed body on a credentialed call is decoded, checked and relayed
       const [coding, packed] =
         req.url === '/br' ? ['br', brotliCompressSync(text)]
         : req.url === '/deflate' ? ['deflate', deflateSync(text)]
+        // Raw deflate (RFC 1951) labelled deflate, the IIS quirk that fetch and browsers read.
+        : req.url === '/raw-deflate' ? ['deflate', deflateRawSync(text)]
         : req.url === '/big' ? ['gzip', gzipSync(big + text + big)]
         : req.url === '/corrupt' ? ['gzip', Buffer.concat([gzipSync(text).subarray(0, 12), Buffer.from('not gzip at all')])]
         : ['gzip', gzipSync(text)]
+      if (req.url === '/deflate-split' || req.url === '/raw-deflate-split') {
+        // Chunked, its first chunk one byte: which format it is waits for the second.
+        const split = req.url === '/deflate-split' ? deflateSync(big + text) : deflateRawSync(big + text)
+        res.writeHead(200, { 'content-encoding': 'deflate', etag: '"v1"' })
+        res.write(split.subarray(0, 1))
+        res.end(split.subarray(1))
+        return true
+      }
       res.writeHead(200, { 'content-encoding': coding, 'content-length': packed.length, etag: '"v1"' }).end(packed)
       return true
     },
@@ -458,9 +468,9 @@ t.test('a compressed body on a credentialed call is decoded, checked and relayed
     await plain.close()
   })
   const seen: string[] = []
-  for (const path of ['/gzip', '/br', '/deflate']) {
+  for (const path of ['/gzip', '/br', '/deflate', '/raw-deflate']) {
     const r = await fetch(`${echo.origin}${path}`, { dispatcher: new ProxyAgent(s.proxy), headers: { 'accept-encoding': 'gzip, br' } })
-    const body = await r.text()
+    const body = await r.text().catch((err: Error) => `cut: ${err.message}`)
     seen.push(body)
     t.equal(r.status, 200, `${path}: relayed`)
     t.equal(r.headers.get('content-encoding'), null, `${path}: as identity`)
@@ -473,6 +483,11 @@ t.test('a compressed body on a credentialed call is decoded, checked and relayed
   seen.push(largeBody)
   t.equal(largeBody.length, big.length * 2 + `seen Bearer ${CANARY}`.length, 'a large body decoded whole, its length kept')
   t.ok(largeBody.startsWith(big) && largeBody.endsWith(big), 'byte for byte around the masked credential')
+  for (const path of ['/deflate-split', '/raw-deflate-split']) {
+    const split = await (await fetch(`${echo.origin}${path}`, { dispatcher: new ProxyAgent(s.proxy) })).text().catch((err: Error) => `cut: ${err.message}`)
+    seen.push(split)
+    t.ok(split.length === big.length + `seen Bearer ${CANARY}`.length && split.startsWith(big) && /seen Bearer \*+$/.test(split), `${path}: decoded whole from a one-byte first chunk, the credential masked`)
+  }
   const corrupt = await rawRequest(s.sidecar.port, `GET ${echo.origin}/corrupt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
   seen.push(corrupt.raw)
   t.notMatch(corrupt.raw, /0\r\n\r\n$/, 'a body that does not decode is cut, never ended as if whole')
@@ -493,7 +508,10 @@ t.test('a compressed body on a credentialed call is decoded, checked and relayed
     ['/gzip', 200, null],
     ['/br', 200, null],
     ['/deflate', 200, null],
+    ['/raw-deflate', 200, null],
     ['/big', 200, null],
+    ['/deflate-split', 200, null],
+    ['/raw-deflate-split', 200, null],
     ['/corrupt', 200, 'LK_UPSTREAM_PROTOCOL'],
     ['/gzip', 304, null],
   ])

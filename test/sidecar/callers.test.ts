@@ -2,6 +2,7 @@
 // (and its hash) that made each call, and a sidecar that lists allowed executables refuses the
 // others. Real clients, each its own process: curl and python3.
 import t from 'tap'
+import { EnvHttpProxyAgent, fetch as undiciFetch } from 'undici'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { createHash } from 'node:crypto'
@@ -72,7 +73,20 @@ t.test('a uid allow-list that excludes the caller refuses it', async (t) => {
   const res = await run('curl', ['-sS', '-i', '-x', s.proxy, `http://127.0.0.1:${up.port}/x`], { env: env() })
   t.match(res.stdout, /^HTTP\/1\.1 403 /)
   t.match(res.stdout, new RegExp(`uid ${process.getuid!()} may not use this sidecar`))
+  // Node's fetch (this process, the same uid) tunnels an http:// URL to port 80: the CONNECT's
+  // 403 was only "fetch failed" to it; the request inside reads why, and that retrying won't help.
+  const dispatcher = new EnvHttpProxyAgent({ httpProxy: s.proxy, noProxy: '' })
+  t.teardown(() => dispatcher.close())
+  const port80 = await undiciFetch('http://api.example/x', { dispatcher }).then(
+    async (r) => [r.status, r.headers.get('x-latchkey-error'), ((await r.json()) as { retryable: boolean }).retryable],
+    (err: Error) => [`fetch threw: ${err.message}`],
+  )
+  t.same(port80, [403, 'LK_CALLER_DENIED', false], 'fetch on port 80 reads the refusal inside the tunnel')
   t.equal(up.requests.length, 0)
+  t.match((await s.audit(2)).map((e) => [e.via, e.status, e.error]), [
+    ['absolute', 403, 'LK_CALLER_DENIED'],
+    ['tunnelled', 403, 'LK_CALLER_DENIED'],
+  ], 'the request inside recorded as refused, the tunnel not a call of its own')
 })
 
 t.test('a connection an allowed executable also holds is not that executable\'s', async (t) => {

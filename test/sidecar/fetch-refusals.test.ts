@@ -3,8 +3,9 @@
 // fetch turns any 407 into a network error (Fetch §4.5, no browser window): the SDK said
 // "Connection error." and retried, never reading the reason or `x-should-retry`.
 import t from 'tap'
-import { EnvHttpProxyAgent, fetch as undiciFetch } from 'undici'
-import { startBearerRig, rawRequest, assertNoCanary, openTask, CANARY } from '../helpers/harness.js'
+import { once } from 'node:events'
+import { Client, EnvHttpProxyAgent, fetch as undiciFetch } from 'undici'
+import { startBearerRig, rawRequest, parseRawResponse, assertNoCanary, openTask, CANARY } from '../helpers/harness.js'
 
 /** The head the OpenAI SDK (6.x, on Node's fetch) sends for a chat completion, its placeholder key included. */
 const SDK_HEADERS = {
@@ -116,4 +117,53 @@ t.test('tasks.required, HTTP_PROXY naming no task: fetch of an http:// URL on po
     'the request inside recorded with the status it got; TLS refused, and the other port, as the 407s they are',
   )
   assertNoCanary(t, s, port80.body, tls.raw, other.raw)
+})
+
+// Shutdown begins with a response streaming on a keep-alive connection (its head, keep-alive,
+// already sent); once it ends, the client sends a CONNECT to port 80 on that connection, the way
+// undici tunnels (Client.connect, what ProxyAgent drives under fetch). The listener is closed and
+// idle connections with it, so this is where a CONNECT meets the drain. Its 503 on the status line
+// is "fetch failed" to fetch; inside the tunnel the request reads the 503 and that it may retry,
+// with Connection: close, and the tunnel ends with that answer, not at the drain's deadline.
+t.test('shutdown: a CONNECT to port 80 on a connection the drain left open is answered 503 LK_DRAINING inside, and the tunnel closes with it', async (t) => {
+  let finish = () => {}
+  const { upstream, s } = await startBearerRig(t, {
+    handler: (_req, res) => {
+      res.writeHead(200, { 'content-type': 'text/plain' }).write('a')
+      finish = () => res.end('b')
+      return true
+    },
+  })
+  const client = new Client(s.proxy)
+  t.teardown(() => client.destroy())
+  const streaming = await client.request({ method: 'GET', path: `${upstream.origin}/stream` })
+  t.equal(streaming.headers.connection, 'keep-alive')
+  const t0 = performance.now()
+  const closed = s.close()
+  finish()
+  t.equal(await streaming.body.text(), 'ab', 'the call in flight finishes')
+  const tunnel = await client.connect({ path: 'api.example:80' }).catch((err: { statusCode?: number }) => ({ statusCode: err.statusCode ?? 0, socket: null }))
+  t.equal(tunnel.statusCode, 200, 'the tunnel opens, for the refusal inside it')
+  let inside = ''
+  if (tunnel.socket) {
+    tunnel.socket.on('data', (d: Buffer) => (inside += d.toString('latin1')))
+    tunnel.socket.write(`POST /v1/chat/completions HTTP/1.1\r\nHost: api.example\r\nContent-Length: ${BODY.length}\r\n\r\n${BODY}`)
+    await once(tunnel.socket, 'end')
+  }
+  const answer = parseRawResponse(inside)
+  t.same(
+    [answer.status, answer.headers['x-latchkey-error'], answer.headers['x-should-retry'], answer.headers.connection],
+    [503, 'LK_DRAINING', 'true', 'close'],
+    'the request inside reads the 503, that it may retry, and that the tunnel closes',
+  )
+  t.match(answer.body ? JSON.parse(answer.body) : {}, { code: 'LK_DRAINING', retryable: true, reason: /shutting down/ })
+  await closed
+  const ms = performance.now() - t0
+  t.ok(ms < 1000, `the sidecar ended the tunnel after its answer and stopped in ${Math.round(ms)} ms (drain_ms 2000)`)
+  t.same(upstream.requests.map((r) => r.url), ['/stream'], 'nothing dialled for the tunnel')
+  t.match(await s.audit(2), [
+    { via: 'absolute', path: '/stream', status: 200, error: null },
+    { via: 'tunnelled', method: 'POST', host: 'api.example', port: 80, path: '/v1/chat/completions', status: 503, error: 'LK_DRAINING' },
+  ], 'the request inside recorded with the 503 it got')
+  assertNoCanary(t, s, inside)
 })

@@ -217,23 +217,41 @@ t.test('a response head larger than Node\'s 16 KiB and within 64 KiB is relayed 
   t.same((await s.audit()).map((e) => e.status), [200, 200, 200, 502], 'each audited')
 })
 
-t.test('an upstream that hangs up after a sound head, before any of its body: the agent has the head, then a cut, and the trail says so', async (t) => {
+// A body cut short of what its head framed (a Content-Length, or chunks with no last one) broke
+// the framing the upstream chose: LK_UPSTREAM_PROTOCOL, as a bad chunk is, whether it closed or
+// reset. It was recorded LK_UPSTREAM_UNREACHABLE ("closed the connection"), as if never reached.
+t.test('an upstream that hangs up after a sound head, before its body ends: the agent has what came, then a cut, and the trail says the framing broke', async (t) => {
   const cut: Server = createServer((s) => {
     s.on('error', () => {})
     s.once('data', (d: Buffer) => {
       const path = /^\w+ \S*?(\/[\w-]+) /.exec(d.toString('latin1'))?.[1]
       const chunked = 'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Up: 1\r\n\r\n'
-      s.end(path === '/broken-chunk' ? chunked + 'zz\r\nhello\r\n' : path === '/closed-chunked' ? chunked : 'HTTP/1.1 200 OK\r\nContent-Length: 100\r\nX-Up: 1\r\n\r\n')
+      const length = 'HTTP/1.1 200 OK\r\nContent-Length: 100\r\nX-Up: 1\r\n\r\n'
+      if (path === '/reset') return void s.write(length + 'part', () => setTimeout(() => s.resetAndDestroy(), 50))
+      s.end(
+        path === '/broken-chunk'
+          ? chunked + 'zz\r\nhello\r\n'
+          : path === '/closed-chunked'
+            ? chunked
+            : path === '/closed-mid-chunks'
+              ? chunked + '4\r\npart\r\n'
+              : path === '/closed-mid-body'
+                ? length + 'part'
+                : length,
+      )
     })
   })
   const { port, s } = await sidecarInFrontOf(t, cut)
-  for (const [path, error] of [['/closed', 'LK_UPSTREAM_UNREACHABLE'], ['/broken-chunk', 'LK_UPSTREAM_PROTOCOL']] as const) {
+  for (const [path, body] of [['/closed', ''], ['/closed-mid-body', 'part'], ['/reset', 'part'], ['/closed-mid-chunks', 'part'], ['/broken-chunk', '']] as const) {
     const r = await rawRequest(s.sidecar.port, `GET http://127.0.0.1:${port}${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`, 400)
     t.equal(r.status, 200, `${path}: the head, as it came`)
     t.equal(r.headers['x-up'], '1')
-    t.equal(r.body, '', `${path}: then nothing: the connection is cut, no body pretends to be whole`)
-    t.match((await s.audit()).at(-1), { path, status: 200, bytes_out: 0, error }, `${path}: audited as the agent got it, with the cause`)
+    t.equal(r.body.replace(/^4\r\n|\r\n$/g, ''), body, `${path}: what came of the body, then nothing: the connection is cut, no body pretends to be whole`)
+    t.match((await s.audit()).at(-1), { path, status: 200, bytes_out: body.length, error: 'LK_UPSTREAM_PROTOCOL' }, `${path}: audited as the agent got it, with the cause`)
   }
+  const metrics = await (await fetch(`${s.sidecar.adminUrl}/metrics`)).text()
+  t.match(metrics, /^latchkey_calls_total\{[^}]*outcome="LK_UPSTREAM_PROTOCOL"[^}]*\} 5$/m, 'counted under the same code')
+  t.notMatch(metrics, /outcome="LK_UPSTREAM_UNREACHABLE"/)
   // An HTTP/1.0 agent reads a body to the close: a close after the head would read as a whole,
   // empty 200. It gets a reset instead.
   const { connect } = await import('node:net')
@@ -277,6 +295,8 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
     // A head undici's parser refuses after its Content-Length line (undici then reports a body mismatch).
     '/bad-name-after-length': 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX B: a\r\n\r\nok',
     '/control-after-length': 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: a\x01b\r\n\r\nok',
+    // A body longer than its Content-Length, the rest a response of its own for whoever comes next.
+    '/length-longer': 'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED',
   }
   const upstream: Server = createServer((s) => {
     s.on('error', () => {})
@@ -334,6 +354,14 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
     if (reasons[path] !== undefined) t.equal(body.reason, reasons[path], `${path}: says what was wrong`)
   }
 
+  // Relayed to its length; the bytes past it end that upstream connection, never read as the
+  // answer to the next call (which goes on a new one).
+  const longer = await get('/length-longer')
+  seen.push(longer.raw)
+  t.same([longer.status, longer.headers['content-length'], longer.body], [200, '5', 'hello'], 'a body longer than its Content-Length: relayed to its length')
+  const next = await get('/length-spaced')
+  t.equal(next.body, 'hello', 'the next call gets its own answer, not what the upstream sent past the last one')
+
   const forged = await get('/forged-denial')
   seen.push(forged.raw)
   t.equal(forged.status, 403)
@@ -369,6 +397,8 @@ t.test('hostile upstream answers: bodiless statuses complete, bad framing is a p
       ['/length-hex', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
       ['/bad-name-after-length', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
       ['/control-after-length', 502, 'allow', 'LK_UPSTREAM_PROTOCOL'],
+      ['/length-longer', 200, 'allow', null],
+      ['/length-spaced', 200, 'allow', null],
       ['/forged-denial', 403, 'allow', null],
       ['/hint-flood', 200, 'allow', null],
     ],

@@ -58,6 +58,8 @@ export interface SegmentRepair {
   kept: number
   /** Sequences the segment had been given that are no longer in it (some may be acked already). */
   lost: number[]
+  /** Rewritten under its name (the active segment: offsets moved, reads start over); else passed over (an older one, gone). */
+  rewritten: boolean
 }
 
 export class SpoolError extends Error {
@@ -292,9 +294,9 @@ export class Spool {
   /** Set by read() when a segment held fewer bytes than appended to it: the next append looks at once. */
   private suspect = false
   /**
-   * Segments found deleted or cut short under the spool and rewritten from what was left: the
-   * sink takes them (takeRepairs), says what was lost, and resends from the oldest record, since
-   * the offsets it read by have moved.
+   * Segments found deleted or cut short under the spool, rewritten from what was left or passed
+   * over: the sink takes them (takeRepairs), says what was lost, and, after a rewrite, resends from
+   * the oldest record, since the offsets it read by have moved.
    */
   private repairs: SegmentRepair[] = []
 
@@ -356,7 +358,7 @@ export class Spool {
     this.fd = openSync(seg.path, 'a+', 0o600)
     seg.size = kept.length
     seg.holes = new Map()
-    this.repairs.push({ path: seg.path, cause, kept: records.length, lost })
+    this.repairs.push({ path: seg.path, cause, kept: records.length, lost, rewritten: true })
     // Kept only where it is named by a sequence it holds: a restart reads on from here.
     if (seg.last >= seg.first) this.rotate()
   }
@@ -474,7 +476,27 @@ export class Spool {
       if (offset >= seg.size) continue
       if (this.reader?.first !== seg.first) {
         this.closeReader()
-        this.reader = { first: seg.first, fd: openSync(seg.path, 'r') }
+        let opened: number
+        try {
+          opened = openSync(seg.path, 'r')
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err
+          if (seg === this.segments[this.segments.length - 1]) {
+            // The active one: put back from the spool's own descriptor at the next append.
+            this.suspect = true
+            throw err
+          }
+          // An older one deleted before it was read (a tmp cleaner takes the oldest files first):
+          // its records are gone. Said (takeRepairs) and passed over; before, sending stopped at
+          // it until a restart, and the spool filled behind it.
+          const lost: number[] = []
+          for (let q = seg.first; q <= seg.last; q++) lost.push(q)
+          this.repairs.push({ path: seg.path, cause: 'deleted', kept: 0, lost, rewritten: false })
+          seg.size = 0
+          seg.holes = new Map()
+          continue
+        }
+        this.reader = { first: seg.first, fd: opened }
       }
       const fd = this.reader.fd
       {

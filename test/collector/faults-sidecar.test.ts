@@ -171,3 +171,31 @@ t.test('the active segment deleted under the running sidecar: put back, so a res
   t.equal(at.length, 10 + first.length + 5, 'every call at the store once')
   t.same((await c.store.verify()).ok, true)
 })
+
+t.test('an older segment deleted before it was sent: passed over, said with its sequences, and the rest delivered', async (t) => {
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const id = sidecarIdentity()
+  const port = await freePort()
+  const collectorOpts = { segment_bytes: 4096, spool_max_bytes: 1 << 20 }
+  // The collector is not up yet: the spool grows segments, the oldest first in line (and first for a tmp cleaner).
+  const s = await startCollectedSidecar({ id, collector: `127.0.0.1:${port}`, upstreamPort: upstream.port, collectorOpts })
+  t.teardown(() => s.close())
+  const agent = proxyAgent(s.sidecar.proxyUrl)
+  t.teardown(() => agent.close())
+  for (let i = 0; i < 40; i++) t.equal(await call(agent, `${upstream.origin}/spooled/${i}`), 200)
+  const segs = readdirSync(s.spoolDir).filter((n) => n.endsWith('.seg')).sort()
+  t.ok(segs.length >= 3, `${segs.length} segments`)
+  rmSync(join(s.spoolDir, segs[0]!))
+  const c = await startTestCollector([id], { grpcPort: port })
+  t.teardown(() => c.close())
+  t.ok(await s.sink.waitForAck(s.sink.spool.lastSeq, 10_000), 'sending goes on past it: everything else is acknowledged')
+  const at = new Set((await c.store.eventsByAgent({ agent: AGENT, since: new Date(0), limit: 1000 })).map((e) => e.event.call?.path ?? ''))
+  const missing = Array.from({ length: 40 }, (_, i) => `/spooled/${i}`).filter((p) => !at.has(p))
+  // A segment is named by its first sequence; sequence n is call n - 1.
+  const inFirst = Number(segs[1]!.slice(0, 16)) - 1
+  t.same(missing, Array.from({ length: inFirst }, (_, i) => `/spooled/${i}`), `exactly the deleted segment's ${inFirst} calls are missing`)
+  const line = JSON.parse(s.logs.find((l) => l.includes('audit spool segment deleted under the sidecar: passed over')) ?? '{}') as { level: number; lost: number; lost_from: number; lost_to: number }
+  t.same([line.level, line.lost, line.lost_from, line.lost_to], [50, inFirst, 1, inFirst], 'said at error level, naming the sequences lost')
+  t.same((await c.store.verify()).ok, true)
+})

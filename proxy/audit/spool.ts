@@ -37,6 +37,8 @@ interface Segment {
 export interface Cursor {
   segment: number
   offset: number
+  /** The highest sequence read in `segment` so far: what a stretch found gone there lost comes after. */
+  seq?: number
 }
 
 export interface RecoveryReport {
@@ -469,9 +471,12 @@ export class Spool {
     let fill = 0
     let bytes = 0
     let { segment, offset } = cursor
+    let seen = cursor.seq ?? 0
+    const active = this.segments[this.segments.length - 1]
     for (const seg of this.segments) {
       if (seg.first < segment) continue
       if (seg.first > segment) offset = 0
+      if (offset === 0) seen = seg.first - 1
       segment = seg.first
       if (offset >= seg.size) continue
       if (this.reader?.first !== seg.first) {
@@ -527,6 +532,7 @@ export class Spool {
               break
             }
             at += HEADER + r.payload.length
+            seen = r.seq
             if (r.seq > after) {
               records.push(r)
               bytes += HEADER + r.payload.length
@@ -534,13 +540,15 @@ export class Spool {
           }
           if (reachedLimit) {
             offset += at
-            return { records, cursor: { segment, offset } }
+            return { records, cursor: { segment, offset, seq: seen } }
           }
           if (at === 0) {
             // A record larger than the chunk: read exactly it next time round.
             const len = chunk.readUInt32LE(0)
             if (got < HEADER || len > MAX_RECORD) {
-              offset = seg.size // unreadable after recovery: the disk changed under us; skip the rest
+              // Unreadable after recovery: the disk changed under us; skip the rest, and say so.
+              offset = seg.size
+              this.passOver(seg, seen, seg === active)
               break
             }
             const one = Buffer.allocUnsafe(HEADER + len)
@@ -548,9 +556,11 @@ export class Spool {
             const r = parseRecord(one, 0, one.length, 0)
             if (!r) {
               offset = seg.size
+              this.passOver(seg, seen, seg === active)
               break
             }
-            if (r.seq > upTo) return { records, cursor: { segment, offset } }
+            if (r.seq > upTo) return { records, cursor: { segment, offset, seq: seen } }
+            seen = r.seq
             if (r.seq > after) records.push({ seq: r.seq, payload: r.payload })
             bytes += one.length
             offset += one.length
@@ -561,7 +571,22 @@ export class Spool {
       }
       if (records.length >= maxRecords || bytes >= maxBytes) break
     }
-    return { records, cursor: { segment, offset } }
+    return { records, cursor: { segment, offset, seq: seen } }
+  }
+
+  /**
+   * The rest of a segment found unreadable past `seen` (cut short or overwritten under the spool):
+   * an older one's records after it are gone, said through takeRepairs; before, they were skipped
+   * without a word. The active one is put back by repairActive at the next append instead.
+   */
+  private passOver(seg: Segment, seen: number, isActive: boolean): void {
+    if (isActive) {
+      this.suspect = true
+      return
+    }
+    const lost: number[] = []
+    for (let q = Math.max(seen, seg.first - 1) + 1; q <= seg.last; q++) lost.push(q)
+    this.repairs.push({ path: seg.path, cause: 'cut short', kept: Math.max(0, seen - seg.first + 1), lost, rewritten: false })
   }
 
   private closeReader(): void {

@@ -173,7 +173,7 @@ t.test('the active segment deleted under the running sidecar: put back, so a res
   t.same((await c.store.verify()).ok, true)
 })
 
-t.test('an older segment deleted before it was sent: passed over, said with its sequences, and the rest delivered', async (t) => {
+t.test('older segments deleted or cut short before they were sent: passed over, said with their sequences, and the rest delivered', async (t) => {
   const upstream = await startUpstream()
   t.teardown(() => upstream.close())
   const id = sidecarIdentity()
@@ -188,15 +188,23 @@ t.test('an older segment deleted before it was sent: passed over, said with its 
   const segs = readdirSync(s.spoolDir).filter((n) => n.endsWith('.seg')).sort()
   t.ok(segs.length >= 3, `${segs.length} segments`)
   rmSync(join(s.spoolDir, segs[0]!))
+  const second = join(s.spoolDir, segs[1]!)
+  truncateSync(second, Math.floor(statSync(second).size / 2))
   const c = await startTestCollector([id], { grpcPort: port })
   t.teardown(() => c.close())
   t.ok(await s.sink.waitForAck(s.sink.spool.lastSeq, 10_000), 'sending goes on past it: everything else is acknowledged')
   const at = new Set((await c.store.eventsByAgent({ agent: AGENT, since: new Date(0), limit: 1000 })).map((e) => e.event.call?.path ?? ''))
   const missing = Array.from({ length: 40 }, (_, i) => `/spooled/${i}`).filter((p) => !at.has(p))
+  type Line = { level: number; lost: number; lost_from: number; lost_to: number }
+  const line = (what: string) => JSON.parse(s.logs.find((l) => l.includes(`audit spool segment ${what} under the sidecar: passed over`)) ?? '{}') as Line
   // A segment is named by its first sequence; sequence n is call n - 1.
-  const inFirst = Number(segs[1]!.slice(0, 16)) - 1
-  t.same(missing, Array.from({ length: inFirst }, (_, i) => `/spooled/${i}`), `exactly the deleted segment's ${inFirst} calls are missing`)
-  const line = JSON.parse(s.logs.find((l) => l.includes('audit spool segment deleted under the sidecar: passed over')) ?? '{}') as { level: number; lost: number; lost_from: number; lost_to: number }
-  t.same([line.level, line.lost, line.lost_from, line.lost_to], [50, inFirst, 1, inFirst], 'said at error level, naming the sequences lost')
+  const [first2, first3] = [Number(segs[1]!.slice(0, 16)), Number(segs[2]!.slice(0, 16))]
+  const deleted = line('deleted')
+  t.same([deleted.level, deleted.lost, deleted.lost_from, deleted.lost_to], [50, first2 - 1, 1, first2 - 1], 'the deleted one said at error level, naming its sequences')
+  const cut = line('cut short')
+  t.same([cut.level, cut.lost_to, cut.lost], [50, first3 - 1, first3 - cut.lost_from], 'the one cut short too, naming the sequences after the cut')
+  t.ok(cut.lost_from > first2 && cut.lost_from < first3, `what is before the cut is kept (sequences ${first2} to ${cut.lost_from - 1})`)
+  const seqs = (from: number, to: number) => Array.from({ length: to - from + 1 }, (_, i) => `/spooled/${from + i - 1}`)
+  t.same(missing, [...seqs(1, first2 - 1), ...seqs(cut.lost_from, first3 - 1)], `exactly those calls are missing (${missing.length}), every other delivered`)
   t.same((await c.store.verify()).ok, true)
 })

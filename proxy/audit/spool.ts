@@ -52,7 +52,7 @@ export interface RecoveryReport {
   damaged: string[]
 }
 
-/** A segment found deleted or cut short under the running spool, rewritten from what it still held. */
+/** A segment found deleted or cut short under the running spool: rewritten from what it still held, or passed over. */
 export interface SegmentRepair {
   path: string
   cause: 'deleted' | 'cut short' | 'written to by another process'
@@ -346,7 +346,7 @@ export class Spool {
     const tmp = `${seg.path}.tmp`
     const fd = openSync(tmp, 'w', 0o600)
     try {
-      writeSync(fd, kept)
+      for (let off = 0; off < kept.length; ) off += writeSync(fd, kept, off)
       fdatasyncSync(fd)
     } finally {
       closeSync(fd)

@@ -21,6 +21,15 @@ export function registerCollectorSinkMetrics(registry: Registry, sink: Collector
       spooled.inc(sink.stats.spooled)
     },
   })
+  const lost = new Counter({
+    name: 'latchkey_audit_events_lost_total',
+    help: 'Spooled audit events whose records were removed under the sidecar before the collector had them (a spool segment deleted or cut short)',
+    registers: [registry],
+    collect: () => {
+      lost.reset()
+      lost.inc(sink.stats.lost)
+    },
+  })
   const gauges: Array<[string, string, () => number]> = [
     ['latchkey_audit_unacked_events', 'Spooled audit events the collector has not acknowledged yet', () => sink.spool.lastSeq - sink.stats.acked],
     ['latchkey_audit_spool_bytes', 'Bytes held in the audit spool', () => sink.spool.bytes],

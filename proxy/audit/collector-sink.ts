@@ -53,6 +53,8 @@ export interface CollectorSinkStats {
   spooled: number
   acked: number
   dropped: number
+  /** Spooled events whose records were taken from the spool under the sidecar before delivery (a segment deleted or cut short). */
+  lost: number
   overLimit: number
   batches: number
   reconnects: number
@@ -164,7 +166,7 @@ function fitScopes(scopes: string[]): string[] {
 
 export class CollectorAuditSink implements AuditSink {
   readonly spool: Spool
-  readonly stats: CollectorSinkStats = { spooled: 0, acked: 0, dropped: 0, overLimit: 0, batches: 0, reconnects: 0 }
+  readonly stats: CollectorSinkStats = { spooled: 0, acked: 0, dropped: 0, lost: 0, overLimit: 0, batches: 0, reconnects: 0 }
   private pending: AuditEvent[] = []
   private closed = false
   private full = false
@@ -368,8 +370,32 @@ export class CollectorAuditSink implements AuditSink {
       }
     }
     events = []
+    this.reportRepairs()
     this.updateFull()
     this.schedulePump()
+  }
+
+  /**
+   * A segment found deleted or cut short under the sidecar (Spool.repairActive, Spool.read) was
+   * rewritten from what it held, or passed over: said at error level with the sequences gone that the collector had not acked, and
+   * counted (latchkey_audit_events_lost_total); after a rewrite the stream starts again
+   * from the oldest record, since the offsets it read by have moved (the collector drops what it
+   * already has).
+   */
+  private reportRepairs(): void {
+    const repairs = this.spool.takeRepairs()
+    if (repairs.length === 0) return
+    for (const r of repairs) {
+      const lost = r.lost.filter((q) => q > this.stats.acked)
+      this.stats.lost += lost.length
+      const what = r.rewritten ? 'rewritten from what it still held' : 'passed over'
+      this.log('error', { segment: r.path, kept: r.kept, lost: lost.length, ...(lost.length > 0 ? { lost_from: lost[0], lost_to: lost[lost.length - 1] } : {}) }, `audit spool segment ${r.cause} under the sidecar: ${what}${lost.length > 0 ? '; the events it no longer holds, unacknowledged, are lost unless already in flight' : ''}`)
+    }
+    const call = this.call
+    if (call && repairs.some((r) => r.rewritten)) {
+      this.onStreamEnd(call, null)
+      call.cancel()
+    }
   }
 
   /**
@@ -519,6 +545,9 @@ export class CollectorAuditSink implements AuditSink {
       }
       const { records, cursor } = batch
       this.cursor = cursor
+      // A segment found deleted by this read is said now, not at the next append.
+      this.reportRepairs()
+      if (this.call !== call) return
       if (records.length === 0) return
       // The IngestRequest written by hand: field 1 (sidecar_id), then field 2 (events) once per
       // record, its spooled SequencedEvent bytes copied once, straight from the read buffer.

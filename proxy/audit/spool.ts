@@ -8,7 +8,7 @@
 // crash mid-append) is cut off, and the records before it kept. A damaged record elsewhere is
 // skipped by scanning forward for the next record whose checksum holds and whose sequence
 // follows; what was skipped is counted, never silently.
-import { close, closeSync, fdatasync, fdatasyncSync, fsyncSync, ftruncateSync, mkdirSync, renameSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeSync, writeFileSync, existsSync } from 'node:fs'
+import { close, closeSync, fdatasync, fdatasyncSync, fstatSync, fsyncSync, ftruncateSync, mkdirSync, renameSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeSync, writeFileSync, existsSync } from 'node:fs'
 import { join } from 'node:path'
 import { crc32 } from 'node:zlib'
 import { lockSpoolDir, type SpoolLock } from './spool-lock.js'
@@ -37,6 +37,8 @@ interface Segment {
 export interface Cursor {
   segment: number
   offset: number
+  /** The highest sequence read in `segment` so far: what a stretch found gone there lost comes after. */
+  seq?: number
 }
 
 export interface RecoveryReport {
@@ -48,6 +50,18 @@ export interface RecoveryReport {
   corruptBytes: number
   /** The segment files those bytes were skipped in (the operator's next question). */
   damaged: string[]
+}
+
+/** A segment found deleted or cut short under the running spool: rewritten from what it still held, or passed over. */
+export interface SegmentRepair {
+  path: string
+  cause: 'deleted' | 'cut short' | 'written to by another process'
+  /** Records read back and kept. */
+  kept: number
+  /** Sequences the segment had been given that are no longer in it (some may be acked already). */
+  lost: number[]
+  /** Rewritten under its name (the active segment: offsets moved, reads start over); else passed over (an older one, gone). */
+  rewritten: boolean
 }
 
 export class SpoolError extends Error {
@@ -89,6 +103,37 @@ function parseRecord(buf: Buffer, at: number, end: number, after: number): Spool
   const payload = buf.subarray(at + HEADER, at + HEADER + len)
   if (recordCrc(buf.subarray(at + 8, at + 16), payload) !== buf.readUInt32LE(at + 4)) return null
   return { seq, payload }
+}
+
+/**
+ * The valid records in a segment's bytes, in order, each with a sequence above the one before
+ * (the first above `after`). A damaged stretch is skipped by scanning for the next record that
+ * checks out; what follows the last valid record is not (a torn tail, or damage to the end).
+ */
+function scanRecords(data: Buffer, after: number): { records: Array<{ at: number; end: number; seq: number }>; holes: Map<number, number>; validEnd: number; skipped: number } {
+  const records: Array<{ at: number; end: number; seq: number }> = []
+  const holes = new Map<number, number>()
+  let at = 0
+  let validEnd = 0
+  let skipped = 0
+  while (at < data.length) {
+    const r = parseRecord(data, at, data.length, after)
+    if (r) {
+      const end = at + HEADER + r.payload.length
+      records.push({ at, end, seq: r.seq })
+      after = r.seq
+      at = validEnd = end
+      continue
+    }
+    // Damaged or torn: find the next record that checks out; else the rest is lost.
+    let next = at + 1
+    while (next < data.length && !parseRecord(data, next, data.length, after)) next++
+    if (next >= data.length) break
+    skipped += next - at
+    holes.set(at, next)
+    at = next
+  }
+  return { records, holes, validEnd, skipped }
 }
 
 export class Spool {
@@ -156,28 +201,11 @@ export class Spool {
     names.forEach((n, i) => {
       const data = readFileSync(n.path)
       const newest = i === names.length - 1
-      let at = 0
-      let last = 0
-      let count = 0
-      let validEnd = 0
-      const holes = new Map<number, number>()
-      while (at < data.length) {
-        const r = parseRecord(data, at, data.length, Math.max(after, n.first - 1))
-        if (r) {
-          at += HEADER + r.payload.length
-          last = after = r.seq
-          count++
-          validEnd = at
-          continue
-        }
-        // Damaged or torn: find the next record that checks out; else the rest is lost.
-        let next = at + 1
-        while (next < data.length && !parseRecord(data, next, data.length, Math.max(after, n.first - 1))) next++
-        if (next >= data.length) break
-        this.recovery.corruptBytes += next - at
-        holes.set(at, next)
-        at = next
-      }
+      const { records, holes, validEnd, skipped } = scanRecords(data, Math.max(after, n.first - 1))
+      const count = records.length
+      const last = count > 0 ? records[count - 1]!.seq : 0
+      if (count > 0) after = last
+      this.recovery.corruptBytes += skipped
       const tail = data.length - validEnd
       if (tail > 0) {
         if (newest) {
@@ -205,7 +233,7 @@ export class Spool {
     this.syncedSeq = after
     if (newest) {
       // Compacting a damaged file would rewrite history; appends go to a fresh segment instead.
-      this.fd = openSync(newest.path, 'a', 0o600)
+      this.fd = openSync(newest.path, 'a+', 0o600)
       if (statSync(newest.path).size !== newest.size) this.rotate()
     } else this.rotate()
   }
@@ -240,7 +268,8 @@ export class Spool {
     // An empty active segment already starts here; a second file of the same name would be it.
     if (active && active.first === first && this.fd >= 0) return
     const path = join(this.dir, `${String(first).padStart(16, '0')}.seg`)
-    const fd = openSync(path, 'a', 0o600)
+    // Readable too: a segment deleted or cut under the spool is read back through it (repairActive).
+    const fd = openSync(path, 'a+', 0o600)
     if (this.fd >= 0) {
       // Synced and closed off the event loop: a synchronous fdatasync here stalled calls.
       const old = this.fd
@@ -261,24 +290,86 @@ export class Spool {
     this.segments.push({ first, path, last: 0, size: 0, holes: new Map() })
   }
 
-  /** When the lock was last found held (performance.now()); set once it is found lost, for good. */
+  /** When the lock and the active segment were last found as left (performance.now()); the lock error is set once it is found lost, for good. */
   private lockCheckedAt = 0
   private lockLost: SpoolError | null = null
+  /** Set by read() when a segment held fewer bytes than appended to it: the next append looks at once. */
+  private suspect = false
+  /**
+   * Segments found deleted or cut short under the spool, rewritten from what was left or passed
+   * over: the sink takes them (takeRepairs), says what was lost, and, after a rewrite, resends from
+   * the oldest record, since the offsets it read by have moved.
+   */
+  private repairs: SegmentRepair[] = []
 
   /**
    * Appends stop, for good, once the lock is no longer this directory's: another process may be
-   * appending there by then, and two writers corrupt a spool. Looked at once a second at most.
+   * appending there by then, and two writers corrupt a spool. Looked at once a second at most,
+   * and so is the active segment (repairActive).
    */
   private assertHeld(): void {
     if (this.lockLost) throw this.lockLost
     const now = performance.now()
-    if (now - this.lockCheckedAt < 1000) return
-    if (this.lock.held()) {
-      this.lockCheckedAt = now
-      return
+    if (now - this.lockCheckedAt < 1000 && !this.suspect) return
+    if (!this.lock.held()) {
+      this.lockLost = new SpoolError(`the lock on spool ${this.dir} was removed (its spool.lock deleted or replaced, or the directory): another process may append there, so this one stops; restart it once the directory is its alone`)
+      throw this.lockLost
     }
-    this.lockLost = new SpoolError(`the lock on spool ${this.dir} was removed (its spool.lock deleted or replaced, or the directory): another process may append there, so this one stops; restart it once the directory is its alone`)
-    throw this.lockLost
+    this.repairActive()
+    this.lockCheckedAt = now
+    this.suspect = false
+  }
+
+  /**
+   * The active segment deleted (a tmp cleaner, an operator) or cut short under the running spool:
+   * appends went on into a file no restart would read, or past its end where reads do not look,
+   * and the sender skipped them without a word. Now, at the next append (within a second), what
+   * the file still holds is read back through the spool's own descriptor, written to a new file
+   * under the segment's name, and a new segment is started, so a restart numbers on from here
+   * (an empty or missing newest segment made it count from an old sequence, which the collector
+   * refuses for ever). What was cut away is lost: said by the sink, by sequence.
+   */
+  private repairActive(): void {
+    const seg = this.segments[this.segments.length - 1]!
+    const st = fstatSync(this.fd)
+    if (st.nlink > 0 && st.size === seg.size) return
+    const cause = st.nlink === 0 ? 'deleted' : st.size < seg.size ? 'cut short' : 'written to by another process'
+    const data = Buffer.allocUnsafe(st.size)
+    let got = 0
+    while (got < st.size) {
+      const n = readSync(this.fd, data, got, st.size - got, got)
+      if (n === 0) break
+      got += n
+    }
+    const { records } = scanRecords(data.subarray(0, got), seg.first - 1)
+    const kept = Buffer.concat(records.map((r) => data.subarray(r.at, r.end)))
+    const tmp = `${seg.path}.tmp`
+    const fd = openSync(tmp, 'w', 0o600)
+    try {
+      for (let off = 0; off < kept.length; ) off += writeSync(fd, kept, off)
+      fdatasyncSync(fd)
+    } finally {
+      closeSync(fd)
+    }
+    renameSync(tmp, seg.path)
+    const held = new Set(records.map((r) => r.seq))
+    const lost: number[] = []
+    for (let q = seg.first; q <= seg.last; q++) if (!held.has(q)) lost.push(q)
+    if (this.reader?.first === seg.first) this.closeReader()
+    closeSync(this.fd)
+    this.fd = openSync(seg.path, 'a+', 0o600)
+    seg.size = kept.length
+    seg.holes = new Map()
+    this.repairs.push({ path: seg.path, cause, kept: records.length, lost, rewritten: true })
+    // Kept only where it is named by a sequence it holds: a restart reads on from here.
+    if (seg.last >= seg.first) this.rotate()
+  }
+
+  /** The segments repaired since the last call (see repairActive). */
+  takeRepairs(): SegmentRepair[] {
+    const r = this.repairs
+    this.repairs = []
+    return r
   }
 
   /** Set when the active segment's end could not be put back after a failed append: the next append starts a new one. */
@@ -380,14 +471,37 @@ export class Spool {
     let fill = 0
     let bytes = 0
     let { segment, offset } = cursor
+    let seen = cursor.seq ?? 0
+    const active = this.segments[this.segments.length - 1]
     for (const seg of this.segments) {
       if (seg.first < segment) continue
       if (seg.first > segment) offset = 0
+      if (offset === 0) seen = seg.first - 1
       segment = seg.first
       if (offset >= seg.size) continue
       if (this.reader?.first !== seg.first) {
         this.closeReader()
-        this.reader = { first: seg.first, fd: openSync(seg.path, 'r') }
+        let opened: number
+        try {
+          opened = openSync(seg.path, 'r')
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err
+          if (seg === this.segments[this.segments.length - 1]) {
+            // The active one: put back from the spool's own descriptor at the next append.
+            this.suspect = true
+            throw err
+          }
+          // An older one deleted before it was read (a tmp cleaner takes the oldest files first):
+          // its records are gone. Said (takeRepairs) and passed over; before, sending stopped at
+          // it until a restart, and the spool filled behind it.
+          const lost: number[] = []
+          for (let q = seg.first; q <= seg.last; q++) lost.push(q)
+          this.repairs.push({ path: seg.path, cause: 'deleted', kept: 0, lost, rewritten: false })
+          seg.size = 0
+          seg.holes = new Map()
+          continue
+        }
+        this.reader = { first: seg.first, fd: opened }
       }
       const fd = this.reader.fd
       {
@@ -405,6 +519,8 @@ export class Spool {
             fill += want
           } else chunk = Buffer.allocUnsafe(want)
           const got = readSync(fd, chunk, 0, want, offset)
+          // Fewer bytes than were appended: the file was cut under the spool (repairActive).
+          if (got < want) this.suspect = true
           let at = 0
           let reachedLimit = false
           while (at < got && records.length < maxRecords) {
@@ -416,6 +532,7 @@ export class Spool {
               break
             }
             at += HEADER + r.payload.length
+            seen = r.seq
             if (r.seq > after) {
               records.push(r)
               bytes += HEADER + r.payload.length
@@ -423,13 +540,15 @@ export class Spool {
           }
           if (reachedLimit) {
             offset += at
-            return { records, cursor: { segment, offset } }
+            return { records, cursor: { segment, offset, seq: seen } }
           }
           if (at === 0) {
             // A record larger than the chunk: read exactly it next time round.
             const len = chunk.readUInt32LE(0)
             if (got < HEADER || len > MAX_RECORD) {
-              offset = seg.size // unreadable after recovery: the disk changed under us; skip the rest
+              // Unreadable after recovery: the disk changed under us; skip the rest, and say so.
+              offset = seg.size
+              this.passOver(seg, seen, seg === active)
               break
             }
             const one = Buffer.allocUnsafe(HEADER + len)
@@ -437,9 +556,11 @@ export class Spool {
             const r = parseRecord(one, 0, one.length, 0)
             if (!r) {
               offset = seg.size
+              this.passOver(seg, seen, seg === active)
               break
             }
-            if (r.seq > upTo) return { records, cursor: { segment, offset } }
+            if (r.seq > upTo) return { records, cursor: { segment, offset, seq: seen } }
+            seen = r.seq
             if (r.seq > after) records.push({ seq: r.seq, payload: r.payload })
             bytes += one.length
             offset += one.length
@@ -450,7 +571,22 @@ export class Spool {
       }
       if (records.length >= maxRecords || bytes >= maxBytes) break
     }
-    return { records, cursor: { segment, offset } }
+    return { records, cursor: { segment, offset, seq: seen } }
+  }
+
+  /**
+   * The rest of a segment found unreadable past `seen` (cut short or overwritten under the spool):
+   * an older one's records after it are gone, said through takeRepairs; before, they were skipped
+   * without a word. The active one is put back by repairActive at the next append instead.
+   */
+  private passOver(seg: Segment, seen: number, isActive: boolean): void {
+    if (isActive) {
+      this.suspect = true
+      return
+    }
+    const lost: number[] = []
+    for (let q = Math.max(seen, seg.first - 1) + 1; q <= seg.last; q++) lost.push(q)
+    this.repairs.push({ path: seg.path, cause: 'cut short', kept: Math.max(0, seen - seg.first + 1), lost, rewritten: false })
   }
 
   private closeReader(): void {

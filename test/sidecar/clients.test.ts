@@ -92,6 +92,67 @@ t.test('curl, Node fetch and Python reach the upstream with the credential injec
   assertNoCanary(t, s, ...bodies)
 })
 
+// Node 24's own fetch and http client take HTTP_PROXY when NODE_USE_ENV_PROXY=1 (no agent, no
+// undici import): an agent on the image's runtime needs nothing but the environment.
+const nodeMajor = Number(process.versions.node.split('.')[0])
+t.test(
+  "Node 24's built-in proxy support (NODE_USE_ENV_PROXY=1): fetch and http.get arrive credentialed, and a denial is readable",
+  { skip: nodeMajor < 24 ? `Node ${process.version} has no NODE_USE_ENV_PROXY (the Node 24 suite runs this)` : false },
+  async (t) => {
+    const { upstream, s } = await startBearerRig(t, {
+      fragment: (u) => ({
+        policy: {
+          default: 'deny',
+          rules: [
+            { id: 'no-admin', action: 'deny', hosts: ['127.0.0.1'], paths: ['/admin/**'] },
+            { id: 'allow-upstream', action: 'allow', hosts: ['127.0.0.1'], ports: [u.port] },
+          ],
+        },
+      }),
+    })
+    const script = `
+      const http = await import('node:http')
+      const headers = { authorization: 'Bearer agents-own-key' }
+      const out = []
+      for (const path of ['/fetch', '/admin/x']) {
+        const res = await fetch(process.argv[1] + path, { headers })
+        out.push([res.status, res.headers.get('x-latchkey-error'), await res.text()])
+      }
+      out.push(await new Promise((resolve, reject) => {
+        http.get(process.argv[1] + '/http', { headers }, (res) => {
+          let body = ''
+          res.on('data', (d) => (body += d))
+          res.on('end', () => resolve([res.statusCode, body]))
+        }).on('error', reject)
+      }))
+      console.log(JSON.stringify(out))`
+    const ran = await run(process.execPath, ['--input-type=module', '-e', script, upstream.origin], { env: cleanEnv({ NODE_USE_ENV_PROXY: '1', HTTP_PROXY: s.proxy }) })
+    const [fetched, denied, viaHttp] = JSON.parse(ran.stdout) as [unknown[], [number, string, string], unknown[]]
+    t.same(fetched, [200, null, 'ok'], 'fetch is answered')
+    t.same([denied[0], denied[1], JSON.parse(denied[2]).rule], [403, 'LK_POLICY_DENIED', 'no-admin'], 'a denied path: the 403, its code and rule, readable to fetch')
+    t.same(viaHttp, [200, 'ok'], 'http.get is answered')
+    t.same(
+      upstream.requests.map((r) => [r.url, r.headers.authorization]),
+      [
+        ['/fetch', `Bearer ${CANARY}`],
+        ['/http', `Bearer ${CANARY}`],
+      ],
+      'each arrived with the injected bearer, the agent-sent one replaced; the denied one never arrived',
+    )
+    const audit = await s.audit()
+    t.same(
+      audit.filter((e) => e.path !== null).map((e) => [e.path, e.status, e.error]),
+      [
+        ['/fetch', 200, null],
+        ['/admin/x', 403, 'LK_POLICY_DENIED'],
+        ['/http', 200, null],
+      ],
+      'each call recorded',
+    )
+    assertNoCanary(t, s, ran.stdout, ran.stderr)
+  },
+)
+
 t.test('HTTPS_PROXY: curl, Node fetch and Python tunnel through CONNECT, untouched', async (t) => {
   const tlsUpstream = await startUpstream({ tls: true })
   const s = await startTestSidecar({

@@ -408,16 +408,20 @@ export function conformance(t: Test, backend: Backend): void {
     const whole = await store.eventsByAgent({ agent: X, since })
     t.equal(whole.length, 14)
     const key = (e: { sidecar: string; position: number }) => `${e.sidecar}#${e.position}`
-    const paged: string[] = []
-    let after: { ts: number; sidecar: string; position: number } | undefined
-    for (let pages = 0; pages < 20; pages++) {
-      const page = await store.eventsByAgent({ agent: X, since, limit: 3, after })
-      paged.push(...page.map(key))
-      if (page.length < 3) break
-      const last = page[page.length - 1]!
-      after = { ts: last.event.timeUnixMs, sidecar: last.sidecar, position: last.position }
+    /** Every page of 3, each asked after the last event of the one before. */
+    const pagedThrough = async (newest: boolean) => {
+      const keys: string[] = []
+      let after: { ts: number; sidecar: string; position: number } | undefined
+      for (let pages = 0; pages < 20; pages++) {
+        const page = await store.eventsByAgent({ agent: X, since, limit: 3, after, newest })
+        keys.push(...page.map(key))
+        if (page.length < 3) break
+        const last = page[page.length - 1]!
+        after = { ts: last.event.timeUnixMs, sidecar: last.sidecar, position: last.position }
+      }
+      return keys
     }
-    t.same(paged, whole.map(key), 'the pages together are the whole answer, in its order, each event once')
+    t.same(await pagedThrough(false), whole.map(key), 'the pages together are the whole answer, in its order, each event once')
     t.same(
       (await store.eventsByAgent({ agent: X, since, after: { ts: now - 3000, sidecar: A, position: 5 } })).map(key),
       [`${A}#6`, `${B}#5`, `${B}#6`, `${A}#7`, `${B}#7`],
@@ -428,16 +432,7 @@ export function conformance(t: Test, backend: Backend): void {
     // Newest first: the same events reversed, paged the same way through the ties, each once.
     const newest = await store.eventsByAgent({ agent: X, since, newest: true })
     t.same(newest.map(key), whole.map(key).reverse(), 'newest first is the whole answer reversed')
-    const back: string[] = []
-    after = undefined
-    for (let pages = 0; pages < 20; pages++) {
-      const page = await store.eventsByAgent({ agent: X, since, limit: 3, after, newest: true })
-      back.push(...page.map(key))
-      if (page.length < 3) break
-      const last = page[page.length - 1]!
-      after = { ts: last.event.timeUnixMs, sidecar: last.sidecar, position: last.position }
-    }
-    t.same(back, newest.map(key), 'its pages together are the whole answer, each event once')
+    t.same(await pagedThrough(true), newest.map(key), 'its pages together are the whole answer, each event once')
     t.same(
       (await store.eventsByAgent({ agent: X, since, after: { ts: now - 3000, sidecar: B, position: 5 }, newest: true })).map(key),
       [`${A}#6`, `${A}#5`, `${B}#4`, `${B}#3`, `${B}#2`, `${A}#4`, `${A}#3`, `${A}#2`, `${B}#1`, `${A}#1`],

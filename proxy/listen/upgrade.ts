@@ -162,9 +162,11 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
             return
           }
           // Every credential the source holds for the binding, not only this call's (CredentialSource.held).
-          const held = ctx.credentialSource?.held(binding) ?? NONE_HELD
-          scrubResponseHeaders(response.headers, binding, credential, held)
-          relayScrubber = new WebSocketScrubber(bodyNeedlesFor(binding, credential, held))
+          const source = ctx.credentialSource
+          const held = () => source?.held(binding) ?? NONE_HELD
+          scrubResponseHeaders(response.headers, binding, credential, held())
+          // Asked again as each message starts: tokens issued while the socket is open are held too.
+          relayScrubber = new WebSocketScrubber(() => bodyNeedlesFor(binding, credential, held()))
           relayScrubber.once('error', (err) => {
             if (err instanceof LatchkeyError) recordEnd(ctx, err.code, err.reason)
             client.destroy()

@@ -8,7 +8,7 @@ import t, { type Test } from 'tap'
 import { connect } from 'node:net'
 import { once } from 'node:events'
 import { createHash } from 'node:crypto'
-import type { IncomingMessage } from 'node:http'
+import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Duplex } from 'node:stream'
 import { execFile } from 'node:child_process'
 import { join } from 'node:path'
@@ -230,6 +230,32 @@ t.test("a WebSocket open before task B's token was issued gets B's token masked 
   t.ok(/^\{"url":"\/remember","authorization":"Bearer \*+"\}$/.test(messages[0] ?? ''), "B's token is overwritten in A's message, at its length")
   t.equal(messages[1], 'after', 'and the socket goes on as it was')
   await assertNowhere(t, s, [tokenB], [all.toString('latin1'), called.raw])
+})
+
+// A streamed response outlives the calls around it too: an event stream opened by task A, then
+// task B's call, then the upstream's next event quoting it.
+t.test("an event stream open before task B's token was issued gets B's token masked in its later events", async (t) => {
+  const { s, up, openTask } = await rig(t)
+  let push: ((event: string) => void) | null = null
+  up.server.removeAllListeners('request')
+  up.server.on('request', (req: IncomingMessage, res: ServerResponse) => {
+    up.requests.push({ method: req.method ?? '', url: req.url ?? '', headers: req.headers, rawHeaders: req.rawHeaders, body: '' })
+    if (req.url !== '/events') return void res.end('ok')
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write('data: opened\n\n')
+    push = (event) => res.end(`data: ${event}\n\n`)
+  })
+  const a = await openTask()
+  const streamed = call(a.proxy, `http://127.0.0.1:${up.port}/events`)
+  while (push === null) await new Promise((r) => setTimeout(r, 5))
+  const b = await openTask()
+  await call(b.proxy, `http://127.0.0.1:${up.port}/remember`)
+  const tokenB = bearer(String(up.requests.find((r) => r.url === '/remember')?.headers.authorization))
+  t.ok(/^eyJ[\w-]+\.[\w-]+\.[\w-]+$/.test(tokenB), "the API got B's JWT")
+  ;(push as (event: string) => void)(`{"url":"/remember","authorization":"Bearer ${tokenB}"}`)
+  const got = await streamed
+  t.ok(/^data: opened\n\ndata: \{"url":"\/remember","authorization":"Bearer \*+"\}\n\n$/.test(got.body), "B's token is overwritten in A's later event, at its length")
+  await assertNowhere(t, s, [tokenB], [got.raw])
 })
 
 // The scrubber's side, without servers: what a set of many tokens costs and finds.

@@ -8,7 +8,7 @@ import { once } from 'node:events'
 import { createHash } from 'node:crypto'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
-import { startTestSidecar, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
+import { startTestSidecar, rawRequest, parseRawResponse, assertNoCanary, CANARY } from '../helpers/harness.js'
 import { serverFrame, framePayloads } from '../helpers/websocket-frames.js'
 import { WebSocketScrubber } from '../../proxy/listen/websocket-scrub.js'
 import { compileNeedles } from '../../proxy/forward/body-scrub.js'
@@ -205,11 +205,23 @@ t.test("the agent's own credential offered as a subprotocol is removed where the
     ['Sec_WebSocket_Protocol', 'token, agent-own-6', 'token'],
     ['Sec-WebSocket-Protocol', `base64url.bearer.authorization.k8s.io.${Buffer.from('agent-own-7').toString('base64url')}`, undefined],
   ]
+  // The handshake with `header` added, and the sidecar's answer once its head is whole.
+  const answerTo = async (port: number, header: string) => {
+    const sock = connect(port, '127.0.0.1')
+    sock.on('error', () => {})
+    await once(sock, 'connect')
+    let raw = ''
+    sock.on('data', (d: Buffer) => (raw += d.toString('latin1')))
+    sock.write(`GET /live/feed HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n${header}\r\n\r\n`)
+    await Promise.race([once(sock, 'close'), (async () => { while (!raw.includes('\r\n\r\n')) await new Promise((r) => setTimeout(r, 5)) })()])
+    sock.destroy()
+    return parseRawResponse(raw)
+  }
   const seen: string[] = []
   const injected = await rig(true)
   for (const [name, value, reached] of cases) {
     const before = offered.length
-    const r = await rawRequest(injected.s.sidecar.port, `GET /live/feed HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n${name}: ${value}\r\n\r\n`, 50)
+    const r = await answerTo(injected.s.sidecar.port, `${name}: ${value}`)
     seen.push(r.raw)
     t.equal(r.status, 101, `${value}: switched`)
     t.equal(offered[before], reached, `${value}: the upstream was offered only what carries no credential`)
@@ -221,7 +233,7 @@ t.test("the agent's own credential offered as a subprotocol is removed where the
   // Where nothing is injected the agent's offer is its own business, and goes as it came.
   const plain = await rig(false)
   const before = offered.length
-  await rawRequest(plain.s.sidecar.port, `GET /live/feed HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: Authorization, agent-own-8\r\n\r\n`, 50)
+  await answerTo(plain.s.sidecar.port, 'Sec-WebSocket-Protocol: Authorization, agent-own-8')
   t.equal(offered[before], 'Authorization, agent-own-8', 'an origin without a credential gets the offer unchanged')
 })
 

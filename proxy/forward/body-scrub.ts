@@ -506,6 +506,20 @@ export class BodyScrubber {
 
   constructor(private readonly n: BodyNeedles) {}
 
+  /**
+   * This pass looking for other needles from here on (the binding's held set changed while a long
+   * body streams), or null while bytes are held: they were held for these needles' sake, and go
+   * with them. What the agent has and was counted stays.
+   */
+  lookingFor(n: BodyNeedles): BodyScrubber | null {
+    if (this.held !== null) return null
+    const next = new BodyScrubber(n)
+    next.found = this.found
+    next.context = this.context
+    next.letGo = this.letGo
+    return next
+  }
+
   /** What of `chunk` (after anything held) may go to the agent now, or null when all of it waits. */
   push(chunk: Buffer): Buffer | null {
     let data = this.held === null ? chunk : Buffer.concat([this.held, chunk])

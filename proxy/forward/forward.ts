@@ -12,7 +12,7 @@ import { watchBodyStall } from './body-stall.js'
 import { inboundResponseHeaders, type OutboundHeaders } from './headers.js'
 import { afterSending, bodyError, upstreamError } from './upstream-errors.js'
 import { safeReasonPhrase, scrubResponseHeaders } from './scrub.js'
-import { BodyScrubber, bodyNeedlesFor } from './body-scrub.js'
+import { BodyScrubber, bodyNeedlesFor, type BodyNeedles } from './body-scrub.js'
 import { lingerOnClose } from '../listen/linger.js'
 import { NONE_HELD } from '../credentials/held.js'
 import { recordEnd } from '../call-outcome.js'
@@ -82,6 +82,9 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
   private finished = false
   /** On a credentialed call: what the body passes through before the agent gets it. */
   private scrubber: BodyScrubber | null = null
+  /** What the scrubber looks for, and where to ask what it should (the binding's held set now). */
+  private lookingFor: BodyNeedles | null = null
+  private needles: (() => BodyNeedles) | null = null
   /** A response without a Content-Length: its small chunks are gathered until the tick ends (onResponseData). */
   private coalescing = false
   /** The response is corked until the tick ends (onResponseStart). */
@@ -280,7 +283,11 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
         // such a GET): it describes what the agent gets, as that GET's head did.
         describeDecoded(clean)
       }
-      this.scrubber = new BodyScrubber(bodyNeedlesFor(binding, credential, held))
+      // Asked again as the body streams (scrubbed): a token issued meanwhile is held too.
+      const source = this.ctx.credentialSource
+      this.needles = () => bodyNeedlesFor(binding, credential, source?.held(binding) ?? NONE_HELD)
+      this.lookingFor = bodyNeedlesFor(binding, credential, held)
+      this.scrubber = new BodyScrubber(this.lookingFor)
     }
     // On a reverse route every cookie is put under `/<route>/` (forward/route-cookie.ts): all
     // routes share the sidecar's host, and a jar would send one upstream's cookies to the others.
@@ -454,7 +461,18 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
 
   /** What of `chunk` may go to the agent now, past the credential scrubber on a credentialed call. */
   private scrubbed(chunk: Buffer): Buffer | null {
-    return this.scrubber === null ? chunk : this.scrubber.push(chunk)
+    if (this.scrubber === null) return chunk
+    // A stream (SSE, a log tail) outlives the calls around it: a token issued after its head
+    // (another task's, a refresh) is looked for from the next chunk that finds nothing held.
+    const now = this.needles!()
+    if (now !== this.lookingFor) {
+      const next = this.scrubber.lookingFor(now)
+      if (next !== null) {
+        this.scrubber = next
+        this.lookingFor = now
+      }
+    }
+    return this.scrubber.push(chunk)
   }
 
   private clearStall(): void {

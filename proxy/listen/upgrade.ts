@@ -18,6 +18,7 @@ import { scrubResponseHeaders } from '../forward/scrub.js'
 import { bodyNeedlesFor } from '../forward/body-scrub.js'
 import { NONE_HELD } from '../credentials/held.js'
 import { WebSocketScrubber } from './websocket-scrub.js'
+import { subprotocolsWithoutCredentials } from './websocket-protocol.js'
 import { recordEnd } from '../call-outcome.js'
 
 const KEEP_FOR_WEBSOCKET = ['upgrade', 'connection'] as const
@@ -86,6 +87,13 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
     headers.host = hostHeader(target)
     if (ctx.binding && ctx.credential) {
       target.search = credentialedQuery(target.search, ctx.binding)
+      // The agent's own token offered as a subprotocol goes, as its Authorization does; an `_`
+      // spelling too, which a server folding `_` into `-` (CGI, WSGI) reads as the same header.
+      // Before injecting: a binding may write its credential there.
+      for (const name in headers) {
+        const offered = headers[name]
+        if (offered !== undefined && name.replace(/_/g, '-') === 'sec-websocket-protocol') headers[name] = subprotocolsWithoutCredentials(offered)
+      }
       ctx.binding.inject(headers, target, ctx.credential)
       // Messages are checked for the credential (websocket-scrub.ts): none may come compressed.
       delete headers['sec-websocket-extensions']
@@ -154,9 +162,11 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
             return
           }
           // Every credential the source holds for the binding, not only this call's (CredentialSource.held).
-          const held = ctx.credentialSource?.held(binding) ?? NONE_HELD
-          scrubResponseHeaders(response.headers, binding, credential, held)
-          relayScrubber = new WebSocketScrubber(bodyNeedlesFor(binding, credential, held))
+          const source = ctx.credentialSource
+          const held = () => source?.held(binding) ?? NONE_HELD
+          scrubResponseHeaders(response.headers, binding, credential, held())
+          // Asked again as each message starts: tokens issued while the socket is open are held too.
+          relayScrubber = new WebSocketScrubber(() => bodyNeedlesFor(binding, credential, held()))
           relayScrubber.once('error', (err) => {
             if (err instanceof LatchkeyError) recordEnd(ctx, err.code, err.reason)
             client.destroy()

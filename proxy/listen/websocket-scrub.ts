@@ -18,6 +18,12 @@
 // LK_UPSTREAM_PROTOCOL. Without a bound an upstream that left a message on such a byte and then
 // sent pings (or empty fragments) grew the queue without end, none of it reaching the agent.
 //
+// What is looked for is asked again at each message's start and for each control frame (`needles`
+// given as a function): a WebSocket outlives the calls around it, and a token issued after it
+// opened (another task's, a refresh) was not looked for, so an upstream streaming its request log
+// down the socket handed that token over whole. Within a message the needles stay as they were:
+// the bytes held at a fragment's end belong to that message's scrubber.
+//
 // Messages cannot be read compressed: the handshake offers no extension (upgrade.ts), and a frame
 // with a reserved bit set, or masked (a server never masks, §5.1), ends the connection.
 import { Transform, type TransformCallback } from 'node:stream'
@@ -57,7 +63,13 @@ export class WebSocketScrubber extends Transform {
   private left = 0
   private control: Buffer[] = []
   private controlHeader: Buffer | null = null
-  private readonly scrubber: BodyScrubber
+  private scrubber: BodyScrubber
+  /** What `scrubber` looks for. */
+  private current: BodyNeedles
+  /** Whether a data frame without FIN has come and its message not yet ended. */
+  private inMessage = false
+  /** Matches overwritten by scrubbers since replaced. */
+  private foundBefore = 0
   /**
    * What waits behind the bytes the scrubber holds, in wire order: once they are released,
    * `after` of them are the held payload, then `bytes` go. Empty when nothing is held.
@@ -70,9 +82,15 @@ export class WebSocketScrubber extends Transform {
   /** Payload bytes the scrubber holds now (it returns them, in order, before anything newer). */
   private held = 0
 
-  constructor(private readonly needles: BodyNeedles) {
+  /** `needles`, when a function, is asked what to look for as each message and control frame starts. */
+  constructor(private readonly needles: BodyNeedles | (() => BodyNeedles)) {
     super()
-    this.scrubber = new BodyScrubber(needles)
+    this.current = this.needlesNow()
+    this.scrubber = new BodyScrubber(this.current)
+  }
+
+  private needlesNow(): BodyNeedles {
+    return typeof this.needles === 'function' ? this.needles() : this.needles
   }
 
   /** The upstream closed mid-message: what is held is less than any needle, and goes as it is. */
@@ -117,7 +135,7 @@ export class WebSocketScrubber extends Transform {
 
   /** Matches overwritten so far, across messages. */
   get found(): number {
-    return this.scrubber.found
+    return this.foundBefore + this.scrubber.found
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
@@ -171,6 +189,17 @@ export class WebSocketScrubber extends Transform {
     } else {
       this.at = At.Payload
       this.fin = (b0 & 0x80) !== 0
+      // A message starts: nothing is held (its last fragment released it all), so the scrubber can
+      // be replaced when what is held for the binding changed; the function caches by that set.
+      if (!this.inMessage) {
+        const now = this.needlesNow()
+        if (now !== this.current) {
+          this.foundBefore += this.scrubber.found
+          this.current = now
+          this.scrubber = new BodyScrubber(now)
+        }
+      }
+      this.inMessage = !this.fin
       this.sendOrQueue(h)
     }
     if (length === 0) this.frameEnd()
@@ -193,10 +222,10 @@ export class WebSocketScrubber extends Transform {
   private frameEnd(): void {
     if (this.at === At.Control) {
       // Checked whole, on its own (≤ 125 bytes): it is no part of the message around it.
-      const one = new BodyScrubber(this.needles)
+      const one = new BodyScrubber(this.needlesNow())
       const body = Buffer.concat(this.control)
       const scrubbed = Buffer.concat([one.push(body) ?? Buffer.alloc(0), one.end() ?? Buffer.alloc(0)])
-      this.scrubber.found += one.found
+      this.foundBefore += one.found
       this.control = []
       this.sendOrQueue(Buffer.concat([this.controlHeader!, scrubbed]))
       this.controlHeader = null

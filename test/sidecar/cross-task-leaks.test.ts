@@ -5,12 +5,18 @@
 // B masked, and nothing the agent, the log or the audit holds quotes it. All real: broker,
 // sidecar, curl, an upstream that remembers an Authorization header and shows it on the next call.
 import t, { type Test } from 'tap'
+import { connect } from 'node:net'
+import { once } from 'node:events'
+import { createHash } from 'node:crypto'
+import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { Duplex } from 'node:stream'
 import { execFile } from 'node:child_process'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
 import { startTestBroker, API } from '../helpers/broker.js'
 import { startTestSidecar, startUpstream, loopbackPolicy, type TestSidecar, type Upstream } from '../helpers/harness.js'
 import { scrubParts } from '../helpers/scrub-parts.js'
+import { serverFrame, framePayloads } from '../helpers/websocket-frames.js'
 import { AGENT } from '../helpers/tokens.js'
 import { REMOVED } from '../../proxy/forward/scrub.js'
 import { bodyNeedlesFor, compileNeedles } from '../../proxy/forward/body-scrub.js'
@@ -184,6 +190,72 @@ t.test("a task's own token a refresh superseded, still valid, is masked in its l
   t.equal(held(), 2, 'both tokens held while either may be valid')
   clock += 3_600_000
   t.equal(held(), 0, 'expired, they are no longer held')
+})
+
+// A WebSocket outlives the calls around it: a token issued after it opened (another task's, a
+// refresh) was not among what its messages were checked for, so an upstream streaming its request
+// log down the socket handed it over whole.
+t.test("a WebSocket open before task B's token was issued gets B's token masked in its messages", async (t) => {
+  const { s, up, openTask } = await rig(t)
+  const sockets: Duplex[] = []
+  up.server.on('upgrade', (req: IncomingMessage, socket: Duplex) => {
+    socket.on('error', () => {})
+    const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
+    socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`)
+    sockets.push(socket)
+  })
+  const a = await openTask()
+  const proxy = new URL(a.proxy)
+  const sock = connect(Number(proxy.port), proxy.hostname)
+  sock.on('error', () => {})
+  await once(sock, 'connect')
+  const chunks: Buffer[] = []
+  sock.on('data', (c: Buffer) => chunks.push(c))
+  sock.write(`GET http://127.0.0.1:${up.port}/log HTTP/1.1\r\nHost: 127.0.0.1:${up.port}\r\nProxy-Authorization: Basic ${b64(`task:${a.handle}`)}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`)
+  while (!Buffer.concat(chunks).includes('\r\n\r\n')) await new Promise((r) => setTimeout(r, 5))
+  t.match(Buffer.concat(chunks).toString('latin1'), /^HTTP\/1\.1 101 /, "A's WebSocket opened")
+
+  // Task B is opened and calls after A's socket opened: its token is new to the sidecar.
+  const b = await openTask()
+  const called = await call(b.proxy, `http://127.0.0.1:${up.port}/remember`)
+  const tokenA = bearer(String(up.requests.find((r) => r.url === '/log')?.headers.authorization ?? ''))
+  const tokenB = bearer(String(up.requests.find((r) => r.url === '/remember')?.headers.authorization))
+  t.ok(/^eyJ[\w-]+\.[\w-]+\.[\w-]+$/.test(tokenB) && tokenB !== tokenA, "the API got B's own JWT")
+  // The upstream's request log, streamed down A's socket: B's call, then a later message.
+  sockets[0]!.end(Buffer.concat([serverFrame(JSON.stringify({ url: '/remember', authorization: `Bearer ${tokenB}` })), serverFrame('after')]))
+  await once(sock, 'close')
+  const all = Buffer.concat(chunks)
+  const messages = framePayloads(all.subarray(all.indexOf('\r\n\r\n') + 4)).map((f) => f.payload.toString('latin1'))
+  t.equal(messages.length, 2, 'both messages reached A')
+  t.ok(/^\{"url":"\/remember","authorization":"Bearer \*+"\}$/.test(messages[0] ?? ''), "B's token is overwritten in A's message, at its length")
+  t.equal(messages[1], 'after', 'and the socket goes on as it was')
+  await assertNowhere(t, s, [tokenB], [all.toString('latin1'), called.raw])
+})
+
+// A streamed response outlives the calls around it too: an event stream opened by task A, then
+// task B's call, then the upstream's next event quoting it.
+t.test("an event stream open before task B's token was issued gets B's token masked in its later events", async (t) => {
+  const { s, up, openTask } = await rig(t)
+  let push: ((event: string) => void) | null = null
+  up.server.removeAllListeners('request')
+  up.server.on('request', (req: IncomingMessage, res: ServerResponse) => {
+    up.requests.push({ method: req.method ?? '', url: req.url ?? '', headers: req.headers, rawHeaders: req.rawHeaders, body: '' })
+    if (req.url !== '/events') return void res.end('ok')
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write('data: opened\n\n')
+    push = (event) => res.end(`data: ${event}\n\n`)
+  })
+  const a = await openTask()
+  const streamed = call(a.proxy, `http://127.0.0.1:${up.port}/events`)
+  while (push === null) await new Promise((r) => setTimeout(r, 5))
+  const b = await openTask()
+  await call(b.proxy, `http://127.0.0.1:${up.port}/remember`)
+  const tokenB = bearer(String(up.requests.find((r) => r.url === '/remember')?.headers.authorization))
+  t.ok(/^eyJ[\w-]+\.[\w-]+\.[\w-]+$/.test(tokenB), "the API got B's JWT")
+  ;(push as (event: string) => void)(`{"url":"/remember","authorization":"Bearer ${tokenB}"}`)
+  const got = await streamed
+  t.ok(/^data: opened\n\ndata: \{"url":"\/remember","authorization":"Bearer \*+"\}\n\n$/.test(got.body), "B's token is overwritten in A's later event, at its length")
+  await assertNowhere(t, s, [tokenB], [got.raw])
 })
 
 // The scrubber's side, without servers: what a set of many tokens costs and finds.

@@ -8,7 +8,7 @@ import { once } from 'node:events'
 import { createHash } from 'node:crypto'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
-import { startTestSidecar, rawRequest, assertNoCanary, CANARY } from '../helpers/harness.js'
+import { startTestSidecar, rawRequest, parseRawResponse, assertNoCanary, CANARY } from '../helpers/harness.js'
 import { serverFrame, framePayloads } from '../helpers/websocket-frames.js'
 import { WebSocketScrubber } from '../../proxy/listen/websocket-scrub.js'
 import { compileNeedles } from '../../proxy/forward/body-scrub.js'
@@ -175,6 +175,66 @@ t.test('only a 101 to websocket opens the relay; its head is scrubbed; a handsha
     { method: 'GET', host: '127.0.0.1', port, path: '/reflect' },
   ], 'a refused handshake is recorded with what it was for')
   assertNoCanary(t, s, ...seen)
+})
+
+// A browser's WebSocket cannot set headers, so SDKs carry a token as a subprotocol. On an origin
+// the sidecar injects into, the agent's went on beside the injected bearer: the upstream had two
+// credentials to act on, the audit named one.
+t.test("the agent's own credential offered as a subprotocol is removed where the sidecar injects; other subprotocols pass", async (t) => {
+  const offered: (string | undefined)[] = []
+  const rig = (credentialed: boolean) =>
+    startWsRig(
+      t,
+      (req, socket) => {
+        const protocols = req.headers['sec-websocket-protocol'] ?? req.headers['sec_websocket_protocol']
+        offered.push(Array.isArray(protocols) ? protocols.join(', ') : protocols)
+        // The upstream chooses the first subprotocol it was offered, as most do.
+        const chosen = typeof protocols === 'string' ? `Sec-WebSocket-Protocol: ${protocols.split(',')[0]}\r\n` : ''
+        socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${acceptFor(req)}\r\n${chosen}\r\n`)
+      },
+      { fragment: (port) => ({ routes: { live: `http://127.0.0.1:${port}` }, ...(credentialed ? {} : { credentials: [] }) }) },
+    )
+  const jwt = `eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhZ2VudCJ9.agent-own-jwt-signature-0000`
+  const cases: [string, string, string | undefined][] = [
+    ['Sec-WebSocket-Protocol', 'Authorization, agent-own-1', 'Authorization'],
+    ['Sec-WebSocket-Protocol', `v4.channel.k8s.io, base64url.bearer.authorization.k8s.io.${Buffer.from('agent-own-2').toString('base64url')}`, 'v4.channel.k8s.io'],
+    ['Sec-WebSocket-Protocol', 'realtime, openai-insecure-api-key.sk-agent-own-3, openai-beta.realtime-v1', 'realtime, openai-beta.realtime-v1'],
+    ['Sec-WebSocket-Protocol', `graphql-transport-ws, ${jwt}`, 'graphql-transport-ws'],
+    ['Sec-WebSocket-Protocol', 'access_token, bearer, agent-own-5', 'access_token'],
+    // The `_` spelling a server folding `_` into `-` reads as the same header.
+    ['Sec_WebSocket_Protocol', 'token, agent-own-6', 'token'],
+    ['Sec-WebSocket-Protocol', `base64url.bearer.authorization.k8s.io.${Buffer.from('agent-own-7').toString('base64url')}`, undefined],
+  ]
+  // The handshake with `header` added, and the sidecar's answer once its head is whole.
+  const answerTo = async (port: number, header: string) => {
+    const sock = connect(port, '127.0.0.1')
+    sock.on('error', () => {})
+    await once(sock, 'connect')
+    let raw = ''
+    sock.on('data', (d: Buffer) => (raw += d.toString('latin1')))
+    sock.write(`GET /live/feed HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n${header}\r\n\r\n`)
+    await Promise.race([once(sock, 'close'), (async () => { while (!raw.includes('\r\n\r\n')) await new Promise((r) => setTimeout(r, 5)) })()])
+    sock.destroy()
+    return parseRawResponse(raw)
+  }
+  const seen: string[] = []
+  const injected = await rig(true)
+  for (const [name, value, reached] of cases) {
+    const before = offered.length
+    const r = await answerTo(injected.s.sidecar.port, `${name}: ${value}`)
+    seen.push(r.raw)
+    t.equal(r.status, 101, `${value}: switched`)
+    t.equal(offered[before], reached, `${value}: the upstream was offered only what carries no credential`)
+    t.equal(r.headers['sec-websocket-protocol'], reached?.split(',')[0], `${value}: and chose one the agent offered`)
+  }
+  const logged = injected.s.logs.join('') + JSON.stringify(await injected.s.audit(cases.length))
+  t.notOk(/agent-own|YWdlbnQtb3du/.test(logged), 'the agent\'s tokens are in no log line or audit event')
+  assertNoCanary(t, injected.s, ...seen)
+  // Where nothing is injected the agent's offer is its own business, and goes as it came.
+  const plain = await rig(false)
+  const before = offered.length
+  await answerTo(plain.s.sidecar.port, 'Sec-WebSocket-Protocol: Authorization, agent-own-8')
+  t.equal(offered[before], 'Authorization, agent-own-8', 'an origin without a credential gets the offer unchanged')
 })
 
 t.test("undici's WebSocket through EnvHttpProxyAgent: ws:// in a CONNECT tunnel, decided and injected", async (t) => {

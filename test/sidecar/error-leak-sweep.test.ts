@@ -130,6 +130,12 @@ t.test('no refusal, of any code, shows a credential in any spelling anywhere', a
     ['userinfo, percent-encoded', 'LK_BAD_REQUEST', () => rawRequest(port, get(`http://u:${encodeURIComponent(URL_PASSWORD)}%40@127.0.0.1:${echo.port}/`))],
     ['TRACE with the agent headers', 'LK_BAD_REQUEST', () => rawRequest(port, get(echoUrl('127.0.0.1', '/'), '', 'TRACE'))],
     ['a bad percent-encoding', 'LK_BAD_REQUEST', () => rawRequest(port, get(`http://127.0.0.1:${echo.port}/a%zz?k=${AGENT_AUTH}`))],
+    ['an Upgrade that is no WebSocket, naming a secret', 'LK_BAD_REQUEST', () => rawRequest(port, get(echoUrl('127.0.0.1', '/'), `Upgrade: ${AGENT_AUTH}\r\nConnection: upgrade\r\n`))],
+    ['an Upgrade to a registered protocol', 'LK_BAD_REQUEST', async () => {
+      const r = await rawRequest(port, get(echoUrl('127.0.0.1', '/'), 'Upgrade: TLS/1.2\r\nConnection: upgrade\r\n'))
+      t.match(JSON.parse(r.body).reason, /^upgrade to "tls\/1\.2" is not supported/, 'a registered name is named back')
+      return r
+    }],
     ['a Destination no policy can judge', 'LK_BAD_REQUEST', () => rawRequest(port, get(echoUrl('127.0.0.1', '/'), `Destination: http://u:${URL_PASSWORD}@127.0.0.1:${echo.port}/x\r\n`, 'COPY'))],
     ['a malformed chunked body', 'LK_BAD_REQUEST', () => rawRequest(port, `POST ${echoUrl('127.0.0.1', '/')} HTTP/1.1\r\nHost: x\r\n${agentHeaders}Transfer-Encoding: chunked\r\n\r\nzz${AGENT_AUTH}\r\n`)],
     ['a request line the parser refuses', 'LK_BAD_REQUEST', () => rawRequest(port, `GET http://127.0.0.1:${echo.port}/${AGENT_AUTH} HTTP/1.1 ${AGENT_AUTH}\r\n${agentHeaders}\r\n`)],

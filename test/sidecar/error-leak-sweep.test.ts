@@ -3,7 +3,10 @@
 // handle, the agent's own Authorization, Cookie and X-Api-Key, userinfo and query parameters in
 // the URL it sends, the upstream's echoes of what was injected), then every output grepped for
 // every spelling of every one: bodies and status lines, log lines, the audit file, /metrics,
-// /healthz, /readyz and the task API. One sidecar serves the whole table.
+// /healthz, /readyz and the task API. One sidecar serves the whole table. The codes only a
+// broker, control stream, caller check or a drain can cause (CREDENTIAL_REFUSED/UNAVAILABLE,
+// REVOKED, CALLER_DENIED, DRAINING, UPSTREAM_LIMIT, DNS_BUSY/TIMEOUT, AUDIT_UNAVAILABLE) are
+// not caused here: each needs a rig of its own (token-faults and control/faults grep theirs).
 import t from 'tap'
 import { connect } from 'node:net'
 import { once } from 'node:events'

@@ -145,6 +145,7 @@ t.test('no refusal, of any code, shows a credential in any spelling anywhere', a
     ['an Expect it cannot meet', 'LK_EXPECTATION_FAILED', () => rawRequest(port, get(echoUrl('127.0.0.1', '/'), `Expect: ${AGENT_AUTH}\r\n`))],
     ['headers too large', 'LK_HEADERS_TOO_LARGE', () => rawRequest(port, get(echoUrl('127.0.0.1', '/'), `X-Big: ${AGENT_AUTH.repeat(3000)}\r\n`))],
     ['an origin-form path naming no route', 'LK_NO_ROUTE', () => rawRequest(port, `GET /${AGENT_AUTH}/v1/x?key=${AGENT_AUTH} HTTP/1.1\r\nHost: 127.0.0.1\r\n${agentHeaders}Connection: close\r\n\r\n`)],
+    ['a route asked by a page on another host', 'LK_FOREIGN_ORIGIN', () => rawRequest(port, `GET /up/x?key=${AGENT_AUTH} HTTP/1.1\r\nHost: evil.example\r\nOrigin: http://evil.example\r\n${agentHeaders}Connection: close\r\n\r\n`)],
     ['a Proxy-Authorization naming no task', 'LK_PROXY_AUTH', () => rawRequest(port, `GET ${echoUrl('127.0.0.1', '/')} HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic ${Buffer.from(`task:${AGENT_AUTH}`).toString('base64')}\r\nConnection: close\r\n\r\n`)],
     ['a Proxy-Authorization of another scheme', 'LK_PROXY_AUTH', () => rawRequest(port, `GET ${echoUrl('127.0.0.1', '/')} HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Bearer ${AGENT_AUTH}\r\nConnection: close\r\n\r\n`)],
     ['a task ended under its call', 'LK_TASK_ENDED', async () => {

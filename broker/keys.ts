@@ -232,7 +232,10 @@ async function readKey(file: string, name: string): Promise<LoadedKey & { legacy
   try {
     s = JSON.parse(text)
   } catch (err) {
-    throw refuse(`not JSON (${(err as Error).message})`)
+    // V8's message quotes the text around an unexpected character (`Unexpected token 'x', "…"d":x"AbCdEfGh"… is
+    // not valid JSON`): in a key file, ten characters of the private key, to stderr and the log.
+    const said = (err as Error).message
+    throw refuse(`not JSON (${/["']/.test(said) ? 'a character where none may stand; the text is not repeated: it holds a private key' : said})`)
   }
   if (typeof s !== 'object' || s === null || Array.isArray(s)) throw refuse('not a JSON object')
   const o = s as Record<string, unknown>

@@ -18,9 +18,23 @@ export interface LocalAttestorKey {
   jwksFile: string
 }
 
+/**
+ * The private JWK in `file`, or an LK_STARTUP error that names the file and never quotes it: V8's
+ * JSON.parse message for a stray character quotes the text around it (`..."d":xAbCdEfGh"...`),
+ * which `latchkey up` printed, with a stack, to stderr.
+ */
+function readPrivateJwk(file: string): JWK {
+  const text = readSettingText(file)
+  try {
+    return JSON.parse(text) as JWK
+  } catch {
+    throw Object.assign(new Error(`${file}: the local attestor's private key is not JSON (its text is not repeated: it holds the key); move it away and a new key is made`), { code: 'LK_STARTUP' })
+  }
+}
+
 /** Loads the private key a sidecar signs with (the file `ensureLocalAttestorKey` wrote). */
 export async function loadLocalAttestorKey(file: string): Promise<{ kid: string; privateKey: CryptoKey }> {
-  const jwk = JSON.parse(readSettingText(file)) as JWK
+  const jwk = readPrivateJwk(file)
   if (!jwk.d || !jwk.kid) throw new Error(`${file}: not a private JWK with a kid`)
   return { kid: jwk.kid, privateKey: (await importJWK(jwk, 'ES256')) as CryptoKey }
 }
@@ -31,7 +45,7 @@ export async function ensureLocalAttestorKey(dir: string): Promise<LocalAttestor
   const privFile = join(dir, 'local-attestor.key.json')
   const jwksFile = join(dir, 'local-attestor.jwks.json')
   let jwk: JWK
-  if (existsSync(privFile)) jwk = JSON.parse(readSettingText(privFile)) as JWK
+  if (existsSync(privFile)) jwk = readPrivateJwk(privFile)
   else {
     const { privateKey } = await generateKeyPair('ES256', { extractable: true })
     jwk = await exportJWK(privateKey)

@@ -186,6 +186,23 @@ export function parseConnectTarget(raw: string): Target {
 export interface ReverseRoutes {
   /** Route name → upstream origin, parsed once at start-up. */
   get(name: string): URL | undefined
+  keys(): Iterable<string>
+}
+
+/** How many route names a refusal lists: enough to spot the one meant, bounded for the status line. */
+const LISTED_ROUTES = 8
+
+/**
+ * An unknown route, refused without repeating the segment that named it: an agent whose base URL
+ * lost its route name sends the API's own path, and some APIs carry their key there (Telegram's
+ * /bot<token>/…). It was quoted into the body, the status line, the log and the audit trail.
+ * The configured names are listed instead: they say the same to whoever mistyped one.
+ */
+function noRoute(routes: ReverseRoutes): LatchkeyError {
+  const names = [...routes.keys()]
+  const listed = names.slice(0, LISTED_ROUTES).map((n) => JSON.stringify(n)).join(', ') + (names.length > LISTED_ROUTES ? ', ...' : '')
+  const known = names.length === 0 ? 'no routes are configured' : `the routes are ${listed}`
+  return new LatchkeyError('LK_NO_ROUTE', `the path's first segment names no route (it is not repeated: it may hold a key); ${known}`)
 }
 
 /** Origin-form `/<route>/<rest>` mapped onto the route's upstream origin. */
@@ -196,7 +213,7 @@ export function parseReverseTarget(rawPath: string, routes: ReverseRoutes): Targ
   const slash = path.indexOf('/', 1)
   const name = path.slice(1, slash === -1 ? undefined : slash)
   const upstream = name ? routes.get(name) : undefined
-  if (!upstream) throw new LatchkeyError('LK_NO_ROUTE', name ? `no route named "${name}"` : 'origin-form requests must start with a route name')
+  if (!upstream) throw name ? noRoute(routes) : new LatchkeyError('LK_NO_ROUTE', 'origin-form requests must start with a route name')
   const rest = slash === -1 ? '/' : path.slice(slash)
   const base = routeBase(upstream)
   const target = fromUrl(upstream)

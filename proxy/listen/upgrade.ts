@@ -21,6 +21,13 @@ import { WebSocketScrubber } from './websocket-scrub.js'
 import { subprotocolsWithoutCredentials } from './websocket-protocol.js'
 import { recordEnd } from '../call-outcome.js'
 
+/**
+ * Upgrade tokens of IANA's registry other than websocket and h2c, which a refusal names back. The
+ * header is the agent's to fill, and anything else it held was quoted (32 characters of it) into
+ * the body, the status line, the log and the audit trail.
+ */
+const NAMED_UPGRADES = /^(?:http|tls|connect-udp|connect-ip)(?:\/\d{1,2}(?:\.\d{1,2})?)?$/
+
 const KEEP_FOR_WEBSOCKET = ['upgrade', 'connection'] as const
 /** 16 bytes in base64: 22 characters and `==`. */
 const WEBSOCKET_KEY = /^[A-Za-z0-9+/]{22}==$/
@@ -54,7 +61,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
     const protocol = String(req.headers.upgrade ?? '').trim().toLowerCase()
     // h2c alone is declined and the request served in HTTP/1.1 (listen/h2c.ts); offered with another, it is no WebSocket either.
     if (protocol.includes('h2c')) throw new LatchkeyError('LK_BAD_REQUEST', 'an upgrade offering h2c with another protocol is refused; offer h2c alone (it is declined, the request served in HTTP/1.1) or websocket alone')
-    if (protocol !== 'websocket') throw new LatchkeyError('LK_BAD_REQUEST', `upgrade to "${protocol.slice(0, 32)}" is not supported; only websocket`)
+    if (protocol !== 'websocket') throw new LatchkeyError('LK_BAD_REQUEST', `${NAMED_UPGRADES.test(protocol) ? `upgrade to "${protocol}"` : 'an upgrade to a protocol with no registered name (the Upgrade header is not repeated: it may hold anything)'} is not supported; only websocket`)
     // RFC 6455: the handshake is a GET without a body. Anything else (a TRACE that would echo the
     // injected credential, a body the relay would pass on unframed) is not a WebSocket.
     if (req.method !== 'GET') throw new LatchkeyError('LK_BAD_REQUEST', `a WebSocket handshake is a GET, not ${req.method}`)

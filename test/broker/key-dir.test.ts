@@ -25,6 +25,8 @@ const publicJwk = await exportJWK(publicKey)
 const cases: { name: string; file: (good: Record<string, unknown>, goodName: string) => [string, string]; says: RegExp }[] = [
   { name: 'truncated JSON', file: (_, n) => [n, '{"kid":"abc","alg":"ES2'], says: /: not JSON \(/ },
   { name: 'empty', file: () => ['empty.json', ''], says: /: not JSON \(/ },
+  // A byte astray where a value begins: V8's message quotes the text around it, here the private key.
+  { name: 'a stray byte before the private key', file: (g, n) => [n, JSON.stringify(g).replace('"d":"', '"d":x"')], says: /: not JSON \(a character where none may stand; the text is not repeated: it holds a private key\)/ },
   { name: 'a JWK set (another tool\'s file)', file: () => ['jwks.json', JSON.stringify({ keys: [publicJwk] })], says: /: no "kid"/ },
   { name: 'an array', file: () => ['list.json', '[]'], says: /: not a JSON object/ },
   { name: 'no jwk', file: (g, n) => [n, JSON.stringify({ ...g, jwk: undefined })], says: /: "jwk" is not a private JWK/ },
@@ -50,6 +52,7 @@ t.test('each kind of bad key file is named, with what is wrong', async (t) => {
     t.equal(err?.code, 'LK_STARTUP', `${c.name}: a start-up error for people`)
     t.ok(err?.message.startsWith(`broker.keys.dir: ${join(dir, name)} is not a signing key this broker wrote: `), `${c.name}: names the setting and the file`)
     t.match(err?.message, c.says, `${c.name}: says what is wrong`)
+    t.notOk(err?.message.includes(String((good.jwk as { d: string }).d).slice(0, 4)), `${c.name}: quotes none of the private key`)
     t.match(err?.message, /Move it out of the directory \(tokens signed with it, if any, will no longer verify\) and start again\.$/, `${c.name}: says what to do`)
   }
 })

@@ -202,7 +202,7 @@ t.test('a task handle an agent writes into a path or a route name is never audit
   const events = audit.trim().split('\n').map((l) => JSON.parse(l) as { host: string | null; path: string | null; reason: string | null })
   t.equal(events.filter((e) => e.host === 'lkt_[removed].example.invalid').length, 2, 'the host is kept, the handle removed')
   t.ok(events.some((e) => e.path === '/v1/tasks/lkt_[removed]'), 'the path is kept, the handle removed')
-  t.ok(events.some((e) => e.reason === 'no route named "lkt_[removed]"'), 'so is the reason quoting a route name')
+  t.ok(events.some((e) => e.reason?.startsWith("the path's first segment names no route (it is not repeated")), 'the reason for the route it named does not quote it')
 })
 
 t.test('a path holding an encoded handle is recorded as it was sent, the handle alone removed', async (t) => {

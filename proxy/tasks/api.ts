@@ -14,6 +14,9 @@ import { TaskError, type Task, type TaskRegistry } from './registry.js'
 import { isCompactJws } from '../../lib/oauth.js'
 import { parseJsonBody } from '../../lib/json-members.js'
 import { cursorAfter, ListQueryError, readListQuery } from './listing.js'
+import { withoutTaskHandles } from '../../lib/task-handle.js'
+import { holdsTokenShaped } from '../../lib/token-shape.js'
+import { revealsSecret } from '../forward/scrub.js'
 
 const MAX_BODY = 65_536
 /** Open tasks one sidecar holds at most: far more than one agent's work, far less than its memory. */
@@ -190,6 +193,13 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
   }
   // The purpose is what the trail says a task was for: blank says nothing.
   if (purpose.trim() === '') return fail(res, 400, 'bad_request', 'purpose must say what the task is for: it is only whitespace')
+  // The purpose is logged, listed to anyone asking GET /v1/tasks and answered back: a credential
+  // written there (a JWT, an API key, one of the sidecar's static secrets) would be in all three, and
+  // refused it is never kept. A task handle is removed instead (the registry keeps the purpose
+  // without it), so one naming its parent task by handle still opens.
+  if (holdsTokenShaped(withoutTaskHandles(purpose)) || revealsSecret(purpose, heldSecrets(d, user_token))) {
+    return fail(res, 400, 'bad_request', 'purpose holds text shaped as a credential (a JWT, an API key, a long random string): it is logged and listed, so it is refused and not repeated; say in words what the task is for')
+  }
   if (typeof duration_s !== 'number') return fail(res, 400, 'bad_request', 'duration_s must be a number of seconds')
   if (user_token !== undefined && (typeof user_token !== 'string' || user_token.length === 0 || user_token.length > 16_384)) {
     return fail(res, 400, 'bad_request', 'user_token must be a JWT string')
@@ -260,6 +270,17 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
     audiences: wanted,
     proxy_url: d.proxyUrl(task.handle),
   })
+}
+
+/**
+ * The sidecar's static secrets (as many as its configuration names) and the user token sent. Not
+ * the tokens it was issued: up to one per task and audience, each looked for in every spelling,
+ * 10,000 of them held the event loop 3.3 s; they are JWTs or random keys, which the shape finds.
+ */
+function heldSecrets(d: TaskApiDeps, userToken: unknown): string[] {
+  const out = d.bindings.filter((b) => b.source === 'static').flatMap((b) => d.credentials.held(b).map((c) => c.value))
+  if (typeof userToken === 'string' && userToken.trim() !== '') out.push(userToken.trim())
+  return out
 }
 
 /** Resolves once one broker credential's exchange for this task succeeds; else throws the first refusal. */

@@ -5,9 +5,11 @@ import t from 'tap'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { readFileSync } from 'node:fs'
+import { randomUUID } from 'node:crypto'
 import { startBearerRig, rawRequest, assertNoCanary, startUpstream, startTestSidecar, loopbackPolicy, openTask, CANARY } from '../helpers/harness.js'
 import { MAX_OPEN_TASKS } from '../../proxy/tasks/api.js'
 import { DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT } from '../../proxy/tasks/listing.js'
+import { TestIssuer } from '../helpers/issuer.js'
 
 const run = promisify(execFile)
 
@@ -288,4 +290,41 @@ t.test('GET /v1/tasks pages: a sane default, a maximum, a cursor that neither do
     t.match(JSON.parse(r.text), { error: 'bad_request', reason, retryable: false })
     t.notOk(r.text.includes(opened[1]!.handle.slice(4)), 'the value is not repeated')
   }
+})
+
+t.test('a purpose holding text shaped as a credential is refused, never answered, listed or logged; words, IDs and hashes open', async (t) => {
+  const { s } = await startBearerRig(t)
+  const issuer = await TestIssuer.create('https://idp.example', 'EdDSA')
+  // Short enough for a purpose (256 characters): no iss, exp or jti.
+  const jwt = await issuer.sign({ sub: 'alice', iss: null, exp: null, jti: null })
+  // Real signatures (ES256, EdDSA: 86 characters each), fixed: the shape is a judgement a random one passes once in 10,000.
+  const es256 = 'iVuLx2Yu0_N3ndVz1zhXtyyzuaqKqZDAfZGlGk5ZAp6SwmVj6JQtPAJtS4S8_6JR1dCwvzHXofFsMpOZGYwO6w'
+  const eddsa = 'm95DY8_fYHqjapUdxM-qoVftjlnNky_qnrKtI6bVAF8kHK_ri2WhR94sRE_DFqAvMzdoV9-_IZ655LNBInr4AA'
+  const apiKey = 'ghp_R7kQ2mXv9LpT4wZs8NbYc3HdJf6GaE1uVo0i'
+  const tokenShaped: [string, string][] = [
+    ['a JWT', `act for ${jwt}`],
+    ['an ES256 signature', `checking sig ${es256}`],
+    ['an EdDSA signature', eddsa],
+    ['an API key', `use ${apiKey} for the repo`],
+    ['an API key, percent-encoded', `key ${encodeURIComponent(apiKey).replace('_', '%5F')}`],
+    // The sidecar's own secret, in a spelling no shape gives away (hex is one case): found by value.
+    ["the sidecar's static secret, in hex", `x ${Buffer.from(CANARY).toString('hex')}`],
+  ]
+  const secrets = [jwt.split('.')[2]!, es256, eddsa, apiKey.slice(4), CANARY, Buffer.from(CANARY).toString('hex')]
+  const said: string[] = []
+  for (const [what, purpose] of tokenShaped) {
+    const res = await fetch(`${s.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ purpose, duration_s: 60 }) })
+    const text = await res.text()
+    said.push(text)
+    t.equal(res.status, 400, `${what}: refused`)
+    t.match(JSON.parse(text), { error: 'bad_request', reason: /^purpose holds text shaped as a credential .* refused and not repeated/ }, `${what}: saying why`)
+  }
+  // Not refused: what a purpose names that only looks technical.
+  const fine = ['review commit 5ff0ebd3a1c2b9e8f7d6c5b4a3928170fedcba98', `subtask of ${randomUUID()}`, 'refactor migrateUserAccounts2024Q3ToNewSchema', 'getHTTP2ConnectionID4Pool in X509CertificateV3Parser4TLS13', 'sha256 2188833f4c20dd1047dfd0968fb8424a47e32e696570e1db57dc25a373d88aed']
+  for (const purpose of fine) await openTask(s, purpose)
+  const listed = await (await fetch(`${s.sidecar.adminUrl}/v1/tasks`)).text()
+  t.same((JSON.parse(listed) as { tasks: { purpose: string }[] }).tasks.map((x) => x.purpose), fine, 'only the plain purposes are open')
+  const everything = [...said, listed, ...s.logs].join('\n')
+  t.same(secrets.filter((x) => everything.includes(x)), [], 'no answer, listing or log line holds any of them')
+  assertNoCanary(t, s, ...said)
 })

@@ -168,9 +168,23 @@ function described(d: TaskApiDeps, task: Task, tokens: boolean): Record<string, 
 
 async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): Promise<void> {
   // The media type exactly (parameters such as charset allowed): not application/jsonx.
-  if ((req.headers['content-type'] ?? '').split(';', 1)[0]!.trim().toLowerCase() !== 'application/json') {
+  const [mediaType, ...params] = (req.headers['content-type'] ?? '').split(';')
+  if (mediaType!.trim().toLowerCase() !== 'application/json') {
     req.resume()
     return fail(res, 415, 'bad_request', 'send the task as application/json')
+  }
+  // The body is read as UTF-8 bytes as they came: one labelled another charset, or compressed,
+  // was read as if it were neither (a gzip body refused as "not valid UTF-8", a plain one
+  // labelled gzip opened a task), where another reader would decode it first.
+  const charset = params.map((x) => x.trim().toLowerCase()).find((x) => x.startsWith('charset='))
+  if (charset !== undefined && !['charset=utf-8', 'charset="utf-8"'].includes(charset)) {
+    req.resume()
+    return fail(res, 415, 'bad_request', 'send the task as application/json in UTF-8: no other charset is read')
+  }
+  const encoding = (req.headers['content-encoding'] ?? 'identity').trim().toLowerCase()
+  if (encoding !== 'identity') {
+    req.resume()
+    return fail(res, 415, 'bad_request', 'send the task uncompressed: no Content-Encoding is read')
   }
   let body: Record<string, unknown>
   try {

@@ -51,6 +51,18 @@ t.test('task API: clear refusals, a cap on open tasks, lifecycle in the log', as
     t.match(await notUtf8.json(), { error: 'bad_request', reason: 'body is not valid UTF-8' })
   }
   t.match(await (await open('\ufeff{"purpose":"p","duration_s":60}')).json(), { reason: 'body is not JSON' }, 'a byte order mark is still no JSON')
+  // The body is read as UTF-8 as it came: a declared charset or compression that says otherwise is
+  // refused, where a gzip body was "not valid UTF-8" and a plain one labelled gzip opened a task.
+  const labelled = (contentType: string, headers: Record<string, string> = {}) => fetch(`${admin}/v1/tasks`, { method: 'POST', headers: { 'content-type': contentType, ...headers }, body: '{"purpose":"p","duration_s":60}' })
+  for (const charset of ['utf-16', 'iso-8859-1', '"utf-16le"']) {
+    const r = await labelled(`application/json; charset=${charset}`)
+    t.same([r.status, ((await r.json()) as { reason: string }).reason], [415, 'send the task as application/json in UTF-8: no other charset is read'], `charset=${charset}`)
+  }
+  t.equal((await labelled('application/json; Charset="UTF-8"')).status, 201, 'UTF-8 said in any case is read')
+  const plainAsGzip = await labelled('application/json', { 'content-encoding': 'gzip' })
+  t.same([plainAsGzip.status, ((await plainAsGzip.json()) as { reason: string }).reason], [415, 'send the task uncompressed: no Content-Encoding is read'], 'a plain body labelled gzip')
+  const gz = await run('sh', ['-c', `printf '%s' '{"purpose":"p","duration_s":60}' | gzip | curl -s -w ' %{http_code}' -X POST -H 'content-type: application/json' -H 'content-encoding: gzip' --data-binary @- ${admin}/v1/tasks`])
+  t.match(gz.stdout, /"reason":"send the task uncompressed: no Content-Encoding is read".* 415$/, 'curl sending a gzip body')
   // A member named twice: JSON.parse takes the last, another reader the first. A token as the name is not quoted.
   t.match(await (await open('{"purpose":"p","duration_s":60,"purpose":"q"}')).json(), { error: 'bad_request', reason: 'body names "purpose" twice (which one counts is ambiguous)' })
   t.match(await (await open('{"purpose":"p","duration_s":60,"\\u0064uration_s":3600}')).json(), { reason: 'body names "duration_s" twice (which one counts is ambiguous)' }, 'an escaped spelling is the same name')

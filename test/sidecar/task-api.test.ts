@@ -84,6 +84,11 @@ t.test('task API: clear refusals, a cap on open tasks, lifecycle in the log', as
   t.equal((await via(basic(task.task, ''))).status, 200, '<handle>@ is the task')
   const wrong = await via(basic(task.task, 'lkt_wrong'))
   t.equal(wrong.status, 407, 'a wrong password is wrong, even when the user field holds a handle')
+  const other = (await (await open({ purpose: 'other', duration_s: 60 })).json()) as { task: string }
+  const both = await via(basic(task.task, other.task))
+  t.equal(both.status, 407, "two tasks' handles, as user and password, are neither task")
+  t.match(both.raw, /"code":"LK_PROXY_AUTH".*names two task handles \(user and password\): which task the call runs under would be a guess/)
+  t.equal((await via(basic(task.task, task.task))).status, 200, 'one handle as both is that task')
 
   // What an operator at 2 am asks first: which tasks are open here, by the ID a revocation takes.
   const listed = await fetch(`${admin}/v1/tasks`)

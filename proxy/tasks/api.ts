@@ -23,6 +23,7 @@ const MAX_BODY = 65_536
 export const MAX_OPEN_TASKS = 10_000
 
 class BodyTooLarge extends TaskError {}
+class BodyTooSlow extends TaskError {}
 
 /** What a task is opened with: anything else is refused, by name when it reads as one. */
 const TASK_FIELDS: ReadonlySet<string> = new Set(['purpose', 'duration_s', 'user_token', 'audiences'])
@@ -45,6 +46,8 @@ export interface TaskApiDeps {
   checkCaller?: ((req: IncomingMessage) => Promise<void>) | undefined
   /** The revocation (from the control stream) that stops this task, or the agent for `null`, if any. */
   revokedBy?: ((task: TaskRef | null) => string | null) | undefined
+  /** How long a POST's body may take to arrive whole (timeouts.client_headers_ms). */
+  bodyTimeoutMs: number
 }
 
 function send(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
@@ -62,15 +65,33 @@ const fail = (res: ServerResponse, status: number, error: string, reason: string
   send(res, status, { error, reason, retryable }, { 'x-should-retry': String(retryable) })
 }
 
-async function readJson(req: IncomingMessage): Promise<unknown> {
+async function readJson(req: IncomingMessage, timeoutMs: number): Promise<unknown> {
   // Declared too large: said now, not after 64 KiB of it have been read (or never, if they never come).
   if (Number(req.headers['content-length']) > MAX_BODY) throw new BodyTooLarge(`body exceeds ${MAX_BODY} bytes`)
   const chunks: Buffer[] = []
   let size = 0
-  for await (const c of req as AsyncIterable<Buffer>) {
-    size += c.length
-    if (size > MAX_BODY) throw new BodyTooLarge(`body exceeds ${MAX_BODY} bytes`)
-    chunks.push(c)
+  // The whole body within the deadline: a body that stopped short (or trickled) held its socket
+  // and this read for as long as the agent kept it open. node:http's requestTimeout did not end
+  // it: the admin port's clientError waits for the response in flight, which was this one.
+  let timer: NodeJS.Timeout | undefined
+  const slow = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new BodyTooSlow(`the body did not all arrive within timeouts.client_headers_ms (${timeoutMs} ms)`)), timeoutMs)
+  })
+  const read = (async () => {
+    for await (const c of req as AsyncIterable<Buffer>) {
+      size += c.length
+      if (size > MAX_BODY) throw new BodyTooLarge(`body exceeds ${MAX_BODY} bytes`)
+      chunks.push(c)
+    }
+  })()
+  try {
+    await Promise.race([read, slow])
+  } catch (err) {
+    // Too slow: the read is left to end with the socket, which the 408 closes.
+    read.catch(() => {})
+    throw err
+  } finally {
+    clearTimeout(timer)
   }
   // Strict UTF-8 (a purpose or user token the agent never sent was read from other bytes as
   // U+FFFD), and no member named twice ({"user_token": A, …, "user_token": B}: which one it meant is a guess).
@@ -188,13 +209,18 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
   }
   let body: Record<string, unknown>
   try {
-    const parsed = await readJson(req)
+    const parsed = await readJson(req, d.bodyTimeoutMs)
     if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new TaskError('body must be a JSON object')
     body = parsed as Record<string, unknown>
   } catch (err) {
     if (err instanceof BodyTooLarge) {
       res.shouldKeepAlive = false
       return fail(res, 413, 'too_large', err.message)
+    }
+    if (err instanceof BodyTooSlow) {
+      res.shouldKeepAlive = false
+      res.once('finish', () => req.socket.destroy())
+      return fail(res, 408, 'request_timeout', err.message)
     }
     return fail(res, 400, 'bad_request', (err as Error).message)
   }

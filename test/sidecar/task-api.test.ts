@@ -6,6 +6,8 @@ import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { readFileSync } from 'node:fs'
 import { randomUUID } from 'node:crypto'
+import { connect, type Socket } from 'node:net'
+import { once } from 'node:events'
 import { startBearerRig, rawRequest, assertNoCanary, startUpstream, startTestSidecar, loopbackPolicy, openTask, CANARY } from '../helpers/harness.js'
 import { MAX_OPEN_TASKS } from '../../proxy/tasks/api.js'
 import { DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT } from '../../proxy/tasks/listing.js'
@@ -344,4 +346,35 @@ t.test('a purpose holding text shaped as a credential is refused, never answered
   const everything = [...said, listed, ...s.logs].join('\n')
   t.same(secrets.filter((x) => everything.includes(x)), [], 'no answer, listing or log line holds any of them')
   assertNoCanary(t, s, ...said)
+})
+
+t.test('a task body that stops short or trickles is answered 408 within timeouts.client_headers_ms, and its connection closed', async (t) => {
+  const s = await startTestSidecar({ sidecar: { timeouts: { client_headers_ms: 400 } } })
+  t.teardown(() => s.close())
+  const head = (framing: string) => `POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n${framing}\r\n`
+  // Held until the agent hung up, as long as it liked: node:http's own 30 s request timeout waited on this very response.
+  const stalls = async (what: string, send: (socket: Socket) => void) => {
+    const socket = connect(s.sidecar.adminPort, '127.0.0.1')
+    await once(socket, 'connect')
+    const started = performance.now()
+    let got = ''
+    socket.on('data', (c: Buffer) => (got += c.toString()))
+    send(socket)
+    const closed = await Promise.race([once(socket, 'close').then(() => true), new Promise((r) => setTimeout(r, 3000, false).unref())])
+    socket.destroy()
+    t.ok(closed, `${what}: the connection is closed`)
+    t.match(got, /^HTTP\/1\.1 408 [^]*"error":"request_timeout","reason":"the body did not all arrive within timeouts.client_headers_ms \(400 ms\)"/, `${what}: 408 saying why`)
+    t.ok(performance.now() - started < 1500, `${what}: within the deadline (${Math.round(performance.now() - started)} ms)`)
+  }
+  await stalls('a body stopped short', (socket) => socket.write(head('Content-Length: 50\r\n') + '{"purpose"'))
+  let timer: NodeJS.Timeout | undefined
+  await stalls('a chunked body trickled a byte at a time', (socket) => {
+    socket.write(head('Transfer-Encoding: chunked\r\n'))
+    const body = `{"purpose":"${'p'.repeat(200)}","duration_s":60}`
+    let i = 0
+    timer = setInterval(() => (i < body.length && !socket.destroyed ? socket.write(`1\r\n${body[i++]}\r\n`) : clearInterval(timer)), 20)
+  })
+  clearInterval(timer)
+  t.equal(s.sidecar.tasks.size, 0, 'neither opened a task')
+  await openTask(s, 'in time')
 })

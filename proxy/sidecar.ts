@@ -449,6 +449,7 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
         proxyUrl: (handle) => `http://task:${handle}@${proxyBase}`,
         checkCaller: callers ? async (req) => callers.check(await callers.resolve(req.socket)) : undefined,
         revokedBy: (task) => control?.state.revokedBy(task) ?? null,
+        bodyTimeoutMs: sc.timeouts.client_headers_ms,
       },
       req,
       res,

@@ -8,7 +8,7 @@
 import type { Identifier, Identity } from '../context.js'
 import { LatchkeyError } from '../errors.js'
 import type { TaskRegistry } from '../tasks/registry.js'
-import { TASK_HANDLE } from '../../lib/task-handle.js'
+import { TASK_HANDLE, WHOLE_TASK_HANDLE } from '../../lib/task-handle.js'
 
 export class TaskIdentifier implements Identifier {
   private readonly anonymous: Identity
@@ -44,6 +44,11 @@ export class TaskIdentifier implements Identifier {
       // One field holds the handle: the password when there is one (task:<handle>), else the user
       // (<handle>@). A wrong password is wrong, whatever the user field happens to hold.
       const handle = password.length > 0 ? password : user
+      // Two handles, one as user and one as password (two proxy URLs spliced): which task the call
+      // runs under would be a guess, as with two Proxy-Authorization headers. The password's was taken.
+      if (password.length > 0 && user !== password && WHOLE_TASK_HANDLE.test(user) && WHOLE_TASK_HANDLE.test(password)) {
+        throw new LatchkeyError('LK_PROXY_AUTH', 'the proxy credential names two task handles (user and password): which task the call runs under would be a guess; use one task\'s proxy_url as it is')
+      }
       task = handle.length > 0 ? this.tasks.get(handle) : undefined
     } else throw new LatchkeyError('LK_PROXY_AUTH', 'Proxy-Authorization must be Basic or Bearer with a task handle')
     if (!task) {

@@ -14,12 +14,16 @@ import { TaskError, type Task, type TaskRegistry } from './registry.js'
 import { isCompactJws } from '../../lib/oauth.js'
 import { parseJsonBody } from '../../lib/json-members.js'
 import { cursorAfter, ListQueryError, readListQuery } from './listing.js'
+import { withoutTaskHandles } from '../../lib/task-handle.js'
+import { holdsTokenShaped } from '../../lib/token-shape.js'
+import { revealsSecret } from '../forward/scrub.js'
 
 const MAX_BODY = 65_536
 /** Open tasks one sidecar holds at most: far more than one agent's work, far less than its memory. */
 export const MAX_OPEN_TASKS = 10_000
 
 class BodyTooLarge extends TaskError {}
+class BodyTooSlow extends TaskError {}
 
 /** What a task is opened with: anything else is refused, by name when it reads as one. */
 const TASK_FIELDS: ReadonlySet<string> = new Set(['purpose', 'duration_s', 'user_token', 'audiences'])
@@ -42,6 +46,8 @@ export interface TaskApiDeps {
   checkCaller?: ((req: IncomingMessage) => Promise<void>) | undefined
   /** The revocation (from the control stream) that stops this task, or the agent for `null`, if any. */
   revokedBy?: ((task: TaskRef | null) => string | null) | undefined
+  /** How long a POST's body may take to arrive whole (timeouts.client_headers_ms). */
+  bodyTimeoutMs: number
 }
 
 function send(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
@@ -59,15 +65,33 @@ const fail = (res: ServerResponse, status: number, error: string, reason: string
   send(res, status, { error, reason, retryable }, { 'x-should-retry': String(retryable) })
 }
 
-async function readJson(req: IncomingMessage): Promise<unknown> {
+async function readJson(req: IncomingMessage, timeoutMs: number): Promise<unknown> {
   // Declared too large: said now, not after 64 KiB of it have been read (or never, if they never come).
   if (Number(req.headers['content-length']) > MAX_BODY) throw new BodyTooLarge(`body exceeds ${MAX_BODY} bytes`)
   const chunks: Buffer[] = []
   let size = 0
-  for await (const c of req as AsyncIterable<Buffer>) {
-    size += c.length
-    if (size > MAX_BODY) throw new BodyTooLarge(`body exceeds ${MAX_BODY} bytes`)
-    chunks.push(c)
+  // The whole body within the deadline: a body that stopped short (or trickled) held its socket
+  // and this read for as long as the agent kept it open. node:http's requestTimeout did not end
+  // it: the admin port's clientError waits for the response in flight, which was this one.
+  let timer: NodeJS.Timeout | undefined
+  const slow = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new BodyTooSlow(`the body did not all arrive within timeouts.client_headers_ms (${timeoutMs} ms)`)), timeoutMs)
+  })
+  const read = (async () => {
+    for await (const c of req as AsyncIterable<Buffer>) {
+      size += c.length
+      if (size > MAX_BODY) throw new BodyTooLarge(`body exceeds ${MAX_BODY} bytes`)
+      chunks.push(c)
+    }
+  })()
+  try {
+    await Promise.race([read, slow])
+  } catch (err) {
+    // Too slow: the read is left to end with the socket, which the 408 closes.
+    read.catch(() => {})
+    throw err
+  } finally {
+    clearTimeout(timer)
   }
   // Strict UTF-8 (a purpose or user token the agent never sent was read from other bytes as
   // U+FFFD), and no member named twice ({"user_token": A, …, "user_token": B}: which one it meant is a guess).
@@ -165,19 +189,38 @@ function described(d: TaskApiDeps, task: Task, tokens: boolean): Record<string, 
 
 async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): Promise<void> {
   // The media type exactly (parameters such as charset allowed): not application/jsonx.
-  if ((req.headers['content-type'] ?? '').split(';', 1)[0]!.trim().toLowerCase() !== 'application/json') {
+  const [mediaType, ...params] = (req.headers['content-type'] ?? '').split(';')
+  if (mediaType!.trim().toLowerCase() !== 'application/json') {
     req.resume()
     return fail(res, 415, 'bad_request', 'send the task as application/json')
   }
+  // The body is read as UTF-8 bytes as they came: one labelled another charset, or compressed,
+  // was read as if it were neither (a gzip body refused as "not valid UTF-8", a plain one
+  // labelled gzip opened a task), where another reader would decode it first.
+  const charset = params.map((x) => x.trim().toLowerCase()).find((x) => x.startsWith('charset='))
+  if (charset !== undefined && !['charset=utf-8', 'charset="utf-8"'].includes(charset)) {
+    req.resume()
+    return fail(res, 415, 'bad_request', 'send the task as application/json in UTF-8: no other charset is read')
+  }
+  const encoding = (req.headers['content-encoding'] ?? 'identity').trim().toLowerCase()
+  if (encoding !== 'identity') {
+    req.resume()
+    return fail(res, 415, 'bad_request', 'send the task uncompressed: no Content-Encoding is read')
+  }
   let body: Record<string, unknown>
   try {
-    const parsed = await readJson(req)
+    const parsed = await readJson(req, d.bodyTimeoutMs)
     if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new TaskError('body must be a JSON object')
     body = parsed as Record<string, unknown>
   } catch (err) {
     if (err instanceof BodyTooLarge) {
       res.shouldKeepAlive = false
       return fail(res, 413, 'too_large', err.message)
+    }
+    if (err instanceof BodyTooSlow) {
+      res.shouldKeepAlive = false
+      res.once('finish', () => req.socket.destroy())
+      return fail(res, 408, 'request_timeout', err.message)
     }
     return fail(res, 400, 'bad_request', (err as Error).message)
   }
@@ -190,6 +233,13 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
   }
   // The purpose is what the trail says a task was for: blank says nothing.
   if (purpose.trim() === '') return fail(res, 400, 'bad_request', 'purpose must say what the task is for: it is only whitespace')
+  // The purpose is logged, listed to anyone asking GET /v1/tasks and answered back: a credential
+  // written there (a JWT, an API key, one of the sidecar's static secrets) would be in all three, and
+  // refused it is never kept. A task handle is removed instead (the registry keeps the purpose
+  // without it), so one naming its parent task by handle still opens.
+  if (holdsTokenShaped(withoutTaskHandles(purpose)) || revealsSecret(purpose, heldSecrets(d, user_token))) {
+    return fail(res, 400, 'bad_request', 'purpose holds text shaped as a credential (a JWT, an API key, a long random string): it is logged and listed, so it is refused and not repeated; say in words what the task is for')
+  }
   if (typeof duration_s !== 'number') return fail(res, 400, 'bad_request', 'duration_s must be a number of seconds')
   if (user_token !== undefined && (typeof user_token !== 'string' || user_token.length === 0 || user_token.length > 16_384)) {
     return fail(res, 400, 'bad_request', 'user_token must be a JWT string')
@@ -260,6 +310,17 @@ async function open(d: TaskApiDeps, req: IncomingMessage, res: ServerResponse): 
     audiences: wanted,
     proxy_url: d.proxyUrl(task.handle),
   })
+}
+
+/**
+ * The sidecar's static secrets (as many as its configuration names) and the user token sent. Not
+ * the tokens it was issued: up to one per task and audience, each looked for in every spelling,
+ * 10,000 of them held the event loop 3.3 s; they are JWTs or random keys, which the shape finds.
+ */
+function heldSecrets(d: TaskApiDeps, userToken: unknown): string[] {
+  const out = d.bindings.filter((b) => b.source === 'static').flatMap((b) => d.credentials.held(b).map((c) => c.value))
+  if (typeof userToken === 'string' && userToken.trim() !== '') out.push(userToken.trim())
+  return out
 }
 
 /** Resolves once one broker credential's exchange for this task succeeds; else throws the first refusal. */

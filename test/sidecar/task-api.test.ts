@@ -5,9 +5,13 @@ import t from 'tap'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { readFileSync } from 'node:fs'
+import { randomUUID } from 'node:crypto'
+import { connect, type Socket } from 'node:net'
+import { once } from 'node:events'
 import { startBearerRig, rawRequest, assertNoCanary, startUpstream, startTestSidecar, loopbackPolicy, openTask, CANARY } from '../helpers/harness.js'
 import { MAX_OPEN_TASKS } from '../../proxy/tasks/api.js'
 import { DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT } from '../../proxy/tasks/listing.js'
+import { TestIssuer } from '../helpers/issuer.js'
 
 const run = promisify(execFile)
 
@@ -49,6 +53,18 @@ t.test('task API: clear refusals, a cap on open tasks, lifecycle in the log', as
     t.match(await notUtf8.json(), { error: 'bad_request', reason: 'body is not valid UTF-8' })
   }
   t.match(await (await open('\ufeff{"purpose":"p","duration_s":60}')).json(), { reason: 'body is not JSON' }, 'a byte order mark is still no JSON')
+  // The body is read as UTF-8 as it came: a declared charset or compression that says otherwise is
+  // refused, where a gzip body was "not valid UTF-8" and a plain one labelled gzip opened a task.
+  const labelled = (contentType: string, headers: Record<string, string> = {}) => fetch(`${admin}/v1/tasks`, { method: 'POST', headers: { 'content-type': contentType, ...headers }, body: '{"purpose":"p","duration_s":60}' })
+  for (const charset of ['utf-16', 'iso-8859-1', '"utf-16le"']) {
+    const r = await labelled(`application/json; charset=${charset}`)
+    t.same([r.status, ((await r.json()) as { reason: string }).reason], [415, 'send the task as application/json in UTF-8: no other charset is read'], `charset=${charset}`)
+  }
+  t.equal((await labelled('application/json; Charset="UTF-8"')).status, 201, 'UTF-8 said in any case is read')
+  const plainAsGzip = await labelled('application/json', { 'content-encoding': 'gzip' })
+  t.same([plainAsGzip.status, ((await plainAsGzip.json()) as { reason: string }).reason], [415, 'send the task uncompressed: no Content-Encoding is read'], 'a plain body labelled gzip')
+  const gz = await run('sh', ['-c', `printf '%s' '{"purpose":"p","duration_s":60}' | gzip | curl -s -w ' %{http_code}' -X POST -H 'content-type: application/json' -H 'content-encoding: gzip' --data-binary @- ${admin}/v1/tasks`])
+  t.match(gz.stdout, /"reason":"send the task uncompressed: no Content-Encoding is read".* 415$/, 'curl sending a gzip body')
   // A member named twice: JSON.parse takes the last, another reader the first. A token as the name is not quoted.
   t.match(await (await open('{"purpose":"p","duration_s":60,"purpose":"q"}')).json(), { error: 'bad_request', reason: 'body names "purpose" twice (which one counts is ambiguous)' })
   t.match(await (await open('{"purpose":"p","duration_s":60,"\\u0064uration_s":3600}')).json(), { reason: 'body names "duration_s" twice (which one counts is ambiguous)' }, 'an escaped spelling is the same name')
@@ -70,6 +86,11 @@ t.test('task API: clear refusals, a cap on open tasks, lifecycle in the log', as
   t.equal((await via(basic(task.task, ''))).status, 200, '<handle>@ is the task')
   const wrong = await via(basic(task.task, 'lkt_wrong'))
   t.equal(wrong.status, 407, 'a wrong password is wrong, even when the user field holds a handle')
+  const other = (await (await open({ purpose: 'other', duration_s: 60 })).json()) as { task: string }
+  const both = await via(basic(task.task, other.task))
+  t.equal(both.status, 407, "two tasks' handles, as user and password, are neither task")
+  t.match(both.raw, /"code":"LK_PROXY_AUTH".*names two task handles \(user and password\): which task the call runs under would be a guess/)
+  t.equal((await via(basic(task.task, task.task))).status, 200, 'one handle as both is that task')
 
   // What an operator at 2 am asks first: which tasks are open here, by the ID a revocation takes.
   const listed = await fetch(`${admin}/v1/tasks`)
@@ -288,4 +309,72 @@ t.test('GET /v1/tasks pages: a sane default, a maximum, a cursor that neither do
     t.match(JSON.parse(r.text), { error: 'bad_request', reason, retryable: false })
     t.notOk(r.text.includes(opened[1]!.handle.slice(4)), 'the value is not repeated')
   }
+})
+
+t.test('a purpose holding text shaped as a credential is refused, never answered, listed or logged; words, IDs and hashes open', async (t) => {
+  const { s } = await startBearerRig(t)
+  const issuer = await TestIssuer.create('https://idp.example', 'EdDSA')
+  // Short enough for a purpose (256 characters): no iss, exp or jti.
+  const jwt = await issuer.sign({ sub: 'alice', iss: null, exp: null, jti: null })
+  // Real signatures (ES256, EdDSA: 86 characters each), fixed: the shape is a judgement a random one passes once in 10,000.
+  const es256 = 'iVuLx2Yu0_N3ndVz1zhXtyyzuaqKqZDAfZGlGk5ZAp6SwmVj6JQtPAJtS4S8_6JR1dCwvzHXofFsMpOZGYwO6w'
+  const eddsa = 'm95DY8_fYHqjapUdxM-qoVftjlnNky_qnrKtI6bVAF8kHK_ri2WhR94sRE_DFqAvMzdoV9-_IZ655LNBInr4AA'
+  const apiKey = 'ghp_R7kQ2mXv9LpT4wZs8NbYc3HdJf6GaE1uVo0i'
+  const tokenShaped: [string, string][] = [
+    ['a JWT', `act for ${jwt}`],
+    ['an ES256 signature', `checking sig ${es256}`],
+    ['an EdDSA signature', eddsa],
+    ['an API key', `use ${apiKey} for the repo`],
+    ['an API key, percent-encoded', `key ${encodeURIComponent(apiKey).replace('_', '%5F')}`],
+    // The sidecar's own secret, in a spelling no shape gives away (hex is one case): found by value.
+    ["the sidecar's static secret, in hex", `x ${Buffer.from(CANARY).toString('hex')}`],
+  ]
+  const secrets = [jwt.split('.')[2]!, es256, eddsa, apiKey.slice(4), CANARY, Buffer.from(CANARY).toString('hex')]
+  const said: string[] = []
+  for (const [what, purpose] of tokenShaped) {
+    const res = await fetch(`${s.sidecar.adminUrl}/v1/tasks`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ purpose, duration_s: 60 }) })
+    const text = await res.text()
+    said.push(text)
+    t.equal(res.status, 400, `${what}: refused`)
+    t.match(JSON.parse(text), { error: 'bad_request', reason: /^purpose holds text shaped as a credential .* refused and not repeated/ }, `${what}: saying why`)
+  }
+  // Not refused: what a purpose names that only looks technical.
+  const fine = ['review commit 5ff0ebd3a1c2b9e8f7d6c5b4a3928170fedcba98', `subtask of ${randomUUID()}`, 'refactor migrateUserAccounts2024Q3ToNewSchema', 'getHTTP2ConnectionID4Pool in X509CertificateV3Parser4TLS13', 'sha256 2188833f4c20dd1047dfd0968fb8424a47e32e696570e1db57dc25a373d88aed']
+  for (const purpose of fine) await openTask(s, purpose)
+  const listed = await (await fetch(`${s.sidecar.adminUrl}/v1/tasks`)).text()
+  t.same((JSON.parse(listed) as { tasks: { purpose: string }[] }).tasks.map((x) => x.purpose), fine, 'only the plain purposes are open')
+  const everything = [...said, listed, ...s.logs].join('\n')
+  t.same(secrets.filter((x) => everything.includes(x)), [], 'no answer, listing or log line holds any of them')
+  assertNoCanary(t, s, ...said)
+})
+
+t.test('a task body that stops short or trickles is answered 408 within timeouts.client_headers_ms, and its connection closed', async (t) => {
+  const s = await startTestSidecar({ sidecar: { timeouts: { client_headers_ms: 400 } } })
+  t.teardown(() => s.close())
+  const head = (framing: string) => `POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n${framing}\r\n`
+  // Held until the agent hung up, as long as it liked: node:http's own 30 s request timeout waited on this very response.
+  const stalls = async (what: string, send: (socket: Socket) => void) => {
+    const socket = connect(s.sidecar.adminPort, '127.0.0.1')
+    await once(socket, 'connect')
+    const started = performance.now()
+    let got = ''
+    socket.on('data', (c: Buffer) => (got += c.toString()))
+    send(socket)
+    const closed = await Promise.race([once(socket, 'close').then(() => true), new Promise((r) => setTimeout(r, 3000, false).unref())])
+    socket.destroy()
+    t.ok(closed, `${what}: the connection is closed`)
+    t.match(got, /^HTTP\/1\.1 408 [^]*"error":"request_timeout","reason":"the body did not all arrive within timeouts.client_headers_ms \(400 ms\)"/, `${what}: 408 saying why`)
+    t.ok(performance.now() - started < 1500, `${what}: within the deadline (${Math.round(performance.now() - started)} ms)`)
+  }
+  await stalls('a body stopped short', (socket) => socket.write(head('Content-Length: 50\r\n') + '{"purpose"'))
+  let timer: NodeJS.Timeout | undefined
+  await stalls('a chunked body trickled a byte at a time', (socket) => {
+    socket.write(head('Transfer-Encoding: chunked\r\n'))
+    const body = `{"purpose":"${'p'.repeat(200)}","duration_s":60}`
+    let i = 0
+    timer = setInterval(() => (i < body.length && !socket.destroyed ? socket.write(`1\r\n${body[i++]}\r\n`) : clearInterval(timer)), 20)
+  })
+  clearInterval(timer)
+  t.equal(s.sidecar.tasks.size, 0, 'neither opened a task')
+  await openTask(s, 'in time')
 })

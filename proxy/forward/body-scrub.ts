@@ -504,7 +504,8 @@ export class BodyScrubber {
   /** Copies overwritten so far. */
   found = 0
 
-  constructor(private readonly n: BodyNeedles) {}
+  /** What this pass looks for. */
+  constructor(readonly needles: BodyNeedles) {}
 
   /**
    * This pass looking for other needles from here on (the binding's held set changed while a long
@@ -531,7 +532,7 @@ export class BodyScrubber {
     // begun in what the agent has (a negative start) holds back all that came since.
     let from = copies === null ? data.length : waitingFrom(copies, data.length)
     this.heldInCopy = from < data.length
-    if (bridge !== null && data.length < this.n.longest) {
+    if (bridge !== null && data.length < this.needles.longest) {
       // So does a needle begun in a tail let go (release), if all that came since continues it.
       const p = this.mayBeginNeedle(bridge, this.context!.length) - this.context!.length
       if (p < 0 && p < from) from = p
@@ -552,7 +553,7 @@ export class BodyScrubber {
    * the agent already has (the context: found in the bridge, their start before 0 here).
    */
   private copiesIn(data: Buffer, bridge: Buffer | null): Copy[] | null {
-    const n = this.n
+    const n = this.needles
     let copies = data.length >= n.fewest ? scan(data, n) : null
     const ctx = this.context
     if (ctx === null || bridge === null) return copies
@@ -573,7 +574,7 @@ export class BodyScrubber {
 
   /** The context and as much of `data` as a copy begun in the context can reach (a few KiB at most, however big the chunk), or null without a context. */
   private bridge(data: Buffer): Buffer | null {
-    return this.context === null ? null : Buffer.concat([this.context, data.length > this.n.longest ? data.subarray(0, this.n.longest) : data])
+    return this.context === null ? null : Buffer.concat([this.context, data.length > this.needles.longest ? data.subarray(0, this.needles.longest) : data])
   }
 
   /**
@@ -583,7 +584,7 @@ export class BodyScrubber {
    * a byte (a newline, a `}`): nothing is kept for them.
    */
   private keepContext(sent: Buffer): void {
-    const { used, longest } = this.n
+    const { used, longest } = this.needles
     const most = longest - 1
     let from = sent.length
     while (from > 0 && sent.length - from < most && used[sent[from - 1]!] === 1) from--
@@ -642,7 +643,7 @@ export class BodyScrubber {
       if (c.start >= until) continue
       // undici's chunk may be a view of its read buffer: it is copied before anything is written in it.
       if (data === chunk) data = Buffer.from(data)
-      data.fill(this.n.mask, Math.max(c.start, 0), Math.min(c.end, until))
+      data.fill(this.needles.mask, Math.max(c.start, 0), Math.min(c.end, until))
       if (c.end <= until && c.start >= countedTo) {
         this.found++
         countedTo = c.end
@@ -653,7 +654,7 @@ export class BodyScrubber {
 
   /** The first position before `before` from which the rest of `data` is the start of some needle (data.length if none). */
   private mayBeginNeedle(data: Buffer, before: number): number {
-    const { byFirstByte, longest, escaped, escapedFirst } = this.n
+    const { byFirstByte, longest, escaped, escapedFirst } = this.needles
     const len = data.length
     for (let p = Math.max(0, len - longest + 1); p < before; p++) {
       if (escapedFirst[data[p]!] === 1) for (const e of escaped) if (beginsEscaped(data, p, e)) return p

@@ -12,7 +12,7 @@ import { watchBodyStall } from './body-stall.js'
 import { inboundResponseHeaders, type OutboundHeaders } from './headers.js'
 import { afterSending, bodyError, upstreamError } from './upstream-errors.js'
 import { safeReasonPhrase, scrubResponseHeaders } from './scrub.js'
-import { BodyScrubber, bodyNeedlesFor, type BodyNeedles } from './body-scrub.js'
+import { BodyScrubber, bodyNeedlesFor } from './body-scrub.js'
 import { lingerOnClose } from '../listen/linger.js'
 import { NONE_HELD } from '../credentials/held.js'
 import { recordEnd } from '../call-outcome.js'
@@ -82,9 +82,6 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
   private finished = false
   /** On a credentialed call: what the body passes through before the agent gets it. */
   private scrubber: BodyScrubber | null = null
-  /** What the scrubber looks for, and where to ask what it should (the binding's held set now). */
-  private lookingFor: BodyNeedles | null = null
-  private needles: (() => BodyNeedles) | null = null
   /** A response without a Content-Length: its small chunks are gathered until the tick ends (onResponseData). */
   private coalescing = false
   /** The response is corked until the tick ends (onResponseStart). */
@@ -284,10 +281,7 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
         describeDecoded(clean)
       }
       // Asked again as the body streams (scrubbed): a token issued meanwhile is held too.
-      const source = this.ctx.credentialSource
-      this.needles = () => bodyNeedlesFor(binding, credential, source?.held(binding) ?? NONE_HELD)
-      this.lookingFor = bodyNeedlesFor(binding, credential, held)
-      this.scrubber = new BodyScrubber(this.lookingFor)
+      this.scrubber = new BodyScrubber(bodyNeedlesFor(binding, credential, held))
     }
     // On a reverse route every cookie is put under `/<route>/` (forward/route-cookie.ts): all
     // routes share the sidecar's host, and a jar would send one upstream's cookies to the others.
@@ -464,14 +458,9 @@ class ResponseRelay implements Dispatcher.DispatchHandler, Gathered {
     if (this.scrubber === null) return chunk
     // A stream (SSE, a log tail) outlives the calls around it: a token issued after its head
     // (another task's, a refresh) is looked for from the next chunk that finds nothing held.
-    const now = this.needles!()
-    if (now !== this.lookingFor) {
-      const next = this.scrubber.lookingFor(now)
-      if (next !== null) {
-        this.scrubber = next
-        this.lookingFor = now
-      }
-    }
+    const ctx = this.ctx
+    const now = bodyNeedlesFor(ctx.binding!, ctx.credential!, ctx.credentialSource?.held(ctx.binding!) ?? NONE_HELD)
+    if (now !== this.scrubber.needles) this.scrubber = this.scrubber.lookingFor(now) ?? this.scrubber
     return this.scrubber.push(chunk)
   }
 

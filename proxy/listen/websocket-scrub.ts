@@ -64,12 +64,8 @@ export class WebSocketScrubber extends Transform {
   private control: Buffer[] = []
   private controlHeader: Buffer | null = null
   private scrubber: BodyScrubber
-  /** What `scrubber` looks for. */
-  private current: BodyNeedles
   /** Whether a data frame without FIN has come and its message not yet ended. */
   private inMessage = false
-  /** Matches overwritten by scrubbers since replaced. */
-  private foundBefore = 0
   /**
    * What waits behind the bytes the scrubber holds, in wire order: once they are released,
    * `after` of them are the held payload, then `bytes` go. Empty when nothing is held.
@@ -85,8 +81,7 @@ export class WebSocketScrubber extends Transform {
   /** `needles`, when a function, is asked what to look for as each message and control frame starts. */
   constructor(private readonly needles: BodyNeedles | (() => BodyNeedles)) {
     super()
-    this.current = this.needlesNow()
-    this.scrubber = new BodyScrubber(this.current)
+    this.scrubber = new BodyScrubber(this.needlesNow())
   }
 
   private needlesNow(): BodyNeedles {
@@ -135,7 +130,7 @@ export class WebSocketScrubber extends Transform {
 
   /** Matches overwritten so far, across messages. */
   get found(): number {
-    return this.foundBefore + this.scrubber.found
+    return this.scrubber.found
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
@@ -193,11 +188,7 @@ export class WebSocketScrubber extends Transform {
       // be replaced when what is held for the binding changed; the function caches by that set.
       if (!this.inMessage) {
         const now = this.needlesNow()
-        if (now !== this.current) {
-          this.foundBefore += this.scrubber.found
-          this.current = now
-          this.scrubber = new BodyScrubber(now)
-        }
+        if (now !== this.scrubber.needles) this.scrubber = this.scrubber.lookingFor(now) ?? this.scrubber
       }
       this.inMessage = !this.fin
       this.sendOrQueue(h)
@@ -225,7 +216,7 @@ export class WebSocketScrubber extends Transform {
       const one = new BodyScrubber(this.needlesNow())
       const body = Buffer.concat(this.control)
       const scrubbed = Buffer.concat([one.push(body) ?? Buffer.alloc(0), one.end() ?? Buffer.alloc(0)])
-      this.foundBefore += one.found
+      this.scrubber.found += one.found
       this.control = []
       this.sendOrQueue(Buffer.concat([this.controlHeader!, scrubbed]))
       this.controlHeader = null

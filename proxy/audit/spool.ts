@@ -486,17 +486,12 @@ export class Spool {
           opened = openSync(seg.path, 'r')
         } catch (err) {
           if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err
-          if (seg === this.segments[this.segments.length - 1]) {
-            // The active one: put back from the spool's own descriptor at the next append.
-            this.suspect = true
-            throw err
-          }
+          // The active one: put back from the spool's own descriptor at the next append.
+          this.passOver(seg, seg.first - 1, seg === active, 'deleted')
+          if (seg === active) throw err
           // An older one deleted before it was read (a tmp cleaner takes the oldest files first):
           // its records are gone. Said (takeRepairs) and passed over; before, sending stopped at
           // it until a restart, and the spool filled behind it.
-          const lost: number[] = []
-          for (let q = seg.first; q <= seg.last; q++) lost.push(q)
-          this.repairs.push({ path: seg.path, cause: 'deleted', kept: 0, lost, rewritten: false })
           seg.size = 0
           seg.holes = new Map()
           continue
@@ -575,18 +570,18 @@ export class Spool {
   }
 
   /**
-   * The rest of a segment found unreadable past `seen` (cut short or overwritten under the spool):
-   * an older one's records after it are gone, said through takeRepairs; before, they were skipped
-   * without a word. The active one is put back by repairActive at the next append instead.
+   * The rest of a segment found unreadable past `seen` (cut short or overwritten under the spool,
+   * or deleted): an older one's records after it are gone, said through takeRepairs; before, they
+   * were skipped without a word. The active one is put back by repairActive at the next append instead.
    */
-  private passOver(seg: Segment, seen: number, isActive: boolean): void {
+  private passOver(seg: Segment, seen: number, isActive: boolean, cause: SegmentRepair['cause'] = 'cut short'): void {
     if (isActive) {
       this.suspect = true
       return
     }
     const lost: number[] = []
     for (let q = Math.max(seen, seg.first - 1) + 1; q <= seg.last; q++) lost.push(q)
-    this.repairs.push({ path: seg.path, cause: 'cut short', kept: Math.max(0, seen - seg.first + 1), lost, rewritten: false })
+    this.repairs.push({ path: seg.path, cause, kept: Math.max(0, seen - seg.first + 1), lost, rewritten: false })
   }
 
   private closeReader(): void {

@@ -7,7 +7,7 @@ import { once } from 'node:events'
 import { ControlServiceClient } from '../../protos/gen/latchkey/v1/control.js'
 import { decodeJwt } from 'jose'
 import { delegatedRequest, why } from '../helpers/broker.js'
-import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openTunnel, openWebSocket, openRecorded, revoke, until, CONTROL_TOKEN } from './rig.js'
+import { startApi, startControlBroker, startControlSidecar, startRig, viaProxy, openStream, openTunnel, openWebSocket, openRecorded, revoke, until, CONTROL_TOKEN } from './rig.js'
 import { framePayloads } from '../helpers/websocket-frames.js'
 import { EnvHttpProxyAgent, fetch as undiciFetch } from 'undici'
 
@@ -218,14 +218,8 @@ t.test('unauthenticated control streams are refused', async (t) => {
 })
 
 t.test("revoking a delegation's task or jti stops, within the second, the tasks another sidecar opened with tokens derived from it", async (t) => {
-  const broker = await startControlBroker()
-  t.teardown(() => broker.close())
-  const api = await startApi()
-  t.teardown(api.close)
   // The helper is the child: summarizer (may_task: helper) hands it delegations.
-  const child = await startControlSidecar(broker, api, 'agent:helper:prod:child')
-  t.teardown(child.close)
-  await until('connected', () => child.sidecar.control!.connected)
+  const { broker, api, s: child } = await startRig(t, 'agent:helper:prod:child')
   const user = await broker.userToken('alice', 'read write')
   const delegate = async (root: string, task: string) => {
     const r = await broker.exchange(delegatedRequest(user, await broker.attest(root), { audience: broker.issuer, task_id: task }))
@@ -302,13 +296,7 @@ async function taskState(s: { sidecar: { adminUrl: string } }, handle: string): 
 
 
 t.test("a revoked task's fetch of an http:// URL on port 80 reads its 403 inside the tunnel, not \"fetch failed\"", async (t) => {
-  const broker = await startControlBroker()
-  t.teardown(() => broker.close())
-  const api = await startApi()
-  t.teardown(api.close)
-  const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:port-80')
-  t.teardown(s.close)
-  await until('connected', () => s.sidecar.control!.connected)
+  const { broker, api, s } = await startRig(t, 'agent:summarizer:prod:port-80')
   const task = await s.openTask()
   t.equal((await revoke(broker, 'task', task.id)).status, 201)
   await until('the revocation applied', () => s.sidecar.control!.state.has('task', task.id))

@@ -5,7 +5,7 @@
 import t from 'tap'
 import { EnvHttpProxyAgent, fetch as undiciFetch } from 'undici'
 import { once } from 'node:events'
-import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openWebSocket, openRecorded, revoke, until } from './rig.js'
+import { startApi, startControlBroker, startControlSidecar, startRig, viaProxy, openStream, openWebSocket, openRecorded, revoke, until } from './rig.js'
 import { startBrokerFront } from '../helpers/broker-front.js'
 import { DnsResolver, type LookupFn } from '../../proxy/resolve/resolver.js'
 import { NetworkPolicy } from '../../proxy/resolve/network-policy.js'
@@ -71,13 +71,7 @@ t.test('calls waiting on a slow broker when their task is revoked are answered 4
 })
 
 t.test('revoking a token by its jti cuts the calls still open on it; the same task goes on with a fresh token, other tokens untouched', async (t) => {
-  const broker = await startControlBroker()
-  t.teardown(() => broker.close())
-  const api = await startApi()
-  t.teardown(api.close)
-  const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:jti-reach')
-  t.teardown(s.close)
-  await until('connected', () => s.sidecar.control!.connected)
+  const { broker, api, s } = await startRig(t, 'agent:summarizer:prod:jti-reach')
   const task = await s.openTask()
   const other = await s.openTask()
 
@@ -113,14 +107,8 @@ t.test('revoking a token by its jti cuts the calls still open on it; the same ta
 })
 
 t.test('a task whose POST is still being read when the agent is revoked is refused, not opened', async (t) => {
-  const broker = await startControlBroker()
-  t.teardown(() => broker.close())
-  const api = await startApi()
-  t.teardown(api.close)
   const agent = 'agent:summarizer:prod:slow-post'
-  const s = await startControlSidecar(broker, api, agent)
-  t.teardown(s.close)
-  await until('connected', () => s.sidecar.control!.connected)
+  const { broker, s } = await startRig(t, agent)
   // No audiences and no user token: nothing is exchanged as it opens, so no exchange is there to void.
   const body = JSON.stringify({ purpose: 'opened as the revocation lands', duration_s: 60 })
   const admin = new URL(s.sidecar.adminUrl)

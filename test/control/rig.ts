@@ -230,6 +230,21 @@ export async function revoke(broker: TestBroker, kind: string, value: string, to
   return { status: res.status, body: (await res.json()) as Record<string, unknown> }
 }
 
+/**
+ * A broker, an upstream API and one sidecar for `agent`, its control stream connected, all torn
+ * down with the test.
+ */
+export async function startRig(t: { teardown(fn: () => unknown): void }, agent: string, opts: Parameters<typeof startControlSidecar>[3] = {}) {
+  const broker = await startControlBroker()
+  t.teardown(() => broker.close())
+  const api = await startApi()
+  t.teardown(api.close)
+  const s = await startControlSidecar(broker, api, agent, opts)
+  t.teardown(s.close)
+  await until('connected', () => s.sidecar.control!.connected)
+  return { broker, api, s }
+}
+
 export async function until(what: string, cond: () => boolean | Promise<boolean>, timeoutMs = 5000): Promise<void> {
   const deadline = Date.now() + timeoutMs
   while (!(await cond())) {

@@ -4,20 +4,8 @@
 import t from 'tap'
 import { once } from 'node:events'
 import { connect } from 'node:net'
-import { startApi, startControlBroker, startControlSidecar, viaProxy, openStream, openTunnel, openWebSocket, until } from './rig.js'
-import type { SidecarOptions } from '../../proxy/sidecar.js'
+import { startRig, viaProxy, openStream, openTunnel, openWebSocket, until } from './rig.js'
 import { framePayloads } from '../helpers/websocket-frames.js'
-
-/** A broker, an upstream API and one sidecar connected to both, all torn down with the test. */
-async function startRig(t: { teardown(fn: () => unknown): void }, agent: string, options?: Omit<SidecarOptions, 'env' | 'logDestination'>) {
-  const broker = await startControlBroker()
-  t.teardown(() => broker.close())
-  const api = await startApi()
-  t.teardown(api.close)
-  const s = await startControlSidecar(broker, api, agent, options ? { options } : {})
-  t.teardown(s.close)
-  return { api, s }
-}
 
 t.test('ending a task cuts its open streams, tunnel and WebSocket; the other task keeps its own', async (t) => {
   const { api, s } = await startRig(t, 'agent:summarizer:prod:ender')
@@ -67,7 +55,7 @@ t.test('ending a task cuts its open streams, tunnel and WebSocket; the other tas
 
 t.test('a task that expires has its WebSocket cut by the expiry sweep', async (t) => {
   let offset = 0
-  const { api, s } = await startRig(t, 'agent:summarizer:prod:expirer', { now: () => Date.now() + offset })
+  const { api, s } = await startRig(t, 'agent:summarizer:prod:expirer', { options: { now: () => Date.now() + offset } })
   const task = await s.openTask()
   const ws = await openWebSocket(s, task.handle, api)
   const closed = once(ws, 'close')

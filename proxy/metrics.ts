@@ -1,7 +1,8 @@
 // Prometheus metrics for the sidecar, on its own registry so several sidecars (in tests, or in
 // `latchkey up`) never collide. Labels are low-cardinality by construction: no hosts, no paths.
 import { createHistogram, type RecordableHistogram } from 'node:perf_hooks'
-import { Registry, Counter, Histogram, Gauge, collectDefaultMetrics } from 'prom-client'
+import { Registry, Counter, Gauge, collectDefaultMetrics } from 'prom-client'
+import { RecordedHistogram } from './recorded-histogram.js'
 
 /** How often the event loop's delay is sampled (latchkey_nodejs_eventloop_lag_{min,…,p99}_seconds). */
 export const EVENT_LOOP_SAMPLE_MS = 100
@@ -44,7 +45,7 @@ export class SidecarMetrics {
       }
     },
   })
-  readonly duration = new Histogram({
+  readonly duration = new RecordedHistogram({
     name: 'latchkey_call_duration_seconds',
     help: 'Time from request to the end of the response, as the agent sees it',
     buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
@@ -59,7 +60,7 @@ export class SidecarMetrics {
     const c = byOutcome.get(outcome)
     if (c) c.n++
     else byOutcome.set(outcome, { via, decision, outcome, n: 1 })
-    this.duration.observe(seconds)
+    this.duration.record(seconds)
   }
 
   readonly auditFailures = new Gauge({

@@ -88,6 +88,11 @@ t.test('admin endpoints, strict parser under --insecure-http-parser, graceful SI
   const metrics = await (await request(`${admin}/metrics`)).body.text()
   t.match(metrics, /latchkey_calls_total\{via="absolute",decision="allow",outcome="ok"\} 1/)
   t.match(metrics, /latchkey_calls_total\{via="absolute",decision="none",outcome="LK_BAD_REQUEST"\} 1/)
+  // Both calls are timed: each lands in the +Inf bucket and the count, and the sum is a positive duration.
+  t.match(metrics, /^latchkey_call_duration_seconds_bucket\{le="\+Inf"\} 2$/m)
+  t.match(metrics, /^latchkey_call_duration_seconds_count 2$/m)
+  const sum = Number(/^latchkey_call_duration_seconds_sum (\S+)$/m.exec(metrics)?.[1])
+  t.ok(sum > 0 && sum < 5, `duration sum ${sum} s`)
   t.notOk(metrics.includes(CANARY))
 
   // A slow call is in flight when SIGTERM arrives: it must complete, and the audit must hold it.

@@ -143,6 +143,31 @@ t.test('the network floor: defaults, deny CIDRs and allow exceptions', async (t)
   }
 })
 
+t.test('remembered verdicts: per address and port, the same as judged afresh, past the bound, and forgotten by protectSelf', async (t) => {
+  const cfg = { deny: [...defaults.deny], allow: [{ cidr: '127.0.0.1/32', ports: [8080] }] }
+  const remembering = network(cfg)
+  const judge = (address: string, port: number) => network(cfg).check(address, port)
+  // One address, two ports with different verdicts, asked alternately: a cache keyed by address alone would answer the first for both.
+  for (let i = 0; i < 3; i++) {
+    t.equal(remembering.check('127.0.0.1', 8080).allowed, true, 'the allowed port')
+    t.equal(remembering.check('127.0.0.1', 8081).allowed, false, 'the other port')
+  }
+  // Past the 4,096 remembered: the map is emptied and starts again; every answer is still what a fresh policy says.
+  const differing: string[] = []
+  for (let i = 0; i < 5000; i++) {
+    const address = `10.${(i >> 8) & 255}.${i & 255}.1`
+    const port = 80 + (i % 3)
+    if (JSON.stringify(remembering.check(address, port)) !== JSON.stringify(judge(address, port))) differing.push(`${address}:${port}`)
+    if (i % 997 === 0) t.same(remembering.check('127.0.0.1', 8080), judge('127.0.0.1', 8080), `127.0.0.1:8080 after ${i + 1} others`)
+  }
+  t.same(differing, [], '5,000 others, each as a fresh policy judges it')
+  t.equal(remembering.check('127.0.0.1', 8081).allowed, false, 'after the bound, the other port still closed')
+  // The sidecar's own ports are closed once it says which they are, even to an address judged (and remembered) before.
+  t.equal(remembering.check('127.0.0.1', 8080).allowed, true)
+  remembering.protectSelf([8080], [])
+  t.match(remembering.check('127.0.0.1', 8080), { allowed: false, rule: 'network:self' }, 'a verdict remembered before protectSelf is not used after it')
+})
+
 t.test('an allow opens the address as dialled, never an IPv6 address that merely embeds it', async (t) => {
   const floor = network({ allow: [{ cidr: '127.0.0.1/32' }, { cidr: '10.9.0.0/16', ports: [443] }] })
   t.equal(floor.check('::ffff:127.0.0.1', 80).allowed, true, 'IPv4-mapped dials the same address')

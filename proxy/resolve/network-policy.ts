@@ -48,8 +48,12 @@ export class NetworkPolicy {
     this.allowed = network.allow.map((a) => ({ cidr: parseCidr(a.cidr), ports: a.ports ? new Set(a.ports) : null }))
   }
 
-  /** Verdicts are pure functions of (address, port): remembered, bounded, cleared when full. */
-  private readonly verdicts = new Map<string, NetworkVerdict>()
+  /**
+   * Verdicts are pure functions of (address, port): remembered by address, then port (no key
+   * string built per call), bounded, cleared when full.
+   */
+  private readonly verdicts = new Map<string, Map<number, NetworkVerdict>>()
+  private remembered = 0
 
   /** The sidecar's own ports (listener, admin) and this host's addresses: see protectSelf and judge. */
   private selfPorts: ReadonlySet<number> = new Set()
@@ -64,18 +68,26 @@ export class NetworkPolicy {
   protectSelf(ports: readonly number[], localAddresses: readonly string[]): void {
     this.selfPorts = new Set(ports)
     this.localAddresses = new Set(localAddresses.flatMap((a) => (ipaddr.isValid(a) ? [processIp(a).toNormalizedString()] : [])))
-    this.verdicts.clear()
+    this.forget()
   }
 
   check(address: string, port: number): NetworkVerdict {
-    const key = address + ' ' + port
-    let verdict = this.verdicts.get(key)
-    if (verdict === undefined) {
-      if (this.verdicts.size >= 4096) this.verdicts.clear()
-      verdict = this.judge(address, port)
-      this.verdicts.set(key, verdict)
-    }
+    return this.verdicts.get(address)?.get(port) ?? this.remember(address, port)
+  }
+
+  private remember(address: string, port: number): NetworkVerdict {
+    if (this.remembered >= 4096) this.forget()
+    const verdict = this.judge(address, port)
+    let byPort = this.verdicts.get(address)
+    if (byPort === undefined) this.verdicts.set(address, (byPort = new Map()))
+    byPort.set(port, verdict)
+    this.remembered++
     return verdict
+  }
+
+  private forget(): void {
+    this.verdicts.clear()
+    this.remembered = 0
   }
 
   private judge(address: string, port: number): NetworkVerdict {

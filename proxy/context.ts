@@ -122,7 +122,6 @@ export interface CredentialBinding {
 }
 
 export interface CallContext {
-  id: string
   via: Via
   startedAt: number
   /** performance.now() at start, for durations. */

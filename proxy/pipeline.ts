@@ -116,7 +116,6 @@ export class Pipeline {
 
   newContext(via: Via, method: string): CallContext {
     return {
-      id: newEventId(),
       via,
       startedAt: Date.now(),
       t0: performance.now(),
@@ -840,7 +839,9 @@ export class Pipeline {
     const d = ctx.decision
     const t = ctx.target
     const event: AuditEvent = {
-      id: ctx.id,
+      // Made here, not when the call began: nothing before the audit reads it, and a call's
+      // request and response path is the latency the agent waits for.
+      id: newEventId(),
       ts: isoTimestamp(ctx.startedAt),
       agent: ctx.identity.agentId,
       task: ctx.identity.taskId,

@@ -236,7 +236,7 @@ t.test('event timestamps are what toISOString writes, across seconds, days and y
 
 t.test('live calls: linked and unlinked in any order; a walk survives cutting as it goes', async (t) => {
   const live = new LiveCalls()
-  const ctx = (n: number) => ({ id: String(n), liveSocket: null, livePrev: null, liveNext: null }) as unknown as CallContext
+  const ctx = (n: number) => ({ n: String(n), liveSocket: null, livePrev: null, liveNext: null }) as unknown as CallContext
   const socket = (n: number) => ({ n }) as unknown as Socket
   const calls = [0, 1, 2, 3, 4].map(ctx)
   calls.forEach((c, i) => live.add(c, socket(i)))
@@ -248,7 +248,7 @@ t.test('live calls: linked and unlinked in any order; a walk survives cutting as
   live.delete(calls[0]!) // the tail
   t.equal([...live.entries()].length, 2)
   t.same(
-    [...live.entries()].map(([c, s]) => [c.id, (s as unknown as { n: number }).n]),
+    [...live.entries()].map(([c, s]) => [(c as unknown as { n: string }).n, (s as unknown as { n: number }).n]),
     [
       ['3', 3],
       ['1', 1],

@@ -147,7 +147,7 @@ export function parseAbsoluteTarget(raw: string, upgrade = false): Target {
   if (authority === '') throw new LatchkeyError('LK_BAD_REQUEST', 'request target has an empty authority')
   // The URL parser would silently drop userinfo; a proxy that ignores it could be tricked into
   // judging one host and reaching another (http://allowed.com@evil.com/), so refuse it outright.
-  if (authority.includes('@')) throw new LatchkeyError('LK_BAD_REQUEST', 'request target must not contain userinfo')
+  if (authority.includes('@')) throw refusedUserinfo(raw)
   if (/[\\\s]/.test(authority)) throw new LatchkeyError('LK_BAD_REQUEST', 'request target authority contains an invalid character')
   let url: URL
   try {
@@ -156,8 +156,28 @@ export function parseAbsoluteTarget(raw: string, upgrade = false): Target {
     throw new LatchkeyError('LK_BAD_REQUEST', 'request target is not a valid URL')
   }
   if (url.hash) throw new LatchkeyError('LK_BAD_REQUEST', 'request target must not contain a fragment')
-  if (url.username || url.password) throw new LatchkeyError('LK_BAD_REQUEST', 'request target must not contain userinfo')
+  if (url.username || url.password) throw refusedUserinfo(raw)
   return fromUrl(url)
+}
+
+/**
+ * The refusal of a target with userinfo, with the target it names for the trail (which host the
+ * agent was sent to: `http://a@169.254.169.254/`); the userinfo itself, often a password, is kept
+ * out of it. A target that names none the URL parser can read is refused all the same.
+ */
+function refusedUserinfo(raw: string): LatchkeyError {
+  const err = new LatchkeyError('LK_BAD_REQUEST', 'request target must not contain userinfo')
+  let named: Target | null = null
+  try {
+    const url = new URL(raw)
+    url.username = ''
+    url.password = ''
+    named = fromUrl(url)
+  } catch (other) {
+    named = targetOfRefusal(other)
+  }
+  if (named) refusedTargets.set(err, named)
+  return err
 }
 
 /** CONNECT authority-form: host:port, nothing else. */

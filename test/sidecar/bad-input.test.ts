@@ -23,7 +23,8 @@ t.test('refused framings', async (t) => {
   const table: [string, string, RegExp][] = [
     ['duplicate Host', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nHost: evil.example\r\n\r\n`, /duplicate Host/],
     ['duplicate Proxy-Authorization', `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nProxy-Authorization: Basic dGFzazph\r\nproxy-authorization: Basic dGFzazpi\r\n\r\n`, /duplicate Proxy-Authorization/],
-    ['absolute URI with userinfo', `GET http://user:pw@127.0.0.1:${upstream.port}/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /userinfo/],
+    // The password is the canary: what the refusal records must not hold it.
+    ['absolute URI with userinfo', `GET http://user:${CANARY}@127.0.0.1:${upstream.port}/x?q=1 HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /userinfo/],
     ['an empty authority hiding userinfo', `GET http:///127.0.0.1:1@127.0.0.1:${upstream.port}/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /empty authority/],
     ['an encoded NUL in the path', `GET http://${host}/admin%00/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /control character/],
     ['an encoded CR ending a path segment', `GET http://${host}/admin%0d/x HTTP/1.1\r\nHost: ${host}\r\n\r\n`, /control character/],
@@ -99,6 +100,16 @@ t.test('refused framings', async (t) => {
   // A path refused once its host was read: the trail says where the agent was probing.
   t.match(audit.find((e) => e.reason === 'request path contains an encoded control character'), { host: '127.0.0.1', port: upstream.port, path: '/admin%00/x' }, 'a refused path is recorded with the host and port it was for')
   t.match(audit.find((e) => String(e.reason).includes('not UTF-8')), { host: '127.0.0.1', path: '/%C0%AE%C0%AE/admin' })
+  // A target refused for its userinfo: recorded with the host, port and path it names, never the userinfo.
+  const userinfo = audit.filter((e) => e.reason === 'request target must not contain userinfo')
+  t.same(
+    userinfo.map((e) => [e.scheme, e.host, e.port, e.path]),
+    [
+      ['http', '127.0.0.1', upstream.port, '/x'],
+      ['http', '169.254.169.254', 80, '/'],
+    ],
+    'a refused userinfo is recorded with the host it named: here, once, the metadata address',
+  )
   assertNoCanary(t, s)
 })
 

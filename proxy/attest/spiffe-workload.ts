@@ -19,7 +19,10 @@ export interface SpiffeWorkloadOptions {
   now?: () => number
 }
 
-/** What reads as a SPIFFE ID (scheme, trust domain, path; the spec's characters only): nothing a JWT can be. */
+/**
+ * What reads as a SPIFFE ID (scheme, trust domain, path; the spec's characters only): nothing a
+ * JWT can be. The configured spiffe_id is quoted as it is: the operator wrote it, the config check judged it.
+ */
 const SPIFFE_ID = /^spiffe:\/\/[a-z0-9._-]+(\/[A-Za-z0-9._-]+)*$/
 
 /**
@@ -71,7 +74,7 @@ export class SpiffeWorkloadEvidence implements WorkloadEvidence {
     const offered = () => svids.slice(0, 8).map((s) => quote(s.spiffeId)).join(', ') + (svids.length > 8 ? `, and ${svids.length - 8} more` : '')
     if (this.spiffeId !== undefined) {
       if (svids.some((s) => s.spiffeId !== this.spiffeId)) {
-        throw new EvidenceUnavailable(`SPIFFE Workload API at ${this.socket} answered a request for ${quote(this.spiffeId)} with JWT-SVIDs for ${offered()}; refused`)
+        throw new EvidenceUnavailable(`SPIFFE Workload API at ${this.socket} answered a request for ${JSON.stringify(this.spiffeId)} with JWT-SVIDs for ${offered()}; refused`)
       }
     } else if (svids.length > 1) {
       throw new EvidenceUnavailable(

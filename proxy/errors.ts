@@ -92,14 +92,27 @@ export interface InternalErrorDetail {
 }
 
 /**
+ * The first frames of a stack, and nothing else of it. The stack begins with the message, and a
+ * message can run over lines: cutting its first line off left the rest of it (a quoted request's
+ * headers, Authorization included) in the log as "frames". The message is cut off whole (its
+ * lines may look like frames), then only frame lines are kept.
+ */
+function framesOf(stack: string, message: unknown): string | undefined {
+  const at = typeof message === 'string' && message.length > 0 ? stack.indexOf(message) : -1
+  const rest = at === -1 ? stack : stack.slice(at + (message as string).length)
+  const frames = rest.split('\n').filter((l) => /^ {4}at /.test(l)).slice(0, 7)
+  return frames.length > 0 ? frames.join('\n') : undefined
+}
+
+/**
  * A LatchkeyError as is; anything else is a fault in the sidecar: `log` gets its detail for the
  * operator, and the agent a 500 LK_INTERNAL saying only that it happened (not retryable, and not
  * charged to the upstream, as the 502 it was before made it).
  */
 export function asLatchkeyError(err: unknown, log: (detail: InternalErrorDetail) => void): LatchkeyError {
   if (err instanceof LatchkeyError) return err
-  const e = err as { code?: unknown; name?: unknown; stack?: unknown } | null | undefined
-  log({ code: typeof e?.code === 'string' ? e.code : undefined, type: typeof e?.name === 'string' ? e.name : undefined, frames: typeof e?.stack === 'string' ? e.stack.split('\n').slice(1, 8).join('\n') : undefined })
+  const e = err as { code?: unknown; name?: unknown; message?: unknown; stack?: unknown } | null | undefined
+  log({ code: typeof e?.code === 'string' ? e.code : undefined, type: typeof e?.name === 'string' ? e.name : undefined, frames: typeof e?.stack === 'string' ? framesOf(e.stack, e.message) : undefined })
   return new LatchkeyError('LK_INTERNAL', 'internal error in the sidecar')
 }
 

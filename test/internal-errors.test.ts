@@ -21,6 +21,14 @@ t.test('an unexpected exception: 500 LK_INTERNAL, not retryable, its message nev
   t.notOk(JSON.stringify(logged).includes(CANARY) || r.body.includes(CANARY), 'the message, and the credential it quoted, in neither')
 })
 
+t.test('a message over several lines: none of it is logged as frames, even lines that look like frames', async (t) => {
+  // The frames were the stack's lines after its first: the rest of a message that ran over lines.
+  const logged: InternalErrorDetail[] = []
+  asLatchkeyError(new Error(`cannot parse:\nAuthorization: Bearer ${CANARY}\n    at https://api.example/x?key=${CANARY}`), (d) => logged.push(d))
+  t.match(logged[0]!.frames, /^ {4}at .*internal-errors\.test/, 'the frames begin with the first real one')
+  t.notOk(JSON.stringify(logged).includes(CANARY), 'no line of the message is logged')
+})
+
 t.test('a coded error passes as it is; a thrown non-Error still gets a coded answer', async (t) => {
   const coded = new LatchkeyError('LK_POLICY_DENIED', 'denied by rule x', 'x')
   t.equal(asLatchkeyError(coded, () => t.fail('not logged')), coded)

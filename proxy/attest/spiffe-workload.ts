@@ -19,8 +19,19 @@ export interface SpiffeWorkloadOptions {
   now?: () => number
 }
 
-/** A SPIFFE ID as quoted in a reason: IDs are not secrets, but an answer's bytes are bounded. */
-const quote = (id: string) => JSON.stringify(id.slice(0, 256))
+/**
+ * What reads as a SPIFFE ID (scheme, trust domain, path; the spec's characters only): nothing a
+ * JWT can be. The configured spiffe_id is quoted as it is: the operator wrote it, the config check judged it.
+ */
+const SPIFFE_ID = /^spiffe:\/\/[a-z0-9._-]+(\/[A-Za-z0-9._-]+)*$/
+
+/**
+ * A SPIFFE ID as quoted in a reason: IDs are not secrets, but an answer's bytes are bounded. What
+ * the agent put where an ID goes and is none is not repeated: an SVID there (a label and the SVID
+ * swapped, or an SVID as another's sub) was quoted into the agent's 503 and the log, whole when
+ * short enough, its signature included.
+ */
+const quote = (id: string) => (SPIFFE_ID.test(id) ? JSON.stringify(id.slice(0, 256)) : '(not a SPIFFE ID: not repeated)')
 
 export class SpiffeWorkloadEvidence implements WorkloadEvidence {
   readonly kind = 'spiffe'
@@ -63,7 +74,7 @@ export class SpiffeWorkloadEvidence implements WorkloadEvidence {
     const offered = () => svids.slice(0, 8).map((s) => quote(s.spiffeId)).join(', ') + (svids.length > 8 ? `, and ${svids.length - 8} more` : '')
     if (this.spiffeId !== undefined) {
       if (svids.some((s) => s.spiffeId !== this.spiffeId)) {
-        throw new EvidenceUnavailable(`SPIFFE Workload API at ${this.socket} answered a request for ${quote(this.spiffeId)} with JWT-SVIDs for ${offered()}; refused`)
+        throw new EvidenceUnavailable(`SPIFFE Workload API at ${this.socket} answered a request for ${JSON.stringify(this.spiffeId)} with JWT-SVIDs for ${offered()}; refused`)
       }
     } else if (svids.length > 1) {
       throw new EvidenceUnavailable(

@@ -12,7 +12,7 @@ import { SpiffeWorkloadAPIService, type JWTSVIDRequest, type JWTSVIDResponse } f
 import { SpiffeWorkloadEvidence } from '../../proxy/attest/spiffe-workload.js'
 import { startTestBroker, API, type TestBroker } from '../helpers/broker.js'
 import { startResourceServer } from '../helpers/tokens.js'
-import { startTestSidecar, loopbackPolicy } from '../helpers/harness.js'
+import { startTestSidecar, loopbackPolicy, assertNoCanary, CANARY } from '../helpers/harness.js'
 import { Client } from 'undici'
 import { decodeJwt } from 'jose'
 
@@ -229,4 +229,43 @@ t.test('through the sidecar: several SVIDs are a 503 naming them; the chosen spi
   const ok = await get(named.proxy, b.handle, `${api.origin}/y`)
   t.equal(ok.status, 200)
   t.same(ok.body.act, { sub: 'agent:summarizer-spiffe:prod:w-1' }, 'the API sees the configured workload, not the helper')
+})
+
+t.test('a Workload API that puts an SVID where an ID goes: the 503, the log and the audit quote no token', async (t) => {
+  // A confused or hostile agent: the label is the SVID itself (fields swapped), or the SVID's sub
+  // is. An SVID of a short key fits in the 256 characters a label was quoted to, signature and all.
+  const broker = await startTestBroker()
+  const b64 = (o: unknown) => Buffer.from(JSON.stringify(o)).toString('base64url')
+  const svid = (sub: string) => `${b64({ alg: 'ES256' })}.${b64({ sub, aud: [broker.issuer], exp: Math.floor(Date.now() / 1000) + 600 })}.${CANARY}`
+  let answer: JWTSVIDResponse = { svids: [] }
+  const spire = await startWorkloadApi(broker, async () => answer)
+  const api = await startResourceServer(broker)
+  const s = await startTestSidecar({
+    ...loopbackPolicy([api.port]),
+    sidecar: { agent_id: 'agent:summarizer-spiffe:prod:w-1', broker: { url: broker.url }, attestation: { spiffe: { socket: spire.socket, audience: broker.issuer } } },
+    credentials: [{ id: 'api', audience: api.origin, source: 'broker', token_audience: API, inject: { type: 'bearer' } }],
+  })
+  t.teardown(async () => {
+    await s.close()
+    await api.close()
+    await spire.close()
+    await broker.close()
+  })
+  const other = svid(HELPER)
+  const rows: [string, JWTSVIDResponse][] = [
+    ['labelled with itself', { svids: [{ spiffeId: svid(CODER), svid: svid(CODER), hint: '' }] }],
+    ['its sub another SVID', { svids: [{ spiffeId: CODER, svid: svid(other), hint: '' }] }],
+    ['two, each labelled with itself', { svids: [{ spiffeId: svid(CODER), svid: svid(CODER), hint: '' }, { spiffeId: other, svid: other, hint: '' }] }],
+  ]
+  const seen: string[] = []
+  for (const [name, a] of rows) {
+    answer = a
+    const task = s.sidecar.tasks.open({ purpose: name, durationS: 60 })
+    const r = await get(s.proxy, task.handle, `${api.origin}/x`)
+    seen.push(JSON.stringify(r))
+    t.equal(r.status, 503, `${name}: refused`)
+    t.match(r.body.reason, /workload evidence unavailable: SPIFFE Workload API at .*(not a SPIFFE ID|refused|set sidecar)/, `${name}: saying why`)
+  }
+  t.equal(api.seen.length, 0, 'nothing reached the API')
+  assertNoCanary(t, s, ...seen)
 })

@@ -452,7 +452,8 @@ log: { level: warn }
 
   const contenders = [{ name: 'direct', absolute: false, port: ports.upstream, proc: null }]
   // The sidecar runs as the image runs it (Dockerfile: --no-maglev, NODE_OPTIONS, the malloc settings).
-  const lk = start('latchkey', CPU_PROXY, process.execPath, ['--no-maglev', cli, 'sidecar', '--config', cfg], { LATCHKEY_SECRET_BENCH_TOKEN: TOKEN, NODE_OPTIONS: '--max-semi-space-size=4', MALLOC_ARENA_MAX: '2', MALLOC_MMAP_THRESHOLD_: '32768', ...collectorEnv })
+  const imageEnv = { NODE_OPTIONS: '--max-semi-space-size=4', MALLOC_ARENA_MAX: '2', MALLOC_MMAP_THRESHOLD_: '32768' }
+  const lk = start('latchkey', CPU_PROXY, process.execPath, ['--no-maglev', cli, 'sidecar', '--config', cfg], { LATCHKEY_SECRET_BENCH_TOKEN: TOKEN, ...imageEnv, ...collectorEnv })
   contenders.push({ name: 'latchkey', absolute: true, port: ports.latchkey, proc: lk })
   contenders.push({ name: 'undici-bare', absolute: true, port: ports.undici, proc: start('undici-bare', CPU_PROXY, process.execPath, [join(here, 'baselines/undici-forwarder.mjs'), String(ports.undici)], { BENCH_TOKEN: TOKEN }) })
   contenders.push({ name: 'http-proxy', absolute: true, port: ports.httpProxy, proc: start('http-proxy', CPU_PROXY, process.execPath, [join(here, 'baselines/http-proxy-forwarder.mjs'), String(ports.httpProxy)], { BENCH_TOKEN: TOKEN }) })
@@ -464,10 +465,11 @@ log: { level: warn }
       location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Authorization "Bearer ${TOKEN}"; } }`,
   )
   contenders.push({ name: 'nginx', absolute: false, port: ports.nginx, proc: start('nginx', CPU_PROXY, 'nginx', ngArgs) })
-  // Reference, not a proxy: a node:http server answering by itself on the proxies' CPU: what any
-  // Node process pays per request here. BENCH_FLOOR=0 leaves it out.
+  // Reference, not a proxy: a node:http server answering by itself on the proxies' CPU, run as the
+  // sidecar is (the same flags and malloc settings): what any Node process run so pays per
+  // request, and holds in memory, here. BENCH_FLOOR=0 leaves it out.
   if (process.env.BENCH_FLOOR !== '0')
-    contenders.push({ name: 'node-floor', reference: true, absolute: false, port: ports.floor, proc: start('node-floor', CPU_PROXY, process.execPath, [join(here, 'baselines/node-floor.mjs'), String(ports.floor)]) })
+    contenders.push({ name: 'node-floor', reference: true, absolute: false, port: ports.floor, proc: start('node-floor', CPU_PROXY, process.execPath, ['--no-maglev', join(here, 'baselines/node-floor.mjs'), String(ports.floor)], imageEnv) })
 
   for (const c of contenders) if (c.proc) await waitForPort(c.port, c.proc)
   for (const c of contenders) await verify(c, ports.upstream, echo)
@@ -678,7 +680,7 @@ log: { level: warn }
     ...cycles.map((c, i) => `| ${i + 1} | ${trio.map((t) => `${f(c[t.name].rps)} (${f(c[t.name].cpuUsPerReq, 1)})`).join(' | ')} | ${(c.latchkey.rps / c['undici-bare'].rps).toFixed(2)} | ${(c.latchkey.rps / c['http-proxy'].rps).toFixed(2)} |`),
     `| median | ${trio.map((t) => `${f(median(cycles.map((c) => c[t.name].rps)))} (${f(median(cycles.map((c) => c[t.name].cpuUsPerReq)), 1)})`).join(' | ')} | ${median(perCycle('undici-bare')).toFixed(2)} | ${median(perCycle('http-proxy')).toFixed(2)} |`,
     ``,
-    ...(get('node-floor') ? [`node-floor is not a proxy: a node:http server answering by itself on the proxies' CPU, i.e. what any Node process pays per request here (its "added" figures are relative to direct).`, ``] : []),
+    ...(get('node-floor') ? [`node-floor is not a proxy: a node:http server answering by itself on the proxies' CPU, run with the sidecar's flags and malloc settings, i.e. what any Node process run so pays per request and holds here (its "added" figures are relative to direct).`, ``] : []),
     `## Targets (latchkey)`,
     ``,
     `| target | measured | met |`,

@@ -9,7 +9,8 @@ import { createHash } from 'node:crypto'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { startTestSidecar, rawRequest, parseRawResponse, assertNoCanary, CANARY } from '../helpers/harness.js'
-import { serverFrame, framePayloads } from '../helpers/websocket-frames.js'
+import { serverFrame, clientFrame, closeOf, framePayloads } from '../helpers/websocket-frames.js'
+import { WebSocket } from 'undici'
 import { WebSocketScrubber } from '../../proxy/listen/websocket-scrub.js'
 import { compileNeedles } from '../../proxy/forward/body-scrub.js'
 
@@ -586,4 +587,101 @@ t.test('a credentialed WebSocket passes on what each read lets go in one piece, 
   t.equal(out.indexOf(secret), -1, 'the credential overwritten')
   t.equal(out.subarray(0, 2000).toString('hex'), '8100'.repeat(1000), 'the empty frames as they were')
   t.equal(s.found, 1)
+})
+
+t.test('on drain a relayed WebSocket is closed with 1001 Going Away each way, at once, not cut at the deadline', async (t) => {
+  // Credentialed (the upstream's bytes pass the scrubber) and not (they pass as read).
+  for (const credentialed of [true, false]) {
+    const fromAgent: Buffer[] = []
+    const { s } = await startWsRig(
+      t,
+      (req, socket) => {
+        socket.on('error', () => {})
+        socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${acceptFor(req)}\r\n\r\n`)
+        socket.write(serverFrame('hello'))
+        // A server answers a Close with its own, then ends the connection (RFC 6455 §5.5.1).
+        socket.on('data', (d: Buffer) => {
+          fromAgent.push(d)
+          const close = framePayloads(Buffer.concat(fromAgent)).find((f) => f.opcode === 0x8)
+          if (close) socket.end(serverFrame(close.payload, { opcode: 0x8 }))
+        })
+      },
+      { fragment: (port) => ({ routes: { live: `http://127.0.0.1:${port}` }, sidecar: { timeouts: { drain_ms: 10_000 } }, ...(credentialed ? {} : { credentials: [] }) }) },
+    )
+    const ws = new WebSocket(`ws://127.0.0.1:${s.sidecar.port}/live/feed`)
+    const closed = new Promise<{ code: number; reason: string; wasClean: boolean }>((resolve) => (ws.onclose = (e) => resolve({ code: e.code, reason: e.reason, wasClean: e.wasClean })))
+    const message = await new Promise<unknown>((resolve) => (ws.onmessage = (m) => resolve(m.data)))
+    t.equal(message, 'hello', `credentialed ${credentialed}: open and relaying`)
+    const started = Date.now()
+    const drained = s.close()
+    t.same(await closed, { code: 1001, reason: 'proxy shutting down', wasClean: true }, `credentialed ${credentialed}: the agent's client read 1001 Going Away, a clean close`)
+    await drained
+    const took = Date.now() - started
+    t.ok(took < 3000, `credentialed ${credentialed}: the drain ended in ${took} ms, not at drain_ms (10 s)`)
+    const upstreamGot = framePayloads(Buffer.concat(fromAgent))
+    t.same(upstreamGot.map((f) => f.opcode), [0x8], `credentialed ${credentialed}: the upstream got one Close, and nothing of the agent's answer`)
+    t.same(upstreamGot[0] && closeOf(upstreamGot[0].payload), { code: 1001, reason: 'proxy shutting down' }, `credentialed ${credentialed}: 1001 to the upstream too`)
+    const event = (await s.audit(1)).find((e) => e.via === 'upgrade')
+    t.match(event, { status: 101, error: 'LK_DRAINING', reason: /closed with 1001 \(Going Away\), and the agent answered the close/ }, `credentialed ${credentialed}: the audit says how it ended`)
+    assertNoCanary(t, s, String(message))
+  }
+})
+
+t.test('a frame half-relayed when the drain starts goes whole, each way, and the Close after it', async (t) => {
+  for (const credentialed of [true, false]) {
+    let upstreamSocket: Duplex | null = null
+    const fromAgent: Buffer[] = []
+    const { s } = await startWsRig(
+      t,
+      (req, socket) => {
+        socket.on('error', () => {})
+        upstreamSocket = socket
+        socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${acceptFor(req)}\r\n\r\n`)
+        socket.on('data', (d: Buffer) => fromAgent.push(d))
+      },
+      { fragment: (port) => ({ routes: { live: `http://127.0.0.1:${port}` }, sidecar: { timeouts: { drain_ms: 10_000 } }, ...(credentialed ? {} : { credentials: [] }) }) },
+    )
+    const agent = connect(s.sidecar.port, '127.0.0.1')
+    agent.on('error', () => {})
+    await once(agent, 'connect')
+    const toAgent: Buffer[] = []
+    agent.on('data', (d: Buffer) => toAgent.push(d))
+    agent.write(`GET /live/feed HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`)
+    const until = async (ok: () => boolean) => {
+      for (let i = 0; i < 300 && !ok(); i++) await new Promise((r) => setTimeout(r, 10))
+    }
+    await until(() => Buffer.concat(toAgent).includes('\r\n\r\n'))
+    // Each side sends a frame's header and half its payload (past 125 bytes: a 2-byte length)...
+    const down = serverFrame(Buffer.alloc(300, 'd'), { opcode: 0x2 })
+    const up = clientFrame(Buffer.alloc(300, 'u'), { opcode: 0x2 })
+    upstreamSocket!.write(down.subarray(0, 150))
+    agent.write(up.subarray(0, 150))
+    const headBytes = Buffer.concat(toAgent).indexOf('\r\n\r\n') + 4
+    await until(() => Buffer.concat(toAgent).length >= headBytes + 150 && Buffer.concat(fromAgent).length >= 150)
+    // ...the drain starts, then the rest comes.
+    const drained = s.close()
+    await new Promise((r) => setTimeout(r, 50))
+    upstreamSocket!.write(down.subarray(150))
+    agent.write(up.subarray(150))
+    await until(() => framePayloads(Buffer.concat(toAgent).subarray(headBytes)).length >= 2 && framePayloads(Buffer.concat(fromAgent)).length >= 2)
+    const agentGot = framePayloads(Buffer.concat(toAgent).subarray(headBytes))
+    t.same(agentGot.map((f) => f.opcode), [0x2, 0x8], `credentialed ${credentialed}: the agent got the frame, then a Close`)
+    t.ok(agentGot[0]?.payload.equals(Buffer.alloc(300, 'd')), `credentialed ${credentialed}: the frame to the agent whole and unchanged`)
+    t.same(agentGot[1] && closeOf(agentGot[1].payload), { code: 1001, reason: 'proxy shutting down' })
+    const upstreamGot = framePayloads(Buffer.concat(fromAgent))
+    t.same(upstreamGot.map((f) => f.opcode), [0x2, 0x8], `credentialed ${credentialed}: the upstream got the frame, then a Close`)
+    t.ok(upstreamGot[0]?.payload.equals(Buffer.alloc(300, 'u')), `credentialed ${credentialed}: the frame to the upstream whole and unchanged`)
+    t.same(upstreamGot[1] && closeOf(upstreamGot[1].payload), { code: 1001, reason: 'proxy shutting down' })
+    // Whatever either side sends after the Close goes nowhere; the agent's own Close ends its connection.
+    upstreamSocket!.write(serverFrame('late'))
+    agent.write(clientFrame(Buffer.from([0x03, 0xe9]), { opcode: 0x8 }))
+    await Promise.race([once(agent, 'close'), new Promise((r) => setTimeout(r, 3000))])
+    t.ok(agent.destroyed, `credentialed ${credentialed}: the agent's connection ended once it answered`)
+    t.equal(framePayloads(Buffer.concat(toAgent).subarray(headBytes)).length, 2, 'nothing reached the agent after the Close')
+    t.equal(framePayloads(Buffer.concat(fromAgent)).length, 2, "nor the upstream: the agent's answer is the sidecar's to read")
+    await drained
+    const event = (await s.audit(1)).find((e) => e.via === 'upgrade')
+    t.match(event, { status: 101, error: 'LK_DRAINING', reason: /1001/ }, `credentialed ${credentialed}: recorded as closed by the drain`)
+    assertNoCanary(t, s, Buffer.concat(toAgent).toString('latin1'))
+  }
 })

@@ -685,3 +685,73 @@ t.test('a frame half-relayed when the drain starts goes whole, each way, and the
     assertNoCanary(t, s, Buffer.concat(toAgent).toString('latin1'))
   }
 })
+
+t.test('on drain: a WebSocket in a plaintext tunnel and one whose 101 comes late are closed with 1001; a frame never finished is cut after the grace', async (t) => {
+  let answerLate: (() => void) | null = null
+  const { port, s } = await startWsRig(
+    t,
+    (req, socket) => {
+      socket.on('error', () => {})
+      const head = `HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${acceptFor(req)}\r\n\r\n`
+      // The late one's 101 and a frame in one write: the frame is relayed, then the Close.
+      if (req.url === '/late') answerLate = () => socket.write(Buffer.concat([Buffer.from(head), serverFrame('hi')]))
+      else socket.write(head)
+      // Stuck mid-frame: a header and part of its payload, never the rest.
+      if (req.url === '/stuck') socket.write(serverFrame(Buffer.alloc(300, 's')).subarray(0, 100))
+    },
+    { fragment: (port) => ({ routes: { live: `http://127.0.0.1:${port}` }, sidecar: { timeouts: { drain_ms: 10_000 } } }) },
+  )
+  const handshake = (target: string) => `GET ${target} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`
+  const open = async (first: string) => {
+    const sock = connect(s.sidecar.port, '127.0.0.1')
+    sock.on('error', () => {})
+    await once(sock, 'connect')
+    const got: Buffer[] = []
+    sock.on('data', (d: Buffer) => got.push(d))
+    sock.write(first)
+    return { sock, got: () => Buffer.concat(got) }
+  }
+  const until = async (ok: () => boolean) => {
+    for (let i = 0; i < 300 && !ok(); i++) await new Promise((r) => setTimeout(r, 10))
+  }
+  const afterHead = (b: Buffer) => {
+    const at = b.lastIndexOf('\r\n\r\n')
+    return at < 0 ? Buffer.alloc(0) : b.subarray(at + 4)
+  }
+  const tunnelled = await open(`CONNECT 127.0.0.1:${port} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n\r\n`)
+  await until(() => tunnelled.got().includes('\r\n\r\n'))
+  tunnelled.sock.write(handshake(`ws://127.0.0.1:${port}/feed`))
+  await until(() => tunnelled.got().includes('101 Switching'))
+  const late = await open(handshake('/live/late'))
+  const stuck = await open(handshake('/live/stuck'))
+  await until(() => answerLate !== null && afterHead(stuck.got()).length >= 100)
+  t.match(tunnelled.got().toString('latin1'), /101 Switching/, 'the tunnelled WebSocket opened')
+  const started = Date.now()
+  const drained = s.close()
+  await new Promise((r) => setTimeout(r, 50))
+  answerLate!()
+  await until(() => framePayloads(afterHead(tunnelled.got())).length >= 1 && framePayloads(afterHead(late.got())).length >= 2)
+  const closeIn = (b: Buffer) => {
+    const frames = framePayloads(afterHead(b))
+    const last = frames[frames.length - 1]
+    return last?.opcode === 0x8 ? closeOf(last.payload) : null
+  }
+  t.same(closeIn(tunnelled.got()), { code: 1001, reason: 'proxy shutting down' }, 'the WebSocket inside a plaintext tunnel got 1001')
+  t.match(late.got().toString('latin1'), /^HTTP\/1\.1 101 /, 'the late 101 went to its agent')
+  t.same(framePayloads(afterHead(late.got())).map((f) => f.opcode), [0x1, 0x8], 'then the frame that came with it, then the Close')
+  t.same(closeIn(late.got()), { code: 1001, reason: 'proxy shutting down' }, 'a WebSocket opened during the drain is closed at once, 1001')
+  // The stuck one: no Close can go into the middle of a frame; cut once the grace is over.
+  await Promise.race([once(stuck.sock, 'close'), new Promise((r) => setTimeout(r, 5000))])
+  t.ok(stuck.sock.destroyed, 'the WebSocket stuck mid-frame was cut')
+  t.equal(afterHead(stuck.got()).length, 100, 'nothing was written into the frame under way')
+  tunnelled.sock.destroy()
+  late.sock.destroy()
+  await drained
+  const took = Date.now() - started
+  t.ok(took >= 900 && took < 5000, `the drain waited out the grace (1 s) for the stuck one, not drain_ms: ${took} ms`)
+  const events = (await s.audit(4)).filter((e) => e.via === 'upgrade')
+  t.match(events.find((e) => e.path === '/stuck'), { status: 101, error: 'LK_DRAINING', reason: /a frame to the agent was under way, not whole within 1000 ms: cut without a close frame/ }, 'the stuck one recorded as cut mid-frame')
+  t.match(events.find((e) => e.path === '/late'), { status: 101, error: 'LK_DRAINING', reason: /closed with 1001/ }, 'the late one recorded as closed by the drain')
+  t.match(events.find((e) => e.path === '/feed'), { status: 101, error: 'LK_DRAINING', reason: /closed with 1001/ }, 'the tunnelled one too')
+  assertNoCanary(t, s, tunnelled.got().toString('latin1'), late.got().toString('latin1'), stuck.got().toString('latin1'))
+})

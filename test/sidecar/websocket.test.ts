@@ -538,6 +538,11 @@ t.test('an upstream that never answers the handshake: 504 after timeouts.headers
   assertNoCanary(t, s, r.raw)
 })
 
+/** Waits until `ok`, at most 3 s; the checks after it say what did not come. */
+async function until(ok: () => boolean): Promise<void> {
+  for (let i = 0; i < 300 && !ok(); i++) await new Promise((r) => setTimeout(r, 10))
+}
+
 function acceptFor(req: IncomingMessage): string {
   return createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
 }
@@ -647,9 +652,6 @@ t.test('a frame half-relayed when the drain starts goes whole, each way, and the
     const toAgent: Buffer[] = []
     agent.on('data', (d: Buffer) => toAgent.push(d))
     agent.write(`GET /live/feed HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`)
-    const until = async (ok: () => boolean) => {
-      for (let i = 0; i < 300 && !ok(); i++) await new Promise((r) => setTimeout(r, 10))
-    }
     await until(() => Buffer.concat(toAgent).includes('\r\n\r\n'))
     // Each side sends a frame's header and half its payload (past 125 bytes: a 2-byte length)...
     const down = serverFrame(Buffer.alloc(300, 'd'), { opcode: 0x2 })
@@ -710,9 +712,6 @@ t.test('on drain: a WebSocket in a plaintext tunnel and one whose 101 comes late
     sock.on('data', (d: Buffer) => got.push(d))
     sock.write(first)
     return { sock, got: () => Buffer.concat(got) }
-  }
-  const until = async (ok: () => boolean) => {
-    for (let i = 0; i < 300 && !ok(); i++) await new Promise((r) => setTimeout(r, 10))
   }
   const afterHead = (b: Buffer) => {
     const at = b.lastIndexOf('\r\n\r\n')

@@ -2,8 +2,8 @@
 // same structured 403 as any request.
 import t from 'tap'
 import { createServer, type IncomingMessage } from 'node:http'
-import type { Duplex } from 'node:stream'
-import { connect, type AddressInfo } from 'node:net'
+import { Duplex, PassThrough } from 'node:stream'
+import { connect, type AddressInfo, type Socket } from 'node:net'
 import { once } from 'node:events'
 import { createHash } from 'node:crypto'
 import { execFile } from 'node:child_process'
@@ -12,6 +12,7 @@ import { startTestSidecar, rawRequest, parseRawResponse, assertNoCanary, CANARY 
 import { serverFrame, clientFrame, closeOf, framePayloads } from '../helpers/websocket-frames.js'
 import { WebSocket } from 'undici'
 import { WebSocketScrubber } from '../../proxy/listen/websocket-scrub.js'
+import { ClosableWebSocket } from '../../proxy/listen/websocket-close.js'
 import { compileNeedles } from '../../proxy/forward/body-scrub.js'
 
 t.test('websocket through a reverse route and through absolute-form', async (t) => {
@@ -753,4 +754,33 @@ t.test('on drain: a WebSocket in a plaintext tunnel and one whose 101 comes late
   t.match(events.find((e) => e.path === '/late'), { status: 101, error: 'LK_DRAINING', reason: /closed with 1001/ }, 'the late one recorded as closed by the drain')
   t.match(events.find((e) => e.path === '/feed'), { status: 101, error: 'LK_DRAINING', reason: /closed with 1001/ }, 'the tunnelled one too')
   assertNoCanary(t, s, tunnelled.got().toString('latin1'), late.got().toString('latin1'), stuck.got().toString('latin1'))
+})
+
+t.test("the drain's Close goes after the frame under way, whatever its length's encoding and wherever a read cut its header", async (t) => {
+  // In memory: an agent socket whose writes are kept, an upstream, and what the upstream sends piped to the agent as relay.ts does.
+  const fake = () => {
+    const written: Buffer[] = []
+    const sock = new Duplex({ read() {}, write(c: Buffer, _e, cb) { written.push(c); cb() } })
+    return { sock: sock as unknown as Socket, written: () => Buffer.concat(written) }
+  }
+  for (const size of [0, 125, 126, 65_535, 65_536, 70_000]) {
+    for (const cut of [1, 2, 3, 5, 9]) {
+      const agent = fake()
+      const upstream = fake()
+      const fromUpstream = new PassThrough()
+      const ws = new ClosableWebSocket(agent.sock, upstream.sock, fromUpstream)
+      fromUpstream.pipe(agent.sock)
+      agent.sock.pipe(upstream.sock)
+      const before = serverFrame('before')
+      const frame = serverFrame(Buffer.alloc(size, 'x'), { opcode: 0x2 })
+      fromUpstream.write(Buffer.concat([before, frame.subarray(0, cut)]))
+      await new Promise((r) => setImmediate(r))
+      ws.goAway()
+      fromUpstream.write(Buffer.concat([frame.subarray(cut), serverFrame('late')]))
+      await new Promise((r) => setImmediate(r))
+      const close = Buffer.concat([Buffer.from([0x88, 21, 0x03, 0xe9]), Buffer.from('proxy shutting down')])
+      t.ok(agent.written().equals(Buffer.concat([before, frame, close])), `${size} bytes, header cut after ${cut}: the frame whole, the Close, nothing after`)
+      agent.sock.destroy()
+    }
+  }
 })

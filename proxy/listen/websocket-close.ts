@@ -12,12 +12,14 @@
 //
 // The agent answers with its own Close, and is then ended (§7.1.1: the server closes the TCP
 // connection first); whatever else comes either way is dropped. Either side not done within
-// GRACE_MS (a frame half-sent that never ends, an agent that does not answer) is cut.
+// GRACE_MS (a frame half-sent that never ends, an agent that does not answer) is cut. That
+// includes a credentialed message whose fragment ended on bytes the scrubber holds (they could
+// begin the credential) while the next fragment does not come: they are not let go early.
 import { randomBytes } from 'node:crypto'
 import type { Socket } from 'node:net'
 import type { Readable, Writable } from 'node:stream'
 
-export const GRACE_MS = 1_000
+const GRACE_MS = 1_000
 const GOING_AWAY = 1001
 const REASON = 'proxy shutting down'
 
@@ -150,7 +152,7 @@ class Direction {
 export class ClosableWebSocket {
   private readonly toAgent: Direction
   private readonly toUpstream: Direction
-  private goingAwayAt = false
+  private goingAway = false
   private answered = false
   private cut = false
 
@@ -180,8 +182,8 @@ export class ClosableWebSocket {
   }
 
   goAway(): void {
-    if (this.goingAwayAt || this.client.destroyed) return
-    this.goingAwayAt = true
+    if (this.goingAway || this.client.destroyed) return
+    this.goingAway = true
     this.toAgent.close()
     this.toUpstream.close()
     const timer = setTimeout(() => {
@@ -195,7 +197,7 @@ export class ClosableWebSocket {
 
   /** How a relay the drain closed ended (its audit reason); null if the drain did not close it. */
   get outcome(): string | null {
-    if (!this.goingAwayAt) return null
+    if (!this.goingAway) return null
     if (!this.toAgent.ended) return `the sidecar shut down while a frame to the agent was under way, not whole within ${GRACE_MS} ms: cut without a close frame`
     const sent = 'the sidecar shut down: the WebSocket was closed with 1001 (Going Away)'
     if (this.answered) return `${sent}, and the agent answered the close`

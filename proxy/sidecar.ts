@@ -28,6 +28,7 @@ import { PinnedPools } from './forward/pools.js'
 import { JsonlAuditSink } from './audit/jsonl-sink.js'
 import { SidecarMetrics } from './metrics.js'
 import { createListener } from './listen/server.js'
+import { goAway } from './listen/websocket-close.js'
 import { ownHosts } from './listen/local-caller.js'
 import { createAdminServer, MAX_ADMIN_CONNECTIONS } from './admin.js'
 import { capEvictingIdle, capProxyConnections, oncePer, openFileLimit } from './listen/cap.js'
@@ -504,6 +505,8 @@ export async function startSidecar(config: Config, opts: SidecarOptions = {}): P
       const closed = new Promise<void>((resolve) => server.close(() => resolve()))
       closeIdleConnections('LK_DRAINING', 'the sidecar shut down while the tunnel was idle')
       closeUnused()
+      // A WebSocket never ends by itself: each is closed now, 1001 Going Away, not cut at the deadline.
+      goAway(openStreams)
       // drain_ms, or less when a second signal says not to wait (see close's `urgent`).
       const deadline = new Promise<false>((resolve) => {
         hurry = () => resolve(false)

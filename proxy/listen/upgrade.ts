@@ -19,6 +19,7 @@ import { bodyNeedlesFor } from '../forward/body-scrub.js'
 import { NONE_HELD } from '../credentials/held.js'
 import { WebSocketScrubber } from './websocket-scrub.js'
 import { subprotocolsWithoutCredentials } from './websocket-protocol.js'
+import { ClosableWebSocket } from './websocket-close.js'
 import { recordEnd } from '../call-outcome.js'
 
 /**
@@ -143,6 +144,7 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
       const stopEarly = watchClose(client, upstream, onClosed)
       let answerHeadBytes = 0
       let relayScrubber: WebSocketScrubber | null = null
+      let closable: ClosableWebSocket | null = null
       readUpgradeResponse(upstream, expectedAccept(key), headersMs, (err, response) => {
         stopEarly()
         ctx.upstreamMs = performance.now() - ctx.t0
@@ -186,17 +188,21 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
         ctx.relayed = true
         answerHeadBytes = response.headBytes
         client.write(serializeSwitchingProtocols(response), 'latin1')
-        if (head.length) upstream.write(head)
+        // Its frames followed each way from here, so a drain can close it between two (websocket-close.ts).
+        closable = new ClosableWebSocket(client, upstream, relayScrubber ?? upstream)
+        if (head.length) closable.writeToUpstream(head)
         if (relayScrubber) {
           relayScrubber.pipe(client)
           if (response.rest.length) relayScrubber.write(response.rest)
           relay(client, upstream, onClosed, relayScrubber)
         } else {
-          if (response.rest.length) client.write(response.rest)
+          if (response.rest.length) closable.writeToAgent(response.rest)
           relay(client, upstream, onClosed)
         }
         const scrubbing = relayScrubber
         closeWhenIdle(ctx, client, idleMs, scrubbing ? () => scrubbing.waiting : undefined)
+        // Opened while the sidecar drains (the 101 came late): closed at once, as the others were.
+        if (pipeline.draining) closable.goAway()
       })
       function untrack() {
         open.delete(client)
@@ -211,6 +217,8 @@ export function handleUpgrade(pipeline: Pipeline, req: IncomingMessage, client: 
       }
       function onClosed() {
         if (relayScrubber) ctx.credentialInBody = relayScrubber.found
+        const gone = closable?.outcome
+        if (gone) recordEnd(ctx, 'LK_DRAINING', gone)
         untrack()
         if (ctx.status === 0) ctx.status = 502
         else measure()

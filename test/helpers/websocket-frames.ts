@@ -1,6 +1,7 @@
 // WebSocket frames as an upstream writes them (RFC 6455 §5.2: unmasked), for test servers: the
 // sidecar reads what an upstream sends on a credentialed WebSocket frame by frame, so a test
-// upstream speaks frames, not raw bytes.
+// upstream speaks frames, not raw bytes. An agent's are masked (§5.3): clientFrame.
+import { randomBytes } from 'node:crypto'
 
 /** One unmasked frame: `opcode` 1 (text) by default, FIN set unless `fin` is false. */
 export function serverFrame(payload: Buffer | string, opts: { opcode?: number; fin?: boolean } = {}): Buffer {
@@ -19,7 +20,23 @@ export function serverFrame(payload: Buffer | string, opts: { opcode?: number; f
   return Buffer.concat([h, body])
 }
 
-/** The payloads of the unmasked frames in `bytes`, in order (whole frames only). */
+/** One frame as a client writes it: serverFrame's, masked with a random key. */
+export function clientFrame(payload: Buffer | string, opts: { opcode?: number; fin?: boolean } = {}): Buffer {
+  const plain = serverFrame(payload, opts)
+  const at = plain.length - (typeof payload === 'string' ? Buffer.byteLength(payload) : payload.length)
+  const key = randomBytes(4)
+  const body = plain.subarray(at).map((b, i) => b ^ key[i % 4]!)
+  const head = Buffer.from(plain.subarray(0, at))
+  head[1] = head[1]! | 0x80
+  return Buffer.concat([head, key, body])
+}
+
+/** A Close frame's payload read: its status code and reason. */
+export function closeOf(payload: Buffer): { code: number; reason: string } {
+  return { code: payload.readUInt16BE(0), reason: payload.subarray(2).toString() }
+}
+
+/** The payloads of the frames in `bytes`, in order (whole frames only), unmasked if masked. */
 export function framePayloads(bytes: Buffer): { opcode: number; fin: boolean; payload: Buffer }[] {
   const out: { opcode: number; fin: boolean; payload: Buffer }[] = []
   let i = 0
@@ -34,8 +51,10 @@ export function framePayloads(bytes: Buffer): { opcode: number; fin: boolean; pa
       len = Number(bytes.readBigUInt64BE(at))
       at += 8
     }
+    const key = bytes[i + 1]! & 0x80 ? bytes.subarray(at, (at += 4)) : null
     if (at + len > bytes.length) break
-    out.push({ opcode: bytes[i]! & 0x0f, fin: (bytes[i]! & 0x80) !== 0, payload: bytes.subarray(at, at + len) })
+    const payload = key ? Buffer.from(bytes.subarray(at, at + len).map((b, j) => b ^ key[j % 4]!)) : bytes.subarray(at, at + len)
+    out.push({ opcode: bytes[i]! & 0x0f, fin: (bytes[i]! & 0x80) !== 0, payload })
     i = at + len
   }
   return out

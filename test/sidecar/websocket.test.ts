@@ -2,15 +2,17 @@
 // same structured 403 as any request.
 import t from 'tap'
 import { createServer, type IncomingMessage } from 'node:http'
-import type { Duplex } from 'node:stream'
-import { connect, type AddressInfo } from 'node:net'
+import { Duplex, PassThrough } from 'node:stream'
+import { connect, type AddressInfo, type Socket } from 'node:net'
 import { once } from 'node:events'
 import { createHash } from 'node:crypto'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { startTestSidecar, rawRequest, parseRawResponse, assertNoCanary, CANARY } from '../helpers/harness.js'
-import { serverFrame, framePayloads } from '../helpers/websocket-frames.js'
+import { serverFrame, clientFrame, closeOf, framePayloads } from '../helpers/websocket-frames.js'
+import { WebSocket } from 'undici'
 import { WebSocketScrubber } from '../../proxy/listen/websocket-scrub.js'
+import { ClosableWebSocket } from '../../proxy/listen/websocket-close.js'
 import { compileNeedles } from '../../proxy/forward/body-scrub.js'
 
 t.test('websocket through a reverse route and through absolute-form', async (t) => {
@@ -537,6 +539,11 @@ t.test('an upstream that never answers the handshake: 504 after timeouts.headers
   assertNoCanary(t, s, r.raw)
 })
 
+/** Waits until `ok`, at most 3 s; the checks after it say what did not come. */
+async function until(ok: () => boolean): Promise<void> {
+  for (let i = 0; i < 300 && !ok(); i++) await new Promise((r) => setTimeout(r, 10))
+}
+
 function acceptFor(req: IncomingMessage): string {
   return createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
 }
@@ -586,4 +593,194 @@ t.test('a credentialed WebSocket passes on what each read lets go in one piece, 
   t.equal(out.indexOf(secret), -1, 'the credential overwritten')
   t.equal(out.subarray(0, 2000).toString('hex'), '8100'.repeat(1000), 'the empty frames as they were')
   t.equal(s.found, 1)
+})
+
+t.test('on drain a relayed WebSocket is closed with 1001 Going Away each way, at once, not cut at the deadline', async (t) => {
+  // Credentialed (the upstream's bytes pass the scrubber) and not (they pass as read).
+  for (const credentialed of [true, false]) {
+    const fromAgent: Buffer[] = []
+    const { s } = await startWsRig(
+      t,
+      (req, socket) => {
+        socket.on('error', () => {})
+        socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${acceptFor(req)}\r\n\r\n`)
+        socket.write(serverFrame('hello'))
+        // A server answers a Close with its own, then ends the connection (RFC 6455 §5.5.1).
+        socket.on('data', (d: Buffer) => {
+          fromAgent.push(d)
+          const close = framePayloads(Buffer.concat(fromAgent)).find((f) => f.opcode === 0x8)
+          if (close) socket.end(serverFrame(close.payload, { opcode: 0x8 }))
+        })
+      },
+      { fragment: (port) => ({ routes: { live: `http://127.0.0.1:${port}` }, sidecar: { timeouts: { drain_ms: 10_000 } }, ...(credentialed ? {} : { credentials: [] }) }) },
+    )
+    const ws = new WebSocket(`ws://127.0.0.1:${s.sidecar.port}/live/feed`)
+    const closed = new Promise<{ code: number; reason: string; wasClean: boolean }>((resolve) => (ws.onclose = (e) => resolve({ code: e.code, reason: e.reason, wasClean: e.wasClean })))
+    const message = await new Promise<unknown>((resolve) => (ws.onmessage = (m) => resolve(m.data)))
+    t.equal(message, 'hello', `credentialed ${credentialed}: open and relaying`)
+    const started = Date.now()
+    const drained = s.close()
+    t.same(await closed, { code: 1001, reason: 'proxy shutting down', wasClean: true }, `credentialed ${credentialed}: the agent's client read 1001 Going Away, a clean close`)
+    await drained
+    const took = Date.now() - started
+    t.ok(took < 3000, `credentialed ${credentialed}: the drain ended in ${took} ms, not at drain_ms (10 s)`)
+    const upstreamGot = framePayloads(Buffer.concat(fromAgent))
+    t.same(upstreamGot.map((f) => f.opcode), [0x8], `credentialed ${credentialed}: the upstream got one Close, and nothing of the agent's answer`)
+    t.same(upstreamGot[0] && closeOf(upstreamGot[0].payload), { code: 1001, reason: 'proxy shutting down' }, `credentialed ${credentialed}: 1001 to the upstream too`)
+    const event = (await s.audit(1)).find((e) => e.via === 'upgrade')
+    t.match(event, { status: 101, error: 'LK_DRAINING', reason: /closed with 1001 \(Going Away\), and the agent answered the close/ }, `credentialed ${credentialed}: the audit says how it ended`)
+    assertNoCanary(t, s, String(message))
+  }
+})
+
+t.test('a frame half-relayed when the drain starts goes whole, each way, and the Close after it', async (t) => {
+  for (const credentialed of [true, false]) {
+    let upstreamSocket: Duplex | null = null
+    const fromAgent: Buffer[] = []
+    const { s } = await startWsRig(
+      t,
+      (req, socket) => {
+        socket.on('error', () => {})
+        upstreamSocket = socket
+        socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${acceptFor(req)}\r\n\r\n`)
+        socket.on('data', (d: Buffer) => fromAgent.push(d))
+      },
+      { fragment: (port) => ({ routes: { live: `http://127.0.0.1:${port}` }, sidecar: { timeouts: { drain_ms: 10_000 } }, ...(credentialed ? {} : { credentials: [] }) }) },
+    )
+    const agent = connect(s.sidecar.port, '127.0.0.1')
+    agent.on('error', () => {})
+    await once(agent, 'connect')
+    const toAgent: Buffer[] = []
+    agent.on('data', (d: Buffer) => toAgent.push(d))
+    agent.write(`GET /live/feed HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`)
+    await until(() => Buffer.concat(toAgent).includes('\r\n\r\n'))
+    // Each side sends a frame's header and half its payload (past 125 bytes: a 2-byte length)...
+    const down = serverFrame(Buffer.alloc(300, 'd'), { opcode: 0x2 })
+    const up = clientFrame(Buffer.alloc(300, 'u'), { opcode: 0x2 })
+    upstreamSocket!.write(down.subarray(0, 150))
+    agent.write(up.subarray(0, 150))
+    const headBytes = Buffer.concat(toAgent).indexOf('\r\n\r\n') + 4
+    await until(() => Buffer.concat(toAgent).length >= headBytes + 150 && Buffer.concat(fromAgent).length >= 150)
+    // ...the drain starts, then the rest comes.
+    const drained = s.close()
+    await new Promise((r) => setTimeout(r, 50))
+    upstreamSocket!.write(down.subarray(150))
+    agent.write(up.subarray(150))
+    await until(() => framePayloads(Buffer.concat(toAgent).subarray(headBytes)).length >= 2 && framePayloads(Buffer.concat(fromAgent)).length >= 2)
+    const agentGot = framePayloads(Buffer.concat(toAgent).subarray(headBytes))
+    t.same(agentGot.map((f) => f.opcode), [0x2, 0x8], `credentialed ${credentialed}: the agent got the frame, then a Close`)
+    t.ok(agentGot[0]?.payload.equals(Buffer.alloc(300, 'd')), `credentialed ${credentialed}: the frame to the agent whole and unchanged`)
+    t.same(agentGot[1] && closeOf(agentGot[1].payload), { code: 1001, reason: 'proxy shutting down' })
+    const upstreamGot = framePayloads(Buffer.concat(fromAgent))
+    t.same(upstreamGot.map((f) => f.opcode), [0x2, 0x8], `credentialed ${credentialed}: the upstream got the frame, then a Close`)
+    t.ok(upstreamGot[0]?.payload.equals(Buffer.alloc(300, 'u')), `credentialed ${credentialed}: the frame to the upstream whole and unchanged`)
+    t.same(upstreamGot[1] && closeOf(upstreamGot[1].payload), { code: 1001, reason: 'proxy shutting down' })
+    // Whatever either side sends after the Close goes nowhere; the agent's own Close ends its connection.
+    upstreamSocket!.write(serverFrame('late'))
+    agent.write(clientFrame(Buffer.from([0x03, 0xe9]), { opcode: 0x8 }))
+    await Promise.race([once(agent, 'close'), new Promise((r) => setTimeout(r, 3000))])
+    t.ok(agent.destroyed, `credentialed ${credentialed}: the agent's connection ended once it answered`)
+    t.equal(framePayloads(Buffer.concat(toAgent).subarray(headBytes)).length, 2, 'nothing reached the agent after the Close')
+    t.equal(framePayloads(Buffer.concat(fromAgent)).length, 2, "nor the upstream: the agent's answer is the sidecar's to read")
+    await drained
+    const event = (await s.audit(1)).find((e) => e.via === 'upgrade')
+    t.match(event, { status: 101, error: 'LK_DRAINING', reason: /1001/ }, `credentialed ${credentialed}: recorded as closed by the drain`)
+    assertNoCanary(t, s, Buffer.concat(toAgent).toString('latin1'))
+  }
+})
+
+t.test('on drain: a WebSocket in a plaintext tunnel and one whose 101 comes late are closed with 1001; a frame never finished is cut after the grace', async (t) => {
+  let answerLate: (() => void) | null = null
+  const { port, s } = await startWsRig(
+    t,
+    (req, socket) => {
+      socket.on('error', () => {})
+      const head = `HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${acceptFor(req)}\r\n\r\n`
+      // The late one's 101 and a frame in one write: the frame is relayed, then the Close.
+      if (req.url === '/late') answerLate = () => socket.write(Buffer.concat([Buffer.from(head), serverFrame('hi')]))
+      else socket.write(head)
+      // Stuck mid-frame: a header and part of its payload, never the rest.
+      if (req.url === '/stuck') socket.write(serverFrame(Buffer.alloc(300, 's')).subarray(0, 100))
+    },
+    { fragment: (port) => ({ routes: { live: `http://127.0.0.1:${port}` }, sidecar: { timeouts: { drain_ms: 10_000 } } }) },
+  )
+  const handshake = (target: string) => `GET ${target} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`
+  const open = async (first: string) => {
+    const sock = connect(s.sidecar.port, '127.0.0.1')
+    sock.on('error', () => {})
+    await once(sock, 'connect')
+    const got: Buffer[] = []
+    sock.on('data', (d: Buffer) => got.push(d))
+    sock.write(first)
+    return { sock, got: () => Buffer.concat(got) }
+  }
+  const afterHead = (b: Buffer) => {
+    const at = b.lastIndexOf('\r\n\r\n')
+    return at < 0 ? Buffer.alloc(0) : b.subarray(at + 4)
+  }
+  const tunnelled = await open(`CONNECT 127.0.0.1:${port} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n\r\n`)
+  await until(() => tunnelled.got().includes('\r\n\r\n'))
+  tunnelled.sock.write(handshake(`ws://127.0.0.1:${port}/feed`))
+  await until(() => tunnelled.got().includes('101 Switching'))
+  const late = await open(handshake('/live/late'))
+  const stuck = await open(handshake('/live/stuck'))
+  await until(() => answerLate !== null && afterHead(stuck.got()).length >= 100)
+  t.match(tunnelled.got().toString('latin1'), /101 Switching/, 'the tunnelled WebSocket opened')
+  const started = Date.now()
+  const drained = s.close()
+  await new Promise((r) => setTimeout(r, 50))
+  answerLate!()
+  await until(() => framePayloads(afterHead(tunnelled.got())).length >= 1 && framePayloads(afterHead(late.got())).length >= 2)
+  const closeIn = (b: Buffer) => {
+    const frames = framePayloads(afterHead(b))
+    const last = frames[frames.length - 1]
+    return last?.opcode === 0x8 ? closeOf(last.payload) : null
+  }
+  t.same(closeIn(tunnelled.got()), { code: 1001, reason: 'proxy shutting down' }, 'the WebSocket inside a plaintext tunnel got 1001')
+  t.match(late.got().toString('latin1'), /^HTTP\/1\.1 101 /, 'the late 101 went to its agent')
+  t.same(framePayloads(afterHead(late.got())).map((f) => f.opcode), [0x1, 0x8], 'then the frame that came with it, then the Close')
+  t.same(closeIn(late.got()), { code: 1001, reason: 'proxy shutting down' }, 'a WebSocket opened during the drain is closed at once, 1001')
+  // The stuck one: no Close can go into the middle of a frame; cut once the grace is over.
+  await Promise.race([once(stuck.sock, 'close'), new Promise((r) => setTimeout(r, 5000))])
+  t.ok(stuck.sock.destroyed, 'the WebSocket stuck mid-frame was cut')
+  t.equal(afterHead(stuck.got()).length, 100, 'nothing was written into the frame under way')
+  tunnelled.sock.destroy()
+  late.sock.destroy()
+  await drained
+  const took = Date.now() - started
+  t.ok(took >= 900 && took < 5000, `the drain waited out the grace (1 s) for the stuck one, not drain_ms: ${took} ms`)
+  const events = (await s.audit(4)).filter((e) => e.via === 'upgrade')
+  t.match(events.find((e) => e.path === '/stuck'), { status: 101, error: 'LK_DRAINING', reason: /a frame to the agent was under way, not whole within 1000 ms: cut without a close frame/ }, 'the stuck one recorded as cut mid-frame')
+  t.match(events.find((e) => e.path === '/late'), { status: 101, error: 'LK_DRAINING', reason: /closed with 1001/ }, 'the late one recorded as closed by the drain')
+  t.match(events.find((e) => e.path === '/feed'), { status: 101, error: 'LK_DRAINING', reason: /closed with 1001/ }, 'the tunnelled one too')
+  assertNoCanary(t, s, tunnelled.got().toString('latin1'), late.got().toString('latin1'), stuck.got().toString('latin1'))
+})
+
+t.test("the drain's Close goes after the frame under way, whatever its length's encoding and wherever a read cut its header", async (t) => {
+  // In memory: an agent socket whose writes are kept, an upstream, and what the upstream sends piped to the agent as relay.ts does.
+  const fake = () => {
+    const written: Buffer[] = []
+    const sock = new Duplex({ read() {}, write(c: Buffer, _e, cb) { written.push(c); cb() } })
+    return { sock: sock as unknown as Socket, written: () => Buffer.concat(written) }
+  }
+  for (const size of [0, 125, 126, 65_535, 65_536, 70_000]) {
+    for (const cut of [1, 2, 3, 5, 9]) {
+      const agent = fake()
+      const upstream = fake()
+      const fromUpstream = new PassThrough()
+      const ws = new ClosableWebSocket(agent.sock, upstream.sock, fromUpstream)
+      fromUpstream.pipe(agent.sock)
+      agent.sock.pipe(upstream.sock)
+      const before = serverFrame('before')
+      const frame = serverFrame(Buffer.alloc(size, 'x'), { opcode: 0x2 })
+      fromUpstream.write(Buffer.concat([before, frame.subarray(0, cut)]))
+      await new Promise((r) => setImmediate(r))
+      ws.goAway()
+      fromUpstream.write(Buffer.concat([frame.subarray(cut), serverFrame('late')]))
+      await new Promise((r) => setImmediate(r))
+      const close = Buffer.concat([Buffer.from([0x88, 21, 0x03, 0xe9]), Buffer.from('proxy shutting down')])
+      t.ok(agent.written().equals(Buffer.concat([before, frame, close])), `${size} bytes, header cut after ${cut}: the frame whole, the Close, nothing after`)
+      agent.sock.destroy()
+    }
+  }
 })

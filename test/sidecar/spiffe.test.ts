@@ -2,7 +2,7 @@
 // socket, as the SPIRE agent does (it is in-test because no SPIRE agent runs here): the sidecar
 // fetches a JWT-SVID with the required metadata, the broker verifies it against the trust
 // domain's bundle, and the API sees the SPIFFE-attested instance. Then the socket's faults.
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -43,17 +43,10 @@ async function startWorkloadApi(broker: TestBroker, answer?: (req: JWTSVIDReques
   return { socket, calls, close: () => new Promise<void>((r) => server.tryShutdown(() => r())) }
 }
 
-async function get(proxy: string, handle: string, url: string) {
-  const c = new Client(proxy)
-  const res = await c.request({ method: 'GET', path: url, headers: { host: new URL(url).host, 'proxy-authorization': `Basic ${Buffer.from(`task:${handle}`).toString('base64')}` } })
-  const body = JSON.parse(await res.body.text()) as Record<string, unknown>
-  await c.close()
-  return { status: res.statusCode, body }
-}
-
-t.test('a SPIFFE-attested sidecar gets tokens for its instance', async (t) => {
+/** A broker, a Workload API answering as `answer` says (SPIRE's own answer by default), an API, and a sidecar attested by SPIFFE to that broker; all closed at the test's end. */
+async function startSpiffeRig(t: Test, answer?: (req: JWTSVIDRequest) => Promise<JWTSVIDResponse>) {
   const broker = await startTestBroker()
-  const spire = await startWorkloadApi(broker)
+  const spire = await startWorkloadApi(broker, answer)
   const api = await startResourceServer(broker)
   const s = await startTestSidecar({
     ...loopbackPolicy([api.port]),
@@ -66,6 +59,19 @@ t.test('a SPIFFE-attested sidecar gets tokens for its instance', async (t) => {
     await spire.close()
     await broker.close()
   })
+  return { broker, spire, api, s }
+}
+
+async function get(proxy: string, handle: string, url: string) {
+  const c = new Client(proxy)
+  const res = await c.request({ method: 'GET', path: url, headers: { host: new URL(url).host, 'proxy-authorization': `Basic ${Buffer.from(`task:${handle}`).toString('base64')}` } })
+  const body = JSON.parse(await res.body.text()) as Record<string, unknown>
+  await c.close()
+  return { status: res.statusCode, body }
+}
+
+t.test('a SPIFFE-attested sidecar gets tokens for its instance', async (t) => {
+  const { broker, spire, api, s } = await startSpiffeRig(t)
   const user = await broker.userToken('alice', 'read')
   const a = s.sidecar.tasks.open({ purpose: 'a', durationS: 60, userToken: user })
   const b = s.sidecar.tasks.open({ purpose: 'b', durationS: 60, userToken: user })
@@ -234,23 +240,10 @@ t.test('through the sidecar: several SVIDs are a 503 naming them; the chosen spi
 t.test('a Workload API that puts an SVID where an ID goes: the 503, the log and the audit quote no token', async (t) => {
   // A confused or hostile agent: the label is the SVID itself (fields swapped), or the SVID's sub
   // is. An SVID of a short key fits in the 256 characters a label was quoted to, signature and all.
-  const broker = await startTestBroker()
+  let answer: JWTSVIDResponse = { svids: [] }
+  const { broker, api, s } = await startSpiffeRig(t, async () => answer)
   const b64 = (o: unknown) => Buffer.from(JSON.stringify(o)).toString('base64url')
   const svid = (sub: string) => `${b64({ alg: 'ES256' })}.${b64({ sub, aud: [broker.issuer], exp: Math.floor(Date.now() / 1000) + 600 })}.${CANARY}`
-  let answer: JWTSVIDResponse = { svids: [] }
-  const spire = await startWorkloadApi(broker, async () => answer)
-  const api = await startResourceServer(broker)
-  const s = await startTestSidecar({
-    ...loopbackPolicy([api.port]),
-    sidecar: { agent_id: 'agent:summarizer-spiffe:prod:w-1', broker: { url: broker.url }, attestation: { spiffe: { socket: spire.socket, audience: broker.issuer } } },
-    credentials: [{ id: 'api', audience: api.origin, source: 'broker', token_audience: API, inject: { type: 'bearer' } }],
-  })
-  t.teardown(async () => {
-    await s.close()
-    await api.close()
-    await spire.close()
-    await broker.close()
-  })
   const other = svid(HELPER)
   const rows: [string, JWTSVIDResponse][] = [
     ['labelled with itself', { svids: [{ spiffeId: svid(CODER), svid: svid(CODER), hint: '' }] }],

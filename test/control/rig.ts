@@ -230,16 +230,18 @@ export async function revoke(broker: TestBroker, kind: string, value: string, to
   return { status: res.status, body: (await res.json()) as Record<string, unknown> }
 }
 
+type SidecarOpts = Parameters<typeof startControlSidecar>[3]
+
 /**
  * A broker, an upstream API and one sidecar for `agent`, its control stream connected, all torn
- * down with the test.
+ * down with the test. `opts` may be made from the API (a route to it).
  */
-export async function startRig(t: { teardown(fn: () => unknown): void }, agent: string, opts: Parameters<typeof startControlSidecar>[3] = {}) {
+export async function startRig(t: { teardown(fn: () => unknown): void }, agent: string, opts: SidecarOpts | ((api: Api) => SidecarOpts) = {}) {
   const broker = await startControlBroker()
   t.teardown(() => broker.close())
   const api = await startApi()
   t.teardown(api.close)
-  const s = await startControlSidecar(broker, api, agent, opts)
+  const s = await startControlSidecar(broker, api, agent, typeof opts === 'function' ? opts(api) : opts)
   t.teardown(s.close)
   await until('connected', () => s.sidecar.control!.connected)
   return { broker, api, s }

@@ -21,7 +21,7 @@ import { startUpstream, startTestSidecar, startBearerRig, rawRequest, openTask, 
 import { startTestBroker, API, K8S_ISSUER, USER_ISSUER } from '../helpers/broker.js'
 import { startBrokerFront, type FrontMode } from '../helpers/broker-front.js'
 import { AGENT } from '../helpers/tokens.js'
-import { startApi, startControlBroker, startControlSidecar, revoke, until, openRecorded, CONTROL_TOKEN } from '../control/rig.js'
+import { startRig, revoke, until, openRecorded, CONTROL_TOKEN } from '../control/rig.js'
 import { FAILURE_HOLD_MS } from '../../proxy/credentials/broker-source.js'
 import { DnsResolver, type LookupFn } from '../../proxy/resolve/resolver.js'
 import { NetworkPolicy } from '../../proxy/resolve/network-policy.js'
@@ -456,13 +456,7 @@ t.test('an audit file that cannot be written (LK_AUDIT_UNAVAILABLE), and the eve
 })
 
 t.test('a task and an agent revoked over the control stream (LK_REVOKED): the issued token and the control token never shown', async (t) => {
-  const broker = await startControlBroker()
-  t.teardown(() => broker.close())
-  const api = await startApi()
-  t.teardown(api.close)
-  const s = await startControlSidecar(broker, api, 'agent:summarizer:prod:sweep', { routes: { api: api.origin } })
-  t.teardown(s.close)
-  await until('connected', () => s.sidecar.control!.connected)
+  const { broker, api, s } = await startRig(t, 'agent:summarizer:prod:sweep', (api) => ({ routes: { api: api.origin } }))
   const [revoked, other] = [await s.openTask(), await s.openTask()]
   const call = (handle: string, path: string) =>
     rawRequest(s.sidecar.port, `GET http://127.0.0.1:${api.port}${path}?key=${AGENT_AUTH} HTTP/1.1\r\nHost: 127.0.0.1:${api.port}\r\n${agentHeadersFor(basicOf(handle))}Connection: close\r\n\r\n`)

@@ -58,8 +58,11 @@ t.test('collector SIGKILLed and restarted during load: nothing lost, nothing dou
   const atKill = s.sink.stats.acked
   const okAtKill = load.ok.length
   await until('calls while the collector is down', () => load.ok.length >= okAtKill + 150, 20_000)
+  // Paced while the collector starts again (~0.5 s; flat out, ~600 calls more than any check needs).
+  load.pace(10)
   const headAtRestart = s.sink.spool.lastSeq
   collector = await startChild(['collector', '-c', cfg], /collector listening/)
+  load.pace(0)
   const okAtRestart = load.ok.length
   // The load goes on until what was spooled during the outage is acked, and past it.
   await until('the outage replayed under load', () => s.sink.stats.acked >= headAtRestart && load.ok.length >= okAtRestart + 100, 20_000)
@@ -134,7 +137,11 @@ t.test('the database unreachable for a while (Postgres): sidecars back off and r
   // the 1.2 s: it could not fail.)
   const headAtCut = s.sink.spool.lastSeq
   const okAtCut = load.ok.length
+  // Paced while the database is away: calls throughout the 1.2 s, each spooled and retried, but
+  // not the ~1,900 a flat-out load made (CPU no check needed); flat out again for the replay.
+  load.pace(10)
   await sleep(1200)
+  load.pace(0)
   t.ok(load.ok.length > okAtCut, `calls made while the database was away (${load.ok.length - okAtCut})`)
   t.ok(s.sink.stats.acked <= headAtCut, `nothing spooled after the cut was acked while the database was away (acked ${s.sink.stats.acked}, ${headAtCut} spooled at the cut)`)
   const headAtRestore = s.sink.spool.lastSeq

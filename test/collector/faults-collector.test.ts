@@ -16,6 +16,7 @@ import { PG_URL, seqEvents, uniqueSchema } from './events.js'
 import { AuditIngestServiceService } from '../../protos/gen/latchkey/v1/audit.js'
 import { SPELLINGS, holds } from '../helpers/spellings.js'
 import { startBearerEcho } from '../helpers/bearer-echo.js'
+import { until } from '../helpers/until.js'
 
 const AGENT = 'agent:summarizer:test:a1'
 // Child processes, kills and restarts: slower than the 60 s default allows on a loaded 2-core CI.
@@ -49,15 +50,26 @@ t.test('collector SIGKILLed and restarted during load: nothing lost, nothing dou
   t.teardown(() => collector.kill())
   const s = await startCollectedSidecar({ id, collector: `127.0.0.1:${port}`, upstreamPort: upstream.port })
   const load = loadGenerator(() => s.sidecar.proxyUrl, upstream.origin, '/kill')
-  await sleep(1000)
+  // Each phase lasts until its calls are made, not for a fixed time: the load runs flat out, so
+  // fixed sleeps made ~1,400 calls here (CPU in proportion to the time, none of it needed) and
+  // proved no call was made in a phase at all.
+  await until('acks before the kill', () => s.sink.stats.acked >= 100, 20_000)
   await collector.kill('SIGKILL')
   const atKill = s.sink.stats.acked
-  await sleep(800)
+  const okAtKill = load.ok.length
+  await until('calls while the collector is down', () => load.ok.length >= okAtKill + 150, 20_000)
+  // Paced while the collector starts again (~0.5 s; flat out, ~600 calls more than any check needs).
+  load.pace(10)
+  const headAtRestart = s.sink.spool.lastSeq
   collector = await startChild(['collector', '-c', cfg], /collector listening/)
-  await sleep(1000)
+  load.pace(0)
+  const okAtRestart = load.ok.length
+  // The load goes on until what was spooled during the outage is acked, and past it.
+  await until('the outage replayed under load', () => s.sink.stats.acked >= headAtRestart && load.ok.length >= okAtRestart + 100, 20_000)
   await load.stop()
   t.ok(load.ok.length > 50, `${load.ok.length} calls made`)
   t.ok(atKill > 0, `acked ${atKill} before the kill`)
+  t.ok(headAtRestart > atKill, `spooled up to ${headAtRestart} while the collector was down (acked ${atKill})`)
   t.ok(await s.sink.waitForAck(s.sink.spool.lastSeq, 15_000), 'everything acked after the restart')
   await s.close()
   await collector.kill('SIGTERM')
@@ -118,13 +130,24 @@ t.test('the database unreachable for a while (Postgres): sidecars back off and r
   })
   const s = await startCollectedSidecar({ id, collector: c.grpcAddress, upstreamPort: upstream.port })
   const load = loadGenerator(() => s.sidecar.proxyUrl, upstream.origin, '/db')
-  await sleep(700)
+  await until('acks before the cut', () => s.sink.stats.acked >= 100, 20_000)
   relay.cut()
-  const ackedAtCut = s.sink.stats.acked
+  // Spooled after the cut, an event reaches the database only through the relay: none may be acked
+  // while it is away. (The bound was "fewer than 2,000 acked", more calls than the load makes in
+  // the 1.2 s: it could not fail.)
+  const headAtCut = s.sink.spool.lastSeq
+  const okAtCut = load.ok.length
+  // Paced while the database is away: calls throughout the 1.2 s, each spooled and retried, but
+  // not the ~1,900 a flat-out load made (CPU no check needed); flat out again for the replay.
+  load.pace(10)
   await sleep(1200)
-  t.ok(s.sink.stats.acked - ackedAtCut < 2000, 'little or nothing acked while the database was away')
+  load.pace(0)
+  t.ok(load.ok.length > okAtCut, `calls made while the database was away (${load.ok.length - okAtCut})`)
+  t.ok(s.sink.stats.acked <= headAtCut, `nothing spooled after the cut was acked while the database was away (acked ${s.sink.stats.acked}, ${headAtCut} spooled at the cut)`)
+  const headAtRestore = s.sink.spool.lastSeq
   await relay.restore()
-  await sleep(700)
+  const okAtRestore = load.ok.length
+  await until('the outage replayed under load', () => s.sink.stats.acked >= headAtRestore && load.ok.length >= okAtRestore + 100, 20_000)
   await load.stop()
   t.ok(await s.sink.waitForAck(s.sink.spool.lastSeq, 20_000), 'everything acked once the database was back')
   t.match(s.logs.join(''), /audit stream to collector lost/)

@@ -10,6 +10,7 @@ import { CANARY, startUpstream } from '../helpers/harness.js'
 import { sidecarIdentity, startTestCollector } from './collector-helpers.js'
 import { freePort, sidecarConfig, startCollectedSidecar, call, proxyAgent } from './sidecar-helpers.js'
 import { loadGenerator, startChild } from './process-helpers.js'
+import { until } from '../helpers/until.js'
 
 const AGENT = 'agent:summarizer:test:a1'
 // Child processes, kills and restarts: slower than the 60 s default allows on a loaded 2-core CI.
@@ -33,7 +34,11 @@ t.test('sidecar SIGKILLed in a loop under load: every completed call reaches the
   let kills = 0
   for (let round = 0; round < 4; round++) {
     const child = await startChild(['sidecar', '-c', cfgPath], /sidecar listening/, env)
-    await sleep(600 + round * 150)
+    // Killed once this run has answered its share of calls (more each round, so the kill lands at
+    // another point of the spool), not after a fixed time: the load runs flat out, and a fixed
+    // 0.6-1.05 s made ~180 calls a round, CPU in proportion to the time, and proved none were made.
+    const okAtStart = load.ok.length
+    await until(`round ${round}: calls answered`, () => load.ok.length >= okAtStart + 50 + round * 25, 20_000)
     await child.kill('SIGKILL')
     kills++
     t.notOk(child.output().includes(CANARY), `round ${round}: no credential in the sidecar's output`)

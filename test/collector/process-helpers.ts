@@ -47,12 +47,16 @@ export function writeYaml(path: string, value: unknown): string {
   return path
 }
 
-/** Calls through the proxy with `concurrency` workers until stop() is called; records each 200's path. */
+/**
+ * Calls through the proxy with `concurrency` workers until stop() is called; records each 200's
+ * path. Flat out, unless pace(ms) has each worker wait that long between its calls (pace(0) ends it).
+ */
 export function loadGenerator(proxyUrl: () => string, origin: string, prefix: string, concurrency = 6) {
   const ok: string[] = []
   const attempted: string[] = []
   let n = 0
   let running = true
+  let pauseMs = 0
   const worker = async () => {
     const { request, ProxyAgent } = await import('undici')
     let agent = new ProxyAgent({ uri: proxyUrl(), proxyTunnel: false })
@@ -63,6 +67,7 @@ export function loadGenerator(proxyUrl: () => string, origin: string, prefix: st
         const r = await request(origin + path, { dispatcher: agent, headersTimeout: 5000, bodyTimeout: 5000 })
         const body = await r.body.text()
         if (r.statusCode === 200 && body === 'ok') ok.push(path)
+        if (pauseMs > 0) await new Promise((r) => setTimeout(r, pauseMs))
       } catch {
         // The sidecar was killed mid-call, or is not up yet: the call did not complete.
         await agent.close().catch(() => {})
@@ -76,6 +81,7 @@ export function loadGenerator(proxyUrl: () => string, origin: string, prefix: st
   return {
     ok,
     attempted,
+    pace: (ms: number) => void (pauseMs = ms),
     stop: async () => {
       running = false
       await Promise.all(workers)

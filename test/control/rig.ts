@@ -14,6 +14,9 @@ import { startTestSidecar, loopbackPolicy, type TestSidecar } from '../helpers/h
 import type { SidecarOptions } from '../../proxy/sidecar.js'
 import type { BrokerConfig } from '../../lib/config/schema.js'
 import { serverFrame } from '../helpers/websocket-frames.js'
+import { until } from '../helpers/until.js'
+
+export { until }
 
 export const CONTROL_TOKEN = 'ctl-' + randomBytes(16).toString('hex')
 
@@ -247,13 +250,6 @@ export async function startRig(t: { teardown(fn: () => unknown): void }, agent: 
   return { broker, api, s }
 }
 
-export async function until(what: string, cond: () => boolean | Promise<boolean>, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`)
-    await new Promise((r) => setTimeout(r, 10))
-  }
-}
 
 /** Opens a CONNECT tunnel through the sidecar to 127.0.0.1:`port` for a task; returns it with the sidecar's answer. */
 export async function openTunnel(s: TestSidecar, handle: string, port: number): Promise<{ tunnel: Socket; head: string }> {

@@ -250,7 +250,6 @@ export async function startRig(t: { teardown(fn: () => unknown): void }, agent: 
   return { broker, api, s }
 }
 
-
 /** Opens a CONNECT tunnel through the sidecar to 127.0.0.1:`port` for a task; returns it with the sidecar's answer. */
 export async function openTunnel(s: TestSidecar, handle: string, port: number): Promise<{ tunnel: Socket; head: string }> {
   const tunnel = netConnect(Number(new URL(s.proxy).port), '127.0.0.1')

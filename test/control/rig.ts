@@ -64,6 +64,8 @@ export interface Api {
   tokens: string[]
   /** Request targets received, in order. */
   paths: string[]
+  /** Its WebSocket connections open, oldest first: a test may read what one receives, or write frames of its own. */
+  webSockets: ReadonlySet<Socket>
   close(): Promise<void>
 }
 
@@ -106,6 +108,7 @@ export async function startApi(): Promise<Api> {
     port,
     tokens,
     paths,
+    webSockets: upgraded,
     close: () =>
       new Promise<void>((resolve) => {
         server.closeAllConnections()

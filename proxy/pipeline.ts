@@ -9,6 +9,7 @@ import type { AuditEvent, AuditSink, CallContext, CredentialSource, Decider, Dec
 import { checkLocalCaller, isLocalhostName, isLoopbackPeer } from './listen/local-caller.js'
 import { carriesTaskHandle } from './identify/proxy-authorization.js'
 import { closingSockets, lingerOnClose } from './listen/linger.js'
+import { cutWebSocket } from './listen/websocket-close.js'
 import { LatchkeyError, asLatchkeyError, asOriginRefusal, renderError, renderErrorRaw, type ErrorCode } from './errors.js'
 import type { CredentialBindings } from './credentials/bindings.js'
 import { credentialedQuery, stripQueryParams } from './credentials/bindings.js'
@@ -793,11 +794,13 @@ export class Pipeline {
   /**
    * Ends a call's connection, then its forward, now. In that order: the forward's end would
    * answer the agent with the refusal, which reads as "never sent", for a request the upstream
-   * may already have (an agent retrying a POST on it did it twice). A cut is a cut.
+   * may already have (an agent retrying a POST on it did it twice). A cut is a cut. A relayed
+   * WebSocket is told why (a Close, 1008, and the code) and ends its sockets itself
+   * (websocket-close.ts); not at the drain's deadline, which already sent its 1001.
    */
-  private cutSocket(ctx: CallContext, socket: Socket, code: ErrorCode, reason: string): void {
+  private cutSocket(ctx: CallContext, socket: Socket, code: ErrorCode, reason: string, rule: string | null = null): void {
     this.cutSockets.set(socket, { code, reason })
-    socket.destroy()
+    if (code === 'LK_DRAINING' || !cutWebSocket(socket, code, rule)) socket.destroy()
     ctx.forward?.abort(new LatchkeyError(code, reason))
   }
 
@@ -815,7 +818,7 @@ export class Pipeline {
       if (d === null) continue
       this.live.delete(ctx)
       if (recordEnd(ctx, 'LK_POLICY_DENIED', policyChanged(d))) ctx.decision = d
-      this.cutSocket(ctx, socket, 'LK_POLICY_DENIED', policyChanged(d))
+      this.cutSocket(ctx, socket, 'LK_POLICY_DENIED', policyChanged(d), d.rule)
       n++
     }
     return n

@@ -15,6 +15,13 @@
 // GRACE_MS (a frame half-sent that never ends, an agent that does not answer) is cut. That
 // includes a credentialed message whose fragment ended on bytes the scrubber holds (they could
 // begin the credential) while the next fragment does not come: they are not let go early.
+//
+// A relay cut on purpose (its agent or task revoked, its task ended, a new policy denying it) is
+// cut at once, with no grace for a frame under way: a revocation stops the agent within the
+// second, and nothing is relayed after it either way. Each side that is at a frame boundary gets
+// a Close, 1008 Policy Violation (§7.4.1), and then its FIN, so the agent reads why (its error
+// code, and a denial's rule) where a bare cut read as a network fault (1006); a side mid-frame
+// gets its FIN without one, as a Close there would be payload.
 import { randomBytes } from 'node:crypto'
 import type { Socket } from 'node:net'
 import type { Readable, Writable } from 'node:stream'
@@ -22,13 +29,27 @@ import type { Readable, Writable } from 'node:stream'
 const GRACE_MS = 1_000
 const GOING_AWAY = 1001
 const REASON = 'proxy shutting down'
+const POLICY_VIOLATION = 1008
+/** A control frame's payload is at most 125 bytes (§5.5): 2 of them are the status code. */
+const MAX_REASON_BYTES = 123
 
-/** The relays open, by their agent's socket: what a drain closes (goAway). */
+/** The relays open, by their agent's socket: what a drain closes (goAway), and what a cut closes (cutWebSocket). */
 const relays = new WeakMap<Socket, ClosableWebSocket>()
 
 /** Sends each relayed WebSocket among `sockets` its Close frames (the others are tunnels, left alone). */
 export function goAway(sockets: Iterable<Socket>): void {
   for (const socket of sockets) relays.get(socket)?.goAway()
+}
+
+/**
+ * If `socket` is a relayed WebSocket's agent socket, cuts it now for `code` (and a denial's
+ * `rule`): nothing more relayed, a 1008 Close each way that is at a frame boundary, both sockets
+ * ended (see cutWithClose). Returns whether it was one: its sockets are then not to be destroyed
+ * by the caller. The agent's reason is the code and the rule, the upstream's the code alone (the
+ * operator's rules are not the upstream's to read): nothing of the request, never a credential.
+ */
+export function cutWebSocket(socket: Socket, code: string, rule: string | null): boolean {
+  return relays.get(socket)?.cutWithClose(closeReason(rule === null ? code : `${code}, rule ${rule}`), closeReason(code)) ?? false
 }
 
 /** Where a stream of frames stands, followed header by header; payloads are skipped by length. */
@@ -116,6 +137,16 @@ class Direction {
     if (this.to.writable) this.to.write(bytes)
   }
 
+  /** Off the pipe now, nothing more passed on: `frame` goes only at a frame boundary, and if no Close went that way. */
+  cut(frame: Buffer): void {
+    this.closing = true
+    this.from.unpipe(this.to)
+    // Read on, and dropped: bytes left unread make the socket's close a reset (see cutWithClose).
+    this.from.resume()
+    if (!this.ended && this.edges.atEdge && !this.edges.closed) this.send(frame)
+    this.ended = true
+  }
+
   /** Off the pipe: the frame under way goes on, then the Close. */
   close(): void {
     this.closing = true
@@ -155,6 +186,8 @@ export class ClosableWebSocket {
   private goingAway = false
   private answered = false
   private cut = false
+  /** Cut on purpose (cutWithClose): its Closes sent, its sockets ending. */
+  private cutting = false
 
   /** `fromUpstream` is what the agent's bytes come from: the upstream socket, or the scrubber it is piped through. */
   constructor(
@@ -162,8 +195,8 @@ export class ClosableWebSocket {
     private readonly upstream: Socket,
     fromUpstream: Readable,
   ) {
-    this.toAgent = new Direction(fromUpstream, client, () => closeFrame(false), () => {})
-    this.toUpstream = new Direction(client, upstream, () => closeFrame(true), () => {
+    this.toAgent = new Direction(fromUpstream, client, () => closeFrame(false, GOING_AWAY, REASON), () => {})
+    this.toUpstream = new Direction(client, upstream, () => closeFrame(true, GOING_AWAY, REASON), () => {
       // §7.1.1: the server ends the TCP connection once the closing handshake is done.
       this.answered = true
       client.end()
@@ -195,6 +228,34 @@ export class ClosableWebSocket {
     this.client.once('close', () => clearTimeout(timer))
   }
 
+  /**
+   * Cut now (see cutWebSocket), each side's Close with `agentReason` and `upstreamReason`; false if
+   * its sockets are already gone. Once the drain has begun closing it, a side at a boundary has had
+   * its 1001 already: nothing more goes.
+   *
+   * Each side is then ended (FIN after its Close), not destroyed: a socket closed with bytes unread
+   * sends a reset, and a peer that wrote before it read (an agent sending as the cut came) lost the
+   * Close to it and read ECONNRESET, 1006 again. What either peer still sends is read and dropped;
+   * the sockets close as the peers answer the FIN (relay.ts), or are destroyed after GRACE_MS.
+   */
+  cutWithClose(agentReason: string, upstreamReason: string): boolean {
+    if (this.cutting) return true
+    if (this.client.destroyed) return false
+    this.cutting = true
+    this.toAgent.cut(closeFrame(false, POLICY_VIOLATION, agentReason))
+    this.toUpstream.cut(closeFrame(true, POLICY_VIOLATION, upstreamReason))
+    this.client.end()
+    this.upstream.end()
+    const timer = setTimeout(() => {
+      this.client.destroy()
+      this.upstream.destroy()
+    }, GRACE_MS)
+    timer.unref()
+    // Either closing closes the other (relay.ts watchClose).
+    this.client.once('close', () => clearTimeout(timer))
+    return true
+  }
+
   /** How a relay the drain closed ended (its audit reason); null if the drain did not close it. */
   get outcome(): string | null {
     if (!this.goingAway) return null
@@ -205,13 +266,22 @@ export class ClosableWebSocket {
   }
 }
 
-/** A Close frame, 1001 and a reason; masked (a client's) towards the upstream. */
-function closeFrame(masked: boolean): Buffer {
-  const payload = Buffer.alloc(2 + REASON.length)
-  payload.writeUInt16BE(GOING_AWAY, 0)
-  payload.write(REASON, 2, 'latin1')
+/** A Close frame, `status` and `reason`; masked (a client's) towards the upstream. */
+function closeFrame(masked: boolean, status: number, reason: string): Buffer {
+  const payload = Buffer.alloc(2 + reason.length)
+  payload.writeUInt16BE(status, 0)
+  payload.write(reason, 2, 'latin1')
   if (!masked) return Buffer.concat([Buffer.from([0x88, payload.length]), payload])
   const key = randomBytes(4)
   for (let i = 0; i < payload.length; i++) payload[i] = payload[i]! ^ key[i % 4]!
   return Buffer.concat([Buffer.from([0x88, 0x80 | payload.length]), key, payload])
+}
+
+/**
+ * A Close reason: printable ASCII (a reason must be UTF-8, §5.5.1, and a client fails the
+ * connection on one that is not), cut to MAX_REASON_BYTES with `...` (a rule id may be 128 long).
+ */
+function closeReason(text: string): string {
+  const ascii = text.replace(/[^\x20-\x7e]/g, '?')
+  return ascii.length > MAX_REASON_BYTES ? `${ascii.slice(0, MAX_REASON_BYTES - 3)}...` : ascii
 }

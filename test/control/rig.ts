@@ -67,6 +67,8 @@ export interface Api {
   tokens: string[]
   /** Request targets received, in order. */
   paths: string[]
+  /** Its WebSocket connections open, oldest first: a test may read what one receives, or write frames of its own. */
+  webSockets: ReadonlySet<Socket>
   close(): Promise<void>
 }
 
@@ -109,6 +111,7 @@ export async function startApi(): Promise<Api> {
     port,
     tokens,
     paths,
+    webSockets: upgraded,
     close: () =>
       new Promise<void>((resolve) => {
         server.closeAllConnections()

@@ -36,9 +36,12 @@ export function closeOf(payload: Buffer): { code: number; reason: string } {
   return { code: payload.readUInt16BE(0), reason: payload.subarray(2).toString() }
 }
 
-/** The payloads of the frames in `bytes`, in order (whole frames only), unmasked if masked. */
-export function framePayloads(bytes: Buffer): { opcode: number; fin: boolean; payload: Buffer }[] {
-  const out: { opcode: number; fin: boolean; payload: Buffer }[] = []
+/**
+ * The payloads of the frames in `bytes`, in order (whole frames only), unmasked if masked; `end`
+ * is where each frame ends in `bytes` (the last one's is bytes.length when nothing follows it).
+ */
+export function framePayloads(bytes: Buffer): { opcode: number; fin: boolean; masked: boolean; payload: Buffer; end: number }[] {
+  const out: { opcode: number; fin: boolean; masked: boolean; payload: Buffer; end: number }[] = []
   let i = 0
   while (i + 2 <= bytes.length) {
     const len7 = bytes[i + 1]! & 0x7f
@@ -54,7 +57,7 @@ export function framePayloads(bytes: Buffer): { opcode: number; fin: boolean; pa
     const key = bytes[i + 1]! & 0x80 ? bytes.subarray(at, (at += 4)) : null
     if (at + len > bytes.length) break
     const payload = key ? Buffer.from(bytes.subarray(at, at + len).map((b, j) => b ^ key[j % 4]!)) : bytes.subarray(at, at + len)
-    out.push({ opcode: bytes[i]! & 0x0f, fin: (bytes[i]! & 0x80) !== 0, payload })
+    out.push({ opcode: bytes[i]! & 0x0f, fin: (bytes[i]! & 0x80) !== 0, masked: key !== null, payload, end: at + len })
     i = at + len
   }
   return out

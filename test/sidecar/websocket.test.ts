@@ -12,7 +12,7 @@ import { startTestSidecar, rawRequest, parseRawResponse, assertNoCanary, CANARY 
 import { serverFrame, clientFrame, closeOf, framePayloads } from '../helpers/websocket-frames.js'
 import { WebSocket } from 'undici'
 import { WebSocketScrubber } from '../../proxy/listen/websocket-scrub.js'
-import { ClosableWebSocket } from '../../proxy/listen/websocket-close.js'
+import { ClosableWebSocket, cutWebSocket } from '../../proxy/listen/websocket-close.js'
 import { compileNeedles } from '../../proxy/forward/body-scrub.js'
 
 t.test('websocket through a reverse route and through absolute-form', async (t) => {
@@ -758,15 +758,10 @@ t.test('on drain: a WebSocket in a plaintext tunnel and one whose 101 comes late
 
 t.test("the drain's Close goes after the frame under way, whatever its length's encoding and wherever a read cut its header", async (t) => {
   // In memory: an agent socket whose writes are kept, an upstream, and what the upstream sends piped to the agent as relay.ts does.
-  const fake = () => {
-    const written: Buffer[] = []
-    const sock = new Duplex({ read() {}, write(c: Buffer, _e, cb) { written.push(c); cb() } })
-    return { sock: sock as unknown as Socket, written: () => Buffer.concat(written) }
-  }
   for (const size of [0, 125, 126, 65_535, 65_536, 70_000]) {
     for (const cut of [1, 2, 3, 5, 9]) {
-      const agent = fake()
-      const upstream = fake()
+      const agent = fakeSocket()
+      const upstream = fakeSocket()
       const fromUpstream = new PassThrough()
       const ws = new ClosableWebSocket(agent.sock, upstream.sock, fromUpstream)
       fromUpstream.pipe(agent.sock)
@@ -783,4 +778,48 @@ t.test("the drain's Close goes after the frame under way, whatever its length's 
       agent.sock.destroy()
     }
   }
+})
+
+/** In memory, a socket whose writes are kept. */
+function fakeSocket() {
+  const written: Buffer[] = []
+  const sock = new Duplex({ read() {}, write(c: Buffer, _e, cb) { written.push(c); cb() } })
+  return { sock: sock as unknown as Socket, written: () => Buffer.concat(written) }
+}
+
+t.test('a cut (a revocation, a policy denial) closes at once, 1008: no Close into a frame under way, nothing after, each side ended, destroyed after 1 s if its peer stays', async (t) => {
+  const relays: Socket[][] = []
+  // How much of the next frame the agent had been sent when the cut came: none (a frame boundary), part of its header, all of it and some payload.
+  for (const begun of [0, 1, 2, 5]) {
+    const agent = fakeSocket()
+    const upstream = fakeSocket()
+    const fromUpstream = new PassThrough()
+    new ClosableWebSocket(agent.sock, upstream.sock, fromUpstream)
+    fromUpstream.pipe(agent.sock)
+    agent.sock.pipe(upstream.sock)
+    const before = serverFrame('before')
+    const frame = serverFrame(Buffer.alloc(200, 'x'), { opcode: 0x2 })
+    fromUpstream.write(Buffer.concat([before, frame.subarray(0, begun)]))
+    await new Promise((r) => setImmediate(r))
+    t.ok(cutWebSocket(agent.sock, 'LK_POLICY_DENIED', 'no-ws'), `${begun}: a relayed WebSocket takes its cut over`)
+    // A tunnel's CONNECT and the WebSocket in it are cut alike: the second finds it cut, and sends nothing.
+    t.ok(cutWebSocket(agent.sock, 'LK_REVOKED', null), `${begun}: cut again, still its own`)
+    // Both sides go on sending.
+    fromUpstream.write(Buffer.concat([frame.subarray(begun), serverFrame('late')]))
+    ;(agent.sock as unknown as Duplex).push(clientFrame('late'))
+    await new Promise((r) => setImmediate(r))
+    const close = serverFrame(Buffer.concat([Buffer.from([0x03, 0xf0]), Buffer.from('LK_POLICY_DENIED, rule no-ws')]), { opcode: 0x8 })
+    const want = begun === 0 ? Buffer.concat([before, close]) : Buffer.concat([before, frame.subarray(0, begun)])
+    t.ok(agent.written().equals(want), begun === 0 ? '0: the agent got the Close, and nothing after it' : `${begun}: the frame under way cut short, no Close in it, nothing after`)
+    t.same(
+      framePayloads(upstream.written()).map((f) => ({ opcode: f.opcode, masked: f.masked, ...closeOf(f.payload), end: f.end })),
+      [{ opcode: 0x8, masked: true, code: 1008, reason: 'LK_POLICY_DENIED', end: upstream.written().length }],
+      `${begun}: the upstream got one masked Close, the code alone, and nothing of what the agent sent after`,
+    )
+    t.ok(agent.sock.writableEnded && upstream.sock.writableEnded && !agent.sock.destroyed && !upstream.sock.destroyed, `${begun}: both ended, not destroyed: what either peer sends is read`)
+    relays.push([agent.sock, upstream.sock])
+  }
+  t.notOk(cutWebSocket(fakeSocket().sock, 'LK_REVOKED', null), 'a socket that is no relayed WebSocket is left to the caller')
+  await new Promise((r) => setTimeout(r, 1100))
+  t.ok(relays.flat().every((s) => s.destroyed), 'peers that never closed their side: destroyed after 1 s')
 })

@@ -219,13 +219,7 @@ export class ClosableWebSocket {
     this.goingAway = true
     this.toAgent.close()
     this.toUpstream.close()
-    const timer = setTimeout(() => {
-      this.cut = true
-      this.client.destroy()
-      this.upstream.destroy()
-    }, GRACE_MS)
-    timer.unref()
-    this.client.once('close', () => clearTimeout(timer))
+    this.destroyAfterGrace()
   }
 
   /**
@@ -246,14 +240,19 @@ export class ClosableWebSocket {
     this.toUpstream.cut(closeFrame(true, POLICY_VIOLATION, upstreamReason))
     this.client.end()
     this.upstream.end()
+    this.destroyAfterGrace()
+    return true
+  }
+
+  /** Both sockets destroyed if the agent's is not closed within GRACE_MS (either closing closes the other: relay.ts watchClose). */
+  private destroyAfterGrace(): void {
     const timer = setTimeout(() => {
+      this.cut = true
       this.client.destroy()
       this.upstream.destroy()
     }, GRACE_MS)
     timer.unref()
-    // Either closing closes the other (relay.ts watchClose).
     this.client.once('close', () => clearTimeout(timer))
-    return true
   }
 
   /** How a relay the drain closed ended (its audit reason); null if the drain did not close it. */
